@@ -1,0 +1,41 @@
+"""triaccel-rl: a controller for PyTorch training runs that picks per-layer precision, LR scale and batch size.
+
+The user-facing names are imported lazily, so ``import triaccel_rl`` stays cheap and the Gymnasium
+environment registers only when ``triaccel_rl.envs`` is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "Action",
+    "Controller",
+    "ControllerConfig",
+    "HardwareProfile",
+    "HeuristicConfig",
+    "MemoryBudget",
+    "Precision",
+    "TrainingRun",
+    "get_task",
+]
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Action": "triaccel_rl.types",
+    "Precision": "triaccel_rl.types",
+    "Controller": "triaccel_rl.controller",
+    "ControllerConfig": "triaccel_rl.config",
+    "HardwareProfile": "triaccel_rl.config",
+    "HeuristicConfig": "triaccel_rl.config",
+    "MemoryBudget": "triaccel_rl.config",
+    "TrainingRun": "triaccel_rl.training",
+    "get_task": "triaccel_rl.tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'triaccel_rl' has no attribute {name!r}")

@@ -1,0 +1,321 @@
+"""Frozen, validated configuration: memory budget, hardware profile, heuristic thresholds, controller presets."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from triaccel_rl.types import Precision
+
+__all__ = [
+    "ConfigError",
+    "ControllerConfig",
+    "CostMode",
+    "HardwareProfile",
+    "HeuristicConfig",
+    "MemoryBudget",
+    "RewardConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range; the message names the value and the range."""
+
+
+class CostMode(enum.Enum):
+    """How the cost of a step (time, memory) is charged.
+
+    ``MEASURED`` uses the clock and the allocator of the machine the run is on. ``PROFILE`` charges time
+    and memory from a :class:`HardwareProfile` measured on the target GPU, because on a CPU without
+    AVX512-BF16 a bf16 step is about 10× slower than fp32, the opposite of a GPU.
+    """
+
+    MEASURED = "measured"
+    PROFILE = "profile"
+
+    @classmethod
+    def parse(cls, value: CostMode | str) -> CostMode:
+        """Turns ``"profile"`` into ``CostMode.PROFILE``, with a clear error otherwise."""
+        if isinstance(value, CostMode):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"unknown cost mode {value!r}; allowed: {', '.join(m.value for m in cls)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How much memory the controller may use: an absolute byte count or a fraction of the device.
+
+    Exactly one of ``bytes`` and ``fraction`` applies; ``bytes`` wins when both are given. On a CPU the
+    fraction is taken of ``cpu_capacity_bytes`` (the run's own accounting has no device to ask).
+
+    Example:
+        >>> MemoryBudget(fraction=0.5).resolve(capacity_bytes=8 << 30)
+        4294967296
+    """
+
+    bytes: int | None = None
+    fraction: float = 0.9
+    cpu_capacity_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if self.bytes is not None and self.bytes <= 0:
+            raise ConfigError(f"memory budget bytes={self.bytes} must be a positive integer")
+        if not (0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"memory budget fraction={self.fraction} must be in (0, 1]")
+        if self.cpu_capacity_bytes <= 0:
+            raise ConfigError(f"cpu_capacity_bytes={self.cpu_capacity_bytes} must be positive")
+
+    def resolve(self, capacity_bytes: int) -> int:
+        """Returns the budget in bytes for a device with ``capacity_bytes`` of memory.
+
+        Raises:
+            ConfigError: the absolute budget is larger than the device.
+        """
+        if self.bytes is not None:
+            if self.bytes > capacity_bytes:
+                raise ConfigError(
+                    f"memory budget of {self.bytes} bytes is larger than the device's {capacity_bytes} bytes"
+                )
+            return int(self.bytes)
+        return int(self.fraction * capacity_bytes)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Per-precision speed and memory factors of one GPU, used to charge cost on machines without it.
+
+    A step's modelled time is ``fixed_ms + batch * sum_l(flops_share_l * ms_per_sample * time_factor[p_l])``
+    and its activation memory scales per layer by ``memory_factor[p_l]``. ``triaccel-rl profile`` writes
+    one; the package ships one measured on an NVIDIA H200.
+
+    Attributes:
+        device: name of the GPU it was measured on.
+        time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0).
+        memory_factor: activation-memory multiplier per precision name relative to fp32.
+        fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms.
+        throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time).
+        fp16_scaler_ms: extra per-step cost of loss scaling when any layer is fp16, in ms.
+    """
+
+    device: str
+    time_factor: dict[str, float]
+    memory_factor: dict[str, float]
+    fixed_ms: float = 1.0
+    throughput_scale: float = 1.0e-4
+    fp16_scaler_ms: float = 0.05
+
+    def __post_init__(self) -> None:
+        names = {p.name.lower() for p in Precision}
+        for label, table in (("time_factor", self.time_factor), ("memory_factor", self.memory_factor)):
+            missing = names - set(table)
+            if missing:
+                raise ConfigError(f"hardware profile {label} lacks {sorted(missing)}; needs {sorted(names)}")
+            for key, value in table.items():
+                if not (math.isfinite(value) and value > 0):
+                    raise ConfigError(f"hardware profile {label}[{key!r}]={value} must be positive")
+        for name in ("fixed_ms", "throughput_scale", "fp16_scaler_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"hardware profile {name}={value} must be a non-negative number")
+
+    def time(self, precision: Precision) -> float:
+        """Step-time factor of ``precision`` relative to fp32."""
+        return self.time_factor[precision.name.lower()]
+
+    def memory(self, precision: Precision) -> float:
+        """Activation-memory factor of ``precision`` relative to fp32."""
+        return self.memory_factor[precision.name.lower()]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> HardwareProfile:
+        """Reads a profile JSON; ``None`` loads the one shipped with the package.
+
+        Raises:
+            ConfigError: the file is missing, is not JSON, or lacks a field (named in the message).
+        """
+        if path is None:
+            text = resources.files("triaccel_rl").joinpath("profiles/h200.json").read_text()
+            source = "the shipped profile profiles/h200.json"
+        else:
+            file = Path(path)
+            if not file.is_file():
+                raise ConfigError(f"hardware profile {str(file)!r} does not exist")
+            text = file.read_text()
+            source = str(file)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"hardware profile {source} is not valid JSON: {err}") from None
+        required = [f.name for f in fields(cls) if f.name in ("device", "time_factor", "memory_factor")]
+        missing = [name for name in required if name not in raw]
+        if missing:
+            raise ConfigError(f"hardware profile {source} lacks the fields {missing}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the profile as JSON."""
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class HeuristicConfig:
+    """Thresholds of the hand-written Tri-Accel controller (``HeuristicPolicy``).
+
+    Precision: a group is lowered (fp32 → bf16) when its sensitivity is low and raised when high; the
+    gap between ``lower_below`` and ``raise_above`` is the hysteresis band, so a group whose signal
+    hovers near one threshold does not flip back and forth. Sensitivity is the group's log10 of
+    curvature × gradient variance relative to the median over groups (observation feature).
+
+    Attributes:
+        lower_below: relative log-sensitivity under which a group may run in 16 bits.
+        raise_above: relative log-sensitivity over which a group goes back to fp32; > lower_below.
+        max_overflow_rate: overflow (skipped-step) rate above which no group is lowered and fp16 groups
+            fall back to bf16.
+        use_fp16: lower to fp16 instead of bf16 (only worth it where fp16 is faster, e.g. older GPUs).
+        lr_scale_low_curvature: LR multiplier when the model-wide curvature is falling (flat region).
+        lr_scale_high_curvature: LR multiplier when the loss stalls or rises (sharp region).
+        loss_rise_tolerance: relative rise of the smoothed loss that counts as instability.
+        grow_below_usage: grow the batch when memory use is under this share of the budget.
+        shrink_above_usage: shrink the batch when memory use is over this share of the budget.
+        min_snr_to_grow: grow the batch only while gradient noise dominates (batch < noise scale),
+            i.e. when batch / noise_scale is under this value.
+    """
+
+    lower_below: float = 0.25
+    raise_above: float = 0.75
+    max_overflow_rate: float = 0.05
+    use_fp16: bool = False
+    lr_scale_low_curvature: float = 1.25
+    lr_scale_high_curvature: float = 0.75
+    loss_rise_tolerance: float = 0.02
+    grow_below_usage: float = 0.45
+    shrink_above_usage: float = 0.95
+    min_snr_to_grow: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lower_below < self.raise_above:
+            raise ConfigError(
+                f"lower_below={self.lower_below} must be below raise_above={self.raise_above} (hysteresis band)"
+            )
+        if not (0.0 <= self.max_overflow_rate <= 1.0):
+            raise ConfigError(f"max_overflow_rate={self.max_overflow_rate} must be in [0, 1]")
+        if not (0.0 < self.grow_below_usage < self.shrink_above_usage <= 1.5):
+            raise ConfigError(
+                f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
+                f"{self.shrink_above_usage} <= 1.5"
+            )
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Weights of the environment's reward (see ``triaccel_rl.reward``).
+
+    Attributes:
+        progress_scale: multiplier on the log probe-loss decrease per unit of normalised cost.
+        nonfinite_penalty: subtracted per unit of the interval's skipped-step rate.
+        over_budget_penalty: subtracted when peak memory exceeded the budget.
+        divergence_penalty: subtracted once when the run diverges (episode terminates).
+        clip: the reward is clipped to [-clip, clip].
+    """
+
+    progress_scale: float = 10.0
+    nonfinite_penalty: float = 1.0
+    over_budget_penalty: float = 1.0
+    divergence_penalty: float = 5.0
+    clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"reward {f.name}={value} must be a non-negative number")
+        if self.clip <= 0:
+            raise ConfigError(f"reward clip={self.clip} must be positive")
+
+
+_LR_SCALES_DEFAULT = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """How often and within which bounds the controller decides.
+
+    Attributes:
+        interval_steps: optimizer steps between two decisions.
+        n_groups: layer groups the observation and the precision action are built from.
+        lr_scales: the LR multipliers an action can pick (absolute, applied to the task's schedule).
+        min_batch_size: smallest batch a shrink may reach.
+        max_batch_size: largest batch a grow may reach.
+        max_lr_change: the shield's bound on the LR multiplier's change at one decision (ratio).
+        cost_mode: charge measured time and memory, or those of a hardware profile.
+        ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
+        memory: the memory budget.
+        heuristic: thresholds of the heuristic policy.
+
+    Example:
+        >>> ControllerConfig.preset("safe").interval_steps
+        50
+    """
+
+    interval_steps: int = 20
+    n_groups: int = 4
+    lr_scales: tuple[float, ...] = _LR_SCALES_DEFAULT
+    min_batch_size: int = 16
+    max_batch_size: int = 4096
+    max_lr_change: float = 1.5
+    cost_mode: CostMode = CostMode.MEASURED
+    ema_decay: float = 0.9
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
+    heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
+
+    def __post_init__(self) -> None:
+        if self.interval_steps < 1:
+            raise ConfigError(f"interval_steps={self.interval_steps} must be >= 1")
+        if not (1 <= self.n_groups <= 16):
+            raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
+        if not self.lr_scales or any(not (math.isfinite(s) and s > 0) for s in self.lr_scales):
+            raise ConfigError(f"lr_scales={self.lr_scales} must be a non-empty tuple of positive numbers")
+        if 1.0 not in self.lr_scales:
+            raise ConfigError(f"lr_scales={self.lr_scales} must contain 1.0 (the neutral choice)")
+        if not (1 <= self.min_batch_size <= self.max_batch_size):
+            raise ConfigError(
+                f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}"
+            )
+        if self.max_lr_change < 1.0:
+            raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
+        if not (0.0 < self.ema_decay < 1.0):
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+        object.__setattr__(self, "cost_mode", CostMode.parse(self.cost_mode))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ControllerConfig:
+        """Returns a named preset, with optional field overrides.
+
+        Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short
+        intervals, wider LR range, fp16 allowed).
+        """
+        presets: dict[str, dict[str, Any]] = {
+            "default": {},
+            "safe": {"interval_steps": 50, "lr_scales": (0.75, 1.0, 1.25), "max_lr_change": 1.25},
+            "aggressive": {
+                "interval_steps": 10,
+                "lr_scales": (0.5, 0.75, 1.0, 1.5, 2.0),
+                "max_lr_change": 2.0,
+                "heuristic": HeuristicConfig(lower_below=0.5, raise_above=1.0, use_fp16=True),
+            },
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
+        return replace(cls(), **{**presets[name], **overrides})

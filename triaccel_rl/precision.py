@@ -1,0 +1,189 @@
+"""Per-layer compute precision: finds a model's layers and runs each one in its chosen precision.
+
+Each controllable layer (Linear, Conv, MultiheadAttention) runs under its own ``torch.autocast`` region,
+entered by a forward pre-hook and left by a forward hook: a bf16 layer computes its matmul/conv on bf16
+weights and inputs, an fp32 layer disables autocast and gets fp32 inputs. Functional ops between
+layers follow an outer autocast region of the dominant low precision (so a loss computed inside
+``context()`` runs in fp32, as autocast promises for ``cross_entropy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from triaccel_rl.types import LayerInfo, Precision
+
+__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "find_layers"]
+
+CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.MultiheadAttention,
+)
+# Modules that accept low-precision inputs with fp32 parameters natively (no cast kernel needed).
+_NATIVE_MIXED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Embedding,
+)
+
+
+def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerInfo]]:
+    """Lists the modules that own trainable parameters directly, in registration order.
+
+    ``MultiheadAttention`` counts as one layer with all its parameters (its inner ``out_proj`` is not
+    listed separately).
+
+    Raises:
+        ValueError: the model has no trainable parameters.
+    """
+    found: list[tuple[str, nn.Module, LayerInfo]] = []
+    inside_attention: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside_attention:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            params = [p for p in module.parameters() if p.requires_grad]
+            inside_attention.update(id(m) for m in module.modules() if m is not module)
+        else:
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not params:
+            continue
+        n_params = sum(p.numel() for p in params)
+        controllable = isinstance(module, CONTROLLABLE_TYPES)
+        found.append((name or type(module).__name__, module, LayerInfo(name or "<root>", n_params, controllable)))
+    if not found:
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters; nothing for the controller to train"
+        )
+    return found
+
+
+class LayerPrecision:
+    """Installs hooks that run each controllable layer of ``model`` in its own precision.
+
+    Precisions apply only inside :meth:`context`; outside it the model runs as if unhooked.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> lp = LayerPrecision(model, device_type="cpu")
+        >>> lp.set([Precision.BF16, Precision.FP32])
+        >>> with lp.context():
+        ...     out = model(torch.randn(3, 4))
+        >>> out.dtype
+        torch.float32
+    """
+
+    def __init__(self, model: nn.Module, device_type: str) -> None:
+        self.model = model
+        self.device_type = device_type
+        entries = find_layers(model)
+        self.layers: list[LayerInfo] = [info for _, _, info in entries]
+        self._modules = [module for _, module, _ in entries]
+        self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
+        self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
+        self._active = False
+        self._handles: list[Any] = []
+        self._stack: list[contextlib.AbstractContextManager[Any]] = []
+        for index, module in enumerate(self._modules):
+            if self.layers[index].controllable:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index)))
+                self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            elif not isinstance(module, _NATIVE_MIXED_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook))
+
+    @property
+    def controllable_indices(self) -> list[int]:
+        """Indices (into ``layers``) of the layers whose precision can be set."""
+        return list(self._controllable_index)
+
+    def set(self, precisions: Sequence[Precision | str | int]) -> None:
+        """Sets the precision of every layer (``len(layers)`` values) or of every controllable one.
+
+        Non-controllable layers stay fp32 whatever is asked.
+
+        Raises:
+            ValueError: wrong count, or an unknown precision.
+        """
+        parsed = [Precision.parse(p) for p in precisions]
+        if len(parsed) == len(self.layers):
+            chosen = parsed
+        elif len(parsed) == len(self._controllable_index):
+            chosen = [Precision.FP32] * len(self.layers)
+            for index, precision in zip(self._controllable_index, parsed, strict=True):
+                chosen[index] = precision
+        else:
+            raise ValueError(
+                f"got {len(parsed)} precisions; expected {len(self.layers)} (all layers) or "
+                f"{len(self._controllable_index)} (controllable layers)"
+            )
+        self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """True when any layer computes in fp16, whose narrow range needs loss scaling."""
+        return Precision.FP16 in self.precisions
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Runs the model's forward (and the loss) with the per-layer precisions."""
+        low = [p for p in self.precisions if p is not Precision.FP32]
+        outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
+        self._active = True
+        try:
+            with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low)):
+                yield
+        finally:
+            self._active = False
+            # A forward that raised between a pre-hook and its post-hook leaves regions open.
+            while self._stack:
+                self._stack.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        """Removes the hooks; the model runs as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_pre_hook(self, index: int) -> Any:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not self._active:
+                return None
+            precision = self.precisions[index]
+            if precision is Precision.FP32:
+                region = torch.autocast(self.device_type, enabled=False)
+                region.__enter__()
+                self._stack.append(region)
+                return _cast_floating(args, torch.float32)
+            region = torch.autocast(self.device_type, dtype=precision.dtype)
+            region.__enter__()
+            self._stack.append(region)
+            return None
+
+        return pre_hook
+
+    def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._active and self._stack:
+            self._stack.pop().__exit__(None, None, None)
+
+    def _fp32_inputs_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not self._active:
+            return None
+        return _cast_floating(args, torch.float32)
+
+
+def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a
+        for a in args
+    )

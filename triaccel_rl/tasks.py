@@ -1,0 +1,291 @@
+"""Registry of named proxy tasks: a model factory, data, optimizer, loss and evaluation metric each."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "TaskData",
+    "get_task",
+    "register_task",
+    "task_names",
+]
+
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """In-memory tensors of a task (CPU; the run moves them to its device).
+
+    Attributes:
+        train_x: float32 inputs, ``[n_train, ...]``.
+        train_y: int64 class labels, ``[n_train]``.
+        test_x: float32 inputs, ``[n_test, ...]``.
+        test_y: int64 class labels, ``[n_test]``.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.train_x) != len(self.train_y) or len(self.test_x) != len(self.test_y):
+            raise ValueError(
+                f"inputs and labels disagree: train {len(self.train_x)} vs {len(self.train_y)}, "
+                f"test {len(self.test_x)} vs {len(self.test_y)}"
+            )
+        if len(self.train_x) == 0 or len(self.test_x) == 0:
+            raise ValueError("a task needs at least one training and one test sample")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A proxy training task.
+
+    Attributes:
+        name: registry key (``"cnn-fmnist"``).
+        description: one line for ``--help`` and tables.
+        build_model: returns a freshly initialised model (seed the global RNG before calling).
+        load_data: returns the data for ``(n_train, n_test, seed)``; ``None`` means the task's default.
+        optimizer: ``"sgd"`` (momentum 0.9, Nesterov) or ``"adamw"``.
+        base_lr: learning rate at batch ``base_batch_size`` with LR multiplier 1.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        base_batch_size: starting batch size.
+        n_train: default training subset size (``None`` = all).
+        n_test: default test subset size (``None`` = all).
+        target_metric: test accuracy the task counts as reached, in [0, 1].
+        label_smoothing: cross-entropy label smoothing.
+
+    Example:
+        >>> get_task("synthetic").optimizer
+        'sgd'
+    """
+
+    name: str
+    description: str
+    build_model: Callable[[], nn.Module]
+    load_data: Callable[[int | None, int | None, int], TaskData]
+    optimizer: str = "sgd"
+    base_lr: float = 0.05
+    weight_decay: float = 5e-4
+    base_batch_size: int = 128
+    n_train: int | None = None
+    n_test: int | None = None
+    target_metric: float = 0.8
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"task {self.name!r}: optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
+        if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
+            raise ValueError(f"task {self.name!r}: base_lr={self.base_lr} must be positive")
+        if self.base_batch_size < 1:
+            raise ValueError(f"task {self.name!r}: base_batch_size={self.base_batch_size} must be >= 1")
+
+    def data(self, seed: int = 0) -> TaskData:
+        """Loads the task's data at its configured subset sizes."""
+        return self.load_data(self.n_train, self.n_test, seed)
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """Builds the task's optimizer over ``params`` (parameters or parameter groups)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.base_lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=self.base_lr, weight_decay=self.weight_decay)
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of a batch."""
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Adds ``task`` to the registry under ``task.name`` (replacing one of the same name)."""
+    TASKS[task.name] = task
+    return task
+
+
+def task_names() -> list[str]:
+    """Names of the registered tasks, sorted."""
+    return sorted(TASKS)
+
+
+def get_task(name: str, **overrides: Any) -> Task:
+    """Returns the registered task ``name``, with optional field overrides (``n_train=2048``).
+
+    Raises:
+        ValueError: unknown task name (the message lists the known ones) or an unknown field.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    task = TASKS[name]
+    try:
+        return replace(task, **overrides) if overrides else task
+    except TypeError as err:
+        raise ValueError(f"bad override for task {name!r}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+class MLP(nn.Module):
+    """A ReLU multi-layer perceptron over flattened inputs."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], n_classes: int) -> None:
+        super().__init__()
+        sizes = (in_features, *hidden)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns class logits ``[batch, n_classes]``."""
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block: two 3×3 convs with batch norm and an identity or 1×1 shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the block."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet-style CNN: a 3×3 stem, one basic block per stage, global pooling, a linear head."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], n_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        blocks = []
+        previous = widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(previous, width, stride=1 if i == 0 else 2))
+            previous = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(previous, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns class logits ``[batch, n_classes]``."""
+        out = torch.relu(self.bn(self.stem(x)))
+        out = self.blocks(out)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def synthetic_data(
+    n_train: int | None, n_test: int | None, seed: int, n_features: int = 32, n_classes: int = 10
+) -> TaskData:
+    """Seeded Gaussian class clusters: each class a random mean in ``n_features`` dimensions, unit noise.
+
+    The cluster means are fixed (seed 1234) so every seed sees the same problem; ``seed`` draws the
+    samples.
+    """
+    n_train = 4096 if n_train is None else n_train
+    n_test = 1024 if n_test is None else n_test
+    means = torch.randn(n_classes, n_features, generator=torch.Generator().manual_seed(1234)) * 0.6
+    generator = torch.Generator().manual_seed(10_000 + seed)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, n_classes, (n,), generator=generator)
+        return means[labels] + torch.randn(n, n_features, generator=generator), labels
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return TaskData(train_x, train_y, test_x, test_y)
+
+
+def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> TaskData:
+    """Fashion-MNIST as normalised float32 ``[N, 1, 28, 28]``; subsets are seeded, class-mixed samples."""
+    from triaccel_rl.data import load_fashion_mnist, to_float_images
+
+    dataset = load_fashion_mnist()
+    train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
+    test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
+    train_y, test_y = dataset.train_labels, dataset.test_labels
+    generator = torch.Generator().manual_seed(seed)
+    if n_train is not None and n_train < len(train_x):
+        keep = torch.randperm(len(train_x), generator=generator)[:n_train]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if n_test is not None and n_test < len(test_x):
+        # The test subset is the same for every seed, so seeds are compared on one yardstick.
+        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:n_test]
+        test_x, test_y = test_x[keep], test_y[keep]
+    return TaskData(train_x.contiguous(), train_y, test_x.contiguous(), test_y)
+
+
+register_task(
+    Task(
+        name="synthetic",
+        description="MLP 32-64-64-10 on seeded Gaussian clusters (in-process, for fast tests)",
+        build_model=lambda: MLP(32, (64, 64), 10),
+        load_data=synthetic_data,
+        optimizer="sgd",
+        base_lr=0.05,
+        base_batch_size=64,
+        target_metric=0.8,
+    )
+)
+register_task(
+    Task(
+        name="mlp-fmnist",
+        description="MLP 784-256-128-10 on Fashion-MNIST, AdamW",
+        build_model=lambda: MLP(28 * 28, (256, 128), 10),
+        load_data=fashion_mnist_data,
+        optimizer="adamw",
+        base_lr=2e-3,
+        weight_decay=1e-2,
+        base_batch_size=128,
+        n_train=12_000,
+        n_test=2_000,
+        target_metric=0.84,
+    )
+)
+register_task(
+    Task(
+        name="cnn-fmnist",
+        description="small ResNet-style CNN (widths 16-32-64) on Fashion-MNIST, SGD Nesterov",
+        build_model=lambda: SmallResNet(1, (16, 32, 64), 10),
+        load_data=fashion_mnist_data,
+        optimizer="sgd",
+        base_lr=0.05,
+        base_batch_size=128,
+        n_train=8_000,
+        n_test=2_000,
+        target_metric=0.82,
+    )
+)

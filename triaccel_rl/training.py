@@ -1,0 +1,400 @@
+"""``TrainingRun``: a task's model, optimizer and data with settable knobs; ``step()`` returns ``StepStats``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from triaccel_rl.config import ConfigError, CostMode, HardwareProfile, MemoryBudget
+from triaccel_rl.loader import ElasticLoader
+from triaccel_rl.precision import LayerPrecision
+from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.types import LayerInfo, Precision, StepStats
+
+__all__ = ["IntervalTimer", "TrainingRun", "check_precision_supported", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Returns ``device``, or CUDA when available and CPU otherwise.
+
+    Raises:
+        ValueError: a CUDA device was asked for on a machine without one.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
+    return resolved
+
+
+def check_precision_supported(precision: Precision, device: torch.device) -> None:
+    """Raises ValueError when ``device`` cannot compute in ``precision``."""
+    if device.type == "cuda" and precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision bf16 is not supported on {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"
+        )
+
+
+class IntervalTimer:
+    """Times a span of GPU or CPU work: CUDA events on a GPU, ``perf_counter`` on a CPU.
+
+    ``stop()`` synchronises with the GPU (one host-device sync per span, not per step).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._start_event: torch.cuda.Event | None = None
+        self._start_time = 0.0
+
+    def start(self) -> None:
+        """Marks the start of the span."""
+        if self.device.type == "cuda":
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+        else:
+            self._start_time = time.perf_counter()
+
+    def stop(self) -> float:
+        """Returns the milliseconds since ``start()``."""
+        if self.device.type == "cuda":
+            assert self._start_event is not None, "IntervalTimer.stop() before start()"
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()  # host-device sync: once per interval
+            return float(self._start_event.elapsed_time(end))
+        return (time.perf_counter() - self._start_time) * 1e3
+
+
+@dataclass(frozen=True)
+class _LayerCost:
+    flops_per_sample: np.ndarray  # forward FLOPs of each layer for one sample
+    activation_bytes_per_sample: np.ndarray  # fp32 output bytes of each layer for one sample
+
+
+class TrainingRun:
+    """A task's model, optimizer and data, stepped one optimizer step at a time with settable knobs.
+
+    Knobs: per-layer precision (``set_precisions``), a global LR multiplier (``lr_scale``), per-layer LR
+    factors (``lr_factors``) and the batch size (``batch_size``). The LR of layer ``l`` at a step is
+    ``base_lr * lr_scale * lr_factors[l] * batch_lr_gain``, where ``batch_lr_gain`` follows the batch size
+    (linear for SGD, square root for AdamW, relative to the task's base batch).
+
+    Args:
+        task: a ``Task`` or its registered name.
+        seed: seeds the model's initialisation and the data order.
+        device: ``"cpu"``, ``"cuda"``, or ``None`` for CUDA when available.
+        batch_size: starting batch size; the task's ``base_batch_size`` by default.
+        memory: the memory budget (accounting on CPU, the allocator on GPU).
+        cost_mode: ``measured`` time and memory, or ``profile`` (charged from ``profile``).
+        profile: the hardware profile for ``cost_mode="profile"``; the shipped one by default.
+        n_probe: held-out training samples for the fixed probe loss.
+
+    Example:
+        >>> run = TrainingRun("synthetic", seed=0, device="cpu")
+        >>> stats = run.step()
+        >>> stats.batch_size
+        64
+    """
+
+    def __init__(
+        self,
+        task: Task | str,
+        *,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+        memory: MemoryBudget | None = None,
+        cost_mode: CostMode | str = CostMode.MEASURED,
+        profile: HardwareProfile | None = None,
+        n_probe: int = 512,
+    ) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.cost_mode = CostMode.parse(cost_mode)
+        self.profile = profile if profile is not None else HardwareProfile.load()
+        torch.manual_seed(seed)
+        self.model: nn.Module = self.task.build_model().to(self.device)
+        self.precision = LayerPrecision(self.model, self.device.type)
+        self.layers: list[LayerInfo] = self.precision.layers
+        modules = dict(self.model.named_modules())
+        self._layer_params = [
+            [p for p in _owned_params(modules.get(info.name, self.model)) if p.requires_grad]
+            for info in self.layers
+        ]
+        self.optimizer = self.task.make_optimizer(
+            [{"params": params, "layer": i} for i, params in enumerate(self._layer_params)]
+        )
+        self._grad_scaler: torch.amp.GradScaler | None = None
+
+        data = self.task.data(seed)
+        n_probe = max(1, min(n_probe, len(data.train_x) // 8))
+        self._probe_x = data.train_x[-n_probe:].to(self.device)
+        self._probe_y = data.train_y[-n_probe:].to(self.device)
+        self.loader = ElasticLoader(
+            data.train_x[:-n_probe].to(self.device), data.train_y[:-n_probe].to(self.device), seed=seed
+        )
+        self._test_x = data.test_x.to(self.device)
+        self._test_y = data.test_y.to(self.device)
+
+        self.n_layers = len(self.layers)
+        self.lr_scale = 1.0
+        self.lr_factors = np.ones(self.n_layers)
+        self._batch_size = 0
+        self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
+        self.steps = 0
+        self.skipped_steps = 0
+        self.train_time_ms = 0.0
+        self.modelled_time_ms = 0.0
+
+        self._layer_index = torch.cat(
+            [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self._layer_params)]
+        ).to(self.device)
+        self._all_params = [p for params in self._layer_params for p in params]
+        self._static_bytes = self._static_memory_bytes()
+        self._cost = self._measure_layer_costs()
+        capacity = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else (memory or MemoryBudget()).cpu_capacity_bytes
+        )
+        self.memory_budget_bytes = (memory or MemoryBudget()).resolve(capacity)
+        if self.memory_budget_bytes <= self._static_bytes:
+            raise ConfigError(
+                f"memory budget {self.memory_budget_bytes} bytes is below the model's fixed "
+                f"{self._static_bytes} bytes (weights, gradients, optimizer state)"
+            )
+
+    # ---------------------------------------------------------------------------------------- knobs
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per optimizer step."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"batch_size={value!r} must be a positive integer")
+        self._batch_size = int(value)
+
+    @property
+    def precisions(self) -> list[Precision]:
+        """Current precision of every layer (non-controllable layers are always fp32)."""
+        return list(self.precision.precisions)
+
+    def set_precisions(self, precisions: Sequence[Precision | str | int]) -> None:
+        """Sets per-layer precisions (all layers, or controllable layers only).
+
+        Raises:
+            ValueError: wrong count, unknown precision, or one this device cannot run.
+        """
+        parsed = [Precision.parse(p) for p in precisions]
+        for precision in set(parsed):
+            check_precision_supported(precision, self.device)
+        self.precision.set(parsed)
+
+    @property
+    def batch_lr_gain(self) -> float:
+        """LR gain for the current batch relative to the task's base batch (linear SGD, sqrt AdamW)."""
+        ratio = self.batch_size / self.task.base_batch_size
+        return ratio if self.task.optimizer == "sgd" else math.sqrt(ratio)
+
+    @property
+    def lr(self) -> float:
+        """The global learning rate of the next step (before per-layer factors)."""
+        return self.task.base_lr * self.lr_scale * self.batch_lr_gain
+
+    # ----------------------------------------------------------------------------------------- step
+
+    def step(self) -> StepStats:
+        """Runs one optimizer step on the next batch and returns its statistics.
+
+        A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
+        is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss.
+        """
+        batch = self.loader.next(self.batch_size)
+        self.model.train()
+        start = time.perf_counter()
+        self._reset_peak_memory()
+        scaler = self._scaler()
+        lr = self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * float(self.lr_factors[group["layer"]])
+        self.optimizer.zero_grad(set_to_none=False)
+        with self.precision.context():
+            logits = self.model(batch.x)
+            loss = self.task.loss_fn(logits.float(), batch.y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        sq_sum, abs_max, nonfinite = self._grad_stats()
+        # Host-device sync (reference path): decide the skip on the host. The fused Triton optimizer
+        # decides it on the device instead.
+        skipped = bool(nonfinite.sum().item() > 0) or not math.isfinite(float(loss.detach()))
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips by itself when it found a non-finite gradient
+            scaler.update()
+        elif not skipped:
+            self.optimizer.step()
+        self.steps += 1
+        self.skipped_steps += int(skipped)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        modelled_ms = self.modelled_step_ms(len(batch.y))
+        self.train_time_ms += elapsed_ms
+        self.modelled_time_ms += modelled_ms
+        return StepStats(
+            loss=float(loss.detach()),
+            batch_size=len(batch.y),
+            step_time_ms=elapsed_ms,
+            modelled_time_ms=modelled_ms if self.cost_mode is CostMode.PROFILE else elapsed_ms,
+            memory_bytes=self.memory_bytes(len(batch.y)),
+            skipped=skipped,
+            grad_sq_sum=sq_sum.cpu().numpy(),
+            grad_abs_max=abs_max.cpu().numpy(),
+            grad_nonfinite=nonfinite.cpu().numpy(),
+            lr=lr,
+        )
+
+    # ------------------------------------------------------------------------------------- measures
+
+    @torch.no_grad()
+    def evaluate(self, max_samples: int | None = None) -> float:
+        """Test accuracy in [0, 1], computed in fp32 with the model in eval mode."""
+        self.model.eval()
+        n = len(self._test_x) if max_samples is None else min(max_samples, len(self._test_x))
+        correct = 0
+        for start in range(0, n, 1024):
+            logits = self.model(self._test_x[start : min(n, start + 1024)])
+            correct += int((logits.argmax(1) == self._test_y[start : min(n, start + 1024)]).sum())
+        return correct / n
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss on the fixed held-out probe batch, in fp32 and eval mode (a low-noise progress measure)."""
+        self.model.eval()
+        loss = self.task.loss_fn(self.model(self._probe_x).float(), self._probe_y)
+        return float(loss)
+
+    def modelled_step_ms(self, batch_size: int | None = None) -> float:
+        """Step time on the profiled GPU for ``batch_size`` samples at the current precisions, in ms."""
+        batch = self.batch_size if batch_size is None else batch_size
+        factors = np.array([self.profile.time(p) for p in self.precision.precisions])
+        # A training step costs about 3 forward passes (forward, two backward matmuls per layer).
+        mflops = 3.0 * float(np.dot(self._cost.flops_per_sample, factors)) / 1e6
+        ms = self.profile.fixed_ms + batch * mflops * self.profile.throughput_scale
+        if self.precision.needs_grad_scaler:
+            ms += self.profile.fp16_scaler_ms
+        return ms
+
+    def memory_bytes(self, batch_size: int | None = None) -> int:
+        """Peak memory of the last step: the allocator's peak on a GPU, the run's accounting otherwise.
+
+        The accounting is parameters + gradients + optimizer state + activations (each layer's output
+        for the batch at its precision's memory factor) + the low-precision weight copies.
+        """
+        if self.device.type == "cuda" and self.cost_mode is CostMode.MEASURED:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self.predicted_memory_bytes(self.batch_size if batch_size is None else batch_size)
+
+    def predicted_memory_bytes(self, batch_size: int) -> int:
+        """The accounting model's memory for ``batch_size`` at the current precisions, in bytes."""
+        precisions = self.precision.precisions
+        factors = np.array([self.profile.memory(p) for p in precisions])
+        activations = batch_size * float(np.dot(self._cost.activation_bytes_per_sample, factors))
+        copies = sum(info.n_params * 2 for info, p in zip(self.layers, precisions, strict=True) if p.bits == 16)
+        return int(self._static_bytes + activations + copies)
+
+    @property
+    def samples_seen(self) -> int:
+        """Training samples served so far (all epochs)."""
+        return self.loader.samples_served
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional."""
+        return self.loader.epoch + self.loader.epoch_progress
+
+    # ------------------------------------------------------------------------------------- private
+
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        if not self.precision.needs_grad_scaler:
+            return None
+        if self._grad_scaler is None:
+            self._grad_scaler = torch.amp.GradScaler(self.device.type)
+        return self._grad_scaler
+
+    def _grad_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._all_params]
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        maxes = torch.stack([g.detach().abs().max() for g in grads]).float()
+        bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).float()
+        sq_sum = torch.zeros(self.n_layers, device=self.device).index_add_(0, self._layer_index, norms**2)
+        nonfinite = torch.zeros(self.n_layers, device=self.device).index_add_(0, self._layer_index, bad)
+        abs_max = torch.zeros(self.n_layers, device=self.device).scatter_reduce_(
+            0, self._layer_index, maxes, "amax", include_self=True
+        )
+        return sq_sum, abs_max, nonfinite
+
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _static_memory_bytes(self) -> int:
+        state_per_param = 1 if self.task.optimizer == "sgd" else 2  # momentum; or Adam's two moments
+        n = sum(p.numel() for p in self._all_params)
+        return n * 4 * (2 + state_per_param)  # fp32 weights + gradients + optimizer state
+
+    @torch.no_grad()
+    def _measure_layer_costs(self) -> _LayerCost:
+        """Counts each layer's forward FLOPs and output bytes for one sample (one fp32 forward)."""
+        flops = np.zeros(self.n_layers)
+        out_bytes = np.zeros(self.n_layers)
+        modules = dict(self.model.named_modules())
+        handles = []
+        for index, info in enumerate(self.layers):
+            module = modules.get(info.name, self.model)
+
+            def hook(module: nn.Module, args: tuple, output: object, index: int = index) -> None:
+                out = output[0] if isinstance(output, tuple) else output
+                if isinstance(out, torch.Tensor):
+                    out_bytes[index] += out[:1].numel() * 4
+                    flops[index] += _forward_flops(module, args, out[:1])
+
+            handles.append(module.register_forward_hook(hook))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(self._probe_x[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        return _LayerCost(flops, out_bytes)
+
+
+def _owned_params(module: nn.Module) -> list[nn.Parameter]:
+    if isinstance(module, nn.MultiheadAttention):
+        return list(module.parameters())
+    return list(module.parameters(recurse=False))
+
+
+def _forward_flops(module: nn.Module, args: tuple, out: torch.Tensor) -> float:
+    """Multiply-add FLOPs (×2) of one sample through ``module``; elementwise layers count their outputs."""
+    if isinstance(module, nn.Linear):
+        return 2.0 * module.in_features * out.numel()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
+        return 2.0 * kernel * out.numel()
+    if isinstance(module, nn.MultiheadAttention):
+        length = out.shape[-2] if out.dim() >= 2 else 1
+        return 2.0 * 4 * module.embed_dim * out.numel() + 4.0 * length * out.numel()
+    return float(out.numel())
+

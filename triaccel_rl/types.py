@@ -1,0 +1,215 @@
+"""Plain data types shared by every stage: precisions, step statistics, signals, actions, the policy protocol.
+
+This module imports nothing else from the package, so any stage can depend on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Action",
+    "BatchMove",
+    "LayerInfo",
+    "Policy",
+    "Precision",
+    "Signals",
+    "StepStats",
+]
+
+
+class Precision(enum.IntEnum):
+    """Compute precision of a layer's matmul or convolution.
+
+    The integer value is the index used in the environment's action space.
+    """
+
+    FP32 = 0
+    BF16 = 1
+    FP16 = 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype the layer computes in."""
+        return _PRECISION_DTYPES[self]
+
+    @property
+    def bits(self) -> int:
+        """Bits per element of this precision."""
+        return 32 if self is Precision.FP32 else 16
+
+    @classmethod
+    def parse(cls, value: Precision | str | int) -> Precision:
+        """Turns 'bf16', 1 or Precision.BF16 into Precision.BF16, with a clear error otherwise."""
+        if isinstance(value, Precision):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                pass
+        elif isinstance(value, (int, np.integer)) and int(value) in {p.value for p in cls}:
+            return cls(int(value))
+        allowed = ", ".join(p.name.lower() for p in cls)
+        raise ValueError(f"unknown precision {value!r}; allowed: {allowed}")
+
+
+_PRECISION_DTYPES = {
+    Precision.FP32: torch.float32,
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+}
+
+
+class BatchMove(enum.IntEnum):
+    """Relative batch-size move chosen by a policy at a decision."""
+
+    SHRINK = 0
+    KEEP = 1
+    GROW = 2
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A parameter-owning module of the model, as the controller sees it.
+
+    Attributes:
+        name: qualified module name in the model (``"layer1.0.conv1"``).
+        n_params: number of trainable parameter elements the module owns directly.
+        controllable: True for matmul/conv modules whose compute precision the controller sets;
+            norms and embeddings stay in fp32 but still get gradient statistics.
+    """
+
+    name: str
+    n_params: int
+    controllable: bool
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports.
+
+    Attributes:
+        loss: mean training loss of the step's batch (NaN or inf when the step diverged).
+        batch_size: samples in the step (all micro-batches together).
+        step_time_ms: wall time of the step, measured with CUDA events on a GPU, ``perf_counter`` on CPU.
+        modelled_time_ms: time the step would take on the profiled GPU (equals ``step_time_ms``
+            when the cost mode is ``measured``).
+        memory_bytes: peak memory of the step (device allocator on GPU, the run's own accounting on CPU).
+        skipped: True when the update was skipped because a gradient was non-finite.
+        grad_sq_sum: per layer, the sum of squared gradient elements (unscaled), shape ``[n_layers]``.
+        grad_abs_max: per layer, the largest absolute gradient element, shape ``[n_layers]``.
+        grad_nonfinite: per layer, the count of non-finite gradient elements, shape ``[n_layers]``.
+        lr: the global learning rate applied at this step (after the controller's scale).
+        oom_events: out-of-memory errors recovered during this step.
+    """
+
+    loss: float
+    batch_size: int
+    step_time_ms: float
+    modelled_time_ms: float
+    memory_bytes: int
+    skipped: bool
+    grad_sq_sum: np.ndarray
+    grad_abs_max: np.ndarray
+    grad_nonfinite: np.ndarray
+    lr: float
+    oom_events: int = 0
+
+
+@dataclass
+class Signals:
+    """The live-run summary a policy decides from, one snapshot per decision interval.
+
+    All per-layer arrays have shape ``[n_layers]`` in the order of ``TrainingRun.layers``.
+
+    Attributes:
+        loss: smoothed training loss (EMA).
+        loss_trend: relative change of the smoothed loss over the last interval (negative = improving).
+        probe_loss: loss on a fixed held-out probe batch, measured in fp32 at the end of the interval.
+        curvature: per-layer curvature proxy (mean diagonal empirical Fisher, or Hutchinson diagonal
+            where available), non-negative.
+        grad_variance: per-layer mean per-element gradient variance across steps (EMA), non-negative.
+        grad_norm: per-layer gradient L2 norm (EMA of the per-step norm).
+        snr: per-layer gradient signal-to-noise ratio ``|E[g]|^2 / sum Var[g]``, non-negative.
+        noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples.
+        memory_bytes: peak memory used in the interval.
+        memory_budget_bytes: the budget the controller must respect.
+        step_time_ms: mean step time (measured or modelled, per the cost mode) in the interval.
+        step_time_trend: relative change of the step time against the previous interval.
+        overflow_rate: fraction of steps in the interval whose update was skipped (non-finite grads).
+        batch_size: current batch size in samples.
+        lr_scale: current global LR multiplier chosen by the controller.
+        precisions: per-layer current precision (``Precision`` values), shape ``[n_layers]``.
+        n_params: per-layer parameter counts, shape ``[n_layers]``.
+        controllable: per-layer mask of layers whose precision the controller sets.
+        overhead_frac: share of training time the signal collection itself cost so far.
+        extra: anything else worth logging (not observed by policies).
+    """
+
+    loss: float
+    loss_trend: float
+    probe_loss: float
+    curvature: np.ndarray
+    grad_variance: np.ndarray
+    grad_norm: np.ndarray
+    snr: np.ndarray
+    noise_scale: float
+    memory_bytes: int
+    memory_budget_bytes: int
+    step_time_ms: float
+    step_time_trend: float
+    overflow_rate: float
+    batch_size: int
+    lr_scale: float
+    precisions: np.ndarray
+    n_params: np.ndarray
+    controllable: np.ndarray
+    overhead_frac: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headroom_frac(self) -> float:
+        """Unused share of the memory budget, in [0, 1] (0 when at or over budget)."""
+        if self.memory_budget_bytes <= 0:
+            return 0.0
+        return float(np.clip(1.0 - self.memory_bytes / self.memory_budget_bytes, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Action:
+    """A decoded decision: precision per layer group, global LR multiplier, batch move.
+
+    Attributes:
+        group_precisions: one precision per layer group, most sensitive group first.
+        lr_scale: multiplier on the task's scheduled learning rate (absolute, not relative).
+        batch_move: shrink (halve), keep or grow (double) the batch size.
+    """
+
+    group_precisions: tuple[Precision, ...]
+    lr_scale: float
+    batch_move: BatchMove
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that maps an observation to a raw action, with SB3's ``predict`` signature.
+
+    Static, heuristic and learned (SB3) policies all satisfy it, so ``evaluate_policy`` and
+    ``compare`` treat them alike.
+    """
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Returns the raw (MultiDiscrete) action for ``observation`` and the recurrent state."""
+        ...
