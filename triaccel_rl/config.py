@@ -101,11 +101,11 @@ class HardwareProfile:
 
     Attributes:
         device: name of the GPU it was measured on.
-        time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0).
+        time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0); fp16's
+            includes the GradScaler's unscale and overflow check.
         memory_factor: activation-memory multiplier per precision name relative to fp32.
         fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms.
         throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time).
-        fp16_scaler_ms: extra per-step cost of loss scaling when any layer is fp16, in ms.
     """
 
     device: str
@@ -113,7 +113,6 @@ class HardwareProfile:
     memory_factor: dict[str, float]
     fixed_ms: float = 1.0
     throughput_scale: float = 1.0e-4
-    fp16_scaler_ms: float = 0.05
 
     def __post_init__(self) -> None:
         names = {p.name.lower() for p in Precision}
@@ -124,7 +123,7 @@ class HardwareProfile:
             for key, value in table.items():
                 if not (math.isfinite(value) and value > 0):
                     raise ConfigError(f"hardware profile {label}[{key!r}]={value} must be positive")
-        for name in ("fixed_ms", "throughput_scale", "fp16_scaler_ms"):
+        for name in ("fixed_ms", "throughput_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"hardware profile {name}={value} must be a non-negative number")

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from triaccel_rl.config import ConfigError, CostMode, HardwareProfile, MemoryBudget
+from triaccel_rl.engine import StepEngine
 from triaccel_rl.loader import ElasticLoader
-from triaccel_rl.precision import LayerPrecision
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
-__all__ = ["IntervalTimer", "TrainingRun", "check_precision_supported", "resolve_device"]
+__all__ = ["IntervalTimer", "TrainingRun", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -32,14 +32,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
     return resolved
-
-
-def check_precision_supported(precision: Precision, device: torch.device) -> None:
-    """Raises ValueError when ``device`` cannot compute in ``precision``."""
-    if device.type == "cuda" and precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"precision bf16 is not supported on {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"
-        )
 
 
 class IntervalTimer:
@@ -95,6 +87,7 @@ class TrainingRun:
         cost_mode: ``measured`` time and memory, or ``profile`` (charged from ``profile``).
         profile: the hardware profile for ``cost_mode="profile"``; the shipped one by default.
         n_probe: held-out training samples for the fixed probe loss.
+        include_fixed_cost: add the profile's fixed per-step time to the modelled step time.
 
     Example:
         >>> run = TrainingRun("synthetic", seed=0, device="cpu")
@@ -114,25 +107,24 @@ class TrainingRun:
         cost_mode: CostMode | str = CostMode.MEASURED,
         profile: HardwareProfile | None = None,
         n_probe: int = 512,
+        include_fixed_cost: bool = True,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.seed = seed
         self.device = resolve_device(device)
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = profile if profile is not None else HardwareProfile.load()
+        self.include_fixed_cost = include_fixed_cost
         torch.manual_seed(seed)
         self.model: nn.Module = self.task.build_model().to(self.device)
-        self.precision = LayerPrecision(self.model, self.device.type)
-        self.layers: list[LayerInfo] = self.precision.layers
-        modules = dict(self.model.named_modules())
-        self._layer_params = [
-            [p for p in _owned_params(modules.get(info.name, self.model)) if p.requires_grad]
-            for info in self.layers
-        ]
-        self.optimizer = self.task.make_optimizer(
-            [{"params": params, "layer": i} for i, params in enumerate(self._layer_params)]
+        layers = StepEngine.discover(self.model)
+        optimizer = self.task.make_optimizer(
+            [{"params": params, "layer": i} for i, params in enumerate(layers)]
         )
-        self._grad_scaler: torch.amp.GradScaler | None = None
+        self.engine = StepEngine(self.model, optimizer, self.device)
+        self.optimizer = self.engine.optimizer
+        self.precision = self.engine.precision
+        self.layers: list[LayerInfo] = self.engine.layers
 
         data = self.task.data(seed)
         n_probe = max(1, min(n_probe, len(data.train_x) // 8))
@@ -145,8 +137,6 @@ class TrainingRun:
         self._test_y = data.test_y.to(self.device)
 
         self.n_layers = len(self.layers)
-        self.lr_scale = 1.0
-        self.lr_factors = np.ones(self.n_layers)
         self._batch_size = 0
         self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
         self.steps = 0
@@ -154,10 +144,6 @@ class TrainingRun:
         self.train_time_ms = 0.0
         self.modelled_time_ms = 0.0
 
-        self._layer_index = torch.cat(
-            [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self._layer_params)]
-        ).to(self.device)
-        self._all_params = [p for params in self._layer_params for p in params]
         self._static_bytes = self._static_memory_bytes()
         self._cost = self._measure_layer_costs()
         capacity = (
@@ -184,6 +170,31 @@ class TrainingRun:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
         self._batch_size = int(value)
+        ratio = self._batch_size / self.task.base_batch_size
+        self.engine.batch_lr_gain = ratio if self.task.optimizer == "sgd" else math.sqrt(ratio)
+
+    @property
+    def lr_scale(self) -> float:
+        """Global LR multiplier set by the controller."""
+        return self.engine.lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_scale={value!r} must be a positive number")
+        self.engine.lr_scale = float(value)
+
+    @property
+    def lr_factors(self) -> np.ndarray:
+        """Per-layer LR factors, shape ``[n_layers]`` (1 = the layer's scheduled LR)."""
+        return self.engine.lr_factors
+
+    @lr_factors.setter
+    def lr_factors(self, value: np.ndarray) -> None:
+        factors = np.asarray(value, dtype=float)
+        if factors.shape != (self.n_layers,) or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
+            raise ValueError(f"lr_factors must be {self.n_layers} positive finite numbers; got {value!r}")
+        self.engine.lr_factors = factors
 
     @property
     def precisions(self) -> list[Precision]:
@@ -196,21 +207,12 @@ class TrainingRun:
         Raises:
             ValueError: wrong count, unknown precision, or one this device cannot run.
         """
-        parsed = [Precision.parse(p) for p in precisions]
-        for precision in set(parsed):
-            check_precision_supported(precision, self.device)
-        self.precision.set(parsed)
-
-    @property
-    def batch_lr_gain(self) -> float:
-        """LR gain for the current batch relative to the task's base batch (linear SGD, sqrt AdamW)."""
-        ratio = self.batch_size / self.task.base_batch_size
-        return ratio if self.task.optimizer == "sgd" else math.sqrt(ratio)
+        self.engine.set_precisions(precisions)
 
     @property
     def lr(self) -> float:
         """The global learning rate of the next step (before per-layer factors)."""
-        return self.task.base_lr * self.lr_scale * self.batch_lr_gain
+        return self.task.base_lr * self.lr_scale * self.engine.batch_lr_gain
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -224,26 +226,11 @@ class TrainingRun:
         self.model.train()
         start = time.perf_counter()
         self._reset_peak_memory()
-        scaler = self._scaler()
         lr = self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * float(self.lr_factors[group["layer"]])
-        self.optimizer.zero_grad(set_to_none=False)
         with self.precision.context():
             logits = self.model(batch.x)
             loss = self.task.loss_fn(logits.float(), batch.y)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        sq_sum, abs_max, nonfinite = self._grad_stats()
-        # Host-device sync (reference path): decide the skip on the host. The fused Triton optimizer
-        # decides it on the device instead.
-        skipped = bool(nonfinite.sum().item() > 0) or not math.isfinite(float(loss.detach()))
-        if scaler is not None:
-            scaler.step(self.optimizer)  # skips by itself when it found a non-finite gradient
-            scaler.update()
-        elif not skipped:
-            self.optimizer.step()
+        grads, skipped = self.engine.backward_and_step(loss)
         self.steps += 1
         self.skipped_steps += int(skipped)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -257,9 +244,9 @@ class TrainingRun:
             modelled_time_ms=modelled_ms if self.cost_mode is CostMode.PROFILE else elapsed_ms,
             memory_bytes=self.memory_bytes(len(batch.y)),
             skipped=skipped,
-            grad_sq_sum=sq_sum.cpu().numpy(),
-            grad_abs_max=abs_max.cpu().numpy(),
-            grad_nonfinite=nonfinite.cpu().numpy(),
+            grad_sq_sum=grads.sq_sum.cpu().numpy(),
+            grad_abs_max=grads.abs_max.cpu().numpy(),
+            grad_nonfinite=grads.nonfinite.cpu().numpy(),
             lr=lr,
         )
 
@@ -289,9 +276,9 @@ class TrainingRun:
         factors = np.array([self.profile.time(p) for p in self.precision.precisions])
         # A training step costs about 3 forward passes (forward, two backward matmuls per layer).
         mflops = 3.0 * float(np.dot(self._cost.flops_per_sample, factors)) / 1e6
-        ms = self.profile.fixed_ms + batch * mflops * self.profile.throughput_scale
-        if self.precision.needs_grad_scaler:
-            ms += self.profile.fp16_scaler_ms
+        ms = batch * mflops * self.profile.throughput_scale
+        if self.include_fixed_cost:
+            ms += self.profile.fixed_ms
         return ms
 
     def memory_bytes(self, batch_size: int | None = None) -> int:
@@ -324,32 +311,13 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------- private
 
-    def _scaler(self) -> torch.amp.GradScaler | None:
-        if not self.precision.needs_grad_scaler:
-            return None
-        if self._grad_scaler is None:
-            self._grad_scaler = torch.amp.GradScaler(self.device.type)
-        return self._grad_scaler
-
-    def _grad_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._all_params]
-        norms = torch.stack(torch._foreach_norm(grads)).float()
-        maxes = torch.stack([g.detach().abs().max() for g in grads]).float()
-        bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).float()
-        sq_sum = torch.zeros(self.n_layers, device=self.device).index_add_(0, self._layer_index, norms**2)
-        nonfinite = torch.zeros(self.n_layers, device=self.device).index_add_(0, self._layer_index, bad)
-        abs_max = torch.zeros(self.n_layers, device=self.device).scatter_reduce_(
-            0, self._layer_index, maxes, "amax", include_self=True
-        )
-        return sq_sum, abs_max, nonfinite
-
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _static_memory_bytes(self) -> int:
         state_per_param = 1 if self.task.optimizer == "sgd" else 2  # momentum; or Adam's two moments
-        n = sum(p.numel() for p in self._all_params)
+        n = sum(info.n_params for info in self.layers)
         return n * 4 * (2 + state_per_param)  # fp32 weights + gradients + optimizer state
 
     @torch.no_grad()
@@ -378,12 +346,6 @@ class TrainingRun:
                 handle.remove()
             self.model.train(was_training)
         return _LayerCost(flops, out_bytes)
-
-
-def _owned_params(module: nn.Module) -> list[nn.Parameter]:
-    if isinstance(module, nn.MultiheadAttention):
-        return list(module.parameters())
-    return list(module.parameters(recurse=False))
 
 
 def _forward_flops(module: nn.Module, args: tuple, out: torch.Tensor) -> float:

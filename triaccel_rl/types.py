@@ -148,6 +148,7 @@ class Signals:
         precisions: per-layer current precision (``Precision`` values), shape ``[n_layers]``.
         n_params: per-layer parameter counts, shape ``[n_layers]``.
         controllable: per-layer mask of layers whose precision the controller sets.
+        progress: fraction of the training budget used so far, in [0, 1].
         overhead_frac: share of training time the signal collection itself cost so far.
         extra: anything else worth logging (not observed by policies).
     """
@@ -170,6 +171,7 @@ class Signals:
     precisions: np.ndarray
     n_params: np.ndarray
     controllable: np.ndarray
+    progress: float = 0.0
     overhead_frac: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,214 @@
+"""``TriAccelEnv``: a Gymnasium environment over a live training run; one step = one decision interval."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from triaccel_rl.actions import action_space, decode
+from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
+from triaccel_rl.executor import Executor
+from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.reward import reward
+from triaccel_rl.signals import SignalCollector
+from triaccel_rl.tasks import get_task
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Signals
+
+__all__ = ["TriAccelEnv"]
+
+
+class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Chooses a training configuration every ``interval_steps`` optimizer steps of a proxy task.
+
+    **Observation** (``Box(-10, 10, (11 + 8 * n_groups,), float32)``): global features (loss, loss trend,
+    noise scale over batch, memory headroom, batch, LR scale, overflow rate, step-time trend, progress,
+    curvature) and, for each of ``n_groups`` layer groups ranked by sensitivity, its relative sensitivity,
+    curvature, variance, signal-to-noise, parameter share and current precision; see
+    ``triaccel_rl.observation`` for every index.
+
+    **Action** (``MultiDiscrete([3] * n_groups + [len(lr_scales), 3])``): precision per group
+    (0 fp32, 1 bf16, 2 fp16), an LR multiplier from ``config.lr_scales``, a batch move (0 halve, 1 keep,
+    2 double, bounded by the memory budget).
+
+    **Reward**: progress per unit of cost, ``progress_scale * (log L_prev - log L_now) * (reference_cost
+    / cost)``, where ``L`` is the loss on a fixed probe batch and the reference is the same steps at fp32
+    and the base batch; minus ``nonfinite_penalty`` × skipped-step rate, ``over_budget_penalty`` when
+    memory exceeded the budget, and ``divergence_penalty`` on divergence; clipped (``RewardConfig``).
+
+    **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
+    interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
+    ``truncated`` after ``max_decisions`` decisions.
+
+    Args:
+        task: registered task name (``triaccel_rl.tasks.task_names()``).
+        config: decision interval, groups, LR scales, batch bounds, memory budget.
+        reward_config: reward weights.
+        max_decisions: decisions per episode.
+        cost_mode: ``"profile"`` (charge time from ``profile``; the default, since CPU time says nothing
+            about a GPU) or ``"measured"``.
+        profile: path to a hardware-profile JSON; the shipped H200 profile by default.
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+        task_overrides: fields to override on the task (``{"n_train": 2048}``).
+        divergence_factor: probe loss above this multiple of its starting value ends the episode.
+        compute_bound: in profile mode, charge only the compute part of a step (no fixed per-step
+            overhead): proxy tasks stand in for models large enough to keep a GPU busy, where
+            precision and batch size decide the step time.
+
+    Example:
+        >>> import gymnasium as gym
+        >>> import triaccel_rl.envs
+        >>> env = gym.make("TriAccel-v0", task="synthetic", max_decisions=2)
+        >>> obs, info = env.reset(seed=0)
+        >>> obs.shape
+        (43,)
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
+
+    def __init__(
+        self,
+        task: str = "synthetic",
+        config: ControllerConfig | None = None,
+        reward_config: RewardConfig | None = None,
+        max_decisions: int = 20,
+        cost_mode: CostMode | str = CostMode.PROFILE,
+        profile: str | None = None,
+        device: str | None = "cpu",
+        task_overrides: dict[str, Any] | None = None,
+        divergence_factor: float = 3.0,
+        compute_bound: bool = True,
+    ) -> None:
+        super().__init__()
+        if max_decisions < 1:
+            raise ValueError(f"max_decisions={max_decisions} must be >= 1")
+        self.task = get_task(task, **(task_overrides or {}))
+        self.config = config or ControllerConfig(cost_mode=CostMode.parse(cost_mode))
+        self.reward_config = reward_config or RewardConfig()
+        self.max_decisions = max_decisions
+        self.cost_mode = CostMode.parse(cost_mode)
+        self.profile = HardwareProfile.load(profile)
+        self.device = device
+        self.divergence_factor = divergence_factor
+        self.compute_bound = compute_bound
+        self.layout = ObservationLayout(self.config.n_groups)
+        self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
+        self.action_space = action_space(self.config)
+        self.run: TrainingRun | None = None
+        self._signals: Signals | None = None
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Starts a fresh run of the task and returns the observation after one fp32 interval."""
+        super().reset(seed=seed)
+        run_seed = int(self.np_random.integers(0, 2**31 - 1))
+        self.run = TrainingRun(
+            self.task,
+            seed=run_seed,
+            device=self.device,
+            memory=self.config.memory,
+            cost_mode=self.cost_mode,
+            profile=self.profile,
+            include_fixed_cost=not self.compute_bound,
+        )
+        self.collector = SignalCollector(self.run.layers, self.config.ema_decay, self.run.memory_budget_bytes)
+        self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+        self.executor = Executor(self.config, self.grouper)
+        self.decisions = 0
+        self._initial_probe = self.run.probe_loss()
+        self._previous_probe = self._initial_probe
+        cost_ms, _ = self._run_interval()
+        self.reference_step_ms = cost_ms / self.config.interval_steps
+        self._signals = self._snapshot()
+        self.grouper.update(self._signals)
+        self._previous_probe = self._signals.probe_loss
+        return self._observe(), {"probe_loss": self._signals.probe_loss, "n_layers": self.run.n_layers}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Applies ``action``, trains one interval, and returns the Gymnasium 5-tuple."""
+        if self.run is None or self._signals is None:
+            raise RuntimeError("call reset() before step()")
+        decoded = decode(action, self.config)
+        report = self.executor.apply(decoded, self.run, overflow_rate=self._signals.overflow_rate)
+        cost_ms, steps_done = self._run_interval()
+        self.decisions += 1
+        self._signals = self._snapshot()
+        signals = self._signals
+        over_budget = signals.memory_bytes > signals.memory_budget_bytes
+        diverged = (
+            not signals.extra["probe_loss_finite"]
+            or signals.overflow_rate >= 1.0
+            or signals.probe_loss > self.divergence_factor * self._initial_probe
+        )
+        value = reward(
+            previous_probe_loss=self._previous_probe,
+            probe_loss=signals.probe_loss if not diverged else math.nan,
+            cost_ms=max(cost_ms, 1e-9),
+            reference_cost_ms=self.reference_step_ms * steps_done,
+            overflow_rate=signals.overflow_rate,
+            over_budget=over_budget,
+            diverged=diverged,
+            config=self.reward_config,
+        )
+        self._previous_probe = signals.probe_loss
+        self.grouper.update(signals)
+        truncated = self.decisions >= self.max_decisions and not diverged
+        info: dict[str, Any] = {
+            "probe_loss": signals.probe_loss,
+            "cost_ms": cost_ms,
+            "reference_cost_ms": self.reference_step_ms * steps_done,
+            "batch_size": report.batch_size,
+            "lr_scale": report.lr_scale,
+            "precisions": [p.name.lower() for p in report.precisions],
+            "changed_precision": report.changed_precision,
+            "refused": report.refused,
+            "memory_bytes": signals.memory_bytes,
+            "overflow_rate": signals.overflow_rate,
+            "samples_seen": self.run.samples_seen,
+        }
+        if diverged or truncated:
+            # Episode summary. Wall-clock figures appear only here, so that per-step info stays
+            # deterministic for a seed (Gymnasium's checker compares it).
+            info["test_accuracy"] = self.run.evaluate()
+            info["overhead_frac"] = signals.overhead_frac
+            info["wall_time_ms"] = self.run.train_time_ms
+        return self._observe(), value, diverged, truncated, info
+
+    @property
+    def signals(self) -> Signals | None:
+        """The latest signals snapshot (for heuristics and logging)."""
+        return self._signals
+
+    def _run_interval(self) -> tuple[float, int]:
+        """Trains ``interval_steps`` steps; returns the charged cost in ms and the steps taken."""
+        assert self.run is not None
+        cost_ms = 0.0
+        for _ in range(self.config.interval_steps):
+            stats = self.run.step()
+            self.collector.observe(stats)
+            cost_ms += stats.modelled_time_ms
+        return cost_ms, self.config.interval_steps
+
+    def _snapshot(self) -> Signals:
+        assert self.run is not None
+        start = time.perf_counter()
+        probe = self.run.probe_loss()
+        self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        total = self.max_decisions + 1
+        return self.collector.snapshot(
+            grad_mean_sq_norm=self.run.engine.grad_mean_sq_norm(),
+            probe_loss=probe,
+            batch_size=self.run.batch_size,
+            lr_scale=self.run.lr_scale,
+            precisions=self.run.precisions,
+            progress=min(1.0, (self.decisions + 1) / total),
+        )
+
+    def _observe(self) -> np.ndarray:
+        assert self._signals is not None
+        return build_observation(self._signals, self.grouper, self.task.base_batch_size, self.layout)

@@ -1,0 +1,1 @@
+"""Triton kernels that execute the controller's decisions: fused optimizer steps, casts, gradient stats."""

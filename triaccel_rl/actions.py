@@ -1,0 +1,76 @@
+"""The action space and ``decode(raw) → Action``, the one place raw policy outputs become settings."""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium import spaces
+
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.types import Action, BatchMove, Precision
+
+__all__ = ["action_space", "decode", "encode"]
+
+
+def action_space(config: ControllerConfig) -> spaces.MultiDiscrete:
+    """``MultiDiscrete``: a precision per group (fp32/bf16/fp16), an LR-scale index, a batch move.
+
+    Example:
+        >>> action_space(ControllerConfig()).nvec.tolist()
+        [3, 3, 3, 3, 5, 3]
+    """
+    nvec = [len(Precision)] * config.n_groups + [len(config.lr_scales), len(BatchMove)]
+    return spaces.MultiDiscrete(np.array(nvec, dtype=np.int64))
+
+
+def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
+    """Turns a raw action vector into an ``Action``.
+
+    Raises:
+        ValueError: wrong length, a non-integer entry, or an entry outside its range (all named).
+    """
+    values = np.asarray(raw)
+    nvec = action_space(config).nvec
+    if values.shape != nvec.shape:
+        raise ValueError(f"action {values.tolist()} has shape {values.shape}; expected {tuple(nvec.shape)}")
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise ValueError(f"action {values.tolist()} must hold integers")
+        values = values.astype(np.int64)
+    bad = np.flatnonzero((values < 0) | (values >= nvec))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"action entry {i} = {int(values[i])} is outside [0, {int(nvec[i]) - 1}] "
+            f"({_entry_name(i, config)}); the action space is MultiDiscrete({nvec.tolist()})"
+        )
+    k = config.n_groups
+    return Action(
+        group_precisions=tuple(Precision(int(v)) for v in values[:k]),
+        lr_scale=float(config.lr_scales[int(values[k])]),
+        batch_move=BatchMove(int(values[k + 1])),
+    )
+
+
+def encode(action: Action, config: ControllerConfig) -> np.ndarray:
+    """The raw vector that decodes to ``action`` (its LR scale must be one of ``config.lr_scales``).
+
+    Raises:
+        ValueError: the LR scale or the group count does not fit ``config``.
+    """
+    if len(action.group_precisions) != config.n_groups:
+        raise ValueError(f"action has {len(action.group_precisions)} groups; config has {config.n_groups}")
+    if action.lr_scale not in config.lr_scales:
+        raise ValueError(f"lr_scale {action.lr_scale} is not one of {config.lr_scales}")
+    return np.array(
+        [int(p) for p in action.group_precisions]
+        + [config.lr_scales.index(action.lr_scale), int(action.batch_move)],
+        dtype=np.int64,
+    )
+
+
+def _entry_name(index: int, config: ControllerConfig) -> str:
+    if index < config.n_groups:
+        return f"precision of group {index}: 0=fp32, 1=bf16, 2=fp16"
+    if index == config.n_groups:
+        return f"LR-scale index into {config.lr_scales}"
+    return "batch move: 0=shrink, 1=keep, 2=grow"

@@ -1,0 +1,132 @@
+"""``Executor``: applies a decoded ``Action`` to a run — precision per layer, LR scale, batch size — within bounds.
+
+It is also the safety shield: whatever a policy asks, the LR multiplier moves by at most
+``max_lr_change`` per decision, no layer is lowered in precision while the overflow rate is above
+``heuristic.max_overflow_rate``, and a batch that the memory model predicts over budget is refused.
+Every refusal is reported with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.observation import LayerGrouper
+from triaccel_rl.types import Action, BatchMove, Precision
+
+__all__ = ["ApplyReport", "Executor", "Target"]
+
+
+class Target(Protocol):
+    """What the executor drives: a ``TrainingRun``, or the Controller's view of a user's loop."""
+
+    engine: StepEngine
+    memory_budget_bytes: int
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per optimizer step."""
+        ...
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None: ...
+
+    def predicted_memory_bytes(self, batch_size: int) -> int:
+        """Predicted peak memory at ``batch_size`` and the current precisions."""
+        ...
+
+
+@dataclass
+class ApplyReport:
+    """What an ``apply`` did.
+
+    Attributes:
+        precisions: per-layer precisions now in force.
+        lr_scale: the LR multiplier now in force.
+        batch_size: the batch size now in force.
+        changed_precision: layers whose precision changed.
+        refused: one human-readable reason per part of the action that was not applied as asked.
+    """
+
+    precisions: list[Precision]
+    lr_scale: float
+    batch_size: int
+    changed_precision: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
+class Executor:
+    """Applies actions to a target, enforcing the configured bounds.
+
+    Args:
+        config: bounds (batch range, LR change per decision, overflow threshold).
+        grouper: maps the action's groups to layers.
+    """
+
+    def __init__(self, config: ControllerConfig, grouper: LayerGrouper) -> None:
+        self.config = config
+        self.grouper = grouper
+
+    def apply(self, action: Action, target: Target, overflow_rate: float = 0.0) -> ApplyReport:
+        """Applies ``action`` to ``target``; parts that break a bound are clamped or refused."""
+        if len(action.group_precisions) != self.grouper.n_groups:
+            raise ValueError(
+                f"action has {len(action.group_precisions)} group precisions; expected {self.grouper.n_groups}"
+            )
+        engine = target.engine
+        refused: list[str] = []
+        current = list(engine.precision.precisions)
+        wanted = list(current)
+        for group, precision in enumerate(action.group_precisions):
+            for layer in self.grouper.layers_of(group):
+                wanted[layer] = precision
+        if overflow_rate > self.config.heuristic.max_overflow_rate:
+            lowered = [i for i in range(len(current)) if wanted[i].bits < current[i].bits]
+            for i in lowered:
+                wanted[i] = current[i]
+            # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16.
+            wanted = [Precision.BF16 if p is Precision.FP16 else p for p in wanted]
+            if lowered:
+                refused.append(
+                    f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
+                    f"{self.config.heuristic.max_overflow_rate}"
+                )
+        try:
+            engine.set_precisions(wanted)
+        except ValueError as err:
+            refused.append(f"precision not applied: {err}")
+        changed = sum(a != b for a, b in zip(current, engine.precision.precisions, strict=True))
+
+        limit = self.config.max_lr_change
+        low, high = engine.lr_scale / limit, engine.lr_scale * limit
+        lr_scale = min(max(action.lr_scale, low), high)
+        if lr_scale != action.lr_scale:
+            refused.append(f"LR scale {action.lr_scale} clamped to {lr_scale:.4g} (at most ×{limit} per decision)")
+        engine.lr_scale = lr_scale
+
+        batch = target.batch_size
+        if action.batch_move is BatchMove.GROW:
+            grown = min(batch * 2, self.config.max_batch_size)
+            predicted = target.predicted_memory_bytes(grown)
+            if grown == batch:
+                refused.append(f"batch {batch} already at max_batch_size={self.config.max_batch_size}")
+            elif predicted > target.memory_budget_bytes:
+                refused.append(
+                    f"batch {grown} refused: predicted {predicted} bytes > budget {target.memory_budget_bytes}"
+                )
+            else:
+                target.batch_size = grown
+        elif action.batch_move is BatchMove.SHRINK:
+            shrunk = max(batch // 2, self.config.min_batch_size)
+            if shrunk == batch:
+                refused.append(f"batch {batch} already at min_batch_size={self.config.min_batch_size}")
+            target.batch_size = shrunk
+        return ApplyReport(
+            precisions=list(engine.precision.precisions),
+            lr_scale=engine.lr_scale,
+            batch_size=target.batch_size,
+            changed_precision=changed,
+            refused=refused,
+        )

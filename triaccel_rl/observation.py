@@ -1,0 +1,190 @@
+"""``Signals`` → a fixed-size, normalised float32 vector that does not depend on the model's layer count.
+
+Controllable layers are ranked by a sensitivity score and split into ``n_groups`` groups by quantile,
+most sensitive first (group 0). The vector is the global features followed by the same block of
+features for each group; :class:`ObservationLayout` names every index, so a hand-written policy can read
+the vector as easily as a network.
+
+Sensitivity of a layer: ``log10(curvature * grad_variance)``, both per-element means (so already
+normalised by parameter count). Grouping has hysteresis: scores are smoothed across decisions, and a
+layer keeps its group while its smoothed score lies within ``margin`` (in log10 units) of that group's
+range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from triaccel_rl.types import Precision, Signals
+
+__all__ = ["OBS_HIGH", "GLOBAL_FEATURES", "GROUP_FEATURES", "LayerGrouper", "ObservationLayout", "build_observation"]
+
+OBS_HIGH = 10.0
+"""Every feature lies in [-OBS_HIGH, OBS_HIGH] (the Box bounds)."""
+
+GLOBAL_FEATURES = (
+    "log_loss",  # log10 of the smoothed training loss
+    "loss_trend",  # relative change of the probe loss over the last interval, clipped to [-1, 1]
+    "log_noise_over_batch",  # log10(noise_scale / batch_size): > 0 means the batch is below the noise scale
+    "headroom",  # unused share of the memory budget, [0, 1]
+    "memory_use",  # memory / budget, [0, 2]
+    "log2_batch",  # log2(batch / base batch)
+    "log2_lr_scale",  # log2 of the current LR multiplier
+    "overflow_rate",  # share of skipped steps in the interval, [0, 1]
+    "step_time_trend",  # relative change of step time, clipped to [-1, 1]
+    "progress",  # share of the training budget used, [0, 1]
+    "log_curvature",  # log10 of the parameter-weighted mean curvature
+)
+GROUP_FEATURES = (
+    "rel_sensitivity",  # group's mean sensitivity minus the median over controllable layers (log10)
+    "log_curvature",  # log10 mean curvature of the group, divided by 5
+    "log_variance",  # log10 mean gradient variance of the group, divided by 5
+    "log_snr",  # log10 signal-to-noise ratio of the group's gradient
+    "param_share",  # share of the controllable parameters in this group, [0, 1]
+    "is_fp32",  # one-hot of the group's current (majority) precision
+    "is_bf16",
+    "is_fp16",
+)
+
+
+@dataclass(frozen=True)
+class ObservationLayout:
+    """Index arithmetic of the observation vector for ``n_groups`` groups.
+
+    Example:
+        >>> layout = ObservationLayout(n_groups=4)
+        >>> layout.size
+        43
+        >>> layout.group(1, "is_bf16")
+        24
+    """
+
+    n_groups: int
+
+    @property
+    def size(self) -> int:
+        """Length of the observation vector."""
+        return len(GLOBAL_FEATURES) + self.n_groups * len(GROUP_FEATURES)
+
+    def globals(self, name: str) -> int:
+        """Index of a global feature."""
+        return GLOBAL_FEATURES.index(name)
+
+    def group(self, group: int, name: str) -> int:
+        """Index of feature ``name`` of group ``group`` (0 = most sensitive)."""
+        if not (0 <= group < self.n_groups):
+            raise IndexError(f"group {group} out of range [0, {self.n_groups})")
+        return len(GLOBAL_FEATURES) + group * len(GROUP_FEATURES) + GROUP_FEATURES.index(name)
+
+
+class LayerGrouper:
+    """Assigns controllable layers to ``n_groups`` sensitivity groups, with hysteresis.
+
+    Args:
+        controllable: mask of the layers whose precision the controller sets.
+        n_groups: number of groups.
+        smoothing: weight of the previous smoothed score, in [0, 1).
+        margin: log10 distance outside its group's score range before a layer changes group.
+    """
+
+    def __init__(self, controllable: np.ndarray, n_groups: int, smoothing: float = 0.5, margin: float = 0.15):
+        self.indices = np.flatnonzero(controllable)
+        if len(self.indices) == 0:
+            raise ValueError("the model has no controllable (Linear/Conv/attention) layer to group")
+        self.n_groups = n_groups
+        self.smoothing = smoothing
+        self.margin = margin
+        self._score: np.ndarray | None = None
+        self.assignment = np.zeros(len(self.indices), dtype=np.int64)  # group of each controllable layer
+
+    def update(self, signals: Signals) -> np.ndarray:
+        """Re-ranks the layers from ``signals``; returns the group of each controllable layer."""
+        raw = sensitivity(signals)[self.indices]
+        if self._score is None:
+            self._score = raw
+            self.assignment = _quantile_groups(raw, self.n_groups)
+            return self.assignment
+        self._score = self.smoothing * self._score + (1 - self.smoothing) * raw
+        proposed = _quantile_groups(self._score, self.n_groups)
+        keep = proposed.copy()
+        for group in range(self.n_groups):
+            members = self._score[proposed == group]
+            if len(members) == 0:
+                continue
+            low, high = members.min() - self.margin, members.max() + self.margin
+            for i in np.flatnonzero(self.assignment == group):
+                if low <= self._score[i] <= high:
+                    keep[i] = group
+        self.assignment = keep
+        return self.assignment
+
+    def layers_of(self, group: int) -> np.ndarray:
+        """Layer indices (into the run's layers) currently in ``group``."""
+        return self.indices[self.assignment == group]
+
+
+def sensitivity(signals: Signals) -> np.ndarray:
+    """Per-layer sensitivity ``log10(curvature * grad_variance)`` (floored at 1e-30 each)."""
+    return np.log10(np.maximum(signals.curvature, 1e-30)) + np.log10(np.maximum(signals.grad_variance, 1e-30))
+
+
+def build_observation(
+    signals: Signals, grouper: LayerGrouper, base_batch_size: int, layout: ObservationLayout
+) -> np.ndarray:
+    """The observation vector for ``signals`` (float32, shape ``[layout.size]``, within ±OBS_HIGH)."""
+    obs = np.zeros(layout.size, dtype=np.float64)
+    g = layout.globals
+    weights = signals.n_params / max(signals.n_params.sum(), 1.0)
+    obs[g("log_loss")] = math.log10(max(signals.loss, 1e-6))
+    obs[g("loss_trend")] = np.clip(signals.loss_trend, -1, 1)
+    ratio = signals.noise_scale / max(signals.batch_size, 1)
+    obs[g("log_noise_over_batch")] = math.log10(max(ratio, 1e-6))
+    obs[g("headroom")] = signals.headroom_frac
+    budget = max(signals.memory_budget_bytes, 1)
+    obs[g("memory_use")] = np.clip(signals.memory_bytes / budget, 0, 2)
+    obs[g("log2_batch")] = math.log2(max(signals.batch_size, 1) / base_batch_size)
+    obs[g("log2_lr_scale")] = math.log2(max(signals.lr_scale, 1e-6))
+    obs[g("overflow_rate")] = signals.overflow_rate
+    obs[g("step_time_trend")] = np.clip(signals.step_time_trend, -1, 1)
+    obs[g("progress")] = signals.progress
+    obs[g("log_curvature")] = math.log10(max(float(np.dot(weights, signals.curvature)), 1e-30)) / 5
+
+    scores = sensitivity(signals)
+    median = float(np.median(scores[grouper.indices]))
+    controllable_params = max(signals.n_params[grouper.indices].sum(), 1.0)
+    for group in range(layout.n_groups):
+        members = grouper.layers_of(group)
+        if len(members) == 0:  # fewer layers than groups: borrow the nearest non-empty group's layers
+            members = _nearest_members(grouper, group)
+        w = signals.n_params[members]
+        mean = lambda values, w=w: float(np.dot(w, values) / max(w.sum(), 1.0))  # noqa: E731
+        obs[layout.group(group, "rel_sensitivity")] = mean(scores[members]) - median
+        obs[layout.group(group, "log_curvature")] = math.log10(max(mean(signals.curvature[members]), 1e-30)) / 5
+        obs[layout.group(group, "log_variance")] = (
+            math.log10(max(mean(signals.grad_variance[members]), 1e-30)) / 5
+        )
+        obs[layout.group(group, "log_snr")] = math.log10(max(mean(signals.snr[members]), 1e-6))
+        obs[layout.group(group, "param_share")] = signals.n_params[grouper.layers_of(group)].sum() / controllable_params
+        counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))
+        obs[layout.group(group, "is_fp32") + int(np.argmax(counts))] = 1.0
+    return np.clip(np.nan_to_num(obs, nan=0.0), -OBS_HIGH, OBS_HIGH).astype(np.float32)
+
+
+def _quantile_groups(scores: np.ndarray, n_groups: int) -> np.ndarray:
+    """Group index per layer: the highest scores go to group 0, in ``n_groups`` near-equal chunks."""
+    order = np.argsort(-scores, kind="stable")
+    groups = np.empty(len(scores), dtype=np.int64)
+    for group, chunk in enumerate(np.array_split(order, n_groups)):
+        groups[chunk] = group
+    return groups
+
+
+def _nearest_members(grouper: LayerGrouper, group: int) -> np.ndarray:
+    for distance in range(1, grouper.n_groups):
+        for candidate in (group - distance, group + distance):
+            if 0 <= candidate < grouper.n_groups and len(grouper.layers_of(candidate)):
+                return grouper.layers_of(candidate)
+    return grouper.indices
