@@ -17,7 +17,11 @@ __all__ = [
     "PrecisionCode",
     "StatRow",
     "check_block_size",
+    "check_flat_layout",
+    "check_step_buffers",
+    "inv_scale_arguments",
     "new_step_state",
+    "write_low_precision_copies_reference",
     "_use_triton",
 ]
 
@@ -116,6 +120,111 @@ def new_step_state(device: torch.device | str, beta1: float = 0.0, beta2: float 
         [[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device
     )
     return state
+
+
+def check_flat_layout(grads: torch.Tensor, chunk_layer: torch.Tensor, n_layers: int, segment_align: int) -> None:
+    """Asserts the flat-buffer contract of the kernels: fp32 flat grads in whole segments, int32 chunk table."""
+    assert grads.dtype == torch.float32, f"grads must be float32, got {grads.dtype}"
+    assert grads.dim() == 1 and grads.is_contiguous(), "grads must be a flat contiguous buffer"
+    assert grads.numel() % segment_align == 0, (
+        f"flat length {grads.numel()} is not a multiple of the segment alignment {segment_align}"
+    )
+    assert chunk_layer.dtype == torch.int32 and chunk_layer.is_contiguous(), "chunk_layer must be int32"
+    assert chunk_layer.numel() == grads.numel() // segment_align, (
+        f"chunk_layer has {chunk_layer.numel()} entries, the buffer {grads.numel() // segment_align} segments"
+    )
+    assert chunk_layer.device == grads.device, f"chunk_layer is on {chunk_layer.device}, grads on {grads.device}"
+    assert n_layers >= 1, f"n_layers must be >= 1, got {n_layers}"
+
+
+def check_step_buffers(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    states: list[torch.Tensor],
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    chunk_layer: torch.Tensor,
+    lr_factors: torch.Tensor,
+    precision_codes: torch.Tensor,
+    stats: torch.Tensor,
+    step_state: torch.Tensor,
+    read_slot: int,
+    segment_align: int,
+) -> int:
+    """Asserts the contract of a fused optimizer step's buffers and returns the number of layers."""
+    n_layers = lr_factors.numel()
+    check_flat_layout(grads, chunk_layer, n_layers, segment_align)
+    for name, tensor in [("params", params), *((f"state {i}", s) for i, s in enumerate(states))]:
+        assert tensor.dtype == torch.float32, f"{name} must be float32, got {tensor.dtype}"
+        assert tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape"
+        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+    for name, tensor, dtype in [("bf16_copy", bf16_copy, torch.bfloat16), ("fp16_copy", fp16_copy, torch.float16)]:
+        assert tensor.dtype == dtype, f"{name} must be {dtype}, got {tensor.dtype}"
+        assert tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape"
+        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+    assert lr_factors.dtype == torch.float32 and lr_factors.dim() == 1, "lr_factors must be float32 [n_layers]"
+    assert precision_codes.shape == (n_layers,), (
+        f"precision_codes must have shape [{n_layers}], got {tuple(precision_codes.shape)}"
+    )
+    assert not precision_codes.is_floating_point() and precision_codes.dtype != torch.bool, (
+        f"precision_codes must be an integer tensor, got {precision_codes.dtype}"
+    )
+    assert stats.shape == (N_STAT_ROWS, n_layers) and stats.dtype == torch.float32, (
+        f"stats must be float32 [{N_STAT_ROWS}, {n_layers}], got {stats.dtype} {tuple(stats.shape)}"
+    )
+    assert step_state.shape == (3, 3) and step_state.dtype == torch.float64, "step_state must be float64 [3, 3]"
+    assert read_slot in (0, 1), f"read_slot must be 0 or 1, got {read_slot}"
+    for name, tensor in [("lr_factors", lr_factors), ("precision_codes", precision_codes), ("stats", stats),
+                         ("step_state", step_state)]:
+        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+        assert tensor.is_contiguous(), f"{name} must be contiguous"
+    return n_layers
+
+
+def inv_scale_arguments(inv_scale: float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """Splits a loss-scale reciprocal into the kernels' ``(inv_scale_ptr, inv_scale_value, FROM_PTR)``.
+
+    A device tensor (e.g. ``1 / GradScaler.get_scale()`` kept on the GPU) is read by the kernel, so no
+    host sync is needed; a Python float is passed by value and ``like`` stands in as the unused pointer.
+
+    Args:
+        inv_scale: multiplier that unscales the gradients, a float or a one-element float32 tensor.
+        like: a tensor on the kernel's device.
+
+    Returns:
+        The pointer argument, the value argument and whether the kernel reads the pointer.
+    """
+    if isinstance(inv_scale, torch.Tensor):
+        assert inv_scale.numel() == 1, f"inv_scale tensor must have one element, got {inv_scale.numel()}"
+        assert inv_scale.dtype == torch.float32, f"inv_scale tensor must be float32, got {inv_scale.dtype}"
+        assert inv_scale.device == like.device, f"inv_scale is on {inv_scale.device}, buffers on {like.device}"
+        return inv_scale, 1.0, True
+    return like, float(inv_scale), False
+
+
+def write_low_precision_copies_reference(
+    new_param: torch.Tensor,
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    segment_codes: torch.Tensor,
+    apply: torch.Tensor,
+) -> None:
+    """Reference for the copy part of the fused steps: rounds ``new_param`` into the requested copies.
+
+    Args:
+        new_param: updated fp32 weights viewed as ``[n_segments, segment_align]``.
+        bf16_copy: flat bfloat16 copy buffer; segments with code ``BF16`` are written.
+        fp16_copy: flat float16 copy buffer; segments with code ``FP16`` are written.
+        segment_codes: ``[n_segments]`` precision code of each segment's layer.
+        apply: 0-dim bool, False when the step is skipped (then nothing changes).
+    """
+    for buffer, code, dtype in [
+        (bf16_copy, PrecisionCode.BF16, torch.bfloat16),
+        (fp16_copy, PrecisionCode.FP16, torch.float16),
+    ]:
+        segments = buffer.view(new_param.shape)
+        write = apply & (segment_codes == int(code)).unsqueeze(1)
+        segments.copy_(torch.where(write, new_param.to(dtype), segments))
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:

@@ -188,8 +188,8 @@ class HeuristicConfig:
         loss_rise_tolerance: relative rise of the smoothed loss that counts as instability.
         grow_below_usage: grow the batch when memory use is under this share of the budget.
         shrink_above_usage: shrink the batch when memory use is over this share of the budget.
-        min_snr_to_grow: grow the batch only while gradient noise dominates (batch < noise scale),
-            i.e. when batch / noise_scale is under this value.
+        max_batch_over_noise: grow the batch only while gradient noise dominates, i.e. while
+            batch / noise_scale is under this value (beyond the noise scale a larger batch buys little).
     """
 
     lower_below: float = 0.25
@@ -201,7 +201,7 @@ class HeuristicConfig:
     loss_rise_tolerance: float = 0.02
     grow_below_usage: float = 0.45
     shrink_above_usage: float = 0.95
-    min_snr_to_grow: float = 1.0
+    max_batch_over_noise: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.lower_below < self.raise_above:

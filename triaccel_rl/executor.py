@@ -24,6 +24,7 @@ class Target(Protocol):
 
     engine: StepEngine
     memory_budget_bytes: int
+    max_batch_size: int
 
     @property
     def batch_size(self) -> int:
@@ -108,10 +109,11 @@ class Executor:
 
         batch = target.batch_size
         if action.batch_move is BatchMove.GROW:
-            grown = min(batch * 2, self.config.max_batch_size)
+            limit = min(self.config.max_batch_size, target.max_batch_size)
+            grown = min(batch * 2, limit)
             predicted = target.predicted_memory_bytes(grown)
-            if grown == batch:
-                refused.append(f"batch {batch} already at max_batch_size={self.config.max_batch_size}")
+            if grown <= batch:
+                refused.append(f"batch {batch} already at its largest allowed size {limit}")
             elif predicted > target.memory_budget_bytes:
                 refused.append(
                     f"batch {grown} refused: predicted {predicted} bytes > budget {target.memory_budget_bytes}"

@@ -300,6 +300,11 @@ class TrainingRun:
         return int(self._static_bytes + activations + copies)
 
     @property
+    def max_batch_size(self) -> int:
+        """Largest batch the data allows: an eighth of the training set, so an epoch has 8+ steps."""
+        return max(1, len(self.loader) // 8)
+
+    @property
     def samples_seen(self) -> int:
         """Training samples served so far (all epochs)."""
         return self.loader.samples_served

@@ -1,0 +1,302 @@
+"""Fused AdamW update over the flat parameter buffer: unscale, skip on overflow, per-layer LR, low-precision copy.
+
+This is pass 2 of a fused step (pass 1 is ``grad_stats.layer_grad_stats``). One launch covers every
+parameter: the buffers are flat fp32 (master weights, grads, ``exp_avg``, ``exp_avg_sq``), each layer
+padded to whole segments of ``segment_align`` elements, and ``chunk_layer`` maps a segment to its layer, so
+a program reads its layer's LR factor and precision code once. Per element it reads p, g, m, v (16 B) and
+writes p, m, v (12 B) plus a 2 B bf16 or fp16 copy for layers whose precision code is 1 or 2.
+
+Skipping without a host sync: every program reads the non-finite count that pass 1 left in
+``stats[NONFINITE_TOTAL, 0]`` and, when it is not 0, masks all its loads and stores off, so parameters,
+moments, copies and the step counter stay bit-for-bit unchanged (the promise ``GradScaler`` makes). The
+bias corrections use a device-side step counter (see ``_common.new_step_state``) that only advances on
+applied steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triaccel_rl.kernels._common import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_NUM_WARPS,
+    SEGMENT_ALIGN_ELEMENTS,
+    StatRow,
+    _use_triton,
+    check_block_size,
+    check_step_buffers,
+    inv_scale_arguments,
+    write_low_precision_copies_reference,
+)
+from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
+
+__all__ = ["fused_adamw_step", "fused_adamw_step_reference"]
+
+
+@triton.jit
+def _fused_adamw_step_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    bf16_bits_ptr,
+    fp16_bits_ptr,
+    chunk_layer_ptr,
+    lr_factor_ptr,
+    precision_code_ptr,
+    nonfinite_total_ptr,
+    dot_momentum_ptr,
+    momentum_sq_sum_ptr,
+    second_moment_sum_ptr,
+    step_read_ptr,
+    step_write_ptr,
+    step_constants_ptr,
+    inv_scale_ptr,
+    inv_scale_value,
+    lr,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    n_elements,
+    INV_SCALE_FROM_PTR: tl.constexpr,
+    BF16_NAN: tl.constexpr,
+    FP16_NAN: tl.constexpr,
+    BLOCKS_PER_SEGMENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Applies one AdamW step to ``BLOCK`` elements of one layer, unless the step is skipped."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
+    apply = tl.load(nonfinite_total_ptr) == 0
+
+    # Step counter and bias-correction powers in float64; program 0 writes the other slot, which no
+    # program of this launch reads, so there is no race (the counter stays put when the step is skipped).
+    steps = tl.load(step_read_ptr)
+    beta1_pow = tl.load(step_read_ptr + 1)
+    beta2_pow = tl.load(step_read_ptr + 2)
+    new_beta1_pow = beta1_pow * tl.load(step_constants_ptr + 1)
+    new_beta2_pow = beta2_pow * tl.load(step_constants_ptr + 2)
+    is_writer = pid == 0
+    tl.store(step_write_ptr, tl.where(apply, steps + 1.0, steps), mask=is_writer)
+    tl.store(step_write_ptr + 1, tl.where(apply, new_beta1_pow, beta1_pow), mask=is_writer)
+    tl.store(step_write_ptr + 2, tl.where(apply, new_beta2_pow, beta2_pow), mask=is_writer)
+
+    bias_correction1 = (1.0 - new_beta1_pow).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt((1.0 - new_beta2_pow).to(tl.float32))
+    if INV_SCALE_FROM_PTR:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = inv_scale_value
+    layer_lr = lr * tl.load(lr_factor_ptr + layer)
+    step_size = layer_lr / bias_correction1
+    decay = 1.0 - layer_lr * weight_decay
+
+    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = (offsets < n_elements) & apply
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0) * inv_scale
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+
+    # Same operation order as torch.optim.AdamW's single-tensor path.
+    param = param * decay
+    new_exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    new_exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (grad * grad)
+    denom = tl.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
+    param = param - step_size * (new_exp_avg / denom)
+
+    tl.store(param_ptr + offsets, param, mask=mask)
+    tl.store(exp_avg_ptr + offsets, new_exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, new_exp_avg_sq, mask=mask)
+    code = tl.load(precision_code_ptr + layer)
+    tl.store(bf16_bits_ptr + offsets, _fp32_to_bf16_bits(param, BF16_NAN), mask=mask & (code == 1))
+    tl.store(fp16_bits_ptr + offsets, _fp32_to_fp16_bits(param, FP16_NAN), mask=mask & (code == 2))
+
+    tl.atomic_add(dot_momentum_ptr + layer, tl.sum(grad * exp_avg, axis=0), mask=apply, sem="relaxed")
+    tl.atomic_add(
+        momentum_sq_sum_ptr + layer, tl.sum(new_exp_avg * new_exp_avg, axis=0), mask=apply, sem="relaxed"
+    )
+    tl.atomic_add(second_moment_sum_ptr + layer, tl.sum(new_exp_avg_sq, axis=0), mask=apply, sem="relaxed")
+
+
+def fused_adamw_step(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    chunk_layer: torch.Tensor,
+    lr_factors: torch.Tensor,
+    precision_codes: torch.Tensor,
+    stats: torch.Tensor,
+    step_state: torch.Tensor,
+    read_slot: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    inv_scale: float | torch.Tensor = 1.0,
+    segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> None:
+    """Applies one AdamW step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
+
+    Runs the Triton kernel on CUDA tensors or under ``TRITON_INTERPRET=1``, else the reference. No host
+    sync. Call ``layer_grad_stats`` on the same ``stats`` first: it provides the skip decision.
+
+    Args:
+        params: flat float32 master weights, updated in place.
+        grads: flat float32 gradients, still multiplied by the loss scale.
+        exp_avg: flat float32 first moment, updated in place.
+        exp_avg_sq: flat float32 second moment, updated in place.
+        bf16_copy: flat bfloat16 buffer; segments of layers with precision code 1 get ``params.to(bf16)``.
+        fp16_copy: flat float16 buffer; segments of layers with precision code 2 get ``params.to(fp16)``.
+        chunk_layer: int32 ``[len(params) // segment_align]``, the layer owning each segment.
+        lr_factors: float32 ``[n_layers]``, per-layer multipliers of ``lr``.
+        precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
+        stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
+            ``GRAD_DOT_MOMENTUM``, ``MOMENTUM_SQ_SUM`` and ``SECOND_MOMENT_SUM``.
+        step_state: float64 ``[3, 3]`` from ``new_step_state(device, beta1, beta2)``.
+        read_slot: slot of ``step_state`` holding the current count (0 or 1); the other one is written.
+        lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
+        beta1: first-moment decay in [0, 1).
+        beta2: second-moment decay in [0, 1).
+        eps: denominator term, > 0.
+        weight_decay: decoupled weight decay (the parameter is multiplied by ``1 - layer_lr * weight_decay``).
+        inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
+        segment_align: elements per segment of the layout.
+        block_size: elements per program, a power of two dividing ``segment_align``.
+        num_warps: warps per program on the GPU.
+    """
+    check_step_buffers(
+        params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
+        precision_codes, stats, step_state, read_slot, segment_align,
+    )  # fmt: skip
+    check_block_size(block_size, segment_align)
+    if not _use_triton(params):
+        fused_adamw_step_reference(
+            params, grads, exp_avg, exp_avg_sq, bf16_copy, fp16_copy, chunk_layer, lr_factors,
+            precision_codes, stats, step_state, read_slot, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, inv_scale=inv_scale, segment_align=segment_align,
+        )  # fmt: skip
+        return
+    n_elements = params.numel()
+    if n_elements == 0:
+        return
+    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    bf16_nan, fp16_nan = nan_encodings(params.device)
+    stats_bits = stats.view(torch.int32)
+    grid = (n_elements // block_size,)
+    _fused_adamw_step_kernel[grid](
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        bf16_copy.view(torch.int16),
+        fp16_copy.view(torch.int16),
+        chunk_layer,
+        lr_factors,
+        precision_codes,
+        stats_bits[StatRow.NONFINITE_TOTAL],
+        stats[StatRow.GRAD_DOT_MOMENTUM],
+        stats[StatRow.MOMENTUM_SQ_SUM],
+        stats[StatRow.SECOND_MOMENT_SUM],
+        step_state[read_slot],
+        step_state[1 - read_slot],
+        step_state[2],
+        inv_scale_ptr,
+        inv_scale_value,
+        lr,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        weight_decay,
+        n_elements,
+        INV_SCALE_FROM_PTR=inv_scale_from_ptr,
+        BF16_NAN=bf16_nan,
+        FP16_NAN=fp16_nan,
+        BLOCKS_PER_SEGMENT=segment_align // block_size,
+        BLOCK=block_size,
+        num_warps=num_warps,
+    )
+
+
+def fused_adamw_step_reference(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    chunk_layer: torch.Tensor,
+    lr_factors: torch.Tensor,
+    precision_codes: torch.Tensor,
+    stats: torch.Tensor,
+    step_state: torch.Tensor,
+    read_slot: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    inv_scale: float | torch.Tensor = 1.0,
+    segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+) -> None:
+    """Plain-PyTorch ``fused_adamw_step`` (same arguments, same in-place effects), vectorised per segment.
+
+    The skip uses ``torch.where`` on a 0-dim device flag, so it needs no host sync either: when the flag
+    says skip, every buffer is rewritten with its own old values, which leaves its bits unchanged.
+    """
+    check_step_buffers(
+        params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
+        precision_codes, stats, step_state, read_slot, segment_align,
+    )  # fmt: skip
+    apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
+    layer = chunk_layer.long()
+
+    steps, beta1_pow, beta2_pow = step_state[read_slot].unbind()
+    new_beta1_pow = beta1_pow * step_state[2, 1]
+    new_beta2_pow = beta2_pow * step_state[2, 2]
+    new_state = torch.stack([steps + 1.0, new_beta1_pow, new_beta2_pow])
+    step_state[1 - read_slot] = torch.where(apply, new_state, step_state[read_slot])
+    bias_correction1 = (1.0 - new_beta1_pow).float()
+    bias_correction2_sqrt = (1.0 - new_beta2_pow).float().sqrt()
+
+    layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
+    step_size = layer_lr / bias_correction1
+    decay = 1.0 - layer_lr * weight_decay
+    grad = grads.view(-1, segment_align) * inv_scale
+    param = params.view(-1, segment_align)
+    first = exp_avg.view(-1, segment_align)
+    second = exp_avg_sq.view(-1, segment_align)
+
+    new_param = param * decay
+    new_first = first + (1.0 - beta1) * (grad - first)
+    new_second = second * beta2 + (1.0 - beta2) * (grad * grad)
+    denom = new_second.sqrt() / bias_correction2_sqrt + eps
+    new_param = new_param - step_size * (new_first / denom)
+
+    n_layers = lr_factors.numel()
+    zero = torch.zeros((), dtype=torch.float32, device=params.device)
+    for row, per_segment in [
+        (StatRow.GRAD_DOT_MOMENTUM, (grad * first).sum(dim=1)),
+        (StatRow.MOMENTUM_SQ_SUM, (new_first * new_first).sum(dim=1)),
+        (StatRow.SECOND_MOMENT_SUM, new_second.sum(dim=1)),
+    ]:
+        per_layer = torch.zeros(n_layers, dtype=torch.float32, device=params.device).index_add_(0, layer, per_segment)
+        stats[row] += torch.where(apply, per_layer, zero)
+
+    write_low_precision_copies_reference(new_param, bf16_copy, fp16_copy, precision_codes[layer], apply)
+    param.copy_(torch.where(apply, new_param, param))
+    first.copy_(torch.where(apply, new_first, first))
+    second.copy_(torch.where(apply, new_second, second))

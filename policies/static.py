@@ -1,0 +1,44 @@
+"""``StaticPolicy``: one fixed configuration for the whole run (the baselines users run today)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from triaccel_rl.actions import encode
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.types import Action, BatchMove, Precision
+
+__all__ = ["STATIC_PRESETS", "StaticPolicy"]
+
+STATIC_PRESETS = ("fp32", "bf16", "fp16")
+
+
+class StaticPolicy:
+    """Always returns the same action: every group in one precision, LR scale 1, batch kept.
+
+    Example:
+        >>> StaticPolicy("bf16").predict(np.zeros(43, dtype=np.float32))[0].tolist()
+        [1, 1, 1, 1, 2, 1]
+    """
+
+    def __init__(self, precision: str | Precision = "bf16", config: ControllerConfig | None = None) -> None:
+        if isinstance(precision, str) and precision.lower() not in STATIC_PRESETS:
+            raise ValueError(f"unknown static preset {precision!r}; allowed: {', '.join(STATIC_PRESETS)}")
+        self.precision = Precision.parse(precision)
+        self.config = config or ControllerConfig()
+        action = Action((self.precision,) * self.config.n_groups, 1.0, BatchMove.KEEP)
+        self._raw = encode(action, self.config)
+        self.name = f"static-{self.precision.name.lower()}"
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Returns the fixed action (batched when ``observation`` is a batch)."""
+        obs = np.asarray(observation)
+        if obs.ndim == 2:
+            return np.tile(self._raw, (obs.shape[0], 1)), state
+        return self._raw.copy(), state
