@@ -1,7 +1,6 @@
 """Gymnasium environments over a training run; importing this module registers ``TriAccel-v0``."""
 
 from gymnasium.envs.registration import register, registry
-
 from triaccel_rl.envs.training_env import TriAccelEnv
 
 __all__ = ["TriAccelEnv"]

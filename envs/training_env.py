@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from triaccel_rl.actions import action_space, decode
+from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
-from triaccel_rl.executor import Executor
-from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
-from triaccel_rl.signals import SignalCollector
 from triaccel_rl.tasks import get_task
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Signals
@@ -98,8 +96,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.layout = ObservationLayout(self.config.n_groups)
         self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.action_space = action_space(self.config)
-        self.run: TrainingRun | None = None
-        self._signals: Signals | None = None
+        self.loop: DecisionLoop | None = None
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -107,7 +104,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """Starts a fresh run of the task and returns the observation after one fp32 interval."""
         super().reset(seed=seed)
         run_seed = int(self.np_random.integers(0, 2**31 - 1))
-        self.run = TrainingRun(
+        run = TrainingRun(
             self.task,
             seed=run_seed,
             device=self.device,
@@ -116,52 +113,45 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             profile=self.profile,
             include_fixed_cost=not self.compute_bound,
         )
-        self.collector = SignalCollector(self.run.layers, self.config.ema_decay, self.run.memory_budget_bytes)
-        self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
-        self.executor = Executor(self.config, self.grouper)
-        self.decisions = 0
-        self._initial_probe = self.run.probe_loss()
-        self._previous_probe = self._initial_probe
-        cost_ms, _ = self._run_interval()
-        self.reference_step_ms = cost_ms / self.config.interval_steps
-        self._signals = self._snapshot()
-        self.grouper.update(self._signals)
-        self._previous_probe = self._signals.probe_loss
-        return self._observe(), {"probe_loss": self._signals.probe_loss, "n_layers": self.run.n_layers}
+        self.loop = DecisionLoop(run, self.config)
+        self._initial_probe = run.probe_loss()
+        interval = self.loop.train_interval()
+        self.reference_step_ms = interval.cost_ms / interval.steps
+        signals = self.loop.snapshot(progress=self._progress())
+        self._previous_probe = signals.probe_loss
+        return self.loop.observation(), {"probe_loss": signals.probe_loss, "n_layers": run.n_layers}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Applies ``action``, trains one interval, and returns the Gymnasium 5-tuple."""
-        if self.run is None or self._signals is None:
+        if self.loop is None:
             raise RuntimeError("call reset() before step()")
-        decoded = decode(action, self.config)
-        report = self.executor.apply(decoded, self.run, overflow_rate=self._signals.overflow_rate)
-        cost_ms, steps_done = self._run_interval()
-        self.decisions += 1
-        self._signals = self._snapshot()
-        signals = self._signals
+        report = self.loop.apply(action)
+        interval = self.loop.train_interval()
+        signals = self.loop.snapshot(progress=self._progress())
+        run = self.loop.run
         over_budget = signals.memory_bytes > signals.memory_budget_bytes
         diverged = (
             not signals.extra["probe_loss_finite"]
             or signals.overflow_rate >= 1.0
             or signals.probe_loss > self.divergence_factor * self._initial_probe
         )
+        reference_ms = self.reference_step_ms * interval.steps
         value = reward(
             previous_probe_loss=self._previous_probe,
             probe_loss=signals.probe_loss if not diverged else math.nan,
-            cost_ms=max(cost_ms, 1e-9),
-            reference_cost_ms=self.reference_step_ms * steps_done,
+            cost_ms=max(interval.cost_ms, 1e-9),
+            reference_cost_ms=reference_ms,
             overflow_rate=signals.overflow_rate,
             over_budget=over_budget,
             diverged=diverged,
             config=self.reward_config,
         )
         self._previous_probe = signals.probe_loss
-        self.grouper.update(signals)
-        truncated = self.decisions >= self.max_decisions and not diverged
+        truncated = self.loop.decisions >= self.max_decisions and not diverged
         info: dict[str, Any] = {
             "probe_loss": signals.probe_loss,
-            "cost_ms": cost_ms,
-            "reference_cost_ms": self.reference_step_ms * steps_done,
+            "cost_ms": interval.cost_ms,
+            "reference_cost_ms": reference_ms,
             "batch_size": report.batch_size,
             "lr_scale": report.lr_scale,
             "precisions": [p.name.lower() for p in report.precisions],
@@ -169,46 +159,21 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "refused": report.refused,
             "memory_bytes": signals.memory_bytes,
             "overflow_rate": signals.overflow_rate,
-            "samples_seen": self.run.samples_seen,
+            "samples_seen": run.samples_seen,
         }
         if diverged or truncated:
             # Episode summary. Wall-clock figures appear only here, so that per-step info stays
             # deterministic for a seed (Gymnasium's checker compares it).
-            info["test_accuracy"] = self.run.evaluate()
+            info["test_accuracy"] = run.evaluate()
             info["overhead_frac"] = signals.overhead_frac
-            info["wall_time_ms"] = self.run.train_time_ms
-        return self._observe(), value, diverged, truncated, info
+            info["wall_time_ms"] = run.train_time_ms
+        return self.loop.observation(), value, diverged, truncated, info
 
     @property
     def signals(self) -> Signals | None:
         """The latest signals snapshot (for heuristics and logging)."""
-        return self._signals
+        return self.loop.signals if self.loop is not None else None
 
-    def _run_interval(self) -> tuple[float, int]:
-        """Trains ``interval_steps`` steps; returns the charged cost in ms and the steps taken."""
-        assert self.run is not None
-        cost_ms = 0.0
-        for _ in range(self.config.interval_steps):
-            stats = self.run.step()
-            self.collector.observe(stats)
-            cost_ms += stats.modelled_time_ms
-        return cost_ms, self.config.interval_steps
-
-    def _snapshot(self) -> Signals:
-        assert self.run is not None
-        start = time.perf_counter()
-        probe = self.run.probe_loss()
-        self.collector.add_overhead((time.perf_counter() - start) * 1e3)
-        total = self.max_decisions + 1
-        return self.collector.snapshot(
-            grad_mean_sq_norm=self.run.engine.grad_mean_sq_norm(),
-            probe_loss=probe,
-            batch_size=self.run.batch_size,
-            lr_scale=self.run.lr_scale,
-            precisions=self.run.precisions,
-            progress=min(1.0, (self.decisions + 1) / total),
-        )
-
-    def _observe(self) -> np.ndarray:
-        assert self._signals is not None
-        return build_observation(self._signals, self.grouper, self.task.base_batch_size, self.layout)
+    def _progress(self) -> float:
+        decisions = self.loop.decisions if self.loop is not None else 0
+        return min(1.0, (decisions + 1) / (self.max_decisions + 1))

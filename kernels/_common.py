@@ -16,13 +16,13 @@ __all__ = [
     "SEGMENT_ALIGN_ELEMENTS",
     "PrecisionCode",
     "StatRow",
+    "_use_triton",
     "check_block_size",
     "check_flat_layout",
     "check_step_buffers",
     "inv_scale_arguments",
     "new_step_state",
     "write_low_precision_copies_reference",
-    "_use_triton",
 ]
 
 SEGMENT_ALIGN_ELEMENTS = 4096
@@ -94,8 +94,7 @@ def check_block_size(block_size: int, segment_align: int) -> None:
     """Raises ``ValueError`` unless ``block_size`` is a power of two that divides ``segment_align``."""
     if block_size <= 0 or block_size & (block_size - 1) or segment_align % block_size:
         raise ValueError(
-            f"block_size must be a power of two dividing the segment alignment {segment_align}, "
-            f"got {block_size}"
+            f"block_size must be a power of two dividing the segment alignment {segment_align}, got {block_size}"
         )
 
 
@@ -116,9 +115,7 @@ def new_step_state(device: torch.device | str, beta1: float = 0.0, beta2: float 
     Returns:
         The zero-step state, with both slots at ``(0, 1, 1)``.
     """
-    state = torch.tensor(
-        [[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device
-    )
+    state = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device)
     return state
 
 
@@ -174,8 +171,12 @@ def check_step_buffers(
     )
     assert step_state.shape == (3, 3) and step_state.dtype == torch.float64, "step_state must be float64 [3, 3]"
     assert read_slot in (0, 1), f"read_slot must be 0 or 1, got {read_slot}"
-    for name, tensor in [("lr_factors", lr_factors), ("precision_codes", precision_codes), ("stats", stats),
-                         ("step_state", step_state)]:
+    for name, tensor in [
+        ("lr_factors", lr_factors),
+        ("precision_codes", precision_codes),
+        ("stats", stats),
+        ("step_state", step_state),
+    ]:
         assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
         assert tensor.is_contiguous(), f"{name} must be contiguous"
     return n_layers

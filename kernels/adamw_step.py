@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from triaccel_rl.kernels._common import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_NUM_WARPS,
@@ -96,7 +95,9 @@ def _fused_adamw_step_kernel(
     decay = 1.0 - layer_lr * weight_decay
 
     offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (offsets < n_elements) & apply
+    # A skipped step masks every element off by shrinking the valid range to nothing (not `mask & apply`:
+    # Triton 3.9's interpreter rejects the dtype of a mask combined with a scalar flag).
+    mask = offsets < tl.where(apply, n_elements, 0)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0) * inv_scale
     param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
@@ -113,13 +114,14 @@ def _fused_adamw_step_kernel(
     tl.store(exp_avg_ptr + offsets, new_exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, new_exp_avg_sq, mask=mask)
     code = tl.load(precision_code_ptr + layer)
-    tl.store(bf16_bits_ptr + offsets, _fp32_to_bf16_bits(param, BF16_NAN), mask=mask & (code == 1))
-    tl.store(fp16_bits_ptr + offsets, _fp32_to_fp16_bits(param, FP16_NAN), mask=mask & (code == 2))
+    # Uniform branches on the layer's code: fp32 layers skip the rounding arithmetic altogether.
+    if code == 1:
+        tl.store(bf16_bits_ptr + offsets, _fp32_to_bf16_bits(param, BF16_NAN), mask=mask)
+    if code == 2:
+        tl.store(fp16_bits_ptr + offsets, _fp32_to_fp16_bits(param, FP16_NAN), mask=mask)
 
     tl.atomic_add(dot_momentum_ptr + layer, tl.sum(grad * exp_avg, axis=0), mask=apply, sem="relaxed")
-    tl.atomic_add(
-        momentum_sq_sum_ptr + layer, tl.sum(new_exp_avg * new_exp_avg, axis=0), mask=apply, sem="relaxed"
-    )
+    tl.atomic_add(momentum_sq_sum_ptr + layer, tl.sum(new_exp_avg * new_exp_avg, axis=0), mask=apply, sem="relaxed")
     tl.atomic_add(second_moment_sum_ptr + layer, tl.sum(new_exp_avg_sq, axis=0), mask=apply, sem="relaxed")
 
 

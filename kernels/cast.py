@@ -17,7 +17,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from triaccel_rl.kernels._common import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_WARPS, _use_triton
 
 __all__ = [
@@ -126,7 +125,7 @@ def nan_encodings(device: torch.device | str) -> tuple[int, int]:
     return _probe_nan_encodings(torch.device(device).type)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_nan_encodings(device_type: str) -> tuple[int, int]:
     """Cached body of ``nan_encodings``, keyed by device type ("cpu", "cuda")."""
     patterns = [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FA00000, 0xFFFFFFFF, 0x7FC12345, 0xFF812345]
@@ -136,7 +135,10 @@ def _probe_nan_encodings(device_type: str) -> tuple[int, int]:
     bits = torch.tensor(signed, dtype=torch.int32, device=device_type)
     x = bits.view(torch.float32)
     encodings = []
-    for dtype, keep_payload in ((torch.bfloat16, _bf16_nan_keeping_payload), (torch.float16, _fp16_nan_keeping_payload)):
+    for dtype, keep_payload in (
+        (torch.bfloat16, _bf16_nan_keeping_payload),
+        (torch.float16, _fp16_nan_keeping_payload),
+    ):
         got = [v & 0xFFFF for v in x.to(dtype).view(torch.int16).tolist()]  # host sync, once per process
         if all(g == keep_payload(p) for g, p in zip(got, patterns * 8, strict=True)):
             encodings.append(NAN_KEEPS_PAYLOAD)

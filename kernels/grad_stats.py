@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from triaccel_rl.kernels._common import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_NUM_WARPS,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from gymnasium import spaces
-
-from triaccel_rl.config import ControllerConfig
 from triaccel_rl.policies.heuristic import HeuristicPolicy
 from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
+
+from triaccel_rl.config import ControllerConfig
 from triaccel_rl.types import Policy
 
 __all__ = ["STATIC_PRESETS", "HeuristicPolicy", "LearnedPolicy", "PolicyLoadError", "StaticPolicy", "make_policy"]

@@ -68,7 +68,9 @@ class HeuristicPolicy:
 
         precisions = []
         for group in range(layout.n_groups):
-            current = Precision(int(np.argmax(obs[layout.group(group, "is_fp32") : layout.group(group, "is_fp16") + 1])))
+            current = Precision(
+                int(np.argmax(obs[layout.group(group, "is_fp32") : layout.group(group, "is_fp16") + 1]))
+            )
             sensitivity = obs[layout.group(group, "rel_sensitivity")]
             chosen = current
             if current is Precision.FP32:

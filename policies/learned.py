@@ -48,7 +48,9 @@ class LearnedPolicy:
             raise PolicyLoadError(f"policy file {str(file)!r} is not a zip written by stable-baselines3")
         algorithm = algorithm.lower()
         if algorithm != "auto" and algorithm not in SUPPORTED_ALGORITHMS:
-            raise PolicyLoadError(f"algorithm {algorithm!r} not supported; allowed: auto, {', '.join(SUPPORTED_ALGORITHMS)}")
+            raise PolicyLoadError(
+                f"algorithm {algorithm!r} not supported; allowed: auto, {', '.join(SUPPORTED_ALGORITHMS)}"
+            )
         self.path = file
         self.model = _load(file, algorithm, device)
         for label, expected, found in (

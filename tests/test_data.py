@@ -220,9 +220,7 @@ def test_find_uses_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_d
     assert find_fashion_mnist() == folder
 
 
-def test_find_env_var_without_files_falls_back_with_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_find_env_var_without_files_falls_back_with_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = write_fake_fashion(tmp_path / "default")
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", default)
     monkeypatch.setenv("TRIACCEL_DATA", str(tmp_path / "wrong"))
@@ -230,9 +228,7 @@ def test_find_env_var_without_files_falls_back_with_warning(
         assert find_fashion_mnist() == default
 
 
-def test_find_nothing_lists_all_places(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_defaults: Path
-) -> None:
+def test_find_nothing_lists_all_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_defaults: Path) -> None:
     env_dir = tmp_path / "env-empty"
     env_dir.mkdir()
     monkeypatch.setenv("TRIACCEL_DATA", str(env_dir))

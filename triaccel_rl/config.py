@@ -47,9 +47,7 @@ class CostMode(enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ConfigError(
-                f"unknown cost mode {value!r}; allowed: {', '.join(m.value for m in cls)}"
-            ) from None
+            raise ConfigError(f"unknown cost mode {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
 
 
 @dataclass(frozen=True)
@@ -289,9 +287,7 @@ class ControllerConfig:
         if 1.0 not in self.lr_scales:
             raise ConfigError(f"lr_scales={self.lr_scales} must contain 1.0 (the neutral choice)")
         if not (1 <= self.min_batch_size <= self.max_batch_size):
-            raise ConfigError(
-                f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}"
-            )
+            raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
         if self.max_lr_change < 1.0:
             raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
         if not (0.0 < self.ema_decay < 1.0):

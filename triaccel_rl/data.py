@@ -173,8 +173,7 @@ def find_fashion_mnist(path: str | os.PathLike[str] | None = None) -> Path:
         if missing:
             raise DatasetError(
                 f"Fashion-MNIST folder {folder} {_describe_missing(folder, missing)}. "
-                f"Expected the files {', '.join(FASHION_MNIST_FILES)} (with or without .gz). "
-                + _FASHION_MNIST_HOWTO
+                f"Expected the files {', '.join(FASHION_MNIST_FILES)} (with or without .gz). " + _FASHION_MNIST_HOWTO
             )
         return folder
 
@@ -201,9 +200,7 @@ def find_fashion_mnist(path: str | os.PathLike[str] | None = None) -> Path:
     looked.append(f"{folder} (default): {_describe_missing(folder, missing)}")
 
     raise DatasetError(
-        "Fashion-MNIST not found. Looked at:\n"
-        + "".join(f"  - {place}\n" for place in looked)
-        + _FASHION_MNIST_HOWTO
+        "Fashion-MNIST not found. Looked at:\n" + "".join(f"  - {place}\n" for place in looked) + _FASHION_MNIST_HOWTO
     )
 
 
@@ -299,9 +296,7 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.to(torch.float32).div_(255.0)
 
 
-def normalize_images(
-    x: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]
-) -> torch.Tensor:
+def normalize_images(x: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
     """Return ``(x - mean) / std`` per channel.
 
     Args:
@@ -317,9 +312,7 @@ def normalize_images(
             wrong length, or a std is not > 0.
     """
     if x.dim() != 4 or not x.is_floating_point():
-        raise DatasetError(
-            f"normalize_images expects floating [N, C, H, W] images, got {x.dtype} {tuple(x.shape)}"
-        )
+        raise DatasetError(f"normalize_images expects floating [N, C, H, W] images, got {x.dtype} {tuple(x.shape)}")
     channels = x.shape[1]
     mean_t = _per_channel(mean, channels, "mean", x)
     std_t = _per_channel(std, channels, "std", x)
@@ -423,8 +416,7 @@ def _check_split(
     """Check one split's image shape, label shape and dtype, counts and label range."""
     if images.ndim != 1 + len(image_shape) or images.shape[1:] != image_shape:
         raise DatasetError(
-            f"{split} images in {where} have shape {images.shape}, expected [N, "
-            f"{', '.join(map(str, image_shape))}]"
+            f"{split} images in {where} have shape {images.shape}, expected [N, {', '.join(map(str, image_shape))}]"
         )
     if labels.ndim != 1:
         raise DatasetError(f"{split} labels in {where} have shape {labels.shape}, expected [N]")
@@ -436,8 +428,7 @@ def _check_split(
         )
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise DatasetError(
-            f"{split} labels in {where} range {int(labels.min())}..{int(labels.max())}, "
-            f"expected 0..{n_classes - 1}"
+            f"{split} labels in {where} range {int(labels.min())}..{int(labels.max())}, expected 0..{n_classes - 1}"
         )
 
 
@@ -457,8 +448,7 @@ def _unpickle(path: Path) -> object:
             return pickle.load(f, encoding="bytes")  # trusted files only (documented)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as exc:
         raise DatasetError(
-            f"cannot unpickle CIFAR-10 file {path} ({type(exc).__name__}: {exc}); is it the CIFAR-10 "
-            "python version?"
+            f"cannot unpickle CIFAR-10 file {path} ({type(exc).__name__}: {exc}); is it the CIFAR-10 python version?"
         ) from exc
 
 
@@ -479,8 +469,7 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"CIFAR-10 batch {path} b'data' is {desc}, expected a uint8 [N, 3072] array")
     if data.shape[1] != _CIFAR10_ROW:
         raise DatasetError(
-            f"CIFAR-10 batch {path} rows are {data.shape[1]} bytes long, expected {_CIFAR10_ROW} "
-            "(3 channels × 32 × 32)"
+            f"CIFAR-10 batch {path} rows are {data.shape[1]} bytes long, expected {_CIFAR10_ROW} (3 channels × 32 × 32)"
         )
     try:
         labels = np.asarray(batch[b"labels"])
@@ -503,9 +492,7 @@ def _read_cifar10_meta(path: Path) -> tuple[str, ...]:
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
-def _per_channel(
-    value: float | Sequence[float], channels: int, name: str, like: torch.Tensor
-) -> torch.Tensor:
+def _per_channel(value: float | Sequence[float], channels: int, name: str, like: torch.Tensor) -> torch.Tensor:
     """Turn a scalar or per-channel sequence into a ``[1, C, 1, 1]`` tensor like ``like``."""
     if isinstance(value, (int, float)):
         return torch.full((1, channels, 1, 1), float(value), dtype=like.dtype, device=like.device)

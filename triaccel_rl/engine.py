@@ -34,9 +34,7 @@ def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list
     owned: list[list[nn.Parameter]] = []
     for info in layers:
         module = modules.get(info.name, model)
-        params = (
-            module.parameters() if isinstance(module, nn.MultiheadAttention) else module.parameters(recurse=False)
-        )
+        params = module.parameters() if isinstance(module, nn.MultiheadAttention) else module.parameters(recurse=False)
         owned.append([p for p in params if p.requires_grad])
     return owned
 
@@ -82,9 +80,7 @@ class StepEngine:
         self.layer_params = layer_parameters(model, self.layers)
         self._params = [p for params in self.layer_params for p in params]
         owned = {id(p) for p in self._params}
-        strays = [
-            name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
-        ]
+        strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
             raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
         self._layer_index = torch.cat(

@@ -20,7 +20,7 @@ import numpy as np
 
 from triaccel_rl.types import Precision, Signals
 
-__all__ = ["OBS_HIGH", "GLOBAL_FEATURES", "GROUP_FEATURES", "LayerGrouper", "ObservationLayout", "build_observation"]
+__all__ = ["GLOBAL_FEATURES", "GROUP_FEATURES", "OBS_HIGH", "LayerGrouper", "ObservationLayout", "build_observation"]
 
 OBS_HIGH = 10.0
 """Every feature lies in [-OBS_HIGH, OBS_HIGH] (the Box bounds)."""
@@ -163,9 +163,7 @@ def build_observation(
         mean = lambda values, w=w: float(np.dot(w, values) / max(w.sum(), 1.0))  # noqa: E731
         obs[layout.group(group, "rel_sensitivity")] = mean(scores[members]) - median
         obs[layout.group(group, "log_curvature")] = math.log10(max(mean(signals.curvature[members]), 1e-30)) / 5
-        obs[layout.group(group, "log_variance")] = (
-            math.log10(max(mean(signals.grad_variance[members]), 1e-30)) / 5
-        )
+        obs[layout.group(group, "log_variance")] = math.log10(max(mean(signals.grad_variance[members]), 1e-30)) / 5
         obs[layout.group(group, "log_snr")] = math.log10(max(mean(signals.snr[members]), 1e-6))
         obs[layout.group(group, "param_share")] = signals.n_params[grouper.layers_of(group)].sum() / controllable_params
         counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))

@@ -184,6 +184,5 @@ class LayerPrecision:
 
 def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
     return tuple(
-        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a
-        for a in args
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a for a in args
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -99,9 +100,7 @@ class Task:
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """Builds the task's optimizer over ``params`` (parameters or parameter groups)."""
         if self.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=self.base_lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
-            )
+            return torch.optim.SGD(params, lr=self.base_lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.base_lr, weight_decay=self.weight_decay)
 
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,7 +148,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = (in_features, *hidden)
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], n_classes))
         self.net = nn.Sequential(*layers)
@@ -184,9 +183,9 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """A small ResNet-style CNN: a 3×3 stem, one basic block per stage, global pooling, a linear head."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...], n_classes: int) -> None:
+    def __init__(self, in_channels: int, widths: tuple[int, ...], n_classes: int, stem_stride: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
         self.bn = nn.BatchNorm2d(widths[0])
         blocks = []
         previous = widths[0]
@@ -278,8 +277,8 @@ register_task(
 register_task(
     Task(
         name="cnn-fmnist",
-        description="small ResNet-style CNN (widths 16-32-64) on Fashion-MNIST, SGD Nesterov",
-        build_model=lambda: SmallResNet(1, (16, 32, 64), 10),
+        description="small ResNet-style CNN (stride-2 stem, widths 16-32-64) on Fashion-MNIST, SGD Nesterov",
+        build_model=lambda: SmallResNet(1, (16, 32, 64), 10, stem_stride=2),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.05,

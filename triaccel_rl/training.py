@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from triaccel_rl.config import ConfigError, CostMode, HardwareProfile, MemoryBudget
+from triaccel_rl.costs import CostModel
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.tasks import Task, get_task
@@ -64,12 +65,6 @@ class IntervalTimer:
         return (time.perf_counter() - self._start_time) * 1e3
 
 
-@dataclass(frozen=True)
-class _LayerCost:
-    flops_per_sample: np.ndarray  # forward FLOPs of each layer for one sample
-    activation_bytes_per_sample: np.ndarray  # fp32 output bytes of each layer for one sample
-
-
 class TrainingRun:
     """A task's model, optimizer and data, stepped one optimizer step at a time with settable knobs.
 
@@ -118,9 +113,7 @@ class TrainingRun:
         torch.manual_seed(seed)
         self.model: nn.Module = self.task.build_model().to(self.device)
         layers = StepEngine.discover(self.model)
-        optimizer = self.task.make_optimizer(
-            [{"params": params, "layer": i} for i, params in enumerate(layers)]
-        )
+        optimizer = self.task.make_optimizer([{"params": params, "layer": i} for i, params in enumerate(layers)])
         self.engine = StepEngine(self.model, optimizer, self.device)
         self.optimizer = self.engine.optimizer
         self.precision = self.engine.precision
@@ -144,18 +137,19 @@ class TrainingRun:
         self.train_time_ms = 0.0
         self.modelled_time_ms = 0.0
 
-        self._static_bytes = self._static_memory_bytes()
-        self._cost = self._measure_layer_costs()
+        self.costs = CostModel.measure(
+            self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
+        )
         capacity = (
             torch.cuda.get_device_properties(self.device).total_memory
             if self.device.type == "cuda"
             else (memory or MemoryBudget()).cpu_capacity_bytes
         )
         self.memory_budget_bytes = (memory or MemoryBudget()).resolve(capacity)
-        if self.memory_budget_bytes <= self._static_bytes:
+        if self.memory_budget_bytes <= self.costs.static_bytes:
             raise ConfigError(
                 f"memory budget {self.memory_budget_bytes} bytes is below the model's fixed "
-                f"{self._static_bytes} bytes (weights, gradients, optimizer state)"
+                f"{self.costs.static_bytes} bytes (weights, gradients, optimizer state)"
             )
 
     # ---------------------------------------------------------------------------------------- knobs
@@ -265,21 +259,19 @@ class TrainingRun:
 
     @torch.no_grad()
     def probe_loss(self) -> float:
-        """Loss on the fixed held-out probe batch, in fp32 and eval mode (a low-noise progress measure)."""
-        self.model.eval()
-        loss = self.task.loss_fn(self.model(self._probe_x).float(), self._probe_y)
+        """Loss on the fixed held-out probe batch in fp32: a low-noise measure of training progress.
+
+        Batch norm uses the probe batch's own statistics (as in training) without updating its running
+        statistics, which lag early in training and would make an eval-mode loss spike.
+        """
+        with _probe_mode(self.model):
+            loss = self.task.loss_fn(self.model(self._probe_x).float(), self._probe_y)
         return float(loss)
 
     def modelled_step_ms(self, batch_size: int | None = None) -> float:
         """Step time on the profiled GPU for ``batch_size`` samples at the current precisions, in ms."""
         batch = self.batch_size if batch_size is None else batch_size
-        factors = np.array([self.profile.time(p) for p in self.precision.precisions])
-        # A training step costs about 3 forward passes (forward, two backward matmuls per layer).
-        mflops = 3.0 * float(np.dot(self._cost.flops_per_sample, factors)) / 1e6
-        ms = batch * mflops * self.profile.throughput_scale
-        if self.include_fixed_cost:
-            ms += self.profile.fixed_ms
-        return ms
+        return self.costs.step_ms(batch, self.precision.precisions, self.profile, self.include_fixed_cost)
 
     def memory_bytes(self, batch_size: int | None = None) -> int:
         """Peak memory of the last step: the allocator's peak on a GPU, the run's accounting otherwise.
@@ -293,11 +285,7 @@ class TrainingRun:
 
     def predicted_memory_bytes(self, batch_size: int) -> int:
         """The accounting model's memory for ``batch_size`` at the current precisions, in bytes."""
-        precisions = self.precision.precisions
-        factors = np.array([self.profile.memory(p) for p in precisions])
-        activations = batch_size * float(np.dot(self._cost.activation_bytes_per_sample, factors))
-        copies = sum(info.n_params * 2 for info, p in zip(self.layers, precisions, strict=True) if p.bits == 16)
-        return int(self._static_bytes + activations + copies)
+        return self.costs.memory_bytes(batch_size, self.precision.precisions, self.profile)
 
     @property
     def max_batch_size(self) -> int:
@@ -320,48 +308,21 @@ class TrainingRun:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _static_memory_bytes(self) -> int:
-        state_per_param = 1 if self.task.optimizer == "sgd" else 2  # momentum; or Adam's two moments
-        n = sum(info.n_params for info in self.layers)
-        return n * 4 * (2 + state_per_param)  # fp32 weights + gradients + optimizer state
 
-    @torch.no_grad()
-    def _measure_layer_costs(self) -> _LayerCost:
-        """Counts each layer's forward FLOPs and output bytes for one sample (one fp32 forward)."""
-        flops = np.zeros(self.n_layers)
-        out_bytes = np.zeros(self.n_layers)
-        modules = dict(self.model.named_modules())
-        handles = []
-        for index, info in enumerate(self.layers):
-            module = modules.get(info.name, self.model)
-
-            def hook(module: nn.Module, args: tuple, output: object, index: int = index) -> None:
-                out = output[0] if isinstance(output, tuple) else output
-                if isinstance(out, torch.Tensor):
-                    out_bytes[index] += out[:1].numel() * 4
-                    flops[index] += _forward_flops(module, args, out[:1])
-
-            handles.append(module.register_forward_hook(hook))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.model(self._probe_x[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.model.train(was_training)
-        return _LayerCost(flops, out_bytes)
-
-
-def _forward_flops(module: nn.Module, args: tuple, out: torch.Tensor) -> float:
-    """Multiply-add FLOPs (×2) of one sample through ``module``; elementwise layers count their outputs."""
-    if isinstance(module, nn.Linear):
-        return 2.0 * module.in_features * out.numel()
-    if isinstance(module, nn.modules.conv._ConvNd):
-        kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
-        return 2.0 * kernel * out.numel()
-    if isinstance(module, nn.MultiheadAttention):
-        length = out.shape[-2] if out.dim() >= 2 else 1
-        return 2.0 * 4 * module.embed_dim * out.numel() + 4.0 * length * out.numel()
-    return float(out.numel())
-
+@contextlib.contextmanager
+def _probe_mode(model: nn.Module) -> Iterator[None]:
+    """Train-mode normalisation that leaves running statistics untouched; dropout off."""
+    saved = []
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            saved.append((module, module.momentum))
+            module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    try:
+        yield
+    finally:
+        for module, momentum in saved:
+            module.momentum = momentum
+        model.train()

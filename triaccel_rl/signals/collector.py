@@ -80,9 +80,7 @@ class SignalCollector:
             self._sq_ema = d * self._sq_ema + (1 - d) * stats.grad_sq_sum
             self._norm_ema = d * self._norm_ema + (1 - d) * np.sqrt(stats.grad_sq_sum)
             self._ema_weight = d * self._ema_weight + (1 - d)
-            self._loss_ema = (
-                stats.loss if math.isnan(self._loss_ema) else d * self._loss_ema + (1 - d) * stats.loss
-            )
+            self._loss_ema = stats.loss if math.isnan(self._loss_ema) else d * self._loss_ema + (1 - d) * stats.loss
         self.overhead_ms += (time.perf_counter() - start) * 1e3
 
     def snapshot(
@@ -155,6 +153,11 @@ class SignalCollector:
         self.overhead_ms += (time.perf_counter() - start) * 1e3
         signals.overhead_frac = self.overhead_ms / max(self.train_ms + self.overhead_ms, _TINY)
         return signals
+
+    @property
+    def loss_ema(self) -> float:
+        """Smoothed training loss over finite steps (NaN before the first one)."""
+        return self._loss_ema
 
     def add_overhead(self, ms: float) -> None:
         """Charges work done for the signals outside this object (e.g. the probe loss) to the overhead."""

@@ -1,0 +1,174 @@
+"""Flat fp32 storage for a model's parameters, grads and low-precision copies, laid out for the fused kernels.
+
+Layout: layer ``i`` owns the element range ``[layer_offsets[i], layer_offsets[i] + layer_lengths[i])`` of
+every flat buffer. Each layer starts at a multiple of ``segment_align`` elements and is padded to a whole
+number of segments; inside a layer each parameter starts at a multiple of ``PARAM_ALIGN_ELEMENTS``. Padding
+elements are zero in every buffer and stay zero under SGD and AdamW (zero gradient, zero weight), so the
+kernels process them blindly and the per-layer statistics are unaffected. ``chunk_layer[c]`` is the
+layer of segment ``c``: a kernel block of at most ``segment_align`` elements finds its layer with one load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
+from triaccel_rl.kernels.cast import cast_to_low_precision
+
+__all__ = ["FlatParameterStore"]
+
+
+class FlatParameterStore:
+    """Moves the parameters of a model into flat buffers: each ``param.data`` and ``param.grad`` becomes a view.
+
+    After construction the parameters keep working in the model (same objects, same values) but their
+    storage is the flat ``params`` buffer, and ``param.grad`` is a view of the flat ``grads`` buffer, which
+    autograd accumulates into in place. Two flat 16-bit buffers, ``bf16_copy`` and ``fp16_copy``, hold the
+    low-precision weights the fused optimizers write for layers computing in bf16 or fp16.
+
+    Hazards: do not set ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) or move the
+    model with ``.to()`` afterwards, both detach the parameters from the flat buffers; use
+    ``store.zero_grad()``.
+
+    Example:
+        >>> layers = [[torch.nn.Parameter(torch.ones(3, 4))], [torch.nn.Parameter(torch.zeros(5))]]
+        >>> store = FlatParameterStore(layers)
+        >>> store.n_layers, store.layer_numels
+        (2, (12, 5))
+        >>> store.params.numel() == 2 * store.segment_align
+        True
+        >>> layers[0][0].data_ptr() == store.params.data_ptr()
+        True
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Sequence[torch.nn.Parameter]],
+        *,
+        segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+    ) -> None:
+        """Copies ``layers`` into new flat buffers and re-points every parameter and grad at a view.
+
+        Args:
+            layers: one list of parameters per layer (e.g. per module), in the order the per-layer tensors
+                (``lr_factors``, ``precision_codes``, statistics) use. Every parameter must be float32,
+                contiguous, on one device, and appear once; a layer may be empty.
+            segment_align: segment size in elements; must be a multiple of ``PARAM_ALIGN_ELEMENTS``.
+
+        Raises:
+            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, or mixed devices.
+        """
+        if not layers:
+            raise ValueError("layers is empty: give one list of parameters per layer")
+        if segment_align <= 0 or segment_align % PARAM_ALIGN_ELEMENTS:
+            raise ValueError(
+                f"segment_align must be a positive multiple of {PARAM_ALIGN_ELEMENTS}, got {segment_align}"
+            )
+        all_params = [p for layer in layers for p in layer]
+        if not all_params:
+            raise ValueError("layers hold no parameters")
+        if len({id(p) for p in all_params}) != len(all_params):
+            raise ValueError("a parameter appears twice (tied weights must be listed once)")
+        devices = {p.device for p in all_params}
+        if len(devices) != 1:
+            raise ValueError(f"parameters are on several devices: {sorted(map(str, devices))}")
+        for p in all_params:
+            if p.dtype != torch.float32:
+                raise ValueError(f"parameters must be float32 master weights, got {p.dtype} of shape {tuple(p.shape)}")
+
+        self.segment_align = segment_align
+        self.device: torch.device = devices.pop()
+        self.n_layers = len(layers)
+        self.layers: tuple[tuple[torch.nn.Parameter, ...], ...] = tuple(tuple(layer) for layer in layers)
+
+        param_offsets: list[list[int]] = []
+        layer_offsets: list[int] = []
+        layer_lengths: list[int] = []
+        layer_numels: list[int] = []
+        offset = 0
+        for layer in self.layers:
+            layer_offsets.append(offset)
+            inner = 0
+            offsets_of_layer = []
+            for p in layer:
+                offsets_of_layer.append(offset + inner)
+                inner += _round_up(p.numel(), PARAM_ALIGN_ELEMENTS)
+            length = max(_round_up(inner, segment_align), segment_align)
+            param_offsets.append(offsets_of_layer)
+            layer_lengths.append(length)
+            layer_numels.append(sum(p.numel() for p in layer))
+            offset += length
+        self.n_elements = offset
+        """Length of every flat buffer, padding included (a multiple of ``segment_align``)."""
+        self.layer_offsets: tuple[int, ...] = tuple(layer_offsets)
+        self.layer_lengths: tuple[int, ...] = tuple(layer_lengths)
+        self.layer_numels: tuple[int, ...] = tuple(layer_numels)
+        """Parameter elements of each layer, padding excluded."""
+        self._param_offsets = param_offsets
+
+        self.params = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
+        self.grads = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
+        self.bf16_copy = torch.zeros(self.n_elements, dtype=torch.bfloat16, device=self.device)
+        self.fp16_copy = torch.zeros(self.n_elements, dtype=torch.float16, device=self.device)
+        chunk_layer = torch.repeat_interleave(
+            torch.arange(self.n_layers, dtype=torch.int32),
+            torch.tensor([length // segment_align for length in layer_lengths]),
+        )
+        self.chunk_layer = chunk_layer.to(self.device)
+        """int32 ``[n_elements // segment_align]``: the layer owning each segment."""
+
+        with torch.no_grad():
+            for layer, offsets in zip(self.layers, param_offsets, strict=True):
+                for p, start in zip(layer, offsets, strict=True):
+                    view = self.params[start : start + p.numel()].view_as(p)
+                    view.copy_(p)
+                    grad_view = self.grads[start : start + p.numel()].view_as(p)
+                    if p.grad is not None:
+                        grad_view.copy_(p.grad)
+                    p.data = view
+                    p.grad = grad_view
+
+    def zero_grad(self) -> None:
+        """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""
+        self.grads.zero_()
+
+    def layer_segment(self, buffer: torch.Tensor, layer: int) -> torch.Tensor:
+        """The flat view of ``layer``'s segment (padding included) in ``buffer``, a flat buffer of this store."""
+        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        start = self.layer_offsets[layer]
+        return buffer[start : start + self.layer_lengths[layer]]
+
+    def param_views(self, buffer: torch.Tensor, layer: int) -> list[torch.Tensor]:
+        """Views of ``buffer`` shaped like each parameter of ``layer``.
+
+        With ``bf16_copy`` or ``fp16_copy`` these are the low-precision weights a forward pass uses; with
+        an optimizer state buffer (``FusedAdamW.exp_avg``) the per-parameter state.
+        """
+        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        return [
+            buffer[start : start + p.numel()].view(p.shape)
+            for p, start in zip(self.layers[layer], self._param_offsets[layer], strict=True)
+        ]
+
+    def low_precision_params(self, layer: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The bf16 or fp16 copies of ``layer``'s parameters, shaped like them (views, no copy)."""
+        if dtype == torch.bfloat16:
+            return self.param_views(self.bf16_copy, layer)
+        if dtype == torch.float16:
+            return self.param_views(self.fp16_copy, layer)
+        raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+
+    def refresh_low_precision(self) -> None:
+        """Rounds all fp32 weights into both 16-bit copies (two launches), e.g. before the first forward.
+
+        The fused optimizers keep the copies of bf16 and fp16 layers current after each applied step; call
+        this after changing weights any other way (loading a checkpoint, say).
+        """
+        cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
+        cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple

@@ -1,0 +1,381 @@
+"""Fused SGD and AdamW optimizers over a ``FlatParameterStore``: a step is two kernel launches and no host sync.
+
+A step runs ``layer_grad_stats`` (pass 1: reads the grads, writes per-layer statistics and the global
+non-finite count) and then the optimizer's update kernel (pass 2: reads the count on the device and either
+updates every layer, writing the low-precision copies, or leaves every byte unchanged). Besides the two
+Triton launches there is one memset of the statistics buffer and one tiny comparison producing
+``StepResult.skipped``. Nothing in ``step`` reads a device value on the host, so a training loop can run
+ahead of the GPU; read ``StepResult`` fields when the host needs them (that read is the sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from triaccel_rl.kernels._common import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_NUM_WARPS,
+    StatRow,
+    check_block_size,
+    new_step_state,
+)
+from triaccel_rl.kernels.adamw_step import fused_adamw_step
+from triaccel_rl.kernels.flat_store import FlatParameterStore
+from triaccel_rl.kernels.grad_stats import layer_grad_stats
+from triaccel_rl.kernels.sgd_step import fused_sgd_step
+
+__all__ = ["AdamWOptions", "FusedAdamW", "FusedSGD", "SGDOptions", "StepResult"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one fused step reports. Every tensor is on the store's device; none was read by the host.
+
+    Attributes:
+        skipped: 0-dim bool tensor, True when a non-finite gradient made the step leave parameters,
+            optimizer state, low-precision copies and the step counter bit-for-bit unchanged.
+        stats: float32 ``[N_STAT_ROWS, n_layers]`` statistics buffer, laid out as ``StatRow`` says; the
+            properties below are per-layer views of it.
+    """
+
+    skipped: torch.Tensor
+    stats: torch.Tensor
+
+    @property
+    def grad_sq_sum(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: sum of squares of the unscaled gradient's finite elements."""
+        return self.stats[StatRow.GRAD_SQ_SUM]
+
+    @property
+    def grad_abs_max(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: largest absolute value of the unscaled gradient's finite elements."""
+        return self.stats[StatRow.GRAD_ABS_MAX]
+
+    @property
+    def grad_nonfinite(self) -> torch.Tensor:
+        """int32 ``[n_layers]``: count of inf and NaN elements of the unscaled gradient."""
+        return self.stats.view(torch.int32)[StatRow.GRAD_NONFINITE]
+
+    @property
+    def grad_sum(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: sum of the unscaled gradient's finite elements."""
+        return self.stats[StatRow.GRAD_SUM]
+
+    @property
+    def grad_dot_momentum(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: sum of gradient times the momentum (first moment) before the step."""
+        return self.stats[StatRow.GRAD_DOT_MOMENTUM]
+
+    @property
+    def momentum_sq_sum(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: sum of squares of the momentum (first moment) after the step."""
+        return self.stats[StatRow.MOMENTUM_SQ_SUM]
+
+    @property
+    def second_moment_sum(self) -> torch.Tensor:
+        """float32 ``[n_layers]``: AdamW's sum of the second moment after the step (0 for SGD)."""
+        return self.stats[StatRow.SECOND_MOMENT_SUM]
+
+    @property
+    def nonfinite_total(self) -> torch.Tensor:
+        """0-dim int32: non-finite gradient elements over all layers."""
+        return self.stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0]
+
+
+@dataclass(frozen=True)
+class SGDOptions:
+    """Hyper-parameters of ``FusedSGD``, with ``torch.optim.SGD``'s meaning (the LR is given per step).
+
+    Attributes:
+        momentum: momentum factor, >= 0 (0 disables the momentum buffer).
+        dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
+        weight_decay: L2 penalty added to the gradient, >= 0.
+        nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+    """
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.momentum < 0.0:
+            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
+        if not 0.0 <= self.dampening <= 1.0:
+            raise ValueError(f"dampening must be in [0, 1], got {self.dampening}")
+        if self.weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
+            raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
+
+
+@dataclass(frozen=True)
+class AdamWOptions:
+    """Hyper-parameters of ``FusedAdamW``, with ``torch.optim.AdamW``'s meaning (the LR is given per step).
+
+    Attributes:
+        beta1: decay of the first-moment average, in [0, 1).
+        beta2: decay of the second-moment average, in [0, 1).
+        eps: term added to the denominator, > 0.
+        weight_decay: decoupled weight decay, >= 0.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {beta}")
+        if self.eps <= 0.0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class _FusedOptimizer:
+    """The plumbing ``FusedSGD`` and ``FusedAdamW`` share: defaults, the step counter, checkpoints."""
+
+    _kind = ""
+    _buffer_names: tuple[str, ...] = ()
+    options: SGDOptions | AdamWOptions
+
+    def __init__(self, store: FlatParameterStore, block_size: int, num_warps: int, beta1: float, beta2: float):
+        check_block_size(block_size, store.segment_align)
+        self.store = store
+        self.block_size = block_size
+        self.num_warps = num_warps
+        self._step_state = new_step_state(store.device, beta1, beta2)
+        self._read_slot = 0
+        self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
+        self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
+
+    @property
+    def step_count(self) -> torch.Tensor:
+        """0-dim float64 device tensor: steps applied so far (skipped steps do not count)."""
+        return self._step_state[self._read_slot, 0]
+
+    def zero_grad(self) -> None:
+        """Zeros the store's flat gradient buffer (the ``param.grad`` views stay)."""
+        self.store.zero_grad()
+
+    def step(
+        self,
+        lr: float,
+        lr_factors: torch.Tensor | None = None,
+        precision_codes: torch.Tensor | None = None,
+        inv_scale: float | torch.Tensor = 1.0,
+    ) -> StepResult:
+        """Applies one step to every parameter of the store, unless a gradient is non-finite.
+
+        Args:
+            lr: global learning rate, >= 0.
+            lr_factors: float32 ``[n_layers]`` on the store's device; layer ``i`` uses
+                ``lr * lr_factors[i]`` (default: all 1).
+            precision_codes: integer ``[n_layers]`` on the store's device: 0 fp32 (no copy), 1 bf16,
+                2 fp16 (``PrecisionCode``, same values as ``types.Precision``); bf16 and fp16 layers get
+                their low-precision copy rewritten (default: all fp32).
+            inv_scale: multiplier unscaling the gradients (``1 / loss_scale``), a float or a one-element
+                float32 tensor on the device (e.g. ``scaler.get_scale()`` kept on the GPU, reciprocated).
+
+        Returns:
+            The skip flag and the per-layer statistics, all on the device.
+        """
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        store = self.store
+        factors = self._default_lr_factors if lr_factors is None else lr_factors
+        codes = self._default_codes if precision_codes is None else precision_codes
+        stats = layer_grad_stats(
+            store.grads,
+            store.chunk_layer,
+            store.n_layers,
+            inv_scale,
+            segment_align=store.segment_align,
+            block_size=self.block_size,
+            num_warps=self.num_warps,
+        )
+        self._update(float(lr), factors, codes, stats, inv_scale)
+        self._read_slot = 1 - self._read_slot
+        skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
+        return StepResult(skipped=skipped, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state. Like ``torch.optim``, the flat state buffers are returned by reference.
+
+        Returns:
+            ``{"kind", "options", "layer_numels", "step_state", <state buffers>}``; ``step_state`` is the
+            float64 ``(steps, beta1**steps, beta2**steps)`` of the last step (a copy, made on the device).
+        """
+        state: dict[str, Any] = {
+            "kind": self._kind,
+            "options": asdict(self.options),
+            "layer_numels": list(self.store.layer_numels),
+            "step_state": self._step_state[self._read_slot].clone(),
+        }
+        for name in self._buffer_names:
+            state[name] = getattr(self, name)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``'s output, hyper-parameters included (as ``torch.optim`` does).
+
+        Raises:
+            ValueError: the checkpoint is of another optimizer or another parameter layout.
+        """
+        if state.get("kind") != self._kind:
+            raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
+        if list(state["layer_numels"]) != list(self.store.layer_numels):
+            raise ValueError("checkpoint was made for another parameter layout (layer sizes differ)")
+        self.options = type(self.options)(**state["options"])
+        with torch.no_grad():
+            for name in self._buffer_names:
+                getattr(self, name).copy_(state[name])
+            self._step_state[0].copy_(state["step_state"])
+            self._step_state[1].copy_(state["step_state"])
+            betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
+            self._step_state[2].copy_(torch.tensor([0.0, *betas], dtype=torch.float64))
+        self._read_slot = 0
+
+    def _update(
+        self,
+        lr: float,
+        lr_factors: torch.Tensor,
+        precision_codes: torch.Tensor,
+        stats: torch.Tensor,
+        inv_scale: float | torch.Tensor,
+    ) -> None:
+        raise NotImplementedError
+
+
+class FusedSGD(_FusedOptimizer):
+    """SGD with momentum, Nesterov and weight decay over a ``FlatParameterStore``, fused with unscale and copies.
+
+    Matches ``torch.optim.SGD`` (with per-layer learning rates ``lr * lr_factors``) to float32 rounding.
+
+    Example:
+        >>> layer = [torch.nn.Parameter(torch.ones(4))]
+        >>> store = FlatParameterStore([layer])
+        >>> optimizer = FusedSGD(store, momentum=0.9)
+        >>> store.grads.fill_(1.0)
+        >>> result = optimizer.step(lr=0.1)
+        >>> bool(result.skipped), layer[0].detach().tolist()
+        (False, [0.8999999761581421, 0.8999999761581421, 0.8999999761581421, 0.8999999761581421])
+    """
+
+    _kind = "sgd"
+
+    def __init__(
+        self,
+        store: FlatParameterStore,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_warps: int = DEFAULT_NUM_WARPS,
+    ) -> None:
+        """Makes the optimizer; with ``momentum > 0`` the momentum buffer is a flat zero buffer like the store's.
+
+        Args:
+            store: the flat parameters to optimise.
+            momentum: see ``SGDOptions``.
+            dampening: see ``SGDOptions``.
+            weight_decay: see ``SGDOptions``.
+            nesterov: see ``SGDOptions``.
+            block_size: elements per kernel program, a power of two dividing ``store.segment_align``.
+            num_warps: warps per kernel program on the GPU.
+        """
+        super().__init__(store, block_size, num_warps, 0.0, 0.0)
+        self.options: SGDOptions = SGDOptions(momentum, dampening, weight_decay, nesterov)
+        # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.
+        has_buffer = self.options.momentum != 0.0
+        self.momentum_buffer = torch.zeros_like(store.params) if has_buffer else store.params
+        self._buffer_names = ("momentum_buffer",) if has_buffer else ()
+
+    def _update(
+        self,
+        lr: float,
+        lr_factors: torch.Tensor,
+        precision_codes: torch.Tensor,
+        stats: torch.Tensor,
+        inv_scale: float | torch.Tensor,
+    ) -> None:
+        store, options = self.store, self.options
+        fused_sgd_step(
+            store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
+            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state, self._read_slot,
+            lr=lr, momentum=options.momentum, dampening=options.dampening,
+            weight_decay=options.weight_decay, nesterov=options.nesterov, inv_scale=inv_scale,
+            segment_align=store.segment_align, block_size=self.block_size, num_warps=self.num_warps,
+        )  # fmt: skip
+
+
+class FusedAdamW(_FusedOptimizer):
+    """AdamW over a ``FlatParameterStore``, fused with unscale, overflow skip, copies and statistics.
+
+    Matches ``torch.optim.AdamW`` (with per-layer learning rates ``lr * lr_factors``) to float32 rounding.
+
+    Example:
+        >>> layer = [torch.nn.Parameter(torch.ones(4))]
+        >>> store = FlatParameterStore([layer])
+        >>> optimizer = FusedAdamW(store, weight_decay=0.0)
+        >>> store.grads.fill_(float("inf"))
+        >>> result = optimizer.step(lr=0.1, inv_scale=1 / 1024)
+        >>> bool(result.skipped), int(result.grad_nonfinite[0]), layer[0].detach().tolist()
+        (True, 4, [1.0, 1.0, 1.0, 1.0])
+    """
+
+    _kind = "adamw"
+
+    def __init__(
+        self,
+        store: FlatParameterStore,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_warps: int = DEFAULT_NUM_WARPS,
+    ) -> None:
+        """Makes the optimizer with flat zero moments like the store's buffers.
+
+        Args:
+            store: the flat parameters to optimise.
+            beta1: see ``AdamWOptions``.
+            beta2: see ``AdamWOptions``.
+            eps: see ``AdamWOptions``.
+            weight_decay: see ``AdamWOptions``.
+            block_size: elements per kernel program, a power of two dividing ``store.segment_align``.
+            num_warps: warps per kernel program on the GPU.
+        """
+        options = AdamWOptions(beta1, beta2, eps, weight_decay)
+        super().__init__(store, block_size, num_warps, options.beta1, options.beta2)
+        self.options: AdamWOptions = options
+        self.exp_avg = torch.zeros_like(store.params)
+        self.exp_avg_sq = torch.zeros_like(store.params)
+        self._buffer_names = ("exp_avg", "exp_avg_sq")
+
+    def _update(
+        self,
+        lr: float,
+        lr_factors: torch.Tensor,
+        precision_codes: torch.Tensor,
+        stats: torch.Tensor,
+        inv_scale: float | torch.Tensor,
+    ) -> None:
+        store, options = self.store, self.options
+        fused_adamw_step(
+            store.params, store.grads, self.exp_avg, self.exp_avg_sq, store.bf16_copy, store.fp16_copy,
+            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state, self._read_slot,
+            lr=lr, beta1=options.beta1, beta2=options.beta2, eps=options.eps,
+            weight_decay=options.weight_decay, inv_scale=inv_scale, segment_align=store.segment_align,
+            block_size=self.block_size, num_warps=self.num_warps,
+        )  # fmt: skip

@@ -1,0 +1,278 @@
+"""Fused SGD update (momentum, Nesterov, weight decay) over the flat parameter buffer, with skip and copies.
+
+The SGD counterpart of ``adamw_step``, with the same layout, launch and skip rule (see that module): pass 2
+of a fused step, one launch over the flat buffers, each program in one layer, all loads and stores masked
+off when pass 1 counted a non-finite gradient. Per element it reads p, g and the momentum buffer (12 B)
+and writes p and the buffer (8 B), plus the 2 B low-precision copy where the layer's code asks for one.
+The first applied step sets the momentum buffer to the gradient, as ``torch.optim.SGD`` does; that is
+read from the device-side step counter, so no host sync is needed for it either.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triaccel_rl.kernels._common import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_NUM_WARPS,
+    SEGMENT_ALIGN_ELEMENTS,
+    StatRow,
+    _use_triton,
+    check_block_size,
+    check_step_buffers,
+    inv_scale_arguments,
+    write_low_precision_copies_reference,
+)
+from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
+
+__all__ = ["fused_sgd_step", "fused_sgd_step_reference"]
+
+
+@triton.jit
+def _fused_sgd_step_kernel(
+    param_ptr,
+    grad_ptr,
+    momentum_buffer_ptr,
+    bf16_bits_ptr,
+    fp16_bits_ptr,
+    chunk_layer_ptr,
+    lr_factor_ptr,
+    precision_code_ptr,
+    nonfinite_total_ptr,
+    dot_momentum_ptr,
+    momentum_sq_sum_ptr,
+    step_read_ptr,
+    step_write_ptr,
+    inv_scale_ptr,
+    inv_scale_value,
+    lr,
+    momentum,
+    one_minus_dampening,
+    weight_decay,
+    n_elements,
+    USE_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    USE_WEIGHT_DECAY: tl.constexpr,
+    INV_SCALE_FROM_PTR: tl.constexpr,
+    BF16_NAN: tl.constexpr,
+    FP16_NAN: tl.constexpr,
+    BLOCKS_PER_SEGMENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Applies one SGD step to ``BLOCK`` elements of one layer, unless the step is skipped."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
+    apply = tl.load(nonfinite_total_ptr) == 0
+
+    # Program 0 advances the double-buffered step counter (see adamw_step for why two slots).
+    steps = tl.load(step_read_ptr)
+    tl.store(step_write_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
+    is_first_step = steps == 0.0
+
+    if INV_SCALE_FROM_PTR:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = inv_scale_value
+    layer_lr = lr * tl.load(lr_factor_ptr + layer)
+
+    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # A skipped step masks every element off by shrinking the valid range to nothing (not `mask & apply`:
+    # Triton 3.9's interpreter rejects the dtype of a mask combined with a scalar flag).
+    mask = offsets < tl.where(apply, n_elements, 0)
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0) * inv_scale
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+
+    # Same operation order as torch.optim.SGD's single-tensor path.
+    direction = grad
+    if USE_WEIGHT_DECAY:
+        direction = direction + weight_decay * param
+    if USE_MOMENTUM:
+        momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0)
+        new_momentum_buffer = tl.where(
+            is_first_step, direction, momentum_buffer * momentum + one_minus_dampening * direction
+        )
+        tl.store(momentum_buffer_ptr + offsets, new_momentum_buffer, mask=mask)
+        if NESTEROV:
+            direction = direction + momentum * new_momentum_buffer
+        else:
+            direction = new_momentum_buffer
+        tl.atomic_add(dot_momentum_ptr + layer, tl.sum(grad * momentum_buffer, axis=0), mask=apply, sem="relaxed")
+        tl.atomic_add(
+            momentum_sq_sum_ptr + layer,
+            tl.sum(new_momentum_buffer * new_momentum_buffer, axis=0),
+            mask=apply,
+            sem="relaxed",
+        )
+    param = param - layer_lr * direction
+
+    tl.store(param_ptr + offsets, param, mask=mask)
+    code = tl.load(precision_code_ptr + layer)
+    # Uniform branches on the layer's code: fp32 layers skip the rounding arithmetic altogether.
+    if code == 1:
+        tl.store(bf16_bits_ptr + offsets, _fp32_to_bf16_bits(param, BF16_NAN), mask=mask)
+    if code == 2:
+        tl.store(fp16_bits_ptr + offsets, _fp32_to_fp16_bits(param, FP16_NAN), mask=mask)
+
+
+def fused_sgd_step(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    chunk_layer: torch.Tensor,
+    lr_factors: torch.Tensor,
+    precision_codes: torch.Tensor,
+    stats: torch.Tensor,
+    step_state: torch.Tensor,
+    read_slot: int,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    inv_scale: float | torch.Tensor = 1.0,
+    segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> None:
+    """Applies one SGD step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
+
+    Runs the Triton kernel on CUDA tensors or under ``TRITON_INTERPRET=1``, else the reference. No host
+    sync. Call ``layer_grad_stats`` on the same ``stats`` first: it provides the skip decision.
+
+    Args:
+        params: flat float32 master weights, updated in place.
+        grads: flat float32 gradients, still multiplied by the loss scale.
+        momentum_buffer: flat float32 momentum buffer, updated in place (untouched when ``momentum == 0``).
+        bf16_copy: flat bfloat16 buffer; segments of layers with precision code 1 get ``params.to(bf16)``.
+        fp16_copy: flat float16 buffer; segments of layers with precision code 2 get ``params.to(fp16)``.
+        chunk_layer: int32 ``[len(params) // segment_align]``, the layer owning each segment.
+        lr_factors: float32 ``[n_layers]``, per-layer multipliers of ``lr``.
+        precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
+        stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
+            ``GRAD_DOT_MOMENTUM`` and ``MOMENTUM_SQ_SUM`` (0 without momentum).
+        step_state: float64 ``[3, 3]`` from ``new_step_state(device)``.
+        read_slot: slot of ``step_state`` holding the current count (0 or 1); the other one is written.
+        lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
+        momentum: momentum factor, >= 0.
+        dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
+        weight_decay: L2 penalty added to the gradient, >= 0.
+        nesterov: use Nesterov momentum.
+        inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
+        segment_align: elements per segment of the layout.
+        block_size: elements per program, a power of two dividing ``segment_align``.
+        num_warps: warps per program on the GPU.
+    """
+    check_step_buffers(
+        params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors,
+        precision_codes, stats, step_state, read_slot, segment_align,
+    )  # fmt: skip
+    check_block_size(block_size, segment_align)
+    if not _use_triton(params):
+        fused_sgd_step_reference(
+            params, grads, momentum_buffer, bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
+            stats, step_state, read_slot, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, inv_scale=inv_scale, segment_align=segment_align,
+        )  # fmt: skip
+        return
+    n_elements = params.numel()
+    if n_elements == 0:
+        return
+    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    bf16_nan, fp16_nan = nan_encodings(params.device)
+    stats_bits = stats.view(torch.int32)
+    grid = (n_elements // block_size,)
+    _fused_sgd_step_kernel[grid](
+        params,
+        grads,
+        momentum_buffer,
+        bf16_copy.view(torch.int16),
+        fp16_copy.view(torch.int16),
+        chunk_layer,
+        lr_factors,
+        precision_codes,
+        stats_bits[StatRow.NONFINITE_TOTAL],
+        stats[StatRow.GRAD_DOT_MOMENTUM],
+        stats[StatRow.MOMENTUM_SQ_SUM],
+        step_state[read_slot],
+        step_state[1 - read_slot],
+        inv_scale_ptr,
+        inv_scale_value,
+        lr,
+        momentum,
+        1.0 - dampening,
+        weight_decay,
+        n_elements,
+        USE_MOMENTUM=momentum != 0.0,
+        NESTEROV=nesterov,
+        USE_WEIGHT_DECAY=weight_decay != 0.0,
+        INV_SCALE_FROM_PTR=inv_scale_from_ptr,
+        BF16_NAN=bf16_nan,
+        FP16_NAN=fp16_nan,
+        BLOCKS_PER_SEGMENT=segment_align // block_size,
+        BLOCK=block_size,
+        num_warps=num_warps,
+    )
+
+
+def fused_sgd_step_reference(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    bf16_copy: torch.Tensor,
+    fp16_copy: torch.Tensor,
+    chunk_layer: torch.Tensor,
+    lr_factors: torch.Tensor,
+    precision_codes: torch.Tensor,
+    stats: torch.Tensor,
+    step_state: torch.Tensor,
+    read_slot: int,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    inv_scale: float | torch.Tensor = 1.0,
+    segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+) -> None:
+    """Plain-PyTorch ``fused_sgd_step`` (same arguments, same in-place effects), vectorised per segment.
+
+    Skips with ``torch.where`` on a 0-dim device flag, like ``fused_adamw_step_reference``: no host sync.
+    """
+    check_step_buffers(
+        params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
+        stats, step_state, read_slot, segment_align,
+    )  # fmt: skip
+    apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
+    layer = chunk_layer.long()
+    steps = step_state[read_slot, 0]
+    step_state[1 - read_slot, 0] = torch.where(apply, steps + 1.0, steps)
+
+    layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
+    grad = grads.view(-1, segment_align) * inv_scale
+    param = params.view(-1, segment_align)
+    direction = grad
+    if weight_decay != 0.0:
+        direction = direction + weight_decay * param
+    if momentum != 0.0:
+        buffer = momentum_buffer.view(-1, segment_align)
+        new_buffer = torch.where(steps == 0.0, direction, buffer * momentum + (1.0 - dampening) * direction)
+        n_layers = lr_factors.numel()
+        zero = torch.zeros((), dtype=torch.float32, device=params.device)
+        for row, per_segment in [
+            (StatRow.GRAD_DOT_MOMENTUM, (grad * buffer).sum(dim=1)),
+            (StatRow.MOMENTUM_SQ_SUM, (new_buffer * new_buffer).sum(dim=1)),
+        ]:
+            per_layer = torch.zeros(n_layers, dtype=torch.float32, device=params.device)
+            per_layer.index_add_(0, layer, per_segment)
+            stats[row] += torch.where(apply, per_layer, zero)
+        direction = direction + momentum * new_buffer if nesterov else new_buffer
+        buffer.copy_(torch.where(apply, new_buffer, buffer))
+    new_param = param - layer_lr * direction
+
+    write_low_precision_copies_reference(new_param, bf16_copy, fp16_copy, precision_codes[layer], apply)
+    param.copy_(torch.where(apply, new_param, param))

@@ -1,0 +1,268 @@
+"""``Controller``: the deployment loop — a policy steering precision, LR scale and batch size in a user's loop.
+
+ctl = Controller(model, optimizer, policy="heuristic")
+for x, y in ctl.loader((train_x, train_y), batch_size=256, epochs=3):
+with ctl.autocast():
+loss = loss_fn(model(x), y)
+ctl.step(loss)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from triaccel_rl.actions import action_space, decode
+from triaccel_rl.config import ConfigError, ControllerConfig, HardwareProfile, MemoryBudget
+from triaccel_rl.costs import CostModel
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.executor import ApplyReport, Executor
+from triaccel_rl.loader import ElasticLoader
+from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.policies import make_policy
+from triaccel_rl.signals import SignalCollector
+from triaccel_rl.training import resolve_device
+from triaccel_rl.types import Policy, Precision, Signals, StepStats
+
+__all__ = ["Controller"]
+
+_log = logging.getLogger("triaccel_rl")
+
+
+class Controller:
+    """Steers a user's own PyTorch training loop with a policy, one decision every ``interval_steps``.
+
+    ``step(loss)`` does the backward pass, loss scaling (when a layer is fp16), the update (skipped on
+    a non-finite gradient), the signals, and — every ``config.interval_steps`` steps — a decision.
+    Batches from ``loader()`` follow the decided batch size; ``autocast()`` runs each layer in its
+    decided precision.
+
+    Args:
+        model: the model (on its device already).
+        optimizer: its optimizer. Param groups' LRs at construction are the base LRs the controller scales.
+        policy: ``"heuristic"``, a static preset (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3
+            ``.zip``, or any object with the ``predict`` signature.
+        config: decision interval, groups, LR scales, batch bounds, memory budget.
+        memory: overrides ``config.memory``.
+        lr_rule: how the LR follows the batch size: ``"linear"`` (SGD), ``"sqrt"`` (Adam) or ``"none"``.
+        log_dir: write TensorBoard scalars here (``None``: no logging).
+        device: the model's device; inferred from its parameters by default.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=2))
+        >>> for x, y in ctl.loader((torch.randn(64, 8), torch.randint(0, 2, (64,))), batch_size=16):
+        ...     with ctl.autocast():
+        ...         loss = nn.functional.cross_entropy(model(x), y)
+        ...     stats = ctl.step(loss)
+        >>> ctl.steps
+        4
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        policy: str | Policy = "heuristic",
+        config: ControllerConfig | None = None,
+        memory: MemoryBudget | None = None,
+        lr_rule: str = "linear",
+        log_dir: str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        profile: HardwareProfile | None = None,
+    ) -> None:
+        if lr_rule not in ("linear", "sqrt", "none"):
+            raise ConfigError(f"lr_rule={lr_rule!r}; allowed: linear, sqrt, none")
+        self.config = config or ControllerConfig()
+        self.memory = memory or self.config.memory
+        first = next(iter(model.parameters()), None)
+        self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
+        self.model = model
+        self.engine = StepEngine(model, optimizer, self.device)
+        self.layout = ObservationLayout(self.config.n_groups)
+        observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
+        self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))
+        self.lr_rule = lr_rule
+        self.profile = profile or HardwareProfile.load()
+        capacity = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else self.memory.cpu_capacity_bytes
+        )
+        self.memory_budget_bytes = self.memory.resolve(capacity)
+        self.collector = SignalCollector(self.engine.layers, self.config.ema_decay, self.memory_budget_bytes)
+        self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+        self.executor = Executor(self.config, self.grouper)
+        self.steps = 0
+        self.decisions: list[ApplyReport] = []
+        self.signals: Signals | None = None
+        self.costs: CostModel | None = None
+        self._loader: ElasticLoader | None = None
+        self._base_batch_size = 0
+        self._batch_size = 0
+        self._last_batch = 0
+        self._writer: Any = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir))
+        self._step_start = time.perf_counter()
+
+    # ----------------------------------------------------------------------------------- user API
+
+    def loader(
+        self, dataset: tuple[torch.Tensor, torch.Tensor], batch_size: int, epochs: int = 1, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(x, y)`` batches for ``epochs`` epochs at the controller's current batch size.
+
+        Every sample is seen exactly once per epoch whatever batch sizes the policy picks. The tensors
+        are moved to the model's device once, up front.
+
+        Raises:
+            ValueError: a non-positive batch size or epoch count, or inputs and labels of different length.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs} must be >= 1")
+        x, y = dataset
+        self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
+        self._base_batch_size = batch_size
+        self.batch_size = batch_size
+        while self._loader.epoch < epochs:
+            batch = self._loader.next(self.batch_size)
+            if batch.epoch >= epochs:
+                break
+            self._last_batch = len(batch.y)
+            if self.costs is None:
+                self.costs = CostModel.measure(self.model, self.engine.layers, batch.x[:1], _optimizer_states(self))
+            self._step_start = time.perf_counter()
+            yield batch.x, batch.y
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the forward pass and the loss: each layer runs in its decided precision."""
+        self.model.train()
+        return self.engine.precision.context()
+
+    def step(self, loss: torch.Tensor) -> StepStats:
+        """Backward, update (skipped on non-finite gradients), signals, and a decision every interval.
+
+        Raises:
+            ValueError: ``loss`` is not a scalar tensor.
+        """
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        grads, skipped = self.engine.backward_and_step(loss)
+        elapsed = (time.perf_counter() - self._step_start) * 1e3
+        batch = self._last_batch or 1
+        stats = StepStats(
+            loss=float(loss.detach()),
+            batch_size=batch,
+            step_time_ms=elapsed,
+            modelled_time_ms=elapsed,
+            memory_bytes=self._memory_bytes(batch),
+            skipped=skipped,
+            grad_sq_sum=grads.sq_sum.cpu().numpy(),
+            grad_abs_max=grads.abs_max.cpu().numpy(),
+            grad_nonfinite=grads.nonfinite.cpu().numpy(),
+            lr=self.engine.lr_scale * self.engine.batch_lr_gain,
+        )
+        self.collector.observe(stats)
+        self.steps += 1
+        if self.steps % self.config.interval_steps == 0:
+            self._decide()
+        return stats
+
+    # ------------------------------------------------------------------------- executor's Target
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size the next batch from ``loader()`` will have."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"batch_size={value} must be positive")
+        self._batch_size = int(value)
+        ratio = self._batch_size / max(self._base_batch_size, 1)
+        self.engine.batch_lr_gain = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_rule]
+
+    @property
+    def max_batch_size(self) -> int:
+        """An eighth of the dataset (so an epoch has at least 8 steps), within the config's bound."""
+        n = len(self._loader) if self._loader is not None else self.config.max_batch_size
+        return max(1, min(self.config.max_batch_size, n // 8))
+
+    def predicted_memory_bytes(self, batch_size: int) -> int:
+        """Accounted memory at ``batch_size`` and the current precisions, in bytes."""
+        if self.costs is None:
+            return 0
+        return self.costs.memory_bytes(batch_size, self.engine.precision.precisions, self.profile)
+
+    @property
+    def precisions(self) -> list[Precision]:
+        """Current per-layer precisions."""
+        return list(self.engine.precision.precisions)
+
+    def close(self) -> None:
+        """Flushes the TensorBoard writer and removes the precision hooks."""
+        if self._writer is not None:
+            self._writer.close()
+        self.engine.remove()
+
+    # ------------------------------------------------------------------------------------ private
+
+    def _memory_bytes(self, batch: int) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self.predicted_memory_bytes(batch)
+
+    def _decide(self) -> None:
+        signals = self.collector.snapshot(
+            grad_mean_sq_norm=self.engine.grad_mean_sq_norm(),
+            # A user's loop has no held-out probe batch: the smoothed training loss stands in for it.
+            probe_loss=self.collector.loss_ema,
+            batch_size=self.batch_size,
+            lr_scale=self.engine.lr_scale,
+            precisions=self.precisions,
+            progress=self._loader.epoch_progress if self._loader is not None else 0.0,
+        )
+        self.signals = signals
+        self.grouper.update(signals)
+        observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
+        start = time.perf_counter()
+        raw, _ = self.policy.predict(observation, deterministic=True)
+        report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)
+        self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        self.decisions.append(report)
+        for reason in report.refused:
+            _log.info("decision %d: %s", len(self.decisions), reason)
+        if self._writer is not None:
+            step = self.steps
+            self._writer.add_scalar("train/loss", signals.loss, step)
+            self._writer.add_scalar("controller/batch_size", report.batch_size, step)
+            self._writer.add_scalar("controller/lr_scale", report.lr_scale, step)
+            low = sum(p is not Precision.FP32 for p in report.precisions) / max(len(report.precisions), 1)
+            self._writer.add_scalar("controller/low_precision_share", low, step)
+            self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
+            self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
+            self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)
+
+
+def _optimizer_states(controller: Controller) -> int:
+    name = type(controller.engine.optimizer).__name__.lower()
+    return 2 if "adam" in name else 1

@@ -1,0 +1,116 @@
+"""The cost model: per-layer FLOPs and activation bytes, modelled step time, and memory accounting.
+
+Used wherever the machine's own clock or allocator cannot say what a step costs on the target GPU: on
+CPUs (development, CI, offline policy training) and for predicting memory before a batch is tried.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from triaccel_rl.config import HardwareProfile
+from triaccel_rl.types import LayerInfo, Precision
+
+__all__ = ["CostModel"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a model's step costs, per sample and per layer.
+
+    Attributes:
+        layers: the model's layers.
+        flops_per_sample: forward FLOPs of each layer for one sample, ``[n_layers]``.
+        activation_bytes_per_sample: fp32 output bytes of each layer for one sample, ``[n_layers]``.
+        static_bytes: weights + gradients + optimizer state, all fp32, in bytes.
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> from triaccel_rl.precision import find_layers
+        >>> layers = [info for _, _, info in find_layers(model)]
+        >>> costs = CostModel.measure(model, layers, torch.zeros(1, 4), optimizer_states=1)
+        >>> costs.flops_per_sample.tolist()
+        [24.0]
+    """
+
+    layers: tuple[LayerInfo, ...]
+    flops_per_sample: np.ndarray
+    activation_bytes_per_sample: np.ndarray
+    static_bytes: int
+
+    @classmethod
+    @torch.no_grad()
+    def measure(
+        cls, model: nn.Module, layers: list[LayerInfo], sample: torch.Tensor, optimizer_states: int
+    ) -> CostModel:
+        """Counts FLOPs and output bytes of each layer with one fp32 forward of ``sample`` (one sample).
+
+        Args:
+            model: the model.
+            layers: its layers (``find_layers``).
+            sample: one input sample with its batch dimension (``[1, ...]``).
+            optimizer_states: fp32 state tensors per parameter (SGD momentum 1, Adam 2).
+        """
+        flops = np.zeros(len(layers))
+        out_bytes = np.zeros(len(layers))
+        modules = dict(model.named_modules())
+        handles = []
+        for index, info in enumerate(layers):
+            module = modules.get(info.name, model)
+
+            def hook(module: nn.Module, args: tuple, output: object, index: int = index) -> None:
+                out = output[0] if isinstance(output, tuple) else output
+                if isinstance(out, torch.Tensor):
+                    out_bytes[index] += out[:1].numel() * 4
+                    flops[index] += _forward_flops(module, out[:1])
+
+            handles.append(module.register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            model(sample[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        n_params = sum(info.n_params for info in layers)
+        static = n_params * 4 * (2 + optimizer_states)
+        return cls(tuple(layers), flops, out_bytes, static)
+
+    def step_ms(
+        self, batch_size: int, precisions: list[Precision], profile: HardwareProfile, include_fixed: bool = True
+    ) -> float:
+        """Modelled time of one training step on the profiled GPU, in ms.
+
+        A step costs about three forward passes (the forward, and two matmuls per layer backward), each
+        layer at its precision's time factor, plus the profile's fixed per-step time when asked.
+        """
+        factors = np.array([profile.time(p) for p in precisions])
+        mflops = 3.0 * float(np.dot(self.flops_per_sample, factors)) / 1e6
+        ms = batch_size * mflops * profile.throughput_scale
+        return ms + profile.fixed_ms if include_fixed else ms
+
+    def memory_bytes(self, batch_size: int, precisions: list[Precision], profile: HardwareProfile) -> int:
+        """Accounted peak memory, in bytes: static + activations (at precision factors) + 16-bit weight copies."""
+        factors = np.array([profile.memory(p) for p in precisions])
+        activations = batch_size * float(np.dot(self.activation_bytes_per_sample, factors))
+        copies = sum(info.n_params * 2 for info, p in zip(self.layers, precisions, strict=True) if p.bits == 16)
+        return int(self.static_bytes + activations + copies)
+
+
+def _forward_flops(module: nn.Module, out: torch.Tensor) -> float:
+    """Multiply-add FLOPs (×2) of one sample through ``module``; other layers count their outputs."""
+    if isinstance(module, nn.Linear):
+        return 2.0 * module.in_features * out.numel()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
+        return 2.0 * kernel * out.numel()
+    if isinstance(module, nn.MultiheadAttention):
+        length = out.shape[-2] if out.dim() >= 2 else 1
+        return 2.0 * 4 * module.embed_dim * out.numel() + 4.0 * length * out.numel()
+    return float(out.numel())

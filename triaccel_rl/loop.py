@@ -1,0 +1,107 @@
+"""``DecisionLoop``: the signals → observation → action → executor cycle over a ``TrainingRun``.
+
+The environment (for learning) and ``compare`` (for evaluation) both drive a run through this class, so
+the two see exactly the same observations, bounds and costs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from triaccel_rl.actions import decode
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.executor import ApplyReport, Executor
+from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.signals import SignalCollector
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Signals
+
+__all__ = ["DecisionLoop", "IntervalResult"]
+
+
+@dataclass(frozen=True)
+class IntervalResult:
+    """What one interval of training cost.
+
+    Attributes:
+        cost_ms: charged time (measured, or modelled from the hardware profile).
+        wall_ms: wall-clock time of the steps on this machine.
+        steps: optimizer steps taken.
+        samples: training samples consumed.
+    """
+
+    cost_ms: float
+    wall_ms: float
+    steps: int
+    samples: int
+
+
+class DecisionLoop:
+    """Runs a ``TrainingRun`` interval by interval and turns raw actions into settings.
+
+    Args:
+        run: the training run to drive.
+        config: decision interval, groups, bounds.
+
+    Example:
+        >>> loop = DecisionLoop(TrainingRun("synthetic", device="cpu"), ControllerConfig(interval_steps=2))
+        >>> _ = loop.train_interval()
+        >>> loop.snapshot(progress=0.1).batch_size
+        64
+    """
+
+    def __init__(self, run: TrainingRun, config: ControllerConfig) -> None:
+        self.run = run
+        self.config = config
+        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes)
+        self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
+        self.executor = Executor(config, self.grouper)
+        self.layout = ObservationLayout(config.n_groups)
+        self.signals: Signals | None = None
+        self.decisions = 0
+
+    def train_interval(self, max_steps: int | None = None) -> IntervalResult:
+        """Trains ``interval_steps`` steps (or ``max_steps`` if fewer) and feeds the collector."""
+        n_steps = self.config.interval_steps if max_steps is None else min(max_steps, self.config.interval_steps)
+        cost_ms = wall_ms = 0.0
+        samples = 0
+        for _ in range(n_steps):
+            stats = self.run.step()
+            self.collector.observe(stats)
+            cost_ms += stats.modelled_time_ms
+            wall_ms += stats.step_time_ms
+            samples += stats.batch_size
+        return IntervalResult(cost_ms, wall_ms, n_steps, samples)
+
+    def snapshot(self, progress: float) -> Signals:
+        """Closes the interval: probe loss, optimizer moments, a ``Signals`` snapshot, group re-ranking."""
+        start = time.perf_counter()
+        probe = self.run.probe_loss()
+        moments = self.run.engine.grad_mean_sq_norm()
+        self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        self.signals = self.collector.snapshot(
+            grad_mean_sq_norm=moments,
+            probe_loss=probe,
+            batch_size=self.run.batch_size,
+            lr_scale=self.run.lr_scale,
+            precisions=self.run.precisions,
+            progress=progress,
+        )
+        self.grouper.update(self.signals)
+        return self.signals
+
+    def observation(self) -> np.ndarray:
+        """The observation of the latest snapshot."""
+        if self.signals is None:
+            raise RuntimeError("no snapshot yet: call train_interval() and snapshot() first")
+        return build_observation(self.signals, self.grouper, self.run.task.base_batch_size, self.layout)
+
+    def apply(self, raw_action: np.ndarray) -> ApplyReport:
+        """Decodes ``raw_action`` and applies it to the run through the executor (with its shield)."""
+        overflow = self.signals.overflow_rate if self.signals is not None else 0.0
+        report = self.executor.apply(decode(raw_action, self.config), self.run, overflow_rate=overflow)
+        self.decisions += 1
+        return report
