@@ -80,7 +80,7 @@ class LearnedPolicy:
 def _load(file: Path, algorithm: str, device: str) -> Any:
     from stable_baselines3 import A2C, PPO
 
-    classes = {"ppo": PPO, "a2c": A2C}
+    classes: dict[str, Any] = {"ppo": PPO, "a2c": A2C}
     names = list(classes) if algorithm == "auto" else [algorithm]
     errors = []
     for name in names:

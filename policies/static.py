@@ -28,6 +28,7 @@ class StaticPolicy:
         self.config = config or ControllerConfig()
         action = Action((self.precision,) * self.config.n_groups, 1.0, BatchMove.KEEP)
         self._raw = encode(action, self.config)
+        self.initial_action = self._raw.copy()  # applied before the first step: static from the start
         self.name = f"static-{self.precision.name.lower()}"
 
     def predict(

@@ -118,6 +118,9 @@ class Controller:
 
             self._writer = SummaryWriter(str(log_dir))
         self._step_start = time.perf_counter()
+        initial = getattr(self.policy, "initial_action", None)
+        if initial is not None:  # a static configuration holds from the first step
+            self.executor.apply(decode(initial, self.config), self)
 
     # ----------------------------------------------------------------------------------- user API
 

@@ -24,7 +24,11 @@ class Target(Protocol):
 
     engine: StepEngine
     memory_budget_bytes: int
-    max_batch_size: int
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch the data allows."""
+        ...
 
     @property
     def batch_size(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from triaccel_rl.kernels import FlatParameterStore
 
 # Tolerance of the fused optimizers against torch.optim after many steps, and of float sums (float32
@@ -17,8 +16,7 @@ def make_layers(shapes: list[list[tuple[int, ...]]], device: str, seed: int = 0)
     """One list of random float32 parameters per layer, with the given shapes."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in layer]
-        for layer in shapes
+        [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in layer] for layer in shapes
     ]
 
 
@@ -52,7 +50,15 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -
         raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ (index, got, want): {first}")
 
 
-def max_rel_err(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> float:
-    """max |actual - expected| / (atol + |expected|), in float64."""
-    a, e = actual.double(), expected.double()
-    return float(((a - e).abs() / (atol + e.abs())).max())
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Asserts |actual - expected| <= PARAM_ATOL + PARAM_RTOL * |expected| everywhere, printing the worst error."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    abs_err = (a - e).abs()
+    allowed = PARAM_ATOL + PARAM_RTOL * e.abs()
+    worst = int((abs_err / allowed).argmax()) if a.numel() else 0
+    if a.numel() and not bool((abs_err <= allowed).all()):
+        got, want = float(a.flatten()[worst]), float(e.flatten()[worst])
+        raise AssertionError(
+            f"{what}: max abs err {float(abs_err.max()):.3g}; worst element {worst}: got {got!r}, want {want!r}, "
+            f"err {abs(got - want):.3g} > atol {PARAM_ATOL} + rtol {PARAM_RTOL} * |want|"
+        )

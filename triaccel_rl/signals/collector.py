@@ -61,7 +61,10 @@ class SignalCollector:
         self._ema_weight = 0.0  # for bias correction of the EMAs
         self._previous_probe = math.nan
         self._previous_step_ms = math.nan
-        self._interval_reset()
+        self._interval_steps = 0
+        self._interval_skipped = 0
+        self._interval_time_ms = 0.0
+        self._interval_peak = 0
 
     def observe(self, stats: StepStats) -> None:
         """Folds one step's statistics in. Non-finite values are counted, never averaged in."""
@@ -71,7 +74,6 @@ class SignalCollector:
         self._interval_time_ms += stats.modelled_time_ms
         self.train_ms += stats.step_time_ms
         self._interval_peak = max(self._interval_peak, stats.memory_bytes)
-        self._interval_batch = stats.batch_size
         finite = np.isfinite(stats.grad_sq_sum).all() and math.isfinite(stats.loss)
         if stats.skipped or not finite:
             self._interval_skipped += 1
@@ -168,7 +170,6 @@ class SignalCollector:
         self._interval_skipped = 0
         self._interval_time_ms = 0.0
         self._interval_peak = 0
-        self._interval_batch = 0
 
 
 def _finite(value: float, fallback: float) -> float:

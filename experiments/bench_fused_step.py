@@ -1,0 +1,523 @@
+"""Times the fused optimizer step (stats + update + low-precision copy) against the unfused PyTorch path.
+
+For each parameter set (ResNet-18 shapes, ~11.2M elements; GPT-2 small shapes, ~124M) and each optimizer
+(SGD with Nesterov momentum, AdamW) it measures, with ``triton.testing.do_bench`` (median):
+
+(a) fused: ``FusedSGD``/``FusedAdamW.step`` over a ``FlatParameterStore``, half the layers in bf16 so their
+    copies are written, per-layer statistics emitted, loss-scale unscale and overflow skip included;
+(b) unfused: the same work in stock PyTorch: ``torch._amp_foreach_non_finite_check_and_unscale_``
+    (GradScaler's unscale + overflow check), ``torch.optim.AdamW(fused=True)`` or
+    ``torch.optim.SGD(foreach=True)``, ``torch._foreach_copy_`` into bf16 copies of the same layers, and
+    per-tensor statistics (``torch._foreach_norm``, ``torch._foreach_max`` of ``_foreach_abs``, and a
+    non-finite count per tensor);
+(c) the device's copy bandwidth, ``dst.copy_(src)`` on a large buffer, counting bytes read + written.
+
+Bytes per element the fused step moves (``bytes_moved``): the stats pass reads g (4 B); the AdamW update
+reads p, g, m, v (16 B) and writes p, m, v (12 B); the SGD-with-momentum update reads p, g, buf (12 B) and
+writes p, buf (8 B); bf16 layers add a 2 B write. So AdamW 32 B (+2), SGD 24 B (+2), over the flat buffer
+including its per-layer padding. The floor any fused step must move (``bytes_floor``) reads g once and
+skips padding: AdamW 28 B (+2), SGD 20 B (+2) per parameter element. ``achieved_GBps`` is
+``bytes_moved / fused_ms``; ``bandwidth_frac`` divides it by the measured copy bandwidth.
+
+Usage (GPU): ``python experiments/bench_fused_step.py`` (add ``--sweep`` to time block sizes and warps).
+Smoke test (CPU, tiny sizes, PyTorch reference path, timings meaningless):
+``python experiments/bench_fused_step.py --smoke --output /tmp/fused_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from triaccel_rl.kernels import (
+    FlatParameterStore,
+    FusedAdamW,
+    FusedSGD,
+    StatRow,
+    cast_to_low_precision,
+    fused_adamw_step_reference,
+    fused_sgd_step_reference,
+    layer_grad_stats_reference,
+    new_step_state,
+)
+from triaccel_rl.kernels._common import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_WARPS
+
+LayerShapes = list[list[tuple[int, ...]]]
+
+SGD_HYPER: dict[str, Any] = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+ADAMW_HYPER: dict[str, Any] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+
+
+@dataclass
+class Args:
+    """Command-line arguments; each field is a ``--flag`` (underscores become dashes)."""
+
+    smoke: bool = False
+    """Run tiny parameter sets on the CPU through the PyTorch reference path (timings are meaningless)."""
+    check: bool = True
+    """Before timing, verify the kernels against the references (bit-exact casts, update within tolerance)
+    and print PASS/FAIL; use --no-check to skip."""
+    sets: str = "resnet18,gpt2_124m"
+    """Comma-separated parameter sets: resnet18 (~11.2M elements), gpt2_124m (~124M)."""
+    optimizers: str = "sgd,adamw"
+    """Comma-separated optimizers to time: sgd (Nesterov momentum), adamw."""
+    warmup_ms: float = 50.0
+    """do_bench warm-up budget per measurement, in ms (compilation happens before it)."""
+    rep_ms: float = 300.0
+    """do_bench timing budget per measurement, in ms."""
+    copy_mib: int = 2048
+    """Size of the buffer copied to measure device bandwidth, in MiB (several times the L2 cache)."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Elements per program of the fused kernels."""
+    num_warps: int = DEFAULT_NUM_WARPS
+    """Warps per program of the fused kernels."""
+    sweep: bool = False
+    """Also time the fused step for every block size in {1024, 2048, 4096} and warps in {4, 8, 16}."""
+    output: str = "experiments/results/fused_step.json"
+    """Where to write the JSON rows."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.smoke:
+        # The smoke run exercises the CPU reference path; the interpreter would be slow and is tested elsewhere.
+        os.environ.pop("TRITON_INTERPRET", None)
+        # One thread: on a small shared CI machine, torch's intra-op threads mostly wait on each other.
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device; run with --smoke for a CPU smoke test", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device_name}, torch {torch.__version__}, block_size {args.block_size}, warps {args.num_warps}")
+
+    check_status = "skipped"
+    if args.check:
+        check_status = "PASS" if run_checks(device, args) else "FAIL"
+        print(f"check: {check_status}")
+
+    copy_gbps = measure_copy_bandwidth(device, args)
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
+
+    sets = parameter_sets(args.smoke)
+    rows = []
+    for set_name in args.sets.split(","):
+        layers = sets[set_name]
+        for optimizer in args.optimizers.split(","):
+            row = bench_one(device, set_name, layers, optimizer, copy_gbps, args)
+            row.update(
+                device=device_name,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=_commit(),
+                command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                check=check_status,
+                torch=torch.__version__,
+                triton=_triton_version(),
+            )
+            rows.append(row)
+            if args.sweep and not args.smoke:
+                sweep_configs(device, layers, optimizer, args)
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(rows, indent=2) + "\n")
+    _print_table(rows, copy_gbps)
+    print(f"wrote {len(rows)} rows to {output}")
+    return 0 if check_status != "FAIL" else 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter sets
+
+
+def parameter_sets(smoke: bool) -> dict[str, LayerShapes]:
+    """Layer shapes of each parameter set: one inner list per module (weight and bias together)."""
+    if smoke:
+        return {"resnet18": _resnet18_layers(width=4, num_classes=10), "gpt2_124m": _gpt2_layers(64, 2, 500, 64)}
+    return {"resnet18": _resnet18_layers(width=64, num_classes=10), "gpt2_124m": _gpt2_layers(768, 12, 50257, 1024)}
+
+
+def _resnet18_layers(width: int, num_classes: int) -> LayerShapes:
+    """ResNet-18 (CIFAR head) modules: convs (no bias), batch norms (weight, bias), the classifier."""
+    layers: LayerShapes = [[(width, 3, 7, 7)], [(width,), (width,)]]
+    in_channels = width
+    for stage, channels in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        for block in range(2):
+            downsample = block == 0 and stage > 0
+            layers += [[(channels, in_channels, 3, 3)], [(channels,), (channels,)]]
+            layers += [[(channels, channels, 3, 3)], [(channels,), (channels,)]]
+            if downsample:
+                layers += [[(channels, in_channels, 1, 1)], [(channels,), (channels,)]]
+            in_channels = channels
+    layers.append([(num_classes, in_channels), (num_classes,)])
+    return layers
+
+
+def _gpt2_layers(width: int, n_blocks: int, vocab: int, context: int) -> LayerShapes:
+    """GPT-2 modules: embeddings, per block two layer norms, attention and MLP linears; the final norm."""
+    layers: LayerShapes = [[(vocab, width)], [(context, width)]]
+    for _ in range(n_blocks):
+        layers += [
+            [(width,), (width,)],
+            [(width, 3 * width), (3 * width,)],
+            [(width, width), (width,)],
+            [(width,), (width,)],
+            [(width, 4 * width), (4 * width,)],
+            [(4 * width, width), (width,)],
+        ]
+    layers.append([(width,), (width,)])
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def bench_one(
+    device: torch.device, set_name: str, layers: LayerShapes, optimizer: str, copy_gbps: float, args: Args
+) -> dict[str, Any]:
+    """Times the fused and the unfused step on one parameter set; returns the JSON row."""
+    codes = [1 if i % 2 else 0 for i in range(len(layers))]  # half the layers in bf16
+    fused_step, store = _make_fused(device, layers, optimizer, codes, args.block_size, args.num_warps)
+    fused_ms = _time_ms(fused_step, device, args)
+    n_params = sum(store.layer_numels)
+    del fused_step, store
+    unfused_step = _make_unfused(device, layers, optimizer, codes)
+    unfused_ms = _time_ms(unfused_step, device, args)
+    del unfused_step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    n_padded = _padded_elements(layers)
+    bf16_padded = sum(_padded_elements([layer]) for layer, code in zip(layers, codes, strict=True) if code)
+    bf16_params = sum(_numel(layer) for layer, code in zip(layers, codes, strict=True) if code)
+    moved_per_elem, floor_per_elem = (32, 28) if optimizer == "adamw" else (24, 20)
+    bytes_moved = moved_per_elem * n_padded + 2 * bf16_padded
+    bytes_floor = floor_per_elem * n_params + 2 * bf16_params
+    achieved_gbps = bytes_moved / (fused_ms * 1e-3) / 1e9
+    floor_ms = bytes_floor / (copy_gbps * 1e9) * 1e3
+    print(
+        f"{set_name:>10} {optimizer:>5}: fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms, "
+        f"{unfused_ms / fused_ms:.2f}x, {achieved_gbps:.0f} GB/s ({achieved_gbps / copy_gbps:.0%} of copy)"
+    )
+    return {
+        "set": set_name,
+        "n_elements": n_params,
+        "n_padded_elements": n_padded,
+        "n_layers": len(layers),
+        "optimizer": optimizer,
+        "fused_ms": fused_ms,
+        "unfused_ms": unfused_ms,
+        "speedup": unfused_ms / fused_ms,
+        "achieved_GBps": achieved_gbps,
+        "copy_GBps": copy_gbps,
+        "bandwidth_frac": achieved_gbps / copy_gbps,
+        "bytes_moved": bytes_moved,
+        "bytes_floor": bytes_floor,
+        "floor_ms": floor_ms,
+        "floor_frac": floor_ms / fused_ms,
+        "block_size": args.block_size,
+        "num_warps": args.num_warps,
+    }
+
+
+def measure_copy_bandwidth(device: torch.device, args: Args) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    n_bytes = (1 if args.smoke else args.copy_mib) * 2**20
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, args)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def sweep_configs(device: torch.device, layers: LayerShapes, optimizer: str, args: Args) -> None:
+    """Prints the fused step's time for each block size and warp count (not written to the JSON)."""
+    codes = [1 if i % 2 else 0 for i in range(len(layers))]
+    print(f"  sweep ({optimizer}, {_numel_all(layers) / 1e6:.1f}M): block_size x num_warps -> ms")
+    for block_size in (1024, 2048, 4096):
+        cells = []
+        for num_warps in (4, 8, 16):
+            step, _ = _make_fused(device, layers, optimizer, codes, block_size, num_warps)
+            cells.append(f"{num_warps:>2}w {_time_ms(step, device, args):.3f}")
+            del step
+        print(f"    {block_size:>5}: " + "  ".join(cells))
+
+
+def _make_fused(
+    device: torch.device, layers: LayerShapes, optimizer: str, codes: list[int], block_size: int, num_warps: int
+) -> tuple[Callable[[], object], FlatParameterStore]:
+    """A closure running one fused step, and its store (random weights and grads)."""
+    params = [[torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in layer] for layer in layers]
+    store = FlatParameterStore(params)
+    store.grads.normal_()
+    opt: FusedSGD | FusedAdamW
+    if optimizer == "adamw":
+        opt = FusedAdamW(store, block_size=block_size, num_warps=num_warps, **ADAMW_HYPER)
+    else:
+        opt = FusedSGD(store, block_size=block_size, num_warps=num_warps, **SGD_HYPER)
+    lr_factors = torch.ones(len(layers), device=device)
+    precision_codes = torch.tensor(codes, dtype=torch.int32, device=device)
+    inv_scale = torch.ones((), device=device)  # 1.0 keeps repeated steps on the same data finite
+    return lambda: opt.step(1e-3, lr_factors, precision_codes, inv_scale), store
+
+
+def _make_unfused(device: torch.device, layers: LayerShapes, optimizer: str, codes: list[int]) -> Callable[[], None]:
+    """A closure doing the fused step's work with stock PyTorch multi-tensor ops."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for layer in layers for s in layer]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":
+        betas = (ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"])
+        fused = device.type == "cuda"  # fused AdamW needs CUDA in older torch versions
+        opt = torch.optim.AdamW(params, lr=1e-3, betas=betas, eps=1e-8, weight_decay=0.01, fused=fused)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-3, foreach=True, **SGD_HYPER)
+    copy_src = [p for layer, code in zip(_split(params, layers), codes, strict=True) if code for p in layer]
+    copy_dst = [torch.empty_like(p, dtype=torch.bfloat16) for p in copy_src]
+    found_inf = torch.zeros(1, device=device)
+    inv_scale = torch.ones(1, device=device)
+
+    def step() -> None:
+        with torch.no_grad():
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            opt.step()
+            torch._foreach_copy_(copy_dst, copy_src)
+            torch._foreach_norm(grads)
+            torch._foreach_max(torch._foreach_abs(grads))
+            torch.stack([torch.isfinite(g).logical_not().sum() for g in grads])
+
+    return step
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, args: Args) -> float:
+    """Median time of ``fn`` in ms: do_bench on a GPU (warm-up excluded), perf_counter on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # compile and autotune outside the timed region
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+    fn()  # warm-up, excluded
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Correctness check before timing
+
+
+def run_checks(device: torch.device, args: Args) -> bool:
+    """Compares the kernels on ``device`` with the references; prints one PASS/FAIL line per check."""
+    results = {"cast bit-exact": _check_cast(device)}
+    for optimizer in ("sgd", "adamw"):
+        update_ok, skip_ok = _check_step(device, optimizer, args)
+        results[f"{optimizer} update vs reference"] = update_ok
+        results[f"{optimizer} skip leaves state unchanged"] = skip_ok
+    for name, ok in results.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return all(results.values())
+
+
+def _check_cast(device: torch.device) -> bool:
+    """Bit-exactness of the cast kernel against Tensor.to on special values and random bit patterns."""
+    special = torch.tensor(
+        [0.0, -0.0, 1e-45, -1e-45, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-14, 65504.0, 65519.99, 65520.0,
+         1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.4028234663852886e38, float("inf"), float("-inf"), float("nan")],
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    n = 1 << 16 if device.type == "cpu" else 1 << 24
+    bits = torch.randint(-(2**31), 2**31, (n,), generator=generator, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([special, bits.view(torch.float32)]).to(device)
+    ok = True
+    for dtype in (torch.bfloat16, torch.float16):
+        got = cast_to_low_precision(x, dtype).view(torch.int16)
+        n_bad = int((got != x.to(dtype).view(torch.int16)).sum())
+        if n_bad:
+            print(f"    cast to {dtype}: {n_bad} of {x.numel()} bit patterns differ from Tensor.to")
+            ok = False
+    return ok
+
+
+def _check_step(device: torch.device, optimizer: str, args: Args) -> tuple[bool, bool]:
+    """Three fused steps against the reference functions on an awkward layout, then a NaN step."""
+    layers = [[(1,)], [(4095,)], [(300, 301), (7,)], [(3,)] * 5, [(1000, 1001)]]
+    rtol, atol = 1e-5, 1e-6
+    params = [[torch.nn.Parameter(torch.randn(s, device=device)) for s in layer] for layer in layers]
+    store = FlatParameterStore(params)
+    opt: FusedSGD | FusedAdamW
+    if optimizer == "adamw":
+        opt = FusedAdamW(store, block_size=args.block_size, num_warps=args.num_warps, **ADAMW_HYPER)
+        ref_states = [torch.zeros_like(store.params), torch.zeros_like(store.params)]
+        ref_step_state = new_step_state(device, ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"])
+    else:
+        opt = FusedSGD(store, block_size=args.block_size, num_warps=args.num_warps, **SGD_HYPER)
+        ref_states = [torch.zeros_like(store.params)]
+        ref_step_state = new_step_state(device)
+    ref_params = store.params.clone()
+    ref_bf16, ref_fp16 = store.bf16_copy.clone(), store.fp16_copy.clone()
+    factors = torch.linspace(0.5, 1.5, len(layers), device=device)
+    update_ok = True
+    for step in range(3):
+        codes = torch.tensor([(step + i) % 3 for i in range(len(layers))], dtype=torch.int32, device=device)
+        store.grads.normal_().mul_(256.0)
+        result = opt.step(1e-2, factors, codes, inv_scale=1 / 256)
+        ref_stats = layer_grad_stats_reference(store.grads, store.chunk_layer, len(layers), 1 / 256)
+        common = (ref_bf16, ref_fp16, store.chunk_layer, factors, codes, ref_stats, ref_step_state, step % 2)
+        if optimizer == "adamw":
+            fused_adamw_step_reference(ref_params, store.grads, *ref_states, *common, lr=1e-2, inv_scale=1 / 256,
+                                       **ADAMW_HYPER)  # fmt: skip
+            states = [opt.exp_avg, opt.exp_avg_sq]
+        else:
+            fused_sgd_step_reference(ref_params, store.grads, *ref_states, *common, lr=1e-2, inv_scale=1 / 256,
+                                     **SGD_HYPER)  # fmt: skip
+            states = [opt.momentum_buffer]
+        named = [("params", store.params, ref_params)]
+        named += [(f"state {i}", got, want) for i, (got, want) in enumerate(zip(states, ref_states, strict=True))]
+        for name, got, want in named:
+            err = float(((got - want).abs() - rtol * want.abs()).max())
+            if err > atol:
+                print(f"    {optimizer} step {step} {name}: error {err:.3g} beyond rtol {rtol} + atol {atol}")
+                update_ok = False
+        stats_err = float(((result.stats - ref_stats).abs() - 1e-5 * ref_stats.abs()).max())
+        if stats_err > 1e-5:
+            print(f"    {optimizer} step {step} stats: error {stats_err:.3g}")
+            update_ok = False
+        for layer, code in enumerate(codes.tolist()):
+            if code:
+                buffer = store.bf16_copy if code == 1 else store.fp16_copy
+                segment = store.layer_segment(buffer, layer)
+                want_copy = store.layer_segment(store.params, layer).to(buffer.dtype)
+                if not torch.equal(segment.view(torch.int16), want_copy.view(torch.int16)):
+                    print(f"    {optimizer} step {step} layer {layer}: {buffer.dtype} copy differs from params.to")
+                    update_ok = False
+        ref_params.copy_(store.params)  # compare each step from the same starting point
+        for got, want in zip(states, ref_states, strict=True):
+            want.copy_(got)
+
+    before = [t.clone() for t in (store.params, store.bf16_copy, store.fp16_copy, *states)]
+    count_before = opt.step_count.clone()
+    store.grads[store.n_elements // 2] = float("nan")
+    result = opt.step(1e-2, factors, codes, inv_scale=1 / 256)
+    after = (store.params, store.bf16_copy, store.fp16_copy, *states)
+    skip_ok = bool(result.skipped) and all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    skip_ok = skip_ok and torch.equal(opt.step_count, count_before)
+    skip_ok = skip_ok and int(result.stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0]) == 1
+    return update_ok, skip_ok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plumbing
+
+
+def _parse_args(argv: list[str] | None) -> Args:
+    """Builds an argparse parser from ``Args``' fields and their docstrings."""
+    docs = _field_docstrings(Args)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=f.default, help=docs.get(f.name))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal after each annotated field of ``cls`` (attribute docstrings are not kept at runtime)."""
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs = {}
+    for node, following in zip(body.body, body.body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _commit() -> str:
+    """The checked-out commit, else $COMMIT, else "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("COMMIT", "unknown")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return str(triton.__version__)
+    except ImportError:
+        return "none"
+
+
+def _numel(layer: list[tuple[int, ...]]) -> int:
+    return sum(int(torch.Size(s).numel()) for s in layer)
+
+
+def _numel_all(layers: LayerShapes) -> int:
+    return sum(_numel(layer) for layer in layers)
+
+
+def _padded_elements(layers: LayerShapes) -> int:
+    """Flat-buffer length of ``layers`` in a ``FlatParameterStore`` (padding included), without allocating."""
+    from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
+
+    total = 0
+    for layer in layers:
+        inner = sum(-(-int(torch.Size(s).numel()) // PARAM_ALIGN_ELEMENTS) * PARAM_ALIGN_ELEMENTS for s in layer)
+        total += max(-(-inner // SEGMENT_ALIGN_ELEMENTS), 1) * SEGMENT_ALIGN_ELEMENTS
+    return total
+
+
+def _split(params: list[torch.nn.Parameter], layers: LayerShapes) -> list[list[torch.nn.Parameter]]:
+    """Groups a flat parameter list back into ``layers``' structure."""
+    out, start = [], 0
+    for layer in layers:
+        out.append(params[start : start + len(layer)])
+        start += len(layer)
+    return out
+
+
+def _print_table(rows: list[dict[str, Any]], copy_gbps: float) -> None:
+    print(f"\n{'set':>10} {'opt':>5} {'elements':>10} {'fused ms':>9} {'unfused ms':>10} {'speedup':>7} "
+          f"{'GB/s':>6} {'of copy':>7} {'floor ms':>8}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['set']:>10} {r['optimizer']:>5} {r['n_elements']:>10,} {r['fused_ms']:>9.3f} "
+            f"{r['unfused_ms']:>10.3f} {r['speedup']:>6.2f}x {r['achieved_GBps']:>6.0f} "
+            f"{r['bandwidth_frac']:>7.0%} {r['floor_ms']:>8.3f}"
+        )
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

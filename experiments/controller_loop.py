@@ -1,0 +1,73 @@
+"""Deploy a controller in an ordinary PyTorch training loop (the five lines a user adds), on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+import triaccel_rl as ta
+from triaccel_rl.data import load_fashion_mnist, to_float_images
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    policy: str = "heuristic"
+    """fp32, bf16, fp16, heuristic, or a path to an SB3 policy zip."""
+    epochs: int = 2
+    """Passes over the training subset."""
+    n_train: int = 10_000
+    """Training samples used (a subset keeps the example quick on a CPU)."""
+    batch_size: int = 128
+    """Starting batch size; the controller may change it."""
+    log_dir: str = "runs/controller_loop"
+    """TensorBoard folder."""
+
+
+def main(args: Args) -> float:
+    data = load_fashion_mnist()
+    x = (to_float_images(data.train_images[: args.n_train]) - 0.286) / 0.353
+    y = data.train_labels[: args.n_train]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    # --- the controller: five lines in the loop -------------------------------------------------
+    ctl = ta.Controller(
+        model, optimizer, policy=args.policy, memory=ta.MemoryBudget(fraction=0.9), log_dir=args.log_dir
+    )
+    for xb, yb in ctl.loader((x, y), batch_size=args.batch_size, epochs=args.epochs):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+    ctl.close()
+    # ----------------------------------------------------------------------------------------------
+
+    model.eval()
+    with torch.no_grad():
+        test_x = ((to_float_images(data.test_images) - 0.286) / 0.353).to(device)
+        accuracy = (model(test_x).argmax(1).cpu() == data.test_labels).float().mean().item()
+    final = ctl.decisions[-1] if ctl.decisions else None
+    print(f"steps {ctl.steps}, decisions {len(ctl.decisions)}, test accuracy {100 * accuracy:.2f}%")
+    if final is not None:
+        print(
+            f"final batch {final.batch_size}, LR scale {final.lr_scale}, "
+            f"precisions {[p.name.lower() for p in final.precisions]}"
+        )
+    return accuracy
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for f in fields(Args):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse())

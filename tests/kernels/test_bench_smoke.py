@@ -1,0 +1,40 @@
+"""Smoke test of experiments/bench_fused_step.py: runs --smoke on the CPU and checks the JSON rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_fused_step.py"
+FIELDS = {
+    "device", "date", "commit", "command", "n_elements", "optimizer", "fused_ms", "unfused_ms", "speedup",
+    "achieved_GBps", "copy_GBps", "bandwidth_frac",
+}  # fmt: skip
+
+
+def test_smoke_run_writes_rows(tmp_path: Path) -> None:
+    output = tmp_path / "fused_step.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
+    assert "check: PASS" in completed.stdout
+    rows = json.loads(output.read_text())
+    assert {(r["set"], r["optimizer"]) for r in rows} == {
+        (s, o) for s in ("resnet18", "gpt2_124m") for o in ("sgd", "adamw")
+    }
+    for row in rows:
+        missing = FIELDS - row.keys()
+        assert not missing, f"row lacks {missing}"
+        assert row["device"] == "cpu" and row["n_elements"] > 0
+        for key in ("fused_ms", "unfused_ms", "speedup", "achieved_GBps", "copy_GBps", "bandwidth_frac"):
+            assert row[key] > 0, f"{key} = {row[key]}"

@@ -1,0 +1,165 @@
+"""FusedSGD/FusedAdamW against torch.optim over many steps, checkpoints, and the FlatParameterStore plumbing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from _kernel_helpers import assert_bits_equal, assert_close, clone_layers, fill_grads, make_layers
+from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
+
+# A small CNN's parameter shapes, one layer per module, plus a 0-dim parameter as its own layer.
+MODEL_LAYERS: list[list[tuple[int, ...]]] = [
+    [(8, 3, 3, 3), (8,)],  # conv1
+    [(8,), (8,)],  # batch norm
+    [(16, 8, 3, 3), (16,)],  # conv2
+    [(10, 256), (10,)],  # classifier
+    [()],  # a learned scalar
+]
+VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
+    # name: (optimizer, hyper-parameters, steps under the kernel path)
+    "adamw": ("adamw", {"weight_decay": 0.01, "eps": 1e-8}, 20),
+    "sgd_nesterov_wd": ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, 20),
+    "sgd_dampening": ("sgd", {"momentum": 0.8, "dampening": 0.25}, 20),
+    "sgd_plain": ("sgd", {}, 20),
+}
+LOSS_SCALE = 1024.0
+
+
+def _fused(optimizer: str, store: FlatParameterStore, hyper: dict[str, Any]) -> FusedSGD | FusedAdamW:
+    if optimizer == "adamw":
+        return FusedAdamW(store, **hyper)
+    return FusedSGD(store, **hyper)
+
+
+def _torch_optimizer(
+    optimizer: str, layers: list[list[torch.nn.Parameter]], factors: list[float], hyper: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """torch.optim with one param group per layer, its lr being the layer's factor (times lr, set per step)."""
+    groups = [{"params": layer, "lr": f} for layer, f in zip(layers, factors, strict=True)]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, **hyper)
+    return torch.optim.SGD(groups, lr=1.0, **hyper)
+
+
+def _run_against_torch(device: str, variant: str, n_steps: int) -> None:
+    optimizer, hyper, _ = VARIANTS[variant]
+    layers = make_layers(MODEL_LAYERS, device, seed=11)
+    torch_layers = clone_layers(layers)
+    store = FlatParameterStore(layers)
+    fused = _fused(optimizer, store, hyper)
+    factors = [0.5 + 0.25 * i for i in range(store.n_layers)]
+    reference = _torch_optimizer(optimizer, torch_layers, factors, hyper)
+    lr_factors = torch.tensor(factors, dtype=torch.float32, device=device)
+    generator = torch.Generator().manual_seed(12)
+    inv_scale = torch.tensor(1 / LOSS_SCALE, device=device)
+
+    for step in range(n_steps):
+        lr = 0.01 * (1.0 + 0.1 * step)  # a schedule: the LR is a per-step argument
+        codes = torch.tensor([(step + i) % 3 for i in range(store.n_layers)], dtype=torch.int32, device=device)
+        grads = fill_grads(store, generator, scale=LOSS_SCALE)
+        for p, g in zip((p for layer in torch_layers for p in layer), grads, strict=True):
+            p.grad = g.clone()
+        for group, factor in zip(reference.param_groups, factors, strict=True):
+            group["lr"] = lr * factor
+        result = fused.step(lr, lr_factors, codes, inv_scale=inv_scale if step % 2 else 1 / LOSS_SCALE)
+        reference.step()
+        assert not bool(result.skipped)
+
+        for i, (layer, torch_layer) in enumerate(zip(layers, torch_layers, strict=True)):
+            for j, (p, q) in enumerate(zip(layer, torch_layer, strict=True)):
+                assert_close(p, q, f"{variant} step {step} layer {i} param {j}")
+            code = int(codes[i])
+            if code:
+                dtype = torch.bfloat16 if code == 1 else torch.float16
+                for p, copy in zip(layer, store.low_precision_params(i, dtype), strict=True):
+                    assert_bits_equal(copy, p.detach().to(dtype), f"{variant} step {step} layer {i} {dtype} copy")
+    assert float(fused.step_count) == n_steps
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_matches_torch_optim(device: str, variant: str) -> None:
+    _run_against_torch(device, variant, VARIANTS[variant][2])
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cpu_reference_path_matches_torch_optim(variant: str) -> None:
+    _run_against_torch("cpu", variant, 20)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_state_dict_round_trip(device: str, optimizer: str) -> None:
+    hyper = VARIANTS["adamw" if optimizer == "adamw" else "sgd_nesterov_wd"][1]
+    stores, optimizers = [], []
+    for _ in range(2):
+        store = FlatParameterStore(make_layers(MODEL_LAYERS, device, seed=21))
+        stores.append(store)
+        optimizers.append(_fused(optimizer, store, hyper))
+    generator = torch.Generator().manual_seed(22)
+    for _ in range(2):
+        fill_grads(stores[0], generator)
+        optimizers[0].step(0.01)
+    checkpoint = optimizers[0].state_dict()
+    stores[1].params.copy_(stores[0].params)
+    optimizers[1].load_state_dict(checkpoint)
+    assert float(optimizers[1].step_count) == 2.0
+    for store, opt in zip(stores, optimizers, strict=True):
+        store.grads.copy_(stores[0].grads)
+        opt.step(0.01)
+    assert torch.equal(stores[0].params, stores[1].params), "resumed optimizer diverged from the original"
+
+    other = FusedSGD(stores[1]) if optimizer == "adamw" else FusedAdamW(stores[1])
+    with pytest.raises(ValueError, match="optimizer"):
+        other.load_state_dict(checkpoint)
+
+
+def test_flat_store_views_and_backward() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    values = [p.detach().clone() for p in model.parameters()]
+    store = FlatParameterStore([list(model[0].parameters()), list(model[2].parameters())])
+    assert store.layer_numels == (5 * 7 + 7, 7 * 3 + 3)
+    assert store.n_elements == 2 * store.segment_align
+    for p, v in zip(model.parameters(), values, strict=True):
+        assert torch.equal(p.detach(), v), "values changed while moving into the flat buffer"
+        assert p.untyped_storage().data_ptr() == store.params.untyped_storage().data_ptr()
+    model(torch.randn(4, 5)).square().sum().backward()
+    for p in model.parameters():
+        assert p.grad is not None
+        assert p.grad.untyped_storage().data_ptr() == store.grads.untyped_storage().data_ptr()
+    flat_grads_norm = store.grads.norm()
+    assert torch.allclose(flat_grads_norm, torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    padding = torch.ones(store.n_elements, dtype=torch.bool)
+    for layer in range(store.n_layers):
+        for view in store.param_views(store.params, layer):
+            start = view.storage_offset()
+            padding[start : start + view.numel()] = False
+    assert not store.params[padding].any() and not store.grads[padding].any(), "padding must stay zero"
+    store.zero_grad()
+    assert not store.grads.any()
+    store.refresh_low_precision()
+    for layer in range(store.n_layers):
+        for dtype in (torch.bfloat16, torch.float16):
+            for p, copy in zip(store.layers[layer], store.low_precision_params(layer, dtype), strict=True):
+                assert_bits_equal(copy, p.detach().to(dtype), f"refreshed {dtype} copy of layer {layer}")
+
+
+def test_flat_store_rejects_bad_parameters() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="twice"):
+        FlatParameterStore([[p], [p]])
+    with pytest.raises(ValueError, match="float32"):
+        FlatParameterStore([[torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]])
+    with pytest.raises(ValueError, match="empty"):
+        FlatParameterStore([])
+
+
+def test_options_are_validated() -> None:
+    store = FlatParameterStore([[torch.nn.Parameter(torch.zeros(3))]])
+    with pytest.raises(ValueError, match="nesterov"):
+        FusedSGD(store, nesterov=True)
+    with pytest.raises(ValueError, match="beta2"):
+        FusedAdamW(store, beta2=1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        FusedAdamW(store, block_size=3000)

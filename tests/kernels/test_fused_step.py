@@ -1,0 +1,249 @@
+"""The fused SGD/AdamW step kernels against their PyTorch references: layouts, codes, edge values, the skip path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from _kernel_helpers import assert_bits_equal, assert_close, make_layers
+from triaccel_rl.kernels import (
+    FlatParameterStore,
+    FusedAdamW,
+    FusedSGD,
+    StatRow,
+    fused_adamw_step,
+    fused_adamw_step_reference,
+    fused_sgd_step,
+    fused_sgd_step_reference,
+    layer_grad_stats,
+    layer_grad_stats_reference,
+    new_step_state,
+)
+
+LAYOUTS = {
+    "single_element": [[(1,)]],
+    "awkward": [[(4095,)], [(4097,)], [(3, 5, 7), (2,)]],
+    "tiny_and_large": [[(3,)] for _ in range(12)] + [[(90, 101)]],
+}
+HYPER: dict[str, dict[str, Any]] = {
+    "adamw": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01},
+    "sgd_nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    "sgd_dampening": {"momentum": 0.9, "dampening": 0.3},
+    "sgd_plain": {},
+}
+BF16, FP16 = 1, 2
+DTYPE_OF_CODE = {BF16: torch.bfloat16, FP16: torch.float16}
+
+
+@dataclass
+class FlatState:
+    """The raw buffers one fused step works on, so the kernel and the reference can run on copies."""
+
+    kind: str
+    store: FlatParameterStore
+    params: torch.Tensor
+    grads: torch.Tensor
+    states: list[torch.Tensor]
+    bf16_copy: torch.Tensor
+    fp16_copy: torch.Tensor
+    step_state: torch.Tensor
+    read_slot: int = 0
+    stats: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, kind: str, layout: list[list[tuple[int, ...]]], device: str, seed: int = 0) -> FlatState:
+        store = FlatParameterStore(make_layers(layout, device, seed))
+        n = store.n_elements
+        generator = torch.Generator().manual_seed(seed + 1)
+        # Non-zero optimizer state from the start, so every term of the update is exercised.
+        if kind == "adamw":
+            states = [torch.randn(n, generator=generator) * 0.1, torch.rand(n, generator=generator) * 0.01]
+            step_state = new_step_state(device, HYPER[kind]["beta1"], HYPER[kind]["beta2"])
+        else:
+            states = [torch.randn(n, generator=generator) * 0.1]
+            step_state = new_step_state(device)
+        copies = torch.randn(n, generator=generator)
+        return cls(
+            kind=kind,
+            store=store,
+            params=store.params.clone(),
+            grads=(torch.randn(n, generator=generator) * 512).to(device),
+            states=[s.to(device) for s in states],
+            bf16_copy=copies.to(torch.bfloat16).to(device),
+            fp16_copy=copies.to(torch.float16).to(device),
+            step_state=step_state,
+        )
+
+    def clone(self) -> FlatState:
+        return FlatState(
+            self.kind, self.store, self.params.clone(), self.grads.clone(), [s.clone() for s in self.states],
+            self.bf16_copy.clone(), self.fp16_copy.clone(), self.step_state.clone(), self.read_slot,
+        )  # fmt: skip
+
+    def step(
+        self,
+        use_reference: bool,
+        lr_factors: torch.Tensor,
+        codes: torch.Tensor,
+        inv_scale: float | torch.Tensor = 1 / 512,
+        lr: float = 0.05,
+    ) -> torch.Tensor:
+        """One fused step (stats pass, then update) by the kernels or by the references; returns the stats."""
+        store = self.store
+        if use_reference:
+            stats = layer_grad_stats_reference(self.grads, store.chunk_layer, store.n_layers, inv_scale)
+        else:
+            stats = layer_grad_stats(self.grads, store.chunk_layer, store.n_layers, inv_scale)
+        common = (self.bf16_copy, self.fp16_copy, store.chunk_layer, lr_factors, codes, stats, self.step_state)
+        if self.kind == "adamw":
+            step = fused_adamw_step_reference if use_reference else fused_adamw_step
+            step(self.params, self.grads, *self.states, *common, self.read_slot, lr=lr, inv_scale=inv_scale,
+                 **HYPER[self.kind])  # fmt: skip
+        else:
+            sgd_step = fused_sgd_step_reference if use_reference else fused_sgd_step
+            sgd_step(self.params, self.grads, *self.states, *common, self.read_slot, lr=lr, inv_scale=inv_scale,
+                     **HYPER[self.kind])  # fmt: skip
+        self.read_slot = 1 - self.read_slot
+        return stats
+
+
+def _factors_and_codes(n_layers: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    factors = torch.linspace(0.5, 1.5, n_layers, dtype=torch.float32, device=device)
+    codes = torch.tensor([i % 3 for i in range(n_layers)], dtype=torch.int32, device=device)
+    return factors, codes
+
+
+def _assert_copies_follow_params(state: FlatState, codes: torch.Tensor, before: FlatState, what: str) -> None:
+    """Coded layers' copies equal params.to(dtype) bit for bit; every other segment is unchanged."""
+    store = state.store
+    for layer, code in enumerate(codes.tolist()):
+        for buffer, old, dtype_code in [
+            (state.bf16_copy, before.bf16_copy, BF16),
+            (state.fp16_copy, before.fp16_copy, FP16),
+        ]:
+            got = store.layer_segment(buffer, layer)
+            if code == dtype_code:
+                want = store.layer_segment(state.params, layer).to(DTYPE_OF_CODE[code])
+            else:
+                want = store.layer_segment(old, layer)
+            assert_bits_equal(got, want, f"{what}: layer {layer} (code {code}) {buffer.dtype} copy")
+
+
+@pytest.mark.parametrize("kind", list(HYPER))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_matches_reference(device: str, layout: str, kind: str) -> None:
+    kernel = FlatState.make(kind, LAYOUTS[layout], device)
+    reference = kernel.clone()
+    factors, codes = _factors_and_codes(kernel.store.n_layers, device)
+    for step in range(2):  # the first step of SGD initialises the momentum buffer, the second uses it
+        before = kernel.clone()
+        kernel_stats = kernel.step(False, factors, codes)
+        reference_stats = reference.step(True, factors, codes)
+        what = f"{kind}/{layout} step {step}"
+        assert_close(kernel.params, reference.params, f"{what} params")
+        for i, (got, want) in enumerate(zip(kernel.states, reference.states, strict=True)):
+            assert_close(got, want, f"{what} state {i}")
+        assert torch.equal(kernel.step_state, reference.step_state), f"{what}: step state {kernel.step_state}"
+        _assert_copies_follow_params(kernel, codes, before, what)
+        stats_err = float((kernel_stats - reference_stats).abs().max())
+        assert torch.allclose(kernel_stats, reference_stats, rtol=1e-5, atol=1e-6), f"{what}: stats err {stats_err:.3g}"
+    assert float(kernel.step_state[kernel.read_slot, 0]) == 2.0
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])
+def test_every_precision_code_combination(device: str, kind: str) -> None:
+    """Three layers, three steps, codes rotated each step: every layer is written as fp32, bf16 and fp16."""
+    state = FlatState.make(kind, [[(50,)], [(4100,)], [(7, 3)]], device, seed=3)
+    factors = torch.ones(3, device=device)
+    for step in range(3):
+        codes = torch.tensor([(step + i) % 3 for i in range(3)], dtype=torch.int64, device=device)
+        before = state.clone()
+        state.step(False, factors, codes)
+        _assert_copies_follow_params(state, codes, before, f"{kind} step {step} codes {codes.tolist()}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "poison"),
+    [("adamw", "nan"), ("sgd_nesterov", "inf"), ("sgd_plain", "-inf"), ("adamw", "overflow_on_unscale")],
+)
+def test_nonfinite_grad_skips_step_bit_for_bit(device: str, kind: str, poison: str) -> None:
+    state = FlatState.make(kind, LAYOUTS["awkward"], device, seed=4)
+    factors, codes = _factors_and_codes(state.store.n_layers, device)
+    state.step(False, factors, codes)  # a normal step first, so the state is not trivial
+    clean_twin = state.clone()
+    inv_scale = 1 / 512
+    bad = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "overflow_on_unscale": 3e38}[poison]
+    if poison == "overflow_on_unscale":
+        inv_scale = 4.0  # finite scaled gradient whose unscaled value overflows to inf
+    state.grads[state.store.layer_offsets[1] + 4096] = bad
+    before = state.clone()
+    stats = state.step(False, factors, codes, inv_scale=inv_scale)
+
+    for name, got, want in [
+        ("params", state.params, before.params),
+        ("bf16 copy", state.bf16_copy, before.bf16_copy),
+        ("fp16 copy", state.fp16_copy, before.fp16_copy),
+        ("step state", state.step_state[state.read_slot], before.step_state[before.read_slot]),
+        *((f"state {i}", s, b) for i, (s, b) in enumerate(zip(state.states, before.states, strict=True))),
+    ]:
+        assert torch.equal(got, want), f"skipped step changed {name}"
+    bits = stats.view(torch.int32)
+    assert bits[StatRow.GRAD_NONFINITE].tolist() == [0, 1, 0]
+    assert int(bits[StatRow.NONFINITE_TOTAL, 0]) == 1
+    for row in (StatRow.GRAD_DOT_MOMENTUM, StatRow.MOMENTUM_SQ_SUM, StatRow.SECOND_MOMENT_SUM):
+        assert not stats[row].any(), f"skipped step reported {row.name}"
+
+    # The next clean step continues as if the bad one never happened.
+    state.grads.copy_(clean_twin.grads)
+    state.step(False, factors, codes)
+    clean_twin.step(False, factors, codes)
+    assert torch.equal(state.params, clean_twin.params), "step after a skipped one differs from never skipping"
+    assert torch.equal(state.step_state[state.read_slot], clean_twin.step_state[clean_twin.read_slot])
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])
+def test_edge_gradients(device: str, kind: str) -> None:
+    """Zero, denormal, tiny and huge (but finite) gradients: kernel and reference agree."""
+    kernel = FlatState.make(kind, LAYOUTS["awkward"], device, seed=5)
+    offsets = kernel.store.layer_offsets
+    kernel.grads[offsets[0] : offsets[0] + 4095] = 0.0
+    kernel.grads[offsets[1] : offsets[1] + 100] = 1e-40  # fp32 denormals
+    kernel.grads[offsets[1] + 100 : offsets[1] + 200] = -1e-45
+    kernel.grads[offsets[2] : offsets[2] + 50] = 1e30  # finite; g*g overflows the second moment to inf
+    reference = kernel.clone()
+    factors, codes = _factors_and_codes(kernel.store.n_layers, device)
+    before = kernel.clone()
+    kernel.step(False, factors, codes, inv_scale=1.0)
+    reference.step(True, factors, codes, inv_scale=1.0)
+    assert torch.equal(torch.isfinite(kernel.params), torch.isfinite(reference.params)), "finiteness differs"
+    finite = torch.isfinite(reference.params)
+    assert_close(kernel.params[finite], reference.params[finite], f"{kind} edge gradients params")
+    _assert_copies_follow_params(kernel, codes, before, f"{kind} edge gradients")
+
+
+def test_inv_scale_tensor_equals_float(device: str) -> None:
+    by_value = FlatState.make("adamw", LAYOUTS["awkward"], device, seed=6)
+    by_tensor = by_value.clone()
+    factors, codes = _factors_and_codes(by_value.store.n_layers, device)
+    by_value.step(False, factors, codes, inv_scale=0.125)
+    by_tensor.step(False, factors, codes, inv_scale=torch.tensor([0.125], device=device))
+    assert torch.equal(by_value.params, by_tensor.params), "inv_scale as tensor and as float disagree"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimizer_skip_flag_without_host_sync(device: str, optimizer: str) -> None:
+    store = FlatParameterStore(make_layers(LAYOUTS["awkward"], device))
+    opt = FusedAdamW(store) if optimizer == "adamw" else FusedSGD(store, momentum=0.9)
+    store.grads.normal_()
+    result = opt.step(lr=0.1)
+    assert result.skipped.dim() == 0 and result.skipped.dtype == torch.bool
+    assert result.skipped.device.type == torch.device(device).type
+    assert not bool(result.skipped)
+    store.grads[5] = float("nan")
+    params_before = store.params.clone()
+    result = opt.step(lr=0.1)
+    assert bool(result.skipped) and int(result.nonfinite_total) == 1
+    assert torch.equal(store.params, params_before)
+    assert float(opt.step_count) == 1.0

@@ -1,0 +1,231 @@
+"""Tests for triaccel_rl.actions (space, decode, encode) and triaccel_rl.reward (exact hand-computed values)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from triaccel_rl.actions import action_space, decode, encode
+from triaccel_rl.config import ControllerConfig, RewardConfig
+from triaccel_rl.reward import reward
+from triaccel_rl.types import Action, BatchMove, Precision
+
+SMALL = ControllerConfig(n_groups=2, lr_scales=(0.5, 1.0, 2.0))
+
+
+# ---------------------------------------------------------------- action space
+
+
+def test_action_space_shape_default() -> None:
+    space = action_space(ControllerConfig())
+    assert isinstance(space, spaces.MultiDiscrete)
+    assert space.nvec.tolist() == [3, 3, 3, 3, 5, 3]
+    assert space.dtype == np.int64
+
+
+def test_action_space_small() -> None:
+    assert action_space(SMALL).nvec.tolist() == [3, 3, 3, 3]
+
+
+def test_every_action_round_trips() -> None:
+    nvec = action_space(SMALL).nvec.tolist()
+    combos = list(itertools.product(*(range(n) for n in nvec)))
+    assert len(combos) == 3 * 3 * 3 * 3
+    decoded = set()
+    for combo in combos:
+        action = decode(np.array(combo), SMALL)
+        p0, p1, lr_index, move = combo
+        assert action == Action((Precision(p0), Precision(p1)), SMALL.lr_scales[lr_index], BatchMove(move))
+        raw = encode(action, SMALL)
+        assert raw.dtype == np.int64
+        assert raw.tolist() == list(combo)
+        assert action_space(SMALL).contains(raw)
+        decoded.add(action)
+    assert len(decoded) == len(combos)  # decode is injective
+
+
+def test_decode_accepts_sampled_actions_and_lists() -> None:
+    space = action_space(SMALL)
+    space.seed(0)
+    for _ in range(20):
+        raw = space.sample()
+        assert encode(decode(raw, SMALL), SMALL).tolist() == raw.tolist()
+    assert decode([2, 0, 1, 0], SMALL) == Action((Precision.FP16, Precision.FP32), 1.0, BatchMove.SHRINK)
+
+
+@pytest.mark.parametrize(
+    ("raw", "index", "value", "high"),
+    [([3, 0, 1, 1], 0, 3, 2), ([0, -1, 1, 1], 1, -1, 2), ([0, 0, 3, 1], 2, 3, 2), ([0, 0, 1, 7], 3, 7, 2)],
+)
+def test_out_of_range_entry_names_index_value_and_range(raw: list[int], index: int, value: int, high: int) -> None:
+    with pytest.raises(ValueError, match=rf"action entry {index} = {value} is outside \[0, {high}\]") as info:
+        decode(np.array(raw), SMALL)
+    assert "MultiDiscrete([3, 3, 3, 3])" in str(info.value)
+
+
+def test_out_of_range_entry_names_what_it_controls() -> None:
+    config = ControllerConfig(n_groups=2)
+    with pytest.raises(ValueError, match=r"precision of group 1: 0=fp32, 1=bf16, 2=fp16"):
+        decode([0, 5, 0, 0], config)
+    with pytest.raises(ValueError, match=r"outside \[0, 4\] \(LR-scale index into \(0.5, 0.75, 1.0, 1.25, 1.5\)\)"):
+        decode([0, 0, 5, 0], config)
+    with pytest.raises(ValueError, match=r"batch move: 0=shrink, 1=keep, 2=grow"):
+        decode([0, 0, 0, 3], config)
+
+
+@pytest.mark.parametrize("raw", [[0, 0, 1], [0, 0, 1, 1, 1], [[0, 0, 1, 1]]])
+def test_wrong_length_rejected(raw: list[object]) -> None:
+    with pytest.raises(ValueError, match=r"expected \(4,\)") as info:
+        decode(np.array(raw), SMALL)
+    assert f"has shape {np.array(raw).shape}" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", [[0.5, 0, 1, 1], [0, 0, 1, 1.25], [0, float("nan"), 1, 1], [0, 0, float("inf"), 1]])
+def test_non_integer_floats_rejected(raw: list[float]) -> None:
+    with pytest.raises(ValueError, match=r"must hold integers"):
+        decode(np.array(raw), SMALL)
+
+
+def test_integral_floats_accepted() -> None:
+    assert decode(np.array([1.0, 2.0, 2.0, 0.0]), SMALL) == Action(
+        (Precision.BF16, Precision.FP16), 2.0, BatchMove.SHRINK
+    )
+    assert decode(np.array([0, 1, 0, 2], dtype=np.float32), SMALL).batch_move is BatchMove.GROW
+
+
+def test_integral_float_out_of_range_still_named() -> None:
+    with pytest.raises(ValueError, match=r"action entry 0 = 3 is outside \[0, 2\]"):
+        decode(np.array([3.0, 0.0, 0.0, 0.0]), SMALL)
+
+
+def test_encode_rejects_unknown_lr_scale() -> None:
+    action = Action((Precision.FP32, Precision.FP32), 0.75, BatchMove.KEEP)
+    with pytest.raises(ValueError, match=r"lr_scale 0.75 is not one of \(0.5, 1.0, 2.0\)"):
+        encode(action, SMALL)
+
+
+def test_encode_rejects_wrong_group_count() -> None:
+    action = Action((Precision.FP32,) * 3, 1.0, BatchMove.KEEP)
+    with pytest.raises(ValueError, match=r"action has 3 groups; config has 2"):
+        encode(action, SMALL)
+
+
+# ---------------------------------------------------------------- reward
+
+# A clip far out of reach, so these cases test the formula and not the clipping.
+PLAIN = RewardConfig(
+    progress_scale=1.0, nonfinite_penalty=2.0, over_budget_penalty=3.0, divergence_penalty=4.0, clip=1000.0
+)
+
+
+def call(
+    *,
+    previous: float = 1.0,
+    now: float = 1.0,
+    cost: float = 100.0,
+    reference: float = 100.0,
+    overflow: float = 0.0,
+    over_budget: bool = False,
+    diverged: bool = False,
+    config: RewardConfig = PLAIN,
+) -> float:
+    return reward(
+        previous_probe_loss=previous,
+        probe_loss=now,
+        cost_ms=cost,
+        reference_cost_ms=reference,
+        overflow_rate=overflow,
+        over_budget=over_budget,
+        diverged=diverged,
+        config=config,
+    )
+
+
+def test_no_progress_no_penalty_is_zero() -> None:
+    assert call() == 0.0
+
+
+def test_progress_is_log_ratio() -> None:
+    # e -> 1: log(e) - log(1) = 1, exactly representable arithmetic.
+    assert call(previous=math.e, now=1.0) == 1.0
+    assert call(previous=1.0, now=math.e) == -1.0
+
+
+@pytest.mark.parametrize(("cost", "reference", "expected"), [(50.0, 100.0, 2.0), (200.0, 100.0, 0.5), (25.0, 100.0, 4.0)])
+def test_progress_scales_with_cost_ratio(cost: float, reference: float, expected: float) -> None:
+    assert call(previous=math.e, now=1.0, cost=cost, reference=reference) == expected
+
+
+def test_progress_scale_multiplies() -> None:
+    config = RewardConfig(progress_scale=10.0, clip=100.0)
+    assert call(previous=math.e, now=1.0, cost=50.0, config=config) == 20.0
+    # The same progress under the default clip of 10 is clipped.
+    assert call(previous=math.e, now=1.0, cost=50.0, config=RewardConfig(progress_scale=10.0)) == 10.0
+
+
+def test_docstring_example() -> None:
+    value = call(previous=1.0, now=math.exp(-0.1), cost=50.0, config=RewardConfig())
+    assert value == pytest.approx(2.0, abs=1e-12)
+
+
+def test_penalties_subtract() -> None:
+    assert call(overflow=0.25) == -0.5
+    assert call(over_budget=True) == -3.0
+    assert call(previous=math.e, now=1.0, overflow=0.5, over_budget=True) == 1.0 - 1.0 - 3.0
+
+
+@pytest.mark.parametrize(("previous", "expected"), [(math.exp(100.0), 10.0), (math.exp(-100.0), -10.0)])
+def test_clipped_at_clip(previous: float, expected: float) -> None:
+    assert call(previous=previous, now=1.0, config=RewardConfig()) == expected
+
+
+def test_custom_clip() -> None:
+    config = RewardConfig(progress_scale=1.0, clip=0.5)
+    assert call(previous=math.e, now=1.0, config=config) == 0.5
+    assert call(previous=1.0, now=math.e, config=config) == -0.5
+
+
+def test_penalties_also_clipped() -> None:
+    config = RewardConfig(over_budget_penalty=50.0, clip=3.0)
+    assert call(over_budget=True, config=config) == -3.0
+
+
+def test_divergence_returns_minus_penalty() -> None:
+    # Divergence overrides progress and the other penalties.
+    assert call(previous=math.e, now=1.0, overflow=1.0, over_budget=True, diverged=True) == -4.0
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf")])
+def test_non_finite_probe_loss_counts_as_divergence(now: float) -> None:
+    assert call(now=now) == -4.0
+
+
+def test_zero_probe_losses_are_floored_not_errors() -> None:
+    # Both losses floored at 1e-12: log ratio 0.
+    assert call(previous=0.0, now=0.0) == 0.0
+    assert call(previous=1.0, now=0.0) == pytest.approx(math.log(1e12), rel=1e-15)
+
+
+@pytest.mark.parametrize(("cost", "reference"), [(0.0, 100.0), (-1.0, 100.0), (100.0, 0.0), (float("nan"), 100.0)])
+def test_non_positive_cost_raises(cost: float, reference: float) -> None:
+    with pytest.raises(ValueError, match=r"costs must be positive") as info:
+        call(cost=cost, reference=reference)
+    assert f"cost_ms={cost}, reference_cost_ms={reference}" in str(info.value)
+
+
+def test_reward_is_float() -> None:
+    assert type(call(previous=2.0, now=1.0)) is float
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reward.py:41 returns -divergence_penalty before clipping, so a penalty above clip escapes the "
+    "documented [-clip, clip] range",
+)
+def test_divergence_reward_within_documented_clip() -> None:
+    config = RewardConfig(divergence_penalty=50.0, clip=10.0)
+    assert -config.clip <= call(diverged=True, config=config) <= config.clip

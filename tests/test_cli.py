@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from triaccel_rl.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["compare"], ["train-policy"], ["tasks"]])
+def test_help_on_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: triaccel-rl" in capsys.readouterr().out
+
+
+def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = main(
+        [
+            "compare",
+            "--task",
+            "synthetic",
+            "--controllers",
+            "fp32,bf16,heuristic",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--interval-steps",
+            "5",
+            "--log-dir",
+            str(tmp_path / "tb"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in ("static-fp32", "static-bf16", "heuristic"):
+        assert f"| {name} |" in printed
+    payload = json.loads(out.read_text())
+    assert {row["controller"] for row in payload["rows"]} == {"static-fp32", "static-bf16", "heuristic"}
+    assert len(payload["runs"]) == 6
+    for run in payload["runs"]:
+        assert 0.0 <= run["final_metric"] <= 1.0 and run["time_s"] > 0 and run["steps"] > 0
+    bf16 = next(r for r in payload["rows"] if r["controller"] == "static-bf16")
+    assert bf16["time_ratio"] < 1.0  # modelled GPU time: bf16 is cheaper than the fp32 reference
+    assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--task", "nope"], "unknown task 'nope'"),
+        (["compare", "--task", "synthetic", "--controllers", "fp8"], "unknown policy 'fp8'"),
+        (["compare", "--task", "synthetic", "--controllers", "missing.zip"], "does not exist"),
+        (["compare", "--seeds", "0"], "--seeds 0 must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    assert main([*argv, "--no-progress", "--out", "", "--log-dir", ""]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "triaccel_rl.cli", "tasks"], capture_output=True, text=True)
+    assert result.returncode == 0 and "cnn-fmnist" in result.stdout
+
+
+def test_controller_example_runs(tmp_path):
+    sys.path.insert(0, "experiments")
+    try:
+        import controller_loop
+    finally:
+        sys.path.pop(0)
+    accuracy = controller_loop.main(controller_loop.Args(epochs=1, n_train=2000, log_dir=str(tmp_path)))
+    assert accuracy > 0.6

@@ -1,0 +1,405 @@
+"""Tests for triaccel_rl.config: memory budget, hardware profile, heuristic/reward/controller validation, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from triaccel_rl.config import (
+    ConfigError,
+    ControllerConfig,
+    CostMode,
+    HardwareProfile,
+    HeuristicConfig,
+    MemoryBudget,
+    RewardConfig,
+)
+from triaccel_rl.types import Precision
+
+GIB = 1 << 30
+
+_VALID_PROFILE = {
+    "device": "Test GPU",
+    "time_factor": {"fp32": 1.0, "bf16": 0.5, "fp16": 0.25},
+    "memory_factor": {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5},
+    "fixed_ms": 0.75,
+    "throughput_scale": 3.0e-4,
+}
+
+
+def write_profile(path: Path, raw: object) -> Path:
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_config_error_is_a_value_error() -> None:
+    # Callers that catch ValueError (the library's convention for bad arguments) also catch ConfigError.
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- MemoryBudget
+
+
+def test_memory_budget_bytes_resolve_to_themselves() -> None:
+    assert MemoryBudget(bytes=3 * GIB).resolve(capacity_bytes=8 * GIB) == 3 * GIB
+
+
+def test_memory_budget_bytes_equal_to_capacity_is_allowed() -> None:
+    assert MemoryBudget(bytes=8 * GIB).resolve(capacity_bytes=8 * GIB) == 8 * GIB
+
+
+def test_memory_budget_bytes_win_over_fraction() -> None:
+    assert MemoryBudget(bytes=1000, fraction=0.5).resolve(capacity_bytes=10_000) == 1000
+
+
+@pytest.mark.parametrize(
+    ("fraction", "capacity", "expected"),
+    [(0.5, 8 * GIB, 4 * GIB), (1.0, 12345, 12345), (0.25, 1000, 250), (0.9, 1001, 900)],
+)
+def test_memory_budget_fraction_resolves_to_floor_of_share(fraction: float, capacity: int, expected: int) -> None:
+    resolved = MemoryBudget(fraction=fraction).resolve(capacity_bytes=capacity)
+    assert resolved == expected
+    assert isinstance(resolved, int)
+
+
+def test_memory_budget_default_is_ninety_percent() -> None:
+    assert MemoryBudget().resolve(capacity_bytes=1000) == 900
+
+
+def test_memory_budget_bytes_larger_than_capacity_raises_naming_both() -> None:
+    with pytest.raises(ConfigError, match=r"memory budget of 5000 bytes is larger than the device's 4000 bytes"):
+        MemoryBudget(bytes=5000).resolve(capacity_bytes=4000)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -(8 * GIB)])
+def test_memory_budget_non_positive_bytes_rejected(bad: int) -> None:
+    with pytest.raises(ConfigError, match=rf"bytes={bad} must be a positive integer"):
+        MemoryBudget(bytes=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.0001, 2.0, float("nan")])
+def test_memory_budget_fraction_outside_half_open_unit_interval_rejected(bad: float) -> None:
+    with pytest.raises(ConfigError, match=r"fraction=.* must be in \(0, 1\]") as info:
+        MemoryBudget(fraction=bad)
+    assert f"fraction={bad}" in str(info.value)
+
+
+def test_memory_budget_non_positive_cpu_capacity_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"cpu_capacity_bytes=0 must be positive"):
+        MemoryBudget(cpu_capacity_bytes=0)
+
+
+def test_memory_budget_is_frozen() -> None:
+    budget = MemoryBudget()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        budget.fraction = 0.5  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- HardwareProfile
+
+
+def test_shipped_profile_loads_with_expected_fields() -> None:
+    profile = HardwareProfile.load()
+    assert "H200" in profile.device
+    assert set(profile.time_factor) == {"fp32", "bf16", "fp16"}
+    assert set(profile.memory_factor) == {"fp32", "bf16", "fp16"}
+    assert profile.time(Precision.FP32) == 1.0
+    assert profile.memory(Precision.FP32) == 1.0
+    # On a GPU, 16-bit steps are faster than fp32: the whole point of the profile cost mode.
+    assert 0 < profile.time(Precision.BF16) < 1
+    assert 0 < profile.time(Precision.FP16) < 1
+    assert 0 < profile.memory(Precision.BF16) < 1
+    assert profile.fixed_ms >= 0
+    assert profile.throughput_scale > 0
+
+
+def test_shipped_profile_exact_values() -> None:
+    profile = HardwareProfile.load()
+    assert profile.time_factor == {"fp32": 1.0, "bf16": 0.302, "fp16": 0.253}
+    assert profile.memory_factor == {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}
+    assert profile.fixed_ms == 0.2
+    assert profile.throughput_scale == 2.4e-4
+
+
+def test_profile_loads_from_tmp_json(tmp_path: Path) -> None:
+    profile = HardwareProfile.load(write_profile(tmp_path / "p.json", _VALID_PROFILE))
+    assert profile.device == "Test GPU"
+    assert profile.time(Precision.BF16) == 0.5
+    assert profile.time(Precision.FP16) == 0.25
+    assert profile.memory(Precision.FP16) == 0.5
+    assert profile.fixed_ms == 0.75
+    assert profile.throughput_scale == 3.0e-4
+
+
+def test_profile_load_accepts_str_path_and_ignores_unknown_keys(tmp_path: Path) -> None:
+    raw = {**_VALID_PROFILE, "measured_on": "2024-01-01", "notes": ["ignored"]}
+    profile = HardwareProfile.load(str(write_profile(tmp_path / "p.json", raw)))
+    assert profile == HardwareProfile(**_VALID_PROFILE)
+
+
+def test_profile_optional_fields_take_defaults(tmp_path: Path) -> None:
+    raw = {k: _VALID_PROFILE[k] for k in ("device", "time_factor", "memory_factor")}
+    profile = HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
+    assert profile.fixed_ms == 1.0
+    assert profile.throughput_scale == 1.0e-4
+
+
+@pytest.mark.parametrize("missing", ["device", "time_factor", "memory_factor"])
+def test_profile_missing_field_error_names_the_field(tmp_path: Path, missing: str) -> None:
+    raw = {k: v for k, v in _VALID_PROFILE.items() if k != missing}
+    path = write_profile(tmp_path / "p.json", raw)
+    with pytest.raises(ConfigError, match=rf"lacks the fields \['{missing}'\]") as info:
+        HardwareProfile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_profile_missing_precision_key_names_it(tmp_path: Path) -> None:
+    raw = {**_VALID_PROFILE, "time_factor": {"fp32": 1.0, "bf16": 0.5}}
+    with pytest.raises(ConfigError, match=r"time_factor lacks \['fp16'\]"):
+        HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
+
+
+def test_profile_invalid_json_raises(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"device": "x", "time_factor": ')
+    with pytest.raises(ConfigError, match=r"is not valid JSON") as info:
+        HardwareProfile.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.3, float("inf")])
+@pytest.mark.parametrize("table", ["time_factor", "memory_factor"])
+def test_profile_non_positive_factor_rejected(table: str, bad: float) -> None:
+    raw = {**_VALID_PROFILE, table: {**_VALID_PROFILE[table], "bf16": bad}}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=rf"{table}\['bf16'\]={bad} must be positive"):
+        HardwareProfile(**raw)  # type: ignore[arg-type]
+
+
+def test_profile_non_positive_factor_rejected_on_load(tmp_path: Path) -> None:
+    raw = {**_VALID_PROFILE, "time_factor": {"fp32": 1.0, "bf16": -1.0, "fp16": 0.25}}
+    with pytest.raises(ConfigError, match=r"time_factor\['bf16'\]=-1.0 must be positive"):
+        HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
+
+
+@pytest.mark.parametrize("name", ["fixed_ms", "throughput_scale"])
+def test_profile_negative_scalar_rejected(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{name}=-1.0 must be a non-negative number"):
+        HardwareProfile(**{**_VALID_PROFILE, name: -1.0})  # type: ignore[arg-type]
+
+
+def test_profile_missing_file_raises_naming_path(tmp_path: Path) -> None:
+    path = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match=r"does not exist") as info:
+        HardwareProfile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_profile_directory_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        HardwareProfile.load(tmp_path)
+
+
+def test_profile_save_load_round_trip(tmp_path: Path) -> None:
+    original = HardwareProfile(**_VALID_PROFILE)  # type: ignore[arg-type]
+    path = tmp_path / "sub_profile.json"
+    original.save(path)
+    assert json.loads(path.read_text()) == _VALID_PROFILE
+    assert HardwareProfile.load(path) == original
+
+
+def test_shipped_profile_round_trips(tmp_path: Path) -> None:
+    shipped = HardwareProfile.load()
+    shipped.save(tmp_path / "copy.json")
+    assert HardwareProfile.load(tmp_path / "copy.json") == shipped
+
+
+# ---------------------------------------------------------------- HeuristicConfig
+
+
+def test_heuristic_defaults_valid() -> None:
+    config = HeuristicConfig()
+    assert config.lower_below < config.raise_above
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(0.5, 0.5), (0.8, 0.2)])
+def test_heuristic_band_must_be_open(lower: float, upper: float) -> None:
+    with pytest.raises(ConfigError, match=rf"lower_below={lower} must be below raise_above={upper}"):
+        HeuristicConfig(lower_below=lower, raise_above=upper)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01])
+def test_heuristic_overflow_rate_range(bad: float) -> None:
+    with pytest.raises(ConfigError, match=rf"max_overflow_rate={bad} must be in \[0, 1\]"):
+        HeuristicConfig(max_overflow_rate=bad)
+
+
+@pytest.mark.parametrize("edge", [0.0, 1.0])
+def test_heuristic_overflow_rate_edges_allowed(edge: float) -> None:
+    assert HeuristicConfig(max_overflow_rate=edge).max_overflow_rate == edge
+
+
+@pytest.mark.parametrize(("grow", "shrink"), [(0.0, 0.9), (0.9, 0.9), (0.5, 1.6)])
+def test_heuristic_usage_band_checked(grow: float, shrink: float) -> None:
+    with pytest.raises(ConfigError, match=rf"grow_below_usage={grow} < shrink_above_usage={shrink}"):
+        HeuristicConfig(grow_below_usage=grow, shrink_above_usage=shrink)
+
+
+# ---------------------------------------------------------------- RewardConfig
+
+
+@pytest.mark.parametrize(
+    "name", ["progress_scale", "nonfinite_penalty", "over_budget_penalty", "divergence_penalty", "clip"]
+)
+def test_reward_negative_rejected(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"reward {name}=-1.0 must be a non-negative number"):
+        RewardConfig(**{name: -1.0})
+
+
+def test_reward_nan_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"reward progress_scale=nan"):
+        RewardConfig(progress_scale=float("nan"))
+
+
+def test_reward_zero_clip_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"reward clip=0.0 must be positive"):
+        RewardConfig(clip=0.0)
+
+
+def test_reward_zero_penalty_allowed() -> None:
+    assert RewardConfig(nonfinite_penalty=0.0).nonfinite_penalty == 0.0
+
+
+# ---------------------------------------------------------------- ControllerConfig
+
+
+def test_controller_defaults() -> None:
+    config = ControllerConfig()
+    assert config.interval_steps == 20
+    assert config.n_groups == 4
+    assert config.lr_scales == (0.5, 0.75, 1.0, 1.25, 1.5)
+    assert config.cost_mode is CostMode.MEASURED
+    assert config.memory == MemoryBudget()
+    assert config.heuristic == HeuristicConfig()
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_controller_interval_steps_positive(bad: int) -> None:
+    with pytest.raises(ConfigError, match=rf"interval_steps={bad} must be >= 1"):
+        ControllerConfig(interval_steps=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 17])
+def test_controller_n_groups_range(bad: int) -> None:
+    with pytest.raises(ConfigError, match=rf"n_groups={bad} must be in \[1, 16\]"):
+        ControllerConfig(n_groups=bad)
+
+
+@pytest.mark.parametrize("edge", [1, 16])
+def test_controller_n_groups_edges_allowed(edge: int) -> None:
+    assert ControllerConfig(n_groups=edge).n_groups == edge
+
+
+def test_controller_lr_scales_need_one() -> None:
+    with pytest.raises(ConfigError, match=r"lr_scales=\(0.5, 2.0\) must contain 1.0"):
+        ControllerConfig(lr_scales=(0.5, 2.0))
+
+
+def test_controller_lr_scales_empty() -> None:
+    with pytest.raises(ConfigError, match=r"lr_scales=\(\) must be a non-empty tuple of positive numbers"):
+        ControllerConfig(lr_scales=())
+
+
+@pytest.mark.parametrize("bad", [(-0.5, 1.0), (0.0, 1.0), (1.0, float("inf"))])
+def test_controller_lr_scales_positive_finite(bad: tuple[float, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"must be a non-empty tuple of positive numbers") as info:
+        ControllerConfig(lr_scales=bad)
+    assert f"lr_scales={bad}" in str(info.value)
+
+
+def test_controller_min_batch_above_max() -> None:
+    with pytest.raises(ConfigError, match=r"min_batch_size=64 <= max_batch_size=32"):
+        ControllerConfig(min_batch_size=64, max_batch_size=32)
+
+
+def test_controller_min_batch_zero() -> None:
+    with pytest.raises(ConfigError, match=r"1 <= min_batch_size=0"):
+        ControllerConfig(min_batch_size=0)
+
+
+@pytest.mark.parametrize("bad", [0.99, 0.0, -2.0])
+def test_controller_max_lr_change_is_a_ratio(bad: float) -> None:
+    with pytest.raises(ConfigError, match=rf"max_lr_change={bad} must be >= 1"):
+        ControllerConfig(max_lr_change=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
+def test_controller_ema_decay_open_interval(bad: float) -> None:
+    with pytest.raises(ConfigError, match=rf"ema_decay={bad} must be in \(0, 1\)"):
+        ControllerConfig(ema_decay=bad)
+
+
+@pytest.mark.parametrize(("text", "mode"), [("profile", CostMode.PROFILE), ("measured", CostMode.MEASURED)])
+def test_controller_cost_mode_string_parsed(text: str, mode: CostMode) -> None:
+    config = ControllerConfig(cost_mode=text)  # type: ignore[arg-type]
+    assert config.cost_mode is mode
+
+
+def test_controller_unknown_cost_mode() -> None:
+    with pytest.raises(ConfigError, match=r"unknown cost mode 'gpu'; allowed: measured, profile"):
+        ControllerConfig(cost_mode="gpu")  # type: ignore[arg-type]
+
+
+def test_cost_mode_parse_passes_enum_through() -> None:
+    assert CostMode.parse(CostMode.PROFILE) is CostMode.PROFILE
+
+
+def test_controller_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ControllerConfig().n_groups = 2  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_preset_default_equals_constructor() -> None:
+    assert ControllerConfig.preset("default") == ControllerConfig()
+
+
+def test_preset_safe_values() -> None:
+    config = ControllerConfig.preset("safe")
+    assert config.interval_steps == 50
+    assert config.lr_scales == (0.75, 1.0, 1.25)
+    assert config.max_lr_change == 1.25
+    assert config.heuristic == HeuristicConfig()
+    assert config.n_groups == ControllerConfig().n_groups
+
+
+def test_preset_aggressive_values() -> None:
+    config = ControllerConfig.preset("aggressive")
+    assert config.interval_steps == 10
+    assert config.lr_scales == (0.5, 0.75, 1.0, 1.5, 2.0)
+    assert config.max_lr_change == 2.0
+    assert config.heuristic.use_fp16 is True
+    assert config.heuristic.lower_below == 0.5
+    assert config.heuristic.raise_above == 1.0
+
+
+def test_preset_unknown_lists_allowed_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown preset 'fast'; allowed: default, safe, aggressive"):
+        ControllerConfig.preset("fast")
+
+
+def test_preset_overrides_apply_on_top() -> None:
+    config = ControllerConfig.preset("safe", interval_steps=7, cost_mode="profile", n_groups=2)
+    assert config.interval_steps == 7
+    assert config.n_groups == 2
+    assert config.cost_mode is CostMode.PROFILE
+    assert config.lr_scales == (0.75, 1.0, 1.25)  # preset value kept where not overridden
+
+
+def test_preset_overrides_are_validated() -> None:
+    with pytest.raises(ConfigError, match=r"n_groups=0 must be in \[1, 16\]"):
+        ControllerConfig.preset("aggressive", n_groups=0)

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.controller import Controller
+from triaccel_rl.types import Precision
+
+
+def data(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x, y
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def train(ctl, model, epochs=2, batch_size=16):
+    seen = []
+    losses = []
+    for x, y in ctl.loader(data(), batch_size=batch_size, epochs=epochs):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+        seen.append(len(y))
+        losses.append(float(loss.detach()))
+    return seen, losses
+
+
+def test_static_bf16_runs_every_layer_in_bf16_from_the_first_step():
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=4))
+    assert ctl.precisions == [Precision.BF16] * 3
+    seen, losses = train(ctl, model)
+    assert sum(seen) == 2 * 512
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_heuristic_controller_decides_and_logs(tmp_path):
+    model, opt = model_and_optimizer()
+    ctl = Controller(
+        model, opt, policy="heuristic", config=ControllerConfig(interval_steps=4, min_batch_size=8), log_dir=tmp_path
+    )
+    seen, losses = train(ctl, model, epochs=3)
+    ctl.close()
+    assert sum(seen) == 3 * 512  # every sample once per epoch, whatever the batch sizes
+    assert len(ctl.decisions) == ctl.steps // 4
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_batch_growth_scales_lr_linearly():
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1000))
+    loader = ctl.loader(data(), batch_size=16)
+    next(loader)
+    ctl.batch_size = 64
+    ctl.engine.apply_lr()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 64 / 16)
+
+
+def test_bad_inputs():
+    model, opt = model_and_optimizer()
+    with pytest.raises(ValueError, match="unknown policy 'magic'"):
+        Controller(model, opt, policy="magic")
+    ctl = Controller(model, opt, policy="fp32")
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+        next(ctl.loader(data(), batch_size=0))
+    with pytest.raises(ValueError, match=r"loss must be a scalar tensor; got Tensor torch.Size\(\[2\]\)"):
+        ctl.step(torch.ones(2, requires_grad=True))
+    with pytest.raises(ValueError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
+        Controller(model, opt, lr_rule="cubic")

@@ -1,0 +1,104 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from triaccel_rl.envs import TriAccelEnv
+
+from triaccel_rl.config import ControllerConfig
+
+
+def small_env(**kwargs):
+    config = ControllerConfig(interval_steps=3)
+    return TriAccelEnv(task="synthetic", config=config, max_decisions=4, task_overrides={"n_train": 1024}, **kwargs)
+
+
+def test_registered_and_made_by_name():
+    env = gym.make("TriAccel-v0", task="synthetic", max_decisions=2, config=ControllerConfig(interval_steps=2))
+    obs, info = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape == (43,)
+    assert obs.dtype == np.float32
+    assert info["n_layers"] == 3
+
+
+def test_gymnasium_checker_passes():
+    gym_check_env(small_env(), skip_render_check=True)
+
+
+def test_sb3_checker_passes():
+    sb3_check_env(small_env(), warn=True)
+
+
+def test_episode_truncates_after_max_decisions_with_summary():
+    env = small_env()
+    env.reset(seed=1)
+    for decision in range(4):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert np.isfinite(reward) and env.observation_space.contains(obs)
+        assert not terminated
+        assert truncated == (decision == 3)
+    assert 0.0 <= info["test_accuracy"] <= 1.0
+    assert info["overhead_frac"] >= 0.0
+
+
+def test_same_seed_same_trajectory():
+    rewards = []
+    for _ in range(2):
+        env = small_env()
+        env.reset(seed=7)
+        rewards.append([env.step(np.array([1, 0, 0, 0, 2, 1]))[1] for _ in range(3)])
+    assert rewards[0] == rewards[1]
+
+
+def test_divergence_terminates_with_penalty():
+    # An LR 20x the task's drives the probe loss far above its start: the run diverges.
+    from triaccel_rl.tasks import get_task
+
+    env = TriAccelEnv(
+        task="synthetic",
+        config=ControllerConfig(interval_steps=5, lr_scales=(1.0, 2.0), max_lr_change=2.0),
+        max_decisions=10,
+        task_overrides={"base_lr": 50.0 * get_task("synthetic").base_lr},
+    )
+    env.reset(seed=0)
+    terminated = False
+    for _ in range(10):
+        _, reward, terminated, truncated, _ = env.step(np.array([0, 0, 0, 0, 1, 1]))
+        if terminated or truncated:
+            break
+    assert terminated
+    assert reward == -env.reward_config.divergence_penalty
+
+
+@pytest.mark.parametrize("bad", [[3, 0, 0, 0, 0, 1], [0, 0, 0, 0, 5, 1], [0, 0, 0, 0, 0, -1], [0, 0, 0]])
+def test_action_outside_space_is_rejected(bad):
+    env = small_env()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(np.array(bad))
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown task .nope.; known tasks: .*synthetic"):
+        TriAccelEnv(task="nope")
+
+
+def test_step_before_reset_is_an_error():
+    with pytest.raises(RuntimeError, match="reset"):
+        small_env().step(np.array([0, 0, 0, 0, 2, 1]))
+
+
+def test_memory_budget_refuses_growth_with_reason():
+    from triaccel_rl.config import MemoryBudget
+
+    # A budget just above the static bytes leaves no room to double the batch.
+    env = TriAccelEnv(
+        task="synthetic",
+        config=ControllerConfig(interval_steps=2, memory=MemoryBudget(bytes=130_000)),
+        max_decisions=3,
+    )
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([0, 0, 0, 0, 2, 2]))
+    assert info["batch_size"] == 64
+    assert any("refused: predicted" in reason for reason in info["refused"])

@@ -1,0 +1,210 @@
+"""Tests for triaccel_rl.loader.ElasticLoader: every sample once per epoch, whatever the batch sizes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from triaccel_rl.loader import Batch, ElasticLoader
+
+N_EPOCHS = 3
+_SETTINGS = settings(max_examples=60, deadline=None)
+
+dataset_sizes = st.integers(min_value=1, max_value=200)
+batch_size_lists = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20)
+seeds = st.integers(min_value=0, max_value=2**20)
+
+
+def make_loader(n: int, seed: int) -> ElasticLoader:
+    # Features carry the index so a batch's x and y can be checked against its indices.
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1) * torch.tensor([[1.0, -2.0]])
+    y = torch.arange(n) + 1000
+    return ElasticLoader(x, y, seed=seed)
+
+
+def serve_epochs(loader: ElasticLoader, sizes: list[int], n_epochs: int) -> list[Batch]:
+    """Cycles through ``sizes`` until ``n_epochs`` full epochs have been served."""
+    batches: list[Batch] = []
+    total = n_epochs * len(loader)
+    i = 0
+    while loader.samples_served < total:
+        batches.append(loader.next(sizes[i % len(sizes)]))
+        i += 1
+    return batches
+
+
+def order_by_epoch(batches: list[Batch]) -> dict[int, list[int]]:
+    per_epoch: dict[int, list[int]] = defaultdict(list)
+    for batch in batches:
+        per_epoch[batch.epoch].extend(batch.indices.tolist())
+    return dict(per_epoch)
+
+
+@_SETTINGS
+@given(n=dataset_sizes, sizes=batch_size_lists, seed=seeds)
+def test_every_index_once_per_epoch(n: int, sizes: list[int], seed: int) -> None:
+    loader = make_loader(n, seed)
+    batches = serve_epochs(loader, sizes, N_EPOCHS)
+    per_epoch = order_by_epoch(batches)
+    assert sorted(per_epoch) == list(range(N_EPOCHS))
+    for epoch, order in per_epoch.items():
+        assert sorted(order) == list(range(n)), f"epoch {epoch} is not a permutation of range({n})"
+    assert loader.samples_served == N_EPOCHS * n
+
+
+@_SETTINGS
+@given(n=dataset_sizes, sizes=batch_size_lists, seed=seeds)
+def test_batches_have_requested_size_and_never_cross_epochs(n: int, sizes: list[int], seed: int) -> None:
+    loader = make_loader(n, seed)
+    served_in_epoch = 0
+    epoch = 0
+    i = 0
+    while loader.samples_served < N_EPOCHS * n:
+        asked = sizes[i % len(sizes)]
+        i += 1
+        batch = loader.next(asked)
+        if batch.epoch != epoch:  # a new epoch starts only after the previous one was fully served
+            assert served_in_epoch == n
+            assert batch.epoch == epoch + 1
+            epoch, served_in_epoch = batch.epoch, 0
+        # A batch is the requested size unless the epoch ends inside it; then it is exactly the remainder.
+        assert len(batch.y) == min(asked, n - served_in_epoch)
+        served_in_epoch += len(batch.y)
+        assert served_in_epoch <= n
+        assert loader.epoch_progress == served_in_epoch / n
+    assert epoch == N_EPOCHS - 1
+    assert served_in_epoch == n
+
+
+@_SETTINGS
+@given(n=dataset_sizes, sizes=batch_size_lists, seed=seeds)
+def test_batch_contents_match_indices(n: int, sizes: list[int], seed: int) -> None:
+    loader = make_loader(n, seed)
+    for batch in serve_epochs(loader, sizes, 2):
+        assert torch.equal(batch.x, loader.x[batch.indices])
+        assert torch.equal(batch.y, batch.indices + 1000)
+        assert batch.x.shape == (len(batch.indices), 2)
+
+
+@_SETTINGS
+@given(n=dataset_sizes, sizes_a=batch_size_lists, sizes_b=batch_size_lists, seed=seeds)
+def test_order_depends_only_on_seed_and_epoch(n: int, sizes_a: list[int], sizes_b: list[int], seed: int) -> None:
+    order_a = order_by_epoch(serve_epochs(make_loader(n, seed), sizes_a, N_EPOCHS))
+    order_b = order_by_epoch(serve_epochs(make_loader(n, seed), sizes_b, N_EPOCHS))
+    assert order_a == order_b
+
+
+def test_different_seeds_or_epochs_give_different_orders() -> None:
+    n = 100
+    orders = order_by_epoch(serve_epochs(make_loader(n, 0), [7], 2))
+    other_seed = order_by_epoch(serve_epochs(make_loader(n, 1), [7], 2))
+    # 100! orders: a coincidence has probability ~1e-158, so inequality is a property of the seeding.
+    assert orders[0] != orders[1]
+    assert orders[0] != other_seed[0]
+
+
+@_SETTINGS
+@given(
+    n=dataset_sizes,
+    seed=seeds,
+    steps=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=64), st.integers(min_value=0, max_value=64)),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_take_back_reserves_identically(n: int, seed: int, steps: list[tuple[int, int]]) -> None:
+    """Each step serves a batch, then gives back ``k`` of its samples (a step that was not applied).
+
+    The applied samples must still form every index once per epoch, in the undisturbed order, and
+    ``samples_served`` must count applied samples exactly.
+    """
+    loader = make_loader(n, seed)
+    reference = order_by_epoch(serve_epochs(make_loader(n, seed), [n], N_EPOCHS))
+    applied: dict[int, list[int]] = defaultdict(list)
+    n_applied = 0
+    i = 0
+    while n_applied < N_EPOCHS * n:
+        asked, give_back = steps[i % len(steps)]
+        i += 1
+        batch = loader.next(asked)
+        served = batch.indices.tolist()
+        k = min(give_back, len(served)) if i % 3 else 0  # every third step keeps its batch: progress is certain
+        loader.take_back(k)
+        applied[batch.epoch].extend(served[: len(served) - k])
+        n_applied += len(served) - k
+        assert loader.samples_served == n_applied
+        if k:
+            again = loader.next(k)
+            # The given-back samples come back first, the same ones in the same order.
+            assert again.epoch == batch.epoch
+            assert again.indices.tolist() == served[len(served) - k :]
+            applied[again.epoch].extend(again.indices.tolist())
+            n_applied += k
+            assert loader.samples_served == n_applied
+    assert dict(applied) == reference
+
+
+def test_take_back_whole_epoch_end_batch_stays_in_epoch() -> None:
+    loader = make_loader(10, seed=3)
+    first = loader.next(6)
+    last = loader.next(6)  # the 4 remaining samples of epoch 0
+    assert len(last.y) == 4
+    loader.take_back(4)
+    again = loader.next(8)
+    assert again.epoch == 0
+    assert torch.equal(again.indices, last.indices)
+    assert loader.samples_served == 10
+    assert sorted(first.indices.tolist() + again.indices.tolist()) == list(range(10))
+    assert loader.next(1).epoch == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_take_back_more_than_served_raises(bad: int) -> None:
+    loader = make_loader(20, seed=0)
+    loader.next(10)
+    with pytest.raises(ValueError, match=rf"cannot take back {bad} samples; 10 served this epoch"):
+        loader.take_back(bad)
+    assert loader.samples_served == 10
+
+
+def test_epoch_batches_yields_rest_of_epoch_only() -> None:
+    loader = make_loader(23, seed=5)
+    head = loader.next(5)
+    rest = list(loader.epoch_batches(4))
+    assert [len(b.y) for b in rest] == [4, 4, 4, 4, 2]
+    assert all(b.epoch == 0 for b in rest)
+    assert sorted(head.indices.tolist() + [i for b in rest for i in b.indices.tolist()]) == list(range(23))
+    # At an epoch boundary it serves the whole next epoch.
+    assert sum(len(b.y) for b in loader.epoch_batches(10)) == 23
+    assert loader.epoch == 1
+    assert loader.samples_served == 46
+
+
+def test_docstring_example() -> None:
+    loader = ElasticLoader(torch.arange(10.0), torch.arange(10), seed=0)
+    assert [len(loader.next(4).y) for _ in range(3)] == [4, 4, 2]
+    assert len(loader) == 10
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4", None])
+def test_bad_batch_size_raises_naming_value(bad: object) -> None:
+    loader = make_loader(10, seed=0)
+    with pytest.raises(ValueError, match=r"must be a positive integer") as info:
+        loader.next(bad)  # type: ignore[arg-type]
+    assert f"batch_size={bad!r}" in str(info.value)
+    assert loader.samples_served == 0
+
+
+def test_mismatched_lengths_raise_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"inputs \(5\) and labels \(4\) must have the same length"):
+        ElasticLoader(torch.zeros(5, 3), torch.zeros(4))
+
+
+def test_empty_dataset_raises() -> None:
+    with pytest.raises(ValueError, match=r"empty dataset"):
+        ElasticLoader(torch.zeros(0, 3), torch.zeros(0))

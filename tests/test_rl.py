@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy
+
+from triaccel_rl.actions import action_space
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.rl import train_policy
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "policy.zip"
+    path = train_policy(
+        ["synthetic"],
+        total_timesteps=256,
+        n_envs=2,
+        vec="dummy",
+        max_decisions=8,
+        interval_steps=2,
+        n_steps=128,
+        batch_size=64,
+        seed=0,
+        out=out,
+        log_dir=tmp_path_factory.mktemp("tb"),
+    )
+    return path
+
+
+def test_ppo_trains_saves_and_reloads_identically(trained):
+    from stable_baselines3 import PPO
+
+    assert trained.is_file()
+    model = PPO.load(trained, device="cpu")
+    assert model.num_timesteps >= 256
+    policy = make_policy(str(trained))
+    observations = np.random.default_rng(0).uniform(-2, 2, (16, 43)).astype(np.float32)
+    expected, _ = model.predict(observations, deterministic=True)
+    actions, _ = policy.predict(observations, deterministic=True)
+    np.testing.assert_array_equal(actions, expected)
+    assert action_space(ControllerConfig()).contains(actions[0])
+
+
+def test_tensorboard_events_written(trained, tmp_path):
+    out = tmp_path / "p.zip"
+    train_policy(
+        ["synthetic"],
+        total_timesteps=64,
+        n_envs=1,
+        vec="dummy",
+        max_decisions=4,
+        interval_steps=2,
+        n_steps=64,
+        batch_size=32,
+        out=out,
+        log_dir=tmp_path / "tb",
+    )
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_policy_for_other_spaces_is_rejected(trained):
+    import gymnasium as gym
+
+    other = ControllerConfig(n_groups=2)
+    with pytest.raises(PolicyLoadError, match=r"trained for observation space Box.*\(43,\).*has Box.*\(27,\)"):
+        LearnedPolicy(trained, gym.spaces.Box(-10, 10, (27,), np.float32), action_space(other))
+
+
+def test_bad_training_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        train_policy(["nope"], total_timesteps=10)
+    with pytest.raises(ValueError, match="batch_size=512 exceeds the rollout size"):
+        train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=128, batch_size=512)

@@ -1,0 +1,101 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from triaccel_rl.config import ConfigError, MemoryBudget
+from triaccel_rl.tasks import get_task, task_names
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Precision
+
+SMALL = {
+    "synthetic": {},
+    "mlp-fmnist": {"n_train": 2048, "n_test": 256},
+    "cnn-fmnist": {"n_train": 1024, "n_test": 256},
+}
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_every_task_trains(name):
+    task = get_task(name, **SMALL.get(name, {}))
+    run = TrainingRun(task, seed=0, device="cpu", batch_size=64)
+    before = run.probe_loss()
+    losses = [run.step().loss for _ in range(12)]
+    after = run.probe_loss()
+    assert all(math.isfinite(v) for v in losses)
+    assert after < before, f"{name}: probe loss {before:.4f} -> {after:.4f} did not fall"
+
+
+def test_mixed_precision_run_trains_and_reports_per_layer_stats():
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.set_precisions(["bf16", "fp16", "fp32"])
+    assert run.engine.grad_scaler is not None  # fp16 layer: loss scaling on
+    before = run.probe_loss()
+    for _ in range(20):
+        stats = run.step()
+    assert run.probe_loss() < before
+    assert stats.grad_sq_sum.shape == (3,) and np.all(stats.grad_sq_sum > 0)
+    assert np.all(stats.grad_nonfinite == 0)
+
+
+def test_batch_size_and_lr_scale_knobs():
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.batch_size = 128
+    run.lr_scale = 0.5
+    stats = run.step()
+    assert stats.batch_size == 128
+    # SGD: linear batch rule. 0.05 (base) * 0.5 (scale) * 128/64 (batch gain)
+    assert stats.lr == pytest.approx(0.05)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "64"])
+def test_bad_batch_size_is_rejected(bad):
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+        run.batch_size = bad
+
+
+def test_unknown_precision_and_wrong_count():
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
+        run.set_precisions(["fp8", "fp32", "fp32"])
+    with pytest.raises(ValueError, match="got 2 precisions; expected 3"):
+        run.set_precisions([Precision.FP32, Precision.BF16])
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        TrainingRun("synthetic", device="cuda")
+
+
+def test_budget_below_model_state_is_rejected():
+    with pytest.raises(ConfigError, match="below the model's fixed"):
+        TrainingRun("synthetic", device="cpu", memory=MemoryBudget(bytes=1000))
+
+
+def test_profile_cost_mode_charges_less_for_bf16():
+    run = TrainingRun(get_task("synthetic"), seed=0, device="cpu", cost_mode="profile", include_fixed_cost=False)
+    fp32 = run.modelled_step_ms()
+    run.set_precisions(["bf16"] * 3)
+    bf16 = run.modelled_step_ms()
+    assert bf16 == pytest.approx(fp32 * run.profile.time(Precision.BF16))
+    assert run.step().modelled_time_ms == pytest.approx(bf16)
+
+
+def test_nonfinite_loss_skips_update_and_keeps_parameters(monkeypatch):
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.step()
+    before = [p.detach().clone() for p in run.model.parameters()]
+    state_before = {k: v["momentum_buffer"].clone() for k, v in run.optimizer.state.items()}
+    original = type(run.task).loss_fn
+    monkeypatch.setattr(type(run.task), "loss_fn", lambda self, logits, y: original(self, logits, y) * float("nan"))
+    stats = run.step()
+    assert stats.skipped and run.skipped_steps == 1
+    for a, b in zip(before, run.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for k, v in run.optimizer.state.items():
+        assert torch.equal(state_before[k], v["momentum_buffer"])

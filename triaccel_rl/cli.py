@@ -1,0 +1,172 @@
+"""The ``triaccel-rl`` command: ``compare`` controllers, ``train-policy`` with PPO, list ``tasks``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_CONTROLLERS = "fp32,bf16,fp16,heuristic"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input: one clear line, no traceback from deep inside.
+        print(f"triaccel-rl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triaccel-rl",
+        description="Controllers for PyTorch training runs: per-layer precision, LR scale and batch size.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser(
+        "compare",
+        help="run controllers × seeds on a task and print a results table",
+        description="Train a task under each controller and seed; print a table, write JSON and TensorBoard runs.",
+    )
+    compare.add_argument("--task", default="mlp-fmnist", help="registered task (see `triaccel-rl tasks`)")
+    compare.add_argument(
+        "--controllers",
+        default=DEFAULT_CONTROLLERS,
+        help=f"comma-separated: fp32, bf16, fp16, heuristic, or SB3 .zip paths (default {DEFAULT_CONTROLLERS})",
+    )
+    compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")
+    compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
+    compare.add_argument("--interval-steps", type=int, default=20, help="optimizer steps between decisions")
+    compare.add_argument("--eval-every", type=int, default=5, help="evaluate the test metric every N decisions")
+    compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    compare.add_argument(
+        "--cost-mode",
+        choices=("measured", "profile"),
+        default=None,
+        help="time charged: measured, or from the hardware profile (default: measured on GPU, profile on CPU)",
+    )
+    compare.add_argument("--reference", default="static-fp32", help="row the time ratios are taken against")
+    compare.add_argument("--log-dir", default="runs/compare", help="TensorBoard folder ('' for none)")
+    compare.add_argument("--out", default="runs/compare/results.json", help="JSON results file ('' for none)")
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compare.set_defaults(func=_compare)
+
+    train = sub.add_parser(
+        "train-policy",
+        help="train a controller policy with PPO on vectorised TriAccel-v0 environments",
+        description="Train an SB3 PPO policy on TriAccel-v0 over one or more tasks; saves a .zip.",
+    )
+    train.add_argument("--tasks", default="synthetic", help="comma-separated tasks; envs cycle through them")
+    train.add_argument("--timesteps", type=int, default=4096, help="total environment steps (decisions)")
+    train.add_argument("--n-envs", type=int, default=2, help="parallel environments")
+    train.add_argument("--vec", choices=("dummy", "subproc"), default="subproc", help="vectorisation backend")
+    train.add_argument("--max-decisions", type=int, default=20, help="decisions per episode")
+    train.add_argument("--interval-steps", type=int, default=20, help="optimizer steps per decision")
+    train.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
+    train.add_argument("--batch-size", type=int, default=64, help="PPO minibatch size")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="runs/policy.zip", help="where to save the policy zip")
+    train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none)")
+    train.set_defaults(func=_train_policy)
+
+    tasks = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
+    tasks.set_defaults(func=_tasks)
+    return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from triaccel_rl.compare import compare, format_table, summarize, write_json
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.tasks import get_task
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds} must be >= 1")
+    controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
+    if not controllers:
+        raise ValueError("--controllers is empty")
+    task = get_task(args.task)
+    config = ControllerConfig(interval_steps=args.interval_steps)
+    start = time.perf_counter()
+    results = compare(
+        args.task,
+        controllers,
+        list(range(args.seeds)),
+        epochs=args.epochs,
+        config=config,
+        cost_mode=args.cost_mode,
+        device=args.device,
+        log_dir=args.log_dir or None,
+        show_progress=not args.no_progress,
+        eval_every=args.eval_every,
+    )
+    names = [r.controller for r in results]
+    reference = args.reference if args.reference in names else None
+    rows = summarize(results, reference=reference)
+    modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
+    label = "time (s, modelled GPU)" if modelled else "time (s)"
+    print()
+    print(
+        f"Task {task.name}: {task.description}; target accuracy {100 * task.target_metric:.1f}%, "
+        f"{args.epochs:g} epochs, seeds 0..{args.seeds - 1}"
+    )
+    print(format_table(rows, time_label=label))
+    print(
+        f"\nwall time {time.perf_counter() - start:.1f} s" + (f"; TensorBoard: {args.log_dir}" if args.log_dir else "")
+    )
+    if args.out:
+        write_json(
+            results, rows, args.out, task=task.name, command="triaccel-rl " + shlex.join(sys.argv[1:]), time_mode=label
+        )
+        print(f"results: {args.out}")
+    return 0
+
+
+def _train_policy(args: argparse.Namespace) -> int:
+    from triaccel_rl.rl import train_policy
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    path = train_policy(
+        tasks,
+        total_timesteps=args.timesteps,
+        n_envs=args.n_envs,
+        vec=args.vec,
+        max_decisions=args.max_decisions,
+        interval_steps=args.interval_steps,
+        n_steps=args.n_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out=Path(args.out),
+        log_dir=args.log_dir or None,
+    )
+    print(f"saved policy: {path}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from triaccel_rl.tasks import TASKS
+
+    for name, task in sorted(TASKS.items()):
+        print(f"{name:14s} {task.description} (target accuracy {100 * task.target_metric:.0f}%)")
+    return 0
+
+
+def _cuda(device: str | None) -> bool:
+    import torch
+
+    return torch.cuda.is_available() if device is None else device.startswith("cuda")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

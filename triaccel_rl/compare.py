@@ -1,0 +1,324 @@
+"""Compare controllers × seeds on a task: time to target, final metric, memory, changes; table, JSON, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from triaccel_rl.actions import action_space, decode
+from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
+from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.observation import OBS_HIGH
+from triaccel_rl.policies import make_policy
+from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Precision
+
+__all__ = ["RunResult", "compare", "format_table", "run_controller", "summarize"]
+
+
+@dataclass
+class RunResult:
+    """One controller on one seed.
+
+    Attributes:
+        controller: the controller's name (``static-bf16``, ``heuristic``, ``learned:policy.zip``).
+        seed: the run's seed.
+        final_metric: test accuracy at the end, in [0, 1].
+        time_s: charged training time (measured, or modelled from the hardware profile), seconds.
+        wall_s: wall-clock training time on this machine, seconds.
+        time_to_target_s: charged time when the test metric first reached the task's target (None: never).
+        peak_bytes: peak memory (allocator on GPU, accounting on CPU).
+        precision_changes: decisions that changed some layer's precision.
+        batch_changes: decisions that changed the batch size.
+        lr_changes: decisions that changed the LR multiplier.
+        skipped_steps: updates skipped for non-finite gradients.
+        overhead_frac: share of training time spent on signals and decisions.
+        steps: optimizer steps taken.
+        curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation.
+    """
+
+    controller: str
+    seed: int
+    final_metric: float
+    time_s: float
+    wall_s: float
+    time_to_target_s: float | None
+    peak_bytes: int
+    precision_changes: int
+    batch_changes: int
+    lr_changes: int
+    skipped_steps: int
+    overhead_frac: float
+    steps: int
+    curve: list[tuple[float, float, int, float, float]] = field(default_factory=list)
+
+
+def run_controller(
+    task: Task | str,
+    controller: str,
+    seed: int,
+    *,
+    epochs: float = 1.0,
+    config: ControllerConfig | None = None,
+    cost_mode: CostMode | str | None = None,
+    profile: HardwareProfile | None = None,
+    device: str | None = None,
+    eval_every: int = 5,
+    log_dir: str | os.PathLike[str] | None = None,
+    progress: tqdm | None = None,
+) -> RunResult:
+    """Trains ``task`` for ``epochs`` epochs under ``controller`` and measures it.
+
+    Args:
+        task: task or its registered name.
+        controller: a static preset, ``heuristic``, or a path to an SB3 zip.
+        seed: seeds the model, the data order and the subset.
+        epochs: training budget in epochs (fractional allowed).
+        config: decision interval, groups, bounds.
+        cost_mode: ``measured`` or ``profile``; default measured on a GPU, profile on a CPU.
+        profile: hardware profile for ``profile`` mode (the shipped one by default).
+        device: ``cpu``, ``cuda`` or None (CUDA when available).
+        eval_every: evaluate the test metric every this many decisions.
+        log_dir: TensorBoard folder for this run (None: no logging).
+        progress: a tqdm bar (in epochs) to advance as training proceeds.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    config = config or ControllerConfig()
+    if epochs <= 0:
+        raise ValueError(f"epochs={epochs} must be positive")
+    if eval_every < 1:
+        raise ValueError(f"eval_every={eval_every} must be >= 1")
+    run = TrainingRun(task, seed=seed, device=device, memory=config.memory, profile=profile, cost_mode="measured")
+    if cost_mode is None:
+        cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
+    run.cost_mode = CostMode.parse(cost_mode)
+    loop = DecisionLoop(run, config)
+    policy = _policy(controller, config)
+    name = getattr(policy, "name", controller)
+    writer = _writer(log_dir)
+    samples_per_epoch = len(run.loader)  # samples per epoch
+    total_samples = int(epochs * samples_per_epoch)
+    time_ms = wall_ms = 0.0
+    time_to_target: float | None = None
+    curve: list[tuple[float, float, int, float, float]] = []
+    changes = {"precision": 0, "batch": 0, "lr": 0}
+    peak = 0
+    decision = 0
+    observation = None
+    initial = getattr(policy, "initial_action", None)
+    if initial is not None:  # a static configuration holds from the first step, not from a decision
+        loop.executor.apply(decode(initial, config), run)
+    while run.samples_seen < total_samples:
+        if observation is not None:
+            raw, _ = policy.predict(observation, deterministic=True)
+            before = (run.batch_size, run.lr_scale)
+            report = loop.apply(np.asarray(raw))
+            changes["precision"] += int(report.changed_precision > 0)
+            changes["batch"] += int(report.batch_size != before[0])
+            changes["lr"] += int(report.lr_scale != before[1])
+        remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
+        interval = loop.train_interval(max_steps=remaining_steps)
+        time_ms += interval.cost_ms
+        wall_ms += interval.wall_ms
+        if progress is not None:
+            progress.update(interval.samples / samples_per_epoch)
+        signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+        peak = max(peak, signals.memory_bytes)
+        observation = loop.observation()
+        decision += 1
+        finished = run.samples_seen >= total_samples
+        if decision % eval_every == 0 or finished:
+            metric = run.evaluate()
+            low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
+            curve.append((time_ms / 1e3, metric, run.batch_size, run.lr_scale, low))
+            if time_to_target is None and metric >= task.target_metric:
+                time_to_target = time_ms / 1e3
+            if writer is not None:
+                step = run.steps
+                writer.add_scalar("test/metric", metric, step)
+                writer.add_scalar("test/metric_vs_time_ms", metric, int(time_ms))
+                writer.add_scalar("train/probe_loss", signals.probe_loss, step)
+                writer.add_scalar("controller/batch_size", run.batch_size, step)
+                writer.add_scalar("controller/lr_scale", run.lr_scale, step)
+                writer.add_scalar("controller/low_precision_share", low, step)
+                writer.add_scalar("memory/peak_bytes", signals.memory_bytes, step)
+                writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
+    if writer is not None:
+        writer.close()
+    return RunResult(
+        controller=name,
+        seed=seed,
+        final_metric=curve[-1][1],
+        time_s=time_ms / 1e3,
+        wall_s=wall_ms / 1e3,
+        time_to_target_s=time_to_target,
+        peak_bytes=int(peak),
+        precision_changes=changes["precision"],
+        batch_changes=changes["batch"],
+        lr_changes=changes["lr"],
+        skipped_steps=run.skipped_steps,
+        overhead_frac=float(loop.collector.overhead_ms / max(loop.collector.train_ms, 1e-9)),
+        steps=run.steps,
+        curve=curve,
+    )
+
+
+def compare(
+    task: str,
+    controllers: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    epochs: float = 1.0,
+    config: ControllerConfig | None = None,
+    cost_mode: CostMode | str | None = None,
+    device: str | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+    eval_every: int = 5,
+) -> list[RunResult]:
+    """Runs every controller on every seed of ``task`` in this process; returns one result per run.
+
+    Raises:
+        ValueError: an unknown task or controller, before any run starts.
+    """
+    task_obj = get_task(task)
+    config = config or ControllerConfig()
+    for controller in controllers:  # fail fast on a bad name or zip, before any run starts
+        _policy(controller, config)
+    if not seeds:
+        raise ValueError("need at least one seed")
+    total = epochs * len(controllers) * len(seeds)
+    results = []
+    bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
+    with tqdm(total=total, disable=not show_progress, desc=f"compare {task}", bar_format=bar_format) as bar:
+        for controller in controllers:
+            for seed in seeds:
+                bar.set_postfix_str(f"{controller} seed {seed}")
+                run_log = None if log_dir is None else Path(log_dir) / f"{_safe(controller)}-seed{seed}"
+                results.append(
+                    run_controller(
+                        task_obj,
+                        controller,
+                        seed,
+                        epochs=epochs,
+                        config=config,
+                        cost_mode=cost_mode,
+                        device=device,
+                        log_dir=run_log,
+                        progress=bar,
+                        eval_every=eval_every,
+                    )
+                )
+    return results
+
+
+def summarize(results: Sequence[RunResult], reference: str | None = None) -> list[dict[str, Any]]:
+    """Aggregates results per controller: mean and standard deviation over seeds, ratios to ``reference``."""
+    by_controller: dict[str, list[RunResult]] = {}
+    for result in results:
+        by_controller.setdefault(result.controller, []).append(result)
+    rows: list[dict[str, Any]] = []
+    for name, runs in by_controller.items():
+        reached = [r.time_to_target_s for r in runs if r.time_to_target_s is not None]
+        rows.append(
+            {
+                "controller": name,
+                "seeds": [r.seed for r in runs],
+                "final_metric_mean": statistics.fmean(r.final_metric for r in runs),
+                "final_metric_std": _std([r.final_metric for r in runs]),
+                "time_s_mean": statistics.fmean(r.time_s for r in runs),
+                "time_s_std": _std([r.time_s for r in runs]),
+                "time_to_target_s_mean": statistics.fmean(reached) if reached else None,
+                "reach_rate": len(reached) / len(runs),
+                "peak_bytes_mean": statistics.fmean(r.peak_bytes for r in runs),
+                "precision_changes_mean": statistics.fmean(r.precision_changes for r in runs),
+                "batch_changes_mean": statistics.fmean(r.batch_changes for r in runs),
+                "lr_changes_mean": statistics.fmean(r.lr_changes for r in runs),
+                "overhead_frac_mean": statistics.fmean(r.overhead_frac for r in runs),
+                "wall_s_mean": statistics.fmean(r.wall_s for r in runs),
+            }
+        )
+    if reference is not None:
+        ref = next((row for row in rows if row["controller"] == reference), None)
+        if ref is None:
+            raise ValueError(f"reference {reference!r} is not among {[row['controller'] for row in rows]}")
+        for row in rows:
+            row["time_ratio"] = row["time_s_mean"] / ref["time_s_mean"]
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -> str:
+    """A Markdown table of ``summarize`` rows."""
+    header = (
+        f"| controller | final acc | {time_label} | to target (s) | reached | peak memory | "
+        "changes prec/batch/LR | overhead |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    for row in rows:
+        to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
+        lines.append(
+            f"| {row['controller']} | {100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f} "
+            f"| {row['time_s_mean']:.3g} ± {row['time_s_std']:.2g} | {to_target} | {100 * row['reach_rate']:.0f}% "
+            f"| {_bytes(row['peak_bytes_mean'])} | {row['precision_changes_mean']:.1f} / "
+            f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(
+    results: Sequence[RunResult], rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], **meta: Any
+) -> None:
+    """Writes the runs and the summary rows as JSON, with ``meta`` (task, device, date, command...)."""
+    payload = {
+        "meta": {"date": time.strftime("%Y-%m-%d"), **meta},
+        "rows": list(rows),
+        "runs": [asdict(r) for r in results],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _policy(controller: str, config: ControllerConfig) -> Any:
+    import gymnasium as gym
+
+    from triaccel_rl.observation import ObservationLayout
+
+    size = ObservationLayout(config.n_groups).size
+    return make_policy(
+        controller, config, gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32), action_space(config)
+    )
+
+
+def _writer(log_dir: str | os.PathLike[str] | None) -> Any:
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
