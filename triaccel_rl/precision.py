@@ -93,6 +93,7 @@ class LayerPrecision:
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
+        self._mixed = False
         self._handles: list[Any] = []
         self._stack: list[contextlib.AbstractContextManager[Any]] = []
         for index, module in enumerate(self._modules):
@@ -134,11 +135,23 @@ class LayerPrecision:
         """True when any layer computes in fp16, whose narrow range needs loss scaling."""
         return Precision.FP16 in self.precisions
 
+    @property
+    def uniform(self) -> Precision | None:
+        """The precision shared by every controllable layer, or None when they differ."""
+        chosen = {self.precisions[i] for i in self._controllable_index}
+        return chosen.pop() if len(chosen) == 1 else None
+
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        """Runs the model's forward (and the loss) with the per-layer precisions."""
+        """Runs the model's forward (and the loss) with the per-layer precisions.
+
+        When every controllable layer has the same precision this is one plain ``torch.autocast``
+        region (or none for fp32) and the per-layer hooks stay idle: static configurations pay no
+        per-layer cost. Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
+        """
         low = [p for p in self.precisions if p is not Precision.FP32]
         outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
+        self._mixed = self.uniform is None
         self._active = True
         try:
             with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low)):
@@ -157,7 +170,7 @@ class LayerPrecision:
 
     def _make_pre_hook(self, index: int) -> Any:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if not self._active:
+            if not (self._active and self._mixed):
                 return None
             precision = self.precisions[index]
             if precision is Precision.FP32:
@@ -173,7 +186,7 @@ class LayerPrecision:
         return pre_hook
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._active and self._stack:
+        if self._active and self._mixed and self._stack:
             self._stack.pop().__exit__(None, None, None)
 
     def _fp32_inputs_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
