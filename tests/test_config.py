@@ -190,6 +190,19 @@ def test_profile_negative_scalar_rejected(name: str) -> None:
         HardwareProfile(**{**_VALID_PROFILE, name: -1.0})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "device time_factor memory_factor",
+        {**_VALID_PROFILE, "time_factor": {"fp32": "1.0", "bf16": 0.5, "fp16": 0.25}},
+    ],
+    ids=["json-string-not-object", "string-factor"],
+)
+def test_profile_malformed_values_raise_config_error(tmp_path: Path, raw: object) -> None:
+    with pytest.raises(ConfigError):
+        HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
+
+
 def test_profile_missing_file_raises_naming_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match=r"does not exist") as info:

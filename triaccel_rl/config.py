@@ -118,12 +118,22 @@ class HardwareProfile:
             missing = names - set(table)
             if missing:
                 raise ConfigError(f"hardware profile {label} lacks {sorted(missing)}; needs {sorted(names)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"hardware profile {label} must be a mapping of precision to factor; got {table!r}")
             for key, value in table.items():
-                if not (math.isfinite(value) and value > 0):
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not (math.isfinite(value) and value > 0)
+                ):
                     raise ConfigError(f"hardware profile {label}[{key!r}]={value} must be positive")
         for name in ("fixed_ms", "throughput_scale"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
                 raise ConfigError(f"hardware profile {name}={value} must be a non-negative number")
 
     def time(self, precision: Precision) -> float:
@@ -154,6 +164,8 @@ class HardwareProfile:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"hardware profile {source} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"hardware profile {source} must be a JSON object; got {type(raw).__name__}")
         required = [f.name for f in fields(cls) if f.name in ("device", "time_factor", "memory_factor")]
         missing = [name for name in required if name not in raw]
         if missing:

@@ -142,11 +142,15 @@ class StepEngine:
         stats = self.grad_stats()
         # Host-device sync (reference path): the skip is decided on the host.
         skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss.detach()))
+        if not skipped:
+            # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
+            # loss with finite gradients: decide here for both.
+            if scaler is not None:
+                scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         if scaler is not None:
-            scaler.step(self.optimizer)  # skips the update by itself on a non-finite gradient
-            scaler.update()
-        elif not skipped:
-            self.optimizer.step()
+            scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
         self.optimizer.zero_grad(set_to_none=False)
         return stats, skipped
 

@@ -59,7 +59,7 @@ class ObservationLayout:
         >>> layout.size
         43
         >>> layout.group(1, "is_bf16")
-        24
+        25
     """
 
     n_groups: int

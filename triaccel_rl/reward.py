@@ -38,7 +38,7 @@ def reward(
         2.0
     """
     if diverged or not math.isfinite(probe_loss):
-        return -config.divergence_penalty
+        return -min(config.divergence_penalty, config.clip)
     if not (cost_ms > 0 and reference_cost_ms > 0):
         raise ValueError(f"costs must be positive; got cost_ms={cost_ms}, reference_cost_ms={reference_cost_ms}")
     progress = math.log(max(previous_probe_loss, 1e-12)) - math.log(max(probe_loss, 1e-12))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -11,8 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from triaccel_rl.models import MLP, DepthwiseCNN, SmallResNet, TinyTransformer, efficientnet_b0, resnet18
+
 __all__ = [
+    "HELD_OUT_TASKS",
     "TASKS",
+    "TRAINING_TASKS",
     "Task",
     "TaskData",
     "get_task",
@@ -66,6 +69,7 @@ class Task:
         n_test: default test subset size (``None`` = all).
         target_metric: test accuracy the task counts as reached, in [0, 1].
         label_smoothing: cross-entropy label smoothing.
+        augment: applied to each training batch on its device (``None``: no augmentation).
 
     Example:
         >>> get_task("synthetic").optimizer
@@ -84,6 +88,7 @@ class Task:
     n_test: int | None = None
     target_metric: float = 0.8
     label_smoothing: float = 0.0
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -138,71 +143,6 @@ def get_task(name: str, **overrides: Any) -> Task:
 
 
 # --------------------------------------------------------------------------------------------------
-# Models
-
-
-class MLP(nn.Module):
-    """A ReLU multi-layer perceptron over flattened inputs."""
-
-    def __init__(self, in_features: int, hidden: tuple[int, ...], n_classes: int) -> None:
-        super().__init__()
-        sizes = (in_features, *hidden)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in itertools.pairwise(sizes):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], n_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns class logits ``[batch, n_classes]``."""
-        return self.net(x)
-
-
-class BasicBlock(nn.Module):
-    """The ResNet basic block: two 3×3 convs with batch norm and an identity or 1×1 shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies the block."""
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """A small ResNet-style CNN: a 3×3 stem, one basic block per stage, global pooling, a linear head."""
-
-    def __init__(self, in_channels: int, widths: tuple[int, ...], n_classes: int, stem_stride: int = 1) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
-        self.bn = nn.BatchNorm2d(widths[0])
-        blocks = []
-        previous = widths[0]
-        for i, width in enumerate(widths):
-            blocks.append(BasicBlock(previous, width, stride=1 if i == 0 else 2))
-            previous = width
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(previous, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns class logits ``[batch, n_classes]``."""
-        out = torch.relu(self.bn(self.stem(x)))
-        out = self.blocks(out)
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
-
-
-# --------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -247,6 +187,57 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
     return TaskData(train_x.contiguous(), train_y, test_x.contiguous(), test_y)
 
 
+def sequence_data(
+    n_train: int | None, n_test: int | None, seed: int, length: int = 16, vocab: int = 16, n_classes: int = 4
+) -> TaskData:
+    """Seeded token sequences; the label is which of the first ``n_classes`` tokens occurs most often.
+
+    Token ids are stored as float32 (``TaskData`` holds float inputs); the model casts them back.
+    """
+    n_train = 4096 if n_train is None else n_train
+    n_test = 1024 if n_test is None else n_test
+    generator = torch.Generator().manual_seed(20_000 + seed)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, vocab, (n, length), generator=generator)
+        counts = torch.stack([(tokens == c).sum(1) for c in range(n_classes)], 1).float()
+        counts += torch.rand(n, n_classes, generator=generator) * 0.5  # break ties at random
+        return tokens.float(), counts.argmax(1)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return TaskData(train_x, train_y, test_x, test_y)
+
+
+def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` and random horizontal flip, per sample, on x's device.
+
+    Uses the global torch RNG of x's device (seeded by the run), one gather: no host round trip.
+    """
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+    flip = torch.rand(n, 1, 1, device=x.device) < 0.5
+    cols = torch.where(flip, 2 * dx + w - 1 - cols, cols)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    return (
+        padded.permute(0, 2, 3, 1)[batch, rows, cols]
+        .permute(0, 3, 1, 2)
+        .contiguous(
+            memory_format=torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+    )
+
+
+# Training tasks (the pretrained policy learns on these) and held-out tasks (it is evaluated on these).
+TRAINING_TASKS = ("synthetic", "mlp-fmnist", "cnn-fmnist")
+HELD_OUT_TASKS = ("dwcnn-fmnist", "transformer-seq", "deep-mlp-synthetic")
+
 register_task(
     Task(
         name="synthetic",
@@ -286,5 +277,78 @@ register_task(
         n_train=8_000,
         n_test=2_000,
         target_metric=0.82,
+    )
+)
+register_task(
+    Task(
+        name="dwcnn-fmnist",
+        description="depthwise-separable CNN (widths 16-32-64) on Fashion-MNIST, AdamW",
+        build_model=lambda: DepthwiseCNN(1, (16, 32, 64), 10),
+        load_data=fashion_mnist_data,
+        optimizer="adamw",
+        base_lr=3e-3,
+        weight_decay=1e-2,
+        base_batch_size=128,
+        n_train=8_000,
+        n_test=2_000,
+        target_metric=0.78,
+    )
+)
+register_task(
+    Task(
+        name="transformer-seq",
+        description="2-layer Transformer encoder (dim 64) on generated token sequences, AdamW",
+        build_model=lambda: TinyTransformer(vocab=16, length=16, dim=64, heads=4, depth=2, n_classes=4),
+        load_data=sequence_data,
+        optimizer="adamw",
+        base_lr=1e-3,
+        weight_decay=1e-2,
+        base_batch_size=64,
+        target_metric=0.7,
+    )
+)
+register_task(
+    Task(
+        name="deep-mlp-synthetic",
+        description="6-layer MLP (width 128) on seeded Gaussian clusters, AdamW",
+        build_model=lambda: MLP(32, (128,) * 6, 10),
+        load_data=synthetic_data,
+        optimizer="adamw",
+        base_lr=1e-3,
+        weight_decay=1e-2,
+        base_batch_size=64,
+        target_metric=0.8,
+    )
+)
+
+# GPU benchmark tasks: full Fashion-MNIST with crop-and-flip augmentation, label smoothing 0.1.
+register_task(
+    Task(
+        name="resnet18-fmnist",
+        description="CIFAR-style ResNet-18 (1-channel stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
+        build_model=lambda: resnet18(in_channels=1, n_classes=10),
+        load_data=fashion_mnist_data,
+        optimizer="sgd",
+        base_lr=0.1,
+        weight_decay=5e-4,
+        base_batch_size=256,
+        target_metric=0.93,
+        label_smoothing=0.1,
+        augment=crop_flip,
+    )
+)
+register_task(
+    Task(
+        name="effnet-b0-fmnist",
+        description="EfficientNet-B0 (stride-1 stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
+        build_model=lambda: efficientnet_b0(in_channels=1, n_classes=10, stem_stride=1),
+        load_data=fashion_mnist_data,
+        optimizer="sgd",
+        base_lr=0.1,
+        weight_decay=5e-5,
+        base_batch_size=256,
+        target_metric=0.92,
+        label_smoothing=0.1,
+        augment=crop_flip,
     )
 )

@@ -1,0 +1,403 @@
+"""Tests for triaccel_rl.engine.StepEngine: gradient statistics, non-finite skips, loss scaling, LRs, moments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl.engine import StepEngine, check_precision_supported, layer_parameters
+from triaccel_rl.types import Precision
+
+CPU = torch.device("cpu")
+MOMENTUM = 0.9
+
+
+def tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def sgd_engine(model: nn.Module | None = None, lr: float = 0.1) -> tuple[nn.Module, StepEngine]:
+    model = model if model is not None else tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    return model, StepEngine(model, optimizer, CPU)
+
+
+def batch(seed: int, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=generator), torch.randn(n, 2, generator=generator)
+
+
+def loss_of(model: nn.Module, engine: StepEngine, seed: int, scale: float = 1.0) -> torch.Tensor:
+    x, y = batch(seed)
+    with engine.precision.context():
+        out = model(x)
+    return (out.float() - y).pow(2).mean() * scale
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {
+        str(i): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for i, s in optimizer.state_dict()["state"].items()
+    }
+    return params, state
+
+
+def assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, before: tuple[list, dict]) -> None:
+    params, state = before
+    for old, new in zip(params, model.parameters(), strict=True):
+        assert torch.equal(old, new), "a parameter changed on a skipped step"
+    now = {str(i): s for i, s in optimizer.state_dict()["state"].items()}
+    assert now.keys() == state.keys()
+    for key, entries in state.items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, now[key][name]), f"optimizer state {key}/{name} changed on a skipped step"
+            else:
+                assert value == now[key][name]
+
+
+def warm_up(model: nn.Module, engine: StepEngine, n_steps: int = 3) -> None:
+    for seed in range(n_steps):
+        _, skipped = engine.backward_and_step(loss_of(model, engine, seed))
+        assert not skipped
+
+
+# ---------------------------------------------------------------- gradient statistics
+
+
+def test_grad_stats_exact_on_set_gradients() -> None:
+    model, engine = sgd_engine()
+    first, last = model[0], model[2]
+    # Integer gradients whose per-parameter squared sums are perfect squares: the norm-based sum is exact.
+    first.weight.grad = torch.tensor([[3.0, 0, 0], [0, -4, 0], [0, 0, 0], [0, 0, 0]])  # 25
+    first.bias.grad = torch.tensor([1.0, -2.0, 2.0, 0.0])  # 9
+    last.weight.grad = torch.tensor([[2.0, -6.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 49
+    last.bias.grad = None  # no gradient counts as zeros
+    stats = engine.grad_stats()
+    assert stats.sq_sum.tolist() == [34.0, 49.0]
+    assert stats.abs_max.tolist() == [4.0, 6.0]
+    assert stats.nonfinite.tolist() == [0.0, 0.0]
+    assert stats.sq_sum.dtype == torch.float32
+
+
+def test_grad_stats_counts_nonfinite_per_layer() -> None:
+    model, engine = sgd_engine()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[0].weight.grad[1, 2] = float("nan")
+    model[0].bias.grad[0] = float("inf")
+    model[2].weight.grad[0, 0] = float("-inf")
+    model[2].bias.grad[:] = float("nan")
+    stats = engine.grad_stats()
+    assert stats.nonfinite.tolist() == [2.0, 3.0]
+    assert not torch.isfinite(stats.sq_sum).any()
+
+
+def test_grad_stats_exact_from_backward() -> None:
+    # One Linear(3, 1) and loss = sum of outputs: dW = column sums of x, db = batch size. With
+    # x = [[1, 1, 1], [0, 1, 1]]: dW = [1, 2, 2] (|dW|^2 = 9), db = [2] (4).
+    model = nn.Sequential(nn.Linear(3, 1))
+    _, engine = sgd_engine(model)
+    stats, skipped = engine.backward_and_step(model(torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])).sum())
+    assert not skipped
+    assert stats.sq_sum.tolist() == [13.0]
+    assert stats.abs_max.tolist() == [2.0]
+    assert stats.nonfinite.tolist() == [0.0]
+
+
+def test_grad_stats_match_float64_reference_after_backward() -> None:
+    model, engine = sgd_engine()
+    reference = tiny_model().double()
+    x, y = batch(1)
+    (reference(x.double()) - y.double()).pow(2).mean().backward()
+    stats, _ = engine.backward_and_step((model(x) - y).pow(2).mean())
+    expected_sq = [
+        sum(float(p.grad.square().sum()) for p in layer.parameters()) for layer in (reference[0], reference[2])
+    ]
+    expected_max = [
+        max(float(p.grad.abs().max()) for p in layer.parameters()) for layer in (reference[0], reference[2])
+    ]
+    # float32 backward and a sqrt-then-square round trip against float64: agreement to float32 precision.
+    np.testing.assert_allclose(stats.sq_sum.numpy(), expected_sq, rtol=1e-5)
+    np.testing.assert_allclose(stats.abs_max.numpy(), expected_max, rtol=1e-5)
+    assert stats.nonfinite.tolist() == [0.0, 0.0]
+
+
+def test_step_zeroes_gradients_in_place() -> None:
+    model, engine = sgd_engine()
+    engine.backward_and_step(loss_of(model, engine, 0))
+    for p in model.parameters():
+        assert p.grad is not None
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+# ---------------------------------------------------------------- non-finite skips
+
+
+def test_nan_loss_skips_and_leaves_params_and_state_bitwise() -> None:
+    model, engine = sgd_engine()
+    warm_up(model, engine)  # momentum buffers exist
+    before = snapshot(model, engine.optimizer)
+    stats, skipped = engine.backward_and_step(loss_of(model, engine, 10) * float("nan"))
+    assert skipped
+    assert stats.nonfinite[1].item() == 4 * 2 + 2  # the whole last layer's gradient is NaN
+    assert_unchanged(model, engine.optimizer, before)
+    # The run goes on: the next finite step updates again.
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 11))
+    assert not skipped
+    assert not torch.equal(before[0][0], model[0].weight)
+
+
+def test_nan_loss_on_first_step_creates_no_state() -> None:
+    model, engine = sgd_engine()
+    before = snapshot(model, engine.optimizer)
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 0) * float("nan"))
+    assert skipped
+    assert_unchanged(model, engine.optimizer, before)
+    assert len(engine.optimizer.state) == 0
+
+
+def test_inf_in_one_gradient_skips() -> None:
+    model, engine = sgd_engine()
+    warm_up(model, engine)
+    before = snapshot(model, engine.optimizer)
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[1, 3] = float("inf")
+        return grad
+
+    handle = model[2].weight.register_hook(poison)
+    stats, skipped = engine.backward_and_step(loss_of(model, engine, 10))
+    handle.remove()
+    assert skipped
+    assert stats.nonfinite.tolist() == [0.0, 1.0]
+    assert_unchanged(model, engine.optimizer, before)
+
+
+def test_fp16_layer_uses_grad_scaler_and_halves_on_overflow() -> None:
+    model, engine = sgd_engine()
+    assert engine.grad_scaler is None
+    engine.set_precisions(["fp16", "fp32"])
+    scaler = engine.grad_scaler
+    assert scaler is not None
+    assert engine.grad_scaler is scaler  # one scaler, kept across steps
+    initial = scaler.get_scale()
+    assert initial == 65536.0
+    # A small loss keeps the scaled fp16 gradients in range: a normal step, scale kept.
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 0, scale=1e-3))
+    assert not skipped
+    assert scaler.get_scale() == initial
+    before = snapshot(model, engine.optimizer)
+    handle = model[0].weight.register_hook(lambda grad: grad * float("inf"))
+    stats, skipped = engine.backward_and_step(loss_of(model, engine, 1, scale=1e-3))
+    handle.remove()
+    assert skipped
+    assert stats.nonfinite[0].item() > 0
+    assert scaler.get_scale() == initial / 2
+    assert_unchanged(model, engine.optimizer, before)
+    # Back to fp32: no scaler.
+    engine.set_precisions(["fp32", "fp32"])
+    assert engine.grad_scaler is None
+
+
+def test_gradients_reported_unscaled_under_fp16() -> None:
+    model, engine = sgd_engine()
+    reference_model, reference_engine = sgd_engine()
+    reference_engine.set_precisions(["fp32", "fp32"])
+    engine.set_precisions(["fp32", "fp16"])  # fp16 only on the last layer: the first layer's grad is fp32 maths
+    stats, _ = engine.backward_and_step(loss_of(model, engine, 0, scale=1e-3))
+    reference, _ = reference_engine.backward_and_step(loss_of(reference_model, reference_engine, 0, scale=1e-3))
+    # fp16 compute of the last layer perturbs the gradients at the 1e-3 level, never by the 65536 scale.
+    np.testing.assert_allclose(stats.sq_sum.numpy(), reference.sq_sum.numpy(), rtol=2e-2)
+
+
+def test_inf_loss_with_finite_gradients_skips_without_scaler() -> None:
+    model, engine = sgd_engine()
+    warm_up(model, engine)
+    before = snapshot(model, engine.optimizer)
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 10) + torch.tensor(float("inf")))
+    assert skipped
+    assert_unchanged(model, engine.optimizer, before)
+
+
+def test_inf_loss_with_finite_gradients_skips_with_scaler() -> None:
+    model, engine = sgd_engine()
+    engine.set_precisions(["fp16", "fp32"])
+    warm_up(model, engine)
+    before = snapshot(model, engine.optimizer)
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 10, scale=1e-3) + torch.tensor(float("inf")))
+    assert skipped
+    assert_unchanged(model, engine.optimizer, before)
+
+
+def test_non_scalar_loss_raises_naming_shape() -> None:
+    model, engine = sgd_engine()
+    before = snapshot(model, engine.optimizer)
+    x, _ = batch(0)
+    with pytest.raises(ValueError, match=r"loss must be a scalar tensor; got shape \(6, 2\)"):
+        engine.backward_and_step(model(x))
+    with pytest.raises(ValueError, match=r"got shape \(1,\)"):
+        engine.backward_and_step(model(x).sum().reshape(1))
+    assert_unchanged(model, engine.optimizer, before)
+
+
+# ---------------------------------------------------------------- learning rates
+
+
+def test_apply_lr_exact() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    params = StepEngine.discover(model)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": params[0], "lr": 0.5, "layer": 0},
+            {"params": params[2], "lr": 0.25, "layer": 2},
+            {"params": params[1], "lr": 1.0},  # no "layer" key: per-layer factor not applied
+        ],
+        lr=0.1,
+    )
+    engine = StepEngine(model, optimizer, CPU)
+    assert engine.base_lrs == [0.5, 0.25, 1.0]
+    engine.lr_scale = 1.5
+    engine.batch_lr_gain = 2.0
+    engine.lr_factors = np.array([0.25, 8.0, 4.0])
+    for _ in range(2):  # applying twice does not compound: always from the base LRs
+        assert engine.apply_lr() == 3.0
+        assert [group["lr"] for group in optimizer.param_groups] == [0.375, 3.0, 3.0]
+
+
+def test_step_uses_applied_lr() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # no momentum: p -= lr * g
+    engine = StepEngine(model, optimizer, CPU)
+    engine.lr_scale = 0.5
+    engine.batch_lr_gain = 0.5
+    before = [p.detach().clone() for p in model.parameters()]
+    grads: list[torch.Tensor] = []
+    handles = [p.register_hook(lambda grad: grads.append(grad.clone()) or grad) for p in model.parameters()]
+    engine.backward_and_step(loss_of(model, engine, 0))
+    for handle in handles:
+        handle.remove()
+    assert optimizer.param_groups[0]["lr"] == 0.125
+    # Hooks fire in reverse order of use: last layer's bias/weight first.
+    by_shape = {tuple(g.shape): g for g in grads}
+    for old, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p.detach(), old.add(by_shape[tuple(p.shape)], alpha=-0.125))
+
+
+# ---------------------------------------------------------------- optimizer moments
+
+
+def record_grads(model: nn.Module) -> tuple[dict[int, list[torch.Tensor]], list[Any]]:
+    recorded: dict[int, list[torch.Tensor]] = {id(p): [] for p in model.parameters()}
+    handles = []
+    for p in model.parameters():
+
+        def hook(grad: torch.Tensor, key: int = id(p)) -> None:
+            recorded[key].append(grad.detach().double().clone())
+
+        handles.append(p.register_hook(hook))
+    return recorded, handles
+
+
+def test_grad_mean_sq_norm_nan_before_first_step() -> None:
+    _, engine = sgd_engine()
+    assert np.isnan(engine.grad_mean_sq_norm()).all()
+
+
+def test_grad_mean_sq_norm_sgd_momentum() -> None:
+    model, engine = sgd_engine()
+    recorded, handles = record_grads(model)
+    n_steps = 4
+    warm_up(model, engine, n_steps)
+    for handle in handles:
+        handle.remove()
+    expected = []
+    for layer in layer_parameters(model, engine.layers):
+        total = 0.0
+        for p in layer:
+            # Momentum buffer by hand: buf_1 = g_1, buf_t = mu * buf_{t-1} + g_t (dampening 0).
+            buf = recorded[id(p)][0]
+            for grad in recorded[id(p)][1:]:
+                buf = MOMENTUM * buf + grad
+            assert torch.allclose(buf.float(), engine.optimizer.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+            total += (1 - MOMENTUM) ** 2 * float(buf.square().sum())
+        expected.append(total)
+    measured = engine.grad_mean_sq_norm()
+    assert measured.dtype == np.float64
+    # The engine sums float32 squares: agreement to float32 precision.
+    np.testing.assert_allclose(measured, expected, rtol=1e-5)
+
+
+def test_grad_mean_sq_norm_no_momentum_is_nan() -> None:
+    model = tiny_model()
+    params = StepEngine.discover(model)
+    optimizer = torch.optim.SGD(
+        [{"params": params[0], "momentum": MOMENTUM}, {"params": params[1], "momentum": 0.0}], lr=0.1
+    )
+    engine = StepEngine(model, optimizer, CPU)
+    warm_up(model, engine, 2)
+    measured = engine.grad_mean_sq_norm()
+    assert np.isfinite(measured[0])
+    assert measured[0] > 0
+    assert np.isnan(measured[1])  # no momentum buffer: no running mean to read
+
+
+def test_grad_mean_sq_norm_adamw_bias_corrected() -> None:
+    model = tiny_model()
+    betas = (0.8, 0.99)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=betas, weight_decay=0.1)
+    engine = StepEngine(model, optimizer, CPU)
+    recorded, handles = record_grads(model)
+    n_steps = 3
+    warm_up(model, engine, n_steps)
+    for handle in handles:
+        handle.remove()
+    beta = betas[0]
+    expected = []
+    for layer in layer_parameters(model, engine.layers):
+        total = 0.0
+        for p in layer:
+            exp_avg = torch.zeros_like(recorded[id(p)][0])
+            for grad in recorded[id(p)]:
+                exp_avg = beta * exp_avg + (1 - beta) * grad
+            assert torch.allclose(exp_avg.float(), optimizer.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+            total += float(exp_avg.square().sum()) / (1 - beta**n_steps) ** 2
+        expected.append(total)
+    np.testing.assert_allclose(engine.grad_mean_sq_norm(), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- device support
+
+
+def test_bf16_rejected_on_cuda_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Fake GPU 9000")
+    with pytest.raises(ValueError, match=r"precision bf16 is not supported on Fake GPU 9000; allowed: fp32, fp16"):
+        check_precision_supported(Precision.BF16, torch.device("cuda"))
+    check_precision_supported(Precision.FP16, torch.device("cuda"))
+    check_precision_supported(Precision.FP32, torch.device("cuda"))
+    check_precision_supported(Precision.BF16, CPU)  # the CPU path never asks CUDA
+
+
+def test_bf16_allowed_on_cuda_with_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    check_precision_supported(Precision.BF16, torch.device("cuda"))
+
+
+def test_set_precisions_validates() -> None:
+    _, engine = sgd_engine()
+    with pytest.raises(ValueError, match=r"unknown precision 'int8'"):
+        engine.set_precisions(["int8", "fp32"])
+    with pytest.raises(ValueError, match=r"got 3 precisions; expected 2"):
+        engine.set_precisions(["fp32"] * 3)
+    engine.set_precisions([Precision.BF16, 2])
+    assert engine.precision.precisions == [Precision.BF16, Precision.FP16]
+    assert engine.apply_lr() == 1.0

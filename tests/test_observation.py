@@ -1,0 +1,339 @@
+"""Tests for triaccel_rl.observation: layout arithmetic, sensitivity grouping with hysteresis, the vector."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from triaccel_rl import observation
+from triaccel_rl.observation import (
+    GLOBAL_FEATURES,
+    GROUP_FEATURES,
+    OBS_HIGH,
+    LayerGrouper,
+    ObservationLayout,
+    _quantile_groups,
+    build_observation,
+    sensitivity,
+)
+from triaccel_rl.types import Precision, Signals
+
+
+def make_signals(
+    scores: list[float],
+    *,
+    controllable: list[bool] | None = None,
+    precisions: list[int] | None = None,
+    n_params: list[int] | None = None,
+    **overrides: object,
+) -> Signals:
+    """Signals whose per-layer sensitivity ``log10(curvature * grad_variance)`` is exactly ``scores``.
+
+    The score is put in the curvature (``10**score``) with unit gradient variance.
+    """
+    n = len(scores)
+    fields: dict[str, object] = {
+        "loss": 1.0,
+        "loss_trend": 0.0,
+        "probe_loss": 1.0,
+        "curvature": np.array([10.0**s for s in scores]),
+        "grad_variance": np.ones(n),
+        "grad_norm": np.ones(n),
+        "snr": np.ones(n),
+        "noise_scale": 64.0,
+        "memory_bytes": 512,
+        "memory_budget_bytes": 1024,
+        "step_time_ms": 10.0,
+        "step_time_trend": 0.0,
+        "overflow_rate": 0.0,
+        "batch_size": 64,
+        "lr_scale": 1.0,
+        "precisions": np.array(precisions if precisions is not None else [0] * n, dtype=np.int64),
+        "n_params": np.array(n_params if n_params is not None else [100] * n, dtype=np.int64),
+        "controllable": np.array(controllable if controllable is not None else [True] * n),
+    }
+    fields.update(overrides)
+    return Signals(**fields)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("n_groups", [1, 2, 4, 16])
+def test_layout_size_and_unique_indices(n_groups: int) -> None:
+    layout = ObservationLayout(n_groups)
+    assert layout.size == 11 + 8 * n_groups
+    indices = [layout.globals(name) for name in GLOBAL_FEATURES]
+    indices += [layout.group(g, name) for g in range(n_groups) for name in GROUP_FEATURES]
+    assert len(indices) == len(set(indices))
+    assert sorted(indices) == list(range(layout.size))
+
+
+def test_layout_exact_indices() -> None:
+    layout = ObservationLayout(4)
+    assert layout.size == 43
+    assert layout.globals("log_loss") == 0
+    assert layout.globals("log_curvature") == 10
+    assert layout.group(0, "rel_sensitivity") == 11
+    assert layout.group(1, "is_bf16") == 11 + 8 + 6
+    assert layout.group(3, "is_fp16") == 42
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_layout_group_out_of_range(bad: int) -> None:
+    with pytest.raises(IndexError, match=rf"group {bad} out of range \[0, 4\)"):
+        ObservationLayout(4).group(bad, "is_fp32")
+
+
+def test_layout_docstring_example() -> None:
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(ObservationLayout, "ObservationLayout", globs=vars(observation).copy()):
+        runner.run(test)
+    assert runner.failures == 0
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def test_quantile_groups_exact() -> None:
+    scores = np.array([1.0, 5.0, 3.0, 2.0, 4.0, 0.0])
+    assert _quantile_groups(scores, 3).tolist() == [2, 0, 1, 1, 0, 2]
+    assert _quantile_groups(scores, 1).tolist() == [0] * 6
+
+
+def test_quantile_groups_uneven_chunks_put_extra_in_first() -> None:
+    # 5 layers into 2 groups: 3 most sensitive in group 0.
+    assert _quantile_groups(np.array([0.0, 1.0, 2.0, 3.0, 4.0]), 2).tolist() == [1, 1, 0, 0, 0]
+
+
+def test_quantile_groups_fewer_layers_than_groups() -> None:
+    assert _quantile_groups(np.array([1.0, 2.0]), 4).tolist() == [1, 0]
+
+
+def test_sensitivity_is_log_product_with_floor() -> None:
+    signals = make_signals([0.0, 0.0, 0.0])
+    signals.curvature = np.array([100.0, 0.0, 1e-3])
+    signals.grad_variance = np.array([10.0, 5.0, 0.0])
+    assert sensitivity(signals).tolist() == [3.0, -30.0 + math.log10(5.0), -3.0 - 30.0]
+
+
+def test_grouper_orders_by_sensitivity_most_sensitive_first() -> None:
+    scores = [0.0, 7.0, 3.0, 5.0, 1.0, 6.0, 2.0, 4.0]
+    grouper = LayerGrouper(np.ones(8, dtype=bool), n_groups=4)
+    assignment = grouper.update(make_signals(scores))
+    assert assignment.tolist() == [3, 0, 2, 1, 3, 0, 2, 1]
+    assert grouper.layers_of(0).tolist() == [1, 5]
+    assert grouper.layers_of(3).tolist() == [0, 4]
+
+
+def test_grouper_ignores_non_controllable_layers() -> None:
+    # Layer 1 (a norm) is the most sensitive but not controllable: it is in no group.
+    scores = [1.0, 9.0, 3.0, 2.0, 0.0]
+    controllable = [True, False, True, True, True]
+    grouper = LayerGrouper(np.array(controllable), n_groups=2)
+    grouper.update(make_signals(scores, controllable=controllable))
+    assert grouper.indices.tolist() == [0, 2, 3, 4]
+    assert grouper.layers_of(0).tolist() == [2, 3]
+    assert grouper.layers_of(1).tolist() == [0, 4]
+
+
+def test_grouper_needs_a_controllable_layer() -> None:
+    with pytest.raises(ValueError, match=r"no controllable"):
+        LayerGrouper(np.zeros(3, dtype=bool), n_groups=2)
+
+
+def test_fewer_layers_than_groups_every_layer_grouped() -> None:
+    grouper = LayerGrouper(np.ones(2, dtype=bool), n_groups=4)
+    signals = make_signals([1.0, 2.0], n_params=[30, 10])
+    assert grouper.update(signals).tolist() == [1, 0]
+    layout = ObservationLayout(4)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    assert np.all(np.isfinite(obs))
+    # Empty groups 2 and 3 borrow their nearest non-empty group (1) but own no parameters.
+    for name in ("rel_sensitivity", "log_curvature", "log_variance", "log_snr", "is_fp32"):
+        assert obs[layout.group(2, name)] == obs[layout.group(1, name)]
+        assert obs[layout.group(3, name)] == obs[layout.group(1, name)]
+    assert [obs[layout.group(g, "param_share")] for g in range(4)] == [0.25, 0.75, 0.0, 0.0]
+
+
+def test_hysteresis_small_crossing_keeps_groups() -> None:
+    # Default smoothing 0.5 and margin 0.15. First scores [4, 3, 2, 1] → groups [0, 0, 1, 1].
+    grouper = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    assert grouper.update(make_signals([4.0, 3.0, 2.0, 1.0])).tolist() == [0, 0, 1, 1]
+    # Raw [4, 1, 2.2, 1] smooths to [4, 2.0, 2.1, 1]: layers 1 and 2 swap ranks by 0.1 < margin.
+    assert grouper.update(make_signals([4.0, 1.0, 2.2, 1.0])).tolist() == [0, 0, 1, 1]
+    assert grouper._score is not None
+    np.testing.assert_allclose(grouper._score, [4.0, 2.0, 2.1, 1.0], rtol=0, atol=1e-12)
+
+
+def test_hysteresis_big_move_changes_group() -> None:
+    grouper = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    grouper.update(make_signals([4.0, 3.0, 2.0, 1.0]))
+    # Smooths to [4, 0, 4, 1]: layer 1 falls far below group 0, layer 2 rises far above group 1.
+    assert grouper.update(make_signals([4.0, -3.0, 6.0, 1.0])).tolist() == [0, 1, 0, 1]
+
+
+def test_hysteresis_margin_boundary_without_smoothing() -> None:
+    grouper = LayerGrouper(np.ones(4, dtype=bool), n_groups=2, smoothing=0.0, margin=0.5)
+    grouper.update(make_signals([4.0, 3.0, 2.0, 1.0]))
+    # Layer 1 at 1.75 is 0.25 below group 0's new low end (2.0): within the margin → stays.
+    assert grouper.update(make_signals([4.0, 1.75, 2.0, 1.0])).tolist() == [0, 0, 1, 1]
+    # At 1.25 it is 0.75 below: beyond the margin → moves to group 1; layer 2 moves up.
+    assert grouper.update(make_signals([4.0, 1.25, 2.0, 1.0])).tolist() == [0, 1, 0, 1]
+
+
+# ---------------------------------------------------------------- build_observation
+
+
+def test_observation_float32_shape_bounds() -> None:
+    signals = make_signals([3.0, 2.0, 1.0, 0.0])
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    grouper.update(signals)
+    layout = ObservationLayout(2)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    assert obs.dtype == np.float32
+    assert obs.shape == (layout.size,)
+    assert np.all(np.abs(obs) <= OBS_HIGH)
+
+
+def test_observation_exact_values() -> None:
+    # Groups of 2 layers: group 0 = layers 0, 1 (scores 3, 2) all bf16; group 1 = layers 2, 3 (1, 0) all fp16.
+    signals = make_signals(
+        [3.0, 2.0, 1.0, 0.0],
+        precisions=[1, 1, 2, 2],
+        n_params=[100, 100, 100, 100],
+        loss=100.0,
+        loss_trend=-0.25,
+        noise_scale=2560.0,
+        batch_size=256,
+        memory_bytes=256,
+        memory_budget_bytes=1024,
+        lr_scale=0.5,
+        overflow_rate=0.125,
+        step_time_trend=3.0,
+        progress=0.5,
+    )
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    grouper.update(signals)
+    layout = ObservationLayout(2)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    g = layout.globals
+    assert obs[g("log_loss")] == 2.0
+    assert obs[g("loss_trend")] == -0.25
+    assert obs[g("log_noise_over_batch")] == 1.0
+    assert obs[g("headroom")] == 0.75
+    assert obs[g("memory_use")] == 0.25
+    assert obs[g("log2_batch")] == 2.0
+    assert obs[g("log2_lr_scale")] == -1.0
+    assert obs[g("overflow_rate")] == 0.125
+    assert obs[g("step_time_trend")] == 1.0  # clipped
+    assert obs[g("progress")] == 0.5
+    # Mean curvature (1000 + 100 + 10 + 1) / 4, log10, / 5.
+    assert obs[g("log_curvature")] == pytest.approx(math.log10(277.75) / 5, rel=1e-6)
+    one_hot = slice(layout.group(0, "is_fp32"), layout.group(0, "is_fp16") + 1)
+    assert obs[one_hot].tolist() == [0.0, 1.0, 0.0]
+    one_hot = slice(layout.group(1, "is_fp32"), layout.group(1, "is_fp16") + 1)
+    assert obs[one_hot].tolist() == [0.0, 0.0, 1.0]
+    # Median score 1.5; group means 2.5 and 0.5.
+    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx(1.0, abs=1e-6)
+    assert obs[layout.group(1, "rel_sensitivity")] == pytest.approx(-1.0, abs=1e-6)
+    assert obs[layout.group(0, "param_share")] == 0.5
+    assert obs[layout.group(0, "log_variance")] == 0.0
+    assert obs[layout.group(0, "log_snr")] == 0.0
+
+
+def test_majority_precision_weighted_by_parameters() -> None:
+    # One group: 3 small fp32 layers (10 params each) and one big bf16 layer (100 params) → bf16.
+    signals = make_signals([1.0, 2.0, 3.0, 4.0], precisions=[0, 0, 0, 1], n_params=[10, 10, 10, 100])
+    grouper = LayerGrouper(signals.controllable, n_groups=1)
+    grouper.update(signals)
+    layout = ObservationLayout(1)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    assert obs[layout.group(0, "is_fp32") : layout.group(0, "is_fp16") + 1].tolist() == [0.0, 1.0, 0.0]
+    assert int(Precision.BF16) == 1
+
+
+@pytest.mark.parametrize("extreme", [0.0, 1e300, float("inf"), float("nan")])
+def test_observation_finite_for_extreme_signals(extreme: float) -> None:
+    n = 4
+    signals = make_signals(
+        [0.0] * n,
+        loss=extreme,
+        loss_trend=extreme,
+        probe_loss=extreme,
+        noise_scale=extreme,
+        step_time_trend=extreme,
+        overflow_rate=extreme,
+        lr_scale=extreme,
+        progress=extreme,
+        memory_bytes=0 if extreme == 0 else 10**30,
+        memory_budget_bytes=0,
+        batch_size=0,
+    )
+    signals.curvature = np.full(n, extreme)
+    signals.grad_variance = np.full(n, extreme)
+    signals.snr = np.full(n, extreme)
+    signals.n_params = np.zeros(n, dtype=np.int64) if extreme == 0 else np.full(n, 10**12, dtype=np.int64)
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    grouper.update(signals)
+    layout = ObservationLayout(2)
+    with np.errstate(all="ignore"):
+        obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    assert obs.dtype == np.float32
+    assert np.all(np.isfinite(obs)), obs
+    assert np.all(np.abs(obs) <= OBS_HIGH)
+
+
+_any_float = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@settings(max_examples=75, deadline=None)
+@given(
+    per_layer=st.lists(st.tuples(_any_float, _any_float, _any_float), min_size=1, max_size=9),
+    scalars=st.tuples(_any_float, _any_float, _any_float, _any_float, _any_float),
+    ints=st.tuples(*(st.integers(min_value=0, max_value=2**62) for _ in range(3))),
+    n_groups=st.integers(min_value=1, max_value=5),
+)
+def test_observation_always_in_bounds(
+    per_layer: list[tuple[float, float, float]],
+    scalars: tuple[float, float, float, float, float],
+    ints: tuple[int, int, int],
+    n_groups: int,
+) -> None:
+    n = len(per_layer)
+    curvature, variance, snr = (np.array(column) for column in zip(*per_layer, strict=True))
+    loss, trend, noise, lr_scale, progress = scalars
+    signals = make_signals(
+        [0.0] * n,
+        loss=loss,
+        loss_trend=trend,
+        noise_scale=noise,
+        lr_scale=lr_scale,
+        progress=progress,
+        step_time_trend=trend,
+        overflow_rate=progress,
+        memory_bytes=ints[0],
+        memory_budget_bytes=ints[1],
+        batch_size=ints[2],
+        precisions=[i % 3 for i in range(n)],
+    )
+    signals.curvature, signals.grad_variance, signals.snr = curvature, variance, snr
+    grouper = LayerGrouper(signals.controllable, n_groups=n_groups)
+    layout = ObservationLayout(n_groups)
+    with np.errstate(all="ignore"):
+        grouper.update(signals)
+        obs = build_observation(signals, grouper, base_batch_size=32, layout=layout)
+    assert obs.dtype == np.float32
+    assert obs.shape == (layout.size,)
+    assert np.all(np.isfinite(obs))
+    assert np.all(np.abs(obs) <= OBS_HIGH)
+    # The one-hot of every group has exactly one 1.
+    for group in range(n_groups):
+        start = layout.group(group, "is_fp32")
+        assert obs[start : start + 3].sum() == 1.0

@@ -1,0 +1,322 @@
+"""Tests for triaccel_rl.precision: layer discovery and per-layer autocast regions (CPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from triaccel_rl.precision import LayerPrecision, find_layers
+from triaccel_rl.types import LayerInfo, Precision
+
+
+class Mixed(nn.Module):
+    """Every kind of layer find_layers must tell apart, plus a frozen and a half-frozen Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(16, 8)
+        self.ln = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.half_frozen = nn.Linear(8, 3)
+        self.half_frozen.weight.requires_grad_(False)
+
+
+def test_find_layers_exact() -> None:
+    model = Mixed()
+    found = find_layers(model)
+    infos = [info for _, _, info in found]
+    assert infos == [
+        LayerInfo("conv", 3 * 4 * 9 + 4, True),
+        LayerInfo("bn", 4 + 4, False),
+        LayerInfo("fc", 16 * 8 + 8, True),
+        LayerInfo("ln", 8 + 8, False),
+        # One layer for attention: in_proj (3 * 8 * 8 + 24) and out_proj (8 * 8 + 8); out_proj not listed.
+        LayerInfo("attn", 3 * 64 + 24 + 64 + 8, True),
+        LayerInfo("half_frozen", 3, True),  # only the trainable bias counts
+    ]
+    assert [name for name, _, _ in found] == [info.name for info in infos]
+    assert found[4][1] is model.attn
+    assert all(module is not model.frozen for _, module, _ in found)
+
+
+def test_find_layers_root_module() -> None:
+    layer = nn.Linear(4, 2)
+    [(name, module, info)] = find_layers(layer)
+    assert module is layer
+    assert name == "Linear"
+    assert info == LayerInfo("<root>", 10, True)
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [(nn.Sequential(nn.ReLU(), nn.Dropout()), "Sequential"), (nn.Linear(3, 3).requires_grad_(False), "Linear")],
+)
+def test_find_layers_without_trainable_parameters(model: nn.Module, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"model {name} has no trainable parameters"):
+        find_layers(model)
+
+
+# ---------------------------------------------------------------- LayerPrecision
+
+
+def three_linears() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+
+
+def capture(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[Any]]:
+    """Forward hooks (registered after LayerPrecision's, so they see what the layer really got and gave)."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles: list[Any] = []
+    for name, module in model.named_children():
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name) -> None:
+            inputs[name] = args[0]
+            outputs[name] = output
+
+        handles.append(module.register_forward_hook(hook))
+    return inputs, outputs, handles
+
+
+@pytest.mark.parametrize(("low", "dtype"), [(Precision.BF16, torch.bfloat16), (Precision.FP16, torch.float16)])
+def test_per_layer_dtypes_inside_context(low: Precision, dtype: torch.dtype) -> None:
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set([low, Precision.FP32, low])
+    inputs, outputs, _ = capture(model)
+    with lp.context():
+        out = model(torch.randn(7, 6))
+    assert outputs["0"].dtype == dtype
+    assert outputs["1"].dtype == dtype  # the ReLU between layers follows the outer low-precision region
+    assert inputs["2"].dtype == torch.float32  # the fp32 layer's input was cast up by its pre-hook
+    assert outputs["2"].dtype == torch.float32
+    assert outputs["4"].dtype == dtype
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize(("low", "dtype"), [(Precision.BF16, torch.bfloat16), (Precision.FP16, torch.float16)])
+def test_low_precision_numbers_equal_reference(low: Precision, dtype: torch.dtype) -> None:
+    # CPU autocast runs linear as exactly "cast input, weight and bias, then F.linear in the low dtype",
+    # so the match is bit-exact (checked on torch 2.13 CPU: same kernel, same inputs).
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set([low, Precision.FP32, low])
+    inputs, outputs, _ = capture(model)
+    x = torch.randn(7, 6)
+    with lp.context():
+        model(x)
+    first, middle, last = model[0], model[2], model[4]
+    assert torch.equal(outputs["0"], F.linear(x.to(dtype), first.weight.to(dtype), first.bias.to(dtype)))
+    assert torch.equal(outputs["2"], F.linear(outputs["1"].float(), middle.weight, middle.bias))
+    assert torch.equal(outputs["4"], F.linear(inputs["4"].to(dtype), last.weight.to(dtype), last.bias.to(dtype)))
+    assert inputs["4"].dtype == torch.float32  # ReLU of the fp32 layer's output: autocast leaves relu alone
+
+
+def test_outside_context_everything_fp32() -> None:
+    model = three_linears()
+    reference = three_linears()  # same seed: same weights
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set([Precision.BF16, Precision.FP16, Precision.BF16])
+    _, outputs, _ = capture(model)
+    x = torch.randn(3, 6)
+    out = model(x)
+    assert all(o.dtype == torch.float32 for o in outputs.values())
+    assert torch.equal(out, reference(x))
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_all_fp32_context_is_plain() -> None:
+    model = three_linears()
+    reference = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    x = torch.randn(3, 6)
+    with lp.context():
+        assert not torch.is_autocast_enabled("cpu")
+        out = model(x)
+    assert torch.equal(out, reference(x))
+
+
+def test_attention_and_conv_layers_follow_their_precision() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 1)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+            return h, self.attn(h, h, h)[0]
+
+    model = Net()
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.name for info in lp.layers] == ["conv", "attn"]
+    lp.set(["bf16", "fp32"])
+    with lp.context():
+        h, a = model(torch.randn(2, 5, 8))
+    assert h.dtype == torch.bfloat16
+    assert a.dtype == torch.float32
+    lp.set(["fp32", "bf16"])
+    with lp.context():
+        h, a = model(torch.randn(2, 5, 8))
+    assert h.dtype == torch.float32
+    assert a.dtype == torch.bfloat16
+
+
+def test_set_all_layers_and_controllable_only() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    assert lp.controllable_indices == [0, 2]
+    lp.set(["bf16", "bf16", "fp16"])  # all layers: the norm stays fp32 whatever is asked
+    assert lp.precisions == [Precision.BF16, Precision.FP32, Precision.FP16]
+    lp.set([2, 1])  # controllable only
+    assert lp.precisions == [Precision.FP16, Precision.FP32, Precision.BF16]
+    lp.set([Precision.FP32, Precision.FP32])
+    assert lp.precisions == [Precision.FP32] * 3
+
+
+@pytest.mark.parametrize("count", [0, 1, 4])
+def test_set_wrong_length(count: int) -> None:
+    lp = LayerPrecision(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), device_type="cpu")
+    with pytest.raises(ValueError, match=rf"got {count} precisions; expected 3 \(all layers\) or 2 \(controllable"):
+        lp.set(["bf16"] * count)
+    assert lp.precisions == [Precision.FP32] * 3  # unchanged
+
+
+def test_set_unknown_precision() -> None:
+    lp = LayerPrecision(nn.Linear(4, 2), device_type="cpu")
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
+        lp.set(["fp8"])
+
+
+def test_norm_between_low_precision_layers_gets_fp32_input() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16"])
+    inputs, outputs, _ = capture(model)
+    with lp.context():
+        model(torch.randn(3, 4))
+    assert outputs["0"].dtype == torch.bfloat16
+    assert inputs["1"].dtype == torch.float32
+    assert outputs["2"].dtype == torch.bfloat16
+
+
+class Boom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bad = nn.Linear(5, 2)  # wrong input width: raises inside its forward, after its pre-hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bad(self.fc(x))
+
+
+@pytest.mark.parametrize("bad_precision", ["fp16", "fp32"])
+def test_exception_inside_layer_closes_its_region(bad_precision: str) -> None:
+    model = Boom()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", bad_precision])
+    with lp.context():
+        with pytest.raises(RuntimeError, match=r"cannot be multiplied"):
+            model(torch.randn(2, 4))
+        # Back in the outer region: the failing layer's fp16 (or disabled) region must be closed.
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_exception_propagating_out_of_context_leaves_autocast_off() -> None:
+    model = Boom()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp16"])
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied"), lp.context():
+        model(torch.randn(2, 4))
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the CPU default, restored
+    # A fresh forward works normally, inside and outside the context.
+    model.bad = nn.Linear(4, 2)
+    lp2 = LayerPrecision(model, device_type="cpu")
+    lp2.set(["fp32", "fp16"])
+    with lp2.context():
+        assert model(torch.randn(2, 4)).dtype == torch.float16
+    assert model(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_exception_in_later_pre_hook_is_cleaned_up_by_context() -> None:
+    # A user pre-hook registered after LayerPrecision's raises once the layer's region is open.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp16"])
+
+    def explode(module: nn.Module, args: tuple[Any, ...]) -> None:
+        raise KeyError("user hook")
+
+    handle = model[1].register_forward_pre_hook(explode)
+    with pytest.raises(KeyError, match=r"user hook"), lp.context():
+        model(torch.randn(2, 4))
+    handle.remove()
+    assert not torch.is_autocast_enabled("cpu")
+    with lp.context():
+        out = model(torch.randn(2, 4))
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert out.dtype == torch.float16
+
+
+def test_remove_restores_plain_behaviour() -> None:
+    model = three_linears()
+    reference = three_linears()
+    user_handle = model[2].register_forward_hook(lambda module, args, output: None)
+    lp = LayerPrecision(model, device_type="cpu")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 3
+    lp.set(["bf16", "fp32", "bf16"])
+    lp.remove()
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert [len(m._forward_hooks) for m in model] == [0, 0, 1, 0, 0]  # only the user's hook is left
+    x = torch.randn(4, 6)
+    assert torch.equal(model(x), reference(x))
+    # Without its hooks the fp32 layer is no longer held in fp32: the whole forward follows plain autocast.
+    _, outputs, _ = capture(model)
+    with lp.context():
+        model(x)
+    assert outputs["2"].dtype == torch.bfloat16
+    user_handle.remove()
+
+
+def test_needs_grad_scaler() -> None:
+    lp = LayerPrecision(three_linears(), device_type="cpu")
+    assert not lp.needs_grad_scaler
+    lp.set(["bf16", "bf16", "fp32"])
+    assert not lp.needs_grad_scaler
+    lp.set(["bf16", "fp16", "fp32"])
+    assert lp.needs_grad_scaler
+    lp.set(["fp32"] * 3)
+    assert not lp.needs_grad_scaler
+
+
+def test_fp16_on_non_controllable_layer_needs_no_scaler() -> None:
+    lp = LayerPrecision(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)), device_type="cpu")
+    lp.set(["fp32", "fp16"])  # the norm cannot be fp16: forced to fp32
+    assert lp.precisions == [Precision.FP32, Precision.FP32]
+    assert not lp.needs_grad_scaler
+
+
+def test_backward_through_mixed_precision_gives_fp32_grads() -> None:
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32", "fp16"])
+    with lp.context():
+        loss = F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 5, (8,)))
+    assert loss.dtype == torch.float32  # autocast runs cross_entropy in fp32
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is not None
+        assert p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
