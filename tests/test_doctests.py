@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "triaccel_rl.actions",
+    "triaccel_rl.compare",
     "triaccel_rl.config",
     "triaccel_rl.controller",
     "triaccel_rl.costs",

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--reference", default="static-fp32", help="row the time ratios are taken against")
     compare.add_argument("--log-dir", default="runs/compare", help="TensorBoard folder ('' for none)")
     compare.add_argument("--out", default="runs/compare/results.json", help="JSON results file ('' for none)")
+    compare.add_argument("--plots", default="", help="folder for PNG plots ('' for none; needs matplotlib)")
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compare.set_defaults(func=_compare)
 
@@ -130,6 +131,13 @@ def _compare(args: argparse.Namespace) -> int:
             results, rows, args.out, task=task.name, command="triaccel-rl " + shlex.join(sys.argv[1:]), time_mode=label
         )
         print(f"results: {args.out}")
+    if args.plots:
+        from triaccel_rl.plots import plot_comparison
+
+        paths = plot_comparison(
+            results, args.plots, target=task.target_metric, time_label=label.split("(")[-1].rstrip(")")
+        )
+        print(f"plots: {', '.join(str(p) for p in paths)}")
     return 0
 
 

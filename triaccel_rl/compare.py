@@ -46,6 +46,11 @@ class RunResult:
         overhead_frac: share of training time spent on signals and decisions.
         steps: optimizer steps taken.
         curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation.
+        trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``,
+            ``probe_loss`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16).
+        layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
+        oom_events: out-of-memory errors recovered during the run.
+        mean_step_ms: mean charged time of one optimizer step, in ms.
     """
 
     controller: str
@@ -62,6 +67,10 @@ class RunResult:
     overhead_frac: float
     steps: int
     curve: list[tuple[float, float, int, float, float]] = field(default_factory=list)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    oom_events: int = 0
+    mean_step_ms: float = 0.0
 
 
 def run_controller(
@@ -112,6 +121,7 @@ def run_controller(
     time_ms = wall_ms = 0.0
     time_to_target: float | None = None
     curve: list[tuple[float, float, int, float, float]] = []
+    trace: list[dict[str, Any]] = []
     changes = {"precision": 0, "batch": 0, "lr": 0}
     peak = 0
     decision = 0
@@ -135,6 +145,16 @@ def run_controller(
             progress.update(interval.samples / samples_per_epoch)
         signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
         peak = max(peak, signals.memory_bytes)
+        trace.append(
+            {
+                "time_s": time_ms / 1e3,
+                "batch_size": run.batch_size,
+                "lr_scale": run.lr_scale,
+                "memory_bytes": signals.memory_bytes,
+                "probe_loss": signals.probe_loss,
+                "precisions": [int(p) for p in run.precisions],
+            }
+        )
         observation = loop.observation()
         decision += 1
         finished = run.samples_seen >= total_samples
@@ -171,6 +191,10 @@ def run_controller(
         overhead_frac=float(loop.collector.overhead_ms / max(loop.collector.train_ms, 1e-9)),
         steps=run.steps,
         curve=curve,
+        trace=trace,
+        layer_names=[info.name for info in run.layers],
+        oom_events=int(getattr(run, "oom_events", 0)),
+        mean_step_ms=time_ms / max(run.steps, 1),
     )
 
 
@@ -223,8 +247,34 @@ def compare(
     return results
 
 
+def bootstrap_ci(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values``.
+
+    With one value the interval is that value. Resampling is seeded, so tables are reproducible.
+
+    Example:
+        >>> bootstrap_ci([1.0, 1.0, 1.0])
+        (1.0, 1.0)
+    """
+    data = np.asarray(values, dtype=float)
+    if len(data) == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if len(data) == 1:
+        return float(data[0]), float(data[0])
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), (n_resamples, len(data)))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
 def summarize(results: Sequence[RunResult], reference: str | None = None) -> list[dict[str, Any]]:
-    """Aggregates results per controller: mean and standard deviation over seeds, ratios to ``reference``."""
+    """Aggregates results per controller: mean, standard deviation and bootstrap 95% CI over seeds.
+
+    Time to target is averaged over the seeds that reached it (``reach_rate`` says how many);
+    ``time_ratio`` and ``time_to_target_ratio`` compare with the ``reference`` row.
+    """
     by_controller: dict[str, list[RunResult]] = {}
     for result in results:
         by_controller.setdefault(result.controller, []).append(result)
@@ -247,6 +297,13 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "lr_changes_mean": statistics.fmean(r.lr_changes for r in runs),
                 "overhead_frac_mean": statistics.fmean(r.overhead_frac for r in runs),
                 "wall_s_mean": statistics.fmean(r.wall_s for r in runs),
+                "final_metric_ci95": bootstrap_ci([r.final_metric for r in runs]),
+                "time_s_ci95": bootstrap_ci([r.time_s for r in runs]),
+                "time_to_target_s_ci95": bootstrap_ci(reached) if reached else None,
+                "time_to_target_s": [r.time_to_target_s for r in runs],
+                "mean_step_ms": statistics.fmean(r.mean_step_ms for r in runs),
+                "skipped_steps_mean": statistics.fmean(r.skipped_steps for r in runs),
+                "oom_events_total": sum(r.oom_events for r in runs),
             }
         )
     if reference is not None:
@@ -255,6 +312,8 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
             raise ValueError(f"reference {reference!r} is not among {[row['controller'] for row in rows]}")
         for row in rows:
             row["time_ratio"] = row["time_s_mean"] / ref["time_s_mean"]
+            both = row["time_to_target_s_mean"] is not None and ref["time_to_target_s_mean"] is not None
+            row["time_to_target_ratio"] = row["time_to_target_s_mean"] / ref["time_to_target_s_mean"] if both else None
     return rows
 
 

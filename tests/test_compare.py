@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+
+from triaccel_rl.compare import RunResult, bootstrap_ci, compare, format_table, summarize, write_json
+from triaccel_rl.config import ControllerConfig
+
+
+@pytest.fixture(scope="module")
+def results():
+    config = ControllerConfig(interval_steps=5)
+    return compare(
+        "synthetic", ["fp32", "heuristic"], [0, 1], epochs=1, config=config, show_progress=False, eval_every=2
+    )
+
+
+def fake(controller, seed, final, time_s, to_target):
+    return RunResult(controller, seed, final, time_s, time_s, to_target, 100, 0, 0, 0, 0, 0.01, 10)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_exact_for_constants():
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert bootstrap_ci([5.0]) == (5.0, 5.0)
+    values = [1.0, 2.0, 3.0, 4.0]
+    low, high = bootstrap_ci(values)
+    assert min(values) <= low < np.mean(values) < high <= max(values)
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_ci([])
+
+
+def test_summary_statistics_and_ratios_are_exact():
+    rows = summarize(
+        [
+            fake("a", 0, 0.9, 10.0, 5.0),
+            fake("a", 1, 0.8, 14.0, None),
+            fake("b", 0, 0.85, 5.0, 2.0),
+            fake("b", 1, 0.85, 5.0, 3.0),
+        ],
+        reference="a",
+    )
+    a, b = rows
+    assert a["final_metric_mean"] == pytest.approx(0.85)
+    assert a["final_metric_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    assert a["reach_rate"] == 0.5 and a["time_to_target_s_mean"] == 5.0
+    assert b["reach_rate"] == 1.0 and b["time_to_target_s_mean"] == 2.5
+    assert b["time_ratio"] == pytest.approx(5.0 / 12.0)
+    assert b["time_to_target_ratio"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reference 'c' is not among"):
+        summarize([fake("a", 0, 0.9, 1.0, None)], reference="c")
+
+
+def test_runs_record_curves_and_traces(results):
+    assert len(results) == 4
+    for run in results:
+        assert run.curve and run.trace and run.steps > 0
+        assert len(run.trace[0]["precisions"]) == len(run.layer_names) == 3
+        times = [row["time_s"] for row in run.trace]
+        assert times == sorted(times)
+        assert run.final_metric == run.curve[-1][1]
+
+
+def test_json_schema_and_table(results, tmp_path):
+    rows = summarize(results, reference="static-fp32")
+    path = tmp_path / "out" / "results.json"
+    write_json(results, rows, path, task="synthetic", command="test")
+    payload = json.loads(path.read_text())
+    assert payload["meta"]["task"] == "synthetic" and payload["meta"]["date"]
+    for row in payload["rows"]:
+        for key in (
+            "controller",
+            "final_metric_mean",
+            "final_metric_ci95",
+            "time_s_mean",
+            "reach_rate",
+            "time_to_target_s",
+            "peak_bytes_mean",
+            "overhead_frac_mean",
+            "time_ratio",
+        ):
+            assert key in row
+    table = format_table(rows)
+    assert table.count("\n") == 3 and "| heuristic |" in table
+
+
+def test_plots_are_written_and_not_empty(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    from triaccel_rl.plots import plot_comparison
+
+    paths = plot_comparison(results, tmp_path, target=0.8)
+    names = {p.name for p in paths}
+    assert {"metric_vs_time.png", "memory_vs_time.png", "batch_lr_vs_time.png"} <= names
+    assert {"precision_map_static-fp32.png", "precision_map_heuristic.png"} <= names
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -1,0 +1,127 @@
+"""PNG plots of a comparison: metric and memory against time, batch and LR scale, the precision map.
+
+Needs matplotlib (the ``plots`` extra: ``pip install triaccel-rl[plots]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from triaccel_rl.compare import RunResult
+
+__all__ = ["plot_comparison"]
+
+
+def plot_comparison(
+    results: Sequence[RunResult], out_dir: str | os.PathLike[str], target: float | None = None, time_label: str = "s"
+) -> list[Path]:
+    """Writes the comparison's plots as PNG files into ``out_dir``; returns their paths.
+
+    - ``metric_vs_time.png``: test metric against (charged) time, one line per run, colour per controller;
+    - ``memory_vs_time.png``: peak memory per interval against time;
+    - ``batch_lr_vs_time.png``: batch size and LR scale against time;
+    - ``precision_map_<controller>.png``: per-layer precision over decisions (first seed), a heat map.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message says how to get it).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'triaccel-rl[plots]'") from err
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    controllers = list(dict.fromkeys(r.controller for r in results))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(controllers)}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in results:
+        times = [point[0] for point in run.curve]
+        metrics = [100 * point[1] for point in run.curve]
+        label = run.controller if run.seed == min(r.seed for r in results if r.controller == run.controller) else None
+        ax.plot(times, metrics, marker="o", markersize=3, color=colours[run.controller], label=label, alpha=0.85)
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.1f}%")
+    ax.set_xlabel(f"training time ({time_label})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "metric_vs_time.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in results:
+        times = [row["time_s"] for row in run.trace]
+        memory = [row["memory_bytes"] / 2**20 for row in run.trace]
+        ax.plot(times, memory, color=colours[run.controller], alpha=0.85, label=_first_seed_label(run, results))
+    ax.set_xlabel(f"training time ({time_label})")
+    ax.set_ylabel("peak memory per interval (MiB)")
+    ax.set_title("Memory against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "memory_vs_time.png"))
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for run in results:
+        times = [row["time_s"] for row in run.trace]
+        label = _first_seed_label(run, results)
+        top.step(
+            times, [row["batch_size"] for row in run.trace], where="post", color=colours[run.controller], label=label
+        )
+        bottom.step(times, [row["lr_scale"] for row in run.trace], where="post", color=colours[run.controller])
+    top.set_ylabel("batch size")
+    top.set_yscale("log", base=2)
+    bottom.set_ylabel("LR scale")
+    bottom.set_xlabel(f"training time ({time_label})")
+    top.set_title("Batch size and LR scale against training time")
+    top.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "batch_lr_vs_time.png"))
+
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#3b6fb6", "#f2a541", "#d1495b"])  # fp32, bf16, fp16
+    for controller in controllers:
+        run = min((r for r in results if r.controller == controller), key=lambda r: r.seed)
+        if not run.trace:
+            continue
+        grid = np.array([row["precisions"] for row in run.trace]).T  # layers × decisions
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * grid.shape[0] + 1.2)))
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest")
+        ax.set_xlabel("decision")
+        ax.set_ylabel("layer")
+        if len(run.layer_names) <= 40:
+            ax.set_yticks(range(len(run.layer_names)), run.layer_names, fontsize=6)
+        ax.set_title(f"Per-layer precision over time: {controller} (seed {run.seed})")
+        bar = fig.colorbar(image, ticks=[0, 1, 2])
+        bar.ax.set_yticklabels(["fp32", "bf16", "fp16"])
+        paths.append(_save(fig, out / f"precision_map_{_safe(controller)}.png"))
+    return paths
+
+
+def _first_seed_label(run: RunResult, results: Sequence[RunResult]) -> str | None:
+    first = min(r.seed for r in results if r.controller == run.controller)
+    return run.controller if run.seed == first else None
+
+
+def _save(fig: object, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
