@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from gymnasium import spaces
@@ -10,9 +12,18 @@ from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
 from triaccel_rl.config import ControllerConfig
+from triaccel_rl.shield import FallbackPolicy, ObservationStats
 from triaccel_rl.types import Policy
 
-__all__ = ["STATIC_PRESETS", "HeuristicPolicy", "LearnedPolicy", "PolicyLoadError", "StaticPolicy", "make_policy"]
+__all__ = [
+    "STATIC_PRESETS",
+    "HeuristicPolicy",
+    "LearnedPolicy",
+    "PolicyLoadError",
+    "StaticPolicy",
+    "make_policy",
+    "pretrained_policy_path",
+]
 
 
 def make_policy(
@@ -34,8 +45,29 @@ def make_policy(
         return StaticPolicy(name.removeprefix("static-"), config)
     if name == "heuristic":
         return HeuristicPolicy(config)
+    if name == "pretrained":
+        spec = str(pretrained_policy_path())
+        name = spec
     if name.endswith(".zip"):
-        return LearnedPolicy(spec, observation_space, action_space)
+        learned = LearnedPolicy(spec, observation_space, action_space)
+        stats_file = Path(spec).with_suffix(".obs.json")
+        if not stats_file.is_file():
+            return learned
+        # Out-of-distribution observations go to the heuristic (the shield's fallback).
+        return FallbackPolicy(learned, HeuristicPolicy(config), ObservationStats.load(stats_file))
     raise ValueError(
-        f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, heuristic, or a path to an SB3 .zip"
+        f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, heuristic, pretrained, "
+        "or a path to an SB3 .zip"
     )
+
+
+def pretrained_policy_path() -> Path:
+    """The policy shipped inside the package (see ``triaccel_rl/pretrained/MODEL_CARD.md``).
+
+    Raises:
+        ValueError: this installation has no shipped policy.
+    """
+    path = Path(str(resources.files("triaccel_rl").joinpath("pretrained/policy.zip")))
+    if not path.is_file():
+        raise ValueError(f"no pretrained policy is shipped with this installation (looked for {path})")
+    return path

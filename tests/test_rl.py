@@ -32,12 +32,36 @@ def test_ppo_trains_saves_and_reloads_identically(trained):
     assert trained.is_file()
     model = PPO.load(trained, device="cpu")
     assert model.num_timesteps >= 256
-    policy = make_policy(str(trained))
+    policy = LearnedPolicy(trained)
     observations = np.random.default_rng(0).uniform(-2, 2, (16, 43)).astype(np.float32)
     expected, _ = model.predict(observations, deterministic=True)
     actions, _ = policy.predict(observations, deterministic=True)
     np.testing.assert_array_equal(actions, expected)
     assert action_space(ControllerConfig()).contains(actions[0])
+
+
+def test_shipped_name_wraps_the_policy_with_an_ood_fallback(trained, caplog):
+    from triaccel_rl.policies import HeuristicPolicy
+    from triaccel_rl.rl import obs_stats_path
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    stats = ObservationStats.load(obs_stats_path(trained))
+    assert stats.n_observations >= 256
+    policy = make_policy(str(trained))
+    assert isinstance(policy, FallbackPolicy)
+    inside = np.array(stats.low, dtype=np.float32)  # a corner of the training range: in distribution
+    np.testing.assert_array_equal(
+        policy.predict(inside, deterministic=True)[0], policy.policy.predict(inside, deterministic=True)[0]
+    )
+    assert policy.fallbacks == 0
+    far = np.array(stats.high, dtype=np.float32) + 5 * (np.array(stats.high) - np.array(stats.low) + 1)
+    far = np.clip(far, -10, 10).astype(np.float32)
+    far[0] = 10.0 if stats.high[0] < 4 else -10.0
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        action, _ = policy.predict(far, deterministic=True)
+    np.testing.assert_array_equal(action, HeuristicPolicy().predict(far)[0])
+    assert policy.fallbacks == 1
+    assert "outside the policy's training data" in caplog.text
 
 
 def test_tensorboard_events_written(trained, tmp_path):

@@ -1,0 +1,176 @@
+"""The safety shield's stateful parts: roll back to the last good state, and distrust out-of-distribution inputs.
+
+The stateless bounds (LR change per decision, no lowering while overflowing, memory refusals) live in
+``triaccel_rl.executor``. Here:
+
+- ``RollbackGuard`` keeps a copy of the model's parameters and buffers and the optimizer's state from
+  the last healthy decision, and restores it when an interval ends with a non-finite loss.
+- ``ObservationStats`` records the range of observations a learned policy was trained on, and
+  ``FallbackPolicy`` hands decisions to the heuristic when an observation lies far outside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from triaccel_rl.types import Policy
+
+__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard"]
+
+_log = logging.getLogger("triaccel_rl")
+
+
+class RollbackGuard:
+    """Snapshots of model and optimizer state, kept on the model's device, restored on demand.
+
+    A snapshot costs one device copy of the parameters, buffers and optimizer state (for SGD with
+    momentum about 2× the parameter bytes; for Adam 3×), taken once per decision, not per step.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> guard = RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> guard.save()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(float("nan"))
+        >>> guard.restore()
+        True
+        >>> bool(torch.isfinite(model.weight).all())
+        True
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._model_state: dict[str, torch.Tensor] | None = None
+        self._optimizer_state: dict[str, Any] | None = None
+        self.rollbacks = 0
+
+    def save(self) -> None:
+        """Takes a snapshot of the current (healthy) state."""
+        self._model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self) -> bool:
+        """Restores the last snapshot; returns False when there is none yet."""
+        if self._model_state is None or self._optimizer_state is None:
+            return False
+        self.model.load_state_dict(self._model_state)
+        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+        self.rollbacks += 1
+        _log.warning("non-finite loss: rolled back to the last good state (rollback %d)", self.rollbacks)
+        return True
+
+
+@dataclass(frozen=True)
+class ObservationStats:
+    """Per-feature range of the observations a policy was trained on.
+
+    Attributes:
+        low: per-feature minimum seen in training.
+        high: per-feature maximum seen in training.
+        n_observations: how many observations the range was taken from.
+    """
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    n_observations: int
+
+    @classmethod
+    def from_observations(cls, observations: np.ndarray) -> ObservationStats:
+        """The range of a ``[n, features]`` array of observations."""
+        data = np.asarray(observations, dtype=np.float64)
+        if data.ndim != 2 or len(data) == 0:
+            raise ValueError(f"need a non-empty [n, features] array; got shape {data.shape}")
+        return cls(tuple(data.min(0).tolist()), tuple(data.max(0).tolist()), len(data))
+
+    def distance(self, observation: np.ndarray) -> float:
+        """How far outside the training range ``observation`` lies, in units of each feature's range.
+
+        0 inside the range; 1 means one full range width beyond its edge (on the worst feature). Features
+        that never varied in training get a width of 1.
+        """
+        obs = np.asarray(observation, dtype=np.float64).reshape(-1)
+        low, high = np.asarray(self.low), np.asarray(self.high)
+        if obs.shape != low.shape:
+            raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
+        width = np.where(high - low > 1e-9, high - low, 1.0)
+        outside = np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)
+        return float(np.max(outside / width))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the stats as JSON."""
+        Path(path).write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ObservationStats:
+        """Reads stats written by ``save``.
+
+        Raises:
+            ValueError: missing file or fields.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"observation stats {str(file)!r} do not exist")
+        raw = json.loads(file.read_text())
+        missing = {"low", "high", "n_observations"} - set(raw)
+        if missing:
+            raise ValueError(f"observation stats {str(file)!r} lack {sorted(missing)}")
+        return cls(tuple(raw["low"]), tuple(raw["high"]), int(raw["n_observations"]))
+
+
+class FallbackPolicy:
+    """A learned policy that defers to a fallback (the heuristic) on out-of-distribution observations.
+
+    Args:
+        policy: the learned policy.
+        fallback: the policy used when an observation is out of distribution.
+        stats: the training range of observations.
+        max_distance: an observation further than this from the training range (see
+            ``ObservationStats.distance``) goes to the fallback. The default, 1.0, means one full
+            range width beyond the edge on some feature.
+    """
+
+    def __init__(self, policy: Policy, fallback: Policy, stats: ObservationStats, max_distance: float = 1.0) -> None:
+        if max_distance <= 0:
+            raise ValueError(f"max_distance={max_distance} must be positive")
+        self.policy = policy
+        self.fallback = fallback
+        self.stats = stats
+        self.max_distance = max_distance
+        self.fallbacks = 0
+        self.name = getattr(policy, "name", "learned")
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """The learned policy's action, or the fallback's when ``observation`` is out of distribution."""
+        obs = np.asarray(observation)
+        if obs.ndim == 2:
+            actions = [self.predict(row, state, episode_start, deterministic)[0] for row in obs]
+            return np.stack(actions), state
+        distance = self.stats.distance(obs)
+        if distance > self.max_distance:
+            self.fallbacks += 1
+            _log.warning(
+                "observation %.2f range widths outside the policy's training data (limit %.2f): "
+                "using the heuristic for this decision (fallback %d)",
+                distance,
+                self.max_distance,
+                self.fallbacks,
+            )
+            return self.fallback.predict(obs, state, episode_start, deterministic)
+        return self.policy.predict(obs, state, episode_start, deterministic)
