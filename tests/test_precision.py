@@ -320,3 +320,21 @@ def test_backward_through_mixed_precision_gives_fp32_grads() -> None:
         assert p.grad is not None
         assert p.grad.dtype == torch.float32
         assert torch.isfinite(p.grad).all()
+
+
+def test_cpu_fp16_convolution_is_emulated_with_fp16_rounding() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["fp16", "fp16"])
+    x = torch.randn(2, 2, 6, 6) * 100
+    _, outputs, _ = capture(model)
+    with lp.context():
+        model(x)
+    conv = model[0]
+    expected = nn.functional.conv2d(x.half().float(), conv.weight, conv.bias).half()
+    assert outputs["0"].dtype == torch.float16
+    assert torch.equal(outputs["0"], expected)
+    huge = torch.full((1, 2, 6, 6), 1e5)  # beyond fp16's range: overflows to inf, as on a GPU
+    with lp.context():
+        assert not torch.isfinite(model(huge)).all()
