@@ -6,10 +6,11 @@ import enum
 import os
 
 import torch
+import triton.language as tl
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZE",
-    "DEFAULT_NUM_WARPS",
+    "GPU_LAUNCH_CONFIGS",
+    "INTERPRETER_BLOCK_SIZE",
     "INTERPRET_AT_IMPORT",
     "N_STAT_ROWS",
     "PARAM_ALIGN_ELEMENTS",
@@ -21,6 +22,7 @@ __all__ = [
     "check_flat_layout",
     "check_step_buffers",
     "inv_scale_arguments",
+    "launch_config",
     "new_step_state",
     "write_low_precision_copies_reference",
 ]
@@ -28,23 +30,34 @@ __all__ = [
 SEGMENT_ALIGN_ELEMENTS = 4096
 """Every layer's segment of the flat buffers starts at a multiple of this many elements and is padded to
 one, so a kernel block of ``BLOCK`` elements (``BLOCK`` divides this) always lies inside one layer. The
-padding costs at most ``SEGMENT_ALIGN_ELEMENTS - 1`` elements a layer (about 1 % for ResNet-18 with one
-layer per parameter tensor)."""
+padding costs at most ``SEGMENT_ALIGN_ELEMENTS - 1`` elements a layer: 0.7 % extra for ResNet-18 with one
+layer per module (41 layers), 0.15 % for GPT-2 small (75 layers)."""
 
 PARAM_ALIGN_ELEMENTS = 16
 """Inside a layer segment every parameter starts at a multiple of 16 elements (64 B in fp32, 32 B in the
 16-bit copies), which keeps cuBLAS and cuDNN on their aligned fast paths."""
 
-DEFAULT_BLOCK_SIZE = 4096
-"""Elements per program of the element-wise kernels. 4096 keeps the interpreter (about 0.7 ms a program)
-fast and, with 8 warps, gives each GPU thread 16 fp32 elements: four 16-byte loads per tensor in flight."""
+GPU_LAUNCH_CONFIGS = {
+    "grad_stats": (4096, 4),
+    "adamw_step": (1024, 4),
+    "sgd_step": (2048, 4),
+    "cast": (4096, 8),
+}
+"""Default ``(block_size, num_warps)`` of each kernel on a GPU, measured on an H200 (triton 3.6) with GPT-2
+small shapes (124M elements). The statistics pass wants big blocks: its per-block atomics all land on a few
+addresses per layer and serialise (1024-element blocks made it 1.9x slower). The AdamW update wants small
+ones: 1024 elements with 4 warps reached 4.1 TB/s against 3.3 TB/s with 4096 and 8 warps (more programs in
+flight per multiprocessor hide the latency of the per-program scalar loads and atomics). SGD is flat in
+between."""
 
-DEFAULT_NUM_WARPS = 8
-"""Warps per program on the GPU (ignored by the interpreter)."""
+INTERPRETER_BLOCK_SIZE = SEGMENT_ALIGN_ELEMENTS
+"""Block size of every kernel under ``TRITON_INTERPRET=1``, where each program costs about a millisecond of
+Python whatever its size: one program per segment keeps the CPU tests fast."""
 
-INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
-"""Whether the ``@triton.jit`` kernels were built for Triton's CPU interpreter: ``triton.jit`` reads
-``TRITON_INTERPRET`` when a kernel is defined, so it must be set before this package is imported."""
+INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1" and type(tl.sum).__name__ != "JITFunction"
+"""Whether the kernels can run on Triton's CPU interpreter. ``triton.jit`` reads ``TRITON_INTERPRET`` when a
+function is defined, Triton's own helpers (``tl.sum``) included, so it must be set before ``triton`` is
+first imported; otherwise ``tl.sum`` is a compiled-mode ``JITFunction`` and the interpreter cannot call it."""
 
 
 class PrecisionCode(enum.IntEnum):
@@ -101,11 +114,11 @@ def check_block_size(block_size: int, segment_align: int) -> None:
 def new_step_state(device: torch.device | str, beta1: float = 0.0, beta2: float = 0.0) -> torch.Tensor:
     """Makes the device-side step counter of a fused optimizer: float64, shape ``[3, 3]``.
 
-    Rows 0 and 1 are two slots of ``(applied_steps, beta1**applied_steps, beta2**applied_steps)``; a step
-    reads one slot and its first program writes the other, so the counter advances only for steps that
-    were not skipped, without a host sync and without a read/write race between programs. Row 2 holds
-    the constants ``(0, beta1, beta2)`` in float64 (Triton passes Python floats as float32), so the
-    bias-correction powers are exact float64 products.
+    Row 0 is ``(applied_steps, beta1**applied_steps, beta2**applied_steps)``. Row 1 is a snapshot of row 0
+    that the step wrappers take (one tiny copy) before the update launch: every program reads the snapshot
+    and program 0 alone writes row 0, so the counter advances only on applied steps, with no host sync and
+    no read/write race between programs. Row 2 holds the constants ``(0, beta1, beta2)`` in float64
+    (Triton passes Python floats as float32), so the bias-correction powers are exact float64 products.
 
     Args:
         device: where the optimizer state lives.
@@ -113,10 +126,22 @@ def new_step_state(device: torch.device | str, beta1: float = 0.0, beta2: float 
         beta2: AdamW's second-moment decay (0 for SGD).
 
     Returns:
-        The zero-step state, with both slots at ``(0, 1, 1)``.
+        The zero-step state: rows 0 and 1 are ``(0, 1, 1)``.
     """
-    state = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device)
-    return state
+    return torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device)
+
+
+def launch_config(kernel: str, tensor: torch.Tensor, block_size: int | None, num_warps: int | None) -> tuple[int, int]:
+    """Resolves a kernel's ``(block_size, num_warps)``: the caller's values, else the defaults for the backend.
+
+    Args:
+        kernel: a key of ``GPU_LAUNCH_CONFIGS``.
+        tensor: a tensor the kernel works on (CUDA: GPU defaults; CPU: the interpreter's).
+        block_size: elements per program, or None for the default.
+        num_warps: warps per program, or None for the default.
+    """
+    default_block, default_warps = GPU_LAUNCH_CONFIGS[kernel] if tensor.is_cuda else (INTERPRETER_BLOCK_SIZE, 4)
+    return (default_block if block_size is None else block_size, default_warps if num_warps is None else num_warps)
 
 
 def check_flat_layout(grads: torch.Tensor, chunk_layer: torch.Tensor, n_layers: int, segment_align: int) -> None:
@@ -145,7 +170,6 @@ def check_step_buffers(
     precision_codes: torch.Tensor,
     stats: torch.Tensor,
     step_state: torch.Tensor,
-    read_slot: int,
     segment_align: int,
 ) -> int:
     """Asserts the contract of a fused optimizer step's buffers and returns the number of layers."""
@@ -170,7 +194,6 @@ def check_step_buffers(
         f"stats must be float32 [{N_STAT_ROWS}, {n_layers}], got {stats.dtype} {tuple(stats.shape)}"
     )
     assert step_state.shape == (3, 3) and step_state.dtype == torch.float64, "step_state must be float64 [3, 3]"
-    assert read_slot in (0, 1), f"read_slot must be 0 or 1, got {read_slot}"
     for name, tensor in [
         ("lr_factors", lr_factors),
         ("precision_codes", precision_codes),
@@ -235,16 +258,16 @@ def _use_triton(tensor: torch.Tensor) -> bool:
     otherwise the vectorised PyTorch reference, so the package works on a CPU-only machine.
 
     Raises:
-        RuntimeError: ``TRITON_INTERPRET=1`` is set now but was not when this package was imported, so
-            the kernels were compiled for a GPU and cannot run on the interpreter.
+        RuntimeError: ``TRITON_INTERPRET=1`` is set now but was not when triton or this package was
+            imported, so the kernels were built for a GPU and cannot run on the interpreter.
     """
     if tensor.is_cuda:
         return True
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         if not INTERPRET_AT_IMPORT:
             raise RuntimeError(
-                "TRITON_INTERPRET=1 was set after triaccel_rl.kernels was imported; set it before the "
-                "first import (triton.jit reads it when a kernel is defined)"
+                "TRITON_INTERPRET=1 was set after triton or triaccel_rl.kernels was imported; set it before "
+                "the first import of either (triton.jit reads it when a function is defined)"
             )
         return True
     return False

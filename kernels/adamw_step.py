@@ -10,7 +10,7 @@ Skipping without a host sync: every program reads the non-finite count that pass
 ``stats[NONFINITE_TOTAL, 0]`` and, when it is not 0, masks all its loads and stores off, so parameters,
 moments, copies and the step counter stay bit-for-bit unchanged (the promise ``GradScaler`` makes). The
 bias corrections use a device-side step counter (see ``_common.new_step_state``) that only advances on
-applied steps.
+applied steps. Launches per step: a 72-byte snapshot copy of the counter and the update kernel.
 """
 
 from __future__ import annotations
@@ -19,19 +19,24 @@ import torch
 import triton
 import triton.language as tl
 from triaccel_rl.kernels._common import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_NUM_WARPS,
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
     check_block_size,
     check_step_buffers,
     inv_scale_arguments,
+    launch_config,
     write_low_precision_copies_reference,
 )
 from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
 
 __all__ = ["fused_adamw_step", "fused_adamw_step_reference"]
+
+# Rows of the statistics buffer, as compile-time constants the kernel can read.
+_NONFINITE_TOTAL_ROW = tl.constexpr(int(StatRow.NONFINITE_TOTAL))
+_DOT_MOMENTUM_ROW = tl.constexpr(int(StatRow.GRAD_DOT_MOMENTUM))
+_MOMENTUM_SQ_SUM_ROW = tl.constexpr(int(StatRow.MOMENTUM_SQ_SUM))
+_SECOND_MOMENT_SUM_ROW = tl.constexpr(int(StatRow.SECOND_MOMENT_SUM))
 
 
 @triton.jit
@@ -45,13 +50,9 @@ def _fused_adamw_step_kernel(
     chunk_layer_ptr,
     lr_factor_ptr,
     precision_code_ptr,
-    nonfinite_total_ptr,
-    dot_momentum_ptr,
-    momentum_sq_sum_ptr,
-    second_moment_sum_ptr,
-    step_read_ptr,
-    step_write_ptr,
-    step_constants_ptr,
+    stats_ptr,
+    stats_bits_ptr,
+    step_state_ptr,
     inv_scale_ptr,
     inv_scale_value,
     lr,
@@ -61,6 +62,7 @@ def _fused_adamw_step_kernel(
     eps,
     weight_decay,
     n_elements,
+    n_layers,
     INV_SCALE_FROM_PTR: tl.constexpr,
     BF16_NAN: tl.constexpr,
     FP16_NAN: tl.constexpr,
@@ -70,19 +72,19 @@ def _fused_adamw_step_kernel(
     """Applies one AdamW step to ``BLOCK`` elements of one layer, unless the step is skipped."""
     pid = tl.program_id(0)
     layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
-    apply = tl.load(nonfinite_total_ptr) == 0
+    apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Step counter and bias-correction powers in float64; program 0 writes the other slot, which no
-    # program of this launch reads, so there is no race (the counter stays put when the step is skipped).
-    steps = tl.load(step_read_ptr)
-    beta1_pow = tl.load(step_read_ptr + 1)
-    beta2_pow = tl.load(step_read_ptr + 2)
-    new_beta1_pow = beta1_pow * tl.load(step_constants_ptr + 1)
-    new_beta2_pow = beta2_pow * tl.load(step_constants_ptr + 2)
+    # Step counter and bias-correction powers in float64 (layout in _common.new_step_state): every program
+    # reads the snapshot row 1, program 0 alone writes row 0, so there is no race between programs.
+    steps = tl.load(step_state_ptr + 3)
+    beta1_pow = tl.load(step_state_ptr + 4)
+    beta2_pow = tl.load(step_state_ptr + 5)
+    new_beta1_pow = beta1_pow * tl.load(step_state_ptr + 7)
+    new_beta2_pow = beta2_pow * tl.load(step_state_ptr + 8)
     is_writer = pid == 0
-    tl.store(step_write_ptr, tl.where(apply, steps + 1.0, steps), mask=is_writer)
-    tl.store(step_write_ptr + 1, tl.where(apply, new_beta1_pow, beta1_pow), mask=is_writer)
-    tl.store(step_write_ptr + 2, tl.where(apply, new_beta2_pow, beta2_pow), mask=is_writer)
+    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=is_writer)
+    tl.store(step_state_ptr + 1, tl.where(apply, new_beta1_pow, beta1_pow), mask=is_writer)
+    tl.store(step_state_ptr + 2, tl.where(apply, new_beta2_pow, beta2_pow), mask=is_writer)
 
     bias_correction1 = (1.0 - new_beta1_pow).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt((1.0 - new_beta2_pow).to(tl.float32))
@@ -120,9 +122,12 @@ def _fused_adamw_step_kernel(
     if code == 2:
         tl.store(fp16_bits_ptr + offsets, _fp32_to_fp16_bits(param, FP16_NAN), mask=mask)
 
-    tl.atomic_add(dot_momentum_ptr + layer, tl.sum(grad * exp_avg, axis=0), mask=apply, sem="relaxed")
-    tl.atomic_add(momentum_sq_sum_ptr + layer, tl.sum(new_exp_avg * new_exp_avg, axis=0), mask=apply, sem="relaxed")
-    tl.atomic_add(second_moment_sum_ptr + layer, tl.sum(new_exp_avg_sq, axis=0), mask=apply, sem="relaxed")
+    dot_momentum = tl.sum(grad * exp_avg, axis=0)
+    tl.atomic_add(stats_ptr + _DOT_MOMENTUM_ROW * n_layers + layer, dot_momentum, mask=apply, sem="relaxed")
+    momentum_sq_sum = tl.sum(new_exp_avg * new_exp_avg, axis=0)
+    tl.atomic_add(stats_ptr + _MOMENTUM_SQ_SUM_ROW * n_layers + layer, momentum_sq_sum, mask=apply, sem="relaxed")
+    second_moment_sum = tl.sum(new_exp_avg_sq, axis=0)
+    tl.atomic_add(stats_ptr + _SECOND_MOMENT_SUM_ROW * n_layers + layer, second_moment_sum, mask=apply, sem="relaxed")
 
 
 def fused_adamw_step(
@@ -137,7 +142,6 @@ def fused_adamw_step(
     precision_codes: torch.Tensor,
     stats: torch.Tensor,
     step_state: torch.Tensor,
-    read_slot: int,
     *,
     lr: float,
     beta1: float,
@@ -146,8 +150,8 @@ def fused_adamw_step(
     weight_decay: float,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Applies one AdamW step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
 
@@ -166,8 +170,8 @@ def fused_adamw_step(
         precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
         stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
             ``GRAD_DOT_MOMENTUM``, ``MOMENTUM_SQ_SUM`` and ``SECOND_MOMENT_SUM``.
-        step_state: float64 ``[3, 3]`` from ``new_step_state(device, beta1, beta2)``.
-        read_slot: slot of ``step_state`` holding the current count (0 or 1); the other one is written.
+        step_state: float64 ``[3, 3]`` from ``new_step_state(device, beta1, beta2)``; advanced in place
+            when the step is applied.
         lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
         beta1: first-moment decay in [0, 1).
         beta2: second-moment decay in [0, 1).
@@ -175,18 +179,20 @@ def fused_adamw_step(
         weight_decay: decoupled weight decay (the parameter is multiplied by ``1 - layer_lr * weight_decay``).
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
         segment_align: elements per segment of the layout.
-        block_size: elements per program, a power of two dividing ``segment_align``.
-        num_warps: warps per program on the GPU.
+        block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
+            of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
+        num_warps: warps per program on the GPU (None: the default).
     """
     check_step_buffers(
         params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
-        precision_codes, stats, step_state, read_slot, segment_align,
+        precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
+    block_size, num_warps = launch_config("adamw_step", params, block_size, num_warps)
     check_block_size(block_size, segment_align)
     if not _use_triton(params):
         fused_adamw_step_reference(
             params, grads, exp_avg, exp_avg_sq, bf16_copy, fp16_copy, chunk_layer, lr_factors,
-            precision_codes, stats, step_state, read_slot, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            precision_codes, stats, step_state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, inv_scale=inv_scale, segment_align=segment_align,
         )  # fmt: skip
         return
@@ -195,7 +201,7 @@ def fused_adamw_step(
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
     bf16_nan, fp16_nan = nan_encodings(params.device)
-    stats_bits = stats.view(torch.int32)
+    step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
     _fused_adamw_step_kernel[grid](
         params,
@@ -207,13 +213,9 @@ def fused_adamw_step(
         chunk_layer,
         lr_factors,
         precision_codes,
-        stats_bits[StatRow.NONFINITE_TOTAL],
-        stats[StatRow.GRAD_DOT_MOMENTUM],
-        stats[StatRow.MOMENTUM_SQ_SUM],
-        stats[StatRow.SECOND_MOMENT_SUM],
-        step_state[read_slot],
-        step_state[1 - read_slot],
-        step_state[2],
+        stats,
+        stats.view(torch.int32),
+        step_state,
         inv_scale_ptr,
         inv_scale_value,
         lr,
@@ -223,6 +225,7 @@ def fused_adamw_step(
         eps,
         weight_decay,
         n_elements,
+        lr_factors.numel(),
         INV_SCALE_FROM_PTR=inv_scale_from_ptr,
         BF16_NAN=bf16_nan,
         FP16_NAN=fp16_nan,
@@ -244,7 +247,6 @@ def fused_adamw_step_reference(
     precision_codes: torch.Tensor,
     stats: torch.Tensor,
     step_state: torch.Tensor,
-    read_slot: int,
     *,
     lr: float,
     beta1: float,
@@ -261,16 +263,17 @@ def fused_adamw_step_reference(
     """
     check_step_buffers(
         params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
-        precision_codes, stats, step_state, read_slot, segment_align,
+        precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
 
-    steps, beta1_pow, beta2_pow = step_state[read_slot].unbind()
+    step_state[1].copy_(step_state[0])
+    steps, beta1_pow, beta2_pow = step_state[1].unbind()
     new_beta1_pow = beta1_pow * step_state[2, 1]
     new_beta2_pow = beta2_pow * step_state[2, 2]
     new_state = torch.stack([steps + 1.0, new_beta1_pow, new_beta2_pow])
-    step_state[1 - read_slot] = torch.where(apply, new_state, step_state[read_slot])
+    step_state[0] = torch.where(apply, new_state, step_state[1])
     bias_correction1 = (1.0 - new_beta1_pow).float()
     bias_correction2_sqrt = (1.0 - new_beta2_pow).float().sqrt()
 

@@ -17,7 +17,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triaccel_rl.kernels._common import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_WARPS, _use_triton
+from triaccel_rl.kernels._common import _use_triton, launch_config
 
 __all__ = [
     "NAN_KEEPS_PAYLOAD",
@@ -59,8 +59,8 @@ def cast_to_low_precision(
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Rounds an fp32 tensor to bf16 or fp16, bit-identical to ``x.to(dtype)`` on the same device.
 
@@ -70,8 +70,8 @@ def cast_to_low_precision(
         x: contiguous float32 tensor, any shape.
         dtype: ``torch.bfloat16`` or ``torch.float16``.
         out: optional contiguous tensor of ``x``'s shape, dtype and device to write into.
-        block_size: elements per program (a power of two).
-        num_warps: warps per program on the GPU.
+        block_size: elements per program, a power of two (None: the backend's default).
+        num_warps: warps per program on the GPU (None: the default).
 
     Returns:
         ``out`` (or a new tensor) holding ``x`` rounded to nearest even.
@@ -96,6 +96,7 @@ def cast_to_low_precision(
     n_elements = x.numel()
     if n_elements == 0:
         return out
+    block_size, num_warps = launch_config("cast", x, block_size, num_warps)
     bf16_nan, fp16_nan = nan_encodings(x.device)
     grid = (triton.cdiv(n_elements, block_size),)
     _cast_to_low_precision_kernel[grid](

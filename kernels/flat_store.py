@@ -29,7 +29,22 @@ class FlatParameterStore:
 
     Hazards: do not set ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) or move the
     model with ``.to()`` afterwards, both detach the parameters from the flat buffers; use
-    ``store.zero_grad()``.
+    ``store.zero_grad()``. Code writing the flat ``grads`` directly must leave the padding at zero, or the
+    padding weights start moving and enter the per-layer statistics.
+
+    Attributes:
+        params: flat float32 master weights, length ``n_elements``; each ``param.data`` is a view of it.
+        grads: flat float32 gradients; each ``param.grad`` is a view of it.
+        bf16_copy: flat bfloat16 copy of the weights, current for layers the optimizer keeps in bf16.
+        fp16_copy: flat float16 copy of the weights, current for layers the optimizer keeps in fp16.
+        chunk_layer: int32 ``[n_elements // segment_align]``, the layer owning each segment.
+        n_elements: length of every flat buffer, padding included (a multiple of ``segment_align``).
+        n_layers: number of layers.
+        layer_offsets: first element of each layer's segment in the flat buffers.
+        layer_lengths: elements of each layer's segment, padding included.
+        layer_numels: parameter elements of each layer, padding excluded.
+        segment_align: segment size in elements.
+        device: the device of the parameters and buffers.
 
     Example:
         >>> layers = [[torch.nn.Parameter(torch.ones(3, 4))], [torch.nn.Parameter(torch.zeros(5))]]
@@ -100,11 +115,9 @@ class FlatParameterStore:
             layer_numels.append(sum(p.numel() for p in layer))
             offset += length
         self.n_elements = offset
-        """Length of every flat buffer, padding included (a multiple of ``segment_align``)."""
         self.layer_offsets: tuple[int, ...] = tuple(layer_offsets)
         self.layer_lengths: tuple[int, ...] = tuple(layer_lengths)
         self.layer_numels: tuple[int, ...] = tuple(layer_numels)
-        """Parameter elements of each layer, padding excluded."""
         self._param_offsets = param_offsets
 
         self.params = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
@@ -116,7 +129,6 @@ class FlatParameterStore:
             torch.tensor([length // segment_align for length in layer_lengths]),
         )
         self.chunk_layer = chunk_layer.to(self.device)
-        """int32 ``[n_elements // segment_align]``: the layer owning each segment."""
 
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):

@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 from triaccel_rl.kernels._common import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_NUM_WARPS,
     N_STAT_ROWS,
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
@@ -25,23 +23,29 @@ from triaccel_rl.kernels._common import (
     check_block_size,
     check_flat_layout,
     inv_scale_arguments,
+    launch_config,
 )
 
 __all__ = ["layer_grad_stats", "layer_grad_stats_reference"]
+
+# Rows of the statistics buffer, as compile-time constants the kernel can read.
+_SQ_SUM_ROW = tl.constexpr(int(StatRow.GRAD_SQ_SUM))
+_ABS_MAX_ROW = tl.constexpr(int(StatRow.GRAD_ABS_MAX))
+_SUM_ROW = tl.constexpr(int(StatRow.GRAD_SUM))
+_NONFINITE_ROW = tl.constexpr(int(StatRow.GRAD_NONFINITE))
+_NONFINITE_TOTAL_ROW = tl.constexpr(int(StatRow.NONFINITE_TOTAL))
 
 
 @triton.jit
 def _layer_grad_stats_kernel(
     grad_ptr,
     chunk_layer_ptr,
-    sq_sum_ptr,
-    abs_max_bits_ptr,
-    sum_ptr,
-    nonfinite_ptr,
-    nonfinite_total_ptr,
+    stats_ptr,
+    stats_bits_ptr,
     inv_scale_ptr,
     inv_scale_value,
     n_elements,
+    n_layers,
     INV_SCALE_FROM_PTR: tl.constexpr,
     BLOCKS_PER_SEGMENT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -61,14 +65,15 @@ def _layer_grad_stats_kernel(
     grad_finite = tl.where(finite, grad, 0.0)
     n_nonfinite = tl.sum((~finite).to(tl.int32), axis=0)
     # Relaxed atomics: the results are read only after the kernel has finished.
-    tl.atomic_add(sq_sum_ptr + layer, tl.sum(grad_finite * grad_finite, axis=0), sem="relaxed")
-    tl.atomic_add(sum_ptr + layer, tl.sum(grad_finite, axis=0), sem="relaxed")
+    tl.atomic_add(stats_ptr + _SQ_SUM_ROW * n_layers + layer, tl.sum(grad_finite * grad_finite, axis=0), sem="relaxed")
+    tl.atomic_add(stats_ptr + _SUM_ROW * n_layers + layer, tl.sum(grad_finite, axis=0), sem="relaxed")
     # |g| >= 0, and non-negative floats order like their int32 bit patterns, so an integer max works.
-    abs_max = tl.max(tl.abs(grad_finite), axis=0)
-    tl.atomic_max(abs_max_bits_ptr + layer, abs_max.to(tl.int32, bitcast=True), sem="relaxed")
+    abs_max_bits = tl.max(tl.abs(grad_finite), axis=0).to(tl.int32, bitcast=True)
+    tl.atomic_max(stats_bits_ptr + _ABS_MAX_ROW * n_layers + layer, abs_max_bits, sem="relaxed")
     has_nonfinite = n_nonfinite > 0
-    tl.atomic_add(nonfinite_ptr + layer, n_nonfinite, mask=has_nonfinite, sem="relaxed")
-    tl.atomic_add(nonfinite_total_ptr, n_nonfinite, mask=has_nonfinite, sem="relaxed")
+    nonfinite_ptr = stats_bits_ptr + _NONFINITE_ROW * n_layers + layer
+    tl.atomic_add(nonfinite_ptr, n_nonfinite, mask=has_nonfinite, sem="relaxed")
+    tl.atomic_add(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers, n_nonfinite, mask=has_nonfinite, sem="relaxed")
 
 
 def layer_grad_stats(
@@ -79,8 +84,8 @@ def layer_grad_stats(
     out: torch.Tensor | None = None,
     *,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Computes per-layer statistics of the unscaled flat gradient ``grads * inv_scale``.
 
@@ -96,13 +101,15 @@ def layer_grad_stats(
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on ``grads``' device.
         out: optional float32 ``[N_STAT_ROWS, n_layers]`` buffer to fill (it is zeroed first).
         segment_align: elements per segment of the layout.
-        block_size: elements per program, a power of two dividing ``segment_align``.
-        num_warps: warps per program on the GPU.
+        block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
+            of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
+        num_warps: warps per program on the GPU (None: the default).
 
     Returns:
         The float32 statistics buffer of shape ``[N_STAT_ROWS, n_layers]``.
     """
     check_flat_layout(grads, chunk_layer, n_layers, segment_align)
+    block_size, num_warps = launch_config("grad_stats", grads, block_size, num_warps)
     check_block_size(block_size, segment_align)
     if out is None:
         out = torch.zeros((N_STAT_ROWS, n_layers), dtype=torch.float32, device=grads.device)
@@ -118,20 +125,17 @@ def layer_grad_stats(
     n_elements = grads.numel()
     if n_elements == 0:
         return out
-    out_bits = out.view(torch.int32)
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, grads)
     grid = (n_elements // block_size,)
     _layer_grad_stats_kernel[grid](
         grads,
         chunk_layer,
-        out[StatRow.GRAD_SQ_SUM],
-        out_bits[StatRow.GRAD_ABS_MAX],
-        out[StatRow.GRAD_SUM],
-        out_bits[StatRow.GRAD_NONFINITE],
-        out_bits[StatRow.NONFINITE_TOTAL],
+        out,
+        out.view(torch.int32),
         inv_scale_ptr,
         inv_scale_value,
         n_elements,
+        n_layers,
         INV_SCALE_FROM_PTR=inv_scale_from_ptr,
         BLOCKS_PER_SEGMENT=segment_align // block_size,
         BLOCK=block_size,

@@ -2,8 +2,9 @@
 
 A step runs ``layer_grad_stats`` (pass 1: reads the grads, writes per-layer statistics and the global
 non-finite count) and then the optimizer's update kernel (pass 2: reads the count on the device and either
-updates every layer, writing the low-precision copies, or leaves every byte unchanged). Besides the two
-Triton launches there is one memset of the statistics buffer and one tiny comparison producing
+updates every layer, writing the low-precision copies, or leaves every byte unchanged). Five launches in
+all, two of them Triton kernels over the flat buffers; the other three touch a few bytes: the memset of
+the statistics buffer, the snapshot of the step counter, and the comparison producing
 ``StepResult.skipped``. Nothing in ``step`` reads a device value on the host, so a training loop can run
 ahead of the GPU; read ``StepResult`` fields when the host needs them (that read is the sync).
 """
@@ -15,13 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from triaccel_rl.kernels._common import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_NUM_WARPS,
-    StatRow,
-    check_block_size,
-    new_step_state,
-)
+from triaccel_rl.kernels._common import StatRow, check_block_size, new_step_state
 from triaccel_rl.kernels.adamw_step import fused_adamw_step
 from triaccel_rl.kernels.flat_store import FlatParameterStore
 from triaccel_rl.kernels.grad_stats import layer_grad_stats
@@ -145,20 +140,22 @@ class _FusedOptimizer:
     _buffer_names: tuple[str, ...] = ()
     options: SGDOptions | AdamWOptions
 
-    def __init__(self, store: FlatParameterStore, block_size: int, num_warps: int, beta1: float, beta2: float):
-        check_block_size(block_size, store.segment_align)
+    def __init__(
+        self, store: FlatParameterStore, block_size: int | None, num_warps: int | None, beta1: float, beta2: float
+    ):
+        if block_size is not None:
+            check_block_size(block_size, store.segment_align)
         self.store = store
         self.block_size = block_size
         self.num_warps = num_warps
         self._step_state = new_step_state(store.device, beta1, beta2)
-        self._read_slot = 0
         self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
 
     @property
     def step_count(self) -> torch.Tensor:
         """0-dim float64 device tensor: steps applied so far (skipped steps do not count)."""
-        return self._step_state[self._read_slot, 0]
+        return self._step_state[0, 0]
 
     def zero_grad(self) -> None:
         """Zeros the store's flat gradient buffer (the ``param.grad`` views stay)."""
@@ -192,16 +189,9 @@ class _FusedOptimizer:
         factors = self._default_lr_factors if lr_factors is None else lr_factors
         codes = self._default_codes if precision_codes is None else precision_codes
         stats = layer_grad_stats(
-            store.grads,
-            store.chunk_layer,
-            store.n_layers,
-            inv_scale,
-            segment_align=store.segment_align,
-            block_size=self.block_size,
-            num_warps=self.num_warps,
+            store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
         self._update(float(lr), factors, codes, stats, inv_scale)
-        self._read_slot = 1 - self._read_slot
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
         return StepResult(skipped=skipped, stats=stats)
 
@@ -216,7 +206,7 @@ class _FusedOptimizer:
             "kind": self._kind,
             "options": asdict(self.options),
             "layer_numels": list(self.store.layer_numels),
-            "step_state": self._step_state[self._read_slot].clone(),
+            "step_state": self._step_state[0].clone(),
         }
         for name in self._buffer_names:
             state[name] = getattr(self, name)
@@ -237,10 +227,8 @@ class _FusedOptimizer:
             for name in self._buffer_names:
                 getattr(self, name).copy_(state[name])
             self._step_state[0].copy_(state["step_state"])
-            self._step_state[1].copy_(state["step_state"])
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
             self._step_state[2].copy_(torch.tensor([0.0, *betas], dtype=torch.float64))
-        self._read_slot = 0
 
     def _update(
         self,
@@ -262,7 +250,7 @@ class FusedSGD(_FusedOptimizer):
         >>> layer = [torch.nn.Parameter(torch.ones(4))]
         >>> store = FlatParameterStore([layer])
         >>> optimizer = FusedSGD(store, momentum=0.9)
-        >>> store.grads.fill_(1.0)
+        >>> _ = layer[0].grad.fill_(1.0)  # param.grad is a view of store.grads
         >>> result = optimizer.step(lr=0.1)
         >>> bool(result.skipped), layer[0].detach().tolist()
         (False, [0.8999999761581421, 0.8999999761581421, 0.8999999761581421, 0.8999999761581421])
@@ -278,8 +266,8 @@ class FusedSGD(_FusedOptimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        num_warps: int = DEFAULT_NUM_WARPS,
+        block_size: int | None = None,
+        num_warps: int | None = None,
     ) -> None:
         """Makes the optimizer; with ``momentum > 0`` the momentum buffer is a flat zero buffer like the store's.
 
@@ -289,8 +277,9 @@ class FusedSGD(_FusedOptimizer):
             dampening: see ``SGDOptions``.
             weight_decay: see ``SGDOptions``.
             nesterov: see ``SGDOptions``.
-            block_size: elements per kernel program, a power of two dividing ``store.segment_align``.
-            num_warps: warps per kernel program on the GPU.
+            block_size: elements per program of the update kernel, a power of two dividing
+                ``store.segment_align`` (None: the tuned default, see ``GPU_LAUNCH_CONFIGS``).
+            num_warps: warps per program of the update kernel on the GPU (None: the tuned default).
         """
         super().__init__(store, block_size, num_warps, 0.0, 0.0)
         self.options: SGDOptions = SGDOptions(momentum, dampening, weight_decay, nesterov)
@@ -310,7 +299,7 @@ class FusedSGD(_FusedOptimizer):
         store, options = self.store, self.options
         fused_sgd_step(
             store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
-            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state, self._read_slot,
+            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, momentum=options.momentum, dampening=options.dampening,
             weight_decay=options.weight_decay, nesterov=options.nesterov, inv_scale=inv_scale,
             segment_align=store.segment_align, block_size=self.block_size, num_warps=self.num_warps,
@@ -326,7 +315,7 @@ class FusedAdamW(_FusedOptimizer):
         >>> layer = [torch.nn.Parameter(torch.ones(4))]
         >>> store = FlatParameterStore([layer])
         >>> optimizer = FusedAdamW(store, weight_decay=0.0)
-        >>> store.grads.fill_(float("inf"))
+        >>> _ = layer[0].grad.fill_(float("inf"))
         >>> result = optimizer.step(lr=0.1, inv_scale=1 / 1024)
         >>> bool(result.skipped), int(result.grad_nonfinite[0]), layer[0].detach().tolist()
         (True, 4, [1.0, 1.0, 1.0, 1.0])
@@ -342,8 +331,8 @@ class FusedAdamW(_FusedOptimizer):
         beta2: float = 0.999,
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        num_warps: int = DEFAULT_NUM_WARPS,
+        block_size: int | None = None,
+        num_warps: int | None = None,
     ) -> None:
         """Makes the optimizer with flat zero moments like the store's buffers.
 
@@ -353,8 +342,9 @@ class FusedAdamW(_FusedOptimizer):
             beta2: see ``AdamWOptions``.
             eps: see ``AdamWOptions``.
             weight_decay: see ``AdamWOptions``.
-            block_size: elements per kernel program, a power of two dividing ``store.segment_align``.
-            num_warps: warps per kernel program on the GPU.
+            block_size: elements per program of the update kernel, a power of two dividing
+                ``store.segment_align`` (None: the tuned default, see ``GPU_LAUNCH_CONFIGS``).
+            num_warps: warps per program of the update kernel on the GPU (None: the tuned default).
         """
         options = AdamWOptions(beta1, beta2, eps, weight_decay)
         super().__init__(store, block_size, num_warps, options.beta1, options.beta2)
@@ -374,7 +364,7 @@ class FusedAdamW(_FusedOptimizer):
         store, options = self.store, self.options
         fused_adamw_step(
             store.params, store.grads, self.exp_avg, self.exp_avg_sq, store.bf16_copy, store.fp16_copy,
-            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state, self._read_slot,
+            store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, beta1=options.beta1, beta2=options.beta2, eps=options.eps,
             weight_decay=options.weight_decay, inv_scale=inv_scale, segment_align=store.segment_align,
             block_size=self.block_size, num_warps=self.num_warps,

@@ -5,7 +5,8 @@ of a fused step, one launch over the flat buffers, each program in one layer, al
 off when pass 1 counted a non-finite gradient. Per element it reads p, g and the momentum buffer (12 B)
 and writes p and the buffer (8 B), plus the 2 B low-precision copy where the layer's code asks for one.
 The first applied step sets the momentum buffer to the gradient, as ``torch.optim.SGD`` does; that is
-read from the device-side step counter, so no host sync is needed for it either.
+read from the device-side step counter, so no host sync is needed for it either. Launches per step: the
+counter's snapshot copy and the update kernel.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import torch
 import triton
 import triton.language as tl
 from triaccel_rl.kernels._common import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_NUM_WARPS,
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
     check_block_size,
     check_step_buffers,
     inv_scale_arguments,
+    launch_config,
     write_low_precision_copies_reference,
 )
 from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
 
 __all__ = ["fused_sgd_step", "fused_sgd_step_reference"]
+
+# Rows of the statistics buffer, as compile-time constants the kernel can read.
+_NONFINITE_TOTAL_ROW = tl.constexpr(int(StatRow.NONFINITE_TOTAL))
+_DOT_MOMENTUM_ROW = tl.constexpr(int(StatRow.GRAD_DOT_MOMENTUM))
+_MOMENTUM_SQ_SUM_ROW = tl.constexpr(int(StatRow.MOMENTUM_SQ_SUM))
 
 
 @triton.jit
@@ -39,11 +44,9 @@ def _fused_sgd_step_kernel(
     chunk_layer_ptr,
     lr_factor_ptr,
     precision_code_ptr,
-    nonfinite_total_ptr,
-    dot_momentum_ptr,
-    momentum_sq_sum_ptr,
-    step_read_ptr,
-    step_write_ptr,
+    stats_ptr,
+    stats_bits_ptr,
+    step_state_ptr,
     inv_scale_ptr,
     inv_scale_value,
     lr,
@@ -51,6 +54,7 @@ def _fused_sgd_step_kernel(
     one_minus_dampening,
     weight_decay,
     n_elements,
+    n_layers,
     USE_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     USE_WEIGHT_DECAY: tl.constexpr,
@@ -63,11 +67,11 @@ def _fused_sgd_step_kernel(
     """Applies one SGD step to ``BLOCK`` elements of one layer, unless the step is skipped."""
     pid = tl.program_id(0)
     layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
-    apply = tl.load(nonfinite_total_ptr) == 0
+    apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Program 0 advances the double-buffered step counter (see adamw_step for why two slots).
-    steps = tl.load(step_read_ptr)
-    tl.store(step_write_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
+    # Every program reads the counter's snapshot (row 1); program 0 alone advances row 0 (see adamw_step).
+    steps = tl.load(step_state_ptr + 3)
+    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
     is_first_step = steps == 0.0
 
     if INV_SCALE_FROM_PTR:
@@ -97,13 +101,10 @@ def _fused_sgd_step_kernel(
             direction = direction + momentum * new_momentum_buffer
         else:
             direction = new_momentum_buffer
-        tl.atomic_add(dot_momentum_ptr + layer, tl.sum(grad * momentum_buffer, axis=0), mask=apply, sem="relaxed")
-        tl.atomic_add(
-            momentum_sq_sum_ptr + layer,
-            tl.sum(new_momentum_buffer * new_momentum_buffer, axis=0),
-            mask=apply,
-            sem="relaxed",
-        )
+        dot_momentum = tl.sum(grad * momentum_buffer, axis=0)
+        tl.atomic_add(stats_ptr + _DOT_MOMENTUM_ROW * n_layers + layer, dot_momentum, mask=apply, sem="relaxed")
+        momentum_sq_sum = tl.sum(new_momentum_buffer * new_momentum_buffer, axis=0)
+        tl.atomic_add(stats_ptr + _MOMENTUM_SQ_SUM_ROW * n_layers + layer, momentum_sq_sum, mask=apply, sem="relaxed")
     param = param - layer_lr * direction
 
     tl.store(param_ptr + offsets, param, mask=mask)
@@ -126,7 +127,6 @@ def fused_sgd_step(
     precision_codes: torch.Tensor,
     stats: torch.Tensor,
     step_state: torch.Tensor,
-    read_slot: int,
     *,
     lr: float,
     momentum: float = 0.0,
@@ -135,8 +135,8 @@ def fused_sgd_step(
     nesterov: bool = False,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Applies one SGD step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
 
@@ -154,8 +154,8 @@ def fused_sgd_step(
         precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
         stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
             ``GRAD_DOT_MOMENTUM`` and ``MOMENTUM_SQ_SUM`` (0 without momentum).
-        step_state: float64 ``[3, 3]`` from ``new_step_state(device)``.
-        read_slot: slot of ``step_state`` holding the current count (0 or 1); the other one is written.
+        step_state: float64 ``[3, 3]`` from ``new_step_state(device)``; advanced in place when the step
+            is applied.
         lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
         momentum: momentum factor, >= 0.
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
@@ -163,18 +163,20 @@ def fused_sgd_step(
         nesterov: use Nesterov momentum.
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
         segment_align: elements per segment of the layout.
-        block_size: elements per program, a power of two dividing ``segment_align``.
-        num_warps: warps per program on the GPU.
+        block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
+            of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
+        num_warps: warps per program on the GPU (None: the default).
     """
     check_step_buffers(
         params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors,
-        precision_codes, stats, step_state, read_slot, segment_align,
+        precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
+    block_size, num_warps = launch_config("sgd_step", params, block_size, num_warps)
     check_block_size(block_size, segment_align)
     if not _use_triton(params):
         fused_sgd_step_reference(
             params, grads, momentum_buffer, bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
-            stats, step_state, read_slot, lr=lr, momentum=momentum, dampening=dampening,
+            stats, step_state, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, inv_scale=inv_scale, segment_align=segment_align,
         )  # fmt: skip
         return
@@ -183,7 +185,7 @@ def fused_sgd_step(
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
     bf16_nan, fp16_nan = nan_encodings(params.device)
-    stats_bits = stats.view(torch.int32)
+    step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
     _fused_sgd_step_kernel[grid](
         params,
@@ -194,11 +196,9 @@ def fused_sgd_step(
         chunk_layer,
         lr_factors,
         precision_codes,
-        stats_bits[StatRow.NONFINITE_TOTAL],
-        stats[StatRow.GRAD_DOT_MOMENTUM],
-        stats[StatRow.MOMENTUM_SQ_SUM],
-        step_state[read_slot],
-        step_state[1 - read_slot],
+        stats,
+        stats.view(torch.int32),
+        step_state,
         inv_scale_ptr,
         inv_scale_value,
         lr,
@@ -206,6 +206,7 @@ def fused_sgd_step(
         1.0 - dampening,
         weight_decay,
         n_elements,
+        lr_factors.numel(),
         USE_MOMENTUM=momentum != 0.0,
         NESTEROV=nesterov,
         USE_WEIGHT_DECAY=weight_decay != 0.0,
@@ -229,7 +230,6 @@ def fused_sgd_step_reference(
     precision_codes: torch.Tensor,
     stats: torch.Tensor,
     step_state: torch.Tensor,
-    read_slot: int,
     *,
     lr: float,
     momentum: float = 0.0,
@@ -245,12 +245,13 @@ def fused_sgd_step_reference(
     """
     check_step_buffers(
         params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
-        stats, step_state, read_slot, segment_align,
+        stats, step_state, segment_align,
     )  # fmt: skip
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
-    steps = step_state[read_slot, 0]
-    step_state[1 - read_slot, 0] = torch.where(apply, steps + 1.0, steps)
+    step_state[1].copy_(step_state[0])
+    steps = step_state[1, 0]
+    step_state[0, 0] = torch.where(apply, steps + 1.0, steps)
 
     layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
     grad = grads.view(-1, segment_align) * inv_scale

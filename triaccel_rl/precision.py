@@ -204,7 +204,8 @@ class LayerPrecision:
     def _emulate(self, index: int) -> bool:
         """True when layer ``index`` is an fp16 convolution on a CPU, which is emulated.
 
-        PyTorch's CPU fp16 convolution is a slow reference kernel (measured here: 8.4 s against 0.14 s a step in fp32 for cnn-fmnist). Inputs and outputs
+        PyTorch's CPU fp16 convolution is a slow reference kernel (measured here: 8.4 s against 0.14 s
+        a step in fp32 for cnn-fmnist). Inputs and outputs
         are rounded to fp16 (so range overflow and rounding behave as on a GPU, whose tensor cores also
         accumulate in fp32); the weights stay fp32.
         """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from triaccel_rl.kernels import FlatParameterStore
+from triaccel_rl.kernels import FlatParameterStore, StatRow
 
 # Tolerance of the fused optimizers against torch.optim after many steps, and of float sums (float32
 # arithmetic in another order); maxima, counts and low-precision copies are compared exactly.
@@ -61,4 +61,46 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
         raise AssertionError(
             f"{what}: max abs err {float(abs_err.max()):.3g}; worst element {worst}: got {got!r}, want {want!r}, "
             f"err {abs(got - want):.3g} > atol {PARAM_ATOL} + rtol {PARAM_RTOL} * |want|"
+        )
+
+
+def assert_stats_close(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    store: FlatParameterStore,
+    grads: torch.Tensor,
+    inv_scale: float,
+    momentum_before: torch.Tensor | None,
+    what: str,
+) -> None:
+    """Compares two statistics buffers: counts and maxima exactly, float sums within SUM_RTOL * sum(|terms|).
+
+    A float32 sum in another order can differ by a few ulps of the sum of the absolute terms, not of the
+    (possibly cancelling) sum itself, so that is the scale of the tolerance.
+    """
+    bits_got, bits_want = got.view(torch.int32), want.view(torch.int32)
+    for row in (StatRow.GRAD_NONFINITE, StatRow.NONFINITE_TOTAL, StatRow.GRAD_ABS_MAX):
+        assert torch.equal(bits_got[row], bits_want[row]), f"{what}: {row.name} {got[row]} != {want[row]}"
+    layer = store.chunk_layer.long()
+
+    def per_layer(values: torch.Tensor) -> torch.Tensor:
+        segments = values.double().view(-1, store.segment_align).sum(dim=1)
+        return torch.zeros(store.n_layers, dtype=torch.float64, device=values.device).index_add_(0, layer, segments)
+
+    g = grads.double() * inv_scale
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    scales = {
+        StatRow.GRAD_SQ_SUM: per_layer(g * g),
+        StatRow.GRAD_SUM: per_layer(g.abs()),
+        StatRow.MOMENTUM_SQ_SUM: want[StatRow.MOMENTUM_SQ_SUM].double(),
+        StatRow.SECOND_MOMENT_SUM: want[StatRow.SECOND_MOMENT_SUM].double(),
+    }
+    if momentum_before is not None:
+        scales[StatRow.GRAD_DOT_MOMENTUM] = per_layer((g * momentum_before.double()).abs())
+    for row, scale in scales.items():
+        err = (got[row].double() - want[row].double()).abs()
+        bad = err > SUM_RTOL * scale + 1e-30
+        assert not bool(bad.any()), (
+            f"{what}: {row.name} err {float(err.max()):.3g} > {SUM_RTOL} * sum(|terms|) in layers "
+            f"{bad.nonzero().flatten().tolist()[:5]}"
         )

@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import pytest
 import torch
 
-# triton.jit reads TRITON_INTERPRET when a kernel is defined, so it must be set before the kernels are
-# imported. With a GPU the compiled kernels are tested on CUDA tensors instead (and CPU tensors take the
-# PyTorch reference path).
-if not torch.cuda.is_available():
+# triton.jit reads TRITON_INTERPRET when a function is defined, Triton's own helpers included, so it only
+# takes effect if set before triton is first imported. With a GPU the compiled kernels are tested on CUDA
+# tensors instead (and CPU tensors take the PyTorch reference path).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = [
-    "triaccel_rl.kernels._common",
-    "triaccel_rl.kernels.cast",
-    "triaccel_rl.kernels.grad_stats",
-    "triaccel_rl.kernels.adamw_step",
-    "triaccel_rl.kernels.sgd_step",
-    "triaccel_rl.kernels.flat_store",
-    "triaccel_rl.kernels.optim",
-    "triaccel_rl.kernels",
-]
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Says which implementation the CPU cases of the kernel tests exercise."""
+    from triaccel_rl.kernels._common import INTERPRET_AT_IMPORT
 
-def _rebuild_kernels_for_interpreter() -> None:
-    """Reloads the kernel modules if another test imported them before TRITON_INTERPRET was set here."""
-    common = sys.modules.get("triaccel_rl.kernels._common")
-    wants_interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if common is None or common.INTERPRET_AT_IMPORT == wants_interpreter:
-        return
-    for name in _KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
-
-
-_rebuild_kernels_for_interpreter()
+    if torch.cuda.is_available():
+        return "kernel tests: compiled Triton kernels on CUDA, PyTorch reference path on CPU tensors"
+    if INTERPRET_AT_IMPORT:
+        return "kernel tests: Triton interpreter on CPU tensors"
+    return (
+        "kernel tests: PyTorch reference path only (triton was imported before TRITON_INTERPRET=1 could be "
+        "set; run tests/kernels on its own, or set TRITON_INTERPRET=1 in the environment, to test the kernels)"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

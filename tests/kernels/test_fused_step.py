@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -49,8 +49,6 @@ class FlatState:
     bf16_copy: torch.Tensor
     fp16_copy: torch.Tensor
     step_state: torch.Tensor
-    read_slot: int = 0
-    stats: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def make(cls, kind: str, layout: list[list[tuple[int, ...]]], device: str, seed: int = 0) -> FlatState:
@@ -79,7 +77,7 @@ class FlatState:
     def clone(self) -> FlatState:
         return FlatState(
             self.kind, self.store, self.params.clone(), self.grads.clone(), [s.clone() for s in self.states],
-            self.bf16_copy.clone(), self.fp16_copy.clone(), self.step_state.clone(), self.read_slot,
+            self.bf16_copy.clone(), self.fp16_copy.clone(), self.step_state.clone(),
         )  # fmt: skip
 
     def step(
@@ -89,6 +87,7 @@ class FlatState:
         codes: torch.Tensor,
         inv_scale: float | torch.Tensor = 1 / 512,
         lr: float = 0.05,
+        block_size: int | None = None,
     ) -> torch.Tensor:
         """One fused step (stats pass, then update) by the kernels or by the references; returns the stats."""
         store = self.store
@@ -99,13 +98,14 @@ class FlatState:
         common = (self.bf16_copy, self.fp16_copy, store.chunk_layer, lr_factors, codes, stats, self.step_state)
         if self.kind == "adamw":
             step = fused_adamw_step_reference if use_reference else fused_adamw_step
-            step(self.params, self.grads, *self.states, *common, self.read_slot, lr=lr, inv_scale=inv_scale,
-                 **HYPER[self.kind])  # fmt: skip
+            launch = {} if use_reference else {"block_size": block_size}
+            step(self.params, self.grads, *self.states, *common, lr=lr, inv_scale=inv_scale, **HYPER[self.kind],
+                 **launch)  # fmt: skip
         else:
             sgd_step = fused_sgd_step_reference if use_reference else fused_sgd_step
-            sgd_step(self.params, self.grads, *self.states, *common, self.read_slot, lr=lr, inv_scale=inv_scale,
-                     **HYPER[self.kind])  # fmt: skip
-        self.read_slot = 1 - self.read_slot
+            launch = {} if use_reference else {"block_size": block_size}
+            sgd_step(self.params, self.grads, *self.states, *common, lr=lr, inv_scale=inv_scale, **HYPER[self.kind],
+                     **launch)  # fmt: skip
         return stats
 
 
@@ -149,7 +149,22 @@ def test_step_matches_reference(device: str, layout: str, kind: str) -> None:
         _assert_copies_follow_params(kernel, codes, before, what)
         stats_err = float((kernel_stats - reference_stats).abs().max())
         assert torch.allclose(kernel_stats, reference_stats, rtol=1e-5, atol=1e-6), f"{what}: stats err {stats_err:.3g}"
-    assert float(kernel.step_state[kernel.read_slot, 0]) == 2.0
+    assert float(kernel.step_state[0, 0]) == 2.0
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])
+def test_blocks_smaller_than_a_segment(device: str, kind: str) -> None:
+    """Several programs per segment (the GPU defaults do this): same results as one program per segment."""
+    small = FlatState.make(kind, LAYOUTS["awkward"], device, seed=2)
+    whole = small.clone()
+    before = small.clone()
+    factors, codes = _factors_and_codes(small.store.n_layers, device)
+    small.step(False, factors, codes, block_size=1024)
+    whole.step(False, factors, codes, block_size=small.store.segment_align)
+    assert_close(small.params, whole.params, f"{kind} params, 1024-element blocks")
+    for i, (got, want) in enumerate(zip(small.states, whole.states, strict=True)):
+        assert_close(got, want, f"{kind} state {i}, 1024-element blocks")
+    _assert_copies_follow_params(small, codes, before, f"{kind}, 1024-element blocks")
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])
@@ -164,6 +179,11 @@ def test_every_precision_code_combination(device: str, kind: str) -> None:
         _assert_copies_follow_params(state, codes, before, f"{kind} step {step} codes {codes.tolist()}")
 
 
+# The interpreter computes with numpy, which warns about the overflows these tests cause on purpose.
+OVERFLOW_WARNING = "ignore:overflow encountered:RuntimeWarning"
+
+
+@pytest.mark.filterwarnings(OVERFLOW_WARNING)
 @pytest.mark.parametrize(
     ("kind", "poison"),
     [("adamw", "nan"), ("sgd_nesterov", "inf"), ("sgd_plain", "-inf"), ("adamw", "overflow_on_unscale")],
@@ -185,7 +205,7 @@ def test_nonfinite_grad_skips_step_bit_for_bit(device: str, kind: str, poison: s
         ("params", state.params, before.params),
         ("bf16 copy", state.bf16_copy, before.bf16_copy),
         ("fp16 copy", state.fp16_copy, before.fp16_copy),
-        ("step state", state.step_state[state.read_slot], before.step_state[before.read_slot]),
+        ("step state", state.step_state[0], before.step_state[0]),
         *((f"state {i}", s, b) for i, (s, b) in enumerate(zip(state.states, before.states, strict=True))),
     ]:
         assert torch.equal(got, want), f"skipped step changed {name}"
@@ -200,9 +220,10 @@ def test_nonfinite_grad_skips_step_bit_for_bit(device: str, kind: str, poison: s
     state.step(False, factors, codes)
     clean_twin.step(False, factors, codes)
     assert torch.equal(state.params, clean_twin.params), "step after a skipped one differs from never skipping"
-    assert torch.equal(state.step_state[state.read_slot], clean_twin.step_state[clean_twin.read_slot])
+    assert torch.equal(state.step_state[0], clean_twin.step_state[0])
 
 
+@pytest.mark.filterwarnings(OVERFLOW_WARNING)
 @pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])
 def test_edge_gradients(device: str, kind: str) -> None:
     """Zero, denormal, tiny and huge (but finite) gradients: kernel and reference agree."""

@@ -69,15 +69,14 @@ def test_matches_float64_per_layer(device: str, layout: str) -> None:
 
 def test_edge_values(device: str) -> None:
     store = _store_with_grads(LAYOUTS["awkward"], device, seed=5)
-    grads = [p.grad for layer in store.layers for p in layer]
-    assert all(g is not None for g in grads)
-    grads[0].view(-1)[:100] = 0.0  # type: ignore[union-attr]
-    grads[0].view(-1)[100:110] = 1e-40  # fp32 denormals
-    grads[0].view(-1)[110] = -0.0  # type: ignore[union-attr]
-    grads[1].view(-1)[7] = float("nan")  # type: ignore[union-attr]
-    grads[1].view(-1)[8] = float("inf")  # type: ignore[union-attr]
-    grads[1].view(-1)[4096] = float("-inf")  # type: ignore[union-attr]  (second segment of the layer)
-    grads[3].view(-1)[:] = 0.0  # type: ignore[union-attr]  (a whole parameter of zeros)
+    grads = [g.view(-1) for layer in range(store.n_layers) for g in store.param_views(store.grads, layer)]
+    grads[0][:100] = 0.0
+    grads[0][100:110] = 1e-40  # fp32 denormals
+    grads[0][110] = -0.0
+    grads[1][7] = float("nan")
+    grads[1][8] = float("inf")
+    grads[1][4096] = float("-inf")  # in the layer's second segment
+    grads[3][:] = 0.0  # a whole parameter of zeros
     stats = layer_grad_stats(store.grads, store.chunk_layer, store.n_layers, inv_scale=1.0)
     _check(stats, store, 1.0, "edge values")
     bits = stats.view(torch.int32).cpu()

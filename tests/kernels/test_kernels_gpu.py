@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
-from _kernel_helpers import assert_bits_equal, assert_close
+from _kernel_helpers import assert_bits_equal, assert_close, assert_stats_close
 from triaccel_rl.kernels import (
     FlatParameterStore,
     FusedAdamW,
@@ -30,9 +32,9 @@ def test_cast_every_257th_bit_pattern(dtype: torch.dtype) -> None:
     assert_bits_equal(cast_to_low_precision(x, dtype), x.to(dtype), f"cuda cast to {dtype}")
 
 
-@pytest.mark.parametrize("block_size", [1024, 2048, 4096])
+@pytest.mark.parametrize("block_size", [None, 1024, 2048, 4096])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_large_step_matches_reference(optimizer: str, block_size: int) -> None:
+def test_large_step_matches_reference(optimizer: str, block_size: int | None) -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     shapes = [[(1,)], [(4095,)], [(1000, 1001), (1000,)], *([[(3,)]] * 30), [(2048, 2047)]]
     layers = [
@@ -40,38 +42,35 @@ def test_large_step_matches_reference(optimizer: str, block_size: int) -> None:
     ]
     store = FlatParameterStore(layers)
     n_layers = store.n_layers
-    hyper: dict[str, object]
+    hyper: dict[str, Any]
+    opt: FusedSGD | FusedAdamW
     if optimizer == "adamw":
         hyper = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.05}
-        opt: FusedSGD | FusedAdamW = FusedAdamW(store, block_size=block_size, **hyper)  # type: ignore[arg-type]
-        ref_states = [torch.zeros_like(store.params), torch.zeros_like(store.params)]
+        opt = FusedAdamW(store, block_size=block_size, **hyper)
+        states = [opt.exp_avg, opt.exp_avg_sq]
         step_state = new_step_state("cuda", 0.9, 0.99)
     else:
         hyper = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
-        opt = FusedSGD(store, block_size=block_size, **hyper)  # type: ignore[arg-type]
-        ref_states = [torch.zeros_like(store.params)]
+        opt = FusedSGD(store, block_size=block_size, **hyper)
+        states = [opt.momentum_buffer]
         step_state = new_step_state("cuda")
+    reference_step = fused_adamw_step_reference if optimizer == "adamw" else fused_sgd_step_reference
+    ref_states = [torch.zeros_like(store.params) for _ in states]
     ref_params = store.params.clone()
     ref_bf16, ref_fp16 = store.bf16_copy.clone(), store.fp16_copy.clone()
     factors = torch.rand(n_layers, device="cuda", generator=generator) + 0.5
     for step in range(3):
         codes = torch.tensor([(i + step) % 3 for i in range(n_layers)], dtype=torch.int32, device="cuda")
         store.grads.normal_(generator=generator).mul_(64.0)
+        momentum_before = ref_states[0].clone()
         result = opt.step(0.01, factors, codes, inv_scale=1 / 64)
         ref_stats = layer_grad_stats_reference(store.grads, store.chunk_layer, n_layers, 1 / 64)
-        common = (ref_bf16, ref_fp16, store.chunk_layer, factors, codes, ref_stats, step_state, step % 2)
-        if optimizer == "adamw":
-            fused_adamw_step_reference(
-                ref_params, store.grads, *ref_states, *common, lr=0.01, inv_scale=1 / 64, **hyper
-            )  # type: ignore[arg-type]
-            states = [opt.exp_avg, opt.exp_avg_sq]  # type: ignore[union-attr]
-        else:
-            fused_sgd_step_reference(ref_params, store.grads, *ref_states, *common, lr=0.01, inv_scale=1 / 64, **hyper)  # type: ignore[arg-type]
-            states = [opt.momentum_buffer]  # type: ignore[union-attr]
+        common = (ref_bf16, ref_fp16, store.chunk_layer, factors, codes, ref_stats, step_state)
+        reference_step(ref_params, store.grads, *ref_states, *common, lr=0.01, inv_scale=1 / 64, **hyper)
         assert_close(store.params, ref_params, f"{optimizer} step {step} params")
         for i, (got, want) in enumerate(zip(states, ref_states, strict=True)):
             assert_close(got, want, f"{optimizer} step {step} state {i}")
-        torch.testing.assert_close(result.stats, ref_stats, rtol=1e-5, atol=1e-5)
+        assert_stats_close(result.stats, ref_stats, store, store.grads, 1 / 64, momentum_before, f"step {step}")
         for layer, code in enumerate(codes.tolist()):
             if code:
                 buffer = store.bf16_copy if code == 1 else store.fp16_copy
