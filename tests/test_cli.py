@@ -7,7 +7,7 @@ import pytest
 from triaccel_rl.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["train-policy"], ["tasks"]])
+@pytest.mark.parametrize("command", [[], ["compare"], ["train-policy"], ["profile"], ["tasks"]])
 def test_help_on_every_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -79,3 +79,14 @@ def test_controller_example_runs(tmp_path):
         sys.path.pop(0)
     accuracy = controller_loop.main(controller_loop.Args(epochs=1, n_train=2000, log_dir=str(tmp_path)))
     assert accuracy > 0.6
+
+
+def test_profile_writes_a_loadable_profile(tmp_path, capsys):
+    from triaccel_rl.config import HardwareProfile
+
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--device", "cpu", "--small", "--batch-size", "8", "--steps", "2", "--out", str(out)]) == 0
+    profile = HardwareProfile.load(out)
+    assert profile.time_factor["fp32"] == 1.0
+    assert set(profile.time_factor) == {"fp32", "bf16", "fp16"}
+    assert profile.throughput_scale > 0 and profile.fixed_ms > 0

@@ -1,4 +1,4 @@
-"""The ``triaccel-rl`` command: ``compare`` controllers, ``train-policy`` with PPO, list ``tasks``."""
+"""The ``triaccel-rl`` command: ``compare`` controllers, ``train-policy`` with PPO, ``profile`` a GPU, ``tasks``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none)")
     train.set_defaults(func=_train_policy)
 
+    profile = sub.add_parser(
+        "profile",
+        help="measure this device's per-precision speed and memory factors into a hardware-profile JSON",
+        description="Time a ResNet-18 training step in fp32, bf16 and fp16 and write a hardware profile.",
+    )
+    profile.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    profile.add_argument("--batch-size", type=int, default=256, help="batch of the reference workload")
+    profile.add_argument("--steps", type=int, default=20, help="timed steps per precision (medians)")
+    profile.add_argument("--small", action="store_true", help="small ResNet instead of ResNet-18 (quick check)")
+    profile.set_defaults(func=_profile)
+
     tasks = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
     tasks.set_defaults(func=_tasks)
     return parser
@@ -159,6 +171,17 @@ def _train_policy(args: argparse.Namespace) -> int:
         log_dir=args.log_dir or None,
     )
     print(f"saved policy: {path}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from triaccel_rl.profiling import measure_profile
+    from triaccel_rl.training import resolve_device
+
+    profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
+    profile.save(args.out)
+    factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
+    print(f"{profile.device}\nstep-time factors: {factors}; fixed {profile.fixed_ms:.3f} ms\nwrote {args.out}")
     return 0
 
 

@@ -1,0 +1,112 @@
+"""Measures a ``HardwareProfile``: per-precision step-time and memory factors of this machine's device.
+
+The reference workload is a CIFAR-shaped ResNet-18 training step (SGD, channels_last on a GPU), timed
+in fp32, bf16 autocast and fp16 autocast with a GradScaler; the fixed per-step cost comes from a tiny MLP
+step. ``triaccel-rl profile`` writes the result as JSON for the environment's ``profile`` cost mode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from triaccel_rl.config import HardwareProfile
+from triaccel_rl.costs import CostModel
+from triaccel_rl.models import MLP, SmallResNet, resnet18
+from triaccel_rl.precision import find_layers
+from triaccel_rl.types import Precision
+
+__all__ = ["measure_profile"]
+
+
+def measure_profile(
+    device: str | torch.device = "cuda", batch_size: int = 256, steps: int = 20, small: bool = False
+) -> HardwareProfile:
+    """Times training steps per precision on ``device`` and returns the profile (medians of ``steps``).
+
+    Args:
+        device: where to measure.
+        batch_size: batch of the reference workload.
+        steps: timed steps per precision (after 3 warm-up steps, excluded).
+        small: use a small ResNet instead of ResNet-18 (for quick checks on a CPU).
+    """
+    device = torch.device(device)
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
+    channels_last = device.type == "cuda"
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    for precision in Precision:
+        if device.type == "cuda" and precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
+            continue
+        torch.manual_seed(0)
+        model = build().to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        times[precision.name.lower()], memory[precision.name.lower()] = _time_steps(model, x, y, precision, steps)
+    fp32_ms = times["fp32"]
+    model = build()
+    costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)
+    mflops = 3.0 * float(costs.flops_per_sample.sum()) / 1e6
+    fixed_ms = _time_steps(MLP(32, (32,), 10).to(device), torch.randn(8, 32, device=device),
+                           torch.randint(0, 10, (8,), device=device), Precision.FP32, steps)[0]  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return HardwareProfile(
+        device=f"{name} (measured by triaccel-rl profile: {'small ResNet' if small else 'ResNet-18'}, "
+        f"batch {batch_size}, {time.strftime('%Y-%m-%d')})",
+        time_factor={k: v / fp32_ms for k, v in times.items()} | {k: 1.0 for k in ("bf16", "fp16") if k not in times},
+        memory_factor={k: v / memory["fp32"] for k, v in memory.items()}
+        | {k: 1.0 for k in ("bf16", "fp16") if k not in memory},
+        fixed_ms=fixed_ms,
+        throughput_scale=max(fp32_ms - fixed_ms, 1e-6) / (batch_size * mflops),
+    )
+
+
+def _time_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision, steps: int
+) -> tuple[float, float]:
+    """Median step time in ms and the step's peak activation bytes (allocator on GPU, else 1.0)."""
+    device = x.device
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
+    low = precision is not Precision.FP32
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=precision.dtype, enabled=low):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):  # warm-up: cuDNN autotuning and allocator growth, excluded from timing
+        step()
+    samples = []
+    baseline = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    peak = float(torch.cuda.max_memory_allocated(device) - baseline) if device.type == "cuda" else 1.0
+    return statistics.median(samples), max(peak, 1.0)
