@@ -1,0 +1,89 @@
+"""Environment throughput: TriAccel-v0 decisions (env steps) per second, vectorised as PPO trains.
+
+python experiments/bench_env.py --tasks synthetic,mlp-fmnist --n-envs 2 --steps 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    tasks: str = "synthetic,mlp-fmnist,cnn-fmnist"
+    """Comma-separated tasks; each is measured on its own."""
+    n_envs: int = 2
+    """Parallel environments (SubprocVecEnv when > 1)."""
+    steps: int = 32
+    """Environment steps per environment to time (after one reset, excluded)."""
+    interval_steps: int = 20
+    """Optimizer steps per decision."""
+    device: str = "cpu"
+    """Device the training runs on inside each environment."""
+    out: str = "experiments/results/env_throughput.json"
+    """Results JSON ('' for none)."""
+
+
+def main(args: Args) -> list[dict[str, object]]:
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from triaccel_rl.rl import make_env_fns
+
+    rows = []
+    for task in args.tasks.split(","):
+        fns = make_env_fns([task], args.n_envs, max_decisions=10**6, interval_steps=args.interval_steps,
+                           device=args.device)  # fmt: skip
+        venv = SubprocVecEnv(fns) if args.n_envs > 1 else DummyVecEnv(fns)
+        try:
+            venv.seed(0)
+            venv.reset()
+            rng = np.random.default_rng(0)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                venv.step(np.stack([venv.action_space.sample() for _ in range(args.n_envs)]))
+            elapsed = time.perf_counter() - start
+        finally:
+            venv.close()
+        del rng
+        row = {
+            "task": task,
+            "n_envs": args.n_envs,
+            "env_steps_per_s": args.steps * args.n_envs / elapsed,
+            "optimizer_steps_per_s": args.steps * args.n_envs * args.interval_steps / elapsed,
+            "device": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else f"cpu ({os.cpu_count()} cores)",
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "python experiments/bench_env.py " + " ".join(sys.argv[1:]),
+        }
+        rows.append(row)
+        print(
+            f"{task:16s} {row['env_steps_per_s']:7.2f} env steps/s  ({row['optimizer_steps_per_s']:.0f} optimizer steps/s)"
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse())

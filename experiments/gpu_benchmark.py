@@ -1,0 +1,208 @@
+"""Time to accuracy on a GPU: Tri-Accel controllers against fp32, tuned static bf16/fp16 and a batch finder.
+
+One process runs every row, so all rows share the machine state. For each model:
+
+1. **Grid** (1 seed each): static bf16 + channels_last over ``batch × lr_scale``; the configuration with
+   the shortest time to target (among those that reach it) becomes the static rows' setting, as a
+   careful user would tune it.
+2. **Rows** (``seeds`` seeds each): fp32, static bf16 + channels_last, static fp16 + GradScaler, a batch
+   finder + bf16, the heuristic, the learned (pretrained) policy, and ablations.
+
+Writes ``experiments/results/gpu_benchmark.json`` (one object per row: model, controller, seeds,
+time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), PNG plots under
+``experiments/results/plots/``, and prints a Markdown table last.
+
+    python experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3
+    python experiments/gpu_benchmark.py --smoke   # CPU, tiny: checks the plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
+from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.tasks import get_task
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    models: str = "resnet18-fmnist,effnet-b0-fmnist"
+    """Comma-separated benchmark tasks."""
+    seeds: int = 3
+    """Seeds per row."""
+    epochs: float = 12.0
+    """Training budget per run, in epochs."""
+    rows: str = "fp32,static-bf16,static-fp16,batch-finder,heuristic,learned,ablation-precision,ablation-elastic"
+    """Rows to run (see ROWS)."""
+    grid_batches: str = "256,512"
+    """Batch sizes of the static grid."""
+    grid_lr_scales: str = "1.0,2.0"
+    """LR multipliers of the static grid (on the task's base LR at its base batch)."""
+    fp32_seeds: int = 1
+    """Seeds for the (slow) fp32 row."""
+    interval_steps: int = 25
+    """Optimizer steps between decisions."""
+    eval_every: int = 2
+    """Evaluate the test accuracy every this many decisions."""
+    out: str = "experiments/results/gpu_benchmark.json"
+    """Results JSON."""
+    plots: str = "experiments/results/plots"
+    """Folder for PNG plots ('' for none)."""
+    smoke: bool = False
+    """Run tiny on the CPU to check the plumbing."""
+
+
+def rows_for(args: Args) -> dict[str, dict[str, Any]]:
+    """Each row's controller spec and overrides; ``None`` batch/lr means the tuned static setting."""
+    precision_only = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig())
+    return {
+        "fp32": {"controller": "fp32", "channels_last": False},
+        "static-bf16": {"controller": "bf16", "channels_last": True},
+        "static-fp16": {"controller": "fp16", "channels_last": True},
+        "batch-finder": {"controller": "batch-finder", "channels_last": True},
+        "heuristic": {"controller": "heuristic", "channels_last": True},
+        "learned": {"controller": "pretrained", "channels_last": True},
+        "ablation-precision": {"controller": "heuristic-precision", "channels_last": True, "config": precision_only},
+        "ablation-elastic": {"controller": "heuristic-elastic", "channels_last": True},
+        "ablation-second-order": {"controller": "heuristic-second-order", "channels_last": True},
+    }
+
+
+def main(args: Args) -> list[dict[str, Any]]:
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (use --smoke for a CPU check)")
+    torch.backends.cudnn.benchmark = True
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+        "command": "python experiments/gpu_benchmark.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+    }
+    table_rows: list[dict[str, Any]] = []
+    all_results: list[RunResult] = []
+    config = ControllerConfig(interval_steps=args.interval_steps)
+    for model in args.models.split(","):
+        overrides = {"n_train": 2048, "n_test": 512} if args.smoke else {}
+        task = get_task(model, **overrides)
+        common = {"epochs": args.epochs, "device": device, "eval_every": args.eval_every, "config": config}
+
+        grid = []
+        for batch in map(int, args.grid_batches.split(",")):
+            for lr_scale in map(float, args.grid_lr_scales.split(",")):
+                result = run_controller(
+                    task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common
+                )
+                grid.append((batch, lr_scale, result))
+                print(
+                    f"grid {model} bf16 batch {batch} lr x{lr_scale}: to target {result.time_to_target_s}, "
+                    f"final {100 * result.final_metric:.2f}%",
+                    flush=True,
+                )
+        reached = [g for g in grid if g[2].time_to_target_s is not None]
+        best_batch, best_lr, _ = (
+            min(reached, key=lambda g: g[2].time_to_target_s) if reached else max(grid, key=lambda g: g[2].final_metric)
+        )
+        print(f"tuned static setting for {model}: batch {best_batch}, lr x{best_lr}", flush=True)
+
+        results: list[RunResult] = []
+        for row, spec in rows_for(args).items():
+            if row not in args.rows.split(","):
+                continue
+            n_seeds = args.fp32_seeds if row == "fp32" else args.seeds
+            for seed in range(n_seeds):
+                result = run_controller(
+                    task,
+                    spec["controller"],
+                    seed,
+                    batch_size=best_batch,
+                    lr_scale=best_lr,
+                    channels_last=spec["channels_last"],
+                    **{**common, "config": spec.get("config", config)},
+                )
+                result.controller = row
+                results.append(result)
+                print(
+                    f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
+                    f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
+                    f"overhead {100 * result.overhead_frac:.2f}%",
+                    flush=True,
+                )
+        for summary in summarize(results, reference="static-bf16" if "static-bf16" in args.rows else None):
+            runs = [r for r in results if r.controller == summary["controller"]]
+            table_rows.append(
+                {
+                    "model": model,
+                    "controller": summary["controller"],
+                    "seeds": summary["seeds"],
+                    "time_to_target_s": {
+                        "mean": summary["time_to_target_s_mean"],
+                        "per_seed": summary["time_to_target_s"],
+                    },
+                    "reach_rate": summary["reach_rate"],
+                    "final_acc": {
+                        "mean": summary["final_metric_mean"],
+                        "std": summary["final_metric_std"],
+                        "per_seed": [r.final_metric for r in runs],
+                    },
+                    "peak_bytes": summary["peak_bytes_mean"],
+                    "overhead_frac": summary["overhead_frac_mean"],
+                    "mean_step_ms": summary["mean_step_ms"],
+                    "skipped_steps": summary["skipped_steps_mean"],
+                    "oom_events": summary["oom_events_total"],
+                    "static_setting": {"batch": best_batch, "lr_scale": best_lr},
+                    "target": task.target_metric,
+                    **meta,
+                }
+            )
+        print(f"\n{model} (target {100 * task.target_metric:.0f}%, static setting batch {best_batch}, lr x{best_lr})")
+        print(format_table(summarize(results)))
+        all_results += results
+        if args.plots:
+            from triaccel_rl.plots import plot_comparison
+
+            plot_comparison(results, Path(args.plots) / model, target=task.target_metric)
+
+    out = Path(os.environ.get("OUT", "")) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": table_rows, "runs": [asdict(r) for r in all_results]}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return table_rows
+
+
+def _commit() -> str:
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse())
