@@ -48,14 +48,12 @@ def main(args: Args) -> list[dict[str, object]]:
         try:
             venv.seed(0)
             venv.reset()
-            rng = np.random.default_rng(0)
             start = time.perf_counter()
             for _ in range(args.steps):
                 venv.step(np.stack([venv.action_space.sample() for _ in range(args.n_envs)]))
             elapsed = time.perf_counter() - start
         finally:
             venv.close()
-        del rng
         row = {
             "task": task,
             "n_envs": args.n_envs,
@@ -69,7 +67,8 @@ def main(args: Args) -> list[dict[str, object]]:
         }
         rows.append(row)
         print(
-            f"{task:16s} {row['env_steps_per_s']:7.2f} env steps/s  ({row['optimizer_steps_per_s']:.0f} optimizer steps/s)"
+            f"{task:16s} {row['env_steps_per_s']:7.2f} env steps/s "
+            f"({row['optimizer_steps_per_s']:.0f} optimizer steps/s)"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
