@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gymnasium import spaces
+from triaccel_rl.policies.batch_finder import BATCH_FINDER_NAMES, BatchFinderPolicy
 from triaccel_rl.policies.heuristic import HeuristicPolicy
 from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
@@ -16,7 +17,9 @@ from triaccel_rl.shield import FallbackPolicy, ObservationStats
 from triaccel_rl.types import Policy
 
 __all__ = [
+    "BATCH_FINDER_NAMES",
     "STATIC_PRESETS",
+    "BatchFinderPolicy",
     "HeuristicPolicy",
     "LearnedPolicy",
     "PolicyLoadError",
@@ -34,6 +37,8 @@ def make_policy(
 ) -> Policy:
     """Turns a name or a path into a policy: ``fp32``/``bf16``/``fp16`` (static), ``heuristic``, a ``.zip``.
 
+    Also ``batch-finder``, ``batch-finder-bf16``, ``batch-finder-fp16``: the batch-size-finder baseline.
+
     Raises:
         ValueError: an unknown name (the message lists the allowed ones) or an unusable zip.
     """
@@ -45,6 +50,8 @@ def make_policy(
         return StaticPolicy(name.removeprefix("static-"), config)
     if name == "heuristic":
         return HeuristicPolicy(config)
+    if name in BATCH_FINDER_NAMES:
+        return BatchFinderPolicy(name, config)
     if name == "pretrained":
         spec = str(pretrained_policy_path())
         name = spec
@@ -57,7 +64,7 @@ def make_policy(
         return FallbackPolicy(learned, HeuristicPolicy(config), ObservationStats.load(stats_file))
     raise ValueError(
         f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, heuristic, pretrained, "
-        "or a path to an SB3 .zip"
+        f"{', '.join(BATCH_FINDER_NAMES)}, or a path to an SB3 .zip"
     )
 
 

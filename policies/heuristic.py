@@ -1,16 +1,28 @@
 """``HeuristicPolicy``: our reconstruction of Tri-Accel's hand-written rules, reading the observation vector.
 
-- **Precision** per group, from its relative sensitivity (log10 of curvature × gradient variance,
-  minus the median over layers): a group in fp32 is lowered when its sensitivity falls under
-  ``lower_below``; a lowered group returns to fp32 when it rises over ``raise_above``. The band between
-  the two is the hysteresis that stops a group hovering near one threshold from flipping. Nothing is
-  lowered while the overflow rate is over ``max_overflow_rate``, and fp16 groups move to bf16 then.
+- **Precision** per group, from its relative sensitivity (log10 of peak curvature × gradient variance,
+  minus the median over layers; ``triaccel_rl.observation.sensitivity``): the curvature is the
+  Hutchinson Hessian trace per parameter once the collector has measured it, sharpened by how
+  concentrated the layer's curvature diagonal is (``Signals.sparsity``), and the variance is the
+  micro-batch estimate of the mini-batch gradient's variance (``triaccel_rl.signals``). A group in fp32
+  is lowered when its sensitivity falls under ``lower_below``; a lowered group returns to fp32 when it
+  rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
+  near one threshold from flipping. Nothing is lowered while the overflow rate is over
+  ``max_overflow_rate``, and fp16 groups move to bf16 then.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget and the batch is below the gradient-noise scale (larger batches
-  still help); halved when memory use is over ``shrink_above_usage``.
+  still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates); halved when memory
+  use is over ``shrink_above_usage``. The move is on the *effective* batch: the executor refuses growth
+  the memory model predicts over the usable budget, and a run whose budget shrinks (after an
+  out-of-memory error) keeps its batch by accumulating micro-batches planned to fill ``elastic.fill_frac``
+  (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory pressure, and a
+  batch using under 0.45 of the budget still fits once doubled.
+
+Per-layer step sizes are not part of the action: the decision loop applies the collector's
+curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.
 """
 
 from __future__ import annotations

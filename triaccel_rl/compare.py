@@ -108,7 +108,15 @@ def run_controller(
         raise ValueError(f"epochs={epochs} must be positive")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
-    run = TrainingRun(task, seed=seed, device=device, memory=config.memory, profile=profile, cost_mode="measured")
+    run = TrainingRun(
+        task,
+        seed=seed,
+        device=device,
+        memory=config.memory,
+        profile=profile,
+        cost_mode="measured",
+        elastic=config.elastic,
+    )
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
@@ -129,6 +137,9 @@ def run_controller(
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.apply(decode(initial, config), run)
+    prepare = getattr(policy, "prepare", None)
+    if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
+        prepare(run)
     while run.samples_seen < total_samples:
         if observation is not None:
             raw, _ = policy.predict(observation, deterministic=True)

@@ -17,8 +17,10 @@ __all__ = [
     "ConfigError",
     "ControllerConfig",
     "CostMode",
+    "ElasticConfig",
     "HardwareProfile",
     "HeuristicConfig",
+    "LRRule",
     "MemoryBudget",
     "RewardConfig",
 ]
@@ -48,6 +50,37 @@ class CostMode(enum.Enum):
             return cls(value)
         except ValueError:
             raise ConfigError(f"unknown cost mode {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+
+
+class LRRule(enum.Enum):
+    """How the learning rate follows the effective batch size ``B`` (relative to a base batch ``B0``).
+
+    The LR gain ``g(B)`` multiplies the scheduled LR (``triaccel_rl.elastic.lr_gain`` is the formula):
+
+    - ``LINEAR``: ``g = B / B0`` (Goyal et al. 2017; SGD).
+    - ``SQRT``: ``g = sqrt(B / B0)`` (keeps the update's noise constant; Adam-family optimizers).
+    - ``ADASCALE``: ``g = (1 + B_noise / B0) / (1 + B_noise / B)``, the AdaScale gain (Johnson et al. 2020)
+      written with the gradient-noise scale ``B_noise = tr(Sigma) / |G|^2``: linear while ``B << B_noise``,
+      flat once ``B >> B_noise``.
+    - ``NONE``: ``g = 1``.
+    - ``AUTO``: ``LINEAR`` for SGD-family optimizers, ``SQRT`` for Adam-family ones.
+    """
+
+    LINEAR = "linear"
+    SQRT = "sqrt"
+    NONE = "none"
+    ADASCALE = "adascale"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value: LRRule | str) -> LRRule:
+        """Turns ``"sqrt"`` into ``LRRule.SQRT``, with a clear error otherwise."""
+        if isinstance(value, LRRule):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise ConfigError(f"lr_rule={value!r}; allowed: {', '.join(r.value for r in cls)}") from None
 
 
 @dataclass(frozen=True)
@@ -255,6 +288,57 @@ class RewardConfig:
             raise ConfigError(f"reward clip={self.clip} must be positive")
 
 
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Memory-elastic batching: LR coupling to the effective batch, micro-batch planning, OOM recovery.
+
+    The *effective* batch (samples per optimizer step) is what a policy chooses; it is run as one or more
+    *micro-batches* whose gradients are accumulated, each as large as the memory model predicts to fit in
+    ``fill_frac`` of the budget. ``fill_frac`` below the heuristic's ``shrink_above_usage`` (0.95) keeps
+    a planned fill from reading as memory pressure; ``grow_below_usage`` (0.45) is half of it, so a
+    doubled batch still fits.
+
+    Warm-up: when a change of the effective batch raises the LR gain by a factor of ``warmup_above`` or
+    more, the gain ramps linearly from the old to the new value over ``warmup_steps`` optimizer steps
+    (step ``k`` after the change uses ``g_old + (g_new - g_old) * k / warmup_steps``); a lower gain
+    applies at once, and so does the batch set before the first step (the run's starting configuration).
+
+    Attributes:
+        lr_rule: how the LR follows the effective batch (:class:`LRRule`).
+        warmup_above: ratio ``g_new / g_old`` at or above which a rise of the LR gain is warmed up; > 1.
+        warmup_steps: optimizer steps of the warm-up ramp (0: no warm-up).
+        fill_frac: share of the memory budget micro-batches are planned to fill, in (0, 1].
+        oom_budget_factor: after an out-of-memory error at micro-batch ``m``, the budget becomes at most
+            this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac`` of it, so
+            the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed.
+        max_oom_retries: out-of-memory errors tolerated within one step before it gives up.
+
+    Example:
+        >>> ElasticConfig(lr_rule="sqrt").lr_rule
+        <LRRule.SQRT: 'sqrt'>
+    """
+
+    lr_rule: LRRule = LRRule.AUTO
+    warmup_above: float = 1.5
+    warmup_steps: int = 10
+    fill_frac: float = 0.9
+    oom_budget_factor: float = 1.0
+    max_oom_retries: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_rule", LRRule.parse(self.lr_rule))
+        if not (math.isfinite(self.warmup_above) and self.warmup_above > 1.0):
+            raise ConfigError(f"warmup_above={self.warmup_above} must be a ratio > 1")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not (0.0 < self.fill_frac <= 1.0):
+            raise ConfigError(f"fill_frac={self.fill_frac} must be in (0, 1]")
+        if not (0.0 < self.oom_budget_factor <= 1.0):
+            raise ConfigError(f"oom_budget_factor={self.oom_budget_factor} must be in (0, 1]")
+        if self.max_oom_retries < 1:
+            raise ConfigError(f"max_oom_retries={self.max_oom_retries} must be >= 1")
+
+
 _LR_SCALES_DEFAULT = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
@@ -273,6 +357,7 @@ class ControllerConfig:
         ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
         memory: the memory budget.
         heuristic: thresholds of the heuristic policy.
+        elastic: LR coupling to the batch, micro-batch planning and OOM recovery.
 
     Example:
         >>> ControllerConfig.preset("safe").interval_steps
@@ -289,6 +374,7 @@ class ControllerConfig:
     ema_decay: float = 0.9
     memory: MemoryBudget = field(default_factory=MemoryBudget)
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def __post_init__(self) -> None:
         if self.interval_steps < 1:

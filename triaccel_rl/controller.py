@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -23,11 +22,13 @@ import torch
 from torch import nn
 
 from triaccel_rl.actions import action_space, decode
-from triaccel_rl.config import ConfigError, ControllerConfig, HardwareProfile, MemoryBudget
+from triaccel_rl.config import ControllerConfig, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel
+from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.loader import ElasticLoader
+from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalCollector
@@ -54,7 +55,9 @@ class Controller:
             ``.zip``, or any object with the ``predict`` signature.
         config: decision interval, groups, LR scales, batch bounds, memory budget.
         memory: overrides ``config.memory``.
-        lr_rule: how the LR follows the batch size: ``"linear"`` (SGD), ``"sqrt"`` (Adam) or ``"none"``.
+        lr_rule: how the LR follows the batch size: ``"linear"``, ``"sqrt"``, ``"adascale"`` (from the
+            gradient-noise signal), ``"none"`` or ``"auto"`` (linear for SGD, sqrt for Adam); default
+            ``config.elastic.lr_rule``. See ``triaccel_rl.config.LRRule``; large rises are warmed up.
         log_dir: write TensorBoard scalars here (``None``: no logging).
         device: the model's device; inferred from its parameters by default.
 
@@ -77,14 +80,13 @@ class Controller:
         policy: str | Policy = "heuristic",
         config: ControllerConfig | None = None,
         memory: MemoryBudget | None = None,
-        lr_rule: str = "linear",
+        lr_rule: str | LRRule | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
         profile: HardwareProfile | None = None,
     ) -> None:
-        if lr_rule not in ("linear", "sqrt", "none"):
-            raise ConfigError(f"lr_rule={lr_rule!r}; allowed: linear, sqrt, none")
         self.config = config or ControllerConfig()
+        rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
         first = next(iter(model.parameters()), None)
         self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
@@ -93,13 +95,14 @@ class Controller:
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))
-        self.lr_rule = lr_rule
+        if hasattr(self.policy, "prepare"):  # the batch finder searches its batch on a TrainingRun first
+            raise ValueError(
+                f"policy {policy!r} is a compare baseline that searches its batch on a TrainingRun; in your own "
+                "loop, pass the batch to loader() and use a static policy ('fp32', 'bf16', 'fp16')"
+            )
+        self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = profile or HardwareProfile.load()
-        capacity = (
-            torch.cuda.get_device_properties(self.device).total_memory
-            if self.device.type == "cuda"
-            else self.memory.cpu_capacity_bytes
-        )
+        capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
         self.memory_budget_bytes = self.memory.resolve(capacity)
         self.collector = SignalCollector(self.engine.layers, self.config.ema_decay, self.memory_budget_bytes)
         self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
@@ -108,6 +111,9 @@ class Controller:
         self.decisions: list[ApplyReport] = []
         self.signals: Signals | None = None
         self.costs: CostModel | None = None
+        self.memory_model: MemoryModel | None = None
+        self.lr_coupler: BatchLRCoupler | None = None
+        self._noise_scale: float | None = None
         self._loader: ElasticLoader | None = None
         self._base_batch_size = 0
         self._batch_size = 0
@@ -142,6 +148,10 @@ class Controller:
         x, y = dataset
         self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
         self._base_batch_size = batch_size
+        elastic = self.config.elastic
+        self.lr_coupler = BatchLRCoupler(
+            self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
+        )
         self.batch_size = batch_size
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
@@ -150,6 +160,8 @@ class Controller:
             self._last_batch = len(batch.y)
             if self.costs is None:
                 self.costs = CostModel.measure(self.model, self.engine.layers, batch.x[:1], _optimizer_states(self))
+                self.memory_model = MemoryModel(self.costs, self.profile)
+                check_budget(self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1))
             self._step_start = time.perf_counter()
             yield batch.x, batch.y
 
@@ -168,6 +180,8 @@ class Controller:
             raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.lr_coupler is not None:
+            self.engine.batch_lr_gain = self.lr_coupler.advance()
         grads, skipped = self.engine.backward_and_step(loss)
         elapsed = (time.perf_counter() - self._step_start) * 1e3
         batch = self._last_batch or 1
@@ -183,6 +197,8 @@ class Controller:
             grad_nonfinite=grads.nonfinite.cpu().numpy(),
             lr=self.engine.lr_scale * self.engine.batch_lr_gain,
         )
+        if self.device.type == "cuda" and self.memory_model is not None:
+            self.memory_model.observe(batch, self.precisions, stats.memory_bytes)
         self.collector.observe(stats)
         self.steps += 1
         if self.steps % self.config.interval_steps == 0:
@@ -201,8 +217,8 @@ class Controller:
         if value < 1:
             raise ValueError(f"batch_size={value} must be positive")
         self._batch_size = int(value)
-        ratio = self._batch_size / max(self._base_batch_size, 1)
-        self.engine.batch_lr_gain = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_rule]
+        if self.lr_coupler is not None:
+            self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, self._noise_scale)
 
     @property
     def max_batch_size(self) -> int:
@@ -211,10 +227,19 @@ class Controller:
         return max(1, min(self.config.max_batch_size, n // 8))
 
     def predicted_memory_bytes(self, batch_size: int) -> int:
-        """Accounted memory at ``batch_size`` and the current precisions, in bytes."""
-        if self.costs is None:
+        """The memory model's peak at ``batch_size`` and the current precisions, in bytes.
+
+        0 before the first batch (nothing is known yet). On a GPU the model is fitted to the allocator's
+        peak of every step; on a CPU it is the accounting.
+        """
+        if self.memory_model is None:
             return 0
-        return self.costs.memory_bytes(batch_size, self.engine.precision.precisions, self.profile)
+        return self.memory_model.predict(batch_size, self.precisions)
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """The share of the budget a batch may be planned to fill: ``config.elastic.fill_frac`` × budget."""
+        return int(self.config.elastic.fill_frac * self.memory_budget_bytes)
 
     @property
     def precisions(self) -> list[Precision]:
@@ -247,6 +272,7 @@ class Controller:
         self.signals = signals
         self.grouper.update(signals)
         observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
+        self._noise_scale = signals.noise_scale  # for the adascale LR rule, should the batch change now
         start = time.perf_counter()
         raw, _ = self.policy.predict(observation, deterministic=True)
         report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)

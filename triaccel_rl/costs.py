@@ -96,11 +96,21 @@ class CostModel:
         return ms + profile.fixed_ms if include_fixed else ms
 
     def memory_bytes(self, batch_size: int, precisions: list[Precision], profile: HardwareProfile) -> int:
-        """Accounted peak memory, in bytes: static + activations (at precision factors) + 16-bit weight copies."""
-        factors = np.array([profile.memory(p) for p in precisions])
-        activations = batch_size * float(np.dot(self.activation_bytes_per_sample, factors))
+        """Accounted peak memory, in bytes: static + activations (at precision factors) + 16-bit weight copies.
+
+        Equals ``fixed_bytes(precisions) + batch_size * per_sample_bytes(precisions, profile)``.
+        """
+        return int(self.fixed_bytes(precisions) + batch_size * self.per_sample_bytes(precisions, profile))
+
+    def fixed_bytes(self, precisions: list[Precision]) -> int:
+        """Accounted memory independent of the batch, in bytes: static + the 16-bit weight copies."""
         copies = sum(info.n_params * 2 for info, p in zip(self.layers, precisions, strict=True) if p.bits == 16)
-        return int(self.static_bytes + activations + copies)
+        return int(self.static_bytes + copies)
+
+    def per_sample_bytes(self, precisions: list[Precision], profile: HardwareProfile) -> float:
+        """Accounted activation memory of one sample at ``precisions``, in bytes (the profile's factors)."""
+        factors = np.array([profile.memory(p) for p in precisions])
+        return float(np.dot(self.activation_bytes_per_sample, factors))
 
 
 def _forward_flops(module: nn.Module, out: torch.Tensor) -> float:

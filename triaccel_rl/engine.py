@@ -155,16 +155,49 @@ class StepEngine:
         return stats, skipped
 
     def grad_stats(self) -> GradStats:
-        """Per-layer statistics of the current (unscaled) gradients."""
+        """Per-layer statistics of the current (unscaled) gradients.
+
+        Norms and maxima come from two multi-tensor kernels (``torch._foreach_norm``), whatever the number
+        of parameters. Non-finite elements are counted exactly, but only in the parameters whose norm or
+        maximum is non-finite; finding those takes one host-device sync, which ``backward_and_step``
+        needs anyway to decide the skip.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         norms = torch.stack(torch._foreach_norm(grads)).float()
-        maxes = torch.stack([g.detach().abs().amax() for g in grads]).float()
-        bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).float()
+        maxes = torch.stack(torch._foreach_norm(grads, math.inf)).float()
+        suspect = ~(torch.isfinite(norms) & torch.isfinite(maxes))
+        bad = torch.zeros_like(norms)
+        if bool(suspect.any()):  # host-device sync: once per step (see above); rare slow path below
+            for i in suspect.nonzero().flatten().tolist():
+                bad[i] = (~torch.isfinite(grads[i])).sum()
         zeros = torch.zeros(self.n_layers, device=self.device)
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
         return GradStats(sq_sum, abs_max, nonfinite)
+
+    def second_moment_diagonal(self) -> list[torch.Tensor | None]:
+        """Per layer, the optimizer's flat bias-corrected second moment of the gradient, or None.
+
+        Adam's ``exp_avg_sq / (1 - beta2**step)`` is the EMA of the squared mini-batch gradient: the
+        diagonal of the mini-batch empirical Fisher, smoothed over about ``1 / (1 - beta2)`` steps, which
+        the signals reuse instead of computing it again. None for a layer where the optimizer keeps no
+        such state (SGD, or before the first update). Allocates one flat copy per layer; no host-device
+        sync (Adam keeps ``step`` on the host unless ``capturable``).
+        """
+        diagonals: list[torch.Tensor | None] = []
+        for params in self.layer_params:
+            parts: list[torch.Tensor] | None = []
+            for p in params:
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg_sq" not in state or parts is None:
+                    parts = None
+                    continue
+                beta2 = self._groups[id(p)]["betas"][1]
+                bias = 1.0 - beta2 ** float(state.get("step", 1))
+                parts.append(state["exp_avg_sq"].detach().reshape(-1).float() / max(bias, 1e-12))
+            diagonals.append(torch.cat(parts) if parts else None)
+        return diagonals
 
     def grad_mean_sq_norm(self) -> np.ndarray:
         """Per layer, ``|E[g]|^2``: the squared norm of the optimizer's running mean of the gradient.

@@ -2,8 +2,12 @@
 
 It is also the safety shield: whatever a policy asks, the LR multiplier moves by at most
 ``max_lr_change`` per decision, no layer is lowered in precision while the overflow rate is above
-``heuristic.max_overflow_rate``, and a batch that the memory model predicts over budget is refused.
-Every refusal is reported with its reason.
+``heuristic.max_overflow_rate``, and a batch growth that the memory model predicts over the usable budget
+(``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Every refusal is reported with its reason.
+
+Batch moves change the *effective* batch (samples per update); how it is split into micro-batches to fit
+memory is the target's business (``TrainingRun.micro_batch_size``). So the executor never shrinks a batch
+by itself: a budget lowered after an out-of-memory error is met by accumulation, not by a smaller batch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ class Target(Protocol):
     memory_budget_bytes: int
 
     @property
+    def usable_memory_bytes(self) -> int:
+        """The share of the budget a step may be planned to fill."""
+        ...
+
+    @property
     def max_batch_size(self) -> int:
         """Largest batch the data allows."""
         ...
@@ -39,7 +48,7 @@ class Target(Protocol):
     def batch_size(self, value: int) -> None: ...
 
     def predicted_memory_bytes(self, batch_size: int) -> int:
-        """Predicted peak memory at ``batch_size`` and the current precisions."""
+        """Predicted peak memory of an unsplit step of ``batch_size`` at the current precisions, in bytes."""
         ...
 
 
@@ -116,11 +125,13 @@ class Executor:
             limit = min(self.config.max_batch_size, target.max_batch_size)
             grown = min(batch * 2, limit)
             predicted = target.predicted_memory_bytes(grown)
+            usable = target.usable_memory_bytes
             if grown <= batch:
                 refused.append(f"batch {batch} already at its largest allowed size {limit}")
-            elif predicted > target.memory_budget_bytes:
+            elif predicted > usable:
                 refused.append(
-                    f"batch {grown} refused: predicted {predicted} bytes > budget {target.memory_budget_bytes}"
+                    f"batch {grown} refused: predicted {predicted} bytes > {usable} usable "
+                    f"of the {target.memory_budget_bytes}-byte budget"
                 )
             else:
                 target.batch_size = grown

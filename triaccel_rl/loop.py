@@ -15,7 +15,7 @@ from triaccel_rl.actions import decode
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.signals import SignalCollector
+from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Signals
 
@@ -77,11 +77,22 @@ class DecisionLoop:
         return IntervalResult(cost_ms, wall_ms, n_steps, samples)
 
     def snapshot(self, progress: float) -> Signals:
-        """Closes the interval: probe loss, optimizer moments, a ``Signals`` snapshot, group re-ranking."""
+        """Closes the interval: probe loss, optimizer moments, a due estimator round, ``Signals``, re-ranking.
+
+        With ``collector.config.mode`` ``all`` (the default), the collector runs its expensive estimators
+        (Hutchinson curvature, micro-batch gradient noise, curvature sparsity) on sub-batches of the run's
+        held-out probe batch whenever its overhead budget has room (``SignalConfig``). With
+        ``collector.config.lr_factors`` (default off), the curvature-scaled per-layer LR factors of the
+        snapshot are applied to the run.
+        """
         start = time.perf_counter()
         probe = self.run.probe_loss()
         moments = self.run.engine.grad_mean_sq_norm()
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        if self.collector.config.mode is SignalMode.ALL:
+            if self.collector.source is None:
+                self.collector.attach(source_for_run(self.run), seed=self.run.seed)
+            self.collector.maybe_estimate()
         self.signals = self.collector.snapshot(
             grad_mean_sq_norm=moments,
             probe_loss=probe,
@@ -90,6 +101,8 @@ class DecisionLoop:
             precisions=self.run.precisions,
             progress=progress,
         )
+        if self.collector.config.lr_factors and self.signals.lr_factors is not None:
+            self.run.lr_factors = self.signals.lr_factors
         self.grouper.update(self.signals)
         return self.signals
 

@@ -5,8 +5,12 @@ most sensitive first (group 0). The vector is the global features followed by th
 features for each group; :class:`ObservationLayout` names every index, so a hand-written policy can read
 the vector as easily as a network.
 
-Sensitivity of a layer: ``log10(curvature * grad_variance)``, both per-element means (so already
-normalised by parameter count). Grouping has hysteresis: scores are smoothed across decisions, and a
+Sensitivity of a layer: ``log10(peak_curvature * grad_variance)``, both per element (so already normalised
+by parameter count). ``peak_curvature = curvature * top10_ratio``: the layer's mean curvature (Hutchinson
+``|tr H_l| / n_l`` once measured, else the mini-batch Fisher mean) times how much sharper its sharpest
+decile of coordinates is than its mean (``Signals.sparsity``; 1 when not measured). Rounding noise that is
+not spread evenly over coordinates costs up to the peak, not the mean, so a layer with a few very sharp
+coordinates is not mistaken for a flat one. Grouping has hysteresis: scores are smoothed across decisions, and a
 layer keeps its group while its smoothed score lies within ``margin`` (in log10 units) of that group's
 range.
 """
@@ -20,7 +24,16 @@ import numpy as np
 
 from triaccel_rl.types import Precision, Signals
 
-__all__ = ["GLOBAL_FEATURES", "GROUP_FEATURES", "OBS_HIGH", "LayerGrouper", "ObservationLayout", "build_observation"]
+__all__ = [
+    "GLOBAL_FEATURES",
+    "GROUP_FEATURES",
+    "OBS_HIGH",
+    "LayerGrouper",
+    "ObservationLayout",
+    "build_observation",
+    "peak_curvature",
+    "sensitivity",
+]
 
 OBS_HIGH = 10.0
 """Every feature lies in [-OBS_HIGH, OBS_HIGH] (the Box bounds)."""
@@ -28,7 +41,7 @@ OBS_HIGH = 10.0
 GLOBAL_FEATURES = (
     "log_loss",  # log10 of the smoothed training loss
     "loss_trend",  # relative change of the probe loss over the last interval, clipped to [-1, 1]
-    "log_noise_over_batch",  # log10(noise_scale / batch_size): > 0 means the batch is below the noise scale
+    "log_noise_over_batch",  # log10(B_simple / batch_size): > 0 means the batch is below the noise scale
     "headroom",  # unused share of the memory budget, [0, 1]
     "memory_use",  # memory / budget, [0, 2]
     "log2_batch",  # log2(batch / base batch)
@@ -36,13 +49,13 @@ GLOBAL_FEATURES = (
     "overflow_rate",  # share of skipped steps in the interval, [0, 1]
     "step_time_trend",  # relative change of step time, clipped to [-1, 1]
     "progress",  # share of the training budget used, [0, 1]
-    "log_curvature",  # log10 of the parameter-weighted mean curvature
+    "log_curvature",  # log10 of the parameter-weighted mean curvature (Hutchinson once measured), divided by 5
 )
 GROUP_FEATURES = (
-    "rel_sensitivity",  # group's mean sensitivity minus the median over controllable layers (log10)
+    "rel_sensitivity",  # group's mean sensitivity (peak curvature x variance) minus the controllable median (log10)
     "log_curvature",  # log10 mean curvature of the group, divided by 5
-    "log_variance",  # log10 mean gradient variance of the group, divided by 5
-    "log_snr",  # log10 signal-to-noise ratio of the group's gradient
+    "log_variance",  # log10 mean per-element variance of the group's mini-batch gradient, divided by 5
+    "log_snr",  # log10 signal-to-noise ratio |G|^2 / (tr(Sigma) / B) of the group's mini-batch gradient
     "param_share",  # share of the controllable parameters in this group, [0, 1]
     "is_fp32",  # one-hot of the group's current (majority) precision
     "is_bf16",
@@ -127,8 +140,20 @@ class LayerGrouper:
 
 
 def sensitivity(signals: Signals) -> np.ndarray:
-    """Per-layer sensitivity ``log10(curvature * grad_variance)`` (floored at 1e-30 each)."""
-    return np.log10(np.maximum(signals.curvature, 1e-30)) + np.log10(np.maximum(signals.grad_variance, 1e-30))
+    """Per-layer sensitivity ``log10(peak_curvature * grad_variance)`` (each factor floored at 1e-30)."""
+    return np.log10(np.maximum(peak_curvature(signals), 1e-30)) + np.log10(np.maximum(signals.grad_variance, 1e-30))
+
+
+def peak_curvature(signals: Signals) -> np.ndarray:
+    """Per-layer mean curvature of the sharpest decile of coordinates: ``curvature * sparsity.top10_ratio``.
+
+    Equals ``curvature`` while the sparsity is not measured.
+    """
+    sparsity = signals.sparsity
+    if sparsity is None or np.shape(sparsity.top10_ratio) != np.shape(signals.curvature):
+        return signals.curvature
+    ratio = np.nan_to_num(np.asarray(sparsity.top10_ratio, dtype=np.float64), nan=1.0, posinf=1.0)
+    return signals.curvature * np.maximum(ratio, 1.0)
 
 
 def build_observation(

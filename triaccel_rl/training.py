@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -11,14 +12,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from triaccel_rl.config import ConfigError, CostMode, HardwareProfile, MemoryBudget
+from triaccel_rl.config import CostMode, ElasticConfig, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel
+from triaccel_rl.elastic import (
+    BatchLRCoupler,
+    Fault,
+    FaultPoint,
+    OOMEvent,
+    UnrecoverableOOMError,
+    is_out_of_memory,
+    plan_micro_batches,
+    release_memory,
+    resolve_lr_rule,
+)
 from triaccel_rl.engine import StepEngine
-from triaccel_rl.loader import ElasticLoader
+from triaccel_rl.loader import Batch, ElasticLoader
+from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, read_device_memory
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
 __all__ = ["IntervalTimer", "TrainingRun", "resolve_device"]
+
+_log = logging.getLogger("triaccel_rl")
+_NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (for the AdaScale rule)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -69,20 +85,46 @@ class TrainingRun:
     """A task's model, optimizer and data, stepped one optimizer step at a time with settable knobs.
 
     Knobs: per-layer precision (``set_precisions``), a global LR multiplier (``lr_scale``), per-layer LR
-    factors (``lr_factors``) and the batch size (``batch_size``). The LR of layer ``l`` at a step is
-    ``base_lr * lr_scale * lr_factors[l] * batch_lr_gain``, where ``batch_lr_gain`` follows the batch size
-    (linear for SGD, square root for AdamW, relative to the task's base batch).
+    factors (``lr_factors``) and the effective batch size (``batch_size``). The LR of layer ``l`` at a step
+    is ``base_lr * lr_scale * lr_factors[l] * batch_lr_gain``, where ``batch_lr_gain`` follows the effective
+    batch by ``elastic.lr_rule`` (relative to the task's base batch; linear for SGD and square root for
+    AdamW by default), warmed up after large rises (``ElasticConfig``).
+
+    **Memory elasticity.** Each step runs its effective batch as micro-batches whose gradients accumulate
+    before one update, each as large as the memory model predicts to fit ``elastic.fill_frac`` of the
+    budget (one micro-batch when the batch fits). The loss of micro-batch ``i`` is weighted by ``n_i / N``,
+    so the accumulated gradient is the full batch's mean-loss gradient: equal to the unsplit step up to
+    floating-point rounding, except with batch norm, whose statistics are per micro-batch.
+
+    An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
+    the budget lowered (to ``elastic.oom_budget_factor`` × the failed micro-batch's predicted memory, and on
+    a GPU to at most what this process holds plus what is free), and the same samples are retried with the
+    micro-batch at most halved (a one-sample micro-batch is retried as it is, up to
+    ``elastic.max_oom_retries`` errors in the step). The loader is not touched, so no sample is lost or
+    served twice, and the one update comes after the last micro-batch. Events are counted in
+    ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried
+    (a partial update cannot be undone).
+
+    **Memory model.** ``memory_model`` predicts a step's peak from the micro-batch size and the precision
+    map. On a GPU in ``measured`` cost mode it is fitted to the allocator's peaks: two forward/backward
+    trials at construction (no update, no sample consumed), then every step's peak. Elsewhere it is the
+    cost model's accounting. The executor refuses batch growth it predicts over budget.
 
     Args:
         task: a ``Task`` or its registered name.
         seed: seeds the model's initialisation and the data order.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for CUDA when available.
-        batch_size: starting batch size; the task's ``base_batch_size`` by default.
+        batch_size: starting effective batch size; the task's ``base_batch_size`` by default.
         memory: the memory budget (accounting on CPU, the allocator on GPU).
         cost_mode: ``measured`` time and memory, or ``profile`` (charged from ``profile``).
         profile: the hardware profile for ``cost_mode="profile"``; the shipped one by default.
         n_probe: held-out training samples for the fixed probe loss.
         include_fixed_cost: add the profile's fixed per-step time to the modelled step time.
+        elastic: LR coupling, micro-batch planning and OOM recovery settings.
+        fault: a hook called before each micro-batch's forward and backward pass (tests inject errors here).
+
+    Raises:
+        ConfigError: the budget cannot hold one sample (the message says how much one sample needs).
 
     Example:
         >>> run = TrainingRun("synthetic", seed=0, device="cpu")
@@ -103,6 +145,8 @@ class TrainingRun:
         profile: HardwareProfile | None = None,
         n_probe: int = 512,
         include_fixed_cost: bool = True,
+        elastic: ElasticConfig | None = None,
+        fault: Fault | None = None,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.seed = seed
@@ -110,6 +154,8 @@ class TrainingRun:
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = profile if profile is not None else HardwareProfile.load()
         self.include_fixed_cost = include_fixed_cost
+        self.elastic = elastic or ElasticConfig()
+        self.fault = fault
         torch.manual_seed(seed)
         self.model: nn.Module = self.task.build_model().to(self.device)
         layers = StepEngine.discover(self.model)
@@ -130,33 +176,43 @@ class TrainingRun:
         self._test_y = data.test_y.to(self.device)
 
         self.n_layers = len(self.layers)
-        self._batch_size = 0
-        self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
         self.steps = 0
         self.skipped_steps = 0
+        self.oom_events = 0
+        self.oom_log: list[OOMEvent] = []
         self.train_time_ms = 0.0
         self.modelled_time_ms = 0.0
+        self.memory_elastic = True
+        """Plan micro-batches against the budget and recover from OOM (a fixed-batch baseline turns it off)."""
+        self.micro_batch_cap: int | None = None
+        """An upper bound on the micro-batch size set by hand (``None``: only the memory budget bounds it)."""
+        self.last_batch: Batch | None = None
+        self.last_micro_batches: list[int] = []
+        self._noise = np.zeros(3)  # EMA weight, EMA of B * |g_B|^2, EMA of B (for noise_scale)
+        self._samples_started = 0  # samples whose forward pass began in the current attempt
+        self._batch_size = self.task.base_batch_size
+        self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
+        self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
 
         self.costs = CostModel.measure(
             self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
         )
-        capacity = (
-            torch.cuda.get_device_properties(self.device).total_memory
-            if self.device.type == "cuda"
-            else (memory or MemoryBudget()).cpu_capacity_bytes
+        self.memory_model = MemoryModel(self.costs, self.profile)
+        budget = memory or MemoryBudget()
+        self.memory_budget_bytes = budget.resolve(device_capacity_bytes(self.device, budget.cpu_capacity_bytes))
+        if self.measures_memory:
+            self.calibrate_memory()
+        check_budget(
+            self.memory_budget_bytes,
+            fixed_bytes=self.predicted_memory_bytes(0),
+            one_sample_bytes=self.predicted_memory_bytes(1),
         )
-        self.memory_budget_bytes = (memory or MemoryBudget()).resolve(capacity)
-        if self.memory_budget_bytes <= self.costs.static_bytes:
-            raise ConfigError(
-                f"memory budget {self.memory_budget_bytes} bytes is below the model's fixed "
-                f"{self.costs.static_bytes} bytes (weights, gradients, optimizer state)"
-            )
 
     # ---------------------------------------------------------------------------------------- knobs
 
     @property
     def batch_size(self) -> int:
-        """Samples per optimizer step."""
+        """Samples per optimizer step (the effective batch, all micro-batches together)."""
         return self._batch_size
 
     @batch_size.setter
@@ -164,8 +220,18 @@ class TrainingRun:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
         self._batch_size = int(value)
-        ratio = self._batch_size / self.task.base_batch_size
-        self.engine.batch_lr_gain = ratio if self.task.optimizer == "sgd" else math.sqrt(ratio)
+        noise = self.noise_scale if self.lr_coupler.rule is LRRule.ADASCALE else None
+        self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, noise)
+
+    @property
+    def lr_rule(self) -> LRRule:
+        """How the LR follows the effective batch (resolved: never ``AUTO``); setting it applies at once."""
+        return self.lr_coupler.rule
+
+    @lr_rule.setter
+    def lr_rule(self, value: LRRule | str) -> None:
+        self.lr_coupler = self._coupler(LRRule.parse(value), self.batch_size)
+        self.engine.batch_lr_gain = self.lr_coupler.gain
 
     @property
     def lr_scale(self) -> float:
@@ -211,38 +277,96 @@ class TrainingRun:
     # ----------------------------------------------------------------------------------------- step
 
     def step(self) -> StepStats:
-        """Runs one optimizer step on the next batch and returns its statistics.
+        """Runs one optimizer step on the next effective batch and returns its statistics.
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
         is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss.
+
+        Raises:
+            UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
+                (a one-sample micro-batch is retried as it is); the batch is returned to the loader first.
         """
         batch = self.loader.next(self.batch_size)
+        n = len(batch.y)
+        self.last_batch = batch
         self.model.train()
         start = time.perf_counter()
-        self._reset_peak_memory()
+        self.engine.batch_lr_gain = self.lr_coupler.advance()
         lr = self.lr
-        with self.precision.context():
-            logits = self.model(batch.x)
-            loss = self.task.loss_fn(logits.float(), batch.y)
-        grads, skipped = self.engine.backward_and_step(loss)
+        oom_events = 0
+        wasted_samples = 0  # samples whose forward pass ran in an attempt that failed (charged, not applied)
+        micro = self.micro_batch_size(n)
+        while True:
+            sizes = plan_micro_batches(n, micro)
+            self._reset_peak_memory()
+            self._samples_started = 0
+            failure = ""
+            try:
+                loss = self._accumulate(batch, sizes, attempt=oom_events)
+            except Exception as err:  # anything but an OOM is re-raised at once
+                if not (self.memory_elastic and is_out_of_memory(err)):
+                    raise
+                failure = _first_line(err)
+            if not failure:
+                break
+            # Out of the except block: the traceback, and the activations its frames held, are gone.
+            oom_events += 1
+            wasted_samples += self._samples_started
+            micro = self._recover_from_oom(micro, failure, oom_events, n)
+        try:
+            # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
+            # Its own backward through this detached leaf adds nothing to the parameters' gradients.
+            grads, skipped = self.engine.backward_and_step(loss.detach().clone().requires_grad_(True))
+        except Exception as err:
+            if is_out_of_memory(err):
+                raise UnrecoverableOOMError(
+                    f"out of memory in the optimizer update of step {self.steps}; an update cannot be retried "
+                    f"safely once started (lower the memory budget): {err}"
+                ) from err
+            raise
         self.steps += 1
         self.skipped_steps += int(skipped)
+        self.oom_events += oom_events
+        self.last_micro_batches = sizes
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        modelled_ms = self.modelled_step_ms(len(batch.y))
+        modelled_ms = self.modelled_step_ms(n)
+        if self.include_fixed_cost:  # each extra micro-batch pays the per-step launch overhead again
+            modelled_ms += (len(sizes) - 1) * self.profile.fixed_ms
+        if wasted_samples:
+            modelled_ms += self.costs.step_ms(wasted_samples, self.precision.precisions, self.profile, False)
         self.train_time_ms += elapsed_ms
         self.modelled_time_ms += modelled_ms
-        return StepStats(
-            loss=float(loss.detach()),
-            batch_size=len(batch.y),
+        memory = self.memory_bytes(sizes[0])
+        if self.measures_memory:
+            self.memory_model.observe(sizes[0], self.precisions, memory)
+        stats = StepStats(
+            loss=float(loss),  # host-device sync, free: the engine already waited on this value for its skip
+            batch_size=n,
             step_time_ms=elapsed_ms,
             modelled_time_ms=modelled_ms if self.cost_mode is CostMode.PROFILE else elapsed_ms,
-            memory_bytes=self.memory_bytes(len(batch.y)),
+            memory_bytes=memory,
             skipped=skipped,
             grad_sq_sum=grads.sq_sum.cpu().numpy(),
             grad_abs_max=grads.abs_max.cpu().numpy(),
             grad_nonfinite=grads.nonfinite.cpu().numpy(),
             lr=lr,
+            oom_events=oom_events,
         )
+        self._observe_noise(stats)
+        return stats
+
+    def micro_batch_size(self, batch_size: int | None = None) -> int:
+        """The micro-batch a step of ``batch_size`` samples (default: the current batch) would be split into.
+
+        The largest size predicted to fit ``elastic.fill_frac`` of the budget at the current precisions,
+        at most the batch and ``micro_batch_cap``; at least 1.
+        """
+        n = self.batch_size if batch_size is None else batch_size
+        cap = n if self.micro_batch_cap is None else max(1, min(n, self.micro_batch_cap))
+        if not self.memory_elastic:
+            return cap
+        fit = self.memory_model.max_batch_size(self.usable_memory_bytes, self.precisions, limit=cap)
+        return max(fit, 1)
 
     # ------------------------------------------------------------------------------------- measures
 
@@ -273,19 +397,87 @@ class TrainingRun:
         batch = self.batch_size if batch_size is None else batch_size
         return self.costs.step_ms(batch, self.precision.precisions, self.profile, self.include_fixed_cost)
 
+    @property
+    def measures_memory(self) -> bool:
+        """True when memory comes from the CUDA allocator (a GPU in ``measured`` mode), not the accounting."""
+        return self.device.type == "cuda" and self.cost_mode is CostMode.MEASURED
+
     def memory_bytes(self, batch_size: int | None = None) -> int:
         """Peak memory of the last step: the allocator's peak on a GPU, the run's accounting otherwise.
+
+        Args:
+            batch_size: for the accounting, the micro-batch size (default: the current batch).
 
         The accounting is parameters + gradients + optimizer state + activations (each layer's output
         for the batch at its precision's memory factor) + the low-precision weight copies.
         """
-        if self.device.type == "cuda" and self.cost_mode is CostMode.MEASURED:
+        if self.measures_memory:
             return int(torch.cuda.max_memory_allocated(self.device))
-        return self.predicted_memory_bytes(self.batch_size if batch_size is None else batch_size)
+        return self.costs.memory_bytes(
+            self.batch_size if batch_size is None else batch_size, self.precision.precisions, self.profile
+        )
 
     def predicted_memory_bytes(self, batch_size: int) -> int:
-        """The accounting model's memory for ``batch_size`` at the current precisions, in bytes."""
-        return self.costs.memory_bytes(batch_size, self.precision.precisions, self.profile)
+        """The memory model's peak for a micro-batch of ``batch_size`` at the current precisions, in bytes.
+
+        Fitted to the allocator's peaks on a GPU in ``measured`` mode; without measurements (CPU, or profile
+        mode from the start) it is the cost model's accounting, the same source ``memory_bytes`` reports.
+        """
+        return self.memory_model.predict(batch_size, self.precisions)
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """The share of the budget micro-batches are planned to fill: ``elastic.fill_frac`` × budget."""
+        return int(self.elastic.fill_frac * self.memory_budget_bytes)
+
+    def fits_in_budget(self, batch_size: int) -> bool:
+        """Whether one unsplit step of ``batch_size`` samples fits the whole budget.
+
+        On a GPU in ``measured`` mode this is a trial: a forward and backward pass (no update, no sample
+        consumed, batch-norm statistics untouched) whose allocator peak is compared with the budget (an
+        out-of-memory error counts as not fitting); the peak also feeds the memory model. Elsewhere it is the
+        memory model's prediction.
+        """
+        if not self.measures_memory:
+            return self.predicted_memory_bytes(batch_size) <= self.memory_budget_bytes
+        peak = self.trial_peak_bytes(batch_size)
+        return peak is not None and peak <= self.memory_budget_bytes
+
+    def calibrate_memory(self, sizes: Sequence[int] | None = None) -> None:
+        """Fits the memory model to allocator peaks of trial steps at a few micro-batch sizes (GPU only).
+
+        Args:
+            sizes: the micro-batch sizes to try; by default ``s // 4`` and ``s``, where ``s`` is the
+                current batch, at most what the accounting predicts to fill half the budget.
+        """
+        if not self.measures_memory:
+            return
+        if sizes is None:
+            # The accounting (nothing is fitted yet) picks sizes that should fit comfortably.
+            s = max(1, min(self.batch_size, len(self.loader)))
+            while s > 1 and self.costs.memory_bytes(s, self.precisions, self.profile) > self.memory_budget_bytes // 2:
+                s //= 2
+            sizes = sorted({max(1, s // 4), s})
+        for size in sizes:
+            while self.trial_peak_bytes(size) is None and size > 1:  # out of memory: try half
+                size //= 2
+
+    @property
+    def noise_scale(self) -> float | None:
+        """The run's own gradient-noise scale ``B_noise = tr(Sigma) / |G|^2`` in samples (``None``: unknown).
+
+        From EMAs over steps of ``B * |g_B|^2`` and ``B`` (whose difference estimates ``tr(Sigma)``, since
+        ``E|g_B|^2 = |G|^2 + tr(Sigma) / B``) and ``|G|^2`` from the optimizer's running mean gradient. Used by
+        the ``adascale`` LR rule at each batch change; reading it costs one host-device sync.
+        """
+        weight, b_sq, b = self._noise
+        if weight <= 0:
+            return None
+        mean_sq = float(np.nansum(self.engine.grad_mean_sq_norm()))
+        if not (math.isfinite(mean_sq) and mean_sq > 0):
+            return None
+        trace = max(b_sq / weight - (b / weight) * mean_sq, 0.0)
+        return trace / mean_sq
 
     @property
     def max_batch_size(self) -> int:
@@ -304,9 +496,126 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------- private
 
+    def _coupler(self, rule: LRRule, batch_size: int) -> BatchLRCoupler:
+        return BatchLRCoupler(
+            resolve_lr_rule(rule, self.optimizer),
+            base_batch_size=self.task.base_batch_size,
+            batch_size=batch_size,
+            warmup_above=self.elastic.warmup_above,
+            warmup_steps=self.elastic.warmup_steps,
+        )
+
+    def _accumulate(self, batch: Batch, sizes: list[int], attempt: int) -> torch.Tensor:
+        """Forward and backward of each micro-batch, gradients accumulating; returns the batch's mean loss.
+
+        Locals (activations, logits) die with this frame, so an error raised here leaves nothing behind
+        once its traceback is dropped.
+        """
+        scaler = self.engine.grad_scaler
+        n = len(batch.y)
+        total = torch.zeros((), device=self.device)
+        offset = 0
+        for index, size in enumerate(sizes):
+            x, y = batch.x[offset : offset + size], batch.y[offset : offset + size]
+            offset += size
+            self._samples_started += size
+            if self.fault is not None:
+                self.fault(FaultPoint(self.steps, attempt, index, size, "forward"))
+            with self.precision.context():
+                logits = self.model(x)
+                loss = self.task.loss_fn(logits.float(), y) * (size / n)  # weight of the micro-batch
+            if self.fault is not None:
+                self.fault(FaultPoint(self.steps, attempt, index, size, "backward"))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.detach()
+        return total
+
+    def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
+        """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
+        self.optimizer.zero_grad(set_to_none=False)  # the aborted attempt's partial sums must not count
+        release_memory(self.device)
+        if oom_events > self.elastic.max_oom_retries:
+            self.loader.take_back(n)  # the step is abandoned: its samples return to the loader
+            raise UnrecoverableOOMError(
+                f"out of memory {oom_events} times in one step (step {self.steps}), the last with a micro-batch "
+                f"of {micro} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
+                f"bytes and the budget is now {self.memory_budget_bytes} bytes"
+            )
+        before = self.memory_budget_bytes
+        lowered = int(self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro))
+        if self.device.type == "cuda":  # the device is shared: we can hold at most ours + what is free
+            lowered = min(lowered, read_device_memory(self.device).available_bytes)
+        # Not below what one sample needs (the halving still makes progress down to one sample), never up.
+        self.memory_budget_bytes = min(before, max(lowered, self.predicted_memory_bytes(1)))
+        retry = max(1, min(micro // 2, self.micro_batch_size(n)))
+        event = OOMEvent(self.steps, micro, retry, before, self.memory_budget_bytes, failure)
+        self.oom_log.append(event)
+        _log.warning(
+            "step %d: %s; retrying with micro-batch %d (was %d), memory budget %d -> %d bytes",
+            event.step,
+            failure,
+            retry,
+            micro,
+            before,
+            self.memory_budget_bytes,
+        )
+        return retry
+
+    def trial_peak_bytes(self, batch_size: int) -> int | None:
+        """Allocator peak of a forward and backward pass on ``batch_size`` training samples; ``None`` on OOM.
+
+        GPU only (``measures_memory``). No update, no sample consumed, norm statistics untouched; the peak
+        is fed to the memory model. Before the first update the optimizer holds no state yet, so its
+        accounted size is added.
+
+        Raises:
+            ValueError: memory is not measured here (a CPU, or profile cost mode).
+        """
+        if not self.measures_memory:
+            raise ValueError(
+                f"trial_peak_bytes needs a CUDA device in measured cost mode; this run is on {self.device}"
+            )
+        n = min(batch_size, len(self.loader))
+        self.optimizer.zero_grad(set_to_none=False)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        failed = False
+        try:
+            self._trial_pass(n)
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+        except Exception as err:  # anything but an OOM is re-raised at once
+            if not is_out_of_memory(err):
+                raise
+            failed = True
+        self.optimizer.zero_grad(set_to_none=False)
+        if failed:
+            release_memory(self.device)
+            return None
+        if not self.optimizer.state:  # a real step will hold the optimizer's state: count it as accounted
+            peak += self.costs.static_bytes - 2 * 4 * sum(info.n_params for info in self.layers)
+        self.memory_model.observe(n, self.precisions, peak)
+        return peak
+
+    def _trial_pass(self, n: int) -> None:
+        with _probe_mode(self.model), self.precision.context():
+            loss = self.task.loss_fn(self.model(self.loader.x[:n]).float(), self.loader.y[:n])
+        loss.backward()
+
+    def _observe_noise(self, stats: StepStats) -> None:
+        if stats.skipped or not np.all(np.isfinite(stats.grad_sq_sum)):
+            return
+        d = _NOISE_EMA_DECAY
+        sample = np.array([1.0, stats.batch_size * float(stats.grad_sq_sum.sum()), float(stats.batch_size)])
+        self._noise = d * self._noise + (1 - d) * sample
+
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 @contextlib.contextmanager

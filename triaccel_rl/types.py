@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "Action",
     "BatchMove",
+    "CurvatureSparsity",
     "LayerInfo",
     "Policy",
     "Precision",
@@ -122,6 +123,26 @@ class StepStats:
     oom_events: int = 0
 
 
+@dataclass(frozen=True)
+class CurvatureSparsity:
+    """How concentrated each layer's curvature diagonal is (``triaccel_rl.signals.curvature_sparsity``).
+
+    For a layer with diagonal ``d`` of ``n`` elements, mass ``m_i = |d_i|`` and ``k(p) = max(1, ceil(p * n))``:
+
+    Attributes:
+        top1_share: per layer, the share of ``sum(m)`` held by the ``k(0.01)`` largest ``m_i``, in (0, 1].
+        top10_share: per layer, the share of ``sum(m)`` held by the ``k(0.1)`` largest ``m_i``, in (0, 1].
+        small_frac: per layer, the fraction of coordinates with ``m_i <= threshold * mean(m)``, in [0, 1].
+        top10_ratio: per layer, the mean of the top-decile ``m_i`` over the mean of all ``m_i``
+            (``top10_share * n / k(0.1)``), in [1, n / k(0.1)]; 1 for a flat diagonal.
+    """
+
+    top1_share: np.ndarray
+    top10_share: np.ndarray
+    small_frac: np.ndarray
+    top10_ratio: np.ndarray
+
+
 @dataclass
 class Signals:
     """The live-run summary a policy decides from, one snapshot per decision interval.
@@ -132,11 +153,14 @@ class Signals:
         loss: smoothed training loss (EMA).
         loss_trend: relative change of the smoothed loss over the last interval (negative = improving).
         probe_loss: loss on a fixed held-out probe batch, measured in fp32 at the end of the interval.
-        curvature: per-layer curvature proxy (mean diagonal empirical Fisher, or Hutchinson diagonal
-            where available), non-negative.
-        grad_variance: per-layer mean per-element gradient variance across steps (EMA), non-negative.
+        curvature: per-layer mean curvature per parameter, non-negative: ``|tr(H_l)| / n_l`` from the
+            Hutchinson estimator once a scheduled round has run, else the mean diagonal of the
+            mini-batch empirical Fisher (``extra["curvature_source"]`` says which).
+        grad_variance: per-layer mean per-element variance of the mini-batch gradient at the current batch
+            size, ``tr(Sigma_l) / (B * n_l)``, non-negative.
         grad_norm: per-layer gradient L2 norm (EMA of the per-step norm).
-        snr: per-layer gradient signal-to-noise ratio ``|E[g]|^2 / sum Var[g]``, non-negative.
+        snr: per-layer signal-to-noise ratio of the mini-batch gradient ``|G_l|^2 / (tr(Sigma_l) / B)``,
+            non-negative.
         noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples.
         memory_bytes: peak memory used in the interval.
         memory_budget_bytes: the budget the controller must respect.
@@ -150,6 +174,11 @@ class Signals:
         controllable: per-layer mask of layers whose precision the controller sets.
         progress: fraction of the training budget used so far, in [0, 1].
         overhead_frac: share of training time the signal collection itself cost so far.
+        hessian_trace: per-layer Hutchinson estimate of ``tr(H_l)`` (signed, smoothed over rounds);
+            ``None`` until a scheduled round has run.
+        sparsity: concentration of each layer's curvature diagonal; ``None`` until measured.
+        lr_factors: per-layer curvature-scaled LR factors suggested by the collector
+            (``triaccel_rl.signals.curvature_lr_factors``); applied only where the caller opts in.
         extra: anything else worth logging (not observed by policies).
     """
 
@@ -173,6 +202,9 @@ class Signals:
     controllable: np.ndarray
     progress: float = 0.0
     overhead_frac: float = 0.0
+    hessian_trace: np.ndarray | None = None
+    sparsity: CurvatureSparsity | None = None
+    lr_factors: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

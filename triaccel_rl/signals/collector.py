@@ -1,41 +1,166 @@
-"""``SignalCollector``: turns per-step ``StepStats`` into one ``Signals`` snapshot per decision interval.
+"""``SignalCollector``: step statistics and scheduled estimator rounds → one ``Signals`` snapshot per decision.
 
-Cheap signals only: everything comes from the step statistics the engine already computes and from the
-optimizer's own running moments, so collecting costs no extra pass over the model.
+Two tiers, both per layer (``Signals`` arrays follow ``TrainingRun.layers``):
 
-Definitions (per layer ``l`` with ``n_l`` parameters; EMAs over steps with decay ``ema_decay``):
+**Cheap** (every step, no extra pass): from the step statistics the engine computes anyway, EMAs over
+steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the mini-batch gradient.
 
-- ``curvature_l = E[|g_l|^2] / n_l``: the mean diagonal of the empirical Fisher, estimated from the
-  squared mini-batch gradient (an upper proxy: it includes the mini-batch noise).
-- ``grad_variance_l = max(0, E[|g_l|^2] - |E[g_l]|^2) / n_l``: the mean per-element variance of the
-  mini-batch gradient across steps; ``E[g_l]`` is the optimizer's running mean (Adam's ``exp_avg`` or
-  SGD's momentum buffer × (1 − momentum)).
-- ``snr_l = |E[g_l]|^2 / (n_l * grad_variance_l)``.
-- ``noise_scale = B * sum_l Var_l / sum_l |E[g_l]|^2``: the simple noise scale of McCandlish et al.
-  (2018), ``tr(Sigma) / |G|^2``, since a mini-batch of ``B`` samples has covariance ``Sigma / B``.
+- ``curvature_l = E[|g_l|^2] / n_l``: the mean diagonal of the mini-batch empirical Fisher
+  ``diag(G G^T + Sigma / B)``.
+- ``grad_variance_l = max(0, E[|g_l|^2] - |E[g_l]|^2) / n_l`` and ``snr_l``, ``noise_scale`` from
+  ``|E[g]|^2`` = the optimizer's running mean (Adam's ``exp_avg``, SGD's momentum). This is biased
+  (the running mean lags the moving parameters and is itself noisy), which is why the rounds below
+  replace it whenever they have run.
+
+**Scheduled rounds** (mode ``all``; on a sub-batch, at decision points, under the overhead budget, see
+:class:`RoundScheduler`), with exact-in-expectation estimators (:mod:`triaccel_rl.signals.estimators`):
+
+- ``hessian_trace_l``: Hutchinson estimate of ``tr(H_l)``; ``curvature_l = |tr(H_l)| / n_l`` (the
+  magnitude: a negative-curvature block reacts to perturbations as strongly).
+- From ``m`` micro-batch gradients: unbiased ``|G_l|^2`` and ``tr(Sigma_l)`` (per-sample covariance);
+  ``grad_variance_l = tr(Sigma_l) / (B n_l)`` (per element, of the mini-batch gradient at the current
+  batch size ``B``), ``snr_l = |G_l|^2 / (tr(Sigma_l) / B)``, and the simple noise scale
+  ``B_simple = sum_l tr(Sigma_l) / sum_l |G_l|^2`` (McCandlish et al. 2018).
+- ``sparsity``: :func:`curvature_sparsity` of the Fisher diagonal: Adam's bias-corrected ``exp_avg_sq``
+  (reused, no extra pass) when the optimizer keeps one, else the rounds' per-sample Fisher diagonal.
+
+Smoothing across rounds: EMA with decay ``round_ema_decay``, bias-corrected per layer; the noise scale's
+numerator and denominator are smoothed separately (a ratio of means, not a mean of ratios).
+
+Bad input: a round whose loss or any estimate is non-finite is skipped (its cost still counts;
+``extra["rounds_skipped"]``); a layer with no gradient (unused by the loss) is measured as the exact zero
+it is (``extra["unused_layers"]``); a layer frozen after the start keeps its last values. Every value in
+a snapshot is finite.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from torch import nn
 
-from triaccel_rl.types import LayerInfo, Precision, Signals, StepStats
+from triaccel_rl.signals.config import SignalConfig, SignalMode
+from triaccel_rl.signals.device import IntervalMoments
+from triaccel_rl.signals.estimators import (
+    curvature_lr_factors,
+    curvature_sparsity,
+    frozen_batch_stats,
+    gradient_moments,
+    hutchinson,
+)
+from triaccel_rl.signals.scheduler import RoundCost, RoundPlan, RoundScheduler
+from triaccel_rl.types import CurvatureSparsity, LayerInfo, Precision, Signals, StepStats
 
-__all__ = ["SignalCollector"]
+if TYPE_CHECKING:
+    from triaccel_rl.training import TrainingRun
+
+__all__ = ["EstimatorSource", "RoundReport", "SignalCollector", "source_for_run"]
 
 _TINY = 1e-30
+_NOISE_SCALE_MAX = 1e12  # samples; B_simple when the gradient is buried in noise
+
+# Profile cost mode charges a round from the modelled fp32 step time: the gradient with a graph costs
+# about 1.5 plain gradient passes, each Hutchinson probe (a double backward) about 7 (H200, ResNet-18 at
+# batch 128 in fp32: 117 ms a probe against 17 ms a plain gradient; issue 3).
+_PROFILE_GRAPH_GRADIENT_PASSES = 1.5
+_PROFILE_PROBE_PASSES = 7.0
+
+
+@dataclass(frozen=True)
+class EstimatorSource:
+    """What the scheduled rounds need from a run.
+
+    Attributes:
+        model: the model being trained.
+        layer_params: the parameters of each layer, in the order of the collector's layers.
+        loss_fn: ``(model outputs, targets) -> mean loss`` over the samples.
+        inputs: samples the rounds draw sub-batches from (e.g. a held-out probe batch), on the model's device.
+        targets: their targets.
+        second_moment: returns, per layer, the optimizer's flat per-element second moment of the gradient
+            (Adam's bias-corrected ``exp_avg_sq``) or None where it keeps none.
+        modelled_pass_ms: charged ms of one fp32 forward+backward over ``n`` samples (profile cost mode);
+            None charges the measured time.
+    """
+
+    model: nn.Module
+    layer_params: Sequence[Sequence[nn.Parameter]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    second_moment: Callable[[], list[torch.Tensor | None]] | None = None
+    modelled_pass_ms: Callable[[int], float] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) differ in length")
+        if len(self.inputs) < 2:
+            raise ValueError(f"the rounds need at least 2 samples to draw from; got {len(self.inputs)}")
+        if not any(p.requires_grad for params in self.layer_params for p in params):
+            raise ValueError("the model has no trainable parameters; nothing to estimate")
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did.
+
+    Attributes:
+        plan: its size.
+        cost: its charged cost by part.
+        measured_ms: its wall time on this machine (with one host-device sync at the end).
+        folded: True when its estimates were folded in; False when skipped (see ``reason``).
+        reason: why it was skipped ("" when folded).
+    """
+
+    plan: RoundPlan
+    cost: RoundCost
+    measured_ms: float
+    folded: bool
+    reason: str = ""
+
+
+def source_for_run(run: TrainingRun) -> EstimatorSource:
+    """The estimator source of a ``TrainingRun``: its held-out probe batch, its loss, charged like its steps."""
+    from triaccel_rl.config import CostMode
+
+    fp32 = [Precision.FP32] * run.n_layers
+
+    def modelled(n: int) -> float:
+        return run.costs.step_ms(n, fp32, run.profile, run.include_fixed_cost)
+
+    return EstimatorSource(
+        model=run.model,
+        layer_params=run.engine.layer_params,
+        loss_fn=run.task.loss_fn,
+        # The probe batch is held out of training: drawing from it consumes no training samples.
+        inputs=run._probe_x,
+        targets=run._probe_y,
+        second_moment=run.engine.second_moment_diagonal,
+        modelled_pass_ms=modelled if run.cost_mode is CostMode.PROFILE else None,
+    )
 
 
 class SignalCollector:
-    """Accumulates step statistics and produces a ``Signals`` snapshot at each decision.
+    """Accumulates step statistics, runs scheduled estimator rounds, and produces a ``Signals`` snapshot.
 
     Args:
         layers: the run's layers, in the order of the per-layer arrays.
         ema_decay: smoothing of per-step quantities, in (0, 1).
         memory_budget_bytes: the budget reported in the snapshot.
+        config: modes, budget and schedule; ``SignalConfig()`` by default.
+
+    Attributes:
+        overhead_ms: wall time spent on signals and decisions (cheap path, rounds, and what callers
+            charge with :meth:`add_overhead`); ``overhead_ms / train_ms`` is the overhead fraction.
+        train_ms: wall time of the training steps observed.
+        estimator_ms: wall time of the rounds alone (the warm-up round included).
+        warmup_ms: wall time of the uncharged warm-up round (``SignalConfig.warmup_round``).
 
     Example:
         >>> from triaccel_rl.types import LayerInfo
@@ -44,19 +169,36 @@ class SignalCollector:
         0
     """
 
-    def __init__(self, layers: list[LayerInfo], ema_decay: float, memory_budget_bytes: int) -> None:
+    def __init__(
+        self,
+        layers: list[LayerInfo],
+        ema_decay: float,
+        memory_budget_bytes: int,
+        config: SignalConfig | None = None,
+    ) -> None:
         if not (0.0 < ema_decay < 1.0):
             raise ValueError(f"ema_decay={ema_decay} must be in (0, 1)")
+        if not layers:
+            raise ValueError("no layers: the model has no trainable parameters")
         self.layers = layers
         self.ema_decay = ema_decay
         self.memory_budget_bytes = memory_budget_bytes
+        self._config = config or SignalConfig()
         self.n_params = np.array([info.n_params for info in layers], dtype=np.float64)
         self.controllable = np.array([info.controllable for info in layers], dtype=bool)
         self.n_steps = 0
         self.overhead_ms = 0.0
         self.train_ms = 0.0
-        self._sq_ema = np.zeros(len(layers))
-        self._norm_ema = np.zeros(len(layers))
+        self.estimator_ms = 0.0
+        self.scheduler = RoundScheduler(self._config)
+        self.source: EstimatorSource | None = None
+        self.rounds_skipped = 0
+        self.warmup_ms = 0.0
+        self.last_round: RoundReport | None = None
+        self._warmed_up = False
+        n = len(layers)
+        self._sq_ema = np.zeros(n)
+        self._norm_ema = np.zeros(n)
         self._loss_ema = math.nan
         self._ema_weight = 0.0  # for bias correction of the EMAs
         self._previous_probe = math.nan
@@ -65,6 +207,29 @@ class SignalCollector:
         self._interval_skipped = 0
         self._interval_time_ms = 0.0
         self._interval_peak = 0
+        # Round estimates: EMAs across rounds with a bias-correction weight per layer.
+        self._trace_ema = np.zeros(n)
+        self._grad_sq_ema = np.zeros(n)
+        self._cov_ema = np.zeros(n)
+        self._round_weight = np.zeros(n)
+        self._unused = np.zeros(n, dtype=bool)
+        self._fisher_ema: list[torch.Tensor] | None = None
+        self._fisher_source = ""
+        self._sparsity: CurvatureSparsity | None = None
+        self._cpu_generator = torch.Generator()
+        self._device_generator: torch.Generator | None = None
+
+    @property
+    def config(self) -> SignalConfig:
+        """Modes, budget and schedule; may be replaced mid-run (the scheduler keeps its accounts)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: SignalConfig) -> None:
+        self._config = value
+        self.scheduler.config = value
+
+    # ------------------------------------------------------------------------------------ cheap tier
 
     def observe(self, stats: StepStats) -> None:
         """Folds one step's statistics in. Non-finite values are counted, never averaged in."""
@@ -73,17 +238,104 @@ class SignalCollector:
         self._interval_steps += 1
         self._interval_time_ms += stats.modelled_time_ms
         self.train_ms += stats.step_time_ms
+        self.scheduler.add_train(stats.modelled_time_ms)
         self._interval_peak = max(self._interval_peak, stats.memory_bytes)
         finite = np.isfinite(stats.grad_sq_sum).all() and math.isfinite(stats.loss)
         if stats.skipped or not finite:
             self._interval_skipped += 1
         else:
-            d = self.ema_decay
-            self._sq_ema = d * self._sq_ema + (1 - d) * stats.grad_sq_sum
-            self._norm_ema = d * self._norm_ema + (1 - d) * np.sqrt(stats.grad_sq_sum)
-            self._ema_weight = d * self._ema_weight + (1 - d)
-            self._loss_ema = stats.loss if math.isnan(self._loss_ema) else d * self._loss_ema + (1 - d) * stats.loss
+            self._fold_steps(stats.grad_sq_sum, np.sqrt(stats.grad_sq_sum), stats.loss, n_steps=1)
         self.overhead_ms += (time.perf_counter() - start) * 1e3
+
+    def observe_interval(
+        self,
+        moments: IntervalMoments,
+        *,
+        n_steps: int,
+        train_ms: float,
+        charged_ms: float | None = None,
+        peak_bytes: int = 0,
+    ) -> None:
+        """Folds an interval of steps summed on the device (:class:`DeviceMoments`) in.
+
+        The interval's means enter the step EMAs as ``n_finite`` steps of that value (exact when the
+        per-step values are constant). Observed non-finite steps count as skipped; steps that
+        ``DeviceMoments`` did not observe (``every_steps > 1``) are not checked.
+
+        Args:
+            moments: the interval's flushed moments.
+            n_steps: optimizer steps in the interval.
+            train_ms: their wall time, in ms.
+            charged_ms: their charged time (``train_ms`` by default).
+            peak_bytes: peak memory in the interval.
+        """
+        start = time.perf_counter()
+        charged = train_ms if charged_ms is None else charged_ms
+        self.n_steps += n_steps
+        self._interval_steps += n_steps
+        self._interval_time_ms += charged
+        self.train_ms += train_ms
+        self.scheduler.add_train(charged, n_steps=max(n_steps, 1))
+        self._interval_peak = max(self._interval_peak, peak_bytes)
+        self._interval_skipped += moments.n_observed - moments.n_finite
+        if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
+            self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=moments.n_finite)
+        self.overhead_ms += (time.perf_counter() - start) * 1e3
+
+    # -------------------------------------------------------------------------------- rounds tier
+
+    def attach(self, source: EstimatorSource, seed: int = 0) -> None:
+        """Gives the collector what the scheduled rounds need; ``seed`` (with ``config.seed``) seeds them.
+
+        Raises:
+            ValueError: the source's layer count differs from the collector's.
+        """
+        if len(source.layer_params) != len(self.layers):
+            raise ValueError(f"source has {len(source.layer_params)} layers; the collector has {len(self.layers)}")
+        self.source = source
+        combined = (self.config.seed * 1_000_003 + seed) % (2**63)
+        self._cpu_generator.manual_seed(combined)
+        device = source.inputs.device
+        self._device_generator = torch.Generator(device=device)
+        self._device_generator.manual_seed(combined + 1)
+
+    def maybe_estimate(self) -> RoundReport | None:
+        """Runs a round if the mode is ``all``, a source is attached and the scheduler says one is due.
+
+        One host-device sync at the end of a round (not per step).
+
+        Raises:
+            ValueError: the source's loss is not a scalar.
+        """
+        if self.config.mode is not SignalMode.ALL or self.source is None:
+            return None
+        plan = self.scheduler.plan()
+        if plan is None:
+            return None
+        source = self.source
+        if not any(p.requires_grad for params in source.layer_params for p in params):
+            return None  # documented skip: every parameter frozen since the start; nothing to measure
+        if self.config.warmup_round and not self._warmed_up:
+            # One-time costs (cuDNN autotuning of new shapes, compilation) would make the first measured
+            # cost, and so every prediction, seconds too high: pay them in an uncharged warm-up round.
+            warmup = self._timed_round(plan, source)
+            self.warmup_ms += warmup.measured_ms
+            self._warmed_up = True
+        report = self._timed_round(plan, source)
+        self.scheduler.record(plan, report.cost)
+        self.last_round = report
+        return report
+
+    def _timed_round(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
+        start = time.perf_counter()
+        report = self._run_round(plan, source)
+        elapsed = (time.perf_counter() - start) * 1e3
+        self.overhead_ms += elapsed
+        self.estimator_ms += elapsed
+        self.rounds_skipped += int(not report.folded)
+        return RoundReport(report.plan, report.cost, elapsed, report.folded, report.reason)
+
+    # ------------------------------------------------------------------------------------- snapshot
 
     def snapshot(
         self,
@@ -98,7 +350,8 @@ class SignalCollector:
         """Closes the interval and returns its ``Signals``; every value is finite.
 
         Args:
-            grad_mean_sq_norm: per layer ``|E[g]|^2`` from the optimizer's running mean (NaN = unknown).
+            grad_mean_sq_norm: per layer ``|E[g]|^2`` from the optimizer's running mean (NaN = unknown);
+                used by the cheap tier only.
             probe_loss: loss on the fixed probe batch now.
             batch_size: the batch size the next interval starts with.
             lr_scale: the current global LR multiplier.
@@ -108,13 +361,35 @@ class SignalCollector:
         start = time.perf_counter()
         weight = max(self._ema_weight, _TINY)
         sq = self._sq_ema / weight  # bias-corrected E[|g|^2] per layer
-        mean_sq = np.where(np.isfinite(grad_mean_sq_norm), grad_mean_sq_norm, sq)
-        mean_sq = np.minimum(mean_sq, sq)
-        variance_sum = np.maximum(sq - mean_sq, 0.0)
-        curvature = sq / self.n_params
-        variance = variance_sum / self.n_params
-        snr = mean_sq / np.maximum(variance_sum, _TINY)
-        noise_scale = batch_size * variance_sum.sum() / max(mean_sq.sum(), _TINY)
+        batch = max(int(batch_size), 1)
+        hessian_trace: np.ndarray | None = None
+        if self._round_weight.any():
+            round_weight = np.maximum(self._round_weight, _TINY)
+            hessian_trace = self._trace_ema / round_weight
+            grad_sq = self._grad_sq_ema / round_weight  # unbiased |G_l|^2, may be < 0 under heavy noise
+            cov = np.maximum(self._cov_ema / round_weight, 0.0)  # tr(Sigma_l), per sample
+            curvature = np.abs(hessian_trace) / self.n_params
+            variance = cov / (batch * self.n_params)
+            snr = np.maximum(grad_sq, 0.0) / np.maximum(cov / batch, _TINY)
+            noise_scale = min(cov.sum() / max(grad_sq.sum(), _TINY), _NOISE_SCALE_MAX)
+            source = "hutchinson"
+        else:
+            mean_sq = np.where(np.isfinite(grad_mean_sq_norm), grad_mean_sq_norm, sq)
+            mean_sq = np.minimum(mean_sq, sq)
+            variance_sum = np.maximum(sq - mean_sq, 0.0)
+            curvature = sq / self.n_params
+            variance = variance_sum / self.n_params
+            snr = mean_sq / np.maximum(variance_sum, _TINY)
+            noise_scale = batch * variance_sum.sum() / max(mean_sq.sum(), _TINY)
+            source = "fisher"
+        curvature = _finite_array(curvature)
+        peak = curvature * self._sparsity.top10_ratio if self._sparsity is not None else curvature
+        lr_factors = curvature_lr_factors(
+            peak,
+            exponent=self.config.lr_factor_exponent,
+            min_factor=self.config.lr_factor_min,
+            max_factor=self.config.lr_factor_max,
+        )
 
         loss = self._loss_ema if math.isfinite(self._loss_ema) else math.nan
         probe_ok = math.isfinite(probe_loss)
@@ -133,7 +408,7 @@ class SignalCollector:
             loss=_finite(loss, 1e6),
             loss_trend=_finite(trend, 1.0),
             probe_loss=_finite(probe_loss, 1e6),
-            curvature=_finite_array(curvature),
+            curvature=curvature,
             grad_variance=_finite_array(variance),
             grad_norm=_finite_array(self._norm_ema / weight),
             snr=_finite_array(snr),
@@ -149,7 +424,21 @@ class SignalCollector:
             n_params=self.n_params.copy(),
             controllable=self.controllable.copy(),
             progress=float(np.clip(progress, 0.0, 1.0)),
-            extra={"interval_steps": self._interval_steps, "probe_loss_finite": probe_ok},
+            hessian_trace=None if hessian_trace is None else _finite_array(hessian_trace, neginf=-1e30),
+            sparsity=self._sparsity,
+            lr_factors=lr_factors,
+            extra={
+                "interval_steps": self._interval_steps,
+                "probe_loss_finite": probe_ok,
+                "curvature_source": source,
+                "fisher_source": self._fisher_source,
+                "rounds": self.scheduler.rounds,
+                "rounds_skipped": self.rounds_skipped,
+                "round_overhead_frac": self.scheduler.round_overhead_frac,
+                "estimator_ms": self.estimator_ms,
+                "warmup_ms": self.warmup_ms,
+                "unused_layers": [self.layers[i].name for i in np.flatnonzero(self._unused)],
+            },
         )
         self._interval_reset()
         self.overhead_ms += (time.perf_counter() - start) * 1e3
@@ -165,6 +454,120 @@ class SignalCollector:
         """Charges work done for the signals outside this object (e.g. the probe loss) to the overhead."""
         self.overhead_ms += ms
 
+    # -------------------------------------------------------------------------------------- private
+
+    def _fold_steps(self, sq: np.ndarray, norm: np.ndarray, loss: float, n_steps: int) -> None:
+        keep = self.ema_decay**n_steps
+        self._sq_ema = keep * self._sq_ema + (1 - keep) * sq
+        self._norm_ema = keep * self._norm_ema + (1 - keep) * norm
+        self._ema_weight = keep * self._ema_weight + (1 - keep)
+        self._loss_ema = loss if math.isnan(self._loss_ema) else keep * self._loss_ema + (1 - keep) * loss
+
+    def _run_round(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
+        config = self.config
+        device = source.inputs.device
+        watch = _Stopwatch(device)
+        watch.lap()
+        n_available = len(source.inputs)
+        micro = min(config.micro_batch_size, n_available // plan.n_microbatches)
+        if micro < 1:  # fewer samples than micro-batches: one sample per micro-batch, as many as there are
+            plan = RoundPlan(n_available, plan.n_probes, plan.predicted_ms)
+            micro = 1
+        hutchinson_batch = min(config.hutchinson_batch_size, n_available)
+        order = torch.randperm(n_available, generator=self._cpu_generator)
+        noise_index = order[: plan.n_microbatches * micro].to(device)
+        hutchinson_index = order[:hutchinson_batch].to(device)
+        trainable = [any(p.requires_grad for p in params) for params in source.layer_params]
+        # Adam's second moment is the Fisher diagonal for free; without it the rounds estimate one.
+        optimizer_diagonal = source.second_moment() if source.second_moment is not None else None
+        from_rounds = optimizer_diagonal is None or any(
+            d is None for d, ok in zip(optimizer_diagonal, trainable, strict=True) if ok
+        )
+
+        def closure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return source.loss_fn(source.model(x).float(), y)
+
+        watch.lap()
+        with frozen_batch_stats(source.model):
+            moments = gradient_moments(
+                closure,
+                source.inputs[noise_index],
+                source.targets[noise_index],
+                source.layer_params,
+                plan.n_microbatches,
+                fisher_diagonal=from_rounds,
+            )
+            watch.lap()
+            loss = closure(source.inputs[hutchinson_index], source.targets[hutchinson_index])
+            estimate = hutchinson(loss, source.layer_params, plan.n_probes, generator=self._device_generator)
+            watch.lap()
+        n = len(self.layers)
+        # Host-device sync: once per round, for every per-layer number at once.
+        host = (
+            torch.cat(
+                [
+                    estimate.trace,
+                    moments.grad_sq_norm,
+                    moments.trace_cov,
+                    estimate.loss.detach().double().reshape(1),
+                    moments.loss.detach().double().reshape(1),
+                ]
+            )
+            .cpu()
+            .numpy()
+        )
+        trace, grad_sq, cov = host[:n], host[n : 2 * n], host[2 * n : 3 * n]
+        finite = bool(np.isfinite(host).all())
+        reason = ""
+        if finite:
+            measured = np.array(trainable)
+            self._fold_round(trace, grad_sq, cov, measured)
+            self._unused = measured & ~(estimate.used | moments.used)
+            if from_rounds:
+                assert moments.fisher_diagonal is not None
+                diagonal = self._round_fisher(moments.fisher_diagonal, trainable)
+            else:
+                assert optimizer_diagonal is not None
+                self._fisher_source = "optimizer_second_moment"
+                diagonal = [d if ok else None for d, ok in zip(optimizer_diagonal, trainable, strict=True)]
+            try:
+                self._sparsity = _sparsity_with_gaps(diagonal, config.small_threshold, self._sparsity)
+            except ValueError as err:  # a non-finite optimizer moment: keep the previous pattern
+                reason = f"sparsity not updated: {err}"
+        else:
+            reason = "non-finite loss or estimate in the round; skipped"
+        watch.lap()
+        prepare_ms, noise_ms, hutchinson_ms, other_ms = watch.finish()
+        if source.modelled_pass_ms is not None:
+            noise_ms = plan.n_microbatches * source.modelled_pass_ms(micro)
+            graph_passes = _PROFILE_GRAPH_GRADIENT_PASSES + _PROFILE_PROBE_PASSES * plan.n_probes
+            cost = RoundCost(noise_ms, graph_passes * source.modelled_pass_ms(hutchinson_batch), 0.0)
+        else:
+            cost = RoundCost(noise_ms, hutchinson_ms, prepare_ms + other_ms)
+        return RoundReport(plan, cost, 0.0, finite, reason)
+
+    def _fold_round(self, trace: np.ndarray, grad_sq: np.ndarray, cov: np.ndarray, measured: np.ndarray) -> None:
+        d = self.config.round_ema_decay
+        keep = np.where(measured, d, 1.0)
+        add = np.where(measured, 1.0 - d, 0.0)
+        self._trace_ema = keep * self._trace_ema + add * trace
+        self._grad_sq_ema = keep * self._grad_sq_ema + add * grad_sq
+        self._cov_ema = keep * self._cov_ema + add * cov
+        self._round_weight = keep * self._round_weight + add
+
+    def _round_fisher(self, round_fisher: list[torch.Tensor], trainable: list[bool]) -> list[torch.Tensor | None]:
+        """EMA over rounds of the rounds' per-sample Fisher diagonal (a common scale: no bias correction needed)."""
+        self._fisher_source = "microbatch_rounds"
+        d = self.config.round_ema_decay
+        if self._fisher_ema is None or any(
+            old.shape != new.shape for old, new in zip(self._fisher_ema, round_fisher, strict=True)
+        ):
+            self._fisher_ema = [torch.zeros_like(f) for f in round_fisher]
+        for ema, new in zip(self._fisher_ema, round_fisher, strict=True):
+            if new.numel():
+                ema.mul_(d).add_(new, alpha=1.0 - d)
+        return [ema if ok and ema.numel() else None for ema, ok in zip(self._fisher_ema, trainable, strict=True)]
+
     def _interval_reset(self) -> None:
         self._interval_steps = 0
         self._interval_skipped = 0
@@ -172,9 +575,51 @@ class SignalCollector:
         self._interval_peak = 0
 
 
+class _Stopwatch:
+    """Laps of device work: CUDA events on a GPU (one sync in ``finish``), ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[object] = []
+
+    def lap(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def finish(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            events = [e for e in self.marks if isinstance(e, torch.cuda.Event)]
+            events[-1].synchronize()  # host-device sync: once per round
+            return [float(a.elapsed_time(b)) for a, b in itertools.pairwise(events)]
+        times = [float(t) for t in self.marks if isinstance(t, float)]
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+
+
+def _sparsity_with_gaps(
+    diagonals: Sequence[torch.Tensor | None], threshold: float, previous: CurvatureSparsity | None
+) -> CurvatureSparsity:
+    """Sparsity of the layers with a diagonal; layers without one keep their previous values (or flat ones)."""
+    present = [i for i, d in enumerate(diagonals) if d is not None and d.numel() > 0]
+    n = len(diagonals)
+    if previous is not None and len(previous.top1_share) == n:
+        top1, top10 = previous.top1_share.copy(), previous.top10_share.copy()
+        small, ratio = previous.small_frac.copy(), previous.top10_ratio.copy()
+    else:
+        top1, top10, small, ratio = np.full(n, 0.01), np.full(n, 0.1), np.zeros(n), np.ones(n)
+    measured = curvature_sparsity([diagonals[i] for i in present], threshold)  # type: ignore[misc]
+    top1[present], top10[present] = measured.top1_share, measured.top10_share
+    small[present], ratio[present] = measured.small_frac, measured.top10_ratio
+    return CurvatureSparsity(top1, top10, small, ratio)
+
+
 def _finite(value: float, fallback: float) -> float:
     return float(value) if math.isfinite(value) else fallback
 
 
-def _finite_array(values: np.ndarray) -> np.ndarray:
-    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1e30, neginf=0.0)
+def _finite_array(values: np.ndarray, neginf: float = 0.0) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1e30, neginf=neginf)

@@ -1,0 +1,462 @@
+"""Overhead of the signal collector on a GPU: step time without it, with the cheap signals, with all signals.
+
+Models: a CIFAR-shaped ResNet-18 (3×32×32, batch 512) and the ``cnn-fmnist`` task's model (1×28×28, its base
+batch 128), both trained with SGD (momentum 0.9, Nesterov) under bf16 autocast in channels_last. Inputs are
+random tensors resident on the GPU (no data loading, no network; timing does not depend on the values).
+
+Configurations, each a training loop with no host-device sync per step:
+
+- ``base``: forward, loss, backward, ``optimizer.step()``, ``zero_grad``.
+- ``cheap``: ``base`` + ``DeviceMoments.observe`` on one step in ``cheap_every_steps`` (per-layer gradient
+  norms recorded on the GPU), and every ``interval_steps`` steps a cheap ``SignalCollector`` snapshot fed by
+  ``DeviceMoments.flush_lagged`` (the previous interval's sums, copied asynchronously: no sync at all).
+- ``all``: ``cheap`` + the scheduled rounds (Hutchinson curvature, micro-batch gradient noise, curvature
+  sparsity) at the default 2% budget, drawn from a held-out batch of 512 samples.
+- ``base_again``: ``base`` once more, measured in the same rotation: an A/A pair whose difference
+  (``noise_floor_frac``) is the resolution of the measurement.
+- ``engine_sync`` (reference): ``base`` + ``StepEngine.grad_stats()`` and a host copy of the statistics every
+  step — what ``TrainingRun`` does today (one sync per step).
+
+Timing: CUDA events around every step and around every measured window, read after the window (warm-up
+excluded: cuDNN autotuning, and for ``all`` the first, borrowed round and its repayment). Windows of the
+configurations are interleaved ``repeats`` times so clock drift hits all alike. ``step_ms_*`` is the
+amortized step time, total window time over steps (it includes the rare rounds, which a per-step median
+would hide); ``step_ms_*_median`` is the median of the per-step times. Overheads are relative to
+``step_ms_base``. Target: all signals ≤ 2%, cheap ≤ 0.5%.
+
+Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip install -e .`: use the tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.models import resnet18
+from triaccel_rl.precision import find_layers
+from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector, SignalConfig, SignalMode
+from triaccel_rl.tasks import get_task
+from triaccel_rl.types import Precision
+
+TARGET_ALL, TARGET_CHEAP = 0.02, 0.005
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    models: str = "resnet18,cnn-fmnist"
+    """Comma-separated models: ``resnet18`` (CIFAR-shaped, batch ``resnet_batch_size``) and ``cnn-fmnist``."""
+    resnet_batch_size: int = 512
+    """Batch size of the ResNet-18 rows (the cnn-fmnist rows use the task's base batch)."""
+    window_s: float = 1.0
+    """Target wall time of one measured window, in seconds (converted to steps after warm-up)."""
+    repeats: int = 20
+    """Interleaved windows per configuration (order reversed every other repeat); step times are totals."""
+    warmup_steps: int = 100
+    """Steps run (untimed) before anything is measured, per configuration."""
+    max_warmup_steps: int = 6000
+    """Upper bound on the ``all`` warm-up, which waits for the first borrowed round to be repaid."""
+    interval_steps: int = 20
+    """Steps between decision points (a flush, a snapshot, and for ``all`` a possible round)."""
+    budget_frac: float = 0.02
+    """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
+    cheap_every_steps: int = 4
+    """``DeviceMoments.every_steps`` of ``cheap`` and ``all``: gradient norms recorded on one step in this many."""
+    seed: int = 0
+    """Seeds the models and the random inputs."""
+    output: str = "experiments/results/signals_overhead.json"
+    """JSON results file: rows for the same (device, model) are replaced, others kept."""
+    smoke: bool = False
+    """Tiny CPU run (small batches, a few steps, fp32) for the smoke test."""
+
+
+@dataclass
+class Workload:
+    """One model's training step and what the collector needs from it."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    held_out: tuple[torch.Tensor, torch.Tensor]
+    autocast: bool
+
+    def step(self, index: int, after_backward: Callable[[torch.Tensor], None] | None = None) -> None:
+        """One optimizer step on batch ``index`` (cycling); ``after_backward(loss)`` runs before the update."""
+        x, y = self.batches[index % len(self.batches)]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = nn.functional.cross_entropy(self.model(x).float(), y)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+
+
+# ---------------------------------------------------------------------------------------------- logic
+
+
+def measure(args: Args, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        workload = build_workload(name, args, device)
+        rows.append(measure_workload(workload, args, device))
+        del workload
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def measure_workload(workload: Workload, args: Args, device: torch.device) -> dict[str, Any]:
+    layer_params = StepEngine.discover(workload.model)
+    infos = [info for _, _, info in find_layers(workload.model)]
+    n_layers = len(infos)
+    clock = Clock(device)
+    runners: dict[str, Runner] = {
+        "base": Runner(workload, clock, args.interval_steps),
+        "base_again": Runner(workload, clock, args.interval_steps),  # an A/A pair: the measurement's noise
+        "cheap": Runner(workload, clock, args.interval_steps, collector(infos, layer_params, workload, args, False)),
+        "all": Runner(workload, clock, args.interval_steps, collector(infos, layer_params, workload, args, True)),
+        "engine_sync": Runner(workload, clock, args.interval_steps, engine=engine_without_hooks(workload, device)),
+    }
+    for runner in runners.values():
+        if runner.moments is not None:
+            runner.moments.every_steps = args.cheap_every_steps
+    for name, runner in runners.items():
+        runner.warm_up(args.warmup_steps)
+        if name == "all":  # the first round is borrowed: wait until it is repaid and a budgeted one has run
+            runner.warm_up_until_budgeted(args.max_warmup_steps)
+        print(f"{workload.name}: {name} warmed up ({runner.steps} steps, {runner.rounds()} rounds)", flush=True)
+    probe_ms = runners["base"].window(max(args.interval_steps, 2 * args.interval_steps))[0]
+    window_steps = max(args.interval_steps, int(args.window_s * 1e3 / max(probe_ms, 1e-3)))
+    window_steps -= window_steps % args.interval_steps
+    totals = {name: [0.0, 0] for name in runners}
+    per_step: dict[str, list[float]] = {name: [] for name in runners}
+    rounds_before = runners["all"].rounds()
+    for repeat in range(args.repeats):
+        order = list(runners.items()) if repeat % 2 == 0 else list(reversed(runners.items()))
+        for name, runner in order:
+            mean_ms, steps_ms = runner.window(window_steps)
+            totals[name][0] += mean_ms * window_steps
+            totals[name][1] += window_steps
+            per_step[name].extend(steps_ms)
+    step_ms = {name: total / steps for name, (total, steps) in totals.items()}
+    medians = {name: statistics.median(values) for name, values in per_step.items()}
+    all_collector = runners["all"].collector
+    assert all_collector is not None
+    rounds = runners["all"].rounds() - rounds_before
+    last = all_collector.last_round
+    measured_steps = totals["all"][1]
+    return {
+        "device": device_name(device),
+        "model": workload.name,
+        "batch_size": len(workload.batches[0][1]),
+        "n_layers": n_layers,
+        "step_ms_base": step_ms["base"],
+        "step_ms_cheap": step_ms["cheap"],
+        "step_ms_all": step_ms["all"],
+        "overhead_cheap_frac": step_ms["cheap"] / step_ms["base"] - 1.0,
+        "overhead_all_frac": step_ms["all"] / step_ms["base"] - 1.0,
+        "step_ms_base_median": medians["base"],
+        "step_ms_cheap_median": medians["cheap"],
+        "step_ms_all_median": medians["all"],
+        "step_ms_engine_sync": step_ms["engine_sync"],
+        "overhead_engine_sync_frac": step_ms["engine_sync"] / step_ms["base"] - 1.0,
+        "noise_floor_frac": step_ms["base_again"] / step_ms["base"] - 1.0,
+        "measured_steps_per_config": measured_steps,
+        "rounds_measured": rounds,
+        "steps_per_round": measured_steps / rounds if rounds else None,
+        "last_round": None
+        if last is None
+        else {
+            "n_microbatches": last.plan.n_microbatches,
+            "n_probes": last.plan.n_probes,
+            "measured_ms": last.measured_ms,
+            "noise_ms": last.cost.noise_ms,
+            "hutchinson_ms": last.cost.hutchinson_ms,
+            "other_ms": last.cost.other_ms,
+        },
+        "collector_round_overhead_frac": all_collector.scheduler.round_overhead_frac,
+        "warmup_round_ms": all_collector.warmup_ms,
+        "cheap_every_steps": args.cheap_every_steps,
+        "interval_steps": args.interval_steps,
+        "budget_frac": args.budget_frac,
+        "dtype": "bf16-autocast" if workload.autocast else "fp32",
+        "channels_last": True,
+        "meets_all_target": step_ms["all"] / step_ms["base"] - 1.0 <= TARGET_ALL,
+        "meets_cheap_target": step_ms["cheap"] / step_ms["base"] - 1.0 <= TARGET_CHEAP,
+    }
+
+
+class Runner:
+    """Runs one configuration's steps and decision points; times windows of them."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        clock: Clock,
+        interval_steps: int,
+        collector: SignalCollector | None = None,
+        engine: StepEngine | None = None,
+    ) -> None:
+        self.workload = workload
+        self.clock = clock
+        self.interval_steps = interval_steps
+        self.collector = collector
+        self.engine = engine
+        self.moments = DeviceMoments(StepEngine.discover(workload.model)) if collector is not None else None
+        self.steps = 0
+        self._interval_start = clock.mark()
+        self._previous_marks: tuple[Any, Any] | None = None
+
+    def rounds(self) -> int:
+        """Estimator rounds run so far (0 without a collector)."""
+        return self.collector.scheduler.rounds if self.collector is not None else 0
+
+    def run(self, n_steps: int, step_marks: list[Any] | None = None) -> None:
+        """Runs ``n_steps`` steps and their decision points; appends a clock mark before and after each step."""
+        for _ in range(n_steps):
+            if step_marks is not None:
+                step_marks.append(self.clock.mark())
+            self.workload.step(self.steps, self._after_backward)
+            if step_marks is not None:
+                step_marks.append(self.clock.mark())
+            self.steps += 1
+            if self.steps % self.interval_steps == 0:
+                self._decision_point()
+
+    def warm_up(self, n_steps: int) -> None:
+        """Untimed steps (cuDNN autotuning, allocator warm-up)."""
+        self.run(n_steps)
+        self.clock.sync()
+
+    def warm_up_until_budgeted(self, max_steps: int) -> None:
+        """Untimed steps until the borrowed first round is repaid and a second round has run."""
+        assert self.collector is not None
+        start = self.steps
+        while self.steps - start < max_steps and (self.rounds() < 2 or self.collector.scheduler.credit_ms < 0):
+            self.run(self.interval_steps)
+        self.clock.sync()
+
+    def window(self, n_steps: int) -> tuple[float, list[float]]:
+        """Mean ms per step over ``n_steps`` (decision points included) and each step's own ms."""
+        marks: list[Any] = []
+        start = self.clock.mark()
+        # Windows of the other configurations ran since this one's last decision point: not its training time.
+        self._interval_start = start
+        self._previous_marks = None
+        self.run(n_steps, marks)
+        end = self.clock.mark()
+        self.clock.sync()
+        per_step = [self.clock.elapsed(a, b) for a, b in zip(marks[::2], marks[1::2], strict=True)]
+        return self.clock.elapsed(start, end) / n_steps, per_step
+
+    def _after_backward(self, loss: torch.Tensor) -> None:
+        if self.moments is not None:
+            self.moments.observe(loss)  # device kernels only: no sync
+        if self.engine is not None:
+            stats = self.engine.grad_stats()
+            stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun does today
+            float(loss.detach())
+
+    def _decision_point(self) -> None:
+        if self.collector is None or self.moments is None:
+            return
+        # No host-device sync for the cheap signals: the previous interval's sums, copied asynchronously.
+        interval = self.moments.flush_lagged()
+        end = self.clock.mark()
+        if self._previous_marks is not None and interval is not None:
+            # The previous interval's time: its end event was recorded an interval ago, so reading it is free.
+            train_ms = self.clock.elapsed(*self._previous_marks)
+            self.collector.observe_interval(interval, n_steps=self.interval_steps, train_ms=train_ms)
+        self._previous_marks = (self._interval_start, end)
+        self.collector.maybe_estimate()  # one sync per round (rare), none otherwise
+        n = len(self.collector.layers)
+        self.collector.snapshot(
+            grad_mean_sq_norm=np.full(n, np.nan),
+            probe_loss=interval.loss if interval is not None else float("nan"),
+            batch_size=len(self.workload.batches[0][1]),
+            lr_scale=1.0,
+            precisions=[Precision.BF16] * n,
+        )
+        self._interval_start = self.clock.mark()
+
+
+class Clock:
+    """CUDA events on a GPU, ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        """A point in the stream (an event) or in time."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        """Waits for the device (a host-device sync)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        """Milliseconds from ``start`` to ``end`` (synchronises on ``end``)."""
+        if self.cuda:
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        return (end - start) * 1e3
+
+
+# ------------------------------------------------------------------------------------------- plumbing
+
+
+def build_workload(name: str, args: Args, device: torch.device) -> Workload:
+    torch.manual_seed(args.seed)
+    if name == "resnet18":
+        model: nn.Module = resnet18(in_channels=3, n_classes=10)
+        shape, batch = ((3, 16, 16), 4) if args.smoke else ((3, 32, 32), args.resnet_batch_size)
+        optimizer_factory = lambda params: torch.optim.SGD(  # noqa: E731
+            params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+    elif name == "cnn-fmnist":
+        task = get_task("cnn-fmnist")
+        model = task.build_model()
+        shape, batch = (1, 28, 28), (16 if args.smoke else task.base_batch_size)
+        optimizer_factory = task.make_optimizer
+    else:
+        raise ValueError(f"unknown model {name!r}; allowed: resnet18, cnn-fmnist")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = optimizer_factory(model.parameters())
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, *shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, 10, (n,), device=device, generator=generator)
+
+    held_out = draw(16 if args.smoke else 512)
+    return Workload(name, model, optimizer, [draw(batch) for _ in range(4)], held_out, autocast=device.type == "cuda")
+
+
+def collector(
+    infos: list[Any], layer_params: list[list[nn.Parameter]], workload: Workload, args: Args, all_signals: bool
+) -> SignalCollector:
+    config = SignalConfig(
+        mode=SignalMode.ALL if all_signals else SignalMode.CHEAP,
+        budget_frac=args.budget_frac,
+        **({"micro_batch_size": 4, "hutchinson_batch_size": 8} if args.smoke else {}),
+    )
+    result = SignalCollector(infos, ema_decay=0.9, memory_budget_bytes=1 << 40, config=config)
+    if all_signals:
+        x, y = workload.held_out
+        result.attach(EstimatorSource(workload.model, layer_params, nn.functional.cross_entropy, x, y), seed=args.seed)
+    return result
+
+
+def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine:
+    engine = StepEngine(workload.model, workload.optimizer, device)
+    engine.remove()  # only its grad_stats() is used; the precision hooks would slow every forward
+    return engine
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    existing: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+            existing = loaded if isinstance(loaded, list) else []
+        except json.JSONDecodeError:
+            existing = []
+    keys = {(row["device"], row["model"]) for row in rows}
+    kept = [row for row in existing if (row.get("device"), row.get("model")) not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept + rows, indent=2) + "\n")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| device | model | batch | base ms | cheap ms (overhead) | all ms (overhead) | engine+sync ms (overhead) "
+        "| A/A noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['device']} | {row['model']} | {row['batch_size']} | {row['step_ms_base']:.3f} "
+            f"| {row['step_ms_cheap']:.3f} ({100 * row['overhead_cheap_frac']:+.2f}%) "
+            f"| {row['step_ms_all']:.3f} ({100 * row['overhead_all_frac']:+.2f}%) "
+            f"| {row['step_ms_engine_sync']:.3f} ({100 * row['overhead_engine_sync_frac']:+.2f}%) "
+            f"| {100 * row['noise_floor_frac']:+.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(args: Args) -> list[dict[str, Any]]:
+    if args.smoke:
+        args.window_s, args.repeats, args.warmup_steps = min(args.window_s, 0.05), min(args.repeats, 2), 2
+        args.interval_steps, args.max_warmup_steps = min(args.interval_steps, 4), min(args.max_warmup_steps, 8)
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_signals: no CUDA GPU; use --smoke for a CPU check")
+    else:
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+    rows = measure(args, device)
+    stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "torch": torch.__version__}
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
+    rows = [{**row, **stamp, "command": command} for row in rows]
+    write_rows(rows, Path(args.output))
+    print(format_table(rows))
+    for row in rows:
+        verdict = "meets" if row["meets_all_target"] and row["meets_cheap_target"] else "MISSES"
+        per_round = row["steps_per_round"]
+        cadence = f"a round every {per_round:.0f} steps" if per_round else "no round in the measured windows"
+        print(f"{row['model']}: {verdict} the targets (all ≤ 2%, cheap ≤ 0.5%); {cadence}")
+    print(f"wrote {args.output}")
+    return rows
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse())

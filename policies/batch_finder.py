@@ -1,0 +1,99 @@
+"""``BatchFinderPolicy``: the batch-size-finder baseline — the largest power of two that fits, fixed for the run.
+
+What users run today: Lightning's ``BatchSizeFinder`` (``mode="power"``) doubles the batch until a trial
+runs out of memory and keeps the last size that fitted; accelerate's ``find_executable_batch_size``
+halves from a start until it runs. Here, before the first step, ``prepare(run)`` doubles from 1 while a
+trial of the whole step fits the memory budget (``TrainingRun.fits_in_budget``: on a GPU a real forward
+and backward pass measured by the allocator, elsewhere the memory model), up to the run's largest allowed
+batch. The batch then stays fixed, the LR is scaled linearly from the task's base batch (Goyal et al.
+2017), every layer runs in one precision, and nothing is split into micro-batches or recovered after an
+out-of-memory error: this is the baseline a memory-elastic controller must beat.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from triaccel_rl.actions import encode
+from triaccel_rl.config import ControllerConfig, LRRule
+from triaccel_rl.elastic import find_batch_size
+from triaccel_rl.types import Action, BatchMove, Precision
+
+__all__ = ["BATCH_FINDER_NAMES", "BatchFinderPolicy", "BatchFinderTarget"]
+
+BATCH_FINDER_NAMES = ("batch-finder", "batch-finder-bf16", "batch-finder-fp16")
+"""``batch-finder`` runs in fp32; the suffixed names in one 16-bit precision throughout."""
+
+
+class BatchFinderTarget(Protocol):
+    """What ``prepare`` needs of a run (``TrainingRun`` has it)."""
+
+    memory_elastic: bool
+    lr_rule: LRRule
+    batch_size: int
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch the data allows."""
+        ...
+
+    def fits_in_budget(self, batch_size: int) -> bool:
+        """Whether an unsplit step of ``batch_size`` samples fits the memory budget."""
+        ...
+
+
+class BatchFinderPolicy:
+    """The batch-finder baseline: one precision, the largest power-of-two batch that fits, kept fixed.
+
+    Args:
+        name: one of ``BATCH_FINDER_NAMES``.
+        config: bounds (``max_batch_size``) and the action layout.
+
+    Example:
+        >>> policy = BatchFinderPolicy("batch-finder-bf16")
+        >>> policy.predict(np.zeros(43, dtype=np.float32))[0].tolist()
+        [1, 1, 1, 1, 2, 1]
+    """
+
+    def __init__(self, name: str = "batch-finder", config: ControllerConfig | None = None) -> None:
+        if name not in BATCH_FINDER_NAMES:
+            raise ValueError(f"unknown batch finder {name!r}; allowed: {', '.join(BATCH_FINDER_NAMES)}")
+        self.name = name
+        self.config = config or ControllerConfig()
+        suffix = name.removeprefix("batch-finder").removeprefix("-")
+        self.precision = Precision.parse(suffix or "fp32")
+        action = Action((self.precision,) * self.config.n_groups, 1.0, BatchMove.KEEP)
+        self._raw = encode(action, self.config)
+        self.initial_action = self._raw.copy()  # applied before the first step, like a static policy
+        self.batch_size: int | None = None  # what prepare() found
+
+    def prepare(self, run: BatchFinderTarget) -> int:
+        """Finds the batch, fixes it on ``run`` with the linear LR rule; returns it.
+
+        Raises:
+            ValueError: not even one sample fits the budget.
+        """
+        limit = min(self.config.max_batch_size, run.max_batch_size)
+        found = find_batch_size(run.fits_in_budget, limit=limit)
+        if found == 0:
+            raise ValueError("batch finder: a batch of one sample does not fit the memory budget")
+        run.memory_elastic = False  # the baseline neither accumulates nor recovers from OOM
+        run.lr_rule = LRRule.LINEAR
+        run.batch_size = found
+        self.batch_size = found
+        return found
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Returns the fixed action (batch kept; batched when ``observation`` is a batch)."""
+        obs = np.asarray(observation)
+        if obs.ndim == 2:
+            return np.tile(self._raw, (obs.shape[0], 1)), state
+        return self._raw.copy(), state

@@ -1,0 +1,117 @@
+"""The batch-finder baseline: power-of-two search, fixed batch, linear LR; usable in ``compare`` and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from elastic_helpers import small_task
+from triaccel_rl.policies import BatchFinderPolicy, make_policy
+
+from triaccel_rl.cli import main
+from triaccel_rl.compare import run_controller
+from triaccel_rl.config import ControllerConfig, LRRule, MemoryBudget
+from triaccel_rl.elastic import find_batch_size
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Precision
+
+
+@pytest.mark.parametrize(
+    ("capacity", "limit", "start", "expected"),
+    [(50, 4096, 1, 32), (64, 4096, 1, 64), (10_000, 100, 1, 64), (0, 64, 1, 0), (50, 4096, 8, 32), (5, 64, 8, 0)],
+)
+def test_power_of_two_search(capacity: int, limit: int, start: int, expected: int) -> None:
+    tried: list[int] = []
+
+    def fits(size: int) -> bool:
+        tried.append(size)
+        return size <= capacity
+
+    assert find_batch_size(fits, limit=limit, start=start) == expected
+    assert all(b == 2 * a for a, b in itertools.pairwise(tried))  # doubling, as Lightning does
+    assert all(size <= limit for size in tried)
+
+
+@pytest.mark.parametrize("start", [0, 3, 128])
+def test_search_start_must_be_a_power_of_two_below_the_limit(start: int) -> None:
+    with pytest.raises(ValueError, match=rf"start={start} must be a power of two in \[1, limit=64\]"):
+        find_batch_size(lambda size: True, limit=64, start=start)
+
+
+def test_names_precisions_and_unknown_names() -> None:
+    assert make_policy("batch-finder").precision is Precision.FP32  # type: ignore[attr-defined]
+    assert make_policy("batch-finder-bf16").precision is Precision.BF16  # type: ignore[attr-defined]
+    assert make_policy("Batch-Finder-FP16").name == "batch-finder-fp16"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="unknown batch finder 'batch-finder-fp8'"):
+        BatchFinderPolicy("batch-finder-fp8")
+    with pytest.raises(ValueError, match=r"unknown policy .finder.; allowed: .*batch-finder, batch-finder-bf16"):
+        make_policy("finder")
+
+
+def test_prepare_fixes_the_largest_power_of_two_that_fits_with_linear_lr() -> None:
+    task = small_task(n_train=5000)  # loader 4375 samples: the data allows batches up to 546
+    probe = TrainingRun(task, seed=0, device="cpu")
+    budget = probe.predicted_memory_bytes(200)  # 128 fits, 256 does not
+    run = TrainingRun(task, seed=0, device="cpu", memory=MemoryBudget(bytes=budget))
+    policy = BatchFinderPolicy("batch-finder", ControllerConfig())
+    assert policy.prepare(run) == 128 == run.batch_size == policy.batch_size
+    assert run.lr_rule is LRRule.LINEAR
+    assert run.lr == pytest.approx(task.base_lr * 128 / task.base_batch_size)
+    assert not run.memory_elastic and run.micro_batch_size() == 128  # no accumulation for the baseline
+    # Without a memory limit it stops at the data's bound (max_batch_size) and the config's.
+    free = TrainingRun(task, seed=0, device="cpu")
+    assert BatchFinderPolicy("batch-finder", ControllerConfig()).prepare(free) == 512
+    capped = TrainingRun(task, seed=0, device="cpu")
+    assert BatchFinderPolicy("batch-finder", ControllerConfig(max_batch_size=100)).prepare(capped) == 64
+
+
+def test_compare_runs_the_baseline_beside_the_elastic_controller() -> None:
+    task = small_task(n_train=1500)
+    results = {
+        name: run_controller(task, name, seed=0, epochs=1.0, config=ControllerConfig(interval_steps=4))
+        for name in ("batch-finder-bf16", "heuristic")
+    }
+    finder = results["batch-finder-bf16"]
+    assert finder.controller == "batch-finder-bf16"
+    assert finder.batch_changes == 0
+    assert {row["batch_size"] for row in finder.trace} == {128}  # loader 1313 // 8 = 164 -> 128, fixed
+    assert finder.oom_events == 0
+    assert results["heuristic"].steps > 0
+
+
+def test_cli_compare_accepts_batch_finder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    code = main(
+        [
+            "compare",
+            "--task",
+            "synthetic",
+            "--controllers",
+            "batch-finder,heuristic",
+            "--seeds",
+            "1",
+            "--epochs",
+            "0.5",
+            "--log-dir",
+            "",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["controller"] for row in rows} == {"batch-finder", "heuristic"}
+
+
+def test_controller_refuses_the_batch_finder_with_a_hint() -> None:
+    import torch
+    from torch import nn
+
+    from triaccel_rl.controller import Controller
+
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"'batch-finder' is a compare baseline .* pass the batch to loader\(\)"):
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="batch-finder")

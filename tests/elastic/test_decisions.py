@@ -1,0 +1,110 @@
+"""Decisions under a memory budget: refusals with their reason, the environment and heuristic under OOMs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from elastic_helpers import small_task
+from triaccel_rl.envs.training_env import TriAccelEnv
+
+from triaccel_rl.actions import encode
+from triaccel_rl.config import ControllerConfig, MemoryBudget
+from triaccel_rl.elastic import inject_oom
+from triaccel_rl.executor import Executor
+from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Action, BatchMove, Precision
+
+
+def _grow(config: ControllerConfig) -> Action:
+    return Action((Precision.FP32,) * config.n_groups, 1.0, BatchMove.GROW)
+
+
+def _loop(budget_bytes: int | None = None) -> DecisionLoop:
+    config = ControllerConfig(interval_steps=2, memory=MemoryBudget(bytes=budget_bytes))
+    return DecisionLoop(TrainingRun(small_task(n_train=1200), seed=0, device="cpu", memory=config.memory), config)
+
+
+def test_growth_predicted_over_budget_is_refused_with_the_fitted_prediction() -> None:
+    loop = _loop()
+    run = loop.run
+    # Measurements (as a GPU allocator would give them) that say each sample costs 1 MB over 10 MB fixed.
+    precisions = run.precisions
+    run.memory_model.observe(16, precisions, 10_000_000 + 16 * 1_000_000)
+    run.memory_model.observe(32, precisions, 10_000_000 + 32 * 1_000_000)
+    run.memory_budget_bytes = 100_000_000  # usable 90 MB: 80 samples
+    assert run.predicted_memory_bytes(128) == 138_000_000  # the fitted line, not the accounting
+    report = loop.executor.apply(_grow(loop.config), run)
+    assert run.batch_size == 64
+    assert report.batch_size == 64
+    [reason] = report.refused
+    assert "batch 128 refused: predicted 138000000 bytes > 90000000 usable of the 100000000-byte budget" == reason
+    run.memory_budget_bytes = 200_000_000  # now 128 fits (usable 180 MB)
+    assert loop.executor.apply(_grow(loop.config), run).batch_size == 128
+
+
+def test_environment_reports_the_refusal_in_info() -> None:
+    probe = TrainingRun(small_task(), seed=0, device="cpu")
+    budget = int(probe.predicted_memory_bytes(100) / 0.9)  # the base batch (64) fits, 128 does not
+    config = ControllerConfig(interval_steps=2, memory=MemoryBudget(bytes=budget))
+    env = TriAccelEnv(task="synthetic", config=config, max_decisions=3, task_overrides={"n_train": 1200})
+    env.reset(seed=0)
+    action = encode(_grow(config), config)
+    _, _, _, _, info = env.step(action)
+    assert info["batch_size"] == 64
+    assert any("batch 128 refused: predicted" in reason for reason in info["refused"])
+
+
+def test_shrink_is_never_refused_for_memory() -> None:
+    loop = _loop()
+    shrink = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.SHRINK)
+    report = loop.executor.apply(shrink, loop.run)
+    assert report.batch_size == 32 and not report.refused
+
+
+def test_executor_uses_the_targets_usable_memory() -> None:
+    loop = _loop()
+    executor = Executor(loop.config, loop.grouper)
+    loop.run.memory_budget_bytes = int(loop.run.predicted_memory_bytes(128) / 0.9) + 10  # 128 just fits
+    assert executor.apply(_grow(loop.config), loop.run).batch_size == 128
+
+
+@pytest.mark.parametrize("policy_move", ["heuristic", "grow-always"])
+def test_environment_runs_through_injected_ooms_without_losing_samples(policy_move: str) -> None:
+    from triaccel_rl.policies import HeuristicPolicy
+
+    config = ControllerConfig(interval_steps=3, min_batch_size=8)
+    env = TriAccelEnv(task="synthetic", config=config, max_decisions=6, task_overrides={"n_train": 900})
+    obs, _ = env.reset(seed=1)
+    assert env.loop is not None
+    run = env.loop.run
+    run.fault = inject_oom(lambda point: point.micro_batch_size > 40)  # a device that holds 40 samples
+    applied: dict[int, list[int]] = {}  # epoch -> indices applied, in order
+    step = run.step
+
+    def recording_step():  # wraps TrainingRun.step
+        stats = step()
+        assert run.last_batch is not None
+        applied.setdefault(run.last_batch.epoch, []).extend(run.last_batch.indices.tolist())
+        return stats
+
+    run.step = recording_step  # type: ignore[method-assign]
+    policy = HeuristicPolicy(config)
+    grow = encode(_grow(config), config)
+    served = run.samples_seen
+    truncated = terminated = False
+    while not (truncated or terminated):
+        action = policy.predict(obs)[0] if policy_move == "heuristic" else grow
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert np.isfinite(reward)
+        assert info["samples_seen"] == run.samples_seen
+    assert run.samples_seen - served == sum(len(indices) for indices in applied.values())
+    for indices in applied.values():
+        assert len(set(indices)) == len(indices)  # no sample twice in an epoch
+    assert len(applied) >= 2  # the run crossed an epoch boundary...
+    for epoch in list(applied)[1:-1]:
+        assert sorted(applied[epoch]) == list(range(len(run.loader)))  # ...and full epochs have every sample
+    if policy_move == "grow-always":
+        assert run.batch_size > 40  # the effective batch grew past what the device holds...
+        assert run.oom_events >= 1  # ...an OOM taught the run so...
+        assert max(run.last_micro_batches) <= 40  # ...and it accumulates micro-batches that fit

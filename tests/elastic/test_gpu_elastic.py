@@ -1,0 +1,76 @@
+"""On a CUDA GPU: the memory model fitted to the allocator, and a real out-of-memory error recovered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl.config import MemoryBudget
+from triaccel_rl.tasks import Task, TaskData
+from triaccel_rl.training import TrainingRun
+
+pytestmark = pytest.mark.gpu
+
+N_TRAIN = 8192 + 64
+
+
+def _wide_task() -> Task:
+    """An MLP whose activations dominate: about 70 KB per sample against 34 MB of weights."""
+
+    def data(n_train: int | None, n_test: int | None, seed: int) -> TaskData:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(N_TRAIN, 512, generator=g)
+        y = torch.randint(0, 10, (N_TRAIN,), generator=g)
+        return TaskData(x, y, x[:256], y[:256])
+
+    return Task(
+        "wide-mlp",
+        "a wide MLP",
+        build_model=lambda: nn.Sequential(
+            nn.Linear(512, 8192), nn.ReLU(), nn.Linear(8192, 512), nn.ReLU(), nn.Linear(512, 10)
+        ),
+        load_data=data,
+        base_batch_size=4096,
+    )
+
+
+@pytest.fixture
+def memory_fraction() -> Iterator[None]:
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+
+
+def test_memory_model_predicts_the_allocator_peak() -> None:
+    run = TrainingRun(_wide_task(), seed=0, device="cuda", n_probe=64)
+    assert run.measures_memory and run.memory_model.n_measurements >= 2  # calibrated at construction
+    run.micro_batch_cap = 1536  # a size the calibration did not try
+    predicted = run.predicted_memory_bytes(1536)
+    peak = run.step().memory_bytes
+    print(f"memory model: predicted {predicted} bytes, allocator peak {peak} ({(predicted - peak) / peak:+.2%})")
+    assert abs(predicted - peak) / peak < 0.10, f"predicted {predicted} bytes, allocator peak {peak}"
+
+
+def test_real_out_of_memory_is_recovered(memory_fraction: None) -> None:
+    run = TrainingRun(_wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0))
+    run.step()  # optimizer state allocated
+    held = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)  # activations of the full batch
+    # The allocator itself refuses more than this fraction: a real torch.OutOfMemoryError at batch 4096.
+    torch.cuda.set_per_process_memory_fraction((held + room // 3) / total)
+    torch.cuda.empty_cache()
+    served = run.samples_seen
+    stats = run.step()
+    assert stats.oom_events >= 1 and run.oom_log
+    assert "CUDA out of memory" in run.oom_log[0].message or "out of memory" in run.oom_log[0].message.lower()
+    assert stats.batch_size == 4096 and len(run.last_micro_batches) >= 2
+    assert run.samples_seen - served == 4096
+    assert run.memory_budget_bytes < total
+    # The allocator's limit is invisible to cudaMemGetInfo, so each OOM lowers the budget only to the
+    # failed micro-batch's prediction: the plan converges from above within a few steps, then holds.
+    later = [run.step().oom_events for _ in range(6)]
+    assert later[-2:] == [0, 0], f"OOMs per later step: {later}"

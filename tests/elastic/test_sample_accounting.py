@@ -1,0 +1,180 @@
+"""Sample accounting under random batch sequences and injected out-of-memory errors (TrainingRun).
+
+Every sample must be applied exactly once per epoch, in the seed's order, whatever the sequence of
+effective batches and whatever OOMs hit the forward or backward passes; no gradient may be applied twice,
+so the parameters must equal, bit for bit, those of a fault-free twin that splits each batch the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from elastic_helpers import max_abs_difference, parameters_of, small_task
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from triaccel_rl.elastic import FaultPoint, UnrecoverableOOMError, inject_oom
+from triaccel_rl.training import TrainingRun
+
+N_EPOCHS = 2
+# Splitting a batch changes only the order of floating-point sums: a few ulps per step (see
+# test_accumulation.py for the split-versus-unsplit bound over a few steps).
+PARAMETER_ATOL = 1e-5
+
+batch_sequences = st.lists(st.integers(min_value=8, max_value=64), min_size=1, max_size=8)
+device_limits = st.integers(min_value=4, max_value=80)  # the largest micro-batch the "device" holds
+one_off_faults = st.sets(
+    st.tuples(
+        st.integers(min_value=0, max_value=30),  # step
+        st.integers(min_value=0, max_value=3),  # micro-batch index
+        st.sampled_from(["forward", "backward"]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=batch_sequences, limit=device_limits, faults=one_off_faults, seed=st.integers(0, 3))
+def test_every_sample_once_per_epoch_and_no_update_twice_under_ooms(
+    sizes: list[int], limit: int, faults: set[tuple[int, int, str]], seed: int
+) -> None:
+    """A run with OOMs and a fault-free twin stepped in lockstep with the same micro-batch plan.
+
+    The twin splits each batch exactly as the faulty run's successful attempt did, so the two sum the same
+    numbers in the same order: any lost sample, sample counted twice, or gradient applied twice would show
+    as a difference, and there must be none at all (bitwise).
+    """
+    raised: list[FaultPoint] = []
+
+    def fault(point: FaultPoint) -> None:
+        if point.micro_batch_size > limit or (
+            point.attempt == 0 and (point.step, point.micro_index, point.phase) in faults
+        ):
+            raised.append(point)
+            inject_oom(lambda _: True)(point)
+
+    faulty = TrainingRun(small_task(), seed=seed, device="cpu", fault=fault)
+    twin = TrainingRun(small_task(), seed=seed, device="cpu")
+    applied: dict[int, list[int]] = defaultdict(list)
+    total = N_EPOCHS * len(faulty.loader)
+    i = 0
+    while faulty.samples_seen < total:
+        faulty.batch_size = twin.batch_size = sizes[i % len(sizes)]
+        i += 1
+        stats = faulty.step()
+        twin.micro_batch_cap = faulty.last_micro_batches[0]
+        twin_stats = twin.step()
+        assert faulty.last_batch is not None and twin.last_batch is not None
+        assert torch.equal(faulty.last_batch.indices, twin.last_batch.indices)  # the seed's order, untouched
+        assert faulty.last_micro_batches == twin.last_micro_batches
+        assert stats.batch_size == twin_stats.batch_size == sum(faulty.last_micro_batches)
+        assert stats.loss == twin_stats.loss and stats.lr == twin_stats.lr
+        applied[faulty.last_batch.epoch].extend(faulty.last_batch.indices.tolist())
+
+    n = len(faulty.loader)
+    assert sorted(applied) == list(range(N_EPOCHS))
+    for epoch, order in applied.items():
+        assert sorted(order) == list(range(n)), f"epoch {epoch}: a sample was lost or applied twice"
+    assert faulty.samples_seen == twin.samples_seen == N_EPOCHS * n
+    assert faulty.steps == twin.steps
+    assert faulty.oom_events == len(raised) == len(faulty.oom_log)
+    for a, b in zip(parameters_of(faulty), parameters_of(twin), strict=True):
+        assert torch.equal(a, b), f"parameters differ by {float((a - b).abs().max()):.3g} from the fault-free twin"
+    if any(p.micro_batch_size > limit for p in raised):
+        assert max(faulty.last_micro_batches) <= limit  # the budget was lowered: no more OOMs at that size
+
+
+def test_oom_in_a_late_backward_pass_discards_the_partial_sum() -> None:
+    """Three micro-batches accumulate, then the third's backward fails: the retry must start from zero."""
+
+    def fault(point: FaultPoint) -> None:
+        if point.step == 0 and point.attempt == 0 and point.micro_index == 2 and point.phase == "backward":
+            inject_oom(lambda _: True)(point)
+
+    faulty = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    faulty.micro_batch_cap = 16
+    twin = TrainingRun(small_task(), seed=0, device="cpu")
+    faulty_stats = faulty.step()
+    assert faulty_stats.oom_events == 1 and faulty.oom_events == 1
+    assert faulty.oom_log[0].micro_batch_size == 16
+    assert faulty.last_micro_batches[0] <= 8  # split: at most half of the micro-batch that failed
+    twin.micro_batch_cap = faulty.last_micro_batches[0]
+    assert twin.step().loss == faulty_stats.loss
+    for a, b in zip(parameters_of(faulty), parameters_of(twin), strict=True):
+        assert torch.equal(a, b)
+    unsplit = TrainingRun(small_task(), seed=0, device="cpu")
+    assert unsplit.step().loss == pytest.approx(faulty_stats.loss, rel=1e-6)
+    assert max_abs_difference(parameters_of(faulty), parameters_of(unsplit)) <= PARAMETER_ATOL
+
+
+def test_oom_lowers_the_budget_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: p.micro_batch_size > 20))
+    before = run.memory_budget_bytes
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        stats = run.step()
+    assert stats.oom_events >= 1
+    event = run.oom_log[0]
+    assert event.budget_before_bytes == before
+    assert run.memory_budget_bytes == run.oom_log[-1].budget_after_bytes < before
+    assert event.budget_after_bytes == run.predicted_memory_bytes(event.micro_batch_size)  # factor 1.0
+    assert "out of memory (injected)" in event.message
+    assert "retrying with micro-batch" in caplog.text
+    # Later steps plan within the lowered budget from the start: no new OOM.
+    assert run.step().oom_events == 0
+
+
+def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
+    before = parameters_of(run)
+    with pytest.raises(UnrecoverableOOMError, match=r"out of memory 9 times in one step .* of 1 samples") as info:
+        run.step()
+    assert f"one sample is predicted to need {run.predicted_memory_bytes(1)} bytes" in str(info.value)
+    assert [e.micro_batch_size for e in run.oom_log][-2:] == [1, 1]  # split down to one sample, then retried
+    assert run.samples_seen == 0 and run.steps == 0
+    assert max_abs_difference(parameters_of(run), before) == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in run.model.parameters() if p.grad is not None)
+
+
+def test_too_many_ooms_in_one_step_gives_up() -> None:
+    from triaccel_rl.config import ElasticConfig
+
+    calls = iter(range(1000))
+    run = TrainingRun(
+        small_task(),
+        seed=0,
+        device="cpu",
+        elastic=ElasticConfig(max_oom_retries=2),
+        fault=inject_oom(lambda p: next(calls) < 3),  # three OOMs in a row, at any size
+    )
+    with pytest.raises(UnrecoverableOOMError, match="3 times in one step"):
+        run.step()
+    assert run.samples_seen == 0
+
+
+def test_non_oom_errors_are_not_swallowed() -> None:
+    def fault(point: FaultPoint) -> None:
+        raise ValueError("a bug, not a memory problem")
+
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    with pytest.raises(ValueError, match="a bug"):
+        run.step()
+    assert run.oom_events == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+def test_out_of_memory_errors_are_recognised(error: BaseException) -> None:
+    from triaccel_rl.elastic import is_out_of_memory
+
+    assert is_out_of_memory(error)
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not a RuntimeError: a bug's message

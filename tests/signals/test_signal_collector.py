@@ -1,0 +1,413 @@
+"""SignalCollector: rounds folded into snapshots, noise scale end to end, bad input, the device path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.signals import (
+    DeviceMoments,
+    EstimatorSource,
+    IntervalMoments,
+    Schedule,
+    SignalCollector,
+    SignalConfig,
+    gradient_moments,
+    hutchinson,
+)
+from triaccel_rl.types import LayerInfo, Precision, Signals, StepStats
+
+EVERY_STEP = SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=1, fixed_microbatches=4, fixed_probes=2)
+
+
+def fake_stats(n_layers: int, *, sq: float = 1.0, loss: float = 1.0, skipped: bool = False) -> StepStats:
+    return StepStats(
+        loss=loss,
+        batch_size=64,
+        step_time_ms=10.0,
+        modelled_time_ms=10.0,
+        memory_bytes=100,
+        skipped=skipped,
+        grad_sq_sum=np.full(n_layers, sq),
+        grad_abs_max=np.ones(n_layers),
+        grad_nonfinite=np.zeros(n_layers),
+        lr=0.1,
+    )
+
+
+def snapshot(collector: SignalCollector, batch_size: int = 64) -> Signals:
+    n = len(collector.layers)
+    return collector.snapshot(
+        grad_mean_sq_norm=np.full(n, np.nan),
+        probe_loss=1.0,
+        batch_size=batch_size,
+        lr_scale=1.0,
+        precisions=[Precision.FP32] * n,
+    )
+
+
+def assert_all_finite(signals: Signals) -> None:
+    for name in ("curvature", "grad_variance", "grad_norm", "snr", "lr_factors"):
+        values = getattr(signals, name)
+        assert np.all(np.isfinite(values)), f"{name} = {values}"
+    for name in ("loss", "loss_trend", "probe_loss", "noise_scale", "overhead_frac"):
+        assert math.isfinite(getattr(signals, name)), f"{name} = {getattr(signals, name)}"
+    if signals.hessian_trace is not None:
+        assert np.all(np.isfinite(signals.hessian_trace))
+    if signals.sparsity is not None:
+        for values in (signals.sparsity.top1_share, signals.sparsity.top10_share, signals.sparsity.small_frac):
+            assert np.all((values >= 0) & (values <= 1))
+
+
+def mlp_collector(
+    model: nn.Module, layers: list[list[nn.Parameter]], config: SignalConfig, n_samples: int = 256
+) -> tuple[SignalCollector, EstimatorSource]:
+    infos = [LayerInfo(f"layer{i}", sum(p.numel() for p in params), True) for i, params in enumerate(layers)]
+    collector = SignalCollector(infos, ema_decay=0.9, memory_budget_bytes=1 << 30, config=config)
+    generator = torch.Generator().manual_seed(0)
+    source = EstimatorSource(
+        model=model,
+        layer_params=layers,
+        loss_fn=nn.functional.cross_entropy,
+        inputs=torch.randn(n_samples, 4, generator=generator),
+        targets=torch.randint(0, 3, (n_samples,), generator=generator),
+    )
+    collector.attach(source, seed=0)
+    return collector, source
+
+
+class WithUnused(nn.Module):
+    """A Linear-ReLU-Linear whose third Linear is registered but never used in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 8)
+        self.second = nn.Linear(8, 3)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        return [list(self.first.parameters()), list(self.second.parameters()), list(self.unused.parameters())]
+
+
+# ---------------------------------------------------------------- rounds in snapshots
+
+
+def test_round_estimates_enter_the_snapshot_with_their_definitions() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    collector, _source = mlp_collector(model, model.layers()[:2], replace(EVERY_STEP, round_ema_decay=0.0))
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded and report.measured_ms > 0
+    signals = snapshot(collector, batch_size=64)
+    assert signals.extra["curvature_source"] == "hutchinson"
+    assert signals.extra["fisher_source"] == "microbatch_rounds"
+    assert signals.hessian_trace is not None and signals.sparsity is not None and signals.lr_factors is not None
+    assert_all_finite(signals)
+    # Definitions: curvature = |tr H| / n; variance = tr(Sigma) / (B n); noise = sum tr(Sigma) / sum |G|^2.
+    np.testing.assert_allclose(signals.curvature, np.abs(signals.hessian_trace) / signals.n_params)
+    snr_times_variance = signals.snr * signals.grad_variance * signals.n_params
+    assert np.all(snr_times_variance >= 0)
+    assert signals.noise_scale > 0
+    assert collector.estimator_ms > 0 and collector.overhead_ms >= collector.estimator_ms
+
+
+def test_round_folding_is_ema_with_bias_correction() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    layers = model.layers()[:2]
+    config = replace(EVERY_STEP, round_ema_decay=0.5, warmup_round=False)
+    collector, source = mlp_collector(model, layers, config)
+    traces = []
+    for _ in range(3):
+        collector.observe(fake_stats(2))
+        collector.maybe_estimate()
+        traces.append(collector._trace_ema / collector._round_weight)
+    # Reproduce the three rounds' raw traces with the same random streams and fold them by hand.
+    replay, _ = mlp_collector(model, layers, config)
+    raw = []
+    for _ in range(3):
+        order = torch.randperm(len(source.inputs), generator=replay._cpu_generator)
+        index = order[:128]
+        loss = nn.functional.cross_entropy(model(source.inputs[index]), source.targets[index])
+        raw.append(hutchinson(loss, layers, 2, generator=replay._device_generator).trace.numpy())
+    expected_last = (0.25 * raw[0] * 0.5 + 0.5 * raw[1] * 0.5 + raw[2] * 0.5) / (1 - 0.5**3)
+    np.testing.assert_allclose(traces[-1], expected_last, rtol=1e-6)
+
+
+def test_warmup_round_is_folded_but_not_charged() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    collector, _ = mlp_collector(model, model.layers()[:2], replace(EVERY_STEP, round_ema_decay=0.5))
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None
+    assert collector.scheduler.rounds == 1 and collector.warmup_ms > 0
+    assert collector.estimator_ms == pytest.approx(collector.warmup_ms + report.measured_ms)
+    assert collector.scheduler.charged_round_ms == pytest.approx(report.cost.total_ms)
+    np.testing.assert_allclose(collector._round_weight, 1 - 0.5**2)  # both rounds' estimates are kept
+    collector.observe(fake_stats(2))
+    collector.maybe_estimate()
+    assert collector.scheduler.rounds == 2 and collector.estimator_ms > collector.warmup_ms + report.measured_ms
+
+
+def test_noise_scale_end_to_end_on_linear_regression_within_15_percent() -> None:
+    # The regression of test_signal_estimators, through the collector: a pool of samples, rounds of 8
+    # micro-batches, smoothed over rounds (numerator and denominator separately).
+    d, noise_std = 8, 0.5
+    generator = torch.Generator().manual_seed(0)
+    w_star = torch.randn(d, generator=generator)
+    delta = torch.randn(d, generator=generator)
+    delta /= delta.norm()
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_((w_star + delta)[None])
+    x = torch.randn(16384, d, generator=generator)
+    y = x @ w_star + noise_std * torch.randn(16384, generator=generator)
+    expected = d * (1 + noise_std**2) + 1
+    config = SignalConfig(
+        schedule=Schedule.FIXED,
+        fixed_interval_steps=1,
+        fixed_microbatches=16,
+        fixed_probes=1,
+        micro_batch_size=64,
+        hutchinson_batch_size=16,
+        round_ema_decay=0.98,
+    )
+    collector = SignalCollector([LayerInfo("linear", d, True)], 0.9, 1 << 30, config)
+    collector.attach(
+        EstimatorSource(model, [[model.weight]], lambda out, t: 0.5 * (out.squeeze(1) - t).square().mean(), x, y)
+    )
+    for _ in range(300):
+        collector.observe(fake_stats(1))
+        collector.maybe_estimate()
+    signals = snapshot(collector, batch_size=32)
+    assert abs(signals.noise_scale - expected) <= 0.15 * expected, f"{signals.noise_scale:.3f} vs {expected:.3f}"
+    # Mini-batch variance at B = 32 and the exact Hessian trace (E[x x^T] = I: tr H = d).
+    assert signals.grad_variance[0] == pytest.approx(expected / (32 * d), rel=0.15)
+    assert signals.hessian_trace is not None
+    assert signals.hessian_trace[0] == pytest.approx(d, rel=0.15)
+
+
+def test_adam_second_moment_feeds_sparsity() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    engine = StepEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.device("cpu"))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    collector = SignalCollector(engine.layers, 0.9, 1 << 30, EVERY_STEP)
+    collector.attach(
+        EstimatorSource(model, engine.layer_params, nn.functional.cross_entropy, x, y, engine.second_moment_diagonal)
+    )
+    collector.observe(fake_stats(2))
+    collector.maybe_estimate()
+    signals = snapshot(collector)
+    assert signals.extra["fisher_source"] == "optimizer_second_moment"
+    from triaccel_rl.signals import curvature_sparsity
+
+    expected = curvature_sparsity([d for d in engine.second_moment_diagonal() if d is not None])
+    assert signals.sparsity is not None
+    np.testing.assert_array_equal(signals.sparsity.top10_share, expected.top10_share)
+
+
+def test_cheap_mode_runs_no_round() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    collector, _ = mlp_collector(model, model.layers()[:2], SignalConfig.preset("cheap"))
+    collector.observe(fake_stats(2))
+    assert collector.maybe_estimate() is None
+    signals = snapshot(collector)
+    assert signals.extra["curvature_source"] == "fisher"
+    assert signals.hessian_trace is None and signals.sparsity is None
+    np.testing.assert_allclose(signals.curvature, 1.0 / signals.n_params)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_no_trainable_parameters_is_a_clear_error() -> None:
+    model = nn.Linear(3, 2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        EstimatorSource(model, [list(model.parameters())], nn.functional.mse_loss, torch.ones(4, 3), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SignalCollector([], 0.9, 1 << 20)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        StepEngine(model, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), torch.device("cpu"))
+    loss = (model(torch.ones(2, 3)) ** 2).sum()
+    with pytest.raises(ValueError, match=r"no trainable parameters|no gradient graph"):
+        hutchinson(loss, [list(model.parameters())], 1)
+
+
+def test_non_scalar_loss_is_a_clear_error() -> None:
+    model = nn.Linear(3, 2)
+    per_sample = model(torch.ones(4, 3)).square().sum(1)
+    with pytest.raises(ValueError, match=r"loss must be a scalar tensor .*got \(4,\)"):
+        hutchinson(per_sample, [list(model.parameters())], 1)
+    with pytest.raises(ValueError, match=r"loss must be a scalar tensor"):
+        gradient_moments(lambda x, y: model(x).sum(1), torch.ones(4, 3), torch.ones(4), [list(model.parameters())], 2)
+    # Through the collector: a loss_fn without reduction is refused at the first round.
+    torch.manual_seed(0)
+    net = WithUnused()
+    collector, source = mlp_collector(net, net.layers()[:2], EVERY_STEP)
+    collector.attach(replace(source, loss_fn=_per_sample_ce))
+    collector.observe(fake_stats(2))
+    with pytest.raises(ValueError, match="loss must be a scalar tensor"):
+        collector.maybe_estimate()
+
+
+def _per_sample_ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_non_finite_round_is_skipped_and_nothing_leaks() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    layers = model.layers()[:2]
+    collector, _source = mlp_collector(model, layers, EVERY_STEP)
+    collector.observe(fake_stats(2))
+    assert collector.maybe_estimate().folded  # type: ignore[union-attr]
+    before = collector._trace_ema.copy()
+    with torch.no_grad():
+        model.first.weight[0, 0] = float("nan")
+    collector.observe(fake_stats(2, sq=float("nan"), loss=float("nan")))
+    report = collector.maybe_estimate()
+    assert report is not None and not report.folded and "non-finite" in report.reason
+    assert collector.rounds_skipped == 1
+    np.testing.assert_array_equal(collector._trace_ema, before)
+    signals = snapshot(collector)
+    assert_all_finite(signals)
+    assert signals.overflow_rate == 0.5  # the NaN step is counted, not averaged in
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    grouper.update(signals)
+    obs = build_observation(signals, grouper, 64, ObservationLayout(2))
+    assert np.all(np.isfinite(obs))
+
+
+def test_unused_layer_measures_exact_zero_and_is_reported() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    collector, _ = mlp_collector(model, model.layers(), EVERY_STEP)
+    collector.observe(fake_stats(3))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded
+    signals = snapshot(collector)
+    assert_all_finite(signals)
+    assert signals.extra["unused_layers"] == ["layer2"]
+    assert signals.hessian_trace is not None and signals.hessian_trace[2] == 0.0
+    assert signals.curvature[2] == 0.0 and signals.grad_variance[2] == 0.0
+    assert signals.lr_factors is not None and signals.lr_factors[2] == 1.0  # no curvature: neutral factor
+    assert signals.sparsity is not None and signals.sparsity.small_frac[2] == 1.0  # all-zero diagonal
+
+
+def test_layer_frozen_after_start_keeps_its_values() -> None:
+    torch.manual_seed(0)
+    model = WithUnused()
+    layers = model.layers()[:2]
+    collector, _ = mlp_collector(model, layers, EVERY_STEP)
+    collector.observe(fake_stats(2))
+    collector.maybe_estimate()
+    frozen_trace = float(collector._trace_ema[0] / collector._round_weight[0])
+    for p in model.first.parameters():
+        p.requires_grad_(False)
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded
+    signals = snapshot(collector)
+    assert_all_finite(signals)
+    assert signals.hessian_trace is not None and signals.hessian_trace[0] == pytest.approx(frozen_trace)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    collector.observe(fake_stats(2))
+    assert collector.maybe_estimate() is None  # every parameter frozen: documented skip, no error
+
+
+def test_engine_skips_non_finite_gradients_and_the_collector_counts_them() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    collector = SignalCollector(engine.layers, 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    stats, skipped = engine.backward_and_step(model(torch.full((2, 3), float("inf"))).sum())
+    assert skipped
+    collector.observe(fake_stats(1, sq=float(stats.sq_sum[0]), skipped=True))
+    signals = snapshot(collector)
+    assert_all_finite(signals)
+    assert signals.overflow_rate == 1.0
+
+
+# ---------------------------------------------------------------- device path
+
+
+def test_device_moments_match_engine_statistics_and_skip_non_finite() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.device("cpu"))
+    moments = DeviceMoments(engine.layer_params)
+    expected = []
+    for seed in range(3):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
+        loss = model(x).square().mean()
+        loss.backward()
+        moments.observe(loss)
+        expected.append(engine.grad_stats().sq_sum.numpy().astype(np.float64))
+        engine.optimizer.zero_grad()
+    model[0].weight.grad = torch.full_like(model[0].weight, float("nan"))
+    moments.observe(torch.tensor(1.0))
+    result = moments.flush()
+    assert (result.n_finite, result.n_observed) == (3, 4)
+    np.testing.assert_allclose(result.sq_norm, np.mean(expected, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(result.norm, np.mean(np.sqrt(expected), axis=0), rtol=1e-6)
+    assert moments.flush().n_observed == 0  # flushed sums start again
+
+
+def test_device_moments_lagged_flush_returns_the_previous_interval() -> None:
+    model = nn.Linear(3, 2)
+    moments = DeviceMoments([[model.weight, model.bias]])
+    results = []
+    for interval in range(3):
+        model.zero_grad()
+        model(torch.ones(1, 3)).sum().backward()
+        moments.observe(torch.tensor(float(interval)))
+        results.append(moments.flush_lagged())
+    assert results[0] is None
+    assert [r.loss for r in results[1:] if r is not None] == [0.0, 1.0]
+
+
+def test_device_moments_sampling_and_full_buffer() -> None:
+    model = nn.Linear(3, 2)
+    moments = DeviceMoments([[model.weight, model.bias]], every_steps=2, capacity=2)
+    for step in range(7):  # observes steps 0, 2, 4, 6; the buffer of 2 rows is folded when full
+        model.zero_grad()
+        (float(step + 1) * model(torch.ones(1, 3))).sum().backward()
+        moments.observe(torch.tensor(float(step)))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite) == (4, 4)
+    assert result.loss == pytest.approx((0 + 2 + 4 + 6) / 4)
+    # |grad|^2 of weight and bias: (step + 1)^2 * (3 + 1) per output row, 2 rows.
+    assert result.sq_norm[0] == pytest.approx(8 * (1 + 9 + 25 + 49) / 4)
+
+
+def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
+    infos = [LayerInfo("a", 10, True), LayerInfo("b", 20, True)]
+    per_step = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    per_interval = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    for _ in range(5):
+        per_step.observe(fake_stats(2, sq=4.0, loss=2.0))
+    per_interval.observe_interval(
+        IntervalMoments(np.full(2, 4.0), np.full(2, 2.0), 2.0, n_finite=5, n_observed=5), n_steps=5, train_ms=50.0
+    )
+    a, b = snapshot(per_step), snapshot(per_interval)
+    np.testing.assert_allclose(a.curvature, b.curvature)
+    np.testing.assert_allclose(a.grad_norm, b.grad_norm)
+    assert a.loss == pytest.approx(b.loss)
+    assert per_interval.train_ms == 50.0 and per_interval.n_steps == 5

@@ -1,0 +1,85 @@
+"""The decision loop with the signals: rounds at snapshots, determinism, the LR-factor switch, Adam reuse."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.signals import SignalConfig
+from triaccel_rl.tasks import get_task
+from triaccel_rl.training import TrainingRun
+
+
+def make_loop(task: str = "synthetic", seed: int = 0, **task_overrides: object) -> DecisionLoop:
+    run = TrainingRun(get_task(task, n_train=1024, **task_overrides), seed=seed, device="cpu", cost_mode="profile")
+    return DecisionLoop(run, ControllerConfig(interval_steps=4))
+
+
+def run_intervals(loop: DecisionLoop, n: int) -> list:
+    snapshots = []
+    for i in range(n):
+        loop.train_interval()
+        snapshots.append(loop.snapshot(progress=i / n))
+    return snapshots
+
+
+def test_default_loop_measures_curvature_noise_and_sparsity() -> None:
+    loop = make_loop()
+    signals = run_intervals(loop, 3)[-1]
+    assert signals.extra["curvature_source"] == "hutchinson"
+    assert signals.extra["fisher_source"] == "microbatch_rounds"  # SGD keeps no second moment
+    assert signals.extra["rounds"] >= 1
+    assert signals.hessian_trace is not None and signals.sparsity is not None
+    assert signals.noise_scale > 0
+    obs = loop.observation()
+    assert obs.shape == (43,) and np.all(np.isfinite(obs))
+    collector = loop.collector
+    assert collector.estimator_ms > 0 and collector.overhead_ms >= collector.estimator_ms
+    assert 0 < collector.overhead_ms / collector.train_ms  # what compare reports as overhead_frac
+
+
+def test_same_seed_same_signals_in_profile_mode() -> None:
+    first = [s.curvature for s in run_intervals(make_loop(seed=3), 4)]
+    second = [s.curvature for s in run_intervals(make_loop(seed=3), 4)]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lr_factors_off_by_default_and_applied_when_switched_on() -> None:
+    loop = make_loop()
+    run_intervals(loop, 2)
+    assert loop.run.lr_factors.tolist() == [1.0] * loop.run.n_layers
+    loop.collector.config = replace(loop.collector.config, lr_factors=True)
+    signals = run_intervals(loop, 1)[-1]
+    assert signals.lr_factors is not None
+    np.testing.assert_array_equal(loop.run.lr_factors, signals.lr_factors)
+    assert np.all((signals.lr_factors >= 0.5) & (signals.lr_factors <= 2.0))
+    assert not np.all(signals.lr_factors == 1.0)
+
+
+def test_adamw_second_moment_is_reused_for_sparsity() -> None:
+    loop = make_loop(optimizer="adamw", base_lr=1e-3)
+    signals = run_intervals(loop, 2)[-1]
+    assert signals.extra["fisher_source"] == "optimizer_second_moment"
+    assert signals.sparsity is not None
+
+
+def test_cheap_mode_through_the_loop() -> None:
+    loop = make_loop()
+    loop.collector.config = SignalConfig.preset("cheap")
+    signals = run_intervals(loop, 2)[-1]
+    assert signals.extra["curvature_source"] == "fisher" and signals.extra["rounds"] == 0
+    assert loop.collector.estimator_ms == 0.0
+
+
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_observation_finite_with_all_signals(n_groups: int) -> None:
+    run = TrainingRun(get_task("synthetic", n_train=1024), seed=0, device="cpu", cost_mode="profile")
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=3, n_groups=n_groups))
+    run_intervals(loop, 3)
+    obs = loop.observation()
+    assert obs.shape == (11 + 8 * n_groups,) and np.all(np.isfinite(obs))

@@ -1,0 +1,102 @@
+"""The round scheduler: fixed schedule, the budget kept by the adaptive one, round sizing, config checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from triaccel_rl.signals import RoundCost, RoundPlan, RoundScheduler, Schedule, SignalConfig, SignalMode
+from triaccel_rl.signals.scheduler import LADDER
+
+
+def simulate(
+    config: SignalConfig, step_ms: float, noise_ms: float, probe_ms: float, n_steps: int, interval: int = 20
+) -> tuple[RoundScheduler, list[RoundPlan]]:
+    """Runs the scheduler against a cost model: a round of (m, p) costs ``m * noise_ms + p * probe_ms``."""
+    scheduler = RoundScheduler(config)
+    plans = []
+    for _ in range(n_steps // interval):
+        scheduler.add_train(step_ms * interval, n_steps=interval)
+        plan = scheduler.plan()
+        if plan is not None:
+            plans.append(plan)
+            scheduler.record(plan, RoundCost(plan.n_microbatches * noise_ms, plan.n_probes * probe_ms, 0.0))
+    return scheduler, plans
+
+
+def test_fixed_schedule_every_k_steps() -> None:
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=60, fixed_microbatches=3, fixed_probes=5)
+    _scheduler, plans = simulate(config, step_ms=1.0, noise_ms=100.0, probe_ms=100.0, n_steps=600)
+    # First decision (step 20), then whenever 60 steps have passed since the last round: 80, 140, ...
+    assert len(plans) == 1 + (600 - 20) // 60
+    assert {(p.n_microbatches, p.n_probes) for p in plans} == {(3, 5)}
+
+
+def test_adaptive_first_round_is_smallest_and_never_refused() -> None:
+    scheduler = RoundScheduler(SignalConfig())
+    scheduler.add_train(1.0)
+    assert scheduler.plan() == RoundPlan(*LADDER[0])
+
+
+def test_adaptive_stays_within_budget_after_repaying_the_first_round() -> None:
+    config = SignalConfig(budget_frac=0.02, expensive_share=0.75)
+    step_ms, noise_ms, probe_ms = 9.0, 7.0, 35.0  # ResNet-18 on an H200: 9 ms a step, ~40 ms a probe
+    scheduler, plans = simulate(config, step_ms, noise_ms, probe_ms, n_steps=200_000)
+    allowance = config.budget_frac * config.expensive_share
+    first = plans[0].n_microbatches * noise_ms + plans[0].n_probes * probe_ms
+    # Never more than the allowance plus the one borrowed (first) round; and it spends most of it.
+    assert scheduler.charged_round_ms <= allowance * scheduler.charged_train_ms + first
+    assert scheduler.round_overhead_frac == pytest.approx(allowance, rel=0.05)
+    # Rounds are sized to fit the allowance over target_interval_steps: 0.015 * 9 * 200 = 27 ms → (2, 1)'s 49 ms
+    # does not fit, so the smallest rung, every ~49 / (0.015 * 9) = 363 steps.
+    assert {(p.n_microbatches, p.n_probes) for p in plans} == {LADDER[0]}
+    steps_per_round = scheduler.steps / len(plans)
+    assert steps_per_round == pytest.approx(49.0 / (allowance * step_ms), rel=0.1)
+
+
+def test_adaptive_grows_rounds_when_steps_are_expensive() -> None:
+    config = SignalConfig(target_interval_steps=100)
+    scheduler, plans = simulate(config, step_ms=1000.0, noise_ms=7.0, probe_ms=35.0, n_steps=20_000)
+    # Allowance per target interval: 0.015 * 1000 * 100 = 1500 ms ≥ (16, 8): 16 * 7 + 8 * 35 = 392 ms.
+    assert (plans[-1].n_microbatches, plans[-1].n_probes) == LADDER[-1]
+    assert scheduler.round_overhead_frac <= config.budget_frac * config.expensive_share * 1.05
+
+
+def test_ladder_respects_limits() -> None:
+    scheduler = RoundScheduler(SignalConfig(max_microbatches=4, max_probes=1))
+    assert scheduler.ladder == [(2, 1), (4, 1)]
+
+
+def test_no_round_before_costs_are_known_except_the_first() -> None:
+    scheduler = RoundScheduler(SignalConfig())
+    assert math.isnan(scheduler.predict_ms(2, 1))
+    assert scheduler.credit_ms == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"budget_frac": 0.0}, "budget_frac=0.0"),
+        ({"expensive_share": 1.5}, "expensive_share=1.5"),
+        ({"max_microbatches": 1}, "max_microbatches=1 must be >= 2"),
+        ({"fixed_probes": 0}, "fixed_probes=0"),
+        ({"round_ema_decay": 1.0}, "round_ema_decay=1.0"),
+        ({"lr_factor_min": 0.0}, "lr_factor_min=0.0"),
+        ({"mode": "fast"}, "unknown signal mode 'fast'; allowed: cheap, all"),
+        ({"schedule": "often"}, "unknown schedule 'often'; allowed: adaptive, fixed"),
+    ],
+)
+def test_config_validation(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(SignalConfig(), **overrides)
+
+
+def test_presets() -> None:
+    assert SignalConfig.preset("cheap").mode is SignalMode.CHEAP
+    assert SignalConfig.preset("fixed").schedule is Schedule.FIXED
+    assert SignalConfig.preset("default") == SignalConfig()
+    assert SignalConfig.preset("default", budget_frac=0.05).budget_frac == 0.05
+    with pytest.raises(ValueError, match="unknown signal preset 'fast'"):
+        SignalConfig.preset("fast")

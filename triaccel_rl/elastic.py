@@ -1,0 +1,287 @@
+"""Memory-elastic batching: LR gain rules with warm-up, micro-batch plans, OOM detection and recovery helpers.
+
+Used by ``TrainingRun`` and ``Controller``; pure functions where possible so each rule is tested by value.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from triaccel_rl.config import LRRule
+
+__all__ = [
+    "BatchLRCoupler",
+    "Fault",
+    "FaultPoint",
+    "OOMEvent",
+    "UnrecoverableOOMError",
+    "find_batch_size",
+    "inject_oom",
+    "is_out_of_memory",
+    "lr_gain",
+    "plan_micro_batches",
+    "release_memory",
+    "resolve_lr_rule",
+]
+
+# Messages of out-of-memory errors that do not come as torch.OutOfMemoryError (cuBLAS/cuDNN workspaces,
+# the CPU allocator), as matched by Lightning's and accelerate's batch-size finders.
+_OOM_MESSAGES = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_not_supported",
+    "defaultcpuallocator: can't allocate memory",
+)
+
+
+def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: float | None = None) -> float:
+    """The LR multiplier for effective batch ``batch_size`` relative to ``base_batch_size`` under ``rule``.
+
+    ``LINEAR``: ``B / B0``. ``SQRT``: ``sqrt(B / B0)``. ``NONE``: 1. ``ADASCALE``:
+    ``(1 + B_noise / B0) / (1 + B_noise / B)`` with ``B_noise = noise_scale`` (samples). This is AdaScale's
+    gain ratio ``(sigma^2 + mu^2) / (sigma^2 / S + mu^2)`` at scale ``S = B / B0`` once the variance of a
+    ``B0``-sample gradient, ``sigma^2 = tr(Sigma) / B0``, and ``mu^2 = |G|^2`` are written with the noise scale
+    ``B_noise = tr(Sigma) / |G|^2``. It tends to ``B / B0`` when the gradient is noise-dominated
+    (``B_noise >> B``) and to 1 when it is noise-free; an unknown noise scale (``None``) counts as 0.
+
+    Example:
+        >>> lr_gain(LRRule.ADASCALE, 256, 64, noise_scale=64.0)
+        1.6
+
+    Raises:
+        ValueError: non-positive batch sizes, a negative noise scale, or the unresolved ``AUTO`` rule.
+    """
+    if batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"batch sizes must be positive; got {batch_size} and base {base_batch_size}")
+    ratio = batch_size / base_batch_size
+    if rule is LRRule.LINEAR:
+        return ratio
+    if rule is LRRule.SQRT:
+        return math.sqrt(ratio)
+    if rule is LRRule.NONE:
+        return 1.0
+    if rule is LRRule.ADASCALE:
+        noise = 0.0 if noise_scale is None or not math.isfinite(noise_scale) else float(noise_scale)
+        if noise < 0:
+            raise ValueError(f"noise_scale={noise_scale} must be >= 0 (samples)")
+        return (1.0 + noise / base_batch_size) / (1.0 + noise / batch_size)
+    raise ValueError(f"lr rule {rule} must be resolved first (resolve_lr_rule)")
+
+
+def resolve_lr_rule(rule: LRRule, optimizer: torch.optim.Optimizer) -> LRRule:
+    """``AUTO`` → ``SQRT`` for Adam-family optimizers (Adam, AdamW, Adamax, NAdam, RAdam...), else ``LINEAR``."""
+    if rule is not LRRule.AUTO:
+        return rule
+    return LRRule.SQRT if "adam" in type(optimizer).__name__.lower() else LRRule.LINEAR
+
+
+class BatchLRCoupler:
+    """Keeps the LR gain in step with the effective batch: a rule, plus warm-up after large rises.
+
+    ``change(batch)`` is called when the effective batch changes; ``advance()`` once before each optimizer
+    step, returning the gain that step uses. A change that raises the gain by ``warmup_above`` or more,
+    after the first step, ramps it linearly over ``warmup_steps`` steps (step ``k`` after the change uses
+    ``g_old + (g_new - g_old) * k / warmup_steps``, where ``g_old`` is the gain in force at the change, so an
+    interrupted ramp restarts from where it was). Lower gains, and changes before the first step, apply at once.
+
+    Args:
+        rule: a resolved rule (not ``AUTO``).
+        base_batch_size: the batch at which the gain is 1.
+        batch_size: the starting effective batch.
+        warmup_above: gain ratio at or above which a rise is warmed up (> 1).
+        warmup_steps: steps of the ramp (0: none).
+
+    Example:
+        >>> coupler = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_steps=4)
+        >>> _ = coupler.advance()  # one step at batch 64
+        >>> coupler.change(256)  # ×4: warmed up from 1.0
+        1.0
+        >>> [coupler.advance() for _ in range(5)]
+        [1.75, 2.5, 3.25, 4.0, 4.0]
+    """
+
+    def __init__(
+        self,
+        rule: LRRule,
+        base_batch_size: int,
+        batch_size: int,
+        warmup_above: float = 1.5,
+        warmup_steps: int = 10,
+    ) -> None:
+        if rule is LRRule.AUTO:
+            raise ValueError("resolve LRRule.AUTO for the optimizer first (resolve_lr_rule)")
+        if warmup_above <= 1.0 or warmup_steps < 0:
+            raise ValueError(f"need warmup_above > 1 and warmup_steps >= 0; got {warmup_above}, {warmup_steps}")
+        self.rule = rule
+        self.base_batch_size = int(base_batch_size)
+        self.warmup_above = warmup_above
+        self.warmup_steps = warmup_steps
+        self.batch_size = int(batch_size)
+        self.target = lr_gain(rule, self.batch_size, self.base_batch_size)
+        self.gain = self.target
+        self.steps = 0
+        self._ramp_start = self.gain
+        self._ramp_step = warmup_steps  # steps taken on the current ramp; == warmup_steps when none runs
+
+    @property
+    def warming_up(self) -> bool:
+        """True while a warm-up ramp is running."""
+        return self._ramp_step < self.warmup_steps
+
+    def change(self, batch_size: int, noise_scale: float | None = None) -> float:
+        """Moves to effective batch ``batch_size``; returns the gain in force until the next ``advance()``.
+
+        Args:
+            batch_size: the new effective batch.
+            noise_scale: the gradient-noise scale in samples (``ADASCALE`` only; ``None``: unknown).
+        """
+        target = lr_gain(self.rule, batch_size, self.base_batch_size, noise_scale)
+        if batch_size == self.batch_size and target == self.target:
+            return self.gain  # nothing changed: an ongoing ramp carries on
+        self.batch_size = int(batch_size)
+        self.target = target
+        if self.steps > 0 and self.warmup_steps > 0 and target >= self.warmup_above * self.gain:
+            self._ramp_start = self.gain
+            self._ramp_step = 0
+        else:
+            self.gain = target
+            self._ramp_step = self.warmup_steps
+        return self.gain
+
+    def advance(self) -> float:
+        """Counts one optimizer step and returns the gain that step uses."""
+        self.steps += 1
+        if self.warming_up:
+            self._ramp_step += 1
+            fraction = self._ramp_step / self.warmup_steps
+            self.gain = self._ramp_start + (self.target - self._ramp_start) * fraction
+        return self.gain
+
+
+def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
+    """Splits ``batch_size`` samples into micro-batches of at most ``max_micro_batch``, largest first.
+
+    Greedy: full micro-batches then the remainder, so the peak memory (set by the largest) fills the plan.
+
+    Example:
+        >>> plan_micro_batches(10, 4)
+        [4, 4, 2]
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+    if batch_size < 1 or max_micro_batch < 1:
+        raise ValueError(f"need batch_size >= 1 and max_micro_batch >= 1; got {batch_size}, {max_micro_batch}")
+    full, rest = divmod(batch_size, max_micro_batch)
+    return [max_micro_batch] * full + ([rest] if rest else [])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an out-of-memory error: ``torch.OutOfMemoryError`` or a ``RuntimeError`` saying so."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError is the same class
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees what an aborted step left: unreachable tensors, and on CUDA the allocator's cached blocks.
+
+    Call it after the ``except`` block that caught the error has ended: until then the traceback's frames
+    hold the failed forward pass's activations.
+    """
+    gc.collect()  # reference cycles through autograd graphs; costs ~10 ms, paid only on an OOM
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class UnrecoverableOOMError(RuntimeError):
+    """Out of memory even when split as far as allowed (a micro-batch of one sample, or too many retries)."""
+
+
+@dataclass(frozen=True)
+class OOMEvent:
+    """One recovered out-of-memory error.
+
+    Attributes:
+        step: index of the optimizer step it happened in (0-based).
+        micro_batch_size: the micro-batch size that failed.
+        retry_micro_batch_size: the micro-batch size the step was retried with.
+        budget_before_bytes: the memory budget before the event.
+        budget_after_bytes: the lowered budget.
+        message: first line of the error.
+    """
+
+    step: int
+    micro_batch_size: int
+    retry_micro_batch_size: int
+    budget_before_bytes: int
+    budget_after_bytes: int
+    message: str
+
+
+@dataclass(frozen=True)
+class FaultPoint:
+    """Where a step is when a fault hook is called (for injecting errors in tests).
+
+    Attributes:
+        step: index of the optimizer step (0-based).
+        attempt: retry of that step (0 = first try).
+        micro_index: index of the micro-batch within the attempt.
+        micro_batch_size: samples in that micro-batch.
+        phase: ``"forward"`` (before the forward pass) or ``"backward"`` (before the backward pass).
+    """
+
+    step: int
+    attempt: int
+    micro_index: int
+    micro_batch_size: int
+    phase: str
+
+
+Fault = Callable[[FaultPoint], None]
+"""A hook called at each ``FaultPoint``; raising from it simulates an error at that point."""
+
+
+def inject_oom(when: Callable[[FaultPoint], bool]) -> Fault:
+    """A fault hook raising ``torch.OutOfMemoryError`` at every point where ``when(point)`` is true.
+
+    Example:
+        >>> fault = inject_oom(lambda point: point.micro_batch_size > 32)  # a device that holds 32 samples
+    """
+
+    def fault(point: FaultPoint) -> None:
+        if when(point):
+            raise torch.cuda.OutOfMemoryError(
+                f"out of memory (injected) at step {point.step}, attempt {point.attempt}, micro-batch "
+                f"{point.micro_index} of {point.micro_batch_size} samples, {point.phase}"
+            )
+
+    return fault
+
+
+def find_batch_size(fits: Callable[[int], bool], limit: int, start: int = 1) -> int:
+    """Largest power of two in ``[start, limit]`` for which ``fits`` holds, doubling from ``start``.
+
+    The search of Lightning's ``BatchSizeFinder`` in ``power`` mode: double until a size fails (or would
+    pass ``limit``) and keep the last that fitted. Returns 0 when ``start`` itself does not fit.
+
+    Example:
+        >>> find_batch_size(lambda b: b * 100 <= 5000, limit=4096)
+        32
+
+    Raises:
+        ValueError: ``start`` is not a power of two or is above ``limit``.
+    """
+    if start < 1 or start & (start - 1) or start > limit:
+        raise ValueError(f"start={start} must be a power of two in [1, limit={limit}]")
+    found = 0
+    size = start
+    while size <= limit and fits(size):
+        found = size
+        size *= 2
+    return found

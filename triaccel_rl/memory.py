@@ -1,0 +1,303 @@
+"""Memory: reading the device, the fitted peak-memory model, budget checks, and CPU tensor-byte measurement.
+
+The model predicts a training step's peak memory as a line in the micro-batch size ``b`` for a given
+precision map ``P``::
+
+    peak(b, P) = intercept(P) + bytes_per_sample(P) * b + margin(P)
+
+fitted by least squares to measured peaks (the CUDA allocator's ``max_memory_allocated``) at a few batch
+sizes; ``margin`` is the largest amount a measured peak lay above the line, so the prediction bounds
+every measurement it was fitted to. A precision map with no measurement of its own borrows the line of
+the best-measured map, shifted by the difference of the accounted 16-bit weight copies and with its slope
+scaled by the ratio of accounted activation bytes (``CostModel``). With no measurement at all (CPU runs,
+profile cost mode) the prediction is the ``CostModel`` accounting itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from triaccel_rl.config import ConfigError, HardwareProfile
+from triaccel_rl.costs import CostModel
+from triaccel_rl.types import Precision
+
+__all__ = [
+    "DeviceMemory",
+    "MemoryFit",
+    "MemoryModel",
+    "check_budget",
+    "device_capacity_bytes",
+    "measure_tensor_bytes",
+    "read_device_memory",
+]
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A reading of a CUDA device's memory, in bytes.
+
+    Attributes:
+        total_bytes: the device's capacity.
+        free_bytes: free on the device now (every process counted, as the driver and NVML report it).
+        allocated_bytes: held by this process's live tensors (the caching allocator's count).
+        reserved_bytes: held by this process's caching allocator, allocated or cached.
+    """
+
+    total_bytes: int
+    free_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+
+    @property
+    def available_bytes(self) -> int:
+        """What this process could hold at most right now: its live tensors plus the free memory."""
+        return self.allocated_bytes + self.free_bytes
+
+
+def read_device_memory(device: torch.device) -> DeviceMemory:
+    """Reads a CUDA device's memory (``cudaMemGetInfo``, the figure NVML reports, and the allocator's counts).
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device (a CPU run uses its own accounting instead).
+    """
+    if device.type != "cuda":
+        raise ValueError(f"device {device} has no memory to read; CPU runs use the cost model's accounting")
+    free, total = torch.cuda.mem_get_info(device)
+    return DeviceMemory(
+        total_bytes=int(total),
+        free_bytes=int(free),
+        allocated_bytes=int(torch.cuda.memory_allocated(device)),
+        reserved_bytes=int(torch.cuda.memory_reserved(device)),
+    )
+
+
+def device_capacity_bytes(device: torch.device, cpu_capacity_bytes: int) -> int:
+    """Memory a budget fraction is taken of: the GPU's capacity, or ``cpu_capacity_bytes`` on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(cpu_capacity_bytes)
+
+
+def check_budget(budget_bytes: int, fixed_bytes: int, one_sample_bytes: int) -> None:
+    """Raises a ``ConfigError`` saying how much one sample needs when ``budget_bytes`` cannot hold one.
+
+    Args:
+        budget_bytes: the resolved budget.
+        fixed_bytes: predicted memory independent of the batch (weights, gradients, optimizer state).
+        one_sample_bytes: predicted peak of a step on a single sample.
+    """
+    if budget_bytes < fixed_bytes:
+        raise ConfigError(
+            f"memory budget {budget_bytes} bytes is below the model's fixed {fixed_bytes} bytes (weights, "
+            f"gradients, optimizer state); one sample needs {one_sample_bytes} bytes in all"
+        )
+    if budget_bytes < one_sample_bytes:
+        raise ConfigError(
+            f"memory budget {budget_bytes} bytes is smaller than one sample needs: {one_sample_bytes} bytes "
+            f"({fixed_bytes} fixed + {one_sample_bytes - fixed_bytes} for the sample's activations)"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """A fitted line: ``peak(b) <= intercept_bytes + bytes_per_sample * b + margin_bytes``.
+
+    Attributes:
+        intercept_bytes: memory independent of the batch.
+        bytes_per_sample: memory each sample of the micro-batch adds.
+        margin_bytes: largest excess of a measured peak over the line (>= 0).
+        n_sizes: distinct batch sizes of this precision map the line was fitted to (1: through one point with
+            a borrowed slope; 0: transferred from another map, see ``MemoryModel.fit``).
+    """
+
+    intercept_bytes: float
+    bytes_per_sample: float
+    margin_bytes: float
+    n_sizes: int
+
+    def predict(self, batch_size: int) -> int:
+        """Predicted peak at ``batch_size``, in bytes (rounded up)."""
+        return math.ceil(self.intercept_bytes + self.bytes_per_sample * batch_size + self.margin_bytes)
+
+
+class MemoryModel:
+    """Peak memory of a step as a function of micro-batch size and precision map, fitted to measurements.
+
+    Args:
+        costs: the model's cost model (the accounting used before any measurement, and to transfer a fit
+            from one precision map to another).
+        profile: hardware profile whose memory factors weight the accounting.
+
+    Example:
+        >>> from triaccel_rl.precision import find_layers
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> costs = CostModel.measure(net, [i for _, _, i in find_layers(net)], torch.zeros(1, 4), 1)
+        >>> model = MemoryModel(costs, HardwareProfile.load())
+        >>> fp32 = [Precision.FP32, Precision.FP32]
+        >>> model.observe(8, fp32, 10_000)
+        >>> model.observe(16, fp32, 14_000)
+        >>> model.predict(32, fp32)
+        22000
+    """
+
+    def __init__(self, costs: CostModel, profile: HardwareProfile) -> None:
+        self.costs = costs
+        self.profile = profile
+        # Per precision map, the highest peak measured at each batch size (the max: conservative when the
+        # allocator's fragmentation drifts), in insertion order so the latest map can be told.
+        self._peaks: dict[tuple[int, ...], dict[int, int]] = {}
+
+    @property
+    def n_measurements(self) -> int:
+        """Distinct (precision map, batch size) points measured so far."""
+        return sum(len(points) for points in self._peaks.values())
+
+    def observe(self, batch_size: int, precisions: Sequence[Precision], peak_bytes: int) -> None:
+        """Records the measured peak of a step (or a trial) at micro-batch ``batch_size``.
+
+        Raises:
+            ValueError: a non-positive batch size or a negative peak.
+        """
+        if batch_size < 1 or peak_bytes < 0:
+            raise ValueError(f"need batch_size >= 1 and peak_bytes >= 0; got {batch_size} and {peak_bytes}")
+        points = self._peaks.setdefault(_key(precisions), {})
+        points[int(batch_size)] = max(points.get(int(batch_size), 0), int(peak_bytes))
+
+    def fit(self, precisions: Sequence[Precision]) -> MemoryFit | None:
+        """The line for ``precisions``, or ``None`` when nothing was measured (predictions use the accounting).
+
+        Fitted by least squares when this map was measured at two or more sizes; through its one measured
+        point with a borrowed slope when at one; otherwise the best-measured map's line, shifted by the
+        difference in accounted weight copies, with the borrowed slope.
+        """
+        key = _key(precisions)
+        own = self._peaks.get(key, {})
+        if len(own) >= 2:
+            return _least_squares(own)
+        reference = self._reference_key()
+        if reference is None:
+            return None
+        ref_points = self._peaks[reference]
+        ref_fit = _least_squares(ref_points) if len(ref_points) >= 2 else None
+        slope = self._transfer_slope(reference, key, ref_fit)
+        if own:
+            return _through_point(own, slope, n_sizes=1)
+        ref_line = ref_fit or _through_point(ref_points, self._transfer_slope(reference, reference, None), n_sizes=1)
+        shift = self.costs.fixed_bytes(list(precisions)) - self.costs.fixed_bytes(_precisions(reference))
+        return MemoryFit(ref_line.intercept_bytes + shift, slope, ref_line.margin_bytes, 0)
+
+    def predict(self, batch_size: int, precisions: Sequence[Precision]) -> int:
+        """Predicted peak memory of a step at micro-batch ``batch_size`` and ``precisions``, in bytes."""
+        return self._predictor(precisions)(batch_size)
+
+    def max_batch_size(self, budget_bytes: int, precisions: Sequence[Precision], limit: int) -> int:
+        """Largest micro-batch in ``[0, limit]`` predicted to fit ``budget_bytes`` (0: not even one sample)."""
+        predict = self._predictor(precisions)  # fitted once, then evaluated ~log2(limit) times
+        if limit < 1 or predict(1) > budget_bytes:
+            return 0
+        low, high = 1, limit  # the prediction is non-decreasing in the batch: bisect on it (exact, any model)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if predict(middle) <= budget_bytes:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _predictor(self, precisions: Sequence[Precision]) -> Callable[[int], int]:
+        fitted = self.fit(precisions)
+        if fitted is not None:
+            return fitted.predict
+        fixed = self.costs.fixed_bytes(list(precisions))
+        per_sample = self.costs.per_sample_bytes(list(precisions), self.profile)
+        return lambda batch_size: int(fixed + batch_size * per_sample)  # == CostModel.memory_bytes
+
+    def _reference_key(self) -> tuple[int, ...] | None:
+        """The best-measured map: most distinct sizes, the latest among equals."""
+        best: tuple[int, ...] | None = None
+        for key, points in self._peaks.items():
+            if best is None or len(points) >= len(self._peaks[best]):
+                best = key
+        return best
+
+    def _transfer_slope(self, reference: tuple[int, ...], key: tuple[int, ...], ref_fit: MemoryFit | None) -> float:
+        """Bytes per sample at ``key``.
+
+        The reference's fitted slope × the ratio of accounted activation bytes, or the accounting's own slope
+        when the reference has no fitted slope.
+        """
+        accounted = self.costs.per_sample_bytes(_precisions(key), self.profile)
+        if ref_fit is None:
+            return accounted
+        ref_accounted = self.costs.per_sample_bytes(_precisions(reference), self.profile)
+        if ref_accounted <= 0:
+            return ref_fit.bytes_per_sample
+        return ref_fit.bytes_per_sample * accounted / ref_accounted
+
+
+def measure_tensor_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer, forward_loss: Callable[[], torch.Tensor]
+) -> int:
+    """Peak bytes of a training step's tensors, measured from the tensors themselves (for CPU runs).
+
+    Counts the parameters, their gradients and the optimizer's state tensors, plus every tensor autograd
+    saves for the backward pass during ``forward_loss()`` (through ``saved_tensors_hooks``; storages are
+    counted once, and parameters saved by reference are not counted again). The backward pass frees the
+    saved tensors, so their total at the end of the forward pass is the activation peak. Runs the backward
+    pass, leaving gradients accumulated (zero them as a step would).
+
+    Args:
+        model: the model.
+        optimizer: its optimizer (state tensors counted as they are now).
+        forward_loss: runs the forward pass and returns the scalar loss.
+    """
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward_loss()
+    activations = sum(saved.values())
+    loss.backward()
+    static = 0
+    for p in model.parameters():
+        static += p.numel() * p.element_size()
+        if p.requires_grad:
+            static += p.numel() * p.element_size()  # the gradient, allocated whether or not it exists yet
+    for state in optimizer.state.values():
+        static += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return int(static + activations)
+
+
+def _key(precisions: Sequence[Precision]) -> tuple[int, ...]:
+    return tuple(int(p) for p in precisions)
+
+
+def _precisions(key: tuple[int, ...]) -> list[Precision]:
+    return [Precision(v) for v in key]
+
+
+def _least_squares(points: dict[int, int]) -> MemoryFit:
+    sizes = np.array(list(points), dtype=np.float64)
+    peaks = np.array(list(points.values()), dtype=np.float64)
+    centred = sizes - sizes.mean()
+    slope = max(float(np.dot(centred, peaks - peaks.mean()) / np.dot(centred, centred)), 0.0)
+    intercept = float(peaks.mean() - slope * sizes.mean())
+    margin = max(float(np.max(peaks - (intercept + slope * sizes))), 0.0)
+    return MemoryFit(intercept, slope, margin, len(points))
+
+
+def _through_point(points: dict[int, int], slope: float, n_sizes: int) -> MemoryFit:
+    size, peak = next(iter(points.items()))
+    return MemoryFit(peak - slope * size, slope, 0.0, n_sizes)

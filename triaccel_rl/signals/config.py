@@ -1,0 +1,168 @@
+"""``SignalConfig``: which signals are collected, the overhead budget, and how the expensive ones are scheduled."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from triaccel_rl.config import ConfigError
+
+__all__ = ["Schedule", "SignalConfig", "SignalMode"]
+
+
+class SignalMode(enum.Enum):
+    """Which estimators run.
+
+    ``CHEAP``: only what the step statistics and the optimizer's state already hold (no extra pass).
+    ``ALL``: also the scheduled rounds (Hutchinson curvature, micro-batch gradient noise, curvature sparsity).
+    """
+
+    CHEAP = "cheap"
+    ALL = "all"
+
+    @classmethod
+    def parse(cls, value: SignalMode | str) -> SignalMode:
+        """Turns ``"all"`` into ``SignalMode.ALL``, with a clear error otherwise."""
+        if isinstance(value, SignalMode):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown signal mode {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+
+
+class Schedule(enum.Enum):
+    """How the scheduled rounds are timed and sized.
+
+    ``ADAPTIVE``: a token bucket over charged time keeps the rounds within the budget and sizes them from
+    their measured (or, in profile cost mode, modelled) cost. ``FIXED``: every ``fixed_interval_steps``
+    steps at a fixed size, whatever it costs (deterministic; for tests and ablations).
+    """
+
+    ADAPTIVE = "adaptive"
+    FIXED = "fixed"
+
+    @classmethod
+    def parse(cls, value: Schedule | str) -> Schedule:
+        """Turns ``"fixed"`` into ``Schedule.FIXED``, with a clear error otherwise."""
+        if isinstance(value, Schedule):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown schedule {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """Settings of the signal collector.
+
+    A *round* is one run of the expensive estimators on a sub-batch: ``n_microbatches`` micro-batch
+    gradients (gradient variance, noise scale, per-sample Fisher diagonal) and ``n_probes`` Hutchinson
+    probes (Hessian trace per layer), then the sparsity of the Fisher diagonal. Rounds run only at
+    decision points (snapshots).
+
+    Attributes:
+        mode: ``cheap`` or ``all`` (see :class:`SignalMode`).
+        budget_frac: overhead budget, as a fraction of (charged) training time, in (0, 1).
+        expensive_share: share of the budget the scheduled rounds may use, in (0, 1]; the rest is left
+            for the per-step cheap signals, whose device time is not measured per step (that would
+            need a host-device sync).
+        schedule: ``adaptive`` or ``fixed`` (see :class:`Schedule`).
+        target_interval_steps: the adaptive schedule sizes a round so that one fits the budget at least
+            every this many optimizer steps (smaller rounds when steps are cheap); it runs a round as soon
+            as the budget has room for it.
+        micro_batch_size: samples per micro-batch of the gradient-noise estimator (fixed, so that GPU
+            kernels are tuned for one shape).
+        hutchinson_batch_size: samples in the Hutchinson sub-batch (capped by the samples available).
+        max_microbatches: largest number of micro-batches in a round, >= 2.
+        max_probes: largest number of Hutchinson probes in a round, >= 1.
+        fixed_interval_steps: steps between rounds under the ``fixed`` schedule.
+        fixed_microbatches: micro-batches per round under the ``fixed`` schedule, >= 2.
+        fixed_probes: Hutchinson probes per round under the ``fixed`` schedule, >= 1.
+        round_ema_decay: smoothing across rounds of the per-layer round estimates, in [0, 1) (0 = latest
+            round only). Numerator and denominator of the noise scale are smoothed separately.
+        small_threshold: a curvature coordinate counts as small when ``|d_i| <= small_threshold *
+            mean|d|`` of its layer, in [0, 1].
+        lr_factors: when True, the decision loop applies :func:`curvature_lr_factors` to the run at every
+            snapshot (default off).
+        lr_factor_exponent: exponent of the curvature ratio in the LR factors, > 0 (0.5 = square root).
+        lr_factor_min: lower clip of the LR factors, in (0, 1].
+        lr_factor_max: upper clip of the LR factors, >= 1.
+        warmup_round: run the first round twice: the first time as a warm-up that pays the one-time costs
+            (cuDNN autotuning of the sub-batch shapes, kernel compilation, allocator growth: seconds on a
+            GPU), reported in the overhead but neither charged to the budget nor used to predict costs.
+        seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
+
+    Example:
+        >>> SignalConfig.preset("cheap").mode
+        <SignalMode.CHEAP: 'cheap'>
+    """
+
+    mode: SignalMode = SignalMode.ALL
+    budget_frac: float = 0.02
+    expensive_share: float = 0.75
+    schedule: Schedule = Schedule.ADAPTIVE
+    target_interval_steps: int = 200
+    micro_batch_size: int = 32
+    hutchinson_batch_size: int = 128
+    max_microbatches: int = 16
+    max_probes: int = 8
+    fixed_interval_steps: int = 100
+    fixed_microbatches: int = 4
+    fixed_probes: int = 2
+    round_ema_decay: float = 0.5
+    small_threshold: float = 0.01
+    lr_factors: bool = False
+    lr_factor_exponent: float = 0.5
+    lr_factor_min: float = 0.5
+    lr_factor_max: float = 2.0
+    warmup_round: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", SignalMode.parse(self.mode))
+        object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        if not (0.0 < self.budget_frac < 1.0):
+            raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
+        if not (0.0 < self.expensive_share <= 1.0):
+            raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
+        for name in ("target_interval_steps", "micro_batch_size", "hutchinson_batch_size", "fixed_interval_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_microbatches", "fixed_microbatches"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 2 (a variance needs two micro-batches)")
+        for name in ("max_probes", "fixed_probes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if not (0.0 <= self.round_ema_decay < 1.0):
+            raise ConfigError(f"round_ema_decay={self.round_ema_decay} must be in [0, 1)")
+        if not (0.0 <= self.small_threshold <= 1.0):
+            raise ConfigError(f"small_threshold={self.small_threshold} must be in [0, 1]")
+        if not (math.isfinite(self.lr_factor_exponent) and self.lr_factor_exponent > 0):
+            raise ConfigError(f"lr_factor_exponent={self.lr_factor_exponent} must be a positive number")
+        if not (0.0 < self.lr_factor_min <= 1.0 <= self.lr_factor_max < math.inf):
+            raise ConfigError(
+                f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SignalConfig:
+        """Returns a named preset, with optional field overrides.
+
+        Presets: ``default`` (all signals, 2% budget, adaptive); ``cheap`` (no scheduled rounds);
+        ``fixed`` (all signals on a fixed, deterministic schedule whatever the cost); ``thorough``
+        (10% budget, larger rounds).
+        """
+        presets: dict[str, dict[str, Any]] = {
+            "default": {},
+            "cheap": {"mode": SignalMode.CHEAP},
+            "fixed": {"schedule": Schedule.FIXED},
+            "thorough": {"budget_frac": 0.1, "target_interval_steps": 100, "max_probes": 16},
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown signal preset {name!r}; allowed: {', '.join(presets)}")
+        return replace(cls(), **{**presets[name], **overrides})
