@@ -13,4 +13,4 @@ def test_readme_examples_run():
     blocks = python_blocks()
     assert len(blocks) >= 2
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+        exec(compile(block, "README.md", "exec"), {})

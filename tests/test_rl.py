@@ -42,6 +42,7 @@ def test_ppo_trains_saves_and_reloads_identically(trained):
 
 def test_shipped_name_wraps_the_policy_with_an_ood_fallback(trained, caplog):
     from triaccel_rl.policies import HeuristicPolicy
+
     from triaccel_rl.rl import obs_stats_path
     from triaccel_rl.shield import FallbackPolicy, ObservationStats
 

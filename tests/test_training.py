@@ -5,11 +5,9 @@ import pytest
 import torch
 
 from triaccel_rl.config import ConfigError, MemoryBudget
-from triaccel_rl.tasks import get_task, task_names
+from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS, get_task, task_names
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Precision
-
-from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 
 SMALL = {"n_train": 2048, "n_test": 256}
 BENCHMARK_TASKS = sorted(set(task_names()) - set(TRAINING_TASKS) - set(HELD_OUT_TASKS))

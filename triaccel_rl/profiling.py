@@ -51,7 +51,7 @@ def measure_profile(
         torch.manual_seed(0)
         model = build().to(device)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         times[precision.name.lower()], memory[precision.name.lower()] = _time_steps(model, x, y, precision, steps)
     fp32_ms = times["fp32"]
     model = build()

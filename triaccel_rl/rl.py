@@ -135,7 +135,7 @@ def train_policy(
     eval_env = None
     try:
         if resume is not None:
-            model = PPO.load(resume, env=venv, device="cpu", tensorboard_log=str(log_dir) if log_dir else None)
+            model = PPO.load(Path(resume), env=venv, device="cpu", tensorboard_log=str(log_dir) if log_dir else None)
         else:
             model = PPO(
                 "MlpPolicy",
