@@ -121,7 +121,8 @@ def train_policy(
             return True
 
         def _on_rollout_end(self) -> None:
-            observations = self.model.rollout_buffer.observations.reshape(-1, self.model.observation_space.shape[0])
+            buffer: Any = self.model.rollout_buffer  # on-policy algorithms (PPO, A2C) only
+            observations = np.asarray(buffer.observations).reshape(len(buffer.observations) * buffer.n_envs, -1)
             low, high = observations.min(0), observations.max(0)
             self.low = low if self.low is None else np.minimum(self.low, low)
             self.high = high if self.high is None else np.maximum(self.high, high)
