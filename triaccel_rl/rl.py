@@ -121,7 +121,7 @@ def train_policy(
             return True
 
         def _on_rollout_end(self) -> None:
-            buffer: Any = self.model.rollout_buffer  # on-policy algorithms (PPO, A2C) only
+            buffer: Any = self.model.rollout_buffer  # type: ignore[attr-defined]  # PPO and A2C have one
             observations = np.asarray(buffer.observations).reshape(len(buffer.observations) * buffer.n_envs, -1)
             low, high = observations.min(0), observations.max(0)
             self.low = low if self.low is None else np.minimum(self.low, low)
