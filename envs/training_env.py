@@ -112,6 +112,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             cost_mode=self.cost_mode,
             profile=self.profile,
             include_fixed_cost=not self.compute_bound,
+            elastic=self.config.elastic,
         )
         self.loop = DecisionLoop(run, self.config)
         self._initial_probe = run.probe_loss()

@@ -86,8 +86,17 @@ def run_controller(
     eval_every: int = 5,
     log_dir: str | os.PathLike[str] | None = None,
     progress: tqdm | None = None,
+    batch_size: int | None = None,
+    lr_scale: float = 1.0,
+    channels_last: bool = False,
+    schedule: bool = False,
 ) -> RunResult:
     """Trains ``task`` for ``epochs`` epochs under ``controller`` and measures it.
+
+    Time is the charged time of the training steps; for adaptive controllers in ``measured`` mode it also
+    includes the controller's own work (probe loss, signals, decision), which a static configuration
+    would not do. In ``profile`` mode that overhead is reported (``overhead_frac``) but not added, since
+    CPU wall time does not convert to GPU time.
 
     Args:
         task: task or its registered name.
@@ -101,6 +110,10 @@ def run_controller(
         eval_every: evaluate the test metric every this many decisions.
         log_dir: TensorBoard folder for this run (None: no logging).
         progress: a tqdm bar (in epochs) to advance as training proceeds.
+        batch_size: starting batch size (the task's by default).
+        lr_scale: starting LR multiplier on the task's base LR (a static row keeps it).
+        channels_last: channels-last memory format for model and inputs.
+        schedule: warm-up then linear decay of the LR over ``epochs`` (else a constant LR).
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
@@ -116,13 +129,18 @@ def run_controller(
         profile=profile,
         cost_mode="measured",
         elastic=config.elastic,
+        batch_size=batch_size,
+        channels_last=channels_last,
+        schedule_epochs=epochs if schedule else None,
     )
+    run.lr_scale = lr_scale
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
     loop = DecisionLoop(run, config)
     policy = _policy(controller, config)
     name = getattr(policy, "name", controller)
+    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     writer = _writer(log_dir)
     samples_per_epoch = len(run.loader)  # samples per epoch
     total_samples = int(epochs * samples_per_epoch)
@@ -134,6 +152,7 @@ def run_controller(
     peak = 0
     decision = 0
     observation = None
+    pending_decision_ms = 0.0
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.apply(decode(initial, config), run)
@@ -142,9 +161,12 @@ def run_controller(
         prepare(run)
     while run.samples_seen < total_samples:
         if observation is not None:
+            decide_start = time.perf_counter()
             raw, _ = policy.predict(observation, deterministic=True)
             before = (run.batch_size, run.lr_scale)
             report = loop.apply(np.asarray(raw))
+            pending_decision_ms = (time.perf_counter() - decide_start) * 1e3
+            loop.collector.add_overhead(pending_decision_ms)
             changes["precision"] += int(report.changed_precision > 0)
             changes["batch"] += int(report.batch_size != before[0])
             changes["lr"] += int(report.lr_scale != before[1])
@@ -154,7 +176,11 @@ def run_controller(
         wall_ms += interval.wall_ms
         if progress is not None:
             progress.update(interval.samples / samples_per_epoch)
+        overhead_before = loop.collector.overhead_ms
         signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+        if adaptive and run.cost_mode is CostMode.MEASURED:
+            # The previous decision and this snapshot are the controller's cost: charge them.
+            time_ms += loop.collector.overhead_ms - overhead_before + pending_decision_ms
         peak = max(peak, signals.memory_bytes)
         trace.append(
             {

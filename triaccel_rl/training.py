@@ -122,6 +122,11 @@ class TrainingRun:
         include_fixed_cost: add the profile's fixed per-step time to the modelled step time.
         elastic: LR coupling, micro-batch planning and OOM recovery settings.
         fault: a hook called before each micro-batch's forward and backward pass (tests inject errors here).
+        channels_last: keep the model and 4-D inputs in channels-last memory format (faster convolutions
+            in 16 bits on NVIDIA GPUs).
+        schedule_epochs: with a value, the LR follows a schedule over that many epochs: a linear warm-up
+            over the first ``warmup_frac`` of them, then a linear decay to zero. ``None``: constant.
+        warmup_frac: share of ``schedule_epochs`` spent warming up, in [0, 1).
 
     Raises:
         ConfigError: the budget cannot hold one sample (the message says how much one sample needs).
@@ -147,6 +152,9 @@ class TrainingRun:
         include_fixed_cost: bool = True,
         elastic: ElasticConfig | None = None,
         fault: Fault | None = None,
+        channels_last: bool = False,
+        schedule_epochs: float | None = None,
+        warmup_frac: float = 0.15,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.seed = seed
@@ -156,8 +164,17 @@ class TrainingRun:
         self.include_fixed_cost = include_fixed_cost
         self.elastic = elastic or ElasticConfig()
         self.fault = fault
+        if schedule_epochs is not None and not schedule_epochs > 0:
+            raise ValueError(f"schedule_epochs={schedule_epochs} must be positive (or None for a constant LR)")
+        if not 0.0 <= warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac={warmup_frac} must be in [0, 1)")
+        self.schedule_epochs = schedule_epochs
+        self.warmup_frac = warmup_frac
+        self.channels_last = channels_last
         torch.manual_seed(seed)
         self.model: nn.Module = self.task.build_model().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         layers = StepEngine.discover(self.model)
         optimizer = self.task.make_optimizer([{"params": params, "layer": i} for i, params in enumerate(layers)])
         self.engine = StepEngine(self.model, optimizer, self.device)
@@ -274,6 +291,16 @@ class TrainingRun:
         """The global learning rate of the next step (before per-layer factors)."""
         return self.task.base_lr * self.lr_scale * self.engine.batch_lr_gain
 
+    @property
+    def schedule_gain(self) -> float:
+        """The LR schedule's multiplier now: warm-up from ~0 to 1, then linear decay to 0 (1 without one)."""
+        if self.schedule_epochs is None:
+            return 1.0
+        progress = min(self.epoch / self.schedule_epochs, 1.0)
+        if progress < self.warmup_frac:
+            return max(progress / self.warmup_frac, 0.02)
+        return max((1.0 - progress) / (1.0 - self.warmup_frac), 0.0)
+
     # ----------------------------------------------------------------------------------------- step
 
     def step(self) -> StepStats:
@@ -291,7 +318,8 @@ class TrainingRun:
         self.last_batch = batch
         self.model.train()
         start = time.perf_counter()
-        self.engine.batch_lr_gain = self.lr_coupler.advance()
+        # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
+        self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
         lr = self.lr
         oom_events = 0
         wasted_samples = 0  # samples whose forward pass ran in an attempt that failed (charged, not applied)
@@ -518,6 +546,10 @@ class TrainingRun:
         for index, size in enumerate(sizes):
             x, y = batch.x[offset : offset + size], batch.y[offset : offset + size]
             offset += size
+            if self.task.augment is not None:
+                x = self.task.augment(x)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             self._samples_started += size
             if self.fault is not None:
                 self.fault(FaultPoint(self.steps, attempt, index, size, "forward"))
