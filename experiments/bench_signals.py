@@ -200,6 +200,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "cheap_every_steps": args.cheap_every_steps,
         "interval_steps": args.interval_steps,
         "budget_frac": args.budget_frac,
+        "expensive_share": all_collector.config.expensive_share,
         "dtype": "bf16-autocast" if workload.autocast else "fp32",
         "channels_last": True,
         "meets_all_target": step_ms["all"] / step_ms["base"] - 1.0 <= TARGET_ALL,
@@ -384,11 +385,16 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    commit = head.stdout.strip()
+    if head.returncode != 0 or len(commit) != 40:
+        return "unknown"
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:

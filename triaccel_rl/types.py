@@ -161,7 +161,9 @@ class Signals:
         grad_norm: per-layer gradient L2 norm (EMA of the per-step norm).
         snr: per-layer signal-to-noise ratio of the mini-batch gradient ``|G_l|^2 / (tr(Sigma_l) / B)``,
             non-negative.
-        noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples.
+        noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples. These three
+            come from unbiased micro-batch estimates once a round has run; before that (or with
+            ``SignalMode.CHEAP``) from the biased optimizer-moment proxy (``triaccel_rl.signals.collector``).
         memory_bytes: peak memory used in the interval.
         memory_budget_bytes: the budget the controller must respect.
         step_time_ms: mean step time (measured or modelled, per the cost mode) in the interval.

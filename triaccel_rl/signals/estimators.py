@@ -278,9 +278,9 @@ def curvature_sparsity(diagonals: Sequence[torch.Tensor], small_threshold: float
         k1, k10 = (_top_count(p, n) for p in TOP_FRACTIONS)
         top = torch.topk(mass, k10, sorted=True).values
         total = mass.sum()
-        small = (mass <= small_threshold * total / n).sum().to(torch.float64)
+        small_count = (mass <= small_threshold * total / n).sum().to(torch.float64)
         finite = torch.isfinite(total).to(torch.float64)
-        rows.append(torch.stack([top[:k1].sum(), top.sum(), total, small, finite]))
+        rows.append(torch.stack([top[:k1].sum(), top.sum(), total, small_count, finite]))
         sizes.append((n, k1, k10))
     if not rows:
         empty = np.zeros(0)
