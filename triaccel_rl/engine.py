@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,13 +65,27 @@ class StepEngine:
     A GradScaler scales the loss whenever a layer runs in fp16. A step whose loss or gradient is
     non-finite is skipped: parameters and optimizer state stay as they were.
 
+    **Fused path** (``fused=True``; the default on CUDA when the optimizer allows it): the parameters move
+    into a ``FlatParameterStore`` and the Triton ``FusedSGD``/``FusedAdamW`` replace ``optimizer.step()``:
+    one pass unscales, checks for non-finite values, takes the per-layer statistics, applies the per-layer
+    LR and writes the 16-bit weight copies of low-precision layers; a non-finite gradient skips the whole
+    update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
+    ``GradScaler``: halve on overflow, double after 2000 clean steps). It needs SGD (any momentum,
+    dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
+    hyper-parameters in every param group except the LR, each layer's parameters in one group, and no
+    optimizer state yet; otherwise the reference path runs. ``optimizer.step()`` is then never called,
+    and the optimizer state lives in ``fused_optimizer``.
+
     Args:
         model: the model being trained.
         optimizer: its optimizer; each param group's ``lr`` at construction is taken as its base LR.
         device: the device the model lives on.
+        fused: use the fused Triton step (``None``: on CUDA when supported).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, fused: bool | None = None
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -92,6 +107,12 @@ class StepEngine:
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
         self._grad_scaler: torch.amp.GradScaler | None = None
+        self.fused_optimizer: Any = None
+        reason = _fused_unsupported(optimizer, self.layer_params)
+        if fused and reason:
+            raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
+        if (fused if fused is not None else device.type == "cuda") and not reason:
+            self._init_fused()
 
     @staticmethod
     def discover(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -99,9 +120,14 @@ class StepEngine:
         return layer_parameters(model, [info for _, _, info in find_layers(model)])
 
     @property
+    def fused(self) -> bool:
+        """True when the fused Triton step runs the updates."""
+        return self.fused_optimizer is not None
+
+    @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """The loss scaler while a layer runs in fp16, else ``None``."""
-        if not self.precision.needs_grad_scaler:
+        """The loss scaler while a layer runs in fp16, else ``None`` (always ``None`` on the fused path)."""
+        if not self.precision.needs_grad_scaler or self.fused:
             return None
         if self._grad_scaler is None:
             self._grad_scaler = torch.amp.GradScaler(self.device.type)
@@ -127,21 +153,50 @@ class StepEngine:
         return multiplier
 
     def backward_and_step(self, loss: torch.Tensor) -> tuple[GradStats, bool]:
-        """Backward through ``loss``, gradient statistics, then the update unless non-finite.
+        """Backward through ``loss`` (scaled when a layer is fp16), then ``step_after_backward``.
 
         Returns:
             The gradient statistics and whether the update was skipped.
+
+        Raises:
+            ValueError: ``loss`` is not a scalar tensor.
         """
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar tensor; got shape {tuple(loss.shape)}")
+        self.scale_loss(loss).backward()
+        return self.step_after_backward(loss.detach())
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current loss scale while a layer is fp16 (else ``loss``): backward this.
+
+        For callers that run their own backward passes (gradient accumulation), then ``step_after_backward``.
+        """
+        if not self.precision.needs_grad_scaler:
+            return loss
+        if self.fused:
+            return loss * self._scale
+        scaler = self.grad_scaler
+        assert scaler is not None
+        return scaler.scale(loss)
+
+    def step_after_backward(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+        """Unscale, statistics and update for gradients already accumulated from ``scale_loss`` backwards.
+
+        Args:
+            loss: the step's loss value (only checked for being finite).
+
+        Returns:
+            The gradient statistics and whether the update was skipped (a non-finite loss or gradient).
+        """
+        if self.fused:
+            return self._fused_step(loss)
         self.apply_lr()
         scaler = self.grad_scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         stats = self.grad_stats()
         # Host-device sync (reference path): the skip is decided on the host.
-        skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss.detach()))
+        skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
         if not skipped:
             # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
             # loss with finite gradients: decide here for both.
@@ -151,8 +206,15 @@ class StepEngine:
                 self.optimizer.step()
         if scaler is not None:
             scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
-        self.optimizer.zero_grad(set_to_none=False)
+        self.zero_grad()
         return stats, skipped
+
+    def zero_grad(self) -> None:
+        """Zeros every gradient in place (the fused path's ``.grad`` tensors are views that must stay)."""
+        if self.fused:
+            self.store.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=False)
 
     def grad_stats(self) -> GradStats:
         """Per-layer statistics of the current (unscaled) gradients.
@@ -185,6 +247,12 @@ class StepEngine:
         such state (SGD, or before the first update). Allocates one flat copy per layer; no host-device
         sync (Adam keeps ``step`` on the host unless ``capturable``).
         """
+        if self.fused:
+            optimizer = self.fused_optimizer
+            if getattr(optimizer, "exp_avg_sq", None) is None:
+                return [None] * self.n_layers
+            bias = 1.0 - optimizer.options.beta2 ** float(optimizer.step_count)  # sync: once per round
+            return [self.store.layer_segment(optimizer.exp_avg_sq, i) / max(bias, 1e-12) for i in range(self.n_layers)]
         diagonals: list[torch.Tensor | None] = []
         for params in self.layer_params:
             parts: list[torch.Tensor] | None = []
@@ -206,6 +274,8 @@ class StepEngine:
         is the EMA of ``g`` itself; SGD's momentum buffer ``buf = mu * buf + g`` is ``E[g] / (1 - mu)``.
         Layers with no state yet (before the first update) report NaN.
         """
+        if self.fused:
+            return self._fused_mean_sq_norm()
         per_param: list[torch.Tensor] = []
         for p in self._params:
             state = self.optimizer.state.get(p, {})
@@ -224,3 +294,115 @@ class StepEngine:
     def remove(self) -> None:
         """Removes the precision hooks from the model."""
         self.precision.remove()
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale (1.0 while no layer is fp16). Reading it syncs with the device."""
+        if self.fused:
+            return float(self._scale) if self.precision.needs_grad_scaler else 1.0
+        scaler = self.grad_scaler
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    # --------------------------------------------------------------------------------- fused path
+
+    def _init_fused(self) -> None:
+        from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
+
+        self.store = FlatParameterStore(self.layer_params)
+        group = self.optimizer.param_groups[0]
+        if isinstance(self.optimizer, torch.optim.SGD):
+            self.fused_optimizer = FusedSGD(
+                self.store,
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+            )
+        else:
+            beta1, beta2 = group["betas"]
+            self.fused_optimizer = FusedAdamW(
+                self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+            )
+        # Per-layer share of the reference LR (the first group's): param groups may differ in LR only.
+        reference = self.base_lrs[0] if self.base_lrs[0] > 0 else 1.0
+        self._layer_base = np.array([float(self._groups[id(params[0])]["lr"]) / reference if params else 1.0
+                                     for params in self.layer_params])  # fmt: skip
+        self._reference_lr = reference
+        self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
+        self._codes = torch.zeros(self.n_layers, dtype=torch.int32, device=self.device)
+        self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=self.device)
+        self._clean_steps = torch.zeros((), dtype=torch.int32, device=self.device)
+        self._last_factors: np.ndarray | None = None
+        self._last_codes: list[Precision] | None = None
+
+    def _fused_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+        scaling = self.precision.needs_grad_scaler
+        factors = self._layer_base * self.lr_factors
+        if self._last_factors is None or not np.array_equal(factors, self._last_factors):
+            self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
+            self._last_factors = factors
+        precisions = self.precision.precisions
+        if self._last_codes != precisions:
+            self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
+            self._last_codes = list(precisions)
+        lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
+        result = self.fused_optimizer.step(
+            lr, self._factors, self._codes, inv_scale=self._scale.reciprocal() if scaling else 1.0
+        )
+        if scaling:  # GradScaler's rule, on the device: no host round trip
+            self._clean_steps = torch.where(result.skipped, 0, self._clean_steps + 1)
+            grow = self._clean_steps >= 2000
+            self._scale = torch.where(
+                result.skipped, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale)
+            )
+            self._clean_steps = torch.where(grow, 0, self._clean_steps)
+        self.store.zero_grad()
+        stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)
+        # Host-device sync: callers want a bool. The update itself was already skipped on the device.
+        skipped = bool(result.skipped) or not math.isfinite(float(loss))
+        return stats, skipped
+
+    def _fused_mean_sq_norm(self) -> np.ndarray:
+        optimizer = self.fused_optimizer
+        if getattr(optimizer, "exp_avg", None) is not None:
+            steps = float(optimizer.step_count)  # host-device sync: once per decision
+            if steps == 0:
+                return np.full(self.n_layers, np.nan)
+            bias = 1.0 - optimizer.options.beta1**steps
+            buffer, scale = optimizer.exp_avg, 1.0 / bias**2
+        elif optimizer.momentum_buffer is not optimizer.store.params:
+            buffer, scale = optimizer.momentum_buffer, (1.0 - optimizer.options.momentum) ** 2
+        else:
+            return np.full(self.n_layers, np.nan)
+        sums = torch.stack([self.store.layer_segment(buffer, i).square().sum() for i in range(self.n_layers)])
+        return sums.double().cpu().numpy() * scale
+
+
+def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list[nn.Parameter]]) -> str:
+    """Why the fused step cannot stand in for ``optimizer`` ('' when it can)."""
+    groups = optimizer.param_groups
+    keys: tuple[str, ...]
+    if type(optimizer) is torch.optim.SGD:
+        keys = ("momentum", "dampening", "weight_decay", "nesterov")
+    elif type(optimizer) is torch.optim.AdamW or (
+        type(optimizer) is torch.optim.Adam and groups[0]["weight_decay"] == 0
+    ):
+        keys = ("betas", "eps", "weight_decay")
+        if any(g.get("amsgrad") for g in groups):
+            return "amsgrad is not supported"
+    else:
+        return f"{type(optimizer).__name__} (supported: SGD, AdamW, Adam without weight decay)"
+    if any(g.get("maximize") for g in groups):
+        return "maximize=True is not supported"
+    for key in keys:
+        if len({repr(g[key]) for g in groups}) > 1:
+            return f"param groups differ in {key!r}"
+    if any(optimizer.state.get(p) for g in groups for p in g["params"]):
+        return "the optimizer already has state (construct the engine before the first step)"
+    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    for params in layer_params:
+        if len({group_of.get(id(p)) for p in params}) > 1:
+            return "a layer's parameters are split across param groups"
+    if any(p.dtype != torch.float32 or not p.is_contiguous() for params in layer_params for p in params):
+        return "parameters must be contiguous float32"
+    return ""

@@ -343,8 +343,7 @@ class TrainingRun:
             micro = self._recover_from_oom(micro, failure, oom_events, n)
         try:
             # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
-            # Its own backward through this detached leaf adds nothing to the parameters' gradients.
-            grads, skipped = self.engine.backward_and_step(loss.detach().clone().requires_grad_(True))
+            grads, skipped = self.engine.step_after_backward(loss)
         except Exception as err:
             if is_out_of_memory(err):
                 raise UnrecoverableOOMError(
@@ -539,7 +538,6 @@ class TrainingRun:
         Locals (activations, logits) die with this frame, so an error raised here leaves nothing behind
         once its traceback is dropped.
         """
-        scaler = self.engine.grad_scaler
         n = len(batch.y)
         total = torch.zeros((), device=self.device)
         offset = 0
@@ -558,13 +556,13 @@ class TrainingRun:
                 loss = self.task.loss_fn(logits.float(), y) * (size / n)  # weight of the micro-batch
             if self.fault is not None:
                 self.fault(FaultPoint(self.steps, attempt, index, size, "backward"))
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            self.engine.scale_loss(loss).backward()
             total += loss.detach()
         return total
 
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
         """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
-        self.optimizer.zero_grad(set_to_none=False)  # the aborted attempt's partial sums must not count
+        self.engine.zero_grad()  # the aborted attempt's partial sums must not count
         release_memory(self.device)
         if oom_events > self.elastic.max_oom_retries:
             self.loader.take_back(n)  # the step is abandoned: its samples return to the loader
@@ -608,7 +606,7 @@ class TrainingRun:
                 f"trial_peak_bytes needs a CUDA device in measured cost mode; this run is on {self.device}"
             )
         n = min(batch_size, len(self.loader))
-        self.optimizer.zero_grad(set_to_none=False)
+        self.engine.zero_grad()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         failed = False
@@ -619,7 +617,7 @@ class TrainingRun:
             if not is_out_of_memory(err):
                 raise
             failed = True
-        self.optimizer.zero_grad(set_to_none=False)
+        self.engine.zero_grad()
         if failed:
             release_memory(self.device)
             return None

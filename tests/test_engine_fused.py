@@ -1,0 +1,87 @@
+"""The fused Triton step inside StepEngine, against the reference path (interpreter on CPU, compiled on GPU)."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl.engine import StepEngine, _fused_unsupported
+from triaccel_rl.types import Precision
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make(optimizer_kind: str, fused: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([model[0], model[2]])]
+    if optimizer_kind == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-2)
+    return model, StepEngine(model, optimizer, DEVICE, fused=fused)
+
+
+def batches(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 6, generator=g).to(DEVICE), torch.randint(0, 3, (16,), generator=g).to(DEVICE))
+            for _ in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_fused_engine_matches_reference(kind):
+    runs = {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        assert engine.fused is fused
+        engine.lr_factors[1] = 0.5
+        stats = []
+        for x, y in batches():
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            grads, skipped = engine.backward_and_step(loss)
+            assert not skipped
+            stats.append(grads.sq_sum.cpu())
+        runs[fused] = ([p.detach().cpu().clone() for p in model.parameters()], stats, engine.grad_mean_sq_norm())
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        err = (a - b).abs().max().item()
+        assert err < 1e-5, f"{kind}: parameters differ by {err:.3g} (tolerance 1e-5)"
+    for a, b in zip(runs[False][1], runs[True][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(runs[False][2]), torch.tensor(runs[True][2]), rtol=1e-4, atol=1e-9)
+
+
+def test_fused_skip_keeps_everything_and_fp16_scale_backs_off():
+    model, engine = make("sgd", True)
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    x, y = batches(1)[0]
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x), y)
+    engine.backward_and_step(loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = engine.fused_optimizer.momentum_buffer.clone()
+    scale = engine.loss_scale
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x), y) * float("nan")
+    _, skipped = engine.backward_and_step(loss)
+    assert skipped
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(momentum, engine.fused_optimizer.momentum_buffer)
+    assert engine.loss_scale == scale / 2
+
+
+def test_unsupported_optimizers_are_named():
+    model = nn.Linear(2, 2)
+    layers = [list(model.parameters())]
+    assert "RMSprop" in _fused_unsupported(torch.optim.RMSprop(model.parameters()), layers)
+    assert "amsgrad" in _fused_unsupported(torch.optim.AdamW(model.parameters(), amsgrad=True), layers)
+    split = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "momentum": 0.5}], lr=0.1)
+    assert "momentum" in _fused_unsupported(split, layers)
+    with pytest.raises(ValueError, match="fused=True, but the fused step cannot run this optimizer: RMSprop"):
+        StepEngine(model, torch.optim.RMSprop(model.parameters()), torch.device("cpu"), fused=True)
