@@ -115,7 +115,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                     flush=True,
                 )
         reached = [g for g in grid if g[2].time_to_target_s is not None]
-        best_batch, best_lr, _ = (
+        best_batch, best_lr, best_result = (
             min(reached, key=lambda g: g[2].time_to_target_s) if reached else max(grid, key=lambda g: g[2].final_metric)
         )
         print(f"tuned static setting for {model}: batch {best_batch}, lr x{best_lr}", flush=True)
