@@ -8,7 +8,7 @@ from typing import Any
 
 from gymnasium import spaces
 from triaccel_rl.policies.batch_finder import BATCH_FINDER_NAMES, BatchFinderPolicy
-from triaccel_rl.policies.heuristic import HeuristicPolicy
+from triaccel_rl.policies.heuristic import HEURISTIC_NAMES, HEURISTIC_PARTS, HeuristicPolicy
 from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
@@ -18,6 +18,8 @@ from triaccel_rl.types import Policy
 
 __all__ = [
     "BATCH_FINDER_NAMES",
+    "HEURISTIC_NAMES",
+    "HEURISTIC_PARTS",
     "STATIC_PRESETS",
     "BatchFinderPolicy",
     "HeuristicPolicy",
@@ -37,7 +39,11 @@ def make_policy(
 ) -> Policy:
     """Turns a name or a path into a policy: ``fp32``/``bf16``/``fp16`` (static), ``heuristic``, a ``.zip``.
 
-    Also ``batch-finder``, ``batch-finder-bf16``, ``batch-finder-fp16``: the batch-size-finder baseline.
+    Also the heuristic's ablations ``heuristic-precision`` (precision rule only), ``heuristic-elastic``
+    (batch rule only) and ``heuristic-second-order`` (LR rule only, with curvature-scaled per-layer LR
+    factors: its ``needs_lr_factors`` asks the driver to switch them on); ``batch-finder``,
+    ``batch-finder-bf16``, ``batch-finder-fp16``: the batch-size-finder baseline; ``pretrained``: the
+    policy shipped with the package.
 
     Raises:
         ValueError: an unknown name (the message lists the allowed ones) or an unusable zip.
@@ -48,8 +54,8 @@ def make_policy(
     name = spec.lower()
     if name in STATIC_PRESETS or name.removeprefix("static-") in STATIC_PRESETS:
         return StaticPolicy(name.removeprefix("static-"), config)
-    if name == "heuristic":
-        return HeuristicPolicy(config)
+    if name in HEURISTIC_NAMES:
+        return HeuristicPolicy.from_name(name, config)
     if name in BATCH_FINDER_NAMES:
         return BatchFinderPolicy(name, config)
     if name == "pretrained":
@@ -63,7 +69,7 @@ def make_policy(
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), ObservationStats.load(stats_file))
     raise ValueError(
-        f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, heuristic, pretrained, "
+        f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, {', '.join(HEURISTIC_NAMES)}, pretrained, "
         f"{', '.join(BATCH_FINDER_NAMES)}, or a path to an SB3 .zip"
     )
 

@@ -23,11 +23,25 @@
 
 Per-layer step sizes are not part of the action: the decision loop applies the collector's
 curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.
+
+**Ablations** (``parts``): a rule left out holds its knob at the neutral action — each group keeps its
+current (majority) precision, the LR multiplier stays on its current rung, the batch is kept — so a
+variant isolates what one rule contributes. The registered variants (``HEURISTIC_NAMES``, each a
+``make_policy`` name and the policy's ``name``):
+
+- ``heuristic``: all three rules.
+- ``heuristic-precision``: the precision rule only (precision-adaptive).
+- ``heuristic-elastic``: the batch rule only (memory-elastic batching).
+- ``heuristic-second-order``: the LR rule only, plus the curvature-scaled per-layer LR factors, which
+  are not part of the action: the policy says it needs them (``needs_lr_factors``) and whoever drives
+  the run switches them on (``DecisionLoop.enable_lr_factors``; ``Controller`` does it itself).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,24 +50,83 @@ from triaccel_rl.config import ControllerConfig
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Action, BatchMove, Precision
 
-__all__ = ["HeuristicPolicy"]
+__all__ = ["HEURISTIC_NAMES", "HEURISTIC_PARTS", "HeuristicPolicy"]
+
+HEURISTIC_PARTS = ("precision", "lr", "batch")
+"""The heuristic's rules, one per knob: per-group precision, the LR multiplier, the batch size."""
+
+
+@dataclass(frozen=True)
+class _Variant:
+    parts: frozenset[str]
+    needs_lr_factors: bool = False
+
+
+_VARIANTS = {
+    "heuristic": _Variant(frozenset(HEURISTIC_PARTS)),
+    "heuristic-precision": _Variant(frozenset({"precision"})),
+    "heuristic-elastic": _Variant(frozenset({"batch"})),
+    "heuristic-second-order": _Variant(frozenset({"lr"}), needs_lr_factors=True),
+}
+
+HEURISTIC_NAMES = tuple(_VARIANTS)
+"""Registered names: the full heuristic and its ablations (see the module docstring)."""
 
 
 class HeuristicPolicy:
     """Hand-written controller with hysteresis; thresholds in ``config.heuristic``.
+
+    Args:
+        config: thresholds (``config.heuristic``), the LR ladder and the action layout.
+        parts: the rules that steer their knob, a non-empty subset of ``HEURISTIC_PARTS``; every other knob
+            holds at the neutral action (current precision, current LR rung, batch kept).
+        needs_lr_factors: the policy is meant to run with the curvature-scaled per-layer LR factors on
+            (``SignalConfig.lr_factors``). They are not part of the action: the driver reads this flag.
+
+    Attributes:
+        name: the registered name (``HEURISTIC_NAMES``) of this ``(parts, needs_lr_factors)`` combination,
+            or one spelling them out (``heuristic[lr+batch]``) for an unregistered one.
 
     Example:
         >>> policy = HeuristicPolicy()
         >>> action, _ = policy.predict(np.zeros(43, dtype=np.float32))
         >>> action.shape
         (6,)
+        >>> HeuristicPolicy.from_name("heuristic-elastic").parts
+        frozenset({'batch'})
     """
 
-    name = "heuristic"
-
-    def __init__(self, config: ControllerConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig | None = None,
+        parts: Iterable[str] = HEURISTIC_PARTS,
+        needs_lr_factors: bool = False,
+    ) -> None:
+        if isinstance(parts, str):
+            raise ValueError(f"parts={parts!r} must be a collection of part names, e.g. {{{parts!r}}}")
+        chosen = frozenset(parts)
+        if not chosen or not chosen <= set(HEURISTIC_PARTS):
+            raise ValueError(
+                f"parts={sorted(chosen)} must be a non-empty subset of {list(HEURISTIC_PARTS)} "
+                "(for no adaptation at all, use a static policy)"
+            )
         self.config = config or ControllerConfig()
         self.layout = ObservationLayout(self.config.n_groups)
+        self.parts = chosen
+        self.needs_lr_factors = bool(needs_lr_factors)
+        self.name = _name_of(_Variant(chosen, self.needs_lr_factors))
+
+    @classmethod
+    def from_name(cls, name: str, config: ControllerConfig | None = None) -> HeuristicPolicy:
+        """The registered variant ``name`` (one of ``HEURISTIC_NAMES``).
+
+        Raises:
+            ValueError: an unknown name (the message lists the allowed ones).
+        """
+        variant = _VARIANTS.get(name)
+        if variant is None:
+            raise ValueError(f"unknown heuristic {name!r}; allowed: {', '.join(HEURISTIC_NAMES)}")
+        return cls(config, variant.parts, variant.needs_lr_factors)
 
     def predict(
         self,
@@ -71,45 +144,66 @@ class HeuristicPolicy:
         return self._decide(obs), state
 
     def _decide(self, obs: np.ndarray) -> np.ndarray:
+        g = self.layout.globals
+        unstable = bool(obs[g("overflow_rate")] > self.config.heuristic.max_overflow_rate)
+        current = [self._current_precision(obs, group) for group in range(self.layout.n_groups)]
+        precisions = self._precisions(obs, current, unstable) if "precision" in self.parts else current
+        rung = self._current_rung(obs)
+        if "lr" in self.parts:
+            rung = self._lr_rung(obs, rung, unstable)
+        move = self._batch_move(obs) if "batch" in self.parts else BatchMove.KEEP
+        return encode(Action(tuple(precisions), self.config.lr_scales[rung], move), self.config)
+
+    def _current_precision(self, obs: np.ndarray, group: int) -> Precision:
+        one_hot = obs[self.layout.group(group, "is_fp32") : self.layout.group(group, "is_fp16") + 1]
+        return Precision(int(np.argmax(one_hot)))
+
+    def _precisions(self, obs: np.ndarray, current: list[Precision], unstable: bool) -> list[Precision]:
         rules = self.config.heuristic
-        layout = self.layout
-        g = layout.globals
-        overflow = obs[g("overflow_rate")]
-        unstable = overflow > rules.max_overflow_rate
         low = Precision.FP16 if rules.use_fp16 else Precision.BF16
-
-        precisions = []
-        for group in range(layout.n_groups):
-            current = Precision(
-                int(np.argmax(obs[layout.group(group, "is_fp32") : layout.group(group, "is_fp16") + 1]))
-            )
-            sensitivity = obs[layout.group(group, "rel_sensitivity")]
-            chosen = current
-            if current is Precision.FP32:
+        chosen = []
+        for group, precision in enumerate(current):
+            sensitivity = obs[self.layout.group(group, "rel_sensitivity")]
+            new = precision
+            if precision is Precision.FP32:
                 if sensitivity < rules.lower_below and not unstable:
-                    chosen = low
+                    new = low
             elif sensitivity > rules.raise_above:
-                chosen = Precision.FP32
-            if unstable and chosen is Precision.FP16:
-                chosen = Precision.BF16
-            precisions.append(chosen)
+                new = Precision.FP32
+            if unstable and new is Precision.FP16:
+                new = Precision.BF16
+            chosen.append(new)
+        return chosen
 
-        scales = self.config.lr_scales
-        current_scale = 2.0 ** obs[g("log2_lr_scale")]
-        rung = int(np.argmin([abs(math.log(s / current_scale)) for s in scales]))
-        trend = obs[g("loss_trend")]
+    def _current_rung(self, obs: np.ndarray) -> int:
+        """Index of the ``lr_scales`` rung nearest (in log ratio) to the current LR multiplier."""
+        current_scale = 2.0 ** obs[self.layout.globals("log2_lr_scale")]
+        return int(np.argmin([abs(math.log(s / current_scale)) for s in self.config.lr_scales]))
+
+    def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool) -> int:
+        rules = self.config.heuristic
+        trend = obs[self.layout.globals("loss_trend")]
         if trend > rules.loss_rise_tolerance or unstable:
-            rung = max(rung - 1, 0)
-        elif trend < -rules.loss_rise_tolerance and scales[rung] < 1.0:
-            rung += 1  # recovering: climb back towards the neutral scale
-        lr_scale = scales[rung]
+            return max(rung - 1, 0)
+        if trend < -rules.loss_rise_tolerance and self.config.lr_scales[rung] < 1.0:
+            return rung + 1  # recovering: climb back towards the neutral scale
+        return rung
 
+    def _batch_move(self, obs: np.ndarray) -> BatchMove:
+        rules = self.config.heuristic
+        g = self.layout.globals
         memory_use = obs[g("memory_use")]
         noise_over_batch = obs[g("log_noise_over_batch")]
         if memory_use > rules.shrink_above_usage:
-            move = BatchMove.SHRINK
-        elif memory_use < rules.grow_below_usage and noise_over_batch > -math.log10(rules.max_batch_over_noise):
-            move = BatchMove.GROW
-        else:
-            move = BatchMove.KEEP
-        return encode(Action(tuple(precisions), lr_scale, move), self.config)
+            return BatchMove.SHRINK
+        if memory_use < rules.grow_below_usage and noise_over_batch > -math.log10(rules.max_batch_over_noise):
+            return BatchMove.GROW
+        return BatchMove.KEEP
+
+
+def _name_of(variant: _Variant) -> str:
+    for name, registered in _VARIANTS.items():
+        if registered == variant:
+            return name
+    spelled = "+".join(part for part in HEURISTIC_PARTS if part in variant.parts)
+    return f"heuristic[{spelled}{', lr-factors' if variant.needs_lr_factors else ''}]"

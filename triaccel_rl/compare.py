@@ -139,6 +139,8 @@ def run_controller(
     run.cost_mode = CostMode.parse(cost_mode)
     loop = DecisionLoop(run, config)
     policy = _policy(controller, config)
+    if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
+        loop.enable_lr_factors()
     name = getattr(policy, "name", controller)
     adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     writer = _writer(log_dir)

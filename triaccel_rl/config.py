@@ -9,9 +9,13 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from triaccel_rl.errors import ConfigError
 from triaccel_rl.types import Precision
+
+if TYPE_CHECKING:
+    from triaccel_rl.signals.config import SignalConfig
 
 __all__ = [
     "ConfigError",
@@ -24,10 +28,6 @@ __all__ = [
     "MemoryBudget",
     "RewardConfig",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of its allowed range; the message names the value and the range."""
 
 
 class CostMode(enum.Enum):
@@ -220,28 +220,29 @@ class HeuristicConfig:
     hovers near one threshold does not flip back and forth. Sensitivity is the group's log10 of
     curvature × gradient variance relative to the median over groups (observation feature).
 
+    LR multiplier: one rung down the ``ControllerConfig.lr_scales`` ladder when the probe loss rose by
+    more than ``loss_rise_tolerance`` over an interval or steps overflowed; one rung back up towards 1.0
+    when it fell by as much; otherwise kept.
+
     Attributes:
         lower_below: relative log-sensitivity under which a group may run in 16 bits.
         raise_above: relative log-sensitivity over which a group goes back to fp32; > lower_below.
         max_overflow_rate: overflow (skipped-step) rate above which no group is lowered and fp16 groups
             fall back to bf16.
         use_fp16: lower to fp16 instead of bf16 (only worth it where fp16 is faster, e.g. older GPUs).
-        lr_scale_low_curvature: LR multiplier when the model-wide curvature is falling (flat region).
-        lr_scale_high_curvature: LR multiplier when the loss stalls or rises (sharp region).
-        loss_rise_tolerance: relative rise of the smoothed loss that counts as instability.
+        loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
+            (instability) or, negated, as a steady fall; >= 0.
         grow_below_usage: grow the batch when memory use is under this share of the budget.
         shrink_above_usage: shrink the batch when memory use is over this share of the budget.
         max_batch_over_noise: grow the batch only while batch / noise_scale is under this value. By
             McCandlish et al. (2018), a batch B needs ``1 + B / B_noise`` times the minimum number of
-            samples, so 0.1 costs at most about 10% more samples for many fewer steps.
+            samples, so 0.1 costs at most about 10% more samples for many fewer steps; > 0.
     """
 
     lower_below: float = 0.25
     raise_above: float = 0.75
     max_overflow_rate: float = 0.05
     use_fp16: bool = False
-    lr_scale_low_curvature: float = 1.25
-    lr_scale_high_curvature: float = 0.75
     loss_rise_tolerance: float = 0.02
     grow_below_usage: float = 0.45
     shrink_above_usage: float = 0.95
@@ -259,6 +260,10 @@ class HeuristicConfig:
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
             )
+        if not (math.isfinite(self.loss_rise_tolerance) and self.loss_rise_tolerance >= 0):
+            raise ConfigError(f"loss_rise_tolerance={self.loss_rise_tolerance} must be a non-negative number")
+        if not (math.isfinite(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
+            raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
 
 
 @dataclass(frozen=True)
@@ -358,10 +363,15 @@ class ControllerConfig:
         memory: the memory budget.
         heuristic: thresholds of the heuristic policy.
         elastic: LR coupling to the batch, micro-batch planning and OOM recovery.
+        signals: which signals the collector measures, its overhead budget, and whether the decision
+            loop applies curvature-scaled per-layer LR factors (``triaccel_rl.signals.SignalConfig``). A
+            preset name (``"cheap"``, ``"fixed"``, ...) is accepted and turned into that preset.
 
     Example:
         >>> ControllerConfig.preset("safe").interval_steps
         50
+        >>> ControllerConfig(signals="cheap").signals.mode
+        <SignalMode.CHEAP: 'cheap'>
     """
 
     interval_steps: int = 20
@@ -375,6 +385,7 @@ class ControllerConfig:
     memory: MemoryBudget = field(default_factory=MemoryBudget)
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    signals: SignalConfig = field(default_factory=lambda: _signal_config_type()())
 
     def __post_init__(self) -> None:
         if self.interval_steps < 1:
@@ -392,13 +403,22 @@ class ControllerConfig:
         if not (0.0 < self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         object.__setattr__(self, "cost_mode", CostMode.parse(self.cost_mode))
+        signal_config = _signal_config_type()
+        if isinstance(self.signals, str):
+            object.__setattr__(self, "signals", signal_config.preset(self.signals))
+        elif not isinstance(self.signals, signal_config):
+            raise ConfigError(
+                f"signals={self.signals!r} must be a SignalConfig or the name of one of its presets "
+                "(SignalConfig.preset)"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ControllerConfig:
         """Returns a named preset, with optional field overrides.
 
         Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short
-        intervals, wider LR range, fp16 allowed).
+        intervals, wider LR range, fp16 allowed). They leave the signals at ``SignalConfig()``; override
+        them like any field: ``ControllerConfig.preset("safe", signals="cheap")``.
         """
         presets: dict[str, dict[str, Any]] = {
             "default": {},
@@ -413,3 +433,12 @@ class ControllerConfig:
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
         return replace(cls(), **{**presets[name], **overrides})
+
+
+def _signal_config_type() -> type[SignalConfig]:
+    # Imported on first use rather than at the top: triaccel_rl.signals.config imports ConfigError from this
+    # module, so when triaccel_rl.signals is imported first it would find this module half-initialised.
+    # Once it imports ConfigError from triaccel_rl.errors instead, this can become a top-level import.
+    from triaccel_rl.signals.config import SignalConfig
+
+    return SignalConfig

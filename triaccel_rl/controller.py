@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -51,9 +52,13 @@ class Controller:
     Args:
         model: the model (on its device already).
         optimizer: its optimizer. Param groups' LRs at construction are the base LRs the controller scales.
-        policy: ``"heuristic"``, a static preset (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3
+        policy: ``"heuristic"`` or one of its ablations (``"heuristic-precision"``, ...; see
+            ``make_policy``), a static preset (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3
             ``.zip``, or any object with the ``predict`` signature.
-        config: decision interval, groups, LR scales, batch bounds, memory budget.
+        config: decision interval, groups, LR scales, batch bounds, memory budget, signals
+            (``config.signals``; with ``lr_factors`` on, or a policy with ``needs_lr_factors`` such as
+            ``"heuristic-second-order"``, each decision sets curvature-scaled per-layer LR factors, which
+            apply to param groups carrying a ``"layer"`` key: the layer's index in ``engine.layers``).
         memory: overrides ``config.memory``.
         lr_rule: how the LR follows the batch size: ``"linear"``, ``"sqrt"``, ``"adascale"`` (from the
             gradient-noise signal), ``"none"`` or ``"auto"`` (linear for SGD, sqrt for Adam); default
@@ -100,11 +105,15 @@ class Controller:
                 f"policy {policy!r} is a compare baseline that searches its batch on a TrainingRun; in your own "
                 "loop, pass the batch to loader() and use a static policy ('fp32', 'bf16', 'fp16')"
             )
+        if getattr(self.policy, "needs_lr_factors", False) and not self.config.signals.lr_factors:
+            self.config = replace(self.config, signals=replace(self.config.signals, lr_factors=True))
         self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = profile or HardwareProfile.load()
         capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
         self.memory_budget_bytes = self.memory.resolve(capacity)
-        self.collector = SignalCollector(self.engine.layers, self.config.ema_decay, self.memory_budget_bytes)
+        self.collector = SignalCollector(
+            self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals
+        )
         self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
         self.executor = Executor(self.config, self.grouper)
         self.steps = 0
@@ -270,6 +279,8 @@ class Controller:
             progress=self._loader.epoch_progress if self._loader is not None else 0.0,
         )
         self.signals = signals
+        if self.config.signals.lr_factors and signals.lr_factors is not None:
+            self.engine.lr_factors = signals.lr_factors  # the engine writes them into the LRs at its next step
         self.grouper.update(signals)
         observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
         self._noise_scale = signals.noise_scale  # for the adascale LR rule, should the batch change now

@@ -7,7 +7,7 @@ the two see exactly the same observations, bounds and costs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class DecisionLoop:
 
     Args:
         run: the training run to drive.
-        config: decision interval, groups, bounds.
+        config: decision interval, groups, bounds; ``config.signals`` configures the signal collector.
 
     Example:
         >>> loop = DecisionLoop(TrainingRun("synthetic", device="cpu"), ControllerConfig(interval_steps=2))
@@ -56,7 +56,7 @@ class DecisionLoop:
     def __init__(self, run: TrainingRun, config: ControllerConfig) -> None:
         self.run = run
         self.config = config
-        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes)
+        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
         self.layout = ObservationLayout(config.n_groups)
@@ -79,11 +79,12 @@ class DecisionLoop:
     def snapshot(self, progress: float) -> Signals:
         """Closes the interval: probe loss, optimizer moments, a due estimator round, ``Signals``, re-ranking.
 
-        With ``collector.config.mode`` ``all`` (the default), the collector runs its expensive estimators
+        With ``config.signals.mode`` ``all`` (the default), the collector runs its expensive estimators
         (Hutchinson curvature, micro-batch gradient noise, curvature sparsity) on sub-batches of the run's
         held-out probe batch whenever its overhead budget has room (``SignalConfig``). With
-        ``collector.config.lr_factors`` (default off), the curvature-scaled per-layer LR factors of the
-        snapshot are applied to the run.
+        ``config.signals.lr_factors`` (default off; :meth:`enable_lr_factors`), the curvature-scaled
+        per-layer LR factors of the snapshot are applied to the run. The snapshot reports the run's
+        current memory budget, which it lowers after an out-of-memory error.
         """
         start = time.perf_counter()
         probe = self.run.probe_loss()
@@ -93,6 +94,8 @@ class DecisionLoop:
             if self.collector.source is None:
                 self.collector.attach(source_for_run(self.run), seed=self.run.seed)
             self.collector.maybe_estimate()
+        # The run lowers its budget after an out-of-memory error; the snapshot must report the current one.
+        self.collector.memory_budget_bytes = self.run.memory_budget_bytes
         self.signals = self.collector.snapshot(
             grad_mean_sq_norm=moments,
             probe_loss=probe,
@@ -105,6 +108,18 @@ class DecisionLoop:
             self.run.lr_factors = self.signals.lr_factors
         self.grouper.update(self.signals)
         return self.signals
+
+    def enable_lr_factors(self) -> None:
+        """Applies the curvature-scaled per-layer LR factors (``SignalConfig.lr_factors``) from the next snapshot.
+
+        For policies that expect them (``HeuristicPolicy.needs_lr_factors``, e.g. ``heuristic-second-order``)
+        when the loop was built with a config that leaves them off. ``config.signals`` is updated too, so
+        the loop's config keeps describing what it does.
+        """
+        # Only the flag changes, and only snapshot() reads it: the collector's scheduler, built from the
+        # old config, has nothing that depends on it.
+        self.collector.config = replace(self.collector.config, lr_factors=True)
+        self.config = replace(self.config, signals=self.collector.config)
 
     def observation(self) -> np.ndarray:
         """The observation of the latest snapshot."""

@@ -408,6 +408,14 @@ class TrainingRun:
             correct += int((logits.argmax(1) == self._test_y[start : min(n, start + 1024)]).sum())
         return correct / n
 
+    @property
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed held-out probe batch ``(inputs, targets)``, on the run's device; never trained on.
+
+        The tensors are the run's own, not copies: read them, do not modify them.
+        """
+        return self._probe_x, self._probe_y
+
     @torch.no_grad()
     def probe_loss(self) -> float:
         """Loss on the fixed held-out probe batch in fp32: a low-noise measure of training progress.

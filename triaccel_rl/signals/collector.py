@@ -139,8 +139,8 @@ def source_for_run(run: TrainingRun) -> EstimatorSource:
         layer_params=run.engine.layer_params,
         loss_fn=run.task.loss_fn,
         # The probe batch is held out of training: drawing from it consumes no training samples.
-        inputs=run._probe_x,
-        targets=run._probe_y,
+        inputs=run.probe_batch[0],
+        targets=run.probe_batch[1],
         second_moment=run.engine.second_moment_diagonal,
         modelled_pass_ms=modelled if run.cost_mode is CostMode.PROFILE else None,
     )

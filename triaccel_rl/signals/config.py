@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from triaccel_rl.config import ConfigError
+from triaccel_rl.errors import ConfigError
 
 __all__ = ["Schedule", "SignalConfig", "SignalMode"]
 
