@@ -44,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--controllers",
         default=DEFAULT_CONTROLLERS,
-        help=f"comma-separated: fp32, bf16, fp16, heuristic, or SB3 .zip paths (default {DEFAULT_CONTROLLERS})",
+        help=(
+            "comma-separated: fp32, bf16, fp16 (static); heuristic; its ablations heuristic-precision "
+            "(precision rule only), heuristic-elastic (batch rule only), heuristic-second-order (LR rule only, "
+            "with curvature-scaled per-layer LR factors); batch-finder, batch-finder-bf16, batch-finder-fp16 "
+            "(largest batch that fits, fixed); pretrained (the policy shipped with the package); or SB3 .zip "
+            f"paths (default {DEFAULT_CONTROLLERS})"
+        ),
     )
     compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")
     compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
@@ -80,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/policy.zip", help="where to save the policy zip")
     train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none)")
+    train.add_argument("--eval-tasks", default="", help="comma-separated held-out tasks evaluated periodically")
+    train.add_argument("--eval-every", type=int, default=0, help="environment steps between evaluations (0: none)")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=0, help="environment steps between checkpoints (0: none)"
+    )
+    train.add_argument("--resume", default=None, help="policy zip to continue training from")
+    train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")
     train.set_defaults(func=_train_policy)
 
     profile = sub.add_parser(
@@ -169,6 +182,11 @@ def _train_policy(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=Path(args.out),
         log_dir=args.log_dir or None,
+        eval_tasks=[t.strip() for t in args.eval_tasks.split(",") if t.strip()],
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        torch_threads=args.torch_threads,
     )
     print(f"saved policy: {path}")
     return 0

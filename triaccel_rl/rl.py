@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
-__all__ = ["make_env_fns", "obs_stats_path", "train_policy"]
+__all__ = ["TaskCycleEnv", "make_env_fns", "obs_stats_path", "train_policy"]
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -27,26 +28,108 @@ def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
 
 
 def make_env_fns(
-    tasks: Sequence[str], n_envs: int, max_decisions: int, interval_steps: int, **env_kwargs: Any
+    tasks: Sequence[str],
+    n_envs: int,
+    max_decisions: int,
+    interval_steps: int,
+    torch_threads: int | None = None,
+    **env_kwargs: Any,
 ) -> list[Any]:
-    """One environment factory per worker; worker ``i`` trains on ``tasks[i % len(tasks)]``."""
+    """One environment factory per worker; worker ``i`` starts on ``tasks[i % len(tasks)]``.
+
+    With more tasks than workers, each worker moves on to its next task at every reset
+    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks.
+
+    Args:
+        tasks: registered task names.
+        n_envs: number of factories (workers).
+        max_decisions: decisions per episode.
+        interval_steps: optimizer steps per decision.
+        torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
+            thread per worker avoids oversubscribing the cores when there is one worker per core.
+        env_kwargs: passed to every ``TriAccel-v0``.
+    """
     for task in tasks:
         get_task(task)  # fail fast on an unknown name, in the parent process
 
-    def factory(task: str) -> Any:
+    def factory(worker_tasks: list[str]) -> Any:
         def make() -> Any:
             import gymnasium as gym
             from stable_baselines3.common.monitor import Monitor
 
             import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0 in the worker)
 
+            if torch_threads is not None:
+                import torch
+
+                torch.set_num_threads(torch_threads)
             config = ControllerConfig(interval_steps=interval_steps)
-            env = gym.make("TriAccel-v0", task=task, config=config, max_decisions=max_decisions, **env_kwargs)
-            return Monitor(env)
+            envs = [
+                gym.make("TriAccel-v0", task=task, config=config, max_decisions=max_decisions, **env_kwargs)
+                for task in worker_tasks
+            ]
+            return Monitor(envs[0] if len(envs) == 1 else TaskCycleEnv(envs))
 
         return make
 
-    return [factory(tasks[i % len(tasks)]) for i in range(n_envs)]
+    cycles = max(1, -(-len(tasks) // n_envs))  # each worker cycles over this many tasks
+    return [factory([tasks[(i + k * n_envs) % len(tasks)] for k in range(cycles)]) for i in range(n_envs)]
+
+
+class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Several ``TriAccel-v0`` environments (same spaces, different tasks) behind one: each reset moves to the next.
+
+    The observation and action do not depend on the model, so one policy sees all of them. Every
+    inner environment builds its training run at its own reset, so holding several costs only their
+    task data until they are first used.
+
+    Args:
+        envs: environments with identical observation and action spaces.
+
+    Example:
+        >>> import gymnasium as gym
+        >>> import triaccel_rl.envs
+        >>> env = TaskCycleEnv([gym.make("TriAccel-v0", task=t, max_decisions=1) for t in ("synthetic", "synthetic")])
+        >>> _ = env.reset(seed=0); _ = env.reset(); env.current
+        1
+    """
+
+    def __init__(self, envs: Sequence[gym.Env[np.ndarray, np.ndarray]]) -> None:
+        if not envs:
+            raise ValueError("TaskCycleEnv needs at least one environment")
+        for env in envs[1:]:
+            if env.observation_space != envs[0].observation_space or env.action_space != envs[0].action_space:
+                raise ValueError("TaskCycleEnv: every environment must have the same observation and action spaces")
+        self.envs = list(envs)
+        self.observation_space = envs[0].observation_space
+        self.action_space = envs[0].action_space
+        self.current = -1
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first."""
+        super().reset(seed=seed)
+        if seed is not None:
+            # Seed each inner generator without resetting it: a reset builds a training run and trains an
+            # interval, which is too costly to do for tasks not used yet.
+            for k, env in enumerate(self.envs):
+                env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k)[0]
+            self.current = -1  # a seeded reset restarts the cycle, so the same seed gives the same episodes
+        self.current = (self.current + 1) % len(self.envs)
+        obs, info = self.envs[self.current].reset(options=options)
+        task: Any = getattr(self.envs[self.current].unwrapped, "task", None)
+        return obs, {**info, "task": getattr(task, "name", str(task))}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Steps the current task's environment."""
+        obs, reward, terminated, truncated, info = self.envs[self.current].step(action)
+        return obs, float(reward), terminated, truncated, info
+
+    def close(self) -> None:
+        """Closes every inner environment."""
+        for env in self.envs:
+            env.close()
 
 
 def train_policy(
@@ -67,6 +150,7 @@ def train_policy(
     checkpoint_every: int = 0,
     resume: str | os.PathLike[str] | None = None,
     progress_bar: bool = False,
+    torch_threads: int | None = None,
     **env_kwargs: Any,
 ) -> Path:
     """Trains PPO on ``tasks`` and saves the policy zip and its observation stats; returns the zip's path.
@@ -88,6 +172,8 @@ def train_policy(
         checkpoint_every: environment steps between checkpoints written beside ``out`` (0: none).
         resume: a policy zip to continue training from (its step count continues).
         progress_bar: show SB3's progress bar.
+        torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
+            one environment per core.
         env_kwargs: passed to every ``TriAccel-v0``.
 
     Raises:
@@ -130,7 +216,7 @@ def train_policy(
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fns = make_env_fns(tasks, n_envs, max_decisions, interval_steps, **env_kwargs)
+    fns = make_env_fns(tasks, n_envs, max_decisions, interval_steps, torch_threads, **env_kwargs)
     venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
     venv.seed(seed)
     eval_env = None
@@ -156,7 +242,7 @@ def train_policy(
             )
         if eval_tasks and eval_every > 0:
             eval_env = DummyVecEnv(
-                make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, **env_kwargs)
+                make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, None, **env_kwargs)
             )
             callbacks.append(
                 EvalCallback(

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triaccel_rl.signals.config import SignalConfig, SignalMode
 from triaccel_rl.signals.device import IntervalMoments
@@ -498,8 +499,11 @@ class SignalCollector:
                 fisher_diagonal=from_rounds,
             )
             watch.lap()
-            loss = closure(source.inputs[hutchinson_index], source.targets[hutchinson_index])
-            estimate = hutchinson(loss, source.layer_params, plan.n_probes, generator=self._device_generator)
+            # Hessian-vector products need a second derivative, which the fused attention kernels (flash,
+            # memory-efficient; PyTorch's CPU flash attention) lack: attention runs in the math kernel here.
+            with sdpa_kernel(SDPBackend.MATH):
+                loss = closure(source.inputs[hutchinson_index], source.targets[hutchinson_index])
+                estimate = hutchinson(loss, source.layer_params, plan.n_probes, generator=self._device_generator)
             watch.lap()
         n = len(self.layers)
         # Host-device sync: once per round, for every per-layer number at once.

@@ -1,0 +1,310 @@
+"""Trains the policy shipped as ``triaccel_rl/pretrained/`` (``policy="pretrained"``) and writes its model card.
+
+The one reproducible command (2 CPU cores; time is charged from the shipped H200 profile):
+
+    python experiments/train_pretrained.py --timesteps 2048
+
+PPO (``triaccel_rl.rl.train_policy``) on ``TRAINING_TASKS`` with 2 ``SubprocVecEnv`` workers (each
+cycles through the tasks, one per episode), periodic evaluation on ``HELD_OUT_TASKS``, checkpoints and
+TensorBoard under ``--run-dir``. At the end it copies the policy zip and its ``.obs.json`` into
+``--ship-dir`` and writes ``MODEL_CARD.md`` there. ``--smoke`` trains a few dozen steps into a temporary
+folder and ships nothing (the smoke test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    timesteps: int = 2048
+    """Environment steps (decisions) to train for, summed over the environments."""
+    n_envs: int = 2
+    """Parallel environments (``SubprocVecEnv``, one process each)."""
+    max_decisions: int = 16
+    """Decisions per episode."""
+    interval_steps: int = 10
+    """Optimizer steps per decision (small, so that an episode is cheap on a CPU)."""
+    n_steps: int = 128
+    """PPO rollout length per environment (a rollout is ``n_steps * n_envs`` decisions)."""
+    batch_size: int = 64
+    """PPO minibatch size."""
+    seed: int = 0
+    """Seeds PPO and the environments (environment ``i`` gets ``seed + i``)."""
+    eval_every: int = 1024
+    """Environment steps between evaluations on the held-out tasks (0: none)."""
+    checkpoint_every: int = 512
+    """Environment steps between checkpoints (0: none)."""
+    torch_threads: int = 1
+    """PyTorch threads per environment process (1: one process per core, no oversubscription)."""
+    run_dir: str = "runs/pretrained"
+    """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
+    ship_dir: str = "triaccel_rl/pretrained"
+    """Where the shipped policy and model card go ('' to ship nothing)."""
+    from_checkpoint: str = ""
+    """Ship this checkpoint instead of training (an interrupted run): its ``.obs.json`` is then taken from
+    ``stats_episodes`` episodes of the checkpoint's own policy on each training task."""
+    stats_episodes: int = 1
+    """Episodes per training task for ``--from-checkpoint``'s observation range."""
+    card_only: bool = False
+    """Only rewrite ``MODEL_CARD.md`` from ``<run_dir>/training.json`` (e.g. after ``transfer.py`` ran)."""
+    smoke: bool = False
+    """A tiny run (a few dozen steps, in-process envs, one training task) that ships nothing."""
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Trains, ships and documents the policy; returns the facts the model card is written from."""
+    from triaccel_rl.rl import obs_stats_path, train_policy
+    from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
+
+    if args.smoke:
+        args = replace(args, timesteps=32, n_envs=1, max_decisions=4, interval_steps=2, n_steps=32,
+                       batch_size=16, eval_every=0, checkpoint_every=0, ship_dir="")  # fmt: skip
+    training_tasks = ("synthetic",) if args.smoke else TRAINING_TASKS
+    run_dir = Path(args.run_dir)
+    if args.card_only:
+        facts = json.loads((run_dir / "training.json").read_text())
+        (Path(args.ship_dir) / "MODEL_CARD.md").write_text(model_card(facts))
+        return facts
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.from_checkpoint:
+        zip_path = run_dir / "policy.zip"
+        shutil.copyfile(args.from_checkpoint, zip_path)
+        _stats_from_rollouts(zip_path, training_tasks, args)
+    else:
+        zip_path = train_policy(
+            list(training_tasks),
+            total_timesteps=args.timesteps,
+            n_envs=args.n_envs,
+            vec="subproc" if args.n_envs > 1 else "dummy",
+            max_decisions=args.max_decisions,
+            interval_steps=args.interval_steps,
+            n_steps=args.n_steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            out=run_dir / "policy.zip",
+            log_dir=run_dir / "tensorboard",
+            eval_tasks=list(HELD_OUT_TASKS) if args.eval_every > 0 else [],
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            torch_threads=args.torch_threads,
+        )
+    wall_s = time.perf_counter() - start
+    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s)
+    (run_dir / "training.json").write_text(json.dumps(facts, indent=1) + "\n")
+    print(
+        f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
+        f"({facts['env_steps_per_s']:.2f} env steps/s incl. PPO updates and evaluations): {zip_path}"
+    )
+    if args.ship_dir:
+        ship = Path(args.ship_dir)
+        ship.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(zip_path, ship / "policy.zip")
+        shutil.copyfile(obs_stats_path(zip_path), ship / "policy.obs.json")
+        (ship / "MODEL_CARD.md").write_text(model_card(facts))
+        print(f"shipped: {ship / 'policy.zip'} ({(ship / 'policy.zip').stat().st_size / 1e3:.0f} kB), MODEL_CARD.md")
+    return facts
+
+
+def model_card(facts: dict[str, Any]) -> str:
+    """The Markdown model card for the shipped policy."""
+    settings = facts["args"]
+    evals = facts["evaluations"]
+    eval_rows = "\n".join(f"| {e['timesteps']} | {e['mean_reward']:.2f} ± {e['std_reward']:.2f} |" for e in evals)
+    rows = [
+        ("command", f"`{facts['command']}`"),
+        ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
+                      "other SB3 defaults"),
+        ("training tasks", ", ".join(f"`{t}`" for t in facts["training_tasks"])
+         + " (each worker cycles through them, one per episode)"),
+        ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
+        ("environment steps trained", f"{facts['timesteps_trained']} (about {facts['episodes_estimate']} episodes "
+                                      f"of {settings['max_decisions']} decisions)"),
+        ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
+        ("environments", f"{settings['n_envs']} × `SubprocVecEnv`, `torch_threads={settings['torch_threads']}` each"),
+        ("env settings", f"`interval_steps={settings['interval_steps']}`, `max_decisions={settings['max_decisions']}`, "
+                         "cost mode `profile`, `compute_bound=True`, device `cpu`, default `ControllerConfig` and "
+                         "`RewardConfig`"),
+        ("hardware profile (time and memory charged)", f"{facts['profile']} (the shipped "
+                                                       "`triaccel_rl/profiles/h200.json`)"),
+        ("machine", facts["machine"]),
+        ("wall time", f"{facts['wall_s']:.0f} s"),
+        ("throughput", f"{facts['env_steps_per_s']:.2f} env steps/s "
+                       f"({facts['env_steps_per_s'] * settings['interval_steps']:.0f} optimizer steps/s), "
+                       "PPO updates and evaluations included"),
+        ("commit", f"`{facts['commit']}` (the working tree may differ)"),
+        ("date", facts["date"]),
+    ]  # fmt: skip
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    provenance = ""
+    if facts.get("shipped_from_checkpoint"):
+        provenance = (
+            "\n## Provenance\n\nThe training run stopped before it saved (see the command above without "
+            "`--from-checkpoint`); this policy is its checkpoint\n"
+            f"`{facts['shipped_from_checkpoint']}` after {facts['timesteps_trained']} environment steps, shipped "
+            "with `--from-checkpoint`. Its `policy.obs.json` is therefore\nthe range of the checkpoint's own "
+            f"stochastic rollouts ({settings['stats_episodes']} episode per training task), not of PPO's "
+            "training buffer.\n"
+        )
+    return f"""# Pretrained controller policy (`policy="pretrained"`)
+
+An SB3 PPO `MlpPolicy` (two hidden layers of 64, separate policy and value nets) choosing, every
+{settings["interval_steps"]} optimizer steps, a precision for each of 4 sensitivity-ranked layer groups, an LR
+multiplier and a batch move (`TriAccel-v0`'s `MultiDiscrete([3, 3, 3, 3, 5, 3])` action from its 43-feature
+observation). `policy.obs.json` holds the range of observations seen in training: an observation more
+than one range width outside it goes to the heuristic (the shield's `FallbackPolicy`, logged).
+
+## Training
+
+| | |
+|---|---|
+{table}
+
+## Evaluation during training
+
+Mean episode reward on the held-out tasks (one deterministic episode per task, {settings["max_decisions"]}
+decisions), from SB3's `EvalCallback`:
+
+| env steps | mean reward ± std |
+|---|---|
+{eval_rows or "| – | no evaluation ran |"}
+
+## Evaluation on the held-out tasks
+
+Learned vs heuristic vs static baselines (time to target, final accuracy, peak memory; written by
+`python experiments/transfer.py` to `experiments/results/transfer.json`):
+
+{_transfer_section()}
+{provenance}
+## Limits
+
+Trained briefly on 2 contended CPU cores: a small budget of environment steps, so expect it to be
+close to what PPO's first updates learn, not a converged policy. Time is modelled GPU time from the
+H200 profile, not measured. Retrain with the command above and a larger `--timesteps` for a better one.
+"""
+
+
+def _transfer_section(path: Path = REPO / "experiments" / "results" / "transfer.json") -> str:
+    """The transfer table and target check, when ``transfer.py`` has run against the shipped policy."""
+    if not path.is_file():
+        return "Not run yet."
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    document = json.loads(path.read_text())
+    lines = "\n".join(f"- {line}" for line in document["target_check"]["lines"])
+    return (
+        f"{transfer.format_table(document['summary'])}\n\nIssue 6's target check ({document['date']}, "
+        f"{document['device']}, {document['args']['epochs']:g} epochs per run):\n\n{lines}\n"
+    )
+
+
+def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> None:
+    """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
+    from triaccel_rl.policies import LearnedPolicy
+
+    from triaccel_rl.rl import make_env_fns, obs_stats_path
+    from triaccel_rl.shield import ObservationStats
+
+    policy = LearnedPolicy(zip_path)
+    observations = []
+    for k, make in enumerate(make_env_fns(list(tasks), len(tasks), args.max_decisions, args.interval_steps)):
+        env = make()
+        for episode in range(args.stats_episodes):
+            observation, _ = env.reset(seed=args.seed + 1000 * k + episode)
+            done = False
+            while not done:
+                observations.append(observation)
+                action, _ = policy.predict(observation, deterministic=False)
+                observation, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+        env.close()
+    ObservationStats.from_observations(np.stack(observations)).save(obs_stats_path(zip_path))
+
+
+def _facts(
+    args: Args, training_tasks: tuple[str, ...], held_out: tuple[str, ...], zip_path: Path, wall_s: float
+) -> dict[str, Any]:
+    import torch
+    from stable_baselines3 import PPO
+
+    from triaccel_rl.config import HardwareProfile
+
+    model = PPO.load(zip_path, device="cpu")
+    evaluations = []
+    eval_file = zip_path.parent / "eval" / "evaluations.npz"
+    if eval_file.is_file():
+        data = np.load(eval_file)
+        for steps, rewards in zip(data["timesteps"], data["results"], strict=True):
+            evaluations.append(
+                {"timesteps": int(steps), "mean_reward": float(np.mean(rewards)), "std_reward": float(np.std(rewards))}
+            )
+    timesteps = int(model.num_timesteps)
+    training_s = wall_s
+    if args.from_checkpoint:
+        # Training time of the interrupted run: from the TensorBoard file's creation (its name carries the
+        # Unix time learning started) to the checkpoint's write.
+        events = sorted((zip_path.parent / "tensorboard").rglob("events.out.tfevents.*"))
+        if events:
+            training_s = Path(args.from_checkpoint).stat().st_mtime - int(events[0].name.split(".")[3])
+    return {
+        "args": asdict(args),
+        "command": "python experiments/train_pretrained.py " + shlex.join(sys.argv[1:]),
+        "training_tasks": list(training_tasks),
+        "held_out_tasks": list(held_out),
+        "timesteps_trained": timesteps,
+        "episodes_estimate": timesteps // args.max_decisions,
+        "wall_s": training_s,
+        "env_steps_per_s": timesteps / training_s,
+        "shipped_from_checkpoint": args.from_checkpoint or None,
+        "profile": HardwareProfile.load(None).device,
+        "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
+        "evaluations": evaluations,
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    """Parses ``--flag`` arguments into ``Args``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type={"int": int, "str": str}[str(f.type)], default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse())

@@ -1,0 +1,208 @@
+"""The shipped pretrained policy, a tiny end-to-end training run, depth independence, and bad policy input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+from torch import nn
+from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy, pretrained_policy_path
+
+from triaccel_rl.actions import action_space
+from triaccel_rl.config import ConfigError, ControllerConfig
+from triaccel_rl.controller import Controller
+from triaccel_rl.observation import OBS_HIGH, ObservationLayout
+from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
+from triaccel_rl.shield import FallbackPolicy
+from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = ControllerConfig()
+OBSERVATION_SPACE = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (ObservationLayout(CONFIG.n_groups).size,), np.float32)
+ACTION_SPACE = action_space(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """A few dozen PPO steps in-process, cycling two tasks of different depth through one environment."""
+    out = tmp_path_factory.mktemp("tiny") / "policy.zip"
+    return train_policy(
+        ["synthetic", "deep-mlp-synthetic"],
+        total_timesteps=48,
+        n_envs=1,
+        vec="dummy",
+        max_decisions=3,
+        interval_steps=2,
+        n_steps=24,
+        batch_size=12,
+        seed=0,
+        out=out,
+        torch_threads=1,
+    )
+
+
+def test_pretrained_loads_by_name_with_the_ood_fallback():
+    policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    assert isinstance(policy, FallbackPolicy)  # the shipped .obs.json turns on the shield's fallback
+    assert isinstance(policy.policy, LearnedPolicy)
+    assert pretrained_policy_path().with_suffix(".obs.json").is_file()
+    assert pretrained_policy_path().stat().st_size < 1_000_000, "the shipped zip should stay under 1 MB"
+
+
+def test_pretrained_predicts_valid_actions_on_the_env_observation():
+    env = gym.make("TriAccel-v0", task="synthetic", config=ControllerConfig(interval_steps=2), max_decisions=3)
+    policy = make_policy("pretrained", CONFIG, env.observation_space, env.action_space)
+    observation, _ = env.reset(seed=0)
+    for _ in range(3):
+        action, _ = policy.predict(observation, deterministic=True)
+        assert env.action_space.contains(np.asarray(action)), action
+        observation, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            break
+
+
+def test_controller_takes_pretrained_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctl = Controller(model, optimizer, policy="pretrained", config=ControllerConfig(interval_steps=2), device="cpu")
+    assert isinstance(ctl.policy, FallbackPolicy)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    for xb, yb in ctl.loader((x, y), batch_size=32, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+    ctl.close()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_model_card_names_the_training_tasks_and_the_command():
+    card = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
+    for task in (*TRAINING_TASKS, *HELD_OUT_TASKS):
+        assert f"`{task}`" in card, task
+    assert "python experiments/train_pretrained.py" in card
+    assert "environment steps trained" in card
+
+
+def test_tiny_training_run_gives_a_policy_that_loads(tiny_policy):
+    assert tiny_policy.is_file() and obs_stats_path(tiny_policy).is_file()
+    policy = make_policy(str(tiny_policy), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    assert isinstance(policy, FallbackPolicy)
+    assert policy.stats.n_observations >= 24
+
+
+def test_one_policy_runs_on_models_of_different_depth(tiny_policy):
+    policy = LearnedPolicy(tiny_policy, OBSERVATION_SPACE, ACTION_SPACE)
+    depths = {}
+    for task in ("synthetic", "deep-mlp-synthetic"):  # 3 vs 7 controllable Linear layers
+        env = gym.make("TriAccel-v0", task=task, config=ControllerConfig(interval_steps=2), max_decisions=2)
+        observation, info = env.reset(seed=1)
+        depths[task] = info["n_layers"]
+        assert observation.shape == OBSERVATION_SPACE.shape
+        for _ in range(2):
+            action, _ = policy.predict(observation, deterministic=True)
+            assert env.action_space.contains(np.asarray(action))
+            observation, reward, _, _, _ = env.step(action)
+            assert np.isfinite(reward)
+    assert depths["synthetic"] != depths["deep-mlp-synthetic"], depths
+
+
+def test_task_cycle_env_visits_every_task_and_passes_the_checkers():
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    def make(task):
+        return gym.make("TriAccel-v0", task=task, config=ControllerConfig(interval_steps=2), max_decisions=2)
+
+    env = TaskCycleEnv([make("synthetic"), make("deep-mlp-synthetic")])
+    tasks = [env.reset(seed=0 if k == 0 else None)[1]["task"] for k in range(3)]
+    assert tasks == ["synthetic", "deep-mlp-synthetic", "synthetic"]
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env)
+    with pytest.raises(ValueError, match="same observation and action spaces"):
+        TaskCycleEnv([make("synthetic"), gym.make("TriAccel-v0", config=ControllerConfig(n_groups=2))])
+
+
+def test_policy_for_other_spaces_is_refused_by_the_controller(tmp_path):
+    from stable_baselines3 import PPO
+
+    class Other(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (5,), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+    path = tmp_path / "other.zip"
+    PPO("MlpPolicy", Other(), n_steps=8, batch_size=8, device="cpu").save(path)
+    model = nn.Linear(4, 2)
+    with pytest.raises(PolicyLoadError, match=r"trained for observation space Box.*\(5,\).*\(43,\)"):
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=str(path), device="cpu")
+
+
+def test_truncated_policy_zip_is_a_clear_error(tiny_policy, tmp_path):
+    broken = tmp_path / "broken.zip"
+    data = tiny_policy.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # an interrupted download or copy
+    with pytest.raises(PolicyLoadError, match=r"broken\.zip"):
+        make_policy(str(broken))
+
+
+def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tmp_path):
+    zip_path = tmp_path / "policy.zip"
+    shutil.copyfile(tiny_policy, zip_path)
+    zip_path.with_suffix(".obs.json").write_text(json.dumps({"low": [0.0] * 43}))
+    with pytest.raises(ValueError, match=r"lack \['high', 'n_observations'\]"):
+        make_policy(str(zip_path), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+
+
+def test_profile_with_missing_fields_is_a_clear_error_in_the_env_and_training(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "x", "time_factor": {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}}))
+    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor'\]"):
+        gym.make("TriAccel-v0", task="synthetic", profile=str(profile))
+    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor'\]"):
+        train_policy(["synthetic"], total_timesteps=8, n_envs=1, vec="dummy", n_steps=8, batch_size=8,
+                     out=tmp_path / "p.zip", profile=str(profile))  # fmt: skip
+
+
+def test_train_pretrained_smoke(tmp_path):
+    script = REPO / "experiments" / "train_pretrained.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = json.loads((tmp_path / "training.json").read_text())
+    assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
+    LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
+
+
+def test_transfer_smoke(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    out = tmp_path / "transfer.json"
+    document = transfer.main(transfer.Args(smoke=True, out=str(out)))
+    saved = json.loads(out.read_text())
+    assert set(saved["summary"]["deep-mlp-synthetic"]) == {"heuristic", "bf16"}
+    assert saved["target_check"]["met"] is None  # no learned row in the smoke run
+    assert len(document["runs"]) == 2
+    fake = {
+        "t": {
+            name: {"time_to_target_charged_s_mean": t, "final_metric_mean": acc}
+            for name, t, acc in [("pretrained", 0.8, 0.90), ("heuristic", 1.0, 0.9), ("bf16", 0.78, 0.902)]
+        }
+    }
+    check = transfer.target_check(fake)
+    assert check["met"] is True, check["lines"]
+    fake["t"]["pretrained"]["time_to_target_charged_s_mean"] = 0.95
+    assert transfer.target_check(fake)["met"] is False
