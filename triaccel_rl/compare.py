@@ -177,7 +177,8 @@ def run_controller(
         time_ms += interval.cost_ms
         wall_ms += interval.wall_ms
         if progress is not None:
-            progress.update(interval.samples / samples_per_epoch)
+            # Capped at the bar's total: the last interval's float share can overshoot by rounding.
+            progress.update(min(interval.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))
         overhead_before = loop.collector.overhead_ms
         signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
         if adaptive and run.cost_mode is CostMode.MEASURED:
