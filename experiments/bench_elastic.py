@@ -46,6 +46,7 @@ from torch import nn
 
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
+from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
 
@@ -79,46 +80,9 @@ class Args:
 # ------------------------------------------------------------------------------------------------ model
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convolutions with batch norm, and an identity or 1×1 projection shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies the block."""
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32×32 inputs (He et al. 2016, CIFAR variant): a 3×3 stem, no max-pool, 4 stages of 2 blocks."""
-
-    def __init__(self, width: int = 64, n_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        blocks: list[nn.Module] = []
-        channels = width
-        for stage in range(4):
-            out = width * 2**stage
-            blocks += [BasicBlock(channels, out, 1 if stage == 0 else 2), BasicBlock(out, out, 1)]
-            channels = out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns class logits ``[batch, n_classes]``."""
-        out = self.blocks(self.stem(x))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+def resnet18_of_width(width: int = 64, n_classes: int = 10) -> nn.Module:
+    """The CIFAR-style ResNet-18 of ``triaccel_rl.models`` (3×3 stem, no max-pool, 4 stages of 2 blocks), any width."""
+    return SmallResNet(3, tuple(width * 2**stage for stage in range(4)), n_classes, blocks_per_stage=2)
 
 
 def cifar_task(n_train: int, width: int, base_batch_size: int, device: torch.device) -> Task:
@@ -134,7 +98,7 @@ def cifar_task(n_train: int, width: int, base_batch_size: int, device: torch.dev
     return Task(
         name="resnet18-cifar-synthetic",
         description="ResNet-18 on synthetic CIFAR-shaped data",
-        build_model=lambda: ResNet18(width),
+        build_model=lambda: resnet18_of_width(width),
         load_data=load,
         optimizer="sgd",
         base_lr=0.05,
