@@ -114,7 +114,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             include_fixed_cost=not self.compute_bound,
             elastic=self.config.elastic,
         )
-        self.loop = DecisionLoop(run, self.config)
+        self.loop = DecisionLoop(run, self.config, rollback=False)  # learning must see divergence
         self._initial_probe = run.probe_loss()
         interval = self.loop.train_interval()
         self.reference_step_ms = interval.cost_ms / interval.steps

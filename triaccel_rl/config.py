@@ -358,6 +358,10 @@ class ControllerConfig:
         min_batch_size: smallest batch a shrink may reach.
         max_batch_size: largest batch a grow may reach.
         max_lr_change: the shield's bound on the LR multiplier's change at one decision (ratio).
+        rollback: the shield keeps a copy of the model and optimizer state at each decision whose probe
+            loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
+            parameters and optimizer state in memory). The learning environment turns it off, so that a
+            policy sees, and is penalised for, the divergences it causes.
         cost_mode: charge measured time and memory, or those of a hardware profile.
         ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
         memory: the memory budget.
@@ -380,6 +384,7 @@ class ControllerConfig:
     min_batch_size: int = 16
     max_batch_size: int = 4096
     max_lr_change: float = 1.5
+    rollback: bool = True
     cost_mode: CostMode = CostMode.MEASURED
     ema_decay: float = 0.9
     memory: MemoryBudget = field(default_factory=MemoryBudget)

@@ -296,6 +296,11 @@ class StepEngine:
         self.precision.remove()
 
     @property
+    def state_holder(self) -> Any:
+        """The object holding the optimizer state: the fused optimizer, or the torch one."""
+        return self.fused_optimizer if self.fused else self.optimizer
+
+    @property
     def loss_scale(self) -> float:
         """The current loss scale (1.0 while no layer is fp16). Reading it syncs with the device."""
         if self.fused:

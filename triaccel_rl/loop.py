@@ -6,6 +6,7 @@ the two see exactly the same observations, bounds and costs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,7 @@ from triaccel_rl.actions import decode
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
+from triaccel_rl.shield import RollbackGuard
 from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Signals
@@ -53,9 +55,12 @@ class DecisionLoop:
         64
     """
 
-    def __init__(self, run: TrainingRun, config: ControllerConfig) -> None:
+    def __init__(self, run: TrainingRun, config: ControllerConfig, rollback: bool | None = None) -> None:
         self.run = run
         self.config = config
+        # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
+        use_rollback = config.rollback if rollback is None else rollback
+        self.guard = RollbackGuard(run.model, run.engine.state_holder) if use_rollback else None
         self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
@@ -88,6 +93,13 @@ class DecisionLoop:
         """
         start = time.perf_counter()
         probe = self.run.probe_loss()
+        rolled_back = False
+        if self.guard is not None:
+            if math.isfinite(probe):
+                self.guard.save()
+            elif self.guard.restore():  # logged by the guard
+                rolled_back = True
+                probe = self.run.probe_loss()
         moments = self.run.engine.grad_mean_sq_norm()
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         if self.collector.config.mode is SignalMode.ALL:
@@ -104,6 +116,8 @@ class DecisionLoop:
             precisions=self.run.precisions,
             progress=progress,
         )
+        self.signals.extra["rolled_back"] = rolled_back
+        self.signals.extra["rollbacks"] = self.guard.rollbacks if self.guard is not None else 0
         if self.collector.config.lr_factors and self.signals.lr_factors is not None:
             self.run.lr_factors = self.signals.lr_factors
         self.grouper.update(self.signals)
