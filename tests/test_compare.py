@@ -93,3 +93,18 @@ def test_plots_are_written_and_not_empty(results, tmp_path):
     assert {"precision_map_static-fp32.png", "precision_map_heuristic.png"} <= names
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_fallbacks_of_a_learned_policy_are_counted():
+    from triaccel_rl.policies import HeuristicPolicy, StaticPolicy
+
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    # A "learned" policy whose training range is a single point: every real observation is outside it.
+    stats = ObservationStats((0.0,) * 43, (0.0,) * 43, 1)
+    policy = FallbackPolicy(StaticPolicy("fp32"), HeuristicPolicy(), stats, max_distance=1e-6)
+    result = run_controller("synthetic", policy, 0, epochs=1, config=ControllerConfig(interval_steps=5), eval_every=2)
+    decisions = len(result.trace) - 1  # the first interval runs before any decision
+    assert decisions > 0 and result.fallbacks == decisions
+    assert summarize([result])[0]["fallbacks_total"] == decisions

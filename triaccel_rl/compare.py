@@ -51,6 +51,7 @@ class RunResult:
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.
+        fallbacks: decisions a learned policy handed to the heuristic (out-of-distribution observations).
     """
 
     controller: str
@@ -71,6 +72,7 @@ class RunResult:
     layer_names: list[str] = field(default_factory=list)
     oom_events: int = 0
     mean_step_ms: float = 0.0
+    fallbacks: int = 0
 
 
 def run_controller(
@@ -235,6 +237,7 @@ def run_controller(
         layer_names=[info.name for info in run.layers],
         oom_events=int(getattr(run, "oom_events", 0)),
         mean_step_ms=time_ms / max(run.steps, 1),
+        fallbacks=int(getattr(policy, "fallbacks", 0)),
     )
 
 
@@ -344,6 +347,7 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "mean_step_ms": statistics.fmean(r.mean_step_ms for r in runs),
                 "skipped_steps_mean": statistics.fmean(r.skipped_steps for r in runs),
                 "oom_events_total": sum(r.oom_events for r in runs),
+                "fallbacks_total": sum(r.fallbacks for r in runs),
             }
         )
     if reference is not None:
