@@ -22,7 +22,7 @@ from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.training import TrainingRun
-from triaccel_rl.types import Precision
+from triaccel_rl.types import Policy, Precision
 
 __all__ = ["RunResult", "compare", "format_table", "run_controller", "summarize"]
 
@@ -77,7 +77,7 @@ class RunResult:
 
 def run_controller(
     task: Task | str,
-    controller: str,
+    controller: str | Policy,
     seed: int,
     *,
     epochs: float = 1.0,
@@ -102,7 +102,8 @@ def run_controller(
 
     Args:
         task: task or its registered name.
-        controller: a static preset, ``heuristic``, or a path to an SB3 zip.
+        controller: a static preset, ``heuristic`` (or an ablation), ``batch-finder``, ``pretrained``, a path
+            to an SB3 zip, or a policy object.
         seed: seeds the model, the data order and the subset.
         epochs: training budget in epochs (fractional allowed).
         config: decision interval, groups, bounds.
@@ -143,7 +144,7 @@ def run_controller(
     policy = _policy(controller, config)
     if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
         loop.enable_lr_factors()
-    name = getattr(policy, "name", controller)
+    name = str(getattr(policy, "name", controller))
     adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     writer = _writer(log_dir)
     samples_per_epoch = len(run.loader)  # samples per epoch
@@ -392,7 +393,7 @@ def write_json(
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _policy(controller: str, config: ControllerConfig) -> Any:
+def _policy(controller: str | Policy, config: ControllerConfig) -> Any:
     import gymnasium as gym
 
     from triaccel_rl.observation import ObservationLayout
