@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
+from triaccel_rl.policies.static import StaticPolicy
 
-from triaccel_rl.actions import encode
 from triaccel_rl.config import ControllerConfig, LRRule
 from triaccel_rl.elastic import find_batch_size
-from triaccel_rl.types import Action, BatchMove, Precision
 
 __all__ = ["BATCH_FINDER_NAMES", "BatchFinderPolicy", "BatchFinderTarget"]
 
@@ -44,7 +42,7 @@ class BatchFinderTarget(Protocol):
         ...
 
 
-class BatchFinderPolicy:
+class BatchFinderPolicy(StaticPolicy):
     """The batch-finder baseline: one precision, the largest power-of-two batch that fits, kept fixed.
 
     Args:
@@ -60,13 +58,9 @@ class BatchFinderPolicy:
     def __init__(self, name: str = "batch-finder", config: ControllerConfig | None = None) -> None:
         if name not in BATCH_FINDER_NAMES:
             raise ValueError(f"unknown batch finder {name!r}; allowed: {', '.join(BATCH_FINDER_NAMES)}")
+        # A static configuration (precision, LR scale 1, batch kept) whose batch ``prepare`` fixes first.
+        super().__init__(name.removeprefix("batch-finder").removeprefix("-") or "fp32", config)
         self.name = name
-        self.config = config or ControllerConfig()
-        suffix = name.removeprefix("batch-finder").removeprefix("-")
-        self.precision = Precision.parse(suffix or "fp32")
-        action = Action((self.precision,) * self.config.n_groups, 1.0, BatchMove.KEEP)
-        self._raw = encode(action, self.config)
-        self.initial_action = self._raw.copy()  # applied before the first step, like a static policy
         self.batch_size: int | None = None  # what prepare() found
 
     def prepare(self, run: BatchFinderTarget) -> int:
@@ -84,16 +78,3 @@ class BatchFinderPolicy:
         run.batch_size = found
         self.batch_size = found
         return found
-
-    def predict(
-        self,
-        observation: np.ndarray,
-        state: tuple[np.ndarray, ...] | None = None,
-        episode_start: np.ndarray | None = None,
-        deterministic: bool = False,
-    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """Returns the fixed action (batch kept; batched when ``observation`` is a batch)."""
-        obs = np.asarray(observation)
-        if obs.ndim == 2:
-            return np.tile(self._raw, (obs.shape[0], 1)), state
-        return self._raw.copy(), state
