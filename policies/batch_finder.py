@@ -51,6 +51,7 @@ class BatchFinderPolicy(StaticPolicy):
 
     Example:
         >>> policy = BatchFinderPolicy("batch-finder-bf16")
+        >>> import numpy as np
         >>> policy.predict(np.zeros(43, dtype=np.float32))[0].tolist()
         [1, 1, 1, 1, 2, 1]
     """
