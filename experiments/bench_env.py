@@ -5,16 +5,17 @@ python experiments/bench_env.py --tasks synthetic,mlp-fmnist --n-envs 2 --steps 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from triaccel_rl.experiment import parse_args
 
 
 @dataclass
@@ -77,11 +78,8 @@ def main(args: Args) -> list[dict[str, object]]:
 
 
 def parse(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    """Parses ``--flag`` arguments into ``Args``."""
+    return parse_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch
 
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.tasks import get_task
 
 
@@ -90,7 +89,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "command": "python experiments/gpu_benchmark.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
     }
@@ -193,24 +192,9 @@ def main(args: Args) -> list[dict[str, Any]]:
     return table_rows
 
 
-def _commit() -> str:
-    if os.environ.get("COMMIT"):
-        return os.environ["COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    """Parses ``--flag`` arguments into ``Args``."""
+    return parse_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,19 @@ folder and ships nothing (the smoke test runs it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from triaccel_rl.experiment import git_commit, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -280,30 +280,14 @@ def _facts(
         "profile": HardwareProfile.load(None).device,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse(argv: list[str] | None = None) -> Args:
     """Parses ``--flag`` arguments into ``Args``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type={"int": int, "str": str}[str(f.type)], default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ real time to target), and the reach rate is printed beside it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from triaccel_rl.experiment import git_commit, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ def _write(
         "time_mode": "modelled GPU time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",
         "device": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "wall_s_this_invocation": wall_s,
         "summary": summary,
         "target_check": target_check(summary),
@@ -240,25 +240,9 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse(argv: list[str] | None = None) -> Args:
     """Parses ``--flag`` arguments into ``Args``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)], default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":
