@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from heuristic_observations import observation
 from triaccel_rl.policies import HEURISTIC_NAMES, HEURISTIC_PARTS, HeuristicPolicy, make_policy
 
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
@@ -19,28 +20,6 @@ VARIANT_PARTS = {
     "heuristic-elastic": {"batch"},
     "heuristic-second-order": {"lr"},
 }
-
-
-def observation(
-    sensitivities,
-    precisions=(0, 0, 0, 0),
-    overflow=0.0,
-    memory_use=0.1,
-    noise_over_batch=2.0,
-    loss_trend=-0.05,
-    lr_scale=1.0,
-):
-    """An observation with the features the heuristic reads; the rest stay 0 (as in test_policies.py)."""
-    obs = np.zeros(LAYOUT.size, dtype=np.float32)
-    obs[LAYOUT.globals("overflow_rate")] = overflow
-    obs[LAYOUT.globals("memory_use")] = memory_use
-    obs[LAYOUT.globals("log_noise_over_batch")] = noise_over_batch
-    obs[LAYOUT.globals("loss_trend")] = loss_trend
-    obs[LAYOUT.globals("log2_lr_scale")] = np.log2(lr_scale)
-    for group, (s, p) in enumerate(zip(sensitivities, precisions, strict=True)):
-        obs[LAYOUT.group(group, "rel_sensitivity")] = s
-        obs[LAYOUT.group(group, "is_fp32") + p] = 1.0
-    return obs
 
 
 # Observations on which the full heuristic moves all three knobs, each in a different direction.

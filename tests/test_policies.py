@@ -2,6 +2,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from heuristic_observations import observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
@@ -9,27 +10,6 @@ from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy
 
 LAYOUT = ObservationLayout(4)
-
-
-def observation(
-    sensitivities,
-    precisions=(0, 0, 0, 0),
-    overflow=0.0,
-    memory_use=0.1,
-    noise_over_batch=2.0,
-    loss_trend=-0.05,
-    lr_scale=1.0,
-):
-    obs = np.zeros(LAYOUT.size, dtype=np.float32)
-    obs[LAYOUT.globals("overflow_rate")] = overflow
-    obs[LAYOUT.globals("memory_use")] = memory_use
-    obs[LAYOUT.globals("log_noise_over_batch")] = noise_over_batch
-    obs[LAYOUT.globals("loss_trend")] = loss_trend
-    obs[LAYOUT.globals("log2_lr_scale")] = np.log2(lr_scale)
-    for group, (s, p) in enumerate(zip(sensitivities, precisions, strict=True)):
-        obs[LAYOUT.group(group, "rel_sensitivity")] = s
-        obs[LAYOUT.group(group, "is_fp32") + p] = 1.0
-    return obs
 
 
 def precisions_of(action):
