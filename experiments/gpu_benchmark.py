@@ -13,16 +13,18 @@ time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), 
 ``experiments/results/plots/``, and prints a Markdown table last.
 
     python experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3
-    python experiments/gpu_benchmark.py --smoke   # CPU, tiny: checks the plumbing
+    python experiments/gpu_benchmark.py --smoke --models synthetic --epochs 1   # CPU, tiny: the plumbing
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,14 @@ class Args:
     """LR multipliers of the static grid (on the task's base LR at its base batch)."""
     fp32_seeds: int = 1
     """Seeds for the (slow) fp32 row."""
+    fp32_cap: float = 6.0
+    """Stop an fp32 run once its time passes this many times the tuned static row's time to target (it
+    has then missed the >= 5x comparison by construction; 0: no cap)."""
+    static: str = ""
+    """``BATCH,LR_SCALE[,TARGET_S]`` for the static rows, skipping the grid (e.g. from an earlier run's
+    JSON); ``TARGET_S``, the tuned row's time to target, sets the fp32 cap."""
+    merge: str = ""
+    """Comma-separated result JSONs to merge into ``--out`` (nothing is run)."""
     interval_steps: int = 25
     """Optimizer steps between decisions."""
     eval_every: int = 2
@@ -95,6 +105,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     }
     table_rows: list[dict[str, Any]] = []
     all_results: list[RunResult] = []
+    grid_rows: list[dict[str, Any]] = []
     config = ControllerConfig(interval_steps=args.interval_steps)
     for model in args.models.split(","):
         overrides = {"n_train": 2048, "n_test": 512} if args.smoke else {}
@@ -105,21 +116,38 @@ def main(args: Args) -> list[dict[str, Any]]:
                   "schedule": True}  # fmt: skip
 
         grid = []
-        for batch in map(int, args.grid_batches.split(",")):
+        batches = [] if args.static else list(map(int, args.grid_batches.split(",")))
+        for batch in batches:
             for lr_scale in map(float, args.grid_lr_scales.split(",")):
                 result = run_controller(
                     task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common
                 )
                 grid.append((batch, lr_scale, result))
+                grid_rows.append(
+                    {"model": model, "batch": batch, "lr_scale": lr_scale, "seed": 0,
+                     "time_to_target_s": result.time_to_target_s, "final_acc": result.final_metric}
+                )  # fmt: skip
                 print(
                     f"grid {model} bf16 batch {batch} lr x{lr_scale}: to target {result.time_to_target_s}, "
                     f"final {100 * result.final_metric:.2f}%",
                     flush=True,
                 )
-        reached = [g for g in grid if g[2].time_to_target_s is not None]
-        best_batch, best_lr, best_result = (
-            min(reached, key=lambda g: g[2].time_to_target_s) if reached else max(grid, key=lambda g: g[2].final_metric)
-        )
+        best_result: RunResult | None = None
+        static_target: float | None = None
+        if args.static:
+            fields = args.static.split(",")
+            if len(fields) not in (2, 3):
+                raise SystemExit(f"--static {args.static!r}: expected BATCH,LR_SCALE[,TARGET_S]")
+            best_batch, best_lr = int(fields[0]), float(fields[1])
+            static_target = float(fields[2]) if len(fields) == 3 else None
+        else:
+            reached = [g for g in grid if g[2].time_to_target_s is not None]
+            best_batch, best_lr, best_result = (
+                min(reached, key=lambda g: g[2].time_to_target_s)
+                if reached
+                else max(grid, key=lambda g: g[2].final_metric)
+            )
+            static_target = best_result.time_to_target_s
         print(f"tuned static setting for {model}: batch {best_batch}, lr x{best_lr}", flush=True)
 
         results: list[RunResult] = []
@@ -128,20 +156,23 @@ def main(args: Args) -> list[dict[str, Any]]:
                 continue
             n_seeds = args.fp32_seeds if row == "fp32" else args.seeds
             for seed in range(n_seeds):
-                if row == "static-bf16" and seed == 0:  # the grid already ran this exact configuration
+                if row == "static-bf16" and seed == 0 and best_result is not None:  # the grid ran this one
                     result = copy.deepcopy(best_result)
                     result.controller = row
                     results.append(result)
                     continue
-                result = run_controller(
-                    task,
-                    spec["controller"],
-                    seed,
-                    batch_size=best_batch,
-                    lr_scale=best_lr,
-                    channels_last=spec["channels_last"],
-                    **{**common, "config": spec.get("config", config)},
-                )
+                cap = args.fp32_cap * static_target if row == "fp32" and args.fp32_cap and static_target else None
+                with _true_fp32(row == "fp32" and device == "cuda"):
+                    result = run_controller(
+                        task,
+                        spec["controller"],
+                        seed,
+                        batch_size=best_batch,
+                        lr_scale=best_lr,
+                        channels_last=spec["channels_last"],
+                        max_time_s=cap,
+                        **{**common, "config": spec.get("config", config)},
+                    )
                 result.controller = row
                 results.append(result)
                 print(
@@ -187,9 +218,35 @@ def main(args: Args) -> list[dict[str, Any]]:
 
     out = Path(os.environ.get("OUT", "")) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": table_rows, "runs": [asdict(r) for r in all_results]}, indent=1) + "\n")
+    payload = {"rows": table_rows, "grid": grid_rows, "runs": [asdict(r) for r in all_results]}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {out}")
     return table_rows
+
+
+@contextlib.contextmanager
+def _true_fp32(active: bool) -> Iterator[None]:
+    """TF32 off for matmuls and convolutions (cuDNN allows TF32 convolutions by default): fp32 is fp32."""
+    if not active:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """Concatenates the rows and runs of several result JSONs (e.g. one per model or per visit)."""
+    merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for key, values in merged.items():
+            values += data.get(key, [])
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    print(f"merged {len(merged['rows'])} rows from {len(paths)} files into {out}")
 
 
 def parse(argv: list[str] | None = None) -> Args:
@@ -198,4 +255,8 @@ def parse(argv: list[str] | None = None) -> Args:
 
 
 if __name__ == "__main__":
-    main(parse())
+    arguments = parse()
+    if arguments.merge:
+        merge(arguments.merge.split(","), Path(arguments.out))
+    else:
+        main(arguments)

@@ -115,6 +115,8 @@ class HeuristicPolicy:
         self.parts = chosen
         self.needs_lr_factors = bool(needs_lr_factors)
         self.name = _name_of(_Variant(chosen, self.needs_lr_factors))
+        self.initial_precision = Precision.parse(self.config.heuristic.start_precision)
+        """Every controllable layer's precision before the first decision (the driver applies it)."""
 
     @classmethod
     def from_name(cls, name: str, config: ControllerConfig | None = None) -> HeuristicPolicy:

@@ -108,3 +108,16 @@ def test_fallbacks_of_a_learned_policy_are_counted():
     decisions = len(result.trace) - 1  # the first interval runs before any decision
     assert decisions > 0 and result.fallbacks == decisions
     assert summarize([result])[0]["fallbacks_total"] == decisions
+
+
+def test_time_cap_stops_a_run_early():
+    from triaccel_rl.compare import run_controller
+
+    config = ControllerConfig(interval_steps=2)
+    full = run_controller("synthetic", "fp32", 0, epochs=1, config=config, device="cpu")
+    capped = run_controller("synthetic", "fp32", 0, epochs=1, config=config, device="cpu", max_time_s=full.time_s / 4)
+    assert capped.time_s >= full.time_s / 4  # stops at the first decision past the cap
+    assert capped.steps < full.steps
+    assert capped.final_metric == capped.curve[-1][1]  # the stopped run is still evaluated
+    with pytest.raises(ValueError, match="max_time_s=0"):
+        run_controller("synthetic", "fp32", 0, config=config, device="cpu", max_time_s=0)

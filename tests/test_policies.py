@@ -7,7 +7,7 @@ from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError
 
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
 from triaccel_rl.observation import ObservationLayout
-from triaccel_rl.types import Policy
+from triaccel_rl.types import Policy, Precision
 
 LAYOUT = ObservationLayout(4)
 
@@ -109,3 +109,17 @@ def test_missing_and_corrupt_policy_zip(tmp_path):
         archive.writestr("data", "{not json")
     with pytest.raises(PolicyLoadError, match="cannot load policy"):
         LearnedPolicy(empty)
+
+
+def test_heuristic_starts_from_its_start_precision():
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.config import ConfigError
+
+    for start in ("bf16", "fp32"):
+        config = ControllerConfig(interval_steps=50, heuristic=HeuristicConfig(start_precision=start))
+        assert HeuristicPolicy(config).initial_precision is Precision.parse(start)
+        result = run_controller("synthetic", HeuristicPolicy(config), 0, epochs=0.3, config=config, device="cpu")
+        first = result.trace[0]["precisions"]  # after the first interval, before any decision applied
+        assert first == [int(Precision.parse(start))] * len(first)
+    with pytest.raises(ConfigError, match="start_precision='int8' must be one of"):
+        HeuristicConfig(start_precision="int8")

@@ -112,3 +112,34 @@ def test_nonfinite_loss_skips_update_and_keeps_parameters(monkeypatch):
         assert torch.equal(a, b)
     for k, v in run.optimizer.state.items():
         assert torch.equal(state_before[k], v["momentum_buffer"])
+
+
+def test_train_interval_takes_the_same_steps_as_step():
+    """Same seed, same updates: n steps through train_interval equal n calls of step()."""
+    stepped, deferred = TrainingRun("synthetic", seed=3, device="cpu"), TrainingRun("synthetic", seed=3, device="cpu")
+    stats = [stepped.step() for _ in range(4)]
+    interval = deferred.train_interval(4)
+    for a, b in zip(stepped.model.parameters(), deferred.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert (interval.steps, interval.samples, interval.skipped) == (4, 4 * 64, 0)
+    assert interval.moments.n_finite == 4
+    assert interval.moments.loss == pytest.approx(np.mean([s.loss for s in stats]), rel=1e-6)
+    np.testing.assert_allclose(interval.moments.sq_norm, np.mean([s.grad_sq_sum for s in stats], 0), rtol=1e-5)
+    assert deferred.steps == stepped.steps == 4 and deferred.samples_seen == stepped.samples_seen
+    assert interval.peak_bytes == max(s.memory_bytes for s in stats)
+
+
+def test_train_interval_counts_and_skips_non_finite_steps(monkeypatch):
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.train_interval(1)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    original = type(run.task).loss_fn
+    monkeypatch.setattr(type(run.task), "loss_fn", lambda self, logits, y: original(self, logits, y) * float("inf"))
+    interval = run.train_interval(3)
+    assert (interval.skipped, interval.moments.n_finite, run.skipped_steps) == (3, 0, 3)
+    assert math.isnan(interval.moments.loss)
+    for a, b in zip(before, run.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert run.train_interval(0).steps == 0
+    with pytest.raises(ValueError, match="n_steps=-1"):
+        run.train_interval(-1)

@@ -92,6 +92,7 @@ def run_controller(
     lr_scale: float = 1.0,
     channels_last: bool = False,
     schedule: bool = False,
+    max_time_s: float | None = None,
 ) -> RunResult:
     """Trains ``task`` for ``epochs`` epochs under ``controller`` and measures it.
 
@@ -117,6 +118,8 @@ def run_controller(
         lr_scale: starting LR multiplier on the task's base LR (a static row keeps it).
         channels_last: channels-last memory format for model and inputs.
         schedule: warm-up then linear decay of the LR over ``epochs`` (else a constant LR).
+        max_time_s: stop early once the charged time passes this many seconds (a slow baseline that has
+            not reached the target by then is reported as a miss; ``None``: train all ``epochs``).
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
@@ -124,6 +127,8 @@ def run_controller(
         raise ValueError(f"epochs={epochs} must be positive")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if max_time_s is not None and not max_time_s > 0:
+        raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
     run = TrainingRun(
         task,
         seed=seed,
@@ -161,10 +166,14 @@ def run_controller(
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.apply(decode(initial, config), run)
+    start = getattr(policy, "initial_precision", None)
+    if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
+        run.set_precisions([start] * len(run.precision.controllable_indices))
     prepare = getattr(policy, "prepare", None)
     if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
         prepare(run)
-    while run.samples_seen < total_samples:
+    finished = False
+    while not finished:
         if observation is not None:
             decide_start = time.perf_counter()
             raw, _ = policy.predict(observation, deterministic=True)
@@ -195,12 +204,14 @@ def run_controller(
                 "lr_scale": run.lr_scale,
                 "memory_bytes": signals.memory_bytes,
                 "probe_loss": signals.probe_loss,
+                "noise_scale": signals.noise_scale,
+                "lr": run.lr,
                 "precisions": [int(p) for p in run.precisions],
             }
         )
         observation = loop.observation()
         decision += 1
-        finished = run.samples_seen >= total_samples
+        finished = run.samples_seen >= total_samples or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
         if decision % eval_every == 0 or finished:
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))

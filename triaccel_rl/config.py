@@ -224,14 +224,21 @@ class HeuristicConfig:
     more than ``loss_rise_tolerance`` over an interval or steps overflowed; one rung back up towards 1.0
     when it fell by as much; otherwise kept.
 
+    Start: every controllable layer begins in ``start_precision`` (bf16 by default: the static setting a
+    careful user runs today, so the controller adapts from the strong baseline, not from fp32).
+
     Attributes:
+        start_precision: the precision of every controllable layer before the first decision
+            (``fp32``, ``bf16`` or ``fp16``).
         lower_below: relative log-sensitivity under which a group may run in 16 bits.
         raise_above: relative log-sensitivity over which a group goes back to fp32; > lower_below.
         max_overflow_rate: overflow (skipped-step) rate above which no group is lowered and fp16 groups
             fall back to bf16.
         use_fp16: lower to fp16 instead of bf16 (only worth it where fp16 is faster, e.g. older GPUs).
         loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
-            (instability) or, negated, as a steady fall; >= 0.
+            (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the
+            interval-to-interval noise of the probe loss late in training (a 2% tolerance made the
+            2026-11-22 GPU pilot change the LR 45 times in 12 epochs, chasing noise).
         grow_below_usage: grow the batch when memory use is under this share of the budget.
         shrink_above_usage: shrink the batch when memory use is over this share of the budget.
         max_batch_over_noise: grow the batch only while batch / noise_scale is under this value. By
@@ -239,16 +246,19 @@ class HeuristicConfig:
             samples, so 0.1 costs at most about 10% more samples for many fewer steps; > 0.
     """
 
+    start_precision: str = "bf16"
     lower_below: float = 0.25
     raise_above: float = 0.75
     max_overflow_rate: float = 0.05
     use_fp16: bool = False
-    loss_rise_tolerance: float = 0.02
+    loss_rise_tolerance: float = 0.1
     grow_below_usage: float = 0.45
     shrink_above_usage: float = 0.95
     max_batch_over_noise: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.start_precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
         if not self.lower_below < self.raise_above:
             raise ConfigError(
                 f"lower_below={self.lower_below} must be below raise_above={self.raise_above} (hysteresis band)"

@@ -136,6 +136,9 @@ class Controller:
         initial = getattr(self.policy, "initial_action", None)
         if initial is not None:  # a static configuration holds from the first step
             self.executor.apply(decode(initial, self.config), self)
+        start = getattr(self.policy, "initial_precision", None)
+        if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
+            self.engine.set_precisions([start] * len(self.engine.precision.controllable_indices))
 
     # ----------------------------------------------------------------------------------- user API
 

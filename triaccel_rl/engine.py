@@ -189,7 +189,26 @@ class StepEngine:
             The gradient statistics and whether the update was skipped (a non-finite loss or gradient).
         """
         if self.fused:
-            return self._fused_step(loss)
+            stats, skipped = self._fused_step()
+            # Host-device sync: callers want a bool. The update itself was already skipped on the device.
+            return stats, bool(skipped) or not math.isfinite(float(loss))
+        return self._reference_step(loss)
+
+    def step_after_backward_deferred(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
+        """``step_after_backward`` without a host-device sync on the fused path.
+
+        Returns:
+            The gradient statistics and a 0-dim bool device tensor, True when the update was skipped. On
+            the fused path the skip is decided on the device from the gradients alone (a non-finite loss
+            has non-finite gradients); the reference path decides on the host as ``step_after_backward``
+            does (a sync, free on a CPU) and returns its answer as a tensor.
+        """
+        if self.fused:
+            return self._fused_step()
+        stats, skipped = self._reference_step(loss)
+        return stats, torch.tensor(skipped)
+
+    def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         self.apply_lr()
         scaler = self.grad_scaler
         if scaler is not None:
@@ -340,7 +359,7 @@ class StepEngine:
         self._last_factors: np.ndarray | None = None
         self._last_codes: list[Precision] | None = None
 
-    def _fused_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+    def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
         factors = self._layer_base * self.lr_factors
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
@@ -362,10 +381,7 @@ class StepEngine:
             )
             self._clean_steps = torch.where(grow, 0, self._clean_steps)
         self.store.zero_grad()
-        stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)
-        # Host-device sync: callers want a bool. The update itself was already skipped on the device.
-        skipped = bool(result.skipped) or not math.isfinite(float(loss))
-        return stats, skipped
+        return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
 
     def _fused_mean_sq_norm(self) -> np.ndarray:
         optimizer = self.fused_optimizer

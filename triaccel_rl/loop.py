@@ -69,17 +69,20 @@ class DecisionLoop:
         self.decisions = 0
 
     def train_interval(self, max_steps: int | None = None) -> IntervalResult:
-        """Trains ``interval_steps`` steps (or ``max_steps`` if fewer) and feeds the collector."""
+        """Trains ``interval_steps`` steps (or ``max_steps`` if fewer) and feeds the collector.
+
+        The steps run through ``TrainingRun.train_interval``: one host-device sync for the whole interval.
+        """
         n_steps = self.config.interval_steps if max_steps is None else min(max_steps, self.config.interval_steps)
-        cost_ms = wall_ms = 0.0
-        samples = 0
-        for _ in range(n_steps):
-            stats = self.run.step()
-            self.collector.observe(stats)
-            cost_ms += stats.modelled_time_ms
-            wall_ms += stats.step_time_ms
-            samples += stats.batch_size
-        return IntervalResult(cost_ms, wall_ms, n_steps, samples)
+        stats = self.run.train_interval(n_steps)
+        self.collector.observe_interval(
+            stats.moments,
+            n_steps=stats.steps,
+            train_ms=stats.train_ms,
+            charged_ms=stats.charged_ms,
+            peak_bytes=stats.peak_bytes,
+        )
+        return IntervalResult(stats.charged_ms, stats.train_ms, stats.steps, stats.samples)
 
     def snapshot(self, progress: float) -> Signals:
         """Closes the interval: probe loss, optimizer moments, a due estimator round, ``Signals``, re-ranking.

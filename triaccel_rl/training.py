@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,13 +26,14 @@ from triaccel_rl.elastic import (
     release_memory,
     resolve_lr_rule,
 )
-from triaccel_rl.engine import StepEngine
+from triaccel_rl.engine import GradStats, StepEngine
 from triaccel_rl.loader import Batch, ElasticLoader
 from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, read_device_memory
+from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
-__all__ = ["IntervalTimer", "TrainingRun", "resolve_device"]
+__all__ = ["IntervalStats", "IntervalTimer", "TrainingRun", "resolve_device"]
 
 _log = logging.getLogger("triaccel_rl")
 _NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (for the AdaScale rule)
@@ -49,6 +51,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
     return resolved
+
+
+@dataclass(frozen=True)
+class IntervalStats:
+    """What ``TrainingRun.train_interval`` reports for its steps.
+
+    Attributes:
+        steps: optimizer steps taken.
+        samples: training samples consumed.
+        train_ms: time of the steps, measured over the whole interval (CUDA events on a GPU).
+        charged_ms: the time charged for them: ``train_ms``, or the modelled time in ``profile`` cost mode.
+        peak_bytes: the largest per-step peak memory (as ``StepStats.memory_bytes``).
+        skipped: steps whose loss or gradient was non-finite (their updates were skipped).
+        oom_events: out-of-memory errors recovered from.
+        moments: the steps' mean loss and per-layer squared gradient norms.
+    """
+
+    steps: int
+    samples: int
+    train_ms: float
+    charged_ms: float
+    peak_bytes: int
+    skipped: int
+    oom_events: int
+    moments: IntervalMoments
 
 
 class IntervalTimer:
@@ -205,6 +232,7 @@ class TrainingRun:
         """An upper bound on the micro-batch size set by hand (``None``: only the memory budget bounds it)."""
         self.last_batch: Batch | None = None
         self.last_micro_batches: list[int] = []
+        self._moments: DeviceMoments | None = None  # train_interval's device-side accumulator
         self._noise = np.zeros(3)  # EMA weight, EMA of B * |g_B|^2, EMA of B (for noise_scale)
         self._samples_started = 0  # samples whose forward pass began in the current attempt
         self._batch_size = self.task.base_batch_size
@@ -307,17 +335,87 @@ class TrainingRun:
         """Runs one optimizer step on the next effective batch and returns its statistics.
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
-        is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss.
+        is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss. Reading the statistics
+        costs a host-device sync; :meth:`train_interval` runs steps without one.
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
                 (a one-sample micro-batch is retried as it is); the batch is returned to the loader first.
         """
+        start = time.perf_counter()
+        outcome = self._step(deferred=False)
+        elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
+        skipped = bool(outcome.skipped)
+        self.skipped_steps += int(skipped)
+        self.train_time_ms += elapsed_ms
+        stats = StepStats(
+            loss=float(outcome.loss),  # host-device sync, free: the engine already waited on it for its skip
+            batch_size=outcome.batch_size,
+            step_time_ms=elapsed_ms,
+            modelled_time_ms=outcome.modelled_ms if self.cost_mode is CostMode.PROFILE else elapsed_ms,
+            memory_bytes=outcome.memory_bytes,
+            skipped=skipped,
+            grad_sq_sum=outcome.grads.sq_sum.cpu().numpy(),
+            grad_abs_max=outcome.grads.abs_max.cpu().numpy(),
+            grad_nonfinite=outcome.grads.nonfinite.cpu().numpy(),
+            lr=outcome.lr,
+            oom_events=outcome.oom_events,
+        )
+        if not skipped and np.all(np.isfinite(stats.grad_sq_sum)):
+            self._observe_noise(stats.batch_size, float(stats.grad_sq_sum.sum()))
+        return stats
+
+    def train_interval(self, n_steps: int) -> IntervalStats:
+        """Runs ``n_steps`` optimizer steps with one host-device sync in all, and returns their summary.
+
+        The same steps as :meth:`step` (micro-batches, OOM recovery, skips), but each step's loss and
+        per-layer squared gradient norms stay on the device (``DeviceMoments``) until the interval ends;
+        on the fused path the skip is decided on the device too. The time is measured over the whole
+        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time.
+
+        Raises:
+            ValueError: ``n_steps`` is negative.
+            UnrecoverableOOMError: as :meth:`step`.
+        """
+        if n_steps < 0:
+            raise ValueError(f"n_steps={n_steps} must be >= 0")
+        if self._moments is None:
+            self._moments = DeviceMoments(self.engine.layer_params)
+        timer = IntervalTimer(self.device)
+        timer.start()
+        samples = oom_events = peak = 0
+        modelled_ms = 0.0
+        for _ in range(n_steps):
+            outcome = self._step(deferred=True)
+            self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
+            samples += outcome.batch_size
+            oom_events += outcome.oom_events
+            modelled_ms += outcome.modelled_ms
+            peak = max(peak, outcome.memory_bytes)
+        train_ms = timer.stop() if n_steps else 0.0  # the one host-device sync of the interval
+        moments = self._moments.flush()
+        skipped = moments.n_observed - moments.n_finite
+        self.skipped_steps += skipped
+        self.train_time_ms += train_ms
+        if moments.n_finite and np.all(np.isfinite(moments.sq_norm)):
+            self._observe_noise(self.batch_size, float(moments.sq_norm.sum()))
+        return IntervalStats(
+            steps=n_steps,
+            samples=samples,
+            train_ms=train_ms,
+            charged_ms=modelled_ms if self.cost_mode is CostMode.PROFILE else train_ms,
+            peak_bytes=peak,
+            skipped=skipped,
+            oom_events=oom_events,
+            moments=moments,
+        )
+
+    def _step(self, deferred: bool) -> _StepOutcome:
+        """One optimizer step; with ``deferred`` nothing is read back from the device."""
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
         self.model.train()
-        start = time.perf_counter()
         # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
         self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
         lr = self.lr
@@ -343,7 +441,9 @@ class TrainingRun:
             micro = self._recover_from_oom(micro, failure, oom_events, n)
         try:
             # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
-            grads, skipped = self.engine.step_after_backward(loss)
+            grads, skipped = (
+                self.engine.step_after_backward_deferred(loss) if deferred else self.engine.step_after_backward(loss)
+            )
         except Exception as err:
             if is_out_of_memory(err):
                 raise UnrecoverableOOMError(
@@ -352,35 +452,18 @@ class TrainingRun:
                 ) from err
             raise
         self.steps += 1
-        self.skipped_steps += int(skipped)
         self.oom_events += oom_events
         self.last_micro_batches = sizes
-        elapsed_ms = (time.perf_counter() - start) * 1e3
         modelled_ms = self.modelled_step_ms(n)
         if self.include_fixed_cost:  # each extra micro-batch pays the per-step launch overhead again
             modelled_ms += (len(sizes) - 1) * self.profile.fixed_ms
         if wasted_samples:
             modelled_ms += self.costs.step_ms(wasted_samples, self.precision.precisions, self.profile, False)
-        self.train_time_ms += elapsed_ms
         self.modelled_time_ms += modelled_ms
-        memory = self.memory_bytes(sizes[0])
+        memory = self.memory_bytes(sizes[0])  # the allocator's host-side counters: no sync
         if self.measures_memory:
             self.memory_model.observe(sizes[0], self.precisions, memory)
-        stats = StepStats(
-            loss=float(loss),  # host-device sync, free: the engine already waited on this value for its skip
-            batch_size=n,
-            step_time_ms=elapsed_ms,
-            modelled_time_ms=modelled_ms if self.cost_mode is CostMode.PROFILE else elapsed_ms,
-            memory_bytes=memory,
-            skipped=skipped,
-            grad_sq_sum=grads.sq_sum.cpu().numpy(),
-            grad_abs_max=grads.abs_max.cpu().numpy(),
-            grad_nonfinite=grads.nonfinite.cpu().numpy(),
-            lr=lr,
-            oom_events=oom_events,
-        )
-        self._observe_noise(stats)
-        return stats
+        return _StepOutcome(loss, n, grads, skipped, lr, oom_events, modelled_ms, memory)
 
     def micro_batch_size(self, batch_size: int | None = None) -> int:
         """The micro-batch a step of ``batch_size`` samples (default: the current batch) would be split into.
@@ -639,16 +722,29 @@ class TrainingRun:
             loss = self.task.loss_fn(self.model(self.loader.x[:n]).float(), self.loader.y[:n])
         loss.backward()
 
-    def _observe_noise(self, stats: StepStats) -> None:
-        if stats.skipped or not np.all(np.isfinite(stats.grad_sq_sum)):
-            return
+    def _observe_noise(self, batch_size: int, grad_sq_norm: float) -> None:
+        """Folds one step's (or an interval's mean) squared gradient norm at ``batch_size`` into the EMAs."""
         d = _NOISE_EMA_DECAY
-        sample = np.array([1.0, stats.batch_size * float(stats.grad_sq_sum.sum()), float(stats.batch_size)])
+        sample = np.array([1.0, batch_size * grad_sq_norm, float(batch_size)])
         self._noise = d * self._noise + (1 - d) * sample
 
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+@dataclass(frozen=True)
+class _StepOutcome:
+    """What ``TrainingRun._step`` leaves for ``step`` or ``train_interval`` (device values unread)."""
+
+    loss: torch.Tensor
+    batch_size: int
+    grads: GradStats
+    skipped: bool | torch.Tensor
+    lr: float
+    oom_events: int
+    modelled_ms: float
+    memory_bytes: int
 
 
 def _first_line(error: BaseException) -> str:

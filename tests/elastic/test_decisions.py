@@ -80,15 +80,15 @@ def test_environment_runs_through_injected_ooms_without_losing_samples(policy_mo
     run = env.loop.run
     run.fault = inject_oom(lambda point: point.micro_batch_size > 40)  # a device that holds 40 samples
     applied: dict[int, list[int]] = {}  # epoch -> indices applied, in order
-    step = run.step
+    step = run._step
 
-    def recording_step():  # wraps TrainingRun.step
-        stats = step()
+    def recording_step(deferred):  # wraps the one step both step() and train_interval() run
+        outcome = step(deferred)
         assert run.last_batch is not None
         applied.setdefault(run.last_batch.epoch, []).extend(run.last_batch.indices.tolist())
-        return stats
+        return outcome
 
-    run.step = recording_step  # type: ignore[method-assign]
+    run._step = recording_step  # type: ignore[method-assign]
     policy = HeuristicPolicy(config)
     grow = encode(_grow(config), config)
     served = run.samples_seen

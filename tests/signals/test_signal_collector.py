@@ -411,3 +411,25 @@ def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
     np.testing.assert_allclose(a.grad_norm, b.grad_norm)
     assert a.loss == pytest.approx(b.loss)
     assert per_interval.train_ms == 50.0 and per_interval.n_steps == 5
+
+
+def test_device_moments_observe_layers_equals_observe() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.device("cpu"))
+    by_params, by_layers = DeviceMoments(engine.layer_params), DeviceMoments(engine.layer_params, capacity=2)
+    for seed in range(5):  # capacity 2: observe_layers folds its buffer twice on the way
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
+        loss = model(x).square().mean()
+        loss.backward()
+        by_params.observe(loss)
+        by_layers.observe_layers(loss, engine.grad_stats().sq_sum)
+        engine.optimizer.zero_grad()
+    by_layers.observe_layers(torch.tensor(float("nan")), torch.zeros(2))  # counted, not added
+    a, b = by_params.flush(), by_layers.flush()
+    assert (b.n_finite, b.n_observed) == (5, 6)
+    np.testing.assert_allclose(b.sq_norm, a.sq_norm, rtol=1e-5)
+    np.testing.assert_allclose(b.norm, a.norm, rtol=1e-5)
+    assert b.loss == pytest.approx(a.loss)
+    with pytest.raises(ValueError, match="expected \\(2,\\)"):
+        by_layers.observe_layers(loss, torch.zeros(3))

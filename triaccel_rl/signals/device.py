@@ -83,6 +83,10 @@ class DeviceMoments:
         self._norms = torch.zeros(capacity, len(self._params), device=device)
         self._losses = torch.zeros(capacity, device=device)
         self._row = 0
+        # observe_layers() rows: per-layer squared norms computed by the caller (e.g. the fused step).
+        self._layer_sq = torch.zeros(capacity, self.n_layers, device=device)
+        self._layer_losses = torch.zeros(capacity, device=device)
+        self._layer_row = 0
         self._sums = torch.zeros(2 * self.n_layers + 1, dtype=torch.float64, device=device)
         self._finite = torch.zeros((), dtype=torch.float64, device=device)
         self._calls = 0
@@ -105,6 +109,27 @@ class DeviceMoments:
             self._norms[self._row].copy_(torch.stack([n.float() for n in norms]))
         self._losses[self._row].copy_(loss.detach())
         self._row += 1
+
+    def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
+        """Records a step whose per-layer squared gradient norms ``layer_sq`` (``[n_layers]``) are known.
+
+        For a step that computed them already (the fused optimizer step does): two copies, no norm
+        kernels, no sync. ``every_steps`` applies as in :meth:`observe`.
+
+        Raises:
+            ValueError: ``layer_sq`` does not have one entry per layer.
+        """
+        if layer_sq.shape != (self.n_layers,):
+            raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
+        self._calls += 1
+        if (self._calls - 1) % self.every_steps:
+            return
+        if self._layer_row == len(self._layer_sq):
+            self._fold()
+        self._observed += 1
+        self._layer_sq[self._layer_row].copy_(layer_sq.detach())
+        self._layer_losses[self._layer_row].copy_(loss.detach())
+        self._layer_row += 1
 
     def flush(self) -> IntervalMoments:
         """The interval's means; resets the sums. One host-device sync."""
@@ -156,14 +181,20 @@ class DeviceMoments:
 
     def _fold(self) -> None:
         """Adds the buffered steps to the sums (device kernels only)."""
-        if self._row == 0:
-            return
-        rows = self._row
-        sq_param = self._norms[:rows].double().square()
-        sq_layer = torch.zeros(rows, self.n_layers, dtype=torch.float64, device=sq_param.device)
-        sq_layer.index_add_(1, self._owner, sq_param)
-        table = torch.cat([sq_layer, sq_layer.sqrt(), self._losses[:rows, None].double()], dim=1)
+        if self._row:
+            rows = self._row
+            sq_param = self._norms[:rows].double().square()
+            sq_layer = torch.zeros(rows, self.n_layers, dtype=torch.float64, device=sq_param.device)
+            sq_layer.index_add_(1, self._owner, sq_param)
+            self._add(sq_layer, self._losses[:rows])
+            self._row = 0
+        if self._layer_row:
+            rows = self._layer_row
+            self._add(self._layer_sq[:rows].double(), self._layer_losses[:rows])
+            self._layer_row = 0
+
+    def _add(self, sq_layer: torch.Tensor, losses: torch.Tensor) -> None:
+        table = torch.cat([sq_layer, sq_layer.sqrt(), losses[:, None].double()], dim=1)
         finite = torch.isfinite(table).all(dim=1, keepdim=True)
         self._sums += torch.where(finite, table, 0.0).sum(0)
         self._finite += finite.sum()
-        self._row = 0

@@ -1,0 +1,51 @@
+"""The GPU benchmark's plumbing on the CPU: grid, rows x 2 seeds, the fp32 cap, JSON schema, plots, merge."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
+ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
+
+
+def run(*args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
+    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    common = ["--smoke", "--models", "synthetic", "--epochs", "1", "--seeds", "2", "--interval-steps", "4"]
+    stdout = run(
+        *common,
+        "--rows", "fp32,static-bf16,heuristic",
+        "--grid-batches", "32,64", "--grid-lr-scales", "1.0",
+        "--out", str(out), "--plots", str(plots),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "tuned static setting for synthetic" in stdout and "| heuristic" in stdout
+    data = json.loads(out.read_text())
+    rows = {row["controller"]: row for row in data["rows"]}
+    assert set(rows) == {"fp32", "static-bf16", "heuristic"}
+    for row in rows.values():
+        assert ROW_FIELDS <= set(row)
+        assert set(row["time_to_target_s"]) == {"mean", "per_seed"}
+        assert row["peak_bytes"] > 0 and 0 <= row["overhead_frac"] < 1
+        assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
+    assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == [0]
+    assert [(g["batch"], g["lr_scale"]) for g in data["grid"]] == [(32, 1.0), (64, 1.0)]
+    assert len(data["runs"]) == 5  # fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2
+    pngs = list((plots / "synthetic").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+    second = tmp_path / "second.json"
+    run(*common, "--rows", "static-fp16", "--static", "64,1.0", "--out", str(second), "--plots", "", cwd=tmp_path)
+    assert json.loads(second.read_text())["grid"] == []  # --static skips the grid
+    merged = tmp_path / "merged.json"
+    run("--merge", f"{out},{second}", "--out", str(merged), cwd=tmp_path)
+    assert [row["controller"] for row in json.loads(merged.read_text())["rows"]] == [
+        *[row["controller"] for row in data["rows"]],
+        "static-fp16",
+    ]

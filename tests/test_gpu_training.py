@@ -1,0 +1,24 @@
+"""GPU-only: the deferred training path queues work without ever waiting for the device."""
+
+import pytest
+import torch
+
+from triaccel_rl.training import TrainingRun
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_deferred_steps_do_not_synchronise(precision):
+    run = TrainingRun("synthetic", seed=0, device="cuda", batch_size=32)
+    assert run.engine.fused
+    run.set_precisions([precision] * run.n_layers)
+    run.train_interval(2)  # compiles the kernels and fits the memory model first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            run._step(deferred=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    interval = run.train_interval(3)
+    assert interval.moments.n_observed == 3 and interval.train_ms > 0
