@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One visit to the GPU machine: install from .carry, then run the named stages, logging to $OUT.
+# Usage (device command): bash scripts/device-visit.sh COMMIT STAGE [STAGE ...]
+set -uo pipefail
+export COMMIT=$1 TRIACCEL_COMMIT=$1
+shift
+source .carry/activate
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/pkg . >/dev/null 2>&1 || exit 3
+export PYTHONPATH=/tmp/site:/tmp/pkg
+mv triaccel_rl /tmp/src_moved  # the installed package, not the tree, must be imported
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    gputests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py \
+                tests/elastic/test_gpu_elastic.py 2>&1 | tail -15 ;;
+    signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
+    env) python3 experiments/bench_env.py --tasks cnn-fmnist --n-envs 1 --steps 12 --device cuda \
+           --out "$OUT/env_throughput_gpu.json" 2>&1 | tail -8 ;;
+    resnet-pilot) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 256,1.0 \
+           --rows static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
+    *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
+  esac
+done
+echo "=== done $(date +%T)"
