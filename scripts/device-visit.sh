@@ -19,6 +19,7 @@ for stage in "$@"; do
            --out "$OUT/env_throughput_gpu.json" 2>&1 | tail -8 ;;
     resnet-pilot) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 256,1.0 \
            --rows static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
+    profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done
