@@ -68,7 +68,7 @@ class FlatParameterStore:
         Args:
             layers: one list of parameters per layer (e.g. per module), in the order the per-layer tensors
                 (``lr_factors``, ``precision_codes``, statistics) use. Every parameter must be float32,
-                contiguous, on one device, and appear once; a layer may be empty.
+                dense (contiguous or channels-last), on one device, and appear once; a layer may be empty.
             segment_align: segment size in elements; must be a multiple of ``PARAM_ALIGN_ELEMENTS``.
 
         Raises:
@@ -91,6 +91,11 @@ class FlatParameterStore:
         for p in all_params:
             if p.dtype != torch.float32:
                 raise ValueError(f"parameters must be float32 master weights, got {p.dtype} of shape {tuple(p.shape)}")
+            if not is_dense(p):
+                raise ValueError(
+                    f"parameters must be dense (contiguous or channels-last), got strides {p.stride()} "
+                    f"for shape {tuple(p.shape)}"
+                )
 
         self.segment_align = segment_align
         self.device: torch.device = devices.pop()
@@ -133,9 +138,9 @@ class FlatParameterStore:
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):
                 for p, start in zip(layer, offsets, strict=True):
-                    view = self.params[start : start + p.numel()].view_as(p)
+                    view = _strided_like(self.params, p, start)
                     view.copy_(p)
-                    grad_view = self.grads[start : start + p.numel()].view_as(p)
+                    grad_view = _strided_like(self.grads, p, start)
                     if p.grad is not None:
                         grad_view.copy_(p.grad)
                     p.data = view
@@ -159,7 +164,7 @@ class FlatParameterStore:
         """
         assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
         return [
-            buffer[start : start + p.numel()].view(p.shape)
+            _strided_like(buffer, p, start)
             for p, start in zip(self.layers[layer], self._param_offsets[layer], strict=True)
         ]
 
@@ -179,6 +184,30 @@ class FlatParameterStore:
         """
         cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
         cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` covers exactly ``numel`` consecutive elements in some dimension order.
+
+    Contiguous and channels-last tensors are dense; slices with gaps and broadcast (zero-stride) views
+    are not.
+    """
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda item: item[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _strided_like(buffer: torch.Tensor, p: torch.Tensor, start: int) -> torch.Tensor:
+    """The ``p.numel()`` elements of flat ``buffer`` from ``start``, viewed with ``p``'s shape and strides.
+
+    A channels-last weight keeps its memory format, so its gradient and 16-bit copies have it too.
+    """
+    return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + start)
 
 
 def _round_up(value: int, multiple: int) -> int:

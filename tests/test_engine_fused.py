@@ -85,3 +85,30 @@ def test_unsupported_optimizers_are_named():
     assert "momentum" in _fused_unsupported(split, layers)
     with pytest.raises(ValueError, match="fused=True, but the fused step cannot run this optimizer: RMSprop"):
         StepEngine(model, torch.optim.RMSprop(model.parameters()), torch.device("cpu"), fused=True)
+
+
+def test_fused_engine_keeps_channels_last_weights_and_matches_reference():
+    """A channels-last model runs on the fused path: its weights, grads and 16-bit copies stay channels-last."""
+    runs = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 8, 3).to(DEVICE).to(memory_format=torch.channels_last)
+        head = nn.Linear(8, 3).to(DEVICE)
+        model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+        groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([conv, head])]
+        engine = StepEngine(model, torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True), DEVICE, fused=fused)
+        assert engine.fused is fused
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(4, 3, 6, 6, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 3, (4,), generator=g).to(DEVICE)
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            assert not engine.backward_and_step(loss)[1]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        if fused:
+            assert conv.weight.grad is not None and conv.weight.grad.stride() == conv.weight.stride()
+            assert engine.store.low_precision_params(0, torch.bfloat16)[0].stride() == conv.weight.stride()
+        runs[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -22,3 +22,15 @@ def test_deferred_steps_do_not_synchronise(precision):
         torch.cuda.set_sync_debug_mode("default")
     interval = run.train_interval(3)
     assert interval.moments.n_observed == 3 and interval.train_ms > 0
+
+
+def test_channels_last_run_uses_the_fused_step_and_its_grads_stay_in_the_flat_buffer():
+    run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True)
+    assert run.engine.fused
+    before = [p.detach().clone() for p in run.model.parameters()]
+    run.train_interval(3)
+    store = run.engine.store
+    low, high = store.grads.data_ptr(), store.grads.data_ptr() + 4 * store.n_elements
+    for p, old in zip(run.model.parameters(), before, strict=True):
+        assert p.grad is not None and low <= p.grad.data_ptr() < high  # autograd accumulated in place
+        assert not torch.equal(p.detach(), old)  # and the fused step applied it

@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +145,13 @@ def run_controller(
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
-    loop = DecisionLoop(run, config)
     policy = _policy(controller, config)
+    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
+    # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
+    loop = DecisionLoop(run, config if adaptive else replace(config, signals=replace(config.signals, mode="cheap")))
     if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
         loop.enable_lr_factors()
     name = str(getattr(policy, "name", controller))
-    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     writer = _writer(log_dir)
     samples_per_epoch = len(run.loader)  # samples per epoch
     total_samples = int(epochs * samples_per_epoch)

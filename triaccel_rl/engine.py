@@ -424,6 +424,8 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     for params in layer_params:
         if len({group_of.get(id(p)) for p in params}) > 1:
             return "a layer's parameters are split across param groups"
-    if any(p.dtype != torch.float32 or not p.is_contiguous() for params in layer_params for p in params):
-        return "parameters must be contiguous float32"
+    from triaccel_rl.kernels.flat_store import is_dense  # the kernels package loads Triton: import late
+
+    if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
+        return "parameters must be dense (contiguous or channels-last) float32"
     return ""

@@ -1,0 +1,34 @@
+"""FlatParameterStore with non-contiguous dense parameters (channels-last): layout, values, refusals."""
+
+import pytest
+import torch
+from triaccel_rl.kernels import FlatParameterStore, is_dense
+
+
+def test_is_dense_accepts_permuted_layouts_and_refuses_gaps():
+    assert is_dense(torch.zeros(2, 3, 4, 5))
+    assert is_dense(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    assert is_dense(torch.zeros(4, 6).t())
+    assert is_dense(torch.zeros(1, 3, 1, 1).to(memory_format=torch.channels_last))
+    assert not is_dense(torch.zeros(4, 6)[:, ::2])
+    assert not is_dense(torch.zeros(3).expand(4, 3))
+
+
+def test_store_keeps_channels_last_strides_and_values():
+    weight = torch.nn.Parameter(torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last))
+    bias = torch.nn.Parameter(torch.randn(8))
+    expected = weight.detach().clone()
+    store = FlatParameterStore([[weight, bias]])
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(weight.detach(), expected)
+    assert weight.grad is not None and weight.grad.stride() == weight.stride()
+    # The flat segment holds the weight in its memory order: NHWC.
+    assert torch.equal(store.params[: weight.numel()], expected.permute(0, 2, 3, 1).reshape(-1))
+    (weight * 2.0).sum().backward()  # accumulates into the flat grad buffer in place
+    assert torch.all(store.grads[: weight.numel()] == 2.0)
+
+
+def test_store_refuses_a_parameter_with_gaps():
+    sliced = torch.nn.Parameter(torch.zeros(4, 6)[:, ::2])
+    with pytest.raises(ValueError, match=r"must be dense \(contiguous or channels-last\), got strides \(6, 2\)"):
+        FlatParameterStore([[sliced]])
