@@ -20,6 +20,7 @@ from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
+from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Policy, Precision
@@ -148,7 +149,8 @@ def run_controller(
     policy = _policy(controller, config)
     adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
-    loop = DecisionLoop(run, config if adaptive else replace(config, signals=replace(config.signals, mode="cheap")))
+    cheap = replace(config, signals=replace(config.signals, mode=SignalMode.CHEAP))
+    loop = DecisionLoop(run, config if adaptive else cheap)
     if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
         loop.enable_lr_factors()
     name = str(getattr(policy, "name", controller))
