@@ -13,8 +13,9 @@
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
-  ``grow_below_usage`` of the budget and the batch is below the gradient-noise scale (larger batches
-  still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates); halved when memory
+  ``grow_below_usage`` of the budget, the batch is below the gradient-noise scale (larger batches
+  still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
+  within ``max_batch_growth`` times the task's base batch; halved when memory
   use is over ``shrink_above_usage``. The move is on the *effective* batch: the executor refuses growth
   the memory model predicts over the usable budget, and a run whose budget shrinks (after an
   out-of-memory error) keeps its batch by accumulating micro-batches planned to fill ``elastic.fill_frac``
@@ -198,7 +199,9 @@ class HeuristicPolicy:
         noise_over_batch = obs[g("log_noise_over_batch")]
         if memory_use > rules.shrink_above_usage:
             return BatchMove.SHRINK
-        if memory_use < rules.grow_below_usage and noise_over_batch > -math.log10(rules.max_batch_over_noise):
+        room = obs[g("log2_batch")] + 1.0 <= math.log2(rules.max_batch_growth) + 1e-9
+        quiet = noise_over_batch > -math.log10(rules.max_batch_over_noise)
+        if room and quiet and memory_use < rules.grow_below_usage:
             return BatchMove.GROW
         return BatchMove.KEEP
 

@@ -15,6 +15,7 @@ def observation(
     noise_over_batch=2.0,
     loss_trend=-0.05,
     lr_scale=1.0,
+    log2_batch=0.0,
 ):
     """An observation for 4 groups with the given per-group relative sensitivities and precisions."""
     obs = np.zeros(LAYOUT.size, dtype=np.float32)
@@ -23,6 +24,7 @@ def observation(
     obs[LAYOUT.globals("log_noise_over_batch")] = noise_over_batch
     obs[LAYOUT.globals("loss_trend")] = loss_trend
     obs[LAYOUT.globals("log2_lr_scale")] = np.log2(lr_scale)
+    obs[LAYOUT.globals("log2_batch")] = log2_batch
     for group, (s, p) in enumerate(zip(sensitivities, precisions, strict=True)):
         obs[LAYOUT.group(group, "rel_sensitivity")] = s
         obs[LAYOUT.group(group, "is_fp32") + p] = 1.0

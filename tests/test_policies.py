@@ -5,7 +5,7 @@ import pytest
 from heuristic_observations import observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
-from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
@@ -78,13 +78,20 @@ def test_heuristic_lr_and_batch_rules():
     config = ControllerConfig()
     policy = HeuristicPolicy(config)
     k = config.n_groups
-    rising = observation([0, 0, 0, 0], loss_trend=0.1)
+    rising = observation([0, 0, 0, 0], loss_trend=0.15)
+    assert config.lr_scales[policy.predict(observation([0] * 4, loss_trend=0.05))[0][k]] == 1.0  # noise: kept
     assert config.lr_scales[policy.predict(rising)[0][k]] == 0.75  # one rung down from 1.0
-    recovering = observation([0, 0, 0, 0], loss_trend=-0.1, lr_scale=0.75)
+    recovering = observation([0, 0, 0, 0], loss_trend=-0.15, lr_scale=0.75)
     assert config.lr_scales[policy.predict(recovering)[0][k]] == 1.0
     assert policy.predict(observation([0] * 4, memory_use=0.1, noise_over_batch=2.0))[0][k + 1] == 2  # grow
     assert policy.predict(observation([0] * 4, memory_use=0.1, noise_over_batch=0.5))[0][k + 1] == 1  # noise low
     assert policy.predict(observation([0] * 4, memory_use=0.99))[0][k + 1] == 0  # shrink
+    # max_batch_growth = 2: at twice the base batch, a doubling would leave the trust region.
+    assert policy.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 1
+    wider = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=4.0)))
+    assert wider.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 2
+    with pytest.raises(ConfigError, match="max_batch_growth=0.5 must be a number >= 1"):
+        HeuristicConfig(max_batch_growth=0.5)
 
 
 def test_heuristic_rejects_wrong_observation_shape():
@@ -113,7 +120,6 @@ def test_missing_and_corrupt_policy_zip(tmp_path):
 
 def test_heuristic_starts_from_its_start_precision():
     from triaccel_rl.compare import run_controller
-    from triaccel_rl.config import ConfigError
 
     for start in ("bf16", "fp32"):
         config = ControllerConfig(interval_steps=50, heuristic=HeuristicConfig(start_precision=start))
