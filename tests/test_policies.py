@@ -90,7 +90,7 @@ def test_heuristic_lr_and_batch_rules():
     assert policy.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 1
     wider = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=4.0)))
     assert wider.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 2
-    with pytest.raises(ConfigError, match="max_batch_growth=0.5 must be a number >= 1"):
+    with pytest.raises(ConfigError, match=r"max_batch_growth=0\.5 must be a number >= 1"):
         HeuristicConfig(max_batch_growth=0.5)
 
 
