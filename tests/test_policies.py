@@ -60,7 +60,8 @@ def test_heuristic_hysteresis_no_flip_flop():
         assert set(history) == {start}, f"flipped from {start}: {history}"
     # Whereas a full swing across both thresholds changes it both ways exactly once each.
     current, history = 0, []
-    for s in (0.0, 0.5, 1.0, 0.5, 0.0):
+    low, mid, high = rules.lower_below - 0.25, (rules.lower_below + rules.raise_above) / 2, rules.raise_above + 0.25
+    for s in (low, mid, high, mid, low):
         action, _ = policy.predict(observation([s, -1, -1, -1], precisions=(current, 1, 1, 1)))
         current = int(action[0])
         history.append(current)

@@ -329,7 +329,16 @@ class SignalCollector:
 
     def _timed_round(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
         start = time.perf_counter()
-        report = self._run_round(plan, source)
+        # cuDNN's autotuner (``cudnn.benchmark``) would time every algorithm for each new shape the round
+        # meets (its sub-batches, double backward): a one-time 10+ s on ResNet-18 in the 2026-11-22 GPU
+        # pilot, charged to the controller. The round runs on cuDNN's heuristics instead.
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled,
+            benchmark=False,
+            deterministic=torch.backends.cudnn.deterministic,
+            allow_tf32=torch.backends.cudnn.allow_tf32,
+        ):
+            report = self._run_round(plan, source)
         elapsed = (time.perf_counter() - start) * 1e3
         self.overhead_ms += elapsed
         self.estimator_ms += elapsed
