@@ -53,6 +53,8 @@ class Args:
     """Batch sizes of the static grid."""
     grid_lr_scales: str = "1.0,2.0"
     """LR multipliers of the static grid (on the task's base LR at its base batch)."""
+    grid: str = ""
+    """Explicit grid points ``BATCHxLR_SCALE,...`` (e.g. ``256x1.0,512x2.0``), instead of the product above."""
     fp32_seeds: int = 1
     """Seeds for the (slow) fp32 row."""
     fp32_cap: float = 6.0
@@ -116,22 +118,26 @@ def main(args: Args) -> list[dict[str, Any]]:
                   "schedule": True}  # fmt: skip
 
         grid = []
-        batches = [] if args.static else list(map(int, args.grid_batches.split(",")))
-        for batch in batches:
-            for lr_scale in map(float, args.grid_lr_scales.split(",")):
-                result = run_controller(
-                    task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common
-                )
-                grid.append((batch, lr_scale, result))
-                grid_rows.append(
-                    {"model": model, "batch": batch, "lr_scale": lr_scale, "seed": 0,
-                     "time_to_target_s": result.time_to_target_s, "final_acc": result.final_metric}
-                )  # fmt: skip
-                print(
-                    f"grid {model} bf16 batch {batch} lr x{lr_scale}: to target {result.time_to_target_s}, "
-                    f"final {100 * result.final_metric:.2f}%",
-                    flush=True,
-                )
+        if args.static:
+            points: list[tuple[int, float]] = []
+        elif args.grid:
+            points = [(int(b), float(lr)) for b, lr in (point.split("x") for point in args.grid.split(","))]
+        else:
+            points = [
+                (int(b), float(lr)) for b in args.grid_batches.split(",") for lr in args.grid_lr_scales.split(",")
+            ]
+        for batch, lr_scale in points:
+            result = run_controller(task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common)
+            grid.append((batch, lr_scale, result))
+            grid_rows.append(
+                {"model": model, "batch": batch, "lr_scale": lr_scale, "seed": 0,
+                 "time_to_target_s": result.time_to_target_s, "final_acc": result.final_metric}
+            )  # fmt: skip
+            print(
+                f"grid {model} bf16 batch {batch} lr x{lr_scale}: to target {result.time_to_target_s}, "
+                f"final {100 * result.final_metric:.2f}%",
+                flush=True,
+            )
         best_result: RunResult | None = None
         static_target: float | None = None
         if args.static:
