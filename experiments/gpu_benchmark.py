@@ -181,6 +181,9 @@ def main(args: Args) -> list[dict[str, Any]]:
                     )
                 result.controller = row
                 results.append(result)
+                # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.
+                partial = {"rows": [], "grid": grid_rows, "runs": [asdict(r) for r in all_results + results]}
+                _out_path(args).with_suffix(".partial.json").write_text(json.dumps(partial) + "\n")
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
@@ -222,12 +225,18 @@ def main(args: Args) -> list[dict[str, Any]]:
 
             plot_comparison(results, Path(args.plots) / model, target=task.target_metric)
 
-    out = Path(os.environ.get("OUT", "")) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _out_path(args)
     payload = {"rows": table_rows, "grid": grid_rows, "runs": [asdict(r) for r in all_results]}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {out}")
     return table_rows
+
+
+def _out_path(args: Args) -> Path:
+    """``--out``, or its file name under ``$OUT`` when set (the GPU machine's output folder)."""
+    out = Path(os.environ["OUT"]) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 @contextlib.contextmanager
