@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -253,15 +253,41 @@ def _true_fp32(active: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def merge(paths: list[str], out: Path) -> None:
-    """Concatenates the rows and runs of several result JSONs (e.g. one per model or per visit)."""
+def merge(paths: list[str], out: Path, plots: str = "") -> None:
+    """Concatenates the rows, grid points and runs of several result JSONs (e.g. one per job).
+
+    Each entry gets ``job``, the stem of the file it came from: rows of one job ran side by side on one
+    machine, rows of different jobs did not.
+    """
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for key, values in merged.items():
-            values += data.get(key, [])
+            values += [{"job": Path(path).stem, **entry} for entry in data.get(key, [])]
     out.write_text(json.dumps(merged, indent=1) + "\n")
+    if plots:
+        plot_jobs(merged["runs"], merged["rows"], Path(plots))
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files into {out}")
+
+
+def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> None:
+    """Plots merged runs per model; a controller that ran in several jobs is labelled with its job."""
+    from triaccel_rl.plots import plot_comparison
+
+    field_names = {f.name for f in fields(RunResult)}
+    for model in dict.fromkeys(row["model"] for row in rows):
+        controllers = {row["controller"] for row in rows if row["model"] == model}
+        jobs = {row["job"] for row in rows if row["model"] == model}
+        model_runs = [r for r in runs if r["job"] in jobs and r["controller"] in controllers]
+        repeated = {c for c in controllers if len({r["job"] for r in model_runs if r["controller"] == c}) > 1}
+        results = []
+        for run in model_runs:
+            result = RunResult(**{k: v for k, v in run.items() if k in field_names})
+            if result.controller in repeated:
+                result.controller = f"{result.controller} [{run['job']}]"
+            results.append(result)
+        target = next(row["target"] for row in rows if row["model"] == model)
+        plot_comparison(results, folder / model, target=target)
 
 
 def parse(argv: list[str] | None = None) -> Args:
@@ -272,6 +298,6 @@ def parse(argv: list[str] | None = None) -> Args:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.merge:
-        merge(arguments.merge.split(","), Path(arguments.out))
+        merge(arguments.merge.split(","), Path(arguments.out), arguments.plots)
     else:
         main(arguments)

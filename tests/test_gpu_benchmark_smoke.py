@@ -45,7 +45,6 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     assert json.loads(second.read_text())["grid"] == []  # --static skips the grid
     merged = tmp_path / "merged.json"
     run("--merge", f"{out},{second}", "--out", str(merged), cwd=tmp_path)
-    assert [row["controller"] for row in json.loads(merged.read_text())["rows"]] == [
-        *[row["controller"] for row in data["rows"]],
-        "static-fp16",
-    ]
+    merged_rows = json.loads(merged.read_text())["rows"]
+    assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], "static-fp16"]
+    assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"]
