@@ -121,3 +121,16 @@ def test_time_cap_stops_a_run_early():
     assert capped.final_metric == capped.curve[-1][1]  # the stopped run is still evaluated
     with pytest.raises(ValueError, match="max_time_s=0"):
         run_controller("synthetic", "fp32", 0, config=config, device="cpu", max_time_s=0)
+
+
+def test_static_rows_keep_their_batch_and_lr_scale():
+    """A static row takes no decisions: the LR multiplier and batch it starts with hold to the end."""
+    from triaccel_rl.compare import run_controller
+
+    config = ControllerConfig(interval_steps=2)
+    result = run_controller(
+        "synthetic", "bf16", 0, epochs=0.5, config=config, device="cpu", batch_size=32, lr_scale=2.0
+    )
+    assert {row["lr_scale"] for row in result.trace} == {2.0}
+    assert {row["batch_size"] for row in result.trace} == {32}
+    assert (result.lr_changes, result.batch_changes, result.precision_changes) == (0, 0, 0)

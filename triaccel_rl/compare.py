@@ -142,7 +142,6 @@ def run_controller(
         channels_last=channels_last,
         schedule_epochs=epochs if schedule else None,
     )
-    run.lr_scale = lr_scale
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
@@ -169,6 +168,7 @@ def run_controller(
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.apply(decode(initial, config), run)
+    run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
     start = getattr(policy, "initial_precision", None)
     if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
         run.set_precisions([start] * len(run.precision.controllable_indices))
@@ -177,7 +177,7 @@ def run_controller(
         prepare(run)
     finished = False
     while not finished:
-        if observation is not None:
+        if observation is not None and adaptive:  # a static row holds its setting: no decisions
             decide_start = time.perf_counter()
             raw, _ = policy.predict(observation, deterministic=True)
             before = (run.batch_size, run.lr_scale)
