@@ -32,8 +32,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -46,6 +44,7 @@ from torch import nn
 
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
+from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_seen": budgeted["samples_seen"],
         "samples_expected": budgeted["samples_expected"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,
         "checks": {name: "PASS" if ok else "FAIL" for name, ok in checks.items()},
@@ -322,23 +321,6 @@ def _parse_args(argv: list[str] | None) -> Args:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
             parser.add_argument(flag, type=kind, default=field.default)
     return Args(**vars(parser.parse_args(argv)))
-
-
-def _commit() -> str:
-    """The checkout's short commit, ``+dirty`` with uncommitted changes; ``$TRIACCEL_COMMIT`` without git."""
-    here = Path(__file__).resolve().parent
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], capture_output=True, text=True, check=True, timeout=10, cwd=here
-        ).stdout.strip()
-
-    try:
-        # --no-optional-locks: status must not refresh (write) the index of a checkout others work in.
-        dirty = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("TRIACCEL_COMMIT", "unknown")
 
 
 def _gib(n: float) -> str:

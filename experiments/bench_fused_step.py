@@ -39,7 +39,6 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +59,8 @@ from triaccel_rl.kernels import (
     new_step_state,
 )
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
+
+from triaccel_rl.experiment import git_commit
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(
                 device=device_name,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=_commit(),
+                commit=git_commit(),
                 command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                 check=check_status,
                 torch=torch.__version__,
@@ -542,15 +543,6 @@ def _field_docstrings(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(str(following.value.value).split())
     return docs
-
-
-def _commit() -> str:
-    """The checked-out commit, else $COMMIT, else "unknown"."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("COMMIT", "unknown")
 
 
 def _triton_version() -> str:

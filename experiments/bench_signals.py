@@ -34,7 +34,6 @@ import importlib.util
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triaccel_rl.engine import StepEngine
+from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector, SignalConfig, SignalMode
@@ -382,19 +382,6 @@ def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def git_commit() -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = head.stdout.strip()
-    if head.returncode != 0 or len(commit) != 40:
-        return "unknown"
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
