@@ -95,12 +95,8 @@ class DeviceMoments:
 
     def observe(self, loss: torch.Tensor) -> None:
         """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad)."""
-        self._calls += 1
-        if (self._calls - 1) % self.every_steps:
+        if not self._take(self._row == len(self._norms)):
             return
-        if self._row == len(self._norms):
-            self._fold()
-        self._observed += 1
         grads = [p.grad if p.grad is not None else self._zero for p in self._params]
         norms = torch._foreach_norm(grads)
         if self._fast:
@@ -121,15 +117,21 @@ class DeviceMoments:
         """
         if layer_sq.shape != (self.n_layers,):
             raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
-        self._calls += 1
-        if (self._calls - 1) % self.every_steps:
+        if not self._take(self._layer_row == len(self._layer_sq)):
             return
-        if self._layer_row == len(self._layer_sq):
-            self._fold()
-        self._observed += 1
         self._layer_sq[self._layer_row].copy_(layer_sq.detach())
         self._layer_losses[self._layer_row].copy_(loss.detach())
         self._layer_row += 1
+
+    def _take(self, buffer_full: bool) -> bool:
+        """Counts a call; True when this step is sampled (``every_steps``), after folding a full buffer."""
+        self._calls += 1
+        if (self._calls - 1) % self.every_steps:
+            return False
+        if buffer_full:
+            self._fold()
+        self._observed += 1
+        return True
 
     def flush(self) -> IntervalMoments:
         """The interval's means; resets the sums. One host-device sync."""
