@@ -374,13 +374,16 @@ def test_device_moments_lagged_flush_returns_the_previous_interval() -> None:
     model = nn.Linear(3, 2)
     moments = DeviceMoments([[model.weight, model.bias]])
     results = []
-    for interval in range(3):
+    for interval in range(6):  # the two staging buffers and the two device sums are each reused
         model.zero_grad()
         model(torch.ones(1, 3)).sum().backward()
-        moments.observe(torch.tensor(float(interval)))
+        for _ in range(interval % 2 + 1):  # 1 or 2 steps: sums must restart from zero every interval
+            moments.observe(torch.tensor(float(interval)))
         results.append(moments.flush_lagged())
     assert results[0] is None
-    assert [r.loss for r in results[1:] if r is not None] == [0.0, 1.0]
+    assert [r.loss for r in results[1:] if r is not None] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [r.n_observed for r in results[1:] if r is not None] == [1, 2, 1, 2, 1]
+    assert [r.sq_norm[0] for r in results[1:] if r is not None] == [pytest.approx(8.0)] * 5
 
 
 def test_device_moments_sampling_and_full_buffer() -> None:

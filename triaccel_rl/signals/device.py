@@ -91,7 +91,10 @@ class DeviceMoments:
         self._finite = torch.zeros((), dtype=torch.float64, device=device)
         self._calls = 0
         self._observed = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor, int, torch.cuda.Event | None] | None = None
+        self._pending: tuple[torch.Tensor, int, torch.cuda.Event | None] | None = None
+        self._staging: list[torch.Tensor] | None = None  # two pinned host buffers for flush_lagged
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._flushes = 0
 
     def observe(self, loss: torch.Tensor) -> None:
         """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad)."""
@@ -152,23 +155,31 @@ class DeviceMoments:
         """
         self._fold()
         previous = self._pending
-        host = torch.empty(self._sums.shape, dtype=torch.float64, pin_memory=self._sums.is_cuda)
-        host_finite = torch.empty((), dtype=torch.float64, pin_memory=self._sums.is_cuda)
-        host.copy_(self._sums, non_blocking=True)
-        host_finite.copy_(self._finite, non_blocking=True)
+        if self._staging is None:  # allocated once: pinned allocations are slow and may synchronise
+            pinned = self._sums.is_cuda
+            self._staging = [torch.empty(len(self._sums) + 1, dtype=torch.float64, pin_memory=pinned) for _ in "ab"]
+            self._spare = (torch.zeros_like(self._sums), torch.zeros_like(self._finite))
+        host = self._staging[self._flushes % 2]  # the other slot holds the previous interval, read below
+        self._flushes += 1
+        host[:-1].copy_(self._sums, non_blocking=True)
+        host[-1].copy_(self._finite, non_blocking=True)
         done = torch.cuda.Event() if self._sums.is_cuda else None
         if done is not None:
             done.record()
-        self._pending = (host, host_finite, self._observed, done)
-        self._sums = torch.zeros_like(self._sums)  # fresh buffers: the copies above still read the old ones
-        self._finite = torch.zeros_like(self._finite)
+        self._pending = (host, self._observed, done)
+        # Swap in the spare sums; zeroing them is ordered on the stream after their own copy last interval.
+        assert self._spare is not None
+        (self._sums, self._finite), self._spare = self._spare, (self._sums, self._finite)
+        self._sums.zero_()
+        self._finite.zero_()
         self._observed = 0
         if previous is None:
             return None
-        sums, finite, observed, event = previous
+        staged, observed, event = previous
         if event is not None:
             event.synchronize()  # recorded an interval ago: already complete, so this does not stall
-        return self._moments(sums.numpy(), int(finite.item()), observed)
+        values = staged.numpy()
+        return self._moments(values[:-1], int(values[-1]), observed)
 
     def _moments(self, sums: np.ndarray, n_finite: int, n_observed: int) -> IntervalMoments:
         n = self.n_layers
