@@ -415,7 +415,8 @@ class TrainingRun:
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
-        self.model.train()
+        if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
+            self.model.train()
         # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
         self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
         lr = self.lr
