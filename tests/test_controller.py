@@ -76,3 +76,18 @@ def test_bad_inputs():
         ctl.step(torch.ones(2, requires_grad=True))
     with pytest.raises(ValueError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         Controller(model, opt, lr_rule="cubic")
+
+
+def test_non_finite_steps_are_skipped_and_counted_at_the_decision():
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=3))
+    batches = ctl.loader(data(), batch_size=16)
+    x, y = next(batches)
+    ctl.step(nn.functional.cross_entropy(model(x), y))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # steps 2 and 3 of the interval diverge
+        x, y = next(batches)
+        ctl.step(nn.functional.cross_entropy(model(x), y) * float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert ctl.skipped_steps == 2 and len(ctl.decisions) == 1
+    assert ctl.signals is not None and ctl.signals.overflow_rate == pytest.approx(2 / 3)

@@ -32,9 +32,9 @@ from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
-from triaccel_rl.signals import SignalCollector
-from triaccel_rl.training import resolve_device
-from triaccel_rl.types import Policy, Precision, Signals, StepStats
+from triaccel_rl.signals import DeviceMoments, SignalCollector
+from triaccel_rl.training import IntervalTimer, resolve_device
+from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = ["Controller"]
 
@@ -132,7 +132,13 @@ class Controller:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(log_dir))
-        self._step_start = time.perf_counter()
+        self.skipped_steps = 0
+        """Updates skipped for a non-finite loss or gradient, counted at each decision."""
+        self._moments: DeviceMoments | None = None
+        self._interval_steps = 0
+        self._interval_peak = 0
+        self._timer = IntervalTimer(self.device)
+        self._timer.start()
         initial = getattr(self.policy, "initial_action", None)
         if initial is not None:  # a static configuration holds from the first step
             self.executor.apply(decode(initial, self.config), self)
@@ -174,16 +180,20 @@ class Controller:
                 self.costs = CostModel.measure(self.model, self.engine.layers, batch.x[:1], _optimizer_states(self))
                 self.memory_model = MemoryModel(self.costs, self.profile)
                 check_budget(self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1))
-            self._step_start = time.perf_counter()
             yield batch.x, batch.y
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Context for the forward pass and the loss: each layer runs in its decided precision."""
-        self.model.train()
+        if not self.model.training:  # train() walks every module: skip it when nothing changed
+            self.model.train()
         return self.engine.precision.context()
 
-    def step(self, loss: torch.Tensor) -> StepStats:
+    def step(self, loss: torch.Tensor) -> None:
         """Backward, update (skipped on non-finite gradients), signals, and a decision every interval.
+
+        Nothing is read back from the device until the interval ends: the loss and the per-layer
+        gradient norms accumulate there (``DeviceMoments``), and on a GPU the fused step skips a
+        non-finite update on the device. One host-device sync per ``config.interval_steps`` steps.
 
         Raises:
             ValueError: ``loss`` is not a scalar tensor.
@@ -194,28 +204,22 @@ class Controller:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.advance()
-        grads, skipped = self.engine.backward_and_step(loss)
-        elapsed = (time.perf_counter() - self._step_start) * 1e3
+        self.engine.scale_loss(loss).backward()
+        grads, _ = self.engine.step_after_backward_deferred(loss.detach())
+        if self._moments is None:
+            self._moments = DeviceMoments(self.engine.layer_params)
+        self._moments.observe_layers(loss.detach(), grads.sq_sum)
         batch = self._last_batch or 1
-        stats = StepStats(
-            loss=float(loss.detach()),
-            batch_size=batch,
-            step_time_ms=elapsed,
-            modelled_time_ms=elapsed,
-            memory_bytes=self._memory_bytes(batch),
-            skipped=skipped,
-            grad_sq_sum=grads.sq_sum.cpu().numpy(),
-            grad_abs_max=grads.abs_max.cpu().numpy(),
-            grad_nonfinite=grads.nonfinite.cpu().numpy(),
-            lr=self.engine.lr_scale * self.engine.batch_lr_gain,
-        )
+        memory = self._memory_bytes(batch)  # the allocator's host-side counters: no sync
+        self._interval_peak = max(self._interval_peak, memory)
         if self.device.type == "cuda" and self.memory_model is not None:
-            self.memory_model.observe(batch, self.precisions, stats.memory_bytes)
-        self.collector.observe(stats)
+            self.memory_model.observe(batch, self.precisions, memory)
         self.steps += 1
+        self._interval_steps += 1
         if self.steps % self.config.interval_steps == 0:
+            self._close_interval()
             self._decide()
-        return stats
+            self._timer.start()
 
     # ------------------------------------------------------------------------- executor's Target
 
@@ -270,6 +274,18 @@ class Controller:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return self.predicted_memory_bytes(batch)
+
+    def _close_interval(self) -> None:
+        """Reads the interval's device sums (the one sync) and feeds them to the collector."""
+        assert self._moments is not None
+        train_ms = self._timer.stop()
+        moments = self._moments.flush()
+        self.skipped_steps += moments.n_observed - moments.n_finite
+        self.collector.observe_interval(
+            moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak
+        )
+        self._interval_steps = 0
+        self._interval_peak = 0
 
     def _decide(self) -> None:
         signals = self.collector.snapshot(

@@ -169,8 +169,8 @@ def test_controller_uses_the_same_rules() -> None:
     ctl.step(nn.functional.cross_entropy(ctl.model(x), y))
     ctl.batch_size = 64  # ×4 after the first step: warmed up over config.elastic.warmup_steps (10)
     x, y = next(loader)
-    stats = ctl.step(nn.functional.cross_entropy(ctl.model(x), y))
-    assert stats.lr == pytest.approx(1 + 3 / 10)
+    ctl.step(nn.functional.cross_entropy(ctl.model(x), y))
+    assert ctl.engine.batch_lr_gain == pytest.approx(1 + 3 / 10)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 1.3)
     with pytest.raises(ConfigError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         _controller("cubic")
