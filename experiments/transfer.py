@@ -218,6 +218,9 @@ def _write(
         "target_check": target_check(summary),
         "runs": runs,
     }
+    ratio = document["target_check"].get("mean_time_to_target_vs_heuristic")
+    # Target 1 as a gain (positive: the learned policy is faster): 1 - learned time / heuristic time.
+    document["learned_vs_heuristic_time_gain"] = None if ratio is None else 1.0 - ratio
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n")
     return document

@@ -195,6 +195,7 @@ def test_transfer_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["summary"]["deep-mlp-synthetic"]) == {"heuristic", "bf16"}
     assert saved["target_check"]["met"] is None  # no learned row in the smoke run
+    assert saved["learned_vs_heuristic_time_gain"] is None
     assert len(document["runs"]) == 2
     fake = {
         "t": {
