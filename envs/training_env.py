@@ -117,7 +117,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.loop = DecisionLoop(run, self.config, rollback=False)  # learning must see divergence
         self._initial_probe = run.probe_loss()
         interval = self.loop.train_interval()
-        self.reference_step_ms = interval.cost_ms / interval.steps
+        self.reference_step_ms = interval.charged_ms / interval.steps
         signals = self.loop.snapshot(progress=self._progress())
         self._previous_probe = signals.probe_loss
         return self.loop.observation(), {"probe_loss": signals.probe_loss, "n_layers": run.n_layers}
@@ -140,7 +140,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         value = reward(
             previous_probe_loss=self._previous_probe,
             probe_loss=signals.probe_loss if not diverged else math.nan,
-            cost_ms=max(interval.cost_ms, 1e-9),
+            cost_ms=max(interval.charged_ms, 1e-9),
             reference_cost_ms=reference_ms,
             overflow_rate=signals.overflow_rate,
             over_budget=over_budget,
@@ -151,7 +151,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         truncated = self.loop.decisions >= self.max_decisions and not diverged
         info: dict[str, Any] = {
             "probe_loss": signals.probe_loss,
-            "cost_ms": interval.cost_ms,
+            "cost_ms": interval.charged_ms,
             "reference_cost_ms": reference_ms,
             "batch_size": report.batch_size,
             "lr_scale": report.lr_scale,

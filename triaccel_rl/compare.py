@@ -189,8 +189,8 @@ def run_controller(
             changes["lr"] += int(report.lr_scale != before[1])
         remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
         interval = loop.train_interval(max_steps=remaining_steps)
-        time_ms += interval.cost_ms
-        wall_ms += interval.wall_ms
+        time_ms += interval.charged_ms
+        wall_ms += interval.train_ms
         if progress is not None:
             # Capped at the bar's total: the last interval's float share can overshoot by rounding.
             progress.update(min(interval.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))

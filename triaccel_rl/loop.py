@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,27 +18,10 @@ from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.shield import RollbackGuard
 from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
-from triaccel_rl.training import TrainingRun
+from triaccel_rl.training import IntervalStats, TrainingRun
 from triaccel_rl.types import Signals
 
-__all__ = ["DecisionLoop", "IntervalResult"]
-
-
-@dataclass(frozen=True)
-class IntervalResult:
-    """What one interval of training cost.
-
-    Attributes:
-        cost_ms: charged time (measured, or modelled from the hardware profile).
-        wall_ms: wall-clock time of the steps on this machine.
-        steps: optimizer steps taken.
-        samples: training samples consumed.
-    """
-
-    cost_ms: float
-    wall_ms: float
-    steps: int
-    samples: int
+__all__ = ["DecisionLoop"]
 
 
 class DecisionLoop:
@@ -68,7 +51,7 @@ class DecisionLoop:
         self.signals: Signals | None = None
         self.decisions = 0
 
-    def train_interval(self, max_steps: int | None = None) -> IntervalResult:
+    def train_interval(self, max_steps: int | None = None) -> IntervalStats:
         """Trains ``interval_steps`` steps (or ``max_steps`` if fewer) and feeds the collector.
 
         The steps run through ``TrainingRun.train_interval``: one host-device sync for the whole interval.
@@ -82,7 +65,7 @@ class DecisionLoop:
             charged_ms=stats.charged_ms,
             peak_bytes=stats.peak_bytes,
         )
-        return IntervalResult(stats.charged_ms, stats.train_ms, stats.steps, stats.samples)
+        return stats
 
     def snapshot(self, progress: float) -> Signals:
         """Closes the interval: probe loss, optimizer moments, a due estimator round, ``Signals``, re-ranking.
