@@ -48,3 +48,24 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     merged_rows = json.loads(merged.read_text())["rows"]
     assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], "static-fp16"]
     assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"]
+
+
+def test_fp32_row_turns_tf32_off_and_restores_it():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with module._true_fp32(True):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with module._true_fp32(False):  # other rows keep whatever the user set
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
