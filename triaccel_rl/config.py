@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import os
@@ -11,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triaccel_rl.errors import ConfigError
+from triaccel_rl.errors import ChoiceEnum, ConfigError
 from triaccel_rl.types import Precision
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ __all__ = [
 ]
 
 
-class CostMode(enum.Enum):
+class CostMode(ChoiceEnum):
     """How the cost of a step (time, memory) is charged.
 
     ``MEASURED`` uses the clock and the allocator of the machine the run is on. ``PROFILE`` charges time
@@ -42,17 +41,11 @@ class CostMode(enum.Enum):
     PROFILE = "profile"
 
     @classmethod
-    def parse(cls, value: CostMode | str) -> CostMode:
-        """Turns ``"profile"`` into ``CostMode.PROFILE``, with a clear error otherwise."""
-        if isinstance(value, CostMode):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown cost mode {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+    def _unknown(cls, value: Any) -> str:
+        return f"unknown cost mode {value!r}"
 
 
-class LRRule(enum.Enum):
+class LRRule(ChoiceEnum):
     """How the learning rate follows the effective batch size ``B`` (relative to a base batch ``B0``).
 
     The LR gain ``g(B)`` multiplies the scheduled LR (``triaccel_rl.elastic.lr_gain`` is the formula):
@@ -73,14 +66,8 @@ class LRRule(enum.Enum):
     AUTO = "auto"
 
     @classmethod
-    def parse(cls, value: LRRule | str) -> LRRule:
-        """Turns ``"sqrt"`` into ``LRRule.SQRT``, with a clear error otherwise."""
-        if isinstance(value, LRRule):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigError(f"lr_rule={value!r}; allowed: {', '.join(r.value for r in cls)}") from None
+    def _unknown(cls, value: Any) -> str:
+        return f"lr_rule={value!r}"
 
 
 @dataclass(frozen=True)

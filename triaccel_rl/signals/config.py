@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from triaccel_rl.errors import ConfigError
+from triaccel_rl.errors import ChoiceEnum, ConfigError
 
 __all__ = ["Schedule", "SignalConfig", "SignalMode"]
 
 
-class SignalMode(enum.Enum):
+class SignalMode(ChoiceEnum):
     """Which estimators run.
 
     ``CHEAP``: only what the step statistics and the optimizer's state already hold (no extra pass).
@@ -23,17 +22,11 @@ class SignalMode(enum.Enum):
     ALL = "all"
 
     @classmethod
-    def parse(cls, value: SignalMode | str) -> SignalMode:
-        """Turns ``"all"`` into ``SignalMode.ALL``, with a clear error otherwise."""
-        if isinstance(value, SignalMode):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown signal mode {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+    def _unknown(cls, value: Any) -> str:
+        return f"unknown signal mode {value!r}"
 
 
-class Schedule(enum.Enum):
+class Schedule(ChoiceEnum):
     """How the scheduled rounds are timed and sized.
 
     ``ADAPTIVE``: a token bucket over charged time keeps the rounds within the budget and sizes them from
@@ -45,14 +38,8 @@ class Schedule(enum.Enum):
     FIXED = "fixed"
 
     @classmethod
-    def parse(cls, value: Schedule | str) -> Schedule:
-        """Turns ``"fixed"`` into ``Schedule.FIXED``, with a clear error otherwise."""
-        if isinstance(value, Schedule):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown schedule {value!r}; allowed: {', '.join(m.value for m in cls)}") from None
+    def _unknown(cls, value: Any) -> str:
+        return f"unknown schedule {value!r}"
 
 
 @dataclass(frozen=True)
