@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,7 @@ from triaccel_rl.engine import GradStats, StepEngine
 from triaccel_rl.loader import Batch, ElasticLoader
 from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, read_device_memory
 from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
+from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
@@ -507,7 +507,7 @@ class TrainingRun:
         Batch norm uses the probe batch's own statistics (as in training) without updating its running
         statistics, which lag early in training and would make an eval-mode loss spike.
         """
-        with _probe_mode(self.model):
+        with frozen_batch_stats(self.model):
             loss = self.task.loss_fn(self.model(self._probe_x).float(), self._probe_y)
         return float(loss)
 
@@ -719,7 +719,7 @@ class TrainingRun:
         return peak
 
     def _trial_pass(self, n: int) -> None:
-        with _probe_mode(self.model), self.precision.context():
+        with frozen_batch_stats(self.model), self.precision.context():
             loss = self.task.loss_fn(self.model(self.loader.x[:n]).float(), self.loader.y[:n])
         loss.backward()
 
@@ -751,22 +751,3 @@ class _StepOutcome:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-@contextlib.contextmanager
-def _probe_mode(model: nn.Module) -> Iterator[None]:
-    """Train-mode normalisation that leaves running statistics untouched; dropout off."""
-    saved = []
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            saved.append((module, module.momentum))
-            module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-        elif isinstance(module, nn.modules.dropout._DropoutNd):
-            module.eval()
-    try:
-        yield
-    finally:
-        for module, momentum in saved:
-            module.momentum = momentum
-        model.train()
