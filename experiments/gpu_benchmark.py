@@ -34,6 +34,7 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
 from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.plain import run_plain
 from triaccel_rl.tasks import get_task
 
 
@@ -82,6 +83,9 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     precision_only = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig())
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
+        # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.
+        "plain-bf16": {"plain": "bf16", "channels_last": True},
+        "plain-fp32": {"plain": "fp32", "channels_last": False},
         "static-bf16": {"controller": "bf16", "channels_last": True},
         "static-fp16": {"controller": "fp16", "channels_last": True},
         "batch-finder": {"controller": "batch-finder", "channels_last": True},
@@ -160,25 +164,40 @@ def main(args: Args) -> list[dict[str, Any]]:
         for row, spec in rows_for(args).items():
             if row not in args.rows.split(","):
                 continue
-            n_seeds = args.fp32_seeds if row == "fp32" else args.seeds
+            n_seeds = args.fp32_seeds if row in ("fp32", "plain-fp32") else args.seeds
             for seed in range(n_seeds):
                 if row == "static-bf16" and seed == 0 and best_result is not None:  # the grid ran this one
                     result = copy.deepcopy(best_result)
                     result.controller = row
                     results.append(result)
                     continue
-                cap = args.fp32_cap * static_target if row == "fp32" and args.fp32_cap and static_target else None
-                with _true_fp32(row == "fp32" and device == "cuda"):
-                    result = run_controller(
-                        task,
-                        spec["controller"],
-                        seed,
-                        batch_size=best_batch,
-                        lr_scale=best_lr,
-                        channels_last=spec["channels_last"],
-                        max_time_s=cap,
-                        **{**common, "config": spec.get("config", config)},
-                    )
+                fp32 = row in ("fp32", "plain-fp32")
+                cap = args.fp32_cap * static_target if fp32 and args.fp32_cap and static_target else None
+                with _true_fp32(fp32 and device == "cuda"):
+                    if "plain" in spec:
+                        result = run_plain(
+                            task,
+                            seed,
+                            precision=spec["plain"],
+                            epochs=args.epochs,
+                            batch_size=best_batch,
+                            lr_scale=best_lr,
+                            channels_last=spec["channels_last"],
+                            eval_every_steps=args.interval_steps * args.eval_every,
+                            device=device,
+                            max_time_s=cap,
+                        )
+                    else:
+                        result = run_controller(
+                            task,
+                            spec["controller"],
+                            seed,
+                            batch_size=best_batch,
+                            lr_scale=best_lr,
+                            channels_last=spec["channels_last"],
+                            max_time_s=cap,
+                            **{**common, "config": spec.get("config", config)},
+                        )
                 result.controller = row
                 results.append(result)
                 # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.

@@ -150,6 +150,17 @@ class FlatParameterStore:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""
         self.grads.zero_()
 
+    def layer_sq_sums(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Per-layer sums of squares of ``buffer`` (a flat buffer of this store), float64 ``[n_layers]``.
+
+        Three kernels whatever the number of layers: squares summed per segment (padding holds zeros),
+        then added into each segment's layer.
+        """
+        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        per_segment = buffer.view(-1, self.segment_align).float().square().sum(1, dtype=torch.float64)
+        sums = torch.zeros(self.n_layers, dtype=torch.float64, device=buffer.device)
+        return sums.index_add_(0, self.chunk_layer, per_segment)
+
     def layer_segment(self, buffer: torch.Tensor, layer: int) -> torch.Tensor:
         """The flat view of ``layer``'s segment (padding included) in ``buffer``, a flat buffer of this store."""
         assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"

@@ -13,12 +13,12 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     gputests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py \
-                tests/elastic/test_gpu_elastic.py 2>&1 | tail -15 ;;
+                tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py 2>&1 | tail -25 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     env) python3 experiments/bench_env.py --tasks cnn-fmnist --n-envs 1 --steps 12 --device cuda \
            --out "$OUT/env_throughput_gpu.json" 2>&1 | tail -8 ;;
     resnet-pilot) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 256,1.0 \
-           --rows static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
+           --rows plain-bf16,static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
     profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac

@@ -40,9 +40,9 @@ def plain_ms(task, batch: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def run_ms(task, batch: int, steps: int, fused: bool | None) -> tuple[float, TrainingRun]:
+def run_ms(task, batch: int, steps: int, fused: bool | None, graphs: bool | None = None) -> tuple[float, TrainingRun]:
     """Milliseconds per step of ``TrainingRun.train_interval`` in bf16 + channels_last, and the run."""
-    run = TrainingRun(task, device="cuda", batch_size=batch, channels_last=True, schedule_epochs=12)
+    run = TrainingRun(task, device="cuda", batch_size=batch, channels_last=True, schedule_epochs=12, cuda_graphs=graphs)
     if fused is False and run.engine.fused:
         raise SystemExit("cannot turn the fused path off after construction here")
     run.set_precisions(["bf16"] * len(run.precision.controllable_indices))
@@ -52,6 +52,29 @@ def run_ms(task, batch: int, steps: int, fused: bool | None) -> tuple[float, Tra
     host = (time.perf_counter() - start) / steps * 1e3
     print(f"  train_interval: events {stats.train_ms / steps:.2f} ms/step, host {host:.2f} ms/step")
     return stats.train_ms / steps, run
+
+
+def decision_costs(run: TrainingRun, repeats: int = 10) -> None:
+    """Milliseconds (host, synchronised) of each part of a decision point's overhead."""
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.loop import DecisionLoop
+
+    loop = DecisionLoop(run, ControllerConfig())
+    loop.train_interval()
+    parts = {
+        "probe_loss": run.probe_loss,
+        "rollback save": loop.guard.save if loop.guard is not None else (lambda: None),
+        "grad_mean_sq_norm": run.engine.grad_mean_sq_norm,
+        "snapshot (all of it)": lambda: loop.snapshot(progress=0.5),
+    }
+    for name, part in parts.items():
+        part()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            part()
+        torch.cuda.synchronize()
+        print(f"  decision overhead: {name}: {(time.perf_counter() - start) / repeats * 1e3:.2f} ms")
 
 
 def main() -> None:
@@ -64,8 +87,11 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     task = get_task(args.task)
     print(f"plain loop (torch SGD, autocast bf16, channels_last): {plain_ms(task, args.batch, args.steps):.2f} ms/step")
+    eager_ms, _ = run_ms(task, args.batch, args.steps, None, graphs=False)
+    print(f"TrainingRun.train_interval, eager (fused step): {eager_ms:.2f} ms/step")
     ms, run = run_ms(task, args.batch, args.steps, None)
-    print(f"TrainingRun.train_interval (fused={run.engine.fused}): {ms:.2f} ms/step")
+    print(f"TrainingRun.train_interval (fused={run.engine.fused}, graphs={run.graphs is not None}): {ms:.2f} ms/step")
+    decision_costs(run)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run.train_interval(10)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))

@@ -60,3 +60,101 @@ def test_controller_steps_do_not_synchronise_between_decisions():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert ctl.steps == 6
+
+
+# --------------------------------------------------------------------------- captured steps (CUDA graphs)
+
+
+def _params_and_buffers(run):
+    return [t.detach().float() for t in list(run.model.parameters()) + list(run.model.buffers())]
+
+
+def _assert_runs_match(eager, graphed, rtol):
+    for index, (a, b) in enumerate(zip(_params_and_buffers(eager), _params_and_buffers(graphed), strict=True)):
+        error = ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+        assert error <= rtol, f"tensor {index}: graphed vs eager max relative error {error:.3g} > {rtol}"
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("task, channels_last", [("synthetic", False), ("cnn-fmnist", True)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_graphed_steps_match_eager_steps(deterministic_cudnn, task, channels_last, precision):
+    runs = []
+    for graphs in (False, True):
+        run = TrainingRun(task, seed=0, device="cuda", channels_last=channels_last, cuda_graphs=graphs)
+        run.set_precisions([precision] * run.n_layers)
+        run.train_interval(4)
+        run.set_precisions(["fp32"] * run.n_layers)  # a precision switch mid-run needs a second graph
+        run.train_interval(3)
+        runs.append(run)
+    eager, graphed = runs
+    assert eager.graphs is None
+    assert graphed.graphs is not None and graphed.graphs.captures == 2 and graphed.graphs.replays == 7
+    assert graphed.skipped_steps == eager.skipped_steps
+    _assert_runs_match(eager, graphed, rtol=1e-3 if precision != "fp32" else 1e-5)
+
+
+def test_graphed_steps_do_not_synchronise_and_report_the_eager_peak():
+    run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True)
+    assert run.graphs is not None  # on by default on a GPU
+    run.set_precisions(["bf16"] * run.n_layers)
+    first = run.train_interval(2)  # captures
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            run._step(deferred=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    later = run.train_interval(2)
+    assert run.graphs.captures == 1 and run.graphs.replays == 7
+    # A replay allocates nothing; the step's peak is the eager pass's, so the memory model sees activations.
+    assert later.peak_bytes == first.peak_bytes == run.graphs.last_peak_bytes
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_graphs_turn_off(deterministic_cudnn, caplog):
+    runs = []
+    for graphs in (False, True):
+        run = TrainingRun("synthetic", seed=0, device="cuda", cuda_graphs=graphs)
+        if graphs:
+            body = run._captured_body
+
+            def syncing_body(x, y, body=body):
+                loss = body(x, y)
+                float(loss)  # a host-device sync: not allowed while a graph is being captured
+                return loss
+
+            run._captured_body = syncing_body
+        run.train_interval(3)
+        runs.append(run)
+    eager, fallen_back = runs
+    assert fallen_back.graphs is None
+    assert "CUDA graph capture failed" in caplog.text
+    _assert_runs_match(eager, fallen_back, rtol=1e-5)
+
+
+def test_fp16_loss_scale_is_updated_in_place_for_captured_steps():
+    run = TrainingRun("synthetic", seed=0, device="cuda")
+    run.set_precisions(["fp16"] * run.n_layers)
+    scale = run.engine._scale
+    run.train_interval(3)
+    assert run.engine._scale is scale and run.graphs is not None and run.graphs.replays == 3
+
+
+def test_graphed_probe_equals_the_eager_probe_and_leaves_batch_norm_alone(deterministic_cudnn):
+    run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True)
+    run.set_precisions(["bf16"] * run.n_layers)
+    run.train_interval(2)
+    buffers = [b.clone() for b in run.model.buffers()]
+    graphed, again = run.probe_loss(), run.probe_loss()
+    eager = float(run._probe_body(*run.probe_batch))
+    assert graphed == again
+    assert abs(graphed - eager) <= 1e-3 * abs(eager), f"graphed probe {graphed} vs eager {eager}"
+    for before, after in zip(buffers, run.model.buffers(), strict=True):
+        assert torch.equal(before, after)

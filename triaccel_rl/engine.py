@@ -374,12 +374,13 @@ class StepEngine:
             lr, self._factors, self._codes, inv_scale=self._scale.reciprocal() if scaling else 1.0
         )
         if scaling:  # GradScaler's rule, on the device: no host round trip
-            self._clean_steps = torch.where(result.skipped, 0, self._clean_steps + 1)
+            # In place: a captured training step (``StepGraphs``) reads the scale through its address.
+            self._clean_steps.copy_(torch.where(result.skipped, 0, self._clean_steps + 1))
             grow = self._clean_steps >= 2000
-            self._scale = torch.where(
-                result.skipped, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale)
+            self._scale.copy_(
+                torch.where(result.skipped, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
             )
-            self._clean_steps = torch.where(grow, 0, self._clean_steps)
+            self._clean_steps.masked_fill_(grow, 0)
         self.store.zero_grad()
         return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
 
@@ -395,8 +396,7 @@ class StepEngine:
             buffer, scale = optimizer.momentum_buffer, (1.0 - optimizer.options.momentum) ** 2
         else:
             return np.full(self.n_layers, np.nan)
-        sums = torch.stack([self.store.layer_segment(buffer, i).square().sum() for i in range(self.n_layers)])
-        return sums.double().cpu().numpy() * scale
+        return self.store.layer_sq_sums(buffer).cpu().numpy() * scale  # host-device sync: once per decision
 
 
 def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list[nn.Parameter]]) -> str:

@@ -94,6 +94,7 @@ class LayerPrecision:
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
         self._mixed = False
+        self._cache_enabled = True
         self._handles: list[Any] = []
         # Open autocast regions of the layers being run, and whether each emulates fp16 (see below).
         self._stack: list[tuple[contextlib.AbstractContextManager[Any], bool]] = []
@@ -144,19 +145,23 @@ class LayerPrecision:
         return chosen.pop() if len(chosen) == 1 else None
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self, cache_enabled: bool = True) -> Iterator[None]:
         """Runs the model's forward (and the loss) with the per-layer precisions.
 
         When every controllable layer has the same precision this is one plain ``torch.autocast``
         region (or none for fp32) and the per-layer hooks stay idle: static configurations pay no
         per-layer cost. Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
+
+        Args:
+            cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured).
         """
         low = [p for p in self.precisions if p is not Precision.FP32]
         outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
         self._mixed = self.uniform is None or self._emulates_fp16
         self._active = True
+        self._cache_enabled = cache_enabled
         try:
-            with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low)):
+            with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low), cache_enabled=cache_enabled):
                 yield
         finally:
             self._active = False
@@ -176,13 +181,13 @@ class LayerPrecision:
                 return None
             precision = self.precisions[index]
             if precision is Precision.FP32 or self._emulate(index):
-                region = torch.autocast(self.device_type, enabled=False)
+                region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
                 region.__enter__()
                 self._stack.append((region, precision is Precision.FP16))
                 if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
                     return _cast_floating(_cast_floating(args, torch.float16), torch.float32)
                 return _cast_floating(args, torch.float32)
-            region = torch.autocast(self.device_type, dtype=precision.dtype)
+            region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
             region.__enter__()
             self._stack.append((region, False))
             return None

@@ -56,8 +56,24 @@ class RollbackGuard:
         self.rollbacks = 0
 
     def save(self) -> None:
-        """Takes a snapshot of the current (healthy) state."""
-        self._model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """Takes a snapshot of the current (healthy) state.
+
+        The model's part is copied into the previous snapshot's tensors with one multi-tensor copy when
+        their shapes still match (a few launches instead of one allocation and copy per tensor).
+        """
+        live = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+        saved = self._model_state
+        if (
+            saved is not None
+            and saved.keys() == live.keys()
+            and all(
+                saved[k].shape == v.shape and saved[k].dtype == v.dtype and saved[k].device == v.device
+                for k, v in live.items()
+            )
+        ):
+            torch._foreach_copy_(list(saved.values()), list(live.values()))
+        else:
+            self._model_state = {k: v.clone() for k, v in live.items()}
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
 
     def restore(self) -> bool:

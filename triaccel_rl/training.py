@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from triaccel_rl.elastic import (
     resolve_lr_rule,
 )
 from triaccel_rl.engine import GradStats, StepEngine
+from triaccel_rl.graphs import StepGraphs, graph_unsupported
 from triaccel_rl.loader import Batch, ElasticLoader
 from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, read_device_memory
 from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
@@ -33,7 +35,7 @@ from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
-__all__ = ["IntervalStats", "IntervalTimer", "TrainingRun", "resolve_device"]
+__all__ = ["IntervalStats", "IntervalTimer", "TrainingRun", "evaluate_accuracy", "resolve_device", "schedule_gain"]
 
 _log = logging.getLogger("triaccel_rl")
 _NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (for the AdaScale rule)
@@ -154,9 +156,15 @@ class TrainingRun:
         schedule_epochs: with a value, the LR follows a schedule over that many epochs: a linear warm-up
             over the first ``warmup_frac`` of them, then a linear decay to zero. ``None``: constant.
         warmup_frac: share of ``schedule_epochs`` spent warming up, in [0, 1).
+        cuda_graphs: replay each step's forward, loss and backward from a captured CUDA graph
+            (``StepGraphs``) when the step is one micro-batch: one launch instead of hundreds, for
+            host-bound models. ``None``: on a CUDA device whenever the model allows it and no ``fault``
+            hook is set. Steps split into micro-batches run eagerly.
 
     Raises:
         ConfigError: the budget cannot hold one sample (the message says how much one sample needs).
+        ValueError: ``cuda_graphs=True`` where graphs cannot run (not CUDA, a ``fault`` hook, or a model
+            ``graph_unsupported`` names).
 
     Example:
         >>> run = TrainingRun("synthetic", seed=0, device="cpu")
@@ -182,6 +190,7 @@ class TrainingRun:
         channels_last: bool = False,
         schedule_epochs: float | None = None,
         warmup_frac: float = 0.15,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.seed = seed
@@ -212,12 +221,22 @@ class TrainingRun:
         data = self.task.data(seed)
         n_probe = max(1, min(n_probe, len(data.train_x) // 8))
         self._probe_x = data.train_x[-n_probe:].to(self.device)
+        if channels_last and self._probe_x.dim() == 4:
+            self._probe_x = self._probe_x.contiguous(memory_format=torch.channels_last)
         self._probe_y = data.train_y[-n_probe:].to(self.device)
         self.loader = ElasticLoader(
             data.train_x[:-n_probe].to(self.device), data.train_y[:-n_probe].to(self.device), seed=seed
         )
         self._test_x = data.test_x.to(self.device)
         self._test_y = data.test_y.to(self.device)
+
+        reason = graph_unsupported(self.model, self.device) or ("a fault hook is set" if fault is not None else "")
+        if cuda_graphs and reason:
+            raise ValueError(f"cuda_graphs=True, but this run cannot capture its steps: {reason}")
+        use_graphs = cuda_graphs if cuda_graphs is not None else not reason
+        self.graphs: StepGraphs | None = StepGraphs(self.model, self.device) if use_graphs else None
+        """Captured training steps, or ``None`` when every step runs eagerly."""
+        self._graphed = False  # whether the last step replayed a graph
 
         self.n_layers = len(self.layers)
         self.steps = 0
@@ -324,10 +343,7 @@ class TrainingRun:
         """The LR schedule's multiplier now: warm-up from ~0 to 1, then linear decay to 0 (1 without one)."""
         if self.schedule_epochs is None:
             return 1.0
-        progress = min(self.epoch / self.schedule_epochs, 1.0)
-        if progress < self.warmup_frac:
-            return max(progress / self.warmup_frac, 0.02)
-        return max((1.0 - progress) / (1.0 - self.warmup_frac), 0.0)
+        return schedule_gain(self.epoch, self.schedule_epochs, self.warmup_frac)
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -462,6 +478,8 @@ class TrainingRun:
             modelled_ms += self.costs.step_ms(wasted_samples, self.precision.precisions, self.profile, False)
         self.modelled_time_ms += modelled_ms
         memory = self.memory_bytes(sizes[0])  # the allocator's host-side counters: no sync
+        if self._graphed and self.graphs is not None:  # a replay allocates nothing: its eager pass's peak counts
+            memory = max(memory, self.graphs.last_peak_bytes)
         if self.measures_memory:
             self.memory_model.observe(sizes[0], self.precisions, memory)
         return _StepOutcome(loss, n, grads, skipped, lr, oom_events, modelled_ms, memory)
@@ -481,16 +499,9 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------- measures
 
-    @torch.no_grad()
     def evaluate(self, max_samples: int | None = None) -> float:
         """Test accuracy in [0, 1], computed in fp32 with the model in eval mode."""
-        self.model.eval()
-        n = len(self._test_x) if max_samples is None else min(max_samples, len(self._test_x))
-        correct = 0
-        for start in range(0, n, 1024):
-            logits = self.model(self._test_x[start : min(n, start + 1024)])
-            correct += int((logits.argmax(1) == self._test_y[start : min(n, start + 1024)]).sum())
-        return correct / n
+        return evaluate_accuracy(self.model, self._test_x, self._test_y, max_samples)
 
     @property
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,14 +513,31 @@ class TrainingRun:
 
     @torch.no_grad()
     def probe_loss(self) -> float:
-        """Loss on the fixed held-out probe batch in fp32: a low-noise measure of training progress.
+        """Loss on the fixed held-out probe batch: a low-noise measure of training progress.
 
         Batch norm uses the probe batch's own statistics (as in training) without updating its running
-        statistics, which lag early in training and would make an eval-mode loss spike.
+        statistics, which lag early in training and would make an eval-mode loss spike. On a GPU the
+        forward runs in the layers' current precisions, replayed from a captured graph when the run uses
+        graphs (the probe is part of the controller's overhead, taken at every decision); on a CPU, where
+        16-bit autocast is slow, in fp32.
         """
-        with frozen_batch_stats(self.model):
-            loss = self.task.loss_fn(self.model(self._probe_x).float(), self._probe_y)
-        return float(loss)
+        if self.graphs is not None:
+            key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
+            try:
+                return float(self.graphs.run(key, self._probe_x, self._probe_y, self._probe_body, lambda: None))
+            except Exception as err:
+                if is_out_of_memory(err):
+                    raise
+                _log.warning("CUDA graph capture of the probe failed (%s); it runs eagerly", _first_line(err))
+        return float(self._probe_body(self._probe_x, self._probe_y))
+
+    def _probe_body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        low_precision = self.device.type == "cuda"
+        with (
+            frozen_batch_stats(self.model),
+            self.precision.context(cache_enabled=False) if low_precision else contextlib.nullcontext(),
+        ):
+            return self.task.loss_fn(self.model(x).float(), y)
 
     def modelled_step_ms(self, batch_size: int | None = None) -> float:
         """Step time on the profiled GPU for ``batch_size`` samples at the current precisions, in ms."""
@@ -631,6 +659,11 @@ class TrainingRun:
         once its traceback is dropped.
         """
         n = len(batch.y)
+        self._graphed = False
+        if self.graphs is not None and len(sizes) == 1:
+            loss = self._replay(batch)
+            if loss is not None:
+                return loss
         total = torch.zeros((), device=self.device)
         offset = 0
         for index, size in enumerate(sizes):
@@ -651,6 +684,41 @@ class TrainingRun:
             self.engine.scale_loss(loss).backward()
             total += loss.detach()
         return total
+
+    def _replay(self, batch: Batch) -> torch.Tensor | None:
+        """The step's forward, loss and backward from its captured graph; ``None`` if graphs are off now."""
+        assert self.graphs is not None
+        x = batch.x if self.task.augment is None else self.task.augment(batch.x)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._samples_started += len(batch.y)
+        key = (
+            tuple(x.shape),
+            x.stride(),
+            x.dtype,
+            tuple(batch.y.shape),
+            tuple(self.precision.precisions),
+            self.precision.needs_grad_scaler,
+        )
+        try:
+            loss = self.graphs.run(key, x, batch.y, self._captured_body, self.engine.zero_grad)
+        except Exception as err:  # an OOM goes to the step's recovery; anything else turns graphs off
+            if is_out_of_memory(err):
+                raise
+            _log.warning("CUDA graph capture failed (%s); the run continues without graphs", _first_line(err))
+            self.graphs = None
+            self.engine.zero_grad()
+            self._samples_started -= len(batch.y)
+            return None
+        self._graphed = True
+        return loss
+
+    def _captured_body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One unsplit micro-batch's forward, loss and backward, as a graph captures it (no autocast cache)."""
+        with self.precision.context(cache_enabled=False):
+            loss = self.task.loss_fn(self.model(x).float(), y)
+        self.engine.scale_loss(loss).backward()
+        return loss.detach()
 
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
         """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
@@ -732,6 +800,36 @@ class TrainingRun:
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def schedule_gain(epoch: float, schedule_epochs: float, warmup_frac: float) -> float:
+    """The LR schedule's multiplier at ``epoch`` of ``schedule_epochs``: linear warm-up, then linear decay to 0.
+
+    The warm-up covers the first ``warmup_frac`` of the budget and starts at 2% of the LR, not zero.
+
+    Example:
+        >>> [round(schedule_gain(e, 10.0, 0.2), 3) for e in (0.0, 1.0, 2.0, 6.0, 10.0)]
+        [0.02, 0.5, 1.0, 0.5, 0.0]
+    """
+    progress = min(epoch / schedule_epochs, 1.0)
+    if progress < warmup_frac:
+        return max(progress / warmup_frac, 0.02)
+    return max((1.0 - progress) / (1.0 - warmup_frac), 0.0)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_samples: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in [0, 1]: fp32, eval mode, batches of 1024.
+
+    Leaves the model in eval mode (training steps put it back in train mode).
+    """
+    model.eval()
+    n = len(x) if max_samples is None else min(max_samples, len(x))
+    correct = 0
+    for start in range(0, n, 1024):
+        logits = model(x[start : min(n, start + 1024)])
+        correct += int((logits.argmax(1) == y[start : min(n, start + 1024)]).sum())
+    return correct / n
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,21 @@ def test_store_refuses_a_parameter_with_gaps():
     sliced = torch.nn.Parameter(torch.zeros(4, 6)[:, ::2])
     with pytest.raises(ValueError, match=r"must be dense \(contiguous or channels-last\), got strides \(6, 2\)"):
         FlatParameterStore([[sliced]])
+
+
+def test_layer_sq_sums_equal_each_layers_sum_of_squares():
+    torch.manual_seed(0)
+    # Layers of awkward sizes, one spanning several segments, one empty: padding must add nothing.
+    layers = [
+        [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(7))],
+        [],
+        [torch.nn.Parameter(torch.randn(3 * 64 + 11))],
+        [torch.nn.Parameter(torch.randn(1))],
+    ]
+    store = FlatParameterStore(layers, segment_align=64)
+    want = torch.tensor(
+        [sum(float(p.detach().double().square().sum()) for p in layer) for layer in layers], dtype=torch.float64
+    )
+    got = store.layer_sq_sums(store.params)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)

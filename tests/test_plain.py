@@ -1,0 +1,46 @@
+"""The plain-loop baseline: what a user's own PyTorch loop does, measured like the controller rows."""
+
+import pytest
+
+from triaccel_rl.compare import run_controller
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.plain import run_plain
+
+
+def test_plain_fp32_loop_equals_the_static_fp32_row_step_for_step():
+    # Same seed, data order, schedule and evaluation points: a plain torch.optim loop and TrainingRun's
+    # static fp32 row (per-layer param groups, reference path on a CPU) must train the same model.
+    plain = run_plain("synthetic", 0, precision="fp32", epochs=1.5, eval_every_steps=10, device="cpu")
+    row = run_controller(
+        "synthetic", "fp32", 0, epochs=1.5, device="cpu", schedule=True, eval_every=1,
+        config=ControllerConfig(interval_steps=10),
+    )  # fmt: skip
+    assert plain.controller == "plain-fp32"
+    assert plain.steps == row.steps == 84
+    assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
+    assert plain.final_metric == row.final_metric
+
+
+def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
+    full = run_plain("synthetic", 0, precision="fp32", epochs=2, eval_every_steps=8, device="cpu")
+    assert full.time_to_target_s is not None  # synthetic's 0.8 is reached in two epochs
+    first_hit = next(t for t, metric, *_ in full.curve if metric >= 0.8)
+    assert full.time_to_target_s == first_hit
+    capped = run_plain("synthetic", 0, precision="fp32", epochs=2, eval_every_steps=8, device="cpu", max_time_s=1e-6)
+    assert capped.steps == 8 and len(capped.curve) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"precision": "fp16"}, r"precision='fp16'; allowed: fp32, bf16"),
+        ({"epochs": 0}, r"epochs=0 must be a positive number"),
+        ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive number"),
+        ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+        ({"eval_every_steps": 0}, r"eval_every_steps=0 must be >= 1"),
+        ({"max_time_s": -1.0}, r"max_time_s=-1.0 must be positive"),
+    ],
+)
+def test_plain_loop_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_plain("synthetic", 0, device="cpu", **kwargs)

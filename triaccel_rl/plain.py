@@ -1,0 +1,174 @@
+"""What users run today: a plain PyTorch training loop with one static configuration, as a baseline row.
+
+The comparison's static rows (``static-bf16``, ``static-fp16``, ...) run through ``TrainingRun``, so they
+share Tri-Accel's executor: the fused Triton optimizer step, captured CUDA graphs, device-side statistics.
+That isolates what the *controller* adds, but says nothing about what the whole tool adds over the loop
+a careful user writes. ``run_plain`` is that loop, with nothing of ours on the training path:
+
+    model.to(memory_format=torch.channels_last); optimizer = task.make_optimizer(model.parameters())
+    for each batch:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model(augment(x)).float(), y)
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+It shares with the other rows only what makes the rows comparable: the task's data split, sample order
+(``ElasticLoader`` with the same seed), augmentation, loss, LR (base LR × ``lr_scale`` × the batch rule's
+gain, with the same warm-up-then-decay schedule) and the measurement (CUDA-event time of the training
+steps only, test accuracy in fp32 every ``eval_every_steps`` steps, the allocator's peak of the steps; 0 on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from triaccel_rl.compare import RunResult
+from triaccel_rl.config import LRRule
+from triaccel_rl.elastic import lr_gain, resolve_lr_rule
+from triaccel_rl.loader import ElasticLoader
+from triaccel_rl.precision import find_layers
+from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.training import IntervalTimer, evaluate_accuracy, resolve_device, schedule_gain
+from triaccel_rl.types import Precision
+
+__all__ = ["PLAIN_PRECISIONS", "run_plain"]
+
+PLAIN_PRECISIONS = ("fp32", "bf16")
+"""The precisions a plain loop runs in: no autocast (fp32) or bf16 autocast."""
+
+_N_PROBE = 512  # TrainingRun's default held-out probe: the plain loop skips the same samples
+
+
+def run_plain(
+    task: Task | str,
+    seed: int,
+    *,
+    precision: str = "bf16",
+    epochs: float = 1.0,
+    batch_size: int | None = None,
+    lr_scale: float = 1.0,
+    channels_last: bool = True,
+    schedule: bool = True,
+    warmup_frac: float = 0.15,
+    eval_every_steps: int = 50,
+    device: str | torch.device | None = None,
+    max_time_s: float | None = None,
+) -> RunResult:
+    """Trains ``task`` with a plain PyTorch loop in one static ``precision`` and measures it like ``run_controller``.
+
+    Args:
+        task: task or its registered name.
+        seed: seeds the model, the data order and the augmentation.
+        precision: ``fp32`` or ``bf16`` (autocast).
+        epochs: training budget in epochs.
+        batch_size: samples per step (the task's base batch by default).
+        lr_scale: LR multiplier on the task's base LR at its base batch (the batch rule's gain applies on top).
+        channels_last: channels-last model and inputs.
+        schedule: linear warm-up over ``warmup_frac`` of the budget, then linear decay to zero.
+        warmup_frac: share of the budget spent warming up.
+        eval_every_steps: steps between test evaluations (time to target is read at these points).
+        device: ``cpu``, ``cuda`` or ``None`` (CUDA when available).
+        max_time_s: stop once the training time passes this many seconds (``None``: train all ``epochs``).
+
+    Raises:
+        ValueError: an unknown precision, or a non-positive budget, batch, LR scale or interval.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    if precision not in PLAIN_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PLAIN_PRECISIONS)}")
+    for name, value in (("epochs", epochs), ("lr_scale", lr_scale)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a positive number")
+    if eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1")
+    batch = task.base_batch_size if batch_size is None else batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if max_time_s is not None and not max_time_s > 0:
+        raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    device = resolve_device(device)
+
+    torch.manual_seed(seed)
+    model = task.build_model().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = task.make_optimizer(model.parameters())
+    base_lr = task.base_lr * lr_scale * lr_gain(resolve_lr_rule(LRRule.AUTO, optimizer), batch, task.base_batch_size)
+    data = task.data(seed)
+    n_probe = max(1, min(_N_PROBE, len(data.train_x) // 8))
+    loader = ElasticLoader(data.train_x[:-n_probe].to(device), data.train_y[:-n_probe].to(device), seed=seed)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    layers = [info for _, _, info in find_layers(model)]
+    codes = [int(Precision.parse(precision)) if info.controllable else 0 for info in layers]
+
+    total_samples = int(epochs * len(loader))
+    timer = IntervalTimer(device)
+    time_s = 0.0
+    steps = samples = 0
+    peak = 0
+    curve: list[tuple[float, float, int, float, float]] = []
+    trace: list[dict[str, Any]] = []
+    time_to_target: float | None = None
+    wall_start = time.perf_counter()
+    low_share = float(np.mean([c != 0 for c in codes])) if dtype is not None else 0.0
+    while samples < total_samples:
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timer.start()
+        for _ in range(eval_every_steps):
+            if samples >= total_samples:
+                break
+            next_batch = loader.next(min(batch, total_samples - samples))
+            samples += len(next_batch.y)
+            # As TrainingRun: the schedule's progress counts the batch about to be trained on.
+            lr = base_lr * (schedule_gain(samples / len(loader), epochs, warmup_frac) if schedule else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = next_batch.x if task.augment is None else task.augment(next_batch.x)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = task.loss_fn(model(x).float(), next_batch.y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        time_s += timer.stop() / 1e3  # one host-device sync per evaluation interval, as the other rows
+        if device.type == "cuda":
+            peak = max(peak, int(torch.cuda.max_memory_allocated(device)))
+        metric = evaluate_accuracy(model, test_x, test_y)
+        curve.append((time_s, metric, batch, lr_scale, low_share))
+        trace.append(
+            {"time_s": time_s, "batch_size": batch, "lr_scale": lr_scale, "memory_bytes": peak,
+             "probe_loss": float("nan"), "noise_scale": None, "lr": lr, "precisions": codes}
+        )  # fmt: skip
+        if time_to_target is None and metric >= task.target_metric:
+            time_to_target = time_s
+        if max_time_s is not None and time_s >= max_time_s:
+            break
+    return RunResult(
+        controller=f"plain-{precision}",
+        seed=seed,
+        final_metric=curve[-1][1],
+        time_s=time_s,
+        wall_s=time.perf_counter() - wall_start,
+        time_to_target_s=time_to_target,
+        peak_bytes=peak,
+        precision_changes=0,
+        batch_changes=0,
+        lr_changes=0,
+        skipped_steps=0,
+        overhead_frac=0.0,
+        steps=steps,
+        curve=curve,
+        trace=trace,
+        layer_names=[info.name for info in layers],
+        mean_step_ms=1e3 * time_s / max(steps, 1),
+    )
