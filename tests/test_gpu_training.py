@@ -98,7 +98,8 @@ def test_graphed_steps_match_eager_steps(deterministic_cudnn, task, channels_las
     assert eager.graphs is None
     assert graphed.graphs is not None and graphed.graphs.captures == 2 and graphed.graphs.replays == 7
     assert graphed.skipped_steps == eager.skipped_steps
-    _assert_runs_match(eager, graphed, rtol=1e-3 if precision != "fp32" else 1e-5)
+    # cuBLAS may pick other kernels while capturing (no split-K workspace), so fp32 differs by rounding.
+    _assert_runs_match(eager, graphed, rtol=1e-3 if precision != "fp32" else 1e-4)
 
 
 def test_graphed_steps_do_not_synchronise_and_report_the_eager_peak():

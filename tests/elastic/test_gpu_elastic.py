@@ -55,7 +55,10 @@ def test_memory_model_predicts_the_allocator_peak() -> None:
 
 
 def test_real_out_of_memory_is_recovered(memory_fraction: None) -> None:
-    run = TrainingRun(_wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0))
+    # Eager steps: a captured step reserves its memory at capture, so a later limit would not bite.
+    run = TrainingRun(
+        _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), cuda_graphs=False
+    )
     run.step()  # optimizer state allocated
     held = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -74,3 +77,21 @@ def test_real_out_of_memory_is_recovered(memory_fraction: None) -> None:
     # failed micro-batch's prediction: the plan converges from above within a few steps, then holds.
     later = [run.step().oom_events for _ in range(6)]
     assert later[-2:] == [0, 0], f"OOMs per later step: {later}"
+
+
+def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None) -> None:
+    run = TrainingRun(
+        _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256
+    )
+    run.step()  # optimizer state allocated, a graph captured at batch 256
+    assert run.graphs is not None and run.graphs.captures == 1
+    held = torch.cuda.memory_reserved()
+    total = torch.cuda.get_device_properties(0).total_memory
+    room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)
+    torch.cuda.set_per_process_memory_fraction((held + room // 3) / total)
+    run.batch_size = 4096  # a new shape: its capture's eager warm-up pass runs out of memory
+    served = run.samples_seen
+    stats = run.step()
+    assert stats.oom_events >= 1 and len(run.last_micro_batches) >= 2  # recovered by splitting, eagerly
+    assert run.samples_seen - served == 4096
+    assert run.graphs is not None  # graphs stay on for steps that fit in one micro-batch
