@@ -96,7 +96,8 @@ def test_graphed_steps_match_eager_steps(deterministic_cudnn, task, channels_las
         runs.append(run)
     eager, graphed = runs
     assert eager.graphs is None
-    assert graphed.graphs is not None and graphed.graphs.captures == 2 and graphed.graphs.replays == 7
+    switched = precision != "fp32"  # fp32 -> fp32 is no switch: the same graph serves
+    assert graphed.graphs is not None and graphed.graphs.captures == 1 + switched and graphed.graphs.replays == 7
     assert graphed.skipped_steps == eager.skipped_steps
     # cuBLAS may pick other kernels while capturing (no split-K workspace), so fp32 differs by rounding.
     _assert_runs_match(eager, graphed, rtol=1e-3 if precision != "fp32" else 1e-4)
@@ -154,7 +155,8 @@ def test_graphed_probe_equals_the_eager_probe_and_leaves_batch_norm_alone(determ
     run.train_interval(2)
     buffers = [b.clone() for b in run.model.buffers()]
     graphed, again = run.probe_loss(), run.probe_loss()
-    eager = float(run._probe_body(*run.probe_batch))
+    with torch.no_grad():
+        eager = float(run._probe_body(*run.probe_batch))
     assert graphed == again
     assert abs(graphed - eager) <= 1e-3 * abs(eager), f"graphed probe {graphed} vs eager {eager}"
     for before, after in zip(buffers, run.model.buffers(), strict=True):

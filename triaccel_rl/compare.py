@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
+from triaccel_rl.elastic import release_memory
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, get_task
-from triaccel_rl.training import TrainingRun
+from triaccel_rl.training import TrainingRun, resolve_device
 from triaccel_rl.types import Policy, Precision
 
 __all__ = ["RunResult", "compare", "format_table", "run_controller", "summarize"]
@@ -130,6 +131,9 @@ def run_controller(
         raise ValueError(f"eval_every={eval_every} must be >= 1")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
+    # collector runs: free them now, or this run's peak memory would include the previous run's.
+    release_memory(resolve_device(device))
     run = TrainingRun(
         task,
         seed=seed,

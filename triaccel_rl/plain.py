@@ -29,7 +29,7 @@ import torch
 
 from triaccel_rl.compare import RunResult
 from triaccel_rl.config import LRRule
-from triaccel_rl.elastic import lr_gain, resolve_lr_rule
+from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, get_task
@@ -92,6 +92,7 @@ def run_plain(
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
     device = resolve_device(device)
+    release_memory(device)  # earlier runs' garbage must not count in this run's peak
 
     torch.manual_seed(seed)
     model = task.build_model().to(device)

@@ -68,7 +68,10 @@ def test_real_out_of_memory_is_recovered(memory_fraction: None) -> None:
     torch.cuda.empty_cache()
     served = run.samples_seen
     stats = run.step()
-    assert stats.oom_events >= 1 and run.oom_log
+    assert stats.oom_events >= 1 and run.oom_log, (
+        f"no OOM: held {held}, limit {held + room // 3} of {total} bytes, step peak {stats.memory_bytes}, "
+        f"reserved {torch.cuda.memory_reserved()}, micro-batches {run.last_micro_batches}"
+    )
     assert "CUDA out of memory" in run.oom_log[0].message or "out of memory" in run.oom_log[0].message.lower()
     assert stats.batch_size == 4096 and len(run.last_micro_batches) >= 2
     assert run.samples_seen - served == 4096
