@@ -1,4 +1,4 @@
-"""Does a finished TrainingRun free its GPU memory? (a dev tool: a leak here grows every compare and RL episode)
+"""Checks whether a finished TrainingRun frees its GPU memory (a leak grows with every compare run and RL episode).
 
 Usage: ``python scripts/check_run_freed.py``; prints, for graphs on and off, the memory left allocated after
 the run is dropped and collected, and what still refers to the run if it is alive.
@@ -13,6 +13,7 @@ from triaccel_rl.training import TrainingRun
 
 
 def check(graphs: bool) -> None:
+    """Trains a few steps, drops the run, and reports what is left and who holds it."""
     gc.collect()
     before = torch.cuda.memory_allocated()
     run = TrainingRun("resnet18-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=graphs)
