@@ -15,7 +15,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
@@ -30,7 +30,7 @@ def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
 def make_env_fns(
     tasks: Sequence[str],
     n_envs: int,
-    max_decisions: int,
+    max_decisions: int | None,
     interval_steps: int,
     torch_threads: int | None = None,
     **env_kwargs: Any,
@@ -43,7 +43,8 @@ def make_env_fns(
     Args:
         tasks: registered task names.
         n_envs: number of factories (workers).
-        max_decisions: decisions per episode.
+        max_decisions: safety cap on decisions per episode (None: the environment's default); episodes
+            end when their time budget (``reward_config`` in ``env_kwargs``) is spent.
         interval_steps: optimizer steps per decision.
         torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
             thread per worker avoids oversubscribing the cores when there is one worker per core.
@@ -138,7 +139,8 @@ def train_policy(
     total_timesteps: int,
     n_envs: int = 2,
     vec: str = "subproc",
-    max_decisions: int = 20,
+    budget_intervals: float = 16.0,
+    max_decisions: int | None = None,
     interval_steps: int = 20,
     n_steps: int = 128,
     batch_size: int = 64,
@@ -160,7 +162,9 @@ def train_policy(
         total_timesteps: environment steps (decisions) to train for, summed over environments.
         n_envs: parallel environments.
         vec: ``"subproc"`` (one process each) or ``"dummy"`` (in this process).
-        max_decisions: decisions per episode.
+        budget_intervals: each episode's time budget, in intervals of fp32 at the task's base batch
+            (``RewardConfig.budget_intervals``; ignored when ``env_kwargs`` holds a ``reward_config``).
+        max_decisions: safety cap on decisions per episode (None: the environment's, 8 × the budget).
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment.
         batch_size: PPO minibatch size.
@@ -193,6 +197,7 @@ def train_policy(
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     for task in eval_tasks:
         get_task(task)
+    env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
 
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on."""
