@@ -60,6 +60,10 @@ class Args:
     """Environment steps between checkpoints (0: none)."""
     torch_threads: int = 1
     """PyTorch threads per environment process (1: one process per core, no oversubscription)."""
+    warm_start: str = ""
+    """A policy whose actions PPO's policy first imitates (e.g. ``heuristic``; '' for PPO from scratch)."""
+    warm_start_steps: int = 512
+    """Teacher decisions imitated by ``--warm-start`` (not counted in ``--timesteps``)."""
     run_dir: str = "runs/pretrained"
     """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
     ship_dir: str = "triaccel_rl/pretrained"
@@ -113,6 +117,8 @@ def main(args: Args) -> dict[str, Any]:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             torch_threads=args.torch_threads,
+            warm_start=args.warm_start or None,
+            warm_start_steps=args.warm_start_steps,
             compute_bound=args.compute_bound,
         )
     wall_s = time.perf_counter() - start
@@ -146,6 +152,10 @@ def model_card(facts: dict[str, Any]) -> str:
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
         ("environment steps trained", f"{facts['timesteps_trained']} decisions (episodes of a time budget of "
                                       f"{settings['budget_intervals']:g} reference intervals)"),
+        ("warm start", "none (PPO from scratch)" if not facts.get("warm_start") else
+                       f"imitation of `{facts['warm_start']['teacher']}` on {facts['warm_start']['decisions']} of its "
+                       f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
+                       f"{100 * facts['warm_start']['agreement']:.0f}% of them in every component)"),
         ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
         ("environments", f"{settings['n_envs']} × `SubprocVecEnv`, `torch_threads={settings['torch_threads']}` each"),
         ("env settings", f"`interval_steps={settings['interval_steps']}`, "
@@ -289,6 +299,7 @@ def _facts(
         "wall_s": training_s,
         "env_steps_per_s": timesteps / training_s,
         "shipped_from_checkpoint": args.from_checkpoint or None,
+        "warm_start": json.loads(warm.read_text()) if (warm := zip_path.parent / "warm_start.json").is_file() else None,
         "profile": HardwareProfile.load(None).device,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,
