@@ -33,20 +33,28 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     (0 fp32, 1 bf16, 2 fp16), an LR multiplier from ``config.lr_scales``, a batch move (0 halve, 1 keep,
     2 double, bounded by the memory budget).
 
-    **Reward**: progress per unit of cost, ``progress_scale * (log L_prev - log L_now) * (reference_cost
-    / cost)``, where ``L`` is the loss on a fixed probe batch and the reference is the same steps at fp32
-    and the base batch; minus ``nonfinite_penalty`` × skipped-step rate, ``over_budget_penalty`` when
-    memory exceeded the budget, and ``divergence_penalty`` on divergence; clipped (``RewardConfig``).
+    **Reward**: progress within a time budget. Each interval earns ``progress_scale * (log L_prev - log
+    L_now)``, where ``L`` is the loss on a fixed probe batch; minus ``nonfinite_penalty`` × skipped-step
+    rate, ``over_budget_penalty`` when memory exceeded the memory budget, and ``divergence_penalty`` on
+    divergence; clipped (``RewardConfig``, ``triaccel_rl.reward``). The episode has a fixed *cost*
+    budget, ``reward_config.budget_intervals`` × the charged time of one interval of fp32 at the task's
+    base batch (the interval ``reset`` trains), so the return is the log-loss drop reached within a fixed
+    time: a configuration that takes more steps, or dearer ones, gets fewer intervals, and nothing pays
+    for an interval being cheap. The interval that would overrun the budget is cut to the steps the
+    budget has left (estimated from the modelled step time) and counts only the share of its progress
+    that fitted.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
     interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
-    ``truncated`` after ``max_decisions`` decisions.
+    ``truncated`` when the time budget is spent, or (a safety net for near-free steps) after
+    ``max_decisions`` decisions.
 
     Args:
         task: registered task name (``triaccel_rl.tasks.task_names()``).
         config: decision interval, groups, LR scales, batch bounds, memory budget.
-        reward_config: reward weights.
-        max_decisions: decisions per episode.
+        reward_config: reward weights and the episode's time budget (``budget_intervals``).
+        max_decisions: at most this many decisions per episode (None: ``8 * budget_intervals``, rounded
+            up); the time budget normally ends an episode first.
         cost_mode: ``"profile"`` (charge time from ``profile``; the default, since CPU time says nothing
             about a GPU) or ``"measured"``.
         profile: path to a hardware-profile JSON; the shipped H200 profile by default.
@@ -54,16 +62,19 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         task_overrides: fields to override on the task (``{"n_train": 2048}``).
         divergence_factor: probe loss above this multiple of its starting value ends the episode.
         compute_bound: in profile mode, charge only the compute part of a step (no fixed per-step
-            overhead): proxy tasks stand in for models large enough to keep a GPU busy, where
-            precision and batch size decide the step time.
+            overhead), as if proxy tasks stood in for models large enough to keep a GPU busy. Off by
+            default: ``compare`` and ``experiments/transfer.py`` charge the profile's fixed per-step time,
+            and a policy must learn the costs it is judged by (with it on, a step of a proxy model is
+            nearly free, so halving the batch costs nothing per sample and wins the budget).
 
     Example:
         >>> import gymnasium as gym
         >>> import triaccel_rl.envs
-        >>> env = gym.make("TriAccel-v0", task="synthetic", max_decisions=2)
+        >>> from triaccel_rl.config import RewardConfig
+        >>> env = gym.make("TriAccel-v0", task="synthetic", reward_config=RewardConfig(budget_intervals=2))
         >>> obs, info = env.reset(seed=0)
-        >>> obs.shape
-        (43,)
+        >>> obs.shape, info["budget_ms"] == 2 * info["reference_interval_ms"]
+        ((43,), True)
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
@@ -73,20 +84,22 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         task: str = "synthetic",
         config: ControllerConfig | None = None,
         reward_config: RewardConfig | None = None,
-        max_decisions: int = 20,
+        max_decisions: int | None = None,
         cost_mode: CostMode | str = CostMode.PROFILE,
         profile: str | None = None,
         device: str | None = "cpu",
         task_overrides: dict[str, Any] | None = None,
         divergence_factor: float = 3.0,
-        compute_bound: bool = True,
+        compute_bound: bool = False,
     ) -> None:
         super().__init__()
-        if max_decisions < 1:
-            raise ValueError(f"max_decisions={max_decisions} must be >= 1")
+        if max_decisions is not None and max_decisions < 1:
+            raise ValueError(f"max_decisions={max_decisions} must be >= 1 (or None: 8 × the budget in intervals)")
         self.task = get_task(task, **(task_overrides or {}))
         self.config = config or ControllerConfig(cost_mode=CostMode.parse(cost_mode))
         self.reward_config = reward_config or RewardConfig()
+        if max_decisions is None:
+            max_decisions = math.ceil(8 * self.reward_config.budget_intervals)
         self.max_decisions = max_decisions
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = HardwareProfile.load(profile)
@@ -97,6 +110,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.action_space = action_space(self.config)
         self.loop: DecisionLoop | None = None
+        self.reference_interval_ms = self.budget_ms = self.spent_ms = 0.0
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -116,43 +130,63 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         self.loop = DecisionLoop(run, self.config, rollback=False)  # learning must see divergence
         self._initial_probe = run.probe_loss()
+        # The reference interval (fp32, base batch) sets the budget; it is not charged against it.
         interval = self.loop.train_interval()
-        self.reference_step_ms = interval.charged_ms / interval.steps
+        self.reference_interval_ms = interval.charged_ms
+        self.budget_ms = self.reward_config.budget_intervals * interval.charged_ms
+        self.spent_ms = 0.0
         signals = self.loop.snapshot(progress=self._progress())
         self._previous_probe = signals.probe_loss
-        return self.loop.observation(), {"probe_loss": signals.probe_loss, "n_layers": run.n_layers}
+        info = {
+            "probe_loss": signals.probe_loss,
+            "n_layers": run.n_layers,
+            "reference_interval_ms": self.reference_interval_ms,
+            "budget_ms": self.budget_ms,
+        }
+        return self.loop.observation(), info
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Applies ``action``, trains one interval, and returns the Gymnasium 5-tuple."""
         if self.loop is None:
             raise RuntimeError("call reset() before step()")
         report = self.loop.apply(action)
-        interval = self.loop.train_interval()
-        signals = self.loop.snapshot(progress=self._progress())
         run = self.loop.run
+        budget_left_ms = self.budget_ms - self.spent_ms
+        # Cut the interval to the steps the budget has left, from the modelled step time (in measured mode an
+        # estimate: the reward's pro-rating makes the charged share exact either way). A budget that runs out
+        # mid-step takes that step and counts the part of its progress that fitted.
+        step_ms = max(run.modelled_step_ms(run.batch_size), 1e-12)
+        steps = max(1, min(self.config.interval_steps, math.ceil(budget_left_ms / step_ms - 1e-9)))
+        interval = self.loop.train_interval(max_steps=steps)
+        cost_ms = max(interval.charged_ms, 1e-9)
+        self.spent_ms += cost_ms
+        signals = self.loop.snapshot(progress=self._progress())
         over_budget = signals.memory_bytes > signals.memory_budget_bytes
         diverged = (
             not signals.extra["probe_loss_finite"]
             or signals.overflow_rate >= 1.0
             or signals.probe_loss > self.divergence_factor * self._initial_probe
         )
-        reference_ms = self.reference_step_ms * interval.steps
         value = reward(
             previous_probe_loss=self._previous_probe,
             probe_loss=signals.probe_loss if not diverged else math.nan,
-            cost_ms=max(interval.charged_ms, 1e-9),
-            reference_cost_ms=reference_ms,
+            cost_ms=cost_ms,
+            budget_left_ms=budget_left_ms,
             overflow_rate=signals.overflow_rate,
             over_budget=over_budget,
             diverged=diverged,
             config=self.reward_config,
         )
         self._previous_probe = signals.probe_loss
-        truncated = self.loop.decisions >= self.max_decisions and not diverged
+        # A relative tolerance: the budget is a sum of the same floats the spending adds up.
+        spent = self.spent_ms >= self.budget_ms * (1 - 1e-9)
+        truncated = (spent or self.loop.decisions >= self.max_decisions) and not diverged
         info: dict[str, Any] = {
             "probe_loss": signals.probe_loss,
             "cost_ms": interval.charged_ms,
-            "reference_cost_ms": reference_ms,
+            "steps": interval.steps,
+            "spent_ms": self.spent_ms,
+            "budget_ms": self.budget_ms,
             "batch_size": report.batch_size,
             "lr_scale": report.lr_scale,
             "precisions": [p.name.lower() for p in report.precisions],
@@ -176,5 +210,5 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.loop.signals if self.loop is not None else None
 
     def _progress(self) -> float:
-        decisions = self.loop.decisions if self.loop is not None else 0
-        return min(1.0, (decisions + 1) / (self.max_decisions + 1))
+        """Share of the episode's time budget spent, in [0, 1] (``compare`` feeds the share of its epochs)."""
+        return min(1.0, self.spent_ms / self.budget_ms) if self.budget_ms > 0 else 0.0

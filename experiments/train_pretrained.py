@@ -38,8 +38,14 @@ class Args:
     """Environment steps (decisions) to train for, summed over the environments."""
     n_envs: int = 2
     """Parallel environments (``SubprocVecEnv``, one process each)."""
-    max_decisions: int = 16
-    """Decisions per episode."""
+    budget_intervals: float = 16.0
+    """Each episode's time budget, in intervals of fp32 at the task's base batch (``RewardConfig``); an
+    episode ends when its charged time reaches it, and its return is the progress made within it."""
+    max_decisions: int = 64
+    """Safety cap on decisions per episode (the time budget normally ends an episode first)."""
+    compute_bound: bool = False
+    """Charge only the compute part of a step (no fixed per-step time); off, so training charges the costs
+    ``compare`` and ``transfer.py`` judge by."""
     interval_steps: int = 10
     """Optimizer steps per decision (small, so that an episode is cheap on a CPU)."""
     n_steps: int = 128
@@ -54,6 +60,10 @@ class Args:
     """Environment steps between checkpoints (0: none)."""
     torch_threads: int = 1
     """PyTorch threads per environment process (1: one process per core, no oversubscription)."""
+    warm_start: str = ""
+    """A policy whose actions PPO's policy first imitates (e.g. ``heuristic``; '' for PPO from scratch)."""
+    warm_start_steps: int = 512
+    """Teacher decisions imitated by ``--warm-start`` (not counted in ``--timesteps``)."""
     run_dir: str = "runs/pretrained"
     """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
     ship_dir: str = "triaccel_rl/pretrained"
@@ -75,7 +85,7 @@ def main(args: Args) -> dict[str, Any]:
     from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 
     if args.smoke:
-        args = replace(args, timesteps=32, n_envs=1, max_decisions=4, interval_steps=2, n_steps=32,
+        args = replace(args, timesteps=32, n_envs=1, budget_intervals=4, interval_steps=2, n_steps=32,
                        batch_size=16, eval_every=0, checkpoint_every=0, ship_dir="")  # fmt: skip
     training_tasks = ("synthetic",) if args.smoke else TRAINING_TASKS
     run_dir = Path(args.run_dir)
@@ -95,6 +105,7 @@ def main(args: Args) -> dict[str, Any]:
             total_timesteps=args.timesteps,
             n_envs=args.n_envs,
             vec="subproc" if args.n_envs > 1 else "dummy",
+            budget_intervals=args.budget_intervals,
             max_decisions=args.max_decisions,
             interval_steps=args.interval_steps,
             n_steps=args.n_steps,
@@ -106,6 +117,9 @@ def main(args: Args) -> dict[str, Any]:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             torch_threads=args.torch_threads,
+            warm_start=args.warm_start or None,
+            warm_start_steps=args.warm_start_steps,
+            compute_bound=args.compute_bound,
         )
     wall_s = time.perf_counter() - start
     facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s)
@@ -136,13 +150,18 @@ def model_card(facts: dict[str, Any]) -> str:
         ("training tasks", ", ".join(f"`{t}`" for t in facts["training_tasks"])
          + " (each worker cycles through them, one per episode)"),
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
-        ("environment steps trained", f"{facts['timesteps_trained']} (about {facts['episodes_estimate']} episodes "
-                                      f"of {settings['max_decisions']} decisions)"),
+        ("environment steps trained", f"{facts['timesteps_trained']} decisions (episodes of a time budget of "
+                                      f"{settings['budget_intervals']:g} reference intervals)"),
+        ("warm start", "none (PPO from scratch)" if not facts.get("warm_start") else
+                       f"imitation of `{facts['warm_start']['teacher']}` on {facts['warm_start']['decisions']} of its "
+                       f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
+                       f"{100 * facts['warm_start']['agreement']:.0f}% of them in every component)"),
         ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
         ("environments", f"{settings['n_envs']} × `SubprocVecEnv`, `torch_threads={settings['torch_threads']}` each"),
-        ("env settings", f"`interval_steps={settings['interval_steps']}`, `max_decisions={settings['max_decisions']}`, "
-                         "cost mode `profile`, `compute_bound=True`, device `cpu`, default `ControllerConfig` and "
-                         "`RewardConfig`"),
+        ("env settings", f"`interval_steps={settings['interval_steps']}`, "
+                         f"`RewardConfig(budget_intervals={settings['budget_intervals']:g})` (other weights default), "
+                         f"`max_decisions={settings['max_decisions']}` (cap), cost mode `profile`, "
+                         f"`compute_bound={settings['compute_bound']}`, device `cpu`, default `ControllerConfig`"),
         ("hardware profile (time and memory charged)", f"{facts['profile']} (the shipped "
                                                        "`triaccel_rl/profiles/h200.json`)"),
         ("machine", facts["machine"]),
@@ -180,8 +199,8 @@ than one range width outside it goes to the heuristic (the shield's `FallbackPol
 
 ## Evaluation during training
 
-Mean episode reward on the held-out tasks (one deterministic episode per task, {settings["max_decisions"]}
-decisions), from SB3's `EvalCallback`:
+Mean episode return (progress within the time budget of {settings["budget_intervals"]:g} reference intervals) on
+the held-out tasks, one deterministic episode per task, from SB3's `EvalCallback`:
 
 | env steps | mean reward ± std |
 |---|---|
@@ -223,12 +242,16 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
     """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
     from triaccel_rl.policies import LearnedPolicy
 
+    from triaccel_rl.config import RewardConfig
     from triaccel_rl.rl import make_env_fns, obs_stats_path
     from triaccel_rl.shield import ObservationStats
 
     policy = LearnedPolicy(zip_path)
     observations = []
-    for k, make in enumerate(make_env_fns(list(tasks), len(tasks), args.max_decisions, args.interval_steps)):
+    fns = make_env_fns(list(tasks), len(tasks), args.max_decisions, args.interval_steps,
+                       reward_config=RewardConfig(budget_intervals=args.budget_intervals),
+                       compute_bound=args.compute_bound)  # fmt: skip
+    for k, make in enumerate(fns):
         env = make()
         for episode in range(args.stats_episodes):
             observation, _ = env.reset(seed=args.seed + 1000 * k + episode)
@@ -273,10 +296,10 @@ def _facts(
         "training_tasks": list(training_tasks),
         "held_out_tasks": list(held_out),
         "timesteps_trained": timesteps,
-        "episodes_estimate": timesteps // args.max_decisions,
         "wall_s": training_s,
         "env_steps_per_s": timesteps / training_s,
         "shipped_from_checkpoint": args.from_checkpoint or None,
+        "warm_start": json.loads(warm.read_text()) if (warm := zip_path.parent / "warm_start.json").is_file() else None,
         "profile": HardwareProfile.load(None).device,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,

@@ -127,7 +127,7 @@ def call(
     previous: float = 1.0,
     now: float = 1.0,
     cost: float = 100.0,
-    reference: float = 100.0,
+    budget_left: float = 1000.0,
     overflow: float = 0.0,
     over_budget: bool = False,
     diverged: bool = False,
@@ -137,7 +137,7 @@ def call(
         previous_probe_loss=previous,
         probe_loss=now,
         cost_ms=cost,
-        reference_cost_ms=reference,
+        budget_left_ms=budget_left,
         overflow_rate=overflow,
         over_budget=over_budget,
         diverged=diverged,
@@ -155,23 +155,35 @@ def test_progress_is_log_ratio() -> None:
     assert call(previous=1.0, now=math.e) == -1.0
 
 
+@pytest.mark.parametrize("cost", [1.0, 50.0, 100.0, 1000.0])
+def test_progress_does_not_depend_on_cost_within_budget(cost: float) -> None:
+    # The budget, not a progress/cost ratio, charges for time: a cheap interval earns no bonus.
+    assert call(previous=math.e, now=1.0, cost=cost, budget_left=1000.0) == 1.0
+
+
 @pytest.mark.parametrize(
-    ("cost", "reference", "expected"), [(50.0, 100.0, 2.0), (200.0, 100.0, 0.5), (25.0, 100.0, 4.0)]
+    ("cost", "budget_left", "expected"), [(100.0, 50.0, 0.5), (200.0, 50.0, 0.25), (100.0, 100.0, 1.0)]
 )
-def test_progress_scales_with_cost_ratio(cost: float, reference: float, expected: float) -> None:
-    assert call(previous=math.e, now=1.0, cost=cost, reference=reference) == expected
+def test_overrunning_interval_counts_the_share_that_fitted(cost: float, budget_left: float, expected: float) -> None:
+    assert call(previous=math.e, now=1.0, cost=cost, budget_left=budget_left) == expected
+
+
+def test_penalties_are_not_prorated() -> None:
+    # Half the interval fitted: half the progress (0.5) but the whole overflow penalty (2 * 0.25).
+    assert call(previous=math.e, now=1.0, cost=100.0, budget_left=50.0, overflow=0.25) == 0.5 - 0.5
 
 
 def test_progress_scale_multiplies() -> None:
     config = RewardConfig(progress_scale=10.0, clip=100.0)
-    assert call(previous=math.e, now=1.0, cost=50.0, config=config) == 20.0
+    assert call(previous=math.e, now=1.0, config=config) == 10.0
+    assert call(previous=math.e**2, now=1.0, config=config) == 20.0
     # The same progress under the default clip of 10 is clipped.
-    assert call(previous=math.e, now=1.0, cost=50.0, config=RewardConfig(progress_scale=10.0)) == 10.0
+    assert call(previous=math.e**2, now=1.0, config=RewardConfig(progress_scale=10.0)) == 10.0
 
 
 def test_docstring_example() -> None:
-    value = call(previous=1.0, now=math.exp(-0.1), cost=50.0, config=RewardConfig())
-    assert value == pytest.approx(2.0, abs=1e-12)
+    value = call(previous=1.0, now=math.exp(-0.1), cost=50.0, budget_left=25.0, config=RewardConfig())
+    assert value == pytest.approx(0.5, abs=1e-12)
 
 
 def test_penalties_subtract() -> None:
@@ -212,11 +224,11 @@ def test_zero_probe_losses_are_floored_not_errors() -> None:
     assert call(previous=1.0, now=0.0) == pytest.approx(math.log(1e12), rel=1e-15)
 
 
-@pytest.mark.parametrize(("cost", "reference"), [(0.0, 100.0), (-1.0, 100.0), (100.0, 0.0), (float("nan"), 100.0)])
-def test_non_positive_cost_raises(cost: float, reference: float) -> None:
-    with pytest.raises(ValueError, match=r"costs must be positive") as info:
-        call(cost=cost, reference=reference)
-    assert f"cost_ms={cost}, reference_cost_ms={reference}" in str(info.value)
+@pytest.mark.parametrize(("cost", "budget_left"), [(0.0, 100.0), (-1.0, 100.0), (100.0, 0.0), (float("nan"), 100.0)])
+def test_non_positive_cost_or_spent_budget_raises(cost: float, budget_left: float) -> None:
+    with pytest.raises(ValueError, match=r"must be positive \(an episode ends once its budget is spent\)") as info:
+        call(cost=cost, budget_left=budget_left)
+    assert f"cost_ms={cost} and budget_left_ms={budget_left}" in str(info.value)
 
 
 def test_reward_is_float() -> None:
@@ -226,3 +238,62 @@ def test_reward_is_float() -> None:
 def test_divergence_reward_within_documented_clip() -> None:
     config = RewardConfig(divergence_penalty=50.0, clip=10.0)
     assert -config.clip <= call(diverged=True, config=config) <= config.clip
+
+
+# ---------------------------------------------------------------- budget episodes: halving the batch
+FIXED_MS = 0.2
+"""Per-step fixed time of the toy cost model (the shipped profile's ``fixed_ms``)."""
+PER_SAMPLE_MS = 0.001
+"""Per-sample compute time of the toy cost model."""
+PROGRESS_PER_SAMPLE = 1e-4
+"""Log probe-loss drop per trained sample: equal for every batch size in these episodes."""
+
+
+def budget_episode_return(
+    batch_size: int, budget_ms: float, interval_steps: int = 10, fixed_ms: float = FIXED_MS
+) -> tuple[float, int]:
+    """Return and step count of a toy episode run the way ``TriAccelEnv.step`` runs one.
+
+    Each interval is cut to the steps the budget has left (rounded up), its log-loss drop is
+    ``PROGRESS_PER_SAMPLE`` × samples, and the reward pro-rates the overrunning interval.
+    """
+    step_ms = fixed_ms + PER_SAMPLE_MS * batch_size
+    config = RewardConfig(progress_scale=1.0, clip=1e9)
+    spent = total = 0.0
+    steps_taken = 0
+    log_loss = 0.0
+    while spent < budget_ms * (1 - 1e-9):
+        left = budget_ms - spent
+        steps = max(1, min(interval_steps, math.ceil(left / step_ms - 1e-9)))
+        previous, log_loss = log_loss, log_loss - PROGRESS_PER_SAMPLE * batch_size * steps
+        total += reward(previous_probe_loss=math.exp(previous), probe_loss=math.exp(log_loss),
+                        cost_ms=steps * step_ms, budget_left_ms=left, overflow_rate=0.0, over_budget=False,
+                        diverged=False, config=config)  # fmt: skip
+        spent += steps * step_ms
+        steps_taken += steps
+    return total, steps_taken
+
+
+def test_halving_the_batch_earns_less_for_the_same_budget() -> None:
+    # Budget: 16 intervals of 10 steps at batch 64 (0.264 ms a step) = 42.24 ms.
+    budget = 16 * 10 * (FIXED_MS + PER_SAMPLE_MS * 64)
+    base, base_steps = budget_episode_return(64, budget)
+    half, half_steps = budget_episode_return(32, budget)
+    # Batch 64: exactly 160 steps, 64 * 160 samples * 1e-4 = 1.024.
+    assert base_steps == 160
+    assert base == pytest.approx(1.024, rel=1e-12)
+    # Batch 32 (0.232 ms a step): 182.07 steps fit; 183 run, the last pro-rated: 32e-4 * 42.24 / 0.232.
+    assert half_steps == 183
+    assert half == pytest.approx(32e-4 * budget / 0.232, rel=1e-9)
+    assert half == pytest.approx(0.58262069, rel=1e-7)
+    assert half < base
+
+
+def test_without_a_fixed_step_cost_halving_earns_the_same() -> None:
+    # The control case: with cost proportional to samples, batch size alone changes nothing (1.024 each).
+    budget = 16 * 10 * PER_SAMPLE_MS * 64
+    base, _ = budget_episode_return(64, budget, fixed_ms=0.0)
+    half, half_steps = budget_episode_return(32, budget, fixed_ms=0.0)
+    assert half_steps == 320
+    assert base == pytest.approx(1.024, rel=1e-12)
+    assert half == pytest.approx(1.024, rel=1e-12)

@@ -264,7 +264,8 @@ def test_heuristic_usage_band_checked(grow: float, shrink: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["progress_scale", "nonfinite_penalty", "over_budget_penalty", "divergence_penalty", "clip"]
+    "name",
+    ["progress_scale", "nonfinite_penalty", "over_budget_penalty", "divergence_penalty", "clip", "budget_intervals"],
 )
 def test_reward_negative_rejected(name: str) -> None:
     with pytest.raises(ConfigError, match=rf"reward {name}=-1.0 must be a non-negative number"):
@@ -279,6 +280,22 @@ def test_reward_nan_rejected() -> None:
 def test_reward_zero_clip_rejected() -> None:
     with pytest.raises(ConfigError, match=r"reward clip=0.0 must be positive"):
         RewardConfig(clip=0.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, float("inf")])
+def test_reward_budget_must_be_positive_and_finite(bad: float) -> None:
+    message = r"reward budget_intervals=0.0 must be positive \(the episode's time budget in reference intervals"
+    if bad == 0.0:
+        with pytest.raises(ConfigError, match=message):
+            RewardConfig(budget_intervals=bad)
+    else:
+        with pytest.raises(ConfigError, match=r"reward budget_intervals=inf must be a non-negative number"):
+            RewardConfig(budget_intervals=bad)
+
+
+def test_reward_budget_default_and_fractional() -> None:
+    assert RewardConfig().budget_intervals == 16.0
+    assert RewardConfig(budget_intervals=2.5).budget_intervals == 2.5
 
 
 def test_reward_zero_penalty_allowed() -> None:

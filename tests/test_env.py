@@ -1,3 +1,5 @@
+import math
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from triaccel_rl.envs import TriAccelEnv
 
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, RewardConfig
 
 
 def small_env(**kwargs):
@@ -40,6 +42,43 @@ def test_episode_truncates_after_max_decisions_with_summary():
         assert truncated == (decision == 3)
     assert 0.0 <= info["test_accuracy"] <= 1.0
     assert info["overhead_frac"] >= 0.0
+
+
+def test_episode_ends_when_the_time_budget_is_spent_not_after_a_decision_count():
+    # Budget: 2 reference intervals = 6 fp32 steps at the base batch. Compute-bound, a bf16 step costs a
+    # fraction of an fp32 one, so the same budget holds more steps and more decisions than 2.
+    config = ControllerConfig(interval_steps=3)
+    env = TriAccelEnv(task="synthetic", config=config, reward_config=RewardConfig(budget_intervals=2),
+                      task_overrides={"n_train": 1024}, compute_bound=True)  # fmt: skip
+    _, start = env.reset(seed=0)
+    run = env.loop.run
+    fp32_step_ms = run.modelled_step_ms()
+    assert start["reference_interval_ms"] == pytest.approx(3 * fp32_step_ms, rel=1e-12)
+    assert start["budget_ms"] == pytest.approx(6 * fp32_step_ms, rel=1e-12)
+    all_bf16 = np.array([1, 1, 1, 1, 2, 1])  # bf16 everywhere, LR x1, keep the batch
+    infos, truncated = [], False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(all_bf16)
+        assert not terminated
+        infos.append(info)
+    bf16_step_ms = run.modelled_step_ms()
+    steps = math.ceil(start["budget_ms"] / bf16_step_ms - 1e-9)  # the last step may overrun; it is pro-rated
+    assert bf16_step_ms < fp32_step_ms / 2
+    assert [i["steps"] for i in infos] == [3] * (steps // 3) + ([steps % 3] if steps % 3 else [])
+    assert len(infos) > 2 and len(infos) == math.ceil(steps / 3)
+    assert infos[-2]["spent_ms"] < start["budget_ms"] <= infos[-1]["spent_ms"]
+    assert infos[-1]["spent_ms"] == pytest.approx(steps * bf16_step_ms, rel=1e-9)
+    assert "test_accuracy" in infos[-1] and "test_accuracy" not in infos[-2]
+
+
+def test_fp32_at_the_base_batch_spends_the_budget_in_budget_intervals_decisions():
+    env = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=3),
+                      reward_config=RewardConfig(budget_intervals=3), task_overrides={"n_train": 1024})  # fmt: skip
+    _, start = env.reset(seed=0)
+    keep_fp32 = np.array([0, 0, 0, 0, 2, 1])
+    outcomes = [env.step(keep_fp32)[3] for _ in range(3)]
+    assert outcomes == [False, False, True]
+    assert env.spent_ms == pytest.approx(start["budget_ms"], rel=1e-12)
 
 
 def test_same_seed_same_trajectory():

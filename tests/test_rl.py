@@ -95,3 +95,41 @@ def test_bad_training_arguments():
         train_policy(["nope"], total_timesteps=10)
     with pytest.raises(ValueError, match="batch_size=512 exceeds the rollout size"):
         train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=128, batch_size=512)
+
+
+class _ConstantTeacher:
+    """Always the same action: bf16 in every group, LR x1, keep the batch."""
+
+    action = np.array([1, 1, 1, 1, 2, 1])
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        return np.tile(self.action, (len(observation), 1)), state
+
+
+def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
+    import json
+
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import imitate, make_env_fns
+
+    fns = make_env_fns(["synthetic"], 1, None, 2, reward_config=RewardConfig(budget_intervals=2))
+    venv = DummyVecEnv(fns)
+    venv.seed(0)
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=16, seed=0, device="cpu")
+    fit = imitate(model, venv, _ConstantTeacher(), n_steps=24, epochs=30, batch_size=8)
+    venv.close()
+    # A constant action is learnt exactly: every collected decision's mode is the teacher's.
+    assert fit["agreement"] == 1.0
+    assert set(fit) == {"nll", "value_mse", "agreement"}
+    actions, _ = model.predict(np.zeros((4, 43), dtype=np.float32), deterministic=True)
+    np.testing.assert_array_equal(actions, np.tile(_ConstantTeacher.action, (4, 1)))
+
+    out = train_policy(["synthetic"], total_timesteps=32, n_envs=1, vec="dummy", interval_steps=2, n_steps=32,
+                       batch_size=16, out=tmp_path / "p.zip", warm_start="heuristic", warm_start_steps=8,
+                       budget_intervals=2)  # fmt: skip
+    record = json.loads((out.parent / "warm_start.json").read_text())
+    assert record["teacher"] == "heuristic" and record["decisions"] == 8
+    assert 0.0 <= record["agreement"] <= 1.0

@@ -79,7 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--timesteps", type=int, default=4096, help="total environment steps (decisions)")
     train.add_argument("--n-envs", type=int, default=2, help="parallel environments")
     train.add_argument("--vec", choices=("dummy", "subproc"), default="subproc", help="vectorisation backend")
-    train.add_argument("--max-decisions", type=int, default=20, help="decisions per episode")
+    train.add_argument(
+        "--budget-intervals",
+        type=float,
+        default=16.0,
+        help="episode time budget, in intervals of fp32 at the base batch (the return is the progress within it)",
+    )
+    train.add_argument(
+        "--max-decisions", type=int, default=None, help="safety cap on decisions per episode (default: 8 × budget)"
+    )
     train.add_argument("--interval-steps", type=int, default=20, help="optimizer steps per decision")
     train.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
     train.add_argument("--batch-size", type=int, default=64, help="PPO minibatch size")
@@ -175,6 +183,7 @@ def _train_policy(args: argparse.Namespace) -> int:
         total_timesteps=args.timesteps,
         n_envs=args.n_envs,
         vec=args.vec,
+        budget_intervals=args.budget_intervals,
         max_decisions=args.max_decisions,
         interval_steps=args.interval_steps,
         n_steps=args.n_steps,

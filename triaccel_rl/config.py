@@ -277,14 +277,24 @@ class HeuristicConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Weights of the environment's reward (see ``triaccel_rl.reward``).
+    """Weights of the environment's reward (see ``triaccel_rl.reward``) and the cost budget of an episode.
+
+    An episode of ``TriAccel-v0`` ends when its charged time reaches ``budget_intervals`` × the time of
+    one decision interval of the reference configuration (fp32 at the task's base batch, measured or
+    modelled at the episode's start), however many decisions that takes; the return is the progress
+    made within that time.
 
     Attributes:
-        progress_scale: multiplier on the log probe-loss decrease per unit of normalised cost.
+        progress_scale: multiplier on the log probe-loss decrease of an interval.
         nonfinite_penalty: subtracted per unit of the interval's skipped-step rate.
-        over_budget_penalty: subtracted when peak memory exceeded the budget.
+        over_budget_penalty: subtracted when peak memory exceeded the memory budget.
         divergence_penalty: subtracted once when the run diverges (episode terminates).
         clip: the reward is clipped to [-clip, clip].
+        budget_intervals: the episode's time budget, in reference intervals; > 0.
+
+    Example:
+        >>> RewardConfig(budget_intervals=8).budget_intervals
+        8
     """
 
     progress_scale: float = 10.0
@@ -292,6 +302,7 @@ class RewardConfig:
     over_budget_penalty: float = 1.0
     divergence_penalty: float = 5.0
     clip: float = 10.0
+    budget_intervals: float = 16.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -300,6 +311,11 @@ class RewardConfig:
                 raise ConfigError(f"reward {f.name}={value} must be a non-negative number")
         if self.clip <= 0:
             raise ConfigError(f"reward clip={self.clip} must be positive")
+        if self.budget_intervals <= 0:
+            raise ConfigError(
+                f"reward budget_intervals={self.budget_intervals} must be positive "
+                "(the episode's time budget in reference intervals, e.g. 16)"
+            )
 
 
 @dataclass(frozen=True)

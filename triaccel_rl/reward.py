@@ -1,4 +1,4 @@
-"""The environment's reward: progress per unit of cost, minus penalties. A pure function."""
+"""The environment's reward: progress within a cost budget, minus penalties. A pure function."""
 
 from __future__ import annotations
 
@@ -14,35 +14,43 @@ def reward(
     previous_probe_loss: float,
     probe_loss: float,
     cost_ms: float,
-    reference_cost_ms: float,
+    budget_left_ms: float,
     overflow_rate: float,
     over_budget: bool,
     diverged: bool,
     config: RewardConfig,
 ) -> float:
-    """Reward of one decision interval.
+    """Reward of one decision interval of an episode with a fixed cost budget.
 
-    ``r = progress_scale * (log L_prev - log L_now) * (reference_cost / cost)
-    - nonfinite_penalty * overflow_rate - over_budget_penalty * [over budget]
+    ``r = progress_scale * (log L_prev - log L_now) * min(1, budget_left / cost)
+    - nonfinite_penalty * overflow_rate - over_budget_penalty * [memory over budget]
     - divergence_penalty * [diverged]``, clipped to ``[-clip, clip]``.
 
     ``L`` is the loss on a fixed probe batch, so progress is not mini-batch noise. ``cost`` is the
-    interval's time (measured, or modelled from a hardware profile); ``reference_cost`` is what the
-    same number of steps costs at fp32 and the task's base batch, so a configuration that makes the same
-    progress in half the time earns twice the reward.
+    interval's charged time (measured, or modelled from a hardware profile) and ``budget_left`` what was
+    left of the episode's time budget when the interval started. An episode ends when its budget is
+    spent, so the return is the total log-loss drop reached within a fixed time: the dual of the time to
+    reach a given loss, which is what users pay for. A configuration that takes more steps (a small batch
+    pays the per-step overhead more often) gets fewer intervals out of the budget; nothing rewards a cheap
+    interval for being cheap. The interval that overruns the budget counts only the share of its progress
+    that fitted (``budget_left / cost``, linear within the interval), so a coarse last step earns nothing
+    past the budget.
 
     Example:
-        >>> r = reward(previous_probe_loss=1.0, probe_loss=math.exp(-0.1), cost_ms=50.0, reference_cost_ms=100.0,
+        >>> r = reward(previous_probe_loss=1.0, probe_loss=math.exp(-0.1), cost_ms=50.0, budget_left_ms=25.0,
         ...            overflow_rate=0.0, over_budget=False, diverged=False, config=RewardConfig())
-        >>> round(r, 6)
-        2.0
+        >>> round(r, 6)  # 10 * 0.1 of progress, half of which fitted in the budget
+        0.5
     """
     if diverged or not math.isfinite(probe_loss):
         return -min(config.divergence_penalty, config.clip)
-    if not (cost_ms > 0 and reference_cost_ms > 0):
-        raise ValueError(f"costs must be positive; got cost_ms={cost_ms}, reference_cost_ms={reference_cost_ms}")
+    if not (cost_ms > 0 and budget_left_ms > 0):
+        raise ValueError(
+            f"cost_ms={cost_ms} and budget_left_ms={budget_left_ms} must be positive "
+            "(an episode ends once its budget is spent)"
+        )
     progress = math.log(max(previous_probe_loss, 1e-12)) - math.log(max(probe_loss, 1e-12))
-    value = config.progress_scale * progress * (reference_cost_ms / cost_ms)
+    value = config.progress_scale * progress * min(1.0, budget_left_ms / cost_ms)
     value -= config.nonfinite_penalty * overflow_rate
     value -= config.over_budget_penalty * float(over_budget)
     return float(min(config.clip, max(-config.clip, value)))

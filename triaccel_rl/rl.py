@@ -7,6 +7,7 @@ checkpoints, TensorBoard curves and, with held-out tasks, periodic evaluations o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +16,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
-__all__ = ["TaskCycleEnv", "make_env_fns", "obs_stats_path", "train_policy"]
+__all__ = ["TaskCycleEnv", "imitate", "make_env_fns", "obs_stats_path", "train_policy"]
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -30,7 +31,7 @@ def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
 def make_env_fns(
     tasks: Sequence[str],
     n_envs: int,
-    max_decisions: int,
+    max_decisions: int | None,
     interval_steps: int,
     torch_threads: int | None = None,
     **env_kwargs: Any,
@@ -43,7 +44,8 @@ def make_env_fns(
     Args:
         tasks: registered task names.
         n_envs: number of factories (workers).
-        max_decisions: decisions per episode.
+        max_decisions: safety cap on decisions per episode (None: the environment's default); episodes
+            end when their time budget (``reward_config`` in ``env_kwargs``) is spent.
         interval_steps: optimizer steps per decision.
         torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
             thread per worker avoids oversubscribing the cores when there is one worker per core.
@@ -132,13 +134,69 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
             env.close()
 
 
+def imitate(
+    model: Any, venv: Any, teacher: Any, n_steps: int, epochs: int = 20, batch_size: int = 64, gamma: float = 0.99
+) -> dict[str, float]:
+    """Warm start: fits ``model``'s policy to ``teacher``'s actions (and its value net to their returns).
+
+    Runs ``teacher`` (any policy with ``predict``, e.g. the heuristic) for ``n_steps`` decisions summed over
+    ``venv``'s environments, then minimises the negative log-likelihood of the teacher's actions and the
+    squared error of the value net against the discounted returns (episodes cut by the rollout end are
+    bootstrapped from zero) for ``epochs`` passes, with the model's own optimizer.
+
+    Returns:
+        ``{"nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass; ``agreement`` is the share of
+        decisions whose deterministic action equals the teacher's in every component.
+    """
+    import torch
+
+    observations, actions, rewards, dones = [], [], [], []
+    obs = venv.reset()
+    for _ in range(max(1, n_steps // venv.num_envs)):
+        action, _ = teacher.predict(obs, deterministic=True)
+        action = np.asarray(action).reshape(venv.num_envs, -1)
+        observations.append(obs)
+        actions.append(action)
+        obs, reward, done, _ = venv.step(action)
+        rewards.append(reward)
+        dones.append(done)
+    returns = np.zeros((len(rewards), venv.num_envs), dtype=np.float32)
+    running = np.zeros(venv.num_envs, dtype=np.float32)
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running * (1.0 - dones[t])
+        returns[t] = running
+    policy = model.policy
+    obs_t = torch.as_tensor(np.concatenate(observations), dtype=torch.float32)
+    act_t = torch.as_tensor(np.concatenate(actions), dtype=torch.long)
+    ret_t = torch.as_tensor(returns.reshape(-1), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    policy.set_training_mode(True)
+    for _ in range(epochs):
+        for index in torch.randperm(len(obs_t), generator=generator).split(batch_size):
+            values, log_prob, _ = policy.evaluate_actions(obs_t[index], act_t[index])
+            loss = -log_prob.mean() + 0.5 * torch.nn.functional.mse_loss(values.flatten(), ret_t[index])
+            policy.optimizer.zero_grad()
+            loss.backward()
+            policy.optimizer.step()
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        values, log_prob, _ = policy.evaluate_actions(obs_t, act_t)
+        predicted = policy.get_distribution(obs_t).mode()
+    return {
+        "nll": float(-log_prob.mean()),
+        "value_mse": float(torch.nn.functional.mse_loss(values.flatten(), ret_t)),
+        "agreement": float((predicted == act_t).all(dim=1).float().mean()),
+    }
+
+
 def train_policy(
     tasks: Sequence[str],
     *,
     total_timesteps: int,
     n_envs: int = 2,
     vec: str = "subproc",
-    max_decisions: int = 20,
+    budget_intervals: float = 16.0,
+    max_decisions: int | None = None,
     interval_steps: int = 20,
     n_steps: int = 128,
     batch_size: int = 64,
@@ -151,6 +209,8 @@ def train_policy(
     resume: str | os.PathLike[str] | None = None,
     progress_bar: bool = False,
     torch_threads: int | None = None,
+    warm_start: str | None = None,
+    warm_start_steps: int = 512,
     **env_kwargs: Any,
 ) -> Path:
     """Trains PPO on ``tasks`` and saves the policy zip and its observation stats; returns the zip's path.
@@ -160,7 +220,9 @@ def train_policy(
         total_timesteps: environment steps (decisions) to train for, summed over environments.
         n_envs: parallel environments.
         vec: ``"subproc"`` (one process each) or ``"dummy"`` (in this process).
-        max_decisions: decisions per episode.
+        budget_intervals: each episode's time budget, in intervals of fp32 at the task's base batch
+            (``RewardConfig.budget_intervals``; ignored when ``env_kwargs`` holds a ``reward_config``).
+        max_decisions: safety cap on decisions per episode (None: the environment's, 8 × the budget).
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment.
         batch_size: PPO minibatch size.
@@ -174,6 +236,11 @@ def train_policy(
         progress_bar: show SB3's progress bar.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core.
+        warm_start: a policy spec (``make_policy``, e.g. ``"heuristic"``) whose actions the new policy first
+            imitates (:func:`imitate`) before PPO starts; None: PPO from scratch. Ignored with ``resume``.
+        warm_start_steps: decisions of the teacher to imitate (summed over the environments); they are
+            not counted in ``total_timesteps``. The imitation's fit is written to ``warm_start.json``
+            beside ``out``.
         env_kwargs: passed to every ``TriAccel-v0``.
 
     Raises:
@@ -193,6 +260,7 @@ def train_policy(
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     for task in eval_tasks:
         get_task(task)
+    env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
 
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on."""
@@ -234,6 +302,13 @@ def train_policy(
                 tensorboard_log=str(log_dir) if log_dir else None,
                 verbose=0,
             )
+            if warm_start is not None:
+                from triaccel_rl.policies import make_policy
+
+                teacher = make_policy(warm_start, ControllerConfig(interval_steps=interval_steps))
+                fit = imitate(model, venv, teacher, warm_start_steps)
+                record = {"teacher": warm_start, "decisions": warm_start_steps, **fit}
+                (path.parent / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
         recorder = RecordObservations()
         callbacks: list[BaseCallback] = [recorder]
         if checkpoint_every > 0:
