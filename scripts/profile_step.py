@@ -75,6 +75,15 @@ def decision_costs(run: TrainingRun, repeats: int = 10) -> None:
             part()
         torch.cuda.synchronize()
         print(f"  decision overhead: {name}: {(time.perf_counter() - start) / repeats * 1e3:.2f} ms")
+    collector = loop.collector
+    last = collector.last_round
+    if last is not None:
+        print(
+            f"  estimator rounds: {collector.scheduler.rounds} run, warm-up round {collector.warmup_ms:.1f} ms, last "
+            f"round {last.measured_ms:.1f} ms ({last.plan.n_microbatches} micro-batches, {last.plan.n_probes} probes:"
+            f" noise {last.cost.noise_ms:.1f}, Hutchinson {last.cost.hutchinson_ms:.1f},"
+            f" other {last.cost.other_ms:.1f})"
+        )
 
 
 def main() -> None:

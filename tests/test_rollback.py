@@ -40,3 +40,42 @@ def test_rollback_can_be_turned_off():
     signals = loop.snapshot(progress=0.2)
     assert signals.extra["rolled_back"] is False and signals.extra["rollbacks"] == 0
     assert not signals.extra["probe_loss_finite"]
+
+
+def test_snapshots_reuse_their_tensors_and_follow_a_changing_optimizer_state():
+    from torch import nn
+
+    from triaccel_rl.shield import RollbackGuard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = RollbackGuard(model, optimizer)
+    guard.save()  # before the first step: the optimizer has no state yet
+    first_model_leaves = list(guard._model_state.leaves)
+
+    def train_step():
+        model(torch.randn(8, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_step()
+    guard.save()  # the optimizer state appeared: a new structure, copied afresh
+    assert all(a is b for a, b in zip(guard._model_state.leaves, first_model_leaves, strict=True))
+    momentum_leaves = [leaf for leaf in guard._optimizer_state.leaves if isinstance(leaf, torch.Tensor)]
+
+    train_step()
+    train_step()
+    guard.save()  # same structure: copied into the same tensors
+    tensors = [leaf for leaf in guard._optimizer_state.leaves if isinstance(leaf, torch.Tensor)]
+    assert len(tensors) == 6 and all(a is b for a, b in zip(tensors, momentum_leaves, strict=True))
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    saved_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    saved_buffers = [b.clone() for b in model.buffers()]
+    train_step()
+    assert guard.restore()
+    for p, want, momentum in zip(model.parameters(), saved_params, saved_momentum, strict=True):
+        assert torch.equal(p.detach(), want)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum)
+    for buffer, want in zip(model.buffers(), saved_buffers, strict=True):
+        assert torch.equal(buffer, want)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from triaccel_rl.types import Policy
@@ -51,40 +52,74 @@ class RollbackGuard:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
-        self._model_state: dict[str, torch.Tensor] | None = None
-        self._optimizer_state: dict[str, Any] | None = None
+        self._model_state: _Snapshot | None = None
+        self._optimizer_state: _Snapshot | None = None
         self.rollbacks = 0
 
     def save(self) -> None:
         """Takes a snapshot of the current (healthy) state.
 
-        The model's part is copied into the previous snapshot's tensors with one multi-tensor copy when
-        their shapes still match (a few launches instead of one allocation and copy per tensor).
+        Each snapshot after the first copies into the previous one's tensors with one multi-tensor copy,
+        as long as the state's structure and shapes are unchanged (a few launches instead of an allocation
+        and a copy per tensor).
         """
-        live = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
-        saved = self._model_state
-        if (
-            saved is not None
-            and saved.keys() == live.keys()
-            and all(
-                saved[k].shape == v.shape and saved[k].dtype == v.dtype and saved[k].device == v.device
-                for k, v in live.items()
-            )
-        ):
-            torch._foreach_copy_(list(saved.values()), list(live.values()))
-        else:
-            self._model_state = {k: v.clone() for k, v in live.items()}
-        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state)
+        self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state)
 
     def restore(self) -> bool:
         """Restores the last snapshot; returns False when there is none yet."""
         if self._model_state is None or self._optimizer_state is None:
             return False
-        self.model.load_state_dict(self._model_state)
-        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+        self.model.load_state_dict(self._model_state.tree())
+        # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
+        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
         self.rollbacks += 1
         _log.warning("non-finite loss: rolled back to the last good state (rollback %d)", self.rollbacks)
         return True
+
+
+@dataclass
+class _Snapshot:
+    """A state tree's leaves (tensors copied) and its structure."""
+
+    leaves: list[Any]
+    spec: pytree.TreeSpec
+
+    @classmethod
+    def take(cls, state: Any, previous: _Snapshot | None) -> _Snapshot:
+        """A snapshot of ``state``, reusing ``previous``'s tensors when the structure and shapes match."""
+        leaves, spec = pytree.tree_flatten(state)
+        if (
+            previous is not None
+            and previous.spec == spec
+            and all(
+                not isinstance(new, torch.Tensor)
+                or (
+                    isinstance(old, torch.Tensor)
+                    and old.shape == new.shape
+                    and old.dtype == new.dtype
+                    and old.device == new.device
+                )
+                for old, new in zip(previous.leaves, leaves, strict=True)
+            )
+        ):
+            pairs = [
+                (old, new) for old, new in zip(previous.leaves, leaves, strict=True) if isinstance(new, torch.Tensor)
+            ]
+            if pairs:
+                torch._foreach_copy_([old for old, _ in pairs], [new.detach() for _, new in pairs])
+            kept = [
+                old if isinstance(new, torch.Tensor) else copy.deepcopy(new)
+                for old, new in zip(previous.leaves, leaves, strict=True)
+            ]
+            return cls(kept, spec)
+        return cls(
+            [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else copy.deepcopy(leaf) for leaf in leaves], spec
+        )
+
+    def tree(self) -> Any:
+        """The snapshot as a state tree (its own tensors: copy them before handing them to an adopter)."""
+        return pytree.tree_unflatten(self.leaves, self.spec)
 
 
 @dataclass(frozen=True)
