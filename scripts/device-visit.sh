@@ -20,6 +20,7 @@ for stage in "$@"; do
     resnet-pilot) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 256,1.0 \
            --rows plain-bf16,static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
     profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
+    freed) python3 scripts/check_run_freed.py 2>&1 | tail -12 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done

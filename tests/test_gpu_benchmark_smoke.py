@@ -17,10 +17,11 @@ def run(*args: str, cwd: Path) -> str:
 
 def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
-    common = ["--smoke", "--models", "synthetic", "--epochs", "1", "--seeds", "2", "--interval-steps", "4"]
+    common = ["--smoke", "--models", "synthetic", "--epochs", "1", "--seeds", "2", "--interval-steps", "4",
+              "--warmup-epochs", "0.2"]  # fmt: skip
     stdout = run(
         *common,
-        "--rows", "fp32,static-bf16,heuristic",
+        "--rows", "fp32,plain-fp32,static-bf16,heuristic",
         "--grid-batches", "32,64", "--grid-lr-scales", "1.0",
         "--out", str(out), "--plots", str(plots),
         cwd=tmp_path,
@@ -28,15 +29,16 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     assert "tuned static setting for synthetic" in stdout and "| heuristic" in stdout
     data = json.loads(out.read_text())
     rows = {row["controller"]: row for row in data["rows"]}
-    assert set(rows) == {"fp32", "static-bf16", "heuristic"}
+    assert set(rows) == {"fp32", "plain-fp32", "static-bf16", "heuristic"}
     for row in rows.values():
         assert ROW_FIELDS <= set(row)
         assert set(row["time_to_target_s"]) == {"mean", "per_seed"}
-        assert row["peak_bytes"] > 0 and 0 <= row["overhead_frac"] < 1
+        assert (row["peak_bytes"] > 0 or row["controller"].startswith("plain")) and 0 <= row["overhead_frac"] < 1
         assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
-    assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == [0]
+    assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == rows["plain-fp32"]["seeds"] == [0]
     assert [(g["batch"], g["lr_scale"]) for g in data["grid"]] == [(32, 1.0), (64, 1.0)]
-    assert len(data["runs"]) == 5  # fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2
+    # fp32 x 1 + plain-fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2; warm-ups not kept
+    assert len(data["runs"]) == 6 and all(run["seed"] != 1000 for run in data["runs"])
     pngs = list((plots / "synthetic").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
