@@ -42,3 +42,4 @@ def check(graphs: bool) -> None:
 if __name__ == "__main__":
     check(False)
     check(True)
+    check(True)  # a second run: one-time costs (a stream's workspaces, caches) are not left again
