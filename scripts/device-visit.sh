@@ -5,6 +5,7 @@ set -uo pipefail
 export COMMIT=$1 TRIACCEL_COMMIT=$1
 shift
 source .carry/activate
+rm -rf /tmp/pkg /tmp/src_moved  # a warm machine keeps the last visit's copies
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/pkg . >/dev/null 2>&1 || exit 3
 export PYTHONPATH=/tmp/site:/tmp/pkg
 mv triaccel_rl /tmp/src_moved  # the installed package, not the tree, must be imported
