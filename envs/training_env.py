@@ -128,7 +128,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             include_fixed_cost=not self.compute_bound,
             elastic=self.config.elastic,
         )
-        self.loop = DecisionLoop(run, self.config, rollback=False)  # learning must see divergence
+        # Learning must see divergence (no rollback) and intervals of a fixed length (no adaptive cadence).
+        self.loop = DecisionLoop(run, self.config, rollback=False, adaptive_interval=False)
         self._initial_probe = run.probe_loss()
         # The reference interval (fp32, base batch) sets the budget; it is not charged against it.
         interval = self.loop.train_interval()

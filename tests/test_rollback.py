@@ -4,9 +4,11 @@ import math
 
 import torch
 
+from triaccel_rl.actions import encode
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.training import TrainingRun
+from triaccel_rl.types import Action, BatchMove
 
 
 def test_nonfinite_probe_loss_rolls_back_to_the_last_good_state(caplog):
@@ -79,3 +81,57 @@ def test_snapshots_reuse_their_tensors_and_follow_a_changing_optimizer_state():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum)
     for buffer, want in zip(model.buffers(), saved_buffers, strict=True):
         assert torch.equal(buffer, want)
+
+
+def _train_decisions(loop, n):
+    """Runs ``n`` intervals, each closed by a snapshot; returns the parameters after each, by step."""
+    params = {}
+    for _ in range(n):
+        loop.train_interval()
+        loop.snapshot(progress=0.1)
+        params[loop.run.steps] = [p.detach().clone() for p in loop.run.model.parameters()]
+    return params
+
+
+def _count_saves(loop, monkeypatch):
+    saves = []
+    save = loop.guard.save
+    monkeypatch.setattr(loop.guard, "save", lambda: (saves.append(loop.run.steps), save())[1])
+    return saves
+
+
+def test_the_rollback_copy_is_refreshed_every_snapshot_every_healthy_decisions(monkeypatch):
+    config = ControllerConfig(interval_steps=2, snapshot_every=3)
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config)
+    saves = _count_saves(loop, monkeypatch)
+    params = _train_decisions(loop, 9)
+    assert saves == [2, 8, 14]  # decisions 1 (the first copy), 4 and 7
+    with torch.no_grad():
+        next(loop.run.model.parameters()).fill_(float("nan"))
+    signals = loop.snapshot(progress=0.2)
+    assert signals.extra["rolled_back"] is True
+    # The copy of decision 7 (step 14), two intervals old: at most snapshot_every intervals are lost.
+    for want, got in zip(params[14], loop.run.model.parameters(), strict=True):
+        assert torch.equal(want, got.detach())
+    assert not torch.equal(params[18][0], params[14][0])  # the test would pass vacuously otherwise
+
+
+def test_a_decision_that_changes_the_configuration_refreshes_the_copy(monkeypatch):
+    config = ControllerConfig(interval_steps=2, snapshot_every=100)
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config)
+    saves = _count_saves(loop, monkeypatch)
+    _train_decisions(loop, 2)
+    assert saves == [2]
+    keep = encode(Action(group_precisions(loop), loop.run.lr_scale, BatchMove.KEEP), config)
+    loop.apply(keep)
+    assert saves == [2]  # nothing changed: no copy
+    loop.apply(encode(Action(group_precisions(loop), 0.75, BatchMove.KEEP), config))
+    assert loop.run.lr_scale == 0.75 and saves == [2, 4]  # the LR changed: the healthy state at step 4 is copied
+    loop.apply(encode(Action(group_precisions(loop), 1.0, BatchMove.KEEP), config))
+    assert saves == [2, 4]  # copied already at this decision
+
+
+def group_precisions(loop):
+    """The precision of every group now (the run starts with one precision everywhere)."""
+    (precision,) = set(loop.run.precisions)
+    return (precision,) * loop.config.n_groups

@@ -377,7 +377,13 @@ class ControllerConfig:
     """How often and within which bounds the controller decides.
 
     Attributes:
-        interval_steps: optimizer steps between two decisions.
+        interval_steps: optimizer steps between two decisions; with measured cost, the least number (see
+            ``max_interval_factor``).
+        max_interval_factor: with measured cost (a GPU), the interval grows up to ``interval_steps`` × this
+            so that the decisions' own measured cost stays within their share of the overhead budget,
+            ``(1 - signals.expensive_share) * signals.budget_frac`` of training time
+            (``triaccel_rl.cadence.Cadence``); 1 keeps ``interval_steps`` fixed. On a CPU, with modelled cost
+            (``profile``) and in the learning environment the interval is always ``interval_steps``.
         n_groups: layer groups the observation and the precision action are built from.
         lr_scales: the LR multipliers an action can pick (absolute, applied to the task's schedule).
         min_batch_size: smallest batch a shrink may reach.
@@ -387,6 +393,9 @@ class ControllerConfig:
             loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
             parameters and optimizer state in memory). The learning environment turns it off, so that a
             policy sees, and is penalised for, the divergences it causes.
+        snapshot_every: the rollback copy is refreshed every this many healthy decisions, and right after
+            any decision that changes the configuration (so a rollback never crosses a change); a rollback
+            then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
         cost_mode: charge measured time and memory, or those of a hardware profile.
         ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
         memory: the memory budget.
@@ -404,12 +413,14 @@ class ControllerConfig:
     """
 
     interval_steps: int = 20
+    max_interval_factor: int = 8
     n_groups: int = 4
     lr_scales: tuple[float, ...] = _LR_SCALES_DEFAULT
     min_batch_size: int = 16
     max_batch_size: int = 4096
     max_lr_change: float = 1.5
     rollback: bool = True
+    snapshot_every: int = 4
     cost_mode: CostMode = CostMode.MEASURED
     ema_decay: float = 0.9
     memory: MemoryBudget = field(default_factory=MemoryBudget)
@@ -420,6 +431,10 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.interval_steps < 1:
             raise ConfigError(f"interval_steps={self.interval_steps} must be >= 1")
+        if self.max_interval_factor < 1:
+            raise ConfigError(f"max_interval_factor={self.max_interval_factor} must be >= 1 (1: a fixed interval)")
+        if self.snapshot_every < 1:
+            raise ConfigError(f"snapshot_every={self.snapshot_every} must be >= 1 (1: a rollback copy every decision)")
         if not (1 <= self.n_groups <= 16):
             raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
         if not self.lr_scales or any(not (math.isfinite(s) and s > 0) for s in self.lr_scales):

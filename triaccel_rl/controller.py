@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from triaccel_rl.actions import action_space, decode
-from triaccel_rl.config import ControllerConfig, HardwareProfile, LRRule, MemoryBudget
+from triaccel_rl.cadence import Cadence
+from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine
@@ -42,10 +43,12 @@ _log = logging.getLogger("triaccel_rl")
 
 
 class Controller:
-    """Steers a user's own PyTorch training loop with a policy, one decision every ``interval_steps``.
+    """Steers a user's own PyTorch training loop with a policy, one decision every interval.
 
     ``step(loss)`` does the backward pass, loss scaling (when a layer is fp16), the update (skipped on
-    a non-finite gradient), the signals, and — every ``config.interval_steps`` steps — a decision.
+    a non-finite gradient), the signals, and — every ``config.interval_steps`` steps, or more on a GPU
+    when decisions would otherwise exceed their share of the overhead budget (``cadence``,
+    ``ControllerConfig.max_interval_factor``) — a decision.
     Batches from ``loader()`` follow the decided batch size; ``autocast()`` runs each layer in its
     decided precision.
 
@@ -116,6 +119,13 @@ class Controller:
         )
         self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
         self.executor = Executor(self.config, self.grouper)
+        signals = self.config.signals
+        self.cadence = Cadence(
+            self.config.interval_steps,
+            self.config.max_interval_factor,
+            (1.0 - signals.expensive_share) * signals.budget_frac,
+            adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
+        )
         self.steps = 0
         self.decisions: list[ApplyReport] = []
         self.signals: Signals | None = None
@@ -193,7 +203,7 @@ class Controller:
 
         Nothing is read back from the device until the interval ends: the loss and the per-layer
         gradient norms accumulate there (``DeviceMoments``), and on a GPU the fused step skips a
-        non-finite update on the device. One host-device sync per ``config.interval_steps`` steps.
+        non-finite update on the device. One host-device sync per interval.
 
         Raises:
             ValueError: ``loss`` is not a scalar tensor.
@@ -216,9 +226,11 @@ class Controller:
             self.memory_model.observe(batch, self.precisions, memory)
         self.steps += 1
         self._interval_steps += 1
-        if self.steps % self.config.interval_steps == 0:
-            self._close_interval()
+        if self._interval_steps >= self.cadence.steps:
+            steps, overhead = self._interval_steps, self.collector.overhead_ms
+            train_ms = self._close_interval()
             self._decide()
+            self.cadence.record(self.collector.overhead_ms - overhead, train_ms, steps)
             self._timer.start()
 
     # ------------------------------------------------------------------------- executor's Target
@@ -275,8 +287,8 @@ class Controller:
             return int(torch.cuda.max_memory_allocated(self.device))
         return self.predicted_memory_bytes(batch)
 
-    def _close_interval(self) -> None:
-        """Reads the interval's device sums (the one sync) and feeds them to the collector."""
+    def _close_interval(self) -> float:
+        """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms."""
         assert self._moments is not None
         train_ms = self._timer.stop()
         moments = self._moments.flush()
@@ -286,6 +298,7 @@ class Controller:
         )
         self._interval_steps = 0
         self._interval_peak = 0
+        return train_ms
 
     def _decide(self) -> None:
         signals = self.collector.snapshot(

@@ -13,7 +13,8 @@ from dataclasses import replace
 import numpy as np
 
 from triaccel_rl.actions import decode
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.cadence import Cadence
+from triaccel_rl.config import ControllerConfig, CostMode
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.shield import RollbackGuard
@@ -30,6 +31,9 @@ class DecisionLoop:
     Args:
         run: the training run to drive.
         config: decision interval, groups, bounds; ``config.signals`` configures the signal collector.
+        rollback: override ``config.rollback`` (the learning environment turns it off).
+        adaptive_interval: let the interval grow so that decisions stay within their overhead budget
+            (``ControllerConfig.max_interval_factor``); by default on for a GPU run with measured cost.
 
     Example:
         >>> loop = DecisionLoop(TrainingRun("synthetic", device="cpu"), ControllerConfig(interval_steps=2))
@@ -38,12 +42,27 @@ class DecisionLoop:
         64
     """
 
-    def __init__(self, run: TrainingRun, config: ControllerConfig, rollback: bool | None = None) -> None:
+    def __init__(
+        self,
+        run: TrainingRun,
+        config: ControllerConfig,
+        rollback: bool | None = None,
+        adaptive_interval: bool | None = None,
+    ) -> None:
         self.run = run
         self.config = config
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
         use_rollback = config.rollback if rollback is None else rollback
         self.guard = RollbackGuard(run.model, run.engine.state_holder) if use_rollback else None
+        self._healthy_since_copy = 0  # healthy decisions since the rollback copy was refreshed
+        self._healthy = False  # the latest probe loss was finite
+        measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
+        adaptive = measured_gpu if adaptive_interval is None else adaptive_interval
+        share = (1.0 - config.signals.expensive_share) * config.signals.budget_frac
+        self.cadence = Cadence(config.interval_steps, config.max_interval_factor, share, adaptive=adaptive)
+        self._mark: tuple[float, float] | None = None  # (overhead_ms, estimator_ms) when the last interval ended
+        self._last_train_ms = math.nan
+        self._last_steps = 0
         self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
@@ -52,12 +71,21 @@ class DecisionLoop:
         self.decisions = 0
 
     def train_interval(self, max_steps: int | None = None) -> IntervalStats:
-        """Trains ``interval_steps`` steps (or ``max_steps`` if fewer) and feeds the collector.
+        """Trains one interval (``cadence.steps`` steps, or ``max_steps`` if fewer) and feeds the collector.
 
         The steps run through ``TrainingRun.train_interval``: one host-device sync for the whole interval.
+        The decision work since the previous interval ended (snapshot, policy, executor; not the estimator
+        rounds, which have their own budget) is what ``cadence`` measures.
         """
-        n_steps = self.config.interval_steps if max_steps is None else min(max_steps, self.config.interval_steps)
+        collector = self.collector
+        if self._mark is not None:
+            overhead, rounds = self._mark
+            decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
+            self.cadence.record(decision_ms, self._last_train_ms, self._last_steps)
+        interval = self.cadence.steps
+        n_steps = interval if max_steps is None else min(max_steps, interval)
         stats = self.run.train_interval(n_steps)
+        self._last_train_ms, self._last_steps = stats.train_ms, stats.steps
         self.collector.observe_interval(
             stats.moments,
             n_steps=stats.steps,
@@ -65,6 +93,7 @@ class DecisionLoop:
             charged_ms=stats.charged_ms,
             peak_bytes=stats.peak_bytes,
         )
+        self._mark = (collector.overhead_ms, collector.estimator_ms)
         return stats
 
     def snapshot(self, progress: float) -> Signals:
@@ -80,12 +109,17 @@ class DecisionLoop:
         start = time.perf_counter()
         probe = self.run.probe_loss()
         rolled_back = False
+        self._healthy = math.isfinite(probe)
         if self.guard is not None:
-            if math.isfinite(probe):
-                self.guard.save()
+            if self._healthy:
+                if not self.guard.has_snapshot or self._healthy_since_copy + 1 >= self.config.snapshot_every:
+                    self._refresh_copy()
+                else:
+                    self._healthy_since_copy += 1
             elif self.guard.restore():  # logged by the guard
                 rolled_back = True
                 probe = self.run.probe_loss()
+                self._healthy = math.isfinite(probe)
         moments = self.run.engine.grad_mean_sq_norm()
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         if self.collector.config.mode is SignalMode.ALL:
@@ -128,8 +162,22 @@ class DecisionLoop:
         return build_observation(self.signals, self.grouper, self.run.task.base_batch_size, self.layout)
 
     def apply(self, raw_action: np.ndarray) -> ApplyReport:
-        """Decodes ``raw_action`` and applies it to the run through the executor (with its shield)."""
+        """Decodes ``raw_action`` and applies it to the run through the executor (with its shield).
+
+        A decision that changes the configuration refreshes the rollback copy (the state was just probed
+        healthy; only the settings change): a change is what most often precedes a divergence, and a
+        rollback then restarts from the change rather than from an older copy.
+        """
         overflow = self.signals.overflow_rate if self.signals is not None else 0.0
+        before = (self.run.batch_size, self.run.lr_scale)
         report = self.executor.apply(decode(raw_action, self.config), self.run, overflow_rate=overflow)
         self.decisions += 1
+        changed = report.changed_precision > 0 or (report.batch_size, report.lr_scale) != before
+        if changed and self.guard is not None and self._healthy and self._healthy_since_copy > 0:
+            self._refresh_copy()
         return report
+
+    def _refresh_copy(self) -> None:
+        assert self.guard is not None
+        self.guard.save()
+        self._healthy_since_copy = 0

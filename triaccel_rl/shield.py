@@ -35,7 +35,8 @@ class RollbackGuard:
     """Snapshots of model and optimizer state, kept on the model's device, restored on demand.
 
     A snapshot costs one device copy of the parameters, buffers and optimizer state (for SGD with
-    momentum about 2× the parameter bytes; for Adam 3×), taken once per decision, not per step.
+    momentum about 2× the parameter bytes; for Adam 3×), taken at most once per decision
+    (``ControllerConfig.snapshot_every``), never per step.
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -65,6 +66,11 @@ class RollbackGuard:
         """
         self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state)
         self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state)
+
+    @property
+    def has_snapshot(self) -> bool:
+        """Whether a snapshot has been taken."""
+        return self._model_state is not None
 
     def restore(self) -> bool:
         """Restores the last snapshot; returns False when there is none yet."""

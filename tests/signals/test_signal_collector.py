@@ -436,3 +436,23 @@ def test_device_moments_observe_layers_equals_observe() -> None:
     assert b.loss == pytest.approx(a.loss)
     with pytest.raises(ValueError, match="expected \\(2,\\)"):
         by_layers.observe_layers(loss, torch.zeros(3))
+
+
+def test_warmup_key_names_what_one_time_costs_depend_on() -> None:
+    from triaccel_rl.signals.collector import _warmup_key
+    from triaccel_rl.signals.scheduler import RoundPlan
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    layer_params = [list(model[0].parameters()), list(model[2].parameters())]
+
+    def key(n_inputs: int, plan: RoundPlan, **config: int) -> tuple[object, ...]:
+        source = EstimatorSource(
+            model, layer_params, nn.functional.cross_entropy, torch.zeros(n_inputs, 4), torch.zeros(n_inputs).long()
+        )
+        return _warmup_key(plan, source, SignalConfig(**config))
+
+    base = key(64, RoundPlan(2, 1))
+    assert base == key(64, RoundPlan(2, 4))  # more probes: the same shapes
+    assert base != key(64, RoundPlan(8, 1))  # smaller micro-batches: new shapes
+    assert base != key(64, RoundPlan(2, 1), hutchinson_batch_size=8)
+    assert base[0] == "cpu" and base[-2:] == (32, 64)  # micro-batch min(32, 64 // 2), Hutchinson min(128, 64)

@@ -82,7 +82,8 @@ class SignalConfig:
         lr_factor_max: upper clip of the LR factors, >= 1.
         warmup_round: run the first round twice: the first time as a warm-up that pays the one-time costs
             (cuDNN autotuning of the sub-batch shapes, kernel compilation, allocator growth: seconds on a
-            GPU), reported in the overhead but neither charged to the budget nor used to predict costs.
+            GPU), reported in the overhead but neither charged to the budget nor used to predict costs. On
+            a GPU once per process and round shape: later runs of the same model skip it.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
 
     Example:

@@ -1,0 +1,80 @@
+"""The decision cadence: intervals stretch so that decisions stay within their share of the overhead budget."""
+
+import pytest
+
+from triaccel_rl.cadence import Cadence
+from triaccel_rl.config import ConfigError, ControllerConfig
+from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.training import TrainingRun
+
+
+def test_interval_is_the_decision_cost_over_the_share_of_a_step():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.02)
+    cadence.record(decision_ms=500.0, train_ms=40.0, steps=10)  # the first decision pays one-time costs
+    assert cadence.steps == 10 and cadence.decision_ms != cadence.decision_ms  # NaN: nothing measured yet
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)  # 4 ms a step: 6 / (0.02 * 4) = 75 steps
+    assert cadence.decision_ms == 6.0 and cadence.steps == 75
+    cadence.record(decision_ms=7.0, train_ms=60.0, steps=20)  # 3 ms a step, median 6.5 ms: 108.33 -> 109
+    assert cadence.decision_ms == 6.5 and cadence.steps == 109
+
+
+def test_the_median_ignores_one_slow_decision():
+    cadence = Cadence(min_steps=1, max_factor=1000, share=0.01)
+    for cost in (0.0, 2.0, 2.0, 90.0, 2.0):  # the first is excluded
+        cadence.record(decision_ms=cost, train_ms=10.0, steps=10)
+    assert cadence.decision_ms == 2.0 and cadence.steps == 200
+
+
+def test_interval_is_clipped_to_its_bounds_and_fixed_when_not_adaptive():
+    cheap = Cadence(min_steps=20, max_factor=8, share=0.01)
+    expensive = Cadence(min_steps=20, max_factor=8, share=0.01)
+    fixed = Cadence(min_steps=20, max_factor=8, share=0.01, adaptive=False)
+    for cadence, cost in ((cheap, 0.001), (expensive, 1e6), (fixed, 1e6)):
+        for _ in range(3):
+            cadence.record(decision_ms=cost, train_ms=100.0, steps=20)
+    assert (cheap.steps, expensive.steps, fixed.steps) == (20, 160, 20)
+    pinned = Cadence(min_steps=20, max_factor=1, share=0.01)
+    for _ in range(3):
+        pinned.record(decision_ms=1e6, train_ms=100.0, steps=20)
+    assert pinned.steps == 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_steps": 0}, "min_steps=0 must be >= 1"),
+        ({"max_factor": 0}, "max_factor=0 must be >= 1"),
+        ({"share": 0.0}, "share=0.0 must be in (0, 1)"),
+        ({"share": 1.5}, "share=1.5 must be in (0, 1)"),
+        ({"window": 0}, "window=0 must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Cadence(**{"min_steps": 10, "max_factor": 4, "share": 0.01, **kwargs})
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_interval_factor", 0), ("snapshot_every", 0)])
+def test_config_rejects_bad_cadence_and_snapshot_settings(field, value):
+    with pytest.raises(ConfigError, match=f"{field}={value} must be >= 1"):
+        ControllerConfig(**{field: value})
+
+
+def _intervals(loop, n, decision_ms):
+    steps = []
+    for _ in range(n):
+        before = loop.run.steps
+        loop.train_interval()
+        steps.append(loop.run.steps - before)
+        loop.snapshot(progress=0.1)
+        loop.collector.add_overhead(decision_ms)  # what a slow policy and executor would cost
+    return steps
+
+
+def test_decision_loop_stretches_its_interval_when_decisions_are_expensive():
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3)
+    slow = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    # Decision 1 is not measured; from the third interval on, the measured cost dwarfs any CPU step.
+    assert _intervals(slow, 4, decision_ms=1e6) == [2, 2, 6, 6]
+    fixed = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config)  # CPU default: fixed
+    assert _intervals(fixed, 4, decision_ms=1e6) == [2, 2, 2, 2]
