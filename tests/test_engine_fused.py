@@ -112,3 +112,81 @@ def test_fused_engine_keeps_channels_last_weights_and_matches_reference():
         runs[fused] = [p.detach().cpu().clone() for p in model.parameters()]
     for a, b in zip(runs[False], runs[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ``aten._to_copy`` calls (dtype casts), by the shape of what is cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_and_grads(model, engine, x, y):
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    engine.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_bf16_layers_compute_on_the_copies_the_fused_step_writes(kind):
+    model, engine = make(kind, True)
+    engine.set_precisions([Precision.BF16, Precision.FP32])
+    data = batches(4)
+    for x, y in data[:3]:
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    weight, bias = model[0].weight, model[0].bias
+    copy_weight, copy_bias = engine.store.low_precision_params(0, torch.bfloat16)
+    assert torch.equal(copy_weight, weight.detach().to(torch.bfloat16)), "the step left a stale bf16 copy"
+    assert torch.equal(copy_bias, bias.detach().to(torch.bfloat16))
+    x, y = data[3]
+    with _CountCasts() as casts:
+        with engine.precision.context():
+            model(x)
+    assert tuple(weight.shape) not in casts.shapes and tuple(bias.shape) not in casts.shapes, casts.shapes
+    loss_copies, grads_copies = _forward_and_grads(model, engine, x, y)
+    engine.precision.use_weight_copies(None)  # autocast casts the fp32 weights instead
+    with _CountCasts() as casts:
+        with engine.precision.context():
+            model(x)
+    assert tuple(weight.shape) in casts.shapes  # the cast the copies save
+    loss_cast, grads_cast = _forward_and_grads(model, engine, x, y)
+    assert torch.equal(loss_copies, loss_cast)
+    for a, b in zip(grads_copies, grads_cast, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b), f"gradients differ by {(a - b).abs().max():.3g}"
+    assert model[0]._parameters["weight"] is weight  # the parameters are back after every forward
+
+
+def test_lowering_a_layer_mid_run_or_changing_weights_refreshes_its_copy():
+    model, engine = make("sgd", True)
+    for x, y in batches(2):  # fp32 steps: the copies are not written
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    assert not torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    engine.set_precisions([Precision.FP32, Precision.FP16])
+    assert torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    with torch.no_grad():
+        model[2].weight.mul_(0.5)  # e.g. a rollback or a loaded checkpoint
+    engine.refresh_weight_copies()
+    assert torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+
+
+def test_a_forward_that_raises_leaves_the_parameters_in_place():
+    model, engine = make("sgd", True)
+    engine.set_precisions([Precision.BF16, Precision.BF16])
+    params = dict(model.named_parameters())
+    with pytest.raises(RuntimeError), engine.precision.context():
+        model(torch.randn(4, 5, device=DEVICE))  # wrong width: the first layer raises inside its forward
+    assert dict(model.named_parameters()) == params
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())

@@ -68,8 +68,9 @@ class StepEngine:
     **Fused path** (``fused=True``; the default on CUDA when the optimizer allows it): the parameters move
     into a ``FlatParameterStore`` and the Triton ``FusedSGD``/``FusedAdamW`` replace ``optimizer.step()``:
     one pass unscales, checks for non-finite values, takes the per-layer statistics, applies the per-layer
-    LR and writes the 16-bit weight copies of low-precision layers; a non-finite gradient skips the whole
-    update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
+    LR and writes the 16-bit weight copies of low-precision layers, which those layers' forward then reads
+    in place of casting the fp32 weights (``LayerPrecision.use_weight_copies``); a non-finite gradient
+    skips the whole update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
     ``GradScaler``: halve on overflow, double after 2000 clean steps). It needs SGD (any momentum,
     dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
     hyper-parameters in every param group except the LR, each layer's parameters in one group, and no
@@ -142,7 +143,19 @@ class StepEngine:
         parsed = [Precision.parse(p) for p in precisions]
         for precision in set(parsed):
             check_precision_supported(precision, self.device)
+        before = list(self.precision.precisions)
         self.precision.set(parsed)
+        if self.fused and self.precision.precisions != before:
+            self.refresh_weight_copies()  # a layer lowered now has a stale copy: the step writes only low layers'
+
+    def refresh_weight_copies(self) -> None:
+        """Re-derives the 16-bit weight copies from the fp32 weights (fused path; two launches).
+
+        The fused step keeps the copies of bf16 and fp16 layers current; call this after changing weights
+        any other way (a rollback, loading a checkpoint). A no-op on the reference path.
+        """
+        if self.fused:
+            self.store.refresh_low_precision()
 
     def apply_lr(self) -> float:
         """Writes the configured LRs into the optimizer's param groups; returns the global multiplier."""
@@ -333,6 +346,25 @@ class StepEngine:
         from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
 
         self.store = FlatParameterStore(self.layer_params)
+        # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
+        self.store.refresh_low_precision()
+        owners = {
+            id(param): (module, name)
+            for module in self.model.modules()
+            for name, param in module._parameters.items()
+            if param is not None
+        }
+        views: dict[tuple[int, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
+
+        def copies(layer: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
+            key = (layer, dtype)
+            if key not in views:
+                params = self.store.layers[layer]
+                low = self.store.low_precision_params(layer, dtype)
+                views[key] = [(*owners[id(p)], copy) for p, copy in zip(params, low, strict=True)]
+            return views[key]
+
+        self.precision.use_weight_copies(copies)
         group = self.optimizer.param_groups[0]
         if isinstance(self.optimizer, torch.optim.SGD):
             self.fused_optimizer = FusedSGD(

@@ -117,6 +117,7 @@ class DecisionLoop:
                 else:
                     self._healthy_since_copy += 1
             elif self.guard.restore():  # logged by the guard
+                self.run.engine.refresh_weight_copies()  # the weights changed outside the fused step
                 rolled_back = True
                 probe = self.run.probe_loss()
                 self._healthy = math.isfinite(probe)

@@ -10,7 +10,7 @@ layers follow an outer autocast region of the dominant low precision (so a loss 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 
 from triaccel_rl.types import LayerInfo, Precision
 
-__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "find_layers"]
+__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "WeightCopies", "find_layers", "read_copy"]
 
 CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -99,6 +99,10 @@ class LayerPrecision:
         # Open autocast regions of the layers being run, and whether each emulates fp16 (see below).
         self._stack: list[tuple[contextlib.AbstractContextManager[Any], bool]] = []
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
+        self.weight_copies: WeightCopies | None = None
+        """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
+        fused optimizer step keeps current (:meth:`use_weight_copies`) instead of casting its fp32 weights."""
+        self._swapped: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]]] = []
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index)))
@@ -133,6 +137,18 @@ class LayerPrecision:
             )
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
 
+    def use_weight_copies(self, copies: WeightCopies | None) -> None:
+        """Makes bf16 and fp16 layers read their weights from ``copies`` (``None``: cast the fp32 weights).
+
+        ``copies(layer, dtype)`` returns, for each parameter of the layer, ``(owner module, attribute name,
+        16-bit tensor)``. While such a layer runs inside :meth:`context`, each of its parameters is replaced
+        by :func:`read_copy` of its copy: the forward computes on the copy with no cast kernel, and the
+        gradient flows back to the fp32 parameter as it would through autocast's cast (the same values
+        when the copy equals ``param.to(dtype)``, which the caller keeps true). Emulated fp16 layers (CPU
+        convolutions) keep their fp32 weights.
+        """
+        self.weight_copies = copies
+
     @property
     def needs_grad_scaler(self) -> bool:
         """True when any layer computes in fp16, whose narrow range needs loss scaling."""
@@ -165,9 +181,11 @@ class LayerPrecision:
                 yield
         finally:
             self._active = False
-            # A forward that raised between a pre-hook and its post-hook leaves regions open.
+            # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while self._stack:
                 self._stack.pop()[0].__exit__(None, None, None)
+            while self._swapped:
+                _restore(self._swapped.pop()[1])
 
     def remove(self) -> None:
         """Removes the hooks; the model runs as before."""
@@ -177,9 +195,13 @@ class LayerPrecision:
 
     def _make_pre_hook(self, index: int) -> Any:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if not (self._active and self._mixed):
+            if not self._active:
                 return None
             precision = self.precisions[index]
+            if self.weight_copies is not None and precision is not Precision.FP32 and not self._emulate(index):
+                self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
+            if not self._mixed:
+                return None
             if precision is Precision.FP32 or self._emulate(index):
                 region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
                 region.__enter__()
@@ -195,6 +217,8 @@ class LayerPrecision:
         return pre_hook
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if self._swapped and self._swapped[-1][0] is module:
+            _restore(self._swapped.pop()[1])
         if self._active and self._mixed and self._stack:
             region, emulated = self._stack.pop()
             region.__exit__(None, None, None)
@@ -220,6 +244,58 @@ class LayerPrecision:
         if not self._active:
             return None
         return _cast_floating(args, torch.float32)
+
+
+WeightCopies = Callable[[int, torch.dtype], Sequence[tuple[nn.Module, str, torch.Tensor]]]
+"""``(layer, dtype) -> [(owner module, parameter name, 16-bit copy)]`` (see ``LayerPrecision.use_weight_copies``)."""
+
+
+class _ReadCopy(torch.autograd.Function):
+    """Forward: the precomputed 16-bit copy of a parameter. Backward: the gradient cast to the parameter's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, param: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        ctx.param_dtype = param.dtype
+        return copy.view_as(copy)  # a view: autograd must not treat the copy buffer itself as the output
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.param_dtype), None  # what autocast's cast gives its fp32 weight
+
+
+def read_copy(param: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """``copy`` in the forward, with gradients flowing to ``param`` as through ``param.to(copy.dtype)``.
+
+    Example:
+        >>> w = nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> out = read_copy(w, w.detach().to(torch.bfloat16))
+        >>> out.dtype
+        torch.bfloat16
+        >>> out.float().sum().backward()
+        >>> w.grad.tolist(), w.grad.dtype
+        ([1.0, 1.0], torch.float32)
+    """
+    return _ReadCopy.apply(param, copy)
+
+
+def _swap_in(
+    copies: Sequence[tuple[nn.Module, str, torch.Tensor]],
+) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Replaces each parameter by ``read_copy`` of its copy for one forward; returns what to restore."""
+    saved = []
+    for owner, name, copy in copies:
+        param = owner._parameters[name]
+        assert param is not None
+        saved.append((owner, name, param))
+        # Direct dict assignment (as torch.nn.utils.stateless does): register_parameter would refuse a
+        # non-leaf tensor, and the module's own code reads ``self.<name>`` through ``_parameters``.
+        owner._parameters[name] = read_copy(param, copy)  # type: ignore[assignment]
+    return saved
+
+
+def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
+    for owner, name, param in saved:
+        owner._parameters[name] = param
 
 
 def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
