@@ -2,7 +2,7 @@
 
 The one reproducible command (2 CPU cores; time is charged from the shipped H200 profile):
 
-    python experiments/train_pretrained.py --timesteps 2048
+    python experiments/train_pretrained.py --timesteps 3072 --warm-start heuristic --warm-start-steps 512
 
 PPO (``triaccel_rl.rl.train_policy``) on ``TRAINING_TASKS`` with 2 ``SubprocVecEnv`` workers (each
 cycles through the tasks, one per episode), periodic evaluation on ``HELD_OUT_TASKS``, checkpoints and
