@@ -74,10 +74,11 @@ class Args:
     merge: str = ""
     """Comma-separated result JSONs to merge into ``--out`` (nothing is run)."""
     interval_steps: int = 100
-    """Optimizer steps between decisions (with captured steps a decision's fixed cost, ~7 ms for ResNet-18 on
-    an H100, is 6% of a 25-step interval and 1.5% of a 100-step one)."""
+    """Least optimizer steps between decisions (with captured steps a decision's fixed cost, ~7 ms for
+    ResNet-18 on an H100, is 6% of a 25-step interval and 1.5% of a 100-step one); on a GPU the controller
+    stretches it until decisions fit their overhead budget (``ControllerConfig.max_interval_factor``)."""
     eval_every: int = 1
-    """Evaluate the test accuracy every this many decisions."""
+    """Evaluate the test accuracy every ``eval_every * interval_steps`` optimizer steps, in every row."""
     out: str = "experiments/results/gpu_benchmark.json"
     """Results JSON."""
     plots: str = "experiments/results/plots"
@@ -135,8 +136,9 @@ def main(args: Args) -> list[dict[str, Any]]:
         task = get_task(model, **overrides)
         # The LR warms up then decays linearly to zero over the budget, as in the reference recipe; a
         # constant LR left the 2026-11-22 pilot oscillating around 90-91% (see BENCHMARKS.md).
-        common = {"epochs": args.epochs, "device": device, "eval_every": args.eval_every, "config": config,
-                  "schedule": True}  # fmt: skip
+        # Every row evaluates at the same optimizer steps (the decision interval may stretch on a GPU).
+        common = {"epochs": args.epochs, "device": device, "eval_every_steps": args.interval_steps * args.eval_every,
+                  "config": config, "schedule": True}  # fmt: skip
 
         grid = []
         if args.static:

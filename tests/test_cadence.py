@@ -78,3 +78,17 @@ def test_decision_loop_stretches_its_interval_when_decisions_are_expensive():
     assert _intervals(slow, 4, decision_ms=1e6) == [2, 2, 6, 6]
     fixed = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config)  # CPU default: fixed
     assert _intervals(fixed, 4, decision_ms=1e6) == [2, 2, 2, 2]
+
+
+def test_an_interval_trained_in_chunks_ends_at_the_same_decision_point():
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3)
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    between = []
+    for _ in range(4):
+        before = loop.run.steps
+        while not loop.decision_due:  # chunks of one step, as evaluation points would cut them
+            loop.train_interval(max_steps=1)
+        between.append(loop.run.steps - before)
+        loop.snapshot(progress=0.1)
+        loop.collector.add_overhead(1e6)
+    assert between == [2, 2, 6, 6]  # as in one piece: chunk boundaries cost nothing the cadence counts

@@ -134,3 +134,21 @@ def test_static_rows_keep_their_batch_and_lr_scale():
     assert {row["lr_scale"] for row in result.trace} == {2.0}
     assert {row["batch_size"] for row in result.trace} == {32}
     assert (result.lr_changes, result.batch_changes, result.precision_changes) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("controller", ["fp32", "heuristic"])
+def test_evaluation_at_fixed_steps_is_independent_of_the_decision_interval(controller):
+    """eval_every_steps=3 with decisions every 5 steps: evaluations at steps 3, 6, 9, ... and at the end."""
+    from triaccel_rl.compare import run_controller
+
+    config = ControllerConfig(interval_steps=5)
+    result = run_controller("synthetic", controller, 0, epochs=1, config=config, device="cpu", eval_every_steps=3)
+    by_decisions = run_controller("synthetic", controller, 0, epochs=1, config=config, device="cpu", eval_every=1)
+    steps = result.steps
+    assert steps == by_decisions.steps and steps % 3 and steps % 5  # both remainders exercise the final interval
+    assert len(result.curve) == steps // 3 + 1  # every third step, then the end
+    assert len(result.trace) == len(by_decisions.trace) == -(-steps // 5)  # decisions as without eval points
+    # The same training: evaluating between decision points changes nothing it learns (profile cost mode).
+    assert result.final_metric == by_decisions.final_metric and result.time_s == pytest.approx(by_decisions.time_s)
+    with pytest.raises(ValueError, match="eval_every_steps=0 must be >= 1"):
+        run_controller("synthetic", controller, 0, config=config, device="cpu", eval_every_steps=0)

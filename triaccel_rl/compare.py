@@ -24,7 +24,7 @@ from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.training import TrainingRun, resolve_device
-from triaccel_rl.types import Policy, Precision
+from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = ["RunResult", "compare", "format_table", "run_controller", "summarize"]
 
@@ -95,6 +95,7 @@ def run_controller(
     channels_last: bool = False,
     schedule: bool = False,
     max_time_s: float | None = None,
+    eval_every_steps: int | None = None,
 ) -> RunResult:
     """Trains ``task`` for ``epochs`` epochs under ``controller`` and measures it.
 
@@ -113,7 +114,7 @@ def run_controller(
         cost_mode: ``measured`` or ``profile``; default measured on a GPU, profile on a CPU.
         profile: hardware profile for ``profile`` mode (the shipped one by default).
         device: ``cpu``, ``cuda`` or None (CUDA when available).
-        eval_every: evaluate the test metric every this many decisions.
+        eval_every: evaluate the test metric every this many decisions (when ``eval_every_steps`` is None).
         log_dir: TensorBoard folder for this run (None: no logging).
         progress: a tqdm bar (in epochs) to advance as training proceeds.
         batch_size: starting batch size (the task's by default).
@@ -122,6 +123,9 @@ def run_controller(
         schedule: warm-up then linear decay of the LR over ``epochs`` (else a constant LR).
         max_time_s: stop early once the charged time passes this many seconds (a slow baseline that has
             not reached the target by then is reported as a miss; ``None``: train all ``epochs``).
+        eval_every_steps: evaluate every this many optimizer steps instead, whatever the decision
+            interval (which may stretch on a GPU, ``ControllerConfig.max_interval_factor``): rows compared
+            side by side then read time to target at the same steps, as ``run_plain`` does.
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
@@ -129,6 +133,8 @@ def run_controller(
         raise ValueError(f"epochs={epochs} must be positive")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if eval_every_steps is not None and eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
@@ -180,8 +186,12 @@ def run_controller(
     if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
         prepare(run)
     finished = False
+    decide = False  # a snapshot is waiting for its decision
+    signals: Signals | None = None
+    next_eval = eval_every_steps  # None: evaluate at every eval_every-th decision
     while not finished:
-        if observation is not None and adaptive:  # a static row holds its setting: no decisions
+        if decide and adaptive:  # a static row holds its setting: no decisions
+            assert observation is not None
             decide_start = time.perf_counter()
             raw, _ = policy.predict(observation, deterministic=True)
             before = (run.batch_size, run.lr_scale)
@@ -191,41 +201,56 @@ def run_controller(
             changes["precision"] += int(report.changed_precision > 0)
             changes["batch"] += int(report.batch_size != before[0])
             changes["lr"] += int(report.lr_scale != before[1])
+        decide = False
         remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
+        if next_eval is not None:
+            remaining_steps = min(remaining_steps, max(next_eval - run.steps, 1))
         interval = loop.train_interval(max_steps=remaining_steps)
         time_ms += interval.charged_ms
         wall_ms += interval.train_ms
         if progress is not None:
             # Capped at the bar's total: the last interval's float share can overshoot by rounding.
             progress.update(min(interval.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))
-        overhead_before = loop.collector.overhead_ms
-        signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
-        if adaptive and run.cost_mode is CostMode.MEASURED:
-            # The previous decision and this snapshot are the controller's cost: charge them.
-            time_ms += loop.collector.overhead_ms - overhead_before + pending_decision_ms
-        peak = max(peak, signals.memory_bytes)
-        trace.append(
-            {
-                "time_s": time_ms / 1e3,
-                "batch_size": run.batch_size,
-                "lr_scale": run.lr_scale,
-                "memory_bytes": signals.memory_bytes,
-                "probe_loss": signals.probe_loss,
-                "noise_scale": signals.noise_scale,
-                "lr": run.lr,
-                "precisions": [int(p) for p in run.precisions],
-            }
-        )
-        observation = loop.observation()
-        decision += 1
-        finished = run.samples_seen >= total_samples or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
-        if decision % eval_every == 0 or finished:
+        done = run.samples_seen >= total_samples
+        evaluate = False
+        if loop.decision_due or done:
+            overhead_before = loop.collector.overhead_ms
+            signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+            if adaptive and run.cost_mode is CostMode.MEASURED:
+                # The previous decision and this snapshot are the controller's cost: charge them.
+                time_ms += loop.collector.overhead_ms - overhead_before + pending_decision_ms
+            pending_decision_ms = 0.0
+            peak = max(peak, signals.memory_bytes)
+            trace.append(
+                {
+                    "time_s": time_ms / 1e3,
+                    "batch_size": run.batch_size,
+                    "lr_scale": run.lr_scale,
+                    "memory_bytes": signals.memory_bytes,
+                    "probe_loss": signals.probe_loss,
+                    "noise_scale": signals.noise_scale,
+                    "lr": run.lr,
+                    "precisions": [int(p) for p in run.precisions],
+                }
+            )
+            observation = loop.observation()
+            decide = True
+            decision += 1
+            evaluate = next_eval is None and decision % eval_every == 0
+        if next_eval is not None and eval_every_steps is not None and run.steps >= next_eval:
+            evaluate = True
+            next_eval += eval_every_steps * math.ceil((run.steps - next_eval + 1) / eval_every_steps)
+        finished = done or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
+        if finished and not decide:  # stopped by the time cap between decision points: close the interval
+            signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+            peak = max(peak, signals.memory_bytes)
+        if evaluate or finished:
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
             curve.append((time_ms / 1e3, metric, run.batch_size, run.lr_scale, low))
             if time_to_target is None and metric >= task.target_metric:
                 time_to_target = time_ms / 1e3
-            if writer is not None:
+            if writer is not None and signals is not None:
                 step = run.steps
                 writer.add_scalar("test/metric", metric, step)
                 writer.add_scalar("test/metric_vs_time_ms", metric, int(time_ms))

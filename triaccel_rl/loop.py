@@ -60,9 +60,10 @@ class DecisionLoop:
         adaptive = measured_gpu if adaptive_interval is None else adaptive_interval
         share = (1.0 - config.signals.expensive_share) * config.signals.budget_frac
         self.cadence = Cadence(config.interval_steps, config.max_interval_factor, share, adaptive=adaptive)
-        self._mark: tuple[float, float] | None = None  # (overhead_ms, estimator_ms) when the last interval ended
-        self._last_train_ms = math.nan
-        self._last_steps = 0
+        self._mark: tuple[float, float] | None = None  # (overhead_ms, estimator_ms) when the last chunk ended
+        self._interval_train_ms = 0.0  # training time and steps since the last snapshot
+        self._interval_steps = 0
+        self._decided = False  # a snapshot (and so a decision) came after the last training chunk
         self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
@@ -71,22 +72,29 @@ class DecisionLoop:
         self.decisions = 0
 
     def train_interval(self, max_steps: int | None = None) -> IntervalStats:
-        """Trains one interval (``cadence.steps`` steps, or ``max_steps`` if fewer) and feeds the collector.
+        """Trains up to the next decision point, or ``max_steps`` steps if fewer, and feeds the collector.
 
-        The steps run through ``TrainingRun.train_interval``: one host-device sync for the whole interval.
-        The decision work since the previous interval ended (snapshot, policy, executor; not the estimator
-        rounds, which have their own budget) is what ``cadence`` measures.
+        The next decision point is ``cadence.steps`` steps after the last :meth:`snapshot`; a caller that
+        stops short (``max_steps``, e.g. to evaluate at fixed steps) calls this again to finish the interval
+        (:attr:`decision_due` says when to take the snapshot). The steps run through
+        ``TrainingRun.train_interval``: one host-device sync per call. The decision work between an
+        interval's end and the next call (snapshot, policy, executor; not the estimator rounds, which have
+        their own budget) is what ``cadence`` measures.
         """
         collector = self.collector
-        if self._mark is not None:
-            overhead, rounds = self._mark
-            decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
-            self.cadence.record(decision_ms, self._last_train_ms, self._last_steps)
-        interval = self.cadence.steps
-        n_steps = interval if max_steps is None else min(max_steps, interval)
-        stats = self.run.train_interval(n_steps)
-        self._last_train_ms, self._last_steps = stats.train_ms, stats.steps
-        self.collector.observe_interval(
+        if self._decided:
+            if self._mark is not None:
+                overhead, rounds = self._mark
+                decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
+                self.cadence.record(decision_ms, self._interval_train_ms, self._interval_steps)
+            self._interval_train_ms, self._interval_steps, self._decided = 0.0, 0, False
+        if self._interval_steps >= self.cadence.steps:  # a whole interval went by without a snapshot: start anew
+            self._interval_train_ms, self._interval_steps = 0.0, 0
+        left = self.cadence.steps - self._interval_steps
+        stats = self.run.train_interval(left if max_steps is None else min(max_steps, left))
+        self._interval_train_ms += stats.train_ms
+        self._interval_steps += stats.steps
+        collector.observe_interval(
             stats.moments,
             n_steps=stats.steps,
             train_ms=stats.train_ms,
@@ -95,6 +103,11 @@ class DecisionLoop:
         )
         self._mark = (collector.overhead_ms, collector.estimator_ms)
         return stats
+
+    @property
+    def decision_due(self) -> bool:
+        """Whether the steps since the last snapshot have reached the cadence's interval."""
+        return not self._decided and self._interval_steps >= self.cadence.steps
 
     def snapshot(self, progress: float) -> Signals:
         """Closes the interval: probe loss, optimizer moments, a due estimator round, ``Signals``, re-ranking.
@@ -106,6 +119,7 @@ class DecisionLoop:
         per-layer LR factors of the snapshot are applied to the run. The snapshot reports the run's
         current memory budget, which it lowers after an out-of-memory error.
         """
+        self._decided = True
         start = time.perf_counter()
         probe = self.run.probe_loss()
         rolled_back = False
