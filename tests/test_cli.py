@@ -58,6 +58,7 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--controllers", "fp8"], "unknown policy 'fp8'"),
         (["compare", "--task", "synthetic", "--controllers", "missing.zip"], "does not exist"),
         (["compare", "--seeds", "0"], "--seeds 0 must be >= 1"),
+        (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "eval_every_steps=0 must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
     compare.add_argument("--interval-steps", type=int, default=20, help="optimizer steps between decisions")
     compare.add_argument("--eval-every", type=int, default=5, help="evaluate the test metric every N decisions")
+    compare.add_argument(
+        "--eval-every-steps",
+        type=int,
+        default=None,
+        help="evaluate every N optimizer steps instead, in every row alike (decision intervals may stretch on a GPU)",
+    )
     compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     compare.add_argument(
         "--cost-mode",
@@ -144,6 +150,7 @@ def _compare(args: argparse.Namespace) -> int:
         log_dir=args.log_dir or None,
         show_progress=not args.no_progress,
         eval_every=args.eval_every,
+        eval_every_steps=args.eval_every_steps,
     )
     names = [r.controller for r in results]
     reference = args.reference if args.reference in names else None

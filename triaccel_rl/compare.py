@@ -297,8 +297,11 @@ def compare(
     log_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
     eval_every: int = 5,
+    eval_every_steps: int | None = None,
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
+
+    ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s.
 
     Raises:
         ValueError: an unknown task or controller, before any run starts.
@@ -329,6 +332,7 @@ def compare(
                         log_dir=run_log,
                         progress=bar,
                         eval_every=eval_every,
+                        eval_every_steps=eval_every_steps,
                     )
                 )
     return results
