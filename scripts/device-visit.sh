@@ -22,6 +22,16 @@ for stage in "$@"; do
            --rows plain-bf16,static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
     profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
     freed) python3 scripts/check_run_freed.py 2>&1 | tail -12 ;;
+    # Issue 7 in three visits of under 10 minutes (ResNet-18 at its tuned static setting, batch 256, LR x1).
+    i7-resnet-a) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
+           --rows plain-bf16,static-bf16,heuristic,heuristic-cheap,fp32 --out "$OUT/i7_resnet_a.json" \
+           --plots "$OUT/plots_a" 2>&1 | tail -30 ;;
+    i7-resnet-b) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
+           --rows static-fp16,ablation-precision,ablation-second-order,ablation-elastic,learned,batch-finder \
+           --out "$OUT/i7_resnet_b.json" --plots "$OUT/plots_b" 2>&1 | tail -30 ;;
+    i7-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
+           --rows plain-bf16,plain-fp32,static-bf16,heuristic --out "$OUT/i7_effnet.json" --plots "$OUT/plots_e" \
+           2>&1 | tail -30 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done
