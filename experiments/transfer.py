@@ -59,6 +59,11 @@ class Args:
     """Results JSON."""
     reuse: bool = False
     """Keep runs already in ``out`` made with the same settings (and, for ``pretrained``, the same zip)."""
+    plots: str = "experiments/results/plots/transfer"
+    """Folder for one PNG per task: accuracy, low-precision share and LR multiplier against modelled time
+    ('' for none; needs matplotlib)."""
+    plots_only: bool = False
+    """Only draw the plots from the runs in ``out`` (nothing runs; the results file is not rewritten)."""
     smoke: bool = False
     """One task, two controllers, one seed, a tenth of an epoch: checks the plumbing only."""
 
@@ -71,6 +76,11 @@ def main(args: Args) -> dict[str, Any]:
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.tasks import get_task
 
+    if args.plots_only:
+        document = json.loads(Path(args.out).read_text())
+        for path in plot_runs(document["runs"], args.plots):
+            print(f"plot: {path}")
+        return document
     if args.smoke:
         args = replace(args, tasks="deep-mlp-synthetic", controllers="heuristic,bf16", seeds=1, epochs=0.1)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -115,7 +125,50 @@ def main(args: Args) -> dict[str, Any]:
     for line in document["target_check"]["lines"]:
         print(line)
     print(f"\nresults: {out}")
+    if args.plots:
+        for path in plot_runs(runs, args.plots):
+            print(f"plot: {path}")
     return document
+
+
+def plot_runs(runs: list[dict[str, Any]], out_dir: str) -> list[Path]:
+    """One PNG per task: test metric, low-precision share of the layers and LR multiplier against modelled time.
+
+    Every run is a line (one colour per controller, seeds alike); the curves are the runs' evaluation points
+    ``(time_s, metric, batch, lr_scale, low_precision_share)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in dict.fromkeys(run["task"] for run in runs):
+        mine = [run for run in runs if run["task"] == task]
+        controllers = list(dict.fromkeys(run["controller"] for run in mine))
+        colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(controllers)}
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        panels = [(1, "test metric (%)", 100.0), (4, "low-precision share of layers", 1.0), (3, "LR multiplier", 1.0)]
+        for run in mine:
+            times = [point[0] * 1e3 for point in run["curve"]]
+            for ax, (index, _, scale) in zip(axes, panels, strict=True):
+                label = run["controller"] if run["seed"] == min(r["seed"] for r in mine) else None
+                values = [scale * point[index] for point in run["curve"]]
+                ax.plot(times, values, color=colours[run["controller"]], alpha=0.8, label=label, drawstyle="steps-post")
+        for ax, (_, ylabel, _) in zip(axes, panels, strict=True):
+            ax.set_xlabel("modelled H200 time (ms)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{task}: held-out task, every seed a line")
+        fig.tight_layout()
+        path = folder / f"transfer_{task}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def summarize(runs: list[dict[str, Any]], tasks: list[str], controllers: list[str]) -> dict[str, dict[str, Any]]:

@@ -191,8 +191,14 @@ def test_transfer_smoke(tmp_path):
     finally:
         sys.path.remove(str(REPO / "experiments"))
     out = tmp_path / "transfer.json"
-    document = transfer.main(transfer.Args(smoke=True, out=str(out)))
+    plots = tmp_path / "plots"
+    document = transfer.main(transfer.Args(smoke=True, out=str(out), plots=str(plots)))
     saved = json.loads(out.read_text())
+    png = plots / "transfer_deep-mlp-synthetic.png"
+    assert png.stat().st_size > 10_000  # three panels drawn
+    png.unlink()
+    assert transfer.main(transfer.Args(out=str(out), plots=str(plots), plots_only=True)) == saved  # nothing re-run
+    assert png.stat().st_size > 10_000
     assert set(saved["summary"]["deep-mlp-synthetic"]) == {"heuristic", "bf16"}
     assert saved["target_check"]["met"] is None  # no learned row in the smoke run
     assert saved["learned_vs_heuristic_time_gain"] is None
