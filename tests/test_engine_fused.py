@@ -190,3 +190,36 @@ def test_a_forward_that_raises_leaves_the_parameters_in_place():
         model(torch.randn(4, 5, device=DEVICE))  # wrong width: the first layer raises inside its forward
     assert dict(model.named_parameters()) == params
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_a_run_reading_weight_copies_equals_one_that_casts(monkeypatch):
+    """A whole decision loop, a layer lowered mid-run and a rollback included: the copies never go stale."""
+    from triaccel_rl import training
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.loop import DecisionLoop
+
+    class FusedEngine(StepEngine):  # TrainingRun picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(training, "StepEngine", FusedEngine)
+    finals = {}
+    for copies in (True, False):
+        run = training.TrainingRun("synthetic", seed=0, device=DEVICE, cuda_graphs=False)
+        assert run.engine.fused
+        if not copies:
+            run.engine.precision.use_weight_copies(None)  # autocast casts the fp32 weights
+        loop = DecisionLoop(run, ControllerConfig(interval_steps=3, snapshot_every=2), adaptive_interval=False)
+        rollbacks = 0
+        for interval in range(6):
+            loop.train_interval()
+            if interval == 1:  # lowered mid-run: these layers' copies were last written at construction
+                run.set_precisions([Precision.BF16] * len(run.engine.precision.controllable_indices))
+            if interval == 3:  # a diverged update: the rollback restores an older copy of the weights
+                with torch.no_grad():
+                    next(run.model.parameters()).fill_(float("nan"))
+            rollbacks += loop.snapshot(progress=interval / 6).extra["rolled_back"]
+        assert rollbacks == 1
+        finals[copies] = [p.detach().clone() for p in run.model.parameters()]
+    for with_copies, with_casts in zip(finals[True], finals[False], strict=True):
+        assert torch.equal(with_copies, with_casts), f"differ by {(with_copies - with_casts).abs().max():.3g}"
