@@ -36,7 +36,8 @@ class FlatParameterStore:
         params: flat float32 master weights, length ``n_elements``; each ``param.data`` is a view of it.
         grads: flat float32 gradients; each ``param.grad`` is a view of it.
         bf16_copy: flat bfloat16 copy of the weights, current for layers the optimizer keeps in bf16.
-        fp16_copy: flat float16 copy of the weights, current for layers the optimizer keeps in fp16.
+        fp16_copy: flat float16 copy of the weights, current for layers the optimizer keeps in fp16 (with
+            ``lazy_fp16_copy``, ``bf16_copy``'s storage until ``ensure_fp16_copy``).
         chunk_layer: int32 ``[n_elements // segment_align]``, the layer owning each segment.
         n_elements: length of every flat buffer, padding included (a multiple of ``segment_align``).
         n_layers: number of layers.
@@ -62,6 +63,7 @@ class FlatParameterStore:
         layers: Sequence[Sequence[torch.nn.Parameter]],
         *,
         segment_align: int = SEGMENT_ALIGN_ELEMENTS,
+        lazy_fp16_copy: bool = False,
     ) -> None:
         """Copies ``layers`` into new flat buffers and re-points every parameter and grad at a view.
 
@@ -70,6 +72,9 @@ class FlatParameterStore:
                 (``lr_factors``, ``precision_codes``, statistics) use. Every parameter must be float32,
                 dense (contiguous or channels-last), on one device, and appear once; a layer may be empty.
             segment_align: segment size in elements; must be a multiple of ``PARAM_ALIGN_ELEMENTS``.
+            lazy_fp16_copy: until :meth:`ensure_fp16_copy` is called, ``fp16_copy`` shares ``bf16_copy``'s
+                storage (2 bytes an element saved while no layer computes in fp16). The caller must call
+                it before any step that gives a layer the fp16 code, or the two copies overwrite each other.
 
         Raises:
             ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, or mixed devices.
@@ -128,7 +133,11 @@ class FlatParameterStore:
         self.params = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
         self.grads = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
         self.bf16_copy = torch.zeros(self.n_elements, dtype=torch.bfloat16, device=self.device)
-        self.fp16_copy = torch.zeros(self.n_elements, dtype=torch.float16, device=self.device)
+        self.fp16_copy = (
+            self.bf16_copy.view(torch.float16)
+            if lazy_fp16_copy
+            else torch.zeros(self.n_elements, dtype=torch.float16, device=self.device)
+        )
         chunk_layer = torch.repeat_interleave(
             torch.arange(self.n_layers, dtype=torch.int32),
             torch.tensor([length // segment_align for length in layer_lengths]),
@@ -180,21 +189,38 @@ class FlatParameterStore:
         ]
 
     def low_precision_params(self, layer: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The bf16 or fp16 copies of ``layer``'s parameters, shaped like them (views, no copy)."""
+        """The bf16 or fp16 copies of ``layer``'s parameters, shaped like them (views, no copy).
+
+        Asking for fp16 views gives a lazily shared fp16 copy its own storage first.
+        """
         if dtype == torch.bfloat16:
             return self.param_views(self.bf16_copy, layer)
         if dtype == torch.float16:
+            self.ensure_fp16_copy()
             return self.param_views(self.fp16_copy, layer)
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
 
+    @property
+    def has_fp16_copy(self) -> bool:
+        """False while ``fp16_copy`` still shares ``bf16_copy``'s storage (``lazy_fp16_copy``)."""
+        return self.fp16_copy.data_ptr() != self.bf16_copy.data_ptr()
+
+    def ensure_fp16_copy(self) -> None:
+        """Gives ``fp16_copy`` its own storage, filled from the fp32 weights (a no-op once it has one)."""
+        if not self.has_fp16_copy:
+            self.fp16_copy = torch.empty(self.n_elements, dtype=torch.float16, device=self.device)
+            cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+
     def refresh_low_precision(self) -> None:
-        """Rounds all fp32 weights into both 16-bit copies (two launches), e.g. before the first forward.
+        """Rounds all fp32 weights into the 16-bit copies (a launch each), e.g. before the first forward.
 
         The fused optimizers keep the copies of bf16 and fp16 layers current after each applied step; call
-        this after changing weights any other way (loading a checkpoint, say).
+        this after changing weights any other way (loading a checkpoint, say). A shared fp16 copy
+        (``lazy_fp16_copy``) is left alone: it is the bf16 copy.
         """
         cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
-        cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+        if self.has_fp16_copy:
+            cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

@@ -173,13 +173,16 @@ def test_lowering_a_layer_mid_run_or_changing_weights_refreshes_its_copy():
         with engine.precision.context():
             loss = nn.functional.cross_entropy(model(x), y)
         engine.backward_and_step(loss)
-    assert not torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    assert not torch.equal(engine.store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
+    engine.set_precisions([Precision.FP32, Precision.BF16])
+    assert torch.equal(engine.store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
     engine.set_precisions([Precision.FP32, Precision.FP16])
     assert torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
     with torch.no_grad():
         model[2].weight.mul_(0.5)  # e.g. a rollback or a loaded checkpoint
     engine.refresh_weight_copies()
     assert torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    assert torch.equal(engine.store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
 
 
 def test_a_forward_that_raises_leaves_the_parameters_in_place():
@@ -223,3 +226,31 @@ def test_a_run_reading_weight_copies_equals_one_that_casts(monkeypatch):
         finals[copies] = [p.detach().clone() for p in run.model.parameters()]
     for with_copies, with_casts in zip(finals[True], finals[False], strict=True):
         assert torch.equal(with_copies, with_casts), f"differ by {(with_copies - with_casts).abs().max():.3g}"
+
+
+def test_the_fp16_copy_takes_memory_only_once_a_layer_computes_in_fp16():
+    model, engine = make("sgd", True)
+    store = engine.store
+    assert not store.has_fp16_copy  # bf16 and fp32 layers only: one 16-bit buffer
+    engine.set_precisions([Precision.BF16, Precision.FP32])
+    assert not store.has_fp16_copy
+    engine.set_precisions([Precision.BF16, Precision.FP16])
+    assert store.has_fp16_copy
+    for x, y in batches(3):  # both copies written by the same steps, neither over the other
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], model[0].weight.detach().bfloat16())
+    assert torch.equal(store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+
+
+def test_a_lazy_store_asked_for_fp16_views_allocates_them():
+    from triaccel_rl.kernels import FlatParameterStore
+
+    layer = [nn.Parameter(torch.arange(6.0, device=DEVICE))]
+    store = FlatParameterStore([layer], lazy_fp16_copy=True)
+    store.refresh_low_precision()  # writes the bf16 copy only: the shared storage is the bf16 copy
+    assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], layer[0].detach().bfloat16())
+    (view,) = store.low_precision_params(0, torch.float16)
+    assert store.has_fp16_copy and torch.equal(view, layer[0].detach().half())
+    assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], layer[0].detach().bfloat16())

@@ -146,6 +146,8 @@ class StepEngine:
         before = list(self.precision.precisions)
         self.precision.set(parsed)
         if self.fused and self.precision.precisions != before:
+            if Precision.FP16 in self.precision.precisions:
+                self.store.ensure_fp16_copy()  # before any step writes an fp16 segment
             self.refresh_weight_copies()  # a layer lowered now has a stale copy: the step writes only low layers'
 
     def refresh_weight_copies(self) -> None:
@@ -345,7 +347,8 @@ class StepEngine:
     def _init_fused(self) -> None:
         from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
 
-        self.store = FlatParameterStore(self.layer_params)
+        # The fp16 copy gets memory of its own only once a layer computes in fp16 (set_precisions).
+        self.store = FlatParameterStore(self.layer_params, lazy_fp16_copy=True)
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
         self.store.refresh_low_precision()
         owners = {
@@ -399,6 +402,8 @@ class StepEngine:
             self._last_factors = factors
         precisions = self.precision.precisions
         if self._last_codes != precisions:
+            if Precision.FP16 in precisions:  # precisions set past set_precisions: the copies must not alias
+                self.store.ensure_fp16_copy()
             self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
             self._last_codes = list(precisions)
         lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
