@@ -161,3 +161,45 @@ def test_graphed_probe_equals_the_eager_probe_and_leaves_batch_norm_alone(determ
     assert abs(graphed - eager) <= 1e-3 * abs(eager), f"graphed probe {graphed} vs eager {eager}"
     for before, after in zip(buffers, run.model.buffers(), strict=True):
         assert torch.equal(before, after)
+
+
+# ------------------------------------------------------------------- 16-bit weight copies, host rollback copy
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_run_reading_weight_copies_equals_one_casting_its_weights(deterministic_cudnn, graphs, precision):
+    runs = []
+    for copies in (True, False):
+        run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=graphs)
+        assert run.engine.fused
+        if not copies:
+            run.engine.precision.use_weight_copies(None)
+        run.train_interval(2)  # fp32: the copies are not written
+        run.set_precisions([precision] * run.n_layers)  # lowered mid-run: the copies are refreshed
+        run.train_interval(4)
+        runs.append(run)
+    assert runs[0].engine.store.has_fp16_copy == (precision == "fp16")
+    _assert_runs_match(runs[1], runs[0], rtol=0.0)  # the same values reach the same kernels: bit-equal
+
+
+def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():
+    from triaccel_rl.shield import RollbackGuard
+
+    run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True)
+    run.train_interval(3)  # the optimizer state exists
+    guard = RollbackGuard(run.model, run.engine.state_holder, offload=True)
+    before = torch.cuda.memory_allocated()
+    guard.save()
+    assert torch.cuda.memory_allocated() == before  # the copy went to pinned host memory
+    assert all(leaf.device.type == "cpu" and leaf.is_pinned() for leaf in guard._model_state.leaves
+               if isinstance(leaf, torch.Tensor))  # fmt: skip
+    run.train_interval(3)
+    guard.save()  # reuses the pinned tensors: an asynchronous copy into them
+    saved = [t.detach().clone() for t in _params_and_buffers(run)]
+    run.train_interval(2)
+    with torch.no_grad():
+        next(run.model.parameters()).fill_(float("nan"))
+    assert guard.restore()
+    for want, got in zip(saved, _params_and_buffers(run), strict=True):
+        assert torch.equal(want, got)

@@ -393,6 +393,8 @@ class ControllerConfig:
             loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
             parameters and optimizer state in memory). The learning environment turns it off, so that a
             policy sees, and is penalised for, the divergences it causes.
+        rollback_offload: keep the rollback copy of a CUDA model in pinned host memory rather than on the
+            GPU (no GPU memory for it; the copy is queued on the stream, a few ms of PCIe per 100 MB).
         snapshot_every: the rollback copy is refreshed every this many healthy decisions, and right after
             any decision that changes the configuration (so a rollback never crosses a change); a rollback
             then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
@@ -420,6 +422,7 @@ class ControllerConfig:
     max_batch_size: int = 4096
     max_lr_change: float = 1.5
     rollback: bool = True
+    rollback_offload: bool = True
     snapshot_every: int = 4
     cost_mode: CostMode = CostMode.MEASURED
     ema_decay: float = 0.9

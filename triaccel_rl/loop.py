@@ -53,7 +53,8 @@ class DecisionLoop:
         self.config = config
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
         use_rollback = config.rollback if rollback is None else rollback
-        self.guard = RollbackGuard(run.model, run.engine.state_holder) if use_rollback else None
+        offload = config.rollback_offload
+        self.guard = RollbackGuard(run.model, run.engine.state_holder, offload) if use_rollback else None
         self._healthy_since_copy = 0  # healthy decisions since the rollback copy was refreshed
         self._healthy = False  # the latest probe loss was finite
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"

@@ -32,11 +32,13 @@ _log = logging.getLogger("triaccel_rl")
 
 
 class RollbackGuard:
-    """Snapshots of model and optimizer state, kept on the model's device, restored on demand.
+    """Snapshots of model and optimizer state, restored on demand.
 
-    A snapshot costs one device copy of the parameters, buffers and optimizer state (for SGD with
-    momentum about 2× the parameter bytes; for Adam 3×), taken at most once per decision
-    (``ControllerConfig.snapshot_every``), never per step.
+    A snapshot costs one copy of the parameters, buffers and optimizer state (for SGD with momentum about
+    2× the parameter bytes; for Adam 3×), taken at most once per decision
+    (``ControllerConfig.snapshot_every``), never per step. It is kept on the model's device, or with
+    ``offload`` (for CUDA tensors) in pinned host memory: no GPU memory, at the price of a device-to-host
+    copy queued on the current stream (a few milliseconds of PCIe per 100 MB, not a host-device sync).
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -50,11 +52,13 @@ class RollbackGuard:
         True
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, offload: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.offload = offload
         self._model_state: _Snapshot | None = None
         self._optimizer_state: _Snapshot | None = None
+        self._copied: torch.cuda.Event | None = None  # when an offloaded snapshot's copies are done
         self.rollbacks = 0
 
     def save(self) -> None:
@@ -64,8 +68,12 @@ class RollbackGuard:
         as long as the state's structure and shapes are unchanged (a few launches instead of an allocation
         and a copy per tensor).
         """
-        self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state)
-        self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state)
+        offload = self.offload
+        self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state, offload)
+        self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state, offload)
+        if offload and torch.cuda.is_available() and self._model_state.on_host_from_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     @property
     def has_snapshot(self) -> bool:
@@ -76,6 +84,8 @@ class RollbackGuard:
         """Restores the last snapshot; returns False when there is none yet."""
         if self._model_state is None or self._optimizer_state is None:
             return False
+        if self._copied is not None:  # the host reads the offloaded tensors below (the deep copy)
+            self._copied.synchronize()
         self.model.load_state_dict(self._model_state.tree())
         # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
@@ -90,11 +100,22 @@ class _Snapshot:
 
     leaves: list[Any]
     spec: pytree.TreeSpec
+    on_host_from_cuda: bool = False
 
     @classmethod
-    def take(cls, state: Any, previous: _Snapshot | None) -> _Snapshot:
-        """A snapshot of ``state``, reusing ``previous``'s tensors when the structure and shapes match."""
+    def take(cls, state: Any, previous: _Snapshot | None, offload: bool = False) -> _Snapshot:
+        """A snapshot of ``state``, reusing ``previous``'s tensors when the structure and shapes match.
+
+        With ``offload``, CUDA tensors are copied into pinned host tensors, asynchronously on the current
+        stream (read them on the host only after the stream has passed the copies).
+        """
         leaves, spec = pytree.tree_flatten(state)
+        cuda = [isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves]
+        offloaded = offload and any(cuda)
+
+        def home(leaf: torch.Tensor) -> torch.device:
+            return torch.device("cpu") if offload and leaf.is_cuda else leaf.device
+
         if (
             previous is not None
             and previous.spec == spec
@@ -104,7 +125,7 @@ class _Snapshot:
                     isinstance(old, torch.Tensor)
                     and old.shape == new.shape
                     and old.dtype == new.dtype
-                    and old.device == new.device
+                    and old.device == home(new)
                 )
                 for old, new in zip(previous.leaves, leaves, strict=True)
             )
@@ -112,20 +133,30 @@ class _Snapshot:
             pairs = [
                 (old, new) for old, new in zip(previous.leaves, leaves, strict=True) if isinstance(new, torch.Tensor)
             ]
-            if pairs:
+            if offloaded:  # device to pinned host memory: one asynchronous copy per tensor
+                for old, new in pairs:
+                    old.copy_(new.detach(), non_blocking=True)
+            elif pairs:
                 torch._foreach_copy_([old for old, _ in pairs], [new.detach() for _, new in pairs])
             kept = [
                 old if isinstance(new, torch.Tensor) else copy.deepcopy(new)
                 for old, new in zip(previous.leaves, leaves, strict=True)
             ]
-            return cls(kept, spec)
-        return cls(
-            [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else copy.deepcopy(leaf) for leaf in leaves], spec
-        )
+            return cls(kept, spec, offloaded)
+        return cls([_copy_leaf(leaf, offload) for leaf in leaves], spec, offloaded)
 
     def tree(self) -> Any:
         """The snapshot as a state tree (its own tensors: copy them before handing them to an adopter)."""
         return pytree.tree_unflatten(self.leaves, self.spec)
+
+
+def _copy_leaf(leaf: Any, offload: bool) -> Any:
+    if not isinstance(leaf, torch.Tensor):
+        return copy.deepcopy(leaf)
+    if offload and leaf.is_cuda:
+        host = torch.empty_strided(leaf.size(), leaf.stride(), dtype=leaf.dtype, device="cpu", pin_memory=True)
+        return host.copy_(leaf.detach(), non_blocking=True)
+    return leaf.detach().clone()
 
 
 @dataclass(frozen=True)
