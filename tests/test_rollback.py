@@ -135,3 +135,26 @@ def group_precisions(loop):
     """The precision of every group now (the run starts with one precision everywhere)."""
     (precision,) = set(loop.run.precisions)
     return (precision,) * loop.config.n_groups
+
+
+def test_an_offload_that_fails_keeps_the_copy_on_the_device(monkeypatch, caplog):
+    from torch import nn
+
+    from triaccel_rl import shield
+
+    model = nn.Linear(3, 2)
+    guard = shield.RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), offload=True)
+
+    def refuse(leaf, offload):
+        if offload:
+            raise RuntimeError("cudaHostAlloc failed")  # what a locked-memory limit gives
+        return leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
+
+    monkeypatch.setattr(shield, "_copy_leaf", refuse)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        guard.save()
+    assert "pinned host memory failed" in caplog.text and guard.offload is False
+    weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert guard.restore() and torch.equal(model.weight, weight)

@@ -69,8 +69,17 @@ class RollbackGuard:
         and a copy per tensor).
         """
         offload = self.offload
-        self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state, offload)
-        self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state, offload)
+        try:
+            self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state, offload)
+            self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state, offload)
+        except RuntimeError as err:  # e.g. pinned (page-locked) host memory refused
+            if not offload:
+                raise
+            _log.warning("rollback copy kept on the GPU: pinned host memory failed (%s)", err)
+            self.offload = False
+            self._model_state = self._optimizer_state = None
+            self.save()
+            return
         if offload and torch.cuda.is_available() and self._model_state.on_host_from_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
