@@ -91,3 +91,33 @@ def test_non_finite_steps_are_skipped_and_counted_at_the_decision():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert ctl.skipped_steps == 2 and len(ctl.decisions) == 1
     assert ctl.signals is not None and ctl.signals.overflow_rate == pytest.approx(2 / 3)
+
+
+def test_expensive_decisions_stretch_the_controllers_interval():
+    """The cadence is on by default on a GPU; forced on here, a slow policy's decisions spread out to the cap."""
+    import time
+
+    from triaccel_rl.policies import StaticPolicy
+
+    class SlowPolicy(StaticPolicy):
+        def predict(self, observation, state=None, episode_start=None, deterministic=False):
+            time.sleep(0.02)  # 20 ms a decision: 1% of training time needs thousands of CPU steps
+            return super().predict(observation, state, episode_start, deterministic)
+
+    model, opt = model_and_optimizer()
+    ctl = Controller(
+        model, opt, policy=SlowPolicy("fp32"), config=ControllerConfig(interval_steps=2, max_interval_factor=3)
+    )
+    assert not ctl.cadence.adaptive  # a CPU run decides every interval_steps
+    ctl.cadence.adaptive = True
+    decided_at = []
+    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):  # 30 steps
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        before = len(ctl.decisions)
+        ctl.step(loss)
+        if len(ctl.decisions) > before:
+            decided_at.append(ctl.steps)
+    # The first decision is not measured (one-time costs); from the second on, every 2 x 3 steps.
+    assert decided_at == [2, 4, 10, 16, 22, 28]
+    ctl.close()
