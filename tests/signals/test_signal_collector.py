@@ -456,3 +456,21 @@ def test_warmup_key_names_what_one_time_costs_depend_on() -> None:
     assert base != key(64, RoundPlan(8, 1))  # smaller micro-batches: new shapes
     assert base != key(64, RoundPlan(2, 1), hutchinson_batch_size=8)
     assert base[0] == "cpu" and base[-2:] == (32, 64)  # micro-batch min(32, 64 // 2), Hutchinson min(128, 64)
+
+
+def test_the_cheap_noise_scale_is_exact_below_the_batch_and_capped_at_it() -> None:
+    """Cheap source: B * (E|g|^2 - |m|^2) / |m|^2 from the optimizer's running mean m, trusted only up to B."""
+    collector = SignalCollector([LayerInfo("a", 10, True), LayerInfo("b", 10, True)], 0.9, 1 << 30)
+    for _ in range(5):
+        collector.observe(fake_stats(2, sq=1.0))  # E|g_l|^2 = 1 per layer (bias-corrected EMA of constants)
+
+    def noise(mean_sq: float, batch: int) -> float:
+        signals = collector.snapshot(
+            grad_mean_sq_norm=np.full(2, mean_sq), probe_loss=1.0, batch_size=batch, lr_scale=1.0,
+            precisions=[Precision.FP32] * 2,
+        )  # fmt: skip
+        assert signals.extra["curvature_source"] == "fisher"
+        return signals.noise_scale
+
+    assert noise(0.8, batch=64) == pytest.approx(64 * 0.2 / 0.8)  # 16: below the batch, reported as is
+    assert noise(0.01, batch=64) == 64.0  # 6336 uncapped: a lagging running mean must not grow the batch

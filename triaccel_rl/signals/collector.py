@@ -10,7 +10,8 @@ steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the 
 - ``grad_variance_l = max(0, E[|g_l|^2] - |E[g_l]|^2) / n_l`` and ``snr_l``, ``noise_scale`` from
   ``|E[g]|^2`` = the optimizer's running mean (Adam's ``exp_avg``, SGD's momentum). This is biased
   (the running mean lags the moving parameters and is itself noisy), which is why the rounds below
-  replace it whenever they have run.
+  replace it whenever they have run. The bias is upward for the noise scale, so this estimate is
+  capped at the batch size: on its own it never makes the batch look smaller than the noise scale.
 
 **Scheduled rounds** (mode ``all``; on a sub-batch, at decision points, under the overhead budget, see
 :class:`RoundScheduler`), with exact-in-expectation estimators (:mod:`triaccel_rl.signals.estimators`):
@@ -396,7 +397,10 @@ class SignalCollector:
             curvature = sq / self.n_params
             variance = variance_sum / self.n_params
             snr = mean_sq / np.maximum(variance_sum, _TINY)
-            noise_scale = batch * variance_sum.sum() / max(mean_sq.sum(), _TINY)
+            # The running mean lags while the gradient turns (early in training above all), so this estimate
+            # runs high, and a high noise scale is what grows the batch. Trusted one way only: up to the batch
+            # size it may say the batch is above the noise scale, never that it is below (a round must).
+            noise_scale = min(batch * variance_sum.sum() / max(mean_sq.sum(), _TINY), float(batch))
             source = "fisher"
         curvature = _finite_array(curvature)
         peak = curvature * self._sparsity.top10_ratio if self._sparsity is not None else curvature
