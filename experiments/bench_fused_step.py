@@ -320,7 +320,9 @@ def _make_unfused(
         opt = torch.optim.AdamW(params, lr=1e-3, betas=betas, eps=1e-8, weight_decay=0.01, fused=fused)
     else:
         opt = torch.optim.SGD(params, lr=1e-3, foreach=True, **SGD_HYPER)
-    copy_src = [p for layer, code in zip(_split(params, layers), codes, strict=True) if code for p in layer]
+    copy_src: list[torch.Tensor] = [
+        p for layer, code in zip(_split(params, layers), codes, strict=True) if code for p in layer
+    ]
     copy_dst = [torch.empty_like(p, dtype=torch.bfloat16) for p in copy_src]
     found_inf = torch.zeros(1, device=device)
     inv_scale = torch.ones(1, device=device)  # 1.0 keeps repeated unscaling on the same data unchanged
@@ -412,7 +414,7 @@ def _check_cast(device: torch.device) -> bool:
 
 def _check_step(device: torch.device, optimizer: str, args: Args) -> tuple[bool, bool]:
     """Three fused steps against the reference functions on an awkward layout, then a NaN step."""
-    layers = [[(1,)], [(4095,)], [(300, 301), (7,)], [(3,)] * 5, [(1000, 1001)]]
+    layers: list[list[tuple[int, ...]]] = [[(1,)], [(4095,)], [(300, 301), (7,)], [(3,)] * 5, [(1000, 1001)]]
     rtol, atol = 1e-5, 1e-6
     params = [[torch.nn.Parameter(torch.randn(s, device=device)) for s in layer] for layer in layers]
     store = FlatParameterStore(params)

@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +337,7 @@ def build_workload(name: str, args: Args, device: torch.device) -> Workload:
     if name == "resnet18":
         model: nn.Module = resnet18(in_channels=3, n_classes=10)
         shape, batch = ((3, 16, 16), 4) if args.smoke else ((3, 32, 32), args.resnet_batch_size)
-        optimizer_factory = lambda params: torch.optim.SGD(  # noqa: E731
+        optimizer_factory: Callable[[Any], torch.optim.Optimizer] = lambda params: torch.optim.SGD(  # noqa: E731
             params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
         )
     elif name == "cnn-fmnist":
@@ -347,7 +347,7 @@ def build_workload(name: str, args: Args, device: torch.device) -> Workload:
         optimizer_factory = task.make_optimizer
     else:
         raise ValueError(f"unknown model {name!r}; allowed: resnet18, cnn-fmnist")
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = optimizer_factory(model.parameters())
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -362,11 +362,9 @@ def build_workload(name: str, args: Args, device: torch.device) -> Workload:
 def collector(
     infos: list[Any], layer_params: list[list[nn.Parameter]], workload: Workload, args: Args, all_signals: bool
 ) -> SignalCollector:
-    config = SignalConfig(
-        mode=SignalMode.ALL if all_signals else SignalMode.CHEAP,
-        budget_frac=args.budget_frac,
-        **({"micro_batch_size": 4, "hutchinson_batch_size": 8} if args.smoke else {}),
-    )
+    config = SignalConfig(mode=SignalMode.ALL if all_signals else SignalMode.CHEAP, budget_frac=args.budget_frac)
+    if args.smoke:
+        config = replace(config, micro_batch_size=4, hutchinson_batch_size=8)
     result = SignalCollector(infos, ema_decay=0.9, memory_budget_bytes=1 << 40, config=config)
     if all_signals:
         x, y = workload.held_out

@@ -137,8 +137,13 @@ def main(args: Args) -> list[dict[str, Any]]:
         # The LR warms up then decays linearly to zero over the budget, as in the reference recipe; a
         # constant LR left the 2026-11-22 pilot oscillating around 90-91% (see BENCHMARKS.md).
         # Every row evaluates at the same optimizer steps (the decision interval may stretch on a GPU).
-        common = {"epochs": args.epochs, "device": device, "eval_every_steps": args.interval_steps * args.eval_every,
-                  "config": config, "schedule": True}  # fmt: skip
+        common: dict[str, Any] = {
+            "epochs": args.epochs,
+            "device": device,
+            "eval_every_steps": args.interval_steps * args.eval_every,
+            "config": config,
+            "schedule": True,
+        }
 
         grid = []
         if args.static:
@@ -172,7 +177,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         else:
             reached = [g for g in grid if g[2].time_to_target_s is not None]
             best_batch, best_lr, best_result = (
-                min(reached, key=lambda g: g[2].time_to_target_s)
+                min(reached, key=lambda g: g[2].time_to_target_s or 0.0)  # every one reached: never None
                 if reached
                 else max(grid, key=lambda g: g[2].final_metric)
             )

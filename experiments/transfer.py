@@ -259,7 +259,7 @@ def _write(
     import torch
 
     summary = summarize(runs, tasks, controllers)
-    document = {
+    document: dict[str, Any] = {
         "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
         "args": asdict(args),
         "time_mode": "modelled GPU time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",
