@@ -22,7 +22,10 @@ excluded: cuDNN autotuning, and for ``all`` the first, borrowed round and its re
 configurations are interleaved ``repeats`` times so clock drift hits all alike. ``step_ms_*`` is the
 amortized step time, total window time over steps (it includes the rare rounds, which a per-step median
 would hide); ``step_ms_*_median`` is the median of the per-step times. Overheads are relative to
-``step_ms_base``. Target: all signals ≤ 2%, cheap ≤ 0.5%.
+``step_ms_base``. Target: all signals ≤ 2%, cheap ≤ 0.5%. Because a shared host's drift moves whole
+windows, ``overhead_*_frac_paired`` also pair each configuration's window with the base window of the same
+repeat and take the median ratio over repeats (the rounds' measured time taken out of the ``all`` windows
+and its share of training time added back), with the interquartile range beside it.
 
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
 """
@@ -151,18 +154,25 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     window_steps -= window_steps % args.interval_steps
     totals = {name: [0.0, 0] for name in runners}
     per_step: dict[str, list[float]] = {name: [] for name in runners}
+    window_ms: dict[str, list[float]] = {name: [] for name in runners}  # per repeat, the estimator rounds left out
+    all_collector = runners["all"].collector
+    assert all_collector is not None
     rounds_before = runners["all"].rounds()
+    round_ms = 0.0
     for repeat in range(args.repeats):
         order = list(runners.items()) if repeat % 2 == 0 else list(reversed(runners.items()))
         for name, runner in order:
+            estimator_before = all_collector.estimator_ms
             mean_ms, steps_ms = runner.window(window_steps)
+            in_rounds = all_collector.estimator_ms - estimator_before if name == "all" else 0.0
+            round_ms += in_rounds
             totals[name][0] += mean_ms * window_steps
             totals[name][1] += window_steps
             per_step[name].extend(steps_ms)
+            window_ms[name].append(mean_ms * window_steps - in_rounds)
     step_ms = {name: total / steps for name, (total, steps) in totals.items()}
     medians = {name: statistics.median(values) for name, values in per_step.items()}
-    all_collector = runners["all"].collector
-    assert all_collector is not None
+    paired = {name: paired_overhead(window_ms[name], window_ms["base"]) for name in runners}
     rounds = runners["all"].rounds() - rounds_before
     last = all_collector.last_round
     measured_steps = totals["all"][1]
@@ -182,6 +192,14 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "step_ms_engine_sync": step_ms["engine_sync"],
         "overhead_engine_sync_frac": step_ms["engine_sync"] / step_ms["base"] - 1.0,
         "noise_floor_frac": step_ms["base_again"] / step_ms["base"] - 1.0,
+        # Paired estimates: the median over repeats of (window / the same repeat's base window) - 1, with the
+        # interquartile range as its spread; for "all" the rounds' time is taken out of the windows and their
+        # measured share of the training time added back (rare events a median would otherwise drop).
+        "overhead_cheap_frac_paired": paired["cheap"][0],
+        "overhead_all_frac_paired": paired["all"][0] + round_ms / max(totals["all"][0] - round_ms, 1e-9),
+        "rounds_share_of_train_frac": round_ms / max(totals["all"][0] - round_ms, 1e-9),
+        "noise_floor_frac_paired": paired["base_again"][0],
+        "paired_iqr": {name: paired[name][1] for name in ("base_again", "cheap", "all")},
         "measured_steps_per_config": measured_steps,
         "rounds_measured": rounds,
         "steps_per_round": measured_steps / rounds if rounds else None,
@@ -206,6 +224,19 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "meets_all_target": step_ms["all"] / step_ms["base"] - 1.0 <= TARGET_ALL,
         "meets_cheap_target": step_ms["cheap"] / step_ms["base"] - 1.0 <= TARGET_CHEAP,
     }
+
+
+def paired_overhead(windows: list[float], base_windows: list[float]) -> tuple[float, float]:
+    """Median and interquartile range over repeats of ``window / base window - 1`` (windows of one repeat paired).
+
+    Example:
+        >>> median, iqr = paired_overhead([102.0, 101.0, 150.0, 103.0], [100.0, 100.0, 100.0, 100.0])
+        >>> round(median, 6), round(iqr, 6)  # one slow window moves the spread, not the median
+        (0.025, 0.13)
+    """
+    ratios = sorted(w / b - 1.0 for w, b in zip(windows, base_windows, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), quartiles[2] - quartiles[0]
 
 
 class Runner:
@@ -434,6 +465,13 @@ def main(args: Args) -> list[dict[str, Any]]:
         per_round = row["steps_per_round"]
         cadence = f"a round every {per_round:.0f} steps" if per_round else "no round in the measured windows"
         print(f"{row['model']}: {verdict} the targets (all ≤ 2%, cheap ≤ 0.5%); {cadence}")
+        iqr = row["paired_iqr"]
+        print(
+            f"  paired medians over repeats: cheap {100 * row['overhead_cheap_frac_paired']:+.2f}% "
+            f"(IQR {100 * iqr['cheap']:.2f}), all {100 * row['overhead_all_frac_paired']:+.2f}% "
+            f"(IQR {100 * iqr['all']:.2f}; rounds {100 * row['rounds_share_of_train_frac']:.2f}% of it), "
+            f"A/A {100 * row['noise_floor_frac_paired']:+.2f}% (IQR {100 * iqr['base_again']:.2f})"
+        )
     print(f"wrote {args.output}")
     return rows
 

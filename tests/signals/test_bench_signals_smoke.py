@@ -12,6 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_signals.py
 FIELDS = {
     "device", "model", "step_ms_base", "step_ms_cheap", "step_ms_all", "overhead_all_frac", "overhead_cheap_frac",
     "date", "commit", "command", "noise_floor_frac", "step_ms_engine_sync", "expensive_share",
+    "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
+    "rounds_share_of_train_frac",
 }  # fmt: skip
 
 
@@ -29,7 +31,7 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
-    assert "| device | model |" in completed.stdout
+    assert "| device | model |" in completed.stdout and "paired medians over repeats" in completed.stdout
     rows = json.loads(output.read_text())
     assert rows[0] == other  # rows of another device are kept
     measured = rows[1:]
@@ -41,3 +43,15 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         for key in ("step_ms_base", "step_ms_cheap", "step_ms_all", "step_ms_engine_sync"):
             assert row[key] > 0, f"{key} = {row[key]}"
         assert row["last_round"] is not None  # the all configuration ran at least one estimator round
+
+
+def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_signals
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    # Ratios 0.02, 0.01, 0.5, 0.03: the slow third window moves the spread, not the median.
+    median, iqr = bench_signals.paired_overhead([102.0, 101.0, 150.0, 103.0], [100.0] * 4)
+    assert abs(median - 0.025) < 1e-12 and abs(iqr - (0.1475 - 0.0175)) < 1e-12
+    assert bench_signals.paired_overhead([110.0], [100.0]) == (0.10000000000000009, 0.0)
