@@ -58,12 +58,15 @@ def decision_costs(run: TrainingRun, repeats: int = 10) -> None:
     """Milliseconds (host, synchronised) of each part of a decision point's overhead."""
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.loop import DecisionLoop
+    from triaccel_rl.shield import RollbackGuard
 
     loop = DecisionLoop(run, ControllerConfig())
     loop.train_interval()
+    on_device = RollbackGuard(run.model, run.engine.state_holder, offload=False)
     parts = {
         "probe_loss": run.probe_loss,
-        "rollback save": loop.guard.save if loop.guard is not None else (lambda: None),
+        "rollback save (pinned host copy, the default)": loop.guard.save if loop.guard is not None else (lambda: None),
+        "rollback save (device copy)": on_device.save,
         "grad_mean_sq_norm": run.engine.grad_mean_sq_norm,
         "snapshot (all of it)": lambda: loop.snapshot(progress=0.5),
     }
