@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -70,7 +71,8 @@ def test_real_out_of_memory_is_recovered(memory_fraction: None) -> None:
     stats = run.step()
     assert stats.oom_events >= 1 and run.oom_log, (
         f"no OOM: held {held}, limit {held + room // 3} of {total} bytes, step peak {stats.memory_bytes}, "
-        f"reserved {torch.cuda.memory_reserved()}, micro-batches {run.last_micro_batches}"
+        f"reserved {torch.cuda.memory_reserved()}, micro-batches {run.last_micro_batches}; allocator "
+        f"{torch.cuda.get_allocator_backend()}, PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')!r}"
     )
     assert "CUDA out of memory" in run.oom_log[0].message or "out of memory" in run.oom_log[0].message.lower()
     assert stats.batch_size == 4096 and len(run.last_micro_batches) >= 2
