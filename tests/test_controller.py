@@ -121,3 +121,46 @@ def test_expensive_decisions_stretch_the_controllers_interval():
     # The first decision is not measured (one-time costs); from the second on, every 2 x 3 steps.
     assert decided_at == [2, 4, 10, 16, 22, 28]
     ctl.close()
+
+
+def test_a_model_that_only_produces_non_finite_losses_is_rolled_back(caplog):
+    """Each non-finite step is skipped; an interval with no finite step at all restores the last good state."""
+    model, opt = model_and_optimizer()
+    config = ControllerConfig(interval_steps=4, snapshot_every=1)
+    ctl = Controller(model, opt, policy="fp32", config=config)
+    copies, losses = {}, []
+    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):  # 30 steps
+        if ctl.steps == 10:  # a diverged model: every loss from here on is non-finite
+            with torch.no_grad():
+                model[0].weight.fill_(float("inf"))
+        with caplog.at_level("WARNING", logger="triaccel_rl"), ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        losses.append(float(loss.detach()))
+        ctl.step(loss)
+        if ctl.steps % 4 == 0:
+            copies[ctl.steps] = [p.detach().clone() for p in model.parameters()]
+    # Steps 11 to 16 ran on the broken model. The interval of steps 9-12 was mixed (neither copied nor restored);
+    # that of 13-16 had no finite step: restored to the copy of step 8, the last wholly finite interval's end.
+    assert ctl.rollbacks == 1 and "rolled back to the last good state" in caplog.text
+    assert all(not np.isfinite(v) for v in losses[10:16]) and all(np.isfinite(v) for v in losses[16:])
+    assert torch.equal(copies[16][0], copies[8][0])  # right after the restore: step 8's weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ctl.close()
+
+
+def test_without_the_rollback_a_broken_model_stays_broken():
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4, rollback=False))
+    assert ctl.guard is None
+    losses = []
+    for x, y in ctl.loader(data(n=320), batch_size=16, epochs=1):  # 20 steps
+        if ctl.steps == 10:
+            with torch.no_grad():
+                model[0].weight.fill_(float("inf"))
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        losses.append(float(loss.detach()))
+        ctl.step(loss)
+    assert ctl.rollbacks == 0 and not any(np.isfinite(v) for v in losses[10:])
+    assert ctl.skipped_steps == 10  # steps 11-20, each skipped and counted at its interval's decision
+    ctl.close()

@@ -33,6 +33,7 @@ from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
+from triaccel_rl.shield import RollbackGuard
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
@@ -128,6 +129,13 @@ class Controller:
         )
         self.steps = 0
         self.decisions: list[ApplyReport] = []
+        # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
+        # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
+        offload = self.config.rollback_offload
+        self.guard = RollbackGuard(model, self.engine.state_holder, offload) if self.config.rollback else None
+        self._healthy_since_copy = 0
+        self.rollbacks = 0
+        """Times the last healthy state was restored (``config.rollback``)."""
         self.signals: Signals | None = None
         self.costs: CostModel | None = None
         self.memory_model: MemoryModel | None = None
@@ -293,12 +301,32 @@ class Controller:
         train_ms = self._timer.stop()
         moments = self._moments.flush()
         self.skipped_steps += moments.n_observed - moments.n_finite
+        self._shield(moments.n_finite, moments.n_observed)
         self.collector.observe_interval(
             moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak
         )
         self._interval_steps = 0
         self._interval_peak = 0
         return train_ms
+
+    def _shield(self, n_finite: int, n_observed: int) -> None:
+        """The rollback shield at an interval's end.
+
+        An interval whose every step was finite is healthy: the copy is refreshed (every
+        ``config.snapshot_every`` healthy intervals). One with no finite step at all restores the copy. A mixed
+        one does neither: its non-finite steps were skipped, and the model may be turning, so it is not copied.
+        """
+        if self.guard is None or n_observed == 0:
+            return
+        if n_finite == n_observed:
+            if not self.guard.has_snapshot or self._healthy_since_copy + 1 >= self.config.snapshot_every:
+                self.guard.save()
+                self._healthy_since_copy = 0
+            else:
+                self._healthy_since_copy += 1
+        elif n_finite == 0 and self.guard.restore():  # logged by the guard
+            self.engine.refresh_weight_copies()  # the weights changed outside the fused step
+            self.rollbacks += 1
 
     def _decide(self) -> None:
         signals = self.collector.snapshot(
