@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from triaccel_rl.actions import encode
@@ -158,3 +159,24 @@ def test_an_offload_that_fails_keeps_the_copy_on_the_device(monkeypatch, caplog)
     with torch.no_grad():
         model.weight.fill_(float("nan"))
     assert guard.restore() and torch.equal(model.weight, weight)
+
+
+def test_healthy_refreshes_the_copy_every_n_calls():
+    from torch import nn
+
+    from triaccel_rl.shield import RollbackGuard
+
+    model = nn.Linear(2, 1)
+    guard = RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), every=3)
+    taken = []
+    for call in range(7):
+        with torch.no_grad():
+            model.weight.fill_(float(call))
+        guard.healthy()
+        taken.append(guard.copy_is_current)
+    assert taken == [True, False, False, True, False, False, True]  # calls 0, 3 and 6 copy
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert guard.restore() and float(model.weight.detach()[0, 0]) == 6.0
+    with pytest.raises(ValueError, match="every=0 must be >= 1"):
+        RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), every=0)

@@ -131,9 +131,8 @@ class Controller:
         self.decisions: list[ApplyReport] = []
         # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
         # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
-        offload = self.config.rollback_offload
-        self.guard = RollbackGuard(model, self.engine.state_holder, offload) if self.config.rollback else None
-        self._healthy_since_copy = 0
+        guard = RollbackGuard(model, self.engine.state_holder, self.config.rollback_offload, self.config.snapshot_every)
+        self.guard = guard if self.config.rollback else None
         self.rollbacks = 0
         """Times the last healthy state was restored (``config.rollback``)."""
         self.signals: Signals | None = None
@@ -319,11 +318,7 @@ class Controller:
         if self.guard is None or n_observed == 0:
             return
         if n_finite == n_observed:
-            if not self.guard.has_snapshot or self._healthy_since_copy + 1 >= self.config.snapshot_every:
-                self.guard.save()
-                self._healthy_since_copy = 0
-            else:
-                self._healthy_since_copy += 1
+            self.guard.healthy()
         elif n_finite == 0 and self.guard.restore():  # logged by the guard
             self.engine.refresh_weight_copies()  # the weights changed outside the fused step
             self.rollbacks += 1

@@ -53,9 +53,8 @@ class DecisionLoop:
         self.config = config
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
         use_rollback = config.rollback if rollback is None else rollback
-        offload = config.rollback_offload
-        self.guard = RollbackGuard(run.model, run.engine.state_holder, offload) if use_rollback else None
-        self._healthy_since_copy = 0  # healthy decisions since the rollback copy was refreshed
+        guard = RollbackGuard(run.model, run.engine.state_holder, config.rollback_offload, config.snapshot_every)
+        self.guard = guard if use_rollback else None
         self._healthy = False  # the latest probe loss was finite
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
         adaptive = measured_gpu if adaptive_interval is None else adaptive_interval
@@ -127,10 +126,7 @@ class DecisionLoop:
         self._healthy = math.isfinite(probe)
         if self.guard is not None:
             if self._healthy:
-                if not self.guard.has_snapshot or self._healthy_since_copy + 1 >= self.config.snapshot_every:
-                    self._refresh_copy()
-                else:
-                    self._healthy_since_copy += 1
+                self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
             elif self.guard.restore():  # logged by the guard
                 self.run.engine.refresh_weight_copies()  # the weights changed outside the fused step
                 rolled_back = True
@@ -189,11 +185,6 @@ class DecisionLoop:
         report = self.executor.apply(decode(raw_action, self.config), self.run, overflow_rate=overflow)
         self.decisions += 1
         changed = report.changed_precision > 0 or (report.batch_size, report.lr_scale) != before
-        if changed and self.guard is not None and self._healthy and self._healthy_since_copy > 0:
-            self._refresh_copy()
+        if changed and self.guard is not None and self._healthy and not self.guard.copy_is_current:
+            self.guard.save()
         return report
-
-    def _refresh_copy(self) -> None:
-        assert self.guard is not None
-        self.guard.save()
-        self._healthy_since_copy = 0

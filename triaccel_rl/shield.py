@@ -52,14 +52,32 @@ class RollbackGuard:
         True
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, offload: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, offload: bool = False, every: int = 1
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every={every} must be >= 1")
         self.model = model
         self.optimizer = optimizer
         self.offload = offload
+        self.every = every
+        self._since_copy = 0  # healthy() calls since the copy was taken
         self._model_state: _Snapshot | None = None
         self._optimizer_state: _Snapshot | None = None
         self._copied: torch.cuda.Event | None = None  # when an offloaded snapshot's copies are done
         self.rollbacks = 0
+
+    def healthy(self) -> None:
+        """Records that the current state is healthy: the copy is refreshed every ``every`` calls (the first always)."""
+        if self._model_state is None or self._since_copy + 1 >= self.every:
+            self.save()
+        else:
+            self._since_copy += 1
+
+    @property
+    def copy_is_current(self) -> bool:
+        """Whether the copy was taken at the last healthy state (no healthy() call has skipped it since)."""
+        return self._model_state is not None and self._since_copy == 0
 
     def save(self) -> None:
         """Takes a snapshot of the current (healthy) state.
@@ -83,6 +101,7 @@ class RollbackGuard:
         if offload and torch.cuda.is_available() and self._model_state.on_host_from_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
+        self._since_copy = 0
 
     @property
     def has_snapshot(self) -> bool:
