@@ -75,3 +75,36 @@ def test_fp32_row_turns_tf32_off_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_every_row_of_the_benchmark_runs(tmp_path):
+    """Each row the GPU visits run (scripts/device-visit.sh) goes through once on the CPU: no GPU time lost."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    every_row = sorted(gpu_benchmark.rows_for(gpu_benchmark.Args()))
+    out = tmp_path / "all_rows.json"
+    run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
+        "--warmup-epochs", "0.1", "--static", "64,1.0,0.05", "--rows", ",".join(every_row),
+        "--out", str(out), "--plots", "", cwd=tmp_path)  # fmt: skip
+    rows = {row["controller"]: row for row in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == every_row
+    assert all(0.0 < row["final_acc"]["mean"] <= 1.0 for row in rows.values())
+
+
+def test_the_device_visit_stages_name_only_rows_that_exist():
+    import re
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    known = set(gpu_benchmark.rows_for(gpu_benchmark.Args()))
+    script = (SCRIPT.parents[1] / "scripts" / "device-visit.sh").read_text()
+    lists = re.findall(r"--rows ([\w,-]+)", script)
+    assert len(lists) >= 4  # resnet-pilot and the three issue-7 stages
+    for rows in lists:
+        assert set(rows.split(",")) <= known, f"unknown rows in device-visit.sh: {set(rows.split(',')) - known}"
