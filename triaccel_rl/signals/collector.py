@@ -26,7 +26,9 @@ steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the 
   (reused, no extra pass) when the optimizer keeps one, else the rounds' per-sample Fisher diagonal.
 
 Smoothing across rounds: EMA with decay ``round_ema_decay``, bias-corrected per layer; the noise scale's
-numerator and denominator are smoothed separately (a ratio of means, not a mean of ratios).
+numerator and denominator are smoothed separately (a ratio of means, not a mean of ratios). When the rounds
+do not resolve the mean gradient above its noise, the noise scale is the lower bound they do establish
+(their sample count), never the unbounded ratio (``_resolved_noise_scale``).
 
 Bad input: a round whose loss or any estimate is non-finite is skipped (its cost still counts;
 ``extra["rounds_skipped"]``); a layer with no gradient (unused by the loss) is measured as the exact zero
@@ -214,6 +216,7 @@ class SignalCollector:
         self._grad_sq_ema = np.zeros(n)
         self._cov_ema = np.zeros(n)
         self._round_weight = np.zeros(n)
+        self._round_samples = 0  # samples behind the last folded round's gradient moments
         self._unused = np.zeros(n, dtype=bool)
         self._fisher_ema: list[torch.Tensor] | None = None
         self._fisher_source = ""
@@ -388,7 +391,7 @@ class SignalCollector:
             curvature = np.abs(hessian_trace) / self.n_params
             variance = cov / (batch * self.n_params)
             snr = np.maximum(grad_sq, 0.0) / np.maximum(cov / batch, _TINY)
-            noise_scale = min(cov.sum() / max(grad_sq.sum(), _TINY), _NOISE_SCALE_MAX)
+            noise_scale = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
             source = "hutchinson"
         else:
             mean_sq = np.where(np.isfinite(grad_mean_sq_norm), grad_mean_sq_norm, sq)
@@ -545,6 +548,7 @@ class SignalCollector:
         if finite:
             measured = np.array(trainable)
             self._fold_round(trace, grad_sq, cov, measured)
+            self._round_samples = plan.n_microbatches * micro
             self._unused = measured & ~(estimate.used | moments.used)
             if from_rounds:
                 assert moments.fisher_diagonal is not None
@@ -621,6 +625,25 @@ class _Stopwatch:
             return [float(a.elapsed_time(b)) for a, b in itertools.pairwise(events)]
         times = [float(t) for t in self.marks if isinstance(t, float)]
         return [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+
+
+def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> float:
+    """``B_simple = tr(Sigma) / |G|^2`` when the rounds resolved the mean gradient, else the lower bound ``samples``.
+
+    The rounds' unbiased ``|G|^2`` is ``|mean g|^2 - tr(Sigma) / N`` over their ``N`` samples. When it does not
+    exceed ``tr(Sigma) / N`` (the mean gradient is not above its own noise; early on, from two micro-batches,
+    it can even be negative), the ratio is noise and can run to infinity, yet all the round shows is
+    ``B_simple > N``: that lower bound is reported, so an unresolved round never reads as "grow the batch".
+
+    Example:
+        >>> _resolved_noise_scale(trace_cov=640.0, grad_sq=1.0, samples=64)  # |G|^2 = 1 is under 640 / 64 = 10
+        64.0
+        >>> _resolved_noise_scale(trace_cov=640.0, grad_sq=20.0, samples=64)  # 20 is over 10: resolved
+        32.0
+    """
+    if samples > 0 and grad_sq > trace_cov / samples:
+        return min(trace_cov / grad_sq, _NOISE_SCALE_MAX)
+    return float(samples) if samples > 0 else min(trace_cov / max(grad_sq, _TINY), _NOISE_SCALE_MAX)
 
 
 _WARMED_UP: set[tuple[object, ...]] = set()
