@@ -193,6 +193,7 @@ def test_noise_scale_end_to_end_on_linear_regression_within_15_percent() -> None
         collector.maybe_estimate()
     signals = snapshot(collector, batch_size=32)
     assert abs(signals.noise_scale - expected) <= 0.15 * expected, f"{signals.noise_scale:.3f} vs {expected:.3f}"
+    assert signals.extra["noise_scale_resolved"] is True
     # Mini-batch variance at B = 32 and the exact Hessian trace (E[x x^T] = I: tr H = d).
     assert signals.grad_variance[0] == pytest.approx(expected / (32 * d), rel=0.15)
     assert signals.hessian_trace is not None
@@ -469,7 +470,7 @@ def test_the_cheap_noise_scale_is_exact_below_the_batch_and_capped_at_it() -> No
             grad_mean_sq_norm=np.full(2, mean_sq), probe_loss=1.0, batch_size=batch, lr_scale=1.0,
             precisions=[Precision.FP32] * 2,
         )  # fmt: skip
-        assert signals.extra["curvature_source"] == "fisher"
+        assert signals.extra["curvature_source"] == "fisher" and signals.extra["noise_scale_resolved"] is False
         return signals.noise_scale
 
     assert noise(0.8, batch=64) == pytest.approx(64 * 0.2 / 0.8)  # 16: below the batch, reported as is

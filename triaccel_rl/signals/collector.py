@@ -391,7 +391,7 @@ class SignalCollector:
             curvature = np.abs(hessian_trace) / self.n_params
             variance = cov / (batch * self.n_params)
             snr = np.maximum(grad_sq, 0.0) / np.maximum(cov / batch, _TINY)
-            noise_scale = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
+            noise_scale, resolved = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
             source = "hutchinson"
         else:
             mean_sq = np.where(np.isfinite(grad_mean_sq_norm), grad_mean_sq_norm, sq)
@@ -404,6 +404,7 @@ class SignalCollector:
             # runs high, and a high noise scale is what grows the batch. Trusted one way only: up to the batch
             # size it may say the batch is above the noise scale, never that it is below (a round must).
             noise_scale = min(batch * variance_sum.sum() / max(mean_sq.sum(), _TINY), float(batch))
+            resolved = False  # one-sided: never more than the batch
             source = "fisher"
         curvature = _finite_array(curvature)
         peak = curvature * self._sparsity.top10_ratio if self._sparsity is not None else curvature
@@ -454,6 +455,7 @@ class SignalCollector:
                 "interval_steps": self._interval_steps,
                 "probe_loss_finite": probe_ok,
                 "curvature_source": source,
+                "noise_scale_resolved": resolved,  # False: noise_scale is a bound (rounds' N, or the batch)
                 "fisher_source": self._fisher_source,
                 "rounds": self.scheduler.rounds,
                 "rounds_skipped": self.rounds_skipped,
@@ -627,8 +629,10 @@ class _Stopwatch:
         return [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
 
 
-def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> float:
-    """``B_simple = tr(Sigma) / |G|^2`` when the rounds resolved the mean gradient, else the lower bound ``samples``.
+def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tuple[float, bool]:
+    """``(B_simple, True)`` when the rounds resolved the mean gradient, else ``(samples, False)``, a lower bound.
+
+    ``B_simple = tr(Sigma) / |G|^2``.
 
     The rounds' unbiased ``|G|^2`` is ``|mean g|^2 - tr(Sigma) / N`` over their ``N`` samples. When it does not
     exceed ``tr(Sigma) / N`` (the mean gradient is not above its own noise; early on, from two micro-batches,
@@ -637,13 +641,15 @@ def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> flo
 
     Example:
         >>> _resolved_noise_scale(trace_cov=640.0, grad_sq=1.0, samples=64)  # |G|^2 = 1 is under 640 / 64 = 10
-        64.0
+        (64.0, False)
         >>> _resolved_noise_scale(trace_cov=640.0, grad_sq=20.0, samples=64)  # 20 is over 10: resolved
-        32.0
+        (32.0, True)
     """
     if samples > 0 and grad_sq > trace_cov / samples:
-        return min(trace_cov / grad_sq, _NOISE_SCALE_MAX)
-    return float(samples) if samples > 0 else min(trace_cov / max(grad_sq, _TINY), _NOISE_SCALE_MAX)
+        return min(trace_cov / grad_sq, _NOISE_SCALE_MAX), True
+    if samples > 0:
+        return float(samples), False
+    return min(trace_cov / max(grad_sq, _TINY), _NOISE_SCALE_MAX), False
 
 
 _WARMED_UP: set[tuple[object, ...]] = set()
