@@ -239,7 +239,7 @@ def run_controller(
             evaluate = next_eval is None and decision % eval_every == 0
         if next_eval is not None and eval_every_steps is not None and run.steps >= next_eval:
             evaluate = True
-            next_eval += eval_every_steps * math.ceil((run.steps - next_eval + 1) / eval_every_steps)
+            next_eval = (run.steps // eval_every_steps + 1) * eval_every_steps  # the next multiple past this step
         finished = done or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
         if finished and not decide:  # stopped by the time cap between decision points: close the interval
             signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))

@@ -632,6 +632,8 @@ class _Stopwatch:
 def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tuple[float, bool]:
     """``(B_simple, True)`` when the rounds resolved the mean gradient, else ``(samples, False)``, a lower bound.
 
+    ``samples`` >= 1: every folded round sets it (``_round_samples``) before a snapshot reads the rounds.
+
     ``B_simple = tr(Sigma) / |G|^2``.
 
     The rounds' unbiased ``|G|^2`` is ``|mean g|^2 - tr(Sigma) / N`` over their ``N`` samples. When it does not
@@ -645,11 +647,9 @@ def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tup
         >>> _resolved_noise_scale(trace_cov=640.0, grad_sq=20.0, samples=64)  # 20 is over 10: resolved
         (32.0, True)
     """
-    if samples > 0 and grad_sq > trace_cov / samples:
+    if grad_sq > trace_cov / samples:
         return min(trace_cov / grad_sq, _NOISE_SCALE_MAX), True
-    if samples > 0:
-        return float(samples), False
-    return min(trace_cov / max(grad_sq, _TINY), _NOISE_SCALE_MAX), False
+    return float(samples), False
 
 
 _WARMED_UP: set[tuple[object, ...]] = set()
