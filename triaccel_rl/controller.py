@@ -131,7 +131,13 @@ class Controller:
         self.decisions: list[ApplyReport] = []
         # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
         # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
-        guard = RollbackGuard(model, self.engine.state_holder, self.config.rollback_offload, self.config.snapshot_every)
+        guard = RollbackGuard(
+            model,
+            self.engine.state_holder,
+            self.config.rollback_offload,
+            self.config.snapshot_every,
+            after_restore=self.engine.refresh_weight_copies,  # the weights changed outside the fused step
+        )
         self.guard = guard if self.config.rollback else None
         self.rollbacks = 0
         """Times the last healthy state was restored (``config.rollback``)."""
@@ -320,7 +326,6 @@ class Controller:
         if n_finite == n_observed:
             self.guard.healthy()
         elif n_finite == 0 and self.guard.restore():  # logged by the guard
-            self.engine.refresh_weight_copies()  # the weights changed outside the fused step
             self.rollbacks += 1
 
     def _decide(self) -> None:

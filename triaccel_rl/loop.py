@@ -53,7 +53,13 @@ class DecisionLoop:
         self.config = config
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
         use_rollback = config.rollback if rollback is None else rollback
-        guard = RollbackGuard(run.model, run.engine.state_holder, config.rollback_offload, config.snapshot_every)
+        guard = RollbackGuard(
+            run.model,
+            run.engine.state_holder,
+            config.rollback_offload,
+            config.snapshot_every,
+            after_restore=run.engine.refresh_weight_copies,  # the weights changed outside the fused step
+        )
         self.guard = guard if use_rollback else None
         self._healthy = False  # the latest probe loss was finite
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
@@ -128,7 +134,6 @@ class DecisionLoop:
             if self._healthy:
                 self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
             elif self.guard.restore():  # logged by the guard
-                self.run.engine.refresh_weight_copies()  # the weights changed outside the fused step
                 rolled_back = True
                 probe = self.run.probe_loss()
                 self._healthy = math.isfinite(probe)

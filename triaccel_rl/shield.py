@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,12 @@ class RollbackGuard:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, offload: bool = False, every: int = 1
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        offload: bool = False,
+        every: int = 1,
+        after_restore: Callable[[], None] | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every} must be >= 1")
@@ -61,6 +67,8 @@ class RollbackGuard:
         self.optimizer = optimizer
         self.offload = offload
         self.every = every
+        self.after_restore = after_restore
+        """Called after each restore: e.g. ``StepEngine.refresh_weight_copies``, whose copies the restore made stale."""
         self._since_copy = 0  # healthy() calls since the copy was taken
         self._model_state: _Snapshot | None = None
         self._optimizer_state: _Snapshot | None = None
@@ -117,6 +125,8 @@ class RollbackGuard:
         self.model.load_state_dict(self._model_state.tree())
         # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
+        if self.after_restore is not None:
+            self.after_restore()
         self.rollbacks += 1
         _log.warning("non-finite loss: rolled back to the last good state (rollback %d)", self.rollbacks)
         return True
