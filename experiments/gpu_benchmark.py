@@ -250,7 +250,8 @@ def main(args: Args) -> list[dict[str, Any]]:
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
-                    f"overhead {100 * result.overhead_frac:.2f}%",
+                    f"overhead {100 * result.overhead_frac:.2f}%"
+                    + "".join(f", {part} {100 * frac:.2f}%" for part, frac in result.overhead_parts.items()),
                     flush=True,
                 )
         rows_run = args.rows.split(",")
@@ -274,6 +275,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                     },
                     "peak_bytes": summary["peak_bytes_mean"],
                     "overhead_frac": summary["overhead_frac_mean"],
+                    "overhead_parts_frac": summary["overhead_parts_mean"],
                     "mean_step_ms": summary["mean_step_ms"],
                     "skipped_steps": summary["skipped_steps_mean"],
                     "oom_events": summary["oom_events_total"],

@@ -22,6 +22,12 @@ for stage in "$@"; do
            --rows plain-bf16,static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
     profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
     freed) python3 scripts/check_run_freed.py 2>&1 | tail -12 ;;
+    copies) python3 scripts/check_weight_copies.py 2>&1 | tail -12 ;;
+    # Re-checks of the controller's overhead (its parts are printed per run) on both models, 2 seeds each.
+    overhead-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 2 --static 256,1.0,9.4 \
+           --rows static-bf16,heuristic --out "$OUT/overhead_resnet.json" 2>&1 | tail -12 ;;
+    overhead-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
+           --rows static-bf16,heuristic --out "$OUT/overhead_effnet.json" 2>&1 | tail -12 ;;
     # Issue 7 in three visits of under 10 minutes (ResNet-18 at its tuned static setting, batch 256, LR x1).
     i7-resnet-a) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
            --rows plain-bf16,static-bf16,heuristic,heuristic-cheap,fp32 --out "$OUT/i7_resnet_a.json" \

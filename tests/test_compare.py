@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from triaccel_rl.compare import RunResult, bootstrap_ci, compare, format_table, summarize, write_json
+from triaccel_rl.compare import RunResult, bootstrap_ci, compare, format_table, run_controller, summarize, write_json
 from triaccel_rl.config import ControllerConfig
 
 
@@ -152,3 +152,15 @@ def test_evaluation_at_fixed_steps_is_independent_of_the_decision_interval(contr
     assert result.final_metric == by_decisions.final_metric and result.time_s == pytest.approx(by_decisions.time_s)
     with pytest.raises(ValueError, match="eval_every_steps=0 must be >= 1"):
         run_controller("synthetic", controller, 0, config=config, device="cpu", eval_every_steps=0)
+
+
+def test_the_overhead_is_broken_down_by_part():
+    config = ControllerConfig(interval_steps=5)
+    result = run_controller("synthetic", "heuristic", 0, epochs=1, config=config, device="cpu")
+    parts = result.overhead_parts
+    assert list(parts) == ["probe", "rollback", "rounds", "signals", "decision", "other"]
+    assert all(value >= 0.0 for value in parts.values())
+    assert parts["probe"] > 0 and parts["rounds"] > 0 and parts["decision"] > 0  # every part ran
+    assert sum(parts.values()) == pytest.approx(result.overhead_frac, rel=1e-9)  # "other" closes the sum
+    static = run_controller("synthetic", "bf16", 0, epochs=1, config=config, device="cpu")
+    assert static.overhead_parts["rounds"] == 0.0 and static.overhead_parts["decision"] == 0.0  # no rounds, no policy

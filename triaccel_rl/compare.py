@@ -54,6 +54,8 @@ class RunResult:
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.
         fallbacks: decisions a learned policy handed to the heuristic (out-of-distribution observations).
+        overhead_parts: ``overhead_frac`` by part (``triaccel_rl.loop.OVERHEAD_PARTS``, plus ``other``: the
+            per-interval bookkeeping of the cheap signals).
     """
 
     controller: str
@@ -75,6 +77,7 @@ class RunResult:
     oom_events: int = 0
     mean_step_ms: float = 0.0
     fallbacks: int = 0
+    overhead_parts: dict[str, float] = field(default_factory=dict)
 
 
 def run_controller(
@@ -198,6 +201,7 @@ def run_controller(
             report = loop.apply(np.asarray(raw))
             pending_decision_ms = (time.perf_counter() - decide_start) * 1e3
             loop.collector.add_overhead(pending_decision_ms)
+            loop.overhead_parts_ms["decision"] += pending_decision_ms
             changes["precision"] += int(report.changed_precision > 0)
             changes["batch"] += int(report.batch_size != before[0])
             changes["lr"] += int(report.lr_scale != before[1])
@@ -282,7 +286,16 @@ def run_controller(
         oom_events=int(getattr(run, "oom_events", 0)),
         mean_step_ms=time_ms / max(run.steps, 1),
         fallbacks=int(getattr(policy, "fallbacks", 0)),
+        overhead_parts=_overhead_parts(loop),
     )
+
+
+def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
+    """The loop's overhead by part, as fractions of training time; ``other`` is what no part timed."""
+    train_ms = max(loop.collector.train_ms, 1e-9)
+    parts = {name: ms / train_ms for name, ms in loop.overhead_parts_ms.items()}
+    parts["other"] = max(loop.collector.overhead_ms / train_ms - sum(parts.values()), 0.0)
+    return parts
 
 
 def compare(
@@ -387,6 +400,10 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "batch_changes_mean": statistics.fmean(r.batch_changes for r in runs),
                 "lr_changes_mean": statistics.fmean(r.lr_changes for r in runs),
                 "overhead_frac_mean": statistics.fmean(r.overhead_frac for r in runs),
+                "overhead_parts_mean": {
+                    part: statistics.fmean(r.overhead_parts.get(part, 0.0) for r in runs)
+                    for part in runs[0].overhead_parts
+                },
                 "wall_s_mean": statistics.fmean(r.wall_s for r in runs),
                 "final_metric_ci95": bootstrap_ci([r.final_metric for r in runs]),
                 "time_s_ci95": bootstrap_ci([r.time_s for r in runs]),

@@ -22,7 +22,12 @@ from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import IntervalStats, TrainingRun
 from triaccel_rl.types import Signals
 
-__all__ = ["DecisionLoop"]
+__all__ = ["OVERHEAD_PARTS", "DecisionLoop"]
+
+OVERHEAD_PARTS = ("probe", "rollback", "rounds", "signals", "decision")
+"""The parts of a decision's cost that :attr:`DecisionLoop.overhead_parts_ms` times: the probe loss, the
+rollback copy (or restore) with the optimizer's moments, the estimator rounds (warm-up included), the
+snapshot of the signals, and the policy with the executor (timed by whoever calls the policy)."""
 
 
 class DecisionLoop:
@@ -76,6 +81,8 @@ class DecisionLoop:
         self.layout = ObservationLayout(config.n_groups)
         self.signals: Signals | None = None
         self.decisions = 0
+        self.overhead_parts_ms = dict.fromkeys(OVERHEAD_PARTS, 0.0)
+        """Wall ms of the controller's work by part (:data:`OVERHEAD_PARTS`); ``decision`` is the caller's to add."""
 
     def train_interval(self, max_steps: int | None = None) -> IntervalStats:
         """Trains up to the next decision point, or ``max_steps`` steps if fewer, and feeds the collector.
@@ -126,10 +133,13 @@ class DecisionLoop:
         current memory budget, which it lowers after an out-of-memory error.
         """
         self._decided = True
+        parts = self.overhead_parts_ms
         start = time.perf_counter()
         probe = self.run.probe_loss()
         rolled_back = False
         self._healthy = math.isfinite(probe)
+        mark = time.perf_counter()
+        parts["probe"] += (mark - start) * 1e3
         if self.guard is not None:
             if self._healthy:
                 self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
@@ -138,13 +148,18 @@ class DecisionLoop:
                 probe = self.run.probe_loss()
                 self._healthy = math.isfinite(probe)
         moments = self.run.engine.grad_mean_sq_norm()
-        self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        now = time.perf_counter()
+        parts["rollback"] += (now - mark) * 1e3  # the copy or the restore, and the optimizer's moments
+        self.collector.add_overhead((now - start) * 1e3)
         if self.collector.config.mode is SignalMode.ALL:
             if self.collector.source is None:
                 self.collector.attach(source_for_run(self.run), seed=self.run.seed)
+            rounds = self.collector.estimator_ms
             self.collector.maybe_estimate()
+            parts["rounds"] += self.collector.estimator_ms - rounds
         # The run lowers its budget after an out-of-memory error; the snapshot must report the current one.
         self.collector.memory_budget_bytes = self.run.memory_budget_bytes
+        mark = time.perf_counter()
         self.signals = self.collector.snapshot(
             grad_mean_sq_norm=moments,
             probe_loss=probe,
@@ -153,6 +168,7 @@ class DecisionLoop:
             precisions=self.run.precisions,
             progress=progress,
         )
+        parts["signals"] += (time.perf_counter() - mark) * 1e3
         self.signals.extra["rolled_back"] = rolled_back
         self.signals.extra["rollbacks"] = self.guard.rollbacks if self.guard is not None else 0
         if self.collector.config.lr_factors and self.signals.lr_factors is not None:
