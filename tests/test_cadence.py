@@ -10,7 +10,7 @@ from triaccel_rl.training import TrainingRun
 
 def test_interval_is_the_decision_cost_over_the_share_of_a_step():
     cadence = Cadence(min_steps=10, max_factor=100, share=0.02)
-    cadence.record(decision_ms=500.0, train_ms=40.0, steps=10)  # the first decision pays one-time costs
+    cadence.record(decision_ms=0.0, train_ms=10_000.0, steps=2500)  # a long run so far: nothing to repay
     assert cadence.steps == 10 and cadence.decision_ms != cadence.decision_ms  # NaN: nothing measured yet
     cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)  # 4 ms a step: 6 / (0.02 * 4) = 75 steps
     assert cadence.decision_ms == 6.0 and cadence.steps == 75
@@ -18,9 +18,20 @@ def test_interval_is_the_decision_cost_over_the_share_of_a_step():
     assert cadence.decision_ms == 6.5 and cadence.steps == 109
 
 
+def test_one_time_costs_are_repaid_before_the_interval_returns_to_its_steady_length():
+    cadence = Cadence(min_steps=10, max_factor=10_000, share=0.02)
+    cadence.record(decision_ms=500.0, train_ms=40.0, steps=10)  # the first decision captures graphs
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)  # 512 ms of decisions against 80 ms trained
+    assert cadence.spent_ms == 506.0 and cadence.trained_ms == 80.0
+    assert cadence.steps == 6380  # ((506 + 6) / 0.02 - 80) / 4 ms a step
+    cadence.record(decision_ms=6.0, train_ms=25_520.0, steps=6380)  # repaid: 518 ms is 2% of 25,900 ms
+    assert cadence.steps == 75  # back to 6 / (0.02 * 4)
+
+
 def test_the_median_ignores_one_slow_decision():
     cadence = Cadence(min_steps=1, max_factor=1000, share=0.01)
-    for cost in (0.0, 2.0, 2.0, 90.0, 2.0):  # the first is excluded
+    cadence.record(decision_ms=0.0, train_ms=100_000.0, steps=100_000)  # 1 ms a step, long enough to repay
+    for cost in (2.0, 2.0, 90.0, 2.0):
         cadence.record(decision_ms=cost, train_ms=10.0, steps=10)
     assert cadence.decision_ms == 2.0 and cadence.steps == 200
 

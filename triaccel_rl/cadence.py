@@ -4,14 +4,20 @@ A decision costs about the same whatever the interval (a probe forward, a rollba
 interval's statistics, the policy, the executor), so its share of training time falls as the interval
 grows. With a GPU step of a few milliseconds (captured CUDA graphs) a fixed 20-step interval would spend
 more time deciding than the whole overhead budget allows. ``Cadence`` measures what decisions cost and
-stretches the interval until they fit:
+stretches the interval until they fit, both at the steady state and over the whole run so far:
 
-    steps = clip(ceil(decision_ms / (share * step_ms)), min_steps, min_steps * max_factor)
+    steady = decision_ms / (share * step_ms)
+    repay  = ((spent_ms + decision_ms) / share - trained_ms) / step_ms
+    steps  = clip(ceil(max(steady, repay)), min_steps, min_steps * max_factor)
 
-where ``decision_ms`` is the median cost of the last ``window`` decisions (the first one excluded: it pays
-one-time costs such as capturing the probe's graph), ``step_ms`` the latest interval's training time per
-step and ``share`` the decisions' part of the overhead budget: ``(1 - expensive_share) * budget_frac``
-of ``SignalConfig`` (the scheduled estimator rounds keep the rest, under their own scheduler). With
+where ``decision_ms`` is the median cost of the last ``window`` decisions (the first one excluded from the
+median: it pays one-time costs such as capturing the probe's graph), ``spent_ms`` what all decisions so far
+cost (the first one included), ``trained_ms`` the training time so far, ``step_ms`` the latest interval's
+training time per step and ``share`` the decisions' part of the overhead budget:
+``(1 - expensive_share) * budget_frac`` of ``SignalConfig`` (the scheduled estimator rounds keep the rest,
+under their own scheduler). ``steady`` keeps a typical decision within its share of its own interval;
+``repay`` makes the next decision wait until the whole run's decisions, one-time costs included, fit their
+share of the whole run's training (in a 10-second run, a 100-ms first decision is 1% by itself). With
 ``adaptive=False`` (modelled cost, the learning environment) the interval is ``min_steps``, always.
 """
 
@@ -36,12 +42,18 @@ class Cadence:
 
     Example:
         >>> cadence = Cadence(min_steps=20, max_factor=16, share=0.01)
-        >>> cadence.record(decision_ms=30.0, train_ms=100.0, steps=20)  # the first decision: not used
+        >>> cadence.record(decision_ms=1.0, train_ms=100.0, steps=20)  # the first decision: not in the median
+        >>> cadence.steps
+        20
+        >>> cadence.record(decision_ms=9.0, train_ms=1800.0, steps=20)  # 90 ms a step: 9 ms is 0.5% of 20 steps
         >>> cadence.steps
         20
         >>> cadence.record(decision_ms=9.0, train_ms=100.0, steps=20)  # 5 ms a step: 9 ms is 1% of 180 steps
         >>> cadence.steps
         180
+        >>> cadence.record(decision_ms=500.0, train_ms=900.0, steps=180)  # the median stays 9 ms, but the
+        >>> cadence.steps  # run's decisions now cost 519 ms of 2900: the longest interval, to repay them
+        320
     """
 
     def __init__(self, min_steps: int, max_factor: int, share: float, adaptive: bool = True, window: int = 8) -> None:
@@ -60,14 +72,21 @@ class Cadence:
         self._costs: deque[float] = deque(maxlen=window)
         self._step_ms = math.nan
         self._seen = 0
+        self.spent_ms = 0.0
+        """What every recorded decision cost, the first one included."""
+        self.trained_ms = 0.0
+        """The training time recorded with them."""
 
     def record(self, decision_ms: float, train_ms: float, steps: int) -> None:
         """Records one decision's cost and the training interval before it (``steps`` steps in ``train_ms``)."""
         self._seen += 1
         if steps > 0 and math.isfinite(train_ms) and train_ms > 0:
             self._step_ms = train_ms / steps
-        if self._seen > 1 and math.isfinite(decision_ms) and decision_ms >= 0:
-            self._costs.append(decision_ms)
+            self.trained_ms += train_ms
+        if math.isfinite(decision_ms) and decision_ms >= 0:
+            self.spent_ms += decision_ms
+            if self._seen > 1:
+                self._costs.append(decision_ms)
 
     @property
     def decision_ms(self) -> float:
@@ -79,5 +98,7 @@ class Cadence:
         """Training steps until the next decision."""
         if not self.adaptive or not self._costs or not math.isfinite(self._step_ms):
             return self.min_steps
-        needed = math.ceil(self.decision_ms / (self.share * self._step_ms))
+        steady = self.decision_ms / (self.share * self._step_ms)
+        repay = ((self.spent_ms + self.decision_ms) / self.share - self.trained_ms) / self._step_ms
+        needed = math.ceil(max(steady, repay) - 1e-9)  # an exact fit is not one step short
         return max(self.min_steps, min(self.max_steps, needed))

@@ -415,7 +415,7 @@ class ControllerConfig:
     """
 
     interval_steps: int = 20
-    max_interval_factor: int = 16
+    max_interval_factor: int = 8
     n_groups: int = 4
     lr_scales: tuple[float, ...] = _LR_SCALES_DEFAULT
     min_batch_size: int = 16
