@@ -185,6 +185,24 @@ def test_lowering_a_layer_mid_run_or_changing_weights_refreshes_its_copy():
     assert torch.equal(engine.store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
 
 
+def test_weights_written_outside_the_fused_step_are_noticed_and_their_copies_refreshed():
+    model, engine = make("sgd", True)
+    engine.set_precisions([Precision.BF16, Precision.BF16])
+    assert not engine.sync_weight_copies()  # just derived
+    for x, y in batches(2):  # the fused step writes weights and copies together: nothing to refresh
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+        assert not engine.sync_weight_copies()
+    state = {name: torch.full_like(value, 0.25) for name, value in model.state_dict().items()}
+    model.load_state_dict(state)  # a user loads a checkpoint mid-run
+    copy = engine.store.low_precision_params(0, torch.bfloat16)[0]
+    assert not torch.equal(copy, model[0].weight.detach().bfloat16())  # stale until synced
+    assert engine.sync_weight_copies()
+    assert torch.equal(copy, torch.full_like(copy, 0.25))
+    assert not engine.sync_weight_copies()  # once
+
+
 def test_a_forward_that_raises_leaves_the_parameters_in_place():
     model, engine = make("sgd", True)
     engine.set_precisions([Precision.BF16, Precision.BF16])
@@ -221,6 +239,7 @@ def test_a_run_reading_weight_copies_equals_one_that_casts(monkeypatch):
             if interval == 3:  # a diverged update: the rollback restores an older copy of the weights
                 with torch.no_grad():
                     next(run.model.parameters()).fill_(float("nan"))
+                # Written outside the fused step: the probe (which reads the copies on a GPU) must see it.
             rollbacks += loop.snapshot(progress=interval / 6).extra["rolled_back"]
         assert rollbacks == 1
         finals[copies] = [p.detach().clone() for p in run.model.parameters()]

@@ -209,6 +209,7 @@ class Controller:
         """Context for the forward pass and the loss: each layer runs in its decided precision."""
         if not self.model.training:  # train() walks every module: skip it when nothing changed
             self.model.train()
+        self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
         return self.engine.precision.context()
 
     def step(self, loss: torch.Tensor) -> None:

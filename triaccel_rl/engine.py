@@ -153,11 +153,32 @@ class StepEngine:
     def refresh_weight_copies(self) -> None:
         """Re-derives the 16-bit weight copies from the fp32 weights (fused path; two launches).
 
-        The fused step keeps the copies of bf16 and fp16 layers current; call this after changing weights
-        any other way (a rollback, loading a checkpoint). A no-op on the reference path.
+        The fused step keeps the copies of bf16 and fp16 layers current; after the weights change any other
+        way (a rollback, loading a checkpoint) this must run before the next forward, which
+        :meth:`sync_weight_copies` does by itself. A no-op on the reference path.
         """
         if self.fused:
             self.store.refresh_low_precision()
+            self._copies_version = self._weights_version()
+
+    def sync_weight_copies(self) -> bool:
+        """Refreshes the 16-bit copies if a weight was written in place since they were last derived.
+
+        The fused step writes weights through raw pointers, which leaves PyTorch's version counters alone;
+        any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter.
+        So a changed sum of the counters means the copies are stale. Costs one attribute read a parameter;
+        ``TrainingRun`` calls it before every step and probe, ``Controller`` before every forward.
+
+        Returns:
+            Whether the copies were refreshed (always False on the reference path).
+        """
+        if not self.fused or self._weights_version() == self._copies_version:
+            return False
+        self.refresh_weight_copies()
+        return True
+
+    def _weights_version(self) -> int:
+        return sum(p._version for params in self.layer_params for p in params)
 
     def apply_lr(self) -> float:
         """Writes the configured LRs into the optimizer's param groups; returns the global multiplier."""
@@ -351,6 +372,7 @@ class StepEngine:
         self.store = FlatParameterStore(self.layer_params, lazy_fp16_copy=True)
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
         self.store.refresh_low_precision()
+        self._copies_version = self._weights_version()
         owners = {
             id(param): (module, name)
             for module in self.model.modules()

@@ -431,6 +431,7 @@ class TrainingRun:
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
+        self.engine.sync_weight_copies()  # weights written outside the fused step (a user, a restore)
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
             self.model.train()
         # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
@@ -521,6 +522,7 @@ class TrainingRun:
         graphs (the probe is part of the controller's overhead, taken at every decision); on a CPU, where
         16-bit autocast is slow, in fp32.
         """
+        self.engine.sync_weight_copies()
         if self.graphs is not None:
             key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
             try:
