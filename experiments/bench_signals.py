@@ -321,7 +321,9 @@ class Runner:
             train_ms = self.clock.elapsed(*self._previous_marks)
             self.collector.observe_interval(interval, n_steps=self.interval_steps, train_ms=train_ms)
         self._previous_marks = (self._interval_start, end)
-        self.collector.maybe_estimate()  # one sync per round (rare), none otherwise
+        # One sync per round (rare), none otherwise. The benchmark has no training budget to project the run
+        # from: progress unknown, so the first round is borrowed whatever it costs (it measures steady state).
+        self.collector.maybe_estimate(progress=None)
         n = len(self.collector.layers)
         self.collector.snapshot(
             grad_mean_sq_norm=np.full(n, np.nan),

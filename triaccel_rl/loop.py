@@ -155,7 +155,7 @@ class DecisionLoop:
             if self.collector.source is None:
                 self.collector.attach(source_for_run(self.run), seed=self.run.seed)
             rounds = self.collector.estimator_ms
-            self.collector.maybe_estimate()
+            self.collector.maybe_estimate(progress=progress)
             parts["rounds"] += self.collector.estimator_ms - rounds
         # The run lowers its budget after an out-of-memory error; the snapshot must report the current one.
         self.collector.memory_budget_bytes = self.run.memory_budget_bytes

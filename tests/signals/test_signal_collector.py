@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -13,9 +14,12 @@ from torch import nn
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.signals import (
+    BudgetRefusal,
     DeviceMoments,
     EstimatorSource,
     IntervalMoments,
+    RoundCost,
+    RoundPlan,
     Schedule,
     SignalCollector,
     SignalConfig,
@@ -475,3 +479,107 @@ def test_the_cheap_noise_scale_is_exact_below_the_batch_and_capped_at_it() -> No
 
     assert noise(0.8, batch=64) == pytest.approx(64 * 0.2 / 0.8)  # 16: below the batch, reported as is
     assert noise(0.01, batch=64) == 64.0  # 6336 uncapped: a lagging running mean must not grow the batch
+
+
+# ---------------------------------------------- rounds too costly for the run, costs kept in the process
+
+
+def modelled_collector(config: SignalConfig) -> SignalCollector:
+    """A collector whose rounds are charged from a modelled pass of 1 ms a sample (profile cost mode).
+
+    256 samples: a (2, 1) round costs 2 micro-batches of 32 (64 ms) + (1.5 + 7) passes over 128 (1088 ms).
+    """
+    torch.manual_seed(0)
+    model = WithUnused()
+    collector, source = mlp_collector(model, model.layers()[:2], config)
+    collector.attach(replace(source, modelled_pass_ms=float), seed=0)
+    return collector
+
+
+ROUND_2_1_MS = 2 * 32.0 + (1.5 + 7.0) * 128.0
+
+
+def test_warmup_round_predicts_the_first_round_that_then_fits_the_run() -> None:
+    collector = modelled_collector(SignalConfig())
+    for _ in range(20):
+        collector.observe(fake_stats(2))  # 10 ms each: 200 ms charged
+    # At progress 0.001 the run is projected at 200 s: 1% of it, 2000 ms, covers the 1152 ms round.
+    report = collector.maybe_estimate(progress=0.001)
+    assert collector.warmup_ms > 0
+    assert report is not None and report.plan.predicted_ms == ROUND_2_1_MS  # predicted from the warm-up
+    assert report.cost.total_ms == ROUND_2_1_MS and collector.scheduler.rounds == 1
+    assert collector.rounds_refused_for_budget == 0
+
+
+def test_round_too_costly_for_the_run_is_refused_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    collector = modelled_collector(SignalConfig())
+    grouper = LayerGrouper(collector.controllable, 2)
+    with caplog.at_level(logging.INFO, logger="triaccel_rl"):
+        for progress in (0.25, 0.5):
+            for _ in range(20):
+                collector.observe(fake_stats(2))
+            # 200 ms charged at 0.25, 400 ms at 0.5: the run is projected at 800 ms, 1% of it is 8 ms.
+            assert collector.maybe_estimate(progress=progress) is None
+    assert collector.scheduler.rounds == 0 and collector.scheduler.charged_round_ms == 0.0
+    assert collector.rounds_refused_for_budget == 2
+    assert collector.scheduler.last_refusal == BudgetRefusal(ROUND_2_1_MS, 8.0, 0.5)
+    messages = [r.getMessage() for r in caplog.records if r.name == "triaccel_rl"]
+    assert len(messages) == 1 and "too costly for this run's budget" in messages[0]
+    assert "1152.0 ms" in messages[0] and "8.0 ms" in messages[0]
+    # The signals the rounds would give stay unknown, as before any round: the cheap tier's, all finite.
+    signals = snapshot(collector)
+    assert signals.extra["rounds_refused_for_budget"] == 2 and signals.extra["rounds"] == 0
+    assert signals.extra["curvature_source"] == "fisher" and signals.hessian_trace is None
+    assert_all_finite(signals)
+    grouper.update(signals)
+    assert np.all(np.isfinite(build_observation(signals, grouper, 64, ObservationLayout(2))))
+
+
+def test_round_costs_are_kept_only_where_measured_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triaccel_rl.signals import collector as collector_module
+
+    monkeypatch.setattr(collector_module, "_ROUND_COSTS", {})
+    collector = modelled_collector(SignalConfig())
+    measured, _ = mlp_collector(WithUnused(), WithUnused().layers()[:2], SignalConfig())
+    assert collector.source is not None and measured.source is not None
+    assert not collector_module._caches_round_costs(collector.source)  # CPU, profile mode
+    assert not collector_module._caches_round_costs(measured.source)  # CPU, measured: still deterministic
+    for each in (collector, measured):
+        each.observe(fake_stats(2))
+        assert each.maybe_estimate() is not None
+    assert collector_module._ROUND_COSTS == {}
+
+
+def test_next_run_of_the_same_model_starts_with_the_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triaccel_rl.signals import collector as collector_module
+    from triaccel_rl.signals.collector import _warmup_key
+
+    # The GPU path on a CPU: the device check says "cached here"; fresh process-wide state.
+    monkeypatch.setattr(collector_module, "_caches_round_costs", lambda source: True)
+    monkeypatch.setattr(collector_module, "_ROUND_COSTS", {})
+    torch.manual_seed(0)
+    model = WithUnused()
+    first, source = mlp_collector(model, model.layers()[:2], SignalConfig())
+    first.observe(fake_stats(2))
+    report = first.maybe_estimate()  # progress unknown: borrowed, as before
+    assert report is not None
+    key = _warmup_key(report.plan, source, first.config)
+    assert collector_module._ROUND_COSTS == {key: (report.plan, report.cost)}  # the charged round's, not the warm-up's
+    # The next run (a new collector, same model and shapes) knows that cost before it runs anything.
+    second, _ = mlp_collector(model, model.layers()[:2], SignalConfig())
+    for _ in range(10):
+        second.observe(fake_stats(2))  # 100 ms charged: at progress 1 the budget allows 1 ms
+    tiny_cost = RoundCost(noise_ms=0.25, hutchinson_ms=0.5, other_ms=0.25)
+    if report.cost.total_ms > 1.0:  # the usual case on a CPU: refused from the cached cost alone
+        assert second.maybe_estimate(progress=1.0) is None
+        refusal = second.scheduler.last_refusal
+        assert refusal == BudgetRefusal(report.cost.total_ms, 1.0, 1.0)
+        assert second.scheduler.rounds == 0 and second.rounds_refused_for_budget == 1
+    # A cached cost that fits is admitted with exactly that prediction.
+    collector_module._ROUND_COSTS[key] = (RoundPlan(2, 1), tiny_cost)
+    third, _ = mlp_collector(model, model.layers()[:2], SignalConfig())
+    for _ in range(10):
+        third.observe(fake_stats(2))
+    admitted = third.maybe_estimate(progress=1.0)
+    assert admitted is not None and admitted.plan.predicted_ms == 1.0
+    assert collector_module._ROUND_COSTS[key] == (admitted.plan, admitted.cost)  # then replaced by the measurement

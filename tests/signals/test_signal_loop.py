@@ -83,3 +83,14 @@ def test_observation_finite_with_all_signals(n_groups: int) -> None:
     run_intervals(loop, 3)
     obs = loop.observation()
     assert obs.shape == (11 + 8 * n_groups,) and np.all(np.isfinite(obs))
+
+
+def test_loop_passes_progress_and_a_round_too_costly_for_the_run_is_refused() -> None:
+    loop = make_loop()
+    loop.train_interval()
+    # Half the budget used after one 4-step interval: a run of 8 steps, 1% of which pays for no round.
+    signals = loop.snapshot(progress=0.5)
+    assert signals.extra["rounds_refused_for_budget"] == 1 and signals.extra["rounds"] == 0
+    assert signals.extra["curvature_source"] == "fisher" and signals.hessian_trace is None
+    assert loop.collector.warmup_ms > 0  # the warm-up measured the cost it was refused on
+    assert np.all(np.isfinite(loop.observation()))

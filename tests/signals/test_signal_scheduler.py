@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from triaccel_rl.signals import RoundCost, RoundPlan, RoundScheduler, Schedule, SignalConfig, SignalMode
+from triaccel_rl.signals import (
+    BudgetRefusal,
+    RoundCost,
+    RoundPlan,
+    RoundScheduler,
+    Schedule,
+    SignalConfig,
+    SignalMode,
+)
 from triaccel_rl.signals.scheduler import LADDER
 
 
@@ -100,3 +108,64 @@ def test_presets() -> None:
     assert SignalConfig.preset("default", budget_frac=0.05).budget_frac == 0.05
     with pytest.raises(ValueError, match="unknown signal preset 'fast'"):
         SignalConfig.preset("fast")
+
+
+# ------------------------------------------------- the first round against the whole run's budget
+
+
+def seeded_scheduler(charged_train_ms: float, cost: RoundCost) -> RoundScheduler:
+    """A default scheduler (budget 0.02 * 0.5 = 1%) that trained ``charged_train_ms``, with the rates of ``cost``."""
+    scheduler = RoundScheduler(SignalConfig())
+    scheduler.add_train(charged_train_ms, n_steps=10)
+    scheduler.seed_rates(RoundPlan(*LADDER[0]), cost)
+    return scheduler
+
+
+def test_first_round_runs_only_if_it_fits_the_projected_run() -> None:
+    # 1000 ms trained at progress 0.25: the run is projected at 4000 ms, 1% of it is 40 ms.
+    # (2, 1) at noise 4 (2 a micro-batch), Hutchinson 30, other 6: predicted 2 * 2 + 30 + 6 = 40 ms.
+    fits = seeded_scheduler(1000.0, RoundCost(noise_ms=4.0, hutchinson_ms=30.0, other_ms=6.0))
+    assert fits.allowance_ms(0.25) == 40.0
+    assert fits.plan(progress=0.25) == RoundPlan(2, 1, 40.0)  # exactly the allowance: runs
+    assert fits.last_refusal is None
+    # One ms more than the allowance: refused, and the refusal says by how much.
+    too_costly = seeded_scheduler(1000.0, RoundCost(noise_ms=4.0, hutchinson_ms=31.0, other_ms=6.0))
+    assert too_costly.plan(progress=0.25) is None
+    assert too_costly.last_refusal == BudgetRefusal(predicted_ms=41.0, allowance_ms=40.0, progress=0.25)
+    assert too_costly.rounds == 0 and too_costly.charged_round_ms == 0.0  # nothing charged
+    # Training at the same pace projects the same run: still refused at 0.5 (2000 ms trained).
+    too_costly.add_train(1000.0, n_steps=10)
+    assert too_costly.plan(progress=0.5) is None
+    assert too_costly.last_refusal == BudgetRefusal(predicted_ms=41.0, allowance_ms=40.0, progress=0.5)
+
+
+def test_first_round_still_borrowed_when_progress_or_costs_are_unknown() -> None:
+    unknown_costs = RoundScheduler(SignalConfig())
+    unknown_costs.add_train(1.0)
+    for progress in (None, 0.0, 0.5):  # nothing to predict: today's rule, whatever the progress
+        assert unknown_costs.plan(progress=progress) == RoundPlan(*LADDER[0])
+    # Costs known (41 ms) but progress unknown (None, or 0 at a run's start): borrowed, with its prediction.
+    known_costs = seeded_scheduler(1000.0, RoundCost(noise_ms=4.0, hutchinson_ms=31.0, other_ms=6.0))
+    assert known_costs.plan() == RoundPlan(2, 1, 41.0)
+    assert known_costs.plan(progress=0.0) == RoundPlan(2, 1, 41.0)
+    assert known_costs.last_refusal is None
+
+
+def test_seeded_rates_charge_nothing_and_the_first_measurement_replaces_them() -> None:
+    scheduler = seeded_scheduler(1000.0, RoundCost(noise_ms=400.0, hutchinson_ms=300.0, other_ms=100.0))
+    assert scheduler.rates_known and scheduler.predict_ms(4, 2) == 4 * 200.0 + 2 * 300.0 + 100.0
+    assert scheduler.rounds == 0 and scheduler.charged_round_ms == 0.0 and scheduler.credit_ms == 10.0
+    # The first charged round (4 micro-batches at 2 ms, 2 probes at 3 ms, 1 ms other) replaces the seed...
+    scheduler.record(RoundPlan(4, 2), RoundCost(noise_ms=8.0, hutchinson_ms=6.0, other_ms=1.0))
+    assert scheduler.predict_ms(2, 1) == 2 * 2.0 + 3.0 + 1.0
+    assert scheduler.charged_round_ms == 15.0
+    # ...and later ones are smoothed with it (rates 4, 5, 3 → halfway: 3, 4, 2).
+    scheduler.record(RoundPlan(2, 1), RoundCost(noise_ms=8.0, hutchinson_ms=5.0, other_ms=3.0))
+    assert scheduler.predict_ms(2, 1) == 2 * 3.0 + 4.0 + 2.0
+
+
+def test_fixed_schedule_ignores_the_whole_run_budget() -> None:
+    scheduler = RoundScheduler(SignalConfig(schedule=Schedule.FIXED))
+    scheduler.add_train(1.0)
+    scheduler.seed_rates(RoundPlan(2, 1), RoundCost(1e6, 1e6, 1e6))
+    assert scheduler.plan(progress=0.5) == RoundPlan(4, 2)  # whatever it costs, as documented

@@ -12,9 +12,10 @@ from triaccel_rl.signals.estimators import (
     gradient_moments,
     hutchinson,
 )
-from triaccel_rl.signals.scheduler import RoundCost, RoundPlan, RoundScheduler
+from triaccel_rl.signals.scheduler import BudgetRefusal, RoundCost, RoundPlan, RoundScheduler
 
 __all__ = [
+    "BudgetRefusal",
     "DeviceMoments",
     "EstimatorSource",
     "GradientMoments",

@@ -30,6 +30,11 @@ numerator and denominator are smoothed separately (a ratio of means, not a mean 
 do not resolve the mean gradient above its noise, the noise scale is the lower bound they do establish
 (their sample count), never the unbounded ratio (``_resolved_noise_scale``).
 
+Rounds too costly for the run: with the costs known (from the warm-up round, or on a GPU from an earlier
+run of the same model in this process) and the run's progress known, a first round that the whole run's
+budget cannot repay is refused (``extra["rounds_refused_for_budget"]``, logged once); the signals then
+stay the cheap tier's, as before any round.
+
 Bad input: a round whose loss or any estimate is non-finite is skipped (its cost still counts;
 ``extra["rounds_skipped"]``); a layer with no gradient (unused by the loss) is measured as the exact zero
 it is (``extra["unused_layers"]``); a layer frozen after the start keeps its last values. Every value in
@@ -39,6 +44,7 @@ a snapshot is finite.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -59,13 +65,15 @@ from triaccel_rl.signals.estimators import (
     gradient_moments,
     hutchinson,
 )
-from triaccel_rl.signals.scheduler import RoundCost, RoundPlan, RoundScheduler
+from triaccel_rl.signals.scheduler import BudgetRefusal, RoundCost, RoundPlan, RoundScheduler
 from triaccel_rl.types import CurvatureSparsity, LayerInfo, Precision, Signals, StepStats
 
 if TYPE_CHECKING:
     from triaccel_rl.training import TrainingRun
 
 __all__ = ["EstimatorSource", "RoundReport", "SignalCollector", "source_for_run"]
+
+_log = logging.getLogger("triaccel_rl")
 
 _TINY = 1e-30
 _NOISE_SCALE_MAX = 1e12  # samples; B_simple when the gradient is buried in noise
@@ -165,6 +173,9 @@ class SignalCollector:
         train_ms: wall time of the training steps observed.
         estimator_ms: wall time of the rounds alone (the warm-up round included).
         warmup_ms: wall time of the uncharged warm-up round (``SignalConfig.warmup_round``).
+        rounds_skipped: rounds that ran but were not folded in (a non-finite loss or estimate).
+        rounds_refused_for_budget: decision points at which the first round was refused because its
+            predicted cost exceeds what the budget allows over the whole run (:class:`BudgetRefusal`).
 
     Example:
         >>> from triaccel_rl.types import LayerInfo
@@ -197,9 +208,10 @@ class SignalCollector:
         self.scheduler = RoundScheduler(self._config)
         self.source: EstimatorSource | None = None
         self.rounds_skipped = 0
+        self.rounds_refused_for_budget = 0
         self.warmup_ms = 0.0
         self.last_round: RoundReport | None = None
-        self._warmed_up = False
+        self._first_round_prepared = False
         n = len(layers)
         self._sq_ema = np.zeros(n)
         self._norm_ema = np.zeros(n)
@@ -211,16 +223,7 @@ class SignalCollector:
         self._interval_skipped = 0
         self._interval_time_ms = 0.0
         self._interval_peak = 0
-        # Round estimates: EMAs across rounds with a bias-correction weight per layer.
-        self._trace_ema = np.zeros(n)
-        self._grad_sq_ema = np.zeros(n)
-        self._cov_ema = np.zeros(n)
-        self._round_weight = np.zeros(n)
-        self._round_samples = 0  # samples behind the last folded round's gradient moments
-        self._unused = np.zeros(n, dtype=bool)
-        self._fisher_ema: list[torch.Tensor] | None = None
-        self._fisher_source = ""
-        self._sparsity: CurvatureSparsity | None = None
+        self._forget_rounds()
         self._cpu_generator = torch.Generator()
         self._device_generator: torch.Generator | None = None
 
@@ -304,38 +307,82 @@ class SignalCollector:
         self._device_generator = torch.Generator(device=device)
         self._device_generator.manual_seed(combined + 1)
 
-    def maybe_estimate(self) -> RoundReport | None:
+    def maybe_estimate(self, progress: float | None = None) -> RoundReport | None:
         """Runs a round if the mode is ``all``, a source is attached and the scheduler says one is due.
 
         One host-device sync at the end of a round (not per step).
+
+        Args:
+            progress: fraction of the training budget used, in [0, 1] (the value the snapshot gets); None or
+                0 when unknown. With it, a first round too costly for the whole run's budget is refused
+                (see :class:`RoundScheduler`).
 
         Raises:
             ValueError: the source's loss is not a scalar.
         """
         if self.config.mode is not SignalMode.ALL or self.source is None:
             return None
-        plan = self.scheduler.plan()
-        if plan is None:
-            return None
         source = self.source
         if not any(p.requires_grad for params in source.layer_params for p in params):
             return None  # documented skip: every parameter frozen since the start; nothing to measure
-        if self.config.warmup_round and not self._warmed_up:
-            # One-time costs (loading kernels, allocator growth for new shapes) would make the first measured
-            # cost, and so every prediction, too high: pay them in an uncharged warm-up round. On a GPU they
-            # are paid once per process and shape: a later run of the same model (the next seed in
-            # ``compare``) skips the warm-up.
-            key = _warmup_key(plan, source, self.config)
-            if key not in _WARMED_UP:
-                warmup = self._timed_round(plan, source)
-                self.warmup_ms += warmup.measured_ms
-                if source.inputs.device.type == "cuda":
-                    _WARMED_UP.add(key)
-            self._warmed_up = True
+        plan = self.scheduler.plan(progress)
+        if plan is not None and not self._first_round_prepared:
+            plan = self._prepare_first_round(plan, source, progress)
+        if plan is None:
+            refusal = self.scheduler.last_refusal
+            if refusal is not None:
+                self._refused(refusal)
+            return None
         report = self._timed_round(plan, source)
         self.scheduler.record(plan, report.cost)
+        if _caches_round_costs(source):
+            _ROUND_COSTS[_warmup_key(plan, source, self.config)] = (plan, report.cost)
         self.last_round = report
         return report
+
+    def _prepare_first_round(
+        self, plan: RoundPlan, source: EstimatorSource, progress: float | None
+    ) -> RoundPlan | None:
+        """Learns the round costs before the first charged round (warm-up round, cached costs), then plans again."""
+        self._first_round_prepared = True
+        key = _warmup_key(plan, source, self.config)
+        cached = _ROUND_COSTS.get(key) if _caches_round_costs(source) else None
+        if cached is not None and not self.scheduler.rates_known:
+            self.scheduler.seed_rates(*cached)
+        if self.config.warmup_round and key not in _WARMED_UP:
+            # One-time costs (loading kernels, allocator growth for new shapes) would make the first charged
+            # cost, and so every later prediction, too high: pay them in an uncharged warm-up round. On a GPU
+            # they are paid once per process and shape: a later run of the same model (the next seed in
+            # ``compare``) skips the warm-up and predicts from the costs this process has measured.
+            warmup = self._timed_round(plan, source)
+            self.warmup_ms += warmup.measured_ms
+            if not self.scheduler.rates_known:
+                # Predicts high (it includes what is left of the one-time costs): it can only refuse a round
+                # that would have fitted, never admit one that does not. The first charged round replaces it.
+                self.scheduler.seed_rates(plan, warmup.cost)
+            if source.inputs.device.type == "cuda":
+                _WARMED_UP.add(key)
+            if _caches_round_costs(source):
+                _ROUND_COSTS.setdefault(key, (plan, warmup.cost))  # a charged round's measurement is better
+        replanned = self.scheduler.plan(progress)
+        if replanned is None:
+            # No charged round can follow the warm-up: its estimates (folded) would pose as current for the
+            # whole run. The signals stay the cheap tier's, as before any round.
+            self._forget_rounds()
+        return replanned
+
+    def _refused(self, refusal: BudgetRefusal) -> None:
+        """Counts a round refused for the whole run's budget; says so once per collector."""
+        if self.rounds_refused_for_budget == 0:
+            _log.info(
+                "signal rounds are too costly for this run's budget: a round is predicted at %.1f ms, the "
+                "budget allows %.1f ms over the whole run (projected at %.1f%% of it); the curvature and "
+                "gradient-noise signals stay the cheap estimates",
+                refusal.predicted_ms,
+                refusal.allowance_ms,
+                100 * refusal.progress,
+            )
+        self.rounds_refused_for_budget += 1
 
     def _timed_round(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
         start = time.perf_counter()
@@ -459,6 +506,7 @@ class SignalCollector:
                 "fisher_source": self._fisher_source,
                 "rounds": self.scheduler.rounds,
                 "rounds_skipped": self.rounds_skipped,
+                "rounds_refused_for_budget": self.rounds_refused_for_budget,
                 "round_overhead_frac": self.scheduler.round_overhead_frac,
                 "estimator_ms": self.estimator_ms,
                 "warmup_ms": self.warmup_ms,
@@ -480,6 +528,19 @@ class SignalCollector:
         self.overhead_ms += ms
 
     # -------------------------------------------------------------------------------------- private
+
+    def _forget_rounds(self) -> None:
+        """Round estimates as before any round: EMAs across rounds with a bias-correction weight per layer."""
+        n = len(self.layers)
+        self._trace_ema = np.zeros(n)
+        self._grad_sq_ema = np.zeros(n)
+        self._cov_ema = np.zeros(n)
+        self._round_weight = np.zeros(n)
+        self._round_samples = 0  # samples behind the last folded round's gradient moments
+        self._unused = np.zeros(n, dtype=bool)
+        self._fisher_ema: list[torch.Tensor] | None = None
+        self._fisher_source = ""
+        self._sparsity: CurvatureSparsity | None = None
 
     def _fold_steps(self, sq: np.ndarray, norm: np.ndarray, loss: float, n_steps: int) -> None:
         keep = self.ema_decay**n_steps
@@ -654,6 +715,19 @@ def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tup
 
 _WARMED_UP: set[tuple[object, ...]] = set()
 """Round shapes whose one-time GPU costs this process has paid (see ``SignalCollector.maybe_estimate``)."""
+
+_ROUND_COSTS: dict[tuple[object, ...], tuple[RoundPlan, RoundCost]] = {}
+"""The latest measured cost of a round of each shape (key ``_warmup_key``) in this process, GPU only.
+
+The warm-up round's, then each charged round's: a later run of the same model starts with its costs known
+(``RoundScheduler.seed_rates``). Never on a CPU nor in profile cost mode, so that those stay deterministic
+for a seed whatever ran before in the process.
+"""
+
+
+def _caches_round_costs(source: EstimatorSource) -> bool:
+    """Whether rounds on this source share their measured costs through ``_ROUND_COSTS`` (measured, on a GPU)."""
+    return source.inputs.device.type == "cuda" and source.modelled_pass_ms is None
 
 
 def _warmup_key(plan: RoundPlan, source: EstimatorSource, config: SignalConfig) -> tuple[object, ...]:

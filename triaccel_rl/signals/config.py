@@ -81,9 +81,12 @@ class SignalConfig:
         lr_factor_min: lower clip of the LR factors, in (0, 1].
         lr_factor_max: upper clip of the LR factors, >= 1.
         warmup_round: run the first round twice: the first time as a warm-up that pays the one-time costs
-            (cuDNN autotuning of the sub-batch shapes, kernel compilation, allocator growth: seconds on a
-            GPU), reported in the overhead but neither charged to the budget nor used to predict costs. On
-            a GPU once per process and round shape: later runs of the same model skip it.
+            (kernel loading and compilation, allocator growth: seconds on a GPU), reported in the overhead
+            but not charged to the budget. Its measured cost (one-time costs included, so on the high side)
+            predicts the first charged round's, which then runs only if the whole run's budget allows it
+            (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU once per
+            process and round shape: later runs of the same model skip it and predict from the round costs
+            measured earlier in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
 
     Example:

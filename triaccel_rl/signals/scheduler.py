@@ -12,12 +12,26 @@ Adaptive schedule (a token bucket):
   fits ``budget_frac * expensive_share * step_ms * target_interval_steps``, or the smallest rung;
 - a round runs at a decision point when the credit covers its predicted cost.
 
-The first charged round runs at the first decision point whatever the credit (its cost is borrowed and
-repaid by later training), so that the curvature signal has one source for the whole run. It measures
-the costs that later predictions use (the collector runs an uncharged warm-up round just before it, so
-that one-time costs such as cuDNN autotuning stay out of them): ``cost = m * noise_ms + p * probe_ms +
-fixed_ms``, the three rates smoothed over rounds (``noise_ms`` per micro-batch gradient, ``probe_ms`` per
-Hutchinson probe including its share of the first gradient, ``fixed_ms`` for sampling and sparsity).
+The first charged round (the smallest rung) may run before the credit covers it: its cost is borrowed
+and repaid by later training, so that the curvature signal has one source for the whole run. How much
+may be borrowed depends on what is known at the first decision point:
+
+- the cost rates unknown (nothing measured yet) or the run's progress unknown (``progress`` None or 0):
+  the first round runs whatever it costs;
+- both known: the run's total charged training time is projected as ``charged_train_ms / progress``
+  and the first round runs only when its predicted cost fits ``budget_frac * expensive_share *
+  projected_total - charged_round_ms``; otherwise it is refused (``last_refusal`` says by how much) and
+  asked again at the next decision point. A round that costs more than the budget allows over the
+  whole run never runs, and the signals it would give stay unknown.
+
+The rates are ``cost = m * noise_ms + p * probe_ms + fixed_ms``, smoothed over rounds (``noise_ms`` per
+micro-batch gradient, ``probe_ms`` per Hutchinson probe including its share of the first gradient,
+``fixed_ms`` for sampling and sparsity). Each charged round measures them. Before the first one they may
+be seeded without charging anything (:meth:`RoundScheduler.seed_rates`): by the collector from its
+uncharged warm-up round (run just before, so that one-time costs such as kernel loading are paid outside
+the charged rounds; its cost includes some of them, so it predicts high) or, on a GPU, from the rounds an
+earlier run of the same model measured in this process. The first charged round's measurement replaces
+seeded rates.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from dataclasses import dataclass
 
 from triaccel_rl.signals.config import Schedule, SignalConfig
 
-__all__ = ["LADDER", "RoundCost", "RoundPlan", "RoundScheduler"]
+__all__ = ["LADDER", "BudgetRefusal", "RoundCost", "RoundPlan", "RoundScheduler"]
 
 LADDER: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8))
 """Round sizes ``(micro-batches, Hutchinson probes)`` in increasing cost."""
@@ -70,17 +84,41 @@ class RoundCost:
         return self.noise_ms + self.hutchinson_ms + self.other_ms
 
 
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """Why the scheduler refused the first round: its predicted cost exceeds what the whole run's budget allows.
+
+    Attributes:
+        predicted_ms: the round's predicted charged cost.
+        allowance_ms: ``budget_frac * expensive_share * charged_train_ms / progress - charged_round_ms``, the
+            charged ms the rounds may borrow over the projected run.
+        progress: the fraction of the training budget used when it was refused, in (0, 1].
+    """
+
+    predicted_ms: float
+    allowance_ms: float
+    progress: float
+
+
 class RoundScheduler:
     """Decides at each decision point whether a round runs and how big it is.
 
     Args:
         config: the budget and the schedule.
 
+    Attributes:
+        last_refusal: why the latest :meth:`plan` refused a round for the whole run's budget (None when it
+            did not).
+
     Example:
         >>> scheduler = RoundScheduler(SignalConfig())
         >>> scheduler.add_train(10.0, n_steps=1)
-        >>> scheduler.plan()  # the first round is never refused
+        >>> scheduler.plan()  # costs unknown: the first round runs whatever it costs
         RoundPlan(n_microbatches=2, n_probes=1, predicted_ms=nan)
+        >>> scheduler.seed_rates(RoundPlan(2, 1), RoundCost(noise_ms=2.0, hutchinson_ms=3.0, other_ms=0.0))
+        >>> scheduler.plan(progress=0.5)  # 0.01 * 10 / 0.5 = 0.2 ms allowed over the run; it costs 5
+        >>> scheduler.last_refusal
+        BudgetRefusal(predicted_ms=5.0, allowance_ms=0.2, progress=0.5)
     """
 
     def __init__(self, config: SignalConfig) -> None:
@@ -94,6 +132,8 @@ class RoundScheduler:
         self._noise_ms = math.nan
         self._probe_ms = math.nan
         self._fixed_ms = 0.0
+        self._rates_measured = False  # False while the rates are unknown or only seeded
+        self.last_refusal: BudgetRefusal | None = None
 
     @property
     def ladder(self) -> list[tuple[int, int]]:
@@ -125,8 +165,29 @@ class RoundScheduler:
         """Predicted charged cost of a round of this size (NaN before the first measured round)."""
         return n_microbatches * self._noise_ms + n_probes * self._probe_ms + self._fixed_ms
 
-    def plan(self) -> RoundPlan | None:
-        """The round to run now, or None when none is due."""
+    @property
+    def rates_known(self) -> bool:
+        """Whether the cost rates are known (measured by a charged round, or seeded)."""
+        return not math.isnan(self._noise_ms)
+
+    def allowance_ms(self, progress: float) -> float:
+        """Charged ms the rounds may still spend over the whole run, projected from ``progress`` in (0, 1].
+
+        ``budget_frac * expensive_share * charged_train_ms / progress - charged_round_ms``: the run's total
+        charged training time projected from the share of the training budget used so far.
+        """
+        projected_train_ms = self.charged_train_ms / min(progress, 1.0)
+        return self.config.budget_frac * self.config.expensive_share * projected_train_ms - self.charged_round_ms
+
+    def plan(self, progress: float | None = None) -> RoundPlan | None:
+        """The round to run now, or None when none is due.
+
+        Args:
+            progress: fraction of the training budget used, in [0, 1]; None or 0 when unknown. With the cost
+                rates known, the first round runs only if it fits the budget of the whole run projected from
+                it (see the module docstring; a refusal sets ``last_refusal``).
+        """
+        self.last_refusal = None
         config = self.config
         if config.schedule is Schedule.FIXED:
             due = self.rounds == 0 or self.steps - self._steps_at_last_round >= config.fixed_interval_steps
@@ -134,7 +195,15 @@ class RoundScheduler:
         ladder = self.ladder
         if self.rounds == 0:
             m, p = ladder[0]
-            return RoundPlan(m, p)
+            if not self.rates_known or progress is None or not progress > 0:
+                # Nothing to predict or to project from: borrowed whatever it costs.
+                return RoundPlan(m, p, self.predict_ms(m, p)) if self.rates_known else RoundPlan(m, p)
+            predicted = self.predict_ms(m, p)
+            allowance = self.allowance_ms(progress)
+            if predicted > allowance:
+                self.last_refusal = BudgetRefusal(predicted, allowance, min(progress, 1.0))
+                return None
+            return RoundPlan(m, p, predicted)
         target = config.budget_frac * config.expensive_share * self._step_ms * config.target_interval_steps
         chosen = ladder[0]
         for rung in ladder:
@@ -145,6 +214,17 @@ class RoundScheduler:
             return None
         return RoundPlan(chosen[0], chosen[1], predicted)
 
+    def seed_rates(self, plan: RoundPlan, cost: RoundCost) -> None:
+        """Sets the cost rates from a round of size ``plan`` that cost ``cost``, charging nothing.
+
+        For costs measured outside the charged rounds (a warm-up round, an earlier run of the same model);
+        the first charged round's measurement replaces them.
+        """
+        self._noise_ms = cost.noise_ms / plan.n_microbatches
+        self._probe_ms = cost.hutchinson_ms / plan.n_probes
+        self._fixed_ms = cost.other_ms
+        self._rates_measured = False
+
     def record(self, plan: RoundPlan, cost: RoundCost) -> None:
         """Charges a round that ran and updates the cost rates."""
         self.rounds += 1
@@ -152,8 +232,9 @@ class RoundScheduler:
         self.charged_round_ms += cost.total_ms
         noise = cost.noise_ms / plan.n_microbatches
         probe = cost.hutchinson_ms / plan.n_probes
-        if math.isnan(self._noise_ms):
+        if not self._rates_measured:  # the first measurement of this run replaces seeded rates
             self._noise_ms, self._probe_ms, self._fixed_ms = noise, probe, cost.other_ms
+            self._rates_measured = True
         else:
             a = _RATE_SMOOTHING
             self._noise_ms = a * self._noise_ms + (1 - a) * noise
