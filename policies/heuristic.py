@@ -4,7 +4,9 @@
   minus the median over layers; ``triaccel_rl.observation.sensitivity``): the curvature is the
   Hutchinson Hessian trace per parameter once the collector has measured it, sharpened by how
   concentrated the layer's curvature diagonal is (``Signals.sparsity``), and the variance is the
-  micro-batch estimate of the mini-batch gradient's variance (``triaccel_rl.signals``). A group in fp32
+  micro-batch estimate of the mini-batch gradient's variance (``triaccel_rl.signals``). Until a round
+  has measured them (or when the overhead budget refuses rounds) both come from squared gradients, and the
+  observation caps the relative sensitivity at the median: no group is raised on those alone. A group in fp32
   is lowered when its sensitivity falls under ``lower_below``; a lowered group returns to fp32 when it
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over

@@ -337,3 +337,17 @@ def test_observation_always_in_bounds(
     for group in range(n_groups):
         start = layout.group(group, "is_fp32")
         assert obs[start : start + 3].sum() == 1.0
+
+
+@pytest.mark.parametrize(("source", "expected"), [("hutchinson", [1.0, -1.0]), ("fisher", [0.0, -1.0])])
+def test_cheap_tier_sensitivity_never_reads_above_the_median(source: str, expected: list[float]) -> None:
+    # Scores 3, 2 | 1, 0 as above: median 1.5, group means 2.5 and 0.5. From squared gradients alone
+    # (no round) a group may read as less sensitive than the median, never as more.
+    signals = make_signals([3.0, 2.0, 1.0, 0.0])
+    signals.extra["curvature_source"] = source
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    grouper.update(signals)
+    layout = ObservationLayout(2)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    got = [float(obs[layout.group(group, "rel_sensitivity")]) for group in range(2)]
+    assert got == pytest.approx(expected, abs=1e-6)

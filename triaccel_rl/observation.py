@@ -52,7 +52,8 @@ GLOBAL_FEATURES = (
     "log_curvature",  # log10 of the parameter-weighted mean curvature (Hutchinson once measured), divided by 5
 )
 GROUP_FEATURES = (
-    "rel_sensitivity",  # group's mean sensitivity (peak curvature x variance) minus the controllable median (log10)
+    "rel_sensitivity",  # group's mean sensitivity (peak curvature x variance) minus the controllable median
+    # (log10); at most 0 while the curvature is the cheap tier's (no estimator round yet)
     "log_curvature",  # log10 mean curvature of the group, divided by 5
     "log_variance",  # log10 mean per-element variance of the group's mini-batch gradient, divided by 5
     "log_snr",  # log10 signal-to-noise ratio |G|^2 / (tr(Sigma) / B) of the group's mini-batch gradient
@@ -179,6 +180,10 @@ def build_observation(
 
     scores = sensitivity(signals)
     median = float(np.median(scores[grouper.indices]))
+    # Before any estimator round (or when the budget refuses them) curvature and variance both come from the
+    # squared gradients, so the score is their square: it may say a group is less sensitive than the median,
+    # never more (a round must), as the cheap noise scale may say the batch is above it, never below.
+    one_sided = signals.extra.get("curvature_source") == "fisher"
     controllable_params = max(signals.n_params[grouper.indices].sum(), 1.0)
     for group in range(layout.n_groups):
         members = grouper.layers_of(group)
@@ -186,7 +191,8 @@ def build_observation(
             members = _nearest_members(grouper, group)
         w = signals.n_params[members]
         mean = lambda values, w=w: float(np.dot(w, values) / max(w.sum(), 1.0))  # noqa: E731
-        obs[layout.group(group, "rel_sensitivity")] = mean(scores[members]) - median
+        relative = mean(scores[members]) - median
+        obs[layout.group(group, "rel_sensitivity")] = min(relative, 0.0) if one_sided else relative
         obs[layout.group(group, "log_curvature")] = math.log10(max(mean(signals.curvature[members]), 1e-30)) / 5
         obs[layout.group(group, "log_variance")] = math.log10(max(mean(signals.grad_variance[members]), 1e-30)) / 5
         obs[layout.group(group, "log_snr")] = math.log10(max(mean(signals.snr[members]), 1e-6))
