@@ -72,7 +72,7 @@ def _params_and_buffers(run):
 def _assert_runs_match(eager, graphed, rtol):
     for index, (a, b) in enumerate(zip(_params_and_buffers(eager), _params_and_buffers(graphed), strict=True)):
         error = ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
-        assert error <= rtol, f"tensor {index}: graphed vs eager max relative error {error:.3g} > {rtol}"
+        assert error <= rtol, f"tensor {index}: the runs differ by a max relative error {error:.3g} > {rtol}"
 
 
 @pytest.fixture
@@ -166,9 +166,20 @@ def test_graphed_probe_equals_the_eager_probe_and_leaves_batch_norm_alone(determ
 # ------------------------------------------------------------------- 16-bit weight copies, host rollback copy
 
 
+def _assert_copies_current(run, dtype):
+    """Every lowered layer's 16-bit copy is its fp32 weights rounded, bit for bit (what the forward reads)."""
+    store = run.engine.store
+    copy = store.fp16_copy if dtype == torch.float16 else store.bf16_copy
+    for layer in run.engine.precision.controllable_indices:
+        want = store.layer_segment(store.params, layer).to(dtype)
+        got = store.layer_segment(copy, layer)
+        assert torch.equal(want.view(torch.int16), got.view(torch.int16)), f"layer {layer}'s copy is stale"
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_a_run_reading_weight_copies_equals_one_casting_its_weights(deterministic_cudnn, graphs, precision):
+def test_a_run_reading_weight_copies_matches_one_casting_its_weights(deterministic_cudnn, graphs, precision):
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     runs = []
     for copies in (True, False):
         run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=graphs)
@@ -177,10 +188,17 @@ def test_a_run_reading_weight_copies_equals_one_casting_its_weights(deterministi
             run.engine.precision.use_weight_copies(None)
         run.train_interval(2)  # fp32: the copies are not written
         run.set_precisions([precision] * run.n_layers)  # lowered mid-run: the copies are refreshed
-        run.train_interval(4)
+        for _ in range(4):
+            if copies:
+                _assert_copies_current(run, dtype)  # before each step: the forward reads exactly weights.to(dtype)
+            run.train_interval(1)
         runs.append(run)
     assert runs[0].engine.store.has_fp16_copy == (precision == "fp16")
-    _assert_runs_match(runs[1], runs[0], rtol=0.0)  # the same values reach the same kernels: bit-equal
+    # Equal values, yet not bit-equal runs: cuDNN picks other kernels for the flat store's views than for a
+    # freshly cast weight. On the H200 (2026-12-01, scripts/check_weight_copies.py) the first difference was
+    # the fp16 stem convolution's output, one ulp, with equal inputs and weights; after 6 steps the largest
+    # relative difference of any tensor was 0.34%.
+    _assert_runs_match(runs[1], runs[0], rtol=1e-2)
 
 
 def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():
