@@ -44,6 +44,29 @@ def memory_fraction() -> Iterator[None]:
     torch.cuda.empty_cache()
 
 
+def _occupy_all_but(left: int) -> list[torch.Tensor]:
+    """Tensors that take all the memory a new allocation could get but ``left`` bytes.
+
+    First the free space inside the allocator's cached segments (which ``mem_get_info`` counts as used), in
+    blocks of 512 MiB down to 1 MiB that fit without growing the reserve, then the device's free memory.
+    """
+    torch.cuda.empty_cache()
+    held: list[torch.Tensor] = []
+    size = 512 << 20
+    while size >= 1 << 20:
+        reserved = torch.cuda.memory_reserved()
+        block = torch.empty(size, dtype=torch.uint8, device="cuda")
+        if torch.cuda.memory_reserved() > reserved:  # no cached block was free for it: a new segment
+            del block
+            torch.cuda.empty_cache()
+            size //= 2
+        else:
+            held.append(block)
+    free, _ = torch.cuda.mem_get_info()
+    held.append(torch.empty(max(free - left, 0), dtype=torch.uint8, device="cuda"))
+    return held
+
+
 def test_memory_model_predicts_the_allocator_peak() -> None:
     run = TrainingRun(_wide_task(), seed=0, device="cuda", n_probe=64)
     assert run.measures_memory and run.memory_model.n_measurements >= 2  # calibrated at construction
@@ -62,15 +85,15 @@ def test_real_out_of_memory_is_recovered() -> None:
     run.step()  # optimizer state allocated
     torch.cuda.empty_cache()
     room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)  # activations of the full batch
-    # The device itself runs short: a filler takes all free memory but a third of the batch's activations,
-    # so the step's cudaMalloc fails for real (set_per_process_memory_fraction did not bite on torch 2.11).
-    free, total = torch.cuda.mem_get_info()
-    filler = torch.empty(free - room // 3, dtype=torch.uint8, device="cuda")
+    # The device itself runs short: fillers take all memory but a third of the batch's activations, so the
+    # step's cudaMalloc fails for real (set_per_process_memory_fraction did not bite on torch 2.11).
+    filler = _occupy_all_but(room // 3)
+    total = torch.cuda.get_device_properties(0).total_memory
     try:
         served = run.samples_seen
         stats = run.step()
         assert stats.oom_events >= 1 and run.oom_log, (
-            f"no OOM: {free - room // 3} bytes of filler left {room // 3} of {total} free; step peak "
+            f"no OOM: {sum(t.numel() for t in filler)} bytes of fillers left {room // 3} free; step peak "
             f"{stats.memory_bytes}, allocated {torch.cuda.memory_allocated()}, reserved "
             f"{torch.cuda.memory_reserved()}, micro-batches {run.last_micro_batches}"
         )
