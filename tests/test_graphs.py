@@ -23,3 +23,22 @@ def test_a_cpu_run_steps_eagerly_and_refuses_graphs_when_asked():
     assert TrainingRun("synthetic", device="cpu").graphs is None
     with pytest.raises(ValueError, match=r"cuda_graphs=True, but this run cannot capture its steps: CUDA graphs need"):
         TrainingRun("synthetic", device="cpu", cuda_graphs=True)
+
+
+def test_a_probe_whose_capture_fails_runs_eagerly_and_is_not_captured_again(caplog):
+    class FailingGraphs:  # what StepGraphs does when a capture raises (e.g. an op a graph cannot hold)
+        calls = 0
+
+        def run(self, *args, **kwargs):
+            self.calls += 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    eager = run.probe_loss()
+    graphs = run.graphs = FailingGraphs()
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        assert [run.probe_loss(), run.probe_loss()] == [eager, eager]
+    assert graphs.calls == 1 and "it runs eagerly in this configuration" in caplog.text
+    run.set_precisions(["bf16"] * run.n_layers)  # another configuration: its capture is tried once
+    run.probe_loss()
+    assert graphs.calls == 2

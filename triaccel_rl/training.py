@@ -221,6 +221,7 @@ class TrainingRun:
         data = self.task.data(seed)
         n_probe = max(1, min(n_probe, len(data.train_x) // 8))
         self._probe_x = data.train_x[-n_probe:].to(self.device)
+        self._uncapturable_probes: set[tuple[object, ...]] = set()  # precision configurations whose capture failed
         if channels_last and self._probe_x.dim() == 4:
             self._probe_x = self._probe_x.contiguous(memory_format=torch.channels_last)
         self._probe_y = data.train_y[-n_probe:].to(self.device)
@@ -523,14 +524,19 @@ class TrainingRun:
         16-bit autocast is slow, in fp32.
         """
         self.engine.sync_weight_copies()
-        if self.graphs is not None:
-            key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
+        key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
+        if self.graphs is not None and key not in self._uncapturable_probes:
             try:
                 return float(self.graphs.run(key, self._probe_x, self._probe_y, self._probe_body, lambda: None))
             except Exception as err:
                 if is_out_of_memory(err):
                     raise
-                _log.warning("CUDA graph capture of the probe failed (%s); it runs eagerly", _first_line(err))
+                # Not retried: a failed capture costs its warm-up passes, at every decision otherwise.
+                self._uncapturable_probes.add(key)
+                _log.warning(
+                    "CUDA graph capture of the probe failed (%s); it runs eagerly in this configuration",
+                    _first_line(err),
+                )
         return float(self._probe_body(self._probe_x, self._probe_y))
 
     def _probe_body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
