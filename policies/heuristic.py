@@ -10,7 +10,10 @@
   is lowered when its sensitivity falls under ``lower_below``; a lowered group returns to fp32 when it
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
-  ``max_overflow_rate``, and fp16 groups move to bf16 then.
+  ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: where step time is
+  measured on a GPU, the driver first times a few real training steps in bf16 and in fp16
+  (``HeuristicConfig.speed_trial``, :meth:`HeuristicPolicy.choose_low_precision`) and the faster one is
+  used from then on, the start precision included; elsewhere bf16 (fp16 with ``use_fp16``).
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept.
@@ -43,7 +46,7 @@ variant isolates what one rule contributes. The registered variants (``HEURISTIC
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +123,38 @@ class HeuristicPolicy:
         self.name = _name_of(_Variant(chosen, self.needs_lr_factors))
         self.initial_precision = Precision.parse(self.config.heuristic.start_precision)
         """Every controllable layer's precision before the first decision (the driver applies it)."""
+        self.low_precision = Precision.FP16 if self.config.heuristic.use_fp16 else Precision.BF16
+        """The 16-bit precision insensitive groups are lowered to (:meth:`choose_low_precision` may change it)."""
+
+    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+        """Whether the driver should time the 16-bit precisions before the first decision.
+
+        Only a policy whose precision rule runs (``precision`` in ``parts``) has a use for it;
+        ``HeuristicConfig.speed_trial`` decides, and by default it runs where step time is measured on a GPU.
+        """
+        setting = self.config.heuristic.speed_trial
+        return "precision" in self.parts and (measured_on_gpu if setting is None else setting)
+
+    def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
+        """Lowers to the 16-bit precision with the shortest measured step from now on; returns it.
+
+        The start precision follows when it is 16-bit. A tie keeps the current choice.
+
+        Raises:
+            ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.
+        """
+        if not step_ms:
+            raise ValueError("step_ms is empty: time at least one 16-bit precision")
+        for precision, ms in step_ms.items():
+            if precision is Precision.FP32:
+                raise ValueError("step_ms names fp32; the trial chooses between 16-bit precisions")
+            if not (math.isfinite(ms) and ms > 0):
+                raise ValueError(f"step_ms[{precision.name.lower()}]={ms} must be positive and finite")
+        fastest = min(step_ms, key=lambda p: (step_ms[p], p is not self.low_precision))
+        self.low_precision = fastest
+        if self.initial_precision is not Precision.FP32:
+            self.initial_precision = fastest
+        return fastest
 
     @classmethod
     def from_name(cls, name: str, config: ControllerConfig | None = None) -> HeuristicPolicy:
@@ -165,7 +200,7 @@ class HeuristicPolicy:
 
     def _precisions(self, obs: np.ndarray, current: list[Precision], unstable: bool) -> list[Precision]:
         rules = self.config.heuristic
-        low = Precision.FP16 if rules.use_fp16 else Precision.BF16
+        low = self.low_precision
         chosen = []
         for group, precision in enumerate(current):
             sensitivity = obs[self.layout.group(group, "rel_sensitivity")]

@@ -103,3 +103,17 @@ def test_an_interval_trained_in_chunks_ends_at_the_same_decision_point():
         loop.snapshot(progress=0.1)
         loop.collector.add_overhead(1e6)
     assert between == [2, 2, 6, 6]  # as in one piece: chunk boundaries cost nothing the cadence counts
+
+
+def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on():
+    from triaccel_rl.types import Precision
+
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=4))
+    step_ms, chunks = loop.time_precisions((Precision.BF16, Precision.FP16), steps=3, warmup_steps=2)
+    assert set(step_ms) == {Precision.BF16, Precision.FP16} and all(ms > 0 for ms in step_ms.values())
+    assert sum(chunk.steps for chunk in chunks) == loop.run.steps == 10  # 2 x (2 + 3), across interval ends
+    assert set(loop.run.precisions) == {Precision.FP16}
+    with pytest.raises(ValueError, match="candidates is empty"):
+        loop.time_precisions((), steps=3)
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        loop.time_precisions((Precision.BF16,), steps=0)

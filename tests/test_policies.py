@@ -130,3 +130,60 @@ def test_heuristic_starts_from_its_start_precision():
         assert first == [int(Precision.parse(start))] * len(first)
     with pytest.raises(ConfigError, match="start_precision='int8' must be one of"):
         HeuristicConfig(start_precision="int8")
+
+
+def test_heuristic_lowers_to_the_16_bit_precision_its_speed_trial_found_faster():
+    policy = HeuristicPolicy()
+    assert policy.low_precision is Precision.BF16
+    assert policy.choose_low_precision({Precision.BF16: 4.14, Precision.FP16: 3.65}) is Precision.FP16
+    assert policy.initial_precision is Precision.FP16  # a 16-bit start follows
+    obs = observation([1.0, 0.0, -0.5, -1.0])  # groups 1-3 under lower_below, all in fp32
+    action, _ = policy.predict(obs)
+    assert precisions_of(action) == [0, 2, 2, 2]
+    assert policy.choose_low_precision({Precision.BF16: 3.0, Precision.FP16: 3.0}) is Precision.FP16  # a tie keeps
+    fp32_start = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(start_precision="fp32")))
+    fp32_start.choose_low_precision({Precision.BF16: 2.0, Precision.FP16: 3.0})
+    assert (fp32_start.low_precision, fp32_start.initial_precision) == (Precision.BF16, Precision.FP32)
+
+
+@pytest.mark.parametrize(
+    ("step_ms", "message"),
+    [
+        ({}, "step_ms is empty"),
+        ({Precision.FP32: 1.0}, "step_ms names fp32"),
+        ({Precision.BF16: float("nan")}, r"step_ms\[bf16\]=nan must be positive and finite"),
+        ({Precision.FP16: 0.0}, r"step_ms\[fp16\]=0.0 must be positive and finite"),
+    ],
+)
+def test_speed_trial_results_are_checked(step_ms, message):
+    with pytest.raises(ValueError, match=message):
+        HeuristicPolicy().choose_low_precision(step_ms)
+
+
+def test_who_runs_a_speed_trial():
+    def config(setting):
+        return ControllerConfig(heuristic=HeuristicConfig(speed_trial=setting))
+
+    assert [HeuristicPolicy().wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]  # by default
+    assert [HeuristicPolicy(config(True)).wants_speed_trial(gpu) for gpu in (True, False)] == [True, True]
+    assert [HeuristicPolicy(config(False)).wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]
+    assert not HeuristicPolicy.from_name("heuristic-elastic").wants_speed_trial(True)  # no precision rule
+    with pytest.raises(ConfigError, match="speed_trial_steps=0 must be >= 1"):
+        HeuristicConfig(speed_trial_steps=0)
+
+
+def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_faster_format():
+    from triaccel_rl.compare import run_controller
+
+    config = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
+    # Measured (CPU wall) time: a real timing, whichever format this CPU runs faster.
+    result = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", cost_mode="measured")
+    trial = result.speed_trial
+    assert set(trial) == {"bf16", "fp16", "chosen"} and trial["bf16"] > 0 and trial["fp16"] > 0
+    faster = Precision.BF16 if trial["bf16"] <= trial["fp16"] else Precision.FP16
+    assert trial["chosen"] == float(faster)
+    first = result.trace[0]["precisions"]  # the first snapshot: after the trial, before any decision
+    controllable = [p for p in first if p != 0]
+    assert controllable and set(controllable) == {int(faster)}
+    untried = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=ControllerConfig(interval_steps=20))
+    assert untried.speed_trial == {}  # modelled cost: no trial by default

@@ -56,6 +56,8 @@ class RunResult:
         fallbacks: decisions a learned policy handed to the heuristic (out-of-distribution observations).
         overhead_parts: ``overhead_frac`` by part (``triaccel_rl.loop.OVERHEAD_PARTS``, plus ``other``: the
             per-interval bookkeeping of the cheap signals).
+        speed_trial: the measured ms a step of each 16-bit precision before the first decision and the
+            ``chosen`` one's code (1 bf16, 2 fp16), when the policy asked for the trial; else empty.
     """
 
     controller: str
@@ -78,6 +80,7 @@ class RunResult:
     mean_step_ms: float = 0.0
     fallbacks: int = 0
     overhead_parts: dict[str, float] = field(default_factory=dict)
+    speed_trial: dict[str, float] = field(default_factory=dict)
 
 
 def run_controller(
@@ -188,6 +191,22 @@ def run_controller(
     prepare = getattr(policy, "prepare", None)
     if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
         prepare(run)
+    speed_trial: dict[str, float] = {}
+    wants_trial = getattr(policy, "wants_speed_trial", None)
+    measured_on_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
+    if adaptive and wants_trial is not None and wants_trial(measured_on_gpu):
+        # Which 16-bit format is faster depends on the model and the GPU: time both on real training steps.
+        steps = config.heuristic.speed_trial_steps
+        step_ms, chunks = loop.time_precisions((Precision.BF16, Precision.FP16), steps)
+        for chunk in chunks:  # training like any other: charged, and on the progress bar
+            time_ms += chunk.charged_ms
+            wall_ms += chunk.train_ms
+            if progress is not None:
+                progress.update(min(chunk.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))
+        chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
+        run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
+        speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
+        speed_trial["chosen"] = float(chosen)
     finished = False
     decide = False  # a snapshot is waiting for its decision
     signals: Signals | None = None
@@ -287,6 +306,7 @@ def run_controller(
         mean_step_ms=time_ms / max(run.steps, 1),
         fallbacks=int(getattr(policy, "fallbacks", 0)),
         overhead_parts=_overhead_parts(loop),
+        speed_trial=speed_trial,
     )
 
 

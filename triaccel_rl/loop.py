@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +21,7 @@ from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_obser
 from triaccel_rl.shield import RollbackGuard
 from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import IntervalStats, TrainingRun
-from triaccel_rl.types import Signals
+from triaccel_rl.types import Precision, Signals
 
 __all__ = ["OVERHEAD_PARTS", "DecisionLoop"]
 
@@ -116,6 +117,43 @@ class DecisionLoop:
         )
         self._mark = (collector.overhead_ms, collector.estimator_ms)
         return stats
+
+    def time_precisions(
+        self, candidates: Sequence[Precision], steps: int, warmup_steps: int = 2
+    ) -> tuple[dict[Precision, float], list[IntervalStats]]:
+        """Times real training steps in each candidate precision: ``(ms a step per candidate, chunks trained)``.
+
+        Each candidate (every controllable layer alike) trains ``warmup_steps`` then ``steps`` steps; the
+        time is the mean of the latter. The warm-up steps pay what a new precision map costs once (a graph
+        capture, kernel selection). All are real training steps, fed to the collector as any other; the
+        caller charges them (``IntervalStats.charged_ms``). The last candidate's precision is left on.
+
+        Raises:
+            ValueError: no candidate, or ``steps < 1`` or ``warmup_steps < 0``.
+        """
+        if not candidates:
+            raise ValueError("candidates is empty: name at least one precision to time")
+        if steps < 1 or warmup_steps < 0:
+            raise ValueError(f"steps={steps} must be >= 1 and warmup_steps={warmup_steps} >= 0")
+        n_controllable = len(self.run.precision.controllable_indices)
+        step_ms: dict[Precision, float] = {}
+        chunks: list[IntervalStats] = []
+        for precision in candidates:
+            self.run.set_precisions([precision] * n_controllable)
+            timed_ms = 0.0
+            timed_steps = 0
+            for n, timed in ((warmup_steps, False), (steps, True)):
+                while n > 0:  # an interval may end inside a chunk: carry on into the next one
+                    chunk = self.train_interval(max_steps=n)
+                    if chunk.steps == 0:
+                        break
+                    chunks.append(chunk)
+                    n -= chunk.steps
+                    if timed:
+                        timed_ms += chunk.train_ms
+                        timed_steps += chunk.steps
+            step_ms[precision] = timed_ms / max(timed_steps, 1)
+        return step_ms, chunks
 
     @property
     def decision_due(self) -> bool:
