@@ -10,10 +10,10 @@
   is lowered when its sensitivity falls under ``lower_below``; a lowered group returns to fp32 when it
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
-  ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: where step time is
-  measured on a GPU, the driver first times a few real training steps in bf16 and in fp16
-  (``HeuristicConfig.speed_trial``, :meth:`HeuristicPolicy.choose_low_precision`) and the faster one is
-  used from then on, the start precision included; elsewhere bf16 (fp16 with ``use_fp16``).
+  ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: bf16 (fp16 with
+  ``use_fp16``); with ``HeuristicConfig.speed_trial`` on, where step time is measured on a GPU the driver
+  first times a few real training steps in bf16 and in fp16 (:meth:`HeuristicPolicy.choose_low_precision`)
+  and the faster one is used from then on, the start precision included.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept.
@@ -129,8 +129,9 @@ class HeuristicPolicy:
     def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
         """Whether the driver should time the 16-bit precisions before the first decision.
 
-        Only a policy whose precision rule runs (``precision`` in ``parts``) has a use for it;
-        ``HeuristicConfig.speed_trial`` decides, and by default it runs where step time is measured on a GPU.
+        Only a policy whose precision rule runs (``precision`` in ``parts``) has a use for it, and only where
+        step time is measured on a GPU; ``HeuristicConfig.speed_trial`` turns it on (None: wherever it can
+        run; True forces it, e.g. for a test on a CPU with measured time).
         """
         setting = self.config.heuristic.speed_trial
         return "precision" in self.parts and (measured_on_gpu if setting is None else setting)

@@ -164,7 +164,8 @@ def test_who_runs_a_speed_trial():
     def config(setting):
         return ControllerConfig(heuristic=HeuristicConfig(speed_trial=setting))
 
-    assert [HeuristicPolicy().wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]  # by default
+    assert [HeuristicPolicy().wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]  # by default
+    assert [HeuristicPolicy(config(None)).wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]
     assert [HeuristicPolicy(config(True)).wants_speed_trial(gpu) for gpu in (True, False)] == [True, True]
     assert [HeuristicPolicy(config(False)).wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]
     assert not HeuristicPolicy.from_name("heuristic-elastic").wants_speed_trial(True)  # no precision rule
@@ -185,5 +186,6 @@ def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_fa
     first = result.trace[0]["precisions"]  # the first snapshot: after the trial, before any decision
     controllable = [p for p in first if p != 0]
     assert controllable and set(controllable) == {int(faster)}
-    untried = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=ControllerConfig(interval_steps=20))
-    assert untried.speed_trial == {}  # modelled cost: no trial by default
+    auto = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=None))
+    untried = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=auto)
+    assert untried.speed_trial == {}  # modelled cost: no trial
