@@ -167,7 +167,8 @@ class StepEngine:
         The fused step writes weights through raw pointers, which leaves PyTorch's version counters alone;
         any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter.
         So a changed sum of the counters means the copies are stale. Costs one attribute read a parameter;
-        ``TrainingRun`` calls it before every step and probe, ``Controller`` before every forward.
+        ``TrainingRun`` calls it at each ``step``, ``train_interval`` and probe (nothing outside can write
+        the weights inside an interval), ``Controller`` before every forward of the user's loop.
 
         Returns:
             Whether the copies were refreshed (always False on the reference path).

@@ -360,6 +360,7 @@ class TrainingRun:
                 (a one-sample micro-batch is retried as it is); the batch is returned to the loader first.
         """
         start = time.perf_counter()
+        self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
         outcome = self._step(deferred=False)
         elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
         skipped = bool(outcome.skipped)
@@ -398,6 +399,7 @@ class TrainingRun:
             raise ValueError(f"n_steps={n_steps} must be >= 0")
         if self._moments is None:
             self._moments = DeviceMoments(self.engine.layer_params)
+        self.engine.sync_weight_copies()  # weights written since the last call; none can be inside the interval
         timer = IntervalTimer(self.device)
         timer.start()
         samples = oom_events = peak = 0
@@ -432,7 +434,6 @@ class TrainingRun:
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
-        self.engine.sync_weight_copies()  # weights written outside the fused step (a user, a restore)
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
             self.model.train()
         # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
