@@ -196,7 +196,7 @@ def run_controller(
     measured_on_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
     if adaptive and wants_trial is not None and wants_trial(measured_on_gpu):
         # Which 16-bit format is faster depends on the model and the GPU: time both on real training steps.
-        steps = config.heuristic.speed_trial_steps
+        steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
         step_ms, chunks = loop.time_precisions((Precision.BF16, Precision.FP16), steps)
         for chunk in chunks:  # training like any other: charged, and on the progress bar
             time_ms += chunk.charged_ms
