@@ -201,8 +201,7 @@ def run_controller(
         for chunk in chunks:  # training like any other: charged, and on the progress bar
             time_ms += chunk.charged_ms
             wall_ms += chunk.train_ms
-            if progress is not None:
-                progress.update(min(chunk.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))
+            _advance(progress, chunk.samples / samples_per_epoch)
         chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
         run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
         speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
@@ -231,9 +230,7 @@ def run_controller(
         interval = loop.train_interval(max_steps=remaining_steps)
         time_ms += interval.charged_ms
         wall_ms += interval.train_ms
-        if progress is not None:
-            # Capped at the bar's total: the last interval's float share can overshoot by rounding.
-            progress.update(min(interval.samples / samples_per_epoch, max(progress.total - progress.n, 0.0)))
+        _advance(progress, interval.samples / samples_per_epoch)
         done = run.samples_seen >= total_samples
         evaluate = False
         if loop.decision_due or done:
@@ -308,6 +305,12 @@ def run_controller(
         overhead_parts=_overhead_parts(loop),
         speed_trial=speed_trial,
     )
+
+
+def _advance(progress: tqdm | None, epochs: float) -> None:
+    """Advances the bar by ``epochs``, capped at its total (the last interval's float share can overshoot)."""
+    if progress is not None:
+        progress.update(min(epochs, max(progress.total - progress.n, 0.0)))
 
 
 def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
