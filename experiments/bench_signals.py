@@ -17,15 +17,24 @@ Configurations, each a training loop with no host-device sync per step:
 - ``engine_sync`` (reference): ``base`` + ``StepEngine.grad_stats()`` and a host copy of the statistics every
   step — what ``TrainingRun`` does today (one sync per step).
 
-Timing: CUDA events around every step and around every measured window, read after the window (warm-up
-excluded: cuDNN autotuning, and for ``all`` the first, borrowed round and its repayment). Windows of the
-configurations are interleaved ``repeats`` times so clock drift hits all alike. ``step_ms_*`` is the
-amortized step time, total window time over steps (it includes the rare rounds, which a per-step median
-would hide); ``step_ms_*_median`` is the median of the per-step times. Overheads are relative to
-``step_ms_base``. Target: all signals ≤ 2%, cheap ≤ 0.5%. Because a shared host's drift moves whole
-windows, ``overhead_*_frac_paired`` also pair each configuration's window with the base window of the same
-repeat and take the median ratio over repeats (the rounds' measured time taken out of the ``all`` windows
-and its share of training time added back), with the interquartile range beside it.
+Two measurements of the overhead, both in the JSON:
+
+- **Attributed** (``overhead_cheap_frac``, ``overhead_all_frac``: the headline, and what the targets are judged
+  on): the collector's own work, timed where it runs. Host time is ``perf_counter`` around every call into
+  it; device time is CUDA events around the calls that queue kernels (the sampled ``observe`` and the
+  interval's flush); the rounds' time is what the collector measures of them (events, including their one
+  sync). Their sum per step, over ``step_ms_base``: an upper bound (a GPU-bound loop hides the host part, a
+  host-bound one the device part), resolved to microseconds. Parts in ``overhead_parts_ms_per_step``.
+- **A/B** (``overhead_*_frac_ab``): whole windows of each configuration against the base's. CUDA events around
+  every step and window, read after the window (warm-up excluded: cuDNN autotuning, and for ``all`` the first,
+  borrowed round and its repayment). Windows are interleaved ``repeats`` times so drift hits all alike.
+  ``step_ms_*`` is the amortized step time, total window time over steps; ``step_ms_*_median`` the median of
+  the per-step times; ``overhead_*_frac_paired`` the median over repeats of each window against the same
+  repeat's base window (rounds taken out and their share added back), with the interquartile range. The
+  A/A pair (``noise_floor_*``) shows the resolution: on the H200 (2026-12-01) windows of one configuration
+  varied by 7-13% (IQR), so these cannot resolve a 0.5% target, which is why the attributed figure leads.
+
+Target: all signals ≤ 2%, cheap ≤ 0.5% of the step time.
 
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
 """
@@ -159,6 +168,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     assert all_collector is not None
     rounds_before = runners["all"].rounds()
     round_ms = 0.0
+    own_ms = dict.fromkeys(runners, 0.0)  # the collector's own work (rounds left out), host + device
+    parts = {name: [0.0, 0.0] for name in runners}
+    for runner in runners.values():
+        runner.take_costs()  # the warm-up's
     for repeat in range(args.repeats):
         order = list(runners.items()) if repeat % 2 == 0 else list(reversed(runners.items()))
         for name, runner in order:
@@ -170,7 +183,16 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
             totals[name][1] += window_steps
             per_step[name].extend(steps_ms)
             window_ms[name].append(mean_ms * window_steps - in_rounds)
+            host_ms, device_ms = runner.take_costs()
+            own_ms[name] += host_ms + device_ms
+            parts[name][0] += host_ms
+            parts[name][1] += device_ms
     step_ms = {name: total / steps for name, (total, steps) in totals.items()}
+    # Attributed overheads: the collector's own timed work (and the rounds) per step, over the base step time.
+    attributed = {
+        "cheap": own_ms["cheap"] / totals["cheap"][1] / step_ms["base"],
+        "all": (own_ms["all"] + round_ms) / totals["all"][1] / step_ms["base"],
+    }
     medians = {name: statistics.median(values) for name, values in per_step.items()}
     paired = {name: paired_overhead(window_ms[name], window_ms["base"]) for name in runners}
     rounds = runners["all"].rounds() - rounds_before
@@ -184,8 +206,16 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "step_ms_base": step_ms["base"],
         "step_ms_cheap": step_ms["cheap"],
         "step_ms_all": step_ms["all"],
-        "overhead_cheap_frac": step_ms["cheap"] / step_ms["base"] - 1.0,
-        "overhead_all_frac": step_ms["all"] / step_ms["base"] - 1.0,
+        # Headline overheads: attributed (see the module docstring), an upper bound with a resolution of
+        # microseconds; the whole-window A/B ratios beside them cannot resolve less than their A/A noise.
+        "overhead_cheap_frac": attributed["cheap"],
+        "overhead_all_frac": attributed["all"],
+        "overhead_parts_ms_per_step": {
+            name: {"host": parts[name][0] / totals[name][1], "device": parts[name][1] / totals[name][1]}
+            for name in ("cheap", "all")
+        },
+        "overhead_cheap_frac_ab": step_ms["cheap"] / step_ms["base"] - 1.0,
+        "overhead_all_frac_ab": step_ms["all"] / step_ms["base"] - 1.0,
         "step_ms_base_median": medians["base"],
         "step_ms_cheap_median": medians["cheap"],
         "step_ms_all_median": medians["all"],
@@ -221,8 +251,8 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "expensive_share": all_collector.config.expensive_share,
         "dtype": "bf16-autocast" if workload.autocast else "fp32",
         "channels_last": True,
-        "meets_all_target": step_ms["all"] / step_ms["base"] - 1.0 <= TARGET_ALL,
-        "meets_cheap_target": step_ms["cheap"] / step_ms["base"] - 1.0 <= TARGET_CHEAP,
+        "meets_all_target": attributed["all"] <= TARGET_ALL,
+        "meets_cheap_target": attributed["cheap"] <= TARGET_CHEAP,
     }
 
 
@@ -259,6 +289,24 @@ class Runner:
         self.steps = 0
         self._interval_start = clock.mark()
         self._previous_marks: tuple[Any, Any] | None = None
+        # The collector's own work, timed where it runs: host seconds, and clock marks around its device work.
+        self._cost_host_s = 0.0
+        self._cost_marks: list[tuple[Any, Any]] = []
+
+    def take_costs(self) -> tuple[float, float]:
+        """(host ms, device ms) of the collector's own work since the last call (rounds left out); resets.
+
+        The host time is ``perf_counter`` around every call into the collector; the device time is the clock's
+        elapsed time around the calls that queue device work (the sampled ``observe`` and the interval's flush).
+        On a GPU-bound loop only the device part lengthens a step, on a host-bound one only the host part, so
+        their sum bounds the collector's cost from above.
+        """
+        self.clock.sync()
+        # On a CPU the clock is the host's, whose time is already counted.
+        device_ms = sum(self.clock.elapsed(a, b) for a, b in self._cost_marks) if self.clock.cuda else 0.0
+        host_ms = self._cost_host_s * 1e3
+        self._cost_host_s, self._cost_marks = 0.0, []
+        return host_ms, device_ms
 
     def rounds(self) -> int:
         """Estimator rounds run so far (0 without a collector)."""
@@ -304,7 +352,14 @@ class Runner:
 
     def _after_backward(self, loss: torch.Tensor) -> None:
         if self.moments is not None:
-            self.moments.observe(loss)  # device kernels only: no sync
+            start = time.perf_counter()
+            if self.moments.samples_next:
+                before = self.clock.mark()
+                self.moments.observe(loss)  # device kernels only: no sync
+                self._cost_marks.append((before, self.clock.mark()))
+            else:
+                self.moments.observe(loss)  # counted, not sampled: host work only
+            self._cost_host_s += time.perf_counter() - start
         if self.engine is not None:
             stats = self.engine.grad_stats()
             stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun does today
@@ -314,8 +369,11 @@ class Runner:
         if self.collector is None or self.moments is None:
             return
         # No host-device sync for the cheap signals: the previous interval's sums, copied asynchronously.
+        start = time.perf_counter()
+        before = self.clock.mark()
         interval = self.moments.flush_lagged()
         end = self.clock.mark()
+        self._cost_marks.append((before, end))
         if self._previous_marks is not None and interval is not None:
             # The previous interval's time: its end event was recorded an interval ago, so reading it is free.
             train_ms = self.clock.elapsed(*self._previous_marks)
@@ -323,7 +381,12 @@ class Runner:
         self._previous_marks = (self._interval_start, end)
         # One sync per round (rare), none otherwise. The benchmark has no training budget to project the run
         # from: progress unknown, so the first round is borrowed whatever it costs (it measures steady state).
+        rounds = self.rounds()
+        self._cost_host_s += time.perf_counter() - start
+        start = time.perf_counter()
         self.collector.maybe_estimate(progress=None)
+        if self.rounds() > rounds:  # a round's time is measured by the collector itself (estimator_ms)
+            start = time.perf_counter()
         n = len(self.collector.layers)
         self.collector.snapshot(
             grad_mean_sq_norm=np.full(n, np.nan),
@@ -332,6 +395,7 @@ class Runner:
             lr_scale=1.0,
             precisions=[Precision.BF16] * n,
         )
+        self._cost_host_s += time.perf_counter() - start
         self._interval_start = self.clock.mark()
 
 
@@ -431,15 +495,17 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| device | model | batch | base ms | cheap ms (overhead) | all ms (overhead) | engine+sync ms (overhead) "
-        "| A/A noise |",
+        "| device | model | batch | base ms | cheap: attributed (A/B ms, A/B) | all: attributed (A/B ms, A/B) "
+        "| engine+sync ms (A/B) | A/A noise |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['device']} | {row['model']} | {row['batch_size']} | {row['step_ms_base']:.3f} "
-            f"| {row['step_ms_cheap']:.3f} ({100 * row['overhead_cheap_frac']:+.2f}%) "
-            f"| {row['step_ms_all']:.3f} ({100 * row['overhead_all_frac']:+.2f}%) "
+            f"| {100 * row['overhead_cheap_frac']:.2f}% ({row['step_ms_cheap']:.3f}, "
+            f"{100 * row['overhead_cheap_frac_ab']:+.2f}%) "
+            f"| {100 * row['overhead_all_frac']:.2f}% ({row['step_ms_all']:.3f}, "
+            f"{100 * row['overhead_all_frac_ab']:+.2f}%) "
             f"| {row['step_ms_engine_sync']:.3f} ({100 * row['overhead_engine_sync_frac']:+.2f}%) "
             f"| {100 * row['noise_floor_frac']:+.2f}% |"
         )

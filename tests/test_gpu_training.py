@@ -180,7 +180,7 @@ def _assert_copies_current(run, dtype):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_run_reading_weight_copies_matches_one_casting_its_weights(deterministic_cudnn, graphs, precision):
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    runs = []
+    runs, losses = [], []
     for copies in (True, False):
         run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=graphs)
         assert run.engine.fused
@@ -188,17 +188,38 @@ def test_a_run_reading_weight_copies_matches_one_casting_its_weights(determinist
             run.engine.precision.use_weight_copies(None)
         run.train_interval(2)  # fp32: the copies are not written
         run.set_precisions([precision] * run.n_layers)  # lowered mid-run: the copies are refreshed
+        trajectory = []
         for _ in range(4):
             if copies:
                 _assert_copies_current(run, dtype)  # before each step: the forward reads exactly weights.to(dtype)
-            run.train_interval(1)
+            trajectory.append(run.train_interval(1).moments.loss)
         runs.append(run)
+        losses.append(trajectory)
     assert runs[0].engine.store.has_fp16_copy == (precision == "fp16")
     # Equal values, yet not bit-equal runs: cuDNN picks other kernels for the flat store's views than for a
-    # freshly cast weight. On the H200 (2026-12-01, scripts/check_weight_copies.py) the first difference was
-    # the fp16 stem convolution's output, one ulp, with equal inputs and weights; after 6 steps the largest
-    # relative difference of any tensor was 0.34%.
-    _assert_runs_match(runs[1], runs[0], rtol=1e-2)
+    # freshly cast weight (scripts/check_weight_copies.py, H200 2026-12-01: the fp16 stem convolution's output
+    # one ulp apart with equal inputs and weights). So the runs are compared as a user would: the losses step by
+    # step, and all weights together (norm-wise; one small tensor's elementwise error reached 5% in 4 steps).
+    for step, (a, b) in enumerate(zip(*losses, strict=True)):
+        assert abs(a - b) <= 1e-2 * abs(b), f"step {step}: loss {a} with copies, {b} casting"
+    with_copies, casting = runs[0].engine.store.params, runs[1].engine.store.params
+    error = float((with_copies - casting).norm() / casting.norm())
+    assert error <= 1e-3, f"the runs' weights differ by a norm-wise relative error {error:.3g} > 1e-3"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_forward_reads_the_weight_copies(precision):
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=False)
+    run.set_precisions([precision] * run.n_layers)
+    run.train_interval(1)
+    store = run.engine.store
+    copy = store.fp16_copy if dtype == torch.float16 else store.bf16_copy
+    with torch.no_grad():
+        before = float(run._probe_body(*run.probe_batch))
+        store.layer_segment(copy, run.engine.precision.controllable_indices[0]).zero_()  # fp32 weights untouched
+        after = float(run._probe_body(*run.probe_batch))
+    assert after != before, f"zeroing the first layer's {precision} copy left the probe loss at {before}"
 
 
 def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():

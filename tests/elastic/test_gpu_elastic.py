@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -106,16 +107,23 @@ def test_real_out_of_memory_is_recovered() -> None:
         later = [run.step().oom_events for _ in range(6)]
         assert later[-2:] == [0, 0], f"OOMs per later step: {later}"
     finally:
+        filler.clear()
         del filler
+        gc.collect()  # an OOM error's traceback may keep frames (and their tensors) in a reference cycle
         torch.cuda.empty_cache()
 
 
 def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None) -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    state = (f"before the run: {free} of {total} bytes free, {torch.cuda.memory_reserved()} reserved, "
+             f"{torch.cuda.memory_allocated()} allocated")  # fmt: skip
     run = TrainingRun(
         _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256
     )
     run.step()  # optimizer state allocated, a graph captured at batch 256
-    assert run.graphs is not None and run.graphs.captures == 1
+    assert run.graphs is not None and run.graphs.captures == 1, f"{state}; OOM log: {run.oom_log}"
     held = torch.cuda.memory_reserved()
     total = torch.cuda.get_device_properties(0).total_memory
     room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)

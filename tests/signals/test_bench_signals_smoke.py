@@ -13,7 +13,7 @@ FIELDS = {
     "device", "model", "step_ms_base", "step_ms_cheap", "step_ms_all", "overhead_all_frac", "overhead_cheap_frac",
     "date", "commit", "command", "noise_floor_frac", "step_ms_engine_sync", "expensive_share",
     "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
-    "rounds_share_of_train_frac",
+    "rounds_share_of_train_frac", "overhead_cheap_frac_ab", "overhead_all_frac_ab", "overhead_parts_ms_per_step",
 }  # fmt: skip
 
 
@@ -43,6 +43,12 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         for key in ("step_ms_base", "step_ms_cheap", "step_ms_all", "step_ms_engine_sync"):
             assert row[key] > 0, f"{key} = {row[key]}"
         assert row["last_round"] is not None  # the all configuration ran at least one estimator round
+        # The attributed cheap overhead is the collector's timed work per step over the base step; on a CPU all of
+        # it is host time (the clock is the host's, so no device part is added to it).
+        cheap = row["overhead_parts_ms_per_step"]["cheap"]
+        assert cheap["host"] > 0 and cheap["device"] == 0
+        assert abs(row["overhead_cheap_frac"] - cheap["host"] / row["step_ms_base"]) < 1e-12
+        assert row["overhead_all_frac"] >= row["overhead_parts_ms_per_step"]["all"]["host"] / row["step_ms_base"]
 
 
 def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:

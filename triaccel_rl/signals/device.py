@@ -96,6 +96,11 @@ class DeviceMoments:
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
         self._flushes = 0
 
+    @property
+    def samples_next(self) -> bool:
+        """Whether the next ``observe`` or ``observe_layers`` call is sampled (``every_steps``)."""
+        return self._calls % self.every_steps == 0
+
     def observe(self, loss: torch.Tensor) -> None:
         """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad)."""
         if not self._take(self._row == len(self._norms)):
