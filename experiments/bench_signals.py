@@ -8,8 +8,11 @@ Configurations, each a training loop with no host-device sync per step:
 
 - ``base``: forward, loss, backward, ``optimizer.step()``, ``zero_grad``.
 - ``cheap``: ``base`` + ``DeviceMoments.observe`` on one step in ``cheap_every_steps`` (per-layer gradient
-  norms recorded on the GPU), and every ``interval_steps`` steps a cheap ``SignalCollector`` snapshot fed by
+  norms recorded on the GPU), and at each decision point a cheap ``SignalCollector`` snapshot fed by
   ``DeviceMoments.flush_lagged`` (the previous interval's sums, copied asynchronously: no sync at all).
+  Decision points come as in the product: every ``interval_steps`` steps, stretched by a ``Cadence`` (up to
+  ``max_interval_factor`` times) when their measured host time would exceed their share of the budget,
+  ``(1 - expensive_share) * budget_frac`` (``--fixed-interval`` pins them).
 - ``all``: ``cheap`` + the scheduled rounds (Hutchinson curvature, micro-batch gradient noise, curvature
   sparsity) at the default 2% budget, drawn from a held-out batch of 512 samples.
 - ``base_again``: ``base`` once more, measured in the same rotation: an A/A pair whose difference
@@ -60,6 +63,7 @@ from torch import nn
 if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip install -e .`: use the tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from triaccel_rl.cadence import Cadence
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import resnet18
@@ -88,7 +92,11 @@ class Args:
     max_warmup_steps: int = 6000
     """Upper bound on the ``all`` warm-up, which waits for the first borrowed round to be repaid."""
     interval_steps: int = 20
-    """Steps between decision points (a flush, a snapshot, and for ``all`` a possible round)."""
+    """Least steps between decision points (a flush, a snapshot, and for ``all`` a possible round)."""
+    max_interval_factor: int = 8
+    """The ``Cadence`` stretches the interval up to this many times ``interval_steps`` (``ControllerConfig``'s)."""
+    fixed_interval: bool = False
+    """Decision points every ``interval_steps`` steps exactly (no ``Cadence``)."""
     budget_frac: float = 0.02
     """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
     cheap_every_steps: int = 4
@@ -146,8 +154,20 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     runners: dict[str, Runner] = {
         "base": Runner(workload, clock, args.interval_steps),
         "base_again": Runner(workload, clock, args.interval_steps),  # an A/A pair: the measurement's noise
-        "cheap": Runner(workload, clock, args.interval_steps, collector(infos, layer_params, workload, args, False)),
-        "all": Runner(workload, clock, args.interval_steps, collector(infos, layer_params, workload, args, True)),
+        "cheap": Runner(
+            workload,
+            clock,
+            args.interval_steps,
+            collector(infos, layer_params, workload, args, False),
+            cadence=cadence(args),
+        ),
+        "all": Runner(
+            workload,
+            clock,
+            args.interval_steps,
+            collector(infos, layer_params, workload, args, True),
+            cadence=cadence(args),
+        ),
         "engine_sync": Runner(workload, clock, args.interval_steps, engine=engine_without_hooks(workload, device)),
     }
     for runner in runners.values():
@@ -169,7 +189,8 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     rounds_before = runners["all"].rounds()
     round_ms = 0.0
     own_ms = dict.fromkeys(runners, 0.0)  # the collector's own work (rounds left out), host + device
-    parts = {name: [0.0, 0.0] for name in runners}
+    parts = {name: dict.fromkeys(("observe", "decision", "device"), 0.0) for name in runners}
+    decisions_before = {name: runner.decision_points for name, runner in runners.items()}
     for runner in runners.values():
         runner.take_costs()  # the warm-up's
     for repeat in range(args.repeats):
@@ -183,10 +204,9 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
             totals[name][1] += window_steps
             per_step[name].extend(steps_ms)
             window_ms[name].append(mean_ms * window_steps - in_rounds)
-            host_ms, device_ms = runner.take_costs()
-            own_ms[name] += host_ms + device_ms
-            parts[name][0] += host_ms
-            parts[name][1] += device_ms
+            for part, ms in runner.take_costs().items():
+                own_ms[name] += ms
+                parts[name][part] += ms
     step_ms = {name: total / steps for name, (total, steps) in totals.items()}
     # Attributed overheads: the collector's own timed work (and the rounds) per step, over the base step time.
     attributed = {
@@ -211,7 +231,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "overhead_cheap_frac": attributed["cheap"],
         "overhead_all_frac": attributed["all"],
         "overhead_parts_ms_per_step": {
-            name: {"host": parts[name][0] / totals[name][1], "device": parts[name][1] / totals[name][1]}
+            name: {part: ms / totals[name][1] for part, ms in parts[name].items()} for name in ("cheap", "all")
+        },
+        "steps_per_decision": {
+            name: totals[name][1] / max(runners[name].decision_points - decisions_before[name], 1)
             for name in ("cheap", "all")
         },
         "overhead_cheap_frac_ab": step_ms["cheap"] / step_ms["base"] - 1.0,
@@ -279,6 +302,7 @@ class Runner:
         interval_steps: int,
         collector: SignalCollector | None = None,
         engine: StepEngine | None = None,
+        cadence: Cadence | None = None,
     ) -> None:
         self.workload = workload
         self.clock = clock
@@ -290,11 +314,19 @@ class Runner:
         self._interval_start = clock.mark()
         self._previous_marks: tuple[Any, Any] | None = None
         # The collector's own work, timed where it runs: host seconds, and clock marks around its device work.
-        self._cost_host_s = 0.0
+        self._observe_host_s = 0.0
+        self._decision_host_s = 0.0
         self._cost_marks: list[tuple[Any, Any]] = []
+        self.cadence = cadence  # None: a decision point every interval_steps steps
+        self._in_interval = 0  # steps since the last decision point, and their host wall time
+        self._interval_wall = time.perf_counter()
+        self._previous_steps = interval_steps
+        self.decision_points = 0
 
-    def take_costs(self) -> tuple[float, float]:
-        """(host ms, device ms) of the collector's own work since the last call (rounds left out); resets.
+    def take_costs(self) -> dict[str, float]:
+        """Ms of the collector's own work since the last call (rounds left out), by part; resets.
+
+        Parts: ``observe`` (host, the per-step calls), ``decision`` (host, the decision points), ``device``.
 
         The host time is ``perf_counter`` around every call into the collector; the device time is the clock's
         elapsed time around the calls that queue device work (the sampled ``observe`` and the interval's flush).
@@ -304,9 +336,9 @@ class Runner:
         self.clock.sync()
         # On a CPU the clock is the host's, whose time is already counted.
         device_ms = sum(self.clock.elapsed(a, b) for a, b in self._cost_marks) if self.clock.cuda else 0.0
-        host_ms = self._cost_host_s * 1e3
-        self._cost_host_s, self._cost_marks = 0.0, []
-        return host_ms, device_ms
+        costs = {"observe": self._observe_host_s * 1e3, "decision": self._decision_host_s * 1e3, "device": device_ms}
+        self._observe_host_s, self._decision_host_s, self._cost_marks = 0.0, 0.0, []
+        return costs
 
     def rounds(self) -> int:
         """Estimator rounds run so far (0 without a collector)."""
@@ -321,7 +353,8 @@ class Runner:
             if step_marks is not None:
                 step_marks.append(self.clock.mark())
             self.steps += 1
-            if self.steps % self.interval_steps == 0:
+            self._in_interval += 1
+            if self._in_interval >= (self.cadence.steps if self.cadence is not None else self.interval_steps):
                 self._decision_point()
 
     def warm_up(self, n_steps: int) -> None:
@@ -334,7 +367,7 @@ class Runner:
         assert self.collector is not None
         start = self.steps
         while self.steps - start < max_steps and (self.rounds() < 2 or self.collector.scheduler.credit_ms < 0):
-            self.run(self.interval_steps)
+            self.run(self.cadence.steps if self.cadence is not None else self.interval_steps)
         self.clock.sync()
 
     def window(self, n_steps: int) -> tuple[float, list[float]]:
@@ -359,15 +392,19 @@ class Runner:
                 self._cost_marks.append((before, self.clock.mark()))
             else:
                 self.moments.observe(loss)  # counted, not sampled: host work only
-            self._cost_host_s += time.perf_counter() - start
+            self._observe_host_s += time.perf_counter() - start
         if self.engine is not None:
             stats = self.engine.grad_stats()
             stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun does today
             float(loss.detach())
 
     def _decision_point(self) -> None:
+        steps, self._in_interval = self._in_interval, 0
         if self.collector is None or self.moments is None:
             return
+        self.decision_points += 1
+        interval_wall_ms = (time.perf_counter() - self._interval_wall) * 1e3
+        host_before = self._decision_host_s
         # No host-device sync for the cheap signals: the previous interval's sums, copied asynchronously.
         start = time.perf_counter()
         before = self.clock.mark()
@@ -377,12 +414,13 @@ class Runner:
         if self._previous_marks is not None and interval is not None:
             # The previous interval's time: its end event was recorded an interval ago, so reading it is free.
             train_ms = self.clock.elapsed(*self._previous_marks)
-            self.collector.observe_interval(interval, n_steps=self.interval_steps, train_ms=train_ms)
+            self.collector.observe_interval(interval, n_steps=self._previous_steps, train_ms=train_ms)
         self._previous_marks = (self._interval_start, end)
+        self._previous_steps = steps
         # One sync per round (rare), none otherwise. The benchmark has no training budget to project the run
         # from: progress unknown, so the first round is borrowed whatever it costs (it measures steady state).
         rounds = self.rounds()
-        self._cost_host_s += time.perf_counter() - start
+        self._decision_host_s += time.perf_counter() - start
         start = time.perf_counter()
         self.collector.maybe_estimate(progress=None)
         if self.rounds() > rounds:  # a round's time is measured by the collector itself (estimator_ms)
@@ -395,8 +433,11 @@ class Runner:
             lr_scale=1.0,
             precisions=[Precision.BF16] * n,
         )
-        self._cost_host_s += time.perf_counter() - start
+        self._decision_host_s += time.perf_counter() - start
+        if self.cadence is not None:  # as the Controller does: the decision's own time against the interval's
+            self.cadence.record((self._decision_host_s - host_before) * 1e3, interval_wall_ms, steps)
         self._interval_start = self.clock.mark()
+        self._interval_wall = time.perf_counter()
 
 
 class Clock:
@@ -467,6 +508,14 @@ def collector(
         x, y = workload.held_out
         result.attach(EstimatorSource(workload.model, layer_params, nn.functional.cross_entropy, x, y), seed=args.seed)
     return result
+
+
+def cadence(args: Args) -> Cadence | None:
+    """The decision points' ``Cadence`` as the product builds it (None with ``--fixed-interval``)."""
+    if args.fixed_interval:
+        return None
+    share = (1.0 - SignalConfig().expensive_share) * args.budget_frac
+    return Cadence(args.interval_steps, args.max_interval_factor, share)
 
 
 def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine:

@@ -78,6 +78,30 @@ def test_memory_model_predicts_the_allocator_peak() -> None:
     assert abs(predicted - peak) / peak < 0.10, f"predicted {predicted} bytes, allocator peak {peak}"
 
 
+# Before the real out-of-memory test: after it the allocator may keep its reserve (see the last test).
+def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None) -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    state = (f"before the run: {free} of {total} bytes free, {torch.cuda.memory_reserved()} reserved, "
+             f"{torch.cuda.memory_allocated()} allocated")  # fmt: skip
+    run = TrainingRun(
+        _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256
+    )
+    run.step()  # optimizer state allocated, a graph captured at batch 256
+    assert run.graphs is not None and run.graphs.captures == 1, f"{state}; OOM log: {run.oom_log}"
+    held = torch.cuda.memory_reserved()
+    total = torch.cuda.get_device_properties(0).total_memory
+    room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)
+    torch.cuda.set_per_process_memory_fraction((held + room // 3) / total)
+    run.batch_size = 4096  # a new shape: its capture's eager warm-up pass runs out of memory
+    served = run.samples_seen
+    stats = run.step()
+    assert stats.oom_events >= 1 and len(run.last_micro_batches) >= 2  # recovered by splitting, eagerly
+    assert run.samples_seen - served == 4096
+    assert run.graphs is not None  # graphs stay on for steps that fit in one micro-batch
+
+
 def test_real_out_of_memory_is_recovered() -> None:
     # Eager steps: a captured step reserves its memory at capture, so later scarcity would not bite.
     run = TrainingRun(
@@ -113,24 +137,13 @@ def test_real_out_of_memory_is_recovered() -> None:
         torch.cuda.empty_cache()
 
 
-def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None) -> None:
+@pytest.mark.xfail(
+    reason="seen on the H200 (2026-12-01): after test_real_out_of_memory_is_recovered the allocator "
+    "kept ~139 GiB reserved that empty_cache did not release and a new run could not use",
+    strict=False,
+)
+def test_memory_is_released_after_a_recovered_out_of_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
-    state = (f"before the run: {free} of {total} bytes free, {torch.cuda.memory_reserved()} reserved, "
-             f"{torch.cuda.memory_allocated()} allocated")  # fmt: skip
-    run = TrainingRun(
-        _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256
-    )
-    run.step()  # optimizer state allocated, a graph captured at batch 256
-    assert run.graphs is not None and run.graphs.captures == 1, f"{state}; OOM log: {run.oom_log}"
-    held = torch.cuda.memory_reserved()
-    total = torch.cuda.get_device_properties(0).total_memory
-    room = run.predicted_memory_bytes(4096) - run.predicted_memory_bytes(0)
-    torch.cuda.set_per_process_memory_fraction((held + room // 3) / total)
-    run.batch_size = 4096  # a new shape: its capture's eager warm-up pass runs out of memory
-    served = run.samples_seen
-    stats = run.step()
-    assert stats.oom_events >= 1 and len(run.last_micro_batches) >= 2  # recovered by splitting, eagerly
-    assert run.samples_seen - served == 4096
-    assert run.graphs is not None  # graphs stay on for steps that fit in one micro-batch
+    reserved = torch.cuda.memory_reserved()
+    assert reserved < 8 << 30, f"{reserved} bytes still reserved after the earlier tests' runs are gone"

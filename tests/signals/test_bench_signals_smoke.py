@@ -14,6 +14,7 @@ FIELDS = {
     "date", "commit", "command", "noise_floor_frac", "step_ms_engine_sync", "expensive_share",
     "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
     "rounds_share_of_train_frac", "overhead_cheap_frac_ab", "overhead_all_frac_ab", "overhead_parts_ms_per_step",
+    "steps_per_decision",
 }  # fmt: skip
 
 
@@ -46,9 +47,11 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         # The attributed cheap overhead is the collector's timed work per step over the base step; on a CPU all of
         # it is host time (the clock is the host's, so no device part is added to it).
         cheap = row["overhead_parts_ms_per_step"]["cheap"]
-        assert cheap["host"] > 0 and cheap["device"] == 0
-        assert abs(row["overhead_cheap_frac"] - cheap["host"] / row["step_ms_base"]) < 1e-12
-        assert row["overhead_all_frac"] >= row["overhead_parts_ms_per_step"]["all"]["host"] / row["step_ms_base"]
+        assert cheap["observe"] > 0 and cheap["decision"] > 0 and cheap["device"] == 0
+        assert abs(row["overhead_cheap_frac"] - (cheap["observe"] + cheap["decision"]) / row["step_ms_base"]) < 1e-12
+        spent = row["overhead_parts_ms_per_step"]["all"]
+        assert row["overhead_all_frac"] >= (spent["observe"] + spent["decision"]) / row["step_ms_base"]
+        assert row["steps_per_decision"]["cheap"] >= 4  # the smoke run's least interval
 
 
 def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
