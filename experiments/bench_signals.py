@@ -100,6 +100,8 @@ class Args:
     """The ``Cadence`` stretches the interval up to this many times ``interval_steps`` (``ControllerConfig``'s)."""
     fixed_interval: bool = False
     """Decision points every ``interval_steps`` steps exactly (no ``Cadence``)."""
+    isolated_calls: int = 30
+    """Calls of each kind timed alone on an idle device for ``isolated_call_ms`` (>= 1)."""
     budget_frac: float = 0.02
     """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
     cheap_every_steps: int = 4
@@ -219,6 +221,14 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     medians = {name: statistics.median(values) for name, values in per_step.items()}
     paired = {name: paired_overhead(window_ms[name], window_ms["base"]) for name in runners}
     rounds = runners["all"].rounds() - rounds_before
+    steps_per_decision = {
+        name: totals[name][1] / max(runners[name].decision_points - decisions_before[name], 1)
+        for name in ("cheap", "all")
+    }
+    isolated = runners["cheap"].isolated_call_ms(args.isolated_calls)
+    isolated_frac = (
+        isolated["observe"] / args.cheap_every_steps + isolated["decision"] / steps_per_decision["cheap"]
+    ) / step_ms["base"]
     last = all_collector.last_round
     measured_steps = totals["all"][1]
     return {
@@ -236,10 +246,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "overhead_parts_ms_per_step": {
             name: {part: ms / totals[name][1] for part, ms in parts[name].items()} for name in ("cheap", "all")
         },
-        "steps_per_decision": {
-            name: totals[name][1] / max(runners[name].decision_points - decisions_before[name], 1)
-            for name in ("cheap", "all")
-        },
+        "steps_per_decision": steps_per_decision,
+        # The cheap path's calls timed alone on an idle device (no back-pressure), at the measured cadence.
+        "isolated_call_ms": isolated,
+        "overhead_cheap_frac_isolated": isolated_frac,
         "overhead_cheap_frac_ab": step_ms["cheap"] / step_ms["base"] - 1.0,
         "overhead_all_frac_ab": step_ms["all"] / step_ms["base"] - 1.0,
         "step_ms_base_median": medians["base"],
@@ -385,6 +395,37 @@ class Runner:
         self.clock.sync()
         per_step = [self.clock.elapsed(a, b) for a, b in zip(marks[::2], marks[1::2], strict=True)]
         return self.clock.elapsed(start, end) / n_steps, per_step
+
+    def isolated_call_ms(self, n_calls: int) -> dict[str, float]:
+        """Median host ms of one sampled ``observe`` and of one decision point, each begun on an idle device.
+
+        With the device idle no launch waits for queue space, so these are the calls' own host costs, free of
+        the back-pressure that the attributed host time picks up on a GPU-bound loop. Rounds are left out.
+        """
+        assert self.moments is not None and self.collector is not None
+        observe_ms: list[float] = []
+        decision_ms: list[float] = []
+        every, self.moments.every_steps = self.moments.every_steps, 1
+
+        def timed(loss: torch.Tensor) -> None:
+            assert self.moments is not None
+            self.clock.sync()
+            start = time.perf_counter()
+            self.moments.observe(loss)
+            observe_ms.append((time.perf_counter() - start) * 1e3)
+
+        try:
+            for _ in range(n_calls):
+                self.workload.step(self.steps, timed)
+                self.steps += 1
+                self.clock.sync()
+                rounds, before = self.rounds(), self._decision_host_s
+                self._decision_point()
+                if self.rounds() == rounds:
+                    decision_ms.append((self._decision_host_s - before) * 1e3)
+        finally:
+            self.moments.every_steps = every
+        return {"observe": statistics.median(observe_ms), "decision": statistics.median(decision_ms)}
 
     def _after_backward(self, loss: torch.Tensor) -> None:
         if self.moments is not None:
@@ -568,6 +609,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     if args.smoke:
         args.window_s, args.repeats, args.warmup_steps = min(args.window_s, 0.05), min(args.repeats, 2), 2
         args.interval_steps, args.max_warmup_steps = min(args.interval_steps, 4), min(args.max_warmup_steps, 8)
+        args.isolated_calls = min(args.isolated_calls, 3)
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         raise SystemExit("bench_signals: no CUDA GPU; use --smoke for a CPU check")
@@ -585,6 +627,11 @@ def main(args: Args) -> list[dict[str, Any]]:
         per_round = row["steps_per_round"]
         cadence = f"a round every {per_round:.0f} steps" if per_round else "no round in the measured windows"
         print(f"{row['model']}: {verdict} the targets (all ≤ 2%, cheap ≤ 0.5%); {cadence}")
+        calls = row["isolated_call_ms"]
+        print(
+            f"  alone on an idle device: observe {calls['observe']:.3f} ms, decision {calls['decision']:.3f} ms, "
+            f"so cheap {100 * row['overhead_cheap_frac_isolated']:.2f}% at this cadence"
+        )
         iqr = row["paired_iqr"]
         print(
             f"  paired medians over repeats: cheap {100 * row['overhead_cheap_frac_paired']:+.2f}% "

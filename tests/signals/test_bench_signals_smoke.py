@@ -14,7 +14,7 @@ FIELDS = {
     "date", "commit", "command", "noise_floor_frac", "step_ms_engine_sync", "expensive_share",
     "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
     "rounds_share_of_train_frac", "overhead_cheap_frac_ab", "overhead_all_frac_ab", "overhead_parts_ms_per_step",
-    "steps_per_decision",
+    "steps_per_decision", "isolated_call_ms", "overhead_cheap_frac_isolated",
 }  # fmt: skip
 
 
@@ -52,6 +52,10 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         spent = row["overhead_parts_ms_per_step"]["all"]
         assert row["overhead_all_frac"] >= (spent["observe"] + spent["decision"]) / row["step_ms_base"]
         assert row["steps_per_decision"]["cheap"] >= 4  # the smoke run's least interval
+        calls = row["isolated_call_ms"]
+        assert calls["observe"] > 0 and calls["decision"] > 0
+        implied = calls["observe"] / row["cheap_every_steps"] + calls["decision"] / row["steps_per_decision"]["cheap"]
+        assert abs(row["overhead_cheap_frac_isolated"] - implied / row["step_ms_base"]) < 1e-12
 
 
 def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
