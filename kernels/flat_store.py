@@ -25,7 +25,9 @@ class FlatParameterStore:
     After construction the parameters keep working in the model (same objects, same values) but their
     storage is the flat ``params`` buffer, and ``param.grad`` is a view of the flat ``grads`` buffer, which
     autograd accumulates into in place. Two flat 16-bit buffers, ``bf16_copy`` and ``fp16_copy``, hold the
-    low-precision weights the fused optimizers write for layers computing in bf16 or fp16.
+    low-precision weights the fused optimizers write for layers computing in bf16 or fp16. With
+    ``shared_copy`` they are one buffer seen as either type: each layer's segment holds the bits of the type
+    that layer computes in (a layer is never both), so the copies cost 2 bytes a parameter whatever the map.
 
     Hazards: do not set ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) or move the
     model with ``.to()`` afterwards, both detach the parameters from the flat buffers; use
@@ -37,7 +39,7 @@ class FlatParameterStore:
         grads: flat float32 gradients; each ``param.grad`` is a view of it.
         bf16_copy: flat bfloat16 copy of the weights, current for layers the optimizer keeps in bf16.
         fp16_copy: flat float16 copy of the weights, current for layers the optimizer keeps in fp16 (with
-            ``lazy_fp16_copy``, ``bf16_copy``'s storage until ``ensure_fp16_copy``).
+            ``shared_copy``, ``bf16_copy``'s storage seen as float16).
         chunk_layer: int32 ``[n_elements // segment_align]``, the layer owning each segment.
         n_elements: length of every flat buffer, padding included (a multiple of ``segment_align``).
         n_layers: number of layers.
@@ -63,7 +65,7 @@ class FlatParameterStore:
         layers: Sequence[Sequence[torch.nn.Parameter]],
         *,
         segment_align: int = SEGMENT_ALIGN_ELEMENTS,
-        lazy_fp16_copy: bool = False,
+        shared_copy: bool = False,
     ) -> None:
         """Copies ``layers`` into new flat buffers and re-points every parameter and grad at a view.
 
@@ -72,9 +74,10 @@ class FlatParameterStore:
                 (``lr_factors``, ``precision_codes``, statistics) use. Every parameter must be float32,
                 dense (contiguous or channels-last), on one device, and appear once; a layer may be empty.
             segment_align: segment size in elements; must be a multiple of ``PARAM_ALIGN_ELEMENTS``.
-            lazy_fp16_copy: until :meth:`ensure_fp16_copy` is called, ``fp16_copy`` shares ``bf16_copy``'s
-                storage (2 bytes an element saved while no layer computes in fp16). The caller must call
-                it before any step that gives a layer the fp16 code, or the two copies overwrite each other.
+            shared_copy: ``fp16_copy`` is ``bf16_copy``'s storage (2 bytes an element saved). A segment then
+                holds one type's bits: :meth:`refresh_low_precision` must be told each layer's precision
+                code, and a layer's copy may be read only in the type of its code at the last refresh (the
+                fused steps keep each segment in its layer's type).
 
         Raises:
             ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, or mixed devices.
@@ -133,9 +136,10 @@ class FlatParameterStore:
         self.params = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
         self.grads = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
         self.bf16_copy = torch.zeros(self.n_elements, dtype=torch.bfloat16, device=self.device)
+        self.shared_copy = shared_copy
         self.fp16_copy = (
             self.bf16_copy.view(torch.float16)
-            if lazy_fp16_copy
+            if shared_copy
             else torch.zeros(self.n_elements, dtype=torch.float16, device=self.device)
         )
         chunk_layer = torch.repeat_interleave(
@@ -189,38 +193,45 @@ class FlatParameterStore:
         ]
 
     def low_precision_params(self, layer: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The bf16 or fp16 copies of ``layer``'s parameters, shaped like them (views, no copy).
-
-        Asking for fp16 views gives a lazily shared fp16 copy its own storage first.
-        """
+        """The bf16 or fp16 copies of ``layer``'s parameters, shaped like them (views, no copy)."""
         if dtype == torch.bfloat16:
             return self.param_views(self.bf16_copy, layer)
         if dtype == torch.float16:
-            self.ensure_fp16_copy()
             return self.param_views(self.fp16_copy, layer)
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
 
-    @property
-    def has_fp16_copy(self) -> bool:
-        """False while ``fp16_copy`` still shares ``bf16_copy``'s storage (``lazy_fp16_copy``)."""
-        return self.fp16_copy.data_ptr() != self.bf16_copy.data_ptr()
-
-    def ensure_fp16_copy(self) -> None:
-        """Gives ``fp16_copy`` its own storage, filled from the fp32 weights (a no-op once it has one)."""
-        if not self.has_fp16_copy:
-            self.fp16_copy = torch.empty(self.n_elements, dtype=torch.float16, device=self.device)
-            cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
-
-    def refresh_low_precision(self) -> None:
-        """Rounds all fp32 weights into the 16-bit copies (a launch each), e.g. before the first forward.
+    def refresh_low_precision(self, codes: Sequence[int] | None = None) -> None:
+        """Rounds the fp32 weights into the 16-bit copies, e.g. before the first forward.
 
         The fused optimizers keep the copies of bf16 and fp16 layers current after each applied step; call
-        this after changing weights any other way (loading a checkpoint, say). A shared fp16 copy
-        (``lazy_fp16_copy``) is left alone: it is the bf16 copy.
+        this after changing weights any other way (loading a checkpoint, say) or a layer's precision.
+
+        Args:
+            codes: each layer's precision code (0 fp32, 1 bf16, 2 fp16), as the fused steps take them. Separate
+                copies ignore it (both are written whole, a launch each). A ``shared_copy`` needs it (None:
+                all bf16): one launch writes the whole buffer in the type more layers want, then each layer
+                of the other type has its segment rewritten (a launch each). fp32 layers' bits are not read.
+
+        Raises:
+            ValueError: ``codes`` has not one entry per layer, or an entry outside 0, 1, 2.
         """
-        cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
-        if self.has_fp16_copy:
+        if not self.shared_copy:
+            cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
             cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+            return
+        codes = [1] * self.n_layers if codes is None else [int(code) for code in codes]
+        if len(codes) != self.n_layers or any(code not in (0, 1, 2) for code in codes):
+            raise ValueError(f"codes must give each of the {self.n_layers} layers 0, 1 or 2; got {codes}")
+        bf16_layers = [layer for layer, code in enumerate(codes) if code == 1]
+        fp16_layers = [layer for layer, code in enumerate(codes) if code == 2]
+        if len(fp16_layers) > len(bf16_layers):
+            cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
+            rewrite, dtype, out = bf16_layers, torch.bfloat16, self.bf16_copy
+        else:
+            cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
+            rewrite, dtype, out = fp16_layers, torch.float16, self.fp16_copy
+        for layer in rewrite:
+            cast_to_low_precision(self.layer_segment(self.params, layer), dtype, out=self.layer_segment(out, layer))
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

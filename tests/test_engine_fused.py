@@ -182,6 +182,7 @@ def test_lowering_a_layer_mid_run_or_changing_weights_refreshes_its_copy():
         model[2].weight.mul_(0.5)  # e.g. a rollback or a loaded checkpoint
     engine.refresh_weight_copies()
     assert torch.equal(engine.store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    engine.set_precisions([Precision.FP32, Precision.BF16])  # back to bf16: its segment holds bf16 bits again
     assert torch.equal(engine.store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
 
 
@@ -247,29 +248,46 @@ def test_a_run_reading_weight_copies_equals_one_that_casts(monkeypatch):
         assert torch.equal(with_copies, with_casts), f"differ by {(with_copies - with_casts).abs().max():.3g}"
 
 
-def test_the_fp16_copy_takes_memory_only_once_a_layer_computes_in_fp16():
+def test_one_16_bit_buffer_serves_bf16_and_fp16_layers():
     model, engine = make("sgd", True)
     store = engine.store
-    assert not store.has_fp16_copy  # bf16 and fp32 layers only: one 16-bit buffer
-    engine.set_precisions([Precision.BF16, Precision.FP32])
-    assert not store.has_fp16_copy
+    assert store.shared_copy and store.fp16_copy.data_ptr() == store.bf16_copy.data_ptr()  # 2 bytes a parameter
     engine.set_precisions([Precision.BF16, Precision.FP16])
-    assert store.has_fp16_copy
-    for x, y in batches(3):  # both copies written by the same steps, neither over the other
+    for x, y in batches(3):  # each layer's segment written in its own type by the same steps
         with engine.precision.context():
             loss = nn.functional.cross_entropy(model(x), y)
         engine.backward_and_step(loss)
     assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], model[0].weight.detach().bfloat16())
     assert torch.equal(store.low_precision_params(1, torch.float16)[0], model[2].weight.detach().half())
+    engine.set_precisions([Precision.FP16, Precision.BF16])  # both switch type: both segments rewritten
+    assert torch.equal(store.low_precision_params(0, torch.float16)[0], model[0].weight.detach().half())
+    assert torch.equal(store.low_precision_params(1, torch.bfloat16)[0], model[2].weight.detach().bfloat16())
 
 
-def test_a_lazy_store_asked_for_fp16_views_allocates_them():
+def _bits(tensor):
+    return tensor.view(torch.int16)
+
+
+@pytest.mark.parametrize("codes", [[1, 2, 0], [2, 2, 1], [2, 0, 2], [0, 0, 0]])
+def test_a_shared_copy_holds_each_layers_bits_in_its_own_type(codes):
     from triaccel_rl.kernels import FlatParameterStore
 
-    layer = [nn.Parameter(torch.arange(6.0, device=DEVICE))]
-    store = FlatParameterStore([layer], lazy_fp16_copy=True)
-    store.refresh_low_precision()  # writes the bf16 copy only: the shared storage is the bf16 copy
-    assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], layer[0].detach().bfloat16())
-    (view,) = store.low_precision_params(0, torch.float16)
-    assert store.has_fp16_copy and torch.equal(view, layer[0].detach().half())
-    assert torch.equal(store.low_precision_params(0, torch.bfloat16)[0], layer[0].detach().bfloat16())
+    torch.manual_seed(0)
+    layers = [[nn.Parameter(torch.randn(n, device=DEVICE))] for n in (5, 300, 7)]
+    store = FlatParameterStore(layers, shared_copy=True)
+    store.refresh_low_precision(codes)
+    for layer, code in enumerate(codes):
+        if code:  # an fp32 layer's bits are never read
+            dtype = torch.bfloat16 if code == 1 else torch.float16
+            (view,) = store.low_precision_params(layer, dtype)
+            assert torch.equal(_bits(view), _bits(layers[layer][0].detach().to(dtype))), f"layer {layer}, code {code}"
+
+
+def test_a_shared_copy_refuses_codes_that_do_not_fit():
+    from triaccel_rl.kernels import FlatParameterStore
+
+    store = FlatParameterStore([[nn.Parameter(torch.ones(3, device=DEVICE))]], shared_copy=True)
+    with pytest.raises(ValueError, match=r"codes must give each of the 1 layers 0, 1 or 2; got \[3\]"):
+        store.refresh_low_precision([3])
+    with pytest.raises(ValueError, match="each of the 1 layers"):
+        store.refresh_low_precision([1, 1])

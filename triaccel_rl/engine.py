@@ -146,9 +146,9 @@ class StepEngine:
         before = list(self.precision.precisions)
         self.precision.set(parsed)
         if self.fused and self.precision.precisions != before:
-            if Precision.FP16 in self.precision.precisions:
-                self.store.ensure_fp16_copy()  # before any step writes an fp16 segment
-            self.refresh_weight_copies()  # a layer lowered now has a stale copy: the step writes only low layers'
+            # A layer lowered now has a stale copy (the step writes only low layers'), and one switched between
+            # bf16 and fp16 holds the other type's bits in the shared 16-bit buffer.
+            self.refresh_weight_copies()
 
     def refresh_weight_copies(self) -> None:
         """Re-derives the 16-bit weight copies from the fp32 weights (fused path; two launches).
@@ -158,7 +158,8 @@ class StepEngine:
         :meth:`sync_weight_copies` does by itself. A no-op on the reference path.
         """
         if self.fused:
-            self.store.refresh_low_precision()
+            self._copy_codes = list(self.precision.precisions)
+            self.store.refresh_low_precision([int(p) for p in self._copy_codes])
             self._copies_version = self._weights_version()
 
     def sync_weight_copies(self) -> bool:
@@ -369,10 +370,11 @@ class StepEngine:
     def _init_fused(self) -> None:
         from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
 
-        # The fp16 copy gets memory of its own only once a layer computes in fp16 (set_precisions).
-        self.store = FlatParameterStore(self.layer_params, lazy_fp16_copy=True)
+        # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
+        self.store = FlatParameterStore(self.layer_params, shared_copy=True)
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
-        self.store.refresh_low_precision()
+        self._copy_codes = list(self.precision.precisions)  # the types the copy's segments hold
+        self.store.refresh_low_precision([int(p) for p in self._copy_codes])
         self._copies_version = self._weights_version()
         owners = {
             id(param): (module, name)
@@ -425,8 +427,8 @@ class StepEngine:
             self._last_factors = factors
         precisions = self.precision.precisions
         if self._last_codes != precisions:
-            if Precision.FP16 in precisions:  # precisions set past set_precisions: the copies must not alias
-                self.store.ensure_fp16_copy()
+            if precisions != self._copy_codes:  # set past set_precisions: segments hold other types' bits
+                self.refresh_weight_copies()
             self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
             self._last_codes = list(precisions)
         lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
