@@ -8,9 +8,10 @@ One process runs every row, so all rows share the machine state. For each model:
 2. **Rows** (``seeds`` seeds each): what users run today, their own PyTorch loop (``plain-bf16``: torch.optim
    + bf16 autocast + channels_last; ``plain-fp32``: true fp32, TF32 off), then the same static settings
    through Tri-Accel's executor (fused Triton step, captured CUDA graphs: ``static-bf16``, ``static-fp16``,
-   ``fp32``), a batch finder + bf16, the heuristic (``heuristic-speed``: with its bf16/fp16 speed trial;
-   ``heuristic-cheap``: on the cheap signals only), the learned (pretrained) policy, and ablations. The
-   ``static-*`` rows isolate what the controller adds; the ``plain-*`` rows what the whole tool adds.
+   ``fp32``), a batch finder + bf16, the heuristic (with its bf16/fp16 speed trial; ``heuristic-no-trial``:
+   bf16 without one; ``heuristic-cheap``: on the cheap signals only), the learned (pretrained) policy, and
+   ablations. The ``static-*`` rows isolate what the controller adds; the ``plain-*`` rows what the whole tool
+   adds.
 
 Writes ``experiments/results/gpu_benchmark.json`` (one object per row: model, controller, seeds,
 time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), PNG plots under
@@ -99,7 +100,7 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     """Each row's controller spec and overrides; ``None`` batch/lr means the tuned static setting."""
     precision_only = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig())
     cheap_only = ControllerConfig(interval_steps=args.interval_steps, signals=SignalConfig(mode=SignalMode.CHEAP))
-    speed_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=None))
+    no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
         # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.
@@ -116,8 +117,8 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         # round and 0.12 s rounds for ResNet-18 on an H100) a short run cannot amortise under 2%.
         "heuristic-cheap": {"controller": "heuristic", "channels_last": True, "config": cheap_only},
         "ablation-second-order": {"controller": "heuristic-second-order", "channels_last": True},
-        # The heuristic lowering to whichever 16-bit format a speed trial on real steps finds faster.
-        "heuristic-speed": {"controller": "heuristic", "channels_last": True, "config": speed_trial},
+        # The heuristic without its speed trial (lowering to bf16): what the trial adds.
+        "heuristic-no-trial": {"controller": "heuristic", "channels_last": True, "config": no_trial},
     }
 
 

@@ -11,7 +11,7 @@
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
   ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: bf16 (fp16 with
-  ``use_fp16``); with ``HeuristicConfig.speed_trial`` on, where step time is measured on a GPU the driver
+  ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU the driver
   first times a few real training steps in bf16 and in fp16 (:meth:`HeuristicPolicy.choose_low_precision`)
   and the faster one is used from then on, the start precision included.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by

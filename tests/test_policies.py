@@ -164,7 +164,7 @@ def test_who_runs_a_speed_trial():
     def config(setting):
         return ControllerConfig(heuristic=HeuristicConfig(speed_trial=setting))
 
-    assert [HeuristicPolicy().wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]  # by default
+    assert [HeuristicPolicy().wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]  # by default
     assert [HeuristicPolicy(config(None)).wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]
     assert [HeuristicPolicy(config(True)).wants_speed_trial(gpu) for gpu in (True, False)] == [True, True]
     assert [HeuristicPolicy(config(False)).wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]

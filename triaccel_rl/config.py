@@ -230,9 +230,10 @@ class HeuristicConfig:
             in each 16-bit precision, every controllable layer alike, and lower to the faster one from then
             on (the start precision too, when it is 16-bit). True: where step time is measured on a GPU,
             whose fastest 16-bit format depends on the model and the device (on an H200, ResNet-18's fp16
-            step took 3.65 ms against bf16's 4.14); never with modelled cost. Off by default until measured:
-            the fp16 steps give the fused step's fp16 weight copy its memory (2 bytes a parameter), which
-            then counts in the run's peak even when bf16 wins. None: on wherever step time is measured.
+            step took 3.65 ms against bf16's 4.14); never with modelled cost. None (the default): on wherever
+            step time is measured on a GPU. Measured on an H200 (2026-12-01, `c915e3b`): it chose fp16 on
+            ResNet-18 and EfficientNet-B0 and was the fastest row of both jobs. False: always bf16 (or fp16
+            with ``use_fp16``).
         speed_trial_steps: timed steps per precision in the speed trial; >= 1.
         loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
             (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the
@@ -255,7 +256,7 @@ class HeuristicConfig:
     raise_above: float = 3.0
     max_overflow_rate: float = 0.05
     use_fp16: bool = False
-    speed_trial: bool | None = False
+    speed_trial: bool | None = None
     speed_trial_steps: int = 8
     loss_rise_tolerance: float = 0.1
     grow_below_usage: float = 0.45
