@@ -159,20 +159,16 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     runners: dict[str, Runner] = {
         "base": Runner(workload, clock, args.interval_steps),
         "base_again": Runner(workload, clock, args.interval_steps),  # an A/A pair: the measurement's noise
-        "cheap": Runner(
-            workload,
-            clock,
-            args.interval_steps,
-            collector(infos, layer_params, workload, args, False),
-            cadence=cadence(args),
-        ),
-        "all": Runner(
-            workload,
-            clock,
-            args.interval_steps,
-            collector(infos, layer_params, workload, args, True),
-            cadence=cadence(args),
-        ),
+        **{
+            name: Runner(
+                workload,
+                clock,
+                args.interval_steps,
+                collector(infos, layer_params, workload, args, all_signals=name == "all"),
+                cadence=cadence(args),
+            )
+            for name in ("cheap", "all")
+        },
         "engine_sync": Runner(workload, clock, args.interval_steps, engine=engine_without_hooks(workload, device)),
     }
     for runner in runners.values():
