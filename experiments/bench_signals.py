@@ -331,6 +331,7 @@ class Runner:
         self._interval_wall = time.perf_counter()
         self._previous_steps = interval_steps
         self.decision_points = 0
+        self.observe_kernels = -1  # set by isolated_call_ms on a GPU
 
     def take_costs(self) -> dict[str, float]:
         """Ms of the collector's own work since the last call (rounds left out), by part; resets.
@@ -411,6 +412,9 @@ class Runner:
             observe_ms.append((time.perf_counter() - start) * 1e3)
 
         try:
+            if self.clock.cuda:  # how many kernels one sampled observe launches (a per-tensor fallback shows here)
+                self.workload.step(self.steps, self._count_observe_kernels)
+                self.steps += 1
             for _ in range(n_calls):
                 self.workload.step(self.steps, timed)
                 self.steps += 1
@@ -421,7 +425,27 @@ class Runner:
                     decision_ms.append((self._decision_host_s - before) * 1e3)
         finally:
             self.moments.every_steps = every
-        return {"observe": statistics.median(observe_ms), "decision": statistics.median(decision_ms)}
+        return {
+            "observe": statistics.median(observe_ms),
+            "decision": statistics.median(decision_ms),
+            "observe_kernels": float(self.observe_kernels),
+            "observed_tensors": float(self._n_tensors()),
+        }
+
+    def _n_tensors(self) -> int:
+        return sum(len(params) for params in StepEngine.discover(self.workload.model))
+
+    def _count_observe_kernels(self, loss: torch.Tensor) -> None:
+        """Runs one sampled ``observe`` under the profiler and keeps the number of device kernels it ran."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        assert self.moments is not None
+        self.clock.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.moments.observe(loss)
+            self.clock.sync()
+        self.observe_kernels = sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
 
     def _after_backward(self, loss: torch.Tensor) -> None:
         if self.moments is not None:
@@ -625,7 +649,8 @@ def main(args: Args) -> list[dict[str, Any]]:
         print(f"{row['model']}: {verdict} the targets (all ≤ 2%, cheap ≤ 0.5%); {cadence}")
         calls = row["isolated_call_ms"]
         print(
-            f"  alone on an idle device: observe {calls['observe']:.3f} ms, decision {calls['decision']:.3f} ms, "
+            f"  alone on an idle device: observe {calls['observe']:.3f} ms ({calls['observe_kernels']:.0f} kernels for "
+            f"{calls['observed_tensors']:.0f} tensors; -1: not counted), decision {calls['decision']:.3f} ms, "
             f"so cheap {100 * row['overhead_cheap_frac_isolated']:.2f}% at this cadence"
         )
         iqr = row["paired_iqr"]
