@@ -228,12 +228,12 @@ class HeuristicConfig:
         use_fp16: lower to fp16 instead of bf16 (only worth it where fp16 is faster, e.g. older GPUs).
         speed_trial: before the first decision, train ``speed_trial_steps`` steps (after 2 warm-up steps)
             in each 16-bit precision, every controllable layer alike, and lower to the faster one from then
-            on (the start precision too, when it is 16-bit). True: where step time is measured on a GPU,
-            whose fastest 16-bit format depends on the model and the device (on an H200, ResNet-18's fp16
-            step took 3.65 ms against bf16's 4.14); never with modelled cost. None (the default): on wherever
-            step time is measured on a GPU. Measured on an H200 (2026-12-01, `c915e3b`): it chose fp16 on
-            ResNet-18 and EfficientNet-B0 and was the fastest row of both jobs. False: always bf16 (or fp16
-            with ``use_fp16``).
+            on (the start precision too, when it is 16-bit). Worth it where step time is measured on a GPU,
+            whose fastest 16-bit format depends on the model and the device: on an H200 (2026-12-01,
+            `c915e3b`) it chose fp16 on ResNet-18 (3.68 ms a step against bf16's 4.20) and EfficientNet-B0
+            and was the fastest row of both jobs. None (the default): on wherever step time is measured on a
+            GPU, never with modelled cost. True: always (e.g. a test with measured time on a CPU). False:
+            never; lower to bf16 (fp16 with ``use_fp16``).
         speed_trial_steps: timed steps per precision in the speed trial; >= 1.
         loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
             (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the
