@@ -36,7 +36,7 @@ for stage in "$@"; do
            --rows static-fp16,ablation-precision,ablation-second-order,ablation-elastic,learned,batch-finder \
            --out "$OUT/i7_resnet_b.json" --plots "$OUT/plots_b" 2>&1 | tail -30 ;;
     i7-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
-           --rows plain-bf16,plain-fp32,static-bf16,heuristic --out "$OUT/i7_effnet.json" --plots "$OUT/plots_e" \
+           --rows plain-bf16,plain-fp32,fp32,static-bf16,static-fp16,heuristic --out "$OUT/i7_effnet.json" --plots "$OUT/plots_e" \
            2>&1 | tail -30 ;;
     # The speed trial and the one-sided cheap sensitivity, side by side with the static rows (about 6 minutes).
     speed-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
