@@ -151,7 +151,7 @@ class StepEngine:
             self.refresh_weight_copies()
 
     def refresh_weight_copies(self) -> None:
-        """Re-derives the 16-bit weight copies from the fp32 weights (fused path; two launches).
+        """Re-derives the 16-bit weight copies from the fp32 weights, each layer's in its type (fused path).
 
         The fused step keeps the copies of bf16 and fp16 layers current; after the weights change any other
         way (a rollback, loading a checkpoint) this must run before the next forward, which
@@ -372,10 +372,6 @@ class StepEngine:
 
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True)
-        # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
-        self._copy_codes = list(self.precision.precisions)  # the types the copy's segments hold
-        self.store.refresh_low_precision([int(p) for p in self._copy_codes])
-        self._copies_version = self._weights_version()
         owners = {
             id(param): (module, name)
             for module in self.model.modules()
@@ -418,6 +414,8 @@ class StepEngine:
         self._clean_steps = torch.zeros((), dtype=torch.int32, device=self.device)
         self._last_factors: np.ndarray | None = None
         self._last_codes: list[Precision] | None = None
+        # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
+        self.refresh_weight_copies()
 
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
