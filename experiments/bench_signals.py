@@ -42,6 +42,11 @@ Two measurements of the overhead, both in the JSON:
 
 Target: all signals ≤ 2%, cheap ≤ 0.5% of the step time.
 
+With ``--engine`` every configuration trains through Tri-Accel's ``StepEngine`` instead (the product's path on a
+GPU: the fused Triton step, every layer in bf16 from the 16-bit weight copies), and the cheap path records the
+statistics the fused step already computed (``DeviceMoments.observe_layers``, two copies) instead of taking
+gradient norms; rows then carry ``path: engine``.
+
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
 """
 
@@ -67,7 +72,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triaccel_rl.cadence import Cadence
-from triaccel_rl.engine import StepEngine
+from triaccel_rl.engine import GradStats, StepEngine
 from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import resnet18
 from triaccel_rl.precision import find_layers
@@ -100,6 +105,10 @@ class Args:
     """The ``Cadence`` stretches the interval up to this many times ``interval_steps`` (``ControllerConfig``'s)."""
     fixed_interval: bool = False
     """Decision points every ``interval_steps`` steps exactly (no ``Cadence``)."""
+    engine: bool = False
+    """Train through Tri-Accel's ``StepEngine`` (the product's path: fused Triton step on a GPU, every layer in
+    bf16 via the 16-bit weight copies), the cheap path recording the step's own statistics (``observe_layers``)
+    instead of gradient norms. Rows carry ``path`` = ``engine`` (else ``plain``)."""
     isolated_calls: int = 30
     """Calls of each kind timed alone on an idle device for ``isolated_call_ms`` (>= 1)."""
     budget_frac: float = 0.02
@@ -114,6 +123,9 @@ class Args:
     """Tiny CPU run (small batches, a few steps, fp32) for the smoke test."""
 
 
+AfterBackward = Callable[[torch.Tensor, "GradStats | None"], None]
+
+
 @dataclass
 class Workload:
     """One model's training step and what the collector needs from it."""
@@ -124,15 +136,30 @@ class Workload:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
     held_out: tuple[torch.Tensor, torch.Tensor]
     autocast: bool
+    engine: StepEngine | None = None
+    """With ``--engine``: the product's step (fused Triton step on a GPU, layers in bf16 via the 16-bit copies)."""
 
-    def step(self, index: int, after_backward: Callable[[torch.Tensor], None] | None = None) -> None:
-        """One optimizer step on batch ``index`` (cycling); ``after_backward(loss)`` runs before the update."""
+    def step(self, index: int, after_backward: AfterBackward | None = None) -> None:
+        """One optimizer step on batch ``index`` (cycling), calling ``after_backward(loss, grads)``.
+
+        Plain loop: called before ``optimizer.step()`` with ``grads=None``. Engine: called after the step with the
+        statistics the step computed (``GradStats``), as ``Controller.step`` records them.
+        """
         x, y = self.batches[index % len(self.batches)]
+        if self.engine is not None:
+            with self.engine.precision.context():
+                loss = nn.functional.cross_entropy(self.model(x).float(), y)
+            self.engine.scale_loss(loss).backward()
+            grads, _ = self.engine.step_after_backward_deferred(loss.detach())
+            if after_backward is not None:
+                after_backward(loss, grads)
+            self.engine.zero_grad()
+            return
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = nn.functional.cross_entropy(self.model(x).float(), y)
         loss.backward()
         if after_backward is not None:
-            after_backward(loss)
+            after_backward(loss, None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
 
@@ -169,7 +196,12 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
             )
             for name in ("cheap", "all")
         },
-        "engine_sync": Runner(workload, clock, args.interval_steps, engine=engine_without_hooks(workload, device)),
+        "engine_sync": Runner(
+            workload,
+            clock,
+            args.interval_steps,
+            engine=workload.engine if workload.engine is not None else engine_without_hooks(workload, device),
+        ),
     }
     for runner in runners.values():
         if runner.moments is not None:
@@ -281,7 +313,8 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "interval_steps": args.interval_steps,
         "budget_frac": args.budget_frac,
         "expensive_share": all_collector.config.expensive_share,
-        "dtype": "bf16-autocast" if workload.autocast else "fp32",
+        "dtype": dtype_label(workload),
+        "path": "engine" if workload.engine is not None else "plain",
         "channels_last": True,
         "meets_all_target": attributed["all"] <= TARGET_ALL,
         "meets_cheap_target": attributed["cheap"] <= TARGET_CHEAP,
@@ -404,11 +437,10 @@ class Runner:
         decision_ms: list[float] = []
         every, self.moments.every_steps = self.moments.every_steps, 1
 
-        def timed(loss: torch.Tensor) -> None:
-            assert self.moments is not None
+        def timed(loss: torch.Tensor, grads: GradStats | None) -> None:
             self.clock.sync()
             start = time.perf_counter()
-            self.moments.observe(loss)
+            self._record(loss, grads)
             observe_ms.append((time.perf_counter() - start) * 1e3)
 
         try:
@@ -435,7 +467,7 @@ class Runner:
     def _n_tensors(self) -> int:
         return sum(len(params) for params in StepEngine.discover(self.workload.model))
 
-    def _count_observe_kernels(self, loss: torch.Tensor) -> None:
+    def _count_observe_kernels(self, loss: torch.Tensor, grads: GradStats | None) -> None:
         """Runs one sampled ``observe`` under the profiler and keeps the number of device kernels it ran."""
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -444,26 +476,33 @@ class Runner:
         self.clock.sync()
         try:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                self.moments.observe(loss)
+                self._record(loss, grads)
                 self.clock.sync()
             self.observe_kernels = sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
         except Exception as error:  # a diagnostic only: the benchmark goes on without it
             print(f"could not count observe's kernels: {error!r}", flush=True)
+
+    def _record(self, loss: torch.Tensor, grads: GradStats | None) -> None:
+        """The cheap path's per-step call: the step's own statistics on the engine, gradient norms otherwise."""
+        assert self.moments is not None
+        if grads is not None:
+            self.moments.observe_layers(loss.detach(), grads.sq_sum)
+        else:
             self.moments.observe(loss)
 
-    def _after_backward(self, loss: torch.Tensor) -> None:
+    def _after_backward(self, loss: torch.Tensor, grads: GradStats | None) -> None:
         if self.moments is not None:
             start = time.perf_counter()
             if self.moments.samples_next:
                 before = self.clock.mark()
-                self.moments.observe(loss)  # device kernels only: no sync
+                self._record(loss, grads)  # device work only: no sync
                 self._cost_marks.append((before, self.clock.mark()))
             else:
-                self.moments.observe(loss)  # counted, not sampled: host work only
+                self._record(loss, grads)  # counted, not sampled: host work only
             self._observe_host_s += time.perf_counter() - start
         if self.engine is not None:
-            stats = self.engine.grad_stats()
-            stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun does today
+            stats = grads if grads is not None else self.engine.grad_stats()
+            stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun.step does
             float(loss.detach())
 
     def _decision_point(self) -> None:
@@ -562,7 +601,13 @@ def build_workload(name: str, args: Args, device: torch.device) -> Workload:
         return x, torch.randint(0, 10, (n,), device=device, generator=generator)
 
     held_out = draw(16 if args.smoke else 512)
-    return Workload(name, model, optimizer, [draw(batch) for _ in range(4)], held_out, autocast=device.type == "cuda")
+    batches = [draw(batch) for _ in range(4)]
+    if not args.engine:
+        return Workload(name, model, optimizer, batches, held_out, autocast=device.type == "cuda")
+    engine = StepEngine(model, optimizer, device)
+    if device.type == "cuda":
+        engine.set_precisions([Precision.BF16] * len(engine.precision.controllable_indices))
+    return Workload(name, model, optimizer, batches, held_out, autocast=False, engine=engine)
 
 
 def collector(
@@ -576,6 +621,16 @@ def collector(
         x, y = workload.held_out
         result.attach(EstimatorSource(workload.model, layer_params, nn.functional.cross_entropy, x, y), seed=args.seed)
     return result
+
+
+def dtype_label(workload: Workload) -> str:
+    """How the workload's layers compute: bf16 autocast, bf16 from the engine's weight copies, or fp32."""
+    if workload.autocast:
+        return "bf16-autocast"
+    engine = workload.engine
+    if engine is not None and Precision.BF16 in engine.precision.precisions:
+        return "bf16-copies"
+    return "fp32"
 
 
 def cadence(args: Args) -> Cadence | None:
@@ -604,8 +659,8 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
             existing = loaded if isinstance(loaded, list) else []
         except json.JSONDecodeError:
             existing = []
-    keys = {(row["device"], row["model"]) for row in rows}
-    kept = [row for row in existing if (row.get("device"), row.get("model")) not in keys]
+    keys = {(row["device"], row["model"], row.get("path", "plain")) for row in rows}
+    kept = [row for row in existing if (row.get("device"), row.get("model"), row.get("path", "plain")) not in keys]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(kept + rows, indent=2) + "\n")
 

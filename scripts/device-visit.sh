@@ -16,6 +16,8 @@ for stage in "$@"; do
     gputests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py \
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py 2>&1 | tail -25 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
+    # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
+    signals-engine) python3 experiments/bench_signals.py --engine --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     env) python3 experiments/bench_env.py --tasks cnn-fmnist --n-envs 1 --steps 12 --device cuda \
            --out "$OUT/env_throughput_gpu.json" 2>&1 | tail -8 ;;
     resnet-pilot) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 256,1.0 \

@@ -68,3 +68,24 @@ def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
     median, iqr = bench_signals.paired_overhead([102.0, 101.0, 150.0, 103.0], [100.0] * 4)
     assert abs(median - 0.025) < 1e-12 and abs(iqr - (0.1475 - 0.0175)) < 1e-12
     assert bench_signals.paired_overhead([110.0], [100.0]) == (0.10000000000000009, 0.0)
+
+
+def test_smoke_run_through_the_engine_records_the_steps_own_statistics(tmp_path: Path) -> None:
+    output = tmp_path / "signals_overhead.json"
+    plain = {"device": "cpu", "model": "cnn-fmnist", "path": "plain", "step_ms_base": 1.0}
+    output.write_text(json.dumps([plain]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--engine", "--models", "cnn-fmnist", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
+    rows = json.loads(output.read_text())
+    assert rows[0] == plain  # the plain loop's row for the same device and model is kept beside it
+    (row,) = rows[1:]
+    assert row["path"] == "engine" and row["dtype"] == "fp32"  # the CPU runs the engine's reference path in fp32
+    assert row["last_round"] is not None and row["overhead_parts_ms_per_step"]["cheap"]["observe"] > 0
