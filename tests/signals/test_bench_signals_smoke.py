@@ -18,13 +18,11 @@ FIELDS = {
 }  # fmt: skip
 
 
-def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
-    output = tmp_path / "signals_overhead.json"
-    other = {"device": "NVIDIA H100", "model": "resnet18", "step_ms_base": 1.0}
-    output.write_text(json.dumps([other]))
+def _run_smoke(output: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Runs the benchmark with ``--smoke`` and ``flags`` into ``output``; fails the test on a non-zero exit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by tests/conftest.py
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(output)],
+        [sys.executable, str(SCRIPT), "--smoke", *flags, "--output", str(output)],
         capture_output=True,
         text=True,
         env=env,
@@ -32,6 +30,14 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
+    return completed
+
+
+def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
+    output = tmp_path / "signals_overhead.json"
+    other = {"device": "NVIDIA H100", "model": "resnet18", "step_ms_base": 1.0}
+    output.write_text(json.dumps([other]))
+    completed = _run_smoke(output)
     assert "| device | model |" in completed.stdout and "paired medians over repeats" in completed.stdout
     rows = json.loads(output.read_text())
     assert rows[0] == other  # rows of another device are kept
@@ -74,16 +80,7 @@ def test_smoke_run_through_the_engine_records_the_steps_own_statistics(tmp_path:
     output = tmp_path / "signals_overhead.json"
     plain = {"device": "cpu", "model": "cnn-fmnist", "path": "plain", "step_ms_base": 1.0}
     output.write_text(json.dumps([plain]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--engine", "--models", "cnn-fmnist", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
+    _run_smoke(output, "--engine", "--models", "cnn-fmnist")
     rows = json.loads(output.read_text())
     assert rows[0] == plain  # the plain loop's row for the same device and model is kept beside it
     (row,) = rows[1:]
