@@ -164,3 +164,38 @@ def test_without_the_rollback_a_broken_model_stays_broken():
     assert ctl.rollbacks == 0 and not any(np.isfinite(v) for v in losses[10:])
     assert ctl.skipped_steps == 10  # steps 11-20, each skipped and counted at its interval's decision
     ctl.close()
+
+
+def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplog):
+    from triaccel_rl.config import HeuristicConfig
+
+    model, opt = model_and_optimizer()
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
+    ctl = Controller(model, opt, policy="heuristic", config=config)
+    batches = ctl.loader(data(), batch_size=16, epochs=2)
+    seen = []
+    for step in range(14):
+        x, y = next(batches)
+        seen.append(ctl.precisions[0])  # the precision this step's forward runs in
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        with caplog.at_level("INFO", logger="triaccel_rl"):
+            ctl.step(loss)
+        if step < 9:
+            assert ctl.decisions == [], f"a decision at step {step}, inside the trial"
+    # 2 warm-up and 3 timed steps in bf16, then in fp16; then the policy's start precision, the faster format.
+    assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
+    trial = ctl.speed_trial
+    assert set(trial) == {"bf16", "fp16", "chosen"} and trial["bf16"] > 0 and trial["fp16"] > 0
+    faster = Precision.BF16 if trial["bf16"] <= trial["fp16"] else Precision.FP16
+    assert trial["chosen"] == float(faster) and seen[10:] == [faster] * 4
+    assert "speed trial: bf16" in caplog.text
+    assert len(ctl.decisions) == 1  # the first decision came at the first interval end after the trial
+
+
+def test_no_speed_trial_in_a_users_loop_where_time_is_not_measured_on_a_gpu():
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="heuristic", config=ControllerConfig(interval_steps=4))  # CPU: no trial
+    train(ctl, model, epochs=1)
+    assert ctl.speed_trial == {}
+    assert len(ctl.decisions) == ctl.steps // 4  # decisions from the first interval on: no trial held them back

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gymnasium as gym
@@ -168,6 +168,17 @@ class Controller:
         start = getattr(self.policy, "initial_precision", None)
         if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
             self.engine.set_precisions([start] * len(self.engine.precision.controllable_indices))
+        self.speed_trial: dict[str, float] = {}
+        """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
+        self._trial: _SpeedTrial | None = None
+        wants_trial = getattr(self.policy, "wants_speed_trial", None)
+        measured_on_gpu = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
+        if wants_trial is not None and wants_trial(measured_on_gpu):
+            # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
+            # before the first decision; the policy lowers to the faster from then on.
+            steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
+            self._trial = _SpeedTrial((Precision.BF16, Precision.FP16), steps, IntervalTimer(self.device))
+            self._set_uniform(self._trial.candidate)
 
     # ----------------------------------------------------------------------------------- user API
 
@@ -240,7 +251,9 @@ class Controller:
             self.memory_model.observe(batch, self.precisions, memory)
         self.steps += 1
         self._interval_steps += 1
-        if self._interval_steps >= self.cadence.steps:
+        if self._trial is not None:
+            self._advance_trial(self._trial)
+        elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
             steps, overhead = self._interval_steps, self.collector.overhead_ms
             train_ms = self._close_interval()
             self._decide()
@@ -300,6 +313,33 @@ class Controller:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return self.predicted_memory_bytes(batch)
+
+    def _set_uniform(self, precision: Precision) -> None:
+        self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))
+
+    def _advance_trial(self, trial: _SpeedTrial) -> None:
+        """Counts a step of the speed trial; switches candidate, or ends the trial with the policy's choice."""
+        trial.steps_done += 1
+        if trial.steps_done == trial.warmup_steps:  # a new format's first steps pay its one-time costs
+            trial.timer.start()
+        if trial.steps_done < trial.warmup_steps + trial.steps:
+            return
+        trial.step_ms[trial.candidate] = trial.timer.stop() / trial.steps  # one sync per candidate
+        trial.index += 1
+        trial.steps_done = 0
+        if trial.index < len(trial.candidates):
+            self._set_uniform(trial.candidate)
+            return
+        chosen = self.policy.choose_low_precision(trial.step_ms)
+        self._set_uniform(self.policy.initial_precision)
+        self.speed_trial = {precision.name.lower(): ms for precision, ms in trial.step_ms.items()}
+        self.speed_trial["chosen"] = float(chosen)
+        self._trial = None
+        _log.info(
+            "speed trial: %s; lowering to %s from now on",
+            ", ".join(f"{p.name.lower()} {ms:.2f} ms a step" for p, ms in trial.step_ms.items()),
+            chosen.name.lower(),
+        )
 
     def _close_interval(self) -> float:
         """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms."""
@@ -362,6 +402,24 @@ class Controller:
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
             self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)
+
+
+@dataclass
+class _SpeedTrial:
+    """Progress of a speed trial in a user's loop: ``warmup_steps`` then ``steps`` timed steps per candidate."""
+
+    candidates: tuple[Precision, ...]
+    steps: int
+    timer: IntervalTimer
+    warmup_steps: int = 2
+    index: int = 0
+    steps_done: int = 0
+    step_ms: dict[Precision, float] = field(default_factory=dict)
+
+    @property
+    def candidate(self) -> Precision:
+        """The precision being timed now."""
+        return self.candidates[self.index]
 
 
 def _optimizer_states(controller: Controller) -> int:
