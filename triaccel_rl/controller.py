@@ -51,7 +51,9 @@ class Controller:
     when decisions would otherwise exceed their share of the overhead budget (``cadence``,
     ``ControllerConfig.max_interval_factor``) — a decision.
     Batches from ``loader()`` follow the decided batch size; ``autocast()`` runs each layer in its
-    decided precision.
+    decided precision. With the heuristic on a GPU, the first steps are a speed trial (bf16, then fp16,
+    ``HeuristicConfig.speed_trial``): the policy lowers to the faster format, and ``speed_trial`` holds
+    the timings.
 
     Args:
         model: the model (on its device already).
