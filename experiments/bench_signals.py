@@ -7,8 +7,9 @@ random tensors resident on the GPU (no data loading, no network; timing does not
 Configurations, each a training loop with no host-device sync per step:
 
 - ``base``: forward, loss, backward, ``optimizer.step()``, ``zero_grad``.
-- ``cheap``: ``base`` + ``DeviceMoments.observe`` on one step in ``cheap_every_steps`` (per-layer gradient
-  norms recorded on the GPU), and at each decision point a cheap ``SignalCollector`` snapshot fed by
+- ``cheap``: ``base`` + ``DeviceMoments.observe`` on sampled steps (per-layer gradient norms recorded on the
+  GPU; the sampling keeps the calls' measured host time within ``observe_budget_frac`` of the step time,
+  ``DeviceMoments(budget_frac=...)``), and at each decision point a cheap ``SignalCollector`` snapshot fed by
   ``DeviceMoments.flush_lagged`` (the previous interval's sums, copied asynchronously: no sync at all).
   Decision points come as in the product: every ``interval_steps`` steps, stretched by a ``Cadence`` (up to
   ``max_interval_factor`` times) when their measured host time would exceed their share of the budget,
@@ -44,8 +45,8 @@ Target: all signals ≤ 2%, cheap ≤ 0.5% of the step time.
 
 With ``--engine`` every configuration trains through Tri-Accel's ``StepEngine`` instead (the product's path on a
 GPU: the fused Triton step, every layer in bf16 from the 16-bit weight copies), and the cheap path records the
-statistics the fused step already computed (``DeviceMoments.observe_layers``, two copies) instead of taking
-gradient norms; rows then carry ``path: engine``.
+statistics the fused step already computed (``DeviceMoments.observe_layers``, one copy) on every step, as the
+product does (it counts skipped steps there), instead of taking gradient norms; rows then carry ``path: engine``.
 
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
 """
@@ -113,8 +114,9 @@ class Args:
     """Calls of each kind timed alone on an idle device for ``isolated_call_ms`` (>= 1)."""
     budget_frac: float = 0.02
     """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
-    cheap_every_steps: int = 4
-    """``DeviceMoments.every_steps`` of ``cheap`` and ``all``: gradient norms recorded on one step in this many."""
+    observe_budget_frac: float = 0.002
+    """``DeviceMoments.budget_frac`` of ``cheap`` and ``all`` on the plain path: the sampled gradient-norm calls
+    may take this share of the step time (the engine path records every step, as the product does)."""
     seed: int = 0
     """Seeds the models and the random inputs."""
     output: str = "experiments/results/signals_overhead.json"
@@ -193,6 +195,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
                 args.interval_steps,
                 collector(infos, layer_params, workload, args, all_signals=name == "all"),
                 cadence=cadence(args),
+                observe_budget_frac=None if workload.engine is not None else args.observe_budget_frac,
             )
             for name in ("cheap", "all")
         },
@@ -203,9 +206,6 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
             engine=workload.engine if workload.engine is not None else engine_without_hooks(workload, device),
         ),
     }
-    for runner in runners.values():
-        if runner.moments is not None:
-            runner.moments.every_steps = args.cheap_every_steps
     for name, runner in runners.items():
         runner.warm_up(args.warmup_steps)
         if name == "all":  # the first round is borrowed: wait until it is repaid and a budgeted one has run
@@ -224,6 +224,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     own_ms = dict.fromkeys(runners, 0.0)  # the collector's own work (rounds left out), host + device
     parts = {name: dict.fromkeys(("observe", "decision", "device"), 0.0) for name in runners}
     decisions_before = {name: runner.decision_points for name, runner in runners.items()}
+    calls_before, sampled_before = runners["cheap"].calls, runners["cheap"].sampled
     for runner in runners.values():
         runner.take_costs()  # the warm-up's
     for repeat in range(args.repeats):
@@ -254,8 +255,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         for name in ("cheap", "all")
     }
     isolated = runners["cheap"].isolated_call_ms(args.isolated_calls)
+    cheap = runners["cheap"]
+    observed_share = (cheap.sampled - sampled_before) / max(cheap.calls - calls_before, 1)
     isolated_frac = (
-        isolated["observe"] / args.cheap_every_steps + isolated["decision"] / steps_per_decision["cheap"]
+        isolated["observe"] * observed_share + isolated["decision"] / steps_per_decision["cheap"]
     ) / step_ms["base"]
     last = all_collector.last_round
     measured_steps = totals["all"][1]
@@ -309,7 +312,9 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         },
         "collector_round_overhead_frac": all_collector.scheduler.round_overhead_frac,
         "warmup_round_ms": all_collector.warmup_ms,
-        "cheap_every_steps": args.cheap_every_steps,
+        "observe_budget_frac": None if workload.engine is not None else args.observe_budget_frac,
+        "observed_step_share": observed_share,  # sampled steps of the cheap configuration's measured steps
+        "observe_every_steps": runners["cheap"].moments.every_steps if runners["cheap"].moments else None,
         "interval_steps": args.interval_steps,
         "budget_frac": args.budget_frac,
         "expensive_share": all_collector.config.expensive_share,
@@ -345,13 +350,19 @@ class Runner:
         collector: SignalCollector | None = None,
         engine: StepEngine | None = None,
         cadence: Cadence | None = None,
+        observe_budget_frac: float | None = None,
     ) -> None:
         self.workload = workload
         self.clock = clock
         self.interval_steps = interval_steps
         self.collector = collector
         self.engine = engine
-        self.moments = DeviceMoments(StepEngine.discover(workload.model)) if collector is not None else None
+        self.moments = (
+            DeviceMoments(StepEngine.discover(workload.model), budget_frac=observe_budget_frac)
+            if collector is not None
+            else None
+        )
+        self.calls = self.sampled = 0  # cheap-path calls, and those sampled
         self.steps = 0
         self._interval_start = clock.mark()
         self._previous_marks: tuple[Any, Any] | None = None
@@ -493,6 +504,8 @@ class Runner:
     def _after_backward(self, loss: torch.Tensor, grads: GradStats | None) -> None:
         if self.moments is not None:
             start = time.perf_counter()
+            self.calls += 1
+            self.sampled += self.moments.samples_next
             if self.moments.samples_next:
                 before = self.clock.mark()
                 self._record(loss, grads)  # device work only: no sync

@@ -60,7 +60,7 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         assert row["steps_per_decision"]["cheap"] >= 4  # the smoke run's least interval
         calls = row["isolated_call_ms"]
         assert calls["observe"] > 0 and calls["decision"] > 0
-        implied = calls["observe"] / row["cheap_every_steps"] + calls["decision"] / row["steps_per_decision"]["cheap"]
+        implied = calls["observe"] * row["observed_step_share"] + calls["decision"] / row["steps_per_decision"]["cheap"]
         assert abs(row["overhead_cheap_frac_isolated"] - implied / row["step_ms_base"]) < 1e-12
 
 

@@ -405,6 +405,51 @@ def test_device_moments_sampling_and_full_buffer() -> None:
     assert result.sq_norm[0] == pytest.approx(8 * (1 + 9 + 25 + 49) / 4)
 
 
+def test_device_moments_buffer_grows_and_stops_at_max_rows() -> None:
+    model = nn.Linear(3, 2)
+    moments = DeviceMoments([[model.weight, model.bias]], capacity=1, max_rows=4)
+    model(torch.ones(1, 3)).sum().backward()  # |grad|^2 = 2 * (3 + 1) = 8
+    for step in range(6):  # rows 1 -> 2 -> 4; steps 4 and 5 find the buffer at max_rows and are not recorded
+        moments.observe(torch.tensor(float(step)))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite) == (4, 4)
+    assert result.loss == pytest.approx((0 + 1 + 2 + 3) / 4) and result.sq_norm[0] == pytest.approx(8.0)
+    moments.observe(torch.tensor(7.0))  # the next interval records again
+    assert moments.flush().loss == pytest.approx(7.0)
+
+
+def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sampled call costs 1 ms of host time and a step 9 ms more: 1 / (0.02 * 10) -> one step in 5."""
+    clock = [0.0]
+    monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", lambda: clock[0])
+    norm = torch._foreach_norm
+
+    def slow_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        clock[0] += 1e-3  # the call's host cost
+        return norm(tensors)
+
+    monkeypatch.setattr(torch, "_foreach_norm", slow_norm)
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.02, max_every_steps=8)
+    assert moments.every_steps == 1
+    for _ in range(10):
+        moments.observe(torch.tensor(1.0))
+        clock[0] += 9e-3  # the rest of the step
+    assert moments.flush().n_observed == 10
+    assert moments.every_steps == 5
+    moments.budget_frac = 1e-4  # 1 ms in 10 ms would need one step in 500: capped
+    for _ in range(10):
+        moments.observe(torch.tensor(1.0))
+        clock[0] += 9e-3
+    assert moments.flush().n_observed == 2  # steps 0 and 5 of the interval
+    assert moments.every_steps == 8
+    with pytest.raises(ValueError, match=r"budget_frac=1.5 must be in \(0, 1\)"):
+        DeviceMoments([[model.weight]], budget_frac=1.5)
+    with pytest.raises(ValueError, match="max_rows=2 must be >= capacity=4"):
+        DeviceMoments([[model.weight]], capacity=4, max_rows=2)
+
+
 def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
     infos = [LayerInfo("a", 10, True), LayerInfo("b", 20, True)]
     per_step = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))

@@ -1,14 +1,18 @@
-"""``DeviceMoments``: the cheap per-step signals accumulated on the GPU, read once per interval.
+"""``DeviceMoments``: the cheap per-step signals recorded on the GPU, read once per interval.
 
 ``StepEngine.backward_and_step`` and ``TrainingRun.step`` turn every step's statistics into host numbers
 (a host-device sync per step). A loop that wants no per-step sync calls :meth:`DeviceMoments.observe`
-after its backward pass instead: it only queues device kernels, and :meth:`DeviceMoments.flush` reads the
-interval's sums with one sync, or :meth:`DeviceMoments.flush_lagged` reads the previous interval's with
-none. :meth:`SignalCollector.observe_interval` folds the result in.
+after its backward pass instead (or :meth:`DeviceMoments.observe_layers` when its step computed the
+per-layer statistics already): each sampled step writes one row of a device buffer, and nothing else
+runs on the device. :meth:`DeviceMoments.flush` copies the interval's rows to the host with one sync and
+reduces them there; :meth:`DeviceMoments.flush_lagged` queues the copy and reduces the *previous*
+interval's rows, with no sync at all. :meth:`SignalCollector.observe_interval` folds the result in.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,20 +42,52 @@ class IntervalMoments:
     n_observed: int
 
 
+class _Rows:
+    """A device buffer of per-step rows (statistics, then the loss), grown by doubling when full."""
+
+    def __init__(self, width: int, capacity: int, device: torch.device, per_tensor: bool) -> None:
+        self.per_tensor = per_tensor  # rows of per-tensor norms (observe) or per-layer squared norms
+        self.data = torch.zeros(capacity, width + 1, device=device)
+        self.views = list(self.data.unbind())  # made once: indexing a row per step costs host time
+        self.used = 0
+
+    def next_row(self, max_rows: int) -> torch.Tensor | None:
+        """The row to write next (the buffer doubles when full); None at ``max_rows`` rows."""
+        if self.used == len(self.views):
+            if self.used >= max_rows:
+                return None
+            grown = torch.zeros(min(2 * self.used, max_rows), self.data.shape[1], device=self.data.device)
+            grown[: self.used].copy_(self.data)  # ordered on the stream after the rows' writes
+            self.data, self.views = grown, list(grown.unbind())
+        row = self.views[self.used]
+        self.used += 1
+        return row
+
+
 class DeviceMoments:
     """Records per-layer gradient norms and the loss on the device, with no host-device sync per step.
 
-    Per observed step, three dispatches: one multi-tensor norm over all gradients
-    (``torch._foreach_norm``), its copy into a row of a device buffer, and a copy of the loss. Everything
-    else (squares, per-layer sums, the finite test) runs on the whole buffer once per interval, or when
-    the buffer is full. A step with a non-finite loss or gradient is counted but not added (decided on the
-    device with ``torch.where``, so no sync). On a host-bound loop every dispatch costs wall time, so
-    ``every_steps > 1`` samples one step in ``every_steps`` (the others cost nothing).
+    A sampled step costs two dispatches with :meth:`observe` (one multi-tensor norm over all gradients,
+    ``torch._foreach_norm``, stacked with the loss into a row of a device buffer) and one with
+    :meth:`observe_layers` (the given statistics and the loss concatenated into a row). Squares, per-layer
+    sums and the finite test run on the host, over the interval's rows, once per flush. A step with a
+    non-finite loss or gradient is counted but not added. The buffer doubles when an interval outgrows it,
+    up to ``max_rows`` sampled steps; sampled steps past that in the same interval are not recorded.
+
+    On a host-bound loop every dispatch costs wall time, so ``every_steps > 1`` samples one step in
+    ``every_steps`` (the others cost nothing). With ``budget_frac`` the sampling follows a budget instead:
+    at each flush ``every_steps`` becomes the least that keeps the sampled calls' measured host time
+    within ``budget_frac`` of the interval's wall time per call,
+    ``ceil(call_ms / (budget_frac * wall_ms_per_call))``, at most ``max_every_steps``. Steps that are not
+    sampled are not checked for non-finite values either.
 
     Args:
         layer_params: the parameters of each layer (``StepEngine.layer_params``).
-        every_steps: observe one step in this many, >= 1.
-        capacity: steps buffered on the device before they are folded into the sums, >= 1.
+        every_steps: observe one step in this many, >= 1 (the start value when ``budget_frac`` is set).
+        capacity: rows allocated at first (the buffer grows), >= 1.
+        budget_frac: share of wall time the sampled calls may take, in (0, 1); None keeps ``every_steps``.
+        max_every_steps: the most ``budget_frac`` may raise ``every_steps`` to, >= 1.
+        max_rows: the most sampled steps one interval records, >= ``capacity``.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -63,37 +99,47 @@ class DeviceMoments:
     """
 
     def __init__(
-        self, layer_params: Sequence[Sequence[nn.Parameter]], every_steps: int = 1, capacity: int = 64
+        self,
+        layer_params: Sequence[Sequence[nn.Parameter]],
+        every_steps: int = 1,
+        capacity: int = 64,
+        budget_frac: float | None = None,
+        max_every_steps: int = 64,
+        max_rows: int = 1 << 16,
     ) -> None:
         if every_steps < 1:
             raise ValueError(f"every_steps={every_steps} must be >= 1")
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be >= 1")
+        if budget_frac is not None and not 0.0 < budget_frac < 1.0:
+            raise ValueError(f"budget_frac={budget_frac} must be in (0, 1), or None for a fixed every_steps")
+        if max_every_steps < 1:
+            raise ValueError(f"max_every_steps={max_every_steps} must be >= 1")
+        if max_rows < capacity:
+            raise ValueError(f"max_rows={max_rows} must be >= capacity={capacity}")
         self._params = [p for params in layer_params for p in params]
         if not self._params:
             raise ValueError("no parameters: nothing to observe")
         self.n_layers = len(layer_params)
         self.every_steps = every_steps
-        device = self._params[0].device
+        self.budget_frac = budget_frac
+        self.max_every_steps = max_every_steps
+        self._capacity, self._max_rows = capacity, max_rows
+        self._device = self._params[0].device
+        # Per-tensor squared norms to per-layer sums, on the host: one matrix product per flush.
         owner = [layer for layer, params in enumerate(layer_params) for _ in params]
-        # One host-to-device copy here; per step nothing crosses (a pageable copy would synchronise).
-        self._owner = torch.tensor(owner, dtype=torch.long, device=device)
-        self._zero = torch.zeros((), device=device)
-        self._fast = all(p.dtype == torch.float32 for p in self._params)  # norms land in the buffer directly
-        self._norms = torch.zeros(capacity, len(self._params), device=device)
-        self._losses = torch.zeros(capacity, device=device)
-        self._row = 0
-        # observe_layers() rows: per-layer squared norms computed by the caller (e.g. the fused step).
-        self._layer_sq = torch.zeros(capacity, self.n_layers, device=device)
-        self._layer_losses = torch.zeros(capacity, device=device)
-        self._layer_row = 0
-        self._sums = torch.zeros(2 * self.n_layers + 1, dtype=torch.float64, device=device)
-        self._finite = torch.zeros((), dtype=torch.float64, device=device)
+        self._to_layers = np.zeros((len(owner), self.n_layers))
+        self._to_layers[np.arange(len(owner)), owner] = 1.0
+        self._zero = torch.zeros((), device=self._device)
+        self._tensor_rows: _Rows | None = None  # observe(): per-tensor norms and the loss
+        self._layer_rows: _Rows | None = None  # observe_layers(): per-layer squared norms and the loss
         self._calls = 0
         self._observed = 0
-        self._pending: tuple[torch.Tensor, int, torch.cuda.Event | None] | None = None
-        self._staging: list[torch.Tensor] | None = None  # two pinned host buffers for flush_lagged
-        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._call_s = 0.0  # host time in the sampled calls this interval
+        self._interval_start = time.perf_counter()
+        self._interval_calls = 0
+        self._pending: tuple[list[tuple[bool, np.ndarray]], int, torch.cuda.Event | None] | None = None
+        self._staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host rows for flush_lagged, per slot
         self._flushes = 0
 
     @property
@@ -103,91 +149,120 @@ class DeviceMoments:
 
     def observe(self, loss: torch.Tensor) -> None:
         """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad)."""
-        if not self._take(self._row == len(self._norms)):
+        if not self._take():
             return
-        grads = [p.grad if p.grad is not None else self._zero for p in self._params]
-        norms = torch._foreach_norm(grads)
-        if self._fast:
-            torch.stack(norms, out=self._norms[self._row])
+        start = time.perf_counter()
+        if self._tensor_rows is None:
+            self._tensor_rows = _Rows(len(self._params), self._capacity, self._device, per_tensor=True)
+        row = self._tensor_rows.next_row(self._max_rows)
+        if row is None:
+            self._observed -= 1  # max_rows reached: this step is not recorded
         else:
-            self._norms[self._row].copy_(torch.stack([n.float() for n in norms]))
-        self._losses[self._row].copy_(loss.detach())
-        self._row += 1
+            grads = [p.grad if p.grad is not None else self._zero for p in self._params]
+            torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=row)
+        self._call_s += time.perf_counter() - start
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
         """Records a step whose per-layer squared gradient norms ``layer_sq`` (``[n_layers]``) are known.
 
-        For a step that computed them already (the fused optimizer step does): two copies, no norm
-        kernels, no sync. ``every_steps`` applies as in :meth:`observe`.
+        For a step that computed them already (the fused optimizer step does): one copy, no norm kernels,
+        no sync. ``every_steps`` applies as in :meth:`observe`.
 
         Raises:
             ValueError: ``layer_sq`` does not have one entry per layer.
         """
         if layer_sq.shape != (self.n_layers,):
             raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
-        if not self._take(self._layer_row == len(self._layer_sq)):
+        if not self._take():
             return
-        self._layer_sq[self._layer_row].copy_(layer_sq.detach())
-        self._layer_losses[self._layer_row].copy_(loss.detach())
-        self._layer_row += 1
+        start = time.perf_counter()
+        if self._layer_rows is None:
+            self._layer_rows = _Rows(self.n_layers, self._capacity, self._device, per_tensor=False)
+        row = self._layer_rows.next_row(self._max_rows)
+        if row is None:
+            self._observed -= 1  # max_rows reached: this step is not recorded
+        else:
+            torch.cat([layer_sq.detach(), loss.detach().reshape(1)], out=row)
+        self._call_s += time.perf_counter() - start
 
-    def _take(self, buffer_full: bool) -> bool:
-        """Counts a call; True when this step is sampled (``every_steps``), after folding a full buffer."""
+    def _take(self) -> bool:
+        """Counts a call; True when this step is sampled (``every_steps``)."""
         self._calls += 1
+        self._interval_calls += 1
         if (self._calls - 1) % self.every_steps:
             return False
-        if buffer_full:
-            self._fold()
         self._observed += 1
         return True
 
     def flush(self) -> IntervalMoments:
-        """The interval's means; resets the sums. One host-device sync."""
-        self._fold()
-        sums = self._sums.cpu().numpy()  # host-device sync: once per interval
-        result = self._moments(sums, int(self._finite.item()), self._observed)
-        self._sums.zero_()
-        self._finite.zero_()
-        self._observed = 0
+        """The interval's means; starts the next interval. One host-device sync."""
+        blocks = [(rows.per_tensor, rows.data[: rows.used].cpu().numpy()) for rows in self._used_rows()]  # sync
+        result = self._moments(blocks, self._observed)
+        self._next_interval()
         return result
 
     def flush_lagged(self) -> IntervalMoments | None:
         """The *previous* interval's means, without waiting for the device; None at the first call.
 
-        Queues this interval's sums for an asynchronous copy to pinned host memory and returns the sums
+        Queues this interval's rows for an asynchronous copy to pinned host memory and reduces the rows
         queued at the previous call, which the device finished long ago: no host-device sync at all, at
         the price of signals one interval old.
         """
-        self._fold()
         previous = self._pending
-        if self._staging is None:  # allocated once: pinned allocations are slow and may synchronise
-            pinned = self._sums.is_cuda
-            self._staging = [torch.empty(len(self._sums) + 1, dtype=torch.float64, pin_memory=pinned) for _ in "ab"]
-            self._spare = (torch.zeros_like(self._sums), torch.zeros_like(self._finite))
-        host = self._staging[self._flushes % 2]  # the other slot holds the previous interval, read below
+        slot = self._staging[self._flushes % 2]  # the other slot holds the previous interval, read below
         self._flushes += 1
-        host[:-1].copy_(self._sums, non_blocking=True)
-        host[-1].copy_(self._finite, non_blocking=True)
-        done = torch.cuda.Event() if self._sums.is_cuda else None
+        blocks = []
+        for rows in self._used_rows():
+            key = "tensor" if rows.per_tensor else "layer"
+            host = slot.get(key)
+            if host is None or host.shape != rows.data.shape:  # once per buffer size: pinned allocation is slow
+                host = slot[key] = torch.empty(rows.data.shape, pin_memory=rows.data.is_cuda)
+            host[: rows.used].copy_(rows.data[: rows.used], non_blocking=True)
+            blocks.append((rows.per_tensor, host[: rows.used].numpy()))  # read once the event below completed
+        done = torch.cuda.Event() if self._device.type == "cuda" else None
         if done is not None:
             done.record()
-        self._pending = (host, self._observed, done)
-        # Swap in the spare sums; zeroing them is ordered on the stream after their own copy last interval.
-        assert self._spare is not None
-        (self._sums, self._finite), self._spare = self._spare, (self._sums, self._finite)
-        self._sums.zero_()
-        self._finite.zero_()
-        self._observed = 0
+        self._pending = (blocks, self._observed, done)
+        self._next_interval()
         if previous is None:
             return None
         staged, observed, event = previous
         if event is not None:
             event.synchronize()  # recorded an interval ago: already complete, so this does not stall
-        values = staged.numpy()
-        return self._moments(values[:-1], int(values[-1]), observed)
+        return self._moments(staged, observed)
 
-    def _moments(self, sums: np.ndarray, n_finite: int, n_observed: int) -> IntervalMoments:
+    def _used_rows(self) -> list[_Rows]:
+        return [rows for rows in (self._tensor_rows, self._layer_rows) if rows is not None and rows.used]
+
+    def _next_interval(self) -> None:
+        """Adapts ``every_steps`` to the budget from this interval's costs, then starts the next interval."""
+        now = time.perf_counter()
+        sampled = self._observed
+        if self.budget_frac is not None and sampled and self._interval_calls:
+            call_ms = self._call_s * 1e3 / sampled
+            wall_ms = (now - self._interval_start) * 1e3 / self._interval_calls
+            needed = math.ceil(call_ms / max(self.budget_frac * wall_ms, 1e-9) - 1e-9)
+            self.every_steps = max(1, min(self.max_every_steps, needed))
+        for rows in self._used_rows():
+            rows.used = 0
+        self._observed = self._interval_calls = 0
+        self._call_s = 0.0
+        self._interval_start = now
+
+    def _moments(self, blocks: list[tuple[bool, np.ndarray]], n_observed: int) -> IntervalMoments:
+        """Reduces rows on the host: per-layer squared norms, their square roots and the loss, finite rows only."""
         n = self.n_layers
+        sums = np.zeros(2 * n + 1)
+        n_finite = 0
+        for per_tensor, block in blocks:
+            values = block.astype(np.float64)
+            stats, losses = values[:, :-1], values[:, -1]
+            sq = np.square(stats) @ self._to_layers if per_tensor else stats
+            with np.errstate(invalid="ignore"):  # a non-finite row is dropped below
+                table = np.concatenate([sq, np.sqrt(sq), losses[:, None]], axis=1)
+            finite = np.isfinite(table).all(axis=1)
+            sums += table[finite].sum(axis=0)
+            n_finite += int(finite.sum())
         scale = 1.0 / n_finite if n_finite else 0.0
         return IntervalMoments(
             sq_norm=sums[:n] * scale,
@@ -196,23 +271,3 @@ class DeviceMoments:
             n_finite=n_finite,
             n_observed=n_observed,
         )
-
-    def _fold(self) -> None:
-        """Adds the buffered steps to the sums (device kernels only)."""
-        if self._row:
-            rows = self._row
-            sq_param = self._norms[:rows].double().square()
-            sq_layer = torch.zeros(rows, self.n_layers, dtype=torch.float64, device=sq_param.device)
-            sq_layer.index_add_(1, self._owner, sq_param)
-            self._add(sq_layer, self._losses[:rows])
-            self._row = 0
-        if self._layer_row:
-            rows = self._layer_row
-            self._add(self._layer_sq[:rows].double(), self._layer_losses[:rows])
-            self._layer_row = 0
-
-    def _add(self, sq_layer: torch.Tensor, losses: torch.Tensor) -> None:
-        table = torch.cat([sq_layer, sq_layer.sqrt(), losses[:, None].double()], dim=1)
-        finite = torch.isfinite(table).all(dim=1, keepdim=True)
-        self._sums += torch.where(finite, table, 0.0).sum(0)
-        self._finite += finite.sum()
