@@ -45,7 +45,7 @@ Target: all signals ≤ 2%, cheap ≤ 0.5% of the step time.
 
 With ``--engine`` every configuration trains through Tri-Accel's ``StepEngine`` instead (the product's path on a
 GPU: the fused Triton step, every layer in bf16 from the 16-bit weight copies), and the cheap path records the
-statistics the fused step already computed (``DeviceMoments.observe_layers``, one copy) on every step, as the
+statistics the fused step already computed (``DeviceMoments.observe_layers``, two copies) on every step, as the
 product does (it counts skipped steps there), instead of taking gradient norms; rows then carry ``path: engine``.
 
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
@@ -114,7 +114,7 @@ class Args:
     """Calls of each kind timed alone on an idle device for ``isolated_call_ms`` (>= 1)."""
     budget_frac: float = 0.02
     """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
-    observe_budget_frac: float = 0.002
+    observe_budget_frac: float = 0.001
     """``DeviceMoments.budget_frac`` of ``cheap`` and ``all`` on the plain path: the sampled gradient-norm calls
     may take this share of the step time (the engine path records every step, as the product does)."""
     seed: int = 0
@@ -227,6 +227,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     calls_before, sampled_before = runners["cheap"].calls, runners["cheap"].sampled
     for runner in runners.values():
         runner.take_costs()  # the warm-up's
+        runner.host_ms = 0.0
     for repeat in range(args.repeats):
         order = list(runners.items()) if repeat % 2 == 0 else list(reversed(runners.items()))
         for name, runner in order:
@@ -287,6 +288,9 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "step_ms_cheap_median": medians["cheap"],
         "step_ms_all_median": medians["all"],
         "step_ms_engine_sync": step_ms["engine_sync"],
+        # The host's time to enqueue each configuration's steps, per step: near step_ms when the loop is host-bound
+        # (every host microsecond of the collector then lengthens the step), well below it when GPU-bound.
+        "host_ms_per_step": {name: runner.host_ms / totals[name][1] for name, runner in runners.items()},
         "overhead_engine_sync_frac": step_ms["engine_sync"] / step_ms["base"] - 1.0,
         "noise_floor_frac": step_ms["base_again"] / step_ms["base"] - 1.0,
         # Paired estimates: the median over repeats of (window / the same repeat's base window) - 1, with the
@@ -363,6 +367,7 @@ class Runner:
             else None
         )
         self.calls = self.sampled = 0  # cheap-path calls, and those sampled
+        self.host_ms = 0.0  # host wall time of the measured windows' steps, before their final sync
         self.steps = 0
         self._interval_start = clock.mark()
         self._previous_marks: tuple[Any, Any] | None = None
@@ -431,7 +436,9 @@ class Runner:
         # Windows of the other configurations ran since this one's last decision point: not its training time.
         self._interval_start = start
         self._previous_marks = None
+        host_start = time.perf_counter()
         self.run(n_steps, marks)
+        self.host_ms += (time.perf_counter() - host_start) * 1e3  # enqueue time: the device time if host-bound
         end = self.clock.mark()
         self.clock.sync()
         per_step = [self.clock.elapsed(a, b) for a, b in zip(marks[::2], marks[1::2], strict=True)]
@@ -447,6 +454,7 @@ class Runner:
         observe_ms: list[float] = []
         decision_ms: list[float] = []
         every, self.moments.every_steps = self.moments.every_steps, 1
+        budget, self.moments.budget_frac = self.moments.budget_frac, None  # every call sampled, timed alone
 
         def timed(loss: torch.Tensor, grads: GradStats | None) -> None:
             self.clock.sync()
@@ -467,7 +475,7 @@ class Runner:
                 if self.rounds() == rounds:
                     decision_ms.append((self._decision_host_s - before) * 1e3)
         finally:
-            self.moments.every_steps = every
+            self.moments.every_steps, self.moments.budget_frac = every, budget
         return {
             "observe": statistics.median(observe_ms),
             "decision": statistics.median(decision_ms),
@@ -723,7 +731,13 @@ def main(args: Args) -> list[dict[str, Any]]:
         print(
             f"  alone on an idle device: observe {calls['observe']:.3f} ms ({calls['observe_kernels']:.0f} kernels for "
             f"{calls['observed_tensors']:.0f} tensors; -1: not counted), decision {calls['decision']:.3f} ms, "
-            f"so cheap {100 * row['overhead_cheap_frac_isolated']:.2f}% at this cadence"
+            f"so cheap {100 * row['overhead_cheap_frac_isolated']:.2f}% at this cadence "
+            f"(one step in {1 / max(row['observed_step_share'], 1e-9):.0f} observed)"
+        )
+        host = row["host_ms_per_step"]
+        print(
+            f"  host enqueue ms/step (of step ms): base {host['base']:.3f} ({row['step_ms_base']:.3f}), "
+            f"cheap {host['cheap']:.3f} ({row['step_ms_cheap']:.3f}), all {host['all']:.3f} ({row['step_ms_all']:.3f})"
         )
         iqr = row["paired_iqr"]
         print(

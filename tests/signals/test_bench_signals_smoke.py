@@ -14,7 +14,8 @@ FIELDS = {
     "date", "commit", "command", "noise_floor_frac", "step_ms_engine_sync", "expensive_share",
     "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
     "rounds_share_of_train_frac", "overhead_cheap_frac_ab", "overhead_all_frac_ab", "overhead_parts_ms_per_step",
-    "steps_per_decision", "isolated_call_ms", "overhead_cheap_frac_isolated",
+    "steps_per_decision", "isolated_call_ms", "overhead_cheap_frac_isolated", "host_ms_per_step",
+    "observed_step_share", "observe_every_steps", "observe_budget_frac",
 }  # fmt: skip
 
 

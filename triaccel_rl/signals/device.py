@@ -47,29 +47,34 @@ class _Rows:
 
     def __init__(self, width: int, capacity: int, device: torch.device, per_tensor: bool) -> None:
         self.per_tensor = per_tensor  # rows of per-tensor norms (observe) or per-layer squared norms
-        self.data = torch.zeros(capacity, width + 1, device=device)
-        self.views = list(self.data.unbind())  # made once: indexing a row per step costs host time
         self.used = 0
+        self._allocate(torch.zeros(capacity, width + 1, device=device))
 
-    def next_row(self, max_rows: int) -> torch.Tensor | None:
-        """The row to write next (the buffer doubles when full); None at ``max_rows`` rows."""
+    def _allocate(self, data: torch.Tensor) -> None:
+        # Views made once per buffer: indexing a row per step costs host time.
+        self.data = data
+        self.views = list(data.unbind())
+        self.stats = [row[:-1] for row in self.views]
+        self.losses = [row[-1] for row in self.views]
+
+    def next_row(self, max_rows: int) -> int | None:
+        """The index of the row to write next (the buffer doubles when full); None at ``max_rows`` rows."""
         if self.used == len(self.views):
             if self.used >= max_rows:
                 return None
             grown = torch.zeros(min(2 * self.used, max_rows), self.data.shape[1], device=self.data.device)
             grown[: self.used].copy_(self.data)  # ordered on the stream after the rows' writes
-            self.data, self.views = grown, list(grown.unbind())
-        row = self.views[self.used]
+            self._allocate(grown)
         self.used += 1
-        return row
+        return self.used - 1
 
 
 class DeviceMoments:
     """Records per-layer gradient norms and the loss on the device, with no host-device sync per step.
 
     A sampled step costs two dispatches with :meth:`observe` (one multi-tensor norm over all gradients,
-    ``torch._foreach_norm``, stacked with the loss into a row of a device buffer) and one with
-    :meth:`observe_layers` (the given statistics and the loss concatenated into a row). Squares, per-layer
+    ``torch._foreach_norm``, stacked with the loss into a row of a device buffer) and two with
+    :meth:`observe_layers` (copies of the given statistics and the loss into a row). Squares, per-layer
     sums and the finite test run on the host, over the interval's rows, once per flush. A step with a
     non-finite loss or gradient is counted but not added. The buffer doubles when an interval outgrows it,
     up to ``max_rows`` sampled steps; sampled steps past that in the same interval are not recorded.
@@ -159,13 +164,13 @@ class DeviceMoments:
             self._observed -= 1  # max_rows reached: this step is not recorded
         else:
             grads = [p.grad if p.grad is not None else self._zero for p in self._params]
-            torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=row)
+            torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=self._tensor_rows.views[row])
         self._call_s += time.perf_counter() - start
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
         """Records a step whose per-layer squared gradient norms ``layer_sq`` (``[n_layers]``) are known.
 
-        For a step that computed them already (the fused optimizer step does): one copy, no norm kernels,
+        For a step that computed them already (the fused optimizer step does): two copies, no norm kernels,
         no sync. ``every_steps`` applies as in :meth:`observe`.
 
         Raises:
@@ -182,7 +187,9 @@ class DeviceMoments:
         if row is None:
             self._observed -= 1  # max_rows reached: this step is not recorded
         else:
-            torch.cat([layer_sq.detach(), loss.detach().reshape(1)], out=row)
+            rows = self._layer_rows  # two copies into views made once: cheaper on the host than one cat(out=)
+            rows.stats[row].copy_(layer_sq.detach())
+            rows.losses[row].copy_(loss.detach().reshape(()))
         self._call_s += time.perf_counter() - start
 
     def _take(self) -> bool:
