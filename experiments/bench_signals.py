@@ -511,16 +511,15 @@ class Runner:
 
     def _after_backward(self, loss: torch.Tensor, grads: GradStats | None) -> None:
         if self.moments is not None:
-            start = time.perf_counter()
+            sampled = self.moments.samples_next
             self.calls += 1
-            self.sampled += self.moments.samples_next
-            if self.moments.samples_next:
-                before = self.clock.mark()
-                self._record(loss, grads)  # device work only: no sync
-                self._cost_marks.append((before, self.clock.mark()))
-            else:
-                self._record(loss, grads)  # counted, not sampled: host work only
+            self.sampled += sampled
+            before = self.clock.mark() if sampled else None  # the benchmark's marks: outside the host time
+            start = time.perf_counter()
+            self._record(loss, grads)  # sampled: device work only, no sync; otherwise host work only
             self._observe_host_s += time.perf_counter() - start
+            if before is not None:
+                self._cost_marks.append((before, self.clock.mark()))
         if self.engine is not None:
             stats = grads if grads is not None else self.engine.grad_stats()
             stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun.step does
@@ -534,11 +533,13 @@ class Runner:
         interval_wall_ms = (time.perf_counter() - self._interval_wall) * 1e3
         host_before = self._decision_host_s
         # No host-device sync for the cheap signals: the previous interval's sums, copied asynchronously.
+        before = self.clock.mark()  # the benchmark's marks: outside the host time
         start = time.perf_counter()
-        before = self.clock.mark()
         interval = self.moments.flush_lagged()
+        flush_s = time.perf_counter() - start
         end = self.clock.mark()
         self._cost_marks.append((before, end))
+        start = time.perf_counter()
         if self._previous_marks is not None and interval is not None:
             # The previous interval's time: its end event was recorded an interval ago, so reading it is free.
             train_ms = self.clock.elapsed(*self._previous_marks)
@@ -548,7 +549,7 @@ class Runner:
         # One sync per round (rare), none otherwise. The benchmark has no training budget to project the run
         # from: progress unknown, so the first round is borrowed whatever it costs (it measures steady state).
         rounds = self.rounds()
-        self._decision_host_s += time.perf_counter() - start
+        self._decision_host_s += flush_s + time.perf_counter() - start
         start = time.perf_counter()
         self.collector.maybe_estimate(progress=None)
         if self.rounds() > rounds:  # a round's time is measured by the collector itself (estimator_ms)

@@ -438,11 +438,17 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
         clock[0] += 9e-3  # the rest of the step
     assert moments.flush().n_observed == 10
     assert moments.every_steps == 5
+    clock[0] += 60.0  # a pause in the loop (an evaluation, another job) is not taken for a slow step
+    for _ in range(10):
+        moments.observe(torch.tensor(1.0))
+        clock[0] += 9e-3
+    assert moments.flush().n_observed == 2
+    assert moments.every_steps == 6  # 1 / (0.02 * 9): the median gap between calls is 9 ms now
     moments.budget_frac = 1e-4  # 1 ms in 10 ms would need one step in 500: capped
     for _ in range(10):
         moments.observe(torch.tensor(1.0))
         clock[0] += 9e-3
-    assert moments.flush().n_observed == 2  # steps 0 and 5 of the interval
+    assert moments.flush().n_observed == 1  # of calls 21-30 only the 25th: one in 6 counts from the first call
     assert moments.every_steps == 8
     with pytest.raises(ValueError, match=r"budget_frac=1.5 must be in \(0, 1\)"):
         DeviceMoments([[model.weight]], budget_frac=1.5)

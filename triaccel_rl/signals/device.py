@@ -12,6 +12,7 @@ interval's rows, with no sync at all. :meth:`SignalCollector.observe_interval` f
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ class DeviceMoments:
     On a host-bound loop every dispatch costs wall time, so ``every_steps > 1`` samples one step in
     ``every_steps`` (the others cost nothing). With ``budget_frac`` the sampling follows a budget instead:
     at each flush ``every_steps`` becomes the least that keeps the sampled calls' measured host time
-    within ``budget_frac`` of the interval's wall time per call,
-    ``ceil(call_ms / (budget_frac * wall_ms_per_call))``, at most ``max_every_steps``. Steps that are not
+    within ``budget_frac`` of a step's wall time, ``ceil(call_ms / (budget_frac * step_ms))``, at most
+    ``max_every_steps``: ``call_ms`` is the interval's mean host time per sampled call, ``step_ms`` the
+    median time between consecutive calls (so a pause in the loop, such as an evaluation, is not taken
+    for a slow step). Steps that are not
     sampled are not checked for non-finite values either.
 
     Args:
@@ -141,8 +144,8 @@ class DeviceMoments:
         self._calls = 0
         self._observed = 0
         self._call_s = 0.0  # host time in the sampled calls this interval
-        self._interval_start = time.perf_counter()
-        self._interval_calls = 0
+        self._gaps: list[float] = []  # with a budget: seconds between consecutive calls (a step's wall time)
+        self._last_call = math.nan
         self._pending: tuple[list[tuple[bool, np.ndarray]], int, torch.cuda.Event | None] | None = None
         self._staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host rows for flush_lagged, per slot
         self._flushes = 0
@@ -195,7 +198,10 @@ class DeviceMoments:
     def _take(self) -> bool:
         """Counts a call; True when this step is sampled (``every_steps``)."""
         self._calls += 1
-        self._interval_calls += 1
+        if self.budget_frac is not None:
+            now = time.perf_counter()
+            self._gaps.append(now - self._last_call)  # NaN for the first call: dropped at the flush
+            self._last_call = now
         if (self._calls - 1) % self.every_steps:
             return False
         self._observed += 1
@@ -243,18 +249,17 @@ class DeviceMoments:
 
     def _next_interval(self) -> None:
         """Adapts ``every_steps`` to the budget from this interval's costs, then starts the next interval."""
-        now = time.perf_counter()
-        sampled = self._observed
-        if self.budget_frac is not None and sampled and self._interval_calls:
-            call_ms = self._call_s * 1e3 / sampled
-            wall_ms = (now - self._interval_start) * 1e3 / self._interval_calls
+        gaps = [gap for gap in self._gaps if gap == gap]  # NaN: no call before
+        if self.budget_frac is not None and self._observed and gaps:
+            call_ms = self._call_s * 1e3 / self._observed
+            wall_ms = statistics.median(gaps) * 1e3  # a pause in the loop (evaluation, a decision) is not a step
             needed = math.ceil(call_ms / max(self.budget_frac * wall_ms, 1e-9) - 1e-9)
             self.every_steps = max(1, min(self.max_every_steps, needed))
         for rows in self._used_rows():
             rows.used = 0
-        self._observed = self._interval_calls = 0
+        self._observed = 0
         self._call_s = 0.0
-        self._interval_start = now
+        self._gaps.clear()
 
     def _moments(self, blocks: list[tuple[bool, np.ndarray]], n_observed: int) -> IntervalMoments:
         """Reduces rows on the host: per-layer squared norms, their square roots and the loss, finite rows only."""
