@@ -40,6 +40,13 @@ for stage in "$@"; do
     i7-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
            --rows plain-bf16,plain-fp32,fp32,static-bf16,static-fp16,heuristic --out "$OUT/i7_effnet.json" --plots "$OUT/plots_e" \
            2>&1 | tail -30 ;;
+    # The same in two visits of well under 10 minutes: the executor's rows (fp32 among them, for the >= 5x target),
+    # then the user's own loops.
+    i7-effnet-a) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
+           --rows fp32,static-bf16,static-fp16,heuristic,heuristic-no-trial --out "$OUT/i7_effnet_a.json" \
+           --plots "$OUT/plots_ea" 2>&1 | tail -30 ;;
+    i7-effnet-b) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
+           --rows plain-bf16,plain-fp32 --out "$OUT/i7_effnet_b.json" --plots "$OUT/plots_eb" 2>&1 | tail -30 ;;
     # The speed trial and the one-sided cheap sensitivity, side by side with the static rows (about 6 minutes).
     speed-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
            --rows static-bf16,static-fp16,heuristic,heuristic-no-trial --out "$OUT/speed_resnet.json" 2>&1 | tail -20 ;;
