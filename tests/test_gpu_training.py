@@ -244,3 +244,13 @@ def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():
     assert guard.restore()
     for want, got in zip(saved, _params_and_buffers(run), strict=True):
         assert torch.equal(want, got)
+
+
+def test_the_fast_peak_reading_equals_max_memory_allocated():
+    from triaccel_rl.memory import peak_allocated_bytes
+
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    held = torch.empty(3 << 20, dtype=torch.uint8, device=device)
+    del held
+    assert peak_allocated_bytes(device) == torch.cuda.max_memory_allocated(device) >= 3 << 20

@@ -30,7 +30,7 @@ from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.loader import ElasticLoader
-from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes
+from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, peak_allocated_bytes
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
 from triaccel_rl.shield import RollbackGuard
@@ -313,7 +313,7 @@ class Controller:
 
     def _memory_bytes(self, batch: int) -> int:
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return peak_allocated_bytes(self.device)
         return self.predicted_memory_bytes(batch)
 
     def _set_uniform(self, precision: Precision) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "check_budget",
     "device_capacity_bytes",
     "measure_tensor_bytes",
+    "peak_allocated_bytes",
     "read_device_memory",
 ]
 
@@ -75,6 +76,17 @@ def read_device_memory(device: torch.device) -> DeviceMemory:
         allocated_bytes=int(torch.cuda.memory_allocated(device)),
         reserved_bytes=int(torch.cuda.memory_reserved(device)),
     )
+
+
+def peak_allocated_bytes(device: torch.device) -> int:
+    """The CUDA allocator's peak of allocated bytes since its last reset: ``torch.cuda.max_memory_allocated``.
+
+    Read from the allocator's nested statistics, skipping ``max_memory_allocated``'s flattening of about 150
+    of them into a sorted dict: 66-90 µs of host time that every training step paid (measured on the CPU of
+    the CI machine kind; comparable on the H200's host), against a step of 3.6 ms on the H200.
+    """
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    return int(stats.get("allocated_bytes", {}).get("all", {}).get("peak", 0))
 
 
 def device_capacity_bytes(device: torch.device, cpu_capacity_bytes: int) -> int:

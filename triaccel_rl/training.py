@@ -29,7 +29,13 @@ from triaccel_rl.elastic import (
 from triaccel_rl.engine import GradStats, StepEngine
 from triaccel_rl.graphs import StepGraphs, graph_unsupported
 from triaccel_rl.loader import Batch, ElasticLoader
-from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, read_device_memory
+from triaccel_rl.memory import (
+    MemoryModel,
+    check_budget,
+    device_capacity_bytes,
+    peak_allocated_bytes,
+    read_device_memory,
+)
 from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
 from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.tasks import Task, get_task
@@ -568,7 +574,7 @@ class TrainingRun:
         for the batch at its precision's memory factor) + the low-precision weight copies.
         """
         if self.measures_memory:
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return peak_allocated_bytes(self.device)
         return self.costs.memory_bytes(
             self.batch_size if batch_size is None else batch_size, self.precision.precisions, self.profile
         )

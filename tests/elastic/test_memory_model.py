@@ -10,7 +10,7 @@ from torch import nn
 from triaccel_rl.config import ConfigError, HardwareProfile, MemoryBudget
 from triaccel_rl.controller import Controller
 from triaccel_rl.costs import CostModel
-from triaccel_rl.memory import MemoryFit, MemoryModel, check_budget, measure_tensor_bytes
+from triaccel_rl.memory import MemoryFit, MemoryModel, check_budget, measure_tensor_bytes, peak_allocated_bytes
 from triaccel_rl.precision import LayerPrecision, find_layers
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Precision
@@ -161,3 +161,18 @@ def test_controller_rejects_a_budget_below_one_sample() -> None:
     ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", memory=MemoryBudget(bytes=64))
     with pytest.raises(ConfigError, match=r"below the model's fixed \d+ bytes .* one sample needs \d+ bytes"):
         next(ctl.loader((torch.randn(64, 8), torch.randint(0, 2, (64,))), batch_size=16))
+
+
+def test_peak_allocated_bytes_reads_the_allocators_nested_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The number max_memory_allocated gives ("allocated_bytes.all.peak"), read without flattening the rest
+    (the GPU test compares the two on a device)."""
+    nested = {
+        "allocated_bytes": {"all": {"current": 5, "peak": 1234}, "large_pool": {"peak": 1000}},
+        "reserved_bytes": {"all": {"peak": 4096}},
+    }
+    asked: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: asked.append(device) or nested)
+    assert peak_allocated_bytes(torch.device("cuda", 1)) == 1234
+    assert asked == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {})  # CUDA not initialised yet
+    assert peak_allocated_bytes(torch.device("cuda", 0)) == 0
