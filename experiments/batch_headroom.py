@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,14 +44,25 @@ class Args:
     out: str = "experiments/results/batch_headroom.json"
 
 
+ROW_PATTERN = re.compile(
+    r"^(?P<name>heuristic|bf16)$|^bf16-x(?P<k>[1-9][0-9]*)-(?P<rule>linear|sqrt)$|^bf16-lr(?P<lr>[0-9]+(\.[0-9]+)?)$"
+)
+
+
 def parse_row(row: str) -> tuple[str, int, str | None, float]:
-    """``bf16-x2-linear`` -> (``bf16``, 2, ``linear``, 1.0); ``bf16-lr2`` -> (``bf16``, 1, None, 2.0)."""
-    parts = row.split("-")
-    if len(parts) == 1:
-        return row, 1, None, 1.0
-    if parts[1].startswith("lr"):
-        return parts[0], 1, None, float(parts[1][2:])
-    return parts[0], int(parts[1].lstrip("x")), parts[2], 1.0
+    """``bf16-x2-linear`` -> (``bf16``, 2, ``linear``, 1.0); ``bf16-lr2`` -> (``bf16``, 1, None, 2.0).
+
+    Raises:
+        ValueError: ``row`` is none of ``heuristic``, ``bf16``, ``bf16-x<k>-<linear|sqrt>``, ``bf16-lr<scale>``.
+    """
+    match = ROW_PATTERN.match(row)
+    if match is None:
+        raise ValueError(f"row {row!r}; allowed: heuristic, bf16, bf16-x<k>-<linear|sqrt>, bf16-lr<scale>")
+    if match["name"]:
+        return match["name"], 1, None, 1.0
+    if match["lr"]:
+        return "bf16", 1, None, float(match["lr"])
+    return "bf16", int(match["k"]), match["rule"], 1.0
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -62,6 +74,8 @@ def main(args: Args) -> dict[str, Any]:
 
     tasks = [t for t in args.tasks.split(",") if t]
     rows = [r for r in args.rows.split(",") if r]
+    for row in rows:  # every row's name checked before the first run
+        parse_row(row)
     base_config = ControllerConfig(interval_steps=args.interval_steps)
     runs: list[dict[str, Any]] = []
     costs: dict[str, dict[str, float]] = {}

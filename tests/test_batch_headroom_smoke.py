@@ -1,0 +1,51 @@
+"""Smoke test of experiments/batch_headroom.py: one held-out task, a fraction of an epoch, every kind of row."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def headroom():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import batch_headroom
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return batch_headroom
+
+
+def test_rows_parse_and_bad_rows_are_named(headroom) -> None:  # type: ignore[no-untyped-def]
+    assert headroom.parse_row("heuristic") == ("heuristic", 1, None, 1.0)
+    assert headroom.parse_row("bf16-x4-sqrt") == ("bf16", 4, "sqrt", 1.0)
+    assert headroom.parse_row("bf16-lr1.5") == ("bf16", 1, None, 1.5)
+    with pytest.raises(ValueError, match=r"row 'bf16-x2-cubic'; allowed: heuristic, bf16, bf16-x<k>"):
+        headroom.parse_row("bf16-x2-cubic")
+
+
+def test_larger_batch_rows_start_at_k_times_the_batch_with_the_lr_of_their_rule(headroom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "headroom.json"
+    args = headroom.Args(
+        tasks="deep-mlp-synthetic", rows="bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-lr2", seeds=1, epochs=0.1, out=str(out)
+    )
+    headroom.main(args)
+    document = json.loads(out.read_text())
+    summary = document["summary"]["deep-mlp-synthetic"]
+    base = summary["bf16"]
+    assert summary["bf16-x2-linear"]["batch_first"] == summary["bf16-x2-sqrt"]["batch_first"] == 2 * base["batch_first"]
+    assert summary["bf16-lr2"]["batch_first"] == base["batch_first"]
+    assert summary["bf16-x2-linear"]["lr_first"] == pytest.approx(2 * base["lr_first"])
+    assert summary["bf16-x2-sqrt"]["lr_first"] == pytest.approx(math.sqrt(2) * base["lr_first"])
+    assert summary["bf16-lr2"]["lr_first"] == pytest.approx(2 * base["lr_first"])
+    costs = document["step_costs_ms"]["deep-mlp-synthetic"]
+    assert costs["x1"] < costs["x2"] < costs["x4"] and costs["fixed"] > 0
+    assert {run["row"] for run in document["runs"]} == set(summary)
+    with pytest.raises(ValueError, match="row 'bf16-x0-linear'"):  # checked before any run
+        headroom.main(headroom.Args(tasks="deep-mlp-synthetic", rows="bf16,bf16-x0-linear", out=str(out)))
