@@ -45,8 +45,8 @@ Target: all signals ≤ 2%, cheap ≤ 0.5% of the step time.
 
 With ``--engine`` every configuration trains through Tri-Accel's ``StepEngine`` instead (the product's path on a
 GPU: the fused Triton step, every layer in bf16 from the 16-bit weight copies), and the cheap path records the
-statistics the fused step already computed (``DeviceMoments.observe_layers``, two copies) on every step, as the
-product does (it counts skipped steps there), instead of taking gradient norms; rows then carry ``path: engine``.
+statistics the fused step already computed (``DeviceMoments.observe_layers``, two copies), sampled under the same
+budget as the product's ``Controller`` on a GPU, instead of taking gradient norms; rows then carry ``path: engine``.
 
 Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versions on the CPU.
 """
@@ -115,8 +115,8 @@ class Args:
     budget_frac: float = 0.02
     """Overhead budget of the ``all`` configuration (``SignalConfig.budget_frac``)."""
     observe_budget_frac: float = 0.001
-    """``DeviceMoments.budget_frac`` of ``cheap`` and ``all`` on the plain path: the sampled gradient-norm calls
-    may take this share of the step time (the engine path records every step, as the product does)."""
+    """``DeviceMoments.budget_frac`` of ``cheap`` and ``all``: the sampled recording calls may take this share of
+    the step time (the product's default, ``SignalConfig.observe_budget_frac``, is the same)."""
     seed: int = 0
     """Seeds the models and the random inputs."""
     output: str = "experiments/results/signals_overhead.json"
@@ -195,7 +195,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
                 args.interval_steps,
                 collector(infos, layer_params, workload, args, all_signals=name == "all"),
                 cadence=cadence(args),
-                observe_budget_frac=None if workload.engine is not None else args.observe_budget_frac,
+                observe_budget_frac=args.observe_budget_frac,
             )
             for name in ("cheap", "all")
         },
@@ -316,7 +316,7 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         },
         "collector_round_overhead_frac": all_collector.scheduler.round_overhead_frac,
         "warmup_round_ms": all_collector.warmup_ms,
-        "observe_budget_frac": None if workload.engine is not None else args.observe_budget_frac,
+        "observe_budget_frac": args.observe_budget_frac,
         "observed_step_share": observed_share,  # sampled steps of the cheap configuration's measured steps
         "observe_every_steps": runners["cheap"].moments.every_steps if runners["cheap"].moments else None,
         "interval_steps": args.interval_steps,

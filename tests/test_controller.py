@@ -93,6 +93,24 @@ def test_non_finite_steps_are_skipped_and_counted_at_the_decision():
     assert ctl.signals is not None and ctl.signals.overflow_rate == pytest.approx(2 / 3)
 
 
+def test_skipped_steps_are_counted_when_only_some_steps_are_recorded():
+    """With a budget for the per-step statistics (on by default on a GPU; forced here) most steps go unrecorded,
+    yet every skipped one is counted: from the optimizer's applied updates, not from the recorded rows."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4))
+    assert ctl.observe_budget_frac is None  # a CPU records every step
+    ctl.observe_budget_frac = 1e-9  # no recording fits: after the first interval, one step in 64
+    batches = ctl.loader(data(), batch_size=16)
+    for step in range(12):
+        x, y = next(batches)
+        loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss * float("nan") if step in (9, 10) else loss)  # steps 10 and 11, in the third interval
+    assert ctl._moments is not None and ctl._moments.every_steps == 64
+    assert ctl.skipped_steps == 2 and len(ctl.decisions) == 3
+    assert ctl.signals is not None and ctl.signals.overflow_rate == pytest.approx(2 / 4)
+    assert ctl.rollbacks == 0  # a mixed interval: neither copied nor restored
+
+
 def test_expensive_decisions_stretch_the_controllers_interval():
     """The cadence is on by default on a GPU; forced on here, a slow policy's decisions spread out to the cap."""
     import time

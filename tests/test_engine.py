@@ -401,3 +401,13 @@ def test_set_precisions_validates() -> None:
     engine.set_precisions([Precision.BF16, 2])
     assert engine.precision.precisions == [Precision.BF16, Precision.FP16]
     assert engine.apply_lr() == 1.0
+
+
+def test_applied_steps_count_updates_and_not_skipped_steps() -> None:
+    model, engine = sgd_engine()
+    assert engine.applied_steps() == 0
+    engine.backward_and_step(loss_of(model, engine, 0))
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 1, scale=float("nan")))
+    assert skipped
+    engine.backward_and_step(loss_of(model, engine, 2))
+    assert engine.applied_steps() == 2

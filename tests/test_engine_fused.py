@@ -74,6 +74,7 @@ def test_fused_skip_keeps_everything_and_fp16_scale_backs_off():
         assert torch.equal(a, b)
     assert torch.equal(momentum, engine.fused_optimizer.momentum_buffer)
     assert engine.loss_scale == scale / 2
+    assert engine.applied_steps() == 1  # the device counter: the first step applied, the second skipped
 
 
 def test_unsupported_optimizers_are_named():

@@ -159,7 +159,12 @@ class Controller:
             self._writer = SummaryWriter(str(log_dir))
         self.skipped_steps = 0
         """Updates skipped for a non-finite loss or gradient, counted at each decision."""
+        self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
+        """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
+        when recording them costs more, one step in several is recorded. None (a CPU) records every step.
+        Skipped steps are counted from the optimizer's applied updates, recorded or not."""
         self._moments: DeviceMoments | None = None
+        self._applied_at_start = 0  # the engine's applied updates when the interval began
         self._interval_steps = 0
         self._interval_peak = 0
         self._timer = IntervalTimer(self.device)
@@ -241,10 +246,11 @@ class Controller:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.advance()
+        if self._moments is None:  # the first step
+            self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
+            self._applied_at_start = self.engine.applied_steps()
         self.engine.scale_loss(loss).backward()
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
-        if self._moments is None:
-            self._moments = DeviceMoments(self.engine.layer_params)
         self._moments.observe_layers(loss.detach(), grads.sq_sum)
         batch = self._last_batch or 1
         memory = self._memory_bytes(batch)  # the allocator's host-side counters: no sync
@@ -348,28 +354,34 @@ class Controller:
         assert self._moments is not None
         train_ms = self._timer.stop()
         moments = self._moments.flush()
-        self.skipped_steps += moments.n_observed - moments.n_finite
-        self._shield(moments.n_finite, moments.n_observed)
+        applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
+        applied = applied_now - self._applied_at_start
+        skipped = self._interval_steps - applied
+        self.skipped_steps += skipped
+        restored = self._shield(applied, self._interval_steps)
+        self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
         self.collector.observe_interval(
-            moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak
+            moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak, skipped=skipped
         )
         self._interval_steps = 0
         self._interval_peak = 0
         return train_ms
 
-    def _shield(self, n_finite: int, n_observed: int) -> None:
-        """The rollback shield at an interval's end.
+    def _shield(self, applied: int, steps: int) -> bool:
+        """The rollback shield at an interval's end, from the updates ``applied`` of its ``steps``; True if restored.
 
-        An interval whose every step was finite is healthy: the copy is refreshed (every
-        ``config.snapshot_every`` healthy intervals). One with no finite step at all restores the copy. A mixed
-        one does neither: its non-finite steps were skipped, and the model may be turning, so it is not copied.
+        An interval whose every update was applied (every step finite) is healthy: the copy is refreshed (every
+        ``config.snapshot_every`` healthy intervals). One with no update at all restores the copy. A mixed one does
+        neither: its non-finite steps were skipped, and the model may be turning, so it is not copied.
         """
-        if self.guard is None or n_observed == 0:
-            return
-        if n_finite == n_observed:
+        if self.guard is None or steps == 0:
+            return False
+        if applied == steps:
             self.guard.healthy()
-        elif n_finite == 0 and self.guard.restore():  # logged by the guard
+        elif applied == 0 and self.guard.restore():  # logged by the guard
             self.rollbacks += 1
+            return True
+        return False
 
     def _decide(self) -> None:
         signals = self.collector.snapshot(

@@ -109,6 +109,7 @@ class StepEngine:
         self.lr_factors = np.ones(self.n_layers)
         self._grad_scaler: torch.amp.GradScaler | None = None
         self.fused_optimizer: Any = None
+        self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
         reason = _fused_unsupported(optimizer, self.layer_params)
         if fused and reason:
             raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
@@ -254,6 +255,7 @@ class StepEngine:
         stats = self.grad_stats()
         # Host-device sync (reference path): the skip is decided on the host.
         skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
+        self._reference_applied += not skipped
         if not skipped:
             # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
             # loss with finite gradients: decide here for both.
@@ -265,6 +267,17 @@ class StepEngine:
             scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
         self.zero_grad()
         return stats, skipped
+
+    def applied_steps(self) -> int:
+        """Optimizer updates applied so far: steps skipped for a non-finite gradient or loss do not count.
+
+        On the fused path this reads the optimizer's device counter (a host-device sync; a rollback, which
+        restores the optimizer's state, restores it too); on the reference path it is a host count, which
+        a rollback leaves alone. Differences over an interval give its skipped steps without recording each.
+        """
+        if self.fused:
+            return int(self.fused_optimizer.step_count.item())  # host-device sync
+        return self._reference_applied
 
     def zero_grad(self) -> None:
         """Zeros every gradient in place (the fused path's ``.grad`` tensors are views that must stay)."""

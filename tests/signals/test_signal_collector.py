@@ -456,6 +456,16 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
         DeviceMoments([[model.weight]], capacity=4, max_rows=2)
 
 
+def test_observe_interval_takes_the_skipped_count_it_is_given() -> None:
+    infos = [LayerInfo("a", 10, True)]
+    collector = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    recorded = IntervalMoments(np.full(1, 4.0), np.full(1, 2.0), 2.0, n_finite=2, n_observed=2)  # 2 of 8 recorded
+    collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=3)
+    assert snapshot(collector).overflow_rate == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match=r"skipped=9 must be in \[0, n_steps=8\]"):
+        collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=9)
+
+
 def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
     infos = [LayerInfo("a", 10, True), LayerInfo("b", 20, True)]
     per_step = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))

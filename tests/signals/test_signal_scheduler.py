@@ -88,6 +88,7 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
     [
         ({"budget_frac": 0.0}, "budget_frac=0.0"),
         ({"expensive_share": 1.5}, "expensive_share=1.5"),
+        ({"observe_budget_frac": 0.0}, r"observe_budget_frac=0.0 must be in \(0, 1\), or None to record every step"),
         ({"max_microbatches": 1}, "max_microbatches=1 must be >= 2"),
         ({"fixed_probes": 0}, "fixed_probes=0"),
         ({"round_ema_decay": 1.0}, "round_ema_decay=1.0"),

@@ -263,12 +263,14 @@ class SignalCollector:
         train_ms: float,
         charged_ms: float | None = None,
         peak_bytes: int = 0,
+        skipped: int | None = None,
     ) -> None:
         """Folds an interval of steps summed on the device (:class:`DeviceMoments`) in.
 
         The interval's means enter the step EMAs as ``n_finite`` steps of that value (exact when the
-        per-step values are constant). Observed non-finite steps count as skipped; steps that
-        ``DeviceMoments`` did not observe (``every_steps > 1``) are not checked.
+        per-step values are constant). Observed non-finite steps count as skipped, unless ``skipped`` gives
+        the interval's count (from the optimizer's applied updates, which covers the steps ``DeviceMoments``
+        did not record when ``every_steps > 1``).
 
         Args:
             moments: the interval's flushed moments.
@@ -276,7 +278,13 @@ class SignalCollector:
             train_ms: their wall time, in ms.
             charged_ms: their charged time (``train_ms`` by default).
             peak_bytes: peak memory in the interval.
+            skipped: the interval's skipped steps, in [0, n_steps]; None counts the observed non-finite ones.
+
+        Raises:
+            ValueError: ``skipped`` is outside [0, n_steps].
         """
+        if skipped is not None and not 0 <= skipped <= n_steps:
+            raise ValueError(f"skipped={skipped} must be in [0, n_steps={n_steps}]")
         start = time.perf_counter()
         charged = train_ms if charged_ms is None else charged_ms
         self.n_steps += n_steps
@@ -285,7 +293,7 @@ class SignalCollector:
         self.train_ms += train_ms
         self.scheduler.add_train(charged, n_steps=max(n_steps, 1))
         self._interval_peak = max(self._interval_peak, peak_bytes)
-        self._interval_skipped += moments.n_observed - moments.n_finite
+        self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
             self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=moments.n_finite)
         self.overhead_ms += (time.perf_counter() - start) * 1e3

@@ -88,6 +88,10 @@ class SignalConfig:
             process and round shape: later runs of the same model skip it and predict from the round costs
             measured earlier in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
+        observe_budget_frac: share of step time that recording the per-step statistics may take in a
+            ``Controller`` on a GPU, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in several is
+            recorded when a recording costs more). None records every step. On a CPU, and in ``TrainingRun``
+            (whose observations must repeat for a seed), every step is recorded.
 
     Example:
         >>> SignalConfig.preset("cheap").mode
@@ -114,6 +118,7 @@ class SignalConfig:
     lr_factor_max: float = 2.0
     warmup_round: bool = True
     seed: int = 0
+    observe_budget_frac: float | None = 0.001
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
@@ -122,6 +127,10 @@ class SignalConfig:
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         if not (0.0 < self.expensive_share <= 1.0):
             raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
+        if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < 1.0):
+            raise ConfigError(
+                f"observe_budget_frac={self.observe_budget_frac} must be in (0, 1), or None to record every step"
+            )
         for name in ("target_interval_steps", "micro_batch_size", "hutchinson_batch_size", "fixed_interval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
