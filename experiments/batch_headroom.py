@@ -34,9 +34,13 @@ class Args:
     rows: str = "heuristic,bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-x4-linear,bf16-x4-sqrt"
     """``heuristic``, ``bf16``, ``bf16-x<k>-<linear|sqrt>`` or ``bf16-lr<m>`` (base batch, LR x m: a control)."""
     seeds: int = 3
+    """Seeds 0..N-1 per task and row."""
     epochs: float = 2.0
+    """Training budget of a base-batch run, in epochs (issue 6's transfer evaluation uses 2)."""
     interval_steps: int = 10
+    """Optimizer steps between decisions (as ``experiments/transfer.py``)."""
     eval_every: int = 2
+    """Evaluate the test metric every this many decisions (as ``experiments/transfer.py``)."""
     eval_every_steps: int = 0
     """Evaluate every N optimizer steps instead (0: every ``eval_every`` decisions, as transfer.py)."""
     same_steps: bool = False
