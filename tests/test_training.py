@@ -129,6 +129,20 @@ def test_train_interval_takes_the_same_steps_as_step():
     assert interval.peak_bytes == max(s.memory_bytes for s in stats)
 
 
+def test_train_interval_counts_skipped_steps_it_did_not_record(monkeypatch):
+    """With a budget for the per-step statistics (on by default on a GPU in measured mode; forced here), most steps
+    go unrecorded; the skipped ones are still counted, from the optimizer's applied updates."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    assert run.observe_budget_frac is None  # a CPU records every step: observations repeat for a seed
+    run.observe_budget_frac = 1e-9  # no recording fits: after the first interval, one step in 64
+    run.train_interval(2)
+    original = type(run.task).loss_fn
+    monkeypatch.setattr(type(run.task), "loss_fn", lambda self, logits, y: original(self, logits, y) * float("inf"))
+    interval = run.train_interval(5)
+    assert interval.moments.n_observed == 0  # not one of the five was recorded
+    assert (interval.skipped, run.skipped_steps) == (5, 5)
+
+
 def test_train_interval_counts_and_skips_non_finite_steps(monkeypatch):
     run = TrainingRun("synthetic", seed=0, device="cpu")
     run.train_interval(1)

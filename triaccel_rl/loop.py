@@ -114,6 +114,7 @@ class DecisionLoop:
             train_ms=stats.train_ms,
             charged_ms=stats.charged_ms,
             peak_bytes=stats.peak_bytes,
+            skipped=stats.skipped,
         )
         self._mark = (collector.overhead_ms, collector.estimator_ms)
         return stats

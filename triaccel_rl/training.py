@@ -36,6 +36,7 @@ from triaccel_rl.memory import (
     peak_allocated_bytes,
     read_device_memory,
 )
+from triaccel_rl.signals.config import SignalConfig
 from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
 from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.tasks import Task, get_task
@@ -248,6 +249,11 @@ class TrainingRun:
         self.n_layers = len(self.layers)
         self.steps = 0
         self.skipped_steps = 0
+        self.observe_budget_frac = SignalConfig().observe_budget_frac if self.measures_memory else None
+        """Share of step time :meth:`train_interval`'s per-step statistics may take: when recording them costs
+        more, one step in several is recorded (``DeviceMoments(budget_frac=...)``). The default
+        ``SignalConfig.observe_budget_frac`` on a GPU in measured mode; None (every step recorded, so that
+        observations repeat for a seed) otherwise. Skipped steps are counted from the applied updates either way."""
         self.oom_events = 0
         self.oom_log: list[OOMEvent] = []
         self.train_time_ms = 0.0
@@ -404,8 +410,9 @@ class TrainingRun:
         if n_steps < 0:
             raise ValueError(f"n_steps={n_steps} must be >= 0")
         if self._moments is None:
-            self._moments = DeviceMoments(self.engine.layer_params)
+            self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
         self.engine.sync_weight_copies()  # weights written since the last call; none can be inside the interval
+        applied = self.engine.applied_steps()  # read at the interval's edge, not between its steps
         timer = IntervalTimer(self.device)
         timer.start()
         samples = oom_events = peak = 0
@@ -419,7 +426,7 @@ class TrainingRun:
             peak = max(peak, outcome.memory_bytes)
         train_ms = timer.stop() if n_steps else 0.0  # the one host-device sync of the interval
         moments = self._moments.flush()
-        skipped = moments.n_observed - moments.n_finite
+        skipped = n_steps - (self.engine.applied_steps() - applied)  # recorded or not
         self.skipped_steps += skipped
         self.train_time_ms += train_ms
         if moments.n_finite and np.all(np.isfinite(moments.sq_norm)):
