@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_deferred_steps_do_not_synchronise(precision):
     run = TrainingRun("synthetic", seed=0, device="cuda", batch_size=32)
+    run.observe_budget_frac = None  # every step recorded (a GPU samples them by default): n_observed is exact
     assert run.engine.fused
     run.set_precisions([precision] * run.n_layers)
     run.train_interval(2)  # compiles the kernels and fits the memory model first
@@ -183,6 +184,7 @@ def test_a_run_reading_weight_copies_matches_one_casting_its_weights(determinist
     runs, losses = [], []
     for copies in (True, False):
         run = TrainingRun("cnn-fmnist", seed=0, device="cuda", channels_last=True, cuda_graphs=graphs)
+        run.observe_budget_frac = None  # every step's loss recorded (a GPU samples them by default)
         assert run.engine.fused
         if not copies:
             run.engine.precision.use_weight_copies(None)
