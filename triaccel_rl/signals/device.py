@@ -86,8 +86,8 @@ class DeviceMoments:
     within ``budget_frac`` of a step's wall time, ``ceil(call_ms / (budget_frac * step_ms))``, at most
     ``max_every_steps``: ``call_ms`` is the interval's mean host time per sampled call, ``step_ms`` the
     median time between consecutive calls (so a pause in the loop, such as an evaluation, is not taken
-    for a slow step). Steps that are not
-    sampled are not checked for non-finite values either.
+    for a slow step). Steps that are not sampled are not checked for non-finite values either: callers
+    that must count skipped steps count the optimizer's applied updates (``StepEngine.applied_steps``).
 
     Args:
         layer_params: the parameters of each layer (``StepEngine.layer_params``).
