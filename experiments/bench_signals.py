@@ -12,8 +12,9 @@ Configurations, each a training loop with no host-device sync per step:
   ``DeviceMoments(budget_frac=...)``), and at each decision point a cheap ``SignalCollector`` snapshot fed by
   ``DeviceMoments.flush_lagged`` (the previous interval's sums, copied asynchronously: no sync at all).
   Decision points come as in the product: every ``interval_steps`` steps, stretched by a ``Cadence`` (up to
-  ``max_interval_factor`` times) when their measured host time would exceed their share of the budget,
-  ``(1 - expensive_share) * budget_frac`` (``--fixed-interval`` pins them).
+  ``max_interval_factor`` times) when their measured host time would exceed their share of the budget: here a
+  decision point is all cheap-signal work, so its share is ``SignalConfig.cheap_decision_share`` (what
+  ``cheap_budget_frac`` leaves after ``observe_budget_frac``; ``--fixed-interval`` pins them).
 - ``all``: ``cheap`` + the scheduled rounds (Hutchinson curvature, micro-batch gradient noise, curvature
   sparsity) at the default 2% budget, drawn from a held-out batch of 512 samples.
 - ``base_again``: ``base`` once more, measured in the same rotation: an A/A pair whose difference
@@ -27,11 +28,15 @@ Two measurements of the overhead, both in the JSON:
   on): the collector's own work, timed where it runs. Host time is ``perf_counter`` around every call into
   it; device time is CUDA events around the calls that queue kernels (the sampled ``observe`` and the
   interval's flush); the rounds' time is what the collector measures of them (events, including their one
-  sync). Their sum per step, over ``step_ms_base``: an upper bound (a GPU-bound loop hides the host part, a
-  host-bound one the device part), resolved to microseconds. Parts in ``overhead_parts_ms_per_step``. The
-  bound is loose on a GPU-bound loop: there the host waits in whichever launch finds the queue full, and
-  waits that fall inside the collector's calls count as its host time (ResNet-18 on the H200, 2026-12-01:
-  2.2% attributed to the cheap signals, +0.04% measured A/B with an A/A noise of 0.3%).
+  sync). A region that queues kernels counts the larger of its host and device time (a GPU-bound loop hides
+  the host part; on a host-bound one the device waits for the region's launches, so its elapsed time there is
+  the host time once more), every other call its host time; their sum per step, over ``step_ms_base``, is an
+  upper bound resolved to microseconds. Parts in ``overhead_parts_ms_per_step`` (``overlap``: what the larger-of
+  rule takes off). ``overhead_*_frac_sum`` adds host and device time everywhere (the headline until the second
+  H200 visit of 2026-12-01), which counts a host-bound loop's flush and sampled calls twice. Either bound is
+  loose on a GPU-bound loop: there the host waits in whichever launch finds the queue full, and waits that
+  fall inside the collector's calls count as its host time (ResNet-18 on the H200, 2026-12-01: 2.2% attributed
+  to the cheap signals, +0.04% measured A/B with an A/A noise of 0.3%).
 - **A/B** (``overhead_*_frac_ab``): whole windows of each configuration against the base's. CUDA events around
   every step and window, read after the window (warm-up excluded: cuDNN autotuning, and for ``all`` the first,
   borrowed round and its repayment). Windows are interleaved ``repeats`` times so drift hits all alike.
@@ -221,8 +226,11 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     assert all_collector is not None
     rounds_before = runners["all"].rounds()
     round_ms = 0.0
-    own_ms = dict.fromkeys(runners, 0.0)  # the collector's own work (rounds left out), host + device
-    parts = {name: dict.fromkeys(("observe", "decision", "device"), 0.0) for name in runners}
+    # The collector's own work (rounds left out): per region that queues device work the larger of its host and
+    # device time, elsewhere its host time (own_ms); and the looser sum of host and device time (sum_ms).
+    own_ms = dict.fromkeys(runners, 0.0)
+    sum_ms = dict.fromkeys(runners, 0.0)
+    parts = {name: dict.fromkeys(("observe", "decision", "device", "overlap"), 0.0) for name in runners}
     decisions_before = {name: runner.decision_points for name, runner in runners.items()}
     calls_before, sampled_before = runners["cheap"].calls, runners["cheap"].sampled
     for runner in runners.values():
@@ -240,13 +248,18 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
             per_step[name].extend(steps_ms)
             window_ms[name].append(mean_ms * window_steps - in_rounds)
             for part, ms in runner.take_costs().items():
-                own_ms[name] += ms
+                own_ms[name] += -ms if part == "overlap" else ms
+                sum_ms[name] += 0.0 if part == "overlap" else ms
                 parts[name][part] += ms
     step_ms = {name: total / steps for name, (total, steps) in totals.items()}
     # Attributed overheads: the collector's own timed work (and the rounds) per step, over the base step time.
     attributed = {
         "cheap": own_ms["cheap"] / totals["cheap"][1] / step_ms["base"],
         "all": (own_ms["all"] + round_ms) / totals["all"][1] / step_ms["base"],
+    }
+    summed = {
+        "cheap": sum_ms["cheap"] / totals["cheap"][1] / step_ms["base"],
+        "all": (sum_ms["all"] + round_ms) / totals["all"][1] / step_ms["base"],
     }
     medians = {name: statistics.median(values) for name, values in per_step.items()}
     paired = {name: paired_overhead(window_ms[name], window_ms["base"]) for name in runners}
@@ -275,6 +288,9 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         # microseconds; the whole-window A/B ratios beside them cannot resolve less than their A/A noise.
         "overhead_cheap_frac": attributed["cheap"],
         "overhead_all_frac": attributed["all"],
+        # The looser bound that adds host and device time even where they overlap (the headline before 2026-12-01b).
+        "overhead_cheap_frac_sum": summed["cheap"],
+        "overhead_all_frac_sum": summed["all"],
         "overhead_parts_ms_per_step": {
             name: {part: ms / totals[name][1] for part, ms in parts[name].items()} for name in ("cheap", "all")
         },
@@ -374,7 +390,7 @@ class Runner:
         # The collector's own work, timed where it runs: host seconds, and clock marks around its device work.
         self._observe_host_s = 0.0
         self._decision_host_s = 0.0
-        self._cost_marks: list[tuple[Any, Any]] = []
+        self._cost_marks: list[tuple[Any, Any, float]] = []  # (start, end, host seconds between them)
         self.cadence = cadence  # None: a decision point every interval_steps steps
         self._in_interval = 0  # steps since the last decision point, and their host wall time
         self._interval_wall = time.perf_counter()
@@ -385,17 +401,29 @@ class Runner:
     def take_costs(self) -> dict[str, float]:
         """Ms of the collector's own work since the last call (rounds left out), by part; resets.
 
-        Parts: ``observe`` (host, the per-step calls), ``decision`` (host, the decision points), ``device``.
+        Parts: ``observe`` (host, the per-step calls), ``decision`` (host, the decision points), ``device``, and
+        ``overlap``: the sum over the regions that queue device work of the smaller of their host and device time.
 
         The host time is ``perf_counter`` around every call into the collector; the device time is the clock's
         elapsed time around the calls that queue device work (the sampled ``observe`` and the interval's flush).
-        On a GPU-bound loop only the device part lengthens a step, on a host-bound one only the host part, so
-        their sum bounds the collector's cost from above.
+        Such a region delays the step by at most the larger of the two: on a GPU-bound loop the device time (its
+        kernels; the host's is hidden), on a host-bound one the host time (the device waits for the region's
+        launches, so its elapsed time there is the host's again). ``observe + decision + device - overlap``
+        counts each region once, at the larger; the plain sum counts host-bound regions twice.
         """
         self.clock.sync()
-        # On a CPU the clock is the host's, whose time is already counted.
-        device_ms = sum(self.clock.elapsed(a, b) for a, b in self._cost_marks) if self.clock.cuda else 0.0
-        costs = {"observe": self._observe_host_s * 1e3, "decision": self._decision_host_s * 1e3, "device": device_ms}
+        device_ms = overlap_ms = 0.0
+        if self.clock.cuda:  # on a CPU the clock is the host's, whose time is already counted
+            for start, end, host_s in self._cost_marks:
+                elapsed = self.clock.elapsed(start, end)
+                device_ms += elapsed
+                overlap_ms += min(elapsed, host_s * 1e3)
+        costs = {
+            "observe": self._observe_host_s * 1e3,
+            "decision": self._decision_host_s * 1e3,
+            "device": device_ms,
+            "overlap": overlap_ms,
+        }
         self._observe_host_s, self._decision_host_s, self._cost_marks = 0.0, 0.0, []
         return costs
 
@@ -517,9 +545,10 @@ class Runner:
             before = self.clock.mark() if sampled else None  # the benchmark's marks: outside the host time
             start = time.perf_counter()
             self._record(loss, grads)  # sampled: device work only, no sync; otherwise host work only
-            self._observe_host_s += time.perf_counter() - start
+            host_s = time.perf_counter() - start
+            self._observe_host_s += host_s
             if before is not None:
-                self._cost_marks.append((before, self.clock.mark()))
+                self._cost_marks.append((before, self.clock.mark(), host_s))
         if self.engine is not None:
             stats = grads if grads is not None else self.engine.grad_stats()
             stats.sq_sum.cpu()  # host-device sync per step, as TrainingRun.step does
@@ -538,7 +567,7 @@ class Runner:
         interval = self.moments.flush_lagged()
         flush_s = time.perf_counter() - start
         end = self.clock.mark()
-        self._cost_marks.append((before, end))
+        self._cost_marks.append((before, end, flush_s))
         start = time.perf_counter()
         if self._previous_marks is not None and interval is not None:
             # The previous interval's time: its end event was recorded an interval ago, so reading it is free.
@@ -564,7 +593,8 @@ class Runner:
         )
         self._decision_host_s += time.perf_counter() - start
         if self.cadence is not None:  # as the Controller does: the decision's own time against the interval's
-            self.cadence.record((self._decision_host_s - host_before) * 1e3, interval_wall_ms, steps)
+            decision_ms = (self._decision_host_s - host_before) * 1e3  # all of it the cheap signals' (rounds apart)
+            self.cadence.record(decision_ms, interval_wall_ms, steps, cheap_ms=decision_ms)
         self._interval_start = self.clock.mark()
         self._interval_wall = time.perf_counter()
 
@@ -659,8 +689,9 @@ def cadence(args: Args) -> Cadence | None:
     """The decision points' ``Cadence`` as the product builds it (None with ``--fixed-interval``)."""
     if args.fixed_interval:
         return None
-    share = (1.0 - SignalConfig().expensive_share) * args.budget_frac
-    return Cadence(args.interval_steps, args.max_interval_factor, share)
+    config = SignalConfig(budget_frac=args.budget_frac, observe_budget_frac=args.observe_budget_frac)
+    share = (1.0 - config.expensive_share) * args.budget_frac
+    return Cadence(args.interval_steps, args.max_interval_factor, share, cheap_share=config.cheap_decision_share)
 
 
 def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine:

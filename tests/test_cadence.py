@@ -91,6 +91,22 @@ def test_decision_loop_stretches_its_interval_when_decisions_are_expensive():
     assert _intervals(fixed, 4, decision_ms=1e6) == [2, 2, 2, 2]
 
 
+def test_decision_loop_keeps_its_snapshots_within_the_cheap_signals_share():
+    from triaccel_rl.signals import SignalConfig
+
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3, signals=SignalConfig(cheap_budget_frac=0.002))
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    assert loop.cadence.cheap_share == pytest.approx(0.001)  # what recording each step (0.1%) leaves of 0.2%
+    steps = []
+    for _ in range(4):
+        before = loop.run.steps
+        loop.train_interval()
+        steps.append(loop.run.steps - before)
+        loop.snapshot(progress=0.1)
+        loop.collector.cheap_ms += 1e3  # a slow snapshot, seen by the cheap rule alone (the decision is cheap)
+    assert steps == [2, 2, 6, 6]
+
+
 def test_an_interval_trained_in_chunks_ends_at_the_same_decision_point():
     config = ControllerConfig(interval_steps=2, max_interval_factor=3)
     loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
@@ -117,3 +133,27 @@ def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on()
         loop.time_precisions((), steps=3)
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         loop.time_precisions((Precision.BF16,), steps=0)
+
+
+def test_cheap_share_stretches_an_interval_that_is_mostly_the_snapshot():
+    cadence = Cadence(min_steps=20, max_factor=8, share=0.01, cheap_share=0.004)
+    cadence.record(decision_ms=0.0, train_ms=100_000.0, steps=20_000)  # 5 ms a step, nothing to repay
+    cadence.record(decision_ms=2.0, train_ms=100.0, steps=20, cheap_ms=0.5)  # the snapshot: 0.5 / (0.004 * 5) = 25
+    assert cadence.steps == 40  # the whole decision needs more: 2 / (0.01 * 5)
+    cadence.record(decision_ms=2.0, train_ms=100.0, steps=20, cheap_ms=1.5)
+    cadence.record(decision_ms=2.0, train_ms=100.0, steps=20, cheap_ms=1.5)  # median 1.5: 1.5 / (0.004 * 5) = 75
+    assert cadence.steps == 75
+
+
+def test_cheap_part_of_the_first_decision_is_not_in_the_median():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.5, cheap_share=0.01)
+    cadence.record(decision_ms=100.0, train_ms=1e6, steps=10, cheap_ms=100.0)
+    assert cadence.steps == 10  # nothing measured after the first decision
+    cadence.record(decision_ms=0.5, train_ms=10.0, steps=10, cheap_ms=0.5)  # 1 ms a step: 0.5 / 0.01 = 50
+    assert cadence.steps == 50
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.1, float("nan")])
+def test_cheap_share_out_of_range_is_refused(share):
+    with pytest.raises(ValueError, match="cheap_share"):
+        Cadence(min_steps=1, max_factor=2, share=0.01, cheap_share=share)

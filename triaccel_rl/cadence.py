@@ -17,8 +17,17 @@ training time per step and ``share`` the decisions' part of the overhead budget:
 ``(1 - expensive_share) * budget_frac`` of ``SignalConfig`` (the scheduled estimator rounds keep the rest,
 under their own scheduler). ``steady`` keeps a typical decision within its share of its own interval;
 ``repay`` makes the next decision wait until the whole run's decisions, one-time costs included, fit their
-share of the whole run's training (in a 10-second run, a 100-ms first decision is 1% by itself). With
-``adaptive=False`` (modelled cost, the learning environment) the interval is ``min_steps``, always.
+share of the whole run's training (in a 10-second run, a 100-ms first decision is 1% by itself).
+
+A decision's cheap-signal part (reducing the interval's statistics into a snapshot) has a tighter budget of its
+own, ``cheap_share`` (``SignalConfig.cheap_decision_share``): with ``cheap_ms`` recorded beside each decision,
+
+    cheap  = cheap_ms / (cheap_share * step_ms)
+
+joins the maximum, ``cheap_ms`` being the median of the recorded cheap parts (the first excluded). Where a
+decision is mostly other work (a probe forward, a rollback copy) ``steady`` is the larger; where it is little
+more than the snapshot (a loop that only reads signals), ``cheap``. With ``adaptive=False`` (modelled cost, the
+learning environment) the interval is ``min_steps``, always.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ class Cadence:
         share: the share of training time decisions may take, in (0, 1).
         adaptive: measure and stretch (measured cost) or always return ``min_steps``.
         window: decisions whose median cost is used.
+        cheap_share: the share of training time the decisions' cheap-signal part may take, in (0, 1); None: no
+            bound of its own.
 
     Example:
         >>> cadence = Cadence(min_steps=20, max_factor=16, share=0.01)
@@ -54,9 +65,22 @@ class Cadence:
         >>> cadence.record(decision_ms=500.0, train_ms=900.0, steps=180)  # the median stays 9 ms, but the
         >>> cadence.steps  # run's decisions now cost 519 ms of 2900: the longest interval, to repay them
         320
+        >>> signals_only = Cadence(min_steps=20, max_factor=8, share=0.01, cheap_share=0.004)
+        >>> for _ in range(2):  # 0.9 ms decisions, all of it the snapshot, at 7.5 ms a step
+        ...     signals_only.record(decision_ms=0.9, train_ms=150.0, steps=20, cheap_ms=0.9)
+        >>> signals_only.steps  # 0.9 / (0.01 * 7.5) = 12 steps would do; 0.9 / (0.004 * 7.5) = 30 are needed
+        30
     """
 
-    def __init__(self, min_steps: int, max_factor: int, share: float, adaptive: bool = True, window: int = 8) -> None:
+    def __init__(
+        self,
+        min_steps: int,
+        max_factor: int,
+        share: float,
+        adaptive: bool = True,
+        window: int = 8,
+        cheap_share: float | None = None,
+    ) -> None:
         if min_steps < 1:
             raise ValueError(f"min_steps={min_steps} must be >= 1")
         if max_factor < 1:
@@ -65,11 +89,15 @@ class Cadence:
             raise ValueError(f"share={share} must be in (0, 1)")
         if window < 1:
             raise ValueError(f"window={window} must be >= 1")
+        if cheap_share is not None and not (0.0 < cheap_share < 1.0):
+            raise ValueError(f"cheap_share={cheap_share} must be in (0, 1), or None")
         self.min_steps = min_steps
         self.max_steps = min_steps * max_factor
         self.share = share
         self.adaptive = adaptive and max_factor > 1
+        self.cheap_share = cheap_share
         self._costs: deque[float] = deque(maxlen=window)
+        self._cheap_costs: deque[float] = deque(maxlen=window)
         self._step_ms = math.nan
         self._seen = 0
         self.spent_ms = 0.0
@@ -77,8 +105,11 @@ class Cadence:
         self.trained_ms = 0.0
         """The training time recorded with them."""
 
-    def record(self, decision_ms: float, train_ms: float, steps: int) -> None:
-        """Records one decision's cost and the training interval before it (``steps`` steps in ``train_ms``)."""
+    def record(self, decision_ms: float, train_ms: float, steps: int, cheap_ms: float | None = None) -> None:
+        """Records one decision's cost and the training interval before it (``steps`` steps in ``train_ms``).
+
+        ``cheap_ms``: the part of ``decision_ms`` spent on the cheap signals (None: not measured).
+        """
         self._seen += 1
         if steps > 0 and math.isfinite(train_ms) and train_ms > 0:
             self._step_ms = train_ms / steps
@@ -87,6 +118,8 @@ class Cadence:
             self.spent_ms += decision_ms
             if self._seen > 1:
                 self._costs.append(decision_ms)
+        if cheap_ms is not None and math.isfinite(cheap_ms) and cheap_ms >= 0 and self._seen > 1:
+            self._cheap_costs.append(cheap_ms)
 
     @property
     def decision_ms(self) -> float:
@@ -100,5 +133,8 @@ class Cadence:
             return self.min_steps
         steady = self.decision_ms / (self.share * self._step_ms)
         repay = ((self.spent_ms + self.decision_ms) / self.share - self.trained_ms) / self._step_ms
-        needed = math.ceil(max(steady, repay) - 1e-9)  # an exact fit is not one step short
+        cheap = 0.0
+        if self.cheap_share is not None and self._cheap_costs:
+            cheap = statistics.median(self._cheap_costs) / (self.cheap_share * self._step_ms)
+        needed = math.ceil(max(steady, repay, cheap) - 1e-9)  # an exact fit is not one step short
         return max(self.min_steps, min(self.max_steps, needed))

@@ -128,6 +128,7 @@ class Controller:
             self.config.max_interval_factor,
             (1.0 - signals.expensive_share) * signals.budget_frac,
             adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
+            cheap_share=signals.cheap_decision_share,
         )
         self.steps = 0
         self.decisions: list[ApplyReport] = []
@@ -262,10 +263,12 @@ class Controller:
         if self._trial is not None:
             self._advance_trial(self._trial)
         elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
-            steps, overhead = self._interval_steps, self.collector.overhead_ms
+            steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
             train_ms = self._close_interval()
             self._decide()
-            self.cadence.record(self.collector.overhead_ms - overhead, train_ms, steps)
+            self.cadence.record(
+                self.collector.overhead_ms - overhead, train_ms, steps, cheap_ms=self.collector.cheap_ms - cheap
+            )
             self._timer.start()
 
     # ------------------------------------------------------------------------- executor's Target

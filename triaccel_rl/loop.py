@@ -71,8 +71,14 @@ class DecisionLoop:
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
         adaptive = measured_gpu if adaptive_interval is None else adaptive_interval
         share = (1.0 - config.signals.expensive_share) * config.signals.budget_frac
-        self.cadence = Cadence(config.interval_steps, config.max_interval_factor, share, adaptive=adaptive)
-        self._mark: tuple[float, float] | None = None  # (overhead_ms, estimator_ms) when the last chunk ended
+        self.cadence = Cadence(
+            config.interval_steps,
+            config.max_interval_factor,
+            share,
+            adaptive=adaptive,
+            cheap_share=config.signals.cheap_decision_share,
+        )
+        self._mark: tuple[float, float, float] | None = None  # (overhead_ms, estimator_ms, cheap_ms) at a chunk's end
         self._interval_train_ms = 0.0  # training time and steps since the last snapshot
         self._interval_steps = 0
         self._decided = False  # a snapshot (and so a decision) came after the last training chunk
@@ -98,9 +104,10 @@ class DecisionLoop:
         collector = self.collector
         if self._decided:
             if self._mark is not None:
-                overhead, rounds = self._mark
+                overhead, rounds, cheap = self._mark
                 decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
-                self.cadence.record(decision_ms, self._interval_train_ms, self._interval_steps)
+                cheap_ms = collector.cheap_ms - cheap
+                self.cadence.record(decision_ms, self._interval_train_ms, self._interval_steps, cheap_ms=cheap_ms)
             self._interval_train_ms, self._interval_steps, self._decided = 0.0, 0, False
         if self._interval_steps >= self.cadence.steps:  # a whole interval went by without a snapshot: start anew
             self._interval_train_ms, self._interval_steps = 0.0, 0
@@ -116,7 +123,7 @@ class DecisionLoop:
             peak_bytes=stats.peak_bytes,
             skipped=stats.skipped,
         )
-        self._mark = (collector.overhead_ms, collector.estimator_ms)
+        self._mark = (collector.overhead_ms, collector.estimator_ms, collector.cheap_ms)
         return stats
 
     def time_precisions(

@@ -54,7 +54,8 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         # The attributed cheap overhead is the collector's timed work per step over the base step; on a CPU all of
         # it is host time (the clock is the host's, so no device part is added to it).
         cheap = row["overhead_parts_ms_per_step"]["cheap"]
-        assert cheap["observe"] > 0 and cheap["decision"] > 0 and cheap["device"] == 0
+        assert cheap["observe"] > 0 and cheap["decision"] > 0 and cheap["device"] == 0 and cheap["overlap"] == 0
+        assert row["overhead_cheap_frac_sum"] == row["overhead_cheap_frac"]  # nothing counted twice on a CPU
         assert abs(row["overhead_cheap_frac"] - (cheap["observe"] + cheap["decision"]) / row["step_ms_base"]) < 1e-12
         spent = row["overhead_parts_ms_per_step"]["all"]
         assert row["overhead_all_frac"] >= (spent["observe"] + spent["decision"]) / row["step_ms_base"]
@@ -75,6 +76,41 @@ def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
     median, iqr = bench_signals.paired_overhead([102.0, 101.0, 150.0, 103.0], [100.0] * 4)
     assert abs(median - 0.025) < 1e-12 and abs(iqr - (0.1475 - 0.0175)) < 1e-12
     assert bench_signals.paired_overhead([110.0], [100.0]) == (0.10000000000000009, 0.0)
+
+
+def _bench_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_signals
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return bench_signals
+
+
+class _DeviceClock:
+    """A GPU clock whose marks are numbers of device milliseconds."""
+
+    cuda = True
+
+    def sync(self) -> None:
+        pass
+
+    def elapsed(self, start: float, end: float) -> float:
+        return end - start
+
+
+def test_a_region_that_queues_device_work_counts_the_larger_of_its_host_and_device_time() -> None:
+    runner = _bench_module().Runner.__new__(_bench_module().Runner)
+    runner.clock = _DeviceClock()
+    runner._observe_host_s, runner._decision_host_s = 0.003, 0.010  # 3 ms in observe calls, 10 ms at decisions
+    # A host-bound sampled observe (2 ms host, the device 2.5 ms behind it) and a GPU-bound flush (1 ms host, 4 ms
+    # of device work): counted at 2.5 and 4 ms, not 4.5 and 5 as a plain sum would.
+    runner._cost_marks = [(10.0, 12.5, 0.002), (20.0, 24.0, 0.001)]
+    costs = runner.take_costs()
+    assert costs == {"observe": 3.0, "decision": 10.0, "device": 6.5, "overlap": 3.0}
+    host_only = (3.0 - 2.0) + (10.0 - 1.0)  # the calls that queue no device work: their host time
+    assert costs["observe"] + costs["decision"] + costs["device"] - costs["overlap"] == host_only + 2.5 + 4.0
+    assert runner.take_costs() == {"observe": 0.0, "decision": 0.0, "device": 0.0, "overlap": 0.0}  # reset
 
 
 def test_smoke_run_through_the_engine_records_the_steps_own_statistics(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ def test_round_estimates_enter_the_snapshot_with_their_definitions() -> None:
     assert np.all(snr_times_variance >= 0)
     assert signals.noise_scale > 0
     assert collector.estimator_ms > 0 and collector.overhead_ms >= collector.estimator_ms
+    # The cheap tier's time (observe, snapshot) is the rest of the collector's own work.
+    assert collector.cheap_ms > 0 and abs(collector.overhead_ms - collector.estimator_ms - collector.cheap_ms) < 1e-9
 
 
 def test_round_folding_is_ema_with_bias_correction() -> None:

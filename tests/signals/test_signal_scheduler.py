@@ -89,6 +89,8 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
         ({"budget_frac": 0.0}, "budget_frac=0.0"),
         ({"expensive_share": 1.5}, "expensive_share=1.5"),
         ({"observe_budget_frac": 0.0}, r"observe_budget_frac=0.0 must be in \(0, 1\), or None to record every step"),
+        ({"cheap_budget_frac": 0.001}, r"cheap_budget_frac=0.001 must be in \(observe_budget_frac=0.001, budget_frac"),
+        ({"cheap_budget_frac": 0.03}, r"cheap_budget_frac=0.03 must be in .*budget_frac=0.02\]"),
         ({"max_microbatches": 1}, "max_microbatches=1 must be >= 2"),
         ({"fixed_probes": 0}, "fixed_probes=0"),
         ({"round_ema_decay": 1.0}, "round_ema_decay=1.0"),
@@ -100,6 +102,12 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
 def test_config_validation(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         replace(SignalConfig(), **overrides)
+
+
+def test_cheap_decision_share_is_what_recording_leaves_of_the_cheap_budget() -> None:
+    assert SignalConfig(cheap_budget_frac=0.005, observe_budget_frac=0.002).cheap_decision_share == 0.003
+    assert SignalConfig(cheap_budget_frac=0.005, observe_budget_frac=None).cheap_decision_share == 0.005
+    assert SignalConfig(cheap_budget_frac=None).cheap_decision_share is None
 
 
 def test_presets() -> None:

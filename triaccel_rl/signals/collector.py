@@ -205,6 +205,8 @@ class SignalCollector:
         self.overhead_ms = 0.0
         self.train_ms = 0.0
         self.estimator_ms = 0.0
+        self.cheap_ms = 0.0
+        """Wall ms of the cheap tier (``observe``, ``observe_interval``, ``snapshot``): part of ``overhead_ms``."""
         self.scheduler = RoundScheduler(self._config)
         self.source: EstimatorSource | None = None
         self.rounds_skipped = 0
@@ -253,7 +255,9 @@ class SignalCollector:
             self._interval_skipped += 1
         else:
             self._fold_steps(stats.grad_sq_sum, np.sqrt(stats.grad_sq_sum), stats.loss, n_steps=1)
-        self.overhead_ms += (time.perf_counter() - start) * 1e3
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.overhead_ms += elapsed_ms
+        self.cheap_ms += elapsed_ms
 
     def observe_interval(
         self,
@@ -296,7 +300,9 @@ class SignalCollector:
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
             self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=moments.n_finite)
-        self.overhead_ms += (time.perf_counter() - start) * 1e3
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.overhead_ms += elapsed_ms
+        self.cheap_ms += elapsed_ms
 
     # -------------------------------------------------------------------------------- rounds tier
 
@@ -518,11 +524,15 @@ class SignalCollector:
                 "round_overhead_frac": self.scheduler.round_overhead_frac,
                 "estimator_ms": self.estimator_ms,
                 "warmup_ms": self.warmup_ms,
-                "unused_layers": [self.layers[i].name for i in np.flatnonzero(self._unused)],
+                "unused_layers": [self.layers[i].name for i in np.flatnonzero(self._unused)]
+                if self._unused.any()
+                else [],
             },
         )
         self._interval_reset()
-        self.overhead_ms += (time.perf_counter() - start) * 1e3
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.overhead_ms += elapsed_ms
+        self.cheap_ms += elapsed_ms
         signals.overhead_frac = self.overhead_ms / max(self.train_ms + self.overhead_ms, _TINY)
         return signals
 
@@ -776,7 +786,8 @@ def _finite(value: float, fallback: float) -> float:
 
 
 def _finite_array(values: np.ndarray, neginf: float = 0.0) -> np.ndarray:
+    """``values`` with non-finite entries replaced; ``values`` itself when all are finite (callers pass new arrays)."""
     array = np.asarray(values, dtype=np.float64)
     if np.isfinite(array).all():  # the usual case, at a fraction of nan_to_num's cost (it runs every decision)
-        return array.copy()
+        return array
     return np.nan_to_num(array, nan=0.0, posinf=1e30, neginf=neginf)

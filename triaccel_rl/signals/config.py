@@ -92,6 +92,11 @@ class SignalConfig:
             ``Controller`` on a GPU, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in several is
             recorded when a recording costs more). None records every step. On a CPU, and in ``TrainingRun``
             (whose observations must repeat for a seed), every step is recorded.
+        cheap_budget_frac: share of training time the cheap signals may take, in (0, budget_frac]: recording
+            the per-step statistics (up to ``observe_budget_frac``) and, at each decision point, reducing the
+            interval's statistics into a snapshot (the rest, :attr:`cheap_decision_share`, which the decision
+            cadence keeps with measured cost by stretching the interval: ``Cadence(cheap_share=...)``). None:
+            no bound of its own (decisions as a whole still keep to ``(1 - expensive_share) * budget_frac``).
 
     Example:
         >>> SignalConfig.preset("cheap").mode
@@ -119,6 +124,7 @@ class SignalConfig:
     warmup_round: bool = True
     seed: int = 0
     observe_budget_frac: float | None = 0.001
+    cheap_budget_frac: float | None = 0.005
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
@@ -131,6 +137,13 @@ class SignalConfig:
             raise ConfigError(
                 f"observe_budget_frac={self.observe_budget_frac} must be in (0, 1), or None to record every step"
             )
+        if self.cheap_budget_frac is not None:
+            floor = self.observe_budget_frac or 0.0
+            if not (floor < self.cheap_budget_frac <= self.budget_frac):
+                raise ConfigError(
+                    f"cheap_budget_frac={self.cheap_budget_frac} must be in (observe_budget_frac={floor}, "
+                    f"budget_frac={self.budget_frac}], or None for no bound of its own"
+                )
         for name in ("target_interval_steps", "micro_batch_size", "hutchinson_batch_size", "fixed_interval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -150,6 +163,18 @@ class SignalConfig:
             raise ConfigError(
                 f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
             )
+
+    @property
+    def cheap_decision_share(self) -> float | None:
+        """The decision points' part of ``cheap_budget_frac``: what recording each step leaves of it (None: no bound).
+
+        Example:
+            >>> round(SignalConfig().cheap_decision_share, 6)
+            0.004
+        """
+        if self.cheap_budget_frac is None:
+            return None
+        return self.cheap_budget_frac - (self.observe_budget_frac or 0.0)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SignalConfig:

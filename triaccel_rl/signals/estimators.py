@@ -340,8 +340,11 @@ def curvature_lr_factors(
     valid = np.isfinite(values) & (values > 0)
     if not valid.any():
         return factors
-    median = float(np.median(values[valid]))
-    factors[valid] = np.clip((median / values[valid]) ** exponent, min_factor, max_factor)
+    chosen = values[valid]
+    low, high = (chosen.size - 1) // 2, chosen.size // 2
+    ordered = np.partition(chosen, [low, high])
+    median = (float(ordered[low]) + float(ordered[high])) / 2  # np.median's value, without its overhead
+    factors[valid] = np.minimum(np.maximum((median / chosen) ** exponent, min_factor), max_factor)
     return factors
 
 
