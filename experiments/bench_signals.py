@@ -13,8 +13,8 @@ Configurations, each a training loop with no host-device sync per step:
   ``DeviceMoments.flush_lagged`` (the previous interval's sums, copied asynchronously: no sync at all).
   Decision points come as in the product: every ``interval_steps`` steps, stretched by a ``Cadence`` (up to
   ``max_interval_factor`` times) when their measured host time would exceed their share of the budget: here a
-  decision point is all cheap-signal work, so its share is ``SignalConfig.cheap_decision_share`` (what
-  ``cheap_budget_frac`` leaves after ``observe_budget_frac``; ``--fixed-interval`` pins them).
+  decision point is all cheap-signal work, kept with the recording within ``SignalConfig.cheap_budget_frac``
+  (``--fixed-interval`` pins them).
 - ``all``: ``cheap`` + the scheduled rounds (Hutchinson curvature, micro-batch gradient noise, curvature
   sparsity) at the default 2% budget, drawn from a held-out batch of 512 samples.
 - ``base_again``: ``base`` once more, measured in the same rotation: an A/A pair whose difference
@@ -594,7 +594,8 @@ class Runner:
         self._decision_host_s += time.perf_counter() - start
         if self.cadence is not None:  # as the Controller does: the decision's own time against the interval's
             decision_ms = (self._decision_host_s - host_before) * 1e3  # all of it the cheap signals' (rounds apart)
-            self.cadence.record(decision_ms, interval_wall_ms, steps, cheap_ms=decision_ms)
+            recording_ms = interval.recorded_ms if interval is not None else 0.0  # an interval late, as the sums
+            self.cadence.record(decision_ms, interval_wall_ms, steps, cheap_ms=decision_ms, recording_ms=recording_ms)
         self._interval_start = self.clock.mark()
         self._interval_wall = time.perf_counter()
 
@@ -691,7 +692,7 @@ def cadence(args: Args) -> Cadence | None:
         return None
     config = SignalConfig(budget_frac=args.budget_frac, observe_budget_frac=args.observe_budget_frac)
     share = (1.0 - config.expensive_share) * args.budget_frac
-    return Cadence(args.interval_steps, args.max_interval_factor, share, cheap_share=config.cheap_decision_share)
+    return Cadence(args.interval_steps, args.max_interval_factor, share, cheap_share=config.cheap_budget_frac)
 
 
 def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine:

@@ -96,7 +96,7 @@ def test_decision_loop_keeps_its_snapshots_within_the_cheap_signals_share():
 
     config = ControllerConfig(interval_steps=2, max_interval_factor=3, signals=SignalConfig(cheap_budget_frac=0.002))
     loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
-    assert loop.cadence.cheap_share == pytest.approx(0.001)  # what recording each step (0.1%) leaves of 0.2%
+    assert loop.cadence.cheap_share == 0.002
     steps = []
     for _ in range(4):
         before = loop.run.steps
@@ -143,6 +143,17 @@ def test_cheap_share_stretches_an_interval_that_is_mostly_the_snapshot():
     cadence.record(decision_ms=2.0, train_ms=100.0, steps=20, cheap_ms=1.5)
     cadence.record(decision_ms=2.0, train_ms=100.0, steps=20, cheap_ms=1.5)  # median 1.5: 1.5 / (0.004 * 5) = 75
     assert cadence.steps == 75
+
+
+def test_the_decisions_get_what_the_measured_recording_leaves_of_the_cheap_share():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.5, cheap_share=0.004)
+    cadence.record(decision_ms=0.0, train_ms=1e6, steps=1_000_000)  # 1 ms a step, nothing to repay
+    for recording_ms in (0.01, 0.02, 0.02):  # 0.1%, 0.2%, 0.2% of 10 ms: median 0.2%
+        cadence.record(decision_ms=0.1, train_ms=10.0, steps=10, cheap_ms=0.1, recording_ms=recording_ms)
+    assert cadence.steps == 50  # 0.1 / ((0.004 - 0.002) * 1)
+    for _ in range(8):  # recording alone over the budget: the decisions keep a quarter of it
+        cadence.record(decision_ms=0.1, train_ms=10.0, steps=10, cheap_ms=0.1, recording_ms=1.0)
+    assert cadence.steps == 100  # 0.1 / (0.001 * 1)
 
 
 def test_cheap_part_of_the_first_decision_is_not_in_the_median():

@@ -19,14 +19,18 @@ under their own scheduler). ``steady`` keeps a typical decision within its share
 ``repay`` makes the next decision wait until the whole run's decisions, one-time costs included, fit their
 share of the whole run's training (in a 10-second run, a 100-ms first decision is 1% by itself).
 
-A decision's cheap-signal part (reducing the interval's statistics into a snapshot) has a tighter budget of its
-own, ``cheap_share`` (``SignalConfig.cheap_decision_share``): with ``cheap_ms`` recorded beside each decision,
+The cheap signals have a tighter budget of their own, ``cheap_share`` (``SignalConfig.cheap_budget_frac``): their
+per-step recording plus their part of each decision (reducing the interval's statistics into a snapshot). With
+``cheap_ms`` (that part) and ``recording_ms`` (the interval's recording) given beside each decision,
 
-    cheap  = cheap_ms / (cheap_share * step_ms)
+    cheap  = cheap_ms / (max(cheap_share - recording_share, cheap_share / 4) * step_ms)
 
-joins the maximum, ``cheap_ms`` being the median of the recorded cheap parts (the first excluded). Where a
-decision is mostly other work (a probe forward, a rollback copy) ``steady`` is the larger; where it is little
-more than the snapshot (a loop that only reads signals), ``cheap``. With ``adaptive=False`` (modelled cost, the
+joins the maximum, ``cheap_ms`` being the median of the recorded cheap parts (the first decision excluded) and
+``recording_share`` the median of ``recording_ms / train_ms`` over the same window: the decisions get what the
+recording, as measured, leaves of the cheap budget (at least a quarter of it; the recording keeps its own
+budget by sampling steps, ``DeviceMoments(budget_frac=...)``). Where a decision is mostly other work (a probe
+forward, a rollback copy) ``steady`` is the larger; where it is little more than the snapshot (a loop that only
+reads signals), ``cheap``. With ``adaptive=False`` (modelled cost, the
 learning environment) the interval is ``min_steps``, always.
 """
 
@@ -48,8 +52,8 @@ class Cadence:
         share: the share of training time decisions may take, in (0, 1).
         adaptive: measure and stretch (measured cost) or always return ``min_steps``.
         window: decisions whose median cost is used.
-        cheap_share: the share of training time the decisions' cheap-signal part may take, in (0, 1); None: no
-            bound of its own.
+        cheap_share: the share of training time the cheap signals (recording and the decisions' part) may take,
+            in (0, 1); None: no bound of its own.
 
     Example:
         >>> cadence = Cadence(min_steps=20, max_factor=16, share=0.01)
@@ -66,10 +70,10 @@ class Cadence:
         >>> cadence.steps  # run's decisions now cost 519 ms of 2900: the longest interval, to repay them
         320
         >>> signals_only = Cadence(min_steps=20, max_factor=8, share=0.01, cheap_share=0.004)
-        >>> for _ in range(2):  # 0.9 ms decisions, all of it the snapshot, at 7.5 ms a step
-        ...     signals_only.record(decision_ms=0.9, train_ms=150.0, steps=20, cheap_ms=0.9)
-        >>> signals_only.steps  # 0.9 / (0.01 * 7.5) = 12 steps would do; 0.9 / (0.004 * 7.5) = 30 are needed
-        30
+        >>> for _ in range(2):  # 0.9 ms decisions, all of it the snapshot, at 7.5 ms a step; recording took 0.1%
+        ...     signals_only.record(decision_ms=0.9, train_ms=150.0, steps=20, cheap_ms=0.9, recording_ms=0.15)
+        >>> signals_only.steps  # 0.9 / (0.01 * 7.5) = 12 steps would do; 0.9 / (0.003 * 7.5) = 40 are needed
+        40
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Cadence:
         self.cheap_share = cheap_share
         self._costs: deque[float] = deque(maxlen=window)
         self._cheap_costs: deque[float] = deque(maxlen=window)
+        self._recording_shares: deque[float] = deque(maxlen=window)
         self._step_ms = math.nan
         self._seen = 0
         self.spent_ms = 0.0
@@ -105,10 +110,18 @@ class Cadence:
         self.trained_ms = 0.0
         """The training time recorded with them."""
 
-    def record(self, decision_ms: float, train_ms: float, steps: int, cheap_ms: float | None = None) -> None:
+    def record(
+        self,
+        decision_ms: float,
+        train_ms: float,
+        steps: int,
+        cheap_ms: float | None = None,
+        recording_ms: float = 0.0,
+    ) -> None:
         """Records one decision's cost and the training interval before it (``steps`` steps in ``train_ms``).
 
         ``cheap_ms``: the part of ``decision_ms`` spent on the cheap signals (None: not measured).
+        ``recording_ms``: what recording the interval's per-step statistics took (part of ``train_ms``).
         """
         self._seen += 1
         if steps > 0 and math.isfinite(train_ms) and train_ms > 0:
@@ -120,6 +133,8 @@ class Cadence:
                 self._costs.append(decision_ms)
         if cheap_ms is not None and math.isfinite(cheap_ms) and cheap_ms >= 0 and self._seen > 1:
             self._cheap_costs.append(cheap_ms)
+            recorded = recording_ms / train_ms if train_ms > 0 and math.isfinite(recording_ms) else 0.0
+            self._recording_shares.append(max(recorded, 0.0))
 
     @property
     def decision_ms(self) -> float:
@@ -135,6 +150,7 @@ class Cadence:
         repay = ((self.spent_ms + self.decision_ms) / self.share - self.trained_ms) / self._step_ms
         cheap = 0.0
         if self.cheap_share is not None and self._cheap_costs:
-            cheap = statistics.median(self._cheap_costs) / (self.cheap_share * self._step_ms)
+            left = max(self.cheap_share - statistics.median(self._recording_shares), self.cheap_share / 4)
+            cheap = statistics.median(self._cheap_costs) / (left * self._step_ms)
         needed = math.ceil(max(steady, repay, cheap) - 1e-9)  # an exact fit is not one step short
         return max(self.min_steps, min(self.max_steps, needed))

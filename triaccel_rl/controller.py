@@ -128,7 +128,7 @@ class Controller:
             self.config.max_interval_factor,
             (1.0 - signals.expensive_share) * signals.budget_frac,
             adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
-            cheap_share=signals.cheap_decision_share,
+            cheap_share=signals.cheap_budget_frac,
         )
         self.steps = 0
         self.decisions: list[ApplyReport] = []
@@ -168,6 +168,7 @@ class Controller:
         self._applied_at_start = 0  # the engine's applied updates when the interval began
         self._interval_steps = 0
         self._interval_peak = 0
+        self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
         self._timer = IntervalTimer(self.device)
         self._timer.start()
         initial = getattr(self.policy, "initial_action", None)
@@ -267,7 +268,11 @@ class Controller:
             train_ms = self._close_interval()
             self._decide()
             self.cadence.record(
-                self.collector.overhead_ms - overhead, train_ms, steps, cheap_ms=self.collector.cheap_ms - cheap
+                self.collector.overhead_ms - overhead,
+                train_ms,
+                steps,
+                cheap_ms=self.collector.cheap_ms - cheap,
+                recording_ms=self._recorded_ms,
             )
             self._timer.start()
 
@@ -357,6 +362,7 @@ class Controller:
         assert self._moments is not None
         train_ms = self._timer.stop()
         moments = self._moments.flush()
+        self._recorded_ms = moments.recorded_ms
         applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
         applied = applied_now - self._applied_at_start
         skipped = self._interval_steps - applied

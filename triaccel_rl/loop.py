@@ -76,11 +76,12 @@ class DecisionLoop:
             config.max_interval_factor,
             share,
             adaptive=adaptive,
-            cheap_share=config.signals.cheap_decision_share,
+            cheap_share=config.signals.cheap_budget_frac,
         )
         self._mark: tuple[float, float, float] | None = None  # (overhead_ms, estimator_ms, cheap_ms) at a chunk's end
         self._interval_train_ms = 0.0  # training time and steps since the last snapshot
         self._interval_steps = 0
+        self._interval_recorded_ms = 0.0  # what recording the per-step statistics took in them
         self._decided = False  # a snapshot (and so a decision) came after the last training chunk
         self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
@@ -106,15 +107,22 @@ class DecisionLoop:
             if self._mark is not None:
                 overhead, rounds, cheap = self._mark
                 decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
-                cheap_ms = collector.cheap_ms - cheap
-                self.cadence.record(decision_ms, self._interval_train_ms, self._interval_steps, cheap_ms=cheap_ms)
+                self.cadence.record(
+                    decision_ms,
+                    self._interval_train_ms,
+                    self._interval_steps,
+                    cheap_ms=collector.cheap_ms - cheap,
+                    recording_ms=self._interval_recorded_ms,
+                )
             self._interval_train_ms, self._interval_steps, self._decided = 0.0, 0, False
+            self._interval_recorded_ms = 0.0
         if self._interval_steps >= self.cadence.steps:  # a whole interval went by without a snapshot: start anew
-            self._interval_train_ms, self._interval_steps = 0.0, 0
+            self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
         left = self.cadence.steps - self._interval_steps
         stats = self.run.train_interval(left if max_steps is None else min(max_steps, left))
         self._interval_train_ms += stats.train_ms
         self._interval_steps += stats.steps
+        self._interval_recorded_ms += stats.moments.recorded_ms
         collector.observe_interval(
             stats.moments,
             n_steps=stats.steps,

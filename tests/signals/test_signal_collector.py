@@ -391,6 +391,7 @@ def test_device_moments_lagged_flush_returns_the_previous_interval() -> None:
     assert [r.loss for r in results[1:] if r is not None] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert [r.n_observed for r in results[1:] if r is not None] == [1, 2, 1, 2, 1]
     assert [r.sq_norm[0] for r in results[1:] if r is not None] == [pytest.approx(8.0)] * 5
+    assert all(r.recorded_ms > 0 for r in results[1:] if r is not None)  # the interval's own recording time
 
 
 def test_device_moments_sampling_and_full_buffer() -> None:
@@ -438,13 +439,15 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
     for _ in range(10):
         moments.observe(torch.tensor(1.0))
         clock[0] += 9e-3  # the rest of the step
-    assert moments.flush().n_observed == 10
+    first = moments.flush()
+    assert first.n_observed == 10 and first.recorded_ms == pytest.approx(10.0)  # what the budget limits: 1 ms each
     assert moments.every_steps == 5
     clock[0] += 60.0  # a pause in the loop (an evaluation, another job) is not taken for a slow step
     for _ in range(10):
         moments.observe(torch.tensor(1.0))
         clock[0] += 9e-3
-    assert moments.flush().n_observed == 2
+    second = moments.flush()
+    assert second.n_observed == 2 and second.recorded_ms == pytest.approx(2.0)  # the unsampled calls cost nothing
     assert moments.every_steps == 6  # 1 / (0.02 * 9): the median gap between calls is 9 ms now
     moments.budget_frac = 1e-4  # 1 ms in 10 ms would need one step in 500: capped
     for _ in range(10):

@@ -104,12 +104,6 @@ def test_config_validation(overrides: dict[str, object], message: str) -> None:
         replace(SignalConfig(), **overrides)
 
 
-def test_cheap_decision_share_is_what_recording_leaves_of_the_cheap_budget() -> None:
-    assert SignalConfig(cheap_budget_frac=0.005, observe_budget_frac=0.002).cheap_decision_share == 0.003
-    assert SignalConfig(cheap_budget_frac=0.005, observe_budget_frac=None).cheap_decision_share == 0.005
-    assert SignalConfig(cheap_budget_frac=None).cheap_decision_share is None
-
-
 def test_presets() -> None:
     assert SignalConfig.preset("cheap").mode is SignalMode.CHEAP
     assert SignalConfig.preset("fixed").schedule is Schedule.FIXED

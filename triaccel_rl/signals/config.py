@@ -92,11 +92,15 @@ class SignalConfig:
             ``Controller`` on a GPU, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in several is
             recorded when a recording costs more). None records every step. On a CPU, and in ``TrainingRun``
             (whose observations must repeat for a seed), every step is recorded.
-        cheap_budget_frac: share of training time the cheap signals may take, in (0, budget_frac]: recording
-            the per-step statistics (up to ``observe_budget_frac``) and, at each decision point, reducing the
-            interval's statistics into a snapshot (the rest, :attr:`cheap_decision_share`, which the decision
-            cadence keeps with measured cost by stretching the interval: ``Cadence(cheap_share=...)``). None:
-            no bound of its own (decisions as a whole still keep to ``(1 - expensive_share) * budget_frac``).
+        cheap_budget_frac: share of training time the cheap signals may take, as measured, in
+            (``observe_budget_frac``, ``budget_frac``]: recording the per-step statistics (sampled under
+            ``observe_budget_frac``) and, at each decision point, reducing the interval's statistics into a
+            snapshot. With measured cost the decision cadence keeps the sum by stretching the interval (the
+            decisions get what the measured recording leaves: ``Cadence(cheap_share=...)``). The default, 0.4%,
+            leaves room under the 0.5% target of issue 3 for what is not metered: the unsampled steps'
+            bookkeeping (a few µs each) and device time beyond the host's (on an H200, 2026-12-01, about 0.07%
+            of cnn-fmnist's 7.8-ms step). None: no bound of its own (decisions as a whole still keep to
+            ``(1 - expensive_share) * budget_frac``).
 
     Example:
         >>> SignalConfig.preset("cheap").mode
@@ -124,7 +128,7 @@ class SignalConfig:
     warmup_round: bool = True
     seed: int = 0
     observe_budget_frac: float | None = 0.001
-    cheap_budget_frac: float | None = 0.005
+    cheap_budget_frac: float | None = 0.004
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
@@ -163,18 +167,6 @@ class SignalConfig:
             raise ConfigError(
                 f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
             )
-
-    @property
-    def cheap_decision_share(self) -> float | None:
-        """The decision points' part of ``cheap_budget_frac``: what recording each step leaves of it (None: no bound).
-
-        Example:
-            >>> round(SignalConfig().cheap_decision_share, 6)
-            0.004
-        """
-        if self.cheap_budget_frac is None:
-            return None
-        return self.cheap_budget_frac - (self.observe_budget_frac or 0.0)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SignalConfig:

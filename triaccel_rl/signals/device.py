@@ -34,6 +34,7 @@ class IntervalMoments:
         loss: mean loss (NaN when no step was finite).
         n_finite: observed steps whose loss and gradients were all finite.
         n_observed: observed steps (finite or not).
+        recorded_ms: host time the interval's sampled recording calls took (what ``budget_frac`` limits).
     """
 
     sq_norm: np.ndarray
@@ -41,6 +42,7 @@ class IntervalMoments:
     loss: float
     n_finite: int
     n_observed: int
+    recorded_ms: float = 0.0
 
 
 class _Rows:
@@ -146,7 +148,7 @@ class DeviceMoments:
         self._call_s = 0.0  # host time in the sampled calls this interval
         self._gaps: list[float] = []  # with a budget: seconds between consecutive calls (a step's wall time)
         self._last_call = math.nan
-        self._pending: tuple[list[tuple[bool, np.ndarray]], int, torch.cuda.Event | None] | None = None
+        self._pending: tuple[list[tuple[bool, np.ndarray]], int, float, torch.cuda.Event | None] | None = None
         self._staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host rows for flush_lagged, per slot
         self._flushes = 0
 
@@ -210,7 +212,7 @@ class DeviceMoments:
     def flush(self) -> IntervalMoments:
         """The interval's means; starts the next interval. One host-device sync."""
         blocks = [(rows.per_tensor, rows.data[: rows.used].cpu().numpy()) for rows in self._used_rows()]  # sync
-        result = self._moments(blocks, self._observed)
+        result = self._moments(blocks, self._observed, self._call_s * 1e3)
         self._next_interval()
         return result
 
@@ -235,14 +237,14 @@ class DeviceMoments:
         done = torch.cuda.Event() if self._device.type == "cuda" else None
         if done is not None:
             done.record()
-        self._pending = (blocks, self._observed, done)
+        self._pending = (blocks, self._observed, self._call_s * 1e3, done)
         self._next_interval()
         if previous is None:
             return None
-        staged, observed, event = previous
+        staged, observed, recorded_ms, event = previous
         if event is not None:
             event.synchronize()  # recorded an interval ago: already complete, so this does not stall
-        return self._moments(staged, observed)
+        return self._moments(staged, observed, recorded_ms)
 
     def _used_rows(self) -> list[_Rows]:
         return [rows for rows in (self._tensor_rows, self._layer_rows) if rows is not None and rows.used]
@@ -261,7 +263,7 @@ class DeviceMoments:
         self._call_s = 0.0
         self._gaps.clear()
 
-    def _moments(self, blocks: list[tuple[bool, np.ndarray]], n_observed: int) -> IntervalMoments:
+    def _moments(self, blocks: list[tuple[bool, np.ndarray]], n_observed: int, recorded_ms: float) -> IntervalMoments:
         """Reduces rows on the host: per-layer squared norms, their square roots and the loss, finite rows only."""
         n = self.n_layers
         sums = np.zeros(2 * n + 1)
@@ -282,4 +284,5 @@ class DeviceMoments:
             loss=float(sums[2 * n] * scale) if n_finite else float("nan"),
             n_finite=n_finite,
             n_observed=n_observed,
+            recorded_ms=recorded_ms,
         )
