@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine: install from .carry, then run the named stages, logging to $OUT.
 # Usage (device command): bash scripts/device-visit.sh COMMIT STAGE [STAGE ...]
+# COMMIT: the literal hash, written here before the call. `$(git rev-parse HEAD)` in the device command is expanded
+# there, in a copy whose git metadata may be stale (2026-12-01: it recorded 196b939 for a run of 4743331's tree).
 set -uo pipefail
 export COMMIT=$1 TRIACCEL_COMMIT=$1
 shift
