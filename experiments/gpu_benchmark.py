@@ -9,7 +9,8 @@ One process runs every row, so all rows share the machine state. For each model:
    + bf16 autocast + channels_last; ``plain-fp32``: true fp32, TF32 off), then the same static settings
    through Tri-Accel's executor (fused Triton step, captured CUDA graphs: ``static-bf16``, ``static-fp16``,
    ``fp32``), a batch finder + bf16, the heuristic (with its bf16/fp16 speed trial; ``heuristic-no-trial``:
-   bf16 without one; ``heuristic-cheap``: on the cheap signals only), the learned (pretrained) policy, and
+   bf16 without one; ``heuristic-cheap``: on the cheap signals only; ``heuristic-anneal``: also annealing the LR on
+   a late plateau of the probe loss), the learned (pretrained) policy, and
    ablations. The ``static-*`` rows isolate what the controller adds; the ``plain-*`` rows what the whole tool
    adds.
 
@@ -101,6 +102,7 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     precision_only = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig())
     cheap_only = ControllerConfig(interval_steps=args.interval_steps, signals=SignalConfig(mode=SignalMode.CHEAP))
     no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
+    anneal = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(anneal_plateau=0.02))
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
         # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.
@@ -119,6 +121,8 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         "ablation-second-order": {"controller": "heuristic-second-order", "channels_last": True},
         # The heuristic without its speed trial (lowering to bf16): what the trial adds.
         "heuristic-no-trial": {"controller": "heuristic", "channels_last": True, "config": no_trial},
+        # The heuristic that also anneals the LR on a late plateau of the probe loss (HeuristicConfig.anneal_plateau).
+        "heuristic-anneal": {"controller": "heuristic", "channels_last": True, "config": anneal},
     }
 
 

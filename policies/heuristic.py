@@ -16,7 +16,10 @@
   and the faster one is used from then on, the start precision included.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
-  overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept.
+  overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept. With
+  ``HeuristicConfig.anneal_plateau`` (off by default; the ``heuristic-anneal`` row of
+  ``experiments/gpu_benchmark.py``) it also anneals: past ``anneal_after`` of the budget, an interval whose
+  probe loss fell by less than ``anneal_plateau`` takes one rung down, and the rule no longer climbs back.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is below the gradient-noise scale (larger batches
   still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
@@ -226,6 +229,9 @@ class HeuristicPolicy:
         trend = obs[self.layout.globals("loss_trend")]
         if trend > rules.loss_rise_tolerance or unstable:
             return max(rung - 1, 0)
+        if rules.anneal_plateau is not None:  # annealing: down on a plateau, never back up
+            late = obs[self.layout.globals("progress")] >= rules.anneal_after
+            return max(rung - 1, 0) if late and trend > -rules.anneal_plateau else rung
         if trend < -rules.loss_rise_tolerance and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering: climb back towards the neutral scale
         return rung

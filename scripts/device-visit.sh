@@ -54,6 +54,9 @@ for stage in "$@"; do
            --rows static-bf16,static-fp16,heuristic,heuristic-no-trial --out "$OUT/speed_resnet.json" 2>&1 | tail -20 ;;
     speed-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0 \
            --rows static-bf16,static-fp16,heuristic,heuristic-no-trial --out "$OUT/speed_effnet.json" 2>&1 | tail -20 ;;
+    # The heuristic that anneals on a late plateau, beside the best static row and the plain heuristic (about 5 minutes).
+    anneal-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
+           --rows static-fp16,heuristic,heuristic-anneal --out "$OUT/anneal_resnet.json" 2>&1 | tail -20 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done

@@ -16,6 +16,7 @@ def observation(
     loss_trend=-0.05,
     lr_scale=1.0,
     log2_batch=0.0,
+    progress=0.0,
 ):
     """An observation for 4 groups with the given per-group relative sensitivities and precisions."""
     obs = np.zeros(LAYOUT.size, dtype=np.float32)
@@ -25,6 +26,7 @@ def observation(
     obs[LAYOUT.globals("loss_trend")] = loss_trend
     obs[LAYOUT.globals("log2_lr_scale")] = np.log2(lr_scale)
     obs[LAYOUT.globals("log2_batch")] = log2_batch
+    obs[LAYOUT.globals("progress")] = progress
     for group, (s, p) in enumerate(zip(sensitivities, precisions, strict=True)):
         obs[LAYOUT.group(group, "rel_sensitivity")] = s
         obs[LAYOUT.group(group, "is_fp32") + p] = 1.0

@@ -75,6 +75,34 @@ def test_heuristic_does_not_lower_under_overflow_and_leaves_fp16():
     assert precisions_of(action) == [0, 1, 1, 0]
 
 
+def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
+    config = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.02, anneal_after=0.3))
+    policy = HeuristicPolicy(config)
+    k = config.n_groups
+
+    def scale(**features):
+        return config.lr_scales[policy.predict(observation([0] * 4, **features))[0][k]]
+
+    assert scale(loss_trend=-0.01, progress=0.2) == 1.0  # a plateau, but too early in the run
+    assert scale(loss_trend=-0.01, progress=0.3) == 0.75  # a late plateau: one rung down
+    assert scale(loss_trend=0.01, progress=0.5, lr_scale=0.75) == 0.5  # still flat (noise upwards): down again
+    assert scale(loss_trend=-0.01, progress=0.6, lr_scale=0.5) == 0.5  # the lowest rung holds
+    assert scale(loss_trend=-0.05, progress=0.5) == 1.0  # falling by more than 2%: kept
+    assert scale(loss_trend=-0.15, progress=0.5, lr_scale=0.75) == 0.75  # a steady fall no longer climbs back
+    assert scale(loss_trend=0.15, progress=0.1) == 0.75  # a rise still steps down at any time
+    plain = HeuristicPolicy(ControllerConfig())  # off by default: a late plateau keeps the LR
+    assert config.lr_scales[plain.predict(observation([0] * 4, loss_trend=-0.01, progress=0.9))[0][k]] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"anneal_plateau": 0.0}, "anneal_plateau=0.0 must be in"), ({"anneal_after": 1.5}, "anneal_after=1.5 must be")],
+)
+def test_annealing_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        HeuristicConfig(**overrides)
+
+
 def test_heuristic_lr_and_batch_rules():
     config = ControllerConfig()
     policy = HeuristicPolicy(config)
