@@ -4,6 +4,7 @@
     python experiments/batch_headroom.py --same-steps         # k x batch rows get k x epochs (same step count)
     python experiments/batch_headroom.py --epochs 5 --tasks dwcnn-fmnist
     python experiments/batch_headroom.py --same-steps --eval-every-steps 1   # time to target at one-step resolution
+    python experiments/batch_headroom.py --rows heuristic,heuristic-anneal --epochs 5   # the LR-annealing variant
 
 Every run goes through ``triaccel_rl.compare.run_controller`` in ``profile`` cost mode on the CPU, as
 ``experiments/transfer.py`` does. A larger-batch row is the ``bf16`` static preset started at
@@ -32,7 +33,8 @@ class Args:
 
     tasks: str = "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic"
     rows: str = "heuristic,bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-x4-linear,bf16-x4-sqrt"
-    """``heuristic``, ``bf16``, ``bf16-x<k>-<linear|sqrt>`` or ``bf16-lr<m>`` (base batch, LR x m: a control)."""
+    """``heuristic``, ``heuristic-anneal`` (``HeuristicConfig(anneal_plateau=0.02)``), ``bf16``,
+    ``bf16-x<k>-<linear|sqrt>`` or ``bf16-lr<m>`` (base batch, LR x m: a control)."""
     seeds: int = 3
     """Seeds 0..N-1 per task and row."""
     epochs: float = 2.0
@@ -49,7 +51,7 @@ class Args:
 
 
 ROW_PATTERN = re.compile(
-    r"^(?P<name>heuristic|bf16)$|^bf16-x(?P<k>[1-9][0-9]*)-(?P<rule>linear|sqrt)$|^bf16-lr(?P<lr>[0-9]+(\.[0-9]+)?)$"
+    r"^(?P<name>heuristic|heuristic-anneal|bf16)$|^bf16-x(?P<k>[1-9][0-9]*)-(?P<rule>linear|sqrt)$|^bf16-lr(?P<lr>[0-9]+(\.[0-9]+)?)$"
 )
 
 
@@ -57,11 +59,14 @@ def parse_row(row: str) -> tuple[str, int, str | None, float]:
     """``bf16-x2-linear`` -> (``bf16``, 2, ``linear``, 1.0); ``bf16-lr2`` -> (``bf16``, 1, None, 2.0).
 
     Raises:
-        ValueError: ``row`` is none of ``heuristic``, ``bf16``, ``bf16-x<k>-<linear|sqrt>``, ``bf16-lr<scale>``.
+        ValueError: ``row`` is none of ``heuristic``, ``heuristic-anneal``, ``bf16``, ``bf16-x<k>-<linear|sqrt>``,
+            ``bf16-lr<scale>``.
     """
     match = ROW_PATTERN.match(row)
     if match is None:
-        raise ValueError(f"row {row!r}; allowed: heuristic, bf16, bf16-x<k>-<linear|sqrt>, bf16-lr<scale>")
+        raise ValueError(
+            f"row {row!r}; allowed: heuristic, heuristic-anneal, bf16, bf16-x<k>-<linear|sqrt>, bf16-lr<scale>"
+        )
     if match["name"]:
         return match["name"], 1, None, 1.0
     if match["lr"]:
@@ -73,7 +78,7 @@ def main(args: Args) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from triaccel_rl.compare import run_controller
-    from triaccel_rl.config import ControllerConfig, LRRule
+    from triaccel_rl.config import ControllerConfig, HeuristicConfig, LRRule
     from triaccel_rl.tasks import get_task
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -91,6 +96,8 @@ def main(args: Args) -> dict[str, Any]:
             config = base_config
             if rule is not None:
                 config = replace(base_config, elastic=replace(base_config.elastic, lr_rule=LRRule.parse(rule)))
+            if controller == "heuristic-anneal":
+                controller, config = "heuristic", replace(base_config, heuristic=HeuristicConfig(anneal_plateau=0.02))
             epochs = args.epochs * (k if args.same_steps else 1)
             for seed in range(args.seeds):
                 # As transfer.py: PyTorch's CPU flash attention has no double backward (the heuristic's

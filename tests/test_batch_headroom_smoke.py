@@ -24,16 +24,21 @@ def headroom():  # type: ignore[no-untyped-def]
 
 def test_rows_parse_and_bad_rows_are_named(headroom) -> None:  # type: ignore[no-untyped-def]
     assert headroom.parse_row("heuristic") == ("heuristic", 1, None, 1.0)
+    assert headroom.parse_row("heuristic-anneal") == ("heuristic-anneal", 1, None, 1.0)
     assert headroom.parse_row("bf16-x4-sqrt") == ("bf16", 4, "sqrt", 1.0)
     assert headroom.parse_row("bf16-lr1.5") == ("bf16", 1, None, 1.5)
-    with pytest.raises(ValueError, match=r"row 'bf16-x2-cubic'; allowed: heuristic, bf16, bf16-x<k>"):
+    with pytest.raises(ValueError, match=r"row 'bf16-x2-cubic'; allowed: heuristic, heuristic-anneal, bf16, bf16-x<k>"):
         headroom.parse_row("bf16-x2-cubic")
 
 
 def test_larger_batch_rows_start_at_k_times_the_batch_with_the_lr_of_their_rule(headroom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "headroom.json"
     args = headroom.Args(
-        tasks="deep-mlp-synthetic", rows="bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-lr2", seeds=1, epochs=0.1, out=str(out)
+        tasks="deep-mlp-synthetic",
+        rows="bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-lr2,heuristic-anneal",
+        seeds=1,
+        epochs=0.1,
+        out=str(out),
     )
     headroom.main(args)
     document = json.loads(out.read_text())

@@ -250,7 +250,11 @@ class HeuristicConfig:
             LR one rung down, and the rule no longer climbs back up (each rung down is meant to stay). A reading
             of the H200 curves (2026-12-01): static fp16 on ResNet-18 sits at 92-92.5% test accuracy from
             about 40% to 65% of its 12-epoch schedule and reaches 93% only as the schedule's decay lowers the
-            LR; time to target is set by the LR there, not by the step time. Not yet measured on a GPU.
+            LR; time to target is set by the LR there, not by the step time. Not yet measured on a GPU; on
+            the CPU proxies (``experiments/batch_headroom.py --rows heuristic,heuristic-anneal --epochs 5``,
+            constant LR, 10-step intervals) it was 0.97-1.03x the heuristic's time to target, within seed
+            noise, and with the warm-up/decay schedule it cost dwcnn-fmnist 0.3-0.8 points: a plateau read
+            over 10 steps is not one read over the ~110 steps of a GPU interval.
         anneal_after: the share of the training budget (``progress``) before which ``anneal_plateau`` does
             nothing (the loss of a young run is noisy and its fall uneven), in [0, 1].
         max_batch_growth: grow the batch only up to this multiple of the task's base batch; >= 1. A trust
