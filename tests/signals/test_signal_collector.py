@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import replace
@@ -459,6 +460,38 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
         DeviceMoments([[model.weight]], budget_frac=1.5)
     with pytest.raises(ValueError, match="max_rows=2 must be >= capacity=4"):
         DeviceMoments([[model.weight]], capacity=4, max_rows=2)
+
+
+def test_device_moments_budget_holds_when_intervals_see_one_sampled_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled calls alternate 0.5 and 1.5 ms in 10-ms steps, four steps an interval: one sampled call each.
+
+    Sized from each interval's own call, ``every_steps`` would swing between 3 and 8 and the recording would take
+    2.7% of the time against a 2% budget; sized from the mean of the recent calls (1 ms) it holds at 5.
+    """
+    clock = [0.0]
+    monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", lambda: clock[0])
+    costs = itertools.cycle([0.5e-3, 1.5e-3])
+    norm = torch._foreach_norm
+
+    def slow_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        clock[0] += next(costs)
+        return norm(tensors)
+
+    monkeypatch.setattr(torch, "_foreach_norm", slow_norm)
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.02, max_every_steps=64)
+    history, recorded_ms = [], 0.0
+    for _ in range(40):
+        for _ in range(4):
+            step_start = clock[0]
+            moments.observe(torch.tensor(1.0))
+            clock[0] = step_start + 10e-3  # a 10-ms step, the call included
+        recorded_ms += moments.flush().recorded_ms
+        history.append(moments.every_steps)
+    assert history == [5] * 40
+    share = recorded_ms / (40 * 4 * 10.0)
+    assert share == pytest.approx(0.0215625)  # 2%, plus the first interval's four calls before any cost was known
 
 
 def test_observe_interval_takes_the_skipped_count_it_is_given() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ import torch
 from torch import nn
 
 __all__ = ["DeviceMoments", "IntervalMoments"]
+
+_RECENT_CALLS = 16
+"""Sampled calls whose mean host time sets ``DeviceMoments.every_steps`` under a budget."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,13 @@ class DeviceMoments:
     ``every_steps`` (the others cost nothing). With ``budget_frac`` the sampling follows a budget instead:
     at each flush ``every_steps`` becomes the least that keeps the sampled calls' measured host time
     within ``budget_frac`` of a step's wall time, ``ceil(call_ms / (budget_frac * step_ms))``, at most
-    ``max_every_steps``: ``call_ms`` is the interval's mean host time per sampled call, ``step_ms`` the
-    median time between consecutive calls (so a pause in the loop, such as an evaluation, is not taken
-    for a slow step). Steps that are not sampled are not checked for non-finite values either: callers
-    that must count skipped steps count the optimizer's applied updates (``StepEngine.applied_steps``).
+    ``max_every_steps``: ``call_ms`` is the mean host time of the last 16 sampled calls, across intervals (an
+    interval's own one sampled call, or none, would make ``every_steps`` swing, and sampling at a swinging
+    rate takes more than the budget: the mean of ``1 / every_steps`` exceeds ``1 / mean(every_steps)``);
+    ``step_ms`` is the median time between consecutive calls (so a pause in the loop, such as an
+    evaluation, is not taken for a slow step). Steps that are not sampled are not checked for non-finite
+    values either: callers that must count skipped steps count the optimizer's applied updates
+    (``StepEngine.applied_steps``).
 
     Args:
         layer_params: the parameters of each layer (``StepEngine.layer_params``).
@@ -146,6 +153,7 @@ class DeviceMoments:
         self._calls = 0
         self._observed = 0
         self._call_s = 0.0  # host time in the sampled calls this interval
+        self._recent_calls: deque[float] = deque(maxlen=_RECENT_CALLS)  # seconds of the latest sampled calls
         self._gaps: list[float] = []  # with a budget: seconds between consecutive calls (a step's wall time)
         self._last_call = math.nan
         self._pending: tuple[list[tuple[bool, np.ndarray]], int, float, torch.cuda.Event | None] | None = None
@@ -170,7 +178,9 @@ class DeviceMoments:
         else:
             grads = [p.grad if p.grad is not None else self._zero for p in self._params]
             torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=self._tensor_rows.views[row])
-        self._call_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._call_s += elapsed
+        self._recent_calls.append(elapsed)
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
         """Records a step whose per-layer squared gradient norms ``layer_sq`` (``[n_layers]``) are known.
@@ -195,7 +205,9 @@ class DeviceMoments:
             rows = self._layer_rows  # two copies into views made once: cheaper on the host than one cat(out=)
             rows.stats[row].copy_(layer_sq.detach())
             rows.losses[row].copy_(loss.detach().reshape(()))
-        self._call_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._call_s += elapsed
+        self._recent_calls.append(elapsed)
 
     def _take(self) -> bool:
         """Counts a call; True when this step is sampled (``every_steps``)."""
@@ -250,10 +262,10 @@ class DeviceMoments:
         return [rows for rows in (self._tensor_rows, self._layer_rows) if rows is not None and rows.used]
 
     def _next_interval(self) -> None:
-        """Adapts ``every_steps`` to the budget from this interval's costs, then starts the next interval."""
+        """Adapts ``every_steps`` to the budget from the recent calls' costs, then starts the next interval."""
         gaps = [gap for gap in self._gaps if gap == gap]  # NaN: no call before
         if self.budget_frac is not None and self._observed and gaps:
-            call_ms = self._call_s * 1e3 / self._observed
+            call_ms = statistics.fmean(self._recent_calls) * 1e3
             wall_ms = statistics.median(gaps) * 1e3  # a pause in the loop (evaluation, a decision) is not a step
             needed = math.ceil(call_ms / max(self.budget_frac * wall_ms, 1e-9) - 1e-9)
             self.every_steps = max(1, min(self.max_every_steps, needed))
