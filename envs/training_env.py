@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -66,6 +67,14 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             default: ``compare`` and ``experiments/transfer.py`` charge the profile's fixed per-step time,
             and a policy must learn the costs it is judged by (with it on, a step of a proxy model is
             nearly free, so halving the batch costs nothing per sample and wins the budget).
+        lr_range: ``(low, high)``, with ``0 < low <= high``: each episode's task trains at its ``base_lr`` times
+            a factor drawn log-uniformly from this range (seeded by ``reset``; ``info["base_lr_factor"]``).
+            Domain randomisation of the one setting a user most often gets wrong, so that a policy meets runs
+            whose LR is mistuned and can learn to correct it from the signals. None (the default): the task's
+            own LR. On the default training tasks the return hardly depends on the LR multiplier (every layer
+            in bf16 at ×1.5 against ×1.0, 3 seeds, 2026-12-01: −3.5% on synthetic, +2.5% on mlp-fmnist, −0.5%
+            on cnn-fmnist), so a policy trained on them has nothing to learn about the LR, while the held-out
+            dwcnn-fmnist and deep-mlp-synthetic gain 7% and 5% from ×1.5 (transformer-seq loses 3%).
 
     Example:
         >>> import gymnasium as gym
@@ -91,8 +100,15 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         task_overrides: dict[str, Any] | None = None,
         divergence_factor: float = 3.0,
         compute_bound: bool = False,
+        lr_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        if lr_range is not None:
+            low, high = (float(v) for v in lr_range)
+            if not (0 < low <= high < math.inf):
+                raise ValueError(f"lr_range={tuple(lr_range)} must be (low, high) with 0 < low <= high < inf")
+            lr_range = (low, high)
+        self.lr_range = lr_range
         if max_decisions is not None and max_decisions < 1:
             raise ValueError(f"max_decisions={max_decisions} must be >= 1 (or None: 8 × the budget in intervals)")
         self.task = get_task(task, **(task_overrides or {}))
@@ -118,8 +134,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """Starts a fresh run of the task and returns the observation after one fp32 interval."""
         super().reset(seed=seed)
         run_seed = int(self.np_random.integers(0, 2**31 - 1))
+        task, factor = self.task, 1.0
+        if self.lr_range is not None:
+            low, high = self.lr_range
+            factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
+            task = replace(task, base_lr=task.base_lr * factor)
         run = TrainingRun(
-            self.task,
+            task,
             seed=run_seed,
             device=self.device,
             memory=self.config.memory,
@@ -143,6 +164,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "n_layers": run.n_layers,
             "reference_interval_ms": self.reference_interval_ms,
             "budget_ms": self.budget_ms,
+            "base_lr_factor": factor,
         }
         return self.loop.observation(), info
 

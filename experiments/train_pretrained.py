@@ -48,6 +48,9 @@ class Args:
     ``compare`` and ``transfer.py`` judge by."""
     interval_steps: int = 10
     """Optimizer steps per decision (small, so that an episode is cheap on a CPU)."""
+    lr_range: str = ""
+    """``LOW,HIGH``: each episode's task LR is drawn log-uniformly from ``[LOW, HIGH]`` × its own (``TriAccelEnv``'s
+    ``lr_range``: domain randomisation of the LR); empty: the tasks' own LRs."""
     n_steps: int = 128
     """PPO rollout length per environment (a rollout is ``n_steps * n_envs`` decisions)."""
     batch_size: int = 64
@@ -120,6 +123,7 @@ def main(args: Args) -> dict[str, Any]:
             warm_start=args.warm_start or None,
             warm_start_steps=args.warm_start_steps,
             compute_bound=args.compute_bound,
+            lr_range=_lr_range(args),
         )
     wall_s = time.perf_counter() - start
     facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s)
@@ -161,7 +165,8 @@ def model_card(facts: dict[str, Any]) -> str:
         ("env settings", f"`interval_steps={settings['interval_steps']}`, "
                          f"`RewardConfig(budget_intervals={settings['budget_intervals']:g})` (other weights default), "
                          f"`max_decisions={settings['max_decisions']}` (cap), cost mode `profile`, "
-                         f"`compute_bound={settings['compute_bound']}`, device `cpu`, default `ControllerConfig`"),
+                         f"`compute_bound={settings['compute_bound']}`, "
+                         f"`lr_range={settings.get('lr_range') or 'none'}`, device `cpu`, default `ControllerConfig`"),
         ("hardware profile (time and memory charged)", f"{facts['profile']} (the shipped "
                                                        "`triaccel_rl/profiles/h200.json`)"),
         ("machine", facts["machine"]),
@@ -238,6 +243,21 @@ def _transfer_section(path: Path = REPO / "experiments" / "results" / "transfer.
     )
 
 
+def _lr_range(args: Args) -> tuple[float, float] | None:
+    """``--lr-range LOW,HIGH`` as a pair (None when empty).
+
+    Raises:
+        SystemExit: not two comma-separated numbers.
+    """
+    if not args.lr_range:
+        return None
+    try:
+        low, high = (float(v) for v in args.lr_range.split(","))
+    except ValueError:
+        raise SystemExit(f"--lr-range {args.lr_range!r}: expected LOW,HIGH, e.g. 0.5,2") from None
+    return low, high
+
+
 def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> None:
     """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
     from triaccel_rl.policies import LearnedPolicy
@@ -250,7 +270,7 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
     observations = []
     fns = make_env_fns(list(tasks), len(tasks), args.max_decisions, args.interval_steps,
                        reward_config=RewardConfig(budget_intervals=args.budget_intervals),
-                       compute_bound=args.compute_bound)  # fmt: skip
+                       compute_bound=args.compute_bound, lr_range=_lr_range(args))  # fmt: skip
     for k, make in enumerate(fns):
         env = make()
         for episode in range(args.stats_episodes):

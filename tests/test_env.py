@@ -141,3 +141,26 @@ def test_memory_budget_refuses_growth_with_reason():
     _, _, _, _, info = env.step(np.array([0, 0, 0, 0, 2, 2]))
     assert info["batch_size"] == 64
     assert any("refused: predicted" in reason for reason in info["refused"])
+
+
+def test_lr_range_draws_each_episode_a_seeded_base_lr_within_the_range():
+    from triaccel_rl.tasks import get_task
+
+    base = get_task("synthetic").base_lr
+    env = small_env(lr_range=(0.5, 2.0))
+    factors = []
+    for seed in range(6):
+        _, info = env.reset(seed=seed)
+        factors.append(info["base_lr_factor"])
+        assert env.loop is not None and env.loop.run.task.base_lr == pytest.approx(base * info["base_lr_factor"])
+    assert all(0.5 <= f <= 2.0 for f in factors) and len(set(factors)) == 6
+    again = small_env(lr_range=(0.5, 2.0))
+    assert [again.reset(seed=seed)[1]["base_lr_factor"] for seed in range(6)] == factors  # seeded
+    _, plain = small_env().reset(seed=0)
+    assert plain["base_lr_factor"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (2.0, 1.0), (1.0, math.inf), (-1.0, 1.0)])
+def test_lr_range_out_of_bounds_is_refused(bad):
+    with pytest.raises(ValueError, match=r"lr_range=.* must be \(low, high\) with 0 < low <= high < inf"):
+        small_env(lr_range=bad)

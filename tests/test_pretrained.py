@@ -172,7 +172,7 @@ def test_profile_with_missing_fields_is_a_clear_error_in_the_env_and_training(tm
 def test_train_pretrained_smoke(tmp_path):
     script = REPO / "experiments" / "train_pretrained.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--run-dir", str(tmp_path)],
+        [sys.executable, str(script), "--smoke", "--run-dir", str(tmp_path), "--lr-range", "0.5,2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -180,8 +180,21 @@ def test_train_pretrained_smoke(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads((tmp_path / "training.json").read_text())
+    assert facts["args"]["lr_range"] == "0.5,2"
     assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
+
+
+def test_train_pretrained_reads_the_lr_range():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import train_pretrained
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    assert train_pretrained._lr_range(train_pretrained.Args(lr_range="0.5,2")) == (0.5, 2.0)
+    assert train_pretrained._lr_range(train_pretrained.Args()) is None
+    with pytest.raises(SystemExit, match="--lr-range '2': expected LOW,HIGH"):
+        train_pretrained._lr_range(train_pretrained.Args(lr_range="2"))
 
 
 def test_transfer_smoke(tmp_path):

@@ -316,8 +316,10 @@ def train_policy(
                 CheckpointCallback(max(1, checkpoint_every // n_envs), str(path.parent / "checkpoints"), path.stem)
             )
         if eval_tasks and eval_every > 0:
+            # Held-out tasks are evaluated as they are: no domain randomisation of their LR.
+            eval_kwargs = {key: value for key, value in env_kwargs.items() if key != "lr_range"}
             eval_env = DummyVecEnv(
-                make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, None, **env_kwargs)
+                make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, None, **eval_kwargs)
             )
             callbacks.append(
                 EvalCallback(
