@@ -30,8 +30,9 @@ joins the maximum, ``cheap_ms`` being the median of the recorded cheap parts (th
 recording, as measured, leaves of the cheap budget (at least a quarter of it; the recording keeps its own
 budget by sampling steps, ``DeviceMoments(budget_frac=...)``). Where a decision is mostly other work (a probe
 forward, a rollback copy) ``steady`` is the larger; where it is little more than the snapshot (a loop that only
-reads signals), ``cheap``. With ``adaptive=False`` (modelled cost, the
-learning environment) the interval is ``min_steps``, always.
+reads signals), ``cheap``.
+
+With ``adaptive=False`` (modelled cost, the learning environment) the interval is ``min_steps``, always.
 """
 
 from __future__ import annotations
