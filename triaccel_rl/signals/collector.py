@@ -255,9 +255,7 @@ class SignalCollector:
             self._interval_skipped += 1
         else:
             self._fold_steps(stats.grad_sq_sum, np.sqrt(stats.grad_sq_sum), stats.loss, n_steps=1)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        self.overhead_ms += elapsed_ms
-        self.cheap_ms += elapsed_ms
+        self._charge_cheap(start)
 
     def observe_interval(
         self,
@@ -300,9 +298,7 @@ class SignalCollector:
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
             self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=moments.n_finite)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        self.overhead_ms += elapsed_ms
-        self.cheap_ms += elapsed_ms
+        self._charge_cheap(start)
 
     # -------------------------------------------------------------------------------- rounds tier
 
@@ -530,9 +526,7 @@ class SignalCollector:
             },
         )
         self._interval_reset()
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        self.overhead_ms += elapsed_ms
-        self.cheap_ms += elapsed_ms
+        self._charge_cheap(start)
         signals.overhead_frac = self.overhead_ms / max(self.train_ms + self.overhead_ms, _TINY)
         return signals
 
@@ -546,6 +540,12 @@ class SignalCollector:
         self.overhead_ms += ms
 
     # -------------------------------------------------------------------------------------- private
+
+    def _charge_cheap(self, start: float) -> None:
+        """Charges the cheap tier's work since ``perf_counter()`` read ``start`` to its own and the whole overhead."""
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.overhead_ms += elapsed_ms
+        self.cheap_ms += elapsed_ms
 
     def _forget_rounds(self) -> None:
         """Round estimates as before any round: EMAs across rounds with a bias-correction weight per layer."""
