@@ -59,6 +59,7 @@ Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versio
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import shlex
@@ -87,6 +88,14 @@ from triaccel_rl.tasks import get_task
 from triaccel_rl.types import Precision
 
 TARGET_ALL, TARGET_CHEAP = 0.02, 0.005
+DETAIL_PARTS = (
+    "observe_sampled",  # host time of the sampled per-step calls, timed around the call
+    "observe_unsampled",  # the same for the calls that record nothing
+    "observe_self_measured",  # what DeviceMoments timed of its sampled calls (what its budget sees)
+    "gc_in_observe",  # garbage-collector pauses inside the per-step calls
+    "gc_in_decision",  # and inside the decision points
+    "gc_total",  # over the whole window
+)
 
 
 @dataclass
@@ -233,8 +242,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
     parts = {name: dict.fromkeys(("observe", "decision", "device", "overlap"), 0.0) for name in runners}
     decisions_before = {name: runner.decision_points for name, runner in runners.items()}
     calls_before, sampled_before = runners["cheap"].calls, runners["cheap"].sampled
+    detail = {name: dict.fromkeys(DETAIL_PARTS, 0.0) for name in runners}
     for runner in runners.values():
         runner.take_costs()  # the warm-up's
+        runner.take_detail()
         runner.host_ms = 0.0
     for repeat in range(args.repeats):
         order = list(runners.items()) if repeat % 2 == 0 else list(reversed(runners.items()))
@@ -251,6 +262,8 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
                 own_ms[name] += -ms if part == "overlap" else ms
                 sum_ms[name] += 0.0 if part == "overlap" else ms
                 parts[name][part] += ms
+            for part, ms in runner.take_detail().items():
+                detail[name][part] += ms
     step_ms = {name: total / steps for name, (total, steps) in totals.items()}
     # Attributed overheads: the collector's own timed work (and the rounds) per step, over the base step time.
     attributed = {
@@ -293,6 +306,10 @@ def measure_workload(workload: Workload, args: Args, device: torch.device) -> di
         "overhead_all_frac_sum": summed["all"],
         "overhead_parts_ms_per_step": {
             name: {part: ms / totals[name][1] for part, ms in parts[name].items()} for name in ("cheap", "all")
+        },
+        # Where the host parts went (DETAIL_PARTS), ms per step; gc_total is every configuration's.
+        "host_detail_ms_per_step": {
+            name: {part: ms / totals[name][1] for part, ms in detail[name].items()} for name in runners
         },
         "steps_per_decision": steps_per_decision,
         # The cheap path's calls timed alone on an idle device (no back-pressure), at the measured cadence.
@@ -359,6 +376,35 @@ def paired_overhead(windows: list[float], base_windows: list[float]) -> tuple[fl
     return statistics.median(ratios), quartiles[2] - quartiles[0]
 
 
+class GcTimer:
+    """Host time spent in Python's garbage collector, from ``gc.callbacks`` (a running total).
+
+    A collection runs inside whichever allocation crosses the generation's threshold, so a pause that falls in
+    one of the collector's calls is timed as that call's host time although most of the objects it scans are
+    the training loop's. The benchmark reports such pauses beside the parts (``host_detail_ms_per_step``).
+    """
+
+    def __init__(self) -> None:
+        self.paused_s = 0.0
+        self.collections = 0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.paused_s += time.perf_counter() - self._started
+            self.collections += 1
+
+    def close(self) -> None:
+        """Stops timing."""
+        gc.callbacks.remove(self._callback)
+
+
+GC = GcTimer()
+
+
 class Runner:
     """Runs one configuration's steps and decision points; times windows of them."""
 
@@ -390,6 +436,7 @@ class Runner:
         # The collector's own work, timed where it runs: host seconds, and clock marks around its device work.
         self._observe_host_s = 0.0
         self._decision_host_s = 0.0
+        self._detail = dict.fromkeys(DETAIL_PARTS, 0.0)  # host seconds: where the observe time went, and GC
         self._cost_marks: list[tuple[Any, Any, float]] = []  # (start, end, host seconds between them)
         self.cadence = cadence  # None: a decision point every interval_steps steps
         self._in_interval = 0  # steps since the last decision point, and their host wall time
@@ -426,6 +473,12 @@ class Runner:
         }
         self._observe_host_s, self._decision_host_s, self._cost_marks = 0.0, 0.0, []
         return costs
+
+    def take_detail(self) -> dict[str, float]:
+        """Ms since the last call, by ``DETAIL_PARTS`` (a breakdown of ``take_costs``' host parts); resets."""
+        detail = {part: seconds * 1e3 for part, seconds in self._detail.items()}
+        self._detail = dict.fromkeys(DETAIL_PARTS, 0.0)
+        return detail
 
     def rounds(self) -> int:
         """Estimator rounds run so far (0 without a collector)."""
@@ -464,9 +517,10 @@ class Runner:
         # Windows of the other configurations ran since this one's last decision point: not its training time.
         self._interval_start = start
         self._previous_marks = None
-        host_start = time.perf_counter()
+        host_start, gc_before = time.perf_counter(), GC.paused_s
         self.run(n_steps, marks)
-        self.host_ms += (time.perf_counter() - host_start) * 1e3  # enqueue time: the device time if host-bound
+        self.host_ms += (time.perf_counter() - host_start) * 1e3
+        self._detail["gc_total"] += GC.paused_s - gc_before  # enqueue time: the device time if host-bound
         end = self.clock.mark()
         self.clock.sync()
         per_step = [self.clock.elapsed(a, b) for a, b in zip(marks[::2], marks[1::2], strict=True)]
@@ -543,10 +597,14 @@ class Runner:
             self.calls += 1
             self.sampled += sampled
             before = self.clock.mark() if sampled else None  # the benchmark's marks: outside the host time
+            gc_before, self_before = GC.paused_s, self.moments.recorded_ms_total
             start = time.perf_counter()
             self._record(loss, grads)  # sampled: device work only, no sync; otherwise host work only
             host_s = time.perf_counter() - start
             self._observe_host_s += host_s
+            self._detail["observe_sampled" if sampled else "observe_unsampled"] += host_s
+            self._detail["observe_self_measured"] += (self.moments.recorded_ms_total - self_before) / 1e3
+            self._detail["gc_in_observe"] += GC.paused_s - gc_before
             if before is not None:
                 self._cost_marks.append((before, self.clock.mark(), host_s))
         if self.engine is not None:
@@ -560,7 +618,7 @@ class Runner:
             return
         self.decision_points += 1
         interval_wall_ms = (time.perf_counter() - self._interval_wall) * 1e3
-        host_before = self._decision_host_s
+        host_before, gc_before = self._decision_host_s, GC.paused_s
         # No host-device sync for the cheap signals: the previous interval's sums, copied asynchronously.
         before = self.clock.mark()  # the benchmark's marks: outside the host time
         start = time.perf_counter()
@@ -592,6 +650,7 @@ class Runner:
             precisions=[Precision.BF16] * n,
         )
         self._decision_host_s += time.perf_counter() - start
+        self._detail["gc_in_decision"] += GC.paused_s - gc_before  # a round's collections included: a bound
         if self.cadence is not None:  # as the Controller does: the decision's own time against the interval's
             decision_ms = (self._decision_host_s - host_before) * 1e3  # all of it the cheap signals' (rounds apart)
             recording_ms = interval.recorded_ms if interval is not None else 0.0  # an interval late, as the sums

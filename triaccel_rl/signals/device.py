@@ -154,6 +154,7 @@ class DeviceMoments:
         self._observed = 0
         self._call_s = 0.0  # host time in the sampled calls this interval
         self._recent_calls: deque[float] = deque(maxlen=_RECENT_CALLS)  # seconds of the latest sampled calls
+        self.recorded_ms_total = 0.0  # host ms of every sampled call so far (what the budget is charged)
         self._gaps: list[float] = []  # with a budget: seconds between consecutive calls (a step's wall time)
         self._last_call = math.nan
         self._pending: tuple[list[tuple[bool, np.ndarray]], int, float, torch.cuda.Event | None] | None = None
@@ -178,9 +179,7 @@ class DeviceMoments:
         else:
             grads = [p.grad if p.grad is not None else self._zero for p in self._params]
             torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=self._tensor_rows.views[row])
-        elapsed = time.perf_counter() - start
-        self._call_s += elapsed
-        self._recent_calls.append(elapsed)
+        self._charge(time.perf_counter() - start)
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
         """Records a step whose per-layer squared gradient norms ``layer_sq`` (``[n_layers]``) are known.
@@ -205,9 +204,13 @@ class DeviceMoments:
             rows = self._layer_rows  # two copies into views made once: cheaper on the host than one cat(out=)
             rows.stats[row].copy_(layer_sq.detach())
             rows.losses[row].copy_(loss.detach().reshape(()))
-        elapsed = time.perf_counter() - start
+        self._charge(time.perf_counter() - start)
+
+    def _charge(self, elapsed: float) -> None:
+        """Books a sampled call's host seconds."""
         self._call_s += elapsed
         self._recent_calls.append(elapsed)
+        self.recorded_ms_total += elapsed * 1e3
 
     def _take(self) -> bool:
         """Counts a call; True when this step is sampled (``every_steps``)."""
