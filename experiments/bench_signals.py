@@ -826,6 +826,13 @@ def main(args: Args) -> list[dict[str, Any]]:
             f"so cheap {100 * row['overhead_cheap_frac_isolated']:.2f}% at this cadence "
             f"(one step in {1 / max(row['observed_step_share'], 1e-9):.0f} observed)"
         )
+        detail = {part: 1e3 * ms for part, ms in row["host_detail_ms_per_step"]["cheap"].items()}
+        print(
+            f"  cheap path's host µs/step: observe sampled {detail['observe_sampled']:.2f} "
+            f"(self-measured {detail['observe_self_measured']:.2f}), unsampled {detail['observe_unsampled']:.2f}; "
+            f"GC pauses in observe {detail['gc_in_observe']:.2f}, in decisions {detail['gc_in_decision']:.2f}, "
+            f"in all {detail['gc_total']:.2f}"
+        )
         host = row["host_ms_per_step"]
         print(
             f"  host enqueue ms/step (of step ms): base {host['base']:.3f} ({row['step_ms_base']:.3f}), "

@@ -19,6 +19,7 @@ for stage in "$@"; do
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py 2>&1 | tail -25 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
+    signals-cnn-engine) python3 experiments/bench_signals.py --engine --models cnn-fmnist --output "$OUT/signals_overhead.json" 2>&1 | tail -12 ;;
     signals-engine) python3 experiments/bench_signals.py --engine --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     env) python3 experiments/bench_env.py --tasks cnn-fmnist --n-envs 1 --steps 12 --device cuda \
            --out "$OUT/env_throughput_gpu.json" 2>&1 | tail -8 ;;
