@@ -587,7 +587,7 @@ class Runner:
         """The cheap path's per-step call: the step's own statistics on the engine, gradient norms otherwise."""
         assert self.moments is not None
         if grads is not None:
-            self.moments.observe_layers(loss.detach(), grads.sq_sum)
+            self.moments.observe_layers(loss, grads.sq_sum)
         else:
             self.moments.observe(loss)
 

@@ -253,7 +253,7 @@ class Controller:
             self._applied_at_start = self.engine.applied_steps()
         self.engine.scale_loss(loss).backward()
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
-        self._moments.observe_layers(loss.detach(), grads.sq_sum)
+        self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
         memory = self._memory_bytes(batch)  # the allocator's host-side counters: no sync
         self._interval_peak = max(self._interval_peak, memory)

@@ -423,7 +423,7 @@ def test_device_moments_buffer_grows_and_stops_at_max_rows() -> None:
 
 
 def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each sampled call costs 1 ms of host time and a step 9 ms more: 1 / (0.02 * 10) -> one step in 5."""
+    """Each sampled call costs 1 ms of host time and a step 10 ms in all: 1 / (0.02 * 10) -> one step in 5."""
     clock = [0.0]
     monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", lambda: clock[0])
     norm = torch._foreach_norm
@@ -432,34 +432,55 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
         clock[0] += 1e-3  # the call's host cost
         return norm(tensors)
 
+    def steps(n: int, step_s: float) -> None:
+        for _ in range(n):
+            start = clock[0]
+            moments.observe(torch.tensor(1.0))
+            clock[0] = start + step_s  # the rest of the step
+
     monkeypatch.setattr(torch, "_foreach_norm", slow_norm)
     model = nn.Linear(3, 2)
     model(torch.ones(1, 3)).sum().backward()
     moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.02, max_every_steps=8)
     assert moments.every_steps == 1
-    for _ in range(10):
-        moments.observe(torch.tensor(1.0))
-        clock[0] += 9e-3  # the rest of the step
+    steps(10, 10e-3)
     first = moments.flush()
     assert first.n_observed == 10 and first.recorded_ms == pytest.approx(10.0)  # what the budget limits: 1 ms each
     assert moments.every_steps == 5
-    clock[0] += 60.0  # a pause in the loop (an evaluation, another job) is not taken for a slow step
-    for _ in range(10):
-        moments.observe(torch.tensor(1.0))
-        clock[0] += 9e-3
+    clock[0] += 60.0  # a pause in the loop (an evaluation, another job) is not taken for slow steps
+    steps(60, 20e-3)  # steps of 20 ms: calls 11, 16, ..., 66 sampled
     second = moments.flush()
-    assert second.n_observed == 2 and second.recorded_ms == pytest.approx(2.0)  # the unsampled calls cost nothing
-    assert moments.every_steps == 6  # 1 / (0.02 * 9): the median gap between calls is 9 ms now
-    moments.budget_frac = 1e-4  # 1 ms in 10 ms would need one step in 500: capped
-    for _ in range(10):
-        moments.observe(torch.tensor(1.0))
-        clock[0] += 9e-3
-    assert moments.flush().n_observed == 1  # of calls 21-30 only the 25th: one in 6 counts from the first call
+    assert second.n_observed == 12 and second.recorded_ms == pytest.approx(12.0)  # the unsampled calls cost nothing
+    # The last 16 sampled calls saw steps of 10 ms (4), the pause (1) and 20 ms (11): median 20 ms, 1 / (0.02 * 20).
+    assert moments.every_steps == 3
+    moments.budget_frac = 1e-4  # 1 ms in 20 ms would need one step in 500: capped
+    steps(10, 20e-3)
+    assert moments.flush().n_observed == 3  # of calls 71-80: 73, 76 and 79 (one in 3 counts from the first call)
     assert moments.every_steps == 8
     with pytest.raises(ValueError, match=r"budget_frac=1.5 must be in \(0, 1\)"):
         DeviceMoments([[model.weight]], budget_frac=1.5)
     with pytest.raises(ValueError, match="max_rows=2 must be >= capacity=4"):
         DeviceMoments([[model.weight]], capacity=4, max_rows=2)
+
+
+def test_device_moments_unsampled_call_touches_neither_tensors_nor_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unsampled call only counts: it would raise here if it read the clock or used its arguments."""
+    model = nn.Linear(3, 2)
+    moments = DeviceMoments([[model.weight, model.bias]], every_steps=3, budget_frac=0.5)
+    moments.observe_layers(torch.tensor(2.0), torch.tensor([4.0]))  # the first call is sampled
+
+    def no_clock() -> float:
+        raise AssertionError("an unsampled call read the clock")
+
+    monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", no_clock)
+    unusable = object()  # neither detach() nor shape: any use raises AttributeError
+    moments.observe_layers(unusable, unusable)  # type: ignore[arg-type]
+    moments.observe(unusable)  # type: ignore[arg-type]
+    assert moments.samples_next  # calls 2 and 3 were counted: the 4th is sampled
+    result = moments.flush()
+    assert (result.n_observed, result.loss, result.sq_norm[0]) == (1, 2.0, 4.0)
+    with pytest.raises(ValueError, match=r"layer_sq has shape \(2,\); expected \(1,\)"):
+        DeviceMoments([[model.weight]]).observe_layers(torch.tensor(1.0), torch.ones(2))
 
 
 def test_device_moments_budget_holds_when_intervals_see_one_sampled_call(monkeypatch: pytest.MonkeyPatch) -> None:

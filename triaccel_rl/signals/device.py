@@ -87,15 +87,16 @@ class DeviceMoments:
     up to ``max_rows`` sampled steps; sampled steps past that in the same interval are not recorded.
 
     On a host-bound loop every dispatch costs wall time, so ``every_steps > 1`` samples one step in
-    ``every_steps`` (the others cost nothing). With ``budget_frac`` the sampling follows a budget instead:
-    at each flush ``every_steps`` becomes the least that keeps the sampled calls' measured host time
-    within ``budget_frac`` of a step's wall time, ``ceil(call_ms / (budget_frac * step_ms))``, at most
-    ``max_every_steps``: ``call_ms`` is the mean host time of the last 16 sampled calls, across intervals (an
-    interval's own one sampled call, or none, would make ``every_steps`` swing, and sampling at a swinging
-    rate takes more than the budget: the mean of ``1 / every_steps`` exceeds ``1 / mean(every_steps)``);
-    ``step_ms`` is the median time between consecutive calls (so a pause in the loop, such as an
-    evaluation, is not taken for a slow step). Steps that are not sampled are not checked for non-finite
-    values either: callers that must count skipped steps count the optimizer's applied updates
+    ``every_steps``; the others only count the call (pass the loss undetached: a sampled call detaches it).
+    With ``budget_frac`` the sampling follows a budget instead: at each flush ``every_steps`` becomes the least
+    that keeps the sampled calls' measured host time within ``budget_frac`` of a step's wall time,
+    ``ceil(call_ms / (budget_frac * step_ms))``, at most ``max_every_steps``: ``call_ms`` is the mean host time
+    of the last 16 sampled calls, across intervals (an interval's own one sampled call, or none, would make
+    ``every_steps`` swing, and sampling at a swinging rate takes more than the budget: the mean of
+    ``1 / every_steps`` exceeds ``1 / mean(every_steps)``); ``step_ms`` is the median, over the same calls, of
+    the wall time since the previous sampled call per step between them (a median: a pause in the loop, such
+    as an evaluation, is not taken for slow steps). Steps that are not sampled are not checked for
+    non-finite values either: callers that must count skipped steps count the optimizer's applied updates
     (``StepEngine.applied_steps``).
 
     Args:
@@ -155,8 +156,9 @@ class DeviceMoments:
         self._call_s = 0.0  # host time in the sampled calls this interval
         self._recent_calls: deque[float] = deque(maxlen=_RECENT_CALLS)  # seconds of the latest sampled calls
         self.recorded_ms_total = 0.0  # host ms of every sampled call so far (what the budget is charged)
-        self._gaps: list[float] = []  # with a budget: seconds between consecutive calls (a step's wall time)
-        self._last_call = math.nan
+        # With a budget: a step's wall time, measured between sampled calls, for the latest sampled calls.
+        self._recent_steps: deque[float] = deque(maxlen=_RECENT_CALLS)
+        self._last_sampled_at, self._last_sampled_call = 0.0, 0  # call 0: none yet
         self._pending: tuple[list[tuple[bool, np.ndarray]], int, float, torch.cuda.Event | None] | None = None
         self._staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host rows for flush_lagged, per slot
         self._flushes = 0
@@ -188,12 +190,14 @@ class DeviceMoments:
         no sync. ``every_steps`` applies as in :meth:`observe`.
 
         Raises:
-            ValueError: ``layer_sq`` does not have one entry per layer.
+            ValueError: ``layer_sq`` does not have one entry per layer (checked on sampled calls, so at the
+                first call; the call is then not counted).
         """
-        if layer_sq.shape != (self.n_layers,):
-            raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
         if not self._take():
             return
+        if layer_sq.shape != (self.n_layers,):  # checked on sampled calls: the first call is always one
+            self._calls, self._observed = self._calls - 1, self._observed - 1
+            raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
         start = time.perf_counter()
         if self._layer_rows is None:
             self._layer_rows = _Rows(self.n_layers, self._capacity, self._device, per_tensor=False)
@@ -213,15 +217,22 @@ class DeviceMoments:
         self.recorded_ms_total += elapsed * 1e3
 
     def _take(self) -> bool:
-        """Counts a call; True when this step is sampled (``every_steps``)."""
+        """Counts a call; True when this step is sampled (``every_steps``).
+
+        An unsampled call does nothing else (no clock, no tensor op): on a GPU every step makes one, and in a
+        training loop even a few host operations cost microseconds each (2026-12-02, H200: about 10 µs a call
+        when it detached the loss and read the clock). Only sampled calls read the clock: the wall time since
+        the previous sampled call over the calls between them is a step's wall time.
+        """
         self._calls += 1
-        if self.budget_frac is not None:
-            now = time.perf_counter()
-            self._gaps.append(now - self._last_call)  # NaN for the first call: dropped at the flush
-            self._last_call = now
         if (self._calls - 1) % self.every_steps:
             return False
         self._observed += 1
+        if self.budget_frac is not None:
+            now = time.perf_counter()
+            if self._last_sampled_call:
+                self._recent_steps.append((now - self._last_sampled_at) / (self._calls - self._last_sampled_call))
+            self._last_sampled_at, self._last_sampled_call = now, self._calls
         return True
 
     def flush(self) -> IntervalMoments:
@@ -266,17 +277,15 @@ class DeviceMoments:
 
     def _next_interval(self) -> None:
         """Adapts ``every_steps`` to the budget from the recent calls' costs, then starts the next interval."""
-        gaps = [gap for gap in self._gaps if gap == gap]  # NaN: no call before
-        if self.budget_frac is not None and self._observed and gaps:
+        if self.budget_frac is not None and self._recent_calls and self._recent_steps:
             call_ms = statistics.fmean(self._recent_calls) * 1e3
-            wall_ms = statistics.median(gaps) * 1e3  # a pause in the loop (evaluation, a decision) is not a step
+            wall_ms = statistics.median(self._recent_steps) * 1e3  # a pause in the loop (evaluation) is not a step
             needed = math.ceil(call_ms / max(self.budget_frac * wall_ms, 1e-9) - 1e-9)
             self.every_steps = max(1, min(self.max_every_steps, needed))
         for rows in self._used_rows():
             rows.used = 0
         self._observed = 0
         self._call_s = 0.0
-        self._gaps.clear()
 
     def _moments(self, blocks: list[tuple[bool, np.ndarray]], n_observed: int, recorded_ms: float) -> IntervalMoments:
         """Reduces rows on the host: per-layer squared norms, their square roots and the loss, finite rows only."""
