@@ -347,7 +347,11 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
 
 
 def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> None:
-    """Plots merged runs per model; a controller that ran in several jobs is labelled with its job."""
+    """Plots merged runs per model (``folder/<model>``) and each job's alone (``folder/<model>/jobs/<job>``).
+
+    In the merged plots a controller that ran in several jobs is labelled with its job; only rows of one job ran
+    side by side on one machine, so the per-job plots are the ones to compare rows in.
+    """
     from triaccel_rl.plots import plot_comparison
 
     field_names = {f.name for f in fields(RunResult)}
@@ -364,6 +368,14 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
             results.append(result)
         target = next(row["target"] for row in rows if row["model"] == model)
         plot_comparison(results, folder / model, target=target)
+        for job in sorted(jobs):
+            job_results = [
+                RunResult(**{k: v for k, v in run.items() if k in field_names})
+                for run in model_runs
+                if run["job"] == job
+            ]
+            if job_results:
+                plot_comparison(job_results, folder / model / "jobs" / job, target=target)
 
 
 def parse(argv: list[str] | None = None) -> Args:

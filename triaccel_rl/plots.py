@@ -40,7 +40,8 @@ def plot_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     controllers = list(dict.fromkeys(r.controller for r in results))
-    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(controllers)}
+    palette = plt.get_cmap("tab10" if len(controllers) <= 10 else "tab20")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(controllers)}
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -55,7 +56,7 @@ def plot_comparison(
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy against training time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     paths.append(_save(fig, out / "metric_vs_time.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -67,7 +68,7 @@ def plot_comparison(
     ax.set_ylabel("peak memory per interval (MiB)")
     ax.set_title("Memory against training time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     paths.append(_save(fig, out / "memory_vs_time.png"))
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -83,7 +84,7 @@ def plot_comparison(
     bottom.set_ylabel("LR scale")
     bottom.set_xlabel(f"training time ({time_label})")
     top.set_title("Batch size and LR scale against training time")
-    top.legend(fontsize=8)
+    _legend(top)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "batch_lr_vs_time.png"))
@@ -109,6 +110,15 @@ def plot_comparison(
     return paths
 
 
+def _legend(ax: object) -> None:
+    """A legend inside the axes for a few entries; beside them, to the right, for more (it would hide the lines)."""
+    n_entries = len(ax.get_legend_handles_labels()[0])  # type: ignore[attr-defined]
+    if n_entries > 8:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # type: ignore[attr-defined]
+    else:
+        ax.legend(fontsize=8)  # type: ignore[attr-defined]
+
+
 def _first_seed_label(run: RunResult, results: Sequence[RunResult]) -> str | None:
     first = min(r.seed for r in results if r.controller == run.controller)
     return run.controller if run.seed == first else None
@@ -118,7 +128,7 @@ def _save(fig: object, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()  # type: ignore[attr-defined]
-    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]  # a legend beside the axes
     plt.close(fig)  # type: ignore[arg-type]
     return path
 
