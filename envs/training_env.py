@@ -109,6 +109,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
                 raise ValueError(f"lr_range={tuple(lr_range)} must be (low, high) with 0 < low <= high < inf")
             lr_range = (low, high)
         self.lr_range = lr_range
+        self.base_lr_factor = 1.0  # this episode's draw from lr_range (a privileged teacher may read it)
         if max_decisions is not None and max_decisions < 1:
             raise ValueError(f"max_decisions={max_decisions} must be >= 1 (or None: 8 × the budget in intervals)")
         self.task = get_task(task, **(task_overrides or {}))
@@ -139,6 +140,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             low, high = self.lr_range
             factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
             task = replace(task, base_lr=task.base_lr * factor)
+        self.base_lr_factor = factor
         run = TrainingRun(
             task,
             seed=run_seed,

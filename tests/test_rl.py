@@ -133,3 +133,44 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     record = json.loads((out.parent / "warm_start.json").read_text())
     assert record["teacher"] == "heuristic" and record["decisions"] == 8
     assert 0.0 <= record["agreement"] <= 1.0
+
+
+class _FakeVenv:
+    """Two environments whose episodes had their LR multiplied by the given factors."""
+
+    num_envs = 2
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def get_attr(self, name):
+        assert name == "base_lr_factor"
+        return list(self.factors)
+
+
+def test_lr_oracle_teacher_undoes_each_episodes_mistuning():
+    from triaccel_rl.rl import LrOracleTeacher
+
+    config = ControllerConfig()  # lr_scales (0.5, 0.75, 1.0, 1.25, 1.5), 4 groups: the LR index is action[4]
+    teacher = LrOracleTeacher(_ConstantTeacher(), _FakeVenv([0.5, 1.6]), config.lr_scales, config.n_groups)
+    # 1 / factor, nearest rung in log: 2.5 -> 1.5, 1.4 -> 1.5, 1.0 -> 1.0, 0.8 -> 0.75, 0.5 -> 0.5, 1.18 -> 1.25.
+    assert [teacher.rung_for(f) for f in (0.4, 0.7, 1.0, 1.25, 2.0, 0.85)] == [4, 4, 2, 1, 0, 3]
+    actions, _ = teacher.predict(np.zeros((2, 43), dtype=np.float32))
+    expected = np.tile(_ConstantTeacher.action, (2, 1))
+    expected[:, 4] = [4, 1]  # factor 0.5 -> x2 wanted, the ladder's top 1.5; factor 1.6 -> 0.625, nearest 0.75 (log)
+    np.testing.assert_array_equal(actions, expected)
+
+
+def test_env_exposes_its_episodes_lr_factor_through_the_task_cycle():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import make_env_fns
+
+    fns = make_env_fns(["synthetic"], 1, None, 2, reward_config=RewardConfig(budget_intervals=2), lr_range=(0.5, 2.0))
+    venv = DummyVecEnv(fns)
+    venv.seed(3)
+    venv.reset()
+    (factor,) = venv.get_attr("base_lr_factor")
+    assert factor == venv.reset_infos[0]["base_lr_factor"] and 0.5 <= factor <= 2.0 and factor != 1.0
+    venv.close()

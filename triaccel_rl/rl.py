@@ -20,7 +20,7 @@ from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
-__all__ = ["TaskCycleEnv", "imitate", "make_env_fns", "obs_stats_path", "train_policy"]
+__all__ = ["LrOracleTeacher", "TaskCycleEnv", "imitate", "make_env_fns", "obs_stats_path", "train_policy"]
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -107,6 +107,11 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.action_space = envs[0].action_space
         self.current = -1
 
+    @property
+    def base_lr_factor(self) -> float:
+        """The current episode's LR factor (``TriAccel-v0``'s ``lr_range`` draw; 1.0 before any reset)."""
+        return float(getattr(self.envs[self.current].unwrapped, "base_lr_factor", 1.0)) if self.current >= 0 else 1.0
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -132,6 +137,39 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         """Closes every inner environment."""
         for env in self.envs:
             env.close()
+
+
+class LrOracleTeacher:
+    """A teacher with privileged knowledge of each episode's LR mistuning, for :func:`imitate`.
+
+    It takes ``base``'s actions and replaces the LR-scale index with the rung of ``lr_scales`` nearest (in log)
+    to ``1 / base_lr_factor``, the factor by which ``TriAccel-v0(lr_range=...)`` mistuned the episode's LR
+    (read from every environment of ``venv`` with ``get_attr``). The student sees only the observation, so it
+    learns what in the observation tells a mistuned LR from a tuned one, or failing that, the average move
+    over the training distribution ("learning by cheating": a privileged teacher distilled into a student).
+
+    Args:
+        base: the policy whose other action components are kept (e.g. the heuristic).
+        venv: the vectorised environments the teacher acts in.
+        lr_scales: ``ControllerConfig.lr_scales``.
+        lr_index: position of the LR-scale index in the action vector (``ControllerConfig.n_groups``).
+    """
+
+    def __init__(self, base: Any, venv: Any, lr_scales: Sequence[float], lr_index: int) -> None:
+        self.base, self.venv, self.lr_index = base, venv, lr_index
+        self._log_scales = np.log(np.asarray(lr_scales, dtype=np.float64))
+
+    def rung_for(self, factor: float) -> int:
+        """Index of the LR scale nearest (in log) to ``1 / factor``."""
+        return int(np.argmin(np.abs(self._log_scales + np.log(factor))))
+
+    def predict(self, obs: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = True) -> Any:
+        """``base``'s actions for ``obs`` (one row per environment), with the LR index set by the oracle."""
+        action, state = self.base.predict(obs, deterministic=True)
+        action = np.array(action).reshape(self.venv.num_envs, -1)
+        for row, factor in enumerate(self.venv.get_attr("base_lr_factor")):
+            action[row, self.lr_index] = self.rung_for(float(factor))
+        return action, state
 
 
 def imitate(
@@ -237,7 +275,9 @@ def train_policy(
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core.
         warm_start: a policy spec (``make_policy``, e.g. ``"heuristic"``) whose actions the new policy first
-            imitates (:func:`imitate`) before PPO starts; None: PPO from scratch. Ignored with ``resume``.
+            imitates (:func:`imitate`) before PPO starts; with the suffix ``+lr-oracle`` (``"heuristic+lr-oracle"``)
+            its LR choice is replaced by :class:`LrOracleTeacher`'s (useful with ``lr_range``); None: PPO from
+            scratch. Ignored with ``resume``.
         warm_start_steps: decisions of the teacher to imitate (summed over the environments); they are
             not counted in ``total_timesteps``. The imitation's fit is written to ``warm_start.json``
             beside ``out``.
@@ -305,7 +345,11 @@ def train_policy(
             if warm_start is not None:
                 from triaccel_rl.policies import make_policy
 
-                teacher = make_policy(warm_start, ControllerConfig(interval_steps=interval_steps))
+                teacher_config = ControllerConfig(interval_steps=interval_steps)
+                base_name, oracle = warm_start.removesuffix("+lr-oracle"), warm_start.endswith("+lr-oracle")
+                teacher: Any = make_policy(base_name, teacher_config)
+                if oracle:  # the heuristic's moves, the LR from the episode's known mistuning
+                    teacher = LrOracleTeacher(teacher, venv, teacher_config.lr_scales, teacher_config.n_groups)
                 fit = imitate(model, venv, teacher, warm_start_steps)
                 record = {"teacher": warm_start, "decisions": warm_start_steps, **fit}
                 (path.parent / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
