@@ -65,7 +65,7 @@ class Args:
     """PyTorch threads per environment process (1: one process per core, no oversubscription)."""
     warm_start: str = ""
     """A policy whose actions PPO's policy first imitates (e.g. ``heuristic``, or ``heuristic+lr-oracle`` with
-    ``lr_range``: its LR choice undoes the episode's draw); '' for PPO from scratch)."""
+    ``lr_range``: its LR choice undoes the episode's draw); '' for PPO from scratch."""
     warm_start_steps: int = 512
     """Teacher decisions imitated by ``--warm-start`` (not counted in ``--timesteps``)."""
     run_dir: str = "runs/pretrained"
