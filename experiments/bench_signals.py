@@ -185,12 +185,13 @@ class Workload:
 
 def measure(args: Args, device: torch.device) -> list[dict[str, Any]]:
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        workload = build_workload(name, args, device)
-        rows.append(measure_workload(workload, args, device))
-        del workload
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with GC:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            workload = build_workload(name, args, device)
+            rows.append(measure_workload(workload, args, device))
+            del workload
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -388,7 +389,15 @@ class GcTimer:
         self.paused_s = 0.0
         self.collections = 0
         self._started = 0.0
+
+    def __enter__(self) -> GcTimer:
+        """Starts timing (``gc.callbacks``)."""
         gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stops timing."""
+        gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -397,12 +406,8 @@ class GcTimer:
             self.paused_s += time.perf_counter() - self._started
             self.collections += 1
 
-    def close(self) -> None:
-        """Stops timing."""
-        gc.callbacks.remove(self._callback)
 
-
-GC = GcTimer()
+GC = GcTimer()  # running while measure() runs
 
 
 class Runner:

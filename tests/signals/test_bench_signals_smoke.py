@@ -15,7 +15,7 @@ FIELDS = {
     "overhead_all_frac_paired", "overhead_cheap_frac_paired", "noise_floor_frac_paired", "paired_iqr",
     "rounds_share_of_train_frac", "overhead_cheap_frac_ab", "overhead_all_frac_ab", "overhead_parts_ms_per_step",
     "steps_per_decision", "isolated_call_ms", "overhead_cheap_frac_isolated", "host_ms_per_step",
-    "observed_step_share", "observe_every_steps", "observe_budget_frac",
+    "observed_step_share", "observe_every_steps", "observe_budget_frac", "host_detail_ms_per_step",
 }  # fmt: skip
 
 
@@ -64,6 +64,14 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
         assert calls["observe"] > 0 and calls["decision"] > 0
         implied = calls["observe"] * row["observed_step_share"] + calls["decision"] / row["steps_per_decision"]["cheap"]
         assert abs(row["overhead_cheap_frac_isolated"] - implied / row["step_ms_base"]) < 1e-12
+        # The host breakdown splits the same timed calls: sampled + unsampled is the observe part, and what
+        # DeviceMoments timed of the sampled calls (from inside them) is part of what the benchmark timed.
+        detail = row["host_detail_ms_per_step"]["cheap"]
+        assert abs(detail["observe_sampled"] + detail["observe_unsampled"] - cheap["observe"]) < 1e-9
+        assert 0 < detail["observe_self_measured"] <= detail["observe_sampled"]
+        assert min(detail["gc_in_observe"], detail["gc_in_decision"]) >= 0
+        assert detail["gc_in_observe"] <= detail["gc_total"] + 1e-12
+        assert row["host_detail_ms_per_step"]["base"]["observe_sampled"] == 0  # no collector, nothing recorded
 
 
 def test_paired_overhead_is_the_median_ratio_and_its_spread() -> None:
@@ -123,3 +131,21 @@ def test_smoke_run_through_the_engine_records_the_steps_own_statistics(tmp_path:
     (row,) = rows[1:]
     assert row["path"] == "engine" and row["dtype"] == "fp32"  # the CPU runs the engine's reference path in fp32
     assert row["last_round"] is not None and row["overhead_parts_ms_per_step"]["cheap"]["observe"] > 0
+
+
+def test_gc_timer_times_collections_only_while_entered() -> None:
+    import gc
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_signals
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    timer = bench_signals.GcTimer()
+    gc.collect()  # not entered: not counted
+    assert (timer.collections, timer.paused_s) == (0, 0.0)
+    with timer:
+        gc.collect()  # a full collection: one start/stop pair of callbacks
+    assert timer.collections == 1 and timer.paused_s > 0
+    gc.collect()
+    assert timer.collections == 1  # the callback is gone after the block
