@@ -14,7 +14,7 @@ from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.shield import FallbackPolicy, ObservationStats
-from triaccel_rl.types import Policy
+from triaccel_rl.types import Policy, Precision
 
 __all__ = [
     "BATCH_FINDER_NAMES",
@@ -63,6 +63,9 @@ def make_policy(
         name = spec
     if name.endswith(".zip"):
         learned = LearnedPolicy(spec, observation_space, action_space)
+        # Its first decision comes after one interval: until then it runs where the heuristic starts (bf16 by
+        # default), not in fp32, so that the two are compared from the same start.
+        learned.initial_precision = Precision.parse(config.heuristic.start_precision)
         stats_file = Path(spec).with_suffix(".obs.json")
         if not stats_file.is_file():
             return learned

@@ -53,6 +53,9 @@ class LearnedPolicy:
             )
         self.path = file
         self.model = _load(file, algorithm, device)
+        self.initial_precision: Any = None
+        """The precision every layer starts in, before the first decision (None: the model's own, fp32);
+        ``make_policy`` sets the heuristic's start precision."""
         for label, expected, found in (
             ("observation", observation_space, self.model.observation_space),
             ("action", action_space, self.model.action_space),

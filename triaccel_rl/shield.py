@@ -275,6 +275,7 @@ class FallbackPolicy:
         self.max_distance = max_distance
         self.fallbacks = 0
         self.name = getattr(policy, "name", "learned")
+        self.initial_precision = getattr(policy, "initial_precision", None)  # where the run starts (see make_policy)
 
     def predict(
         self,
