@@ -174,3 +174,21 @@ def test_env_exposes_its_episodes_lr_factor_through_the_task_cycle():
     (factor,) = venv.get_attr("base_lr_factor")
     assert factor == venv.reset_infos[0]["base_lr_factor"] and 0.5 <= factor <= 2.0 and factor != 1.0
     venv.close()
+
+
+def test_learned_policy_starts_where_the_heuristic_starts(trained):
+    """Before its first decision (one interval in) a learned policy runs in the heuristic's start precision."""
+    from dataclasses import replace
+
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.config import HeuristicConfig
+    from triaccel_rl.types import Precision
+
+    assert LearnedPolicy(trained).initial_precision is None  # loaded bare: the model's own precision
+    assert make_policy(str(trained)).initial_precision is Precision.BF16  # wrapped in the fallback, as shipped
+    fp16_start = replace(ControllerConfig(), heuristic=HeuristicConfig(start_precision="fp16"))
+    assert make_policy(str(trained), fp16_start).initial_precision is Precision.FP16
+    # In a run, the first interval (before any decision) trains in that precision: the trace's first row.
+    config = ControllerConfig(interval_steps=4)
+    result = run_controller("synthetic", str(trained), 0, epochs=0.2, config=config, device="cpu")
+    assert set(result.trace[0]["precisions"]) == {int(Precision.BF16)}
