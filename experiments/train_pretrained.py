@@ -195,7 +195,8 @@ An SB3 PPO `MlpPolicy` (two hidden layers of 64, separate policy and value nets)
 {settings["interval_steps"]} optimizer steps, a precision for each of 4 sensitivity-ranked layer groups, an LR
 multiplier and a batch move (`TriAccel-v0`'s `MultiDiscrete([3, 3, 3, 3, 5, 3])` action from its 43-feature
 observation). `policy.obs.json` holds the range of observations seen in training: an observation more
-than one range width outside it goes to the heuristic (the shield's `FallbackPolicy`, logged).
+than one range width outside it goes to the heuristic (the shield's `FallbackPolicy`, logged). Until its
+first decision, one interval into a run, every layer runs in the heuristic's start precision (bf16 by default).
 
 ## Training
 
