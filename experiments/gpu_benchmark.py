@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -360,20 +360,15 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
         jobs = {row["job"] for row in rows if row["model"] == model}
         model_runs = [r for r in runs if r["job"] in jobs and r["controller"] in controllers]
         repeated = {c for c in controllers if len({r["job"] for r in model_runs if r["controller"] == c}) > 1}
-        results = []
-        for run in model_runs:
-            result = RunResult(**{k: v for k, v in run.items() if k in field_names})
-            if result.controller in repeated:
-                result.controller = f"{result.controller} [{run['job']}]"
-            results.append(result)
+        parsed = [(run["job"], RunResult(**{k: v for k, v in run.items() if k in field_names})) for run in model_runs]
+        merged = [
+            replace(result, controller=f"{result.controller} [{job}]") if result.controller in repeated else result
+            for job, result in parsed
+        ]
         target = next(row["target"] for row in rows if row["model"] == model)
-        plot_comparison(results, folder / model, target=target)
+        plot_comparison(merged, folder / model, target=target)
         for job in sorted(jobs):
-            job_results = [
-                RunResult(**{k: v for k, v in run.items() if k in field_names})
-                for run in model_runs
-                if run["job"] == job
-            ]
+            job_results = [result for run_job, result in parsed if run_job == job]
             if job_results:
                 plot_comparison(job_results, folder / model / "jobs" / job, target=target)
 

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
+from triaccel_rl.types import Precision
+
 __all__ = ["SUPPORTED_ALGORITHMS", "LearnedPolicy", "PolicyLoadError"]
 
 SUPPORTED_ALGORITHMS = ("ppo", "a2c")
@@ -53,7 +55,7 @@ class LearnedPolicy:
             )
         self.path = file
         self.model = _load(file, algorithm, device)
-        self.initial_precision: Any = None
+        self.initial_precision: Precision | None = None
         """The precision every layer starts in, before the first decision (None: the model's own, fp32);
         ``make_policy`` sets the heuristic's start precision."""
         for label, expected, found in (
