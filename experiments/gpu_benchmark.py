@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
-from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
@@ -103,6 +103,11 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     cheap_only = ControllerConfig(interval_steps=args.interval_steps, signals=SignalConfig(mode=SignalMode.CHEAP))
     no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
     anneal = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(anneal_plateau=0.02))
+    ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)
+    ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=ElasticConfig(lr_rule="none"))
+    ramp_linear = ControllerConfig(
+        interval_steps=args.interval_steps, heuristic=ramp, elastic=ElasticConfig(lr_rule="linear")
+    )
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
         # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.
@@ -123,6 +128,15 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         "heuristic-no-trial": {"controller": "heuristic", "channels_last": True, "config": no_trial},
         # The heuristic that also anneals the LR on a late plateau of the probe loss (HeuristicConfig.anneal_plateau).
         "heuristic-anneal": {"controller": "heuristic", "channels_last": True, "config": anneal},
+        # The late batch ramp (HeuristicConfig.ramp_batch_after): past 30% of the budget the batch doubles at each
+        # decision, up to 4x; the LR held (the noise halves with each doubling, as halving the LR would do) ...
+        "heuristic-ramp": {"controller": "heuristic", "channels_last": True, "config": ramp_held},
+        # ... or following the batch linearly (the same noise, only throughput).
+        "heuristic-ramp-linear": {"controller": "heuristic", "channels_last": True, "config": ramp_linear},
+        # Controls for the ramp, from the start: the best static row at half its LR, and at twice its batch with the
+        # LR held (``lr_scale`` is on the LR the batch sets linearly, hence the factor 0.5).
+        "static-fp16-lr0.5": {"controller": "fp16", "channels_last": True, "lr_factor": 0.5},
+        "static-fp16-b2x": {"controller": "fp16", "channels_last": True, "batch_factor": 2, "lr_factor": 0.5},
     }
 
 
@@ -209,6 +223,8 @@ def main(args: Args) -> list[dict[str, Any]]:
             common: dict[str, Any] = common,
         ) -> RunResult:
             """One run of ``row`` at the tuned static setting (the defaults bind this model's values)."""
+            best_batch = best_batch * spec.get("batch_factor", 1)
+            best_lr = best_lr * spec.get("lr_factor", 1.0)
             if "plain" in spec:
                 return run_plain(
                     task,

@@ -58,6 +58,13 @@ for stage in "$@"; do
     # The heuristic that anneals on a late plateau, beside the best static row and the plain heuristic (about 5 minutes).
     anneal-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
            --rows static-fp16,heuristic,heuristic-anneal --out "$OUT/anneal_resnet.json" 2>&1 | tail -20 ;;
+    # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
+    ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
+           --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
+           --out "$OUT/ramp_resnet.json" --plots "$OUT/plots_ramp_resnet" 2>&1 | tail -24 ;;
+    ramp-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0,9.3 \
+           --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear --out "$OUT/ramp_effnet.json" \
+           --plots "$OUT/plots_ramp_effnet" 2>&1 | tail -20 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done

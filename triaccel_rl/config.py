@@ -259,6 +259,14 @@ class HeuristicConfig:
             over 10 steps is not one read over the ~110 steps of a GPU interval.
         anneal_after: the share of the training budget (``progress``) before which ``anneal_plateau`` does
             nothing (the loss of a young run is noisy and its fall uneven), in [0, 1].
+        ramp_batch_after: None (the default): off. A share of the training budget in [0, 1]: once ``progress``
+            reaches it, the batch rule grows the batch at every decision (up to ``max_batch_growth``, while
+            memory allows) whatever the noise estimate says: "don't decay the learning rate, increase the batch
+            size" (Smith et al., 2018). With the LR held (``ElasticConfig.lr_rule="none"``) a doubled batch
+            halves the gradient noise as halving the LR would, and each sample costs less where a larger
+            batch uses the GPU better; with the linear rule it keeps the noise and only buys throughput.
+            A late ramp, not an early one: batch 512 from the start missed ResNet-18's target on 1 seed of 3
+            (H100, 2026-11-22).
         max_batch_growth: grow the batch only up to this multiple of the task's base batch; >= 1. A trust
             region on the noise-scale estimate: with batch norm, the micro-batch estimate overstates the
             noise (each micro-batch normalises with its own statistics), and in the 2026-11-22 GPU pilot
@@ -280,6 +288,7 @@ class HeuristicConfig:
     max_batch_growth: float = 2.0
     anneal_plateau: float | None = None
     anneal_after: float = 0.3
+    ramp_batch_after: float | None = None
 
     def __post_init__(self) -> None:
         if self.start_precision not in ("fp32", "bf16", "fp16"):
@@ -305,6 +314,8 @@ class HeuristicConfig:
             raise ConfigError(f"anneal_plateau={self.anneal_plateau} must be in (0, 1), or None for no annealing")
         if not (0.0 <= self.anneal_after <= 1.0):
             raise ConfigError(f"anneal_after={self.anneal_after} must be in [0, 1]")
+        if self.ramp_batch_after is not None and not (0.0 <= self.ramp_batch_after <= 1.0):
+            raise ConfigError(f"ramp_batch_after={self.ramp_batch_after} must be in [0, 1], or None for no ramp")
         if not (math.isfinite(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
             raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
 
