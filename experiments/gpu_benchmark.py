@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
-from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig
+from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
@@ -104,10 +104,9 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
     anneal = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(anneal_plateau=0.02))
     ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)
-    ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=ElasticConfig(lr_rule="none"))
-    ramp_linear = ControllerConfig(
-        interval_steps=args.interval_steps, heuristic=ramp, elastic=ElasticConfig(lr_rule="linear")
-    )
+    held, linear = ElasticConfig(lr_rule=LRRule.NONE), ElasticConfig(lr_rule=LRRule.LINEAR)
+    ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=held)
+    ramp_linear = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=linear)
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
         # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.

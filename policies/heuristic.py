@@ -23,14 +23,14 @@
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is below the gradient-noise scale (larger batches
   still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
-  within ``max_batch_growth`` times the task's base batch; halved when memory
-  use is over ``shrink_above_usage``. With ``HeuristicConfig.ramp_batch_after`` (off by default; the
-  ``heuristic-ramp`` rows of ``experiments/gpu_benchmark.py``) it also grows at every decision past that share of
-  the budget, whatever the noise estimate, up to ``max_batch_growth``: a late batch ramp. The move is on the *effective* batch: the executor refuses growth
-  the memory model predicts over the usable budget, and a run whose budget shrinks (after an
-  out-of-memory error) keeps its batch by accumulating micro-batches planned to fill ``elastic.fill_frac``
-  (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory pressure, and a
-  batch using under 0.45 of the budget still fits once doubled.
+  within ``max_batch_growth`` times the task's base batch; halved when memory use is over ``shrink_above_usage``.
+  With ``HeuristicConfig.ramp_batch_after`` (off by default; the ``heuristic-ramp`` rows of
+  ``experiments/gpu_benchmark.py``) it also grows at every decision past that share of the budget, whatever the
+  noise estimate, up to ``max_batch_growth``: a late batch ramp. The move is on the *effective* batch: the
+  executor refuses growth the memory model predicts over the usable budget, and a run whose budget shrinks (after
+  an out-of-memory error) keeps its batch by accumulating micro-batches planned to fill ``elastic.fill_frac``
+  (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory pressure, and a batch using
+  under 0.45 of the budget still fits once doubled.
 
 Per-layer step sizes are not part of the action: the decision loop applies the collector's
 curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.
