@@ -25,12 +25,12 @@
   still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
   within ``max_batch_growth`` times the task's base batch; halved when memory use is over ``shrink_above_usage``.
   With ``HeuristicConfig.ramp_batch_after`` (off by default; the ``heuristic-ramp`` rows of
-  ``experiments/gpu_benchmark.py``) it also grows at every decision past that share of the budget, whatever the
-  noise estimate, up to ``max_batch_growth``: a late batch ramp. The move is on the *effective* batch: the
-  executor refuses growth the memory model predicts over the usable budget, and a run whose budget shrinks (after
-  an out-of-memory error) keeps its batch by accumulating micro-batches planned to fill ``elastic.fill_frac``
-  (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory pressure, and a batch using
-  under 0.45 of the budget still fits once doubled.
+  ``experiments/gpu_benchmark.py``) it also grows at every decision past that share of the budget (and before
+  ``ramp_batch_until``), whatever the noise estimate, up to ``max_batch_growth``: a late batch ramp. The move is
+  on the *effective* batch: the executor refuses growth the memory model predicts over the usable budget, and a
+  run whose budget shrinks (after an out-of-memory error) keeps its batch by accumulating micro-batches planned to
+  fill ``elastic.fill_frac`` (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory
+  pressure, and a batch using under 0.45 of the budget still fits once doubled.
 
 Per-layer step sizes are not part of the action: the decision loop applies the collector's
 curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.
@@ -247,7 +247,8 @@ class HeuristicPolicy:
             return BatchMove.SHRINK
         room = obs[g("log2_batch")] + 1.0 <= math.log2(rules.max_batch_growth) + 1e-9
         quiet = noise_over_batch > -math.log10(rules.max_batch_over_noise)
-        ramp = rules.ramp_batch_after is not None and obs[g("progress")] >= rules.ramp_batch_after
+        progress = obs[g("progress")]
+        ramp = rules.ramp_batch_after is not None and rules.ramp_batch_after <= progress < rules.ramp_batch_until
         if room and (quiet or ramp) and memory_use < rules.grow_below_usage:
             return BatchMove.GROW
         return BatchMove.KEEP

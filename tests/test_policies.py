@@ -114,13 +114,16 @@ def test_heuristic_ramps_the_batch_late_whatever_the_noise():
     assert move(progress=0.2, memory_use=0.1) == 1  # too early, and the noise alone does not ask for it: kept
     assert move(progress=0.3, memory_use=0.1) == 2  # late: grown
     assert move(progress=0.6, memory_use=0.1, log2_batch=1.0) == 2  # grown again, to 4x the base batch
-    assert move(progress=0.9, memory_use=0.1, log2_batch=2.0) == 1  # at max_batch_growth: kept
-    assert move(progress=0.9, memory_use=0.5) == 1  # no room in memory: kept
+    assert move(progress=0.7, memory_use=0.1, log2_batch=2.0) == 1  # at max_batch_growth: kept
+    assert move(progress=0.7, memory_use=0.5) == 1  # no room in memory: kept
+    assert move(progress=0.75, memory_use=0.1) == 1  # past ramp_batch_until (0.75): too late to repay a change
     assert move(progress=0.9, memory_use=0.99) == 0  # memory pressure still shrinks it
     plain = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=4.0)))  # off by default
     assert int(plain.predict(observation([0] * 4, noise_over_batch=0.5, progress=0.9))[0][k + 1]) == 1
     with pytest.raises(ConfigError, match=r"ramp_batch_after=1\.5 must be in \[0, 1\], or None"):
         HeuristicConfig(ramp_batch_after=1.5)
+    with pytest.raises(ConfigError, match=r"ramp_batch_until=0\.2 must be in \[ramp_batch_after=0\.3, 1\]"):
+        HeuristicConfig(ramp_batch_after=0.3, ramp_batch_until=0.2)
 
 
 def test_heuristic_lr_and_batch_rules():

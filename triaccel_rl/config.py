@@ -267,6 +267,10 @@ class HeuristicConfig:
             batch uses the GPU better; with the linear rule it keeps the noise and only buys throughput.
             A late ramp, not an early one: batch 512 from the start missed ResNet-18's target on 1 seed of 3
             (H100, 2026-11-22).
+        ramp_batch_until: the share of the budget past which the ramp no longer grows the batch, in
+            [``ramp_batch_after``, 1]: a batch changed that late has too little of the run left to repay the
+            change's one-time cost (a new captured graph and cuDNN's tuning for the new shapes: about 5 s for
+            ResNet-18's first run at batch 1024 on the H200, 2026-12-02, in a 10-s run).
         max_batch_growth: grow the batch only up to this multiple of the task's base batch; >= 1. A trust
             region on the noise-scale estimate: with batch norm, the micro-batch estimate overstates the
             noise (each micro-batch normalises with its own statistics), and in the 2026-11-22 GPU pilot
@@ -289,6 +293,7 @@ class HeuristicConfig:
     anneal_plateau: float | None = None
     anneal_after: float = 0.3
     ramp_batch_after: float | None = None
+    ramp_batch_until: float = 0.75
 
     def __post_init__(self) -> None:
         if self.start_precision not in ("fp32", "bf16", "fp16"):
@@ -316,6 +321,10 @@ class HeuristicConfig:
             raise ConfigError(f"anneal_after={self.anneal_after} must be in [0, 1]")
         if self.ramp_batch_after is not None and not (0.0 <= self.ramp_batch_after <= 1.0):
             raise ConfigError(f"ramp_batch_after={self.ramp_batch_after} must be in [0, 1], or None for no ramp")
+        if not (self.ramp_batch_after or 0.0) <= self.ramp_batch_until <= 1.0:
+            raise ConfigError(
+                f"ramp_batch_until={self.ramp_batch_until} must be in [ramp_batch_after={self.ramp_batch_after}, 1]"
+            )
         if not (math.isfinite(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
             raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
 
