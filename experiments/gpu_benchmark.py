@@ -39,6 +39,7 @@ import torch
 
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
+from triaccel_rl.elastic import lr_gain
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
@@ -223,7 +224,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         ) -> RunResult:
             """One run of ``row`` at the tuned static setting (the defaults bind this model's values)."""
             best_batch = best_batch * spec.get("batch_factor", 1)
-            best_lr = best_lr * spec.get("lr_factor", 1.0)
+            best_lr = best_lr * spec.get("lr_factor", 1.0) * _start_lr_match(task, spec, best_batch)
             if "plain" in spec:
                 return run_plain(
                     task,
@@ -321,6 +322,22 @@ def main(args: Args) -> list[dict[str, Any]]:
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {out}")
     return table_rows
+
+
+def _start_lr_match(task: Any, spec: dict[str, Any], batch_size: int) -> float:
+    """The factor on a row's ``lr_scale`` that starts it at the static rows' LR at ``batch_size``.
+
+    ``lr_scale`` is on the LR the batch sets by the LR rule, and the static rows use the optimizer's default
+    rule (linear for SGD). A row with another rule (the batch ramp holds the LR: ``LRRule.NONE``) would
+    otherwise start at another LR wherever the tuned batch is not the task's base batch: at batch 512 on
+    ResNet-18 (base 256) the ramp started at half the static row's LR (H200, 2026-12-02, ``5120f1b``).
+    """
+    config = spec.get("config")
+    rule = config.elastic.lr_rule if config is not None else LRRule.AUTO
+    if rule is LRRule.AUTO:
+        return 1.0
+    default = LRRule.SQRT if task.optimizer == "adamw" else LRRule.LINEAR
+    return lr_gain(default, batch_size, task.base_batch_size) / lr_gain(rule, batch_size, task.base_batch_size)
 
 
 def _out_path(args: Args) -> Path:

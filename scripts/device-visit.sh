@@ -65,6 +65,9 @@ for stage in "$@"; do
     ramp-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 256,1.0,9.3 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear --out "$OUT/ramp_effnet.json" \
            --plots "$OUT/plots_ramp_effnet" 2>&1 | tail -20 ;;
+    # The ramp from the widened grid's best static setting (batch 512, the LR held), beside that row (~2.5 min).
+    ramp512-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.5 \
+           --rows static-fp16,heuristic-ramp --out "$OUT/ramp512_resnet.json" --plots "" 2>&1 | tail -12 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done

@@ -104,7 +104,28 @@ def test_the_device_visit_stages_name_only_rows_that_exist():
         sys.path.remove(str(SCRIPT.parent))
     known = set(gpu_benchmark.rows_for(gpu_benchmark.Args()))
     script = (SCRIPT.parents[1] / "scripts" / "device-visit.sh").read_text()
-    lists = re.findall(r"--rows ([\w,-]+)", script)
+    lists = re.findall(r"--rows ([\w.,-]+)", script)
     assert len(lists) >= 4  # resnet-pilot and the three issue-7 stages
     for rows in lists:
         assert set(rows.split(",")) <= known, f"unknown rows in device-visit.sh: {set(rows.split(',')) - known}"
+
+
+def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
+    """``lr_scale`` is on the LR the batch sets by the rule: a ramp row (LR held) must not start lower."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from triaccel_rl.tasks import get_task
+
+    rows = gpu_benchmark.rows_for(gpu_benchmark.Args())
+    sgd, adamw = get_task("synthetic"), get_task("transformer-seq")
+    assert (sgd.optimizer, adamw.optimizer) == ("sgd", "adamw")
+    base = sgd.base_batch_size
+    match = gpu_benchmark._start_lr_match
+    assert match(sgd, rows["heuristic-ramp"], base) == 1.0  # at the base batch every rule gives the same LR
+    assert match(sgd, rows["heuristic-ramp"], 2 * base) == 2.0  # static rows: linear in the batch; ramp: held
+    assert match(sgd, rows["heuristic-ramp-linear"], 2 * base) == 1.0
+    assert match(sgd, rows["static-fp16"], 4 * base) == 1.0  # the default rule: nothing to match
+    assert match(adamw, rows["heuristic-ramp"], 4 * adamw.base_batch_size) == 2.0  # AdamW's default: square root
