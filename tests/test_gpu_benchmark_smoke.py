@@ -92,6 +92,11 @@ def test_every_row_of_the_benchmark_runs(tmp_path):
     rows = {row["controller"]: row for row in json.loads(out.read_text())["rows"]}
     assert sorted(rows) == every_row
     assert all(0.0 < row["final_acc"]["mean"] <= 1.0 for row in rows.values())
+    assert rows["static-fp16-b2x"]["setting"] == {"batch": 128, "lr_scale": 0.5}  # twice the batch, the LR held
+    assert rows["static-fp16-lr0.5"]["setting"] == {"batch": 64, "lr_scale": 0.5}
+    assert (
+        rows["heuristic-ramp"]["setting"] == rows["heuristic-ramp"]["static_setting"] == {"batch": 64, "lr_scale": 1.0}
+    )
 
 
 def test_the_device_visit_stages_name_only_rows_that_exist():
