@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
 ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
 
@@ -134,3 +136,15 @@ def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
     assert match(sgd, rows["heuristic-ramp-linear"], 2 * base) == 1.0
     assert match(sgd, rows["static-fp16"], 4 * base) == 1.0  # the default rule: nothing to match
     assert match(adamw, rows["heuristic-ramp"], 4 * adamw.base_batch_size) == 2.0  # AdamW's default: square root
+
+
+def test_adaptive_rows_start_at_the_tuned_lr_with_multiplier_one(tmp_path):
+    """The tuned LR goes into the task's base LR: the heuristic's ladder moves around it instead of climbing to x1."""
+    out = tmp_path / "tuned.json"
+    run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
+        "--warmup-epochs", "0", "--static", "128,0.5", "--rows", "static-bf16,heuristic",
+        "--out", str(out), "--plots", "", cwd=tmp_path)  # fmt: skip
+    runs = {r["controller"]: r for r in json.loads(out.read_text())["runs"]}
+    static, heuristic = runs["static-bf16"]["trace"][0], runs["heuristic"]["trace"][0]
+    assert static["lr_scale"] == heuristic["lr_scale"] == 1.0
+    assert heuristic["lr"] == pytest.approx(static["lr"], rel=1e-6)  # the same step of the same schedule
