@@ -227,11 +227,6 @@ def main(args: Args) -> list[dict[str, Any]]:
             """One run of ``row`` at the tuned static setting (the defaults bind this model's values)."""
             best_batch = best_batch * spec.get("batch_factor", 1)
             best_lr = best_lr * spec.get("lr_factor", 1.0) * _start_lr_match(task, spec, best_batch)
-            if "controller" in spec:
-                # The executor's rows start at LR multiplier 1 on a task whose base LR carries the tuned one, so an
-                # adaptive policy's LR ladder moves around the tuned LR: given a multiplier under 1, the heuristic reads
-                # it as one it lowered and climbs back to 1 (H200, 2026-12-02: from x0.5 to x1.0 within a run).
-                task, best_lr = replace(task, base_lr=task.base_lr * best_lr), 1.0
             if "plain" in spec:
                 return run_plain(
                     task,

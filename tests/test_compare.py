@@ -136,6 +136,21 @@ def test_static_rows_keep_their_batch_and_lr_scale():
     assert (result.lr_changes, result.batch_changes, result.precision_changes) == (0, 0, 0)
 
 
+def test_an_adaptive_rows_starting_lr_scale_is_its_neutral_rung():
+    """lr_scale=0.5 goes into the heuristic's base LR: the same LR as a static x0.5 row, but its ladder reads 1.0.
+
+    Given x0.5 as its multiplier, the heuristic took it for a rung it had lowered and climbed back to x1 while the
+    loss fell (H200, 2026-12-02).
+    """
+    config = ControllerConfig(interval_steps=2)
+    static = run_controller("synthetic", "bf16", 0, epochs=0.5, config=config, device="cpu", lr_scale=0.5)
+    adaptive = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", lr_scale=0.5)
+    first_static, first_adaptive = static.trace[0], adaptive.trace[0]
+    assert (first_static["lr_scale"], first_adaptive["lr_scale"]) == (0.5, 1.0)
+    assert first_adaptive["lr"] == pytest.approx(first_static["lr"], rel=1e-6)
+    assert max(row["lr_scale"] for row in adaptive.trace) <= 1.0  # never above the LR it was given
+
+
 @pytest.mark.parametrize("controller", ["fp32", "heuristic"])
 def test_evaluation_at_fixed_steps_is_independent_of_the_decision_interval(controller):
     """eval_every_steps=3 with decisions every 5 steps: evaluations at steps 3, 6, 9, ... and at the end."""

@@ -139,12 +139,12 @@ def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
 
 
 def test_adaptive_rows_start_at_the_tuned_lr_with_multiplier_one(tmp_path):
-    """The tuned LR goes into the task's base LR: the heuristic's ladder moves around it instead of climbing to x1."""
+    """An adaptive row's tuned multiplier goes into the base LR: its ladder moves around it, not up to x1."""
     out = tmp_path / "tuned.json"
     run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
         "--warmup-epochs", "0", "--static", "128,0.5", "--rows", "static-bf16,heuristic",
         "--out", str(out), "--plots", "", cwd=tmp_path)  # fmt: skip
     runs = {r["controller"]: r for r in json.loads(out.read_text())["runs"]}
     static, heuristic = runs["static-bf16"]["trace"][0], runs["heuristic"]["trace"][0]
-    assert static["lr_scale"] == heuristic["lr_scale"] == 1.0
+    assert (static["lr_scale"], heuristic["lr_scale"]) == (0.5, 1.0)  # the heuristic's x0.5 is in its base LR
     assert heuristic["lr"] == pytest.approx(static["lr"], rel=1e-6)  # the same step of the same schedule

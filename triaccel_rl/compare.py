@@ -124,7 +124,8 @@ def run_controller(
         log_dir: TensorBoard folder for this run (None: no logging).
         progress: a tqdm bar (in epochs) to advance as training proceeds.
         batch_size: starting batch size (the task's by default).
-        lr_scale: starting LR multiplier on the task's base LR (a static row keeps it).
+        lr_scale: starting LR multiplier on the task's base LR. A static row keeps it; for an adaptive policy it is
+            folded into the base LR and the run starts at multiplier 1, the neutral rung of the policy's LR ladder.
         channels_last: channels-last memory format for model and inputs.
         schedule: warm-up then linear decay of the LR over ``epochs`` (else a constant LR).
         max_time_s: stop early once the charged time passes this many seconds (a slow baseline that has
@@ -146,6 +147,12 @@ def run_controller(
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
     # collector runs: free them now, or this run's peak memory would include the previous run's.
     release_memory(resolve_device(device))
+    policy = _policy(controller, config)
+    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
+    if adaptive and lr_scale != 1.0:
+        # A policy's LR ladder is relative to where the run starts: the starting multiplier goes into the base LR,
+        # or the heuristic would read x0.5 as a rung it lowered and climb back to x1 (H200, 2026-12-02).
+        task, lr_scale = replace(task, base_lr=task.base_lr * lr_scale), 1.0
     run = TrainingRun(
         task,
         seed=seed,
@@ -161,8 +168,6 @@ def run_controller(
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
-    policy = _policy(controller, config)
-    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
     # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
     cheap = replace(config, signals=replace(config.signals, mode=SignalMode.CHEAP))
     loop = DecisionLoop(run, config if adaptive else cheap)
