@@ -225,8 +225,8 @@ def main(args: Args) -> list[dict[str, Any]]:
             common: dict[str, Any] = common,
         ) -> RunResult:
             """One run of ``row`` at the tuned static setting (the defaults bind this model's values)."""
-            best_batch = best_batch * spec.get("batch_factor", 1)
-            best_lr = best_lr * spec.get("lr_factor", 1.0) * _start_lr_match(task, spec, best_batch)
+            best_batch, best_lr = _row_setting(spec, best_batch, best_lr)
+            best_lr *= _start_lr_match(task, spec, best_batch)
             if "plain" in spec:
                 return run_plain(
                     task,
@@ -309,11 +309,8 @@ def main(args: Args) -> list[dict[str, Any]]:
                     "skipped_steps": summary["skipped_steps_mean"],
                     "oom_events": summary["oom_events_total"],
                     "static_setting": {"batch": best_batch, "lr_scale": best_lr},
-                    # The row's own starting setting: the controls scale the tuned one (batch_factor, lr_factor).
-                    "setting": {
-                        "batch": best_batch * spec.get("batch_factor", 1),
-                        "lr_scale": best_lr * spec.get("lr_factor", 1.0),
-                    },
+                    # The row's own starting setting, in the static rows' terms (the controls scale the tuned one).
+                    "setting": dict(zip(("batch", "lr_scale"), _row_setting(spec, best_batch, best_lr), strict=True)),
                     "target": task.target_metric,
                     **meta,
                 }
@@ -331,6 +328,11 @@ def main(args: Args) -> list[dict[str, Any]]:
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {out}")
     return table_rows
+
+
+def _row_setting(spec: dict[str, Any], batch_size: int, lr_scale: float) -> tuple[int, float]:
+    """A row's starting ``(batch, lr_scale)``: the tuned static setting scaled by its factors (the controls')."""
+    return batch_size * spec.get("batch_factor", 1), lr_scale * spec.get("lr_factor", 1.0)
 
 
 def _start_lr_match(task: Any, spec: dict[str, Any], batch_size: int) -> float:
