@@ -278,7 +278,8 @@ def main(args: Args) -> list[dict[str, Any]]:
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
                     f"overhead {100 * result.overhead_frac:.2f}%"
                     + "".join(f", {part} {100 * frac:.2f}%" for part, frac in result.overhead_parts.items())
-                    + "".join(f", trial {name} {ms:.2f}" for name, ms in result.speed_trial.items()),
+                    + "".join(f", trial {name} {ms:.2f}" for name, ms in result.speed_trial.items())
+                    + "".join(f", fallbacks on {name}: {n}" for name, n in result.fallback_features.items()),
                     flush=True,
                 )
         rows_run = args.rows.split(",")

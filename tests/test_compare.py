@@ -108,6 +108,18 @@ def test_fallbacks_of_a_learned_policy_are_counted():
     decisions = len(result.trace) - 1  # the first interval runs before any decision
     assert decisions > 0 and result.fallbacks == decisions
     assert summarize([result])[0]["fallbacks_total"] == decisions
+    assert sum(result.fallback_features.values()) == decisions  # each fallback names the feature that caused it
+    assert result.fallback_features == policy.fallback_features
+
+
+def test_observation_stats_name_the_feature_furthest_out():
+    from triaccel_rl.shield import ObservationStats
+
+    stats = ObservationStats((0.0, 0.0, 1.0), (1.0, 2.0, 1.0), 10)
+    assert stats.worst_feature(np.array([0.5, 1.0, 1.0])) == (0, 0.0)  # inside: distance 0
+    assert stats.worst_feature(np.array([1.5, -3.0, 1.0])) == (1, 1.5)  # 3 below a range of width 2
+    assert stats.worst_feature(np.array([0.5, 1.0, 3.5])) == (2, 2.5)  # a constant feature counts width 1
+    assert stats.distance(np.array([1.5, -3.0, 1.0])) == 1.5
 
 
 def test_time_cap_stops_a_run_early():

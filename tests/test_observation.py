@@ -84,6 +84,22 @@ def test_layout_exact_indices() -> None:
     assert layout.group(3, "is_fp16") == 42
 
 
+def test_layout_names_every_index() -> None:
+    layout = ObservationLayout(4)
+    assert layout.name(0) == "log_loss" and layout.name(10) == "log_curvature"
+    assert layout.name(layout.group(0, "rel_sensitivity")) == "group 0 rel_sensitivity"
+    assert layout.name(layout.group(3, "is_fp16")) == "group 3 is_fp16"
+    for index in range(layout.size):  # the inverse of globals() and group()
+        name = layout.name(index)
+        if name.startswith("group "):
+            _, g, feature = name.split()
+            assert layout.group(int(g), feature) == index
+        else:
+            assert layout.globals(name) == index
+    with pytest.raises(IndexError, match=r"feature 43 out of range \[0, 43\)"):
+        layout.name(43)
+
+
 @pytest.mark.parametrize("bad", [-1, 4])
 def test_layout_group_out_of_range(bad: int) -> None:
     with pytest.raises(IndexError, match=rf"group {bad} out of range \[0, 4\)"):

@@ -4,6 +4,7 @@ from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy
 
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig
+from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.rl import train_policy
 
 
@@ -63,6 +64,10 @@ def test_shipped_name_wraps_the_policy_with_an_ood_fallback(trained, caplog):
     np.testing.assert_array_equal(action, HeuristicPolicy().predict(far)[0])
     assert policy.fallbacks == 1
     assert "outside the policy's training data" in caplog.text
+    (feature,) = policy.fallback_features  # the log and the count name the feature furthest out
+    index, distance = stats.worst_feature(far)
+    assert feature == ObservationLayout(4).name(index) and distance > 1.0
+    assert f"feature {feature} = " in caplog.text
 
 
 def test_tensorboard_events_written(trained, tmp_path):

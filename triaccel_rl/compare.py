@@ -54,6 +54,8 @@ class RunResult:
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.
         fallbacks: decisions a learned policy handed to the heuristic (out-of-distribution observations).
+        fallback_features: those decisions by the feature furthest outside the policy's training range
+            (``ObservationLayout.name``), so a run shows what a model does that the training tasks did not.
         overhead_parts: ``overhead_frac`` by part (``triaccel_rl.loop.OVERHEAD_PARTS``, plus ``other``: the
             per-interval bookkeeping of the cheap signals).
         speed_trial: the measured ms a step of each 16-bit precision before the first decision and the
@@ -81,6 +83,7 @@ class RunResult:
     fallbacks: int = 0
     overhead_parts: dict[str, float] = field(default_factory=dict)
     speed_trial: dict[str, float] = field(default_factory=dict)
+    fallback_features: dict[str, int] = field(default_factory=dict)
 
 
 def run_controller(
@@ -309,6 +312,7 @@ def run_controller(
         fallbacks=int(getattr(policy, "fallbacks", 0)),
         overhead_parts=_overhead_parts(loop),
         speed_trial=speed_trial,
+        fallback_features=dict(getattr(policy, "fallback_features", {})),
     )
 
 

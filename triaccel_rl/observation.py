@@ -93,6 +93,20 @@ class ObservationLayout:
             raise IndexError(f"group {group} out of range [0, {self.n_groups})")
         return len(GLOBAL_FEATURES) + group * len(GROUP_FEATURES) + GROUP_FEATURES.index(name)
 
+    def name(self, index: int) -> str:
+        """The feature at ``index``: a global feature's name, or ``group <g> <name>``.
+
+        Example:
+            >>> ObservationLayout(n_groups=4).name(25)
+            'group 1 is_bf16'
+        """
+        if not (0 <= index < self.size):
+            raise IndexError(f"feature {index} out of range [0, {self.size})")
+        if index < len(GLOBAL_FEATURES):
+            return GLOBAL_FEATURES[index]
+        group, feature = divmod(index - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
+        return f"group {group} {GROUP_FEATURES[feature]}"
+
 
 class LayerGrouper:
     """Assigns controllable layers to ``n_groups`` sensitivity groups, with hysteresis.

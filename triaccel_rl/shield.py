@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from triaccel_rl.observation import GLOBAL_FEATURES, GROUP_FEATURES, ObservationLayout
 from triaccel_rl.types import Policy
 
 __all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard"]
@@ -225,13 +226,18 @@ class ObservationStats:
         0 inside the range; 1 means one full range width beyond its edge (on the worst feature). Features
         that never varied in training get a width of 1.
         """
+        return self.worst_feature(observation)[1]
+
+    def worst_feature(self, observation: np.ndarray) -> tuple[int, float]:
+        """The index of the feature furthest outside its training range, and its :meth:`distance`."""
         obs = np.asarray(observation, dtype=np.float64).reshape(-1)
         low, high = np.asarray(self.low), np.asarray(self.high)
         if obs.shape != low.shape:
             raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
         width = np.where(high - low > 1e-9, high - low, 1.0)
-        outside = np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)
-        return float(np.max(outside / width))
+        outside = (np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)) / width
+        worst = int(np.argmax(outside))
+        return worst, float(outside[worst])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the stats as JSON."""
@@ -274,6 +280,8 @@ class FallbackPolicy:
         self.stats = stats
         self.max_distance = max_distance
         self.fallbacks = 0
+        self.fallback_features: dict[str, int] = {}
+        """Fallbacks by the feature furthest outside its training range (names as ``ObservationLayout.name``)."""
         self.name = getattr(policy, "name", "learned")
         self.initial_precision = getattr(policy, "initial_precision", None)  # where the run starts (see make_policy)
 
@@ -289,15 +297,29 @@ class FallbackPolicy:
         if obs.ndim == 2:
             actions = [self.predict(row, state, episode_start, deterministic)[0] for row in obs]
             return np.stack(actions), state
-        distance = self.stats.distance(obs)
+        feature, distance = self.stats.worst_feature(obs)
         if distance > self.max_distance:
             self.fallbacks += 1
+            name = _feature_name(feature, obs.size)
+            self.fallback_features[name] = self.fallback_features.get(name, 0) + 1
             _log.warning(
-                "observation %.2f range widths outside the policy's training data (limit %.2f): "
-                "using the heuristic for this decision (fallback %d)",
+                "observation %.2f range widths outside the policy's training data (limit %.2f; feature %s = %.3g, "
+                "trained on [%.3g, %.3g]): using the heuristic for this decision (fallback %d)",
                 distance,
                 self.max_distance,
+                name,
+                float(obs.reshape(-1)[feature]),
+                self.stats.low[feature],
+                self.stats.high[feature],
                 self.fallbacks,
             )
             return self.fallback.predict(obs, state, episode_start, deterministic)
         return self.policy.predict(obs, state, episode_start, deterministic)
+
+
+def _feature_name(index: int, size: int) -> str:
+    """``ObservationLayout.name`` for an observation of ``size`` features (``feature <i>`` if no layout has it)."""
+    n_groups, rest = divmod(size - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
+    if n_groups < 1 or rest:
+        return f"feature {index}"
+    return ObservationLayout(n_groups).name(index)
