@@ -39,7 +39,7 @@ import torch
 
 from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
-from triaccel_rl.elastic import lr_gain
+from triaccel_rl.elastic import lr_gain, resolve_lr_rule
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
@@ -348,7 +348,7 @@ def _start_lr_match(task: Any, spec: dict[str, Any], batch_size: int) -> float:
     rule = config.elastic.lr_rule if config is not None else LRRule.AUTO
     if rule is LRRule.AUTO:
         return 1.0
-    default = LRRule.SQRT if task.optimizer == "adamw" else LRRule.LINEAR
+    default = resolve_lr_rule(LRRule.AUTO, task.optimizer)
     return lr_gain(default, batch_size, task.base_batch_size) / lr_gain(rule, batch_size, task.base_batch_size)
 
 

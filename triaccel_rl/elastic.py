@@ -73,11 +73,15 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
     raise ValueError(f"lr rule {rule} must be resolved first (resolve_lr_rule)")
 
 
-def resolve_lr_rule(rule: LRRule, optimizer: torch.optim.Optimizer) -> LRRule:
-    """``AUTO`` → ``SQRT`` for Adam-family optimizers (Adam, AdamW, Adamax, NAdam, RAdam...), else ``LINEAR``."""
+def resolve_lr_rule(rule: LRRule, optimizer: torch.optim.Optimizer | str) -> LRRule:
+    """``AUTO`` → ``SQRT`` for Adam-family optimizers (Adam, AdamW, Adamax, NAdam, RAdam...), else ``LINEAR``.
+
+    ``optimizer`` is the optimizer or its name (a task's ``"sgd"`` / ``"adamw"``).
+    """
     if rule is not LRRule.AUTO:
         return rule
-    return LRRule.SQRT if "adam" in type(optimizer).__name__.lower() else LRRule.LINEAR
+    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+    return LRRule.SQRT if "adam" in name.lower() else LRRule.LINEAR
 
 
 class BatchLRCoupler:

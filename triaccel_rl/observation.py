@@ -93,6 +93,17 @@ class ObservationLayout:
             raise IndexError(f"group {group} out of range [0, {self.n_groups})")
         return len(GLOBAL_FEATURES) + group * len(GROUP_FEATURES) + GROUP_FEATURES.index(name)
 
+    @classmethod
+    def for_size(cls, size: int) -> ObservationLayout | None:
+        """The layout whose observation has ``size`` features, or None when no number of groups gives it.
+
+        Example:
+            >>> ObservationLayout.for_size(43)
+            ObservationLayout(n_groups=4)
+        """
+        n_groups, rest = divmod(size - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
+        return cls(n_groups) if n_groups >= 1 and not rest else None
+
     def name(self, index: int) -> str:
         """The feature at ``index``: a global feature's name, or ``group <g> <name>``.
 

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from triaccel_rl.observation import GLOBAL_FEATURES, GROUP_FEATURES, ObservationLayout
+from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy
 
 __all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard"]
@@ -319,7 +319,5 @@ class FallbackPolicy:
 
 def _feature_name(index: int, size: int) -> str:
     """``ObservationLayout.name`` for an observation of ``size`` features (``feature <i>`` if no layout has it)."""
-    n_groups, rest = divmod(size - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
-    if n_groups < 1 or rest:
-        return f"feature {index}"
-    return ObservationLayout(n_groups).name(index)
+    layout = ObservationLayout.for_size(size)
+    return layout.name(index) if layout is not None else f"feature {index}"
