@@ -66,6 +66,8 @@ def make_policy(
         # Its first decision comes after one interval: until then it runs where the heuristic starts (bf16 by
         # default), not in fp32, so that the two are compared from the same start.
         learned.initial_precision = Precision.parse(config.heuristic.start_precision)
+        # On a GPU it runs its 16-bit groups in whichever format the heuristic's speed trial finds faster.
+        learned.speed_trial = config.heuristic.speed_trial
         stats_file = Path(spec).with_suffix(".obs.json")
         if not stats_file.is_file():
             return learned

@@ -61,7 +61,7 @@ from triaccel_rl.config import ControllerConfig
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Action, BatchMove, Precision
 
-__all__ = ["HEURISTIC_NAMES", "HEURISTIC_PARTS", "HeuristicPolicy"]
+__all__ = ["HEURISTIC_NAMES", "HEURISTIC_PARTS", "HeuristicPolicy", "fastest_16bit"]
 
 HEURISTIC_PARTS = ("precision", "lr", "batch")
 """The heuristic's rules, one per knob: per-group precision, the LR multiplier, the batch size."""
@@ -149,14 +149,7 @@ class HeuristicPolicy:
         Raises:
             ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.
         """
-        if not step_ms:
-            raise ValueError("step_ms is empty: time at least one 16-bit precision")
-        for precision, ms in step_ms.items():
-            if precision is Precision.FP32:
-                raise ValueError("step_ms names fp32; the trial chooses between 16-bit precisions")
-            if not (math.isfinite(ms) and ms > 0):
-                raise ValueError(f"step_ms[{precision.name.lower()}]={ms} must be positive and finite")
-        fastest = min(step_ms, key=lambda p: (step_ms[p], p is not self.low_precision))
+        fastest = fastest_16bit(step_ms, self.low_precision)
         self.low_precision = fastest
         if self.initial_precision is not Precision.FP32:
             self.initial_precision = fastest
@@ -260,3 +253,25 @@ def _name_of(variant: _Variant) -> str:
             return name
     spelled = "+".join(part for part in HEURISTIC_PARTS if part in variant.parts)
     return f"heuristic[{spelled}{', lr-factors' if variant.needs_lr_factors else ''}]"
+
+
+def fastest_16bit(step_ms: Mapping[Precision, float], current: Precision) -> Precision:
+    """The 16-bit precision with the shortest measured step; a tie keeps ``current``.
+
+    Example:
+        >>> fastest_16bit({Precision.BF16: 7.0, Precision.FP16: 5.8}, Precision.BF16).name
+        'FP16'
+        >>> fastest_16bit({Precision.BF16: 6.0, Precision.FP16: 6.0}, Precision.BF16).name
+        'BF16'
+
+    Raises:
+        ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.
+    """
+    if not step_ms:
+        raise ValueError("step_ms is empty: time at least one 16-bit precision")
+    for precision, ms in step_ms.items():
+        if precision is Precision.FP32:
+            raise ValueError("step_ms names fp32; the trial chooses between 16-bit precisions")
+        if not (math.isfinite(ms) and ms > 0):
+            raise ValueError(f"step_ms[{precision.name.lower()}]={ms} must be positive and finite")
+    return min(step_ms, key=lambda p: (step_ms[p], p is not current))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from triaccel_rl.policies.heuristic import fastest_16bit
 
+from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Precision
 
-__all__ = ["SUPPORTED_ALGORITHMS", "LearnedPolicy", "PolicyLoadError"]
+__all__ = ["SUPPORTED_ALGORITHMS", "LearnedPolicy", "PolicyLoadError", "policy_view"]
 
 SUPPORTED_ALGORITHMS = ("ppo", "a2c")
 
@@ -58,6 +61,12 @@ class LearnedPolicy:
         self.initial_precision: Precision | None = None
         """The precision every layer starts in, before the first decision (None: the model's own, fp32);
         ``make_policy`` sets the heuristic's start precision."""
+        self.speed_trial: bool | None = None
+        """Whether the driver times bf16 and fp16 before the first decision (None: where step time is measured
+        on a GPU), as ``HeuristicConfig.speed_trial``; ``make_policy`` copies the config's setting."""
+        self.low_precision: Precision | None = None
+        """The 16-bit format every 16-bit group runs in, after a speed trial (:meth:`choose_low_precision`);
+        None: no trial, the policy's own formats."""
         for label, expected, found in (
             ("observation", observation_space, self.model.observation_space),
             ("action", action_space, self.model.action_space),
@@ -71,6 +80,26 @@ class LearnedPolicy:
         self.action_space = self.model.action_space
         self.name = f"learned:{file.name}"
 
+    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+        """Whether the driver should time the 16-bit formats before the first decision (see :attr:`speed_trial`)."""
+        return measured_on_gpu if self.speed_trial is None else self.speed_trial
+
+    def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
+        """Runs every 16-bit group in the format with the shortest measured step from now on; returns it.
+
+        Which format is faster depends on the model and the GPU, which a policy trained on modelled cost cannot
+        know. After the trial the policy chooses which groups run in 16 bits and the trial chooses the format:
+        the policy's bf16 and fp16 both run in it, and its observation shows 16-bit groups as bf16, the format
+        it learned in (:func:`policy_view`). The start precision follows when it is 16-bit. A tie keeps bf16.
+
+        Raises:
+            ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.
+        """
+        self.low_precision = fastest_16bit(step_ms, self.low_precision or Precision.BF16)
+        if self.initial_precision is not None and self.initial_precision is not Precision.FP32:
+            self.initial_precision = self.low_precision
+        return self.low_precision
+
     def predict(
         self,
         observation: np.ndarray,
@@ -78,8 +107,36 @@ class LearnedPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """Delegates to the SB3 model's ``predict``."""
-        return self.model.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)
+        """The SB3 model's ``predict``; after a speed trial, through :func:`policy_view` and the trial's format."""
+        size = int(np.shape(observation)[-1])
+        layout = None if self.low_precision is None else ObservationLayout.for_size(size)
+        view = observation if layout is None else policy_view(observation, layout)
+        action, state = self.model.predict(view, state=state, episode_start=episode_start, deterministic=deterministic)
+        if layout is None or self.low_precision is None:  # no trial, or not a Tri-Accel observation
+            return action, state
+        action = np.array(action, copy=True)
+        precisions = action[..., : layout.n_groups]
+        precisions[precisions != int(Precision.FP32)] = int(self.low_precision)
+        return action, state
+
+
+def policy_view(observation: np.ndarray, layout: ObservationLayout) -> np.ndarray:
+    """``observation`` with every group's fp16 share moved to bf16: a run in fp16 as a policy trained in bf16 sees it.
+
+    Example:
+        >>> layout = ObservationLayout(n_groups=1)
+        >>> obs = np.zeros(layout.size, dtype=np.float32)
+        >>> obs[layout.group(0, "is_fp16")] = 1.0
+        >>> view = policy_view(obs, layout)
+        >>> float(view[layout.group(0, "is_bf16")]), float(view[layout.group(0, "is_fp16")])
+        (1.0, 0.0)
+    """
+    view = np.array(observation, copy=True)
+    for group in range(layout.n_groups):
+        bf16, fp16 = layout.group(group, "is_bf16"), layout.group(group, "is_fp16")
+        view[..., bf16] += view[..., fp16]
+        view[..., fp16] = 0.0
+    return view
 
 
 def _load(file: Path, algorithm: str, device: str) -> Any:

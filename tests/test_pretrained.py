@@ -13,14 +13,16 @@ import torch
 import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
 from torch import nn
 from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy, pretrained_policy_path
+from triaccel_rl.policies.learned import policy_view
 
 from triaccel_rl.actions import action_space
-from triaccel_rl.config import ConfigError, ControllerConfig
+from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
 from triaccel_rl.shield import FallbackPolicy
 from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
+from triaccel_rl.types import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = ControllerConfig()
@@ -80,6 +82,90 @@ def test_controller_takes_pretrained_by_name():
         ctl.step(loss)
     ctl.close()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _RecordingModel:
+    """Stands in for the SB3 model: records what it is shown and answers a fixed action."""
+
+    def __init__(self, action):
+        self.action = np.asarray(action)
+        self.seen = []
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        self.seen.append(np.array(observation, copy=True))
+        return self.action.copy(), state
+
+
+def test_policy_view_shows_fp16_groups_as_bf16():
+    layout = ObservationLayout(n_groups=3)
+    obs = np.full(layout.size, 0.25, dtype=np.float32)
+    for group, (fp32, bf16, fp16) in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1)]):
+        for name, value in (("is_fp32", fp32), ("is_bf16", bf16), ("is_fp16", fp16)):
+            obs[layout.group(group, name)] = value
+    view = policy_view(obs, layout)
+    one_hot = [[float(view[layout.group(g, n)]) for n in ("is_fp32", "is_bf16", "is_fp16")] for g in range(3)]
+    assert one_hot == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    others = [i for i in range(layout.size) if not layout.name(i).endswith(("is_bf16", "is_fp16"))]
+    assert np.array_equal(view[others], obs[others])  # nothing else moves
+    assert obs[layout.group(2, "is_fp16")] == 1.0  # the caller's observation is left alone
+
+
+def test_learned_policy_runs_its_16_bit_groups_in_the_format_the_speed_trial_found_faster():
+    learned = LearnedPolicy(pretrained_policy_path(), OBSERVATION_SPACE, ACTION_SPACE)
+    assert [learned.wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]  # as the heuristic
+    learned.speed_trial = False
+    assert [learned.wants_speed_trial(gpu) for gpu in (True, False)] == [False, False]
+    layout = ObservationLayout(CONFIG.n_groups)
+    obs = np.zeros(layout.size, dtype=np.float32)
+    for group in range(layout.n_groups):
+        obs[layout.group(group, "is_fp16")] = 1.0  # every group already runs in fp16
+    learned.model = _RecordingModel([0, 1, 2, 1, 2, 1])  # fp32, bf16, fp16, bf16; LR index 2; keep the batch
+    action, _ = learned.predict(obs, deterministic=True)
+    assert action.tolist() == [0, 1, 2, 1, 2, 1] and np.array_equal(learned.model.seen[-1], obs)  # no trial: as is
+
+    learned.initial_precision = Precision.BF16
+    assert learned.choose_low_precision({Precision.BF16: 7.0, Precision.FP16: 5.8}) is Precision.FP16
+    assert learned.initial_precision is Precision.FP16  # a 16-bit start follows
+    action, _ = learned.predict(obs, deterministic=True)
+    assert action.tolist() == [0, 2, 2, 2, 2, 1]  # 16-bit groups run as fp16; the LR and batch entries untouched
+    assert np.array_equal(learned.model.seen[-1], policy_view(obs, layout))  # it saw the groups as bf16
+    assert learned.choose_low_precision({Precision.BF16: 5.0, Precision.FP16: 5.8}) is Precision.BF16
+    action, _ = learned.predict(obs, deterministic=True)
+    assert action.tolist() == [0, 1, 1, 1, 2, 1]  # and as bf16 where the trial found bf16 faster
+
+    fp32_start = LearnedPolicy(pretrained_policy_path(), OBSERVATION_SPACE, ACTION_SPACE)
+    fp32_start.choose_low_precision({Precision.BF16: 7.0, Precision.FP16: 5.8})
+    assert fp32_start.initial_precision is None  # no start precision set: the model's own (fp32) stays
+    with pytest.raises(ValueError, match="step_ms names fp32"):
+        fp32_start.choose_low_precision({Precision.FP32: 1.0})
+
+
+def test_pretrained_gives_the_speed_trial_to_the_policy_and_its_fallback():
+    policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    assert isinstance(policy, FallbackPolicy) and policy.initial_precision is Precision.BF16
+    assert [policy.wants_speed_trial(gpu) for gpu in (True, False)] == [True, False]
+    assert policy.choose_low_precision({Precision.BF16: 7.0, Precision.FP16: 5.8}) is Precision.FP16
+    assert policy.policy.low_precision is Precision.FP16 and policy.fallback.low_precision is Precision.FP16
+    assert policy.initial_precision is Precision.FP16
+    off = ControllerConfig(heuristic=HeuristicConfig(speed_trial=False))
+    assert not make_policy("pretrained", off, OBSERVATION_SPACE, ACTION_SPACE).wants_speed_trial(True)
+
+
+def test_a_speed_trial_runs_for_the_pretrained_policy_and_its_run_continues_in_the_faster_format():
+    from triaccel_rl.compare import run_controller
+
+    config = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
+    result = run_controller("synthetic", "pretrained", 0, epochs=0.5, config=config, device="cpu", cost_mode="measured")
+    trial = result.speed_trial
+    assert set(trial) == {"bf16", "fp16", "chosen"} and trial["bf16"] > 0 and trial["fp16"] > 0
+    faster = Precision.BF16 if trial["bf16"] <= trial["fp16"] else Precision.FP16
+    assert trial["chosen"] == float(faster)
+    first = result.trace[0]["precisions"]  # the first snapshot: after the trial, before any decision
+    controllable = [p for p in first if p != 0]
+    assert controllable and set(controllable) == {int(faster)}
+    # Every later 16-bit group runs in the chosen format, whichever 16-bit format the policy (or its fallback) names.
+    other = Precision.FP16 if faster is Precision.BF16 else Precision.BF16
+    assert all(int(other) not in point["precisions"] for point in result.trace)
 
 
 def test_model_card_names_the_training_tasks_and_the_command():

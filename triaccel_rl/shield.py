@@ -15,7 +15,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from triaccel_rl.observation import ObservationLayout
-from triaccel_rl.types import Policy
+from triaccel_rl.types import Policy, Precision
 
 __all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard"]
 
@@ -283,7 +283,24 @@ class FallbackPolicy:
         self.fallback_features: dict[str, int] = {}
         """Fallbacks by the feature furthest outside its training range (names as ``ObservationLayout.name``)."""
         self.name = getattr(policy, "name", "learned")
-        self.initial_precision = getattr(policy, "initial_precision", None)  # where the run starts (see make_policy)
+
+    @property
+    def initial_precision(self) -> Precision | None:
+        """Where the run starts: the learned policy's start precision (see ``make_policy``)."""
+        return getattr(self.policy, "initial_precision", None)
+
+    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+        """The learned policy's answer (False where it has none)."""
+        wants = getattr(self.policy, "wants_speed_trial", None)
+        return bool(wants(measured_on_gpu)) if wants is not None else False
+
+    def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
+        """Gives the speed trial's times to the learned policy and to the fallback, so both lower to one format."""
+        chosen: Precision = self.policy.choose_low_precision(step_ms)  # type: ignore[attr-defined]
+        choose = getattr(self.fallback, "choose_low_precision", None)
+        if choose is not None:
+            choose(step_ms)
+        return chosen
 
     def predict(
         self,
