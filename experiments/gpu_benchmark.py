@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -391,30 +391,25 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
 
 
 def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> None:
-    """Plots merged runs per model (``folder/<model>``) and each job's alone (``folder/<model>/jobs/<job>``).
+    """Plots each job's runs alone, per model: ``folder/<model>/jobs/<job>``.
 
-    In the merged plots a controller that ran in several jobs is labelled with its job; only rows of one job ran
-    side by side on one machine, so the per-job plots are the ones to compare rows in.
+    Only rows of one job ran side by side on one machine, so rows are compared within a job; a plot of every job's
+    rows together (77 rows on 2026-12-02) compared runs that did not share the machine and could not be read.
     """
     from triaccel_rl.plots import plot_comparison
 
     field_names = {f.name for f in fields(RunResult)}
     for model in dict.fromkeys(row["model"] for row in rows):
-        controllers = {row["controller"] for row in rows if row["model"] == model}
-        jobs = {row["job"] for row in rows if row["model"] == model}
-        model_runs = [r for r in runs if r["job"] in jobs and r["controller"] in controllers]
-        repeated = {c for c in controllers if len({r["job"] for r in model_runs if r["controller"] == c}) > 1}
-        parsed = [(run["job"], RunResult(**{k: v for k, v in run.items() if k in field_names})) for run in model_runs]
-        merged = [
-            replace(result, controller=f"{result.controller} [{job}]") if result.controller in repeated else result
-            for job, result in parsed
-        ]
         target = next(row["target"] for row in rows if row["model"] == model)
-        plot_comparison(merged, folder / model, target=target)
-        for job in sorted(jobs):
-            job_results = [result for run_job, result in parsed if run_job == job]
-            if job_results:
-                plot_comparison(job_results, folder / model / "jobs" / job, target=target)
+        for job in sorted({row["job"] for row in rows if row["model"] == model}):
+            controllers = {row["controller"] for row in rows if row["model"] == model and row["job"] == job}
+            results = [
+                RunResult(**{k: v for k, v in run.items() if k in field_names})
+                for run in runs
+                if run["job"] == job and run["controller"] in controllers
+            ]
+            if results:
+                plot_comparison(results, folder / model / "jobs" / job, target=target)
 
 
 def parse(argv: list[str] | None = None) -> Args:

@@ -48,10 +48,17 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     run(*common, "--rows", "static-fp16", "--static", "64,1.0", "--out", str(second), "--plots", "", cwd=tmp_path)
     assert json.loads(second.read_text())["grid"] == []  # --static skips the grid
     merged = tmp_path / "merged.json"
-    run("--merge", f"{out},{second}", "--out", str(merged), cwd=tmp_path)
+    merged_plots = tmp_path / "merged_plots"
+    run("--merge", f"{out},{second}", "--out", str(merged), "--plots", str(merged_plots), cwd=tmp_path)
     merged_rows = json.loads(merged.read_text())["rows"]
     assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], "static-fp16"]
     assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"]
+    # One folder of plots per job (only a job's rows shared the machine); none mixing jobs.
+    assert sorted(p.name for p in (merged_plots / "synthetic").iterdir()) == ["jobs"]
+    for job, controllers in (("bench", set(rows)), ("second", {"static-fp16"})):
+        folder = merged_plots / "synthetic" / "jobs" / job
+        assert (folder / "metric_vs_time.png").stat().st_size > 1000
+        assert {p.stem.removeprefix("precision_map_") for p in folder.glob("precision_map_*.png")} == controllers
 
 
 def test_fp32_row_turns_tf32_off_and_restores_it():
