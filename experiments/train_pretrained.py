@@ -225,6 +225,14 @@ Learned vs heuristic vs static baselines (time to target, final accuracy, peak m
 Trained briefly on 2 contended CPU cores: a small budget of environment steps, so expect it to be
 close to what PPO's first updates learn, not a converged policy. Time is modelled GPU time from the
 H200 profile, not measured. Retrain with the command above and a larger `--timesteps` for a better one.
+
+On a GPU the policy chooses which groups run in 16 bits and a speed trial of real steps chooses the
+16-bit format (`LearnedPolicy.choose_low_precision`). On the H200 (BENCHMARKS.md, issue 7; measured for the
+policy shipped on 2026-12-02, to be re-measured after a retrain) it reached
+ResNet-18's target level with the heuristic (5.12 s against 5.15 s), there mostly through its fallback:
+that model's curvature lies below every training task's, so 3 of its 4 decisions a run went to the
+heuristic. On EfficientNet-B0 its first decision moved two groups to fp32 and raised the LR, 1.23× the
+heuristic's time.
 """
 
 
