@@ -211,6 +211,28 @@ def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplo
     assert len(ctl.decisions) == 1  # the first decision came at the first interval end after the trial
 
 
+def test_the_pretrained_policy_gets_the_speed_trial_in_a_users_loop():
+    from triaccel_rl.config import HeuristicConfig
+
+    model, opt = model_and_optimizer()
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
+    ctl = Controller(model, opt, policy="pretrained", config=config)
+    batches = ctl.loader(data(), batch_size=16, epochs=2)
+    seen = []
+    for _ in range(11):
+        x, y = next(batches)
+        seen.append(ctl.precisions[0])
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+    assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
+    faster = Precision(int(ctl.speed_trial["chosen"]))
+    assert seen[10] == faster  # the policy's start precision followed the trial
+    assert ctl.policy.policy.low_precision is faster and ctl.policy.fallback.low_precision is faster
+    assert len(ctl.decisions) == 1  # at the first interval end after the trial
+    assert set(ctl.precisions) <= {Precision.FP32, faster}  # its 16-bit groups run in the trial's format
+
+
 def test_no_speed_trial_in_a_users_loop_where_time_is_not_measured_on_a_gpu():
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy="heuristic", config=ControllerConfig(interval_steps=4))  # CPU: no trial
