@@ -69,6 +69,11 @@ for stage in "$@"; do
     # The ramp from the widened grid's best static setting (batch 512, the LR held), beside that row (~2.5 min).
     ramp512-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.5 \
            --rows static-fp16,heuristic-ramp --out "$OUT/ramp512_resnet.json" --plots "" 2>&1 | tail -12 ;;
+    # The learned policy (with its speed trial since 0f99439) beside the heuristic and the best static row (~6 min both).
+    learned-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.1 \
+           --rows static-fp16,heuristic,learned --out "$OUT/learned_resnet.json" 2>&1 | tail -30 ;;
+    learned-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 512,0.5,7.9 \
+           --rows static-fp16,heuristic,learned --out "$OUT/learned_effnet.json" 2>&1 | tail -30 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done
