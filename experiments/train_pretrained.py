@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.rl import ActionSpread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,8 @@ def main(args: Args) -> dict[str, Any]:
     run_dir = Path(args.run_dir)
     if args.card_only:
         facts = json.loads((run_dir / "training.json").read_text())
-        (Path(args.ship_dir) / "MODEL_CARD.md").write_text(model_card(facts))
+        ship = Path(args.ship_dir)
+        (ship / "MODEL_CARD.md").write_text(model_card(facts, _spread(ship / "policy.zip")))
         return facts
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -138,13 +140,46 @@ def main(args: Args) -> dict[str, Any]:
         ship.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(zip_path, ship / "policy.zip")
         shutil.copyfile(obs_stats_path(zip_path), ship / "policy.obs.json")
-        (ship / "MODEL_CARD.md").write_text(model_card(facts))
+        (ship / "MODEL_CARD.md").write_text(model_card(facts, _spread(ship / "policy.zip")))
         print(f"shipped: {ship / 'policy.zip'} ({(ship / 'policy.zip').stat().st_size / 1e3:.0f} kB), MODEL_CARD.md")
     return facts
 
 
-def model_card(facts: dict[str, Any]) -> str:
-    """The Markdown model card for the shipped policy."""
+def _spread(policy_zip: Path) -> ActionSpread:
+    """How much the policy's action depends on its input (``triaccel_rl.rl.action_spread``)."""
+    from triaccel_rl.policies import LearnedPolicy
+
+    from triaccel_rl.rl import action_spread, obs_stats_path
+    from triaccel_rl.shield import ObservationStats
+
+    return action_spread(LearnedPolicy(policy_zip), ObservationStats.load(obs_stats_path(policy_zip)))
+
+
+def _spread_section(spread: ActionSpread | None) -> str:
+    if spread is None:
+        return ""
+    mode = f"`{list(spread.mode)}`"
+    text = (
+        f"Its deterministic actions on {spread.samples} observations drawn uniformly in its training range "
+        f"(`triaccel_rl.rl.action_spread`): {spread.distinct} distinct; the most frequent, {mode}, on "
+        f"{100 * spread.mode_share:.0f}% of them."
+    )
+    if spread.distinct == 1:
+        from triaccel_rl.actions import decode
+        from triaccel_rl.config import ControllerConfig
+
+        action = decode(np.asarray(spread.mode), ControllerConfig())
+        groups = ", ".join(p.name.lower() for p in action.group_precisions)
+        text += (
+            f" **The policy is a constant:** it takes that action whatever it observes (groups, most sensitive "
+            f"first: {groups}; LR ×{action.lr_scale:g}; batch: {action.batch_move.name.lower()}), so what it gains "
+            "over the heuristic comes from that action, not from reading the run."
+        )
+    return f"\n## Does it read its input?\n\n{text}\n"
+
+
+def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
+    """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
     settings = facts["args"]
     evals = facts["evaluations"]
     eval_rows = "\n".join(f"| {e['timesteps']} | {e['mean_reward']:.2f} ± {e['std_reward']:.2f} |" for e in evals)
@@ -219,7 +254,7 @@ Learned vs heuristic vs static baselines (time to target, final accuracy, peak m
 `python experiments/transfer.py` to `experiments/results/transfer.json`):
 
 {_transfer_section()}
-{provenance}
+{provenance}{_spread_section(spread)}
 ## Limits
 
 Trained briefly on 2 contended CPU cores: a small budget of environment steps, so expect it to be

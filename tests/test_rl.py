@@ -197,3 +197,69 @@ def test_learned_policy_starts_where_the_heuristic_starts(trained):
     config = ControllerConfig(interval_steps=4)
     result = run_controller("synthetic", str(trained), 0, epochs=0.2, config=config, device="cpu")
     assert set(result.trace[0]["precisions"]) == {int(Precision.BF16)}
+
+
+class _Stub:
+    """A policy whose action is a function of the observation."""
+
+    def __init__(self, act):
+        self.act = act
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=False):
+        return np.stack([self.act(row) for row in obs]), state
+
+
+def _stats(n_groups=4):
+    from triaccel_rl.shield import ObservationStats
+
+    size = ObservationLayout(n_groups).size
+    return ObservationStats(tuple([-1.0] * size), tuple([1.0] * size), 10)
+
+
+def test_action_spread_tells_a_constant_policy_from_one_that_reads_its_input():
+    from triaccel_rl.rl import action_spread
+
+    constant = action_spread(_Stub(lambda row: np.array([0, 1, 1, 1, 4, 1])), _stats(), samples=500)
+    assert (constant.distinct, constant.mode, constant.mode_share) == (1, (0, 1, 1, 1, 4, 1), 1.0)
+    assert constant.entry_mode_share == (1.0,) * 6
+
+    layout = ObservationLayout(4)
+    one_hot = [layout.group(0, name) for name in ("is_fp32", "is_bf16", "is_fp16")]
+
+    def follows_group_0(row):  # keeps group 0 where it is; raises the LR when the loss feature is positive
+        return np.array([int(np.argmax(row[one_hot])), 1, 1, 1, 3 if row[layout.globals("log_loss")] > 0 else 2, 1])
+
+    spread = action_spread(_Stub(follows_group_0), _stats(), samples=3000)
+    assert spread.distinct == 6  # 3 precisions x 2 LR rungs: the one-hots are valid and drawn uniformly
+    assert 1 / 6 <= spread.mode_share < 0.2
+    assert spread.entry_mode_share[1:4] == (1.0, 1.0, 1.0) and spread.entry_mode_share[5] == 1.0
+    assert 0.3 < spread.entry_mode_share[0] < 0.37 and 0.45 < spread.entry_mode_share[4] < 0.55
+
+
+def test_action_spread_rejects_bad_input():
+    from triaccel_rl.rl import action_spread
+    from triaccel_rl.shield import ObservationStats
+
+    stub = _Stub(lambda row: np.zeros(6, dtype=np.int64))
+    with pytest.raises(ValueError, match="samples=0 must be >= 1"):
+        action_spread(stub, _stats(), samples=0)
+    with pytest.raises(ValueError, match="observation stats have 5 features"):
+        action_spread(stub, ObservationStats((0.0,) * 5, (1.0,) * 5, 1))
+
+
+def test_training_warns_when_the_policy_it_trained_is_a_constant(tmp_path, monkeypatch, caplog):
+    import triaccel_rl.rl as rl
+
+    seen = []
+
+    def constant(policy, stats, samples=2048, seed=0):
+        seen.append(len(stats.low))
+        return rl.ActionSpread(samples, 1, (0, 1, 1, 1, 4, 1), 1.0, (1.0,) * 6)
+
+    monkeypatch.setattr(rl, "action_spread", constant)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], total_timesteps=16, n_envs=1, vec="dummy", max_decisions=4, interval_steps=2,
+                     n_steps=16, batch_size=8, seed=0, out=tmp_path / "policy.zip")  # fmt: skip
+    assert seen == [ObservationLayout(ControllerConfig().n_groups).size]  # run on the saved stats
+    assert "takes the same action [0, 1, 1, 1, 4, 1] on all 2048 observations" in caplog.text
+    assert "learned a constant" in caplog.text

@@ -8,8 +8,11 @@ checkpoints, TensorBoard curves and, with held-out tasks, periodic evaluations o
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,22 @@ import gymnasium as gym
 import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
+from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
-__all__ = ["LrOracleTeacher", "TaskCycleEnv", "imitate", "make_env_fns", "obs_stats_path", "train_policy"]
+__all__ = [
+    "ActionSpread",
+    "LrOracleTeacher",
+    "TaskCycleEnv",
+    "action_spread",
+    "imitate",
+    "make_env_fns",
+    "obs_stats_path",
+    "train_policy",
+]
+
+_log = logging.getLogger("triaccel_rl")
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -170,6 +185,58 @@ class LrOracleTeacher:
         for row, factor in enumerate(self.venv.get_attr("base_lr_factor")):
             action[row, self.lr_index] = self.rung_for(float(factor))
         return action, state
+
+
+@dataclass(frozen=True)
+class ActionSpread:
+    """How much a policy's deterministic action depends on its observation (see :func:`action_spread`)."""
+
+    samples: int
+    """Observations drawn."""
+    distinct: int
+    """Distinct actions among them (1: the policy ignores its input)."""
+    mode: tuple[int, ...]
+    """The most frequent action."""
+    mode_share: float
+    """Its share of the samples."""
+    entry_mode_share: tuple[float, ...]
+    """Per action entry, the share of samples whose entry equals the mode's."""
+
+
+def action_spread(policy: Any, stats: ObservationStats, samples: int = 2048, seed: int = 0) -> ActionSpread:
+    """The deterministic actions of ``policy`` on observations drawn uniformly in its training range.
+
+    Each feature is drawn in ``[stats.low, stats.high]``; each group's precision one-hot is a valid one-hot,
+    drawn uniformly. A policy whose action never changes (``distinct == 1``) has learned a constant, whatever
+    its training curves say.
+
+    Raises:
+        ValueError: ``samples < 1``, or stats whose size is not an observation's.
+    """
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be >= 1")
+    low, high = np.asarray(stats.low, dtype=np.float64), np.asarray(stats.high, dtype=np.float64)
+    layout = ObservationLayout.for_size(low.size)
+    if layout is None:
+        raise ValueError(f"observation stats have {low.size} features: no observation layout has that many")
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(low, np.maximum(high, low), size=(samples, low.size))
+    names = ("is_fp32", "is_bf16", "is_fp16")
+    for group in range(layout.n_groups):
+        chosen = rng.integers(len(names), size=samples)
+        for k, name in enumerate(names):
+            obs[:, layout.group(group, name)] = chosen == k
+    actions, _ = policy.predict(obs.astype(np.float32), deterministic=True)
+    actions = np.asarray(actions).reshape(samples, -1)
+    counts = Counter(map(tuple, actions.tolist()))
+    mode, n = counts.most_common(1)[0]
+    return ActionSpread(
+        samples=samples,
+        distinct=len(counts),
+        mode=tuple(int(v) for v in mode),
+        mode_share=n / samples,
+        entry_mode_share=tuple(float(v) for v in (actions == np.asarray(mode)).mean(axis=0)),
+    )
 
 
 def imitate(
@@ -383,9 +450,16 @@ def train_policy(
         )
         model.save(path)
         if recorder.low is not None and recorder.high is not None:
-            ObservationStats(tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count).save(
-                obs_stats_path(path)
-            )
+            stats = ObservationStats(tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count)
+            stats.save(obs_stats_path(path))
+            spread = action_spread(model, stats)
+            if spread.distinct == 1:
+                _log.warning(
+                    "the trained policy takes the same action %s on all %d observations drawn in its training range: "
+                    "it has learned a constant (train longer, or check the warm start)",
+                    list(spread.mode),
+                    spread.samples,
+                )
     finally:
         venv.close()
         if eval_env is not None:
