@@ -69,6 +69,8 @@ class Args:
     ``lr_range``: its LR choice undoes the episode's draw); '' for PPO from scratch."""
     warm_start_steps: int = 512
     """Teacher decisions imitated by ``--warm-start`` (not counted in ``--timesteps``)."""
+    warm_start_epochs: int = 200
+    """Passes of the imitation over those decisions (``triaccel_rl.rl.imitate``)."""
     run_dir: str = "runs/pretrained"
     """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
     ship_dir: str = "triaccel_rl/pretrained"
@@ -125,6 +127,7 @@ def main(args: Args) -> dict[str, Any]:
             torch_threads=args.torch_threads,
             warm_start=args.warm_start or None,
             warm_start_steps=args.warm_start_steps,
+            warm_start_epochs=args.warm_start_epochs,
             compute_bound=args.compute_bound,
             lr_range=_lr_range(args),
         )

@@ -140,6 +140,39 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     assert 0.0 <= record["agreement"] <= 1.0
 
 
+class _ProgressTeacher:
+    """Reads its input: LR x1.5 in the first half of the budget, x1 after (the observation's ``progress``)."""
+
+    progress = ObservationLayout(ControllerConfig().n_groups).globals("progress")
+
+    def __init__(self):
+        self.given = []
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        lr = np.where(np.asarray(observation)[:, self.progress] < 0.5, 4, 2)
+        self.given += lr.tolist()
+        return np.stack([np.array([1, 1, 1, 1, rung, 1]) for rung in lr]), state
+
+
+def test_imitate_fits_a_teacher_that_reads_its_input():
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import imitate, make_env_fns
+
+    fns = make_env_fns(["synthetic"], 1, None, 2, reward_config=RewardConfig(budget_intervals=6))
+    venv = DummyVecEnv(fns)
+    venv.seed(0)
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=16, seed=0, device="cpu")
+    teacher = _ProgressTeacher()
+    fit = imitate(model, venv, teacher, n_steps=48, epochs=1500, batch_size=48)  # updates: as 200 passes of 1024
+    venv.close()
+    majority = max(teacher.given.count(4), teacher.given.count(2)) / len(teacher.given)
+    assert majority <= 0.8  # the teacher's actions are mixed: a constant cannot score what follows
+    assert fit["agreement"] >= 0.95
+
+
 class _FakeVenv:
     """Two environments whose episodes had their LR multiplied by the given factors."""
 
