@@ -181,13 +181,23 @@ def _spread_section(spread: ActionSpread | None) -> str:
     return f"\n## Does it read its input?\n\n{text}\n"
 
 
+def _command(facts: dict[str, Any]) -> str:
+    """The recorded command; a warm-started run from before ``--warm-start-epochs`` existed ran 20 passes."""
+    command = f"`{facts['command']}`"
+    if facts.get("warm_start") and "warm_start_epochs" not in facts["args"]:
+        command += (
+            " (recorded when the imitation's 20 passes were fixed; to reproduce it today add `--warm-start-epochs 20`)"
+        )
+    return command
+
+
 def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
     """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
     settings = facts["args"]
     evals = facts["evaluations"]
     eval_rows = "\n".join(f"| {e['timesteps']} | {e['mean_reward']:.2f} ± {e['std_reward']:.2f} |" for e in evals)
     rows = [
-        ("command", f"`{facts['command']}`"),
+        ("command", _command(facts)),
         ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
                       "other SB3 defaults"),
         ("training tasks", ", ".join(f"`{t}`" for t in facts["training_tasks"])
