@@ -1,0 +1,102 @@
+"""Which LR multiplier does the training environment's own reward favour, task by task?
+
+    python experiments/lr_budget_probe.py                                   # the training tasks
+    python experiments/lr_budget_probe.py --tasks dwcnn-fmnist,transformer-seq,deep-mlp-synthetic
+
+Each episode is ``TriAccel-v0`` as ``experiments/train_pretrained.py`` trains on it (10 optimizer steps a
+decision, a budget of 16 reference intervals, cost mode ``profile``: modelled H200 time) with every group in bf16,
+the batch kept and the task's LR multiplied by ``m`` from the first step (the environment's ``lr_range=(m, m)``,
+so the shield's per-decision LR clamp does not apply). The return is the progress made within the budget, the
+quantity PPO maximises. A teacher that picks the LR by this return teaches what these numbers show.
+Writes a JSON with the mean and standard deviation of the return per task and multiplier.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from triaccel_rl.experiment import git_commit, parse_args
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    tasks: str = "synthetic,mlp-fmnist,cnn-fmnist"
+    multipliers: str = "0.75,1,1.5,2,3"
+    """LR multipliers of the task's own LR."""
+    seeds: int = 3
+    """Episodes (seeds 0..N-1) per task and multiplier."""
+    budget_intervals: float = 16.0
+    """The episode's time budget (``RewardConfig.budget_intervals``), as the shipped policy's training."""
+    interval_steps: int = 10
+    out: str = "experiments/results/lr_budget_probe.json"
+
+
+def episode_return(task: str, multiplier: float, seed: int, args: Args) -> float:
+    """The return of one episode in bf16 with the LR held at ``multiplier`` × the task's."""
+    import gymnasium as gym
+    import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+
+    from triaccel_rl.actions import encode
+    from triaccel_rl.config import ControllerConfig, RewardConfig
+    from triaccel_rl.types import Action, BatchMove, Precision
+
+    config = ControllerConfig(interval_steps=args.interval_steps)
+    action = encode(Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.KEEP), config)
+    env = gym.make(
+        "TriAccel-v0",
+        task=task,
+        config=config,
+        reward_config=RewardConfig(budget_intervals=args.budget_intervals),
+        lr_range=(multiplier, multiplier),
+        compute_bound=False,
+        max_decisions=64,
+    )
+    try:
+        env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+    finally:
+        env.close()
+    return total
+
+
+def main(args: Args) -> dict[str, object]:
+    """Runs every task × multiplier × seed; prints a table and writes ``args.out``."""
+    multipliers = [float(m) for m in args.multipliers.split(",")]
+    if not multipliers or any(m <= 0 for m in multipliers):
+        raise SystemExit(f"--multipliers={args.multipliers!r} must be positive numbers, comma-separated")
+    start = time.perf_counter()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for task in args.tasks.split(","):
+        returns = {m: [episode_return(task, m, seed, args) for seed in range(args.seeds)] for m in multipliers}
+        results[task] = {f"{m:g}": {"mean": float(np.mean(r)), "std": float(np.std(r))} for m, r in returns.items()}
+        best = max(multipliers, key=lambda m: float(np.mean(returns[m])))
+        cells = "  ".join(f"x{m:g} {np.mean(r):.2f}±{np.std(r):.2f}" for m, r in returns.items())
+        print(f"{task:20s} {cells}   best x{best:g}", flush=True)
+    record = {
+        "command": "python experiments/lr_budget_probe.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if v != getattr(Args(), k)),
+        "args": asdict(args),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_s": time.perf_counter() - start,
+        "returns": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, None, __doc__))

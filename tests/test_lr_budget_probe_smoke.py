@@ -1,0 +1,43 @@
+"""Smoke test of experiments/lr_budget_probe.py: one task, two multipliers, a short budget."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def probe():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import lr_budget_probe
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return lr_budget_probe
+
+
+def test_probe_writes_one_return_per_task_and_multiplier(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "probe.json"
+    args = probe.Args(
+        tasks="synthetic", multipliers="1,2", seeds=2, budget_intervals=3.0, interval_steps=2, out=str(out)
+    )
+    record = probe.main(args)
+    written = json.loads(out.read_text())
+    assert written["returns"] == record["returns"]
+    cells = written["returns"]["synthetic"]
+    assert set(cells) == {"1", "2"} and all(cell["std"] >= 0 for cell in cells.values())
+    # The return is the episode's summed reward: the same seed and multiplier give the same number.
+    assert probe.episode_return("synthetic", 1.0, 0, args) + probe.episode_return("synthetic", 1.0, 1, args) == (
+        pytest.approx(2 * cells["1"]["mean"])
+    )
+    assert written["command"].startswith("python experiments/lr_budget_probe.py --tasks synthetic")
+
+
+def test_probe_rejects_bad_multipliers(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit, match="must be positive numbers"):
+        probe.main(probe.Args(tasks="synthetic", multipliers="1,-2", out=str(tmp_path / "x.json")))
