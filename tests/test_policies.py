@@ -224,12 +224,13 @@ def test_who_runs_a_speed_trial():
         HeuristicConfig(speed_trial_steps=0)
 
 
-def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_faster_format():
+@pytest.mark.parametrize("policy", ["heuristic", "pretrained"])
+def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_faster_format(policy):
     from triaccel_rl.compare import run_controller
 
     config = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
     # Measured (CPU wall) time: a real timing, whichever format this CPU runs faster.
-    result = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", cost_mode="measured")
+    result = run_controller("synthetic", policy, 0, epochs=0.5, config=config, device="cpu", cost_mode="measured")
     trial = result.speed_trial
     assert set(trial) == {"bf16", "fp16", "chosen"} and trial["bf16"] > 0 and trial["fp16"] > 0
     faster = Precision.BF16 if trial["bf16"] <= trial["fp16"] else Precision.FP16
@@ -237,6 +238,9 @@ def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_fa
     first = result.trace[0]["precisions"]  # the first snapshot: after the trial, before any decision
     controllable = [p for p in first if p != 0]
     assert controllable and set(controllable) == {int(faster)}
+    # Every later 16-bit group runs in the chosen format, whichever 16-bit format the policy (or a fallback) names.
+    other = Precision.FP16 if faster is Precision.BF16 else Precision.BF16
+    assert all(int(other) not in point["precisions"] for point in result.trace)
     auto = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=None))
-    untried = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=auto)
+    untried = run_controller("synthetic", policy, 0, epochs=0.5, config=auto)
     assert untried.speed_trial == {}  # modelled cost: no trial

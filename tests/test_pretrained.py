@@ -151,23 +151,6 @@ def test_pretrained_gives_the_speed_trial_to_the_policy_and_its_fallback():
     assert not make_policy("pretrained", off, OBSERVATION_SPACE, ACTION_SPACE).wants_speed_trial(True)
 
 
-def test_a_speed_trial_runs_for_the_pretrained_policy_and_its_run_continues_in_the_faster_format():
-    from triaccel_rl.compare import run_controller
-
-    config = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
-    result = run_controller("synthetic", "pretrained", 0, epochs=0.5, config=config, device="cpu", cost_mode="measured")
-    trial = result.speed_trial
-    assert set(trial) == {"bf16", "fp16", "chosen"} and trial["bf16"] > 0 and trial["fp16"] > 0
-    faster = Precision.BF16 if trial["bf16"] <= trial["fp16"] else Precision.FP16
-    assert trial["chosen"] == float(faster)
-    first = result.trace[0]["precisions"]  # the first snapshot: after the trial, before any decision
-    controllable = [p for p in first if p != 0]
-    assert controllable and set(controllable) == {int(faster)}
-    # Every later 16-bit group runs in the chosen format, whichever 16-bit format the policy (or its fallback) names.
-    other = Precision.FP16 if faster is Precision.BF16 else Precision.BF16
-    assert all(int(other) not in point["precisions"] for point in result.trace)
-
-
 def test_model_card_names_the_training_tasks_and_the_command():
     card = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
     for task in (*TRAINING_TASKS, *HELD_OUT_TASKS):
