@@ -184,23 +184,34 @@ def test_without_the_rollback_a_broken_model_stays_broken():
     ctl.close()
 
 
-def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplog):
+def trial_controller(policy):
+    """A controller whose first steps are a speed trial (3 timed steps a format), and its model and batches."""
     from triaccel_rl.config import HeuristicConfig
 
     model, opt = model_and_optimizer()
     config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
-    ctl = Controller(model, opt, policy="heuristic", config=config)
-    batches = ctl.loader(data(), batch_size=16, epochs=2)
+    ctl = Controller(model, opt, policy=policy, config=config)
+    return ctl, model, ctl.loader(data(), batch_size=16, epochs=2)
+
+
+def one_step(ctl, model, batches):
+    """Trains one step; returns the precision its forward ran in (the first layer's)."""
+    x, y = next(batches)
+    precision = ctl.precisions[0]
+    with ctl.autocast():
+        loss = nn.functional.cross_entropy(model(x), y)
+    ctl.step(loss)
+    return precision
+
+
+def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplog):
+    ctl, model, batches = trial_controller("heuristic")
     seen = []
-    for step in range(14):
-        x, y = next(batches)
-        seen.append(ctl.precisions[0])  # the precision this step's forward runs in
-        with ctl.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        with caplog.at_level("INFO", logger="triaccel_rl"):
-            ctl.step(loss)
-        if step < 9:
-            assert ctl.decisions == [], f"a decision at step {step}, inside the trial"
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        for step in range(14):
+            seen.append(one_step(ctl, model, batches))
+            if step < 9:
+                assert ctl.decisions == [], f"a decision at step {step}, inside the trial"
     # 2 warm-up and 3 timed steps in bf16, then in fp16; then the policy's start precision, the faster format.
     assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
     trial = ctl.speed_trial
@@ -212,19 +223,8 @@ def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplo
 
 
 def test_the_pretrained_policy_gets_the_speed_trial_in_a_users_loop():
-    from triaccel_rl.config import HeuristicConfig
-
-    model, opt = model_and_optimizer()
-    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
-    ctl = Controller(model, opt, policy="pretrained", config=config)
-    batches = ctl.loader(data(), batch_size=16, epochs=2)
-    seen = []
-    for _ in range(11):
-        x, y = next(batches)
-        seen.append(ctl.precisions[0])
-        with ctl.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        ctl.step(loss)
+    ctl, model, batches = trial_controller("pretrained")
+    seen = [one_step(ctl, model, batches) for _ in range(11)]
     assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
     faster = Precision(int(ctl.speed_trial["chosen"]))
     assert seen[10] == faster  # the policy's start precision followed the trial
