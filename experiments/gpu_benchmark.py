@@ -6,7 +6,8 @@ One process runs every row, so all rows share the machine state. For each model:
    the shortest time to target (among those that reach it) becomes the static rows' setting, as a
    careful user would tune it.
 2. **Rows** (``seeds`` seeds each): what users run today, their own PyTorch loop (``plain-bf16``: torch.optim
-   + bf16 autocast + channels_last; ``plain-fp32``: true fp32, TF32 off), then the same static settings
+   + bf16 autocast + channels_last; ``plain-fp16``: fp16 autocast + GradScaler + channels_last; ``plain-fp32``:
+   true fp32, TF32 off), then the same static settings
    through Tri-Accel's executor (fused Triton step, captured CUDA graphs: ``static-bf16``, ``static-fp16``,
    ``fp32``), a batch finder + bf16, the heuristic (with its bf16/fp16 speed trial; ``heuristic-no-trial``:
    bf16 without one; ``heuristic-cheap``: on the cheap signals only; ``heuristic-anneal``: also annealing the LR on
@@ -110,11 +111,24 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     held, linear = ElasticConfig(lr_rule=LRRule.NONE), ElasticConfig(lr_rule=LRRule.LINEAR)
     ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=held)
     ramp_linear = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=linear)
+    # An early ramp, timed: one doubling (max_batch_growth 4 of the base batch: 512 -> 1024 from the 512 setting)
+    # at the first decision in [after, until), on the cheap signals (no estimator round, whose one-time cost stretched
+    # the cadence past 74% of the run in ramp512_resnet_0b907a5, so no decision fell between 18% and 74%).
+    early_ramps = {
+        f"heuristic-ramp{int(100 * after)}": ControllerConfig(
+            interval_steps=args.interval_steps,
+            heuristic=HeuristicConfig(ramp_batch_after=after, ramp_batch_until=after + 0.15, max_batch_growth=4.0),
+            elastic=held,
+            signals=SignalConfig(mode=SignalMode.CHEAP),
+        )
+        for after in (0.25, 0.35)
+    }
     return {
         "fp32": {"controller": "fp32", "channels_last": False},
         # What users run today: their own PyTorch loop (torch.optim, autocast), nothing of ours on the path.
         "plain-bf16": {"plain": "bf16", "channels_last": True},
         "plain-fp32": {"plain": "fp32", "channels_last": False},
+        "plain-fp16": {"plain": "fp16", "channels_last": True},  # torch.amp.GradScaler, as its documentation shows
         "static-bf16": {"controller": "bf16", "channels_last": True},
         "static-fp16": {"controller": "fp16", "channels_last": True},
         "batch-finder": {"controller": "batch-finder", "channels_last": True},
@@ -135,6 +149,12 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         "heuristic-ramp": {"controller": "heuristic", "channels_last": True, "config": ramp_held},
         # ... or following the batch linearly (the same noise, only throughput).
         "heuristic-ramp-linear": {"controller": "heuristic", "channels_last": True, "config": ramp_linear},
+        # The early ramps (above). Their warm-up also runs the doubled batch (``warmup_batch_factors``), so cuDNN's
+        # tuning for its shapes lands outside the timed run, as every row's own shapes do.
+        **{
+            row: {"controller": "heuristic", "channels_last": True, "config": ramp_config, "warmup_batch_factors": (2,)}
+            for row, ramp_config in early_ramps.items()
+        },
         # Controls for the ramp, from the start: the best static row at half its LR, and at twice its batch with the
         # LR held (``lr_scale`` is on the LR the batch sets linearly, hence the factor 0.5).
         "static-fp16-lr0.5": {"controller": "fp16", "channels_last": True, "lr_factor": 0.5},
@@ -258,6 +278,9 @@ def main(args: Args) -> list[dict[str, Any]]:
             if args.warmup_epochs > 0:
                 with _true_fp32(row in ("fp32", "plain-fp32") and device == "cuda"):
                     run_row(task, row, spec, seed=1000, epochs=args.warmup_epochs)  # untimed, discarded
+                for factor in spec.get("warmup_batch_factors", ()):  # shapes the row's batch rule moves to
+                    grown = {"controller": "fp16", "channels_last": spec["channels_last"], "batch_factor": factor}
+                    run_row(task, row, grown, seed=1000, epochs=args.warmup_epochs)
             for seed in range(n_seeds):
                 if row == "static-bf16" and seed == 0 and best_result is not None:  # the grid ran this one
                     result = copy.deepcopy(best_result)

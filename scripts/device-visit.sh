@@ -74,6 +74,16 @@ for stage in "$@"; do
            --rows static-fp16,heuristic,learned --out "$OUT/learned_resnet.json" 2>&1 | tail -30 ;;
     learned-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 512,0.5,7.9 \
            --rows static-fp16,heuristic,learned --out "$OUT/learned_effnet.json" 2>&1 | tail -30 ;;
+    # An early batch ramp (one doubling at 25% or 35% of the run, the LR held), the user's fp16 + GradScaler loop, and
+    # the tuned row at half its LR (the grid's best LR is at its edge), beside static fp16 (~5 min).
+    ramp-early-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.0 \
+           --rows plain-fp16,static-fp16,static-fp16-lr0.5,heuristic-ramp25,heuristic-ramp35 \
+           --out "$OUT/ramp_early_resnet.json" --plots "" 2>&1 | tail -30 ;;
+    ramp-early-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 \
+           --static 512,0.5,7.9 --rows plain-fp16,static-fp16,static-fp16-lr0.5,heuristic-ramp25,heuristic-ramp35 \
+           --out "$OUT/ramp_early_effnet.json" --plots "" 2>&1 | tail -30 ;;
+    # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
+    memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
     *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
   esac
 done

@@ -45,17 +45,27 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
     second = tmp_path / "second.json"
-    run(*common, "--rows", "static-fp16", "--static", "64,1.0", "--out", str(second), "--plots", "", cwd=tmp_path)
-    assert json.loads(second.read_text())["grid"] == []  # --static skips the grid
+    second_rows = ["plain-fp16", "static-fp16", "heuristic-ramp25"]  # in the order of the ROWS table
+    run(*common, "--rows", ",".join(second_rows), "--static", "64,1.0", "--out", str(second), "--plots", "",
+        cwd=tmp_path)  # fmt: skip
+    second_data = json.loads(second.read_text())
+    assert second_data["grid"] == []  # --static skips the grid
+    assert [row["controller"] for row in second_data["rows"]] == second_rows
+    for result in second_data["runs"]:
+        batches = [point["batch_size"] for point in result["trace"]]
+        if result["controller"] == "heuristic-ramp25":  # one doubling, at the first decision past 25% of the run
+            assert result["batch_changes"] == 1 and batches[0] == 64 and batches[-1] == 128
+        else:
+            assert result["batch_changes"] == 0 and set(batches) == {64}
     merged = tmp_path / "merged.json"
     merged_plots = tmp_path / "merged_plots"
     run("--merge", f"{out},{second}", "--out", str(merged), "--plots", str(merged_plots), cwd=tmp_path)
     merged_rows = json.loads(merged.read_text())["rows"]
-    assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], "static-fp16"]
-    assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"]
+    assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], *second_rows]
+    assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"] * len(second_rows)
     # One folder of plots per job (only a job's rows shared the machine); none mixing jobs.
     assert sorted(p.name for p in (merged_plots / "synthetic").iterdir()) == ["jobs"]
-    for job, controllers in (("bench", set(rows)), ("second", {"static-fp16"})):
+    for job, controllers in (("bench", set(rows)), ("second", set(second_rows))):
         folder = merged_plots / "synthetic" / "jobs" / job
         assert (folder / "metric_vs_time.png").stat().st_size > 1000
         assert {p.stem.removeprefix("precision_map_") for p in folder.glob("precision_map_*.png")} == controllers

@@ -1,24 +1,48 @@
 """The plain-loop baseline: what a user's own PyTorch loop does, measured like the controller rows."""
 
+import math
+
 import pytest
 
 from triaccel_rl.compare import run_controller
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.plain import run_plain
+from triaccel_rl.tasks import Task
 
 
-def test_plain_fp32_loop_equals_the_static_fp32_row_step_for_step():
-    # Same seed, data order, schedule and evaluation points: a plain torch.optim loop and TrainingRun's
-    # static fp32 row (per-layer param groups, reference path on a CPU) must train the same model.
-    plain = run_plain("synthetic", 0, precision="fp32", epochs=1.5, eval_every_steps=10, device="cpu")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plain_loop_equals_the_static_row_step_for_step(precision):
+    # Same seed, data order, schedule and evaluation points: a plain torch.optim loop (with GradScaler in fp16) and
+    # TrainingRun's static row (per-layer param groups and autocast, reference path on a CPU) train the same model.
+    plain = run_plain("synthetic", 0, precision=precision, epochs=1.5, eval_every_steps=10, device="cpu")
     row = run_controller(
-        "synthetic", "fp32", 0, epochs=1.5, device="cpu", schedule=True, eval_every=1,
+        "synthetic", precision, 0, epochs=1.5, device="cpu", schedule=True, eval_every=1,
         config=ControllerConfig(interval_steps=10),
     )  # fmt: skip
-    assert plain.controller == "plain-fp32"
+    assert plain.controller == f"plain-{precision}"
     assert plain.steps == row.steps == 84
     assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
     assert plain.final_metric == row.final_metric
+    assert plain.skipped_steps == row.skipped_steps == 0
+
+
+def test_plain_fp16_loop_skips_a_non_finite_step_and_counts_it(monkeypatch):
+    # GradScaler skips the step whose loss is inf (the parameters keep their values) and lowers its scale.
+    clean = run_plain("synthetic", 0, precision="fp16", epochs=0.5, eval_every_steps=100, device="cpu")
+    calls = {"n": 0}
+    loss_fn = Task.loss_fn
+
+    def faulty(self, logits, labels):
+        calls["n"] += 1
+        loss = loss_fn(self, logits, labels)
+        return loss * float("inf") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(Task, "loss_fn", faulty)
+    result = run_plain("synthetic", 0, precision="fp16", epochs=0.5, eval_every_steps=100, device="cpu")
+    assert calls["n"] >= result.steps
+    assert clean.skipped_steps == 0 and result.skipped_steps == 1
+    assert result.steps == clean.steps
+    assert math.isfinite(result.final_metric) and result.final_metric > 0.3  # trained on after the skip
 
 
 def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
@@ -33,7 +57,7 @@ def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"precision": "fp16"}, r"precision='fp16'; allowed: fp32, bf16"),
+        ({"precision": "int8"}, r"precision='int8'; allowed: fp32, bf16, fp16"),
         ({"epochs": 0}, r"epochs=0 must be a positive number"),
         ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive number"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),

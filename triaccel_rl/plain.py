@@ -7,7 +7,7 @@ a careful user writes. ``run_plain`` is that loop, with nothing of ours on the t
 
     model.to(memory_format=torch.channels_last); optimizer = task.make_optimizer(model.parameters())
     for each batch:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16):   # fp16: torch.float16, and a GradScaler
             loss = loss_fn(model(augment(x)).float(), y)
         loss.backward()
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
@@ -38,8 +38,8 @@ from triaccel_rl.types import Precision
 
 __all__ = ["PLAIN_PRECISIONS", "run_plain"]
 
-PLAIN_PRECISIONS = ("fp32", "bf16")
-"""The precisions a plain loop runs in: no autocast (fp32) or bf16 autocast."""
+PLAIN_PRECISIONS = ("fp32", "bf16", "fp16")
+"""The precisions a plain loop runs in: no autocast (fp32), bf16 autocast, or fp16 autocast with ``GradScaler``."""
 
 _N_PROBE = 512  # TrainingRun's default held-out probe: the plain loop skips the same samples
 
@@ -64,7 +64,8 @@ def run_plain(
     Args:
         task: task or its registered name.
         seed: seeds the model, the data order and the augmentation.
-        precision: ``fp32`` or ``bf16`` (autocast).
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and ``torch.amp.GradScaler``, as its
+            documentation shows: a step with a non-finite gradient is skipped and the scale lowered).
         epochs: training budget in epochs.
         batch_size: samples per step (the task's base batch by default).
         lr_scale: LR multiplier on the task's base LR at its base batch (the batch rule's gain applies on top).
@@ -104,7 +105,10 @@ def run_plain(
     n_probe = max(1, min(_N_PROBE, len(data.train_x) // 8))
     loader = ElasticLoader(data.train_x[:-n_probe].to(device), data.train_y[:-n_probe].to(device), seed=seed)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    skipped = 0
     layers = [info for _, _, info in find_layers(model)]
     codes = [int(Precision.parse(precision)) if info.controllable else 0 for info in layers]
 
@@ -137,10 +141,14 @@ def run_plain(
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = task.loss_fn(model(x).float(), next_batch.y)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # with fp16: one host-device sync a step, inside GradScaler
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+            if scaler.is_enabled():  # the scale falls exactly when a step was skipped
+                scale, before = scaler.get_scale(), scale
+                skipped += int(scale < before)
         time_s += timer.stop() / 1e3  # one host-device sync per evaluation interval, as the other rows
         if device.type == "cuda":
             peak = max(peak, int(torch.cuda.max_memory_allocated(device)))
@@ -165,7 +173,7 @@ def run_plain(
         precision_changes=0,
         batch_changes=0,
         lr_changes=0,
-        skipped_steps=0,
+        skipped_steps=skipped,
         overhead_frac=0.0,
         steps=steps,
         curve=curve,
