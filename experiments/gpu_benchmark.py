@@ -112,11 +112,13 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=held)
     ramp_linear = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=linear)
     # An early ramp, timed: one doubling (max_batch_growth 4 of the base batch: 512 -> 1024 from the 512 setting)
-    # at the first decision in [after, until), on the cheap signals (no estimator round, whose one-time cost stretched
-    # the cadence past 74% of the run in ramp512_resnet_0b907a5, so no decision fell between 18% and 74%).
+    # at the first decision in [after, until), on the cheap signals, with the interval held to at most twice
+    # ``interval_steps`` (the cadence stretched it to its limit, 8x, from 18% to 72% of the run even on the cheap
+    # signals, H200 2026-12-02 ``4617a63``: the decisions' rollback copies and probes cost 1.5% of the run).
     early_ramps = {
         f"heuristic-ramp{int(100 * after)}": ControllerConfig(
             interval_steps=args.interval_steps,
+            max_interval_factor=2,
             heuristic=HeuristicConfig(ramp_batch_after=after, ramp_batch_until=after + 0.15, max_batch_growth=4.0),
             elastic=held,
             signals=SignalConfig(mode=SignalMode.CHEAP),

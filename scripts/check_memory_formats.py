@@ -8,7 +8,9 @@ MiB), against issue 7's "no higher than static bf16". Two parts, printed as tabl
    autotuning on and off: the allocator's peak over the steps (after one warm-up step, whose captures are
    included) and over the steady steps only. A difference that goes with autotuning is cuDNN's workspace (its
    choice of algorithm per dtype); one that goes with graphs is the capture pool; one that stays is ours.
-2. ``run_controller`` rows for one epoch (after an untimed warm-up each): static bf16, static fp16, the heuristic
+2. The live allocations at the peak of one eager step (no graphs, no autotuning) in each format, from the
+   allocator's recorded history, summed by the Python line that made them: what fp16 holds that bf16 does not.
+3. ``run_controller`` rows for one epoch (after an untimed warm-up each): static bf16, static fp16, the heuristic
    (speed trial), and the heuristic started in fp16 with no trial, with the per-decision memory trace: whether the
    heuristic's extra is the trial (both formats' graphs) or its fp16.
 """
@@ -64,6 +66,45 @@ def steps_peak(precision: Precision, graphs: bool, benchmark: bool, steps: int) 
     return row
 
 
+def live_at_peak(precision: Precision) -> dict[str, int]:
+    """Bytes live at the peak of one eager training step, by the innermost Python frame that allocated them."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = False
+    release_memory(device)
+    run = TrainingRun(TASK, seed=0, device=device, batch_size=BATCH, channels_last=True, cuda_graphs=False)
+    run.set_precisions([precision] * len(run.precision.controllable_indices))
+    for _ in range(3):
+        run.step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    run.step()
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    total = best = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in snapshot["device_traces"][device.index or 0]:
+        if event["action"] == "alloc":
+            frames = event.get("frames") or []
+            site = next(
+                (f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}" for f in frames),
+                "(no python frame)",
+            )
+            live[event["addr"]] = (event["size"], site)
+            total += event["size"]
+            if total > best:
+                best, at_peak = total, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+    by_site: dict[str, int] = {}
+    for size, site in at_peak.values():
+        by_site[site] = by_site.get(site, 0) + size
+    del run
+    release_memory(device)
+    return by_site
+
+
 def controller_rows() -> list[dict[str, Any]]:
     """One epoch of each row (after an untimed warm-up run of it): peak and the per-decision memory trace."""
     torch.backends.cudnn.benchmark = True
@@ -102,7 +143,7 @@ def controller_rows() -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    """Runs both parts, writes ``--out`` and prints the two tables."""
+    """Runs the three parts, writes ``--out`` and prints their tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="memory_formats.json")
@@ -115,9 +156,10 @@ def main() -> None:
             for precision in (Precision.BF16, Precision.FP16):
                 parts.append(steps_peak(precision, graphs, benchmark, args.steps))
                 print(parts[-1], flush=True)
+    sites = {precision.name.lower(): live_at_peak(precision) for precision in (Precision.BF16, Precision.FP16)}
     rows = controller_rows()
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "steps": parts, "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "steps": parts, "sites": sites, "rows": rows}, f, indent=1)
     print("\n| graphs | cudnn autotune | precision | resident MiB | first-step peak MiB | steady peak MiB |")
     print("|---|---|---|---|---|---|")
     for p in parts:
@@ -125,6 +167,12 @@ def main() -> None:
             f"| {p['graphs']} | {p['cudnn_benchmark']} | {p['precision']} | {p['resident_mib']:.1f} | "
             f"{p['first_step_peak_mib']:.1f} | {p['steady_peak_mib']:.1f} |"
         )
+    print("\n| allocated at (innermost Python frame) | bf16 MiB at its peak | fp16 MiB at its peak |")
+    print("|---|---|---|")
+    bf16, fp16 = sites["bf16"], sites["fp16"]
+    for site in sorted(set(bf16) | set(fp16), key=lambda k: -abs(fp16.get(k, 0) - bf16.get(k, 0)))[:12]:
+        print(f"| {site} | {bf16.get(site, 0) / MIB:.2f} | {fp16.get(site, 0) / MIB:.2f} |")
+    print(f"| total | {sum(bf16.values()) / MIB:.2f} | {sum(fp16.values()) / MIB:.2f} |")
     print("\n| row | peak MiB | formats | per-decision peaks (MiB) |")
     print("|---|---|---|---|")
     for r in rows:

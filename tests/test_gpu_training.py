@@ -94,11 +94,14 @@ def test_graphed_steps_match_eager_steps(deterministic_cudnn, task, channels_las
         run.train_interval(4)
         run.set_precisions(["fp32"] * run.n_layers)  # a precision switch mid-run needs a second graph
         run.train_interval(3)
+        run.set_precisions([precision] * run.n_layers)  # and back: the first graph replays again
+        run.train_interval(2)
         runs.append(run)
     eager, graphed = runs
     assert eager.graphs is None
     switched = precision != "fp32"  # fp32 -> fp32 is no switch: the same graph serves
-    assert graphed.graphs is not None and graphed.graphs.captures == 1 + switched and graphed.graphs.replays == 7
+    assert graphed.graphs is not None and graphed.graphs.captures == 1 + switched and graphed.graphs.replays == 9
+    assert len(graphed.graphs._inputs) == 1  # both graphs read one shared copy of the batch
     assert graphed.skipped_steps == eager.skipped_steps
     # cuBLAS may pick other kernels while capturing (no split-K workspace), so fp32 differs by rounding.
     _assert_runs_match(eager, graphed, rtol=1e-3 if precision != "fp32" else 1e-4)
