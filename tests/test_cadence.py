@@ -168,3 +168,24 @@ def test_cheap_part_of_the_first_decision_is_not_in_the_median():
 def test_cheap_share_out_of_range_is_refused(share):
     with pytest.raises(ValueError, match="cheap_share"):
         Cadence(min_steps=1, max_factor=2, share=0.01, cheap_share=share)
+
+
+def test_a_decision_that_changes_the_configuration_is_judged_after_the_shortest_interval():
+    from triaccel_rl.actions import encode
+    from triaccel_rl.types import Action, BatchMove, Precision
+
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3)
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    precisions = tuple(Precision.FP32 for _ in range(config.n_groups))
+    keep = encode(Action(precisions, 1.0, BatchMove.KEEP), config)
+    lower = encode(Action(precisions, 0.75, BatchMove.KEEP), config)
+    steps = []
+    for decision in range(6):
+        before = loop.run.steps
+        loop.train_interval()
+        steps.append(loop.run.steps - before)
+        loop.snapshot(progress=0.1)
+        loop.collector.add_overhead(1e6)
+        loop.apply(lower if decision >= 3 else keep)  # the fourth decision lowers the LR; the later ones hold it
+    assert loop.run.lr_scale == 0.75
+    assert steps == [2, 2, 6, 6, 2, 6]  # the interval after the change is the shortest, then stretched again

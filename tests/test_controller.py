@@ -141,6 +141,43 @@ def test_expensive_decisions_stretch_the_controllers_interval():
     ctl.close()
 
 
+def test_a_decision_that_changes_the_lr_is_judged_after_the_shortest_interval():
+    """After a change the controller's next interval is ``interval_steps``, then stretches again."""
+    import time
+
+    from triaccel_rl.policies import StaticPolicy
+
+    from triaccel_rl.actions import encode
+    from triaccel_rl.types import Action, BatchMove
+
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3)
+
+    class LowersOnce(StaticPolicy):  # slow, and from its fourth decision on it asks for LR x0.75
+        calls = 0
+
+        def predict(self, observation, state=None, episode_start=None, deterministic=False):
+            time.sleep(0.02)
+            LowersOnce.calls += 1
+            action = Action((Precision.FP32,) * config.n_groups, 0.75 if self.calls >= 4 else 1.0, BatchMove.KEEP)
+            return encode(action, config), state
+
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy=LowersOnce("fp32"), config=config)
+    ctl.cadence.adaptive = True
+    decided_at = []
+    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):  # 30 steps
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        before = len(ctl.decisions)
+        ctl.step(loss)
+        if len(ctl.decisions) > before:
+            decided_at.append(ctl.steps)
+    assert [report.lr_scale for report in ctl.decisions][3:] == [0.75] * (len(ctl.decisions) - 3)
+    # As above ([2, 4, 10, 16, 22, 28]) until the change at step 16; the next decision comes 2 steps later.
+    assert decided_at == [2, 4, 10, 16, 18, 24, 30]
+    ctl.close()
+
+
 def test_a_model_that_only_produces_non_finite_losses_is_rolled_back(caplog):
     """Each non-finite step is skipped; an interval with no finite step at all restores the last good state."""
     model, opt = model_and_optimizer()

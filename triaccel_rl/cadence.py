@@ -32,6 +32,13 @@ budget by sampling steps, ``DeviceMoments(budget_frac=...)``). Where a decision 
 forward, a rollback copy) ``steady`` is the larger; where it is little more than the snapshot (a loop that only
 reads signals), ``cheap``.
 
+After a decision that changed the configuration, ``expedite()`` makes the interval that follows it
+``min_steps`` long, whatever the stretch: a change is judged at the next decision, and a stretched interval
+would leave a change made on one noisy reading in force for much of the run (ResNet-18 on the H200, 2026-12-02:
+one probe-loss spike at 17% of the run lowered the LR to x0.75 and the next decision, 780 steps later at 72%,
+raised it back; the seed reached its target 1.3x later than the static row). The decisions spent this way
+count in ``spent_ms`` like any other, and ``repay`` stretches the later intervals to pay for them.
+
 With ``adaptive=False`` (modelled cost, the learning environment) the interval is ``min_steps``, always.
 """
 
@@ -70,6 +77,13 @@ class Cadence:
         >>> cadence.record(decision_ms=500.0, train_ms=900.0, steps=180)  # the median stays 9 ms, but the
         >>> cadence.steps  # run's decisions now cost 519 ms of 2900: the longest interval, to repay them
         320
+        >>> cadence.expedite()  # the decision just taken changed the configuration: judge it soon
+        >>> cadence.record(decision_ms=9.0, train_ms=1600.0, steps=320)  # recording that decision
+        >>> cadence.steps  # the interval after it
+        20
+        >>> cadence.record(decision_ms=9.0, train_ms=100.0, steps=20)  # the change judged: stretched again
+        >>> cadence.steps
+        320
         >>> signals_only = Cadence(min_steps=20, max_factor=8, share=0.01, cheap_share=0.004)
         >>> for _ in range(2):  # 0.9 ms decisions, all of it the snapshot, at 7.5 ms a step; recording took 0.1%
         ...     signals_only.record(decision_ms=0.9, train_ms=150.0, steps=20, cheap_ms=0.9, recording_ms=0.15)
@@ -106,6 +120,7 @@ class Cadence:
         self._recording_shares: deque[float] = deque(maxlen=window)
         self._step_ms = math.nan
         self._seen = 0
+        self._expedite = 0  # records left until an expedited interval is over (2: the decision not yet recorded)
         self.spent_ms = 0.0
         """What every recorded decision cost, the first one included."""
         self.trained_ms = 0.0
@@ -125,6 +140,7 @@ class Cadence:
         ``recording_ms``: what recording the interval's per-step statistics took (part of ``train_ms``).
         """
         self._seen += 1
+        self._expedite = max(self._expedite - 1, 0)
         if steps > 0 and math.isfinite(train_ms) and train_ms > 0:
             self._step_ms = train_ms / steps
             self.trained_ms += train_ms
@@ -137,6 +153,10 @@ class Cadence:
             recorded = recording_ms / train_ms if train_ms > 0 and math.isfinite(recording_ms) else 0.0
             self._recording_shares.append(max(recorded, 0.0))
 
+    def expedite(self) -> None:
+        """Makes the interval after the decision just taken (recorded next) ``min_steps`` long."""
+        self._expedite = 2
+
     @property
     def decision_ms(self) -> float:
         """The median measured cost of a decision (NaN before the second decision)."""
@@ -145,7 +165,7 @@ class Cadence:
     @property
     def steps(self) -> int:
         """Training steps until the next decision."""
-        if not self.adaptive or not self._costs or not math.isfinite(self._step_ms):
+        if not self.adaptive or self._expedite or not self._costs or not math.isfinite(self._step_ms):
             return self.min_steps
         steady = self.decision_ms / (self.share * self._step_ms)
         repay = ((self.spent_ms + self.decision_ms) / self.share - self.trained_ms) / self._step_ms
