@@ -1,14 +1,19 @@
-"""Which LR multiplier does the training environment's own reward favour, task by task?
+"""Which LR multiplier (and batch growth) does the training environment's own reward favour, task by task?
 
     python experiments/lr_budget_probe.py                                   # the training tasks
     python experiments/lr_budget_probe.py --tasks dwcnn-fmnist,transformer-seq,deep-mlp-synthetic
+    python experiments/lr_budget_probe.py --multipliers 1 --batch-caps 1,2,4,8   # batch growth instead
 
 Each episode is ``TriAccel-v0`` as ``experiments/train_pretrained.py`` trains on it (10 optimizer steps a
 decision, a budget of 16 reference intervals, cost mode ``profile``: modelled H200 time) with every group in bf16,
 the batch kept and the task's LR multiplied by ``m`` from the first step (the environment's ``lr_range=(m, m)``,
 so the shield's per-decision LR clamp does not apply). The return is the progress made within the budget, the
 quantity PPO maximises. A teacher that picks the LR by this return teaches what these numbers show.
-Writes a JSON with the mean and standard deviation of the return per task and multiplier.
+With ``--batch-caps`` the policy also grows the batch (one doubling a decision, from the first decision on) until it
+reaches ``cap`` × the task's batch; the LR follows the batch by the environment's rule (linear for SGD, √ for AdamW),
+as a learned policy's batch move would. Cap 1 keeps the batch.
+Writes a JSON with the mean and standard deviation of the return per task and multiplier (keys ``"m"``, or
+``"m/bCAP"`` for a cap above 1).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Args:
     tasks: str = "synthetic,mlp-fmnist,cnn-fmnist"
     multipliers: str = "0.75,1,1.5,2,3"
     """LR multipliers of the task's own LR."""
+    batch_caps: str = "1"
+    """Grow the batch one doubling a decision up to this multiple of the task's batch (1: keep it)."""
     seeds: int = 3
     """Episodes (seeds 0..N-1) per task and multiplier."""
     budget_intervals: float = 16.0
@@ -38,8 +45,11 @@ class Args:
     out: str = "experiments/results/lr_budget_probe.json"
 
 
-def episode_return(task: str, multiplier: float, seed: int, args: Args) -> float:
-    """The return of one episode in bf16 with the LR held at ``multiplier`` × the task's."""
+def episode_return(task: str, multiplier: float, seed: int, args: Args, batch_cap: float = 1.0) -> float:
+    """The return of one episode in bf16 with the LR held at ``multiplier`` × the task's.
+
+    With ``batch_cap`` above 1 the batch grows one doubling a decision up to ``batch_cap`` × the task's batch.
+    """
     import gymnasium as gym
     import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
 
@@ -48,7 +58,8 @@ def episode_return(task: str, multiplier: float, seed: int, args: Args) -> float
     from triaccel_rl.types import Action, BatchMove, Precision
 
     config = ControllerConfig(interval_steps=args.interval_steps)
-    action = encode(Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.KEEP), config)
+    keep = encode(Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.KEEP), config)
+    grow = encode(Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.GROW), config)
     env = gym.make(
         "TriAccel-v0",
         task=task,
@@ -60,8 +71,10 @@ def episode_return(task: str, multiplier: float, seed: int, args: Args) -> float
     )
     try:
         env.reset(seed=seed)
+        run = env.unwrapped.loop.run
         total, done = 0.0, False
         while not done:
+            action = grow if run.batch_size * 2 <= batch_cap * run.task.base_batch_size else keep
             _, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             done = terminated or truncated
@@ -70,19 +83,31 @@ def episode_return(task: str, multiplier: float, seed: int, args: Args) -> float
     return total
 
 
+def _key(multiplier: float, batch_cap: float) -> str:
+    """``"m"``, or ``"m/bCAP"`` where the batch grows."""
+    return f"{multiplier:g}" if batch_cap == 1 else f"{multiplier:g}/b{batch_cap:g}"
+
+
 def main(args: Args) -> dict[str, object]:
     """Runs every task × multiplier × seed; prints a table and writes ``args.out``."""
     multipliers = [float(m) for m in args.multipliers.split(",")]
     if not multipliers or any(m <= 0 for m in multipliers):
         raise SystemExit(f"--multipliers={args.multipliers!r} must be positive numbers, comma-separated")
+    caps = [float(c) for c in args.batch_caps.split(",")]
+    if not caps or any(c < 1 for c in caps):
+        raise SystemExit(f"--batch-caps={args.batch_caps!r} must be numbers >= 1, comma-separated")
     start = time.perf_counter()
     results: dict[str, dict[str, dict[str, float]]] = {}
     for task in args.tasks.split(","):
-        returns = {m: [episode_return(task, m, seed, args) for seed in range(args.seeds)] for m in multipliers}
-        results[task] = {f"{m:g}": {"mean": float(np.mean(r)), "std": float(np.std(r))} for m, r in returns.items()}
-        best = max(multipliers, key=lambda m: float(np.mean(returns[m])))
-        cells = "  ".join(f"x{m:g} {np.mean(r):.2f}±{np.std(r):.2f}" for m, r in returns.items())
-        print(f"{task:20s} {cells}   best x{best:g}", flush=True)
+        returns = {
+            _key(m, c): [episode_return(task, m, seed, args, c) for seed in range(args.seeds)]
+            for m in multipliers
+            for c in caps
+        }
+        results[task] = {key: {"mean": float(np.mean(r)), "std": float(np.std(r))} for key, r in returns.items()}
+        best = max(returns, key=lambda key: float(np.mean(returns[key])))
+        cells = "  ".join(f"x{key} {np.mean(r):.2f}±{np.std(r):.2f}" for key, r in returns.items())
+        print(f"{task:20s} {cells}   best x{best}", flush=True)
     record = {
         "command": "python experiments/lr_budget_probe.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if v != getattr(Args(), k)),

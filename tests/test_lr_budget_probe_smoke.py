@@ -41,3 +41,17 @@ def test_probe_writes_one_return_per_task_and_multiplier(probe, tmp_path) -> Non
 def test_probe_rejects_bad_multipliers(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit, match="must be positive numbers"):
         probe.main(probe.Args(tasks="synthetic", multipliers="1,-2", out=str(tmp_path / "x.json")))
+
+
+def test_probe_grows_the_batch_up_to_each_cap(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = probe.Args(
+        tasks="synthetic", multipliers="1", batch_caps="1,4", seeds=1, budget_intervals=3.0, interval_steps=2,
+        out=str(tmp_path / "caps.json"),
+    )  # fmt: skip
+    record = probe.main(args)
+    assert set(record["returns"]["synthetic"]) == {"1", "1/b4"}
+    # Cap 1 is the multiplier-only episode; a cap of 4 changes the run (two doublings), so its return differs.
+    assert record["returns"]["synthetic"]["1"]["mean"] == pytest.approx(probe.episode_return("synthetic", 1.0, 0, args))
+    assert record["returns"]["synthetic"]["1/b4"]["mean"] != record["returns"]["synthetic"]["1"]["mean"]
+    with pytest.raises(SystemExit, match="must be numbers >= 1"):
+        probe.main(probe.Args(tasks="synthetic", batch_caps="0.5", out=str(tmp_path / "x.json")))
