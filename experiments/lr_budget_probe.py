@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def episode_return(task: str, multiplier: float, seed: int, args: Args, batch_ca
     With ``batch_cap`` above 1 the batch grows one doubling a decision up to ``batch_cap`` × the task's batch.
     """
     import gymnasium as gym
-    import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+    from triaccel_rl.envs import TriAccelEnv  # importing it registers TriAccel-v0
 
     from triaccel_rl.actions import encode
     from triaccel_rl.config import ControllerConfig, RewardConfig
@@ -71,7 +72,7 @@ def episode_return(task: str, multiplier: float, seed: int, args: Args, batch_ca
     )
     try:
         env.reset(seed=seed)
-        run = env.unwrapped.loop.run
+        run = cast(TriAccelEnv, env.unwrapped).loop.run
         total, done = 0.0, False
         while not done:
             action = grow if run.batch_size * 2 <= batch_cap * run.task.base_batch_size else keep
