@@ -301,7 +301,8 @@ def main(args: Args) -> list[dict[str, Any]]:
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
-                    f"overhead {100 * result.overhead_frac:.2f}%"
+                    + ("" if result.nvml_bytes is None else f"NVML {result.nvml_bytes / 2**20:.0f} MiB, ")
+                    + f"overhead {100 * result.overhead_frac:.2f}%"
                     + "".join(f", {part} {100 * frac:.2f}%" for part, frac in result.overhead_parts.items())
                     + "".join(f", trial {name} {ms:.2f}" for name, ms in result.speed_trial.items())
                     + "".join(f", fallbacks on {name}: {n}" for name, n in result.fallback_features.items()),
@@ -329,6 +330,9 @@ def main(args: Args) -> list[dict[str, Any]]:
                         "per_seed": [r.final_metric for r in runs],
                     },
                     "peak_bytes": summary["peak_bytes_mean"],
+                    # NVML, at the same evaluation points in every row: context, the allocator's reserve, libraries.
+                    "peak_nvml_bytes": summary["nvml_bytes_mean"],
+                    "nvml_scope": sorted({r.nvml_scope for r in runs if r.nvml_scope}),
                     "overhead_frac": summary["overhead_frac_mean"],
                     "overhead_parts_frac": summary["overhead_parts_mean"],
                     "mean_step_ms": summary["mean_step_ms"],

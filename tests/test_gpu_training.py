@@ -259,3 +259,16 @@ def test_the_fast_peak_reading_equals_max_memory_allocated():
     held = torch.empty(3 << 20, dtype=torch.uint8, device=device)
     del held
     assert peak_allocated_bytes(device) == torch.cuda.max_memory_allocated(device) >= 3 << 20
+
+
+def test_nvml_reads_at_least_the_allocators_reserve_and_every_run_records_it():
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.memory import nvml_used_bytes
+
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    reading = nvml_used_bytes(torch.device("cuda"))
+    assert reading is not None, "NVML gave no reading on a CUDA machine"
+    used, scope = reading
+    assert scope in ("process", "device") and used >= torch.cuda.memory_reserved() >= block.numel()
+    result = run_controller("synthetic", "bf16", 0, epochs=0.5, device="cuda", eval_every=1)
+    assert result.nvml_bytes is not None and result.nvml_bytes >= result.peak_bytes > 0

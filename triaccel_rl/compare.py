@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.loop import DecisionLoop
+from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalMode
@@ -41,6 +43,10 @@ class RunResult:
         wall_s: wall-clock training time on this machine, seconds.
         time_to_target_s: charged time when the test metric first reached the task's target (None: never).
         peak_bytes: peak memory (allocator on GPU, accounting on CPU).
+        nvml_bytes: on a GPU, the most NVML reported at the evaluation points (``memory.nvml_used_bytes``: the
+            CUDA context, the allocator's whole reserve and the libraries' allocations); None where NVML cannot
+            read (a CPU run, no driver).
+        nvml_scope: ``"process"`` (this process's entry) or ``"device"`` (the whole device's use); "" with no reading.
         precision_changes: decisions that changed some layer's precision.
         batch_changes: decisions that changed the batch size.
         lr_changes: decisions that changed the LR multiplier.
@@ -84,6 +90,27 @@ class RunResult:
     overhead_parts: dict[str, float] = field(default_factory=dict)
     speed_trial: dict[str, float] = field(default_factory=dict)
     fallback_features: dict[str, int] = field(default_factory=dict)
+    nvml_bytes: int | None = None
+    nvml_scope: str = ""
+
+
+class NvmlPeak:
+    """The largest NVML reading of a run's device so far (``memory.nvml_used_bytes``), read at chosen points.
+
+    Rows compared side by side read it at the same evaluation points; the allocator's reserve only grows within a
+    run, so the last reading is about the run's footprint.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes: int | None = None
+        self.scope = ""
+
+    def read(self) -> None:
+        """Takes a reading (nothing on a CPU or without NVML)."""
+        reading = nvml_used_bytes(self.device)
+        if reading is not None and (self.bytes is None or reading[0] > self.bytes):
+            self.bytes, self.scope = reading
 
 
 def run_controller(
@@ -186,6 +213,7 @@ def run_controller(
     trace: list[dict[str, Any]] = []
     changes = {"precision": 0, "batch": 0, "lr": 0}
     peak = 0
+    nvml = NvmlPeak(run.device)
     decision = 0
     observation = None
     pending_decision_ms = 0.0
@@ -273,6 +301,7 @@ def run_controller(
             signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
             peak = max(peak, signals.memory_bytes)
         if evaluate or finished:
+            nvml.read()  # outside the charged time, at the same steps in every row
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
             curve.append((time_ms / 1e3, metric, run.batch_size, run.lr_scale, low))
@@ -313,6 +342,8 @@ def run_controller(
         overhead_parts=_overhead_parts(loop),
         speed_trial=speed_trial,
         fallback_features=dict(getattr(policy, "fallback_features", {})),
+        nvml_bytes=nvml.bytes,
+        nvml_scope=nvml.scope,
     )
 
 
@@ -428,6 +459,11 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "time_to_target_s_mean": statistics.fmean(reached) if reached else None,
                 "reach_rate": len(reached) / len(runs),
                 "peak_bytes_mean": statistics.fmean(r.peak_bytes for r in runs),
+                "nvml_bytes_mean": (
+                    statistics.fmean(r.nvml_bytes for r in runs if r.nvml_bytes is not None)
+                    if all(r.nvml_bytes is not None for r in runs)
+                    else None
+                ),
                 "precision_changes_mean": statistics.fmean(r.precision_changes for r in runs),
                 "batch_changes_mean": statistics.fmean(r.batch_changes for r in runs),
                 "lr_changes_mean": statistics.fmean(r.lr_changes for r in runs),
@@ -467,10 +503,11 @@ def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -
     lines = [header, "|" + "---|" * 8]
     for row in rows:
         to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
+        nvml = "" if row.get("nvml_bytes_mean") is None else f" (NVML {_bytes(row['nvml_bytes_mean'])})"
         lines.append(
             f"| {row['controller']} | {100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f} "
             f"| {row['time_s_mean']:.3g} ± {row['time_s_std']:.2g} | {to_target} | {100 * row['reach_rate']:.0f}% "
-            f"| {_bytes(row['peak_bytes_mean'])} | {row['precision_changes_mean']:.1f} / "
+            f"| {_bytes(row['peak_bytes_mean'])}{nvml} | {row['precision_changes_mean']:.1f} / "
             f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
         )
     return "\n".join(lines)

@@ -15,9 +15,13 @@ profile cost mode) the prediction is the ``CostModel`` accounting itself.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +31,8 @@ from triaccel_rl.config import ConfigError, HardwareProfile
 from triaccel_rl.costs import CostModel
 from triaccel_rl.types import Precision
 
+_log = logging.getLogger(__name__)
+
 __all__ = [
     "DeviceMemory",
     "MemoryFit",
@@ -34,6 +40,7 @@ __all__ = [
     "check_budget",
     "device_capacity_bytes",
     "measure_tensor_bytes",
+    "nvml_used_bytes",
     "peak_allocated_bytes",
     "read_device_memory",
 ]
@@ -87,6 +94,61 @@ def peak_allocated_bytes(device: torch.device) -> int:
     """
     stats = torch.cuda.memory_stats_as_nested_dict(device)
     return int(stats.get("allocated_bytes", {}).get("all", {}).get("peak", 0))
+
+
+def nvml_used_bytes(device: torch.device) -> tuple[int, str] | None:
+    """GPU memory as NVML (``pynvml``) reports it: ``(bytes, scope)``, or None where NVML cannot say.
+
+    The allocator's peak counts live tensors only; NVML counts what the process holds on the device: the CUDA
+    context, the caching allocator's whole reserve (cached blocks and captured graphs' pools included) and the
+    libraries' own allocations. ``scope`` is ``"process"`` (this process's entry in the device's compute
+    processes) or, where that entry is not visible (a container's PID namespace), ``"device"`` (everything used
+    on the device, other processes included). The reserve only grows until it is emptied, so a reading after a
+    run's steps bounds the run's footprint so far.
+
+    None: not a CUDA device, ``pynvml`` missing, or NVML unavailable (no driver); logged once.
+    """
+    if device.type != "cuda":
+        return None
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = _nvml_handle(torch.cuda.current_device() if device.index is None else device.index)
+        pid = os.getpid()
+        for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == pid and process.usedGpuMemory is not None:
+                return int(process.usedGpuMemory), "process"
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).used), "device"
+    except Exception as err:  # pynvml raises NVMLError subclasses, one per NVML return code
+        _log.warning("NVML could not read device %s: %s", device, err)
+        return None
+
+
+@functools.cache
+def _nvml() -> Any:
+    """The initialised ``pynvml`` module, or None (missing, or no NVML library: a machine without a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as err:  # ImportError, or pynvml.NVMLError_LibraryNotFound and kin
+        _log.info("NVML unavailable (%s): GPU memory is read from the allocator only", err)
+        return None
+    return pynvml
+
+
+@functools.cache
+def _nvml_handle(index: int) -> Any:
+    """The NVML handle of torch's CUDA device ``index``, matched by UUID (``CUDA_VISIBLE_DEVICES`` renumbers)."""
+    nvml = _nvml()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except Exception:  # an older driver's UUID format: fall back to the index
+            pass
+    return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def device_capacity_bytes(device: torch.device, cpu_capacity_bytes: int) -> int:

@@ -15,7 +15,8 @@ a careful user writes. ``run_plain`` is that loop, with nothing of ours on the t
 It shares with the other rows only what makes the rows comparable: the task's data split, sample order
 (``ElasticLoader`` with the same seed), augmentation, loss, LR (base LR × ``lr_scale`` × the batch rule's
 gain, with the same warm-up-then-decay schedule) and the measurement (CUDA-event time of the training
-steps only, test accuracy in fp32 every ``eval_every_steps`` steps, the allocator's peak of the steps; 0 on a CPU).
+steps only, test accuracy in fp32 every ``eval_every_steps`` steps, the allocator's peak of the steps, 0 on a CPU;
+NVML's reading at the same points).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triaccel_rl.compare import RunResult
+from triaccel_rl.compare import NvmlPeak, RunResult
 from triaccel_rl.config import LRRule
 from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
 from triaccel_rl.loader import ElasticLoader
@@ -117,6 +118,7 @@ def run_plain(
     time_s = 0.0
     steps = samples = 0
     peak = 0
+    nvml = NvmlPeak(device)
     curve: list[tuple[float, float, int, float, float]] = []
     trace: list[dict[str, Any]] = []
     time_to_target: float | None = None
@@ -152,6 +154,7 @@ def run_plain(
         time_s += timer.stop() / 1e3  # one host-device sync per evaluation interval, as the other rows
         if device.type == "cuda":
             peak = max(peak, int(torch.cuda.max_memory_allocated(device)))
+        nvml.read()
         metric = evaluate_accuracy(model, test_x, test_y)
         curve.append((time_s, metric, batch, lr_scale, low_share))
         trace.append(
@@ -180,4 +183,6 @@ def run_plain(
         trace=trace,
         layer_names=[info.name for info in layers],
         mean_step_ms=1e3 * time_s / max(steps, 1),
+        nvml_bytes=nvml.bytes,
+        nvml_scope=nvml.scope,
     )
