@@ -59,12 +59,27 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--controllers", "missing.zip"], "does not exist"),
         (["compare", "--seeds", "0"], "--seeds 0 must be >= 1"),
         (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "eval_every_steps=0 must be >= 1"),
+        (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main([*argv, "--no-progress", "--out", "", "--log-dir", ""]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys):
+    argv = ["compare", "--task", "synthetic", "--controllers", "plain-fp32,fp32", "--seeds", "1", "--epochs", "0.5",
+            "--cost-mode", "measured", "--reference", "plain-fp32", "--log-dir", "", "--out", str(tmp_path / "r.json"),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| plain-fp32 |" in printed and "| static-fp32 |" in printed
+    rows = {row["controller"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert (
+        rows["plain-fp32"]["time_ratio"] == 1.0
+        and rows["static-fp32"]["final_metric_mean"] == (rows["plain-fp32"]["final_metric_mean"])
+    )
 
 
 def test_console_script_runs():

@@ -191,3 +191,37 @@ def test_the_overhead_is_broken_down_by_part():
     assert sum(parts.values()) == pytest.approx(result.overhead_frac, rel=1e-9)  # "other" closes the sum
     static = run_controller("synthetic", "bf16", 0, epochs=1, config=config, device="cpu")
     assert static.overhead_parts["rounds"] == 0.0 and static.overhead_parts["decision"] == 0.0  # no rounds, no policy
+
+
+def test_a_users_plain_loop_is_a_row_of_the_comparison():
+    # In measured time (CPU wall time here) a plain fp32 loop trains the same model as the static fp32 row, evaluated
+    # at the same steps; its time is its own loop's.
+    results = compare(
+        "synthetic", ["plain-fp32", "fp32"], [0], epochs=1.0, cost_mode="measured", device="cpu",
+        config=ControllerConfig(interval_steps=10), eval_every=2, show_progress=False,
+    )  # fmt: skip
+    plain, static = results
+    assert (plain.controller, static.controller) == ("plain-fp32", "static-fp32")
+    assert plain.steps == static.steps
+    assert [c[1] for c in plain.curve] == [c[1] for c in static.curve] and len(plain.curve) >= 2
+    assert plain.time_s > 0 and plain.overhead_frac == 0.0
+
+
+@pytest.mark.parametrize(
+    "controllers, kwargs, message",
+    [
+        (
+            ["plain-int8"],
+            {"cost_mode": "measured"},
+            r"unknown plain-loop row 'plain-int8'; allowed: plain-fp32, plain-bf16",
+        ),
+        (
+            ["fp32", "plain-bf16"],
+            {},
+            r"plain-bf16 measure a plain loop's real time, but this comparison charges modelled",
+        ),
+    ],
+)
+def test_plain_rows_are_refused_before_any_run_when_they_cannot_compare(controllers, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compare("synthetic", controllers, [0], device="cpu", show_progress=False, **kwargs)

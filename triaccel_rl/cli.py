@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
             "comma-separated: fp32, bf16, fp16 (static); heuristic; its ablations heuristic-precision "
             "(precision rule only), heuristic-elastic (batch rule only), heuristic-second-order (LR rule only, "
             "with curvature-scaled per-layer LR factors); batch-finder, batch-finder-bf16, batch-finder-fp16 "
-            "(largest batch that fits, fixed); pretrained (the policy shipped with the package); or SB3 .zip "
-            f"paths (default {DEFAULT_CONTROLLERS})"
+            "(largest batch that fits, fixed); pretrained (the policy shipped with the package); SB3 .zip "
+            "paths; or plain-fp32, plain-bf16, plain-fp16: your own PyTorch loop (torch.optim, autocast, GradScaler "
+            f"for fp16; needs --cost-mode measured, the default on a GPU) (default {DEFAULT_CONTROLLERS})"
         ),
     )
     compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")

@@ -377,15 +377,38 @@ def compare(
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
 
-    ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s.
+    ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
+    ``plain-bf16`` or ``plain-fp16`` is a user's own PyTorch loop in that precision
+    (:func:`triaccel_rl.plain.run_plain`, with this comparison's constant LR and evaluation steps: every
+    ``eval_every_steps``, else every ``eval_every`` × ``config.interval_steps`` steps). It measures real time, so
+    it needs ``cost_mode="measured"`` (the default on a GPU): beside rows charged modelled time its seconds would
+    mean something else.
 
     Raises:
-        ValueError: an unknown task or controller, before any run starts.
+        ValueError: an unknown task or controller, or a plain row in modelled time, before any run starts.
     """
+    from triaccel_rl.plain import PLAIN_PRECISIONS, run_plain  # plain.py imports this module
+
     task_obj = get_task(task)
     config = config or ControllerConfig()
+    plain = [c for c in controllers if c.startswith("plain-")]
     for controller in controllers:  # fail fast on a bad name or zip, before any run starts
-        _policy(controller, config)
+        if controller in plain:
+            if controller.removeprefix("plain-") not in PLAIN_PRECISIONS:
+                allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
+                raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
+        else:
+            _policy(controller, config)
+    if plain:
+        on_gpu = resolve_device(device).type == "cuda"
+        mode = (
+            CostMode.parse(cost_mode) if cost_mode is not None else (CostMode.MEASURED if on_gpu else CostMode.PROFILE)
+        )
+        if mode is not CostMode.MEASURED:
+            raise ValueError(
+                f"{', '.join(plain)} measure a plain loop's real time, but this comparison charges modelled time "
+                "(cost mode 'profile', the default on a CPU): use cost mode 'measured' (--cost-mode measured)"
+            )
     if not seeds:
         raise ValueError("need at least one seed")
     total = epochs * len(controllers) * len(seeds)
@@ -395,6 +418,21 @@ def compare(
         for controller in controllers:
             for seed in seeds:
                 bar.set_postfix_str(f"{controller} seed {seed}")
+                if controller in plain:
+                    results.append(
+                        run_plain(
+                            task_obj,
+                            seed,
+                            precision=controller.removeprefix("plain-"),
+                            epochs=epochs,
+                            schedule=False,  # as run_controller's default here: a constant LR
+                            channels_last=False,
+                            eval_every_steps=eval_every_steps or eval_every * config.interval_steps,
+                            device=device,
+                        )
+                    )
+                    _advance(bar, epochs)
+                    continue
                 run_log = None if log_dir is None else Path(log_dir) / f"{_safe(controller)}-seed{seed}"
                 results.append(
                     run_controller(
