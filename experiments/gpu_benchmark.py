@@ -324,6 +324,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                         "per_seed": summary["time_to_target_s"],
                     },
                     "reach_rate": summary["reach_rate"],
+                    "rank": summary["rank"],  # by time to target among this job's rows that reached on every seed
                     "final_acc": {
                         "mean": summary["final_metric_mean"],
                         "std": summary["final_metric_std"],

@@ -50,6 +50,26 @@ def test_summary_statistics_and_ratios_are_exact():
         summarize([fake("a", 0, 0.9, 1.0, None)], reference="c")
 
 
+def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_every_seed():
+    rows = summarize(
+        [
+            fake("fast-but-fragile", 0, 0.9, 9.0, 1.0),  # the shortest mean time, but a miss on seed 1
+            fake("fast-but-fragile", 1, 0.7, 9.0, None),
+            fake("slow", 0, 0.9, 9.0, 6.0),
+            fake("slow", 1, 0.9, 9.0, 6.0),
+            fake("steady", 0, 0.9, 9.0, 3.0),
+            fake("steady", 1, 0.9, 9.0, 5.0),
+            fake("tied", 0, 0.9, 9.0, 4.0),
+            fake("tied", 1, 0.9, 9.0, 4.0),
+        ]
+    )
+    ranks = {row["controller"]: row["rank"] for row in rows}
+    assert ranks == {"fast-but-fragile": None, "steady": 1, "tied": 1, "slow": 3}
+    lines = format_table(rows).splitlines()
+    assert lines[0].split(" | ")[5] == "rank"
+    assert [line.split(" | ")[5] for line in lines[2:]] == ["—", "3", "1", "1"]
+
+
 def test_runs_record_curves_and_traces(results):
     assert len(results) == 4
     for run in results:

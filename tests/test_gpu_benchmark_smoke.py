@@ -38,6 +38,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
         assert (row["peak_bytes"] > 0 or row["controller"].startswith("plain")) and 0 <= row["overhead_frac"] < 1
         assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
         assert row["peak_nvml_bytes"] is None and row["nvml_scope"] == []  # no NVML reading on a CPU
+        assert row["rank"] is None if row["reach_rate"] < 1 else row["rank"] >= 1
     assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == rows["plain-fp32"]["seeds"] == [0]
     assert [(g["batch"], g["lr_scale"]) for g in data["grid"]] == [(32, 1.0), (64, 1.0)]
     # fp32 x 1 + plain-fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2; warm-ups not kept

@@ -478,7 +478,9 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
     """Aggregates results per controller: mean, standard deviation and bootstrap 95% CI over seeds.
 
     Time to target is averaged over the seeds that reached it (``reach_rate`` says how many);
-    ``time_ratio`` and ``time_to_target_ratio`` compare with the ``reference`` row.
+    ``time_ratio`` and ``time_to_target_ratio`` compare with the ``reference`` row. ``rank`` orders the rows
+    that reached the target on every seed by their mean time to it (1: the fastest; equal times share a rank);
+    a row that missed on some seed has none (None), whatever its mean over the seeds that reached.
     """
     by_controller: dict[str, list[RunResult]] = {}
     for result in results:
@@ -521,6 +523,10 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "fallbacks_total": sum(r.fallbacks for r in runs),
             }
         )
+    always = sorted(row["time_to_target_s_mean"] for row in rows if row["reach_rate"] == 1.0)
+    for row in rows:
+        reached_all = row["reach_rate"] == 1.0
+        row["rank"] = 1 + always.index(row["time_to_target_s_mean"]) if reached_all else None
     if reference is not None:
         ref = next((row for row in rows if row["controller"] == reference), None)
         if ref is None:
@@ -533,18 +539,19 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
 
 
 def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -> str:
-    """A Markdown table of ``summarize`` rows."""
+    """A Markdown table of ``summarize`` rows (``rank``: among the rows that reached the target on every seed)."""
     header = (
-        f"| controller | final acc | {time_label} | to target (s) | reached | peak memory | "
+        f"| controller | final acc | {time_label} | to target (s) | reached | rank | peak memory | "
         "changes prec/batch/LR | overhead |"
     )
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * 9]
     for row in rows:
         to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
         nvml = "" if row.get("nvml_bytes_mean") is None else f" (NVML {_bytes(row['nvml_bytes_mean'])})"
         lines.append(
             f"| {row['controller']} | {100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f} "
             f"| {row['time_s_mean']:.3g} ± {row['time_s_std']:.2g} | {to_target} | {100 * row['reach_rate']:.0f}% "
+            f"| {'—' if row.get('rank') is None else row['rank']} "
             f"| {_bytes(row['peak_bytes_mean'])}{nvml} | {row['precision_changes_mean']:.1f} / "
             f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
         )
