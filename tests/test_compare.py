@@ -213,18 +213,26 @@ def test_the_overhead_is_broken_down_by_part():
     assert static.overhead_parts["rounds"] == 0.0 and static.overhead_parts["decision"] == 0.0  # no rounds, no policy
 
 
-def test_a_users_plain_loop_is_a_row_of_the_comparison():
+def test_a_users_plain_loop_is_a_row_of_the_comparison(tmp_path):
     # In measured time (CPU wall time here) a plain fp32 loop trains the same model as the static fp32 row, evaluated
-    # at the same steps; its time is its own loop's.
+    # at the same steps; its time is its own loop's, and its curve goes to TensorBoard like every row's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     results = compare(
         "synthetic", ["plain-fp32", "fp32"], [0], epochs=1.0, cost_mode="measured", device="cpu",
-        config=ControllerConfig(interval_steps=10), eval_every=2, show_progress=False,
+        config=ControllerConfig(interval_steps=10), eval_every=2, show_progress=False, log_dir=tmp_path,
     )  # fmt: skip
     plain, static = results
     assert (plain.controller, static.controller) == ("plain-fp32", "static-fp32")
     assert plain.steps == static.steps
     assert [c[1] for c in plain.curve] == [c[1] for c in static.curve] and len(plain.curve) >= 2
     assert plain.time_s > 0 and plain.overhead_frac == 0.0
+    for row, result in (("plain-fp32", plain), ("fp32", static)):
+        events = EventAccumulator(str(tmp_path / f"{row}-seed0"))
+        events.Reload()
+        logged = events.Scalars("test/metric_vs_time_ms")
+        assert [e.value for e in logged] == [pytest.approx(m) for _, m, *_ in result.curve]
+        assert all(abs(e.step - 1e3 * t) <= 1 for e, (t, *_) in zip(logged, result.curve, strict=True))  # ms
 
 
 @pytest.mark.parametrize(

@@ -418,6 +418,7 @@ def compare(
         for controller in controllers:
             for seed in seeds:
                 bar.set_postfix_str(f"{controller} seed {seed}")
+                run_log = None if log_dir is None else Path(log_dir) / f"{_safe(controller)}-seed{seed}"
                 if controller in plain:
                     results.append(
                         run_plain(
@@ -431,9 +432,9 @@ def compare(
                             device=device,
                         )
                     )
+                    _log_curve(run_log, results[-1])
                     _advance(bar, epochs)
                     continue
-                run_log = None if log_dir is None else Path(log_dir) / f"{_safe(controller)}-seed{seed}"
                 results.append(
                     run_controller(
                         task_obj,
@@ -580,6 +581,21 @@ def _policy(controller: str | Policy, config: ControllerConfig) -> Any:
     return make_policy(
         controller, config, gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32), action_space(config)
     )
+
+
+def _log_curve(log_dir: str | os.PathLike[str] | None, result: RunResult) -> None:
+    """Writes a finished run's evaluation points to TensorBoard (a plain loop's, which has no writer of its own).
+
+    The tags are two of those ``run_controller`` writes live: the test metric against time in ms (the one to read
+    across rows) and the peak memory, at the last step (a static loop has no batch, LR or precision moves to log).
+    """
+    writer = _writer(log_dir)
+    if writer is None:
+        return
+    for time_s, metric, *_ in result.curve:
+        writer.add_scalar("test/metric_vs_time_ms", metric, int(time_s * 1e3))
+    writer.add_scalar("memory/peak_bytes", result.peak_bytes, result.steps)
+    writer.close()
 
 
 def _writer(log_dir: str | os.PathLike[str] | None) -> Any:
