@@ -74,7 +74,8 @@ def test_environment_runs_through_injected_ooms_without_losing_samples(policy_mo
     from triaccel_rl.policies import HeuristicPolicy
 
     config = ControllerConfig(interval_steps=3, min_batch_size=8)
-    env = TriAccelEnv(task="synthetic", config=config, max_decisions=6, task_overrides={"n_train": 900})
+    # 300 samples: the episode crosses two epoch boundaries, so at least one whole epoch is checked below.
+    env = TriAccelEnv(task="synthetic", config=config, max_decisions=6, task_overrides={"n_train": 300})
     obs, _ = env.reset(seed=1)
     assert env.loop is not None
     run = env.loop.run
@@ -101,7 +102,7 @@ def test_environment_runs_through_injected_ooms_without_losing_samples(policy_mo
     assert run.samples_seen - served == sum(len(indices) for indices in applied.values())
     for indices in applied.values():
         assert len(set(indices)) == len(indices)  # no sample twice in an epoch
-    assert len(applied) >= 2  # the run crossed an epoch boundary...
+    assert len(applied) >= 3  # the run crossed two epoch boundaries (one whole epoch between)...
     for epoch in list(applied)[1:-1]:
         assert sorted(applied[epoch]) == list(range(len(run.loader)))  # ...and full epochs have every sample
     if policy_move == "grow-always":
