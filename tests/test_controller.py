@@ -113,13 +113,11 @@ def test_skipped_steps_are_counted_when_only_some_steps_are_recorded():
 
 def test_expensive_decisions_stretch_the_controllers_interval():
     """The cadence is on by default on a GPU; forced on here, a slow policy's decisions spread out to the cap."""
-    import time
-
     from triaccel_rl.policies import StaticPolicy
 
     class SlowPolicy(StaticPolicy):
         def predict(self, observation, state=None, episode_start=None, deterministic=False):
-            time.sleep(0.02)  # 20 ms a decision: 1% of training time needs thousands of CPU steps
+            ctl.collector.add_overhead(1e4)  # 10 s a decision, injected: 1% of training needs a million steps
             return super().predict(observation, state, episode_start, deterministic)
 
     model, opt = model_and_optimizer()
@@ -143,8 +141,6 @@ def test_expensive_decisions_stretch_the_controllers_interval():
 
 def test_a_decision_that_changes_the_lr_is_judged_after_the_shortest_interval():
     """After a change the controller's next interval is ``interval_steps``, then stretches again."""
-    import time
-
     from triaccel_rl.policies import StaticPolicy
 
     from triaccel_rl.actions import encode
@@ -156,7 +152,7 @@ def test_a_decision_that_changes_the_lr_is_judged_after_the_shortest_interval():
         calls = 0
 
         def predict(self, observation, state=None, episode_start=None, deterministic=False):
-            time.sleep(0.02)
+            ctl.collector.add_overhead(1e4)  # a slow decision, injected (as above)
             LowersOnce.calls += 1
             action = Action((Precision.FP32,) * config.n_groups, 0.75 if self.calls >= 4 else 1.0, BatchMove.KEEP)
             return encode(action, config), state

@@ -29,4 +29,5 @@ MODULES = [
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no docstring examples left to run"
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples failed in {name}"

@@ -124,13 +124,15 @@ def test_enable_lr_factors_applies_them_from_the_next_snapshot():
     loop.train_interval()
     signals = loop.snapshot(progress=0.1)
     assert signals.lr_factors is not None
-    np.testing.assert_array_equal(loop.run.lr_factors, signals.lr_factors)
+    assert not np.all(signals.lr_factors == 1.0)  # factors were computed (not the all-ones default)...
+    np.testing.assert_array_equal(loop.run.lr_factors, signals.lr_factors)  # ...and applied
 
 
 def test_lr_factors_on_through_the_config():
     loop = make_loop(signals=SignalConfig.preset("cheap", lr_factors=True))
     loop.train_interval()
     signals = loop.snapshot(progress=0.0)
+    assert signals.lr_factors is not None and not np.all(signals.lr_factors == 1.0)
     np.testing.assert_array_equal(loop.run.lr_factors, signals.lr_factors)
 
 
