@@ -99,6 +99,14 @@ def test_json_schema_and_table(results, tmp_path):
             "time_ratio",
         ):
             assert key in row
+    # The values survive the round trip, not only the keys (tuples come back as lists).
+    assert payload["rows"] == json.loads(json.dumps(rows))
+    assert (
+        [(run["controller"], run["seed"]) for run in payload["runs"]]
+        == [(r.controller, r.seed) for r in results]
+        == [("static-fp32", 0), ("static-fp32", 1), ("heuristic", 0), ("heuristic", 1)]
+    )
+    assert [run["curve"] for run in payload["runs"]] == [json.loads(json.dumps(r.curve)) for r in results]
     table = format_table(rows)
     assert table.count("\n") == 3 and "| heuristic |" in table
 

@@ -76,12 +76,20 @@ def test_controller_takes_pretrained_by_name():
     ctl = Controller(model, optimizer, policy="pretrained", config=ControllerConfig(interval_steps=2), device="cpu")
     assert isinstance(ctl.policy, FallbackPolicy)
     x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = 0
     for xb, yb in ctl.loader((x, y), batch_size=32, epochs=1):
         with ctl.autocast():
             loss = nn.functional.cross_entropy(model(xb), yb)
         ctl.step(loss)
+        seen += len(yb)
     ctl.close()
+    # The policy decided every 2 steps (each decision the pretrained policy's or, out of its range, the heuristic's)
+    # and training went on: every sample seen once, the weights moved and stayed finite.
+    assert seen == len(y)
+    assert len(ctl.decisions) == ctl.steps // 2 and ctl.steps >= 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 class _RecordingModel:
