@@ -272,3 +272,33 @@ def test_nvml_reads_at_least_the_allocators_reserve_and_every_run_records_it():
     assert scope in ("process", "device") and used >= torch.cuda.memory_reserved() >= block.numel()
     result = run_controller("synthetic", "bf16", 0, epochs=0.5, device="cuda", eval_every=1)
     assert result.nvml_bytes is not None and result.nvml_bytes >= result.peak_bytes > 0
+
+
+def test_the_controllers_memory_peak_includes_the_forward():
+    """A transient allocated and freed inside the forward is part of the step's peak (autocast() starts it)."""
+    from torch import nn
+
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.controller import Controller
+
+    transient = 256 * 2**20
+
+    class Spiky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 2)
+
+        def forward(self, x):
+            scratch = torch.ones(transient // 4, device=x.device)  # freed when the forward returns
+            return self.linear(x) + 0.0 * scratch[0]
+
+    model = Spiky().cuda()
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32",
+                     config=ControllerConfig(interval_steps=2, max_interval_factor=1))  # fmt: skip
+    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 2, (64,), device="cuda")
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+    ctl.close()
+    assert ctl.signals is not None and ctl.signals.memory_bytes >= transient

@@ -168,6 +168,7 @@ class Controller:
         self._applied_at_start = 0  # the engine's applied updates when the interval began
         self._interval_steps = 0
         self._interval_peak = 0
+        self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
         self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
         self._timer = IntervalTimer(self.device)
         self._timer.start()
@@ -226,7 +227,13 @@ class Controller:
             yield batch.x, batch.y
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """Context for the forward pass and the loss: each layer runs in its decided precision."""
+        """Context for the forward pass and the loss: each layer runs in its decided precision.
+
+        On a GPU it also starts the step's memory measurement, so the peak ``step`` reads covers the forward too.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no sync
+            self._peak_from_forward = True
         if not self.model.training:  # train() walks every module: skip it when nothing changed
             self.model.train()
         self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
@@ -244,8 +251,9 @@ class Controller:
         """
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._peak_from_forward = False
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.advance()
         if self._moments is None:  # the first step
