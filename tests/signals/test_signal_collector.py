@@ -119,11 +119,20 @@ def test_round_estimates_enter_the_snapshot_with_their_definitions() -> None:
     assert signals.extra["fisher_source"] == "microbatch_rounds"
     assert signals.hessian_trace is not None and signals.sparsity is not None and signals.lr_factors is not None
     assert_all_finite(signals)
-    # Definitions: curvature = |tr H| / n; variance = tr(Sigma) / (B n); noise = sum tr(Sigma) / sum |G|^2.
+    # Definitions: curvature = |tr H| / n; variance = tr(Sigma) / (B n); SNR = |G|^2 / (tr(Sigma) / B);
+    # noise = sum tr(Sigma) / sum |G|^2 when the round resolved |G|^2, else the round's sample count (a lower
+    # bound). With round_ema_decay 0 the folded moments are the last round's own (the rounds' estimators are
+    # checked against references in test_signal_estimators).
     np.testing.assert_allclose(signals.curvature, np.abs(signals.hessian_trace) / signals.n_params)
-    snr_times_variance = signals.snr * signals.grad_variance * signals.n_params
-    assert np.all(snr_times_variance >= 0)
-    assert signals.noise_scale > 0
+    cov = np.maximum(collector._cov_ema / collector._round_weight, 0.0)
+    grad_sq = collector._grad_sq_ema / collector._round_weight
+    assert np.all(cov[:2] > 0)  # both layers measured
+    np.testing.assert_allclose(signals.grad_variance, cov / (64 * signals.n_params))
+    np.testing.assert_allclose(signals.snr, np.maximum(grad_sq, 0.0) / (cov / 64))
+    samples = collector._round_samples
+    resolved = grad_sq.sum() > cov.sum() / samples
+    expected_noise = cov.sum() / grad_sq.sum() if resolved else samples
+    assert signals.noise_scale == pytest.approx(expected_noise, rel=1e-12)
     assert collector.estimator_ms > 0 and collector.overhead_ms >= collector.estimator_ms
     # The cheap tier's time (observe, snapshot) is the rest of the collector's own work.
     assert collector.cheap_ms > 0 and abs(collector.overhead_ms - collector.estimator_ms - collector.cheap_ms) < 1e-9
