@@ -111,6 +111,19 @@ def test_skipped_steps_are_counted_when_only_some_steps_are_recorded():
     assert ctl.rollbacks == 0  # a mixed interval: neither copied nor restored
 
 
+def decision_steps(ctl, model):
+    """Trains one epoch of 480 samples at batch 16 (30 steps); returns the steps at which a decision was taken."""
+    decided_at = []
+    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        before = len(ctl.decisions)
+        ctl.step(loss)
+        if len(ctl.decisions) > before:
+            decided_at.append(ctl.steps)
+    return decided_at
+
+
 def test_expensive_decisions_stretch_the_controllers_interval():
     """The cadence is on by default on a GPU; forced on here, a slow policy's decisions spread out to the cap."""
     from triaccel_rl.policies import StaticPolicy
@@ -126,14 +139,7 @@ def test_expensive_decisions_stretch_the_controllers_interval():
     )
     assert not ctl.cadence.adaptive  # a CPU run decides every interval_steps
     ctl.cadence.adaptive = True
-    decided_at = []
-    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):  # 30 steps
-        with ctl.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        before = len(ctl.decisions)
-        ctl.step(loss)
-        if len(ctl.decisions) > before:
-            decided_at.append(ctl.steps)
+    decided_at = decision_steps(ctl, model)
     # The first decision is not measured (one-time costs); from the second on, every 2 x 3 steps.
     assert decided_at == [2, 4, 10, 16, 22, 28]
     ctl.close()
@@ -160,14 +166,7 @@ def test_a_decision_that_changes_the_lr_is_judged_after_the_shortest_interval():
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy=LowersOnce("fp32"), config=config)
     ctl.cadence.adaptive = True
-    decided_at = []
-    for x, y in ctl.loader(data(n=480), batch_size=16, epochs=1):  # 30 steps
-        with ctl.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        before = len(ctl.decisions)
-        ctl.step(loss)
-        if len(ctl.decisions) > before:
-            decided_at.append(ctl.steps)
+    decided_at = decision_steps(ctl, model)
     assert [report.lr_scale for report in ctl.decisions][3:] == [0.75] * (len(ctl.decisions) - 3)
     # As above ([2, 4, 10, 16, 22, 28]) until the change at step 16; the next decision comes 2 steps later.
     assert decided_at == [2, 4, 10, 16, 18, 24, 30]
