@@ -84,7 +84,9 @@ for stage in "$@"; do
            --out "$OUT/ramp_early_effnet.json" --plots "" 2>&1 | tail -30 ;;
     # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
-    *) python3 experiments/gpu_benchmark.py $stage 2>&1 | tail -40 ;;
+    # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
+    # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
+    *) eval "python3 experiments/gpu_benchmark.py $stage" 2>&1 | tail -40 ;;
   esac
 done
 echo "=== done $(date +%T)"
