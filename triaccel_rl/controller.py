@@ -418,9 +418,8 @@ class Controller:
         self._noise_scale = signals.noise_scale  # for the adascale LR rule, should the batch change now
         start = time.perf_counter()
         raw, _ = self.policy.predict(observation, deterministic=True)
-        before = (self.batch_size, self.engine.lr_scale)
         report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)
-        if report.changed_precision > 0 or (report.batch_size, report.lr_scale) != before:
+        if report.changed:
             self.cadence.expedite()  # judge the change at the next decision, soon
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)

@@ -61,6 +61,7 @@ class ApplyReport:
         lr_scale: the LR multiplier now in force.
         batch_size: the batch size now in force.
         changed_precision: layers whose precision changed.
+        changed: whether anything changed: a layer's precision, the LR multiplier or the batch size.
         refused: one human-readable reason per part of the action that was not applied as asked.
     """
 
@@ -68,6 +69,7 @@ class ApplyReport:
     lr_scale: float
     batch_size: int
     changed_precision: int = 0
+    changed: bool = False
     refused: list[str] = field(default_factory=list)
 
 
@@ -113,6 +115,7 @@ class Executor:
             refused.append(f"precision not applied: {err}")
         changed = sum(a != b for a, b in zip(current, engine.precision.precisions, strict=True))
 
+        before = (engine.lr_scale, target.batch_size)
         limit = self.config.max_lr_change
         low, high = engine.lr_scale / limit, engine.lr_scale * limit
         lr_scale = min(max(action.lr_scale, low), high)
@@ -145,5 +148,6 @@ class Executor:
             lr_scale=engine.lr_scale,
             batch_size=target.batch_size,
             changed_precision=changed,
+            changed=changed > 0 or (engine.lr_scale, target.batch_size) != before,
             refused=refused,
         )

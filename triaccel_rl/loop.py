@@ -257,12 +257,10 @@ class DecisionLoop:
         interval the shortest (``Cadence.expedite``), so the change is judged soon.
         """
         overflow = self.signals.overflow_rate if self.signals is not None else 0.0
-        before = (self.run.batch_size, self.run.lr_scale)
         report = self.executor.apply(decode(raw_action, self.config), self.run, overflow_rate=overflow)
         self.decisions += 1
-        changed = report.changed_precision > 0 or (report.batch_size, report.lr_scale) != before
-        if changed:
+        if report.changed:
             self.cadence.expedite()  # judge the change at the next decision, soon
-        if changed and self.guard is not None and self._healthy and not self.guard.copy_is_current:
+        if report.changed and self.guard is not None and self._healthy and not self.guard.copy_is_current:
             self.guard.save()
         return report

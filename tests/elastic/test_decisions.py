@@ -59,7 +59,9 @@ def test_shrink_is_never_refused_for_memory() -> None:
     loop = _loop()
     shrink = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.SHRINK)
     report = loop.executor.apply(shrink, loop.run)
-    assert report.batch_size == 32 and not report.refused
+    assert report.batch_size == 32 and not report.refused and report.changed
+    keep = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.KEEP)
+    assert not loop.executor.apply(keep, loop.run).changed  # the same configuration again: nothing changed
 
 
 def test_executor_uses_the_targets_usable_memory() -> None:
