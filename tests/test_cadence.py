@@ -71,14 +71,17 @@ def test_config_rejects_bad_cadence_and_snapshot_settings(field, value):
         ControllerConfig(**{field: value})
 
 
-def _intervals(loop, n, decision_ms):
+def _intervals(loop, n, decision_ms, action=None):
+    """Steps of each of ``n`` intervals; each decision costs ``decision_ms`` and applies ``action(i)`` if given."""
     steps = []
-    for _ in range(n):
+    for decision in range(n):
         before = loop.run.steps
         loop.train_interval()
         steps.append(loop.run.steps - before)
         loop.snapshot(progress=0.1)
         loop.collector.add_overhead(decision_ms)  # what a slow policy and executor would cost
+        if action is not None:
+            loop.apply(action(decision))
     return steps
 
 
@@ -179,13 +182,7 @@ def test_a_decision_that_changes_the_configuration_is_judged_after_the_shortest_
     precisions = tuple(Precision.FP32 for _ in range(config.n_groups))
     keep = encode(Action(precisions, 1.0, BatchMove.KEEP), config)
     lower = encode(Action(precisions, 0.75, BatchMove.KEEP), config)
-    steps = []
-    for decision in range(6):
-        before = loop.run.steps
-        loop.train_interval()
-        steps.append(loop.run.steps - before)
-        loop.snapshot(progress=0.1)
-        loop.collector.add_overhead(1e6)
-        loop.apply(lower if decision >= 3 else keep)  # the fourth decision lowers the LR; the later ones hold it
+    # The fourth decision lowers the LR; the later ones hold it.
+    steps = _intervals(loop, 6, decision_ms=1e6, action=lambda decision: lower if decision >= 3 else keep)
     assert loop.run.lr_scale == 0.75
     assert steps == [2, 2, 6, 6, 2, 6]  # the interval after the change is the shortest, then stretched again
