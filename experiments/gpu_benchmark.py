@@ -107,6 +107,18 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     cheap_only = ControllerConfig(interval_steps=args.interval_steps, signals=SignalConfig(mode=SignalMode.CHEAP))
     no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
     anneal = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(anneal_plateau=0.02))
+    # Annealing with decisions close enough to act before the target (the interval held to at most 2x, cheap
+    # signals): on a plateau of under 5% (``heuristic-anneal5``), or at every decision past 35% of the run whatever the
+    # loss does (``heuristic-anneal-timed``: a diagnostic of what an early LR cut is worth, not a rule to ship).
+    anneal_pinned = {
+        row: ControllerConfig(
+            interval_steps=args.interval_steps,
+            max_interval_factor=2,
+            heuristic=HeuristicConfig(anneal_plateau=plateau, anneal_after=after),
+            signals=SignalConfig(mode=SignalMode.CHEAP),
+        )
+        for row, plateau, after in (("heuristic-anneal5", 0.05, 0.3), ("heuristic-anneal-timed", 0.99, 0.35))
+    }
     ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)
     held, linear = ElasticConfig(lr_rule=LRRule.NONE), ElasticConfig(lr_rule=LRRule.LINEAR)
     ramp_held = ControllerConfig(interval_steps=args.interval_steps, heuristic=ramp, elastic=held)
@@ -146,6 +158,7 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         "heuristic-no-trial": {"controller": "heuristic", "channels_last": True, "config": no_trial},
         # The heuristic that also anneals the LR on a late plateau of the probe loss (HeuristicConfig.anneal_plateau).
         "heuristic-anneal": {"controller": "heuristic", "channels_last": True, "config": anneal},
+        **{row: {"controller": "heuristic", "channels_last": True, "config": c} for row, c in anneal_pinned.items()},
         # The late batch ramp (HeuristicConfig.ramp_batch_after): past 30% of the budget the batch doubles at each
         # decision, up to 4x; the LR held (the noise halves with each doubling, as halving the LR would do) ...
         "heuristic-ramp": {"controller": "heuristic", "channels_last": True, "config": ramp_held},
@@ -161,6 +174,9 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         # LR held (``lr_scale`` is on the LR the batch sets linearly, hence the factor 0.5).
         "static-fp16-lr0.5": {"controller": "fp16", "channels_last": True, "lr_factor": 0.5},
         "static-fp16-b2x": {"controller": "fp16", "channels_last": True, "batch_factor": 2, "lr_factor": 0.5},
+        # The best static row on a schedule two thirds as long (the LR decays sooner): what tuning the epoch budget,
+        # which the grid does not, would give a user.
+        "static-fp16-8of12": {"controller": "fp16", "channels_last": True, "epochs_factor": 2 / 3},
     }
 
 
@@ -292,7 +308,9 @@ def main(args: Args) -> list[dict[str, Any]]:
                 fp32 = row in ("fp32", "plain-fp32")
                 cap = args.fp32_cap * static_target if fp32 and args.fp32_cap and static_target else None
                 with _true_fp32(fp32 and device == "cuda"):
-                    result = run_row(task, row, spec, seed=seed, epochs=args.epochs, cap=cap)
+                    result = run_row(
+                        task, row, spec, seed=seed, epochs=args.epochs * spec.get("epochs_factor", 1.0), cap=cap
+                    )
                 result.controller = row
                 results.append(result)
                 # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.

@@ -59,6 +59,11 @@ for stage in "$@"; do
     # The heuristic that anneals on a late plateau, beside the best static row and the plain heuristic (about 5 minutes).
     anneal-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,9.4 \
            --rows static-fp16,heuristic,heuristic-anneal --out "$OUT/anneal_resnet.json" 2>&1 | tail -20 ;;
+    # Annealing early enough to matter (a 5% plateau, or a timed cut past 35%, decisions at most 2 intervals apart)
+    # beside the best static row and that row on a two-thirds schedule (~5 min).
+    anneal2-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.4 \
+           --rows static-fp16,static-fp16-8of12,heuristic-anneal5,heuristic-anneal-timed --out "$OUT/anneal2_resnet.json" \
+           --plots "" 2>&1 | tail -24 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
