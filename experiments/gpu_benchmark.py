@@ -107,17 +107,23 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     cheap_only = ControllerConfig(interval_steps=args.interval_steps, signals=SignalConfig(mode=SignalMode.CHEAP))
     no_trial = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(speed_trial=False))
     anneal = ControllerConfig(interval_steps=args.interval_steps, heuristic=HeuristicConfig(anneal_plateau=0.02))
-    # Annealing with decisions close enough to act before the target (the interval held to at most 2x, cheap
+    # Annealing with decisions close enough to act before the target (the interval held to at most 2x or 1x, cheap
     # signals): on a plateau of under 5% (``heuristic-anneal5``), or at every decision past 35% of the run whatever the
     # loss does (``heuristic-anneal-timed``: a diagnostic of what an early LR cut is worth, not a rule to ship).
     anneal_pinned = {
         row: ControllerConfig(
             interval_steps=args.interval_steps,
-            max_interval_factor=2,
+            max_interval_factor=factor,
             heuristic=HeuristicConfig(anneal_plateau=plateau, anneal_after=after),
             signals=SignalConfig(mode=SignalMode.CHEAP),
         )
-        for row, plateau, after in (("heuristic-anneal5", 0.05, 0.3), ("heuristic-anneal-timed", 0.99, 0.35))
+        for row, plateau, after, factor in (
+            ("heuristic-anneal5", 0.05, 0.3, 2),
+            ("heuristic-anneal-timed", 0.99, 0.35, 2),
+            # Every decision interval at its least (``interval_steps``): a plateau is seen one interval sooner.
+            ("heuristic-anneal5-i1", 0.05, 0.3, 1),
+            ("heuristic-anneal5-i1-a25", 0.05, 0.25, 1),
+        )
     }
     ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)
     held, linear = ElasticConfig(lr_rule=LRRule.NONE), ElasticConfig(lr_rule=LRRule.LINEAR)

@@ -64,6 +64,13 @@ for stage in "$@"; do
     anneal2-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.4 \
            --rows static-fp16,static-fp16-8of12,heuristic-anneal5,heuristic-anneal-timed --out "$OUT/anneal2_resnet.json" \
            --plots "" 2>&1 | tail -24 ;;
+    # Annealing with a decision every interval (1x), from 30% or 25% of the run, beside static fp16 and the 2x rule (~3 min),
+    # and on EfficientNet-B0 (~2.5 min).
+    anneal3-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.4 \
+           --rows static-fp16,heuristic-anneal5,heuristic-anneal5-i1,heuristic-anneal5-i1-a25 \
+           --out "$OUT/anneal3_resnet.json" --plots "" 2>&1 | tail -20 ;;
+    anneal3-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 512,0.5,7.9 \
+           --rows static-fp16,heuristic-anneal5,heuristic-anneal5-i1 --out "$OUT/anneal3_effnet.json" --plots "" 2>&1 | tail -20 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
