@@ -11,7 +11,8 @@ One process runs every row, so all rows share the machine state. For each model:
    through Tri-Accel's executor (fused Triton step, captured CUDA graphs: ``static-bf16``, ``static-fp16``,
    ``fp32``), a batch finder + bf16, the heuristic (with its bf16/fp16 speed trial; ``heuristic-no-trial``:
    bf16 without one; ``heuristic-cheap``: on the cheap signals only; ``heuristic-anneal``: also annealing the LR on
-   a late plateau of the probe loss), the learned (pretrained) policy, and
+   a late plateau of the probe loss; ``heuristic-anneal5*``: the same with a decision every one or two intervals),
+   the learned (pretrained) policy, and
    ablations. The ``static-*`` rows isolate what the controller adds; the ``plain-*`` rows what the whole tool
    adds.
 

@@ -118,6 +118,8 @@ def test_every_row_of_the_benchmark_runs(tmp_path):
     assert (
         rows["heuristic-ramp"]["setting"] == rows["heuristic-ramp"]["static_setting"] == {"batch": 64, "lr_scale": 1.0}
     )
+    steps = {run["controller"]: run["steps"] for run in json.loads(out.read_text())["runs"]}
+    assert abs(steps["static-fp16-8of12"] - 2 / 3 * steps["static-fp16"]) <= 1  # the two-thirds schedule
 
 
 def test_the_device_visit_stages_name_only_rows_that_exist():

@@ -256,7 +256,11 @@ class HeuristicConfig:
             the CPU proxies (``experiments/batch_headroom.py --rows heuristic,heuristic-anneal --epochs 5``,
             constant LR, 10-step intervals) it was 0.97-1.03x the heuristic's time to target, within seed
             noise, and with the warm-up/decay schedule it cost dwcnn-fmnist 0.3-0.8 points: a plateau read
-            over 10 steps is not one read over the ~110 steps of a GPU interval.
+            over 10 steps is not one read over the ~110 steps of a GPU interval. It needs decisions close enough
+            to act: with ``ControllerConfig.max_interval_factor=1`` (a decision every interval), the cheap signals
+            and 0.05, on the H200 (2026-12-02, later) it reached 93% in 0.90x static fp16's time on ResNet-18 (5
+            seeds; 0.86x in an earlier job) and 0.98x on EfficientNet-B0 (3 seeds; 0.87x earlier), ending 0.12
+            and 0.14-0.43 points lower: off by default for that accuracy cost.
         anneal_after: the share of the training budget (``progress``) before which ``anneal_plateau`` does
             nothing (the loss of a young run is noisy and its fall uneven), in [0, 1].
         ramp_batch_after: None (the default): off. A share of the training budget in [0, 1]: once ``progress``
