@@ -115,15 +115,17 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         row: ControllerConfig(
             interval_steps=args.interval_steps,
             max_interval_factor=factor,
-            heuristic=HeuristicConfig(anneal_plateau=plateau, anneal_after=after),
+            heuristic=HeuristicConfig(anneal_plateau=plateau, anneal_after=after, anneal_rungs=rungs),
             signals=SignalConfig(mode=SignalMode.CHEAP),
         )
-        for row, plateau, after, factor in (
-            ("heuristic-anneal5", 0.05, 0.3, 2),
-            ("heuristic-anneal-timed", 0.99, 0.35, 2),
+        for row, plateau, after, factor, rungs in (
+            ("heuristic-anneal5", 0.05, 0.3, 2, 1),
+            ("heuristic-anneal-timed", 0.99, 0.35, 2, 1),
             # Every decision interval at its least (``interval_steps``): a plateau is seen one interval sooner.
-            ("heuristic-anneal5-i1", 0.05, 0.3, 1),
-            ("heuristic-anneal5-i1-a25", 0.05, 0.25, 1),
+            ("heuristic-anneal5-i1", 0.05, 0.3, 1, 1),
+            ("heuristic-anneal5-i1-a25", 0.05, 0.25, 1, 1),
+            # Two rungs at once (x1 -> x0.5): the cut lands one decision sooner.
+            ("heuristic-anneal5-i1-r2", 0.05, 0.3, 1, 2),
         )
     }
     ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)

@@ -19,7 +19,8 @@
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept. With
   ``HeuristicConfig.anneal_plateau`` (off by default; the ``heuristic-anneal`` row of
   ``experiments/gpu_benchmark.py``) it also anneals: past ``anneal_after`` of the budget, an interval whose
-  probe loss fell by less than ``anneal_plateau`` takes one rung down, and the rule no longer climbs back.
+  probe loss fell by less than ``anneal_plateau`` takes ``anneal_rungs`` rungs down (one by default), and the rule
+  no longer climbs back.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is below the gradient-noise scale (larger batches
   still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
@@ -226,7 +227,7 @@ class HeuristicPolicy:
             return max(rung - 1, 0)
         if rules.anneal_plateau is not None:  # annealing: down on a plateau, never back up
             late = obs[self.layout.globals("progress")] >= rules.anneal_after
-            return max(rung - 1, 0) if late and trend > -rules.anneal_plateau else rung
+            return max(rung - rules.anneal_rungs, 0) if late and trend > -rules.anneal_plateau else rung
         if trend < -rules.loss_rise_tolerance and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering: climb back towards the neutral scale
         return rung

@@ -76,6 +76,11 @@ for stage in "$@"; do
            --rows static-fp16,heuristic,heuristic-anneal5-i1 --out "$OUT/anneal_confirm_resnet.json" --plots "" 2>&1 | tail -9
          python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 3 --static 512,0.5,7.9 \
            --rows static-fp16,heuristic,heuristic-anneal5-i1 --out "$OUT/anneal_confirm_effnet.json" --plots "" 2>&1 | tail -9 ;;
+    # Annealing two rungs at once, beside static fp16 (~4 min on both models).
+    anneal-r2) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 512,0.5,5.4 \
+           --rows static-fp16,heuristic-anneal5-i1-r2 --out "$OUT/anneal_r2_resnet.json" --plots "" 2>&1 | tail -6
+         python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 512,0.5,7.9 \
+           --rows static-fp16,heuristic-anneal5-i1-r2 --out "$OUT/anneal_r2_effnet.json" --plots "" 2>&1 | tail -6 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \

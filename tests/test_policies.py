@@ -94,9 +94,27 @@ def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
     assert config.lr_scales[plain.predict(observation([0] * 4, loss_trend=-0.01, progress=0.9))[0][k]] == 1.0
 
 
+def test_an_annealing_step_can_take_several_rungs():
+    config = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_rungs=2))
+    policy = HeuristicPolicy(config)
+    k = config.n_groups
+
+    def scale(**features):
+        return config.lr_scales[policy.predict(observation([0] * 4, **features))[0][k]]
+
+    assert scale(loss_trend=-0.01, progress=0.4) == 0.5  # x1 -> x0.5 at once on the default ladder
+    assert scale(loss_trend=-0.01, progress=0.4, lr_scale=0.75) == 0.5  # the ladder's foot holds
+    assert scale(loss_trend=-0.10, progress=0.4) == 1.0  # falling by more than 5%: kept
+    assert scale(loss_trend=0.15, progress=0.1, lr_scale=1.25) == 1.0  # the stability rule still takes one rung
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"anneal_plateau": 0.0}, "anneal_plateau=0.0 must be in"), ({"anneal_after": 1.5}, "anneal_after=1.5 must be")],
+    [
+        ({"anneal_plateau": 0.0}, "anneal_plateau=0.0 must be in"),
+        ({"anneal_after": 1.5}, "anneal_after=1.5 must be"),
+        ({"anneal_rungs": 0}, "anneal_rungs=0 must be >= 1"),
+    ],
 )
 def test_annealing_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
