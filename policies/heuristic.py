@@ -11,9 +11,10 @@
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
   ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: bf16 (fp16 with
-  ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU the driver
-  first times a few real training steps in bf16 and in fp16 (:meth:`HeuristicPolicy.choose_low_precision`)
-  and the faster one is used from then on, the start precision included.
+  ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU (or
+  charged from a GPU's profile) the driver first times a few real training steps in bf16 and in fp16
+  (:meth:`HeuristicPolicy.choose_low_precision`) and the faster one is used from then on, the start precision
+  included.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept. With
@@ -132,15 +133,16 @@ class HeuristicPolicy:
         self.low_precision = Precision.FP16 if self.config.heuristic.use_fp16 else Precision.BF16
         """The 16-bit precision insensitive groups are lowered to (:meth:`choose_low_precision` may change it)."""
 
-    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+    def wants_speed_trial(self, step_time_known: bool) -> bool:
         """Whether the driver should time the 16-bit precisions before the first decision.
 
         Only a policy whose precision rule runs (``precision`` in ``parts``) has a use for it, and only where
-        step time is measured on a GPU; ``HeuristicConfig.speed_trial`` turns it on (None: wherever it can
-        run; True forces it, e.g. for a test on a CPU with measured time).
+        step time tells the formats apart (``step_time_known``: measured on a GPU, or charged from a GPU's
+        profile); ``HeuristicConfig.speed_trial`` turns it on (None: wherever it can run; True forces it, e.g.
+        for a test on a CPU with measured time).
         """
         setting = self.config.heuristic.speed_trial
-        return "precision" in self.parts and (measured_on_gpu if setting is None else setting)
+        return "precision" in self.parts and (step_time_known if setting is None else setting)
 
     def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
         """Lowers to the 16-bit precision with the shortest measured step from now on; returns it.

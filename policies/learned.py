@@ -63,7 +63,8 @@ class LearnedPolicy:
         ``make_policy`` sets the heuristic's start precision."""
         self.speed_trial: bool | None = None
         """Whether the driver times bf16 and fp16 before the first decision (None: where step time is measured
-        on a GPU), as ``HeuristicConfig.speed_trial``; ``make_policy`` copies the config's setting."""
+        on a GPU or charged from a GPU's profile), as ``HeuristicConfig.speed_trial``; ``make_policy`` copies the
+        config's setting."""
         self.low_precision: Precision | None = None
         """The 16-bit format every 16-bit group runs in, after a speed trial (:meth:`choose_low_precision`);
         None: no trial, the policy's own formats."""
@@ -80,9 +81,9 @@ class LearnedPolicy:
         self.action_space = self.model.action_space
         self.name = f"learned:{file.name}"
 
-    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+    def wants_speed_trial(self, step_time_known: bool) -> bool:
         """Whether the driver should time the 16-bit formats before the first decision (see :attr:`speed_trial`)."""
-        return measured_on_gpu if self.speed_trial is None else self.speed_trial
+        return step_time_known if self.speed_trial is None else self.speed_trial
 
     def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
         """Runs every 16-bit group in the format with the shortest measured step from now on; returns it.

@@ -261,3 +261,41 @@ def test_a_users_plain_loop_is_a_row_of_the_comparison(tmp_path):
 def test_plain_rows_are_refused_before_any_run_when_they_cannot_compare(controllers, kwargs, message):
     with pytest.raises(ValueError, match=message):
         compare("synthetic", controllers, [0], device="cpu", show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("bf16_factor", "faster"), [(0.302, "fp16"), (0.2, "bf16")])
+def test_with_profile_cost_the_speed_trial_picks_the_format_the_profile_charges_less(bf16_factor, faster):
+    """The CPU protocol's trial reads charged (modelled) time, as the trial on the profile's GPU reads its clock."""
+    from triaccel_rl.config import HardwareProfile, HeuristicConfig
+    from triaccel_rl.types import Precision
+
+    shipped = HardwareProfile.load()
+    profile = HardwareProfile(
+        device="test", time_factor={**shipped.time_factor, "bf16": bf16_factor}, memory_factor=shipped.memory_factor
+    )  # the shipped H200 profile charges fp16 0.253 and bf16 0.302 of fp32
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial_steps=3))
+    result = run_controller("synthetic", "heuristic", 0, epochs=1, config=config, device="cpu", profile=profile)
+    assert Precision(int(result.speed_trial["chosen"])).name.lower() == faster
+    ratio = result.speed_trial["bf16"] / result.speed_trial["fp16"]
+    expected = {p: profile.time_factor[p] for p in ("bf16", "fp16")}
+    assert ratio > 1 if expected["bf16"] > expected["fp16"] else ratio < 1
+    lowered = {Precision(code).name.lower() for row in result.trace for code in row["precisions"]} - {"fp32"}
+    assert lowered == {faster}  # from the first step: the profile is read, no step is spent on a trial
+    # The lookup trains nothing: the run is the one that starts in the cheaper format without any trial.
+    low = {"start_precision": faster, "use_fp16": faster == "fp16", "speed_trial": False}
+    untried = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(**low))
+    plain = run_controller("synthetic", "heuristic", 0, epochs=1, config=untried, device="cpu", profile=profile)
+    assert (plain.steps, plain.final_metric, plain.time_s) == (result.steps, result.final_metric, result.time_s)
+    measured = run_controller(
+        "synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", cost_mode="measured"
+    )
+    assert measured.speed_trial == {}  # a CPU's clock says nothing about a GPU's formats
+
+
+def test_a_speed_trial_longer_than_the_whole_run_ends_it_cleanly():
+    from triaccel_rl.config import HeuristicConfig
+
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=50))
+    result = run_controller("synthetic", "heuristic", 0, epochs=0.2, config=config, device="cpu", cost_mode="measured")
+    assert result.steps == 2 * (2 + 50)  # the trial's real steps, and nothing after them
+    assert result.curve and result.final_metric == result.curve[-1][1]  # still evaluated at its end

@@ -227,9 +227,12 @@ def test_learned_policy_starts_where_the_heuristic_starts(trained):
     fp16_start = replace(ControllerConfig(), heuristic=HeuristicConfig(start_precision="fp16"))
     assert make_policy(str(trained), fp16_start).initial_precision is Precision.FP16
     # In a run, the first interval (before any decision) trains in that precision: the trace's first row.
-    config = ControllerConfig(interval_steps=4)
-    result = run_controller("synthetic", str(trained), 0, epochs=0.2, config=config, device="cpu")
+    untried = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=False))
+    result = run_controller("synthetic", str(trained), 0, epochs=0.2, config=untried, device="cpu")
     assert set(result.trace[0]["precisions"]) == {int(Precision.BF16)}
+    # With the speed trial (on by default), in the format it picks: the shipped profile charges fp16 less.
+    tried = run_controller("synthetic", str(trained), 0, epochs=0.2, config=ControllerConfig(interval_steps=4))
+    assert set(tried.trace[0]["precisions"]) == {int(Precision.FP16)}
 
 
 class _Stub:

@@ -229,15 +229,22 @@ def run_controller(
         prepare(run)
     speed_trial: dict[str, float] = {}
     wants_trial = getattr(policy, "wants_speed_trial", None)
-    measured_on_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
-    if adaptive and wants_trial is not None and wants_trial(measured_on_gpu):
-        # Which 16-bit format is faster depends on the model and the GPU: time both on real training steps.
-        steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
-        step_ms, chunks = loop.time_precisions((Precision.BF16, Precision.FP16), steps)
-        for chunk in chunks:  # training like any other: charged, and on the progress bar
-            time_ms += chunk.charged_ms
-            wall_ms += chunk.train_ms
-            _advance(progress, chunk.samples / samples_per_epoch)
+    # Step time tells the 16-bit formats apart where it is measured on a GPU or charged from a GPU's profile (a
+    # CPU's clock would not: bf16 is about 10x slower than fp32 there).
+    step_time_known = run.cost_mode is CostMode.PROFILE or (
+        run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
+    )
+    if adaptive and wants_trial is not None and wants_trial(step_time_known):
+        formats = (Precision.BF16, Precision.FP16)
+        if run.cost_mode is CostMode.PROFILE:  # the profile says what a step costs: look it up, train nothing
+            step_ms = {precision: run.modelled_step_ms(precision=precision) for precision in formats}
+        else:  # which format is faster depends on the model and the GPU: time both on real training steps
+            steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
+            step_ms, chunks = loop.time_precisions(formats, steps)
+            for chunk in chunks:  # training like any other: charged, and on the progress bar
+                time_ms += chunk.charged_ms
+                wall_ms += chunk.train_ms
+                _advance(progress, chunk.samples / samples_per_epoch)
         chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
         run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
         speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
@@ -263,7 +270,8 @@ def run_controller(
         remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
         if next_eval is not None:
             remaining_steps = min(remaining_steps, max(next_eval - run.steps, 1))
-        interval = loop.train_interval(max_steps=remaining_steps)
+        # A speed trial longer than a tiny run's whole budget leaves nothing (and no negative count) to train.
+        interval = loop.train_interval(max_steps=max(remaining_steps, 0))
         time_ms += interval.charged_ms
         wall_ms += interval.train_ms
         _advance(progress, interval.samples / samples_per_epoch)

@@ -232,8 +232,10 @@ class HeuristicConfig:
             whose fastest 16-bit format depends on the model and the device: on an H200 (2026-12-01,
             `c915e3b`) it chose fp16 on ResNet-18 (3.68 ms a step against bf16's 4.20) and EfficientNet-B0
             and was the fastest row of both jobs. None (the default): on wherever step time is measured on a
-            GPU, never with modelled cost. True: always (e.g. a test with measured time on a CPU). False:
-            never; lower to bf16 (fp16 with ``use_fp16``).
+            GPU, or charged from a GPU's profile (``compare``'s CPU protocol: there the "trial" reads the profile's
+            charge for a step in each format, trains nothing, and picks the cheaper one, as the trial on that
+            GPU would: fp16 on the shipped H200 profile); never where a CPU's clock is the cost. True: always
+            (e.g. a test with measured time on a CPU). False: never; lower to bf16 (fp16 with ``use_fp16``).
         speed_trial_steps: timed steps per precision in the speed trial; >= 1.
         loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
             (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the

@@ -182,8 +182,8 @@ class Controller:
         """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
         self._trial: _SpeedTrial | None = None
         wants_trial = getattr(self.policy, "wants_speed_trial", None)
-        measured_on_gpu = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
-        if wants_trial is not None and wants_trial(measured_on_gpu):
+        step_time_known = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
+        if wants_trial is not None and wants_trial(step_time_known):
             # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
             # before the first decision; the policy lowers to the faster from then on.
             steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps

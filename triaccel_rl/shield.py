@@ -289,10 +289,10 @@ class FallbackPolicy:
         """Where the run starts: the learned policy's start precision (see ``make_policy``)."""
         return getattr(self.policy, "initial_precision", None)
 
-    def wants_speed_trial(self, measured_on_gpu: bool) -> bool:
+    def wants_speed_trial(self, step_time_known: bool) -> bool:
         """The learned policy's answer (False where it has none)."""
         wants = getattr(self.policy, "wants_speed_trial", None)
-        return bool(wants(measured_on_gpu)) if wants is not None else False
+        return bool(wants(step_time_known)) if wants is not None else False
 
     def choose_low_precision(self, step_ms: Mapping[Precision, float]) -> Precision:
         """Gives the speed trial's times to the learned policy and to the fallback, so both lower to one format."""

@@ -561,10 +561,17 @@ class TrainingRun:
         ):
             return self.task.loss_fn(self.model(x).float(), y)
 
-    def modelled_step_ms(self, batch_size: int | None = None) -> float:
-        """Step time on the profiled GPU for ``batch_size`` samples at the current precisions, in ms."""
+    def modelled_step_ms(self, batch_size: int | None = None, precision: Precision | None = None) -> float:
+        """Step time on the profiled GPU for ``batch_size`` samples, in ms.
+
+        At the current precisions, or with every controllable layer in ``precision``.
+        """
         batch = self.batch_size if batch_size is None else batch_size
-        return self.costs.step_ms(batch, self.precision.precisions, self.profile, self.include_fixed_cost)
+        precisions = list(self.precision.precisions)
+        if precision is not None:
+            for index in self.precision.controllable_indices:
+                precisions[index] = precision
+        return self.costs.step_ms(batch, precisions, self.profile, self.include_fixed_cost)
 
     @property
     def measures_memory(self) -> bool:
