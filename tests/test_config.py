@@ -421,8 +421,27 @@ def test_preset_aggressive_values() -> None:
     assert config.heuristic.raise_above == 1.0
 
 
+def test_preset_anneal_is_the_measured_annealing_row() -> None:
+    """The preset is exactly the configuration the H200 row ``heuristic-anneal5-i1`` ran (BENCHMARKS.md, issue 7)."""
+    import sys
+    from pathlib import Path
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    sys.path.insert(0, str(experiments))
+    try:
+        import gpu_benchmark
+    finally:
+        sys.path.remove(str(experiments))
+    args = gpu_benchmark.Args()
+    row = gpu_benchmark.rows_for(args)["heuristic-anneal5-i1"]["config"]
+    config = ControllerConfig.preset("anneal", interval_steps=args.interval_steps)
+    assert config == row
+    assert (config.max_interval_factor, config.signals.mode.value, config.heuristic.anneal_plateau) == (1, "cheap", 0.05)
+    assert config.heuristic.anneal_after == 0.3 and config.heuristic.anneal_rungs == 1
+
+
 def test_preset_unknown_lists_allowed_names() -> None:
-    with pytest.raises(ConfigError, match=r"unknown preset 'fast'; allowed: default, safe, aggressive"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'fast'; allowed: default, safe, aggressive, anneal"):
         ControllerConfig.preset("fast")
 
 
