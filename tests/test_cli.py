@@ -60,6 +60,7 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--seeds", "0"], "--seeds 0 must be >= 1"),
         (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "eval_every_steps=0 must be >= 1"),
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
+        (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
@@ -80,6 +81,24 @@ def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys
         rows["plain-fp32"]["time_ratio"] == 1.0
         and rows["static-fp32"]["final_metric_mean"] == (rows["plain-fp32"]["final_metric_mean"])
     )
+
+
+def test_compare_runs_with_a_controller_preset(tmp_path, monkeypatch):
+    import triaccel_rl.compare as compare_module
+    from triaccel_rl.config import ControllerConfig
+
+    seen = []
+    real = compare_module.compare
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["config"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "compare", spy)
+    argv = ["compare", "--task", "synthetic", "--controllers", "heuristic", "--seeds", "1", "--epochs", "0.5",
+            "--interval-steps", "5", "--preset", "anneal", "--log-dir", "", "--out", "", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == [ControllerConfig.preset("anneal", interval_steps=5)]
 
 
 def test_console_script_runs():

@@ -436,7 +436,11 @@ def test_preset_anneal_is_the_measured_annealing_row() -> None:
     row = gpu_benchmark.rows_for(args)["heuristic-anneal5-i1"]["config"]
     config = ControllerConfig.preset("anneal", interval_steps=args.interval_steps)
     assert config == row
-    assert (config.max_interval_factor, config.signals.mode.value, config.heuristic.anneal_plateau) == (1, "cheap", 0.05)
+    assert (config.max_interval_factor, config.signals.mode.value, config.heuristic.anneal_plateau) == (
+        1,
+        "cheap",
+        0.05,
+    )
     assert config.heuristic.anneal_after == 0.3 and config.heuristic.anneal_rungs == 1
 
 

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")
     compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
     compare.add_argument("--interval-steps", type=int, default=20, help="optimizer steps between decisions")
+    compare.add_argument(
+        "--preset",
+        default="default",
+        help="controller settings (ControllerConfig.preset): default, safe, aggressive, or anneal (the heuristic "
+        "also anneals the LR on a late plateau, with a decision every interval)",
+    )
     compare.add_argument("--eval-every", type=int, default=5, help="evaluate the test metric every N decisions")
     compare.add_argument(
         "--eval-every-steps",
@@ -138,7 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not controllers:
         raise ValueError("--controllers is empty")
     task = get_task(args.task)
-    config = ControllerConfig(interval_steps=args.interval_steps)
+    config = ControllerConfig.preset(args.preset, interval_steps=args.interval_steps)
     start = time.perf_counter()
     results = compare(
         args.task,
