@@ -255,7 +255,9 @@ def budget_episode_return(
     """Return and step count of a toy episode run the way ``TriAccelEnv.step`` runs one.
 
     Each interval is cut to the steps the budget has left (rounded up), its log-loss drop is
-    ``PROGRESS_PER_SAMPLE`` × samples, and the reward pro-rates the overrunning interval.
+    ``PROGRESS_PER_SAMPLE`` × samples, and the reward pro-rates the overrunning interval. A model with exact
+    answers for the reward's arithmetic; ``tests/test_env.py::test_a_halved_batch_runs_more_steps_in_the_same_budget
+    _and_the_overrun_earns_only_its_share`` drives the real environment the same way.
     """
     step_ms = fixed_ms + PER_SAMPLE_MS * batch_size
     config = RewardConfig(progress_scale=1.0, clip=1e9)

@@ -81,6 +81,45 @@ def test_fp32_at_the_base_batch_spends_the_budget_in_budget_intervals_decisions(
     assert env.spent_ms == pytest.approx(start["budget_ms"], rel=1e-12)
 
 
+def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns_only_its_share():
+    """The environment itself (not a model of it): budget cut, step count and the reward it hands out."""
+    from triaccel_rl.reward import reward
+
+    config = ControllerConfig(interval_steps=3)
+    reward_config = RewardConfig(budget_intervals=2)
+    env = TriAccelEnv(task="synthetic", config=config, reward_config=reward_config, task_overrides={"n_train": 1024})
+    _, start = env.reset(seed=0)
+    run = env.loop.run
+    fp32_step_ms = run.modelled_step_ms()
+    shrink_fp32 = np.array([0, 0, 0, 0, 2, 0])  # fp32 everywhere, LR x1, halve the batch
+    _, first_reward, _, _, first = env.step(shrink_fp32)
+    assert first["batch_size"] == run.task.base_batch_size // 2
+    half_step_ms = run.modelled_step_ms()
+    assert fp32_step_ms / 2 < half_step_ms < fp32_step_ms  # the per-step cost does not halve with the batch
+    infos, rewards, truncated = [first], [first_reward], False
+    keep_fp32 = np.array([0, 0, 0, 0, 2, 1])
+    while not truncated:
+        _, value, terminated, truncated, info = env.step(keep_fp32)
+        assert not terminated
+        infos.append(info)
+        rewards.append(value)
+    steps = math.ceil(start["budget_ms"] / half_step_ms - 1e-9)
+    assert sum(i["steps"] for i in infos) == steps > 6  # more steps than the 2 x 3 of the base batch
+    assert infos[-1]["steps"] == steps - 3 * (len(infos) - 1)
+    # Every reward is the reward function of what the episode measured; the last one with the budget's share.
+    previous, spent = start["probe_loss"], 0.0
+    for info, value in zip(infos, rewards, strict=True):
+        expected = reward(previous_probe_loss=previous, probe_loss=info["probe_loss"], cost_ms=info["cost_ms"],
+                          budget_left_ms=start["budget_ms"] - spent, overflow_rate=info["overflow_rate"],
+                          over_budget=False, diverged=False, config=reward_config)  # fmt: skip
+        assert value == pytest.approx(expected, rel=1e-12)
+        previous, spent = info["probe_loss"], info["spent_ms"]
+    overrun = infos[-1]["spent_ms"] - start["budget_ms"]
+    assert 0 <= overrun < half_step_ms  # the last step overran by less than one step ...
+    share = (start["budget_ms"] - infos[-2]["spent_ms"]) / infos[-1]["cost_ms"]
+    assert 0 < share < 1  # ... and earned only the part that fitted
+
+
 def test_same_seed_same_trajectory():
     rewards = []
     for _ in range(2):
