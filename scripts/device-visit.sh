@@ -81,6 +81,14 @@ for stage in "$@"; do
            --rows static-fp16,heuristic-anneal5-i1-r2 --out "$OUT/anneal_r2_resnet.json" --plots "" 2>&1 | tail -6
          python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 --static 512,0.5,7.9 \
            --rows static-fp16,heuristic-anneal5-i1-r2 --out "$OUT/anneal_r2_effnet.json" --plots "" 2>&1 | tail -6 ;;
+    # Not yet run: the 5% rule beside a looser one from 25% of the run, evaluated every 50 steps (half the quantisation
+    # of time to target), 5 seeds on ResNet-18 (~5 min) and 3 on EfficientNet-B0 (~5 min), one stage a visit.
+    anneal-next-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1,heuristic-anneal8-i1-a25 \
+           --out "$OUT/anneal_next_resnet.json" --plots "" 2>&1 | tail -8 ;;
+    anneal-next-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 3 \
+           --static 512,0.5,7.9 --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1,heuristic-anneal8-i1-a25 \
+           --out "$OUT/anneal_next_effnet.json" --plots "" 2>&1 | tail -8 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \

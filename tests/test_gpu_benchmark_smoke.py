@@ -169,3 +169,16 @@ def test_adaptive_rows_start_at_the_tuned_lr_with_multiplier_one(tmp_path):
     static, heuristic = runs["static-bf16"]["trace"][0], runs["heuristic"]["trace"][0]
     assert (static["lr_scale"], heuristic["lr_scale"]) == (0.5, 1.0)  # the heuristic's x0.5 is in its base LR
     assert heuristic["lr"] == pytest.approx(static["lr"], rel=1e-6)  # the same step of the same schedule
+
+
+def test_the_evaluation_spacing_can_be_set_in_steps(tmp_path):
+    out = tmp_path / "eval.json"
+    run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
+        "--warmup-epochs", "0", "--static", "64,1.0", "--rows", "static-fp16", "--eval-steps", "3",
+        "--out", str(out), "--plots", "", cwd=tmp_path)  # fmt: skip
+    (result,) = json.loads(out.read_text())["runs"]
+    assert result["steps"] % 3  # the run ends between evaluations: one more at its end
+    assert len(result["curve"]) == result["steps"] // 3 + 1  # every third step, not every interval (4)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--eval-steps", "-1", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode != 0 and "--eval-steps -1 must be >= 0" in done.stderr
