@@ -375,6 +375,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                     "static_setting": {"batch": best_batch, "lr_scale": best_lr},
                     # The row's own starting setting, in the static rows' terms (the controls scale the tuned one).
                     "setting": dict(zip(("batch", "lr_scale"), _row_setting(spec, best_batch, best_lr), strict=True)),
+                    "epochs": args.epochs * spec.get("epochs_factor", 1.0),  # the row's training budget
                     "target": task.target_metric,
                     **meta,
                 }
@@ -447,17 +448,31 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     """Concatenates the rows, grid points and runs of several result JSONs (e.g. one per job).
 
     Each entry gets ``job``, the stem of the file it came from: rows of one job ran side by side on one
-    machine, rows of different jobs did not.
+    machine, rows of different jobs did not. Each row gets ``epochs``, its training budget, where it lacks one.
     """
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for key, values in merged.items():
             values += [{"job": Path(path).stem, **entry} for entry in data.get(key, [])]
+    for row in merged["rows"]:
+        row.setdefault("epochs", _row_epochs(row))
     out.write_text(json.dumps(merged, indent=1) + "\n")
     if plots:
         plot_jobs(merged["runs"], merged["rows"], Path(plots))
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files into {out}")
+
+
+def _row_epochs(row: dict[str, Any]) -> float:
+    """A row's training budget in epochs, for rows written before rows recorded it.
+
+    From its job's command (``--epochs``, else the default) and the row's ``epochs_factor``; a row this script no
+    longer defines ran before ``epochs_factor`` existed (2026-12-02), on the whole budget.
+    """
+    words = str(row.get("command", "")).split()
+    epochs = float(words[words.index("--epochs") + 1]) if "--epochs" in words else Args().epochs
+    spec = rows_for(Args()).get(str(row.get("controller")), {})
+    return epochs * spec.get("epochs_factor", 1.0)
 
 
 def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> None:

@@ -115,9 +115,11 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
         assert value == pytest.approx(expected, rel=1e-12)
         previous, spent = info["probe_loss"], info["spent_ms"]
     overrun = infos[-1]["spent_ms"] - start["budget_ms"]
-    assert 0 <= overrun < half_step_ms  # the last step overran by less than one step ...
+    assert 0 < overrun < half_step_ms  # the last step overran by less than one step ...
     share = (start["budget_ms"] - infos[-2]["spent_ms"]) / infos[-1]["cost_ms"]
-    assert 0 < share < 1  # ... and earned only the part that fitted
+    drop = math.log(infos[-2]["probe_loss"] / infos[-1]["probe_loss"])
+    assert abs(reward_config.progress_scale * drop) < reward_config.clip  # unclipped: the share is visible
+    assert rewards[-1] == pytest.approx(reward_config.progress_scale * drop * share, rel=1e-12)  # ... earning its share
 
 
 def test_same_seed_same_trajectory():

@@ -65,6 +65,12 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     merged_rows = json.loads(merged.read_text())["rows"]
     assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], *second_rows]
     assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"] * len(second_rows)
+    assert {row["epochs"] for row in merged_rows} == {1.0}  # the budget each row ran, recorded by the run itself
+    old_row = {k: v for k, v in second_data["rows"][0].items() if k != "epochs"}  # as rows before 2026-12-02 were
+    assert gpu_benchmark_module()._row_epochs(old_row) == 1.0  # from the job's command
+    assert gpu_benchmark_module()._row_epochs({"controller": "static-fp16-8of12", "command": "x --epochs 12"}) == 8.0
+    assert gpu_benchmark_module()._row_epochs({"controller": "static-fp16", "command": "x"}) == 12.0  # the default
+    assert gpu_benchmark_module()._row_epochs({"controller": "heuristic-speed", "command": "x --epochs 10"}) == 10.0
     # One folder of plots per job (only a job's rows shared the machine); none mixing jobs.
     assert sorted(p.name for p in (merged_plots / "synthetic").iterdir()) == ["jobs"]
     for job, controllers in (("bench", set(rows)), ("second", set(second_rows))):
@@ -96,6 +102,15 @@ def test_fp32_row_turns_tf32_off_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def gpu_benchmark_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return gpu_benchmark
 
 
 def test_every_row_of_the_benchmark_runs(tmp_path):

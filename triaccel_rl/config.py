@@ -535,8 +535,8 @@ class ControllerConfig:
         Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short
         intervals, wider LR range, fp16 allowed); ``anneal`` (the heuristic also anneals the LR on a plateau of
         the probe loss past 30% of the run, ``HeuristicConfig.anneal_plateau=0.05``, with a decision every
-        interval on the cheap signals: on the H200, 2026-12-02, 0.90x the best static row's time to target on
-        ResNet-18 and 0.98x on EfficientNet-B0, ending 0.1-0.4 points lower; row ``heuristic-anneal5-i1`` of
+        interval on the cheap signals: on the H200, 2026-12-02, 0.90x static fp16's time to target in the same job
+        on ResNet-18 and 0.98x on EfficientNet-B0, ending 0.1-0.4 points lower; row ``heuristic-anneal5-i1`` of
         ``experiments/gpu_benchmark.py``). The others leave the signals at ``SignalConfig()``; override them
         like any field: ``ControllerConfig.preset("safe", signals="cheap")``.
         """

@@ -182,6 +182,8 @@ class Controller:
         """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
         self._trial: _SpeedTrial | None = None
         wants_trial = getattr(self.policy, "wants_speed_trial", None)
+        # The user's loop is timed by the clock, never charged from the profile (which here sizes memory only), so
+        # step time tells the 16-bit formats apart on a GPU alone (compare's CPU protocol reads the profile instead).
         step_time_known = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
         if wants_trial is not None and wants_trial(step_time_known):
             # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
