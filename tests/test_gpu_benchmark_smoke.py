@@ -115,11 +115,7 @@ def gpu_benchmark_module():
 
 def test_every_row_of_the_benchmark_runs(tmp_path):
     """Each row the GPU visits run (scripts/device-visit.sh) goes through once on the CPU: no GPU time lost."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_benchmark
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_benchmark = gpu_benchmark_module()
     every_row = sorted(gpu_benchmark.rows_for(gpu_benchmark.Args()))
     out = tmp_path / "all_rows.json"
     run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
@@ -140,11 +136,7 @@ def test_every_row_of_the_benchmark_runs(tmp_path):
 def test_the_device_visit_stages_name_only_rows_that_exist():
     import re
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_benchmark
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_benchmark = gpu_benchmark_module()
     known = set(gpu_benchmark.rows_for(gpu_benchmark.Args()))
     script = (SCRIPT.parents[1] / "scripts" / "device-visit.sh").read_text()
     lists = re.findall(r"--rows ([\w.,-]+)", script)
@@ -155,11 +147,7 @@ def test_the_device_visit_stages_name_only_rows_that_exist():
 
 def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
     """``lr_scale`` is on the LR the batch sets by the rule: a ramp row (LR held) must not start lower."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_benchmark
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_benchmark = gpu_benchmark_module()
     from triaccel_rl.tasks import get_task
 
     rows = gpu_benchmark.rows_for(gpu_benchmark.Args())
