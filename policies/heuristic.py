@@ -11,10 +11,10 @@
   rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
   ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: bf16 (fp16 with
-  ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU (or
-  charged from a GPU's profile) the driver first times a few real training steps in bf16 and in fp16
-  (:meth:`HeuristicPolicy.choose_low_precision`) and the faster one is used from then on, the start precision
-  included.
+  ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU the
+  driver first times a few real training steps in bf16 and in fp16 (where it is charged from a GPU's profile, it
+  reads the profile's charge for each instead) and the faster one is used from then on
+  (:meth:`HeuristicPolicy.choose_low_precision`), the start precision included.
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
   more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
   overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept. With
