@@ -121,6 +121,15 @@ def test_plots_are_written_and_not_empty(results, tmp_path):
     assert {"precision_map_static-fp32.png", "precision_map_heuristic.png"} <= names
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    width = {target: _png_size(plot_comparison(results, tmp_path / str(target), target=target)[0])[0]
+             for target in (None, 0.8)}  # fmt: skip
+    assert width[0.8] > 1.6 * width[None]  # with a target, a second panel zooms in on it
+
+
+def _png_size(path):
+    """(width, height) of a PNG, from its header."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
 
 
 def test_fallbacks_of_a_learned_policy_are_counted():
