@@ -75,14 +75,19 @@ def test_heuristic_does_not_lower_under_overflow_and_leaves_fp16():
     assert precisions_of(action) == [0, 1, 1, 0]
 
 
-def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
-    config = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.02, anneal_after=0.3))
+def lr_scale_chooser(config):
+    """The LR multiplier a heuristic with ``config`` picks for an observation with these global features."""
     policy = HeuristicPolicy(config)
-    k = config.n_groups
 
     def scale(**features):
-        return config.lr_scales[policy.predict(observation([0] * 4, **features))[0][k]]
+        return config.lr_scales[policy.predict(observation([0] * 4, **features))[0][config.n_groups]]
 
+    return scale
+
+
+def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
+    config = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.02, anneal_after=0.3))
+    scale = lr_scale_chooser(config)
     assert scale(loss_trend=-0.01, progress=0.2) == 1.0  # a plateau, but too early in the run
     assert scale(loss_trend=-0.01, progress=0.3) == 0.75  # a late plateau: one rung down
     assert scale(loss_trend=0.01, progress=0.5, lr_scale=0.75) == 0.5  # still flat (noise upwards): down again
@@ -90,18 +95,12 @@ def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
     assert scale(loss_trend=-0.05, progress=0.5) == 1.0  # falling by more than 2%: kept
     assert scale(loss_trend=-0.15, progress=0.5, lr_scale=0.75) == 0.75  # a steady fall no longer climbs back
     assert scale(loss_trend=0.15, progress=0.1) == 0.75  # a rise still steps down at any time
-    plain = HeuristicPolicy(ControllerConfig())  # off by default: a late plateau keeps the LR
-    assert config.lr_scales[plain.predict(observation([0] * 4, loss_trend=-0.01, progress=0.9))[0][k]] == 1.0
+    plain = lr_scale_chooser(ControllerConfig())  # off by default: a late plateau keeps the LR
+    assert plain(loss_trend=-0.01, progress=0.9) == 1.0
 
 
 def test_an_annealing_step_can_take_several_rungs():
-    config = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_rungs=2))
-    policy = HeuristicPolicy(config)
-    k = config.n_groups
-
-    def scale(**features):
-        return config.lr_scales[policy.predict(observation([0] * 4, **features))[0][k]]
-
+    scale = lr_scale_chooser(ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_rungs=2)))
     assert scale(loss_trend=-0.01, progress=0.4) == 0.5  # x1 -> x0.5 at once on the default ladder
     assert scale(loss_trend=-0.01, progress=0.4, lr_scale=0.75) == 0.5  # the ladder's foot holds
     assert scale(loss_trend=-0.10, progress=0.4) == 1.0  # falling by more than 5%: kept
