@@ -115,23 +115,30 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
     # Annealing with decisions close enough to act before the target (the interval held to at most 2x or 1x, cheap
     # signals): on a plateau of under 5% (``heuristic-anneal5``), or at every decision past 35% of the run whatever the
     # loss does (``heuristic-anneal-timed``: a diagnostic of what an early LR cut is worth, not a rule to ship).
+    default_ladder = ControllerConfig().lr_scales
+    deep_ladder = (0.25, *default_ladder)  # annealing may go on past x0.5, to x0.25 (x0.33 first: the LR clamp)
     anneal_pinned = {
         row: ControllerConfig(
             interval_steps=args.interval_steps,
             max_interval_factor=factor,
             heuristic=HeuristicConfig(anneal_plateau=plateau, anneal_after=after, anneal_rungs=rungs),
             signals=SignalConfig(mode=SignalMode.CHEAP),
+            lr_scales=ladder,
         )
-        for row, plateau, after, factor, rungs in (
-            ("heuristic-anneal5", 0.05, 0.3, 2, 1),
-            ("heuristic-anneal-timed", 0.99, 0.35, 2, 1),
+        for row, plateau, after, factor, rungs, ladder in (
+            ("heuristic-anneal5", 0.05, 0.3, 2, 1, default_ladder),
+            ("heuristic-anneal-timed", 0.99, 0.35, 2, 1, default_ladder),
             # Every decision interval at its least (``interval_steps``): a plateau is seen one interval sooner.
-            ("heuristic-anneal5-i1", 0.05, 0.3, 1, 1),
-            ("heuristic-anneal5-i1-a25", 0.05, 0.25, 1, 1),
+            ("heuristic-anneal5-i1", 0.05, 0.3, 1, 1, default_ladder),
+            ("heuristic-anneal5-i1-a25", 0.05, 0.25, 1, 1, default_ladder),
             # Two rungs at once (x1 -> x0.5): the cut lands one decision sooner.
-            ("heuristic-anneal5-i1-r2", 0.05, 0.3, 1, 2),
-            # A looser plateau from 25% of the run: the first cut one decision sooner (not yet measured).
-            ("heuristic-anneal8-i1-a25", 0.08, 0.25, 1, 1),
+            ("heuristic-anneal5-i1-r2", 0.05, 0.3, 1, 2, default_ladder),
+            # A looser plateau from 25% of the run: the first cut one decision sooner.
+            ("heuristic-anneal8-i1-a25", 0.08, 0.25, 1, 1, default_ladder),
+            # Annealing deeper: the static schedule passes the target as its own decay brings the LR down, and the
+            # default ladder stops the cuts at x0.5.
+            ("heuristic-anneal5-i1-deep", 0.05, 0.3, 1, 1, deep_ladder),
+            ("heuristic-anneal8-i1-a25-deep", 0.08, 0.25, 1, 1, deep_ladder),
         )
     }
     ramp = HeuristicConfig(ramp_batch_after=0.3, max_batch_growth=4.0)

@@ -107,6 +107,17 @@ def test_an_annealing_step_can_take_several_rungs():
     assert scale(loss_trend=0.15, progress=0.1, lr_scale=1.25) == 1.0  # the stability rule still takes one rung
 
 
+def test_annealing_goes_as_deep_as_the_ladder():
+    """With x0.25 on the ladder the cuts go on past x0.5; an LR the shield clamped between rungs reads as the nearer."""
+    config = ControllerConfig(
+        lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), heuristic=HeuristicConfig(anneal_plateau=0.05)
+    )
+    scale = lr_scale_chooser(config)
+    assert scale(loss_trend=-0.01, progress=0.5, lr_scale=0.5) == 0.25
+    assert scale(loss_trend=-0.01, progress=0.6, lr_scale=1 / 3) == 0.25  # x0.5 clamped at x1/1.5 on the way
+    assert scale(loss_trend=-0.01, progress=0.7, lr_scale=0.25) == 0.25  # the foot holds
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
