@@ -98,6 +98,10 @@ for stage in "$@"; do
            --static 512,0.5,7.9 --eval-steps 50 \
            --rows static-fp16,heuristic-anneal5-i1,heuristic-anneal5-i1-deep,heuristic-anneal8-i1-a25-deep \
            --out "$OUT/anneal_deep_effnet.json" --plots "" 2>&1 | tail -9 ;;
+    # The deep annealing row's replicate on ResNet-18, beside static fp16 and the default heuristic, 5 seeds (~4 min).
+    anneal-deep-confirm) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,heuristic,heuristic-anneal5-i1-deep \
+           --out "$OUT/anneal_deep_confirm_resnet.json" --plots "" 2>&1 | tail -7 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
