@@ -102,6 +102,10 @@ for stage in "$@"; do
     anneal-deep-confirm) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,heuristic,heuristic-anneal5-i1-deep \
            --out "$OUT/anneal_deep_confirm_resnet.json" --plots "" 2>&1 | tail -7 ;;
+    # The deep annealing row beside itself with fp16 pinned (no speed trial), static fp16 and static bf16, 5 seeds (~5 min).
+    anneal-pinned-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,static-bf16,heuristic-anneal5-i1-deep,heuristic-anneal5-i1-deep-fp16 \
+           --out "$OUT/anneal_pinned_resnet.json" --plots "" 2>&1 | tail -8 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
