@@ -442,6 +442,11 @@ def test_preset_anneal_is_the_measured_annealing_row() -> None:
         0.05,
     )
     assert config.heuristic.anneal_after == 0.3 and config.heuristic.anneal_rungs == 1
+    # The deeper variant the docs give (x0.25 on the ladder) is the row heuristic-anneal5-i1-deep.
+    deep = ControllerConfig.preset(
+        "anneal", interval_steps=args.interval_steps, lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    )
+    assert deep == gpu_benchmark.rows_for(args)["heuristic-anneal5-i1-deep"]["config"]
 
 
 def test_preset_unknown_lists_allowed_names() -> None:
