@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,38 @@ def test_compare_runs_with_a_controller_preset(tmp_path, monkeypatch):
             "--interval-steps", "5", "--preset", "anneal", "--log-dir", "", "--out", "", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert seen == [ControllerConfig.preset("anneal", interval_steps=5)]
+
+
+def test_compare_takes_an_lr_ladder(monkeypatch):
+    """``--lr-scales`` overrides the preset's ladder: the deep annealing row of the GPU benchmark from the CLI."""
+    import triaccel_rl.compare as compare_module
+    from triaccel_rl.config import ControllerConfig
+
+    seen = []
+    monkeypatch.setattr(compare_module, "compare", lambda *args, **kwargs: seen.append(kwargs["config"]) or [])
+    monkeypatch.setattr(compare_module, "summarize", lambda *args, **kwargs: {})
+    monkeypatch.setattr(compare_module, "format_table", lambda *args, **kwargs: "")
+    argv = ["compare", "--task", "synthetic", "--controllers", "heuristic", "--seeds", "1", "--interval-steps", "5",
+            "--preset", "anneal", "--lr-scales", "0.25, 0.5,0.75,1,1.25,1.5", "--log-dir", "", "--out", "",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    ladder = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    assert seen == [ControllerConfig.preset("anneal", interval_steps=5, lr_scales=ladder)]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0.5,x,1", "--lr-scales '0.5,x,1': 'x' is not a number"),
+        (",", "--lr-scales ',' is empty"),
+        ("0.5,0.75", r"lr_scales=\(0.5, 0.75\) must contain 1.0"),
+    ],
+)
+def test_compare_rejects_a_bad_lr_ladder(value, message, capsys):
+    argv = ["compare", "--task", "synthetic", "--controllers", "heuristic", "--lr-scales", value, "--log-dir", "",
+            "--out", "", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_console_script_runs():

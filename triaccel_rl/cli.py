@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="controller settings (ControllerConfig.preset): default, safe, aggressive, or anneal (the heuristic "
         "also anneals the LR on a late plateau, with a decision every interval)",
+    )
+    compare.add_argument(
+        "--lr-scales",
+        default=None,
+        help="the LR multipliers the controllers may pick, comma-separated, 1 among them (default: the preset's; "
+        "e.g. 0.25,0.5,0.75,1,1.25,1.5 lets --preset anneal cut on to x0.25). A policy zip is tied to its ladder",
     )
     compare.add_argument("--eval-every", type=int, default=5, help="evaluate the test metric every N decisions")
     compare.add_argument(
@@ -144,7 +151,10 @@ def _compare(args: argparse.Namespace) -> int:
     if not controllers:
         raise ValueError("--controllers is empty")
     task = get_task(args.task)
-    config = ControllerConfig.preset(args.preset, interval_steps=args.interval_steps)
+    overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
+    if args.lr_scales is not None:
+        overrides["lr_scales"] = _floats(args.lr_scales, "--lr-scales")
+    config = ControllerConfig.preset(args.preset, **overrides)
     start = time.perf_counter()
     results = compare(
         args.task,
@@ -242,3 +252,17 @@ def _cuda(device: str | None) -> bool:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    """``text`` as comma-separated numbers; a ValueError naming ``option`` and the bad item otherwise."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{option} {text!r} is empty: give comma-separated numbers, e.g. 0.5,1,1.5")
+    values = []
+    for item in items:
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a number (e.g. 0.5,1,1.5)") from None
+    return tuple(values)
