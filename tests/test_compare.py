@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from triaccel_rl.compare import RunResult, bootstrap_ci, compare, format_table, run_controller, summarize, write_json
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, HeuristicConfig
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +200,23 @@ def test_an_adaptive_rows_starting_lr_scale_is_its_neutral_rung():
     assert max(row["lr_scale"] for row in adaptive.trace) <= 1.0  # never above the LR it was given
 
 
+def test_annealing_on_the_deep_ladder_steps_down_through_the_shields_clamp():
+    """A cut at every decision (a plateau of 99%, from the start) on a ladder down to x0.25, in a real run.
+
+    The executor clamps each decision's LR change to x1.5, so x0.5 -> x0.25 arrives as x1/3 and then x0.25: the rule
+    reads the clamped LR as its nearest rung (the GPU rows ``heuristic-anneal5-i1-deep``: x0.75, x0.5, x0.33, x0.25).
+    """
+    rules = HeuristicConfig(anneal_plateau=0.99, anneal_after=0.0)
+    ladder = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    config = ControllerConfig(interval_steps=2, max_interval_factor=1, lr_scales=ladder, heuristic=rules)
+    result = run_controller("synthetic", "heuristic-second-order", 0, epochs=0.25, config=config, device="cpu")
+    scales = [row["lr_scale"] for row in result.trace]
+    assert len(scales) >= 6
+    assert scales[:6] == pytest.approx([1.0, 0.75, 0.5, 1 / 3, 0.25, 0.25])
+    assert set(scales[4:]) == {0.25}  # the foot holds to the end
+    assert result.lr_changes == 4
+
+
 @pytest.mark.parametrize("controller", ["fp32", "heuristic"])
 def test_evaluation_at_fixed_steps_is_independent_of_the_decision_interval(controller):
     """eval_every_steps=3 with decisions every 5 steps: evaluations at steps 3, 6, 9, ... and at the end."""
@@ -275,7 +292,7 @@ def test_plain_rows_are_refused_before_any_run_when_they_cannot_compare(controll
 @pytest.mark.parametrize(("bf16_factor", "faster"), [(0.302, "fp16"), (0.2, "bf16")])
 def test_with_profile_cost_the_speed_trial_picks_the_format_the_profile_charges_less(bf16_factor, faster):
     """The CPU protocol's trial reads charged (modelled) time, as the trial on the profile's GPU reads its clock."""
-    from triaccel_rl.config import HardwareProfile, HeuristicConfig
+    from triaccel_rl.config import HardwareProfile
     from triaccel_rl.types import Precision
 
     shipped = HardwareProfile.load()
