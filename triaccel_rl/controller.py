@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -150,6 +150,7 @@ class Controller:
         self.lr_coupler: BatchLRCoupler | None = None
         self._noise_scale: float | None = None
         self._loader: ElasticLoader | None = None
+        self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
         self._base_batch_size = 0
         self._batch_size = 0
         self._last_batch = 0
@@ -217,6 +218,9 @@ class Controller:
             self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
         )
         self.batch_size = batch_size
+        if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
+            self._resume_loader(self._resume, batch_size)
+            self._resume = None
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
@@ -327,6 +331,71 @@ class Controller:
         """Current per-layer precisions."""
         return list(self.engine.precision.precisions)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs beside the model's ``state_dict()`` to resume this run where it stopped.
+
+        Save this rather than ``optimizer.state_dict()``: on a GPU the fused step keeps the optimizer's moments
+        itself, and the ``torch.optim`` object holds none. The state holds the optimizer's and the loss scaler's
+        state, each layer's precision, the LR multiplier, the batch size and its LR gain (warm-up included), where
+        the loader stands in its epoch, the steps taken and the speed trial's outcome. Tensors are returned by
+        reference, as ``torch.optim`` does: ``torch.save`` it, or copy it before training on. The signals'
+        running estimates are not kept: after a resume they start afresh, as the first interval of a run does.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+            >>> ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), policy="bf16")
+            >>> sorted(ctl.state_dict())[:4]
+            ['base_batch_size', 'batch_size', 'engine', 'format']
+        """
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "engine": self.engine.state_dict(),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "batch_size": self._batch_size,
+            "base_batch_size": self._base_batch_size,
+            "loader": self._loader.state_dict() if self._loader is not None else None,
+            "lr_coupler": self.lr_coupler.state_dict() if self.lr_coupler is not None else None,
+            "speed_trial": dict(self.speed_trial),
+            "trial_running": self._trial is not None,
+            "low_precision": _precision_code(getattr(self.policy, "low_precision", None)),
+            "initial_precision": _precision_code(getattr(self.policy, "initial_precision", None)),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output, into a controller built like the one that saved it.
+
+        Load the model's weights first (``model.load_state_dict``), then this; the next ``loader()`` call, with the
+        same dataset, ``batch_size`` and ``seed`` as before, carries on from the saved place in the saved epoch at
+        the saved batch size. A speed trial that had finished is not run again; one that was running starts over.
+
+        Raises:
+            ValueError: a state of another format, or from another update path or model (the engine's checks);
+                later, ``loader()`` with another dataset size, seed or ``batch_size`` than the saved run's.
+        """
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint format {state.get('format')!r} is not this version's ({_CHECKPOINT_FORMAT}): "
+                "pass the dict Controller.state_dict() returned"
+            )
+        self.engine.load_state_dict(state["engine"])
+        self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+        self.rollbacks = int(state["rollbacks"])
+        self._moments = None  # the first step after the resume starts a new interval
+        self._interval_steps = 0
+        if not state["trial_running"]:
+            self._trial = None  # done before the checkpoint (or never wanted): not run again
+            self.speed_trial = dict(state["speed_trial"])
+            for name in ("low_precision", "initial_precision"):
+                if state[name] is not None and hasattr(self.policy, name):
+                    setattr(self.policy, name, Precision(int(state[name])))
+        elif self._trial is not None:
+            self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
+        self._resume = {key: state[key] for key in ("loader", "lr_coupler", "batch_size", "base_batch_size")}
+        if state["loader"] is None:
+            self._resume = None  # saved before any loader(): nothing to carry on from
+
     def close(self) -> None:
         """Flushes the TensorBoard writer and removes the precision hooks."""
         if self._writer is not None:
@@ -339,6 +408,20 @@ class Controller:
         if self.device.type == "cuda":
             return peak_allocated_bytes(self.device)
         return self.predicted_memory_bytes(batch)
+
+    def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
+        """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""
+        if batch_size != int(saved["base_batch_size"]):
+            raise ValueError(
+                f"loader(batch_size={batch_size}) after a resume; the checkpoint's run started at batch_size="
+                f"{saved['base_batch_size']}: pass that, the batch size it grew or shrank to is restored by itself"
+            )
+        assert self._loader is not None and self.lr_coupler is not None
+        self._loader.load_state_dict(saved["loader"])
+        if saved["lr_coupler"] is not None:
+            self.lr_coupler.load_state_dict(saved["lr_coupler"])
+        self._batch_size = int(saved["batch_size"])  # the coupler already holds its gain at this batch
+        self.engine.batch_lr_gain = self.lr_coupler.gain
 
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))
@@ -455,6 +538,14 @@ class _SpeedTrial:
     def candidate(self) -> Precision:
         """The precision being timed now."""
         return self.candidates[self.index]
+
+
+_CHECKPOINT_FORMAT = 1
+"""The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it."""
+
+
+def _precision_code(precision: Precision | None) -> int | None:
+    return None if precision is None else int(precision)
 
 
 def _optimizer_states(controller: Controller) -> int:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -156,6 +157,27 @@ class BatchLRCoupler:
             self.gain = target
             self._ramp_step = self.warmup_steps
         return self.gain
+
+    def state_dict(self) -> dict[str, Any]:
+        """The coupler's state: the batch, the gain and any warm-up ramp in progress."""
+        return {"rule": self.rule.value, "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,
+                "target": self.target, "gain": self.gain, "steps": self.steps, "ramp_start": self._ramp_start,
+                "ramp_step": self._ramp_step}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output.
+
+        Raises:
+            ValueError: the state is of another rule or another base batch.
+        """
+        if state["rule"] != self.rule.value or int(state["base_batch_size"]) != self.base_batch_size:
+            raise ValueError(
+                f"the LR coupler's state is for rule {state['rule']!r} at base batch {state['base_batch_size']}; "
+                f"this one is {self.rule.value!r} at base batch {self.base_batch_size}"
+            )
+        self.batch_size, self.steps = int(state["batch_size"]), int(state["steps"])
+        self.target, self.gain = float(state["target"]), float(state["gain"])
+        self._ramp_start, self._ramp_step = float(state["ramp_start"]), int(state["ramp_step"])
 
     def advance(self) -> float:
         """Counts one optimizer step and returns the gain that step uses."""

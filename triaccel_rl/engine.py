@@ -7,7 +7,7 @@ optimizer. ``TrainingRun`` (offline tasks) and ``Controller`` (a user's own loop
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,6 +369,60 @@ class StepEngine:
     def state_holder(self) -> Any:
         """The object holding the optimizer state: the fused optimizer, or the torch one."""
         return self.fused_optimizer if self.fused else self.optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training state the engine holds, for a checkpoint (the model's weights are the model's own).
+
+        The optimizer's state is taken from where the updates keep it (``state_holder``): on the fused path that
+        is the fused optimizer, and the ``torch.optim`` object the engine was built with holds no moments at all.
+        Like ``torch.optim``, its tensors are returned by reference. With it: the loss scaler's state, the
+        layers' precisions, the LR multiplier, the batch's LR gain and the per-layer LR factors.
+        """
+        state: dict[str, Any] = {
+            "fused": self.fused,
+            "optimizer": self.state_holder.state_dict(),
+            "precisions": [int(p) for p in self.precision.precisions],
+            "lr_scale": self.lr_scale,
+            "batch_lr_gain": self.batch_lr_gain,
+            "lr_factors": [float(f) for f in self.lr_factors],
+            "scaler": None,
+        }
+        if self.fused:
+            state["scaler"] = {"scale": self._scale.clone(), "clean_steps": self._clean_steps.clone()}
+        elif self._grad_scaler is not None:
+            state["scaler"] = self._grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``'s output into an engine built for the same model and optimizer.
+
+        Raises:
+            ValueError: the state was taken on the other update path (fused or not), or for another number of
+                layers (the message says which).
+        """
+        if bool(state["fused"]) != self.fused:
+            made, here = ("the fused step", "the reference path")
+            if not state["fused"]:
+                made, here = here, made
+            raise ValueError(
+                f"the checkpoint was made with {made} and this engine runs {here}: their optimizer states differ "
+                "in layout; resume on the same kind of device"
+            )
+        if len(state["precisions"]) != self.n_layers:
+            raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
+        self.state_holder.load_state_dict(state["optimizer"])
+        self.set_precisions([Precision(int(p)) for p in state["precisions"]])
+        self.lr_scale, self.batch_lr_gain = float(state["lr_scale"]), float(state["batch_lr_gain"])
+        self.lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
+        scaler = state["scaler"]
+        if self.fused:
+            with torch.no_grad():  # in place: captured graphs read them through their addresses
+                self._scale.copy_(scaler["scale"])
+                self._clean_steps.copy_(scaler["clean_steps"])
+            self.refresh_weight_copies()  # the weights were loaded outside the fused step
+        elif scaler:  # a scaler that never scaled a step saves an empty state
+            self._grad_scaler = torch.amp.GradScaler(self.device.type)
+            self._grad_scaler.load_state_dict(scaler)
 
     @property
     def loss_scale(self) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,28 @@ class ElasticLoader:
                 self.take_back(len(batch.y))
                 return
             yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader stands: enough, with the same data and seed, to serve the same next batches."""
+        return {"n": len(self.x), "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor,
+                "samples_served": self.samples_served}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resumes from ``state_dict()``'s output: the epoch's order is redrawn from ``(seed, epoch)``.
+
+        Raises:
+            ValueError: the state was taken over a dataset of another size, or with another seed.
+        """
+        if int(state["n"]) != len(self.x) or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"the loader state is of {state['n']} samples with seed {state['seed']}; this loader has "
+                f"{len(self.x)} samples and seed {self.seed}: resume with the same dataset and seed"
+            )
+        if not 0 <= int(state["cursor"]) <= len(self.x):
+            raise ValueError(f"the loader state's cursor {state['cursor']} is outside the dataset (0..{len(self.x)})")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.samples_served = int(state["samples_served"])
+        self._order = self._permutation(self.epoch)
 
     @property
     def epoch_progress(self) -> float:

@@ -1,0 +1,169 @@
+"""Checkpoints of a run in the user's own loop: ``Controller.state_dict()`` resumes the same run.
+
+On the CPU's reference path, and on the fused step under Triton's interpreter, where the ``torch.optim`` object the
+user built holds no moments at all (the fused step keeps them): saving ``optimizer.state_dict()`` there loses them.
+"""
+
+import io
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import triaccel_rl as ta
+from triaccel_rl import controller as controller_module
+from triaccel_rl.config import ControllerConfig, CostMode, HeuristicConfig
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.types import Precision
+
+BATCH = 16
+DATA = (torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 3)  # 6 steps an epoch
+
+
+def build(policy="fp32", config=None, width=16):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, ta.Controller(model, optimizer, policy=policy, config=config or ControllerConfig())
+
+
+def train(model, ctl, epochs=2, stop_after=None, on_stop=None):
+    """Trains through ``ctl.loader``, calling ``on_stop()`` after ``stop_after`` steps; returns the steps taken."""
+    steps = 0
+    for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=epochs):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+        steps += 1
+        if steps == stop_after:
+            on_stop()
+    return steps
+
+
+def checkpoint(model, ctl):
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "controller": ctl.state_dict()}, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
+    """Trains 12 steps with a checkpoint after 7 (mid-epoch); resumes it in a new process-like setup."""
+    model, _, ctl = build(policy, config)
+    saved = []
+    assert train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl))) == 12
+    uninterrupted = weights(model)
+
+    model2, optimizer2, ctl2 = build(policy, config)
+    state = torch.load(saved[0])  # weights_only: the state holds tensors, numbers, strings, lists and dicts
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    assert train(model2, ctl2) == 5  # the rest of the second epoch, no sample twice
+    assert ctl2.steps == 12
+    for a, b in zip(uninterrupted, weights(model2), strict=True):
+        assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
+    return state, optimizer2
+
+
+def test_a_resumed_run_is_the_uninterrupted_run():
+    state, _ = resume_matches_an_uninterrupted_run()
+    assert state["controller"]["loader"] == {"n": 96, "seed": 0, "epoch": 1, "cursor": 16, "samples_served": 112}
+
+
+def test_without_the_controllers_state_the_resumed_run_differs():
+    """The check above can fail: the model's weights alone lose the momentum and the data's place."""
+    model, _, ctl = build()
+    saved = []
+    train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    model2, _, ctl2 = build()
+    model2.load_state_dict(torch.load(saved[0])["model"])
+    train(model2, ctl2, epochs=1)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(model), weights(model2), strict=True))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+def test_on_the_fused_step_the_checkpoint_holds_the_moments_the_torch_optimizer_does_not(monkeypatch):
+    class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    state, optimizer = resume_matches_an_uninterrupted_run()
+    engine_state = state["controller"]["engine"]
+    assert engine_state["fused"] and engine_state["optimizer"]["kind"] == "sgd"
+    assert engine_state["optimizer"]["momentum_buffer"].abs().sum() > 0  # 7 steps of momentum, saved
+    assert optimizer.state_dict()["state"] == {}  # what saving the user's optimizer would have kept
+
+
+def test_the_knobs_come_back_as_they_were():
+    """Precisions, LR multiplier, a grown batch and its LR warm-up, as the policy left them."""
+    model, _, ctl = build("heuristic", ControllerConfig(interval_steps=50))
+    stream = iter(ctl.loader(DATA, batch_size=BATCH, epochs=3))
+    for _ in range(3):
+        x, y = next(stream)
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+    lowered = [Precision.BF16, Precision.FP32]
+    ctl.engine.set_precisions(lowered)
+    ctl.engine.lr_scale = 0.75
+    ctl.batch_size = 32  # x2: the linear rule's LR gain warms up from 1 to 2 over the next steps
+    assert ctl.lr_coupler.warming_up
+    state = torch.load(checkpoint(model, ctl))
+
+    model2, _, ctl2 = build("heuristic", ControllerConfig(interval_steps=50))
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    assert ctl2.engine.precision.precisions == lowered and ctl2.engine.lr_scale == 0.75
+    x, _ = next(iter(ctl2.loader(DATA, batch_size=BATCH, epochs=3)))
+    assert len(x) == 32 and ctl2.batch_size == 32
+    assert ctl2.lr_coupler.state_dict() == ctl.lr_coupler.state_dict()  # mid-ramp, where it was
+
+
+def test_a_finished_speed_trial_is_not_run_again():
+    config = ControllerConfig(
+        interval_steps=4, cost_mode=CostMode.MEASURED, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=1)
+    )
+    model, _, ctl = build("heuristic", config)
+    train(model, ctl, epochs=2)  # 12 steps: the trial took the first 6
+    assert ctl.speed_trial and ctl._trial is None
+    state = torch.load(checkpoint(model, ctl))
+    _, _, ctl2 = build("heuristic", config)
+    assert ctl2._trial is not None  # a new controller would start one
+    ctl2.load_state_dict(state["controller"])
+    assert ctl2._trial is None and ctl2.speed_trial == ctl.speed_trial
+    assert ctl2.policy.low_precision is ctl.policy.low_precision
+    assert ctl2.engine.precision.precisions == ctl.engine.precision.precisions
+
+
+def test_bad_checkpoints_and_resumes_are_refused_clearly():
+    model, _, ctl = build()
+    train(model, ctl, epochs=1)
+    state = ctl.state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint format None is not this version's \(1\)"):
+        build()[2].load_state_dict({"engine": state["engine"]})
+    with pytest.raises(ValueError, match="made with the reference path and this engine runs the fused step"):
+        fused = {**state["engine"], "fused": False}
+        engine = build()[2].engine
+        engine.fused_optimizer = object()  # stands in for a fused engine: only the path check runs
+        engine.load_state_dict(fused)
+    with pytest.raises(ValueError, match="the checkpoint has 2 layers; this model has 3"):
+        torch.manual_seed(0)
+        deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        other = ta.Controller(deeper, torch.optim.SGD(deeper.parameters(), lr=0.1, momentum=0.9), policy="fp32")
+        other.load_state_dict(state)
+    _, _, resumed = build()
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"loader\(batch_size=32\) after a resume; .* started at batch_size=16"):
+        next(iter(resumed.loader(DATA, batch_size=32, epochs=2)))
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="the loader state is of 96 samples with seed 0; this loader has 48 samples"):
+        next(iter(resumed.loader((DATA[0][:48], DATA[1][:48]), batch_size=BATCH, epochs=2)))
