@@ -302,3 +302,46 @@ def test_the_controllers_memory_peak_includes_the_forward():
         ctl.step(loss)
     ctl.close()
     assert ctl.signals is not None and ctl.signals.memory_bytes >= transient
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_a_checkpoint_resumes_a_controlled_run_on_the_gpu(policy):
+    """The fused step's moments and fp16 loss scale go into ``Controller.state_dict()``; the resumed run matches."""
+    import io
+
+    from torch import nn
+
+    import triaccel_rl as ta
+
+    data = (torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 3)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer, ta.Controller(model, optimizer, policy=policy)
+
+    def train(model, ctl, stop_after=None, saved=None):
+        for step, (x, y) in enumerate(ctl.loader(data, batch_size=16, epochs=2), start=1):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+            if step == stop_after:
+                torch.save({"model": model.state_dict(), "controller": ctl.state_dict()}, saved)
+
+    model, optimizer, ctl = build()
+    assert ctl.engine.fused
+    saved = io.BytesIO()
+    train(model, ctl, stop_after=7, saved=saved)
+    assert optimizer.state_dict()["state"] == {}  # the torch optimizer never stepped: its state_dict has no moments
+    saved.seek(0)
+    state = torch.load(saved)
+    model2, _, ctl2 = build()
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    if policy == "fp16":  # the loss scale the fused step had reached, not a fresh 2**16
+        assert ctl2.engine.loss_scale == state["controller"]["engine"]["scaler"]["scale"].item()
+    train(model2, ctl2)
+    assert ctl2.steps == 12
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -11,18 +11,26 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
-def test_readme_examples_run():
+def test_readme_examples_run(tmp_path, monkeypatch):
     blocks = python_blocks()
-    assert len(blocks) == 2, "a new README example needs its checks here"
+    assert len(blocks) == 3, "a new README example needs its checks here"
+    monkeypatch.chdir(tmp_path)  # the checkpoint example writes ckpt.pt
     loop, env = {}, {}
     exec(compile(blocks[0], "README.md", "exec"), loop)
-    exec(compile(blocks[1], "README.md", "exec"), env)
     # Your own loop: two epochs of 2048 samples under the heuristic, at batch 128 or a batch it grew to (at most an
     # eighth of the data, 256), a decision every 20 steps, finite weights.
     ctl, model = loop["ctl"], loop["model"]
     assert 2 * 2048 // 256 <= ctl.steps <= 2 * 2048 // 128
     assert len(ctl.decisions) == ctl.steps // ctl.config.interval_steps >= 1
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+    # Checkpoints: saved after the two epochs, loaded back, and a third epoch trained from where they ended.
+    after_two_epochs = ctl.steps
+    exec(compile(blocks[1], "README.md", "exec"), loop)
+    saved = loop["state"]["controller"]
+    assert saved["steps"] == after_two_epochs and (saved["loader"]["epoch"], saved["loader"]["cursor"]) == (2, 0)
+    assert 2048 // 256 <= ctl.steps - after_two_epochs <= 2048 // 128  # one epoch, at batch 128 or up to 256
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
     # The environment: an observation of the documented size (11 + 8 K, K = 4 groups) and a finite reward.
+    exec(compile(blocks[2], "README.md", "exec"), env)
     assert env["obs"].shape == (43,) and env["obs"].dtype == np.float32
     assert np.isfinite(env["reward"]) and not env["terminated"]

@@ -224,6 +224,7 @@ class Controller:
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
+                self._loader.take_back(len(batch.y))  # not trained on: a resumed run with more epochs starts here
                 break
             self._last_batch = len(batch.y)
             if self.costs is None:
@@ -368,7 +369,8 @@ class Controller:
 
         Load the model's weights first (``model.load_state_dict``), then this; the next ``loader()`` call, with the
         same dataset, ``batch_size`` and ``seed`` as before, carries on from the saved place in the saved epoch at
-        the saved batch size. A speed trial that had finished is not run again; one that was running starts over.
+        the saved batch size (its ``epochs`` counts from the run's start, the saved epochs included). A speed trial
+        that had finished is not run again; one that was running starts over.
 
         Raises:
             ValueError: a state of another format, or from another update path or model (the engine's checks);
