@@ -71,8 +71,15 @@ def make_policy(
         stats_file = Path(spec).with_suffix(".obs.json")
         if not stats_file.is_file():
             return learned
+        stats = ObservationStats.load(stats_file)
+        if stats.lr_scales is not None and tuple(stats.lr_scales) != tuple(config.lr_scales):
+            raise PolicyLoadError(
+                f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "
+                f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with "
+                "ControllerConfig(lr_scales=...) set to its own, or retrain it with `triaccel-rl train-policy`"
+            )
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
-        return FallbackPolicy(learned, HeuristicPolicy(config), ObservationStats.load(stats_file))
+        return FallbackPolicy(learned, HeuristicPolicy(config), stats)
     raise ValueError(
         f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, {', '.join(HEURISTIC_NAMES)}, pretrained, "
         f"{', '.join(BATCH_FINDER_NAMES)}, or a path to an SB3 .zip"

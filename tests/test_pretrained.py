@@ -20,7 +20,7 @@ from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
-from triaccel_rl.shield import FallbackPolicy
+from triaccel_rl.shield import FallbackPolicy, ObservationStats
 from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 from triaccel_rl.types import Precision
 
@@ -234,6 +234,27 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
     zip_path.with_suffix(".obs.json").write_text(json.dumps({"low": [0.0] * 43}))
     with pytest.raises(ValueError, match=r"lack \['high', 'n_observations'\]"):
         make_policy(str(zip_path), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+
+
+def test_a_policy_run_with_another_lr_ladder_of_the_same_length_is_refused():
+    """The spaces match (5 rungs either way), but the aggressive preset's rung 4 is x2.0 where the policy had x1.5."""
+    aggressive = ControllerConfig.preset("aggressive")
+    assert len(aggressive.lr_scales) == len(CONFIG.lr_scales) and aggressive.lr_scales != CONFIG.lr_scales
+    with pytest.raises(PolicyLoadError, match=r"trained with LR multipliers \[0.5, 0.75, 1.0, 1.25, 1.5\].*"
+                       r"this configuration's are \[0.5, 0.75, 1.0, 1.5, 2.0\]"):  # fmt: skip
+        make_policy("pretrained", aggressive, OBSERVATION_SPACE, ACTION_SPACE)
+    assert ObservationStats.load(pretrained_policy_path().with_suffix(".obs.json")).lr_scales == CONFIG.lr_scales
+
+
+def test_observation_stats_without_a_ladder_still_load(tiny_policy, tmp_path):
+    """A stats file from before the ladder was recorded: loaded, and nothing to check the ladder against."""
+    zip_path = tmp_path / "policy.zip"
+    shutil.copyfile(tiny_policy, zip_path)
+    stats = json.loads(tiny_policy.with_suffix(".obs.json").read_text())
+    assert stats.pop("lr_scales") == list(ControllerConfig(interval_steps=2).lr_scales)  # what training records
+    zip_path.with_suffix(".obs.json").write_text(json.dumps(stats))
+    policy = make_policy(str(zip_path), ControllerConfig.preset("aggressive"), OBSERVATION_SPACE, ACTION_SPACE)
+    assert isinstance(policy, FallbackPolicy) and policy.stats.lr_scales is None
 
 
 def test_profile_with_missing_fields_is_a_clear_error_in_the_env_and_training(tmp_path):

@@ -457,7 +457,10 @@ def train_policy(
         )
         model.save(path)
         if recorder.low is not None and recorder.high is not None:
-            stats = ObservationStats(tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count)
+            ladder = ControllerConfig(interval_steps=interval_steps).lr_scales  # the environments' (make_env_fns)
+            stats = ObservationStats(
+                tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count, lr_scales=ladder
+            )
             stats.save(obs_stats_path(path))
             spread = action_spread(model, stats)
             if spread.distinct == 1:

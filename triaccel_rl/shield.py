@@ -206,11 +206,15 @@ class ObservationStats:
         low: per-feature minimum seen in training.
         high: per-feature maximum seen in training.
         n_observations: how many observations the range was taken from.
+        lr_scales: the LR multipliers the policy's LR action indexes (``ControllerConfig.lr_scales`` in training);
+            None where the file predates it. A ladder of the same length but other values passes the spaces'
+            check, so ``make_policy`` checks this against the caller's.
     """
 
     low: tuple[float, ...]
     high: tuple[float, ...]
     n_observations: int
+    lr_scales: tuple[float, ...] | None = None
 
     @classmethod
     def from_observations(cls, observations: np.ndarray) -> ObservationStats:
@@ -257,7 +261,13 @@ class ObservationStats:
         missing = {"low", "high", "n_observations"} - set(raw)
         if missing:
             raise ValueError(f"observation stats {str(file)!r} lack {sorted(missing)}")
-        return cls(tuple(raw["low"]), tuple(raw["high"]), int(raw["n_observations"]))
+        scales = raw.get("lr_scales")
+        return cls(
+            tuple(raw["low"]),
+            tuple(raw["high"]),
+            int(raw["n_observations"]),
+            None if scales is None else tuple(float(s) for s in scales),
+        )
 
 
 class FallbackPolicy:
