@@ -239,9 +239,9 @@ def test_the_overhead_is_broken_down_by_part():
     config = ControllerConfig(interval_steps=5)
     result = run_controller("synthetic", "heuristic", 0, epochs=1, config=config, device="cpu")
     parts = result.overhead_parts
-    assert list(parts) == ["probe", "rollback", "rounds", "signals", "decision", "other"]
+    assert list(parts) == ["probe", "rollback", "moments", "rounds", "signals", "decision", "other"]
     assert all(value >= 0.0 for value in parts.values())
-    assert parts["probe"] > 0 and parts["rounds"] > 0 and parts["decision"] > 0  # every part ran
+    assert parts["probe"] > 0 and parts["moments"] > 0 and parts["rounds"] > 0 and parts["decision"] > 0  # all ran
     assert sum(parts.values()) == pytest.approx(result.overhead_frac, rel=1e-9)  # "other" closes the sum
     static = run_controller("synthetic", "bf16", 0, epochs=1, config=config, device="cpu")
     assert static.overhead_parts["rounds"] == 0.0 and static.overhead_parts["decision"] == 0.0  # no rounds, no policy

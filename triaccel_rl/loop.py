@@ -25,10 +25,11 @@ from triaccel_rl.types import Precision, Signals
 
 __all__ = ["OVERHEAD_PARTS", "DecisionLoop"]
 
-OVERHEAD_PARTS = ("probe", "rollback", "rounds", "signals", "decision")
+OVERHEAD_PARTS = ("probe", "rollback", "moments", "rounds", "signals", "decision")
 """The parts of a decision's cost that :attr:`DecisionLoop.overhead_parts_ms` times: the probe loss, the
-rollback copy (or restore) with the optimizer's moments, the estimator rounds (warm-up included), the
-snapshot of the signals, and the policy with the executor (timed by whoever calls the policy)."""
+rollback copy (or restore), the optimizer's moments read back per layer, the estimator rounds (warm-up
+included), the snapshot of the signals, and the policy with the executor (timed by whoever calls the policy).
+Results before 2026-12-02's sixth session counted the moments under ``rollback``."""
 
 
 class DecisionLoop:
@@ -201,9 +202,11 @@ class DecisionLoop:
                 rolled_back = True
                 probe = self.run.probe_loss()
                 self._healthy = math.isfinite(probe)
+        copied = time.perf_counter()
+        parts["rollback"] += (copied - mark) * 1e3  # the copy (every snapshot_every healthy decisions) or the restore
         moments = self.run.engine.grad_mean_sq_norm()
         now = time.perf_counter()
-        parts["rollback"] += (now - mark) * 1e3  # the copy or the restore, and the optimizer's moments
+        parts["moments"] += (now - copied) * 1e3  # one reduction and one host-device sync
         self.collector.add_overhead((now - start) * 1e3)
         if self.collector.config.mode is SignalMode.ALL:
             if self.collector.source is None:
