@@ -394,9 +394,9 @@ class Controller:
                     setattr(self.policy, name, Precision(int(state[name])))
         elif self._trial is not None:
             self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
-        self._resume = {key: state[key] for key in ("loader", "lr_coupler", "batch_size", "base_batch_size")}
-        if state["loader"] is None:
-            self._resume = None  # saved before any loader(): nothing to carry on from
+        # Saved before any loader() call: no place in the data to carry on from.
+        keys = ("loader", "lr_coupler", "batch_size", "base_batch_size")
+        self._resume = None if state["loader"] is None else {key: state[key] for key in keys}
 
     def close(self) -> None:
         """Flushes the TensorBoard writer and removes the precision hooks."""
