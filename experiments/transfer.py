@@ -55,6 +55,9 @@ class Args:
     """Optimizer steps between decisions (the pretrained policy was trained with 10)."""
     eval_every: int = 2
     """Evaluate the test metric every N decisions (the resolution of time to target)."""
+    lr_factor: float = 1.0
+    """Multiplies every task's base LR, for every row alike (static bf16 at x3-x4 of the held-out tasks' base LRs
+    reaches their targets soonest: BENCHMARKS.md, issue 6, "Headroom"); recorded in each run's settings."""
     out: str = "experiments/results/transfer.json"
     """Results JSON."""
     reuse: bool = False
@@ -87,7 +90,11 @@ def main(args: Args) -> dict[str, Any]:
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
+    if not args.lr_factor > 0:
+        raise ValueError(f"--lr-factor {args.lr_factor} must be positive")
     settings = {"epochs": args.epochs, "interval_steps": args.interval_steps, "eval_every": args.eval_every}
+    if args.lr_factor != 1.0:  # absent at 1, so that runs recorded before the option are reused
+        settings["lr_factor"] = args.lr_factor
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
     runs: list[dict[str, Any]] = [
@@ -106,7 +113,9 @@ def main(args: Args) -> dict[str, Any]:
             # Workaround: the signal collector's Hutchinson round differentiates twice, and PyTorch's CPU flash
             # attention has no double backward (RuntimeError on transformer-seq); the math kernel has one.
             with sdpa_kernel(SDPBackend.MATH):
-                results = compare(task, [controller], seeds, epochs=args.epochs, config=config,
+                task_at_lr = get_task(task)
+                task_at_lr = replace(task_at_lr, base_lr=task_at_lr.base_lr * args.lr_factor)
+                results = compare(task_at_lr, [controller], seeds, epochs=args.epochs, config=config,
                                   cost_mode="profile", device="cpu", show_progress=False,
                                   eval_every=args.eval_every)  # fmt: skip
             for result in results:

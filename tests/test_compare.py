@@ -200,6 +200,19 @@ def test_an_adaptive_rows_starting_lr_scale_is_its_neutral_rung():
     assert max(row["lr_scale"] for row in adaptive.trace) <= 1.0  # never above the LR it was given
 
 
+def test_compare_takes_a_task_with_its_base_lr_overridden():
+    """``experiments/transfer.py --lr-factor``: every row of the comparison trains at the overridden base LR."""
+    from dataclasses import replace
+
+    from triaccel_rl.tasks import get_task
+
+    task = get_task("synthetic")
+    slower = replace(task, base_lr=task.base_lr / 4)
+    config = ControllerConfig(interval_steps=4)
+    runs = compare(slower, ["bf16", "heuristic"], [0], epochs=0.2, config=config, device="cpu", show_progress=False)
+    assert [run.trace[0]["lr"] for run in runs] == pytest.approx([task.base_lr / 4] * 2)
+
+
 def test_annealing_on_the_deep_ladder_steps_down_through_the_shields_clamp():
     """A cut at every decision (a plateau of 99%, from the start) on a ladder down to x0.25, in a real run.
 

@@ -370,7 +370,7 @@ def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
 
 
 def compare(
-    task: str,
+    task: str | Task,
     controllers: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -385,7 +385,8 @@ def compare(
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
 
-    ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
+    ``task`` is a registered name or a ``Task`` (e.g. one with its base LR overridden, ``get_task(name,
+    base_lr=...)``). ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
     ``plain-bf16`` or ``plain-fp16`` is a user's own PyTorch loop in that precision
     (:func:`triaccel_rl.plain.run_plain`, with this comparison's constant LR and evaluation steps: every
     ``eval_every_steps``, else every ``eval_every`` × ``config.interval_steps`` steps). It measures real time, so
@@ -397,7 +398,7 @@ def compare(
     """
     from triaccel_rl.plain import PLAIN_PRECISIONS, run_plain  # plain.py imports this module
 
-    task_obj = get_task(task)
+    task_obj = task if isinstance(task, Task) else get_task(task)
     config = config or ControllerConfig()
     plain = [c for c in controllers if c.startswith("plain-")]
     for controller in controllers:  # fail fast on a bad name or zip, before any run starts
@@ -422,7 +423,7 @@ def compare(
     total = epochs * len(controllers) * len(seeds)
     results = []
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
-    with tqdm(total=total, disable=not show_progress, desc=f"compare {task}", bar_format=bar_format) as bar:
+    with tqdm(total=total, disable=not show_progress, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
         for controller in controllers:
             for seed in seeds:
                 bar.set_postfix_str(f"{controller} seed {seed}")
