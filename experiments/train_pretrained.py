@@ -243,8 +243,10 @@ An SB3 PPO `MlpPolicy` (two hidden layers of 64, separate policy and value nets)
 {settings["interval_steps"]} optimizer steps, a precision for each of 4 sensitivity-ranked layer groups, an LR
 multiplier and a batch move (`TriAccel-v0`'s `MultiDiscrete([3, 3, 3, 3, 5, 3])` action from its 43-feature
 observation). `policy.obs.json` holds the range of observations seen in training: an observation more
-than one range width outside it goes to the heuristic (the shield's `FallbackPolicy`, logged). Until its
-first decision, one interval into a run, every layer runs in the heuristic's start precision (bf16 by default).
+than one range width outside it goes to the heuristic (the shield's `FallbackPolicy`, logged). It also holds
+the LR multipliers the LR action indexes (0.5, 0.75, 1, 1.25, 1.5): a configuration with another ladder is
+refused. Until its first decision, one interval into a run, every layer runs in the heuristic's start precision
+(bf16 by default).
 
 ## Training
 
@@ -320,7 +322,7 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
     """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
     from triaccel_rl.policies import LearnedPolicy
 
-    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.config import ControllerConfig, RewardConfig
     from triaccel_rl.rl import make_env_fns, obs_stats_path
     from triaccel_rl.shield import ObservationStats
 
@@ -340,7 +342,9 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
                 observation, _, terminated, truncated, _ = env.step(action)
                 done = terminated or truncated
         env.close()
-    ObservationStats.from_observations(np.stack(observations)).save(obs_stats_path(zip_path))
+    stats = ObservationStats.from_observations(np.stack(observations))
+    ladder = ControllerConfig(interval_steps=args.interval_steps).lr_scales  # the environments' (make_env_fns)
+    replace(stats, lr_scales=ladder).save(obs_stats_path(zip_path))
 
 
 def _facts(
