@@ -167,3 +167,19 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match="the loader state is of 96 samples with seed 0; this loader has 48 samples"):
         next(iter(resumed.loader((DATA[0][:48], DATA[1][:48]), batch_size=BATCH, epochs=2)))
+
+
+def test_an_adaptive_run_decides_on_after_a_resume():
+    """The heuristic resumed mid-run: its configuration as saved, then decisions again from fresh signals."""
+    config = ControllerConfig(interval_steps=2)
+    model, _, ctl = build("heuristic", config)
+    saved = []
+    train(model, ctl, stop_after=5, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    state = torch.load(saved[0])
+    model2, _, ctl2 = build("heuristic", config)
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    assert ctl2.engine.precision.precisions == [Precision(p) for p in state["controller"]["engine"]["precisions"]]
+    assert train(model2, ctl2) == 12 - 5
+    assert len(ctl2.decisions) == (12 - 5) // 2  # one every interval of 2 steps, counted from the resume
+    assert all(bool(p.isfinite().all()) for p in model2.parameters())
