@@ -2,6 +2,7 @@
 
     python experiments/transfer.py                 # 3 held-out tasks × 5 controllers × 3 seeds, CPU
     python experiments/transfer.py --reuse         # keep runs already in the results file, run the rest
+    python experiments/transfer.py --tune-lr 1,2,3,4   # each task at the LR a static bf16 grid finds best
 
 Every run goes through ``triaccel_rl.compare.compare`` in ``profile`` cost mode: time is modelled GPU
 time from the shipped H200 profile, not CPU time. Writes ``experiments/results/transfer.json`` (per task
@@ -58,6 +59,11 @@ class Args:
     lr_factor: float = 1.0
     """Multiplies every task's base LR, for every row alike (static bf16 at x3-x4 of the held-out tasks' base LRs
     reaches their targets soonest: BENCHMARKS.md, issue 6, "Headroom"); recorded in each run's settings."""
+    tune_lr: str = ""
+    """Comma-separated LR factors, e.g. ``1,2,3,4``: per task, static bf16 runs each (every seed) and every row then
+    runs at the factor that reached the target on the most seeds, soonest (charged time, a miss its whole run), as a
+    careful user would tune a task's LR before comparing controllers; the grid goes into the results file.
+    Replaces ``--lr-factor``."""
     out: str = "experiments/results/transfer.json"
     """Results JSON."""
     reuse: bool = False
@@ -90,21 +96,30 @@ def main(args: Args) -> dict[str, Any]:
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
+    grid_factors = _factors(args.tune_lr)
     if not args.lr_factor > 0:
         raise ValueError(f"--lr-factor {args.lr_factor} must be positive")
-    settings = {"epochs": args.epochs, "interval_steps": args.interval_steps, "eval_every": args.eval_every}
-    if args.lr_factor != 1.0:  # absent at 1, so that runs recorded before the option are reused
-        settings["lr_factor"] = args.lr_factor
+    base_settings = {"epochs": args.epochs, "interval_steps": args.interval_steps, "eval_every": args.eval_every}
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
-    runs: list[dict[str, Any]] = [
-        run
-        for run in previous.get("runs", [])
-        if run["settings"] == settings and run["policy_sha256"] == _sha(run["controller"])
-    ]
     config = ControllerConfig(interval_steps=args.interval_steps)
     start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    lr_grid: dict[str, Any] = {}
     for task in tasks:
+        factor = args.lr_factor
+        if grid_factors:
+            lr_grid[task] = tune_lr(task, grid_factors, args, config)
+            factor = lr_grid[task]["chosen"]
+            print(f"{task}: LR x{factor:g} of the base LR (static bf16 grid {grid_factors})", flush=True)
+        settings = dict(base_settings)
+        if factor != 1.0:  # absent at 1, so that runs recorded before the option are reused
+            settings["lr_factor"] = factor
+        runs += [
+            run
+            for run in previous.get("runs", [])
+            if run["task"] == task and run["settings"] == settings and run["policy_sha256"] == _sha(run["controller"])
+        ]
         for controller in controllers:
             done = {run["seed"] for run in runs if run["task"] == task and run["controller"] == controller}
             seeds = [s for s in range(args.seeds) if s not in done]
@@ -113,9 +128,7 @@ def main(args: Args) -> dict[str, Any]:
             # Workaround: the signal collector's Hutchinson round differentiates twice, and PyTorch's CPU flash
             # attention has no double backward (RuntimeError on transformer-seq); the math kernel has one.
             with sdpa_kernel(SDPBackend.MATH):
-                task_at_lr = get_task(task)
-                task_at_lr = replace(task_at_lr, base_lr=task_at_lr.base_lr * args.lr_factor)
-                results = compare(task_at_lr, [controller], seeds, epochs=args.epochs, config=config,
+                results = compare(_at_lr(task, factor), [controller], seeds, epochs=args.epochs, config=config,
                                   cost_mode="profile", device="cpu", show_progress=False,
                                   eval_every=args.eval_every)  # fmt: skip
             for result in results:
@@ -126,8 +139,8 @@ def main(args: Args) -> dict[str, Any]:
                 reached = _fmt(result.time_to_target_s)
                 print(f"{task:20s} {controller:11s} seed {result.seed}: final {100 * result.final_metric:.1f}%, "
                       f"to target {reached} s, wall {result.wall_s:.0f} s", flush=True)  # fmt: skip
-            _write(out, args, tasks, controllers, runs, time.perf_counter() - start)
-    document = _write(out, args, tasks, controllers, runs, time.perf_counter() - start)
+            _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
+    document = _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
     print()
     print(format_table(document["summary"]))
     print()
@@ -138,6 +151,59 @@ def main(args: Args) -> dict[str, Any]:
         for path in plot_runs(runs, args.plots):
             print(f"plot: {path}")
     return document
+
+
+def tune_lr(task: str, factors: list[float], args: Args, config: Any) -> dict[str, Any]:
+    """Static bf16 at each LR factor on every seed; the chosen factor reaches the target on the most seeds, soonest.
+
+    Returns ``{"chosen": factor, "rows": [{"lr_factor", "reach_rate", "time_to_target_charged_s_mean",
+    "final_metric_mean"}, ...]}``; a seed that misses is charged its whole run, as in the target check.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from triaccel_rl.compare import compare
+
+    rows = []
+    for factor in factors:
+        with sdpa_kernel(SDPBackend.MATH):  # as in main(): transformer-seq's estimator rounds need the math kernel
+            results = compare(_at_lr(task, factor), ["bf16"], list(range(args.seeds)), epochs=args.epochs,
+                              config=config, cost_mode="profile", device="cpu", show_progress=False,
+                              eval_every=args.eval_every)  # fmt: skip
+        charged = [r.time_to_target_s if r.time_to_target_s is not None else r.time_s for r in results]
+        rows.append({
+            "lr_factor": factor,
+            "reach_rate": sum(r.time_to_target_s is not None for r in results) / len(results),
+            "time_to_target_charged_s_mean": sum(charged) / len(charged),
+            "final_metric_mean": sum(r.final_metric for r in results) / len(results),
+        })  # fmt: skip
+        print(f"  {task} static bf16 at LR x{factor:g}: reached {rows[-1]['reach_rate']:.0%}, charged "
+              f"{rows[-1]['time_to_target_charged_s_mean']:.4f} s", flush=True)  # fmt: skip
+    best = min(rows, key=lambda row: (-row["reach_rate"], row["time_to_target_charged_s_mean"]))
+    return {"chosen": best["lr_factor"], "rows": rows}
+
+
+def _at_lr(task: str, factor: float) -> Any:
+    """The registered task with its base LR multiplied by ``factor``."""
+    from triaccel_rl.tasks import get_task
+
+    registered = get_task(task)
+    return replace(registered, base_lr=registered.base_lr * factor)
+
+
+def _factors(text: str) -> list[float]:
+    """``--tune-lr``'s comma-separated factors ([] for none); a clear error for anything but positive numbers."""
+    factors = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--tune-lr {text!r}: {item!r} is not a number (e.g. 1,2,3,4)") from None
+        if not value > 0:
+            raise ValueError(f"--tune-lr {text!r}: {item!r} must be positive")
+        factors.append(value)
+    return factors
 
 
 def plot_runs(runs: list[dict[str, Any]], out_dir: str) -> list[Path]:
@@ -263,7 +329,13 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def _write(
-    out: Path, args: Args, tasks: list[str], controllers: list[str], runs: list[dict[str, Any]], wall_s: float
+    out: Path,
+    args: Args,
+    tasks: list[str],
+    controllers: list[str],
+    runs: list[dict[str, Any]],
+    wall_s: float,
+    lr_grid: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -278,6 +350,7 @@ def _write(
         "wall_s_this_invocation": wall_s,
         "summary": summary,
         "target_check": target_check(summary),
+        "lr_grid": lr_grid or {},
         "runs": runs,
     }
     ratio = document["target_check"].get("mean_time_to_target_vs_heuristic")

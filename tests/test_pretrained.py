@@ -324,3 +324,37 @@ def test_transfer_smoke(tmp_path):
     assert check["met"] is True, check["lines"]
     fake["t"]["pretrained"]["time_to_target_charged_s_mean"] = 0.95
     assert transfer.target_check(fake)["met"] is False
+
+
+def test_transfer_tunes_each_tasks_lr_on_a_static_grid(monkeypatch):
+    """``--tune-lr``: the factor reaching the target on the most seeds wins, then the soonest; a miss costs its run."""
+    from types import SimpleNamespace
+
+    import triaccel_rl.compare as compare_module
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    # Per LR factor, each seed's (time to target or None, whole-run time): x2 reaches soonest but misses a seed.
+    outcomes = {1.0: [(5.0, 9.0), (6.0, 9.0)], 2.0: [(2.0, 9.0), (None, 9.0)], 3.0: [(4.0, 9.0), (4.0, 9.0)]}
+    seen_lrs = []
+    from triaccel_rl.tasks import get_task
+
+    base_lr = get_task("deep-mlp-synthetic").base_lr
+
+    def fake_compare(task, controllers, seeds, **kwargs):
+        factor = task.base_lr / base_lr
+        seen_lrs.append(factor)
+        return [SimpleNamespace(time_to_target_s=t, time_s=run, final_metric=0.8) for t, run in outcomes[factor]]
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    grid = transfer.tune_lr("deep-mlp-synthetic", [1.0, 2.0, 3.0], transfer.Args(seeds=2), ControllerConfig())
+    assert seen_lrs == pytest.approx([1.0, 2.0, 3.0])
+    assert grid["chosen"] == 3.0  # x2's charged mean is 5.5 with a miss; x3 reaches on both seeds, sooner than x1
+    assert [row["reach_rate"] for row in grid["rows"]] == [1.0, 0.5, 1.0]
+    assert grid["rows"][1]["time_to_target_charged_s_mean"] == 5.5
+    with pytest.raises(ValueError, match=r"--tune-lr '1,0': '0' must be positive"):
+        transfer._factors("1,0")
+    assert transfer._factors(" 1, 2.5 ,") == [1.0, 2.5]
