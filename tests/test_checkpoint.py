@@ -160,6 +160,9 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
         deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
         other = ta.Controller(deeper, torch.optim.SGD(deeper.parameters(), lr=0.1, momentum=0.9), policy="fp32")
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"state 'momentum_buffer' of parameter 0 has shape \(16, 8\); this model's "
+                       r"parameter has \(32, 8\): it was saved for another model"):  # fmt: skip
+        build(width=32)[2].load_state_dict(state)  # as many layers, other widths
     _, _, resumed = build()
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match=r"loader\(batch_size=32\) after a resume; .* started at batch_size=16"):

@@ -410,6 +410,8 @@ class StepEngine:
             )
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
+        if not self.fused:  # torch.optim checks the groups' sizes, not the tensors' shapes (the fused step checks)
+            _check_state_shapes(self.optimizer, state["optimizer"])
         self.state_holder.load_state_dict(state["optimizer"])
         self.set_precisions([Precision(int(p)) for p in state["precisions"]])
         self.lr_scale, self.batch_lr_gain = float(state["lr_scale"]), float(state["batch_lr_gain"])
@@ -524,6 +526,20 @@ class StepEngine:
         else:
             return np.full(self.n_layers, np.nan)
         return self.store.layer_sq_sums(buffer).cpu().numpy() * scale  # host-device sync: once per decision
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved.get("state", {}).items():
+        if int(index) >= len(params):
+            raise ValueError(f"the checkpoint's optimizer has state for parameter {index}; this one has {len(params)}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[int(index)].shape:
+                raise ValueError(
+                    f"the checkpoint's optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
+                    f"this model's parameter has {tuple(params[int(index)].shape)}: it was saved for another model"
+                )
 
 
 def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list[nn.Parameter]]) -> str:
