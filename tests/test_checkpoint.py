@@ -70,8 +70,11 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
     return state, optimizer2
 
 
-def test_a_resumed_run_is_the_uninterrupted_run():
-    state, _ = resume_matches_an_uninterrupted_run()
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
+def test_a_resumed_run_is_the_uninterrupted_run(policy):
+    state, _ = resume_matches_an_uninterrupted_run(policy)
+    scaler = state["controller"]["engine"]["scaler"]
+    assert (scaler is None) if policy == "fp32" else scaler["scale"] > 0
     assert state["controller"]["loader"] == {"n": 96, "seed": 0, "epoch": 1, "cursor": 16, "samples_served": 112}
 
 
@@ -90,15 +93,22 @@ def test_without_the_controllers_state_the_resumed_run_differs():
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
 )
-def test_on_the_fused_step_the_checkpoint_holds_the_moments_the_torch_optimizer_does_not(monkeypatch):
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_on_the_fused_step_the_checkpoint_holds_the_moments_the_torch_optimizer_does_not(monkeypatch, policy):
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
         def __init__(self, model, optimizer, device):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
-    state, optimizer = resume_matches_an_uninterrupted_run()
+    state, optimizer = resume_matches_an_uninterrupted_run(policy)
     engine_state = state["controller"]["engine"]
     assert engine_state["fused"] and engine_state["optimizer"]["kind"] == "sgd"
+    assert engine_state["precisions"] == [int(Precision.parse(policy))] * 2
+    # The loss scaler's state comes back too (here forced off its default, which these runs never leave).
+    engine_state["scaler"] = {"scale": torch.tensor(1024.0), "clean_steps": torch.tensor(7, dtype=torch.int32)}
+    _, _, other = build(policy)
+    other.load_state_dict(state["controller"])
+    assert (other.engine._scale.item(), other.engine._clean_steps.item()) == (1024.0, 7)
     assert engine_state["optimizer"]["momentum_buffer"].abs().sum() > 0  # 7 steps of momentum, saved
     assert optimizer.state_dict()["state"] == {}  # what saving the user's optimizer would have kept
 
