@@ -106,6 +106,11 @@ for stage in "$@"; do
     anneal-pinned-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,static-bf16,heuristic-anneal5-i1-deep,heuristic-anneal5-i1-deep-fp16 \
            --out "$OUT/anneal_pinned_resnet.json" --plots "" 2>&1 | tail -8 ;;
+    # Not yet run: where the annealed rows' overhead goes now that the optimizer's moments are timed apart from the
+    # rollback copy (overhead part `moments`, since 9a503ef), 2 seeds beside static fp16 (~2 min). With gputests, the
+    # first visit after the sixth session (the GPU checkpoint test has not run yet).
+    overhead-parts-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 2 --static 512,0.5,5.4 \
+           --rows static-fp16,heuristic-anneal5-i1 --out "$OUT/overhead_parts_resnet.json" --plots "" 2>&1 | tail -16 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
