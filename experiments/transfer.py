@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import git_commit, parse_args, parse_floats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def main(args: Args) -> dict[str, Any]:
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
-    grid_factors = _factors(args.tune_lr)
+    grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []
     if not args.lr_factor > 0:
         raise ValueError(f"--lr-factor {args.lr_factor} must be positive")
     base_settings = {"epochs": args.epochs, "interval_steps": args.interval_steps, "eval_every": args.eval_every}
@@ -188,22 +188,6 @@ def _at_lr(task: str, factor: float) -> Any:
 
     registered = get_task(task)
     return replace(registered, base_lr=registered.base_lr * factor)
-
-
-def _factors(text: str) -> list[float]:
-    """``--tune-lr``'s comma-separated factors ([] for none); a clear error for anything but positive numbers."""
-    factors = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"--tune-lr {text!r}: {item!r} is not a number (e.g. 1,2,3,4)") from None
-        if not value > 0:
-            raise ValueError(f"--tune-lr {text!r}: {item!r} must be positive")
-        factors.append(value)
-    return factors
 
 
 def plot_runs(runs: list[dict[str, Any]], out_dir: str) -> list[Path]:

@@ -356,5 +356,4 @@ def test_transfer_tunes_each_tasks_lr_on_a_static_grid(monkeypatch):
     assert [row["reach_rate"] for row in grid["rows"]] == [1.0, 0.5, 1.0]
     assert grid["rows"][1]["time_to_target_charged_s_mean"] == 5.5
     with pytest.raises(ValueError, match=r"--tune-lr '1,0': '0' must be positive"):
-        transfer._factors("1,0")
-    assert transfer._factors(" 1, 2.5 ,") == [1.0, 2.5]
+        transfer.main(transfer.Args(tune_lr="1,0", smoke=True, out="", plots=""))

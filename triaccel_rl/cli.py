@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 def _compare(args: argparse.Namespace) -> int:
     from triaccel_rl.compare import compare, format_table, summarize, write_json
     from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.experiment import parse_floats
     from triaccel_rl.tasks import get_task
 
     if args.seeds < 1:
@@ -153,7 +154,7 @@ def _compare(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
     if args.lr_scales is not None:
-        overrides["lr_scales"] = _floats(args.lr_scales, "--lr-scales")
+        overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
     config = ControllerConfig.preset(args.preset, **overrides)
     start = time.perf_counter()
     results = compare(
@@ -252,17 +253,3 @@ def _cuda(device: str | None) -> bool:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    """``text`` as comma-separated numbers; a ValueError naming ``option`` and the bad item otherwise."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError(f"{option} {text!r} is empty: give comma-separated numbers, e.g. 0.5,1,1.5")
-    values = []
-    for item in items:
-        try:
-            values.append(float(item))
-        except ValueError:
-            raise ValueError(f"{option} {text!r}: {item!r} is not a number (e.g. 0.5,1,1.5)") from None
-    return tuple(values)

@@ -1,4 +1,4 @@
-"""Plumbing shared by the scripts in ``experiments/``: ``@dataclass Args`` → command line, and the git commit."""
+"""Command-line plumbing for ``experiments/`` and the CLI: ``@dataclass Args`` → flags, number lists, the commit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["git_commit", "parse_args"]
+__all__ = ["git_commit", "parse_args", "parse_floats"]
 
 T = TypeVar("T")
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
@@ -42,6 +42,32 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
             raise TypeError(f"field {f.name!r} has type {kind}; allowed: bool, {', '.join(_TYPES)}")
     values: dict[str, Any] = vars(parser.parse_args(argv))
     return cls(**values)
+
+
+def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float, ...]:
+    """``text`` as comma-separated numbers (blanks ignored), for the command-line option ``option``.
+
+    Example:
+        >>> parse_floats(" 1, 2.5 ,", "--lr-scales")
+        (1.0, 2.5)
+
+    Raises:
+        ValueError: no number at all, an item that is not one, or (``positive``) one that is not above 0; the message
+            names the option, the text and the item.
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{option} {text!r} is empty: give comma-separated numbers, e.g. 0.5,1,1.5")
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a number (e.g. 0.5,1,1.5)") from None
+        if positive and not value > 0:
+            raise ValueError(f"{option} {text!r}: {item!r} must be positive")
+        values.append(value)
+    return tuple(values)
 
 
 def git_commit(short: bool = True) -> str:
