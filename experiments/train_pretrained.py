@@ -322,8 +322,8 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
     """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
     from triaccel_rl.policies import LearnedPolicy
 
-    from triaccel_rl.config import ControllerConfig, RewardConfig
-    from triaccel_rl.rl import make_env_fns, obs_stats_path
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import env_config, make_env_fns, obs_stats_path
     from triaccel_rl.shield import ObservationStats
 
     policy = LearnedPolicy(zip_path)
@@ -343,8 +343,7 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
                 done = terminated or truncated
         env.close()
     stats = ObservationStats.from_observations(np.stack(observations))
-    ladder = ControllerConfig(interval_steps=args.interval_steps).lr_scales  # the environments' (make_env_fns)
-    replace(stats, lr_scales=ladder).save(obs_stats_path(zip_path))
+    replace(stats, lr_scales=env_config(args.interval_steps).lr_scales).save(obs_stats_path(zip_path))
 
 
 def _facts(

@@ -29,6 +29,7 @@ __all__ = [
     "LrOracleTeacher",
     "TaskCycleEnv",
     "action_spread",
+    "env_config",
     "imitate",
     "make_env_fns",
     "obs_stats_path",
@@ -41,6 +42,14 @@ _log = logging.getLogger("triaccel_rl")
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
     """Where the observation stats of ``policy_zip`` live (beside it, ``.obs.json``)."""
     return Path(policy_zip).with_suffix(".obs.json")
+
+
+def env_config(interval_steps: int) -> ControllerConfig:
+    """The configuration every training environment runs (``make_env_fns``): the defaults at this interval.
+
+    A policy's actions index this configuration's ``lr_scales``; the policy's ``.obs.json`` records them.
+    """
+    return ControllerConfig(interval_steps=interval_steps)
 
 
 def make_env_fns(
@@ -80,7 +89,7 @@ def make_env_fns(
                 import torch
 
                 torch.set_num_threads(torch_threads)
-            config = ControllerConfig(interval_steps=interval_steps)
+            config = env_config(interval_steps)
             envs = [
                 gym.make("TriAccel-v0", task=task, config=config, max_decisions=max_decisions, **env_kwargs)
                 for task in worker_tasks
@@ -419,7 +428,7 @@ def train_policy(
             if warm_start is not None:
                 from triaccel_rl.policies import make_policy
 
-                teacher_config = ControllerConfig(interval_steps=interval_steps)
+                teacher_config = env_config(interval_steps)
                 base_name, oracle = warm_start.removesuffix("+lr-oracle"), warm_start.endswith("+lr-oracle")
                 teacher: Any = make_policy(base_name, teacher_config)
                 if oracle:  # the heuristic's moves, the LR from the episode's known mistuning
@@ -457,7 +466,7 @@ def train_policy(
         )
         model.save(path)
         if recorder.low is not None and recorder.high is not None:
-            ladder = ControllerConfig(interval_steps=interval_steps).lr_scales  # the environments' (make_env_fns)
+            ladder = env_config(interval_steps).lr_scales
             stats = ObservationStats(
                 tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count, lr_scales=ladder
             )
