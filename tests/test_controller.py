@@ -271,3 +271,16 @@ def test_no_speed_trial_in_a_users_loop_where_time_is_not_measured_on_a_gpu():
     train(ctl, model, epochs=1)
     assert ctl.speed_trial == {}
     assert len(ctl.decisions) == ctl.steps // 4  # decisions from the first interval on: no trial held them back
+
+
+def test_the_controller_is_a_context_manager_that_closes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = (torch.randn(64, 8), torch.arange(64) % 3)
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="bf16") as ctl:
+        assert ctl.engine.precision._handles  # the precision hooks are on while it runs
+        for x, y in ctl.loader(data, batch_size=16):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+    assert ctl.steps == 4 and not ctl.engine.precision._handles  # and off after the block

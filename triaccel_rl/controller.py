@@ -399,10 +399,16 @@ class Controller:
         self._resume = None if state["loader"] is None else {key: state[key] for key in keys}
 
     def close(self) -> None:
-        """Flushes the TensorBoard writer and removes the precision hooks."""
+        """Flushes the TensorBoard writer and removes the precision hooks (leaving a ``with`` block calls it)."""
         if self._writer is not None:
             self._writer.close()
         self.engine.remove()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------ private
 
