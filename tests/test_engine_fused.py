@@ -294,3 +294,39 @@ def test_a_shared_copy_refuses_codes_that_do_not_fit():
         store.refresh_low_precision([3])
     with pytest.raises(ValueError, match="each of the 1 layers"):
         store.refresh_low_precision([1, 1])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_adopts_the_state_the_torch_optimizer_already_holds(kind):
+    """A run resumed the usual way (``optimizer.load_state_dict``, then the engine) keeps its moments and step count.
+
+    Three plain torch.optim steps, then three engine steps: the fused path must end where the reference path does,
+    which reads the same torch.optim state; started from zero moments it would not.
+    """
+    data = batches(6)
+    finals = {}
+    for fused in (False, True, None):  # None: the fused path with the state cleared, the old behaviour
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([model[0], model[2]])]
+        if kind == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-2)
+        for x, y in data[:3]:  # before the engine: the moments a checkpoint would hold
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        if fused is None:
+            optimizer.state.clear()
+        engine = StepEngine(model, optimizer, DEVICE, fused=fused is not False)
+        for x, y in data[3:]:
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward_and_step(loss)
+        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        if fused is True and kind == "adamw":
+            assert engine.fused_optimizer.step_count.item() == 6  # 3 torch.optim steps, then 3 fused ones
+    for reference, adopted in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(adopted, reference, rtol=1e-5, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(finals[False], finals[None], strict=True)) > 1e-3

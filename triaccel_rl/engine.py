@@ -6,6 +6,7 @@ optimizer. ``TrainingRun`` (offline tasks) and ``Controller`` (a user's own loop
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from triaccel_rl.precision import LayerPrecision, find_layers
 from triaccel_rl.types import LayerInfo, Precision
 
 __all__ = ["GradStats", "StepEngine", "check_precision_supported", "layer_parameters"]
+
+_log = logging.getLogger("triaccel_rl")
 
 
 def check_precision_supported(precision: Precision, device: torch.device) -> None:
@@ -485,6 +488,37 @@ class StepEngine:
         self._last_codes: list[Precision] | None = None
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
         self.refresh_weight_copies()
+        self._adopt_optimizer_state()
+
+    def _adopt_optimizer_state(self) -> None:
+        """Copies the state the ``torch.optim`` object already holds into the fused buffers, which start at zero.
+
+        A run resumed the usual way (``optimizer.load_state_dict`` before the engine is built), or an optimizer that
+        stepped before, keeps its moments, and the fused step's count carries on from the optimizer's: AdamW's
+        ``step`` (one count for all parameters: the largest, with a warning if they differ), or for SGD one step
+        once a momentum buffer exists (the fused SGD, like ``torch.optim.SGD``, overwrites the buffer at step 0).
+        """
+        state = self.optimizer.state
+        if not state:
+            return
+        fused = self.fused_optimizer
+        adopted = False
+        steps: set[float] = set()
+        with torch.no_grad():
+            for layer, params in enumerate(self.store.layers):
+                for name in fused._buffer_names:  # momentum_buffer; or exp_avg and exp_avg_sq
+                    for param, view in zip(params, self.store.param_views(getattr(fused, name), layer), strict=True):
+                        saved = state.get(param, {}).get(name)
+                        if saved is not None:
+                            view.copy_(saved)
+                            adopted = True
+                steps.update(float(state[p]["step"]) for p in params if "step" in state.get(p, {}))
+        n = max(steps, default=1.0 if adopted else 0.0)
+        if len(steps) > 1:
+            _log.warning("the optimizer's parameters took %s steps: the fused step counts %d", sorted(steps), n)
+        if n > 0:
+            beta1, beta2 = (getattr(fused.options, name, 0.0) for name in ("beta1", "beta2"))  # SGD has none
+            fused._step_state[0].copy_(torch.tensor([n, beta1**n, beta2**n], dtype=torch.float64))
 
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
@@ -561,8 +595,6 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     for key in keys:
         if len({repr(g[key]) for g in groups}) > 1:
             return f"param groups differ in {key!r}"
-    if any(optimizer.state.get(p) for g in groups for p in g["params"]):
-        return "the optimizer already has state (construct the engine before the first step)"
     group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
     for params in layer_params:
         if len({group_of.get(id(p)) for p in params}) > 1:
