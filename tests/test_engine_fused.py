@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make(optimizer_kind: str, fused: bool):
+def model_and_optimizer(optimizer_kind: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
     groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([model[0], model[2]])]
@@ -24,6 +24,11 @@ def make(optimizer_kind: str, fused: bool):
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     else:
         optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-2)
+    return model, optimizer
+
+
+def make(optimizer_kind: str, fused: bool):
+    model, optimizer = model_and_optimizer(optimizer_kind)
     return model, StepEngine(model, optimizer, DEVICE, fused=fused)
 
 
@@ -306,13 +311,7 @@ def test_the_fused_step_adopts_the_state_the_torch_optimizer_already_holds(kind)
     data = batches(6)
     finals = {}
     for fused in (False, True, None):  # None: the fused path with the state cleared, the old behaviour
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
-        groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([model[0], model[2]])]
-        if kind == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-2)
+        model, optimizer = model_and_optimizer(kind)
         for x, y in data[:3]:  # before the engine: the moments a checkpoint would hold
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
