@@ -59,7 +59,7 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
     assert train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl))) == 12
     uninterrupted = weights(model)
 
-    model2, optimizer2, ctl2 = build(policy, config)
+    model2, _, ctl2 = build(policy, config)
     state = torch.load(saved[0])  # weights_only: the state holds tensors, numbers, strings, lists and dicts
     model2.load_state_dict(state["model"])
     ctl2.load_state_dict(state["controller"])
@@ -67,7 +67,7 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
     assert ctl2.steps == 12
     for a, b in zip(uninterrupted, weights(model2), strict=True):
         assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
-    return state, optimizer2
+    return state, ctl2
 
 
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
@@ -94,13 +94,13 @@ def test_without_the_controllers_state_the_resumed_run_differs():
     reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
 )
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])
-def test_on_the_fused_step_the_checkpoint_holds_the_moments_the_torch_optimizer_does_not(monkeypatch, policy):
+def test_on_the_fused_step_the_checkpoint_and_the_users_optimizer_hold_the_moments(monkeypatch, policy):
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
         def __init__(self, model, optimizer, device):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
-    state, optimizer = resume_matches_an_uninterrupted_run(policy)
+    state, resumed = resume_matches_an_uninterrupted_run(policy)
     engine_state = state["controller"]["engine"]
     assert engine_state["fused"] and engine_state["optimizer"]["kind"] == "sgd"
     assert engine_state["precisions"] == [int(Precision.parse(policy))] * 2
@@ -109,8 +109,17 @@ def test_on_the_fused_step_the_checkpoint_holds_the_moments_the_torch_optimizer_
     _, _, other = build(policy)
     other.load_state_dict(state["controller"])
     assert (other.engine._scale.item(), other.engine._clean_steps.item()) == (1024.0, 7)
-    assert engine_state["optimizer"]["momentum_buffer"].abs().sum() > 0  # 7 steps of momentum, saved
-    assert optimizer.state_dict()["state"] == {}  # what saving the user's optimizer would have kept
+    flat = engine_state["optimizer"]["momentum_buffer"]
+    assert flat.abs().sum() > 0  # 7 steps of momentum, saved
+    # The user's optimizer (it never steps), saved the usual way, holds the fused moments in torch.optim's layout.
+    optimizer, store = resumed.engine.optimizer, resumed.engine.store
+    users = optimizer.state_dict()["state"]
+    assert sorted(users) == list(range(len(optimizer.param_groups[0]["params"]))), users.keys()
+    live = resumed.engine.fused_optimizer.momentum_buffer
+    views = [view for layer in range(store.n_layers) for view in store.param_views(live, layer)]
+    assert len(views) == len(users)
+    for i, view in enumerate(views):
+        assert torch.equal(users[i]["momentum_buffer"], view)
 
 
 def test_the_knobs_come_back_as_they_were():

@@ -1,5 +1,6 @@
 """The fused Triton step inside StepEngine, against the reference path (interpreter on CPU, compiled on GPU)."""
 
+import copy
 import os
 
 import pytest
@@ -329,3 +330,98 @@ def test_the_fused_step_adopts_the_state_the_torch_optimizer_already_holds(kind)
     for reference, adopted in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(adopted, reference, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(finals[False], finals[None], strict=True)) > 1e-3
+
+
+def _run_steps(model, engine, data):
+    for x, y in data:
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_users_optimizer_state_dict_holds_the_fused_state_in_torch_layout(kind, tmp_path):
+    """``optimizer.state_dict()`` on the fused path equals the reference path's, which is plain ``torch.optim``'s.
+
+    The state is saved the usual way, loaded into a fresh optimizer that plain ``torch.optim`` then steps: it ends
+    where the reference path does. Fresh, before any step, the state is empty as in ``torch.optim``.
+    """
+    data = batches(6)
+    saved = {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        assert engine.optimizer.state_dict()["state"] == {}
+        _run_steps(model, engine, data[:3])
+        state = engine.optimizer.state_dict()
+        torch.save({"model": model.state_dict(), "optimizer": state}, tmp_path / f"{fused}.pt")
+        saved[fused] = state["state"]
+    assert sorted(saved[True]) == sorted(saved[False]) == [0, 1, 2, 3]
+    for index, reference in saved[False].items():
+        assert sorted(saved[True][index]) == sorted(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(saved[True][index][key].cpu(), value.cpu(), rtol=1e-5, atol=1e-7)
+            assert saved[True][index][key].shape == value.shape
+    finals = {}
+    for fused in (False, True):  # resumed with plain torch.optim, no engine
+        model, optimizer = model_and_optimizer(kind)
+        checkpoint = torch.load(tmp_path / f"{fused}.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for x, y in data[3:]:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+    for reference, resumed in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_loading_the_users_optimizer_mid_run_loads_into_the_fused_step(kind):
+    """``optimizer.load_state_dict`` after the engine is built replaces the fused state, as it would ``torch.optim``'s.
+
+    Run A: 3 steps, saved. Run B: 2 other steps, then A's model and optimizer state loaded, then 3 steps: it must
+    end where A does after its 3 more steps. A negative control (B without the optimizer load) must not.
+    """
+    data = batches(9)
+    model, engine = make(kind, True)
+    _run_steps(model, engine, data[:3])
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                  "optimizer": copy.deepcopy(engine.optimizer.state_dict())}  # fmt: skip
+    _run_steps(model, engine, data[3:6])
+    reference = [p.detach().cpu().clone() for p in model.parameters()]
+    finals = {}
+    for load_optimizer in (True, False):
+        model, engine = make(kind, True)
+        _run_steps(model, engine, data[6:8])  # moments and a step count the load must replace
+        with torch.no_grad():
+            model.load_state_dict(checkpoint["model"])
+        engine.refresh_weight_copies()
+        if load_optimizer:
+            engine.optimizer.load_state_dict(checkpoint["optimizer"])
+            if kind == "adamw":
+                assert engine.fused_optimizer.step_count.item() == 3
+        _run_steps(model, engine, data[3:6])
+        finals[load_optimizer] = [p.detach().cpu().clone() for p in model.parameters()]
+    for expected, resumed in zip(reference, finals[True], strict=True):
+        torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(reference, finals[False], strict=True)) > 1e-4
+
+
+def test_removing_the_engine_leaves_its_state_in_the_users_optimizer():
+    """After ``remove()``, plain ``optimizer.step()`` carries on from the fused moments, as on the reference path."""
+    data = batches(6)
+    finals = {}
+    for fused in (False, True):
+        model, engine = make("adamw", fused)
+        _run_steps(model, engine, data[:3])
+        engine.remove()
+        optimizer = engine.optimizer
+        assert len(optimizer._optimizer_state_dict_pre_hooks) == 0
+        for x, y in data[3:]:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+    for reference, handed_back in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(handed_back, reference, rtol=1e-5, atol=1e-6)

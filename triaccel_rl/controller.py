@@ -335,12 +335,12 @@ class Controller:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beside the model's ``state_dict()`` to resume this run where it stopped.
 
-        Save this rather than ``optimizer.state_dict()``: on a GPU the fused step keeps the optimizer's moments
-        itself, and the ``torch.optim`` object holds none. The state holds the optimizer's and the loss scaler's
-        state, each layer's precision, the LR multiplier, the batch size and its LR gain (warm-up included), where
-        the loader stands in its epoch, the steps taken and the speed trial's outcome. Tensors are returned by
-        reference, as ``torch.optim`` does: ``torch.save`` it, or copy it before training on. The signals'
-        running estimates are not kept: after a resume they start afresh, as the first interval of a run does.
+        On a GPU the fused step keeps the optimizer's moments in its own buffers (``optimizer.state_dict()`` shows
+        them too, in ``torch.optim``'s layout). The state holds the optimizer's and the loss scaler's state, each
+        layer's precision, the LR multiplier, the batch size and its LR gain (warm-up included), where the loader
+        stands in its epoch, the steps taken and the speed trial's outcome. Tensors are returned by reference, as
+        ``torch.optim`` does: ``torch.save`` it, or copy it before training on. The signals' running estimates are
+        not kept: after a resume they start afresh, as the first interval of a run does.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))

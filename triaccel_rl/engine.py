@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +77,12 @@ class StepEngine:
     skips the whole update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
     ``GradScaler``: halve on overflow, double after 2000 clean steps). It needs SGD (any momentum,
     dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
-    hyper-parameters in every param group except the LR, each layer's parameters in one group, and no
-    optimizer state yet; otherwise the reference path runs. ``optimizer.step()`` is then never called,
-    and the optimizer state lives in ``fused_optimizer``.
+    hyper-parameters in every param group except the LR, and each layer's parameters in one group;
+    otherwise the reference path runs. ``optimizer.step()`` is then never called, and the optimizer state
+    lives in ``fused_optimizer``. The ``torch.optim`` object stays the user's view of it: state it already
+    holds is taken over, ``optimizer.state_dict()`` returns the fused state in ``torch.optim``'s layout,
+    ``optimizer.load_state_dict()`` loads into the fused buffers, and :meth:`remove` leaves the final state
+    in the optimizer, so checkpoints written or read the usual way keep the moments.
 
     Args:
         model: the model being trained.
@@ -112,6 +116,7 @@ class StepEngine:
         self.lr_factors = np.ones(self.n_layers)
         self._grad_scaler: torch.amp.GradScaler | None = None
         self.fused_optimizer: Any = None
+        self._optimizer_hooks: list[Any] = []  # the fused path's state_dict / load_state_dict hooks on the optimizer
         self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
         reason = _fused_unsupported(optimizer, self.layer_params)
         if fused and reason:
@@ -365,8 +370,17 @@ class StepEngine:
         return sums.cpu().numpy()  # host-device sync: once per decision
 
     def remove(self) -> None:
-        """Removes the precision hooks from the model."""
+        """Removes the precision hooks from the model; on the fused path, hands the optimizer state back.
+
+        The ``torch.optim`` object is left holding the fused step's moments and step count, so training can go on
+        with ``optimizer.step()``.
+        """
         self.precision.remove()
+        if self.fused and self._optimizer_hooks:
+            for handle in self._optimizer_hooks:
+                handle.remove()
+            self._optimizer_hooks = []
+            self._export_optimizer_state()
 
     @property
     def state_holder(self) -> Any:
@@ -489,27 +503,72 @@ class StepEngine:
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
         self.refresh_weight_copies()
         self._adopt_optimizer_state()
+        # The user's optimizer never steps on this path, but it stays their checkpoint's source and target.
+        this = weakref.ref(self)
+
+        def export(_: torch.optim.Optimizer) -> None:
+            engine = this()
+            if engine is not None:
+                engine._export_optimizer_state()
+
+        def adopt(_: torch.optim.Optimizer) -> None:
+            engine = this()
+            if engine is not None:
+                engine._adopt_optimizer_state()
+                engine._export_optimizer_state()  # the loaded tensors give way to views of the fused buffers
+
+        self._optimizer_hooks = [
+            self.optimizer.register_state_dict_pre_hook(export),
+            self.optimizer.register_load_state_dict_post_hook(adopt),
+        ]
+
+    def _export_optimizer_state(self) -> None:
+        """Puts the fused step's state into the ``torch.optim`` object, in its layout, as views (no copies).
+
+        Per parameter, as ``torch.optim`` would hold it after the same steps: SGD's ``momentum_buffer``; AdamW's
+        ``exp_avg``, ``exp_avg_sq`` and ``step`` (a float32 scalar, on the CPU unless the group is ``capturable`` or
+        ``fused``; a copy of the count, the only part that is not live). The moments are views of the fused
+        buffers, so the optimizer costs no memory and ``torch.save`` writes each buffer once. Before the first
+        applied step there is no state, as in ``torch.optim``. Reads the step count (one host-device sync).
+        """
+        fused = self.fused_optimizer
+        n = float(fused.step_count)
+        state = self.optimizer.state
+        for layer, params in enumerate(self.store.layers):
+            buffers = {name: self.store.param_views(getattr(fused, name), layer) for name in fused._buffer_names}
+            for i, param in enumerate(params):
+                if n == 0 or not buffers:
+                    state.pop(param, None)
+                    continue
+                entry = {name: views[i] for name, views in buffers.items()}
+                if "exp_avg" in buffers:
+                    group = self._groups[id(param)]
+                    on_device = group.get("capturable") or group.get("fused")
+                    entry["step"] = torch.tensor(n, dtype=torch.float32, device=param.device if on_device else None)
+                state[param] = entry
 
     def _adopt_optimizer_state(self) -> None:
-        """Copies the state the ``torch.optim`` object already holds into the fused buffers, which start at zero.
+        """Copies the state the ``torch.optim`` object holds into the fused buffers (zero where it holds none).
 
-        A run resumed the usual way (``optimizer.load_state_dict`` before the engine is built), or an optimizer that
-        stepped before, keeps its moments, and the fused step's count carries on from the optimizer's: AdamW's
+        Runs when the engine is built and after each ``optimizer.load_state_dict``. A run resumed the usual way
+        (``optimizer.load_state_dict`` before or after the engine is built), or an optimizer that stepped before,
+        keeps its moments, and the fused step's count carries on from the optimizer's: AdamW's
         ``step`` (one count for all parameters: the largest, with a warning if they differ), or for SGD one step
         once a momentum buffer exists (the fused SGD, like ``torch.optim.SGD``, overwrites the buffer at step 0).
         """
         state = self.optimizer.state
-        if not state:
-            return
         fused = self.fused_optimizer
         adopted = False
         steps: set[float] = set()
         with torch.no_grad():
+            fused._step_state[0].copy_(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))  # no step taken
             for layer, params in enumerate(self.store.layers):
                 for name in fused._buffer_names:  # momentum_buffer; or exp_avg and exp_avg_sq
                     for param, view in zip(params, self.store.param_views(getattr(fused, name), layer), strict=True):
                         saved = state.get(param, {}).get(name)
-                        if saved is not None:
+                        if saved is None:  # a state loaded mid-run replaces the run's, as in torch.optim
+                            view.zero_()
+                        else:  # (the view itself, after a state_dict loaded back unsaved: a no-op copy)
                             view.copy_(saved)
                             adopted = True
                 steps.update(float(state[p]["step"]) for p in params if "step" in state.get(p, {}))
