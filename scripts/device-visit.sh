@@ -111,6 +111,11 @@ for stage in "$@"; do
     # first visit after the sixth session (the GPU checkpoint test has not run yet).
     overhead-parts-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 2 --static 512,0.5,5.4 \
            --rows static-fp16,heuristic-anneal5-i1 --out "$OUT/overhead_parts_resnet.json" --plots "" 2>&1 | tail -16 ;;
+    # The rollback copy's pinned memory allocated before training (RollbackGuard.reserve, since the seventh session):
+    # the annealed rows and the default heuristic beside static fp16, 5 seeds, evaluated every 50 steps (~6 min).
+    reserve-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,heuristic,heuristic-anneal5-i1,heuristic-anneal5-i1-deep \
+           --out "$OUT/reserve_resnet.json" --plots "" 2>&1 | tail -8 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \

@@ -205,3 +205,17 @@ def test_an_adaptive_run_decides_on_after_a_resume():
     assert train(model2, ctl2) == 12 - 5
     assert len(ctl2.decisions) == (12 - 5) // 2  # one every interval of 2 steps, counted from the resume
     assert all(bool(p.isfinite().all()) for p in model2.parameters())
+
+
+def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
+    """A rollback right after ``load_state_dict`` goes back to the resumed state, not to the freshly built model."""
+    model, _, ctl = build()
+    saved = []
+    train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    model2, _, ctl2 = build()
+    state = torch.load(saved[0])
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    copy = ctl2.guard._model_state.tree()
+    for name, value in model2.state_dict().items():
+        assert torch.equal(copy[name], value), name

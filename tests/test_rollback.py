@@ -180,3 +180,32 @@ def test_healthy_refreshes_the_copy_every_n_calls():
     assert guard.restore() and float(model.weight.detach()[0, 0]) == 6.0
     with pytest.raises(ValueError, match="every=0 must be >= 1"):
         RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), every=0)
+
+
+def test_the_copy_is_allocated_before_training_and_the_first_decision_still_refreshes_it():
+    """``reserve()`` at construction: the first decision copies into the same tensors, the state it closes on."""
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=3))
+    assert loop.guard.has_snapshot and not loop.guard.copy_is_current
+    start = [p.detach().clone() for p in loop.run.model.parameters()]
+    reserved = [leaf for leaf in loop.guard._model_state.leaves if isinstance(leaf, torch.Tensor)]
+    loop.train_interval()
+    loop.snapshot(progress=0.1)
+    assert loop.guard.copy_is_current
+    copied = [leaf for leaf in loop.guard._model_state.leaves if isinstance(leaf, torch.Tensor)]
+    assert all(a is b for a, b in zip(copied, reserved, strict=True))  # no new allocation at the decision
+    params = list(loop.run.model.parameters())
+    assert not torch.equal(params[0].detach(), start[0])  # the interval trained
+    for snap, p in zip(copied, loop.run.model.state_dict().values(), strict=True):
+        assert torch.equal(snap, p)
+
+
+def test_a_non_finite_first_interval_rolls_back_to_the_starting_state():
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=3))
+    start = [p.detach().clone() for p in loop.run.model.parameters()]
+    loop.train_interval()
+    with torch.no_grad():
+        next(loop.run.model.parameters()).fill_(float("nan"))
+    signals = loop.snapshot(progress=0.1)
+    assert signals.extra["rolled_back"] is True and math.isfinite(signals.probe_loss)
+    for want, p in zip(start, loop.run.model.parameters(), strict=True):
+        assert torch.equal(want, p.detach())

@@ -142,6 +142,8 @@ class Controller:
             after_restore=self.engine.refresh_weight_copies,  # the weights changed outside the fused step
         )
         self.guard = guard if self.config.rollback else None
+        if self.guard is not None:
+            self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
         self.rollbacks = 0
         """Times the last healthy state was restored (``config.rollback``)."""
         self.signals: Signals | None = None
@@ -397,6 +399,8 @@ class Controller:
         # Saved before any loader() call: no place in the data to carry on from.
         keys = ("loader", "lr_coupler", "batch_size", "base_batch_size")
         self._resume = None if state["loader"] is None else {key: state[key] for key in keys}
+        if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
+            self.guard.reserve()
 
     def close(self) -> None:
         """Flushes the TensorBoard writer and removes the precision hooks (leaving a ``with`` block calls it)."""

@@ -68,6 +68,8 @@ class DecisionLoop:
             after_restore=run.engine.refresh_weight_copies,  # the weights changed outside the fused step
         )
         self.guard = guard if use_rollback else None
+        if self.guard is not None:
+            self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
         self._healthy = False  # the latest probe loss was finite
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
         adaptive = measured_gpu if adaptive_interval is None else adaptive_interval

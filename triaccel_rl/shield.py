@@ -83,6 +83,16 @@ class RollbackGuard:
         else:
             self._since_copy += 1
 
+    def reserve(self) -> None:
+        """Copies the starting state now, so that the copy's memory is allocated before training starts.
+
+        Pinned host memory is slow to allocate (about 50 ms for ResNet-18's 90 MB on an H200), and the first copy
+        otherwise allocates it at the first decision, inside the training time. The next :meth:`healthy` call
+        still refreshes the copy, as the first one always does, and reuses this memory.
+        """
+        self.save()
+        self._since_copy = self.every - 1  # the next healthy() copies
+
     @property
     def copy_is_current(self) -> bool:
         """Whether the copy was taken at the last healthy state (no healthy() call has skipped it since)."""
