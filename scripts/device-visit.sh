@@ -27,6 +27,9 @@ for stage in "$@"; do
            --rows plain-bf16,static-bf16,heuristic --out "$OUT/pilot.json" --plots "$OUT/plots" 2>&1 | tail -20 ;;
     profile) python3 scripts/profile_step.py 2>&1 | tail -80 ;;
     freed) python3 scripts/check_run_freed.py 2>&1 | tail -12 ;;
+    oom-release) python3 scripts/check_oom_release.py 2>&1 | tail -40 ;;
+    # The allocator xfail alone, in pytest as in gputests (the OOM test, then the release check).
+    oom-tests) python3 -m pytest -q --tb=short -p no:cacheprovider tests/elastic/test_gpu_elastic.py 2>&1 | tail -15 ;;
     copies) python3 scripts/check_weight_copies.py 2>&1 | tail -12 ;;
     # Re-checks of the controller's overhead (its parts are printed per run) on both models, 2 seeds each.
     overhead-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 2 --static 256,1.0,9.4 \
