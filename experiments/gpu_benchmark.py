@@ -198,6 +198,18 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
             row: {"controller": "heuristic", "channels_last": True, "config": ramp_config, "warmup_batch_factors": (2,)}
             for row, ramp_config in early_ramps.items()
         },
+        # Deep annealing from a higher LR than the static grid's best (x1.5 and x2 of it): the cuts take the noise
+        # down later, so the run may afford a faster start than a static schedule can. The static control at x1.5.
+        **{
+            f"heuristic-anneal5-i1-deep-lr{factor:g}": {
+                "controller": "heuristic",
+                "channels_last": True,
+                "config": anneal_pinned["heuristic-anneal5-i1-deep"],
+                "lr_factor": factor,
+            }
+            for factor in (1.5, 2.0)
+        },
+        "static-fp16-lr1.5": {"controller": "fp16", "channels_last": True, "lr_factor": 1.5},
         # Controls for the ramp, from the start: the best static row at half its LR, and at twice its batch with the
         # LR held (``lr_scale`` is on the LR the batch sets linearly, hence the factor 0.5).
         "static-fp16-lr0.5": {"controller": "fp16", "channels_last": True, "lr_factor": 0.5},
