@@ -210,6 +210,14 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
             for factor in (1.5, 2.0)
         },
         "static-fp16-lr1.5": {"controller": "fp16", "channels_last": True, "lr_factor": 1.5},
+        # The x1.5 row with the speed trial's answer pinned (fp16 from the first step): 5 of its 10 runs at x1.5 and
+        # x2 collapsed near the warm-up's peak LR where static fp16 at x1.5 did not (H200, 2026-12-02, 0e57c16).
+        "heuristic-anneal5-i1-deep-fp16-lr1.5": {
+            "controller": "heuristic",
+            "channels_last": True,
+            "config": anneal_pinned["heuristic-anneal5-i1-deep-fp16"],
+            "lr_factor": 1.5,
+        },
         # Controls for the ramp, from the start: the best static row at half its LR, and at twice its batch with the
         # LR held (``lr_scale`` is on the LR the batch sets linearly, hence the factor 0.5).
         "static-fp16-lr0.5": {"controller": "fp16", "channels_last": True, "lr_factor": 0.5},

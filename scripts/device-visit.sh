@@ -123,6 +123,10 @@ for stage in "$@"; do
     anneal-lr-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,static-fp16-lr1.5,heuristic-anneal5-i1-deep,heuristic-anneal5-i1-deep-lr1.5,heuristic-anneal5-i1-deep-lr2 \
            --out "$OUT/anneal_lr_resnet.json" --plots "$OUT/plots_anneal_lr" 2>&1 | tail -9 ;;
+    # Is the speed trial behind the collapses at 1.5x? The row again, beside itself with fp16 pinned, 5 seeds (~2.5 min).
+    trial-lr-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows heuristic-anneal5-i1-deep-lr1.5,heuristic-anneal5-i1-deep-fp16-lr1.5 \
+           --out "$OUT/trial_lr_resnet.json" --plots "$OUT/plots_trial_lr" 2>&1 | tail -6 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
