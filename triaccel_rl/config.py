@@ -538,7 +538,7 @@ class ControllerConfig:
         interval on the cheap signals: on the H200, 2026-12-02, 0.90x static fp16's time to target in the same job
         on ResNet-18 and 0.98x on EfficientNet-B0, ending 0.1-0.4 points lower; row ``heuristic-anneal5-i1`` of
         ``experiments/gpu_benchmark.py``; with ``lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)`` the cuts go on to
-        x0.25: 0.85x on ResNet-18 over 15 seeds, ending 0.23 points lower, row ``heuristic-anneal5-i1-deep``). The
+        x0.25: 0.85x on ResNet-18 over 25 seeds, ending 0.28 points lower, row ``heuristic-anneal5-i1-deep``). The
         others leave the signals at ``SignalConfig()``; override them like any field:
         ``ControllerConfig.preset("safe", signals="cheap")``.
         """
