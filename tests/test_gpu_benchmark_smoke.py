@@ -126,6 +126,8 @@ def test_every_row_of_the_benchmark_runs(tmp_path):
     assert all(0.0 < row["final_acc"]["mean"] <= 1.0 for row in rows.values())
     assert rows["static-fp16-b2x"]["setting"] == {"batch": 128, "lr_scale": 0.5}  # twice the batch, the LR held
     assert rows["static-fp16-lr0.5"]["setting"] == {"batch": 64, "lr_scale": 0.5}
+    for row in ("static-fp16-lr1.5", "heuristic-anneal5-i1-deep-lr1.5", "heuristic-anneal5-i1-deep-fp16-lr1.5"):
+        assert rows[row]["setting"] == {"batch": 64, "lr_scale": 1.5}, row
     assert (
         rows["heuristic-ramp"]["setting"] == rows["heuristic-ramp"]["static_setting"] == {"batch": 64, "lr_scale": 1.0}
     )
