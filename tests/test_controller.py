@@ -61,8 +61,8 @@ def test_batch_growth_scales_lr_linearly():
     loader = ctl.loader(data(), batch_size=16)
     next(loader)
     ctl.batch_size = 64
-    ctl.engine.apply_lr()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 64 / 16)
+    assert ctl.lr == ctl.engine.group_lrs()[0] == pytest.approx(0.1 * 64 / 16)
+    assert opt.param_groups[0]["lr"] == 0.1  # the optimizer keeps its own LR; the controller multiplies it
 
 
 def test_bad_inputs():
@@ -284,3 +284,41 @@ def test_the_controller_is_a_context_manager_that_closes():
                 loss = nn.functional.cross_entropy(model(x), y)
             ctl.step(loss)
     assert ctl.steps == 4 and not ctl.engine.precision._handles  # and off after the block
+
+
+def test_a_users_lr_scheduler_keeps_working_in_a_controlled_loop():
+    """Cosine annealing on the user's optimizer: a static fp32 controller's run is the plain loop's, bit for bit,
+    and a heuristic controller's LR stays the schedule's value times its own multiplier."""
+    x, y = data(64)
+    finals = {}
+    for controlled in (False, True):
+        model, optimizer = model_and_optimizer()
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
+        ctl = Controller(model, optimizer, policy="fp32") if controlled else None
+        for i in range(8):
+            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+            if ctl is None:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule's end: T_max steps
+        finals[controlled] = [p.detach().clone() for p in model.parameters()]
+    for plain, controlled in zip(finals[False], finals[True], strict=True):
+        assert torch.equal(plain, controlled)
+    model, optimizer = model_and_optimizer()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+    ctl = Controller(model, optimizer, policy="heuristic", config=ControllerConfig(interval_steps=4))
+    ctl.engine.lr_scale = 1.25  # as a decision would leave it
+    for i in range(3):  # before the first decision (at step 4)
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x[8 * i : 8 * (i + 1)]), y[8 * i : 8 * (i + 1)])
+        ctl.step(loss)
+        scheduler.step()
+    assert ctl.engine.lr_scale == 1.25
+    assert ctl.lr == pytest.approx(optimizer.param_groups[0]["lr"] * 1.25 * ctl.engine.batch_lr_gain)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0])

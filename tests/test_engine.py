@@ -251,7 +251,7 @@ def test_non_scalar_loss_raises_naming_shape() -> None:
 # ---------------------------------------------------------------- learning rates
 
 
-def test_apply_lr_exact() -> None:
+def test_group_lrs_exact() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     params = StepEngine.discover(model)
@@ -264,16 +264,18 @@ def test_apply_lr_exact() -> None:
         lr=0.1,
     )
     engine = StepEngine(model, optimizer, CPU)
-    assert engine.base_lrs == [0.5, 0.25, 1.0]
+    assert engine.group_lrs() == [0.5, 0.25, 1.0]
     engine.lr_scale = 1.5
     engine.batch_lr_gain = 2.0
     engine.lr_factors = np.array([0.25, 8.0, 4.0])
-    for _ in range(2):  # applying twice does not compound: always from the base LRs
-        assert engine.apply_lr() == 3.0
-        assert [group["lr"] for group in optimizer.param_groups] == [0.375, 3.0, 3.0]
+    for _ in range(2):  # reading twice does not compound: always from the groups' own LRs
+        assert engine.group_lrs() == [0.375, 3.0, 3.0]
+    assert [group["lr"] for group in optimizer.param_groups] == [0.5, 0.25, 1.0]  # the owner's, untouched
+    optimizer.param_groups[1]["lr"] = 0.125  # as a scheduler would
+    assert engine.group_lrs() == [0.375, 1.5, 3.0]
 
 
-def test_step_uses_applied_lr() -> None:
+def test_step_uses_the_scaled_lr() -> None:
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # no momentum: p -= lr * g
     engine = StepEngine(model, optimizer, CPU)
@@ -285,7 +287,8 @@ def test_step_uses_applied_lr() -> None:
     engine.backward_and_step(loss_of(model, engine, 0))
     for handle in handles:
         handle.remove()
-    assert optimizer.param_groups[0]["lr"] == 0.125
+    assert optimizer.param_groups[0]["lr"] == 0.5  # put back for the owner (a scheduler) after the update
+    assert engine.group_lrs() == [0.125]
     # Hooks fire in reverse order of use: last layer's bias/weight first.
     by_shape = {tuple(g.shape): g for g in grads}
     for old, p in zip(before, model.parameters(), strict=True):
@@ -400,7 +403,6 @@ def test_set_precisions_validates() -> None:
         engine.set_precisions(["fp32"] * 3)
     engine.set_precisions([Precision.BF16, 2])
     assert engine.precision.precisions == [Precision.BF16, Precision.FP16]
-    assert engine.apply_lr() == 1.0
 
 
 def test_applied_steps_count_updates_and_not_skipped_steps() -> None:
@@ -411,3 +413,29 @@ def test_applied_steps_count_updates_and_not_skipped_steps() -> None:
     assert skipped
     engine.backward_and_step(loss_of(model, engine, 2))
     assert engine.applied_steps() == 2
+
+
+def _scheduled_run(through_engine: bool, steps: int = 6) -> list[torch.Tensor]:
+    """SGD with momentum under a StepLR schedule: plain torch, or through the engine at multiplier 1."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.1)
+    engine = StepEngine(model, optimizer, CPU) if through_engine else None
+    for i in range(steps):
+        if engine is None:
+            optimizer.zero_grad()
+            x, y = batch(i)
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+        else:
+            engine.backward_and_step(loss_of(model, engine, i))
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 0.1**3)  # the schedule ran its course
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_users_lr_scheduler_keeps_working_under_the_engine() -> None:
+    """The engine multiplies the LR the scheduler sets: at multiplier 1 the run is plain torch's, bit for bit."""
+    for plain, engined in zip(_scheduled_run(False), _scheduled_run(True), strict=True):
+        assert torch.equal(plain, engined)

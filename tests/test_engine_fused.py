@@ -2,6 +2,7 @@
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -425,3 +426,43 @@ def test_removing_the_engine_leaves_its_state_in_the_users_optimizer():
         finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
     for reference, handed_back in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(handed_back, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_follows_a_users_lr_scheduler(kind):
+    """A warm-up from LR 0 then a step decay, set on the optimizer between steps: fused and reference paths agree.
+
+    The engine multiplies the scheduled LR (here by 0.5); the groups keep the scheduler's values on both paths.
+    """
+    data = batches(6)
+    finals, lrs = {}, {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        engine.lr_scale = 0.5
+        engine.lr_factors[1] = 0.25
+        scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: [0.0, 1.0, 1.0, 0.1][min(step, 3)])
+        seen = []
+        for x, y in data:
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            seen.append(engine.group_lrs())
+            engine.backward_and_step(loss)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()" would be an error
+                warnings.simplefilter("error")
+                scheduler.step()
+        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        lrs[fused] = seen
+        groups = engine.optimizer.param_groups
+        assert [g["lr"] for g in groups] == pytest.approx([g["initial_lr"] * 0.1 for g in groups])  # the scheduler's
+    assert lrs[True] == lrs[False] and lrs[True][0] == [0.0, 0.0]
+    for reference, fused in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    model, engine = make(kind, True)  # negative control: the same run without the scheduler ends elsewhere
+    engine.lr_scale = 0.5
+    engine.lr_factors[1] = 0.25
+    for x, y in data:
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    unscheduled = [p.detach().cpu() for p in model.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(finals[True], unscheduled, strict=True)) > 1e-3

@@ -209,3 +209,27 @@ def test_a_non_finite_first_interval_rolls_back_to_the_starting_state():
     assert signals.extra["rolled_back"] is True and math.isfinite(signals.probe_loss)
     for want, p in zip(start, loop.run.model.parameters(), strict=True):
         assert torch.equal(want, p.detach())
+
+
+def test_a_restore_keeps_the_lr_an_lr_scheduler_has_set_since_the_copy():
+    from torch import nn
+
+    from triaccel_rl.shield import RollbackGuard
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    guard = RollbackGuard(model, optimizer)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    guard.save()
+    saved = [p.detach().clone() for p in model.parameters()]
+    scheduler.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert guard.restore()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)  # the schedule's, not the copy's 0.1
+    for want, p in zip(saved, model.parameters(), strict=True):
+        assert torch.equal(want, p.detach())

@@ -330,6 +330,15 @@ class Controller:
         return int(self.config.elastic.fill_frac * self.memory_budget_bytes)
 
     @property
+    def lr(self) -> float:
+        """The LR the next update applies to the first param group.
+
+        That group's own ``lr`` (yours, or your LR scheduler's, which keeps working) times the controller's
+        multiplier (LR scale, batch gain).
+        """
+        return self.engine.group_lrs()[0]
+
+    @property
     def precisions(self) -> list[Precision]:
         """Current per-layer precisions."""
         return list(self.engine.precision.precisions)

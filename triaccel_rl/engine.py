@@ -6,10 +6,11 @@ optimizer. ``TrainingRun`` (offline tasks) and ``Controller`` (a user's own loop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,11 @@ class StepEngine:
     """Runs the backward pass and the update of ``optimizer`` under the current configuration.
 
     Knobs: ``precision`` (a :class:`LayerPrecision`), ``lr_scale`` (global multiplier on every param
-    group's base LR), ``lr_factors`` (per layer; applied to param groups that carry a ``"layer"`` key)
-    and ``batch_lr_gain`` (set by whoever changes the batch size).
+    group's LR), ``lr_factors`` (per layer; applied to param groups that carry a ``"layer"`` key)
+    and ``batch_lr_gain`` (set by whoever changes the batch size). The multipliers apply to whatever LR the
+    param groups hold at each step, so an LR scheduler on the optimizer keeps working: the groups' ``lr``
+    stays the scheduler's (the reference path sets the scaled LRs for its ``optimizer.step()`` only, then puts
+    them back), and :meth:`group_lrs` gives the LRs the next update applies.
 
     A GradScaler scales the loss whenever a layer runs in fp16. A step whose loss or gradient is
     non-finite is skipped: parameters and optimizer state stay as they were.
@@ -110,7 +114,6 @@ class StepEngine:
             [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self.layer_params)]
         ).to(device)
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.lr_scale = 1.0
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
@@ -191,13 +194,33 @@ class StepEngine:
     def _weights_version(self) -> int:
         return sum(p._version for params in self.layer_params for p in params)
 
-    def apply_lr(self) -> float:
-        """Writes the configured LRs into the optimizer's param groups; returns the global multiplier."""
+    def group_lrs(self) -> list[float]:
+        """The LR the next update applies to each param group.
+
+        The group's own ``lr`` (as its owner or an LR scheduler left it) times ``lr_scale``, ``batch_lr_gain`` and,
+        for a group with a ``"layer"`` key, that layer's factor in ``lr_factors``.
+        """
         multiplier = self.lr_scale * self.batch_lr_gain
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            factor = float(self.lr_factors[group["layer"]]) if "layer" in group else 1.0
-            group["lr"] = base * multiplier * factor
-        return multiplier
+        return [
+            float(group["lr"]) * multiplier * (float(self.lr_factors[group["layer"]]) if "layer" in group else 1.0)
+            for group in self.optimizer.param_groups
+        ]
+
+    @contextlib.contextmanager
+    def _scaled_lrs(self) -> Iterator[None]:
+        """Sets :meth:`group_lrs` in the param groups for an ``optimizer.step()``, then puts their own back.
+
+        A scheduler reads and writes the groups' ``lr``: it must find its own values there.
+        """
+        groups = self.optimizer.param_groups
+        own = [group["lr"] for group in groups]
+        for group, lr in zip(groups, self.group_lrs(), strict=True):
+            group["lr"] = lr
+        try:
+            yield
+        finally:
+            for group, lr in zip(groups, own, strict=True):
+                group["lr"] = lr
 
     def backward_and_step(self, loss: torch.Tensor) -> tuple[GradStats, bool]:
         """Backward through ``loss`` (scaled when a layer is fp16), then ``step_after_backward``.
@@ -256,7 +279,6 @@ class StepEngine:
         return stats, torch.tensor(skipped)
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
-        self.apply_lr()
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -267,10 +289,11 @@ class StepEngine:
         if not skipped:
             # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
             # loss with finite gradients: decide here for both.
-            if scaler is not None:
-                scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
+            with self._scaled_lrs():
+                if scaler is not None:
+                    scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
         if scaler is not None:
             scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
         self.zero_grad()
@@ -489,11 +512,8 @@ class StepEngine:
             self.fused_optimizer = FusedAdamW(
                 self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
             )
-        # Per-layer share of the reference LR (the first group's): param groups may differ in LR only.
-        reference = self.base_lrs[0] if self.base_lrs[0] > 0 else 1.0
-        self._layer_base = np.array([float(self._groups[id(params[0])]["lr"]) / reference if params else 1.0
-                                     for params in self.layer_params])  # fmt: skip
-        self._reference_lr = reference
+        self._group_lrs: tuple[float, ...] | None = None  # the param groups' LRs _layer_base was taken from
+        self._read_group_lrs()
         self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
         self._codes = torch.zeros(self.n_layers, dtype=torch.int32, device=self.device)
         self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=self.device)
@@ -579,8 +599,24 @@ class StepEngine:
             beta1, beta2 = (getattr(fused.options, name, 0.0) for name in ("beta1", "beta2"))  # SGD has none
             fused._step_state[0].copy_(torch.tensor([n, beta1**n, beta2**n], dtype=torch.float64))
 
+    def _read_group_lrs(self) -> None:
+        """Takes the param groups' LRs (a scheduler may have moved them) as the reference LR and per-layer shares.
+
+        The reference is the first group's LR (1 while it is 0: then the shares are the groups' LRs themselves);
+        each layer's share is its group's LR over it. Param groups may differ in LR only.
+        """
+        lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
+        if lrs == self._group_lrs:
+            return
+        reference = lrs[0] if lrs[0] > 0 else 1.0
+        self._layer_base = np.array([float(self._groups[id(params[0])]["lr"]) / reference if params else 1.0
+                                     for params in self.layer_params])  # fmt: skip
+        self._reference_lr = reference
+        self._group_lrs = lrs
+
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
+        self._read_group_lrs()
         factors = self._layer_base * self.lr_factors
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
             self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
@@ -595,6 +631,9 @@ class StepEngine:
         result = self.fused_optimizer.step(
             lr, self._factors, self._codes, inv_scale=self._scale.reciprocal() if scaling else 1.0
         )
+        # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's optimizer
+        # (which never steps here) warns at each step that it was stepped before the optimizer.
+        setattr(self.optimizer, "_opt_called", True)  # noqa: B010  (torch's private name, set as torch sets it)
         if scaling:  # GradScaler's rule, on the device: no host round trip
             # In place: a captured training step (``StepGraphs``) reads the scale through its address.
             self._clean_steps.copy_(torch.where(result.skipped, 0, self._clean_steps + 1))

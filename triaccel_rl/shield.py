@@ -134,8 +134,13 @@ class RollbackGuard:
         if self._copied is not None:  # the host reads the offloaded tensors below (the deep copy)
             self._copied.synchronize()
         self.model.load_state_dict(self._model_state.tree())
+        # The LRs are the owner's or an LR scheduler's, which has moved on since the copy: they stay as they are.
+        groups = getattr(self.optimizer, "param_groups", None)
+        lrs = [group["lr"] for group in groups] if groups is not None else []
         # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
+        for group, lr in zip(getattr(self.optimizer, "param_groups", []), lrs, strict=False):
+            group["lr"] = lr
         if self.after_restore is not None:
             self.after_restore()
         self.rollbacks += 1

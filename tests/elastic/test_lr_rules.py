@@ -125,7 +125,8 @@ def test_run_applies_the_rule_with_warmup_to_the_optimizer() -> None:
     run.batch_size = 128  # ×2 ≥ 1.5: warmed up over 2 steps
     lrs = [run.step().lr for _ in range(3)]
     assert lrs == pytest.approx([base * 1.5, base * 2.0, base * 2.0])
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(base * 2.0)
+    assert run.engine.group_lrs()[0] == pytest.approx(base * 2.0)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(base)  # the group keeps its own (scheduler's) LR
     run.batch_size = 32  # a drop applies at once
     assert run.step().lr == pytest.approx(base * 0.5)
 
@@ -171,6 +172,7 @@ def test_controller_uses_the_same_rules() -> None:
     x, y = next(loader)
     ctl.step(nn.functional.cross_entropy(ctl.model(x), y))
     assert ctl.engine.batch_lr_gain == pytest.approx(1 + 3 / 10)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 1.3)
+    assert ctl.lr == pytest.approx(0.1 * 1.3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         _controller("cubic")
