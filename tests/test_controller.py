@@ -53,6 +53,14 @@ def test_heuristic_controller_decides_and_logs(tmp_path):
     assert len(ctl.decisions) == ctl.steps // 4
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    lrs = [event.value for event in events.Scalars("controller/lr")]
+    scales = [event.value for event in events.Scalars("controller/lr_scale")]
+    assert len(lrs) == len(ctl.decisions)
+    assert lrs[-1] == pytest.approx(ctl.lr, rel=1e-6) and scales[-1] == pytest.approx(ctl.engine.lr_scale, rel=1e-6)
 
 
 def test_batch_growth_scales_lr_linearly():

@@ -536,6 +536,7 @@ class Controller:
             self._writer.add_scalar("train/loss", signals.loss, step)
             self._writer.add_scalar("controller/batch_size", report.batch_size, step)
             self._writer.add_scalar("controller/lr_scale", report.lr_scale, step)
+            self._writer.add_scalar("controller/lr", self.lr, step)  # the schedule's LR times the multiplier
             low = sum(p is not Precision.FP32 for p in report.precisions) / max(len(report.precisions), 1)
             self._writer.add_scalar("controller/low_precision_share", low, step)
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
