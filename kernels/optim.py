@@ -167,6 +167,7 @@ class _FusedOptimizer:
         lr_factors: torch.Tensor | None = None,
         precision_codes: torch.Tensor | None = None,
         inv_scale: float | torch.Tensor = 1.0,
+        max_grad_norm: float | None = None,
     ) -> StepResult:
         """Applies one step to every parameter of the store, unless a gradient is non-finite.
 
@@ -179,18 +180,26 @@ class _FusedOptimizer:
                 their low-precision copy rewritten (default: all fp32).
             inv_scale: multiplier unscaling the gradients (``1 / loss_scale``), a float or a one-element
                 float32 tensor on the device (e.g. ``scaler.get_scale()`` kept on the GPU, reciprocated).
+            max_grad_norm: clip the unscaled gradient's total norm to this, as ``torch.nn.utils.clip_grad_norm_``
+                does (``g * min(1, max_grad_norm / (norm + 1e-6))``), on the device from the statistics pass: no
+                extra pass over the gradients, no sync. None: no clipping.
 
         Returns:
-            The skip flag and the per-layer statistics, all on the device.
+            The skip flag and the per-layer statistics (of the gradient before clipping), all on the device.
         """
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         store = self.store
         factors = self._default_lr_factors if lr_factors is None else lr_factors
         codes = self._default_codes if precision_codes is None else precision_codes
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
+        if max_grad_norm is not None:  # the update unscales by inv_scale: the clip coefficient rides on it
+            total = stats[StatRow.GRAD_SQ_SUM].sum().sqrt()
+            inv_scale = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0) * inv_scale
         self._update(float(lr), factors, codes, stats, inv_scale)
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
         return StepResult(skipped=skipped, stats=stats)

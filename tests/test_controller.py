@@ -330,3 +330,29 @@ def test_a_users_lr_scheduler_keeps_working_in_a_controlled_loop():
     assert ctl.engine.lr_scale == 1.25
     assert ctl.lr == pytest.approx(optimizer.param_groups[0]["lr"] * 1.25 * ctl.engine.batch_lr_gain)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0])
+
+
+def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
+    x, y = data(64)
+    finals = {}
+    for controlled in (False, True):
+        model, optimizer = model_and_optimizer()
+        ctl = Controller(model, optimizer, policy="fp32", max_grad_norm=0.1) if controlled else None
+        for i in range(8):
+            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+            if ctl is None:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                optimizer.step()
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+        finals[controlled] = [p.detach().clone() for p in model.parameters()]
+    for plain, controlled in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(controlled, plain, rtol=1e-6, atol=1e-7)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        model, optimizer = model_and_optimizer()
+        with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive number"):
+            Controller(model, optimizer, policy="fp32", max_grad_norm=bad)

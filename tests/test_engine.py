@@ -439,3 +439,35 @@ def test_a_users_lr_scheduler_keeps_working_under_the_engine() -> None:
     """The engine multiplies the LR the scheduler sets: at multiplier 1 the run is plain torch's, bit for bit."""
     for plain, engined in zip(_scheduled_run(False), _scheduled_run(True), strict=True):
         assert torch.equal(plain, engined)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])  # binding, and too loose to bind
+def test_gradient_clipping_is_torchs_clip_grad_norm(max_norm: float) -> None:
+    """The engine's ``max_grad_norm`` against ``clip_grad_norm_`` between backward and step in a plain loop."""
+    finals = {}
+    for through_engine in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        engine = StepEngine(model, optimizer, CPU) if through_engine else None
+        if engine is not None:
+            engine.max_grad_norm = max_norm
+        for i in range(4):
+            x, y = batch(i)
+            if engine is None:
+                optimizer.zero_grad()
+                (model(x) - y).pow(2).mean().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+            else:
+                engine.backward_and_step(loss_of(model, engine, i))
+        finals[through_engine] = [p.detach().clone() for p in model.parameters()]
+    for plain, engined in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(engined, plain, rtol=1e-6, atol=1e-7)
+    if max_norm < 1:  # negative control: the clip binds, so an unclipped run ends elsewhere
+        torch.manual_seed(0)
+        model = tiny_model()
+        engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), CPU)
+        for i in range(4):
+            engine.backward_and_step(loss_of(model, engine, i))
+        assert max((a - b).abs().max().item() for a, b in zip(finals[True], model.parameters(), strict=True)) > 1e-3

@@ -466,3 +466,30 @@ def test_the_fused_step_follows_a_users_lr_scheduler(kind):
         engine.backward_and_step(loss)
     unscheduled = [p.detach().cpu() for p in model.parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(finals[True], unscheduled, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_clips_the_gradient_norm_as_the_reference_path(kind):
+    data = batches(5)
+    finals = {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        engine.max_grad_norm = 0.2  # binds: these gradients' norms are about 1
+        for x, y in data:
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward_and_step(loss)
+        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+    for reference, fused in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    model, engine = make(kind, True)  # negative control: unclipped
+    for x, y in data:
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    assert (
+        max((a - b.detach().cpu()).abs().max().item() for a, b in zip(finals[True], model.parameters(), strict=True))
+        > 1e-4
+    )
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        engine.fused_optimizer.step(0.1, max_grad_norm=0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -57,7 +58,8 @@ class Controller:
 
     Args:
         model: the model (on its device already).
-        optimizer: its optimizer. Param groups' LRs at construction are the base LRs the controller scales.
+        optimizer: its optimizer. The controller scales whatever LR its param groups hold at each step (an LR
+            scheduler on it keeps working).
         policy: ``"heuristic"`` or one of its ablations (``"heuristic-precision"``, ...; see
             ``make_policy``), a static preset (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3
             ``.zip``, or any object with the ``predict`` signature.
@@ -71,6 +73,11 @@ class Controller:
             ``config.elastic.lr_rule``. See ``triaccel_rl.config.LRRule``; large rises are warmed up.
         log_dir: write TensorBoard scalars here (``None``: no logging).
         device: the model's device; inferred from its parameters by default.
+        profile: the hardware profile that prices steps where time is not measured (default: the shipped one).
+        max_grad_norm: clip the gradient's total norm to this before each update, as
+            ``torch.nn.utils.clip_grad_norm_`` between your ``backward()`` and ``step()`` would (there is no such
+            place in a controlled loop: ``step(loss)`` does both). On a GPU the fused step clips on the device,
+            without a sync. ``None``: no clipping.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -95,7 +102,10 @@ class Controller:
         log_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
         profile: HardwareProfile | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm} must be a positive number (or None for no clipping)")
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
@@ -103,6 +113,7 @@ class Controller:
         self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
         self.model = model
         self.engine = StepEngine(model, optimizer, self.device)
+        self.engine.max_grad_norm = max_grad_norm
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))

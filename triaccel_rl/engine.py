@@ -117,6 +117,8 @@ class StepEngine:
         self.lr_scale = 1.0
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
+        self.max_grad_norm: float | None = None
+        """Clips the gradient's total norm to this before each update, as ``clip_grad_norm_`` (None: off)."""
         self._grad_scaler: torch.amp.GradScaler | None = None
         self.fused_optimizer: Any = None
         self._optimizer_hooks: list[Any] = []  # the fused path's state_dict / load_state_dict hooks on the optimizer
@@ -282,11 +284,13 @@ class StepEngine:
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        stats = self.grad_stats()
+        stats, norms = self._grad_stats()
         # Host-device sync (reference path): the skip is decided on the host.
         skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
         self._reference_applied += not skipped
         if not skipped:
+            if self.max_grad_norm is not None:
+                self._clip_gradients(norms)
             # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
             # loss with finite gradients: decide here for both.
             with self._scaled_lrs():
@@ -325,6 +329,10 @@ class StepEngine:
         maximum is non-finite; finding those takes one host-device sync, which ``backward_and_step``
         needs anyway to decide the skip.
         """
+        return self._grad_stats()[0]
+
+    def _grad_stats(self) -> tuple[GradStats, torch.Tensor]:
+        """``grad_stats()`` and the per-parameter gradient norms it is taken from."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         norms = torch.stack(torch._foreach_norm(grads)).float()
         maxes = torch.stack(torch._foreach_norm(grads, math.inf)).float()
@@ -337,7 +345,14 @@ class StepEngine:
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
-        return GradStats(sq_sum, abs_max, nonfinite)
+        return GradStats(sq_sum, abs_max, nonfinite), norms
+
+    def _clip_gradients(self, norms: torch.Tensor) -> None:
+        """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken."""
+        assert self.max_grad_norm is not None
+        total = torch.linalg.vector_norm(norms)
+        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)  # as torch's: no sync, no branch
+        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], coef)
 
     def second_moment_diagonal(self) -> list[torch.Tensor | None]:
         """Per layer, the optimizer's flat bias-corrected second moment of the gradient, or None.
@@ -629,7 +644,11 @@ class StepEngine:
             self._last_codes = list(precisions)
         lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
         result = self.fused_optimizer.step(
-            lr, self._factors, self._codes, inv_scale=self._scale.reciprocal() if scaling else 1.0
+            lr,
+            self._factors,
+            self._codes,
+            inv_scale=self._scale.reciprocal() if scaling else 1.0,
+            max_grad_norm=self.max_grad_norm,
         )
         # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's optimizer
         # (which never steps here) warns at each step that it was stepped before the optimizer.
