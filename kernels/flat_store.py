@@ -29,10 +29,11 @@ class FlatParameterStore:
     ``shared_copy`` they are one buffer seen as either type: each layer's segment holds the bits of the type
     that layer computes in (a layer is never both), so the copies cost 2 bytes a parameter whatever the map.
 
-    Hazards: do not set ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) or move the
-    model with ``.to()`` afterwards, both detach the parameters from the flat buffers; use
-    ``store.zero_grad()``. Code writing the flat ``grads`` directly must leave the padding at zero, or the
-    padding weights start moving and enter the per-layer statistics.
+    Hazards: do not move the model with ``.to()`` afterwards, which detaches the parameters from the flat buffers.
+    Setting ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) detaches the gradients until
+    :meth:`rebind_grads` (``StepEngine`` calls it before each backward); ``store.zero_grad()`` zeroes in place.
+    Code writing the flat ``grads`` directly must leave the padding at zero, or the padding weights start moving
+    and enter the per-layer statistics.
 
     Attributes:
         params: flat float32 master weights, length ``n_elements``; each ``param.data`` is a view of it.
@@ -148,6 +149,7 @@ class FlatParameterStore:
         )
         self.chunk_layer = chunk_layer.to(self.device)
 
+        self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):
                 for p, start in zip(layer, offsets, strict=True):
@@ -158,6 +160,27 @@ class FlatParameterStore:
                         grad_view.copy_(p.grad)
                     p.data = view
                     p.grad = grad_view
+                    self._grad_views.append((p, grad_view))
+
+    def rebind_grads(self) -> int:
+        """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
+
+        ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
+        autograd would accumulate into new tensors the fused step never reads. A ``None`` gradient comes back as
+        its zeroed view; a gradient tensor put in its place is copied into the view. One identity check a
+        parameter when nothing changed.
+        """
+        rebound = 0
+        with torch.no_grad():
+            for p, view in self._grad_views:
+                if p.grad is not view:
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    p.grad = view
+                    rebound += 1
+        return rebound
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""

@@ -493,3 +493,42 @@ def test_the_fused_step_clips_the_gradient_norm_as_the_reference_path(kind):
     )
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         engine.fused_optimizer.step(0.1, max_grad_norm=0.0)
+
+
+def test_a_users_zero_grad_does_not_detach_the_gradients_from_the_fused_step(monkeypatch):
+    """``optimizer.zero_grad()`` (``set_to_none=True``) or ``model.zero_grad()`` in a controlled loop, as most loops
+    have: the run is the one without them. Before the fix only weight decay moved the model: it never learned."""
+    import triaccel_rl as ta
+    from triaccel_rl import controller as controller_module
+
+    class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    data = batches(4)
+    finals = {}
+    for zero in (None, "optimizer", "model"):
+        model, optimizer = model_and_optimizer("sgd")
+        ctl = ta.Controller(model, optimizer, policy="fp32")
+        initial = [p.detach().clone() for p in model.parameters()]
+        for x, y in data:
+            if zero is not None:
+                (optimizer if zero == "optimizer" else model).zero_grad()
+                assert all(p.grad is None for p in model.parameters())  # the hazard is real
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+        finals[zero] = [p.detach().cpu().clone() for p in model.parameters()]
+        assert max((a.cpu() - b).abs().max().item() for a, b in zip(initial, finals[zero], strict=True)) > 1e-3
+    for zero in ("optimizer", "model"):
+        for a, b in zip(finals[None], finals[zero], strict=True):
+            assert torch.equal(a, b), zero
+    engine = make("adamw", True)[1]  # the engine's own backward_and_step rebinds too
+    for p in engine.model.parameters():
+        p.grad = None
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(engine.model(data[0][0]), data[0][1])
+    assert not engine.backward_and_step(loss)[1]
+    assert engine.store.rebind_grads() == 0  # every gradient is the store's view again
+    assert engine.store.grads.abs().sum() == 0  # and zeroed after the update, as always

@@ -279,6 +279,7 @@ class Controller:
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
+        self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled

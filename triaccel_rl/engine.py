@@ -235,8 +235,19 @@ class StepEngine:
         """
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar tensor; got shape {tuple(loss.shape)}")
+        self.bind_grads()
         self.scale_loss(loss).backward()
         return self.step_after_backward(loss.detach())
+
+    def bind_grads(self) -> None:
+        """Before a backward on the fused path, points gradients set to ``None`` back at the flat buffer.
+
+        A user's ``optimizer.zero_grad()`` or ``model.zero_grad()`` sets them to ``None`` by default; autograd would
+        then accumulate into new tensors the fused step never reads, and the model would never train, silently.
+        Nothing to do on the reference path.
+        """
+        if self.fused:
+            self.store.rebind_grads()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the current loss scale while a layer is fp16 (else ``loss``): backward this.
