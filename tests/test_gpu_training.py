@@ -349,3 +349,17 @@ def test_a_checkpoint_resumes_a_controlled_run_on_the_gpu(policy):
     assert ctl2.steps == 12
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
+    from torch import nn
+
+    from triaccel_rl.engine import StepEngine
+
+    model = nn.Linear(4, 2).cuda()
+    # The common recipe: no weight decay on biases, which splits the layer across param groups.
+    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        engine = StepEngine(model, optimizer, torch.device("cuda"))
+    assert not engine.fused
+    assert "cannot run this optimizer (param groups differ in 'weight_decay')" in caplog.text

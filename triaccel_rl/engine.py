@@ -128,6 +128,8 @@ class StepEngine:
             raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
         if (fused if fused is not None else device.type == "cuda") and not reason:
             self._init_fused()
+        elif fused is None and device.type == "cuda":  # the default would have been the fused step: say why not
+            _log.warning("the fused optimizer step cannot run this optimizer (%s): the reference path runs", reason)
 
     @staticmethod
     def discover(model: nn.Module) -> list[list[nn.Parameter]]:
