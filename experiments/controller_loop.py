@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,6 +27,8 @@ class Args:
     """Starting batch size; the controller may change it."""
     log_dir: str = "runs/controller_loop"
     """TensorBoard folder."""
+    max_grad_norm: float = 5.0
+    """Clip the gradient's total norm to this (``Controller(max_grad_norm=...)``)."""
 
 
 def main(args: Args) -> float:
@@ -36,15 +39,26 @@ def main(args: Args) -> float:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # Your own LR schedule keeps working under the controller, which multiplies the LR it sets. The batch size may
+    # change, so the schedule follows the samples seen rather than the step count.
+    seen, total = 0, args.epochs * len(y)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 0.5 * (1 + math.cos(math.pi * seen / total)))
 
     # --- the controller: five lines in the loop -------------------------------------------------
     ctl = ta.Controller(
-        model, optimizer, policy=args.policy, memory=ta.MemoryBudget(fraction=0.9), log_dir=args.log_dir
+        model,
+        optimizer,
+        policy=args.policy,
+        memory=ta.MemoryBudget(fraction=0.9),
+        log_dir=args.log_dir,
+        max_grad_norm=args.max_grad_norm,
     )
     for xb, yb in ctl.loader((x, y), batch_size=args.batch_size, epochs=args.epochs):
         with ctl.autocast():
             loss = nn.functional.cross_entropy(model(xb), yb)
         ctl.step(loss)
+        seen += len(yb)
+        scheduler.step()
     ctl.close()
     # ----------------------------------------------------------------------------------------------
 
