@@ -532,3 +532,33 @@ def test_a_users_zero_grad_does_not_detach_the_gradients_from_the_fused_step(mon
     assert not engine.backward_and_step(loss)[1]
     assert engine.store.rebind_grads() == 0  # every gradient is the store's view again
     assert engine.store.grads.abs().sum() == 0  # and zeroed after the update, as always
+
+
+def test_step_hooks_on_the_users_optimizer_run_around_each_fused_step():
+    """An EMA of the weights in a post-hook, as users register it: the fused path's EMA is the reference path's."""
+    data = batches(4)
+    emas, calls = {}, {}
+    for fused in (False, True):
+        model, engine = make("sgd", fused)
+        ema = [p.detach().clone() for p in model.parameters()]
+        seen = []
+
+        def pre_hook(optimizer, args, kwargs, seen=seen):
+            seen.append("pre")
+
+        def post_hook(optimizer, args, kwargs, ema=ema, model=model, seen=seen):
+            seen.append("post")
+            with torch.no_grad():
+                for average, p in zip(ema, model.parameters(), strict=True):
+                    average.mul_(0.5).add_(p.detach(), alpha=0.5)
+
+        engine.optimizer.register_step_pre_hook(pre_hook)
+        engine.optimizer.register_step_post_hook(post_hook)
+        for x, y in data:
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward_and_step(loss)
+        emas[fused], calls[fused] = [a.cpu() for a in ema], seen
+    assert calls[True] == calls[False] == ["pre", "post"] * 4
+    for reference, fused in zip(emas[False], emas[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)

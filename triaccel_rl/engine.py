@@ -83,8 +83,10 @@ class StepEngine:
     dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
     hyper-parameters in every param group except the LR, and each layer's parameters in one group;
     otherwise the reference path runs. ``optimizer.step()`` is then never called, and the optimizer state
-    lives in ``fused_optimizer``. The ``torch.optim`` object stays the user's view of it: state it already
-    holds is taken over, ``optimizer.state_dict()`` returns the fused state in ``torch.optim``'s layout,
+    lives in ``fused_optimizer``; step hooks registered on the optimizer run around each fused step, as
+    ``optimizer.step()`` runs them (post-hooks also after a step the device skipped). The ``torch.optim`` object
+    stays the user's view of the state: state it already holds is taken over, ``optimizer.state_dict()``
+    returns the fused state in ``torch.optim``'s layout,
     ``optimizer.load_state_dict()`` loads into the fused buffers, and :meth:`remove` leaves the final state
     in the optimizer, so checkpoints written or read the usual way keep the moments.
 
@@ -642,9 +644,26 @@ class StepEngine:
         self._reference_lr = reference
         self._group_lrs = lrs
 
+    def _step_hooks(self, kind: str) -> list[Any]:
+        """The step hooks registered on the user's optimizer and globally, in the order ``optimizer.step()`` runs them.
+
+        ``kind`` is ``"pre"`` or ``"post"``. Torch keeps them in private dicts (``register_step_pre_hook`` and
+        kin fill them); the fused path, which never calls ``optimizer.step()``, runs them itself.
+        """
+        from torch.optim import optimizer as torch_optimizer
+
+        if kind == "pre":
+            return [*torch_optimizer._global_optimizer_pre_hooks.values(),
+                    *self.optimizer._optimizer_step_pre_hooks.values()]  # fmt: skip
+        return [*self.optimizer._optimizer_step_post_hooks.values(),
+                *torch_optimizer._global_optimizer_post_hooks.values()]  # fmt: skip
+
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
         self._read_group_lrs()
+        for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
+            if hook(self.optimizer, (), {}) is not None:
+                raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
         factors = self._layer_base * self.lr_factors
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
             self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
@@ -666,6 +685,8 @@ class StepEngine:
         # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's optimizer
         # (which never steps here) warns at each step that it was stepped before the optimizer.
         setattr(self.optimizer, "_opt_called", True)  # noqa: B010  (torch's private name, set as torch sets it)
+        for hook in self._step_hooks("post"):  # also after a step the device skipped (deciding it would sync)
+            hook(self.optimizer, (), {})
         if scaling:  # GradScaler's rule, on the device: no host round trip
             # In place: a captured training step (``StepGraphs``) reads the scale through its address.
             self._clean_steps.copy_(torch.where(result.skipped, 0, self._clean_steps + 1))
