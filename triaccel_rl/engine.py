@@ -92,7 +92,7 @@ class StepEngine:
 
     Args:
         model: the model being trained.
-        optimizer: its optimizer; each param group's ``lr`` at construction is taken as its base LR.
+        optimizer: its optimizer; each param group's ``lr`` at each step is the base the LR knobs multiply.
         device: the device the model lives on.
         fused: use the fused Triton step (``None``: on CUDA when supported).
     """
@@ -444,7 +444,7 @@ class StepEngine:
         """The training state the engine holds, for a checkpoint (the model's weights are the model's own).
 
         The optimizer's state is taken from where the updates keep it (``state_holder``): on the fused path that
-        is the fused optimizer, and the ``torch.optim`` object the engine was built with holds no moments at all.
+        is the fused optimizer (the ``torch.optim`` object never steps; its ``state_dict()`` shows views of the same).
         Like ``torch.optim``, its tensors are returned by reference. With it: the loss scaler's state, the
         layers' precisions, the LR multiplier, the batch's LR gain and the per-layer LR factors.
         """
