@@ -210,6 +210,20 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
             for factor in (1.5, 2.0)
         },
         "static-fp16-lr1.5": {"controller": "fp16", "channels_last": True, "lr_factor": 1.5},
+        # Not yet run: the x1.5 rows with the gradient norm clipped (``max_grad_norm``), against the collapses near
+        # the warm-up's peak LR that 6 of 15 annealed runs at x1.5 or x2 suffered (their survivors reached 93% in
+        # about 0.81x static fp16's time). The norm is about 3.8 at initialisation (CPU, batch 512); 1 and 3 bracket it.
+        **{
+            f"heuristic-anneal5-i1-deep-fp16-lr1.5-clip{clip:g}": {
+                "controller": "heuristic",
+                "channels_last": True,
+                "config": anneal_pinned["heuristic-anneal5-i1-deep-fp16"],
+                "lr_factor": 1.5,
+                "max_grad_norm": clip,
+            }
+            for clip in (1.0, 3.0)
+        },
+        "static-fp16-clip3": {"controller": "fp16", "channels_last": True, "max_grad_norm": 3.0},
         # The x1.5 row with the speed trial's answer pinned (fp16 from the first step): 5 of its 10 runs at x1.5 and
         # x2 collapsed near the warm-up's peak LR where static fp16 at x1.5 did not (H200, 2026-12-02, 0e57c16).
         "heuristic-anneal5-i1-deep-fp16-lr1.5": {
@@ -334,6 +348,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                 lr_scale=best_lr,
                 channels_last=spec["channels_last"],
                 max_time_s=cap,
+                max_grad_norm=spec.get("max_grad_norm"),
                 **{**common, "epochs": epochs, "config": spec.get("config", config)},
             )
 

@@ -127,6 +127,11 @@ for stage in "$@"; do
     trial-lr-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows heuristic-anneal5-i1-deep-lr1.5,heuristic-anneal5-i1-deep-fp16-lr1.5 \
            --out "$OUT/trial_lr_resnet.json" --plots "$OUT/plots_trial_lr" 2>&1 | tail -6 ;;
+    # Not yet run: can clipping the gradient norm keep the x1.5 annealed row from collapsing near the peak LR?
+    # Beside static fp16 (with and without the clip) and the unclipped row, 5 seeds (~7 min). With gputests first.
+    clip-lr-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,static-fp16-clip3,heuristic-anneal5-i1-deep-fp16-lr1.5,heuristic-anneal5-i1-deep-fp16-lr1.5-clip1,heuristic-anneal5-i1-deep-fp16-lr1.5-clip3 \
+           --out "$OUT/clip_lr_resnet.json" --plots "$OUT/plots_clip_lr" 2>&1 | tail -9 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \

@@ -172,6 +172,18 @@ def test_time_cap_stops_a_run_early():
         run_controller("synthetic", "fp32", 0, config=config, device="cpu", max_time_s=0)
 
 
+def test_a_rows_gradient_clipping_reaches_its_updates():
+    config = ControllerConfig(interval_steps=2)
+    common = {"epochs": 0.5, "config": config, "device": "cpu", "eval_every": 1}
+    free = run_controller("synthetic", "fp32", 0, **common)
+    loose = run_controller("synthetic", "fp32", 0, max_grad_norm=1e6, **common)  # never binds: the same run
+    tight = run_controller("synthetic", "fp32", 0, max_grad_norm=1e-3, **common)  # binds at every step
+    assert loose.curve == free.curve
+    assert tight.curve != free.curve
+    with pytest.raises(ValueError, match="max_grad_norm=0 must be positive"):
+        run_controller("synthetic", "fp32", 0, max_grad_norm=0, **common)
+
+
 def test_static_rows_keep_their_batch_and_lr_scale():
     """A static row takes no decisions: the LR multiplier and batch it starts with hold to the end."""
     from triaccel_rl.compare import run_controller

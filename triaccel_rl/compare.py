@@ -132,6 +132,7 @@ def run_controller(
     schedule: bool = False,
     max_time_s: float | None = None,
     eval_every_steps: int | None = None,
+    max_grad_norm: float | None = None,
 ) -> RunResult:
     """Trains ``task`` for ``epochs`` epochs under ``controller`` and measures it.
 
@@ -163,6 +164,8 @@ def run_controller(
         eval_every_steps: evaluate every this many optimizer steps instead, whatever the decision
             interval (which may stretch on a GPU, ``ControllerConfig.max_interval_factor``): rows compared
             side by side then read time to target at the same steps, as ``run_plain`` does.
+        max_grad_norm: clip the gradient's total norm to this at every update (``StepEngine.max_grad_norm``, as
+            ``Controller(max_grad_norm=...)``); None: no clipping.
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
@@ -174,6 +177,8 @@ def run_controller(
         raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
     # collector runs: free them now, or this run's peak memory would include the previous run's.
     release_memory(resolve_device(device))
@@ -198,6 +203,7 @@ def run_controller(
     if cost_mode is None:
         cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
     run.cost_mode = CostMode.parse(cost_mode)
+    run.engine.max_grad_norm = max_grad_norm
     # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
     cheap = replace(config, signals=replace(config.signals, mode=SignalMode.CHEAP))
     loop = DecisionLoop(run, config if adaptive else cheap)
