@@ -340,6 +340,14 @@ def _run_steps(model, engine, data):
         engine.backward_and_step(loss)
 
 
+def _plain_steps(model, optimizer, data):
+    """Plain torch.optim steps, no engine."""
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_the_users_optimizer_state_dict_holds_the_fused_state_in_torch_layout(kind, tmp_path):
     """``optimizer.state_dict()`` on the fused path equals the reference path's, which is plain ``torch.optim``'s.
@@ -368,10 +376,7 @@ def test_the_users_optimizer_state_dict_holds_the_fused_state_in_torch_layout(ki
         checkpoint = torch.load(tmp_path / f"{fused}.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        for x, y in data[3:]:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        _plain_steps(model, optimizer, data[3:])
         finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
     for reference, resumed in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
@@ -419,10 +424,7 @@ def test_removing_the_engine_leaves_its_state_in_the_users_optimizer():
         engine.remove()
         optimizer = engine.optimizer
         assert len(optimizer._optimizer_state_dict_pre_hooks) == 0
-        for x, y in data[3:]:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        _plain_steps(model, optimizer, data[3:])
         finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
     for reference, handed_back in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(handed_back, reference, rtol=1e-5, atol=1e-6)
@@ -460,10 +462,7 @@ def test_the_fused_step_follows_a_users_lr_scheduler(kind):
     model, engine = make(kind, True)  # negative control: the same run without the scheduler ends elsewhere
     engine.lr_scale = 0.5
     engine.lr_factors[1] = 0.25
-    for x, y in data:
-        with engine.precision.context():
-            loss = nn.functional.cross_entropy(model(x), y)
-        engine.backward_and_step(loss)
+    _run_steps(model, engine, data)
     unscheduled = [p.detach().cpu() for p in model.parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(finals[True], unscheduled, strict=True)) > 1e-3
 
@@ -475,18 +474,12 @@ def test_the_fused_step_clips_the_gradient_norm_as_the_reference_path(kind):
     for fused in (False, True):
         model, engine = make(kind, fused)
         engine.max_grad_norm = 0.2  # binds: these gradients' norms are about 1
-        for x, y in data:
-            with engine.precision.context():
-                loss = nn.functional.cross_entropy(model(x), y)
-            engine.backward_and_step(loss)
+        _run_steps(model, engine, data)
         finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
     for reference, fused in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     model, engine = make(kind, True)  # negative control: unclipped
-    for x, y in data:
-        with engine.precision.context():
-            loss = nn.functional.cross_entropy(model(x), y)
-        engine.backward_and_step(loss)
+    _run_steps(model, engine, data)
     assert (
         max((a - b.detach().cpu()).abs().max().item() for a, b in zip(finals[True], model.parameters(), strict=True))
         > 1e-4
@@ -554,10 +547,7 @@ def test_step_hooks_on_the_users_optimizer_run_around_each_fused_step():
 
         engine.optimizer.register_step_pre_hook(pre_hook)
         engine.optimizer.register_step_post_hook(post_hook)
-        for x, y in data:
-            with engine.precision.context():
-                loss = nn.functional.cross_entropy(model(x), y)
-            engine.backward_and_step(loss)
+        _run_steps(model, engine, data)
         emas[fused], calls[fused] = [a.cpu() for a in ema], seen
     assert calls[True] == calls[False] == ["pre", "post"] * 4
     for reference, fused in zip(emas[False], emas[True], strict=True):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 
 from triaccel_rl.precision import LayerPrecision, find_layers
 from triaccel_rl.types import LayerInfo, Precision
@@ -650,13 +651,10 @@ class StepEngine:
         ``kind`` is ``"pre"`` or ``"post"``. Torch keeps them in private dicts (``register_step_pre_hook`` and
         kin fill them); the fused path, which never calls ``optimizer.step()``, runs them itself.
         """
-        from torch.optim import optimizer as torch_optimizer
-
+        registry = _torch_optimizer
         if kind == "pre":
-            return [*torch_optimizer._global_optimizer_pre_hooks.values(),
-                    *self.optimizer._optimizer_step_pre_hooks.values()]  # fmt: skip
-        return [*self.optimizer._optimizer_step_post_hooks.values(),
-                *torch_optimizer._global_optimizer_post_hooks.values()]  # fmt: skip
+            return [*registry._global_optimizer_pre_hooks.values(), *self.optimizer._optimizer_step_pre_hooks.values()]
+        return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
