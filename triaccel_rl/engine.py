@@ -87,9 +87,9 @@ class StepEngine:
     lives in ``fused_optimizer``; step hooks registered on the optimizer run around each fused step, as
     ``optimizer.step()`` runs them (post-hooks also after a step the device skipped). The ``torch.optim`` object
     stays the user's view of the state: state it already holds is taken over, ``optimizer.state_dict()``
-    returns the fused state in ``torch.optim``'s layout,
-    ``optimizer.load_state_dict()`` loads into the fused buffers, and :meth:`remove` leaves the final state
-    in the optimizer, so checkpoints written or read the usual way keep the moments.
+    returns the fused state in ``torch.optim``'s layout, ``optimizer.load_state_dict()`` loads into the fused
+    buffers, and :meth:`remove` leaves the final state in the optimizer, so checkpoints written or read the
+    usual way keep the moments.
 
     Args:
         model: the model being trained.
