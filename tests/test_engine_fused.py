@@ -40,6 +40,26 @@ def batches(n=6):
             for _ in range(n)]  # fmt: skip
 
 
+def _run_steps(model, engine, data):
+    for x, y in data:
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+
+
+def _weights(model):
+    """The model's parameters, copied to the CPU."""
+    return [p.detach().cpu().clone() for p in model.parameters()]
+
+
+def _plain_steps(model, optimizer, data):
+    """Plain torch.optim steps, no engine."""
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_fused_engine_matches_reference(kind):
     runs = {}
@@ -54,7 +74,7 @@ def test_fused_engine_matches_reference(kind):
             grads, skipped = engine.backward_and_step(loss)
             assert not skipped
             stats.append(grads.sq_sum.cpu())
-        runs[fused] = ([p.detach().cpu().clone() for p in model.parameters()], stats, engine.grad_mean_sq_norm())
+        runs[fused] = (_weights(model), stats, engine.grad_mean_sq_norm())
     for a, b in zip(runs[False][0], runs[True][0], strict=True):
         err = (a - b).abs().max().item()
         assert err < 1e-5, f"{kind}: parameters differ by {err:.3g} (tolerance 1e-5)"
@@ -117,7 +137,7 @@ def test_fused_engine_keeps_channels_last_weights_and_matches_reference():
         if fused:
             assert conv.weight.grad is not None and conv.weight.grad.stride() == conv.weight.stride()
             assert engine.store.low_precision_params(0, torch.bfloat16)[0].stride() == conv.weight.stride()
-        runs[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        runs[fused] = _weights(model)
     for a, b in zip(runs[False], runs[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -325,27 +345,12 @@ def test_the_fused_step_adopts_the_state_the_torch_optimizer_already_holds(kind)
             with engine.precision.context():
                 loss = nn.functional.cross_entropy(model(x), y)
             engine.backward_and_step(loss)
-        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[fused] = _weights(model)
         if fused is True and kind == "adamw":
             assert engine.fused_optimizer.step_count.item() == 6  # 3 torch.optim steps, then 3 fused ones
     for reference, adopted in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(adopted, reference, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(finals[False], finals[None], strict=True)) > 1e-3
-
-
-def _run_steps(model, engine, data):
-    for x, y in data:
-        with engine.precision.context():
-            loss = nn.functional.cross_entropy(model(x), y)
-        engine.backward_and_step(loss)
-
-
-def _plain_steps(model, optimizer, data):
-    """Plain torch.optim steps, no engine."""
-    for x, y in data:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -377,7 +382,7 @@ def test_the_users_optimizer_state_dict_holds_the_fused_state_in_torch_layout(ki
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         _plain_steps(model, optimizer, data[3:])
-        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[fused] = _weights(model)
     for reference, resumed in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
 
@@ -395,7 +400,7 @@ def test_loading_the_users_optimizer_mid_run_loads_into_the_fused_step(kind):
     checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},
                   "optimizer": copy.deepcopy(engine.optimizer.state_dict())}  # fmt: skip
     _run_steps(model, engine, data[3:6])
-    reference = [p.detach().cpu().clone() for p in model.parameters()]
+    reference = _weights(model)
     finals = {}
     for load_optimizer in (True, False):
         model, engine = make(kind, True)
@@ -408,7 +413,7 @@ def test_loading_the_users_optimizer_mid_run_loads_into_the_fused_step(kind):
             if kind == "adamw":
                 assert engine.fused_optimizer.step_count.item() == 3
         _run_steps(model, engine, data[3:6])
-        finals[load_optimizer] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[load_optimizer] = _weights(model)
     for expected, resumed in zip(reference, finals[True], strict=True):
         torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(reference, finals[False], strict=True)) > 1e-4
@@ -425,7 +430,7 @@ def test_removing_the_engine_leaves_its_state_in_the_users_optimizer():
         optimizer = engine.optimizer
         assert len(optimizer._optimizer_state_dict_pre_hooks) == 0
         _plain_steps(model, optimizer, data[3:])
-        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[fused] = _weights(model)
     for reference, handed_back in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(handed_back, reference, rtol=1e-5, atol=1e-6)
 
@@ -452,7 +457,7 @@ def test_the_fused_step_follows_a_users_lr_scheduler(kind):
             with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()" would be an error
                 warnings.simplefilter("error")
                 scheduler.step()
-        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[fused] = _weights(model)
         lrs[fused] = seen
         groups = engine.optimizer.param_groups
         assert [g["lr"] for g in groups] == pytest.approx([g["initial_lr"] * 0.1 for g in groups])  # the scheduler's
@@ -475,7 +480,7 @@ def test_the_fused_step_clips_the_gradient_norm_as_the_reference_path(kind):
         model, engine = make(kind, fused)
         engine.max_grad_norm = 0.2  # binds: these gradients' norms are about 1
         _run_steps(model, engine, data)
-        finals[fused] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[fused] = _weights(model)
     for reference, fused in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     model, engine = make(kind, True)  # negative control: unclipped
@@ -512,7 +517,7 @@ def test_a_users_zero_grad_does_not_detach_the_gradients_from_the_fused_step(mon
             with ctl.autocast():
                 loss = nn.functional.cross_entropy(model(x), y)
             ctl.step(loss)
-        finals[zero] = [p.detach().cpu().clone() for p in model.parameters()]
+        finals[zero] = _weights(model)
         assert max((a.cpu() - b).abs().max().item() for a, b in zip(initial, finals[zero], strict=True)) > 1e-3
     for zero in ("optimizer", "model"):
         for a, b in zip(finals[None], finals[zero], strict=True):
