@@ -132,6 +132,10 @@ for stage in "$@"; do
     clip-lr-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,static-fp16-clip3,heuristic-anneal5-i1-deep-fp16-lr1.5,heuristic-anneal5-i1-deep-fp16-lr1.5-clip1,heuristic-anneal5-i1-deep-fp16-lr1.5-clip3 \
            --out "$OUT/clip_lr_resnet.json" --plots "$OUT/plots_clip_lr" 2>&1 | tail -9 ;;
+    # The clipped deep row at x1, x1.5 and x2 of the grid's LR beside the clipped static rows at x1 and x1.5 (~6 min).
+    clip-lr2-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16-clip3,static-fp16-lr1.5-clip3,heuristic-anneal5-i1-deep-fp16-clip3,heuristic-anneal5-i1-deep-fp16-lr1.5-clip3,heuristic-anneal5-i1-deep-fp16-lr2-clip3 \
+           --out "$OUT/clip_lr2_resnet.json" --plots "$OUT/plots_clip_lr2" 2>&1 | tail -9 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
