@@ -24,6 +24,8 @@ __all__ = [
     "inv_scale_arguments",
     "launch_config",
     "new_step_state",
+    "segment_weight_decay",
+    "weight_decay_arguments",
     "write_low_precision_copies_reference",
 ]
 
@@ -224,6 +226,41 @@ def inv_scale_arguments(inv_scale: float | torch.Tensor, like: torch.Tensor) -> 
         assert inv_scale.device == like.device, f"inv_scale is on {inv_scale.device}, buffers on {like.device}"
         return inv_scale, 1.0, True
     return like, float(inv_scale), False
+
+
+def weight_decay_arguments(
+    weight_decay: float | torch.Tensor, like: torch.Tensor, segment_align: int
+) -> tuple[torch.Tensor, float, bool, bool]:
+    """Splits a weight decay into the kernels' ``(weight_decay_ptr, weight_decay_value, PER_SEGMENT, USE)``.
+
+    A float applies to every element; a float32 ``[n_segments]`` tensor on the buffers' device gives each
+    segment its own (``FlatParameterStore(groups=...)`` puts parameters of different decay in different
+    segments), read by the kernel once per program. ``USE`` is False when no element decays (a tensor counts
+    as decaying: reading it on the host would sync).
+
+    Args:
+        weight_decay: the decay, a float or a float32 ``[len(like) // segment_align]`` tensor.
+        like: a flat buffer of the step, on the kernel's device.
+        segment_align: elements per segment of the layout.
+
+    Returns:
+        The pointer argument, the value argument, whether the kernel reads the pointer, and whether it decays.
+    """
+    if isinstance(weight_decay, torch.Tensor):
+        n_segments = like.numel() // segment_align
+        assert weight_decay.shape == (n_segments,), (
+            f"a weight_decay tensor must have one entry a segment ({n_segments}), got {tuple(weight_decay.shape)}"
+        )
+        assert weight_decay.dtype == torch.float32, f"weight_decay tensor must be float32, got {weight_decay.dtype}"
+        assert weight_decay.device == like.device, f"weight_decay is on {weight_decay.device}, buffers on {like.device}"
+        assert weight_decay.is_contiguous(), "weight_decay tensor must be contiguous"
+        return weight_decay, 0.0, True, True
+    return like, float(weight_decay), False, float(weight_decay) != 0.0
+
+
+def segment_weight_decay(weight_decay: float | torch.Tensor) -> float | torch.Tensor:
+    """The reference paths' weight decay: a float as is, a per-segment tensor as a ``[n_segments, 1]`` column."""
+    return weight_decay.unsqueeze(1) if isinstance(weight_decay, torch.Tensor) else weight_decay
 
 
 def write_low_precision_copies_reference(

@@ -26,6 +26,8 @@ from triaccel_rl.kernels._common import (
     check_step_buffers,
     inv_scale_arguments,
     launch_config,
+    segment_weight_decay,
+    weight_decay_arguments,
     write_low_precision_copies_reference,
 )
 from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
@@ -60,9 +62,11 @@ def _fused_adamw_step_kernel(
     beta2,
     one_minus_beta2,
     eps,
-    weight_decay,
+    weight_decay_ptr,
+    weight_decay_value,
     n_elements,
     n_layers,
+    DECAY_PER_SEGMENT: tl.constexpr,
     INV_SCALE_FROM_PTR: tl.constexpr,
     BF16_NAN: tl.constexpr,
     FP16_NAN: tl.constexpr,
@@ -71,7 +75,8 @@ def _fused_adamw_step_kernel(
 ):
     """Applies one AdamW step to ``BLOCK`` elements of one layer, unless the step is skipped."""
     pid = tl.program_id(0)
-    layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
+    segment = pid // BLOCKS_PER_SEGMENT
+    layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
     # Step counter and bias-correction powers in float64 (layout in _common.new_step_state): every program
@@ -94,6 +99,10 @@ def _fused_adamw_step_kernel(
         inv_scale = inv_scale_value
     layer_lr = lr * tl.load(lr_factor_ptr + layer)
     step_size = layer_lr / bias_correction1
+    if DECAY_PER_SEGMENT:
+        weight_decay = tl.load(weight_decay_ptr + segment)
+    else:
+        weight_decay = weight_decay_value
     decay = 1.0 - layer_lr * weight_decay
 
     offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -147,7 +156,7 @@ def fused_adamw_step(
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | torch.Tensor,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
     block_size: int | None = None,
@@ -176,7 +185,9 @@ def fused_adamw_step(
         beta1: first-moment decay in [0, 1).
         beta2: second-moment decay in [0, 1).
         eps: denominator term, > 0.
-        weight_decay: decoupled weight decay (the parameter is multiplied by ``1 - layer_lr * weight_decay``).
+        weight_decay: decoupled weight decay (the parameter is multiplied by ``1 - layer_lr * weight_decay``): a
+            float, or a float32 ``[n_segments]`` tensor on the buffers' device giving each segment its own (see
+            ``FlatParameterStore``'s ``groups``).
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
         segment_align: elements per segment of the layout.
         block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
@@ -200,6 +211,7 @@ def fused_adamw_step(
     if n_elements == 0:
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    decay_ptr, decay_value, decay_per_segment, _ = weight_decay_arguments(weight_decay, params, segment_align)
     bf16_nan, fp16_nan = nan_encodings(params.device)
     step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
@@ -223,9 +235,11 @@ def fused_adamw_step(
         beta2,
         1.0 - beta2,
         eps,
-        weight_decay,
+        decay_ptr,
+        decay_value,
         n_elements,
         lr_factors.numel(),
+        DECAY_PER_SEGMENT=decay_per_segment,
         INV_SCALE_FROM_PTR=inv_scale_from_ptr,
         BF16_NAN=bf16_nan,
         FP16_NAN=fp16_nan,
@@ -252,7 +266,7 @@ def fused_adamw_step_reference(
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | torch.Tensor,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
 ) -> None:
@@ -279,7 +293,7 @@ def fused_adamw_step_reference(
 
     layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
     step_size = layer_lr / bias_correction1
-    decay = 1.0 - layer_lr * weight_decay
+    decay = 1.0 - layer_lr * segment_weight_decay(weight_decay)
     grad = grads.view(-1, segment_align) * inv_scale
     param = params.view(-1, segment_align)
     first = exp_avg.view(-1, segment_align)

@@ -6,6 +6,9 @@ number of segments; inside a layer each parameter starts at a multiple of ``PARA
 elements are zero in every buffer and stay zero under SGD and AdamW (zero gradient, zero weight), so the
 kernels process them blindly and the per-layer statistics are unaffected. ``chunk_layer[c]`` is the
 layer of segment ``c``: a kernel block of at most ``segment_align`` elements finds its layer with one load.
+Parameters may also carry a group (``groups``, e.g. their ``torch.optim`` param group): inside a layer each
+group's parameters then start a new segment, ``chunk_group[c]`` is segment ``c``'s group, and a per-group
+hyper-parameter (weight decay) becomes a per-segment one the kernels read with one load too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class FlatParameterStore:
         fp16_copy: flat float16 copy of the weights, current for layers the optimizer keeps in fp16 (with
             ``shared_copy``, ``bf16_copy``'s storage seen as float16).
         chunk_layer: int32 ``[n_elements // segment_align]``, the layer owning each segment.
+        chunk_group: int32 ``[n_elements // segment_align]``, the group of each segment's parameters (all 0
+            without ``groups``).
+        n_groups: one more than the largest group (1 without ``groups``).
         n_elements: length of every flat buffer, padding included (a multiple of ``segment_align``).
         n_layers: number of layers.
         layer_offsets: first element of each layer's segment in the flat buffers.
@@ -67,6 +73,7 @@ class FlatParameterStore:
         *,
         segment_align: int = SEGMENT_ALIGN_ELEMENTS,
         shared_copy: bool = False,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Copies ``layers`` into new flat buffers and re-points every parameter and grad at a view.
 
@@ -79,9 +86,15 @@ class FlatParameterStore:
                 holds one type's bits: :meth:`refresh_low_precision` must be told each layer's precision
                 code, and a layer's copy may be read only in the type of its code at the last refresh (the
                 fused steps keep each segment in its layer's type).
+            groups: each parameter's group, a non-negative int, shaped like ``layers`` (None: all in group 0).
+                Inside a layer, the parameters of each group (in increasing group order) start a new segment,
+                so the segments of ``chunk_group`` hold one group each; a layer of several groups costs up to
+                ``segment_align`` elements of padding more per extra group. ``param_views`` and every other
+                per-parameter view keep the order of ``layers``.
 
         Raises:
-            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, or mixed devices.
+            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, mixed devices, or
+                ``groups`` not shaped like ``layers`` or holding a negative group.
         """
         if not layers:
             raise ValueError("layers is empty: give one list of parameters per layer")
@@ -94,6 +107,15 @@ class FlatParameterStore:
             raise ValueError("layers hold no parameters")
         if len({id(p) for p in all_params}) != len(all_params):
             raise ValueError("a parameter appears twice (tied weights must be listed once)")
+        if groups is None:
+            groups = [[0] * len(layer) for layer in layers]
+        if len(groups) != len(layers) or any(len(g) != len(layer) for g, layer in zip(groups, layers, strict=False)):
+            raise ValueError(
+                f"groups must give each parameter of each layer a group (layers of {[len(layer) for layer in layers]} "
+                f"parameters), got {[len(g) for g in groups]}"
+            )
+        if any(int(g) < 0 for layer_groups in groups for g in layer_groups):
+            raise ValueError(f"groups must be non-negative ints, got {[list(g) for g in groups]}")
         devices = {p.device for p in all_params}
         if len(devices) != 1:
             raise ValueError(f"parameters are on several devices: {sorted(map(str, devices))}")
@@ -115,19 +137,24 @@ class FlatParameterStore:
         layer_offsets: list[int] = []
         layer_lengths: list[int] = []
         layer_numels: list[int] = []
+        chunk_group: list[int] = []
         offset = 0
-        for layer in self.layers:
+        for layer, layer_groups in zip(self.layers, groups, strict=True):
             layer_offsets.append(offset)
+            offsets_of_layer = [0] * len(layer)
             inner = 0
-            offsets_of_layer = []
-            for p in layer:
-                offsets_of_layer.append(offset + inner)
-                inner += _round_up(p.numel(), PARAM_ALIGN_ELEMENTS)
-            length = max(_round_up(inner, segment_align), segment_align)
+            for group in sorted({int(g) for g in layer_groups}) or [0]:  # each group's run: whole segments
+                start = inner
+                for i, (p, g) in enumerate(zip(layer, layer_groups, strict=True)):
+                    if int(g) == group:
+                        offsets_of_layer[i] = offset + inner
+                        inner += _round_up(p.numel(), PARAM_ALIGN_ELEMENTS)
+                inner = max(_round_up(inner, segment_align), start + segment_align)
+                chunk_group += [group] * ((inner - start) // segment_align)
             param_offsets.append(offsets_of_layer)
-            layer_lengths.append(length)
+            layer_lengths.append(inner)
             layer_numels.append(sum(p.numel() for p in layer))
-            offset += length
+            offset += inner
         self.n_elements = offset
         self.layer_offsets: tuple[int, ...] = tuple(layer_offsets)
         self.layer_lengths: tuple[int, ...] = tuple(layer_lengths)
@@ -148,6 +175,8 @@ class FlatParameterStore:
             torch.tensor([length // segment_align for length in layer_lengths]),
         )
         self.chunk_layer = chunk_layer.to(self.device)
+        self.chunk_group = torch.tensor(chunk_group, dtype=torch.int32, device=self.device)
+        self.n_groups = max(chunk_group) + 1
 
         self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():

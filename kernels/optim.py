@@ -11,7 +11,7 @@ ahead of the GPU; read ``StepResult`` fields when the host needs them (that read
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,13 +87,14 @@ class SGDOptions:
     Attributes:
         momentum: momentum factor, >= 0 (0 disables the momentum buffer).
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
-        weight_decay: L2 penalty added to the gradient, >= 0.
+        weight_decay: L2 penalty added to the gradient, >= 0; or one per group of the store's parameters
+            (``FlatParameterStore``'s ``groups``), a tuple indexed by group.
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
     """
 
     momentum: float = 0.0
     dampening: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float | tuple[float, ...] = 0.0
     nesterov: bool = False
 
     def __post_init__(self) -> None:
@@ -101,8 +102,7 @@ class SGDOptions:
             raise ValueError(f"momentum must be >= 0, got {self.momentum}")
         if not 0.0 <= self.dampening <= 1.0:
             raise ValueError(f"dampening must be in [0, 1], got {self.dampening}")
-        if self.weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
             raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
 
@@ -115,13 +115,14 @@ class AdamWOptions:
         beta1: decay of the first-moment average, in [0, 1).
         beta2: decay of the second-moment average, in [0, 1).
         eps: term added to the denominator, > 0.
-        weight_decay: decoupled weight decay, >= 0.
+        weight_decay: decoupled weight decay, >= 0; or one per group of the store's parameters
+            (``FlatParameterStore``'s ``groups``), a tuple indexed by group.
     """
 
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 1e-2
+    weight_decay: float | tuple[float, ...] = 1e-2
 
     def __post_init__(self) -> None:
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
@@ -129,8 +130,19 @@ class AdamWOptions:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         if self.eps <= 0.0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
+
+
+def _checked_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:
+    """A weight decay as the options hold it (a float, or a tuple a group), or a ValueError naming it."""
+    values = weight_decay if isinstance(weight_decay, Sequence) else (weight_decay,)
+    if not values or any(not float(value) >= 0.0 for value in values):
+        raise ValueError(
+            f"weight_decay must be >= 0, or a non-empty sequence of such (one a group); got {weight_decay}"
+        )
+    if isinstance(weight_decay, Sequence):
+        return tuple(float(value) for value in weight_decay)
+    return float(weight_decay)
 
 
 class _FusedOptimizer:
@@ -151,6 +163,29 @@ class _FusedOptimizer:
         self._step_state = new_step_state(store.device, beta1, beta2)
         self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
+        self._decay_cache: tuple[tuple[float, ...], torch.Tensor] | None = None
+
+    def _check_decay(self) -> None:
+        """Raises a ValueError when a per-group weight decay does not cover the store's groups."""
+        decay = self.options.weight_decay
+        if isinstance(decay, tuple) and len(decay) < self.store.n_groups:
+            raise ValueError(
+                f"weight_decay gives {len(decay)} values (one a group), but the store's parameters are in groups "
+                f"0..{self.store.n_groups - 1}"
+            )
+
+    def _segment_decay(self) -> float | torch.Tensor:
+        """The update kernel's weight decay: a float when every group's is the same, else one a segment."""
+        decay = self.options.weight_decay
+        if not isinstance(decay, tuple):
+            return decay
+        used = {decay[group] for group in range(self.store.n_groups)}
+        if len(used) == 1:
+            return used.pop()
+        if self._decay_cache is None or self._decay_cache[0] != decay:  # built once, on the device
+            per_group = torch.tensor(decay, dtype=torch.float32, device=self.store.device)
+            self._decay_cache = (decay, per_group[self.store.chunk_group.long()].contiguous())
+        return self._decay_cache[1]
 
     @property
     def step_count(self) -> torch.Tensor:
@@ -231,7 +266,19 @@ class _FusedOptimizer:
             raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
         if list(state["layer_numels"]) != list(self.store.layer_numels):
             raise ValueError("checkpoint was made for another parameter layout (layer sizes differ)")
+        for name in self._buffer_names:
+            if state[name].shape != getattr(self, name).shape:
+                raise ValueError(
+                    f"checkpoint's {name} has {state[name].numel()} elements, this store's {self.store.n_elements}: "
+                    "it was made for another parameter layout (groups differ)"
+                )
+        options = self.options
         self.options = type(self.options)(**state["options"])
+        try:
+            self._check_decay()
+        except ValueError:
+            self.options = options  # nothing of a refused checkpoint stays
+            raise
         with torch.no_grad():
             for name in self._buffer_names:
                 getattr(self, name).copy_(state[name])
@@ -273,7 +320,7 @@ class FusedSGD(_FusedOptimizer):
         *,
         momentum: float = 0.0,
         dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        weight_decay: float | Sequence[float] = 0.0,
         nesterov: bool = False,
         block_size: int | None = None,
         num_warps: int | None = None,
@@ -291,7 +338,8 @@ class FusedSGD(_FusedOptimizer):
             num_warps: warps per program of the update kernel on the GPU (None: the tuned default).
         """
         super().__init__(store, block_size, num_warps, 0.0, 0.0)
-        self.options: SGDOptions = SGDOptions(momentum, dampening, weight_decay, nesterov)
+        self.options: SGDOptions = SGDOptions(momentum, dampening, _as_decay(weight_decay), nesterov)
+        self._check_decay()
         # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.
         has_buffer = self.options.momentum != 0.0
         self.momentum_buffer = torch.zeros_like(store.params) if has_buffer else store.params
@@ -310,7 +358,7 @@ class FusedSGD(_FusedOptimizer):
             store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, momentum=options.momentum, dampening=options.dampening,
-            weight_decay=options.weight_decay, nesterov=options.nesterov, inv_scale=inv_scale,
+            weight_decay=self._segment_decay(), nesterov=options.nesterov, inv_scale=inv_scale,
             segment_align=store.segment_align, block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
 
@@ -339,7 +387,7 @@ class FusedAdamW(_FusedOptimizer):
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float | Sequence[float] = 1e-2,
         block_size: int | None = None,
         num_warps: int | None = None,
     ) -> None:
@@ -355,9 +403,10 @@ class FusedAdamW(_FusedOptimizer):
                 ``store.segment_align`` (None: the tuned default, see ``GPU_LAUNCH_CONFIGS``).
             num_warps: warps per program of the update kernel on the GPU (None: the tuned default).
         """
-        options = AdamWOptions(beta1, beta2, eps, weight_decay)
+        options = AdamWOptions(beta1, beta2, eps, _as_decay(weight_decay))
         super().__init__(store, block_size, num_warps, options.beta1, options.beta2)
         self.options: AdamWOptions = options
+        self._check_decay()
         self.exp_avg = torch.zeros_like(store.params)
         self.exp_avg_sq = torch.zeros_like(store.params)
         self._buffer_names = ("exp_avg", "exp_avg_sq")
@@ -375,6 +424,11 @@ class FusedAdamW(_FusedOptimizer):
             store.params, store.grads, self.exp_avg, self.exp_avg_sq, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, beta1=options.beta1, beta2=options.beta2, eps=options.eps,
-            weight_decay=options.weight_decay, inv_scale=inv_scale, segment_align=store.segment_align,
+            weight_decay=self._segment_decay(), inv_scale=inv_scale, segment_align=store.segment_align,
             block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
+
+
+def _as_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:
+    """A constructor's weight decay as the options' field takes it (validated there)."""
+    return tuple(weight_decay) if isinstance(weight_decay, Sequence) else weight_decay

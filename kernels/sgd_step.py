@@ -22,6 +22,8 @@ from triaccel_rl.kernels._common import (
     check_step_buffers,
     inv_scale_arguments,
     launch_config,
+    segment_weight_decay,
+    weight_decay_arguments,
     write_low_precision_copies_reference,
 )
 from triaccel_rl.kernels.cast import _fp32_to_bf16_bits, _fp32_to_fp16_bits, nan_encodings
@@ -52,12 +54,14 @@ def _fused_sgd_step_kernel(
     lr,
     momentum,
     one_minus_dampening,
-    weight_decay,
+    weight_decay_ptr,
+    weight_decay_value,
     n_elements,
     n_layers,
     USE_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     USE_WEIGHT_DECAY: tl.constexpr,
+    DECAY_PER_SEGMENT: tl.constexpr,
     INV_SCALE_FROM_PTR: tl.constexpr,
     BF16_NAN: tl.constexpr,
     FP16_NAN: tl.constexpr,
@@ -66,7 +70,8 @@ def _fused_sgd_step_kernel(
 ):
     """Applies one SGD step to ``BLOCK`` elements of one layer, unless the step is skipped."""
     pid = tl.program_id(0)
-    layer = tl.load(chunk_layer_ptr + pid // BLOCKS_PER_SEGMENT)
+    segment = pid // BLOCKS_PER_SEGMENT
+    layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
     # Every program reads the counter's snapshot (row 1); program 0 alone advances row 0 (see adamw_step).
@@ -90,6 +95,10 @@ def _fused_sgd_step_kernel(
     # Same operation order as torch.optim.SGD's single-tensor path.
     direction = grad
     if USE_WEIGHT_DECAY:
+        if DECAY_PER_SEGMENT:
+            weight_decay = tl.load(weight_decay_ptr + segment)
+        else:
+            weight_decay = weight_decay_value
         direction = direction + weight_decay * param
     if USE_MOMENTUM:
         momentum_buffer = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0)
@@ -131,7 +140,7 @@ def fused_sgd_step(
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
@@ -159,7 +168,8 @@ def fused_sgd_step(
         lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
         momentum: momentum factor, >= 0.
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
-        weight_decay: L2 penalty added to the gradient, >= 0.
+        weight_decay: L2 penalty added to the gradient, >= 0: a float, or a float32 ``[n_segments]`` tensor on
+            the buffers' device giving each segment its own (see ``FlatParameterStore``'s ``groups``).
         nesterov: use Nesterov momentum.
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
         segment_align: elements per segment of the layout.
@@ -184,6 +194,7 @@ def fused_sgd_step(
     if n_elements == 0:
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    decay_ptr, decay_value, decay_per_segment, use_decay = weight_decay_arguments(weight_decay, params, segment_align)
     bf16_nan, fp16_nan = nan_encodings(params.device)
     step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
@@ -204,12 +215,14 @@ def fused_sgd_step(
         lr,
         momentum,
         1.0 - dampening,
-        weight_decay,
+        decay_ptr,
+        decay_value,
         n_elements,
         lr_factors.numel(),
         USE_MOMENTUM=momentum != 0.0,
         NESTEROV=nesterov,
-        USE_WEIGHT_DECAY=weight_decay != 0.0,
+        USE_WEIGHT_DECAY=use_decay,
+        DECAY_PER_SEGMENT=decay_per_segment,
         INV_SCALE_FROM_PTR=inv_scale_from_ptr,
         BF16_NAN=bf16_nan,
         FP16_NAN=fp16_nan,
@@ -234,7 +247,7 @@ def fused_sgd_step_reference(
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     inv_scale: float | torch.Tensor = 1.0,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
@@ -257,8 +270,8 @@ def fused_sgd_step_reference(
     grad = grads.view(-1, segment_align) * inv_scale
     param = params.view(-1, segment_align)
     direction = grad
-    if weight_decay != 0.0:
-        direction = direction + weight_decay * param
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
+        direction = direction + segment_weight_decay(weight_decay) * param
     if momentum != 0.0:
         buffer = momentum_buffer.view(-1, segment_align)
         new_buffer = torch.where(steps == 0.0, direction, buffer * momentum + (1.0 - dampening) * direction)

@@ -163,3 +163,103 @@ def test_options_are_validated() -> None:
         FusedAdamW(store, beta2=1.0)
     with pytest.raises(ValueError, match="block_size"):
         FusedAdamW(store, block_size=3000)
+
+
+# The usual recipe: decay on the weights, none on biases, norm parameters and scalars (dim <= 1), so every layer
+# with a bias is split across two groups.
+DECAYS = (0.05, 0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_per_group_weight_decay_matches_torch_optim(device: str, optimizer: str) -> None:
+    _run_per_group_decay(device, optimizer)
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_cpu_reference_path_per_group_weight_decay_matches_torch_optim(optimizer: str) -> None:
+    _run_per_group_decay("cpu", optimizer)
+
+
+def _run_per_group_decay(device: str, optimizer: str) -> None:
+    layers = make_layers(MODEL_LAYERS, device, seed=31)
+    torch_layers = clone_layers(layers)
+    groups = [[0 if p.dim() > 1 else 1 for p in layer] for layer in layers]
+    store = FlatParameterStore(layers, groups=groups)
+    hyper: dict[str, Any] = {"momentum": 0.9, "nesterov": True} if optimizer == "sgd" else {}
+    fused = _fused(optimizer, store, {**hyper, "weight_decay": DECAYS})
+    factors = [0.5 + 0.25 * i for i in range(store.n_layers)]
+    torch_groups = [
+        {"params": [q for q, g in zip(layer, layer_groups, strict=True) if g == group], "lr": factor,
+         "weight_decay": DECAYS[group], "layer": i}
+        for i, (layer, layer_groups, factor) in enumerate(zip(torch_layers, groups, factors, strict=True))
+        for group in sorted(set(layer_groups))
+    ]  # fmt: skip
+    reference = (
+        torch.optim.AdamW(torch_groups) if optimizer == "adamw" else torch.optim.SGD(torch_groups, lr=1.0, **hyper)
+    )
+    lr_factors = torch.tensor(factors, dtype=torch.float32, device=device)
+    generator = torch.Generator().manual_seed(32)
+    for step in range(6):
+        lr = 0.05 * (1.0 + 0.1 * step)
+        grads = fill_grads(store, generator)
+        for p, g in zip((p for layer in torch_layers for p in layer), grads, strict=True):
+            p.grad = g.clone()
+        for group in reference.param_groups:
+            group["lr"] = lr * factors[group["layer"]]
+        fused.step(lr, lr_factors)
+        reference.step()
+        for i, (layer, torch_layer) in enumerate(zip(layers, torch_layers, strict=True)):
+            for j, (p, q) in enumerate(zip(layer, torch_layer, strict=True)):
+                assert_close(p, q, f"{optimizer} step {step} layer {i} param {j}")
+    # A decayed weight moved differently from the same run without decay: the decay was applied, per group.
+    undecayed = make_layers(MODEL_LAYERS, device, seed=31)
+    plain_store = FlatParameterStore(undecayed)
+    plain = _fused(optimizer, plain_store, {**hyper, "weight_decay": 0.0})
+    generator = torch.Generator().manual_seed(32)
+    for step in range(6):
+        fill_grads(plain_store, generator)
+        plain.step(0.05 * (1.0 + 0.1 * step), lr_factors)
+    assert not torch.equal(layers[0][0], undecayed[0][0]), "the decayed weight was not decayed"
+    assert torch.equal(layers[0][1], undecayed[0][1]), "the bias (weight decay 0) was decayed"
+
+
+def test_store_groups_start_new_segments() -> None:
+    layers = make_layers(MODEL_LAYERS, "cpu", seed=33)
+    plain = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=33))
+    groups = [[0 if p.dim() > 1 else 1 for p in layer] for layer in layers]
+    store = FlatParameterStore(layers, groups=groups)
+    align = store.segment_align
+    # conv1, conv2 and the classifier hold a weight and a bias: a second segment each; the norm layer and the
+    # scalar are in group 1 alone.
+    assert store.layer_lengths == (2 * align, align, 2 * align, 2 * align, align)
+    assert store.chunk_group.tolist() == [0, 1, 1, 0, 1, 0, 1, 1]
+    assert store.chunk_layer.tolist() == [0, 0, 1, 2, 2, 3, 3, 4]
+    assert store.n_groups == 2 and plain.n_groups == 1 and not plain.chunk_group.any()
+    # Each parameter's view sits in a segment of its group, and the views keep the order of ``layers``.
+    for layer, layer_groups in enumerate(groups):
+        for view, p, group in zip(
+            store.param_views(store.params, layer), store.layers[layer], layer_groups, strict=True
+        ):
+            assert torch.equal(view, p.detach())
+            assert int(store.chunk_group[view.storage_offset() // align]) == group
+    with pytest.raises(ValueError, match="groups must give each parameter"):
+        FlatParameterStore(make_layers(MODEL_LAYERS, "cpu"), groups=[[0]] * len(MODEL_LAYERS))
+    with pytest.raises(ValueError, match="non-negative"):
+        FlatParameterStore(make_layers(MODEL_LAYERS, "cpu"), groups=[[-1] * len(layer) for layer in MODEL_LAYERS])
+
+
+def test_per_group_weight_decay_is_validated(tmp_path: Any) -> None:
+    layers = make_layers(MODEL_LAYERS, "cpu", seed=34)
+    store = FlatParameterStore(layers, groups=[[0 if p.dim() > 1 else 1 for p in layer] for layer in layers])
+    with pytest.raises(ValueError, match=r"weight_decay gives 1 values .* groups 0\.\.1"):
+        FusedSGD(store, weight_decay=(0.1,))
+    with pytest.raises(ValueError, match=r"weight_decay must be >= 0.*-0\.1"):
+        FusedAdamW(store, weight_decay=(0.1, -0.1))
+    # A checkpoint of the same store loads; one of a store laid out without the groups does not (other sizes).
+    optimizer = FusedAdamW(store, weight_decay=DECAYS)
+    optimizer.load_state_dict(optimizer.state_dict())
+    other = FusedAdamW(FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=34)), weight_decay=0.0)
+    with pytest.raises(ValueError, match="another parameter layout"):
+        optimizer.load_state_dict(other.state_dict())
+    assert optimizer.options.weight_decay == DECAYS, "a refused checkpoint changed the options"
