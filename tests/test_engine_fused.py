@@ -557,3 +557,96 @@ def test_step_hooks_on_the_users_optimizer_run_around_each_fused_step():
     assert calls[True] == calls[False] == ["pre", "post"] * 4
     for reference, fused in zip(emas[False], emas[True], strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+def _no_decay_recipe(kind, decay=0.05):
+    """The usual recipe: weights decayed, biases not (every layer of the model split across two param groups)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    groups = [
+        {"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": decay},
+        {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    if kind == "sgd":
+        return model, torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+    return model, torch.optim.AdamW(groups, lr=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_no_decay_on_biases_runs_on_the_fused_path_as_torch_optim(kind):
+    """Before, a layer split across param groups sent the whole run to the reference path."""
+    data = batches(6)
+    model, optimizer = _no_decay_recipe(kind)
+    _plain_steps(model, optimizer, data)
+    expected, expected_state = _weights(model), optimizer.state_dict()["state"]
+    model, optimizer = _no_decay_recipe(kind)
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    assert engine.store.n_groups == 2 and engine.fused_optimizer.options.weight_decay == (0.05, 0.0)
+    _run_steps(model, engine, data)
+    for got, want in zip(_weights(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    state = optimizer.state_dict()["state"]  # the fused moments, per parameter, as torch.optim holds them
+    assert state.keys() == expected_state.keys()
+    for index, entry in expected_state.items():
+        for name, want in entry.items():
+            torch.testing.assert_close(state[index][name], want, rtol=1e-5, atol=1e-6)
+    # Negative control: decaying the biases too ends elsewhere.
+    model, optimizer = _no_decay_recipe(kind)
+    optimizer.param_groups[1]["weight_decay"] = 0.05
+    _run_steps(model, StepEngine(model, optimizer, DEVICE, fused=True), data)
+    biases = [p for p in model.parameters() if p.dim() <= 1]
+    assert max((b.detach().cpu() - e).abs().max().item() for b, e in zip(biases, expected[1::2], strict=True)) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_follows_a_weight_decay_schedule_that_keeps_the_groups_apart(kind):
+    data = batches(6)
+    runs = []
+    for fused in (None, True):
+        model, optimizer = _no_decay_recipe(kind)
+        engine = StepEngine(model, optimizer, DEVICE, fused=True) if fused else None
+        for step, (x, y) in enumerate(data):
+            optimizer.param_groups[0]["weight_decay"] = 0.05 * (1 + step)  # the decayed group's decay grows
+            if engine is None:
+                _plain_steps(model, optimizer, [(x, y)])
+            else:
+                _run_steps(model, engine, [(x, y)])
+        runs.append(_weights(model))
+    for got, want in zip(runs[1], runs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_changes_the_fused_layout_cannot_follow_are_refused_with_nothing_changed():
+    data = batches(2)
+    model, optimizer = _no_decay_recipe("sgd")
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    _run_steps(model, engine, data[:1])
+    before = _weights(model)
+    optimizer.param_groups[1]["lr"] = 0.05  # the biases' LR apart from their weights': one LR a layer
+    with pytest.raises(
+        ValueError, match=r"layer '0' has parameters in param groups whose LRs now differ \(\[0.05, 0.1\]\)"
+    ):
+        _run_steps(model, engine, data[1:])
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before, strict=True))
+
+    model, optimizer = _no_decay_recipe("sgd", decay=0.0)  # one decay class: one segment a layer
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    before = _weights(model)
+    optimizer.param_groups[0]["weight_decay"] = 0.1
+    with pytest.raises(ValueError, match=r"weight decays changed to \[0.1, 0.0\].*built for \[0.0, 0.0\]"):
+        _run_steps(model, engine, data[1:])
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before, strict=True))
+    assert float(engine.fused_optimizer.step_count) == 0
+
+
+def test_optimizers_the_fused_step_cannot_follow_are_named():
+    model = nn.Linear(2, 2)
+    layers = [list(model.parameters())]
+    apart = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}], lr=0.1)
+    assert _fused_unsupported(apart, layers) == "a layer's parameters are in param groups of different LRs"
+    partial = torch.optim.SGD([model.weight], lr=0.1)  # the bias trains elsewhere, or not at all
+    assert _fused_unsupported(partial, layers) == "a trainable parameter is in no param group"
+    adam = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.1}])
+    assert "Adam" in _fused_unsupported(adam, layers)
+    recipe = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
+    assert _fused_unsupported(recipe, layers) == ""

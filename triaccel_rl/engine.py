@@ -11,7 +11,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,8 +82,10 @@ class StepEngine:
     skips the whole update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
     ``GradScaler``: halve on overflow, double after 2000 clean steps). It needs SGD (any momentum,
     dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
-    hyper-parameters in every param group except the LR, and each layer's parameters in one group;
-    otherwise the reference path runs. ``optimizer.step()`` is then never called, and the optimizer state
+    hyper-parameters in every param group except the LR and the weight decay (a layer's parameters may be in
+    several groups of one LR, e.g. no decay on biases and norms: the fused step then decays each group's
+    parameters by the group's weight decay), and every trainable parameter in a group; otherwise the reference
+    path runs. ``optimizer.step()`` is then never called, and the optimizer state
     lives in ``fused_optimizer``; step hooks registered on the optimizer run around each fused step, as
     ``optimizer.step()`` runs them (post-hooks also after a step the device skipped). The ``torch.optim`` object
     stays the user's view of the state: state it already holds is taken over, ``optimizer.state_dict()``
@@ -510,8 +512,12 @@ class StepEngine:
     def _init_fused(self) -> None:
         from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
 
+        # Param groups of one weight decay share a class; a layer whose parameters are in groups of different
+        # decays (none on biases and norms, the usual AdamW recipe) has each class's parameters in its own segments.
+        self._decay_classes = _decay_classes(self.optimizer)
+        classes = [[self._decay_classes[id(self._groups[id(p)])] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
-        self.store = FlatParameterStore(self.layer_params, shared_copy=True)
+        self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
         owners = {
             id(param): (module, name)
             for module in self.model.modules()
@@ -530,19 +536,27 @@ class StepEngine:
 
         self.precision.use_weight_copies(copies)
         group = self.optimizer.param_groups[0]
+        self._group_decays: tuple[float, ...] | None = None  # the param groups' decays the fused step applies
+        decay = self._class_decays()
         if isinstance(self.optimizer, torch.optim.SGD):
             self.fused_optimizer = FusedSGD(
                 self.store,
                 momentum=group["momentum"],
                 dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
+                weight_decay=decay,
                 nesterov=group["nesterov"],
             )
         else:
             beta1, beta2 = group["betas"]
             self.fused_optimizer = FusedAdamW(
-                self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+                self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay
             )
+        # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
+        self._split_layers = [
+            (layer, groups)
+            for layer, params in enumerate(self.layer_params)
+            if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
+        ]
         self._group_lrs: tuple[float, ...] | None = None  # the param groups' LRs _layer_base was taken from
         self._read_group_lrs()
         self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
@@ -630,15 +644,57 @@ class StepEngine:
             beta1, beta2 = (getattr(fused.options, name, 0.0) for name in ("beta1", "beta2"))  # SGD has none
             fused._step_state[0].copy_(torch.tensor([n, beta1**n, beta2**n], dtype=torch.float64))
 
-    def _read_group_lrs(self) -> None:
-        """Takes the param groups' LRs (a scheduler may have moved them) as the reference LR and per-layer shares.
+    def _class_decays(self) -> float | tuple[float, ...]:
+        """The fused step's weight decay, from the param groups' now: one a decay class (a float for one class).
 
-        The reference is the first group's LR (1 while it is 0: then the shares are the groups' LRs themselves);
-        each layer's share is its group's LR over it. Param groups may differ in LR only.
+        Raises:
+            ValueError: groups of one class (one segment layout) no longer agree, or an Adam group decays.
         """
+        groups = self.optimizer.param_groups
+        decays = tuple(float(group["weight_decay"]) for group in groups)
+        n_classes = max(self._decay_classes.values()) + 1
+        per_class: list[set[float]] = [set() for _ in range(n_classes)]
+        for group, decay in zip(groups, decays, strict=True):
+            per_class[self._decay_classes[id(group)]].add(decay)
+        if type(self.optimizer) is torch.optim.Adam and any(decays):
+            raise ValueError(
+                f"an Adam param group's weight_decay became {max(decays)}: the fused step runs Adam without weight "
+                "decay only (AdamW's decoupled decay is not Adam's L2 penalty); use AdamW, or fused=False"
+            )
+        if any(len(values) > 1 for values in per_class):
+            raise ValueError(
+                f"the param groups' weight decays changed to {list(decays)}, splitting groups the fused step laid out "
+                f"as one (it was built for {list(self._group_decays or decays)}); groups that shared a weight decay "
+                "when the engine was built must keep sharing one"
+            )
+        self._group_decays = decays
+        values = tuple(values.pop() for values in per_class)
+        return values[0] if n_classes == 1 else values
+
+    def _read_group_lrs(self) -> None:
+        """Takes the param groups' LRs and decays (a scheduler may have moved them) into the fused step.
+
+        The reference LR is the first group's LR (1 while it is 0: then the shares are the groups' LRs
+        themselves); each layer's share is its group's LR over it. The groups of a layer split across several
+        must keep one LR. Param groups may differ in LR and weight decay only.
+
+        Raises:
+            ValueError: the groups of a split layer now differ in LR, or their decays no longer fit the layout.
+        """
+        decays = tuple(float(group["weight_decay"]) for group in self.optimizer.param_groups)
+        if decays != self._group_decays:
+            options = self.fused_optimizer.options
+            self.fused_optimizer.options = replace(options, weight_decay=self._class_decays())
         lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
         if lrs == self._group_lrs:
             return
+        for layer, groups in self._split_layers:
+            if len({float(group["lr"]) for group in groups}) > 1:
+                raise ValueError(
+                    f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
+                    f"({sorted(float(group['lr']) for group in groups)}): the fused step applies one LR a layer; keep "
+                    "a layer's groups at one LR, or pass fused=False"
+                )
         reference = lrs[0] if lrs[0] > 0 else 1.0
         self._layer_base = np.array([float(self._groups[id(params[0])]["lr"]) / reference if params else 1.0
                                      for params in self.layer_params])  # fmt: skip
@@ -730,11 +786,11 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     groups = optimizer.param_groups
     keys: tuple[str, ...]
     if type(optimizer) is torch.optim.SGD:
-        keys = ("momentum", "dampening", "weight_decay", "nesterov")
+        keys = ("momentum", "dampening", "nesterov")
     elif type(optimizer) is torch.optim.AdamW or (
-        type(optimizer) is torch.optim.Adam and groups[0]["weight_decay"] == 0
+        type(optimizer) is torch.optim.Adam and not any(g["weight_decay"] for g in groups)
     ):
-        keys = ("betas", "eps", "weight_decay")
+        keys = ("betas", "eps")
         if any(g.get("amsgrad") for g in groups):
             return "amsgrad is not supported"
     else:
@@ -744,12 +800,22 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     for key in keys:
         if len({repr(g[key]) for g in groups}) > 1:
             return f"param groups differ in {key!r}"
-    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    if any(id(p) not in group_of for params in layer_params for p in params):  # the fused step updates them all
+        return "a trainable parameter is in no param group"
     for params in layer_params:
-        if len({group_of.get(id(p)) for p in params}) > 1:
-            return "a layer's parameters are split across param groups"
+        if len({float(group_of[id(p)]["lr"]) for p in params}) > 1:
+            return "a layer's parameters are in param groups of different LRs"
     from triaccel_rl.kernels.flat_store import is_dense  # the kernels package loads Triton: import late
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
         return "parameters must be dense (contiguous or channels-last) float32"
     return ""
+
+
+def _decay_classes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """Each param group's (by ``id``) weight-decay class: groups of one decay share one, numbered in order."""
+    classes: dict[float, int] = {}
+    return {
+        id(group): classes.setdefault(float(group["weight_decay"]), len(classes)) for group in optimizer.param_groups
+    }
