@@ -91,6 +91,10 @@ class Args:
     """Elements per program of the update kernel; 0 for the tuned default (GPU_LAUNCH_CONFIGS)."""
     num_warps: int = 0
     """Warps per program of the update kernel; 0 for the tuned default."""
+    decay_groups: bool = False
+    """The usual weight-decay recipe: no decay on 1-dim parameters (biases, norms). The fused store puts them in
+    segments of their own (``FlatParameterStore(groups=...)``) and the kernels read the decay per segment; the
+    unfused path gets the same two param groups."""
     sweep: bool = False
     """Also time the fused step with the update kernel at every block size in {1024, 2048, 4096} and warps
     in {4, 8, 16} (the statistics pass keeps its default)."""
@@ -205,12 +209,16 @@ def bench_one(
 ) -> dict[str, Any]:
     """Times the fused and the unfused step on one parameter set; returns the JSON row."""
     codes = [1 if i % 2 else 0 for i in range(len(layers))]  # half the layers in bf16
-    fused_step, store = _make_fused(device, layers, optimizer, codes, args.block_size, args.num_warps)
+    fused_step, store = _make_fused(
+        device, layers, optimizer, codes, args.block_size, args.num_warps, decay_groups=args.decay_groups
+    )
     fused_ms = _time_ms(fused_step, device, args)
     fused_wall_ms = _wall_ms(fused_step, device)
     n_params = sum(store.layer_numels)
+    n_padded = store.n_elements
+    bf16_padded = sum(length for length, code in zip(store.layer_lengths, codes, strict=True) if code)
     del fused_step, store
-    parts = _make_unfused(device, layers, optimizer, codes)
+    parts = _make_unfused(device, layers, optimizer, codes, decay_groups=args.decay_groups)
 
     def unfused_step() -> None:
         for part in parts.values():
@@ -228,8 +236,6 @@ def bench_one(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    n_padded = _padded_elements(layers)
-    bf16_padded = sum(_padded_elements([layer]) for layer, code in zip(layers, codes, strict=True) if code)
     bf16_params = sum(_numel(layer) for layer, code in zip(layers, codes, strict=True) if code)
     moved_per_elem, floor_per_elem = (32, 28) if optimizer == "adamw" else (24, 20)
     bytes_moved = moved_per_elem * n_padded + 2 * bf16_padded
@@ -246,6 +252,7 @@ def bench_one(
         "n_padded_elements": n_padded,
         "n_layers": len(layers),
         "optimizer": optimizer,
+        "decay_groups": args.decay_groups,
         "fused_ms": fused_ms,
         "fused_wall_ms": fused_wall_ms,
         "unfused_ms": unfused_ms,
@@ -288,17 +295,28 @@ def sweep_configs(device: torch.device, layers: LayerShapes, optimizer: str, arg
 
 
 def _make_fused(
-    device: torch.device, layers: LayerShapes, optimizer: str, codes: list[int], block_size: int, num_warps: int
+    device: torch.device,
+    layers: LayerShapes,
+    optimizer: str,
+    codes: list[int],
+    block_size: int,
+    num_warps: int,
+    decay_groups: bool = False,
 ) -> tuple[Callable[[], object], FlatParameterStore]:
     """A closure running one fused step, and its store (random weights and grads)."""
     params = [[torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in layer] for layer in layers]
-    store = FlatParameterStore(params)
+    # With decay_groups: group 0 decays, group 1 (1-dim parameters) does not.
+    groups = [[int(len(s) <= 1) for s in layer] for layer in layers] if decay_groups else None
+    store = FlatParameterStore(params, groups=groups)
     store.grads.normal_()  # the padding too: harmless for timing
+    hyper = dict(ADAMW_HYPER if optimizer == "adamw" else SGD_HYPER)
+    if decay_groups:
+        hyper["weight_decay"] = (hyper["weight_decay"], 0.0)
     opt: FusedSGD | FusedAdamW
     if optimizer == "adamw":
-        opt = FusedAdamW(store, block_size=block_size or None, num_warps=num_warps or None, **ADAMW_HYPER)
+        opt = FusedAdamW(store, block_size=block_size or None, num_warps=num_warps or None, **hyper)
     else:
-        opt = FusedSGD(store, block_size=block_size or None, num_warps=num_warps or None, **SGD_HYPER)
+        opt = FusedSGD(store, block_size=block_size or None, num_warps=num_warps or None, **hyper)
     lr_factors = torch.ones(len(layers), device=device)
     precision_codes = torch.tensor(codes, dtype=torch.int32, device=device)
     inv_scale = torch.ones((), device=device)  # 1.0 keeps repeated steps on the same data finite
@@ -306,20 +324,28 @@ def _make_fused(
 
 
 def _make_unfused(
-    device: torch.device, layers: LayerShapes, optimizer: str, codes: list[int]
+    device: torch.device, layers: LayerShapes, optimizer: str, codes: list[int], decay_groups: bool = False
 ) -> dict[str, Callable[[], object]]:
     """The fused step's work in stock PyTorch multi-tensor ops, as named parts to run in order."""
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for layer in layers for s in layer]
     for p in params:
         p.grad = torch.randn_like(p)
     grads = [p.grad for p in params if p.grad is not None]
+    decay = ADAMW_HYPER["weight_decay"] if optimizer == "adamw" else SGD_HYPER["weight_decay"]
+    param_groups: list[dict[str, Any]] = [{"params": params, "weight_decay": decay}]
+    if decay_groups:  # the same two groups as the fused store's
+        param_groups = [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ]
     opt: torch.optim.Optimizer
     if optimizer == "adamw":
         betas = (ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"])
         fused = device.type == "cuda"  # fused AdamW needs CUDA in older torch versions
-        opt = torch.optim.AdamW(params, lr=1e-3, betas=betas, eps=1e-8, weight_decay=0.01, fused=fused)
+        opt = torch.optim.AdamW(param_groups, lr=1e-3, betas=betas, eps=1e-8, fused=fused)
     else:
-        opt = torch.optim.SGD(params, lr=1e-3, foreach=True, **SGD_HYPER)
+        sgd = {key: value for key, value in SGD_HYPER.items() if key != "weight_decay"}
+        opt = torch.optim.SGD(param_groups, lr=1e-3, foreach=True, **sgd)
     copy_src: list[torch.Tensor] = [
         p for layer, code in zip(_split(params, layers), codes, strict=True) if code for p in layer
     ]
@@ -417,16 +443,21 @@ def _check_step(device: torch.device, optimizer: str, args: Args) -> tuple[bool,
     layers: list[list[tuple[int, ...]]] = [[(1,)], [(4095,)], [(300, 301), (7,)], [(3,)] * 5, [(1000, 1001)]]
     rtol, atol = 1e-5, 1e-6
     params = [[torch.nn.Parameter(torch.randn(s, device=device)) for s in layer] for layer in layers]
-    store = FlatParameterStore(params)
+    groups = [[int(len(s) <= 1) for s in layer] for layer in layers] if args.decay_groups else None
+    store = FlatParameterStore(params, groups=groups)
+    hyper = dict(ADAMW_HYPER if optimizer == "adamw" else SGD_HYPER)
+    if args.decay_groups:
+        hyper["weight_decay"] = (hyper["weight_decay"], 0.0)
     opt: FusedSGD | FusedAdamW
     if optimizer == "adamw":
-        opt = FusedAdamW(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **ADAMW_HYPER)
+        opt = FusedAdamW(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **hyper)
         ref_states = [torch.zeros_like(store.params), torch.zeros_like(store.params)]
         ref_step_state = new_step_state(device, ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"])
     else:
-        opt = FusedSGD(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **SGD_HYPER)
+        opt = FusedSGD(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **hyper)
         ref_states = [torch.zeros_like(store.params)]
         ref_step_state = new_step_state(device)
+    hyper["weight_decay"] = opt.kernel_weight_decay()  # the references take it per segment
     ref_params = store.params.clone()
     ref_bf16, ref_fp16 = store.bf16_copy.clone(), store.fp16_copy.clone()
     factors = torch.linspace(0.5, 1.5, len(layers), device=device)
@@ -440,11 +471,11 @@ def _check_step(device: torch.device, optimizer: str, args: Args) -> tuple[bool,
         common = (ref_bf16, ref_fp16, store.chunk_layer, factors, codes, ref_stats, ref_step_state)
         if optimizer == "adamw":
             fused_adamw_step_reference(ref_params, store.grads, *ref_states, *common, lr=1e-2, inv_scale=1 / 256,
-                                       **ADAMW_HYPER)  # fmt: skip
+                                       **hyper)  # fmt: skip
             states = [opt.exp_avg, opt.exp_avg_sq]
         else:
             fused_sgd_step_reference(ref_params, store.grads, *ref_states, *common, lr=1e-2, inv_scale=1 / 256,
-                                     **SGD_HYPER)  # fmt: skip
+                                     **hyper)  # fmt: skip
             states = [opt.momentum_buffer]
         named = [("params", store.params, ref_params)]
         named += [(f"state {i}", got, want) for i, (got, want) in enumerate(zip(states, ref_states, strict=True))]

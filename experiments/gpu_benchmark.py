@@ -227,7 +227,12 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
         },
         "static-fp16-clip3": {"controller": "fp16", "channels_last": True, "max_grad_norm": 3.0},
         # The static control for the clipped x1.5 rows: is what they gain the higher LR that clipping makes safe?
-        "static-fp16-lr1.5-clip3": {"controller": "fp16", "channels_last": True, "lr_factor": 1.5, "max_grad_norm": 3.0},
+        "static-fp16-lr1.5-clip3": {
+            "controller": "fp16",
+            "channels_last": True,
+            "lr_factor": 1.5,
+            "max_grad_norm": 3.0,
+        },
         # The x1.5 row with the speed trial's answer pinned (fp16 from the first step): 5 of its 10 runs at x1.5 and
         # x2 collapsed near the warm-up's peak LR where static fp16 at x1.5 did not (H200, 2026-12-02, 0e57c16).
         "heuristic-anneal5-i1-deep-fp16-lr1.5": {

@@ -174,7 +174,7 @@ class _FusedOptimizer:
                 f"0..{self.store.n_groups - 1}"
             )
 
-    def _segment_decay(self) -> float | torch.Tensor:
+    def kernel_weight_decay(self) -> float | torch.Tensor:
         """The update kernel's weight decay: a float when every group's is the same, else one a segment."""
         decay = self.options.weight_decay
         if not isinstance(decay, tuple):
@@ -358,7 +358,7 @@ class FusedSGD(_FusedOptimizer):
             store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, momentum=options.momentum, dampening=options.dampening,
-            weight_decay=self._segment_decay(), nesterov=options.nesterov, inv_scale=inv_scale,
+            weight_decay=self.kernel_weight_decay(), nesterov=options.nesterov, inv_scale=inv_scale,
             segment_align=store.segment_align, block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
 
@@ -424,7 +424,7 @@ class FusedAdamW(_FusedOptimizer):
             store.params, store.grads, self.exp_avg, self.exp_avg_sq, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, beta1=options.beta1, beta2=options.beta2, eps=options.eps,
-            weight_decay=self._segment_decay(), inv_scale=inv_scale, segment_align=store.segment_align,
+            weight_decay=self.kernel_weight_decay(), inv_scale=inv_scale, segment_align=store.segment_align,
             block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
 
