@@ -501,11 +501,17 @@ def _true_fp32(active: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+_RUN_DETAIL = ("trace", "layer_names")
+"""What a run of a job file holds that the merged file leaves out (``merge``)."""
+
+
 def merge(paths: list[str], out: Path, plots: str = "") -> None:
     """Concatenates the rows, grid points and runs of several result JSONs (e.g. one per job).
 
     Each entry gets ``job``, the stem of the file it came from: rows of one job ran side by side on one
     machine, rows of different jobs did not. Each row gets ``epochs``, its training budget, where it lacks one.
+    The runs' per-step traces and layer names (``_RUN_DETAIL``, 95% of the bytes) stay in the job files: the
+    plots are drawn from those before the merged file is written without them.
     """
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
     for path in paths:
@@ -514,9 +520,10 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
             values += [{"job": Path(path).stem, **entry} for entry in data.get(key, [])]
     for row in merged["rows"]:
         row.setdefault("epochs", _row_epochs(row))
-    out.write_text(json.dumps(merged, indent=1) + "\n")
     if plots:
         plot_jobs(merged["runs"], merged["rows"], Path(plots))
+    merged["runs"] = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in merged["runs"]]
+    out.write_text(json.dumps(merged, indent=1) + "\n")
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files into {out}")
 
 

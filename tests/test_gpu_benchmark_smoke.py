@@ -62,7 +62,14 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     merged = tmp_path / "merged.json"
     merged_plots = tmp_path / "merged_plots"
     run("--merge", f"{out},{second}", "--out", str(merged), "--plots", str(merged_plots), cwd=tmp_path)
-    merged_rows = json.loads(merged.read_text())["rows"]
+    merged_data = json.loads(merged.read_text())
+    merged_rows = merged_data["rows"]
+    # The runs' traces stay in the job files (the plots below are drawn from them); the rest is merged.
+    assert len(merged_data["runs"]) == len(data["runs"]) + len(second_data["runs"])
+    assert not any({"trace", "layer_names"} & run.keys() for run in merged_data["runs"])
+    assert [run["final_metric"] for run in merged_data["runs"][: len(data["runs"])]] == [
+        run["final_metric"] for run in data["runs"]
+    ]
     assert [row["controller"] for row in merged_rows] == [*[row["controller"] for row in data["rows"]], *second_rows]
     assert [row["job"] for row in merged_rows] == ["bench"] * len(data["rows"]) + ["second"] * len(second_rows)
     assert {row["epochs"] for row in merged_rows} == {1.0}  # the budget each row ran, recorded by the run itself
