@@ -357,9 +357,15 @@ def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
     from triaccel_rl.engine import StepEngine
 
     model = nn.Linear(4, 2).cuda()
-    # The common recipe: no weight decay on biases, which splits the layer across param groups.
-    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
+    # The biases at another LR than their weights: the fused step applies one LR a layer.
+    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "lr": 1e-4}])
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         engine = StepEngine(model, optimizer, torch.device("cuda"))
     assert not engine.fused
-    assert "cannot run this optimizer (param groups differ in 'weight_decay')" in caplog.text
+    assert "cannot run this optimizer (a layer's parameters are in param groups of different LRs)" in caplog.text
+    # The common recipe, no weight decay on biases, runs fused (it took the reference path before 2026-12-02), silently.
+    caplog.clear()
+    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        engine = StepEngine(model, optimizer, torch.device("cuda"))
+    assert engine.fused and "cannot run" not in caplog.text

@@ -220,8 +220,9 @@ def _run_per_group_decay(device: str, optimizer: str) -> None:
     for step in range(6):
         fill_grads(plain_store, generator)
         plain.step(0.05 * (1.0 + 0.1 * step), lr_factors)
-    assert not torch.equal(layers[0][0], undecayed[0][0]), "the decayed weight was not decayed"
-    assert torch.equal(layers[0][1], undecayed[0][1]), "the bias (weight decay 0) was decayed"
+    # (Close, not equal: on a GPU the two kernel specialisations may contract multiply-adds differently.)
+    assert float((layers[0][0] - undecayed[0][0]).detach().abs().max()) > 1e-3, "the decayed weight was not decayed"
+    assert_close(layers[0][1], undecayed[0][1], "the bias (weight decay 0) against the undecayed run")
 
 
 def test_store_groups_start_new_segments() -> None:
