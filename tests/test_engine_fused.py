@@ -643,10 +643,37 @@ def test_optimizers_the_fused_step_cannot_follow_are_named():
     model = nn.Linear(2, 2)
     layers = [list(model.parameters())]
     apart = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}], lr=0.1)
-    assert _fused_unsupported(apart, layers) == "a layer's parameters are in param groups of different LRs"
+    reason = "a layer's parameters are in param groups of different LRs or 'layer' keys"
+    assert _fused_unsupported(apart, layers) == reason
     partial = torch.optim.SGD([model.weight], lr=0.1)  # the bias trains elsewhere, or not at all
     assert _fused_unsupported(partial, layers) == "a trainable parameter is in no param group"
     adam = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.1}])
     assert "Adam" in _fused_unsupported(adam, layers)
     recipe = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
     assert _fused_unsupported(recipe, layers) == ""
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_per_layer_lr_factors_apply_to_groups_with_a_layer_key_on_both_paths(kind):
+    """A user's optimizer has no "layer" keys: per-layer factors leave it alone on the fused path as on the reference
+    one (the fused path applied them to every layer before, so the two paths trained differently)."""
+    data = batches(4)
+    finals = {}
+    for fused in (False, True):
+        model, optimizer = _no_decay_recipe(kind)  # no "layer" keys
+        engine = StepEngine(model, optimizer, DEVICE, fused=fused)
+        engine.lr_factors[0] = 0.25
+        _run_steps(model, engine, data)
+        finals[fused] = _weights(model)
+    model, optimizer = _no_decay_recipe(kind)
+    _plain_steps(model, optimizer, data)
+    for reference, fused, plain in zip(finals[False], finals[True], _weights(model), strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    # With "layer" keys the factor applies (test_fused_engine_matches_reference): here it moves layer 0.
+    model, engine = make(kind, True)
+    engine.lr_factors[0] = 0.25
+    _run_steps(model, engine, data)
+    unfactored_model, unfactored = make(kind, True)
+    _run_steps(unfactored_model, unfactored, data)
+    assert (_weights(model)[0] - _weights(unfactored_model)[0]).abs().max().item() > 1e-4

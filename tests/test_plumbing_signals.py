@@ -199,3 +199,16 @@ def test_controller_applies_lr_factors_for_the_second_order_heuristic():
     multiplier = ctl.engine.lr_scale * ctl.engine.batch_lr_gain
     for group, applied, factor in zip(opt.param_groups, ctl.engine.group_lrs(), ctl.engine.lr_factors, strict=True):
         assert applied == pytest.approx(group["lr"] * multiplier * factor)
+
+
+def test_lr_factors_on_an_optimizer_without_layer_keys_are_named_in_a_warning(caplog):
+    model, _ = model_and_per_layer_optimizer()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        Controller(model, plain, policy="heuristic-second-order", config=ControllerConfig(interval_steps=4))
+    assert "per-layer LR factors are on, but they apply to param groups carrying a 'layer' key" in caplog.text
+    caplog.clear()
+    model, per_layer = model_and_per_layer_optimizer()
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        Controller(model, per_layer, policy="heuristic-second-order", config=ControllerConfig(interval_steps=4))
+    assert "LR factors" not in caplog.text

@@ -124,6 +124,12 @@ class Controller:
             )
         if getattr(self.policy, "needs_lr_factors", False) and not self.config.signals.lr_factors:
             self.config = replace(self.config, signals=replace(self.config.signals, lr_factors=True))
+        if self.config.signals.lr_factors and not any("layer" in group for group in optimizer.param_groups):
+            _log.warning(
+                "per-layer LR factors are on, but they apply to param groups carrying a 'layer' key and this "
+                "optimizer's have none: they will change nothing. Build one group a layer, e.g. "
+                "[{'params': p, 'layer': i} for i, p in enumerate(StepEngine.discover(model))]"
+            )
         self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = profile or HardwareProfile.load()
         capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)

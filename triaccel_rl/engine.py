@@ -65,7 +65,7 @@ class StepEngine:
     """Runs the backward pass and the update of ``optimizer`` under the current configuration.
 
     Knobs: ``precision`` (a :class:`LayerPrecision`), ``lr_scale`` (global multiplier on every param
-    group's LR), ``lr_factors`` (per layer; applied to param groups that carry a ``"layer"`` key)
+    group's LR), ``lr_factors`` (per layer; applied to param groups that carry a ``"layer"`` key, on both paths)
     and ``batch_lr_gain`` (set by whoever changes the batch size). The multipliers apply to whatever LR the
     param groups hold at each step, so an LR scheduler on the optimizer keeps working: the groups' ``lr``
     stays the scheduler's (the reference path sets the scaled LRs for its ``optimizer.step()`` only, then puts
@@ -557,6 +557,11 @@ class StepEngine:
             for layer, params in enumerate(self.layer_params)
             if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
         ]
+        # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
+        # (-1: a group without one, factor 1).
+        self._factor_index = np.array(
+            [int(self._groups[id(params[0])].get("layer", -1)) if params else -1 for params in self.layer_params]
+        )
         self._group_lrs: tuple[float, ...] | None = None  # the param groups' LRs _layer_base was taken from
         self._read_group_lrs()
         self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
@@ -718,7 +723,8 @@ class StepEngine:
         for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
             if hook(self.optimizer, (), {}) is not None:
                 raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
-        factors = self._layer_base * self.lr_factors
+        index = self._factor_index
+        factors = self._layer_base * np.where(index >= 0, np.asarray(self.lr_factors)[np.maximum(index, 0)], 1.0)
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
             self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
             self._last_factors = factors
@@ -804,8 +810,8 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     if any(id(p) not in group_of for params in layer_params for p in params):  # the fused step updates them all
         return "a trainable parameter is in no param group"
     for params in layer_params:
-        if len({float(group_of[id(p)]["lr"]) for p in params}) > 1:
-            return "a layer's parameters are in param groups of different LRs"
+        if len({(float(group_of[id(p)]["lr"]), group_of[id(p)].get("layer")) for p in params}) > 1:
+            return "a layer's parameters are in param groups of different LRs or 'layer' keys"
     from triaccel_rl.kernels.flat_store import is_dense  # the kernels package loads Triton: import late
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
