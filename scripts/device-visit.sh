@@ -139,6 +139,10 @@ for stage in "$@"; do
     # The fused step, uniform weight decay and the usual no-decay-on-1-dim-parameters recipe, beside stock PyTorch (~2 min).
     fused-decay) python3 experiments/bench_fused_step.py --output "$OUT/fused_step.json" 2>&1 | tail -14
            python3 experiments/bench_fused_step.py --decay-groups --output "$OUT/fused_step_decay_groups.json" 2>&1 | tail -14 ;;
+    # A careful user's shorter schedule (8 and 10 of 12 epochs), clipped, beside the clipped deep row and static fp16 (~5 min).
+    short-clip-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16-clip3,static-fp16-8of12-clip3,static-fp16-10of12-clip3,heuristic-anneal5-i1-deep-fp16-clip3 \
+           --out "$OUT/short_clip_resnet.json" --plots "" 2>&1 | tail -8 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
