@@ -359,6 +359,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                     eval_every_steps=_eval_steps(args),
                     device=device,
                     max_time_s=cap,
+                    max_grad_norm=spec.get("max_grad_norm"),
                 )
             return run_controller(
                 task,

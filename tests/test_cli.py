@@ -62,6 +62,7 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "eval_every_steps=0 must be >= 1"),
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
         (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
+        (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "max_grad_norm=0.0 must be positive"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
@@ -117,6 +118,23 @@ def test_compare_takes_an_lr_ladder(monkeypatch):
     assert main(argv) == 0
     ladder = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
     assert seen == [ControllerConfig.preset("anneal", interval_steps=5, lr_scales=ladder)]
+
+
+def test_compare_clips_every_row_with_max_grad_norm(tmp_path, capsys):
+    """``--max-grad-norm`` reaches the controller rows and the plain loop alike: clipped hard, both end elsewhere
+    than unclipped, and still equal to each other."""
+
+    def final_metrics(*extra):
+        out = tmp_path / "r.json"
+        argv = ["compare", "--task", "synthetic", "--controllers", "plain-fp32,fp32", "--seeds", "1",
+                "--epochs", "0.5", "--cost-mode", "measured", "--log-dir", "", "--out", str(out),
+                "--no-progress", *extra]  # fmt: skip
+        assert main(argv) == 0
+        return {row["controller"]: row["final_metric_mean"] for row in json.loads(out.read_text())["rows"]}
+
+    clipped, unclipped = final_metrics("--max-grad-norm", "0.05"), final_metrics()
+    assert clipped["plain-fp32"] == clipped["static-fp32"]
+    assert abs(clipped["static-fp32"] - unclipped["static-fp32"]) > 0.02
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,24 @@ def test_plain_loop_equals_the_static_row_step_for_step(precision):
     assert plain.skipped_steps == row.skipped_steps == 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plain_loop_clips_as_the_static_row_does(precision):
+    # clip_grad_norm_ after GradScaler's unscale_ in the plain loop, the engine's clipping in the static row: with a
+    # norm that binds at every step the two still train the same model; unclipped, the run ends elsewhere.
+    common = {"epochs": 1.0, "device": "cpu"}
+    plain = run_plain("synthetic", 0, precision=precision, eval_every_steps=10, max_grad_norm=0.05, **common)
+    row = run_controller(
+        "synthetic", precision, 0, schedule=True, eval_every=1, config=ControllerConfig(interval_steps=10),
+        max_grad_norm=0.05, **common,
+    )  # fmt: skip
+    unclipped = run_plain("synthetic", 0, precision=precision, eval_every_steps=10, **common)
+    assert plain.steps == row.steps == unclipped.steps
+    assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
+    assert max(abs(a[1] - b[1]) for a, b in zip(plain.curve, unclipped.curve, strict=True)) > 0.02
+    with pytest.raises(ValueError, match="max_grad_norm=-1 must be positive"):
+        run_plain("synthetic", 0, max_grad_norm=-1, **common)
+
+
 def test_plain_fp16_loop_skips_a_non_finite_step_and_counts_it(monkeypatch):
     # GradScaler skips the step whose loss is inf (the parameters keep their values) and lowers its scale.
     clean = run_plain("synthetic", 0, precision="fp16", epochs=0.5, eval_every_steps=100, device="cpu")

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="time charged: measured, or from the hardware profile (default: measured on GPU, profile on CPU)",
     )
+    compare.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip every row's gradient norm to this (Controller(max_grad_norm=...); clip_grad_norm_ in plain rows)",
+    )
     compare.add_argument("--reference", default="static-fp32", help="row the time ratios are taken against")
     compare.add_argument("--log-dir", default="runs/compare", help="TensorBoard folder ('' for none)")
     compare.add_argument("--out", default="runs/compare/results.json", help="JSON results file ('' for none)")
@@ -169,6 +175,7 @@ def _compare(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         eval_every=args.eval_every,
         eval_every_steps=args.eval_every_steps,
+        max_grad_norm=args.max_grad_norm,
     )
     names = [r.controller for r in results]
     reference = args.reference if args.reference in names else None

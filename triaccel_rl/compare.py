@@ -388,6 +388,7 @@ def compare(
     show_progress: bool = True,
     eval_every: int = 5,
     eval_every_steps: int | None = None,
+    max_grad_norm: float | None = None,
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
 
@@ -397,10 +398,12 @@ def compare(
     (:func:`triaccel_rl.plain.run_plain`, with this comparison's constant LR and evaluation steps: every
     ``eval_every_steps``, else every ``eval_every`` × ``config.interval_steps`` steps). It measures real time, so
     it needs ``cost_mode="measured"`` (the default on a GPU): beside rows charged modelled time its seconds would
-    mean something else.
+    mean something else. ``max_grad_norm`` clips every row's gradient norm the same way (:func:`run_controller`'s;
+    a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
 
     Raises:
-        ValueError: an unknown task or controller, or a plain row in modelled time, before any run starts.
+        ValueError: an unknown task or controller, a plain row in modelled time, or a non-positive
+            ``max_grad_norm``, before any run starts.
     """
     from triaccel_rl.plain import PLAIN_PRECISIONS, run_plain  # plain.py imports this module
 
@@ -426,6 +429,8 @@ def compare(
             )
     if not seeds:
         raise ValueError("need at least one seed")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
     total = epochs * len(controllers) * len(seeds)
     results = []
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
@@ -445,6 +450,7 @@ def compare(
                             channels_last=False,
                             eval_every_steps=eval_every_steps or eval_every * config.interval_steps,
                             device=device,
+                            max_grad_norm=max_grad_norm,
                         )
                     )
                     _log_curve(run_log, results[-1])
@@ -463,6 +469,7 @@ def compare(
                         progress=bar,
                         eval_every=eval_every,
                         eval_every_steps=eval_every_steps,
+                        max_grad_norm=max_grad_norm,
                     )
                 )
     return results

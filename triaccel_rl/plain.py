@@ -9,7 +9,7 @@ a careful user writes. ``run_plain`` is that loop, with nothing of ours on the t
     for each batch:
         with torch.autocast("cuda", dtype=torch.bfloat16):   # fp16: torch.float16, and a GradScaler
             loss = loss_fn(model(augment(x)).float(), y)
-        loss.backward()
+        loss.backward()                                          # (max_grad_norm: clip_grad_norm_ here)
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
 It shares with the other rows only what makes the rows comparable: the task's data split, sample order
@@ -59,6 +59,7 @@ def run_plain(
     eval_every_steps: int = 50,
     device: str | torch.device | None = None,
     max_time_s: float | None = None,
+    max_grad_norm: float | None = None,
 ) -> RunResult:
     """Trains ``task`` with a plain PyTorch loop in one static ``precision`` and measures it like ``run_controller``.
 
@@ -76,9 +77,12 @@ def run_plain(
         eval_every_steps: steps between test evaluations (time to target is read at these points).
         device: ``cpu``, ``cuda`` or ``None`` (CUDA when available).
         max_time_s: stop once the training time passes this many seconds (``None``: train all ``epochs``).
+        max_grad_norm: clip the gradient's total norm to this with ``torch.nn.utils.clip_grad_norm_`` between the
+            backward and the step (with fp16, after ``scaler.unscale_``, as GradScaler's documentation shows).
+            ``None``: no clipping.
 
     Raises:
-        ValueError: an unknown precision, or a non-positive budget, batch, LR scale or interval.
+        ValueError: an unknown precision, or a non-positive budget, batch, LR scale, interval or clipping norm.
     """
     task = get_task(task) if isinstance(task, str) else task
     if precision not in PLAIN_PRECISIONS:
@@ -93,6 +97,8 @@ def run_plain(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
     device = resolve_device(device)
     release_memory(device)  # earlier runs' garbage must not count in this run's peak
 
@@ -144,6 +150,9 @@ def run_plain(
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = task.loss_fn(model(x).float(), next_batch.y)
             scaler.scale(loss).backward()
+            if max_grad_norm is not None:
+                scaler.unscale_(optimizer)  # a no-op without fp16
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             scaler.step(optimizer)  # with fp16: one host-device sync a step, inside GradScaler
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
