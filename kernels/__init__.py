@@ -24,7 +24,7 @@ from triaccel_rl.kernels._common import (
 )
 from triaccel_rl.kernels.adamw_step import fused_adamw_step, fused_adamw_step_reference
 from triaccel_rl.kernels.cast import cast_to_low_precision, cast_to_low_precision_reference, nan_encodings
-from triaccel_rl.kernels.flat_store import FlatParameterStore, is_dense
+from triaccel_rl.kernels.flat_store import DetachedParametersError, FlatParameterStore, is_dense
 from triaccel_rl.kernels.grad_stats import layer_grad_stats, layer_grad_stats_reference
 from triaccel_rl.kernels.optim import AdamWOptions, FusedAdamW, FusedSGD, SGDOptions, StepResult
 from triaccel_rl.kernels.sgd_step import fused_sgd_step, fused_sgd_step_reference
@@ -34,6 +34,7 @@ __all__ = [
     "N_STAT_ROWS",
     "SEGMENT_ALIGN_ELEMENTS",
     "AdamWOptions",
+    "DetachedParametersError",
     "FlatParameterStore",
     "FusedAdamW",
     "FusedSGD",

@@ -19,7 +19,7 @@ import torch
 from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
 from triaccel_rl.kernels.cast import cast_to_low_precision
 
-__all__ = ["FlatParameterStore"]
+__all__ = ["DetachedParametersError", "FlatParameterStore"]
 
 
 class FlatParameterStore:
@@ -32,7 +32,8 @@ class FlatParameterStore:
     ``shared_copy`` they are one buffer seen as either type: each layer's segment holds the bits of the type
     that layer computes in (a layer is never both), so the copies cost 2 bytes a parameter whatever the map.
 
-    Hazards: do not move the model with ``.to()`` afterwards, which detaches the parameters from the flat buffers.
+    Hazards: do not move or cast the model (``.to()``, ``.half()``) afterwards, which detaches the parameters from
+    the flat buffers (:meth:`rebind_grads` then raises ``DetachedParametersError``).
     Setting ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) detaches the gradients until
     :meth:`rebind_grads` (``StepEngine`` calls it before each backward); ``store.zero_grad()`` zeroes in place.
     Code writing the flat ``grads`` directly must leave the padding at zero, or the padding weights start moving
@@ -178,7 +179,7 @@ class FlatParameterStore:
         self.chunk_group = torch.tensor(chunk_group, dtype=torch.int32, device=self.device)
         self.n_groups = max(chunk_group) + 1
 
-        self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []  # (param, grad view, data address)
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):
                 for p, start in zip(layer, offsets, strict=True):
@@ -189,19 +190,27 @@ class FlatParameterStore:
                         grad_view.copy_(p.grad)
                     p.data = view
                     p.grad = grad_view
-                    self._grad_views.append((p, grad_view))
+                    self._grad_views.append((p, grad_view, view.data_ptr()))
 
     def rebind_grads(self) -> int:
         """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
 
         ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
         autograd would accumulate into new tensors the fused step never reads. A ``None`` gradient comes back as
-        its zeroed view; a gradient tensor put in its place is copied into the view. One identity check a
-        parameter when nothing changed.
+        its zeroed view; a gradient tensor put in its place is copied into the view. An identity check and an
+        address check a parameter when nothing changed.
+
+        Raises:
+            DetachedParametersError: a parameter's ``.data`` is no longer its view of the flat ``params`` (the
+                module was moved or cast after the store was built: ``model.to(...)``, ``.half()``); the
+                optimizer would update the flat buffer and the model would never see it. Nothing was changed.
         """
+        detached = [p for p, _, address in self._grad_views if p.data_ptr() != address]
+        if detached:
+            raise DetachedParametersError(detached)
         rebound = 0
         with torch.no_grad():
-            for p, view in self._grad_views:
+            for p, view, _ in self._grad_views:
                 if p.grad is not view:
                     if p.grad is None:
                         view.zero_()
@@ -284,6 +293,20 @@ class FlatParameterStore:
             rewrite, dtype, out = fp16_layers, torch.float16, self.fp16_copy
         for layer in rewrite:
             cast_to_low_precision(self.layer_segment(self.params, layer), dtype, out=self.layer_segment(out, layer))
+
+
+class DetachedParametersError(RuntimeError):
+    """Parameters whose ``.data`` no longer lives in the store's flat buffer (``params``: the parameters)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str] | None = None) -> None:
+        self.params = params
+        shown = names or [f"{tuple(p.shape)} {p.dtype} on {p.device}" for p in params]
+        super().__init__(
+            f"{len(params)} parameter(s) no longer live in the fused step's flat buffer: {', '.join(shown[:5])}"
+            f"{' ...' if len(shown) > 5 else ''}. Their .data was replaced after the controller was built "
+            "(model.to(...), .half(), .float(), a memory-format change): the fused step would update the flat "
+            "buffer and the model would never see it. Move or cast the model before building the controller."
+        )
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

@@ -677,3 +677,24 @@ def test_per_layer_lr_factors_apply_to_groups_with_a_layer_key_on_both_paths(kin
     unfactored_model, unfactored = make(kind, True)
     _run_steps(unfactored_model, unfactored, data)
     assert (_weights(model)[0] - _weights(unfactored_model)[0]).abs().max().item() > 1e-4
+
+
+def test_a_model_moved_or_cast_after_the_engine_is_named_not_silently_left_untrained():
+    """``model.to(memory_format=...)`` or ``.double()`` after the engine is built replaces the parameters' ``.data``:
+    the fused step would update its flat buffer and the model would never change. The next step says so."""
+    from triaccel_rl.kernels import DetachedParametersError
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).to(DEVICE)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(DEVICE)
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), DEVICE, fused=True)
+    x, y = torch.randn(8, 3, 6, 6, device=DEVICE), torch.randint(0, 3, (8,), device=DEVICE)
+    engine.backward_and_step(nn.functional.cross_entropy(model(x), y))  # in place: fine
+    flat_before = engine.store.params.clone()
+    model.to(memory_format=torch.channels_last)  # the conv weight gets new, channels-last data
+    with pytest.raises(DetachedParametersError, match=r"1 parameter\(s\) no longer live .*: 0.weight\. .*model\.to"):
+        engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    assert torch.equal(engine.store.params, flat_before), "a refused step changed the weights"
+    model.double()  # every parameter
+    with pytest.raises(DetachedParametersError, match=r"4 parameter\(s\)"):
+        engine.bind_grads()

@@ -252,9 +252,19 @@ class StepEngine:
         A user's ``optimizer.zero_grad()`` or ``model.zero_grad()`` sets them to ``None`` by default; autograd would
         then accumulate into new tensors the fused step never reads, and the model would never train, silently.
         Nothing to do on the reference path.
+
+        Raises:
+            DetachedParametersError: a parameter's ``.data`` was replaced since the engine was built (the model
+                moved or cast), naming the parameters; nothing was changed.
         """
         if self.fused:
-            self.store.rebind_grads()
+            from triaccel_rl.kernels import DetachedParametersError
+
+            try:
+                self.store.rebind_grads()
+            except DetachedParametersError as error:
+                names = {id(p): name for name, p in self.model.named_parameters()}
+                raise DetachedParametersError(error.params, [names.get(id(p), "?") for p in error.params]) from None
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the current loss scale while a layer is fp16 (else ``loss``): backward this.
