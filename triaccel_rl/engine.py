@@ -85,7 +85,9 @@ class StepEngine:
     hyper-parameters in every param group except the LR and the weight decay (a layer's parameters may be in
     several groups of one LR, e.g. no decay on biases and norms: the fused step then decays each group's
     parameters by the group's weight decay), and every trainable parameter in a group; otherwise the reference
-    path runs. ``optimizer.step()`` is then never called, and the optimizer state
+    path runs. The trainable parameters are fixed when the engine is built: a param group added later, a parameter
+    unfrozen later, or a model moved or cast later is refused at the next step with the parameters named.
+    ``optimizer.step()`` is then never called, and the optimizer state
     lives in ``fused_optimizer``; step hooks registered on the optimizer run around each fused step, as
     ``optimizer.step()`` runs them (post-hooks also after a step the device skipped). The ``torch.optim`` object
     stays the user's view of the state: state it already holds is taken over, ``optimizer.state_dict()``
@@ -567,6 +569,9 @@ class StepEngine:
             for layer, params in enumerate(self.layer_params)
             if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
         ]
+        held = {id(p) for p in self._params}
+        self._n_param_groups = len(self.optimizer.param_groups)
+        self._outside_params = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in held]
         # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
         # (-1: a group without one, factor 1).
         self._factor_index = np.array(
@@ -727,8 +732,32 @@ class StepEngine:
             return [*registry._global_optimizer_pre_hooks.values(), *self.optimizer._optimizer_step_pre_hooks.values()]
         return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
+    def _check_optimizer_params(self) -> None:
+        """Raises a ValueError when the optimizer now trains parameters the fused step does not hold.
+
+        The flat store was built from the trainable parameters of the optimizer's groups. A group added since
+        (``optimizer.add_param_group``), or a parameter frozen then and unfrozen since (it has a gradient now),
+        would be trained by ``optimizer.step()`` and never by the fused step: silently frozen. Nothing is updated.
+        """
+        groups = self.optimizer.param_groups
+        if len(groups) != self._n_param_groups:
+            raise ValueError(
+                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the fused step was "
+                "built from its parameters, and it cannot take new ones: add param groups before building the "
+                "controller (or pass fused=False)"
+            )
+        unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
+        if unfrozen:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            raise ValueError(
+                f"parameters {[names.get(id(p), tuple(p.shape)) for p in unfrozen][:5]} have gradients, but they were "
+                "frozen (requires_grad=False) when the fused step was built from the optimizer's parameters, so it "
+                "would never update them: unfreeze before building the controller (or pass fused=False)"
+            )
+
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
+        self._check_optimizer_params()
         self._read_group_lrs()
         for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
             if hook(self.optimizer, (), {}) is not None:
