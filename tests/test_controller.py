@@ -356,3 +356,33 @@ def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
         model, optimizer = model_and_optimizer()
         with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive number"):
             Controller(model, optimizer, policy="fp32", max_grad_norm=bad)
+
+
+def test_a_model_with_tied_weights_trains_under_the_controller():
+    """An embedding tied to the output projection (as GPT-2's): the shared weight is updated once, stays shared,
+    and the layer that shares it (no parameters of its own) is decided for like any other."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.out = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 50, (2048,))
+    y = (x * 7) % 50
+    losses = []
+    with Controller(model, optimizer, policy="heuristic", config=ControllerConfig(interval_steps=8)) as ctl:
+        for xb, yb in ctl.loader((x, y), batch_size=64, epochs=2):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ctl.step(loss)
+            losses.append(float(loss.detach()))
+    assert model.out.weight is model.emb.weight
+    assert ctl.steps == 64 and len(ctl.decisions) >= 4
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])

@@ -723,3 +723,44 @@ def test_parameters_the_optimizer_gains_after_the_engine_are_named_not_silently_
     optimizer.add_param_group({"params": [extra], "layer": 2})
     with pytest.raises(ValueError, match="the optimizer has 3 param groups; it had 2 when the fused step was built"):
         _run_steps(model, engine, batches(1))
+
+
+class _TiedLM(nn.Module):
+    """An embedding and an output projection sharing one weight, as GPT-2 ties them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tied_weights_train_once_on_the_fused_path_as_on_the_reference_path(precision):
+    """A tied weight belongs to its first layer (updated once); the layer sharing it computes with it in its own
+    precision. Before, the fused path refused the model ("a parameter appears twice")."""
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 20, (16,), generator=g).to(DEVICE), torch.randint(0, 20, (16,), generator=g).to(DEVICE))
+            for _ in range(4)]  # fmt: skip
+    finals = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = _TiedLM().to(DEVICE)
+        engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), DEVICE, fused=fused)
+        assert [len(params) for params in engine.layer_params] == [1, 2, 0]  # the tied weight in "emb" only
+        engine.set_precisions([precision] * sum(info.controllable for info in engine.layers))
+        _run_steps(model, engine, data)
+        assert model.out.weight is model.emb.weight
+        finals[fused] = _weights(model)
+    for reference, fused in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    if precision == "fp32":  # and both are torch.optim's run of the tied model
+        torch.manual_seed(0)
+        model = _TiedLM().to(DEVICE)
+        _plain_steps(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), data)
+        for fused, plain in zip(finals[True], _weights(model), strict=True):
+            torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

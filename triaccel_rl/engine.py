@@ -36,13 +36,21 @@ def check_precision_supported(precision: Precision, device: torch.device) -> Non
 
 
 def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list[nn.Parameter]]:
-    """The trainable parameters each layer owns directly, in the order of ``layers``."""
+    """The trainable parameters each layer owns directly, in the order of ``layers``.
+
+    A parameter shared by several layers (tied weights: an embedding and the output projection of a language
+    model) belongs to the first of them, so each parameter is updated and counted once; the others still compute
+    with it, in their own precision.
+    """
     modules = dict(model.named_modules())
     owned: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
     for info in layers:
         module = modules.get(info.name, model)
         params = module.parameters() if isinstance(module, nn.MultiheadAttention) else module.parameters(recurse=False)
-        owned.append([p for p in params if p.requires_grad])
+        mine = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        owned.append(mine)
     return owned
 
 
@@ -530,17 +538,17 @@ class StepEngine:
         classes = [[self._decay_classes[id(self._groups[id(p)])] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
-        owners = {
-            id(param): (module, name)
-            for module in self.model.modules()
-            for name, param in module._parameters.items()
-            if param is not None
-        }
+        modules = dict(self.model.named_modules())
         views: dict[tuple[int, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
 
         def copies(layer: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
             key = (layer, dtype)
             if key not in views:
+                # The attribute each parameter is read through inside this layer's module (a tied weight is the
+                # first owner's: the other layers sharing it cast it under autocast, in their own precision).
+                root = modules.get(self.layers[layer].name, self.model)
+                inside = root.modules() if isinstance(root, nn.MultiheadAttention) else [root]  # as layer_parameters
+                owners = {id(p): (m, name) for m in inside for name, p in m._parameters.items() if p is not None}
                 params = self.store.layers[layer]
                 low = self.store.low_precision_params(layer, dtype)
                 views[key] = [(*owners[id(p)], copy) for p, copy in zip(params, low, strict=True)]
