@@ -764,3 +764,36 @@ def test_tied_weights_train_once_on_the_fused_path_as_on_the_reference_path(prec
         _plain_steps(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), data)
         for fused, plain in zip(finals[True], _weights(model), strict=True):
             torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_follows_a_momentum_schedule_as_the_reference_path(kind):
+    """``OneCycleLR`` cycles SGD's momentum (Adam's beta1) by default. The fused step read them once, when built, so
+    such a run trained differently on a GPU; AdamW's bias corrections follow the current beta1, as torch's do."""
+    data = batches(6)
+    finals, seen = {}, {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(engine.optimizer, max_lr=0.05, total_steps=len(data))
+        momenta = []
+        for x, y in data:
+            momenta.append(engine.optimizer.param_groups[0]["momentum" if kind == "sgd" else "betas"])
+            _run_steps(model, engine, [(x, y)])
+            scheduler.step()
+        finals[fused], seen[fused] = _weights(model), momenta
+    assert seen[True] == seen[False] and len(set(seen[True])) > 2  # the momentum moved at every step
+    for reference, fused in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_changes_the_fused_step_cannot_follow_are_refused():
+    model, engine = make("sgd", True)
+    engine.optimizer.param_groups[1]["momentum"] = 0.5  # the groups apart
+    with pytest.raises(ValueError, match=r"param groups' 'momentum' now differ \(\[0.9, 0.5\]\)"):
+        _run_steps(model, engine, batches(1))
+    model = nn.Linear(6, 3).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum: no buffer
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    optimizer.param_groups[0]["momentum"] = 0.9
+    with pytest.raises(ValueError, match=r"SGD's momentum went from 0 to 0\.9"):
+        _run_steps(model, engine, batches(1))

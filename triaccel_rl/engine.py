@@ -571,6 +571,9 @@ class StepEngine:
             self.fused_optimizer = FusedAdamW(
                 self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay
             )
+        self._hyper_keys = ("betas", "eps") if isinstance(self.fused_optimizer, FusedAdamW) else _SGD_KEYS
+        self._group_hypers: tuple[tuple[Any, ...], ...] | None = None  # as built: read from the groups at each step
+        self._group_hypers = tuple(tuple(g[key] for key in self._hyper_keys) for g in self.optimizer.param_groups)
         # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
         self._split_layers = [
             (layer, groups)
@@ -699,6 +702,51 @@ class StepEngine:
         values = tuple(values.pop() for values in per_class)
         return values[0] if n_classes == 1 else values
 
+    def _apply_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
+        """Takes the param groups' momentum (SGD) or betas and eps (Adam) into the fused step, as torch.optim would.
+
+        A momentum scheduler changes them between steps (``OneCycleLR`` and ``CyclicLR`` cycle SGD's momentum
+        or Adam's beta1 by default). For AdamW the bias corrections then use the current betas, as
+        ``torch.optim.AdamW`` computes ``1 - beta ** step`` at each step: the device-side powers are recomputed
+        from the step count (no sync).
+
+        Raises:
+            ValueError: the groups now differ in one of them, or SGD's momentum leaves 0 (the fused SGD built
+                without momentum has no buffer); nothing is changed.
+        """
+        if len(set(hypers)) > 1:
+            for i, key in enumerate(self._hyper_keys):
+                values = [group[i] for group in hypers]
+                if len(set(values)) > 1:
+                    raise ValueError(
+                        f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
+                        "keep them equal, or pass fused=False"
+                    )
+        fused = self.fused_optimizer
+        current = dict(zip(self._hyper_keys, hypers[0], strict=True))
+        if "betas" in current:
+            beta1, beta2 = (float(beta) for beta in current["betas"])
+            fused.options = replace(fused.options, beta1=beta1, beta2=beta2, eps=float(current["eps"]))
+            with torch.no_grad():  # the powers at the current step count, in the new betas
+                state = fused._step_state
+                betas = torch.tensor([beta1, beta2], dtype=torch.float64, device=state.device)
+                state[0, 1:].copy_(betas.pow(state[0, 0]))
+                state[2, 1:].copy_(betas)
+        else:
+            momentum = float(current["momentum"])
+            if momentum != 0.0 and not fused._buffer_names:  # built without momentum: no buffer to keep it in
+                raise ValueError(
+                    f"SGD's momentum went from 0 to {momentum}: the fused step was built without a momentum buffer; "
+                    "start with momentum > 0, or pass fused=False"
+                )
+            fused.options = replace(
+                fused.options,
+                momentum=momentum,
+                dampening=float(current["dampening"]),
+                nesterov=bool(current["nesterov"]),
+            )
+        self._group_hypers = hypers
+
     def _read_group_lrs(self) -> None:
         """Takes the param groups' LRs and decays (a scheduler may have moved them) into the fused step.
 
@@ -713,6 +761,9 @@ class StepEngine:
         if decays != self._group_decays:
             options = self.fused_optimizer.options
             self.fused_optimizer.options = replace(options, weight_decay=self._class_decays())
+        hypers = tuple(tuple(group[key] for key in self._hyper_keys) for group in self.optimizer.param_groups)
+        if hypers != self._group_hypers:
+            self._apply_group_hypers(hypers)
         lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
         if lrs == self._group_lrs:
             return
@@ -839,7 +890,7 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     groups = optimizer.param_groups
     keys: tuple[str, ...]
     if type(optimizer) is torch.optim.SGD:
-        keys = ("momentum", "dampening", "nesterov")
+        keys = _SGD_KEYS
     elif type(optimizer) is torch.optim.AdamW or (
         type(optimizer) is torch.optim.Adam and not any(g["weight_decay"] for g in groups)
     ):
@@ -864,6 +915,10 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
         return "parameters must be dense (contiguous or channels-last) float32"
     return ""
+
+
+_SGD_KEYS = ("momentum", "dampening", "nesterov")
+"""The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
 
 
 def _decay_classes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
