@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -572,8 +573,9 @@ class StepEngine:
                 self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay
             )
         self._hyper_keys = ("betas", "eps") if isinstance(self.fused_optimizer, FusedAdamW) else _SGD_KEYS
-        self._group_hypers: tuple[tuple[Any, ...], ...] | None = None  # as built: read from the groups at each step
-        self._group_hypers = tuple(tuple(g[key] for key in self._hyper_keys) for g in self.optimizer.param_groups)
+        self._hypers_of = operator.itemgetter(*self._hyper_keys)
+        # As built; read from the groups at each step.
+        self._group_hypers: tuple[tuple[Any, ...], ...] = tuple(map(self._hypers_of, self.optimizer.param_groups))
         # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
         self._split_layers = [
             (layer, groups)
@@ -757,16 +759,16 @@ class StepEngine:
         Raises:
             ValueError: the groups of a split layer now differ in LR, or their decays no longer fit the layout.
         """
-        decays = tuple(float(group["weight_decay"]) for group in self.optimizer.param_groups)
-        if decays != self._group_decays:
+        groups = self.optimizer.param_groups  # read at every step: itemgetter keeps it to a few microseconds
+        if tuple(map(_DECAY, groups)) != self._group_decays:
             options = self.fused_optimizer.options
             self.fused_optimizer.options = replace(options, weight_decay=self._class_decays())
-        hypers = tuple(tuple(group[key] for key in self._hyper_keys) for group in self.optimizer.param_groups)
+        hypers = tuple(map(self._hypers_of, groups))
         if hypers != self._group_hypers:
             self._apply_group_hypers(hypers)
-        lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
-        if lrs == self._group_lrs:
+        if tuple(map(_LR, groups)) == self._group_lrs:
             return
+        lrs = tuple(float(group["lr"]) for group in groups)
         for layer, groups in self._split_layers:
             if len({float(group["lr"]) for group in groups}) > 1:
                 raise ValueError(
@@ -917,6 +919,7 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     return ""
 
 
+_DECAY, _LR = operator.itemgetter("weight_decay"), operator.itemgetter("lr")
 _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
 
