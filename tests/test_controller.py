@@ -386,3 +386,25 @@ def test_a_model_with_tied_weights_trains_under_the_controller():
     assert model.out.weight is model.emb.weight
     assert ctl.steps == 64 and len(ctl.decisions) >= 4
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
+
+
+def test_a_second_update_from_a_left_over_optimizer_step_is_refused():
+    """A loop moved over to the controller with its own ``optimizer.step()`` left in would update twice a step (with
+    the zeroed gradients' momentum on the CPU path, the fused step's gradients on a GPU). It is refused, by name; the
+    optimizer is the user's again once the controller is closed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    ctl = Controller(model, optimizer, policy="fp32", config=ControllerConfig(interval_steps=4))
+    with ctl.autocast():
+        loss = nn.functional.cross_entropy(model(x), y)
+    ctl.step(loss)
+    after_one = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) was called while the controller drives this optimizer"):
+        optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters(), strict=True))
+    ctl.close()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()  # the user's own loop again
+    assert not all(torch.equal(a, p) for a, p in zip(after_one, model.parameters(), strict=True))

@@ -797,3 +797,12 @@ def test_momentum_changes_the_fused_step_cannot_follow_are_refused():
     optimizer.param_groups[0]["momentum"] = 0.9
     with pytest.raises(ValueError, match=r"SGD's momentum went from 0 to 0\.9"):
         _run_steps(model, engine, batches(1))
+
+
+def test_a_users_optimizer_step_beside_the_fused_step_is_refused():
+    model, engine = make("adamw", True)
+    _run_steps(model, engine, batches(1))
+    with pytest.raises(RuntimeError, match="this would be a second update"):
+        engine.optimizer.step()  # AdamW would move every weight again from the fused step's gradients
+    engine.remove()
+    engine.optimizer.step()  # handed back: the user's optimizer steps on its own

@@ -138,6 +138,20 @@ class StepEngine:
         self._grad_scaler: torch.amp.GradScaler | None = None
         self.fused_optimizer: Any = None
         self._optimizer_hooks: list[Any] = []  # the fused path's state_dict / load_state_dict hooks on the optimizer
+        self._stepping = False  # inside the engine's own optimizer.step() (the reference path)
+        this = weakref.ref(self)
+
+        def guard(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            engine = this()
+            if engine is not None and not engine._stepping:
+                raise RuntimeError(
+                    "optimizer.step() was called while the controller drives this optimizer: ctl.step(loss) already "
+                    "runs the backward and the update, so this would be a second update. Remove loss.backward() and "
+                    "optimizer.step() from the loop (or close the controller first)"
+                )
+
+        self._step_guard = guard
+        self._step_guard_handle = optimizer.register_step_pre_hook(guard)
         self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
         reason = _fused_unsupported(optimizer, self.layer_params)
         if fused and reason:
@@ -333,10 +347,14 @@ class StepEngine:
             # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
             # loss with finite gradients: decide here for both.
             with self._scaled_lrs():
-                if scaler is not None:
-                    scaler.step(self.optimizer)
-                else:
-                    self.optimizer.step()
+                self._stepping = True
+                try:
+                    if scaler is not None:
+                        scaler.step(self.optimizer)
+                    else:
+                        self.optimizer.step()
+                finally:
+                    self._stepping = False
         if scaler is not None:
             scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
         self.zero_grad()
@@ -447,12 +465,13 @@ class StepEngine:
         return sums.cpu().numpy()  # host-device sync: once per decision
 
     def remove(self) -> None:
-        """Removes the precision hooks from the model; on the fused path, hands the optimizer state back.
+        """Removes the engine's hooks from the model and the optimizer; on the fused path, hands the state back.
 
         The ``torch.optim`` object is left holding the fused step's moments and step count, so training can go on
         with ``optimizer.step()``.
         """
         self.precision.remove()
+        self._step_guard_handle.remove()
         if self.fused and self._optimizer_hooks:
             for handle in self._optimizer_hooks:
                 handle.remove()
@@ -789,8 +808,9 @@ class StepEngine:
         kin fill them); the fused path, which never calls ``optimizer.step()``, runs them itself.
         """
         registry = _torch_optimizer
-        if kind == "pre":
-            return [*registry._global_optimizer_pre_hooks.values(), *self.optimizer._optimizer_step_pre_hooks.values()]
+        if kind == "pre":  # (less the engine's own guard against a second update)
+            own = [hook for hook in self.optimizer._optimizer_step_pre_hooks.values() if hook is not self._step_guard]
+            return [*registry._global_optimizer_pre_hooks.values(), *own]
         return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
     def _check_optimizer_params(self) -> None:
