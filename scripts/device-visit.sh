@@ -143,6 +143,10 @@ for stage in "$@"; do
     short-clip-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16-clip3,static-fp16-8of12-clip3,static-fp16-10of12-clip3,heuristic-anneal5-i1-deep-fp16-clip3 \
            --out "$OUT/short_clip_resnet.json" --plots "" 2>&1 | tail -8 ;;
+    # One seed of static fp16 and the clipped deep row: the training pipeline end to end after engine changes (~1.5 min).
+    smoke-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1-deep-fp16-clip3 \
+           --out "$OUT/smoke_resnet.json" --plots "" 2>&1 | tail -5 ;;
     # The late batch ramp (LR held, or linear), beside the best static row, the heuristic and two controls (~6 min).
     ramp-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 3 --static 256,1.0,6.9 \
            --rows static-fp16,heuristic,heuristic-ramp,heuristic-ramp-linear,static-fp16-lr0.5,static-fp16-b2x \
