@@ -19,6 +19,8 @@ import torch
 from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
 from triaccel_rl.kernels.cast import cast_to_low_precision
 
+from triaccel_rl.errors import DetachedParametersError
+
 __all__ = ["DetachedParametersError", "FlatParameterStore"]
 
 
@@ -293,20 +295,6 @@ class FlatParameterStore:
             rewrite, dtype, out = fp16_layers, torch.float16, self.fp16_copy
         for layer in rewrite:
             cast_to_low_precision(self.layer_segment(self.params, layer), dtype, out=self.layer_segment(out, layer))
-
-
-class DetachedParametersError(RuntimeError):
-    """Parameters whose ``.data`` no longer lives in the store's flat buffer (``params``: the parameters)."""
-
-    def __init__(self, params: list[torch.nn.Parameter], names: list[str] | None = None) -> None:
-        self.params = params
-        shown = names or [f"{tuple(p.shape)} {p.dtype} on {p.device}" for p in params]
-        super().__init__(
-            f"{len(params)} parameter(s) no longer live in the fused step's flat buffer: {', '.join(shown[:5])}"
-            f"{' ...' if len(shown) > 5 else ''}. Their .data was replaced after the controller was built "
-            "(model.to(...), .half(), .float(), a memory-format change): the fused step would update the flat "
-            "buffer and the model would never see it. Move or cast the model before building the controller."
-        )
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

@@ -682,7 +682,7 @@ def test_per_layer_lr_factors_apply_to_groups_with_a_layer_key_on_both_paths(kin
 def test_a_model_moved_or_cast_after_the_engine_is_named_not_silently_left_untrained():
     """``model.to(memory_format=...)`` or ``.double()`` after the engine is built replaces the parameters' ``.data``:
     the fused step would update its flat buffer and the model would never change. The next step says so."""
-    from triaccel_rl.kernels import DetachedParametersError
+    from triaccel_rl import DetachedParametersError  # (also triaccel_rl.kernels')
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3).to(DEVICE)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 
+from triaccel_rl.errors import DetachedParametersError
 from triaccel_rl.precision import LayerPrecision, find_layers
 from triaccel_rl.types import LayerInfo, Precision
 
@@ -283,8 +284,6 @@ class StepEngine:
                 moved or cast), naming the parameters; nothing was changed.
         """
         if self.fused:
-            from triaccel_rl.kernels import DetachedParametersError
-
             try:
                 self.store.rebind_grads()
             except DetachedParametersError as error:

@@ -6,13 +6,34 @@ This module imports nothing of ours, so that any module may use it.
 from __future__ import annotations
 
 import enum
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-__all__ = ["ChoiceEnum", "ConfigError"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ChoiceEnum", "ConfigError", "DetachedParametersError"]
 
 
 class ConfigError(ValueError):
     """A configuration value is out of its allowed range; the message names the value and the range."""
+
+
+class DetachedParametersError(RuntimeError):
+    """Parameters whose ``.data`` no longer lives in the fused step's flat buffer (``params``: the parameters).
+
+    Raised by ``FlatParameterStore.rebind_grads`` (through ``StepEngine.bind_grads``, with the parameters' names)
+    when a model was moved or cast after the controller was built.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str] | None = None) -> None:
+        self.params = params
+        shown = names or [f"{tuple(p.shape)} {p.dtype} on {p.device}" for p in params]
+        super().__init__(
+            f"{len(params)} parameter(s) no longer live in the fused step's flat buffer: {', '.join(shown[:5])}"
+            f"{' ...' if len(shown) > 5 else ''}. Their .data was replaced after the controller was built "
+            "(model.to(...), .half(), .float(), a memory-format change): the fused step would update the flat "
+            "buffer and the model would never see it. Move or cast the model before building the controller."
+        )
 
 
 class ChoiceEnum(enum.Enum):
