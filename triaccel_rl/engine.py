@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 
 from triaccel_rl.errors import DetachedParametersError
-from triaccel_rl.precision import LayerPrecision, find_layers
+from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers
 from triaccel_rl.types import LayerInfo, Precision
 
 __all__ = ["GradStats", "StepEngine", "check_precision_supported", "layer_parameters"]
@@ -557,23 +557,7 @@ class StepEngine:
         classes = [[self._decay_classes[id(self._groups[id(p)])] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
-        modules = dict(self.model.named_modules())
-        views: dict[tuple[int, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
-
-        def copies(layer: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
-            key = (layer, dtype)
-            if key not in views:
-                # The attribute each parameter is read through inside this layer's module (a tied weight is the
-                # first owner's: the other layers sharing it cast it under autocast, in their own precision).
-                root = modules.get(self.layers[layer].name, self.model)
-                inside = root.modules() if isinstance(root, nn.MultiheadAttention) else [root]  # as layer_parameters
-                owners = {id(p): (m, name) for m in inside for name, p in m._parameters.items() if p is not None}
-                params = self.store.layers[layer]
-                low = self.store.low_precision_params(layer, dtype)
-                views[key] = [(*owners[id(p)], copy) for p, copy in zip(params, low, strict=True)]
-            return views[key]
-
-        self.precision.use_weight_copies(copies)
+        self.precision.use_weight_copies(self._weight_copies())
         group = self.optimizer.param_groups[0]
         self._group_decays: tuple[float, ...] | None = None  # the param groups' decays the fused step applies
         decay = self._class_decays()
@@ -590,24 +574,7 @@ class StepEngine:
             self.fused_optimizer = FusedAdamW(
                 self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay
             )
-        self._hyper_keys = ("betas", "eps") if isinstance(self.fused_optimizer, FusedAdamW) else _SGD_KEYS
-        self._hypers_of = operator.itemgetter(*self._hyper_keys)
-        # As built; read from the groups at each step.
-        self._group_hypers: tuple[tuple[Any, ...], ...] = tuple(map(self._hypers_of, self.optimizer.param_groups))
-        # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
-        self._split_layers = [
-            (layer, groups)
-            for layer, params in enumerate(self.layer_params)
-            if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
-        ]
-        held = {id(p) for p in self._params}
-        self._n_param_groups = len(self.optimizer.param_groups)
-        self._outside_params = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in held]
-        # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
-        # (-1: a group without one, factor 1).
-        self._factor_index = np.array(
-            [int(self._groups[id(params[0])].get("layer", -1)) if params else -1 for params in self.layer_params]
-        )
+        self._track_param_groups()
         self._group_lrs: tuple[float, ...] | None = None  # the param groups' LRs _layer_base was taken from
         self._read_group_lrs()
         self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
@@ -637,6 +604,52 @@ class StepEngine:
             self.optimizer.register_state_dict_pre_hook(export),
             self.optimizer.register_load_state_dict_post_hook(adopt),
         ]
+
+    def _weight_copies(self) -> WeightCopies:
+        """The ``LayerPrecision.use_weight_copies`` callable: each layer's 16-bit copies in the store, by attribute."""
+        modules = dict(self.model.named_modules())
+        views: dict[tuple[int, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
+
+        def copies(layer: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
+            key = (layer, dtype)
+            if key not in views:
+                # The attribute each parameter is read through inside this layer's module (a tied weight is the
+                # first owner's: the other layers sharing it cast it under autocast, in their own precision).
+                root = modules.get(self.layers[layer].name, self.model)
+                inside = root.modules() if isinstance(root, nn.MultiheadAttention) else [root]  # as layer_parameters
+                owners = {id(p): (m, name) for m in inside for name, p in m._parameters.items() if p is not None}
+                params = self.store.layers[layer]
+                low = self.store.low_precision_params(layer, dtype)
+                views[key] = [(*owners[id(p)], copy) for p, copy in zip(params, low, strict=True)]
+            return views[key]
+
+        return copies
+
+    def _track_param_groups(self) -> None:
+        """Records what the fused step reads from the param groups at each step, and what it must refuse.
+
+        The momentum (SGD) or betas and eps (Adam) as built; the layers split across several groups (one LR each);
+        the optimizer's parameters outside the store (frozen when it was built); the number of groups; and which
+        ``lr_factors`` entry each layer takes (its group's ``"layer"`` key, as on the reference path).
+        """
+        self._hyper_keys = ("betas", "eps") if self.fused_optimizer._kind == "adamw" else _SGD_KEYS
+        self._hypers_of = operator.itemgetter(*self._hyper_keys)
+        # As built; read from the groups at each step.
+        self._group_hypers: tuple[tuple[Any, ...], ...] = tuple(map(self._hypers_of, self.optimizer.param_groups))
+        # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
+        self._split_layers = [
+            (layer, groups)
+            for layer, params in enumerate(self.layer_params)
+            if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
+        ]
+        held = {id(p) for p in self._params}
+        self._n_param_groups = len(self.optimizer.param_groups)
+        self._outside_params = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in held]
+        # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
+        # (-1: a group without one, factor 1).
+        self._factor_index = np.array(
+            [int(self._groups[id(params[0])].get("layer", -1)) if params else -1 for params in self.layer_params]
+        )
 
     def _export_optimizer_state(self) -> None:
         """Puts the fused step's state into the ``torch.optim`` object, in its layout, as views (no copies).
