@@ -508,31 +508,40 @@ class StepEngine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``'s output into an engine built for the same model and optimizer.
 
+        A state taken on the reference path (a CPU run, say) loads into the fused step: its optimizer state is
+        ``torch.optim``'s, which the fused step adopts, and its ``GradScaler`` state becomes the device-side scale.
+
         Raises:
-            ValueError: the state was taken on the other update path (fused or not), or for another number of
-                layers (the message says which).
+            ValueError: the state was taken on the fused step and this engine runs the reference path, or for
+                another number of layers or other parameter shapes (the message says which).
         """
-        if bool(state["fused"]) != self.fused:
-            made, here = ("the fused step", "the reference path")
-            if not state["fused"]:
-                made, here = here, made
+        across = bool(state["fused"]) != self.fused  # a reference-path state into the fused step
+        if across and not self.fused:
             raise ValueError(
-                f"the checkpoint was made with {made} and this engine runs {here}: their optimizer states differ "
-                "in layout; resume on the same kind of device"
+                "the checkpoint was made with the fused step and this engine runs the reference path: the fused "
+                "step's flat optimizer state does not load into torch.optim here; resume on a GPU with a fused step"
             )
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
-        if not self.fused:  # torch.optim checks the groups' sizes, not the tensors' shapes (the fused step checks)
+        if not state["fused"]:  # torch.optim checks the groups' sizes, not the tensors' shapes (the fused step checks)
             _check_state_shapes(self.optimizer, state["optimizer"])
-        self.state_holder.load_state_dict(state["optimizer"])
+        if across:
+            self.optimizer.load_state_dict(state["optimizer"])  # its load hook copies the state into the fused step
+        else:
+            self.state_holder.load_state_dict(state["optimizer"])
         self.set_precisions([Precision(int(p)) for p in state["precisions"]])
         self.lr_scale, self.batch_lr_gain = float(state["lr_scale"]), float(state["batch_lr_gain"])
         self.lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
         scaler = state["scaler"]
         if self.fused:
+            if across:  # GradScaler's state (empty when it never scaled a step): the same rule's scale and count
+                scaler = {
+                    "scale": (scaler or {}).get("scale", 2.0**16),
+                    "clean_steps": (scaler or {}).get("_growth_tracker", 0),
+                }
             with torch.no_grad():  # in place: captured graphs read them through their addresses
-                self._scale.copy_(scaler["scale"])
-                self._clean_steps.copy_(scaler["clean_steps"])
+                self._scale.copy_(torch.as_tensor(scaler["scale"], dtype=torch.float32))
+                self._clean_steps.copy_(torch.as_tensor(scaler["clean_steps"], dtype=torch.int32))
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
         elif scaler:  # a scaler that never scaled a step saves an empty state
             self._grad_scaler = torch.amp.GradScaler(self.device.type)
