@@ -809,29 +809,35 @@ def test_a_users_optimizer_step_beside_the_fused_step_is_refused():
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_a_reference_path_checkpoint_resumes_on_the_fused_step(kind):
-    """A CPU run's checkpoint (or one from before the fused step could run this optimizer) resumes on the fused
-    step: its torch.optim state is adopted, its GradScaler's scale and clean-step count carried over."""
+@pytest.mark.parametrize("saved_fused", [False, True], ids=["cpu-to-fused", "fused-to-cpu"])
+def test_a_checkpoint_resumes_on_the_other_update_path(kind, saved_fused):
+    """A CPU run's checkpoint resumes on the fused step (its torch.optim state adopted, its GradScaler's scale
+    carried), and a fused step's on the reference path (from the torch.optim layout it also saves)."""
     data = batches(6)
-    model, engine = make(kind, False)
-    engine.set_precisions(["fp16", "fp16"])  # a GradScaler with a state to carry
+    model, engine = make(kind, saved_fused)
+    engine.set_precisions(["fp16", "fp16"])  # a loss scale to carry
     _run_steps(model, engine, data[:3])
-    engine.grad_scaler.update(1024.0)  # a scale of its own, not the default a fresh engine would start with
+    if saved_fused:
+        engine._scale.fill_(1024.0)  # a scale of its own, not the default a fresh engine would start with
+    else:
+        engine.grad_scaler.update(1024.0)
     state = copy.deepcopy(engine.state_dict())  # as torch.save would keep it (the live state moves on)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    scale = engine.loss_scale
     _run_steps(model, engine, data[3:])
     expected = _weights(model)
 
-    model, engine = make(kind, True)
+    model, engine = make(kind, not saved_fused)
     model.load_state_dict(weights)
     engine.load_state_dict(state)
-    assert engine.loss_scale == scale == 1024.0
-    assert engine.applied_steps() == (3 if kind == "adamw" else 1)  # SGD keeps no count: 1 once a buffer exists
+    assert engine.loss_scale == 1024.0
     _run_steps(model, engine, data[3:])
     for got, want in zip(_weights(model), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    model, fresh = make(kind, True)  # negative control: without the optimizer state the run ends elsewhere
+    model, fresh = make(kind, not saved_fused)  # negative control: without the optimizer state it ends elsewhere
     model.load_state_dict(weights)
     _run_steps(model, fresh, data[3:])
     assert max((a - b).abs().max().item() for a, b in zip(_weights(model), expected, strict=True)) > 1e-4
+    if saved_fused:  # a fused checkpoint saved before the torch.optim layout was saved with it
+        old = {key: value for key, value in state.items() if key != "torch_optimizer"}
+        with pytest.raises(ValueError, match="made with the fused step, before its state was also saved"):
+            make(kind, False)[1].load_state_dict(old)

@@ -488,7 +488,9 @@ class StepEngine:
         The optimizer's state is taken from where the updates keep it (``state_holder``): on the fused path that
         is the fused optimizer (the ``torch.optim`` object never steps; its ``state_dict()`` shows views of the same).
         Like ``torch.optim``, its tensors are returned by reference. With it: the loss scaler's state, the
-        layers' precisions, the LR multiplier, the batch's LR gain and the per-layer LR factors.
+        layers' precisions, the LR multiplier, the batch's LR gain and the per-layer LR factors. On the fused path
+        also ``torch_optimizer``, the ``torch.optim`` object's ``state_dict()`` (views of the same buffers, which
+        ``torch.save`` writes once), from which the reference path resumes.
         """
         state: dict[str, Any] = {
             "fused": self.fused,
@@ -501,6 +503,7 @@ class StepEngine:
         }
         if self.fused:
             state["scaler"] = {"scale": self._scale.clone(), "clean_steps": self._clean_steps.clone()}
+            state["torch_optimizer"] = self.optimizer.state_dict()
         elif self._grad_scaler is not None:
             state["scaler"] = self._grad_scaler.state_dict()
         return state
@@ -508,26 +511,29 @@ class StepEngine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``'s output into an engine built for the same model and optimizer.
 
-        A state taken on the reference path (a CPU run, say) loads into the fused step: its optimizer state is
-        ``torch.optim``'s, which the fused step adopts, and its ``GradScaler`` state becomes the device-side scale.
+        A state taken on the other path loads too: a reference-path state (a CPU run's) into the fused step, which
+        adopts its ``torch.optim`` state and takes its ``GradScaler``'s scale and growth count; a fused-path state
+        into the reference path from its ``torch_optimizer`` entry, the scale going to a ``GradScaler``.
 
         Raises:
-            ValueError: the state was taken on the fused step and this engine runs the reference path, or for
-                another number of layers or other parameter shapes (the message says which).
+            ValueError: a fused-path state without ``torch_optimizer`` (saved before 2026-12-02) into the reference
+                path, or a state for another number of layers or other parameter shapes (the message says which).
         """
-        across = bool(state["fused"]) != self.fused  # a reference-path state into the fused step
-        if across and not self.fused:
-            raise ValueError(
-                "the checkpoint was made with the fused step and this engine runs the reference path: the fused "
-                "step's flat optimizer state does not load into torch.optim here; resume on a GPU with a fused step"
-            )
+        across = bool(state["fused"]) != self.fused
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
-        if not state["fused"]:  # torch.optim checks the groups' sizes, not the tensors' shapes (the fused step checks)
-            _check_state_shapes(self.optimizer, state["optimizer"])
-        if across:
-            self.optimizer.load_state_dict(state["optimizer"])  # its load hook copies the state into the fused step
+        if across:  # in torch.optim's layout; on the fused path the optimizer's load hook copies it into the buffers
+            torch_state = state.get("torch_optimizer") if state["fused"] else state["optimizer"]
+            if torch_state is None:
+                raise ValueError(
+                    "the checkpoint was made with the fused step, before its state was also saved in torch.optim's "
+                    "layout, and this engine runs the reference path: resume it on a GPU with a fused step"
+                )
+            _check_state_shapes(self.optimizer, torch_state)  # torch.optim checks the groups' sizes, not shapes
+            self.optimizer.load_state_dict(torch_state)
         else:
+            if not self.fused:  # (the fused step checks its own)
+                _check_state_shapes(self.optimizer, state["optimizer"])
             self.state_holder.load_state_dict(state["optimizer"])
         self.set_precisions([Precision(int(p)) for p in state["precisions"]])
         self.lr_scale, self.batch_lr_gain = float(state["lr_scale"]), float(state["batch_lr_gain"])
@@ -543,6 +549,12 @@ class StepEngine:
                 self._scale.copy_(torch.as_tensor(scaler["scale"], dtype=torch.float32))
                 self._clean_steps.copy_(torch.as_tensor(scaler["clean_steps"], dtype=torch.int32))
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
+        elif scaler and across:  # the fused step's scale and clean-step count, as GradScaler keeps them
+            self._grad_scaler = torch.amp.GradScaler(self.device.type)
+            self._grad_scaler.load_state_dict(
+                {"scale": float(scaler["scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
+                 "growth_interval": 2000, "_growth_tracker": int(scaler["clean_steps"])}
+            )  # fmt: skip
         elif scaler:  # a scaler that never scaled a step saves an empty state
             self._grad_scaler = torch.amp.GradScaler(self.device.type)
             self._grad_scaler.load_state_dict(scaler)
