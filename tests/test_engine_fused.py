@@ -841,3 +841,42 @@ def test_a_checkpoint_resumes_on_the_other_update_path(kind, saved_fused):
         old = {key: value for key, value in state.items() if key != "torch_optimizer"}
         with pytest.raises(ValueError, match="made with the fused step, before its state was also saved"):
             make(kind, False)[1].load_state_dict(old)
+
+
+def test_a_controlled_static_loop_on_the_fused_step_is_the_users_own_loop(monkeypatch):
+    """The README's list on the fused step, through the Controller: no decay on biases, OneCycleLR cycling the LR and
+    beta1, clipping, an EMA hook, tied weights, zero_grad; equal to the user's plain loop within float rounding."""
+    from users_loop import users_setup
+
+    import triaccel_rl.controller as controller_module
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.controller import Controller
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 30, (32,), generator=g).to(DEVICE), torch.randint(0, 30, (32,), generator=g).to(DEVICE))
+            for _ in range(20)]  # fmt: skip
+    model, optimizer, scheduler, ema = users_setup(DEVICE)
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        scheduler.step()
+    plain, plain_ema = _weights(model), ema
+
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    model, optimizer, scheduler, ema = users_setup(DEVICE)
+    with Controller(
+        model, optimizer, policy="fp32", max_grad_norm=0.5, config=ControllerConfig(interval_steps=5)
+    ) as ctl:
+        assert ctl.engine.fused
+        for x, y in data:
+            optimizer.zero_grad()
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+            scheduler.step()
+    for got, want in zip(_weights(model), plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(ema, plain_ema, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
