@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from users_loop import users_setup
+from users_loop import controlled_loop, plain_loop, users_data
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
@@ -414,26 +414,9 @@ def test_a_second_update_from_a_left_over_optimizer_step_is_refused():
 def test_a_controlled_static_loop_is_the_users_own_loop_with_everything_it_keeps():
     """With a static fp32 policy, the controlled loop equals the user's plain loop bit for bit: param groups without
     decay on biases, a scheduler cycling the LR and beta1, clipping, an EMA hook, tied weights, zero_grad."""
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randint(0, 30, (32,), generator=g), torch.randint(0, 30, (32,), generator=g)) for _ in range(20)]
-    model, optimizer, scheduler, ema = users_setup()
-    for x, y in data:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        scheduler.step()
-    plain, plain_ema = [p.detach().clone() for p in model.parameters()], ema
-
-    model, optimizer, scheduler, ema = users_setup()
-    config = ControllerConfig(interval_steps=5)
-    with Controller(model, optimizer, policy="fp32", max_grad_norm=0.5, config=config) as ctl:
-        for x, y in data:
-            optimizer.zero_grad()
-            with ctl.autocast():
-                loss = nn.functional.cross_entropy(model(x), y)
-            ctl.step(loss)
-            scheduler.step()
+    data = users_data()
+    plain, plain_ema = plain_loop(data)
+    model, _, ema = controlled_loop(data, Controller, ControllerConfig(interval_steps=5))
     assert all(torch.equal(a, b) for a, b in zip(plain, model.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(plain_ema, ema, strict=True))
     assert model.out.weight is model.emb.weight

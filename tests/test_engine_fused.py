@@ -846,37 +846,18 @@ def test_a_checkpoint_resumes_on_the_other_update_path(kind, saved_fused):
 def test_a_controlled_static_loop_on_the_fused_step_is_the_users_own_loop(monkeypatch):
     """The README's list on the fused step, through the Controller: no decay on biases, OneCycleLR cycling the LR and
     beta1, clipping, an EMA hook, tied weights, zero_grad; equal to the user's plain loop within float rounding."""
-    from users_loop import users_setup
+    from users_loop import controlled_loop, plain_loop, users_data
 
     import triaccel_rl.controller as controller_module
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.controller import Controller
 
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randint(0, 30, (32,), generator=g).to(DEVICE), torch.randint(0, 30, (32,), generator=g).to(DEVICE))
-            for _ in range(20)]  # fmt: skip
-    model, optimizer, scheduler, ema = users_setup(DEVICE)
-    for x, y in data:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        scheduler.step()
-    plain, plain_ema = _weights(model), ema
-
+    data = users_data(DEVICE)
+    plain, plain_ema = plain_loop(data, DEVICE)
     monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
-    model, optimizer, scheduler, ema = users_setup(DEVICE)
-    with Controller(
-        model, optimizer, policy="fp32", max_grad_norm=0.5, config=ControllerConfig(interval_steps=5)
-    ) as ctl:
-        assert ctl.engine.fused
-        for x, y in data:
-            optimizer.zero_grad()
-            with ctl.autocast():
-                loss = nn.functional.cross_entropy(model(x), y)
-            ctl.step(loss)
-            scheduler.step()
+    model, ctl, ema = controlled_loop(data, Controller, ControllerConfig(interval_steps=5), DEVICE)
+    assert ctl.engine.fused
     for got, want in zip(_weights(model), plain, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-5)
     for got, want in zip(ema, plain_ema, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

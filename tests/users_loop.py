@@ -36,3 +36,37 @@ def users_setup(device="cpu"):
 
     optimizer.register_step_post_hook(ema_hook)
     return model, optimizer, scheduler, ema
+
+
+def users_data(device="cpu", steps=20):
+    """``steps`` batches of 32 token pairs for ``TiedLM``."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randint(0, 30, (32,), generator=g).to(device), torch.randint(0, 30, (32,), generator=g).to(device))
+        for _ in range(steps)
+    ]
+
+
+def plain_loop(data, device="cpu"):
+    """The user's own loop over ``data`` (clipping at 0.5); returns the final weights and the EMA."""
+    model, optimizer, scheduler, ema = users_setup(device)
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        scheduler.step()
+    return [p.detach().clone() for p in model.parameters()], ema
+
+
+def controlled_loop(data, controller_cls, config, device="cpu"):
+    """The same loop under a static fp32 ``Controller`` (clipping at 0.5); returns the model, its controller and EMA."""
+    model, optimizer, scheduler, ema = users_setup(device)
+    with controller_cls(model, optimizer, policy="fp32", max_grad_norm=0.5, config=config) as ctl:
+        for x, y in data:
+            optimizer.zero_grad()
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+            scheduler.step()
+    return model, ctl, ema
