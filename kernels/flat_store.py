@@ -207,20 +207,22 @@ class FlatParameterStore:
                 module was moved or cast after the store was built: ``model.to(...)``, ``.half()``); the
                 optimizer would update the flat buffer and the model would never see it. Nothing was changed.
         """
-        detached = [p for p, _, address in self._grad_views if p.data_ptr() != address]
+        changed = [
+            entry for entry in self._grad_views if entry[0].grad is not entry[1] or entry[0].data_ptr() != entry[2]
+        ]
+        if not changed:  # the common case: one pass, nothing else
+            return 0
+        detached = [p for p, _, address in changed if p.data_ptr() != address]
         if detached:
             raise DetachedParametersError(detached)
-        rebound = 0
         with torch.no_grad():
-            for p, view, _ in self._grad_views:
-                if p.grad is not view:
-                    if p.grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(p.grad)
-                    p.grad = view
-                    rebound += 1
-        return rebound
+            for p, view, _ in changed:
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                p.grad = view
+        return len(changed)
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""

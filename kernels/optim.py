@@ -163,7 +163,7 @@ class _FusedOptimizer:
         self._step_state = new_step_state(store.device, beta1, beta2)
         self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
-        self._decay_cache: tuple[tuple[float, ...], torch.Tensor] | None = None
+        self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
 
     def _check_decay(self) -> None:
         """Raises a ValueError when a per-group weight decay does not cover the store's groups."""
@@ -179,12 +179,13 @@ class _FusedOptimizer:
         decay = self.options.weight_decay
         if not isinstance(decay, tuple):
             return decay
-        used = {decay[group] for group in range(self.store.n_groups)}
-        if len(used) == 1:
-            return used.pop()
-        if self._decay_cache is None or self._decay_cache[0] != decay:  # built once, on the device
-            per_group = torch.tensor(decay, dtype=torch.float32, device=self.store.device)
-            self._decay_cache = (decay, per_group[self.store.chunk_group.long()].contiguous())
+        if self._decay_cache is None or self._decay_cache[0] != decay:  # worked out once for these decays
+            used = {decay[group] for group in range(self.store.n_groups)}
+            if len(used) == 1:
+                self._decay_cache = (decay, used.pop())
+            else:  # one a segment, on the device
+                per_group = torch.tensor(decay, dtype=torch.float32, device=self.store.device)
+                self._decay_cache = (decay, per_group[self.store.chunk_group.long()].contiguous())
         return self._decay_cache[1]
 
     @property
