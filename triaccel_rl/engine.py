@@ -671,6 +671,8 @@ class StepEngine:
         self._factor_index = np.array(
             [int(self._groups[id(params[0])].get("layer", -1)) if params else -1 for params in self.layer_params]
         )
+        self._factor_keyed = self._factor_index >= 0
+        self._factor_take = np.maximum(self._factor_index, 0)  # (-1 read as 0, then masked out)
 
     def _export_optimizer_state(self) -> None:
         """Puts the fused step's state into the ``torch.optim`` object, in its layout, as views (no copies).
@@ -876,8 +878,7 @@ class StepEngine:
         for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
             if hook(self.optimizer, (), {}) is not None:
                 raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
-        index = self._factor_index
-        factors = self._layer_base * np.where(index >= 0, np.asarray(self.lr_factors)[np.maximum(index, 0)], 1.0)
+        factors = self._layer_base * np.where(self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0)
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
             self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
             self._last_factors = factors
