@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     gputests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py \
-                tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py 2>&1 | tail -25 ;;
+                tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py 2>&1 | tail -25 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
     signals-cnn-engine) python3 experiments/bench_signals.py --engine --models cnn-fmnist --output "$OUT/signals_overhead.json" 2>&1 | tail -12 ;;
@@ -170,6 +170,9 @@ for stage in "$@"; do
     ramp-early-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 2 \
            --static 512,0.5,7.9 --rows plain-fp16,static-fp16,static-fp16-lr0.5,heuristic-ramp25,heuristic-ramp35 \
            --out "$OUT/ramp_early_effnet.json" --plots "" 2>&1 | tail -30 ;;
+    # A user's torch.compile'd loop with and without the Controller, side by side (ResNet-18 ~5 min, EfficientNet-B0 ~6).
+    compile-resnet) python3 experiments/bench_compile.py --models resnet18-fmnist --out "$OUT/bench_compile_resnet.json" 2>&1 | tail -12 ;;
+    compile-effnet) python3 experiments/bench_compile.py --models effnet-b0-fmnist --out "$OUT/bench_compile_effnet.json" 2>&1 | tail -12 ;;
     # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
     # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty

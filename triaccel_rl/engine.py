@@ -630,19 +630,22 @@ class StepEngine:
         """The ``LayerPrecision.use_weight_copies`` callable: each layer's 16-bit copies in the store, by attribute."""
         modules = dict(self.model.named_modules())
         views: dict[tuple[int, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
+        # Every view made here, once (the store's buffers live as long as it does): a forward only looks them up,
+        # which torch.compile traces into its graph (making a view there would break the graph at every layer).
+        for layer in range(self.n_layers):
+            # The attribute each parameter is read through inside this layer's module (a tied weight is the
+            # first owner's: the other layers sharing it cast it under autocast, in their own precision).
+            root = modules.get(self.layers[layer].name, self.model)
+            inside = root.modules() if isinstance(root, nn.MultiheadAttention) else [root]  # as layer_parameters
+            owners = {id(p): (m, name) for m in inside for name, p in m._parameters.items() if p is not None}
+            for dtype in (torch.bfloat16, torch.float16):
+                low = self.store.low_precision_params(layer, dtype)
+                views[layer, dtype] = [
+                    (*owners[id(p)], copy) for p, copy in zip(self.store.layers[layer], low, strict=True)
+                ]
 
         def copies(layer: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
-            key = (layer, dtype)
-            if key not in views:
-                # The attribute each parameter is read through inside this layer's module (a tied weight is the
-                # first owner's: the other layers sharing it cast it under autocast, in their own precision).
-                root = modules.get(self.layers[layer].name, self.model)
-                inside = root.modules() if isinstance(root, nn.MultiheadAttention) else [root]  # as layer_parameters
-                owners = {id(p): (m, name) for m in inside for name, p in m._parameters.items() if p is not None}
-                params = self.store.layers[layer]
-                low = self.store.low_precision_params(layer, dtype)
-                views[key] = [(*owners[id(p)], copy) for p, copy in zip(params, low, strict=True)]
-            return views[key]
+            return views[layer, dtype]
 
         return copies
 

@@ -202,28 +202,44 @@ class LayerPrecision:
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
             if not self._mixed:
                 return None
-            if precision is Precision.FP32 or self._emulate(index):
-                region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
-                region.__enter__()
-                self._stack.append((region, precision is Precision.FP16))
-                if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
-                    return _cast_floating(_cast_floating(args, torch.float16), torch.float32)
-                return _cast_floating(args, torch.float32)
-            region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
-            region.__enter__()
-            self._stack.append((region, False))
-            return None
+            return self._enter_region(index, args)
 
         return pre_hook
+
+    @torch.compiler.disable
+    def _enter_region(self, index: int, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
+
+        Run eagerly under ``torch.compile`` (a graph break at each layer of a mixed map): it changes the autocast
+        state between two layers, which the compiled segments then guard on. A uniform map never calls it.
+        """
+        precision = self.precisions[index]
+        if precision is Precision.FP32 or self._emulate(index):
+            region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
+            region.__enter__()
+            self._stack.append((region, precision is Precision.FP16))
+            if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
+                return _cast_floating(_cast_floating(args, torch.float16), torch.float32)
+            return _cast_floating(args, torch.float32)
+        region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
+        region.__enter__()
+        self._stack.append((region, False))
+        return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
         if self._active and self._mixed and self._stack:
-            region, emulated = self._stack.pop()
-            region.__exit__(None, None, None)
-            if emulated and isinstance(output, torch.Tensor):
-                return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
+            return self._exit_region(output)
+        return None
+
+    @torch.compiler.disable
+    def _exit_region(self, output: Any) -> Any:
+        """Closes the innermost layer's region, eagerly as ``_enter_region``; rounds an emulated fp16 layer's result."""
+        region, emulated = self._stack.pop()
+        region.__exit__(None, None, None)
+        if emulated and isinstance(output, torch.Tensor):
+            return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
         return None
 
     @property

@@ -1,0 +1,234 @@
+"""Does the Controller keep what ``torch.compile`` gives a user's own loop? Step time with and without, side by side.
+
+    python experiments/bench_compile.py                                    # GPU: ResNet-18 and EfficientNet-B0
+    python experiments/bench_compile.py --models resnet18-fmnist --rows plain-eager,controller-compiled
+    python experiments/bench_compile.py --smoke --out /tmp/bench_compile.json   # CPU plumbing check, tiny
+
+Rows, each a fresh model from the same seed, in one process:
+
+- ``plain-eager``: a user's loop, ``torch.autocast`` in ``--precision`` (fp16 adds a ``GradScaler``), channels_last,
+  the task's ``torch.optim`` optimizer (SGD Nesterov), ``zero_grad(set_to_none=True)``;
+- ``plain-compiled``: the same with ``torch.compile(model)``;
+- ``controller-eager``: the same loop under ``Controller(model, optimizer, policy="static-<precision>")`` (on a GPU
+  the fused Triton step, the 16-bit weight copies, device-side statistics and the decision intervals);
+- ``controller-compiled``: that with ``torch.compile(model)``;
+- ``heuristic-compiled``: ``policy="heuristic"`` with the compiled model (its speed trial runs bf16 and fp16, so the
+  model compiles for both).
+
+Each row trains ``--warmup`` steps (compilation included: ``warmup_s`` is their wall time), then ``--steps`` more,
+timed with CUDA events in chunks of 10; ``step_ms`` is the median over chunks. ``graphs`` counts the graphs Dynamo
+compiled in the row (``recompiled_while_timed``: any during the timed steps), ``peak_bytes`` the allocator's peak over
+the timed steps. The batches are random tensors of the task's input shape, on the device: the step's time does not
+depend on the values, and the loss is only checked to stay finite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from triaccel_rl.controller import Controller
+from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.tasks import get_task
+
+ROWS = ("plain-eager", "plain-compiled", "controller-eager", "controller-compiled", "heuristic-compiled")
+CHUNK = 10
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    models: str = "resnet18-fmnist,effnet-b0-fmnist"
+    """Comma-separated registered tasks whose models are timed."""
+    rows: str = ",".join(ROWS)
+    """Comma-separated rows (see the module docstring)."""
+    batch_size: int = 512
+    """Samples per step."""
+    precision: str = "bf16"
+    """bf16 or fp16: the autocast type of the plain rows and the static Controller's precision."""
+    warmup: int = 30
+    """Untimed steps first (compilation, the speed trial, cuDNN's autotuning)."""
+    steps: int = 100
+    """Timed steps after the warm-up (a multiple of 10)."""
+    out: str = "experiments/results/bench_compile.json"
+    """Results JSON (written after every row)."""
+    smoke: bool = False
+    """CPU, a tiny MLP task, a few steps, the ``aot_eager`` backend: checks the plumbing; timings meaningless."""
+
+
+def main(args: Args) -> dict[str, Any]:
+    rows = [r for r in args.rows.split(",") if r]
+    for row in rows:
+        if row not in ROWS:
+            raise ValueError(f"--rows: unknown row {row!r}; allowed: {', '.join(ROWS)}")
+    if args.precision not in ("bf16", "fp16"):
+        raise ValueError(f"--precision {args.precision!r}; allowed: bf16, fp16")
+    if args.steps < CHUNK or args.steps % CHUNK:
+        raise ValueError(f"--steps {args.steps} must be a positive multiple of {CHUNK}")
+    if args.warmup < 1:
+        raise ValueError(f"--warmup {args.warmup} must be >= 1")
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("needs a CUDA GPU (or --smoke for the CPU plumbing check)")
+    models = ["synthetic"] if args.smoke else [m for m in args.models.split(",") if m]
+    backend = "aot_eager" if args.smoke else "inductor"
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "args": asdict(args),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "backend": backend,
+        "rows": [],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model_name in models:
+        for row in rows:
+            print(f"{model_name} {row} ...", flush=True)
+            measured = time_row(model_name, row, args, device, backend)
+            result["rows"].append({"model": model_name, "row": row, **measured})
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result["rows"])
+    print(f"wrote {out}")
+    return result
+
+
+def time_row(task_name: str, row: str, args: Args, device: torch.device, backend: str) -> dict[str, Any]:
+    """Trains one row's warm-up and timed steps; returns its measurements."""
+    task = get_task(task_name)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = task.build_model().to(device)
+    data = task.data(0)
+    shape = tuple(data.train_x.shape[1:])
+    n_classes = int(data.train_y.max()) + 1
+    channels_last = len(shape) == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = task.make_optimizer(model.parameters())
+    n_steps = args.warmup + args.steps
+    batch = 8 if args.smoke else args.batch_size
+    x = torch.randn(n_steps * batch, *shape, device=device)
+    y = torch.randint(0, n_classes, (n_steps * batch,), device=device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    forward = torch.compile(model, backend=backend) if row.endswith("compiled") else model
+
+    controller = None
+    if row.startswith(("controller", "heuristic")):
+        policy = "heuristic" if row.startswith("heuristic") else f"static-{args.precision}"
+        controller = Controller(model, optimizer, policy=policy)
+        batches = iter(controller.loader((x, y), batch_size=batch, epochs=1))
+    else:
+        batches = iter((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=controller is None and dtype == torch.float16)
+
+    def step() -> torch.Tensor:
+        xb, yb = next(batches)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if controller is not None:
+            optimizer.zero_grad()
+            with controller.autocast():
+                loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+            controller.step(loss)
+            return loss.detach()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype):
+            loss = nn.functional.cross_entropy(forward(xb).float(), yb)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    graphs_after_warmup = counters["stats"]["unique_graphs"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    chunk_ms = []
+    losses = []
+    for _ in range(args.steps // CHUNK):
+        begin = _event(device)
+        t0 = time.perf_counter()
+        for _ in range(CHUNK):
+            loss = step()
+        losses.append(loss)
+        chunk_ms.append(_elapsed_ms(begin, device, t0) / CHUNK)
+    graphs = counters["stats"]["unique_graphs"]
+    final = [float(v) for v in losses]
+    measured = {
+        "step_ms": statistics.median(chunk_ms),
+        "chunk_ms": chunk_ms,
+        "warmup_s": warmup_s,
+        "graphs": graphs,
+        "recompiled_while_timed": graphs != graphs_after_warmup,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        "loss_first_last": [final[0], final[-1]],
+        "finite": all(map(_finite, final)),
+        "precisions": [p.name.lower() for p in controller.precisions] if controller is not None else args.precision,
+        "fused": bool(controller.engine.fused) if controller is not None else None,
+    }
+    if controller is not None:
+        controller.close()
+    return measured
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _event(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed_ms(begin: Any, device: torch.device, t0: float) -> float:
+    if device.type != "cuda":
+        return (time.perf_counter() - t0) * 1e3
+    end = torch.cuda.Event(enable_timing=True)
+    end.record()
+    end.synchronize()
+    return float(begin.elapsed_time(end))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| model | row | step (ms), median | vs plain-eager | warm-up (s) | graphs | peak | finite |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {r["model"]: r["step_ms"] for r in rows if r["row"] == "plain-eager"}
+    for r in rows:
+        ratio = f"{r['step_ms'] / base[r['model']]:.2f}" if r["model"] in base else "—"
+        graphs = f"{r['graphs']}{' (recompiled while timed)' if r['recompiled_while_timed'] else ''}"
+        print(
+            f"| {r['model']} | {r['row']} | {r['step_ms']:.2f} | {ratio} | {r['warmup_s']:.1f} | {graphs} | "
+            f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['finite']} |"
+        )
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, description=__doc__))

@@ -1,0 +1,47 @@
+"""``experiments/bench_compile.py --smoke``: every row runs, stays finite, and compiles once (CPU, ``aot_eager``)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def bench_compile():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_compile
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return bench_compile
+
+
+def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_path):
+    out = tmp_path / "bench_compile.json"
+    args = bench_compile.Args(smoke=True, warmup=3, steps=10, out=str(out))
+    result = bench_compile.main(args)
+    assert json.loads(out.read_text()) == result
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == list(bench_compile.ROWS)
+    for name, row in rows.items():
+        assert row["finite"] and row["step_ms"] > 0 and len(row["chunk_ms"]) == 1
+        assert row["graphs"] == (1 if name.endswith("compiled") else 0), name
+        assert not row["recompiled_while_timed"] and row["graph_breaks"] == 0, name
+    assert rows["controller-compiled"]["precisions"] == ["bf16"] * len(rows["controller-compiled"]["precisions"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("rows", "plain-eager,fast", "unknown row 'fast'"),
+        ("precision", "fp8", "'fp8'"),
+        ("steps", 15, "multiple of 10"),
+    ],
+)
+def test_bad_arguments_are_named(bench_compile, flag, value, message, tmp_path):
+    args = bench_compile.Args(smoke=True, out=str(tmp_path / "x.json"), **{flag: value})
+    with pytest.raises(ValueError, match=message):
+        bench_compile.main(args)

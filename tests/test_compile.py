@@ -1,0 +1,80 @@
+"""A user's ``torch.compile``d model under the Controller: the same training as eager, and graphs that settle.
+
+On the CPU the backend is ``aot_eager`` (Dynamo's tracing, guards and graph breaks, and AOTAutograd, without
+Inductor's code generation); on a GPU the default Inductor backend. The fused step runs on a GPU or under Triton's
+interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import triaccel_rl.controller as controller_module
+from triaccel_rl.controller import Controller
+from triaccel_rl.engine import StepEngine
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKEND = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+FUSED_RUNS = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+# Precisions of the two Linear layers from each step on: fp32, then uniform bf16, then a mixed map, then fp16 and bf16.
+SWITCHES = {0: ["fp32", "fp32"], 4: ["bf16", "bf16"], 8: ["bf16", "fp32"], 12: ["fp16", "bf16"]}
+STEPS = 20
+
+
+def _train(compiled: bool, fused: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list, list[int]]:
+    """Twenty steps of a user's loop; returns each step's (loss, logits dtype), the final weights, and how many
+    graphs Dynamo had compiled after each step."""
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=fused))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(STEPS * 16, 3, 4, 4, generator=g), torch.randint(0, 5, (STEPS * 16,), generator=g)
+    forward = torch.compile(model, backend=BACKEND) if compiled else model
+    seen, graphs = [], []
+    with Controller(model, optimizer, policy="static-fp32") as ctl:
+        assert ctl.engine.fused == fused
+        for step, (xb, yb) in enumerate(ctl.loader((x.to(DEVICE), y.to(DEVICE)), batch_size=16, epochs=1)):
+            if step in SWITCHES:
+                ctl.engine.set_precisions(SWITCHES[step])
+            optimizer.zero_grad()
+            with ctl.autocast():
+                logits = forward(xb)
+                loss = nn.functional.cross_entropy(logits, yb)
+            seen.append((loss.item(), logits.dtype))
+            ctl.step(loss)
+            graphs.append(counters["stats"]["unique_graphs"])
+    return seen, [p.detach().cpu() for p in model.parameters()], graphs
+
+
+@pytest.mark.parametrize(
+    "fused",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not FUSED_RUNS, reason="the fused step needs a GPU or TRITON_INTERPRET=1")
+        ),
+    ],
+    ids=["reference", "fused"],
+)
+def test_a_compiled_model_trains_as_the_eager_one_through_precision_changes(fused, monkeypatch):
+    eager, eager_weights, _ = _train(compiled=False, fused=fused, monkeypatch=monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, compiled_weights, graphs = _train(compiled=True, fused=fused, monkeypatch=monkeypatch)
+
+    assert len(compiled) == len(eager) == STEPS
+    for (want_loss, want_dtype), (got_loss, got_dtype) in zip(eager, compiled, strict=True):
+        assert got_dtype == want_dtype  # each switch reached the compiled forward at its step
+        assert got_loss == pytest.approx(want_loss, rel=2e-3, abs=1e-4)
+    for got, want in zip(compiled_weights, eager_weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4)
+    # A uniform map is one graph with no break (the per-layer hooks are traced); a mixed map breaks at its layers.
+    assert graphs[3] == 1 and graphs[7] == 2
+    # Every map compiles once, at its first step: no recompiling at every step (a view made inside a hook did that).
+    for start, end in zip(sorted(SWITCHES), [*sorted(SWITCHES)[1:], STEPS], strict=True):
+        assert graphs[start + 1 : end] == [graphs[start]] * (end - start - 1), graphs
