@@ -1,0 +1,151 @@
+"""Where a user's loop under the Controller spends its time, against the same plain loop (GPU).
+
+    python scripts/profile_user_loop.py [--model resnet18-fmnist] [--out results.json]
+
+For a plain loop and the Controller's variants (static bf16: fused step; reference path; fused without the
+16-bit weight copies), two numbers per variant: the step time at ``--batch`` (CUDA events, median of chunks) and at
+batch 8, where the GPU's work is small and the step time is the host's (Python, hooks, launches). Then cProfile of
+the controlled loop at batch 8 (the host's functions, cumulative) and torch.profiler's kernel count per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+import triaccel_rl.controller as controller_module
+from triaccel_rl.controller import Controller
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.tasks import get_task
+
+VARIANTS = ("plain", "controller", "controller-reference", "controller-no-copies")
+
+
+def make(variant: str, task_name: str, batch: int, n_steps: int):  # type: ignore[no-untyped-def]
+    """One variant's ``step()`` over ``n_steps`` random batches, and its Controller (None for the plain loop)."""
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    model = task.build_model().cuda().to(memory_format=torch.channels_last)
+    optimizer = task.make_optimizer(model.parameters())
+    x = torch.randn(n_steps * batch, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (n_steps * batch,), device="cuda")
+    if variant == "plain":
+        batches = iter((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n_steps))
+
+        def step() -> None:
+            xb, yb = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)).float(), yb)
+            loss.backward()
+            optimizer.step()
+
+        return step, None
+    fused = variant != "controller-reference"
+    controller_module.StepEngine = lambda *args: StepEngine(*args, fused=fused)  # type: ignore[misc]
+    ctl = Controller(model, optimizer, policy="static-bf16")
+    if variant == "controller-no-copies":
+        ctl.engine.precision.use_weight_copies(None)
+    batches = iter(ctl.loader((x, y), batch_size=batch, epochs=1))
+
+    def step() -> None:
+        xb, yb = next(batches)
+        optimizer.zero_grad()
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)).float(), yb)
+        ctl.step(loss)
+
+    return step, ctl
+
+
+def time_steps(step, chunks: int = 8, per_chunk: int = 10) -> float:  # type: ignore[no-untyped-def]
+    """Median milliseconds a step over ``chunks`` chunks of ``per_chunk`` steps (CUDA events)."""
+    times = []
+    for _ in range(chunks):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(per_chunk):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / per_chunk)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Times every variant at both batches, counts kernels, profiles the controlled loop's host side."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet18-fmnist")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    original = controller_module.StepEngine
+    result: dict = {"model": args.model, "batch": args.batch, "device": torch.cuda.get_device_name(), "rows": {}}
+    for variant in VARIANTS:
+        row = {}
+        for batch in (args.batch, 8):
+            step, ctl = make(variant, args.model, batch, 120)
+            for _ in range(30):
+                step()
+            row[f"step_ms_b{batch}"] = time_steps(step)
+            if ctl is not None:
+                row["fused"] = ctl.engine.fused
+                ctl.close()
+            controller_module.StepEngine = original
+        result["rows"][variant] = row
+        print(variant, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    # Kernels a step launches, plain against controlled (batch 8: the count does not depend on the batch).
+    for variant in ("plain", "controller"):
+        step, ctl = make(variant, args.model, 8, 80)
+        for _ in range(30):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+        kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+        result["rows"][variant]["kernels_per_step"] = kernels / 20
+        top = sorted(
+            (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+            key=lambda e: -e.count,
+        )[:12]
+        result["rows"][variant]["top_kernels_by_count"] = [(e.key[:80], e.count / 20) for e in top]
+        print(variant, "kernels/step", kernels / 20, flush=True)
+        if ctl is not None:
+            ctl.close()
+        controller_module.StepEngine = original
+
+    step, ctl = make("controller", args.model, 8, 260)
+    for _ in range(30):
+        step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    result["cprofile_controller_b8_200_steps"] = text.getvalue()
+    print(text.getvalue()[-9000:])
+    if ctl is not None:
+        ctl.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result["rows"].items()}, indent=0)[:3000])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
