@@ -16,7 +16,9 @@ import io
 import json
 import pstats
 import statistics
-import sys
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -29,29 +31,33 @@ from triaccel_rl.tasks import get_task
 VARIANTS = ("plain", "controller", "controller-reference", "controller-no-copies")
 
 
-def make(variant: str, task_name: str, batch: int, n_steps: int):  # type: ignore[no-untyped-def]
+def make(variant: str, task_name: str, batch: int, n_steps: int) -> tuple[Callable[[], None], Controller | None]:
     """One variant's ``step()`` over ``n_steps`` random batches, and its Controller (None for the plain loop)."""
     task = get_task(task_name)
     torch.manual_seed(0)
-    model = task.build_model().cuda().to(memory_format=torch.channels_last)
+    model = task.build_model().cuda().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = task.make_optimizer(model.parameters())
     x = torch.randn(n_steps * batch, 1, 28, 28, device="cuda")
     y = torch.randint(0, 10, (n_steps * batch,), device="cuda")
     if variant == "plain":
-        batches = iter((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n_steps))
+        plain = iter([(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n_steps)])
 
-        def step() -> None:
-            xb, yb = next(batches)
+        def plain_step() -> None:
+            xb, yb = next(plain)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = nn.functional.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)).float(), yb)
             loss.backward()
             optimizer.step()
 
-        return step, None
+        return plain_step, None
     fused = variant != "controller-reference"
-    controller_module.StepEngine = lambda *args: StepEngine(*args, fused=fused)  # type: ignore[misc]
-    ctl = Controller(model, optimizer, policy="static-bf16")
+
+    def engine(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> StepEngine:
+        return StepEngine(model, opt, device, fused)
+
+    with mock.patch.object(controller_module, "StepEngine", engine):
+        ctl = Controller(model, optimizer, policy="static-bf16")
     if variant == "controller-no-copies":
         ctl.engine.precision.use_weight_copies(None)
     batches = iter(ctl.loader((x, y), batch_size=batch, epochs=1))
@@ -66,7 +72,7 @@ def make(variant: str, task_name: str, batch: int, n_steps: int):  # type: ignor
     return step, ctl
 
 
-def time_steps(step, chunks: int = 8, per_chunk: int = 10) -> float:  # type: ignore[no-untyped-def]
+def time_steps(step: Callable[[], None], chunks: int = 8, per_chunk: int = 10) -> float:
     """Median milliseconds a step over ``chunks`` chunks of ``per_chunk`` steps (CUDA events)."""
     times = []
     for _ in range(chunks):
@@ -87,10 +93,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    original = controller_module.StepEngine
-    result: dict = {"model": args.model, "batch": args.batch, "device": torch.cuda.get_device_name(), "rows": {}}
+    device = torch.cuda.get_device_name()
+    result: dict[str, Any] = {"model": args.model, "batch": args.batch, "device": device, "rows": {}}
     for variant in VARIANTS:
-        row = {}
+        row: dict[str, Any] = {}
         for batch in (args.batch, 8):
             step, ctl = make(variant, args.model, batch, 120)
             for _ in range(30):
@@ -99,7 +105,6 @@ def main() -> None:
             if ctl is not None:
                 row["fused"] = ctl.engine.fused
                 ctl.close()
-            controller_module.StepEngine = original
         result["rows"][variant] = row
         print(variant, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
@@ -123,7 +128,6 @@ def main() -> None:
         print(variant, "kernels/step", kernels / 20, flush=True)
         if ctl is not None:
             ctl.close()
-        controller_module.StepEngine = original
 
     step, ctl = make("controller", args.model, 8, 260)
     for _ in range(30):
@@ -148,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
