@@ -182,6 +182,7 @@ class FlatParameterStore:
         self.n_groups = max(chunk_group) + 1
 
         self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []  # (param, grad view, data address)
+        had_grads = False
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):
                 for p, start in zip(layer, offsets, strict=True):
@@ -190,17 +191,23 @@ class FlatParameterStore:
                     grad_view = _strided_like(self.grads, p, start)
                     if p.grad is not None:
                         grad_view.copy_(p.grad)
+                        had_grads = True
                     p.data = view
                     p.grad = grad_view
                     self._grad_views.append((p, grad_view, view.data_ptr()))
+        # The grads buffer's version counter (its views share it) when it last held only zeros; an in-place write since
+        # (autograd accumulating into a view, a copy) moves the counter on. The fused kernels, which write through raw
+        # pointers without moving it, never write gradients. -1: not known to be zeros.
+        self._zeroed_version = -1 if had_grads else self.grads._version
 
     def rebind_grads(self) -> int:
         """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
 
         ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
         autograd would accumulate into new tensors the fused step never reads. A ``None`` gradient comes back as
-        its zeroed view; a gradient tensor put in its place is copied into the view. An identity check and an
-        address check a parameter when nothing changed.
+        its zeroed view (zeroed already, with no kernel, when nothing was written into the buffer since the last
+        :meth:`zero_grad`: the fused step's, before a user's ``zero_grad()``); a gradient tensor put in its place is
+        copied into the view. An identity check and an address check a parameter when nothing changed.
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` is no longer its view of the flat ``params`` (the
@@ -215,18 +222,20 @@ class FlatParameterStore:
         detached = [p for p, _, address in changed if p.data_ptr() != address]
         if detached:
             raise DetachedParametersError(detached)
+        zeros = self.grads._version == self._zeroed_version  # nothing written since the last zero_grad: no kernel
         with torch.no_grad():
             for p, view, _ in changed:
-                if p.grad is None:
-                    view.zero_()
-                else:
+                if p.grad is not None:
                     view.copy_(p.grad)
+                elif not zeros:
+                    view.zero_()
                 p.grad = view
         return len(changed)
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""
         self.grads.zero_()
+        self._zeroed_version = self.grads._version
 
     def layer_sq_sums(self, buffer: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of squares of ``buffer`` (a flat buffer of this store), float64 ``[n_layers]``.

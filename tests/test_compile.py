@@ -78,3 +78,21 @@ def test_a_compiled_model_trains_as_the_eager_one_through_precision_changes(fuse
     # Every map compiles once, at its first step: no recompiling at every step (a view made inside a hook did that).
     for start, end in zip(sorted(SWITCHES), [*sorted(SWITCHES)[1:], STEPS], strict=True):
         assert graphs[start + 1 : end] == [graphs[start]] * (end - start - 1), graphs
+
+
+@pytest.mark.skipif(not FUSED_RUNS, reason="the fused step needs a GPU or TRITON_INTERPRET=1")
+def test_a_users_eager_forward_casts_its_weights_and_a_compiled_one_computes_the_same(monkeypatch):
+    """Reading a 16-bit copy saves a cast kernel but costs host time a parameter: worth it only in a traced forward."""
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(type(module.weight)))  # after the swap's hook
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="static-bf16") as ctl:
+        x = torch.randn(4, 6, device=DEVICE)
+        with ctl.autocast():
+            eager = model(x)
+        with ctl.autocast():
+            compiled = torch.compile(model, backend=BACKEND)(x)
+    assert seen[0] is nn.Parameter  # eager: the fp32 parameter, cast by autocast
+    assert eager.dtype == compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager)  # the copies hold the weights rounded as autocast rounds them

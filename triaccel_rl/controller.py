@@ -114,6 +114,8 @@ class Controller:
         self.model = model
         self.engine = StepEngine(model, optimizer, self.device)
         self.engine.max_grad_norm = max_grad_norm
+        # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
+        self.engine.precision.copies_in_eager = False
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))

@@ -50,3 +50,36 @@ def test_layer_sq_sums_equal_each_layers_sum_of_squares():
     got = store.layer_sq_sums(store.params)
     assert got.dtype == torch.float64 and got.shape == (4,)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+
+
+def _store_and_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    return FlatParameterStore([list(model[0].parameters()), list(model[1].parameters())]), model
+
+
+def test_gradients_set_to_none_come_back_as_zeroed_views_without_a_kernel_when_the_buffer_is_clean():
+    store, model = _store_and_model()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None  # a user's optimizer.zero_grad() after the fused step's store.zero_grad()
+    version = store.grads._version
+    assert store.rebind_grads() == len(params)
+    assert store.grads._version == version  # nothing written: the buffer held zeros already
+    assert all(p.grad is not None and p.grad.data_ptr() >= store.grads.data_ptr() and not p.grad.any() for p in params)
+
+
+def test_gradients_set_to_none_over_a_written_buffer_are_zeroed_and_ones_put_in_place_are_copied():
+    store, model = _store_and_model()
+    params = list(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()  # accumulates into the views
+    assert store.grads.any()
+    replacement = torch.full_like(params[1], 7.0)
+    for p in params:
+        p.grad = None  # dropped without a step: the buffer still holds the last backward's gradients
+    params[1].grad = replacement
+    store.rebind_grads()
+    assert not any(p.grad.any() for i, p in enumerate(params) if i != 1)
+    assert torch.equal(params[1].grad, replacement) and params[1].grad is not replacement
+    store.zero_grad()
+    assert not store.grads.any()
