@@ -15,11 +15,15 @@ Rows, each a fresh model from the same seed, in one process:
 - ``heuristic-compiled``: ``policy="heuristic"`` with the compiled model (its speed trial runs bf16 and fp16, so the
   model compiles for both).
 
-Each row trains ``--warmup`` steps (compilation included: ``warmup_s`` is their wall time), then ``--steps`` more,
-timed with CUDA events in chunks of 10; ``step_ms`` is the median over chunks. ``graphs`` counts the graphs Dynamo
-compiled in the row (``recompiled_while_timed``: any during the timed steps), ``peak_bytes`` the allocator's peak over
-the timed steps. The batches are random tensors of the task's input shape, on the device: the step's time does not
-depend on the values, and the loss is only checked to stay finite.
+Every row of a model is built and trains ``--warmup`` steps (compilation included: ``warmup_s`` is their wall time);
+then the rows take turns, a chunk of 10 steps each per round (the order rotated every round), timed with CUDA events,
+until each has run ``--steps``: every row meets the same drift of the machine (a host-bound loop's step time moved by
+15-40% between two runs minutes apart, 2026-12-03). ``step_ms`` is the median over a row's chunks. ``graphs`` counts
+the graphs Dynamo compiled in the row's warm-up (none where an earlier row's graph passes its guards;
+``recompiled_while_timed``: any during its chunks), ``graph_breaks``
+the breaks, ``step_peak_bytes`` the allocator's peak during a chunk above what was allocated before it (the step's own
+memory; the other rows' models and data stay allocated). The batches are random tensors of the task's input shape,
+on the device: the step's time does not depend on the values, and the loss is only checked to stay finite.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,21 +101,39 @@ def main(args: Args) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in models:
+        torch._dynamo.reset()
+        counters.clear()
+        built = []
         for row in rows:
-            print(f"{model_name} {row} ...", flush=True)
-            measured = time_row(model_name, row, args, device, backend)
+            print(f"{model_name} {row}: warm-up ...", flush=True)
+            built.append(build_row(model_name, row, args, device, backend))
+        print(f"{model_name}: timing {len(built)} rows in turns ...", flush=True)
+        for row, measured in zip(rows, time_rows(built, args, device), strict=True):
             result["rows"].append({"model": model_name, "row": row, **measured})
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        for b in built:
+            if b.controller is not None:
+                b.controller.close()
+        out.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result["rows"])
     print(f"wrote {out}")
     return result
 
 
-def time_row(task_name: str, row: str, args: Args, device: torch.device, backend: str) -> dict[str, Any]:
-    """Trains one row's warm-up and timed steps; returns its measurements."""
+@dataclass
+class _Row:
+    """One row, built and warmed up: its step, its controller (if any) and what the warm-up measured."""
+
+    name: str
+    step: Callable[[], torch.Tensor]
+    controller: Controller | None
+    warmup_s: float
+    graphs: int
+    graph_breaks: int
+
+
+def build_row(task_name: str, row: str, args: Args, device: torch.device, backend: str) -> _Row:
+    """Builds one row's model, optimizer and loop from seed 0, and runs its warm-up (compilation included)."""
     task = get_task(task_name)
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     model = task.build_model().to(device)
     data = task.data(0)
@@ -154,41 +177,68 @@ def time_row(task_name: str, row: str, args: Args, device: torch.device, backend
         scaler.update()
         return loss.detach()
 
+    graphs, breaks = _graphs(), _breaks()
     start = time.perf_counter()
     for _ in range(args.warmup):
-        loss = step()
+        step()
     _sync(device)
-    warmup_s = time.perf_counter() - start
-    graphs_after_warmup = counters["stats"]["unique_graphs"]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    chunk_ms = []
-    losses = []
-    for _ in range(args.steps // CHUNK):
-        begin = _event(device)
-        t0 = time.perf_counter()
-        for _ in range(CHUNK):
-            loss = step()
-        losses.append(loss)
-        chunk_ms.append(_elapsed_ms(begin, device, t0) / CHUNK)
-    graphs = counters["stats"]["unique_graphs"]
-    final = [float(v) for v in losses]
-    measured = {
-        "step_ms": statistics.median(chunk_ms),
-        "chunk_ms": chunk_ms,
-        "warmup_s": warmup_s,
-        "graphs": graphs,
-        "recompiled_while_timed": graphs != graphs_after_warmup,
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
-        "loss_first_last": [final[0], final[-1]],
-        "finite": all(map(_finite, final)),
-        "precisions": [p.name.lower() for p in controller.precisions] if controller is not None else args.precision,
-        "fused": bool(controller.engine.fused) if controller is not None else None,
-    }
-    if controller is not None:
-        controller.close()
+    return _Row(row, step, controller, time.perf_counter() - start, _graphs() - graphs, _breaks() - breaks)
+
+
+def time_rows(rows: list[_Row], args: Args, device: torch.device) -> list[dict[str, Any]]:
+    """Times the rows in turns, a chunk of ten steps each per round; returns each row's measurements.
+
+    Each round takes the rows in a rotated order, so that every row meets the same drift of the machine.
+    """
+    chunk_ms: list[list[float]] = [[] for _ in rows]
+    step_peak = [0] * len(rows)
+    losses: list[list[torch.Tensor]] = [[] for _ in rows]
+    recompiled = [False] * len(rows)
+    for round_ in range(args.steps // CHUNK):
+        for k in range(len(rows)):
+            i = (round_ + k) % len(rows)
+            _sync(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            graphs = _graphs()
+            begin = _event(device)
+            t0 = time.perf_counter()
+            for _ in range(CHUNK):
+                loss = rows[i].step()
+            chunk_ms[i].append(_elapsed_ms(begin, device, t0) / CHUNK)
+            losses[i].append(loss)
+            recompiled[i] |= _graphs() != graphs
+            if device.type == "cuda":
+                step_peak[i] = max(step_peak[i], torch.cuda.max_memory_allocated(device) - base)
+    measured = []
+    for i, row in enumerate(rows):
+        final = [float(v) for v in losses[i]]
+        ctl = row.controller
+        measured.append(
+            {
+                "step_ms": statistics.median(chunk_ms[i]),
+                "chunk_ms": chunk_ms[i],
+                "warmup_s": row.warmup_s,
+                "graphs": row.graphs,
+                "recompiled_while_timed": recompiled[i],
+                "graph_breaks": row.graph_breaks,
+                "step_peak_bytes": step_peak[i],
+                "loss_first_last": [final[0], final[-1]],
+                "finite": all(map(_finite, final)),
+                "precisions": [p.name.lower() for p in ctl.precisions] if ctl is not None else args.precision,
+                "fused": bool(ctl.engine.fused) if ctl is not None else None,
+            }
+        )
     return measured
+
+
+def _graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _breaks() -> int:
+    return sum(counters["graph_break"].values())
 
 
 def _finite(value: float) -> bool:
@@ -218,7 +268,7 @@ def _elapsed_ms(begin: Any, device: torch.device, t0: float) -> float:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| model | row | step (ms), median | vs plain-eager | warm-up (s) | graphs | peak | finite |")
+    print("| model | row | step (ms), median | vs plain-eager | warm-up (s) | graphs | step peak | finite |")
     print("|---|---|---|---|---|---|---|---|")
     base = {r["model"]: r["step_ms"] for r in rows if r["row"] == "plain-eager"}
     for r in rows:
@@ -226,7 +276,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         graphs = f"{r['graphs']}{' (recompiled while timed)' if r['recompiled_while_timed'] else ''}"
         print(
             f"| {r['model']} | {r['row']} | {r['step_ms']:.2f} | {ratio} | {r['warmup_s']:.1f} | {graphs} | "
-            f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['finite']} |"
+            f"{r['step_peak_bytes'] / 2**20:.0f} MiB | {r['finite']} |"
         )
 
 
