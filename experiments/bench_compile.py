@@ -103,10 +103,11 @@ def main(args: Args) -> dict[str, Any]:
     for model_name in models:
         torch._dynamo.reset()
         counters.clear()
-        built = []
-        for row in rows:
-            print(f"{model_name} {row}: warm-up ...", flush=True)
-            built.append(build_row(model_name, row, args, device, backend))
+        # Every row built before any warms up: a Controller's hooks make Dynamo drop the graphs traced so far.
+        built = [build_row(model_name, row, args, device, backend) for row in rows]
+        for b in built:
+            print(f"{model_name} {b.name}: warm-up ...", flush=True)
+            warm_up(b, args, device)
         print(f"{model_name}: timing {len(built)} rows in turns ...", flush=True)
         for row, measured in zip(rows, time_rows(built, args, device), strict=True):
             result["rows"].append({"model": model_name, "row": row, **measured})
@@ -126,13 +127,13 @@ class _Row:
     name: str
     step: Callable[[], torch.Tensor]
     controller: Controller | None
-    warmup_s: float
-    graphs: int
-    graph_breaks: int
+    warmup_s: float = 0.0
+    graphs: int = 0
+    graph_breaks: int = 0
 
 
 def build_row(task_name: str, row: str, args: Args, device: torch.device, backend: str) -> _Row:
-    """Builds one row's model, optimizer and loop from seed 0, and runs its warm-up (compilation included)."""
+    """Builds one row's model, optimizer and loop from seed 0 (a Controller drops Dynamo's earlier graphs)."""
     task = get_task(task_name)
     torch.manual_seed(0)
     model = task.build_model().to(device)
@@ -177,12 +178,17 @@ def build_row(task_name: str, row: str, args: Args, device: torch.device, backen
         scaler.update()
         return loss.detach()
 
+    return _Row(row, step, controller)
+
+
+def warm_up(row: _Row, args: Args, device: torch.device) -> None:
+    """Runs the row's untimed steps (compilation included) and records their time, graphs and breaks."""
     graphs, breaks = _graphs(), _breaks()
     start = time.perf_counter()
     for _ in range(args.warmup):
-        step()
+        row.step()
     _sync(device)
-    return _Row(row, step, controller, time.perf_counter() - start, _graphs() - graphs, _breaks() - breaks)
+    row.warmup_s, row.graphs, row.graph_breaks = time.perf_counter() - start, _graphs() - graphs, _breaks() - breaks
 
 
 def time_rows(rows: list[_Row], args: Args, device: torch.device) -> list[dict[str, Any]]:

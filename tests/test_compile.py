@@ -96,3 +96,19 @@ def test_a_users_eager_forward_casts_its_weights_and_a_compiled_one_computes_the
     assert seen[0] is nn.Parameter  # eager: the fp32 parameter, cast by autocast
     assert eager.dtype == compiled.dtype == torch.bfloat16
     torch.testing.assert_close(compiled, eager)  # the copies hold the weights rounded as autocast rounds them
+
+
+def test_a_graph_traced_before_the_controller_does_not_skip_its_precisions():
+    """Dynamo does not guard on module hooks: a graph traced before the controller's would ignore a mixed map."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(DEVICE)
+    forward = torch.compile(model, backend=BACKEND)
+    x = torch.randn(4, 8, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        assert forward(x).dtype == torch.bfloat16  # traced without hooks
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="static-fp32") as ctl:
+        ctl.engine.set_precisions(["bf16", "fp32"])
+        with ctl.autocast():
+            compiled, eager = forward(x), model(x)
+    assert compiled.dtype == eager.dtype == torch.float32  # the last layer's fp32 holds in the compiled forward
+    torch.testing.assert_close(compiled, eager)

@@ -10,6 +10,8 @@ layers follow an outer autocast region of the dominant low precision (so a loss 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from triaccel_rl.types import LayerInfo, Precision
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "WeightCopies", "find_layers", "read_copy"]
 
@@ -114,6 +118,7 @@ class LayerPrecision:
                 self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
             elif not isinstance(module, _NATIVE_MIXED_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook))
+        _forget_compiled_graphs()
 
     @property
     def controllable_indices(self) -> list[int]:
@@ -328,3 +333,17 @@ def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]
     return tuple(
         a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a for a in args
     )
+
+
+def _forget_compiled_graphs() -> None:
+    """Drops the graphs ``torch.compile`` traced so far, which would run the model as if it had no hooks.
+
+    Dynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default):
+    a graph traced before the hooks existed (the model compiled and run once before the controller was built, or
+    another instance of its class) passes its guards and ignores the per-layer precisions (a mixed map ran every
+    layer in the outer 16-bit type, 2026-12-03). Retracing costs one compilation per compiled function, once.
+    """
+    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled in this process
+        return
+    _log.info("per-layer precision hooks installed: torch.compile's earlier graphs, if any, will be retraced")
+    torch._dynamo.reset()
