@@ -112,6 +112,9 @@ class LayerPrecision:
         where the step is replayed from a captured CUDA graph (``TrainingRun``), a loss in a user's eager loop on a
         launch-bound model (``Controller`` turns it off: ResNet-18 on the H200, 2.1 ms of an 11.5-ms step)."""
         self._swapped: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]]] = []
+        # _enter_region and _exit_region wrapped in torch.compiler.disable, made once Dynamo is loaded (importing it
+        # here would add 1.6 s to every import of the package; a traced forward means it was loaded before).
+        self._eager_regions: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index)))
@@ -181,6 +184,11 @@ class LayerPrecision:
         Args:
             cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured).
         """
+        if self._eager_regions is None and "torch._dynamo" in sys.modules:  # here, outside any traced forward
+            self._eager_regions = (
+                torch.compiler.disable(self._enter_region),
+                torch.compiler.disable(self._exit_region),
+            )
         low = [p for p in self.precisions if p is not Precision.FP32]
         outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
         self._mixed = self.uniform is None or self._emulates_fp16
@@ -217,16 +225,16 @@ class LayerPrecision:
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
             if not self._mixed:
                 return None
-            return self._enter_region(index, args)
+            enter = self._eager_regions[0] if torch.compiler.is_compiling() and self._eager_regions else None
+            return (enter or self._enter_region)(index, args)
 
         return pre_hook
 
-    @torch.compiler.disable
     def _enter_region(self, index: int, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
 
-        Run eagerly under ``torch.compile`` (a graph break at each layer of a mixed map): it changes the autocast
-        state between two layers, which the compiled segments then guard on. A uniform map never calls it.
+        Run eagerly under ``torch.compile`` (``_eager_regions``; a graph break at each layer of a mixed map): it changes
+        the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
         """
         precision = self.precisions[index]
         if precision is Precision.FP32 or self._emulate(index):
@@ -245,10 +253,10 @@ class LayerPrecision:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
         if self._active and self._mixed and self._stack:
-            return self._exit_region(output)
+            leave = self._eager_regions[1] if torch.compiler.is_compiling() and self._eager_regions else None
+            return (leave or self._exit_region)(output)
         return None
 
-    @torch.compiler.disable
     def _exit_region(self, output: Any) -> Any:
         """Closes the innermost layer's region, eagerly as ``_enter_region``; rounds an emulated fp16 layer's result."""
         region, emulated = self._stack.pop()
