@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+from conftest import import_experiment
 
 
 @pytest.fixture(scope="module")
 def headroom():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import batch_headroom
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return batch_headroom
+    return import_experiment("batch_headroom")
 
 
 def test_rows_parse_and_bad_rows_are_named(headroom) -> None:  # type: ignore[no-untyped-def]

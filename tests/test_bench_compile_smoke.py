@@ -1,22 +1,14 @@
 """``experiments/bench_compile.py --smoke``: every row runs, stays finite, and compiles once (CPU, ``aot_eager``)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+from conftest import import_experiment
 
 
 @pytest.fixture(scope="module")
 def bench_compile():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_compile
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return bench_compile
+    return import_experiment("bench_compile")
 
 
 def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_path):

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "experiments"
+from conftest import import_experiment
 
 
 @pytest.fixture(scope="module")
 def probe():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import lr_budget_probe
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return lr_budget_probe
+    return import_experiment("lr_budget_probe")
 
 
 def test_probe_writes_one_return_per_task_and_multiplier(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
