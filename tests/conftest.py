@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -24,13 +20,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def import_experiment(name: str) -> ModuleType:
-    """The script ``experiments/<name>.py`` as a module (the folder is on ``sys.path`` only while importing)."""
-    scripts = str(Path(__file__).resolve().parents[1] / "experiments")
-    sys.path.insert(0, scripts)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(scripts)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import import_experiment
+from experiment_scripts import import_experiment
 
 
 @pytest.fixture(scope="module")

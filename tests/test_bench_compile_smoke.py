@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import import_experiment
+from experiment_scripts import import_experiment
 
 
 @pytest.fixture(scope="module")

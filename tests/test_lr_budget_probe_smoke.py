@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import import_experiment
+from experiment_scripts import import_experiment
 
 
 @pytest.fixture(scope="module")
