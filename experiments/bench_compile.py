@@ -13,17 +13,21 @@ Rows, each a fresh model from the same seed, in one process:
   the fused Triton step, the 16-bit weight copies, device-side statistics and the decision intervals);
 - ``controller-compiled``: that with ``torch.compile(model)``;
 - ``heuristic-compiled``: ``policy="heuristic"`` with the compiled model (its speed trial runs bf16 and fp16, so the
-  model compiles for both).
+  model compiles for both);
+- ``plain-compiled-ro``, ``controller-compiled-ro``: ``torch.compile(model, mode="reduce-overhead")``, which replays
+  the forward and backward as CUDA graphs (Inductor's cudagraph trees): the compile mode meant for host-bound steps.
+  With ``--smoke`` (CPU, no CUDA graphs) they run as the other compiled rows.
 
 Every row of a model is built and trains ``--warmup`` steps (compilation included: ``warmup_s`` is their wall time);
 then the rows take turns, a chunk of 10 steps each per round (the order rotated every round), timed with CUDA events,
 until each has run ``--steps``: every row meets the same drift of the machine (a host-bound loop's step time moved by
 15-40% between two runs minutes apart, 2026-12-03). ``step_ms`` is the median over a row's chunks. ``graphs`` counts
 the graphs Dynamo compiled in the row's warm-up (none where an earlier row's graph passes its guards;
-``recompiled_while_timed``: any during its chunks), ``graph_breaks``
-the breaks, ``step_peak_bytes`` the allocator's peak during a chunk above what was allocated before it (the step's own
-memory; the other rows' models and data stay allocated). The batches are random tensors of the task's input shape,
-on the device: the step's time does not depend on the values, and the loss is only checked to stay finite.
+``recompiled_while_timed``: any during its chunks), ``graph_breaks`` the breaks, ``cudagraph_skips`` the graphs a
+``-ro`` row ran without CUDA graphs, ``step_peak_bytes`` the allocator's peak during a chunk above what was allocated
+before it (the step's own memory; the other rows' models and data stay allocated). The batches are random tensors of
+the task's input shape, on the device: the step's time does not depend on the values, and the loss is only checked to
+stay finite.
 """
 
 from __future__ import annotations
@@ -46,7 +50,16 @@ from triaccel_rl.controller import Controller
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.tasks import get_task
 
-ROWS = ("plain-eager", "plain-compiled", "controller-eager", "controller-compiled", "heuristic-compiled")
+ROWS = (
+    "plain-eager",
+    "plain-compiled",
+    "controller-eager",
+    "controller-compiled",
+    "heuristic-compiled",
+    "plain-compiled-ro",
+    "controller-compiled-ro",
+)
+DEFAULT_ROWS = ROWS[:5]
 CHUNK = 10
 
 
@@ -56,7 +69,7 @@ class Args:
 
     models: str = "resnet18-fmnist,effnet-b0-fmnist"
     """Comma-separated registered tasks whose models are timed."""
-    rows: str = ",".join(ROWS)
+    rows: str = ",".join(DEFAULT_ROWS)
     """Comma-separated rows (see the module docstring)."""
     batch_size: int = 512
     """Samples per step."""
@@ -130,6 +143,7 @@ class _Row:
     warmup_s: float = 0.0
     graphs: int = 0
     graph_breaks: int = 0
+    cudagraph_skips: int = 0
 
 
 def build_row(task_name: str, row: str, args: Args, device: torch.device, backend: str) -> _Row:
@@ -149,7 +163,12 @@ def build_row(task_name: str, row: str, args: Args, device: torch.device, backen
     x = torch.randn(n_steps * batch, *shape, device=device)
     y = torch.randint(0, n_classes, (n_steps * batch,), device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    forward = torch.compile(model, backend=backend) if row.endswith("compiled") else model
+    if "compiled" not in row:
+        forward = model
+    elif row.endswith("-ro") and backend == "inductor":
+        forward = torch.compile(model, mode="reduce-overhead")
+    else:
+        forward = torch.compile(model, backend=backend)
 
     controller = None
     if row.startswith(("controller", "heuristic")):
@@ -183,12 +202,13 @@ def build_row(task_name: str, row: str, args: Args, device: torch.device, backen
 
 def warm_up(row: _Row, args: Args, device: torch.device) -> None:
     """Runs the row's untimed steps (compilation included) and records their time, graphs and breaks."""
-    graphs, breaks = _graphs(), _breaks()
+    graphs, breaks, skips = _graphs(), _breaks(), _cudagraph_skips()
     start = time.perf_counter()
     for _ in range(args.warmup):
         row.step()
     _sync(device)
     row.warmup_s, row.graphs, row.graph_breaks = time.perf_counter() - start, _graphs() - graphs, _breaks() - breaks
+    row.cudagraph_skips = _cudagraph_skips() - skips
 
 
 def time_rows(rows: list[_Row], args: Args, device: torch.device) -> list[dict[str, Any]]:
@@ -229,6 +249,7 @@ def time_rows(rows: list[_Row], args: Args, device: torch.device) -> list[dict[s
                 "graphs": row.graphs,
                 "recompiled_while_timed": recompiled[i],
                 "graph_breaks": row.graph_breaks,
+                "cudagraph_skips": row.cudagraph_skips,
                 "step_peak_bytes": step_peak[i],
                 "loss_first_last": [final[0], final[-1]],
                 "finite": all(map(_finite, final)),
@@ -241,6 +262,11 @@ def time_rows(rows: list[_Row], args: Args, device: torch.device) -> list[dict[s
 
 def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
+
+
+def _cudagraph_skips() -> int:
+    """Graphs that ``mode="reduce-overhead"`` ran without CUDA graphs (Inductor's count; its log says why)."""
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _breaks() -> int:

@@ -25,16 +25,21 @@ SWITCHES = {0: ["fp32", "fp32"], 4: ["bf16", "bf16"], 8: ["bf16", "fp32"], 12: [
 STEPS = 20
 
 
-def _train(compiled: bool, fused: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list, list[int]]:
+def _train(
+    compiled: bool, fused: bool, monkeypatch: pytest.MonkeyPatch, mode: str | None = None
+) -> tuple[list, list, list[int]]:
     """Twenty steps of a user's loop; returns each step's (loss, logits dtype), the final weights, and how many
-    graphs Dynamo had compiled after each step."""
+    graphs Dynamo had compiled after each step. ``mode`` is ``torch.compile``'s (Inductor only)."""
     monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=fused))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(STEPS * 16, 3, 4, 4, generator=g), torch.randint(0, 5, (STEPS * 16,), generator=g)
-    forward = torch.compile(model, backend=BACKEND) if compiled else model
+    if not compiled:
+        forward = model
+    else:
+        forward = torch.compile(model, mode=mode) if mode else torch.compile(model, backend=BACKEND)
     seen, graphs = [], []
     with Controller(model, optimizer, policy="static-fp32") as ctl:
         assert ctl.engine.fused == fused
@@ -78,6 +83,22 @@ def test_a_compiled_model_trains_as_the_eager_one_through_precision_changes(fuse
     # Every map compiles once, at its first step: no recompiling at every step (a view made inside a hook did that).
     for start, end in zip(sorted(SWITCHES), [*sorted(SWITCHES)[1:], STEPS], strict=True):
         assert graphs[start + 1 : end] == [graphs[start]] * (end - start - 1), graphs
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_reduce_overhead_mode_replays_cuda_graphs_and_trains_as_the_eager_model(fused, monkeypatch):
+    """``mode="reduce-overhead"`` (cudagraph trees): forward and backward replayed, through every precision map."""
+    eager, eager_weights, _ = _train(compiled=False, fused=fused, monkeypatch=monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    replayed, replayed_weights, _ = _train(compiled=True, fused=fused, monkeypatch=monkeypatch, mode="reduce-overhead")
+    for (want_loss, want_dtype), (got_loss, got_dtype) in zip(eager, replayed, strict=True):
+        assert got_dtype == want_dtype
+        assert got_loss == pytest.approx(want_loss, rel=2e-3, abs=1e-4)
+    for got, want in zip(replayed_weights, eager_weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # replayed as CUDA graphs, not silently run eagerly
 
 
 @pytest.mark.skipif(not FUSED_RUNS, reason="the fused step needs a GPU or TRITON_INTERPRET=1")
