@@ -14,9 +14,9 @@ Rows, each a fresh model from the same seed, in one process:
 - ``controller-compiled``: that with ``torch.compile(model)``;
 - ``heuristic-compiled``: ``policy="heuristic"`` with the compiled model (its speed trial runs bf16 and fp16, so the
   model compiles for both);
-- ``plain-compiled-ro``, ``controller-compiled-ro``: ``torch.compile(model, mode="reduce-overhead")``, which replays
-  the forward and backward as CUDA graphs (Inductor's cudagraph trees): the compile mode meant for host-bound steps.
-  With ``--smoke`` (CPU, no CUDA graphs) they run as the other compiled rows.
+- ``plain-compiled-ro``, ``controller-compiled-ro``, ``heuristic-compiled-ro``: ``torch.compile(model,
+  mode="reduce-overhead")``, which replays the forward and backward as CUDA graphs (Inductor's cudagraph trees): the
+  compile mode meant for host-bound steps. With ``--smoke`` (CPU, no CUDA graphs) they run as the other compiled rows.
 
 Every row of a model is built and trains ``--warmup`` steps (compilation included: ``warmup_s`` is their wall time);
 then the rows take turns, a chunk of 10 steps each per round (the order rotated every round), timed with CUDA events,
@@ -58,6 +58,7 @@ ROWS = (
     "heuristic-compiled",
     "plain-compiled-ro",
     "controller-compiled-ro",
+    "heuristic-compiled-ro",
 )
 DEFAULT_ROWS = ROWS[:5]
 CHUNK = 10

@@ -175,9 +175,9 @@ for stage in "$@"; do
     compile-effnet) python3 experiments/bench_compile.py --models effnet-b0-fmnist --out "$OUT/bench_compile_effnet.json" 2>&1 | tail -12 ;;
     # reduce-overhead (cudagraph trees) beside eager and the default mode, plain and controlled (~4 min a model).
     ro-resnet) python3 experiments/bench_compile.py --models resnet18-fmnist --out "$OUT/bench_compile_ro_resnet.json" \
-           --rows plain-eager,plain-compiled,plain-compiled-ro,controller-eager,controller-compiled-ro 2>&1 | tail -12 ;;
+           --rows plain-eager,plain-compiled,plain-compiled-ro,controller-eager,controller-compiled-ro,heuristic-compiled-ro 2>&1 | tail -12 ;;
     ro-effnet) python3 experiments/bench_compile.py --models effnet-b0-fmnist --out "$OUT/bench_compile_ro_effnet.json" \
-           --rows plain-eager,plain-compiled,plain-compiled-ro,controller-eager,controller-compiled-ro 2>&1 | tail -12 ;;
+           --rows plain-eager,plain-compiled,plain-compiled-ro,controller-eager,controller-compiled-ro,heuristic-compiled-ro 2>&1 | tail -12 ;;
     # Where a user's loop under the Controller spends its time against a plain loop (~2 min).
     profile-loop) python3 scripts/profile_user_loop.py --out "$OUT/profile_user_loop.json" 2>&1 | tail -80 ;;
     # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).

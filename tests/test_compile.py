@@ -133,3 +133,44 @@ def test_a_graph_traced_before_the_controller_does_not_skip_its_precisions():
             compiled, eager = forward(x), model(x)
     assert compiled.dtype == eager.dtype == torch.float32  # the last layer's fp32 holds in the compiled forward
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("first", ["plain", "controlled"])
+def test_two_instances_of_one_class_compile_their_own_graphs(first):
+    """An EMA copy or a teacher of the model's class, compiled beside it: neither may run the other's graph."""
+    torch.manual_seed(0)
+    controlled = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(DEVICE)
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
+    with Controller(controlled, torch.optim.SGD(controlled.parameters(), lr=0.1), policy="static-fp32") as ctl:
+        ctl.engine.set_precisions(["bf16", "fp32"])
+        forwards = {
+            "controlled": torch.compile(controlled, backend=BACKEND),
+            "plain": torch.compile(plain, backend=BACKEND),
+        }
+        got = {}
+        for name in (first, "controlled" if first == "plain" else "plain"):
+            with ctl.autocast():  # the plain model under the controller's context: the outer bf16 autocast, no hooks
+                got[name] = forwards[name](x)
+        with ctl.autocast():
+            want = {"controlled": controlled(x), "plain": plain(x)}
+    assert got["controlled"].dtype == torch.float32  # its last layer's fp32 held
+    assert got["plain"].dtype == torch.bfloat16  # autocast alone: no layer of it is held in fp32
+    for name in got:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_a_second_controller_on_the_same_model_is_not_served_the_first_ones_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(DEVICE)
+    forward = torch.compile(model, backend=BACKEND)
+    x = torch.randn(4, 8, device=DEVICE)
+    dtypes = []
+    for precisions in (["bf16", "fp32"], ["fp32", "bf16"]):
+        with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="static-fp32") as ctl:
+            ctl.engine.set_precisions(precisions)
+            with ctl.autocast():
+                compiled, eager = forward(x), model(x)
+            torch.testing.assert_close(compiled, eager)
+            dtypes.append(compiled.dtype)
+    assert dtypes == [torch.float32, torch.bfloat16]

@@ -121,7 +121,7 @@ class LayerPrecision:
                 self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
             elif not isinstance(module, _NATIVE_MIXED_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook))
-        _forget_compiled_graphs()
+        _guard_compiled_graphs_on_hooks()
 
     @property
     def controllable_indices(self) -> list[int]:
@@ -185,6 +185,7 @@ class LayerPrecision:
             cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured).
         """
         if self._eager_regions is None and "torch._dynamo" in sys.modules:  # here, outside any traced forward
+            _guard_compiled_graphs_on_hooks()  # Dynamo loaded since the hooks were installed
             self._eager_regions = (
                 torch.compiler.disable(self._enter_region),
                 torch.compiler.disable(self._exit_region),
@@ -343,15 +344,23 @@ def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]
     )
 
 
-def _forget_compiled_graphs() -> None:
-    """Drops the graphs ``torch.compile`` traced so far, which would run the model as if it had no hooks.
+def _guard_compiled_graphs_on_hooks() -> None:
+    """Makes ``torch.compile``'s graphs guard on module hooks, and drops those traced without such guards.
 
-    Dynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default):
-    a graph traced before the hooks existed (the model compiled and run once before the controller was built, or
-    another instance of its class) passes its guards and ignores the per-layer precisions (a mixed map ran every
-    layer in the outer 16-bit type, 2026-12-03). Retracing costs one compilation per compiled function, once.
+    By default Dynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a graph
+    traced on a module without the per-layer hooks (the model compiled and run once before the controller was built,
+    or another instance of its class, such as an EMA copy compiled beside it) passes its guards on the hooked model and
+    ignores the per-layer precisions (a mixed map ran every layer in the outer 16-bit type, 2026-12-03), and a graph
+    traced with the hooks would run them on the other instance. With the guards on, each traces its own graph. The
+    switch is process-wide and stays on (stricter guards, a few checks a call); graphs traced before it are dropped
+    once (retraced at their next call). Idempotent; called where hooks are installed and, should Dynamo be loaded
+    only later, at the first ``context()`` after that.
     """
-    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled in this process
+    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process yet: the first context() comes back
         return
-    _log.info("per-layer precision hooks installed: torch.compile's earlier graphs, if any, will be retraced")
+    config = torch._dynamo.config
+    if not config.skip_nnmodule_hook_guards:
+        return
+    config.skip_nnmodule_hook_guards = False
+    _log.info("per-layer precision hooks: torch.compile now guards on module hooks; earlier graphs will be retraced")
     torch._dynamo.reset()
