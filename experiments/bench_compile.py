@@ -164,6 +164,7 @@ def build_row(task_name: str, row: str, args: Args, device: torch.device, backen
     x = torch.randn(n_steps * batch, *shape, device=device)
     y = torch.randint(0, n_classes, (n_steps * batch,), device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    forward: Callable[[torch.Tensor], torch.Tensor]
     if "compiled" not in row:
         forward = model
     elif row.endswith("-ro") and backend == "inductor":
