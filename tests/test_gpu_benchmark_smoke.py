@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from experiment_scripts import import_experiment
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
 ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
@@ -112,12 +113,7 @@ def test_fp32_row_turns_tf32_off_and_restores_it():
 
 
 def gpu_benchmark_module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_benchmark
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return gpu_benchmark
+    return import_experiment("gpu_benchmark")
 
 
 def test_every_row_of_the_benchmark_runs(tmp_path):
@@ -143,15 +139,24 @@ def test_every_row_of_the_benchmark_runs(tmp_path):
 
 
 def test_the_device_visit_stages_name_only_rows_that_exist():
+    """Each ``--rows`` list in device-visit.sh names rows of the script it goes to (the last one named before it)."""
     import re
 
     gpu_benchmark = gpu_benchmark_module()
-    known = set(gpu_benchmark.rows_for(gpu_benchmark.Args()))
+    known = {
+        "gpu_benchmark": set(gpu_benchmark.rows_for(gpu_benchmark.Args())),
+        "bench_compile": set(import_experiment("bench_compile").ROWS),
+    }
     script = (SCRIPT.parents[1] / "scripts" / "device-visit.sh").read_text()
-    lists = re.findall(r"--rows ([\w.,-]+)", script)
-    assert len(lists) >= 4  # resnet-pilot and the three issue-7 stages
-    for rows in lists:
-        assert set(rows.split(",")) <= known, f"unknown rows in device-visit.sh: {set(rows.split(',')) - known}"
+    calls = [(m.start(), m.group(1)) for m in re.finditer(r"experiments/(\w+)\.py", script)]
+    checked = {name: 0 for name in known}
+    for match in re.finditer(r"--rows ([\w.,-]+)", script):
+        name = [name for start, name in calls if start < match.start()][-1]
+        rows = set(match.group(1).split(","))
+        assert name in known, f"device-visit.sh passes --rows to experiments/{name}.py, which this test does not know"
+        assert rows <= known[name], f"unknown rows for {name} in device-visit.sh: {rows - known[name]}"
+        checked[name] += 1
+    assert checked["gpu_benchmark"] >= 4 and checked["bench_compile"] >= 2  # the issue-7 and reduce-overhead stages
 
 
 def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
