@@ -3,6 +3,9 @@
     python experiments/transfer.py                 # 3 held-out tasks × 5 controllers × 3 seeds, CPU
     python experiments/transfer.py --reuse         # keep runs already in the results file, run the rest
     python experiments/transfer.py --tune-lr 1,2,3,4   # each task at the LR a static bf16 grid finds best
+    python experiments/transfer.py --tasks fresh --out experiments/results/transfer_fresh.json \
+        --plots experiments/results/plots/transfer_fresh       # the fresh held-out tasks (FRESH_HELD_OUT_TASKS)
+    python experiments/transfer.py --calibrate --tasks fresh --out experiments/results/fresh_held_out_calibration.json
 
 Every run goes through ``triaccel_rl.compare.compare`` in ``profile`` cost mode: time is modelled GPU
 time from the shipped H200 profile, not CPU time. Writes ``experiments/results/transfer.json`` (per task
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +42,10 @@ ACCURACY_SLACK = 0.003
 """Target 2: learned final accuracy at least the best static one minus this (0.3 points)."""
 SLOWER_THAN_BF16 = 1.05
 """Target 3: learned time to target / static bf16's, on every task, at most this."""
+CALIBRATION_SEED = 100
+"""``--calibrate`` runs static fp32 on this seed, which no comparison uses (they run seeds 0..N-1)."""
+CALIBRATION_SHARE = 0.98
+"""``--calibrate``: a task's target is this share of the calibration run's final accuracy, rounded down to 0.005."""
 
 
 @dataclass
@@ -45,7 +53,8 @@ class Args:
     """Command-line arguments (each field is a ``--flag``)."""
 
     tasks: str = "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic"
-    """Comma-separated tasks (default: ``triaccel_rl.tasks.HELD_OUT_TASKS``)."""
+    """Comma-separated tasks (default: ``triaccel_rl.tasks.HELD_OUT_TASKS``); ``fresh`` stands for
+    ``FRESH_HELD_OUT_TASKS``."""
     controllers: str = "pretrained,heuristic,fp32,bf16,fp16"
     """Comma-separated controllers, as ``triaccel-rl compare`` takes them."""
     seeds: int = 3
@@ -75,6 +84,9 @@ class Args:
     """Only draw the plots from the runs in ``out`` (nothing runs; the results file is not rewritten)."""
     smoke: bool = False
     """One task, two controllers, one seed, a tenth of an epoch: checks the plumbing only."""
+    calibrate: bool = False
+    """Instead of comparing: per task, static fp32 on seed ``CALIBRATION_SEED`` in this protocol, and the target the
+    rule gives (``calibration_target``), written to ``out`` (how ``FRESH_HELD_OUT_TASKS`` got their targets)."""
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -83,7 +95,7 @@ def main(args: Args) -> dict[str, Any]:
 
     from triaccel_rl.compare import compare
     from triaccel_rl.config import ControllerConfig
-    from triaccel_rl.tasks import get_task
+    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, get_task
 
     if args.plots_only:
         document = json.loads(Path(args.out).read_text())
@@ -93,9 +105,12 @@ def main(args: Args) -> dict[str, Any]:
     if args.smoke:
         args = replace(args, tasks="deep-mlp-synthetic", controllers="heuristic,bf16", seeds=1, epochs=0.1)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [name for t in tasks for name in (FRESH_HELD_OUT_TASKS if t == "fresh" else (t,))]
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
+    if args.calibrate:
+        return calibrate(tasks, args)
     grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []
     if not args.lr_factor > 0:
         raise ValueError(f"--lr-factor {args.lr_factor} must be positive")
@@ -180,6 +195,50 @@ def tune_lr(task: str, factors: list[float], args: Args, config: Any) -> dict[st
               f"{rows[-1]['time_to_target_charged_s_mean']:.4f} s", flush=True)  # fmt: skip
     best = min(rows, key=lambda row: (-row["reach_rate"], row["time_to_target_charged_s_mean"]))
     return {"chosen": best["lr_factor"], "rows": rows}
+
+
+def calibration_target(final_metric: float) -> float:
+    """The target a calibration run's final accuracy sets: ``CALIBRATION_SHARE`` of it, rounded down to 0.005.
+
+    Example:
+        >>> calibration_target(0.8537)
+        0.835
+    """
+    return math.floor(round(CALIBRATION_SHARE * final_metric * 200, 6)) / 200
+
+
+def calibrate(tasks: list[str], args: Args) -> dict[str, Any]:
+    """Static fp32 on ``CALIBRATION_SEED`` per task in this protocol; writes each task's final accuracy and target."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from triaccel_rl.compare import compare
+    from triaccel_rl.config import ControllerConfig
+
+    config = ControllerConfig(interval_steps=args.interval_steps)
+    rows = {}
+    for task in tasks:
+        with sdpa_kernel(SDPBackend.MATH):  # as in main()
+            (result,) = compare(_at_lr(task, args.lr_factor), ["fp32"], [CALIBRATION_SEED], epochs=args.epochs,
+                                config=config, cost_mode="profile", device="cpu", show_progress=False,
+                                eval_every=args.eval_every)  # fmt: skip
+        rows[task] = {"final_metric": result.final_metric, "target_metric": calibration_target(result.final_metric)}
+        print(f"{task:22s} static fp32, seed {CALIBRATION_SEED}: final {100 * result.final_metric:.2f}% "
+              f"-> target {rows[task]['target_metric']:.3f}", flush=True)  # fmt: skip
+    document = {
+        "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
+        "rule": f"target = floor({CALIBRATION_SHARE} x final accuracy of static fp32, seed {CALIBRATION_SEED}, "
+        "to 0.005)",
+        "args": asdict(args),
+        "device": _device(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "tasks": rows,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return document
 
 
 def _at_lr(task: str, factor: float) -> Any:
@@ -321,14 +380,12 @@ def _write(
     wall_s: float,
     lr_grid: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    import torch
-
     summary = summarize(runs, tasks, controllers)
     document: dict[str, Any] = {
         "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
         "args": asdict(args),
         "time_mode": "modelled GPU time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",
-        "device": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
+        "device": _device(),
         "date": time.strftime("%Y-%m-%d"),
         "commit": git_commit(),
         "wall_s_this_invocation": wall_s,
@@ -343,6 +400,12 @@ def _write(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n")
     return document
+
+
+def _device() -> str:
+    import torch
+
+    return f"cpu ({os.cpu_count()} cores), torch {torch.__version__}"
 
 
 def _sha(controller: str) -> str | None:
