@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+from experiment_scripts import import_experiment
 from torch import nn
 from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy, pretrained_policy_path
 from triaccel_rl.policies.learned import policy_view
@@ -357,3 +358,45 @@ def test_transfer_tunes_each_tasks_lr_on_a_static_grid(monkeypatch):
     assert grid["rows"][1]["time_to_target_charged_s_mean"] == 5.5
     with pytest.raises(ValueError, match=r"--tune-lr '1,0': '0' must be positive"):
         transfer.main(transfer.Args(tune_lr="1,0", smoke=True, out="", plots=""))
+
+
+def test_calibration_target_is_98_percent_rounded_down_to_half_a_point():
+    transfer = import_experiment("transfer")
+    assert [transfer.calibration_target(a) for a in (0.8537, 0.9, 1.0, 0.5)] == [0.835, 0.88, 0.98, 0.49]
+
+
+def test_calibrate_runs_static_fp32_on_the_calibration_seed_for_each_fresh_task(monkeypatch, tmp_path):
+    """``--calibrate --tasks fresh``: one static fp32 run per fresh task, on a seed no comparison uses."""
+    from types import SimpleNamespace
+
+    import triaccel_rl.compare as compare_module
+    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS
+
+    transfer = import_experiment("transfer")
+    calls = []
+
+    def fake_compare(task, controllers, seeds, **kwargs):
+        calls.append((task.name, controllers, seeds, kwargs["epochs"]))
+        return [SimpleNamespace(final_metric=0.9)]
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    out = tmp_path / "calibration.json"
+    document = transfer.main(transfer.Args(calibrate=True, tasks="fresh", out=str(out), plots=""))
+    assert calls == [(name, ["fp32"], [transfer.CALIBRATION_SEED], 2.0) for name in FRESH_HELD_OUT_TASKS]
+    assert transfer.CALIBRATION_SEED not in range(transfer.Args().seeds)
+    assert json.loads(out.read_text()) == document
+    assert document["tasks"] == {name: {"final_metric": 0.9, "target_metric": 0.88} for name in FRESH_HELD_OUT_TASKS}
+
+
+def test_the_fresh_held_out_tasks_targets_are_the_recorded_calibrations():
+    """The registered targets are what the rule gives on the committed calibration run, nothing tuned after it."""
+    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, get_task
+
+    transfer = import_experiment("transfer")
+    calibration = json.loads((REPO / "experiments" / "results" / "fresh_held_out_calibration.json").read_text())
+    assert set(calibration["tasks"]) == set(FRESH_HELD_OUT_TASKS)
+    for name in FRESH_HELD_OUT_TASKS:
+        recorded = calibration["tasks"][name]
+        assert recorded["target_metric"] == transfer.calibration_target(recorded["final_metric"])
+        assert get_task(name).target_metric == recorded["target_metric"], name
+    assert not set(FRESH_HELD_OUT_TASKS) & {*TRAINING_TASKS, *HELD_OUT_TASKS}

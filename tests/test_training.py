@@ -5,21 +5,23 @@ import pytest
 import torch
 
 from triaccel_rl.config import ConfigError, MemoryBudget
-from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS, get_task, task_names
+from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS, get_task, task_names
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Precision
 
 SMALL = {"n_train": 2048, "n_test": 256}
-BENCHMARK_TASKS = sorted(set(task_names()) - set(TRAINING_TASKS) - set(HELD_OUT_TASKS))
+BENCHMARK_TASKS = sorted(set(task_names()) - {*TRAINING_TASKS, *HELD_OUT_TASKS, *FRESH_HELD_OUT_TASKS})
 
 
 def test_task_suite_split():
     assert len(TRAINING_TASKS) + len(HELD_OUT_TASKS) >= 6
     assert not set(TRAINING_TASKS) & set(HELD_OUT_TASKS)
+    assert not set(FRESH_HELD_OUT_TASKS) & {*TRAINING_TASKS, *HELD_OUT_TASKS}
+    assert {get_task(name).optimizer for name in FRESH_HELD_OUT_TASKS} == {"sgd", "adamw"}
     assert set(BENCHMARK_TASKS) == {"resnet18-fmnist", "effnet-b0-fmnist"}
 
 
-@pytest.mark.parametrize("name", TRAINING_TASKS + HELD_OUT_TASKS)
+@pytest.mark.parametrize("name", TRAINING_TASKS + HELD_OUT_TASKS + FRESH_HELD_OUT_TASKS)
 def test_every_task_trains(name):
     task = get_task(name, **SMALL)
     run = TrainingRun(task, seed=0, device="cpu", batch_size=64)

@@ -345,7 +345,7 @@ register_task(
         base_batch_size=128,
         n_train=8_000,
         n_test=2_000,
-        target_metric=0.8,
+        target_metric=0.78,  # calibration: static fp32 final 0.8005
     )
 )
 register_task(
@@ -359,7 +359,7 @@ register_task(
         base_batch_size=128,
         n_train=8_000,
         n_test=2_000,
-        target_metric=0.8,
+        target_metric=0.665,  # calibration: static fp32 final 0.6815
     )
 )
 register_task(
@@ -372,7 +372,7 @@ register_task(
         base_lr=1e-3,
         weight_decay=1e-2,
         base_batch_size=64,
-        target_metric=0.8,
+        target_metric=0.825,  # calibration: static fp32 final 0.8428
     )
 )
 register_task(
@@ -386,7 +386,7 @@ register_task(
         base_batch_size=128,
         n_train=12_000,
         n_test=2_000,
-        target_metric=0.8,
+        target_metric=0.825,  # calibration: static fp32 final 0.8450
     )
 )
 
