@@ -269,6 +269,13 @@ Learned vs heuristic vs static baselines (time to target, final accuracy, peak m
 `python experiments/transfer.py` to `experiments/results/transfer.json`):
 
 {_transfer_section()}
+## Evaluation on the fresh held-out tasks
+
+Four tasks registered after this policy was chosen, before any controller ran on them, with targets from a rule
+fixed in advance (README, "Tasks"; `python experiments/transfer.py --tasks fresh`, written to
+`experiments/results/transfer_fresh.json`):
+
+{_transfer_section(FRESH_TRANSFER)}
 {provenance}{_spread_section(spread)}
 ## Limits
 
@@ -284,6 +291,10 @@ that model's curvature lies below every training task's, so 3 of its 4 decisions
 heuristic. On EfficientNet-B0 its first decision moved two groups to fp32 and raised the LR, 1.23× the
 heuristic's time.
 """
+
+
+FRESH_TRANSFER = REPO / "experiments" / "results" / "transfer_fresh.json"
+"""``transfer.py --tasks fresh``'s results: the shipped policy on ``FRESH_HELD_OUT_TASKS``."""
 
 
 def _transfer_section(path: Path = REPO / "experiments" / "results" / "transfer.json") -> str:

@@ -22,7 +22,7 @@ from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
 from triaccel_rl.shield import FallbackPolicy, ObservationStats
-from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
+from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS
 from triaccel_rl.types import Precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +166,9 @@ def test_model_card_names_the_training_tasks_and_the_command():
         assert f"`{task}`" in card, task
     assert "python experiments/train_pretrained.py" in card
     assert "environment steps trained" in card
+    fresh = card[card.index("## Evaluation on the fresh held-out tasks") :]
+    for task in FRESH_HELD_OUT_TASKS:
+        assert f"| {task} | pretrained |" in fresh, task
 
 
 def test_tiny_training_run_gives_a_policy_that_loads(tiny_policy):
@@ -370,7 +373,6 @@ def test_calibrate_runs_static_fp32_on_the_calibration_seed_for_each_fresh_task(
     from types import SimpleNamespace
 
     import triaccel_rl.compare as compare_module
-    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS
 
     transfer = import_experiment("transfer")
     calls = []
@@ -390,7 +392,7 @@ def test_calibrate_runs_static_fp32_on_the_calibration_seed_for_each_fresh_task(
 
 def test_the_fresh_held_out_tasks_targets_are_the_recorded_calibrations():
     """The registered targets are what the rule gives on the committed calibration run, nothing tuned after it."""
-    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, get_task
+    from triaccel_rl.tasks import get_task
 
     transfer = import_experiment("transfer")
     calibration = json.loads((REPO / "experiments" / "results" / "fresh_held_out_calibration.json").read_text())
