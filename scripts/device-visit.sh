@@ -30,6 +30,13 @@ for stage in "$@"; do
     oom-release) python3 scripts/check_oom_release.py 2>&1 | tail -40 ;;
     # The allocator xfail alone, in pytest as in gputests (the OOM test, then the release check).
     oom-tests) python3 -m pytest -q --tb=short -p no:cacheprovider tests/elastic/test_gpu_elastic.py 2>&1 | tail -15 ;;
+    # Which earlier file leaves the reserve: the gputests order, then each file alone before the elastic file, the
+    # allocator xfail run as a test (--runxfail) so that its report prints.
+    oom-bisect) for f in "tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py" \
+                         tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py tests/test_gpu_training.py; do
+                  echo "--- $f"; python3 -m pytest -q --tb=short --runxfail -p no:cacheprovider $f tests/elastic/test_gpu_elastic.py \
+                    2>&1 | tee -a "$OUT/oom_bisect.log" | grep -v "^\.\|^$" | tail -30
+                done ;;
     copies) python3 scripts/check_weight_copies.py 2>&1 | tail -12 ;;
     # Re-checks of the controller's overhead (its parts are printed per run) on both models, 2 seeds each.
     overhead-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 2 --static 256,1.0,9.4 \

@@ -106,6 +106,8 @@ def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None
 
 
 def test_real_out_of_memory_is_recovered() -> None:
+    # Allocation stacks from here on, for the next test's report should the reserve stay (it stops the recording).
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)
     # Eager steps: a captured step reserves its memory at capture, so later scarcity would not bite.
     run = TrainingRun(
         _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), cuda_graphs=False
@@ -151,7 +153,40 @@ def test_real_out_of_memory_is_recovered() -> None:
     strict=False,
 )
 def test_memory_is_released_after_a_recovered_out_of_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    reserved = torch.cuda.memory_reserved()
-    assert reserved < 8 << 30, f"{reserved} bytes still reserved after the earlier tests' runs are gone"
+    try:
+        gc.collect()
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved()
+        report = _allocator_report() if reserved >= 8 << 30 else ""
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    assert reserved < 8 << 30, f"{reserved} bytes still reserved after the earlier tests' runs are gone:\n{report}"
+
+
+def _allocator_report(min_bytes: int = 1 << 30) -> str:
+    """What keeps the reserve: segments of ``min_bytes`` or more, their blocks not free with where each was
+    allocated (when recorded), and the live CUDA tensors of 256 MiB or more with the types referring to them."""
+    lines = []
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        if segment["total_size"] < min_bytes:
+            continue
+        by_state: dict[str, int] = {}
+        for block in segment["blocks"]:
+            by_state[block["state"]] = by_state.get(block["state"], 0) + block["size"]
+        lines.append(f"segment {segment['total_size'] / 2**30:.2f} GiB, stream {segment['stream']}, "
+                     f"pool {segment.get('segment_pool_id')}, GiB by state "
+                     f"{ {k: round(v / 2**30, 3) for k, v in by_state.items()} }")  # fmt: skip
+        for block in segment["blocks"]:
+            if block["state"] != "inactive":
+                ours = [f for f in block.get("frames", []) if "triaccel" in f["filename"] or "test" in f["filename"]]
+                frames = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in ours]
+                lines.append(f"  {block['state']} {block['size'] / 2**20:.1f} MiB from {' < '.join(frames[:6]) or '?'}")
+    for obj in gc.get_objects():
+        try:
+            big = isinstance(obj, torch.Tensor) and obj.is_cuda and obj.untyped_storage().nbytes() >= 1 << 28
+        except Exception:  # objects that fail isinstance or is_cuda
+            continue
+        if big:
+            referrers = sorted({type(r).__name__ for r in gc.get_referrers(obj)})
+            lines.append(f"live tensor {tuple(obj.shape)} {obj.dtype}, referred to by {referrers}")
+    return "\n".join(lines) or "no segment of 1 GiB or more, no live tensor of 256 MiB or more"
