@@ -4,7 +4,9 @@ import gc
 
 import pytest
 import torch
+from torch import nn
 
+from triaccel_rl.graphs import StepGraphs, end_abandoned_capture
 from triaccel_rl.training import TrainingRun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -145,6 +147,35 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_graphs_turn_off(determi
     assert fallen_back.graphs is None
     assert "CUDA graph capture failed" in caplog.text
     _assert_runs_match(eager, fallen_back, rtol=1e-5)
+
+
+def test_a_failed_capture_leaves_the_allocator_able_to_free_its_cache():
+    # torch 2.11 leaves the allocator routing to a failed capture's pool; until the routing ends, empty_cache() frees
+    # nothing and a failed allocation frees no cache before raising out-of-memory (graphs.end_abandoned_capture).
+    device = torch.device("cuda")
+    model = nn.Linear(64, 10).to(device)
+    graphs = StepGraphs(model, device)
+
+    def syncing_body(x, y):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        float(loss)  # a host-device sync: the capture fails
+        return loss.detach()
+
+    x, y = torch.randn(32, 64, device=device), torch.randint(0, 10, (32,), device=device)
+    with pytest.raises(RuntimeError):  # torch.AcceleratorError is one
+        graphs.run("step", x, y, syncing_body, lambda: model.zero_grad(set_to_none=False))
+    assert not end_abandoned_capture(device, graphs._pool)  # already ended (by torch, or by StepGraphs)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    block = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    assert torch.cuda.memory_reserved() >= before + (1 << 30)
+    del block
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == before, (
+        f"{torch.cuda.memory_reserved() - before} bytes kept after empty_cache"
+    )
 
 
 def test_fp16_loss_scale_is_updated_in_place_for_captured_steps():

@@ -36,7 +36,7 @@ from torch import nn
 
 from triaccel_rl.signals.estimators import frozen_batch_stats
 
-__all__ = ["StepGraphs", "graph_unsupported"]
+__all__ = ["StepGraphs", "end_abandoned_capture", "graph_unsupported"]
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +67,26 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return stream
+
+
+def end_abandoned_capture(device: torch.device, pool: tuple[int, int]) -> bool:
+    """Tells the caching allocator that a failed capture into ``pool`` is over; True if it had not been told.
+
+    A capture routes the allocator's allocations to the graph's pool until ``capture_end`` ends the routing. On
+    torch 2.11 a capture that fails (a host sync inside it, an error in the captured code) ends the stream capture
+    but raises before it ends the routing (fixed upstream in pytorch/pytorch#180395), and while the allocator
+    believes a capture is underway ``empty_cache()`` frees no cached block, nor does an allocation that fails
+    before it raises out-of-memory. Measured on an H200 (2026-12-04): after one failed capture early in a process,
+    the 137 GiB a later out-of-memory test had used stayed reserved, all of it free. Ending the routing here is
+    refused (and ignored) where torch already ended it.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(index, pool)
+    except RuntimeError:  # not recording to that pool: torch ended the routing itself
+        return False
+    _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
+    return True
 
 
 def graph_unsupported(model: nn.Module, device: torch.device) -> str:
@@ -170,10 +190,14 @@ class StepGraphs:
         peak = int(torch.cuda.max_memory_allocated(self.device))
         zero_grad()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            loss = body(static_x, static_y)
-        if self._pool is None:
-            self._pool = graph.pool()
+        if self._pool is None:  # a handle of our own: a failed capture's graph does not tell its pool
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = body(static_x, static_y)
+        except BaseException:
+            end_abandoned_capture(self.device, self._pool)
+            raise
         entry = _Graph(graph, static_x, static_y, loss, peak)
         self._graphs[key] = entry
         if len(self._graphs) > self.max_graphs:

@@ -1,0 +1,45 @@
+"""Checks whether a failed CUDA graph capture stops ``empty_cache()`` from freeing memory, and the repair.
+
+Usage: ``python scripts/check_failed_capture.py`` (a CUDA GPU). A capture fails on a host sync inside it; then a
+1 GiB block is freed and ``empty_cache()`` called: on torch 2.11 the block stays reserved while the allocator
+still routes to the failed capture's pool. ``triaccel_rl.graphs.end_abandoned_capture`` ends the routing and the
+same check is made again.
+"""
+
+import torch
+
+from triaccel_rl.graphs import end_abandoned_capture
+
+GIB = 1 << 30
+
+
+def kept_after_empty_cache() -> int:
+    """Bytes a freed 1 GiB block leaves reserved after ``empty_cache()``."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    block = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    del block
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved() - before
+
+
+def main() -> None:
+    """Fails a capture, then measures what empty_cache() keeps before and after the repair."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}")
+    print(f"before any capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
+    pool = torch.cuda.graph_pool_handle()
+    x = torch.ones(4, device=device)
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=pool):
+            float((x * 2).sum())  # a host sync: not allowed while capturing
+    except RuntimeError as err:
+        print(f"capture failed: {str(err).splitlines()[0][:100]}")
+    print(f"after the failed capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
+    print(f"end_abandoned_capture ended a routing torch had left: {end_abandoned_capture(device, pool)}")
+    print(f"after end_abandoned_capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
+
+
+if __name__ == "__main__":
+    main()
