@@ -2,13 +2,13 @@
 
 Usage: ``python scripts/check_failed_capture.py`` (a CUDA GPU). A capture fails on a host sync inside it; then a
 1 GiB block is freed and ``empty_cache()`` called: on torch 2.11 the block stays reserved while the allocator
-still routes to the failed capture's pool. ``triaccel_rl.graphs.end_abandoned_capture`` ends the routing and the
+still routes to the failed capture's pool. ``triaccel_rl.graphs.recover_from_failed_capture`` ends the routing and the
 same check is made again.
 """
 
 import torch
 
-from triaccel_rl.graphs import end_abandoned_capture
+from triaccel_rl.graphs import recover_from_failed_capture
 
 GIB = 1 << 30
 
@@ -37,8 +37,8 @@ def main() -> None:
     except RuntimeError as err:
         print(f"capture failed: {str(err).splitlines()[0][:100]}")
     print(f"after the failed capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
-    print(f"end_abandoned_capture ended a routing torch had left: {end_abandoned_capture(device, pool)}")
-    print(f"after end_abandoned_capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
+    print(f"recover_from_failed_capture ended a routing torch had left: {recover_from_failed_capture(device, pool)}")
+    print(f"after recover_from_failed_capture: {kept_after_empty_cache() / GIB:.2f} GiB kept")
 
 
 if __name__ == "__main__":

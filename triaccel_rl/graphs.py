@@ -36,7 +36,7 @@ from torch import nn
 
 from triaccel_rl.signals.estimators import frozen_batch_stats
 
-__all__ = ["StepGraphs", "end_abandoned_capture", "graph_unsupported"]
+__all__ = ["StepGraphs", "graph_unsupported", "recover_from_failed_capture"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,24 +69,36 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def end_abandoned_capture(device: torch.device, pool: tuple[int, int]) -> bool:
-    """Tells the caching allocator that a failed capture into ``pool`` is over; True if it had not been told.
+def recover_from_failed_capture(device: torch.device, pool: Any) -> bool:
+    """Undoes what a failed capture into ``pool`` leaves behind; True if the allocator was still routing to it.
 
-    A capture routes the allocator's allocations to the graph's pool until ``capture_end`` ends the routing. On
-    torch 2.11 a capture that fails (a host sync inside it, an error in the captured code) ends the stream capture
-    but raises before it ends the routing (fixed upstream in pytorch/pytorch#180395), and while the allocator
-    believes a capture is underway ``empty_cache()`` frees no cached block, nor does an allocation that fails
-    before it raises out-of-memory. Measured on an H200 (2026-12-04): after one failed capture early in a process,
-    the 137 GiB a later out-of-memory test had used stayed reserved, all of it free. Ending the routing here is
-    refused (and ignored) where torch already ended it.
+    On torch 2.11 a capture that fails (a host sync inside it, an error in the captured code) ends the stream
+    capture but raises before the rest of ``capture_end`` (pytorch/pytorch#180395 changed that upstream), leaving:
+
+    - the caching allocator routing to the pool: while it believes a capture is underway, ``empty_cache()`` frees
+      no cached block, nor does an allocation that fails before it raises out-of-memory. Measured on an H200
+      (2026-12-04): a freed 1 GiB block stayed reserved (``scripts/check_failed_capture.py``), and after the
+      GPU tests' one failed capture a later out-of-memory test's 137 GiB stayed reserved, all of it free.
+      Ending the routing here is refused (and ignored) where torch already ended it.
+    - the device's default CUDA generator in capture mode: every later random op on the device (dropout, a
+      GPU-side augmentation, ``torch.randn``) raises "Offset increment outside graph capture encountered
+      unexpectedly". A successful capture of one trivial op ends that mode, as a capture's end does.
+
+    ``pool`` is the handle the capture was given (``torch.cuda.graph_pool_handle()``).
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         torch._C._cuda_endAllocateToPool(index, pool)
+        routed = True
     except RuntimeError:  # not recording to that pool: torch ended the routing itself
-        return False
-    _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
-    return True
+        routed = False
+    scratch = torch.zeros(1, device=torch.device("cuda", index))
+    torch.cuda.synchronize(index)
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=pool):
+        scratch.add_(1)
+    if routed:
+        _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
+    return routed
 
 
 def graph_unsupported(model: nn.Module, device: torch.device) -> str:
@@ -196,7 +208,10 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = body(static_x, static_y)
         except BaseException:
-            end_abandoned_capture(self.device, self._pool)
+            try:
+                recover_from_failed_capture(self.device, self._pool)
+            except Exception as err:  # the capture's own error is the one to raise
+                _log.warning("could not undo what a failed CUDA graph capture left (%s: %s)", type(err).__name__, err)
             raise
         entry = _Graph(graph, static_x, static_y, loss, peak)
         self._graphs[key] = entry

@@ -97,7 +97,11 @@ def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None
     run.batch_size = 4096  # a new shape: its capture's eager warm-up pass runs out of memory
     served = run.samples_seen
     stats = run.step()
-    assert stats.oom_events >= 1 and len(run.last_micro_batches) >= 2  # recovered by splitting, eagerly
+    assert stats.oom_events >= 1 and len(run.last_micro_batches) >= 2, (  # recovered by splitting, eagerly
+        f"{state}; limit {held + room // 3} bytes ({held} held, {room} predicted for the batch), step peak "
+        f"{stats.memory_bytes}, max reserved {torch.cuda.max_memory_reserved()}, micro-batches "
+        f"{run.last_micro_batches}, captures {run.graphs.captures if run.graphs else None}"
+    )
     assert run.samples_seen - served == 4096
     assert run.graphs is not None  # graphs stay on for steps that fit in one micro-batch
 
@@ -140,7 +144,7 @@ def test_real_out_of_memory_is_recovered() -> None:
 
 
 # Failed for days in the gputests order, with 137 GiB reserved and free: an earlier file's failed CUDA graph capture had
-# left the allocator routing to the capture's pool, so empty_cache() freed nothing (graphs.end_abandoned_capture).
+# left the allocator routing to the capture's pool, so empty_cache() freed nothing (graphs.recover_from_failed_capture).
 def test_memory_is_released_after_a_recovered_out_of_memory() -> None:
     try:
         gc.collect()
