@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from triaccel_rl.graphs import StepGraphs, recover_from_failed_capture
+from triaccel_rl.graphs import StepGraphs
 from triaccel_rl.training import TrainingRun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -157,16 +157,20 @@ def test_after_a_failed_capture_random_ops_run_and_the_allocator_frees_its_cache
     model = nn.Linear(64, 10).to(device)
     graphs = StepGraphs(model, device)
 
-    def syncing_body(x, y):
+    def body(x, y):
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        float(loss)  # a host-device sync: the capture fails
         return loss.detach()
+
+    def syncing_body(x, y):
+        loss = body(x, y)
+        float(loss)  # a host-device sync: the capture fails
+        return loss
 
     x, y = torch.randn(32, 64, device=device), torch.randint(0, 10, (32,), device=device)
     with pytest.raises(RuntimeError):  # torch.AcceleratorError is one
         graphs.run("step", x, y, syncing_body, lambda: model.zero_grad(set_to_none=False))
-    assert not recover_from_failed_capture(device, graphs._pool)  # already ended (by torch, or by StepGraphs)
+    assert graphs._pool is None  # the failed capture's pool is not used again
     dropped = nn.functional.dropout(torch.ones(1000, device=device), p=0.5)
     assert 0 < int((dropped == 0).sum()) < 1000
     gc.collect()
@@ -179,6 +183,8 @@ def test_after_a_failed_capture_random_ops_run_and_the_allocator_frees_its_cache
     assert torch.cuda.memory_reserved() == before, (
         f"{torch.cuda.memory_reserved() - before} bytes kept after empty_cache"
     )
+    graphs.run("step", x, y, body, lambda: model.zero_grad(set_to_none=False))  # and a capture succeeds again
+    assert graphs.captures == 1 and graphs._pool is not None
 
 
 def test_fp16_loss_scale_is_updated_in_place_for_captured_steps():

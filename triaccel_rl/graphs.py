@@ -83,6 +83,8 @@ def recover_from_failed_capture(device: torch.device, pool: Any) -> bool:
     - the device's default CUDA generator in capture mode: every later random op on the device (dropout, a
       GPU-side augmentation, ``torch.randn``) raises "Offset increment outside graph capture encountered
       unexpectedly". A successful capture of one trivial op ends that mode, as a capture's end does.
+    - the pinned-host allocator routing to the pool too, which no Python call ends: a later capture into the
+      same pool fails ("beginAllocateToPool: already recording to mempool_id"). Give it a new pool.
 
     ``pool`` is the handle the capture was given (``torch.cuda.graph_pool_handle()``).
     """
@@ -94,7 +96,7 @@ def recover_from_failed_capture(device: torch.device, pool: Any) -> bool:
         routed = False
     scratch = torch.zeros(1, device=torch.device("cuda", index))
     torch.cuda.synchronize(index)
-    with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=pool):
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=torch.cuda.graph_pool_handle()):
         scratch.add_(1)
     if routed:
         _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
@@ -208,8 +210,9 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = body(static_x, static_y)
         except BaseException:
+            failed_pool, self._pool = self._pool, None  # later captures share a new pool
             try:
-                recover_from_failed_capture(self.device, self._pool)
+                recover_from_failed_capture(self.device, failed_pool)
             except Exception as err:  # the capture's own error is the one to raise
                 _log.warning("could not undo what a failed CUDA graph capture left (%s: %s)", type(err).__name__, err)
             raise
