@@ -1,4 +1,7 @@
-"""Checks whether the allocator gives memory back after a recovered out-of-memory error (the allocator xfail).
+"""Checks whether the allocator gives memory back after a recovered out-of-memory error.
+
+The allocator xfail it was written for came from a failed CUDA graph capture earlier in the process (BENCHMARKS.md,
+"A failed CUDA graph capture"; ``scripts/check_failed_capture.py``).
 
 Usage: ``python scripts/check_oom_release.py``; replays ``test_real_out_of_memory_is_recovered`` (fillers take the
 device's memory, a real CUDA OOM, recovered by splitting the batch), drops everything, then prints what the allocator
