@@ -37,6 +37,7 @@ for stage in "$@"; do
                   echo "--- $f"; python3 -m pytest -q --tb=short --runxfail -p no:cacheprovider $f tests/elastic/test_gpu_elastic.py \
                     2>&1 | tee -a "$OUT/oom_bisect.log" | grep -v "^\.\|^$" | tail -30
                 done ;;
+    memory-model) python3 scripts/check_memory_model.py 2>&1 | tail -40 ;;
     failed-capture) python3 scripts/check_failed_capture.py 2>&1 | tail -8 ;;
     copies) python3 scripts/check_weight_copies.py 2>&1 | tail -12 ;;
     # Re-checks of the controller's overhead (its parts are printed per run) on both models, 2 seeds each.

@@ -1,0 +1,52 @@
+"""Prints the memory model's measured points and predictions against trial peaks, with and without CUDA graphs.
+
+Usage: ``python scripts/check_memory_model.py`` (a CUDA GPU). On 2026-12-04 the out-of-memory-during-capture test
+saw the model predict 2.49 GB above its intercept for a batch of 4096 of a wide MLP whose step peaked at 0.76 GB
+(graphs on); this shows where each point of the fit comes from.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "elastic"))
+from test_gpu_elastic import _wide_task  # the test's own task
+
+from triaccel_rl.config import MemoryBudget
+from triaccel_rl.training import TrainingRun
+
+MB = 1e6
+
+
+def report(run: TrainingRun, label: str) -> None:
+    """The model's points for the current map and its predictions at a few sizes."""
+    points = run.memory_model._peaks.get(tuple(int(p) for p in run.precisions), {})
+    shown = ", ".join(f"{b}: {v / MB:.0f}" for b, v in sorted(points.items()))
+    predicted = ", ".join(f"{b}: {run.predicted_memory_bytes(b) / MB:.0f}" for b in (0, 256, 1024, 4096))
+    print(f"  {label}: points (MB) {{{shown}}}; predicted {{{predicted}}}")
+
+
+def main() -> None:
+    """Each task with graphs on and off: the points after construction, after steps, and trials."""
+    for name, task in (("wide-mlp", _wide_task()), ("resnet18-fmnist", "resnet18-fmnist")):
+        for graphs in (True, False):
+            torch.cuda.empty_cache()
+            run = TrainingRun(
+                task, seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256,
+                cuda_graphs=graphs,
+            )  # fmt: skip
+            print(f"{name}, graphs {graphs}, allocated at start {torch.cuda.memory_allocated() / MB:.0f} MB")
+            report(run, "after construction")
+            run.step()
+            report(run, "after step 1")
+            run.step()
+            report(run, "after step 2")
+            peaks = {b: run.trial_peak_bytes(b) for b in (1024, 4096)}
+            print(f"  trial peaks (MB): { {b: round(p / MB) for b, p in peaks.items() if p} }")
+            report(run, "after the trials")
+            del run
+
+
+if __name__ == "__main__":
+    main()
