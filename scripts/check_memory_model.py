@@ -38,7 +38,11 @@ def main() -> None:
             )  # fmt: skip
             print(f"{name}, graphs {graphs}, allocated at start {torch.cuda.memory_allocated() / MB:.0f} MB")
             report(run, "after construction")
-            run.step()
+            before = torch.cuda.memory_allocated()
+            stats = run.step()
+            warm_up = run.graphs.last_peak_bytes / MB if run.graphs is not None else None
+            print(f"  step 1: allocated {before / MB:.0f} -> {torch.cuda.memory_allocated() / MB:.0f} MB, step peak "
+                  f"{stats.memory_bytes / MB:.0f} MB, capture warm-up peak {warm_up} MB")  # fmt: skip
             report(run, "after step 1")
             run.step()
             report(run, "after step 2")
