@@ -455,7 +455,6 @@ class TrainingRun:
         oom_events = 0
         wasted_samples = 0  # samples whose forward pass ran in an attempt that failed (charged, not applied)
         micro = self.micro_batch_size(n)
-        captures = self.graphs.captures if self.graphs is not None else 0
         while True:
             sizes = plan_micro_batches(n, micro)
             self._reset_peak_memory()
@@ -498,12 +497,7 @@ class TrainingRun:
         if self._graphed and self.graphs is not None:  # a replay allocates nothing: its eager pass's peak counts
             memory = max(memory, self.graphs.last_peak_bytes)
         if self.measures_memory:
-            # A step that captured a graph also holds the capture's one-time allocations (its pool, the capture
-            # stream's workspaces), which do not grow with the batch: fitted in, they made a wide MLP's slope 9x too
-            # steep (H200, 2026-12-04, scripts/check_memory_model.py). Its eager warm-up's peak is the batch's need.
-            captured = self.graphs is not None and self.graphs.captures > captures
-            observed = self.graphs.last_peak_bytes if captured and self.graphs is not None else memory
-            self.memory_model.observe(sizes[0], self.precisions, observed)
+            self.memory_model.observe(sizes[0], self.precisions, memory)
         return _StepOutcome(loss, n, grads, skipped, lr, oom_events, modelled_ms, memory)
 
     def micro_batch_size(self, batch_size: int | None = None) -> int:
