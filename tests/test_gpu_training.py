@@ -295,13 +295,16 @@ def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():
 
 
 def test_the_fast_peak_reading_equals_max_memory_allocated():
-    from triaccel_rl.memory import peak_allocated_bytes
+    from triaccel_rl.memory import allocated_bytes, peak_allocated_bytes
 
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats(device)
     held = torch.empty(3 << 20, dtype=torch.uint8, device=device)
     del held
     assert peak_allocated_bytes(device) == torch.cuda.max_memory_allocated(device) >= 3 << 20
+    kept = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    assert allocated_bytes(device) == (torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device))
+    del kept
 
 
 def test_nvml_reads_at_least_the_allocators_reserve_and_every_run_records_it():

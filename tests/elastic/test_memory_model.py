@@ -10,7 +10,14 @@ from torch import nn
 from triaccel_rl.config import ConfigError, HardwareProfile, MemoryBudget
 from triaccel_rl.controller import Controller
 from triaccel_rl.costs import CostModel
-from triaccel_rl.memory import MemoryFit, MemoryModel, check_budget, measure_tensor_bytes, peak_allocated_bytes
+from triaccel_rl.memory import (
+    MemoryFit,
+    MemoryModel,
+    allocated_bytes,
+    check_budget,
+    measure_tensor_bytes,
+    peak_allocated_bytes,
+)
 from triaccel_rl.precision import LayerPrecision, find_layers
 from triaccel_rl.training import TrainingRun
 from triaccel_rl.types import Precision
@@ -174,5 +181,7 @@ def test_peak_allocated_bytes_reads_the_allocators_nested_statistics(monkeypatch
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: asked.append(device) or nested)
     assert peak_allocated_bytes(torch.device("cuda", 1)) == 1234
     assert asked == [torch.device("cuda", 1)]
+    assert allocated_bytes(torch.device("cuda", 1)) == (5, 1234)  # memory_allocated's and max_memory_allocated's
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {})  # CUDA not initialised yet
     assert peak_allocated_bytes(torch.device("cuda", 0)) == 0
+    assert allocated_bytes(torch.device("cuda", 0)) == (0, 0)
