@@ -37,6 +37,8 @@ for stage in "$@"; do
                   echo "--- $f"; python3 -m pytest -q --tb=short --runxfail -p no:cacheprovider $f tests/elastic/test_gpu_elastic.py \
                     2>&1 | tee -a "$OUT/oom_bisect.log" | grep -v "^\.\|^$" | tail -30
                 done ;;
+    # Issue 5's benchmark: the batch finder, a run at half its peak (budget use), a real OOM recovered.
+    elastic) python3 experiments/bench_elastic.py --output "$OUT/elastic_batch.json" 2>&1 | tail -12 ;;
     memory-model) python3 scripts/check_memory_model.py 2>&1 | tail -40 ;;
     failed-capture) python3 scripts/check_failed_capture.py 2>&1 | tail -8 ;;
     copies) python3 scripts/check_weight_copies.py 2>&1 | tail -12 ;;
