@@ -31,7 +31,12 @@ from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.loader import ElasticLoader
-from triaccel_rl.memory import MemoryModel, check_budget, device_capacity_bytes, peak_allocated_bytes
+from triaccel_rl.memory import (
+    MemoryModel,
+    allocated_bytes,
+    check_budget,
+    device_capacity_bytes,
+)
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
 from triaccel_rl.shield import RollbackGuard
@@ -292,10 +297,13 @@ class Controller:
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
-        memory = self._memory_bytes(batch)  # the allocator's host-side counters: no sync
+        if self.device.type == "cuda":
+            now, memory = allocated_bytes(self.device)  # the allocator's host-side counters: no sync
+            if self.memory_model is not None:
+                self.memory_model.observe(batch, self.precisions, memory, allocated_bytes=now)
+        else:
+            memory = self.predicted_memory_bytes(batch)
         self._interval_peak = max(self._interval_peak, memory)
-        if self.device.type == "cuda" and self.memory_model is not None:
-            self.memory_model.observe(batch, self.precisions, memory)
         self.steps += 1
         self._interval_steps += 1
         if self._trial is not None:
@@ -337,8 +345,9 @@ class Controller:
     def predicted_memory_bytes(self, batch_size: int) -> int:
         """The memory model's peak at ``batch_size`` and the current precisions, in bytes.
 
-        0 before the first batch (nothing is known yet). On a GPU the model is fitted to the allocator's
-        peak of every step; on a CPU it is the accounting.
+        0 before the first batch (nothing is known yet). On a GPU the model is fitted to what every step added
+        above the bytes allocated after it, on top of those allocated at the last step; on a CPU it is the
+        accounting.
         """
         if self.memory_model is None:
             return 0
@@ -444,11 +453,6 @@ class Controller:
         self.close()
 
     # ------------------------------------------------------------------------------------ private
-
-    def _memory_bytes(self, batch: int) -> int:
-        if self.device.type == "cuda":
-            return peak_allocated_bytes(self.device)
-        return self.predicted_memory_bytes(batch)
 
     def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
         """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""

@@ -213,6 +213,12 @@ class MemoryFit:
 class MemoryModel:
     """Peak memory of a step as a function of micro-batch size and precision map, fitted to measurements.
 
+    Measurements given with the bytes allocated once the pass was over (``observe(..., allocated_bytes=...)``)
+    are fitted as what the pass added above them, and predictions sit on the bytes allocated at the latest
+    reading (``observe`` or ``rebase``): memory that stays allocated between steps (a captured CUDA graph's pool,
+    the optimizer's state, a stream's cuBLAS workspace) moves the baseline instead of steepening the line. On an
+    H200 a captured graph's memory had made an activation-heavy MLP's line 3.5x too steep (BENCHMARKS.md).
+
     Args:
         costs: the model's cost model (the accounting used before any measurement, and to transfer a fit
             from one precision map to another).
@@ -228,6 +234,14 @@ class MemoryModel:
         >>> model.observe(16, fp32, 14_000)
         >>> model.predict(32, fp32)
         22000
+        >>> rebased = MemoryModel(costs, HardwareProfile.load())
+        >>> rebased.observe(8, fp32, 10_000, allocated_bytes=6_000)  # the pass added 4,000 above 6,000
+        >>> rebased.observe(16, fp32, 15_000, allocated_bytes=7_000)  # 8,000 above 7,000
+        >>> rebased.predict(32, fp32)  # 16,000 above the 7,000 allocated now
+        23000
+        >>> rebased.rebase(9_000)  # a captured graph's pool stays allocated
+        >>> rebased.predict(32, fp32)
+        25000
     """
 
     def __init__(self, costs: CostModel, profile: HardwareProfile) -> None:
@@ -236,22 +250,54 @@ class MemoryModel:
         # Per precision map, the highest peak measured at each batch size (the max: conservative when the
         # allocator's fragmentation drifts), in insertion order so the latest map can be told.
         self._peaks: dict[tuple[int, ...], dict[int, int]] = {}
+        self._base_bytes: int | None = None  # allocated bytes at the first reading: the points' common baseline
+        self._now_bytes = 0  # allocated bytes at the latest reading
 
     @property
     def n_measurements(self) -> int:
         """Distinct (precision map, batch size) points measured so far."""
         return sum(len(points) for points in self._peaks.values())
 
-    def observe(self, batch_size: int, precisions: Sequence[Precision], peak_bytes: int) -> None:
+    @property
+    def baseline_shift_bytes(self) -> int:
+        """What predictions add to the fitted lines: the bytes allocated since the first reading."""
+        return 0 if self._base_bytes is None else self._now_bytes - self._base_bytes
+
+    def observe(
+        self, batch_size: int, precisions: Sequence[Precision], peak_bytes: int, allocated_bytes: int | None = None
+    ) -> None:
         """Records the measured peak of a step (or a trial) at micro-batch ``batch_size``.
 
+        Args:
+            batch_size: the micro-batch size of the pass.
+            precisions: the precision map it ran with.
+            peak_bytes: the allocator's peak during the pass.
+            allocated_bytes: the bytes allocated once the pass was over; the point is then what the pass added
+                above them, and they are the latest reading (see the class). Give it always or never.
+
         Raises:
-            ValueError: a non-positive batch size or a negative peak.
+            ValueError: a non-positive batch size, or a negative peak or allocation.
         """
-        if batch_size < 1 or peak_bytes < 0:
-            raise ValueError(f"need batch_size >= 1 and peak_bytes >= 0; got {batch_size} and {peak_bytes}")
+        if batch_size < 1 or peak_bytes < 0 or (allocated_bytes is not None and allocated_bytes < 0):
+            raise ValueError(
+                f"need batch_size >= 1, peak_bytes >= 0 and allocated_bytes >= 0; got {batch_size}, {peak_bytes} "
+                f"and {allocated_bytes}"
+            )
+        if allocated_bytes is not None:
+            if self._base_bytes is None:
+                self._base_bytes = allocated_bytes
+            self._now_bytes = allocated_bytes
+            peak_bytes = max(peak_bytes - allocated_bytes, 0) + self._base_bytes
         points = self._peaks.setdefault(_key(precisions), {})
         points[int(batch_size)] = max(points.get(int(batch_size), 0), int(peak_bytes))
+
+    def rebase(self, allocated_bytes: int) -> None:
+        """Records the bytes allocated now (after a step that is not a measurement, such as a graph replay).
+
+        Predictions move with them once a measurement gave ``allocated_bytes``; before that it is a no-op.
+        """
+        if self._base_bytes is not None:
+            self._now_bytes = int(allocated_bytes)
 
     def fit(self, precisions: Sequence[Precision]) -> MemoryFit | None:
         """The line for ``precisions``, or ``None`` when nothing was measured (predictions use the accounting).
@@ -297,7 +343,8 @@ class MemoryModel:
     def _predictor(self, precisions: Sequence[Precision]) -> Callable[[int], int]:
         fitted = self.fit(precisions)
         if fitted is not None:
-            return fitted.predict
+            shift = self.baseline_shift_bytes
+            return lambda batch_size: fitted.predict(batch_size) + shift
         fixed = self.costs.fixed_bytes(list(precisions))
         per_sample = self.costs.per_sample_bytes(list(precisions), self.profile)
         return lambda batch_size: int(fixed + batch_size * per_sample)  # == CostModel.memory_bytes

@@ -276,11 +276,6 @@ class TrainingRun:
             self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
         )
         self.memory_model = MemoryModel(self.costs, self.profile)
-        # The model is fitted to what a pass adds above the allocated bytes around it, shifted to those of the
-        # first measurement, and predictions shift it to the allocated bytes now: memory that stays allocated
-        # (captured graphs, the optimizer's state, a stream's cuBLAS workspace) moves the baseline, not the slope.
-        self._memory_ref: int | None = None  # allocated bytes when the first measurement was taken
-        self._memory_now = 0  # allocated bytes at the last reading
         budget = memory or MemoryBudget()
         self.memory_budget_bytes = budget.resolve(device_capacity_bytes(self.device, budget.cpu_capacity_bytes))
         if self.measures_memory:
@@ -500,11 +495,12 @@ class TrainingRun:
             modelled_ms += self.costs.step_ms(wasted_samples, self.precision.precisions, self.profile, False)
         self.modelled_time_ms += modelled_ms
         if self.measures_memory:
-            self._memory_now, memory = allocated_bytes(self.device)  # the allocator's host-side counters: no sync
+            now, memory = allocated_bytes(self.device)  # the allocator's host-side counters: no sync
             if self._graphed and self.graphs is not None:  # a replay allocates nothing: its eager pass's peak counts
                 memory = max(memory, self.graphs.last_peak_bytes)
-            else:  # a captured step's memory stays allocated: the baseline, not the batch's need
-                self._observe_memory(sizes[0], memory, self._memory_now)
+                self.memory_model.rebase(now)  # the graph's memory stays allocated: the baseline, not the batch's
+            else:
+                self.memory_model.observe(sizes[0], self.precisions, memory, allocated_bytes=now)
         else:
             memory = self.memory_bytes(sizes[0])
         return _StepOutcome(loss, n, grads, skipped, lr, oom_events, modelled_ms, memory)
@@ -519,7 +515,7 @@ class TrainingRun:
         cap = n if self.micro_batch_cap is None else max(1, min(n, self.micro_batch_cap))
         if not self.memory_elastic:
             return cap
-        usable = self.usable_memory_bytes - self._memory_drift()
+        usable = self.usable_memory_bytes - self._unallocated_state_bytes()
         fit = self.memory_model.max_batch_size(usable, self.precisions, limit=cap)
         return max(fit, 1)
 
@@ -610,7 +606,7 @@ class TrainingRun:
         on top of those allocated now); without measurements (CPU, or profile mode from the start) it is the cost
         model's accounting, the same source ``memory_bytes`` reports.
         """
-        return self.memory_model.predict(batch_size, self.precisions) + self._memory_drift()
+        return self.memory_model.predict(batch_size, self.precisions) + self._unallocated_state_bytes()
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -821,28 +817,12 @@ class TrainingRun:
             release_memory(self.device)
             return None
         now, peak = allocated_bytes(self.device)
-        self._observe_memory(n, peak, now)
+        self.memory_model.observe(n, self.precisions, peak, allocated_bytes=now)
         return peak + self._unallocated_state_bytes()
 
-    def _observe_memory(self, batch_size: int, peak: int, now: int) -> None:
-        """Feeds the memory model a pass's peak as what it added to ``now``, the bytes allocated after it."""
-        if self._memory_ref is None:
-            self._memory_ref = now
-        self._memory_now = now
-        self.memory_model.observe(batch_size, self.precisions, max(peak - now, 0) + self._memory_ref)
-
-    def _memory_drift(self) -> int:
-        """What predictions add to the memory model's: the bytes allocated since its first measurement.
-
-        Before the first update, also the optimizer state's accounted bytes (a real step will hold them).
-        """
-        if self._memory_ref is None:
-            return 0
-        return self._memory_now - self._memory_ref + self._unallocated_state_bytes()
-
     def _unallocated_state_bytes(self) -> int:
-        """The optimizer state's accounted bytes while it has none (a real step will hold it), else 0."""
-        if self.optimizer.state:
+        """The optimizer state's accounted bytes while a measured run has none yet (a real step will hold it)."""
+        if not self.measures_memory or self.optimizer.state or self.memory_model.n_measurements == 0:
             return 0
         return self.costs.static_bytes - 2 * 4 * sum(info.n_params for info in self.layers)
 

@@ -185,3 +185,34 @@ def test_peak_allocated_bytes_reads_the_allocators_nested_statistics(monkeypatch
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {})  # CUDA not initialised yet
     assert peak_allocated_bytes(torch.device("cuda", 0)) == 0
     assert allocated_bytes(torch.device("cuda", 0)) == (0, 0)
+
+
+def _linear_model() -> tuple[MemoryModel, list[Precision]]:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    costs = CostModel.measure(net, [i for _, _, i in find_layers(net)], torch.zeros(1, 4), 1)
+    return MemoryModel(costs, HardwareProfile.load()), [Precision.FP32, Precision.FP32]
+
+
+def test_memory_that_stays_allocated_moves_the_baseline_not_the_slope() -> None:
+    """A captured graph's pool stays allocated after the step that made it: fitted in as that batch's need, it
+    steepened the line; read as allocated bytes, it shifts every prediction by its size and no more."""
+    model, fp32 = _linear_model()
+    model.observe(64, fp32, 1_100, allocated_bytes=1_000)  # 100 above the 1,000 allocated
+    model.observe(256, fp32, 1_300, allocated_bytes=1_000)  # 300 above: 200 bytes per 192 samples
+    line = model.fit(fp32)
+    assert model.predict(1024, fp32) == 1_100 + (1024 - 64) * 200 // 192 and model.baseline_shift_bytes == 0
+    model.rebase(1_500)  # a graph's pool of 500
+    assert model.baseline_shift_bytes == 500
+    assert model.predict(1024, fp32) == 1_500 + 100 + (1024 - 64) * 200 // 192
+    model.observe(256, fp32, 1_800, allocated_bytes=1_500)  # the same batch's need, on the higher baseline
+    assert model.fit(fp32) == line  # the line is unchanged
+    assert model.max_batch_size(500 + 1_300, fp32, limit=10_000) == 256  # budgets see the shift
+
+
+def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refused() -> None:
+    model, fp32 = _linear_model()
+    accounted = model.predict(64, fp32)
+    model.rebase(10**9)
+    assert model.predict(64, fp32) == accounted and model.baseline_shift_bytes == 0
+    with pytest.raises(ValueError, match="allocated_bytes >= 0; got 64, 100 and -1"):
+        model.observe(64, fp32, 100, allocated_bytes=-1)
