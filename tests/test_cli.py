@@ -63,12 +63,22 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
         (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
         (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "max_grad_norm=0.0 must be positive"),
+        (["compare", "--task", "synthetic", "--epochs", "-1"], "epochs=-1.0 must be positive"),
+        (["compare", "--task", "synthetic", "--epochs", "nan"], "epochs=nan must be positive"),
+        (["compare", "--task", "synthetic", "--eval-every", "0"], "eval_every=0 must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main([*argv, "--no-progress", "--out", "", "--log-dir", ""]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bad_input_is_one_clear_line_with_the_progress_bar_on(capsys):
+    # Once a negative epoch budget reached the progress bar first, which raised a TypeError formatting it.
+    assert main(["compare", "--task", "synthetic", "--epochs", "-1", "--out", "", "--log-dir", ""]) == 2
+    err = capsys.readouterr().err
+    assert "epochs=-1.0 must be positive" in err and "Traceback" not in err
 
 
 def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys):

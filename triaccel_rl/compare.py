@@ -169,7 +169,7 @@ def run_controller(
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
-    if epochs <= 0:
+    if not epochs > 0:  # NaN included
         raise ValueError(f"epochs={epochs} must be positive")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
@@ -402,8 +402,8 @@ def compare(
     a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
 
     Raises:
-        ValueError: an unknown task or controller, a plain row in modelled time, or a non-positive
-            ``max_grad_norm``, before any run starts.
+        ValueError: an unknown task or controller, a plain row in modelled time, or a non-positive ``epochs``,
+            ``eval_every``, ``eval_every_steps`` or ``max_grad_norm``, before any run starts.
     """
     from triaccel_rl.plain import PLAIN_PRECISIONS, run_plain  # plain.py imports this module
 
@@ -429,6 +429,12 @@ def compare(
             )
     if not seeds:
         raise ValueError("need at least one seed")
+    if not epochs > 0:  # NaN included
+        raise ValueError(f"epochs={epochs} must be positive")
+    if eval_every < 1:
+        raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if eval_every_steps is not None and eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
     total = epochs * len(controllers) * len(seeds)
