@@ -66,6 +66,10 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--epochs", "-1"], "epochs=-1.0 must be positive"),
         (["compare", "--task", "synthetic", "--epochs", "nan"], "epochs=nan must be positive"),
         (["compare", "--task", "synthetic", "--eval-every", "0"], "eval_every=0 must be >= 1"),
+        (
+            ["compare", "--task", "synthetic", "--controllers", "fp32,heuristic", "--reference", "fp32"],
+            "--reference 'fp32' is not a row of this comparison; its rows: static-fp32, heuristic",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):

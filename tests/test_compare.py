@@ -3,7 +3,16 @@ import json
 import numpy as np
 import pytest
 
-from triaccel_rl.compare import RunResult, bootstrap_ci, compare, format_table, run_controller, summarize, write_json
+from triaccel_rl.compare import (
+    RunResult,
+    bootstrap_ci,
+    compare,
+    format_table,
+    row_names,
+    run_controller,
+    summarize,
+    write_json,
+)
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
 
 
@@ -78,6 +87,13 @@ def test_runs_record_curves_and_traces(results):
         times = [row["time_s"] for row in run.trace]
         assert times == sorted(times)
         assert run.final_metric == run.curve[-1][1]
+
+
+def test_row_names_are_the_names_the_runs_report(results):
+    assert row_names(["fp32", "heuristic"]) == list(dict.fromkeys(r.controller for r in results))
+    assert row_names(["bf16", "plain-fp16", "pretrained"]) == ["static-bf16", "plain-fp16", "learned:policy.zip"]
+    with pytest.raises(ValueError, match="unknown policy 'fp8'"):
+        row_names(["fp8"])
 
 
 def test_json_schema_and_table(results, tmp_path):

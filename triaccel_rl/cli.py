@@ -89,7 +89,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="clip every row's gradient norm to this (Controller(max_grad_norm=...); clip_grad_norm_ in plain rows)",
     )
-    compare.add_argument("--reference", default="static-fp32", help="row the time ratios are taken against")
+    compare.add_argument(
+        "--reference",
+        default=None,
+        help="row the time ratios are taken against, as the table names it (default: static-fp32 when it runs)",
+    )
     compare.add_argument("--log-dir", default="runs/compare", help="TensorBoard folder ('' for none)")
     compare.add_argument("--out", default="runs/compare/results.json", help="JSON results file ('' for none)")
     compare.add_argument("--plots", default="", help="folder for PNG plots ('' for none; needs matplotlib)")
@@ -147,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from triaccel_rl.compare import compare, format_table, summarize, write_json
+    from triaccel_rl.compare import compare, format_table, row_names, summarize, write_json
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.experiment import parse_floats
     from triaccel_rl.tasks import get_task
@@ -162,6 +166,12 @@ def _compare(args: argparse.Namespace) -> int:
     if args.lr_scales is not None:
         overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
     config = ControllerConfig.preset(args.preset, **overrides)
+    names = row_names(controllers, config)
+    if args.reference is not None and args.reference not in names:
+        raise ValueError(
+            f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"
+        )
+    reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
     start = time.perf_counter()
     results = compare(
         args.task,
@@ -177,8 +187,6 @@ def _compare(args: argparse.Namespace) -> int:
         eval_every_steps=args.eval_every_steps,
         max_grad_norm=args.max_grad_norm,
     )
-    names = [r.controller for r in results]
-    reference = args.reference if args.reference in names else None
     rows = summarize(results, reference=reference)
     modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
     label = "time (s, modelled GPU)" if modelled else "time (s)"

@@ -28,7 +28,7 @@ from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.training import TrainingRun, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
-__all__ = ["RunResult", "compare", "format_table", "run_controller", "summarize"]
+__all__ = ["RunResult", "compare", "format_table", "row_names", "run_controller", "summarize"]
 
 
 @dataclass
@@ -598,6 +598,24 @@ def write_json(
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:
+    """The row each controller's runs are reported under, in order.
+
+    ``fp32`` is ``static-fp32``, a zip (``pretrained`` too) ``learned:<file name>``, a plain loop its own name.
+
+    Raises:
+        ValueError: an unknown controller, as :func:`compare` would.
+    """
+    config = config or ControllerConfig()
+    names = []
+    for controller in controllers:
+        if controller.startswith("plain-"):
+            names.append(controller)
+        else:
+            names.append(str(getattr(_policy(controller, config), "name", controller)))
+    return names
 
 
 def _policy(controller: str | Policy, config: ControllerConfig) -> Any:
