@@ -190,3 +190,22 @@ def test_profile_writes_a_loadable_profile(tmp_path, capsys):
     assert profile.time_factor["fp32"] == 1.0
     assert set(profile.time_factor) == {"fp32", "bf16", "fp16"}
     assert profile.throughput_scale > 0 and profile.fixed_ms > 0
+
+
+def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, monkeypatch):
+    import triaccel_rl.profiling
+    from triaccel_rl.config import HardwareProfile
+
+    measured = []
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: measured.append(args))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["profile", "--device", "cpu", "--out", str(blocker / "profile.json")]) == 2
+    assert f"--out {blocker / 'profile.json'}: cannot create its folder" in capsys.readouterr().err
+    assert main(["profile", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file path such as" in capsys.readouterr().err
+    assert measured == []  # nothing was measured for either
+    nested = tmp_path / "new" / "folder" / "profile.json"
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())
+    assert main(["profile", "--device", "cpu", "--out", str(nested)]) == 0
+    assert HardwareProfile.load(nested) == HardwareProfile.load()  # its folder was made

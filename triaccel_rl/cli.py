@@ -245,8 +245,15 @@ def _profile(args: argparse.Namespace) -> int:
     from triaccel_rl.profiling import measure_profile
     from triaccel_rl.training import resolve_device
 
+    out = Path(args.out)
+    try:  # before minutes of measuring, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {args.out}: cannot create its folder ({err})") from err
+    if out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file path such as {out / 'profile.json'}")
     profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
-    profile.save(args.out)
+    profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
     print(f"{profile.device}\nstep-time factors: {factors}; fixed {profile.fixed_ms:.3f} ms\nwrote {args.out}")
     return 0
