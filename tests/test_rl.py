@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy
@@ -100,6 +102,17 @@ def test_bad_training_arguments():
         train_policy(["nope"], total_timesteps=10)
     with pytest.raises(ValueError, match="batch_size=512 exceeds the rollout size"):
         train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=128, batch_size=512)
+    # Each refused before any environment starts (SB3 raised an AssertionError, a worker died, or it trained on).
+    bad = [
+        ({"batch_size": 1}, "batch_size=1 must be >= 2"),
+        ({"eval_every": -5}, "eval_every=-5 and checkpoint_every=0 must be >= 0"),
+        ({"checkpoint_every": -1}, "eval_every=0 and checkpoint_every=-1 must be >= 0"),
+        ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
+        ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=8, **{"batch_size": 4, **kwargs})
 
 
 class _ConstantTeacher:

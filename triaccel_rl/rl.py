@@ -375,8 +375,16 @@ def train_policy(
         raise ValueError("need at least one task")
     if n_envs < 1 or total_timesteps < 1 or n_steps < 1:
         raise ValueError(f"n_envs={n_envs}, total_timesteps={total_timesteps}, n_steps={n_steps} must be >= 1")
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size} must be >= 2 (PPO normalises advantages over each minibatch)")
     if batch_size > n_steps * n_envs:
         raise ValueError(f"batch_size={batch_size} exceeds the rollout size n_steps*n_envs={n_steps * n_envs}")
+    if eval_every < 0 or checkpoint_every < 0:
+        raise ValueError(f"eval_every={eval_every} and checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
+    if torch_threads is not None and torch_threads < 1:
+        raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
+    if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
+        raise ValueError(f"resume={str(resume)!r}: no such policy zip")
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     if warm_start_epochs < 1:
