@@ -81,10 +81,16 @@ def test_bad_inputs():
     ctl = Controller(model, opt, policy="fp32")
     with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
         next(ctl.loader(data(), batch_size=0))
+    for epochs in (0, 1.5, float("nan")):  # NaN once yielded no batch at all, silently
+        with pytest.raises(ValueError, match=rf"epochs={epochs!r} must be an integer >= 1"):
+            next(ctl.loader(data(), batch_size=16, epochs=epochs))
     with pytest.raises(ValueError, match=r"loss must be a scalar tensor; got Tensor torch.Size\(\[2\]\)"):
         ctl.step(torch.ones(2, requires_grad=True))
     with pytest.raises(ValueError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         Controller(model, opt, lr_rule="cubic")
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # once trained nothing, silently
+    with pytest.raises(ValueError, match=r"the optimizer holds none of the \d+ trainable parameters of Sequential"):
+        Controller(model, other)
 
 
 def test_non_finite_steps_are_skipped_and_counted_at_the_decision():

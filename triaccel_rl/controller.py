@@ -234,8 +234,8 @@ class Controller:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if epochs < 1:
-            raise ValueError(f"epochs={epochs} must be >= 1")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
         x, y = dataset
         self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
         self._base_batch_size = batch_size

@@ -131,6 +131,11 @@ class StepEngine:
             [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self.layer_params)]
         ).to(device)
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in self._groups for p in self._params):
+            raise ValueError(
+                f"the optimizer holds none of the {len(self._params)} trainable parameters of "
+                f"{type(model).__name__}; build it from this model's parameters (model.parameters())"
+            )
         self.lr_scale = 1.0
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
