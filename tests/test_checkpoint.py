@@ -169,6 +169,13 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
     state = ctl.state_dict()
     with pytest.raises(ValueError, match=r"checkpoint format None is not this version's \(1\)"):
         build()[2].load_state_dict({"engine": state["engine"]})
+    fresh = build()[2]
+    with pytest.raises(ValueError, match=r"the checkpoint lacks steps, loader: pass the dict Controller.state_dict"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k not in ("steps", "loader")})
+    assert fresh.steps == 0 and fresh._resume is None  # nothing of it was loaded (it raised a KeyError half-way)
+    with pytest.raises(ValueError, match=r"is the dict Controller\.state_dict"):
+        fresh.load_state_dict([("format", 1)])
+    assert set(state) == {"format", *controller_module._CHECKPOINT_KEYS}
     with pytest.raises(ValueError, match="made with the fused step, before its state was also saved"):
         build()[2].engine.load_state_dict({**state["engine"], "fused": True})
     with pytest.raises(ValueError, match="the checkpoint has 2 layers; this model has 3"):

@@ -416,10 +416,17 @@ class Controller:
             ValueError: a state of another format, or from another update path or model (the engine's checks);
                 later, ``loader()`` with another dataset size, seed or ``batch_size`` than the saved run's.
         """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a controller checkpoint is the dict Controller.state_dict() returned; got {type(state)}")
         if state.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint format {state.get('format')!r} is not this version's ({_CHECKPOINT_FORMAT}): "
                 "pass the dict Controller.state_dict() returned"
+            )
+        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        if missing:  # checked before anything is loaded: a refused checkpoint leaves the controller as it was
+            raise ValueError(
+                f"the checkpoint lacks {', '.join(missing)}: pass the dict Controller.state_dict() returned"
             )
         self.engine.load_state_dict(state["engine"])
         self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
@@ -587,6 +594,21 @@ class _SpeedTrial:
 
 
 _CHECKPOINT_FORMAT = 1
+_CHECKPOINT_KEYS = (
+    "engine",
+    "steps",
+    "skipped_steps",
+    "rollbacks",
+    "batch_size",
+    "base_batch_size",
+    "loader",
+    "lr_coupler",
+    "speed_trial",
+    "trial_running",
+    "low_precision",
+    "initial_precision",
+)
+"""What ``Controller.state_dict()`` holds beside its format."""
 """The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it."""
 
 
