@@ -169,16 +169,9 @@ def run_controller(
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
-    if not epochs > 0:  # NaN included
-        raise ValueError(f"epochs={epochs} must be positive")
-    if eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1")
-    if eval_every_steps is not None and eval_every_steps < 1:
-        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
+    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
     # collector runs: free them now, or this run's peak memory would include the previous run's.
     release_memory(resolve_device(device))
@@ -429,14 +422,7 @@ def compare(
             )
     if not seeds:
         raise ValueError("need at least one seed")
-    if not epochs > 0:  # NaN included
-        raise ValueError(f"epochs={epochs} must be positive")
-    if eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1")
-    if eval_every_steps is not None and eval_every_steps < 1:
-        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
+    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
     total = epochs * len(controllers) * len(seeds)
     results = []
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
@@ -598,6 +584,20 @@ def write_json(
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _check_run_settings(
+    epochs: float, eval_every: int, eval_every_steps: int | None, max_grad_norm: float | None
+) -> None:
+    """Raises ``ValueError`` naming the first setting a run cannot use."""
+    if not epochs > 0:  # NaN included
+        raise ValueError(f"epochs={epochs} must be positive")
+    if eval_every < 1:
+        raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if eval_every_steps is not None and eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
 
 
 def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:
