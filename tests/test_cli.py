@@ -78,6 +78,24 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--plots", "--log-dir"])
+def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, capsys, monkeypatch):
+    import triaccel_rl.compare
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", lambda *a, **k: pytest.fail("a run started"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["compare", "--task", "synthetic", "--no-progress", "--out", "", "--log-dir", "", flag, str(blocker / "x")]
+    assert main(argv) == 2  # the runs' results were lost when the write failed after them
+    err = capsys.readouterr().err
+    assert f"{flag} {blocker / 'x'}: cannot create" in err and "Traceback" not in err
+
+
+def test_a_controller_listed_twice_is_refused(capsys):
+    assert main(["compare", "--task", "synthetic", "--controllers", "fp32,bf16,fp32", "--no-progress"]) == 2
+    assert "--controllers lists fp32 more than once" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_clear_line_with_the_progress_bar_on(capsys):
     # Once a negative epoch budget reached the progress bar first, which raised a TypeError formatting it.
     assert main(["compare", "--task", "synthetic", "--epochs", "-1", "--out", "", "--log-dir", ""]) == 2
@@ -203,7 +221,7 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     assert main(["profile", "--device", "cpu", "--out", str(blocker / "profile.json")]) == 2
     assert f"--out {blocker / 'profile.json'}: cannot create its folder" in capsys.readouterr().err
     assert main(["profile", "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert "is a folder; give a file path such as" in capsys.readouterr().err
+    assert f"--out {tmp_path} is a folder; give a file path such as" in capsys.readouterr().err
     assert measured == []  # nothing was measured for either
     nested = tmp_path / "new" / "folder" / "profile.json"
     monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())

@@ -29,6 +29,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _file_to_write(flag: str, path: str) -> Path:
+    """``path`` for a file written later, its folder made now: refused before minutes of work, not after."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
+    return out
+
+
+def _folder_to_write(flag: str, path: str) -> Path:
+    """``path`` for a folder written later, made now."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create this folder ({err})") from err
+    return folder
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triaccel-rl",
@@ -161,6 +183,15 @@ def _compare(args: argparse.Namespace) -> int:
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     if not controllers:
         raise ValueError("--controllers is empty")
+    twice = sorted({c for c in controllers if controllers.count(c) > 1})
+    if twice:
+        raise ValueError(f"--controllers lists {', '.join(twice)} more than once; each row runs every seed already")
+    if args.out:
+        _file_to_write("--out", args.out)
+    if args.plots:
+        _folder_to_write("--plots", args.plots)
+    if args.log_dir:
+        _folder_to_write("--log-dir", args.log_dir)
     task = get_task(args.task)
     overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
     if args.lr_scales is not None:
@@ -218,6 +249,9 @@ def _train_policy(args: argparse.Namespace) -> int:
     from triaccel_rl.rl import train_policy
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    _file_to_write("--out", args.out)
+    if args.log_dir:
+        _folder_to_write("--log-dir", args.log_dir)
     path = train_policy(
         tasks,
         total_timesteps=args.timesteps,
@@ -245,13 +279,7 @@ def _profile(args: argparse.Namespace) -> int:
     from triaccel_rl.profiling import measure_profile
     from triaccel_rl.training import resolve_device
 
-    out = Path(args.out)
-    try:  # before minutes of measuring, not after
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {args.out}: cannot create its folder ({err})") from err
-    if out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give a file path such as {out / 'profile.json'}")
+    out = _file_to_write("--out", args.out)
     profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
     profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
