@@ -276,6 +276,7 @@ class TrainingRun:
             self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
         )
         self.memory_model = MemoryModel(self.costs, self.profile)
+        self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(info.n_params for info in self.layers)
         budget = memory or MemoryBudget()
         self.memory_budget_bytes = budget.resolve(device_capacity_bytes(self.device, budget.cpu_capacity_bytes))
         if self.measures_memory:
@@ -824,7 +825,7 @@ class TrainingRun:
         """The optimizer state's accounted bytes while a measured run has none yet (a real step will hold it)."""
         if not self.measures_memory or self.optimizer.state or self.memory_model.n_measurements == 0:
             return 0
-        return self.costs.static_bytes - 2 * 4 * sum(info.n_params for info in self.layers)
+        return self._accounted_state_bytes
 
     def _trial_pass(self, n: int) -> None:
         with frozen_batch_stats(self.model), self.precision.context():
