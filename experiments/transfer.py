@@ -109,6 +109,8 @@ def main(args: Args) -> dict[str, Any]:
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds} must be >= 1")
     if args.calibrate:
         return calibrate(tasks, args)
     grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []
