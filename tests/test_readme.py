@@ -34,3 +34,13 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(compile(blocks[2], "README.md", "exec"), env)
     assert env["obs"].shape == (43,) and env["obs"].dtype == np.float32
     assert np.isfinite(env["reward"]) and not env["terminated"]
+
+
+def test_the_warnings_the_readme_explains_are_the_ones_the_code_logs():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## When it warns", 1)[1].split("\n## ", 1)[0]
+    messages = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    source = "".join(path.read_text() for path in (Path(__file__).parent.parent / "triaccel_rl").rglob("*.py"))
+    assert len(messages) == 8
+    for message in messages:
+        assert message in source, f"README explains a warning the code no longer logs: {message!r}"
