@@ -81,8 +81,8 @@ def test_bad_inputs():
     ctl = Controller(model, opt, policy="fp32")
     with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
         next(ctl.loader(data(), batch_size=0))
-    for epochs in (0, 1.5, float("nan")):  # NaN once yielded no batch at all, silently
-        with pytest.raises(ValueError, match=rf"epochs={epochs!r} must be an integer >= 1"):
+    for epochs in (0, 1.5, float("nan")):  # NaN once yielded no batch at all, silently; 1.5 ran 2 epochs
+        with pytest.raises(ValueError, match=rf"epochs={epochs!r} must be a whole number >= 1"):
             next(ctl.loader(data(), batch_size=16, epochs=epochs))
     with pytest.raises(ValueError, match=r"loss must be a scalar tensor; got Tensor torch.Size\(\[2\]\)"):
         ctl.step(torch.ones(2, requires_grad=True))

@@ -234,8 +234,9 @@ class Controller:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-            raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
+        whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
+        if isinstance(epochs, bool) or not whole or epochs < 1:
+            raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
         x, y = dataset
         self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
         self._base_batch_size = batch_size
