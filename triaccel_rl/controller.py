@@ -595,6 +595,7 @@ class _SpeedTrial:
 
 
 _CHECKPOINT_FORMAT = 1
+"""The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it."""
 _CHECKPOINT_KEYS = (
     "engine",
     "steps",
@@ -610,7 +611,6 @@ _CHECKPOINT_KEYS = (
     "initial_precision",
 )
 """What ``Controller.state_dict()`` holds beside its format."""
-"""The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it."""
 
 
 def _precision_code(precision: Precision | None) -> int | None:
