@@ -6,6 +6,7 @@ saw the model predict 2.49 GB above its intercept for a batch of 4096 of a wide 
 """
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "elastic"))
 from test_gpu_elastic import _wide_task  # the test's own task
 
-from triaccel_rl.config import MemoryBudget
+from triaccel_rl.config import ControllerConfig, MemoryBudget
+from triaccel_rl.controller import Controller
 from triaccel_rl.training import TrainingRun
 
 MB = 1e6
@@ -50,6 +52,50 @@ def main() -> None:
             print(f"  trial peaks (MB): { {b: round(p / MB) for b, p in peaks.items() if p} }")
             report(run, "after the trials")
             del run
+    controller_check()
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def train(ctl: Controller, model: torch.nn.Module, batches: Batches, steps: int) -> None:
+    """``steps`` steps of a user's loop under ``ctl``."""
+    for _ in range(steps):
+        xb, yb = next(batches)
+        with ctl.autocast():
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+
+
+def controller_check() -> None:
+    """A user's loop under the Controller: its prediction at 4096 against a real step's peak there.
+
+    The Controller measures the allocator's peak of every step of the user's own loop (no graphs), above the
+    bytes allocated after it. Steps at 256, then 1024 give it two points; its prediction at 4096 is then set
+    against the peak of a step at 4096 read from ``torch.cuda.max_memory_allocated``.
+    """
+    task = _wide_task()
+    for policy in ("fp32", "bf16"):
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        model = task.build_model().cuda()
+        data = task.load_data(None, None, 0)
+        ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), policy=policy,
+                         config=ControllerConfig(interval_steps=1000))  # fmt: skip
+        batches = ctl.loader((data.x_train, data.y_train), batch_size=256, epochs=50)
+        train(ctl, model, batches, 3)
+        ctl.batch_size = 1024
+        train(ctl, model, batches, 3)
+        predicted = {b: ctl.predicted_memory_bytes(b) / MB for b in (256, 1024, 4096)}
+        ctl.batch_size = 4096
+        train(ctl, model, batches, 1)
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated() / MB  # reset at this step's forward
+        after = ctl.predicted_memory_bytes(4096) / MB
+        shown = ", ".join(f"{b}: {v:.0f}" for b, v in predicted.items())
+        print(f"controller {policy}: predicted (MB) {{{shown}}}; step at 4096 peaked {measured:.0f} MB "
+              f"(ratio {predicted[4096] / measured:.2f}); predicted at 4096 after it {after:.0f} MB")  # fmt: skip
+        ctl.close()
 
 
 if __name__ == "__main__":
