@@ -82,7 +82,7 @@ def controller_check() -> None:
         data = task.load_data(None, None, 0)
         ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), policy=policy,
                          config=ControllerConfig(interval_steps=1000))  # fmt: skip
-        batches = ctl.loader((data.x_train, data.y_train), batch_size=256, epochs=50)
+        batches = ctl.loader((data.train_x, data.train_y), batch_size=256, epochs=50)
         train(ctl, model, batches, 3)
         ctl.batch_size = 1024
         train(ctl, model, batches, 3)
