@@ -1,0 +1,191 @@
+"""Can a run tell, from its own first intervals, that its LR is below or above the task's own? A lookahead signal.
+
+    python experiments/lr_lookahead_probe.py                       # every task of the suite, 5 LR factors, 2 seeds
+    python experiments/lr_lookahead_probe.py --tasks synthetic --factors 0.5,2 --seeds 1 --share 0.1   # a smoke run
+
+Issue 6's learned policies could not learn an LR move as a response to the run: a privileged teacher that knows
+each episode's LR mistuning could be imitated on 29% of decisions when the mistuning went both ways, because the
+observation does not tell an LR that is too low from one that is too high (BENCHMARKS.md, issue 6). This measures one
+candidate signal for it, outside the product (nothing here changes the observation):
+
+**lookahead ratio** at a decision: with ``Delta`` the parameters' displacement over the last interval, the probe loss
+at ``theta + Delta`` against at ``theta``, over the last interval's own drop:
+``(L(theta) - L(theta + Delta)) / (L(theta - Delta) - L(theta))``, where ``L(theta - Delta)`` is the probe loss the
+interval started from. About 1: the loss is still falling along a straight line, so a longer step (a higher LR) would
+have gone further; at or below 0: another such step climbs, the curvature or the gradient noise along ``Delta`` has
+caught up. It costs one probe forward and a copy of the weights per decision.
+
+Beside it, for comparison, the signal the observation has now: the **loss trend** (the interval's relative drop of
+the probe loss, ``observation.GLOBAL_FEATURES``' ``loss_trend`` with its sign flipped).
+
+Each run is the transfer protocol's (``experiments/transfer.py``: cost mode ``profile``, every layer in bf16, a
+decision every 10 steps, constant LR) with the task's LR × ``f`` from the first step, for the first ``share`` of its
+2-epoch budget; a feature's value for the run is its median over those decisions. Reported: per task and factor the
+mean over seeds, and, pooled over every task, the AUC with which each feature ranks a run whose LR is below the
+task's (``f < 1``) above one whose LR is above it (``f > 1``): 0.5 is chance, 1 a perfect split, below 0.5 the
+opposite order. A teacher's notion of "too low" here is the task's registered LR, as ``LrOracleTeacher`` has it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triaccel_rl.experiment import git_commit, parse_args, parse_floats
+
+ALL_TASKS = (
+    "synthetic,mlp-fmnist,cnn-fmnist,"  # training
+    "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic,"  # held out
+    "resnet-adamw-fmnist,dwcnn-sgd-fmnist,transformer-seq-long,wide-mlp-sgd-fmnist"  # fresh held out
+)
+
+
+@dataclass
+class Args:
+    """Command-line arguments (each field is a ``--flag``)."""
+
+    tasks: str = ALL_TASKS
+    factors: str = "0.5,0.71,1,1.41,2"
+    """LR factors of the task's registered LR."""
+    seeds: int = 2
+    """Runs (seeds 0..N-1) per task and factor."""
+    share: float = 0.25
+    """Share of the 2-epoch budget to run (the decisions a policy would make its LR move in)."""
+    epochs: float = 2.0
+    interval_steps: int = 10
+    out: str = "experiments/results/issue6_2026-12-04/lr_lookahead_probe.json"
+
+
+def probe_run(task_name: str, factor: float, seed: int, args: Args) -> dict[str, Any]:
+    """One run's per-decision lookahead ratios and loss trends."""
+    import torch
+
+    from triaccel_rl.tasks import get_task
+    from triaccel_rl.training import TrainingRun
+    from triaccel_rl.types import Precision
+
+    task = get_task(task_name)
+    run = TrainingRun(replace(task, base_lr=task.base_lr * factor), seed=seed, device="cpu", cost_mode="profile")
+    run.set_precisions([Precision.BF16] * len(run.layers))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    steps = int(args.share * args.epochs * len(task.data(seed).train_x) // run.batch_size)
+    before = [p.detach().clone() for p in params]
+    loss_before = run.probe_loss()
+    ratios, trends = [], []
+    for _ in range(max(steps // args.interval_steps, 1)):
+        run.train_interval(args.interval_steps)
+        loss_now = run.probe_loss()
+        with torch.no_grad():
+            now = [p.detach().clone() for p in params]
+            for p, current, start in zip(params, now, before, strict=True):
+                p.add_(current - start)  # theta + Delta
+            loss_ahead = run.probe_loss()
+            for p, current in zip(params, now, strict=True):
+                p.copy_(current)
+        drop = loss_before - loss_now
+        ratios.append((loss_now - loss_ahead) / drop if abs(drop) > 1e-12 else float("nan"))
+        trends.append(drop / loss_before if loss_before > 0 else float("nan"))
+        before, loss_before = now, loss_now
+    return {
+        "task": task_name,
+        "factor": factor,
+        "seed": seed,
+        "lookahead": float(np.nanmedian(ratios)),
+        "loss_drop": float(np.nanmedian(trends)),
+        "ratios": ratios,
+        "trends": trends,
+    }
+
+
+def auc(low: list[float], high: list[float]) -> float:
+    """Probability that a value from ``low`` ranks above one from ``high`` (ties count half): the Mann-Whitney AUC.
+
+    Example:
+        >>> auc([3.0, 2.0], [1.0, 2.0])
+        0.875
+    """
+    if not low or not high:
+        raise ValueError("both groups need at least one value")
+    wins = sum((a > b) + 0.5 * (a == b) for a in low for b in high)
+    return float(wins / (len(low) * len(high)))
+
+
+def summarize(runs: list[dict[str, Any]], factors: list[float]) -> dict[str, Any]:
+    """Per task and factor the mean feature values; pooled AUCs of ``f < 1`` against ``f > 1``."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for run in runs:
+        cell = table.setdefault(run["task"], {}).setdefault(f"{run['factor']:g}", {"lookahead": 0.0, "loss_drop": 0.0})
+        n = sum(1 for r in runs if r["task"] == run["task"] and r["factor"] == run["factor"])
+        cell["lookahead"] += run["lookahead"] / n
+        cell["loss_drop"] += run["loss_drop"] / n
+    aucs = {}
+    for feature in ("lookahead", "loss_drop"):
+        low = [r[feature] for r in runs if r["factor"] < 1]
+        high = [r[feature] for r in runs if r["factor"] > 1]
+        aucs[feature] = auc(low, high) if low and high else None
+    within = {}  # the same AUC within each task: how well the feature orders one task's factors
+    for task in table:
+        within[task] = {
+            feature: auc(
+                [r[feature] for r in runs if r["task"] == task and r["factor"] < 1],
+                [r[feature] for r in runs if r["task"] == task and r["factor"] > 1],
+            )
+            for feature in ("lookahead", "loss_drop")
+            if any(f < 1 for f in factors) and any(f > 1 for f in factors)
+        }
+    return {"per_task": table, "auc_pooled": aucs, "auc_within_task": within}
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Runs every (task, factor, seed), writes the JSON, prints the table and the AUCs."""
+    import torch
+    from tqdm import tqdm
+
+    from triaccel_rl.tasks import get_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:
+        get_task(task)  # fail fast on a bad name
+    factors = list(parse_floats(args.factors, "--factors", positive=True))
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds} must be >= 1")
+    if not 0 < args.share <= 1:
+        raise ValueError(f"--share {args.share} must be in (0, 1]")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    jobs = [(t, f, s) for t in tasks for f in factors for s in range(args.seeds)]
+    runs = [probe_run(t, f, s, args) for t, f, s in tqdm(jobs, desc="runs", unit="run")]
+    summary = summarize(runs, factors)
+    document = {
+        "command": "python experiments/lr_lookahead_probe.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if v != getattr(Args(), k)),
+        "args": asdict(args),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "torch": torch.__version__,
+        "wall_s": time.perf_counter() - start,
+        **summary,
+        "runs": runs,
+    }
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"{'task':22s} " + " ".join(f"{'x' + format(f, 'g'):>13s}" for f in factors) + "   (lookahead / loss drop)")
+    for task, cells in summary["per_task"].items():
+        shown = " ".join(
+            f"{cells[format(f, 'g')]['lookahead']:+6.2f}/{cells[format(f, 'g')]['loss_drop']:+.3f}" for f in factors
+        )
+        print(f"{task:22s} {shown}")
+    print(f"pooled AUC, LR below the task's vs above it: {summary['auc_pooled']}")
+    print(f"results: {out}")
+    return document
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, description=__doc__))
