@@ -58,6 +58,10 @@ class Args:
     """Share of the 2-epoch budget to run (the decisions a policy would make its LR move in)."""
     epochs: float = 2.0
     interval_steps: int = 10
+    device: str = "cpu"
+    """``cpu`` (the transfer protocol, modelled time) or ``cuda`` (the GPU benchmark's tasks: measured time)."""
+    batch_size: int = 0
+    """Batch size (0: the task's own)."""
     out: str = "experiments/results/issue6_2026-12-04/lr_lookahead_probe.json"
 
 
@@ -70,7 +74,13 @@ def probe_run(task_name: str, factor: float, seed: int, args: Args) -> dict[str,
     from triaccel_rl.types import Precision
 
     task = get_task(task_name)
-    run = TrainingRun(replace(task, base_lr=task.base_lr * factor), seed=seed, device="cpu", cost_mode="profile")
+    run = TrainingRun(
+        replace(task, base_lr=task.base_lr * factor),
+        seed=seed,
+        device=args.device,
+        cost_mode="profile" if args.device == "cpu" else "measured",
+        batch_size=args.batch_size or None,
+    )
     run.set_precisions([Precision.BF16] * len(run.layers))
     params = [p for p in run.model.parameters() if p.requires_grad]
     steps = int(args.share * args.epochs * len(task.data(seed).train_x) // run.batch_size)
@@ -154,6 +164,8 @@ def main(args: Args) -> dict[str, Any]:
     factors = list(parse_floats(args.factors, "--factors", positive=True))
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds} must be >= 1")
+    if args.batch_size < 0:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1 (or 0 for the task's own)")
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share} must be in (0, 1]")
     out = Path(args.out)
@@ -169,7 +181,7 @@ def main(args: Args) -> dict[str, Any]:
         "args": asdict(args),
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "device": "cpu",
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "wall_s": time.perf_counter() - start,
         **summary,
