@@ -8,7 +8,8 @@ tensor cores, and each fp32/16-bit boundary costs a cast. If keeping some layers
 uniform fp16, a per-group speed trial would be worth building; if not, the precision side has no speed left to give
 on these models. For each model (batch 512, channels_last, captured CUDA graphs, as the benchmark's rows), each map
 runs 10 warm-up steps (its graph's capture) and then 5 intervals of 40 steps, timed with CUDA events; the table gives
-the median ms a step.
+the median ms a step. As in ``experiments/gpu_benchmark.py``: cuDNN's autotuning on, and TF32 off (an fp32 layer
+is fp32, as the benchmark's fp32 row).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--out", default="mixed_precision_speed.json")
     args = parser.parse_args()
     start = time.perf_counter()
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = [row for task in ("effnet-b0-fmnist", "resnet18-fmnist") for row in time_maps(task)]
     print("\n| model | map | fp32 layers | median ms/step | vs uniform fp16 |\n|---|---|---|---|---|")
     for row in rows:
@@ -99,6 +102,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "batch": BATCH,
+        "cudnn_benchmark": True,
+        "tf32": False,
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
