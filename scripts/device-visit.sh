@@ -154,6 +154,10 @@ for stage in "$@"; do
     short-clip-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16-clip3,static-fp16-8of12-clip3,static-fp16-10of12-clip3,heuristic-anneal5-i1-deep-fp16-clip3 \
            --out "$OUT/short_clip_resnet.json" --plots "" 2>&1 | tail -8 ;;
+    # EfficientNet-B0's best static row on shorter schedules: is its time to target set by the schedule, as ResNet-18's?
+    short-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 3 --static 512,0.5,7.9 \
+           --eval-steps 50 --rows static-fp16,static-fp16-10of12,static-fp16-8of12 \
+           --out "$OUT/short_effnet.json" --plots "" 2>&1 | tail -8 ;;
     # One seed of static fp16 and the clipped deep row: the training pipeline end to end after engine changes (~1.5 min).
     smoke-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1-deep-fp16-clip3 \
