@@ -26,7 +26,7 @@ from typing import cast
 
 import numpy as np
 
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args
 
 
 @dataclass
@@ -110,8 +110,7 @@ def main(args: Args) -> dict[str, object]:
         cells = "  ".join(f"x{key} {np.mean(r):.2f}±{np.std(r):.2f}" for key, r in returns.items())
         print(f"{task:20s} {cells}   best x{best}", flush=True)
     record = {
-        "command": "python experiments/lr_budget_probe.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if v != getattr(Args(), k)),
+        "command": command_line("experiments/lr_budget_probe.py", args),
         "args": asdict(args),
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from triaccel_rl.experiment import git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import command_line, git_commit, parse_args, parse_floats
 
 ALL_TASKS = (
     "synthetic,mlp-fmnist,cnn-fmnist,"  # training
@@ -176,8 +176,7 @@ def main(args: Args) -> dict[str, Any]:
     runs = [probe_run(t, f, s, args) for t, f, s in tqdm(jobs, desc="runs", unit="run")]
     summary = summarize(runs, factors)
     document = {
-        "command": "python experiments/lr_lookahead_probe.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if v != getattr(Args(), k)),
+        "command": command_line("experiments/lr_lookahead_probe.py", args),
         "args": asdict(args),
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),

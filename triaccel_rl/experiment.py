@@ -70,6 +70,27 @@ def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float,
     return tuple(values)
 
 
+def command_line(script: str, args: Any) -> str:
+    """The command that reproduces ``args`` (a dataclass as :func:`parse_args` builds it).
+
+    Only the flags that differ from their defaults, rebuilt from the values, so that a run started from Python (a
+    test, another script) records a command too.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Args:
+        ...     steps: int = 3
+        ...     tasks: str = "a"
+        >>> command_line("experiments/x.py", Args(steps=5))
+        'python experiments/x.py --steps 5'
+    """
+    defaults = type(args)()
+    flags = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)}" for f in fields(args)
+             if getattr(args, f.name) != getattr(defaults, f.name)]  # fmt: skip
+    return " ".join(["python", script, *flags])
+
+
 def git_commit(short: bool = True) -> str:
     """The checkout's commit; ``$COMMIT`` or ``$TRIACCEL_COMMIT`` where there is no git (a device copy)."""
     for name in ("COMMIT", "TRIACCEL_COMMIT"):
