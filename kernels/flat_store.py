@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
 from triaccel_rl.kernels.cast import cast_to_low_precision
 
@@ -182,6 +183,7 @@ class FlatParameterStore:
         self.n_groups = max(chunk_group) + 1
 
         self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []  # (param, grad view, data address)
+        self._flat_offsets: list[int] = []  # each of those parameters' first element in the flat buffers
         had_grads = False
         with torch.no_grad():
             for layer, offsets in zip(self.layers, param_offsets, strict=True):
@@ -195,10 +197,17 @@ class FlatParameterStore:
                     p.data = view
                     p.grad = grad_view
                     self._grad_views.append((p, grad_view, view.data_ptr()))
+                    self._flat_offsets.append(start)
         # The grads buffer's version counter (its views share it) when it last held only zeros; an in-place write since
         # (autograd accumulating into a view, a copy) moves the counter on. The fused kernels, which write through raw
         # pointers without moving it, never write gradients. -1: not known to be zeros.
         self._zeroed_version = -1 if had_grads else self.grads._version
+        # Parameters whose gradient a user set to None (``zero_grad(set_to_none=True)``) and rebind_grads gave a zeroed
+        # view, and of those the ones autograd has accumulated into since (a hook each, installed at the first such
+        # rebind): the others got no gradient, and torch.optim would leave them and their state alone.
+        self._rebound_from_none: set[int] = set()
+        self._accumulated: set[int] = set()
+        self._grad_hooks: dict[int, RemovableHandle] = {}
 
     def rebind_grads(self) -> int:
         """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
@@ -206,8 +215,9 @@ class FlatParameterStore:
         ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
         autograd would accumulate into new tensors the fused step never reads. A ``None`` gradient comes back as
         its zeroed view (zeroed already, with no kernel, when nothing was written into the buffer since the last
-        :meth:`zero_grad`: the fused step's, before a user's ``zero_grad()``); a gradient tensor put in its place is
-        copied into the view. An identity check and an address check a parameter when nothing changed.
+        :meth:`zero_grad`: the fused step's, before a user's ``zero_grad()``), and a hook notes whether autograd
+        accumulates into it before the next step (:meth:`take_params_without_grad`); a gradient tensor put in its
+        place is copied into the view. An identity check and an address check a parameter when nothing changed.
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` is no longer its view of the flat ``params`` (the
@@ -215,22 +225,69 @@ class FlatParameterStore:
                 optimizer would update the flat buffer and the model would never see it. Nothing was changed.
         """
         changed = [
-            entry for entry in self._grad_views if entry[0].grad is not entry[1] or entry[0].data_ptr() != entry[2]
+            i for i, (p, view, address) in enumerate(self._grad_views) if p.grad is not view or p.data_ptr() != address
         ]
         if not changed:  # the common case: one pass, nothing else
             return 0
-        detached = [p for p, _, address in changed if p.data_ptr() != address]
+        detached = [
+            self._grad_views[i][0] for i in changed if self._grad_views[i][0].data_ptr() != self._grad_views[i][2]
+        ]
         if detached:
             raise DetachedParametersError(detached)
         zeros = self.grads._version == self._zeroed_version  # nothing written since the last zero_grad: no kernel
         with torch.no_grad():
-            for p, view, _ in changed:
+            for i in changed:
+                p, view, _ = self._grad_views[i]
                 if p.grad is not None:
                     view.copy_(p.grad)
-                elif not zeros:
-                    view.zero_()
+                else:
+                    if not zeros:
+                        view.zero_()
+                    self._watch(i)
                 p.grad = view
         return len(changed)
+
+    def take_params_without_grad(self) -> list[int]:
+        """The parameters that got no gradient since :meth:`rebind_grads` found theirs ``None``; clears the record.
+
+        Indices in the store's order (its layers' parameters, layer by layer), for :meth:`param_slices`. The fused
+        step calls it once a step.
+
+        Such a parameter takes no update from ``torch.optim`` (it skips ``grad is None``): no weight decay, no
+        momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward.
+        """
+        if not self._rebound_from_none:
+            return []
+        # No hook at all since: the backward ran where Python hooks do not (a replayed CUDA graph), or reached no
+        # parameter. Leaving everything alone would stop training silently in the first case: assume all got one.
+        unused = sorted(self._rebound_from_none - self._accumulated) if self._accumulated else []
+        self._rebound_from_none.clear()
+        self._accumulated.clear()
+        return unused
+
+    def param_slices(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
+        """The flat slice of ``buffer`` (a flat buffer of this store) holding parameter ``index``'s elements."""
+        p, _, _ = self._grad_views[index]
+        start = self._flat_offsets[index]
+        return buffer[start : start + p.numel()]
+
+    def remove_grad_hooks(self) -> None:
+        """Removes the hooks :meth:`rebind_grads` installed (the owner of the store is done with it)."""
+        for handle in self._grad_hooks.values():
+            handle.remove()
+        self._grad_hooks.clear()
+        self._rebound_from_none.clear()
+        self._accumulated.clear()
+
+    def _watch(self, index: int) -> None:
+        """Records that parameter ``index`` starts the step with no gradient, and notes when autograd gives it one."""
+        self._rebound_from_none.add(index)
+        self._accumulated.discard(index)
+        if index not in self._grad_hooks:
+            accumulated = self._accumulated
+            self._grad_hooks[index] = self._grad_views[index][0].register_post_accumulate_grad_hook(
+                lambda _param: accumulated.add(index)
+            )
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""

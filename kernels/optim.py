@@ -236,9 +236,26 @@ class _FusedOptimizer:
         if max_grad_norm is not None:  # the update unscales by inv_scale: the clip coefficient rides on it
             total = stats[StatRow.GRAD_SQ_SUM].sum().sqrt()
             inv_scale = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0) * inv_scale
+        untouched = self._saved_slices(store.take_params_without_grad())
         self._update(float(lr), factors, codes, stats, inv_scale)
+        for slice_, saved in untouched:  # as torch.optim, which skips a parameter whose gradient is None
+            slice_.copy_(saved)
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
         return StepResult(skipped=skipped, stats=stats)
+
+    def _saved_slices(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of parameters ``indices``' weights, optimizer state and 16-bit copies, to put back after the update.
+
+        The kernels update every element; a parameter that got no gradient this step (a branch not taken, after a
+        ``zero_grad(set_to_none=True)``) is restored instead, so it takes no weight decay and no momentum, as in
+        ``torch.optim``. Device copies in stream order, no sync; nothing when no parameter is left out.
+        """
+        store = self.store
+        buffers = [store.params, *(getattr(self, name) for name in self._buffer_names), store.bf16_copy]
+        if not store.shared_copy:
+            buffers.append(store.fp16_copy)
+        slices = [store.param_slices(buffer, index) for index in indices for buffer in buffers]
+        return [(slice_, slice_.clone()) for slice_ in slices]
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state. Like ``torch.optim``, the flat state buffers are returned by reference.

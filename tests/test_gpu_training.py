@@ -416,3 +416,45 @@ def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         engine = StepEngine(model, optimizer, torch.device("cuda"))
     assert engine.fused and "cannot run" not in caplog.text
+
+
+def test_a_branch_not_taken_is_left_alone_by_the_fused_step_as_by_torch_optim():
+    """After ``zero_grad(set_to_none=True)`` a parameter with no gradient takes no decay or momentum (torch.optim)."""
+    from torch import nn
+
+    import triaccel_rl as ta
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+        def forward(self, x, head):
+            return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
+
+    def build():
+        torch.manual_seed(0)
+        model = TwoHeads().cuda()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g).cuda(), torch.randint(0, 3, (32,), generator=g).cuda()) for _ in range(8)]
+    heads = ["a", "a", "b", "a", "b", "b", "a", "a"]
+    plain, optimizer = build()
+    for (x, y), head in zip(data, heads, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(plain(x, head), y).backward()
+        optimizer.step()
+    model, optimizer = build()
+    with ta.Controller(model, optimizer, policy="fp32") as ctl:
+        assert ctl.engine.fused
+        for (x, y), head in zip(data, heads, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            b_before = model.b.weight.detach().clone()
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x, head), y)
+            ctl.step(loss)
+            if head == "a":
+                assert torch.equal(model.b.weight.detach(), b_before)  # no decay, no momentum
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=f"{name} against torch.optim")

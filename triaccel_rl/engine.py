@@ -481,6 +481,8 @@ class StepEngine:
                 handle.remove()
             self._optimizer_hooks = []
             self._export_optimizer_state()
+        if self.fused:
+            self.store.remove_grad_hooks()
 
     @property
     def state_holder(self) -> Any:

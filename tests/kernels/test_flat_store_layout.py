@@ -83,3 +83,34 @@ def test_gradients_set_to_none_over_a_written_buffer_are_zeroed_and_ones_put_in_
     assert torch.equal(params[1].grad, replacement) and params[1].grad is not replacement
     store.zero_grad()
     assert not store.grads.any()
+
+
+def test_parameters_without_a_gradient_after_set_to_none_are_the_ones_autograd_did_not_reach():
+    store, model = _store_and_model()
+    params = list(model.parameters())
+    assert store.take_params_without_grad() == []  # nothing set to None yet
+    for p in params:
+        p.grad = None
+    store.rebind_grads()
+    model[0](torch.randn(5, 4)).sum().backward()  # the second layer takes no part
+    assert store.take_params_without_grad() == [2, 3]  # its weight and bias, in the store's order
+    assert store.take_params_without_grad() == []  # the record is cleared
+    assert torch.equal(store.param_slices(store.params, 3), params[3].detach().reshape(-1))
+    # A gradient put in place of None counts as one; a backward that reached no hook at all counts as all reached
+    # (a replayed CUDA graph runs no Python hook: leaving every parameter alone would stop training).
+    for p in params:
+        p.grad = None
+    params[2].grad = torch.ones_like(params[2])
+    store.rebind_grads()
+    model[0](torch.randn(5, 4)).sum().backward()
+    assert store.take_params_without_grad() == [3]
+    for p in params:
+        p.grad = None
+    store.rebind_grads()
+    assert store.take_params_without_grad() == []
+    store.remove_grad_hooks()
+    for p in params:
+        p.grad = None
+    store.rebind_grads()
+    model[0](torch.randn(5, 4)).sum().backward()  # the hooks are gone, reinstalled by this rebind
+    assert store.take_params_without_grad() == [2, 3]

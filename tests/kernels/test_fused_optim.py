@@ -264,3 +264,71 @@ def test_per_group_weight_decay_is_validated(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="another parameter layout"):
         optimizer.load_state_dict(other.state_dict())
     assert optimizer.options.weight_decay == DECAYS, "a refused checkpoint changed the options"
+
+
+# A parameter of the classifier layer that sits out every odd step (a branch not taken), after a user's
+# zero_grad(set_to_none=True): torch.optim skips it (no decay, no momentum); the fused step must leave it alone too.
+SITS_OUT = (3, 0)
+
+
+@pytest.mark.parametrize("variant", ["sgd_nesterov_wd", "sgd_dampening", "adamw"])
+def test_a_parameter_without_a_gradient_is_left_alone_as_torch_optim_does(device: str, variant: str) -> None:
+    optimizer, hyper, _ = VARIANTS[variant]
+    layers = make_layers(MODEL_LAYERS, device, seed=41)
+    torch_layers = clone_layers(layers)
+    store = FlatParameterStore(layers)
+    fused = _fused(optimizer, store, hyper)
+    factors = [1.0] * store.n_layers
+    reference = _torch_optimizer(optimizer, torch_layers, factors, hyper)
+    lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=device)
+    codes = torch.tensor([1, 0, 2, 1, 0], dtype=torch.int32, device=device)  # the classifier keeps a bf16 copy
+    generator = torch.Generator().manual_seed(42)
+    params = [p for layer in layers for p in layer]
+    torch_params = [q for layer in torch_layers for q in layer]
+    sitting_out = layers[SITS_OUT[0]][SITS_OUT[1]]
+    state_name = "momentum_buffer" if optimizer == "sgd" else "exp_avg"
+    for step in range(6):
+        lr = 0.01 * (1.0 + 0.1 * step)
+        for group in reference.param_groups:
+            group["lr"] = lr
+        for p in params:
+            p.grad = None  # optimizer.zero_grad(set_to_none=True)
+        store.rebind_grads()
+        odd = step % 2 == 1
+        loss = torch.zeros((), device=device)
+        for p, q in zip(params, torch_params, strict=True):
+            g = torch.randn(p.shape, generator=generator).to(device)
+            if odd and p is sitting_out:
+                q.grad = None
+                continue
+            loss = loss + (p * g).sum()  # autograd accumulates g into the view, as a real backward does
+            q.grad = g.clone()
+        loss.backward()
+        before = (
+            sitting_out.detach().clone(),
+            store.param_views(getattr(fused, state_name), SITS_OUT[0])[SITS_OUT[1]].clone(),
+        )
+        fused.step(lr, lr_factors, codes)
+        reference.step()
+        if odd:  # untouched: weights, optimizer state and 16-bit copy
+            assert_bits_equal(sitting_out.detach(), before[0], f"{variant} step {step}: the weight sitting out")
+            state = store.param_views(getattr(fused, state_name), SITS_OUT[0])[SITS_OUT[1]]
+            assert_bits_equal(state, before[1], f"{variant} step {step}: its {state_name}")
+            copy = store.low_precision_params(SITS_OUT[0], torch.bfloat16)[SITS_OUT[1]]
+            assert_bits_equal(copy, sitting_out.detach().to(torch.bfloat16), f"{variant} step {step}: its bf16 copy")
+        for i, (layer, torch_layer) in enumerate(zip(layers, torch_layers, strict=True)):
+            for j, (p, q) in enumerate(zip(layer, torch_layer, strict=True)):
+                if optimizer == "adamw" and p is sitting_out and step > 1:
+                    continue  # torch counts its steps per parameter, the fused AdamW one count for all: see below
+                assert_close(p, q, f"{variant} step {step} layer {i} param {j}")
+    # The other parameters have been checked against torch.optim at every step; the one that sat out moved on the
+    # steps it took part in. (Fused AdamW's bias correction uses the steps of the whole model: after a step sat out,
+    # that parameter's update differs from torch.optim's by the bias correction of one step.)
+    assert not torch.equal(sitting_out.detach(), make_layers(MODEL_LAYERS, device, seed=41)[SITS_OUT[0]][SITS_OUT[1]])
+    store.remove_grad_hooks()
+    assert store.take_params_without_grad() == []
+
+
+@pytest.mark.usefixtures("reference_path")
+def test_cpu_reference_path_leaves_a_parameter_without_a_gradient_alone() -> None:
+    test_a_parameter_without_a_gradient_is_left_alone_as_torch_optim_does("cpu", "sgd_nesterov_wd")
