@@ -1,4 +1,4 @@
-"""What leaving a branch alone costs a user's loop: ``zero_grad(set_to_none=True)`` against ``False`` under a Controller.
+"""What leaving a branch alone costs a user's loop under a Controller: ``zero_grad(set_to_none=True)`` or ``False``.
 
 Usage (a CUDA GPU): ``python scripts/check_set_to_none_cost.py``. Since ``4a7a404`` a gradient a user set to None is
 pointed back at the flat buffer with a hook that notes whether the backward reaches it, so that a parameter it does
