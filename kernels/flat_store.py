@@ -250,7 +250,7 @@ class FlatParameterStore:
     def take_params_without_grad(self) -> list[int]:
         """The parameters that got no gradient since :meth:`rebind_grads` found theirs ``None``; clears the record.
 
-        Indices in the store's order (its layers' parameters, layer by layer), for :meth:`param_slices`. The fused
+        Indices in the store's order (its layers' parameters, layer by layer), for :meth:`param_slice`. The fused
         step calls it once a step.
 
         Such a parameter takes no update from ``torch.optim`` (it skips ``grad is None``): no weight decay, no
@@ -265,7 +265,7 @@ class FlatParameterStore:
         self._accumulated.clear()
         return unused
 
-    def param_slices(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
+    def param_slice(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """The flat slice of ``buffer`` (a flat buffer of this store) holding parameter ``index``'s elements."""
         p, _, _ = self._grad_views[index]
         start = self._flat_offsets[index]

@@ -254,7 +254,7 @@ class _FusedOptimizer:
         buffers = [store.params, *(getattr(self, name) for name in self._buffer_names), store.bf16_copy]
         if not store.shared_copy:
             buffers.append(store.fp16_copy)
-        slices = [store.param_slices(buffer, index) for index in indices for buffer in buffers]
+        slices = [store.param_slice(buffer, index) for index in indices for buffer in buffers]
         return [(slice_, slice_.clone()) for slice_ in slices]
 
     def state_dict(self) -> dict[str, Any]:

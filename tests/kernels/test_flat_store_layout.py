@@ -95,7 +95,7 @@ def test_parameters_without_a_gradient_after_set_to_none_are_the_ones_autograd_d
     model[0](torch.randn(5, 4)).sum().backward()  # the second layer takes no part
     assert store.take_params_without_grad() == [2, 3]  # its weight and bias, in the store's order
     assert store.take_params_without_grad() == []  # the record is cleared
-    assert torch.equal(store.param_slices(store.params, 3), params[3].detach().reshape(-1))
+    assert torch.equal(store.param_slice(store.params, 3), params[3].detach().reshape(-1))
     # A gradient put in place of None counts as one; a backward that reached no hook at all counts as all reached
     # (a replayed CUDA graph runs no Python hook: leaving every parameter alone would stop training).
     for p in params:
