@@ -861,3 +861,56 @@ def test_a_controlled_static_loop_on_the_fused_step_is_the_users_own_loop(monkey
         torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-5)
     for got, want in zip(ema, plain_ema, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw"])
+def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(monkeypatch, optimizer_kind):
+    """Two heads trained one at a time, ``optimizer.zero_grad()`` (``set_to_none=True``) before each step: the idle
+    head takes no decay and no momentum, and the run equals plain ``torch.optim``'s (SGD: every parameter; AdamW: the
+    parameters left alone, since the fused AdamW's bias correction counts the model's steps, see the README)."""
+    import triaccel_rl as ta
+    from triaccel_rl import controller as controller_module
+
+    class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x, head):
+            return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
+
+    def build():
+        torch.manual_seed(0)
+        model = TwoHeads().to(DEVICE)
+        if optimizer_kind == "sgd":
+            return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    data = batches(6)
+    heads = ["a", "b", "a", "a", "b", "a"] if optimizer_kind == "sgd" else ["a", "b", "b", "b", "b", "b"]
+    plain, optimizer = build()
+    for (x, y), head in zip(data, heads, strict=True):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(plain(x, head), y).backward()
+        optimizer.step()
+    model, optimizer = build()
+    with ta.Controller(model, optimizer, policy="fp32") as ctl:
+        assert ctl.engine.fused
+        for (x, y), head in zip(data, heads, strict=True):
+            optimizer.zero_grad()
+            idle = (model.b if head == "a" else model.a).weight.detach().clone()
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x, head), y)
+            ctl.step(loss)
+            assert torch.equal((model.b if head == "a" else model.a).weight.detach(), idle), f"{head} step"
+    # AdamW: head b's first step came at the model's second, so its bias correction (the model's count) differs from
+    # torch.optim's (its own) and, through the loss, so does the body's; head a, idle after its one step, matches.
+    compared = [n for n, _ in model.named_parameters() if optimizer_kind == "sgd" or n.startswith("a.")]
+    assert len(compared) == (6 if optimizer_kind == "sgd" else 2)
+    for name in compared:
+        torch.testing.assert_close(model.get_parameter(name), plain.get_parameter(name), msg=name)
