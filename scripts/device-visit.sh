@@ -200,7 +200,7 @@ for stage in "$@"; do
         python3 experiments/lr_lookahead_probe.py --device cuda --tasks $m --factors 0.125,0.25,0.5,1 --seeds 2 \
           --share 0.5 --interval-steps 20 --batch-size 512 --out "$OUT/lr_lookahead_$m.json" 2>&1 | tail -4; done ;;
     mixed-speed) python3 scripts/check_mixed_precision_speed.py --out "$OUT/mixed_precision_speed.json" 2>&1 | tail -20 ;;
-    set-to-none) python3 scripts/check_set_to_none_cost.py 2>&1 | tail -6 ;;
+    set-to-none) python3 scripts/check_set_to_none_cost.py --out "$OUT/set_to_none_cost.json" 2>&1 | tail -6 ;;
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
     # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
     # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
