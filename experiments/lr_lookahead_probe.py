@@ -38,18 +38,13 @@ import numpy as np
 
 from triaccel_rl.experiment import command_line, git_commit, parse_args, parse_floats
 
-ALL_TASKS = (
-    "synthetic,mlp-fmnist,cnn-fmnist,"  # training
-    "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic,"  # held out
-    "resnet-adamw-fmnist,dwcnn-sgd-fmnist,transformer-seq-long,wide-mlp-sgd-fmnist"  # fresh held out
-)
-
 
 @dataclass
 class Args:
     """Command-line arguments (each field is a ``--flag``)."""
 
-    tasks: str = ALL_TASKS
+    tasks: str = "all"
+    """Comma-separated tasks; ``all``: the training, held-out and fresh held-out tasks (``triaccel_rl.tasks``)."""
     factors: str = "0.5,0.71,1,1.41,2"
     """LR factors of the task's registered LR."""
     seeds: int = 2
@@ -156,9 +151,11 @@ def main(args: Args) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from triaccel_rl.tasks import get_task
+    from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS, get_task
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == ["all"]:
+        tasks = [*TRAINING_TASKS, *HELD_OUT_TASKS, *FRESH_HELD_OUT_TASKS]
     for task in tasks:
         get_task(task)  # fail fast on a bad name
     factors = list(parse_floats(args.factors, "--factors", positive=True))
