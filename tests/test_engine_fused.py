@@ -868,6 +868,8 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
     """Two heads trained one at a time, ``optimizer.zero_grad()`` (``set_to_none=True``) before each step: the idle
     head takes no decay and no momentum, and the run equals plain ``torch.optim``'s (SGD: every parameter; AdamW: the
     parameters left alone, since the fused AdamW's bias correction counts the model's steps, see the README)."""
+    from users_loop import TwoHeads
+
     import triaccel_rl as ta
     from triaccel_rl import controller as controller_module
 
@@ -875,17 +877,9 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
         def __init__(self, model, optimizer, device):
             super().__init__(model, optimizer, device, fused=True)
 
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
-
-        def forward(self, x, head):
-            return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
-
     def build():
         torch.manual_seed(0)
-        model = TwoHeads().to(DEVICE)
+        model = TwoHeads(width=6, hidden=8).to(DEVICE)
         if optimizer_kind == "sgd":
             return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
         return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)

@@ -421,16 +421,9 @@ def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
 def test_a_branch_not_taken_is_left_alone_by_the_fused_step_as_by_torch_optim():
     """After ``zero_grad(set_to_none=True)`` a parameter with no gradient takes no decay or momentum (torch.optim)."""
     from torch import nn
+    from users_loop import TwoHeads
 
     import triaccel_rl as ta
-
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 3)
-
-        def forward(self, x, head):
-            return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
 
     def build():
         torch.manual_seed(0)

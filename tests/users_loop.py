@@ -16,6 +16,17 @@ class TiedLM(nn.Module):
         return self.out(torch.relu(self.mid(self.emb(x))))
 
 
+class TwoHeads(nn.Module):
+    """A shared body and two heads, one used a step (a branch not taken leaves the other without a gradient)."""
+
+    def __init__(self, width=8, hidden=16, classes=3):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(width, hidden), nn.Linear(hidden, classes), nn.Linear(hidden, classes)
+
+    def forward(self, x, head):
+        return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
+
+
 def users_setup(device="cpu"):
     """The model, optimizer, scheduler and EMA list: no decay on biases, OneCycleLR (which cycles AdamW's beta1),
     an EMA of the weights in a step post-hook, tied weights."""
