@@ -868,7 +868,7 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
     """Two heads trained one at a time, ``optimizer.zero_grad()`` (``set_to_none=True``) before each step: the idle
     head takes no decay and no momentum, and the run equals plain ``torch.optim``'s (SGD: every parameter; AdamW: the
     parameters left alone, since the fused AdamW's bias correction counts the model's steps, see the README)."""
-    from users_loop import TwoHeads
+    from users_loop import TwoHeads, train_heads_controlled, train_heads_plainly
 
     import triaccel_rl as ta
     from triaccel_rl import controller as controller_module
@@ -888,20 +888,11 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
     data = batches(6)
     heads = ["a", "b", "a", "a", "b", "a"] if optimizer_kind == "sgd" else ["a", "b", "b", "b", "b", "b"]
     plain, optimizer = build()
-    for (x, y), head in zip(data, heads, strict=True):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(plain(x, head), y).backward()
-        optimizer.step()
+    train_heads_plainly(plain, optimizer, data, heads)
     model, optimizer = build()
     with ta.Controller(model, optimizer, policy="fp32") as ctl:
         assert ctl.engine.fused
-        for (x, y), head in zip(data, heads, strict=True):
-            optimizer.zero_grad()
-            idle = (model.b if head == "a" else model.a).weight.detach().clone()
-            with ctl.autocast():
-                loss = nn.functional.cross_entropy(model(x, head), y)
-            ctl.step(loss)
-            assert torch.equal((model.b if head == "a" else model.a).weight.detach(), idle), f"{head} step"
+        train_heads_controlled(ctl, model, optimizer, data, heads)
     # AdamW: head b's first step came at the model's second, so its bias correction (the model's count) differs from
     # torch.optim's (its own) and, through the loss, so does the body's; head a, idle after its one step, matches.
     compared = [n for n, _ in model.named_parameters() if optimizer_kind == "sgd" or n.startswith("a.")]

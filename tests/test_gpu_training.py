@@ -420,8 +420,7 @@ def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
 
 def test_a_branch_not_taken_is_left_alone_by_the_fused_step_as_by_torch_optim():
     """After ``zero_grad(set_to_none=True)`` a parameter with no gradient takes no decay or momentum (torch.optim)."""
-    from torch import nn
-    from users_loop import TwoHeads
+    from users_loop import TwoHeads, train_heads_controlled, train_heads_plainly
 
     import triaccel_rl as ta
 
@@ -434,20 +433,10 @@ def test_a_branch_not_taken_is_left_alone_by_the_fused_step_as_by_torch_optim():
     data = [(torch.randn(32, 8, generator=g).cuda(), torch.randint(0, 3, (32,), generator=g).cuda()) for _ in range(8)]
     heads = ["a", "a", "b", "a", "b", "b", "a", "a"]
     plain, optimizer = build()
-    for (x, y), head in zip(data, heads, strict=True):
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(plain(x, head), y).backward()
-        optimizer.step()
+    train_heads_plainly(plain, optimizer, data, heads)
     model, optimizer = build()
     with ta.Controller(model, optimizer, policy="fp32") as ctl:
         assert ctl.engine.fused
-        for (x, y), head in zip(data, heads, strict=True):
-            optimizer.zero_grad(set_to_none=True)
-            b_before = model.b.weight.detach().clone()
-            with ctl.autocast():
-                loss = nn.functional.cross_entropy(model(x, head), y)
-            ctl.step(loss)
-            if head == "a":
-                assert torch.equal(model.b.weight.detach(), b_before)  # no decay, no momentum
+        train_heads_controlled(ctl, model, optimizer, data, heads)  # the idle head: no decay, no momentum
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=f"{name} against torch.optim")

@@ -27,6 +27,26 @@ class TwoHeads(nn.Module):
         return (self.a if head == "a" else self.b)(torch.relu(self.body(x)))
 
 
+def train_heads_plainly(model, optimizer, data, heads):
+    """``torch.optim``'s own loop over ``data``, one head a step (``zero_grad`` sets the gradients to None)."""
+    for (x, y), head in zip(data, heads, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x, head), y).backward()
+        optimizer.step()
+
+
+def train_heads_controlled(ctl, model, optimizer, data, heads):
+    """The same loop under ``ctl``; asserts at each step that the idle head's weight did not move."""
+    for (x, y), head in zip(data, heads, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        idle = (model.b if head == "a" else model.a).weight
+        before = idle.detach().clone()
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x, head), y)
+        ctl.step(loss)
+        assert torch.equal(idle.detach(), before), f"the idle head moved at a step of head {head}"
+
+
 def users_setup(device="cpu"):
     """The model, optimizer, scheduler and EMA list: no decay on biases, OneCycleLR (which cycles AdamW's beta1),
     an EMA of the weights in a step post-hook, tied weights."""
