@@ -229,9 +229,7 @@ class FlatParameterStore:
         ]
         if not changed:  # the common case: one pass, nothing else
             return 0
-        detached = [
-            self._grad_views[i][0] for i in changed if self._grad_views[i][0].data_ptr() != self._grad_views[i][2]
-        ]
+        detached = [p for p, _, address in (self._grad_views[i] for i in changed) if p.data_ptr() != address]
         if detached:
             raise DetachedParametersError(detached)
         zeros = self.grads._version == self._zeroed_version  # nothing written since the last zero_grad: no kernel

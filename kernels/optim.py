@@ -250,6 +250,8 @@ class _FusedOptimizer:
         ``zero_grad(set_to_none=True)``) is restored instead, so it takes no weight decay and no momentum, as in
         ``torch.optim``. Device copies in stream order, no sync; nothing when no parameter is left out.
         """
+        if not indices:  # every step but those after a branch not taken
+            return []
         store = self.store
         buffers = [store.params, *(getattr(self, name) for name in self._buffer_names), store.bf16_copy]
         if not store.shared_copy:
