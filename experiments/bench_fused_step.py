@@ -452,11 +452,11 @@ def _check_step(device: torch.device, optimizer: str, args: Args) -> tuple[bool,
     if optimizer == "adamw":
         opt = FusedAdamW(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **hyper)
         ref_states = [torch.zeros_like(store.params), torch.zeros_like(store.params)]
-        ref_step_state = new_step_state(device, ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"])
+        ref_step_state = new_step_state(device, ADAMW_HYPER["beta1"], ADAMW_HYPER["beta2"], n_layers=store.n_layers)
     else:
         opt = FusedSGD(store, block_size=args.block_size or None, num_warps=args.num_warps or None, **hyper)
         ref_states = [torch.zeros_like(store.params)]
-        ref_step_state = new_step_state(device)
+        ref_step_state = new_step_state(device, n_layers=store.n_layers)
     hyper["weight_decay"] = opt.kernel_weight_decay()  # the references take it per segment
     ref_params = store.params.clone()
     ref_bf16, ref_fp16 = store.bf16_copy.clone(), store.fp16_copy.clone()

@@ -20,6 +20,7 @@ from triaccel_rl.kernels._common import (
     SEGMENT_ALIGN_ELEMENTS,
     PrecisionCode,
     StatRow,
+    log_betas,
     new_step_state,
 )
 from triaccel_rl.kernels.adamw_step import fused_adamw_step, fused_adamw_step_reference
@@ -51,6 +52,7 @@ __all__ = [
     "is_dense",
     "layer_grad_stats",
     "layer_grad_stats_reference",
+    "log_betas",
     "nan_encodings",
     "new_step_state",
 ]

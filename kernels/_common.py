@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 
 import torch
@@ -18,11 +19,13 @@ __all__ = [
     "PrecisionCode",
     "StatRow",
     "_use_triton",
+    "advance_step_counts_reference",
     "check_block_size",
     "check_flat_layout",
     "check_step_buffers",
     "inv_scale_arguments",
     "launch_config",
+    "log_betas",
     "new_step_state",
     "segment_weight_decay",
     "weight_decay_arguments",
@@ -113,24 +116,61 @@ def check_block_size(block_size: int, segment_align: int) -> None:
         )
 
 
-def new_step_state(device: torch.device | str, beta1: float = 0.0, beta2: float = 0.0) -> torch.Tensor:
-    """Makes the device-side step counter of a fused optimizer: float64, shape ``[3, 3]``.
+def new_step_state(
+    device: torch.device | str, beta1: float = 0.0, beta2: float = 0.0, *, n_layers: int
+) -> torch.Tensor:
+    """Makes the device-side step counters of a fused optimizer: float64, shape ``[4, 1 + n_layers]``.
 
-    Row 0 is ``(applied_steps, beta1**applied_steps, beta2**applied_steps)``. Row 1 is a snapshot of row 0
-    that the step wrappers take (one tiny copy) before the update launch: every program reads the snapshot
-    and program 0 alone writes row 0, so the counter advances only on applied steps, with no host sync and
-    no read/write race between programs. Row 2 holds the constants ``(0, beta1, beta2)`` in float64
-    (Triton passes Python floats as float32), so the bias-correction powers are exact float64 products.
+    Column 0 counts the model's applied steps; column ``1 + l`` counts layer ``l``'s, which a step advances
+    only where the layer took part (``torch.optim`` keeps a count a parameter and skips a parameter whose
+    gradient is ``None``, so AdamW's bias corrections and SGD's first momentum buffer follow each one's own
+    count). The rows:
+
+    - 0: the live counts. Program 0 alone writes column 0, the first program of each layer that layer's column.
+    - 1: a snapshot of row 0 that the step wrappers take (one tiny copy) before the update launch and every
+      program reads, so no program reads a count another one is advancing.
+    - 2: 1 where layer ``l`` takes the next step, 0 where it sits out (column 0 is unused, 1).
+    - 3: ``(log(beta1), log(beta2), 0, ...)``: AdamW's bias corrections are ``1 - exp(steps * log(beta))``,
+      ``torch.optim``'s ``1 - beta**steps`` at the current betas; float64 here because Triton passes Python
+      floats as float32.
 
     Args:
         device: where the optimizer state lives.
         beta1: AdamW's first-moment decay (0 for SGD).
         beta2: AdamW's second-moment decay (0 for SGD).
+        n_layers: layers of the store, >= 1.
 
     Returns:
-        The zero-step state: rows 0 and 1 are ``(0, 1, 1)``.
+        The zero-step state: no steps counted, every layer taking part.
     """
-    return torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, beta1, beta2]], dtype=torch.float64, device=device)
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    state = torch.zeros(4, 1 + n_layers, dtype=torch.float64)
+    state[2] = 1.0
+    state[3, :2] = torch.tensor(log_betas(beta1, beta2), dtype=torch.float64)
+    return state.to(device)
+
+
+def advance_step_counts_reference(step_state: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The reference paths' count update: row 0 into the snapshot row 1, then row 0 advanced where the step applies.
+
+    Args:
+        step_state: float64 ``[4, 1 + n_layers]`` from ``new_step_state``.
+        apply: 0-dim bool, False when the step is skipped (then no count moves).
+
+    Returns:
+        float64 ``[n_layers]``: each layer's count before this step (a view of the snapshot).
+    """
+    step_state[1].copy_(step_state[0])
+    before = step_state[1]
+    step_state[0] = torch.where(apply & (step_state[2] != 0.0), before + 1.0, before)  # row 2's column 0 is 1
+    return before[1:]
+
+
+def log_betas(beta1: float, beta2: float) -> tuple[float, float]:
+    """``(log(beta1), log(beta2))``, ``-inf`` for a beta of 0 (whose powers are all 0): row 3 of the step state."""
+    log1, log2 = (math.log(beta) if beta > 0.0 else -math.inf for beta in (beta1, beta2))
+    return log1, log2
 
 
 def launch_config(kernel: str, tensor: torch.Tensor, block_size: int | None, num_warps: int | None) -> tuple[int, int]:
@@ -195,7 +235,10 @@ def check_step_buffers(
     assert stats.shape == (N_STAT_ROWS, n_layers) and stats.dtype == torch.float32, (
         f"stats must be float32 [{N_STAT_ROWS}, {n_layers}], got {stats.dtype} {tuple(stats.shape)}"
     )
-    assert step_state.shape == (3, 3) and step_state.dtype == torch.float64, "step_state must be float64 [3, 3]"
+    assert step_state.shape == (4, 1 + n_layers) and step_state.dtype == torch.float64, (
+        f"step_state must be float64 [4, {1 + n_layers}] (new_step_state), got {step_state.dtype} "
+        f"{tuple(step_state.shape)}"
+    )
     for name, tensor in [
         ("lr_factors", lr_factors),
         ("precision_codes", precision_codes),

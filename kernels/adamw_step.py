@@ -8,9 +8,10 @@ writes p, m, v (12 B) plus a 2 B bf16 or fp16 copy for layers whose precision co
 
 Skipping without a host sync: every program reads the non-finite count that pass 1 left in
 ``stats[NONFINITE_TOTAL, 0]`` and, when it is not 0, masks all its loads and stores off, so parameters,
-moments, copies and the step counter stay bit-for-bit unchanged (the promise ``GradScaler`` makes). The
-bias corrections use a device-side step counter (see ``_common.new_step_state``) that only advances on
-applied steps. Launches per step: a 72-byte snapshot copy of the counter and the update kernel.
+moments, copies and the step counts stay bit-for-bit unchanged (the promise ``GradScaler`` makes). The
+bias corrections use device-side step counts, one for the model and one a layer (see
+``_common.new_step_state``), that only advance on applied steps, a layer's only when it took part. Launches
+per step: the counts' snapshot copy (8 bytes a layer) and the update kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from triaccel_rl.kernels._common import (
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
+    advance_step_counts_reference,
     check_block_size,
     check_step_buffers,
     inv_scale_arguments,
@@ -79,20 +81,24 @@ def _fused_adamw_step_kernel(
     layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Step counter and bias-correction powers in float64 (layout in _common.new_step_state): every program
-    # reads the snapshot row 1, program 0 alone writes row 0, so there is no race between programs.
-    steps = tl.load(step_state_ptr + 3)
-    beta1_pow = tl.load(step_state_ptr + 4)
-    beta2_pow = tl.load(step_state_ptr + 5)
-    new_beta1_pow = beta1_pow * tl.load(step_state_ptr + 7)
-    new_beta2_pow = beta2_pow * tl.load(step_state_ptr + 8)
-    is_writer = pid == 0
-    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=is_writer)
-    tl.store(step_state_ptr + 1, tl.where(apply, new_beta1_pow, beta1_pow), mask=is_writer)
-    tl.store(step_state_ptr + 2, tl.where(apply, new_beta2_pow, beta2_pow), mask=is_writer)
+    # Step counts in float64 (layout in _common.new_step_state): every program reads the snapshot row 1; program 0
+    # alone writes the model's count, the first program of each layer that layer's, so no two programs race.
+    width = n_layers + 1
+    steps = tl.load(step_state_ptr + width)
+    layer_steps = tl.load(step_state_ptr + width + 1 + layer)
+    takes_part = tl.load(step_state_ptr + 2 * width + 1 + layer) != 0.0
+    previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
+    is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
+    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
+    advance = apply & takes_part
+    tl.store(step_state_ptr + 1 + layer, tl.where(advance, layer_steps + 1.0, layer_steps), mask=is_layer_writer)
 
-    bias_correction1 = (1.0 - new_beta1_pow).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt((1.0 - new_beta2_pow).to(tl.float32))
+    # The layer's own count sets its bias corrections, as torch.optim's per-parameter ``step`` does (a layer that
+    # sits the step out is restored afterwards: its values here do not matter).
+    new_layer_steps = layer_steps + 1.0
+    bias_correction1 = (1.0 - tl.exp(new_layer_steps * tl.load(step_state_ptr + 3 * width))).to(tl.float32)
+    bias_correction2 = (1.0 - tl.exp(new_layer_steps * tl.load(step_state_ptr + 3 * width + 1))).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(bias_correction2)
     if INV_SCALE_FROM_PTR:
         inv_scale = tl.load(inv_scale_ptr)
     else:
@@ -179,8 +185,8 @@ def fused_adamw_step(
         precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
         stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
             ``GRAD_DOT_MOMENTUM``, ``MOMENTUM_SQ_SUM`` and ``SECOND_MOMENT_SUM``.
-        step_state: float64 ``[3, 3]`` from ``new_step_state(device, beta1, beta2)``; advanced in place
-            when the step is applied.
+        step_state: float64 ``[4, 1 + n_layers]`` from ``new_step_state``, with ``beta1`` and ``beta2``; the
+            model's count and those of the layers taking part (its row 2) advance in place when the step is applied.
         lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
         beta1: first-moment decay in [0, 1).
         beta2: second-moment decay in [0, 1).
@@ -282,14 +288,10 @@ def fused_adamw_step_reference(
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
 
-    step_state[1].copy_(step_state[0])
-    steps, beta1_pow, beta2_pow = step_state[1].unbind()
-    new_beta1_pow = beta1_pow * step_state[2, 1]
-    new_beta2_pow = beta2_pow * step_state[2, 2]
-    new_state = torch.stack([steps + 1.0, new_beta1_pow, new_beta2_pow])
-    step_state[0] = torch.where(apply, new_state, step_state[1])
-    bias_correction1 = (1.0 - new_beta1_pow).float()
-    bias_correction2_sqrt = (1.0 - new_beta2_pow).float().sqrt()
+    layer_steps = advance_step_counts_reference(step_state, apply)[layer].unsqueeze(1) + 1.0  # [n_segments, 1]
+    log_beta = step_state[3, :2]
+    bias_correction1 = (1.0 - torch.exp(layer_steps * log_beta[0])).float()
+    bias_correction2_sqrt = (1.0 - torch.exp(layer_steps * log_beta[1])).float().sqrt()
 
     layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
     step_size = layer_lr / bias_correction1

@@ -4,7 +4,7 @@ A step runs ``layer_grad_stats`` (pass 1: reads the grads, writes per-layer stat
 non-finite count) and then the optimizer's update kernel (pass 2: reads the count on the device and either
 updates every layer, writing the low-precision copies, or leaves every byte unchanged). Five launches in
 all, two of them Triton kernels over the flat buffers; the other three touch a few bytes: the memset of
-the statistics buffer, the snapshot of the step counter, and the comparison producing
+the statistics buffer, the snapshot of the step counts, and the comparison producing
 ``StepResult.skipped``. Nothing in ``step`` reads a device value on the host, so a training loop can run
 ahead of the GPU; read ``StepResult`` fields when the host needs them (that read is the sync).
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from triaccel_rl.kernels._common import StatRow, check_block_size, new_step_state
+from triaccel_rl.kernels._common import StatRow, check_block_size, log_betas, new_step_state
 from triaccel_rl.kernels.adamw_step import fused_adamw_step
 from triaccel_rl.kernels.flat_store import FlatParameterStore
 from triaccel_rl.kernels.grad_stats import layer_grad_stats
@@ -31,7 +31,7 @@ class StepResult:
 
     Attributes:
         skipped: 0-dim bool tensor, True when a non-finite gradient made the step leave parameters,
-            optimizer state, low-precision copies and the step counter bit-for-bit unchanged.
+            optimizer state, low-precision copies and the step counts bit-for-bit unchanged.
         stats: float32 ``[N_STAT_ROWS, n_layers]`` statistics buffer, laid out as ``StatRow`` says; the
             properties below are per-layer views of it.
     """
@@ -160,7 +160,12 @@ class _FusedOptimizer:
         self.store = store
         self.block_size = block_size
         self.num_warps = num_warps
-        self._step_state = new_step_state(store.device, beta1, beta2)
+        self._step_state = new_step_state(store.device, beta1, beta2, n_layers=store.n_layers)
+        # Which layer each parameter (in the store's order) is in; and per set of layers that sat a step out, the
+        # device row of participation flags (row 2 of the step state) that says so, built once per set.
+        self._param_layer = [layer for layer, params in enumerate(store.layers) for _ in params]
+        self._sitting_out_flags: dict[frozenset[int], torch.Tensor] = {}
+        self._all_take_part = True
         self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
         self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
@@ -192,6 +197,19 @@ class _FusedOptimizer:
     def step_count(self) -> torch.Tensor:
         """0-dim float64 device tensor: steps applied so far (skipped steps do not count)."""
         return self._step_state[0, 0]
+
+    @property
+    def layer_step_counts(self) -> torch.Tensor:
+        """float64 ``[n_layers]`` device tensor: the applied steps each layer took part in.
+
+        ``torch.optim``'s ``step`` of its parameters. Below ``step_count`` for a layer that sat steps out (none of
+        its parameters got a gradient, after a ``zero_grad(set_to_none=True)``).
+        """
+        return self._step_state[0, 1:]
+
+    def set_log_betas(self, beta1: float, beta2: float) -> None:
+        """Makes the bias corrections of the next steps use these betas (``torch.optim`` reads the current ones)."""
+        self._step_state[3, :2].copy_(torch.tensor(log_betas(beta1, beta2), dtype=torch.float64))
 
     def zero_grad(self) -> None:
         """Zeros the store's flat gradient buffer (the ``param.grad`` views stay)."""
@@ -236,12 +254,43 @@ class _FusedOptimizer:
         if max_grad_norm is not None:  # the update unscales by inv_scale: the clip coefficient rides on it
             total = stats[StatRow.GRAD_SQ_SUM].sum().sqrt()
             inv_scale = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0) * inv_scale
-        untouched = self._saved_slices(store.take_params_without_grad())
+        without_grad = store.take_params_without_grad()
+        self._mark_sitting_out(without_grad)
+        untouched = self._saved_slices(without_grad)
         self._update(float(lr), factors, codes, stats, inv_scale)
         for slice_, saved in untouched:  # as torch.optim, which skips a parameter whose gradient is None
             slice_.copy_(saved)
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
         return StepResult(skipped=skipped, stats=stats)
+
+    def _mark_sitting_out(self, indices: Sequence[int]) -> None:
+        """Sets the step state's participation row: a layer none of whose parameters got a gradient sits out.
+
+        Its step count then stays, as ``torch.optim``'s ``step`` of a parameter it skips. Exact when a layer's
+        parameters get gradients together (a module's weight and bias); a layer that got some counts the step for
+        all. A device copy from a row built once per set of layers, no sync; nothing while every layer takes part.
+        """
+        sitting_out: frozenset[int] = frozenset()
+        if indices:
+            missing: dict[int, int] = {}
+            for index in indices:
+                layer = self._param_layer[index]
+                missing[layer] = missing.get(layer, 0) + 1
+            sitting_out = frozenset(layer for layer, n in missing.items() if n == len(self.store.layers[layer]))
+        if not sitting_out:
+            if not self._all_take_part:
+                self._step_state[2, 1:].fill_(1.0)
+                self._all_take_part = True
+            return
+        flags = self._sitting_out_flags.get(sitting_out)
+        if flags is None:
+            flags = torch.ones(self.store.n_layers, dtype=torch.float64)
+            flags[sorted(sitting_out)] = 0.0
+            flags = flags.to(self.store.device)
+            if len(self._sitting_out_flags) < _MAX_CACHED_FLAG_ROWS:
+                self._sitting_out_flags[sitting_out] = flags
+        self._step_state[2, 1:].copy_(flags)
+        self._all_take_part = False
 
     def _saved_slices(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of parameters ``indices``' weights, optimizer state and 16-bit copies, to put back after the update.
@@ -263,14 +312,14 @@ class _FusedOptimizer:
         """Checkpointable state. Like ``torch.optim``, the flat state buffers are returned by reference.
 
         Returns:
-            ``{"kind", "options", "layer_numels", "step_state", <state buffers>}``; ``step_state`` is the
-            float64 ``(steps, beta1**steps, beta2**steps)`` of the last step (a copy, made on the device).
+            ``{"kind", "options", "layer_numels", "steps", <state buffers>}``; ``steps`` is a float64
+            ``[1 + n_layers]`` copy (made on the device) of the applied steps: the model's, then each layer's.
         """
         state: dict[str, Any] = {
             "kind": self._kind,
             "options": asdict(self.options),
             "layer_numels": list(self.store.layer_numels),
-            "step_state": self._step_state[0].clone(),
+            "steps": self._step_state[0].clone(),
         }
         for name in self._buffer_names:
             state[name] = getattr(self, name)
@@ -279,8 +328,11 @@ class _FusedOptimizer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``'s output, hyper-parameters included (as ``torch.optim`` does).
 
+        A checkpoint from before the per-layer counts (``step_state``: the model's count and its beta powers)
+        gives every layer the model's count.
+
         Raises:
-            ValueError: the checkpoint is of another optimizer or another parameter layout.
+            ValueError: the checkpoint is of another optimizer or another parameter layout, or lacks its counts.
         """
         if state.get("kind") != self._kind:
             raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
@@ -292,6 +344,7 @@ class _FusedOptimizer:
                     f"checkpoint's {name} has {state[name].numel()} elements, this store's {self.store.n_elements}: "
                     "it was made for another parameter layout (groups differ)"
                 )
+        counts = _saved_counts(state, self.store.n_layers)
         options = self.options
         self.options = type(self.options)(**state["options"])
         try:
@@ -302,9 +355,11 @@ class _FusedOptimizer:
         with torch.no_grad():
             for name in self._buffer_names:
                 getattr(self, name).copy_(state[name])
-            self._step_state[0].copy_(state["step_state"])
+            self._step_state[0].copy_(counts)
+            self._step_state[2].fill_(1.0)
+            self._all_take_part = True
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
-            self._step_state[2].copy_(torch.tensor([0.0, *betas], dtype=torch.float64))
+            self.set_log_betas(*betas)
 
     def _update(
         self,
@@ -447,6 +502,30 @@ class FusedAdamW(_FusedOptimizer):
             weight_decay=self.kernel_weight_decay(), inv_scale=inv_scale, segment_align=store.segment_align,
             block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
+
+
+def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
+    """A checkpoint's step counts as ``[1 + n_layers]`` float64 (the model's, then each layer's), on the CPU.
+
+    Raises:
+        ValueError: neither ``steps`` nor the older ``step_state`` is there, or ``steps`` is for other layers.
+    """
+    if "steps" in state:
+        counts = torch.as_tensor(state["steps"], dtype=torch.float64).cpu()
+        if counts.shape != (1 + n_layers,):
+            raise ValueError(
+                f"checkpoint's steps has shape {tuple(counts.shape)}; this store has {n_layers} layers, so "
+                f"[{1 + n_layers}] (the model's count, then each layer's)"
+            )
+        return counts
+    if "step_state" in state:  # (steps, beta1**steps, beta2**steps): one count for all
+        return torch.full((1 + n_layers,), float(state["step_state"][0]), dtype=torch.float64)
+    raise ValueError("checkpoint lacks the step counts ('steps'): pass the dict state_dict() returned")
+
+
+_MAX_CACHED_FLAG_ROWS = 64
+"""Sets of layers sitting a step out whose participation row a fused optimizer keeps on the device (two for a model
+trained one head at a time); past that, a row is built for the step and dropped (one small host-to-device copy)."""
 
 
 def _as_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:

@@ -4,9 +4,9 @@ The SGD counterpart of ``adamw_step``, with the same layout, launch and skip rul
 of a fused step, one launch over the flat buffers, each program in one layer, all loads and stores masked
 off when pass 1 counted a non-finite gradient. Per element it reads p, g and the momentum buffer (12 B)
 and writes p and the buffer (8 B), plus the 2 B low-precision copy where the layer's code asks for one.
-The first applied step sets the momentum buffer to the gradient, as ``torch.optim.SGD`` does; that is
-read from the device-side step counter, so no host sync is needed for it either. Launches per step: the
-counter's snapshot copy and the update kernel.
+A layer's first applied step sets its momentum buffer to the gradient, as ``torch.optim.SGD`` does a parameter's;
+that is read from the device-side step counts (one a layer), so no host sync is needed for it either. Launches per
+step: the counts' snapshot copy and the update kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from triaccel_rl.kernels._common import (
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
+    advance_step_counts_reference,
     check_block_size,
     check_step_buffers,
     inv_scale_arguments,
@@ -74,10 +75,18 @@ def _fused_sgd_step_kernel(
     layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Every program reads the counter's snapshot (row 1); program 0 alone advances row 0 (see adamw_step).
-    steps = tl.load(step_state_ptr + 3)
+    # Every program reads the counts' snapshot (row 1); program 0 advances the model's, the first program of each
+    # layer that layer's, where it takes part (see adamw_step). A layer's first step starts its momentum buffer.
+    width = n_layers + 1
+    steps = tl.load(step_state_ptr + width)
+    layer_steps = tl.load(step_state_ptr + width + 1 + layer)
+    takes_part = tl.load(step_state_ptr + 2 * width + 1 + layer) != 0.0
+    previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
+    is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
     tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
-    is_first_step = steps == 0.0
+    advance = apply & takes_part
+    tl.store(step_state_ptr + 1 + layer, tl.where(advance, layer_steps + 1.0, layer_steps), mask=is_layer_writer)
+    is_first_step = layer_steps == 0.0
 
     if INV_SCALE_FROM_PTR:
         inv_scale = tl.load(inv_scale_ptr)
@@ -163,8 +172,9 @@ def fused_sgd_step(
         precision_codes: integer ``[n_layers]``: 0 fp32 (no copy), 1 bf16, 2 fp16 (``PrecisionCode``).
         stats: float32 ``[N_STAT_ROWS, n_layers]`` from ``layer_grad_stats``; this adds the rows
             ``GRAD_DOT_MOMENTUM`` and ``MOMENTUM_SQ_SUM`` (0 without momentum).
-        step_state: float64 ``[3, 3]`` from ``new_step_state(device)``; advanced in place when the step
-            is applied.
+        step_state: float64 ``[4, 1 + n_layers]`` from ``new_step_state``; the model's count and those of the
+            layers taking part (its row 2) advance in place when the step is applied. A layer's first applied step
+            starts its momentum buffer with the gradient, as ``torch.optim.SGD`` does a parameter's.
         lr: global learning rate (the layer's rate is ``lr * lr_factors[layer]``).
         momentum: momentum factor, >= 0.
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
@@ -262,9 +272,7 @@ def fused_sgd_step_reference(
     )  # fmt: skip
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
-    step_state[1].copy_(step_state[0])
-    steps = step_state[1, 0]
-    step_state[0, 0] = torch.where(apply, steps + 1.0, steps)
+    is_first_step = (advance_step_counts_reference(step_state, apply) == 0.0)[layer].unsqueeze(1)  # [n_segments, 1]
 
     layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
     grad = grads.view(-1, segment_align) * inv_scale
@@ -274,7 +282,7 @@ def fused_sgd_step_reference(
         direction = direction + segment_weight_decay(weight_decay) * param
     if momentum != 0.0:
         buffer = momentum_buffer.view(-1, segment_align)
-        new_buffer = torch.where(steps == 0.0, direction, buffer * momentum + (1.0 - dampening) * direction)
+        new_buffer = torch.where(is_first_step, direction, buffer * momentum + (1.0 - dampening) * direction)
         n_layers = lr_factors.numel()
         zero = torch.zeros((), dtype=torch.float32, device=params.device)
         for row, per_segment in [

@@ -863,11 +863,11 @@ def test_a_controlled_static_loop_on_the_fused_step_is_the_users_own_loop(monkey
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "sgd-dampening", "adamw"])
 def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(monkeypatch, optimizer_kind):
     """Two heads trained one at a time, ``optimizer.zero_grad()`` (``set_to_none=True``) before each step: the idle
-    head takes no decay and no momentum, and the run equals plain ``torch.optim``'s (SGD: every parameter; AdamW: the
-    parameters left alone, since the fused AdamW's bias correction counts the model's steps, see the README)."""
+    head takes no decay and no momentum and counts no step, so the run equals plain ``torch.optim``'s, head b's late
+    first step included (AdamW's bias corrections of its step 1; SGD's momentum buffer started from its gradient)."""
     from users_loop import TwoHeads, train_heads_controlled, train_heads_plainly
 
     import triaccel_rl as ta
@@ -880,22 +880,25 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
     def build():
         torch.manual_seed(0)
         model = TwoHeads(width=6, hidden=8).to(DEVICE)
-        if optimizer_kind == "sgd":
-            return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        if optimizer_kind == "adamw":
+            return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        dampening = 0.3 if optimizer_kind == "sgd-dampening" else 0.0
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
     data = batches(6)
-    heads = ["a", "b", "a", "a", "b", "a"] if optimizer_kind == "sgd" else ["a", "b", "b", "b", "b", "b"]
-    plain, optimizer = build()
-    train_heads_plainly(plain, optimizer, data, heads)
+    heads = ["a", "b", "b", "a", "b", "a"]
+    plain, plain_optimizer = build()
+    train_heads_plainly(plain, plain_optimizer, data, heads)
     model, optimizer = build()
     with ta.Controller(model, optimizer, policy="fp32") as ctl:
         assert ctl.engine.fused
         train_heads_controlled(ctl, model, optimizer, data, heads)
-    # AdamW: head b's first step came at the model's second, so its bias correction (the model's count) differs from
-    # torch.optim's (its own) and, through the loss, so does the body's; head a, idle after its one step, matches.
-    compared = [n for n, _ in model.named_parameters() if optimizer_kind == "sgd" or n.startswith("a.")]
-    assert len(compared) == (6 if optimizer_kind == "sgd" else 2)
-    for name in compared:
-        torch.testing.assert_close(model.get_parameter(name), plain.get_parameter(name), msg=name)
+        assert ctl.engine.fused_optimizer.layer_step_counts.tolist() == [6.0, 3.0, 3.0]  # body, a, b
+        saved = optimizer.state_dict()["state"]  # the user's view of the fused state
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, plain.get_parameter(name), msg=name)
+    for index, want in plain_optimizer.state_dict()["state"].items():  # AdamW: each head's own count
+        assert saved[index].keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(saved[index][key].cpu(), value.cpu(), msg=f"parameter {index}'s {key}")

@@ -428,8 +428,11 @@ class StepEngine:
             optimizer = self.fused_optimizer
             if getattr(optimizer, "exp_avg_sq", None) is None:
                 return [None] * self.n_layers
-            bias = 1.0 - optimizer.options.beta2 ** float(optimizer.step_count)  # sync: once per round
-            return [self.store.layer_segment(optimizer.exp_avg_sq, i) / max(bias, 1e-12) for i in range(self.n_layers)]
+            steps = optimizer.layer_step_counts.tolist()  # host-device sync: once per round
+            return [
+                self.store.layer_segment(optimizer.exp_avg_sq, i) / max(1.0 - optimizer.options.beta2**n, 1e-12)
+                for i, n in enumerate(steps)
+            ]
         diagonals: list[torch.Tensor | None] = []
         for params in self.layer_params:
             parts: list[torch.Tensor] | None = []
@@ -694,9 +697,10 @@ class StepEngine:
         applied step there is no state, as in ``torch.optim``. Reads the step count (one host-device sync).
         """
         fused = self.fused_optimizer
-        n = float(fused.step_count)
+        layer_steps = fused.layer_step_counts.tolist()
         state = self.optimizer.state
         for layer, params in enumerate(self.store.layers):
+            n = layer_steps[layer]  # a layer that never took part has no state, as torch.optim's parameters
             buffers = {name: self.store.param_views(getattr(fused, name), layer) for name in fused._buffer_names}
             for i, param in enumerate(params):
                 if n == 0 or not buffers:
@@ -714,17 +718,17 @@ class StepEngine:
 
         Runs when the engine is built and after each ``optimizer.load_state_dict``. A run resumed the usual way
         (``optimizer.load_state_dict`` before or after the engine is built), or an optimizer that stepped before,
-        keeps its moments, and the fused step's count carries on from the optimizer's: AdamW's
-        ``step`` (one count for all parameters: the largest, with a warning if they differ), or for SGD one step
-        once a momentum buffer exists (the fused SGD, like ``torch.optim.SGD``, overwrites the buffer at step 0).
+        keeps its moments, and each layer's step count carries on from its parameters' in the optimizer: AdamW's
+        ``step`` (the largest of the layer's, with a warning if they differ), or for SGD one step once a momentum
+        buffer exists (the fused SGD, like ``torch.optim.SGD``, overwrites a layer's buffer at its step 0). The
+        model's count is the largest layer's.
         """
         state = self.optimizer.state
         fused = self.fused_optimizer
-        adopted = False
-        steps: set[float] = set()
+        layer_steps: list[float] = []
         with torch.no_grad():
-            fused._step_state[0].copy_(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))  # no step taken
             for layer, params in enumerate(self.store.layers):
+                adopted = False
                 for name in fused._buffer_names:  # momentum_buffer; or exp_avg and exp_avg_sq
                     for param, view in zip(params, self.store.param_views(getattr(fused, name), layer), strict=True):
                         saved = state.get(param, {}).get(name)
@@ -733,13 +737,15 @@ class StepEngine:
                         else:  # (the view itself, after a state_dict loaded back unsaved: a no-op copy)
                             view.copy_(saved)
                             adopted = True
-                steps.update(float(state[p]["step"]) for p in params if "step" in state.get(p, {}))
-        n = max(steps, default=1.0 if adopted else 0.0)
-        if len(steps) > 1:
-            _log.warning("the optimizer's parameters took %s steps: the fused step counts %d", sorted(steps), n)
-        if n > 0:
-            beta1, beta2 = (getattr(fused.options, name, 0.0) for name in ("beta1", "beta2"))  # SGD has none
-            fused._step_state[0].copy_(torch.tensor([n, beta1**n, beta2**n], dtype=torch.float64))
+                steps = {float(state[p]["step"]) for p in params if "step" in state.get(p, {})}
+                if len(steps) > 1:
+                    _log.warning(
+                        "the parameters of layer %d took %s steps: the fused step counts %d for them all",
+                        layer, sorted(steps), max(steps),
+                    )  # fmt: skip
+                layer_steps.append(max(steps, default=1.0 if adopted else 0.0))
+            counts = torch.tensor([max(layer_steps, default=0.0), *layer_steps], dtype=torch.float64)
+            fused._step_state[0].copy_(counts)
 
     def _class_decays(self) -> float | tuple[float, ...]:
         """The fused step's weight decay, from the param groups' now: one a decay class (a float for one class).
@@ -773,8 +779,8 @@ class StepEngine:
 
         A momentum scheduler changes them between steps (``OneCycleLR`` and ``CyclicLR`` cycle SGD's momentum
         or Adam's beta1 by default). For AdamW the bias corrections then use the current betas, as
-        ``torch.optim.AdamW`` computes ``1 - beta ** step`` at each step: the device-side powers are recomputed
-        from the step count (no sync).
+        ``torch.optim.AdamW`` computes ``1 - beta ** step`` at each step (the kernels compute the powers from the
+        step counts; the new betas are one small copy, no sync).
 
         Raises:
             ValueError: the groups now differ in one of them, or SGD's momentum leaves 0 (the fused SGD built
@@ -793,11 +799,8 @@ class StepEngine:
         if "betas" in current:
             beta1, beta2 = (float(beta) for beta in current["betas"])
             fused.options = replace(fused.options, beta1=beta1, beta2=beta2, eps=float(current["eps"]))
-            with torch.no_grad():  # the powers at the current step count, in the new betas
-                state = fused._step_state
-                betas = torch.tensor([beta1, beta2], dtype=torch.float64, device=state.device)
-                state[0, 1:].copy_(betas.pow(state[0, 0]))
-                state[2, 1:].copy_(betas)
+            with torch.no_grad():  # the bias corrections of the next steps use the new betas
+                fused.set_log_betas(beta1, beta2)
         else:
             momentum = float(current["momentum"])
             if momentum != 0.0 and not fused._buffer_names:  # built without momentum: no buffer to keep it in
@@ -925,11 +928,10 @@ class StepEngine:
     def _fused_mean_sq_norm(self) -> np.ndarray:
         optimizer = self.fused_optimizer
         if getattr(optimizer, "exp_avg", None) is not None:
-            steps = float(optimizer.step_count)  # host-device sync: once per decision
-            if steps == 0:
-                return np.full(self.n_layers, np.nan)
-            bias = 1.0 - optimizer.options.beta1**steps
-            buffer, scale = optimizer.exp_avg, 1.0 / bias**2
+            steps = optimizer.layer_step_counts.cpu().numpy()  # host-device sync: once per decision
+            bias = 1.0 - optimizer.options.beta1 ** np.maximum(steps, 1.0)
+            scale = np.where(steps > 0, 1.0 / bias**2, np.nan)  # a layer yet to take a step: nan
+            buffer = optimizer.exp_avg
         elif optimizer.momentum_buffer is not optimizer.store.params:
             buffer, scale = optimizer.momentum_buffer, (1.0 - optimizer.options.momentum) ** 2
         else:

@@ -41,8 +41,8 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -
     """Asserts two 16- or 32-bit float tensors have identical bit patterns, printing the first mismatches."""
     int_dtype = torch.int16 if actual.element_size() == 2 else torch.int32
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a = actual.contiguous().view(int_dtype)
-    e = expected.contiguous().view(int_dtype)
+    a = actual.contiguous().view(int_dtype).flatten()
+    e = expected.contiguous().view(int_dtype).flatten()
     bad = (a != e).nonzero().flatten()
     if bad.numel():
         mask = (1 << (8 * actual.element_size())) - 1

@@ -58,10 +58,10 @@ class FlatState:
         # Non-zero optimizer state from the start, so every term of the update is exercised.
         if kind == "adamw":
             states = [torch.randn(n, generator=generator) * 0.1, torch.rand(n, generator=generator) * 0.01]
-            step_state = new_step_state(device, HYPER[kind]["beta1"], HYPER[kind]["beta2"])
+            step_state = new_step_state(device, HYPER[kind]["beta1"], HYPER[kind]["beta2"], n_layers=store.n_layers)
         else:
             states = [torch.randn(n, generator=generator) * 0.1]
-            step_state = new_step_state(device)
+            step_state = new_step_state(device, n_layers=store.n_layers)
         copies = torch.randn(n, generator=generator)
         return cls(
             kind=kind,
@@ -150,6 +150,44 @@ def test_step_matches_reference(device: str, layout: str, kind: str) -> None:
         stats_err = float((kernel_stats - reference_stats).abs().max())
         assert torch.allclose(kernel_stats, reference_stats, rtol=1e-5, atol=1e-6), f"{what}: stats err {stats_err:.3g}"
     assert float(kernel.step_state[0, 0]) == 2.0
+
+
+@pytest.mark.parametrize("block_size", [None, 1024])
+@pytest.mark.parametrize("kind", ["adamw", "sgd_dampening"])
+def test_a_layer_sitting_out_keeps_its_count(device: str, kind: str, block_size: int | None) -> None:
+    """Row 2 of the step state says layer 1 sits the step out: its count stays, every other count advances once
+    (also with several programs a segment: one writer a layer), the kernel as the reference; a later step of that
+    layer is its first (SGD: the momentum buffer starts from the gradient; AdamW: bias corrections of step 1)."""
+    kernel = FlatState.make(kind, LAYOUTS["awkward"], device, seed=6)
+    reference = kernel.clone()
+    factors, codes = _factors_and_codes(kernel.store.n_layers, device)
+    for state in (kernel, reference):
+        state.step_state[2, 2] = 0.0  # column 1 + layer
+    kernel.step(False, factors, codes, block_size=block_size)
+    reference.step(True, factors, codes)
+    assert kernel.step_state[0].tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert torch.equal(kernel.step_state, reference.step_state)
+
+    # Layer 1 takes part now; its step is its first. A fresh state of the same buffers stepped once is the reference.
+    first = kernel.clone()
+    first.step_state = new_step_state(device, **_betas(kind), n_layers=kernel.store.n_layers)
+    for state in (kernel, reference):
+        state.step_state[2, 2] = 1.0
+    kernel.step(False, factors, codes, block_size=block_size)
+    reference.step(True, factors, codes)
+    first.step(False, factors, codes, block_size=block_size)
+    assert kernel.step_state[0].tolist() == [2.0, 2.0, 1.0, 2.0]
+    assert torch.equal(kernel.step_state, reference.step_state)
+    layer_1 = [kernel.store.layer_segment(buffer, 1) for buffer in (kernel.params, *kernel.states)]
+    for got, want in zip(
+        layer_1, [first.store.layer_segment(b, 1) for b in (first.params, *first.states)], strict=True
+    ):
+        assert_bits_equal(got, want, f"{kind}: layer 1's late first step")
+    assert_close(kernel.params, reference.params, f"{kind} params")
+
+
+def _betas(kind: str) -> dict[str, float]:
+    return {name: HYPER[kind][name] for name in ("beta1", "beta2") if name in HYPER[kind]}
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov"])

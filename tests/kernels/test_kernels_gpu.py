@@ -48,12 +48,12 @@ def test_large_step_matches_reference(optimizer: str, block_size: int | None) ->
         hyper = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.05}
         opt = FusedAdamW(store, block_size=block_size, **hyper)
         states = [opt.exp_avg, opt.exp_avg_sq]
-        step_state = new_step_state("cuda", 0.9, 0.99)
+        step_state = new_step_state("cuda", 0.9, 0.99, n_layers=store.n_layers)
     else:
         hyper = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
         opt = FusedSGD(store, block_size=block_size, **hyper)
         states = [opt.momentum_buffer]
-        step_state = new_step_state("cuda")
+        step_state = new_step_state("cuda", n_layers=store.n_layers)
     reference_step = fused_adamw_step_reference if optimizer == "adamw" else fused_sgd_step_reference
     ref_states = [torch.zeros_like(store.params) for _ in states]
     ref_params = store.params.clone()
