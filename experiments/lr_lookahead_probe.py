@@ -18,6 +18,17 @@ caught up. It costs one probe forward and a copy of the weights per decision.
 Beside it, for comparison, the signal the observation has now: the **loss trend** (the interval's relative drop of
 the probe loss, ``observation.GLOBAL_FEATURES``' ``loss_trend`` with its sign flipped).
 
+And a third candidate, a reference that should not depend on the task: the **stability ratio**, the LR times the
+largest eigenvalue of the probe loss's Hessian as the optimizer sees it, over the largest such product at which the
+optimizer's update is still stable on a quadratic: ``lr * lambda / threshold``. The eigenvalue is preconditioned by
+AdamW's ``1 / (sqrt(v_hat) + eps)`` (symmetrically, ``P^-1/2 H P^-1/2``) and found by ``--sharpness-iters`` steps of
+power iteration with Hessian-vector products (fp32, the probe batch, batch norm on the batch's statistics). The
+thresholds: ``2 (1 + b1) / (1 - b1)`` for AdamW (38 at b1 = 0.9; Cohen et al. 2022, "Adaptive gradient methods at the
+edge of stability"), ``(2 + 2 mu) / (1 + 2 mu)`` for torch's Nesterov SGD (1.36 at mu = 0.9). Well below 1: the LR
+is far from where the curvature would stop it, whatever the task; training at a large LR tends to sit near 1 (the
+edge of stability). Reported as ``log10`` of the ratio. It costs ``--sharpness-iters`` Hessian-vector products a
+decision, far more than a policy's observation may; this asks only whether it would carry the information.
+
 Each run is the transfer protocol's (``experiments/transfer.py``: cost mode ``profile``, every layer in bf16, a
 decision every 10 steps, constant LR) with the task's LR × ``f`` from the first step, for the first ``share`` of its
 2-epoch budget; a feature's value for the run is its median over those decisions. Reported: per task and factor the
@@ -29,6 +40,7 @@ opposite order. A teacher's notion of "too low" here is the task's registered LR
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +65,8 @@ class Args:
     """Share of the 2-epoch budget to run (the decisions a policy would make its LR move in)."""
     epochs: float = 2.0
     interval_steps: int = 10
+    sharpness_iters: int = 20
+    """Power-iteration steps for the stability ratio at each decision (0: not measured)."""
     device: str = "cpu"
     """``cpu`` (the transfer protocol, modelled time) or ``cuda`` (the GPU benchmark's tasks: measured time)."""
     batch_size: int = 0
@@ -60,8 +74,57 @@ class Args:
     out: str = "experiments/results/issue6_2026-12-04/lr_lookahead_probe.json"
 
 
+def stability_ratio(run: Any, iters: int, seed: int) -> float:
+    """``lr * lambda_max / threshold`` for ``run`` now (see the module docstring); ``run`` on the reference path.
+
+    Example:
+        >>> from triaccel_rl.tasks import get_task
+        >>> from triaccel_rl.training import TrainingRun
+        >>> run = TrainingRun(get_task("synthetic"), seed=0, device="cpu", cost_mode="profile")
+        >>> 0 < stability_ratio(run, iters=5, seed=0) < 1  # before any step: SGD, far from the edge
+        True
+    """
+    import torch
+
+    if run.engine.fused:
+        raise ValueError("stability_ratio reads torch.optim's state: run the reference path (device='cpu')")
+    optimizer = run.optimizer
+    group = optimizer.param_groups[0]
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if isinstance(optimizer, torch.optim.AdamW):
+        beta1, beta2 = group["betas"]
+        threshold = 2 * (1 + beta1) / (1 - beta1)
+        scales = []
+        for p in params:  # P^-1/2, with P = sqrt(v_hat) + eps (the identity before the first step)
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state:
+                scales.append(torch.ones_like(p))
+                continue
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+            scales.append((v_hat.sqrt() + group["eps"]).rsqrt())
+    else:
+        mu = group["momentum"]
+        threshold = (2 + 2 * mu) / (1 + 2 * mu) if group["nesterov"] else 2 * (1 + mu)
+        scales = [torch.ones_like(p) for p in params]
+    loss = run._probe_body(run._probe_x, run._probe_y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    generator = torch.Generator().manual_seed(seed)
+    vector = [torch.randn(p.shape, generator=generator) for p in params]
+    eigenvalue = 0.0
+    for _ in range(iters):
+        norm = torch.sqrt(sum((v * v).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        products = torch.autograd.grad(
+            grads, params, grad_outputs=[s * v for s, v in zip(scales, vector, strict=True)], retain_graph=True
+        )
+        image = [s * h for s, h in zip(scales, products, strict=True)]  # P^-1/2 H P^-1/2 v
+        eigenvalue = float(sum((w * v).sum() for w, v in zip(image, vector, strict=True)))  # Rayleigh quotient
+        vector = [w.detach() for w in image]
+    return group["lr"] * eigenvalue / threshold
+
+
 def probe_run(task_name: str, factor: float, seed: int, args: Args) -> dict[str, Any]:
-    """One run's per-decision lookahead ratios and loss trends."""
+    """One run's per-decision lookahead ratios, loss trends and (with ``sharpness_iters``) stability ratios."""
     import torch
 
     from triaccel_rl.tasks import get_task
@@ -81,9 +144,11 @@ def probe_run(task_name: str, factor: float, seed: int, args: Args) -> dict[str,
     steps = int(args.share * args.epochs * len(task.data(seed).train_x) // run.batch_size)
     before = [p.detach().clone() for p in params]
     loss_before = run.probe_loss()
-    ratios, trends = [], []
+    ratios, trends, stability = [], [], []
     for _ in range(max(steps // args.interval_steps, 1)):
         run.train_interval(args.interval_steps)
+        if args.sharpness_iters:
+            stability.append(math.log10(max(stability_ratio(run, args.sharpness_iters, seed), 1e-12)))
         loss_now = run.probe_loss()
         with torch.no_grad():
             now = [p.detach().clone() for p in params]
@@ -102,9 +167,15 @@ def probe_run(task_name: str, factor: float, seed: int, args: Args) -> dict[str,
         "seed": seed,
         "lookahead": float(np.nanmedian(ratios)),
         "loss_drop": float(np.nanmedian(trends)),
+        "log_stability": float(np.nanmedian(stability)) if stability else float("nan"),
         "ratios": ratios,
         "trends": trends,
+        "log_stability_per_decision": stability,
     }
+
+
+FEATURES = ("lookahead", "loss_drop", "log_stability")
+"""Each run's features: its median over the run's decisions."""
 
 
 def auc(low: list[float], high: list[float]) -> float:
@@ -124,12 +195,13 @@ def summarize(runs: list[dict[str, Any]], factors: list[float]) -> dict[str, Any
     """Per task and factor the mean feature values; pooled AUCs of ``f < 1`` against ``f > 1``."""
     table: dict[str, dict[str, dict[str, float]]] = {}
     for run in runs:
-        cell = table.setdefault(run["task"], {}).setdefault(f"{run['factor']:g}", {"lookahead": 0.0, "loss_drop": 0.0})
+        cell = table.setdefault(run["task"], {}).setdefault(f"{run['factor']:g}", dict.fromkeys(FEATURES, 0.0))
         n = sum(1 for r in runs if r["task"] == run["task"] and r["factor"] == run["factor"])
-        cell["lookahead"] += run["lookahead"] / n
-        cell["loss_drop"] += run["loss_drop"] / n
+        for feature in FEATURES:
+            cell[feature] += run[feature] / n
+    measured = [f for f in FEATURES if not any(math.isnan(r[f]) for r in runs)]  # (not the stability, when off)
     aucs = {}
-    for feature in ("lookahead", "loss_drop"):
+    for feature in measured:
         low = [r[feature] for r in runs if r["factor"] < 1]
         high = [r[feature] for r in runs if r["factor"] > 1]
         aucs[feature] = auc(low, high) if low and high else None
@@ -140,7 +212,7 @@ def summarize(runs: list[dict[str, Any]], factors: list[float]) -> dict[str, Any
                 [r[feature] for r in runs if r["task"] == task and r["factor"] < 1],
                 [r[feature] for r in runs if r["task"] == task and r["factor"] > 1],
             )
-            for feature in ("lookahead", "loss_drop")
+            for feature in measured
             if any(f < 1 for f in factors) and any(f > 1 for f in factors)
         }
     return {"per_task": table, "auc_pooled": aucs, "auc_within_task": within}
@@ -184,10 +256,11 @@ def main(args: Args) -> dict[str, Any]:
         "runs": runs,
     }
     out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"{'task':22s} " + " ".join(f"{'x' + format(f, 'g'):>13s}" for f in factors) + "   (lookahead / loss drop)")
+    header = " ".join(f"{'x' + format(f, 'g'):>19s}" for f in factors)
+    print(f"{'task':22s} {header}   (lookahead / loss drop / log10 stability ratio)")
     for task, cells in summary["per_task"].items():
         shown = " ".join(
-            f"{cells[format(f, 'g')]['lookahead']:+6.2f}/{cells[format(f, 'g')]['loss_drop']:+.3f}" for f in factors
+            "{lookahead:+6.2f}/{loss_drop:.3f}/{log_stability:+5.2f}".format(**cells[format(f, "g")]) for f in factors
         )
         print(f"{task:22s} {shown}")
     print(f"pooled AUC, LR below the task's vs above it: {summary['auc_pooled']}")
