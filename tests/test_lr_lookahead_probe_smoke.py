@@ -29,6 +29,9 @@ def test_probe_writes_each_runs_signals_and_the_aucs(probe, tmp_path) -> None:  
         assert run["ratios"] and all(math.isfinite(r) for r in run["ratios"])
         assert run["lookahead"] == pytest.approx(float(np.median(run["ratios"])))
         assert run["loss_drop"] == pytest.approx(float(np.median(run["trends"])))
+        stability = run["log_stability_per_decision"]
+        assert len(stability) == len(run["ratios"]) and all(math.isfinite(v) for v in stability)
+        assert run["log_stability"] == pytest.approx(float(np.median(stability)))
     # One run on each side: the pooled AUC is 1 or 0 (or 0.5 on a tie), whichever way the two values fall.
     low, high = (written["per_task"]["synthetic"][k]["lookahead"] for k in ("0.5", "2"))
     assert written["auc_pooled"]["lookahead"] == (1.0 if low > high else 0.0 if low < high else 0.5)
@@ -36,6 +39,50 @@ def test_probe_writes_each_runs_signals_and_the_aucs(probe, tmp_path) -> None:  
     # The same seed and factor give the same run.
     again = probe.probe_run("synthetic", 0.5, 0, args)
     assert again["ratios"] == written["runs"][0]["ratios"]
+
+
+def _quadratic_run(optimizer_kind: str, curvatures: list[float]):  # type: ignore[no-untyped-def]
+    """A stand-in for a TrainingRun whose probe loss is ``0.5 * sum(a_i * w_i**2)``: its Hessian is ``diag(a)``."""
+    from types import SimpleNamespace
+
+    import torch
+
+    weight = torch.nn.Parameter(torch.ones(len(curvatures)))
+    model = torch.nn.Module()
+    model.weight = weight
+    a = torch.tensor(curvatures)
+    if optimizer_kind == "adamw":
+        optimizer = torch.optim.AdamW([weight], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    else:
+        optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, nesterov=True)
+    return SimpleNamespace(
+        engine=SimpleNamespace(fused=False),
+        optimizer=optimizer,
+        model=model,
+        _probe_x=None,
+        _probe_y=None,
+        _probe_body=lambda x, y: 0.5 * (a * weight * weight).sum(),
+    )
+
+
+def test_stability_ratio_is_lr_times_the_top_eigenvalue_over_the_threshold(probe) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    sgd = _quadratic_run("sgd", [3.0, 0.5, 1.0])
+    assert probe.stability_ratio(sgd, iters=60, seed=0) == pytest.approx(0.1 * 3.0 / (3.8 / 2.8), rel=1e-4)
+
+    # AdamW: the Hessian preconditioned by 1 / (sqrt(v_hat) + eps); here v_hat = (4, 1, 100) after 2 steps.
+    adamw = _quadratic_run("adamw", [3.0, 0.5, 1.0])
+    (weight,) = adamw.optimizer.param_groups[0]["params"]
+    v_hat = torch.tensor([4.0, 1.0, 100.0])
+    adamw.optimizer.state[weight] = {"step": torch.tensor(2.0), "exp_avg_sq": v_hat * (1 - 0.99**2)}
+    preconditioned = max(3.0 / 2.0, 0.5 / 1.0, 1.0 / 10.0)
+    assert probe.stability_ratio(adamw, iters=60, seed=0) == pytest.approx(0.01 * preconditioned / 38.0, rel=1e-4)
+
+    fused = _quadratic_run("sgd", [1.0])
+    fused.engine.fused = True
+    with pytest.raises(ValueError, match="reference path"):
+        probe.stability_ratio(fused, iters=1, seed=0)
 
 
 def test_auc_counts_ties_half_and_needs_both_groups(probe) -> None:  # type: ignore[no-untyped-def]
