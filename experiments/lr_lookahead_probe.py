@@ -22,9 +22,10 @@ And a third candidate, a reference that should not depend on the task: the **sta
 largest eigenvalue of the probe loss's Hessian as the optimizer sees it, over the largest such product at which the
 optimizer's update is still stable on a quadratic: ``lr * lambda / threshold``. The eigenvalue is preconditioned by
 AdamW's ``1 / (sqrt(v_hat) + eps)`` (symmetrically, ``P^-1/2 H P^-1/2``) and found by ``--sharpness-iters`` steps of
-power iteration with Hessian-vector products (fp32, the probe batch, batch norm on the batch's statistics). The
-thresholds: ``2 (1 + b1) / (1 - b1)`` for AdamW (38 at b1 = 0.9; Cohen et al. 2022, "Adaptive gradient methods at the
-edge of stability"), ``(2 + 2 mu) / (1 + 2 mu)`` for torch's Nesterov SGD (1.36 at mu = 0.9). Well below 1: the LR
+power iteration with Hessian-vector products (fp32, the probe batch, batch norm on the batch's statistics, attention
+by the math kernel, which has a double backward). The thresholds: ``2 (1 + b1) / (1 - b1)`` for AdamW (38 at
+b1 = 0.9; Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), ``(2 + 2 mu) / (1 + 2 mu)`` for
+torch's Nesterov SGD (1.36 at mu = 0.9). Well below 1: the LR
 is far from where the curvature would stop it, whatever the task; training at a large LR tends to sit near 1 (the
 edge of stability). Reported as ``log10`` of the ratio. It costs ``--sharpness-iters`` Hessian-vector products a
 decision, far more than a policy's observation may; this asks only whether it would carry the information.
@@ -106,7 +107,10 @@ def stability_ratio(run: Any, iters: int, seed: int) -> float:
         mu = group["momentum"]
         threshold = (2 + 2 * mu) / (1 + 2 * mu) if group["nesterov"] else 2 * (1 + mu)
         scales = [torch.ones_like(p) for p in params]
-    loss = run._probe_body(run._probe_x, run._probe_y)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        loss = run._probe_body(run._probe_x, run._probe_y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator) for p in params]
