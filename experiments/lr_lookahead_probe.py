@@ -22,11 +22,11 @@ And a third candidate, a reference that should not depend on the task: the **sta
 largest eigenvalue of the probe loss's Hessian as the optimizer sees it, over the largest such product at which the
 optimizer's update is still stable on a quadratic: ``lr * lambda / threshold``. The eigenvalue is preconditioned by
 AdamW's ``1 / (sqrt(v_hat) + eps)`` (symmetrically, ``P^-1/2 H P^-1/2``) and found by ``--sharpness-iters`` steps of
-power iteration with Hessian-vector products (fp32, the probe batch, batch norm on the batch's statistics, attention
-by the math kernel, which has a double backward). The thresholds: ``2 (1 + b1) / (1 - b1)`` for AdamW (38 at
-b1 = 0.9; Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), ``(2 + 2 mu) / (1 + 2 mu)`` for
-torch's Nesterov SGD (1.36 at mu = 0.9). Well below 1: the LR
-is far from where the curvature would stop it, whatever the task; training at a large LR tends to sit near 1 (the
+power iteration with Hessian-vector products (run again, shifted, when the dominant eigenvalue is negative; fp32, the
+probe batch, batch norm on the batch's statistics, attention by the math kernel, which has a double backward). The
+thresholds: ``2 (1 + b1) / (1 - b1)`` for AdamW (38 at b1 = 0.9; Cohen et al. 2022, "Adaptive gradient methods at
+the edge of stability"), ``(2 + 2 mu) / (1 + 2 mu)`` for torch's Nesterov SGD (1.36 at mu = 0.9). Well below 1: the
+LR is far from where the curvature would stop it, whatever the task; training at a large LR tends to sit near 1 (the
 edge of stability). Reported as ``log10`` of the ratio. It costs ``--sharpness-iters`` Hessian-vector products a
 decision, far more than a policy's observation may; this asks only whether it would carry the information.
 
@@ -113,17 +113,25 @@ def stability_ratio(run: Any, iters: int, seed: int) -> float:
         loss = run._probe_body(run._probe_x, run._probe_y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
-    vector = [torch.randn(p.shape, generator=generator) for p in params]
-    eigenvalue = 0.0
-    for _ in range(iters):
-        norm = torch.sqrt(sum((v * v).sum() for v in vector))
-        vector = [v / norm for v in vector]
-        products = torch.autograd.grad(
-            grads, params, grad_outputs=[s * v for s, v in zip(scales, vector, strict=True)], retain_graph=True
-        )
-        image = [s * h for s, h in zip(scales, products, strict=True)]  # P^-1/2 H P^-1/2 v
-        eigenvalue = float(sum((w * v).sum() for w, v in zip(image, vector, strict=True)))  # Rayleigh quotient
-        vector = [w.detach() for w in image]
+
+    def top_eigenvalue(shift: float) -> float:
+        """Power iteration on ``P^-1/2 H P^-1/2 - shift I``: its eigenvalue of largest magnitude, plus ``shift``."""
+        vector = [torch.randn(p.shape, generator=generator) for p in params]
+        eigenvalue = 0.0
+        for _ in range(iters):
+            norm = torch.sqrt(sum((v * v).sum() for v in vector))
+            vector = [v / norm for v in vector]
+            products = torch.autograd.grad(
+                grads, params, grad_outputs=[s * v for s, v in zip(scales, vector, strict=True)], retain_graph=True
+            )
+            image = [s * h - shift * v for s, h, v in zip(scales, products, vector, strict=True)]
+            eigenvalue = float(sum((w * v).sum() for w, v in zip(image, vector, strict=True)))  # Rayleigh quotient
+            vector = [w.detach() for w in image]
+        return eigenvalue + shift
+
+    eigenvalue = top_eigenvalue(0.0)
+    if eigenvalue < 0:  # the dominant eigenvalue was negative: shifted by it, the largest one dominates
+        eigenvalue = top_eigenvalue(eigenvalue)
     return group["lr"] * eigenvalue / threshold
 
 

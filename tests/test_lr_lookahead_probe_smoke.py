@@ -71,6 +71,10 @@ def test_stability_ratio_is_lr_times_the_top_eigenvalue_over_the_threshold(probe
     sgd = _quadratic_run("sgd", [3.0, 0.5, 1.0])
     assert probe.stability_ratio(sgd, iters=60, seed=0) == pytest.approx(0.1 * 3.0 / (3.8 / 2.8), rel=1e-4)
 
+    # A negative eigenvalue of larger magnitude than the largest: found first, then shifted away.
+    saddle = _quadratic_run("sgd", [-5.0, 2.0, 1.0])
+    assert probe.stability_ratio(saddle, iters=150, seed=0) == pytest.approx(0.1 * 2.0 / (3.8 / 2.8), rel=1e-4)
+
     # AdamW: the Hessian preconditioned by 1 / (sqrt(v_hat) + eps); here v_hat = (4, 1, 100) after 2 steps.
     adamw = _quadratic_run("adamw", [3.0, 0.5, 1.0])
     (weight,) = adamw.optimizer.param_groups[0]["params"]
