@@ -242,6 +242,8 @@ class MemoryModel:
         >>> rebased.rebase(9_000)  # a captured graph's pool stays allocated
         >>> rebased.predict(32, fp32)
         25000
+        >>> rebased  # points as what each pass added, on the first reading's baseline
+        MemoryModel(points={'00': {8: 10000, 16: 14000}}, base_bytes=6000, now_bytes=9000)
     """
 
     def __init__(self, costs: CostModel, profile: HardwareProfile) -> None:
@@ -262,6 +264,11 @@ class MemoryModel:
     def baseline_shift_bytes(self) -> int:
         """What predictions add to the fitted lines: the bytes allocated since the first reading."""
         return 0 if self._base_bytes is None else self._now_bytes - self._base_bytes
+
+    def __repr__(self) -> str:
+        """The measured points per precision map (codes, 0 fp32), the first and latest readings, in bytes."""
+        points = {"".join(map(str, key)): dict(sorted(sizes.items())) for key, sizes in self._peaks.items()}
+        return f"MemoryModel(points={points}, base_bytes={self._base_bytes}, now_bytes={self._now_bytes})"
 
     def observe(
         self, batch_size: int, precisions: Sequence[Precision], peak_bytes: int, allocated_bytes: int | None = None

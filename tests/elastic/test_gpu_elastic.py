@@ -82,16 +82,24 @@ def test_captured_steps_do_not_steepen_the_memory_model() -> None:
     # A captured graph's memory stays allocated. Fitted in as the captured batch's need, it made the wide MLP's
     # model predict 2.71 GB for a batch of 4096 whose trial peaked at 0.78 GB (H200, 2026-12-04); it now moves the
     # baseline only. Extrapolating 16x beyond the calibration's sizes stays a little low for this MLP (13% eager).
+    allocated_before = torch.cuda.memory_allocated()
     run = TrainingRun(
         _wide_task(), seed=0, device="cuda", n_probe=64, memory=MemoryBudget(fraction=1.0), batch_size=256
     )
+    readings = [repr(run.memory_model)]
     run.step()
     run.step()
     assert run.graphs is not None and run.graphs.captures == 1 and run.graphs.replays == 2
+    readings.append(repr(run.memory_model))
     predicted = run.predicted_memory_bytes(4096)
     measured = run.trial_peak_bytes(4096)
     assert measured is not None
-    assert 0.75 * measured <= predicted <= 1.1 * measured, f"predicted {predicted} bytes, trial peak {measured}"
+    # Failed once in three runs of the GPU tests' order on the H200 (2026-12-04: 459 MB predicted against 777 MB),
+    # never alone: the readings below say where the prediction went low if it does again.
+    assert 0.75 * measured <= predicted <= 1.1 * measured, (
+        f"predicted {predicted} bytes, trial peak {measured}; allocated before the run {allocated_before}; the model "
+        f"after calibration, after the two steps, after the trial: {[*readings, repr(run.memory_model)]}"
+    )
 
 
 def test_out_of_memory_while_capturing_a_step_is_recovered(memory_fraction: None) -> None:
