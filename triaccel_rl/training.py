@@ -642,6 +642,10 @@ class TrainingRun:
             while s > 1 and self.costs.memory_bytes(s, self.precisions, self.profile) > self.memory_budget_bytes // 2:
                 s //= 2
             sizes = sorted({max(1, s // 4), s})
+        # One unmeasured pass first: the first forward and backward of a process's model can allocate one-time
+        # buffers for the length of the pass (on a fresh H200, 60 MB more than the batch's own at 64 samples, twice
+        # the need at 256), which would flatten the fitted line and make large batches look cheap.
+        self._unmeasured_pass(min(sizes))
         for size in sizes:
             while self.trial_peak_bytes(size) is None and size > 1:  # out of memory: try half
                 size //= 2
@@ -826,6 +830,17 @@ class TrainingRun:
         if not self.measures_memory or self.optimizer.state or self.memory_model.n_measurements == 0:
             return 0
         return self._accounted_state_bytes
+
+    def _unmeasured_pass(self, batch_size: int) -> None:
+        """A trial pass whose peak is not recorded (an out-of-memory error is released and ignored)."""
+        self.engine.zero_grad()
+        try:
+            self._trial_pass(min(batch_size, len(self.loader)))
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_memory(self.device)
+        self.engine.zero_grad()
 
     def _trial_pass(self, n: int) -> None:
         with frozen_batch_stats(self.model), self.precision.context():
