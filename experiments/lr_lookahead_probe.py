@@ -119,7 +119,7 @@ def stability_ratio(run: Any, iters: int, seed: int) -> float:
         vector = [torch.randn(p.shape, generator=generator) for p in params]
         eigenvalue = 0.0
         for _ in range(iters):
-            norm = torch.sqrt(sum((v * v).sum() for v in vector))
+            norm = math.sqrt(sum(float((v * v).sum()) for v in vector))
             vector = [v / norm for v in vector]
             products = torch.autograd.grad(
                 grads, params, grad_outputs=[s * v for s, v in zip(scales, vector, strict=True)], retain_graph=True

@@ -7,6 +7,7 @@ import math
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "PrecisionCode",
     "StatRow",
     "_use_triton",
+    "advance_step_counts",
     "advance_step_counts_reference",
     "check_block_size",
     "check_flat_layout",
@@ -171,6 +173,27 @@ def log_betas(beta1: float, beta2: float) -> tuple[float, float]:
     """``(log(beta1), log(beta2))``, ``-inf`` for a beta of 0 (whose powers are all 0): row 3 of the step state."""
     log1, log2 = (math.log(beta) if beta > 0.0 else -math.inf for beta in (beta1, beta2))
     return log1, log2
+
+
+@triton.jit
+def advance_step_counts(
+    step_state_ptr, chunk_layer_ptr, pid, segment, layer, apply, n_layers, BLOCKS_PER_SEGMENT: tl.constexpr
+):
+    """The update kernels' count update (layout in ``new_step_state``); returns the layer's count before this step.
+
+    Every program reads the snapshot row 1; program 0 alone writes the model's count, the first program of each layer
+    that layer's (where row 2 says the layer takes part), so no two programs race.
+    """
+    width = n_layers + 1
+    steps = tl.load(step_state_ptr + width)
+    layer_steps = tl.load(step_state_ptr + width + 1 + layer)
+    takes_part = tl.load(step_state_ptr + 2 * width + 1 + layer) != 0.0
+    previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
+    is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
+    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
+    advance = apply & takes_part
+    tl.store(step_state_ptr + 1 + layer, tl.where(advance, layer_steps + 1.0, layer_steps), mask=is_layer_writer)
+    return layer_steps
 
 
 def launch_config(kernel: str, tensor: torch.Tensor, block_size: int | None, num_warps: int | None) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from triaccel_rl.kernels._common import (
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
+    advance_step_counts,
     advance_step_counts_reference,
     check_block_size,
     check_step_buffers,
@@ -81,23 +82,15 @@ def _fused_adamw_step_kernel(
     layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Step counts in float64 (layout in _common.new_step_state): every program reads the snapshot row 1; program 0
-    # alone writes the model's count, the first program of each layer that layer's, so no two programs race.
-    width = n_layers + 1
-    steps = tl.load(step_state_ptr + width)
-    layer_steps = tl.load(step_state_ptr + width + 1 + layer)
-    takes_part = tl.load(step_state_ptr + 2 * width + 1 + layer) != 0.0
-    previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
-    is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
-    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
-    advance = apply & takes_part
-    tl.store(step_state_ptr + 1 + layer, tl.where(advance, layer_steps + 1.0, layer_steps), mask=is_layer_writer)
+    layer_steps = advance_step_counts(step_state_ptr, chunk_layer_ptr, pid, segment, layer, apply, n_layers,
+                                      BLOCKS_PER_SEGMENT)  # fmt: skip
 
     # The layer's own count sets its bias corrections, as torch.optim's per-parameter ``step`` does (a layer that
     # sits the step out is restored afterwards: its values here do not matter).
     new_layer_steps = layer_steps + 1.0
-    bias_correction1 = (1.0 - tl.exp(new_layer_steps * tl.load(step_state_ptr + 3 * width))).to(tl.float32)
-    bias_correction2 = (1.0 - tl.exp(new_layer_steps * tl.load(step_state_ptr + 3 * width + 1))).to(tl.float32)
+    log_betas_row = step_state_ptr + 3 * (n_layers + 1)
+    bias_correction1 = (1.0 - tl.exp(new_layer_steps * tl.load(log_betas_row))).to(tl.float32)
+    bias_correction2 = (1.0 - tl.exp(new_layer_steps * tl.load(log_betas_row + 1))).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2)
     if INV_SCALE_FROM_PTR:
         inv_scale = tl.load(inv_scale_ptr)

@@ -18,6 +18,7 @@ from triaccel_rl.kernels._common import (
     SEGMENT_ALIGN_ELEMENTS,
     StatRow,
     _use_triton,
+    advance_step_counts,
     advance_step_counts_reference,
     check_block_size,
     check_step_buffers,
@@ -75,17 +76,9 @@ def _fused_sgd_step_kernel(
     layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # Every program reads the counts' snapshot (row 1); program 0 advances the model's, the first program of each
-    # layer that layer's, where it takes part (see adamw_step). A layer's first step starts its momentum buffer.
-    width = n_layers + 1
-    steps = tl.load(step_state_ptr + width)
-    layer_steps = tl.load(step_state_ptr + width + 1 + layer)
-    takes_part = tl.load(step_state_ptr + 2 * width + 1 + layer) != 0.0
-    previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
-    is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
-    tl.store(step_state_ptr, tl.where(apply, steps + 1.0, steps), mask=pid == 0)
-    advance = apply & takes_part
-    tl.store(step_state_ptr + 1 + layer, tl.where(advance, layer_steps + 1.0, layer_steps), mask=is_layer_writer)
+    # The counts (see _common.advance_step_counts): a layer's first step starts its momentum buffer.
+    layer_steps = advance_step_counts(step_state_ptr, chunk_layer_ptr, pid, segment, layer, apply, n_layers,
+                                      BLOCKS_PER_SEGMENT)  # fmt: skip
     is_first_step = layer_steps == 0.0
 
     if INV_SCALE_FROM_PTR:
