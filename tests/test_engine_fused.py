@@ -353,6 +353,40 @@ def test_the_fused_step_adopts_the_state_the_torch_optimizer_already_holds(kind)
     assert max((a - b).abs().max().item() for a, b in zip(finals[False], finals[None], strict=True)) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["sgd-dampening", "adamw"])
+def test_the_fused_step_adopts_each_layers_own_step_count(kind):
+    """A ``torch.optim`` state whose two heads took different numbers of steps (trained one at a time) is adopted
+    with each layer's own count, and the run carries on as ``torch.optim``'s does, late first steps included."""
+    from users_loop import TwoHeads, train_heads_plainly
+
+    def build():
+        torch.manual_seed(0)
+        model = TwoHeads(width=6, hidden=8).to(DEVICE)
+        if kind == "adamw":
+            return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)
+
+    data = batches(8)
+    heads = ["b", "b", "a", "b", "a", "a", "b", "a"]
+    plain, plain_optimizer = build()
+    train_heads_plainly(plain, plain_optimizer, data, heads)
+    model, optimizer = build()
+    train_heads_plainly(model, optimizer, data[:2], heads[:2])  # head a has no state yet
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    # body, a, b. SGD's state holds no count: a momentum buffer says one step or more, which is all its update reads.
+    adopted = [2.0, 0.0, 2.0] if kind == "adamw" else [1.0, 0.0, 1.0]
+    assert engine.fused_optimizer.layer_step_counts.tolist() == adopted
+    for (x, y), head in zip(data[2:], heads[2:], strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x, head), y)
+        engine.backward_and_step(loss)
+    assert engine.fused_optimizer.layer_step_counts.tolist() == [adopted[0] + 6, 4.0, adopted[2] + 2]
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, plain.get_parameter(name), msg=name)
+    engine.remove()
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_the_users_optimizer_state_dict_holds_the_fused_state_in_torch_layout(kind, tmp_path):
     """``optimizer.state_dict()`` on the fused path equals the reference path's, which is plain ``torch.optim``'s.
