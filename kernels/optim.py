@@ -208,8 +208,15 @@ class _FusedOptimizer:
         return self._step_state[0, 1:]
 
     def set_log_betas(self, beta1: float, beta2: float) -> None:
-        """Makes the bias corrections of the next steps use these betas (``torch.optim`` reads the current ones)."""
-        self._step_state[3, :2].copy_(torch.tensor(log_betas(beta1, beta2), dtype=torch.float64))
+        """Makes the bias corrections of the next steps use these betas (``torch.optim`` reads the current ones).
+
+        No sync on a GPU (a momentum schedule calls it every step): the values go through pinned memory, which the
+        host allocator does not reuse before the copy is done.
+        """
+        values = torch.tensor(log_betas(beta1, beta2), dtype=torch.float64)
+        if self._step_state.is_cuda:
+            values = values.pin_memory()
+        self._step_state[3, :2].copy_(values, non_blocking=True)
 
     def zero_grad(self) -> None:
         """Zeros the store's flat gradient buffer (the ``param.grad`` views stay)."""

@@ -67,6 +67,41 @@ def test_controller_steps_do_not_synchronise_between_decisions():
     assert ctl.steps == 6
 
 
+def test_a_momentum_schedule_and_heads_taking_turns_do_not_synchronise():
+    """``OneCycleLR`` cycles AdamW's beta1 at every step (new betas for the fused bias corrections) and two heads
+    take turns (a layer sits each step out of its count): after the first steps, which compile the kernels and see
+    each head once, no sync."""
+    from torch import nn
+    from users_loop import TwoHeads
+
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = TwoHeads(width=8, hidden=32).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+    ctl = Controller(model, optimizer, policy="bf16", config=ControllerConfig(interval_steps=100))
+    assert ctl.engine.fused
+    x, y = torch.randn(8, 16, 8, device="cuda"), torch.randint(0, 3, (8, 16), device="cuda")
+    betas = []
+    for step in range(8):
+        head = "ab"[step % 2]
+        torch.cuda.set_sync_debug_mode("error" if step >= 3 else "default")
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x[step], head), y[step])
+            ctl.step(loss)
+            scheduler.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        betas.append(optimizer.param_groups[0]["betas"][0])
+    assert len(set(betas)) == len(betas), "the schedule did not move beta1 at every step"
+    assert ctl.engine.fused_optimizer.layer_step_counts.tolist() == [8.0, 4.0, 4.0]
+    ctl.close()
+
+
 # --------------------------------------------------------------------------- captured steps (CUDA graphs)
 
 
