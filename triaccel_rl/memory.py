@@ -34,6 +34,7 @@ from triaccel_rl.types import Precision
 _log = logging.getLogger(__name__)
 
 __all__ = [
+    "FREED_TOLERANCE_BYTES",
     "DeviceMemory",
     "MemoryFit",
     "MemoryModel",
@@ -45,6 +46,11 @@ __all__ = [
     "peak_allocated_bytes",
     "read_device_memory",
 ]
+
+FREED_TOLERANCE_BYTES = 1 << 20
+"""How far the bytes allocated after a measured pass may fall below the previous reading before ``MemoryModel``
+takes the pass to have freed memory allocated before it (and leaves its peak out): 1 MiB, well above the few bytes
+a training loop's scalars move between steps."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class MemoryModel:
         >>> rebased.predict(32, fp32)
         25000
         >>> rebased  # points as what each pass added, on the first reading's baseline
-        MemoryModel(points={'00': {8: 10000, 16: 14000}}, base_bytes=6000, now_bytes=9000)
+        MemoryModel(points={'00': {8: 10000, 16: 14000}}, base_bytes=6000, now_bytes=9000, skipped_points=0)
     """
 
     def __init__(self, costs: CostModel, profile: HardwareProfile) -> None:
@@ -254,6 +260,7 @@ class MemoryModel:
         self._peaks: dict[tuple[int, ...], dict[int, int]] = {}
         self._base_bytes: int | None = None  # allocated bytes at the first reading: the points' common baseline
         self._now_bytes = 0  # allocated bytes at the latest reading
+        self.skipped_points = 0  # passes not recorded because they freed memory allocated before them
 
     @property
     def n_measurements(self) -> int:
@@ -268,7 +275,10 @@ class MemoryModel:
     def __repr__(self) -> str:
         """The measured points per precision map (codes, 0 fp32), the first and latest readings, in bytes."""
         points = {"".join(map(str, key)): dict(sorted(sizes.items())) for key, sizes in self._peaks.items()}
-        return f"MemoryModel(points={points}, base_bytes={self._base_bytes}, now_bytes={self._now_bytes})"
+        return (
+            f"MemoryModel(points={points}, base_bytes={self._base_bytes}, now_bytes={self._now_bytes}, "
+            f"skipped_points={self.skipped_points})"
+        )
 
     def observe(
         self, batch_size: int, precisions: Sequence[Precision], peak_bytes: int, allocated_bytes: int | None = None
@@ -280,7 +290,10 @@ class MemoryModel:
             precisions: the precision map it ran with.
             peak_bytes: the allocator's peak during the pass.
             allocated_bytes: the bytes allocated once the pass was over; the point is then what the pass added
-                above them, and they are the latest reading (see the class). Give it always or never.
+                above them, and they are the latest reading (see the class). Give it always or never. When they are
+                more than ``FREED_TOLERANCE_BYTES`` below the previous reading, the pass freed memory allocated
+                before it (garbage the collector took mid-pass, say), which its peak may count: the reading is
+                taken, the point is not (``skipped_points`` counts them).
 
         Raises:
             ValueError: a non-positive batch size, or a negative peak or allocation.
@@ -291,9 +304,13 @@ class MemoryModel:
                 f"and {allocated_bytes}"
             )
         if allocated_bytes is not None:
+            freed_during = self._base_bytes is not None and allocated_bytes < self._now_bytes - FREED_TOLERANCE_BYTES
             if self._base_bytes is None:
                 self._base_bytes = allocated_bytes
             self._now_bytes = allocated_bytes
+            if freed_during:
+                self.skipped_points += 1
+                return
             peak_bytes = max(peak_bytes - allocated_bytes, 0) + self._base_bytes
         points = self._peaks.setdefault(_key(precisions), {})
         points[int(batch_size)] = max(points.get(int(batch_size), 0), int(peak_bytes))

@@ -209,6 +209,33 @@ def test_memory_that_stays_allocated_moves_the_baseline_not_the_slope() -> None:
     assert model.max_batch_size(500 + 1_300, fp32, limit=10_000) == 256  # budgets see the shift
 
 
+def test_a_pass_that_freed_memory_allocated_before_it_is_not_a_point() -> None:
+    """The GPU tests' case (H200, 2026-12-04): 84 MB of garbage, alive when a pass began, was collected during it.
+    The pass's peak counted it, the bytes allocated after it did not, so the point read 84 MB high and the line,
+    fitted through it and a larger batch's, predicted 0.59x the real peak at 16x the size. Where the previous
+    reading included the garbage (a Controller reads every step), the reading after the pass falls more than
+    FREED_TOLERANCE_BYTES below it: the reading is taken, the point is not. (There it was the run's first reading,
+    with none before it; TrainingRun collects garbage before its trials for that.)"""
+    mb = 1 << 20
+    model, fp32 = _linear_model()
+    model.observe(256, fp32, 374 * mb, allocated_bytes=340 * mb)  # 34 MB above: the batch's own need
+    model.observe(64, fp32, 424 * mb, allocated_bytes=340 * mb)  # no reading held the garbage: taken
+    assert model.fit(fp32).n_sizes == 2 and model.fit(fp32).bytes_per_sample == 0  # the line, flattened
+
+    clean, _ = _linear_model()
+    clean.observe(256, fp32, 374 * mb, allocated_bytes=340 * mb)
+    # Garbage of 84 MB was allocated at the last reading (424 MB) and freed during the pass: the reading drops.
+    clean.rebase(424 * mb)
+    clean.observe(64, fp32, 424 * mb + 6 * mb, allocated_bytes=340 * mb)
+    assert clean.skipped_points == 1 and clean.fit(fp32).n_sizes == 1
+    assert clean.baseline_shift_bytes == 0  # the reading was taken: 340 MB, as at the first point
+    clean.observe(64, fp32, 346 * mb, allocated_bytes=340 * mb)  # the next pass at that size, no garbage
+    assert clean.fit(fp32).bytes_per_sample == pytest.approx((374 - 346) * mb / (256 - 64))  # the batch's own slope
+    # Within the tolerance (a few bytes of scalars between steps) a pass is a point as before.
+    clean.observe(128, fp32, 358 * mb, allocated_bytes=340 * mb - 1024)
+    assert clean.skipped_points == 1 and clean.fit(fp32).n_sizes == 3
+
+
 def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refused() -> None:
     model, fp32 = _linear_model()
     accounted = model.predict(64, fp32)
