@@ -275,7 +275,8 @@ class _FusedOptimizer:
 
         Its step count then stays, as ``torch.optim``'s ``step`` of a parameter it skips. Exact when a layer's
         parameters get gradients together (a module's weight and bias); a layer that got some counts the step for
-        all. A device copy from a row built once per set of layers, no sync; nothing while every layer takes part.
+        all. A device copy from a row kept per set of layers (built through pinned memory), no sync; nothing while
+        every layer takes part.
         """
         sitting_out: frozenset[int] = frozenset()
         if indices:
@@ -291,9 +292,11 @@ class _FusedOptimizer:
             return
         flags = self._sitting_out_flags.get(sitting_out)
         if flags is None:
-            flags = torch.ones(self.store.n_layers, dtype=torch.float64)
-            flags[sorted(sitting_out)] = 0.0
-            flags = flags.to(self.store.device)
+            row = torch.ones(self.store.n_layers, dtype=torch.float64)
+            row[sorted(sitting_out)] = 0.0
+            if self.store.device.type == "cuda":  # through pinned memory: no sync (see set_log_betas)
+                row = row.pin_memory()
+            flags = row.to(self.store.device, non_blocking=True)
             if len(self._sitting_out_flags) < _MAX_CACHED_FLAG_ROWS:
                 self._sitting_out_flags[sitting_out] = flags
         self._step_state[2, 1:].copy_(flags)
@@ -532,7 +535,8 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
 
 _MAX_CACHED_FLAG_ROWS = 64
 """Sets of layers sitting a step out whose participation row a fused optimizer keeps on the device (two for a model
-trained one head at a time); past that, a row is built for the step and dropped (one small host-to-device copy)."""
+trained one head at a time); past that (experts routed anew each step), a row is built for the step and dropped (one
+small asynchronous host-to-device copy)."""
 
 
 def _as_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:

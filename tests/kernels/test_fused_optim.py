@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -113,6 +114,47 @@ def test_state_dict_round_trip(device: str, optimizer: str) -> None:
     other = FusedSGD(stores[1]) if optimizer == "adamw" else FusedAdamW(stores[1])
     with pytest.raises(ValueError, match="optimizer"):
         other.load_state_dict(checkpoint)
+
+
+def test_counts_follow_many_sets_of_idle_layers_past_the_cached_rows() -> None:
+    """Experts routed anew each step: 80 steps, each with its own set of idle layers (more sets than the optimizer
+    keeps rows for); every layer's count is the number of steps it took part in, the model's every step."""
+    from triaccel_rl.kernels.optim import _MAX_CACHED_FLAG_ROWS
+
+    layers = make_layers([[(4,)] for _ in range(8)], "cpu", seed=51)
+    store = FlatParameterStore(layers)
+    optimizer = FusedSGD(store, momentum=0.9)
+    generator = torch.Generator().manual_seed(52)
+    took_part = [0] * 8
+    seen = set()
+    for _ in range(80):
+        while True:  # a set of idle layers not seen before, not all of them
+            idle = frozenset(int(i) for i in torch.nonzero(torch.rand(8, generator=generator) < 0.5).flatten())
+            if idle not in seen and len(idle) < 8:
+                break
+        seen.add(idle)
+        for p in (q for layer in layers for q in layer):
+            p.grad = None
+        store.rebind_grads()
+        loss = sum((p * p).sum() for i, layer in enumerate(layers) if i not in idle for p in layer)
+        loss.backward()
+        optimizer.step(0.01)
+        for i in range(8):
+            took_part[i] += i not in idle
+    assert optimizer.layer_step_counts.tolist() == [float(n) for n in took_part]
+    assert float(optimizer.step_count) == 80.0
+    assert len(optimizer._sitting_out_flags) == _MAX_CACHED_FLAG_ROWS
+    store.remove_grad_hooks()
+
+
+def test_a_step_state_needs_a_layer() -> None:
+    from triaccel_rl.kernels import new_step_state
+
+    with pytest.raises(ValueError, match="n_layers must be >= 1, got 0"):
+        new_step_state("cpu", n_layers=0)
+    state = new_step_state("cpu", 0.9, 0.0, n_layers=2)
+    assert state.shape == (4, 3) and state[2].tolist() == [1.0, 1.0, 1.0]
+    assert state[3, 0].item() == pytest.approx(math.log(0.9)) and state[3, 1].item() == -math.inf  # beta2 = 0
 
 
 def test_checkpoints_keep_each_layers_count_and_older_ones_load() -> None:
