@@ -1,6 +1,6 @@
 """Can a run tell, from its own first intervals, that its LR is below or above the task's own? A lookahead signal.
 
-    python experiments/lr_lookahead_probe.py                       # every task of the suite, 5 LR factors, 2 seeds
+    python experiments/lr_lookahead_probe.py --workers 2           # every task of the suite, 5 LR factors, 2 seeds
     python experiments/lr_lookahead_probe.py --tasks synthetic --factors 0.5,2 --seeds 1 --share 0.1   # a smoke run
 
 Issue 6's learned policies could not learn an LR move as a response to the run: a privileged teacher that knows
@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,8 @@ class Args:
     interval_steps: int = 10
     sharpness_iters: int = 20
     """Power-iteration steps for the stability ratio at each decision (0: not measured)."""
+    workers: int = 1
+    """Processes running the runs side by side (one CPU thread each; the results do not depend on it)."""
     device: str = "cpu"
     """``cpu`` (the transfer protocol, modelled time) or ``cuda`` (the GPU benchmark's tasks: measured time)."""
     batch_size: int = 0
@@ -230,6 +234,12 @@ def summarize(runs: list[dict[str, Any]], factors: list[float]) -> dict[str, Any
     return {"per_task": table, "auc_pooled": aucs, "auc_within_task": within}
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def main(args: Args) -> dict[str, Any]:
     """Runs every (task, factor, seed), writes the JSON, prints the table and the AUCs."""
     import torch
@@ -249,12 +259,22 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1 (or 0 for the task's own)")
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share} must be in (0, 1]")
+    if args.workers < 1 or (args.workers > 1 and args.device != "cpu"):
+        raise ValueError(f"--workers {args.workers} must be >= 1, and 1 on a GPU (--device {args.device})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     start = time.perf_counter()
     jobs = [(t, f, s) for t in tasks for f in factors for s in range(args.seeds)]
-    runs = [probe_run(t, f, s, args) for t, f, s in tqdm(jobs, desc="runs", unit="run")]
+    if args.workers == 1:
+        runs = [probe_run(t, f, s, args) for t, f, s in tqdm(jobs, desc="runs", unit="run")]
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork after torch's thread pools started
+        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_one_thread) as pool:
+            pending = [pool.submit(probe_run, t, f, s, args) for t, f, s in jobs]
+            for _ in tqdm(as_completed(pending), total=len(pending), desc="runs", unit="run"):
+                pass
+            runs = [future.result() for future in pending]  # in the jobs' order
     summary = summarize(runs, factors)
     document = {
         "command": command_line("experiments/lr_lookahead_probe.py", args),

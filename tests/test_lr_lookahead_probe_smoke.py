@@ -41,6 +41,25 @@ def test_probe_writes_each_runs_signals_and_the_aucs(probe, tmp_path) -> None:  
     assert again["ratios"] == written["runs"][0]["ratios"]
 
 
+def test_workers_give_the_same_runs(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two processes side by side (the script run as a user runs it, so the workers can import it) give the runs
+    one process gives, in the same order."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "lr_lookahead_probe.py"
+    settings = ["--tasks", "synthetic", "--factors", "0.5,2", "--seeds", "2", "--share", "0.05"]
+    subprocess.run([sys.executable, str(script), *settings, "--workers", "2", "--out", str(tmp_path / "two.json")],
+                   check=True, capture_output=True)  # fmt: skip
+    one = probe.main(
+        probe.Args(tasks="synthetic", factors="0.5,2", seeds=2, share=0.05, out=str(tmp_path / "one.json"))
+    )
+    assert json.loads((tmp_path / "two.json").read_text())["runs"] == json.loads(json.dumps(one["runs"]))
+    with pytest.raises(ValueError, match="--workers 0 must be >= 1"):
+        probe.main(probe.Args(tasks="synthetic", workers=0, out=str(tmp_path / "x.json")))
+
+
 def _quadratic_run(optimizer_kind: str, curvatures: list[float]):  # type: ignore[no-untyped-def]
     """A stand-in for a TrainingRun whose probe loss is ``0.5 * sum(a_i * w_i**2)``: its Hessian is ``diag(a)``."""
     from types import SimpleNamespace
