@@ -11,6 +11,7 @@ ahead of the GPU; read ``StepResult`` fields when the host needs them (that read
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -214,9 +215,7 @@ class _FusedOptimizer:
         host allocator does not reuse before the copy is done.
         """
         values = torch.tensor(log_betas(beta1, beta2), dtype=torch.float64)
-        if self._step_state.is_cuda:
-            values = values.pin_memory()
-        self._step_state[3, :2].copy_(values, non_blocking=True)
+        self._step_state[3, :2].copy_(_staged_for(values, self.store.device), non_blocking=True)
 
     def zero_grad(self) -> None:
         """Zeros the store's flat gradient buffer (the ``param.grad`` views stay)."""
@@ -278,13 +277,8 @@ class _FusedOptimizer:
         all. A device copy from a row kept per set of layers (built through pinned memory), no sync; nothing while
         every layer takes part.
         """
-        sitting_out: frozenset[int] = frozenset()
-        if indices:
-            missing: dict[int, int] = {}
-            for index in indices:
-                layer = self._param_layer[index]
-                missing[layer] = missing.get(layer, 0) + 1
-            sitting_out = frozenset(layer for layer, n in missing.items() if n == len(self.store.layers[layer]))
+        missing = Counter(self._param_layer[index] for index in indices)
+        sitting_out = frozenset(layer for layer, n in missing.items() if n == len(self.store.layers[layer]))
         if not sitting_out:
             if not self._all_take_part:
                 self._step_state[2, 1:].fill_(1.0)
@@ -294,9 +288,7 @@ class _FusedOptimizer:
         if flags is None:
             row = torch.ones(self.store.n_layers, dtype=torch.float64)
             row[sorted(sitting_out)] = 0.0
-            if self.store.device.type == "cuda":  # through pinned memory: no sync (see set_log_betas)
-                row = row.pin_memory()
-            flags = row.to(self.store.device, non_blocking=True)
+            flags = _staged_for(row, self.store.device).to(self.store.device, non_blocking=True)
             if len(self._sitting_out_flags) < _MAX_CACHED_FLAG_ROWS:
                 self._sitting_out_flags[sitting_out] = flags
         self._step_state[2, 1:].copy_(flags)
@@ -514,14 +506,24 @@ class FusedAdamW(_FusedOptimizer):
         )  # fmt: skip
 
 
+def _staged_for(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` ready for a ``non_blocking`` copy to ``device`` without a sync: pinned for a GPU, as is otherwise.
+
+    The host allocator does not reuse pinned memory before the copy from it is done.
+    """
+    return host.pin_memory() if device.type == "cuda" else host
+
+
 def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
-    """A checkpoint's step counts as ``[1 + n_layers]`` float64 (the model's, then each layer's), on the CPU.
+    """A checkpoint's step counts as ``[1 + n_layers]`` float64 (the model's, then each layer's), where it keeps them.
+
+    No copy to the host: a rollback restores from such a state.
 
     Raises:
         ValueError: neither ``steps`` nor the older ``step_state`` is there, or ``steps`` is for other layers.
     """
     if "steps" in state:
-        counts = torch.as_tensor(state["steps"], dtype=torch.float64).cpu()
+        counts = torch.as_tensor(state["steps"], dtype=torch.float64)
         if counts.shape != (1 + n_layers,):
             raise ValueError(
                 f"checkpoint's steps has shape {tuple(counts.shape)}; this store has {n_layers} layers, so "
@@ -529,7 +531,7 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
             )
         return counts
     if "step_state" in state:  # (steps, beta1**steps, beta2**steps): one count for all
-        return torch.full((1 + n_layers,), float(state["step_state"][0]), dtype=torch.float64)
+        return torch.as_tensor(state["step_state"], dtype=torch.float64)[:1].expand(1 + n_layers)
     raise ValueError("checkpoint lacks the step counts ('steps'): pass the dict state_dict() returned")
 
 
