@@ -183,6 +183,12 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
         deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
         other = ta.Controller(deeper, torch.optim.SGD(deeper.parameters(), lr=0.1, momentum=0.9), policy="fp32")
         other.load_state_dict(state)
+    torch.manual_seed(0)
+    same = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    adamw = ta.Controller(same, torch.optim.AdamW(same.parameters(), lr=0.1), policy="fp32")
+    with pytest.raises(ValueError, match="the checkpoint's optimizer is SGD; this controller's is AdamW"):
+        adamw.load_state_dict(state)  # once torch's own KeyError: 'step', from inside the load
+    assert adamw.steps == 0 and not adamw.engine.optimizer.state
     with pytest.raises(ValueError, match=r"state 'momentum_buffer' of parameter 0 has shape \(16, 8\); this model's "
                        r"parameter has \(32, 8\): it was saved for another model"):  # fmt: skip
         build(width=32)[2].load_state_dict(state)  # as many layers, other widths

@@ -6,6 +6,7 @@ from users_loop import controlled_loop, plain_loop, users_data
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
+from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.types import Precision
 
 
@@ -91,6 +92,29 @@ def test_bad_inputs():
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # once trained nothing, silently
     with pytest.raises(ValueError, match=r"the optimizer holds none of the \d+ trainable parameters of Sequential"):
         Controller(model, other)
+    # Each of these once passed the constructor and failed later with an AttributeError (a policy: at step 20).
+    with pytest.raises(TypeError, match=r"memory=0.9 must be a MemoryBudget, e.g. MemoryBudget\(fraction=0.9\)"):
+        Controller(model, opt, memory=0.9)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer over the model's .*; got None"):
+        Controller(model, None)
+    for policy in (None, object(), 0):
+        with pytest.raises(TypeError, match=rf"policy={policy!r} is neither a name nor a path"):
+            Controller(model, opt, policy=policy)
+    for dataset, message in [
+        (data()[0], "dataset must be a pair"),
+        ((data()[0].numpy(), data()[1].numpy()), r"\['ndarray', 'ndarray'\]"),
+        ((data()[0], data()[1][:10]), "dataset has 512 inputs and 10 labels"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            next(ctl.loader(dataset, batch_size=16))
+    embedding = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"modules \['0'\] make sparse gradients \(sparse=True\)"):
+        Controller(embedding, torch.optim.SGD(embedding.parameters(), lr=0.1))
+    ctl.close()
+    ctl.close()  # twice: harmless
+    for use in (lambda: next(ctl.loader(data(), batch_size=16)), ctl.autocast, lambda: ctl.step(torch.ones(()))):
+        with pytest.raises(RuntimeError, match="this controller is closed"):
+            use()
 
 
 def test_non_finite_steps_are_skipped_and_counted_at_the_decision():
@@ -210,6 +234,32 @@ def test_a_model_that_only_produces_non_finite_losses_is_rolled_back(caplog):
     assert all(not np.isfinite(v) for v in losses[10:16]) and all(np.isfinite(v) for v in losses[16:])
     assert torch.equal(copies[16][0], copies[8][0])  # right after the restore: step 8's weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    ctl.close()
+
+
+def test_a_batch_that_breaks_the_running_statistics_is_rolled_back(caplog):
+    """An ``inf`` input: its update is skipped, but its forward already wrote the batch-norm's running statistics,
+    and the losses after it stay finite (train mode normalises by the batch). Without the buffer check the model
+    evaluated to NaN from then on; the interval's end restores the last good state, buffers included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4, snapshot_every=1))
+    stats = {}
+    for x, y in ctl.loader(data(n=320), batch_size=16, epochs=1):  # 20 steps
+        if ctl.steps == 9:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        with caplog.at_level("WARNING", logger="triaccel_rl"), ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+        stats[ctl.steps] = model[1].running_mean.clone()
+    assert not torch.isfinite(stats[10]).all()  # step 10's forward broke them; its update was skipped
+    assert ctl.skipped_steps == 1 and ctl.rollbacks == 1
+    assert "non-finite values in buffers ['1.running_mean', '1.running_var']" in caplog.text
+    assert torch.equal(stats[12], stats[8])  # restored at the end of steps 9-12 to the copy of step 8
+    model.eval()
+    assert torch.isfinite(model(data(n=32)[0])).all()
     ctl.close()
 
 
@@ -426,3 +476,176 @@ def test_a_controlled_static_loop_is_the_users_own_loop_with_everything_it_keeps
     assert all(torch.equal(a, b) for a, b in zip(plain, model.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(plain_ema, ema, strict=True))
     assert model.out.weight is model.emb.weight
+
+
+def test_an_optimizer_over_part_of_a_trainable_model_drives_only_that_part():
+    """Fine-tuning a head with an optimizer over the head alone, the body left trainable: the controller updates and
+    clips what the optimizer holds, as the plain loop with ``clip_grad_norm_`` over the optimizer's parameters does,
+    past several decisions (the first decision once raised a bare ``KeyError``)."""
+    x, y = data(128)
+    finals = {}
+    for controlled in (False, True):
+        model, _ = model_and_optimizer()
+        head = model[4]
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+        body = [p.detach().clone() for p in model[:4].parameters()]
+        ctl = None
+        if controlled:
+            config = ControllerConfig(interval_steps=3)
+            ctl = Controller(model, optimizer, policy="fp32", max_grad_norm=0.05, config=config)
+        for i in range(16):
+            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+            if ctl is None:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                torch.nn.utils.clip_grad_norm_(head.parameters(), 0.05)
+                optimizer.step()
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+        if ctl is not None:
+            assert len(ctl.decisions) == 5
+            assert ctl.engine.layer_params[:2] == [[], []]  # the body's layers hold nothing to update
+        assert all(torch.equal(a, b) for a, b in zip(body, model[:4].parameters(), strict=True)), "the body moved"
+        finals[controlled] = [p.detach().clone() for p in head.parameters()]
+    for plain, controlled in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(controlled, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_a_float64_model_with_a_layer_norm_trains_as_the_plain_loop():
+    """The hook that casts a non-controllable layer's 16-bit inputs up to fp32 once cast float64 inputs down, and a
+    LayerNorm of float64 weights then refused its float32 input."""
+    finals = []
+    for controlled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 2)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ctl = Controller(model, optimizer, policy="fp32") if controlled else None
+        x, y = data(64)
+        for i in range(4):
+            xb, yb = x[16 * i : 16 * (i + 1)].double(), y[16 * i : 16 * (i + 1)]
+            if ctl is None:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                assert loss.dtype == torch.float64
+                ctl.step(loss)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def test_the_model_mode_is_the_users():
+    """``autocast()`` once switched the model to train mode at every step: a model trained in eval mode on purpose
+    (frozen batch-norm statistics) had its running statistics moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    stats = model[1].running_mean.clone()
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    for xb, yb in ctl.loader(data(64), batch_size=16):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+    assert not model.training and torch.equal(model[1].running_mean, stats)
+    ctl.close()
+
+
+class _NoisyCounter(nn.Module):
+    """Draws noise in its forward and counts its calls in a buffer; a batch size written into it fails on one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.a(x)
+        return self.b(h + 0.1 * torch.randn_like(h)).view(16, 2)
+
+
+def test_the_cost_measurement_leaves_no_trace_and_a_forward_it_cannot_run_is_no_failure(caplog):
+    """``loader()`` measures each layer's costs with one forward of one sample. That forward once drew from the
+    generator and bumped the buffers (the run then differed from the plain loop), and one that fails on a batch of
+    one stopped the loop. Now: the same draws and buffers as the plain loop, and a warning naming the error."""
+    x, y = data(64)
+    finals = []
+    for controlled in (False, True):
+        torch.manual_seed(0)
+        model = _NoisyCounter()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(5)
+        if controlled:
+            ctl = Controller(model, optimizer, policy="fp32")
+            with caplog.at_level("WARNING", logger="triaccel_rl"):
+                for xb, yb in ctl.loader((x, y), batch_size=16):
+                    with ctl.autocast():
+                        loss = nn.functional.cross_entropy(model(xb), yb)
+                    ctl.step(loss)
+            assert "model(x[:1]), which raised" in caplog.text and ctl.costs.activation_bytes_per_sample.sum() == 0
+            assert ctl.predicted_memory_bytes(16) == ctl.costs.static_bytes > 0
+        else:
+            order = torch.randperm(64, generator=torch.Generator().manual_seed(0))  # ElasticLoader's epoch 0
+            for i in range(4):
+                index = order[16 * i : 16 * (i + 1)]
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+        assert model.calls.item() == 4
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def test_a_loop_over_epochs_carries_on_the_run():
+    """``loader()`` called once an epoch: each call once started a new loader at epoch 0 (the same order every epoch)
+    and reset the batch size the policy had chosen. Now it carries on, and a call for epochs already trained says so."""
+    x, y = data(64)
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=100))
+    firsts, sizes = [], []
+    for epoch in range(3):
+        batches = list(ctl.loader((x, y), batch_size=16, epochs=epoch + 1))
+        firsts.append(batches[0][1][:16])
+        sizes.append([len(b[1]) for b in batches])
+        ctl.batch_size = 32  # as a policy's decision would
+    assert sizes == [[16] * 4, [32] * 2, [32] * 2]  # the chosen batch size holds into the next call
+    reference = ElasticLoader(x, y, seed=0)
+    expected = [reference.next(64).y[:16] for _ in range(3)]  # the first 16 labels of epochs 0, 1 and 2
+    assert all(torch.equal(a, b) for a, b in zip(firsts, expected, strict=True))
+    assert not torch.equal(firsts[0], firsts[1])
+    with pytest.raises(ValueError, match=r"loader\(epochs=3\): the run has trained 3 epochs .* pass epochs=4"):
+        next(ctl.loader((x, y), batch_size=16, epochs=3))
+    with pytest.raises(ValueError, match=r"loader\(batch_size=8\) carries on a run that started at batch_size=16"):
+        next(ctl.loader((x, y), batch_size=8, epochs=4))
+    assert len(list(ctl.loader(data(32), batch_size=16))) == 2  # another dataset: a new loader, from epoch 0
+    ctl.close()
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_gradient_accumulation_through_backward_is_one_step_of_the_whole_batch(policy):
+    """Two micro-batches (``backward``, then ``step``) update as one step of both together. With ``loss.backward()``
+    for the first, an fp16 map once divided its gradients by the loss scale (65536) at the unscale."""
+    x, y = data(128)
+    finals = []
+    for accumulate in (False, True):
+        model, opt = model_and_optimizer()
+        ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=3))
+        for i in range(8):
+            xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
+            if accumulate:
+                for half in (slice(0, 8), slice(8, 16)):
+                    with ctl.autocast():
+                        loss = nn.functional.cross_entropy(model(xb[half]), yb[half]) / 2
+                    (ctl.step if half.start else ctl.backward)(loss)
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+        assert ctl.steps == 8 and ctl.skipped_steps == 0
+        finals.append([p.detach().clone() for p in model.parameters()])
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "fp32" else {"rtol": 2e-3, "atol": 1e-4}
+    for whole, accumulated in zip(*finals, strict=True):
+        torch.testing.assert_close(accumulated, whole, **tolerance)

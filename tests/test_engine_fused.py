@@ -734,15 +734,17 @@ def test_a_model_moved_or_cast_after_the_engine_is_named_not_silently_left_untra
         engine.bind_grads()
 
 
-def test_parameters_the_optimizer_gains_after_the_engine_are_named_not_silently_frozen():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_parameters_the_optimizer_gains_after_the_engine_are_named_not_silently_frozen(fused):
     """A param group added later, or a layer unfrozen later, would be trained by ``optimizer.step()`` and never by the
-    fused step, whose flat store holds what was trainable when it was built."""
+    fused step, whose flat store holds what was trainable when it was built; on the reference path, by
+    ``optimizer.step()`` outside the engine (unclipped, a NaN unchecked). Both paths refuse it, changing nothing."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
     model[0].weight.grad = torch.ones_like(model[0].weight)  # a stale gradient from before the freeze: harmless
     model[0].weight.requires_grad_(False)  # frozen, but in the optimizer (model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    engine = StepEngine(model, optimizer, DEVICE, fused=fused)
     (x, y), *_ = batches(1)
     _run_steps(model, engine, [(x, y)])  # frozen: no gradient, nothing to say
     model[0].weight.requires_grad_(True)  # unfrozen: torch.optim would train it now
@@ -753,9 +755,9 @@ def test_parameters_the_optimizer_gains_after_the_engine_are_named_not_silently_
 
     model, optimizer = model_and_optimizer("sgd")
     extra = nn.Parameter(torch.zeros(3, device=DEVICE))
-    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    engine = StepEngine(model, optimizer, DEVICE, fused=fused)
     optimizer.add_param_group({"params": [extra], "layer": 2})
-    with pytest.raises(ValueError, match="the optimizer has 3 param groups; it had 2 when the fused step was built"):
+    with pytest.raises(ValueError, match="the optimizer has 3 param groups; it had 2 when the controller was built"):
         _run_steps(model, engine, batches(1))
 
 

@@ -338,3 +338,39 @@ def test_cpu_fp16_convolution_is_emulated_with_fp16_rounding() -> None:
     huge = torch.full((1, 2, 6, 6), 1e5)  # beyond fp16's range: overflows to inf, as on a GPU
     with lp.context():
         assert not torch.isfinite(model(huge)).all()
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn, self.head = cell(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, hx: Any = None) -> torch.Tensor:
+        out, _ = self.rnn(x, hx)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("low", ["bf16", "fp16"])
+def test_a_recurrent_layer_runs_in_the_fp32_it_reports(cell: type[nn.RNNBase], low: str) -> None:
+    """Not controllable, so reported fp32; autocast lowers the RNN kernels, so the outer region once ran it in 16 bits
+    (and an fp16 LSTM on the CPU failed inside oneDNN). It runs in an fp32 region of its own, hidden states cast up;
+    its output is the fp32 model's exactly."""
+    torch.manual_seed(0)
+    model = _Recurrent(cell)
+    x = torch.randn(4, 6, 8)
+    hx = torch.zeros(1, 4, 16, dtype=torch.bfloat16)
+    hx = (hx, hx.clone()) if cell is nn.LSTM else hx
+    with torch.no_grad():
+        reference, _ = model.rnn(x)
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set([low, low])
+    seen: dict[str, Any] = {}
+    handle = model.rnn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    with lp.context():
+        model(x, hx)
+    handle.remove()
+    assert lp.precisions == [Precision.FP32, Precision.parse(low)]
+    assert seen["out"].dtype == torch.float32 and torch.equal(seen["out"], reference)
+    with lp.context():  # the region closed with the layer: the head after it runs in the low precision
+        assert model(x).dtype == Precision.parse(low).dtype

@@ -32,6 +32,22 @@ def test_nonfinite_probe_loss_rolls_back_to_the_last_good_state(caplog):
         assert torch.equal(momentum[key], state["momentum_buffer"])
 
 
+def test_a_non_finite_running_statistic_rolls_back_though_the_probe_loss_is_finite(caplog):
+    """The probe normalises by its batch's statistics, so a broken running statistic shows only at evaluation: the
+    decision checks the buffers too."""
+    loop = DecisionLoop(TrainingRun("cnn-fmnist", seed=0, device="cpu"), ControllerConfig(interval_steps=2))
+    loop.train_interval()
+    loop.snapshot(progress=0.1)
+    bn = loop.run.model.bn
+    saved = bn.running_var.clone()
+    bn.running_var[0] = float("nan")
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        signals = loop.snapshot(progress=0.2)
+    assert signals.extra["rolled_back"] is True and math.isfinite(signals.probe_loss)
+    assert "non-finite values in buffers ['bn.running_var']" in caplog.text
+    assert torch.equal(bn.running_var, saved)
+
+
 def test_rollback_can_be_turned_off():
     loop = DecisionLoop(
         TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=3, rollback=False)

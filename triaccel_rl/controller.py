@@ -39,7 +39,7 @@ from triaccel_rl.memory import (
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy
-from triaccel_rl.shield import RollbackGuard
+from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
@@ -109,6 +109,12 @@ class Controller:
         profile: HardwareProfile | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters; got {optimizer!r}")
+        if memory is not None and not isinstance(memory, MemoryBudget):
+            raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={max_grad_norm} must be a positive number (or None for no clipping)")
         self.config = config or ControllerConfig()
@@ -176,6 +182,7 @@ class Controller:
         self.lr_coupler: BatchLRCoupler | None = None
         self._noise_scale: float | None = None
         self._loader: ElasticLoader | None = None
+        self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
         self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
         self._base_batch_size = 0
         self._batch_size = 0
@@ -199,6 +206,7 @@ class Controller:
         self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
         self._timer = IntervalTimer(self.device)
         self._timer.start()
+        self._closed = False
         initial = getattr(self.policy, "initial_action", None)
         if initial is not None:  # a static configuration holds from the first step
             self.executor.apply(decode(initial, self.config), self)
@@ -224,30 +232,59 @@ class Controller:
     def loader(
         self, dataset: tuple[torch.Tensor, torch.Tensor], batch_size: int, epochs: int = 1, seed: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``(x, y)`` batches for ``epochs`` epochs at the controller's current batch size.
+        """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
-        Every sample is seen exactly once per epoch whatever batch sizes the policy picks. The tensors
-        are moved to the model's device once, up front.
+        Every sample is seen exactly once per epoch whatever batch sizes the policy picks, each epoch in its own order.
+        The tensors are moved to the model's device once, up front. Called again with the same dataset, batch size
+        and seed, it carries on where the last call stopped (the next epoch's order, the batch size the policy chose):
+        ``epochs`` counts from the run's start, so a loop over epochs passes ``epochs=epoch + 1``. After
+        ``load_state_dict``, the same: it carries on from the checkpoint's place.
 
         Raises:
-            ValueError: a non-positive batch size or epoch count, or inputs and labels of different length.
+            ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count,
+                another base batch size than the run's, or ``epochs`` the run has already trained.
         """
+        self._check_open()
+        if (
+            not isinstance(dataset, (tuple, list))
+            or len(dataset) != 2
+            or not all(isinstance(t, torch.Tensor) for t in dataset)
+        ):
+            pair = isinstance(dataset, (tuple, list))
+            kinds = [type(t).__name__ for t in dataset] if pair else type(dataset).__name__
+            raise ValueError(f"dataset must be a pair (inputs, labels) of tensors; got {kinds}")
+        if len(dataset[0]) != len(dataset[1]):
+            raise ValueError(f"dataset has {len(dataset[0])} inputs and {len(dataset[1])} labels: they must pair up")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
         if isinstance(epochs, bool) or not whole or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
         x, y = dataset
-        self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
-        self._base_batch_size = batch_size
-        elastic = self.config.elastic
-        self.lr_coupler = BatchLRCoupler(
-            self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
-        )
-        self.batch_size = batch_size
-        if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
-            self._resume_loader(self._resume, batch_size)
-            self._resume = None
+        key = (x.data_ptr(), y.data_ptr(), tuple(x.shape), tuple(y.shape), seed)
+        if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
+            if batch_size != self._base_batch_size:
+                raise ValueError(
+                    f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
+                    f"{self._base_batch_size}: pass that (the batch size the policy chose since is kept by itself)"
+                )
+            if self._loader.epoch >= epochs:
+                raise ValueError(
+                    f"loader(epochs={epochs}): the run has trained {self._loader.epoch} epochs of this dataset "
+                    f"already; epochs counts from the run's start, so pass epochs={self._loader.epoch + 1} for one more"
+                )
+        else:
+            self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
+            self._loader_key = key
+            self._base_batch_size = batch_size
+            elastic = self.config.elastic
+            self.lr_coupler = BatchLRCoupler(
+                self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
+            )
+            self.batch_size = batch_size
+            if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
+                self._resume_loader(self._resume, batch_size)
+                self._resume = None
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
@@ -255,7 +292,7 @@ class Controller:
                 break
             self._last_batch = len(batch.y)
             if self.costs is None:
-                self.costs = CostModel.measure(self.model, self.engine.layers, batch.x[:1], _optimizer_states(self))
+                self.costs = self._measure_costs(batch.x)
                 self.memory_model = MemoryModel(self.costs, self.profile)
                 check_budget(self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1))
             yield batch.x, batch.y
@@ -263,18 +300,47 @@ class Controller:
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Context for the forward pass and the loss: each layer runs in its decided precision.
 
-        On a GPU it also starts the step's memory measurement, so the peak ``step`` reads covers the forward too.
+        On a GPU it also starts the step's memory measurement, so the peak ``step`` reads covers the forward too. The
+        model's mode is yours: call ``model.train()`` after an evaluation, as in any loop (a model trained in eval mode
+        on purpose, with frozen batch-norm statistics, stays in it).
         """
+        self._check_open()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no sync
             self._peak_from_forward = True
-        if not self.model.training:  # train() walks every module: skip it when nothing changed
-            self.model.train()
         self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
         return self.engine.precision.context()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass of one micro-batch's loss, for gradient accumulation: ``step`` takes the last one's.
+
+        ``loss.backward()`` would do for an fp32 or bf16 map, but while a layer is fp16 ``step`` unscales every
+        gradient by the loss scale, so a micro-batch backward must be scaled as this one is. Scale each loss as the
+        plain loop would (a mean over ``k`` micro-batches: ``loss / k``).
+
+        Example:
+            >>> model = nn.Linear(4, 2)
+            >>> ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp16")
+            >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            >>> for part in (slice(0, 4), slice(4, 8)):
+            ...     with ctl.autocast():
+            ...         loss = nn.functional.cross_entropy(model(x[part]), y[part]) / 2
+            ...     ctl.backward(loss) if part.start == 0 else ctl.step(loss)
+            >>> ctl.steps
+            1
+
+        Raises:
+            ValueError: ``loss`` is not a scalar tensor.
+        """
+        self._check_open()
+        _check_loss(loss)
+        self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
+        self.engine.scale_loss(loss).backward()
+
     def step(self, loss: torch.Tensor) -> None:
         """Backward, update (skipped on non-finite gradients), signals, and a decision every interval.
+
+        With gradient accumulation, the micro-batches before the last go through :meth:`backward`, the last here.
 
         Nothing is read back from the device until the interval ends: the loss and the per-layer
         gradient norms accumulate there (``DeviceMoments``), and on a GPU the fused step skips a
@@ -283,8 +349,8 @@ class Controller:
         Raises:
             ValueError: ``loss`` is not a scalar tensor.
         """
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        self._check_open()
+        _check_loss(loss)
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_from_forward = False
@@ -449,10 +515,15 @@ class Controller:
             self.guard.reserve()
 
     def close(self) -> None:
-        """Flushes the TensorBoard writer and removes the precision hooks (leaving a ``with`` block calls it)."""
+        """Flushes the TensorBoard writer and removes the precision hooks (leaving a ``with`` block calls it).
+
+        The optimizer is yours again, holding the final state; the controller refuses further steps. Closing twice
+        is harmless.
+        """
         if self._writer is not None:
             self._writer.close()
         self.engine.remove()
+        self._closed = True
 
     def __enter__(self) -> Controller:
         return self
@@ -475,6 +546,27 @@ class Controller:
             self.lr_coupler.load_state_dict(saved["lr_coupler"])
         self._batch_size = int(saved["batch_size"])  # the coupler already holds its gain at this batch
         self.engine.batch_lr_gain = self.lr_coupler.gain
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this controller is closed: its precision hooks are gone and the optimizer is yours again. Train on "
+                "with your own loop, or build a new Controller"
+            )
+
+    def _measure_costs(self, x: torch.Tensor) -> CostModel:
+        """The per-layer costs from one forward of ``x[:1]``, or, where the model cannot run that, parameters only."""
+        try:
+            return CostModel.measure(self.model, self.engine.layers, x[:1], _optimizer_states(self))
+        except Exception as error:  # the user's own forward, on one sample alone: whatever it raises, training goes on
+            _log.warning(
+                "the controller measures each layer's costs with one forward of one sample, model(x[:1]), which "
+                "raised %s: %s. Memory is predicted from the parameters and optimizer state alone%s",
+                type(error).__name__,
+                error,
+                ", until the steps' measured peaks replace it" if self.device.type == "cuda" else "",
+            )
+            return CostModel.parameters_only(self.engine.layers, _optimizer_states(self))
 
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))
@@ -526,17 +618,23 @@ class Controller:
         """The rollback shield at an interval's end, from the updates ``applied`` of its ``steps``; True if restored.
 
         An interval whose every update was applied (every step finite) is healthy: the copy is refreshed (every
-        ``config.snapshot_every`` healthy intervals). One with no update at all restores the copy. A mixed one does
-        neither: its non-finite steps were skipped, and the model may be turning, so it is not copied.
+        ``config.snapshot_every`` healthy intervals). One with no update at all restores the copy, and so does one
+        that left a buffer non-finite (a skipped step's forward wrote a batch-norm's running statistics: the model
+        would evaluate to NaN from then on). Otherwise a mixed one does neither: its non-finite steps were skipped,
+        and the model may be turning, so it is not copied.
         """
         if self.guard is None or steps == 0:
             return False
-        if applied == steps:
+        broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
+        if broken:
+            restored = self.guard.restore(f"non-finite values in buffers {broken[:3]}")
+        elif applied == steps:
             self.guard.healthy()
-        elif applied == 0 and self.guard.restore():  # logged by the guard
-            self.rollbacks += 1
-            return True
-        return False
+            return False
+        else:
+            restored = applied == 0 and self.guard.restore()
+        self.rollbacks += restored
+        return restored
 
     def _decide(self) -> None:
         signals = self.collector.snapshot(
@@ -611,6 +709,11 @@ _CHECKPOINT_KEYS = (
     "initial_precision",
 )
 """What ``Controller.state_dict()`` holds beside its format."""
+
+
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
 
 
 def _precision_code(precision: Precision | None) -> int | None:

@@ -50,6 +50,10 @@ class CostModel:
     ) -> CostModel:
         """Counts FLOPs and output bytes of each layer with one fp32 forward of ``sample`` (one sample).
 
+        The forward leaves no trace: it runs in eval mode without gradients, on a fork of the random number
+        generators, and the buffers are put back after it, so a training run that measures its costs first draws and
+        computes exactly as one that does not.
+
         Args:
             model: the model.
             layers: its layers (``find_layers``).
@@ -71,16 +75,29 @@ class CostModel:
 
             handles.append(module.register_forward_hook(hook))
         was_training = model.training
+        buffers = [(b, b.clone()) for b in model.buffers()]  # a forward may count its calls, say
+        devices = [sample.device] if sample.device.type == "cuda" else []
         model.eval()
         try:
-            model(sample[:1])
+            with torch.random.fork_rng(devices):
+                model(sample[:1])
         finally:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
-        n_params = sum(info.n_params for info in layers)
-        static = n_params * 4 * (2 + optimizer_states)
-        return cls(tuple(layers), flops, out_bytes, static)
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        return cls(tuple(layers), flops, out_bytes, cls.parameters_only(layers, optimizer_states).static_bytes)
+
+    @classmethod
+    def parameters_only(cls, layers: list[LayerInfo], optimizer_states: int) -> CostModel:
+        """A cost model that knows the parameters and optimizer state alone: no FLOPs, no activations.
+
+        For a model whose forward cannot run on one sample by itself (``measure``); memory predictions then leave
+        out the activations until measured peaks replace them (on a GPU).
+        """
+        static = sum(info.n_params for info in layers) * 4 * (2 + optimizer_states)
+        return cls(tuple(layers), np.zeros(len(layers)), np.zeros(len(layers)), static)
 
     def step_ms(
         self, batch_size: int, precisions: list[Precision], profile: HardwareProfile, include_fixed: bool = True

@@ -121,21 +121,35 @@ class StepEngine:
         self.precision = LayerPrecision(model, device.type)
         self.layers: list[LayerInfo] = self.precision.layers
         self.n_layers = len(self.layers)
-        self.layer_params = layer_parameters(model, self.layers)
-        self._params = [p for params in self.layer_params for p in params]
-        owned = {id(p) for p in self._params}
+        trainable = layer_parameters(model, self.layers)
+        owned = {id(p) for params in trainable for p in params}
         strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
             raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
+        sparse = [name for name, m in model.named_modules() if isinstance(m, _SPARSE_TYPES) and m.sparse]
+        if sparse:
+            raise ValueError(
+                f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
+                "statistics and updates do not take: build them with sparse=False"
+            )
+        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        # The parameters the engine updates: the trainable ones the optimizer holds. Trainable parameters outside it
+        # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
+        self.layer_params = [[p for p in params if id(p) in self._groups] for params in trainable]
+        self._params = [p for params in self.layer_params for p in params]
+        if not self._params:
+            raise ValueError(
+                f"the optimizer holds none of the {len(owned)} trainable parameters of "
+                f"{type(model).__name__}; build it from this model's parameters (model.parameters())"
+            )
         self._layer_index = torch.cat(
             [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self.layer_params)]
         ).to(device)
-        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in self._groups for p in self._params):
-            raise ValueError(
-                f"the optimizer holds none of the {len(self._params)} trainable parameters of "
-                f"{type(model).__name__}; build it from this model's parameters (model.parameters())"
-            )
+        # Checked at each step (_check_optimizer_params): a param group added later, or a parameter of the
+        # optimizer's that was frozen now and gets a gradient later, would be trained outside the engine.
+        held = {id(p) for p in self._params}
+        self._n_param_groups = len(optimizer.param_groups)
+        self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
         self.lr_scale = 1.0
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
@@ -338,6 +352,7 @@ class StepEngine:
         return stats, torch.tensor(skipped)
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+        self._check_optimizer_params()
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -504,6 +519,7 @@ class StepEngine:
         """
         state: dict[str, Any] = {
             "fused": self.fused,
+            "optimizer_type": type(self.optimizer).__name__,
             "optimizer": self.state_holder.state_dict(),
             "precisions": [int(p) for p in self.precision.precisions],
             "lr_scale": self.lr_scale,
@@ -527,9 +543,16 @@ class StepEngine:
 
         Raises:
             ValueError: a fused-path state without ``torch_optimizer`` (saved before 2026-12-02) into the reference
-                path, or a state for another number of layers or other parameter shapes (the message says which).
+                path, or a state for another optimizer type, number of layers or other parameter shapes (the message
+                says which).
         """
         across = bool(state["fused"]) != self.fused
+        saved_type, this_type = state.get("optimizer_type"), type(self.optimizer).__name__  # (None: saved before it)
+        if saved_type is not None and saved_type != this_type:
+            raise ValueError(
+                f"the checkpoint's optimizer is {saved_type}; this controller's is {this_type}: its state (momentum "
+                "buffers, moments) would not fit. Build the controller with the optimizer the run was saved with"
+            )
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
         if across:  # in torch.optim's layout; on the fused path the optimizer's load hook copies it into the buffers
@@ -663,8 +686,7 @@ class StepEngine:
         """Records what the fused step reads from the param groups at each step, and what it must refuse.
 
         The momentum (SGD) or betas and eps (Adam) as built; the layers split across several groups (one LR each);
-        the optimizer's parameters outside the store (frozen when it was built); the number of groups; and which
-        ``lr_factors`` entry each layer takes (its group's ``"layer"`` key, as on the reference path).
+        and which ``lr_factors`` entry each layer takes (its group's ``"layer"`` key, as on the reference path).
         """
         self._hyper_keys = ("betas", "eps") if self.fused_optimizer._kind == "adamw" else _SGD_KEYS
         self._hypers_of = operator.itemgetter(*self._hyper_keys)
@@ -676,9 +698,6 @@ class StepEngine:
             for layer, params in enumerate(self.layer_params)
             if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
         ]
-        held = {id(p) for p in self._params}
-        self._n_param_groups = len(self.optimizer.param_groups)
-        self._outside_params = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in held]
         # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
         # (-1: a group without one, factor 1).
         self._factor_index = np.array(
@@ -862,26 +881,29 @@ class StepEngine:
         return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
     def _check_optimizer_params(self) -> None:
-        """Raises a ValueError when the optimizer now trains parameters the fused step does not hold.
+        """Raises a ValueError when the optimizer now trains parameters the engine does not hold.
 
-        The flat store was built from the trainable parameters of the optimizer's groups. A group added since
+        The engine was built from the trainable parameters of the optimizer's groups. A group added since
         (``optimizer.add_param_group``), or a parameter frozen then and unfrozen since (it has a gradient now),
-        would be trained by ``optimizer.step()`` and never by the fused step: silently frozen. Nothing is updated.
+        would be trained by the fused step never (silently frozen), and on the reference path by
+        ``optimizer.step()`` outside the controller: unclipped, unchecked for non-finite gradients (a NaN would
+        reach the weights) and at no chosen precision. Both paths refuse it alike, before anything is updated.
         """
         groups = self.optimizer.param_groups
         if len(groups) != self._n_param_groups:
             raise ValueError(
-                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the fused step was "
+                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
                 "built from its parameters, and it cannot take new ones: add param groups before building the "
-                "controller (or pass fused=False)"
+                "controller"
             )
         unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
         if unfrozen:
             names = {id(p): name for name, p in self.model.named_parameters()}
             raise ValueError(
                 f"parameters {[names.get(id(p), tuple(p.shape)) for p in unfrozen][:5]} have gradients, but they were "
-                "frozen (requires_grad=False) when the fused step was built from the optimizer's parameters, so it "
-                "would never update them: unfreeze before building the controller (or pass fused=False)"
+                "frozen (requires_grad=False) when the controller was built from the optimizer's parameters, so it "
+                "does not hold them: unfreeze before building the controller (for gradual unfreezing, build a new "
+                "controller at each stage, after close() on the last)"
             )
 
     def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
@@ -986,6 +1008,8 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
 
 
 _DECAY, _LR = operator.itemgetter("weight_decay"), operator.itemgetter("lr")
+_SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
+"""Modules whose ``sparse=True`` makes sparse gradients."""
 _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
 

@@ -18,7 +18,7 @@ from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.shield import RollbackGuard
+from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
 from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import IntervalStats, TrainingRun
 from triaccel_rl.types import Precision, Signals
@@ -198,9 +198,12 @@ class DecisionLoop:
         mark = time.perf_counter()
         parts["probe"] += (mark - start) * 1e3
         if self.guard is not None:
-            if self._healthy:
+            # The probe runs its norms in train mode (their batch statistics), so a running statistic a non-finite
+            # batch wrote would show only at evaluation: checked on its own.
+            broken = nonfinite_buffers(self.run.model)
+            if self._healthy and not broken:
                 self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
-            elif self.guard.restore():  # logged by the guard
+            elif self.guard.restore(f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"):
                 rolled_back = True
                 probe = self.run.probe_loss()
                 self._healthy = math.isfinite(probe)

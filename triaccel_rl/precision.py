@@ -10,12 +10,14 @@ layers follow an outer autocast region of the dominant low precision (so a loss 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from triaccel_rl.types import LayerInfo, Precision
@@ -33,6 +35,9 @@ CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.MultiheadAttention,
 )
+# Non-controllable modules whose whole computation autocast would lower to 16 bits (its lists hold the RNN kernels):
+# they run in an fp32 region of their own, as the fp32 their precision reports.
+_AUTOCAST_LOWERED_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
 # Modules that accept low-precision inputs with fp32 parameters natively (no cast kernel needed).
 _NATIVE_MIXED_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -112,6 +117,7 @@ class LayerPrecision:
         where the step is replayed from a captured CUDA graph (``TrainingRun``), a loss in a user's eager loop on a
         launch-bound model (``Controller`` turns it off: ResNet-18 on the H200, 2.1 ms of an 11.5-ms step)."""
         self._swapped: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]]] = []
+        self._fp32_modules: list[nn.Module] = []  # modules autocast would lower, inside their fp32 region now
         # _enter_region and _exit_region wrapped in torch.compiler.disable, made once Dynamo is loaded (importing it
         # here would add 1.6 s to every import of the package; a traced forward means it was loaded before).
         self._eager_regions: tuple[Callable[..., Any], Callable[..., Any]] | None = None
@@ -119,6 +125,9 @@ class LayerPrecision:
             if self.layers[index].controllable:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index)))
                 self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            elif isinstance(module, _AUTOCAST_LOWERED_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._enter_fp32_module))
+                self._handles.append(module.register_forward_hook(self._exit_fp32_module, always_call=True))
             elif not isinstance(module, _NATIVE_MIXED_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook))
         _guard_compiled_graphs_on_hooks()
@@ -203,6 +212,7 @@ class LayerPrecision:
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while self._stack:
                 self._stack.pop()[0].__exit__(None, None, None)
+            self._fp32_modules.clear()
             while self._swapped:
                 _restore(self._swapped.pop()[1])
 
@@ -280,10 +290,31 @@ class LayerPrecision:
         """
         return self.device_type == "cpu" and self.precisions[index] is Precision.FP16 and self._is_conv[index]
 
+    def _enter_fp32_module(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Opens an fp32 region for a module autocast would lower (an LSTM), casting its 16-bit inputs up.
+
+        Hidden states too. Eager under ``torch.compile`` (a graph break), as a mixed map's layer regions are.
+        """
+        if not self._active or all(p is Precision.FP32 for p in self.precisions):
+            return None
+        region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
+        (torch.compiler.disable(region.__enter__) if torch.compiler.is_compiling() else region.__enter__)()
+        self._stack.append((region, False))
+        self._fp32_modules.append(module)
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in _16_BIT else t, args)
+
+    def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._fp32_modules and self._fp32_modules[-1] is module:
+            self._fp32_modules.pop()
+            region = self._stack.pop()[0]
+            exit_region = functools.partial(region.__exit__, None, None, None)
+            (torch.compiler.disable(exit_region) if torch.compiler.is_compiling() else exit_region)()
+
     def _fp32_inputs_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay."""
         if not self._active:
             return None
-        return _cast_floating(args, torch.float32)
+        return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _16_BIT else a for a in args)
 
 
 WeightCopies = Callable[[int, torch.dtype], Sequence[tuple[nn.Module, str, torch.Tensor]]]
@@ -336,6 +367,9 @@ def _swap_in(
 def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
     for owner, name, param in saved:
         owner._parameters[name] = param
+
+
+_16_BIT = (torch.float16, torch.bfloat16)
 
 
 def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:

@@ -4,7 +4,9 @@ The stateless bounds (LR change per decision, no lowering while overflowing, mem
 ``triaccel_rl.executor``. Here:
 
 - ``RollbackGuard`` keeps a copy of the model's parameters and buffers and the optimizer's state from
-  the last healthy decision, and restores it when an interval ends with a non-finite loss.
+  the last healthy decision, and restores it when an interval ends with a non-finite loss, or with a
+  non-finite buffer (``nonfinite_buffers``: a batch-norm's running statistics after an ``inf`` input, whose
+  update was skipped but whose forward had already written them).
 - ``ObservationStats`` records the range of observations a learned policy was trained on, and
   ``FallbackPolicy`` hands decisions to the heuristic when an observation lies far outside it.
 """
@@ -28,9 +30,34 @@ from torch import nn
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
-__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard"]
+__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard", "nonfinite_buffers"]
 
 _log = logging.getLogger("triaccel_rl")
+
+
+def nonfinite_buffers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s floating-point buffers that hold a NaN or an infinity.
+
+    A skipped update leaves the parameters alone, but the forward that produced the non-finite loss has already
+    written the buffers it updates (a batch-norm's running mean and variance), and nothing else would repair them:
+    the model would evaluate to NaN from then on. One multi-tensor max-norm decides (a host-device sync); names
+    are looked up only when it fails.
+
+    Example:
+        >>> model = nn.BatchNorm1d(2)
+        >>> nonfinite_buffers(model)
+        []
+        >>> _ = model.running_mean.fill_(float("nan"))
+        >>> nonfinite_buffers(model)
+        ['running_mean']
+    """
+    named = [(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()]
+    if not named:
+        return []
+    maxima = torch._foreach_norm([b for _, b in named], float("inf"))  # NaN stays NaN, an infinity stays one
+    if bool(torch.isfinite(torch.stack(maxima)).all()):
+        return []
+    return [name for name, b in named if not bool(torch.isfinite(b).all())]
 
 
 class RollbackGuard:
@@ -127,8 +154,8 @@ class RollbackGuard:
         """Whether a snapshot has been taken."""
         return self._model_state is not None
 
-    def restore(self) -> bool:
-        """Restores the last snapshot; returns False when there is none yet."""
+    def restore(self, reason: str = "non-finite loss") -> bool:
+        """Restores the last snapshot (logging ``reason``); returns False when there is none yet."""
         if self._model_state is None or self._optimizer_state is None:
             return False
         if self._copied is not None:  # the host reads the offloaded tensors below (the deep copy)
@@ -144,7 +171,7 @@ class RollbackGuard:
         if self.after_restore is not None:
             self.after_restore()
         self.rollbacks += 1
-        _log.warning("non-finite loss: rolled back to the last good state (rollback %d)", self.rollbacks)
+        _log.warning("%s: rolled back to the last good state (rollback %d)", reason, self.rollbacks)
         return True
 
 
@@ -262,27 +289,56 @@ class ObservationStats:
         """Writes the stats as JSON."""
         Path(path).write_text(json.dumps(asdict(self)) + "\n")
 
+    def merged(self, other: ObservationStats) -> ObservationStats:
+        """The range of both stats' observations (a resumed training run's, with the run it resumed).
+
+        Raises:
+            ValueError: stats of another number of features or another LR ladder.
+        """
+        if len(other.low) != len(self.low) or other.lr_scales != self.lr_scales:
+            raise ValueError(
+                f"cannot merge observation stats of {len(self.low)} features (LR ladder {self.lr_scales}) with stats "
+                f"of {len(other.low)} (LR ladder {other.lr_scales})"
+            )
+        return ObservationStats(
+            tuple(np.minimum(self.low, other.low).tolist()),
+            tuple(np.maximum(self.high, other.high).tolist()),
+            self.n_observations + other.n_observations,
+            self.lr_scales,
+        )
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ObservationStats:
         """Reads stats written by ``save``.
 
         Raises:
-            ValueError: missing file or fields.
+            ValueError: missing file, not JSON, missing fields or values of the wrong kind (named).
         """
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"observation stats {str(file)!r} do not exist")
-        raw = json.loads(file.read_text())
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"observation stats {str(file)!r} are not valid JSON: {error}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"observation stats {str(file)!r} must be a JSON object; got {type(raw).__name__}")
         missing = {"low", "high", "n_observations"} - set(raw)
         if missing:
             raise ValueError(f"observation stats {str(file)!r} lack {sorted(missing)}")
-        scales = raw.get("lr_scales")
-        return cls(
-            tuple(raw["low"]),
-            tuple(raw["high"]),
-            int(raw["n_observations"]),
-            None if scales is None else tuple(float(s) for s in scales),
-        )
+        try:
+            low, high = (tuple(float(v) for v in raw[key]) for key in ("low", "high"))
+            count = int(raw["n_observations"])
+            scales = raw.get("lr_scales")
+            ladder = None if scales is None else tuple(float(s) for s in scales)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"observation stats {str(file)!r} hold a value of the wrong kind: {error}") from None
+        if len(low) != len(high) or not low or any(a > b for a, b in zip(low, high, strict=True)):
+            raise ValueError(
+                f"observation stats {str(file)!r}: low and high must be ranges of one non-empty length with low <= "
+                f"high; got {len(low)} and {len(high)} values"
+            )
+        return cls(low, high, count, ladder)
 
 
 class FallbackPolicy:
