@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ def make_policy(
         ValueError: an unknown name (the message lists the allowed ones) or an unusable zip.
     """
     if not isinstance(spec, str):
+        if not callable(getattr(spec, "predict", None)):
+            raise TypeError(
+                f"policy={spec!r} is neither a name nor a path (a str) nor an object with SB3's "
+                "predict(observation, deterministic=...) method"
+            )
         return spec
     config = config or ControllerConfig()
     name = spec.lower()
@@ -72,6 +78,12 @@ def make_policy(
         if not stats_file.is_file():
             return learned
         stats = ObservationStats.load(stats_file)
+        features = math.prod(learned.observation_space.shape or ())
+        if len(stats.low) != features:  # the fallback would refuse every observation, at the first decision
+            raise PolicyLoadError(
+                f"observation stats {str(stats_file)!r} hold {len(stats.low)} features; this policy's observations "
+                f"have {features}: they belong to another policy"
+            )
         if stats.lr_scales is not None and tuple(stats.lr_scales) != tuple(config.lr_scales):
             raise PolicyLoadError(
                 f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "

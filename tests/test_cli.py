@@ -1,11 +1,14 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from triaccel_rl.cli import main
+from triaccel_rl.types import Precision
 
 
 @pytest.mark.parametrize("command", [[], ["compare"], ["train-policy"], ["profile"], ["tasks"]])
@@ -63,8 +66,19 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
         (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
         (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "max_grad_norm=0.0 must be positive"),
-        (["compare", "--task", "synthetic", "--epochs", "-1"], "epochs=-1.0 must be positive"),
-        (["compare", "--task", "synthetic", "--epochs", "nan"], "epochs=nan must be positive"),
+        (["compare", "--task", "synthetic", "--epochs", "-1"], "epochs=-1.0 must be a positive finite number"),
+        (["compare", "--task", "synthetic", "--epochs", "nan"], "epochs=nan must be a positive finite number"),
+        (["compare", "--task", "synthetic", "--epochs", "inf"], "epochs=inf must be a positive finite number"),
+        (
+            ["compare", "--task", "synthetic", "--epochs", "0.0001"],
+            "epochs=0.0001 is less than one sample of this task's 3584 training samples: give at least 0.00028",
+        ),
+        (["compare", "--task", "synthetic", "--device", "gpu0"], "device 'gpu0' is not a device: use cpu, cuda"),
+        (
+            ["compare", "--task", "synthetic", "--controllers", "fp32,static-fp32"],
+            "controllers fp32, static-fp32 would all be reported as row static-fp32",
+        ),
+        (["compare", "--task", "synthetic", "--lr-scales", "1.5,1,0.5"], "must be strictly increasing"),
         (["compare", "--task", "synthetic", "--eval-every", "0"], "eval_every=0 must be >= 1"),
         (
             ["compare", "--task", "synthetic", "--controllers", "fp32,heuristic", "--reference", "fp32"],
@@ -91,6 +105,70 @@ def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, ca
     assert f"{flag} {blocker / 'x'}: cannot create" in err and "Traceback" not in err
 
 
+def test_two_policies_of_one_file_name_are_refused_not_merged(tmp_path, capsys):
+    """Two zips named alike were reported as one row (their seeds mixed) with one TensorBoard folder."""
+    from triaccel_rl.policies import pretrained_policy_path
+
+    zips = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        zips.append(tmp_path / folder / "policy.zip")
+        shutil.copy(pretrained_policy_path(), zips[-1])
+    argv = ["compare", "--task", "synthetic", "--controllers", f"{zips[0]},{zips[1]}", "--no-progress", "--out", "",
+            "--log-dir", ""]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "would all be reported as row learned:policy.zip" in err and "different file names" in err
+
+
+@pytest.mark.parametrize(("a", "b"), [("out", "log-dir"), ("out", "plots"), ("plots", "log-dir")])
+def test_one_path_for_two_outputs_is_refused_before_the_runs(a, b, tmp_path, capsys, monkeypatch):
+    """``--out X --log-dir X`` ran everything, then failed writing the results over the TensorBoard folder."""
+    import triaccel_rl.compare
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", lambda *a, **k: pytest.fail("a run started"))
+    paths = {"out": "", "log-dir": "", "plots": ""} | {a: str(tmp_path / "x"), b: str(tmp_path / "x")}
+    argv = ["compare", "--task", "synthetic", "--no-progress", *[v for k, p in paths.items() for v in (f"--{k}", p)]]
+    assert main(argv) == 2
+    assert f"--{a} and --{b} are both {tmp_path / 'x'}: give each its own" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_plots_without_matplotlib_are_refused_before_the_runs(tmp_path, capsys, monkeypatch):
+    import triaccel_rl.compare
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    argv = ["compare", "--task", "synthetic", "--no-progress", "--out", "", "--log-dir", "", "--plots", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--plots needs matplotlib" in capsys.readouterr().err
+
+
+def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch):
+    import triaccel_rl.compare as compare_module
+    from triaccel_rl.config import HardwareProfile
+
+    class Seen(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["profile"])
+        raise Seen  # enough: what compare() was given
+
+    seen = []
+    monkeypatch.setattr(compare_module, "compare", record)
+    shipped = HardwareProfile.load()
+    mine = HardwareProfile(**{**shipped.__dict__, "device": "my GPU", "fixed_ms": 0.5})
+    mine.save(tmp_path / "p.json")
+    argv = ["compare", "--task", "synthetic", "--no-progress", "--out", "", "--log-dir", ""]
+    (tmp_path / "bad.json").write_text('{"device": "x"}')
+    assert main([*argv, "--profile", str(tmp_path / "bad.json")]) == 2
+    assert "lacks the fields ['time_factor', 'memory_factor']" in capsys.readouterr().err and seen == []
+    with pytest.raises(Seen):
+        main([*argv, "--profile", str(tmp_path / "p.json")])
+    assert seen == [mine]
+
+
 def test_a_controller_listed_twice_is_refused(capsys):
     assert main(["compare", "--task", "synthetic", "--controllers", "fp32,bf16,fp32", "--no-progress"]) == 2
     assert "--controllers lists fp32 more than once" in capsys.readouterr().err
@@ -100,7 +178,7 @@ def test_bad_input_is_one_clear_line_with_the_progress_bar_on(capsys):
     # Once a negative epoch budget reached the progress bar first, which raised a TypeError formatting it.
     assert main(["compare", "--task", "synthetic", "--epochs", "-1", "--out", "", "--log-dir", ""]) == 2
     err = capsys.readouterr().err
-    assert "epochs=-1.0 must be positive" in err and "Traceback" not in err
+    assert "epochs=-1.0 must be a positive finite number" in err and "Traceback" not in err
 
 
 def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys):
@@ -111,10 +189,9 @@ def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| plain-fp32 |" in printed and "| static-fp32 |" in printed
     rows = {row["controller"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
-    assert (
-        rows["plain-fp32"]["time_ratio"] == 1.0
-        and rows["static-fp32"]["final_metric_mean"] == (rows["plain-fp32"]["final_metric_mean"])
-    )
+    static, plain = rows["static-fp32"], rows["plain-fp32"]
+    assert static["time_ratio"] == static["time_s_mean"] / plain["time_s_mean"]  # against the plain row
+    assert static["final_metric_mean"] == plain["final_metric_mean"]  # the same updates, step for step
 
 
 def test_compare_runs_with_a_controller_preset(tmp_path, monkeypatch):
@@ -205,9 +282,33 @@ def test_profile_writes_a_loadable_profile(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert main(["profile", "--device", "cpu", "--small", "--batch-size", "8", "--steps", "2", "--out", str(out)]) == 0
     profile = HardwareProfile.load(out)
-    assert profile.time_factor["fp32"] == 1.0
     assert set(profile.time_factor) == {"fp32", "bf16", "fp16"}
+    assert profile.memory_factor == {"fp32": 1.0, "bf16": 1.0, "fp16": 1.0}  # no allocator to read on a CPU
     assert profile.throughput_scale > 0 and profile.fixed_ms > 0
+
+
+def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch):
+    """With the step timer stubbed: each factor is its precision's median over fp32's, the fixed time is the tiny
+    MLP's step, and the throughput scale is the rest of fp32's step over the batch's MFLOPs (3 forwards a step)."""
+    import triaccel_rl.profiling as profiling
+    from triaccel_rl.costs import CostModel
+    from triaccel_rl.models import MLP, SmallResNet
+    from triaccel_rl.precision import find_layers
+
+    ms = {Precision.FP32: 10.0, Precision.BF16: 4.0, Precision.FP16: 3.0}
+    peaks = {Precision.FP32: 100.0, Precision.BF16: 60.0, Precision.FP16: 50.0}
+    monkeypatch.setattr(
+        profiling,
+        "_time_steps",
+        lambda model, x, y, p, steps: (0.5, 1.0) if isinstance(model, MLP) else (ms[p], peaks[p]),
+    )
+    profile = profiling.measure_profile("cpu", batch_size=8, steps=2, small=True)
+    assert profile.time_factor == {"fp32": 1.0, "bf16": 0.4, "fp16": 0.3}
+    assert profile.memory_factor == {"fp32": 1.0, "bf16": 0.6, "fp16": 0.5}
+    model = SmallResNet(3, (8, 16), 10)
+    costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)
+    assert profile.fixed_ms == 0.5
+    assert profile.throughput_scale == pytest.approx((10.0 - 0.5) / (8 * 3 * costs.flops_per_sample.sum() / 1e6))
 
 
 def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, monkeypatch):

@@ -14,6 +14,7 @@ from triaccel_rl.compare import (
     write_json,
 )
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.training import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -343,9 +344,9 @@ def test_with_profile_cost_the_speed_trial_picks_the_format_the_profile_charges_
     config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial_steps=3))
     result = run_controller("synthetic", "heuristic", 0, epochs=1, config=config, device="cpu", profile=profile)
     assert Precision(int(result.speed_trial["chosen"])).name.lower() == faster
-    ratio = result.speed_trial["bf16"] / result.speed_trial["fp16"]
-    expected = {p: profile.time_factor[p] for p in ("bf16", "fp16")}
-    assert ratio > 1 if expected["bf16"] > expected["fp16"] else ratio < 1
+    charged = TrainingRun("synthetic", seed=0, device="cpu", profile=profile)  # the lookup, at the starting batch
+    assert result.speed_trial["bf16"] == charged.modelled_step_ms(precision=Precision.BF16)
+    assert result.speed_trial["fp16"] == charged.modelled_step_ms(precision=Precision.FP16)
     lowered = {Precision(code).name.lower() for row in result.trace for code in row["precisions"]} - {"fp32"}
     assert lowered == {faster}  # from the first step: the profile is read, no step is spent on a trial
     # The lookup trains nothing: the run is the one that starts in the cheaper format without any trial.

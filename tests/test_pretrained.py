@@ -240,6 +240,44 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
         make_policy(str(zip_path), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (json.dumps({"low": [0.0] * 2, "high": [1.0] * 2, "n_observations": 4}), "hold 2 features; this .* 43"),
+        ("{'low': [0.0]}", "are not valid JSON"),
+        (json.dumps({"low": [0.0] * 43, "high": [1.0] * 42, "n_observations": 4}), "got 43 and 42 values"),
+        (json.dumps({"low": ["x"], "high": [1.0], "n_observations": 4}), "hold a value of the wrong kind"),
+    ],
+)
+def test_observation_stats_that_cannot_serve_the_policy_are_refused_on_loading(tiny_policy, tmp_path, text, message):
+    """Stats of another length once loaded, then failed at the first decision (or never, in a run too short to
+    decide); a file that is not JSON raised the parser's bare message."""
+    zip_path = tmp_path / "policy.zip"
+    shutil.copyfile(tiny_policy, zip_path)
+    zip_path.with_suffix(".obs.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        make_policy(str(zip_path), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    assert "policy.obs.json" in str(info.value)
+
+
+def test_resuming_widens_the_observation_range_and_takes_new_rollout_sizes(tiny_policy, tmp_path):
+    """``--resume P --out P`` once replaced P's observation range by the resumed run's alone (its fallback then sent
+    observations of the first run to the heuristic), and ignored new ``n_steps``/``batch_size``."""
+    from stable_baselines3 import PPO
+
+    before = ObservationStats.load(tiny_policy.with_suffix(".obs.json"))
+    out = train_policy(["synthetic"], total_timesteps=16, n_envs=1, vec="dummy", max_decisions=3, interval_steps=2,
+                       n_steps=16, batch_size=8, seed=1, out=tmp_path / "resumed.zip", resume=tiny_policy,
+                       torch_threads=1)  # fmt: skip
+    after = ObservationStats.load(out.with_suffix(".obs.json"))
+    assert after.n_observations == before.n_observations + 16
+    assert all(a <= b for a, b in zip(after.low, before.low, strict=True))
+    assert all(a >= b for a, b in zip(after.high, before.high, strict=True))
+    assert after.lr_scales == before.lr_scales
+    model = PPO.load(out, device="cpu")
+    assert (model.n_steps, model.batch_size) == (16, 8)
+
+
 def test_a_policy_run_with_another_lr_ladder_of_the_same_length_is_refused():
     """The spaces match (5 rungs either way), but the aggressive preset's rung 4 is x2.0 where the policy had x1.5."""
     aggressive = ControllerConfig.preset("aggressive")

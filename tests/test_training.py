@@ -80,11 +80,12 @@ def test_unknown_precision_and_wrong_count():
         run.set_precisions([Precision.FP32, Precision.BF16])
 
 
-def test_cuda_device_without_gpu_is_a_clear_error():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ValueError, match="no CUDA GPU"):
+def test_cuda_device_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so that it runs on a GPU machine too
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu'"):
         TrainingRun("synthetic", device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device: use cpu, cuda or cuda:N"):
+        TrainingRun("synthetic", device="gpu0")
 
 
 def test_budget_below_model_state_is_rejected():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,21 +25,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input: one clear line, no traceback from deep inside.
+    except (ValueError, OSError) as err:
+        # Bad input (a file that cannot be read or written included): one clear line, no traceback from deep inside.
         print(f"triaccel-rl {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
-def _file_to_write(flag: str, path: str) -> Path:
+def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     """``path`` for a file written later, its folder made now: refused before minutes of work, not after."""
     out = Path(path)
     if out.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file path such as {out / 'results.json'}")
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {out / example}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
+    existed = out.exists()
+    try:
+        with out.open("a"):  # appends nothing: an existing file keeps its contents
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
+    if not existed:
+        out.unlink()
     return out
 
 
@@ -48,7 +58,21 @@ def _folder_to_write(flag: str, path: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot create this folder ({err})") from err
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write in this folder ({err})") from err
     return folder
+
+
+def _apart(**paths: str) -> None:
+    """Raises when two of the output ``paths`` (by flag) are one: a results file written where a folder goes."""
+    given = {flag: Path(path).resolve() for flag, path in paths.items() if path}
+    for (a, path_a), (b, path_b) in itertools.combinations(given.items(), 2):
+        if path_a == path_b:
+            raise ValueError(
+                f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are both {paths[a]}: give each its own"
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     compare.add_argument(
+        "--profile",
+        default=None,
+        help="hardware-profile JSON (`triaccel-rl profile` writes one) that prices steps in modelled time (default: "
+        "the H200 profile shipped with the package)",
+    )
+    compare.add_argument(
         "--cost-mode",
         choices=("measured", "profile"),
         default=None,
@@ -141,10 +171,19 @@ def _parser() -> argparse.ArgumentParser:
         "--max-decisions", type=int, default=None, help="safety cap on decisions per episode (default: 8 × budget)"
     )
     train.add_argument("--interval-steps", type=int, default=20, help="optimizer steps per decision")
-    train.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
-    train.add_argument("--batch-size", type=int, default=64, help="PPO minibatch size")
+    train.add_argument(
+        "--n-steps", type=int, default=None, help="PPO rollout length per environment (default 128; --resume: its own)"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=None, help="PPO minibatch size (default 64; --resume: the policy's own)"
+    )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default="runs/policy.zip", help="where to save the policy zip")
+    train.add_argument(
+        "--out",
+        default="runs/policy.zip",
+        help="where to save the policy zip (its observation range goes beside it, .obs.json; give each policy a "
+        "folder of its own: evaluations and checkpoints are written beside it)",
+    )
     train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none)")
     train.add_argument("--eval-tasks", default="", help="comma-separated held-out tasks evaluated periodically")
     train.add_argument("--eval-every", type=int, default=0, help="environment steps between evaluations (0: none)")
@@ -174,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compare(args: argparse.Namespace) -> int:
     from triaccel_rl.compare import compare, format_table, row_names, summarize, write_json
-    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.config import ControllerConfig, HardwareProfile
     from triaccel_rl.experiment import parse_floats
     from triaccel_rl.tasks import get_task
 
@@ -186,13 +225,20 @@ def _compare(args: argparse.Namespace) -> int:
     twice = sorted({c for c in controllers if controllers.count(c) > 1})
     if twice:
         raise ValueError(f"--controllers lists {', '.join(twice)} more than once; each row runs every seed already")
+    task = get_task(args.task)  # before any folder is made
+    _apart(out=args.out, plots=args.plots, log_dir=args.log_dir)
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401  (plots are drawn after every run: missing, say so now)
+        except ImportError:
+            raise ValueError("--plots needs matplotlib: pip install matplotlib (or leave --plots out)") from None
+    profile = HardwareProfile.load(args.profile) if args.profile else None
     if args.out:
         _file_to_write("--out", args.out)
     if args.plots:
         _folder_to_write("--plots", args.plots)
     if args.log_dir:
         _folder_to_write("--log-dir", args.log_dir)
-    task = get_task(args.task)
     overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
     if args.lr_scales is not None:
         overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
@@ -217,6 +263,7 @@ def _compare(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         eval_every_steps=args.eval_every_steps,
         max_grad_norm=args.max_grad_norm,
+        profile=profile,
     )
     rows = summarize(results, reference=reference)
     modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
@@ -249,7 +296,9 @@ def _train_policy(args: argparse.Namespace) -> int:
     from triaccel_rl.rl import train_policy
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    _file_to_write("--out", args.out)
+    if Path(args.out).suffix != ".zip":
+        raise ValueError(f"--out {args.out} must name a .zip file, such as runs/policy.zip")
+    _file_to_write("--out", args.out, example="policy.zip")
     if args.log_dir:
         _folder_to_write("--log-dir", args.log_dir)
     path = train_policy(
@@ -279,7 +328,7 @@ def _profile(args: argparse.Namespace) -> int:
     from triaccel_rl.profiling import measure_profile
     from triaccel_rl.training import resolve_device
 
-    out = _file_to_write("--out", args.out)
+    out = _file_to_write("--out", args.out, example="profile.json")
     profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
     profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())

@@ -206,6 +206,7 @@ def run_controller(
     writer = _writer(log_dir)
     samples_per_epoch = len(run.loader)  # samples per epoch
     total_samples = int(epochs * samples_per_epoch)
+    check_epoch_budget(epochs, samples_per_epoch)
     time_ms = wall_ms = 0.0
     time_to_target: float | None = None
     curve: list[tuple[float, float, int, float, float]] = []
@@ -382,8 +383,11 @@ def compare(
     eval_every: int = 5,
     eval_every_steps: int | None = None,
     max_grad_norm: float | None = None,
+    profile: HardwareProfile | None = None,
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
+
+    ``profile`` prices steps in ``profile`` cost mode (the shipped H200 profile by default; a plain row measures).
 
     ``task`` is a registered name or a ``Task`` (e.g. one with its base LR overridden, ``get_task(name,
     base_lr=...)``). ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
@@ -423,6 +427,14 @@ def compare(
     if not seeds:
         raise ValueError("need at least one seed")
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
+    names = row_names(controllers, config)
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:  # their runs would merge into one row (and one TensorBoard folder)
+        clash = [c for c, name in zip(controllers, names, strict=True) if name in shared]
+        raise ValueError(
+            f"controllers {', '.join(clash)} would all be reported as row {', '.join(shared)}: list each once "
+            "(a policy zip is named by its file name: give two policies different file names)"
+        )
     total = epochs * len(controllers) * len(seeds)
     results = []
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
@@ -462,6 +474,7 @@ def compare(
                         eval_every=eval_every,
                         eval_every_steps=eval_every_steps,
                         max_grad_norm=max_grad_norm,
+                        profile=profile,
                     )
                 )
     return results
@@ -586,12 +599,21 @@ def write_json(
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
+    """Raises ``ValueError`` when ``epochs`` of the task come to less than one training sample."""
+    if int(epochs * samples_per_epoch) < 1:
+        raise ValueError(
+            f"epochs={epochs} is less than one sample of this task's {samples_per_epoch} training samples: "
+            f"give at least {1 / samples_per_epoch:.2g}"
+        )
+
+
 def _check_run_settings(
     epochs: float, eval_every: int, eval_every_steps: int | None, max_grad_norm: float | None
 ) -> None:
     """Raises ``ValueError`` naming the first setting a run cannot use."""
-    if not epochs > 0:  # NaN included
-        raise ValueError(f"epochs={epochs} must be positive")
+    if not (epochs > 0 and math.isfinite(epochs)):  # NaN included
+        raise ValueError(f"epochs={epochs} must be a positive finite number")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
     if eval_every_steps is not None and eval_every_steps < 1:

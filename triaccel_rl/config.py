@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -109,6 +111,10 @@ class MemoryBudget:
         return int(self.fraction * capacity_bytes)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     """Per-precision speed and memory factors of one GPU, used to charge cost on machines without it.
@@ -135,26 +141,24 @@ class HardwareProfile:
     def __post_init__(self) -> None:
         names = {p.name.lower() for p in Precision}
         for label, table in (("time_factor", self.time_factor), ("memory_factor", self.memory_factor)):
-            missing = names - set(table)
-            if missing:
-                raise ConfigError(f"hardware profile {label} lacks {sorted(missing)}; needs {sorted(names)}")
             if not isinstance(table, dict):
                 raise ConfigError(f"hardware profile {label} must be a mapping of precision to factor; got {table!r}")
+            missing, unknown = names - set(table), set(table) - names
+            if missing or unknown:
+                wrong = f"lacks {sorted(missing)}" if missing else f"has unknown precisions {sorted(unknown)}"
+                raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
-                if (
-                    isinstance(value, bool)
-                    or not isinstance(value, (int, float))
-                    or not (math.isfinite(value) and value > 0)
-                ):
-                    raise ConfigError(f"hardware profile {label}[{key!r}]={value} must be positive")
-        for name in ("fixed_ms", "throughput_scale"):
+                if not (_is_number(value) and math.isfinite(value) and value > 0):
+                    raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a positive number")
+            if table["fp32"] != 1.0:
+                raise ConfigError(
+                    f"hardware profile {label}['fp32']={table['fp32']!r} must be 1.0: factors are relative to fp32"
+                )
+        for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ConfigError(f"hardware profile {name}={value} must be a non-negative number")
+            if not (_is_number(value) and math.isfinite(value) and (value >= 0 if low is not None else value > 0)):
+                kind = "a non-negative" if low is not None else "a positive"
+                raise ConfigError(f"hardware profile {name}={value!r} must be {kind} number")
 
     def time(self, precision: Precision) -> float:
         """Step-time factor of ``precision`` relative to fp32."""
@@ -169,7 +173,8 @@ class HardwareProfile:
         """Reads a profile JSON; ``None`` loads the one shipped with the package.
 
         Raises:
-            ConfigError: the file is missing, is not JSON, or lacks a field (named in the message).
+            ConfigError: the file is missing, is not JSON, lacks a field or has one it does not know, or holds a value
+                out of range (named in the message).
         """
         if path is None:
             text = resources.files("triaccel_rl").joinpath("profiles/h200.json").read_text()
@@ -191,7 +196,10 @@ class HardwareProfile:
         if missing:
             raise ConfigError(f"hardware profile {source} lacks the fields {missing}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        unknown = sorted(set(raw) - known)
+        if unknown:  # a misspelt field would silently fall back to its default
+            raise ConfigError(f"hardware profile {source} has unknown fields {unknown}; its fields: {sorted(known)}")
+        return cls(**raw)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the profile as JSON."""
@@ -500,6 +508,10 @@ class ControllerConfig:
     signals: SignalConfig = field(default_factory=lambda: _signal_config_type()())
 
     def __post_init__(self) -> None:
+        for name in ("interval_steps", "snapshot_every", "n_groups", "min_batch_size", "max_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name}={value!r} must be a whole number")
         if self.interval_steps < 1:
             raise ConfigError(f"interval_steps={self.interval_steps} must be >= 1")
         if self.max_interval_factor < 1:
@@ -512,6 +524,11 @@ class ControllerConfig:
             raise ConfigError(f"lr_scales={self.lr_scales} must be a non-empty tuple of positive numbers")
         if 1.0 not in self.lr_scales:
             raise ConfigError(f"lr_scales={self.lr_scales} must contain 1.0 (the neutral choice)")
+        if any(a >= b for a, b in itertools.pairwise(self.lr_scales)):
+            raise ConfigError(
+                f"lr_scales={self.lr_scales} must be strictly increasing: the policies step up and down this ladder "
+                "by position"
+            )
         if not (1 <= self.min_batch_size <= self.max_batch_size):
             raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
         if self.max_lr_change < 1.0:

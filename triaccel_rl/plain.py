@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triaccel_rl.compare import NvmlPeak, RunResult
+from triaccel_rl.compare import NvmlPeak, RunResult, check_epoch_budget
 from triaccel_rl.config import LRRule
 from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
 from triaccel_rl.loader import ElasticLoader
@@ -120,6 +120,7 @@ def run_plain(
     codes = [int(Precision.parse(precision)) if info.controllable else 0 for info in layers]
 
     total_samples = int(epochs * len(loader))
+    check_epoch_budget(epochs, len(loader))
     timer = IntervalTimer(device)
     time_s = 0.0
     steps = samples = 0

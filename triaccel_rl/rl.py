@@ -315,8 +315,8 @@ def train_policy(
     budget_intervals: float = 16.0,
     max_decisions: int | None = None,
     interval_steps: int = 20,
-    n_steps: int = 128,
-    batch_size: int = 64,
+    n_steps: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     out: str | os.PathLike[str] = "runs/policy.zip",
     log_dir: str | os.PathLike[str] | None = None,
@@ -342,10 +342,11 @@ def train_policy(
             (``RewardConfig.budget_intervals``; ignored when ``env_kwargs`` holds a ``reward_config``).
         max_decisions: safety cap on decisions per episode (None: the environment's, 8 × the budget).
         interval_steps: optimizer steps per decision.
-        n_steps: PPO rollout length per environment.
-        batch_size: PPO minibatch size.
+        n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
+        batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
         seed: seeds PPO and the environments.
-        out: the policy zip to write.
+        out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
+            the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
         eval_tasks: held-out tasks evaluated every ``eval_every`` steps (mean episode reward logged).
         eval_every: environment steps between evaluations (0: none).
@@ -373,12 +374,18 @@ def train_policy(
 
     if not tasks:
         raise ValueError("need at least one task")
-    if n_envs < 1 or total_timesteps < 1 or n_steps < 1:
-        raise ValueError(f"n_envs={n_envs}, total_timesteps={total_timesteps}, n_steps={n_steps} must be >= 1")
-    if batch_size < 2:
+    if Path(out).suffix != ".zip":  # SB3 would append .zip to any other name, and the stats would miss it
+        raise ValueError(f"out={str(out)!r} must name a .zip file")
+    for name, value in (("n_envs", n_envs), ("total_timesteps", total_timesteps), ("n_steps", n_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if batch_size is not None and batch_size < 2:
         raise ValueError(f"batch_size={batch_size} must be >= 2 (PPO normalises advantages over each minibatch)")
-    if batch_size > n_steps * n_envs:
-        raise ValueError(f"batch_size={batch_size} exceeds the rollout size n_steps*n_envs={n_steps * n_envs}")
+    # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
+    hyper = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
+    fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
+    if resume is None and fresh_batch > fresh_n_steps * n_envs:
+        raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
     if eval_every < 0 or checkpoint_every < 0:
         raise ValueError(f"eval_every={eval_every} and checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
     if torch_threads is not None and torch_threads < 1:
@@ -421,13 +428,23 @@ def train_policy(
     eval_env = None
     try:
         if resume is not None:
-            model = PPO.load(Path(resume), env=venv, device="cpu", tensorboard_log=str(log_dir) if log_dir else None)
+            model = PPO.load(
+                Path(resume),
+                env=venv,
+                device="cpu",
+                custom_objects=hyper,  # replaces the saved values before the rollout buffer is built
+                tensorboard_log=str(log_dir) if log_dir else None,
+            )
+            if model.batch_size > model.n_steps * n_envs:
+                raise ValueError(
+                    f"batch_size={model.batch_size} exceeds the rollout size n_steps*n_envs={model.n_steps * n_envs}"
+                )
         else:
             model = PPO(
                 "MlpPolicy",
                 venv,
-                n_steps=n_steps,
-                batch_size=batch_size,
+                n_steps=fresh_n_steps,
+                batch_size=fresh_batch,
                 seed=seed,
                 device="cpu",  # the policy is a small MLP: the CPU is faster than a GPU round trip
                 tensorboard_log=str(log_dir) if log_dir else None,
@@ -478,6 +495,9 @@ def train_policy(
             stats = ObservationStats(
                 tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count, lr_scales=ladder
             )
+            resumed_stats = obs_stats_path(resume) if resume is not None else None
+            if resumed_stats is not None and resumed_stats.is_file():  # the policy has seen both runs' observations
+                stats = ObservationStats.load(resumed_stats).merged(stats)
             stats.save(obs_stats_path(path))
             spread = action_spread(model, stats)
             if spread.distinct == 1:
@@ -491,4 +511,4 @@ def train_policy(
         venv.close()
         if eval_env is not None:
             eval_env.close()
-    return path if path.suffix == ".zip" else path.with_suffix(".zip")
+    return path

@@ -54,11 +54,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """Returns ``device``, or CUDA when available and CPU otherwise.
 
     Raises:
-        ValueError: a CUDA device was asked for on a machine without one.
+        ValueError: a device string torch does not know, or a CUDA device asked for on a machine without one.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N ({error})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
     return resolved
