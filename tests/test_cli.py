@@ -79,6 +79,10 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
             "controllers fp32, static-fp32 would all be reported as row static-fp32",
         ),
         (["compare", "--task", "synthetic", "--lr-scales", "1.5,1,0.5"], "must be strictly increasing"),
+        (
+            ["compare", "--task", "synthetic", "--eval-every", "2", "--eval-every-steps", "10"],
+            "--eval-every and --eval-every-steps both given",
+        ),
         (["compare", "--task", "synthetic", "--eval-every", "0"], "eval_every=0 must be >= 1"),
         (
             ["compare", "--task", "synthetic", "--controllers", "fp32,heuristic", "--reference", "fp32"],

@@ -109,6 +109,8 @@ def test_bad_training_arguments():
         ({"checkpoint_every": -1}, "eval_every=0 and checkpoint_every=-1 must be >= 0"),
         ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
+        ({"eval_tasks": ["synthetic"]}, "eval_tasks=['synthetic'] and eval_every=0: give both"),
+        ({"eval_every": 64}, "eval_tasks=[] and eval_every=64: give both"),
         ({"out": "runs/policy-v1.2"}, "out='runs/policy-v1.2' must name a .zip file"),  # SB3 saved policy-v1.2.zip
     ]
     for kwargs, message in bad:

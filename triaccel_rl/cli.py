@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the LR multipliers the controllers may pick, comma-separated, 1 among them (default: the preset's; "
         "e.g. 0.25,0.5,0.75,1,1.25,1.5 lets --preset anneal cut on to x0.25). A policy zip is tied to its ladder",
     )
-    compare.add_argument("--eval-every", type=int, default=5, help="evaluate the test metric every N decisions")
+    compare.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate the test metric every N decisions (default 5)"
+    )
     compare.add_argument(
         "--eval-every-steps",
         type=int,
@@ -225,6 +227,8 @@ def _compare(args: argparse.Namespace) -> int:
     twice = sorted({c for c in controllers if controllers.count(c) > 1})
     if twice:
         raise ValueError(f"--controllers lists {', '.join(twice)} more than once; each row runs every seed already")
+    if args.eval_every is not None and args.eval_every_steps is not None:
+        raise ValueError("--eval-every and --eval-every-steps both given: they are two spacings of one evaluation")
     task = get_task(args.task)  # before any folder is made
     _apart(out=args.out, plots=args.plots, log_dir=args.log_dir)
     if args.plots:
@@ -260,7 +264,7 @@ def _compare(args: argparse.Namespace) -> int:
         device=args.device,
         log_dir=args.log_dir or None,
         show_progress=not args.no_progress,
-        eval_every=args.eval_every,
+        eval_every=5 if args.eval_every is None else args.eval_every,
         eval_every_steps=args.eval_every_steps,
         max_grad_norm=args.max_grad_norm,
         profile=profile,
