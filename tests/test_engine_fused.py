@@ -938,3 +938,43 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
         assert saved[index].keys() == want.keys()
         for key, value in want.items():
             torch.testing.assert_close(saved[index][key].cpu(), value.cpu(), msg=f"parameter {index}'s {key}")
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeypatch, policy):
+    """The fused step's device-side loss scale under ``Controller.backward`` (two micro-batches update as one step of
+    both), with an optimizer over the head alone (the body trainable, outside the flat store, left unchanged)."""
+    import triaccel_rl.controller as controller_module
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.controller import Controller
+
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=generator).to(DEVICE), torch.randint(0, 3, (64,), generator=generator)
+    y = y.to(DEVICE)
+    finals = []
+    for accumulate in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        body = [p.detach().clone() for p in model[0].parameters()]
+        optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+        ctl = Controller(model, optimizer, policy=policy, config=ControllerConfig(interval_steps=3))
+        assert ctl.engine.fused and ctl.engine.layer_params[0] == []
+        for i in range(4):
+            xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
+            if accumulate:
+                for half in (slice(0, 8), slice(8, 16)):
+                    with ctl.autocast():
+                        loss = nn.functional.cross_entropy(model(xb[half]), yb[half]) / 2
+                    (ctl.step if half.start else ctl.backward)(loss)
+            else:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+        assert ctl.steps == 4 and ctl.engine.applied_steps() == 4
+        assert all(torch.equal(a, b) for a, b in zip(body, model[0].parameters(), strict=True)), "the body moved"
+        finals.append(_weights(model))
+        ctl.close()
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "fp32" else {"rtol": 2e-3, "atol": 1e-4}
+    for whole, accumulated in zip(*finals, strict=True):
+        torch.testing.assert_close(accumulated, whole, **tolerance)
