@@ -173,6 +173,32 @@ def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch
     assert seen == [mine]
 
 
+def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, monkeypatch):
+    """Results were written only after every run: a failure in the last lost all of them."""
+    import triaccel_rl.compare
+
+    real = triaccel_rl.compare.run_controller
+
+    def second_fails(task, controller, *args, **kwargs):
+        if controller == "bf16":
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(task, controller, *args, **kwargs)
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", second_fails)
+    out = tmp_path / "r.json"
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", "1", "--epochs", "0.2",
+            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected"):
+        main(argv)
+    partial = tmp_path / "r.partial.json"
+    assert f"the runs that finished are in {partial}" in capsys.readouterr().err and not out.exists()
+    kept = json.loads(partial.read_text())
+    assert kept["meta"]["complete"] is False and [run["controller"] for run in kept["runs"]] == ["static-fp32"]
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", real)
+    assert main(argv) == 0
+    assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results
+
+
 def test_a_controller_listed_twice_is_refused(capsys):
     assert main(["compare", "--task", "synthetic", "--controllers", "fp32,bf16,fp32", "--no-progress"]) == 2
     assert "--controllers lists fp32 more than once" in capsys.readouterr().err

@@ -253,22 +253,37 @@ def _compare(args: argparse.Namespace) -> int:
             f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"
         )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
+    command = "triaccel-rl " + shlex.join(sys.argv[1:])
+    partial = Path(args.out).with_suffix(".partial.json") if args.out else None
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # an earlier comparison's
+
+    def keep(done: list[Any]) -> None:  # the runs so far: a failure in a later run loses none of them
+        if partial is not None:
+            write_json(done, summarize(done), partial, task=task.name, command=command, complete=False)
+
     start = time.perf_counter()
-    results = compare(
-        args.task,
-        controllers,
-        list(range(args.seeds)),
-        epochs=args.epochs,
-        config=config,
-        cost_mode=args.cost_mode,
-        device=args.device,
-        log_dir=args.log_dir or None,
-        show_progress=not args.no_progress,
-        eval_every=5 if args.eval_every is None else args.eval_every,
-        eval_every_steps=args.eval_every_steps,
-        max_grad_norm=args.max_grad_norm,
-        profile=profile,
-    )
+    try:
+        results = compare(
+            args.task,
+            controllers,
+            list(range(args.seeds)),
+            epochs=args.epochs,
+            config=config,
+            cost_mode=args.cost_mode,
+            device=args.device,
+            log_dir=args.log_dir or None,
+            show_progress=not args.no_progress,
+            eval_every=5 if args.eval_every is None else args.eval_every,
+            eval_every_steps=args.eval_every_steps,
+            max_grad_norm=args.max_grad_norm,
+            profile=profile,
+            on_result=keep,
+        )
+    except BaseException:
+        if partial is not None and partial.exists():
+            print(f"triaccel-rl compare: the runs that finished are in {partial}", file=sys.stderr)
+        raise
     rows = summarize(results, reference=reference)
     modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
     label = "time (s, modelled GPU)" if modelled else "time (s)"
@@ -282,9 +297,9 @@ def _compare(args: argparse.Namespace) -> int:
         f"\nwall time {time.perf_counter() - start:.1f} s" + (f"; TensorBoard: {args.log_dir}" if args.log_dir else "")
     )
     if args.out:
-        write_json(
-            results, rows, args.out, task=task.name, command="triaccel-rl " + shlex.join(sys.argv[1:]), time_mode=label
-        )
+        write_json(results, rows, args.out, task=task.name, command=command, time_mode=label)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         print(f"results: {args.out}")
     if args.plots:
         from triaccel_rl.plots import plot_comparison

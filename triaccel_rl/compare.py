@@ -7,7 +7,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -384,10 +384,13 @@ def compare(
     eval_every_steps: int | None = None,
     max_grad_norm: float | None = None,
     profile: HardwareProfile | None = None,
+    on_result: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
 
     ``profile`` prices steps in ``profile`` cost mode (the shipped H200 profile by default; a plain row measures).
+    ``on_result`` is called with the results so far after each run (the CLI keeps a partial results file with it, so
+    a failure in a late run loses none of the earlier ones).
 
     ``task`` is a registered name or a ``Task`` (e.g. one with its base LR overridden, ``get_task(name,
     base_lr=...)``). ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
@@ -459,6 +462,8 @@ def compare(
                     )
                     _log_curve(run_log, results[-1])
                     _advance(bar, epochs)
+                    if on_result is not None:
+                        on_result(list(results))
                     continue
                 results.append(
                     run_controller(
@@ -477,6 +482,8 @@ def compare(
                         profile=profile,
                     )
                 )
+                if on_result is not None:
+                    on_result(list(results))
     return results
 
 
