@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from users_loop import controlled_loop, plain_loop, users_data
+from users_loop import controlled_loop, controlled_step, plain_loop, plain_step, users_data
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
@@ -398,14 +398,9 @@ def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
         for i in range(8):
             xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
             if ctl is None:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-                optimizer.step()
+                plain_step(model, optimizer, xb, yb, model.parameters(), 0.1)
             else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                ctl.step(loss)
+                controlled_step(ctl, model, xb, yb)
         finals[controlled] = [p.detach().clone() for p in model.parameters()]
     for plain, controlled in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(controlled, plain, rtol=1e-6, atol=1e-7)
@@ -496,14 +491,9 @@ def test_an_optimizer_over_part_of_a_trainable_model_drives_only_that_part():
         for i in range(16):
             xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
             if ctl is None:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                torch.nn.utils.clip_grad_norm_(head.parameters(), 0.05)
-                optimizer.step()
+                plain_step(model, optimizer, xb, yb, head.parameters(), 0.05)
             else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                ctl.step(loss)
+                controlled_step(ctl, model, xb, yb)
         if ctl is not None:
             assert len(ctl.decisions) == 5
             assert ctl.engine.layer_params[:2] == [[], []]  # the body's layers hold nothing to update
@@ -634,16 +624,7 @@ def test_gradient_accumulation_through_backward_is_one_step_of_the_whole_batch(p
         model, opt = model_and_optimizer()
         ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=3))
         for i in range(8):
-            xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
-            if accumulate:
-                for half in (slice(0, 8), slice(8, 16)):
-                    with ctl.autocast():
-                        loss = nn.functional.cross_entropy(model(xb[half]), yb[half]) / 2
-                    (ctl.step if half.start else ctl.backward)(loss)
-            else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                ctl.step(loss)
+            controlled_step(ctl, model, x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)], 2 if accumulate else 1)
         assert ctl.steps == 8 and ctl.skipped_steps == 0
         finals.append([p.detach().clone() for p in model.parameters()])
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "fp32" else {"rtol": 2e-3, "atol": 1e-4}

@@ -944,6 +944,8 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
 def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeypatch, policy):
     """The fused step's device-side loss scale under ``Controller.backward`` (two micro-batches update as one step of
     both), with an optimizer over the head alone (the body trainable, outside the flat store, left unchanged)."""
+    from users_loop import controlled_step
+
     import triaccel_rl.controller as controller_module
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.controller import Controller
@@ -961,16 +963,7 @@ def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeyp
         ctl = Controller(model, optimizer, policy=policy, config=ControllerConfig(interval_steps=3))
         assert ctl.engine.fused and ctl.engine.layer_params[0] == []
         for i in range(4):
-            xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
-            if accumulate:
-                for half in (slice(0, 8), slice(8, 16)):
-                    with ctl.autocast():
-                        loss = nn.functional.cross_entropy(model(xb[half]), yb[half]) / 2
-                    (ctl.step if half.start else ctl.backward)(loss)
-            else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                ctl.step(loss)
+            controlled_step(ctl, model, x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)], 2 if accumulate else 1)
         assert ctl.steps == 4 and ctl.engine.applied_steps() == 4
         assert all(torch.equal(a, b) for a, b in zip(body, model[0].parameters(), strict=True)), "the body moved"
         finals.append(_weights(model))

@@ -101,3 +101,22 @@ def controlled_loop(data, controller_cls, config, device="cpu"):
             ctl.step(loss)
             scheduler.step()
     return model, ctl, ema
+
+
+def plain_step(model, optimizer, x, y, clip_params=None, max_norm=None):
+    """One step of the user's own loop: cross-entropy, backward, optional ``clip_grad_norm_``, ``optimizer.step()``."""
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+    optimizer.step()
+
+
+def controlled_step(ctl, model, x, y, micro_batches=1):
+    """The same step under a controller, as ``micro_batches`` accumulated parts (``ctl.backward`` for all but the
+    last, each loss divided by their number)."""
+    parts = torch.arange(len(y), device=y.device).chunk(micro_batches)
+    for i, part in enumerate(parts):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x[part]), y[part]) / len(parts)
+        (ctl.step if i == len(parts) - 1 else ctl.backward)(loss)
