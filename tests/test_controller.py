@@ -363,13 +363,9 @@ def test_a_users_lr_scheduler_keeps_working_in_a_controlled_loop():
         for i in range(8):
             xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
             if ctl is None:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
+                plain_step(model, optimizer, xb, yb)
             else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                ctl.step(loss)
+                controlled_step(ctl, model, xb, yb)
             scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule's end: T_max steps
         finals[controlled] = [p.detach().clone() for p in model.parameters()]
@@ -516,14 +512,9 @@ def test_a_float64_model_with_a_layer_norm_trains_as_the_plain_loop():
         for i in range(4):
             xb, yb = x[16 * i : 16 * (i + 1)].double(), y[16 * i : 16 * (i + 1)]
             if ctl is None:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
+                plain_step(model, optimizer, xb, yb)
             else:
-                with ctl.autocast():
-                    loss = nn.functional.cross_entropy(model(xb), yb)
-                assert loss.dtype == torch.float64
-                ctl.step(loss)
+                controlled_step(ctl, model, xb, yb)
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
 
