@@ -110,6 +110,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             lr_range = (low, high)
         self.lr_range = lr_range
         self.base_lr_factor = 1.0  # this episode's draw from lr_range (a privileged teacher may read it)
+        if not divergence_factor > 1.0:  # NaN included: it would turn the divergence rule off
+            raise ValueError(f"divergence_factor={divergence_factor} must be > 1 (a multiple of the first probe loss)")
         if max_decisions is not None and max_decisions < 1:
             raise ValueError(f"max_decisions={max_decisions} must be >= 1 (or None: 8 × the budget in intervals)")
         self.task = get_task(task, **(task_overrides or {}))
@@ -127,6 +129,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.action_space = action_space(self.config)
         self.loop: DecisionLoop | None = None
+        self._ended = False
         self.reference_interval_ms = self.budget_ms = self.spent_ms = 0.0
 
     def reset(
@@ -153,6 +156,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         # Learning must see divergence (no rollback) and intervals of a fixed length (no adaptive cadence).
         self.loop = DecisionLoop(run, self.config, rollback=False, adaptive_interval=False)
+        self._ended = False
         self._initial_probe = run.probe_loss()
         # The reference interval (fp32, base batch) sets the budget; it is not charged against it.
         interval = self.loop.train_interval()
@@ -174,6 +178,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """Applies ``action``, trains one interval, and returns the Gymnasium 5-tuple."""
         if self.loop is None:
             raise RuntimeError("call reset() before step()")
+        if self._ended:  # its budget is spent (a step would divide by what is left) or its run diverged
+            raise RuntimeError("this episode has ended (terminated or truncated): call reset() before step()")
         report = self.loop.apply(action)
         run = self.loop.run
         budget_left_ms = self.budget_ms - self.spent_ms
@@ -221,6 +227,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "overflow_rate": signals.overflow_rate,
             "samples_seen": run.samples_seen,
         }
+        self._ended = diverged or truncated
         if diverged or truncated:
             # Episode summary. Wall-clock figures appear only here, so that per-step info stays
             # deterministic for a seed (Gymnasium's checker compares it).

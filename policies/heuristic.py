@@ -227,9 +227,9 @@ class HeuristicPolicy:
         trend = obs[self.layout.globals("loss_trend")]
         if trend > rules.loss_rise_tolerance or unstable:
             return max(rung - 1, 0)
-        if rules.anneal_plateau is not None:  # annealing: down on a plateau, never back up
-            late = obs[self.layout.globals("progress")] >= rules.anneal_after
-            return max(rung - rules.anneal_rungs, 0) if late and trend > -rules.anneal_plateau else rung
+        late = obs[self.layout.globals("progress")] >= rules.anneal_after
+        if rules.anneal_plateau is not None and late:  # annealing: down on a plateau, never back up
+            return max(rung - rules.anneal_rungs, 0) if trend > -rules.anneal_plateau else rung
         if trend < -rules.loss_rise_tolerance and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering: climb back towards the neutral scale
         return rung

@@ -392,7 +392,7 @@ def test_controller_min_batch_zero() -> None:
         ControllerConfig(min_batch_size=0)
 
 
-@pytest.mark.parametrize("bad", [0.99, 0.0, -2.0])
+@pytest.mark.parametrize("bad", [0.99, 0.0, -2.0, float("nan"), float("inf")])
 def test_controller_max_lr_change_is_a_ratio(bad: float) -> None:
     with pytest.raises(ConfigError, match=rf"max_lr_change={bad} must be >= 1"):
         ControllerConfig(max_lr_change=bad)

@@ -601,6 +601,9 @@ def test_a_loop_over_epochs_carries_on_the_run():
         next(ctl.loader((x, y), batch_size=16, epochs=3))
     with pytest.raises(ValueError, match=r"loader\(batch_size=8\) carries on a run that started at batch_size=16"):
         next(ctl.loader((x, y), batch_size=8, epochs=4))
+    moved = (x.clone(), y.clone())  # a loop that moves its data each epoch (x.to("cuda")) passes new tensors
+    assert len(list(ctl.loader(moved, batch_size=16, epochs=4))) == 2  # the run goes on: one epoch at batch 32
+    assert ctl._loader.epoch == 4 and ctl._loader.x.data_ptr() == moved[0].data_ptr()  # on the tensors given
     assert len(list(ctl.loader(data(32), batch_size=16))) == 2  # another dataset: a new loader, from epoch 0
     ctl.close()
 
@@ -621,3 +624,18 @@ def test_gradient_accumulation_through_backward_is_one_step_of_the_whole_batch(p
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "fp32" else {"rtol": 2e-3, "atol": 1e-4}
     for whole, accumulated in zip(*finals, strict=True):
         torch.testing.assert_close(accumulated, whole, **tolerance)
+
+
+def test_progress_is_the_share_of_the_run_not_of_the_epoch():
+    """The observation's progress (the heuristic's late-run rules read it) was the share of the current epoch: it
+    went back to 0 at every epoch."""
+    x, y = data(64)
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=100))
+    assert ctl.progress == 0.0  # no loader yet: the budget is unknown
+    seen = []
+    for xb, yb in ctl.loader((x, y), batch_size=np.int64(16), epochs=np.int64(2)):  # numpy integers count too
+        controlled_step(ctl, model, xb, yb)
+        seen.append(ctl.progress)
+    assert seen == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    ctl.close()

@@ -42,6 +42,11 @@ def test_episode_truncates_after_max_decisions_with_summary():
         assert truncated == (decision == 3)
     assert 0.0 <= info["test_accuracy"] <= 1.0
     assert info["overhead_frac"] >= 0.0
+    # A step past the end once carried on (or, past a spent budget, failed inside the reward): said plainly now.
+    with pytest.raises(RuntimeError, match=r"this episode has ended .*: call reset\(\) before step\(\)"):
+        env.step(env.action_space.sample())
+    env.reset(seed=2)
+    assert np.isfinite(env.step(env.action_space.sample())[1])
 
 
 def test_episode_ends_when_the_time_budget_is_spent_not_after_a_decision_count():
@@ -162,6 +167,13 @@ def test_action_outside_space_is_rejected(bad):
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError, match=r"unknown task .nope.; known tasks: .*synthetic"):
         TriAccelEnv(task="nope")
+
+
+@pytest.mark.parametrize("bad", [1.0, -1.0, float("nan")])
+def test_a_divergence_factor_that_is_no_multiple_above_one_is_refused(bad):
+    """-1 ended every episode at its first step; NaN turned the divergence rule off."""
+    with pytest.raises(ValueError, match=rf"divergence_factor={bad} must be > 1"):
+        TriAccelEnv(task="synthetic", divergence_factor=bad)
 
 
 def test_step_before_reset_is_an_error():

@@ -95,6 +95,9 @@ def test_heuristic_anneals_on_a_late_plateau_and_does_not_climb_back():
     assert scale(loss_trend=-0.05, progress=0.5) == 1.0  # falling by more than 2%: kept
     assert scale(loss_trend=-0.15, progress=0.5, lr_scale=0.75) == 0.75  # a steady fall no longer climbs back
     assert scale(loss_trend=0.15, progress=0.1) == 0.75  # a rise still steps down at any time
+    # Before anneal_after the rule is the plain one: a step down after an early rise climbs back on a steady fall
+    # (it once held for the rest of the run).
+    assert scale(loss_trend=-0.15, progress=0.1, lr_scale=0.75) == 1.0
     plain = lr_scale_chooser(ControllerConfig())  # off by default: a late plateau keeps the LR
     assert plain(loss_trend=-0.01, progress=0.9) == 1.0
 

@@ -111,6 +111,7 @@ def test_bad_training_arguments():
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
         ({"eval_tasks": ["synthetic"]}, "eval_tasks=['synthetic'] and eval_every=0: give both"),
         ({"eval_every": 64}, "eval_tasks=[] and eval_every=64: give both"),
+        ({"config": ControllerConfig(n_groups=2)}, "config: the training environments run env_config"),
         ({"out": "runs/policy-v1.2"}, "out='runs/policy-v1.2' must name a .zip file"),  # SB3 saved policy-v1.2.zip
     ]
     for kwargs, message in bad:

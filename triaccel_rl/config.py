@@ -257,8 +257,9 @@ class HeuristicConfig:
         anneal_plateau: None (the default): off. A number in (0, 1): the LR rule also *anneals*: once
             ``progress`` reaches ``anneal_after``, an interval whose probe loss fell by less than this share
             (a plateau: the steps bounce at the gradient noise's floor, which a smaller step lowers) takes the
-            LR one rung down, and the rule no longer climbs back up (each rung down is meant to stay). A reading
-            of the H200 curves (2026-12-01): static fp16 on ResNet-18 sits at 92-92.5% test accuracy from
+            LR one rung down, and from then on the rule no longer climbs back up (each rung down is meant to stay;
+            before ``anneal_after`` it is the plain rule, which climbs back after a rise; so since 2026-12-04). A
+            reading of the H200 curves (2026-12-01): static fp16 on ResNet-18 sits at 92-92.5% test accuracy from
             about 40% to 65% of its 12-epoch schedule and reaches 93% only as the schedule's decay lowers the
             LR; time to target is set by the LR there, not by the step time. On the H200 (2026-12-02, 3 seeds)
             it made no difference: 6.89 s to 93% against the heuristic's 6.90 s (the probe loss still fell by
@@ -531,7 +532,7 @@ class ControllerConfig:
             )
         if not (1 <= self.min_batch_size <= self.max_batch_size):
             raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
-        if self.max_lr_change < 1.0:
+        if not (math.isfinite(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
             raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
         if not (0.0 < self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")

@@ -183,6 +183,8 @@ class Controller:
         self._noise_scale: float | None = None
         self._loader: ElasticLoader | None = None
         self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
+        self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
+        self._planned_epochs = 0  # the epochs the last loader() call trains to
         self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
         self._base_batch_size = 0
         self._batch_size = 0
@@ -235,8 +237,9 @@ class Controller:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
         Every sample is seen exactly once per epoch whatever batch sizes the policy picks, each epoch in its own order.
-        The tensors are moved to the model's device once, up front. Called again with the same dataset, batch size
-        and seed, it carries on where the last call stopped (the next epoch's order, the batch size the policy chose):
+        The tensors are moved to the model's device once, up front. Called again with a dataset of the same shapes
+        (the same tensors, or new ones: moved again, say), batch size and seed, it carries on where the last call
+        stopped, on the tensors given (the next epoch's order, the batch size the policy chose):
         ``epochs`` counts from the run's start, so a loop over epochs passes ``epochs=epoch + 1``. After
         ``load_state_dict``, the same: it carries on from the checkpoint's place.
 
@@ -255,13 +258,16 @@ class Controller:
             raise ValueError(f"dataset must be a pair (inputs, labels) of tensors; got {kinds}")
         if len(dataset[0]) != len(dataset[1]):
             raise ValueError(f"dataset has {len(dataset[0])} inputs and {len(dataset[1])} labels: they must pair up")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        batch_size = int(batch_size)
         whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
         if isinstance(epochs, bool) or not whole or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
         x, y = dataset
-        key = (x.data_ptr(), y.data_ptr(), tuple(x.shape), tuple(y.shape), seed)
+        # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
+        # new tensors of the same data, and must carry on, not train again from epoch 0.
+        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
             if batch_size != self._base_batch_size:
                 raise ValueError(
@@ -273,6 +279,8 @@ class Controller:
                     f"loader(epochs={epochs}): the run has trained {self._loader.epoch} epochs of this dataset "
                     f"already; epochs counts from the run's start, so pass epochs={self._loader.epoch + 1} for one more"
                 )
+            if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
+                self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
         else:
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key
@@ -285,6 +293,8 @@ class Controller:
             if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
                 self._resume_loader(self._resume, batch_size)
                 self._resume = None
+        self._loader_source = (x.data_ptr(), y.data_ptr())
+        self._planned_epochs = int(epochs)
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
@@ -433,6 +443,18 @@ class Controller:
         multiplier (LR scale, batch gain).
         """
         return self.engine.group_lrs()[0]
+
+    @property
+    def progress(self) -> float:
+        """The share of the run's training done, in [0, 1].
+
+        Epochs served over the ``epochs`` the last ``loader()`` call trains to (they count from the run's start); 0
+        without a ``loader()``, whose budget is unknown. The observation's ``progress`` (the heuristic's late-run
+        rules read it).
+        """
+        if self._loader is None or self._planned_epochs < 1:
+            return 0.0
+        return min(1.0, (self._loader.epoch + self._loader.epoch_progress) / self._planned_epochs)
 
     @property
     def precisions(self) -> list[Precision]:
@@ -644,7 +666,7 @@ class Controller:
             batch_size=self.batch_size,
             lr_scale=self.engine.lr_scale,
             precisions=self.precisions,
-            progress=self._loader.epoch_progress if self._loader is not None else 0.0,
+            progress=self.progress,
         )
         self.signals = signals
         if self.config.signals.lr_factors and signals.lr_factors is not None:

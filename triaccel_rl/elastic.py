@@ -120,7 +120,7 @@ class BatchLRCoupler:
     ) -> None:
         if rule is LRRule.AUTO:
             raise ValueError("resolve LRRule.AUTO for the optimizer first (resolve_lr_rule)")
-        if warmup_above <= 1.0 or warmup_steps < 0:
+        if not (warmup_above > 1.0) or warmup_steps < 0:  # NaN included
             raise ValueError(f"need warmup_above > 1 and warmup_steps >= 0; got {warmup_above}, {warmup_steps}")
         self.rule = rule
         self.base_batch_size = int(base_batch_size)

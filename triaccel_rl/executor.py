@@ -139,9 +139,10 @@ class Executor:
             else:
                 target.batch_size = grown
         elif action.batch_move is BatchMove.SHRINK:
-            shrunk = max(batch // 2, self.config.min_batch_size)
+            # Never above the batch now: one that started below min_batch_size (a user's small batch) stays there.
+            shrunk = min(batch, max(batch // 2, self.config.min_batch_size))
             if shrunk == batch:
-                refused.append(f"batch {batch} already at min_batch_size={self.config.min_batch_size}")
+                refused.append(f"batch {batch} already at or below min_batch_size={self.config.min_batch_size}")
             target.batch_size = shrunk
         return ApplyReport(
             precisions=list(engine.precision.precisions),

@@ -85,15 +85,9 @@ class ElasticLoader:
 
     def epoch_batches(self, batch_size: int) -> Iterator[Batch]:
         """Yields the rest of the current epoch in batches of ``batch_size``."""
-        epoch = self.epoch if self.cursor < len(self.x) else self.epoch + 1
-        while True:
-            if self.cursor >= len(self.x) and self.epoch == epoch:
-                return
-            batch = self.next(batch_size)
-            if batch.epoch != epoch:
-                self.take_back(len(batch.y))
-                return
-            yield batch
+        epoch = self.epoch if self.cursor < len(self.x) else self.epoch + 1  # at an epoch's end: the next one
+        while not (self.cursor >= len(self.x) and self.epoch == epoch):  # a batch never crosses the epoch's end
+            yield self.next(batch_size)
 
     def state_dict(self) -> dict[str, int]:
         """Where the loader stands: enough, with the same data and seed, to serve the same next batches."""

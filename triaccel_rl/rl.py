@@ -77,6 +77,11 @@ def make_env_fns(
     """
     for task in tasks:
         get_task(task)  # fail fast on an unknown name, in the parent process
+    if "config" in env_kwargs:  # gym.make would get it twice, inside a worker
+        raise ValueError(
+            "config: the training environments run env_config(interval_steps), the defaults at that interval, whose "
+            "LR ladder and groups the policy's actions index; set interval_steps (a config of your own is not taken)"
+        )
 
     def factory(worker_tasks: list[str]) -> Any:
         def make() -> Any:

@@ -455,9 +455,6 @@ class TrainingRun:
         self.last_batch = batch
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
             self.model.train()
-        # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike.
-        self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
-        lr = self.lr
         oom_events = 0
         wasted_samples = 0  # samples whose forward pass ran in an attempt that failed (charged, not applied)
         micro = self.micro_batch_size(n)
@@ -478,6 +475,11 @@ class TrainingRun:
             oom_events += 1
             wasted_samples += self._samples_started
             micro = self._recover_from_oom(micro, failure, oom_events, n)
+        # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike. Advanced once
+        # the forward and backward passes have run: a step given up for memory (its batch returned) is no step of
+        # the warm-up.
+        self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
+        lr = self.lr
         try:
             # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
             grads, skipped = (

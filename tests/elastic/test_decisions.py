@@ -64,6 +64,19 @@ def test_shrink_is_never_refused_for_memory() -> None:
     assert not loop.executor.apply(keep, loop.run).changed  # the same configuration again: nothing changed
 
 
+def test_a_shrink_below_the_smallest_batch_keeps_the_batch() -> None:
+    """A batch already under ``min_batch_size`` (a user's own batch of 8, default minimum 16): a shrink, asked for
+    under memory pressure, once set it to the minimum, doubling it without a memory check."""
+    loop = _loop()
+    loop.run.batch_size = 8
+    shrink = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.SHRINK)
+    report = loop.executor.apply(shrink, loop.run)
+    assert report.batch_size == loop.run.batch_size == 8 and not report.changed
+    assert report.refused == ["batch 8 already at or below min_batch_size=16"]
+    loop.run.batch_size = 24
+    assert loop.executor.apply(shrink, loop.run).batch_size == 16  # halving stops at the minimum
+
+
 def test_executor_uses_the_targets_usable_memory() -> None:
     loop = _loop()
     executor = Executor(loop.config, loop.grouper)

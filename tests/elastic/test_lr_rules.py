@@ -176,3 +176,10 @@ def test_controller_uses_the_same_rules() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         _controller("cubic")
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, float("nan")])
+def test_the_coupler_refuses_a_warmup_threshold_that_is_no_ratio_above_one(bad: float) -> None:
+    """NaN passed the check (every comparison with it is false) and then no rise was ever warmed up."""
+    with pytest.raises(ValueError, match=rf"need warmup_above > 1 and warmup_steps >= 0; got {bad}, 4"):
+        BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=bad, warmup_steps=4)

@@ -133,6 +133,7 @@ def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     assert f"one sample is predicted to need {run.predicted_memory_bytes(1)} bytes" in str(info.value)
     assert [e.micro_batch_size for e in run.oom_log][-2:] == [1, 1]  # split down to one sample, then retried
     assert run.samples_seen == 0 and run.steps == 0
+    assert run.lr_coupler.steps == 0  # no step of an LR warm-up either (it once advanced)
     assert max_abs_difference(parameters_of(run), before) == 0.0
     assert all(float(p.grad.abs().max()) == 0.0 for p in run.model.parameters() if p.grad is not None)
 

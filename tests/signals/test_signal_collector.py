@@ -492,6 +492,17 @@ def test_device_moments_unsampled_call_touches_neither_tensors_nor_clock(monkeyp
         DeviceMoments([[model.weight]]).observe_layers(torch.tensor(1.0), torch.ones(2))
 
 
+def test_device_moments_a_refused_call_leaves_the_sampling_clock_as_it_was() -> None:
+    """A refused call kept its clock reading, and the next sampled call divided by zero calls since it."""
+    moments = DeviceMoments([[nn.Linear(3, 2).weight]], budget_frac=0.5)
+    with pytest.raises(ValueError, match="layer_sq has shape"):
+        moments.observe_layers(torch.tensor(1.0), torch.ones(2))
+    moments.observe_layers(torch.tensor(1.0), torch.ones(1))  # sampled (the first counted call)
+    moments.observe_layers(torch.tensor(3.0), torch.ones(1))
+    result = moments.flush()
+    assert (result.n_observed, result.loss) == (2, 2.0)
+
+
 def test_device_moments_budget_holds_when_intervals_see_one_sampled_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampled calls alternate 0.5 and 1.5 ms in 10-ms steps, four steps an interval: one sampled call each.
 
@@ -712,3 +723,18 @@ def test_next_run_of_the_same_model_starts_with_the_measured_costs(monkeypatch: 
     admitted = third.maybe_estimate(progress=1.0)
     assert admitted is not None and admitted.plan.predicted_ms == 1.0
     assert collector_module._ROUND_COSTS[key] == (admitted.plan, admitted.cost)  # then replaced by the measurement
+
+
+def test_a_round_smaller_than_asked_is_charged_at_its_own_size() -> None:
+    """A source with fewer samples than the plan's micro-batches runs one sample per micro-batch, as many as it has;
+    the scheduler divided the round's cost by the micro-batches asked for, and its rates came out too low."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    layers = [list(model[0].parameters()), list(model[2].parameters())]
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=1, fixed_microbatches=8, fixed_probes=2)
+    collector, _ = mlp_collector(model, layers, config, n_samples=5)
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None and report.plan.n_microbatches == 5  # 8 asked for, 5 samples
+    assert collector.scheduler._noise_ms == report.cost.noise_ms / 5
+    assert collector.scheduler._probe_ms == report.cost.hutchinson_ms / 2

@@ -12,7 +12,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from triaccel_rl.engine import StepEngine
-from triaccel_rl.signals import curvature_lr_factors, curvature_sparsity, gradient_moments, hutchinson
+from triaccel_rl.signals import (
+    curvature_lr_factors,
+    curvature_sparsity,
+    frozen_batch_stats,
+    gradient_moments,
+    hutchinson,
+)
 
 N_PROBES = 3000
 """Probes for the 5% trace test. For this model and batch, 4 standard errors of the per-layer estimate fit in
@@ -331,3 +337,24 @@ def test_lr_factors_invariant_to_scale_and_bounded() -> None:
 def test_lr_factors_validate(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         curvature_lr_factors(np.ones(3), **kwargs)
+
+
+def test_frozen_batch_stats_leave_the_running_statistics_as_they_were_even_after_an_overflow() -> None:
+    """Train-mode normalisation inside, the statistics and counter as before outside. With only the momentum at 0, an
+    overflowing batch made them NaN for good (``0 * inf``)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    before = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    model.eval()
+    x = torch.randn(8, 3)
+    with frozen_batch_stats(model):
+        assert bn.training and not model[2].training  # batch statistics; dropout off
+        out = model(x)
+        model(torch.full((8, 3), float("inf")))  # a batch whose statistics overflow
+    torch.testing.assert_close(out.mean(0), bn.bias.detach(), atol=1e-5, rtol=0)  # normalised by x's own statistics
+    after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not model.training

@@ -344,9 +344,11 @@ class SignalCollector:
                 self._refused(refusal)
             return None
         report = self._timed_round(plan, source)
-        self.scheduler.record(plan, report.cost)
+        # The round that ran (report.plan): smaller than the one asked for when the source has fewer samples than
+        # micro-batches; its costs divided by the asked-for counts came out too low.
+        self.scheduler.record(report.plan, report.cost)
         if _caches_round_costs(source):
-            _ROUND_COSTS[_warmup_key(plan, source, self.config)] = (plan, report.cost)
+            _ROUND_COSTS[_warmup_key(plan, source, self.config)] = (report.plan, report.cost)
         self.last_round = report
         return report
 
@@ -369,11 +371,11 @@ class SignalCollector:
             if not self.scheduler.rates_known:
                 # Predicts high (it includes what is left of the one-time costs): it can only refuse a round
                 # that would have fitted, never admit one that does not. The first charged round replaces it.
-                self.scheduler.seed_rates(plan, warmup.cost)
+                self.scheduler.seed_rates(warmup.plan, warmup.cost)
             if source.inputs.device.type == "cuda":
                 _WARMED_UP.add(key)
             if _caches_round_costs(source):
-                _ROUND_COSTS.setdefault(key, (plan, warmup.cost))  # a charged round's measurement is better
+                _ROUND_COSTS.setdefault(key, (warmup.plan, warmup.cost))  # a charged round's measurement is better
         replanned = self.scheduler.plan(progress)
         if replanned is None:
             # No charged round can follow the warm-up: its estimates (folded) would pose as current for the

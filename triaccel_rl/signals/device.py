@@ -191,12 +191,17 @@ class DeviceMoments:
 
         Raises:
             ValueError: ``layer_sq`` does not have one entry per layer (checked on sampled calls, so at the
-                first call; the call is then not counted).
+                first call; the call is then not counted, its clock reading included: once kept, the next sampled
+                call divided by zero).
         """
+        clock = (self._last_sampled_at, self._last_sampled_call, len(self._recent_steps))
         if not self._take():
             return
         if layer_sq.shape != (self.n_layers,):  # checked on sampled calls: the first call is always one
             self._calls, self._observed = self._calls - 1, self._observed - 1
+            self._last_sampled_at, self._last_sampled_call = clock[0], clock[1]
+            while len(self._recent_steps) > clock[2]:
+                self._recent_steps.pop()
             raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
         start = time.perf_counter()
         if self._layer_rows is None:

@@ -354,25 +354,26 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
 
     Batch norm still normalises with the batch's own statistics (as in training), so the estimators see
     the function being trained; dropout is switched off so that the loss is a deterministic function of
-    the parameters (a Hessian needs one).
+    the parameters (a Hessian needs one). The running statistics are put back afterwards, not only left alone by a
+    momentum of 0: ``(1 - 0) * running + 0 * batch`` is NaN where a batch statistic overflowed (``0 * inf``).
     """
-    saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None, torch.Tensor | None]] = []
+    saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     was_training = {module: module.training for module in model.modules()}
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            tracked = module.num_batches_tracked.clone() if module.num_batches_tracked is not None else None
-            saved.append((module, module.momentum, tracked))
-            module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            stats = (module.running_mean, module.running_var, module.num_batches_tracked)
+            saved.append((module, module.momentum, [(b, b.clone()) for b in stats if b is not None]))
+            module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged where finite
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             module.eval()
     try:
         yield
     finally:
-        for module, momentum, tracked in saved:
+        for module, momentum, kept in saved:
             module.momentum = momentum
-            if tracked is not None and module.num_batches_tracked is not None:
-                module.num_batches_tracked.copy_(tracked)
+            for buffer, copy in kept:
+                buffer.copy_(copy)
         for module, training in was_training.items():
             module.training = training
 

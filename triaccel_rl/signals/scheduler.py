@@ -43,8 +43,9 @@ from triaccel_rl.signals.config import Schedule, SignalConfig
 
 __all__ = ["LADDER", "BudgetRefusal", "RoundCost", "RoundPlan", "RoundScheduler"]
 
-LADDER: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8))
-"""Round sizes ``(micro-batches, Hutchinson probes)`` in increasing cost."""
+LADDER: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8), (16, 16))
+"""Round sizes ``(micro-batches, Hutchinson probes)`` in increasing cost. The last rung is beyond the default
+``max_probes`` (8): the ``thorough`` preset's 16 reach it (before it was there, that setting changed nothing)."""
 
 _RATE_SMOOTHING = 0.5
 
