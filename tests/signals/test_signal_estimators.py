@@ -358,3 +358,7 @@ def test_frozen_batch_stats_leave_the_running_statistics_as_they_were_even_after
     after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert not model.training
+    with frozen_batch_stats(model):
+        loss = model(x).square().sum()
+    loss.backward()  # after the block: the restore must not bump the versions the forward's graph saved
+    assert model[0].weight.grad is not None

@@ -373,7 +373,10 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
         for module, momentum, kept in saved:
             module.momentum = momentum
             for buffer, copy in kept:
-                buffer.copy_(copy)
+                # Through .data: the forward's graph holds these buffers (cuDNN's batch-norm backward takes the
+                # running statistics, unused in training mode), and an in-place write that bumped their version
+                # would fail a backward run after the block (H200, 2026-12-04).
+                buffer.data.copy_(copy)
         for module, training in was_training.items():
             module.training = training
 
