@@ -101,8 +101,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         divergence_factor: float = 3.0,
         compute_bound: bool = False,
         lr_range: tuple[float, float] | None = None,
+        render_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if render_mode is not None:  # gym.make passes it whenever it is given
+            raise ValueError(f"render_mode={render_mode!r}: TriAccel-v0 renders nothing (its render_modes are [])")
+        self.render_mode = None
         if lr_range is not None:
             low, high = (float(v) for v in lr_range)
             if not (0 < low <= high < math.inf):

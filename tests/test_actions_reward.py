@@ -90,6 +90,13 @@ def test_non_integer_floats_rejected(raw: list[float]) -> None:
         decode(np.array(raw), SMALL)
 
 
+@pytest.mark.parametrize(("raw", "dtype"), [(["0", "0", "1", "1"], "<U1"), ([False, False, True, True], "bool")])
+def test_strings_and_booleans_are_no_action(raw: list[object], dtype: str) -> None:
+    """A string array raised numpy's TypeError from the range check; booleans passed as 0 and 1."""
+    with pytest.raises(ValueError, match=rf"must hold integers; got {dtype}"):
+        decode(np.array(raw), SMALL)
+
+
 def test_integral_floats_accepted() -> None:
     assert decode(np.array([1.0, 2.0, 2.0, 0.0]), SMALL) == Action(
         (Precision.BF16, Precision.FP16), 2.0, BatchMove.SHRINK

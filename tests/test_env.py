@@ -176,6 +176,15 @@ def test_a_divergence_factor_that_is_no_multiple_above_one_is_refused(bad):
         TriAccelEnv(task="synthetic", divergence_factor=bad)
 
 
+def test_a_render_mode_is_refused_by_name():
+    """``gym.make(..., render_mode=...)`` once raised a TypeError about an unexpected keyword."""
+    with (
+        pytest.warns(UserWarning, match="not in the possible render_modes"),  # Gymnasium's own warning first
+        pytest.raises(ValueError, match=r"render_mode='human': TriAccel-v0 renders nothing"),
+    ):
+        gym.make("TriAccel-v0", task="synthetic", render_mode="human")
+
+
 def test_step_before_reset_is_an_error():
     with pytest.raises(RuntimeError, match="reset"):
         small_env().step(np.array([0, 0, 0, 0, 2, 1]))
