@@ -57,7 +57,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         max_decisions: at most this many decisions per episode (None: ``8 * budget_intervals``, rounded
             up); the time budget normally ends an episode first.
         cost_mode: ``"profile"`` (charge time from ``profile``; the default, since CPU time says nothing
-            about a GPU) or ``"measured"``.
+            about a GPU) or ``"measured"``. This argument sets the episode's cost mode; ``config.cost_mode`` is not
+            read here (a ``ControllerConfig`` defaults to measured, for the ``Controller``).
         profile: path to a hardware-profile JSON; the shipped H200 profile by default.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
         task_overrides: fields to override on the task (``{"n_train": 2048}``).
