@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -78,6 +79,14 @@ def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_eve
     lines = format_table(rows).splitlines()
     assert lines[0].split(" | ")[5] == "rank"
     assert [line.split(" | ")[5] for line in lines[2:]] == ["—", "3", "1", "1"]
+
+
+def test_a_peak_that_was_not_measured_reads_as_a_dash():
+    """A plain row on a CPU measures no peak (no allocator to read): it showed 0.0 B beside the others' figures."""
+    unmeasured = dataclasses.replace(fake("plain-fp32", 0, 0.9, 9.0, 1.0), peak_bytes=0)
+    rows = summarize([fake("static-fp32", 0, 0.9, 9.0, 1.0), unmeasured])
+    cells = [line.split(" | ")[6] for line in format_table(rows).splitlines()[2:]]
+    assert cells == ["100.0 B", "—"]
 
 
 def test_runs_record_curves_and_traces(results):

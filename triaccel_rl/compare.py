@@ -583,11 +583,12 @@ def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -
     for row in rows:
         to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
         nvml = "" if row.get("nvml_bytes_mean") is None else f" (NVML {_bytes(row['nvml_bytes_mean'])})"
+        peak = _bytes(row["peak_bytes_mean"]) if row["peak_bytes_mean"] > 0 else "—"  # 0: not measured (a CPU)
         lines.append(
             f"| {row['controller']} | {100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f} "
             f"| {row['time_s_mean']:.3g} ± {row['time_s_std']:.2g} | {to_target} | {100 * row['reach_rate']:.0f}% "
             f"| {'—' if row.get('rank') is None else row['rank']} "
-            f"| {_bytes(row['peak_bytes_mean'])}{nvml} | {row['precision_changes_mean']:.1f} / "
+            f"| {peak}{nvml} | {row['precision_changes_mean']:.1f} / "
             f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
         )
     return "\n".join(lines)
