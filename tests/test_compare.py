@@ -376,3 +376,16 @@ def test_a_speed_trial_longer_than_the_whole_run_ends_it_cleanly():
     result = run_controller("synthetic", "heuristic", 0, epochs=0.2, config=config, device="cpu", cost_mode="measured")
     assert result.steps == 2 * (2 + 50)  # the trial's real steps, and nothing after them
     assert len(result.curve) == 1 and result.curve[0][0] == pytest.approx(result.time_s)  # evaluated at its end
+
+
+def test_a_diverged_runs_trace_records_no_probe_loss():
+    """The signals cap a non-finite probe loss at 1e6 for the observation, and the trace recorded that cap: below a
+    diverging run's real finite losses (2e17 seen), so the JSON could not tell divergence from a high loss."""
+    from triaccel_rl.tasks import get_task
+
+    task = get_task("synthetic", base_lr=1e8)
+    config = ControllerConfig(interval_steps=4, rollback=False)
+    result = run_controller(task, "fp32", 0, epochs=0.3, config=config, device="cpu")
+    assert result.trace and all(row["probe_loss"] is None for row in result.trace)
+    sane = run_controller("synthetic", "fp32", 0, epochs=0.3, config=config, device="cpu")
+    assert all(0 < row["probe_loss"] < 10 for row in sane.trace)

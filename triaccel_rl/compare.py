@@ -291,7 +291,9 @@ def run_controller(
                     "batch_size": run.batch_size,
                     "lr_scale": run.lr_scale,
                     "memory_bytes": signals.memory_bytes,
-                    "probe_loss": signals.probe_loss,
+                    # None where it was not finite (the signals cap it at 1e6 for the observation, which a diverging
+                    # run's finite losses exceed: the trace would not tell them apart).
+                    "probe_loss": signals.probe_loss if signals.extra.get("probe_loss_finite", True) else None,
                     "noise_scale": signals.noise_scale,
                     "lr": run.lr,
                     "precisions": [int(p) for p in run.precisions],
