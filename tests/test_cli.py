@@ -62,16 +62,16 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--controllers", "fp8"], "unknown policy 'fp8'"),
         (["compare", "--task", "synthetic", "--controllers", "missing.zip"], "does not exist"),
         (["compare", "--seeds", "0"], "--seeds 0 must be >= 1"),
-        (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "eval_every_steps=0 must be >= 1"),
+        (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "--eval-every-steps 0 must be >= 1"),
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
         (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
-        (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "max_grad_norm=0.0 must be positive"),
-        (["compare", "--task", "synthetic", "--epochs", "-1"], "epochs=-1.0 must be a positive finite number"),
-        (["compare", "--task", "synthetic", "--epochs", "nan"], "epochs=nan must be a positive finite number"),
-        (["compare", "--task", "synthetic", "--epochs", "inf"], "epochs=inf must be a positive finite number"),
+        (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "--max-grad-norm 0.0 must be positive"),
+        (["compare", "--task", "synthetic", "--epochs", "-1"], "--epochs -1.0 must be a positive finite number"),
+        (["compare", "--task", "synthetic", "--epochs", "nan"], "--epochs nan must be a positive finite number"),
+        (["compare", "--task", "synthetic", "--epochs", "inf"], "--epochs inf must be a positive finite number"),
         (
             ["compare", "--task", "synthetic", "--epochs", "0.0001"],
-            "epochs=0.0001 is less than one sample of this task's 3584 training samples: give at least 0.00028",
+            "--epochs 0.0001 is less than one sample of this task's 3584 training samples: give at least 0.00028",
         ),
         (["compare", "--task", "synthetic", "--device", "gpu0"], "device 'gpu0' is not a device: use cpu, cuda"),
         (
@@ -83,7 +83,7 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
             ["compare", "--task", "synthetic", "--eval-every", "2", "--eval-every-steps", "10"],
             "--eval-every and --eval-every-steps both given",
         ),
-        (["compare", "--task", "synthetic", "--eval-every", "0"], "eval_every=0 must be >= 1"),
+        (["compare", "--task", "synthetic", "--eval-every", "0"], "--eval-every 0 must be >= 1"),
         (
             ["compare", "--task", "synthetic", "--controllers", "fp32,heuristic", "--reference", "fp32"],
             "--reference 'fp32' is not a row of this comparison; its rows: static-fp32, heuristic",
@@ -199,6 +199,21 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be >= 1"),
+        (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "--torch-threads 0 must be >= 1"),
+        (["profile", "--batch-size", "0", "--device", "cpu"], "--steps 20 and --batch-size 0 must be >= 1"),
+    ],
+)
+def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypatch):
+    """The library's checks say ``n_steps=0``; on the command line the message names the flag, ``--n-steps 0``."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_controller_listed_twice_is_refused(capsys):
     assert main(["compare", "--task", "synthetic", "--controllers", "fp32,bf16,fp32", "--no-progress"]) == 2
     assert "--controllers lists fp32 more than once" in capsys.readouterr().err
@@ -208,7 +223,7 @@ def test_bad_input_is_one_clear_line_with_the_progress_bar_on(capsys):
     # Once a negative epoch budget reached the progress bar first, which raised a TypeError formatting it.
     assert main(["compare", "--task", "synthetic", "--epochs", "-1", "--out", "", "--log-dir", ""]) == 2
     err = capsys.readouterr().err
-    assert "epochs=-1.0 must be a positive finite number" in err and "Traceback" not in err
+    assert "--epochs -1.0 must be a positive finite number" in err and "Traceback" not in err
 
 
 def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys):
@@ -281,7 +296,7 @@ def test_compare_clips_every_row_with_max_grad_norm(tmp_path, capsys):
     [
         ("0.5,x,1", "--lr-scales '0.5,x,1': 'x' is not a number"),
         (",", "--lr-scales ',' is empty"),
-        ("0.5,0.75", r"lr_scales=\(0.5, 0.75\) must contain 1.0"),
+        ("0.5,0.75", r"--lr-scales \(0.5, 0.75\) must contain 1.0"),
     ],
 )
 def test_compare_rejects_a_bad_lr_ladder(value, message, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import re
 import shlex
 import sys
 import tempfile
@@ -27,8 +28,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:
         # Bad input (a file that cannot be read or written included): one clear line, no traceback from deep inside.
-        print(f"triaccel-rl {args.command}: error: {err}", file=sys.stderr)
+        print(f"triaccel-rl {args.command}: error: {_as_flags(str(err), vars(args))}", file=sys.stderr)
         return 2
+
+
+def _as_flags(message: str, options: dict[str, Any]) -> str:
+    """``message`` with the library's ``name=value`` of this command's options written as its flags, ``--name value``.
+
+    The checks live in the library, whose messages name its arguments; on the command line the flag is what to fix.
+    """
+    flags = sorted((name for name in options if name not in ("func", "command")), key=len, reverse=True)
+    names = "|".join(re.escape(name) for name in flags)
+    return re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')} ", message)
 
 
 def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
