@@ -265,36 +265,8 @@ class Controller:
         if isinstance(epochs, bool) or not whole or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
         x, y = dataset
-        # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
-        # new tensors of the same data, and must carry on, not train again from epoch 0.
-        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
-        if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
-            if batch_size != self._base_batch_size:
-                raise ValueError(
-                    f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
-                    f"{self._base_batch_size}: pass that (the batch size the policy chose since is kept by itself)"
-                )
-            if self._loader.epoch >= epochs:
-                raise ValueError(
-                    f"loader(epochs={epochs}): the run has trained {self._loader.epoch} epochs of this dataset "
-                    f"already; epochs counts from the run's start, so pass epochs={self._loader.epoch + 1} for one more"
-                )
-            if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
-                self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
-        else:
-            self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
-            self._loader_key = key
-            self._base_batch_size = batch_size
-            elastic = self.config.elastic
-            self.lr_coupler = BatchLRCoupler(
-                self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
-            )
-            self.batch_size = batch_size
-            if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
-                self._resume_loader(self._resume, batch_size)
-                self._resume = None
-        self._loader_source = (x.data_ptr(), y.data_ptr())
-        self._planned_epochs = int(epochs)
+        self._attach_loader(x, y, batch_size, int(epochs), seed)
+        assert self._loader is not None
         while self._loader.epoch < epochs:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
@@ -554,6 +526,39 @@ class Controller:
         self.close()
 
     # ------------------------------------------------------------------------------------ private
+
+    def _attach_loader(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int) -> None:
+        """Carries the run's loader on (the same data's shapes and seed) or starts one, for ``loader()``."""
+        # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
+        # new tensors of the same data, and must carry on, not train again from epoch 0.
+        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
+        if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
+            if batch_size != self._base_batch_size:
+                raise ValueError(
+                    f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
+                    f"{self._base_batch_size}: pass that (the batch size the policy chose since is kept by itself)"
+                )
+            if self._loader.epoch >= epochs:
+                raise ValueError(
+                    f"loader(epochs={epochs}): the run has trained {self._loader.epoch} epochs of this dataset "
+                    f"already; epochs counts from the run's start, so pass epochs={self._loader.epoch + 1} for one more"
+                )
+            if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
+                self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
+        else:
+            self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
+            self._loader_key = key
+            self._base_batch_size = batch_size
+            elastic = self.config.elastic
+            self.lr_coupler = BatchLRCoupler(
+                self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
+            )
+            self.batch_size = batch_size
+            if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
+                self._resume_loader(self._resume, batch_size)
+                self._resume = None
+        self._loader_source = (x.data_ptr(), y.data_ptr())
+        self._planned_epochs = epochs
 
     def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
         """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""
