@@ -109,6 +109,15 @@ def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, ca
     assert f"{flag} {blocker / 'x'}: cannot create" in err and "Traceback" not in err
 
 
+def test_a_comparison_refused_for_its_arguments_leaves_no_folders(tmp_path, capsys):
+    """A bad controller name once left the --out, --log-dir and --plots folders it had made before checking."""
+    out, log_dir, plots = str(tmp_path / "o" / "r.json"), str(tmp_path / "tb"), str(tmp_path / "p")
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp8", "--no-progress"]
+    assert main([*argv, "--out", out, "--log-dir", log_dir, "--plots", plots]) == 2
+    assert "unknown policy 'fp8'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_policies_of_one_file_name_are_refused_not_merged(tmp_path, capsys):
     """Two zips named alike were reported as one row (their seeds mixed) with one TensorBoard folder."""
     from triaccel_rl.policies import pretrained_policy_path

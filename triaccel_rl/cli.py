@@ -248,21 +248,22 @@ def _compare(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("--plots needs matplotlib: pip install matplotlib (or leave --plots out)") from None
     profile = HardwareProfile.load(args.profile) if args.profile else None
+    overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
+    if args.lr_scales is not None:
+        overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
+    config = ControllerConfig.preset(args.preset, **overrides)
+    names = row_names(controllers, config)  # each controller's name or zip checked
+    if args.reference is not None and args.reference not in names:
+        raise ValueError(
+            f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"
+        )
+    # Made last: a comparison refused for its arguments leaves no folders behind.
     if args.out:
         _file_to_write("--out", args.out)
     if args.plots:
         _folder_to_write("--plots", args.plots)
     if args.log_dir:
         _folder_to_write("--log-dir", args.log_dir)
-    overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
-    if args.lr_scales is not None:
-        overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
-    config = ControllerConfig.preset(args.preset, **overrides)
-    names = row_names(controllers, config)
-    if args.reference is not None and args.reference not in names:
-        raise ValueError(
-            f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"
-        )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
     command = "triaccel-rl " + shlex.join(sys.argv[1:])
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None
