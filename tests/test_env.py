@@ -226,3 +226,13 @@ def test_lr_range_draws_each_episode_a_seeded_base_lr_within_the_range():
 def test_lr_range_out_of_bounds_is_refused(bad):
     with pytest.raises(ValueError, match=r"lr_range=.* must be \(low, high\) with 0 < low <= high < inf"):
         small_env(lr_range=bad)
+
+
+def test_an_environment_pickles_before_its_first_reset():
+    """Its task's model builder was a lambda, which pickle refuses (``SubprocVecEnv`` sends factories, so only code
+    that sends an environment itself met it)."""
+    import pickle
+
+    env = pickle.loads(pickle.dumps(TriAccelEnv(task="synthetic", max_decisions=2)))
+    env.reset(seed=0)
+    assert np.isfinite(env.step(env.action_space.sample())[1])

@@ -253,7 +253,7 @@ register_task(
     Task(
         name="synthetic",
         description="MLP 32-64-64-10 on seeded Gaussian clusters (in-process, for fast tests)",
-        build_model=lambda: MLP(32, (64, 64), 10),
+        build_model=functools.partial(MLP, 32, (64, 64), 10),
         load_data=synthetic_data,
         optimizer="sgd",
         base_lr=0.05,
@@ -265,7 +265,7 @@ register_task(
     Task(
         name="mlp-fmnist",
         description="MLP 784-256-128-10 on Fashion-MNIST, AdamW",
-        build_model=lambda: MLP(28 * 28, (256, 128), 10),
+        build_model=functools.partial(MLP, 28 * 28, (256, 128), 10),
         load_data=fashion_mnist_data,
         optimizer="adamw",
         base_lr=2e-3,
@@ -280,7 +280,7 @@ register_task(
     Task(
         name="cnn-fmnist",
         description="small ResNet-style CNN (stride-2 stem, widths 16-32-64) on Fashion-MNIST, SGD Nesterov",
-        build_model=lambda: SmallResNet(1, (16, 32, 64), 10, stem_stride=2),
+        build_model=functools.partial(SmallResNet, 1, (16, 32, 64), 10, stem_stride=2),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.05,
@@ -294,7 +294,7 @@ register_task(
     Task(
         name="dwcnn-fmnist",
         description="depthwise-separable CNN (widths 16-32-64) on Fashion-MNIST, AdamW",
-        build_model=lambda: DepthwiseCNN(1, (16, 32, 64), 10),
+        build_model=functools.partial(DepthwiseCNN, 1, (16, 32, 64), 10),
         load_data=fashion_mnist_data,
         optimizer="adamw",
         base_lr=3e-3,
@@ -309,7 +309,7 @@ register_task(
     Task(
         name="transformer-seq",
         description="2-layer Transformer encoder (dim 64) on generated token sequences, AdamW",
-        build_model=lambda: TinyTransformer(vocab=16, length=16, dim=64, heads=4, depth=2, n_classes=4),
+        build_model=functools.partial(TinyTransformer, vocab=16, length=16, dim=64, heads=4, depth=2, n_classes=4),
         load_data=sequence_data,
         optimizer="adamw",
         base_lr=1e-3,
@@ -322,7 +322,7 @@ register_task(
     Task(
         name="deep-mlp-synthetic",
         description="6-layer MLP (width 128) on seeded Gaussian clusters, AdamW",
-        build_model=lambda: MLP(32, (128,) * 6, 10),
+        build_model=functools.partial(MLP, 32, (128,) * 6, 10),
         load_data=synthetic_data,
         optimizer="adamw",
         base_lr=1e-3,
@@ -337,7 +337,7 @@ register_task(
     Task(
         name="resnet-adamw-fmnist",
         description="small ResNet-style CNN (stride-2 stem, widths 12-24-48) on Fashion-MNIST, AdamW",
-        build_model=lambda: SmallResNet(1, (12, 24, 48), 10, stem_stride=2),
+        build_model=functools.partial(SmallResNet, 1, (12, 24, 48), 10, stem_stride=2),
         load_data=fashion_mnist_data,
         optimizer="adamw",
         base_lr=2e-3,
@@ -352,7 +352,7 @@ register_task(
     Task(
         name="dwcnn-sgd-fmnist",
         description="depthwise-separable CNN (widths 24-48-96) on Fashion-MNIST, SGD Nesterov",
-        build_model=lambda: DepthwiseCNN(1, (24, 48, 96), 10),
+        build_model=functools.partial(DepthwiseCNN, 1, (24, 48, 96), 10),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.05,
@@ -366,7 +366,7 @@ register_task(
     Task(
         name="transformer-seq-long",
         description="3-layer Transformer encoder (dim 48) on generated token sequences of length 32, AdamW",
-        build_model=lambda: TinyTransformer(vocab=16, length=32, dim=48, heads=4, depth=3, n_classes=4),
+        build_model=functools.partial(TinyTransformer, vocab=16, length=32, dim=48, heads=4, depth=3, n_classes=4),
         load_data=functools.partial(sequence_data, length=32),
         optimizer="adamw",
         base_lr=1e-3,
@@ -379,7 +379,7 @@ register_task(
     Task(
         name="wide-mlp-sgd-fmnist",
         description="MLP 784-512-256-128-10 on Fashion-MNIST, SGD Nesterov",
-        build_model=lambda: MLP(28 * 28, (512, 256, 128), 10),
+        build_model=functools.partial(MLP, 28 * 28, (512, 256, 128), 10),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.05,
@@ -395,7 +395,7 @@ register_task(
     Task(
         name="resnet18-fmnist",
         description="CIFAR-style ResNet-18 (1-channel stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
-        build_model=lambda: resnet18(in_channels=1, n_classes=10),
+        build_model=functools.partial(resnet18, in_channels=1, n_classes=10),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.1,
@@ -410,7 +410,7 @@ register_task(
     Task(
         name="effnet-b0-fmnist",
         description="EfficientNet-B0 (stride-1 stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
-        build_model=lambda: efficientnet_b0(in_channels=1, n_classes=10, stem_stride=1),
+        build_model=functools.partial(efficientnet_b0, in_channels=1, n_classes=10, stem_stride=1),
         load_data=fashion_mnist_data,
         optimizer="sgd",
         base_lr=0.1,
