@@ -264,6 +264,9 @@ def test_compare_runs_with_a_controller_preset(tmp_path, monkeypatch):
             "--interval-steps", "5", "--preset", "anneal", "--log-dir", "", "--out", "", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert seen == [ControllerConfig.preset("anneal", interval_steps=5)]
+    seen.clear()  # without --interval-steps, the preset's own interval (it was 20 whatever the preset)
+    assert main([a for a in argv if a not in ("--interval-steps", "5")] + ["--preset", "safe"]) == 0
+    assert seen == [ControllerConfig.preset("safe")] and seen[0].interval_steps == 50
 
 
 def test_compare_takes_an_lr_ladder(monkeypatch):

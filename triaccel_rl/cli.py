@@ -113,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")
     compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
-    compare.add_argument("--interval-steps", type=int, default=20, help="optimizer steps between decisions")
+    compare.add_argument(
+        "--interval-steps",
+        type=int,
+        default=None,
+        help="optimizer steps between decisions (default: the preset's; 20 for default)",
+    )
     compare.add_argument(
         "--preset",
         default="default",
@@ -248,7 +253,7 @@ def _compare(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("--plots needs matplotlib: pip install matplotlib (or leave --plots out)") from None
     profile = HardwareProfile.load(args.profile) if args.profile else None
-    overrides: dict[str, Any] = {"interval_steps": args.interval_steps}
+    overrides: dict[str, Any] = {} if args.interval_steps is None else {"interval_steps": args.interval_steps}
     if args.lr_scales is not None:
         overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
     config = ControllerConfig.preset(args.preset, **overrides)
