@@ -223,6 +223,16 @@ def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypat
     assert message in capsys.readouterr().err
 
 
+def test_a_second_comparison_into_one_log_dir_is_told_its_curves_overlay(tmp_path, capsys):
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2",
+            "--no-progress", "--out", "", "--log-dir", str(tmp_path / "tb")]  # fmt: skip
+    assert main(argv) == 0
+    assert "holds an earlier comparison's TensorBoard runs" not in capsys.readouterr().err
+    assert main(argv) == 0
+    assert f"--log-dir {tmp_path / 'tb'} holds an earlier comparison's TensorBoard runs" in capsys.readouterr().err
+    assert len(list((tmp_path / "tb" / "fp32-seed0").glob("events.out.tfevents.*"))) == 2  # both kept
+
+
 def test_a_controller_listed_twice_is_refused(capsys):
     assert main(["compare", "--task", "synthetic", "--controllers", "fp32,bf16,fp32", "--no-progress"]) == 2
     assert "--controllers lists fp32 more than once" in capsys.readouterr().err
