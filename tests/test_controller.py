@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from users_loop import controlled_loop, controlled_step, plain_loop, plain_step, users_data
+from users_loop import controlled_loop, controlled_step, either_step, plain_loop, users_data
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
@@ -361,11 +361,7 @@ def test_a_users_lr_scheduler_keeps_working_in_a_controlled_loop():
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
         ctl = Controller(model, optimizer, policy="fp32") if controlled else None
         for i in range(8):
-            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
-            if ctl is None:
-                plain_step(model, optimizer, xb, yb)
-            else:
-                controlled_step(ctl, model, xb, yb)
+            either_step(ctl, model, optimizer, x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)])
             scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule's end: T_max steps
         finals[controlled] = [p.detach().clone() for p in model.parameters()]
@@ -392,11 +388,7 @@ def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
         model, optimizer = model_and_optimizer()
         ctl = Controller(model, optimizer, policy="fp32", max_grad_norm=0.1) if controlled else None
         for i in range(8):
-            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
-            if ctl is None:
-                plain_step(model, optimizer, xb, yb, model.parameters(), 0.1)
-            else:
-                controlled_step(ctl, model, xb, yb)
+            either_step(ctl, model, optimizer, x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)], model.parameters(), 0.1)
         finals[controlled] = [p.detach().clone() for p in model.parameters()]
     for plain, controlled in zip(finals[False], finals[True], strict=True):
         torch.testing.assert_close(controlled, plain, rtol=1e-6, atol=1e-7)
@@ -485,11 +477,7 @@ def test_an_optimizer_over_part_of_a_trainable_model_drives_only_that_part():
             config = ControllerConfig(interval_steps=3)
             ctl = Controller(model, optimizer, policy="fp32", max_grad_norm=0.05, config=config)
         for i in range(16):
-            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
-            if ctl is None:
-                plain_step(model, optimizer, xb, yb, head.parameters(), 0.05)
-            else:
-                controlled_step(ctl, model, xb, yb)
+            either_step(ctl, model, optimizer, x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)], head.parameters(), 0.05)
         if ctl is not None:
             assert len(ctl.decisions) == 5
             assert ctl.engine.layer_params[:2] == [[], []]  # the body's layers hold nothing to update
@@ -510,11 +498,7 @@ def test_a_float64_model_with_a_layer_norm_trains_as_the_plain_loop():
         ctl = Controller(model, optimizer, policy="fp32") if controlled else None
         x, y = data(64)
         for i in range(4):
-            xb, yb = x[16 * i : 16 * (i + 1)].double(), y[16 * i : 16 * (i + 1)]
-            if ctl is None:
-                plain_step(model, optimizer, xb, yb)
-            else:
-                controlled_step(ctl, model, xb, yb)
+            either_step(ctl, model, optimizer, x[16 * i : 16 * (i + 1)].double(), y[16 * i : 16 * (i + 1)])
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
 

@@ -120,3 +120,11 @@ def controlled_step(ctl, model, x, y, micro_batches=1):
         with ctl.autocast():
             loss = nn.functional.cross_entropy(model(x[part]), y[part]) / len(parts)
         (ctl.step if i == len(parts) - 1 else ctl.backward)(loss)
+
+
+def either_step(ctl, model, optimizer, x, y, clip_params=None, max_norm=None):
+    """``controlled_step`` under ``ctl``, or, with ``ctl`` None, the user's ``plain_step``."""
+    if ctl is None:
+        plain_step(model, optimizer, x, y, clip_params, max_norm)
+    else:
+        controlled_step(ctl, model, x, y)
