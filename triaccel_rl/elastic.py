@@ -48,7 +48,8 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
     gain ratio ``(sigma^2 + mu^2) / (sigma^2 / S + mu^2)`` at scale ``S = B / B0`` once the variance of a
     ``B0``-sample gradient, ``sigma^2 = tr(Sigma) / B0``, and ``mu^2 = |G|^2`` are written with the noise scale
     ``B_noise = tr(Sigma) / |G|^2``. It tends to ``B / B0`` when the gradient is noise-dominated
-    (``B_noise >> B``) and to 1 when it is noise-free; an unknown noise scale (``None``) counts as 0.
+    (``B_noise >> B``) and to 1 when it is noise-free; an unknown noise scale (``None`` or NaN) counts as 0, an
+    infinite one gives the linear gain, its limit.
 
     Example:
         >>> lr_gain(LRRule.ADASCALE, 256, 64, noise_scale=64.0)
@@ -67,9 +68,11 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
     if rule is LRRule.NONE:
         return 1.0
     if rule is LRRule.ADASCALE:
-        noise = 0.0 if noise_scale is None or not math.isfinite(noise_scale) else float(noise_scale)
+        noise = 0.0 if noise_scale is None or math.isnan(noise_scale) else float(noise_scale)
         if noise < 0:
             raise ValueError(f"noise_scale={noise_scale} must be >= 0 (samples)")
+        if math.isinf(noise):  # the limit of a noise-dominated gradient; the formula would give inf / inf
+            return ratio
         return (1.0 + noise / base_batch_size) / (1.0 + noise / batch_size)
     raise ValueError(f"lr rule {rule} must be resolved first (resolve_lr_rule)")
 
@@ -83,6 +86,11 @@ def resolve_lr_rule(rule: LRRule, optimizer: torch.optim.Optimizer | str) -> LRR
         return rule
     name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
     return LRRule.SQRT if "adam" in name.lower() else LRRule.LINEAR
+
+
+_COUPLER_KEYS = frozenset(
+    {"rule", "base_batch_size", "batch_size", "target", "gain", "steps", "ramp_start", "ramp_step"}
+)
 
 
 class BatchLRCoupler:
@@ -162,14 +170,21 @@ class BatchLRCoupler:
         """The coupler's state: the batch, the gain and any warm-up ramp in progress."""
         return {"rule": self.rule.value, "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,
                 "target": self.target, "gain": self.gain, "steps": self.steps, "ramp_start": self._ramp_start,
-                "ramp_step": self._ramp_step}  # fmt: skip
+                "ramp_step": self._ramp_step, "warmup_steps": self.warmup_steps}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resumes from ``state_dict()``'s output.
 
+        A ramp in progress carries on where it was when this coupler has the state's ``warmup_steps``; with
+        other ``warmup_steps`` it restarts from the gain in force, over this coupler's steps (as an interrupted
+        ramp does in ``change``). A finished ramp stays finished.
+
         Raises:
-            ValueError: the state is of another rule or another base batch.
+            ValueError: the state lacks a key, or is of another rule or another base batch.
         """
+        missing = sorted(_COUPLER_KEYS - state.keys())
+        if missing:
+            raise ValueError(f"the LR coupler's state lacks {', '.join(missing)}; expected BatchLRCoupler.state_dict()")
         if state["rule"] != self.rule.value or int(state["base_batch_size"]) != self.base_batch_size:
             raise ValueError(
                 f"the LR coupler's state is for rule {state['rule']!r} at base batch {state['base_batch_size']}; "
@@ -178,6 +193,15 @@ class BatchLRCoupler:
         self.batch_size, self.steps = int(state["batch_size"]), int(state["steps"])
         self.target, self.gain = float(state["target"]), float(state["gain"])
         self._ramp_start, self._ramp_step = float(state["ramp_start"]), int(state["ramp_step"])
+        # A ramp's progress counts against the warm-up it was saved with (states from before it was saved: ours, and
+        # a ramp whose gain reached its target is over). Read against other warmup_steps, a finished ramp could
+        # restart below its target (the LR fell), or one in progress outrun them and stop short of it for good.
+        saved_steps = int(state.get("warmup_steps", self.warmup_steps))
+        running = self._ramp_step < saved_steps and not math.isclose(self.gain, self.target, rel_tol=1e-12)
+        if not running or self.warmup_steps == 0:
+            self.gain, self._ramp_step = self.target, self.warmup_steps
+        elif saved_steps != self.warmup_steps:
+            self._ramp_start, self._ramp_step = self.gain, 0
 
     def advance(self) -> float:
         """Counts one optimizer step and returns the gain that step uses."""
@@ -185,7 +209,9 @@ class BatchLRCoupler:
         if self.warming_up:
             self._ramp_step += 1
             fraction = self._ramp_step / self.warmup_steps
-            self.gain = self._ramp_start + (self.target - self._ramp_start) * fraction
+            # The last step lands on the target itself: ``start + (target - start) * 1.0`` can miss it by an ulp.
+            ramped = self._ramp_start + (self.target - self._ramp_start) * fraction
+            self.gain = self.target if self._ramp_step == self.warmup_steps else ramped
         return self.gain
 
 

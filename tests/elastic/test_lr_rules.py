@@ -183,3 +183,74 @@ def test_the_coupler_refuses_a_warmup_threshold_that_is_no_ratio_above_one(bad: 
     """NaN passed the check (every comparison with it is false) and then no rise was ever warmed up."""
     with pytest.raises(ValueError, match=rf"need warmup_above > 1 and warmup_steps >= 0; got {bad}, 4"):
         BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=bad, warmup_steps=4)
+
+
+def test_an_infinite_noise_scale_gives_the_linear_gain() -> None:
+    """Before the fix, an infinite noise scale counted as 0 (a noise-free gradient), so the gain was 1: the opposite
+    end of AdaScale's range from its limit, ``B / B0`` for a noise-dominated gradient."""
+    assert lr_gain(LRRule.ADASCALE, 256, 64, math.inf) == 4.0
+    assert lr_gain(LRRule.ADASCALE, 16, 64, math.inf) == 0.25
+    assert lr_gain(LRRule.ADASCALE, 256, 64, math.nan) == 1.0  # unknown: counts as 0, as None does
+    with pytest.raises(ValueError, match="noise_scale=-inf must be >= 0"):
+        lr_gain(LRRule.ADASCALE, 256, 64, -math.inf)
+
+
+def _mid_ramp(warmup_steps: int, steps_into_ramp: int) -> BatchLRCoupler:
+    coupler = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_steps=warmup_steps)
+    coupler.advance()
+    coupler.change(256)  # x4 from 1.0
+    for _ in range(steps_into_ramp):
+        coupler.advance()
+    return coupler
+
+
+def test_coupler_state_resumes_mid_ramp_exactly() -> None:
+    saved = _mid_ramp(warmup_steps=8, steps_into_ramp=3)
+    resumed = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_steps=8)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.state_dict() == saved.state_dict() and resumed.warming_up
+    assert [resumed.advance() for _ in range(6)] == [saved.advance() for _ in range(6)]
+    assert resumed.gain == 4.0
+
+
+def test_the_last_ramp_step_lands_on_the_target_exactly() -> None:
+    """``start + (target - start) * 1.0`` can miss the target by an ulp; the ramp's end is the target itself."""
+    coupler = BatchLRCoupler(LRRule.SQRT, base_batch_size=64, batch_size=67, warmup_steps=3)
+    coupler.advance()
+    coupler.change(586)  # sqrt(67/64) + (sqrt(586/64) - sqrt(67/64)) * 1.0 is sqrt(586/64) + 4.4e-16
+    assert [coupler.advance() for _ in range(3)][-1] == coupler.target == math.sqrt(586 / 64)
+
+
+@pytest.mark.parametrize(
+    ("saved_steps", "into", "resumed_steps", "expected"),
+    [
+        # A finished ramp read against a longer warm-up restarted from its old start: the gain fell from 4.0 to 2.875.
+        (4, 6, 8, [4.0, 4.0, 4.0]),
+        # A ramp 5 steps into 8 read against a warm-up of 4 had outrun it: the gain stayed at 2.875 for good.
+        (8, 5, 4, [2.875 + 1.125 * k / 4 for k in (1, 2, 3, 4)]),
+        # The same without warm-up: the target from the load on.
+        (8, 5, 0, [4.0, 4.0]),
+    ],
+)
+def test_coupler_state_loaded_with_other_warmup_steps_never_lowers_or_strands_the_gain(
+    saved_steps: int, into: int, resumed_steps: int, expected: list[float]
+) -> None:
+    """Before the fix, both first cases went wrong as the comments say: the ramp's step count was read against the
+    new warm-up length. A ramp in progress now restarts from the gain in force; a finished one stays finished."""
+    saved = _mid_ramp(warmup_steps=saved_steps, steps_into_ramp=into)
+    resumed = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_steps=resumed_steps)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.gain == (saved.gain if resumed_steps else 4.0) and resumed.target == 4.0
+    assert [resumed.advance() for _ in expected] == pytest.approx(expected, rel=1e-12)
+    assert not resumed.warming_up and resumed.gain == 4.0
+
+
+def test_coupler_state_of_another_rule_or_with_missing_keys_is_refused() -> None:
+    coupler = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64)
+    state = BatchLRCoupler(LRRule.SQRT, base_batch_size=64, batch_size=64).state_dict()
+    with pytest.raises(ValueError, match="state is for rule 'sqrt' at base batch 64; this one is 'linear'"):
+        coupler.load_state_dict(state)
+    state = coupler.state_dict()
+    del state["gain"], state["ramp_step"]
+    with pytest.raises(ValueError, match=r"state lacks gain, ramp_step; expected BatchLRCoupler.state_dict\(\)"):
+        coupler.load_state_dict(state)
