@@ -503,6 +503,37 @@ def test_device_moments_a_refused_call_leaves_the_sampling_clock_as_it_was() -> 
     assert (result.n_observed, result.loss) == (2, 2.0)
 
 
+@pytest.mark.parametrize("call", ["observe", "observe_layers", "observe_layers_shape"])
+def test_device_moments_a_refused_call_leaves_no_state_even_with_a_full_clock(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix, a per-sample loss (not one number) was refused only after its call was counted and a row
+    taken: the interval's mean loss took a zero (2.0 read as 1.0). And a refused call once the 16 recent step times
+    were full pushed the oldest one out for good (the undo only popped what it had added)."""
+    clock = [0.0]
+    monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", lambda: clock[0])
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.5)
+    for step in range(20):  # more sampled calls than the 16 step times kept, of distinct lengths
+        clock[0] += 1e-3 * (step + 1)
+        moments.observe_layers(torch.tensor(2.0), torch.ones(1))
+    state = (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call)
+    steps = list(moments._recent_steps)
+    clock[0] += 1.0
+    with pytest.raises(ValueError, match=r"loss must be a one-element tensor .*shape \(4,\)|layer_sq has shape"):
+        if call == "observe":
+            moments.observe(torch.ones(4))
+        elif call == "observe_layers":
+            moments.observe_layers(torch.ones(4), torch.ones(1))
+        else:
+            moments.observe_layers(torch.tensor(2.0), torch.ones(3))
+    assert (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call) == state
+    assert list(moments._recent_steps) == steps
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.loss) == (20, 20, 2.0)
+
+
 def test_device_moments_budget_holds_when_intervals_see_one_sampled_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampled calls alternate 0.5 and 1.5 ms in 10-ms steps, four steps an interval: one sampled call each.
 

@@ -159,6 +159,8 @@ class DeviceMoments:
         # With a budget: a step's wall time, measured between sampled calls, for the latest sampled calls.
         self._recent_steps: deque[float] = deque(maxlen=_RECENT_CALLS)
         self._last_sampled_at, self._last_sampled_call = 0.0, 0  # call 0: none yet
+        # What the latest sampled call changed in the clock, for _untake: (at, call, appended, pushed-out step).
+        self._undo: tuple[float, int, bool, float | None] = (0.0, 0, False, None)
         self._pending: tuple[list[tuple[bool, np.ndarray]], int, float, torch.cuda.Event | None] | None = None
         self._staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host rows for flush_lagged, per slot
         self._flushes = 0
@@ -169,9 +171,15 @@ class DeviceMoments:
         return self._calls % self.every_steps == 0
 
     def observe(self, loss: torch.Tensor) -> None:
-        """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad)."""
+        """Records the current ``.grad`` norms and ``loss`` (call after backward, before zero_grad).
+
+        Raises:
+            ValueError: ``loss`` is not a one-element tensor (checked on sampled calls, so at the first call; the
+                call is then not counted, as in :meth:`observe_layers`).
+        """
         if not self._take():
             return
+        self._check_loss(loss)
         start = time.perf_counter()
         if self._tensor_rows is None:
             self._tensor_rows = _Rows(len(self._params), self._capacity, self._device, per_tensor=True)
@@ -190,19 +198,16 @@ class DeviceMoments:
         no sync. ``every_steps`` applies as in :meth:`observe`.
 
         Raises:
-            ValueError: ``layer_sq`` does not have one entry per layer (checked on sampled calls, so at the
-                first call; the call is then not counted, its clock reading included: once kept, the next sampled
-                call divided by zero).
+            ValueError: ``layer_sq`` does not have one entry per layer, or ``loss`` is not a one-element tensor
+                (checked on sampled calls, so at the first call; the call is then not counted, its clock reading
+                included: once kept, the next sampled call divided by zero).
         """
-        clock = (self._last_sampled_at, self._last_sampled_call, len(self._recent_steps))
         if not self._take():
             return
         if layer_sq.shape != (self.n_layers,):  # checked on sampled calls: the first call is always one
-            self._calls, self._observed = self._calls - 1, self._observed - 1
-            self._last_sampled_at, self._last_sampled_call = clock[0], clock[1]
-            while len(self._recent_steps) > clock[2]:
-                self._recent_steps.pop()
+            self._untake()
             raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
+        self._check_loss(loss)
         start = time.perf_counter()
         if self._layer_rows is None:
             self._layer_rows = _Rows(self.n_layers, self._capacity, self._device, per_tensor=False)
@@ -235,10 +240,33 @@ class DeviceMoments:
         self._observed += 1
         if self.budget_frac is not None:
             now = time.perf_counter()
+            appended, dropped = False, None
             if self._last_sampled_call:
-                self._recent_steps.append((now - self._last_sampled_at) / (self._calls - self._last_sampled_call))
+                steps = self._recent_steps
+                dropped = steps[0] if len(steps) == steps.maxlen else None  # append() pushes it out
+                steps.append((now - self._last_sampled_at) / (self._calls - self._last_sampled_call))
+                appended = True
+            self._undo = (self._last_sampled_at, self._last_sampled_call, appended, dropped)
             self._last_sampled_at, self._last_sampled_call = now, self._calls
         return True
+
+    def _untake(self) -> None:
+        """Undoes the latest sampled :meth:`_take` (a refused call): its count, clock reading and step time."""
+        self._calls, self._observed = self._calls - 1, self._observed - 1
+        if self.budget_frac is not None:
+            at, call, appended, dropped = self._undo
+            self._last_sampled_at, self._last_sampled_call = at, call
+            if appended:
+                self._recent_steps.pop()
+                if dropped is not None:
+                    self._recent_steps.appendleft(dropped)
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Refuses (and un-counts) a sampled call whose loss is not one number: it would be counted with no row."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            self._untake()
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss must be a one-element tensor (the step's mean loss); got {got}")
 
     def flush(self) -> IntervalMoments:
         """The interval's means; starts the next interval. One host-device sync."""
