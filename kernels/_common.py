@@ -248,6 +248,15 @@ def check_step_buffers(
         assert tensor.dtype == dtype, f"{name} must be {dtype}, got {tensor.dtype}"
         assert tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape"
         assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+    # The kernels write params, the states and the copies element by element: a buffer sharing memory with another
+    # would take both writes (the copies may share one buffer: a layer's segment holds one type's bits).
+    flat = [("params", params), ("grads", grads), *((f"state {i}", s) for i, s in enumerate(states))]
+    for i, (name, tensor) in enumerate([*flat, ("bf16_copy", bf16_copy), ("fp16_copy", fp16_copy)]):
+        for other_name, other in flat[:i]:
+            assert not _overlap(tensor, other), f"{name} shares memory with {other_name}: each needs its own buffer"
+    assert bf16_copy.data_ptr() == fp16_copy.data_ptr() or not _overlap(bf16_copy, fp16_copy), (
+        "bf16_copy and fp16_copy overlap without being one buffer"
+    )
     assert lr_factors.dtype == torch.float32 and lr_factors.dim() == 1, "lr_factors must be float32 [n_layers]"
     assert precision_codes.shape == (n_layers,), (
         f"precision_codes must have shape [{n_layers}], got {tuple(precision_codes.shape)}"
@@ -352,6 +361,14 @@ def write_low_precision_copies_reference(
         segments = buffer.view(new_param.shape)
         write = apply & (segment_codes == int(code)).unsqueeze(1)
         segments.copy_(torch.where(write, new_param.to(dtype), segments))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share any byte of memory."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:

@@ -331,29 +331,36 @@ class _FusedOptimizer:
         """Restores ``state_dict()``'s output, hyper-parameters included (as ``torch.optim`` does).
 
         A checkpoint from before the per-layer counts (``step_state``: the model's count and its beta powers)
-        gives every layer the model's count.
+        gives every layer the model's count. SGD's momentum buffer comes and goes with the checkpoint's momentum, as
+        in ``torch.optim.SGD``: allocated when a checkpoint with momentum loads into an optimizer built without.
 
         Raises:
-            ValueError: the checkpoint is of another optimizer or another parameter layout, or lacks its counts.
+            ValueError: the checkpoint is of another optimizer or another parameter layout, or lacks its counts or
+                a state buffer its options need; nothing was changed.
         """
         if state.get("kind") != self._kind:
             raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
         if list(state["layer_numels"]) != list(self.store.layer_numels):
             raise ValueError("checkpoint was made for another parameter layout (layer sizes differ)")
-        for name in self._buffer_names:
-            if state[name].shape != getattr(self, name).shape:
+        loaded_options = type(self.options)(**state["options"])
+        names = self._buffers_for(loaded_options)
+        for name in names:
+            if name not in state:
+                raise ValueError(f"checkpoint lacks its {name!r}, which its options {state['options']} need")
+            if state[name].shape != (self.store.n_elements,):
                 raise ValueError(
                     f"checkpoint's {name} has {state[name].numel()} elements, this store's {self.store.n_elements}: "
                     "it was made for another parameter layout (groups differ)"
                 )
         counts = _saved_counts(state, self.store.n_layers)
         options = self.options
-        self.options = type(self.options)(**state["options"])
+        self.options = loaded_options
         try:
             self._check_decay()
         except ValueError:
             self.options = options  # nothing of a refused checkpoint stays
             raise
+        self._keep_buffers(names)
         with torch.no_grad():
             for name in self._buffer_names:
                 getattr(self, name).copy_(state[name])
@@ -362,6 +369,13 @@ class _FusedOptimizer:
             self._all_take_part = True
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
             self.set_log_betas(*betas)
+
+    def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
+        """The state buffers an optimizer of ``options`` keeps (and its checkpoints hold)."""
+        return self._buffer_names
+
+    def _keep_buffers(self, names: tuple[str, ...]) -> None:
+        """Makes the optimizer keep the state buffers ``names`` (those of its options), allocating or dropping them."""
 
     def _update(
         self,
@@ -418,9 +432,24 @@ class FusedSGD(_FusedOptimizer):
         self.options: SGDOptions = SGDOptions(momentum, dampening, _as_decay(weight_decay), nesterov)
         self._check_decay()
         # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.
-        has_buffer = self.options.momentum != 0.0
-        self.momentum_buffer = torch.zeros_like(store.params) if has_buffer else store.params
-        self._buffer_names = ("momentum_buffer",) if has_buffer else ()
+        self.momentum_buffer = store.params
+        self._keep_buffers(self._buffers_for(self.options))
+
+    def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
+        assert isinstance(options, SGDOptions)
+        return ("momentum_buffer",) if options.momentum != 0.0 else ()
+
+    def _keep_buffers(self, names: tuple[str, ...]) -> None:
+        """Allocates a zero momentum buffer when ``names`` holds it and there is none; drops it when not.
+
+        A momentum-free checkpoint loaded into an optimizer with a buffer leaves none, as ``torch.optim.SGD`` keeps
+        no buffer without momentum: a later momentum then finds no stale one to carry on from (``_update`` refuses).
+        """
+        if names and self.momentum_buffer is self.store.params:
+            self.momentum_buffer = torch.zeros_like(self.store.params)
+        elif not names:
+            self.momentum_buffer = self.store.params
+        self._buffer_names = names
 
     def _update(
         self,
@@ -431,6 +460,11 @@ class FusedSGD(_FusedOptimizer):
         inv_scale: float | torch.Tensor,
     ) -> None:
         store, options = self.store, self.options
+        if options.momentum != 0.0 and not self._buffer_names:  # the params stand in for the buffer: never write it
+            raise ValueError(
+                f"momentum is {options.momentum}, but this FusedSGD keeps no momentum buffer (it was built, or loaded "
+                "a checkpoint, without momentum): build it with momentum > 0"
+            )
         fused_sgd_step(
             store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,

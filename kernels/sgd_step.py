@@ -157,7 +157,8 @@ def fused_sgd_step(
     Args:
         params: flat float32 master weights, updated in place.
         grads: flat float32 gradients, still multiplied by the loss scale.
-        momentum_buffer: flat float32 momentum buffer, updated in place (untouched when ``momentum == 0``).
+        momentum_buffer: flat float32 momentum buffer apart from ``params`` and ``grads``, updated in place
+            (untouched and not checked when ``momentum == 0``).
         bf16_copy: flat bfloat16 buffer; segments of layers with precision code 1 get ``params.to(bf16)``.
         fp16_copy: flat float16 buffer; segments of layers with precision code 2 get ``params.to(fp16)``.
         chunk_layer: int32 ``[len(params) // segment_align]``, the layer owning each segment.
@@ -181,7 +182,7 @@ def fused_sgd_step(
         num_warps: warps per program on the GPU (None: the default).
     """
     check_step_buffers(
-        params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors,
+        params, grads, [momentum_buffer] if momentum != 0.0 else [], bf16_copy, fp16_copy, chunk_layer, lr_factors,
         precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
     block_size, num_warps = launch_config("sgd_step", params, block_size, num_warps)
@@ -260,8 +261,8 @@ def fused_sgd_step_reference(
     Skips with ``torch.where`` on a 0-dim device flag, like ``fused_adamw_step_reference``: no host sync.
     """
     check_step_buffers(
-        params, grads, [momentum_buffer], bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
-        stats, step_state, segment_align,
+        params, grads, [momentum_buffer] if momentum != 0.0 else [], bf16_copy, fp16_copy, chunk_layer, lr_factors,
+        precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from _kernel_helpers import assert_bits_equal, assert_close, clone_layers, fill_grads, make_layers
-from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
+from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD, SGDOptions
 
 # A small CNN's parameter shapes, one layer per module, plus a 0-dim parameter as its own layer.
 MODEL_LAYERS: list[list[tuple[int, ...]]] = [
@@ -408,3 +408,58 @@ def test_a_parameter_without_a_gradient_is_left_alone_as_torch_optim_does(device
 @pytest.mark.usefixtures("reference_path")
 def test_cpu_reference_path_leaves_a_parameter_without_a_gradient_alone() -> None:
     test_a_parameter_without_a_gradient_is_left_alone_as_torch_optim_does("cpu", "adamw", "layer")
+
+
+@pytest.mark.parametrize("built_with_momentum", [False, True])
+def test_an_sgd_checkpoint_brings_its_momentum_buffer_or_leaves_none(built_with_momentum: bool) -> None:
+    """A checkpoint with momentum loads into a FusedSGD built without (and one without into one with): the next steps
+    match the checkpoint's optimizer exactly, as torch.optim.SGD's load_state_dict does.
+
+    Before the fix, the optimizer built without momentum kept the params as its (unused) buffer, loaded momentum 0.9
+    and skipped the checkpoint's buffer: the kernel then wrote the momentum buffer into the weights."""
+    source_momentum = 0.0 if built_with_momentum else 0.9
+    source_store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=61))
+    source = FusedSGD(source_store, momentum=source_momentum)
+    generator = torch.Generator().manual_seed(62)
+    fill_grads(source_store, generator)
+    source.step(0.1)
+    store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=61))
+    store.params.copy_(source_store.params)
+    loaded = FusedSGD(store, momentum=0.9 - source_momentum)
+    loaded.load_state_dict(source.state_dict())
+    assert loaded.options.momentum == source_momentum
+    assert (loaded.momentum_buffer is store.params) == (source_momentum == 0.0)
+    for _ in range(2):
+        fill_grads(source_store, generator)
+        store.grads.copy_(source_store.grads)
+        source.step(0.1)
+        loaded.step(0.1)
+        assert_bits_equal(store.params, source_store.params, "params after loading the checkpoint")
+
+
+def test_sgd_without_a_momentum_buffer_refuses_a_momentum_set_later() -> None:
+    """Momentum set on an optimizer built without (as a momentum schedule would) is refused, nothing written.
+
+    Before the fix, the params stood in for the missing buffer and the kernel wrote the buffer into them."""
+    store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=63))
+    optimizer = FusedSGD(store)
+    optimizer.options = SGDOptions(momentum=0.9)
+    store.grads.normal_()
+    before = store.params.clone()
+    with pytest.raises(ValueError, match=r"momentum is 0\.9, but this FusedSGD keeps no momentum buffer"):
+        optimizer.step(0.1)
+    assert torch.equal(store.params, before)
+
+
+def test_fused_sgd_step_refuses_a_momentum_buffer_sharing_the_params() -> None:
+    """The kernel writes params and buffer element by element: one memory for both is refused by name."""
+    from triaccel_rl.kernels import fused_sgd_step, layer_grad_stats, new_step_state
+
+    store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=64))
+    stats = layer_grad_stats(store.grads, store.chunk_layer, store.n_layers)
+    codes = torch.zeros(store.n_layers, dtype=torch.int32)
+    step_state = new_step_state("cpu", n_layers=store.n_layers)
+    args = (store.bf16_copy, store.fp16_copy, store.chunk_layer, torch.ones(store.n_layers), codes, stats, step_state)
+    with pytest.raises(AssertionError, match="state 0 shares memory with params"):
+        fused_sgd_step(store.params, store.grads, store.params, *args, lr=0.1, momentum=0.9)
+    fused_sgd_step(store.params, store.grads, store.params, *args, lr=0.1)  # without momentum it is never read
