@@ -12,6 +12,7 @@ by itself: a budget lowered after an out-of-memory error is met by accumulation,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -86,11 +87,26 @@ class Executor:
         self.grouper = grouper
 
     def apply(self, action: Action, target: Target, overflow_rate: float = 0.0) -> ApplyReport:
-        """Applies ``action`` to ``target``; parts that break a bound are clamped or refused."""
+        """Applies ``action`` to ``target``; parts that break a bound are clamped or refused.
+
+        Args:
+            action: the decoded decision.
+            target: the run or loop it applies to.
+            overflow_rate: share of the interval's steps skipped for non-finite gradients, in [0, 1].
+
+        Raises:
+            ValueError: an action of another number of groups, an LR scale that is not a positive number, or an
+                overflow rate outside [0, 1] (NaN included: either would turn a bound of the shield off).
+        """
         if len(action.group_precisions) != self.grouper.n_groups:
             raise ValueError(
                 f"action has {len(action.group_precisions)} group precisions; expected {self.grouper.n_groups}"
             )
+        # NaN passes every clamp (each comparison with it is false): it reached the engine as the LR multiplier.
+        if not (math.isfinite(action.lr_scale) and action.lr_scale > 0):
+            raise ValueError(f"action lr_scale={action.lr_scale!r} must be a positive finite multiplier")
+        if not (0.0 <= overflow_rate <= 1.0):  # NaN would never exceed max_overflow_rate: the shield off
+            raise ValueError(f"overflow_rate={overflow_rate!r} must be a share of steps in [0, 1]")
         engine = target.engine
         refused: list[str] = []
         current = list(engine.precision.precisions)

@@ -124,3 +124,37 @@ def test_environment_runs_through_injected_ooms_without_losing_samples(policy_mo
         assert run.batch_size > 40  # the effective batch grew past what the device holds...
         assert run.oom_events >= 1  # ...an OOM taught the run so...
         assert max(run.last_micro_batches) <= 40  # ...and it accumulates micro-batches that fit
+
+
+@pytest.mark.parametrize("lr_scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_an_lr_scale_that_is_no_positive_number_is_refused_by_value(lr_scale: float) -> None:
+    """Before the fix, NaN passed the clamp (every comparison with it is false) and became the engine's LR
+    multiplier: every later update NaN. Infinite, zero and negative scales were clamped silently."""
+    loop = _loop()
+    before = loop.run.lr_scale
+    action = Action((Precision.FP32,) * loop.config.n_groups, lr_scale, BatchMove.KEEP)
+    with pytest.raises(ValueError, match=rf"action lr_scale={lr_scale} must be a positive finite multiplier"):
+        loop.executor.apply(action, loop.run)
+    assert loop.run.lr_scale == before
+
+
+@pytest.mark.parametrize("rate", [float("nan"), -0.1, 1.5])
+def test_an_overflow_rate_outside_zero_one_is_refused(rate: float) -> None:
+    """Before the fix, a NaN rate never exceeded ``max_overflow_rate``: the shield let fp16 layers be lowered."""
+    loop = _loop()
+    with pytest.raises(ValueError, match=rf"overflow_rate={rate} must be a share of steps in \[0, 1\]"):
+        loop.executor.apply(_grow(loop.config), loop.run, overflow_rate=rate)
+
+
+def test_the_lr_clamp_and_the_overflow_shield_at_their_bounds() -> None:
+    loop = _loop()
+    config = loop.config
+    report = loop.executor.apply(Action((Precision.FP32,) * config.n_groups, 10.0, BatchMove.KEEP), loop.run)
+    assert report.lr_scale == loop.run.lr_scale == config.max_lr_change  # x1.5 at most per decision
+    assert report.refused == [f"LR scale 10.0 clamped to 1.5 (at most ×{config.max_lr_change} per decision)"]
+    lower = Action((Precision.BF16,) * config.n_groups, 1.5, BatchMove.KEEP)
+    report = loop.executor.apply(lower, loop.run, overflow_rate=1.0)
+    assert report.precisions == [Precision.FP32] * loop.run.n_layers and report.changed_precision == 0
+    assert report.refused == [f"kept {loop.run.n_layers} layers at their precision: overflow rate 1.00 > 0.05"]
+    report = loop.executor.apply(lower, loop.run, overflow_rate=0.0)
+    assert report.changed_precision == loop.run.n_layers
