@@ -576,6 +576,47 @@ def test_observe_interval_takes_the_skipped_count_it_is_given() -> None:
         collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=9)
 
 
+def test_an_interval_without_steps_repeats_the_latest_step_time_and_peak() -> None:
+    """Before the fix, a snapshot after no step read its time over one step: a 0-ms step, a -100% trend, and a
+    peak of 0 bytes (the whole budget free); the scheduler also counted the empty interval as a step."""
+    collector = SignalCollector([LayerInfo("a", 10, True)], 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    measured = IntervalMoments(np.full(1, 4.0), np.full(1, 2.0), 2.0, n_finite=4, n_observed=4)
+    collector.observe_interval(measured, n_steps=4, train_ms=40.0, peak_bytes=500)
+    first = snapshot(collector)
+    assert (first.step_time_ms, first.step_time_trend, first.memory_bytes) == (10.0, 0.0, 500)
+    empty = IntervalMoments(np.zeros(1), np.zeros(1), math.nan, n_finite=0, n_observed=0)
+    collector.observe_interval(empty, n_steps=0, train_ms=0.0)
+    for signals in (snapshot(collector), snapshot(collector)):  # an empty interval, then no call at all
+        assert (signals.step_time_ms, signals.step_time_trend, signals.memory_bytes) == (10.0, 0.0, 500)
+        assert signals.overflow_rate == 0.0 and signals.extra["interval_steps"] == 0
+    assert collector.scheduler.steps == 4 and collector.n_steps == 4
+    collector.observe_interval(measured, n_steps=4, train_ms=80.0, peak_bytes=300)
+    last = snapshot(collector)
+    assert (last.step_time_ms, last.step_time_trend, last.memory_bytes) == (20.0, 1.0, 300)  # against the 10 ms
+    with pytest.raises(ValueError, match="n_steps=-1 must be >= 0"):
+        collector.observe_interval(empty, n_steps=-1, train_ms=0.0)
+
+
+def test_per_layer_input_of_another_length_is_refused() -> None:
+    """Before the fix, numpy broadcast one value to every layer (a statistic of one layer, or of none, read as
+    every layer's), and a precision list of the wrong length went into the snapshot as it was."""
+    collector = SignalCollector([LayerInfo("a", 10, True), LayerInfo("b", 10, True)], 0.9, 1 << 20)
+    with pytest.raises(ValueError, match=r"stats.grad_sq_sum has shape \(1,\); expected \(2,\)"):
+        collector.observe(fake_stats(1))
+    one_layer = IntervalMoments(np.full(1, 4.0), np.full(1, 2.0), 2.0, n_finite=1, n_observed=1)
+    with pytest.raises(ValueError, match=r"moments.sq_norm has shape \(1,\); expected \(2,\)"):
+        collector.observe_interval(one_layer, n_steps=1, train_ms=1.0)
+    assert collector.n_steps == 0 and collector.scheduler.steps == 0  # refused before anything was counted
+    with pytest.raises(ValueError, match=r"grad_mean_sq_norm has shape \(3,\)"):
+        collector.snapshot(
+            grad_mean_sq_norm=np.ones(3), probe_loss=1.0, batch_size=8, lr_scale=1.0, precisions=[Precision.FP32] * 2
+        )
+    with pytest.raises(ValueError, match=r"precisions has shape \(1,\)"):
+        collector.snapshot(
+            grad_mean_sq_norm=np.ones(2), probe_loss=1.0, batch_size=8, lr_scale=1.0, precisions=[Precision.FP32]
+        )
+
+
 def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
     infos = [LayerInfo("a", 10, True), LayerInfo("b", 20, True)]
     per_step = SignalCollector(infos, 0.9, 1 << 20, SignalConfig.preset("cheap"))

@@ -176,3 +176,25 @@ def test_fixed_schedule_ignores_the_whole_run_budget() -> None:
     scheduler.add_train(1.0)
     scheduler.seed_rates(RoundPlan(2, 1), RoundCost(1e6, 1e6, 1e6))
     assert scheduler.plan(progress=0.5) == RoundPlan(4, 2)  # whatever it costs, as documented
+
+
+def test_an_empty_interval_counts_no_step_and_leaves_the_step_time_alone() -> None:
+    """Before the fix, the collector passed an empty interval (0 steps, 0 ms) as one step: the fixed schedule ran a
+    round early, and the smoothed step time took a 0-ms step (10% lower each time), so rounds were sized smaller."""
+    scheduler = RoundScheduler(SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=3))
+    scheduler.add_train(20.0, n_steps=2)
+    plan = scheduler.plan()
+    assert plan is not None
+    scheduler.record(plan, RoundCost(1.0, 1.0, 0.0))
+    for _ in range(3):
+        scheduler.add_train(0.0, n_steps=0)
+    scheduler.add_train(20.0, n_steps=2)
+    assert scheduler.steps == 4 and scheduler.charged_train_ms == 40.0
+    assert scheduler._step_ms == 10.0
+    assert scheduler.plan() is None  # 2 steps since the round, not 5
+    # A broken timer reading: the step counts, its time does not.
+    scheduler.add_train(math.nan, n_steps=1)
+    assert scheduler.steps == 5 and scheduler.charged_train_ms == 40.0 and scheduler._step_ms == 10.0
+    assert scheduler.plan() == RoundPlan(4, 2)  # 3 steps since the round
+    with pytest.raises(ValueError, match="n_steps=-1 must be >= 0"):
+        scheduler.add_train(1.0, n_steps=-1)

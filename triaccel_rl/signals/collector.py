@@ -38,7 +38,9 @@ stay the cheap tier's, as before any round.
 Bad input: a round whose loss or any estimate is non-finite is skipped (its cost still counts;
 ``extra["rounds_skipped"]``); a layer with no gradient (unused by the loss) is measured as the exact zero
 it is (``extra["unused_layers"]``); a layer frozen after the start keeps its last values. Every value in
-a snapshot is finite.
+a snapshot is finite. An interval with no steps (two snapshots in a row) measured neither time nor memory:
+its snapshot repeats the latest measured step time and peak memory, with a zero step-time trend. Per-layer
+input of another length than the layers' is refused (numpy would broadcast a single value to every layer).
 """
 
 from __future__ import annotations
@@ -220,7 +222,8 @@ class SignalCollector:
         self._loss_ema = math.nan
         self._ema_weight = 0.0  # for bias correction of the EMAs
         self._previous_probe = math.nan
-        self._previous_step_ms = math.nan
+        self._previous_step_ms = math.nan  # of the latest interval with steps
+        self._previous_peak_bytes = 0
         self._interval_steps = 0
         self._interval_skipped = 0
         self._interval_time_ms = 0.0
@@ -242,7 +245,12 @@ class SignalCollector:
     # ------------------------------------------------------------------------------------ cheap tier
 
     def observe(self, stats: StepStats) -> None:
-        """Folds one step's statistics in. Non-finite values are counted, never averaged in."""
+        """Folds one step's statistics in. Non-finite values are counted, never averaged in.
+
+        Raises:
+            ValueError: ``stats.grad_sq_sum`` does not have one entry per layer.
+        """
+        self._check_per_layer("stats.grad_sq_sum", stats.grad_sq_sum)
         start = time.perf_counter()
         self.n_steps += 1
         self._interval_steps += 1
@@ -283,8 +291,13 @@ class SignalCollector:
             skipped: the interval's skipped steps, in [0, n_steps]; None counts the observed non-finite ones.
 
         Raises:
-            ValueError: ``skipped`` is outside [0, n_steps].
+            ValueError: ``n_steps`` is negative, ``skipped`` is outside [0, n_steps], or the moments do not have
+                one entry per layer.
         """
+        if n_steps < 0:
+            raise ValueError(f"n_steps={n_steps} must be >= 0")
+        self._check_per_layer("moments.sq_norm", moments.sq_norm)
+        self._check_per_layer("moments.norm", moments.norm)
         if skipped is not None and not 0 <= skipped <= n_steps:
             raise ValueError(f"skipped={skipped} must be in [0, n_steps={n_steps}]")
         start = time.perf_counter()
@@ -293,7 +306,7 @@ class SignalCollector:
         self._interval_steps += n_steps
         self._interval_time_ms += charged
         self.train_ms += train_ms
-        self.scheduler.add_train(charged, n_steps=max(n_steps, 1))
+        self.scheduler.add_train(charged, n_steps=n_steps)
         self._interval_peak = max(self._interval_peak, peak_bytes)
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
@@ -436,7 +449,12 @@ class SignalCollector:
             lr_scale: the current global LR multiplier.
             precisions: current per-layer precisions.
             progress: fraction of the training budget used, in [0, 1].
+
+        Raises:
+            ValueError: ``grad_mean_sq_norm`` or ``precisions`` does not have one entry per layer.
         """
+        self._check_per_layer("grad_mean_sq_norm", grad_mean_sq_norm)
+        self._check_per_layer("precisions", precisions)
         start = time.perf_counter()
         weight = max(self._ema_weight, _TINY)
         sq = self._sq_ema / weight  # bias-corrected E[|g|^2] per layer
@@ -481,11 +499,15 @@ class SignalCollector:
             trend = (probe_loss - self._previous_probe) / self._previous_probe
         if probe_ok:
             self._previous_probe = probe_loss
-        step_ms = self._interval_time_ms / max(self._interval_steps, 1)
-        step_trend = 0.0
-        if math.isfinite(self._previous_step_ms) and self._previous_step_ms > 0:
-            step_trend = (step_ms - self._previous_step_ms) / self._previous_step_ms
-        self._previous_step_ms = step_ms
+        step_ms, step_trend = self._previous_step_ms, 0.0
+        if self._interval_steps:
+            step_ms = self._interval_time_ms / self._interval_steps
+            if math.isfinite(self._previous_step_ms) and self._previous_step_ms > 0:
+                step_trend = (step_ms - self._previous_step_ms) / self._previous_step_ms
+            self._previous_step_ms = step_ms
+            self._previous_peak_bytes = self._interval_peak
+        # else no step since the last snapshot: it measured neither time nor memory (its time over one step read as
+        # a 0-ms step, -100%, and its peak as 0 bytes, all headroom); the latest measurements stand.
         overflow = self._interval_skipped / max(self._interval_steps, 1)
         signals = Signals(
             loss=_finite(loss, 1e6),
@@ -496,7 +518,7 @@ class SignalCollector:
             grad_norm=_finite_array(self._norm_ema / weight),
             snr=_finite_array(snr),
             noise_scale=_finite(noise_scale, 0.0),
-            memory_bytes=int(self._interval_peak),
+            memory_bytes=int(self._previous_peak_bytes),
             memory_budget_bytes=int(self.memory_budget_bytes),
             step_time_ms=_finite(step_ms, 0.0),
             step_time_trend=_finite(step_trend, 0.0),
@@ -542,6 +564,12 @@ class SignalCollector:
         self.overhead_ms += ms
 
     # -------------------------------------------------------------------------------------- private
+
+    def _check_per_layer(self, name: str, values: np.ndarray | Sequence[object]) -> None:
+        """Refuses per-layer input of another length than the layers' (a single value would broadcast to all)."""
+        shape = values.shape if isinstance(values, np.ndarray) else (len(values),)
+        if shape != (len(self.layers),):
+            raise ValueError(f"{name} has shape {shape}; expected ({len(self.layers)},), one entry per layer")
 
     def _charge_cheap(self, start: float) -> None:
         """Charges the cheap tier's work since ``perf_counter()`` read ``start`` to its own and the whole overhead."""

@@ -143,11 +143,23 @@ class RoundScheduler:
         return [(m, p) for m, p in LADDER if m <= config.max_microbatches and p <= config.max_probes]
 
     def add_train(self, charged_ms: float, n_steps: int = 1) -> None:
-        """Charges ``n_steps`` training steps that took ``charged_ms`` together."""
-        if n_steps < 1 or not math.isfinite(charged_ms) or charged_ms < 0:
+        """Charges ``n_steps`` training steps that took ``charged_ms`` together.
+
+        The steps count (the ``fixed`` schedule's cadence) whatever their time; a time that is negative or not
+        finite (a broken timer reading) is not charged. An empty interval (``n_steps`` 0) counts no step and
+        leaves the step time alone: its time over one step would read as a step of (about) 0 ms.
+
+        Raises:
+            ValueError: ``n_steps`` is negative.
+        """
+        if n_steps < 0:
+            raise ValueError(f"n_steps={n_steps} must be >= 0")
+        self.steps += n_steps
+        if not math.isfinite(charged_ms) or charged_ms < 0:
             return
         self.charged_train_ms += charged_ms
-        self.steps += n_steps
+        if n_steps == 0:
+            return
         per_step = charged_ms / n_steps
         self._step_ms = per_step if math.isnan(self._step_ms) else 0.9 * self._step_ms + 0.1 * per_step
 
