@@ -101,6 +101,17 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
         ({"lr_factor_min": 0.0}, "lr_factor_min=0.0"),
         ({"mode": "fast"}, "unknown signal mode 'fast'; allowed: cheap, all"),
         ({"schedule": "often"}, "unknown schedule 'often'; allowed: adaptive, fixed"),
+        # Before the type checks: NaN and fractional counts passed (NaN < 1 is False) and failed mid-run in the
+        # rounds' slicing; a string number raised a TypeError from a comparison; any truthy value turned switches on.
+        ({"micro_batch_size": math.nan}, "micro_batch_size=nan must be a whole number"),
+        ({"fixed_interval_steps": 2.5}, "fixed_interval_steps=2.5 must be a whole number"),
+        ({"max_probes": True}, "max_probes=True must be a whole number"),
+        ({"seed": 1.5}, "seed=1.5 must be a whole number"),
+        ({"budget_frac": "0.1"}, "budget_frac='0.1' must be a number"),
+        ({"cheap_budget_frac": "0.004"}, "cheap_budget_frac='0.004' must be a number"),
+        ({"lr_factors": "yes"}, "lr_factors='yes' must be True or False"),
+        ({"budget_frac": math.nan}, r"budget_frac=nan must be in \(0, 1\)"),
+        ({"lr_factor_max": math.inf}, r"lr_factor_max=inf < inf"),
     ],
 )
 def test_config_validation(overrides: dict[str, object], message: str) -> None:

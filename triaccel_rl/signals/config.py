@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -133,6 +134,19 @@ class SignalConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
         object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        # Types first: a NaN or fractional count passed every ">= 1" below (NaN compares False) and failed mid-run,
+        # in the rounds' slicing; a string number failed with a TypeError from a comparison.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name}={value!r} must be a whole number")
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ConfigError(f"{name}={value!r} must be a number")
+        for name in ("lr_factors", "warmup_round"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         if not (0.0 < self.expensive_share <= 1.0):
@@ -185,3 +199,27 @@ class SignalConfig:
         if name not in presets:
             raise ConfigError(f"unknown signal preset {name!r}; allowed: {', '.join(presets)}")
         return replace(cls(), **{**presets[name], **overrides})
+
+
+_INT_FIELDS = (
+    "target_interval_steps",
+    "micro_batch_size",
+    "hutchinson_batch_size",
+    "max_microbatches",
+    "max_probes",
+    "fixed_interval_steps",
+    "fixed_microbatches",
+    "fixed_probes",
+    "seed",
+)
+_REAL_FIELDS = (
+    "budget_frac",
+    "expensive_share",
+    "round_ema_decay",
+    "small_threshold",
+    "lr_factor_exponent",
+    "lr_factor_min",
+    "lr_factor_max",
+    "observe_budget_frac",
+    "cheap_budget_frac",
+)
