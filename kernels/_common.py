@@ -170,7 +170,14 @@ def advance_step_counts_reference(step_state: torch.Tensor, apply: torch.Tensor)
 
 
 def log_betas(beta1: float, beta2: float) -> tuple[float, float]:
-    """``(log(beta1), log(beta2))``, ``-inf`` for a beta of 0 (whose powers are all 0): row 3 of the step state."""
+    """``(log(beta1), log(beta2))``, ``-inf`` for a beta of 0 (whose powers are all 0): row 3 of the step state.
+
+    Raises:
+        ValueError: a beta is outside [0, 1) (a beta of 1 would make the bias corrections divide by 0).
+    """
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     log1, log2 = (math.log(beta) if beta > 0.0 else -math.inf for beta in (beta1, beta2))
     return log1, log2
 

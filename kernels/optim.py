@@ -11,6 +11,7 @@ ahead of the GPU; read ``StepResult`` fields when the host needs them (that read
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -86,9 +87,9 @@ class SGDOptions:
     """Hyper-parameters of ``FusedSGD``, with ``torch.optim.SGD``'s meaning (the LR is given per step).
 
     Attributes:
-        momentum: momentum factor, >= 0 (0 disables the momentum buffer).
+        momentum: momentum factor, a finite number >= 0 (0 disables the momentum buffer).
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
-        weight_decay: L2 penalty added to the gradient, >= 0; or one per group of the store's parameters
+        weight_decay: L2 penalty added to the gradient, a finite number >= 0; or one per group of the store's parameters
             (``FlatParameterStore``'s ``groups``), a tuple indexed by group.
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
     """
@@ -99,8 +100,8 @@ class SGDOptions:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
-        if self.momentum < 0.0:
-            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
+        if not (math.isfinite(self.momentum) and self.momentum >= 0.0):
+            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
         if not 0.0 <= self.dampening <= 1.0:
             raise ValueError(f"dampening must be in [0, 1], got {self.dampening}")
         object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
@@ -115,8 +116,8 @@ class AdamWOptions:
     Attributes:
         beta1: decay of the first-moment average, in [0, 1).
         beta2: decay of the second-moment average, in [0, 1).
-        eps: term added to the denominator, > 0.
-        weight_decay: decoupled weight decay, >= 0; or one per group of the store's parameters
+        eps: term added to the denominator, a finite number > 0.
+        weight_decay: decoupled weight decay, a finite number >= 0; or one per group of the store's parameters
             (``FlatParameterStore``'s ``groups``), a tuple indexed by group.
     """
 
@@ -129,17 +130,20 @@ class AdamWOptions:
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
-        if self.eps <= 0.0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and self.eps > 0.0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
         object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
 
 
 def _checked_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:
     """A weight decay as the options hold it (a float, or a tuple a group), or a ValueError naming it."""
-    values = weight_decay if isinstance(weight_decay, Sequence) else (weight_decay,)
-    if not values or any(not float(value) >= 0.0 for value in values):
+    values = (
+        weight_decay if isinstance(weight_decay, Sequence) and not isinstance(weight_decay, str) else (weight_decay,)
+    )
+    if not values or any(not 0.0 <= _as_float(value) < math.inf for value in values):
         raise ValueError(
-            f"weight_decay must be >= 0, or a non-empty sequence of such (one a group); got {weight_decay}"
+            f"weight_decay must be a finite number >= 0, or a non-empty sequence of such (one a group); "
+            f"got {weight_decay!r}"
         )
     if isinstance(weight_decay, Sequence):
         return tuple(float(value) for value in weight_decay)
@@ -232,7 +236,7 @@ class _FusedOptimizer:
         """Applies one step to every parameter of the store, unless a gradient is non-finite.
 
         Args:
-            lr: global learning rate, >= 0.
+            lr: global learning rate, a finite number >= 0.
             lr_factors: float32 ``[n_layers]`` on the store's device; layer ``i`` uses
                 ``lr * lr_factors[i]`` (default: all 1).
             precision_codes: integer ``[n_layers]`` on the store's device: 0 fp32 (no copy), 1 bf16,
@@ -242,22 +246,32 @@ class _FusedOptimizer:
                 float32 tensor on the device (e.g. ``scaler.get_scale()`` kept on the GPU, reciprocated).
             max_grad_norm: clip the unscaled gradient's total norm to this, as ``torch.nn.utils.clip_grad_norm_``
                 does (``g * min(1, max_grad_norm / (norm + 1e-6))``), on the device from the statistics pass: no
-                extra pass over the gradients, no sync. None: no clipping.
+                extra pass over the gradients, no sync. None (or ``math.inf``): no clipping.
 
         Returns:
-            The skip flag and the per-layer statistics (of the gradient before clipping), all on the device.
+            The skip flag and the per-layer statistics, all on the device: the gradient's rows of the gradient
+            before clipping, ``GRAD_DOT_MOMENTUM`` of the clipped one the update used.
         """
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= lr < math.inf:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not isinstance(inv_scale, torch.Tensor) and not 0.0 < inv_scale < math.inf:
+            raise ValueError(f"inv_scale must be a finite number > 0 (1 / the loss scale), got {inv_scale}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         store = self.store
+        for name, tensor in (("lr_factors", lr_factors), ("precision_codes", precision_codes)):
+            if tensor is not None and tuple(tensor.shape) != (store.n_layers,):
+                raise ValueError(
+                    f"{name} must have one entry a layer, shape ({store.n_layers},); got {tuple(tensor.shape)}"
+                )
         factors = self._default_lr_factors if lr_factors is None else lr_factors
         codes = self._default_codes if precision_codes is None else precision_codes
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
-        if max_grad_norm is not None:  # the update unscales by inv_scale: the clip coefficient rides on it
+        if max_grad_norm is not None and max_grad_norm != math.inf:  # the update unscales by inv_scale: the clip
+            # coefficient rides on it. (An infinite bound clips nothing; computed, it would turn an overflowed norm's
+            # inf / inf into a NaN update.)
             total = stats[StatRow.GRAD_SQ_SUM].sum().sqrt()
             inv_scale = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0) * inv_scale
         without_grad = store.take_params_without_grad()
@@ -575,6 +589,20 @@ trained one head at a time); past that (experts routed anew each step), a row is
 small asynchronous host-to-device copy)."""
 
 
+def _as_float(value: Any) -> float:
+    """``float(value)`` for a number, NaN (which every range check refuses) for a string or anything else."""
+    if isinstance(value, str):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _as_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:
     """A constructor's weight decay as the options' field takes it (validated there)."""
-    return tuple(weight_decay) if isinstance(weight_decay, Sequence) else weight_decay
+    return (
+        tuple(weight_decay)
+        if isinstance(weight_decay, Sequence) and not isinstance(weight_decay, str)
+        else weight_decay
+    )

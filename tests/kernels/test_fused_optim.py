@@ -152,6 +152,9 @@ def test_a_step_state_needs_a_layer() -> None:
 
     with pytest.raises(ValueError, match="n_layers must be >= 1, got 0"):
         new_step_state("cpu", n_layers=0)
+    # A beta of 1 made log(beta) 0 and every bias correction 1 - exp(0) = 0 (a division by 0 in the update).
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\), got 1\.0"):
+        new_step_state("cpu", 0.9, 1.0, n_layers=1)
     state = new_step_state("cpu", 0.9, 0.0, n_layers=2)
     assert state.shape == (4, 3) and state[2].tolist() == [1.0, 1.0, 1.0]
     assert state[3, 0].item() == pytest.approx(math.log(0.9)) and state[3, 1].item() == -math.inf  # beta2 = 0
@@ -223,14 +226,76 @@ def test_flat_store_rejects_bad_parameters() -> None:
         FlatParameterStore([])
 
 
-def test_options_are_validated() -> None:
+NAN, INF = float("nan"), float("inf")
+BAD_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("sgd", {"nesterov": True}, "nesterov needs momentum > 0"),
+    ("sgd", {"momentum": -0.1}, r"momentum must be a finite number >= 0, got -0\.1"),
+    ("sgd", {"momentum": NAN}, "momentum must be a finite number >= 0, got nan"),
+    ("sgd", {"momentum": INF}, "momentum must be a finite number >= 0, got inf"),
+    ("sgd", {"dampening": 1.5}, r"dampening must be in \[0, 1\], got 1\.5"),
+    ("sgd", {"dampening": NAN}, r"dampening must be in \[0, 1\], got nan"),
+    ("sgd", {"weight_decay": INF}, "weight_decay must be a finite number >= 0.*got inf"),
+    ("sgd", {"weight_decay": "0.1"}, "weight_decay must be a finite number >= 0.*got '0.1'"),
+    ("adamw", {"weight_decay": NAN}, "weight_decay must be a finite number >= 0.*got nan"),
+    ("adamw", {"weight_decay": (0.1, None)}, r"weight_decay must be .*got \(0\.1, None\)"),
+    ("adamw", {"beta1": -0.1}, r"beta1 must be in \[0, 1\), got -0\.1"),
+    ("adamw", {"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1\.0"),
+    ("adamw", {"beta2": NAN}, r"beta2 must be in \[0, 1\), got nan"),
+    ("adamw", {"eps": 0.0}, "eps must be a finite number > 0, got 0.0"),
+    ("adamw", {"eps": NAN}, "eps must be a finite number > 0, got nan"),
+    ("adamw", {"eps": INF}, "eps must be a finite number > 0, got inf"),
+    ("adamw", {"block_size": 3000}, "block_size must be a power of two dividing the segment alignment 4096"),
+]
+
+
+@pytest.mark.parametrize(("optimizer", "hyper", "message"), BAD_OPTIONS)
+def test_options_out_of_range_are_refused_by_name(optimizer: str, hyper: dict[str, Any], message: str) -> None:
+    """Before the fix, NaN or infinite momentum, eps and weight decay were accepted (and a string decay failed with
+    "could not convert string to float: '.'"); the update then wrote NaN into every weight."""
     store = FlatParameterStore([[torch.nn.Parameter(torch.zeros(3))]])
-    with pytest.raises(ValueError, match="nesterov"):
-        FusedSGD(store, nesterov=True)
-    with pytest.raises(ValueError, match="beta2"):
-        FusedAdamW(store, beta2=1.0)
-    with pytest.raises(ValueError, match="block_size"):
-        FusedAdamW(store, block_size=3000)
+    with pytest.raises(ValueError, match=message):
+        _fused(optimizer, store, hyper)
+
+
+BAD_STEPS: list[tuple[dict[str, Any], str]] = [
+    ({"lr": -0.1}, r"lr must be a finite number >= 0, got -0\.1"),
+    ({"lr": NAN}, "lr must be a finite number >= 0, got nan"),
+    ({"lr": INF}, "lr must be a finite number >= 0, got inf"),
+    ({"inv_scale": 0.0}, r"inv_scale must be a finite number > 0 \(1 / the loss scale\), got 0\.0"),
+    ({"inv_scale": -1.0}, "inv_scale must be a finite number > 0 .*got -1.0"),
+    ({"inv_scale": NAN}, "inv_scale must be a finite number > 0 .*got nan"),
+    ({"max_grad_norm": 0.0}, r"max_grad_norm must be > 0 \(or None for no clipping\), got 0\.0"),
+    ({"max_grad_norm": NAN}, "max_grad_norm must be > 0 .*got nan"),
+    ({"lr_factors": torch.ones(3)}, r"lr_factors must have one entry a layer, shape \(2,\); got \(3,\)"),
+    ({"precision_codes": torch.zeros(1, dtype=torch.int32)}, r"precision_codes must .* shape \(2,\); got \(1,\)"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_STEPS)
+def test_step_arguments_out_of_range_are_refused_by_name(arguments: dict[str, Any], message: str) -> None:
+    """Nothing changes. Before the fix, a NaN or infinite LR and a NaN, zero or negative inv_scale were accepted (NaN
+    weights, or gradients ascended), and lr_factors of the wrong length was reported as precision_codes' shape."""
+    store = FlatParameterStore([[torch.nn.Parameter(torch.ones(3))], [torch.nn.Parameter(torch.ones(2))]])
+    optimizer = FusedSGD(store, momentum=0.9)
+    store.grads.fill_(1.0)
+    before = store.params.clone()
+    with pytest.raises(ValueError, match=message):
+        optimizer.step(**{"lr": 0.1, **arguments})
+    assert torch.equal(store.params, before) and float(optimizer.step_count) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_an_infinite_max_grad_norm_clips_nothing() -> None:
+    """Gradients whose sum of squares overflows float32 (finite, so the step is applied): ``max_grad_norm=inf`` is the
+    step without clipping. Before the fix, the clip coefficient was inf / inf = NaN and every weight became NaN."""
+    stores = [FlatParameterStore([[torch.nn.Parameter(torch.ones(3))]]) for _ in range(2)]
+    optimizers = [FusedSGD(store) for store in stores]
+    for store, optimizer, max_grad_norm in zip(stores, optimizers, [INF, None], strict=True):
+        store.grads[:3] = 1e30  # finite; squared, inf
+        result = optimizer.step(1e-30, max_grad_norm=max_grad_norm)
+        assert not bool(result.skipped)
+    assert stores[0].params[:3].tolist() == [0.0, 0.0, 0.0]
+    assert_bits_equal(stores[0].params, stores[1].params, "max_grad_norm=inf against no clipping")
 
 
 # The usual recipe: decay on the weights, none on biases, norm parameters and scalars (dim <= 1), so every layer
@@ -323,7 +388,7 @@ def test_per_group_weight_decay_is_validated(tmp_path: Any) -> None:
     store = FlatParameterStore(layers, groups=[[0 if p.dim() > 1 else 1 for p in layer] for layer in layers])
     with pytest.raises(ValueError, match=r"weight_decay gives 1 values .* groups 0\.\.1"):
         FusedSGD(store, weight_decay=(0.1,))
-    with pytest.raises(ValueError, match=r"weight_decay must be >= 0.*-0\.1"):
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0.*-0\.1"):
         FusedAdamW(store, weight_decay=(0.1, -0.1))
     # A checkpoint of the same store loads; one of a store laid out without the groups does not (other sizes).
     optimizer = FusedAdamW(store, weight_decay=DECAYS)
