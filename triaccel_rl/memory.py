@@ -7,7 +7,9 @@ precision map ``P``::
 
 fitted by least squares to measured peaks (the CUDA allocator's ``max_memory_allocated``) at a few batch
 sizes; ``margin`` is the largest amount a measured peak lay above the line, so the prediction bounds
-every measurement it was fitted to. A precision map with no measurement of its own borrows the line of
+every measurement it was fitted to. A fitted slope that is not positive (peaks that fall or stay flat as the
+batch grows: noise, or a pass whose peak counted memory it freed) would let every batch fit; the accounting's
+bytes per sample (``CostModel``) stand in for it. A precision map with no measurement of its own borrows the line of
 the best-measured map, shifted by the difference of the accounted 16-bit weight copies and with its slope
 scaled by the ratio of accounted activation bytes (``CostModel``). With no measurement at all (CPU runs,
 profile cost mode) the prediction is the ``CostModel`` accounting itself.
@@ -261,6 +263,7 @@ class MemoryModel:
         self._base_bytes: int | None = None  # allocated bytes at the first reading: the points' common baseline
         self._now_bytes = 0  # allocated bytes at the latest reading
         self.skipped_points = 0  # passes not recorded because they freed memory allocated before them
+        self._with_allocation: bool | None = None  # whether observe() was given allocated_bytes (always or never)
 
     @property
     def n_measurements(self) -> int:
@@ -296,13 +299,24 @@ class MemoryModel:
                 taken, the point is not (``skipped_points`` counts them).
 
         Raises:
-            ValueError: a non-positive batch size, or a negative peak or allocation.
+            ValueError: a non-positive batch size, a negative peak or allocation, or ``allocated_bytes`` given now and
+                not before, or the other way round.
         """
         if batch_size < 1 or peak_bytes < 0 or (allocated_bytes is not None and allocated_bytes < 0):
             raise ValueError(
                 f"need batch_size >= 1, peak_bytes >= 0 and allocated_bytes >= 0; got {batch_size}, {peak_bytes} "
                 f"and {allocated_bytes}"
             )
+        # Mixed, the points would mean two things: whole peaks, and what a pass added on the first reading's baseline
+        # (a whole peak taken after a rebase would count the baseline's shift twice).
+        with_allocation = allocated_bytes is not None
+        if self._with_allocation is not None and with_allocation != self._with_allocation:
+            given = "with" if self._with_allocation else "without"
+            raise ValueError(
+                f"observe(allocated_bytes={allocated_bytes}) after points {given} allocated_bytes: give it always or "
+                "never"
+            )
+        self._with_allocation = with_allocation
         if allocated_bytes is not None:
             freed_during = self._base_bytes is not None and allocated_bytes < self._now_bytes - FREED_TOLERANCE_BYTES
             if self._base_bytes is None:
@@ -326,19 +340,20 @@ class MemoryModel:
     def fit(self, precisions: Sequence[Precision]) -> MemoryFit | None:
         """The line for ``precisions``, or ``None`` when nothing was measured (predictions use the accounting).
 
-        Fitted by least squares when this map was measured at two or more sizes; through its one measured
-        point with a borrowed slope when at one; otherwise the best-measured map's line, shifted by the
-        difference in accounted weight copies, with the borrowed slope.
+        Fitted by least squares when this map was measured at two or more sizes (a slope that comes out zero or
+        negative is replaced by the accounting's, see the module); through its one measured point with a borrowed
+        slope when at one; otherwise the best-measured map's line, shifted by the difference in accounted weight
+        copies, with the borrowed slope.
         """
         key = _key(precisions)
         own = self._peaks.get(key, {})
         if len(own) >= 2:
-            return _least_squares(own)
+            return self._own_line(key)
         reference = self._reference_key()
         if reference is None:
             return None
         ref_points = self._peaks[reference]
-        ref_fit = _least_squares(ref_points) if len(ref_points) >= 2 else None
+        ref_fit = self._own_line(reference) if len(ref_points) >= 2 else None
         slope = self._transfer_slope(reference, key, ref_fit)
         if own:
             return _through_point(own, slope, n_sizes=1)
@@ -347,7 +362,15 @@ class MemoryModel:
         return MemoryFit(ref_line.intercept_bytes + shift, slope, ref_line.margin_bytes, 0)
 
     def predict(self, batch_size: int, precisions: Sequence[Precision]) -> int:
-        """Predicted peak memory of a step at micro-batch ``batch_size`` and ``precisions``, in bytes."""
+        """Predicted peak memory of a step at micro-batch ``batch_size`` and ``precisions``, in bytes.
+
+        ``batch_size`` 0 gives the memory independent of the batch.
+
+        Raises:
+            ValueError: a negative batch size.
+        """
+        if batch_size < 0:
+            raise ValueError(f"batch_size={batch_size} must be >= 0 (0: the memory independent of the batch)")
         return self._predictor(precisions)(batch_size)
 
     def max_batch_size(self, budget_bytes: int, precisions: Sequence[Precision], limit: int) -> int:
@@ -372,6 +395,17 @@ class MemoryModel:
         fixed = self.costs.fixed_bytes(list(precisions))
         per_sample = self.costs.per_sample_bytes(list(precisions), self.profile)
         return lambda batch_size: int(fixed + batch_size * per_sample)  # == CostModel.memory_bytes
+
+    def _own_line(self, key: tuple[int, ...]) -> MemoryFit:
+        """The least-squares line through ``key``'s points (two sizes or more).
+
+        Where its slope is not positive, the least-squares line of the accounting's slope instead.
+        """
+        fitted = _fit_line(self._peaks[key], slope=None)
+        if fitted.bytes_per_sample > 0:
+            return fitted
+        accounted = max(self.costs.per_sample_bytes(_precisions(key), self.profile), 0.0)
+        return _fit_line(self._peaks[key], slope=accounted)
 
     def _reference_key(self) -> tuple[int, ...] | None:
         """The best-measured map: most distinct sizes, the latest among equals."""
@@ -443,11 +477,16 @@ def _precisions(key: tuple[int, ...]) -> list[Precision]:
     return [Precision(v) for v in key]
 
 
-def _least_squares(points: dict[int, int]) -> MemoryFit:
+def _fit_line(points: dict[int, int], slope: float | None) -> MemoryFit:
+    """The least-squares line through ``points`` (two sizes or more), or the least-squares line of ``slope``.
+
+    Either way the margin lifts it over every point.
+    """
     sizes = np.array(list(points), dtype=np.float64)
     peaks = np.array(list(points.values()), dtype=np.float64)
-    centred = sizes - sizes.mean()
-    slope = max(float(np.dot(centred, peaks - peaks.mean()) / np.dot(centred, centred)), 0.0)
+    if slope is None:
+        centred = sizes - sizes.mean()
+        slope = float(np.dot(centred, peaks - peaks.mean()) / np.dot(centred, centred))
     intercept = float(peaks.mean() - slope * sizes.mean())
     margin = max(float(np.max(peaks - (intercept + slope * sizes))), 0.0)
     return MemoryFit(intercept, slope, margin, len(points))

@@ -220,7 +220,9 @@ def test_a_pass_that_freed_memory_allocated_before_it_is_not_a_point() -> None:
     model, fp32 = _linear_model()
     model.observe(256, fp32, 374 * mb, allocated_bytes=340 * mb)  # 34 MB above: the batch's own need
     model.observe(64, fp32, 424 * mb, allocated_bytes=340 * mb)  # no reading held the garbage: taken
-    assert model.fit(fp32).n_sizes == 2 and model.fit(fp32).bytes_per_sample == 0  # the line, flattened
+    taken = model.fit(fp32)  # the fitted slope came out negative: the accounting's stands in (it was flattened to 0)
+    assert taken is not None and taken.n_sizes == 2
+    assert taken.bytes_per_sample == model.costs.per_sample_bytes(fp32, model.profile)
 
     clean, _ = _linear_model()
     clean.observe(256, fp32, 374 * mb, allocated_bytes=340 * mb)
@@ -243,3 +245,72 @@ def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refu
     assert model.predict(64, fp32) == accounted and model.baseline_shift_bytes == 0
     with pytest.raises(ValueError, match="allocated_bytes >= 0; got 64, 100 and -1"):
         model.observe(64, fp32, 100, allocated_bytes=-1)
+
+
+def test_a_flat_or_falling_fit_takes_the_accountings_slope_and_still_bounds_every_point() -> None:
+    """Before the fix, a fitted slope of 0 or less was clamped to 0: the prediction was flat, so every batch up to
+    the limit "fitted" any budget above the measured peaks (``max_batch_size`` returned the limit)."""
+    accounted = _linear_model()[0].costs.per_sample_bytes([Precision.FP32] * 2, HardwareProfile.load())
+    assert accounted > 0
+    for points in ({8: 10_000, 16: 10_000}, {8: 12_000, 16: 10_000, 32: 9_000}):
+        model, fp32 = _linear_model()
+        for size, peak in points.items():
+            model.observe(size, fp32, peak)
+        fit = model.fit(fp32)
+        assert fit is not None and fit.n_sizes == len(points) and fit.bytes_per_sample == accounted
+        for size, peak in points.items():
+            assert model.predict(size, fp32) >= peak  # the margin still lifts the line over every point
+        budget = max(points.values()) + 100 * round(accounted)
+        fitted = model.max_batch_size(budget, fp32, limit=10**9)
+        assert 0 < fitted < 10**9 and model.predict(fitted, fp32) <= budget < model.predict(fitted + 1, fp32)
+    flat, fp32 = _linear_model()
+    flat.observe(8, fp32, 10_000)
+    flat.observe(16, fp32, 10_000)  # about the mean size 12: residuals +4 and -4 per-sample slopes
+    assert flat.fit(fp32) == MemoryFit(10_000 - 12 * accounted, accounted, 4 * accounted, 2)
+
+
+def test_a_rising_fit_keeps_its_own_slope() -> None:
+    model, fp32 = _linear_model()
+    model.observe(8, fp32, 10_000)
+    model.observe(16, fp32, 10_008)  # 1 byte per sample: less than the accounting, but measured
+    assert model.fit(fp32) == MemoryFit(10_000 - 8, 1.0, 0.0, 2)
+
+
+def test_every_point_at_one_batch_size_is_one_point_through_the_highest() -> None:
+    model, fp32 = _linear_model()
+    for peak in (10_000, 12_000, 11_000):
+        model.observe(8, fp32, peak)
+    accounted = model.costs.per_sample_bytes(fp32, model.profile)
+    assert model.fit(fp32) == MemoryFit(12_000 - 8 * accounted, accounted, 0.0, 1)
+    assert model.predict(8, fp32) == 12_000 and model.n_measurements == 1
+
+
+def test_a_budget_below_the_fitted_line_fits_no_batch() -> None:
+    model, fp32 = _linear_model()
+    model.observe(8, fp32, 10_000)
+    model.observe(16, fp32, 14_000)  # 6,000 + 500 per sample
+    assert model.max_batch_size(6_499, fp32, limit=1_000) == 0  # below what one sample needs
+    assert model.max_batch_size(100, fp32, limit=1_000) == 0  # below the batch-independent memory itself
+    assert model.max_batch_size(6_500, fp32, limit=1_000) == 1
+    assert model.max_batch_size(10**9, fp32, limit=0) == 0
+
+
+def test_predict_refuses_a_negative_batch() -> None:
+    model, fp32 = _linear_model()
+    assert model.predict(0, fp32) == model.costs.fixed_bytes(fp32)  # the accounting's batch-independent memory
+    with pytest.raises(ValueError, match=r"batch_size=-1 must be >= 0 \(0: the memory independent of the batch\)"):
+        model.predict(-1, fp32)
+
+
+def test_observe_with_and_without_allocated_bytes_is_refused() -> None:
+    """The docstring said "give it always or never" and nothing checked it: a whole peak observed after a rebase
+    counted the baseline's shift twice, and one observed before the first reading counted it not at all."""
+    model, fp32 = _linear_model()
+    model.observe(8, fp32, 10_000)
+    with pytest.raises(ValueError, match=r"allocated_bytes=6000.* after points without allocated_bytes: give it"):
+        model.observe(16, fp32, 14_000, allocated_bytes=6_000)
+    other, _ = _linear_model()
+    other.observe(8, fp32, 10_000, allocated_bytes=6_000)
+    with pytest.raises(ValueError, match=r"allocated_bytes=None\) after points with allocated_bytes: give it"):
+        other.observe(16, fp32, 14_000)
+    assert other.n_measurements == 1 and model.n_measurements == 1  # the refused points were not taken
