@@ -362,3 +362,31 @@ def test_frozen_batch_stats_leave_the_running_statistics_as_they_were_even_after
         loss = model(x).square().sum()
     loss.backward()  # after the block: the restore must not bump the versions the forward's graph saved
     assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_frozen_batch_stats_turn_off_the_dropout_built_into_attention_and_rnns(kind: str) -> None:
+    """Before the fix only dropout modules were switched off: ``nn.MultiheadAttention``'s own attention dropout (so a
+    ``TransformerEncoderLayer``'s) and an LSTM's between-layer dropout stayed on, so the loss the Hessian-vector
+    products differentiate changed from one forward to the next."""
+    torch.manual_seed(0)
+    model: nn.Module
+    if kind == "transformer":
+        model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        rates = [(model.self_attn, 0.5)]
+    else:
+        model = nn.LSTM(8, 8, num_layers=2, dropout=0.5, batch_first=True)
+        rates = [(model, 0.5)]
+    x = torch.randn(2, 5, 8)
+
+    def forward() -> torch.Tensor:
+        out = model(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    with frozen_batch_stats(model):
+        first, second = forward(), forward()
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        forward().square().mean().backward()  # still differentiable (an RNN stays in training mode)
+    assert all(module.dropout == rate for module, rate in rates)  # put back
+    assert model.training
+    assert not torch.equal(forward(), forward())  # outside the block the dropout is on again

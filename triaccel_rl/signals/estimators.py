@@ -354,10 +354,15 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
 
     Batch norm still normalises with the batch's own statistics (as in training), so the estimators see
     the function being trained; dropout is switched off so that the loss is a deterministic function of
-    the parameters (a Hessian needs one). The running statistics are put back afterwards, not only left alone by a
-    momentum of 0: ``(1 - 0) * running + 0 * batch`` is NaN where a batch statistic overflowed (``0 * inf``).
+    the parameters (a Hessian needs one): dropout modules, and the dropout built into ``nn.MultiheadAttention``
+    (so ``nn.TransformerEncoderLayer``'s attention too) and between the layers of ``nn.LSTM``/``nn.GRU``/``nn.RNN``
+    (their ``dropout`` set to 0 for the block; an RNN cannot go to eval mode, cuDNN's backward needs training
+    mode). Dropout a module's own ``forward`` applies (``F.dropout(x, p, self.training)``) stays on. The running
+    statistics are put back afterwards, not only left alone by a momentum of 0: ``(1 - 0) * running + 0 * batch``
+    is NaN where a batch statistic overflowed (``0 * inf``).
     """
     saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+    dropout_rates: list[tuple[nn.Module, float]] = []
     was_training = {module: module.training for module in model.modules()}
     model.train()
     for module in model.modules():
@@ -367,9 +372,15 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
             module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged where finite
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             module.eval()
+        elif isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout:
+            # Their forward reads the rate at each call; eval mode would also do, but not for an RNN (above).
+            dropout_rates.append((module, float(module.dropout)))
+            setattr(module, "dropout", 0.0)  # noqa: B010 (nn.Module's typing reads the attribute as a Tensor)
     try:
         yield
     finally:
+        for module, rate in dropout_rates:
+            setattr(module, "dropout", rate)  # noqa: B010
         for module, momentum, kept in saved:
             module.momentum = momentum
             for buffer, copy in kept:
