@@ -31,6 +31,7 @@ class BatchFinderTarget(Protocol):
     memory_elastic: bool
     lr_rule: LRRule
     batch_size: int
+    memory_budget_bytes: int
 
     @property
     def max_batch_size(self) -> int:
@@ -73,7 +74,10 @@ class BatchFinderPolicy(StaticPolicy):
         limit = min(self.config.max_batch_size, run.max_batch_size)
         found = find_batch_size(run.fits_in_budget, limit=limit)
         if found == 0:
-            raise ValueError("batch finder: a batch of one sample does not fit the memory budget")
+            raise ValueError(
+                f"batch finder: a batch of one sample does not fit the memory budget of {run.memory_budget_bytes} "
+                "bytes; raise the budget (MemoryBudget) or run a smaller model"
+            )
         run.memory_elastic = False  # the baseline neither accumulates nor recovers from OOM
         run.lr_rule = LRRule.LINEAR
         run.batch_size = found

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -327,10 +328,18 @@ def find_batch_size(fits: Callable[[int], bool], limit: int, start: int = 1) -> 
         32
 
     Raises:
-        ValueError: ``start`` is not a power of two or is above ``limit``.
+        ValueError: ``limit`` is below 1, or ``start`` is not a power of two or is above ``limit``.
     """
-    if start < 1 or start & (start - 1) or start > limit:
-        raise ValueError(f"start={start} must be a power of two in [1, limit={limit}]")
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"limit={limit!r} must be a whole number >= 1 (the largest batch to try)")
+    if (
+        isinstance(start, bool)
+        or not isinstance(start, numbers.Integral)
+        or start < 1
+        or start & (start - 1)
+        or start > limit
+    ):
+        raise ValueError(f"start={start!r} must be a power of two in [1, limit={limit}]")
     found = 0
     size = start
     while size <= limit and fits(size):

@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from elastic_helpers import small_task
 from triaccel_rl.policies import BatchFinderPolicy, make_policy
@@ -115,3 +116,68 @@ def test_controller_refuses_the_batch_finder_with_a_hint() -> None:
     model = nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"'batch-finder' is a compare baseline .* pass the batch to loader\(\)"):
         Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="batch-finder")
+
+
+@pytest.mark.parametrize(("limit", "shown"), [(0, "0"), (-4, "-4"), (64.0, "64.0"), (True, "True")])
+def test_search_limit_must_be_a_whole_number_of_one_or_more(limit: object, shown: str) -> None:
+    """Before the fix, a limit of 0 was reported as a bad start ("start=1 must be a power of two in [1, limit=0]")."""
+    with pytest.raises(ValueError, match=rf"limit={shown} must be a whole number >= 1 \(the largest batch to try\)"):
+        find_batch_size(lambda size: True, limit=limit)  # type: ignore[arg-type]
+
+
+def test_search_start_of_another_type_is_refused_by_value() -> None:
+    """Before the fix, a float start raised a TypeError from ``start & (start - 1)``."""
+    with pytest.raises(ValueError, match=r"start=2.0 must be a power of two in \[1, limit=64\]"):
+        find_batch_size(lambda size: True, limit=64, start=2.0)  # type: ignore[arg-type]
+    assert find_batch_size(lambda size: True, limit=np.int64(100), start=np.int64(4)) == 64
+
+
+def test_search_stops_at_the_first_failure_even_if_a_larger_size_would_fit() -> None:
+    """Lightning's power mode: the doubling stops at the first size that does not fit."""
+    tried: list[int] = []
+
+    def fits(size: int) -> bool:
+        tried.append(size)
+        return size != 8
+
+    assert find_batch_size(fits, limit=64) == 4 and tried == [1, 2, 4, 8]
+
+
+class _FakeRun:
+    """A run whose memory holds ``capacity`` samples (``BatchFinderTarget``)."""
+
+    def __init__(self, capacity: int, max_batch_size: int) -> None:
+        self.capacity, self.max_batch_size = capacity, max_batch_size
+        self.memory_elastic, self.lr_rule, self.batch_size = True, LRRule.SQRT, 64
+        self.memory_budget_bytes = 1000 * capacity
+        self.tried: list[int] = []
+
+    def fits_in_budget(self, batch_size: int) -> bool:
+        self.tried.append(batch_size)
+        return batch_size <= self.capacity
+
+
+def test_prepare_when_nothing_fits_names_the_budget_and_changes_nothing() -> None:
+    run = _FakeRun(capacity=0, max_batch_size=512)
+    policy = BatchFinderPolicy("batch-finder", ControllerConfig())
+    with pytest.raises(ValueError, match="one sample does not fit the memory budget of 0 bytes; raise the budget"):
+        policy.prepare(run)  # type: ignore[arg-type]
+    assert run.tried == [1] and policy.batch_size is None
+    assert (run.memory_elastic, run.lr_rule, run.batch_size) == (True, LRRule.SQRT, 64)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "data_limit", "config_limit", "expected", "tried"),
+    [
+        (10**6, 1000, 4096, 512, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),  # everything fits: the data's bound
+        (10**6, 1024, 4096, 1024, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]),  # a power of two is reached
+        (10**6, 1000, 100, 64, [1, 2, 4, 8, 16, 32, 64]),  # the config's bound
+        (1, 1000, 4096, 1, [1, 2]),
+        (10**6, 1, 4096, 1, [1]),  # a data set of fewer than 16 samples: batch 1
+    ],
+)
+def test_prepare_bounds(capacity: int, data_limit: int, config_limit: int, expected: int, tried: list[int]) -> None:
+    run = _FakeRun(capacity=capacity, max_batch_size=data_limit)
+    policy = BatchFinderPolicy("batch-finder", ControllerConfig(min_batch_size=1, max_batch_size=config_limit))
+    assert policy.prepare(run) == expected == run.batch_size  # type: ignore[arg-type]
+    assert run.tried == tried and not run.memory_elastic and run.lr_rule is LRRule.LINEAR
