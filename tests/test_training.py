@@ -160,3 +160,51 @@ def test_train_interval_counts_and_skips_non_finite_steps(monkeypatch):
     assert run.train_interval(0).steps == 0
     with pytest.raises(ValueError, match="n_steps=-1"):
         run.train_interval(-1)
+
+
+class _AttentionNet(torch.nn.Module):
+    """A Linear, an attention layer (batch-first or sequence-first) and a LayerNorm over 5 tokens of width 8."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.fc = torch.nn.Linear(3, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.ln = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.fc(x) if self.batch_first else self.fc(x).transpose(0, 1)  # [1, 5, 8] or [5, 1, 8]
+        return self.ln(self.attn(h, h, h)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_cost_model_counts_each_layer_of_one_sample_exactly(batch_first):
+    """FLOPs and output bytes by hand, whatever dimension holds the sequence. A sequence-first layer's output,
+    ``[length, 1, ...]``, was cut to its first token (``out[:1]``): its costs came out 5x too small here."""
+    from triaccel_rl.config import HardwareProfile
+    from triaccel_rl.costs import CostModel
+    from triaccel_rl.precision import find_layers
+
+    model = _AttentionNet(batch_first)
+    layers = [info for _, _, info in find_layers(model)]
+    costs = CostModel.measure(model, layers, torch.zeros(1, 5, 3), optimizer_states=1)
+    tokens, width, heads_width = 5, 8, 8
+    assert [info.name for info in layers] == ["fc", "attn", "ln"]
+    assert costs.flops_per_sample.tolist() == [
+        2 * 3 * tokens * width,  # Linear(3, 8) on 5 tokens: 240
+        # q, k, v and out projections (4 E x E a token), then Q K^T and A V (E a token pair each): 2560 + 800
+        2 * 4 * heads_width * tokens * width + 2 * 2 * tokens * tokens * width,
+        tokens * width,  # a LayerNorm counts its outputs: 40
+    ]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * tokens * width] * 3  # fp32 outputs: 160 bytes each
+    n_params = (3 * 8 + 8) + (3 * 8 * 8 + 3 * 8 + 8 * 8 + 8) + (8 + 8)  # 32 + 288 + 16
+    assert costs.static_bytes == n_params * 4 * (2 + 1)  # weights, gradients and one momentum, fp32
+    profile = HardwareProfile.load()
+    precisions = [Precision.BF16, Precision.FP16, Precision.FP32]
+    flops = 240 * profile.time(Precision.BF16) + 3360 * profile.time(Precision.FP16) + 40
+    assert costs.step_ms(16, precisions, profile) == pytest.approx(
+        16 * 3 * flops / 1e6 * profile.throughput_scale + profile.fixed_ms, rel=1e-12
+    )
+    per_sample = 160 * (profile.memory(Precision.BF16) + profile.memory(Precision.FP16) + 1.0)
+    copies = 2 * (32 + 288)  # the two 16-bit layers' weight copies
+    assert costs.memory_bytes(16, precisions, profile) == int(costs.static_bytes + copies + 16 * per_sample)

@@ -68,10 +68,12 @@ class CostModel:
             module = modules.get(info.name, model)
 
             def hook(module: nn.Module, args: tuple, output: object, index: int = index) -> None:
+                # The forward is of one sample: the whole output is its. (Slicing out[:1] took one position of a
+                # sequence-first output, [length, 1, ...], and undercounted it by the sequence's length.)
                 out = output[0] if isinstance(output, tuple) else output
                 if isinstance(out, torch.Tensor):
-                    out_bytes[index] += out[:1].numel() * 4
-                    flops[index] += _forward_flops(module, out[:1])
+                    out_bytes[index] += out.numel() * 4
+                    flops[index] += _forward_flops(module, out)
 
             handles.append(module.register_forward_hook(hook))
         was_training = model.training
@@ -131,13 +133,13 @@ class CostModel:
 
 
 def _forward_flops(module: nn.Module, out: torch.Tensor) -> float:
-    """Multiply-add FLOPs (×2) of one sample through ``module``; other layers count their outputs."""
+    """Multiply-add FLOPs (×2) of one sample through ``module``, from its output ``out``; other layers count outputs."""
     if isinstance(module, nn.Linear):
         return 2.0 * module.in_features * out.numel()
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
         return 2.0 * kernel * out.numel()
     if isinstance(module, nn.MultiheadAttention):
-        length = out.shape[-2] if out.dim() >= 2 else 1
+        length = out.numel() // module.embed_dim  # one sample's tokens, whichever dimension holds them
         return 2.0 * 4 * module.embed_dim * out.numel() + 4.0 * length * out.numel()
     return float(out.numel())
