@@ -141,6 +141,49 @@ def test_hutchinson_exact_for_diagonal_hessian() -> None:
     assert estimate.diagonal[0].tolist() == a.tolist()
 
 
+def test_hutchinson_over_every_sign_vector_is_exact_and_its_variance_is_the_documented_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exact, not statistical: a quadratic ``p^T A p / 2`` over 2 layers of 2 parameters each (H = A, dense), and the
+    16 Rademacher vectors enumerated. Their mean is exactly ``tr(A_l)`` and ``diag(A)`` (unbiasedness), and the
+    single-probe values' variance is exactly ``2 sum_{i != j in l} A_ij^2 + sum_{i in l, j not in l} A_ij^2``.
+    Before the docstring's fix it gave the cross-layer pairs a coefficient 2 as well (14.5 for layer 0, not the exact
+    9.25)."""
+    a = torch.tensor(
+        [[2.0, 1.0, 0.5, -1.0], [1.0, 3.0, 2.0, 0.0], [0.5, 2.0, -1.0, 1.5], [-1.0, 0.0, 1.5, 4.0]], dtype=torch.float64
+    )
+    w = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([1.0, 0.5], dtype=torch.float64))
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=4)), dtype=torch.float64)
+    queue = [part for row in signs for part in (row[:2], row[2:])]  # drawn per parameter, in layer order
+    monkeypatch.setattr(
+        "triaccel_rl.signals.estimators._rademacher", lambda like, generator: queue.pop(0).to(like.dtype)
+    )
+
+    def loss() -> torch.Tensor:
+        p = torch.cat([w, b])
+        return 0.5 * p @ a @ p
+
+    all_of_them = hutchinson(loss(), [[w], [b]], len(signs), diagonal=True)
+    assert not queue
+    torch.testing.assert_close(all_of_them.trace, torch.tensor([5.0, 3.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert all_of_them.diagonal is not None
+    torch.testing.assert_close(torch.cat(all_of_them.diagonal).double(), a.diagonal(), rtol=0, atol=1e-6)
+    queue.extend(part for row in signs for part in (row[:2], row[2:]))
+    single = torch.stack([hutchinson(loss(), [[w], [b]], 1).trace for _ in signs])
+    variance = single.var(dim=0, unbiased=False)  # over the whole population of probes: exact
+    off = a.clone()
+    off.fill_diagonal_(0)
+    blocks = [slice(0, 2), slice(2, 4)]
+    for layer, block in enumerate(blocks):
+        inside = off[block, block].square().sum()
+        across = a[block].square().sum() - a[block, block].square().sum()
+        documented = float(2 * inside + across)
+        assert float(variance[layer]) == pytest.approx(documented, rel=1e-12), f"layer {layer}"
+    # By hand: inside pairs (0, 1) and (2, 3), 4 * 1^2 and 4 * 1.5^2; across, 0.5^2 + 1^2 + 2^2 + 0^2 for either.
+    assert [float(v) for v in variance] == pytest.approx([4.0 + 5.25, 9.0 + 5.25], rel=1e-12)
+
+
 # ---------------------------------------------------------------- Fisher and noise
 
 
@@ -171,6 +214,34 @@ def test_fisher_diagonal_equals_mean_of_per_sample_squared_gradients() -> None:
     assert moments.fisher_diagonal is not None
     for layer, (measured, expected) in enumerate(zip(moments.fisher_diagonal, exact, strict=True)):
         torch.testing.assert_close(measured.double(), expected, rtol=1e-5, atol=1e-9, msg=f"layer {layer}")
+
+
+def test_gradient_moments_equal_their_formulas_over_the_micro_batch_gradients() -> None:
+    """Deterministic, not statistical: with ``b = 6``, ``m = 4`` (and 2 samples beyond ``m * b`` left out), each layer's
+    estimates equal the documented formulas evaluated on the micro-batch gradients built from per-sample gradients
+    (vmap): ``|mean|^2 - sum(s2) / m``, ``b * sum(s2)`` and ``mean^2 + (b - 1/m) s2`` (float32 accumulation)."""
+    model = gelu_mlp()
+    x, y = classification_batch(26, seed=7)
+    per_sample = per_sample_grads(model, x, y)
+    b, m = 6, 4
+
+    def closure(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(xb), yb)
+
+    moments = gradient_moments(closure, x, y, layers_of(model), n_micro=m, fisher_diagonal=True)
+    assert (moments.micro_batch_size, moments.n_micro) == (b, m)
+    assert moments.fisher_diagonal is not None
+    for layer, i in enumerate((0, 2)):
+        flat = torch.cat([per_sample[f"{i}.weight"].flatten(1), per_sample[f"{i}.bias"]], dim=1)[: m * b]
+        micro = flat.reshape(m, b, -1).mean(1)  # the m micro-batch gradients
+        mean, s2 = micro.mean(0), micro.var(0, unbiased=True)
+        expected = (mean.square().sum() - s2.sum() / m, b * s2.sum(), mean.square() + (b - 1 / m) * s2)
+        measured = (moments.grad_sq_norm[layer], moments.trace_cov[layer], moments.fisher_diagonal[layer].double())
+        for name, got, want in zip(("grad_sq_norm", "trace_cov", "fisher"), measured, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9, msg=f"layer {layer} {name}")
+    with torch.no_grad():
+        losses = [float(closure(x[k * b : (k + 1) * b], y[k * b : (k + 1) * b])) for k in range(m)]
+    assert float(moments.loss) == pytest.approx(np.mean(losses), rel=1e-6)
 
 
 def test_fisher_diagonal_unbiased_with_larger_micro_batches() -> None:

@@ -107,8 +107,10 @@ def hutchinson(
 
     For each Rademacher probe ``v`` (entries +-1), one Hessian-vector product ``H v`` by double backward
     gives ``v_l . (H v)_l`` for every layer ``l``, whose expectation is ``tr(H_l)`` (the cross-layer terms
-    vanish in expectation), with variance ``2 * sum_{i in l, j != i} H_ij^2``. The estimate is the mean
-    over ``n_probes`` probes. Cost: one gradient with a graph, then ``n_probes`` double backwards.
+    vanish in expectation), with variance ``2 * sum_{i, j in l, j != i} H_ij^2 + sum_{i in l, j not in l} H_ij^2``
+    (a pair inside the layer enters twice, ``H_ij v_i v_j + H_ji v_j v_i``; a pair across layers once). The
+    estimate is the mean over ``n_probes`` probes, of that variance over ``n_probes``. Cost: one gradient with a
+    graph, then ``n_probes`` double backwards.
 
     Parameters that do not require a gradient (frozen) or that the loss does not depend on (unused)
     contribute an exact zero.
@@ -312,7 +314,7 @@ def curvature_lr_factors(
     """Per-layer LR factors that shrink the step of sharp layers and grow that of flat ones, within bounds.
 
     ``factor_l = clip((median / c_l) ** exponent, min_factor, max_factor)``, where ``median`` is the median
-    of the valid (finite, positive) curvatures. A layer ``exponent`` = 1 would get a Newton-like step
+    of the valid (finite, positive) curvatures. With ``exponent`` = 1 a layer's step would be Newton-like,
     ``∝ 1 / c_l``; the default 0.5 is the square root (as Adam's ``1 / sqrt(v)``), which trusts a noisy
     curvature estimate less. The factors are invariant to scaling all curvatures by a constant; a layer
     at the median gets 1. Invalid layers (zero, negative or non-finite curvature, e.g. unused layers)
