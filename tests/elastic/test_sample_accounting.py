@@ -179,3 +179,72 @@ def test_out_of_memory_errors_are_recognised(error: BaseException) -> None:
     assert is_out_of_memory(error)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not a RuntimeError: a bug's message
+
+
+def _optimizer_tensors(run: TrainingRun) -> list[torch.Tensor]:
+    state = run.engine.state_holder.state_dict()["state"]
+    return [value for key in sorted(state) for _, value in sorted(state[key].items()) if torch.is_tensor(value)]
+
+
+def test_adamw_state_after_ooms_across_batch_changes_and_an_epochs_end_equals_the_fault_free_twins() -> None:
+    """Moments, step counts and parameters of an AdamW run hit by OOMs (forward and backward, first and later
+    micro-batches, the epoch's short last batch) equal, bit for bit, those of a twin split the same way."""
+    faults = {(1, 0, "forward"), (2, 1, "backward"), (3, 0, "backward"), (5, 2, "forward"), (6, 0, "forward")}
+
+    def fault(point: FaultPoint) -> None:
+        if point.attempt == 0 and (point.step, point.micro_index, point.phase) in faults:
+            inject_oom(lambda _: True)(point)
+
+    task = small_task(optimizer="adamw", base_lr=2e-3)
+    faulty = TrainingRun(task, seed=0, device="cpu", fault=fault)
+    twin = TrainingRun(task, seed=0, device="cpu")
+    faulty.micro_batch_cap = 16  # micro-batches to fail in; the OOMs lower the budget, and later steps split more
+    sizes = [64, 40, 64, 48, 33, 64, 24, 50]  # 158 samples an epoch: steps 0-2 end it on a short batch of 54
+    epochs = []
+    for step, size in enumerate(sizes):
+        faulty.batch_size = twin.batch_size = size
+        stats = faulty.step()
+        twin.micro_batch_cap = faulty.last_micro_batches[0]
+        twin_stats = twin.step()
+        assert torch.equal(faulty.last_batch.indices, twin.last_batch.indices), f"step {step}"  # type: ignore[union-attr]
+        assert stats.loss == twin_stats.loss and stats.lr == twin_stats.lr
+        epochs.append((faulty.last_batch.epoch, len(faulty.last_batch.y)))  # type: ignore[union-attr]
+    assert epochs[2] == (0, 54) and epochs[3][0] == 1  # the short last batch was hit (step 2), then a new epoch
+    assert faulty.oom_events == len(faults) and faulty.steps == twin.steps == len(sizes)
+    assert faulty.samples_seen == twin.samples_seen == sum(n for _, n in epochs)
+    for a, b in zip(parameters_of(faulty), parameters_of(twin), strict=True):
+        assert torch.equal(a, b)
+    moments, twin_moments = _optimizer_tensors(faulty), _optimizer_tensors(twin)
+    assert len(moments) == 3 * len(list(faulty.model.parameters()))  # exp_avg, exp_avg_sq and step, per parameter
+    for a, b in zip(moments, twin_moments, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_step_given_up_at_the_epochs_short_last_batch_loses_and_repeats_no_sample() -> None:
+    """The epoch's last 30 samples fail for good; the run carries on (a smaller batch, the fault gone) and trains on
+    exactly those 30, in the seed's order, before the next epoch begins: the updates equal a fault-free run's that
+    splits its batches the same way (the given-up step left the budget at one sample)."""
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    reference = TrainingRun(small_task(), seed=0, device="cpu")
+    n = len(run.loader)  # 158: 64 + 64 + 30
+    for _ in range(2):
+        run.step()
+        reference.step()
+    run.fault = inject_oom(lambda point: True)
+    with pytest.raises(UnrecoverableOOMError):
+        run.step()
+    assert run.samples_seen == 128 and run.steps == 2 and run.loader.epoch == 0
+    run.fault = None
+    applied = []
+    for size in (16, 16, 64):  # 16 + 14 finish the epoch; then the next epoch's first 64
+        run.batch_size = reference.batch_size = size
+        run.step()
+        reference.micro_batch_cap = run.last_micro_batches[0]
+        reference.step()
+        assert run.last_micro_batches == reference.last_micro_batches == [1] * len(run.last_batch.y)  # type: ignore[union-attr]
+        assert torch.equal(run.last_batch.indices, reference.last_batch.indices)  # type: ignore[union-attr]
+        applied.append((run.last_batch.epoch, len(run.last_batch.y)))  # type: ignore[union-attr]
+    assert applied == [(0, 16), (0, 14), (1, 64)]
+    assert run.samples_seen == reference.samples_seen == n + 64 and run.steps == reference.steps == 5
+    for a, b in zip(parameters_of(run), parameters_of(reference), strict=True):
+        assert torch.equal(a, b)
