@@ -192,12 +192,6 @@ def test_profile_non_positive_factor_rejected(table: str, bad: float) -> None:
         HardwareProfile(**raw)  # type: ignore[arg-type]
 
 
-def test_profile_non_positive_factor_rejected_on_load(tmp_path: Path) -> None:
-    raw = {**_VALID_PROFILE, "time_factor": {"fp32": 1.0, "bf16": -1.0, "fp16": 0.25}}
-    with pytest.raises(ConfigError, match=r"time_factor\['bf16'\]=-1.0 must be a positive number"):
-        HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
-
-
 @pytest.mark.parametrize(("name", "kind"), [("fixed_ms", "non-negative"), ("throughput_scale", "positive")])
 def test_profile_negative_scalar_rejected(name: str, kind: str) -> None:
     with pytest.raises(ConfigError, match=rf"{name}=-1.0 must be a {kind} number"):
@@ -205,15 +199,18 @@ def test_profile_negative_scalar_rejected(name: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "message"),
     [
-        "device time_factor memory_factor",
-        {**_VALID_PROFILE, "time_factor": {"fp32": "1.0", "bf16": 0.5, "fp16": 0.25}},
+        ("device time_factor memory_factor", r"p\.json must be a JSON object; got str"),
+        (
+            {**_VALID_PROFILE, "time_factor": {"fp32": "1.0", "bf16": 0.5, "fp16": 0.25}},
+            r"time_factor\['fp32'\]='1\.0' must be a positive number",
+        ),
     ],
     ids=["json-string-not-object", "string-factor"],
 )
-def test_profile_malformed_values_raise_config_error(tmp_path: Path, raw: object) -> None:
-    with pytest.raises(ConfigError):
+def test_profile_malformed_values_raise_config_error(tmp_path: Path, raw: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
         HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
 
 

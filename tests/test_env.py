@@ -128,12 +128,14 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
 
 
 def test_same_seed_same_trajectory():
-    rewards = []
+    trajectories = []
     for _ in range(2):
         env = small_env()
-        env.reset(seed=7)
-        rewards.append([env.step(np.array([1, 0, 0, 0, 2, 1]))[1] for _ in range(3)])
-    assert rewards[0] == rewards[1]
+        first, _ = env.reset(seed=7)
+        steps = [env.step(np.array([1, 0, 0, 0, 2, 1]))[:2] for _ in range(3)]
+        trajectories.append([first, *(obs for obs, _ in steps), [reward for _, reward in steps]])
+    for a, b in zip(*trajectories, strict=True):  # observations and rewards, bit for bit
+        np.testing.assert_array_equal(a, b)
 
 
 def test_divergence_terminates_with_penalty():
@@ -156,12 +158,22 @@ def test_divergence_terminates_with_penalty():
     assert reward == -env.reward_config.divergence_penalty
 
 
-@pytest.mark.parametrize("bad", [[3, 0, 0, 0, 0, 1], [0, 0, 0, 0, 5, 1], [0, 0, 0, 0, 0, -1], [0, 0, 0]])
-def test_action_outside_space_is_rejected(bad):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([3, 0, 0, 0, 0, 1], r"action entry 0 = 3 is outside \[0, 2\] \(precision of group 0"),
+        ([0, 0, 0, 0, 5, 1], r"action entry 4 = 5 is outside \[0, 4\] \(LR-scale index"),
+        ([0, 0, 0, 0, 0, -1], r"action entry 5 = -1 is outside \[0, 2\] \(batch move"),
+        ([0, 0, 0], r"action \[0, 0, 0\] has shape \(3,\); expected \(6,\)"),
+    ],
+)
+def test_action_outside_space_is_rejected(bad, message):
     env = small_env()
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="action"):
+    steps = env.loop.run.steps
+    with pytest.raises(ValueError, match=message):  # the entry, its value and range, and what it controls
         env.step(np.array(bad))
+    assert env.loop.run.steps == steps  # refused before anything trained
 
 
 def test_unknown_task_lists_known_ones():
@@ -186,7 +198,7 @@ def test_a_render_mode_is_refused_by_name():
 
 
 def test_step_before_reset_is_an_error():
-    with pytest.raises(RuntimeError, match="reset"):
+    with pytest.raises(RuntimeError, match=r"^call reset\(\) before step\(\)$"):
         small_env().step(np.array([0, 0, 0, 0, 2, 1]))
 
 
