@@ -72,9 +72,15 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
 
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
 def test_a_resumed_run_is_the_uninterrupted_run(policy):
-    state, _ = resume_matches_an_uninterrupted_run(policy)
+    state, resumed = resume_matches_an_uninterrupted_run(policy)
     scaler = state["controller"]["engine"]["scaler"]
-    assert (scaler is None) if policy == "fp32" else scaler["scale"] > 0
+    if policy == "fp32":
+        assert scaler is None and resumed.engine.grad_scaler is None
+    else:
+        # GradScaler's defaults: scale 2**16, kept through 7 finite steps (it grows after 2000), 7 counted towards
+        # the growth. The resumed scaler counts on from them: 12 after the 5 steps more (a fresh one would say 5).
+        assert (scaler["scale"], scaler["_growth_tracker"]) == (2.0**16, 7)
+        assert resumed.engine.grad_scaler.state_dict() == {**scaler, "_growth_tracker": 12}
     assert state["controller"]["loader"] == {"n": 96, "seed": 0, "epoch": 1, "cursor": 16, "samples_served": 112}
 
 

@@ -36,11 +36,25 @@ def train(ctl, model, epochs=2, batch_size=16):
 
 
 def test_static_bf16_runs_every_layer_in_bf16_from_the_first_step():
+    """Every layer bf16 from the first step: the run is a plain loop under ``torch.autocast`` in bf16 over the same
+    batches (``ElasticLoader``'s order for seed 0), loss for loss and weight for weight, bit for bit."""
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=4))
     assert ctl.precisions == [Precision.BF16] * 3
     seen, losses = train(ctl, model)
-    assert sum(seen) == 2 * 512
+    assert seen == [16] * (2 * 512 // 16)
+    plain, optimizer = model_and_optimizer()
+    loader, plain_losses = ElasticLoader(*data(), seed=0), []
+    for _ in seen:
+        batch = loader.next(16)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(plain(batch.x), batch.y)
+        loss.backward()
+        optimizer.step()
+        plain_losses.append(float(loss.detach()))
+    assert losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 

@@ -257,6 +257,12 @@ def test_load_fake_fashion_mnist(tmp_path: Path) -> None:
     assert ds.train_images.dtype == torch.uint8
     assert ds.train_labels.dtype == torch.int64
     assert ds.test_images.shape == (10, 28, 28)
+    # The pixels write_fake_fashion drew (the same generator, the same draws), in file order; its cycling labels.
+    rng = np.random.default_rng(1)
+    train, test = (rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8) for n in (20, 10))
+    np.testing.assert_array_equal(ds.train_images.numpy(), train)
+    np.testing.assert_array_equal(ds.test_images.numpy(), test)
+    assert ds.train_labels.tolist() == [i % 10 for i in range(20)]
     assert ds.test_labels.tolist() == list(range(10))
     assert ds.classes == FASHION_MNIST_CLASSES
     assert load_fashion_mnist(folder) is ds  # cached

@@ -309,17 +309,27 @@ def test_fp16_on_non_controllable_layer_needs_no_scaler() -> None:
 
 
 def test_backward_through_mixed_precision_gives_fp32_grads() -> None:
-    model = three_linears()
+    """The loss and every gradient equal, bit for bit, those of the same forward written with explicit casts (CPU
+    autocast is exactly "cast, then the op in the low dtype"; the casts' backward brings the gradients to fp32)."""
+    model, reference = three_linears(), three_linears()  # same seed: same weights
     lp = LayerPrecision(model, device_type="cpu")
     lp.set(["bf16", "fp32", "fp16"])
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=generator), torch.randint(0, 5, (8,), generator=generator)
     with lp.context():
-        loss = F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 5, (8,)))
+        loss = F.cross_entropy(model(x), y)
     assert loss.dtype == torch.float32  # autocast runs cross_entropy in fp32
     loss.backward()
-    for p in model.parameters():
-        assert p.grad is not None
-        assert p.grad.dtype == torch.float32
-        assert torch.isfinite(p.grad).all()
+    first, middle, last = reference[0], reference[2], reference[4]
+    h = F.linear(x.bfloat16(), first.weight.bfloat16(), first.bias.bfloat16()).relu()
+    h = F.linear(h.float(), middle.weight, middle.bias).relu()  # the fp32 layer casts its input up
+    h = F.linear(h.half(), last.weight.half(), last.bias.half())
+    expected = F.cross_entropy(h.float(), y)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for (name, p), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.equal(p.grad, want.grad), f"{name}: differs by {(p.grad - want.grad).abs().max():.3g}"
 
 
 def test_cpu_fp16_convolution_is_emulated_with_fp16_rounding() -> None:
