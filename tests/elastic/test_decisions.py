@@ -158,3 +158,33 @@ def test_the_lr_clamp_and_the_overflow_shield_at_their_bounds() -> None:
     assert report.refused == [f"kept {loop.run.n_layers} layers at their precision: overflow rate 1.00 > 0.05"]
     report = loop.executor.apply(lower, loop.run, overflow_rate=0.0)
     assert report.changed_precision == loop.run.n_layers
+
+
+def test_growth_stops_at_the_configs_and_the_datas_largest_batch() -> None:
+    config = ControllerConfig(interval_steps=2, max_batch_size=100)
+    run = TrainingRun(small_task(n_train=1200), seed=0, device="cpu")  # loader 1054: the data allows 131
+    loop = DecisionLoop(run, config)
+    report = loop.executor.apply(_grow(config), run)
+    assert report.batch_size == run.batch_size == 100 and not report.refused  # 128 capped at the config's 100
+    report = loop.executor.apply(_grow(config), run)
+    assert report.batch_size == 100 and not report.changed
+    assert report.refused == ["batch 100 already at its largest allowed size 100"]
+    run.batch_size = 512  # a batch set above both bounds is not grown, nor cut by a grow
+    assert loop.executor.apply(_grow(config), run).refused == ["batch 512 already at its largest allowed size 100"]
+    assert run.batch_size == 512
+    wide = DecisionLoop(TrainingRun(small_task(n_train=1200), seed=0, device="cpu"), ControllerConfig(interval_steps=2))
+    wide.run.batch_size = 128
+    assert wide.executor.apply(_grow(wide.config), wide.run).batch_size == wide.run.max_batch_size == 131
+
+
+def test_a_grow_moves_the_lr_by_the_rule_through_the_warmup() -> None:
+    loop = _loop()
+    run = loop.run
+    base = run.task.base_lr
+    run.step()  # after the first step, a rise of x1.5 or more is warmed up (elastic.warmup_steps = 10)
+    loop.executor.apply(_grow(loop.config), run)
+    assert run.batch_size == 128
+    assert [run.step().lr for _ in range(3)] == pytest.approx([base * 1.1, base * 1.2, base * 1.3])
+    shrink = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.SHRINK)
+    loop.executor.apply(shrink, run)  # a fall applies at once: linear in the batch (SGD)
+    assert run.batch_size == 64 and run.step().lr == pytest.approx(base)
