@@ -810,3 +810,63 @@ def test_a_round_smaller_than_asked_is_charged_at_its_own_size() -> None:
     assert report is not None and report.plan.n_microbatches == 5  # 8 asked for, 5 samples
     assert collector.scheduler._noise_ms == report.cost.noise_ms / 5
     assert collector.scheduler._probe_ms == report.cost.hutchinson_ms / 2
+
+
+def test_a_non_finite_round_fisher_is_not_kept_and_a_frozen_layer_restarts_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rounds' Fisher diagonal (SGD: no second moment to reuse), smoothed over rounds. Before the fix, (1) a round
+    whose diagonal had a non-finite entry while its float64 sums were finite (a float32 overflow) folded it into the
+    running mean for good: that round and every later one reported "sparsity not updated"; (2) freezing one layer
+    restarted every layer's running mean from zero."""
+    from triaccel_rl.signals import collector as collector_module
+
+    real = collector_module.gradient_moments
+    rounds: list = []
+    poison = [False]
+
+    def recording(*args: object, **kwargs: object) -> object:
+        moments = real(*args, **kwargs)
+        if poison[0]:
+            assert moments.fisher_diagonal is not None
+            bad = [f.clone() for f in moments.fisher_diagonal]
+            bad[0][0] = float("inf")
+            moments = replace(moments, fisher_diagonal=bad)
+        rounds.append(moments)
+        return moments
+
+    monkeypatch.setattr(collector_module, "gradient_moments", recording)
+    torch.manual_seed(0)
+    model = WithUnused()
+    d = 0.5
+    collector, _ = mlp_collector(model, model.layers()[:2], replace(EVERY_STEP, round_ema_decay=d, warmup_round=False))
+
+    def one_round() -> str:
+        collector.observe(fake_stats(2))
+        report = collector.maybe_estimate()
+        assert report is not None and report.folded
+        return report.reason
+
+    assert one_round() == ""
+    kept = [f.clone() for f in collector._fisher_ema]
+    sparsity = collector._sparsity
+    poison[0] = True
+    assert one_round().startswith("sparsity not updated")
+    assert collector._sparsity is sparsity
+    for now, before in zip(collector._fisher_ema, kept, strict=True):
+        assert torch.equal(now, before)
+    poison[0] = False
+    assert one_round() == ""  # the next finite round updates the sparsity again
+    expected = [
+        before.mul(d).add_(new, alpha=1 - d) for before, new in zip(kept, rounds[-1].fisher_diagonal, strict=True)
+    ]
+    for now, want in zip(collector._fisher_ema, expected, strict=True):
+        torch.testing.assert_close(now, want, rtol=0, atol=0)
+    # Freezing the first layer: the second folds on from its running mean; the first keeps its own.
+    before_freeze = [f.clone() for f in collector._fisher_ema]
+    for p in model.first.parameters():
+        p.requires_grad_(False)
+    assert one_round() == ""
+    assert torch.equal(collector._fisher_ema[0], before_freeze[0])
+    second = before_freeze[1].mul(d).add_(rounds[-1].fisher_diagonal[1], alpha=1 - d)
+    torch.testing.assert_close(collector._fisher_ema[1], second, rtol=0, atol=0)

@@ -661,17 +661,24 @@ class SignalCollector:
             self._fold_round(trace, grad_sq, cov, measured)
             self._round_samples = plan.n_microbatches * micro
             self._unused = measured & ~(estimate.used | moments.used)
+            fisher_ema = None
             if from_rounds:
                 assert moments.fisher_diagonal is not None
-                diagonal = self._round_fisher(moments.fisher_diagonal, trainable)
+                self._fisher_source = "microbatch_rounds"
+                fisher_ema = self._folded_fisher(moments.fisher_diagonal)
+                diagonal = [e if ok and e.numel() else None for e, ok in zip(fisher_ema, trainable, strict=True)]
             else:
                 assert optimizer_diagonal is not None
                 self._fisher_source = "optimizer_second_moment"
                 diagonal = [d if ok else None for d, ok in zip(optimizer_diagonal, trainable, strict=True)]
             try:
                 self._sparsity = _sparsity_with_gaps(diagonal, config.small_threshold, self._sparsity)
-            except ValueError as err:  # a non-finite optimizer moment: keep the previous pattern
+            except ValueError as err:  # a non-finite optimizer moment or round diagonal: keep the previous pattern
                 reason = f"sparsity not updated: {err}"
+            else:
+                # Kept only when finite: a non-finite entry (its float32 product can overflow where the float64 sums
+                # above did not) stayed in the running mean for good, and no later round updated the sparsity.
+                self._fisher_ema = fisher_ema if fisher_ema is not None else self._fisher_ema
         else:
             reason = "non-finite loss or estimate in the round; skipped"
         watch.lap()
@@ -693,18 +700,26 @@ class SignalCollector:
         self._cov_ema = keep * self._cov_ema + add * cov
         self._round_weight = keep * self._round_weight + add
 
-    def _round_fisher(self, round_fisher: list[torch.Tensor], trainable: list[bool]) -> list[torch.Tensor | None]:
-        """EMA over rounds of the rounds' per-sample Fisher diagonal (a common scale: no bias correction needed)."""
-        self._fisher_source = "microbatch_rounds"
+    def _folded_fisher(self, round_fisher: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The running mean over rounds of the rounds' per-sample Fisher diagonal with this round's folded in.
+
+        New tensors (the caller keeps them only if finite). No bias correction: the sparsity is invariant to a
+        layer's scale. Per layer: a layer frozen this round (no entries) keeps its running mean for when it is
+        unfrozen, and only a layer whose shape changed starts anew (before, one frozen layer restarted every
+        layer's).
+        """
         d = self.config.round_ema_decay
-        if self._fisher_ema is None or any(
-            old.shape != new.shape for old, new in zip(self._fisher_ema, round_fisher, strict=True)
-        ):
-            self._fisher_ema = [torch.zeros_like(f) for f in round_fisher]
-        for ema, new in zip(self._fisher_ema, round_fisher, strict=True):
-            if new.numel():
-                ema.mul_(d).add_(new, alpha=1.0 - d)
-        return [ema if ok and ema.numel() else None for ema, ok in zip(self._fisher_ema, trainable, strict=True)]
+        old = self._fisher_ema if self._fisher_ema is not None and len(self._fisher_ema) == len(round_fisher) else None
+        folded = []
+        for index, new in enumerate(round_fisher):
+            previous = old[index] if old is not None else None
+            if not new.numel():
+                folded.append(previous if previous is not None else new)
+            elif previous is None or previous.shape != new.shape:
+                folded.append(new * (1.0 - d))  # from zero, as every layer starts
+            else:
+                folded.append(previous.mul(d).add_(new, alpha=1.0 - d))  # the ops (and roundings) of the in-place fold
+        return folded
 
     def _interval_reset(self) -> None:
         self._interval_steps = 0
