@@ -333,7 +333,12 @@ class MemoryModel:
         """Records the bytes allocated now (after a step that is not a measurement, such as a graph replay).
 
         Predictions move with them once a measurement gave ``allocated_bytes``; before that it is a no-op.
+
+        Raises:
+            ValueError: a negative reading.
         """
+        if allocated_bytes < 0:
+            raise ValueError(f"allocated_bytes={allocated_bytes} must be >= 0")
         if self._base_bytes is not None:
             self._now_bytes = int(allocated_bytes)
 

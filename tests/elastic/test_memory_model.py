@@ -245,6 +245,8 @@ def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refu
     assert model.predict(64, fp32) == accounted and model.baseline_shift_bytes == 0
     with pytest.raises(ValueError, match="allocated_bytes >= 0; got 64, 100 and -1"):
         model.observe(64, fp32, 100, allocated_bytes=-1)
+    with pytest.raises(ValueError, match="allocated_bytes=-1 must be >= 0"):  # taken, it lowered every prediction
+        model.rebase(-1)
 
 
 def test_a_flat_or_falling_fit_takes_the_accountings_slope_and_still_bounds_every_point() -> None:
