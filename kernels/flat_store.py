@@ -57,6 +57,9 @@ class FlatParameterStore:
         layer_offsets: first element of each layer's segment in the flat buffers.
         layer_lengths: elements of each layer's segment, padding included.
         layer_numels: parameter elements of each layer, padding excluded.
+        param_layout: ``(shape, strides, first element)`` of each parameter in the flat buffers, in the store's order
+            (its layers' parameters, layer by layer); a checkpoint of flat state fits another store only where
+            these agree (strides may differ: the elements are then in another order).
         segment_align: segment size in elements.
         device: the device of the parameters and buffers.
 
@@ -198,6 +201,10 @@ class FlatParameterStore:
                     p.grad = grad_view
                     self._grad_views.append((p, grad_view, view.data_ptr()))
                     self._flat_offsets.append(start)
+        self.param_layout: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = tuple(
+            (tuple(view.shape), tuple(view.stride()), start)
+            for (_, view, _), start in zip(self._grad_views, self._flat_offsets, strict=True)
+        )
         # The grads buffer's version counter (its views share it) when it last held only zeros; an in-place write since
         # (autograd accumulating into a view, a copy) moves the counter on. The fused kernels, which write through raw
         # pointers without moving it, never write gradients. -1: not known to be zeros.
@@ -262,6 +269,12 @@ class FlatParameterStore:
         self._rebound_from_none.clear()
         self._accumulated.clear()
         return unused
+
+    def param_view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s elements in ``buffer`` (a flat buffer of this store), with its shape and strides."""
+        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        shape, strides, start = self.param_layout[index]
+        return buffer.as_strided(shape, strides, buffer.storage_offset() + start)
 
     def param_slice(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """The flat slice of ``buffer`` (a flat buffer of this store) holding parameter ``index``'s elements."""

@@ -11,6 +11,7 @@ ahead of the GPU; read ``StepResult`` fields when the host needs them (that read
 
 from __future__ import annotations
 
+import ast
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -174,6 +175,7 @@ class _FusedOptimizer:
         self._default_lr_factors = torch.ones(store.n_layers, dtype=torch.float32, device=store.device)
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
         self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
+        self._layout_text = repr(store.param_layout)  # what checkpoints hold (state_dict)
 
     def _check_decay(self) -> None:
         """Raises a ValueError when a per-group weight decay does not cover the store's groups."""
@@ -328,14 +330,17 @@ class _FusedOptimizer:
         """Checkpointable state. Like ``torch.optim``, the flat state buffers are returned by reference.
 
         Returns:
-            ``{"kind", "options", "layer_numels", "steps", <state buffers>}``; ``steps`` is a float64
-            ``[1 + n_layers]`` copy (made on the device) of the applied steps: the model's, then each layer's.
+            ``{"kind", "options", "layer_numels", "param_layout", "steps", <state buffers>}``; ``steps`` is a
+            float64 ``[1 + n_layers]`` copy (made on the device) of the applied steps: the model's, then each
+            layer's; ``param_layout`` the store's (each parameter's shape, strides and place in the buffers) as
+            the text of its tuple: one leaf, which a rollback snapshot copies as one string, not a thousand ints.
         """
         state: dict[str, Any] = {
             "kind": self._kind,
             "options": asdict(self.options),
             "layer_numels": list(self.store.layer_numels),
             "steps": self._step_state[0].clone(),
+            "param_layout": self._layout_text,
         }
         for name in self._buffer_names:
             state[name] = getattr(self, name)
@@ -347,10 +352,12 @@ class _FusedOptimizer:
         A checkpoint from before the per-layer counts (``step_state``: the model's count and its beta powers)
         gives every layer the model's count. SGD's momentum buffer comes and goes with the checkpoint's momentum, as
         in ``torch.optim.SGD``: allocated when a checkpoint with momentum loads into an optimizer built without.
+        A parameter kept in another memory order there (channels-last against contiguous) has its state reordered.
 
         Raises:
-            ValueError: the checkpoint is of another optimizer or another parameter layout, or lacks its counts or
-                a state buffer its options need; nothing was changed.
+            ValueError: the checkpoint is of another optimizer or another parameter layout (layer sizes, or a
+                parameter's shape or place), or lacks its counts or a state buffer its options need; nothing was
+                changed.
         """
         if state.get("kind") != self._kind:
             raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
@@ -367,6 +374,7 @@ class _FusedOptimizer:
                     "it was made for another parameter layout (groups differ)"
                 )
         counts = _saved_counts(state, self.store.n_layers)
+        reordered = self._reordered_params(state.get("param_layout"))
         options = self.options
         self.options = loaded_options
         try:
@@ -378,11 +386,40 @@ class _FusedOptimizer:
         with torch.no_grad():
             for name in self._buffer_names:
                 getattr(self, name).copy_(state[name])
+                for index, saved_strides in reordered:  # another memory order (channels-last or not): by element
+                    shape, _, start = self.store.param_layout[index]
+                    saved = state[name].as_strided(shape, saved_strides, state[name].storage_offset() + start)
+                    self.store.param_view(getattr(self, name), index).copy_(saved)
             self._step_state[0].copy_(counts)
             self._step_state[2].fill_(1.0)
             self._all_take_part = True
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
             self.set_log_betas(*betas)
+
+    def _reordered_params(self, saved_layout: str | Sequence[Any] | None) -> list[tuple[int, tuple[int, ...]]]:
+        """The parameters a checkpoint of ``saved_layout`` keeps in another memory order, with its strides.
+
+        Raises:
+            ValueError: the layouts differ in a parameter's shape or place (a checkpoint from before the layout was
+                saved, None, is taken as it is: its layer sizes matched).
+        """
+        if saved_layout is None or saved_layout == self._layout_text:  # an older checkpoint; or this store's
+            return []
+        layout = self.store.param_layout
+        entries: Sequence[Any] = ast.literal_eval(saved_layout) if isinstance(saved_layout, str) else saved_layout
+        saved = [(tuple(shape), tuple(strides), int(start)) for shape, strides, start in entries]
+        if len(saved) != len(layout):
+            raise ValueError(
+                f"checkpoint was made for another parameter layout: {len(saved)} parameters, this store has "
+                f"{len(layout)}"
+            )
+        for index, ((shape, _, start), (saved_shape, _, saved_start)) in enumerate(zip(layout, saved, strict=True)):
+            if (shape, start) != (saved_shape, saved_start):
+                raise ValueError(
+                    f"checkpoint was made for another parameter layout: parameter {index} (in the store's order) has "
+                    f"shape {saved_shape} at element {saved_start} there, {shape} at element {start} here"
+                )
+        return [(index, s[1]) for index, (p, s) in enumerate(zip(layout, saved, strict=True)) if p[1] != s[1]]
 
     def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
         """The state buffers an optimizer of ``options`` keeps (and its checkpoints hold)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
@@ -528,3 +529,60 @@ def test_fused_sgd_step_refuses_a_momentum_buffer_sharing_the_params() -> None:
     with pytest.raises(AssertionError, match="state 0 shares memory with params"):
         fused_sgd_step(store.params, store.grads, store.params, *args, lr=0.1, momentum=0.9)
     fused_sgd_step(store.params, store.grads, store.params, *args, lr=0.1)  # without momentum it is never read
+
+
+def test_a_checkpoint_of_other_parameter_shapes_of_the_same_layer_sizes_is_refused() -> None:
+    """A layer of a (3,) and a (5,) parameter against one of a (5,) and a (3,): the layer sizes and buffer lengths
+    agree, the elements do not. Before the fix the state loaded, each parameter taking another's moments."""
+    source = FusedAdamW(FlatParameterStore(make_layers([[(3,), (5,)]], "cpu", seed=71)))
+    source.store.grads.normal_()
+    source.step(0.1)
+    target = FusedAdamW(FlatParameterStore(make_layers([[(5,), (3,)]], "cpu", seed=71)))
+    with pytest.raises(
+        ValueError, match=r"parameter 0 \(in the store's order\) has shape \(3,\) at element 0 there, \(5,\) at"
+    ):
+        target.load_state_dict(source.state_dict())
+    assert not target.exp_avg.any() and float(target.step_count) == 0.0, "a refused checkpoint changed the state"
+    older = {key: value for key, value in source.state_dict().items() if key != "param_layout"}
+    FusedAdamW(FlatParameterStore(make_layers([[(3,), (5,)]], "cpu", seed=71))).load_state_dict(older)
+
+
+@pytest.mark.parametrize("saved_channels_last", [False, True])
+def test_a_checkpoint_loads_into_a_model_of_the_other_memory_format(saved_channels_last: bool) -> None:
+    """The moments follow each element, not its place in memory: a run saved channels-last resumes contiguous (and
+    the other way) and steps exactly as the run it came from. Before the fix the flat state loaded as it was, each
+    conv weight's moments permuted against its elements."""
+
+    def conv_layers(channels_last: bool) -> list[list[torch.nn.Parameter]]:
+        layers = make_layers([[(4, 3, 2, 2), (4,)], [(5,)]], "cpu", seed=72)
+        if channels_last:
+            layers[0][0] = torch.nn.Parameter(layers[0][0].detach().to(memory_format=torch.channels_last))
+        return layers
+
+    generator = torch.Generator().manual_seed(73)
+    stores = [
+        FlatParameterStore(conv_layers(saved_channels_last)),
+        FlatParameterStore(conv_layers(not saved_channels_last)),
+    ]
+    optimizers = [FusedAdamW(store) for store in stores]
+    fill_grads(stores[0], generator)
+    optimizers[0].step(0.1)
+    params, resumed_params = ([p for layer in store.layers for p in layer] for store in stores)
+    for mine, theirs in zip(resumed_params, params, strict=True):
+        mine.data.copy_(theirs.detach())
+    saved = io.BytesIO()
+    torch.save(optimizers[0].state_dict(), saved)
+    saved.seek(0)
+    optimizers[1].load_state_dict(torch.load(saved, weights_only=True))  # plain data: the safe loader takes it
+    for _ in range(2):
+        for store in stores:
+            store.zero_grad()
+        for p, q in zip(params, resumed_params, strict=True):
+            g = torch.randn(p.shape, generator=generator)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        for optimizer in optimizers:
+            optimizer.step(0.1)
+        for p, q in zip(params, resumed_params, strict=True):
+            assert torch.equal(p.detach(), q.detach()), "the resumed run of the other memory format diverged"
+    assert stores[1].layers[0][0].is_contiguous(memory_format=torch.channels_last) != saved_channels_last
