@@ -238,6 +238,23 @@ def test_non_positive_cost_or_spent_budget_raises(cost: float, budget_left: floa
     assert f"cost_ms={cost} and budget_left_ms={budget_left}" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"previous": float("nan")}, r"previous_probe_loss=nan must be finite"),
+        ({"previous": float("inf")}, r"previous_probe_loss=inf must be finite"),
+        ({"overflow": float("nan")}, r"overflow_rate=nan must be a fraction in \[0, 1\]"),
+        ({"overflow": 1.5}, r"overflow_rate=1.5 must be a fraction in \[0, 1\]"),
+        ({"overflow": -0.25}, r"overflow_rate=-0.25 must be a fraction in \[0, 1\]"),
+    ],
+)
+def test_a_non_finite_previous_loss_or_an_overflow_rate_outside_0_1_is_refused(kwargs: dict, message: str) -> None:
+    """Before, a NaN previous loss or overflow rate passed through ``max(-clip, nan)`` as -clip: a divergence's reward
+    for an input error; an overflow rate of 1.5 was charged as such."""
+    with pytest.raises(ValueError, match=message):
+        call(**kwargs)
+
+
 def test_reward_is_float() -> None:
     assert type(call(previous=2.0, now=1.0)) is float
 

@@ -49,6 +49,13 @@ def reward(
             f"cost_ms={cost_ms} and budget_left_ms={budget_left_ms} must be positive "
             "(an episode ends once its budget is spent)"
         )
+    # Without these checks a NaN previous loss or overflow rate came out as -clip, as if the run had diverged.
+    if not math.isfinite(previous_probe_loss):
+        raise ValueError(
+            f"previous_probe_loss={previous_probe_loss} must be finite (a non-finite probe loss ends the episode)"
+        )
+    if not 0.0 <= overflow_rate <= 1.0:
+        raise ValueError(f"overflow_rate={overflow_rate} must be a fraction in [0, 1]")
     progress = math.log(max(previous_probe_loss, 1e-12)) - math.log(max(probe_loss, 1e-12))
     value = config.progress_scale * progress * min(1.0, budget_left_ms / cost_ms)
     value -= config.nonfinite_penalty * overflow_rate
