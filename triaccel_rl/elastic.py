@@ -194,9 +194,10 @@ class BatchLRCoupler:
         self.batch_size, self.steps = int(state["batch_size"]), int(state["steps"])
         self.target, self.gain = float(state["target"]), float(state["gain"])
         self._ramp_start, self._ramp_step = float(state["ramp_start"]), int(state["ramp_step"])
-        # A ramp's progress counts against the warm-up it was saved with (states from before it was saved: ours, and
-        # a ramp whose gain reached its target is over). Read against other warmup_steps, a finished ramp could
-        # restart below its target (the LR fell), or one in progress outrun them and stop short of it for good.
+        # A ramp's progress counts against the warm-up it was saved with (a state saved before warmup_steps was in it
+        # is taken to have this coupler's), and a ramp whose gain reached its target is over. Read against other
+        # warmup_steps, a finished ramp could restart below its target (the LR fell), or one in progress outrun them
+        # and stop short of its target for good.
         saved_steps = int(state.get("warmup_steps", self.warmup_steps))
         running = self._ramp_step < saved_steps and not math.isclose(self.gain, self.target, rel_tol=1e-12)
         if not running or self.warmup_steps == 0:
