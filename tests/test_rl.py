@@ -316,3 +316,108 @@ def test_training_warns_when_the_policy_it_trained_is_a_constant(tmp_path, monke
     assert seen == [ObservationLayout(ControllerConfig().n_groups).size]  # run on the saved stats
     assert "takes the same action [0, 1, 1, 1, 4, 1] on all 2048 observations" in caplog.text
     assert "learned a constant" in caplog.text
+
+
+_TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "budget_intervals": 2,
+         "torch_threads": 1}  # fmt: skip
+
+
+def test_checkpoints_carry_the_observation_range_they_were_trained_on(tmp_path):
+    """Checkpoints were SB3's bare zips: loaded, they had no out-of-distribution fallback, and a run resumed from one
+    saved the range of its own observations only (the first run's were lost)."""
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    train_policy(["synthetic"], total_timesteps=16, n_steps=8, batch_size=4, checkpoint_every=8,
+                 out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
+    folder = tmp_path / "checkpoints"
+    # Step 8's checkpoint is taken before the first rollout ends: the policy has trained on nothing, and says so.
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "policy_16_steps.obs.json", "policy_16_steps.zip", "policy_8_steps.zip"]  # fmt: skip
+    stats = ObservationStats.load(folder / "policy_16_steps.obs.json")
+    assert stats.n_observations == 8  # the one rollout its weights were trained on
+    assert stats.lr_scales == ControllerConfig().lr_scales
+    assert isinstance(make_policy(str(folder / "policy_16_steps.zip")), FallbackPolicy)
+
+    resumed = train_policy(["synthetic"], total_timesteps=8, resume=folder / "policy_16_steps.zip",
+                           out=tmp_path / "resumed.zip", **_TINY)  # fmt: skip
+    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 16  # 8 before, 8 now
+
+
+def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeypatch, caplog):
+    """Ctrl-C lost everything since the last periodic checkpoint (all of it without --checkpoint-every), and with
+    subprocess workers (which the signal stops too) closing them raised over the KeyboardInterrupt."""
+    from stable_baselines3 import PPO
+
+    from triaccel_rl.shield import ObservationStats
+
+    real_train, calls = PPO.train, []
+
+    def interrupted_on_the_second_update(self):
+        calls.append(self.num_timesteps)
+        if len(calls) == 2:
+            for process in self.env.processes:  # as the terminal's SIGINT stops the workers
+                process.terminate()
+                process.join()
+            raise KeyboardInterrupt
+        real_train(self)
+
+    monkeypatch.setattr(PPO, "train", interrupted_on_the_second_update)
+    out = tmp_path / "policy.zip"
+    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=64, n_envs=2, vec="subproc", n_steps=4, batch_size=4,
+                     max_decisions=3, interval_steps=2, budget_intervals=2, torch_threads=1, out=out)  # fmt: skip
+    assert calls == [8, 16]
+    checkpoint = tmp_path / "checkpoints" / "policy_16_steps.zip"
+    assert f"training interrupted at step 16: saved {checkpoint}" in caplog.text
+    assert not out.exists()  # the finished policy's name is left for a finished policy
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 16
+    assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 16  # both rollouts
+
+    monkeypatch.setattr(PPO, "train", real_train)
+    resumed = train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, resume=checkpoint, out=out,
+                           **_TINY)  # fmt: skip
+    assert PPO.load(resumed, device="cpu").num_timesteps == 24  # the step count continues
+    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 24
+
+
+def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
+    """SB3's EvalCallback rewrites evaluations.npz from its own history: a resumed run replaced the first run's
+    evaluations with its own."""
+    out = tmp_path / "policy.zip"
+    evaluations = tmp_path / "eval" / "evaluations.npz"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8, **_TINY}
+    train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
+    first = dict(np.load(evaluations))
+    assert first["timesteps"].tolist() == [8, 16]
+    train_policy(["synthetic"], total_timesteps=8, eval_tasks=["synthetic"], resume=out, **common)
+    resumed = dict(np.load(evaluations))
+    assert resumed["timesteps"].tolist() == [8, 16, 24]
+    np.testing.assert_array_equal(resumed["results"][:2], first["results"])
+    np.testing.assert_array_equal(resumed["ep_lengths"][:2], first["ep_lengths"])
+    # Two held-out episodes an evaluation cannot share the arrays of one: the old file is moved aside, kept.
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], total_timesteps=8, eval_tasks=["synthetic", "synthetic"], resume=out, **common)
+    aside = tmp_path / "eval" / "evaluations_until_24_steps.npz"
+    assert f"moved it to {aside}" in caplog.text
+    assert np.load(aside)["timesteps"].tolist() == [8, 16, 24]
+    assert np.load(evaluations)["timesteps"].tolist() == [32]
+
+
+def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
+    """Stats of another LR ladder (or none recorded) failed the merge after the whole run, leaving the new zip beside
+    the old stats; stats that could not be read did the same."""
+    import json
+    import shutil
+
+    zip_path = tmp_path / "policy.zip"
+    shutil.copyfile(trained, zip_path)
+    stats = json.loads(trained.with_suffix(".obs.json").read_text())
+    for ladder in ([0.5, 1.0, 2.0, 3.0, 4.0], None):
+        zip_path.with_suffix(".obs.json").write_text(json.dumps({**stats, "lr_scales": ladder}))
+        message = f"record the LR ladder {ladder}, and the training environments run [0.5, 0.75, 1.0, 1.25, 1.5]"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
+    zip_path.with_suffix(".obs.json").write_text("{")
+    with pytest.raises(ValueError, match="are not valid JSON"):
+        train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
+    assert not (tmp_path / "new.zip").exists()

@@ -2,7 +2,8 @@
 
 Writes ``<out>.zip`` (the SB3 policy), ``<out>.obs.json`` (the range of observations seen in training,
 which the deployed policy uses to detect out-of-distribution inputs and fall back to the heuristic),
-checkpoints, TensorBoard curves and, with held-out tasks, periodic evaluations on them.
+checkpoints (each with its ``.obs.json``; one more when interrupted), TensorBoard curves and, with held-out tasks,
+periodic evaluations on them.
 """
 
 from __future__ import annotations
@@ -353,10 +354,15 @@ def train_policy(
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
-        eval_tasks: held-out tasks evaluated every ``eval_every`` steps (mean episode reward logged).
+        eval_tasks: held-out tasks evaluated every ``eval_every`` steps (mean episode reward logged to TensorBoard as
+            ``eval/mean_reward``; every evaluation kept in ``eval/evaluations.npz`` beside ``out``, with ``resume``
+            after the resumed run's evaluations up to its step).
         eval_every: environment steps between evaluations (0: none).
-        checkpoint_every: environment steps between checkpoints written beside ``out`` (0: none).
-        resume: a policy zip to continue training from (its step count continues).
+        checkpoint_every: environment steps between checkpoints, ``checkpoints/<out's stem>_<steps>_steps.zip`` beside
+            ``out``, each with its observation stats (``.obs.json``) so that it loads with the fallback and resumes
+            with its range (0: none).
+        resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
+            continue).
         progress_bar: show SB3's progress bar.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core.
@@ -370,11 +376,15 @@ def train_policy(
         warm_start_epochs: passes of :func:`imitate` over the teacher's decisions.
         env_kwargs: passed to every ``TriAccel-v0``.
 
+    Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above at the step reached, logs its path
+    and re-raises; ``resume`` continues from it.
+
     Raises:
-        ValueError: an unknown task, or sizes that PPO cannot use (named).
+        ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
+            cannot be read or record another LR ladder.
     """
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback, EvalCallback
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     if not tasks:
@@ -410,6 +420,9 @@ def train_policy(
         get_task(task)
     env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
 
+    ladder = env_config(interval_steps).lr_scales
+    resumed_stats = _resumed_stats(resume, ladder) if resume is not None else None
+
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on."""
 
@@ -430,6 +443,41 @@ def train_policy(
             self.high = high if self.high is None else np.maximum(self.high, high)
             self.count += len(observations)
 
+        def stats(self) -> ObservationStats | None:
+            """The range of every observation the policy has trained on so far, the resumed run's included.
+
+            Only whole rollouts count: the policy's weights have seen nothing of the rollout in progress.
+            """
+            stats = None
+            if self.low is not None and self.high is not None:
+                stats = ObservationStats(tuple(self.low.tolist()), tuple(self.high.tolist()), self.count, ladder)
+            if resumed_stats is None:
+                return stats
+            return resumed_stats if stats is None else resumed_stats.merged(stats)
+
+    def save_checkpoint(model: Any) -> Path:
+        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it."""
+        checkpoint = path.parent / "checkpoints" / f"{path.stem}_{model.num_timesteps}_steps.zip"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        stats = recorder.stats()
+        if stats is not None:  # none before the first rollout of a new policy: it has trained on nothing yet
+            stats.save(obs_stats_path(checkpoint))
+        return checkpoint
+
+    class Checkpoint(BaseCallback):
+        """Every ``every`` calls (one call steps every environment), :func:`save_checkpoint`."""
+
+        def __init__(self, every: int) -> None:
+            super().__init__()
+            self.every = every
+
+        def _on_step(self) -> bool:
+            if self.n_calls % self.every == 0:
+                save_checkpoint(self.model)
+            return True
+
+    recorder = RecordObservations()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fns = make_env_fns(tasks, n_envs, max_decisions, interval_steps, torch_threads, **env_kwargs)
@@ -471,43 +519,45 @@ def train_policy(
                 fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
                 record = {"teacher": warm_start, "decisions": warm_start_steps, "epochs": warm_start_epochs, **fit}
                 (path.parent / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
-        recorder = RecordObservations()
         callbacks: list[BaseCallback] = [recorder]
         if checkpoint_every > 0:
-            callbacks.append(
-                CheckpointCallback(max(1, checkpoint_every // n_envs), str(path.parent / "checkpoints"), path.stem)
-            )
+            callbacks.append(Checkpoint(max(1, checkpoint_every // n_envs)))
         if eval_tasks and eval_every > 0:
             # Held-out tasks are evaluated as they are: no domain randomisation of their LR.
             eval_kwargs = {key: value for key, value in env_kwargs.items() if key != "lr_range"}
             eval_env = DummyVecEnv(
                 make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, None, **eval_kwargs)
             )
-            callbacks.append(
-                EvalCallback(
-                    eval_env,
-                    n_eval_episodes=len(eval_tasks),
-                    eval_freq=max(1, eval_every // n_envs),
-                    log_path=str(path.parent / "eval"),
-                    deterministic=True,
-                    verbose=0,
-                )
+            evaluations = EvalCallback(
+                eval_env,
+                n_eval_episodes=len(eval_tasks),
+                eval_freq=max(1, eval_every // n_envs),
+                log_path=str(path.parent / "eval"),
+                deterministic=True,
+                verbose=0,
             )
-        model.learn(
-            total_timesteps=total_timesteps,
-            callback=CallbackList(callbacks),
-            progress_bar=progress_bar,
-            reset_num_timesteps=resume is None,
-        )
+            if resume is not None:
+                _continue_evaluations(evaluations, path.parent / "eval" / "evaluations.npz", model.num_timesteps)
+            callbacks.append(evaluations)
+        try:
+            model.learn(
+                total_timesteps=total_timesteps,
+                callback=CallbackList(callbacks),
+                progress_bar=progress_bar,
+                reset_num_timesteps=resume is None,
+            )
+        except KeyboardInterrupt:
+            checkpoint = save_checkpoint(model)
+            _log.warning(
+                "training interrupted at step %d: saved %s (and its observation stats); continue with resume=%s",
+                model.num_timesteps,
+                checkpoint,
+                checkpoint,
+            )
+            raise
         model.save(path)
-        if recorder.low is not None and recorder.high is not None:
-            ladder = env_config(interval_steps).lr_scales
-            stats = ObservationStats(
-                tuple(recorder.low.tolist()), tuple(recorder.high.tolist()), recorder.count, lr_scales=ladder
-            )
-            resumed_stats = obs_stats_path(resume) if resume is not None else None
-            if resumed_stats is not None and resumed_stats.is_file():  # the policy has seen both runs' observations
-                stats = ObservationStats.load(resumed_stats).merged(stats)
+        stats = recorder.stats()
+        if stats is not None:
             stats.save(obs_stats_path(path))
             spread = action_spread(model, stats)
             if spread.distinct == 1:
@@ -517,8 +567,81 @@ def train_policy(
                     list(spread.mode),
                     spread.samples,
                 )
-    finally:
-        venv.close()
-        if eval_env is not None:
-            eval_env.close()
+    except BaseException:
+        # After Ctrl-C the subprocess workers have quit too (the signal reaches the whole process group), and
+        # SubprocVecEnv.close() raises EOFError waiting for their last answer: that must not hide the interrupt.
+        for env in (venv, eval_env):
+            _close_after_failure(env)
+        raise
+    venv.close()
+    if eval_env is not None:
+        eval_env.close()
     return path
+
+
+def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) -> ObservationStats | None:
+    """The observation stats beside the policy zip ``resume`` (None, with a warning, where it has none).
+
+    Raises:
+        ValueError: stats that cannot be read, or of another LR ladder than ``ladder`` (the merge would fail after
+            the whole run).
+    """
+    file = obs_stats_path(resume)
+    if not file.is_file():
+        _log.warning(
+            "resume=%r has no observation stats beside it (%s): the saved range covers this run's observations only",
+            str(resume),
+            str(file),
+        )
+        return None
+    stats = ObservationStats.load(file)
+    if stats.lr_scales is None or tuple(stats.lr_scales) != tuple(ladder):
+        raise ValueError(
+            f"resume={str(resume)!r}: its observation stats {str(file)!r} record the LR ladder "
+            f"{None if stats.lr_scales is None else list(stats.lr_scales)}, and "
+            f"the training environments run {list(ladder)}; where the policy was trained with these, write "
+            f'"lr_scales": {list(ladder)} into the file'
+        )
+    return stats
+
+
+def _close_after_failure(venv: Any) -> None:
+    """Closes ``venv`` while another exception propagates: its workers may be gone, so errors are only logged."""
+    if venv is None:
+        return
+    try:
+        venv.close()
+    except (EOFError, OSError) as error:
+        _log.debug("closing the environments after a failure: %s: %s", type(error).__name__, error)
+        for process in getattr(venv, "processes", []):  # SubprocVecEnv's workers, if any is still running
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+
+
+def _continue_evaluations(callback: Any, file: Path, start: int) -> None:
+    """Puts the evaluations of the run being resumed (up to step ``start``) into ``callback``'s history.
+
+    SB3's ``EvalCallback`` rewrites its ``evaluations.npz`` from its own history at every evaluation, so a resumed
+    run would otherwise replace the first run's evaluations with its own. Evaluations of another number of
+    episodes (other held-out tasks) cannot share the file's arrays: that file is moved aside, not overwritten.
+    """
+    if not file.is_file():
+        return
+    with np.load(file) as saved:
+        timesteps, results, lengths = saved["timesteps"], saved["results"], saved["ep_lengths"]
+    if results.ndim != 2 or results.shape[1] != callback.n_eval_episodes:
+        aside = file.with_name(f"evaluations_until_{start}_steps.npz")
+        file.replace(aside)
+        _log.warning(
+            "%s holds evaluations of %s episodes each, this run evaluates %d: moved it to %s",
+            file,
+            results.shape[1:] or "?",
+            callback.n_eval_episodes,
+            aside,
+        )
+        return
+    earlier = timesteps <= start  # later ones belong to a run this one replaces (resumed from an earlier checkpoint)
+    callback.evaluations_timesteps = [int(t) for t in timesteps[earlier]]
+    callback.evaluations_results = [list(row) for row in results[earlier]]
+    callback.evaluations_length = [list(row) for row in lengths[earlier]]
