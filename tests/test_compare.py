@@ -183,6 +183,25 @@ def test_observation_stats_name_the_feature_furthest_out():
     assert stats.worst_feature(np.array([1.5, -3.0, 1.0])) == (1, 1.5)  # 3 below a range of width 2
     assert stats.worst_feature(np.array([0.5, 1.0, 3.5])) == (2, 2.5)  # a constant feature counts width 1
     assert stats.distance(np.array([1.5, -3.0, 1.0])) == 1.5
+    # A NaN lies in no range. Its distance was NaN, and `nan > max_distance` sent it to the learned policy.
+    assert stats.worst_feature(np.array([0.5, float("nan"), 1.0])) == (1, float("inf"))
+
+
+def test_a_nan_observation_or_limit_falls_back_or_is_refused():
+    from triaccel_rl.policies import StaticPolicy
+
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    stats = ObservationStats((0.0,) * 43, (1.0,) * 43, 10)
+    policy = FallbackPolicy(StaticPolicy("fp32"), StaticPolicy("bf16"), stats)
+    observation = np.full(43, 0.5)
+    inside, _ = policy.predict(observation)
+    observation[3] = np.nan
+    outside, _ = policy.predict(observation)
+    assert policy.fallbacks == 1 and not np.array_equal(inside, outside)
+    assert np.array_equal(outside, StaticPolicy("bf16").predict(observation)[0])
+    with pytest.raises(ValueError, match="max_distance=nan must be positive"):  # nothing would ever fall back
+        FallbackPolicy(StaticPolicy("fp32"), StaticPolicy("bf16"), stats, max_distance=float("nan"))
 
 
 def test_time_cap_stops_a_run_early():

@@ -194,8 +194,10 @@ def test_healthy_refreshes_the_copy_every_n_calls():
     with torch.no_grad():
         model.weight.fill_(float("nan"))
     assert guard.restore() and float(model.weight.detach()[0, 0]) == 6.0
-    with pytest.raises(ValueError, match="every=0 must be >= 1"):
-        RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), every=0)
+    # 1.5 and NaN passed the old `every < 1` check; NaN then never refreshed the copy after the first.
+    for bad in (0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"every={bad!r} must be a whole number >= 1"):
+            RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), every=bad)
 
 
 def test_the_copy_is_allocated_before_training_and_the_first_decision_still_refreshes_it():

@@ -89,8 +89,9 @@ class RollbackGuard:
         every: int = 1,
         after_restore: Callable[[], None] | None = None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every={every} must be >= 1")
+        # A float or NaN passed the old `every < 1` check, and `since + 1 >= nan` then never refreshed the copy.
+        if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+            raise ValueError(f"every={every!r} must be a whole number >= 1")
         self.model = model
         self.optimizer = optimizer
         self.offload = offload
@@ -282,6 +283,8 @@ class ObservationStats:
             raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
         width = np.where(high - low > 1e-9, high - low, 1.0)
         outside = (np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)) / width
+        # A NaN lies in no range: infinitely far (its NaN distance compared as in range, so the policy got it).
+        outside = np.where(np.isnan(outside), np.inf, outside)
         worst = int(np.argmax(outside))
         return worst, float(outside[worst])
 
@@ -354,7 +357,7 @@ class FallbackPolicy:
     """
 
     def __init__(self, policy: Policy, fallback: Policy, stats: ObservationStats, max_distance: float = 1.0) -> None:
-        if max_distance <= 0:
+        if not max_distance > 0:  # NaN too: `distance > nan` never holds, so nothing would ever fall back
             raise ValueError(f"max_distance={max_distance} must be positive")
         self.policy = policy
         self.fallback = fallback
