@@ -13,6 +13,7 @@ hyper-parameter (weight decay) becomes a per-segment one the kernels read with o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -100,8 +101,8 @@ class FlatParameterStore:
                 per-parameter view keep the order of ``layers``.
 
         Raises:
-            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, mixed devices, or
-                ``groups`` not shaped like ``layers`` or holding a negative group.
+            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, parameters sharing memory,
+                mixed devices, or ``groups`` not shaped like ``layers`` or holding a negative group.
         """
         if not layers:
             raise ValueError("layers is empty: give one list of parameters per layer")
@@ -134,6 +135,7 @@ class FlatParameterStore:
                     f"parameters must be dense (contiguous or channels-last), got strides {p.stride()} "
                     f"for shape {tuple(p.shape)}"
                 )
+        _check_apart(all_params)
 
         self.segment_align = segment_align
         self.device: torch.device = devices.pop()
@@ -390,6 +392,27 @@ def is_dense(tensor: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _check_apart(params: Sequence[torch.Tensor]) -> None:
+    """Raises a ValueError when two parameters share memory (views of one tensor that overlap).
+
+    Each gets its own place in the flat buffers, so such parameters would stop sharing their elements: an update of
+    one would no longer show in the other, as it does under ``torch.optim``. Dense parameters cover one range each.
+    """
+    ranges = sorted(
+        (p.untyped_storage().data_ptr(), p.storage_offset(), p.storage_offset() + p.numel(), i)
+        for i, p in enumerate(params)
+        if p.numel()
+    )
+    for (storage, _, end, i), (next_storage, next_start, _, j) in itertools.pairwise(ranges):
+        if storage == next_storage and next_start < end:
+            first, second = sorted((i, j))
+            raise ValueError(
+                f"parameters {first} and {second} (in the order of layers) share memory, shapes "
+                f"{tuple(params[first].shape)} and {tuple(params[second].shape)}: each needs its own (a weight tied "
+                "between modules is one parameter, listed once)"
+            )
 
 
 def _strided_like(buffer: torch.Tensor, p: torch.Tensor, start: int) -> torch.Tensor:

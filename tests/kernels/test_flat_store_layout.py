@@ -114,3 +114,26 @@ def test_parameters_without_a_gradient_after_set_to_none_are_the_ones_autograd_d
     store.rebind_grads()
     model[0](torch.randn(5, 4)).sum().backward()  # the hooks are gone, reinstalled by this rebind
     assert store.take_params_without_grad() == [2, 3]
+
+
+def test_store_refuses_parameters_sharing_memory_and_takes_apart_views_of_one_tensor():
+    """Before the fix, two parameters over overlapping memory were copied to two places of the flat buffer and
+    silently stopped sharing their elements (an update of one no longer showed in the other)."""
+    base = torch.arange(10.0)
+    overlapping = [torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[4:])]
+    with pytest.raises(
+        ValueError, match=r"parameters 0 and 2 \(in the order of layers\) share memory, shapes \(6,\) and \(6,\)"
+    ):
+        FlatParameterStore([[overlapping[0]], [torch.nn.Parameter(torch.zeros(2)), overlapping[1]]])
+    whole = torch.nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"parameters 0 and 1 .* shapes \(4, 3\) and \(3,\)"):
+        FlatParameterStore([[whole, torch.nn.Parameter(whole.data[2])]])
+    apart = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:])]  # one tensor's two halves
+    store = FlatParameterStore([apart])
+    assert [p.detach().tolist() for p in apart] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
+    assert store.layer_numels == (10,)
+
+
+def test_store_refuses_parameters_on_several_devices():
+    with pytest.raises(ValueError, match=r"parameters are on several devices: \['cpu', 'meta'\]"):
+        FlatParameterStore([[torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.zeros(3, device="meta"))]])
