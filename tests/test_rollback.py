@@ -35,7 +35,10 @@ def test_nonfinite_probe_loss_rolls_back_to_the_last_good_state(caplog):
 def test_a_non_finite_running_statistic_rolls_back_though_the_probe_loss_is_finite(caplog):
     """The probe normalises by its batch's statistics, so a broken running statistic shows only at evaluation: the
     decision checks the buffers too."""
-    loop = DecisionLoop(TrainingRun("cnn-fmnist", seed=0, device="cpu"), ControllerConfig(interval_steps=2))
+    from triaccel_rl.tasks import get_task
+
+    task = get_task("cnn-fmnist", n_train=512, n_test=64)  # a subset: the whole set took 10 s to load and probe
+    loop = DecisionLoop(TrainingRun(task, seed=0, device="cpu"), ControllerConfig(interval_steps=2))
     loop.train_interval()
     loop.snapshot(progress=0.1)
     bn = loop.run.model.bn
