@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "pretrained_policy_path",
 ]
 
+_log = logging.getLogger("triaccel_rl")
+
 
 def make_policy(
     spec: str | Policy,
@@ -45,6 +48,10 @@ def make_policy(
     factors: its ``needs_lr_factors`` asks the driver to switch them on); ``batch-finder``,
     ``batch-finder-bf16``, ``batch-finder-fp16``: the batch-size-finder baseline; ``pretrained``: the
     policy shipped with the package.
+
+    A ``.zip`` with its observation stats beside it (``.obs.json``, written by ``train_policy``) comes wrapped in a
+    ``FallbackPolicy``: observations further than one range width outside the training range go to the heuristic.
+    Without them it is the bare ``LearnedPolicy``, and a warning says so.
 
     Raises:
         ValueError: an unknown name (the message lists the allowed ones) or an unusable zip.
@@ -76,6 +83,12 @@ def make_policy(
         learned.speed_trial = config.heuristic.speed_trial
         stats_file = Path(spec).with_suffix(".obs.json")
         if not stats_file.is_file():
+            _log.warning(
+                "policy %r has no observation stats beside it (%s): it runs without the out-of-distribution fallback "
+                "to the heuristic",
+                spec,
+                str(stats_file),
+            )
             return learned
         stats = ObservationStats.load(stats_file)
         features = math.prod(learned.observation_space.shape or ())

@@ -179,10 +179,12 @@ class HeuristicPolicy:
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         """Returns the raw action for ``observation`` (or a batch of them)."""
         obs = np.asarray(observation, dtype=np.float64)
-        if obs.ndim == 2:
+        if obs.ndim == 2 and obs.shape[1] == self.layout.size:
             return np.stack([self._decide(row) for row in obs]), state
         if obs.shape != (self.layout.size,):
-            raise ValueError(f"observation has shape {obs.shape}; expected ({self.layout.size},)")
+            raise ValueError(
+                f"observation has shape {obs.shape}; expected ({self.layout.size},) or a batch (n, {self.layout.size})"
+            )
         return self._decide(obs), state
 
     def _decide(self, obs: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -48,7 +49,8 @@ class LearnedPolicy:
     ) -> None:
         file = Path(path)
         if not file.is_file():
-            raise PolicyLoadError(f"policy file {str(file)!r} does not exist")
+            problem = "is a folder, not a file" if file.is_dir() else "does not exist"
+            raise PolicyLoadError(f"policy file {str(file)!r} {problem}")
         if not zipfile.is_zipfile(file):
             raise PolicyLoadError(f"policy file {str(file)!r} is not a zip written by stable-baselines3")
         algorithm = algorithm.lower()
@@ -144,7 +146,15 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     from stable_baselines3 import A2C, PPO
 
     classes: dict[str, Any] = {"ppo": PPO, "a2c": A2C}
-    names = list(classes) if algorithm == "auto" else [algorithm]
+    saved = _saved_algorithm(file)
+    if saved is not None and saved not in classes:
+        raise PolicyLoadError(
+            f"policy {str(file)!r} was saved by stable-baselines3's {saved.upper()}; supported: "
+            f"{', '.join(SUPPORTED_ALGORITHMS)}"
+        )
+    if saved is not None and algorithm not in ("auto", saved):
+        raise PolicyLoadError(f"policy {str(file)!r} was saved by {saved.upper()}, not {algorithm.upper()}")
+    names = [saved] if saved is not None else list(classes) if algorithm == "auto" else [algorithm]
     errors = []
     for name in names:
         try:
@@ -152,6 +162,30 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
+
+
+def _saved_algorithm(file: Path) -> str | None:
+    """The SB3 algorithm that wrote ``file``, read from its ``data`` entry; None where it does not tell.
+
+    An on-policy algorithm saves its rollout settings, PPO's with ``clip_range`` (A2C's without); the others' policy
+    class lives in their own module (``stable_baselines3.dqn.policies``). Both PPO and A2C zips would load into
+    either class, each then reporting the wrong algorithm.
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            data = json.loads(archive.read("data"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # the loaders say what is wrong with it
+    if not isinstance(data, dict):
+        return None
+    if "rollout_buffer_class" in data or "n_epochs" in data:
+        return "ppo" if "clip_range" in data else "a2c"
+    policy_class = data.get("policy_class")
+    module = policy_class.get("__module__", "") if isinstance(policy_class, dict) else ""
+    parts = module.split(".")
+    if len(parts) == 3 and parts[0] == "stable_baselines3" and parts[2] == "policies" and parts[1] != "common":
+        return parts[1]
+    return None
 
 
 def _same_space(a: spaces.Space[Any], b: spaces.Space[Any]) -> bool:

@@ -1,15 +1,18 @@
 import zipfile
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from heuristic_observations import observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
+from triaccel_rl.actions import action_space
 from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
-from triaccel_rl.observation import ObservationLayout
+from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
 LAYOUT = ObservationLayout(4)
+ACTIONS = action_space(ControllerConfig())
 
 
 def precisions_of(action):
@@ -178,8 +181,13 @@ def test_heuristic_lr_and_batch_rules():
 
 
 def test_heuristic_rejects_wrong_observation_shape():
-    with pytest.raises(ValueError, match=r"observation has shape \(5,\); expected \(43,\)"):
+    with pytest.raises(ValueError, match=r"observation has shape \(5,\); expected \(43,\) or a batch \(n, 43\)"):
         HeuristicPolicy().predict(np.zeros(5))
+    # A batch of rows of another width was read row by row at this layout's indices, and answered.
+    with pytest.raises(ValueError, match=r"observation has shape \(2, 27\); expected \(43,\) or a batch \(n, 43\)"):
+        HeuristicPolicy().predict(np.zeros((2, ObservationLayout(2).size)))
+    with pytest.raises(ValueError, match=r"observation has shape \(1, 2, 43\)"):
+        HeuristicPolicy().predict(np.zeros((1, 2, LAYOUT.size)))
 
 
 def test_unknown_policy_name():
@@ -199,6 +207,87 @@ def test_missing_and_corrupt_policy_zip(tmp_path):
         archive.writestr("data", "{not json")
     with pytest.raises(PolicyLoadError, match="cannot load policy"):
         LearnedPolicy(empty)
+
+
+class _SpacesOnly(gym.Env):
+    """An environment with the controller's spaces, to build SB3 models from."""
+
+    observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (LAYOUT.size,), np.float32)
+    action_space = ACTIONS
+
+    def __init__(self, actions=None):
+        if actions is not None:
+            self.action_space = actions
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(LAYOUT.size, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(LAYOUT.size, np.float32), 0.0, False, False, {}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Untrained PPO, A2C and DQN zips (DQN for a discrete action: it has no MultiDiscrete)."""
+    from stable_baselines3 import A2C, DQN, PPO
+
+    folder = tmp_path_factory.mktemp("models")
+    PPO("MlpPolicy", _SpacesOnly(), n_steps=8, batch_size=8, seed=0, device="cpu").save(folder / "ppo.zip")
+    A2C("MlpPolicy", _SpacesOnly(), n_steps=8, seed=0, device="cpu").save(folder / "a2c.zip")
+    DQN("MlpPolicy", _SpacesOnly(gym.spaces.Discrete(3)), buffer_size=16, device="cpu").save(folder / "dqn.zip")
+    return folder
+
+
+def test_learned_policy_loads_each_zip_as_the_algorithm_that_saved_it(saved_models, tmp_path):
+    """An A2C zip loaded as PPO under "auto" (either class takes the other's zip); a DQN zip, or a folder, gave the
+    loaders' internal TypeErrors, or "does not exist"."""
+    from stable_baselines3 import A2C, PPO
+
+    assert type(LearnedPolicy(saved_models / "ppo.zip").model) is PPO
+    assert type(LearnedPolicy(saved_models / "a2c.zip").model) is A2C
+    assert type(LearnedPolicy(saved_models / "a2c.zip", algorithm="A2C").model) is A2C
+    with pytest.raises(PolicyLoadError, match=r"a2c\.zip' was saved by A2C, not PPO"):
+        LearnedPolicy(saved_models / "a2c.zip", algorithm="ppo")
+    with pytest.raises(PolicyLoadError, match=r"dqn\.zip' was saved by stable-baselines3's DQN; supported: ppo, a2c"):
+        LearnedPolicy(saved_models / "dqn.zip")
+    with pytest.raises(PolicyLoadError, match="algorithm 'sac' not supported; allowed: auto, ppo, a2c"):
+        LearnedPolicy(saved_models / "ppo.zip", algorithm="sac")
+    (tmp_path / "folder.zip").mkdir()
+    with pytest.raises(PolicyLoadError, match=r"folder\.zip' is a folder, not a file"):
+        LearnedPolicy(tmp_path / "folder.zip")
+
+
+def test_every_policy_answers_a_vectorised_envs_batch_row_by_row(saved_models):
+    """One signature for all (SB3's PolicyPredictor): a 2-D batch gives one action per row, each the row's own."""
+    rng = np.random.default_rng(0)
+    batch = np.stack([observation(rng.uniform(-2, 2, 4), precisions=rng.integers(0, 3, 4)) for _ in range(5)])
+    policies = [StaticPolicy("fp16"), HeuristicPolicy(), LearnedPolicy(saved_models / "ppo.zip"),
+                LearnedPolicy(saved_models / "a2c.zip"), make_policy("pretrained")]  # fmt: skip
+    for policy in policies:
+        actions, state = policy.predict(batch, deterministic=True)
+        assert state is None
+        rows = np.stack([policy.predict(row, deterministic=True)[0] for row in batch])
+        np.testing.assert_array_equal(actions, rows, err_msg=type(policy).__name__)
+        assert actions.shape == (5, 6) and all(ACTIONS.contains(a) for a in actions)
+
+
+def test_a_learned_policy_samples_unless_asked_for_its_deterministic_action(saved_models):
+    policy = LearnedPolicy(saved_models / "ppo.zip")  # untrained: a near-uniform distribution
+    obs = observation([0.0] * 4)
+    mode, _ = policy.predict(obs, deterministic=True)
+    assert all(np.array_equal(policy.predict(obs, deterministic=True)[0], mode) for _ in range(20))
+    sampled = {tuple(policy.predict(obs)[0].tolist()) for _ in range(20)}  # deterministic=False, SB3's default
+    assert len(sampled) > 1
+
+
+def test_a_zip_without_observation_stats_loads_bare_and_says_so(saved_models, caplog):
+    """It loaded silently without the out-of-distribution fallback the README promises beside an ``.obs.json``."""
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        policy = make_policy(str(saved_models / "ppo.zip"))
+    assert type(policy) is LearnedPolicy
+    assert f"has no observation stats beside it ({saved_models / 'ppo.obs.json'})" in caplog.text
+    assert "without the out-of-distribution fallback" in caplog.text
 
 
 def test_heuristic_starts_from_its_start_precision():
