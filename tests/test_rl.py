@@ -421,3 +421,41 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
     with pytest.raises(ValueError, match="are not valid JSON"):
         train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
     assert not (tmp_path / "new.zip").exists()
+
+
+class _Constant:
+    """A policy answering one action for one observation."""
+
+    def __init__(self, action):
+        self.action = np.array(action)
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=False):
+        assert np.shape(obs) == (ObservationLayout(4).size,)
+        return self.action.copy(), state
+
+
+def test_the_fallback_threshold_is_one_range_width_beyond_the_edge_and_the_learned_policy_returns(caplog):
+    """At exactly ``max_distance`` (1.0: one training range width past the edge; a feature that never varied counts
+    a width of 1) the learned policy still acts; just past it the heuristic does; back inside, the learned policy."""
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    size = ObservationLayout(4).size
+    low, high = [0.0] * size, [0.5] * size
+    low[3] = high[3] = 0.25  # never varied in training
+    learned, heuristic = _Constant([0, 0, 0, 0, 2, 1]), _Constant([1, 1, 1, 1, 2, 1])
+    policy = FallbackPolicy(learned, heuristic, ObservationStats(tuple(low), tuple(high), 10))
+    assert policy.max_distance == 1.0
+
+    def with_feature(index, value):
+        obs = np.full(size, 0.25, dtype=np.float32)
+        obs[index] = value
+        return obs
+
+    chosen = []
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        for index, value in [(0, 0.25), (0, 1.0), (0, -0.5), (3, 1.25), (3, -0.75), (0, 1.0 + 1e-6), (3, -0.75 - 1e-6),
+                             (0, 0.25)]:  # fmt: skip
+            chosen.append("learned" if policy.predict(with_feature(index, value))[0][0] == 0 else "heuristic")
+    assert chosen == ["learned"] * 5 + ["heuristic"] * 2 + ["learned"]
+    assert policy.fallbacks == 2 and policy.fallback_features == {"log_loss": 1, "headroom": 1}
+    assert "outside the policy's training data" in caplog.text
