@@ -204,6 +204,35 @@ def test_hysteresis_margin_boundary_without_smoothing() -> None:
     assert grouper.update(make_signals([4.0, 1.25, 2.0, 1.0])).tolist() == [0, 1, 0, 1]
 
 
+def test_a_non_finite_score_does_not_stay_in_the_smoothed_ranking() -> None:
+    """Before the fix one NaN curvature made the layer's smoothed score NaN for the rest of the run (0.5 * NaN + ...),
+    ranked last: the most sensitive layer sat in the least sensitive group for good; +inf likewise stayed on top."""
+    grouper = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    assert grouper.update(make_signals([3.0, 2.0, 1.0, 0.0])).tolist() == [0, 0, 1, 1]
+    missing = make_signals([3.0, 2.0, 1.0, 0.0])
+    missing.curvature[0] = np.nan
+    assert grouper.update(missing).tolist() == [0, 0, 1, 1]  # no measurement: the layer keeps its score
+    assert grouper._score is not None
+    np.testing.assert_array_equal(grouper._score, [3.0, 2.0, 1.0, 0.0])
+    infinite = make_signals([3.0, 2.0, 1.0, 0.0])
+    infinite.curvature[3] = np.inf
+    assert grouper.update(infinite).tolist() == [0, 1, 1, 0]  # the top score, finite: (0 + 60) / 2 = 30
+    np.testing.assert_array_equal(grouper._score, [3.0, 2.0, 1.0, 30.0])
+    for _ in range(8):  # measured again, the layer's score decays back to its own
+        assignment = grouper.update(make_signals([3.0, 2.0, 1.0, 0.0]))
+    assert assignment.tolist() == [0, 0, 1, 1]
+    assert grouper._score[3] == pytest.approx(30.0 / 2**8)
+    # A first update with a NaN places the layer at the finite layers' median; with no finite score, at 0.
+    first = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    first.update(missing)
+    np.testing.assert_array_equal(first._score, [1.0, 2.0, 1.0, 0.0])
+    none = make_signals([0.0] * 4)
+    none.curvature[:] = np.nan
+    blind = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    assert blind.update(none).tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(blind._score, [0.0] * 4)
+
+
 # ---------------------------------------------------------------- build_observation
 
 

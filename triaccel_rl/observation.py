@@ -38,6 +38,9 @@ __all__ = [
 OBS_HIGH = 10.0
 """Every feature lies in [-OBS_HIGH, OBS_HIGH] (the Box bounds)."""
 
+_SCORE_CAP = 60.0
+"""Where :meth:`LayerGrouper.update` puts an infinite sensitivity at the least: mirrors the floor, 2 × log10(1e-30)."""
+
 GLOBAL_FEATURES = (
     "log_loss",  # log10 of the smoothed training loss
     "loss_trend",  # relative change of the probe loss over the last interval, clipped to [-1, 1]
@@ -140,8 +143,15 @@ class LayerGrouper:
         self.assignment = np.zeros(len(self.indices), dtype=np.int64)  # group of each controllable layer
 
     def update(self, signals: Signals) -> np.ndarray:
-        """Re-ranks the layers from ``signals``; returns the group of each controllable layer."""
+        """Re-ranks the layers from ``signals``; returns the group of each controllable layer.
+
+        A non-finite score is no measurement: a NaN leaves the layer's smoothed score as it was (the finite layers'
+        median at the first update), +inf counts as the highest finite score (at least 60, the floor's mirror).
+        Smoothed in, either would stay for the rest of the run and pin the layer to one end of the ranking.
+        """
         raw = sensitivity(signals)[self.indices]
+        if not np.isfinite(raw).all():
+            raw = self._finite(raw)
         if self._score is None:
             self._score = raw
             self.assignment = _quantile_groups(raw, self.n_groups)
@@ -159,6 +169,12 @@ class LayerGrouper:
                     keep[i] = group
         self.assignment = keep
         return self.assignment
+
+    def _finite(self, raw: np.ndarray) -> np.ndarray:
+        finite = raw[np.isfinite(raw)]
+        top = max(float(finite.max()), _SCORE_CAP) if finite.size else _SCORE_CAP
+        held = self._score if self._score is not None else np.full(len(raw), np.median(finite) if finite.size else 0.0)
+        return np.where(np.isnan(raw), held, np.minimum(raw, top))
 
     def layers_of(self, group: int) -> np.ndarray:
         """Layer indices (into the run's layers) currently in ``group``."""
