@@ -381,9 +381,11 @@ class FlatParameterStore:
 def is_dense(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` covers exactly ``numel`` consecutive elements in some dimension order.
 
-    Contiguous and channels-last tensors are dense; slices with gaps and broadcast (zero-stride) views
-    are not.
+    Contiguous and channels-last tensors are dense, and so is every empty tensor (no element, no gap, whatever
+    its strides); slices with gaps and broadcast (zero-stride) views are not.
     """
+    if tensor.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda item: item[1]):
         if size == 1:

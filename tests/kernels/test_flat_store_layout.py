@@ -10,6 +10,8 @@ def test_is_dense_accepts_permuted_layouts_and_refuses_gaps():
     assert is_dense(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
     assert is_dense(torch.zeros(4, 6).t())
     assert is_dense(torch.zeros(1, 3, 1, 1).to(memory_format=torch.channels_last))
+    assert is_dense(torch.zeros(2, 0, 5))  # empty: strides (5, 5, 1) were refused before the fix
+    assert is_dense(torch.zeros(4, 6)[:, ::2][:, :0])
     assert not is_dense(torch.zeros(4, 6)[:, ::2])
     assert not is_dense(torch.zeros(3).expand(4, 3))
 

@@ -22,9 +22,15 @@ MODEL_LAYERS: list[list[tuple[int, ...]]] = [
 VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     # name: (optimizer, hyper-parameters, steps under the kernel path)
     "adamw": ("adamw", {"weight_decay": 0.01, "eps": 1e-8}, 20),
+    # beta1 = 0 (its log is -inf: every bias correction 1) with a short second-moment memory and a large eps.
+    "adamw_beta1_zero": ("adamw", {"beta1": 0.0, "beta2": 0.5, "eps": 1e-3, "weight_decay": 0.0}, 8),
+    "adamw_beta2_zero": ("adamw", {"beta1": 0.5, "beta2": 0.0, "weight_decay": 0.1}, 8),
     "sgd_nesterov_wd": ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, 20),
     "sgd_dampening": ("sgd", {"momentum": 0.8, "dampening": 0.25}, 20),
     "sgd_plain": ("sgd", {}, 20),
+    "sgd_heavy_ball_wd": ("sgd", {"momentum": 0.5, "weight_decay": 0.1}, 8),
+    "sgd_nesterov": ("sgd", {"momentum": 0.99, "nesterov": True}, 8),
+    "sgd_wd_only": ("sgd", {"weight_decay": 0.5}, 8),
 }
 LOSS_SCALE = 1024.0
 
@@ -41,7 +47,9 @@ def _torch_optimizer(
     """torch.optim with one param group per layer, its lr being the layer's factor (times lr, set per step)."""
     groups = [{"params": layer, "lr": f} for layer, f in zip(layers, factors, strict=True)]
     if optimizer == "adamw":
-        return torch.optim.AdamW(groups, **hyper)
+        betas = (hyper.get("beta1", 0.9), hyper.get("beta2", 0.999))
+        rest = {key: value for key, value in hyper.items() if key not in ("beta1", "beta2")}
+        return torch.optim.AdamW(groups, betas=betas, **rest)
     return torch.optim.SGD(groups, lr=1.0, **hyper)
 
 
@@ -88,7 +96,7 @@ def test_kernel_matches_torch_optim(device: str, variant: str) -> None:
 @pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cpu_reference_path_matches_torch_optim(variant: str) -> None:
-    _run_against_torch("cpu", variant, 20)
+    _run_against_torch("cpu", variant, VARIANTS[variant][2])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -26,6 +26,7 @@ LAYOUTS = {
     "single_element": [[(1,)]],
     "awkward": [[(4095,)], [(4097,)], [(3, 5, 7), (2,)]],
     "tiny_and_large": [[(3,)] for _ in range(12)] + [[(90, 101)]],
+    "empty_parameters": [[(0,), (3,)], [(2, 0, 5)], [(1,), (0, 4)]],  # a layer of one empty parameter, too
 }
 HYPER: dict[str, dict[str, Any]] = {
     "adamw": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01},
@@ -276,10 +277,54 @@ def test_edge_gradients(device: str, kind: str) -> None:
     before = kernel.clone()
     kernel.step(False, factors, codes, inv_scale=1.0)
     reference.step(True, factors, codes, inv_scale=1.0)
-    assert torch.equal(torch.isfinite(kernel.params), torch.isfinite(reference.params)), "finiteness differs"
-    finite = torch.isfinite(reference.params)
-    assert_close(kernel.params[finite], reference.params[finite], f"{kind} edge gradients params")
+    for what, got, want in [
+        ("params", kernel.params, reference.params),
+        *((f"state {i}", g, w) for i, (g, w) in enumerate(zip(kernel.states, reference.states, strict=True))),
+    ]:
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), f"{kind} edge gradients {what}: finiteness"
+        finite = torch.isfinite(want)
+        assert_close(got[finite], want[finite], f"{kind} edge gradients {what}")
+    if kind == "adamw":  # 1e30 squared: the second moment overflows to inf there, and that weight stops moving
+        overflowed = slice(offsets[2], offsets[2] + 50)
+        assert torch.isinf(kernel.states[1][overflowed]).all()
+        assert torch.equal(kernel.params[overflowed], (before.params[overflowed] * (1 - 0.05 * 1.5 * 0.01)))
     _assert_copies_follow_params(kernel, codes, before, f"{kind} edge gradients")
+
+
+# Weights at the edges of the 16-bit types: signed zeros, fp32 denormals, fp16's smallest subnormal and largest
+# value, the ties around 65520 where fp16 rounds to inf, bf16's largest value and past it, inf and NaN.
+EDGE_WEIGHTS = [0.0, -0.0, 1e-40, -1e-45, 2.0**-24, 65504.0, 65519.0, -65520.0, 1e5, 3.3895e38, 3.4e38,
+                float("inf"), float("-inf"), float("nan")]  # fmt: skip
+
+
+@pytest.mark.filterwarnings(OVERFLOW_WARNING)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", list(HYPER))
+def test_edge_weights_and_their_copies(device: str, kind: str) -> None:
+    """Edge weights in a bf16 and an fp16 layer, a tiny LR so they stay near their edges: the kernel's weights and
+    states match the reference (NaN and inf where it has them), and every copy is ``Tensor.to``'s, bit for bit."""
+    kernel = FlatState.make(kind, LAYOUTS["awkward"], device, seed=8)
+    edges = torch.tensor(EDGE_WEIGHTS, device=device)
+    for layer in (1, 2):  # codes 1 (bf16) and 2 (fp16), see _factors_and_codes
+        start = kernel.store.layer_offsets[layer]
+        kernel.params[start : start + len(edges)] = edges
+    reference = kernel.clone()
+    factors, codes = _factors_and_codes(kernel.store.n_layers, device)
+    assert codes.tolist() == [0, BF16, FP16]
+    for step in range(2):
+        before = kernel.clone()
+        kernel.step(False, factors, codes, lr=1e-6)
+        reference.step(True, factors, codes, lr=1e-6)
+        for what, got, want in [
+            ("params", kernel.params, reference.params),
+            *((f"state {i}", g, w) for i, (g, w) in enumerate(zip(kernel.states, reference.states, strict=True))),
+        ]:
+            for test in (torch.isnan, torch.isinf):
+                assert torch.equal(test(got), test(want)), f"{kind} step {step} {what}: {test.__name__} differs"
+            finite = torch.isfinite(want)
+            assert torch.equal(got[~finite].nan_to_num(), want[~finite].nan_to_num()), f"{what}: infinities differ"
+            assert_close(got[finite], want[finite], f"{kind} step {step} edge {what}")
+        _assert_copies_follow_params(kernel, codes, before, f"{kind} step {step} edge weights")
 
 
 def test_inv_scale_tensor_equals_float(device: str) -> None:

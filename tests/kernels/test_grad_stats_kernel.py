@@ -11,6 +11,7 @@ LAYOUTS = {
     "single_element": [[(1,)]],
     "awkward": [[(4095,)], [(4097,)], [(3, 5, 7), (2,)]],
     "tiny_and_large": [[(3,)] for _ in range(12)] + [[(90, 101)]],
+    "empty_parameters": [[(0,), (3,)], [(2, 0, 5)], [(1,), (0, 4)]],  # a layer of one empty parameter, too
 }
 
 
@@ -29,7 +30,8 @@ def _expected(store: FlatParameterStore, inv_scale: float) -> dict[str, list[flo
     out: dict[str, list[float]] = {"sq_sum": [], "abs_max": [], "sum": [], "nonfinite": [], "abs_sum": []}
     for layer in store.layers:
         grads = [p.grad for p in layer if p.grad is not None]
-        g = torch.cat([x.flatten() for x in grads]).double() * inv_scale if grads else torch.zeros(1).double()
+        # A layer without elements has the statistics of a zero: 0 everywhere.
+        g = torch.cat([x.flatten() for x in grads] + [torch.zeros(1, device=store.device)]).double() * inv_scale
         finite = torch.isfinite(g)
         gf = torch.where(finite, g, 0.0)
         out["sq_sum"].append(float((gf * gf).sum()))
