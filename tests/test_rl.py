@@ -459,3 +459,18 @@ def test_the_fallback_threshold_is_one_range_width_beyond_the_edge_and_the_learn
     assert chosen == ["learned"] * 5 + ["heuristic"] * 2 + ["learned"]
     assert policy.fallbacks == 2 and policy.fallback_features == {"log_loss": 1, "headroom": 1}
     assert "outside the policy's training data" in caplog.text
+
+
+def test_every_held_out_evaluation_runs_the_same_episodes(tmp_path, monkeypatch):
+    """The evaluation environments were never seeded: each evaluation drew new runs from OS entropy, so the curve mixed
+    the policy's progress with the draw and two runs of one seed evaluated differently. With the policy held still
+    (no updates), every evaluation now scores alike."""
+    from stable_baselines3 import PPO
+
+    monkeypatch.setattr(PPO, "train", lambda self: None)
+    train_policy(["synthetic"], total_timesteps=24, n_steps=8, batch_size=4, eval_tasks=["synthetic"], eval_every=8,
+                 out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
+    saved = np.load(tmp_path / "eval" / "evaluations.npz")
+    assert saved["timesteps"].tolist() == [8, 16, 24]
+    results = saved["results"][:, 0]
+    assert np.isfinite(results).all() and results.tolist() == [results[0]] * 3

@@ -350,7 +350,7 @@ def train_policy(
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
-        seed: seeds PPO and the environments.
+        seed: seeds PPO and the environments; every held-out evaluation runs the episodes of this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
@@ -477,6 +477,18 @@ def train_policy(
                 save_checkpoint(self.model)
             return True
 
+    class HeldOutEvaluation(EvalCallback):
+        """SB3's evaluation, each time on the same episodes: the held-out environments are seeded before each.
+
+        Unseeded, every evaluation drew new runs (data subset, initial weights) from fresh OS entropy: the curve
+        mixed the policy's progress with the draw, and two runs of one ``seed`` evaluated differently.
+        """
+
+        def _on_step(self) -> bool:
+            if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+                self.eval_env.seed(seed)
+            return super()._on_step()
+
     recorder = RecordObservations()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -528,7 +540,7 @@ def train_policy(
             eval_env = DummyVecEnv(
                 make_env_fns(list(eval_tasks), len(eval_tasks), max_decisions, interval_steps, None, **eval_kwargs)
             )
-            evaluations = EvalCallback(
+            evaluations = HeldOutEvaluation(
                 eval_env,
                 n_eval_episodes=len(eval_tasks),
                 eval_freq=max(1, eval_every // n_envs),
