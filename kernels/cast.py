@@ -76,6 +76,9 @@ def cast_to_low_precision(
     Returns:
         ``out`` (or a new tensor) holding ``x`` rounded to nearest even.
 
+    Raises:
+        ValueError: ``block_size`` is not a power of two.
+
     Example:
         >>> x = torch.tensor([1.0, 1.00390625, -0.0, float("inf")])
         >>> cast_to_low_precision(x, torch.bfloat16).tolist()
@@ -84,6 +87,8 @@ def cast_to_low_precision(
     assert x.dtype == torch.float32, f"x must be float32, got {x.dtype}"
     assert x.is_contiguous(), "x must be contiguous"
     assert dtype in _LOW_PRECISION_DTYPES, f"dtype must be bfloat16 or float16, got {dtype}"
+    if block_size is not None and (block_size <= 0 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
     if out is None:
         out = torch.empty_like(x, dtype=dtype)
     assert out.shape == x.shape, f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}"

@@ -90,3 +90,10 @@ def test_rejects_wrong_inputs() -> None:
         cast_to_low_precision(torch.zeros(4, 4).t(), torch.bfloat16)
     with pytest.raises(AssertionError, match="bfloat16 or float16"):
         cast_to_low_precision(torch.zeros(4), torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [0, 3, -4])
+def test_rejects_a_block_size_not_a_power_of_two(block_size: int) -> None:
+    """Before the fix: ZeroDivisionError for 0, the interpreter's "arange's range must be a power of 2" for 3."""
+    with pytest.raises(ValueError, match=f"block_size must be a power of two, got {block_size}"):
+        cast_to_low_precision(torch.zeros(10), torch.bfloat16, block_size=block_size)
