@@ -567,6 +567,8 @@ def train_policy(
                 checkpoint,
             )
             raise
+        # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach TensorBoard.
+        model.logger.dump(step=model.num_timesteps)
         model.save(path)
         stats = recorder.stats()
         if stats is not None:
