@@ -272,6 +272,8 @@ class TrainingRun:
         self._moments: DeviceMoments | None = None  # train_interval's device-side accumulator
         self._noise = np.zeros(3)  # EMA weight, EMA of B * |g_B|^2, EMA of B (for noise_scale)
         self._samples_started = 0  # samples whose forward pass began in the current attempt
+        self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the step's buffers before it
+        self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
         self._batch_size = self.task.base_batch_size
         self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
         self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
@@ -304,7 +306,8 @@ class TrainingRun:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
         self._batch_size = int(value)
         noise = self.noise_scale if self.lr_coupler.rule is LRRule.ADASCALE else None
-        self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, noise)
+        # The engine's gain carries the schedule's factor too (as each step sets it): `lr` is right at once.
+        self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, noise) * self.schedule_gain
 
     @property
     def lr_rule(self) -> LRRule:
@@ -314,7 +317,7 @@ class TrainingRun:
     @lr_rule.setter
     def lr_rule(self, value: LRRule | str) -> None:
         self.lr_coupler = self._coupler(LRRule.parse(value), self.batch_size)
-        self.engine.batch_lr_gain = self.lr_coupler.gain
+        self.engine.batch_lr_gain = self.lr_coupler.gain * self.schedule_gain
 
     @property
     def lr_scale(self) -> float:
@@ -458,6 +461,7 @@ class TrainingRun:
         oom_events = 0
         wasted_samples = 0  # samples whose forward pass ran in an attempt that failed (charged, not applied)
         micro = self.micro_batch_size(n)
+        self._saved_buffers = None
         while True:
             sizes = plan_micro_batches(n, micro)
             self._reset_peak_memory()
@@ -467,6 +471,7 @@ class TrainingRun:
                 loss = self._accumulate(batch, sizes, attempt=oom_events)
             except Exception as err:  # anything but an OOM is re-raised at once
                 if not (self.memory_elastic and is_out_of_memory(err)):
+                    self._abandon_step(n)
                     raise
                 failure = _first_line(err)
             if not failure:
@@ -711,6 +716,8 @@ class TrainingRun:
             loss = self._replay(batch)
             if loss is not None:
                 return loss
+        if self._saved_buffers is None:
+            self._save_buffers()
         total = torch.zeros((), device=self.device)
         offset = 0
         for index, size in enumerate(sizes):
@@ -731,6 +738,26 @@ class TrainingRun:
             self.engine.scale_loss(loss).backward()
             total += loss.detach()
         return total
+
+    def _save_buffers(self) -> None:
+        """Copies the model's buffers, for :meth:`_recover_from_oom` to put back.
+
+        An attempt that fails (out of memory, or any error) has already run some forward passes, and each updated the
+        batch-norm running statistics (and counts) that a retry, or the caller's next step, updates again. Only eager
+        steps copy (a graph's replay
+        allocates nothing, so it cannot run out): into copies kept from the last step when the buffers are the
+        same tensors, one multi-tensor copy, no allocation.
+        """
+        buffers = [b for b in self.model.buffers() if b.numel()]
+        kept = self._buffer_copies
+        if len(kept) != len(buffers) or any(
+            live is not old or saved.shape != live.shape for (old, saved), live in zip(kept, buffers, strict=True)
+        ):
+            kept = [(live, torch.empty_like(live)) for live in buffers]
+            self._buffer_copies = kept
+        if kept:
+            torch._foreach_copy_([saved for _, saved in kept], [live.detach() for live, _ in kept])
+        self._saved_buffers = kept
 
     def _replay(self, batch: Batch) -> torch.Tensor | None:
         """The step's forward, loss and backward from its captured graph; ``None`` if graphs are off now."""
@@ -767,9 +794,20 @@ class TrainingRun:
         self.engine.scale_loss(loss).backward()
         return loss.detach()
 
+    def _undo_attempt(self) -> None:
+        """Drops a failed attempt's gradients and puts back the buffers its forward passes updated."""
+        self.engine.zero_grad()  # the aborted attempt's partial sums must not count
+        if self._saved_buffers:  # nor its forward passes' updates of batch-norm running statistics
+            torch._foreach_copy_([live for live, _ in self._saved_buffers], [kept for _, kept in self._saved_buffers])
+
+    def _abandon_step(self, n: int) -> None:
+        """A step that raises leaves the run as before it: no gradients, buffers back, its samples to the loader."""
+        self._undo_attempt()
+        self.loader.take_back(n)
+
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
         """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
-        self.engine.zero_grad()  # the aborted attempt's partial sums must not count
+        self._undo_attempt()
         release_memory(self.device)
         if oom_events > self.elastic.max_oom_retries:
             self.loader.take_back(n)  # the step is abandoned: its samples return to the loader

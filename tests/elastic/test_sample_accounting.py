@@ -267,14 +267,12 @@ def _batch_norm_task() -> Task:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrainingRun._step (triaccel_rl/training.py) does not put back the batch-norm running statistics that the "
-    "failed attempt's forward passes updated; the retry updates them again for the same samples",
-)
 def test_an_oom_retry_leaves_the_batch_norm_running_statistics_as_a_fault_free_run_has_them() -> None:
     """Micro-batch 0 runs its forward pass (updating the running mean, variance and batch count), micro-batch 1 runs
-    out of memory, and the step is retried: the fault-free twin's buffers saw each sample once."""
+    out of memory, and the step is retried: the fault-free twin's buffers saw each sample once.
+
+    Before the fix the parameters agreed and the buffers did not: the failed attempt's forward passes had updated
+    them, and the retry updated them again for the same samples."""
 
     def fault(point: FaultPoint) -> None:
         if point.step == 0 and point.attempt == 0 and point.micro_index == 1 and point.phase == "forward":
@@ -288,6 +286,61 @@ def test_an_oom_retry_leaves_the_batch_norm_running_statistics_as_a_fault_free_r
     twin.step()
     assert faulty.last_micro_batches == twin.last_micro_batches == [16] * 4
     for a, b in zip(parameters_of(faulty), parameters_of(twin), strict=True):
-        assert torch.equal(a, b)  # the parameters agree; the buffers below do not
+        assert torch.equal(a, b)
     for (name, a), (_, b) in zip(faulty.model.named_buffers(), twin.model.named_buffers(), strict=True):
         assert torch.equal(a, b), f"{name} differs from the fault-free twin's"
+
+
+@pytest.mark.parametrize("memory_elastic", [True, False])
+def test_a_step_that_raises_leaves_the_run_as_before_it(memory_elastic: bool) -> None:
+    """An error the step does not recover from (any error with memory-elastic batching off, as the batch finder runs;
+    a non-OOM error with it on) leaves no gradients, the buffers as they were and the batch with the loader: a caller
+    who catches it and steps on trains exactly as a run that never saw it.
+
+    Before the fix the batch was lost to the loader (the next step took the samples after it), the failed forward's
+    running statistics stayed and its partial gradients were summed into the next update.
+    """
+
+    raised: list[FaultPoint] = []
+
+    def fault(point: FaultPoint) -> None:
+        if not raised and point.step == 1 and point.micro_index == 1 and point.phase == "backward":
+            raised.append(point)
+            if memory_elastic:
+                raise RuntimeError("a user's model failed")
+            inject_oom(lambda _: True)(point)
+
+    faulty = TrainingRun(_batch_norm_task(), seed=0, device="cpu", fault=fault)
+    twin = TrainingRun(_batch_norm_task(), seed=0, device="cpu")
+    for run in (faulty, twin):
+        run.memory_elastic = memory_elastic
+        run.micro_batch_cap = 16
+        run.step()
+    with pytest.raises((RuntimeError, torch.OutOfMemoryError)):
+        faulty.step()
+    assert all(p.grad is None or not p.grad.any() for p in faulty.model.parameters())
+    assert faulty.loader.state_dict() == twin.loader.state_dict()
+    for _ in range(3):
+        faulty.step()
+        twin.step()
+    assert faulty.steps == twin.steps == 4
+    for a, b in zip(parameters_of(faulty), parameters_of(twin), strict=True):
+        assert torch.equal(a, b)
+    for (name, a), (_, b) in zip(faulty.model.named_buffers(), twin.model.named_buffers(), strict=True):
+        assert torch.equal(a, b), f"{name} differs from the fault-free twin's"
+
+
+def test_the_lr_after_a_batch_change_carries_the_schedule() -> None:
+    """``run.lr`` right after the batch changes is the LR the next step uses (schedule factor included).
+
+    Before the fix the setter left the engine's gain without the schedule's factor until the next step: mid-warm-up
+    ``run.lr`` read the LR as if the schedule were at 1.
+    """
+    run = TrainingRun(_batch_norm_task(), seed=0, device="cpu", schedule_epochs=4.0)
+    for _ in range(2):
+        run.step()
+    assert 0.0 < run.schedule_gain < 1.0  # inside the warm-up
+    for change in (lambda: setattr(run, "batch_size", 128), lambda: setattr(run, "lr_rule", "sqrt")):
+        change()
+        expected = run.task.base_lr * run.lr_scale * run.lr_coupler.gain * run.schedule_gain
+        assert run.lr == pytest.approx(expected, rel=1e-12)
