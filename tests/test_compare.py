@@ -225,8 +225,9 @@ def test_a_rows_gradient_clipping_reaches_its_updates():
     tight = run_controller("synthetic", "fp32", 0, max_grad_norm=1e-3, **common)  # binds at every step
     assert loose.curve == free.curve
     assert tight.curve != free.curve
-    with pytest.raises(ValueError, match="max_grad_norm=0 must be positive"):
-        run_controller("synthetic", "fp32", 0, max_grad_norm=0, **common)
+    for bad in (0, float("inf")):  # one rule with Controller's and run_plain's (check_max_grad_norm)
+        with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive finite number"):
+            run_controller("synthetic", "fp32", 0, max_grad_norm=bad, **common)
 
 
 def test_static_rows_keep_their_batch_and_lr_scale():

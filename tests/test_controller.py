@@ -1,3 +1,5 @@
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,40 @@ def test_batch_growth_scales_lr_linearly():
     ctl.batch_size = 64
     assert ctl.lr == ctl.engine.group_lrs()[0] == pytest.approx(0.1 * 64 / 16)
     assert opt.param_groups[0]["lr"] == 0.1  # the optimizer keeps its own LR; the controller multiplies it
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the backward failed")
+
+
+def test_a_backward_that_raises_is_no_step_of_the_lr_warm_up():
+    """Before the fix ``step`` advanced the batch LR's warm-up before the backward: a backward that raised (and that
+    the user's loop caught) still counted as a step of the ramp. A batch size that is not a whole number is refused
+    (``2.5`` was truncated to 2)."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1000))
+    x, y = next(ctl.loader(data(), batch_size=16))
+    ctl.step(nn.functional.cross_entropy(model(x), y))  # a change before the first step applies at once
+    ctl.batch_size = 64  # x4: past warmup_above, so the LR ramps up over warmup_steps
+    assert ctl.lr_coupler is not None
+    before = ctl.lr_coupler.state_dict()
+    assert before["ramp_step"] == 0
+    loss = _FailingBackward.apply(nn.functional.cross_entropy(model(x), y))
+    with pytest.raises(RuntimeError, match="the backward failed"):
+        ctl.step(loss)
+    assert ctl.lr_coupler.state_dict() == before
+    ctl.step(nn.functional.cross_entropy(model(x), y))
+    assert ctl.lr_coupler.state_dict()["ramp_step"] == 1 and ctl.lr_coupler.steps == before["steps"] + 1
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+            ctl.batch_size = bad
+    ctl.close()
 
 
 def test_bad_inputs():
@@ -408,7 +444,7 @@ def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
         torch.testing.assert_close(controlled, plain, rtol=1e-6, atol=1e-7)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         model, optimizer = model_and_optimizer()
-        with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive number"):
+        with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive finite number"):
             Controller(model, optimizer, policy="fp32", max_grad_norm=bad)
 
 

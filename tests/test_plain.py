@@ -40,8 +40,9 @@ def test_plain_loop_clips_as_the_static_row_does(precision):
     assert plain.steps == row.steps == unclipped.steps
     assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
     assert max(abs(a[1] - b[1]) for a, b in zip(plain.curve, unclipped.curve, strict=True)) > 0.02
-    with pytest.raises(ValueError, match="max_grad_norm=-1 must be positive"):
-        run_plain("synthetic", 0, max_grad_norm=-1, **common)
+    for bad in (-1, float("inf")):  # one rule with Controller's and compare's (check_max_grad_norm)
+        with pytest.raises(ValueError, match=f"max_grad_norm={bad} must be a positive finite number"):
+            run_plain("synthetic", 0, max_grad_norm=bad, **common)
 
 
 def test_plain_fp16_loop_skips_a_non_finite_step_and_counts_it(monkeypatch):

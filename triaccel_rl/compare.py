@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
+from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
@@ -628,8 +629,7 @@ def _check_run_settings(
         raise ValueError(f"eval_every={eval_every} must be >= 1")
     if eval_every_steps is not None and eval_every_steps < 1:
         raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
+    check_max_grad_norm(max_grad_norm)
 
 
 def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:

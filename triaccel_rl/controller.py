@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,7 @@ from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
-from triaccel_rl.engine import StepEngine
+from triaccel_rl.engine import StepEngine, check_max_grad_norm
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
@@ -115,8 +114,7 @@ class Controller:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters; got {optimizer!r}")
         if memory is not None and not isinstance(memory, MemoryBudget):
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
-        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm={max_grad_norm} must be a positive number (or None for no clipping)")
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
@@ -336,13 +334,13 @@ class Controller:
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_from_forward = False
-        if self.lr_coupler is not None:
-            self.engine.batch_lr_gain = self.lr_coupler.advance()
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
+        if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up
+            self.engine.batch_lr_gain = self.lr_coupler.advance()
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
@@ -379,8 +377,8 @@ class Controller:
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
-        if value < 1:
-            raise ValueError(f"batch_size={value} must be positive")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"batch_size={value!r} must be a positive integer")
         self._batch_size = int(value)
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, self._noise_scale)

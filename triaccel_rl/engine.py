@@ -24,9 +24,27 @@ from triaccel_rl.errors import DetachedParametersError
 from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers
 from triaccel_rl.types import LayerInfo, Precision
 
-__all__ = ["GradStats", "StepEngine", "check_precision_supported", "layer_parameters"]
+__all__ = ["GradStats", "StepEngine", "check_max_grad_norm", "check_precision_supported", "layer_parameters"]
 
 _log = logging.getLogger("triaccel_rl")
+
+
+def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
+    """Returns ``max_grad_norm`` if it is a clipping threshold the engine takes: a positive finite number, or None.
+
+    One rule for every place that takes one (``Controller``, ``compare``, ``run_plain``): infinity would clip
+    nothing, and is said as None.
+
+    Raises:
+        ValueError: anything else, named.
+    """
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float, np.integer, np.floating)):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a number (or None for no clipping)")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be a positive finite number (or None for no clipping)")
+    return float(max_grad_norm)
 
 
 def check_precision_supported(precision: Precision, device: torch.device) -> None:

@@ -31,6 +31,7 @@ import torch
 from triaccel_rl.compare import NvmlPeak, RunResult, check_epoch_budget
 from triaccel_rl.config import LRRule
 from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
+from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, get_task
@@ -97,8 +98,7 @@ def run_plain(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be positive (or None for no clipping)")
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
     device = resolve_device(device)
     release_memory(device)  # earlier runs' garbage must not count in this run's peak
 
