@@ -222,7 +222,7 @@ def test_profile_missing_file_raises_naming_path(tmp_path: Path) -> None:
 
 
 def test_profile_directory_is_not_a_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"does not exist"):
+    with pytest.raises(ConfigError, match=r"is a folder; give the profile's JSON file in it"):
         HardwareProfile.load(tmp_path)
 
 

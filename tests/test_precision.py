@@ -195,6 +195,10 @@ def test_set_unknown_precision() -> None:
     lp = LayerPrecision(nn.Linear(4, 2), device_type="cpu")
     with pytest.raises(ValueError, match=r"unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
         lp.set(["fp8"])
+    for flag in (True, False):  # were bf16 and fp32 (bool is an int to Python); decode() refuses them too
+        with pytest.raises(ValueError, match=rf"unknown precision {flag}; allowed: fp32, bf16, fp16"):
+            lp.set([flag])
+    assert lp.precisions == [Precision.FP32]
 
 
 def test_norm_between_low_precision_layers_gets_fp32_input() -> None:

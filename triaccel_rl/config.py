@@ -181,6 +181,8 @@ class HardwareProfile:
             source = "the shipped profile profiles/h200.json"
         else:
             file = Path(path)
+            if file.is_dir():
+                raise ConfigError(f"hardware profile {str(file)!r} is a folder; give the profile's JSON file in it")
             if not file.is_file():
                 raise ConfigError(f"hardware profile {str(file)!r} does not exist")
             text = file.read_text()

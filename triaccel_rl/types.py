@@ -54,7 +54,11 @@ class Precision(enum.IntEnum):
                 return cls[value.strip().upper()]
             except KeyError:
                 pass
-        elif isinstance(value, (int, np.integer)) and int(value) in {p.value for p in cls}:
+        elif (
+            isinstance(value, (int, np.integer))
+            and not isinstance(value, bool)  # True is 1 to Python, not a precision
+            and int(value) in {p.value for p in cls}
+        ):
             return cls(int(value))
         allowed = ", ".join(p.name.lower() for p in cls)
         raise ValueError(f"unknown precision {value!r}; allowed: {allowed}")
