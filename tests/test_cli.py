@@ -208,6 +208,30 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback from wherever the run was (after train-policy's checkpoint line, or compare's
+    partial file line); now one line, and the shell's exit code for SIGINT."""
+    import triaccel_rl.compare
+
+    real = triaccel_rl.compare.run_controller
+
+    def interrupted_in_the_second(task, controller, *args, **kwargs):
+        if controller == "bf16":
+            raise KeyboardInterrupt
+        return real(task, controller, *args, **kwargs)
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", interrupted_in_the_second)
+    out = tmp_path / "r.json"
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", "1", "--epochs", "0.2",
+            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"triaccel-rl compare: the runs that finished are in {tmp_path / 'r.partial.json'}",
+        "triaccel-rl compare: interrupted",
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

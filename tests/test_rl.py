@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -325,22 +326,32 @@ _TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "
 def test_checkpoints_carry_the_observation_range_they_were_trained_on(tmp_path):
     """Checkpoints were SB3's bare zips: loaded, they had no out-of-distribution fallback, and a run resumed from one
     saved the range of its own observations only (the first run's were lost)."""
+    import torch
+    from stable_baselines3 import PPO
+
     from triaccel_rl.shield import FallbackPolicy, ObservationStats
 
     train_policy(["synthetic"], total_timesteps=16, n_steps=8, batch_size=4, checkpoint_every=8,
                  out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
     folder = tmp_path / "checkpoints"
-    # Step 8's checkpoint is taken before the first rollout ends: the policy has trained on nothing, and says so.
+    # Each is taken after the update on its rollout (once, before: step 8's held untrained weights under the name
+    # of 8 steps, and step 16's the first rollout's update under 16, so a run resumed from it skipped the second).
     assert sorted(p.name for p in folder.iterdir()) == [
-        "policy_16_steps.obs.json", "policy_16_steps.zip", "policy_8_steps.zip"]  # fmt: skip
+        "policy_16_steps.obs.json", "policy_16_steps.zip", "policy_8_steps.obs.json", "policy_8_steps.zip"]  # fmt: skip
+    assert ObservationStats.load(folder / "policy_8_steps.obs.json").n_observations == 8
     stats = ObservationStats.load(folder / "policy_16_steps.obs.json")
-    assert stats.n_observations == 8  # the one rollout its weights were trained on
+    assert stats.n_observations == 16  # the two rollouts its weights were trained on
+    assert PPO.load(folder / "policy_16_steps.zip", device="cpu").num_timesteps == 16
+    final = PPO.load(tmp_path / "policy.zip", device="cpu")
+    saved = PPO.load(folder / "policy_16_steps.zip", device="cpu")
+    for a, b in zip(final.policy.parameters(), saved.policy.parameters(), strict=True):
+        assert torch.equal(a, b)  # the last checkpoint is the finished policy
     assert stats.lr_scales == ControllerConfig().lr_scales
     assert isinstance(make_policy(str(folder / "policy_16_steps.zip")), FallbackPolicy)
 
     resumed = train_policy(["synthetic"], total_timesteps=8, resume=folder / "policy_16_steps.zip",
                            out=tmp_path / "resumed.zip", **_TINY)  # fmt: skip
-    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 16  # 8 before, 8 now
+    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 24  # 16 before, 8 now
 
 
 def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeypatch, caplog):
@@ -363,21 +374,33 @@ def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeyp
 
     monkeypatch.setattr(PPO, "train", interrupted_on_the_second_update)
     out = tmp_path / "policy.zip"
-    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+    with (
+        caplog.at_level("WARNING", logger="triaccel_rl"),
+        pytest.raises(KeyboardInterrupt),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
         train_policy(["synthetic"], total_timesteps=64, n_envs=2, vec="subproc", n_steps=4, batch_size=4,
-                     max_decisions=3, interval_steps=2, budget_intervals=2, torch_threads=1, out=out)  # fmt: skip
+                     max_decisions=3, interval_steps=2, budget_intervals=2, torch_threads=1, out=out,
+                     eval_tasks=["synthetic"], eval_every=64)  # fmt: skip
+    # SB3's "Training and eval env are not of the same type" (subprocess training, in-process evaluation) is dropped.
+    assert not [w for w in caught if "not of the same type" in str(w.message)]
     assert calls == [8, 16]
-    checkpoint = tmp_path / "checkpoints" / "policy_16_steps.zip"
-    assert f"training interrupted at step 16: saved {checkpoint}" in caplog.text
+    # Interrupted in the update on the second rollout: the weights are the first update's, and the checkpoint says
+    # 8 steps (it said 16: a run resumed from it would have skipped the second rollout).
+    checkpoint = tmp_path / "checkpoints" / "policy_8_steps.zip"
+    assert f"training interrupted at step 16: saved {checkpoint}, the weights of the last update (8 steps)" in (
+        caplog.text
+    )
     assert not out.exists()  # the finished policy's name is left for a finished policy
-    assert PPO.load(checkpoint, device="cpu").num_timesteps == 16
-    assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 16  # both rollouts
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 8
+    assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 8  # the rollout trained on
 
     monkeypatch.setattr(PPO, "train", real_train)
     resumed = train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, resume=checkpoint, out=out,
                            **_TINY)  # fmt: skip
-    assert PPO.load(resumed, device="cpu").num_timesteps == 24  # the step count continues
-    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 24
+    assert PPO.load(resumed, device="cpu").num_timesteps == 16  # the step count continues
+    assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 16
 
 
 def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
@@ -459,6 +482,34 @@ def test_the_fallback_threshold_is_one_range_width_beyond_the_edge_and_the_learn
     assert chosen == ["learned"] * 5 + ["heuristic"] * 2 + ["learned"]
     assert policy.fallbacks == 2 and policy.fallback_features == {"log_loss": 1, "headroom": 1}
     assert "outside the policy's training data" in caplog.text
+
+
+def test_the_fallback_is_logged_once_a_spell(caplog):
+    """A warning when observations leave the training range, an info line when they come back; the decisions in
+    between at debug level. Before, every decision out of distribution logged a warning (a run far from its training
+    data printed one each interval)."""
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    size = ObservationLayout(4).size
+    policy = FallbackPolicy(
+        _Constant([0, 0, 0, 0, 2, 1]), _Constant([1, 1, 1, 1, 2, 1]), ObservationStats((0.0,) * size, (0.5,) * size, 10)
+    )
+    inside, outside = np.full(size, 0.25, dtype=np.float32), np.full(size, 5.0, dtype=np.float32)
+    with caplog.at_level("DEBUG", logger="triaccel_rl"):
+        for obs in (inside, outside, outside, outside, inside, inside, outside, inside):
+            policy.predict(obs)
+    logged = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records if r.name == "triaccel_rl"]
+    # (5 - 0.5) / 0.5: nine range widths past the edge; the first feature named where all are as far out
+    out = (
+        "observation 9.00 range widths outside the policy's training data "
+        "(limit 1.00; feature log_loss = 5, trained on [0, 0.5])"
+    )
+    back = "observations back within the policy's training data after {} decision(s) by the heuristic"
+    assert logged == [
+        ("WARNING", out), ("DEBUG", out), ("DEBUG", out), ("INFO", back.format(3)),
+        ("WARNING", out), ("INFO", back.format(1)),
+    ]  # fmt: skip
+    assert policy.fallbacks == 4
 
 
 def test_every_held_out_evaluation_runs_the_same_episodes(tmp_path, monkeypatch):

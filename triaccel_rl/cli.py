@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # what was kept (train-policy's checkpoint, compare's .partial.json) is logged above
+        print(f"triaccel-rl {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except (ValueError, OSError) as err:
         # Bad input (a file that cannot be read or written included): one clear line, no traceback from deep inside.
         print(f"triaccel-rl {args.command}: error: {_as_flags(str(err), vars(args))}", file=sys.stderr)
@@ -206,7 +209,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-tasks", default="", help="comma-separated held-out tasks evaluated periodically")
     train.add_argument("--eval-every", type=int, default=0, help="environment steps between evaluations (0: none)")
     train.add_argument(
-        "--checkpoint-every", type=int, default=0, help="environment steps between checkpoints (0: none)"
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="environment steps between checkpoints, written to checkpoints/<out stem>_<steps>_steps.zip beside --out "
+        "with their .obs.json (0: none; Ctrl-C saves one at the step reached either way); --resume takes one",
     )
     train.add_argument("--resume", default=None, help="policy zip to continue training from")
     train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -360,7 +361,8 @@ def train_policy(
         eval_every: environment steps between evaluations (0: none).
         checkpoint_every: environment steps between checkpoints, ``checkpoints/<out's stem>_<steps>_steps.zip`` beside
             ``out``, each with its observation stats (``.obs.json``) so that it loads with the fallback and resumes
-            with its range (0: none).
+            with its range (0: none). Each is taken after the first update past a multiple of ``checkpoint_every``
+            (``steps``: the steps its weights were trained on, a multiple of the rollout size), and at the end.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
             continue).
         progress_bar: show SB3's progress bar.
@@ -376,8 +378,9 @@ def train_policy(
         warm_start_epochs: passes of :func:`imitate` over the teacher's decisions.
         env_kwargs: passed to every ``TriAccel-v0``.
 
-    Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above at the step reached, logs its path
-    and re-raises; ``resume`` continues from it.
+    Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
+    steps collected since are left out, for the resumed run to collect again), logs its path and re-raises;
+    ``resume`` continues from it.
 
     Raises:
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
@@ -424,13 +427,23 @@ def train_policy(
     resumed_stats = _resumed_stats(resume, ladder) if resume is not None else None
 
     class RecordObservations(BaseCallback):
-        """Keeps the running range of every observation PPO trained on."""
+        """Keeps the running range of every observation PPO trained on, and the steps its weights have trained on.
+
+        A rollout's range is taken when it ends and counted once the update on it has run (when the next rollout
+        starts, or training ends): until then the weights have seen nothing of it.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.low: np.ndarray | None = None
             self.high: np.ndarray | None = None
             self.count = 0
+            self.trained_timesteps = 0
+            """Environment steps whose rollouts the weights have been updated on (a resumed run's included)."""
+            self._pending: tuple[np.ndarray, np.ndarray, int] | None = None
+
+        def _on_training_start(self) -> None:
+            self.trained_timesteps = self.model.num_timesteps
 
         def _on_step(self) -> bool:
             return True
@@ -438,15 +451,29 @@ def train_policy(
         def _on_rollout_end(self) -> None:
             buffer: Any = self.model.rollout_buffer  # type: ignore[attr-defined]  # PPO and A2C have one
             observations = np.asarray(buffer.observations).reshape(len(buffer.observations) * buffer.n_envs, -1)
-            low, high = observations.min(0), observations.max(0)
-            self.low = low if self.low is None else np.minimum(self.low, low)
-            self.high = high if self.high is None else np.maximum(self.high, high)
-            self.count += len(observations)
+            self._pending = (observations.min(0), observations.max(0), len(observations))
+
+        def _on_rollout_start(self) -> None:
+            self._commit()
+
+        def _on_training_end(self) -> None:
+            self._commit()
+
+        def _commit(self) -> None:
+            """The update on the last rollout has run: its range counts."""
+            if self._pending is not None:
+                low, high, count = self._pending
+                self.low = low if self.low is None else np.minimum(self.low, low)
+                self.high = high if self.high is None else np.maximum(self.high, high)
+                self.count += count
+                self._pending = None
+            self.trained_timesteps = self.model.num_timesteps
 
         def stats(self) -> ObservationStats | None:
             """The range of every observation the policy has trained on so far, the resumed run's included.
 
-            Only whole rollouts count: the policy's weights have seen nothing of the rollout in progress.
+            Only rollouts the weights were updated on count: not the rollout in progress, nor one whose update has
+            not run.
             """
             stats = None
             if self.low is not None and self.high is not None:
@@ -456,26 +483,49 @@ def train_policy(
             return resumed_stats if stats is None else resumed_stats.merged(stats)
 
     def save_checkpoint(model: Any) -> Path:
-        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it."""
+        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it.
+
+        ``steps`` (and the step count saved in the zip, from which a resumed run counts on) are the steps the
+        weights were trained on: between updates (Ctrl-C in a rollout, or in the update on it) the steps collected
+        since the last update are left out, and a resumed run collects them again.
+        """
+        collected = model.num_timesteps
+        model.num_timesteps = recorder.trained_timesteps
         checkpoint = path.parent / "checkpoints" / f"{path.stem}_{model.num_timesteps}_steps.zip"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        model.save(checkpoint)
+        try:
+            model.save(checkpoint)
+        finally:
+            model.num_timesteps = collected
         stats = recorder.stats()
         if stats is not None:  # none before the first rollout of a new policy: it has trained on nothing yet
             stats.save(obs_stats_path(checkpoint))
         return checkpoint
 
     class Checkpoint(BaseCallback):
-        """Every ``every`` calls (one call steps every environment), :func:`save_checkpoint`."""
+        """:func:`save_checkpoint` after the first update past every ``every`` calls (one call steps every environment).
+
+        Saved when the next rollout starts (or training ends), so that a checkpoint holds whole updates: one saved
+        in the middle of a rollout would record steps its weights never trained on, and a resumed run skip them.
+        """
 
         def __init__(self, every: int) -> None:
             super().__init__()
             self.every = every
+            self._due = False
 
         def _on_step(self) -> bool:
             if self.n_calls % self.every == 0:
-                save_checkpoint(self.model)
+                self._due = True
             return True
+
+        def _on_rollout_start(self) -> None:
+            if self._due:
+                save_checkpoint(self.model)
+                self._due = False
+
+        def _on_training_end(self) -> None:
+            self._on_rollout_start()
 
     class HeldOutEvaluation(EvalCallback):
         """SB3's evaluation, each time on the same episodes: the held-out environments are seeded before each.
@@ -483,6 +533,13 @@ def train_policy(
         Unseeded, every evaluation drew new runs (data subset, initial weights) from fresh OS entropy: the curve
         mixed the policy's progress with the draw, and two runs of one ``seed`` evaluated differently.
         """
+
+        def _init_callback(self) -> None:
+            # The held-out environments run in one process (a DummyVecEnv) whatever the training ones run in: SB3
+            # warns of the mismatch, which only matters for wrappers that normalise (we have none).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
+                super()._init_callback()
 
         def _on_step(self) -> bool:
             if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
@@ -561,9 +618,11 @@ def train_policy(
         except KeyboardInterrupt:
             checkpoint = save_checkpoint(model)
             _log.warning(
-                "training interrupted at step %d: saved %s (and its observation stats); continue with resume=%s",
+                "training interrupted at step %d: saved %s, the weights of the last update (%d steps), and its "
+                "observation stats; continue with resume=%s",
                 model.num_timesteps,
                 checkpoint,
+                recorder.trained_timesteps,
                 checkpoint,
             )
             raise

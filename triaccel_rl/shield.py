@@ -354,6 +354,10 @@ class FallbackPolicy:
         max_distance: an observation further than this from the training range (see
             ``ObservationStats.distance``) goes to the fallback. The default, 1.0, means one full
             range width beyond the edge on some feature.
+
+    The log says so once a spell: a warning at the first decision out of distribution (the feature, its value
+    and its training range), an info line when observations come back and the learned policy decides again;
+    the decisions in between are logged at debug level. ``fallbacks`` and ``fallback_features`` count them all.
     """
 
     def __init__(self, policy: Policy, fallback: Policy, stats: ObservationStats, max_distance: float = 1.0) -> None:
@@ -366,6 +370,7 @@ class FallbackPolicy:
         self.fallbacks = 0
         self.fallback_features: dict[str, int] = {}
         """Fallbacks by the feature furthest outside its training range (names as ``ObservationLayout.name``)."""
+        self._spell = 0  # decisions in the current spell out of distribution (0: the learned policy decides)
         self.name = getattr(policy, "name", "learned")
 
     @property
@@ -401,11 +406,13 @@ class FallbackPolicy:
         feature, distance = self.stats.worst_feature(obs)
         if distance > self.max_distance:
             self.fallbacks += 1
+            self._spell += 1
             name = _feature_name(feature, obs.size)
             self.fallback_features[name] = self.fallback_features.get(name, 0) + 1
-            _log.warning(
+            _log.log(
+                logging.WARNING if self._spell == 1 else logging.DEBUG,
                 "observation %.2f range widths outside the policy's training data (limit %.2f; feature %s = %.3g, "
-                "trained on [%.3g, %.3g]): using the heuristic for this decision (fallback %d)",
+                "trained on [%.3g, %.3g]): the heuristic decides until observations return (fallback %d)",
                 distance,
                 self.max_distance,
                 name,
@@ -415,6 +422,13 @@ class FallbackPolicy:
                 self.fallbacks,
             )
             return self.fallback.predict(obs, state, episode_start, deterministic)
+        if self._spell:
+            _log.info(
+                "observations back within the policy's training data after %d decision(s) by the heuristic: the "
+                "learned policy decides again",
+                self._spell,
+            )
+            self._spell = 0
         return self.policy.predict(obs, state, episode_start, deterministic)
 
 
