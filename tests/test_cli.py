@@ -65,7 +65,10 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         (["compare", "--task", "synthetic", "--eval-every-steps", "0"], "--eval-every-steps 0 must be >= 1"),
         (["compare", "--task", "synthetic", "--controllers", "plain-bf16,bf16"], "use cost mode 'measured'"),
         (["compare", "--task", "synthetic", "--preset", "fast"], "unknown preset 'fast'; allowed: default, safe"),
-        (["compare", "--task", "synthetic", "--max-grad-norm", "0"], "--max-grad-norm 0.0 must be positive"),
+        (
+            ["compare", "--task", "synthetic", "--max-grad-norm", "0"],
+            "--max-grad-norm 0.0 must be a positive finite number",
+        ),
         (["compare", "--task", "synthetic", "--epochs", "-1"], "--epochs -1.0 must be a positive finite number"),
         (["compare", "--task", "synthetic", "--epochs", "nan"], "--epochs nan must be a positive finite number"),
         (["compare", "--task", "synthetic", "--epochs", "inf"], "--epochs inf must be a positive finite number"),
