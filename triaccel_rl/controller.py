@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -389,8 +389,13 @@ class Controller:
         n = len(self._loader) if self._loader is not None else self.config.max_batch_size
         return max(1, min(self.config.max_batch_size, n // 8))
 
-    def predicted_memory_bytes(self, batch_size: int) -> int:
-        """The memory model's peak at ``batch_size`` and the current precisions, in bytes.
+    @property
+    def splits_batches(self) -> bool:
+        """False: your loop's step is yours, so the executor keeps a precision raise within the memory budget."""
+        return False
+
+    def predicted_memory_bytes(self, batch_size: int, precisions: Sequence[Precision] | None = None) -> int:
+        """The memory model's peak at ``batch_size`` and ``precisions`` (None: the current ones), in bytes.
 
         0 before the first batch (nothing is known yet). On a GPU the model is fitted to what every step added
         above the bytes allocated after it, on top of those allocated at the last step; on a CPU it is the
@@ -398,7 +403,7 @@ class Controller:
         """
         if self.memory_model is None:
             return 0
-        return self.memory_model.predict(batch_size, self.precisions)
+        return self.memory_model.predict(batch_size, self.precisions if precisions is None else precisions)
 
     @property
     def usable_memory_bytes(self) -> int:

@@ -3,7 +3,10 @@
 It is also the safety shield: whatever a policy asks, the LR multiplier moves by at most
 ``max_lr_change`` per decision, no layer is lowered in precision while the overflow rate is above
 ``heuristic.max_overflow_rate``, and a batch growth that the memory model predicts over the usable budget
-(``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Every refusal is reported with its reason.
+(``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Where the target cannot split a step
+(``splits_batches`` False: a user's loop through the ``Controller``), a precision raise (bf16 to fp32, say) that
+the memory model predicts over the usable budget at the current batch is refused too: more bits per activation
+would make a step that fitted run out of memory. Every refusal is reported with its reason.
 
 Batch moves change the *effective* batch (samples per update); how it is split into micro-batches to fit
 memory is the target's business (``TrainingRun.micro_batch_size``). So the executor never shrinks a batch
@@ -13,6 +16,7 @@ by itself: a budget lowered after an out-of-memory error is met by accumulation,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,8 +52,13 @@ class Target(Protocol):
     @batch_size.setter
     def batch_size(self, value: int) -> None: ...
 
-    def predicted_memory_bytes(self, batch_size: int) -> int:
-        """Predicted peak memory of an unsplit step of ``batch_size`` at the current precisions, in bytes."""
+    @property
+    def splits_batches(self) -> bool:
+        """Whether a step too large for memory is split into micro-batches (and an out-of-memory step retried)."""
+        ...
+
+    def predicted_memory_bytes(self, batch_size: int, precisions: Sequence[Precision] | None = None) -> int:
+        """Predicted peak memory of an unsplit step of ``batch_size`` at ``precisions`` (None: the current ones)."""
         ...
 
 
@@ -124,6 +133,19 @@ class Executor:
                 refused.append(
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
                     f"{self.config.heuristic.max_overflow_rate}"
+                )
+        raised = [i for i in range(len(current)) if wanted[i].bits > current[i].bits]
+        if raised and not target.splits_batches:
+            batch = target.batch_size
+            predicted = target.predicted_memory_bytes(batch, wanted)
+            usable = target.usable_memory_bytes
+            if predicted > usable:
+                for i in raised:
+                    wanted[i] = current[i]
+                refused.append(
+                    f"kept {len(raised)} layers at their precision: batch {batch} at the raised precisions is "
+                    f"predicted {predicted} bytes > {usable} usable of the {target.memory_budget_bytes}-byte budget, "
+                    "and this loop cannot split a step"
                 )
         try:
             engine.set_precisions(wanted)

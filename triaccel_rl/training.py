@@ -611,14 +611,20 @@ class TrainingRun:
             self.batch_size if batch_size is None else batch_size, self.precision.precisions, self.profile
         )
 
-    def predicted_memory_bytes(self, batch_size: int) -> int:
-        """The memory model's peak for a micro-batch of ``batch_size`` at the current precisions, in bytes.
+    @property
+    def splits_batches(self) -> bool:
+        """Whether a step too large for the budget is split into micro-batches (``memory_elastic``)."""
+        return self.memory_elastic
+
+    def predicted_memory_bytes(self, batch_size: int, precisions: Sequence[Precision] | None = None) -> int:
+        """The memory model's peak for a micro-batch of ``batch_size`` at ``precisions`` (None: the current ones).
 
         Fitted to the allocator's peaks on a GPU in ``measured`` mode (what a pass adds to the allocated bytes,
         on top of those allocated now); without measurements (CPU, or profile mode from the start) it is the cost
         model's accounting, the same source ``memory_bytes`` reports.
         """
-        return self.memory_model.predict(batch_size, self.precisions) + self._unallocated_state_bytes()
+        chosen = self.precisions if precisions is None else precisions
+        return self.memory_model.predict(batch_size, chosen) + self._unallocated_state_bytes()
 
     @property
     def usable_memory_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from elastic_helpers import small_task
 from triaccel_rl.envs.training_env import TriAccelEnv
 
@@ -188,3 +189,47 @@ def test_a_grow_moves_the_lr_by_the_rule_through_the_warmup() -> None:
     shrink = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.SHRINK)
     loop.executor.apply(shrink, run)  # a fall applies at once: linear in the batch (SGD)
     assert run.batch_size == 64 and run.step().lr == pytest.approx(base)
+
+
+def test_a_precision_raise_over_budget_is_refused_where_the_loop_cannot_split_a_step() -> None:
+    """A user's loop (``Controller``) has no micro-batches: a raise to fp32 that the memory model puts over the usable
+    budget at the batch it runs would make a step that fitted run out of memory. Before, nothing checked it; now the
+    raise is refused (and reported), and taken once the budget allows it. A ``TrainingRun`` that splits its steps
+    takes it either way: it accumulates."""
+    from torch import nn
+
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
+    config = ControllerConfig(interval_steps=1000)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="bf16", config=config)
+    data = (torch.randn(256, 32), torch.randint(0, 10, (256,)))
+    next(ctl.loader(data, batch_size=64))
+    low, high = ctl.precisions, [Precision.FP32] * len(ctl.precisions)
+    assert low == [Precision.BF16] * 2
+    at_low, at_high = ctl.predicted_memory_bytes(64), ctl.predicted_memory_bytes(64, high)
+    assert at_high > at_low  # the activations' bytes double
+    fill = config.elastic.fill_frac
+    raise_all = Action((Precision.FP32,) * config.n_groups, 1.0, BatchMove.KEEP)
+    ctl.memory_budget_bytes = int((at_low + at_high) / 2 / fill)  # the bf16 step fits, the fp32 one would not
+    report = ctl.executor.apply(raise_all, ctl)
+    assert report.precisions == ctl.precisions == low and not report.changed
+    assert report.refused == [
+        f"kept 2 layers at their precision: batch 64 at the raised precisions is predicted {at_high} bytes > "
+        f"{ctl.usable_memory_bytes} usable of the {ctl.memory_budget_bytes}-byte budget, and this loop cannot split a "
+        "step"
+    ]
+    ctl.memory_budget_bytes = int(at_high / fill) + 1
+    report = ctl.executor.apply(raise_all, ctl)
+    assert report.precisions == high and report.changed_precision == 2 and not report.refused
+    ctl.close()
+
+    loop = _loop()
+    loop.run.set_precisions([Precision.BF16] * len(loop.run.precisions))
+    loop.run.memory_budget_bytes = loop.run.predicted_memory_bytes(0) + 1  # not one whole fp32 sample more
+    report = loop.executor.apply(raise_all, loop.run)
+    assert report.precisions == [Precision.FP32] * len(loop.run.precisions) and not report.refused
+    loop.run.memory_elastic = False  # as the batch finder's rows run: no splitting, so the raise is checked
+    loop.run.set_precisions([Precision.BF16] * len(loop.run.precisions))
+    assert loop.executor.apply(raise_all, loop.run).refused[0].startswith("kept ")
