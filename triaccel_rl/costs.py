@@ -67,15 +67,15 @@ class CostModel:
         for index, info in enumerate(layers):
             module = modules.get(info.name, model)
 
-            def hook(module: nn.Module, args: tuple, output: object, index: int = index) -> None:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: object, index: int = index) -> None:
                 # The forward is of one sample: the whole output is its. (Slicing out[:1] took one position of a
                 # sequence-first output, [length, 1, ...], and undercounted it by the sequence's length.)
                 out = output[0] if isinstance(output, tuple) else output
                 if isinstance(out, torch.Tensor):
                     out_bytes[index] += out.numel() * 4
-                    flops[index] += _forward_flops(module, out)
+                    flops[index] += _forward_flops(module, args, kwargs, out)
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         was_training = model.training
         buffers = [(b, b.clone()) for b in model.buffers()]  # a forward may count its calls, say
         devices = [sample.device] if sample.device.type == "cuda" else []
@@ -109,7 +109,7 @@ class CostModel:
         A step costs about three forward passes (the forward, and two matmuls per layer backward), each
         layer at its precision's time factor, plus the profile's fixed per-step time when asked.
         """
-        factors = np.array([profile.time(p) for p in precisions])
+        factors = np.array([profile.time(p) for p in self._check_precisions(precisions)])
         mflops = 3.0 * float(np.dot(self.flops_per_sample, factors)) / 1e6
         ms = batch_size * mflops * profile.throughput_scale
         return ms + profile.fixed_ms if include_fixed else ms
@@ -123,23 +123,50 @@ class CostModel:
 
     def fixed_bytes(self, precisions: list[Precision]) -> int:
         """Accounted memory independent of the batch, in bytes: static + the 16-bit weight copies."""
-        copies = sum(info.n_params * 2 for info, p in zip(self.layers, precisions, strict=True) if p.bits == 16)
+        copies = sum(
+            info.n_params * 2 for info, p in zip(self.layers, self._check_precisions(precisions), strict=True)
+            if p.bits == 16
+        )  # fmt: skip
         return int(self.static_bytes + copies)
 
     def per_sample_bytes(self, precisions: list[Precision], profile: HardwareProfile) -> float:
         """Accounted activation memory of one sample at ``precisions``, in bytes (the profile's factors)."""
-        factors = np.array([profile.memory(p) for p in precisions])
+        factors = np.array([profile.memory(p) for p in self._check_precisions(precisions)])
         return float(np.dot(self.activation_bytes_per_sample, factors))
 
+    def _check_precisions(self, precisions: list[Precision]) -> list[Precision]:
+        """Refuse a precision list of another length than the layers (numpy's error named neither)."""
+        if len(precisions) != len(self.layers):
+            raise ValueError(f"got {len(precisions)} precisions for a cost model of {len(self.layers)} layers")
+        return precisions
 
-def _forward_flops(module: nn.Module, out: torch.Tensor) -> float:
-    """Multiply-add FLOPs (×2) of one sample through ``module``, from its output ``out``; other layers count outputs."""
+
+def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> float:
+    """Multiply-add FLOPs (×2) of one sample through ``module``, from its inputs and output; other layers count outputs.
+
+    Biases, normalisation and softmax are not counted. A convolution's output element takes ``prod(kernel) *
+    in_channels / groups`` multiply-adds; a transposed convolution's *input* element scatters into ``prod(kernel)
+    * out_channels / groups`` (its output elements take a stride-dependent share of that, so the output alone
+    cannot count it). Attention: the four projections (query and output on the ``L`` query tokens, key and value
+    on the ``S`` key tokens, from ``kdim`` and ``vdim``) and the two ``L x S`` products, scores and weighted sum.
+    """
     if isinstance(module, nn.Linear):
         return 2.0 * module.in_features * out.numel()
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        scatter = math.prod(module.kernel_size) * module.out_channels // module.groups
+        return 2.0 * scatter * _input(args, kwargs, 0, "input").numel()
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
         return 2.0 * kernel * out.numel()
     if isinstance(module, nn.MultiheadAttention):
-        length = out.numel() // module.embed_dim  # one sample's tokens, whichever dimension holds them
-        return 2.0 * 4 * module.embed_dim * out.numel() + 4.0 * length * out.numel()
+        embed = module.embed_dim
+        queries = out.numel() // embed  # one sample's tokens, whichever dimension holds them
+        keys = _input(args, kwargs, 1, "key").numel() // module.kdim
+        projections = 2.0 * embed * (2 * queries * embed + keys * module.kdim + keys * module.vdim)
+        return projections + 2.0 * 2 * queries * keys * embed
     return float(out.numel())
+
+
+def _input(args: tuple, kwargs: dict, position: int, name: str) -> torch.Tensor:
+    """The forward's argument ``name``, passed at ``position`` or by keyword."""
+    return args[position] if len(args) > position else kwargs[name]

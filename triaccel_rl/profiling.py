@@ -29,14 +29,34 @@ def measure_profile(
     """Times training steps per precision on ``device`` and returns the profile (medians of ``steps``).
 
     Args:
-        device: where to measure.
-        batch_size: batch of the reference workload.
-        steps: timed steps per precision (after 3 warm-up steps, excluded).
+        device: where to measure: a CUDA device or the CPU.
+        batch_size: batch of the reference workload, a positive integer.
+        steps: timed steps per precision (after 3 warm-up steps, excluded), a positive integer.
         small: use a small ResNet instead of ResNet-18 (for quick checks on a CPU).
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
+            CPU (others, such as ``mps``, have no timer here), or the CUDA device asked for is not there.
     """
-    device = torch.device(device)
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"measure_profile: {name}={value!r} must be a positive integer")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"measure_profile: device={device!r} is not a device ({exc}); use 'cuda' or 'cpu'") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"measure_profile: device={str(device)!r} cannot be profiled; use a CUDA device or 'cpu' (the step "
+            "timer uses CUDA events on a GPU and the host clock on the CPU only)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"measure_profile: device={str(device)!r}, but CUDA is not available here; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"measure_profile: device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
     x = torch.randn(batch_size, 3, 32, 32, device=device)

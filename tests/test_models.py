@@ -1,0 +1,453 @@
+"""Tests for triaccel_rl.models against the published architectures, and for the cost model's and profiler's counts.
+
+Every expected number here is derived from the papers (He et al. 2016; Tan & Le 2019, Table 1) or by hand in the
+comments, never read off the code's output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from triaccel_rl import profiling
+from triaccel_rl.costs import CostModel
+from triaccel_rl.models import MLP, DepthwiseCNN, SmallResNet, TinyTransformer, efficientnet_b0, resnet18
+from triaccel_rl.precision import find_layers
+from triaccel_rl.types import Precision
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def output_shapes(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named modules' outputs in one eval-mode forward of ``x``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+        for name, module in modules.items()
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+# ---------------------------------------------------------------- ResNet-18 (CIFAR-style)
+
+# Parameters per stage, 3 input channels, 10 classes. Conv weights are in·out·k·k (no bias), BN 2 per channel.
+#   stem: 3·64·9 + 2·64                                                    =      1,856
+#   stage 1, 64→64, 2 blocks with identity shortcuts: 2·(2·64·64·9 + 2·2·64)  =    147,968
+#   stage 2, 64→128: block 1 = 64·128·9 + 128·128·9 + 64·128 (1×1 shortcut) + 3·2·128 = 230,144;
+#                    block 2 = 2·128·128·9 + 2·2·128 = 295,424               =    525,568
+#   stage 3, 128→256: 294,912 + 589,824 + 32,768 + 1,536 = 919,040; 1,179,648 + 1,024 = 1,180,672
+#                                                                           =  2,099,712
+#   stage 4, 256→512: 1,179,648 + 2,359,296 + 131,072 + 3,072 = 3,673,088; 4,718,592 + 2,048 = 4,720,640
+#                                                                           =  8,393,728
+#   head: 512·10 + 10                                                       =      5,130
+#   total                                                                   = 11,173,962 (the published count)
+_RESNET18_STAGE_PARAMS = (147_968, 525_568, 2_099_712, 8_393_728)
+
+
+def test_resnet18_parameters_stage_by_stage() -> None:
+    model = resnet18(in_channels=3, n_classes=10)
+    assert n_params(model.stem) + n_params(model.bn) == 1_856
+    stages = [model.blocks[2 * i : 2 * i + 2] for i in range(4)]  # two basic blocks a stage
+    assert [n_params(stage) for stage in stages] == list(_RESNET18_STAGE_PARAMS)
+    assert n_params(model.head) == 5_130
+    assert n_params(model) == 11_173_962
+    # One input channel (the benchmark's stem): the stem loses 2·64·9 weights; 1000 classes add 990·513.
+    assert n_params(resnet18(in_channels=1, n_classes=10)) == 11_173_962 - 2 * 64 * 9
+    assert n_params(resnet18(in_channels=3, n_classes=1000)) == 11_173_962 + 990 * 513
+
+
+def test_resnet18_layer_list_and_stage_shapes() -> None:
+    """Every conv's (in, out, kernel, stride, padding) as the paper's CIFAR form has them, and each stage's output:
+    a 32×32 input stays 32×32 through the stride-1 stem and stage 1, then halves per stage: 16, 8, 4."""
+    model = resnet18()
+    convs = [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0])
+             for m in model.modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+    expected = [(3, 64, 3, 1, 1)]  # 3×3 stride-1 stem, no max-pool
+    widths = (64, 128, 256, 512)
+    previous = 64
+    for stage, width in enumerate(widths):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            expected += [(previous, width, 3, stride, 1), (width, width, 3, 1, 1)]
+            if stride != 1 or previous != width:
+                expected.append((previous, width, 1, stride, 0))  # projection shortcut
+            previous = width
+    assert convs == expected
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert all((m.eps, m.momentum) == (1e-5, 0.1) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    ends = {"stem": model.bn} | {f"stage{i + 1}": model.blocks[2 * i + 1] for i in range(4)}
+    shapes = output_shapes(model, ends, torch.zeros(2, 3, 32, 32))
+    assert shapes == {
+        "stem": (2, 64, 32, 32),
+        "stage1": (2, 64, 32, 32),
+        "stage2": (2, 128, 16, 16),
+        "stage3": (2, 256, 8, 8),
+        "stage4": (2, 512, 4, 4),
+    }
+    # Fashion-MNIST's 28×28: a 3×3 stride-2 conv with padding 1 gives ceil(n / 2): 28, 14, 7, 4.
+    model = resnet18(in_channels=1)
+    ends = {f"stage{i + 1}": model.blocks[2 * i + 1] for i in range(4)}
+    shapes = output_shapes(model, ends, torch.zeros(1, 1, 28, 28))
+    assert [s[2:] for s in shapes.values()] == [(28, 28), (14, 14), (7, 7), (4, 4)]
+
+
+# ---------------------------------------------------------------- EfficientNet-B0
+
+# Tan & Le (2019), Table 1: (expansion, output channels, repeats, first stride, kernel) of stages 2-8 (MBConv).
+_B0_STAGES = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5),
+              (6, 192, 4, 2, 5), (6, 320, 1, 1, 3))  # fmt: skip
+
+# Parameters per stage. An MBConv block from c_in to c_out, expansion e, kernel k, has hidden h = e·c_in channels and
+# a squeeze-excitation width r = max(1, c_in // 4) (torchvision's: a quarter of the block's input channels):
+#   expand 1×1 (only if e > 1): c_in·h + 2h (BN);  depthwise k×k: k²·h + 2h;  SE: h·r + r + r·h + h (biased 1×1s);
+#   project 1×1: h·c_out + 2·c_out.
+# E.g. stage 1's block (32→16, e=1, k=3; h=32, r=8): 9·32 + 64 + (256 + 8 + 256 + 32) + 32·16 + 32 = 1,448.
+#   stage 2 (16→24, e=6, k=3): block 1 h=96, r=4: 1,536+192 + 864+192 + 384+4+384+96 + 2,304+48 = 6,004;
+#           block 2 (24→24) h=144, r=6: 3,456+288 + 1,296+288 + 864+6+864+144 + 3,456+48 = 10,710 → 16,714
+# and so on for the rest (same formula):
+_B0_STAGE_PARAMS = (1_448, 16_714, 46_640, 242_930, 543_148, 2_026_348, 717_232)
+# Stem 3·32·9 + 2·32 = 928; head conv 320·1280 + 2·1280 = 412,160; classifier 1280·1000 + 1000 = 1,281,000.
+# Total: 928 + 3,594,460 (the stages' sum) + 412,160 + 1,281,000 = 5,288,548: torchvision's published count.
+
+
+def _b0_block_params(c_in: int, c_out: int, expansion: int, kernel: int) -> int:
+    hidden, squeeze = c_in * expansion, max(1, c_in // 4)
+    expand = c_in * hidden + 2 * hidden if expansion != 1 else 0
+    return (
+        expand
+        + kernel * kernel * hidden
+        + 2 * hidden
+        + 2 * hidden * squeeze
+        + squeeze
+        + hidden
+        + hidden * c_out
+        + 2 * c_out
+    )
+
+
+def test_efficientnet_b0_parameters_stage_by_stage() -> None:
+    previous, by_formula = 32, []
+    for expansion, channels, repeats, _, kernel in _B0_STAGES:
+        by_formula.append(sum(_b0_block_params(previous if i == 0 else channels, channels, expansion, kernel)
+                              for i in range(repeats)))  # fmt: skip
+        previous = channels
+    assert tuple(by_formula) == _B0_STAGE_PARAMS
+    assert sum(_B0_STAGE_PARAMS) == 3_594_460
+
+    model = efficientnet_b0(in_channels=3, n_classes=1000)
+    features = model.features
+    assert n_params(features[:3]) == 928
+    block_counts = [repeats for _, _, repeats, _, _ in _B0_STAGES]
+    starts = [3 + sum(block_counts[:i]) for i in range(len(block_counts))]
+    assert [n_params(features[s : s + n]) for s, n in zip(starts, block_counts, strict=True)] == list(_B0_STAGE_PARAMS)
+    assert n_params(features[19:]) == 412_160
+    assert n_params(model.head) == 1_281_000
+    assert n_params(model) == 5_288_548
+    # 10 classes: the classifier is 1280·10 + 10 = 12,810 instead of 1,281,000.
+    assert n_params(efficientnet_b0(in_channels=3, n_classes=10)) == 5_288_548 - 1_281_000 + 12_810
+
+
+def test_efficientnet_b0_blocks_follow_table_1() -> None:
+    """Each MBConv block's expansion, depthwise kernel and stride, squeeze width, residual, and SiLU everywhere."""
+    model = efficientnet_b0()
+    blocks = [m for m in model.features if type(m).__name__ == "_MBConv"]
+    expected = []
+    previous = 32
+    for expansion, channels, repeats, stride, kernel in _B0_STAGES:
+        for i in range(repeats):
+            c_in = previous if i == 0 else channels
+            s = stride if i == 0 else 1
+            expected.append(
+                (c_in, channels, c_in * expansion, kernel, s, max(1, c_in // 4), s == 1 and c_in == channels)
+            )
+        previous = channels
+    found = []
+    for block in blocks:
+        convs = [m for m in block.block if isinstance(m, nn.Conv2d)]
+        depthwise = next(m for m in convs if m.groups > 1)
+        assert depthwise.groups == depthwise.in_channels == depthwise.out_channels  # depthwise, not grouped
+        assert depthwise.padding[0] == depthwise.kernel_size[0] // 2
+        squeeze = next(m for m in block.block if type(m).__name__ == "_SqueezeExcite")
+        found.append((convs[0].in_channels, convs[-1].out_channels, depthwise.in_channels, depthwise.kernel_size[0],
+                      depthwise.stride[0], squeeze.reduce.out_channels, block.residual))  # fmt: skip
+    assert found == expected
+    assert len(blocks) == 16
+    activations = {type(m) for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU))}
+    assert activations == {nn.SiLU}
+    assert all((m.eps, m.momentum) == (1e-5, 0.1) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_efficientnet_b0_stage_shapes_at_224() -> None:
+    """Table 1's resolutions: 224 → stem 112; stages 112, 56, 28, 14, 14, 7, 7; the 1×1 head conv 7×7×1280."""
+    model = efficientnet_b0(in_channels=3, n_classes=1000)
+    counts = [repeats for _, _, repeats, _, _ in _B0_STAGES]
+    ends = {"stem": model.features[2]}
+    ends |= {f"stage{i + 1}": model.features[2 + sum(counts[: i + 1])] for i in range(len(counts))}
+    ends["head_conv"] = model.features[21]
+    shapes = output_shapes(model, ends, torch.zeros(1, 3, 224, 224))
+    assert shapes == {
+        "stem": (1, 32, 112, 112),
+        "stage1": (1, 16, 112, 112),
+        "stage2": (1, 24, 56, 56),
+        "stage3": (1, 40, 28, 28),
+        "stage4": (1, 80, 14, 14),
+        "stage5": (1, 112, 14, 14),
+        "stage6": (1, 192, 7, 7),
+        "stage7": (1, 320, 7, 7),
+        "head_conv": (1, 1280, 7, 7),
+    }
+
+
+def test_efficientnet_b0_dropout_and_stochastic_depth_are_opt_in() -> None:
+    """Off by default (the benchmark's model: a training forward draws nothing); asked for, block b of 16 drops
+    with probability p·b/16 (torchvision's schedule), per sample, scaled by 1/(1-p); eval mode is deterministic."""
+    x = torch.randn(4, 1, 16, 16)
+    torch.manual_seed(0)
+    plain = efficientnet_b0(in_channels=1, stem_stride=1)
+    assert [b.drop_prob for b in plain.features if type(b).__name__ == "_MBConv"] == [0.0] * 16
+    plain.train()
+    state = torch.random.get_rng_state()
+    plain(x)
+    assert torch.equal(torch.random.get_rng_state(), state)  # no random draw
+
+    torch.manual_seed(0)
+    noisy = efficientnet_b0(in_channels=1, stem_stride=1, dropout=0.5, stochastic_depth_prob=0.2)
+    assert [b.drop_prob for b in noisy.features if type(b).__name__ == "_MBConv"] == [0.2 * b / 16 for b in range(16)]
+    noisy.load_state_dict(plain.state_dict())  # the same weights: the options add no parameters
+    noisy.eval()
+    plain.eval()
+    torch.testing.assert_close(noisy(x), plain(x), rtol=0, atol=0)
+    noisy.train()
+    torch.manual_seed(1)
+    first = noisy(x)
+    torch.manual_seed(2)
+    assert not torch.equal(noisy(x), first)
+
+    block = noisy.features[5]  # stage 2's second block: residual, 24 → 24
+    assert block.residual
+    block.drop_prob = 0.5
+    y = torch.randn(64, 24, 4, 4)
+    torch.manual_seed(3)
+    out = block(y)
+    branch = block.block(y)  # training-mode batch norm: the same batch statistics as inside the call
+    kept = torch.isclose(out, 2 * branch + y, atol=1e-5).flatten(1).all(1)
+    assert torch.equal(out[~kept], y[~kept])  # each sample kept whole (its branch scaled ×2) or dropped whole
+    assert 0 < int(kept.sum()) < 64
+
+
+# ---------------------------------------------------------------- the small models
+
+
+def test_mlp_layers_and_parameters() -> None:
+    model = MLP(784, (256, 128), 10)
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [(784, 256), (256, 128), (128, 10)]
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 2  # after each hidden layer, not the head
+    assert n_params(model) == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10  # 235,146
+    assert MLP(4, (), 3)(torch.zeros(5, 2, 2)).shape == (5, 3)  # hidden=(): a linear classifier on flattened inputs
+    assert n_params(MLP(4, (), 3)) == 15
+
+
+def test_small_resnet_and_depthwise_cnn_strides_and_parameters() -> None:
+    # cnn-fmnist's SmallResNet(1, (16, 32, 64), stem_stride=2) on 28×28: stem 14; stage 1 14; stages 2, 3 halve: 7, 4.
+    model = SmallResNet(1, (16, 32, 64), 10, stem_stride=2)
+    shapes = output_shapes(model, {f"s{i}": model.blocks[i] for i in range(3)}, torch.zeros(1, 1, 28, 28))
+    assert list(shapes.values()) == [(1, 16, 14, 14), (1, 32, 7, 7), (1, 64, 4, 4)]
+    # DepthwiseCNN(1, (16, 32, 64)): stem 1·16·9 + 32 = 176; block 16→32: 16·9 + 32 + 16·32 + 64 = 752;
+    # block 32→64: 32·9 + 64 + 32·64 + 128 = 2,528; head 64·10 + 10 = 650; total 4,106.
+    model = DepthwiseCNN(1, (16, 32, 64), 10)
+    assert n_params(model) == 4_106
+    depthwise = [m for m in model.features if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert [(m.groups, m.in_channels, m.kernel_size, m.stride) for m in depthwise] == [
+        (16, 16, (3, 3), (2, 2)),
+        (32, 32, (3, 3), (2, 2)),
+    ]
+    assert sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 5  # stem + two per block
+    # Stem stride 2 then a stride-2 depthwise conv where the width grows: 28 → 14 → 7 → 4; equal widths keep 4.
+    assert output_shapes(model, {"f": model.features}, torch.zeros(1, 1, 28, 28))["f"] == (1, 64, 4, 4)
+    model = DepthwiseCNN(1, (16, 16), 10)
+    assert output_shapes(model, {"f": model.features}, torch.zeros(1, 1, 28, 28))["f"] == (1, 16, 14, 14)
+
+
+def test_tiny_transformer_structure_and_parameters() -> None:
+    """transformer-seq's model, counted by hand: embeddings 16·64 + positions 16·64; per layer attention
+    3·64·64 + 3·64 (in) + 64·64 + 64 (out) = 16,640, feed-forward 64·128 + 128 + 128·64 + 64 = 16,576, two
+    LayerNorms 256: 33,472, twice; final LayerNorm 128; head 64·4 + 4 = 260. Total 69,380."""
+    model = TinyTransformer(vocab=16, length=16, dim=64, heads=4, depth=2, n_classes=4)
+    assert n_params(model) == 1_024 + 1_024 + 2 * 33_472 + 128 + 260
+    layers = list(model.encoder.layers)
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.norm_first  # pre-norm
+        assert layer.self_attn.num_heads == 4 and layer.self_attn.batch_first
+        assert (layer.linear1.in_features, layer.linear1.out_features) == (64, 128)
+        assert layer.activation is nn.functional.gelu
+        assert layer.dropout.p == 0.0
+    tokens = torch.randint(0, 16, (3, 16))
+    model.eval()
+    torch.testing.assert_close(model(tokens), model(tokens.float()), rtol=0, atol=0)  # float token ids, as stored
+    with pytest.raises(ValueError, match=r"expects tokens \[batch, 16\], got shape \(3, 15\)"):
+        model(tokens[:, :15])
+    with pytest.raises(ValueError, match=r"got shape \(16,\)"):
+        model(tokens[0])
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: MLP(0, (8,), 10), r"MLP: in_features=0 must be a positive integer"),
+        (lambda: MLP(4, (8, 0), 10), r"MLP: hidden width=0"),
+        (lambda: MLP(4, 8, 10), r"MLP: hidden=8 must be a tuple"),
+        (lambda: MLP(4, (8,), True), r"MLP: n_classes=True"),
+        (lambda: SmallResNet(1, (), 10), r"SmallResNet: widths=\(\) must hold at least one width"),
+        (lambda: SmallResNet(1, (8, 16), 10, blocks_per_stage=0), r"blocks_per_stage=0 must be a positive integer"),
+        (lambda: SmallResNet(1, (8,), 10, stem_stride=1.5), r"stem_stride=1.5"),
+        (lambda: DepthwiseCNN(1, (), 10), r"DepthwiseCNN: widths=\(\)"),
+        (lambda: DepthwiseCNN(1, (8, -4), 10), r"DepthwiseCNN: width=-4"),
+        (lambda: TinyTransformer(16, 16, 30, 4, 2, 4), r"dim=30 must be a multiple of heads=4"),
+        (lambda: TinyTransformer(16, 0, 32, 4, 2, 4), r"TinyTransformer: length=0"),
+        (lambda: TinyTransformer(16, 16, 32, 4, 0, 4), r"TinyTransformer: depth=0"),
+        (lambda: resnet18(in_channels=0), r"SmallResNet: in_channels=0"),
+        (lambda: efficientnet_b0(n_classes=0), r"efficientnet_b0: n_classes=0"),
+        (lambda: efficientnet_b0(stem_stride=0), r"efficientnet_b0: stem_stride=0"),
+        (lambda: efficientnet_b0(dropout=1.0), r"dropout=1.0 must be a probability in \[0, 1\)"),
+        (lambda: efficientnet_b0(stochastic_depth_prob=-0.1), r"stochastic_depth_prob=-0.1"),
+    ],
+)
+def test_models_refuse_bad_arguments_by_name(build, match) -> None:
+    """Before, most of these built silently (MLP(4, (8, 0), 10), SmallResNet(blocks_per_stage=0), which dropped
+    every stage but the stem's width) or failed deep inside torch (IndexError on empty widths, an assert on dim)."""
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+# ---------------------------------------------------------------- cost model: FLOPs and bytes by hand
+
+
+def _costs(model: nn.Module, sample: torch.Tensor) -> CostModel:
+    return CostModel.measure(model, [info for _, _, info in find_layers(model)], sample, optimizer_states=1)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "flops", "out_numel"),
+    [
+        # Linear(6, 4) on 3 tokens: 3·4 outputs, 6 multiply-adds each: 2·6·12.
+        (nn.Linear(6, 4), (1, 3, 6), 2 * 6 * 12, 12),
+        # Conv2d(3, 8, 3, padding 1) on 5×5: 8·5·5 = 200 outputs, 3·9 = 27 multiply-adds each.
+        (nn.Conv2d(3, 8, 3, padding=1), (1, 3, 5, 5), 2 * 27 * 200, 200),
+        # Grouped Conv2d(4, 6, 3, groups=2) on 6×6: 6·4·4 = 96 outputs, (4/2)·9 = 18 multiply-adds each.
+        (nn.Conv2d(4, 6, 3, groups=2), (1, 4, 6, 6), 2 * 18 * 96, 96),
+        # Depthwise Conv2d(4, 4, 3, stride 2, padding 1, groups=4) on 7×7: 4·4·4 = 64 outputs, 9 each.
+        (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (1, 4, 7, 7), 2 * 9 * 64, 64),
+        # Conv1d(3, 5, 3) on 10 positions: 5·8 = 40 outputs, 3·3 = 9 each.
+        (nn.Conv1d(3, 5, 3), (1, 3, 10), 2 * 9 * 40, 40),
+        # ConvTranspose2d(4, 6, 2, stride 2) on 3×3: each of the 4·9 = 36 inputs scatters into 6·2·2 = 24 outputs;
+        # 6·6·6 = 216 outputs. (Counted from the output, as a conv, it came to 2·(4·4)·216 = 6,912: 4× too many.)
+        (nn.ConvTranspose2d(4, 6, 2, stride=2), (1, 4, 3, 3), 2 * 36 * 24, 216),
+        # Grouped ConvTranspose1d(4, 6, 3, groups=2) on 5 positions: 20 inputs, each into (6/2)·3 = 9; 6·7 outputs.
+        (nn.ConvTranspose1d(4, 6, 3, groups=2), (1, 4, 5), 2 * 20 * 9, 42),
+    ],
+    ids=["linear", "conv", "grouped-conv", "depthwise-conv", "conv1d", "conv-transpose", "grouped-conv-transpose"],
+)
+def test_cost_model_flops_and_bytes_by_hand(
+    layer: nn.Module, shape: tuple[int, ...], flops: int, out_numel: int
+) -> None:
+    costs = _costs(nn.Sequential(layer), torch.zeros(shape))
+    assert costs.flops_per_sample.tolist() == [flops]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * out_numel]  # fp32 outputs
+    assert costs.static_bytes == n_params(layer) * 4 * 3  # weights, gradients, one momentum
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, by_keyword: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True)
+        self.by_keyword = by_keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key, value = x[:, :5, :8], x[:, :, :4], x[:, :, 2:8]
+        if self.by_keyword:
+            return self.attn(query, key=key, value=value, need_weights=False)[0]
+        return self.attn(query, key, value, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_cost_model_cross_attention_by_hand(by_keyword: bool) -> None:
+    """5 query tokens of width E = 8, 7 key tokens of kdim 4 and vdim 6: projections q 5·8·8, k 7·4·8, v 7·6·8,
+    out 5·8·8 (multiply-adds: 320 + 224 + 336 + 320 = 1,200); scores and weighted sum 5·7·8 each (560).
+    Before the fix, attention counted as self-attention of the query's length and width: 2·4·8·40 + 4·5·40 = 3,360."""
+    costs = _costs(_CrossAttention(by_keyword), torch.zeros(1, 7, 8))
+    assert costs.flops_per_sample.tolist() == [2 * (1_200 + 560)]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * 5 * 8]
+
+
+def test_cost_model_refuses_precisions_of_another_length() -> None:
+    """Before, step_ms and per_sample_bytes raised numpy's 'shapes not aligned', naming neither count."""
+    from triaccel_rl.config import HardwareProfile
+
+    costs = _costs(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.zeros(1, 4))
+    profile = HardwareProfile.load()
+    for call in (
+        lambda: costs.step_ms(8, [Precision.FP32], profile),
+        lambda: costs.memory_bytes(8, [Precision.FP32] * 3, profile),
+        lambda: costs.fixed_bytes([Precision.BF16]),
+    ):
+        with pytest.raises(ValueError, match=r"precisions for a cost model of 2 layers"):
+            call()
+
+
+def test_cost_model_of_resnet18_counts_every_conv() -> None:
+    """ResNet-18 on one 32×32 image: the convs' FLOPs are 2 × its multiply-adds, by hand from the stage shapes (each
+    conv's output pixels × out channels × in channels·k²): stem 32²·64·27; stage 1, four convs 32²·64·576;
+    stage 2: 16²·128·(576 + 3·1152 + 64 for the shortcut); stage 3: 8²·256·(1152 + 3·2304 + 128); stage 4:
+    4²·512·(2304 + 3·4608 + 256). That is 0.556 G multiply-adds, the figure published for CIFAR ResNet-18."""
+    model = resnet18()
+    entries = find_layers(model)
+    costs = _costs(model, torch.zeros(1, 3, 32, 32))
+    by_type = {kind: sum(f for (_, module, _), f in zip(entries, costs.flops_per_sample, strict=True)
+                         if isinstance(module, kind)) for kind in (nn.Conv2d, nn.Linear)}  # fmt: skip
+    macs = (
+        32 * 32 * 64 * 27
+        + 4 * 32 * 32 * 64 * 576
+        + 16 * 16 * 128 * (576 + 1152 * 3 + 64)
+        + 8 * 8 * 256 * (1152 + 2304 * 3 + 128)
+        + 4 * 4 * 512 * (2304 + 4608 * 3 + 256)
+    )
+    assert macs == 555_417_600
+    assert by_type == {nn.Conv2d: 2 * macs, nn.Linear: 2 * 512 * 10}
+
+
+# ---------------------------------------------------------------- measure_profile's arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, r"steps=0 must be a positive integer"),
+        ({"steps": 2.5}, r"steps=2.5 must be a positive integer"),
+        ({"steps": True}, r"steps=True must be a positive integer"),
+        ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+        ({"device": "gpu"}, r"device='gpu' is not a device"),
+        ({"device": "meta"}, r"device='meta' cannot be profiled; use a CUDA device or 'cpu'"),
+    ],
+)
+def test_measure_profile_refuses_bad_arguments_before_measuring(kwargs, match, monkeypatch) -> None:
+    """Before, steps=True ran one step, steps=2.5 failed in range() after building a model, and a 'meta' or 'mps'
+    device was timed with the host clock (no sync: the times said nothing)."""
+    monkeypatch.setattr(profiling, "_time_steps", lambda *args: pytest.fail("measured despite a bad argument"))
+    with pytest.raises(ValueError, match=match):
+        profiling.measure_profile(**{"device": "cpu", "batch_size": 8, "steps": 2, "small": True, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_measure_profile_refuses_cuda_without_it() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available here; use 'cpu'"):
+        profiling.measure_profile("cuda", batch_size=8, steps=2, small=True)
