@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -30,35 +31,200 @@ def fake(controller, seed, final, time_s, to_target):
     return RunResult(controller, seed, final, time_s, time_s, to_target, 100, 0, 0, 0, 0, 0.01, 10)
 
 
-def test_bootstrap_ci_brackets_the_mean_and_is_exact_for_constants():
-    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+def strict_json(text):
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity``, as strict parsers do."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def table_cells(table):
+    """The cells of a Markdown table's lines, stripped; every line must have as many as the header."""
+    lines = table.splitlines()
+    cells = [[cell.strip() for cell in line.split(" | ")] for line in lines]
+    for line in lines:
+        assert line.startswith("| ") or line.startswith("|-"), line
+        assert line.replace("\\|", "").count("|") == 10, f"not nine cells: {line}"
+    return cells
+
+
+SUMMARY_KEYS = {
+    "controller", "seeds", "final_metric_mean", "final_metric_std", "final_metric_ci95", "time_s_mean",
+    "time_s_std", "time_s_ci95", "time_to_target_s_mean", "time_to_target_s_ci95", "time_to_target_s",
+    "reach_rate", "rank", "time_ratio", "time_to_target_ratio", "peak_bytes_mean", "nvml_bytes_mean",
+    "precision_changes_mean", "batch_changes_mean", "lr_changes_mean", "overhead_frac_mean", "overhead_parts_mean",
+    "wall_s_mean", "mean_step_ms", "skipped_steps_mean", "oom_events_total", "fallbacks_total",
+}  # fmt: skip
+
+
+def test_bootstrap_ci_is_the_documented_percentile_bootstrap():
+    """Exact intervals, derived from the bootstrap distribution rather than from the implementation.
+
+    One value: the interval is that value. Two or three values: the resample of n copies of the smallest value has
+    chance n**-n (1/4, 1/27), above the 2.5% tail, so with 2000 resamples both quantiles fall on resamples of one
+    value repeated: the interval is (min, max). Four values 0, 0, 0, 3: a resample's mean is 0.75 k, k ~ Bin(4, 1/4)
+    threes; P(k = 0) = 0.316 > 0.025, so the low end is 0; P(k <= 2) = 0.949 < 0.975 < P(k <= 3) = 0.996, so the
+    high end is 0.75 * 3 = 2.25 (the seeded draw's counts lie well inside those margins: any seed gives it).
+    """
     assert bootstrap_ci([5.0]) == (5.0, 5.0)
-    values = [1.0, 2.0, 3.0, 4.0]
-    low, high = bootstrap_ci(values)
-    assert min(values) <= low < np.mean(values) < high <= max(values)
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert bootstrap_ci([4.0, 2.0]) == (2.0, 4.0)
+    assert bootstrap_ci([0.5, 0.875, 0.75]) == (0.5, 0.875)
+    for seed in (0, 1, 2):
+        assert bootstrap_ci([0.0, 3.0, 0.0, 0.0], seed=seed) == (0.0, 2.25)
+    # The recipe the docstring gives, done by hand: seeded resamples, their means, numpy's linear percentiles.
+    values = np.array([0.25, 1.5, 0.5, 4.0, 2.0])
+    means = values[np.random.default_rng(7).integers(0, 5, (300, 5))].mean(axis=1)
+    expected = (float(np.percentile(means, 5.0)), float(np.percentile(means, 95.0)))
+    assert bootstrap_ci(values.tolist(), confidence=0.9, n_resamples=300, seed=7) == expected
+    assert bootstrap_ci(values.tolist()) == bootstrap_ci(values.tolist())  # seeded: the same table twice
     with pytest.raises(ValueError, match="at least one value"):
         bootstrap_ci([])
+    with pytest.raises(ValueError, match=r"finite values; got \[1.0, nan\]"):
+        bootstrap_ci([1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"confidence=1.0 must be in \(0, 1\)"):
+        bootstrap_ci([1.0, 2.0], confidence=1.0)
+    with pytest.raises(ValueError, match="n_resamples=0 must be a positive integer"):
+        bootstrap_ci([1.0, 2.0], n_resamples=0)
+
+
+def test_summary_of_one_seed_measures_no_spread():
+    """Before, one seed reported a standard deviation of 0 and a confidence interval of zero width ("± 0.00"):
+    a certainty it had not measured. Now they are None, and the table shows a dash."""
+    (row,) = summarize([fake("a", 3, 0.75, 10.0, 4.0)])
+    assert set(row) == SUMMARY_KEYS
+    assert (row["final_metric_mean"], row["time_s_mean"], row["time_to_target_s_mean"]) == (0.75, 10.0, 4.0)
+    assert row["final_metric_std"] is row["time_s_std"] is None
+    assert row["final_metric_ci95"] is row["time_s_ci95"] is row["time_to_target_s_ci95"] is None
+    assert (row["seeds"], row["reach_rate"], row["rank"], row["time_to_target_s"]) == ([3], 1.0, 1, [4.0])
+    assert row["time_ratio"] is row["time_to_target_ratio"] is None  # no reference
+    cells = table_cells(format_table([row]))[2]
+    assert cells[1:5] == ["75.00 ± —", "10 ± —", "4", "100%"]
+
+
+def test_summary_of_two_and_three_seeds_is_exact():
+    """Sample standard deviation (ddof=1), by hand: sqrt(sum((x - mean)^2) / (n - 1)).
+
+    Two seeds, 0.5 and 1.0: mean 0.75, sd sqrt(2 * 0.25**2 / 1) = 0.25 * sqrt(2). Three seeds, 1, 2, 6 s: mean 3,
+    sd sqrt((4 + 1 + 9) / 2) = sqrt(7). The intervals of two or three values are (min, max) (see above).
+    """
+    two, three = summarize(
+        [
+            fake("two", 0, 0.5, 2.0, 1.0),
+            fake("two", 1, 1.0, 4.0, 3.0),
+            fake("three", 0, 0.25, 1.0, 0.5),
+            fake("three", 1, 0.5, 2.0, 1.0),
+            fake("three", 2, 0.75, 6.0, 1.5),
+        ]
+    )
+    assert two["final_metric_mean"] == 0.75 and two["final_metric_std"] == pytest.approx(0.25 * 2**0.5, rel=1e-15)
+    assert two["time_s_mean"] == 3.0 and two["time_s_std"] == pytest.approx(2**0.5, rel=1e-15)
+    assert (two["final_metric_ci95"], two["time_s_ci95"], two["time_to_target_s_ci95"]) == (
+        (0.5, 1.0), (2.0, 4.0), (1.0, 3.0)
+    )  # fmt: skip
+    assert two["time_to_target_s_mean"] == 2.0 and two["reach_rate"] == 1.0
+    assert three["time_s_mean"] == 3.0 and three["time_s_std"] == pytest.approx(7**0.5, rel=1e-15)
+    assert three["final_metric_std"] == pytest.approx(0.25, rel=1e-15)  # 0.25, 0.5, 0.75: sqrt(2 * 0.0625 / 2)
+    assert three["final_metric_ci95"] == (0.25, 0.75) and three["time_to_target_s_ci95"] == (0.5, 1.5)
+    assert (two["rank"], three["rank"]) == (2, 1)  # mean times to target 2.0 and 1.0
+    cells = table_cells(format_table([two, three]))
+    assert cells[2][1:4] == ["75.00 ± 35.36", "3 ± 1.4", "2"]
+
+
+def test_misses_count_in_the_reach_rate_not_in_the_mean_time_to_target():
+    """Three seeds, one missed: the time to target is the mean of the two that reached (2 and 4 s: 3), its interval
+    over those two, the reach rate 2/3, no rank; the final metric and time still average all three."""
+    (row,) = summarize([fake("a", 0, 0.5, 8.0, 2.0), fake("a", 1, 0.25, 8.0, None), fake("a", 2, 0.75, 8.0, 4.0)])
+    assert row["time_to_target_s"] == [2.0, None, 4.0]
+    assert row["time_to_target_s_mean"] == 3.0 and row["time_to_target_s_ci95"] == (2.0, 4.0)
+    assert row["reach_rate"] == pytest.approx(2 / 3, rel=1e-15) and row["rank"] is None
+    assert row["final_metric_mean"] == 0.5 and row["time_s_std"] == 0.0
+    (one,) = summarize([fake("b", 0, 0.5, 8.0, None), fake("b", 1, 0.5, 8.0, 5.0)])
+    assert one["time_to_target_s_mean"] == 5.0 and one["time_to_target_s_ci95"] is None  # one seed reached
+    (none,) = summarize([fake("c", 0, 0.5, 8.0, None), fake("c", 1, 0.5, 8.0, None)])
+    assert none["time_to_target_s_mean"] is none["time_to_target_s_ci95"] is None and none["reach_rate"] == 0.0
+    assert table_cells(format_table([row, one, none]))[4][3:6] == ["—", "0%", "—"]
 
 
 def test_summary_statistics_and_ratios_are_exact():
     rows = summarize(
         [
             fake("a", 0, 0.9, 10.0, 5.0),
-            fake("a", 1, 0.8, 14.0, None),
+            fake("a", 1, 0.8, 14.0, 6.0),
             fake("b", 0, 0.85, 5.0, 2.0),
             fake("b", 1, 0.85, 5.0, 3.0),
+            fake("c", 0, 0.85, 6.0, 1.0),  # faster to target, but on one seed only
+            fake("c", 1, 0.85, 6.0, None),
         ],
         reference="a",
     )
-    a, b = rows
+    a, b, c = rows
     assert a["final_metric_mean"] == pytest.approx(0.85)
     assert a["final_metric_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
-    assert a["reach_rate"] == 0.5 and a["time_to_target_s_mean"] == 5.0
+    assert a["reach_rate"] == 1.0 and a["time_to_target_s_mean"] == 5.5
     assert b["reach_rate"] == 1.0 and b["time_to_target_s_mean"] == 2.5
-    assert b["time_ratio"] == pytest.approx(5.0 / 12.0)
-    assert b["time_to_target_ratio"] == pytest.approx(0.5)
+    assert (a["time_ratio"], b["time_ratio"], c["time_ratio"]) == (1.0, 5.0 / 12.0, 6.0 / 12.0)
+    assert (a["time_to_target_ratio"], b["time_to_target_ratio"]) == (1.0, 2.5 / 5.5)
+    # c's mean over the one seed it reached (1 s) against a's over both: it would have read 0.18, "5x faster".
+    assert c["time_to_target_ratio"] is None
+    for row in rows:
+        assert set(row) == SUMMARY_KEYS
     with pytest.raises(ValueError, match="reference 'c' is not among"):
         summarize([fake("a", 0, 0.9, 1.0, None)], reference="c")
+
+
+@pytest.mark.parametrize(
+    ("reference_runs", "time_ratio", "to_target_ratio"),
+    [
+        ([fake("ref", 0, 0.5, 4.0, None), fake("ref", 1, 0.5, 4.0, None)], 0.5, None),  # never reaches the target
+        ([fake("ref", 0, 0.5, 4.0, 1.0), fake("ref", 1, 0.5, 4.0, None)], 0.5, None),  # reaches on one seed of two
+        ([fake("ref", 0, 0.5, float("nan"), 2.0)], None, 0.5),  # a NaN time: no ratio (NaN before)
+        ([fake("ref", 0, 0.5, 0.0, 2.0)], None, 0.5),  # a zero time: no ratio (a ZeroDivisionError before)
+        ([fake("ref", 0, 0.5, 4.0, float("nan"))], 0.5, None),  # a NaN time to target
+    ],
+)
+def test_ratios_against_a_reference_that_cannot_give_one_are_none(reference_runs, time_ratio, to_target_ratio):
+    rows = summarize([*reference_runs, fake("row", 0, 0.5, 2.0, 1.0)], reference="ref")
+    assert rows[1]["time_ratio"] == time_ratio
+    assert rows[1]["time_to_target_ratio"] == to_target_ratio
+
+
+def test_a_seed_reported_twice_is_refused():
+    """A result kept twice (two merged partial files) was averaged in as another seed."""
+    with pytest.raises(ValueError, match="controller 'a' has two results for seed 1"):
+        summarize([fake("a", 1, 0.9, 1.0, None), fake("a", 0, 0.9, 1.0, None), fake("a", 1, 0.9, 1.0, None)])
+
+
+def test_json_is_strict_and_non_finite_numbers_are_null(tmp_path):
+    """Before, a NaN or inf was written as ``NaN`` / ``Infinity``, which strict JSON parsers refuse."""
+    runs = [fake("a", 0, float("nan"), 2.0, None), fake("a", 1, 0.5, float("inf"), None)]
+    runs[0].curve = [(1.0, float("nan"), 64, 1.0, 0.0)]
+    runs[1].speed_trial = {"bf16": np.float64(1.5), "chosen": np.float32(1.0)}
+    runs[1].trace = [{"precisions": np.array([0, 1]), "probe_loss": float("-inf"), "memory_bytes": np.int64(7)}]
+    rows = summarize(runs)
+    assert math.isnan(rows[0]["final_metric_mean"]) and rows[0]["final_metric_ci95"] is None
+    path = tmp_path / "r.json"
+    write_json(runs, rows, path, task="synthetic", ratio=float("nan"))
+    payload = strict_json(path.read_text())
+    row = payload["rows"][0]
+    assert set(row) == SUMMARY_KEYS
+    assert row["final_metric_mean"] is None and row["final_metric_std"] is None and row["time_s_mean"] is None
+    assert payload["meta"]["ratio"] is None and payload["meta"]["task"] == "synthetic"
+    first, second = payload["runs"]
+    assert first["final_metric"] is None and first["curve"] == [[1.0, None, 64, 1.0, 0.0]]
+    assert second["time_s"] is None and second["speed_trial"] == {"bf16": 1.5, "chosen": 1.0}
+    assert second["trace"] == [{"precisions": [0, 1], "probe_loss": None, "memory_bytes": 7}]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left beside it
+
+
+def test_the_json_schema_is_documented():
+    """Every key a row holds is named in ``summarize``'s docstring; a run holds ``RunResult``'s fields."""
+    doc = " ".join(summarize.__doc__.split())
+    for key in SUMMARY_KEYS:
+        assert f"``{key}``" in doc, key
+    assert "null" in write_json.__doc__ and "allow_nan" not in write_json.__doc__
 
 
 def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_every_seed():
@@ -76,17 +242,24 @@ def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_eve
     )
     ranks = {row["controller"]: row["rank"] for row in rows}
     assert ranks == {"fast-but-fragile": None, "steady": 1, "tied": 1, "slow": 3}
-    lines = format_table(rows).splitlines()
-    assert lines[0].split(" | ")[5] == "rank"
-    assert [line.split(" | ")[5] for line in lines[2:]] == ["—", "3", "1", "1"]
+    cells = table_cells(format_table(rows))
+    assert cells[0][5] == "rank"
+    assert [line[5] for line in cells[2:]] == ["—", "3", "1", "1"]
 
 
 def test_a_peak_that_was_not_measured_reads_as_a_dash():
     """A plain row on a CPU measures no peak (no allocator to read): it showed 0.0 B beside the others' figures."""
     unmeasured = dataclasses.replace(fake("plain-fp32", 0, 0.9, 9.0, 1.0), peak_bytes=0)
     rows = summarize([fake("static-fp32", 0, 0.9, 9.0, 1.0), unmeasured])
-    cells = [line.split(" | ")[6] for line in format_table(rows).splitlines()[2:]]
+    cells = [line[6] for line in table_cells(format_table(rows))[2:]]
     assert cells == ["100.0 B", "—"]
+
+
+def test_a_bar_in_a_controller_name_cannot_add_a_cell():
+    rows = summarize([fake("learned:a|b.zip", 0, 0.5, 1.0, None)])
+    line = format_table(rows).splitlines()[2]
+    assert line.startswith("| learned:a\\|b.zip | 50.00 ± — |")
+    table_cells(format_table(rows))  # nine cells
 
 
 def test_runs_record_curves_and_traces(results):
@@ -335,9 +508,8 @@ def test_a_users_plain_loop_is_a_row_of_the_comparison(tmp_path):
     for row, result in (("plain-fp32", plain), ("fp32", static)):
         events = EventAccumulator(str(tmp_path / f"{row}-seed0"))
         events.Reload()
-        logged = events.Scalars("test/metric_vs_time_ms")
-        assert [e.value for e in logged] == [pytest.approx(m) for _, m, *_ in result.curve]
-        assert all(abs(e.step - 1e3 * t) <= 1 for e, (t, *_) in zip(logged, result.curve, strict=True))  # ms
+        logged = events.Scalars("test/metric_vs_time_us")  # TensorBoard keeps float32 values
+        assert [(e.step, e.value) for e in logged] == [(round(1e6 * t), np.float32(m)) for t, m, *_ in result.curve]
 
 
 @pytest.mark.parametrize(
@@ -409,3 +581,72 @@ def test_a_diverged_runs_trace_records_no_probe_loss():
     assert result.trace and all(row["probe_loss"] is None for row in result.trace)
     sane = run_controller("synthetic", "fp32", 0, epochs=0.3, config=config, device="cpu")
     assert all(0 < row["probe_loss"] < 10 for row in sane.trace)
+
+
+def test_tensorboard_holds_the_series_the_json_holds(tmp_path):
+    """Every evaluation's point and every decision's trace row, read back from the event file, value for value.
+
+    Before, an evaluation before the first decision (step 3 here, decisions every 5) was missing from TensorBoard,
+    the probe loss and memory were logged at evaluations from a stale snapshot, and the time axis was whole
+    milliseconds: modelled steps cost a fraction of one, so several evaluations shared a time.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = ControllerConfig(interval_steps=5)
+    result = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu",
+                            eval_every_steps=3, log_dir=tmp_path)  # fmt: skip
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+
+    def logged(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    steps = [*range(3, result.steps + 1, 3), *([result.steps] if result.steps % 3 else [])]
+    assert len(result.curve) == len(steps) >= 3
+    f32 = np.float32  # TensorBoard keeps float32 values
+    assert logged("test/metric") == [(s, f32(p[1])) for s, p in zip(steps, result.curve, strict=True)]
+    assert logged("test/metric_vs_time_us") == [(round(1e6 * p[0]), f32(p[1])) for p in result.curve]
+    for index, tag in enumerate(("controller/batch_size", "controller/lr_scale", "controller/low_precision_share"), 2):
+        assert logged(tag) == [(s, f32(p[index])) for s, p in zip(steps, result.curve, strict=True)], tag
+    times_us = [step for step, _ in logged("test/metric_vs_time_us")]
+    assert times_us == sorted(set(times_us))  # one time per evaluation
+    probe = logged("train/probe_loss")
+    assert [value for _, value in probe] == [f32(row["probe_loss"]) for row in result.trace]
+    assert [value for _, value in logged("memory/peak_bytes")] == [f32(row["memory_bytes"]) for row in result.trace]
+    decision_steps = [step for step, _ in probe]
+    assert decision_steps == sorted(decision_steps) and decision_steps[-1] == result.steps
+    assert len(logged("controller/overhead_frac")) == len(result.trace)
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it_and_is_kept(monkeypatch):
+    """Scripted test metrics 0.5, 0.8 (exactly the target), 0.7, 0.9: reached at the second evaluation, read at its
+    time (not interpolated), and kept when the third falls below."""
+    from dataclasses import replace
+
+    from triaccel_rl.tasks import get_task
+
+    metrics = iter([0.5, 0.8, 0.7, 0.9, 0.95, 0.95, 0.95])
+    monkeypatch.setattr(TrainingRun, "evaluate", lambda self, max_samples=None: next(metrics))
+    task = replace(get_task("synthetic"), target_metric=0.8)
+    config = ControllerConfig(interval_steps=4)
+    result = run_controller(task, "fp32", 0, epochs=0.25, config=config, device="cpu", eval_every_steps=4)
+    assert [point[1] for point in result.curve] == [0.5, 0.8, 0.7, 0.9]  # 14 steps: at 4, 8, 12 and the end
+    assert result.steps == 14
+    assert result.time_to_target_s == result.curve[1][0]
+    missed = replace(task, target_metric=0.96)
+    metrics = iter([0.5, 0.8, 0.7, 0.9])
+    assert run_controller(missed, "fp32", 0, epochs=0.25, config=config, device="cpu",
+                          eval_every_steps=4).time_to_target_s is None  # fmt: skip
+
+
+@pytest.mark.parametrize(("every", "n_points"), [(7, 8), (8, 7), (56, 1)])
+def test_evaluations_every_n_steps_that_land_on_the_last_step_evaluate_it_once(every, n_points):
+    """56 steps (synthetic, one epoch, batch 64). A static fp32 row's steps all cost the same in profile mode, so
+    the k-th evaluation is read at k * every steps' time, and the last step is evaluated once, not twice."""
+    config = ControllerConfig(interval_steps=7)
+    result = run_controller("synthetic", "fp32", 0, epochs=1, config=config, device="cpu", eval_every_steps=every)
+    assert result.steps == 56 and len(result.curve) == n_points == 56 // every
+    step_ms = result.mean_step_ms
+    times = [point[0] for point in result.curve]
+    assert times == pytest.approx([k * every * step_ms / 1e3 for k in range(1, n_points + 1)], rel=1e-12)
+    assert times[-1] == result.time_s

@@ -29,7 +29,17 @@ from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.training import TrainingRun, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
-__all__ = ["RunResult", "compare", "format_table", "row_names", "run_controller", "summarize"]
+__all__ = [
+    "RunResult",
+    "bootstrap_ci",
+    "check_epoch_budget",
+    "compare",
+    "format_table",
+    "row_names",
+    "run_controller",
+    "summarize",
+    "write_json",
+]
 
 
 @dataclass
@@ -42,7 +52,9 @@ class RunResult:
         final_metric: test accuracy at the end, in [0, 1].
         time_s: charged training time (measured, or modelled from the hardware profile), seconds.
         wall_s: wall-clock training time on this machine, seconds.
-        time_to_target_s: charged time when the test metric first reached the task's target (None: never).
+        time_to_target_s: charged time at the first evaluation whose test metric is at or above the task's target
+            (None: never). Read at that evaluation, not interpolated between evaluations, so it is as fine as their
+            spacing; a run that falls below the target afterwards keeps it.
         peak_bytes: peak memory (allocator on GPU, accounting on CPU).
         nvml_bytes: on a GPU, the most NVML reported at the evaluation points (``memory.nvml_used_bytes``: the
             CUDA context, the allocator's whole reserve and the libraries' allocations); None where NVML cannot
@@ -153,7 +165,11 @@ def run_controller(
         profile: hardware profile for ``profile`` mode (the shipped one by default).
         device: ``cpu``, ``cuda`` or None (CUDA when available).
         eval_every: evaluate the test metric every this many decisions (when ``eval_every_steps`` is None).
-        log_dir: TensorBoard folder for this run (None: no logging).
+        log_dir: TensorBoard folder for this run (None: no logging). At each evaluation, the curve's point:
+            ``test/metric``, ``controller/batch_size``, ``controller/lr_scale`` and
+            ``controller/low_precision_share`` against the optimizer step, and ``test/metric_vs_time_us`` against
+            the charged time in microseconds; at each decision, the trace's row: ``train/probe_loss`` (none where
+            the trace holds None), ``memory/peak_bytes`` and ``controller/overhead_frac``, against the step.
         progress: a tqdm bar (in epochs) to advance as training proceeds.
         batch_size: starting batch size (the task's by default).
         lr_scale: starting LR multiplier on the task's base LR. A static row keeps it; for an adaptive policy it is
@@ -300,6 +316,12 @@ def run_controller(
                     "precisions": [int(p) for p in run.precisions],
                 }
             )
+            if writer is not None:  # the trace's row, as the JSON holds it (a probe loss it holds as None: no point)
+                row, step = trace[-1], run.steps
+                if row["probe_loss"] is not None:
+                    writer.add_scalar("train/probe_loss", row["probe_loss"], step)
+                writer.add_scalar("memory/peak_bytes", row["memory_bytes"], step)
+                writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             observation = loop.observation()
             decide = True
             decision += 1
@@ -316,18 +338,17 @@ def run_controller(
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
             curve.append((time_ms / 1e3, metric, run.batch_size, run.lr_scale, low))
+            # The first evaluation at or above the target, at its own time: not interpolated between evaluations
+            # (the time is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
             if time_to_target is None and metric >= task.target_metric:
                 time_to_target = time_ms / 1e3
-            if writer is not None and signals is not None:
+            if writer is not None:  # the curve's point, as the JSON holds it (every evaluation, the first included)
                 step = run.steps
                 writer.add_scalar("test/metric", metric, step)
-                writer.add_scalar("test/metric_vs_time_ms", metric, int(time_ms))
-                writer.add_scalar("train/probe_loss", signals.probe_loss, step)
+                writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
                 writer.add_scalar("controller/batch_size", run.batch_size, step)
                 writer.add_scalar("controller/lr_scale", run.lr_scale, step)
                 writer.add_scalar("controller/low_precision_share", low, step)
-                writer.add_scalar("memory/peak_bytes", signals.memory_bytes, step)
-                writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
     if writer is not None:
         writer.close()
     return RunResult(
@@ -495,15 +516,32 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of ``values``.
 
-    With one value the interval is that value. Resampling is seeded, so tables are reproducible.
+    The recipe, so that a table can be reproduced: ``n_resamples`` resamples of ``len(values)`` values drawn with
+    replacement by ``numpy.random.default_rng(seed).integers``, the mean of each, and their
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles by ``numpy.percentile``'s default (linear
+    interpolation between order statistics). With one value the interval is that value (it says nothing of the
+    spread: ``summarize`` reports None there). With two or three values a 95% interval is ``(min, max)``: the
+    resample of ``n`` copies of the smallest (largest) value has chance ``n**-n`` (1/4, 1/27), above the 2.5% tail,
+    so 2000 resamples hold more than 2.5% of each (the seeded draw is checked by the tests).
+
+    Raises:
+        ValueError: no value, a non-finite value, ``confidence`` outside (0, 1) or ``n_resamples`` < 1.
 
     Example:
         >>> bootstrap_ci([1.0, 1.0, 1.0])
         (1.0, 1.0)
+        >>> bootstrap_ci([2.0, 4.0])
+        (2.0, 4.0)
     """
     data = np.asarray(values, dtype=float)
     if len(data) == 0:
         raise ValueError("bootstrap_ci needs at least one value")
+    if not np.isfinite(data).all():
+        raise ValueError(f"bootstrap_ci needs finite values; got {list(values)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples={n_resamples!r} must be a positive integer")
     if len(data) == 1:
         return float(data[0]), float(data[0])
     rng = np.random.default_rng(seed)
@@ -513,27 +551,52 @@ def bootstrap_ci(
 
 
 def summarize(results: Sequence[RunResult], reference: str | None = None) -> list[dict[str, Any]]:
-    """Aggregates results per controller: mean, standard deviation and bootstrap 95% CI over seeds.
+    """Aggregates results per controller (one row each, in the order the controllers first appear).
 
-    Time to target is averaged over the seeds that reached it (``reach_rate`` says how many);
-    ``time_ratio`` and ``time_to_target_ratio`` compare with the ``reference`` row. ``rank`` orders the rows
-    that reached the target on every seed by their mean time to it (1: the fastest; equal times share a rank);
-    a row that missed on some seed has none (None), whatever its mean over the seeds that reached.
+    Statistics over a row's seeds: the mean; the sample standard deviation (``ddof=1``), None with one seed; the
+    95% confidence interval of the mean (``*_ci95``, ``[low, high]``: :func:`bootstrap_ci`'s percentile bootstrap,
+    2000 resamples, seed 0), None with fewer than two values or a non-finite one.
+
+    Time to target is averaged over the seeds that reached it (a conditional mean: ``reach_rate`` says how many;
+    ``time_to_target_s`` lists every seed's, None for a miss). ``rank`` orders the rows that reached the target on
+    every seed by their mean time to it (1: the fastest; equal times share a rank, the next rank skips); a row that
+    missed on some seed has none (None), whatever its mean over the seeds that reached.
+
+    Every row holds the same keys, whatever the seeds and the reference: ``controller``, ``seeds``;
+    ``final_metric_mean``, ``final_metric_std``, ``final_metric_ci95``; ``time_s_mean``, ``time_s_std``,
+    ``time_s_ci95``; ``time_to_target_s_mean``, ``time_to_target_s_ci95`` (both over the seeds that reached),
+    ``time_to_target_s``, ``reach_rate``, ``rank``; ``time_ratio``, ``time_to_target_ratio``; ``peak_bytes_mean``,
+    ``nvml_bytes_mean`` (None unless every seed has a reading); ``precision_changes_mean``, ``batch_changes_mean``,
+    ``lr_changes_mean``, ``overhead_frac_mean``, ``overhead_parts_mean``, ``wall_s_mean``, ``mean_step_ms``,
+    ``skipped_steps_mean``, ``oom_events_total``, ``fallbacks_total``. Times in seconds, the metric in [0, 1].
+
+    ``time_ratio`` is the row's mean time over the ``reference`` row's; ``time_to_target_ratio`` its mean time to
+    target over the reference's, only where both rows reached the target on every seed (means over different
+    subsets of seeds would not compare). A ratio is None without a reference, or where the reference's mean is not
+    a positive finite number.
+
+    Raises:
+        ValueError: ``reference`` is not a row, or a controller has two results for one seed.
     """
     by_controller: dict[str, list[RunResult]] = {}
     for result in results:
-        by_controller.setdefault(result.controller, []).append(result)
+        runs = by_controller.setdefault(result.controller, [])
+        if any(run.seed == result.seed for run in runs):  # a result kept twice (merged files) would count double
+            raise ValueError(f"controller {result.controller!r} has two results for seed {result.seed}")
+        runs.append(result)
     rows: list[dict[str, Any]] = []
     for name, runs in by_controller.items():
         reached = [r.time_to_target_s for r in runs if r.time_to_target_s is not None]
+        finals = [r.final_metric for r in runs]
+        times = [r.time_s for r in runs]
         rows.append(
             {
                 "controller": name,
                 "seeds": [r.seed for r in runs],
-                "final_metric_mean": statistics.fmean(r.final_metric for r in runs),
-                "final_metric_std": _std([r.final_metric for r in runs]),
-                "time_s_mean": statistics.fmean(r.time_s for r in runs),
-                "time_s_std": _std([r.time_s for r in runs]),
+                "final_metric_mean": statistics.fmean(finals),
+                "final_metric_std": _std(finals),
+                "time_s_mean": statistics.fmean(times),
+                "time_s_std": _std(times),
                 "time_to_target_s_mean": statistics.fmean(reached) if reached else None,
                 "reach_rate": len(reached) / len(runs),
                 "peak_bytes_mean": statistics.fmean(r.peak_bytes for r in runs),
@@ -551,9 +614,9 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                     for part in runs[0].overhead_parts
                 },
                 "wall_s_mean": statistics.fmean(r.wall_s for r in runs),
-                "final_metric_ci95": bootstrap_ci([r.final_metric for r in runs]),
-                "time_s_ci95": bootstrap_ci([r.time_s for r in runs]),
-                "time_to_target_s_ci95": bootstrap_ci(reached) if reached else None,
+                "final_metric_ci95": _ci95(finals),
+                "time_s_ci95": _ci95(times),
+                "time_to_target_s_ci95": _ci95(reached),
                 "time_to_target_s": [r.time_to_target_s for r in runs],
                 "mean_step_ms": statistics.fmean(r.mean_step_ms for r in runs),
                 "skipped_steps_mean": statistics.fmean(r.skipped_steps for r in runs),
@@ -565,19 +628,30 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
     for row in rows:
         reached_all = row["reach_rate"] == 1.0
         row["rank"] = 1 + always.index(row["time_to_target_s_mean"]) if reached_all else None
+    ref: dict[str, Any] | None = None
     if reference is not None:
         ref = next((row for row in rows if row["controller"] == reference), None)
         if ref is None:
             raise ValueError(f"reference {reference!r} is not among {[row['controller'] for row in rows]}")
-        for row in rows:
-            row["time_ratio"] = row["time_s_mean"] / ref["time_s_mean"]
-            both = row["time_to_target_s_mean"] is not None and ref["time_to_target_s_mean"] is not None
-            row["time_to_target_ratio"] = row["time_to_target_s_mean"] / ref["time_to_target_s_mean"] if both else None
+    for row in rows:
+        row["time_ratio"] = row["time_to_target_ratio"] = None
+        if ref is None:
+            continue
+        row["time_ratio"] = _ratio(row["time_s_mean"], ref["time_s_mean"])
+        if row["reach_rate"] == 1.0 and ref["reach_rate"] == 1.0:
+            row["time_to_target_ratio"] = _ratio(row["time_to_target_s_mean"], ref["time_to_target_s_mean"])
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -> str:
-    """A Markdown table of ``summarize`` rows (``rank``: among the rows that reached the target on every seed)."""
+    r"""A Markdown table of ``summarize`` rows, one line per row, every line of the header's nine cells.
+
+    ``final acc`` and the time are ``mean ± sample std`` over the seeds (``± —``: one seed, no spread measured);
+    ``to target`` is the mean over the seeds that reached it (``reached`` says how many; ``—``: none did); ``rank``
+    is among the rows that reached the target on every seed (``—``: not ranked); ``peak memory`` is ``—`` where it
+    was not measured (0 bytes: a plain loop on a CPU). A ``|`` in a controller's name is escaped (``\|``), so it
+    cannot add a cell.
+    """
     header = (
         f"| controller | final acc | {time_label} | to target (s) | reached | rank | peak memory | "
         "changes prec/batch/LR | overhead |"
@@ -587,9 +661,12 @@ def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -
         to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
         nvml = "" if row.get("nvml_bytes_mean") is None else f" (NVML {_bytes(row['nvml_bytes_mean'])})"
         peak = _bytes(row["peak_bytes_mean"]) if row["peak_bytes_mean"] > 0 else "—"  # 0: not measured (a CPU)
+        final_std = "—" if row["final_metric_std"] is None else f"{100 * row['final_metric_std']:.2f}"
+        time_std = "—" if row["time_s_std"] is None else f"{row['time_s_std']:.2g}"
+        controller = str(row["controller"]).replace("|", "\\|")
         lines.append(
-            f"| {row['controller']} | {100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f} "
-            f"| {row['time_s_mean']:.3g} ± {row['time_s_std']:.2g} | {to_target} | {100 * row['reach_rate']:.0f}% "
+            f"| {controller} | {100 * row['final_metric_mean']:.2f} ± {final_std} "
+            f"| {row['time_s_mean']:.3g} ± {time_std} | {to_target} | {100 * row['reach_rate']:.0f}% "
             f"| {'—' if row.get('rank') is None else row['rank']} "
             f"| {peak}{nvml} | {row['precision_changes_mean']:.1f} / "
             f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
@@ -600,14 +677,29 @@ def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -
 def write_json(
     results: Sequence[RunResult], rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], **meta: Any
 ) -> None:
-    """Writes the runs and the summary rows as JSON, with ``meta`` (task, device, date, command...)."""
+    """Writes the runs and the summary rows as strict JSON, with ``meta`` (task, device, date, command...).
+
+    The file holds ``{"meta": {"date": "YYYY-MM-DD", **meta}, "rows": [...], "runs": [...]}``: ``rows`` as
+    :func:`summarize` returns them (its docstring lists the keys), ``runs`` one object per :class:`RunResult` with
+    its fields as keys. Tuples are written as lists, NumPy numbers as plain ones, and a number that is not finite
+    (NaN, ±inf) as ``null``: Python's ``NaN`` and ``Infinity`` are not JSON, and strict parsers refuse them. The
+    file is written beside ``path`` and moved over it, so a reader never sees half of one (the CLI rewrites its
+    partial results after every run).
+
+    Raises:
+        TypeError: a value JSON cannot hold (in ``meta``, say), named by ``json``.
+    """
     payload = {
         "meta": {"date": time.strftime("%Y-%m-%d"), **meta},
         "rows": list(rows),
         "runs": [asdict(r) for r in results],
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, target)
 
 
 def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
@@ -664,16 +756,26 @@ def _policy(controller: str | Policy, config: ControllerConfig) -> Any:
 def _log_curve(log_dir: str | os.PathLike[str] | None, result: RunResult) -> None:
     """Writes a finished run's evaluation points to TensorBoard (a plain loop's, which has no writer of its own).
 
-    The tags are two of those ``run_controller`` writes live: the test metric against time in ms (the one to read
-    across rows) and the peak memory, at the last step (a static loop has no batch, LR or precision moves to log).
+    The tags are two of those ``run_controller`` writes live: the test metric against time in microseconds (the one
+    to read across rows) and the peak memory, at the last step (a static loop has no batch, LR or precision moves to
+    log).
     """
     writer = _writer(log_dir)
     if writer is None:
         return
     for time_s, metric, *_ in result.curve:
-        writer.add_scalar("test/metric_vs_time_ms", metric, int(time_s * 1e3))
+        writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(time_s))
     writer.add_scalar("memory/peak_bytes", result.peak_bytes, result.steps)
     writer.close()
+
+
+def _time_step_us(time_s: float) -> int:
+    """A time as TensorBoard's integer step, in microseconds.
+
+    Whole milliseconds (the tag ``test/metric_vs_time_ms`` before) put several evaluations of a modelled run, whose
+    steps cost fractions of a millisecond, on one step: the curve's time axis collapsed.
+    """
+    return round(time_s * 1e6)
 
 
 def _writer(log_dir: str | os.PathLike[str] | None) -> Any:
@@ -684,8 +786,43 @@ def _writer(log_dir: str | os.PathLike[str] | None) -> Any:
     return SummaryWriter(str(log_dir))
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def _std(values: list[float]) -> float | None:
+    """The sample standard deviation (``ddof=1``); None for one value, which has no spread to measure.
+
+    NaN where a value is not finite (``statistics.stdev`` raised an ``AttributeError`` on a NaN).
+    """
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def _ci95(values: list[float]) -> tuple[float, float] | None:
+    """:func:`bootstrap_ci` at 95%; None for fewer than two values or a non-finite one (no interval to give)."""
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    return bootstrap_ci(values)
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``; None where either is missing or the reference is not a positive finite number."""
+    if value is None or reference is None or not (math.isfinite(reference) and reference > 0):
+        return None
+    return value / reference
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None, tuples as lists and NumPy scalars and arrays as Python's."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _safe(name: str) -> str:
