@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -355,14 +356,14 @@ def efficientnet_b0(
     _check_positive_int("efficientnet_b0", "n_classes", n_classes)
     _check_positive_int("efficientnet_b0", "stem_stride", stem_stride)
     for name, value in (("dropout", dropout), ("stochastic_depth_prob", stochastic_depth_prob)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
             raise ValueError(f"efficientnet_b0: {name}={value!r} must be a probability in [0, 1)")
     return _EfficientNet(in_channels, n_classes, stem_stride, float(dropout), float(stochastic_depth_prob))
 
 
 def _check_positive_int(owner: str, name: str, value: object) -> None:
-    """Refuse ``value`` unless it is a positive ``int`` (``True`` and ``2.0`` are refused too)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Refuse ``value`` unless it is a positive integer (``True`` and ``2.0`` are refused too; numpy's ints pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
 
 

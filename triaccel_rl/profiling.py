@@ -7,6 +7,7 @@ step. ``triaccel-rl profile`` writes the result as JSON for the environment's ``
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ def measure_profile(
             CPU (others, such as ``mps``, have no timer here), or the CUDA device asked for is not there.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"measure_profile: {name}={value!r} must be a positive integer")
     try:
         device = torch.device(device)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -63,15 +64,16 @@ class Task:
         description: one line for ``--help`` and tables.
         build_model: returns a freshly initialised model (seed the global RNG before calling).
         load_data: returns the data for ``(n_train, n_test, seed)``; ``None`` means the task's default.
-        optimizer: ``"sgd"`` (momentum 0.9, Nesterov) or ``"adamw"``.
-        base_lr: learning rate at batch ``base_batch_size`` with LR multiplier 1.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
-        base_batch_size: starting batch size.
-        n_train: default training subset size (``None`` = all).
-        n_test: default test subset size (``None`` = all).
+        optimizer: ``"sgd"`` (momentum 0.9, Nesterov) or ``"adamw"`` (PyTorch's default betas and eps).
+        base_lr: learning rate at batch ``base_batch_size`` with LR multiplier 1; positive, finite.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay; finite, >= 0.
+        base_batch_size: starting batch size, a positive integer.
+        n_train: default training subset size, a positive integer (``None`` = all).
+        n_test: default test subset size, a positive integer (``None`` = all).
         target_metric: test accuracy the task counts as reached, in [0, 1].
-        label_smoothing: cross-entropy label smoothing.
-        augment: applied to each training batch on its device (``None``: no augmentation).
+        label_smoothing: cross-entropy label smoothing, in [0, 1).
+        augment: applied to each training batch on its device (``None``: no augmentation); it sees the inputs
+            only, so labels are never changed.
 
     Example:
         >>> get_task("synthetic").optimizer
@@ -93,12 +95,27 @@ class Task:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"task name {self.name!r} must be a non-empty string")
+        where = f"task {self.name!r}"
         if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"task {self.name!r}: optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
-        if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
-            raise ValueError(f"task {self.name!r}: base_lr={self.base_lr} must be positive")
-        if self.base_batch_size < 1:
-            raise ValueError(f"task {self.name!r}: base_batch_size={self.base_batch_size} must be >= 1")
+            raise ValueError(f"{where}: optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
+        for field, fn in (("build_model", self.build_model), ("load_data", self.load_data)):
+            if not callable(fn):
+                raise ValueError(f"{where}: {field}={fn!r} must be callable")
+        if self.augment is not None and not callable(self.augment):
+            raise ValueError(f"{where}: augment={self.augment!r} must be callable or None")
+        if not (_is_number(self.base_lr) and self.base_lr > 0 and math.isfinite(self.base_lr)):
+            raise ValueError(f"{where}: base_lr={self.base_lr!r} must be a positive finite number")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"{where}: weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        _check_count(f"{where}: base_batch_size", self.base_batch_size)
+        _check_count(f"{where}: n_train", self.n_train, allow_none=True)
+        _check_count(f"{where}: n_test", self.n_test, allow_none=True)
+        if not (_is_number(self.target_metric) and 0.0 <= self.target_metric <= 1.0):
+            raise ValueError(f"{where}: target_metric={self.target_metric!r} must be an accuracy in [0, 1]")
+        if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(f"{where}: label_smoothing={self.label_smoothing!r} must be in [0, 1)")
 
     def data(self, seed: int = 0) -> TaskData:
         """Loads the task's data at its configured subset sizes."""
@@ -118,8 +135,24 @@ class Task:
 TASKS: dict[str, Task] = {}
 
 
-def register_task(task: Task) -> Task:
-    """Adds ``task`` to the registry under ``task.name`` (replacing one of the same name)."""
+def register_task(task: Task, *, overwrite: bool = False) -> Task:
+    """Adds ``task`` to the registry under ``task.name``.
+
+    Args:
+        task: the task.
+        overwrite: replace a registered task of the same name (else that is an error: a second registration
+            would silently change what every comparison under that name runs).
+
+    Raises:
+        ValueError: ``task`` is not a :class:`Task`, or its name is taken and ``overwrite`` is false.
+    """
+    if not isinstance(task, Task):
+        raise ValueError(f"register_task expects a Task, got {type(task).__name__}")
+    if task.name in TASKS and not overwrite:
+        raise ValueError(
+            f"task {task.name!r} is already registered ({TASKS[task.name].description}); pick another name, or "
+            "pass overwrite=True to replace it"
+        )
     TASKS[task.name] = task
     return task
 
@@ -133,15 +166,32 @@ def get_task(name: str, **overrides: Any) -> Task:
     """Returns the registered task ``name``, with optional field overrides (``n_train=2048``).
 
     Raises:
-        ValueError: unknown task name (the message lists the known ones) or an unknown field.
+        ValueError: unknown task name (the message lists the known ones), an unknown field (the message lists
+            the fields), or an override value ``Task`` refuses.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
     task = TASKS[name]
-    try:
-        return replace(task, **overrides) if overrides else task
-    except TypeError as err:
-        raise ValueError(f"bad override for task {name!r}: {err}") from None
+    unknown = sorted(set(overrides) - {f.name for f in fields(Task)})
+    if unknown:
+        allowed = ", ".join(f.name for f in fields(Task))
+        raise ValueError(f"task {name!r} has no field {', '.join(unknown)}; fields that can be overridden: {allowed}")
+    return replace(task, **overrides) if overrides else task
+
+
+def _is_number(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_count(what: str, value: object, allow_none: bool = False) -> int:
+    """Return ``value`` if it is a positive ``int`` (or ``None`` when allowed), else raise naming ``what``."""
+    if value is None and allow_none:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        allowed = "a positive integer" + (" or None" if allow_none else "")
+        raise ValueError(f"{what}={value!r} must be {allowed}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +206,8 @@ def synthetic_data(
     The cluster means are fixed (seed 1234) so every seed sees the same problem; ``seed`` draws the
     samples.
     """
-    n_train = 4096 if n_train is None else n_train
-    n_test = 1024 if n_test is None else n_test
+    n_train = 4096 if n_train is None else _check_count("synthetic_data: n_train", n_train)
+    n_test = 1024 if n_test is None else _check_count("synthetic_data: n_test", n_test)
     means = torch.randn(n_classes, n_features, generator=torch.Generator().manual_seed(1234)) * 0.6
     generator = torch.Generator().manual_seed(10_000 + seed)
 
@@ -171,9 +221,18 @@ def synthetic_data(
 
 
 def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> TaskData:
-    """Fashion-MNIST as normalised float32 ``[N, 1, 28, 28]``; subsets are seeded, class-mixed samples."""
+    """Fashion-MNIST as normalised float32 ``[N, 1, 28, 28]``; subsets are seeded, class-mixed samples.
+
+    The training subset is ``n_train`` distinct images of the training file, drawn by ``seed``; the test subset
+    ``n_test`` distinct images of the test file, the same for every seed. ``None`` (or a size at least the
+    file's) keeps the whole file in its stored order.
+    """
     from triaccel_rl.data import load_fashion_mnist, to_float_images
 
+    if n_train is not None:
+        _check_count("fashion_mnist_data: n_train", n_train)
+    if n_test is not None:
+        _check_count("fashion_mnist_data: n_test", n_test)
     dataset = load_fashion_mnist()
     train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
     test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
@@ -196,8 +255,8 @@ def sequence_data(
 
     Token ids are stored as float32 (``TaskData`` holds float inputs); the model casts them back.
     """
-    n_train = 4096 if n_train is None else n_train
-    n_test = 1024 if n_test is None else n_test
+    n_train = 4096 if n_train is None else _check_count("sequence_data: n_train", n_train)
+    n_test = 1024 if n_test is None else _check_count("sequence_data: n_test", n_test)
     generator = torch.Generator().manual_seed(20_000 + seed)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +274,21 @@ def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Random crop after zero padding by ``pad`` and random horizontal flip, per sample, on x's device.
 
     Uses the global torch RNG of x's device (seeded by the run), one gather: no host round trip.
+
+    Args:
+        x: images ``[N, C, H, W]``.
+        pad: zero padding on each side, the largest shift of the crop; an integer >= 0.
+
+    Returns:
+        A new tensor of ``x``'s shape, dtype and device (channels-last if ``x`` is).
+
+    Raises:
+        ValueError: ``x`` is not 4-D or ``pad`` is not an integer >= 0.
     """
+    if x.dim() != 4:
+        raise ValueError(f"crop_flip expects images [N, C, H, W], got shape {tuple(x.shape)}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"crop_flip: pad={pad!r} must be an integer >= 0")
     n, _, h, w = x.shape
     padded = nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
