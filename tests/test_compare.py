@@ -650,3 +650,72 @@ def test_evaluations_every_n_steps_that_land_on_the_last_step_evaluate_it_once(e
     times = [point[0] for point in result.curve]
     assert times == pytest.approx([k * every * step_ms / 1e3 for k in range(1, n_points + 1)], rel=1e-12)
     assert times[-1] == result.time_s
+
+
+def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
+    """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
+    pytest.importorskip("matplotlib")
+    import triaccel_rl.plots as plots
+
+    def run(controller, seed, to_target, shift):
+        result = fake(controller, seed, 0.5, 3.0, to_target)
+        result.curve = [(1.0 + shift, 0.25, 64, 1.0, 0.0), (2.0 + shift, 0.5, 128, 0.5, 1.0)]
+        result.trace = [
+            {"time_s": 0.5 + shift, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1 << 20, "precisions": [0, 1]},
+            {"time_s": 1.5 + shift, "batch_size": 128, "lr_scale": 0.5, "memory_bytes": 3 << 20, "precisions": [2, 0]},
+        ]
+        result.layer_names = ["first", "second"]
+        return result
+
+    results = [run("static-fp32", 1, 2.0, 0.0), run("static-fp32", 0, None, 0.125), run("heuristic", 0, 1.0, 0.25)]
+    for row in results[0].trace:  # seed 1's map differs: the heat map is seed 0's
+        row["precisions"] = [1, 1]
+    plain = run("plain-fp32", 0, None, 0.5)
+    plain.trace = []  # a plain loop takes no decisions: no trace, no precision map
+    results.append(plain)
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", keep)
+    paths = plots.plot_comparison(results, tmp_path, target=0.4)
+    names = ["metric_vs_time.png", "memory_vs_time.png", "batch_lr_vs_time.png"]
+    names += ["precision_map_static-fp32.png", "precision_map_heuristic.png"]
+    assert [p.name for p in paths] == names == list(figures)
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+    def series(ax):
+        return [(list(line.get_xdata()), list(line.get_ydata()), line.get_color()) for line in ax.get_lines()]
+
+    fp32_colour, heuristic_colour = (figures["metric_vs_time.png"].axes[0].get_lines()[i].get_color() for i in (0, 2))
+    assert fp32_colour != heuristic_colour
+    plain_colour = figures["metric_vs_time.png"].axes[0].get_lines()[3].get_color()
+    colours = [fp32_colour, fp32_colour, heuristic_colour, plain_colour]
+    curves = [
+        ([p[0] for p in r.curve], [100 * p[1] for p in r.curve], c) for r, c in zip(results, colours, strict=True)
+    ]
+    whole, zoom = figures["metric_vs_time.png"].axes[:2]
+    target_line = ([0, 1], [40.0, 40.0])
+    assert series(whole)[:4] == curves and series(whole)[4][:2] == target_line
+    markers = [([2.0], [40.0], fp32_colour), ([1.0], [40.0], heuristic_colour)]  # seed 0 of fp32 missed
+    assert series(zoom)[:4] == curves and series(zoom)[4][:2] == target_line and series(zoom)[5:] == markers
+    (memory,) = figures["memory_vs_time.png"].axes
+    memories = [[row["memory_bytes"] / 2**20 for row in r.trace] for r in results]
+    times = [[row["time_s"] for row in r.trace] for r in results]
+    assert memories[:3] == [[1.0, 3.0]] * 3 and times[3] == memories[3] == []
+    assert series(memory) == list(zip(times, memories, colours, strict=True))
+    top, bottom = figures["batch_lr_vs_time.png"].axes
+    batches = [[row["batch_size"] for row in r.trace] for r in results]
+    scales = [[row["lr_scale"] for row in r.trace] for r in results]
+    assert series(top) == list(zip(times, batches, colours, strict=True))
+    assert series(bottom) == list(zip(times, scales, colours, strict=True))
+    for name, first_seed in (("static-fp32", results[1]), ("heuristic", results[2])):
+        image = figures[f"precision_map_{name}.png"].axes[0].get_images()[0]
+        assert image.get_array().tolist() == [[0, 2], [1, 0]]  # layers x decisions, of the first seed's run
+        assert first_seed.seed == 0
+    legend = [t.get_text() for t in whole.get_legend().get_texts()]
+    assert legend == ["static-fp32", "heuristic", "plain-fp32", "target 40.0%"]  # a controller once, at its first seed

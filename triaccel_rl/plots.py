@@ -25,7 +25,11 @@ def plot_comparison(
       ``target``, a second panel zoomed on it marks each run's time to target;
     - ``memory_vs_time.png``: peak memory per interval against time;
     - ``batch_lr_vs_time.png``: batch size and LR scale against time;
-    - ``precision_map_<controller>.png``: per-layer precision over decisions (first seed), a heat map.
+    - ``precision_map_<controller>.png``: per-layer precision over decisions (the controller's lowest seed), a heat
+      map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``.
+
+    The last three read each run's ``trace`` (one row per decision point): a plain loop's row (``plain-*``) has
+    none, so it has no line there and no precision map.
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to get it).
