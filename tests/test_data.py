@@ -153,9 +153,45 @@ def test_read_idx_truncated_gzip(tmp_path: Path) -> None:
     assert "truncated or corrupt gzip" in msg
 
 
+@pytest.mark.parametrize("damage", ["deflate-data", "crc", "trailing-garbage"])
+def test_read_idx_corrupt_gzip(tmp_path: Path, damage: str) -> None:
+    """A damaged stream (bad deflate bits: zlib.error), a wrong checksum (BadGzipFile) or garbage after the stream:
+    each is a DatasetError naming the file, never a partial array."""
+    rng = np.random.default_rng(0)
+    blob = bytearray(gzip.compress(idx_bytes(rng.integers(0, 256, size=(8, 28, 28), dtype=np.uint8))))
+    if damage == "deflate-data":
+        blob[10] = 0xFF  # the first deflate block header: block type 3, reserved
+    elif damage == "crc":
+        blob[-8] ^= 0x01  # the CRC-32 of the uncompressed data, in the trailer
+    else:
+        blob += b"garbage!"
+    path = tmp_path / "bad.gz"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DatasetError, match=r"truncated or corrupt gzip stream .*download it again") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_idx_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"is 0 bytes long, too short for the 4-byte IDX magic"):
+        read_idx(path)
+
+
+def test_read_idx_huge_header_counts_exactly(tmp_path: Path) -> None:
+    """Three dimensions of 2^32 - 1 uint8s need (2^32 - 1)^3 bytes. Before, np.prod in int64 wrapped around and the
+    message said the file needed 12884901887 bytes."""
+    path = tmp_path / "huge"
+    path.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2**32 - 1, 2**32 - 1, 2**32 - 1) + b"\x00" * 7)
+    with pytest.raises(DatasetError, match=rf"needs {(2**32 - 1) ** 3} bytes, found 7"):
+        read_idx(path)
+
+
 def test_read_idx_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="cannot read IDX file"):
+    with pytest.raises(DatasetError, match="cannot read IDX file") as info:
         read_idx(tmp_path / "nope.gz")
+    assert str(tmp_path / "nope.gz") in str(info.value)
 
 
 # ---------------------------------------------------------------- find / load Fashion-MNIST
@@ -201,8 +237,21 @@ def test_find_explicit_path_missing_files_errors(tmp_path: Path, monkeypatch: py
 
 
 def test_find_explicit_path_nonexistent(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="does not exist"):
+    """The message says where it looked, what it expected there, and how to install the files."""
+    with pytest.raises(DatasetError) as info:
         find_fashion_mnist(tmp_path / "nowhere")
+    msg = str(info.value)
+    assert f"Fashion-MNIST folder {tmp_path / 'nowhere'} does not exist" in msg
+    assert all(name in msg for name in FASHION_MNIST_FILES)
+    assert "sudo apt-get install dataset-fashion-mnist" in msg
+    assert "/usr/share/datasets/fashion-mnist" in msg
+
+
+def test_find_explicit_path_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=rf"Fashion-MNIST folder {path} is not a folder"):
+        find_fashion_mnist(path)
 
 
 def test_find_explicit_path_ok_plain_names(tmp_path: Path) -> None:
@@ -283,8 +332,10 @@ def test_load_fashion_mnist_cache_sees_changed_files(tmp_path: Path) -> None:
         (1, np.zeros((20, 1), dtype=np.uint8), r"labels .* shape \(20, 1\), expected \[N\]"),
         (1, np.zeros(19, dtype=np.uint8), "20 images but 19 labels"),
         (3, np.full(10, 10, dtype=np.uint8), r"range 10\.\.10, expected 0\.\.9"),
+        (0, np.zeros((20, 28, 28), dtype=np.float32), r"train images in .* are float32, expected uint8"),
+        (2, np.zeros((10, 28), dtype=np.uint8), r"t10k images in .* have shape \(10, 28\), expected \[N, 28, 28\]"),
     ],
-    ids=["image-size", "labels-2d", "count-mismatch", "label-range"],
+    ids=["image-size", "labels-2d", "count-mismatch", "label-range", "image-dtype", "image-ndim"],
 )
 def test_load_fashion_mnist_validates(tmp_path: Path, file_index: int, array: np.ndarray, match: str) -> None:
     folder = write_fake_fashion(tmp_path / "fake")
@@ -400,6 +451,33 @@ def test_cifar10_missing_folder(tmp_path: Path) -> None:
     assert "data_batch_1" in msg
 
 
+def test_cifar10_path_is_a_file(tmp_path: Path) -> None:
+    """Before, a file given as the folder was reported as not existing."""
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(b"not unpacked")
+    with pytest.raises(DatasetError, match=rf"CIFAR-10 folder {path} is not a folder\. Expected the CIFAR-10 python"):
+        load_cifar10(path)
+
+
+class _RaisesTypeError:
+    """Unpickles as int('1', 2, 3): a TypeError, as a damaged pickle's REDUCE can raise."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (int, ("1", 2, 3))
+
+
+def test_cifar10_corrupt_pickle_raising_anything(tmp_path: Path) -> None:
+    """Before, only some exception types were turned into DatasetError; a TypeError (as here), MemoryError or
+    KeyError from a damaged batch escaped bare."""
+    folder = tmp_path / "cifar"
+    write_fake_cifar(folder)
+    write_pickle(folder / "data_batch_3", _RaisesTypeError())
+    with pytest.raises(
+        DatasetError, match=r"cannot unpickle CIFAR-10 file .*data_batch_3 \(TypeError: .*python version"
+    ):
+        load_cifar10(folder)
+
+
 def test_cifar10_missing_batch(tmp_path: Path) -> None:
     folder = tmp_path / "cifar"
     write_fake_cifar(folder)
@@ -495,3 +573,7 @@ def test_normalize_images() -> None:
         normalize_images(x, 0.0, [1.0, 0.0, 1.0])
     with pytest.raises(DatasetError, match="floating"):
         normalize_images(torch.zeros(2, 4, 4), 0.0, 1.0)
+    with pytest.raises(DatasetError, match=r"needs finite std > 0, got inf"):
+        normalize_images(x, 0.0, float("inf"))
+    with pytest.raises(DatasetError, match=r"needs finite means, got \[0.0, nan, 0.0\]"):
+        normalize_images(x, [0.0, float("nan"), 0.0], 1.0)

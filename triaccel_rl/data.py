@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import pickle
 import warnings
@@ -254,7 +255,8 @@ def load_cifar10(path: str | os.PathLike[str]) -> ImageDataset:
         folder = folder / _CIFAR10_SUBDIR
     expected = (*_CIFAR10_TRAIN_FILES, _CIFAR10_TEST_FILE)
     if not folder.is_dir():
-        raise DatasetError(f"CIFAR-10 folder {folder} does not exist. {_cifar10_howto(expected)}")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise DatasetError(f"CIFAR-10 folder {folder} {state}. {_cifar10_howto(expected)}")
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing:
         raise DatasetError(f"CIFAR-10 folder {folder} lacks {', '.join(missing)}. {_cifar10_howto(expected)}")
@@ -302,22 +304,27 @@ def normalize_images(x: torch.Tensor, mean: float | Sequence[float], std: float 
     Args:
         x: floating images ``[N, C, H, W]``.
         mean: one mean for all channels, or one per channel (length ``C``).
-        std: one standard deviation for all channels, or one per channel (length ``C``); all > 0.
+        std: one standard deviation for all channels, or one per channel (length ``C``); all finite and > 0.
 
     Returns:
         A new tensor of ``x``'s shape, dtype and device.
 
     Raises:
         DatasetError: ``x`` is not a floating ``[N, C, H, W]`` tensor, a per-channel sequence has the
-            wrong length, or a std is not > 0.
+            wrong length, a mean is not finite, or a std is not finite and > 0.
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise DatasetError(f"normalize_images expects floating [N, C, H, W] images, got {x.dtype} {tuple(x.shape)}")
     channels = x.shape[1]
-    mean_t = _per_channel(mean, channels, "mean", x)
-    std_t = _per_channel(std, channels, "std", x)
-    if not bool((std_t > 0).all()):
-        raise DatasetError(f"normalize_images needs std > 0, got {std}")
+    mean_values = _per_channel(mean, channels, "mean")
+    std_values = _per_channel(std, channels, "std")
+    if not all(math.isfinite(v) for v in mean_values):
+        raise DatasetError(f"normalize_images needs finite means, got {mean}")
+    if not all(math.isfinite(v) and v > 0 for v in std_values):
+        raise DatasetError(f"normalize_images needs finite std > 0, got {std}")
+    # Checked on the host before any tensor is made: no device sync.
+    mean_t = torch.tensor(mean_values, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
+    std_t = torch.tensor(std_values, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
     return (x - mean_t) / std_t
 
 
@@ -351,7 +358,7 @@ def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
         )
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod's int64 wrapped for huge headers
     found = len(raw) - header_len
     if found != expected:
         kind = "shorter" if found < expected else "longer"
@@ -446,7 +453,7 @@ def _unpickle(path: Path) -> object:
     try:
         with path.open("rb") as f:
             return pickle.load(f, encoding="bytes")  # trusted files only (documented)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as exc:
+    except Exception as exc:  # a corrupt pickle raises almost anything: TypeError, MemoryError, KeyError, ...
         raise DatasetError(
             f"cannot unpickle CIFAR-10 file {path} ({type(exc).__name__}: {exc}); is it the CIFAR-10 python version?"
         ) from exc
@@ -492,11 +499,11 @@ def _read_cifar10_meta(path: Path) -> tuple[str, ...]:
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
-def _per_channel(value: float | Sequence[float], channels: int, name: str, like: torch.Tensor) -> torch.Tensor:
-    """Turn a scalar or per-channel sequence into a ``[1, C, 1, 1]`` tensor like ``like``."""
+def _per_channel(value: float | Sequence[float], channels: int, name: str) -> list[float]:
+    """Turn a scalar or per-channel sequence into ``channels`` floats."""
     if isinstance(value, (int, float)):
-        return torch.full((1, channels, 1, 1), float(value), dtype=like.dtype, device=like.device)
+        return [float(value)] * channels
     values = [float(v) for v in value]
     if len(values) != channels:
         raise DatasetError(f"normalize_images got {len(values)} {name} values for {channels} channels")
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, channels, 1, 1)
+    return values
