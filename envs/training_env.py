@@ -24,10 +24,10 @@ __all__ = ["TriAccelEnv"]
 class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     """Chooses a training configuration every ``interval_steps`` optimizer steps of a proxy task.
 
-    **Observation** (``Box(-10, 10, (11 + 8 * n_groups,), float32)``): global features (loss, loss trend,
-    noise scale over batch, memory headroom, batch, LR scale, overflow rate, step-time trend, progress,
-    curvature) and, for each of ``n_groups`` layer groups ranked by sensitivity, its relative sensitivity,
-    curvature, variance, signal-to-noise, parameter share and current precision; see
+    **Observation** (``Box(-10, 10, (11 + 8 * n_groups,), float32)``): 11 global features (loss, loss trend,
+    noise scale over batch, memory headroom and use, batch, LR scale, overflow rate, step-time trend, progress,
+    curvature) and, for each of ``n_groups`` layer groups ranked by sensitivity, 8: its relative sensitivity,
+    curvature, variance, signal-to-noise, parameter share and current precision (one-hot of 3); see
     ``triaccel_rl.observation`` for every index.
 
     **Action** (``MultiDiscrete([3] * n_groups + [len(lr_scales), 3])``): precision per group
@@ -36,8 +36,11 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
 
     **Reward**: progress within a time budget. Each interval earns ``progress_scale * (log L_prev - log
     L_now)``, where ``L`` is the loss on a fixed probe batch; minus ``nonfinite_penalty`` × skipped-step
-    rate, ``over_budget_penalty`` when memory exceeded the memory budget, and ``divergence_penalty`` on
-    divergence; clipped (``RewardConfig``, ``triaccel_rl.reward``). The episode has a fixed *cost*
+    rate and ``over_budget_penalty`` when memory exceeded the memory budget; clipped to ``[-clip, clip]``
+    (``RewardConfig``, ``triaccel_rl.reward``). A diverged interval earns ``-min(divergence_penalty, clip)``
+    and nothing else. Every term can be recomputed from the step's ``info`` (``probe_loss``, ``cost_ms``,
+    ``spent_ms``, ``overflow_rate``, ``over_budget``; ``L_prev`` is the previous step's ``probe_loss``, or
+    ``reset``'s). The episode has a fixed *cost*
     budget, ``reward_config.budget_intervals`` × the charged time of one interval of fp32 at the task's
     base batch (the interval ``reset`` trains), so the return is the log-loss drop reached within a fixed
     time: a configuration that takes more steps, or dearer ones, gets fewer intervals, and nothing pays
@@ -229,6 +232,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "changed_precision": report.changed_precision,
             "refused": report.refused,
             "memory_bytes": signals.memory_bytes,
+            "memory_budget_bytes": signals.memory_budget_bytes,
+            "over_budget": over_budget,
             "overflow_rate": signals.overflow_rate,
             "samples_seen": run.samples_seen,
         }

@@ -248,3 +248,83 @@ def test_an_environment_pickles_before_its_first_reset():
     env = pickle.loads(pickle.dumps(TriAccelEnv(task="synthetic", max_decisions=2)))
     env.reset(seed=0)
     assert np.isfinite(env.step(env.action_space.sample())[1])
+
+
+def test_an_episodes_return_is_the_documented_formula_of_its_infos():
+    """The docstring's reward, by hand from each step's ``info`` (not through ``triaccel_rl.reward``):
+    ``clip(progress_scale * ln(L_prev / L) * min(1, budget_left / cost) - nonfinite_penalty * overflow_rate
+    - over_budget_penalty * over_budget)``, with ``budget_left = budget_ms - previous spent_ms``.
+
+    The memory budget is lowered under the run's use from the second step (as the run does after an out-of-memory
+    error), so the over-budget term shows; the last interval overruns the time budget, so the share shows.
+    """
+    config = ControllerConfig(interval_steps=3)
+    reward_config = RewardConfig(budget_intervals=40, over_budget_penalty=0.25)
+    env = TriAccelEnv(task="synthetic", config=config, reward_config=reward_config, task_overrides={"n_train": 1024})
+    _, start = env.reset(seed=3)
+    shrink = np.array([0, 0, 0, 0, 2, 0])  # fp32, LR x1, halve the batch
+    infos, rewards, truncated, terminated = [], [], False, False
+    while not (truncated or terminated):
+        if len(infos) == 1:  # the run then splits its batch into micro-batches: dearer steps
+            env.loop.run.memory_budget_bytes = env.signals.memory_bytes // 2
+        _, value, terminated, truncated, info = env.step(shrink if not infos else np.array([0, 0, 0, 0, 2, 1]))
+        infos.append(info)
+        rewards.append(value)
+    assert not terminated and len(infos) >= 3
+    assert [i["over_budget"] for i in infos] == [False] + [True] * (len(infos) - 1)
+    assert all(i["memory_bytes"] > i["memory_budget_bytes"] for i in infos[1:])
+    expected, previous_loss, previous_spent = [], start["probe_loss"], 0.0
+    for info in infos:
+        left = info["budget_ms"] - previous_spent
+        value = reward_config.progress_scale * math.log(previous_loss / info["probe_loss"])
+        value *= min(1.0, left / info["cost_ms"])
+        value -= reward_config.nonfinite_penalty * info["overflow_rate"]
+        value -= reward_config.over_budget_penalty * info["over_budget"]
+        expected.append(min(reward_config.clip, max(-reward_config.clip, value)))
+        previous_loss, previous_spent = info["probe_loss"], info["spent_ms"]
+    assert rewards == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert sum(rewards) == pytest.approx(sum(expected), rel=1e-12)
+    assert infos[-1]["spent_ms"] > infos[-1]["budget_ms"] > infos[-2]["spent_ms"]  # the share < 1 was exercised
+    assert all(abs(value) < reward_config.clip for value in expected)  # no clipping hides a term
+
+
+def test_a_diverged_step_is_terminated_not_truncated_even_on_the_last_budgeted_interval():
+    """Gymnasium: ``terminated`` is the MDP's end (divergence), ``truncated`` a limit outside it (the budget).
+    A run that diverges on the interval that spends its budget is terminated only, with the penalty alone."""
+    from triaccel_rl.tasks import get_task
+
+    env = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1,
+                      task_overrides={"base_lr": 1e6 * get_task("synthetic").base_lr})  # fmt: skip
+    env.reset(seed=0)
+    _, value, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 1, 1]))
+    assert (terminated, truncated) == (True, False)
+    assert value == -min(env.reward_config.divergence_penalty, env.reward_config.clip)
+    assert "test_accuracy" in info  # the episode summary comes with the end, either kind
+    calm = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1)
+    calm.reset(seed=0)
+    assert calm.step(np.array([0, 0, 0, 0, 1, 1]))[2:4] == (False, True)
+
+
+def test_reset_with_the_same_seed_replays_the_episode_on_the_same_instance():
+    """Seeding through ``reset(seed=...)`` alone: whatever the global RNGs did in between, the same episode."""
+    import torch
+
+    env = small_env()
+
+    def episode(seed):
+        first, start = env.reset(seed=seed)
+        steps = [env.step(np.array([1, 0, 2, 0, 2, 1])) for _ in range(3)]
+        return [first, *(s[0] for s in steps)], [s[1] for s in steps], [start, *(s[4] for s in steps)]
+
+    observations, rewards, infos = episode(11)
+    numpy_state = np.random.get_state()  # noqa: NPY002 (the global RNG is the point; put back for other tests)
+    with torch.random.fork_rng():
+        torch.manual_seed(99)
+        np.random.seed(5)  # noqa: NPY002
+        again = episode(11)
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    for a, b in zip(observations, again[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert rewards == again[1] and infos == again[2]
+    other = episode(12)
+    assert not np.array_equal(observations[-1], other[0][-1])  # another seed, another run
