@@ -209,9 +209,9 @@ def test_efficientnet_b0_stage_shapes_at_224() -> None:
 def test_efficientnet_b0_dropout_and_stochastic_depth_are_opt_in() -> None:
     """Off by default (the benchmark's model: a training forward draws nothing); asked for, block b of 16 drops
     with probability p·b/16 (torchvision's schedule), per sample, scaled by 1/(1-p); eval mode is deterministic."""
-    x = torch.randn(4, 1, 16, 16)
+    x = torch.randn(2, 1, 8, 8)  # tiny: four whole-model forwards
     torch.manual_seed(0)
-    plain = efficientnet_b0(in_channels=1, stem_stride=1)
+    plain = efficientnet_b0(in_channels=1)
     assert [b.drop_prob for b in plain.features if type(b).__name__ == "_MBConv"] == [0.0] * 16
     plain.train()
     state = torch.random.get_rng_state()
@@ -219,7 +219,7 @@ def test_efficientnet_b0_dropout_and_stochastic_depth_are_opt_in() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)  # no random draw
 
     torch.manual_seed(0)
-    noisy = efficientnet_b0(in_channels=1, stem_stride=1, dropout=0.5, stochastic_depth_prob=0.2)
+    noisy = efficientnet_b0(in_channels=1, dropout=0.5, stochastic_depth_prob=0.2)
     assert [b.drop_prob for b in noisy.features if type(b).__name__ == "_MBConv"] == [0.2 * b / 16 for b in range(16)]
     noisy.load_state_dict(plain.state_dict())  # the same weights: the options add no parameters
     noisy.eval()
@@ -387,6 +387,43 @@ def test_cost_model_cross_attention_by_hand(by_keyword: bool) -> None:
     costs = _costs(_CrossAttention(by_keyword), torch.zeros(1, 7, 8))
     assert costs.flops_per_sample.tolist() == [2 * (1_200 + 560)]
     assert costs.activation_bytes_per_sample.tolist() == [4 * 5 * 8]
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The cost model's sample is batch-first ([1, ...]); a sequence-first RNN gets it as [T, 1, features].
+        return self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))[0]
+
+
+@pytest.mark.parametrize(
+    ("rnn", "shape", "flops", "out_numel"),
+    [
+        # LSTM(3 → 5) over 4 steps: 4 gates, each W_ih (5×3) and W_hh (5×5) a step: 2·4·5·(3 + 5) = 320 a step.
+        (nn.LSTM(3, 5, batch_first=True), (1, 4, 3), 4 * 320, 4 * 5),
+        # GRU(3 → 5), 2 layers, both directions, sequence-first, 4 steps: 3 gates; layer 1 reads 3 inputs
+        # (2·3·5·8 = 240 a step), layer 2 both directions' 10 (2·3·5·15 = 450); two directions: 2·4·(240 + 450).
+        (nn.GRU(3, 5, num_layers=2, bidirectional=True), (1, 4, 3), 2 * 4 * (240 + 450), 4 * 10),
+        # LSTM(3 → 6, projected to 2), 4 steps: gates from 3 inputs and the 2-wide projected state, 2·4·6·5 = 240,
+        # plus the projection 2·6·2 = 24 a step.
+        (nn.LSTM(3, 6, proj_size=2, batch_first=True), (1, 4, 3), 4 * 264, 4 * 2),
+        # A tanh RNN(3 → 5), 4 steps: one gate, 2·5·8 = 80 a step.
+        (nn.RNN(3, 5), (1, 4, 3), 4 * 80, 4 * 5),
+    ],
+    ids=["lstm", "gru-2-layers-bidirectional", "lstm-projected", "rnn"],
+)
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_cost_model_recurrent_layers_by_hand(
+    rnn: nn.RNNBase, shape: tuple[int, ...], flops: int, out_numel: int
+) -> None:
+    """Before, a recurrent layer counted one FLOP an output element (20 for the first case, not 1,280), so a model
+    with LSTMs was priced as almost free in modelled step time."""
+    costs = _costs(_Recurrent(rnn), torch.zeros(shape))
+    assert costs.flops_per_sample.tolist() == [flops]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * out_numel]
 
 
 def test_cost_model_refuses_precisions_of_another_length() -> None:

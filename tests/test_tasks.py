@@ -239,6 +239,18 @@ def test_targets_match_readme_and_the_calibration_rule() -> None:
     assert measured
     assert get_task("resnet18-fmnist").target_metric == int(measured[1]) / 100
     assert get_task("effnet-b0-fmnist").target_metric == int(measured[2]) / 100
+    # BENCHMARKS.md's description of the GPU benchmark tasks' recipe.
+    benchmarks = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    recipe = re.search(r"ResNet-18 \(CIFAR-style, 1-channel stem\) on Fashion-MNIST, \d+ epochs, target (\d+)%; "
+                       r"EfficientNet-B0 \(our definition, stride-1 stem; .*?\), \d+ epochs, target (\d+)%\. Both: "
+                       r"all data on the GPU with GPU-side crop and flip, SGD Nesterov, label smoothing ([\d.]+), "
+                       r"warm-up then linear decay, batch (\d+)", benchmarks)  # fmt: skip
+    assert recipe
+    for name, target in (("resnet18-fmnist", recipe[1]), ("effnet-b0-fmnist", recipe[2])):
+        task = get_task(name)
+        assert task.target_metric == int(target) / 100
+        assert (task.augment, task.optimizer, task.n_train) == (crop_flip, "sgd", None)
+        assert (task.label_smoothing, task.base_batch_size) == (float(recipe[3]), int(recipe[4]))
     # The fresh held-out targets: floor(0.98 x static fp32's final accuracy on seed 100, to 0.005), as recorded.
     calibration = json.loads((ROOT / "experiments/results/fresh_held_out_calibration.json").read_text())
     assert sorted(calibration["tasks"]) == sorted(FRESH_HELD_OUT_TASKS)

@@ -149,6 +149,8 @@ def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tens
     * out_channels / groups`` (its output elements take a stride-dependent share of that, so the output alone
     cannot count it). Attention: the four projections (query and output on the ``L`` query tokens, key and value
     on the ``S`` key tokens, from ``kdim`` and ``vdim``) and the two ``L x S`` products, scores and weighted sum.
+    Recurrent layers (RNN, LSTM, GRU): each gate's input and hidden matmuls at every time step, layer and direction,
+    plus an LSTM's projection (``proj_size``); a packed sequence's output is not a tensor and is not counted.
     """
     if isinstance(module, nn.Linear):
         return 2.0 * module.in_features * out.numel()
@@ -158,6 +160,8 @@ def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tens
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
         return 2.0 * kernel * out.numel()
+    if isinstance(module, nn.RNNBase):
+        return _recurrent_flops(module, out)
     if isinstance(module, nn.MultiheadAttention):
         embed = module.embed_dim
         queries = out.numel() // embed  # one sample's tokens, whichever dimension holds them
@@ -165,6 +169,21 @@ def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tens
         projections = 2.0 * embed * (2 * queries * embed + keys * module.kdim + keys * module.vdim)
         return projections + 2.0 * 2 * queries * keys * embed
     return float(out.numel())
+
+
+def _recurrent_flops(module: nn.RNNBase, out: torch.Tensor) -> float:
+    """FLOPs of one sample through an RNN, LSTM or GRU, from its output ``[T, ..., directions * hidden_out]``."""
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)  # mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
+    directions = 2 if module.bidirectional else 1
+    hidden, projected = module.hidden_size, module.proj_size
+    hidden_out = projected or hidden
+    steps = out.numel() // (directions * hidden_out)
+    total = 0.0
+    for layer in range(module.num_layers):
+        inputs = module.input_size if layer == 0 else directions * hidden_out
+        per_step = 2 * gates * hidden * (inputs + hidden_out) + (2 * hidden * projected if projected else 0)
+        total += directions * steps * per_step
+    return total
 
 
 def _input(args: tuple, kwargs: dict, position: int, name: str) -> torch.Tensor:
