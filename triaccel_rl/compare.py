@@ -66,7 +66,9 @@ class RunResult:
         skipped_steps: updates skipped for non-finite gradients.
         overhead_frac: share of training time spent on signals and decisions.
         steps: optimizer steps taken.
-        curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation.
+        curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation;
+            ``low_precision_share`` is the share of all the model's layers (``layer_names``; those whose precision is
+            not controlled stay fp32) in bf16 or fp16, as ``Controller`` logs it.
         trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``,
             ``probe_loss`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16).
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
