@@ -548,8 +548,8 @@ def test_to_float_images_grey_and_colour() -> None:
     assert out.dtype == torch.float32
     assert out.shape == (1, 1, 2, 2)
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
-    colour = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    assert to_float_images(colour).shape == (2, 3, 4, 4)
+    colour = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    torch.testing.assert_close(to_float_images(colour), colour.float() / 255, rtol=0, atol=0)  # no channel added
     assert grey.dtype == torch.uint8  # input untouched
 
 

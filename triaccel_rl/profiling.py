@@ -29,6 +29,10 @@ def measure_profile(
 ) -> HardwareProfile:
     """Times training steps per precision on ``device`` and returns the profile (medians of ``steps``).
 
+    The time factors are each precision's median step time over fp32's; the memory factors each precision's peak
+    allocation above the steady state over fp32's, on a GPU (on the CPU there is no allocator to read: all 1.0);
+    a precision the device cannot run (bf16 on an older GPU) gets factors of 1.0.
+
     Args:
         device: where to measure: a CUDA device or the CPU.
         batch_size: batch of the reference workload, a positive integer.
