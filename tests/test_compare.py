@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -283,31 +284,26 @@ def test_json_schema_and_table(results, tmp_path):
     rows = summarize(results, reference="static-fp32")
     path = tmp_path / "out" / "results.json"
     write_json(results, rows, path, task="synthetic", command="test")
-    payload = json.loads(path.read_text())
-    assert payload["meta"]["task"] == "synthetic" and payload["meta"]["date"]
-    for row in payload["rows"]:
-        for key in (
-            "controller",
-            "final_metric_mean",
-            "final_metric_ci95",
-            "time_s_mean",
-            "reach_rate",
-            "time_to_target_s",
-            "peak_bytes_mean",
-            "overhead_frac_mean",
-            "time_ratio",
-        ):
-            assert key in row
+    payload = strict_json(path.read_text())
+    assert set(payload) == {"meta", "rows", "runs"}
+    assert payload["meta"]["task"] == "synthetic" and payload["meta"]["command"] == "test"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", payload["meta"]["date"])
+    assert all(set(row) == SUMMARY_KEYS for row in payload["rows"])
+    fields = {field.name for field in dataclasses.fields(RunResult)}
+    assert all(set(run) == fields for run in payload["runs"])
     # The values survive the round trip, not only the keys (tuples come back as lists).
     assert payload["rows"] == json.loads(json.dumps(rows))
+    assert payload["runs"] == json.loads(json.dumps([dataclasses.asdict(r) for r in results]))
     assert (
         [(run["controller"], run["seed"]) for run in payload["runs"]]
         == [(r.controller, r.seed) for r in results]
         == [("static-fp32", 0), ("static-fp32", 1), ("heuristic", 0), ("heuristic", 1)]
     )
-    assert [run["curve"] for run in payload["runs"]] == [json.loads(json.dumps(r.curve)) for r in results]
-    table = format_table(rows)
-    assert table.count("\n") == 3 and "| heuristic |" in table
+    cells = table_cells(format_table(rows))
+    assert [line[0].lstrip("| ") for line in cells[2:]] == ["static-fp32", "heuristic"]
+    for line, row in zip(cells[2:], rows, strict=True):
+        assert line[1] == f"{100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f}"
+        assert line[4] == f"{100 * row['reach_rate']:.0f}%"
 
 
 def test_plots_are_written_and_not_empty(results, tmp_path):
