@@ -264,13 +264,16 @@ def test_a_bar_in_a_controller_name_cannot_add_a_cell():
 
 
 def test_runs_record_curves_and_traces(results):
+    """56 steps, a decision every 5 and at the end (12), an evaluation every second decision (6), the last at the
+    end of training: its time is the run's, its metric the final one."""
     assert len(results) == 4
     for run in results:
-        assert run.curve and run.trace and run.steps > 0
+        assert (run.steps, len(run.trace), len(run.curve)) == (56, 12, 6)
         assert len(run.trace[0]["precisions"]) == len(run.layer_names) == 3
         times = [row["time_s"] for row in run.trace]
-        assert times == sorted(times)
-        assert run.final_metric == run.curve[-1][1]
+        assert times == sorted(times) and times[-1] == run.time_s
+        assert [point[0] for point in run.curve] == times[1::2]  # evaluated at every second decision's time
+        assert run.final_metric == run.curve[-1][1] and all(0.0 <= point[1] <= 1.0 for point in run.curve)
 
 
 def test_row_names_are_the_names_the_runs_report(results):
