@@ -7,32 +7,55 @@
   micro-batch estimate of the mini-batch gradient's variance (``triaccel_rl.signals``). Until a round
   has measured them (or when the overhead budget refuses rounds) both come from squared gradients, and the
   observation caps the relative sensitivity at the median: no group is raised on those alone. A group in fp32
-  is lowered when its sensitivity falls under ``lower_below``; a lowered group returns to fp32 when it
-  rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
+  is lowered when its sensitivity falls under ``lower_below``; a lowered group (bf16 or fp16) returns to fp32
+  when it rises over ``raise_above``. The band between the two is the hysteresis that stops a group hovering
   near one threshold from flipping. Nothing is lowered while the overflow rate is over
-  ``max_overflow_rate``, and fp16 groups move to bf16 then. *Which* 16-bit format: bf16 (fp16 with
+  ``max_overflow_rate``, and fp16 groups move to bf16 then (a group raised to fp32 goes to fp32 all the same).
+  *Which* 16-bit format: bf16 (fp16 with
   ``use_fp16``); with ``HeuristicConfig.speed_trial`` (on by default), where step time is measured on a GPU the
   driver first times a few real training steps in bf16 and in fp16 (where it is charged from a GPU's profile, it
   reads the profile's charge for each instead) and the faster one is used from then on
-  (:meth:`HeuristicPolicy.choose_low_precision`), the start precision included.
+  (:meth:`HeuristicPolicy.choose_low_precision`), the start precision included. A group already in the other
+  16-bit format keeps it (the driver runs every 16-bit layer in the trial's format).
 - **LR multiplier**, from stability: one rung down the ``lr_scales`` ladder when the probe loss rose by
-  more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or steps
-  overflowed; one rung back up towards 1.0 when the loss falls steadily again; otherwise kept. With
+  more than ``loss_rise_tolerance`` (a sharp region: the step overshoots the local curvature) or the overflow
+  rate was over ``max_overflow_rate``; one rung back up when the multiplier is under 1.0 and the loss fell by
+  more than ``loss_rise_tolerance`` (a rung above 1.0 is kept); otherwise kept. With
   ``HeuristicConfig.anneal_plateau`` (off by default; the ``heuristic-anneal`` row of
-  ``experiments/gpu_benchmark.py``) it also anneals: past ``anneal_after`` of the budget, an interval whose
-  probe loss fell by less than ``anneal_plateau`` takes ``anneal_rungs`` rungs down (one by default), and the rule
-  no longer climbs back.
+  ``experiments/gpu_benchmark.py``) it also anneals: from ``anneal_after`` of the budget on, an interval whose
+  probe loss fell by less than ``anneal_plateau`` (a small rise included) takes ``anneal_rungs`` rungs down (one
+  by default), and the rule no longer climbs back. A rise over ``loss_rise_tolerance``, or the overflow rate
+  over its bound, takes the stability rule's one rung instead, late in the run too: with ``anneal_rungs=2`` a
+  small rise cuts two rungs and a large one a single rung.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
-  ``grow_below_usage`` of the budget, the batch is below the gradient-noise scale (larger batches
-  still help; ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
-  within ``max_batch_growth`` times the task's base batch; halved when memory use is over ``shrink_above_usage``.
+  ``grow_below_usage`` of the budget, the batch is under ``max_batch_over_noise`` (a tenth) of the
+  gradient-noise scale (larger batches still help, at a cost of at most about 10% more samples;
+  ``B_simple = tr(Sigma) / |G|^2`` from unbiased micro-batch estimates) and a doubling stays
+  within ``max_batch_growth`` times the task's base batch; halved when memory use is over ``shrink_above_usage``,
+  whatever the noise scale asks.
   With ``HeuristicConfig.ramp_batch_after`` (off by default; the ``heuristic-ramp`` rows of
-  ``experiments/gpu_benchmark.py``) it also grows at every decision past that share of the budget (and before
+  ``experiments/gpu_benchmark.py``) it also grows at every decision from that share of the budget on (and before
   ``ramp_batch_until``), whatever the noise estimate, up to ``max_batch_growth``: a late batch ramp. The move is
   on the *effective* batch: the executor refuses growth the memory model predicts over the usable budget, and a
   run whose budget shrinks (after an out-of-memory error) keeps its batch by accumulating micro-batches planned to
   fill ``elastic.fill_frac`` (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory
   pressure, and a batch using under 0.45 of the budget still fits once doubled.
+
+**At a threshold's edge** every comparison is strict, so a feature exactly at a threshold does not fire its
+rule: a group at ``lower_below`` stays in fp32 and one at ``raise_above`` stays lowered; an overflow rate equal to
+``max_overflow_rate`` (1 skipped step in 20 at the default 0.05) counts as stable; a loss change of exactly
+``loss_rise_tolerance`` (either way) or of exactly ``-anneal_plateau`` keeps the LR; memory use exactly at
+``grow_below_usage`` or ``shrink_above_usage`` keeps the batch, and so does a batch exactly at
+``max_batch_over_noise`` of the noise scale. The shares of the run are the exception: annealing and the ramp
+start at ``progress == anneal_after`` (``ramp_batch_after``), the ramp's last decision is the one before
+``ramp_batch_until``, and a doubling that lands exactly on ``max_batch_growth`` is taken. The observation is
+float32, so each threshold is compared as the float32 nearest to it (in float64, 1/20 stored as float32 is a
+little over 0.05).
+
+**Features that are NaN** (not measured: ``FallbackPolicy`` hands such observations here) fire no rule that reads
+them: nothing is lowered on an unknown overflow rate, the LR holds on an unknown loss trend and the batch on an
+unknown memory use or noise scale. A group's precision one-hot with no entry set reads as the start precision
+(``initial_precision``), an unknown LR multiplier as the 1.0 rung, and one beyond the ladder as its nearer end.
 
 Per-layer step sizes are not part of the action: the decision loop applies the collector's
 curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.
@@ -189,9 +212,11 @@ class HeuristicPolicy:
 
     def _decide(self, obs: np.ndarray) -> np.ndarray:
         g = self.layout.globals
-        unstable = bool(obs[g("overflow_rate")] > self.config.heuristic.max_overflow_rate)
+        overflow, max_overflow = obs[g("overflow_rate")], _as_observed(self.config.heuristic.max_overflow_rate)
+        unstable = bool(overflow > max_overflow)
+        may_lower = bool(overflow <= max_overflow)  # False for a NaN rate too: lower only on a known stable one
         current = [self._current_precision(obs, group) for group in range(self.layout.n_groups)]
-        precisions = self._precisions(obs, current, unstable) if "precision" in self.parts else current
+        precisions = self._precisions(obs, current, unstable, may_lower) if "precision" in self.parts else current
         rung = self._current_rung(obs)
         if "lr" in self.parts:
             rung = self._lr_rung(obs, rung, unstable)
@@ -199,20 +224,27 @@ class HeuristicPolicy:
         return encode(Action(tuple(precisions), self.config.lr_scales[rung], move), self.config)
 
     def _current_precision(self, obs: np.ndarray, group: int) -> Precision:
+        """The group's precision from its one-hot; ``initial_precision`` when no entry is set (NaN counts as unset)."""
         one_hot = obs[self.layout.group(group, "is_fp32") : self.layout.group(group, "is_fp16") + 1]
+        one_hot = np.nan_to_num(one_hot, nan=0.0)
+        if not (one_hot > 0).any():
+            return self.initial_precision
         return Precision(int(np.argmax(one_hot)))
 
-    def _precisions(self, obs: np.ndarray, current: list[Precision], unstable: bool) -> list[Precision]:
+    def _precisions(
+        self, obs: np.ndarray, current: list[Precision], unstable: bool, may_lower: bool
+    ) -> list[Precision]:
         rules = self.config.heuristic
+        lower_below, raise_above = _as_observed(rules.lower_below), _as_observed(rules.raise_above)
         low = self.low_precision
         chosen = []
         for group, precision in enumerate(current):
             sensitivity = obs[self.layout.group(group, "rel_sensitivity")]
             new = precision
             if precision is Precision.FP32:
-                if sensitivity < rules.lower_below and not unstable:
+                if sensitivity < lower_below and may_lower:
                     new = low
-            elif sensitivity > rules.raise_above:
+            elif sensitivity > raise_above:
                 new = Precision.FP32
             if unstable and new is Precision.FP16:
                 new = Precision.BF16
@@ -220,19 +252,28 @@ class HeuristicPolicy:
         return chosen
 
     def _current_rung(self, obs: np.ndarray) -> int:
-        """Index of the ``lr_scales`` rung nearest (in log ratio) to the current LR multiplier."""
-        current_scale = 2.0 ** obs[self.layout.globals("log2_lr_scale")]
-        return int(np.argmin([abs(math.log(s / current_scale)) for s in self.config.lr_scales]))
+        """Index of the ``lr_scales`` rung nearest (in log ratio) to the current LR multiplier.
+
+        NaN reads as the 1.0 rung; a multiplier beyond the ladder as its nearer end (2 ** a huge value overflowed
+        to inf, and the log of its ratio raised ``math domain error``).
+        """
+        ladder = self.config.lr_scales
+        log2_scale = float(obs[self.layout.globals("log2_lr_scale")])
+        if math.isnan(log2_scale):
+            return ladder.index(1.0)
+        current_scale = 2.0 ** min(max(log2_scale, math.log2(ladder[0])), math.log2(ladder[-1]))
+        return int(np.argmin([abs(math.log(s / current_scale)) for s in ladder]))
 
     def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool) -> int:
         rules = self.config.heuristic
         trend = obs[self.layout.globals("loss_trend")]
-        if trend > rules.loss_rise_tolerance or unstable:
+        tolerance = _as_observed(rules.loss_rise_tolerance)
+        if trend > tolerance or unstable:
             return max(rung - 1, 0)
-        late = obs[self.layout.globals("progress")] >= rules.anneal_after
+        late = obs[self.layout.globals("progress")] >= _as_observed(rules.anneal_after)
         if rules.anneal_plateau is not None and late:  # annealing: down on a plateau, never back up
-            return max(rung - rules.anneal_rungs, 0) if trend > -rules.anneal_plateau else rung
-        if trend < -rules.loss_rise_tolerance and self.config.lr_scales[rung] < 1.0:
+            return max(rung - rules.anneal_rungs, 0) if trend > -_as_observed(rules.anneal_plateau) else rung
+        if trend < -tolerance and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering: climb back towards the neutral scale
         return rung
 
@@ -241,15 +282,25 @@ class HeuristicPolicy:
         g = self.layout.globals
         memory_use = obs[g("memory_use")]
         noise_over_batch = obs[g("log_noise_over_batch")]
-        if memory_use > rules.shrink_above_usage:
+        if memory_use > _as_observed(rules.shrink_above_usage):
             return BatchMove.SHRINK
         room = obs[g("log2_batch")] + 1.0 <= math.log2(rules.max_batch_growth) + 1e-9
-        quiet = noise_over_batch > -math.log10(rules.max_batch_over_noise)
+        quiet = noise_over_batch > _as_observed(-math.log10(rules.max_batch_over_noise))
         progress = obs[g("progress")]
-        ramp = rules.ramp_batch_after is not None and rules.ramp_batch_after <= progress < rules.ramp_batch_until
-        if room and (quiet or ramp) and memory_use < rules.grow_below_usage:
+        ramp = rules.ramp_batch_after is not None and (
+            _as_observed(rules.ramp_batch_after) <= progress < _as_observed(rules.ramp_batch_until)
+        )
+        if room and (quiet or ramp) and memory_use < _as_observed(rules.grow_below_usage):
             return BatchMove.GROW
         return BatchMove.KEEP
+
+
+def _as_observed(threshold: float) -> float:
+    """``threshold`` as the float32 observation holds it, so a feature exactly at a threshold compares equal to it.
+
+    In float64, 1 skipped step in 20 (0.05), stored as float32 (0.0500000007), read as over a 0.05 bound.
+    """
+    return float(np.float32(threshold))
 
 
 def _name_of(variant: _Variant) -> str:

@@ -3,7 +3,7 @@ import zipfile
 import gymnasium as gym
 import numpy as np
 import pytest
-from heuristic_observations import observation
+from heuristic_observations import BF16, FP16, FP32, GROW, KEEP, SHRINK, Decision, decide, observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
 from triaccel_rl.actions import action_space
@@ -367,3 +367,176 @@ def test_a_speed_trial_times_real_training_steps_and_the_run_continues_in_the_fa
     auto = ControllerConfig(interval_steps=20, heuristic=HeuristicConfig(speed_trial=None))
     looked_up = run_controller("synthetic", policy, 0, epochs=0.5, config=auto)
     assert looked_up.speed_trial["chosen"] == float(Precision.FP16)  # modelled cost: the profile's cheaper format
+
+
+# ---------------------------------------------------------------- the heuristic's rules, rule by rule, at their edges
+# Default thresholds: lower_below 0.25, raise_above 3.0, max_overflow_rate 0.05, loss_rise_tolerance 0.1,
+# grow_below_usage 0.45, shrink_above_usage 0.95, max_batch_over_noise 0.1 (a log10 noise/batch of 1), max_batch_growth
+# 2 (a log2 batch of 1). Every comparison is strict, except the shares of the run (the module docstring's list).
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("sensitivity", "current", "overflow", "expected"),
+    [
+        (0.2499, FP32, 0.0, BF16),  # under lower_below: lowered
+        (0.25, FP32, 0.0, FP32),  # at lower_below: stays
+        (0.2501, FP32, 0.0, FP32),  # inside the band: stays
+        (2.9, BF16, 0.0, BF16),  # inside the band: stays lowered
+        (2.9, FP16, 0.0, FP16),
+        (3.0, BF16, 0.0, BF16),  # at raise_above: stays lowered
+        (3.0001, BF16, 0.0, FP32),  # over raise_above: raised
+        (3.0001, FP16, 0.0, FP32),
+        (-5.0, FP32, 0.05, BF16),  # overflow at its bound is stable: lowered
+        (-5.0, FP32, 1 / 20, BF16),  # 1 step in 20, as float32 (it read as over the bound)
+        (-5.0, FP32, 0.0501, FP32),  # overflow over its bound: nothing lowered
+        (0.0, FP16, 0.05, FP16),  # at the bound fp16 stays
+        (0.0, FP16, 0.0501, BF16),  # over it fp16 falls back to bf16
+        (-5.0, FP16, 1.0, BF16),  # even a group that would otherwise stay
+        (5.0, FP16, 1.0, FP32),  # a raise goes to fp32 under overflow too
+        (-5.0, BF16, 1.0, BF16),  # bf16 stays under overflow
+        (-5.0, FP32, NAN, FP32),  # an unknown overflow rate lowers nothing
+        (-5.0, FP16, NAN, FP16),  # ... and moves nothing to bf16
+        (NAN, FP32, 0.0, FP32),  # an unknown sensitivity fires neither threshold
+        (NAN, BF16, 0.0, BF16),
+        (NAN, FP16, 0.0, FP16),
+    ],
+)
+def test_the_precision_rule_at_its_thresholds(sensitivity, current, overflow, expected):
+    precisions = decide(
+        HeuristicPolicy(), sensitivities=(sensitivity, 0, 0, 0), precisions=(current, 1, 1, 1), overflow=overflow
+    ).precisions
+    assert precisions == (expected, BF16, BF16, BF16)
+
+
+@pytest.mark.parametrize(("sensitivity", "expected"), [(0.0, BF16), (-5.0, BF16), (5.0, FP32)])
+def test_a_group_without_a_precision_reads_as_the_start_precision(sensitivity, expected):
+    """Before the fix, an empty (or NaN) one-hot read as fp32: a NaN observation (FallbackPolicy sends those here)
+    raised every bf16 group to fp32 (sensitivity NaN fires no rule, so the "fp32" it read was kept)."""
+    precisions = decide(HeuristicPolicy(), sensitivities=(sensitivity, NAN, 0, 0), precisions=(None, None, 1, 1))
+    assert precisions.precisions == (expected, BF16, BF16, BF16)
+    fp16_start = HeuristicPolicy()
+    fp16_start.choose_low_precision({Precision.BF16: 2.0, Precision.FP16: 1.0})
+    assert decide(fp16_start, sensitivities=(NAN,) * 4, precisions=(None,) * 4).precisions == (FP16,) * 4
+    nan_hot = observation((NAN,) * 4, precisions=(1, 1, 1, 1))
+    nan_hot[LAYOUT.group(0, "is_fp32")] = NAN  # NaN counts as unset (argmax read it as fp32)
+    assert precisions_of(HeuristicPolicy().predict(nan_hot)[0]) == [BF16] * 4
+
+
+def test_a_group_in_the_other_16_bit_format_keeps_it():
+    """The rule lowers fp32 groups only; a group in bf16 when the trial chose fp16 (or the reverse) stays."""
+    policy = HeuristicPolicy()
+    policy.choose_low_precision({Precision.BF16: 2.0, Precision.FP16: 1.0})
+    assert decide(policy, sensitivities=(-5, -5, -5, -5), precisions=(0, 1, 2, 1)).precisions == (2, 1, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        ({"loss_trend": 0.1}, 1.0),  # a rise of exactly the tolerance: kept
+        ({"loss_trend": 0.1001}, 0.75),  # over it: one rung down
+        ({"loss_trend": 0.5, "lr_scale": 1.5}, 1.25),
+        ({"loss_trend": 0.5, "lr_scale": 0.5}, 0.5),  # the ladder's foot holds
+        ({"loss_trend": -0.1, "lr_scale": 0.75}, 0.75),  # a fall of exactly the tolerance: kept
+        ({"loss_trend": -0.1001, "lr_scale": 0.75}, 1.0),  # more: one rung back up
+        ({"loss_trend": -0.5, "lr_scale": 0.5}, 0.75),  # one rung at a time
+        ({"loss_trend": -0.5}, 1.0),  # never above 1.0 by climbing
+        ({"loss_trend": -0.5, "lr_scale": 1.25}, 1.25),  # and a rung above 1.0 is kept
+        ({"loss_trend": 0.0, "lr_scale": 0.75}, 0.75),
+        ({"loss_trend": -0.5, "overflow": 0.0501}, 0.75),  # overflow cuts, even while the loss falls
+        ({"loss_trend": -0.5, "overflow": 0.05, "lr_scale": 0.75}, 1.0),  # at the bound: stable, climbs back
+        ({"loss_trend": NAN, "lr_scale": 0.75}, 0.75),  # an unknown trend keeps the LR
+        ({"loss_trend": 0.0, "lr_scale": 1 / 1.5}, 0.75),  # a clamped multiplier reads as the nearest rung
+        ({"loss_trend": 0.0, "lr_scale": 0.6}, 0.5),
+        ({"loss_trend": 0.0, "log2_lr_scale": NAN}, 1.0),  # an unknown multiplier reads as x1 (it read as x0.5)
+        ({"loss_trend": 0.5, "log2_lr_scale": NAN}, 0.75),  # ... and steps down from there
+        ({"loss_trend": 0.0, "log2_lr_scale": 1e6}, 1.5),  # beyond the ladder: its nearer end (a ValueError before)
+        ({"loss_trend": 0.5, "log2_lr_scale": float("inf")}, 1.25),
+        ({"loss_trend": 0.0, "log2_lr_scale": -float("inf")}, 0.5),
+    ],
+)
+def test_the_lr_rule_at_its_thresholds(features, expected):
+    assert decide(HeuristicPolicy(), **features).lr_scale == expected
+
+
+ANNEAL = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.35))
+ANNEAL_TWO = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_rungs=2))
+
+
+@pytest.mark.parametrize(
+    ("config", "features", "expected"),
+    [
+        (
+            ANNEAL,
+            {"loss_trend": -0.01, "progress": 0.35},
+            0.75,
+        ),  # at anneal_after: anneals (0.35 in float32 read early)
+        (ANNEAL, {"loss_trend": -0.01, "progress": 0.3499}, 1.0),  # before it: the plain rule keeps
+        (ANNEAL, {"loss_trend": -0.05, "progress": 0.5}, 1.0),  # a fall of exactly the plateau: kept
+        (ANNEAL, {"loss_trend": -0.0499, "progress": 0.5}, 0.75),  # less: down
+        (ANNEAL, {"loss_trend": 0.05, "progress": 0.5}, 0.75),  # a small rise is a plateau too
+        (ANNEAL, {"loss_trend": -0.5, "progress": 0.5, "lr_scale": 0.75}, 0.75),  # no climbing back late
+        (ANNEAL, {"loss_trend": -0.5, "progress": 0.2, "lr_scale": 0.75}, 1.0),  # ... but early it climbs
+        (ANNEAL, {"loss_trend": NAN, "progress": 0.5}, 1.0),  # an unknown trend: kept
+        (ANNEAL, {"loss_trend": -0.01, "progress": NAN}, 1.0),  # an unknown progress is not late
+        (ANNEAL_TWO, {"loss_trend": 0.05, "progress": 0.5}, 0.5),  # a plateau takes anneal_rungs
+        (ANNEAL_TWO, {"loss_trend": 0.2, "progress": 0.5}, 0.75),  # a rise over the tolerance takes one rung
+        (ANNEAL_TWO, {"loss_trend": -0.5, "progress": 0.5, "overflow": 0.1}, 0.75),  # so does overflow
+    ],
+)
+def test_annealing_at_its_thresholds(config, features, expected):
+    assert decide(HeuristicPolicy(config), **features).lr_scale == expected
+
+
+RAMP = ControllerConfig(heuristic=HeuristicConfig(ramp_batch_after=0.35, ramp_batch_until=0.75, max_batch_growth=4.0))
+
+
+@pytest.mark.parametrize(
+    ("config", "features", "expected"),
+    [
+        (None, {}, GROW),  # the default observation: little memory, the batch well under the noise scale
+        (None, {"memory_use": 0.4499}, GROW),
+        (None, {"memory_use": 0.45}, KEEP),  # at grow_below_usage: kept (0.45 in float32 read as under)
+        (None, {"memory_use": 0.6}, KEEP),  # between the two: kept, whatever the noise asks
+        (None, {"memory_use": 0.95}, KEEP),  # at shrink_above_usage: kept
+        (None, {"memory_use": 0.9501}, SHRINK),
+        (None, {"memory_use": 2.0, "noise_over_batch": 5.0}, SHRINK),  # memory pressure wins over the noise
+        (None, {"noise_over_batch": 1.0}, KEEP),  # the batch exactly a tenth of the noise scale: kept
+        (None, {"noise_over_batch": 1.0001}, GROW),
+        (None, {"noise_over_batch": -3.0}, KEEP),
+        (None, {"log2_batch": 0.0}, GROW),  # a doubling that lands on max_batch_growth (2x) is taken
+        (None, {"log2_batch": 0.0001}, KEEP),  # one past it is not
+        (None, {"log2_batch": 1.0}, KEEP),
+        (None, {"log2_batch": -1.0}, GROW),  # a shrunk batch grows back
+        (None, {"memory_use": NAN}, KEEP),  # unknown memory: neither way
+        (None, {"noise_over_batch": NAN}, KEEP),
+        (None, {"log2_batch": NAN}, KEEP),
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.35}, GROW),  # at ramp_batch_after (0.35 in float32 read early)
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.3499}, KEEP),
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.7499}, GROW),
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.75}, KEEP),  # at ramp_batch_until: no more
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.5, "memory_use": 0.45}, KEEP),  # memory still bounds it
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.5, "log2_batch": 2.0}, KEEP),  # and max_batch_growth
+        (RAMP, {"noise_over_batch": 0.0, "progress": 0.5, "memory_use": 0.99}, SHRINK),
+        (RAMP, {"noise_over_batch": 0.0, "progress": NAN}, KEEP),
+    ],
+)
+def test_the_batch_rule_at_its_thresholds(config, features, expected):
+    assert decide(HeuristicPolicy(config), **features).batch == expected
+
+
+def test_rules_steer_their_own_knobs_at_once():
+    """One observation that asks every rule to move: each knob takes its own rule's answer."""
+    scene = {
+        "sensitivities": (5.0, 0.0, -1.0, -1.0),
+        "precisions": (FP16, FP32, FP32, FP16),
+        "overflow": 0.2,  # unstable: no lowering, fp16 -> bf16, LR one rung down
+        "loss_trend": -0.5,  # a steady fall that would otherwise climb back
+        "lr_scale": 0.75,
+        "memory_use": 0.99,  # pressure: shrink, though the noise scale asks to grow
+        "noise_over_batch": 5.0,
+    }
+    assert decide(HeuristicPolicy(), **scene) == Decision((FP32, FP32, FP32, BF16), 0.5, SHRINK)
+    calm = {**scene, "overflow": 0.0, "memory_use": 0.1}
+    assert decide(HeuristicPolicy(), **calm) == Decision((FP32, BF16, BF16, FP16), 1.0, GROW)
