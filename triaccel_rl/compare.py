@@ -35,6 +35,7 @@ __all__ = [
     "check_epoch_budget",
     "compare",
     "format_table",
+    "json_safe",
     "row_names",
     "run_controller",
     "summarize",
@@ -696,12 +697,35 @@ def write_json(
         "rows": list(rows),
         "runs": [asdict(r) for r in results],
     }
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, target)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` made fit for strict JSON: non-finite floats as None, tuples as lists, NumPy numbers as Python's.
+
+    ``json.dumps(json_safe(x), allow_nan=False)`` then writes what every parser reads (``json.dumps`` alone writes
+    ``NaN`` and ``Infinity``, which strict parsers refuse, and fails on NumPy integers and arrays).
+
+    Example:
+        >>> json_safe({"ci": (0.5, float("nan")), "n": np.int64(3), "map": np.array([0.0, np.inf])})
+        {'ci': [0.5, None], 'n': 3, 'map': [0.0, None]}
+    """
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
@@ -810,21 +834,6 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None or not (math.isfinite(reference) and reference > 0):
         return None
     return value / reference
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as None, tuples as lists and NumPy scalars and arrays as Python's."""
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _safe(name: str) -> str:
