@@ -388,3 +388,277 @@ def test_a_recurrent_layer_runs_in_the_fp32_it_reports(cell: type[nn.RNNBase], l
     assert seen["out"].dtype == torch.float32 and torch.equal(seen["out"], reference)
     with lp.context():  # the region closed with the layer: the head after it runs in the low precision
         assert model(x).dtype == Precision.parse(low).dtype
+
+
+# ---------------------------------------------------------------- each layer type, against a plain forward
+
+WIDTH = 8
+
+
+class _Prelude(nn.Module):
+    """A Linear in a 16-bit type, then the layer under test called by ``call`` (so its input arrives in 16 bits)."""
+
+    def __init__(self, layer: nn.Module, call: Any) -> None:
+        super().__init__()
+        self.pre, self.layer, self.call = nn.Linear(WIDTH, WIDTH), layer, call
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.call(self.layer, self.pre(x))
+
+
+class _Gain(nn.Module):
+    """A user's leaf module applying a functional op (a matmul autocast lowers) to its own parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(WIDTH, WIDTH) / 3)
+
+    def forward(self, h: torch.Tensor, *, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": F.linear(h, self.weight) + shift}
+
+
+def _as_image(h: torch.Tensor) -> torch.Tensor:
+    return h.unflatten(-1, (2, 4))  # [2, 4, 8] -> [2, 4, 2, 4]: 4 channels
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out["out"] if isinstance(out, dict) else out
+
+
+# (name, layer, call, controllable). Calls use keyword arguments where users do.
+LAYER_CASES: list[tuple[str, Any, Any, bool]] = [
+    ("linear", lambda: nn.Linear(WIDTH, WIDTH), lambda m, h: m(input=h), True),
+    ("conv1d", lambda: nn.Conv1d(4, 4, 3, padding=1), lambda m, h: m(h), True),
+    ("conv2d", lambda: nn.Conv2d(4, 4, 3, padding=1), lambda m, h: m(_as_image(h)), True),
+    ("depthwise", lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), lambda m, h: m(_as_image(h)), True),
+    (
+        "attention",
+        lambda: nn.MultiheadAttention(WIDTH, 2, batch_first=True),
+        lambda m, h: m(query=h, key=h, value=h, need_weights=False),
+        True,
+    ),
+    ("layernorm", lambda: nn.LayerNorm(WIDTH), lambda m, h: m(h), False),
+    ("groupnorm", lambda: nn.GroupNorm(2, 4), lambda m, h: m(h), False),
+    (
+        "lstm",
+        lambda: nn.LSTM(WIDTH, WIDTH, batch_first=True),
+        lambda m, h: m(h, hx=(h[:, :1].transpose(0, 1),) * 2),
+        False,
+    ),
+    ("gru", lambda: nn.GRU(WIDTH, WIDTH, batch_first=True), lambda m, h: m(h), False),
+    ("prelu", lambda: nn.PReLU(4), lambda m, h: m(h), False),
+    ("custom", _Gain, lambda m, h: m(h, shift=h), False),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("name", "make", "call", "controllable"), LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_each_layer_type_computes_in_its_precision_bit_for_bit(
+    name: str, make: Any, call: Any, controllable: bool, precision: str
+) -> None:
+    """A layer set to fp32 (and every non-controllable one, which reports fp32) gives exactly what a plain fp32 forward
+    of it gives on its input cast up; a bf16/fp16 layer exactly what ``torch.autocast`` of its type gives (the CPU's
+    fp16 convolutions: the documented emulation). Its input comes from a Linear in the other 16-bit type, so the map is
+    mixed and each layer runs in its own region; keyword arguments (``query=``, ``hx=``, ``shift=``) are cast as
+    positional ones. Before the fix, keyword inputs stayed 16-bit (attention and the LSTM raised a dtype error), and
+    the PReLU and the user's module computed in the outer bf16 while reporting fp32."""
+    torch.manual_seed(0)
+    model = _Prelude(make(), call)
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.controllable for info in lp.layers] == [True, controllable]
+    wanted = Precision.parse(precision)
+    before = Precision.FP16 if wanted is Precision.BF16 else Precision.BF16
+    lp.set([before, wanted])
+    seen: dict[str, Any] = {}
+    model.pre.register_forward_hook(lambda m, a, out: seen.update(h=out))
+    x = torch.randn(2, 4, WIDTH)
+    with lp.context():
+        out = _first(model(x))
+    raw = seen["h"]
+    assert raw.dtype == before.dtype  # the layer's input arrived in 16 bits
+    if not controllable or wanted is Precision.FP32:
+        expected = _first(call(model.layer, raw.float()))  # outside the context: a plain fp32 forward
+    elif wanted is Precision.FP16 and isinstance(model.layer, nn.modules.conv._ConvNd):  # emulated on the CPU
+        expected = _first(call(model.layer, raw.half().float())).half()
+    else:
+        with torch.autocast("cpu", dtype=wanted.dtype):
+            expected = _first(call(model.layer, raw))
+    reported = lp.precisions[1]
+    assert reported is (wanted if controllable else Precision.FP32)
+    assert out.dtype == expected.dtype == reported.dtype
+    assert torch.equal(out, expected), f"{name}: differs by {(out.float() - expected.float()).abs().max():.3g}"
+    assert not torch.is_autocast_enabled("cpu") and not lp._stack
+
+
+def test_a_uniform_map_holds_the_non_controllable_layers_in_fp32_too() -> None:
+    """No per-layer regions in a uniform map: the PReLU's and the user's module's own regions still hold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.PReLU(), _Prelude(_Gain(), lambda m, h: m(h, shift=h)))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16"])
+    seen: dict[str, torch.Tensor] = {}
+    model[1].register_forward_hook(lambda m, a, out: seen.update(prelu=out))
+    model[2].layer.register_forward_hook(
+        lambda m, a, k, out: seen.update(gain=out["out"], h=k["shift"]), with_kwargs=True
+    )
+    x = torch.randn(3, WIDTH)
+    with lp.context():
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model[0](x)
+    assert torch.equal(seen["prelu"], model[1](first.float()))
+    assert torch.equal(seen["gain"], model[2].layer(seen["h"], shift=seen["h"])["out"])
+    assert seen["gain"].dtype == torch.float32
+
+
+def test_a_float64_model_keeps_its_float64_under_a_mixed_map() -> None:
+    """Autocast leaves float64 alone; an fp32 layer of a mixed map cast its float64 input down to fp32, then failed on
+    its float64 weight ("mat1 and mat2 must have the same dtype") before the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32"])
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with lp.context():
+        out = model(x)
+    assert out.dtype == torch.float64 and torch.equal(out, model(x))
+
+
+def test_a_shared_module_called_twice_and_nested_layers_enter_and_leave_in_pairs() -> None:
+    """A Linear called twice (weight sharing) and a Sequential inside a block: each call opens and closes its region."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(self.inner(self.shared(x)))
+
+    torch.manual_seed(0)
+    model = Block()
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.name for info in lp.layers] == ["shared", "inner.0", "inner.2"]
+    lp.set(["fp32", "bf16", "fp16"])
+    depths: list[tuple[Any, ...]] = []
+    for name, module in [("shared", model.shared), ("inner.0", model.inner[0]), ("inner.2", model.inner[2])]:
+        module.register_forward_pre_hook(lambda m, a, name=name: depths.append((name, len(lp._stack))))
+        module.register_forward_hook(lambda m, a, out: depths.append((len(lp._stack), out.dtype)))
+    x = torch.randn(2, 4)
+    with lp.context():
+        out = model(x)
+        assert not lp._stack and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    # Hooks registered after ours: each layer's region is open in its forward (depth 1) and closed after it (0).
+    assert depths == [
+        ("shared", 1), (0, torch.float32),
+        ("inner.0", 1), (0, torch.bfloat16),
+        ("inner.2", 1), (0, torch.float16),
+        ("shared", 1), (0, torch.float32),
+    ]  # fmt: skip
+    s, a, b = model.shared, model.inner[0], model.inner[2]
+    h = s(x)
+    h = F.linear(h.bfloat16(), a.weight.bfloat16(), a.bias.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.tanh(h)  # the outer region's
+    h = F.linear(h.half(), b.weight.half(), b.bias.half())
+    assert torch.equal(out, s(h.float()))
+
+
+def test_a_context_inside_another_gives_the_outer_one_back_its_regions() -> None:
+    """Before the fix, leaving the inner context turned the hooks off for the rest of the outer one: its fp32 layer
+    then ran in the outer bf16."""
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16", "fp32"])
+    x = torch.randn(2, 6)
+    with lp.context():
+        with lp.context():
+            inner = model(x)
+        outer = model(x)
+        assert torch.is_autocast_enabled("cpu")
+    assert inner.dtype == outer.dtype == torch.float32 and torch.equal(inner, outer)
+    assert not lp._active and not lp._stack and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("layer", ["lstm", "custom"])
+def test_an_error_inside_a_layer_with_an_fp32_region_of_its_own_leaves_the_region(layer: str) -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(WIDTH, WIDTH)
+            self.rnn = nn.LSTM(WIDTH, WIDTH) if layer == "lstm" else _Gain()
+
+        def forward(self, x: torch.Tensor) -> Any:
+            h = self.fc(x)
+            return self.rnn(h[..., :5]) if layer == "lstm" else self.rnn(h, shift=h[:, :3])  # wrong widths
+
+    model = Broken()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["fp16"])
+    with lp.context():
+        with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal|size of tensor a \(8\)"):
+            model(torch.randn(3, WIDTH))
+        assert not lp._stack
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_hook_that_raises_before_ours_does_not_close_an_enclosing_layers_region() -> None:
+    """Our forward hook is always called, even when a pre-hook registered before ours raised and ours never opened a
+    region. Before the fix it closed the innermost region, whoever's: here the enclosing layer's fp16 one, whose
+    forward then ran in the outer bf16."""
+
+    class Outer(nn.Linear):  # a controllable layer calling another inside its forward
+        def __init__(self) -> None:
+            super().__init__(4, 4)
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                x = self.inner(x)
+            except KeyError:
+                pass
+            return super().forward(x)
+
+    model = nn.Sequential(Outer(), nn.Linear(4, 2))
+    model[0].inner.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyError("refused")))
+    lp = LayerPrecision(model, device_type="cpu")  # hooks after the user's
+    assert [info.name for info in lp.layers] == ["0", "0.inner", "1"]
+    lp.set(["fp16", "fp32", "bf16"])
+    seen: dict[str, torch.Tensor] = {}
+    model[0].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with lp.context():
+        model(torch.randn(2, 4))
+        assert not lp._stack
+    assert seen["out"].dtype == torch.float16
+
+
+def test_a_transformer_encoder_layers_sublayers_each_compute_in_their_precision() -> None:
+    """Attention (called with keyword arguments by the encoder layer), the feed-forward Linears and the norms: each
+    gives exactly a plain forward, in its precision, of the inputs it received; fp32 ones received no 16-bit input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(WIDTH, WIDTH), nn.TransformerEncoderLayer(WIDTH, 2, 16, dropout=0.0, batch_first=True)
+    )
+    lp = LayerPrecision(model, device_type="cpu")
+    names = [info.name for info in lp.layers]
+    assert names == ["0", "1.self_attn", "1.linear1", "1.linear2", "1.norm1", "1.norm2"]
+    lp.set(["bf16", "fp32", "fp16", "bf16"])
+    modules = dict(model.named_modules())
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+    for name in names:
+        modules[name].register_forward_hook(
+            lambda m, a, k, out, name=name: calls.update({name: (a, dict(k), out)}), with_kwargs=True
+        )
+    with lp.context():
+        model(torch.randn(2, 3, WIDTH))
+    for name, precision in zip(names, lp.precisions, strict=True):
+        args, kwargs, out = calls[name]
+        out = _first(out)
+        with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
+            expected = _first(modules[name](*args, **kwargs))  # outside the context: no hooks at work
+        if precision is Precision.FP32:
+            inputs = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            assert all(t.dtype == torch.float32 for t in inputs), name
+        assert out.dtype == precision.dtype and torch.equal(out, expected), name

@@ -2,9 +2,16 @@
 
 Each controllable layer (Linear, Conv, MultiheadAttention) runs under its own ``torch.autocast`` region,
 entered by a forward pre-hook and left by a forward hook: a bf16 layer computes its matmul/conv on bf16
-weights and inputs, an fp32 layer disables autocast and gets fp32 inputs. Functional ops between
-layers follow an outer autocast region of the dominant low precision (so a loss computed inside
-``context()`` runs in fp32, as autocast promises for ``cross_entropy``).
+weights and inputs, an fp32 layer disables autocast and gets its 16-bit inputs (positional and keyword) cast
+to fp32. Functional ops between layers follow an outer autocast region of the dominant low precision (so a
+loss computed inside ``context()`` runs in fp32, as autocast promises for ``cross_entropy``).
+
+The other layers that own parameters report fp32 and compute in it: norms and embedding bags get their 16-bit
+inputs cast up (autocast runs their ops in fp32); RNNs and any other module without children (``nn.PReLU``, a
+user's module applying ``F.linear`` to its own parameter) run in an fp32 region of their own. Two exceptions: batch
+norm takes 16-bit inputs as they come, as under ``torch.autocast`` (it computes in fp32 and returns the input's type),
+and a module with children computes its own functional ops in the outer region (a region of its own would hold its
+children in fp32 too).
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
 # Non-controllable modules whose whole computation autocast would lower to 16 bits (its lists hold the RNN kernels):
 # they run in an fp32 region of their own, as the fp32 their precision reports.
 _AUTOCAST_LOWERED_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+# Non-controllable modules whose ops autocast runs in fp32 given fp32 inputs (norms, bags of embeddings): casting their
+# 16-bit inputs up is enough, no region of their own (a region costs a graph break under torch.compile). Any other
+# non-controllable module without children (nn.PReLU, nn.ConvTranspose3d, a user's module applying F.linear to its
+# own parameter) runs in an fp32 region, as RNNs do: under the outer region it would compute in 16 bits.
+_FP32_UNDER_AUTOCAST_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.EmbeddingBag,
+)
 # Modules that accept low-precision inputs with fp32 parameters natively (no cast kernel needed).
 _NATIVE_MIXED_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -105,8 +123,8 @@ class LayerPrecision:
         self._mixed = False
         self._cache_enabled = True
         self._handles: list[Any] = []
-        # Open autocast regions of the layers being run, and whether each emulates fp16 (see below).
-        self._stack: list[tuple[contextlib.AbstractContextManager[Any], bool]] = []
+        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16; see below).
+        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool]] = []
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -117,19 +135,24 @@ class LayerPrecision:
         where the step is replayed from a captured CUDA graph (``TrainingRun``), a loss in a user's eager loop on a
         launch-bound model (``Controller`` turns it off: ResNet-18 on the H200, 2.1 ms of an 11.5-ms step)."""
         self._swapped: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]]] = []
-        self._fp32_modules: list[nn.Module] = []  # modules autocast would lower, inside their fp32 region now
         # _enter_region and _exit_region wrapped in torch.compiler.disable, made once Dynamo is loaded (importing it
         # here would add 1.6 s to every import of the package; a traced forward means it was loaded before).
         self._eager_regions: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+        # The pre-hooks take keyword arguments too: a layer called as ``attn(query=h, key=h, value=h)`` or
+        # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index)))
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
-            elif isinstance(module, _AUTOCAST_LOWERED_TYPES):
-                self._handles.append(module.register_forward_pre_hook(self._enter_fp32_module))
+            elif isinstance(module, _NATIVE_MIXED_TYPES):
+                continue
+            elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
+                not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
+            ):
+                self._handles.append(module.register_forward_pre_hook(self._enter_fp32_module, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._exit_fp32_module, always_call=True))
-            elif not isinstance(module, _NATIVE_MIXED_TYPES):
-                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
         _guard_compiled_graphs_on_hooks()
 
     @property
@@ -201,6 +224,9 @@ class LayerPrecision:
             )
         low = [p for p in self.precisions if p is not Precision.FP32]
         outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
+        # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
+        # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
+        outer = (self._active, self._mixed, self._cache_enabled, len(self._stack), len(self._swapped))
         self._mixed = self.uniform is None or self._emulates_fp16
         self._active = True
         self._cache_enabled = cache_enabled
@@ -208,12 +234,11 @@ class LayerPrecision:
             with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low), cache_enabled=cache_enabled):
                 yield
         finally:
-            self._active = False
+            self._active, self._mixed, self._cache_enabled, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
-            while self._stack:
-                self._stack.pop()[0].__exit__(None, None, None)
-            self._fp32_modules.clear()
-            while self._swapped:
+            while len(self._stack) > depth:
+                self._stack.pop()[1].__exit__(None, None, None)
+            while len(self._swapped) > swapped:
                 _restore(self._swapped.pop()[1])
 
     def remove(self) -> None:
@@ -223,7 +248,9 @@ class LayerPrecision:
         self._handles.clear()
 
     def _make_pre_hook(self, index: int) -> Any:
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        def pre_hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             if not self._active:
                 return None
             precision = self.precisions[index]
@@ -237,12 +264,17 @@ class LayerPrecision:
             if not self._mixed:
                 return None
             enter = self._eager_regions[0] if torch.compiler.is_compiling() and self._eager_regions else None
-            return (enter or self._enter_region)(index, args)
+            return (enter or self._enter_region)(module, index, args, kwargs)
 
         return pre_hook
 
-    def _enter_region(self, index: int, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _enter_region(
+        self, module: nn.Module, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
+
+        An fp32 layer's 16-bit inputs are cast up (float64 ones stay, as autocast leaves them); an emulated fp16
+        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32.
 
         Run eagerly under ``torch.compile`` (``_eager_regions``; a graph break at each layer of a mixed map): it changes
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
@@ -251,13 +283,13 @@ class LayerPrecision:
         if precision is Precision.FP32 or self._emulate(index):
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
-            self._stack.append((region, precision is Precision.FP16))
+            self._stack.append((module, region, precision is Precision.FP16))
             if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
-                return _cast_floating(_cast_floating(args, torch.float16), torch.float32)
-            return _cast_floating(args, torch.float32)
+                return _map_tensors((args, kwargs), _round_through_fp16)
+            return _map_tensors((args, kwargs), _up_from_16_bit)
         region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
         region.__enter__()
-        self._stack.append((region, False))
+        self._stack.append((module, region, False))
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -265,12 +297,18 @@ class LayerPrecision:
             _restore(self._swapped.pop()[1])
         if self._active and self._mixed and self._stack:
             leave = self._eager_regions[1] if torch.compiler.is_compiling() and self._eager_regions else None
-            return (leave or self._exit_region)(output)
+            return (leave or self._exit_region)(module, output)
         return None
 
-    def _exit_region(self, output: Any) -> Any:
-        """Closes the innermost layer's region, eagerly as ``_enter_region``; rounds an emulated fp16 layer's result."""
-        region, emulated = self._stack.pop()
+    def _exit_region(self, module: nn.Module, output: Any) -> Any:
+        """Closes ``module``'s region, eagerly as ``_enter_region``; rounds an emulated fp16 layer's result.
+
+        Nothing when the innermost region is not ``module``'s: its pre-hook opened none (a hook before it raised,
+        and this one runs because it is always called), and another module's region must stay open.
+        """
+        if self._stack[-1][0] is not module:
+            return None
+        _, region, emulated = self._stack.pop()
         region.__exit__(None, None, None)
         if emulated and isinstance(output, torch.Tensor):
             return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
@@ -290,31 +328,37 @@ class LayerPrecision:
         """
         return self.device_type == "cpu" and self.precisions[index] is Precision.FP16 and self._is_conv[index]
 
-    def _enter_fp32_module(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """Opens an fp32 region for a module autocast would lower (an LSTM), casting its 16-bit inputs up.
+    def _enter_fp32_module(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Opens an fp32 region for a non-controllable module autocast would lower, casting its 16-bit inputs up.
 
-        Hidden states too. Eager under ``torch.compile`` (a graph break), as a mixed map's layer regions are.
+        An RNN (hidden states too), or a module without children whose ops are unknown. Eager under
+        ``torch.compile`` (a graph break), as a mixed map's layer regions are.
         """
         if not self._active or all(p is Precision.FP32 for p in self.precisions):
             return None
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
         (torch.compiler.disable(region.__enter__) if torch.compiler.is_compiling() else region.__enter__)()
-        self._stack.append((region, False))
-        self._fp32_modules.append(module)
-        return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in _16_BIT else t, args)
+        self._stack.append((module, region, False))
+        return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._fp32_modules and self._fp32_modules[-1] is module:
-            self._fp32_modules.pop()
-            region = self._stack.pop()[0]
+        if self._stack and self._stack[-1][0] is module:
+            region = self._stack.pop()[1]
             exit_region = functools.partial(region.__exit__, None, None, None)
             (torch.compiler.disable(exit_region) if torch.compiler.is_compiling() else exit_region)()
 
-    def _fp32_inputs_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _fp32_inputs_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay."""
         if not self._active:
             return None
-        return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _16_BIT else a for a in args)
+        up = _up_from_16_bit
+        return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
+            k: up(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+        }
 
 
 WeightCopies = Callable[[int, torch.dtype], Sequence[tuple[nn.Module, str, torch.Tensor]]]
@@ -372,10 +416,26 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 _16_BIT = (torch.float16, torch.bfloat16)
 
 
-def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
-    return tuple(
-        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a for a in args
-    )
+def _up_from_16_bit(tensor: torch.Tensor) -> torch.Tensor:
+    """A 16-bit tensor cast up to fp32; any other (fp32, float64, integer) as it is."""
+    return tensor.float() if tensor.dtype in _16_BIT else tensor
+
+
+def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
+    """What an emulated fp16 layer computes on: fp32 and 16-bit values rounded to fp16, in fp32; others as they are.
+
+    As autocast, which casts fp32 and bf16 inputs of an fp16 op and leaves float64 alone.
+    """
+    if tensor.dtype in _16_BIT or tensor.dtype == torch.float32:
+        return tensor.to(torch.float16).float()
+    return tensor
+
+
+def _map_tensors(
+    inputs: tuple[tuple[Any, ...], dict[str, Any]], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``fn`` applied to every tensor in a forward's ``(args, kwargs)``, nested ones (an LSTM's ``(h, c)``) too."""
+    return pytree.tree_map_only(torch.Tensor, fn, inputs)
 
 
 def _guard_compiled_graphs_on_hooks() -> None:
