@@ -478,6 +478,28 @@ def test_evaluation_at_fixed_steps_is_independent_of_the_decision_interval(contr
         run_controller("synthetic", controller, 0, config=config, device="cpu", eval_every_steps=0)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"eval_every_steps": 2.5}, r"eval_every_steps=2.5 must be >= 1, a whole number of steps"),
+        ({"eval_every_steps": True}, r"eval_every_steps=True must be >= 1, a whole number of steps"),
+        ({"eval_every": 1.5}, r"eval_every=1.5 must be >= 1, a whole number of decisions"),
+        ({"eval_every": 0}, r"eval_every=0 must be >= 1, a whole number of decisions"),
+    ],
+)
+def test_an_evaluation_spacing_that_is_no_whole_number_is_refused_before_the_run(setting, message, monkeypatch):
+    """Before, eval_every_steps=2.5 failed inside the first interval (``range(2.5)``), after the run was built, and
+    eval_every=1.5 evaluated at every third decision (the ones ``decision % 1.5 == 0`` happened to pick)."""
+    monkeypatch.setattr(TrainingRun, "__init__", lambda *args, **kwargs: pytest.fail("a run was built"))
+    with pytest.raises(ValueError, match=message):
+        run_controller("synthetic", "fp32", 0, config=ControllerConfig(interval_steps=4), device="cpu", **setting)
+    with pytest.raises(ValueError, match=message):
+        compare("synthetic", ["fp32"], [0], device="cpu", show_progress=False, **setting)
+    from triaccel_rl.compare import _check_run_settings
+
+    assert _check_run_settings(1.0, np.int64(2), np.int64(3), None) is None  # NumPy integers are whole numbers
+
+
 def test_the_overhead_is_broken_down_by_part():
     config = ControllerConfig(interval_steps=5)
     result = run_controller("synthetic", "heuristic", 0, epochs=1, config=config, device="cpu")

@@ -743,11 +743,21 @@ def _check_run_settings(
     """Raises ``ValueError`` naming the first setting a run cannot use."""
     if not (epochs > 0 and math.isfinite(epochs)):  # NaN included
         raise ValueError(f"epochs={epochs} must be a positive finite number")
-    if eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1")
-    if eval_every_steps is not None and eval_every_steps < 1:
-        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1 (or None: every eval_every decisions)")
+    # A float spacing failed deep in the first interval (eval_every_steps=2.5), or evaluated at the decisions that
+    # happened to be its multiples (eval_every=1.5: every third); True counted as 1.
+    if not _is_whole(eval_every) or eval_every < 1:
+        raise ValueError(f"eval_every={eval_every!r} must be >= 1, a whole number of decisions")
+    if eval_every_steps is not None and (not _is_whole(eval_every_steps) or eval_every_steps < 1):
+        raise ValueError(
+            f"eval_every_steps={eval_every_steps!r} must be >= 1, a whole number of steps (or None: every eval_every "
+            "decisions)"
+        )
     check_max_grad_norm(max_grad_norm)
+
+
+def _is_whole(value: object) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:
