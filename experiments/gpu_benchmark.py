@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -45,7 +46,7 @@ from triaccel_rl.elastic import lr_gain, resolve_lr_rule
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
-from triaccel_rl.tasks import get_task
+from triaccel_rl.tasks import get_task, task_names
 
 
 @dataclass
@@ -264,6 +265,7 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
 
 
 def main(args: Args) -> list[dict[str, Any]]:
+    check_args(args)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (use --smoke for a CPU check)")
@@ -276,10 +278,10 @@ def main(args: Args) -> list[dict[str, Any]]:
         "torch": torch.__version__,
     }
     table_rows: list[dict[str, Any]] = []
-    all_results: list[RunResult] = []
+    all_runs: list[dict[str, Any]] = []  # every model's runs, each naming its model
     grid_rows: list[dict[str, Any]] = []
     config = ControllerConfig(interval_steps=args.interval_steps)
-    for model in args.models.split(","):
+    for model in _names(args.models):
         overrides = {"n_train": 2048, "n_test": 512} if args.smoke else {}
         task = get_task(model, **overrides)
         # The LR warms up then decays linearly to zero over the budget, as in the reference recipe; a
@@ -294,15 +296,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         }
 
         grid = []
-        if args.static:
-            points: list[tuple[int, float]] = []
-        elif args.grid:
-            points = [(int(b), float(lr)) for b, lr in (point.split("x") for point in args.grid.split(","))]
-        else:
-            points = [
-                (int(b), float(lr)) for b in args.grid_batches.split(",") for lr in args.grid_lr_scales.split(",")
-            ]
-        for batch, lr_scale in points:
+        for batch, lr_scale in [] if args.static else grid_points(args):
             result = run_controller(task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common)
             grid.append((batch, lr_scale, result))
             grid_rows.append(
@@ -317,11 +311,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         best_result: RunResult | None = None
         static_target: float | None = None
         if args.static:
-            fields = args.static.split(",")
-            if len(fields) not in (2, 3):
-                raise SystemExit(f"--static {args.static!r}: expected BATCH,LR_SCALE[,TARGET_S]")
-            best_batch, best_lr = int(fields[0]), float(fields[1])
-            static_target = float(fields[2]) if len(fields) == 3 else None
+            best_batch, best_lr, static_target = static_setting(args)
         else:
             reached = [g for g in grid if g[2].time_to_target_s is not None]
             best_batch, best_lr, best_result = (
@@ -375,7 +365,7 @@ def main(args: Args) -> list[dict[str, Any]]:
             )
 
         for row, spec in rows_for(args).items():
-            if row not in args.rows.split(","):
+            if row not in _names(args.rows):
                 continue
             n_seeds = args.fp32_seeds if row in ("fp32", "plain-fp32") else args.seeds
             if args.warmup_epochs > 0:
@@ -399,7 +389,8 @@ def main(args: Args) -> list[dict[str, Any]]:
                 result.controller = row
                 results.append(result)
                 # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.
-                partial = {"rows": [], "grid": grid_rows, "runs": [asdict(r) for r in all_results + results]}
+                so_far = all_runs + [{"model": model, **asdict(r)} for r in results]
+                partial = {"rows": [], "grid": grid_rows, "runs": so_far}
                 _out_path(args).with_suffix(".partial.json").write_text(json.dumps(partial) + "\n")
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
@@ -411,7 +402,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                     + "".join(f", fallbacks on {name}: {n}" for name, n in result.fallback_features.items()),
                     flush=True,
                 )
-        rows_run = args.rows.split(",")
+        rows_run = _names(args.rows)
         reference = next((row for row in ("plain-bf16", "static-bf16") if row in rows_run), None)
         specs = rows_for(args)
         for summary in summarize(results, reference=reference):
@@ -452,17 +443,105 @@ def main(args: Args) -> list[dict[str, Any]]:
             )
         print(f"\n{model} (target {100 * task.target_metric:.0f}%, static setting batch {best_batch}, lr x{best_lr})")
         print(format_table(summarize(results)))
-        all_results += results
+        all_runs += [{"model": model, **asdict(r)} for r in results]
         if args.plots:
             from triaccel_rl.plots import plot_comparison
 
             plot_comparison(results, Path(args.plots) / model, target=task.target_metric)
 
     out = _out_path(args)
-    payload = {"rows": table_rows, "grid": grid_rows, "runs": [asdict(r) for r in all_results]}
+    payload = {"rows": table_rows, "grid": grid_rows, "runs": all_runs}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {out}")
     return table_rows
+
+
+def check_args(args: Args) -> None:
+    """Raises ``SystemExit`` naming the first setting the benchmark cannot run and what is allowed, before any work.
+
+    Before these checks an unknown row was skipped without a word (``--rows heuristc`` ran nothing of it and wrote
+    the other rows), ``--seeds 0`` or a negative one ran every row on no seed, and an unknown model or a malformed
+    ``--grid`` or ``--static`` stopped the job only when its turn came, after the earlier models had run.
+    """
+    models = _names(args.models)
+    if not models:
+        raise SystemExit(f"--models {args.models!r} is empty; give comma-separated tasks, e.g. resnet18-fmnist")
+    unknown = [model for model in models if model not in task_names()]
+    if unknown:
+        raise SystemExit(f"--models: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
+    for flag, value in (("--seeds", args.seeds), ("--fp32-seeds", args.fp32_seeds),
+                        ("--interval-steps", args.interval_steps), ("--eval-every", args.eval_every)):  # fmt: skip
+        if value < 1:
+            raise SystemExit(f"{flag} {value} must be >= 1")
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise SystemExit(f"--epochs {args.epochs} must be a positive finite number")
+    for flag, number in (("--warmup-epochs", args.warmup_epochs), ("--fp32-cap", args.fp32_cap)):
+        if not (number >= 0 and math.isfinite(number)):
+            raise SystemExit(f"{flag} {number} must be a finite number >= 0 (0: none)")
+    rows = _names(args.rows)
+    known = rows_for(args)  # needs a valid --interval-steps
+    if not rows:
+        raise SystemExit(f"--rows {args.rows!r} is empty; allowed rows: {', '.join(known)}")
+    unknown = [row for row in rows if row not in known]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(known)}")
+    _eval_steps(args)
+    if args.static:
+        static_setting(args)
+    else:
+        grid_points(args)
+
+
+def static_setting(args: Args) -> tuple[int, float, float | None]:
+    """``--static`` as ``(batch, lr_scale, target_s or None)``; ``SystemExit`` naming what is wrong with it."""
+    words = [word.strip() for word in args.static.split(",")]
+    usage = f"--static {args.static!r}: expected BATCH,LR_SCALE[,TARGET_S], e.g. 512,0.5,5.4"
+    if len(words) not in (2, 3):
+        raise SystemExit(usage)
+    try:
+        batch, lr_scale = int(words[0]), float(words[1])
+        target = float(words[2]) if len(words) == 3 else None
+    except ValueError:
+        raise SystemExit(usage) from None
+    if batch < 1 or not (lr_scale > 0 and math.isfinite(lr_scale)):
+        raise SystemExit(f"{usage} (a batch >= 1 and a positive LR scale)")
+    if target is not None and not (target > 0 and math.isfinite(target)):
+        raise SystemExit(f"{usage} (TARGET_S a positive number of seconds)")
+    return batch, lr_scale, target
+
+
+def grid_points(args: Args) -> list[tuple[int, float]]:
+    """The static grid's ``(batch, lr_scale)`` points: ``--grid``, else ``--grid-batches`` x ``--grid-lr-scales``.
+
+    Raises:
+        SystemExit: no point, or a point that is not a batch >= 1 and a positive LR scale; the message names it.
+    """
+    if args.grid:
+        pairs = [point.split("x") for point in _names(args.grid)]
+        flag, text = "--grid", args.grid
+    else:
+        pairs = [[b, lr] for b in _names(args.grid_batches) for lr in _names(args.grid_lr_scales)]
+        flag, text = "--grid-batches/--grid-lr-scales", f"{args.grid_batches} x {args.grid_lr_scales}"
+    if not pairs:
+        raise SystemExit(f"{flag} {text!r}: no grid point; give BATCHxLR_SCALE points, e.g. 256x1.0,512x0.5")
+    points = []
+    for pair in pairs:
+        try:
+            batch, lr_scale = int(pair[0]), float(pair[1])
+            if len(pair) != 2 or batch < 1 or not (lr_scale > 0 and math.isfinite(lr_scale)):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise SystemExit(
+                f"{flag} {text!r}: point {'x'.join(pair)!r} is not a batch >= 1 and a positive LR scale "
+                "(BATCHxLR_SCALE, e.g. 512x0.5)"
+            ) from None
+        points.append((batch, lr_scale))
+    return points
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated items, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _eval_steps(args: Args) -> int:
@@ -521,23 +600,54 @@ _RUN_DETAIL = ("trace", "layer_names")
 def merge(paths: list[str], out: Path, plots: str = "") -> None:
     """Concatenates the rows, grid points and runs of several result JSONs (e.g. one per job).
 
-    Each entry gets ``job``, the stem of the file it came from: rows of one job ran side by side on one
-    machine, rows of different jobs did not. Each row gets ``epochs``, its training budget, where it lacks one.
+    Each entry gets ``job``, the stem of the file it came from (an entry of a merged file keeps its own): rows of one
+    job ran side by side on one machine, rows of different jobs did not. A job met again (a job file given twice, or
+    beside a merged file that holds it) is taken once; two different files of one job name are refused, since their
+    rows would be plotted and read as one job's. Each row gets ``epochs``, its training budget, where it lacks one.
     The runs' per-step traces and layer names (``_RUN_DETAIL``, 95% of the bytes) stay in the job files: the
     plots are drawn from those before the merged file is written without them.
+
+    Raises:
+        SystemExit: no file given, or two files of one job with different contents; the message names them.
     """
+    if not [path for path in paths if path.strip()]:
+        raise SystemExit("--merge: no file given; give comma-separated result JSONs")
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
-    for path in paths:
+    sources: dict[str, tuple[str, dict[str, list[Any]]]] = {}  # job -> (first file, its entries)
+    for path in (path.strip() for path in paths if path.strip()):
         data = json.loads(Path(path).read_text())
-        for key, values in merged.items():
-            values += [{"job": Path(path).stem, **entry} for entry in data.get(key, [])]
+        by_job: dict[str, dict[str, list[Any]]] = {}
+        for key in merged:
+            for entry in data.get(key, []):
+                tagged = {"job": Path(path).stem, **entry}
+                by_job.setdefault(tagged["job"], {name: [] for name in merged})[key].append(tagged)
+        for job, entries in by_job.items():
+            if job in sources:
+                first, seen = sources[job]
+                if _without_detail(seen) != _without_detail(entries):
+                    raise SystemExit(
+                        f"--merge: job {job!r} in {path} differs from job {job!r} in {first}: rename one of the files "
+                        "(a job is named by its file's stem, and rows of one job are compared as side by side)"
+                    )
+                print(f"job {job!r} of {path} is already merged (from {first}); taken once")
+                continue
+            sources[job] = (path, entries)
+            for key, values in entries.items():
+                merged[key] += values
     for row in merged["rows"]:
         row.setdefault("epochs", _row_epochs(row))
     if plots:
         plot_jobs(merged["runs"], merged["rows"], Path(plots))
     merged["runs"] = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in merged["runs"]]
     out.write_text(json.dumps(merged, indent=1) + "\n")
-    print(f"merged {len(merged['rows'])} rows from {len(paths)} files into {out}")
+    print(f"merged {len(merged['rows'])} rows of {len(sources)} jobs from {len(paths)} files into {out}")
+
+
+def _without_detail(entries: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A job's entries as a merged file holds them (runs without ``_RUN_DETAIL``, rows with ``epochs``), to compare."""
+    runs = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in entries["runs"]]
+    rows = [{"epochs": _row_epochs(row), **row} for row in entries["rows"]]
+    return {**entries, "rows": rows, "runs": runs}
 
 
 def _row_epochs(row: dict[str, Any]) -> float:
@@ -556,11 +666,31 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
     """Plots each job's runs alone, per model: ``folder/<model>/jobs/<job>``.
 
     Only rows of one job ran side by side on one machine, so rows are compared within a job; a plot of every job's
-    rows together (77 rows on 2026-12-02) compared runs that did not share the machine and could not be read.
+    rows together (77 rows on 2026-12-02) compared runs that did not share the machine and could not be read. A run
+    names its model (since 2026-12-04); an older job file's runs are its one model's. Before, runs were picked by
+    job and controller alone, so a job of two models drew each model's runs into the other's plots.
+
+    Raises:
+        SystemExit: a job of several models whose runs do not name theirs (which plot they belong to is unknown).
     """
     from triaccel_rl.plots import plot_comparison
 
     field_names = {f.name for f in fields(RunResult)}
+    job_models: dict[str, set[str]] = {}
+    for row in rows:
+        job_models.setdefault(row["job"], set()).add(row["model"])
+
+    def model_of(run: dict[str, Any]) -> str | None:
+        if "model" in run:
+            return str(run["model"])
+        models = job_models.get(run["job"], set())
+        if len(models) > 1:
+            raise SystemExit(
+                f"job {run['job']!r} ran {', '.join(sorted(models))}, but its runs do not name their model: "
+                "plot it from its own job file with --plots '' and merge without plots"
+            )
+        return next(iter(models), None)
+
     for model in dict.fromkeys(row["model"] for row in rows):
         target = next(row["target"] for row in rows if row["model"] == model)
         for job in sorted({row["job"] for row in rows if row["model"] == model}):
@@ -568,7 +698,7 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
             results = [
                 RunResult(**{k: v for k, v in run.items() if k in field_names})
                 for run in runs
-                if run["job"] == job and run["controller"] in controllers
+                if run["job"] == job and run["controller"] in controllers and model_of(run) == model
             ]
             if results:
                 plot_comparison(results, folder / model / "jobs" / job, target=target)

@@ -44,6 +44,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     assert [(g["batch"], g["lr_scale"]) for g in data["grid"]] == [(32, 1.0), (64, 1.0)]
     # fp32 x 1 + plain-fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2; warm-ups not kept
     assert len(data["runs"]) == 6 and all(run["seed"] != 1000 for run in data["runs"])
+    assert all(run["model"] == "synthetic" for run in data["runs"])  # merge plots a job's runs per model
     pngs = list((plots / "synthetic").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
@@ -199,3 +200,114 @@ def test_the_evaluation_spacing_can_be_set_in_steps(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--eval-steps", "-1", "--out", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode != 0 and "--eval-steps -1 must be >= 0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rows", "static-fp16,heuristc"], "--rows: unknown row 'heuristc'; allowed: fp32, plain-bf16"),
+        (["--rows", ","], "--rows ',' is empty"),
+        (["--models", "resnet18-fmnst"], "--models: unknown task 'resnet18-fmnst'; allowed: "),
+        (["--models", ""], "--models '' is empty"),
+        (["--seeds", "0"], "--seeds 0 must be >= 1"),
+        (["--seeds", "-2"], "--seeds -2 must be >= 1"),
+        (["--fp32-seeds", "0"], "--fp32-seeds 0 must be >= 1"),
+        (["--interval-steps", "0"], "--interval-steps 0 must be >= 1"),
+        (["--epochs", "0"], "--epochs 0.0 must be a positive finite number"),
+        (["--epochs", "nan"], "--epochs nan must be a positive finite number"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs -1.0 must be a finite number >= 0"),
+        (["--static", "512"], "--static '512': expected BATCH,LR_SCALE[,TARGET_S]"),
+        (["--static", "512,x"], "--static '512,x': expected BATCH,LR_SCALE[,TARGET_S]"),
+        (["--static", "0,0.5"], "--static '0,0.5': expected BATCH,LR_SCALE[,TARGET_S], e.g. 512,0.5,5.4 (a batch"),
+        (["--static", "512,0.5,-1"], "(TARGET_S a positive number of seconds)"),
+        (["--grid", "256x1.0,512"], "--grid '256x1.0,512': point '512' is not a batch >= 1 and a positive LR scale"),
+        (["--grid", "256x-1"], "point '256x-1' is not a batch >= 1"),
+        (["--grid-batches", "256,abc"], "point 'abcx0.5' is not a batch >= 1"),
+        (["--grid-lr-scales", ""], "no grid point"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name_before_any_run(monkeypatch, argv, message):
+    """Before the fix an unknown row was skipped silently, ``--seeds 0`` ran nothing, and a bad model, grid point or
+    ``--static`` raised a bare ``ValueError`` (or ``KeyError``) only when its model's turn came."""
+    gpu_benchmark = gpu_benchmark_module()
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started before the arguments were checked")
+
+    monkeypatch.setattr(gpu_benchmark, "run_controller", no_run)
+    monkeypatch.setattr(gpu_benchmark, "run_plain", no_run)
+    with pytest.raises(SystemExit) as raised:
+        gpu_benchmark.main(gpu_benchmark.parse(["--smoke", "--models", "synthetic", *argv]))
+    assert message in str(raised.value)
+
+
+def test_the_command_line_names_a_bad_row(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "heuristic,static-bf17"], cwd=tmp_path,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 1 and "--rows: unknown row 'static-bf17'" in done.stderr
+    assert not (tmp_path / "experiments").exists()  # nothing written
+
+
+def _job_file(path: Path, models: list[str], name_runs: bool = True) -> Path:
+    """A job's results file, as ``main`` writes it: one row per model and controller, one run per row."""
+    rows, runs = [], []
+    for i, model in enumerate(models):
+        for controller in ("static-fp16", "heuristic"):
+            rows.append({"model": model, "controller": controller, "target": 0.9, "epochs": 1.0, "command": "x"})
+            run = {"controller": controller, "seed": 0, "final_metric": 0.5 + i / 10, "time_s": 1.0, "wall_s": 1.0,
+                   "time_to_target_s": None, "peak_bytes": 1, "precision_changes": 0, "batch_changes": 0,
+                   "lr_changes": 0, "skipped_steps": 0, "overhead_frac": 0.0, "steps": 10 + i,
+                   "trace": [{"batch_size": 64}], "layer_names": ["fc"]}  # fmt: skip
+            runs.append({"model": model, **run} if name_runs else run)
+    path.write_text(json.dumps({"rows": rows, "grid": [{"model": models[0], "batch": 64}], "runs": runs}))
+    return path
+
+
+def test_merge_takes_a_job_once_and_refuses_two_jobs_of_one_name(tmp_path):
+    """Before the fix a job given twice (or beside a merged file that held it) was merged twice: its rows doubled, and
+    two different files of one stem were merged as one job, their rows then plotted and read as side by side."""
+    gpu_benchmark = gpu_benchmark_module()
+    first = _job_file(tmp_path / "job_a.json", ["synthetic"])
+    second = _job_file(tmp_path / "job_b.json", ["mlp-fmnist"])
+    once = tmp_path / "once.json"
+    gpu_benchmark.merge([str(first), str(second)], once)
+    expected = json.loads(once.read_text())
+    assert [row["job"] for row in expected["rows"]] == ["job_a"] * 2 + ["job_b"] * 2
+    assert len(expected["runs"]) == 4 and len(expected["grid"]) == 2
+    again = tmp_path / "again.json"
+    gpu_benchmark.merge([str(first), str(second), str(first), str(once)], again)  # each job met twice or more
+    assert json.loads(again.read_text()) == expected
+    other = tmp_path / "other"
+    other.mkdir()
+    clash = _job_file(other / "job_a.json", ["cnn-fmnist"])  # another job, the same file name
+    with pytest.raises(SystemExit, match=r"job 'job_a' in .*other/job_a.json differs from job 'job_a' in"):
+        gpu_benchmark.merge([str(first), str(clash)], tmp_path / "clash.json")
+    with pytest.raises(SystemExit, match="--merge: no file given"):
+        gpu_benchmark.merge([""], tmp_path / "none.json")
+
+
+def test_merged_plots_draw_each_model_of_a_job_from_its_own_runs(monkeypatch, tmp_path):
+    """Before the fix the runs of a job were picked by controller alone: a job of two models (the script's default
+    ``--models``) drew both models' runs into each model's plots."""
+    import triaccel_rl.plots
+
+    gpu_benchmark = gpu_benchmark_module()
+    drawn = {}
+    monkeypatch.setattr(
+        triaccel_rl.plots,
+        "plot_comparison",
+        lambda results, folder, target: drawn.setdefault(Path(folder).relative_to(tmp_path / "p").as_posix(), results),
+    )
+    both = _job_file(tmp_path / "both.json", ["synthetic", "mlp-fmnist"])
+    gpu_benchmark.merge([str(both)], tmp_path / "merged.json", plots=str(tmp_path / "p"))
+    assert sorted(drawn) == ["mlp-fmnist/jobs/both", "synthetic/jobs/both"]
+    assert [r.steps for r in drawn["synthetic/jobs/both"]] == [10, 10]  # that model's two runs, no others
+    assert [r.steps for r in drawn["mlp-fmnist/jobs/both"]] == [11, 11]
+    # A job file of one model from before runs named theirs: its runs are that model's.
+    drawn.clear()
+    _job_file(tmp_path / "old.json", ["synthetic"], name_runs=False)
+    gpu_benchmark.merge([str(tmp_path / "old.json")], tmp_path / "merged_old.json", plots=str(tmp_path / "p"))
+    assert [r.steps for r in drawn["synthetic/jobs/old"]] == [10, 10]
+    _job_file(tmp_path / "old2.json", ["synthetic", "mlp-fmnist"], name_runs=False)
+    with pytest.raises(SystemExit, match="job 'old2' ran mlp-fmnist, synthetic, but its runs do not name their model"):
+        gpu_benchmark.merge([str(tmp_path / "old2.json")], tmp_path / "merged_old2.json", plots=str(tmp_path / "p"))
