@@ -32,6 +32,7 @@ class Args:
     """Command-line arguments (each field is a ``--flag``)."""
 
     tasks: str = "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic"
+    """Comma-separated tasks (default: ``triaccel_rl.tasks.HELD_OUT_TASKS``)."""
     rows: str = "heuristic,bf16,bf16-x2-linear,bf16-x2-sqrt,bf16-x4-linear,bf16-x4-sqrt"
     """``heuristic``, ``heuristic-anneal`` (``HeuristicConfig(anneal_plateau=0.02)``), ``bf16``,
     ``bf16-x<k>-<linear|sqrt>`` or ``bf16-lr<m>`` (base batch, LR x m: a control)."""
@@ -48,6 +49,7 @@ class Args:
     same_steps: bool = False
     """Give a k x batch row k x the epochs (the same number of optimizer steps as the base row)."""
     out: str = "experiments/results/batch_headroom.json"
+    """Results JSON."""
 
 
 ROW_PATTERN = re.compile(
@@ -60,12 +62,13 @@ def parse_row(row: str) -> tuple[str, int, str | None, float]:
 
     Raises:
         ValueError: ``row`` is none of ``heuristic``, ``heuristic-anneal``, ``bf16``, ``bf16-x<k>-<linear|sqrt>``,
-            ``bf16-lr<scale>``.
+            ``bf16-lr<scale>`` (a scale above 0).
     """
     match = ROW_PATTERN.match(row)
-    if match is None:
+    if match is None or (match["lr"] and not float(match["lr"]) > 0):
         raise ValueError(
-            f"row {row!r}; allowed: heuristic, heuristic-anneal, bf16, bf16-x<k>-<linear|sqrt>, bf16-lr<scale>"
+            f"row {row!r}; allowed: heuristic, heuristic-anneal, bf16, bf16-x<k>-<linear|sqrt>, bf16-lr<scale> "
+            "(k >= 1, scale > 0)"
         )
     if match["name"]:
         return match["name"], 1, None, 1.0
@@ -81,10 +84,7 @@ def main(args: Args) -> dict[str, Any]:
     from triaccel_rl.config import ControllerConfig, HeuristicConfig, LRRule
     from triaccel_rl.tasks import get_task
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    rows = [r for r in args.rows.split(",") if r]
-    for row in rows:  # every row's name checked before the first run
-        parse_row(row)
+    tasks, rows = check_args(args)
     base_config = ControllerConfig(interval_steps=args.interval_steps)
     runs: list[dict[str, Any]] = []
     costs: dict[str, dict[str, float]] = {}
@@ -121,6 +121,7 @@ def main(args: Args) -> dict[str, Any]:
     document = {
         "command": "python experiments/batch_headroom.py " + " ".join(sys.argv[1:]),
         "args": asdict(args),
+        "device": "cpu",  # every run; the times are modelled (time_mode)
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "time_mode": "modelled H200 time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",
@@ -135,6 +136,37 @@ def main(args: Args) -> dict[str, Any]:
     print(format_tables(summary, costs))
     print(f"\nresults: {out}  ({document['wall_s']:.0f} s)")
     return document
+
+
+def check_args(args: Args) -> tuple[list[str], list[str]]:
+    """The tasks and rows to run; raises ``ValueError`` naming the first setting that cannot run, before any run.
+
+    Before, an unknown task stopped the job when its turn came (after the earlier tasks' runs, which were not
+    written), ``--seeds 0`` or an empty ``--tasks``/``--rows`` wrote a results file of nothing, and ``--epochs 0``
+    was refused only from the command line.
+    """
+    from triaccel_rl.tasks import task_names
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, e.g. dwcnn-fmnist")
+    unknown = [task for task in tasks if task not in task_names()]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
+    if not rows:
+        raise ValueError(f"--rows {args.rows!r} is empty: give comma-separated rows, e.g. heuristic,bf16")
+    for row in rows:
+        parse_row(row)
+    for flag, value in (("--seeds", args.seeds), ("--interval-steps", args.interval_steps),
+                        ("--eval-every", args.eval_every)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if args.eval_every_steps < 0:
+        raise ValueError(f"--eval-every-steps {args.eval_every_steps} must be >= 0 (0: every --eval-every decisions)")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs {args.epochs} must be a positive finite number")
+    return tasks, rows
 
 
 def step_costs(task_name: str) -> dict[str, float]:
@@ -205,7 +237,4 @@ def format_tables(summary: dict[str, dict[str, Any]], costs: dict[str, dict[str,
 
 
 if __name__ == "__main__":
-    a = parse_args(Args, None, __doc__)
-    if not math.isfinite(a.epochs) or a.epochs <= 0:
-        raise SystemExit("--epochs must be positive")
-    main(a)
+    main(parse_args(Args, None, __doc__))

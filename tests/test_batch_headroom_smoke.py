@@ -47,3 +47,46 @@ def test_larger_batch_rows_start_at_k_times_the_batch_with_the_lr_of_their_rule(
     assert {run["row"] for run in document["runs"]} == set(summary)
     with pytest.raises(ValueError, match="row 'bf16-x0-linear'"):  # checked before any run
         headroom.main(headroom.Args(tasks="deep-mlp-synthetic", rows="bf16,bf16-x0-linear", out=str(out)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tasks": "deep-mlp-synthetic,dwcnn-fmnst"}, "--tasks: unknown task 'dwcnn-fmnst'; allowed: "),
+        ({"tasks": " , "}, "--tasks ' , ' is empty"),
+        ({"rows": ""}, "--rows '' is empty"),
+        ({"rows": "bf16,bf16-lr0"}, "row 'bf16-lr0'; allowed: "),
+        ({"seeds": 0}, "--seeds 0 must be >= 1"),
+        ({"seeds": -1}, "--seeds -1 must be >= 1"),
+        ({"interval_steps": 0}, "--interval-steps 0 must be >= 1"),
+        ({"eval_every": 0}, "--eval-every 0 must be >= 1"),
+        ({"eval_every_steps": -1}, "--eval-every-steps -1 must be >= 0"),
+        ({"epochs": 0.0}, "--epochs 0.0 must be a positive finite number"),
+        ({"epochs": math.inf}, "--epochs inf must be a positive finite number"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name_before_any_run(
+    headroom, monkeypatch, tmp_path: Path, overrides, message
+) -> None:  # type: ignore[no-untyped-def]
+    """Before the fix an unknown second task stopped the job after the first task's runs (none written), and
+    ``--seeds 0``, ``--seeds -1`` or an empty list wrote a results file of no runs."""
+    import triaccel_rl.compare
+
+    def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a run started before the arguments were checked")
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", no_run)
+    out = tmp_path / "headroom.json"
+    with pytest.raises(ValueError) as raised:
+        headroom.main(headroom.Args(**{"tasks": "deep-mlp-synthetic", "rows": "bf16", "out": str(out), **overrides}))
+    assert message in str(raised.value)
+    assert not out.exists()
+
+
+def test_the_results_record_device_date_commit_and_command(headroom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "headroom.json"
+    headroom.main(headroom.Args(tasks="deep-mlp-synthetic", rows="bf16", seeds=1, epochs=0.05, out=str(out)))
+    document = json.loads(out.read_text())
+    assert document["device"] == "cpu" and document["commit"] and len(document["date"]) == 10
+    assert document["command"].startswith("python experiments/batch_headroom.py")
+    assert document["args"]["epochs"] == 0.05 and len(document["runs"]) == 1
