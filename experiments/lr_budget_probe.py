@@ -19,6 +19,7 @@ Writes a JSON with the mean and standard deviation of the return per task and mu
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import cast
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args, parse_floats
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Args:
     """Command-line arguments (each field is a ``--flag``)."""
 
     tasks: str = "synthetic,mlp-fmnist,cnn-fmnist"
+    """Comma-separated tasks (default: the shipped policy's training tasks)."""
     multipliers: str = "0.75,1,1.5,2,3"
     """LR multipliers of the task's own LR."""
     batch_caps: str = "1"
@@ -43,7 +45,9 @@ class Args:
     budget_intervals: float = 16.0
     """The episode's time budget (``RewardConfig.budget_intervals``), as the shipped policy's training."""
     interval_steps: int = 10
+    """Optimizer steps between decisions (the shipped policy was trained with 10)."""
     out: str = "experiments/results/lr_budget_probe.json"
+    """Results JSON."""
 
 
 def episode_return(task: str, multiplier: float, seed: int, args: Args, batch_cap: float = 1.0) -> float:
@@ -91,15 +95,10 @@ def _key(multiplier: float, batch_cap: float) -> str:
 
 def main(args: Args) -> dict[str, object]:
     """Runs every task × multiplier × seed; prints a table and writes ``args.out``."""
-    multipliers = [float(m) for m in args.multipliers.split(",")]
-    if not multipliers or any(m <= 0 for m in multipliers):
-        raise SystemExit(f"--multipliers={args.multipliers!r} must be positive numbers, comma-separated")
-    caps = [float(c) for c in args.batch_caps.split(",")]
-    if not caps or any(c < 1 for c in caps):
-        raise SystemExit(f"--batch-caps={args.batch_caps!r} must be numbers >= 1, comma-separated")
+    tasks, multipliers, caps = check_args(args)
     start = time.perf_counter()
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for task in args.tasks.split(","):
+    for task in tasks:
         returns = {
             _key(m, c): [episode_return(task, m, seed, args, c) for seed in range(args.seeds)]
             for m in multipliers
@@ -121,6 +120,41 @@ def main(args: Args) -> dict[str, object]:
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(f"results: {args.out}")
     return record
+
+
+def check_args(args: Args) -> tuple[list[str], list[float], list[float]]:
+    """The tasks, multipliers and batch caps; ``SystemExit`` naming the first setting that cannot run, before any run.
+
+    Before, an unknown task stopped the job when its turn came (the earlier tasks' episodes, not yet written, lost),
+    ``--seeds 0`` or ``-1`` wrote means of no episode (NaN), and ``--multipliers 1,x`` raised float()'s bare error.
+    """
+    from triaccel_rl.tasks import task_names
+
+    def numbers(text: str, flag: str, least: float) -> list[float]:
+        kind = "positive numbers" if least == 0 else f"numbers >= {least:g}"
+        usage = f"{flag}={text!r} must be {kind}, comma-separated"
+        try:
+            values = list(parse_floats(text, flag))
+        except ValueError:
+            raise SystemExit(usage) from None
+        if any(not (v > least if least == 0 else v >= least) or not math.isfinite(v) for v in values):
+            raise SystemExit(usage)
+        return values
+
+    multipliers = numbers(args.multipliers, "--multipliers", 0)
+    caps = numbers(args.batch_caps, "--batch-caps", 1)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise SystemExit(f"--tasks={args.tasks!r} is empty: give comma-separated tasks, e.g. synthetic")
+    unknown = [task for task in tasks if task not in task_names()]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
+    for flag, value in (("--seeds", args.seeds), ("--interval-steps", args.interval_steps)):
+        if value < 1:
+            raise SystemExit(f"{flag}={value} must be >= 1")
+    if not (math.isfinite(args.budget_intervals) and args.budget_intervals > 0):
+        raise SystemExit(f"--budget-intervals={args.budget_intervals} must be a positive finite number")
+    return tasks, multipliers, caps
 
 
 if __name__ == "__main__":

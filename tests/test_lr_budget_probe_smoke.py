@@ -47,3 +47,33 @@ def test_probe_grows_the_batch_up_to_each_cap(probe, tmp_path) -> None:  # type:
     assert record["returns"]["synthetic"]["1/b4"]["mean"] != record["returns"]["synthetic"]["1"]["mean"]
     with pytest.raises(SystemExit, match="must be numbers >= 1"):
         probe.main(probe.Args(tasks="synthetic", batch_caps="0.5", out=str(tmp_path / "x.json")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tasks": "synthetic,mlp-fmnst"}, "--tasks: unknown task 'mlp-fmnst'; allowed: "),
+        ({"tasks": ","}, "--tasks=',' is empty"),
+        ({"multipliers": "1,x"}, "--multipliers='1,x' must be positive numbers, comma-separated"),
+        ({"multipliers": ""}, "--multipliers='' must be positive numbers"),
+        ({"multipliers": "1,inf"}, "--multipliers='1,inf' must be positive numbers"),
+        ({"batch_caps": "1,two"}, "--batch-caps='1,two' must be numbers >= 1"),
+        ({"seeds": 0}, "--seeds=0 must be >= 1"),
+        ({"seeds": -3}, "--seeds=-3 must be >= 1"),
+        ({"interval_steps": 0}, "--interval-steps=0 must be >= 1"),
+        ({"budget_intervals": 0.0}, "--budget-intervals=0.0 must be a positive finite number"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name_before_any_episode(probe, monkeypatch, tmp_path, overrides, message) -> None:  # type: ignore[no-untyped-def]
+    """Before the fix an unknown second task stopped the job after the first task's episodes (none written),
+    ``--seeds 0`` wrote NaN means, and ``--multipliers 1,x`` raised float()'s bare ``ValueError``."""
+
+    def no_episode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("an episode ran before the arguments were checked")
+
+    monkeypatch.setattr(probe, "episode_return", no_episode)
+    out = tmp_path / "probe.json"
+    with pytest.raises(SystemExit) as raised:
+        probe.main(probe.Args(**{"tasks": "synthetic", "out": str(out), **overrides}))
+    assert message in str(raised.value)
+    assert not out.exists()
