@@ -48,7 +48,7 @@ from torch._dynamo.utils import counters
 
 from triaccel_rl.controller import Controller
 from triaccel_rl.experiment import git_commit, parse_args
-from triaccel_rl.tasks import get_task
+from triaccel_rl.tasks import get_task, task_names
 
 ROWS = (
     "plain-eager",
@@ -87,10 +87,20 @@ class Args:
 
 
 def main(args: Args) -> dict[str, Any]:
-    rows = [r for r in args.rows.split(",") if r]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not rows:  # before, an empty list wrote a results file of no rows
+        raise ValueError(f"--rows {args.rows!r} is empty; allowed: {', '.join(ROWS)}")
     for row in rows:
         if row not in ROWS:
             raise ValueError(f"--rows: unknown row {row!r}; allowed: {', '.join(ROWS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise ValueError(f"--models {args.models!r} is empty; give comma-separated tasks, e.g. resnet18-fmnist")
+    unknown = [model for model in models if model not in task_names()]
+    if unknown:  # before, found when the model's turn came, after the earlier models' rows
+        raise ValueError(f"--models: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     if args.precision not in ("bf16", "fp16"):
         raise ValueError(f"--precision {args.precision!r}; allowed: bf16, fp16")
     if args.steps < CHUNK or args.steps % CHUNK:
@@ -100,7 +110,7 @@ def main(args: Args) -> dict[str, Any]:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("needs a CUDA GPU (or --smoke for the CPU plumbing check)")
-    models = ["synthetic"] if args.smoke else [m for m in args.models.split(",") if m]
+    models = ["synthetic"] if args.smoke else models
     backend = "aot_eager" if args.smoke else "inductor"
     result: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
