@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 from typing import Any
 
 import numpy as np
@@ -466,7 +468,7 @@ def test_gradient_clipping_is_torchs_clip_grad_norm(max_norm: float) -> None:
                 engine.backward_and_step(loss_of(model, engine, i))
         finals[through_engine] = [p.detach().clone() for p in model.parameters()]
     for plain, engined in zip(finals[False], finals[True], strict=True):
-        torch.testing.assert_close(engined, plain, rtol=1e-6, atol=1e-7)
+        assert torch.equal(engined, plain), f"differs by {(engined - plain).abs().max():.3g}"
     if max_norm < 1:  # negative control: the clip binds, so an unclipped run ends elsewhere
         torch.manual_seed(0)
         model = tiny_model()
@@ -474,3 +476,284 @@ def test_gradient_clipping_is_torchs_clip_grad_norm(max_norm: float) -> None:
         for i in range(4):
             engine.backward_and_step(loss_of(model, engine, i))
         assert max((a - b).abs().max().item() for a, b in zip(finals[True], model.parameters(), strict=True)) > 1e-3
+
+
+# ---------------------------------------------------------------- against plain torch loops, bit for bit
+
+
+def _branchy_model(n_layers: int = 24) -> nn.Module:
+    """Many small layers, every third skipped by the forward: a user's ``zero_grad()`` leaves their gradients None."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(n_layers))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(self.layers):
+                if i % 3 != 1:
+                    x = torch.tanh(layer(x))
+            return x[:, :2]
+
+    torch.manual_seed(0)
+    return Branchy()
+
+
+def test_gradient_clipping_leaves_out_parameters_without_gradients_as_torch_does() -> None:
+    """A user's loop that zeroes the gradients to None, with layers the forward skips. Before the fix the engine put
+    their norms (0) in the total, whose rounding then differed from ``clip_grad_norm_``'s: not its bits."""
+    finals = {}
+    for through_engine in (False, True):
+        model = _branchy_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        engine = StepEngine(model, optimizer, CPU) if through_engine else None
+        if engine is not None:
+            engine.max_grad_norm = 0.01
+        for i in range(3):
+            x, y = batch(i)
+            optimizer.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            if engine is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+                optimizer.step()
+            else:
+                engine.backward_and_step(loss)
+        finals[through_engine] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(finals[False], finals[True], strict=True))
+
+
+def _plain_scaled_lrs(optimizer: torch.optim.Optimizer, multiplier: float, factors: list[float]) -> list[float]:
+    """What a plain loop sets before ``optimizer.step()``: each group's LR x scale x gain x its layer's factor."""
+    own = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * multiplier * (factors[group["layer"]] if "layer" in group else 1.0)
+    return own
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_scaled_lrs_under_a_scheduler_are_a_plain_loops_bit_for_bit(optimizer_name: str) -> None:
+    """Per-layer groups (one without a "layer" key), LR scale, batch gain and per-layer factors, a scheduler moving
+    every group's LR: six steps equal a plain loop setting the product before each ``optimizer.step()`` and putting
+    the scheduler's LR back after it; the groups hold the scheduler's LRs between steps."""
+    factors = [0.5, 1.0, 3.0]
+    finals, lrs = {}, {}
+    for through_engine in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        params = StepEngine.discover(model)
+        groups = [{"params": params[0], "layer": 0}, {"params": params[1]}, {"params": params[2], "layer": 2}]
+        optimizer = (
+            torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-2)
+            if optimizer_name == "sgd"
+            else torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda s: 0.9**s, lambda s: 1.0 / (s + 1), lambda s: 1.5]
+        )
+        engine = StepEngine(model, optimizer, CPU) if through_engine else None
+        if engine is not None:
+            engine.lr_scale, engine.batch_lr_gain, engine.lr_factors = 0.7, 1.3, np.array(factors)
+        seen = []
+        for i in range(6):
+            x, y = batch(i)
+            loss = (model(x) - y).pow(2).mean()
+            if engine is None:
+                optimizer.zero_grad()
+                loss.backward()
+                own = _plain_scaled_lrs(optimizer, 0.7 * 1.3, factors)
+                optimizer.step()
+                for group, lr in zip(optimizer.param_groups, own, strict=True):
+                    group["lr"] = lr
+            else:
+                engine.backward_and_step(loss)
+            scheduler.step()
+            seen.append([group["lr"] for group in optimizer.param_groups])
+            assert seen[-1] == scheduler.get_last_lr()
+        finals[through_engine], lrs[through_engine] = [p.detach().clone() for p in model.parameters()], seen
+    assert lrs[True] == lrs[False]
+    for name, a, b in zip(["w0", "b0", "ln_w", "ln_b", "w2", "b2"], finals[False], finals[True], strict=True):
+        assert torch.equal(a, b), f"{name} differs by {(a - b).abs().max():.3g}"
+
+
+def test_loss_scaling_is_a_plain_grad_scaler_loops_bit_for_bit() -> None:
+    """Every layer fp16 (one autocast region, as a plain loop's), a scaler loaded with a growth interval of 3: the
+    scale grows after 3 clean steps, halves on an overflowed step (skipped: parameters and moments untouched), and
+    the parameters, moments and scaler state equal a plain ``GradScaler`` loop's after each step."""
+    scaler_state = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3,
+                    "_growth_tracker": 0}  # fmt: skip
+    model, plain_model = tiny_model(), tiny_model()
+    engine = StepEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), CPU)
+    engine.set_precisions(["fp16", "fp16"])
+    state = engine.state_dict()
+    engine.load_state_dict({**state, "scaler": scaler_state})
+    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    plain_scaler = torch.amp.GradScaler("cpu")
+    plain_scaler.load_state_dict(scaler_state)
+    overflow_at = 4
+    scales = []
+    for i in range(7):
+        x, y = batch(i)
+        boost = 1e8 if i == overflow_at else 1.0  # x 1024 overflows the fp16 backward
+        with engine.precision.context():
+            loss = (model(x).float() - y).pow(2).mean() * boost
+        before = snapshot(model, engine.optimizer)
+        _, skipped = engine.backward_and_step(loss)
+        assert skipped == (i == overflow_at)
+        if skipped:
+            assert_unchanged(model, engine.optimizer, before)
+        with torch.autocast("cpu", dtype=torch.float16):
+            plain_loss = (plain_model(x).float() - y).pow(2).mean() * boost
+        plain_optimizer.zero_grad()
+        plain_scaler.scale(plain_loss).backward()
+        plain_scaler.unscale_(plain_optimizer)
+        plain_scaler.step(plain_optimizer)
+        plain_scaler.update()
+        scales.append(engine.loss_scale)
+        assert engine.grad_scaler.state_dict() == plain_scaler.state_dict()
+        for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert scales == [1024.0, 1024.0, 2048.0, 2048.0, 1024.0, 1024.0, 1024.0]
+    for p, q in zip(model.parameters(), plain_model.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(engine.optimizer.state[p][key], plain_optimizer.state[q][key]), key
+
+
+def test_an_adamw_skipped_step_leaves_its_step_count_and_moments() -> None:
+    model = tiny_model()
+    engine = StepEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), CPU)
+    warm_up(model, engine, 2)
+    before = snapshot(model, engine.optimizer)
+    _, skipped = engine.backward_and_step(loss_of(model, engine, 5) * float("nan"))
+    assert skipped
+    assert_unchanged(model, engine.optimizer, before)
+    assert all(float(state["step"]) == 2 for state in engine.optimizer.state.values())
+
+
+@pytest.mark.parametrize("layer", [-1, 2, 1.0, "0", True])
+def test_a_param_groups_layer_key_outside_the_layers_is_refused_by_name(layer: Any) -> None:
+    """Before the fix -1 took the last layer's factor on the reference path (none on the fused one), and 2 raised an
+    IndexError at the first step."""
+    model = tiny_model()
+    params = StepEngine.discover(model)
+    optimizer = torch.optim.SGD([{"params": params[0], "layer": 0}, {"params": params[1], "layer": layer}], lr=0.1)
+    with pytest.raises(ValueError, match=rf"param group 1 has 'layer': {layer!r}; .* an integer in \[0, 2\)"):
+        StepEngine(model, optimizer, CPU)
+
+
+# ---------------------------------------------------------------- checkpoints of the reference path
+
+
+def _adamw_engine() -> tuple[nn.Module, StepEngine]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    params = StepEngine.discover(model)
+    optimizer = torch.optim.AdamW(
+        [{"params": params[i], "layer": i, "lr": 1e-2 * (i + 1)} for i in range(3)], weight_decay=0.05
+    )
+    return model, StepEngine(model, optimizer, CPU)
+
+
+def _train(model: nn.Module, engine: StepEngine, seeds: range) -> None:
+    for seed in seeds:
+        engine.backward_and_step(loss_of(model, engine, seed, scale=1e-2))
+
+
+def _saved(engine: StepEngine) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def test_a_reference_checkpoint_resumes_the_run_bit_for_bit() -> None:
+    """Moments, step counts, loss scaler, precisions and LR knobs: a resumed engine trains on as the uninterrupted."""
+    model, engine = _adamw_engine()
+    engine.set_precisions(["fp16", "bf16"])
+    engine.lr_scale, engine.batch_lr_gain, engine.lr_factors = 0.5, 2.0, np.array([1.0, 0.25, 3.0])
+    _train(model, engine, range(3))
+    engine.grad_scaler.update(512.0)  # off its default, so that a fresh scaler would differ
+    saved, weights = _saved(engine), copy.deepcopy(model.state_dict())
+    _train(model, engine, range(3, 6))
+
+    resumed_model, resumed = _adamw_engine()
+    resumed_model.load_state_dict(weights)
+    resumed.load_state_dict(saved)
+    assert resumed.precision.precisions == [Precision.FP16, Precision.FP32, Precision.BF16]
+    assert (resumed.lr_scale, resumed.batch_lr_gain, resumed.lr_factors.tolist()) == (0.5, 2.0, [1.0, 0.25, 3.0])
+    assert resumed.loss_scale == 512.0
+    _train(resumed_model, resumed, range(3, 6))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert engine.grad_scaler.state_dict() == resumed.grad_scaler.state_dict()
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        for key, value in engine.optimizer.state[p].items():
+            assert torch.equal(value, resumed.optimizer.state[q][key]), key
+
+
+def test_a_checkpoint_without_a_loss_scaler_drops_the_engines() -> None:
+    """Before the fix an engine that had scaled (here backed off to 2) kept its scaler on loading a state saved with
+    none, so a later fp16 layer started from the wrong scale (the saved run would start a fresh one at 2**16)."""
+    model, engine = _adamw_engine()
+    saved = _saved(engine)
+    assert saved["scaler"] is None
+    engine.set_precisions(["fp16", "fp32"])
+    _train(model, engine, range(1))
+    engine.grad_scaler.update(2.0)
+    engine.load_state_dict(saved)
+    assert engine.grad_scaler is None and engine.loss_scale == 1.0
+    engine.set_precisions(["fp16", "fp32"])
+    assert engine.loss_scale == 2.0**16
+
+
+def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
+    state = copy.deepcopy(state)
+    if what.startswith("no "):
+        del state[what[3:]]
+    elif what == "precision code":
+        state["precisions"][0] = 7
+    elif what == "lr_factors":
+        state["lr_factors"] = state["lr_factors"][:2]
+    elif what == "lr_scale":
+        state["lr_scale"] = float("nan")
+    elif what == "scaler":
+        del state["scaler"]["growth_interval"]
+    elif what == "optimizer groups":
+        state["optimizer"]["param_groups"][0]["params"] = [0]
+    return state
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("no lr_factors", r"the engine state lacks 'lr_factors': it is not \(all of\) the dict StepEngine.state_dict"),
+        ("no fused", r"lacks 'fused'"),
+        ("precision code", r"unknown precision 7; allowed: fp32, bf16, fp16"),
+        ("lr_factors", r"lr_factors \[1.0, 0.25\] are not 3 finite numbers >= 0"),
+        ("lr_scale", r"lr_scale nan must be a finite number > 0"),
+        ("scaler", r"the checkpoint's scaler lacks 'growth_interval'"),
+        ("optimizer groups", r"param groups of \[1, 2, 2\] parameters; this one's has \[2, 2, 2\]"),
+    ],
+)
+def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: str) -> None:
+    """Each check runs before anything loads: before the fix a bad precision code or scaler raised after the optimizer
+    state was replaced, a missing key raised a bare KeyError, and short lr_factors loaded (an IndexError later)."""
+    model, engine = _adamw_engine()
+    engine.set_precisions(["fp16", "bf16"])
+    engine.lr_factors = np.array([1.0, 0.25, 3.0])
+    _train(model, engine, range(2))
+    good = _saved(engine)
+    _train(model, engine, range(2, 4))  # the engine moves on from the saved state
+    before = _saved(engine)
+    with pytest.raises(ValueError, match=message):
+        engine.load_state_dict(_corrupt(good, what))
+    after = _saved(engine)
+    assert after.keys() == before.keys()
+    for key in before:
+        if key == "optimizer":
+            for index, entry in before[key]["state"].items():
+                for name, value in entry.items():
+                    assert torch.equal(value, after[key]["state"][index][name]), (index, name)
+            assert before[key]["param_groups"] == after[key]["param_groups"]
+        else:
+            assert before[key] == after[key], key

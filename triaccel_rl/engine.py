@@ -168,6 +168,7 @@ class StepEngine:
         held = {id(p) for p in self._params}
         self._n_param_groups = len(optimizer.param_groups)
         self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
+        _check_layer_keys(optimizer, self.n_layers)
         self.lr_scale = 1.0
         self.batch_lr_gain = 1.0
         self.lr_factors = np.ones(self.n_layers)
@@ -442,11 +443,19 @@ class StepEngine:
         return GradStats(sq_sum, abs_max, nonfinite), norms
 
     def _clip_gradients(self, norms: torch.Tensor) -> None:
-        """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken."""
+        """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken.
+
+        ``params`` are the optimizer's parameters, of which those with a gradient: a parameter the backward did not
+        reach after a user's ``zero_grad()`` (``None``) is left out of the total, as torch leaves it out (its norm of
+        0 in the vector changed the total's rounding once there were enough parameters: not torch's bits).
+        """
         assert self.max_grad_norm is not None
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if len(grads) < len(self._params):
+            norms = norms[[i for i, p in enumerate(self._params) if p.grad is not None]]
         total = torch.linalg.vector_norm(norms)
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)  # as torch's: no sync, no branch
-        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], coef)
+        torch._foreach_mul_(grads, coef)
 
     def second_moment_diagonal(self) -> list[torch.Tensor | None]:
         """Per layer, the optimizer's flat bias-corrected second moment of the gradient, or None.
@@ -557,13 +566,27 @@ class StepEngine:
 
         A state taken on the other path loads too: a reference-path state (a CPU run's) into the fused step, which
         adopts its ``torch.optim`` state and takes its ``GradScaler``'s scale and growth count; a fused-path state
-        into the reference path from its ``torch_optimizer`` entry, the scale going to a ``GradScaler``.
+        into the reference path from its ``torch_optimizer`` entry, the scale going to a ``GradScaler``. Everything
+        is checked before anything is loaded: a refused state leaves the engine, its optimizer and its loss scaler
+        as they were.
 
         Raises:
-            ValueError: a fused-path state without ``torch_optimizer`` (saved before 2026-12-02) into the reference
-                path, or a state for another optimizer type, number of layers or other parameter shapes (the message
-                says which).
+            ValueError: a state that is not ``state_dict()``'s (a missing key, named), a fused-path state without
+                ``torch_optimizer`` (saved before 2026-12-02) into the reference path, a state for another optimizer
+                type, number of layers or other parameter shapes, or holding values the engine does not take (a
+                precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
+                factors; the message says which).
         """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"an engine state is the dict StepEngine.state_dict() returned; got {type(state).__name__}"
+            )
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"the engine state lacks {', '.join(map(repr, missing))}: it is not (all of) the dict "
+                "StepEngine.state_dict() returned"
+            )
         across = bool(state["fused"]) != self.fused
         saved_type, this_type = state.get("optimizer_type"), type(self.optimizer).__name__  # (None: saved before it)
         if saved_type is not None and saved_type != this_type:
@@ -573,42 +596,65 @@ class StepEngine:
             )
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
+        precisions = [Precision.parse(p) for p in state["precisions"]]
+        for precision in set(precisions):
+            check_precision_supported(precision, self.device)
+        lr_scale = _checked_multiplier("lr_scale", state["lr_scale"])
+        batch_lr_gain = _checked_multiplier("batch_lr_gain", state["batch_lr_gain"])
+        lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
+        if lr_factors.shape != (self.n_layers,) or not (np.isfinite(lr_factors).all() and (lr_factors >= 0).all()):
+            raise ValueError(
+                f"the checkpoint's lr_factors {state['lr_factors']!r} are not {self.n_layers} finite numbers >= 0, "
+                "one a layer"
+            )
+        scaler = state["scaler"]
         if across:  # in torch.optim's layout; on the fused path the optimizer's load hook copies it into the buffers
-            torch_state = state.get("torch_optimizer") if state["fused"] else state["optimizer"]
-            if torch_state is None:
+            optimizer_state = state.get("torch_optimizer") if state["fused"] else state["optimizer"]
+            if optimizer_state is None:
                 raise ValueError(
                     "the checkpoint was made with the fused step, before its state was also saved in torch.optim's "
                     "layout, and this engine runs the reference path: resume it on a GPU with a fused step"
                 )
-            _check_state_shapes(self.optimizer, torch_state)  # torch.optim checks the groups' sizes, not shapes
-            self.optimizer.load_state_dict(torch_state)
         else:
-            if not self.fused:  # (the fused step checks its own)
-                _check_state_shapes(self.optimizer, state["optimizer"])
-            self.state_holder.load_state_dict(state["optimizer"])
-        self.set_precisions([Precision(int(p)) for p in state["precisions"]])
-        self.lr_scale, self.batch_lr_gain = float(state["lr_scale"]), float(state["batch_lr_gain"])
-        self.lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
-        scaler = state["scaler"]
+            optimizer_state = state["optimizer"]
+        if across or not self.fused:  # torch.optim checks the groups' sizes, not shapes (the fused step its own)
+            _check_state_shapes(self.optimizer, optimizer_state)
         if self.fused:
             if across:  # GradScaler's state (empty when it never scaled a step): the same rule's scale and count
                 scaler = {
                     "scale": (scaler or {}).get("scale", 2.0**16),
                     "clean_steps": (scaler or {}).get("_growth_tracker", 0),
                 }
+            _require_keys("scaler", scaler, ("scale", "clean_steps"))
+            grad_scaler = None
+        elif scaler and across:  # the fused step's scale and clean-step count, as GradScaler keeps them
+            _require_keys("scaler", scaler, ("scale", "clean_steps"))
+            grad_scaler = torch.amp.GradScaler(self.device.type)
+            grad_scaler.load_state_dict(
+                {"scale": float(scaler["scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
+                 "growth_interval": 2000, "_growth_tracker": int(scaler["clean_steps"])}
+            )  # fmt: skip
+        elif scaler:
+            _require_keys("scaler", scaler, ("scale", "growth_factor", "backoff_factor", "growth_interval"))
+            grad_scaler = torch.amp.GradScaler(self.device.type)
+            grad_scaler.load_state_dict(scaler)
+        else:  # saved with no loss scaler: a later fp16 layer starts a fresh one, as in the saved run
+            grad_scaler = None
+
+        # Checked: now load.
+        if across or not self.fused:
+            self.optimizer.load_state_dict(optimizer_state)
+        else:
+            self.state_holder.load_state_dict(optimizer_state)
+        self.set_precisions(precisions)
+        self.lr_scale, self.batch_lr_gain, self.lr_factors = lr_scale, batch_lr_gain, lr_factors
+        if self.fused:
             with torch.no_grad():  # in place: captured graphs read them through their addresses
                 self._scale.copy_(torch.as_tensor(scaler["scale"], dtype=torch.float32))
                 self._clean_steps.copy_(torch.as_tensor(scaler["clean_steps"], dtype=torch.int32))
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
-        elif scaler and across:  # the fused step's scale and clean-step count, as GradScaler keeps them
-            self._grad_scaler = torch.amp.GradScaler(self.device.type)
-            self._grad_scaler.load_state_dict(
-                {"scale": float(scaler["scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
-                 "growth_interval": 2000, "_growth_tracker": int(scaler["clean_steps"])}
-            )  # fmt: skip
-        elif scaler:  # a scaler that never scaled a step saves an empty state
-            self._grad_scaler = torch.amp.GradScaler(self.device.type)
-            self._grad_scaler.load_state_dict(scaler)
+        else:
+            self._grad_scaler = grad_scaler
 
     @property
     def loss_scale(self) -> float:
@@ -979,10 +1025,36 @@ class StepEngine:
         return self.store.layer_sq_sums(buffer).cpu().numpy() * scale  # host-device sync: once per decision
 
 
+def _check_layer_keys(optimizer: torch.optim.Optimizer, n_layers: int) -> None:
+    """Raises a ValueError naming a param group whose ``"layer"`` key is not a layer index in ``[0, n_layers)``.
+
+    The key picks the group's entry of ``lr_factors``: before this check, -1 took the last layer's factor on the
+    reference path and none on the fused path, and an index past the end raised an IndexError at the first step.
+    """
+    for number, group in enumerate(optimizer.param_groups):
+        if "layer" not in group:
+            continue
+        layer = group["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layers:
+            raise ValueError(
+                f"param group {number} has 'layer': {layer!r}; a 'layer' key is the index of the layer whose LR factor "
+                f"the group takes, an integer in [0, {n_layers}) for this model's {n_layers} layers "
+                "(StepEngine.discover lists them in that order); leave the key out for a factor of 1"
+            )
+
+
 def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model)."""
+    _require_keys("optimizer state", saved, ("state", "param_groups"))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entry in saved.get("state", {}).items():
+    saved_sizes = [len(group.get("params", ())) for group in saved["param_groups"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise ValueError(
+            f"the checkpoint's optimizer has param groups of {saved_sizes} parameters; this one's has {sizes}: it was "
+            "saved for another model or optimizer"
+        )
+    for index, entry in saved["state"].items():
         if int(index) >= len(params):
             raise ValueError(f"the checkpoint's optimizer has state for parameter {index}; this one has {len(params)}")
         for name, value in entry.items():
@@ -1025,6 +1097,26 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     return ""
 
 
+def _checked_multiplier(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0 (a checkpoint's LR multiplier), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"the checkpoint's {name} {value!r} is not a number")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the checkpoint's {name} {value} must be a finite number > 0")
+    return float(value)
+
+
+def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:
+    """Raises a ValueError naming the ``keys`` that the checkpoint's ``what`` (a dict) lacks."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"the checkpoint's {what} is {type(entry).__name__}, not a dict of {', '.join(keys)}")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise ValueError(f"the checkpoint's {what} lacks {', '.join(map(repr, missing))}")
+
+
+_STATE_KEYS = ("fused", "optimizer", "precisions", "lr_scale", "batch_lr_gain", "lr_factors", "scaler")
+"""The keys every ``StepEngine.state_dict()`` holds (``optimizer_type`` and ``torch_optimizer`` came later)."""
 _DECAY, _LR = operator.itemgetter("weight_decay"), operator.itemgetter("lr")
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 """Modules whose ``sparse=True`` makes sparse gradients."""
