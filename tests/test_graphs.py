@@ -42,3 +42,66 @@ def test_a_probe_whose_capture_fails_runs_eagerly_and_is_not_captured_again(capl
     run.set_precisions(["bf16"] * run.n_layers)  # another configuration: its capture is tried once
     run.probe_loss()
     assert graphs.calls == 2
+
+
+class _Recorded:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the body on the graph's static inputs."""
+
+    def __init__(self, body, x, y, loss):
+        self.body, self.x, self.y, self.loss = body, x, y, loss
+
+    def replay(self):
+        self.loss.copy_(self.body(self.x, self.y))
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """A ``StepGraphs`` on the CPU whose capture is ``_Recorded``: its keys, LRU and shared inputs are the real ones."""
+    monkeypatch.setattr("triaccel_rl.graphs.graph_unsupported", lambda model, device: "")
+    failures = []
+
+    def record(self, x, y, body, zero_grad):
+        if failures:
+            raise failures.pop()
+        loss = body(x, y).clone()
+        return _Recorded(body, x, y, loss), loss, 0
+
+    monkeypatch.setattr(StepGraphs, "_record", lambda self, x, y, body, zero_grad: record(self, x, y, body, zero_grad))
+    graphs = StepGraphs(nn.Linear(1, 1), torch.device("cpu"), max_graphs=3)
+    return graphs, failures
+
+
+def _summed_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x.sum(1) - y.to(x.dtype)).square().sum()  # a sum: four copies of one sample are not its loss
+
+
+def test_a_key_replays_only_the_graph_of_its_inputs_layout(cpu_graphs):
+    """Before the fix a key without the batch size (the probe's) replayed the graph of batch 4 on a batch of 1 copied
+    into its inputs by broadcasting: the loss of four copies of that sample, silently."""
+    graphs, _ = cpu_graphs
+    x4, y4 = torch.arange(12.0).reshape(4, 3), torch.tensor([1, 2, 3, 4])
+    assert graphs.run("same", x4, y4, _summed_loss, lambda: None) == _summed_loss(x4, y4)
+    x1, y1 = torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([5])
+    assert graphs.run("same", x1, y1, _summed_loss, lambda: None) == _summed_loss(x1, y1)
+    assert graphs.run("same", x4.half(), y4, _summed_loss, lambda: None).dtype == torch.float16  # a dtype is its own
+    assert graphs.run("same", x4.t().contiguous().t(), y4.int(), _summed_loss, lambda: None) == _summed_loss(x4, y4)
+    assert graphs.captures == 4 and len(graphs) == 3  # four layouts, the first dropped (max_graphs=3)
+    assert graphs.run("same", x1 + 1, y1, _summed_loss, lambda: None) == _summed_loss(x1 + 1, y1)  # replayed
+    assert graphs.captures == 4 and graphs.replays == 5
+
+
+def test_graphs_of_one_layout_share_inputs_which_go_with_the_last_of_them(cpu_graphs):
+    graphs, failures = cpu_graphs
+    x, y = torch.ones(2, 3), torch.zeros(2)
+    for key in ("bf16", "fp16"):
+        graphs.run(key, x, y, _summed_loss, lambda: None)
+    assert len(graphs._inputs) == 1  # one static copy of (x, y) for both precision maps
+    graphs.run("bf16", torch.ones(5, 3), torch.zeros(5), _summed_loss, lambda: None)
+    graphs.run("bf16", torch.ones(6, 3), torch.zeros(6), _summed_loss, lambda: None)  # drops the first (2, 3) graph
+    assert len(graphs._inputs) == 3  # the second (2, 3) graph still reads the shared inputs
+    graphs.run("bf16", torch.ones(7, 3), torch.zeros(7), _summed_loss, lambda: None)  # drops it too
+    assert sorted(layout[0] for layout in graphs._inputs) == [(5, 3), (6, 3), (7, 3)]
+    failures.append(RuntimeError("operation not permitted when stream is capturing"))
+    with pytest.raises(RuntimeError, match="not permitted"):
+        graphs.run("bf16", torch.ones(8, 3), torch.zeros(8), _summed_loss, lambda: None)
+    assert len(graphs) == 3 and len(graphs._inputs) == 3  # the failed capture's inputs are not kept

@@ -9,7 +9,9 @@ accumulate into the parameters' ``.grad`` tensors in place, where the optimizer 
 reads them.
 
 A graph is specific to what shaped its kernels: the input shape, strides and dtype, the per-layer
-precisions and whether the loss is scaled. ``key`` carries them; a new key is captured on first use
+precisions and whether the loss is scaled. The caller's ``key`` carries what the inputs cannot tell (the
+precisions, the loss scaling); ``StepGraphs`` adds the inputs' layout itself, so that no key can replay a
+graph on inputs of another shape or dtype. A new key is captured on first use
 (a few eager warm-up passes, then the capture) and the least recently used graph is dropped beyond
 ``max_graphs``. All graphs share one memory pool, so holding several costs about as much as the largest, and
 graphs of one input shape share their static input tensors: a second precision map of the same batch (the speed
@@ -155,12 +157,15 @@ class StepGraphs:
     def run(
         self, key: Hashable, x: torch.Tensor, y: torch.Tensor, body: Body, zero_grad: Callable[[], None]
     ) -> torch.Tensor:
-        """Runs ``body(x, y)`` by replaying the graph of ``key`` (capturing it first if new).
+        """Runs ``body(x, y)`` by replaying the graph of ``key`` and ``x``'s and ``y``'s layout (capturing it if new).
 
-        ``zero_grad`` must zero the gradients in place; it is called after the warm-up passes of a capture,
-        which must start with zero gradients. Returns a copy of the loss (the graph's own is overwritten at
-        the next replay).
+        ``key`` holds what else shapes the captured computation (the precisions, the loss scaling); the layout
+        (shapes, strides, dtypes) is added here: before, a key without it replayed the graph of another batch size
+        on a copy of ``x`` broadcast (or cast) into the graph's inputs, silently. ``zero_grad`` must zero the
+        gradients in place; it is called after the warm-up passes of a capture, which must start with zero
+        gradients. Returns a copy of the loss (the graph's own is overwritten at the next replay).
         """
+        key = (key, _layout(x, y))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, x, y, body, zero_grad)
@@ -181,7 +186,7 @@ class StepGraphs:
 
     def _static_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The static input tensors for ``x``'s and ``y``'s layout (new ones, holding copies, on first use)."""
-        layout = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.stride(), y.dtype)
+        layout = _layout(x, y)
         if layout not in self._inputs:
             static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
             self._inputs[layout] = (static_x, y.clone())
@@ -194,6 +199,26 @@ class StepGraphs:
         self, key: Hashable, x: torch.Tensor, y: torch.Tensor, body: Body, zero_grad: Callable[[], None]
     ) -> _Graph:
         static_x, static_y = self._static_inputs(x, y)
+        try:
+            graph, loss, peak = self._record(static_x, static_y, body, zero_grad)
+        except BaseException:
+            if all(kept.x is not static_x for kept in self._graphs.values()):  # made for this capture alone
+                del self._inputs[_layout(x, y)]
+            raise
+        entry = _Graph(graph, static_x, static_y, loss, peak)
+        self._graphs[key] = entry
+        if len(self._graphs) > self.max_graphs:
+            _, dropped = self._graphs.popitem(last=False)
+            if all(kept.x is not dropped.x for kept in self._graphs.values()):  # no graph left reads its inputs
+                self._inputs = {k: v for k, v in self._inputs.items() if v[0] is not dropped.x}
+        self.captures += 1
+        _log.debug("captured a training-step graph for %s (%d held)", key, len(self._graphs))
+        return entry
+
+    def _record(
+        self, static_x: torch.Tensor, static_y: torch.Tensor, body: Body, zero_grad: Callable[[], None]
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, int]:
+        """Warm-up passes, then the capture of ``body`` on the static inputs: the graph, its loss and the peak bytes."""
         torch.cuda.reset_peak_memory_stats(self.device)
         side = _capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -216,12 +241,9 @@ class StepGraphs:
             except Exception as err:  # the capture's own error is the one to raise
                 _log.warning("could not undo what a failed CUDA graph capture left (%s: %s)", type(err).__name__, err)
             raise
-        entry = _Graph(graph, static_x, static_y, loss, peak)
-        self._graphs[key] = entry
-        if len(self._graphs) > self.max_graphs:
-            _, dropped = self._graphs.popitem(last=False)
-            if all(kept.x is not dropped.x for kept in self._graphs.values()):  # no graph left reads its inputs
-                self._inputs = {k: v for k, v in self._inputs.items() if v[0] is not dropped.x}
-        self.captures += 1
-        _log.debug("captured a training-step graph for %s (%d held)", key, len(self._graphs))
-        return entry
+        return graph, loss, peak
+
+
+def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple[Hashable, ...]:
+    """What a captured graph's static inputs fix: the shapes, strides and dtypes of ``x`` and ``y``."""
+    return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.stride(), y.dtype)
