@@ -67,7 +67,9 @@ class Args:
     share: float = 0.25
     """Share of the 2-epoch budget to run (the decisions a policy would make its LR move in)."""
     epochs: float = 2.0
+    """The budget ``share`` is taken of, in epochs (the transfer protocol's 2)."""
     interval_steps: int = 10
+    """Optimizer steps between decisions (the transfer protocol's 10)."""
     sharpness_iters: int = 20
     """Power-iteration steps for the stability ratio at each decision (0: not measured)."""
     workers: int = 1
@@ -77,6 +79,7 @@ class Args:
     batch_size: int = 0
     """Batch size (0: the task's own)."""
     out: str = "experiments/results/issue6_2026-12-04/lr_lookahead_probe.json"
+    """Results JSON."""
 
 
 def stability_ratio(run: Any, iters: int, seed: int) -> float:
@@ -250,6 +253,8 @@ def main(args: Args) -> dict[str, Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks == ["all"]:
         tasks = [*TRAINING_TASKS, *HELD_OUT_TASKS, *FRESH_HELD_OUT_TASKS]
+    if not tasks:  # before, no run and an AUC of no values: the error came after the output folder was made
+        raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, or 'all'")
     for task in tasks:
         get_task(task)  # fail fast on a bad name
     factors = list(parse_floats(args.factors, "--factors", positive=True))
@@ -259,6 +264,15 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1 (or 0 for the task's own)")
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share} must be in (0, 1]")
+    # Before, --interval-steps 0 divided by zero in the first run and --epochs 0 still ran one interval a run.
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs {args.epochs} must be a positive finite number")
+    if args.interval_steps < 1:
+        raise ValueError(f"--interval-steps {args.interval_steps} must be >= 1")
+    if args.sharpness_iters < 0:
+        raise ValueError(f"--sharpness-iters {args.sharpness_iters} must be >= 0 (0: not measured)")
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}; allowed: cpu, cuda")
     if args.workers < 1 or (args.workers > 1 and args.device != "cpu"):
         raise ValueError(f"--workers {args.workers} must be >= 1, and 1 on a GPU (--device {args.device})")
     out = Path(args.out)

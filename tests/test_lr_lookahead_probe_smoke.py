@@ -123,3 +123,29 @@ def test_probe_rejects_bad_settings(probe, tmp_path) -> None:  # type: ignore[no
         probe.main(probe.Args(tasks="synthetic", share=0.0, out=str(tmp_path / "x.json")))
     with pytest.raises(ValueError, match="unknown task 'no-such-task'"):
         probe.main(probe.Args(tasks="no-such-task", out=str(tmp_path / "x.json")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tasks": " , "}, "--tasks ' , ' is empty"),
+        ({"epochs": 0.0}, "--epochs 0.0 must be a positive finite number"),
+        ({"interval_steps": 0}, "--interval-steps 0 must be >= 1"),
+        ({"sharpness_iters": -1}, "--sharpness-iters -1 must be >= 0"),
+        ({"device": "mps"}, "--device 'mps'; allowed: cpu, cuda"),
+        ({"seeds": 0}, "--seeds 0 must be >= 1"),
+    ],
+)
+def test_probe_refuses_bad_settings_before_any_run(probe, monkeypatch, tmp_path, overrides, message) -> None:  # type: ignore[no-untyped-def]
+    """Before the fix ``--interval-steps 0`` divided by zero inside the first run, ``--epochs 0`` still ran an interval
+    a run, and an empty ``--tasks`` failed in the AUC after making the output folder."""
+
+    def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a run started before the settings were checked")
+
+    monkeypatch.setattr(probe, "probe_run", no_run)
+    out = tmp_path / "probe" / "x.json"
+    with pytest.raises(ValueError) as raised:
+        probe.main(probe.Args(**{"tasks": "synthetic", "out": str(out), **overrides}))
+    assert message in str(raised.value)
+    assert not out.parent.exists()
