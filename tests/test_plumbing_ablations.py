@@ -24,12 +24,15 @@ VARIANT_PARTS = {
 
 # Observations on which the full heuristic moves all three knobs, each in a different direction.
 LOW, HIGH = RULES.lower_below - 0.1, RULES.raise_above + 0.1
+# A loss change clearly past the tolerance either way: exactly at it keeps the LR (the heuristic's comparisons are
+# strict, in the observation's float32), so scenes at +-0.1 = +-loss_rise_tolerance moved no LR.
+RISE, FALL = 2 * RULES.loss_rise_tolerance, -2 * RULES.loss_rise_tolerance
 SCENES = {
     # fp32 groups with low sensitivity are lowered, the loss rises (LR down a rung), memory is free (grow).
-    "lower-slow-grow": dict(sensitivities=[LOW, LOW, HIGH, LOW], loss_trend=0.1, memory_use=0.1),
+    "lower-slow-grow": dict(sensitivities=[LOW, LOW, HIGH, LOW], loss_trend=RISE, memory_use=0.1),
     # bf16 groups with high sensitivity are raised, the loss recovers at 0.75 (LR up), memory is full (shrink).
     "raise-recover-shrink": dict(
-        sensitivities=[HIGH, LOW, HIGH, HIGH], precisions=(1, 1, 1, 2), loss_trend=-0.1, lr_scale=0.75, memory_use=0.99
+        sensitivities=[HIGH, LOW, HIGH, HIGH], precisions=(1, 1, 1, 2), loss_trend=FALL, lr_scale=0.75, memory_use=0.99
     ),
     # Overflowing steps: fp16 falls back to bf16 and the LR drops; the batch is still free to grow.
     "overflow": dict(
