@@ -16,6 +16,7 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
     args = bench_compile.Args(smoke=True, warmup=3, steps=10, out=str(out), rows=",".join(bench_compile.ROWS))
     result = bench_compile.main(args)
     assert json.loads(out.read_text()) == result
+    assert result["device"] == "cpu" and result["commit"] and result["date"].startswith("20") and result["command"]
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == list(bench_compile.ROWS)
     for name, row in rows.items():

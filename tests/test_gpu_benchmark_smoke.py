@@ -38,6 +38,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
         assert set(row["time_to_target_s"]) == {"mean", "per_seed"}
         assert (row["peak_bytes"] > 0 or row["controller"].startswith("plain")) and 0 <= row["overhead_frac"] < 1
         assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
+        assert row["commit"] and row["commit"] != "unknown" and len(row["date"]) == len("2026-12-04")
         assert row["peak_nvml_bytes"] is None and row["nvml_scope"] == []  # no NVML reading on a CPU
         assert row["rank"] is None if row["reach_rate"] < 1 else row["rank"] >= 1
     assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == rows["plain-fp32"]["seeds"] == [0]
