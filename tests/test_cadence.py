@@ -1,5 +1,8 @@
 """The decision cadence: intervals stretch so that decisions stay within their share of the overhead budget."""
 
+import math
+import re
+
 import pytest
 
 from triaccel_rl.cadence import Cadence
@@ -53,15 +56,27 @@ def test_interval_is_clipped_to_its_bounds_and_fixed_when_not_adaptive():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"min_steps": 0}, "min_steps=0 must be >= 1"),
-        ({"max_factor": 0}, "max_factor=0 must be >= 1"),
+        ({"min_steps": 0}, "min_steps=0 must be a whole number >= 1"),
+        ({"max_factor": 0}, "max_factor=0 must be a whole number >= 1"),
         ({"share": 0.0}, "share=0.0 must be in (0, 1)"),
         ({"share": 1.5}, "share=1.5 must be in (0, 1)"),
-        ({"window": 0}, "window=0 must be >= 1"),
+        ({"window": 0}, "window=0 must be a whole number >= 1"),
+        # Before the fix NaN passed `value < 1`: a NaN min_steps was the interval, a NaN max_factor turned the
+        # stretch off; 1.5 made the interval a float, True passed as 1.
+        ({"min_steps": float("nan")}, "min_steps=nan must be a whole number >= 1"),
+        ({"min_steps": 2.5}, "min_steps=2.5 must be a whole number >= 1"),
+        ({"min_steps": True}, "min_steps=True must be a whole number >= 1"),
+        ({"max_factor": float("nan")}, "max_factor=nan must be a whole number >= 1"),
+        ({"max_factor": 1.5}, "max_factor=1.5 must be a whole number >= 1"),
+        ({"window": float("inf")}, "window=inf must be a whole number >= 1"),
+        ({"share": float("nan")}, "share=nan must be in (0, 1)"),
+        ({"share": "0.01"}, "share='0.01' must be in (0, 1)"),
+        ({"share": True}, "share=True must be in (0, 1)"),
+        ({"cheap_share": "0.01"}, "cheap_share='0.01' must be in (0, 1), or None"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         Cadence(**{"min_steps": 10, "max_factor": 4, "share": 0.01, **kwargs})
 
 
@@ -186,3 +201,59 @@ def test_a_decision_that_changes_the_configuration_is_judged_after_the_shortest_
     steps = _intervals(loop, 6, decision_ms=1e6, action=lambda decision: lower if decision >= 3 else keep)
     assert loop.run.lr_scale == 0.75
     assert steps == [2, 2, 6, 6, 2, 6]  # the interval after the change is the shortest, then stretched again
+
+
+def test_a_cost_that_is_no_measurement_counts_nowhere():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.02)
+    cadence.record(decision_ms=0.0, train_ms=10_000.0, steps=2500)  # 4 ms a step, nothing to repay
+    for cost in (math.nan, math.inf, -1.0):
+        cadence.record(decision_ms=cost, train_ms=40.0, steps=10)
+    assert (cadence.spent_ms, cadence.trained_ms, cadence.steps) == (0.0, 10_120.0, 10)
+    assert math.isnan(cadence.decision_ms)
+    cadence.record(decision_ms=6.0, train_ms=math.nan, steps=10)  # no training time: the step time stays 4 ms
+    cadence.record(decision_ms=6.0, train_ms=80.0, steps=0)  # no steps: likewise
+    assert (cadence.spent_ms, cadence.trained_ms, cadence.decision_ms) == (12.0, 10_120.0, 6.0)
+    assert cadence.steps == 75  # 6 / (0.02 * 4)
+
+
+def test_decisions_that_cost_nothing_keep_the_shortest_interval():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.02)
+    for _ in range(5):
+        cadence.record(decision_ms=0.0, train_ms=0.4, steps=10)  # 0.04 ms a step: any cost would stretch it
+    assert (cadence.decision_ms, cadence.steps) == (0.0, 10)
+
+
+def test_a_cost_too_large_to_divide_gives_the_longest_interval():
+    """Before the fix 1e308 ms over 0.01 of a 5-ms step overflowed to inf and math.ceil raised OverflowError."""
+    cadence = Cadence(min_steps=20, max_factor=8, share=0.01)
+    cadence.record(decision_ms=0.0, train_ms=100.0, steps=20)
+    cadence.record(decision_ms=1e308, train_ms=100.0, steps=20)
+    assert cadence.steps == 160
+
+
+def test_interval_of_one_step_stretches_in_whole_steps():
+    cadence = Cadence(min_steps=1, max_factor=5, share=0.5)
+    cadence.record(decision_ms=0.0, train_ms=1e6, steps=1000)  # 1000 ms a step: nothing to repay
+    cadence.record(decision_ms=1000.0, train_ms=1000.0, steps=1)  # 1000 / (0.5 * 1000) = 2 exactly: not 3
+    assert cadence.steps == 2
+    cadence.record(decision_ms=1000.0, train_ms=300.0, steps=1)  # median 1000 ms / (0.5 * 300) = 6.67: clipped to 5
+    assert cadence.steps == 5
+
+
+def test_expedite_twice_in_a_row_and_without_stretch():
+    cadence = Cadence(min_steps=10, max_factor=100, share=0.02)
+    cadence.record(decision_ms=0.0, train_ms=10_000.0, steps=2500)
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)
+    assert cadence.steps == 75
+    cadence.expedite()  # a change
+    cadence.record(decision_ms=6.0, train_ms=300.0, steps=75)
+    assert cadence.steps == 10
+    cadence.expedite()  # the change judged, and changed again
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)
+    assert cadence.steps == 10
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10)  # no change this time: stretched again
+    assert cadence.steps == 75
+    fixed = Cadence(min_steps=10, max_factor=100, share=0.02, adaptive=False)
+    fixed.expedite()
+    fixed.record(decision_ms=1e6, train_ms=40.0, steps=10)
+    assert fixed.steps == 10

@@ -45,6 +45,7 @@ With ``adaptive=False`` (modelled cost, the learning environment) the interval i
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections import deque
 
@@ -55,11 +56,11 @@ class Cadence:
     """Steps until the next decision: at least ``min_steps``, more when decisions would exceed ``share``.
 
     Args:
-        min_steps: the configured interval (``ControllerConfig.interval_steps``), >= 1.
-        max_factor: the interval never exceeds ``min_steps * max_factor``; >= 1 (1 pins it).
+        min_steps: the configured interval (``ControllerConfig.interval_steps``), a whole number >= 1.
+        max_factor: the interval never exceeds ``min_steps * max_factor``; a whole number >= 1 (1 pins it).
         share: the share of training time decisions may take, in (0, 1).
         adaptive: measure and stretch (measured cost) or always return ``min_steps``.
-        window: decisions whose median cost is used.
+        window: decisions whose median cost is used, a whole number >= 1.
         cheap_share: the share of training time the cheap signals (recording and the decisions' part) may take,
             in (0, 1); None: no bound of its own.
 
@@ -100,16 +101,14 @@ class Cadence:
         window: int = 8,
         cheap_share: float | None = None,
     ) -> None:
-        if min_steps < 1:
-            raise ValueError(f"min_steps={min_steps} must be >= 1")
-        if max_factor < 1:
-            raise ValueError(f"max_factor={max_factor} must be >= 1")
-        if not (0.0 < share < 1.0):
-            raise ValueError(f"share={share} must be in (0, 1)")
-        if window < 1:
-            raise ValueError(f"window={window} must be >= 1")
-        if cheap_share is not None and not (0.0 < cheap_share < 1.0):
-            raise ValueError(f"cheap_share={cheap_share} must be in (0, 1), or None")
+        for name, value in (("min_steps", min_steps), ("max_factor", max_factor), ("window", window)):
+            # NaN passed `value < 1` (and was the interval from then on); 1.5 made a float interval
+            if not _is_whole(value) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+        if not _is_fraction(share):
+            raise ValueError(f"share={share!r} must be in (0, 1)")
+        if cheap_share is not None and not _is_fraction(cheap_share):
+            raise ValueError(f"cheap_share={cheap_share!r} must be in (0, 1), or None")
         self.min_steps = min_steps
         self.max_steps = min_steps * max_factor
         self.share = share
@@ -138,6 +137,10 @@ class Cadence:
 
         ``cheap_ms``: the part of ``decision_ms`` spent on the cheap signals (None: not measured).
         ``recording_ms``: what recording the interval's per-step statistics took (part of ``train_ms``).
+        A cost that is NaN, infinite or negative is no measurement: it counts neither in ``spent_ms`` nor in the
+        median (the decision still counts as seen, so a first decision measured so is still left out of the
+        median); an interval with no steps or a training time that is not positive and finite leaves the step time
+        and ``trained_ms`` as they were.
         """
         self._seen += 1
         self._expedite = max(self._expedite - 1, 0)
@@ -173,5 +176,21 @@ class Cadence:
         if self.cheap_share is not None and self._cheap_costs:
             left = max(self.cheap_share - statistics.median(self._recording_shares), self.cheap_share / 4)
             cheap = statistics.median(self._cheap_costs) / (left * self._step_ms)
-        needed = math.ceil(max(steady, repay, cheap) - 1e-9)  # an exact fit is not one step short
-        return max(self.min_steps, min(self.max_steps, needed))
+        needed = max(steady, repay, cheap)
+        if needed >= self.max_steps:  # also an overflowed inf, which math.ceil refuses
+            return self.max_steps
+        return max(self.min_steps, math.ceil(needed - 1e-9))  # an exact fit is not one step short
+
+
+def _is_whole(value: object) -> bool:
+    """An integer (numpy's too), not a bool.
+
+    A helper rather than inline checks: mypy reads ``isinstance(x: int, Integral)`` as always False, and the code
+    after such a check as unreachable (so unchecked).
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_fraction(value: object) -> bool:
+    """A real number (numpy's too, not a bool) in the open interval (0, 1); NaN is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 < float(value) < 1.0
