@@ -106,6 +106,58 @@ def test_layout_group_out_of_range(bad: int) -> None:
         ObservationLayout(4).group(bad, "is_fp32")
 
 
+@pytest.mark.parametrize("bad", [1.5, True, 1.0])
+def test_layout_group_must_be_a_whole_number(bad: object) -> None:
+    """Before the fix 1.5 passed the range check and gave the float index 26.0 (True gave group 1's)."""
+    with pytest.raises(IndexError, match=rf"^group {bad!r} out of range \[0, 4\)$"):
+        ObservationLayout(4).group(bad, "is_fp32")  # type: ignore[arg-type]
+    assert ObservationLayout(4).group(np.int64(1), "is_bf16") == 25
+
+
+def test_layout_unknown_feature_names_the_features() -> None:
+    """``tuple.index`` said only "tuple.index(x): x not in tuple"."""
+    with pytest.raises(ValueError, match=r"^unknown global feature 'overflow'; the global features: log_loss, "):
+        ObservationLayout(4).globals("overflow")
+    with pytest.raises(ValueError, match=r"^unknown group feature 'fp32'; the group features: rel_sensitivity, "):
+        ObservationLayout(4).group(0, "fp32")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, None])
+def test_layout_needs_a_whole_number_of_groups(bad: object) -> None:
+    """``ObservationLayout(0)`` had size 11 and no group; -1 a size of 3."""
+    with pytest.raises(ValueError, match=rf"^n_groups={bad!r} must be a whole number >= 1$"):
+        ObservationLayout(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_groups": 0}, r"n_groups=0 must be a whole number >= 1"),
+        ({"smoothing": 1.0}, r"smoothing=1\.0 must be in \[0, 1\)"),
+        ({"smoothing": float("nan")}, r"smoothing=nan must be in \[0, 1\)"),
+        ({"smoothing": -0.1}, r"smoothing=-0\.1 must be in \[0, 1\)"),
+        ({"margin": -0.1}, r"margin=-0\.1 must be a finite number >= 0"),
+        ({"margin": float("inf")}, r"margin=inf must be a finite number >= 0"),
+        ({"margin": float("nan")}, r"margin=nan must be a finite number >= 0"),
+    ],
+)
+def test_grouper_settings_are_checked(kwargs: dict, message: str) -> None:
+    """Before the fix each was taken: smoothing 1 never let a new score in, NaN made every score NaN."""
+    with pytest.raises(ValueError, match=message):
+        LayerGrouper(np.ones(4, dtype=bool), **{"n_groups": 2, **kwargs})
+    assert LayerGrouper(np.ones(4, dtype=bool), 2, smoothing=0.0, margin=0.0).smoothing == 0.0  # the edges
+
+
+@pytest.mark.parametrize("bad", [0, -64, 64.0])
+def test_observation_needs_a_whole_base_batch(bad: object) -> None:
+    """A base batch of 0 raised ZeroDivisionError from log2(batch / 0)."""
+    signals = make_signals([0.0, 1.0])
+    grouper = LayerGrouper(signals.controllable, 2)
+    grouper.update(signals)
+    with pytest.raises(ValueError, match=rf"^base_batch_size={bad!r} must be a whole number >= 1$"):
+        build_observation(signals, grouper, bad, ObservationLayout(2))  # type: ignore[arg-type]
+
+
 def test_layout_docstring_example() -> None:
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

@@ -18,6 +18,7 @@ range.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,20 +82,33 @@ class ObservationLayout:
 
     n_groups: int
 
+    def __post_init__(self) -> None:
+        if not _is_whole(self.n_groups) or self.n_groups < 1:
+            raise ValueError(f"n_groups={self.n_groups!r} must be a whole number >= 1")
+
     @property
     def size(self) -> int:
         """Length of the observation vector."""
         return len(GLOBAL_FEATURES) + self.n_groups * len(GROUP_FEATURES)
 
     def globals(self, name: str) -> int:
-        """Index of a global feature."""
-        return GLOBAL_FEATURES.index(name)
+        """Index of a global feature.
+
+        Raises:
+            ValueError: ``name`` is not in ``GLOBAL_FEATURES`` (the message lists them).
+        """
+        return _feature_index(GLOBAL_FEATURES, name, "global")
 
     def group(self, group: int, name: str) -> int:
-        """Index of feature ``name`` of group ``group`` (0 = most sensitive)."""
-        if not (0 <= group < self.n_groups):
-            raise IndexError(f"group {group} out of range [0, {self.n_groups})")
-        return len(GLOBAL_FEATURES) + group * len(GROUP_FEATURES) + GROUP_FEATURES.index(name)
+        """Index of feature ``name`` of group ``group`` (0 = most sensitive).
+
+        Raises:
+            IndexError: ``group`` is not a whole number in ``[0, n_groups)``.
+            ValueError: ``name`` is not in ``GROUP_FEATURES`` (the message lists them).
+        """
+        if not _is_whole(group) or not (0 <= group < self.n_groups):
+            raise IndexError(f"group {group!r} out of range [0, {self.n_groups})")  # 1.5 gave a float index
+        return len(GLOBAL_FEATURES) + int(group) * len(GROUP_FEATURES) + _feature_index(GROUP_FEATURES, name, "group")
 
     @classmethod
     def for_size(cls, size: int) -> ObservationLayout | None:
@@ -133,6 +147,12 @@ class LayerGrouper:
     """
 
     def __init__(self, controllable: np.ndarray, n_groups: int, smoothing: float = 0.5, margin: float = 0.15):
+        if not _is_whole(n_groups) or n_groups < 1:
+            raise ValueError(f"n_groups={n_groups!r} must be a whole number >= 1")
+        if not _is_real(smoothing) or not (0.0 <= smoothing < 1.0):
+            raise ValueError(f"smoothing={smoothing!r} must be in [0, 1)")  # 1 never took in a new score; NaN: all NaN
+        if not _is_real(margin) or not (0.0 <= margin < math.inf):
+            raise ValueError(f"margin={margin!r} must be a finite number >= 0 (log10 units)")
         self.indices = np.flatnonzero(controllable)
         if len(self.indices) == 0:
             raise ValueError("the model has no controllable (Linear/Conv/attention) layer to group")
@@ -201,7 +221,13 @@ def peak_curvature(signals: Signals) -> np.ndarray:
 def build_observation(
     signals: Signals, grouper: LayerGrouper, base_batch_size: int, layout: ObservationLayout
 ) -> np.ndarray:
-    """The observation vector for ``signals`` (float32, shape ``[layout.size]``, within ±OBS_HIGH)."""
+    """The observation vector for ``signals`` (float32, shape ``[layout.size]``, within ±OBS_HIGH).
+
+    Raises:
+        ValueError: ``base_batch_size`` is not a whole number >= 1.
+    """
+    if not _is_whole(base_batch_size) or base_batch_size < 1:
+        raise ValueError(f"base_batch_size={base_batch_size!r} must be a whole number >= 1")  # 0 divided by zero
     obs = np.zeros(layout.size, dtype=np.float64)
     g = layout.globals
     weights = signals.n_params / max(signals.n_params.sum(), 1.0)
@@ -241,6 +267,26 @@ def build_observation(
         counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))
         obs[layout.group(group, "is_fp32") + int(np.argmax(counts))] = 1.0
     return np.clip(np.nan_to_num(obs, nan=0.0), -OBS_HIGH, OBS_HIGH).astype(np.float32)
+
+
+def _is_whole(value: object) -> bool:
+    """An integer (numpy's too), not a bool.
+
+    A helper rather than inline checks: mypy reads ``isinstance(x: int, Integral)`` as always False, and the code
+    after such a check as unreachable (so unchecked).
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _feature_index(features: tuple[str, ...], name: str, kind: str) -> int:
+    if name not in features:  # tuple.index said only "x not in tuple"
+        raise ValueError(f"unknown {kind} feature {name!r}; the {kind} features: {', '.join(features)}")
+    return features.index(name)
 
 
 def _quantile_groups(scores: np.ndarray, n_groups: int) -> np.ndarray:
