@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from triaccel_rl.config import (
     ConfigError,
     ControllerConfig,
     CostMode,
+    ElasticConfig,
     HardwareProfile,
     HeuristicConfig,
+    LRRule,
     MemoryBudget,
     RewardConfig,
 )
@@ -491,3 +494,195 @@ def test_preset_overrides_apply_on_top() -> None:
 def test_preset_overrides_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"n_groups=0 must be in \[1, 16\]"):
         ControllerConfig.preset("aggressive", n_groups=0)
+
+
+# ---------------------------------------------------------------- every field's type, by field
+
+NUMBER_FIELDS = [
+    (MemoryBudget, "bytes", "memory budget bytes"),
+    (MemoryBudget, "fraction", "memory budget fraction"),
+    (MemoryBudget, "cpu_capacity_bytes", "cpu_capacity_bytes"),
+    *[(HeuristicConfig, f.name, f.name) for f in dataclasses.fields(HeuristicConfig) if f.type in ("float", "int")],
+    (HeuristicConfig, "anneal_plateau", "anneal_plateau"),
+    (HeuristicConfig, "ramp_batch_after", "ramp_batch_after"),
+    *[(RewardConfig, f.name, f"reward {f.name}") for f in dataclasses.fields(RewardConfig)],
+    *[(ElasticConfig, f.name, f.name) for f in dataclasses.fields(ElasticConfig) if f.type in ("float", "int")],
+    *[(ControllerConfig, f.name, f.name) for f in dataclasses.fields(ControllerConfig) if f.type in ("float", "int")],
+]
+
+
+def test_the_number_fields_listed_are_every_number_field() -> None:
+    """Guards the table above: a new number field is in it (its type check tested) without editing the test."""
+    listed = {(cls.__name__, name) for cls, name, _ in NUMBER_FIELDS}
+    assert ("HeuristicConfig", "speed_trial_steps") in listed and ("ControllerConfig", "max_interval_factor") in listed
+    assert ("ElasticConfig", "warmup_steps") in listed and ("RewardConfig", "clip") in listed
+    assert len(listed) == 3 + 14 + 6 + 5 + 8
+
+
+@pytest.mark.parametrize("bad", [True, False, "0.5", None, [1]], ids=["True", "False", "str", "None", "list"])
+@pytest.mark.parametrize(
+    ("cls", "name", "label"), NUMBER_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, _ in NUMBER_FIELDS]
+)
+def test_a_number_field_refuses_what_is_not_a_number(cls: type, name: str, label: str, bad: object) -> None:
+    """Before the fix, True passed as 1 (max_overflow_rate, max_batch_growth, bytes, every reward weight...), False as
+    0, and a string or None raised a TypeError from the range's comparison (or was taken: a str use_fp16)."""
+    if bad is None and name in ("bytes", "anneal_plateau", "ramp_batch_after"):
+        return  # None is their "off"
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(f'{label}={bad!r}')} must be a (whole )?number .*; got {type(bad).__name__}$"
+    ):
+        cls(**{name: bad})
+
+
+WHOLE_FIELDS = [
+    (MemoryBudget, "bytes", "memory budget bytes", 1000),
+    (MemoryBudget, "cpu_capacity_bytes", "cpu_capacity_bytes", 1000),
+    (HeuristicConfig, "speed_trial_steps", "speed_trial_steps", 8),
+    (HeuristicConfig, "anneal_rungs", "anneal_rungs", 1),
+    (ElasticConfig, "warmup_steps", "warmup_steps", 10),
+    (ElasticConfig, "max_oom_retries", "max_oom_retries", 8),
+    (ControllerConfig, "max_interval_factor", "max_interval_factor", 8),
+]
+
+
+@pytest.mark.parametrize("bad", [2.5, 2.0, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("cls", "name", "label", "good"), WHOLE_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, *_ in WHOLE_FIELDS]
+)
+def test_a_count_refuses_a_float(cls: type, name: str, label: str, good: int, bad: float) -> None:
+    """Before the fix NaN passed every one of these (``nan < 1`` is False): NaN anneal_rungs or max_interval_factor
+    reached the policy and the cadence, and NaN bytes raised from ``int()`` at ``resolve``; 2.5 rungs indexed the LR
+    ladder with a float."""
+    import numpy as np
+
+    with pytest.raises(ConfigError, match=rf"^{label}={bad!r} must be a whole number"):
+        cls(**{name: bad})
+    assert getattr(cls(**{name: np.int64(good)}), name) == good  # numpy's integers are whole numbers
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "optional"),
+    [
+        (HeuristicConfig, "use_fp16", False),
+        (HeuristicConfig, "speed_trial", True),
+        (ControllerConfig, "rollback", False),
+        (ControllerConfig, "rollback_offload", False),
+    ],
+)
+@pytest.mark.parametrize("bad", ["no", 0, 1, "False"])
+def test_a_switch_takes_true_or_false(cls: type, name: str, optional: bool, bad: object) -> None:
+    """``use_fp16="no"`` lowered to fp16 (a non-empty string is true); ``speed_trial=0`` read as False."""
+    suffix = ", or None" if optional else ""
+    with pytest.raises(ConfigError, match=rf"^{name}={bad!r} must be True or False{suffix}$"):
+        cls(**{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "kind"),
+    [("memory", 0.9, "MemoryBudget"), ("heuristic", {}, "HeuristicConfig"), ("elastic", None, "ElasticConfig")],
+)
+def test_controller_parts_must_be_their_configs(name: str, bad: object, kind: str) -> None:
+    """A dict or a number was taken and failed later, far from the mistake (or never: an unused elastic)."""
+    with pytest.raises(ConfigError, match=rf"^{name}={bad!r} must be of type {kind}, e\.g\. {kind}\(\)$"):
+        ControllerConfig(**{name: bad})
+
+
+@pytest.mark.parametrize("name", ["lower_below", "raise_above"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_heuristic_thresholds_are_finite(name: str, bad: float) -> None:
+    """NaN read as "must be below raise_above" (a wrong reason); inf passed. The observation is clipped to +-10, so a
+    threshold past that already never fires."""
+    with pytest.raises(ConfigError, match=rf"^{name}={bad} must be a finite number"):
+        HeuristicConfig(**{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("bad", "shown"),
+    [
+        ((0.5, True, 1.5), r"\(0\.5, True, 1\.5\)"),
+        ((0.5, "1.0"), r"\(0\.5, '1\.0'\)"),
+        ("1.0", "'1.0'"),
+        ({1.0}, r"\{1\.0\}"),
+    ],
+)
+def test_lr_scales_refuse_bools_strings_and_sets(bad: object, shown: str) -> None:
+    """True equals 1.0, so a ladder (0.5, True, 1.5) passed; a string raised a TypeError from ``math.isfinite``."""
+    with pytest.raises(ConfigError, match=rf"^lr_scales={shown} must be a non-empty tuple of positive numbers"):
+        ControllerConfig(lr_scales=bad)  # type: ignore[arg-type]
+
+
+def test_lr_scales_given_as_a_list_become_a_tuple() -> None:
+    """A ladder read from JSON is a list: it made an unhashable config that compared unequal to its own preset."""
+    config = ControllerConfig(lr_scales=[0.75, 1.0, 1.25])  # type: ignore[arg-type]
+    assert config.lr_scales == (0.75, 1.0, 1.25) and isinstance(config.lr_scales, tuple)
+    assert config == ControllerConfig.preset("default", lr_scales=(0.75, 1.0, 1.25))
+    assert hash(config) == hash(ControllerConfig(lr_scales=(0.75, 1.0, 1.25)))
+
+
+def test_preset_refuses_an_unknown_override_naming_the_fields() -> None:
+    """It raised replace()'s TypeError about __init__'s keyword arguments."""
+    with pytest.raises(
+        ConfigError, match=r"^ControllerConfig has no field\(s\) \['interval'\]; its fields: interval_steps, "
+    ):
+        ControllerConfig.preset("safe", interval=7)
+
+
+@pytest.mark.parametrize(
+    ("make", "value"),
+    [
+        (lambda: HeuristicConfig(max_overflow_rate=-0.0), "max_overflow_rate"),
+        (lambda: HeuristicConfig(anneal_after=-0.0), "anneal_after"),
+        (lambda: RewardConfig(nonfinite_penalty=-0.0), "nonfinite_penalty"),
+        (lambda: HeuristicConfig(loss_rise_tolerance=-0.0), "loss_rise_tolerance"),
+    ],
+)
+def test_negative_zero_is_zero_where_zero_is_allowed(make, value: str) -> None:
+    assert getattr(make(), value) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: MemoryBudget(fraction=-0.0), r"fraction=-0\.0 must be in \(0, 1\]"),
+        (lambda: RewardConfig(clip=-0.0), r"reward clip=-0\.0 must be positive"),
+        (lambda: ElasticConfig(fill_frac=-0.0), r"fill_frac=-0\.0 must be in \(0, 1\]"),
+        (lambda: HeuristicConfig(grow_below_usage=-0.0), r"need 0 < grow_below_usage=-0\.0"),
+    ],
+)
+def test_negative_zero_is_refused_where_zero_is(make, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+# ---------------------------------------------------------------- ElasticConfig
+
+
+def test_elastic_defaults_are_the_documented_ones() -> None:
+    config = ElasticConfig()
+    assert (config.lr_rule, config.warmup_above, config.warmup_steps) == (LRRule.AUTO, 1.5, 10)
+    assert (config.fill_frac, config.oom_budget_factor, config.max_oom_retries) == (0.9, 1.0, 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"warmup_above": 1.0}, r"warmup_above=1\.0 must be a ratio > 1"),
+        ({"warmup_above": float("nan")}, r"warmup_above=nan must be a ratio > 1"),
+        ({"warmup_above": float("inf")}, r"warmup_above=inf must be a ratio > 1"),
+        ({"warmup_steps": -1}, r"warmup_steps=-1 must be >= 0"),
+        ({"fill_frac": 0.0}, r"fill_frac=0\.0 must be in \(0, 1\]"),
+        ({"fill_frac": 1.01}, r"fill_frac=1\.01 must be in \(0, 1\]"),
+        ({"fill_frac": float("nan")}, r"fill_frac=nan must be in \(0, 1\]"),
+        ({"oom_budget_factor": 0.0}, r"oom_budget_factor=0\.0 must be in \(0, 1\]"),
+        ({"max_oom_retries": 0}, r"max_oom_retries=0 must be >= 1"),
+        ({"lr_rule": "cubic"}, r"lr_rule='cubic'; allowed: linear, sqrt, none, adascale, auto"),
+    ],
+)
+def test_elastic_ranges(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ElasticConfig(**overrides)
+
+
+def test_elastic_edges_allowed() -> None:
+    config = ElasticConfig(warmup_steps=0, fill_frac=1.0, oom_budget_factor=1.0, max_oom_retries=1, lr_rule=" SQRT ")
+    assert (config.warmup_steps, config.fill_frac, config.max_oom_retries, config.lr_rule) == (0, 1.0, 1, LRRule.SQRT)

@@ -89,6 +89,10 @@ class MemoryBudget:
     cpu_capacity_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
+        if self.bytes is not None:
+            _require_whole("memory budget bytes", self.bytes, "> 0 (or None: the fraction applies)")
+        _require_number("memory budget fraction", self.fraction, "in (0, 1]")
+        _require_whole("cpu_capacity_bytes", self.cpu_capacity_bytes, "> 0")
         if self.bytes is not None and self.bytes <= 0:
             raise ConfigError(f"memory budget bytes={self.bytes} must be a positive integer")
         if not (0.0 < self.fraction <= 1.0):
@@ -113,6 +117,31 @@ class MemoryBudget:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_number(label: str, value: object, allowed: str, optional: bool = False) -> None:
+    """Refuses a bool, a string, None (unless ``optional``) or any other non-number for ``label``, naming ``allowed``.
+
+    The range itself is each caller's check; this one keeps ``True`` (which compares as 1) and ``"0.5"`` (which raised
+    a ``TypeError`` from the comparison) out of it.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        none = ", or None" if optional else ""
+        raise ConfigError(f"{label}={value!r} must be a number {allowed}{none}; got {type(value).__name__}")
+
+
+def _require_whole(label: str, value: object, allowed: str) -> None:
+    """Refuses a bool, a float (2.5, NaN, even 2.0) or a non-number for the count ``label``, naming ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{label}={value!r} must be a whole number {allowed}; got {type(value).__name__}")
+
+
+def _require_bool(label: str, value: object, optional: bool = False) -> None:
+    """Refuses anything but True or False (or None, when ``optional``) for the switch ``label``."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ConfigError(f"{label}={value!r} must be True or False{', or None' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -218,8 +247,11 @@ class HeuristicConfig:
     curvature × gradient variance relative to the median over groups (observation feature).
 
     LR multiplier: one rung down the ``ControllerConfig.lr_scales`` ladder when the probe loss rose by
-    more than ``loss_rise_tolerance`` over an interval or steps overflowed; one rung back up towards 1.0
-    when it fell by as much; otherwise kept.
+    more than ``loss_rise_tolerance`` over an interval or the overflow rate was over ``max_overflow_rate``; one
+    rung back up towards 1.0 (from under it) when it fell by more than as much; otherwise kept. Every threshold is
+    strict (a value exactly at one keeps the setting) except the shares of the run, ``anneal_after`` and
+    ``ramp_batch_after`` (from that share on) and ``ramp_batch_until`` (before it); ``policies/heuristic.py`` lists
+    the edges.
 
     Start: every controllable layer begins in ``start_precision`` (bf16 by default: the static setting a
     careful user runs today, so the controller adapts from the strong baseline, not from fp32).
@@ -233,8 +265,9 @@ class HeuristicConfig:
             (2026-11-22) 0.75 raised ResNet-18's early convolutions to fp32 at the first decision and made
             a step 1.8x slower; 1.5 still raised 6 of them, and with captured steps the run took 2x as
             long to reach 93% for the same final accuracy as static bf16 everywhere (94.54% vs 94.53%).
-        max_overflow_rate: overflow (skipped-step) rate above which no group is lowered and fp16 groups
-            fall back to bf16.
+        max_overflow_rate: overflow (skipped-step) rate above which no group is lowered, fp16 groups
+            fall back to bf16 and the LR takes a rung down, in [0, 1]. A rate equal to it is stable (1 step in 20 at
+            the default 0.05).
         use_fp16: lower to fp16 instead of bf16 (only worth it where fp16 is faster, e.g. older GPUs).
         speed_trial: before the first decision, train ``speed_trial_steps`` steps (after 2 warm-up steps)
             in each 16-bit precision, every controllable layer alike, and lower to the faster one from then
@@ -251,8 +284,10 @@ class HeuristicConfig:
             (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the
             interval-to-interval noise of the probe loss late in training (a 2% tolerance made the
             2026-11-22 GPU pilot change the LR 45 times in 12 epochs, chasing noise).
-        grow_below_usage: grow the batch when memory use is under this share of the budget.
-        shrink_above_usage: shrink the batch when memory use is over this share of the budget.
+        grow_below_usage: the batch may grow (when the noise scale or the ramp asks) only while memory use is under
+            this share of the budget; in (0, ``shrink_above_usage``).
+        shrink_above_usage: shrink the batch when memory use is over this share of the budget, whatever the noise
+            scale asks; at most 1.5 (memory use reads up to 2).
         max_batch_over_noise: grow the batch only while batch / noise_scale is under this value. By
             McCandlish et al. (2018), a batch B needs ``1 + B / B_noise`` times the minimum number of
             samples, so 0.1 costs at most about 10% more samples for many fewer steps; > 0.
@@ -319,8 +354,17 @@ class HeuristicConfig:
     ramp_batch_until: float = 0.75
 
     def __post_init__(self) -> None:
-        if self.start_precision not in ("fp32", "bf16", "fp16"):
+        for name, allowed in _HEURISTIC_NUMBERS.items():
+            _require_number(name, getattr(self, name), allowed, optional=name in ("anneal_plateau", "ramp_batch_after"))
+        for name in ("speed_trial_steps", "anneal_rungs"):
+            _require_whole(name, getattr(self, name), ">= 1")
+        _require_bool("use_fp16", self.use_fp16)
+        _require_bool("speed_trial", self.speed_trial, optional=True)
+        if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+        for name in ("lower_below", "raise_above"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number (relative log10 sensitivity)")
         if not self.lower_below < self.raise_above:
             raise ConfigError(
                 f"lower_below={self.lower_below} must be below raise_above={self.raise_above} (hysteresis band)"
@@ -352,6 +396,23 @@ class HeuristicConfig:
             )
         if not (math.isfinite(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
             raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
+
+
+_HEURISTIC_NUMBERS = {
+    "lower_below": "below raise_above",
+    "raise_above": "above lower_below",
+    "max_overflow_rate": "in [0, 1]",
+    "loss_rise_tolerance": ">= 0",
+    "grow_below_usage": "in (0, shrink_above_usage)",
+    "shrink_above_usage": "in (grow_below_usage, 1.5]",
+    "max_batch_over_noise": "> 0",
+    "max_batch_growth": ">= 1",
+    "anneal_plateau": "in (0, 1)",
+    "anneal_after": "in [0, 1]",
+    "ramp_batch_after": "in [0, 1]",
+    "ramp_batch_until": "in [ramp_batch_after, 1]",
+}
+"""``HeuristicConfig``'s number fields and their ranges (for the type check's message; the ranges are checked apart)."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +447,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            _require_number(f"reward {f.name}", value, "> 0" if f.name in ("clip", "budget_intervals") else ">= 0")
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"reward {f.name}={value} must be a non-negative number")
         if self.clip <= 0:
@@ -436,6 +498,11 @@ class ElasticConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_rule", LRRule.parse(self.lr_rule))
+        _require_number("warmup_above", self.warmup_above, "> 1")
+        _require_whole("warmup_steps", self.warmup_steps, ">= 0")
+        _require_number("fill_frac", self.fill_frac, "in (0, 1]")
+        _require_number("oom_budget_factor", self.oom_budget_factor, "in (0, 1]")
+        _require_whole("max_oom_retries", self.max_oom_retries, ">= 1")
         if not (math.isfinite(self.warmup_above) and self.warmup_above > 1.0):
             raise ConfigError(f"warmup_above={self.warmup_above} must be a ratio > 1")
         if self.warmup_steps < 0:
@@ -511,10 +578,30 @@ class ControllerConfig:
     signals: SignalConfig = field(default_factory=lambda: _signal_config_type()())
 
     def __post_init__(self) -> None:
-        for name in ("interval_steps", "snapshot_every", "n_groups", "min_batch_size", "max_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{name}={value!r} must be a whole number")
+        for name in (
+            "interval_steps",
+            "max_interval_factor",
+            "snapshot_every",
+            "n_groups",
+            "min_batch_size",
+            "max_batch_size",
+        ):
+            _require_whole(name, getattr(self, name), ">= 1")
+        for name in ("max_lr_change", "ema_decay"):
+            _require_number(name, getattr(self, name), ">= 1 (a ratio)" if name == "max_lr_change" else "in (0, 1)")
+        for name in ("rollback", "rollback_offload"):
+            _require_bool(name, getattr(self, name))
+        for name, kind in (("memory", MemoryBudget), ("heuristic", HeuristicConfig), ("elastic", ElasticConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} must be of type {kind.__name__}, e.g. {kind.__name__}()"
+                )
+        if isinstance(self.lr_scales, list):  # a JSON or YAML file gives lists; the config stays hashable
+            object.__setattr__(self, "lr_scales", tuple(self.lr_scales))
+        if not isinstance(self.lr_scales, tuple) or any(
+            isinstance(s, bool) or not isinstance(s, numbers.Real) for s in self.lr_scales
+        ):
+            raise ConfigError(f"lr_scales={self.lr_scales!r} must be a non-empty tuple of positive numbers")
         if self.interval_steps < 1:
             raise ConfigError(f"interval_steps={self.interval_steps} must be >= 1")
         if self.max_interval_factor < 1:
@@ -561,6 +648,10 @@ class ControllerConfig:
         x0.25: 0.85x on ResNet-18 over 25 seeds, ending 0.28 points lower, row ``heuristic-anneal5-i1-deep``). The
         others leave the signals at ``SignalConfig()``; override them like any field:
         ``ControllerConfig.preset("safe", signals="cheap")``.
+
+        Raises:
+            ConfigError: an unknown preset or override name (the message lists the allowed ones), or an override
+                out of its range.
         """
         presets: dict[str, dict[str, Any]] = {
             "default": {},
@@ -575,6 +666,10 @@ class ControllerConfig:
         }
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:  # replace() would raise a TypeError about __init__'s keyword arguments
+            raise ConfigError(f"ControllerConfig has no field(s) {unknown}; its fields: {', '.join(known)}")
         return replace(cls(), **{**presets[name], **overrides})
 
 
