@@ -312,3 +312,88 @@ def test_merged_plots_draw_each_model_of_a_job_from_its_own_runs(monkeypatch, tm
     _job_file(tmp_path / "old2.json", ["synthetic", "mlp-fmnist"], name_runs=False)
     with pytest.raises(SystemExit, match="job 'old2' ran mlp-fmnist, synthetic, but its runs do not name their model"):
         gpu_benchmark.merge([str(tmp_path / "old2.json")], tmp_path / "merged_old2.json", plots=str(tmp_path / "p"))
+
+
+DOCS = ("BENCHMARKS.md", "README.md", "triaccel_rl/pretrained/MODEL_CARD.md")
+
+
+def _quoted_commands() -> list[tuple[str, str]]:
+    """``(where, command)`` for each ``python experiments/...`` or ``triaccel-rl ...`` command the docs quote.
+
+    From code blocks (a trailing backslash joins lines) and inline code (which may wrap); a command ends at a shell
+    separator, a redirection or a comment. Commands with a placeholder (``<zip>``, ``F``) are left out.
+    """
+    import re
+
+    repo = SCRIPT.parents[1]
+    commands = []
+    for doc in DOCS:
+        text = (repo / doc).read_text()
+        spans = [block.replace("\\\n", " ") for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S)]
+        spans = [line for block in spans for line in block.splitlines()]
+        spans += [
+            span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        ]
+        for span in spans:
+            for match in re.finditer(r"python3? experiments/\w+\.py|triaccel-rl ", span):
+                command = re.split(r"\s(?:;|&&|\||2>&1|#|>)\s?", span[match.start() :])[0].strip()
+                if not re.search(r"<|\s(?:F|\S*lrF\S*)(?:\s|$)", command):
+                    commands.append((doc, command))
+    return commands
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script once its arguments have parsed."""
+
+
+@pytest.mark.parametrize(("doc", "command"), _quoted_commands(), ids=lambda value: str(value)[:80])
+def test_each_command_the_docs_quote_parses_with_todays_scripts(monkeypatch, capsys, doc, command):
+    """A reader reproducing a recorded number runs the command as quoted: its flags must still exist (parsing only)."""
+    import argparse
+    import runpy
+    import shlex
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    words = shlex.split(command)
+    try:
+        if words[0] == "triaccel-rl":
+            from triaccel_rl.cli import main
+
+            main(words[1:])
+        else:
+            monkeypatch.setattr(sys, "argv", words[1:])
+            runpy.run_path(str(SCRIPT.parents[1] / words[1]), run_name="__main__")
+    except _Parsed:
+        return
+    except SystemExit:
+        pytest.fail(f"{doc}: `{command}` does not parse: {capsys.readouterr().err.strip().splitlines()[-1:]}")
+    pytest.fail(f"{doc}: `{command}` ran without parsing any arguments")
+
+
+def test_the_docs_quote_commands_of_each_kind():
+    """The extraction above finds the commands (a regex that matched nothing would pass every parse test)."""
+    commands = [command for _, command in _quoted_commands()]
+    assert len(commands) >= 40
+    for script in ("gpu_benchmark", "transfer", "train_pretrained", "batch_headroom", "controller_loop", "bench_env"):
+        assert any(command.startswith(f"python experiments/{script}.py") for command in commands), script
+    assert sum(command.startswith("triaccel-rl compare") for command in commands) >= 5
+
+
+def test_each_device_visit_stage_the_docs_quote_exists():
+    """``bash scripts/device-visit.sh COMMIT STAGE...``: an unknown stage would be passed to gpu_benchmark.py."""
+    import re
+
+    repo = SCRIPT.parents[1]
+    stages = set(re.findall(r"^\s*([\w-]+)\)", (repo / "scripts" / "device-visit.sh").read_text(), re.M))
+    quoted = []
+    for doc in DOCS:
+        text = (repo / doc).read_text().replace("\n", " ")
+        for match in re.finditer(r"`(?:bash )?scripts/device-visit\.sh \w+((?: [\w-]+)*)`", text):
+            quoted += [word for word in match.group(1).split() if not word.isupper()]  # STAGE: a placeholder
+    assert len(quoted) >= 20
+    assert set(quoted) <= stages, sorted(set(quoted) - stages)
