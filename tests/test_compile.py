@@ -174,3 +174,41 @@ def test_a_second_controller_on_the_same_model_is_not_served_the_first_ones_grap
             torch.testing.assert_close(compiled, eager)
             dtypes.append(compiled.dtype)
     assert dtypes == [torch.float32, torch.bfloat16]
+
+
+class _WithFp32Regions(nn.Module):
+    """A GRU and a PReLU: non-controllable layers that run in fp32 regions of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.gru, self.prelu, self.head = (
+            nn.Linear(6, 8),
+            nn.GRU(8, 8, batch_first=True),
+            nn.PReLU(),
+            nn.Linear(8, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.prelu(self.gru(self.fc(x))[0][:, -1]))
+
+
+def test_a_compiled_model_with_fp32_regions_computes_as_the_eager_one_and_settles():
+    """Before the fix, a compiled model with an RNN raised "'autocast' object has no attribute 'prev'" under any 16-bit
+    map: Dynamo runs the RNN's call eagerly but compiled its hooks' frames, so the region was entered in traced code."""
+    torch.manual_seed(0)
+    model = _WithFp32Regions().to(DEVICE)
+    forward = torch.compile(model, backend=BACKEND)
+    torch._dynamo.reset()
+    counters.clear()
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="static-fp32") as ctl:
+        for precisions in (["bf16", "bf16"], ["fp32", "bf16"]):
+            ctl.engine.set_precisions(precisions)
+            graphs = []
+            for _ in range(3):
+                x = torch.randn(4, 5, 6, device=DEVICE)
+                with ctl.autocast():
+                    compiled, eager = forward(x), model(x)
+                assert compiled.dtype == eager.dtype == torch.bfloat16
+                torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+                graphs.append(counters["stats"]["unique_graphs"])
+            assert graphs[1:] == [graphs[0]] * 2, (precisions, graphs)  # compiled at the map's first step only

@@ -17,7 +17,6 @@ children in fp32 too).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -135,9 +134,10 @@ class LayerPrecision:
         where the step is replayed from a captured CUDA graph (``TrainingRun``), a loss in a user's eager loop on a
         launch-bound model (``Controller`` turns it off: ResNet-18 on the H200, 2.1 ms of an 11.5-ms step)."""
         self._swapped: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]]] = []
-        # _enter_region and _exit_region wrapped in torch.compiler.disable, made once Dynamo is loaded (importing it
-        # here would add 1.6 s to every import of the package; a traced forward means it was loaded before).
-        self._eager_regions: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+        # _enter_region, _exit_region, _open_fp32_region and _close_fp32_region wrapped in torch.compiler.disable, made
+        # once Dynamo is loaded (importing it here would add 1.6 s to every import of the package; a traced forward
+        # means it was loaded before).
+        self._eager_regions: tuple[Callable[..., Any], ...] | None = None
         # The pre-hooks take keyword arguments too: a layer called as ``attn(query=h, key=h, value=h)`` or
         # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
         for index, module in enumerate(self._modules):
@@ -221,6 +221,8 @@ class LayerPrecision:
             self._eager_regions = (
                 torch.compiler.disable(self._enter_region),
                 torch.compiler.disable(self._exit_region),
+                torch.compiler.disable(self._open_fp32_region),
+                torch.compiler.disable(self._close_fp32_region),
             )
         low = [p for p in self.precisions if p is not Precision.FP32]
         outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
@@ -263,8 +265,8 @@ class LayerPrecision:
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
             if not self._mixed:
                 return None
-            enter = self._eager_regions[0] if torch.compiler.is_compiling() and self._eager_regions else None
-            return (enter or self._enter_region)(module, index, args, kwargs)
+            enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
+            return enter(module, index, args, kwargs)
 
         return pre_hook
 
@@ -296,8 +298,7 @@ class LayerPrecision:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
         if self._active and self._mixed and self._stack:
-            leave = self._eager_regions[1] if torch.compiler.is_compiling() and self._eager_regions else None
-            return (leave or self._exit_region)(module, output)
+            return (self._eager_regions[1] if self._eager_regions else self._exit_region)(module, output)
         return None
 
     def _exit_region(self, module: nn.Module, output: Any) -> Any:
@@ -338,16 +339,30 @@ class LayerPrecision:
         """
         if not self._active or all(p is Precision.FP32 for p in self.precisions):
             return None
+        # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
+        # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
+        # region entered in such a frame was traced, and its __exit__ found no state ("'autocast' object has no
+        # attribute 'prev'": a compiled model with an RNN failed under any 16-bit map).
+        enter = self._eager_regions[2] if self._eager_regions else self._open_fp32_region
+        return enter(module, args, kwargs)
+
+    def _open_fp32_region(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``_enter_fp32_module``'s region and casts, run eagerly under ``torch.compile`` (as ``_enter_region``)."""
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
-        (torch.compiler.disable(region.__enter__) if torch.compiler.is_compiling() else region.__enter__)()
+        region.__enter__()
         self._stack.append((module, region, False))
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._stack and self._stack[-1][0] is module:
-            region = self._stack.pop()[1]
-            exit_region = functools.partial(region.__exit__, None, None, None)
-            (torch.compiler.disable(exit_region) if torch.compiler.is_compiling() else exit_region)()
+        if self._active and self._stack:
+            (self._eager_regions[3] if self._eager_regions else self._close_fp32_region)(module)
+
+    def _close_fp32_region(self, module: nn.Module) -> None:
+        """Closes ``module``'s fp32 region if it is the innermost (its pre-hook may have opened none)."""
+        if self._stack[-1][0] is module:
+            self._stack.pop()[1].__exit__(None, None, None)
 
     def _fp32_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
