@@ -146,6 +146,10 @@ class HeuristicPolicy:
                 f"parts={sorted(chosen)} must be a non-empty subset of {list(HEURISTIC_PARTS)} "
                 "(for no adaptation at all, use a static policy)"
             )
+        if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
+            raise TypeError(
+                f"config={config!r} must be a ControllerConfig (its thresholds go in ControllerConfig(heuristic=...))"
+            )
         self.config = config or ControllerConfig()
         self.layout = ObservationLayout(self.config.n_groups)
         self.parts = chosen

@@ -540,3 +540,11 @@ def test_rules_steer_their_own_knobs_at_once():
     assert decide(HeuristicPolicy(), **scene) == Decision((FP32, FP32, FP32, BF16), 0.5, SHRINK)
     calm = {**scene, "overflow": 0.0, "memory_use": 0.1}
     assert decide(HeuristicPolicy(), **calm) == Decision((FP32, BF16, BF16, FP16), 1.0, GROW)
+
+
+def test_the_heuristic_takes_a_controller_config():
+    """A HeuristicConfig passed as the config raised AttributeError ('no attribute n_groups') far from the mistake."""
+    with pytest.raises(
+        TypeError, match=r"must be a ControllerConfig \(its thresholds go in ControllerConfig\(heuristic"
+    ):
+        HeuristicPolicy(HeuristicConfig())
