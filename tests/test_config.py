@@ -150,6 +150,10 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
         ({"memory_factor": {"fp32": 2.0, "bf16": 0.5, "fp16": 0.5}}, r"memory_factor\['fp32'\]=2.0 must be 1.0"),
         ({"throughput_scale": 0}, r"throughput_scale=0 must be a positive number"),
         ({"fixed_ms": -1}, r"fixed_ms=-1 must be a non-negative number"),
+        ({"fixed_ms": True}, r"fixed_ms=True must be a non-negative number"),
+        ({"device": 5}, r"device=5 must be the GPU's name, a non-empty string"),  # was taken
+        ({"device": None}, r"device=None must be the GPU's name, a non-empty string"),
+        ({"device": " "}, r"device=' ' must be the GPU's name, a non-empty string"),
     ],
 )
 def test_profile_values_out_of_range_are_named(tmp_path: Path, change: dict, message: str) -> None:

@@ -168,6 +168,8 @@ class HardwareProfile:
     throughput_scale: float = 1.0e-4
 
     def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device.strip():  # JSON's 5 or null was taken as the name
+            raise ConfigError(f"hardware profile device={self.device!r} must be the GPU's name, a non-empty string")
         names = {p.name.lower() for p in Precision}
         for label, table in (("time_factor", self.time_factor), ("memory_factor", self.memory_factor)):
             if not isinstance(table, dict):
