@@ -240,7 +240,7 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
     [
         (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be >= 1"),
         (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "--torch-threads 0 must be >= 1"),
-        (["profile", "--batch-size", "0", "--device", "cpu"], "--steps 20 and --batch-size 0 must be >= 1"),
+        (["profile", "--batch-size", "0", "--device", "cpu"], "--batch-size 0 must be a positive integer"),
     ],
 )
 def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypatch):
