@@ -93,7 +93,7 @@ def main(args: Args) -> dict[str, Any]:
     """Runs every missing (task, controller, seed), writes the results file, prints the table and check."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from triaccel_rl.compare import compare
+    from triaccel_rl.compare import compare, row_names
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, get_task
 
@@ -107,10 +107,17 @@ def main(args: Args) -> dict[str, Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [name for t in tasks for name in (FRESH_HELD_OUT_TASKS if t == "fresh" else (t,))]
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, or 'fresh'")
+    if not controllers:
+        raise ValueError(f"--controllers {args.controllers!r} is empty: give comma-separated controllers")
     for task in tasks:
         get_task(task)  # fail fast on a bad name
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds} must be >= 1")
+    # Every controller's name (and zip) checked before the first run: ``compare`` checks only the one it is given, so
+    # a bad second name stopped the job after the first controller's runs on the first task.
+    row_names(controllers, ControllerConfig(interval_steps=args.interval_steps))
     if args.calibrate:
         return calibrate(tasks, args)
     grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []

@@ -360,6 +360,17 @@ def test_console_script_runs():
     assert result.returncode == 0 and "cnn-fmnist" in result.stdout
 
 
+def test_tasks_lists_every_task_with_its_target_to_a_tenth_of_a_point(capsys):
+    from triaccel_rl.tasks import TASKS
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(TASKS)
+    assert len({line.index(TASKS[line.split()[0]].description) for line in lines}) == 1  # one column
+    sgd = next(line for line in lines if line.startswith("dwcnn-sgd-fmnist "))
+    assert sgd.endswith("(target accuracy 66.5%)")  # 0.665 printed as 66% before
+
+
 def test_controller_example_runs(tmp_path):
     sys.path.insert(0, "experiments")
     try:

@@ -1,9 +1,11 @@
 """The shipped pretrained policy, a tiny end-to-end training run, depth independence, and bad policy input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -356,6 +358,8 @@ def test_transfer_smoke(tmp_path):
     assert saved["target_check"]["met"] is None  # no learned row in the smoke run
     assert saved["learned_vs_heuristic_time_gain"] is None
     assert len(document["runs"]) == 2
+    assert saved["command"].startswith("python experiments/transfer.py")
+    assert saved["device"] and saved["commit"] and saved["date"] == time.strftime("%Y-%m-%d")
     fake = {
         "t": {
             name: {"time_to_target_charged_s_mean": t, "final_metric_mean": acc}
@@ -366,6 +370,28 @@ def test_transfer_smoke(tmp_path):
     assert check["met"] is True, check["lines"]
     fake["t"]["pretrained"]["time_to_target_charged_s_mean"] = 0.95
     assert transfer.target_check(fake)["met"] is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tasks": " , "}, "--tasks ' , ' is empty"),
+        ({"controllers": ","}, "--controllers ',' is empty"),
+        ({"controllers": "heuristic,no-such-controller"}, "no-such-controller"),
+    ],
+)
+def test_transfer_refuses_bad_tasks_and_controllers_before_any_run(kwargs, message, monkeypatch):
+    """A bad second controller used to stop the job after the first controller's runs on the first task."""
+    import triaccel_rl.compare as compare_module
+
+    transfer = import_experiment("transfer")
+
+    def no_runs(*args, **kw):
+        raise AssertionError("compare ran before the arguments were checked")
+
+    monkeypatch.setattr(compare_module, "compare", no_runs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transfer.main(transfer.Args(out="", plots="", **kwargs))
 
 
 def test_transfer_tunes_each_tasks_lr_on_a_static_grid(monkeypatch):

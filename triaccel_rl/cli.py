@@ -388,8 +388,9 @@ def _profile(args: argparse.Namespace) -> int:
 def _tasks(args: argparse.Namespace) -> int:
     from triaccel_rl.tasks import TASKS
 
+    width = max(map(len, TASKS))
     for name, task in sorted(TASKS.items()):
-        print(f"{name:14s} {task.description} (target accuracy {100 * task.target_metric:.0f}%)")
+        print(f"{name:{width}s}  {task.description} (target accuracy {100 * task.target_metric:.1f}%)")
     return 0
 
 

@@ -23,8 +23,9 @@ def reward(
     """Reward of one decision interval of an episode with a fixed cost budget.
 
     ``r = progress_scale * (log L_prev - log L_now) * min(1, budget_left / cost)
-    - nonfinite_penalty * overflow_rate - over_budget_penalty * [memory over budget]
-    - divergence_penalty * [diverged]``, clipped to ``[-clip, clip]``.
+    - nonfinite_penalty * overflow_rate - over_budget_penalty * [memory over budget]``, clipped to
+    ``[-clip, clip]``. A diverged interval (or a non-finite probe loss) earns ``-min(divergence_penalty, clip)``
+    alone: there is no progress to count.
 
     ``L`` is the loss on a fixed probe batch, so progress is not mini-batch noise. ``cost`` is the
     interval's charged time (measured, or modelled from a hardware profile) and ``budget_left`` what was
