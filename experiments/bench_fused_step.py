@@ -31,11 +31,7 @@ Smoke test (CPU, tiny sizes, PyTorch reference path, timings meaningless):
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
 import datetime
-import inspect
 import json
 import os
 import statistics
@@ -60,7 +56,7 @@ from triaccel_rl.kernels import (
 )
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
-from triaccel_rl.experiment import git_commit
+from triaccel_rl.experiment import git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -103,7 +99,7 @@ class Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+    args = parse_args(Args, argv, __doc__.splitlines()[0] if __doc__ else None)
     if args.smoke:
         # The smoke run exercises the CPU reference path; the interpreter would be slow and is tested elsewhere.
         os.environ.pop("TRITON_INTERPRET", None)
@@ -546,36 +542,6 @@ def _stats_error(
 
 # ---------------------------------------------------------------------------------------------------------
 # Plumbing
-
-
-def _parse_args(argv: list[str] | None) -> Args:
-    """Builds an argparse parser from ``Args``' fields and their docstrings."""
-    docs = _field_docstrings(Args)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default, help=docs.get(f.name))
-    return Args(**vars(parser.parse_args(argv)))
-
-
-def _field_docstrings(cls: type) -> dict[str, str]:
-    """The string literal after each annotated field of ``cls`` (attribute docstrings are not kept at runtime)."""
-    body = ast.parse(inspect.getsource(cls)).body[0]
-    assert isinstance(body, ast.ClassDef)
-    docs = {}
-    for node, following in zip(body.body, body.body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
 
 
 def _triton_version() -> str:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import os
+import shlex
 import subprocess
+import textwrap
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["git_commit", "parse_args", "parse_floats"]
+__all__ = ["command_line", "field_docstrings", "git_commit", "parse_args", "parse_floats"]
 
 T = TypeVar("T")
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
@@ -19,7 +23,9 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
 def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Builds ``cls`` (a dataclass of int, float, str and bool fields) from ``--field-name`` flags.
 
-    A bool field is a flag that sets it; the others take a value and default to the field's default.
+    A bool field that defaults to False is a flag that sets it (one that defaults to True has ``--no-...`` too); the
+    others take a value and default to the field's default. Each flag's ``--help`` is the string literal under its
+    field, with the default.
 
     Example:
         >>> from dataclasses import dataclass
@@ -30,18 +36,52 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
         >>> parse_args(Args, ["--steps", "5", "--smoke"])
         Args(steps=5, smoke=True)
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docstrings(cls)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     for f in fields(cls):  # type: ignore[arg-type]
         flag = f"--{f.name.replace('_', '-')}"
-        kind = str(f.type)
-        if kind in ("bool", str(bool)):
-            parser.add_argument(flag, action="store_true")
+        kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # with or without PEP 563 annotations
+        doc = docs.get(f.name, "")
+        if kind == "bool":
+            if f.default is True:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
+            else:
+                parser.add_argument(flag, action="store_true", help=doc or None)
         elif kind in _TYPES:
-            parser.add_argument(flag, type=_TYPES[kind], default=f.default)
+            shown = f"(default: {f.default!r})"
+            parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=f"{doc} {shown}".strip())
         else:
             raise TypeError(f"field {f.name!r} has type {kind}; allowed: bool, {', '.join(_TYPES)}")
     values: dict[str, Any] = vars(parser.parse_args(argv))
     return cls(**values)
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of the class ``cls``, whitespace collapsed.
+
+    Attribute docstrings are not kept at run time, so they are read from the source; a class whose source cannot be
+    read (defined in a REPL or a doctest) has none.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0]
+    if not isinstance(body, ast.ClassDef):
+        return {}
+    docs = {}
+    for node, following in zip(body.body, body.body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
 
 
 def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float, ...]:
@@ -82,12 +122,20 @@ def command_line(script: str, args: Any) -> str:
         ... class Args:
         ...     steps: int = 3
         ...     tasks: str = "a"
-        >>> command_line("experiments/x.py", Args(steps=5))
-        'python experiments/x.py --steps 5'
+        ...     smoke: bool = False
+        >>> command_line("experiments/x.py", Args(steps=5, tasks="a b", smoke=True))
+        "python experiments/x.py --steps 5 --tasks 'a b' --smoke"
     """
     defaults = type(args)()
-    flags = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)}" for f in fields(args)
-             if getattr(args, f.name) != getattr(defaults, f.name)]  # fmt: skip
+    flags = []
+    for f in fields(args):
+        value, flag = getattr(args, f.name), f"--{f.name.replace('_', '-')}"
+        if value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):  # store_true flags take no value; a True default is turned off by --no-...
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(["python", script, *flags])
 
 

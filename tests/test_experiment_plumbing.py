@@ -1,0 +1,83 @@
+"""``triaccel_rl.experiment``: dataclass ``Args`` to flags and back, with each field's docstring as its help."""
+
+import shlex
+from dataclasses import dataclass
+
+import pytest
+
+from triaccel_rl.experiment import command_line, field_docstrings, parse_args
+
+
+@dataclass
+class Args:
+    steps: int = 3
+    """Optimiser steps
+    per run."""
+    tasks: str = "a,b"
+    """Comma-separated task names."""
+    smoke: bool = False
+    """Tiny run."""
+    check: bool = True
+    """Verify first."""
+    lr: float = 0.1
+
+
+def test_field_docstrings_reads_the_literal_under_each_field_whitespace_collapsed():
+    assert field_docstrings(Args) == {
+        "steps": "Optimiser steps per run.",
+        "tasks": "Comma-separated task names.",
+        "smoke": "Tiny run.",
+        "check": "Verify first.",
+    }
+
+
+def test_parse_args_defaults_and_every_kind_of_flag():
+    assert parse_args(Args, []) == Args()
+    got = parse_args(Args, ["--steps", "5", "--tasks", "x y", "--smoke", "--no-check", "--lr", "0.5"])
+    assert got == Args(steps=5, tasks="x y", smoke=True, check=False, lr=0.5)
+
+
+def test_help_shows_each_fields_docstring_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(Args, ["--help"], "Runs things.")
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Runs things." in text
+    assert "--steps STEPS Optimiser steps per run. (default: 3)" in text
+    assert "--tasks TASKS Comma-separated task names. (default: 'a,b')" in text
+    assert "--smoke Tiny run." in text
+    assert "--check, --no-check Verify first." in text
+    assert "--lr LR (default: 0.1)" in text
+
+
+def test_a_misspelt_or_abbreviated_flag_is_refused(capsys):
+    for argv in (["--step", "5"], ["--stepz", "5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(Args, argv)
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_parse_args_refuses_a_field_type_it_cannot_parse():
+    @dataclass
+    class Bad:
+        sizes: list = None  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match="field 'sizes' has type list; allowed: bool, int, float, str"):
+        parse_args(Bad, [])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [Args(), Args(steps=7), Args(smoke=True), Args(check=False), Args(tasks="x y,'z'", lr=0.25, smoke=True)],
+)
+def test_command_line_round_trips_through_parse_args(args):
+    command = command_line("experiments/x.py", args)
+    words = shlex.split(command)
+    assert words[:2] == ["python", "experiments/x.py"]
+    assert parse_args(Args, words[2:]) == args
+
+
+def test_command_line_names_only_the_flags_that_differ():
+    assert command_line("x.py", Args()) == "python x.py"
+    assert command_line("x.py", Args(smoke=True, check=False)) == "python x.py --smoke --no-check"
