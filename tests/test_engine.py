@@ -757,3 +757,39 @@ def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: st
             assert before[key]["param_groups"] == after[key]["param_groups"]
         else:
             assert before[key] == after[key], key
+
+
+def _hook_counts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
+    forward = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    grad = sum(len(p._backward_hooks or {}) for p in model.parameters()) + sum(
+        p._post_accumulate_grad_hooks is not None and len(p._post_accumulate_grad_hooks) for p in model.parameters()
+    )
+    return forward, grad, len(optimizer._optimizer_step_pre_hooks)
+
+
+@pytest.mark.parametrize(
+    ("make", "fused", "message"),
+    [
+        (lambda m: torch.optim.RMSprop(m.parameters(), lr=0.1), True, "fused=True, but the fused step cannot run"),
+        (lambda m: torch.optim.SGD(m[0].parameters(), lr=0.1), None, None),  # a partial optimizer is fine: control
+        (lambda m: torch.optim.SGD([{"params": m[0].parameters(), "layer": 5}], lr=0.1), None, "'layer': 5"),
+        (lambda m: torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), None, "holds none of the"),
+    ],
+)
+def test_a_refused_engine_leaves_no_hooks_on_the_model_or_optimizer(make, fused, message):
+    """The user catches the error and trains on: their model and optimizer must run as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = make(model)
+    before = _hook_counts(model, optimizer)
+    if message is None:
+        engine = StepEngine(model, optimizer, torch.device("cpu"), fused=fused)
+        assert _hook_counts(model, optimizer) != before  # the control: a built engine does hook in
+        engine.remove()
+    else:
+        with pytest.raises(ValueError, match=message):
+            StepEngine(model, optimizer, torch.device("cpu"), fused=fused)
+    assert _hook_counts(model, optimizer) == before
+    loss = model(torch.randn(3, 4)).square().mean()
+    loss.backward()
+    optimizer.step()  # the engine's guard is gone: no "second update" error

@@ -137,68 +137,86 @@ class StepEngine:
         self.optimizer = optimizer
         self.device = device
         self.precision = LayerPrecision(model, device.type)
-        self.layers: list[LayerInfo] = self.precision.layers
-        self.n_layers = len(self.layers)
-        trainable = layer_parameters(model, self.layers)
-        owned = {id(p) for params in trainable for p in params}
-        strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
-        if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
-            raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
-        sparse = [name for name, m in model.named_modules() if isinstance(m, _SPARSE_TYPES) and m.sparse]
-        if sparse:
-            raise ValueError(
-                f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
-                "statistics and updates do not take: build them with sparse=False"
-            )
-        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        # The parameters the engine updates: the trainable ones the optimizer holds. Trainable parameters outside it
-        # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
-        self.layer_params = [[p for p in params if id(p) in self._groups] for params in trainable]
-        self._params = [p for params in self.layer_params for p in params]
-        if not self._params:
-            raise ValueError(
-                f"the optimizer holds none of the {len(owned)} trainable parameters of "
-                f"{type(model).__name__}; build it from this model's parameters (model.parameters())"
-            )
-        self._layer_index = torch.cat(
-            [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self.layer_params)]
-        ).to(device)
-        # Checked at each step (_check_optimizer_params): a param group added later, or a parameter of the
-        # optimizer's that was frozen now and gets a gradient later, would be trained outside the engine.
-        held = {id(p) for p in self._params}
-        self._n_param_groups = len(optimizer.param_groups)
-        self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
-        _check_layer_keys(optimizer, self.n_layers)
-        self.lr_scale = 1.0
-        self.batch_lr_gain = 1.0
-        self.lr_factors = np.ones(self.n_layers)
-        self.max_grad_norm: float | None = None
-        """Clips the gradient's total norm to this before each update, as ``clip_grad_norm_`` (None: off)."""
-        self._grad_scaler: torch.amp.GradScaler | None = None
-        self.fused_optimizer: Any = None
-        self._optimizer_hooks: list[Any] = []  # the fused path's state_dict / load_state_dict hooks on the optimizer
-        self._stepping = False  # inside the engine's own optimizer.step() (the reference path)
-        this = weakref.ref(self)
-
-        def guard(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            engine = this()
-            if engine is not None and not engine._stepping:
-                raise RuntimeError(
-                    "optimizer.step() was called while the controller drives this optimizer: ctl.step(loss) already "
-                    "runs the backward and the update, so this would be a second update. Remove loss.backward() and "
-                    "optimizer.step() from the loop (or close the controller first)"
+        try:
+            self.layers: list[LayerInfo] = self.precision.layers
+            self.n_layers = len(self.layers)
+            trainable = layer_parameters(model, self.layers)
+            owned = {id(p) for params in trainable for p in params}
+            strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+            if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
+                raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
+            sparse = [name for name, m in model.named_modules() if isinstance(m, _SPARSE_TYPES) and m.sparse]
+            if sparse:
+                raise ValueError(
+                    f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
+                    "statistics and updates do not take: build them with sparse=False"
                 )
+            self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+            # The parameters the engine updates: the trainable ones the optimizer holds. Trainable parameters outside it
+            # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
+            self.layer_params = [[p for p in params if id(p) in self._groups] for params in trainable]
+            self._params = [p for params in self.layer_params for p in params]
+            if not self._params:
+                raise ValueError(
+                    f"the optimizer holds none of the {len(owned)} trainable parameters of "
+                    f"{type(model).__name__}; build it from this model's parameters (model.parameters())"
+                )
+            self._layer_index = torch.cat(
+                [torch.full((len(params),), i, dtype=torch.long) for i, params in enumerate(self.layer_params)]
+            ).to(device)
+            # Checked at each step (_check_optimizer_params): a param group added later, or a parameter of the
+            # optimizer's that was frozen now and gets a gradient later, would be trained outside the engine.
+            held = {id(p) for p in self._params}
+            self._n_param_groups = len(optimizer.param_groups)
+            self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
+            _check_layer_keys(optimizer, self.n_layers)
+            self.lr_scale = 1.0
+            self.batch_lr_gain = 1.0
+            self.lr_factors = np.ones(self.n_layers)
+            self.max_grad_norm: float | None = None
+            """Clips the gradient's total norm to this before each update, as ``clip_grad_norm_`` (None: off)."""
+            self._grad_scaler: torch.amp.GradScaler | None = None
+            self.fused_optimizer: Any = None
+            self._optimizer_hooks: list[
+                Any
+            ] = []  # the fused path's state_dict / load_state_dict hooks on the optimizer
+            self._stepping = False  # inside the engine's own optimizer.step() (the reference path)
+            this = weakref.ref(self)
 
-        self._step_guard = guard
-        self._step_guard_handle = optimizer.register_step_pre_hook(guard)
-        self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
-        reason = _fused_unsupported(optimizer, self.layer_params)
-        if fused and reason:
-            raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
-        if (fused if fused is not None else device.type == "cuda") and not reason:
-            self._init_fused()
-        elif fused is None and device.type == "cuda":  # the default would have been the fused step: say why not
-            _log.warning("the fused optimizer step cannot run this optimizer (%s): the reference path runs", reason)
+            def guard(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+                engine = this()
+                if engine is not None and not engine._stepping:
+                    raise RuntimeError(
+                        "optimizer.step() was called while the controller drives this optimizer: ctl.step(loss) "
+                        "already runs the backward and the update, so this would be a second update. Remove "
+                        "loss.backward() and optimizer.step() from the loop (or close the controller first)"
+                    )
+
+            self._step_guard = guard
+            self._step_guard_handle = optimizer.register_step_pre_hook(guard)
+            self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
+            reason = _fused_unsupported(optimizer, self.layer_params)
+            if fused and reason:
+                raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
+            if (fused if fused is not None else device.type == "cuda") and not reason:
+                self._init_fused()
+            elif fused is None and device.type == "cuda":  # the default would have been the fused step: say why not
+                _log.warning("the fused optimizer step cannot run this optimizer (%s): the reference path runs", reason)
+
+        except BaseException:
+            self._undo_init()  # a refused model or optimizer is left as it was given: no hooks stay behind
+            raise
+
+    def _undo_init(self) -> None:
+        """Removes whatever hooks a constructor that raised had registered already."""
+        self.precision.remove()
+        if "_step_guard_handle" in self.__dict__:
+            self._step_guard_handle.remove()
+        for handle in self.__dict__.get("_optimizer_hooks", []):
+            handle.remove()
+        store = self.__dict__.get("store")
+        if store is not None:
+            store.remove_grad_hooks()
 
     @staticmethod
     def discover(model: nn.Module) -> list[list[nn.Parameter]]:
