@@ -673,3 +673,39 @@ def test_progress_is_the_share_of_the_run_not_of_the_epoch():
         seen.append(ctl.progress)
     assert seen == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     ctl.close()
+
+
+def _hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    forward = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    return forward + len(optimizer._optimizer_step_pre_hooks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"policy": "heurstic"}, "heurstic"),  # a typo: refused before the engine hooks in
+        ({"policy": "batch-finder"}, "searches its batch on a TrainingRun"),
+        ({"log_dir": "FILE"}, "is a file; give a folder"),
+        ({}, "injected"),  # the rollback copy's allocation fails after the engine is built
+    ],
+)
+def test_a_refused_controller_leaves_the_model_and_optimizer_unhooked(kwargs, message, tmp_path, monkeypatch):
+    import triaccel_rl.controller as controller_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if kwargs.get("log_dir") == "FILE":
+        (tmp_path / "file").write_text("not a folder")
+        kwargs = {"log_dir": tmp_path / "file"}
+    if not kwargs:
+
+        def out_of_memory(self):
+            raise torch.OutOfMemoryError("injected: no room for the rollback copy")
+
+        monkeypatch.setattr(controller_module.RollbackGuard, "reserve", out_of_memory)
+    with pytest.raises((ValueError, torch.OutOfMemoryError), match=message):
+        Controller(model, optimizer, **kwargs)
+    assert _hooks(model, optimizer) == 0
+    model(torch.randn(3, 4)).square().mean().backward()
+    optimizer.step()  # no "second update" guard left behind

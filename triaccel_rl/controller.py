@@ -115,16 +115,15 @@ class Controller:
         if memory is not None and not isinstance(memory, MemoryBudget):
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise ValueError(f"log_dir={str(log_dir)!r} is a file; give a folder for the TensorBoard logs")
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
         first = next(iter(model.parameters()), None)
         self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
         self.model = model
-        self.engine = StepEngine(model, optimizer, self.device)
-        self.engine.max_grad_norm = max_grad_norm
-        # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
-        self.engine.precision.copies_in_eager = False
+        # Everything a caller can get wrong is checked before the engine hooks into the model and the optimizer.
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))
@@ -143,89 +142,98 @@ class Controller:
             )
         self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = profile or HardwareProfile.load()
-        capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
-        self.memory_budget_bytes = self.memory.resolve(capacity)
-        self.collector = SignalCollector(
-            self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals
-        )
-        self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
-        self.executor = Executor(self.config, self.grouper)
-        signals = self.config.signals
-        self.cadence = Cadence(
-            self.config.interval_steps,
-            self.config.max_interval_factor,
-            (1.0 - signals.expensive_share) * signals.budget_frac,
-            adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
-            cheap_share=signals.cheap_budget_frac,
-        )
-        self.steps = 0
-        self.decisions: list[ApplyReport] = []
-        # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
-        # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
-        guard = RollbackGuard(
-            model,
-            self.engine.state_holder,
-            self.config.rollback_offload,
-            self.config.snapshot_every,
-            after_restore=self.engine.refresh_weight_copies,  # the weights changed outside the fused step
-        )
-        self.guard = guard if self.config.rollback else None
-        if self.guard is not None:
-            self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
-        self.rollbacks = 0
-        """Times the last healthy state was restored (``config.rollback``)."""
-        self.signals: Signals | None = None
-        self.costs: CostModel | None = None
-        self.memory_model: MemoryModel | None = None
-        self.lr_coupler: BatchLRCoupler | None = None
-        self._noise_scale: float | None = None
-        self._loader: ElasticLoader | None = None
-        self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
-        self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
-        self._planned_epochs = 0  # the epochs the last loader() call trains to
-        self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
-        self._base_batch_size = 0
-        self._batch_size = 0
-        self._last_batch = 0
-        self._writer: Any = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        self.engine = StepEngine(model, optimizer, self.device)
+        try:
+            self.engine.max_grad_norm = max_grad_norm
+            # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
+            self.engine.precision.copies_in_eager = False
+            capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
+            self.memory_budget_bytes = self.memory.resolve(capacity)
+            self.collector = SignalCollector(
+                self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals
+            )
+            self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+            self.executor = Executor(self.config, self.grouper)
+            signals = self.config.signals
+            self.cadence = Cadence(
+                self.config.interval_steps,
+                self.config.max_interval_factor,
+                (1.0 - signals.expensive_share) * signals.budget_frac,
+                adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
+                cheap_share=signals.cheap_budget_frac,
+            )
+            self.steps = 0
+            self.decisions: list[ApplyReport] = []
+            # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
+            # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
+            guard = RollbackGuard(
+                model,
+                self.engine.state_holder,
+                self.config.rollback_offload,
+                self.config.snapshot_every,
+                after_restore=self.engine.refresh_weight_copies,  # the weights changed outside the fused step
+            )
+            self.guard = guard if self.config.rollback else None
+            if self.guard is not None:
+                self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
+            self.rollbacks = 0
+            """Times the last healthy state was restored (``config.rollback``)."""
+            self.signals: Signals | None = None
+            self.costs: CostModel | None = None
+            self.memory_model: MemoryModel | None = None
+            self.lr_coupler: BatchLRCoupler | None = None
+            self._noise_scale: float | None = None
+            self._loader: ElasticLoader | None = None
+            self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
+            self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
+            self._planned_epochs = 0  # the epochs the last loader() call trains to
+            self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
+            self._base_batch_size = 0
+            self._batch_size = 0
+            self._last_batch = 0
+            self._writer: Any = None
+            if log_dir is not None:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(log_dir))
-        self.skipped_steps = 0
-        """Updates skipped for a non-finite loss or gradient, counted at each decision."""
-        self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
-        """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
-        when recording them costs more, one step in several is recorded. None (a CPU) records every step.
-        Skipped steps are counted from the optimizer's applied updates, recorded or not."""
-        self._moments: DeviceMoments | None = None
-        self._applied_at_start = 0  # the engine's applied updates when the interval began
-        self._interval_steps = 0
-        self._interval_peak = 0
-        self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
-        self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
-        self._timer = IntervalTimer(self.device)
-        self._timer.start()
-        self._closed = False
-        initial = getattr(self.policy, "initial_action", None)
-        if initial is not None:  # a static configuration holds from the first step
-            self.executor.apply(decode(initial, self.config), self)
-        start = getattr(self.policy, "initial_precision", None)
-        if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
-            self.engine.set_precisions([start] * len(self.engine.precision.controllable_indices))
-        self.speed_trial: dict[str, float] = {}
-        """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
-        self._trial: _SpeedTrial | None = None
-        wants_trial = getattr(self.policy, "wants_speed_trial", None)
-        # The user's loop is timed by the clock, never charged from the profile (which here sizes memory only), so
-        # step time tells the 16-bit formats apart on a GPU alone (compare's CPU protocol reads the profile instead).
-        step_time_known = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
-        if wants_trial is not None and wants_trial(step_time_known):
-            # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
-            # before the first decision; the policy lowers to the faster from then on.
-            steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
-            self._trial = _SpeedTrial((Precision.BF16, Precision.FP16), steps, IntervalTimer(self.device))
-            self._set_uniform(self._trial.candidate)
+                self._writer = SummaryWriter(str(log_dir))
+            self.skipped_steps = 0
+            """Updates skipped for a non-finite loss or gradient, counted at each decision."""
+            self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
+            """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
+            when recording them costs more, one step in several is recorded. None (a CPU) records every step.
+            Skipped steps are counted from the optimizer's applied updates, recorded or not."""
+            self._moments: DeviceMoments | None = None
+            self._applied_at_start = 0  # the engine's applied updates when the interval began
+            self._interval_steps = 0
+            self._interval_peak = 0
+            self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
+            self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
+            self._timer = IntervalTimer(self.device)
+            self._timer.start()
+            self._closed = False
+            initial = getattr(self.policy, "initial_action", None)
+            if initial is not None:  # a static configuration holds from the first step
+                self.executor.apply(decode(initial, self.config), self)
+            start = getattr(self.policy, "initial_precision", None)
+            if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
+                self.engine.set_precisions([start] * len(self.engine.precision.controllable_indices))
+            self.speed_trial: dict[str, float] = {}
+            """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
+            self._trial: _SpeedTrial | None = None
+            wants_trial = getattr(self.policy, "wants_speed_trial", None)
+            # The user's loop is timed by the clock, never charged from the profile (which here sizes memory only),
+            # so step time tells the 16-bit formats apart on a GPU alone (compare's CPU protocol reads the profile
+            # instead).
+            step_time_known = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
+            if wants_trial is not None and wants_trial(step_time_known):
+                # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
+                # before the first decision; the policy lowers to the faster from then on.
+                steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
+                self._trial = _SpeedTrial((Precision.BF16, Precision.FP16), steps, IntervalTimer(self.device))
+                self._set_uniform(self._trial.candidate)
+        except BaseException:
+            self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given
+            raise
 
     # ----------------------------------------------------------------------------------- user API
 
