@@ -195,12 +195,13 @@ for stage in "$@"; do
            --rows plain-eager,plain-compiled,plain-compiled-ro,controller-eager,controller-compiled-ro,heuristic-compiled-ro 2>&1 | tail -12 ;;
     # Where a user's loop under the Controller spends its time against a plain loop (~2 min).
     profile-loop) python3 scripts/profile_user_loop.py --out "$OUT/profile_user_loop.json" 2>&1 | tail -80 ;;
-    # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
+    # Can a run tell from its first intervals that its LR is off? The lookahead signal on the GPU models.
     lookahead) for m in resnet18-fmnist effnet-b0-fmnist; do
         python3 experiments/lr_lookahead_probe.py --device cuda --tasks $m --factors 0.125,0.25,0.5,1 --seeds 2 \
           --share 0.5 --interval-steps 20 --batch-size 512 --out "$OUT/lr_lookahead_$m.json" 2>&1 | tail -4; done ;;
     mixed-speed) python3 scripts/check_mixed_precision_speed.py --out "$OUT/mixed_precision_speed.json" 2>&1 | tail -20 ;;
     set-to-none) python3 scripts/check_set_to_none_cost.py --out "$OUT/set_to_none_cost.json" 2>&1 | tail -6 ;;
+    # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
     # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
     # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
