@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from triaccel_rl.errors import ChoiceEnum, ConfigError
@@ -135,18 +135,14 @@ class SignalConfig:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
         object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
         # Types first: a NaN or fractional count passed every ">= 1" below (NaN compares False) and failed mid-run,
-        # in the rounds' slicing; a string number failed with a TypeError from a comparison.
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{name}={value!r} must be a whole number")
-        for name in _REAL_FIELDS:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise ConfigError(f"{name}={value!r} must be a number")
+        # in the rounds' slicing; a string number, or None where None is not allowed, failed with a TypeError from
+        # a comparison; True passed as 1. Each message names the field's range too.
+        for name, allowed in _INT_FIELDS.items():
+            _require_whole(name, getattr(self, name), allowed)
+        for name, allowed in _REAL_FIELDS.items():
+            _require_number(name, getattr(self, name), allowed, optional=name in _OPTIONAL_FIELDS)
         for name in ("lr_factors", "warmup_round"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+            _require_bool(name, getattr(self, name))
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         if not (0.0 < self.expensive_share <= 1.0):
@@ -189,6 +185,10 @@ class SignalConfig:
         Presets: ``default`` (all signals, 2% budget, adaptive); ``cheap`` (no scheduled rounds);
         ``fixed`` (all signals on a fixed, deterministic schedule whatever the cost); ``thorough``
         (10% budget, larger rounds).
+
+        Raises:
+            ConfigError: an unknown preset or override name (the message lists the allowed ones), or an override
+                out of its range.
         """
         presets: dict[str, dict[str, Any]] = {
             "default": {},
@@ -198,28 +198,64 @@ class SignalConfig:
         }
         if name not in presets:
             raise ConfigError(f"unknown signal preset {name!r}; allowed: {', '.join(presets)}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:  # replace() would raise a TypeError about __init__'s keyword arguments
+            raise ConfigError(f"SignalConfig has no field(s) {unknown}; its fields: {', '.join(known)}")
         return replace(cls(), **{**presets[name], **overrides})
 
 
-_INT_FIELDS = (
-    "target_interval_steps",
-    "micro_batch_size",
-    "hutchinson_batch_size",
-    "max_microbatches",
-    "max_probes",
-    "fixed_interval_steps",
-    "fixed_microbatches",
-    "fixed_probes",
-    "seed",
-)
-_REAL_FIELDS = (
-    "budget_frac",
-    "expensive_share",
-    "round_ema_decay",
-    "small_threshold",
-    "lr_factor_exponent",
-    "lr_factor_min",
-    "lr_factor_max",
-    "observe_budget_frac",
-    "cheap_budget_frac",
-)
+_INT_FIELDS = {
+    "target_interval_steps": ">= 1",
+    "micro_batch_size": ">= 1",
+    "hutchinson_batch_size": ">= 1",
+    "max_microbatches": ">= 2",
+    "max_probes": ">= 1",
+    "fixed_interval_steps": ">= 1",
+    "fixed_microbatches": ">= 2",
+    "fixed_probes": ">= 1",
+    "seed": "(any sign)",
+}
+"""``SignalConfig``'s whole-number fields and their ranges (for the type check's message; ranges checked apart)."""
+
+_REAL_FIELDS = {
+    "budget_frac": "in (0, 1)",
+    "expensive_share": "in (0, 1]",
+    "round_ema_decay": "in [0, 1)",
+    "small_threshold": "in [0, 1]",
+    "lr_factor_exponent": "> 0",
+    "lr_factor_min": "in (0, 1]",
+    "lr_factor_max": "in [1, inf)",
+    "observe_budget_frac": "in (0, 1)",
+    "cheap_budget_frac": "in (observe_budget_frac, budget_frac]",
+}
+"""``SignalConfig``'s number fields and their ranges (for the type check's message; the ranges are checked apart)."""
+
+_OPTIONAL_FIELDS = frozenset({"observe_budget_frac", "cheap_budget_frac"})
+"""The number fields that may be None (the others raised a ``TypeError`` from their range's comparison)."""
+
+
+# The same checks as ``triaccel_rl.config``'s (which imports this module lazily, so they are not shared).
+def _require_number(label: str, value: object, allowed: str, optional: bool = False) -> None:
+    """Refuses a bool, a string, None (unless ``optional``) or any other non-number for ``label``, naming ``allowed``.
+
+    The range itself is checked in ``SignalConfig.__post_init__``; this one keeps ``True`` (which compares as 1),
+    ``"0.5"`` and a None where none is allowed (which raised a ``TypeError`` from the comparison) out of it.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        none = ", or None" if optional else ""
+        raise ConfigError(f"{label}={value!r} must be a number {allowed}{none}; got {type(value).__name__}")
+
+
+def _require_whole(label: str, value: object, allowed: str) -> None:
+    """Refuses a bool, a float (2.5, NaN, even 2.0) or a non-number for the count ``label``, naming ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{label}={value!r} must be a whole number {allowed}; got {type(value).__name__}")
+
+
+def _require_bool(label: str, value: object) -> None:
+    """Refuses anything but True or False for the switch ``label`` (a truthy string turned it on)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{label}={value!r} must be True or False")
