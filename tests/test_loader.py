@@ -208,3 +208,57 @@ def test_mismatched_lengths_raise_naming_both() -> None:
 def test_empty_dataset_raises() -> None:
     with pytest.raises(ValueError, match=r"empty dataset"):
         ElasticLoader(torch.zeros(0, 3), torch.zeros(0))
+
+
+@_SETTINGS
+@given(n=dataset_sizes, sizes=batch_size_lists, seed=seeds, cut=st.integers(min_value=0, max_value=30))
+def test_a_loader_resumed_from_its_state_serves_the_same_batches(n: int, sizes: list[int], seed: int, cut: int) -> None:
+    """State taken after ``cut`` batches, loaded into a new loader over the same data: the same batches follow."""
+    loader = make_loader(n, seed)
+    served = [loader.next(sizes[i % len(sizes)]) for i in range(cut)]
+    state = loader.state_dict()
+    assert state == {"n": n, "seed": seed, "epoch": loader.epoch, "cursor": loader.cursor,
+                     "samples_served": sum(len(b.y) for b in served)}  # fmt: skip
+    resumed = make_loader(n, seed)
+    resumed.load_state_dict(state)
+    for i in range(cut, cut + 2 * len(sizes) + 3):
+        a, b = loader.next(sizes[i % len(sizes)]), resumed.next(sizes[i % len(sizes)])
+        assert (a.epoch, a.indices.tolist()) == (b.epoch, b.indices.tolist())
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert resumed.state_dict() == loader.state_dict()
+
+
+_GOOD_STATE = {"n": 10, "seed": 3, "epoch": 2, "cursor": 4, "samples_served": 24}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epoch": None}, r"lacks 'epoch'"),
+        ({"cursor": "4"}, r"'cursor' is '4', not a whole number"),
+        ({"cursor": 4.0}, r"'cursor' is 4\.0, not a whole number"),  # once int()-ed silently
+        ({"epoch": True}, r"'epoch' is True, not a whole number"),
+        ({"samples_served": [24]}, r"'samples_served' is \[24\], not a whole number"),  # once half-loaded, then raised
+        ({"epoch": -1, "samples_served": -6}, r"epoch -1 is negative"),
+        ({"cursor": 11, "samples_served": 31}, r"cursor 11 is outside the dataset \(0\.\.10\)"),
+        ({"samples_served": 25}, r"samples_served 25 is not epoch 2 x 10 samples \+ cursor 4 = 24"),
+        ({"n": 12, "samples_served": 28}, r"of 12 samples with seed 3; this loader has 10 samples and seed 3"),
+        ({"seed": 4}, r"of 10 samples with seed 4; this loader has 10 samples and seed 3"),
+    ],
+)
+def test_a_bad_state_is_refused_by_name_and_leaves_the_loader_as_it_was(change: dict, message: str) -> None:
+    state = {k: v for k, v in {**_GOOD_STATE, **change}.items() if v is not None}
+    loader, control = make_loader(10, seed=3), make_loader(10, seed=3)
+    loader.next(7)
+    control.next(7)
+    with pytest.raises(ValueError, match=message):
+        loader.load_state_dict(state)
+    assert loader.state_dict() == control.state_dict()
+    assert torch.equal(loader.next(5).indices, control.next(5).indices)
+    loader.load_state_dict(_GOOD_STATE)  # the control: the good state loads
+    assert loader.state_dict() == _GOOD_STATE
+
+
+def test_a_state_is_refused_when_it_is_not_a_dict() -> None:
+    with pytest.raises(ValueError, match=r"a loader state is the dict ElasticLoader.state_dict\(\) returned; got str"):
+        make_loader(10, seed=3).load_state_dict("epoch 2")  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["Batch", "ElasticLoader"]
@@ -97,19 +98,59 @@ class ElasticLoader:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resumes from ``state_dict()``'s output: the epoch's order is redrawn from ``(seed, epoch)``.
 
+        Everything is checked before anything is set: a refused state leaves the loader as it was.
+
         Raises:
-            ValueError: the state was taken over a dataset of another size, or with another seed.
+            ValueError: a state that is not ``state_dict()``'s (:meth:`check_state`), or one taken over a dataset of
+                another size, or with another seed.
         """
-        if int(state["n"]) != len(self.x) or int(state["seed"]) != self.seed:
+        checked = self.check_state(state)
+        if checked["n"] != len(self.x) or checked["seed"] != self.seed:
             raise ValueError(
-                f"the loader state is of {state['n']} samples with seed {state['seed']}; this loader has "
+                f"the loader state is of {checked['n']} samples with seed {checked['seed']}; this loader has "
                 f"{len(self.x)} samples and seed {self.seed}: resume with the same dataset and seed"
             )
-        if not 0 <= int(state["cursor"]) <= len(self.x):
-            raise ValueError(f"the loader state's cursor {state['cursor']} is outside the dataset (0..{len(self.x)})")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.samples_served = int(state["samples_served"])
+        self.epoch, self.cursor, self.samples_served = checked["epoch"], checked["cursor"], checked["samples_served"]
         self._order = self._permutation(self.epoch)
+
+    @staticmethod
+    def check_state(state: Mapping[str, int]) -> dict[str, int]:
+        """``state`` as ``state_dict()`` returns it, if it is one that a loader could have returned (the dataset aside).
+
+        Each key present and a whole number (an ``int``, not a bool or float), the epoch >= 0, the cursor within the
+        state's dataset and the samples served ``epoch * n + cursor`` (as every loader keeps them).
+
+        Raises:
+            ValueError: naming the key or the values that are wrong.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"a loader state is the dict ElasticLoader.state_dict() returned; got {type(state).__name__}"
+            )
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"the loader state lacks {', '.join(map(repr, missing))}: pass the dict ElasticLoader.state_dict() "
+                "returned"
+            )
+        for key in _STATE_KEYS:
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"the loader state's {key!r} is {value!r}, not a whole number")
+        checked = {key: int(state[key]) for key in _STATE_KEYS}
+        n, epoch, cursor = checked["n"], checked["epoch"], checked["cursor"]
+        if n < 1:
+            raise ValueError(f"the loader state's dataset size n={n} must be >= 1")
+        if epoch < 0:
+            raise ValueError(f"the loader state's epoch {epoch} is negative")
+        if not 0 <= cursor <= n:
+            raise ValueError(f"the loader state's cursor {cursor} is outside the dataset (0..{n})")
+        if checked["samples_served"] != epoch * n + cursor:
+            raise ValueError(
+                f"the loader state's samples_served {checked['samples_served']} is not epoch {epoch} x {n} samples + "
+                f"cursor {cursor} = {epoch * n + cursor}: it was not saved by ElasticLoader.state_dict()"
+            )
+        return checked
 
     @property
     def epoch_progress(self) -> float:
@@ -121,3 +162,7 @@ class ElasticLoader:
         # The permutation is drawn on the CPU (a seeded generator gives the same order on every device)
         # and moved once per epoch: one small host-to-device copy, not one per batch.
         return torch.randperm(len(self.x), generator=generator).to(self.x.device)
+
+
+_STATE_KEYS = ("n", "seed", "epoch", "cursor", "samples_served")
+"""The keys of ``ElasticLoader.state_dict()``."""
