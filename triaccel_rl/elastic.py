@@ -181,24 +181,31 @@ class BatchLRCoupler:
         ramp does in ``change``). A finished ramp stays finished.
 
         Raises:
-            ValueError: the state lacks a key, or is of another rule or another base batch.
+            ValueError: the state lacks a key, holds a value of the wrong type or range (named), or is of another
+                rule or another base batch.
         """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the LR coupler's state is the dict BatchLRCoupler.state_dict() returned; got {state!r}")
         missing = sorted(_COUPLER_KEYS - state.keys())
         if missing:
             raise ValueError(f"the LR coupler's state lacks {', '.join(missing)}; expected BatchLRCoupler.state_dict()")
-        if state["rule"] != self.rule.value or int(state["base_batch_size"]) != self.base_batch_size:
+        # Every value checked before any is set: a refused state leaves the coupler as it was.
+        base = _state_count(state, "base_batch_size", 1)
+        if state["rule"] != self.rule.value or base != self.base_batch_size:
             raise ValueError(
                 f"the LR coupler's state is for rule {state['rule']!r} at base batch {state['base_batch_size']}; "
                 f"this one is {self.rule.value!r} at base batch {self.base_batch_size}"
             )
-        self.batch_size, self.steps = int(state["batch_size"]), int(state["steps"])
-        self.target, self.gain = float(state["target"]), float(state["gain"])
-        self._ramp_start, self._ramp_step = float(state["ramp_start"]), int(state["ramp_step"])
-        # A ramp's progress counts against the warm-up it was saved with (a state saved before warmup_steps was in it
-        # is taken to have this coupler's), and a ramp whose gain reached its target is over. Read against other
-        # warmup_steps, a finished ramp could restart below its target (the LR fell), or one in progress outrun them
-        # and stop short of its target for good.
-        saved_steps = int(state.get("warmup_steps", self.warmup_steps))
+        batch_size, steps = _state_count(state, "batch_size", 1), _state_count(state, "steps", 0)
+        ramp_step = _state_count(state, "ramp_step", 0)
+        target, gain, ramp_start = (_state_gain(state, key) for key in ("target", "gain", "ramp_start"))
+        # (a state saved before warmup_steps was in it is taken to have this coupler's)
+        saved_steps = _state_count(state, "warmup_steps", 0) if "warmup_steps" in state else self.warmup_steps
+        self.batch_size, self.steps, self.target, self.gain = batch_size, steps, target, gain
+        self._ramp_start, self._ramp_step = ramp_start, ramp_step
+        # A ramp's progress counts against the warm-up it was saved with, and a ramp whose gain reached its target is
+        # over. Read against other warmup_steps, a finished ramp could restart below its target (the LR fell), or one
+        # in progress outrun them and stop short of its target for good.
         running = self._ramp_step < saved_steps and not math.isclose(self.gain, self.target, rel_tol=1e-12)
         if not running or self.warmup_steps == 0:
             self.gain, self._ramp_step = self.target, self.warmup_steps
@@ -215,6 +222,23 @@ class BatchLRCoupler:
             ramped = self._ramp_start + (self.target - self._ramp_start) * fraction
             self.gain = self.target if self._ramp_step == self.warmup_steps else ramped
         return self.gain
+
+
+def _state_count(state: Mapping[str, Any], key: str, least: int) -> int:
+    """``state[key]`` if it is a whole number >= ``least`` (an int, not a bool or float), else a ValueError."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"the LR coupler's state has {key} {value!r}, not a whole number >= {least}")
+    return int(value)
+
+
+def _state_gain(state: Mapping[str, Any], key: str) -> float:
+    """``state[key]`` if it is a finite number > 0 (an LR gain), else a ValueError naming it."""
+    value = state[key]
+    number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if not (number and math.isfinite(value) and value > 0):
+        raise ValueError(f"the LR coupler's state has {key} {value!r}, not a finite number > 0")
+    return float(value)
 
 
 def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:

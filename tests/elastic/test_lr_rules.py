@@ -254,3 +254,27 @@ def test_coupler_state_of_another_rule_or_with_missing_keys_is_refused() -> None
     del state["gain"], state["ramp_step"]
     with pytest.raises(ValueError, match=r"state lacks gain, ramp_step; expected BatchLRCoupler.state_dict\(\)"):
         coupler.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gain": "2.0"}, r"the LR coupler's state has gain '2\.0', not a finite number > 0"),
+        ({"target": math.nan}, r"gain nan|target nan"),
+        ({"ramp_start": None}, r"ramp_start None"),
+        ({"steps": 3.5}, r"steps 3\.5, not a whole number >= 0"),
+        ({"ramp_step": "1"}, r"ramp_step '1', not a whole number >= 0"),
+        ({"batch_size": 0}, r"batch_size 0, not a whole number >= 1"),
+        ({"warmup_steps": True}, r"warmup_steps True, not a whole number >= 0"),
+        ({"base_batch_size": "64"}, r"base_batch_size '64', not a whole number >= 1"),
+    ],
+)
+def test_a_coupler_state_with_a_wrong_value_is_refused_and_changes_nothing(change: dict, message: str) -> None:
+    """Once a float() or int() raised half-way through the load (the batch and step count already replaced), or took
+    a string for a number."""
+    coupler = _mid_ramp(warmup_steps=8, steps_into_ramp=2)
+    before = coupler.state_dict()
+    state = {**_mid_ramp(warmup_steps=8, steps_into_ramp=5).state_dict(), "batch_size": 512, **change}
+    with pytest.raises(ValueError, match=message):
+        coupler.load_state_dict(state)
+    assert coupler.state_dict() == before
