@@ -80,7 +80,7 @@ def parse_row(row: str) -> tuple[str, int, str | None, float]:
 def main(args: Args) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from triaccel_rl.compare import run_controller
+    from triaccel_rl.compare import json_safe, run_controller
     from triaccel_rl.config import ControllerConfig, HeuristicConfig, LRRule
     from triaccel_rl.tasks import get_task
 
@@ -132,7 +132,7 @@ def main(args: Args) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
+    out.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
     print(format_tables(summary, costs))
     print(f"\nresults: {out}  ({document['wall_s']:.0f} s)")
     return document

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
 from triaccel_rl.experiment import git_commit, parse_args
 from triaccel_rl.tasks import get_task, task_names
@@ -138,7 +139,7 @@ def main(args: Args) -> dict[str, Any]:
         for b in built:
             if b.controller is not None:
                 b.controller.close()
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")  # a diverged loss: null
     print_table(result["rows"])
     print(f"wrote {out}")
     return result

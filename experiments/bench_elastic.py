@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from triaccel_rl.compare import json_safe
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
 from triaccel_rl.experiment import git_commit
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    output.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # a NaN loss: null
     print(f"results: {output}")
     for name, ok in checks.items():
         print(f"check {name}: {'PASS' if ok else 'FAIL'}")

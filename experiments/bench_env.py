@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from triaccel_rl.compare import json_safe
 from triaccel_rl.experiment import parse_args
 
 
@@ -73,7 +74,7 @@ def main(args: Args) -> list[dict[str, object]]:
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(json_safe(rows), indent=1, allow_nan=False) + "\n")
     return rows
 
 

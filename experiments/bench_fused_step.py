@@ -56,6 +56,7 @@ from triaccel_rl.kernels import (
 )
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
+from triaccel_rl.compare import json_safe
 from triaccel_rl.experiment import git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(rows, indent=2) + "\n")
+    output.write_text(json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
     _print_table(rows, copy_gbps)
     print(f"wrote {len(rows)} rows to {output}")
     return 0 if check_status != "FAIL" else 1

@@ -79,6 +79,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triaccel_rl.cadence import Cadence
+from triaccel_rl.compare import json_safe
 from triaccel_rl.engine import GradStats, StepEngine
 from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import SmallResNet, resnet18
@@ -786,7 +787,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     keys = {(row["device"], row["model"], row.get("path", "plain")) for row in rows}
     kept = [row for row in existing if (row.get("device"), row.get("model"), row.get("path", "plain")) not in keys]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(kept + rows, indent=2) + "\n")
+    path.write_text(json.dumps(json_safe(kept + rows), indent=2, allow_nan=False) + "\n")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from triaccel_rl.compare import RunResult, format_table, run_controller, summarize
+from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
 from triaccel_rl.experiment import git_commit, parse_args
@@ -391,7 +391,9 @@ def main(args: Args) -> list[dict[str, Any]]:
                 # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.
                 so_far = all_runs + [{"model": model, **asdict(r)} for r in results]
                 partial = {"rows": [], "grid": grid_rows, "runs": so_far}
-                _out_path(args).with_suffix(".partial.json").write_text(json.dumps(partial) + "\n")
+                _out_path(args).with_suffix(".partial.json").write_text(
+                    json.dumps(json_safe(partial), allow_nan=False) + "\n"
+                )
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
@@ -451,7 +453,8 @@ def main(args: Args) -> list[dict[str, Any]]:
 
     out = _out_path(args)
     payload = {"rows": table_rows, "grid": grid_rows, "runs": all_runs}
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    # Strict JSON: a diverged run's probe losses (NaN) and a std of non-finite values are written as null.
+    out.write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
     print(f"\nwrote {out}")
     return table_rows
 
@@ -615,7 +618,9 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
     sources: dict[str, tuple[str, dict[str, list[Any]]]] = {}  # job -> (first file, its entries)
     for path in (path.strip() for path in paths if path.strip()):
-        data = json.loads(Path(path).read_text())
+        # A job file written before the results were strict JSON holds NaN (a diverged run's probe losses): read as
+        # null, as a job file written now holds it, so the two compare alike and the merged file is strict JSON.
+        data = json_safe(json.loads(Path(path).read_text()))
         by_job: dict[str, dict[str, list[Any]]] = {}
         for key in merged:
             for entry in data.get(key, []):
@@ -639,7 +644,7 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     if plots:
         plot_jobs(merged["runs"], merged["rows"], Path(plots))
     merged["runs"] = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in merged["runs"]]
-    out.write_text(json.dumps(merged, indent=1) + "\n")
+    out.write_text(json.dumps(json_safe(merged), indent=1, allow_nan=False) + "\n")
     print(f"merged {len(merged['rows'])} rows of {len(sources)} jobs from {len(paths)} files into {out}")
 
 

@@ -95,6 +95,8 @@ def _key(multiplier: float, batch_cap: float) -> str:
 
 def main(args: Args) -> dict[str, object]:
     """Runs every task × multiplier × seed; prints a table and writes ``args.out``."""
+    from triaccel_rl.compare import json_safe
+
     tasks, multipliers, caps = check_args(args)
     start = time.perf_counter()
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -117,7 +119,7 @@ def main(args: Args) -> dict[str, object]:
         "returns": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
     print(f"results: {args.out}")
     return record
 

@@ -248,6 +248,7 @@ def main(args: Args) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from triaccel_rl.compare import json_safe
     from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS, get_task
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -301,7 +302,8 @@ def main(args: Args) -> dict[str, Any]:
         **summary,
         "runs": runs,
     }
-    out.write_text(json.dumps(document, indent=1) + "\n")
+    # Strict JSON: a feature not measured (log_stability with --sharpness-iters 0) or a ratio of no drop is NaN: null.
+    out.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
     header = " ".join(f"{'x' + format(f, 'g'):>19s}" for f in factors)
     print(f"{'task':22s} {header}   (lookahead / loss drop / log10 stability ratio)")
     for task, cells in summary["per_task"].items():

@@ -14,6 +14,7 @@ folder and ships nothing (the smoke test runs it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -88,6 +89,7 @@ class Args:
 
 def main(args: Args) -> dict[str, Any]:
     """Trains, ships and documents the policy; returns the facts the model card is written from."""
+    from triaccel_rl.compare import json_safe
     from triaccel_rl.rl import obs_stats_path, train_policy
     from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 
@@ -133,7 +135,7 @@ def main(args: Args) -> dict[str, Any]:
         )
     wall_s = time.perf_counter() - start
     facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s)
-    (run_dir / "training.json").write_text(json.dumps(facts, indent=1) + "\n")
+    (run_dir / "training.json").write_text(json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
         f"({facts['env_steps_per_s']:.2f} env steps/s incl. PPO updates and evaluations): {zip_path}"
@@ -191,11 +193,31 @@ def _command(facts: dict[str, Any]) -> str:
     return command
 
 
+def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; "n/a" for None or a value that is not finite.
+
+    ``training.json`` holds a NaN or infinite number (a diverged evaluation) as null, so the card read back from it
+    (``--card-only``) meets None where the card written at the end of training met NaN; both read "n/a".
+
+    Example:
+        >>> _number(1.234, ".2f"), _number(None, ".2f"), _number(float("nan"), ".2f")
+        ('1.23', 'n/a', 'n/a')
+    """
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _percent(share: float | None) -> str:
+    """``share`` (0..1) as a whole percentage, "n/a" where it is None or not finite."""
+    return "n/a" if share is None or not math.isfinite(share) else f"{100 * share:.0f}%"
+
+
 def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
     """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
     settings = facts["args"]
     evals = facts["evaluations"]
-    eval_rows = "\n".join(f"| {e['timesteps']} | {e['mean_reward']:.2f} ± {e['std_reward']:.2f} |" for e in evals)
+    eval_rows = "\n".join(
+        f"| {e['timesteps']} | {_number(e['mean_reward'], '.2f')} ± {_number(e['std_reward'], '.2f')} |" for e in evals
+    )
     rows = [
         ("command", _command(facts)),
         ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
@@ -208,7 +230,7 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
         ("warm start", "none (PPO from scratch)" if not facts.get("warm_start") else
                        f"imitation of `{facts['warm_start']['teacher']}` on {facts['warm_start']['decisions']} of its "
                        f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
-                       f"{100 * facts['warm_start']['agreement']:.0f}% of them in every component)"),
+                       f"{_percent(facts['warm_start']['agreement'])} of them in every component)"),
         ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
         ("environments", f"{settings['n_envs']} × `SubprocVecEnv`, `torch_threads={settings['torch_threads']}` each"),
         ("env settings", f"`interval_steps={settings['interval_steps']}`, "

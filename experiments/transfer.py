@@ -220,7 +220,7 @@ def calibrate(tasks: list[str], args: Args) -> dict[str, Any]:
     """Static fp32 on ``CALIBRATION_SEED`` per task in this protocol; writes each task's final accuracy and target."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from triaccel_rl.compare import compare
+    from triaccel_rl.compare import compare, json_safe
     from triaccel_rl.config import ControllerConfig
 
     config = ControllerConfig(interval_steps=args.interval_steps)
@@ -245,7 +245,7 @@ def calibrate(tasks: list[str], args: Args) -> dict[str, Any]:
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
         print(f"results: {args.out}")
     return document
 
@@ -389,6 +389,8 @@ def _write(
     wall_s: float,
     lr_grid: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from triaccel_rl.compare import json_safe
+
     summary = summarize(runs, tasks, controllers)
     document: dict[str, Any] = {
         "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
@@ -407,7 +409,7 @@ def _write(
     # Target 1 as a gain (positive: the learned policy is faster): 1 - learned time / heuristic time.
     document["learned_vs_heuristic_time_gain"] = None if ratio is None else 1.0 - ratio
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
+    out.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
     return document
 
 

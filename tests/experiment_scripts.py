@@ -1,9 +1,11 @@
 """Imports ``experiments/`` scripts for their smoke tests (a plain module: several conftest modules share a name)."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 def import_experiment(name: str) -> ModuleType:
@@ -14,3 +16,12 @@ def import_experiment(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.remove(scripts)
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity``, as strict parsers (JavaScript, jq) do."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)

@@ -1,9 +1,11 @@
 """``experiments/bench_compile.py --smoke``: every row runs, stays finite, and compiles once (CPU, ``aot_eager``)."""
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
-from experiment_scripts import import_experiment
+from experiment_scripts import import_experiment, strict_json
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +17,9 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
     out = tmp_path / "bench_compile.json"
     args = bench_compile.Args(smoke=True, warmup=3, steps=10, out=str(out), rows=",".join(bench_compile.ROWS))
     result = bench_compile.main(args)
-    assert json.loads(out.read_text()) == result
+    from triaccel_rl.compare import json_safe
+
+    assert json.loads(out.read_text()) == json_safe(result)
     assert result["device"] == "cpu" and result["commit"] and result["date"].startswith("20") and result["command"]
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == list(bench_compile.ROWS)
@@ -27,6 +31,23 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
     # Rows share the models' code: a later row whose guards pass reuses an earlier row's graph.
     assert rows["plain-compiled"]["graphs"] == 1
     assert rows["controller-compiled"]["precisions"] == ["bf16"] * len(rows["controller-compiled"]["precisions"])
+
+
+def test_a_diverged_rows_losses_are_written_as_null(bench_compile, monkeypatch, tmp_path):
+    """A row whose loss went NaN or infinite (``finite`` False) is written as strict JSON, the losses as null.
+
+    Before, ``json.dumps`` wrote ``NaN`` and ``Infinity``, which strict parsers refuse."""
+    measured = {"step_ms": 1.0, "chunk_ms": [1.0], "warmup_s": 0.0, "graphs": 0, "recompiled_while_timed": False,
+                "graph_breaks": 0, "cudagraph_skips": 0, "step_peak_bytes": 0, "loss_first_last": [math.nan, math.inf],
+                "finite": False, "precisions": "bf16", "fused": None}  # fmt: skip
+    monkeypatch.setattr(bench_compile, "build_row", lambda *a: SimpleNamespace(name="plain-eager", controller=None))
+    monkeypatch.setattr(bench_compile, "warm_up", lambda *a: None)
+    monkeypatch.setattr(bench_compile, "time_rows", lambda rows, *a: [dict(measured) for _ in rows])
+    out = tmp_path / "bench_compile.json"
+    result = bench_compile.main(bench_compile.Args(smoke=True, rows="plain-eager", out=str(out)))
+    assert math.isnan(result["rows"][0]["loss_first_last"][0])  # what main returns keeps the NaN
+    (row,) = strict_json(out.read_text())["rows"]
+    assert row["loss_first_last"] == [None, None] and row["finite"] is False
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from experiment_scripts import import_experiment
+from experiment_scripts import import_experiment, strict_json
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
 ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
@@ -312,6 +312,51 @@ def test_merged_plots_draw_each_model_of_a_job_from_its_own_runs(monkeypatch, tm
     _job_file(tmp_path / "old2.json", ["synthetic", "mlp-fmnist"], name_runs=False)
     with pytest.raises(SystemExit, match="job 'old2' ran mlp-fmnist, synthetic, but its runs do not name their model"):
         gpu_benchmark.merge([str(tmp_path / "old2.json")], tmp_path / "merged_old2.json", plots=str(tmp_path / "p"))
+
+
+def test_a_diverged_runs_probe_losses_are_written_as_null(monkeypatch, tmp_path):
+    """A run whose probe loss went NaN (a diverged fp16 row; the job files under experiments/results hold 665) is
+    written as strict JSON, the partial file too, the loss as null. Before, ``json.dumps`` wrote ``NaN``."""
+    import math
+
+    from triaccel_rl.compare import RunResult
+
+    gpu_benchmark = gpu_benchmark_module()
+
+    def diverged(task, controller, seed, **kwargs):
+        trace = [{"time_s": 0.5, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1, "probe_loss": math.nan,
+                  "precisions": [2]}]  # fmt: skip
+        return RunResult(controller=controller, seed=seed, final_metric=0.1, time_s=1.0, wall_s=1.0,
+                         time_to_target_s=None, peak_bytes=1, precision_changes=0, batch_changes=0, lr_changes=0,
+                         skipped_steps=3, overhead_frac=0.0, steps=8, trace=trace, layer_names=["fc"])  # fmt: skip
+
+    monkeypatch.setattr(gpu_benchmark, "run_controller", diverged)
+    monkeypatch.delenv("OUT", raising=False)
+    out = tmp_path / "diverged.json"
+    gpu_benchmark.main(gpu_benchmark.parse(["--smoke", "--models", "synthetic", "--seeds", "2", "--warmup-epochs", "0",
+                                            "--static", "64,1.0", "--rows", "static-fp16", "--out", str(out),
+                                            "--plots", ""]))  # fmt: skip
+    for path in (out, out.with_suffix(".partial.json")):
+        runs = strict_json(path.read_text())["runs"]
+        assert [run["trace"][0]["probe_loss"] for run in runs] == [None, None], path
+
+
+def test_merge_reads_a_job_file_that_holds_nan(tmp_path):
+    """A job file written before the results were strict JSON holds ``NaN``: merged, it is null (before, the merged
+    file held ``NaN`` too), and the job file beside a merged file that holds it (null there) is one job, taken once."""
+    gpu_benchmark = gpu_benchmark_module()
+    job = _job_file(tmp_path / "job_nan.json", ["synthetic"])
+    data = json.loads(job.read_text())
+    data["runs"][0]["overhead_frac"] = float("nan")
+    data["runs"][1]["trace"][0]["probe_loss"] = float("nan")
+    job.write_text(json.dumps(data))  # as the script wrote it then: NaN, not JSON
+    merged = tmp_path / "merged.json"
+    gpu_benchmark.merge([str(job), str(job)], merged)
+    runs = strict_json(merged.read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["overhead_frac"] is None
+    again = tmp_path / "again.json"
+    gpu_benchmark.merge([str(job), str(merged)], again)  # NaN in one, null in the other: the same job
+    assert strict_json(again.read_text()) == strict_json(merged.read_text())
 
 
 DOCS = ("BENCHMARKS.md", "README.md", "triaccel_rl/pretrained/MODEL_CARD.md")

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from experiment_scripts import import_experiment
+from experiment_scripts import import_experiment, strict_json
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,27 @@ def test_workers_give_the_same_runs(probe, tmp_path) -> None:  # type: ignore[no
     one = probe.main(
         probe.Args(tasks="synthetic", factors="0.5,2", seeds=2, share=0.05, out=str(tmp_path / "one.json"))
     )
-    assert json.loads((tmp_path / "two.json").read_text())["runs"] == json.loads(json.dumps(one["runs"]))
+    from triaccel_rl.compare import json_safe
+
+    # The file holds a NaN ratio (a decision of no loss drop) as null: compared as written, not as returned.
+    assert json.loads((tmp_path / "two.json").read_text())["runs"] == json_safe(one["runs"])
     with pytest.raises(ValueError, match="--workers 0 must be >= 1"):
         probe.main(probe.Args(tasks="synthetic", workers=0, out=str(tmp_path / "x.json")))
+
+
+def test_a_feature_not_measured_is_written_as_null(probe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--sharpness-iters 0`` leaves ``log_stability`` NaN in every run and every cell; the file is strict JSON.
+
+    Before, ``json.dumps`` wrote ``NaN``, which strict parsers refuse."""
+    out = tmp_path / "lookahead.json"
+    record = probe.main(probe.Args(tasks="synthetic", factors="0.5,2", seeds=1, share=0.05, sharpness_iters=0,
+                                   out=str(out)))  # fmt: skip
+    assert all(math.isnan(run["log_stability"]) for run in record["runs"])  # what main returns keeps the NaN
+    written = strict_json(out.read_text())
+    assert [run["log_stability"] for run in written["runs"]] == [None, None]
+    assert {cell["log_stability"] for cell in written["per_task"]["synthetic"].values()} == {None}
+    assert "log_stability" not in written["auc_pooled"]  # not measured: no AUC
+    assert all(run["log_stability_per_decision"] == [] for run in written["runs"])
 
 
 def _quadratic_run(optimizer_kind: str, curvatures: list[float]):  # type: ignore[no-untyped-def]

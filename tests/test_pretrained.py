@@ -1,6 +1,8 @@
 """The shipped pretrained policy, a tiny end-to-end training run, depth independence, and bad policy input."""
 
+import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -325,6 +327,32 @@ def test_train_pretrained_smoke(tmp_path):
     assert facts["args"]["lr_range"] == "0.5,2"
     assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
+
+
+def test_the_model_card_reads_training_json_with_null_numbers(tmp_path):
+    """training.json holds a NaN evaluation or warm-start fit as null (strict JSON): the card written from the file
+    (``--card-only``) reads it as "n/a", as the card written at the end of training reads the NaN it still holds.
+    Before, ``json.dumps`` wrote ``NaN``, and the card's ``format`` of a null raised ``TypeError``."""
+    from triaccel_rl.compare import json_safe
+
+    train_pretrained = import_experiment("train_pretrained")
+    facts = {
+        "args": {**dataclasses.asdict(train_pretrained.Args()), "warm_start_epochs": 1},
+        "command": "python experiments/train_pretrained.py", "training_tasks": ["synthetic"],
+        "held_out_tasks": ["mlp-fmnist"], "timesteps_trained": 32, "wall_s": 1.0, "env_steps_per_s": 32.0,
+        "shipped_from_checkpoint": None, "profile": "h200", "machine": "cpu", "commit": "abc", "date": "2026-12-05",
+        "warm_start": {"teacher": "heuristic", "decisions": 8, "epochs": 1, "nll": math.inf, "value_mse": math.nan,
+                       "agreement": math.nan},
+        "evaluations": [{"timesteps": 16, "mean_reward": math.nan, "std_reward": math.nan},
+                        {"timesteps": 32, "mean_reward": 1.5, "std_reward": 0.25}],
+    }  # fmt: skip
+    with_nan = train_pretrained.model_card(facts)
+    read_back = json.loads(json.dumps(json_safe(facts), allow_nan=False))
+    assert read_back["evaluations"][0]["mean_reward"] is None
+    card = train_pretrained.model_card(read_back)
+    assert card == with_nan
+    assert "| 16 | n/a ± n/a |" in card and "| 32 | 1.50 ± 0.25 |" in card
+    assert "matched n/a of them" in card
 
 
 def test_train_pretrained_reads_the_lr_range():

@@ -158,6 +158,26 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     assert 0.0 <= record["agreement"] <= 1.0
 
 
+def test_a_diverged_warm_start_fit_is_written_as_null(monkeypatch, tmp_path):
+    """An imitation whose losses went NaN or infinite is written to warm_start.json as strict JSON, the losses as null
+    (before, ``json.dumps`` wrote ``NaN`` and ``Infinity``, which strict parsers refuse)."""
+    import math
+
+    from experiment_scripts import strict_json
+
+    import triaccel_rl.rl
+
+    monkeypatch.setattr(
+        triaccel_rl.rl, "imitate", lambda *a, **k: {"nll": math.inf, "value_mse": math.nan, "agreement": 0.5}
+    )
+    out = train_policy(["synthetic"], total_timesteps=32, n_envs=1, vec="dummy", interval_steps=2, n_steps=32,
+                       batch_size=16, out=tmp_path / "p.zip", warm_start="heuristic", warm_start_steps=8,
+                       budget_intervals=2)  # fmt: skip
+    record = strict_json((out.parent / "warm_start.json").read_text())
+    assert record == {"teacher": "heuristic", "decisions": 8, "epochs": record["epochs"], "nll": None,
+                      "value_mse": None, "agreement": 0.5}  # fmt: skip
+
+
 class _ProgressTeacher:
     """Reads its input: LR x1.5 in the first half of the budget, x1 after (the observation's ``progress``)."""
 

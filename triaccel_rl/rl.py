@@ -578,6 +578,7 @@ def train_policy(
                 verbose=0,
             )
             if warm_start is not None:
+                from triaccel_rl.compare import json_safe
                 from triaccel_rl.policies import make_policy
 
                 teacher_config = env_config(interval_steps)
@@ -587,7 +588,10 @@ def train_policy(
                     teacher = LrOracleTeacher(teacher, venv, teacher_config.lr_scales, teacher_config.n_groups)
                 fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
                 record = {"teacher": warm_start, "decisions": warm_start_steps, "epochs": warm_start_epochs, **fit}
-                (path.parent / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
+                # Strict JSON: a fit that diverged (NaN or infinite loss) is written as null.
+                (path.parent / "warm_start.json").write_text(
+                    json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
+                )
         callbacks: list[BaseCallback] = [recorder]
         if checkpoint_every > 0:
             callbacks.append(Checkpoint(max(1, checkpoint_every // n_envs)))

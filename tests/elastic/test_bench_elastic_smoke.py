@@ -35,3 +35,29 @@ def test_smoke_run_passes_its_checks_and_writes_the_fields(tmp_path: Path) -> No
     assert result["oom_run"]["oom_events"] >= 1
     assert result["oom_run"]["samples_seen"] == result["oom_run"]["samples_expected"]
     assert completed.stdout.rstrip().splitlines()[-1].startswith("| OOM recovery |")  # the table comes last
+
+
+def test_a_nan_loss_is_written_as_null(monkeypatch, tmp_path: Path) -> None:
+    """A run whose loss went NaN or infinite is written as strict JSON, the loss as null (before, ``NaN``)."""
+    import math
+
+    import torch
+    from experiment_scripts import import_experiment, strict_json
+
+    bench = import_experiment("bench_elastic")
+    run = {"effective_batch": 8, "micro_batches_first_step": [4, 4], "micro_batches_last_step": [4, 4], "steps": 1,
+           "peak_bytes": 400, "first_step_peak_bytes": 400, "oom_events": 0, "samples_seen": 8,
+           "samples_expected": 8, "samples_exact": True, "truncated": False, "wall_s": 0.1, "samples_per_s": 80.0,
+           "first_loss": math.nan, "last_loss": math.inf}  # fmt: skip
+    monkeypatch.setattr(bench, "find_largest_batch", lambda *a: {"batch_size": 8, "peak_bytes": 1000, "tried": {}})
+    monkeypatch.setattr(bench, "run_budgeted", lambda *a: {**run, "budget_bytes": 500, "budget_use_frac": 0.95})
+    monkeypatch.setattr(bench, "run_oom_recovery", lambda *a: {**run, "oom_events": 1, "final_budget_bytes": 500})
+    threads = torch.get_num_threads()  # --smoke runs on one thread
+    try:
+        output = tmp_path / "elastic_batch.json"
+        assert bench.main(["--smoke", "--output", str(output)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = strict_json(output.read_text())
+    for part in ("budgeted_run", "oom_run"):
+        assert result[part]["first_loss"] is None and result[part]["last_loss"] is None, part
