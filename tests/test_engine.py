@@ -720,6 +720,16 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         del state["scaler"]["growth_interval"]
     elif what == "optimizer groups":
         state["optimizer"]["param_groups"][0]["params"] = [0]
+    elif what == "optimizer moment":
+        state["optimizer"]["state"][0]["exp_avg"] = "0.0"
+    elif what == "optimizer entry":
+        state["optimizer"]["state"][1] = [1.0]
+    elif what == "precisions":
+        state["precisions"] = 1
+    elif what == "lr_factors text":
+        state["lr_factors"] = "ab"
+    elif what.startswith("scaler "):
+        state["scaler"][what[len("scaler ") :]] = "x"
     return state
 
 
@@ -733,6 +743,15 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         ("lr_scale", r"lr_scale nan must be a finite number > 0"),
         ("scaler", r"the checkpoint's scaler lacks 'growth_interval'"),
         ("optimizer groups", r"param groups of \[1, 2, 2\] parameters; this one's has \[2, 2, 2\]"),
+        # Before the fix these loaded, and the next step raised (a str has no mul_, full() takes no str scale).
+        ("optimizer moment", r"optimizer state 'exp_avg' of parameter 0 is str, not a tensor, number or None"),
+        ("optimizer entry", r"optimizer state of parameter 1 is list, not a dict"),
+        ("scaler scale", r"the checkpoint's scaler has scale 'x', not a finite number > 0"),
+        ("scaler _growth_tracker", r"the checkpoint's scaler has _growth_tracker 'x', not a whole number >= 0"),
+        ("scaler growth_interval", r"the checkpoint's scaler has growth_interval 'x', not a whole number >= 1"),
+        # Before the fix: TypeError "object of type 'int' has no len()" and numpy's "could not convert string".
+        ("precisions", r"the checkpoint's precisions 1 are not a list of 3 precision codes"),
+        ("lr_factors text", r"lr_factors 'ab' are not 3 finite numbers >= 0"),
     ],
 )
 def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -593,7 +594,8 @@ class StepEngine:
                 ``torch_optimizer`` (saved before 2026-12-02) into the reference path, a state for another optimizer
                 type, number of layers or other parameter shapes, or holding values the engine does not take (a
                 precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
-                factors; the message says which).
+                factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
+                or None; the message says which).
         """
         if not isinstance(state, Mapping):
             raise ValueError(
@@ -612,6 +614,10 @@ class StepEngine:
                 f"the checkpoint's optimizer is {saved_type}; this controller's is {this_type}: its state (momentum "
                 "buffers, moments) would not fit. Build the controller with the optimizer the run was saved with"
             )
+        if not isinstance(state["precisions"], (list, tuple)):
+            raise ValueError(
+                f"the checkpoint's precisions {state['precisions']!r} are not a list of {self.n_layers} precision codes"
+            )
         if len(state["precisions"]) != self.n_layers:
             raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
         precisions = [Precision.parse(p) for p in state["precisions"]]
@@ -619,13 +625,18 @@ class StepEngine:
             check_precision_supported(precision, self.device)
         lr_scale = _checked_multiplier("lr_scale", state["lr_scale"])
         batch_lr_gain = _checked_multiplier("batch_lr_gain", state["batch_lr_gain"])
-        lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
+        try:
+            lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
+        except (TypeError, ValueError):  # text, or entries that are not numbers
+            lr_factors = np.full(0, np.nan)
         if lr_factors.shape != (self.n_layers,) or not (np.isfinite(lr_factors).all() and (lr_factors >= 0).all()):
             raise ValueError(
                 f"the checkpoint's lr_factors {state['lr_factors']!r} are not {self.n_layers} finite numbers >= 0, "
                 "one a layer"
             )
         scaler = state["scaler"]
+        if scaler is not None and not isinstance(scaler, Mapping):
+            raise ValueError(f"the checkpoint's scaler is {type(scaler).__name__}, not a dict (or None)")
         if across:  # in torch.optim's layout; on the fused path the optimizer's load hook copies it into the buffers
             optimizer_state = state.get("torch_optimizer") if state["fused"] else state["optimizer"]
             if optimizer_state is None:
@@ -643,19 +654,19 @@ class StepEngine:
                     "scale": (scaler or {}).get("scale", 2.0**16),
                     "clean_steps": (scaler or {}).get("_growth_tracker", 0),
                 }
-            _require_keys("scaler", scaler, ("scale", "clean_steps"))
+            _check_scaler(scaler, _FUSED_SCALER_KEYS)
             grad_scaler = None
         elif scaler and across:  # the fused step's scale and clean-step count, as GradScaler keeps them
-            _require_keys("scaler", scaler, ("scale", "clean_steps"))
+            _check_scaler(scaler, _FUSED_SCALER_KEYS)
             grad_scaler = torch.amp.GradScaler(self.device.type)
             grad_scaler.load_state_dict(
                 {"scale": float(scaler["scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
                  "growth_interval": 2000, "_growth_tracker": int(scaler["clean_steps"])}
             )  # fmt: skip
         elif scaler:
-            _require_keys("scaler", scaler, ("scale", "growth_factor", "backoff_factor", "growth_interval"))
+            _check_scaler(scaler, _GRAD_SCALER_KEYS)
             grad_scaler = torch.amp.GradScaler(self.device.type)
-            grad_scaler.load_state_dict(scaler)
+            grad_scaler.load_state_dict(dict(scaler))
         else:  # saved with no loss scaler: a later fp16 layer starts a fresh one, as in the saved run
             grad_scaler = None
 
@@ -1064,6 +1075,13 @@ def _check_layer_keys(optimizer: torch.optim.Optimizer, n_layers: int) -> None:
 def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model)."""
     _require_keys("optimizer state", saved, ("state", "param_groups"))
+    if not isinstance(saved["state"], Mapping) or not (
+        isinstance(saved["param_groups"], (list, tuple)) and all(isinstance(g, Mapping) for g in saved["param_groups"])
+    ):
+        raise ValueError(
+            "the checkpoint's optimizer state is not torch.optim's: 'state' must be a dict and 'param_groups' a list "
+            f"of dicts; got {type(saved['state']).__name__} and {type(saved['param_groups']).__name__}"
+        )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_sizes = [len(group.get("params", ())) for group in saved["param_groups"]]
     sizes = [len(group["params"]) for group in optimizer.param_groups]
@@ -1073,9 +1091,20 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
             "saved for another model or optimizer"
         )
     for index, entry in saved["state"].items():
-        if int(index) >= len(params):
-            raise ValueError(f"the checkpoint's optimizer has state for parameter {index}; this one has {len(params)}")
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < len(params):
+            raise ValueError(
+                f"the checkpoint's optimizer has state for parameter {index!r}; this one has {len(params)}"
+            )
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"the checkpoint's optimizer state of parameter {index} is {type(entry).__name__}, not a dict"
+            )
         for name, value in entry.items():
+            if not _state_value(value):  # torch.optim would take it and the next step would fail on it
+                raise ValueError(
+                    f"the checkpoint's optimizer state {name!r} of parameter {index} is {type(value).__name__}, not a "
+                    "tensor, number or None"
+                )
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[int(index)].shape:
                 raise ValueError(
                     f"the checkpoint's optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
@@ -1124,6 +1153,30 @@ def _checked_multiplier(name: str, value: Any) -> float:
     return float(value)
 
 
+def _state_value(value: Any) -> bool:
+    """Whether ``value`` is what ``torch.optim`` keeps for a parameter: a tensor, number or None, or a list of them."""
+    if isinstance(value, (list, tuple)):  # (L-BFGS keeps its history in lists)
+        return all(_state_value(item) for item in value)
+    return value is None or isinstance(value, (torch.Tensor, numbers.Number))
+
+
+def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> None:
+    """Raises a ValueError unless ``scaler`` holds ``keys`` with values it can take.
+
+    Each a whole number >= the key's value (None: a finite number > 0), as a number or a one-element tensor.
+    """
+    _require_keys("scaler", scaler, tuple(keys))
+    for key, least in keys.items():
+        value = scaler[key]
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if least is None:
+            real = not isinstance(number, bool) and isinstance(number, numbers.Real)
+            if not (real and math.isfinite(number) and number > 0):
+                raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not a finite number > 0")
+        elif isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < least:
+            raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not a whole number >= {least}")
+
+
 def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:
     """Raises a ValueError naming the ``keys`` that the checkpoint's ``what`` (a dict) lacks."""
     if not isinstance(entry, Mapping):
@@ -1133,6 +1186,12 @@ def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:
         raise ValueError(f"the checkpoint's {what} lacks {', '.join(map(repr, missing))}")
 
 
+_FUSED_SCALER_KEYS: dict[str, int | None] = {"scale": None, "clean_steps": 0}
+"""The fused step's loss-scaler state: each key, with the least whole number it may hold (None: a number > 0)."""
+_GRAD_SCALER_KEYS: dict[str, int | None] = {
+    "scale": None, "growth_factor": None, "backoff_factor": None, "growth_interval": 1, "_growth_tracker": 0
+}  # fmt: skip
+"""``torch.amp.GradScaler``'s state, as ``_FUSED_SCALER_KEYS``."""
 _STATE_KEYS = ("fused", "optimizer", "precisions", "lr_scale", "batch_lr_gain", "lr_factors", "scaler")
 """The keys every ``StepEngine.state_dict()`` holds (``optimizer_type`` and ``torch_optimizer`` came later)."""
 _DECAY, _LR = operator.itemgetter("weight_decay"), operator.itemgetter("lr")
