@@ -112,12 +112,29 @@ def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, ca
     assert f"{flag} {blocker / 'x'}: cannot create" in err and "Traceback" not in err
 
 
-def test_a_comparison_refused_for_its_arguments_leaves_no_folders(tmp_path, capsys):
-    """A bad controller name once left the --out, --log-dir and --plots folders it had made before checking."""
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--controllers", "fp8"], "triaccel-rl compare: error: unknown policy 'fp8'"),
+        (["--epochs", "-1"], "triaccel-rl compare: error: --epochs -1.0 must be a positive finite number\n"),
+        (["--eval-every", "0"], "triaccel-rl compare: error: --eval-every 0 must be >= 1, a whole number of decisions"),
+        (["--eval-every-steps", "0"], "triaccel-rl compare: error: --eval-every-steps 0 must be >= 1"),
+        (["--max-grad-norm", "-1"], "triaccel-rl compare: error: --max-grad-norm -1.0 must be a positive finite"),
+        (["--controllers", "plain-fp32"], "triaccel-rl compare: error: plain-fp32 measure a plain loop's real time"),
+        (["--controllers", "fp32,static-fp32"], "controllers fp32, static-fp32 would all be reported as row"),
+        (["--device", "gpu0"], "triaccel-rl compare: error: device 'gpu0' is not a device"),
+    ],
+)
+def test_a_comparison_refused_for_its_arguments_leaves_no_folders(bad, message, tmp_path, capsys):
+    """A bad controller name once left the --out, --log-dir and --plots folders it had made before checking; a bad
+    --epochs, --eval-every, --eval-every-steps, --max-grad-norm or --device, a plain row in modelled time or two rows
+    of one name left them (and printed the note on an earlier comparison's TensorBoard runs) until compare()'s own
+    checks ran, after the folders were made."""
     out, log_dir, plots = str(tmp_path / "o" / "r.json"), str(tmp_path / "tb"), str(tmp_path / "p")
-    argv = ["compare", "--task", "synthetic", "--controllers", "fp8", "--no-progress"]
+    argv = ["compare", "--task", "synthetic", *bad, "--no-progress"]
     assert main([*argv, "--out", out, "--log-dir", log_dir, "--plots", plots]) == 2
-    assert "unknown policy 'fp8'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

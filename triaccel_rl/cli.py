@@ -237,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from triaccel_rl.compare import compare, format_table, row_names, summarize, write_json
+    from triaccel_rl.compare import check_comparison, compare, format_table, row_names, summarize, write_json
     from triaccel_rl.config import ControllerConfig, HardwareProfile
     from triaccel_rl.experiment import parse_floats
     from triaccel_rl.tasks import get_task
@@ -264,7 +264,19 @@ def _compare(args: argparse.Namespace) -> int:
     if args.lr_scales is not None:
         overrides["lr_scales"] = parse_floats(args.lr_scales, "--lr-scales")
     config = ControllerConfig.preset(args.preset, **overrides)
-    names = row_names(controllers, config)  # each controller's name or zip checked
+    check_comparison(  # what compare() refuses before its first run (a bad --epochs, say), refused before any folder
+        task,
+        controllers,
+        list(range(args.seeds)),
+        epochs=args.epochs,
+        config=config,
+        cost_mode=args.cost_mode,
+        device=args.device,
+        eval_every=5 if args.eval_every is None else args.eval_every,
+        eval_every_steps=args.eval_every_steps,
+        max_grad_norm=args.max_grad_norm,
+    )
+    names = row_names(controllers, config)
     if args.reference is not None and args.reference not in names:
         raise ValueError(
             f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"

@@ -32,6 +32,7 @@ from triaccel_rl.types import Policy, Precision, Signals
 __all__ = [
     "RunResult",
     "bootstrap_ci",
+    "check_comparison",
     "check_epoch_budget",
     "compare",
     "format_table",
@@ -396,6 +397,63 @@ def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
     return parts
 
 
+def check_comparison(
+    task: str | Task,
+    controllers: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    epochs: float = 1.0,
+    config: ControllerConfig | None = None,
+    cost_mode: CostMode | str | None = None,
+    device: str | None = None,
+    eval_every: int = 5,
+    eval_every_steps: int | None = None,
+    max_grad_norm: float | None = None,
+) -> Task:
+    """The checks :func:`compare` makes before its first run, on the same arguments; returns the task.
+
+    The CLI calls it before it makes any output folder, so that a comparison refused for its arguments leaves none.
+
+    Raises:
+        ValueError: as :func:`compare` does before any run starts.
+    """
+    from triaccel_rl.plain import PLAIN_PRECISIONS  # plain.py imports this module
+
+    task_obj = task if isinstance(task, Task) else get_task(task)
+    config = config or ControllerConfig()
+    plain = [c for c in controllers if c.startswith("plain-")]
+    for controller in controllers:  # fail fast on a bad name or zip, before any run starts
+        if controller in plain:
+            if controller.removeprefix("plain-") not in PLAIN_PRECISIONS:
+                allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
+                raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
+        else:
+            _policy(controller, config)
+    if plain:
+        on_gpu = resolve_device(device).type == "cuda"
+        mode = (
+            CostMode.parse(cost_mode) if cost_mode is not None else (CostMode.MEASURED if on_gpu else CostMode.PROFILE)
+        )
+        if mode is not CostMode.MEASURED:
+            raise ValueError(
+                f"{', '.join(plain)} measure a plain loop's real time, but this comparison charges modelled time "
+                "(cost mode 'profile', the default on a CPU): use cost mode 'measured' (--cost-mode measured)"
+            )
+    if not seeds:
+        raise ValueError("need at least one seed")
+    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
+    resolve_device(device)  # a bad device string, or cuda on a machine without one
+    names = row_names(controllers, config)
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:  # their runs would merge into one row (and one TensorBoard folder)
+        clash = [c for c, name in zip(controllers, names, strict=True) if name in shared]
+        raise ValueError(
+            f"controllers {', '.join(clash)} would all be reported as row {', '.join(shared)}: list each once "
+            "(a policy zip is named by its file name: give two policies different file names)"
+        )
+    return task_obj
+
+
 def compare(
     task: str | Task,
     controllers: Sequence[str],
@@ -432,39 +490,22 @@ def compare(
         ValueError: an unknown task or controller, a plain row in modelled time, or a non-positive ``epochs``,
             ``eval_every``, ``eval_every_steps`` or ``max_grad_norm``, before any run starts.
     """
-    from triaccel_rl.plain import PLAIN_PRECISIONS, run_plain  # plain.py imports this module
+    from triaccel_rl.plain import run_plain  # plain.py imports this module
 
-    task_obj = task if isinstance(task, Task) else get_task(task)
+    task_obj = check_comparison(
+        task,
+        controllers,
+        seeds,
+        epochs=epochs,
+        config=config,
+        cost_mode=cost_mode,
+        device=device,
+        eval_every=eval_every,
+        eval_every_steps=eval_every_steps,
+        max_grad_norm=max_grad_norm,
+    )
     config = config or ControllerConfig()
     plain = [c for c in controllers if c.startswith("plain-")]
-    for controller in controllers:  # fail fast on a bad name or zip, before any run starts
-        if controller in plain:
-            if controller.removeprefix("plain-") not in PLAIN_PRECISIONS:
-                allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
-                raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
-        else:
-            _policy(controller, config)
-    if plain:
-        on_gpu = resolve_device(device).type == "cuda"
-        mode = (
-            CostMode.parse(cost_mode) if cost_mode is not None else (CostMode.MEASURED if on_gpu else CostMode.PROFILE)
-        )
-        if mode is not CostMode.MEASURED:
-            raise ValueError(
-                f"{', '.join(plain)} measure a plain loop's real time, but this comparison charges modelled time "
-                "(cost mode 'profile', the default on a CPU): use cost mode 'measured' (--cost-mode measured)"
-            )
-    if not seeds:
-        raise ValueError("need at least one seed")
-    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
-    names = row_names(controllers, config)
-    shared = sorted({name for name in names if names.count(name) > 1})
-    if shared:  # their runs would merge into one row (and one TensorBoard folder)
-        clash = [c for c, name in zip(controllers, names, strict=True) if name in shared]
-        raise ValueError(
-            f"controllers {', '.join(clash)} would all be reported as row {', '.join(shared)}: list each once "
-            "(a policy zip is named by its file name: give two policies different file names)"
-        )
     total = epochs * len(controllers) * len(seeds)
     results = []
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
