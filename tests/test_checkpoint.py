@@ -4,7 +4,9 @@ On the CPU's reference path, and on the fused step under Triton's interpreter, w
 user built holds no moments at all (the fused step keeps them): saving ``optimizer.state_dict()`` there loses them.
 """
 
+import copy
 import io
+import itertools
 import os
 
 import pytest
@@ -15,6 +17,7 @@ import triaccel_rl as ta
 from triaccel_rl import controller as controller_module
 from triaccel_rl.config import ControllerConfig, CostMode, HeuristicConfig
 from triaccel_rl.engine import StepEngine
+from triaccel_rl.tasks import get_task
 from triaccel_rl.types import Precision
 
 BATCH = 16
@@ -235,3 +238,164 @@ def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
     copy = ctl2.guard._model_state.tree()
     for name, value in model2.state_dict().items():
         assert torch.equal(copy[name], value), name
+
+
+def _equal(a, b):
+    """Deep equality of nested checkpoint values, tensors compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _set(state, path, value):
+    for key in path[:-1]:
+        state = state[key]
+    state[path[-1]] = value
+
+
+def _two_steps_in():
+    """An fp16 run two steps in, and the rest of its batches."""
+    model, _, ctl = build("fp16")
+    stream = iter(ctl.loader(DATA, batch_size=BATCH, epochs=2))
+    for x, y in itertools.islice(stream, 2):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+    return model, ctl, stream
+
+
+def _train_on(model, ctl, stream):
+    for x, y in stream:
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+
+
+@pytest.fixture(scope="module")
+def fp16_checkpoint_and_control():
+    """A checkpoint 7 steps into an fp16 run, and the weights of a run trained on from two steps in, never given it."""
+    model, _, ctl = build("fp16")
+    train(model, ctl, stop_after=7, on_stop=lambda: None)
+    state = torch.load(checkpoint(model, ctl))["controller"]
+    model, ctl, stream = _two_steps_in()
+    _train_on(model, ctl, stream)
+    assert ctl.steps == 12
+    return state, weights(model)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        # Before the fix these raised from int() or dict() after the engine (optimizer, precisions, scaler) had loaded.
+        (("steps",), "seven", r"the checkpoint's steps 'seven' is not a whole number >= 0"),
+        (("skipped_steps",), None, r"skipped_steps None is not a whole number >= 0"),
+        (("rollbacks",), [1], r"rollbacks \[1\] is not a whole number >= 0"),
+        (("speed_trial",), 5, r"the checkpoint's speed_trial 5 is not a dict of timings"),
+        # Before the fix these loaded: int() truncated or took them, or a string counted as True.
+        (("steps",), 7.5, r"steps 7\.5 is not a whole number >= 0"),
+        (("steps",), -3, r"steps -3 is not a whole number >= 0"),
+        (("batch_size",), "16", r"batch_size '16' is not a whole number >= 1"),
+        (("trial_running",), "no", r"trial_running 'no' is not a bool"),
+        (("low_precision",), 9, r"low_precision 9 is not a precision code \(0, 1, 2\) or None"),
+        (("speed_trial",), {"bf16": "fast"}, r"speed_trial \{'bf16': 'fast'\} is not a dict of timings"),
+        # Before the fix the loader's and LR coupler's states were first read at the next loader() call: a bare
+        # TypeError, KeyError or AttributeError there, with the engine loaded long before; some loaded silently.
+        (("batch_size",), 0, r"batch_size 0 is not a whole number >= 1"),
+        (("base_batch_size",), None, r"base_batch_size None is not a whole number >= 1"),
+        (("loader",), "x", r"a loader state is the dict ElasticLoader.state_dict\(\) returned; got str"),
+        (("loader", "cursor"), 16.7, r"the loader state's 'cursor' is 16\.7, not a whole number"),
+        (("loader", "epoch"), -1, r"the loader state's epoch -1 is negative"),
+        (("lr_coupler",), "x", r"the LR coupler's state is the dict BatchLRCoupler.state_dict\(\) returned"),
+        (("lr_coupler", "gain"), "1", r"the LR coupler's state has gain '1', not a finite number > 0"),
+        (("lr_coupler", "rule"), "sqrt", r"the LR coupler's state is for rule 'sqrt' at base batch 16; this one is "),
+        # Refused by the engine before and after: the control that its checks still run first.
+        (("engine", "scaler", "scale"), "x", r"the checkpoint's scaler has scale 'x', not a finite number > 0"),
+        (("engine", "optimizer", "state", 0, "momentum_buffer"), "x", r"'momentum_buffer' of parameter 0 is str"),
+    ],
+)
+def test_a_corrupt_field_is_refused_by_name_before_anything_is_loaded(
+    fp16_checkpoint_and_control, path, value, message
+):
+    """A checkpoint with one field of the wrong type or range: refused with the field named, and the controller, its
+    engine, optimizer and loss scaler left as they were: the run trains on exactly as one never given it."""
+    good, control = fp16_checkpoint_and_control
+    state = copy.deepcopy(good)
+    _set(state, path, value)
+    model, ctl, stream = _two_steps_in()
+    saved = torch.load(checkpoint(model, ctl))["controller"]  # a copy of everything the controller keeps
+    with pytest.raises(ValueError, match=message):
+        ctl.load_state_dict(state)
+    assert _equal(torch.load(checkpoint(model, ctl))["controller"], saved)
+    assert ctl._resume is None
+    _train_on(model, ctl, stream)
+    assert ctl.steps == 12
+    for a, b in zip(weights(model), control, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_synthetic_task_run_resumed_mid_epoch_is_the_uninterrupted_run_step_for_step(tmp_path):
+    """The ``synthetic`` task in a user's loop with AdamW, a OneCycleLR stepped by the loop, clipping and fp16 loss
+    scaling; checkpointed mid-epoch and mid-interval to a file, resumed into new objects: every step's samples, LR,
+    batch size and precisions, and the final weights, are the uninterrupted run's (a short last batch included)."""
+    task = get_task("synthetic", optimizer="adamw", base_lr=3e-3)
+    data = task.data(seed=0)
+    x_all, y_all = data.train_x[:200], data.train_y[:200]  # batches of 32: 6 full and one of 8 an epoch
+    row = {bytes(x.numpy()): i for i, x in enumerate(x_all)}
+    epochs, stop = 3, 10
+
+    def build():
+        torch.manual_seed(0)
+        model = task.build_model()
+        optimizer = task.make_optimizer(model.parameters())
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=7 * epochs)
+        ctl = ta.Controller(
+            model, optimizer, policy="fp16", max_grad_norm=1.0, config=ControllerConfig(interval_steps=4)
+        )
+        return model, optimizer, schedule, ctl
+
+    def run(model, optimizer, schedule, ctl, log, stop_after=None):
+        for x, y in ctl.loader((x_all, y_all), batch_size=32, epochs=epochs):
+            with ctl.autocast():
+                loss = task.loss_fn(model(x), y)
+            ctl.step(loss)
+            schedule.step()
+            log.append(([row[bytes(r.numpy())] for r in x], ctl.lr, ctl.batch_size, ctl.precisions))
+            if ctl.steps == stop_after:
+                parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "controller": ctl}
+                torch.save({name: part.state_dict() for name, part in parts.items()}, tmp_path / "run.pt")
+                return
+
+    uninterrupted: list = []
+    model, *rest = build()
+    run(model, *rest, uninterrupted)
+    first: list = []
+    run(*build(), first, stop_after=stop)
+    state = torch.load(tmp_path / "run.pt")
+    resumed_model, optimizer, schedule, ctl = build()
+    resumed_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    ctl.load_state_dict(state["controller"])
+    second: list = []
+    run(resumed_model, optimizer, schedule, ctl, second)
+
+    assert len(first) == stop and first + second == uninterrupted  # samples, LRs, batch sizes, precisions
+    order = [i for indices, *_ in uninterrupted for i in indices]
+    assert all(sorted(order[e * 200 : (e + 1) * 200]) == list(range(200)) for e in range(epochs))
+    assert len({lr for _, lr, *_ in uninterrupted}) > 10  # the schedule moved the LR at every step
+    for a, b in zip(weights(model), weights(resumed_model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_truncated_checkpoint_file_fails_to_load_before_it_reaches_the_controller(tmp_path):
+    model, _, ctl = build()
+    train(model, ctl, epochs=1)
+    path = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "controller": ctl.state_dict()}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="failed finding central directory"):
+        torch.load(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -484,9 +485,15 @@ class Controller:
         the saved batch size (its ``epochs`` counts from the run's start, the saved epochs included). A speed trial
         that had finished is not run again; one that was running starts over.
 
+        Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
+        coupler's state against this controller's LR rule): a refused checkpoint leaves the controller, its engine,
+        the optimizer and the loss scaler as they were. The dataset is checked at the next ``loader()`` call, the
+        first to see it.
+
         Raises:
-            ValueError: a state of another format, or from another update path or model (the engine's checks);
-                later, ``loader()`` with another dataset size, seed or ``batch_size`` than the saved run's.
+            ValueError: a state of another format, from another update path, optimizer or model (the engine's
+                checks) or LR rule, or with a field of the wrong type or range (named); later, ``loader()`` with
+                another dataset size, seed or ``batch_size`` than the saved run's.
         """
         if not isinstance(state, Mapping):
             raise ValueError(f"a controller checkpoint is the dict Controller.state_dict() returned; got {type(state)}")
@@ -500,22 +507,33 @@ class Controller:
             raise ValueError(
                 f"the checkpoint lacks {', '.join(missing)}: pass the dict Controller.state_dict() returned"
             )
+        # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
+        self.engine.check_state_dict(state["engine"])
+        steps, skipped, rollbacks = (_checked_count(state, key, 0) for key in ("steps", "skipped_steps", "rollbacks"))
+        trial_running = state["trial_running"]
+        if not isinstance(trial_running, bool):
+            raise ValueError(f"the checkpoint's trial_running {trial_running!r} is not a bool")
+        speed_trial = state["speed_trial"]
+        if not isinstance(speed_trial, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+            for k, v in speed_trial.items()
+        ):
+            raise ValueError(f"the checkpoint's speed_trial {speed_trial!r} is not a dict of timings (name: number)")
+        codes = {name: _checked_precision_code(state, name) for name in ("low_precision", "initial_precision")}
+        resume = self._checked_resume(state)
         self.engine.load_state_dict(state["engine"])
-        self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
-        self.rollbacks = int(state["rollbacks"])
+        self.steps, self.skipped_steps, self.rollbacks = steps, skipped, rollbacks
         self._moments = None  # the first step after the resume starts a new interval
         self._interval_steps = 0
-        if not state["trial_running"]:
+        if not trial_running:
             self._trial = None  # done before the checkpoint (or never wanted): not run again
-            self.speed_trial = dict(state["speed_trial"])
-            for name in ("low_precision", "initial_precision"):
-                if state[name] is not None and hasattr(self.policy, name):
-                    setattr(self.policy, name, Precision(int(state[name])))
+            self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
+            for name, code in codes.items():
+                if code is not None and hasattr(self.policy, name):
+                    setattr(self.policy, name, code)
         elif self._trial is not None:
             self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
-        # Saved before any loader() call: no place in the data to carry on from.
-        keys = ("loader", "lr_coupler", "batch_size", "base_batch_size")
-        self._resume = None if state["loader"] is None else {key: state[key] for key in keys}
+        self._resume = resume
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
             self.guard.reserve()
 
@@ -570,6 +588,25 @@ class Controller:
                 self._resume = None
         self._loader_source = (x.data_ptr(), y.data_ptr())
         self._planned_epochs = epochs
+
+    def _checked_resume(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The checkpoint's place in the data for the next ``loader()`` call, each part checked.
+
+        None: saved before any ``loader()`` call, no place to carry on from.
+        """
+        if state["loader"] is None:
+            for key in ("batch_size", "base_batch_size"):  # 0 until a loader() call sets them
+                _checked_count(state, key, 0)
+            return None
+        base, batch = _checked_count(state, "base_batch_size", 1), _checked_count(state, "batch_size", 1)
+        loader = ElasticLoader.check_state(state["loader"])
+        coupler = state["lr_coupler"]
+        if coupler is not None:  # loaded into a coupler like the one loader() will build, to check it
+            elastic = self.config.elastic
+            BatchLRCoupler(self.lr_rule, base, base, elastic.warmup_above, elastic.warmup_steps).load_state_dict(
+                coupler
+            )
+        return {"loader": loader, "lr_coupler": coupler, "batch_size": batch, "base_batch_size": base}
 
     def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
         """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""
@@ -752,6 +789,27 @@ _CHECKPOINT_KEYS = (
 def _check_loss(loss: object) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+
+
+def _checked_count(state: Mapping[str, Any], key: str, least: int) -> int:
+    """``state[key]`` if it is a whole number >= ``least`` (an int, not a bool or float), else a ValueError."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"the checkpoint's {key} {value!r} is not a whole number >= {least}")
+    return int(value)
+
+
+def _checked_precision_code(state: Mapping[str, Any], key: str) -> Precision | None:
+    """``state[key]`` as a ``Precision`` (None stays None), else a ValueError naming it."""
+    value = state[key]
+    if value is None:
+        return None
+    codes = tuple(int(p) for p in Precision)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) not in codes:
+        raise ValueError(
+            f"the checkpoint's {key} {value!r} is not a precision code ({', '.join(map(str, codes))}) or None"
+        )
+    return Precision(int(value))
 
 
 def _precision_code(precision: Precision | None) -> int | None:

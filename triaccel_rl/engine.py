@@ -597,6 +597,32 @@ class StepEngine:
                 factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
                 or None; the message says which).
         """
+        plan = self._checked_state(state)
+        if plan.across or not self.fused:
+            self.optimizer.load_state_dict(plan.optimizer_state)
+        else:
+            self.state_holder.load_state_dict(plan.optimizer_state)
+        self.set_precisions(plan.precisions)
+        self.lr_scale, self.batch_lr_gain, self.lr_factors = plan.lr_scale, plan.batch_lr_gain, plan.lr_factors
+        if self.fused:
+            assert plan.scaler is not None
+            with torch.no_grad():  # in place: captured graphs read them through their addresses
+                self._scale.copy_(torch.as_tensor(plan.scaler["scale"], dtype=torch.float32))
+                self._clean_steps.copy_(torch.as_tensor(plan.scaler["clean_steps"], dtype=torch.int32))
+            self.refresh_weight_copies()  # the weights were loaded outside the fused step
+        else:
+            self._grad_scaler = plan.grad_scaler
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Runs ``load_state_dict``'s checks on ``state`` and loads nothing: for a caller that loads more beside it.
+
+        Raises:
+            ValueError: as ``load_state_dict`` would, but for what the fused optimizer checks as it loads.
+        """
+        self._checked_state(state)
+
+    def _checked_state(self, state: Mapping[str, Any]) -> _LoadPlan:
+        """``load_state_dict``'s checks; returns what it loads."""
         if not isinstance(state, Mapping):
             raise ValueError(
                 f"an engine state is the dict StepEngine.state_dict() returned; got {type(state).__name__}"
@@ -669,21 +695,7 @@ class StepEngine:
             grad_scaler.load_state_dict(dict(scaler))
         else:  # saved with no loss scaler: a later fp16 layer starts a fresh one, as in the saved run
             grad_scaler = None
-
-        # Checked: now load.
-        if across or not self.fused:
-            self.optimizer.load_state_dict(optimizer_state)
-        else:
-            self.state_holder.load_state_dict(optimizer_state)
-        self.set_precisions(precisions)
-        self.lr_scale, self.batch_lr_gain, self.lr_factors = lr_scale, batch_lr_gain, lr_factors
-        if self.fused:
-            with torch.no_grad():  # in place: captured graphs read them through their addresses
-                self._scale.copy_(torch.as_tensor(scaler["scale"], dtype=torch.float32))
-                self._clean_steps.copy_(torch.as_tensor(scaler["clean_steps"], dtype=torch.int32))
-            self.refresh_weight_copies()  # the weights were loaded outside the fused step
-        else:
-            self._grad_scaler = grad_scaler
+        return _LoadPlan(across, optimizer_state, precisions, lr_scale, batch_lr_gain, lr_factors, scaler, grad_scaler)
 
     @property
     def loss_scale(self) -> float:
@@ -1184,6 +1196,20 @@ def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:
     missing = [key for key in keys if key not in entry]
     if missing:
         raise ValueError(f"the checkpoint's {what} lacks {', '.join(map(repr, missing))}")
+
+
+@dataclass(frozen=True)
+class _LoadPlan:
+    """What ``StepEngine.load_state_dict`` loads, once checked."""
+
+    across: bool
+    optimizer_state: Any  # torch.optim's state_dict(), or the fused optimizer's
+    precisions: list[Precision]
+    lr_scale: float
+    batch_lr_gain: float
+    lr_factors: np.ndarray
+    scaler: Mapping[str, Any] | None
+    grad_scaler: torch.amp.GradScaler | None
 
 
 _FUSED_SCALER_KEYS: dict[str, int | None] = {"scale": None, "clean_steps": 0}
