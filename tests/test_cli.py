@@ -19,6 +19,47 @@ def test_help_on_every_subcommand(command, capsys):
     assert "usage: triaccel-rl" in capsys.readouterr().out
 
 
+def test_every_option_with_a_default_names_it_in_its_help():
+    """``compare --help`` did not say that --seeds is 2, --epochs 3 or where --out and --log-dir write by default
+    (nor train-policy's --timesteps and --tasks, nor profile's --out); --seed had no help at all."""
+    import argparse
+
+    from triaccel_rl.cli import _parser
+
+    shown = {}
+    for command, parser in _parser()._subparsers._group_actions[0].choices.items():
+        for action in parser._actions:
+            if not any(action.default is none for none in (None, False, argparse.SUPPRESS)) and action.default != "":
+                assert action.help, f"{command} {action.option_strings[0]} has no help"
+                shown[command, action.option_strings[0]] = action.help % {"default": action.default}
+    wanted = {
+        ("compare", "--task"): "default mlp-fmnist",
+        ("compare", "--controllers"): "default fp32,bf16,fp16,heuristic",
+        ("compare", "--seeds"): "default 2",
+        ("compare", "--epochs"): "default 3)",
+        ("compare", "--preset"): "default default",
+        ("compare", "--log-dir"): "default runs/compare",
+        ("compare", "--out"): "default runs/compare/results.json",
+        ("train-policy", "--tasks"): "default synthetic",
+        ("train-policy", "--timesteps"): "default 4096",
+        ("train-policy", "--n-envs"): "default 2",
+        ("train-policy", "--vec"): "default subproc",
+        ("train-policy", "--budget-intervals"): "default 16)",
+        ("train-policy", "--interval-steps"): "default 20",
+        ("train-policy", "--seed"): "default 0",
+        ("train-policy", "--out"): "default runs/policy.zip",
+        ("train-policy", "--log-dir"): "default runs/ppo",
+        ("train-policy", "--eval-every"): "default 0: none",
+        ("train-policy", "--checkpoint-every"): "default 0: none",
+        ("profile", "--out"): "default profile.json",
+        ("profile", "--batch-size"): "default 256",
+        ("profile", "--steps"): "default 20",
+    }
+    assert sorted(shown) == sorted(wanted)
+    for key, text in wanted.items():
+        assert text in shown[key], (key, shown[key])
+
+
 def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
     out = tmp_path / "results.json"
     code = main(

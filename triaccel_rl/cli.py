@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run controllers × seeds on a task and print a results table",
         description="Train a task under each controller and seed; print a table, write JSON and TensorBoard runs.",
     )
-    compare.add_argument("--task", default="mlp-fmnist", help="registered task (see `triaccel-rl tasks`)")
+    compare.add_argument(
+        "--task", default="mlp-fmnist", help="registered task (see `triaccel-rl tasks`; default %(default)s)"
+    )
     compare.add_argument(
         "--controllers",
         default=DEFAULT_CONTROLLERS,
@@ -114,8 +116,10 @@ def _parser() -> argparse.ArgumentParser:
             f"for fp16; needs --cost-mode measured, the default on a GPU) (default {DEFAULT_CONTROLLERS})"
         ),
     )
-    compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1)")
-    compare.add_argument("--epochs", type=float, default=3.0, help="training budget per run, in epochs")
+    compare.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1; default %(default)s)")
+    compare.add_argument(
+        "--epochs", type=float, default=3.0, help="training budget per run, in epochs (default %(default)g)"
+    )
     compare.add_argument(
         "--interval-steps",
         type=int,
@@ -126,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         default="default",
         help="controller settings (ControllerConfig.preset): default, safe, aggressive, or anneal (the heuristic "
-        "also anneals the LR on a late plateau, with a decision every interval)",
+        "also anneals the LR on a late plateau, with a decision every interval) (default %(default)s)",
     )
     compare.add_argument(
         "--lr-scales",
@@ -167,8 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="row the time ratios are taken against, as the table names it (default: static-fp32 when it runs)",
     )
-    compare.add_argument("--log-dir", default="runs/compare", help="TensorBoard folder ('' for none)")
-    compare.add_argument("--out", default="runs/compare/results.json", help="JSON results file ('' for none)")
+    compare.add_argument(
+        "--log-dir", default="runs/compare", help="TensorBoard folder ('' for none; default %(default)s)"
+    )
+    compare.add_argument(
+        "--out", default="runs/compare/results.json", help="JSON results file ('' for none; default %(default)s)"
+    )
     compare.add_argument("--plots", default="", help="folder for PNG plots ('' for none; needs matplotlib)")
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compare.set_defaults(func=_compare)
@@ -178,42 +186,53 @@ def _parser() -> argparse.ArgumentParser:
         help="train a controller policy with PPO on vectorised TriAccel-v0 environments",
         description="Train an SB3 PPO policy on TriAccel-v0 over one or more tasks; saves a .zip.",
     )
-    train.add_argument("--tasks", default="synthetic", help="comma-separated tasks; envs cycle through them")
-    train.add_argument("--timesteps", type=int, default=4096, help="total environment steps (decisions)")
-    train.add_argument("--n-envs", type=int, default=2, help="parallel environments")
-    train.add_argument("--vec", choices=("dummy", "subproc"), default="subproc", help="vectorisation backend")
+    train.add_argument(
+        "--tasks", default="synthetic", help="comma-separated tasks; envs cycle through them (default %(default)s)"
+    )
+    train.add_argument(
+        "--timesteps", type=int, default=4096, help="total environment steps (decisions; default %(default)s)"
+    )
+    train.add_argument("--n-envs", type=int, default=2, help="parallel environments (default %(default)s)")
+    train.add_argument(
+        "--vec", choices=("dummy", "subproc"), default="subproc", help="vectorisation backend (default %(default)s)"
+    )
     train.add_argument(
         "--budget-intervals",
         type=float,
         default=16.0,
-        help="episode time budget, in intervals of fp32 at the base batch (the return is the progress within it)",
+        help="episode time budget, in intervals of fp32 at the base batch (the return is the progress within it; "
+        "default %(default)g)",
     )
     train.add_argument(
         "--max-decisions", type=int, default=None, help="safety cap on decisions per episode (default: 8 × budget)"
     )
-    train.add_argument("--interval-steps", type=int, default=20, help="optimizer steps per decision")
+    train.add_argument(
+        "--interval-steps", type=int, default=20, help="optimizer steps per decision (default %(default)s)"
+    )
     train.add_argument(
         "--n-steps", type=int, default=None, help="PPO rollout length per environment (default 128; --resume: its own)"
     )
     train.add_argument(
         "--batch-size", type=int, default=None, help="PPO minibatch size (default 64; --resume: the policy's own)"
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seeds PPO and the environments (default %(default)s)")
     train.add_argument(
         "--out",
         default="runs/policy.zip",
         help="where to save the policy zip (its observation range goes beside it, .obs.json; give each policy a "
-        "folder of its own: evaluations and checkpoints are written beside it)",
+        "folder of its own: evaluations and checkpoints are written beside it; default %(default)s)",
     )
-    train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none)")
+    train.add_argument("--log-dir", default="runs/ppo", help="TensorBoard folder ('' for none; default %(default)s)")
     train.add_argument("--eval-tasks", default="", help="comma-separated held-out tasks evaluated periodically")
-    train.add_argument("--eval-every", type=int, default=0, help="environment steps between evaluations (0: none)")
+    train.add_argument(
+        "--eval-every", type=int, default=0, help="environment steps between evaluations (default 0: none)"
+    )
     train.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
         help="environment steps between checkpoints, written to checkpoints/<out stem>_<steps>_steps.zip beside --out "
-        "with their .obs.json (0: none; Ctrl-C saves one at the step reached either way); --resume takes one",
+        "with their .obs.json (default 0: none; Ctrl-C saves one at the step reached either way); --resume takes one",
     )
     train.add_argument("--resume", default=None, help="policy zip to continue training from")
     train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")
@@ -224,10 +243,14 @@ def _parser() -> argparse.ArgumentParser:
         help="measure this device's per-precision speed and memory factors into a hardware-profile JSON",
         description="Time a ResNet-18 training step in fp32, bf16 and fp16 and write a hardware profile.",
     )
-    profile.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    profile.add_argument("--out", default="profile.json", help="where to write the profile JSON (default %(default)s)")
     profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    profile.add_argument("--batch-size", type=int, default=256, help="batch of the reference workload")
-    profile.add_argument("--steps", type=int, default=20, help="timed steps per precision (medians)")
+    profile.add_argument(
+        "--batch-size", type=int, default=256, help="batch of the reference workload (default %(default)s)"
+    )
+    profile.add_argument(
+        "--steps", type=int, default=20, help="timed steps per precision, their median taken (default %(default)s)"
+    )
     profile.add_argument("--small", action="store_true", help="small ResNet instead of ResNet-18 (quick check)")
     profile.set_defaults(func=_profile)
 
