@@ -545,3 +545,12 @@ def test_every_held_out_evaluation_runs_the_same_episodes(tmp_path, monkeypatch)
     assert saved["timesteps"].tolist() == [8, 16, 24]
     results = saved["results"][:, 0]
     assert np.isfinite(results).all() and results.tolist() == [results[0]] * 3
+
+
+def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
+    """SB3's own bar needs ``rich`` (not installed: progress_bar=True raised ImportError); ours is tqdm."""
+    train_policy(["synthetic"], total_timesteps=16, n_envs=2, vec="dummy", max_decisions=4, interval_steps=2,
+                 n_steps=8, batch_size=8, out=tmp_path / "policy.zip", progress_bar=True)  # fmt: skip
+    captured = capsys.readouterr()
+    assert "train-policy: 100%" in captured.err and "16/16" in captured.err
+    assert "train-policy" not in captured.out

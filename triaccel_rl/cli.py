@@ -236,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", default=None, help="policy zip to continue training from")
     train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_train_policy)
 
     profile = sub.add_parser(
@@ -402,6 +403,7 @@ def _train_policy(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        progress_bar=not args.no_progress,
         torch_threads=args.torch_threads,
     )
     print(f"saved policy: {path}")

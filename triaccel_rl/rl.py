@@ -365,7 +365,7 @@ def train_policy(
             (``steps``: the steps its weights were trained on, a multiple of the rollout size), and at the end.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
             continue).
-        progress_bar: show SB3's progress bar.
+        progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core.
         warm_start: a policy spec (``make_policy``, e.g. ``"heuristic"``) whose actions the new policy first
@@ -527,6 +527,27 @@ def train_policy(
         def _on_training_end(self) -> None:
             self._on_rollout_start()
 
+    class Progress(BaseCallback):
+        """A tqdm bar over this call's environment steps (SB3's own bar needs ``rich``, which is not installed)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bar: Any = None
+
+        def _on_training_start(self) -> None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_timesteps, desc="train-policy", unit="step", dynamic_ncols=True)
+
+        def _on_step(self) -> bool:
+            self.bar.update(self.training_env.num_envs)
+            return True
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
     class HeldOutEvaluation(EvalCallback):
         """SB3's evaluation, each time on the same episodes: the held-out environments are seeded before each.
 
@@ -593,6 +614,9 @@ def train_policy(
                     json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
                 )
         callbacks: list[BaseCallback] = [recorder]
+        progress = Progress()
+        if progress_bar:
+            callbacks.append(progress)
         if checkpoint_every > 0:
             callbacks.append(Checkpoint(max(1, checkpoint_every // n_envs)))
         if eval_tasks and eval_every > 0:
@@ -616,20 +640,22 @@ def train_policy(
             model.learn(
                 total_timesteps=total_timesteps,
                 callback=CallbackList(callbacks),
-                progress_bar=progress_bar,
                 reset_num_timesteps=resume is None,
             )
         except KeyboardInterrupt:
+            progress.close()  # before the warning, which would land inside the bar's line
             checkpoint = save_checkpoint(model)
             _log.warning(
                 "training interrupted at step %d: saved %s, the weights of the last update (%d steps), and its "
-                "observation stats; continue with resume=%s",
+                "observation stats; continue with resume=%s (--resume on the command line)",
                 model.num_timesteps,
                 checkpoint,
                 recorder.trained_timesteps,
                 checkpoint,
             )
             raise
+        finally:
+            progress.close()
         # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach TensorBoard.
         model.logger.dump(step=model.num_timesteps)
         model.save(path)
