@@ -93,6 +93,8 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         assert 0.0 <= run["final_metric"] <= 1.0 and run["time_s"] > 0 and run["steps"] > 0
     bf16 = next(r for r in payload["rows"] if r["controller"] == "static-bf16")
     assert bf16["time_ratio"] < 1.0  # modelled GPU time: bf16 is cheaper than the fp32 reference
+    assert "| controller | final acc | time (s, modelled NVIDIA H200) | to target (s) |" in printed  # the profile's
+    assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 6
 
 
@@ -491,3 +493,14 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())
     assert main(["profile", "--device", "cpu", "--out", str(nested)]) == 0
     assert HardwareProfile.load(nested) == HardwareProfile.load()  # its folder was made
+
+
+def test_the_time_column_names_the_device_of_the_profile_that_modelled_it(tmp_path, capsys):
+    """A profile measured on this CPU (``profile --small``) was labelled 'modelled GPU' all the same."""
+    from triaccel_rl.config import HardwareProfile
+
+    shipped = HardwareProfile.load()
+    HardwareProfile(**{**shipped.__dict__, "device": "Intel Xeon (measured here)"}).save(tmp_path / "p.json")
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2"]
+    assert main([*argv, "--no-progress", "--out", "", "--log-dir", "", "--profile", str(tmp_path / "p.json")]) == 0
+    assert "| controller | final acc | time (s, modelled Intel Xeon) |" in capsys.readouterr().out

@@ -352,7 +352,9 @@ def _compare(args: argparse.Namespace) -> int:
         raise
     rows = summarize(results, reference=reference)
     modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
-    label = "time (s, modelled GPU)" if modelled else "time (s)"
+    # Modelled time is the profile's device's: the shipped H200 profile, or one the user measured (maybe on a CPU).
+    modelled_on = (profile or HardwareProfile.load()).device.split(" (")[0]
+    label = f"time (s, modelled {modelled_on})" if modelled else "time (s)"
     print()
     print(
         f"Task {task.name}: {task.description}; target accuracy {100 * task.target_metric:.1f}%, "
