@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -14,8 +17,8 @@ from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, Rewa
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
-from triaccel_rl.tasks import get_task
-from triaccel_rl.training import TrainingRun
+from triaccel_rl.tasks import get_task, task_names
+from triaccel_rl.training import TrainingRun, resolve_device
 from triaccel_rl.types import Signals
 
 __all__ = ["TriAccelEnv"]
@@ -111,17 +114,49 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         if render_mode is not None:  # gym.make passes it whenever it is given
             raise ValueError(f"render_mode={render_mode!r}: TriAccel-v0 renders nothing (its render_modes are [])")
         self.render_mode = None
+        # Every argument is checked here, by name: a wrong type once surfaced as a bare AttributeError or TypeError
+        # (or, for max_decisions=2.5 and compute_bound="no", was taken).
+        if not isinstance(task, str):
+            raise ValueError(f"task={task!r} must be a task name (a str); known tasks: {', '.join(task_names())}")
+        if config is not None and not isinstance(config, ControllerConfig):
+            raise ValueError(f"config={config!r} must be a ControllerConfig (or None for the defaults)")
+        if reward_config is not None and not isinstance(reward_config, RewardConfig):
+            raise ValueError(
+                f"reward_config={reward_config!r} must be a RewardConfig (RewardConfig(budget_intervals=8)), "
+                "or None for the defaults"
+            )
+        if max_decisions is not None and (not _is_whole(max_decisions) or max_decisions < 1):
+            raise ValueError(
+                f"max_decisions={max_decisions!r} must be a whole number >= 1 (or None: 8 × the budget in intervals)"
+            )
+        if profile is not None and not isinstance(profile, str | os.PathLike):
+            raise ValueError(
+                f"profile={profile!r} must be the path of a hardware-profile JSON (str or os.PathLike) or None "
+                "(the shipped H200 profile)"
+            )
+        if task_overrides is not None and not isinstance(task_overrides, Mapping):
+            raise ValueError(f"task_overrides={task_overrides!r} must be a dict of task fields ({{'n_train': 2048}}) "
+                             "or None")  # fmt: skip
+        if not _is_number(divergence_factor):
+            raise ValueError(
+                f"divergence_factor={divergence_factor!r} must be a number > 1 (a multiple of the first probe loss); "
+                f"got {type(divergence_factor).__name__}"
+            )
+        if not divergence_factor > 1.0:  # NaN included: it would turn the divergence rule off
+            raise ValueError(f"divergence_factor={divergence_factor} must be > 1 (a multiple of the first probe loss)")
+        if not isinstance(compute_bound, bool | np.bool_):
+            raise ValueError(f"compute_bound={compute_bound!r} must be True or False")
         if lr_range is not None:
-            low, high = (float(v) for v in lr_range)
+            values = () if isinstance(lr_range, str | bytes) or not isinstance(lr_range, Iterable) else tuple(lr_range)
+            if len(values) != 2 or not all(_is_number(v) for v in values):
+                raise ValueError(f"lr_range={lr_range!r} must be (low, high) with 0 < low <= high < inf")
+            low, high = (float(v) for v in values)
             if not (0 < low <= high < math.inf):
                 raise ValueError(f"lr_range={tuple(lr_range)} must be (low, high) with 0 < low <= high < inf")
             lr_range = (low, high)
         self.lr_range = lr_range
         self.base_lr_factor = 1.0  # this episode's draw from lr_range (a privileged teacher may read it)
-        if not divergence_factor > 1.0:  # NaN included: it would turn the divergence rule off
-            raise ValueError(f"divergence_factor={divergence_factor} must be > 1 (a multiple of the first probe loss)")
-        if max_decisions is not None and max_decisions < 1:
-            raise ValueError(f"max_decisions={max_decisions} must be >= 1 (or None: 8 × the budget in intervals)")
+        resolve_device(device)  # a device torch does not know, or CUDA where there is none: refused now, not at reset
         self.task = get_task(task, **(task_overrides or {}))
         self.config = config or ControllerConfig(cost_mode=CostMode.parse(cost_mode))
         self.reward_config = reward_config or RewardConfig()
@@ -132,7 +167,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.profile = HardwareProfile.load(profile)
         self.device = device
         self.divergence_factor = divergence_factor
-        self.compute_bound = compute_bound
+        self.compute_bound = bool(compute_bound)
         self.layout = ObservationLayout(self.config.n_groups)
         self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         self.action_space = action_space(self.config)
@@ -254,3 +289,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     def _progress(self) -> float:
         """Share of the episode's time budget spent, in [0, 1] (``compare`` feeds the share of its epochs)."""
         return min(1.0, self.spent_ms / self.budget_ms) if self.budget_ms > 0 else 0.0
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool (``True`` compares as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_whole(value: object) -> bool:
+    """A whole number, not a bool (nor 2.0)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -328,3 +328,49 @@ def test_reset_with_the_same_seed_replays_the_episode_on_the_same_instance():
     assert rewards == again[1] and infos == again[2]
     other = episode(12)
     assert not np.array_equal(observations[-1], other[0][-1])  # another seed, another run
+
+
+_WRONG = [
+    ({"task": ["synthetic"]}, r"^task=\['synthetic'\] must be a task name \(a str\); known tasks: .*synthetic"),
+    ({"config": {"interval_steps": 3}}, r"^config=\{'interval_steps': 3\} must be a ControllerConfig \(or None"),
+    ({"config": ControllerConfig}, r"^config=<class .*ControllerConfig'> must be a ControllerConfig \(or None"),
+    ({"reward_config": {"budget_intervals": 2}}, r"^reward_config=\{'budget_intervals': 2\} must be a RewardConfig"),
+    ({"max_decisions": 2.5}, r"^max_decisions=2\.5 must be a whole number >= 1 \(or None: 8 × the budget in"),
+    ({"max_decisions": True}, r"^max_decisions=True must be a whole number >= 1 \(or None"),
+    ({"max_decisions": "3"}, r"^max_decisions='3' must be a whole number >= 1 \(or None"),
+    ({"max_decisions": math.nan}, r"^max_decisions=nan must be a whole number >= 1 \(or None"),
+    ({"max_decisions": 0}, r"^max_decisions=0 must be a whole number >= 1 \(or None"),
+    ({"cost_mode": "bogus"}, r"^unknown cost mode 'bogus'; allowed: measured, profile$"),
+    ({"profile": 3}, r"^profile=3 must be the path of a hardware-profile JSON \(str or os\.PathLike\) or None"),
+    ({"device": "tpu"}, r"^device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    ({"task_overrides": [1]}, r"^task_overrides=\[1\] must be a dict of task fields \(\{'n_train': 2048\}\) or None"),
+    ({"task_overrides": {"nope": 1}}, r"^task 'synthetic' has no field nope; fields that can be overridden: name,"),
+    ({"divergence_factor": "3"}, r"^divergence_factor='3' must be a number > 1 .*; got str$"),
+    ({"divergence_factor": None}, r"^divergence_factor=None must be a number > 1 .*; got NoneType$"),
+    ({"divergence_factor": True}, r"^divergence_factor=True must be a number > 1 .*; got bool$"),
+    ({"compute_bound": "no"}, r"^compute_bound='no' must be True or False$"),
+    ({"compute_bound": None}, r"^compute_bound=None must be True or False$"),
+    ({"lr_range": 1.0}, r"^lr_range=1\.0 must be \(low, high\) with 0 < low <= high < inf$"),
+    (
+        {"lr_range": (1.0, 2.0, 3.0)},
+        r"^lr_range=\(1\.0, 2\.0, 3\.0\) must be \(low, high\) with 0 < low <= high < inf$",
+    ),
+    ({"lr_range": ("a", "b")}, r"^lr_range=\('a', 'b'\) must be \(low, high\) with 0 < low <= high < inf$"),
+    ({"lr_range": "ab"}, r"^lr_range='ab' must be \(low, high\) with 0 < low <= high < inf$"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), _WRONG, ids=[next(iter(k)) + "=" + repr(next(iter(k.values()))) for k, _ in _WRONG]
+)
+def test_a_wrong_constructor_argument_is_refused_by_name(kwargs, message):
+    """Before: a dict config or reward_config, a str divergence_factor or max_decisions, an int profile or a list of
+    overrides raised a bare AttributeError or TypeError; a float, bool or NaN max_decisions and compute_bound='no'
+    (read as True) were taken; a bad device was first refused at reset; a non-pair lr_range raised unpacking errors."""
+    with pytest.raises(ValueError, match=message):
+        TriAccelEnv(**kwargs)
+
+
+def test_a_reward_config_with_a_bad_budget_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^reward budget_intervals=0 must be positive \(the episode's time budget"):
+        TriAccelEnv(reward_config=RewardConfig(budget_intervals=0))
