@@ -14,6 +14,7 @@ import numpy as np
 
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
+from triaccel_rl.elastic import release_memory
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
@@ -55,6 +56,10 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
     ``truncated`` when the time budget is spent, or (a safety net for near-free steps) after
     ``max_decisions`` decisions.
+
+    **Lifetime**: ``close()`` drops the run and frees its memory (harmless twice; ``reset`` starts anew). A live
+    environment (between ``reset`` and ``close``) refuses to be copied or pickled; one before its first reset
+    pickles, and ``SubprocVecEnv`` sends factories, which is what it needs.
 
     Args:
         task: registered task name (``triaccel_rl.tasks.task_names()``).
@@ -280,6 +285,32 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             info["overhead_frac"] = signals.overhead_frac
             info["wall_time_ms"] = run.train_time_ms
         return self.loop.observation(), value, diverged, truncated, info
+
+    def close(self) -> None:
+        """Drops the run (its model, optimizer and data; on CUDA the allocator's cached blocks too), freeing its memory.
+
+        Closing twice, or before any ``reset``, is harmless; ``reset`` starts a fresh run afterwards.
+        """
+        if self.loop is not None:
+            device = self.loop.run.device
+            self.loop, self._ended = None, False
+            release_memory(device)
+        super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``SubprocVecEnv`` sends factories, not environments) only without a live run.
+
+        Raises:
+            TypeError: between ``reset`` and ``close``: a copy of the run would not work (its engine keys the
+                layers by parameter id; its precision hooks are local functions).
+        """
+        if self.loop is not None:
+            raise TypeError(
+                "a TriAccelEnv copies and pickles only before reset() or after close(): its live run (engine state "
+                "keyed by parameter, precision hooks) does not copy; to replay an episode, make another with the "
+                "same arguments and reset(seed=...) it"
+            )
+        return self.__dict__.copy()
 
     @property
     def signals(self) -> Signals | None:

@@ -374,3 +374,41 @@ def test_a_wrong_constructor_argument_is_refused_by_name(kwargs, message):
 def test_a_reward_config_with_a_bad_budget_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^reward budget_intervals=0 must be positive \(the episode's time budget"):
         TriAccelEnv(reward_config=RewardConfig(budget_intervals=0))
+
+
+def test_close_drops_the_run_and_is_idempotent():
+    """``close()`` once kept the model, optimizer and data alive and the episode steppable."""
+    import gc
+    import weakref
+
+    env = small_env()
+    env.reset(seed=0)
+    model = weakref.ref(env.loop.run.model)
+    env.close()
+    env.close()  # twice: harmless
+    gc.collect()
+    assert model() is None and env.loop is None and env.signals is None
+    with pytest.raises(RuntimeError, match=r"^call reset\(\) before step\(\)$"):
+        env.step(np.array([0, 0, 0, 0, 2, 1]))
+    obs, _ = env.reset(seed=0)  # a fresh run after close, the same one as a fresh environment's
+    np.testing.assert_array_equal(obs, small_env().reset(seed=0)[0])
+    small_env().close()  # closing an environment never reset
+
+
+def test_a_live_environment_refuses_to_be_copied_or_pickled_by_name():
+    """A deep copy of a reset environment once failed at its first step (a KeyError in the engine, which keys layers
+    by parameter id) and a pickle with 'Can't pickle local object ...pre_hook'; before reset and after close both work.
+    """
+    import copy
+    import pickle
+
+    env = small_env()
+    env.reset(seed=0)
+    message = r"^a TriAccelEnv copies and pickles only before reset\(\) or after close\(\)"
+    with pytest.raises(TypeError, match=message):
+        copy.deepcopy(env)
+    with pytest.raises(TypeError, match=message):
+        pickle.dumps(env)
+    env.close()
+    again = pickle.loads(pickle.dumps(env))
+    np.testing.assert_array_equal(again.reset(seed=0)[0], copy.deepcopy(env).reset(seed=0)[0])
