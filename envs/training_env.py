@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
@@ -56,6 +58,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
     ``truncated`` when the time budget is spent, or (a safety net for near-free steps) after
     ``max_decisions`` decisions.
+
+    **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions: the
+    observations, rewards and per-step ``info`` repeat bit for bit. The run draws from its own torch RNG stream,
+    so the caller's global NumPy and torch CPU RNGs neither change an episode nor are changed by it (random ops
+    on a GPU, which no shipped task has, draw from the process's CUDA generator). In
+    ``measured`` mode the charged time is the clock's, so the budget, the step-time feature, the rewards and the
+    episode's length vary from run to run (Gymnasium's ``check_env`` fails its determinism check there).
 
     **Lifetime**: ``close()`` drops the run and frees its memory (harmless twice; ``reset`` starts anew). A live
     environment (between ``reset`` and ``close``) refuses to be copied or pickled; one before its first reset
@@ -178,6 +187,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.action_space = action_space(self.config)
         self.loop: DecisionLoop | None = None
         self._ended = False
+        self._torch_rng: torch.Tensor | None = None  # the run's own CPU torch RNG state, between calls
         self.reference_interval_ms = self.budget_ms = self.spent_ms = 0.0
 
     def reset(
@@ -192,19 +202,34 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
             task = replace(task, base_lr=task.base_lr * factor)
         self.base_lr_factor = factor
-        run = TrainingRun(
-            task,
-            seed=run_seed,
-            device=self.device,
-            memory=self.config.memory,
-            cost_mode=self.cost_mode,
-            profile=self.profile,
-            include_fixed_cost=not self.compute_bound,
-            elastic=self.config.elastic,
+        self.loop, self._torch_rng = None, None  # the last episode's run may go before this one is built
+        device = resolve_device(self.device)
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         )
+        # TrainingRun seeds the process's torch RNGs (torch.manual_seed) for the model's initial weights: put the
+        # caller's back, so that a reset does not choose what the user's (or SB3's) next random draws are.
+        with torch.random.fork_rng(devices=cuda):
+            run = TrainingRun(
+                task,
+                seed=run_seed,
+                device=device,
+                memory=self.config.memory,
+                cost_mode=self.cost_mode,
+                profile=self.profile,
+                include_fixed_cost=not self.compute_bound,
+                elastic=self.config.elastic,
+            )
+            self._torch_rng = torch.get_rng_state()  # the run's own CPU stream goes on from its seed
         # Learning must see divergence (no rollback) and intervals of a fixed length (no adaptive cadence).
         self.loop = DecisionLoop(run, self.config, rollback=False, adaptive_interval=False)
         self._ended = False
+        with self._own_rng():
+            return self._start(run, factor)
+
+    def _start(self, run: TrainingRun, factor: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """``reset``'s first interval, on the run's own RNG stream."""
+        assert self.loop is not None
         self._initial_probe = run.probe_loss()
         # The reference interval (fp32, base batch) sets the budget; it is not charged against it.
         interval = self.loop.train_interval()
@@ -228,6 +253,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             raise RuntimeError("call reset() before step()")
         if self._ended:  # its budget is spent (a step would divide by what is left) or its run diverged
             raise RuntimeError("this episode has ended (terminated or truncated): call reset() before step()")
+        with self._own_rng():
+            return self._step(action)
+
+    def _step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """``step`` on the run's own RNG stream."""
+        assert self.loop is not None
         report = self.loop.apply(action)
         run = self.loop.run
         budget_left_ms = self.budget_ms - self.spent_ms
@@ -293,7 +324,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """
         if self.loop is not None:
             device = self.loop.run.device
-            self.loop, self._ended = None, False
+            self.loop, self._torch_rng, self._ended = None, None, False
             release_memory(device)
         super().close()
 
@@ -311,6 +342,20 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
                 "same arguments and reset(seed=...) it"
             )
         return self.__dict__.copy()
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Runs the block on the run's own CPU torch RNG stream (seeded at ``reset``), the caller's left as it was.
+
+        A policy drawing from the global RNG between steps (as SB3's does) then changes nothing in the episode, and
+        the episode's random ops (dropout) take nothing from the caller's stream. Random ops on a GPU draw from the
+        process's CUDA generator (no shipped task has any).
+        """
+        with torch.random.fork_rng(devices=[]):
+            if self._torch_rng is not None:
+                torch.set_rng_state(self._torch_rng)
+            yield
+            self._torch_rng = torch.get_rng_state()
 
     @property
     def signals(self) -> Signals | None:

@@ -395,6 +395,53 @@ def test_close_drops_the_run_and_is_idempotent():
     small_env().close()  # closing an environment never reset
 
 
+def test_reset_and_step_leave_the_global_torch_rng_alone():
+    """``reset`` seeded the process's global torch RNG with its run seed (``torch.manual_seed``), so a user's (or SB3's)
+    draws after every reset were the environment's choice, not the user's seed."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        env = small_env()
+        env.reset(seed=0)
+        assert torch.equal(torch.get_rng_state(), state)
+        env.step(np.array([0, 0, 0, 0, 2, 1]))
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def _dropout_mlp():
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10))
+
+
+def test_a_task_with_dropout_replays_for_a_seed_whatever_the_caller_draws_between_steps():
+    """The run's random ops draw from the environment's own torch stream, seeded by ``reset(seed=...)``: a policy
+    sampling actions from the global RNG between steps (as SB3's does) does not change the episode."""
+    import torch
+
+    def episode(draw_between):
+        env = TriAccelEnv(config=ControllerConfig(interval_steps=3), max_decisions=4,
+                          task_overrides={"n_train": 1024, "build_model": _dropout_mlp})  # fmt: skip
+        observations = [env.reset(seed=4)[0]]
+        rewards = []
+        for _ in range(3):
+            if draw_between:
+                torch.rand(1000)
+            obs, value, *_ = env.step(np.array([0, 0, 0, 0, 2, 1]))
+            observations.append(obs)
+            rewards.append(value)
+        return observations, rewards
+
+    with torch.random.fork_rng():
+        quiet = episode(False)
+        noisy = episode(True)
+    for a, b in zip(quiet[0], noisy[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert quiet[1] == noisy[1]
+
+
 def test_a_live_environment_refuses_to_be_copied_or_pickled_by_name():
     """A deep copy of a reset environment once failed at its first step (a KeyError in the engine, which keys layers
     by parameter id) and a pickle with 'Can't pickle local object ...pre_hook'; before reset and after close both work.
@@ -412,3 +459,62 @@ def test_a_live_environment_refuses_to_be_copied_or_pickled_by_name():
     env.close()
     again = pickle.loads(pickle.dumps(env))
     np.testing.assert_array_equal(again.reset(seed=0)[0], copy.deepcopy(env).reset(seed=0)[0])
+
+
+def test_observations_stay_in_the_space_at_divergence_over_budget_and_the_truncated_end():
+    from triaccel_rl.tasks import get_task
+
+    def check(env, obs):
+        assert obs.dtype == np.float32 and obs.shape == env.observation_space.shape
+        assert env.observation_space.contains(obs)
+
+    diverging = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1,
+                            task_overrides={"base_lr": 1e6 * get_task("synthetic").base_lr})  # fmt: skip
+    diverging.reset(seed=0)
+    obs, _, terminated, _, _ = diverging.step(np.array([2, 2, 2, 2, 1, 1]))
+    assert terminated
+    check(diverging, obs)
+    env = small_env()
+    check(env, env.reset(seed=0)[0])
+    truncated = False
+    while not truncated:
+        env.loop.run.memory_budget_bytes = env.signals.memory_bytes // 4  # as after an out-of-memory error
+        obs, _, terminated, truncated, info = env.step(np.array([2, 2, 2, 2, 4, 2]))
+        assert info["over_budget"] and not terminated
+        check(env, obs)
+
+
+def test_checkers_pass_without_warnings_for_non_default_arguments():
+    """Made through ``gym.make`` (so the render check has a spec), unwrapped (the checkers want the bare env)."""
+    import warnings
+
+    kwargs = {"config": ControllerConfig(interval_steps=2, n_groups=2, lr_scales=(0.5, 1.0, 2.0)),
+              "reward_config": RewardConfig(budget_intervals=2), "compute_bound": True, "lr_range": (0.5, 2.0),
+              "task_overrides": {"n_train": 512}}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make("TriAccel-v0", **kwargs).unwrapped
+        gym_check_env(env)
+        sb3_check_env(env, warn=True)
+        assert env.action_space.nvec.tolist() == [3, 3, 3, 3]
+        assert env.observation_space.shape == (11 + 8 * 2,)
+
+
+def test_subproc_vec_env_runs_seeded_workers_like_single_environments():
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    venv = SubprocVecEnv([small_env, small_env])
+    try:
+        venv.seed(5)
+        first = venv.reset()
+        observations, rewards, dones, _ = venv.step(np.array([[0, 0, 0, 0, 2, 1]] * 2))
+    finally:
+        venv.close()
+    venv.close()  # twice: harmless
+    for worker, seed in enumerate((5, 6)):  # SB3 seeds worker i with seed + i
+        env = small_env()
+        obs, _ = env.reset(seed=seed)
+        np.testing.assert_array_equal(first[worker], obs)
+        obs, value, *_ = env.step(np.array([0, 0, 0, 0, 2, 1]))
+        np.testing.assert_array_equal(observations[worker], obs)
+        assert rewards[worker] == value and not dones[worker]
