@@ -1,5 +1,6 @@
 """The shield's rollback inside DecisionLoop: a non-finite probe loss restores the last good state."""
 
+import copy
 import math
 
 import pytest
@@ -254,3 +255,118 @@ def test_a_restore_keeps_the_lr_an_lr_scheduler_has_set_since_the_copy():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)  # the schedule's, not the copy's 0.1
     for want, p in zip(saved, model.parameters(), strict=True):
         assert torch.equal(want, p.detach())
+
+
+class _WithRunningStats(torch.nn.Module):
+    """Batch norm (persistent buffers, an integer count among them) and a non-persistent running mean of the outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        self.register_buffer("output_mean", torch.zeros(2), persistent=False)
+
+    def forward(self, x):
+        y = self.body(x)
+        with torch.no_grad():
+            self.output_mean.mul_(0.9).add_(0.1 * y.mean(0))
+        return y
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda params: torch.optim.AdamW(params, lr=1e-2, amsgrad=True),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_a_restore_is_bit_identical_and_training_goes_on_as_if_nothing_happened(make_optimizer):
+    """Parameters, every buffer (a non-persistent one too: the state dict leaves it out, so a restore never repaired
+    it and ``nonfinite_buffers`` asked for a rollback at every decision), the optimizer's whole state; and the steps
+    after the restore are the steps the run took from the copy."""
+    from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
+
+    torch.manual_seed(0)
+    model = _WithRunningStats()
+    optimizer = make_optimizer(model.parameters())
+    guard = RollbackGuard(model, optimizer)
+    batches = [torch.randn(8, 3) for _ in range(6)]
+
+    def train(xs):
+        for x in xs:
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(batches[:2])
+    guard.save()
+    saved = {name: t.clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    train(batches[2:4])
+    reference = copy.deepcopy((model, optimizer))  # trains on from the copy: restored, the run must follow it
+    with torch.no_grad():
+        model.body[0].weight.fill_(float("nan"))
+        model.body[1].running_var.fill_(float("inf"))
+        model.output_mean.fill_(float("nan"))
+    assert nonfinite_buffers(model) == ["output_mean", "body.1.running_var"]
+    assert guard.restore()
+    assert nonfinite_buffers(model) == []
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert set(now) == set(saved)
+    for name, want in saved.items():
+        assert now[name].dtype == want.dtype and torch.equal(now[name], want), name
+    state = optimizer.state_dict()
+    assert state["param_groups"] == saved_optimizer["param_groups"]
+    assert state["state"].keys() == saved_optimizer["state"].keys()
+    for index, entries in state["state"].items():
+        assert entries.keys() == saved_optimizer["state"][index].keys()
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(saved_optimizer["state"][index][key])), key
+    ref_model, ref_optimizer = reference
+    ref_model.load_state_dict(saved, strict=False)  # the reference goes back to the copy the way a user would
+    ref_model.output_mean.copy_(saved["output_mean"])
+    ref_optimizer.load_state_dict(saved_optimizer)
+    train(batches[4:])
+    for x in batches[4:]:
+        ref_model(x).square().mean().backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+    for (name, a), b in zip([*model.named_parameters(), *model.named_buffers()],
+                            [*ref_model.parameters(), *ref_model.buffers()], strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ("swapped", r"model must be a torch\.nn\.Module; got SGD$"),
+        ("model None", r"model must be a torch\.nn\.Module; got NoneType$"),
+        (
+            "optimizer None",
+            r"optimizer must be an optimizer \(an object with state_dict\(\) and load_state_dict\(\), "
+            r"e\.g\. a torch\.optim\.Optimizer\); got NoneType$",
+        ),
+        ("optimizer a module", r"optimizer must be an optimizer .*; got Linear$"),
+        ("offload a string", r"offload='no' must be True or False"),
+        ("after_restore not callable", r"after_restore=3 must be callable \(or None\)"),
+    ],
+)
+def test_the_guard_refuses_bad_arguments_by_name(arguments, message):
+    """Each was taken: the swapped pair failed at the first copy with "unexpected keyword argument 'keep_vars'", None
+    with an AttributeError, a module as the optimizer and offload='no' (truthy) ran, and a non-callable after_restore
+    raised "'int' object is not callable" at the first restore, after the state was loaded."""
+    from triaccel_rl.shield import RollbackGuard
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    call = {
+        "swapped": lambda: RollbackGuard(optimizer, model),
+        "model None": lambda: RollbackGuard(None, optimizer),
+        "optimizer None": lambda: RollbackGuard(model, None),
+        "optimizer a module": lambda: RollbackGuard(model, model),
+        "offload a string": lambda: RollbackGuard(model, optimizer, offload="no"),
+        "after_restore not callable": lambda: RollbackGuard(model, optimizer, after_restore=3),
+    }[arguments]
+    with pytest.raises(TypeError, match=message):
+        call()
+    RollbackGuard(model, optimizer, offload=False, every=2, after_restore=lambda: None)  # the control: taken

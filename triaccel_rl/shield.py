@@ -92,14 +92,30 @@ class RollbackGuard:
         # A float or NaN passed the old `every < 1` check, and `since + 1 >= nan` then never refreshed the copy.
         if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
             raise ValueError(f"every={every!r} must be a whole number >= 1")
+        # Each of these failed only later: at the first copy (an AttributeError, or the swapped pair's "unexpected
+        # keyword argument 'keep_vars'"), or at the first restore, after the state was loaded (after_restore).
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(optimizer, nn.Module) or not all(
+            callable(getattr(optimizer, name, None)) for name in ("state_dict", "load_state_dict")
+        ):
+            raise TypeError(
+                "optimizer must be an optimizer (an object with state_dict() and load_state_dict(), e.g. a "
+                f"torch.optim.Optimizer); got {type(optimizer).__name__}"
+            )
+        if not isinstance(offload, bool | np.bool_):
+            raise TypeError(f"offload={offload!r} must be True or False")
+        if after_restore is not None and not callable(after_restore):
+            raise TypeError(f"after_restore={after_restore!r} must be callable (or None)")
         self.model = model
         self.optimizer = optimizer
-        self.offload = offload
+        self.offload = bool(offload)
         self.every = every
         self.after_restore = after_restore
         """Called after each restore: e.g. ``StepEngine.refresh_weight_copies``, whose copies the restore made stale."""
         self._since_copy = 0  # healthy() calls since the copy was taken
         self._model_state: _Snapshot | None = None
+        self._transient_state: _Snapshot | None = None  # the non-persistent buffers, which the state dict leaves out
         self._optimizer_state: _Snapshot | None = None
         self._copied: torch.cuda.Event | None = None  # when an offloaded snapshot's copies are done
         self.rollbacks = 0
@@ -135,14 +151,18 @@ class RollbackGuard:
         """
         offload = self.offload
         try:
-            self._model_state = _Snapshot.take(self.model.state_dict(keep_vars=True), self._model_state, offload)
+            state = self.model.state_dict(keep_vars=True)
+            self._model_state = _Snapshot.take(state, self._model_state, offload)
+            self._transient_state = _Snapshot.take(
+                _transient_buffers(self.model, state), self._transient_state, offload
+            )
             self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state, offload)
         except RuntimeError as err:  # e.g. pinned (page-locked) host memory refused
             if not offload:
                 raise
             _log.warning("rollback copy kept on the GPU: pinned host memory failed (%s)", err)
             self.offload = False
-            self._model_state = self._optimizer_state = None
+            self._model_state = self._transient_state = self._optimizer_state = None
             self.save()
             return
         if offload and torch.cuda.is_available() and self._model_state.on_host_from_cuda:
@@ -157,11 +177,14 @@ class RollbackGuard:
 
     def restore(self, reason: str = "non-finite loss") -> bool:
         """Restores the last snapshot (logging ``reason``); returns False when there is none yet."""
-        if self._model_state is None or self._optimizer_state is None:
+        if self._model_state is None or self._transient_state is None or self._optimizer_state is None:
             return False
         if self._copied is not None:  # the host reads the offloaded tensors below (the deep copy)
             self._copied.synchronize()
         self.model.load_state_dict(self._model_state.tree())
+        with torch.no_grad():
+            for name, value in self._transient_state.tree().items():
+                self.model.get_buffer(name).copy_(value)
         # The LRs are the owner's or an LR scheduler's, which has moved on since the copy: they stay as they are.
         groups = getattr(self.optimizer, "param_groups", None)
         lrs = [group["lr"] for group in groups] if groups is not None else []
@@ -174,6 +197,17 @@ class RollbackGuard:
         self.rollbacks += 1
         _log.warning("%s: rolled back to the last good state (rollback %d)", reason, self.rollbacks)
         return True
+
+
+def _transient_buffers(model: nn.Module, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's buffers that its state dict (``state``, taken with ``keep_vars``) leaves out, by name.
+
+    A non-persistent buffer (``register_buffer(..., persistent=False)``: a running statistic a module keeps out of its
+    checkpoints) is state a forward writes, as a batch norm's running statistics are: one gone non-finite made
+    ``nonfinite_buffers`` ask for a rollback at every decision, and the restore never repaired it.
+    """
+    persistent = {id(value) for value in state.values()}
+    return {name: b for name, b in model.named_buffers() if id(b) not in persistent}
 
 
 @dataclass
