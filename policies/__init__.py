@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gymnasium import spaces
 from triaccel_rl.policies.batch_finder import BATCH_FINDER_NAMES, BatchFinderPolicy
 from triaccel_rl.policies.heuristic import HEURISTIC_NAMES, HEURISTIC_PARTS, HeuristicPolicy
 from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
+from triaccel_rl.actions import action_space as config_action_space
 from triaccel_rl.config import ControllerConfig
+from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.shield import FallbackPolicy, ObservationStats
 from triaccel_rl.types import Policy, Precision
 
@@ -36,7 +40,7 @@ _log = logging.getLogger("triaccel_rl")
 
 
 def make_policy(
-    spec: str | Policy,
+    spec: str | os.PathLike[str] | Policy,
     config: ControllerConfig | None = None,
     observation_space: spaces.Space[Any] | None = None,
     action_space: spaces.Space[Any] | None = None,
@@ -49,20 +53,30 @@ def make_policy(
     ``batch-finder-bf16``, ``batch-finder-fp16``: the batch-size-finder baseline; ``pretrained``: the
     policy shipped with the package.
 
-    A ``.zip`` with its observation stats beside it (``.obs.json``, written by ``train_policy``) comes wrapped in a
-    ``FallbackPolicy``: observations further than one range width outside the training range go to the heuristic.
-    Without them it is the bare ``LearnedPolicy``, and a warning says so.
+    A ``.zip`` (a str or a ``pathlib.Path``) with its observation stats beside it (``.obs.json``, written by
+    ``train_policy``) comes wrapped in a ``FallbackPolicy``: observations further than one range width outside the
+    training range go to the heuristic. Without them it is the bare ``LearnedPolicy``, and a warning says so. Its
+    spaces must be ``observation_space`` and ``action_space``, by default those of ``config`` (its ``n_groups`` and
+    LR ladder).
 
     Raises:
-        ValueError: an unknown name (the message lists the allowed ones) or an unusable zip.
+        ValueError: an unknown name or a missing zip (the message lists the allowed ones), or an unusable zip (another
+            algorithm's, corrupt, or trained for other spaces: ``PolicyLoadError``).
+        TypeError: ``spec`` is neither a name, a path nor a policy; ``config`` is not a ``ControllerConfig``.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str):
         if not callable(getattr(spec, "predict", None)):
             raise TypeError(
-                f"policy={spec!r} is neither a name nor a path (a str) nor an object with SB3's "
+                f"policy={spec!r} is neither a name nor a path (a str or a pathlib.Path) nor an object with SB3's "
                 "predict(observation, deterministic=...) method"
             )
         return spec
+    if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
+        raise TypeError(
+            f"config={config!r} must be a ControllerConfig (a HeuristicConfig goes in ControllerConfig(heuristic=...))"
+        )
     config = config or ControllerConfig()
     name = spec.lower()
     if name in STATIC_PRESETS or name.removeprefix("static-") in STATIC_PRESETS:
@@ -75,7 +89,12 @@ def make_policy(
         spec = str(pretrained_policy_path())
         name = spec
     if name.endswith(".zip"):
-        learned = LearnedPolicy(spec, observation_space, action_space)
+        if not os.path.exists(spec):
+            raise PolicyLoadError(f"policy file {spec!r} does not exist; allowed: {_allowed()} that exists")
+        if observation_space is None:  # what the Controller, compare and the environment feed for this config
+            size = ObservationLayout(config.n_groups).size
+            observation_space = spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32)
+        learned = LearnedPolicy(spec, observation_space, action_space or config_action_space(config))
         # Its first decision comes after one interval: until then it runs where the heuristic starts (bf16 by
         # default), not in fp32, so that the two are compared from the same start.
         learned.initial_precision = Precision.parse(config.heuristic.start_precision)
@@ -105,9 +124,14 @@ def make_policy(
             )
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), stats)
-    raise ValueError(
-        f"unknown policy {spec!r}; allowed: {', '.join(STATIC_PRESETS)}, {', '.join(HEURISTIC_NAMES)}, pretrained, "
-        f"{', '.join(BATCH_FINDER_NAMES)}, or a path to an SB3 .zip"
+    raise ValueError(f"unknown policy {spec!r}; allowed: {_allowed()}")
+
+
+def _allowed() -> str:
+    """The policy specs ``make_policy`` takes, for its messages."""
+    return (
+        f"{', '.join(STATIC_PRESETS)}, {', '.join(HEURISTIC_NAMES)}, pretrained, {', '.join(BATCH_FINDER_NAMES)}, "
+        "or a path to an SB3 .zip"
     )
 
 

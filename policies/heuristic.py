@@ -84,6 +84,7 @@ import numpy as np
 from triaccel_rl.actions import encode
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.observation import ObservationLayout
+from triaccel_rl.shield import check_observation
 from triaccel_rl.types import Action, BatchMove, Precision
 
 __all__ = ["HEURISTIC_NAMES", "HEURISTIC_PARTS", "HeuristicPolicy", "fastest_16bit"]
@@ -205,13 +206,9 @@ class HeuristicPolicy:
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         """Returns the raw action for ``observation`` (or a batch of them)."""
-        obs = np.asarray(observation, dtype=np.float64)
-        if obs.ndim == 2 and obs.shape[1] == self.layout.size:
+        obs = check_observation(observation, self.layout.size).astype(np.float64)
+        if obs.ndim == 2:
             return np.stack([self._decide(row) for row in obs]), state
-        if obs.shape != (self.layout.size,):
-            raise ValueError(
-                f"observation has shape {obs.shape}; expected ({self.layout.size},) or a batch (n, {self.layout.size})"
-            )
         return self._decide(obs), state
 
     def _decide(self, obs: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from gymnasium import spaces
 from triaccel_rl.policies.heuristic import fastest_16bit
 
 from triaccel_rl.observation import ObservationLayout
+from triaccel_rl.shield import check_observation
 from triaccel_rl.types import Precision
 
 __all__ = ["SUPPORTED_ALGORITHMS", "LearnedPolicy", "PolicyLoadError", "policy_view"]
@@ -110,7 +111,17 @@ class LearnedPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """The SB3 model's ``predict``; after a speed trial, through :func:`policy_view` and the trial's format."""
+        """The SB3 model's ``predict``; after a speed trial, through :func:`policy_view` and the trial's format.
+
+        Raises:
+            ValueError: an observation of another shape than the policy's, not of numbers, or holding a NaN or an
+                infinity (the feature named): the network has no answer for it. ``make_policy`` wraps a policy with
+                its ``.obs.json`` in a ``FallbackPolicy``, which hands such observations to the heuristic instead.
+        """
+        space = self.observation_space
+        if isinstance(space, spaces.Box) and len(space.shape) == 1:  # a Tri-Accel observation; others go to SB3 as is
+            observation = check_observation(observation, space.shape[0])
+            _refuse_non_finite(observation)
         size = int(np.shape(observation)[-1])
         layout = None if self.low_precision is None else ObservationLayout.for_size(size)
         view = observation if layout is None else policy_view(observation, layout)
@@ -121,6 +132,23 @@ class LearnedPolicy:
         precisions = action[..., : layout.n_groups]
         precisions[precisions != int(Precision.FP32)] = int(self.low_precision)
         return action, state
+
+
+def _refuse_non_finite(observation: np.ndarray) -> None:
+    """Raises a ValueError naming the first NaN or infinite feature of ``observation`` (one, or a batch's rows)."""
+    bad = ~np.isfinite(observation)
+    if not bad.any():
+        return
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    feature = where[-1]
+    layout = ObservationLayout.for_size(observation.shape[-1])
+    name = layout.name(feature) if layout is not None else f"feature {feature}"
+    row = f" of row {where[0]}" if observation.ndim == 2 else ""
+    raise ValueError(
+        f"observation holds {observation[where]} at feature {name} (index {feature}){row}: a learned policy cannot "
+        "decide on it (with the policy's .obs.json beside its zip, make_policy hands such observations to the "
+        "heuristic)"
+    )
 
 
 def policy_view(observation: np.ndarray, layout: ObservationLayout) -> np.ndarray:

@@ -6,6 +6,8 @@ import numpy as np
 
 from triaccel_rl.actions import encode
 from triaccel_rl.config import ControllerConfig
+from triaccel_rl.observation import ObservationLayout
+from triaccel_rl.shield import check_observation
 from triaccel_rl.types import Action, BatchMove, Precision
 
 __all__ = ["STATIC_PRESETS", "StaticPolicy"]
@@ -38,8 +40,12 @@ class StaticPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """Returns the fixed action (batched when ``observation`` is a batch)."""
-        obs = np.asarray(observation)
+        """Returns the fixed action (batched when ``observation`` is a batch).
+
+        Raises:
+            ValueError: an observation of another shape than the config's, or not of numbers (it answered any).
+        """
+        obs = check_observation(observation, ObservationLayout(self.config.n_groups).size)
         if obs.ndim == 2:
             return np.tile(self._raw, (obs.shape[0], 1)), state
         return self._raw.copy(), state

@@ -548,3 +548,180 @@ def test_the_heuristic_takes_a_controller_config():
         TypeError, match=r"must be a ControllerConfig \(its thresholds go in ControllerConfig\(heuristic"
     ):
         HeuristicPolicy(HeuristicConfig())
+
+
+# ----------------------------------------------------------- make_policy and predict as a deploying user meets them
+def _allowed_names():
+    return (
+        "fp32, bf16, fp16, heuristic, heuristic-precision, heuristic-elastic, heuristic-second-order, pretrained, "
+        "batch-finder, batch-finder-bf16, batch-finder-fp16, or a path to an SB3 .zip"
+    )
+
+
+def test_make_policy_takes_every_documented_name():
+    from triaccel_rl.policies import BatchFinderPolicy
+
+    from triaccel_rl.shield import FallbackPolicy
+
+    expected = {
+        "fp32": (StaticPolicy, "static-fp32"), "bf16": (StaticPolicy, "static-bf16"),
+        "fp16": (StaticPolicy, "static-fp16"), "static-fp16": (StaticPolicy, "static-fp16"),
+        "heuristic": (HeuristicPolicy, "heuristic"), "Heuristic": (HeuristicPolicy, "heuristic"),
+        "heuristic-precision": (HeuristicPolicy, "heuristic-precision"),
+        "heuristic-elastic": (HeuristicPolicy, "heuristic-elastic"),
+        "heuristic-second-order": (HeuristicPolicy, "heuristic-second-order"),
+        "batch-finder": (BatchFinderPolicy, "batch-finder"),
+        "batch-finder-bf16": (BatchFinderPolicy, "batch-finder-bf16"),
+        "batch-finder-fp16": (BatchFinderPolicy, "batch-finder-fp16"),
+        "pretrained": (FallbackPolicy, "learned:policy.zip"), "PRETRAINED": (FallbackPolicy, "learned:policy.zip"),
+    }  # fmt: skip
+    for spec, (kind, name) in expected.items():
+        policy = make_policy(spec)
+        assert (type(policy), policy.name) == (kind, name), spec
+
+
+@pytest.mark.parametrize("spec", ["heurstic", "pretrianed", "static-fp8", "heuristic ", "runs/policy", ""])
+def test_a_misspelt_name_is_one_error_naming_it_and_the_allowed_ones(spec):
+    with pytest.raises(ValueError) as info:
+        make_policy(spec)
+    assert str(info.value) == f"unknown policy {spec!r}; allowed: {_allowed_names()}"
+
+
+def test_a_missing_zip_names_the_path_and_the_allowed_names(tmp_path):
+    """It said only "does not exist": a user who wrote ``pretrained.zip`` for ``pretrained`` was not told the names."""
+    missing = tmp_path / "pretrained.zip"
+    with pytest.raises(PolicyLoadError) as info:
+        make_policy(str(missing))
+    assert str(info.value) == (f"policy file {str(missing)!r} does not exist; allowed: {_allowed_names()} that exists")
+
+
+def test_a_pathlib_path_to_a_zip_is_taken_as_a_path(saved_models):
+    """A ``pathlib.Path`` (README: "a path to an SB3 .zip") was refused as "neither a name nor a path (a str)"."""
+    policy = make_policy(saved_models / "ppo.zip")
+    assert type(policy) is LearnedPolicy and policy.path == saved_models / "ppo.zip"
+    with pytest.raises(PolicyLoadError, match=r"nope\.zip' does not exist"):
+        make_policy(saved_models / "nope.zip")
+
+
+@pytest.mark.parametrize("spec", ["fp32", "heuristic", "batch-finder", "pretrained"])
+def test_a_config_that_is_not_a_controller_config_is_refused_by_name(spec):
+    """A HeuristicConfig passed as the config raised AttributeError ('no attribute n_groups') for every spec but the
+    heuristic's."""
+    with pytest.raises(TypeError, match=r"config=HeuristicConfig\(.*\) must be a ControllerConfig"):
+        make_policy(spec, HeuristicConfig())
+
+
+def _zip_for(tmp_path, name, observation_space, action_space):
+    from stable_baselines3 import PPO
+
+    class Env(gym.Env):
+        def __init__(self):
+            self.observation_space, self.action_space = observation_space, action_space
+
+    path = tmp_path / name
+    PPO("MlpPolicy", Env(), n_steps=8, batch_size=8, seed=0, device="cpu").save(path)
+    return path
+
+
+def test_a_zip_for_other_spaces_is_refused_at_load_without_spaces_given(tmp_path):
+    """Without ``observation_space``/``action_space`` nothing was checked: a zip for 5 features, or for a 6-rung LR
+    ladder, loaded and failed (or decoded wrongly) at the first decision. The config's spaces are the default."""
+    box = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (LAYOUT.size,), np.float32)
+    small = _zip_for(tmp_path, "small.zip", gym.spaces.Box(-1, 1, (5,), np.float32), ACTIONS)
+    with pytest.raises(PolicyLoadError, match=r"small\.zip' was trained for observation space Box.*\(5,\).*"
+                       r"but this environment has Box.*\(43,\)"):  # fmt: skip
+        make_policy(str(small))
+    six_rungs = _zip_for(tmp_path, "six.zip", box, gym.spaces.MultiDiscrete([3, 3, 3, 3, 6, 3]))
+    with pytest.raises(PolicyLoadError, match=r"six\.zip' was trained for action space MultiDiscrete\(\[3 3 3 3 6 3\]\)"
+                       r", but this environment has MultiDiscrete\(\[3 3 3 3 5 3\]\)"):  # fmt: skip
+        make_policy(str(six_rungs))
+    assert (
+        type(make_policy(str(six_rungs), ControllerConfig(lr_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0)))) is LearnedPolicy
+    )
+    with pytest.raises(PolicyLoadError, match=r"policy\.zip' was trained for observation space .*\(43,\).*\(27,\)"):
+        make_policy("pretrained", ControllerConfig(n_groups=2))
+
+
+@pytest.mark.parametrize(
+    ("observation", "message"),
+    [
+        (np.zeros(5, np.float32), r"observation has shape \(5,\); expected \(43,\) or a batch \(n, 43\)"),
+        (np.float32(0.0), r"observation has shape \(\); expected \(43,\) or a batch \(n, 43\)"),
+        (np.zeros((1, 2, 43), np.float32), r"observation has shape \(1, 2, 43\); expected \(43,\) or a batch"),
+        (np.array(["0"] * 43), r"observation has dtype <U1; expected numbers"),
+        (np.array([None] * 43), r"observation has dtype object; expected numbers"),
+    ],
+)
+def test_every_policy_refuses_an_observation_of_the_wrong_shape_or_dtype_by_name(saved_models, observation, message):
+    """The learned policy raised IndexError for a scalar and torch's TypeError for strings; the static policies answered
+    any shape; the heuristic read None as NaN and the fallback raised numpy's "could not convert string to float"."""
+    policies = [StaticPolicy("bf16"), HeuristicPolicy(), make_policy("batch-finder"),
+                LearnedPolicy(saved_models / "ppo.zip"), make_policy("pretrained")]  # fmt: skip
+    for policy in policies:
+        with pytest.raises(ValueError, match=message):
+            policy.predict(observation, deterministic=True)
+
+
+def test_a_bare_learned_policy_refuses_a_non_finite_observation_by_feature(saved_models):
+    """Without its ``.obs.json`` (no fallback) a NaN raised SB3's "Expected parameter logits ... invalid values", and
+    an infinity was answered; with one, the fallback takes both (the README's documented path)."""
+    policy = LearnedPolicy(saved_models / "ppo.zip")
+    obs = observation([0.0] * 4)
+    obs[LAYOUT.globals("loss_trend")] = np.nan
+    with pytest.raises(ValueError, match=r"observation holds nan at feature loss_trend \(index 1\): a learned policy "
+                       r"cannot decide on it"):  # fmt: skip
+        policy.predict(obs, deterministic=True)
+    batch = np.stack([observation([0.0] * 4)] * 3)
+    batch[2, LAYOUT.group(1, "log_snr")] = -np.inf
+    with pytest.raises(ValueError, match=r"observation holds -inf at feature group 1 log_snr \(index 22\) of row 2"):
+        policy.predict(batch, deterministic=True)
+    shielded = make_policy("pretrained")
+    nan_obs = np.array(shielded.stats.low, np.float32)
+    nan_obs[1] = np.nan
+    assert shielded.predict(nan_obs, deterministic=True)[0].tolist() == HeuristicPolicy().predict(nan_obs)[0].tolist()
+    assert shielded.fallbacks == 1
+
+
+class _Fixed:
+    def __init__(self, action):
+        self.action = np.array(action)
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=False):
+        return self.action.copy(), state
+
+
+def test_a_batch_from_vectorised_envs_logs_the_fallback_once_a_spell_per_env(caplog):
+    """A batch's rows were one stream: with env 0 out of distribution and env 1 inside, every call logged a warning
+    and an "observations back" line, however long env 0's spell lasted."""
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    size = LAYOUT.size
+    policy = FallbackPolicy(_Fixed([0, 0, 0, 0, 2, 1]), _Fixed([1, 1, 1, 1, 2, 1]),
+                            ObservationStats((0.0,) * size, (0.5,) * size, 10))  # fmt: skip
+    inside, outside = np.full(size, 0.25, np.float32), np.full(size, 5.0, np.float32)
+    with caplog.at_level("DEBUG", logger="triaccel_rl"):
+        for rows in ((outside, inside), (outside, inside), (outside, outside), (inside, inside)):
+            actions, _ = policy.predict(np.stack(rows), deterministic=True)
+            assert actions[:, 0].tolist() == [1 if row is outside else 0 for row in rows]
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "triaccel_rl"]
+    levels = [(level, "back within" in message, "batch row 1" in message) for level, message in logged]
+    assert levels == [
+        ("WARNING", False, False), ("DEBUG", False, False), ("DEBUG", False, False), ("WARNING", False, True),
+        ("INFO", True, False), ("INFO", True, True),
+    ]  # fmt: skip
+    assert "after 3 decision(s)" in logged[4][1] and "after 1 decision(s)" in logged[5][1]
+    assert policy.fallbacks == 4
+
+
+def test_deterministic_predictions_are_deterministic_and_the_shipped_one_is_its_model_cards_constant():
+    """The model card: its deterministic action is ``[0, 1, 1, 1, 4, 1]`` on the whole training range."""
+    policy = make_policy("pretrained")
+    rng = np.random.default_rng(0)
+    low, high = np.array(policy.stats.low), np.array(policy.stats.high)
+    batch = rng.uniform(low, high, (64, LAYOUT.size)).astype(np.float32)
+    torch_state = __import__("torch").get_rng_state()
+    first, _ = policy.predict(batch, deterministic=True)
+    assert all(np.array_equal(policy.predict(batch, deterministic=True)[0], first) for _ in range(3))
+    assert np.array_equal(make_policy("pretrained").predict(batch, deterministic=True)[0], first)
+    assert first.tolist() == [[0, 1, 1, 1, 4, 1]] * 64 and policy.fallbacks == 0
+    assert __import__("torch").equal(__import__("torch").get_rng_state(), torch_state)  # the user's RNG untouched

@@ -30,9 +30,33 @@ from torch import nn
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
-__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard", "nonfinite_buffers"]
+__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard", "check_observation", "nonfinite_buffers"]
 
 _log = logging.getLogger("triaccel_rl")
+
+
+def check_observation(observation: Any, size: int) -> np.ndarray:
+    """``observation`` as an array, checked: one observation of ``size`` features, or a batch ``(n, size)``, of numbers.
+
+    Every policy's ``predict`` takes its observation through here, so a wrong one is refused by name, alike.
+
+    Raises:
+        ValueError: another shape, or values that are not numbers (strings, objects); the message names which.
+
+    Example:
+        >>> check_observation(np.zeros((2, 3), dtype=np.float32), 3).shape
+        (2, 3)
+        >>> check_observation(np.zeros(5), 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: observation has shape (5,); expected (3,) or a batch (n, 3)
+    """
+    obs = np.asarray(observation)
+    if obs.dtype.kind not in "biuf":
+        raise ValueError(f"observation has dtype {obs.dtype}; expected numbers (float32, as the environment gives)")
+    if obs.shape != (size,) and not (obs.ndim == 2 and obs.shape[1] == size):
+        raise ValueError(f"observation has shape {obs.shape}; expected ({size},) or a batch (n, {size})")
+    return obs
 
 
 def nonfinite_buffers(model: nn.Module) -> list[str]:
@@ -391,7 +415,8 @@ class FallbackPolicy:
 
     The log says so once a spell: a warning at the first decision out of distribution (the feature, its value
     and its training range), an info line when observations come back and the learned policy decides again;
-    the decisions in between are logged at debug level. ``fallbacks`` and ``fallback_features`` count them all.
+    the decisions in between are logged at debug level. Each row of a batch (a vectorised env's environments) has
+    spells of its own, and its lines name the row. ``fallbacks`` and ``fallback_features`` count them all.
     """
 
     def __init__(self, policy: Policy, fallback: Policy, stats: ObservationStats, max_distance: float = 1.0) -> None:
@@ -404,7 +429,9 @@ class FallbackPolicy:
         self.fallbacks = 0
         self.fallback_features: dict[str, int] = {}
         """Fallbacks by the feature furthest outside its training range (names as ``ObservationLayout.name``)."""
-        self._spell = 0  # decisions in the current spell out of distribution (0: the learned policy decides)
+        # Decisions in the current spell out of distribution, by stream (a batch's row: one vectorised env each; a
+        # single observation is stream 0); absent: the learned policy decides for that stream.
+        self._spells: dict[int, int] = {}
         self.name = getattr(policy, "name", "learned")
 
     @property
@@ -432,37 +459,61 @@ class FallbackPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """The learned policy's action, or the fallback's when ``observation`` is out of distribution."""
-        obs = np.asarray(observation)
+        """The learned policy's action, or the fallback's when ``observation`` is out of distribution.
+
+        A batch's rows are separate streams (a vectorised env's environments): each has its own spells, logged once
+        a spell each, naming its row.
+
+        Raises:
+            ValueError: an observation of another shape than the stats' or not of numbers (``check_observation``).
+        """
+        obs = check_observation(observation, len(self.stats.low))
         if obs.ndim == 2:
-            actions = [self.predict(row, state, episode_start, deterministic)[0] for row in obs]
+            actions = [
+                self._predict_one(row, index, f" (batch row {index})", state, episode_start, deterministic)[0]
+                for index, row in enumerate(obs)
+            ]
             return np.stack(actions), state
+        return self._predict_one(obs, 0, "", state, episode_start, deterministic)
+
+    def _predict_one(
+        self,
+        obs: np.ndarray,
+        stream: int,
+        where: str,
+        state: tuple[np.ndarray, ...] | None,
+        episode_start: np.ndarray | None,
+        deterministic: bool,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         feature, distance = self.stats.worst_feature(obs)
+        spell = self._spells.get(stream, 0)
         if distance > self.max_distance:
             self.fallbacks += 1
-            self._spell += 1
+            self._spells[stream] = spell = spell + 1
             name = _feature_name(feature, obs.size)
             self.fallback_features[name] = self.fallback_features.get(name, 0) + 1
             _log.log(
-                logging.WARNING if self._spell == 1 else logging.DEBUG,
-                "observation %.2f range widths outside the policy's training data (limit %.2f; feature %s = %.3g, "
+                logging.WARNING if spell == 1 else logging.DEBUG,
+                "observation%s %.2f range widths outside the policy's training data (limit %.2f; feature %s = %.3g, "
                 "trained on [%.3g, %.3g]): the heuristic decides until observations return (fallback %d)",
+                where,
                 distance,
                 self.max_distance,
                 name,
-                float(obs.reshape(-1)[feature]),
+                float(obs[feature]),
                 self.stats.low[feature],
                 self.stats.high[feature],
                 self.fallbacks,
             )
             return self.fallback.predict(obs, state, episode_start, deterministic)
-        if self._spell:
+        if spell:
             _log.info(
-                "observations back within the policy's training data after %d decision(s) by the heuristic: the "
+                "observations%s back within the policy's training data after %d decision(s) by the heuristic: the "
                 "learned policy decides again",
-                self._spell,
+                where,
+                spell,
             )
-            self._spell = 0
+            del self._spells[stream]
         return self.policy.predict(obs, state, episode_start, deterministic)
 
 
