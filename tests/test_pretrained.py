@@ -17,7 +17,7 @@ import torch
 import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
 from experiment_scripts import import_experiment
 from torch import nn
-from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy, pretrained_policy_path
+from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, make_policy, pretrained_policy_path
 from triaccel_rl.policies.learned import policy_view
 
 from triaccel_rl.actions import action_space
@@ -494,3 +494,49 @@ def test_the_fresh_held_out_tasks_targets_are_the_recorded_calibrations():
         assert recorded["target_metric"] == transfer.calibration_target(recorded["final_metric"])
         assert get_task(name).target_metric == recorded["target_metric"], name
     assert not set(FRESH_HELD_OUT_TASKS) & {*TRAINING_TASKS, *HELD_OUT_TASKS}
+
+
+def test_the_shipped_observation_stats_match_the_shipped_zip_and_its_model_card():
+    """The ``.obs.json`` beside the shipped zip describes that zip: its observation size, the decisions it trained on
+    (the model card's count), the LR ladder of its action space, ranges within the observation bounds."""
+    from stable_baselines3 import PPO
+
+    zip_path = pretrained_policy_path()
+    stats = ObservationStats.load(zip_path.with_suffix(".obs.json"))
+    model = PPO.load(zip_path, device="cpu")
+    assert model.observation_space.shape == (len(stats.low),) == (len(stats.high),) == OBSERVATION_SPACE.shape
+    assert model.action_space.nvec.tolist() == [3, 3, 3, 3, len(stats.lr_scales), 3]
+    card = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
+    assert f"| environment steps trained | {stats.n_observations} decisions" in card
+    assert stats.n_observations == model.num_timesteps == 4096
+    assert all(-OBS_HIGH <= lo <= hi <= OBS_HIGH for lo, hi in zip(stats.low, stats.high, strict=True))
+    layout = ObservationLayout(CONFIG.n_groups)
+    for group in range(layout.n_groups):
+        for name in ("is_fp32", "is_bf16", "is_fp16"):
+            index = layout.group(group, name)
+            assert (stats.low[index], stats.high[index]) == (0.0, 1.0), (group, name)
+
+
+@pytest.mark.parametrize(
+    ("feature", "value", "decides"),
+    [
+        ("log2_batch", 5.0, "learned"),  # trained on [-1, 2]: exactly one width (3) past the edge
+        ("log2_batch", 5.0001, "heuristic"),
+        ("log2_batch", -4.0, "learned"),
+        ("log2_batch", -4.0001, "heuristic"),
+        ("overflow_rate", 1.0, "learned"),  # never varied (0 throughout): a width of 1
+        ("overflow_rate", 1.0001, "heuristic"),
+    ],
+)
+def test_the_shipped_policy_falls_back_just_past_one_range_width(feature, value, decides):
+    """README: more than one training range width past the edge on any feature goes to the heuristic."""
+    policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    layout = ObservationLayout(CONFIG.n_groups)
+    obs = (np.array(policy.stats.low) + np.array(policy.stats.high)) / 2  # float64: the edges exact
+    obs[layout.globals(feature)] = value
+    action, _ = policy.predict(obs, deterministic=True)
+    learned = [0, 1, 1, 1, 4, 1]  # the shipped policy's constant action (its model card)
+    assert (action.tolist() == learned) == (decides == "learned")
+    assert policy.fallbacks == (decides == "heuristic")
+    if decides == "heuristic":
+        assert action.tolist() == HeuristicPolicy(CONFIG).predict(obs)[0].tolist()
