@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triaccel_rl.errors import ChoiceEnum, ConfigError
+from triaccel_rl.errors import ChoiceEnum, ConfigError, require_bool, require_number, require_whole
 from triaccel_rl.types import Precision
 
 if TYPE_CHECKING:
@@ -90,9 +90,9 @@ class MemoryBudget:
 
     def __post_init__(self) -> None:
         if self.bytes is not None:
-            _require_whole("memory budget bytes", self.bytes, "> 0 (or None: the fraction applies)")
-        _require_number("memory budget fraction", self.fraction, "in (0, 1]")
-        _require_whole("cpu_capacity_bytes", self.cpu_capacity_bytes, "> 0")
+            require_whole("memory budget bytes", self.bytes, "> 0 (or None: the fraction applies)")
+        require_number("memory budget fraction", self.fraction, "in (0, 1]")
+        require_whole("cpu_capacity_bytes", self.cpu_capacity_bytes, "> 0")
         if self.bytes is not None and self.bytes <= 0:
             raise ConfigError(f"memory budget bytes={self.bytes} must be a positive integer")
         if not (0.0 < self.fraction <= 1.0):
@@ -117,31 +117,6 @@ class MemoryBudget:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _require_number(label: str, value: object, allowed: str, optional: bool = False) -> None:
-    """Refuses a bool, a string, None (unless ``optional``) or any other non-number for ``label``, naming ``allowed``.
-
-    The range itself is each caller's check; this one keeps ``True`` (which compares as 1) and ``"0.5"`` (which raised
-    a ``TypeError`` from the comparison) out of it.
-    """
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        none = ", or None" if optional else ""
-        raise ConfigError(f"{label}={value!r} must be a number {allowed}{none}; got {type(value).__name__}")
-
-
-def _require_whole(label: str, value: object, allowed: str) -> None:
-    """Refuses a bool, a float (2.5, NaN, even 2.0) or a non-number for the count ``label``, naming ``allowed``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{label}={value!r} must be a whole number {allowed}; got {type(value).__name__}")
-
-
-def _require_bool(label: str, value: object, optional: bool = False) -> None:
-    """Refuses anything but True or False (or None, when ``optional``) for the switch ``label``."""
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ConfigError(f"{label}={value!r} must be True or False{', or None' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -357,11 +332,11 @@ class HeuristicConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in _HEURISTIC_NUMBERS.items():
-            _require_number(name, getattr(self, name), allowed, optional=name in ("anneal_plateau", "ramp_batch_after"))
+            require_number(name, getattr(self, name), allowed, optional=name in ("anneal_plateau", "ramp_batch_after"))
         for name in ("speed_trial_steps", "anneal_rungs"):
-            _require_whole(name, getattr(self, name), ">= 1")
-        _require_bool("use_fp16", self.use_fp16)
-        _require_bool("speed_trial", self.speed_trial, optional=True)
+            require_whole(name, getattr(self, name), ">= 1")
+        require_bool("use_fp16", self.use_fp16)
+        require_bool("speed_trial", self.speed_trial, optional=True)
         if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
         for name in ("lower_below", "raise_above"):
@@ -449,7 +424,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            _require_number(f"reward {f.name}", value, "> 0" if f.name in ("clip", "budget_intervals") else ">= 0")
+            require_number(f"reward {f.name}", value, "> 0" if f.name in ("clip", "budget_intervals") else ">= 0")
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"reward {f.name}={value} must be a non-negative number")
         if self.clip <= 0:
@@ -500,11 +475,11 @@ class ElasticConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_rule", LRRule.parse(self.lr_rule))
-        _require_number("warmup_above", self.warmup_above, "> 1")
-        _require_whole("warmup_steps", self.warmup_steps, ">= 0")
-        _require_number("fill_frac", self.fill_frac, "in (0, 1]")
-        _require_number("oom_budget_factor", self.oom_budget_factor, "in (0, 1]")
-        _require_whole("max_oom_retries", self.max_oom_retries, ">= 1")
+        require_number("warmup_above", self.warmup_above, "> 1")
+        require_whole("warmup_steps", self.warmup_steps, ">= 0")
+        require_number("fill_frac", self.fill_frac, "in (0, 1]")
+        require_number("oom_budget_factor", self.oom_budget_factor, "in (0, 1]")
+        require_whole("max_oom_retries", self.max_oom_retries, ">= 1")
         if not (math.isfinite(self.warmup_above) and self.warmup_above > 1.0):
             raise ConfigError(f"warmup_above={self.warmup_above} must be a ratio > 1")
         if self.warmup_steps < 0:
@@ -588,11 +563,11 @@ class ControllerConfig:
             "min_batch_size",
             "max_batch_size",
         ):
-            _require_whole(name, getattr(self, name), ">= 1")
+            require_whole(name, getattr(self, name), ">= 1")
         for name in ("max_lr_change", "ema_decay"):
-            _require_number(name, getattr(self, name), ">= 1 (a ratio)" if name == "max_lr_change" else "in (0, 1)")
+            require_number(name, getattr(self, name), ">= 1 (a ratio)" if name == "max_lr_change" else "in (0, 1)")
         for name in ("rollback", "rollback_offload"):
-            _require_bool(name, getattr(self, name))
+            require_bool(name, getattr(self, name))
         for name, kind in (("memory", MemoryBudget), ("heuristic", HeuristicConfig), ("elastic", ElasticConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(

@@ -6,12 +6,13 @@ This module imports nothing of ours, so that any module may use it.
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ChoiceEnum", "ConfigError", "DetachedParametersError"]
+__all__ = ["ChoiceEnum", "ConfigError", "DetachedParametersError", "require_bool", "require_number", "require_whole"]
 
 
 class ConfigError(ValueError):
@@ -58,3 +59,28 @@ class ChoiceEnum(enum.Enum):
     @classmethod
     def _unknown(cls, value: Any) -> str:
         return f"unknown {cls.__name__} {value!r}"
+
+
+def require_number(label: str, value: object, allowed: str, optional: bool = False) -> None:
+    """Refuses a bool, a string, None (unless ``optional``) or any other non-number for ``label``, naming ``allowed``.
+
+    The range itself is each caller's check (``ControllerConfig``'s, ``SignalConfig``'s); this one keeps ``True``
+    (which compares as 1), ``"0.5"`` and a None where none is allowed (a ``TypeError`` from the comparison) out of it.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        none = ", or None" if optional else ""
+        raise ConfigError(f"{label}={value!r} must be a number {allowed}{none}; got {type(value).__name__}")
+
+
+def require_whole(label: str, value: object, allowed: str) -> None:
+    """Refuses a bool, a float (2.5, NaN, even 2.0) or a non-number for the count ``label``, naming ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{label}={value!r} must be a whole number {allowed}; got {type(value).__name__}")
+
+
+def require_bool(label: str, value: object, optional: bool = False) -> None:
+    """Refuses anything but True or False (or None, when ``optional``) for the switch ``label``."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ConfigError(f"{label}={value!r} must be True or False{', or None' if optional else ''}")

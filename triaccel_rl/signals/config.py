@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from triaccel_rl.errors import ChoiceEnum, ConfigError
+from triaccel_rl.errors import ChoiceEnum, ConfigError, require_bool, require_number, require_whole
 
 __all__ = ["Schedule", "SignalConfig", "SignalMode"]
 
@@ -138,11 +137,11 @@ class SignalConfig:
         # in the rounds' slicing; a string number, or None where None is not allowed, failed with a TypeError from
         # a comparison; True passed as 1. Each message names the field's range too.
         for name, allowed in _INT_FIELDS.items():
-            _require_whole(name, getattr(self, name), allowed)
+            require_whole(name, getattr(self, name), allowed)
         for name, allowed in _REAL_FIELDS.items():
-            _require_number(name, getattr(self, name), allowed, optional=name in _OPTIONAL_FIELDS)
+            require_number(name, getattr(self, name), allowed, optional=name in _OPTIONAL_FIELDS)
         for name in ("lr_factors", "warmup_round"):
-            _require_bool(name, getattr(self, name))
+            require_bool(name, getattr(self, name))
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         if not (0.0 < self.expensive_share <= 1.0):
@@ -233,29 +232,3 @@ _REAL_FIELDS = {
 
 _OPTIONAL_FIELDS = frozenset({"observe_budget_frac", "cheap_budget_frac"})
 """The number fields that may be None (the others raised a ``TypeError`` from their range's comparison)."""
-
-
-# The same checks as ``triaccel_rl.config``'s (which imports this module lazily, so they are not shared).
-def _require_number(label: str, value: object, allowed: str, optional: bool = False) -> None:
-    """Refuses a bool, a string, None (unless ``optional``) or any other non-number for ``label``, naming ``allowed``.
-
-    The range itself is checked in ``SignalConfig.__post_init__``; this one keeps ``True`` (which compares as 1),
-    ``"0.5"`` and a None where none is allowed (which raised a ``TypeError`` from the comparison) out of it.
-    """
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        none = ", or None" if optional else ""
-        raise ConfigError(f"{label}={value!r} must be a number {allowed}{none}; got {type(value).__name__}")
-
-
-def _require_whole(label: str, value: object, allowed: str) -> None:
-    """Refuses a bool, a float (2.5, NaN, even 2.0) or a non-number for the count ``label``, naming ``allowed``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{label}={value!r} must be a whole number {allowed}; got {type(value).__name__}")
-
-
-def _require_bool(label: str, value: object) -> None:
-    """Refuses anything but True or False for the switch ``label`` (a truthy string turned it on)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{label}={value!r} must be True or False")
