@@ -257,3 +257,25 @@ def test_expedite_twice_in_a_row_and_without_stretch():
     fixed.expedite()
     fixed.record(decision_ms=1e6, train_ms=40.0, steps=10)
     assert fixed.steps == 10
+
+
+def test_a_loaded_cadence_stretches_as_the_saved_one_does():
+    """Saved with an expedited interval pending and one-time costs still to repay: the loaded cadence gives the same
+    intervals at every later decision (a fresh one would return min_steps until it had measured two decisions)."""
+    record = {"cheap_ms": 0.5, "recording_ms": 0.1}
+    cadence = Cadence(min_steps=10, max_factor=10_000, share=0.02, cheap_share=0.004)
+    cadence.record(decision_ms=500.0, train_ms=40.0, steps=10, **record)
+    cadence.record(decision_ms=6.0, train_ms=40.0, steps=10, **record)
+    cadence.expedite()
+    loaded = Cadence(min_steps=10, max_factor=10_000, share=0.02, cheap_share=0.004)
+    loaded.load_state_dict(cadence.state_dict())
+    assert loaded.steps == cadence.steps == 10  # expedited
+    for decision_ms, train_ms, steps in ((6.0, 40.0, 10), (7.0, 30.0, 10), (6.0, 25_520.0, 6380)):
+        for each in (cadence, loaded):
+            each.record(decision_ms=decision_ms, train_ms=train_ms, steps=steps, **record)
+        assert loaded.steps == cadence.steps and loaded.decision_ms == cadence.decision_ms
+    assert cadence.steps > 10  # stretched: the comparison above was not of min_steps alone
+    with pytest.raises(ValueError, match="the cadence's state lacks seen, expedite"):
+        loaded.load_state_dict({k: v for k, v in cadence.state_dict().items() if k not in ("seen", "expedite")})
+    with pytest.raises(ValueError, match=r"the cadence's state has step_ms -4\.0, not a finite number >= 0\.0 or NaN"):
+        loaded.load_state_dict({**cadence.state_dict(), "step_ms": -4.0})

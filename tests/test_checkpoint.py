@@ -7,6 +7,7 @@ user built holds no moments at all (the fused step keeps them): saving ``optimiz
 import copy
 import io
 import itertools
+import math
 import os
 
 import pytest
@@ -176,7 +177,7 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
     model, _, ctl = build()
     train(model, ctl, epochs=1)
     state = ctl.state_dict()
-    with pytest.raises(ValueError, match=r"checkpoint format None is not this version's \(1\)"):
+    with pytest.raises(ValueError, match=r"checkpoint format None is not this version's \(2\) or 1"):
         build()[2].load_state_dict({"engine": state["engine"]})
     fresh = build()[2]
     with pytest.raises(ValueError, match=r"the checkpoint lacks steps, loader: pass the dict Controller.state_dict"):
@@ -210,20 +211,69 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
         next(iter(resumed.loader((DATA[0][:48], DATA[1][:48]), batch_size=BATCH, epochs=2)))
 
 
-def test_an_adaptive_run_decides_on_after_a_resume():
-    """The heuristic resumed mid-run: its configuration as saved, then decisions again from fresh signals."""
-    config = ControllerConfig(interval_steps=2)
-    model, _, ctl = build("heuristic", config)
+def _adaptive_run(lr=0.5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return model, ta.Controller(model, optimizer, policy="heuristic", config=ControllerConfig(interval_steps=2))
+
+
+def _resumed(saved, signals=True):
+    """A new run from the checkpoint in ``saved``; without ``signals``, as a format-1 checkpoint (none saved)."""
+    saved.seek(0)
+    state = torch.load(saved)
+    if not signals:
+        del state["controller"]["signals"]
+        state["controller"]["format"] = 1
+    model, ctl = _adaptive_run()
+    model.load_state_dict(state["model"])
+    ctl.load_state_dict(state["controller"])
+    assert ctl.engine.precision.precisions == [Precision(p) for p in state["controller"]["engine"]["precisions"]]
+    return model, ctl
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_adaptive_run_resumed_mid_interval_decides_as_the_uninterrupted_run(monkeypatch, fused):
+    """The heuristic checkpointed 7 steps in (mid-interval: decisions every 2 steps), resumed into new objects: the
+    same decisions at the same steps, and the same weights, as the run never interrupted. The signals' running
+    estimates, the open interval's statistics and the cadence come back with it. On the fused step (Triton's
+    interpreter here) the interval's applied updates are read from the device counter the checkpoint restores."""
+    if fused:
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+
+        class FusedEngine(StepEngine):
+            def __init__(self, model, optimizer, device):
+                super().__init__(model, optimizer, device, fused=True)
+
+        monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    model, ctl = _adaptive_run()
+    assert ctl.engine.fused is fused
     saved = []
-    train(model, ctl, stop_after=5, on_stop=lambda: saved.append(checkpoint(model, ctl)))
-    state = torch.load(saved[0])
-    model2, _, ctl2 = build("heuristic", config)
-    model2.load_state_dict(state["model"])
-    ctl2.load_state_dict(state["controller"])
-    assert ctl2.engine.precision.precisions == [Precision(p) for p in state["controller"]["engine"]["precisions"]]
-    assert train(model2, ctl2) == 12 - 5
-    assert len(ctl2.decisions) == (12 - 5) // 2  # one every interval of 2 steps, counted from the resume
-    assert all(bool(p.isfinite().all()) for p in model2.parameters())
+    assert train(model, ctl, epochs=4, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl))) == 24
+    decided = [(d.lr_scale, d.batch_size, d.precisions) for d in ctl.decisions]
+    assert len(decided) == 12
+
+    model2, ctl2 = _resumed(saved[0])
+    assert train(model2, ctl2, epochs=4) == 24 - 7
+    assert [(d.lr_scale, d.batch_size, d.precisions) for d in ctl2.decisions] == decided[3:]  # at steps 8, 10, ...
+    for a, b in zip(weights(model), weights(model2), strict=True):
+        assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
+
+
+def test_without_the_signals_a_resumed_adaptive_run_decides_otherwise():
+    """The control for the test above: a format-1 checkpoint (no signals) still loads, but the resumed run starts
+    its loss trend afresh, reads the first interval's loss against nothing, cuts the LR the uninterrupted run never
+    cut, and trains to other weights."""
+    model, ctl = _adaptive_run()
+    saved = []
+    train(model, ctl, epochs=4, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    assert {d.lr_scale for d in ctl.decisions} == {1.0}
+    model2, ctl2 = _resumed(saved[0], signals=False)
+    train(model2, ctl2, epochs=4)
+    assert len(ctl2.decisions) == (24 - 7) // 2  # counted from the resume: its interval starts anew
+    assert 0.75 in {d.lr_scale for d in ctl2.decisions}
+    assert not all(torch.equal(a, b) for a, b in zip(weights(model), weights(model2), strict=True))
 
 
 def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
@@ -241,14 +291,23 @@ def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
 
 
 def _equal(a, b):
-    """Deep equality of nested checkpoint values, tensors compared exactly."""
+    """Deep equality of nested checkpoint values, tensors compared exactly, NaN equal to NaN."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):  # an estimate not made yet
+        return isinstance(b, float) and math.isnan(b)
     return a == b
+
+
+def _kept(model, ctl):
+    """A copy of everything the controller keeps, less the clock (the open interval's training time so far)."""
+    state = torch.load(checkpoint(model, ctl))["controller"]
+    del state["signals"]["interval_ms"]
+    return state
 
 
 def _set(state, path, value):
@@ -312,6 +371,22 @@ def fp16_checkpoint_and_control():
         (("lr_coupler",), "x", r"the LR coupler's state is the dict BatchLRCoupler.state_dict\(\) returned"),
         (("lr_coupler", "gain"), "1", r"the LR coupler's state has gain '1', not a finite number > 0"),
         (("lr_coupler", "rule"), "sqrt", r"the LR coupler's state is for rule 'sqrt' at base batch 16; this one is "),
+        # The signals (since format 2): each part checked before anything is loaded.
+        (("signals",), "x", r"the checkpoint's signals must be the dict its state_dict\(\) returned; got str"),
+        (("signals", "collector", "sq_ema"), [1.0], r"collector's state has sq_ema \[1\.0\], not a list of 2 numbers"),
+        (("signals", "collector", "loss_ema"), math.inf, r"collector's state has loss_ema inf, not a finite number or"),
+        (("signals", "collector", "interval_skipped"), 99, r"interval_skipped 99 > interval_steps 0"),
+        (("signals", "grouper", "assignment"), [5, 0], r"grouper's state has groups outside 0\.\.3: \[5\.0, 0\.0\]"),
+        (("signals", "cadence", "expedite"), 3, r"the cadence's state has expedite 3, not 0, 1 or 2"),
+        (("signals", "cadence", "costs"), [-1.0], r"the cadence's state has costs with a negative value"),
+        (("signals", "moments", "layer_rows"), torch.zeros(1, 5), r"layer_rows \(1, 5\), not None or a float tensor"),
+        (
+            ("signals", "moments", "observed"),
+            1,
+            r"12 rows, observed 1 and calls 12: expected rows <= observed <= calls",
+        ),
+        (("signals", "interval_applied"), 13, r"interval_applied 13 > interval_steps 12"),
+        (("signals", "noise_scale"), -1.0, r"noise_scale -1\.0, not a finite number >= 0\.0"),
         # Refused by the engine before and after: the control that its checks still run first.
         (("engine", "scaler", "scale"), "x", r"the checkpoint's scaler has scale 'x', not a finite number > 0"),
         (("engine", "optimizer", "state", 0, "momentum_buffer"), "x", r"'momentum_buffer' of parameter 0 is str"),
@@ -326,10 +401,10 @@ def test_a_corrupt_field_is_refused_by_name_before_anything_is_loaded(
     state = copy.deepcopy(good)
     _set(state, path, value)
     model, ctl, stream = _two_steps_in()
-    saved = torch.load(checkpoint(model, ctl))["controller"]  # a copy of everything the controller keeps
+    saved = _kept(model, ctl)
     with pytest.raises(ValueError, match=message):
         ctl.load_state_dict(state)
-    assert _equal(torch.load(checkpoint(model, ctl))["controller"], saved)
+    assert _equal(_kept(model, ctl), saved)
     assert ctl._resume is None
     _train_on(model, ctl, stream)
     assert ctl.steps == 12

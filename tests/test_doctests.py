@@ -26,6 +26,7 @@ MODULES = [
     "triaccel_rl.cadence",
     "triaccel_rl.rl",
     "triaccel_rl.shield",
+    "triaccel_rl.state",
     "triaccel_rl.signals.collector",
     "triaccel_rl.signals.config",
     "triaccel_rl.signals.device",

@@ -200,6 +200,22 @@ def test_grouper_orders_by_sensitivity_most_sensitive_first() -> None:
     assert grouper.layers_of(3).tolist() == [0, 4]
 
 
+def test_a_loaded_grouper_regroups_as_the_saved_one() -> None:
+    """The smoothed scores come back with the groups: after one more update both agree, where a fresh grouper (no
+    smoothing history) would group by the last scores alone."""
+    grouper = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    grouper.update(make_signals([0.0, 1.0, 2.0, 3.0]))
+    loaded = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    loaded.load_state_dict(grouper.state_dict())
+    fresh = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)
+    turned = make_signals([3.0, 2.0, 1.0, 0.0])
+    expected = grouper.update(turned).tolist()
+    assert loaded.update(turned).tolist() == expected == [1, 1, 0, 0]  # smoothed: every score 1.5, groups held
+    assert fresh.update(turned).tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"the layer grouper's state has score \[1\.0\], not a list of 4 numbers"):
+        loaded.load_state_dict({**grouper.state_dict(), "score": [1.0]})
+
+
 def test_grouper_ignores_non_controllable_layers() -> None:
     # Layer 1 (a norm) is the most sensitive but not controllable: it is in no group.
     scores = [1.0, 9.0, 3.0, 2.0, 0.0]

@@ -48,6 +48,10 @@ import math
 import numbers
 import statistics
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from triaccel_rl.state import SavedState
 
 __all__ = ["Cadence"]
 
@@ -160,6 +164,47 @@ class Cadence:
         """Makes the interval after the decision just taken (recorded next) ``min_steps`` long."""
         self._expedite = 2
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the next intervals' lengths depend on: the recorded costs, step time and totals, for a checkpoint."""
+        return {
+            "costs": list(self._costs),
+            "cheap_costs": list(self._cheap_costs),
+            "recording_shares": list(self._recording_shares),
+            "step_ms": self._step_ms,
+            "seen": self._seen,
+            "expedite": self._expedite,
+            "spent_ms": self.spent_ms,
+            "trained_ms": self.trained_ms,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output (a window shorter than the saved one keeps the latest costs).
+
+        Raises:
+            ValueError: a missing field, or one of the wrong type or range (named).
+        """
+        saved = SavedState(state, "the cadence's state", _STATE_KEYS)
+        windows = {}
+        for key in ("costs", "cheap_costs", "recording_shares"):
+            values = saved.reals(key)
+            if (values < 0).any():
+                raise ValueError(f"the cadence's state has {key} with a negative value: {values.tolist()}")
+            windows[key] = values.tolist()
+        step_ms = saved.real("step_ms", nan=True, least=0.0)
+        seen, expedite = saved.count("seen"), saved.count("expedite")
+        if expedite > 2:
+            raise ValueError(f"the cadence's state has expedite {expedite}, not 0, 1 or 2")
+        spent_ms, trained_ms = saved.real("spent_ms", least=0.0), saved.real("trained_ms", least=0.0)
+        for key, queue in (
+            ("costs", self._costs),
+            ("cheap_costs", self._cheap_costs),
+            ("recording_shares", self._recording_shares),
+        ):
+            queue.clear()
+            queue.extend(windows[key])
+        self._step_ms, self._seen, self._expedite = step_ms, seen, expedite
+        self.spent_ms, self.trained_ms = spent_ms, trained_ms
+
     @property
     def decision_ms(self) -> float:
         """The median measured cost of a decision (NaN before the second decision)."""
@@ -180,6 +225,10 @@ class Cadence:
         if needed >= self.max_steps:  # also an overflowed inf, which math.ceil refuses
             return self.max_steps
         return max(self.min_steps, math.ceil(needed - 1e-9))  # an exact fit is not one step short
+
+
+_STATE_KEYS = ("costs", "cheap_costs", "recording_shares", "step_ms", "seen", "expedite", "spent_ms", "trained_ms")
+"""What ``Cadence.state_dict()`` holds."""
 
 
 def _is_whole(value: object) -> bool:

@@ -41,6 +41,7 @@ from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, b
 from triaccel_rl.policies import make_policy
 from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
 from triaccel_rl.signals import DeviceMoments, SignalCollector
+from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
@@ -150,19 +151,10 @@ class Controller:
             self.engine.precision.copies_in_eager = False
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
             self.memory_budget_bytes = self.memory.resolve(capacity)
-            self.collector = SignalCollector(
-                self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals
-            )
+            self.collector = self._new_collector()
             self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
             self.executor = Executor(self.config, self.grouper)
-            signals = self.config.signals
-            self.cadence = Cadence(
-                self.config.interval_steps,
-                self.config.max_interval_factor,
-                (1.0 - signals.expensive_share) * signals.budget_frac,
-                adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
-                cheap_share=signals.cheap_budget_frac,
-            )
+            self.cadence = self._new_cadence()
             self.steps = 0
             self.decisions: list[ApplyReport] = []
             # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
@@ -209,6 +201,7 @@ class Controller:
             self._interval_peak = 0
             self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
             self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
+            self._carried_ms = 0.0  # the open interval's training ms before a resume (a checkpoint's)
             self._timer = IntervalTimer(self.device)
             self._timer.start()
             self._closed = False
@@ -452,8 +445,10 @@ class Controller:
         them too, in ``torch.optim``'s layout). The state holds the optimizer's and the loss scaler's state, each
         layer's precision, the LR multiplier, the batch size and its LR gain (warm-up included), where the loader
         stands in its epoch, the steps taken and the speed trial's outcome. Tensors are returned by reference, as
-        ``torch.optim`` does: ``torch.save`` it, or copy it before training on. The signals' running estimates are
-        not kept: after a resume they start afresh, as the first interval of a run does.
+        ``torch.optim`` does: ``torch.save`` it, or copy it before training on. It also holds what the decisions
+        depend on: the signals' running estimates, the layer groups, the decision cadence and the interval recorded
+        so far (its statistics are copied from the device: one sync), so a resumed adaptive run decides as the
+        uninterrupted one would have, at the same steps. (The clock is not saved: step times are measured afresh.)
 
         Example:
             >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -475,6 +470,22 @@ class Controller:
             "trial_running": self._trial is not None,
             "low_precision": _precision_code(getattr(self.policy, "low_precision", None)),
             "initial_precision": _precision_code(getattr(self.policy, "initial_precision", None)),
+            "signals": self._signals_state(),
+        }
+
+    def _signals_state(self) -> dict[str, Any]:
+        """The decisions' inputs for a checkpoint: signal estimates, groups, cadence and the open interval."""
+        moments = self._moments
+        return {
+            "collector": self.collector.state_dict(),
+            "grouper": self.grouper.state_dict(),
+            "cadence": self.cadence.state_dict(),
+            "moments": None if moments is None else moments.state_dict(),
+            "interval_steps": self._interval_steps,
+            "interval_peak": self._interval_peak,
+            "interval_applied": 0 if moments is None else self.engine.applied_steps() - self._applied_at_start,
+            "interval_ms": self._carried_ms + self._timer.stop(),
+            "noise_scale": self._noise_scale,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -488,7 +499,8 @@ class Controller:
         Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
         coupler's state against this controller's LR rule): a refused checkpoint leaves the controller, its engine,
         the optimizer and the loss scaler as they were. The dataset is checked at the next ``loader()`` call, the
-        first to see it.
+        first to see it. A checkpoint of format 1 (before 2026-12-04) holds no signals: they start afresh, as in the
+        first interval of a run.
 
         Raises:
             ValueError: a state of another format, from another update path, optimizer or model (the engine's
@@ -497,12 +509,14 @@ class Controller:
         """
         if not isinstance(state, Mapping):
             raise ValueError(f"a controller checkpoint is the dict Controller.state_dict() returned; got {type(state)}")
-        if state.get("format") != _CHECKPOINT_FORMAT:
+        version = state.get("format")
+        if isinstance(version, bool) or version not in (1, _CHECKPOINT_FORMAT):
             raise ValueError(
-                f"checkpoint format {state.get('format')!r} is not this version's ({_CHECKPOINT_FORMAT}): "
+                f"checkpoint format {version!r} is not this version's ({_CHECKPOINT_FORMAT}) or 1: "
                 "pass the dict Controller.state_dict() returned"
             )
-        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        keys = _CHECKPOINT_KEYS if version == _CHECKPOINT_FORMAT else _CHECKPOINT_KEYS[:-1]  # 1: no signals
+        missing = [key for key in keys if key not in state]
         if missing:  # checked before anything is loaded: a refused checkpoint leaves the controller as it was
             raise ValueError(
                 f"the checkpoint lacks {', '.join(missing)}: pass the dict Controller.state_dict() returned"
@@ -521,10 +535,18 @@ class Controller:
             raise ValueError(f"the checkpoint's speed_trial {speed_trial!r} is not a dict of timings (name: number)")
         codes = {name: _checked_precision_code(state, name) for name in ("low_precision", "initial_precision")}
         resume = self._checked_resume(state)
+        signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
         self.engine.load_state_dict(state["engine"])
         self.steps, self.skipped_steps, self.rollbacks = steps, skipped, rollbacks
-        self._moments = None  # the first step after the resume starts a new interval
-        self._interval_steps = 0
+        if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
+            self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
+        else:
+            self.collector, self.grouper, self.cadence, self._moments = signals.objects
+            self.executor.grouper = self.grouper
+            self._interval_steps, self._interval_peak = signals.interval_steps, signals.interval_peak
+            self._applied_at_start = self.engine.applied_steps() - signals.interval_applied
+            self._carried_ms, self._noise_scale = signals.interval_ms, signals.noise_scale
+        self._timer.start()
         if not trial_running:
             self._trial = None  # done before the checkpoint (or never wanted): not run again
             self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
@@ -536,6 +558,48 @@ class Controller:
         self._resume = resume
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
             self.guard.reserve()
+
+    def _loaded_signals(self, state: object) -> _LoadedSignals:
+        """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
+        saved = SavedState(state, "the checkpoint's signals", _SIGNALS_KEYS)
+        collector = self._new_collector()
+        collector.load_state_dict(saved["collector"])
+        grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+        grouper.load_state_dict(saved["grouper"])
+        cadence = self._new_cadence()
+        cadence.load_state_dict(saved["cadence"])
+        moments = None
+        if saved.optional("moments"):
+            moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
+            moments.load_state_dict(saved["moments"])
+        interval_steps = saved.count("interval_steps")
+        interval_applied = saved.count("interval_applied")
+        if interval_applied > interval_steps:
+            raise ValueError(
+                f"the checkpoint's signals have interval_applied {interval_applied} > interval_steps {interval_steps}"
+            )
+        noise_scale = saved.real("noise_scale", least=0.0) if saved.optional("noise_scale") else None
+        return _LoadedSignals(
+            (collector, grouper, cadence, moments),
+            interval_steps,
+            saved.count("interval_peak"),
+            interval_applied,
+            saved.real("interval_ms", least=0.0),
+            noise_scale,
+        )
+
+    def _new_collector(self) -> SignalCollector:
+        return SignalCollector(self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals)
+
+    def _new_cadence(self) -> Cadence:
+        signals = self.config.signals
+        return Cadence(
+            self.config.interval_steps,
+            self.config.max_interval_factor,
+            (1.0 - signals.expensive_share) * signals.budget_frac,
+            adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
+            cheap_share=signals.cheap_budget_frac,
+        )
 
     def close(self) -> None:
         """Flushes the TensorBoard writer and removes the precision hooks (leaving a ``with`` block calls it).
@@ -673,7 +737,8 @@ class Controller:
     def _close_interval(self) -> float:
         """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms."""
         assert self._moments is not None
-        train_ms = self._timer.stop()
+        train_ms = self._timer.stop() + self._carried_ms
+        self._carried_ms = 0.0
         moments = self._moments.flush()
         self._recorded_ms = moments.recorded_ms
         applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
@@ -767,8 +832,32 @@ class _SpeedTrial:
         return self.candidates[self.index]
 
 
-_CHECKPOINT_FORMAT = 1
-"""The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it."""
+@dataclass(frozen=True)
+class _LoadedSignals:
+    """A checkpoint's signals, loaded into new objects: (collector, grouper, cadence, moments) and the open interval."""
+
+    objects: tuple[SignalCollector, LayerGrouper, Cadence, DeviceMoments | None]
+    interval_steps: int
+    interval_peak: int
+    interval_applied: int
+    interval_ms: float
+    noise_scale: float | None
+
+
+_CHECKPOINT_FORMAT = 2
+"""The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it (2: signals)."""
+_SIGNALS_KEYS = (
+    "collector",
+    "grouper",
+    "cadence",
+    "moments",
+    "interval_steps",
+    "interval_peak",
+    "interval_applied",
+    "interval_ms",
+    "noise_scale",
+)
+"""What the checkpoint's ``signals`` entry holds."""
 _CHECKPOINT_KEYS = (
     "engine",
     "steps",
@@ -782,8 +871,9 @@ _CHECKPOINT_KEYS = (
     "trial_running",
     "low_precision",
     "initial_precision",
+    "signals",
 )
-"""What ``Controller.state_dict()`` holds beside its format."""
+"""What ``Controller.state_dict()`` holds beside its format (format 1 had all but the last)."""
 
 
 def _check_loss(loss: object) -> None:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from triaccel_rl.state import SavedState
 from triaccel_rl.types import Precision, Signals
 
 __all__ = [
@@ -195,6 +198,27 @@ class LayerGrouper:
         top = max(float(finite.max()), _SCORE_CAP) if finite.size else _SCORE_CAP
         held = self._score if self._score is not None else np.full(len(raw), np.median(finite) if finite.size else 0.0)
         return np.where(np.isnan(raw), held, np.minimum(raw, top))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed scores (None before the first update) and the groups, for a checkpoint."""
+        return {
+            "score": None if self._score is None else self._score.tolist(),
+            "assignment": self.assignment.tolist(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output, for a grouper over the same layers and groups.
+
+        Raises:
+            ValueError: a missing field, a score list of another length, or a group outside [0, n_groups).
+        """
+        saved = SavedState(state, "the layer grouper's state", ("score", "assignment"))
+        n = len(self.indices)
+        score = saved.reals("score", n) if saved.optional("score") else None
+        groups = saved.reals("assignment", n)
+        if not all(value.is_integer() and 0 <= value < self.n_groups for value in groups):
+            raise ValueError(f"the layer grouper's state has groups outside 0..{self.n_groups - 1}: {groups.tolist()}")
+        self._score, self.assignment = score, groups.astype(np.int64)
 
     def layers_of(self, group: int) -> np.ndarray:
         """Layer indices (into the run's layers) currently in ``group``."""

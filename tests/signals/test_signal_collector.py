@@ -931,3 +931,66 @@ def test_a_non_finite_round_fisher_is_not_kept_and_a_frozen_layer_restarts_no_ot
     assert torch.equal(collector._fisher_ema[0], before_freeze[0])
     second = before_freeze[1].mul(d).add_(rounds[-1].fisher_diagonal[1], alpha=1 - d)
     torch.testing.assert_close(collector._fisher_ema[1], second, rtol=0, atol=0)
+
+
+def _moments_steps(moments: DeviceMoments, model: nn.Linear, steps: range) -> None:
+    for step in steps:
+        model.zero_grad()
+        (float(step + 1) * model(torch.ones(1, 3))).sum().backward()
+        layer_sq = torch.stack([model.weight.grad.square().sum(), model.bias.grad.square().sum()])
+        moments.observe_layers(torch.tensor(float(step)), layer_sq)
+
+
+def test_device_moments_resumed_mid_interval_flush_what_the_uninterrupted_ones_do() -> None:
+    """Saved after 3 sampled steps of 1 in 2 (steps 0, 2, 4 of 5), loaded into new moments: the interval's rows, its
+    call count (the next sampled step is still step 6) and the sampling come back, and the flush is bit-identical."""
+    model = nn.Linear(3, 2)
+    layers = [[model.weight], [model.bias]]
+    moments = DeviceMoments(layers, every_steps=2, capacity=2)
+    _moments_steps(moments, model, range(5))
+    state = moments.state_dict()
+    assert state["layer_rows"].shape == (3, 3) and (state["calls"], state["observed"]) == (5, 3)
+    resumed = DeviceMoments(layers, capacity=2)  # every_steps and the rows come from the state
+    resumed.load_state_dict(state)
+    for each in (moments, resumed):
+        _moments_steps(each, model, range(5, 9))
+    expected, got = moments.flush(), resumed.flush()
+    assert (got.n_observed, got.n_finite, got.loss) == (expected.n_observed, expected.n_finite, expected.loss)
+    assert (got.n_observed, got.loss) == (5, (0 + 2 + 4 + 6 + 8) / 5)
+    assert np.array_equal(got.sq_norm, expected.sq_norm) and np.array_equal(got.norm, expected.norm)
+    with pytest.raises(ValueError, match=r"layer_rows \(3, 3\), not None or a float tensor of shape \(rows, 2\)"):
+        DeviceMoments([[model.weight, model.bias]]).load_state_dict(state)  # one layer, not two
+
+
+def test_a_loaded_collector_snapshots_what_the_saved_one_does() -> None:
+    """The cheap tier's EMAs, loss trend and step-time history come back: the next snapshots are identical."""
+    layers = [LayerInfo("a", 10, True), LayerInfo("b", 20, True)]
+    collector = SignalCollector(layers, ema_decay=0.9, memory_budget_bytes=1 << 20)
+    for step in range(5):
+        collector.observe(fake_stats(2, sq=1.0 + step, loss=2.0 - 0.1 * step))
+    snapshot(collector)
+    collector.observe(fake_stats(2, sq=9.0, loss=1.2))  # an open interval, saved too
+    resumed = SignalCollector(layers, ema_decay=0.9, memory_budget_bytes=1 << 20)
+    resumed.load_state_dict(collector.state_dict())
+    for each in (collector, resumed):
+        each.observe(fake_stats(2, sq=3.0, loss=1.1))
+    expected, got = snapshot(collector), snapshot(resumed)
+    for name in ("loss", "loss_trend", "step_time_ms", "step_time_trend", "memory_bytes", "overflow_rate"):
+        assert getattr(got, name) == getattr(expected, name), name
+    for name in ("curvature", "grad_variance", "grad_norm", "snr"):
+        assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+    assert got.extra["interval_steps"] == 2
+    with pytest.raises(ValueError, match=r"sq_ema \[1\.0, 2\.0, 3\.0\], not a list of 2 numbers"):
+        resumed.load_state_dict({**collector.state_dict(), "sq_ema": [1.0, 2.0, 3.0]})
+
+
+def test_a_collector_that_ran_rounds_is_not_saved_half() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    collector = SignalCollector(engine.layers, ema_decay=0.9, memory_budget_bytes=1 << 20, config=EVERY_STEP)
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2
+    collector.attach(EstimatorSource(model, engine.layer_params, nn.functional.cross_entropy, x, y))
+    collector.observe(fake_stats(len(engine.layers)))
+    assert collector.maybe_estimate() is not None
+    with pytest.raises(ValueError, match="has run estimator rounds, whose estimates a checkpoint does not hold"):
+        collector.state_dict()

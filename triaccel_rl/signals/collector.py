@@ -49,9 +49,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ from triaccel_rl.signals.estimators import (
     hutchinson,
 )
 from triaccel_rl.signals.scheduler import BudgetRefusal, RoundCost, RoundPlan, RoundScheduler
+from triaccel_rl.state import SavedState
 from triaccel_rl.types import CurvatureSparsity, LayerInfo, Precision, Signals, StepStats
 
 if TYPE_CHECKING:
@@ -78,6 +79,24 @@ __all__ = ["EstimatorSource", "RoundReport", "SignalCollector", "source_for_run"
 _log = logging.getLogger("triaccel_rl")
 
 _TINY = 1e-30
+_COLLECTOR_STATE_KEYS = (
+    "n_steps",
+    "overhead_ms",
+    "train_ms",
+    "cheap_ms",
+    "sq_ema",
+    "norm_ema",
+    "loss_ema",
+    "ema_weight",
+    "previous_probe",
+    "previous_step_ms",
+    "previous_peak_bytes",
+    "interval_steps",
+    "interval_skipped",
+    "interval_time_ms",
+    "interval_peak",
+)
+"""What ``SignalCollector.state_dict()`` holds."""
 _NOISE_SCALE_MAX = 1e12  # samples; B_simple when the gradient is buried in noise
 
 # Profile cost mode charges a round from the modelled fp32 step time: the gradient with a graph costs
@@ -562,6 +581,72 @@ class SignalCollector:
     def add_overhead(self, ms: float) -> None:
         """Charges work done for the signals outside this object (e.g. the probe loss) to the overhead."""
         self.overhead_ms += ms
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cheap tier's running estimates and counters, for a checkpoint (``Controller.state_dict`` keeps it).
+
+        Per-layer values as lists of floats, so ``torch.load(..., weights_only=True)`` reads them back. The rounds'
+        estimates are not part of it: a collector that has run rounds (``compare``'s runs do; a ``Controller``
+        never does) is refused.
+
+        Raises:
+            ValueError: the collector has folded a round in.
+        """
+        if self.scheduler.rounds or self._round_weight.any():
+            raise ValueError(
+                "this signal collector has run estimator rounds, whose estimates a checkpoint does not hold; "
+                "only the cheap tier (a Controller's signals) can be saved"
+            )
+        return {
+            "n_steps": self.n_steps,
+            "overhead_ms": self.overhead_ms,
+            "train_ms": self.train_ms,
+            "cheap_ms": self.cheap_ms,
+            "sq_ema": self._sq_ema.tolist(),
+            "norm_ema": self._norm_ema.tolist(),
+            "loss_ema": self._loss_ema,
+            "ema_weight": self._ema_weight,
+            "previous_probe": self._previous_probe,
+            "previous_step_ms": self._previous_step_ms,
+            "previous_peak_bytes": self._previous_peak_bytes,
+            "interval_steps": self._interval_steps,
+            "interval_skipped": self._interval_skipped,
+            "interval_time_ms": self._interval_time_ms,
+            "interval_peak": self._interval_peak,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes the cheap tier from ``state_dict()``'s output, for a collector over the same layers.
+
+        Every field is checked before any is set: a refused state leaves the collector as it was.
+
+        Raises:
+            ValueError: a missing field, or one of the wrong type, range or length (named).
+        """
+        saved = SavedState(state, "the signal collector's state", _COLLECTOR_STATE_KEYS)
+        n = len(self.layers)
+        counts = {key: saved.count(key) for key in ("n_steps", "previous_peak_bytes", "interval_peak")}
+        interval_steps = saved.count("interval_steps")
+        interval_skipped = saved.count("interval_skipped")
+        if interval_skipped > interval_steps:
+            raise ValueError(
+                f"the signal collector's state has interval_skipped {interval_skipped} > interval_steps "
+                f"{interval_steps}"
+            )
+        times = {key: saved.real(key, least=0.0) for key in ("overhead_ms", "train_ms", "cheap_ms", "interval_time_ms")}
+        emas = {key: saved.reals(key, n) for key in ("sq_ema", "norm_ema")}
+        ema_weight = saved.real("ema_weight", least=0.0)
+        loss_ema, previous_probe = saved.real("loss_ema", nan=True), saved.real("previous_probe", nan=True)
+        previous_step_ms = saved.real("previous_step_ms", nan=True, least=0.0)
+        self.n_steps, self._previous_peak_bytes = counts["n_steps"], counts["previous_peak_bytes"]
+        self._interval_peak = counts["interval_peak"]
+        self._interval_steps, self._interval_skipped = interval_steps, interval_skipped
+        self.overhead_ms, self.train_ms, self.cheap_ms = times["overhead_ms"], times["train_ms"], times["cheap_ms"]
+        self._interval_time_ms = times["interval_time_ms"]
+        self._sq_ema, self._norm_ema, self._ema_weight = emas["sq_ema"], emas["norm_ema"], ema_weight
+        self._loss_ema, self._previous_probe, self._previous_step_ms = loss_ema, previous_probe, previous_step_ms
 
     # -------------------------------------------------------------------------------------- private
 

@@ -15,15 +15,20 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from triaccel_rl.state import SavedState
+
 __all__ = ["DeviceMoments", "IntervalMoments"]
 
+_STATE_KEYS = ("every_steps", "calls", "observed", "recorded_ms", "tensor_rows", "layer_rows")
+"""What ``DeviceMoments.state_dict()`` holds."""
 _RECENT_CALLS = 16
 """Sampled calls whose mean host time sets ``DeviceMoments.every_steps`` under a budget."""
 
@@ -304,6 +309,67 @@ class DeviceMoments:
         if event is not None:
             event.synchronize()  # recorded an interval ago: already complete, so this does not stall
         return self._moments(staged, observed, recorded_ms)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The interval recorded so far (its rows, copied to the host: one sync) and the sampling, for a checkpoint.
+
+        Raises:
+            ValueError: a lagged flush is pending (:meth:`flush_lagged`): its rows are not part of the state.
+        """
+        if self._pending is not None:
+            raise ValueError("a lagged flush is pending: its interval is not part of a checkpoint; flush() first")
+
+        def rows_of(rows: _Rows | None) -> torch.Tensor | None:
+            return None if rows is None or not rows.used else rows.data[: rows.used].detach().cpu().clone()
+
+        return {
+            "every_steps": self.every_steps,
+            "calls": self._calls,
+            "observed": self._observed,
+            "recorded_ms": self._call_s * 1e3,
+            "tensor_rows": rows_of(self._tensor_rows),
+            "layer_rows": rows_of(self._layer_rows),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes the interval from ``state_dict()``'s output, for moments over parameters of the same shapes.
+
+        Raises:
+            ValueError: a missing field, counts that do not fit together, or rows of another width (named).
+        """
+        saved = SavedState(state, "the device moments' state", _STATE_KEYS)
+        every_steps = saved.count("every_steps", 1)
+        calls, observed = saved.count("calls"), saved.count("observed")
+        recorded_ms = saved.real("recorded_ms", least=0.0)
+        blocks = {}
+        for key, width in (("tensor_rows", len(self._params)), ("layer_rows", self.n_layers)):
+            rows = saved[key]
+            if rows is not None and not (
+                isinstance(rows, torch.Tensor) and rows.is_floating_point() and rows.shape[1:] == (width + 1,)
+            ):
+                shown = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+                raise ValueError(
+                    f"the device moments' state has {key} {shown}, "
+                    f"not None or a float tensor of shape (rows, {width + 1})"
+                )
+            blocks[key] = rows
+        recorded = sum(len(rows) for rows in blocks.values() if rows is not None)
+        if not recorded <= observed <= calls:
+            raise ValueError(
+                f"the device moments' state has {recorded} rows, observed {observed} and calls {calls}: "
+                "expected rows <= observed <= calls"
+            )
+        self.every_steps, self._calls, self._observed, self._call_s = every_steps, calls, observed, recorded_ms / 1e3
+        self._tensor_rows = self._rows_from(blocks["tensor_rows"], len(self._params), per_tensor=True)
+        self._layer_rows = self._rows_from(blocks["layer_rows"], self.n_layers, per_tensor=False)
+
+    def _rows_from(self, saved: torch.Tensor | None, width: int, per_tensor: bool) -> _Rows | None:
+        if saved is None:
+            return None
+        rows = _Rows(width, max(self._capacity, len(saved)), self._device, per_tensor)
+        rows.data[: len(saved)].copy_(saved)
+        rows.used = len(saved)
+        return rows
 
     def _used_rows(self) -> list[_Rows]:
         return [rows for rows in (self._tensor_rows, self._layer_rows) if rows is not None and rows.used]
