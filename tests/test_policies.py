@@ -3,6 +3,7 @@ import zipfile
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from heuristic_observations import BF16, FP16, FP32, GROW, KEEP, SHRINK, Decision, decide, observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
@@ -650,6 +651,8 @@ def test_a_zip_for_other_spaces_is_refused_at_load_without_spaces_given(tmp_path
         (np.zeros((1, 2, 43), np.float32), r"observation has shape \(1, 2, 43\); expected \(43,\) or a batch"),
         (np.array(["0"] * 43), r"observation has dtype <U1; expected numbers"),
         (np.array([None] * 43), r"observation has dtype object; expected numbers"),
+        # Before the fix numpy's "need at least one array to stack" (the heuristic) or SB3's own errors.
+        (np.zeros((0, 43), np.float32), r"observation is an empty batch \(0, 43\): give at least one row"),
     ],
 )
 def test_every_policy_refuses_an_observation_of_the_wrong_shape_or_dtype_by_name(saved_models, observation, message):
@@ -660,6 +663,19 @@ def test_every_policy_refuses_an_observation_of_the_wrong_shape_or_dtype_by_name
     for policy in policies:
         with pytest.raises(ValueError, match=message):
             policy.predict(observation, deterministic=True)
+
+
+def test_every_policy_takes_an_observation_as_a_torch_tensor_as_it_takes_the_array(saved_models):
+    """A tensor (a CUDA one, say, from a user's own loop; here one that requires grad, which numpy refuses alike)
+    raised numpy's "Can't call numpy() on Tensor that requires grad"; now it is read to the host first."""
+    array = np.stack([observation([0.0, 1.0, 2.0, 3.0]), observation([3.0, 2.0, 1.0, 0.0])])
+    tensor = torch.tensor(array, requires_grad=True)
+    policies = [StaticPolicy("bf16"), HeuristicPolicy(), LearnedPolicy(saved_models / "ppo.zip"),
+                make_policy("pretrained")]  # fmt: skip
+    for policy in policies:
+        expected = policy.predict(array, deterministic=True)[0]
+        assert np.array_equal(policy.predict(tensor, deterministic=True)[0], expected), policy
+        assert np.array_equal(policy.predict(tensor[0], deterministic=True)[0], expected[0]), policy
 
 
 def test_a_bare_learned_policy_refuses_a_non_finite_observation_by_feature(saved_models):

@@ -38,10 +38,12 @@ _log = logging.getLogger("triaccel_rl")
 def check_observation(observation: Any, size: int) -> np.ndarray:
     """``observation`` as an array, checked: one observation of ``size`` features, or a batch ``(n, size)``, of numbers.
 
-    Every policy's ``predict`` takes its observation through here, so a wrong one is refused by name, alike.
+    Every policy's ``predict`` takes its observation through here, so a wrong one is refused by name, alike. A torch
+    tensor (on any device) is read to the host.
 
     Raises:
-        ValueError: another shape, or values that are not numbers (strings, objects); the message names which.
+        ValueError: another shape, an empty batch, or values that are not numbers (strings, objects); the message
+            names which.
 
     Example:
         >>> check_observation(np.zeros((2, 3), dtype=np.float32), 3).shape
@@ -51,11 +53,15 @@ def check_observation(observation: Any, size: int) -> np.ndarray:
         ...
         ValueError: observation has shape (5,); expected (3,) or a batch (n, 3)
     """
+    if isinstance(observation, torch.Tensor):  # numpy cannot read a CUDA tensor (nor one that requires grad)
+        observation = observation.detach().cpu().numpy()
     obs = np.asarray(observation)
     if obs.dtype.kind not in "biuf":
         raise ValueError(f"observation has dtype {obs.dtype}; expected numbers (float32, as the environment gives)")
     if obs.shape != (size,) and not (obs.ndim == 2 and obs.shape[1] == size):
         raise ValueError(f"observation has shape {obs.shape}; expected ({size},) or a batch (n, {size})")
+    if obs.ndim == 2 and not len(obs):
+        raise ValueError(f"observation is an empty batch {obs.shape}: give at least one row of {size} features")
     return obs
 
 
