@@ -166,13 +166,14 @@ def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, ca
         (["--controllers", "plain-fp32"], "triaccel-rl compare: error: plain-fp32 measure a plain loop's real time"),
         (["--controllers", "fp32,static-fp32"], "controllers fp32, static-fp32 would all be reported as row"),
         (["--device", "gpu0"], "triaccel-rl compare: error: device 'gpu0' is not a device"),
+        (["--epochs", "0.0001"], "error: --epochs 0.0001 is less than one sample of this task's 3584 training samples"),
     ],
 )
 def test_a_comparison_refused_for_its_arguments_leaves_no_folders(bad, message, tmp_path, capsys):
     """A bad controller name once left the --out, --log-dir and --plots folders it had made before checking; a bad
     --epochs, --eval-every, --eval-every-steps, --max-grad-norm or --device, a plain row in modelled time or two rows
     of one name left them (and printed the note on an earlier comparison's TensorBoard runs) until compare()'s own
-    checks ran, after the folders were made."""
+    checks ran, after the folders were made; an --epochs under one sample until the first run loaded its data."""
     out, log_dir, plots = str(tmp_path / "o" / "r.json"), str(tmp_path / "tb"), str(tmp_path / "p")
     argv = ["compare", "--task", "synthetic", *bad, "--no-progress"]
     assert main([*argv, "--out", out, "--log-dir", log_dir, "--plots", plots]) == 2

@@ -26,7 +26,7 @@ from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, get_task
-from triaccel_rl.training import TrainingRun, resolve_device
+from triaccel_rl.training import TrainingRun, probe_count, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = [
@@ -442,6 +442,9 @@ def check_comparison(
     if not seeds:
         raise ValueError("need at least one seed")
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
+    if epochs < 1:  # under one epoch the budget may come to no sample at all: the task's data says (its loads cache)
+        n_train = len(task_obj.data(seeds[0]).train_y)
+        check_epoch_budget(epochs, n_train - probe_count(n_train))  # a run trains on what its probe leaves
     resolve_device(device)  # a bad device string, or cuda on a machine without one
     names = row_names(controllers, config)
     shared = sorted({name for name in names if names.count(name) > 1})

@@ -35,15 +35,13 @@ from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, get_task
-from triaccel_rl.training import IntervalTimer, evaluate_accuracy, resolve_device, schedule_gain
+from triaccel_rl.training import IntervalTimer, evaluate_accuracy, probe_count, resolve_device, schedule_gain
 from triaccel_rl.types import Precision
 
 __all__ = ["PLAIN_PRECISIONS", "run_plain"]
 
 PLAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 """The precisions a plain loop runs in: no autocast (fp32), bf16 autocast, or fp16 autocast with ``GradScaler``."""
-
-_N_PROBE = 512  # TrainingRun's default held-out probe: the plain loop skips the same samples
 
 
 def run_plain(
@@ -109,7 +107,7 @@ def run_plain(
     optimizer = task.make_optimizer(model.parameters())
     base_lr = task.base_lr * lr_scale * lr_gain(resolve_lr_rule(LRRule.AUTO, optimizer), batch, task.base_batch_size)
     data = task.data(seed)
-    n_probe = max(1, min(_N_PROBE, len(data.train_x) // 8))
+    n_probe = probe_count(len(data.train_x))  # TrainingRun's default held-out probe: the same samples skipped
     loader = ElasticLoader(data.train_x[:-n_probe].to(device), data.train_y[:-n_probe].to(device), seed=seed)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

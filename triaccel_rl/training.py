@@ -44,10 +44,30 @@ from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.tasks import Task, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
-__all__ = ["IntervalStats", "IntervalTimer", "TrainingRun", "evaluate_accuracy", "resolve_device", "schedule_gain"]
+__all__ = [
+    "IntervalStats",
+    "IntervalTimer",
+    "TrainingRun",
+    "evaluate_accuracy",
+    "probe_count",
+    "resolve_device",
+    "schedule_gain",
+]
 
 _log = logging.getLogger("triaccel_rl")
 _NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (for the AdaScale rule)
+
+
+def probe_count(n_train: int, n_probe: int = 512) -> int:
+    """The samples a run holds out from the end of ``n_train`` training samples for its probe loss.
+
+    ``n_probe``, but at most an eighth of the data and at least one sample; the run trains on the rest.
+
+    Example:
+        >>> probe_count(60_000), probe_count(4096), probe_count(1024)
+        (512, 512, 128)
+    """
+    return max(1, min(n_probe, n_train // 8))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -231,7 +251,7 @@ class TrainingRun:
         self.layers: list[LayerInfo] = self.engine.layers
 
         data = self.task.data(seed)
-        n_probe = max(1, min(n_probe, len(data.train_x) // 8))
+        n_probe = probe_count(len(data.train_x), n_probe)
         self._probe_x = data.train_x[-n_probe:].to(self.device)
         self._uncapturable_probes: set[tuple[object, ...]] = set()  # precision configurations whose capture failed
         if channels_last and self._probe_x.dim() == 4:
