@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from triaccel_rl.policies import HeuristicPolicy
 
-from triaccel_rl.compare import run_controller
+from triaccel_rl.compare import json_safe, run_controller
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.memory import peak_allocated_bytes
@@ -159,7 +159,8 @@ def main() -> None:
     sites = {precision.name.lower(): live_at_peak(precision) for precision in (Precision.BF16, Precision.FP16)}
     rows = controller_rows()
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "steps": parts, "sites": sites, "rows": rows}, f, indent=1)
+        document = {"device": torch.cuda.get_device_name(), "steps": parts, "sites": sites, "rows": rows}
+        json.dump(json_safe(document), f, indent=1, allow_nan=False)
     print("\n| graphs | cudnn autotune | precision | resident MiB | first-step peak MiB | steady peak MiB |")
     print("|---|---|---|---|---|---|")
     for p in parts:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from triaccel_rl.compare import json_safe
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.experiment import git_commit
 from triaccel_rl.training import TrainingRun
@@ -108,7 +109,7 @@ def main() -> None:
         "rows": rows,
     }
     with open(args.out, "w") as f:
-        json.dump(document, f, indent=1)
+        json.dump(json_safe(document), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import triaccel_rl as ta
+from triaccel_rl.compare import json_safe
 from triaccel_rl.experiment import git_commit
 from triaccel_rl.models import efficientnet_b0, resnet18
 
@@ -76,7 +77,7 @@ def main() -> None:
         "rows": rows,
     }
     with open(args.out, "w") as f:
-        json.dump(document, f, indent=1)
+        json.dump(json_safe(document), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

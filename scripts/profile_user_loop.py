@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import triaccel_rl.controller as controller_module
+from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.tasks import get_task
@@ -147,7 +148,7 @@ def main() -> None:
         ctl.close()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(json_safe(result), f, indent=1, allow_nan=False)
     print(json.dumps({k: v for k, v in result["rows"].items()}, indent=0)[:3000])
 
 
