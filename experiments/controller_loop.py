@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from triaccel_rl.policies import make_policy
 
 import triaccel_rl as ta
 from triaccel_rl.data import load_fashion_mnist, to_float_images
+from triaccel_rl.experiment import parse_args
 
 
 @dataclass
@@ -31,7 +32,21 @@ class Args:
     """Clip the gradient's total norm to this (``Controller(max_grad_norm=...)``)."""
 
 
+def check(args: Args) -> None:
+    """Raises ``SystemExit`` naming the first argument the example cannot run with, before any data is loaded."""
+    for flag, value in (("--epochs", args.epochs), ("--n-train", args.n_train), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value} must be >= 1")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
+        raise SystemExit(f"--max-grad-norm {args.max_grad_norm} must be a positive finite number")
+    try:
+        make_policy(args.policy)
+    except (ValueError, TypeError) as error:  # an unknown name, a missing or unusable zip
+        raise SystemExit(f"--policy: {error}") from None
+
+
 def main(args: Args) -> float:
+    check(args)
     data = load_fashion_mnist()
     x = (to_float_images(data.train_images[: args.n_train]) - 0.286) / 0.353
     y = data.train_labels[: args.n_train]
@@ -77,10 +92,7 @@ def main(args: Args) -> float:
 
 
 def parse(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__)
-    for f in fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_args(Args, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -440,6 +440,15 @@ def test_controller_example_runs(tmp_path):
         sys.path.pop(0)
     accuracy = controller_loop.main(controller_loop.Args(epochs=1, n_train=2000, log_dir=str(tmp_path)))
     assert accuracy > 0.6
+    # A bad argument is one line naming it, before the data loads (a bad policy was a traceback from the Controller).
+    for args, message in (
+        (controller_loop.Args(policy="fp8"), "--policy: unknown policy 'fp8'; allowed: fp32, bf16, fp16, heuristic"),
+        (controller_loop.Args(policy=str(tmp_path / "none.zip")), "--policy: policy file"),
+        (controller_loop.Args(batch_size=0), "--batch-size 0 must be >= 1"),
+        (controller_loop.Args(max_grad_norm=float("nan")), "--max-grad-norm nan must be a positive finite number"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            controller_loop.main(args)
 
 
 def test_profile_writes_a_loadable_profile(tmp_path, capsys):
