@@ -972,3 +972,34 @@ def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeyp
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "fp32" else {"rtol": 2e-3, "atol": 1e-4}
     for whole, accumulated in zip(*finals, strict=True):
         torch.testing.assert_close(accumulated, whole, **tolerance)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_after_a_rollback_the_fused_step_takes_the_groups_hyperparameters_not_the_copys(kind):
+    """The rollback restores the fused optimizer's state, its options included (the copy's momentum or betas, and weight
+    decay). The param groups, which the restore leaves alone, had moved on (a momentum schedule, say) and stayed put
+    after: the fused step kept the copy's options for good, since it re-reads the groups only when they change."""
+    from triaccel_rl.shield import RollbackGuard
+
+    model, engine = make(kind, fused=True)
+    guard = RollbackGuard(model, engine.state_holder, after_restore=engine.after_restore)
+    data = batches(4)
+    _run_steps(model, engine, data[:2])
+    guard.save()
+    for group in engine.optimizer.param_groups:  # what a schedule does between the copy and the restore
+        group["weight_decay"] = 0.0
+        if kind == "sgd":
+            group["momentum"] = 0.5
+        else:
+            group["betas"] = (0.8, 0.99)
+    _run_steps(model, engine, data[2:])  # the fused step takes them in
+    options = engine.fused_optimizer.options
+    assert options.weight_decay == 0.0 and (options.momentum == 0.5 if kind == "sgd" else options.beta1 == 0.8)
+    assert guard.restore()
+    options = engine.fused_optimizer.options
+    assert options.weight_decay == 0.0  # the groups', not the copy's (1e-3 or 1e-2)
+    if kind == "sgd":
+        assert options.momentum == 0.5
+    else:
+        assert (options.beta1, options.beta2) == (0.8, 0.99)
+    engine.remove()

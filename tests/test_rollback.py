@@ -257,6 +257,49 @@ def test_a_restore_keeps_the_lr_an_lr_scheduler_has_set_since_the_copy():
         assert torch.equal(want, p.detach())
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_restore_keeps_the_momentum_a_one_cycle_schedule_has_set_since_the_copy(kind):
+    """OneCycleLR cycles SGD's momentum (AdamW's beta1) against the LR. The restore kept the schedule's LR but put the
+    copy's momentum back, which the optimizer then used until the schedule's next step; the moments come back."""
+    from torch import nn
+
+    from triaccel_rl.shield import RollbackGuard
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=10)
+    guard = RollbackGuard(model, optimizer)
+
+    def step():
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+    step()
+    guard.save()
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+    for _ in range(3):
+        step()
+    now = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    key = "momentum" if kind == "sgd" else "betas"
+    assert now[key] != moments_group(guard)[key]  # the schedule moved it: the check below can fail
+    assert guard.restore()
+    assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == now
+    for index, state in moments.items():
+        for name, value in state.items():
+            assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][index]][name], value), name
+
+
+def moments_group(guard):
+    """The hyperparameters the guard's copy holds for the first param group."""
+    return guard._optimizer_state.tree()["param_groups"][0]
+
+
 class _WithRunningStats(torch.nn.Module):
     """Batch norm (persistent buffers, an integer count among them) and a non-persistent running mean of the outputs."""
 

@@ -164,7 +164,7 @@ class Controller:
                 self.engine.state_holder,
                 self.config.rollback_offload,
                 self.config.snapshot_every,
-                after_restore=self.engine.refresh_weight_copies,  # the weights changed outside the fused step
+                after_restore=self.engine.after_restore,  # weights and optimizer state changed outside the fused step
             )
             self.guard = guard if self.config.rollback else None
             if self.guard is not None:

@@ -254,6 +254,18 @@ class StepEngine:
             # bf16 and fp16 holds the other type's bits in the shared 16-bit buffer.
             self.refresh_weight_copies()
 
+    def after_restore(self) -> None:
+        """What a rollback (``RollbackGuard``'s ``after_restore``) leaves to redo once the state is back.
+
+        The weight copies (:meth:`refresh_weight_copies`), and on the fused path the param groups' hyperparameters:
+        the restored state brought back the copy's momentum, betas and weight decay (``torch.optim`` keeps them in
+        its state dict too), and the groups, which the restore leaves alone (an LR or momentum scheduler's, or the
+        user's), may have moved since. Read again now, they hold from the next step on, as the groups say.
+        """
+        self.refresh_weight_copies()
+        if self.fused:
+            self._reread_group_settings()
+
     def refresh_weight_copies(self) -> None:
         """Re-derives the 16-bit weight copies from the fp32 weights, each layer's in its type (fused path).
 
@@ -972,6 +984,13 @@ class StepEngine:
                                      for params in self.layer_params])  # fmt: skip
         self._reference_lr = reference
         self._group_lrs = lrs
+
+    def _reread_group_settings(self) -> None:
+        """Takes every param group setting into the fused step again, changed since the last step or not."""
+        self._group_hypers = ()
+        self._group_decays = None
+        self._group_lrs = None
+        self._read_group_lrs()
 
     def _step_hooks(self, kind: str) -> list[Any]:
         """The step hooks registered on the user's optimizer and globally, in the order ``optimizer.step()`` runs them.

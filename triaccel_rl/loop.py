@@ -65,7 +65,7 @@ class DecisionLoop:
             run.engine.state_holder,
             config.rollback_offload,
             config.snapshot_every,
-            after_restore=run.engine.refresh_weight_copies,  # the weights changed outside the fused step
+            after_restore=run.engine.after_restore,  # weights and optimizer state changed outside the fused step
         )
         self.guard = guard if use_rollback else None
         if self.guard is not None:

@@ -215,13 +215,14 @@ class RollbackGuard:
         with torch.no_grad():
             for name, value in self._transient_state.tree().items():
                 self.model.get_buffer(name).copy_(value)
-        # The LRs are the owner's or an LR scheduler's, which has moved on since the copy: they stay as they are.
+        # The hyperparameters are the owner's or a scheduler's, which has moved on since the copy (OneCycleLR cycles the
+        # momentum or Adam's beta1 with the LR): they stay as they are; the copy brings back the state (the moments).
         groups = getattr(self.optimizer, "param_groups", None)
-        lrs = [group["lr"] for group in groups] if groups is not None else []
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in groups] if groups is not None else []
         # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
-        for group, lr in zip(getattr(self.optimizer, "param_groups", []), lrs, strict=False):
-            group["lr"] = lr
+        for group, kept in zip(getattr(self.optimizer, "param_groups", []), settings, strict=False):
+            group.update(kept)
         if self.after_restore is not None:
             self.after_restore()
         self.rollbacks += 1
