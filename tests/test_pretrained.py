@@ -206,8 +206,15 @@ def test_task_cycle_env_visits_every_task_and_passes_the_checkers():
         return gym.make("TriAccel-v0", task=task, config=ControllerConfig(interval_steps=2), max_decisions=2)
 
     env = TaskCycleEnv([make("synthetic"), make("deep-mlp-synthetic")])
-    tasks = [env.reset(seed=0 if k == 0 else None)[1]["task"] for k in range(3)]
-    assert tasks == ["synthetic", "deep-mlp-synthetic", "synthetic"]
+    resets = [env.reset(seed=0 if k == 0 else None) for k in range(3)]
+    assert [info["task"] for _, info in resets] == ["synthetic", "deep-mlp-synthetic", "synthetic"]
+    # The environment left behind is closed: one run lives at a time (each task's run stayed in memory before).
+    assert env.envs[1].unwrapped.loop is None and env.envs[0].unwrapped.loop is not None
+    # Closing changes no episode: a lone environment on the same generator, never closed, gives the same ones.
+    alone = make("synthetic")
+    alone.unwrapped.np_random = gym.utils.seeding.np_random(0)[0]
+    alone.reset()
+    assert np.array_equal(alone.reset()[0], resets[2][0])
     check_env(env, skip_render_check=True)
     sb3_check_env(env)
     with pytest.raises(ValueError, match="same observation and action spaces"):

@@ -113,8 +113,9 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
     """Several ``TriAccel-v0`` environments (same spaces, different tasks) behind one: each reset moves to the next.
 
     The observation and action do not depend on the model, so one policy sees all of them. Every
-    inner environment builds its training run at its own reset, so holding several costs only their
-    task data until they are first used.
+    inner environment builds its training run at its own reset, and the one left behind at a reset is closed
+    (its run's model, optimizer and data freed): holding several costs only their task data, and one run lives at
+    a time.
 
     Args:
         envs: environments with identical observation and action spaces.
@@ -154,6 +155,8 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
             for k, env in enumerate(self.envs):
                 env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k)[0]
             self.current = -1  # a seeded reset restarts the cycle, so the same seed gives the same episodes
+        if self.current >= 0 and len(self.envs) > 1:
+            self.envs[self.current].close()  # its next reset builds a fresh run anyway: free this one's memory now
         self.current = (self.current + 1) % len(self.envs)
         obs, info = self.envs[self.current].reset(options=options)
         task: Any = getattr(self.envs[self.current].unwrapped, "task", None)
