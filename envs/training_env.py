@@ -60,9 +60,9 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     ``max_decisions`` decisions.
 
     **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions: the
-    observations, rewards and per-step ``info`` repeat bit for bit. The run draws from its own torch RNG stream,
-    so the caller's global NumPy and torch CPU RNGs neither change an episode nor are changed by it (random ops
-    on a GPU, which no shipped task has, draw from the process's CUDA generator). In
+    observations, rewards and per-step ``info`` repeat bit for bit. The run draws from its own torch RNG streams
+    (the CPU's, and on a GPU its device's: the GPU tasks' crop-and-flip augmentation draws there), so the caller's
+    global NumPy and torch RNGs neither change an episode nor are changed by it. In
     ``measured`` mode the charged time is the clock's, so the budget, the step-time feature, the rewards and the
     episode's length vary from run to run (Gymnasium's ``check_env`` fails its determinism check there).
 
@@ -188,6 +188,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.loop: DecisionLoop | None = None
         self._ended = False
         self._torch_rng: torch.Tensor | None = None  # the run's own CPU torch RNG state, between calls
+        self._cuda_rng: torch.Tensor | None = None  # and its CUDA one, on a GPU
+        self._cuda_devices: list[int] = []
         self.reference_interval_ms = self.budget_ms = self.spent_ms = 0.0
 
     def reset(
@@ -202,11 +204,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
             task = replace(task, base_lr=task.base_lr * factor)
         self.base_lr_factor = factor
-        self.loop, self._torch_rng = None, None  # the last episode's run may go before this one is built
+        self.loop, self._torch_rng, self._cuda_rng = None, None, None  # the last episode's run may go first
         device = resolve_device(self.device)
         cuda = (
             [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         )
+        self._cuda_devices = cuda
         # TrainingRun seeds the process's torch RNGs (torch.manual_seed) for the model's initial weights: put the
         # caller's back, so that a reset does not choose what the user's (or SB3's) next random draws are.
         with torch.random.fork_rng(devices=cuda):
@@ -220,7 +223,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
                 include_fixed_cost=not self.compute_bound,
                 elastic=self.config.elastic,
             )
-            self._torch_rng = torch.get_rng_state()  # the run's own CPU stream goes on from its seed
+            self._torch_rng = torch.get_rng_state()  # the run's own streams go on from its seed
+            self._cuda_rng = torch.cuda.get_rng_state(cuda[0]) if cuda else None
         # Learning must see divergence (no rollback) and intervals of a fixed length (no adaptive cadence).
         self.loop = DecisionLoop(run, self.config, rollback=False, adaptive_interval=False)
         self._ended = False
@@ -324,7 +328,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """
         if self.loop is not None:
             device = self.loop.run.device
-            self.loop, self._torch_rng, self._ended = None, None, False
+            self.loop, self._torch_rng, self._cuda_rng, self._ended = None, None, None, False
             release_memory(device)
         super().close()
 
@@ -345,17 +349,21 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
 
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
-        """Runs the block on the run's own CPU torch RNG stream (seeded at ``reset``), the caller's left as it was.
+        """Runs the block on the run's own torch RNG streams (seeded at ``reset``), the caller's left as they were.
 
-        A policy drawing from the global RNG between steps (as SB3's does) then changes nothing in the episode, and
-        the episode's random ops (dropout) take nothing from the caller's stream. Random ops on a GPU draw from the
-        process's CUDA generator (no shipped task has any).
+        A policy drawing from the global RNGs between steps (as SB3's does, on the CPU or a GPU) then changes nothing
+        in the episode, and the episode's random ops (dropout; on a GPU the crop-and-flip augmentation) take nothing
+        from the caller's streams: the CPU generator's, and on a GPU the run's device's.
         """
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=self._cuda_devices if self._cuda_rng is not None else []):
             if self._torch_rng is not None:
                 torch.set_rng_state(self._torch_rng)
+            if self._cuda_rng is not None:
+                torch.cuda.set_rng_state(self._cuda_rng, self._cuda_devices[0])
             yield
             self._torch_rng = torch.get_rng_state()
+            if self._cuda_rng is not None:
+                self._cuda_rng = torch.cuda.get_rng_state(self._cuda_devices[0])
 
     @property
     def signals(self) -> Signals | None:

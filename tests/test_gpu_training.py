@@ -475,3 +475,33 @@ def test_a_branch_not_taken_is_left_alone_by_the_fused_step_as_by_torch_optim():
         train_heads_controlled(ctl, model, optimizer, data, heads)  # the idle head: no decay, no momentum
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=f"{name} against torch.optim")
+
+
+def test_an_environment_on_the_gpu_draws_from_its_own_cuda_stream(deterministic_cudnn):
+    """The GPU tasks' crop-and-flip augmentation draws from the device's generator. An episode's random draws came
+    from the caller's CUDA stream (SB3's, on a GPU), and took from it: the same seed and actions gave other weights
+    when the caller drew in between. Now the environment swaps its own stream in, as it does the CPU's."""
+    import gymnasium as gym
+    import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.tasks import crop_flip, get_task
+
+    assert get_task("resnet18-fmnist").augment is crop_flip
+    config = ControllerConfig(interval_steps=4)
+    weights = []
+    for draws in (0, 3):
+        env = gym.make("TriAccel-v0", task="resnet18-fmnist", config=config, device="cuda", max_decisions=3)
+        torch.cuda.manual_seed(1000 + draws)  # the caller's stream differs between the two episodes
+        env.reset(seed=0)
+        action = [1] * config.n_groups + [2, 1]  # bf16 everywhere, LR x1, batch kept
+        for _ in range(2):
+            caller = torch.cuda.get_rng_state()
+            env.step(action)
+            assert torch.equal(torch.cuda.get_rng_state(), caller)  # the episode took nothing from the caller's
+            for _ in range(draws):
+                torch.rand(7, device="cuda")  # the caller draws between steps
+        weights.append([p.detach().clone() for p in env.unwrapped.loop.run.model.parameters()])
+        env.close()
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b)  # other crops would differ by far more than float32's tolerance
