@@ -490,18 +490,25 @@ def test_an_environment_on_the_gpu_draws_from_its_own_cuda_stream(deterministic_
     assert get_task("resnet18-fmnist").augment is crop_flip
     config = ControllerConfig(interval_steps=4)
     weights = []
-    for draws in (0, 3):
-        env = gym.make("TriAccel-v0", task="resnet18-fmnist", config=config, device="cuda", max_decisions=3)
-        torch.cuda.manual_seed(1000 + draws)  # the caller's stream differs between the two episodes
+    for draws, own_stream in ((0, True), (3, True), (3, False)):
+        env = gym.make(  # modelled time: the episode's length does not depend on the clock
+            "TriAccel-v0", task="resnet18-fmnist", config=config, device="cuda", cost_mode="profile", max_decisions=8
+        )
+        torch.cuda.manual_seed(1000 + draws)  # the caller's stream differs between the episodes
         env.reset(seed=0)
+        if not own_stream:  # the control: the steps on the caller's stream, as before the fix
+            env.unwrapped._cuda_rng = None
         action = [1] * config.n_groups + [2, 1]  # bf16 everywhere, LR x1, batch kept
         for _ in range(2):
             caller = torch.cuda.get_rng_state()
-            env.step(action)
-            assert torch.equal(torch.cuda.get_rng_state(), caller)  # the episode took nothing from the caller's
+            _, _, terminated, truncated, _ = env.step(action)
+            assert not (terminated or truncated)
+            if own_stream:
+                assert torch.equal(torch.cuda.get_rng_state(), caller)  # the episode took nothing from the caller's
             for _ in range(draws):
                 torch.rand(7, device="cuda")  # the caller draws between steps
         weights.append([p.detach().clone() for p in env.unwrapped.loop.run.model.parameters()])
         env.close()
-    for a, b in zip(*weights, strict=True):
+    for a, b in zip(weights[0], weights[1], strict=True):
         torch.testing.assert_close(a, b)  # other crops would differ by far more than float32's tolerance
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(weights[0], weights[2], strict=True))  # the control did
