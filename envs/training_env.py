@@ -51,8 +51,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     base batch (the interval ``reset`` trains), so the return is the log-loss drop reached within a fixed
     time: a configuration that takes more steps, or dearer ones, gets fewer intervals, and nothing pays
     for an interval being cheap. The interval that would overrun the budget is cut to the steps the
-    budget has left (estimated from the modelled step time) and counts only the share of its progress
-    that fitted.
+    budget has left (estimated from the modelled step time as a step is charged, a micro-batch's fixed cost each
+    included: ``TrainingRun.planned_step_ms``) and counts only the share of its progress that fitted.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
     interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
@@ -266,10 +266,10 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         report = self.loop.apply(action)
         run = self.loop.run
         budget_left_ms = self.budget_ms - self.spent_ms
-        # Cut the interval to the steps the budget has left, from the modelled step time (in measured mode an
-        # estimate: the reward's pro-rating makes the charged share exact either way). A budget that runs out
-        # mid-step takes that step and counts the part of its progress that fitted.
-        step_ms = max(run.modelled_step_ms(run.batch_size), 1e-12)
+        # Cut the interval to the steps the budget has left, from the modelled step time as a step is charged, its
+        # micro-batches included (in measured mode an estimate: the reward's pro-rating makes the charged share exact
+        # either way). A budget that runs out mid-step takes that step and counts the part of its progress that fitted.
+        step_ms = max(run.planned_step_ms(run.batch_size), 1e-12)
         steps = max(1, min(self.config.interval_steps, math.ceil(budget_left_ms / step_ms - 1e-9)))
         interval = self.loop.train_interval(max_steps=steps)
         cost_ms = max(interval.charged_ms, 1e-9)

@@ -127,6 +127,27 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
     assert rewards[-1] == pytest.approx(reward_config.progress_scale * drop * share, rel=1e-12)  # ... earning its share
 
 
+def test_the_last_interval_is_cut_by_the_steps_charge_its_micro_batches_included():
+    """Split into micro-batches, a step pays the fixed per-step cost once a micro-batch: the cut estimated the step
+    from the unsplit batch (a fifth of its charge here) and ran the whole interval past the budget."""
+    env = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=6),
+                      reward_config=RewardConfig(budget_intervals=2), task_overrides={"n_train": 1024})  # fmt: skip
+    _, start = env.reset(seed=0)
+    run = env.loop.run
+    run.micro_batch_cap = run.batch_size // 8  # as a tight memory budget would split it
+    step_ms = run.planned_step_ms()
+    assert step_ms > 4 * run.modelled_step_ms()  # eight fixed costs a step instead of one
+    infos, truncated = [], False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 2, 1]))  # fp32, LR x1, batch kept
+        assert not terminated
+        infos.append(info)
+    assert infos[-1]["cost_ms"] == pytest.approx(infos[-1]["steps"] * step_ms, rel=1e-9)
+    overrun = infos[-1]["spent_ms"] - start["budget_ms"]
+    assert 0 <= overrun < step_ms  # at most the step the budget ran out in
+    assert infos[-1]["steps"] < 6  # cut
+
+
 def test_same_seed_same_trajectory():
     trajectories = []
     for _ in range(2):

@@ -520,9 +520,7 @@ class TrainingRun:
         self.steps += 1
         self.oom_events += oom_events
         self.last_micro_batches = sizes
-        modelled_ms = self.modelled_step_ms(n)
-        if self.include_fixed_cost:  # each extra micro-batch pays the per-step launch overhead again
-            modelled_ms += (len(sizes) - 1) * self.profile.fixed_ms
+        modelled_ms = self._charged_step_ms(n, len(sizes))
         if wasted_samples:
             modelled_ms += self.costs.step_ms(wasted_samples, self.precision.precisions, self.profile, False)
         self.modelled_time_ms += modelled_ms
@@ -610,6 +608,21 @@ class TrainingRun:
             for index in self.precision.controllable_indices:
                 precisions[index] = precision
         return self.costs.step_ms(batch, precisions, self.profile, self.include_fixed_cost)
+
+    def planned_step_ms(self, batch_size: int | None = None) -> float:
+        """The charged time of a step of ``batch_size`` samples (default: the current batch) as it would run now.
+
+        :meth:`modelled_step_ms`, plus the per-step fixed cost again for each micro-batch past the first that the
+        memory budget would split it into (:meth:`micro_batch_size`), as ``step`` charges it.
+        """
+        n = self.batch_size if batch_size is None else batch_size
+        return self._charged_step_ms(n, len(plan_micro_batches(n, self.micro_batch_size(n))))
+
+    def _charged_step_ms(self, n: int, n_micro: int) -> float:
+        modelled_ms = self.modelled_step_ms(n)
+        if self.include_fixed_cost:  # each extra micro-batch pays the per-step launch overhead again
+            modelled_ms += (n_micro - 1) * self.profile.fixed_ms
+        return modelled_ms
 
     @property
     def measures_memory(self) -> bool:
