@@ -123,12 +123,13 @@ class Executor:
         for group, precision in enumerate(action.group_precisions):
             for layer in self.grouper.layers_of(group):
                 wanted[layer] = precision
-        if overflow_rate > self.config.heuristic.max_overflow_rate:
+        unstable = overflow_rate > self.config.heuristic.max_overflow_rate
+        if unstable:
             lowered = [i for i in range(len(current)) if wanted[i].bits < current[i].bits]
             for i in lowered:
                 wanted[i] = current[i]
             # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16.
-            wanted = [Precision.BF16 if p is Precision.FP16 else p for p in wanted]
+            wanted = [_out_of_fp16(p) for p in wanted]
             if lowered:
                 refused.append(
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
@@ -140,8 +141,8 @@ class Executor:
             predicted = target.predicted_memory_bytes(batch, wanted)
             usable = target.usable_memory_bytes
             if predicted > usable:
-                for i in raised:
-                    wanted[i] = current[i]
+                for i in raised:  # kept where they were, but out of fp16 while it overflows, as every layer is
+                    wanted[i] = _out_of_fp16(current[i]) if unstable else current[i]
                 refused.append(
                     f"kept {len(raised)} layers at their precision: batch {batch} at the raised precisions is "
                     f"predicted {predicted} bytes > {usable} usable of the {target.memory_budget_bytes}-byte budget, "
@@ -190,3 +191,8 @@ class Executor:
             changed=changed > 0 or (engine.lr_scale, target.batch_size) != before,
             refused=refused,
         )
+
+
+def _out_of_fp16(precision: Precision) -> Precision:
+    """bf16 for fp16 (the same bytes, a wider range), any other precision as it is."""
+    return Precision.BF16 if precision is Precision.FP16 else precision

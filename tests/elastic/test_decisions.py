@@ -233,3 +233,26 @@ def test_a_precision_raise_over_budget_is_refused_where_the_loop_cannot_split_a_
     loop.run.memory_elastic = False  # as the batch finder's rows run: no splitting, so the raise is checked
     loop.run.set_precisions([Precision.BF16] * len(loop.run.precisions))
     assert loop.executor.apply(raise_all, loop.run).refused[0].startswith("kept ")
+
+
+def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_fp16() -> None:
+    """Under a high overflow rate the shield moves every fp16 layer to bf16. A layer whose raise to fp32 was refused for
+    memory was put back at its current precision, fp16: the one format that overflows stayed on while it did."""
+    from torch import nn
+
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
+    config = ControllerConfig(interval_steps=1000)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp16", config=config)
+    next(ctl.loader((torch.randn(256, 32), torch.randint(0, 10, (256,))), batch_size=64))
+    assert ctl.precisions == [Precision.FP16] * 2
+    fp32 = ctl.predicted_memory_bytes(64, [Precision.FP32] * 2)
+    ctl.memory_budget_bytes = int(fp32 / config.elastic.fill_frac) - 1  # an fp32 layer would not fit
+    raise_all = Action((Precision.FP32,) * config.n_groups, 1.0, BatchMove.KEEP)
+    overflowing = config.heuristic.max_overflow_rate + 0.1
+    report = ctl.executor.apply(raise_all, ctl, overflow_rate=overflowing)
+    assert report.refused[0].startswith("kept 2 layers at their precision: batch 64 at the raised precisions")
+    assert report.precisions == [Precision.BF16] * 2  # out of fp16, as the shield puts every layer under overflow
+    ctl.close()
