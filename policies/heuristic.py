@@ -76,6 +76,7 @@ variant isolates what one rule contributes. The registered variants (``HEURISTIC
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -315,20 +316,26 @@ def _name_of(variant: _Variant) -> str:
 def fastest_16bit(step_ms: Mapping[Precision, float], current: Precision) -> Precision:
     """The 16-bit precision with the shortest measured step; a tie keeps ``current``.
 
+    Keys may be spelled as ``Precision.parse`` takes them (``"fp16"``, 2); the answer is a ``Precision``.
+
     Example:
         >>> fastest_16bit({Precision.BF16: 7.0, Precision.FP16: 5.8}, Precision.BF16).name
         'FP16'
-        >>> fastest_16bit({Precision.BF16: 6.0, Precision.FP16: 6.0}, Precision.BF16).name
+        >>> fastest_16bit({"bf16": 6.0, "fp16": 6.0}, Precision.BF16).name
         'BF16'
 
     Raises:
-        ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.
+        ValueError: ``step_ms`` is empty, names fp32 (in any spelling) or no precision, or holds a time that is not
+            a positive finite number.
     """
     if not step_ms:
         raise ValueError("step_ms is empty: time at least one 16-bit precision")
-    for precision, ms in step_ms.items():
+    timed: dict[Precision, float] = {}
+    for key, ms in step_ms.items():
+        precision = Precision.parse(key)
         if precision is Precision.FP32:
-            raise ValueError("step_ms names fp32; the trial chooses between 16-bit precisions")
-        if not (math.isfinite(ms) and ms > 0):
-            raise ValueError(f"step_ms[{precision.name.lower()}]={ms} must be positive and finite")
-    return min(step_ms, key=lambda p: (step_ms[p], p is not current))
+            raise ValueError(f"step_ms names fp32 ({key!r}); the trial chooses between 16-bit precisions")
+        if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not (math.isfinite(ms) and ms > 0):
+            raise ValueError(f"step_ms[{precision.name.lower()}]={ms!r} must be a positive finite number")
+        timed[precision] = float(ms)
+    return min(timed, key=lambda p: (timed[p], p is not current))

@@ -326,13 +326,26 @@ def test_heuristic_lowers_to_the_16_bit_precision_its_speed_trial_found_faster()
     [
         ({}, "step_ms is empty"),
         ({Precision.FP32: 1.0}, "step_ms names fp32"),
-        ({Precision.BF16: float("nan")}, r"step_ms\[bf16\]=nan must be positive and finite"),
-        ({Precision.FP16: 0.0}, r"step_ms\[fp16\]=0.0 must be positive and finite"),
+        # Before the fix these passed the `is Precision.FP32` check and were chosen: the heuristic "lowered" to fp32.
+        ({0: 4.0, 1: 6.0}, r"step_ms names fp32 \(0\)"),
+        ({"fp32": 4.0, "bf16": 6.0}, r"step_ms names fp32 \('fp32'\)"),
+        ({"fp8": 4.0}, r"unknown precision 'fp8'; allowed: fp32, bf16, fp16"),
+        ({Precision.BF16: float("nan")}, r"step_ms\[bf16\]=nan must be a positive finite number"),
+        ({Precision.FP16: 0.0}, r"step_ms\[fp16\]=0.0 must be a positive finite number"),
+        ({Precision.FP16: "5"}, r"step_ms\[fp16\]='5' must be a positive finite number"),
     ],
 )
 def test_speed_trial_results_are_checked(step_ms, message):
+    policy = HeuristicPolicy()
     with pytest.raises(ValueError, match=message):
-        HeuristicPolicy().choose_low_precision(step_ms)
+        policy.choose_low_precision(step_ms)
+    assert policy.low_precision is Precision.BF16  # unchanged by a refused trial
+
+
+def test_speed_trial_results_may_name_precisions_as_parse_takes_them():
+    policy = HeuristicPolicy()
+    assert policy.choose_low_precision({"bf16": 6.0, 2: 5.0}) is Precision.FP16
+    assert policy.low_precision is Precision.FP16 and policy.initial_precision is Precision.FP16
 
 
 def test_who_runs_a_speed_trial():
