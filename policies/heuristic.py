@@ -286,7 +286,9 @@ class HeuristicPolicy:
         noise_over_batch = obs[g("log_noise_over_batch")]
         if memory_use > _as_observed(rules.shrink_above_usage):
             return BatchMove.SHRINK
-        room = obs[g("log2_batch")] + 1.0 <= math.log2(rules.max_batch_growth) + 1e-9
+        # A doubling that lands on max_batch_growth is taken: the feature is float32 (1e-7 off, up or down), and
+        # batches one sample apart differ by more than 1e-4 in log2 at any batch under 10,000.
+        room = obs[g("log2_batch")] + 1.0 <= math.log2(rules.max_batch_growth) + 1e-5
         quiet = noise_over_batch > _as_observed(-math.log10(rules.max_batch_over_noise))
         progress = obs[g("progress")]
         ramp = rules.ramp_batch_after is not None and (

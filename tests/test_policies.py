@@ -1,3 +1,4 @@
+import math
 import zipfile
 
 import gymnasium as gym
@@ -179,6 +180,18 @@ def test_heuristic_lr_and_batch_rules():
     assert wider.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 2
     with pytest.raises(ConfigError, match=r"max_batch_growth=0\.5 must be a number >= 1"):
         HeuristicConfig(max_batch_growth=0.5)
+
+
+@pytest.mark.parametrize(("growth", "batch"), [(5.0, 160), (3.0, 96), (12.0, 384), (1.5, 48)])
+def test_a_doubling_that_lands_on_max_batch_growth_is_taken(growth, batch):
+    """At base batch 64: 2 x batch = growth x base. The float32 log2 of a batch ratio that is not a power of two
+    rounds up by about 1e-7, which the rule's 1e-9 slack did not cover: 160 -> 320 at growth 5 was refused."""
+    policy = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=growth)), parts={"batch"})
+    k = policy.config.n_groups
+    at = observation([0] * 4, memory_use=0.1, noise_over_batch=2.0, log2_batch=math.log2(batch / 64))
+    assert policy.predict(at)[0][k + 1] == 2
+    past = observation([0] * 4, memory_use=0.1, noise_over_batch=2.0, log2_batch=math.log2((batch + 1) / 64))
+    assert policy.predict(past)[0][k + 1] == 1  # one sample more and the doubling would leave the trust region
 
 
 def test_heuristic_rejects_wrong_observation_shape():
