@@ -107,6 +107,16 @@ def test_integral_floats_accepted() -> None:
 def test_integral_float_out_of_range_still_named() -> None:
     with pytest.raises(ValueError, match=r"action entry 0 = 3 is outside \[0, 2\]"):
         decode(np.array([3.0, 0.0, 0.0, 0.0]), SMALL)
+    # Cast to int64 first, 1e19 wrapped round and was reported as -9223372036854775808.
+    with pytest.raises(ValueError, match=r"action entry 3 = 1e\+19 is outside \[0, 2\]"):
+        decode([0, 0, 1, 1e19], SMALL)
+
+
+def test_a_list_mixing_booleans_and_integers_is_no_action() -> None:
+    """``np.asarray`` makes such a list int64, so the dtype check let True through as index 1."""
+    with pytest.raises(ValueError, match=r"action \[True, 0, 1, 1\] must hold integers; True and False are no"):
+        decode([True, 0, 1, 1], SMALL)
+    assert decode([1, 0, 1, 1], SMALL).group_precisions == (Precision.BF16, Precision.FP32)  # the control
 
 
 def test_encode_rejects_unknown_lr_scale() -> None:

@@ -28,6 +28,8 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
     Raises:
         ValueError: wrong length, a non-integer entry, or an entry outside its range (all named).
     """
+    if isinstance(raw, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in raw):  # asarray makes them 1, 0
+        raise ValueError(f"action {list(raw)} must hold integers; True and False are no action indices")
     values = np.asarray(raw)
     nvec = action_space(config).nvec
     if values.shape != nvec.shape:
@@ -37,14 +39,14 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
             raise ValueError(f"action {values.tolist()} must hold integers")
-        values = values.astype(np.int64)
-    bad = np.flatnonzero((values < 0) | (values >= nvec))
+    bad = np.flatnonzero((values < 0) | (values >= nvec))  # before a cast: 1e19 would wrap around in int64
     if len(bad):
         i = int(bad[0])
         raise ValueError(
-            f"action entry {i} = {int(values[i])} is outside [0, {int(nvec[i]) - 1}] "
+            f"action entry {i} = {_shown(values[i].item())} is outside [0, {int(nvec[i]) - 1}] "
             f"({_entry_name(i, config)}); the action space is MultiDiscrete({nvec.tolist()})"
         )
+    values = values.astype(np.int64)
     k = config.n_groups
     return Action(
         group_precisions=tuple(Precision(int(v)) for v in values[:k]),
@@ -67,6 +69,11 @@ def encode(action: Action, config: ControllerConfig) -> np.ndarray:
         [int(p) for p in action.group_precisions] + [config.lr_scales.index(action.lr_scale), int(action.batch_move)],
         dtype=np.int64,
     )
+
+
+def _shown(value: float) -> str:
+    """An entry as written: 3 for 3.0, 1e+19 as it is (an int64 cast would wrap it to a negative number)."""
+    return str(int(value)) if abs(value) < 2**53 else repr(value)
 
 
 def _entry_name(index: int, config: ControllerConfig) -> str:
