@@ -95,6 +95,8 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
     assert bf16["time_ratio"] < 1.0  # modelled GPU time: bf16 is cheaper than the fp32 reference
     assert "| controller | final acc | time (s, modelled NVIDIA H200) | to target (s) |" in printed  # the profile's
     assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
+    # The command as main() was given it (it was read from sys.argv: pytest's own arguments, here).
+    assert payload["meta"]["command"].startswith("triaccel-rl compare --task synthetic --controllers fp32,bf16,")
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 6
 
 

@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was run, for the results' records
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
@@ -40,7 +41,7 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
 
     The checks live in the library, whose messages name its arguments; on the command line the flag is what to fix.
     """
-    flags = sorted((name for name in options if name not in ("func", "command")), key=len, reverse=True)
+    flags = sorted((name for name in options if name not in ("func", "command", "argv")), key=len, reverse=True)
     names = "|".join(re.escape(name) for name in flags)
     return re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')} ", message)
 
@@ -319,7 +320,7 @@ def _compare(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
-    command = "triaccel-rl " + shlex.join(sys.argv[1:])
+    command = "triaccel-rl " + shlex.join(args.argv)
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None
     if partial is not None:
         partial.unlink(missing_ok=True)  # an earlier comparison's

@@ -160,13 +160,13 @@ def run_plain(
                 scale, before = scaler.get_scale(), scale
                 skipped += int(scale < before)
         time_s += timer.stop() / 1e3  # one host-device sync per evaluation interval, as the other rows
-        if device.type == "cuda":
-            peak = max(peak, int(torch.cuda.max_memory_allocated(device)))
+        interval_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0  # reset above
+        peak = max(peak, interval_peak)
         nvml.read()
         metric = evaluate_accuracy(model, test_x, test_y)
         curve.append((time_s, metric, batch, lr_scale, low_share))
         trace.append(
-            {"time_s": time_s, "batch_size": batch, "lr_scale": lr_scale, "memory_bytes": peak,
+            {"time_s": time_s, "batch_size": batch, "lr_scale": lr_scale, "memory_bytes": interval_peak,
              "probe_loss": float("nan"), "noise_scale": None, "lr": lr, "precisions": codes}
         )  # fmt: skip
         if time_to_target is None and metric >= task.target_metric:

@@ -28,8 +28,9 @@ def plot_comparison(
     - ``precision_map_<controller>.png``: per-layer precision over decisions (the controller's lowest seed), a heat
       map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``.
 
-    The last three read each run's ``trace`` (one row per decision point): a plain loop's row (``plain-*``) has
-    none, so it has no line there and no precision map.
+    The last three read each run's ``trace``: one row per decision point, or for a plain loop's row (``plain-*``) one
+    per evaluation, with its one precision throughout, its fixed batch and LR scale, and each evaluation interval's
+    own peak memory (0 on a CPU, where nothing is measured).
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to get it).
