@@ -198,6 +198,15 @@ def test_a_seed_reported_twice_is_refused():
         summarize([fake("a", 1, 0.9, 1.0, None), fake("a", 0, 0.9, 1.0, None), fake("a", 1, 0.9, 1.0, None)])
 
 
+def test_repeated_seeds_are_refused_before_any_run(monkeypatch):
+    """``compare`` trained every run of a repeated seed, then ``summarize`` refused the two results for it."""
+    import triaccel_rl.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "run_controller", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] repeat \[0\]: give each seed once"):
+        compare("synthetic", ["fp32"], [0, 1, 0], show_progress=False)
+
+
 def test_json_is_strict_and_non_finite_numbers_are_null(tmp_path):
     """Before, a NaN or inf was written as ``NaN`` / ``Infinity``, which strict JSON parsers refuse."""
     runs = [fake("a", 0, float("nan"), 2.0, None), fake("a", 1, 0.5, float("inf"), None)]

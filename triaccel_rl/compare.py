@@ -441,6 +441,9 @@ def check_comparison(
             )
     if not seeds:
         raise ValueError("need at least one seed")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # their runs would all train, then summarize() refuses two results for one seed
+        raise ValueError(f"seeds {list(seeds)} repeat {repeated}: give each seed once")
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
     if epochs < 1:  # under one epoch the budget may come to no sample at all: the task's data says (its loads cache)
         n_train = len(task_obj.data(seeds[0]).train_y)
