@@ -172,6 +172,36 @@ def test_take_back_more_than_served_raises(bad: int) -> None:
     assert loader.samples_served == 10
 
 
+@pytest.mark.parametrize("bad", [2.0, True, "1"])
+def test_take_back_of_no_whole_number_is_refused_and_the_place_kept(bad: object) -> None:
+    """2.0 was taken: the cursor became a float, the next batch failed to slice and the state would not load."""
+    loader = make_loader(20, seed=0)
+    loader.next(10)
+    with pytest.raises(ValueError, match=rf"n_samples={bad!r} must be a whole number of samples"):
+        loader.take_back(bad)  # type: ignore[arg-type]
+    assert (loader.cursor, loader.samples_served) == (10, 10)
+
+
+@pytest.mark.parametrize("bad", [1.5, True, -1, "0", None])
+def test_a_seed_that_is_no_whole_number_at_least_zero_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"seed={bad!r} must be a whole number >= 0"):
+        ElasticLoader(torch.arange(10.0), torch.arange(10), seed=bad)  # type: ignore[arg-type]
+
+
+def test_numpy_integers_and_huge_seeds_serve_batches() -> None:
+    """np.int64 seeds and batch sizes failed (TypeError in the shuffle, a refusal in next); a seed past 9e12 overflowed
+    manual_seed (seed x 1,000,003). Small seeds keep their orders."""
+    import numpy as np
+
+    plain, numpy_typed = make_loader(10, seed=3), ElasticLoader(torch.arange(10.0), torch.arange(10), seed=np.int64(3))
+    assert torch.equal(plain.next(4).indices, numpy_typed.next(np.int64(4)).indices)
+    assert numpy_typed.state_dict()["seed"] == 3 and type(numpy_typed.state_dict()["seed"]) is int
+    huge = ElasticLoader(torch.arange(10.0), torch.arange(10), seed=2**45)
+    assert sorted(huge.next(10).indices.tolist()) == list(range(10))
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1_000_003))
+    assert torch.equal(make_loader(10, seed=3).next(10).indices, expected)  # the order of every seed before
+
+
 def test_epoch_batches_yields_rest_of_epoch_only() -> None:
     loader = make_loader(23, seed=5)
     head = loader.next(5)

@@ -43,11 +43,13 @@ class ElasticLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
+        if not _is_whole(seed) or seed < 0:  # np.int64(1) failed in the shuffle; True and 1.5 passed or failed late
+            raise ValueError(f"seed={seed!r} must be a whole number >= 0")
         if len(x) != len(y):
             raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) must have the same length")
         if len(x) == 0:
             raise ValueError("cannot load batches from an empty dataset")
-        self.x, self.y, self.seed = x, y, seed
+        self.x, self.y, self.seed = x, y, int(seed)
         self.epoch = 0
         self.cursor = 0
         self.samples_served = 0
@@ -62,8 +64,9 @@ class ElasticLoader:
         Raises:
             ValueError: ``batch_size`` is not a positive integer.
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not _is_whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        batch_size = int(batch_size)
         if self.cursor >= len(self.x):
             self.epoch += 1
             self.cursor = 0
@@ -77,8 +80,11 @@ class ElasticLoader:
         """Returns the last ``n_samples`` served to the front of the queue (a step that was not applied).
 
         Raises:
-            ValueError: more samples than the current epoch has served.
+            ValueError: not a whole number, or more samples than the current epoch has served.
         """
+        if not _is_whole(n_samples):  # 2.0 was taken, and the cursor a float from then on
+            raise ValueError(f"n_samples={n_samples!r} must be a whole number of samples")
+        n_samples = int(n_samples)
         if not (0 <= n_samples <= self.cursor):
             raise ValueError(f"cannot take back {n_samples} samples; {self.cursor} served this epoch")
         self.cursor -= n_samples
@@ -158,7 +164,8 @@ class ElasticLoader:
         return self.cursor / len(self.x)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**63: the same seed below that (every seed under 9e12), and none that overflows manual_seed.
+        generator = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         # The permutation is drawn on the CPU (a seeded generator gives the same order on every device)
         # and moved once per epoch: one small host-to-device copy, not one per batch.
         return torch.randperm(len(self.x), generator=generator).to(self.x.device)
@@ -166,3 +173,8 @@ class ElasticLoader:
 
 _STATE_KEYS = ("n", "seed", "epoch", "cursor", "samples_served")
 """The keys of ``ElasticLoader.state_dict()``."""
+
+
+def _is_whole(value: object) -> bool:
+    """An integer, Python's or NumPy's, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
