@@ -129,8 +129,12 @@ class BatchLRCoupler:
     ) -> None:
         if rule is LRRule.AUTO:
             raise ValueError("resolve LRRule.AUTO for the optimizer first (resolve_lr_rule)")
-        if not (warmup_above > 1.0) or warmup_steps < 0:  # NaN included
-            raise ValueError(f"need warmup_above > 1 and warmup_steps >= 0; got {warmup_above}, {warmup_steps}")
+        whole = isinstance(warmup_steps, numbers.Integral) and not isinstance(warmup_steps, bool)
+        if not (warmup_above > 1.0) or not whole or warmup_steps < 0:  # NaN included
+            # A fractional ramp never met its end (step == warmup_steps) and left the gain past its target for good.
+            raise ValueError(
+                f"need warmup_above > 1 and warmup_steps a whole number >= 0; got {warmup_above}, {warmup_steps!r}"
+            )
         self.rule = rule
         self.base_batch_size = int(base_batch_size)
         self.warmup_above = warmup_above

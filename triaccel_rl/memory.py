@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -302,10 +303,11 @@ class MemoryModel:
             ValueError: a non-positive batch size, a negative peak or allocation, or ``allocated_bytes`` given now and
                 not before, or the other way round.
         """
-        if batch_size < 1 or peak_bytes < 0 or (allocated_bytes is not None and allocated_bytes < 0):
+        counts_ok = _count(batch_size, 1) and _count(peak_bytes, 0)
+        if not counts_ok or (allocated_bytes is not None and not _count(allocated_bytes, 0)):  # NaN: set, then failed
             raise ValueError(
-                f"need batch_size >= 1, peak_bytes >= 0 and allocated_bytes >= 0; got {batch_size}, {peak_bytes} "
-                f"and {allocated_bytes}"
+                f"need whole numbers batch_size >= 1, peak_bytes >= 0 and allocated_bytes >= 0; got {batch_size!r}, "
+                f"{peak_bytes!r} and {allocated_bytes!r}"
             )
         # Mixed, the points would mean two things: whole peaks, and what a pass added on the first reading's baseline
         # (a whole peak taken after a rebase would count the baseline's shift twice).
@@ -500,3 +502,11 @@ def _fit_line(points: dict[int, int], slope: float | None) -> MemoryFit:
 def _through_point(points: dict[int, int], slope: float, n_sizes: int) -> MemoryFit:
     size, peak = next(iter(points.items()))
     return MemoryFit(peak - slope * size, slope, 0.0, n_sizes)
+
+
+def _count(value: object, least: int) -> bool:
+    """A whole number (Python's or NumPy's, or a float holding one, as byte counts may come) >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number.is_integer() and number >= least

@@ -181,8 +181,16 @@ def test_controller_uses_the_same_rules() -> None:
 @pytest.mark.parametrize("bad", [1.0, 0.5, float("nan")])
 def test_the_coupler_refuses_a_warmup_threshold_that_is_no_ratio_above_one(bad: float) -> None:
     """NaN passed the check (every comparison with it is false) and then no rise was ever warmed up."""
-    with pytest.raises(ValueError, match=rf"need warmup_above > 1 and warmup_steps >= 0; got {bad}, 4"):
+    with pytest.raises(ValueError, match=rf"need warmup_above > 1 and warmup_steps a whole number >= 0; got {bad}, 4"):
         BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=bad, warmup_steps=4)
+
+
+@pytest.mark.parametrize("bad", [2.5, float("nan"), True, -1])
+def test_the_coupler_refuses_a_warmup_that_is_no_whole_number_of_steps(bad: float) -> None:
+    """2.5 never met the ramp's end (step == warmup_steps): the gain went on to 4.6 against a target of 4.0 and stayed
+    there; NaN skipped the warm-up."""
+    with pytest.raises(ValueError, match=rf"warmup_steps a whole number >= 0; got 1.5, {bad!r}"):
+        BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_steps=bad)
 
 
 def test_an_infinite_noise_scale_gives_the_linear_gain() -> None:

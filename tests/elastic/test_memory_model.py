@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from elastic_helpers import small_task
@@ -245,6 +247,15 @@ def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refu
     assert model.predict(64, fp32) == accounted and model.baseline_shift_bytes == 0
     with pytest.raises(ValueError, match="allocated_bytes >= 0; got 64, 100 and -1"):
         model.observe(64, fp32, 100, allocated_bytes=-1)
+    # NaN passed `< 0`, became the latest reading, then failed in int(): every later prediction was NaN.
+    model.observe(8, fp32, 10_000, allocated_bytes=6_000)
+    model.observe(16, fp32, 15_000, allocated_bytes=7_000)
+    before = model.predict(32, fp32), model.max_batch_size(30_000, fp32, 1000)
+    for bad in ({"allocated_bytes": math.nan}, {"peak_bytes": math.nan}, {"peak_bytes": 1.5}, {"batch_size": True}):
+        args = {"batch_size": 16, "peak_bytes": 15_000, "allocated_bytes": 7_000, **bad}
+        with pytest.raises(ValueError, match="need whole numbers batch_size >= 1"):
+            model.observe(args["batch_size"], fp32, args["peak_bytes"], allocated_bytes=args["allocated_bytes"])
+    assert (model.predict(32, fp32), model.max_batch_size(30_000, fp32, 1000)) == before
     with pytest.raises(ValueError, match="allocated_bytes=-1 must be >= 0"):  # taken, it lowered every prediction
         model.rebase(-1)
 
