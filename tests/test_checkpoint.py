@@ -474,3 +474,19 @@ def test_a_truncated_checkpoint_file_fails_to_load_before_it_reaches_the_control
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(RuntimeError, match="failed finding central directory"):
         torch.load(path)
+
+
+def test_a_checkpoint_from_before_any_loader_call_starts_the_data_afresh():
+    """Loaded into a controller that had trained since, it rewound the steps to 0 but kept the loader's place: the
+    next loader() call refused ("has trained 2 epochs") or carried on mid-data. Now the run is the fresh one's."""
+    model, _, ctl = build()
+    start = torch.load(checkpoint(model, ctl))
+    assert start["controller"]["loader"] is None
+    train(model, ctl, epochs=2)
+    fresh_model, _, fresh = build()
+    train(fresh_model, fresh, epochs=2)
+    model.load_state_dict(start["model"])
+    ctl.load_state_dict(start["controller"])
+    assert train(model, ctl, epochs=2) == 12 and ctl.steps == 12
+    for a, b in zip(weights(model), weights(fresh_model), strict=True):
+        assert torch.equal(a, b)

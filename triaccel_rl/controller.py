@@ -556,6 +556,9 @@ class Controller:
         elif self._trial is not None:
             self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
         self._resume = resume
+        if resume is None:  # saved before any loader() call: the next one starts the data afresh, as the run did
+            self._loader, self._loader_key, self.lr_coupler = None, None, None
+            self._base_batch_size = self._batch_size = self._last_batch = self._planned_epochs = 0
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
             self.guard.reserve()
 
