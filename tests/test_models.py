@@ -366,6 +366,33 @@ def test_cost_model_flops_and_bytes_by_hand(
     assert costs.static_bytes == n_params(layer) * 4 * 3  # weights, gradients, one momentum
 
 
+class _TiedLM(nn.Module):
+    """An embedding and an output projection sharing one weight (a language model's tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.out = nn.Linear(16, 100, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def test_a_tied_weight_is_accounted_once() -> None:
+    """Both layers' ``n_params`` count the shared weight; the accounting counted it twice (weights, gradients and
+    optimizer state 38,400 bytes against 19,200, and two 16-bit copies), as the engine, which updates it once, does
+    not."""
+    model = _TiedLM()
+    costs = _costs(model, torch.zeros(1, 5, dtype=torch.long))
+    assert [info.n_params for info in costs.layers] == [1600, 1600]
+    assert costs.owned_params == (1600, 0)  # the first layer owns it, as StepEngine's layer_parameters says
+    assert costs.static_bytes == 1600 * 4 * 3
+    assert costs.fixed_bytes([Precision.BF16] * 2) == 1600 * 4 * 3 + 1600 * 2  # one 16-bit copy
+    only = CostModel.parameters_only(list(costs.layers), 1, costs.owned_params)
+    assert only.static_bytes == costs.static_bytes
+
+
 class _CrossAttention(nn.Module):
     def __init__(self, by_keyword: bool) -> None:
         super().__init__()

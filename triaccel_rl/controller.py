@@ -708,7 +708,8 @@ class Controller:
                 error,
                 ", until the steps' measured peaks replace it" if self.device.type == "cuda" else "",
             )
-            return CostModel.parameters_only(self.engine.layers, _optimizer_states(self))
+            owned = [sum(p.numel() for p in params) for params in self.engine.layer_params]
+            return CostModel.parameters_only(self.engine.layers, _optimizer_states(self), owned)
 
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))

@@ -7,6 +7,7 @@ CPUs (development, CI, offline policy training) and for predicting memory before
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from triaccel_rl.config import HardwareProfile
+from triaccel_rl.precision import layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "owned_param_counts"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class CostModel:
         flops_per_sample: forward FLOPs of each layer for one sample, ``[n_layers]``.
         activation_bytes_per_sample: fp32 output bytes of each layer for one sample, ``[n_layers]``.
         static_bytes: weights + gradients + optimizer state, all fp32, in bytes.
+        param_counts: the parameters each layer owns (``layer_parameters``: a weight tied between layers counted once,
+            in the first), ``[n_layers]``; ``static_bytes`` and the 16-bit copies count these. Each layer's
+            ``n_params`` where not given.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -42,6 +47,12 @@ class CostModel:
     flops_per_sample: np.ndarray
     activation_bytes_per_sample: np.ndarray
     static_bytes: int
+    param_counts: tuple[int, ...] | None = None
+
+    @property
+    def owned_params(self) -> tuple[int, ...]:
+        """``param_counts``, or each layer's ``n_params`` where they were not given."""
+        return self.param_counts if self.param_counts is not None else tuple(info.n_params for info in self.layers)
 
     @classmethod
     @torch.no_grad()
@@ -89,17 +100,23 @@ class CostModel:
             model.train(was_training)
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-        return cls(tuple(layers), flops, out_bytes, cls.parameters_only(layers, optimizer_states).static_bytes)
+        owned = owned_param_counts(model, layers)
+        static = cls.parameters_only(layers, optimizer_states, owned).static_bytes
+        return cls(tuple(layers), flops, out_bytes, static, owned)
 
     @classmethod
-    def parameters_only(cls, layers: list[LayerInfo], optimizer_states: int) -> CostModel:
+    def parameters_only(
+        cls, layers: list[LayerInfo], optimizer_states: int, param_counts: Sequence[int] | None = None
+    ) -> CostModel:
         """A cost model that knows the parameters and optimizer state alone: no FLOPs, no activations.
 
         For a model whose forward cannot run on one sample by itself (``measure``); memory predictions then leave
-        out the activations until measured peaks replace them (on a GPU).
+        out the activations until measured peaks replace them (on a GPU). ``param_counts``: as the attribute.
         """
-        static = sum(info.n_params for info in layers) * 4 * (2 + optimizer_states)
-        return cls(tuple(layers), np.zeros(len(layers)), np.zeros(len(layers)), static)
+        counts = tuple(int(n) for n in param_counts) if param_counts is not None else None
+        model = cls(tuple(layers), np.zeros(len(layers)), np.zeros(len(layers)), 0, counts)
+        static = sum(model.owned_params) * 4 * (2 + optimizer_states)
+        return cls(tuple(layers), np.zeros(len(layers)), np.zeros(len(layers)), static, counts)
 
     def step_ms(
         self, batch_size: int, precisions: list[Precision], profile: HardwareProfile, include_fixed: bool = True
@@ -124,9 +141,8 @@ class CostModel:
     def fixed_bytes(self, precisions: list[Precision]) -> int:
         """Accounted memory independent of the batch, in bytes: static + the 16-bit weight copies."""
         copies = sum(
-            info.n_params * 2 for info, p in zip(self.layers, self._check_precisions(precisions), strict=True)
-            if p.bits == 16
-        )  # fmt: skip
+            n * 2 for n, p in zip(self.owned_params, self._check_precisions(precisions), strict=True) if p.bits == 16
+        )
         return int(self.static_bytes + copies)
 
     def per_sample_bytes(self, precisions: list[Precision], profile: HardwareProfile) -> float:
@@ -189,3 +205,8 @@ def _recurrent_flops(module: nn.RNNBase, out: torch.Tensor) -> float:
 def _input(args: tuple, kwargs: dict, position: int, name: str) -> torch.Tensor:
     """The forward's argument ``name``, passed at ``position`` or by keyword."""
     return args[position] if len(args) > position else kwargs[name]
+
+
+def owned_param_counts(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, ...]:
+    """The parameters each layer of ``model`` owns (``layer_parameters``: a tied weight counted once, in its first)."""
+    return tuple(sum(p.numel() for p in params) for params in layer_parameters(model, layers))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 
 from triaccel_rl.errors import DetachedParametersError
-from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers
+from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
 __all__ = ["GradStats", "StepEngine", "check_max_grad_norm", "check_precision_supported", "layer_parameters"]
@@ -54,25 +54,6 @@ def check_precision_supported(precision: Precision, device: torch.device) -> Non
         raise ValueError(
             f"precision bf16 is not supported on {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"
         )
-
-
-def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list[nn.Parameter]]:
-    """The trainable parameters each layer owns directly, in the order of ``layers``.
-
-    A parameter shared by several layers (tied weights: an embedding and the output projection of a language
-    model) belongs to the first of them, so each parameter is updated and counted once; the others still compute
-    with it, in their own precision.
-    """
-    modules = dict(model.named_modules())
-    owned: list[list[nn.Parameter]] = []
-    seen: set[int] = set()
-    for info in layers:
-        module = modules.get(info.name, model)
-        params = module.parameters() if isinstance(module, nn.MultiheadAttention) else module.parameters(recurse=False)
-        mine = [p for p in params if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in mine)
-        owned.append(mine)
-    return owned
 
 
 @dataclass(frozen=True)

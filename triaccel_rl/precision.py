@@ -30,7 +30,7 @@ from triaccel_rl.types import LayerInfo, Precision
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "WeightCopies", "find_layers", "read_copy"]
+__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "WeightCopies", "find_layers", "layer_parameters", "read_copy"]
 
 CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -93,6 +93,25 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerInfo]]:
             f"model {type(model).__name__} has no trainable parameters; nothing for the controller to train"
         )
     return found
+
+
+def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list[nn.Parameter]]:
+    """The trainable parameters each layer owns directly, in the order of ``layers``.
+
+    A parameter shared by several layers (tied weights: an embedding and the output projection of a language
+    model) belongs to the first of them, so each parameter is updated and counted once; the others still compute
+    with it, in their own precision.
+    """
+    modules = dict(model.named_modules())
+    owned: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
+    for info in layers:
+        module = modules.get(info.name, model)
+        params = module.parameters() if isinstance(module, nn.MultiheadAttention) else module.parameters(recurse=False)
+        mine = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        owned.append(mine)
+    return owned
 
 
 class LayerPrecision:

@@ -302,7 +302,7 @@ class TrainingRun:
             self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
         )
         self.memory_model = MemoryModel(self.costs, self.profile)
-        self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(info.n_params for info in self.layers)
+        self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(self.costs.owned_params)
         budget = memory or MemoryBudget()
         self.memory_budget_bytes = budget.resolve(device_capacity_bytes(self.device, budget.cpu_capacity_bytes))
         if self.measures_memory:
