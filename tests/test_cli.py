@@ -242,7 +242,11 @@ def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch
     argv = ["compare", "--task", "synthetic", "--no-progress", "--out", "", "--log-dir", ""]
     (tmp_path / "bad.json").write_text('{"device": "x"}')
     assert main([*argv, "--profile", str(tmp_path / "bad.json")]) == 2
-    assert "lacks the fields ['time_factor', 'memory_factor']" in capsys.readouterr().err and seen == []
+    err = capsys.readouterr().err
+    assert "lacks the fields ['time_factor', 'memory_factor', 'fixed_ms', 'throughput_scale']" in err
+        "lacks the fields ['time_factor', 'memory_factor', 'fixed_ms', 'throughput_scale']" in capsys.readouterr().err
+    )
+    assert seen == []
     with pytest.raises(Seen):
         main([*argv, "--profile", str(tmp_path / "p.json")])
     assert seen == [mine]

@@ -161,14 +161,16 @@ def test_profile_values_out_of_range_are_named(tmp_path: Path, change: dict, mes
         HardwareProfile.load(write_profile(tmp_path / "p.json", {**_VALID_PROFILE, **change}))
 
 
-def test_profile_optional_fields_take_defaults(tmp_path: Path) -> None:
+def test_a_profile_file_needs_every_field(tmp_path: Path) -> None:
+    """fixed_ms and throughput_scale once took defaults (1.0 ms, 1e-4) that describe no GPU: a file without them was
+    priced 2.4 times cheaper than the shipped H200 profile, silently. In code the defaults stay."""
     raw = {k: _VALID_PROFILE[k] for k in ("device", "time_factor", "memory_factor")}
-    profile = HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
-    assert profile.fixed_ms == 1.0
-    assert profile.throughput_scale == 1.0e-4
+    with pytest.raises(ConfigError, match=r"lacks the fields \['fixed_ms', 'throughput_scale'\]"):
+        HardwareProfile.load(write_profile(tmp_path / "p.json", raw))
+    assert HardwareProfile(**raw).fixed_ms == 1.0
 
 
-@pytest.mark.parametrize("missing", ["device", "time_factor", "memory_factor"])
+@pytest.mark.parametrize("missing", ["device", "time_factor", "memory_factor", "fixed_ms", "throughput_scale"])
 def test_profile_missing_field_error_names_the_field(tmp_path: Path, missing: str) -> None:
     raw = {k: v for k, v in _VALID_PROFILE.items() if k != missing}
     path = write_profile(tmp_path / "p.json", raw)

@@ -313,9 +313,9 @@ def test_observation_stats_without_a_ladder_still_load(tiny_policy, tmp_path):
 def test_profile_with_missing_fields_is_a_clear_error_in_the_env_and_training(tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"device": "x", "time_factor": {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}}))
-    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor'\]"):
+    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor', 'fixed_ms', 'throughput_scale'\]"):
         gym.make("TriAccel-v0", task="synthetic", profile=str(profile))
-    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor'\]"):
+    with pytest.raises(ConfigError, match=r"lacks the fields \['memory_factor', 'fixed_ms', 'throughput_scale'\]"):
         train_policy(["synthetic"], total_timesteps=8, n_envs=1, vec="dummy", n_steps=8, batch_size=8,
                      out=tmp_path / "p.zip", profile=str(profile))  # fmt: skip
 

@@ -199,8 +199,9 @@ class HardwareProfile:
             raise ConfigError(f"hardware profile {source} is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"hardware profile {source} must be a JSON object; got {type(raw).__name__}")
-        required = [f.name for f in fields(cls) if f.name in ("device", "time_factor", "memory_factor")]
-        missing = [name for name in required if name not in raw]
+        # Every field: the defaults of fixed_ms and throughput_scale describe no GPU (the shipped H200's are 0.2 ms and
+        # 2.4e-4), so a file that left them out was priced 2.4 times too cheap without a word.
+        missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise ConfigError(f"hardware profile {source} lacks the fields {missing}")
         known = {f.name for f in fields(cls)}
