@@ -3,6 +3,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from triaccel_rl.policies import LearnedPolicy, PolicyLoadError, make_policy
 
 from triaccel_rl.actions import action_space
@@ -421,6 +422,33 @@ def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeyp
                            **_TINY)  # fmt: skip
     assert PPO.load(resumed, device="cpu").num_timesteps == 16  # the step count continues
     assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 16
+
+
+def test_interrupted_inside_an_update_the_checkpoint_holds_the_last_whole_update(tmp_path, monkeypatch):
+    """Ctrl-C between two gradient steps of PPO's update saved the half-updated weights, under the file name of the
+    last whole update's checkpoint (which it overwrote)."""
+    from stable_baselines3 import PPO
+
+    common = {"n_steps": 8, "batch_size": 4, "seed": 3, **_TINY}
+    whole = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "one" / "policy.zip", **common)
+    gradient_steps = 2 * 10  # a rollout of 8 in minibatches of 4, PPO's 10 epochs
+    real_step, calls = torch.optim.Adam.step, []
+
+    def interrupted_in_the_second_update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == gradient_steps + 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupted_in_the_second_update)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=64, out=tmp_path / "two" / "policy.zip", checkpoint_every=8,
+                     **common)  # fmt: skip
+    saved = PPO.load(tmp_path / "two" / "checkpoints" / "policy_8_steps.zip", device="cpu").policy.state_dict()
+    expected = PPO.load(whole, device="cpu").policy.state_dict()
+    assert saved.keys() == expected.keys()
+    for name in saved:
+        assert torch.equal(saved[name], expected[name]), name
 
 
 def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):

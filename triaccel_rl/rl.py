@@ -8,6 +8,7 @@ periodic evaluations on them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -444,6 +445,7 @@ def train_policy(
             self.trained_timesteps = 0
             """Environment steps whose rollouts the weights have been updated on (a resumed run's included)."""
             self._pending: tuple[np.ndarray, np.ndarray, int] | None = None
+            self._before_update: tuple[dict[str, Any], dict[str, Any]] | None = None
 
         def _on_training_start(self) -> None:
             self.trained_timesteps = self.model.num_timesteps
@@ -455,6 +457,21 @@ def train_policy(
             buffer: Any = self.model.rollout_buffer  # type: ignore[attr-defined]  # PPO and A2C have one
             observations = np.asarray(buffer.observations).reshape(len(buffer.observations) * buffer.n_envs, -1)
             self._pending = (observations.min(0), observations.max(0), len(observations))
+            # The update on this rollout runs next, a gradient step at a time: what the policy was before it, for an
+            # interruption half-way through (the saved weights must be an update's, whole).
+            policy: Any = self.model.policy
+            self._before_update = (copy.deepcopy(policy.state_dict()), copy.deepcopy(policy.optimizer.state_dict()))
+
+        def discard_unfinished_update(self) -> bool:
+            """Puts back the policy's weights and optimizer from before an update that did not finish; True if one."""
+            if self._before_update is None:
+                return False
+            weights, optimizer = self._before_update
+            policy: Any = self.model.policy
+            policy.load_state_dict(weights)
+            policy.optimizer.load_state_dict(optimizer)
+            self._before_update = None
+            return True
 
         def _on_rollout_start(self) -> None:
             self._commit()
@@ -470,6 +487,7 @@ def train_policy(
                 self.high = high if self.high is None else np.maximum(self.high, high)
                 self.count += count
                 self._pending = None
+            self._before_update = None  # the update ran to its end
             self.trained_timesteps = self.model.num_timesteps
 
         def stats(self) -> ObservationStats | None:
@@ -647,6 +665,7 @@ def train_policy(
             )
         except KeyboardInterrupt:
             progress.close()  # before the warning, which would land inside the bar's line
+            recorder.discard_unfinished_update()  # interrupted between two gradient steps of an update: the last whole
             checkpoint = save_checkpoint(model)
             _log.warning(
                 "training interrupted at step %d: saved %s, the weights of the last update (%d steps), and its "
