@@ -451,6 +451,27 @@ def test_interrupted_inside_an_update_the_checkpoint_holds_the_last_whole_update
         assert torch.equal(saved[name], expected[name]), name
 
 
+def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monkeypatch):
+    """PPO.load seeded the environments and PPO with the seed saved in the zip: a resumed run ignored ``seed`` and
+    replayed the first run's episodes from its start."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    common = {"n_steps": 8, "batch_size": 4, **_TINY}
+    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", seed=0, **common)
+    real_seed, seeds = DummyVecEnv.seed, []
+
+    def record(self, seed=None):
+        seeds.append(seed)
+        return real_seed(self, seed)
+
+    monkeypatch.setattr(DummyVecEnv, "seed", record)
+    resumed = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip", seed=7, resume=first,
+                           **common)  # fmt: skip
+    assert seeds[-1] == 7 + 8  # the last seeding before the rollouts: the saved zip's 0 was the last before
+    assert PPO.load(resumed, device="cpu").seed == 15
+
+
 def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
     """SB3's EvalCallback rewrites evaluations.npz from its own history: a resumed run replaced the first run's
     evaluations with its own."""

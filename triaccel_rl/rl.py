@@ -355,7 +355,8 @@ def train_policy(
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
-        seed: seeds PPO and the environments; every held-out evaluation runs the episodes of this seed.
+        seed: seeds PPO and the environments (a resumed run: ``seed`` plus the steps it has trained, so that it draws
+            episodes the first run did not); every held-out evaluation runs the episodes of this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
@@ -608,6 +609,10 @@ def train_policy(
                 raise ValueError(
                     f"batch_size={model.batch_size} exceeds the rollout size n_steps*n_envs={model.n_steps * n_envs}"
                 )
+            # PPO.load seeded PPO and the environments with the seed saved in the zip, which replayed the first run's
+            # episodes from its start and ignored `seed`: this run draws from `seed` and the steps already trained.
+            model.seed = seed + model.num_timesteps
+            model.set_random_seed(model.seed)
         else:
             model = PPO(
                 "MlpPolicy",
