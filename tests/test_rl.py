@@ -472,6 +472,16 @@ def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monke
     assert PPO.load(resumed, device="cpu").seed == 15
 
 
+def test_a_resumed_run_checkpoints_at_the_runs_multiples(tmp_path):
+    """The schedule counted steps from the resume: resumed at 24 with checkpoints every 16, the run wrote one 16 steps
+    after the resume (40) and none at 32 or at 48, where its multiples fall."""
+    common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 16, **_TINY}
+    first = train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", **common)
+    train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", resume=first, **common)
+    written = sorted((tmp_path / "checkpoints").glob("*.zip"), key=lambda path: int(path.stem.split("_")[1]))
+    assert [path.name for path in written] == ["policy_16_steps.zip", "policy_32_steps.zip", "policy_48_steps.zip"]
+
+
 def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
     """SB3's EvalCallback rewrites evaluations.npz from its own history: a resumed run replaced the first run's
     evaluations with its own."""

@@ -525,20 +525,27 @@ def train_policy(
         return checkpoint
 
     class Checkpoint(BaseCallback):
-        """:func:`save_checkpoint` after the first update past every ``every`` calls (one call steps every environment).
+        """:func:`save_checkpoint` after the first update past every multiple of ``every`` environment steps.
 
-        Saved when the next rollout starts (or training ends), so that a checkpoint holds whole updates: one saved
-        in the middle of a rollout would record steps its weights never trained on, and a resumed run skip them.
+        The run's steps, a resumed run's counted on from its checkpoint (counted from the resume, the multiples fell
+        elsewhere). Saved when the next rollout starts (or training ends), so that a checkpoint holds whole updates:
+        one saved in the middle of a rollout would record steps its weights never trained on, and a resumed run skip
+        them.
         """
 
         def __init__(self, every: int) -> None:
             super().__init__()
             self.every = every
             self._due = False
+            self._multiples = 0
+
+        def _on_training_start(self) -> None:
+            self._multiples = self.model.num_timesteps // self.every
 
         def _on_step(self) -> bool:
-            if self.n_calls % self.every == 0:
-                self._due = True
+            multiples = self.model.num_timesteps // self.every
+            if multiples > self._multiples:
+                self._multiples, self._due = multiples, True
             return True
 
         def _on_rollout_start(self) -> None:
@@ -644,7 +651,7 @@ def train_policy(
         if progress_bar:
             callbacks.append(progress)
         if checkpoint_every > 0:
-            callbacks.append(Checkpoint(max(1, checkpoint_every // n_envs)))
+            callbacks.append(Checkpoint(checkpoint_every))
         if eval_tasks and eval_every > 0:
             # Held-out tasks are evaluated as they are: no domain randomisation of their LR.
             eval_kwargs = {key: value for key, value in env_kwargs.items() if key != "lr_range"}
