@@ -115,6 +115,13 @@ def test_bad_training_arguments():
         ({"eval_every": 64}, "eval_tasks=[] and eval_every=64: give both"),
         ({"config": ControllerConfig(n_groups=2)}, "config: the training environments run env_config"),
         ({"out": "runs/policy-v1.2"}, "out='runs/policy-v1.2' must name a .zip file"),  # SB3 saved policy-v1.2.zip
+        # A worker's traceback and "Connection reset by peer" (subprocess workers), or a late failure, before.
+        ({"max_decisions": 0}, "max_decisions=0 must be a whole number >= 1"),
+        # Imitated one decision and recorded -100 in warm_start.json.
+        (
+            {"warm_start": "heuristic", "warm_start_steps": -100},
+            "warm_start_steps=-100 and warm_start_epochs=200 must be >= 1",
+        ),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -91,7 +91,7 @@ def make_env_fns(
             import gymnasium as gym
             from stable_baselines3.common.monitor import Monitor
 
-            import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0 in the worker)
+            import triaccel_rl.envs  # noqa: F401, F811  (registers TriAccel-v0 in the worker)
 
             if torch_threads is not None:
                 import torch
@@ -106,6 +106,12 @@ def make_env_fns(
 
         return make
 
+    # Every argument checked here, in the parent: refused in a worker, it surfaced as a worker's traceback and
+    # "Connection reset by peer" (max_decisions=0, say).
+    import triaccel_rl.envs  # noqa: F401  (registers TriAccel-v0)
+
+    gym.make("TriAccel-v0", task=tasks[0], config=env_config(interval_steps), max_decisions=max_decisions,
+             **env_kwargs).close()  # fmt: skip
     cycles = max(1, -(-len(tasks) // n_envs))  # each worker cycles over this many tasks
     return [factory([tasks[(i + k * n_envs) % len(tasks)] for k in range(cycles)]) for i in range(n_envs)]
 
@@ -422,8 +428,8 @@ def train_policy(
         raise ValueError(f"resume={str(resume)!r}: no such policy zip")
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
-    if warm_start_epochs < 1:
-        raise ValueError(f"warm_start_epochs={warm_start_epochs} must be >= 1")
+    if warm_start_epochs < 1 or warm_start_steps < 1:  # -100 steps imitated one decision and recorded -100
+        raise ValueError(f"warm_start_steps={warm_start_steps} and warm_start_epochs={warm_start_epochs} must be >= 1")
     for task in eval_tasks:
         get_task(task)
     env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
