@@ -512,6 +512,20 @@ def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
     assert np.load(evaluations)["timesteps"].tolist() == [32]
 
 
+def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_path):
+    """The history was read from the new run's folder: resumed from a checkpoint of run a into run b, b's
+    evaluations started at the resume, and a's were left out."""
+    common = {"n_steps": 8, "batch_size": 4, "eval_every": 8, "eval_tasks": ["synthetic"], **_TINY}
+    train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "a" / "policy.zip", checkpoint_every=8, **common)
+    first = dict(np.load(tmp_path / "a" / "eval" / "evaluations.npz"))
+    checkpoint = tmp_path / "a" / "checkpoints" / "policy_16_steps.zip"
+    train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip", resume=checkpoint, **common)
+    resumed = dict(np.load(tmp_path / "b" / "eval" / "evaluations.npz"))
+    assert resumed["timesteps"].tolist() == [8, 16, 24]
+    np.testing.assert_array_equal(resumed["results"][:2], first["results"])
+    assert dict(np.load(tmp_path / "a" / "eval" / "evaluations.npz"))["timesteps"].tolist() == [8, 16]  # untouched
+
+
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
     """Stats of another LR ladder (or none recorded) failed the merge after the whole run, leaving the new zip beside
     the old stats; stats that could not be read did the same."""

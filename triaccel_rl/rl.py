@@ -673,7 +673,7 @@ def train_policy(
                 verbose=0,
             )
             if resume is not None:
-                _continue_evaluations(evaluations, path.parent / "eval" / "evaluations.npz", model.num_timesteps)
+                _continue_evaluations(evaluations, _evaluations_of(Path(resume), path), model.num_timesteps)
             callbacks.append(evaluations)
         try:
             model.learn(
@@ -762,6 +762,18 @@ def _close_after_failure(venv: Any) -> None:
                 process.terminate()
 
 
+def _evaluations_of(resume: Path, out: Path) -> Path:
+    """The ``evaluations.npz`` of the run that wrote the zip ``resume``, for a resumed run writing ``out``.
+
+    That run's ``eval`` folder is beside its policy, or beside the ``checkpoints`` folder a checkpoint is in. Where
+    ``out`` is in the same run's folder the file is the one this run goes on writing; elsewhere it is read there.
+    """
+    own = out.parent / "eval" / "evaluations.npz"
+    folder = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+    earlier = folder / "eval" / "evaluations.npz"
+    return own if own.is_file() or not earlier.is_file() else earlier
+
+
 def _continue_evaluations(callback: Any, file: Path, start: int) -> None:
     """Puts the evaluations of the run being resumed (up to step ``start``) into ``callback``'s history.
 
@@ -774,6 +786,14 @@ def _continue_evaluations(callback: Any, file: Path, start: int) -> None:
     with np.load(file) as saved:
         timesteps, results, lengths = saved["timesteps"], saved["results"], saved["ep_lengths"]
     if results.ndim != 2 or results.shape[1] != callback.n_eval_episodes:
+        if file != Path(f"{callback.log_path}.npz"):  # another run's folder: its file is left where it is
+            _log.warning(
+                "%s holds evaluations of %s episodes each, this run evaluates %d: not continued",
+                file,
+                results.shape[1:] or "?",
+                callback.n_eval_episodes,
+            )
+            return
         aside = file.with_name(f"evaluations_until_{start}_steps.npz")
         file.replace(aside)
         _log.warning(
