@@ -858,19 +858,34 @@ def test_next_run_of_the_same_model_starts_with_the_measured_costs(monkeypatch: 
     assert collector_module._ROUND_COSTS[key] == (admitted.plan, admitted.cost)  # then replaced by the measurement
 
 
-def test_a_round_smaller_than_asked_is_charged_at_its_own_size() -> None:
-    """A source with fewer samples than the plan's micro-batches runs one sample per micro-batch, as many as it has;
-    the scheduler divided the round's cost by the micro-batches asked for, and its rates came out too low."""
+@pytest.mark.parametrize(("n_samples", "n_micro"), [(5, 2), (3, 3)])
+def test_a_round_smaller_than_asked_is_charged_at_its_own_size(n_samples: int, n_micro: int) -> None:
+    """A source with fewer samples than the plan's micro-batches runs fewer micro-batches, of two samples (one each
+    under four samples); the scheduler divided the round's cost by the micro-batches asked for, and its rates came out
+    too low."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     layers = [list(model[0].parameters()), list(model[2].parameters())]
     config = SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=1, fixed_microbatches=8, fixed_probes=2)
-    collector, _ = mlp_collector(model, layers, config, n_samples=5)
+    collector, _ = mlp_collector(model, layers, config, n_samples=n_samples)
     collector.observe(fake_stats(2))
     report = collector.maybe_estimate()
-    assert report is not None and report.plan.n_microbatches == 5  # 8 asked for, 5 samples
-    assert collector.scheduler._noise_ms == report.cost.noise_ms / 5
+    assert report is not None and report.plan.n_microbatches == n_micro  # 8 asked for
+    assert collector.scheduler._noise_ms == report.cost.noise_ms / n_micro
     assert collector.scheduler._probe_ms == report.cost.hutchinson_ms / 2
+
+
+def test_a_round_on_few_samples_through_a_batch_norm_runs_micro_batches_of_two() -> None:
+    """24 probe samples and 16 micro-batches: one sample each, which a batch norm in training mode refuses ("Expected
+    more than 1 value per channel"), raised out of maybe_estimate; now 12 micro-batches of 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    layers = [list(model[0].parameters()), list(model[1].parameters()), list(model[3].parameters())]
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=1, fixed_microbatches=16, fixed_probes=2)
+    collector, _ = mlp_collector(model, layers, config, n_samples=24)
+    collector.observe(fake_stats(3))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded and report.plan.n_microbatches == 12
 
 
 def test_a_non_finite_round_fisher_is_not_kept_and_a_frozen_layer_restarts_no_other(

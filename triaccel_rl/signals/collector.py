@@ -689,7 +689,12 @@ class SignalCollector:
         watch.lap()
         n_available = len(source.inputs)
         micro = min(config.micro_batch_size, n_available // plan.n_microbatches)
-        if micro < 1:  # fewer samples than micro-batches: one sample per micro-batch, as many as there are
+        if micro < 2 and n_available >= 4:
+            # Fewer than two samples a micro-batch: fewer micro-batches of two (a one-sample micro-batch fails in a
+            # batch norm, which computes batch statistics in training mode; 24 probe samples and 16 micro-batches did).
+            plan = RoundPlan(n_available // 2, plan.n_probes, plan.predicted_ms)
+            micro = 2
+        elif micro < 1:  # under four samples: one a micro-batch, as many as there are
             plan = RoundPlan(n_available, plan.n_probes, plan.predicted_ms)
             micro = 1
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
