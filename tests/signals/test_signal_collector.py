@@ -465,6 +465,18 @@ def test_device_moments_lagged_flush_returns_the_previous_interval() -> None:
     assert all(r.recorded_ms > 0 for r in results[1:] if r is not None)  # the interval's own recording time
 
 
+def test_device_moments_take_an_fp16_gradients_norm_past_fp16s_range() -> None:
+    """|g| = 1e5 is finite, but not in fp16 (at most 65504): the norm, taken in the gradient's dtype, was inf, the
+    step read as non-finite (n_finite 0) and counted as skipped."""
+    param = nn.Parameter(torch.zeros(10_000, dtype=torch.float16))
+    param.grad = torch.full((10_000,), 1000.0, dtype=torch.float16)
+    moments = DeviceMoments([[param]])
+    moments.observe(torch.tensor(1.0))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite) == (1, 1)
+    assert result.sq_norm[0] == pytest.approx(1e10, rel=1e-4)  # summed in float32
+
+
 def test_device_moments_sampling_and_full_buffer() -> None:
     model = nn.Linear(3, 2)
     moments = DeviceMoments([[model.weight, model.bias]], every_steps=2, capacity=2)
@@ -498,9 +510,9 @@ def test_device_moments_budget_sets_the_sampling_from_measured_costs(monkeypatch
     monkeypatch.setattr("triaccel_rl.signals.device.time.perf_counter", lambda: clock[0])
     norm = torch._foreach_norm
 
-    def slow_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def slow_norm(tensors: list[torch.Tensor], *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
         clock[0] += 1e-3  # the call's host cost
-        return norm(tensors)
+        return norm(tensors, *args, **kwargs)
 
     def steps(n: int, step_s: float) -> None:
         for _ in range(n):
@@ -606,9 +618,9 @@ def test_device_moments_budget_holds_when_intervals_see_one_sampled_call(monkeyp
     costs = itertools.cycle([0.5e-3, 1.5e-3])
     norm = torch._foreach_norm
 
-    def slow_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def slow_norm(tensors: list[torch.Tensor], *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
         clock[0] += next(costs)
-        return norm(tensors)
+        return norm(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", slow_norm)
     model = nn.Linear(3, 2)

@@ -193,7 +193,9 @@ class DeviceMoments:
             self._observed -= 1  # max_rows reached: this step is not recorded
         else:
             grads = [p.grad if p.grad is not None else self._zero for p in self._params]
-            torch.stack([*torch._foreach_norm(grads), loss.detach().reshape(())], out=self._tensor_rows.views[row])
+            # In float32: an fp16 gradient's norm over 65504 was inf in its own dtype, and the step counted as skipped.
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            torch.stack([*norms, loss.detach().reshape(())], out=self._tensor_rows.views[row])
         self._charge(time.perf_counter() - start)
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
