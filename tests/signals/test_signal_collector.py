@@ -1021,3 +1021,18 @@ def test_a_collector_that_ran_rounds_is_not_saved_half() -> None:
     assert collector.maybe_estimate() is not None
     with pytest.raises(ValueError, match="has run estimator rounds, whose estimates a checkpoint does not hold"):
         collector.state_dict()
+
+
+def test_a_broken_time_reading_or_progress_leaves_the_snapshot_finite() -> None:
+    """One NaN step time made overhead_frac NaN in every later snapshot (the collector promises finite ones); a NaN
+    progress went through np.clip as it was."""
+    layers = [LayerInfo("a", 10, True)]
+    collector = SignalCollector(layers, ema_decay=0.9, memory_budget_bytes=1 << 20)
+    collector.observe(replace(fake_stats(1), step_time_ms=math.nan, modelled_time_ms=math.nan))
+    collector.observe(fake_stats(1))
+    n = len(layers)
+    signals = collector.snapshot(grad_mean_sq_norm=np.full(n, np.nan), probe_loss=1.0, batch_size=64, lr_scale=1.0,
+                                 precisions=[Precision.FP32] * n, progress=math.nan)  # fmt: skip
+    assert math.isfinite(signals.overhead_frac) and signals.progress == 0.0
+    assert signals.step_time_ms == 5.0  # the readable 10 ms over the interval's 2 steps
+    assert math.isfinite(snapshot(collector).overhead_frac)

@@ -209,3 +209,26 @@ def test_an_empty_interval_counts_no_step_and_leaves_the_step_time_alone() -> No
     assert scheduler.plan() == RoundPlan(4, 2)  # 3 steps since the round
     with pytest.raises(ValueError, match="n_steps=-1 must be >= 0"):
         scheduler.add_train(1.0, n_steps=-1)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+@pytest.mark.parametrize("broken_round", [0, 1])
+def test_a_broken_round_cost_is_not_charged_and_rounds_go_on(bad: float, broken_round: int) -> None:
+    """A NaN part made the credit and every prediction NaN: no round ran again for the rest of the run. Broken on the
+    first round (no rates yet), the next plan is a first round again; on a later one, the round counts uncharged."""
+    scheduler = RoundScheduler(SignalConfig())
+    ran = []
+    for _ in range(400):
+        scheduler.add_train(20.0, n_steps=20)
+        plan = scheduler.plan()
+        if plan is None:
+            continue
+        ran.append(plan)
+        other = bad if len(ran) == broken_round + 1 else 0.0
+        charged_before = scheduler.charged_round_ms
+        scheduler.record(plan, RoundCost(2.0 * plan.n_microbatches, 3.0 * plan.n_probes, other))
+        if other is bad:
+            assert scheduler.charged_round_ms == charged_before and math.isfinite(scheduler.credit_ms)
+            assert scheduler.rounds == (0 if broken_round == 0 else 2)  # a first one, unread, does not count
+    assert len(ran) > 3  # rounds went on
+    assert math.isfinite(scheduler.predict_ms(2, 1))

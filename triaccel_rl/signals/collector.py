@@ -273,8 +273,8 @@ class SignalCollector:
         start = time.perf_counter()
         self.n_steps += 1
         self._interval_steps += 1
-        self._interval_time_ms += stats.modelled_time_ms
-        self.train_ms += stats.step_time_ms
+        self._interval_time_ms += _readable_ms(stats.modelled_time_ms)
+        self.train_ms += _readable_ms(stats.step_time_ms)  # one NaN reading made every later overhead_frac NaN
         self.scheduler.add_train(stats.modelled_time_ms)
         self._interval_peak = max(self._interval_peak, stats.memory_bytes)
         finite = np.isfinite(stats.grad_sq_sum).all() and math.isfinite(stats.loss)
@@ -323,8 +323,8 @@ class SignalCollector:
         charged = train_ms if charged_ms is None else charged_ms
         self.n_steps += n_steps
         self._interval_steps += n_steps
-        self._interval_time_ms += charged
-        self.train_ms += train_ms
+        self._interval_time_ms += _readable_ms(charged)
+        self.train_ms += _readable_ms(train_ms)
         self.scheduler.add_train(charged, n_steps=n_steps)
         self._interval_peak = max(self._interval_peak, peak_bytes)
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
@@ -547,7 +547,7 @@ class SignalCollector:
             precisions=np.array([int(p) for p in precisions], dtype=np.int64),
             n_params=self.n_params.copy(),
             controllable=self.controllable.copy(),
-            progress=float(np.clip(progress, 0.0, 1.0)),
+            progress=float(np.clip(_finite(progress, 0.0), 0.0, 1.0)),  # np.clip passes NaN through
             hessian_trace=None if hessian_trace is None else _finite_array(hessian_trace, neginf=-1e30),
             sparsity=self._sparsity,
             lr_factors=lr_factors,
@@ -914,6 +914,11 @@ def _sparsity_with_gaps(
     top1[present], top10[present] = measured.top1_share, measured.top10_share
     small[present], ratio[present] = measured.small_frac, measured.top10_ratio
     return CurvatureSparsity(top1, top10, small, ratio)
+
+
+def _readable_ms(ms: float) -> float:
+    """A time reading as charged: ``ms``, or 0 for one that is negative or not finite (a broken reading)."""
+    return ms if math.isfinite(ms) and ms >= 0 else 0.0
 
 
 def _finite(value: float, fallback: float) -> float:

@@ -239,9 +239,20 @@ class RoundScheduler:
         self._rates_measured = False
 
     def record(self, plan: RoundPlan, cost: RoundCost) -> None:
-        """Charges a round that ran and updates the cost rates."""
+        """Charges a round that ran and updates the cost rates.
+
+        A cost with a part that is negative or not finite (a broken reading) is not charged and leaves the rates as
+        they were (a NaN made the credit and every prediction NaN, and no round ran again). With rates known the round
+        counts; with none yet it does not, so that the next plan is a first round again, to measure them.
+        """
+        parts = (cost.noise_ms, cost.hutchinson_ms, cost.other_ms)
+        readable = all(math.isfinite(part) and part >= 0 for part in parts)
+        if not readable and not self.rates_known:
+            return
         self.rounds += 1
         self._steps_at_last_round = self.steps
+        if not readable:
+            return
         self.charged_round_ms += cost.total_ms
         noise = cost.noise_ms / plan.n_microbatches
         probe = cost.hutchinson_ms / plan.n_probes
