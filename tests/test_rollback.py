@@ -413,3 +413,11 @@ def test_the_guard_refuses_bad_arguments_by_name(arguments, message):
     with pytest.raises(TypeError, match=message):
         call()
     RollbackGuard(model, optimizer, offload=False, every=2, after_restore=lambda: None)  # the control: taken
+
+
+@pytest.mark.parametrize("name", ["rollback", "adaptive_interval"])
+def test_a_decision_loops_switches_are_true_false_or_none(name):
+    """rollback="no" turned the rollback on (a non-empty string is true)."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    with pytest.raises(ValueError, match=rf"{name}='no' must be True, False or None"):
+        DecisionLoop(run, ControllerConfig(), **{name: "no"})

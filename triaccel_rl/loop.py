@@ -56,6 +56,9 @@ class DecisionLoop:
         rollback: bool | None = None,
         adaptive_interval: bool | None = None,
     ) -> None:
+        for name, value in (("rollback", rollback), ("adaptive_interval", adaptive_interval)):
+            if value is not None and not isinstance(value, bool):  # "no" turned the rollback on
+                raise ValueError(f"{name}={value!r} must be True, False or None (the config's default)")
         self.run = run
         self.config = config
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.

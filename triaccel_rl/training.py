@@ -324,6 +324,11 @@ class TrainingRun:
     def batch_size(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
+        if value > len(self.loader):  # never served: the LR followed it, the steps a whole epoch (10**6 diverged)
+            raise ValueError(
+                f"batch_size={value} is more than the {len(self.loader)} training samples: a step serves at most an "
+                "epoch"
+            )
         self._batch_size = int(value)
         noise = self.noise_scale if self.lr_coupler.rule is LRRule.ADASCALE else None
         # The engine's gain carries the schedule's factor too (as each step sets it): `lr` is right at once.
@@ -436,8 +441,8 @@ class TrainingRun:
             ValueError: ``n_steps`` is negative.
             UnrecoverableOOMError: as :meth:`step`.
         """
-        if n_steps < 0:
-            raise ValueError(f"n_steps={n_steps} must be >= 0")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 0:
+            raise ValueError(f"n_steps={n_steps!r} must be a whole number >= 0")
         if self._moments is None:
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
         self.engine.sync_weight_copies()  # weights written since the last call; none can be inside the interval
@@ -446,13 +451,17 @@ class TrainingRun:
         timer.start()
         samples = oom_events = peak = 0
         modelled_ms = 0.0
-        for _ in range(n_steps):
-            outcome = self._step(deferred=True)
-            self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
-            samples += outcome.batch_size
-            oom_events += outcome.oom_events
-            modelled_ms += outcome.modelled_ms
-            peak = max(peak, outcome.memory_bytes)
+        try:
+            for _ in range(n_steps):
+                outcome = self._step(deferred=True)
+                self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
+                samples += outcome.batch_size
+                oom_events += outcome.oom_events
+                modelled_ms += outcome.modelled_ms
+                peak = max(peak, outcome.memory_bytes)
+        except BaseException:
+            self._moments.flush()  # the interval is given up: its steps' statistics must not count in the next one
+            raise
         train_ms = timer.stop() if n_steps else 0.0  # the one host-device sync of the interval
         moments = self._moments.flush()
         skipped = n_steps - (self.engine.applied_steps() - applied)  # recorded or not
@@ -518,7 +527,6 @@ class TrainingRun:
                 ) from err
             raise
         self.steps += 1
-        self.oom_events += oom_events
         self.last_micro_batches = sizes
         modelled_ms = self._charged_step_ms(n, len(sizes))
         if wasted_samples:
@@ -864,6 +872,7 @@ class TrainingRun:
         retry = max(1, min(micro // 2, self.micro_batch_size(n)))
         event = OOMEvent(self.steps, micro, retry, before, self.memory_budget_bytes, failure)
         self.oom_log.append(event)
+        self.oom_events += 1  # with the log, also for a step that gives up later
         _log.warning(
             "step %d: %s; retrying with micro-batch %d (was %d), memory budget %d -> %d bytes",
             event.step,
@@ -967,6 +976,9 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_sa
 
     Leaves the model in eval mode (training steps put it back in train mode).
     """
+    whole = isinstance(max_samples, (int, np.integer)) and not isinstance(max_samples, bool)
+    if max_samples is not None and not (whole and max_samples >= 1):  # 0 divided by zero, -5 gave -0.0
+        raise ValueError(f"max_samples={max_samples!r} must be a whole number >= 1 (or None: all)")
     model.eval()
     n = len(x) if max_samples is None else min(max_samples, len(x))
     correct = 0

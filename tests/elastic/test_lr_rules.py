@@ -132,7 +132,7 @@ def test_run_applies_the_rule_with_warmup_to_the_optimizer() -> None:
 
 
 def test_run_sqrt_rule_for_adamw_and_explicit_override() -> None:
-    task = small_task(optimizer="adamw", base_lr=1e-3)
+    task = small_task(optimizer="adamw", base_lr=1e-3, n_train=512)  # a batch of 256 needs as many samples
     run = TrainingRun(task, seed=0, device="cpu", batch_size=256)
     assert run.lr_rule is LRRule.SQRT
     assert run.lr == pytest.approx(1e-3 * math.sqrt(256 / 64))

@@ -344,3 +344,42 @@ def test_the_lr_after_a_batch_change_carries_the_schedule() -> None:
         change()
         expected = run.task.base_lr * run.lr_scale * run.lr_coupler.gain * run.schedule_gain
         assert run.lr == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_interval_given_up_leaves_no_statistics_to_the_next_and_counts_its_events() -> None:
+    """Step 1 of an interval ran out of memory for good: steps 0's loss and norms stayed in the device moments and the
+    next interval reported them as its own (3 observed for 2 steps); the events recovered from before it gave up were
+    logged but not counted in ``oom_events``."""
+    failing = [True]
+    fault = inject_oom(lambda point: failing[0] and point.step == 1)
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    with pytest.raises(UnrecoverableOOMError):
+        run.train_interval(3)
+    assert run.oom_events == len(run.oom_log) > 0
+    failing[0] = False
+    interval = run.train_interval(2)
+    assert (interval.steps, interval.moments.n_observed) == (2, 2)
+    twin = TrainingRun(small_task(), seed=0, device="cpu")  # the same two steps after the same first one
+    twin.step()
+    assert twin.train_interval(2).moments.loss == pytest.approx(interval.moments.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, -1])
+def test_an_interval_of_no_whole_number_of_steps_is_refused(bad: object) -> None:
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    with pytest.raises(ValueError, match=rf"n_steps={bad!r} must be a whole number >= 0"):
+        run.train_interval(bad)  # type: ignore[arg-type]
+    assert run.steps == 0
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_and_evaluation_needs_samples() -> None:
+    """10**6 was taken: the LR followed it (x3906 at base batch 256), each step served an epoch, the run diverged."""
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    n = len(run.loader)
+    with pytest.raises(ValueError, match=rf"batch_size=1000000 is more than the {n} training samples"):
+        run.batch_size = 10**6
+    run.batch_size = n  # a whole epoch a step: served
+    assert run.step().batch_size == n
+    for bad in (0, -5, 2.5):  # 0 divided by zero; -5 gave an accuracy of -0.0
+        with pytest.raises(ValueError, match=rf"max_samples={bad!r} must be a whole number >= 1"):
+            run.evaluate(bad)  # type: ignore[arg-type]
