@@ -316,10 +316,14 @@ class DeviceMoments:
         """The interval recorded so far (its rows, copied to the host: one sync) and the sampling, for a checkpoint.
 
         Raises:
-            ValueError: a lagged flush is pending (:meth:`flush_lagged`): its rows are not part of the state.
+            ValueError: these moments are read with :meth:`flush_lagged`, which always holds the last interval's rows
+                for its next call: they are not part of the state (a ``Controller``'s are read with :meth:`flush`).
         """
         if self._pending is not None:
-            raise ValueError("a lagged flush is pending: its interval is not part of a checkpoint; flush() first")
+            raise ValueError(
+                "these moments are read with flush_lagged(), which holds the last interval's rows for its next call: "
+                "a checkpoint does not keep them; checkpoint moments read with flush()"
+            )
 
         def rows_of(rows: _Rows | None) -> torch.Tensor | None:
             return None if rows is None or not rows.used else rows.data[: rows.used].detach().cpu().clone()
