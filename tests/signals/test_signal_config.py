@@ -38,7 +38,7 @@ _NUMBERS = {
     "lr_factor_max": "in [1, inf)",
 }
 _OPTIONAL_NUMBERS = {
-    "observe_budget_frac": "in (0, 1)",
+    "observe_budget_frac": "in (0, budget_frac)",
     "cheap_budget_frac": "in (observe_budget_frac, budget_frac]",
 }
 
@@ -88,8 +88,9 @@ def _range_cases() -> list[tuple[str, object, str]]:
         cases.append(("lr_factor_min", value, f"need 0 < lr_factor_min={value} <= 1 <= lr_factor_max=2.0 < inf"))
     for value in (0.9, math.nan, math.inf):
         cases.append(("lr_factor_max", value, f"need 0 < lr_factor_min=0.5 <= 1 <= lr_factor_max={value} < inf"))
-    for value in (0.0, 1.0, math.nan, math.inf):
-        cases.append(("observe_budget_frac", value, f"observe_budget_frac={value} must be in (0, 1), or None"))
+    for value in (0.0, 1.0, 0.02, 0.5, math.nan, math.inf):  # 0.5 was taken under cheap_budget_frac=None
+        message = f"observe_budget_frac={value} must be in (0, budget_frac=0.02), or None"
+        cases.append(("observe_budget_frac", value, message))
     for value in (0.001, 0.0005, 0.021, math.nan, math.inf):
         cases.append(("cheap_budget_frac", value, f"cheap_budget_frac={value} must be in (observe_budget_frac=0.001, "))
     return cases

@@ -92,7 +92,10 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
     [
         ({"budget_frac": 0.0}, "budget_frac=0.0"),
         ({"expensive_share": 1.5}, "expensive_share=1.5"),
-        ({"observe_budget_frac": 0.0}, r"observe_budget_frac=0.0 must be in \(0, 1\), or None to record every step"),
+        (
+            {"observe_budget_frac": 0.0},
+            r"observe_budget_frac=0.0 must be in \(0, budget_frac=0.02\), or None",
+        ),
         ({"cheap_budget_frac": 0.001}, r"cheap_budget_frac=0.001 must be in \(observe_budget_frac=0.001, budget_frac"),
         ({"cheap_budget_frac": 0.03}, r"cheap_budget_frac=0.03 must be in .*budget_frac=0.02\]"),
         ({"max_microbatches": 1}, "max_microbatches=1 must be >= 2"),

@@ -146,9 +146,11 @@ class SignalConfig:
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         if not (0.0 < self.expensive_share <= 1.0):
             raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
-        if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < 1.0):
+        if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < self.budget_frac):
+            # Under cheap_budget_frac=None, 0.5 was taken: the recording alone could take 25 times the whole budget.
             raise ConfigError(
-                f"observe_budget_frac={self.observe_budget_frac} must be in (0, 1), or None to record every step"
+                f"observe_budget_frac={self.observe_budget_frac} must be in (0, budget_frac={self.budget_frac}), or "
+                "None to record every step"
             )
         if self.cheap_budget_frac is not None:
             floor = self.observe_budget_frac or 0.0
@@ -225,7 +227,7 @@ _REAL_FIELDS = {
     "lr_factor_exponent": "> 0",
     "lr_factor_min": "in (0, 1]",
     "lr_factor_max": "in [1, inf)",
-    "observe_budget_frac": "in (0, 1)",
+    "observe_budget_frac": "in (0, budget_frac)",
     "cheap_budget_frac": "in (observe_budget_frac, budget_frac]",
 }
 """``SignalConfig``'s number fields and their ranges (for the type check's message; the ranges are checked apart)."""
