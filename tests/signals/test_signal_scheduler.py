@@ -79,6 +79,12 @@ def test_adaptive_grows_rounds_when_steps_are_expensive() -> None:
 def test_ladder_respects_limits() -> None:
     scheduler = RoundScheduler(SignalConfig(max_microbatches=4, max_probes=1))
     assert scheduler.ladder == [(2, 1), (4, 1)]
+    # Rungs are capped, not left out: 8 and 16 micro-batches came only with more probes, so max_probes=1 capped the
+    # micro-batches at 4 whatever max_microbatches said.
+    assert RoundScheduler(SignalConfig(max_microbatches=16, max_probes=1)).ladder == [(2, 1), (4, 1), (8, 1), (16, 1)]
+    assert RoundScheduler(SignalConfig()).ladder == [
+        rung for rung in LADDER if rung != (16, 16)
+    ]  # the defaults: as before
 
 
 def test_no_round_before_costs_are_known_except_the_first() -> None:

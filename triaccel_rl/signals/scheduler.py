@@ -138,9 +138,14 @@ class RoundScheduler:
 
     @property
     def ladder(self) -> list[tuple[int, int]]:
-        """The rungs ``(micro-batches, probes)`` the config allows, in increasing cost."""
+        """The rungs ``(micro-batches, probes)`` the config allows, in increasing cost: ``LADDER``'s, each capped.
+
+        Capped, not left out: with ``max_probes=1`` leaving out the rungs of more probes left out 8 and 16
+        micro-batches too, so a ``max_microbatches`` of 8 or 16 changed nothing.
+        """
         config = self.config
-        return [(m, p) for m, p in LADDER if m <= config.max_microbatches and p <= config.max_probes]
+        rungs = [(min(m, config.max_microbatches), min(p, config.max_probes)) for m, p in LADDER]
+        return list(dict.fromkeys(rungs))  # in order, each once
 
     def add_train(self, charged_ms: float, n_steps: int = 1) -> None:
         """Charges ``n_steps`` training steps that took ``charged_ms`` together.
