@@ -272,7 +272,7 @@ class LayerPrecision:
         def pre_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            if not self._active:
+            if not self._hooks_on():
                 return None
             precision = self.precisions[index]
             if (
@@ -282,7 +282,7 @@ class LayerPrecision:
                 and not self._emulate(index)
             ):
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
-            if not self._mixed:
+            if not self._mixed_now():
                 return None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
             return enter(module, index, args, kwargs)
@@ -316,7 +316,7 @@ class LayerPrecision:
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
-        if self._active and self._mixed and self._stack:
+        if self._stack and self._hooks_on() and self._mixed_now():
             return (self._eager_regions[1] if self._eager_regions else self._exit_region)(module, output)
         return None
 
@@ -333,6 +333,24 @@ class LayerPrecision:
         if emulated and isinstance(output, torch.Tensor):
             return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
         return None
+
+    def _hooks_on(self) -> bool:
+        """Whether the hooks act: inside :meth:`context`, or in a backward pass recomputing a checkpointed forward.
+
+        ``torch.utils.checkpoint`` runs a segment's forward again during the backward, after ``context()`` has
+        exited, under the autocast state it saved: with the hooks idle, an fp32 layer of a mixed map recomputed in
+        the outer 16-bit region (a "recomputed values have different metadata" error, or with ``use_reentrant=True``
+        silently other gradients). The map cannot have changed since the forward: decisions come after the update.
+        """
+        if self._active:
+            return True
+        if torch.compiler.is_compiling():
+            return False
+        return bool(torch._C._current_graph_task_id() != -1)  # a forward run by the autograd engine: a recompute
+
+    def _mixed_now(self) -> bool:
+        """``_mixed`` inside :meth:`context`; in a recompute, what the context would have set for this map."""
+        return self._mixed if self._active else (self.uniform is None or self._emulates_fp16)
 
     @property
     def _emulates_fp16(self) -> bool:
@@ -356,7 +374,7 @@ class LayerPrecision:
         An RNN (hidden states too), or a module without children whose ops are unknown. Eager under
         ``torch.compile`` (a graph break), as a mixed map's layer regions are.
         """
-        if not self._active or all(p is Precision.FP32 for p in self.precisions):
+        if not self._hooks_on() or all(p is Precision.FP32 for p in self.precisions):
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
@@ -375,7 +393,7 @@ class LayerPrecision:
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._active and self._stack:
+        if self._stack and self._hooks_on():
             (self._eager_regions[3] if self._eager_regions else self._close_fp32_region)(module)
 
     def _close_fp32_region(self, module: nn.Module) -> None:
@@ -387,7 +405,7 @@ class LayerPrecision:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay."""
-        if not self._active:
+        if not self._hooks_on():
             return None
         up = _up_from_16_bit
         return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
