@@ -365,7 +365,10 @@ _WRONG = [
     ({"profile": 3}, r"^profile=3 must be the path of a hardware-profile JSON \(str or os\.PathLike\) or None"),
     ({"device": "tpu"}, r"^device 'tpu' is not a device: use cpu, cuda or cuda:N"),
     ({"task_overrides": [1]}, r"^task_overrides=\[1\] must be a dict of task fields \(\{'n_train': 2048\}\) or None"),
-    ({"task_overrides": {"nope": 1}}, r"^task 'synthetic' has no field nope; fields that can be overridden: name,"),
+    (
+        {"task_overrides": {"nope": 1}},
+        r"^task 'synthetic' has no field nope; fields that can be overridden: description,",
+    ),
     ({"divergence_factor": "3"}, r"^divergence_factor='3' must be a number > 1 .*; got str$"),
     ({"divergence_factor": None}, r"^divergence_factor=None must be a number > 1 .*; got NoneType$"),
     ({"divergence_factor": True}, r"^divergence_factor=True must be a number > 1 .*; got bool$"),

@@ -69,11 +69,14 @@ def test_overrides_name_the_fields_and_are_checked() -> None:
     task = get_task("mlp-fmnist", n_train=1024, base_lr=1e-3)
     assert (task.n_train, task.base_lr, task.optimizer) == (1024, 1e-3, "adamw")
     assert get_task("mlp-fmnist").n_train == 12_000  # the registered task is untouched
-    fields = r"name, description, build_model, load_data, optimizer, base_lr"
+    fields = r"overridden: description, build_model, load_data, optimizer, base_lr"
     with pytest.raises(
         ValueError, match=rf"task 'mlp-fmnist' has no field lr, n_samples; fields that can be .*{fields}"
     ):
         get_task("mlp-fmnist", lr=0.1, n_samples=5)
+    # The name is the registry's key: it raised "got multiple values for argument 'name'", and was listed as a field.
+    with pytest.raises(ValueError, match=r"task 'mlp-fmnist' has no field name; fields that can be overridden: desc"):
+        get_task("mlp-fmnist", name="mine")
     with pytest.raises(ValueError, match=r"task 'mlp-fmnist': n_train=0 must be a positive integer or None"):
         get_task("mlp-fmnist", n_train=0)
 

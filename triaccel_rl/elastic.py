@@ -257,8 +257,11 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     Raises:
         ValueError: a non-positive size.
     """
-    if batch_size < 1 or max_micro_batch < 1:
-        raise ValueError(f"need batch_size >= 1 and max_micro_batch >= 1; got {batch_size}, {max_micro_batch}")
+    whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (batch_size, max_micro_batch))
+    if not whole or batch_size < 1 or max_micro_batch < 1:  # 10.0 raised a TypeError from the list's length
+        raise ValueError(
+            f"need whole numbers batch_size >= 1 and max_micro_batch >= 1; got {batch_size!r}, {max_micro_batch!r}"
+        )
     full, rest = divmod(batch_size, max_micro_batch)
     return [max_micro_batch] * full + ([rest] if rest else [])
 

@@ -162,7 +162,7 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def get_task(name: str, **overrides: Any) -> Task:
+def get_task(name: str, /, **overrides: Any) -> Task:
     """Returns the registered task ``name``, with optional field overrides (``n_train=2048``).
 
     Raises:
@@ -172,9 +172,9 @@ def get_task(name: str, **overrides: Any) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
     task = TASKS[name]
-    unknown = sorted(set(overrides) - {f.name for f in fields(Task)})
-    if unknown:
-        allowed = ", ".join(f.name for f in fields(Task))
+    unknown = sorted(set(overrides) - {f.name for f in fields(Task)} | ({"name"} & set(overrides)))
+    if unknown:  # the name is the registry's key, not a field to override (it raised TypeError: multiple values)
+        allowed = ", ".join(f.name for f in fields(Task) if f.name != "name")
         raise ValueError(f"task {name!r} has no field {', '.join(unknown)}; fields that can be overridden: {allowed}")
     return replace(task, **overrides) if overrides else task
 

@@ -85,3 +85,11 @@ def test_batch_norm_makes_micro_batches_differ_documented_caveat() -> None:
     whole, _ = run_steps(_bn_task(), cap=None, n_steps=2)
     split, _ = run_steps(_bn_task(), cap=16, n_steps=2)
     assert max_abs_difference(parameters_of(whole), parameters_of(split)) > 100 * ATOL
+
+
+@pytest.mark.parametrize(("batch", "cap"), [(10.0, 4), (10, 4.0), (True, 4), (0, 4), (10, 0)])
+def test_a_micro_batch_plan_needs_whole_positive_sizes(batch: object, cap: object) -> None:
+    """10.0 raised a TypeError (a float length of a list) where the docstring promises a ValueError."""
+    with pytest.raises(ValueError, match=r"need whole numbers batch_size >= 1 and max_micro_batch >= 1"):
+        plan_micro_batches(batch, cap)  # type: ignore[arg-type]
+    assert plan_micro_batches(10, 4) == [4, 4, 2]
