@@ -393,6 +393,17 @@ def test_a_tied_weight_is_accounted_once() -> None:
     assert only.static_bytes == costs.static_bytes
 
 
+def test_frozen_weights_are_accounted_once_without_gradients_or_state() -> None:
+    """A frozen layer (fine-tuning a head) owns no trainable parameter, so it is no layer: its weights were not
+    accounted at all (4,198,400 bytes missing here)."""
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    model[0].requires_grad_(False)
+    costs = _costs(model, torch.zeros(1, 1024))
+    assert costs.frozen_bytes == (1024 * 1024 + 1024) * 4
+    assert costs.static_bytes == (1024 * 10 + 10) * 4 * 3  # the head: weights, gradients, one momentum
+    assert costs.fixed_bytes([Precision.FP32]) == costs.static_bytes + costs.frozen_bytes
+
+
 class _CrossAttention(nn.Module):
     def __init__(self, by_keyword: bool) -> None:
         super().__init__()

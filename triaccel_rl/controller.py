@@ -26,7 +26,7 @@ from torch import nn
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
-from triaccel_rl.costs import CostModel
+from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
 from triaccel_rl.executor import ApplyReport, Executor
@@ -709,7 +709,8 @@ class Controller:
                 ", until the steps' measured peaks replace it" if self.device.type == "cuda" else "",
             )
             owned = [sum(p.numel() for p in params) for params in self.engine.layer_params]
-            return CostModel.parameters_only(self.engine.layers, _optimizer_states(self), owned)
+            costs = CostModel.parameters_only(self.engine.layers, _optimizer_states(self), owned)
+            return replace(costs, frozen_bytes=frozen_parameter_bytes(self.model))
 
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))

@@ -18,7 +18,7 @@ from triaccel_rl.config import HardwareProfile
 from triaccel_rl.precision import layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
-__all__ = ["CostModel", "owned_param_counts"]
+__all__ = ["CostModel", "frozen_parameter_bytes", "owned_param_counts"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class CostModel:
         param_counts: the parameters each layer owns (``layer_parameters``: a weight tied between layers counted once,
             in the first), ``[n_layers]``; ``static_bytes`` and the 16-bit copies count these. Each layer's
             ``n_params`` where not given.
+        frozen_bytes: the bytes of the parameters no layer trains (``requires_grad=False``: a frozen backbone), as
+            stored; they have no gradient or optimizer state. Counted in :meth:`fixed_bytes`. Their layers' FLOPs and
+            activations are not modelled.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -48,6 +51,7 @@ class CostModel:
     activation_bytes_per_sample: np.ndarray
     static_bytes: int
     param_counts: tuple[int, ...] | None = None
+    frozen_bytes: int = 0
 
     @property
     def owned_params(self) -> tuple[int, ...]:
@@ -102,7 +106,7 @@ class CostModel:
                 buffer.copy_(saved)
         owned = owned_param_counts(model, layers)
         static = cls.parameters_only(layers, optimizer_states, owned).static_bytes
-        return cls(tuple(layers), flops, out_bytes, static, owned)
+        return cls(tuple(layers), flops, out_bytes, static, owned, frozen_parameter_bytes(model))
 
     @classmethod
     def parameters_only(
@@ -139,11 +143,11 @@ class CostModel:
         return int(self.fixed_bytes(precisions) + batch_size * self.per_sample_bytes(precisions, profile))
 
     def fixed_bytes(self, precisions: list[Precision]) -> int:
-        """Accounted memory independent of the batch, in bytes: static + the 16-bit weight copies."""
+        """Accounted memory independent of the batch, in bytes: static + frozen weights + the 16-bit weight copies."""
         copies = sum(
             n * 2 for n, p in zip(self.owned_params, self._check_precisions(precisions), strict=True) if p.bits == 16
         )
-        return int(self.static_bytes + copies)
+        return int(self.static_bytes + self.frozen_bytes + copies)
 
     def per_sample_bytes(self, precisions: list[Precision], profile: HardwareProfile) -> float:
         """Accounted activation memory of one sample at ``precisions``, in bytes (the profile's factors)."""
@@ -205,6 +209,18 @@ def _recurrent_flops(module: nn.RNNBase, out: torch.Tensor) -> float:
 def _input(args: tuple, kwargs: dict, position: int, name: str) -> torch.Tensor:
     """The forward's argument ``name``, passed at ``position`` or by keyword."""
     return args[position] if len(args) > position else kwargs[name]
+
+
+def frozen_parameter_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters that no optimizer trains (``requires_grad=False``), each counted once.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = model[0].requires_grad_(False)
+        >>> frozen_parameter_bytes(model)  # 4 x 4 weights and 4 biases, fp32
+        80
+    """
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
 def owned_param_counts(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, ...]:
