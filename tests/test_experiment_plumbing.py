@@ -69,7 +69,14 @@ def test_parse_args_refuses_a_field_type_it_cannot_parse():
 
 @pytest.mark.parametrize(
     "args",
-    [Args(), Args(steps=7), Args(smoke=True), Args(check=False), Args(tasks="x y,'z'", lr=0.25, smoke=True)],
+    [
+        Args(),
+        Args(steps=7),
+        Args(smoke=True),
+        Args(check=False),
+        Args(tasks="x y,'z'", lr=0.25, smoke=True),
+        Args(tasks="-x", steps=-2, lr=-0.5),  # written "--tasks -x", which argparse read as an option
+    ],
 )
 def test_command_line_round_trips_through_parse_args(args):
     command = command_line("experiments/x.py", args)
@@ -81,6 +88,27 @@ def test_command_line_round_trips_through_parse_args(args):
 def test_command_line_names_only_the_flags_that_differ():
     assert command_line("x.py", Args()) == "python x.py"
     assert command_line("x.py", Args(smoke=True, check=False)) == "python x.py --smoke --no-check"
+
+
+def test_a_field_without_a_default_is_a_required_flag(capsys):
+    """Left out, the object held dataclasses.MISSING."""
+
+    @dataclass
+    class Run:
+        steps: int
+
+    assert parse_args(Run, ["--steps", "3"]) == Run(steps=3)
+    with pytest.raises(SystemExit):
+        parse_args(Run, [])
+    assert "the following arguments are required: --steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["nan", "1,inf", "-inf"])
+def test_parse_floats_refuses_a_number_that_is_not_finite(text):
+    from triaccel_rl.experiment import parse_floats
+
+    with pytest.raises(ValueError, match=r"is not a finite number"):
+        parse_floats(text, "--lr-scales")
 
 
 def test_every_committed_result_file_is_strict_json():

@@ -464,3 +464,12 @@ def test_cheap_tier_sensitivity_never_reads_above_the_median(source: str, expect
     obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
     got = [float(obs[layout.group(group, "rel_sensitivity")]) for group in range(2)]
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_layout_of_other_groups_than_the_grouper_is_refused() -> None:
+    """The extra groups copied their neighbours' features and the vector had the expected size: nothing looked wrong."""
+    signals = make_signals([0.0, 1.0, 2.0])
+    grouper = LayerGrouper(signals.controllable, 2)
+    grouper.update(signals)
+    with pytest.raises(ValueError, match="the layout has 4 groups; the grouper 2"):
+        build_observation(signals, grouper, 32, ObservationLayout(4))

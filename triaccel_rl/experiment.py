@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import math
 import os
 import shlex
 import subprocess
 import textwrap
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +50,8 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
             else:
                 parser.add_argument(flag, action="store_true", help=doc or None)
+        elif kind in _TYPES and f.default is MISSING:  # the object held dataclasses.MISSING when left out
+            parser.add_argument(flag, type=_TYPES[kind], required=True, help=doc or None)
         elif kind in _TYPES:
             shown = f"(default: {f.default!r})"
             parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=f"{doc} {shown}".strip())
@@ -104,6 +107,8 @@ def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float,
             value = float(item)
         except ValueError:
             raise ValueError(f"{option} {text!r}: {item!r} is not a number (e.g. 0.5,1,1.5)") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf"
+            raise ValueError(f"{option} {text!r}: {item!r} is not a finite number")
         if positive and not value > 0:
             raise ValueError(f"{option} {text!r}: {item!r} must be positive")
         values.append(value)
@@ -134,6 +139,8 @@ def command_line(script: str, args: Any) -> str:
             continue
         if isinstance(value, bool):  # store_true flags take no value; a True default is turned off by --no-...
             flags.append(flag if value else f"--no-{flag[2:]}")
+        elif str(value).startswith("-"):  # "--tag -x" reads -x as an option (a negative number too): --tag=-x
+            flags.append(shlex.quote(f"{flag}={value}"))
         else:
             flags.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(["python", script, *flags])

@@ -248,10 +248,13 @@ def build_observation(
     """The observation vector for ``signals`` (float32, shape ``[layout.size]``, within ±OBS_HIGH).
 
     Raises:
-        ValueError: ``base_batch_size`` is not a whole number >= 1.
+        ValueError: ``base_batch_size`` is not a whole number >= 1, or the layout has another number of groups than
+            the grouper (the extra groups copied their neighbours' features, at the expected size).
     """
     if not _is_whole(base_batch_size) or base_batch_size < 1:
         raise ValueError(f"base_batch_size={base_batch_size!r} must be a whole number >= 1")  # 0 divided by zero
+    if layout.n_groups != grouper.n_groups:
+        raise ValueError(f"the layout has {layout.n_groups} groups; the grouper {grouper.n_groups}: build both alike")
     obs = np.zeros(layout.size, dtype=np.float64)
     g = layout.globals
     weights = signals.n_params / max(signals.n_params.sum(), 1.0)

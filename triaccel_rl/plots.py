@@ -151,4 +151,8 @@ def _save(fig: object, path: Path) -> Path:
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+    """``name`` for a file name: every character but letters, digits, ``-``, ``_`` and ``.`` as ``_``.
+
+    A ``/`` too: two rows named after files in two folders kept only their last parts, and one plot overwrote the other.
+    """
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
