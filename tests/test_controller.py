@@ -709,3 +709,40 @@ def test_a_refused_controller_leaves_the_model_and_optimizer_unhooked(kwargs, me
     assert _hooks(model, optimizer) == 0
     model(torch.randn(3, 4)).square().mean().backward()
     optimizer.step()  # no "second update" guard left behind
+
+
+def test_a_later_loader_call_with_another_seed_is_refused_not_a_new_run():
+    """A seed an epoch (a common pattern) started the run over at each call: 3 calls for 3 epochs trained 6."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    data = (torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    for x, y in ctl.loader(data, batch_size=8, epochs=1, seed=0):
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match=r"loader\(seed=1\) carries on a run that started with seed=0: pass that"):
+        next(iter(ctl.loader(data, batch_size=8, epochs=2, seed=1)))
+    assert sum(1 for _ in ctl.loader(data, batch_size=8, epochs=2, seed=0)) == 8  # the second epoch, as asked
+    ctl.close()
+
+
+def test_a_second_controller_on_a_driven_optimizer_is_refused_until_the_first_is_closed():
+    """Built again (a notebook cell run twice), the second was taken, and the first's guard refused its updates with
+    advice about an optimizer.step() that the loop did not have."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = Controller(model, optimizer, policy="bf16")
+    with pytest.raises(ValueError, match=r"this optimizer is driven by another open controller .*: close\(\) it first"):
+        Controller(model, optimizer, policy="fp32")
+    first.close()
+    second = Controller(model, optimizer, policy="fp32")
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    second.step(nn.functional.cross_entropy(model(x), y))
+    assert second.steps == 1
+    second.close()
+
+
+def test_a_config_that_is_no_controller_config_is_refused_by_name():
+    model = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match=r"config=\{'interval_steps': 5\} must be a ControllerConfig"):
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), config={"interval_steps": 5})  # type: ignore[arg-type]

@@ -114,6 +114,8 @@ class Controller:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters; got {optimizer!r}")
+        if config is not None and not isinstance(config, ControllerConfig):  # a dict failed on .elastic, unnamed
+            raise TypeError(f"config={config!r} must be a ControllerConfig, e.g. ControllerConfig(interval_steps=5)")
         if memory is not None and not isinstance(memory, MemoryBudget):
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -628,6 +630,17 @@ class Controller:
         # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
         # new tensors of the same data, and must carry on, not train again from epoch 0.
         key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
+        if (
+            self._loader is not None
+            and self._resume is None
+            and self._loader_key is not None
+            and key[:-1] == self._loader_key[:-1]
+            and seed != self._loader_key[-1]
+        ):  # the same data with another seed (a seed an epoch) started the run over, silently: 6 epochs for 3
+            raise ValueError(
+                f"loader(seed={seed!r}) carries on a run that started with seed={self._loader_key[-1]!r}: pass that "
+                "(each epoch's order comes from it and the epoch); for a new run on this data, build a new Controller"
+            )
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
             if batch_size != self._base_batch_size:
                 raise ValueError(

@@ -115,6 +115,13 @@ class StepEngine:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, fused: bool | None = None
     ) -> None:
+        if any(_open_engine(hook) for hook in optimizer._optimizer_step_pre_hooks.values()):
+            # A second one (a notebook cell run again) was taken, and the first's guard then refused the second's
+            # updates with advice about an optimizer.step() the loop did not have.
+            raise ValueError(
+                "this optimizer is driven by another open controller (or StepEngine): close() it first (ctl.close(), "
+                "or a `with Controller(...)` block), then build the new one"
+            )
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -174,6 +181,7 @@ class StepEngine:
                         "loss.backward() and optimizer.step() from the loop (or close the controller first)"
                     )
 
+            guard._triaccel_engine = this  # type: ignore[attr-defined]  # for _open_engine
             self._step_guard = guard
             self._step_guard_handle = optimizer.register_step_pre_hook(guard)
             self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
@@ -1163,6 +1171,12 @@ def _checked_multiplier(name: str, value: Any) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"the checkpoint's {name} {value} must be a finite number > 0")
     return float(value)
+
+
+def _open_engine(hook: Any) -> bool:
+    """Whether ``hook`` is the step guard of a StepEngine that is alive and has not been removed."""
+    ref = getattr(hook, "_triaccel_engine", None)
+    return ref is not None and ref() is not None
 
 
 def _state_value(value: Any) -> bool:
