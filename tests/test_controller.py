@@ -746,3 +746,26 @@ def test_a_config_that_is_no_controller_config_is_refused_by_name():
     model = nn.Linear(4, 2)
     with pytest.raises(TypeError, match=r"config=\{'interval_steps': 5\} must be a ControllerConfig"):
         Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), config={"interval_steps": 5})  # type: ignore[arg-type]
+
+
+def test_ctl_lr_is_the_lr_the_next_update_applies_through_a_warm_up():
+    """During the warm-up after a batch rise the coupler moves the gain at the step, before the update: ctl.lr (and
+    TensorBoard's controller/lr) read the previous step's, one step behind (0.100 read, 0.130 applied, ...)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, optimizer, policy="fp32")
+    applied = []
+    optimizer.register_step_pre_hook(lambda opt, *_: applied.append(opt.param_groups[0]["lr"]))
+    data = (torch.randn(256, 4), torch.randint(0, 2, (256,)))
+    read = []
+    for step, (x, y) in enumerate(ctl.loader(data, batch_size=8, epochs=1)):
+        if step == 1:
+            ctl.batch_size = 32  # as the executor grows it at a decision: x4, warmed up
+        read.append(ctl.lr)
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+        if step == 6:
+            break
+    assert read == pytest.approx(applied)
+    assert len(set(round(lr, 9) for lr in read)) > 3  # the ramp moved it: the comparison is not of one value
+    ctl.close()

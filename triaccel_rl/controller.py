@@ -419,9 +419,10 @@ class Controller:
         """The LR the next update applies to the first param group.
 
         That group's own ``lr`` (yours, or your LR scheduler's, which keeps working) times the controller's
-        multiplier (LR scale, batch gain).
+        multiplier (LR scale, batch gain: during a warm-up after a batch rise, the gain the next step moves to).
         """
-        return self.engine.group_lrs()[0]
+        gain = self.lr_coupler.next_gain() if self.lr_coupler is not None else None  # advanced at the step, before it
+        return self.engine.group_lrs(gain)[0]
 
     @property
     def progress(self) -> float:

@@ -220,12 +220,18 @@ class BatchLRCoupler:
         """Counts one optimizer step and returns the gain that step uses."""
         self.steps += 1
         if self.warming_up:
+            self.gain = self.next_gain()
             self._ramp_step += 1
-            fraction = self._ramp_step / self.warmup_steps
-            # The last step lands on the target itself: ``start + (target - start) * 1.0`` can miss it by an ulp.
-            ramped = self._ramp_start + (self.target - self._ramp_start) * fraction
-            self.gain = self.target if self._ramp_step == self.warmup_steps else ramped
         return self.gain
+
+    def next_gain(self) -> float:
+        """The gain the next step will use (what :meth:`advance` returns next), counting nothing."""
+        if not self.warming_up:
+            return self.gain
+        step = self._ramp_step + 1
+        # The last step lands on the target itself: ``start + (target - start) * 1.0`` can miss it by an ulp.
+        ramped = self._ramp_start + (self.target - self._ramp_start) * (step / self.warmup_steps)
+        return self.target if step == self.warmup_steps else ramped
 
 
 def _state_count(state: Mapping[str, Any], key: str, least: int) -> int:

@@ -287,13 +287,14 @@ class StepEngine:
     def _weights_version(self) -> int:
         return sum(p._version for params in self.layer_params for p in params)
 
-    def group_lrs(self) -> list[float]:
+    def group_lrs(self, batch_lr_gain: float | None = None) -> list[float]:
         """The LR the next update applies to each param group.
 
-        The group's own ``lr`` (as its owner or an LR scheduler left it) times ``lr_scale``, ``batch_lr_gain`` and,
-        for a group with a ``"layer"`` key, that layer's factor in ``lr_factors``.
+        The group's own ``lr`` (as its owner or an LR scheduler left it) times ``lr_scale``, ``batch_lr_gain`` (or the
+        gain given: the one the next step will set, during a warm-up) and, for a group with a ``"layer"`` key, that
+        layer's factor in ``lr_factors``.
         """
-        multiplier = self.lr_scale * self.batch_lr_gain
+        multiplier = self.lr_scale * (self.batch_lr_gain if batch_lr_gain is None else batch_lr_gain)
         return [
             float(group["lr"]) * multiplier * (float(self.lr_factors[group["layer"]]) if "layer" in group else 1.0)
             for group in self.optimizer.param_groups

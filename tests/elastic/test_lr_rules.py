@@ -171,8 +171,8 @@ def test_controller_uses_the_same_rules() -> None:
     ctl.batch_size = 64  # ×4 after the first step: warmed up over config.elastic.warmup_steps (10)
     x, y = next(loader)
     ctl.step(nn.functional.cross_entropy(ctl.model(x), y))
-    assert ctl.engine.batch_lr_gain == pytest.approx(1 + 3 / 10)
-    assert ctl.lr == pytest.approx(0.1 * 1.3)
+    assert ctl.engine.batch_lr_gain == pytest.approx(1 + 3 / 10)  # the step just taken
+    assert ctl.lr == pytest.approx(0.1 * 1.6)  # the next update's, the ramp's second step (it read 0.13, one behind)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         _controller("cubic")
