@@ -17,6 +17,7 @@ import torch
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
 from triaccel_rl.elastic import release_memory
+from triaccel_rl.errors import is_whole
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
@@ -139,7 +140,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"reward_config={reward_config!r} must be a RewardConfig (RewardConfig(budget_intervals=8)), "
                 "or None for the defaults"
             )
-        if max_decisions is not None and (not _is_whole(max_decisions) or max_decisions < 1):
+        if max_decisions is not None and (not is_whole(max_decisions) or max_decisions < 1):
             raise ValueError(
                 f"max_decisions={max_decisions!r} must be a whole number >= 1 (or None: 8 × the budget in intervals)"
             )
@@ -378,8 +379,3 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
 def _is_number(value: object) -> bool:
     """A real number, not a bool (``True`` compares as 1)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_whole(value: object) -> bool:
-    """A whole number, not a bool (nor 2.0)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

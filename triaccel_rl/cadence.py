@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.state import SavedState
 
 __all__ = ["Cadence"]
@@ -107,7 +108,7 @@ class Cadence:
     ) -> None:
         for name, value in (("min_steps", min_steps), ("max_factor", max_factor), ("window", window)):
             # NaN passed `value < 1` (and was the interval from then on); 1.5 made a float interval
-            if not _is_whole(value) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         if not _is_fraction(share):
             raise ValueError(f"share={share!r} must be in (0, 1)")
@@ -229,15 +230,6 @@ class Cadence:
 
 _STATE_KEYS = ("costs", "cheap_costs", "recording_shares", "step_ms", "seen", "expedite", "spent_ms", "trained_ms")
 """What ``Cadence.state_dict()`` holds."""
-
-
-def _is_whole(value: object) -> bool:
-    """An integer (numpy's too), not a bool.
-
-    A helper rather than inline checks: mypy reads ``isinstance(x: int, Integral)`` as always False, and the code
-    after such a check as unreachable (so unchecked).
-    """
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_fraction(value: object) -> bool:

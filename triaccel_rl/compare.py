@@ -20,6 +20,7 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
+from triaccel_rl.errors import is_whole
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
@@ -792,19 +793,14 @@ def _check_run_settings(
         raise ValueError(f"epochs={epochs} must be a positive finite number")
     # A float spacing failed deep in the first interval (eval_every_steps=2.5), or evaluated at the decisions that
     # happened to be its multiples (eval_every=1.5: every third); True counted as 1.
-    if not _is_whole(eval_every) or eval_every < 1:
+    if not is_whole(eval_every) or eval_every < 1:
         raise ValueError(f"eval_every={eval_every!r} must be >= 1, a whole number of decisions")
-    if eval_every_steps is not None and (not _is_whole(eval_every_steps) or eval_every_steps < 1):
+    if eval_every_steps is not None and (not is_whole(eval_every_steps) or eval_every_steps < 1):
         raise ValueError(
             f"eval_every_steps={eval_every_steps!r} must be >= 1, a whole number of steps (or None: every eval_every "
             "decisions)"
         )
     check_max_grad_norm(max_grad_norm)
-
-
-def _is_whole(value: object) -> bool:
-    """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:

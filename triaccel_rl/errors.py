@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ChoiceEnum", "ConfigError", "DetachedParametersError", "require_bool", "require_number", "require_whole"]
+__all__ = [
+    "ChoiceEnum",
+    "ConfigError",
+    "DetachedParametersError",
+    "is_whole",
+    "require_bool",
+    "require_number",
+    "require_whole",
+]
 
 
 class ConfigError(ValueError):
@@ -84,3 +92,12 @@ def require_bool(label: str, value: object, optional: bool = False) -> None:
     """Refuses anything but True or False (or None, when ``optional``) for the switch ``label``."""
     if not (isinstance(value, bool) or (optional and value is None)):
         raise ConfigError(f"{label}={value!r} must be True or False{', or None' if optional else ''}")
+
+
+def is_whole(value: object) -> bool:
+    """An integer, Python's or NumPy's, not a bool.
+
+    A helper rather than inline checks: mypy reads ``isinstance(x: int, Integral)`` as always False, and the code
+    after such a check as unreachable (so unchecked).
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

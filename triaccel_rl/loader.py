@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from triaccel_rl.errors import is_whole
+
 __all__ = ["Batch", "ElasticLoader"]
 
 
@@ -43,7 +45,7 @@ class ElasticLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
-        if not _is_whole(seed) or seed < 0:  # np.int64(1) failed in the shuffle; True and 1.5 passed or failed late
+        if not is_whole(seed) or seed < 0:  # np.int64(1) failed in the shuffle; True and 1.5 passed or failed late
             raise ValueError(f"seed={seed!r} must be a whole number >= 0")
         if len(x) != len(y):
             raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) must have the same length")
@@ -64,7 +66,7 @@ class ElasticLoader:
         Raises:
             ValueError: ``batch_size`` is not a positive integer.
         """
-        if not _is_whole(batch_size) or batch_size < 1:
+        if not is_whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         batch_size = int(batch_size)
         if self.cursor >= len(self.x):
@@ -82,7 +84,7 @@ class ElasticLoader:
         Raises:
             ValueError: not a whole number, or more samples than the current epoch has served.
         """
-        if not _is_whole(n_samples):  # 2.0 was taken, and the cursor a float from then on
+        if not is_whole(n_samples):  # 2.0 was taken, and the cursor a float from then on
             raise ValueError(f"n_samples={n_samples!r} must be a whole number of samples")
         n_samples = int(n_samples)
         if not (0 <= n_samples <= self.cursor):
@@ -173,8 +175,3 @@ class ElasticLoader:
 
 _STATE_KEYS = ("n", "seed", "epoch", "cursor", "samples_served")
 """The keys of ``ElasticLoader.state_dict()``."""
-
-
-def _is_whole(value: object) -> bool:
-    """An integer, Python's or NumPy's, not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.state import SavedState
 from triaccel_rl.types import Precision, Signals
 
@@ -86,7 +87,7 @@ class ObservationLayout:
     n_groups: int
 
     def __post_init__(self) -> None:
-        if not _is_whole(self.n_groups) or self.n_groups < 1:
+        if not is_whole(self.n_groups) or self.n_groups < 1:
             raise ValueError(f"n_groups={self.n_groups!r} must be a whole number >= 1")
 
     @property
@@ -109,7 +110,7 @@ class ObservationLayout:
             IndexError: ``group`` is not a whole number in ``[0, n_groups)``.
             ValueError: ``name`` is not in ``GROUP_FEATURES`` (the message lists them).
         """
-        if not _is_whole(group) or not (0 <= group < self.n_groups):
+        if not is_whole(group) or not (0 <= group < self.n_groups):
             raise IndexError(f"group {group!r} out of range [0, {self.n_groups})")  # 1.5 gave a float index
         return len(GLOBAL_FEATURES) + int(group) * len(GROUP_FEATURES) + _feature_index(GROUP_FEATURES, name, "group")
 
@@ -150,7 +151,7 @@ class LayerGrouper:
     """
 
     def __init__(self, controllable: np.ndarray, n_groups: int, smoothing: float = 0.5, margin: float = 0.15):
-        if not _is_whole(n_groups) or n_groups < 1:
+        if not is_whole(n_groups) or n_groups < 1:
             raise ValueError(f"n_groups={n_groups!r} must be a whole number >= 1")
         if not _is_real(smoothing) or not (0.0 <= smoothing < 1.0):
             raise ValueError(f"smoothing={smoothing!r} must be in [0, 1)")  # 1 never took in a new score; NaN: all NaN
@@ -251,7 +252,7 @@ def build_observation(
         ValueError: ``base_batch_size`` is not a whole number >= 1, or the layout has another number of groups than
             the grouper (the extra groups copied their neighbours' features, at the expected size).
     """
-    if not _is_whole(base_batch_size) or base_batch_size < 1:
+    if not is_whole(base_batch_size) or base_batch_size < 1:
         raise ValueError(f"base_batch_size={base_batch_size!r} must be a whole number >= 1")  # 0 divided by zero
     if layout.n_groups != grouper.n_groups:
         raise ValueError(f"the layout has {layout.n_groups} groups; the grouper {grouper.n_groups}: build both alike")
@@ -294,15 +295,6 @@ def build_observation(
         counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))
         obs[layout.group(group, "is_fp32") + int(np.argmax(counts))] = 1.0
     return np.clip(np.nan_to_num(obs, nan=0.0), -OBS_HIGH, OBS_HIGH).astype(np.float32)
-
-
-def _is_whole(value: object) -> bool:
-    """An integer (numpy's too), not a bool.
-
-    A helper rather than inline checks: mypy reads ``isinstance(x: int, Integral)`` as always False, and the code
-    after such a check as unreachable (so unchecked).
-    """
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
