@@ -182,6 +182,22 @@ def test_non_finite_steps_are_skipped_and_counted_at_the_decision():
     assert ctl.signals is not None and ctl.signals.overflow_rate == pytest.approx(2 / 3)
 
 
+def test_close_counts_the_open_intervals_skipped_steps():
+    """A run that ends between decisions: its last interval's skipped updates are counted at close(), once."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4))
+    batches = ctl.loader(data(), batch_size=16)
+    for step in range(7):  # one decision (after step 4), then steps 5-7 open, step 6 diverges
+        x, y = next(batches)
+        loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss * float("nan") if step in (1, 5) else loss)
+    assert (ctl.skipped_steps, len(ctl.decisions)) == (1, 1)
+    ctl.close()
+    assert ctl.skipped_steps == 2
+    ctl.close()
+    assert ctl.skipped_steps == 2
+
+
 def test_skipped_steps_are_counted_when_only_some_steps_are_recorded():
     """With a budget for the per-step statistics (on by default on a GPU; forced here) most steps go unrecorded,
     yet every skipped one is counted: from the optimizer's applied updates, not from the recorded rows."""

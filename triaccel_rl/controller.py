@@ -192,7 +192,8 @@ class Controller:
 
                 self._writer = SummaryWriter(str(log_dir))
             self.skipped_steps = 0
-            """Updates skipped for a non-finite loss or gradient, counted at each decision."""
+            """Updates skipped for a non-finite loss or gradient, counted at each decision and at ``close()`` (the
+            open interval's: its steps are read then, as a decision would)."""
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
             """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
             when recording them costs more, one step in several is recorded. None (a CPU) records every step.
@@ -613,6 +614,11 @@ class Controller:
         The optimizer is yours again, holding the final state; the controller refuses further steps. Closing twice
         is harmless.
         """
+        if self._closed:
+            return
+        if self._interval_steps:  # the open interval's skipped updates, which no decision will count now
+            self.skipped_steps += self._interval_steps - (self.engine.applied_steps() - self._applied_at_start)
+            self._interval_steps = 0
         if self._writer is not None:
             self._writer.close()
         self.engine.remove()
