@@ -134,6 +134,15 @@ def test_summary_of_two_and_three_seeds_is_exact():
     assert cells[2][1:4] == ["75.00 ± 35.36", "3 ± 1.4", "2"]
 
 
+def test_overhead_parts_average_every_runs_parts():
+    """Runs of a row that timed different parts: each part's mean is over all runs (0 where a run lacked it), and
+    a part only a later run timed is not dropped, as it was when the first run's parts named them all."""
+    first, second = fake("a", 0, 0.5, 8.0, 2.0), fake("a", 1, 0.5, 8.0, 2.0)
+    first.overhead_parts, second.overhead_parts = {"probe": 0.02}, {"probe": 0.01, "rounds": 0.04}
+    (row,) = summarize([first, second])
+    assert row["overhead_parts_mean"] == {"probe": 0.015, "rounds": 0.02}
+
+
 def test_misses_count_in_the_reach_rate_not_in_the_mean_time_to_target():
     """Three seeds, one missed: the time to target is the mean of the two that reached (2 and 4 s: 3), its interval
     over those two, the reach rate 2/3, no rank; the final metric and time still average all three."""

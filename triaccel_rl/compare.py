@@ -662,7 +662,7 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "overhead_frac_mean": statistics.fmean(r.overhead_frac for r in runs),
                 "overhead_parts_mean": {
                     part: statistics.fmean(r.overhead_parts.get(part, 0.0) for r in runs)
-                    for part in runs[0].overhead_parts
+                    for part in dict.fromkeys(part for r in runs for part in r.overhead_parts)  # every run's parts
                 },
                 "wall_s_mean": statistics.fmean(r.wall_s for r in runs),
                 "final_metric_ci95": _ci95(finals),
