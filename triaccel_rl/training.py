@@ -387,7 +387,12 @@ class TrainingRun:
 
     @property
     def schedule_gain(self) -> float:
-        """The LR schedule's multiplier now: warm-up from ~0 to 1, then linear decay to 0 (1 without one)."""
+        """The LR schedule's multiplier now: warm-up from ~0 to 1, then linear decay to 0 (1 without one).
+
+        A step's update takes it after its batch has left the loader, so the batch it trains on counts: the first
+        step of a 10-epoch run of 100 batches an epoch takes ``schedule_gain(0.01, 10, warmup_frac)``, not the gain at
+        epoch 0.
+        """
         if self.schedule_epochs is None:
             return 1.0
         return schedule_gain(self.epoch, self.schedule_epochs, self.warmup_frac)
