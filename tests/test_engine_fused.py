@@ -445,13 +445,46 @@ def test_loading_the_users_optimizer_mid_run_loads_into_the_fused_step(kind):
         engine.refresh_weight_copies()
         if load_optimizer:
             engine.optimizer.load_state_dict(checkpoint["optimizer"])
-            if kind == "adamw":
-                assert engine.fused_optimizer.step_count.item() == 3
+            if kind == "adamw":  # each layer's count is the checkpoint's; the engine's own count of updates stays
+                assert engine.fused_optimizer.layer_step_counts.tolist() == [3.0, 3.0]
+            assert engine.applied_steps() == 2
         _run_steps(model, engine, data[3:6])
         finals[load_optimizer] = _weights(model)
     for expected, resumed in zip(reference, finals[True], strict=True):
         torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(reference, finals[False], strict=True)) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_after_a_state_dict_round_trip_the_fused_step_follows_the_new_param_groups(kind):
+    """``optimizer.load_state_dict`` puts new group dicts in ``param_groups``: the fused step reads those.
+
+    Before, it kept the dicts of before the load: a scheduler's LR of 0 from step 3 was ignored (the weights moved by
+    2e-2) while ``group_lrs()`` said 0, and a later weight-decay change raised a KeyError. Both paths, a round trip
+    after step 1, must end equal; the applied-update count carries on across the load (SGD's went back to 1, and a
+    Controller then counted applied updates as skipped and raised).
+    """
+    data = batches(5)
+    finals = {}
+    for fused in (False, True):
+        model, engine = make(kind, fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 1.0 if step < 3 else 0.0)
+        for step, (x, y) in enumerate(data):
+            if step == 1:
+                engine.optimizer.load_state_dict(copy.deepcopy(engine.optimizer.state_dict()))
+            if step == 3:
+                for group in engine.optimizer.param_groups:  # a weight-decay schedule's change (the KeyError)
+                    group["weight_decay"] = 0.0
+                frozen = _weights(model)
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward_and_step(loss)
+            scheduler.step()
+        assert engine.applied_steps() == 5
+        assert all(torch.equal(a, b) for a, b in zip(frozen, _weights(model), strict=True))  # LR 0 from step 3
+        finals[fused] = _weights(model)
+    for reference, fused_weights in zip(finals[False], finals[True], strict=True):
+        torch.testing.assert_close(fused_weights, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_removing_the_engine_leaves_its_state_in_the_users_optimizer():

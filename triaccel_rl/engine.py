@@ -140,10 +140,12 @@ class StepEngine:
                     f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
                     "statistics and updates do not take: build them with sparse=False"
                 )
-            self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+            # Each parameter's param group by position: optimizer.load_state_dict() puts new group dicts in the same
+            # places (a dict kept from before would hold the LR and hyperparameters of before the load).
+            self._group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
             # The parameters the engine updates: the trainable ones the optimizer holds. Trainable parameters outside it
             # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
-            self.layer_params = [[p for p in params if id(p) in self._groups] for params in trainable]
+            self.layer_params = [[p for p in params if id(p) in self._group_index] for params in trainable]
             self._params = [p for params in self.layer_params for p in params]
             if not self._params:
                 raise ValueError(
@@ -504,7 +506,7 @@ class StepEngine:
                 if "exp_avg_sq" not in state or parts is None:
                     parts = None
                     continue
-                beta2 = self._groups[id(p)]["betas"][1]
+                beta2 = self._group(p)["betas"][1]
                 bias = 1.0 - beta2 ** float(state.get("step", 1))
                 parts.append(state["exp_avg_sq"].detach().reshape(-1).float() / max(bias, 1e-12))
             diagonals.append(torch.cat(parts) if parts else None)
@@ -522,7 +524,7 @@ class StepEngine:
         per_param: list[torch.Tensor] = []
         for p in self._params:
             state = self.optimizer.state.get(p, {})
-            group = self._groups[id(p)]
+            group = self._group(p)
             if "exp_avg" in state:
                 bias = 1.0 - group["betas"][0] ** float(state.get("step", 1))
                 per_param.append(state["exp_avg"].float().square().sum() / max(bias, 1e-12) ** 2)
@@ -715,7 +717,7 @@ class StepEngine:
         # Param groups of one weight decay share a class; a layer whose parameters are in groups of different
         # decays (none on biases and norms, the usual AdamW recipe) has each class's parameters in its own segments.
         self._decay_classes = _decay_classes(self.optimizer)
-        classes = [[self._decay_classes[id(self._groups[id(p)])] for p in params] for params in self.layer_params]
+        classes = [[self._decay_classes[self._group_index[id(p)]] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
         self.precision.use_weight_copies(self._weight_copies())
@@ -758,7 +760,9 @@ class StepEngine:
         def adopt(_: torch.optim.Optimizer) -> None:
             engine = this()
             if engine is not None:
-                engine._adopt_optimizer_state()
+                engine._adopt_optimizer_state(loaded=True)
+                engine._read_factor_index()  # the loaded groups are new dicts, with the saved settings
+                engine._reread_group_settings()
                 engine._export_optimizer_state()  # the loaded tensors give way to views of the fused buffers
 
         self._optimizer_hooks = [
@@ -801,17 +805,27 @@ class StepEngine:
         self._group_hypers: tuple[tuple[Any, ...], ...] = tuple(map(self._hypers_of, self.optimizer.param_groups))
         # Layers whose parameters are in several param groups (of one LR, unlike their decays): checked each step.
         self._split_layers = [
-            (layer, groups)
+            (layer, indices)
             for layer, params in enumerate(self.layer_params)
-            if len(groups := list({id(self._groups[id(p)]): self._groups[id(p)] for p in params}.values())) > 1
+            if len(indices := sorted({self._group_index[id(p)] for p in params})) > 1
         ]
-        # Which entry of lr_factors each layer's update takes, as on the reference path: its group's "layer" key
-        # (-1: a group without one, factor 1).
+        self._read_factor_index()
+
+    def _read_factor_index(self) -> None:
+        """Reads which entry of ``lr_factors`` each layer's update takes: its group's ``"layer"`` key.
+
+        As on the reference path (-1: a group without one, factor 1). Read when built and after
+        ``optimizer.load_state_dict()``.
+        """
         self._factor_index = np.array(
-            [int(self._groups[id(params[0])].get("layer", -1)) if params else -1 for params in self.layer_params]
+            [int(self._group(params[0]).get("layer", -1)) if params else -1 for params in self.layer_params]
         )
         self._factor_keyed = self._factor_index >= 0
         self._factor_take = np.maximum(self._factor_index, 0)  # (-1 read as 0, then masked out)
+
+    def _group(self, param: torch.Tensor) -> dict[str, Any]:
+        """The param group ``param`` is in now (by position: see ``_group_index``)."""
+        return self.optimizer.param_groups[self._group_index[id(param)]]
 
     def _export_optimizer_state(self) -> None:
         """Puts the fused step's state into the ``torch.optim`` object, in its layout, as views (no copies).
@@ -834,23 +848,27 @@ class StepEngine:
                     continue
                 entry = {name: views[i] for name, views in buffers.items()}
                 if "exp_avg" in buffers:
-                    group = self._groups[id(param)]
+                    group = self._group(param)
                     on_device = group.get("capturable") or group.get("fused")
                     entry["step"] = torch.tensor(n, dtype=torch.float32, device=param.device if on_device else None)
                 state[param] = entry
 
-    def _adopt_optimizer_state(self) -> None:
+    def _adopt_optimizer_state(self, *, loaded: bool = False) -> None:
         """Copies the state the ``torch.optim`` object holds into the fused buffers (zero where it holds none).
 
-        Runs when the engine is built and after each ``optimizer.load_state_dict``. A run resumed the usual way
-        (``optimizer.load_state_dict`` before or after the engine is built), or an optimizer that stepped before,
-        keeps its moments, and each layer's step count carries on from its parameters' in the optimizer: AdamW's
-        ``step`` (the largest of the layer's, with a warning if they differ), or for SGD one step once a momentum
-        buffer exists (the fused SGD, like ``torch.optim.SGD``, overwrites a layer's buffer at its step 0). The
-        model's count is the largest layer's.
+        Runs when the engine is built and after each ``optimizer.load_state_dict`` (``loaded``). A run resumed the
+        usual way (``optimizer.load_state_dict`` before or after the engine is built), or an optimizer that stepped
+        before, keeps its moments, and each layer's step count carries on from its parameters' in the optimizer:
+        AdamW's ``step`` (the largest of the layer's, with a warning if they differ), or for SGD, which keeps no
+        count, the layer's own count once a momentum buffer exists, at least one (the fused SGD, like
+        ``torch.optim.SGD``, overwrites a layer's buffer at its step 0). The model's count (``applied_steps``) is the
+        largest layer's when the engine is built; a load leaves it alone, as the reference path's count: it counts
+        this engine's updates, and a caller taking differences of it (the Controller, over an interval) must not see
+        it jump with a checkpoint. Reads the counts (a host-device sync) after a load.
         """
         state = self.optimizer.state
         fused = self.fused_optimizer
+        current = fused._step_state[0].tolist() if loaded else [0.0] * (1 + len(self.store.layers))
         layer_steps: list[float] = []
         with torch.no_grad():
             for layer, params in enumerate(self.store.layers):
@@ -869,8 +887,9 @@ class StepEngine:
                         "the parameters of layer %d took %s steps: the fused step counts %d for them all",
                         layer, sorted(steps), max(steps),
                     )  # fmt: skip
-                layer_steps.append(max(steps, default=1.0 if adopted else 0.0))
-            counts = torch.tensor([max(layer_steps, default=0.0), *layer_steps], dtype=torch.float64)
+                layer_steps.append(max(steps, default=max(current[1 + layer], 1.0) if adopted else 0.0))
+            model = current[0] if loaded else max(layer_steps, default=0.0)
+            counts = torch.tensor([model, *layer_steps], dtype=torch.float64)
             fused._step_state[0].copy_(counts)
 
     def _class_decays(self) -> float | tuple[float, ...]:
@@ -881,10 +900,10 @@ class StepEngine:
         """
         groups = self.optimizer.param_groups
         decays = tuple(float(group["weight_decay"]) for group in groups)
-        n_classes = max(self._decay_classes.values()) + 1
+        n_classes = max(self._decay_classes) + 1
         per_class: list[set[float]] = [set() for _ in range(n_classes)]
-        for group, decay in zip(groups, decays, strict=True):
-            per_class[self._decay_classes[id(group)]].add(decay)
+        for index, decay in enumerate(decays):
+            per_class[self._decay_classes[index]].add(decay)
         if type(self.optimizer) is torch.optim.Adam and any(decays):
             raise ValueError(
                 f"an Adam param group's weight_decay became {max(decays)}: the fused step runs Adam without weight "
@@ -962,15 +981,15 @@ class StepEngine:
         if tuple(map(_LR, groups)) == self._group_lrs:
             return
         lrs = tuple(float(group["lr"]) for group in groups)
-        for layer, groups in self._split_layers:
-            if len({float(group["lr"]) for group in groups}) > 1:
+        for layer, indices in self._split_layers:
+            if len({lrs[i] for i in indices}) > 1:
                 raise ValueError(
                     f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
-                    f"({sorted(float(group['lr']) for group in groups)}): the fused step applies one LR a layer; keep "
+                    f"({sorted(lrs[i] for i in indices)}): the fused step applies one LR a layer; keep "
                     "a layer's groups at one LR, or pass fused=False"
                 )
         reference = lrs[0] if lrs[0] > 0 else 1.0
-        self._layer_base = np.array([float(self._groups[id(params[0])]["lr"]) / reference if params else 1.0
+        self._layer_base = np.array([lrs[self._group_index[id(params[0])]] / reference if params else 1.0
                                      for params in self.layer_params])  # fmt: skip
         self._reference_lr = reference
         self._group_lrs = lrs
@@ -1242,9 +1261,7 @@ _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
 
 
-def _decay_classes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    """Each param group's (by ``id``) weight-decay class: groups of one decay share one, numbered in order."""
+def _decay_classes(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Each param group's (by position) weight-decay class: groups of one decay share one, numbered in order."""
     classes: dict[float, int] = {}
-    return {
-        id(group): classes.setdefault(float(group["weight_decay"]), len(classes)) for group in optimizer.param_groups
-    }
+    return [classes.setdefault(float(group["weight_decay"]), len(classes)) for group in optimizer.param_groups]
