@@ -33,8 +33,8 @@ class StepResult:
     """What one fused step reports. Every tensor is on the store's device; none was read by the host.
 
     Attributes:
-        skipped: 0-dim bool tensor, True when a non-finite gradient made the step leave parameters,
-            optimizer state, low-precision copies and the step counts bit-for-bit unchanged.
+        skipped: 0-dim bool tensor, True when a non-finite gradient (or the caller's ``skip``) made the step
+            leave parameters, optimizer state, low-precision copies and the step counts bit-for-bit unchanged.
         stats: float32 ``[N_STAT_ROWS, n_layers]`` statistics buffer, laid out as ``StatRow`` says; the
             properties below are per-layer views of it.
     """
@@ -234,8 +234,9 @@ class _FusedOptimizer:
         precision_codes: torch.Tensor | None = None,
         inv_scale: float | torch.Tensor = 1.0,
         max_grad_norm: float | None = None,
+        skip: torch.Tensor | None = None,
     ) -> StepResult:
-        """Applies one step to every parameter of the store, unless a gradient is non-finite.
+        """Applies one step to every parameter of the store, unless a gradient is non-finite (or ``skip``).
 
         Args:
             lr: global learning rate, a finite number >= 0.
@@ -249,6 +250,9 @@ class _FusedOptimizer:
             max_grad_norm: clip the unscaled gradient's total norm to this, as ``torch.nn.utils.clip_grad_norm_``
                 does (``g * min(1, max_grad_norm / (norm + 1e-6))``), on the device from the statistics pass: no
                 extra pass over the gradients, no sync. None (or ``math.inf``): no clipping.
+            skip: a 0-dim bool tensor on the store's device; True skips the step as a non-finite gradient does (a
+                non-finite loss, whose gradients can be finite: an infinite term without a gradient). The
+                statistics stay the gradient's; only ``skipped`` and the update see it. No sync.
 
         Returns:
             The skip flag and the per-layer statistics, all on the device: the gradient's rows of the gradient
@@ -271,6 +275,8 @@ class _FusedOptimizer:
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
+        if skip is not None:  # the update kernels skip on a non-zero total of non-finite elements
+            stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, :1].add_(skip)
         if max_grad_norm is not None and max_grad_norm != math.inf:  # the update unscales by inv_scale: the clip
             # coefficient rides on it. (An infinite bound clips nothing; computed, it would turn an overflowed norm's
             # inf / inf into a NaN update.)

@@ -104,6 +104,31 @@ def test_fused_skip_keeps_everything_and_fp16_scale_backs_off():
     assert engine.applied_steps() == 1  # the device counter: the first step applied, the second skipped
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_non_finite_loss_over_finite_gradients_is_skipped_on_both_paths(deferred):
+    """An infinite loss term without a gradient leaves the gradients finite: the update is skipped on both paths.
+
+    Before, the fused step decided from the gradients alone and applied the update (weights moved by 2e-2) while
+    reporting it skipped. The loss scale stays, as GradScaler keeps it: its gradients did not overflow.
+    """
+    x, y = batches(1)[0]
+    for fused in (False, True):
+        model, engine = make("sgd", fused)
+        engine.set_precisions([Precision.FP16, Precision.FP32])
+        before = _weights(model)
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y) + torch.tensor(float("inf"), device=DEVICE)
+        engine.bind_grads()
+        engine.scale_loss(loss).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        step = engine.step_after_backward_deferred if deferred else engine.step_after_backward
+        _, skipped = step(loss.detach())
+        assert bool(skipped) and engine.applied_steps() == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+        assert engine.loss_scale == 2.0**16
+        assert not engine.optimizer.state_dict()["state"]  # no momentum buffer: no update ever ran
+
+
 def test_unsupported_optimizers_are_named():
     model = nn.Linear(2, 2)
     layers = [list(model.parameters())]

@@ -374,9 +374,9 @@ class StepEngine:
             The gradient statistics and whether the update was skipped (a non-finite loss or gradient).
         """
         if self.fused:
-            stats, skipped = self._fused_step()
+            stats, skipped = self._fused_step(torch.as_tensor(loss, device=self.device))
             # Host-device sync: callers want a bool. The update itself was already skipped on the device.
-            return stats, bool(skipped) or not math.isfinite(float(loss))
+            return stats, bool(skipped)
         return self._reference_step(loss)
 
     def step_after_backward_deferred(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
@@ -384,12 +384,12 @@ class StepEngine:
 
         Returns:
             The gradient statistics and a 0-dim bool device tensor, True when the update was skipped. On
-            the fused path the skip is decided on the device from the gradients alone (a non-finite loss
-            has non-finite gradients); the reference path decides on the host as ``step_after_backward``
-            does (a sync, free on a CPU) and returns its answer as a tensor.
+            the fused path the skip is decided on the device from the gradients and the loss; the reference
+            path decides on the host as ``step_after_backward`` does (a sync, free on a CPU) and returns its
+            answer as a tensor.
         """
         if self.fused:
-            return self._fused_step()
+            return self._fused_step(loss)
         stats, skipped = self._reference_step(loss)
         return stats, torch.tensor(skipped)
 
@@ -1039,7 +1039,7 @@ class StepEngine:
                 "controller at each stage, after close() on the last)"
             )
 
-    def _fused_step(self) -> tuple[GradStats, torch.Tensor]:
+    def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
         self._read_group_lrs()
@@ -1063,6 +1063,7 @@ class StepEngine:
             self._codes,
             inv_scale=self._scale.reciprocal() if scaling else 1.0,
             max_grad_norm=self.max_grad_norm,
+            skip=~torch.isfinite(loss),  # an infinite loss can have finite gradients (a term without one)
         )
         # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's optimizer
         # (which never steps here) warns at each step that it was stepped before the optimizer.
@@ -1070,11 +1071,13 @@ class StepEngine:
         for hook in self._step_hooks("post"):  # also after a step the device skipped (deciding it would sync)
             hook(self.optimizer, (), {})
         if scaling:  # GradScaler's rule, on the device: no host round trip
-            # In place: a captured training step (``StepGraphs``) reads the scale through its address.
-            self._clean_steps.copy_(torch.where(result.skipped, 0, self._clean_steps + 1))
+            # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
+            # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
+            overflow = result.grad_nonfinite.any()
+            self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
             grow = self._clean_steps >= 2000
             self._scale.copy_(
-                torch.where(result.skipped, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
+                torch.where(overflow, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
             )
             self._clean_steps.masked_fill_(grow, 0)
         self.store.zero_grad()
