@@ -420,6 +420,39 @@ def test_applied_steps_count_updates_and_not_skipped_steps() -> None:
     assert engine.applied_steps() == 2
 
 
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
+def test_an_optimizer_step_that_raises_leaves_the_next_step_clean(precision: Precision) -> None:
+    """A user's step pre-hook raises once: the step raises, and the engine is left as before it.
+
+    Before, the update was counted as applied, the gradients stayed (to be added to the next step's), and under fp16
+    the GradScaler was left after unscale_() without update(): every later step raised "unscale_() has already been
+    called". Now the next step is the one a run without the failure takes from the same weights.
+    """
+    runs = []
+    for flaky in (True, False):
+        model, engine = sgd_engine()
+        engine.set_precisions([precision, Precision.FP32])
+        failures = [RuntimeError("a transient failure in a step hook")] if flaky else []
+
+        def hook(*_: Any, failures: list[Exception] = failures) -> None:
+            if failures:
+                raise failures.pop()
+
+        engine.optimizer.register_step_pre_hook(hook)
+        if flaky:
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError, match="transient failure"):
+                engine.backward_and_step(loss_of(model, engine, 0))
+            assert engine.applied_steps() == 0
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+            assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        engine.backward_and_step(loss_of(model, engine, 1))
+        assert engine.applied_steps() == 1
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for after_failure, clean in zip(*runs, strict=True):
+        assert torch.equal(after_failure, clean)
+
+
 def _scheduled_run(through_engine: bool, steps: int = 6) -> list[torch.Tensor]:
     """SGD with momentum under a StepLR schedule: plain torch, or through the engine at multiplier 1."""
     torch.manual_seed(0)

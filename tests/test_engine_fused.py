@@ -129,6 +129,29 @@ def test_a_non_finite_loss_over_finite_gradients_is_skipped_on_both_paths(deferr
         assert not engine.optimizer.state_dict()["state"]  # no momentum buffer: no update ever ran
 
 
+def test_a_step_hook_that_raises_leaves_the_next_fused_step_clean():
+    """As on the reference path (test_engine): a pre-hook raising once leaves no gradient behind for the next step."""
+    data = batches(2)
+    runs = []
+    for flaky in (True, False):
+        model, engine = make("sgd", True)
+        failures = [RuntimeError("a transient failure in a step hook")] if flaky else []
+
+        def hook(*_, failures=failures):
+            if failures:
+                raise failures.pop()
+
+        engine.optimizer.register_step_pre_hook(hook)
+        if flaky:
+            with pytest.raises(RuntimeError, match="transient failure"):
+                _run_steps(model, engine, data[:1])
+            assert engine.applied_steps() == 0 and not engine.store.grads.any()
+        _run_steps(model, engine, data[1:])
+        runs.append(_weights(model))
+    for after_failure, clean in zip(*runs, strict=True):
+        assert torch.equal(after_failure, clean)
+
+
 def test_unsupported_optimizers_are_named():
     model = nn.Linear(2, 2)
     layers = [list(model.parameters())]

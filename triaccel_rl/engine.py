@@ -396,29 +396,34 @@ class StepEngine:
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         self._check_optimizer_params()
         scaler = self.grad_scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        stats, norms = self._grad_stats()
-        # Host-device sync (reference path): the skip is decided on the host.
-        skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
-        self._reference_applied += not skipped
-        if not skipped:
-            if self.max_grad_norm is not None:
-                self._clip_gradients(norms)
-            # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
-            # loss with finite gradients: decide here for both.
-            with self._scaled_lrs():
-                self._stepping = True
-                try:
-                    if scaler is not None:
-                        scaler.step(self.optimizer)
-                    else:
-                        self.optimizer.step()
-                finally:
-                    self._stepping = False
-        if scaler is not None:
-            scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
-        self.zero_grad()
+        unscaled = False
+        try:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+                unscaled = True
+            stats, norms = self._grad_stats()
+            # Host-device sync (reference path): the skip is decided on the host.
+            skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
+            if not skipped:
+                if self.max_grad_norm is not None:
+                    self._clip_gradients(norms)
+                # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
+                # loss with finite gradients: decide here for both.
+                with self._scaled_lrs():
+                    self._stepping = True
+                    try:
+                        if scaler is not None:
+                            scaler.step(self.optimizer)
+                        else:
+                            self.optimizer.step()
+                    finally:
+                        self._stepping = False
+                self._reference_applied += 1
+        finally:  # also after a step that raised (a user's step hook): the next step starts clean
+            if unscaled:
+                assert scaler is not None
+                scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
+            self.zero_grad()
         return stats, skipped
 
     def applied_steps(self) -> int:
@@ -1043,9 +1048,13 @@ class StepEngine:
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
         self._read_group_lrs()
-        for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
-            if hook(self.optimizer, (), {}) is not None:
-                raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
+        try:
+            for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
+                if hook(self.optimizer, (), {}) is not None:
+                    raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
+        except BaseException:
+            self.store.zero_grad()  # no update: the next step's gradients must not add to these
+            raise
         factors = self._layer_base * np.where(self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0)
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
             self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
