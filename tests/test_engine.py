@@ -453,6 +453,12 @@ def test_an_optimizer_step_that_raises_leaves_the_next_step_clean(precision: Pre
         assert torch.equal(after_failure, clean)
 
 
+def test_trainable_parameters_outside_the_optimizer_get_unscaled_gradients_under_fp16() -> None:
+    from users_loop import unheld_gradients_under_fp16
+
+    unheld_gradients_under_fp16(fused=False, device=CPU)
+
+
 def _scheduled_run(through_engine: bool, steps: int = 6) -> list[torch.Tensor]:
     """SGD with momentum under a StepLR schedule: plain torch, or through the engine at multiplier 1."""
     torch.manual_seed(0)
@@ -826,6 +832,20 @@ def _hook_counts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[in
         (lambda m: torch.optim.SGD(m[0].parameters(), lr=0.1), None, None),  # a partial optimizer is fine: control
         (lambda m: torch.optim.SGD([{"params": m[0].parameters(), "layer": 5}], lr=0.1), None, "'layer': 5"),
         (lambda m: torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), None, "holds none of the"),
+        # Trainable parameters beside the model's: the first step called them "frozen when the controller was built"
+        (
+            lambda m: torch.optim.SGD([*m.parameters(), *nn.Linear(3, 4).parameters()], lr=0.1),
+            None,
+            r"holds 2 trainable parameters that are not Sequential's \(shapes \[\(4, 3\), \(4,\)\]\)",
+        ),
+        # Frozen ones beside the model's are fine: control
+        (
+            lambda m: torch.optim.SGD([*m.parameters(), *nn.Linear(3, 4).requires_grad_(False).parameters()], lr=0.1),
+            None,
+            None,
+        ),
+        # L-BFGS's step needs a closure: every step raised torch's TypeError, and the applied count still rose
+        (lambda m: torch.optim.LBFGS(m.parameters(), lr=0.1), None, r"LBFGS.step\(\) needs a closure"),
     ],
 )
 def test_a_refused_engine_leaves_no_hooks_on_the_model_or_optimizer(make, fused, message):
@@ -842,6 +862,13 @@ def test_a_refused_engine_leaves_no_hooks_on_the_model_or_optimizer(make, fused,
         with pytest.raises(ValueError, match=message):
             StepEngine(model, optimizer, torch.device("cpu"), fused=fused)
     assert _hook_counts(model, optimizer) == before
-    loss = model(torch.randn(3, 4)).square().mean()
-    loss.backward()
-    optimizer.step()  # the engine's guard is gone: no "second update" error
+    x = torch.randn(3, 4)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    closure()
+    optimizer.step(closure)  # the engine's guard is gone: no "second update" error

@@ -1084,3 +1084,10 @@ def test_after_a_rollback_the_fused_step_takes_the_groups_hyperparameters_not_th
     else:
         assert (options.beta1, options.beta2) == (0.8, 0.99)
     engine.remove()
+
+
+def test_trainable_parameters_outside_the_optimizer_get_unscaled_gradients_on_the_fused_path():
+    """As on the reference path (test_engine.py): the fused path's scaled backward unscales them too."""
+    from users_loop import unheld_gradients_under_fp16
+
+    unheld_gradients_under_fp16(fused=True, device=DEVICE)

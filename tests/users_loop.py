@@ -3,6 +3,9 @@
 import torch
 from torch import nn
 
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.types import Precision
+
 
 class TiedLM(nn.Module):
     """An embedding tied to the output projection (which has a bias of its own)."""
@@ -128,3 +131,48 @@ def either_step(ctl, model, optimizer, x, y, clip_params=None, max_norm=None):
         plain_step(model, optimizer, x, y, clip_params, max_norm)
     else:
         controlled_step(ctl, model, x, y)
+
+
+def unheld_gradients_under_fp16(fused: bool, device: torch.device) -> None:
+    """Checks a second optimizer's gradients against a plain GradScaler loop's over 2 steps (bit for bit unfused).
+
+    The engine drives the head's optimizer with layer 0 in fp16; the body is trainable and outside it (its own
+    optimizer, stepped by the user every other step, so its gradients accumulate over two backward passes).
+    Before, they stayed multiplied by the loss scale (65536 times the gradient).
+    """
+    results = []
+    for through_engine in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(device)
+        head = torch.optim.SGD(model[2].parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler(device.type)
+        engine = StepEngine(model, head, device, fused=fused) if through_engine else None
+        if engine is not None:
+            engine.set_precisions([Precision.FP16, Precision.FP16])
+        for seed in (0, 1):
+            generator = torch.Generator().manual_seed(seed)
+            x, y = torch.randn(6, 3, generator=generator).to(device), torch.randn(6, 2, generator=generator).to(device)
+            with torch.autocast(device.type, dtype=torch.float16):
+                loss = (model(x).float() - y).pow(2).mean() * 1e-3  # no fp16 overflow at the scale 65536
+            if engine is not None:
+                engine.bind_grads()
+                engine.scale_loss(loss).backward()
+                engine.step_after_backward(loss.detach())
+            else:  # the head's update, as the engine's (the body's second gradient depends on it)
+                scaler.scale(loss).backward()
+                scaler.unscale_(head)
+                scaler.step(head)
+                scaler.update()
+                head.zero_grad()
+        if engine is None:  # a plain loop unscales what the body accumulated with the scale its backwards used
+            body_grads = [p.grad * scaler.get_scale() ** -1 for p in model[0].parameters()]
+        else:
+            assert engine.loss_scale == 2.0**16
+            body_grads = [p.grad for p in model[0].parameters()]
+        results.append(body_grads)
+    for engined, plain in zip(*results, strict=True):
+        if fused:  # the fused SGD's head update rounds apart from torch's (within 1e-7)
+            torch.testing.assert_close(engined, plain, rtol=1e-5, atol=1e-8)
+        else:
+            assert torch.equal(engined, plain)
+        assert engined.abs().max() < 0.1  # a loss-sized gradient, not 65536 times one

@@ -7,6 +7,7 @@ optimizer. ``TrainingRun`` (offline tasks) and ``Controller`` (a user's own loop
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import numbers
@@ -147,6 +148,7 @@ class StepEngine:
             # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
             self.layer_params = [[p for p in params if id(p) in self._group_index] for params in trainable]
             self._params = [p for params in self.layer_params for p in params]
+            self._watch_unheld_gradients(trainable)
             if not self._params:
                 raise ValueError(
                     f"the optimizer holds none of the {len(owned)} trainable parameters of "
@@ -158,6 +160,24 @@ class StepEngine:
             # Checked at each step (_check_optimizer_params): a param group added later, or a parameter of the
             # optimizer's that was frozen now and gets a gradient later, would be trained outside the engine.
             held = {id(p) for p in self._params}
+            model_params = {id(p) for p in model.parameters()}
+            foreign = [
+                tuple(p.shape)
+                for g in optimizer.param_groups
+                for p in g["params"]
+                if p.requires_grad and id(p) not in model_params
+            ]
+            if foreign:  # the first step named them "frozen when the controller was built", which they never were
+                raise ValueError(
+                    f"the optimizer holds {len(foreign)} trainable parameters that are not {type(model).__name__}'s "
+                    f"(shapes {foreign[:5]}): the controller updates the model's parameters only. Make their module "
+                    "part of the model given to the controller, or give them an optimizer of their own"
+                )
+            if _needs_closure(optimizer):
+                raise ValueError(
+                    f"{type(optimizer).__name__}.step() needs a closure (it re-evaluates the loss), which the "
+                    "controller's step(loss) cannot give it: use an optimizer whose step() takes none (SGD, AdamW, ...)"
+                )
             self._n_param_groups = len(optimizer.param_groups)
             self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
             _check_layer_keys(optimizer, self.n_layers)
@@ -199,8 +219,33 @@ class StepEngine:
             self._undo_init()  # a refused model or optimizer is left as it was given: no hooks stay behind
             raise
 
+    def _watch_unheld_gradients(self, trainable: list[list[nn.Parameter]]) -> None:
+        """Hooks the gradients of the model's trainable parameters the optimizer does not hold, to unscale them.
+
+        While a layer is fp16 the backward runs on the scaled loss. The engine unscales the gradients it updates;
+        these (a second optimizer's, or read by the user) are divided by the same scale as autograd computes them,
+        before they are added to ``.grad``, so a second optimizer steps on the loss's own gradient, as after
+        ``GradScaler.unscale_`` on it, and gradients accumulated over several steps stay unscaled.
+        """
+        unheld = {id(p): p for params in trainable for p in params if id(p) not in self._group_index}
+        self._backward_scale: torch.Tensor | None = None  # the scale of a scaled backward not yet stepped
+        this = weakref.ref(self)
+
+        def unscale(grad: torch.Tensor) -> torch.Tensor:
+            engine = this()
+            scale = None if engine is None else engine._backward_scale
+            return grad if scale is None else grad / scale
+
+        self._unheld_hooks = [p.register_hook(unscale) for p in unheld.values()]
+
+    def _remove_unheld_hooks(self) -> None:
+        for handle in self.__dict__.get("_unheld_hooks", []):
+            handle.remove()
+        self._unheld_hooks = []
+
     def _undo_init(self) -> None:
         """Removes whatever hooks a constructor that raised had registered already."""
+        self._remove_unheld_hooks()
         self.precision.remove()
         if "_step_guard_handle" in self.__dict__:
             self._step_guard_handle.remove()
@@ -359,10 +404,16 @@ class StepEngine:
         if not self.precision.needs_grad_scaler:
             return loss
         if self.fused:
-            return loss * self._scale
+            scaled = loss * self._scale
+            if self._unheld_hooks:
+                self._backward_scale = self._scale
+            return scaled
         scaler = self.grad_scaler
         assert scaler is not None
-        return scaler.scale(loss)
+        scaled = scaler.scale(loss)
+        if self._unheld_hooks:
+            self._backward_scale = scaler._scale  # GradScaler's tensor, made by scale()
+        return scaled
 
     def step_after_backward(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         """Unscale, statistics and update for gradients already accumulated from ``scale_loss`` backwards.
@@ -394,6 +445,7 @@ class StepEngine:
         return stats, torch.tensor(skipped)
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+        self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self._check_optimizer_params()
         scaler = self.grad_scaler
         unscaled = False
@@ -548,6 +600,7 @@ class StepEngine:
         with ``optimizer.step()``.
         """
         self.precision.remove()
+        self._remove_unheld_hooks()
         self._step_guard_handle.remove()
         if self.fused and self._optimizer_hooks:
             for handle in self._optimizer_hooks:
@@ -1045,6 +1098,7 @@ class StepEngine:
             )
 
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
+        self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
         self._read_group_lrs()
@@ -1271,6 +1325,15 @@ _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 """Modules whose ``sparse=True`` makes sparse gradients."""
 _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` has a required ``closure`` argument (L-BFGS's), which ``step(loss)`` cannot pass."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step without a signature to read: let its first call say
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _decay_classes(optimizer: torch.optim.Optimizer) -> list[int]:
