@@ -273,7 +273,10 @@ def sequence_data(
 def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Random crop after zero padding by ``pad`` and random horizontal flip, per sample, on x's device.
 
-    Uses the global torch RNG of x's device (seeded by the run), one gather: no host round trip.
+    Uses the global torch RNG of x's device (seeded by the run), one gather: no host round trip. The padding is
+    0 in the space ``x`` is in: the Fashion-MNIST tasks augment normalised images, so a shifted crop's edge is the
+    dataset's mean grey, not the black background (padding before normalising would give black). Every result
+    recorded in ``experiments/results`` was trained so; a fill is left for a change that re-runs them.
 
     Args:
         x: images ``[N, C, H, W]``.

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -155,7 +155,9 @@ class TrainingRun:
     before one update, each as large as the memory model predicts to fit ``elastic.fill_frac`` of the
     budget (one micro-batch when the batch fits). The loss of micro-batch ``i`` is weighted by ``n_i / N``,
     so the accumulated gradient is the full batch's mean-loss gradient: equal to the unsplit step up to
-    floating-point rounding, except with batch norm, whose statistics are per micro-batch.
+    floating-point rounding, except with batch norm, whose statistics are per micro-batch. The task's
+    augmentation is drawn once a step, for the whole batch, so however the batch is split, and however often it is
+    retried after running out of memory, it trains on the same augmented samples.
 
     An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
     the budget lowered (to ``elastic.oom_budget_factor`` × the failed micro-batch's predicted memory, and on
@@ -490,6 +492,8 @@ class TrainingRun:
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
+        if self.task.augment is not None:  # once a step: every micro-batch plan and OOM retry trains the same draw
+            batch = replace(batch, x=self.task.augment(batch.x))
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
             self.model.train()
         oom_events = 0
@@ -503,8 +507,8 @@ class TrainingRun:
             failure = ""
             try:
                 loss = self._accumulate(batch, sizes, attempt=oom_events)
-            except Exception as err:  # anything but an OOM is re-raised at once
-                if not (self.memory_elastic and is_out_of_memory(err)):
+            except BaseException as err:  # anything but an OOM (a Ctrl-C too) is re-raised at once, the step undone
+                if not (self.memory_elastic and isinstance(err, Exception) and is_out_of_memory(err)):
                     self._abandon_step(n)
                     raise
                 failure = _first_line(err)
@@ -773,10 +777,8 @@ class TrainingRun:
         total = torch.zeros((), device=self.device)
         offset = 0
         for index, size in enumerate(sizes):
-            x, y = batch.x[offset : offset + size], batch.y[offset : offset + size]
+            x, y = batch.x[offset : offset + size], batch.y[offset : offset + size]  # (augmented by _step)
             offset += size
-            if self.task.augment is not None:
-                x = self.task.augment(x)
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             self._samples_started += size
@@ -814,7 +816,7 @@ class TrainingRun:
     def _replay(self, batch: Batch) -> torch.Tensor | None:
         """The step's forward, loss and backward from its captured graph; ``None`` if graphs are off now."""
         assert self.graphs is not None
-        x = batch.x if self.task.augment is None else self.task.augment(batch.x)
+        x = batch.x  # (augmented by _step)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         self._samples_started += len(batch.y)

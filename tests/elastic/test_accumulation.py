@@ -6,6 +6,8 @@ micro-batch is normalised by its own statistics, so the update differs (document
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from elastic_helpers import max_abs_difference, parameters_of, small_task
@@ -93,3 +95,43 @@ def test_a_micro_batch_plan_needs_whole_positive_sizes(batch: object, cap: objec
     with pytest.raises(ValueError, match=r"need whole numbers batch_size >= 1 and max_micro_batch >= 1"):
         plan_micro_batches(batch, cap)  # type: ignore[arg-type]
     assert plan_micro_batches(10, 4) == [4, 4, 2]
+
+
+def _augmented_conv_task() -> Task:
+    """A small convolutional task with ``crop_flip`` and no batch norm, on 400 Fashion-MNIST images."""
+    from triaccel_rl.tasks import crop_flip, fashion_mnist_data
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
+
+    return Task(
+        name="tiny-conv-augmented",
+        description="a convolution and a linear layer, crop and flip",
+        build_model=build,
+        load_data=fashion_mnist_data,
+        base_batch_size=64,
+        n_train=400,
+        n_test=64,
+        augment=crop_flip,
+    )
+
+
+def test_augmentation_is_drawn_once_a_step_however_the_batch_is_split_or_retried() -> None:
+    """Before, each micro-batch drew its own crops and flips, and a retry after an OOM drew again: a split run ended
+    0.10 away from the unsplit one, a run with one recovered OOM 0.04 away. Now both are the unsplit run, up to
+    the order of sums (each run is built just before it trains: the augmentation draws from the global RNG)."""
+    from triaccel_rl.elastic import inject_oom
+
+    def train(cap: int | None, fault: object = None, augment: bool = True) -> list[torch.Tensor]:
+        task = _augmented_conv_task() if augment else replace(_augmented_conv_task(), augment=None)
+        run = TrainingRun(task, seed=0, device="cpu", fault=fault)  # type: ignore[arg-type]
+        run.micro_batch_cap = cap
+        for _ in range(4):
+            run.step()
+        return parameters_of(run)
+
+    whole = train(None)
+    assert max_abs_difference(whole, train(16)) <= ATOL
+    oom = inject_oom(lambda p: p.step == 1 and p.attempt == 0 and p.micro_index == 0 and p.phase == "forward")
+    assert max_abs_difference(whole, train(None, oom)) <= ATOL
+    assert max_abs_difference(whole, train(None, augment=False)) > 1e-3  # a control: the draws do matter

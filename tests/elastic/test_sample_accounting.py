@@ -291,14 +291,15 @@ def test_an_oom_retry_leaves_the_batch_norm_running_statistics_as_a_fault_free_r
         assert torch.equal(a, b), f"{name} differs from the fault-free twin's"
 
 
-@pytest.mark.parametrize("memory_elastic", [True, False])
-def test_a_step_that_raises_leaves_the_run_as_before_it(memory_elastic: bool) -> None:
+@pytest.mark.parametrize(("memory_elastic", "interrupt"), [(True, False), (False, False), (True, True)])
+def test_a_step_that_raises_leaves_the_run_as_before_it(memory_elastic: bool, interrupt: bool) -> None:
     """An error the step does not recover from (any error with memory-elastic batching off, as the batch finder runs;
     a non-OOM error with it on) leaves no gradients, the buffers as they were and the batch with the loader: a caller
     who catches it and steps on trains exactly as a run that never saw it.
 
     Before the fix the batch was lost to the loader (the next step took the samples after it), the failed forward's
-    running statistics stayed and its partial gradients were summed into the next update.
+    running statistics stayed and its partial gradients were summed into the next update. A Ctrl-C
+    (``KeyboardInterrupt``, no ``Exception``) in the middle of a step did all of that until it was undone too.
     """
 
     raised: list[FaultPoint] = []
@@ -306,6 +307,8 @@ def test_a_step_that_raises_leaves_the_run_as_before_it(memory_elastic: bool) ->
     def fault(point: FaultPoint) -> None:
         if not raised and point.step == 1 and point.micro_index == 1 and point.phase == "backward":
             raised.append(point)
+            if interrupt:
+                raise KeyboardInterrupt
             if memory_elastic:
                 raise RuntimeError("a user's model failed")
             inject_oom(lambda _: True)(point)
@@ -316,7 +319,7 @@ def test_a_step_that_raises_leaves_the_run_as_before_it(memory_elastic: bool) ->
         run.memory_elastic = memory_elastic
         run.micro_batch_cap = 16
         run.step()
-    with pytest.raises((RuntimeError, torch.OutOfMemoryError)):
+    with pytest.raises((RuntimeError, torch.OutOfMemoryError, KeyboardInterrupt)):
         faulty.step()
     assert all(p.grad is None or not p.grad.any() for p in faulty.model.parameters())
     assert faulty.loader.state_dict() == twin.loader.state_dict()
