@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from triaccel_rl.config import LRRule
+from triaccel_rl.errors import is_whole
 
 __all__ = [
     "BatchLRCoupler",
@@ -57,10 +58,13 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
         1.6
 
     Raises:
-        ValueError: non-positive batch sizes, a negative noise scale, or the unresolved ``AUTO`` rule.
+        ValueError: batch sizes that are not whole numbers >= 1 (NaN passed ``< 1`` and gave a NaN gain), a
+            negative noise scale, or the unresolved ``AUTO`` rule.
     """
-    if batch_size < 1 or base_batch_size < 1:
-        raise ValueError(f"batch sizes must be positive; got {batch_size} and base {base_batch_size}")
+    if not (is_whole(batch_size) and is_whole(base_batch_size) and batch_size >= 1 and base_batch_size >= 1):
+        raise ValueError(
+            f"batch sizes must be whole numbers of samples >= 1; got {batch_size!r} and base {base_batch_size!r}"
+        )
     ratio = batch_size / base_batch_size
     if rule is LRRule.LINEAR:
         return ratio
@@ -135,6 +139,7 @@ class BatchLRCoupler:
             raise ValueError(
                 f"need warmup_above > 1 and warmup_steps a whole number >= 0; got {warmup_above}, {warmup_steps!r}"
             )
+        lr_gain(rule, batch_size, base_batch_size)  # checks the sizes before int() could cut 64.9 to 64
         self.rule = rule
         self.base_batch_size = int(base_batch_size)
         self.warmup_above = warmup_above

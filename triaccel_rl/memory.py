@@ -32,6 +32,7 @@ from torch import nn
 
 from triaccel_rl.config import ConfigError, HardwareProfile
 from triaccel_rl.costs import CostModel
+from triaccel_rl.errors import is_whole
 from triaccel_rl.types import Precision
 
 _log = logging.getLogger(__name__)
@@ -381,7 +382,14 @@ class MemoryModel:
         return self._predictor(precisions)(batch_size)
 
     def max_batch_size(self, budget_bytes: int, precisions: Sequence[Precision], limit: int) -> int:
-        """Largest micro-batch in ``[0, limit]`` predicted to fit ``budget_bytes`` (0: not even one sample)."""
+        """Largest micro-batch in ``[0, limit]`` predicted to fit ``budget_bytes`` (0: not even one sample).
+
+        Raises:
+            ValueError: ``limit`` is not a whole number (a bisection on 2.5 never ended).
+        """
+        if not is_whole(limit):
+            raise ValueError(f"limit={limit!r} must be a whole number of samples")
+        limit = int(limit)
         predict = self._predictor(precisions)  # fitted once, then evaluated ~log2(limit) times
         if limit < 1 or predict(1) > budget_bytes:
             return 0

@@ -28,6 +28,7 @@ from triaccel_rl.elastic import (
     resolve_lr_rule,
 )
 from triaccel_rl.engine import GradStats, StepEngine
+from triaccel_rl.errors import is_whole
 from triaccel_rl.graphs import StepGraphs, graph_unsupported
 from triaccel_rl.loader import Batch, ElasticLoader
 from triaccel_rl.memory import (
@@ -287,8 +288,7 @@ class TrainingRun:
         self.modelled_time_ms = 0.0
         self.memory_elastic = True
         """Plan micro-batches against the budget and recover from OOM (a fixed-batch baseline turns it off)."""
-        self.micro_batch_cap: int | None = None
-        """An upper bound on the micro-batch size set by hand (``None``: only the memory budget bounds it)."""
+        self._micro_batch_cap: int | None = None
         self.last_batch: Batch | None = None
         self.last_micro_batches: list[int] = []
         self._moments: DeviceMoments | None = None  # train_interval's device-side accumulator
@@ -316,6 +316,22 @@ class TrainingRun:
         )
 
     # ---------------------------------------------------------------------------------------- knobs
+
+    @property
+    def micro_batch_cap(self) -> int | None:
+        """An upper bound on the micro-batch size set by hand (``None``: only the memory budget bounds it).
+
+        Raises:
+            ValueError: set to anything but ``None`` or a whole number >= 1 (2.5 made the planner bisect for ever,
+                and 0 or less split the batch into one-sample micro-batches, silently).
+        """
+        return self._micro_batch_cap
+
+    @micro_batch_cap.setter
+    def micro_batch_cap(self, value: int | None) -> None:
+        if value is not None and not (is_whole(value) and value >= 1):
+            raise ValueError(f"micro_batch_cap={value!r} must be None or a whole number of samples >= 1")
+        self._micro_batch_cap = None if value is None else int(value)
 
     @property
     def batch_size(self) -> int:

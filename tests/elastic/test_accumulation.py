@@ -135,3 +135,17 @@ def test_augmentation_is_drawn_once_a_step_however_the_batch_is_split_or_retried
     oom = inject_oom(lambda p: p.step == 1 and p.attempt == 0 and p.micro_index == 0 and p.phase == "forward")
     assert max_abs_difference(whole, train(None, oom)) <= ATOL
     assert max_abs_difference(whole, train(None, augment=False)) > 1e-3  # a control: the draws do matter
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, -3, True, float("nan"), "8"])
+def test_a_micro_batch_cap_that_is_no_whole_number_of_samples_is_refused(bad: object) -> None:
+    """2.5 made the planner bisect for ever; 0 and -3 split every batch into one-sample micro-batches, silently."""
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    with pytest.raises(ValueError, match=rf"micro_batch_cap={bad!r} must be None or a whole number of samples >= 1"):
+        run.micro_batch_cap = bad  # type: ignore[assignment]
+    assert run.micro_batch_cap is None
+    run.micro_batch_cap = 16
+    run.step()
+    assert run.last_micro_batches == [16, 16, 16, 16]
+    with pytest.raises(ValueError, match=r"limit=2.5 must be a whole number of samples"):
+        run.memory_model.max_batch_size(10**9, run.precisions, 2.5)  # type: ignore[arg-type]

@@ -47,7 +47,12 @@ def test_adascale_lies_between_one_and_linear() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: lr_gain(LRRule.LINEAR, 0, 64), "batch sizes must be positive"),
+        (lambda: lr_gain(LRRule.LINEAR, 0, 64), "batch sizes must be whole numbers of samples >= 1; got 0 and base 64"),
+        # NaN passed `< 1` and gave a NaN gain; fractions were used as they were, or cut by int() in the coupler
+        (lambda: lr_gain(LRRule.LINEAR, float("nan"), 64), "got nan and base 64"),
+        (lambda: lr_gain(LRRule.SQRT, 32.5, 64), "got 32.5 and base 64"),
+        (lambda: BatchLRCoupler(LRRule.LINEAR, 64.9, 64), "got 64 and base 64.9"),
+        (lambda: BatchLRCoupler(LRRule.LINEAR, 64, 64).change(32.5), "got 32.5 and base 64"),
         (lambda: lr_gain(LRRule.ADASCALE, 64, 64, -1.0), "noise_scale=-1.0 must be >= 0"),
         (lambda: lr_gain(LRRule.AUTO, 64, 64), "must be resolved first"),
     ],
