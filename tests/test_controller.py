@@ -157,6 +157,13 @@ def test_bad_inputs():
     ]:
         with pytest.raises(ValueError, match=message):
             next(ctl.loader(dataset, batch_size=16))
+    # A batch above the dataset, at the start or set by hand later (the LR followed 25000x, 64 samples were served)
+    with pytest.raises(ValueError, match="batch_size=513 is more than the 512 training samples"):
+        next(ctl.loader(data(), batch_size=513))
+    next(ctl.loader(data(), batch_size=16))
+    with pytest.raises(ValueError, match="batch_size=513 is more than the 512 training samples"):
+        ctl.batch_size = 513
+    assert ctl.batch_size == 16
     embedding = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"modules \['0'\] make sparse gradients \(sparse=True\)"):
         Controller(embedding, torch.optim.SGD(embedding.parameters(), lr=0.1))

@@ -247,7 +247,8 @@ class Controller:
         ``load_state_dict``, the same: it carries on from the checkpoint's place.
 
         Raises:
-            ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count,
+            ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count, a
+                batch size above the dataset's length,
                 another base batch size than the run's, or ``epochs`` the run has already trained.
         """
         self._check_open()
@@ -263,6 +264,11 @@ class Controller:
             raise ValueError(f"dataset has {len(dataset[0])} inputs and {len(dataset[1])} labels: they must pair up")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if batch_size > len(dataset[0]):
+            raise ValueError(
+                f"batch_size={batch_size} is more than the {len(dataset[0])} training samples: a step serves at most "
+                "an epoch"
+            )
         batch_size = int(batch_size)
         whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
         if isinstance(epochs, bool) or not whole or epochs < 1:
@@ -384,6 +390,11 @@ class Controller:
     def batch_size(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
+        if self._loader is not None and value > len(self._loader):  # as TrainingRun: never served, the LR followed
+            raise ValueError(
+                f"batch_size={value} is more than the {len(self._loader)} training samples: a step serves at most an "
+                "epoch"
+            )
         self._batch_size = int(value)
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, self._noise_scale)
