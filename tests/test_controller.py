@@ -203,6 +203,18 @@ def test_close_counts_the_open_intervals_skipped_steps():
     assert ctl.skipped_steps == 2
     ctl.close()
     assert ctl.skipped_steps == 2
+    # A checkpoint written after close() holds the decisions' count and the open interval (it was refused: the
+    # interval's applied updates outnumbered its steps); a resumed run counts that interval's skip at its decision.
+    state = ctl.state_dict()
+    model2, opt2 = model_and_optimizer()
+    resumed = Controller(model2, opt2, policy="fp32", config=ControllerConfig(interval_steps=4))
+    resumed.load_state_dict(state)
+    assert resumed.skipped_steps == 1
+    batches = resumed.loader(data(), batch_size=16)
+    x, y = next(batches)
+    resumed.step(nn.functional.cross_entropy(model2(x), y))  # the interval's 4th step: its decision
+    assert (resumed.skipped_steps, len(resumed.decisions)) == (2, 1)
+    resumed.close()
 
 
 def test_skipped_steps_are_counted_when_only_some_steps_are_recorded():
@@ -792,3 +804,33 @@ def test_ctl_lr_is_the_lr_the_next_update_applies_through_a_warm_up():
     assert read == pytest.approx(applied)
     assert len(set(round(lr, 9) for lr in read)) > 3  # the ramp moved it: the comparison is not of one value
     ctl.close()
+
+
+def test_a_batch_served_but_never_stepped_on_is_served_again_by_the_next_loader_call():
+    """A loop that raises between the batch and its step (an OOM the user catches outside the loop), then carries on
+    with a smaller batch: every sample of the epoch is trained once. Before, that batch was lost to the epoch.
+    A batch skipped inside the loop (``continue``) stays the user's choice: it is not served again."""
+    n = 40
+    dataset = (torch.arange(n).float().unsqueeze(1), torch.arange(n) % 2)
+    torch.manual_seed(0)
+    model = nn.Linear(1, 2)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    trained: list[int] = []
+    failures = [torch.OutOfMemoryError("out of memory (in the user's forward)")]
+    while True:
+        try:
+            for x, y in ctl.loader(dataset, batch_size=8):
+                if ctl.steps == 2 and failures:
+                    raise failures.pop()
+                if ctl.steps == 4 and len(trained) == 24:  # skipped on purpose: the user's own choice
+                    trained += [-1] * len(y)
+                    continue
+                ctl.step(nn.functional.cross_entropy(model(x), y))
+                trained += x[:, 0].long().tolist()
+            break
+        except torch.OutOfMemoryError:
+            ctl.batch_size = 4
+    assert not failures and ctl.steps == 7  # 2 of 8, then 6 of 4, one of which skipped
+    trained_indices = sorted(i for i in trained if i >= 0)
+    assert len(trained_indices) == 36 and len(set(trained_indices)) == 36  # each once, 4 skipped
+    assert trained.count(-1) == 4 and ctl.state_dict()["loader"]["epoch"] == 1

@@ -181,6 +181,7 @@ class Controller:
             self._loader: ElasticLoader | None = None
             self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
             self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
+            self._unstepped: tuple[int, int] | None = None  # (steps, samples) of the last batch served, at serving
             self._planned_epochs = 0  # the epochs the last loader() call trains to
             self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
             self._base_batch_size = 0
@@ -191,9 +192,8 @@ class Controller:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(str(log_dir))
-            self.skipped_steps = 0
-            """Updates skipped for a non-finite loss or gradient, counted at each decision and at ``close()`` (the
-            open interval's: its steps are read then, as a decision would)."""
+            self._skipped_counted = 0  # skipped updates of the intervals closed (a checkpoint's count)
+            self._skipped_at_close = 0  # the open interval's, read at close()
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
             """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
             when recording them costs more, one step in several is recorded. None (a CPU) records every step.
@@ -240,6 +240,8 @@ class Controller:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
         Every sample is seen exactly once per epoch whatever batch sizes the policy picks, each epoch in its own order.
+        A batch served but never stepped on (the loop raised, caught outside it, or broke out before ``step()``) is
+        served again by the next call that carries the run on; one skipped inside the loop (``continue``) is yours.
         The tensors are moved to the model's device once, up front. Called again with a dataset of the same shapes
         (the same tensors, or new ones: moved again, say), batch size and seed, it carries on where the last call
         stopped, on the tensors given (the next epoch's order, the batch size the policy chose):
@@ -280,7 +282,9 @@ class Controller:
             batch = self._loader.next(self.batch_size)
             if batch.epoch >= epochs:
                 self._loader.take_back(len(batch.y))  # not trained on: a resumed run with more epochs starts here
+                self._unstepped = None  # the loop ran to its end: the batches it took were the loop's to train
                 break
+            self._unstepped = (self.steps, len(batch.y))
             self._last_batch = len(batch.y)
             if self.costs is None:
                 self.costs = self._measure_costs(batch.x)
@@ -379,6 +383,16 @@ class Controller:
             )
             self._timer.start()
 
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped for a non-finite loss or gradient, counted at each decision and at ``close()``.
+
+        Between decisions the open interval's are not counted yet (reading them would sync with the device);
+        ``close()`` reads them, so after it the count is the run's. A checkpoint holds the decisions' count and the
+        open interval, whose skips a resumed run counts at its next decision.
+        """
+        return self._skipped_counted + self._skipped_at_close
+
     # ------------------------------------------------------------------------- executor's Target
 
     @property
@@ -475,7 +489,7 @@ class Controller:
             "format": _CHECKPOINT_FORMAT,
             "engine": self.engine.state_dict(),
             "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self._skipped_counted,  # the open interval's are counted again at its decision
             "rollbacks": self.rollbacks,
             "batch_size": self._batch_size,
             "base_batch_size": self._base_batch_size,
@@ -552,7 +566,7 @@ class Controller:
         resume = self._checked_resume(state)
         signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
         self.engine.load_state_dict(state["engine"])
-        self.steps, self.skipped_steps, self.rollbacks = steps, skipped, rollbacks
+        self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
         else:
@@ -571,6 +585,7 @@ class Controller:
         elif self._trial is not None:
             self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
         self._resume = resume
+        self._unstepped = None  # the checkpoint's loader state is where the run goes on from
         if resume is None:  # saved before any loader() call: the next one starts the data afresh, as the run did
             self._loader, self._loader_key, self.lr_coupler = None, None, None
             self._base_batch_size = self._batch_size = self._last_batch = self._planned_epochs = 0
@@ -628,8 +643,7 @@ class Controller:
         if self._closed:
             return
         if self._interval_steps:  # the open interval's skipped updates, which no decision will count now
-            self.skipped_steps += self._interval_steps - (self.engine.applied_steps() - self._applied_at_start)
-            self._interval_steps = 0
+            self._skipped_at_close = self._interval_steps - (self.engine.applied_steps() - self._applied_at_start)
         if self._writer is not None:
             self._writer.close()
         self.engine.remove()
@@ -660,6 +674,12 @@ class Controller:
                 "(each epoch's order comes from it and the epoch); for a new run on this data, build a new Controller"
             )
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
+            if self._unstepped is not None and self._unstepped[0] == self.steps:
+                # The last batch served was never stepped on (the loop raised or broke out before step()): it is
+                # served again, as the first of this call, so no sample of the epoch goes untrained.
+                _log.info("the last batch served (%d samples) was not trained on: served again", self._unstepped[1])
+                self._loader.take_back(self._unstepped[1])
+            self._unstepped = None
             if batch_size != self._base_batch_size:
                 raise ValueError(
                     f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
@@ -673,6 +693,7 @@ class Controller:
             if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
                 self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
         else:
+            self._unstepped = None
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key
             self._base_batch_size = batch_size
@@ -780,7 +801,7 @@ class Controller:
         applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
         applied = applied_now - self._applied_at_start
         skipped = self._interval_steps - applied
-        self.skipped_steps += skipped
+        self._skipped_counted += skipped
         restored = self._shield(applied, self._interval_steps)
         self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
         self.collector.observe_interval(
