@@ -306,6 +306,22 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
         (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be >= 1"),
         (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "--torch-threads 0 must be >= 1"),
         (["profile", "--batch-size", "0", "--device", "cpu"], "--batch-size 0 must be a positive integer"),
+        # The library's total_timesteps is the flag --timesteps (the message said total_timesteps=0)
+        (["train-policy", "--timesteps", "0", "--out", "x/policy.zip"], "error: --timesteps 0 must be >= 1"),
+        # Not "n_steps*--n-envs 256": only a name that stands alone is a flag
+        (
+            ["train-policy", "--batch-size", "300", "--out", "x/policy.zip"],
+            "error: --batch-size 300 exceeds the rollout size n_steps*n_envs=256",
+        ),
+        # Only the flag that is wrong (both were named), and the tasks as typed (a Python list was printed)
+        (
+            ["train-policy", "--eval-every", "-1", "--out", "x/policy.zip"],
+            "error: --eval-every -1 must be >= 0 (0: none)",
+        ),
+        (
+            ["train-policy", "--eval-tasks", "synthetic", "--out", "x/policy.zip"],
+            "error: --eval-tasks synthetic and --eval-every 0: give both",
+        ),
     ],
 )
 def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypatch):

@@ -107,12 +107,12 @@ def test_bad_training_arguments():
     # Each refused before any environment starts (SB3 raised an AssertionError, a worker died, or it trained on).
     bad = [
         ({"batch_size": 1}, "batch_size=1 must be >= 2"),
-        ({"eval_every": -5}, "eval_every=-5 and checkpoint_every=0 must be >= 0"),
-        ({"checkpoint_every": -1}, "eval_every=0 and checkpoint_every=-1 must be >= 0"),
+        ({"eval_every": -5}, "eval_every=-5 must be >= 0 (0: none)"),
+        ({"checkpoint_every": -1}, "checkpoint_every=-1 must be >= 0 (0: none)"),
         ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
-        ({"eval_tasks": ["synthetic"]}, "eval_tasks=['synthetic'] and eval_every=0: give both"),
-        ({"eval_every": 64}, "eval_tasks=[] and eval_every=64: give both"),
+        ({"eval_tasks": ["synthetic"]}, "eval_tasks=synthetic and eval_every=0: give both"),
+        ({"eval_every": 64}, "eval_every=64 without eval_tasks: give both"),
         ({"config": ControllerConfig(n_groups=2)}, "config: the training environments run env_config"),
         ({"out": "runs/policy-v1.2"}, "out='runs/policy-v1.2' must name a .zip file"),  # SB3 saved policy-v1.2.zip
         # A worker's traceback and "Connection reset by peer" (subprocess workers), or a late failure, before.

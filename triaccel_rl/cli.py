@@ -41,9 +41,15 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
 
     The checks live in the library, whose messages name its arguments; on the command line the flag is what to fix.
     """
-    flags = sorted((name for name in options if name not in ("func", "command", "argv")), key=len, reverse=True)
-    names = "|".join(re.escape(name) for name in flags)
-    return re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')} ", message)
+    flags = {name: name for name in options if name not in ("func", "command", "argv")}
+    flags.update({library: flag for library, flag in _LIBRARY_NAMES.items() if flag in flags})
+    names = "|".join(re.escape(name) for name in sorted(flags, key=len, reverse=True))
+    # A name that starts the message or follows a space, bracket or comma: not n_envs= in "n_steps*n_envs=256".
+    return re.sub(rf"(?:^|(?<=[\s(\[,;]))({names})=", lambda m: f"--{flags[m.group(1)].replace('_', '-')} ", message)
+
+
+_LIBRARY_NAMES = {"total_timesteps": "timesteps"}
+"""The library's names for arguments whose flag is named otherwise (``train_policy(total_timesteps=...)``)."""
 
 
 def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:

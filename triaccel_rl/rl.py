@@ -415,13 +415,16 @@ def train_policy(
     fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
     if resume is None and fresh_batch > fresh_n_steps * n_envs:
         raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
-    if eval_every < 0 or checkpoint_every < 0:
-        raise ValueError(f"eval_every={eval_every} and checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0 (0: none)")
     if bool(eval_tasks) != (eval_every > 0):  # one without the other evaluated nothing, silently
-        raise ValueError(
-            f"eval_tasks={list(eval_tasks)} and eval_every={eval_every}: give both (tasks, and the steps between "
-            "evaluations) or neither"
+        given = (
+            f"eval_tasks={','.join(eval_tasks)} and eval_every=0"
+            if eval_tasks
+            else f"eval_every={eval_every} without eval_tasks"
         )
+        raise ValueError(f"{given}: give both (tasks, and the steps between evaluations) or neither")
     if torch_threads is not None and torch_threads < 1:
         raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
     if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
