@@ -198,6 +198,20 @@ def test_two_policies_of_one_file_name_are_refused_not_merged(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "would all be reported as row learned:policy.zip" in err and "different file names" in err
+    # Two names that differ but share their folder and plot file names (they were two rows with one folder)
+    for folder, name in (("a", "a b.zip"), ("b", "a_b.zip")):
+        shutil.copy(pretrained_policy_path(), tmp_path / folder / name)
+    argv[4] = f"{tmp_path / 'a' / 'a b.zip'},{tmp_path / 'b' / 'a_b.zip'}"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "would all be reported as row learned:a b.zip, learned:a_b.zip (one file name): list each once" in err
+    # Without zips among them, no word of zips; and a name no row has lists the plain loops too
+    argv[4] = "fp32,static-fp32"
+    assert main(argv) == 2
+    assert "list each once\n" in capsys.readouterr().err
+    argv[4] = "fp32,foo"
+    assert main(argv) == 2
+    assert "or a path to an SB3 .zip, or a plain loop: plain-fp32, plain-bf16, plain-fp16" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("a", "b"), [("out", "log-dir"), ("out", "plots"), ("plots", "log-dir")])

@@ -429,7 +429,13 @@ def check_comparison(
                 allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
                 raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
         else:
-            _policy(controller, config)
+            try:
+                _policy(controller, config)
+            except ValueError as err:
+                if not str(err).startswith("unknown policy"):
+                    raise
+                plains = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)  # rows of compare's own
+                raise ValueError(f"{err}, or a plain loop: {plains}") from None
     if plain:
         on_gpu = resolve_device(device).type == "cuda"
         mode = (
@@ -451,12 +457,17 @@ def check_comparison(
         check_epoch_budget(epochs, n_train - probe_count(n_train))  # a run trains on what its probe leaves
     resolve_device(device)  # a bad device string, or cuda on a machine without one
     names = row_names(controllers, config)
-    shared = sorted({name for name in names if names.count(name) > 1})
-    if shared:  # their runs would merge into one row (and one TensorBoard folder)
-        clash = [c for c, name in zip(controllers, names, strict=True) if name in shared]
+    files = [_safe(name) for name in names]  # a row's TensorBoard folders and plot files are named so
+    shared = {name for name in files if files.count(name) > 1}
+    if shared:  # their runs would merge into one row, or share a TensorBoard folder and plot files
+        clash = [(c, name) for c, name, file in zip(controllers, names, files, strict=True) if file in shared]
+        rows = ", ".join(sorted({name for _, name in clash}))
+        zips = any(c.endswith(".zip") for c, _ in clash)
         raise ValueError(
-            f"controllers {', '.join(clash)} would all be reported as row {', '.join(shared)}: list each once "
-            "(a policy zip is named by its file name: give two policies different file names)"
+            f"controllers {', '.join(c for c, _ in clash)} would all be reported as row {rows}"
+            + (" (one file name)" if len({name for _, name in clash}) > 1 else "")
+            + ": list each once"
+            + (" (a policy zip is named by its file name: give two policies different file names)" if zips else "")
         )
     return task_obj
 
