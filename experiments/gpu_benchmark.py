@@ -293,6 +293,9 @@ def main(args: Args) -> list[dict[str, Any]]:
             "eval_every_steps": _eval_steps(args),
             "config": config,
             "schedule": True,
+            # One time base for every row: the plain-* rows measure real time, so on the CPU smoke run the
+            # controller rows do too (modelled H200 time beside CPU time once shared one column and its ratios).
+            **({"cost_mode": "measured"} if args.smoke else {}),
         }
 
         grid = []
@@ -662,7 +665,12 @@ def _row_epochs(row: dict[str, Any]) -> float:
     longer defines ran before ``epochs_factor`` existed (2026-12-02), on the whole budget.
     """
     words = str(row.get("command", "")).split()
-    epochs = float(words[words.index("--epochs") + 1]) if "--epochs" in words else Args().epochs
+    epochs = Args().epochs
+    for word, after in zip(words, [*words[1:], ""], strict=True):  # --epochs 8, or --epochs=8 (read as 12 once)
+        if word == "--epochs":
+            epochs = float(after)
+        elif word.startswith("--epochs="):
+            epochs = float(word.removeprefix("--epochs="))
     spec = rows_for(Args()).get(str(row.get("controller")), {})
     return epochs * spec.get("epochs_factor", 1.0)
 

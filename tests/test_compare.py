@@ -143,6 +143,15 @@ def test_overhead_parts_average_every_runs_parts():
     assert row["overhead_parts_mean"] == {"probe": 0.015, "rounds": 0.02}
 
 
+def test_a_time_to_target_that_is_no_finite_number_is_a_miss_and_leaves_the_ranks_in_order():
+    """A NaN counted as reached (reach rate 1), and sorting means with a NaN among them ranked 5 s before 2 s."""
+    rows = summarize([fake("slow", 0, 0.5, 8.0, 5.0), fake("nan", 0, 0.5, 8.0, float("nan")),
+                      fake("fast", 0, 0.5, 8.0, 2.0)])  # fmt: skip
+    ranks = {row["controller"]: (row["rank"], row["reach_rate"], row["time_to_target_s"]) for row in rows}
+    assert ranks == {"slow": (2, 1.0, [5.0]), "nan": (None, 0.0, [None]), "fast": (1, 1.0, [2.0])}
+    assert bootstrap_ci([1.0, 3.0], n_resamples=np.int64(10)) == bootstrap_ci([1.0, 3.0], n_resamples=10)
+
+
 def test_misses_count_in_the_reach_rate_not_in_the_mean_time_to_target():
     """Three seeds, one missed: the time to target is the mean of the two that reached (2 and 4 s: 3), its interval
     over those two, the reach rate 2/3, no rank; the final metric and time still average all three."""

@@ -80,6 +80,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
     assert gpu_benchmark_module()._row_epochs(old_row) == 1.0  # from the job's command
     assert gpu_benchmark_module()._row_epochs({"controller": "static-fp16-8of12", "command": "x --epochs 12"}) == 8.0
     assert gpu_benchmark_module()._row_epochs({"controller": "static-fp16", "command": "x"}) == 12.0  # the default
+    assert gpu_benchmark_module()._row_epochs({"controller": "static-fp16", "command": "x --epochs=8"}) == 8.0
     assert gpu_benchmark_module()._row_epochs({"controller": "heuristic-speed", "command": "x --epochs 10"}) == 10.0
     # One folder of plots per job (only a job's rows shared the machine); none mixing jobs.
     assert sorted(p.name for p in (merged_plots / "synthetic").iterdir()) == ["jobs"]

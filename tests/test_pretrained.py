@@ -395,6 +395,16 @@ def test_transfer_smoke(tmp_path):
     assert len(document["runs"]) == 2
     assert saved["command"].startswith("python experiments/transfer.py")
     assert saved["device"] and saved["commit"] and saved["date"] == time.strftime("%Y-%m-%d")
+    # --reuse keeps the runs of the seeds asked for only: a file holding seed 1 too (from a run of --seeds 2) once
+    # put it in the summary of a --seeds 1 job
+    extra = {**saved["runs"][0], "seed": 1}
+    out.write_text(json.dumps({**saved, "runs": [*saved["runs"], extra]}))
+    reused = transfer.main(transfer.Args(smoke=True, reuse=True, out=str(out), plots=""))
+    assert sorted((run["controller"], run["seed"]) for run in reused["runs"]) == [("bf16", 0), ("heuristic", 0)]
+    assert reused["runs"] == saved["runs"]  # reused, not run again
+    # Times in ms to 4 figures: at .3f seconds the held-out rows, 6.297 ms and 6.034 ms, both read 0.006
+    assert "time to target (ms, modelled H200)" in transfer.format_table(saved["summary"])
+    assert [transfer._fmt(t) for t in (0.006297, 0.006034, None)] == ["6.297", "6.034", "–"]
     fake = {
         "t": {
             name: {"time_to_target_charged_s_mean": t, "final_metric_mean": acc}

@@ -602,12 +602,12 @@ def bootstrap_ci(
         raise ValueError(f"bootstrap_ci needs finite values; got {list(values)}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+    if not is_whole(n_resamples) or n_resamples < 1:
         raise ValueError(f"n_resamples={n_resamples!r} must be a positive integer")
     if len(data) == 1:
         return float(data[0]), float(data[0])
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), (n_resamples, len(data)))].mean(axis=1)
+    means = data[rng.integers(0, len(data), (int(n_resamples), len(data)))].mean(axis=1)
     tail = (1.0 - confidence) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
@@ -620,9 +620,10 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
     2000 resamples, seed 0), None with fewer than two values or a non-finite one.
 
     Time to target is averaged over the seeds that reached it (a conditional mean: ``reach_rate`` says how many;
-    ``time_to_target_s`` lists every seed's, None for a miss). ``rank`` orders the rows that reached the target on
-    every seed by their mean time to it (1: the fastest; equal times share a rank, the next rank skips); a row that
-    missed on some seed has none (None), whatever its mean over the seeds that reached.
+    ``time_to_target_s`` lists every seed's, None for a miss; a time that is no finite number counts as a miss).
+    ``rank`` orders the rows that reached the target on every seed by their mean time to it (1: the fastest; equal
+    times share a rank, the next rank skips); a row that missed on some seed has none (None), whatever its mean over
+    the seeds that reached.
 
     Every row holds the same keys, whatever the seeds and the reference: ``controller``, ``seeds``;
     ``final_metric_mean``, ``final_metric_std``, ``final_metric_ci95``; ``time_s_mean``, ``time_s_std``,
@@ -648,7 +649,10 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
         runs.append(result)
     rows: list[dict[str, Any]] = []
     for name, runs in by_controller.items():
-        reached = [r.time_to_target_s for r in runs if r.time_to_target_s is not None]
+        # A time that is no finite number (NaN from a broken run) is a miss: it once counted as reached, and
+        # sorting the rows' means with a NaN among them scrambled every rank.
+        to_target = [_finite_or_none(r.time_to_target_s) for r in runs]
+        reached = [t for t in to_target if t is not None]
         finals = [r.final_metric for r in runs]
         times = [r.time_s for r in runs]
         rows.append(
@@ -679,7 +683,7 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "final_metric_ci95": _ci95(finals),
                 "time_s_ci95": _ci95(times),
                 "time_to_target_s_ci95": _ci95(reached),
-                "time_to_target_s": [r.time_to_target_s for r in runs],
+                "time_to_target_s": to_target,
                 "mean_step_ms": statistics.fmean(r.mean_step_ms for r in runs),
                 "skipped_steps_mean": statistics.fmean(r.skipped_steps for r in runs),
                 "oom_events_total": sum(r.oom_events for r in runs),
@@ -891,6 +895,10 @@ def _ci95(values: list[float]) -> tuple[float, float] | None:
     if len(values) < 2 or not all(math.isfinite(v) for v in values):
         return None
     return bootstrap_ci(values)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
