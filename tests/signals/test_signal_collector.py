@@ -138,6 +138,28 @@ def test_round_estimates_enter_the_snapshot_with_their_definitions() -> None:
     assert collector.cheap_ms > 0 and abs(collector.overhead_ms - collector.estimator_ms - collector.cheap_ms) < 1e-9
 
 
+def test_a_round_runs_under_no_grad_and_is_refused_under_inference_mode() -> None:
+    """A decision made inside ``torch.no_grad()`` (an evaluation block) once failed: "loss does not depend on any
+    trainable parameter". Inference mode cannot give gradients at all: it is named."""
+
+    def collector() -> SignalCollector:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        layers = [list(model[0].parameters()), list(model[2].parameters())]
+        infos = [LayerInfo(f"l{i}", sum(p.numel() for p in ps), True) for i, ps in enumerate(layers)]
+        made = SignalCollector(infos, 0.9, 1 << 30, SignalConfig(schedule=Schedule.FIXED, fixed_interval_steps=1))
+        x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        made.attach(EstimatorSource(model, layers, nn.functional.cross_entropy, x, y))
+        return made
+
+    with torch.no_grad():
+        report = collector().maybe_estimate(0.1)
+    assert report is not None and report.folded
+    refused = collector()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch\.inference_mode\(\) forbids"):
+        refused.maybe_estimate(0.1)
+
+
 def test_round_folding_is_ema_with_bias_correction() -> None:
     torch.manual_seed(0)
     model = WithUnused()

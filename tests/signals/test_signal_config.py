@@ -190,3 +190,16 @@ def test_a_preset_override_of_an_unknown_field_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"^budget_frac=True must be a number in \(0, 1\); got bool$"):
         SignalConfig.preset("thorough", budget_frac=True)
     assert SignalConfig.preset("thorough", budget_frac=0.2).budget_frac == 0.2
+
+
+def test_a_small_budget_scales_the_sub_budgets_left_at_their_defaults_and_checks_those_set() -> None:
+    """``budget_frac=0.003`` was refused for cheap_budget_frac=0.004 and observe_budget_frac=0.001, fields its user
+    never set. Left as they are, they now take their shares of the default 2% budget (5% and 20%); set by hand, the
+    same values are still checked."""
+    assert (SignalConfig().observe_budget_frac, SignalConfig().cheap_budget_frac) == (0.001, 0.004)  # unchanged
+    small = SignalConfig(budget_frac=0.003)
+    assert small.observe_budget_frac == pytest.approx(0.003 * 0.05, rel=1e-12)
+    assert small.cheap_budget_frac == pytest.approx(0.003 * 0.2, rel=1e-12)
+    assert replace(SignalConfig(), budget_frac=0.002).cheap_budget_frac == pytest.approx(0.0004, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"cheap_budget_frac=0.004 must be in"):
+        SignalConfig(budget_frac=0.003, cheap_budget_frac=0.004)

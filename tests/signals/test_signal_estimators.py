@@ -435,6 +435,27 @@ def test_frozen_batch_stats_leave_the_running_statistics_as_they_were_even_after
     assert model[0].weight.grad is not None
 
 
+def test_frozen_batch_stats_put_back_every_buffer_a_training_forward_writes() -> None:
+    """An instance norm that tracks running statistics (no batch norm: its running variance moved by 0.56 a round)
+    and a spectral norm's power-iteration vectors (advanced at every forward, so each pass saw another function):
+    both as they were after the block, and the spectral norm's weight one function inside it."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv1d(2, 3, 1)), nn.InstanceNorm1d(3, track_running_stats=True))
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    x = torch.randn(4, 2, 5)
+    with frozen_batch_stats(model):
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)  # the power iteration held: one function
+    after = dict(model.named_buffers())
+    assert {name for name in before if "_u" in name or "_v" in name} and "1.running_var" in before
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed"
+    model(x)  # a control: a training forward outside the block does change them
+    assert not torch.equal(dict(model.named_buffers())["1.running_var"], before["1.running_var"])
+
+
 @pytest.mark.parametrize("kind", ["transformer", "lstm"])
 def test_frozen_batch_stats_turn_off_the_dropout_built_into_attention_and_rnns(kind: str) -> None:
     """Before the fix only dropout modules were switched off: ``nn.MultiheadAttention``'s own attention dropout (so a

@@ -683,6 +683,14 @@ class SignalCollector:
         self._loss_ema = loss if math.isnan(self._loss_ema) else keep * self._loss_ema + (1 - keep) * loss
 
     def _run_round(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "an estimator round needs gradients, which torch.inference_mode() forbids: run it outside that block"
+            )
+        with torch.enable_grad():  # a decision made under torch.no_grad() (an evaluation block) builds no graph
+            return self._run_round_with_grad(plan, source)
+
+    def _run_round_with_grad(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:
         config = self.config
         device = source.inputs.device
         watch = _Stopwatch(device)

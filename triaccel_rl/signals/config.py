@@ -42,6 +42,14 @@ class Schedule(ChoiceEnum):
         return f"unknown schedule {value!r}"
 
 
+class _Default(float):
+    """A default fraction left as it was: scaled to a ``budget_frac`` it does not fit (a value set is checked)."""
+
+
+_DEFAULT_OBSERVE_FRAC = _Default(0.001)
+_DEFAULT_CHEAP_FRAC = _Default(0.004)
+
+
 @dataclass(frozen=True)
 class SignalConfig:
     """Settings of the signal collector.
@@ -100,7 +108,8 @@ class SignalConfig:
             leaves room under the 0.5% target of issue 3 for what is not metered: the unsampled steps'
             bookkeeping (a few µs each) and device time beyond the host's (on an H200, 2026-12-01, about 0.07%
             of cnn-fmnist's 7.8-ms step). None: no bound of its own (decisions as a whole still keep to
-            ``(1 - expensive_share) * budget_frac``).
+            ``(1 - expensive_share) * budget_frac``). Left at its default under a ``budget_frac`` below 0.4%, each
+            of the two takes its default's share of the default 2% budget (5% and 20% of ``budget_frac``).
 
     Example:
         >>> SignalConfig.preset("cheap").mode
@@ -127,8 +136,8 @@ class SignalConfig:
     lr_factor_max: float = 2.0
     warmup_round: bool = True
     seed: int = 0
-    observe_budget_frac: float | None = 0.001
-    cheap_budget_frac: float | None = 0.004
+    observe_budget_frac: float | None = _DEFAULT_OBSERVE_FRAC
+    cheap_budget_frac: float | None = _DEFAULT_CHEAP_FRAC
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", SignalMode.parse(self.mode))
@@ -144,6 +153,12 @@ class SignalConfig:
             require_bool(name, getattr(self, name))
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
+        for name in ("observe_budget_frac", "cheap_budget_frac"):
+            value = getattr(self, name)
+            if isinstance(value, _Default) and self.budget_frac < _DEFAULT_CHEAP_FRAC:
+                # The default's share of the default 2% budget, for a smaller one (a budget_frac under 0.4% was
+                # refused for fields its user never set).
+                object.__setattr__(self, name, self.budget_frac * float(value) / 0.02)
         if not (0.0 < self.expensive_share <= 1.0):
             raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
         if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < self.budget_frac):

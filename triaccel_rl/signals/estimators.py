@@ -361,14 +361,21 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     (their ``dropout`` set to 0 for the block; an RNN cannot go to eval mode, cuDNN's backward needs training
     mode). Dropout a module's own ``forward`` applies (``F.dropout(x, p, self.training)``) stays on. The running
     statistics are put back afterwards, not only left alone by a momentum of 0: ``(1 - 0) * running + 0 * batch``
-    is NaN where a batch statistic overflowed (``0 * inf``).
+    is NaN where a batch statistic overflowed (``0 * inf``); so are those of instance norms that track them, and
+    every other buffer a training-mode forward may write (any module's): they were changed by each round. A
+    spectral norm's power iteration runs in training mode only: it is held (eval mode) for the block, so every
+    pass sees one function, and its vectors are put back with the other buffers.
     """
-    saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+    saved: list[tuple[nn.modules.batchnorm._NormBase, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     dropout_rates: list[tuple[nn.Module, float]] = []
     was_training = {module: module.training for module in model.modules()}
     model.train()
+    normed = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()}
+    others = [(b, b.clone()) for b in model.buffers() if id(b) not in normed]
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, _SPECTRAL_NORM):
+            module.eval()
+        if isinstance(module, nn.modules.batchnorm._NormBase):
             stats = (module.running_mean, module.running_var, module.num_batches_tracked)
             saved.append((module, module.momentum, [(b, b.clone()) for b in stats if b is not None]))
             module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged where finite
@@ -390,11 +397,19 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
                 # running statistics, unused in training mode), and an in-place write that bumped their version
                 # would fail a backward run after the block (H200, 2026-12-04).
                 buffer.data.copy_(copy)
+        for buffer, copy in others:
+            buffer.data.copy_(copy)
         for module, training in was_training.items():
             module.training = training
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+_SPECTRAL_NORM: tuple[type, ...] = tuple(
+    kind for kind in (getattr(nn.utils.parametrizations, "_SpectralNorm", None),) if kind is not None
+)
+"""``torch.nn.utils.parametrizations.spectral_norm``'s parametrization (private to torch: none if it moves)."""
 
 
 def _check_scalar_loss(loss: object) -> None:
