@@ -203,7 +203,13 @@ def advance_step_counts(
     return layer_steps
 
 
-def launch_config(kernel: str, tensor: torch.Tensor, block_size: int | None, num_warps: int | None) -> tuple[int, int]:
+def launch_config(
+    kernel: str,
+    tensor: torch.Tensor,
+    block_size: int | None,
+    num_warps: int | None,
+    segment_align: int | None = None,
+) -> tuple[int, int]:
     """Resolves a kernel's ``(block_size, num_warps)``: the caller's values, else the defaults for the backend.
 
     Args:
@@ -211,8 +217,12 @@ def launch_config(kernel: str, tensor: torch.Tensor, block_size: int | None, num
         tensor: a tensor the kernel works on (CUDA: GPU defaults; CPU: the interpreter's).
         block_size: elements per program, or None for the default.
         num_warps: warps per program, or None for the default.
+        segment_align: the layout's segment, which a block must divide: the default block is capped at the
+            largest power of two dividing it (a store of 64-element segments could not step at the default 4096).
     """
     default_block, default_warps = GPU_LAUNCH_CONFIGS[kernel] if tensor.is_cuda else (INTERPRETER_BLOCK_SIZE, 4)
+    if segment_align is not None and segment_align > 0:
+        default_block = min(default_block, segment_align & -segment_align)
     return (default_block if block_size is None else block_size, default_warps if num_warps is None else num_warps)
 
 

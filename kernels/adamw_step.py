@@ -197,7 +197,7 @@ def fused_adamw_step(
         params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
         precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
-    block_size, num_warps = launch_config("adamw_step", params, block_size, num_warps)
+    block_size, num_warps = launch_config("adamw_step", params, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
     if not _use_triton(params):
         fused_adamw_step_reference(
@@ -278,6 +278,9 @@ def fused_adamw_step_reference(
         params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
         precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
+    # The kernel path's checks of the two, before the counts move (a float64 tensor passed here and failed there)
+    inv_scale_arguments(inv_scale, params)
+    weight_decay_arguments(weight_decay, params, segment_align)
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
 

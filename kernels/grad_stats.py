@@ -109,7 +109,7 @@ def layer_grad_stats(
         The float32 statistics buffer of shape ``[N_STAT_ROWS, n_layers]``.
     """
     check_flat_layout(grads, chunk_layer, n_layers, segment_align)
-    block_size, num_warps = launch_config("grad_stats", grads, block_size, num_warps)
+    block_size, num_warps = launch_config("grad_stats", grads, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
     if out is None:
         out = torch.zeros((N_STAT_ROWS, n_layers), dtype=torch.float32, device=grads.device)

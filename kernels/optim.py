@@ -238,6 +238,11 @@ class _FusedOptimizer:
     ) -> StepResult:
         """Applies one step to every parameter of the store, unless a gradient is non-finite (or ``skip``).
 
+        It reads the gradients from the store's flat buffer, which ``param.grad`` views. After anything that sets
+        ``param.grad`` to ``None`` (``optimizer.zero_grad()``, ``model.zero_grad()``), call
+        ``store.rebind_grads()`` before the next backward, or the step reads zeros (``StepEngine`` does it before
+        every backward); checking here would cost every step a pass over the parameters on the host.
+
         Args:
             lr: global learning rate, a finite number >= 0.
             lr_factors: float32 ``[n_layers]`` on the store's device; layer ``i`` uses
@@ -272,6 +277,9 @@ class _FusedOptimizer:
                 )
         factors = self._default_lr_factors if lr_factors is None else lr_factors
         codes = self._default_codes if precision_codes is None else precision_codes
+        # Everything the update checks, checked before anything moves: a step refused in the update had already
+        # taken the record of the parameters without a gradient, and the retry decayed them.
+        self._check_step_arguments(factors, codes, inv_scale, skip)
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
@@ -290,6 +298,41 @@ class _FusedOptimizer:
             slice_.copy_(saved)
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
         return StepResult(skipped=skipped, stats=stats)
+
+    def _check_step_arguments(
+        self,
+        factors: torch.Tensor,
+        codes: torch.Tensor,
+        inv_scale: float | torch.Tensor,
+        skip: torch.Tensor | None,
+    ) -> None:
+        """Raises a ValueError naming an argument of :meth:`step` the kernels would refuse."""
+        device = self.store.device
+        if factors.dtype != torch.float32 or factors.device != device or not factors.is_contiguous():
+            raise ValueError(
+                f"lr_factors must be a contiguous float32 tensor on {device}; got {factors.dtype} on {factors.device}"
+            )
+        integer = not codes.is_floating_point() and codes.dtype != torch.bool
+        if not integer or codes.device != device or not codes.is_contiguous():
+            raise ValueError(
+                f"precision_codes must be a contiguous integer tensor on {device}; got {codes.dtype} on {codes.device}"
+            )
+        if isinstance(inv_scale, torch.Tensor) and (
+            inv_scale.numel() != 1 or inv_scale.dtype != torch.float32 or inv_scale.device != device
+        ):
+            raise ValueError(
+                f"inv_scale must be a float or a one-element float32 tensor on {device}; got {inv_scale.dtype} "
+                f"{tuple(inv_scale.shape)} on {inv_scale.device}"
+            )
+        if skip is not None and (skip.numel() != 1 or skip.dtype != torch.bool or skip.device != device):
+            raise ValueError(
+                f"skip must be a one-element bool tensor on {device}; got {skip.dtype} {tuple(skip.shape)} on "
+                f"{skip.device}"
+            )
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Raises a ValueError when the options cannot run on the buffers kept (none by default)."""
 
     def _mark_sitting_out(self, indices: Sequence[int]) -> None:
         """Sets the step state's participation row: a layer none of whose parameters got a gradient sits out.
@@ -508,6 +551,13 @@ class FusedSGD(_FusedOptimizer):
             self.momentum_buffer = self.store.params
         self._buffer_names = names
 
+    def _check_options(self) -> None:
+        if self.options.momentum != 0.0 and not self._buffer_names:  # the params stand in for the buffer
+            raise ValueError(
+                f"momentum is {self.options.momentum}, but this FusedSGD keeps no momentum buffer (it was built, or "
+                "loaded a checkpoint, without momentum): build it with momentum > 0"
+            )
+
     def _update(
         self,
         lr: float,
@@ -517,11 +567,7 @@ class FusedSGD(_FusedOptimizer):
         inv_scale: float | torch.Tensor,
     ) -> None:
         store, options = self.store, self.options
-        if options.momentum != 0.0 and not self._buffer_names:  # the params stand in for the buffer: never write it
-            raise ValueError(
-                f"momentum is {options.momentum}, but this FusedSGD keeps no momentum buffer (it was built, or loaded "
-                "a checkpoint, without momentum): build it with momentum > 0"
-            )
+        self._check_options()
         fused_sgd_step(
             store.params, store.grads, self.momentum_buffer, store.bf16_copy, store.fp16_copy,
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,

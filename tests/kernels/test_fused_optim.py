@@ -277,6 +277,11 @@ BAD_STEPS: list[tuple[dict[str, Any], str]] = [
     ({"max_grad_norm": NAN}, "max_grad_norm must be > 0 .*got nan"),
     ({"lr_factors": torch.ones(3)}, r"lr_factors must have one entry a layer, shape \(2,\); got \(3,\)"),
     ({"precision_codes": torch.zeros(1, dtype=torch.int32)}, r"precision_codes must .* shape \(2,\); got \(1,\)"),
+    # Refused by the update once the step had begun (an AssertionError, the record of gradient-less parameters gone)
+    ({"lr_factors": torch.ones(2, dtype=torch.float64)}, "lr_factors must be a contiguous float32 tensor on cpu"),
+    ({"precision_codes": torch.zeros(2)}, "precision_codes must be a contiguous integer tensor on cpu"),
+    ({"inv_scale": torch.ones((), dtype=torch.float64)}, "inv_scale must be a float or a one-element float32"),
+    ({"skip": torch.zeros((), dtype=torch.int32)}, "skip must be a one-element bool tensor on cpu"),
 ]
 
 
@@ -291,6 +296,30 @@ def test_step_arguments_out_of_range_are_refused_by_name(arguments: dict[str, An
     with pytest.raises(ValueError, match=message):
         optimizer.step(**{"lr": 0.1, **arguments})
     assert torch.equal(store.params, before) and float(optimizer.step_count) == 0.0
+
+
+def test_a_refused_step_keeps_the_record_of_the_parameters_without_a_gradient() -> None:
+    """A parameter the backward did not reach takes no decay, also on the step after a refused one (it took it)."""
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    store = FlatParameterStore([[a], [b]])
+    optimizer = FusedSGD(store, weight_decay=0.5)
+    a.grad = b.grad = None  # optimizer.zero_grad(set_to_none=True)
+    store.rebind_grads()
+    (a * 1.0).sum().backward()  # b gets no gradient: torch.optim would leave it alone
+    with pytest.raises(ValueError, match="lr_factors must be a contiguous float32"):
+        optimizer.step(0.1, lr_factors=torch.ones(2, dtype=torch.float64))
+    optimizer.step(0.1)
+    assert torch.equal(b.detach(), torch.ones(4)) and not torch.equal(a.detach(), torch.ones(4))
+
+
+def test_a_store_of_small_segments_steps_at_the_default_block_size() -> None:
+    """The default block (4096 elements) was refused by a store of 64-element segments: it is capped at them."""
+    p = torch.nn.Parameter(torch.ones(10))
+    store = FlatParameterStore([[p]], segment_align=64)
+    optimizer = FusedSGD(store, momentum=0.9)
+    p.grad.fill_(1.0)
+    optimizer.step(0.1)
+    assert torch.allclose(p.detach(), torch.full((10,), 0.9))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
