@@ -339,10 +339,13 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypatch):
-    """The library's checks say ``n_steps=0``; on the command line the message names the flag, ``--n-steps 0``."""
+    """The library's checks say ``n_steps=0``; on the command line the message names the flag, ``--n-steps 0``.
+
+    Refused, a command leaves no folder behind (``x/`` for ``--out x/policy.zip`` stayed, and ``--log-dir``'s)."""
     monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
+    assert main([*argv, "--log-dir", "x/tb"] if argv[0] == "train-policy" else argv) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_second_comparison_into_one_log_dir_is_told_its_curves_overlay(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import re
@@ -10,7 +11,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,26 @@ def _folder_to_write(flag: str, path: str) -> Path:
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot write in this folder ({err})") from err
     return folder
+
+
+@contextlib.contextmanager
+def _folders_kept_only_on_success(*paths: str) -> Iterator[None]:
+    """Removes the folders made for ``paths`` (files or folders) inside the block if it raises, when still empty.
+
+    The library checks some arguments only when it runs (``train_policy``'s sizes, ``measure_profile``'s batch); a
+    command refused there left the folders made for its outputs behind.
+    """
+    made: list[Path] = []
+    for path in filter(None, paths):
+        missing = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
+        made.extend(missing)  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty (a checkpoint written), or not a folder: kept
+                folder.rmdir()
+        raise
 
 
 def _apart(**paths: str) -> None:
@@ -387,15 +408,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train_policy(args: argparse.Namespace) -> int:
-    from triaccel_rl.rl import train_policy
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if Path(args.out).suffix != ".zip":
         raise ValueError(f"--out {args.out} must name a .zip file, such as runs/policy.zip")
+    with _folders_kept_only_on_success(args.out, args.log_dir):
+        path = _run_train_policy(args, tasks)
+    print(f"saved policy: {path}")
+    return 0
+
+
+def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
+    from triaccel_rl.rl import train_policy
+
     _file_to_write("--out", args.out, example="policy.zip")
     if args.log_dir:
         _folder_to_write("--log-dir", args.log_dir)
-    path = train_policy(
+    return train_policy(
         tasks,
         total_timesteps=args.timesteps,
         n_envs=args.n_envs,
@@ -415,17 +444,16 @@ def _train_policy(args: argparse.Namespace) -> int:
         progress_bar=not args.no_progress,
         torch_threads=args.torch_threads,
     )
-    print(f"saved policy: {path}")
-    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
     from triaccel_rl.profiling import measure_profile
     from triaccel_rl.training import resolve_device
 
-    out = _file_to_write("--out", args.out, example="profile.json")
-    profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
-    profile.save(out)
+    with _folders_kept_only_on_success(args.out):
+        out = _file_to_write("--out", args.out, example="profile.json")
+        profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
+        profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
     print(f"{profile.device}\nstep-time factors: {factors}; fixed {profile.fixed_ms:.3f} ms\nwrote {args.out}")
     return 0

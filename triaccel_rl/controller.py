@@ -67,8 +67,9 @@ class Controller:
         optimizer: its optimizer. The controller scales whatever LR its param groups hold at each step (an LR
             scheduler on it keeps working).
         policy: ``"heuristic"`` or one of its ablations (``"heuristic-precision"``, ...; see
-            ``make_policy``), a static preset (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3
-            ``.zip``, or any object with the ``predict`` signature.
+            ``make_policy``), ``"pretrained"`` (the policy shipped with the package), a static preset
+            (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3 ``.zip``, or any object with the ``predict``
+            signature. The batch finders are ``compare`` baselines, refused here with the reason.
         config: decision interval, groups, LR scales, batch bounds, memory budget, signals
             (``config.signals``; with ``lr_factors`` on, or a policy with ``needs_lr_factors`` such as
             ``"heuristic-second-order"``, each decision sets curvature-scaled per-layer LR factors, which
