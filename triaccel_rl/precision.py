@@ -243,8 +243,7 @@ class LayerPrecision:
                 torch.compiler.disable(self._open_fp32_region),
                 torch.compiler.disable(self._close_fp32_region),
             )
-        low = [p for p in self.precisions if p is not Precision.FP32]
-        outer_dtype = torch.bfloat16 if Precision.BF16 in low else torch.float16
+        outer_dtype = self._outer_dtype()
         # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
         # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
         outer = (self._active, self._mixed, self._cache_enabled, len(self._stack), len(self._swapped))
@@ -252,7 +251,12 @@ class LayerPrecision:
         self._active = True
         self._cache_enabled = cache_enabled
         try:
-            with torch.autocast(self.device_type, dtype=outer_dtype, enabled=bool(low), cache_enabled=cache_enabled):
+            with torch.autocast(
+                self.device_type,
+                dtype=outer_dtype or torch.float16,
+                enabled=outer_dtype is not None,
+                cache_enabled=cache_enabled,
+            ):
                 yield
         finally:
             self._active, self._mixed, self._cache_enabled, depth, swapped = outer
@@ -341,12 +345,29 @@ class LayerPrecision:
         exited, under the autocast state it saved: with the hooks idle, an fp32 layer of a mixed map recomputed in
         the outer 16-bit region (a "recomputed values have different metadata" error, or with ``use_reentrant=True``
         silently other gradients). The map cannot have changed since the forward: decisions come after the update.
+        A forward run by the backward is taken for a recompute of one inside ``context()`` only under the autocast
+        state ``context()`` sets: one that ran outside it, in plain fp32, is recomputed as it ran (the hooks had
+        switched on there too, and changed its gradients).
         """
         if self._active:
             return True
         if torch.compiler.is_compiling():
             return False
-        return bool(torch._C._current_graph_task_id() != -1)  # a forward run by the autograd engine: a recompute
+        if torch._C._current_graph_task_id() == -1:  # not a forward run by the autograd engine
+            return False
+        if self._stack:  # inside a region a hook of this recompute opened (an fp32 layer's turns autocast off)
+            return True
+        outer = self._outer_dtype()
+        return outer is not None and (
+            torch.is_autocast_enabled(self.device_type) and torch.get_autocast_dtype(self.device_type) == outer
+        )
+
+    def _outer_dtype(self) -> torch.dtype | None:
+        """The dtype of :meth:`context`'s autocast region: bf16 if a layer is bf16, else fp16; None: all fp32."""
+        low = {p for p in self.precisions if p is not Precision.FP32}
+        if not low:
+            return None
+        return torch.bfloat16 if Precision.BF16 in low else torch.float16
 
     def _mixed_now(self) -> bool:
         """``_mixed`` inside :meth:`context`; in a recompute, what the context would have set for this map."""
