@@ -16,12 +16,14 @@ by itself: a budget lowered after an out-of-memory error is met by accumulation,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from triaccel_rl.config import ControllerConfig
-from triaccel_rl.engine import StepEngine
+from triaccel_rl.engine import StepEngine, check_precision_supported
 from triaccel_rl.observation import LayerGrouper
 from triaccel_rl.types import Action, BatchMove, Precision
 
@@ -124,12 +126,13 @@ class Executor:
             for layer in self.grouper.layers_of(group):
                 wanted[layer] = precision
         unstable = overflow_rate > self.config.heuristic.max_overflow_rate
+        out_of_fp16 = _way_out_of_fp16(engine.device)
         if unstable:
             lowered = [i for i in range(len(current)) if wanted[i].bits < current[i].bits]
             for i in lowered:
                 wanted[i] = current[i]
             # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16.
-            wanted = [_out_of_fp16(p) for p in wanted]
+            wanted = [out_of_fp16(p) for p in wanted]
             if lowered:
                 refused.append(
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
@@ -142,7 +145,7 @@ class Executor:
             usable = target.usable_memory_bytes
             if predicted > usable:
                 for i in raised:  # kept where they were, but out of fp16 while it overflows, as every layer is
-                    wanted[i] = _out_of_fp16(current[i]) if unstable else current[i]
+                    wanted[i] = out_of_fp16(current[i]) if unstable else current[i]
                 refused.append(
                     f"kept {len(raised)} layers at their precision: batch {batch} at the raised precisions is "
                     f"predicted {predicted} bytes > {usable} usable of the {target.memory_budget_bytes}-byte budget, "
@@ -180,9 +183,10 @@ class Executor:
         elif action.batch_move is BatchMove.SHRINK:
             # Never above the batch now: one that started below min_batch_size (a user's small batch) stays there.
             shrunk = min(batch, max(batch // 2, self.config.min_batch_size))
-            if shrunk == batch:
+            if shrunk == batch:  # not written: the setter re-targets the LR gain (to a new noise scale, say)
                 refused.append(f"batch {batch} already at or below min_batch_size={self.config.min_batch_size}")
-            target.batch_size = shrunk
+            else:
+                target.batch_size = shrunk
         return ApplyReport(
             precisions=list(engine.precision.precisions),
             lr_scale=engine.lr_scale,
@@ -193,6 +197,19 @@ class Executor:
         )
 
 
-def _out_of_fp16(precision: Precision) -> Precision:
-    """bf16 for fp16 (the same bytes, a wider range), any other precision as it is."""
-    return Precision.BF16 if precision is Precision.FP16 else precision
+def _way_out_of_fp16(device: torch.device) -> Callable[[Precision], Precision]:
+    """What an overflowing fp16 layer moves to: bf16 (the same bytes, a wider range), or fp32 on a GPU without bf16.
+
+    Before, a V100's or T4's fp16 layers were moved to bf16, which the engine refused: the whole precision action
+    was dropped, a raise to fp32 with it, and the layers stayed in fp16 while it overflowed.
+    """
+    try:
+        check_precision_supported(Precision.BF16, device)
+        way_out = Precision.BF16
+    except ValueError:
+        way_out = Precision.FP32
+
+    def out_of_fp16(precision: Precision) -> Precision:
+        return way_out if precision is Precision.FP16 else precision
+
+    return out_of_fp16

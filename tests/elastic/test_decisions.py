@@ -256,3 +256,44 @@ def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_
     assert report.refused[0].startswith("kept 2 layers at their precision: batch 64 at the raised precisions")
     assert report.precisions == [Precision.BF16] * 2  # out of fp16, as the shield puts every layer under overflow
     ctl.close()
+
+
+def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a V100 or T4 (no bf16) the shield moved overflowing fp16 layers to bf16, which the engine refused: the whole
+    precision action was dropped, a raise to fp32 with it, and every layer stayed fp16 while fp16 overflowed."""
+    import triaccel_rl.engine
+    import triaccel_rl.executor
+
+    def without_bf16(precision: Precision, device: torch.device) -> None:
+        if precision is Precision.BF16:
+            raise ValueError("precision bf16 is not supported on this GPU; allowed: fp32, fp16")
+
+    for module in (triaccel_rl.engine, triaccel_rl.executor):
+        monkeypatch.setattr(module, "check_precision_supported", without_bf16)
+    loop = _loop()
+    layers = len(loop.run.precisions)
+    ask = Action((Precision.FP16,) * loop.config.n_groups, 1.0, BatchMove.KEEP)
+    for rate, expected in ((0.5, Precision.FP32), (0.0, Precision.FP16)):
+        loop.run.engine.set_precisions([Precision.FP16] * layers)
+        report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
+        assert report.precisions == [expected] * layers and not any("not applied" in r for r in report.refused)
+
+
+def test_a_refused_shrink_leaves_the_lr_gain_alone() -> None:
+    """A shrink refused at the smallest batch still wrote the batch size, whose setter re-targeted the AdaScale gain to
+    the noise scale measured since: the refused move changed the LR while the report said nothing changed."""
+    from triaccel_rl.config import ElasticConfig
+
+    run = TrainingRun(small_task(n_train=1200), seed=0, device="cpu", elastic=ElasticConfig(lr_rule="adascale"))
+    config = ControllerConfig(min_batch_size=32)
+    executor = Executor(config, DecisionLoop(run, config).grouper)
+    keep = (Precision.FP32,) * config.n_groups
+    executor.apply(Action(keep, 1.0, BatchMove.SHRINK), run)  # 64 -> 32
+    for _ in range(10):  # a new noise estimate since the gain was set
+        run.step()
+    before = run.engine.batch_lr_gain
+    report = executor.apply(Action(keep, 1.0, BatchMove.SHRINK), run)
+    assert report.refused == ["batch 32 already at or below min_batch_size=32"] and not report.changed
+    assert run.engine.batch_lr_gain == before
