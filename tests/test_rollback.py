@@ -421,3 +421,43 @@ def test_a_decision_loops_switches_are_true_false_or_none(name):
     run = TrainingRun("synthetic", seed=0, device="cpu")
     with pytest.raises(ValueError, match=rf"{name}='no' must be True, False or None"):
         DecisionLoop(run, ControllerConfig(), **{name: "no"})
+
+
+def test_a_controller_refreshes_its_rollback_copy_right_after_a_decision_that_changes_the_configuration():
+    """``ControllerConfig.snapshot_every`` promises a copy right after a change, so a rollback never crosses one:
+    DecisionLoop took it, the Controller did not (a rollback after the LR change at step 12 went back to step 4)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from triaccel_rl.config import ControllerConfig
+    from triaccel_rl.controller import Controller
+
+    class LowerTheLrAtTheThirdDecision:
+        name = "scripted"
+
+        def __init__(self) -> None:
+            self.decisions = 0
+
+        def predict(self, observation, state=None, episode_start=None, deterministic=False):
+            self.decisions += 1
+            return np.array([0, 0, 0, 0, 1 if self.decisions >= 3 else 2, 1]), None  # LR rung 1 (x0.75), else x1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=100)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=LowerTheLrAtTheThirdDecision(),
+                     config=config)  # fmt: skip
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        ctl.step(nn.functional.cross_entropy(model(xb), yb))
+        weights[ctl.steps] = model[0].weight.detach().clone()
+        if ctl.steps == 20:
+            break
+    assert [d.changed for d in ctl.decisions] == [False, False, True, False, False]
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    assert ctl.guard is not None and ctl.guard.restore("a test")
+    assert torch.equal(model[0].weight, weights[12])  # the decision at step 12 changed the LR
+    ctl.close()

@@ -209,6 +209,7 @@ class Controller:
             self._timer = IntervalTimer(self.device)
             self._timer.start()
             self._closed = False
+            self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
             initial = getattr(self.policy, "initial_action", None)
             if initial is not None:  # a static configuration holds from the first step
                 self.executor.apply(decode(initial, self.config), self)
@@ -821,9 +822,11 @@ class Controller:
         would evaluate to NaN from then on). Otherwise a mixed one does neither: its non-finite steps were skipped,
         and the model may be turning, so it is not copied.
         """
+        self._interval_healthy = False
         if self.guard is None or steps == 0:
             return False
         broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
+        self._interval_healthy = applied == steps and not broken
         if broken:
             restored = self.guard.restore(f"non-finite values in buffers {broken[:3]}")
         elif applied == steps:
@@ -855,6 +858,10 @@ class Controller:
         report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)
         if report.changed:
             self.cadence.expedite()  # judge the change at the next decision, soon
+        if report.changed and self.guard is not None and self._interval_healthy and not self.guard.copy_is_current:
+            # As DecisionLoop: a change is what most often precedes a divergence, so a rollback restarts from it
+            # (ControllerConfig.snapshot_every's promise), not from an older copy.
+            self.guard.save()
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
         for reason in report.refused:
