@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from triaccel_rl.config import (
     ConfigError,
@@ -111,7 +112,24 @@ def test_shipped_profile_exact_values() -> None:
     assert profile.time_factor == {"fp32": 1.0, "bf16": 0.302, "fp16": 0.253}
     assert profile.memory_factor == {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}
     assert profile.fixed_ms == 0.2
-    assert profile.throughput_scale == 2.4e-4
+    assert profile.throughput_scale == 4.018e-5
+
+
+def test_the_shipped_profile_prices_the_step_it_was_measured_on() -> None:
+    """The profile names ResNet-18's step at batch 512 on the H200: fp32 68.8 ms, bf16 20.8, fp16 17.4. The cost model
+    must give those back (within 1%). Its throughput_scale was 2.4e-4 until 2026-12-04, 6x too high (as if counting a
+    multiply-add as one FLOP and the forward alone): fp32 was priced at 410 ms, and the fixed per-step time weighed a
+    sixth of what it should against the batch's, so 16-bit precision saved too much on every small task."""
+    from triaccel_rl.costs import CostModel
+    from triaccel_rl.models import resnet18
+    from triaccel_rl.precision import find_layers
+
+    profile = HardwareProfile.load()
+    model = resnet18(3, 10)
+    costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)
+    for precision, measured_ms in ((Precision.FP32, 68.8), (Precision.BF16, 20.8), (Precision.FP16, 17.4)):
+        modelled = costs.step_ms(512, [precision] * len(costs.layers), profile)
+        assert modelled == pytest.approx(measured_ms, rel=0.01), precision
 
 
 def test_profile_loads_from_tmp_json(tmp_path: Path) -> None:
