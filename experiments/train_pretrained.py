@@ -211,6 +211,21 @@ def _percent(share: float | None) -> str:
     return "n/a" if share is None or not math.isfinite(share) else f"{100 * share:.0f}%"
 
 
+def _profile_row(facts: dict[str, Any]) -> str:
+    """The model card's profile row: the shipped profile, and the scale the policy was trained with if another."""
+    from triaccel_rl.config import HardwareProfile
+
+    row = f"{facts['profile']} (the shipped `triaccel_rl/profiles/h200.json`)"
+    trained, shipped = facts.get("profile_throughput_scale"), HardwareProfile.load(None).throughput_scale
+    if trained is not None and trained != shipped:
+        row += (
+            f"; trained with its `throughput_scale` of then, {trained:g} ms a sample-MFLOP, 6x the ResNet-18 step "
+            f"the profile names (corrected to {shipped:g} on 2026-12-04: rewards over-charged the batch's compute "
+            "against the fixed per-step time); the evaluations below are under the corrected profile"
+        )
+    return row
+
+
 def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
     """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
     settings = facts["args"]
@@ -238,8 +253,7 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
                          f"`max_decisions={settings['max_decisions']}` (cap), cost mode `profile`, "
                          f"`compute_bound={settings['compute_bound']}`, "
                          f"`lr_range={settings.get('lr_range') or 'none'}`, device `cpu`, default `ControllerConfig`"),
-        ("hardware profile (time and memory charged)", f"{facts['profile']} (the shipped "
-                                                       "`triaccel_rl/profiles/h200.json`)"),
+        ("hardware profile (time and memory charged)", _profile_row(facts)),
         ("machine", facts["machine"]),
         ("wall time", f"{facts['wall_s']:.0f} s"),
         ("throughput", f"{facts['env_steps_per_s']:.2f} env steps/s "
@@ -294,8 +308,9 @@ Learned vs heuristic vs static baselines (time to target, final accuracy, peak m
 ## Evaluation on the fresh held-out tasks
 
 Four tasks registered after this policy was chosen, before any controller ran on them, with targets from a rule
-fixed in advance (README, "Tasks"; `python experiments/transfer.py --tasks fresh`, written to
-`experiments/results/transfer_fresh.json`):
+fixed in advance (README, "Tasks";
+`python experiments/transfer.py --tasks fresh --out experiments/results/transfer_fresh.json --plots
+experiments/results/plots/transfer_fresh`):
 
 {_transfer_section(FRESH_TRANSFER)}
 {provenance}{_spread_section(spread)}
@@ -415,6 +430,7 @@ def _facts(
         "shipped_from_checkpoint": args.from_checkpoint or None,
         "warm_start": json.loads(warm.read_text()) if (warm := zip_path.parent / "warm_start.json").is_file() else None,
         "profile": HardwareProfile.load(None).device,
+        "profile_throughput_scale": HardwareProfile.load(None).throughput_scale,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,
         "commit": git_commit(),

@@ -165,7 +165,7 @@ def main(args: Args) -> dict[str, Any]:
                              "policy_sha256": _sha(controller)})  # fmt: skip
                 reached = _fmt(result.time_to_target_s)
                 print(f"{task:20s} {controller:11s} seed {result.seed}: final {100 * result.final_metric:.1f}%, "
-                      f"to target {reached} s, wall {result.wall_s:.0f} s", flush=True)  # fmt: skip
+                      f"to target {reached} ms, wall {result.wall_s:.0f} s", flush=True)  # fmt: skip
             _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
     document = _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
     print()
