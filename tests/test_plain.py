@@ -26,6 +26,39 @@ def test_plain_loop_equals_the_static_row_step_for_step(precision):
     assert plain.skipped_steps == row.skipped_steps == 0
 
 
+def test_plain_loop_equals_the_static_row_at_a_budget_of_no_whole_number_of_batches_and_a_constant_lr():
+    """1.2 epochs is 4300 samples, 67.2 batches of 64: the plain loop cut its last batch to 12 samples, the static row
+    trained a whole one, and at a constant LR (compare runs plain rows without a schedule) their ends differed."""
+    plain = run_plain("synthetic", 0, precision="fp32", epochs=1.2, eval_every_steps=10, device="cpu", schedule=False)
+    row = run_controller(
+        "synthetic", "fp32", 0, epochs=1.2, device="cpu", schedule=False, eval_every=1,
+        config=ControllerConfig(interval_steps=10),
+    )  # fmt: skip
+    assert plain.steps == row.steps == 68
+    assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"warmup_frac": 1.0}, r"warmup_frac=1.0 must be in \[0, 1\)"),  # a ZeroDivisionError at the last step
+        ({"warmup_frac": 1.5}, r"warmup_frac=1.5 must be in \[0, 1\)"),  # never decayed
+        ({"warmup_frac": -0.5}, r"warmup_frac=-0.5 must be in \[0, 1\)"),  # scaled the LR down
+        ({"eval_every_steps": 2.5}, "eval_every_steps=2.5 must be a whole number >= 1"),  # a TypeError in range()
+        ({"batch_size": 10**6}, "batch_size=1000000 is more than the 3584 training samples"),  # trained at LR 781
+    ],
+)
+def test_plain_loop_refuses_settings_that_train_otherwise_than_asked(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        run_plain("synthetic", 0, epochs=0.1, device="cpu", **arguments)
+
+
+def test_plain_loop_takes_a_numpy_batch_size():
+    import numpy as np
+
+    assert run_plain("synthetic", 0, epochs=0.1, batch_size=np.int64(32), device="cpu").steps == 12
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plain_loop_clips_as_the_static_row_does(precision):
     # clip_grad_norm_ after GradScaler's unscale_ in the plain loop, the engine's clipping in the static row: with a
@@ -80,7 +113,7 @@ def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
         ({"epochs": 0}, r"epochs=0 must be a positive number"),
         ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive number"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
-        ({"eval_every_steps": 0}, r"eval_every_steps=0 must be >= 1"),
+        ({"eval_every_steps": 0}, r"eval_every_steps=0 must be a whole number >= 1"),
         ({"max_time_s": -1.0}, r"max_time_s=-1.0 must be positive"),
     ],
 )

@@ -72,6 +72,13 @@ def test_bad_batch_size_is_rejected(bad):
         run.batch_size = bad
 
 
+def test_an_lr_schedule_over_no_finite_number_of_epochs_is_refused():
+    """inf passed "> 0" and held the LR at the warm-up's 2% of the base for good."""
+    for bad in (math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match=f"schedule_epochs={bad} must be a positive finite number"):
+            TrainingRun("synthetic", seed=0, device="cpu", schedule_epochs=bad)
+
+
 def test_unknown_precision_and_wrong_count():
     run = TrainingRun("synthetic", seed=0, device="cpu")
     with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed: fp32, bf16, fp16"):

@@ -32,6 +32,7 @@ from triaccel_rl.compare import NvmlPeak, RunResult, check_epoch_budget
 from triaccel_rl.config import LRRule
 from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
 from triaccel_rl.engine import check_max_grad_norm
+from triaccel_rl.errors import is_whole
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, get_task
@@ -81,7 +82,8 @@ def run_plain(
             ``None``: no clipping.
 
     Raises:
-        ValueError: an unknown precision, or a non-positive budget, batch, LR scale, interval or clipping norm.
+        ValueError: an unknown precision, a non-positive budget, batch, LR scale, interval or clipping norm, a
+            batch above the training set, or a warm-up share outside [0, 1).
     """
     task = get_task(task) if isinstance(task, str) else task
     if precision not in PLAIN_PRECISIONS:
@@ -89,11 +91,14 @@ def run_plain(
     for name, value in (("epochs", epochs), ("lr_scale", lr_scale)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}={value!r} must be a positive number")
-    if eval_every_steps < 1:
-        raise ValueError(f"eval_every_steps={eval_every_steps} must be >= 1")
+    if not (is_whole(eval_every_steps) and eval_every_steps >= 1):  # 2.5 failed with a TypeError in range()
+        raise ValueError(f"eval_every_steps={eval_every_steps!r} must be a whole number >= 1")
+    if not (math.isfinite(warmup_frac) and 0.0 <= warmup_frac < 1.0):  # as TrainingRun: 1.0 divided by zero at the end
+        raise ValueError(f"warmup_frac={warmup_frac!r} must be in [0, 1)")
     batch = task.base_batch_size if batch_size is None else batch_size
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not (is_whole(batch) and batch >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    batch = int(batch)
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
     max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -119,6 +124,10 @@ def run_plain(
 
     total_samples = int(epochs * len(loader))
     check_epoch_budget(epochs, len(loader))
+    if batch > len(loader):  # as TrainingRun: never served, the LR gain followed it (10**6 trained at LR 781)
+        raise ValueError(
+            f"batch_size={batch} is more than the {len(loader)} training samples: a step serves at most an epoch"
+        )
     timer = IntervalTimer(device)
     time_s = 0.0
     steps = samples = 0
@@ -137,7 +146,9 @@ def run_plain(
         for _ in range(eval_every_steps):
             if samples >= total_samples:
                 break
-            next_batch = loader.next(min(batch, total_samples - samples))
+            # Whole batches to the end, as TrainingRun takes them: a last batch cut to the budget made the two
+            # runs differ wherever the budget is no whole number of batches (with a constant LR, in compare)
+            next_batch = loader.next(batch)
             samples += len(next_batch.y)
             # As TrainingRun: the schedule's progress counts the batch about to be trained on.
             lr = base_lr * (schedule_gain(samples / len(loader), epochs, warmup_frac) if schedule else 1.0)

@@ -235,8 +235,11 @@ class TrainingRun:
         self.include_fixed_cost = include_fixed_cost
         self.elastic = elastic or ElasticConfig()
         self.fault = fault
-        if schedule_epochs is not None and not schedule_epochs > 0:
-            raise ValueError(f"schedule_epochs={schedule_epochs} must be positive (or None for a constant LR)")
+        if schedule_epochs is not None and not (math.isfinite(schedule_epochs) and schedule_epochs > 0):
+            # inf passed "> 0" and held the LR at the warm-up's 2% for good
+            raise ValueError(
+                f"schedule_epochs={schedule_epochs} must be a positive finite number (or None for a constant LR)"
+            )
         if not 0.0 <= warmup_frac < 1.0:
             raise ValueError(f"warmup_frac={warmup_frac} must be in [0, 1)")
         self.schedule_epochs = schedule_epochs

@@ -40,6 +40,8 @@ def test_default_loop_measures_curvature_noise_and_sparsity() -> None:
     collector = loop.collector
     assert collector.estimator_ms > 0 and collector.overhead_ms >= collector.estimator_ms
     assert 0 < collector.overhead_ms / collector.train_ms  # what compare reports as overhead_frac
+    # The snapshot's (TensorBoard's controller/overhead_frac) is the same share: it was over training plus overhead
+    assert signals.overhead_frac == pytest.approx(collector.overhead_ms / collector.train_ms, rel=1e-12)
 
 
 def test_same_seed_same_signals_in_profile_mode() -> None:
