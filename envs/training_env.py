@@ -277,9 +277,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.spent_ms += cost_ms
         signals = self.loop.snapshot(progress=self._progress())
         over_budget = signals.memory_bytes > signals.memory_budget_bytes
+        # Every step skipped is divergence, unless fp16's loss scale is still backing off: it halves from 65536 on each
+        # overflowing step, so a short first fp16 interval can be all skips of a run that trains on (it ended the
+        # episode at -5). The overflow penalty still charges them; a scale down to 1 is no back-off any more.
+        backing_off = run.engine.precision.needs_grad_scaler and run.engine.loss_scale > 1.0
         diverged = (
             not signals.extra["probe_loss_finite"]
-            or signals.overflow_rate >= 1.0
+            or (signals.overflow_rate >= 1.0 and not backing_off)
             or signals.probe_loss > self.divergence_factor * self._initial_probe
         )
         value = reward(
@@ -321,6 +325,10 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             info["overhead_frac"] = signals.overhead_frac
             info["wall_time_ms"] = run.train_time_ms
         return self.loop.observation(), value, diverged, truncated, info
+
+    def render(self) -> None:
+        """Renders nothing (``render_mode`` is None, as Gymnasium's convention has it: no render is computed)."""
+        return None
 
     def close(self) -> None:
         """Drops the run (its model, optimizer and data; on CUDA the allocator's cached blocks too), freeing its memory.

@@ -90,7 +90,10 @@ def test_non_integer_floats_rejected(raw: list[float]) -> None:
         decode(np.array(raw), SMALL)
 
 
-@pytest.mark.parametrize(("raw", "dtype"), [(["0", "0", "1", "1"], "<U1"), ([False, False, True, True], "bool")])
+@pytest.mark.parametrize(
+    ("raw", "dtype"),
+    [(["0", "0", "1", "1"], "<U1"), ([False, False, True, True], "bool"), ([2 + 5j, 0, 1, 1], "complex128")],
+)  # a complex entry was taken, its imaginary part dropped
 def test_strings_and_booleans_are_no_action(raw: list[object], dtype: str) -> None:
     """A string array raised numpy's TypeError from the range check; booleans passed as 0 and 1."""
     with pytest.raises(ValueError, match=rf"must hold integers; got {dtype}"):

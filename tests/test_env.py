@@ -179,6 +179,30 @@ def test_divergence_terminates_with_penalty():
     assert reward == -env.reward_config.divergence_penalty
 
 
+def test_an_interval_of_fp16_loss_scale_back_off_is_no_divergence():
+    """Inputs 16x larger overflow fp16 at GradScaler's first scale (65536): with one step an interval, the first fp16
+    interval is all skips while the scale halves. That ended the episode at -5 as a divergence, though the run
+    trains on without a skip (the overflow penalty still charges it)."""
+    from triaccel_rl.tasks import TaskData, synthetic_data
+
+    def scaled(n_train, n_test, seed):
+        data = synthetic_data(n_train, n_test, seed)
+        return TaskData(data.train_x * 16.0, data.train_y, data.test_x * 16.0, data.test_y)
+
+    env = TriAccelEnv(
+        task="synthetic",
+        config=ControllerConfig(interval_steps=1),
+        reward_config=RewardConfig(budget_intervals=6),
+        task_overrides={"n_train": 1024, "load_data": scaled},
+    )
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(np.array([2, 2, 2, 2, 2, 1]))  # fp16 everywhere
+    assert info["overflow_rate"] == 1.0 and not terminated
+    assert reward > -env.reward_config.divergence_penalty and env.loop.run.engine.loss_scale == 2.0**15
+    _, _, terminated, _, _ = env.step(np.array([2, 2, 2, 2, 2, 1]))
+    assert not terminated and env.loop.run.skipped_steps == 1  # the run trains on
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [

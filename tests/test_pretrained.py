@@ -210,12 +210,19 @@ def test_task_cycle_env_visits_every_task_and_passes_the_checkers():
     assert [info["task"] for _, info in resets] == ["synthetic", "deep-mlp-synthetic", "synthetic"]
     # The environment left behind is closed: one run lives at a time (each task's run stayed in memory before).
     assert env.envs[1].unwrapped.loop is None and env.envs[0].unwrapped.loop is not None
+    env.reset()  # on deep-mlp-synthetic; then a seeded reset (SB3's seed() then reset()) closed nothing: two runs
+    env.reset(seed=1)
+    assert env.envs[1].unwrapped.loop is None and env.envs[0].unwrapped.loop is not None
+    env.reset(seed=0)
+    env.reset()
+    env.reset()
     # Closing changes no episode: a lone environment on the same generator, never closed, gives the same ones.
     alone = make("synthetic")
     alone.unwrapped.np_random = gym.utils.seeding.np_random(0)[0]
     alone.reset()
     assert np.array_equal(alone.reset()[0], resets[2][0])
-    check_env(env, skip_render_check=True)
+    assert env.envs[0].unwrapped.render() is None  # Gymnasium's convention for render_mode None: it raised
+    check_env(env, skip_render_check=True)  # (no spec for its other render modes: a TaskCycleEnv is not made)
     sb3_check_env(env)
     with pytest.raises(ValueError, match="same observation and action spaces"):
         TaskCycleEnv([make("synthetic"), gym.make("TriAccel-v0", config=ControllerConfig(n_groups=2))])

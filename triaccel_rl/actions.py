@@ -34,7 +34,8 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
     nvec = action_space(config).nvec
     if values.shape != nvec.shape:
         raise ValueError(f"action {values.tolist()} has shape {values.shape}; expected {tuple(nvec.shape)}")
-    if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.number):  # True is no action index
+    real = np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    if values.dtype == np.bool_ or not real:  # True is no action index; 1+5j lost its 5j in the cast
         raise ValueError(f"action {values.tolist()} must hold integers; got {values.dtype}")
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):

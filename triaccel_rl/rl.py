@@ -156,14 +156,14 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first."""
         super().reset(seed=seed)
+        if self.current >= 0 and len(self.envs) > 1:
+            self.envs[self.current].close()  # its next reset builds a fresh run anyway: free this one's memory now
         if seed is not None:
             # Seed each inner generator without resetting it: a reset builds a training run and trains an
             # interval, which is too costly to do for tasks not used yet.
             for k, env in enumerate(self.envs):
                 env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k)[0]
             self.current = -1  # a seeded reset restarts the cycle, so the same seed gives the same episodes
-        if self.current >= 0 and len(self.envs) > 1:
-            self.envs[self.current].close()  # its next reset builds a fresh run anyway: free this one's memory now
         self.current = (self.current + 1) % len(self.envs)
         obs, info = self.envs[self.current].reset(options=options)
         task: Any = getattr(self.envs[self.current].unwrapped, "task", None)
