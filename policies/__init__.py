@@ -66,6 +66,10 @@ def make_policy(
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
+    if isinstance(spec, type):  # its predict is callable too, and failed later for want of self
+        raise TypeError(
+            f"policy={spec.__name__} is a class: pass an instance (e.g. {spec.__name__}(...)), or a name or path"
+        )
     if not isinstance(spec, str):
         if not callable(getattr(spec, "predict", None)):
             raise TypeError(
@@ -85,7 +89,8 @@ def make_policy(
         return HeuristicPolicy.from_name(name, config)
     if name in BATCH_FINDER_NAMES:
         return BatchFinderPolicy(name, config)
-    if name == "pretrained":
+    shipped = name == "pretrained"
+    if shipped:
         spec = str(pretrained_policy_path())
         name = spec
     if name.endswith(".zip"):
@@ -100,6 +105,8 @@ def make_policy(
         learned.initial_precision = Precision.parse(config.heuristic.start_precision)
         # On a GPU it runs its 16-bit groups in whichever format the heuristic's speed trial finds faster.
         learned.speed_trial = config.heuristic.speed_trial
+        if shipped:  # its row: "learned:policy.zip" clashed with train-policy's default runs/policy.zip
+            learned.name = "pretrained"
         stats_file = Path(spec).with_suffix(".obs.json")
         if not stats_file.is_file():
             _log.warning(

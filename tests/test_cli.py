@@ -212,6 +212,11 @@ def test_two_policies_of_one_file_name_are_refused_not_merged(tmp_path, capsys):
     argv[4] = "fp32,foo"
     assert main(argv) == 2
     assert "or a path to an SB3 .zip, or a plain loop: plain-fp32, plain-bf16, plain-fp16" in capsys.readouterr().err
+    # The shipped policy is the row "pretrained": beside one's own policy.zip (train-policy's default name) it clashed
+    from triaccel_rl.compare import check_comparison, row_names
+
+    assert row_names(["pretrained", str(zips[0])]) == ["pretrained", "learned:policy.zip"]
+    check_comparison("synthetic", ["pretrained", str(zips[0])], [0])
 
 
 @pytest.mark.parametrize(("a", "b"), [("out", "log-dir"), ("out", "plots"), ("plots", "log-dir")])

@@ -305,7 +305,7 @@ def test_runs_record_curves_and_traces(results):
 
 def test_row_names_are_the_names_the_runs_report(results):
     assert row_names(["fp32", "heuristic"]) == list(dict.fromkeys(r.controller for r in results))
-    assert row_names(["bf16", "plain-fp16", "pretrained"]) == ["static-bf16", "plain-fp16", "learned:policy.zip"]
+    assert row_names(["bf16", "plain-fp16", "pretrained"]) == ["static-bf16", "plain-fp16", "pretrained"]
     with pytest.raises(ValueError, match="unknown policy 'fp8'"):
         row_names(["fp8"])
 

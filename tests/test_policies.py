@@ -207,6 +207,9 @@ def test_heuristic_rejects_wrong_observation_shape():
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="unknown policy 'fp8'; allowed: fp32, bf16, fp16, heuristic"):
         make_policy("fp8")
+    # A class has a callable predict too: it was taken, and failed at the first decision for want of self
+    with pytest.raises(TypeError, match=r"policy=HeuristicPolicy is a class: pass an instance"):
+        make_policy(HeuristicPolicy)
 
 
 def test_missing_and_corrupt_policy_zip(tmp_path):
@@ -600,7 +603,7 @@ def test_make_policy_takes_every_documented_name():
         "batch-finder": (BatchFinderPolicy, "batch-finder"),
         "batch-finder-bf16": (BatchFinderPolicy, "batch-finder-bf16"),
         "batch-finder-fp16": (BatchFinderPolicy, "batch-finder-fp16"),
-        "pretrained": (FallbackPolicy, "learned:policy.zip"), "PRETRAINED": (FallbackPolicy, "learned:policy.zip"),
+        "pretrained": (FallbackPolicy, "pretrained"), "PRETRAINED": (FallbackPolicy, "pretrained"),
     }  # fmt: skip
     for spec, (kind, name) in expected.items():
         policy = make_policy(spec)

@@ -265,6 +265,9 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
         ("{'low': [0.0]}", "are not valid JSON"),
         (json.dumps({"low": [0.0] * 43, "high": [1.0] * 42, "n_observations": 4}), "got 43 and 42 values"),
         (json.dumps({"low": ["x"], "high": [1.0], "n_observations": 4}), "hold a value of the wrong kind"),
+        # NaN passed "low <= high", and every observation, the range's centre too, went to the heuristic
+        ('{"low": [NaN, 0.0], "high": [1.0, 1.0], "n_observations": 4}', r"feature 0 has the range \[nan, 1.0\]"),
+        ('{"low": [0.0], "high": [1.0], "n_observations": 4, "lr_scales": [1.0, NaN]}', r"lr_scales \[1.0, nan\]"),
     ],
 )
 def test_observation_stats_that_cannot_serve_the_policy_are_refused_on_loading(tiny_policy, tmp_path, text, message):

@@ -544,6 +544,14 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
     with pytest.raises(ValueError, match="are not valid JSON"):
         train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
     assert not (tmp_path / "new.zip").exists()
+    # A zip named without ".zip" and with a dot in its name: its stats were looked for at policy_lr0.obs.json
+    dotted = tmp_path / "policy_lr0.5.zip"
+    shutil.copyfile(trained, dotted)
+    dotted.with_suffix(".obs.json").write_text(json.dumps({**stats, "lr_scales": None}))
+    with pytest.raises(ValueError, match=re.escape("policy_lr0.5.obs.json' record the LR ladder None")):
+        train_policy(
+            ["synthetic"], total_timesteps=8, resume=tmp_path / "policy_lr0.5", out=tmp_path / "n.zip", **_TINY
+        )
 
 
 class _Constant:

@@ -821,7 +821,8 @@ def _check_run_settings(
 def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:
     """The row each controller's runs are reported under, in order.
 
-    ``fp32`` is ``static-fp32``, a zip (``pretrained`` too) ``learned:<file name>``, a plain loop its own name.
+    ``fp32`` is ``static-fp32``, a zip ``learned:<file name>`` (the shipped one ``pretrained``), a plain loop its
+    own name.
 
     Raises:
         ValueError: an unknown controller, as :func:`compare` would.

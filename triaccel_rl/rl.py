@@ -429,6 +429,9 @@ def train_policy(
         raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
     if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
         raise ValueError(f"resume={str(resume)!r}: no such policy zip")
+    if resume is not None and not Path(resume).is_file():
+        # The zip SB3 opens: "runs/policy_lr0.5" once looked for its stats at runs/policy_lr0.obs.json (with_suffix)
+        resume = Path(f"{resume}.zip")
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     if warm_start_epochs < 1 or warm_start_steps < 1:  # -100 steps imitated one decision and recorded -100

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -401,6 +402,16 @@ class ObservationStats:
             ladder = None if scales is None else tuple(float(s) for s in scales)
         except (TypeError, ValueError) as error:
             raise ValueError(f"observation stats {str(file)!r} hold a value of the wrong kind: {error}") from None
+        unfinite = [
+            i for i, (a, b) in enumerate(zip(low, high, strict=False)) if not (math.isfinite(a) and math.isfinite(b))
+        ]
+        if unfinite:  # a NaN bound passed "low <= high" and sent every observation to the fallback
+            raise ValueError(
+                f"observation stats {str(file)!r}: feature {unfinite[0]} has the range [{low[unfinite[0]]}, "
+                f"{high[unfinite[0]]}]; every bound must be a finite number"
+            )
+        if ladder is not None and not all(math.isfinite(x) and x > 0 for x in ladder):
+            raise ValueError(f"observation stats {str(file)!r}: lr_scales {list(ladder)} must be positive numbers")
         if len(low) != len(high) or not low or any(a > b for a, b in zip(low, high, strict=True)):
             raise ValueError(
                 f"observation stats {str(file)!r}: low and high must be ranges of one non-empty length with low <= "
