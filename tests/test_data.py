@@ -577,3 +577,10 @@ def test_normalize_images() -> None:
         normalize_images(x, 0.0, float("inf"))
     with pytest.raises(DatasetError, match=r"needs finite means, got \[0.0, nan, 0.0\]"):
         normalize_images(x, [0.0, float("nan"), 0.0], 1.0)
+    # NumPy and 0-d tensor scalars are scalars (TypeErrors before); text is a DatasetError naming it (a bare ValueError)
+    import numpy as np
+
+    for mean in (np.float32(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(normalize_images(x, mean, np.int64(4)), (x - 0.5) / 4)
+    with pytest.raises(DatasetError, match=r"normalize_images: mean '0\.5' must be a number or one number a channel"):
+        normalize_images(x, "0.5", 1.0)

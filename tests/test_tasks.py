@@ -97,6 +97,7 @@ def test_overrides_name_the_fields_and_are_checked() -> None:
         ({"label_smoothing": 1.0}, r"label_smoothing=1.0 must be in \[0, 1\)"),
         ({"augment": "crop"}, r"augment='crop' must be callable or None"),
         ({"build_model": None}, r"build_model=None must be callable"),
+        ({"description": None}, r"description None must be a string"),  # taken, and printed as None in --help
     ],
 )
 def test_task_refuses_bad_fields_by_name(overrides: dict, match: str) -> None:
@@ -314,6 +315,11 @@ def test_fashion_subsets_are_seeded_distinct_and_from_their_own_file(fake_fashio
     assert torch.equal(other.test_x, first.test_x)  # ... and not the test subset: one yardstick for every seed
     whole = fashion_mnist_data(None, 500, seed=3)  # None, or more than the file has: all of it, in file order
     assert _rows(whole.train_x) == train_rows and _rows(whole.test_x) == test_rows
+    labels = whole.train_y.tolist()
+    whole.train_y[:5] = 0  # a caller's in-place edit: it reached every later call's labels (the loader's cache)
+    whole.test_y[:5] = 0
+    fresh = fashion_mnist_data(None, None, seed=3)
+    assert fresh.train_y.tolist() == labels and fresh.test_y.tolist() != whole.test_y.tolist()
 
 
 @pytest.mark.parametrize(
@@ -394,6 +400,9 @@ def test_crop_flip_keeps_each_sample_in_place_and_draws_from_the_seed() -> None:
     assert torch.equal(x, _labelled_images())  # the input is left alone
     channels_last = crop_flip(x.contiguous(memory_format=torch.channels_last))
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    import numpy as np
+
+    assert crop_flip(x, pad=np.int64(2)).shape == x.shape  # a NumPy integer was refused as "no integer"
     flips_only = crop_flip(x, pad=0)
     assert all(torch.equal(flips_only[i], x[i]) or torch.equal(flips_only[i], x[i].flip(-1)) for i in range(len(x)))
 

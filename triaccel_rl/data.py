@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import numbers
 import os
 import pickle
 import warnings
@@ -500,10 +501,15 @@ def _read_cifar10_meta(path: Path) -> tuple[str, ...]:
 
 
 def _per_channel(value: float | Sequence[float], channels: int, name: str) -> list[float]:
-    """Turn a scalar or per-channel sequence into ``channels`` floats."""
-    if isinstance(value, (int, float)):
+    """Turn a scalar (a NumPy or 0-d tensor one too) or per-channel sequence into ``channels`` floats."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return [float(value)] * channels
-    values = [float(v) for v in value]
+    try:
+        values = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):  # "0.5" gave a bare ValueError, np.float32(0.5) "not iterable"
+        raise DatasetError(f"normalize_images: {name} {value!r} must be a number or one number a channel") from None
     if len(values) != channels:
         raise DatasetError(f"normalize_images got {len(values)} {name} values for {channels} channels")
     return values

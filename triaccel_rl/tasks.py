@@ -98,6 +98,8 @@ class Task:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"task name {self.name!r} must be a non-empty string")
         where = f"task {self.name!r}"
+        if not isinstance(self.description, str):  # tables and --help print it
+            raise ValueError(f"{where}: description {self.description!r} must be a string")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"{where}: optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
         for field, fn in (("build_model", self.build_model), ("load_data", self.load_data)):
@@ -236,7 +238,9 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
     dataset = load_fashion_mnist()
     train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
     test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
-    train_y, test_y = dataset.train_labels, dataset.test_labels
+    # Copies: the loader's are cached for the process, and a caller's in-place edit (d.train_y[:5] = 0) reached every
+    # later task's labels
+    train_y, test_y = dataset.train_labels.clone(), dataset.test_labels.clone()
     generator = torch.Generator().manual_seed(seed)
     if n_train is not None and n_train < len(train_x):
         keep = torch.randperm(len(train_x), generator=generator)[:n_train]
@@ -290,8 +294,9 @@ def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """
     if x.dim() != 4:
         raise ValueError(f"crop_flip expects images [N, C, H, W], got shape {tuple(x.shape)}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or pad < 0:  # np.int64(2) was refused
         raise ValueError(f"crop_flip: pad={pad!r} must be an integer >= 0")
+    pad = int(pad)
     n, _, h, w = x.shape
     padded = nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
