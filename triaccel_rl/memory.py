@@ -258,6 +258,7 @@ class MemoryModel:
 
     def __init__(self, costs: CostModel, profile: HardwareProfile) -> None:
         self.costs = costs
+        self._last_checked_key: tuple[int, ...] = ()  # the last map observe() checked
         self.profile = profile
         # Per precision map, the highest peak measured at each batch size (the max: conservative when the
         # allocator's fragmentation drifts), in insertion order so the latest map can be told.
@@ -310,6 +311,7 @@ class MemoryModel:
                 f"need whole numbers batch_size >= 1, peak_bytes >= 0 and allocated_bytes >= 0; got {batch_size!r}, "
                 f"{peak_bytes!r} and {allocated_bytes!r}"
             )
+        key = self._checked_key(precisions)
         # Mixed, the points would mean two things: whole peaks, and what a pass added on the first reading's baseline
         # (a whole peak taken after a rebase would count the baseline's shift twice).
         with_allocation = allocated_bytes is not None
@@ -329,7 +331,7 @@ class MemoryModel:
                 self.skipped_points += 1
                 return
             peak_bytes = max(peak_bytes - allocated_bytes, 0) + self._base_bytes
-        points = self._peaks.setdefault(_key(precisions), {})
+        points = self._peaks.setdefault(key, {})
         points[int(batch_size)] = max(points.get(int(batch_size), 0), int(peak_bytes))
 
     def rebase(self, allocated_bytes: int) -> None:
@@ -338,12 +340,35 @@ class MemoryModel:
         Predictions move with them once a measurement gave ``allocated_bytes``; before that it is a no-op.
 
         Raises:
-            ValueError: a negative reading.
+            ValueError: a reading that is not a whole number >= 0 (2.5 was cut to 2, True read as 1, NaN failed in
+                int()).
         """
-        if allocated_bytes < 0:
-            raise ValueError(f"allocated_bytes={allocated_bytes} must be >= 0")
+        if not _count(allocated_bytes, 0):
+            raise ValueError(f"allocated_bytes={allocated_bytes!r} must be a whole number >= 0")
         if self._base_bytes is not None:
             self._now_bytes = int(allocated_bytes)
+
+    def _checked_key(self, precisions: Sequence[Precision]) -> tuple[int, ...]:
+        """``precisions``' key; a ValueError for a map of another length than the layers or holding no precision code.
+
+        A point stored under such a map could become the reference map, after which every prediction raised. Checked
+        once a map (the Controller observes every step, mostly under one map).
+        """
+        try:
+            key = _key(precisions)
+        except (TypeError, ValueError):
+            key = ()
+        if key and key == self._last_checked_key:
+            return key
+        n_layers = len(self.costs.layers)
+        if len(key) != n_layers or not all(_valid_code(p) for p in precisions):
+            shown = [p.name.lower() if isinstance(p, Precision) else p for p in precisions]
+            codes = ", ".join(f"{int(p)} ({p.name.lower()})" for p in Precision)
+            raise ValueError(
+                f"precisions {shown} must be one precision code, {codes}, for each of the {n_layers} layers"
+            )
+        self._last_checked_key = key
+        return key
 
     def fit(self, precisions: Sequence[Precision]) -> MemoryFit | None:
         """The line for ``precisions``, or ``None`` when nothing was measured (predictions use the accounting).
@@ -385,10 +410,13 @@ class MemoryModel:
         """Largest micro-batch in ``[0, limit]`` predicted to fit ``budget_bytes`` (0: not even one sample).
 
         Raises:
-            ValueError: ``limit`` is not a whole number (a bisection on 2.5 never ended).
+            ValueError: ``limit`` is not a whole number (a bisection on 2.5 never ended), or ``budget_bytes`` is not a
+                number (NaN fitted one sample: every comparison with it is false).
         """
         if not is_whole(limit):
             raise ValueError(f"limit={limit!r} must be a whole number of samples")
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real) or math.isnan(budget_bytes):
+            raise ValueError(f"budget_bytes={budget_bytes!r} must be a number of bytes")
         limit = int(limit)
         predict = self._predictor(precisions)  # fitted once, then evaluated ~log2(limit) times
         if limit < 1 or predict(1) > budget_bytes:
@@ -482,6 +510,14 @@ def measure_tensor_bytes(
     for state in optimizer.state.values():
         static += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return int(static + activations)
+
+
+def _valid_code(value: object) -> bool:
+    try:
+        Precision(int(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
 
 
 def _key(precisions: Sequence[Precision]) -> tuple[int, ...]:

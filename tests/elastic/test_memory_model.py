@@ -256,7 +256,8 @@ def test_rebase_before_any_measurement_changes_nothing_and_bad_readings_are_refu
         with pytest.raises(ValueError, match="need whole numbers batch_size >= 1"):
             model.observe(args["batch_size"], fp32, args["peak_bytes"], allocated_bytes=args["allocated_bytes"])
     assert (model.predict(32, fp32), model.max_batch_size(30_000, fp32, 1000)) == before
-    with pytest.raises(ValueError, match="allocated_bytes=-1 must be >= 0"):  # taken, it lowered every prediction
+    # taken, it lowered every prediction
+    with pytest.raises(ValueError, match="allocated_bytes=-1 must be a whole number >= 0"):
         model.rebase(-1)
 
 
@@ -327,3 +328,20 @@ def test_observe_with_and_without_allocated_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match=r"allocated_bytes=None\) after points with allocated_bytes: give it"):
         other.observe(16, fp32, 14_000)
     assert other.n_measurements == 1 and model.n_measurements == 1  # the refused points were not taken
+
+
+def test_readings_and_maps_the_model_cannot_use_are_refused_before_they_are_stored() -> None:
+    """A map of another length or with no precision code was stored, could become the reference map, and then every
+    prediction raised for correct maps too; rebase cut 2.5 to 2 and read True as 1 byte; a NaN budget fitted one."""
+    model, fp32 = _linear_model()
+    before = model.predict(8, fp32)
+    for bad in ([7] * len(fp32), fp32 * 2, fp32[:1]):
+        with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\), 1 \(bf16\), 2 \(fp16\), for"):
+            model.observe(8, bad, 10_000)  # type: ignore[arg-type]
+    assert model.n_measurements == 0 and model.predict(8, fp32) == before
+    model.observe(8, fp32, 10_000, allocated_bytes=2_000)
+    for bad in (2.5, True, math.nan, math.inf, -1):
+        with pytest.raises(ValueError, match=rf"allocated_bytes={bad!r} must be a whole number >= 0"):
+            model.rebase(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="budget_bytes=nan must be a number of bytes"):
+        model.max_batch_size(math.nan, fp32, 100)
