@@ -216,6 +216,18 @@ def test_a_loaded_grouper_regroups_as_the_saved_one() -> None:
         loaded.load_state_dict({**grouper.state_dict(), "score": [1.0]})
 
 
+def test_keeping_layers_in_their_groups_never_empties_a_group() -> None:
+    """With as many layers as groups, the hysteresis kept every layer but one in place and left group 0 empty: the
+    most sensitive group's precision action steered no layer and its features were group 1's."""
+    grouper = LayerGrouper(np.ones(3, dtype=bool), n_groups=3)
+    assert grouper.update(make_signals([3.0, 2.0, 1.0])).tolist() == [0, 1, 2]
+    assignment = grouper.update(make_signals([-3.0, 2.0, 2.8]))  # smoothed scores 0.0, 2.0, 1.9
+    assert sorted(assignment.tolist()) == [0, 1, 2] and assignment.tolist() == [2, 0, 1]  # the ranking's groups
+    stable = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)  # a control: where no group empties, layers stay put
+    stable.update(make_signals([0.0, 1.0, 2.0, 3.0]))
+    assert stable.update(make_signals([3.0, 2.0, 1.0, 0.0])).tolist() == [1, 1, 0, 0]
+
+
 def test_grouper_ignores_non_controllable_layers() -> None:
     # Layer 1 (a norm) is the most sensitive but not controllable: it is in no group.
     scores = [1.0, 9.0, 3.0, 2.0, 0.0]

@@ -191,6 +191,13 @@ class LayerGrouper:
             for i in np.flatnonzero(self.assignment == group):
                 if low <= self._score[i] <= high:
                     keep[i] = group
+        if len(self.indices) >= self.n_groups:
+            # Keeping layers in place must not empty a group (group 0's precision action then steered no layer, and
+            # its features were its neighbour's): an emptied group takes back the layers the ranking puts in it.
+            for group in set(range(self.n_groups)) - set(keep.tolist()):
+                keep[proposed == group] = group
+            if len(set(keep.tolist())) < self.n_groups:  # that emptied another: the ranking as it is
+                keep = proposed
         self.assignment = keep
         return self.assignment
 
