@@ -74,6 +74,13 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
     return state, ctl2
 
 
+def test_a_pretrained_run_resumes_as_the_uninterrupted_run():
+    """``policy="pretrained"``'s FallbackPolicy had no setter for the precisions a checkpoint restores: the load raised
+    after the engine and the step count were in, and the next loader() started the data over."""
+    _, resumed = resume_matches_an_uninterrupted_run("pretrained")
+    assert resumed.policy.initial_precision is resumed.policy.fallback.initial_precision
+
+
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
 def test_a_resumed_run_is_the_uninterrupted_run(policy):
     state, resumed = resume_matches_an_uninterrupted_run(policy)

@@ -454,8 +454,30 @@ class FallbackPolicy:
 
     @property
     def initial_precision(self) -> Precision | None:
-        """Where the run starts: the learned policy's start precision (see ``make_policy``)."""
+        """Where the run starts: the learned policy's start precision (see ``make_policy``).
+
+        Set (a checkpoint's, by ``Controller.load_state_dict``), it goes to the learned policy and the fallback alike,
+        as the speed trial's answer does; without a setter a resumed ``policy="pretrained"`` run raised half-loaded.
+        """
         return getattr(self.policy, "initial_precision", None)
+
+    @initial_precision.setter
+    def initial_precision(self, precision: Precision | None) -> None:
+        self._set_on_both("initial_precision", precision)
+
+    @property
+    def low_precision(self) -> Precision | None:
+        """The 16-bit format the speed trial chose (the learned policy's; None before a trial). Set, as above."""
+        return getattr(self.policy, "low_precision", None)
+
+    @low_precision.setter
+    def low_precision(self, precision: Precision | None) -> None:
+        self._set_on_both("low_precision", precision)
+
+    def _set_on_both(self, name: str, precision: Precision | None) -> None:
+        for policy in (self.policy, self.fallback):
+            if hasattr(policy, name):
+                setattr(policy, name, precision)
 
     def wants_speed_trial(self, step_time_known: bool) -> bool:
         """The learned policy's answer (False where it has none)."""
