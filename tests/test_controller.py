@@ -834,3 +834,22 @@ def test_a_batch_served_but_never_stepped_on_is_served_again_by_the_next_loader_
     trained_indices = sorted(i for i in trained if i >= 0)
     assert len(trained_indices) == 36 and len(set(trained_indices)) == 36  # each once, 4 skipped
     assert trained.count(-1) == 4 and ctl.state_dict()["loader"]["epoch"] == 1
+
+
+def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(caplog):
+    """``loader()`` serves one run's training data. Called on a test set inside the training loop, the open training
+    iterator went on serving from the test set's loader (training stopped half-way through its epoch); called between
+    epochs, the training data started over at epoch 0 without a word. Now the first raises, the second warns."""
+    import logging
+
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32")
+    train, test = data(96), data(32)
+    with pytest.raises(RuntimeError, match="replaced by a loader\\(\\) call on another dataset"):
+        for x, y in ctl.loader(train, batch_size=16):
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+            with caplog.at_level(logging.WARNING, logger="triaccel_rl"):
+                for _ in ctl.loader(test, batch_size=16):  # an evaluation through the controller
+                    break
+    assert "loader() on another dataset ((32, 8) inputs) starts a new run of the data from epoch 0" in caplog.text
+    ctl.close()

@@ -241,7 +241,9 @@ class Controller:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
-        Every sample is seen exactly once per epoch whatever batch sizes the policy picks, each epoch in its own order.
+        It serves one run's training data (a call on another dataset starts the data over, with a warning, and ends
+        an iterator still open on the old one). Every sample is seen exactly once per epoch whatever batch sizes the
+        policy picks, each epoch in its own order.
         A batch served but never stepped on (the loop raised, caught outside it, or broke out before ``step()``) is
         served again by the next call that carries the run on; one skipped inside the loop (``continue``) is yours.
         The tensors are moved to the model's device once, up front. Called again with a dataset of the same shapes
@@ -279,11 +281,17 @@ class Controller:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
         x, y = dataset
         self._attach_loader(x, y, batch_size, int(epochs), seed)
-        assert self._loader is not None
-        while self._loader.epoch < epochs:
-            batch = self._loader.next(self.batch_size)
+        loader = self._loader
+        assert loader is not None
+        while loader.epoch < epochs:
+            if self._loader is not loader:  # another dataset's loader() call (an evaluation set, say) replaced it
+                raise RuntimeError(
+                    "this loader() iterator's run was replaced by a loader() call on another dataset: loader() serves "
+                    "the training data of one run (iterate evaluation data yourself, under torch.no_grad())"
+                )
+            batch = loader.next(self.batch_size)
             if batch.epoch >= epochs:
-                self._loader.take_back(len(batch.y))  # not trained on: a resumed run with more epochs starts here
+                loader.take_back(len(batch.y))  # not trained on: a resumed run with more epochs starts here
                 self._unstepped = None  # the loop ran to its end: the batches it took were the loop's to train
                 break
             self._unstepped = (self.steps, len(batch.y))
@@ -695,6 +703,14 @@ class Controller:
             if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
                 self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
         else:
+            if self._loader is not None and self._loader.samples_served and self._resume is None:
+                _log.warning(
+                    "loader() on another dataset (%s) starts a new run of the data from epoch 0; the run's data was "
+                    "at epoch %d, sample %d. loader() serves the training data: iterate evaluation data yourself",
+                    f"{tuple(x.shape)} inputs",
+                    self._loader.epoch,
+                    self._loader.cursor,
+                )
             self._unstepped = None
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key
