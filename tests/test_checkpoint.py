@@ -81,6 +81,47 @@ def test_a_pretrained_run_resumes_as_the_uninterrupted_run():
     assert resumed.policy.initial_precision is resumed.policy.fallback.initial_precision
 
 
+def test_a_checkpoint_between_a_batch_and_its_step_resumes_with_that_batch():
+    """Saved at the top of the loop body (or on a Ctrl-C in the forward): the loader's state counted the batch as
+    served, and the resumed run never trained it (80 of 96 samples in that epoch)."""
+    model, _, ctl = build()
+    uninterrupted_model, _, uninterrupted = build()
+    assert train(uninterrupted_model, uninterrupted, epochs=1) == 6
+    saved = None
+    for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=1):
+        if ctl.steps == 2 and saved is None:
+            saved = checkpoint(model, ctl)  # the third batch is served, not yet stepped on
+            break
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+    model2, _, ctl2 = build()
+    state = torch.load(saved)
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    assert train(model2, ctl2, epochs=1) == 4 and ctl2.steps == 6
+    for a, b in zip(weights(uninterrupted_model), weights(model2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_saved_again_before_the_next_loader_call_keeps_the_datas_place():
+    """A preempted job saving again right after it restarted: the pending place in the data was not saved (loader
+    None, batch size 0), and a run resumed from that second checkpoint trained an extra epoch."""
+    model, _, ctl = build()
+    saved = []
+    train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    first = torch.load(saved[0])
+    model2, _, ctl2 = build()
+    model2.load_state_dict(first["model"])
+    ctl2.load_state_dict(first["controller"])
+    assert ctl2.batch_size == BATCH
+    again = torch.load(checkpoint(model2, ctl2))["controller"]
+    for key in ("loader", "lr_coupler", "batch_size", "base_batch_size"):
+        assert again[key] == first["controller"][key], key
+    model3, _, ctl3 = build()
+    model3.load_state_dict(first["model"])
+    ctl3.load_state_dict(again)
+    assert train(model3, ctl3) == 5 and ctl3.steps == 12
+
+
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
 def test_a_resumed_run_is_the_uninterrupted_run(policy):
     state, resumed = resume_matches_an_uninterrupted_run(policy)

@@ -407,8 +407,8 @@ class Controller:
 
     @property
     def batch_size(self) -> int:
-        """The batch size the next batch from ``loader()`` will have."""
-        return self._batch_size
+        """The batch size the next batch from ``loader()`` will have (a loaded checkpoint's before that call)."""
+        return self._resume["batch_size"] if self._resume is not None else self._batch_size
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
@@ -501,15 +501,35 @@ class Controller:
             "steps": self.steps,
             "skipped_steps": self._skipped_counted,  # the open interval's are counted again at its decision
             "rollbacks": self.rollbacks,
-            "batch_size": self._batch_size,
-            "base_batch_size": self._base_batch_size,
-            "loader": self._loader.state_dict() if self._loader is not None else None,
-            "lr_coupler": self.lr_coupler.state_dict() if self.lr_coupler is not None else None,
+            **self._data_state(),
             "speed_trial": dict(self.speed_trial),
             "trial_running": self._trial is not None,
             "low_precision": _precision_code(getattr(self.policy, "low_precision", None)),
             "initial_precision": _precision_code(getattr(self.policy, "initial_precision", None)),
             "signals": self._signals_state(),
+        }
+
+    def _data_state(self) -> dict[str, Any]:
+        """The checkpoint's place in the data: batch sizes, the loader's state and the LR coupler's.
+
+        A batch served and not yet stepped on (a checkpoint at the top of the loop body, or on a Ctrl-C in the
+        forward) is saved as not served: the resumed run trains it, as this process's next loader() call would. A
+        checkpoint loaded and not yet carried on by a loader() call is saved as it was loaded (saved again then, it
+        lost the data's place and the batch size).
+        """
+        if self._resume is not None:
+            resume = self._resume
+            return {"batch_size": resume["batch_size"], "base_batch_size": resume["base_batch_size"],
+                    "loader": dict(resume["loader"]), "lr_coupler": resume["lr_coupler"]}  # fmt: skip
+        loader = self._loader.state_dict() if self._loader is not None else None
+        if loader is not None and self._unstepped is not None and self._unstepped[0] == self.steps:
+            taken = self._unstepped[1]
+            loader = {**loader, "cursor": loader["cursor"] - taken, "samples_served": loader["samples_served"] - taken}
+        return {
+            "batch_size": self._batch_size,
+            "base_batch_size": self._base_batch_size,
+            "loader": loader,
+            "lr_coupler": self.lr_coupler.state_dict() if self.lr_coupler is not None else None,
         }
 
     def _signals_state(self) -> dict[str, Any]:
