@@ -853,3 +853,31 @@ def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(ca
                     break
     assert "loader() on another dataset ((32, 8) inputs) starts a new run of the data from epoch 0" in caplog.text
     ctl.close()
+
+
+def test_a_loop_over_epochs_with_total_epochs_is_the_run_of_one_loader_call():
+    """With ``epochs=epoch + 1`` alone every epoch read as the run's end (progress 1.0 after epoch 0), and the anneal
+    preset cut the LR from the first decision. ``total_epochs`` gives the length: progress, decisions and weights are
+    those of one ``loader(epochs=4)`` call; without it (the control) they are not."""
+    from dataclasses import replace
+
+    def run(per_epoch, total_epochs=None):
+        model, opt = model_and_optimizer()
+        config = replace(ControllerConfig.preset("anneal"), interval_steps=2)
+        ctl = Controller(model, opt, policy="heuristic", config=config)
+        progress = []
+        calls = [epoch + 1 for epoch in range(4)] if per_epoch else [4]
+        for epochs in calls:
+            for x, y in ctl.loader(data(96), batch_size=16, epochs=epochs, total_epochs=total_epochs):
+                ctl.step(nn.functional.cross_entropy(model(x), y))
+                progress.append(ctl.progress)
+        ctl.close()
+        return progress, [d.lr_scale for d in ctl.decisions], [p.detach().clone() for p in model.parameters()]
+
+    single, per_epoch, control = run(False), run(True, total_epochs=4), run(True)
+    assert per_epoch[0] == single[0] and per_epoch[1] == single[1]
+    assert all(torch.equal(a, b) for a, b in zip(single[2], per_epoch[2], strict=True))
+    assert control[0][5] == 1.0 and control[1] != single[1]
+    model, opt = model_and_optimizer()
+    with pytest.raises(ValueError, match="total_epochs=2 must be a whole number >= epochs=3"):
+        next(Controller(model, opt).loader(data(96), batch_size=16, epochs=3, total_epochs=2))

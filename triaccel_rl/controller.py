@@ -29,6 +29,7 @@ from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRu
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
+from triaccel_rl.errors import is_whole
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
@@ -237,7 +238,12 @@ class Controller:
     # ----------------------------------------------------------------------------------- user API
 
     def loader(
-        self, dataset: tuple[torch.Tensor, torch.Tensor], batch_size: int, epochs: int = 1, seed: int = 0
+        self,
+        dataset: tuple[torch.Tensor, torch.Tensor],
+        batch_size: int,
+        epochs: int = 1,
+        seed: int = 0,
+        total_epochs: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
@@ -250,7 +256,9 @@ class Controller:
         (the same tensors, or new ones: moved again, say), batch size and seed, it carries on where the last call
         stopped, on the tensors given (the next epoch's order, the batch size the policy chose):
         ``epochs`` counts from the run's start, so a loop over epochs passes ``epochs=epoch + 1``. After
-        ``load_state_dict``, the same: it carries on from the checkpoint's place.
+        ``load_state_dict``, the same: it carries on from the checkpoint's place. Such a loop passes the run's length
+        as ``total_epochs`` (default: ``epochs``), which :attr:`progress` is a share of: without it every epoch read
+        as the run's end, and the late-run rules (annealing, the batch ramp) fired in the first.
 
         Raises:
             ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count, a
@@ -279,8 +287,11 @@ class Controller:
         whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
         if isinstance(epochs, bool) or not whole or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
+        if total_epochs is not None and not (is_whole(total_epochs) and total_epochs >= epochs):
+            raise ValueError(f"total_epochs={total_epochs!r} must be a whole number >= epochs={epochs}")
         x, y = dataset
         self._attach_loader(x, y, batch_size, int(epochs), seed)
+        self._planned_epochs = int(total_epochs if total_epochs is not None else epochs)
         loader = self._loader
         assert loader is not None
         while loader.epoch < epochs:
@@ -464,9 +475,9 @@ class Controller:
     def progress(self) -> float:
         """The share of the run's training done, in [0, 1].
 
-        Epochs served over the ``epochs`` the last ``loader()`` call trains to (they count from the run's start); 0
-        without a ``loader()``, whose budget is unknown. The observation's ``progress`` (the heuristic's late-run
-        rules read it).
+        Epochs served over the last ``loader()`` call's ``total_epochs`` (its ``epochs`` by default; they count from
+        the run's start); 0 without a ``loader()``, whose budget is unknown. The observation's ``progress`` (the
+        heuristic's late-run rules read it).
         """
         if self._loader is None or self._planned_epochs < 1:
             return 0.0
@@ -744,7 +755,6 @@ class Controller:
                 self._resume_loader(self._resume, batch_size)
                 self._resume = None
         self._loader_source = (x.data_ptr(), y.data_ptr())
-        self._planned_epochs = epochs
 
     def _checked_resume(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
         """The checkpoint's place in the data for the next ``loader()`` call, each part checked.
