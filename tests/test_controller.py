@@ -101,7 +101,7 @@ class _FailingBackward(torch.autograd.Function):
         raise RuntimeError("the backward failed")
 
 
-def test_a_backward_that_raises_is_no_step_of_the_lr_warm_up():
+def test_a_backward_or_an_update_that_raises_is_no_step_of_the_lr_warm_up():
     """Before the fix ``step`` advanced the batch LR's warm-up before the backward: a backward that raised (and that
     the user's loop caught) still counted as a step of the ramp. A batch size that is not a whole number is refused
     (``2.5`` was truncated to 2)."""
@@ -116,6 +116,18 @@ def test_a_backward_that_raises_is_no_step_of_the_lr_warm_up():
     loss = _FailingBackward.apply(nn.functional.cross_entropy(model(x), y))
     with pytest.raises(RuntimeError, match="the backward failed"):
         ctl.step(loss)
+    assert ctl.lr_coupler.state_dict() == before
+    # Nor is an update that raises (an OOM in optimizer.step() the loop catches): it took a rung of the ramp
+    failures = [torch.OutOfMemoryError("out of memory in the update")]
+
+    def fail_once(*_: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    hook = opt.register_step_pre_hook(fail_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+    hook.remove()
     assert ctl.lr_coupler.state_dict() == before
     ctl.step(nn.functional.cross_entropy(model(x), y))
     assert ctl.lr_coupler.state_dict()["ramp_step"] == 1 and ctl.lr_coupler.steps == before["steps"] + 1

@@ -376,8 +376,10 @@ class Controller:
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
         if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up
-            self.engine.batch_lr_gain = self.lr_coupler.advance()
+            self.engine.batch_lr_gain = self.lr_coupler.next_gain()
         grads, _ = self.engine.step_after_backward_deferred(loss.detach())
+        if self.lr_coupler is not None:  # nor is an update that raises (an OOM in optimizer.step(), say)
+            self.lr_coupler.advance()
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
         if self.device.type == "cuda":
