@@ -699,6 +699,31 @@ def test_a_checkpointed_segment_recomputes_in_each_layers_precision(use_reentran
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpointed_forward_under_the_users_own_autocast_off_inside_the_context_recomputes_as_it_ran(
+    use_reentrant: bool,
+) -> None:
+    """An fp32 island of the user's (``autocast(enabled=False)``) inside ``context()``, checkpointed: its recompute
+    was judged from the autocast state then (off), took the hooks for idle, and non-reentrant checkpointing raised,
+    reentrant gave gradients 9e-3 off the same forward unchecked."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+        precision = LayerPrecision(model, "cpu")
+        precision.set([Precision.BF16, Precision.FP32])
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with precision.context(), torch.autocast("cpu", enabled=False):
+            out = checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
+        out.float().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert not precision._stack
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
 def test_a_checkpointed_forward_run_outside_the_context_is_recomputed_as_it_ran(use_reentrant: bool) -> None:
     """In plain fp32 (outside ``context()``) the hooks are idle, and so they stay in its recompute: they switched on
     there (any forward run by the backward was taken for a recompute of one inside), so non-reentrant checkpointing

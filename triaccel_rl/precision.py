@@ -138,6 +138,7 @@ class LayerPrecision:
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
+        self._forward_on: dict[int, bool] = {}  # each module's last forward: did its hooks act (for a recompute)
         self._mixed = False
         self._cache_enabled = True
         self._handles: list[Any] = []
@@ -276,7 +277,7 @@ class LayerPrecision:
         def pre_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            if not self._hooks_on():
+            if not self._hooks_on(module):
                 return None
             precision = self.precisions[index]
             if (
@@ -320,7 +321,7 @@ class LayerPrecision:
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
-        if self._stack and self._hooks_on() and self._mixed_now():
+        if self._stack and self._hooks_on(module) and self._mixed_now():
             return (self._eager_regions[1] if self._eager_regions else self._exit_region)(module, output)
         return None
 
@@ -338,29 +339,29 @@ class LayerPrecision:
             return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
         return None
 
-    def _hooks_on(self) -> bool:
-        """Whether the hooks act: inside :meth:`context`, or in a backward pass recomputing a checkpointed forward.
+    def _hooks_on(self, module: nn.Module) -> bool:
+        """Whether ``module``'s hooks act: inside :meth:`context`, or recomputing a forward that ran inside it.
 
         ``torch.utils.checkpoint`` runs a segment's forward again during the backward, after ``context()`` has
         exited, under the autocast state it saved: with the hooks idle, an fp32 layer of a mixed map recomputed in
         the outer 16-bit region (a "recomputed values have different metadata" error, or with ``use_reentrant=True``
-        silently other gradients). The map cannot have changed since the forward: decisions come after the update.
-        A forward run by the backward is taken for a recompute of one inside ``context()`` only under the autocast
-        state ``context()`` sets: one that ran outside it, in plain fp32, is recomputed as it ran (the hooks had
-        switched on there too, and changed its gradients).
+        silently other gradients). So each module's forward records whether its hooks acted, and a forward run by the
+        backward (a recompute) does as it did: a forward outside the context, in plain fp32, is recomputed so, and one
+        inside it under the user's own ``autocast(enabled=False)`` with the hooks on (deciding from the autocast state
+        of the recompute got both wrong once). The map cannot have changed since the forward: decisions come after
+        the update.
         """
+        compiling = torch.compiler.is_compiling()
         if self._active:
+            if not compiling:
+                self._forward_on[id(module)] = True
             return True
-        if torch.compiler.is_compiling():
+        if compiling:
             return False
-        if torch._C._current_graph_task_id() == -1:  # not a forward run by the autograd engine
+        if torch._C._current_graph_task_id() == -1:  # a forward outside the context
+            self._forward_on[id(module)] = False
             return False
-        if self._stack:  # inside a region a hook of this recompute opened (an fp32 layer's turns autocast off)
-            return True
-        outer = self._outer_dtype()
-        return outer is not None and (
-            torch.is_autocast_enabled(self.device_type) and torch.get_autocast_dtype(self.device_type) == outer
-        )
+        return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
 
     def _outer_dtype(self) -> torch.dtype | None:
         """The dtype of :meth:`context`'s autocast region: bf16 if a layer is bf16, else fp16; None: all fp32."""
@@ -395,7 +396,7 @@ class LayerPrecision:
         An RNN (hidden states too), or a module without children whose ops are unknown. Eager under
         ``torch.compile`` (a graph break), as a mixed map's layer regions are.
         """
-        if not self._hooks_on() or all(p is Precision.FP32 for p in self.precisions):
+        if not self._hooks_on(module) or all(p is Precision.FP32 for p in self.precisions):
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
@@ -414,7 +415,7 @@ class LayerPrecision:
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._stack and self._hooks_on():
+        if self._stack and self._hooks_on(module):
             (self._eager_regions[3] if self._eager_regions else self._close_fp32_region)(module)
 
     def _close_fp32_region(self, module: nn.Module) -> None:
@@ -426,7 +427,7 @@ class LayerPrecision:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay."""
-        if not self._hooks_on():
+        if not self._hooks_on(module):
             return None
         up = _up_from_16_bit
         return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
