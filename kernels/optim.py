@@ -5,7 +5,8 @@ non-finite count) and then the optimizer's update kernel (pass 2: reads the coun
 updates every layer, writing the low-precision copies, or leaves every byte unchanged). Five launches in
 all, two of them Triton kernels over the flat buffers; the other three touch a few bytes: the memset of
 the statistics buffer, the snapshot of the step counts, and the comparison producing
-``StepResult.skipped``. Nothing in ``step`` reads a device value on the host, so a training loop can run
+``StepResult.skipped``; a ``skip`` flag adds one more (its add into the count; the engine's flag, a non-finite
+loss, costs two more to make). Nothing in ``step`` reads a device value on the host, so a training loop can run
 ahead of the GPU; read ``StepResult`` fields when the host needs them (that read is the sync).
 """
 
@@ -79,7 +80,7 @@ class StepResult:
 
     @property
     def nonfinite_total(self) -> torch.Tensor:
-        """0-dim int32: non-finite gradient elements over all layers."""
+        """0-dim int32: non-finite gradient elements over all layers, plus one for a ``skip`` given to ``step``."""
         return self.stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0]
 
 
@@ -255,9 +256,10 @@ class _FusedOptimizer:
             max_grad_norm: clip the unscaled gradient's total norm to this, as ``torch.nn.utils.clip_grad_norm_``
                 does (``g * min(1, max_grad_norm / (norm + 1e-6))``), on the device from the statistics pass: no
                 extra pass over the gradients, no sync. None (or ``math.inf``): no clipping.
-            skip: a 0-dim bool tensor on the store's device; True skips the step as a non-finite gradient does (a
-                non-finite loss, whose gradients can be finite: an infinite term without a gradient). The
-                statistics stay the gradient's; only ``skipped`` and the update see it. No sync.
+            skip: a one-element bool tensor on the store's device; True skips the step as a non-finite gradient
+                does (a non-finite loss, whose gradients can be finite: an infinite term without a gradient). It
+                adds one to ``StatRow.NONFINITE_TOTAL``, which ``skipped`` and the update read; the per-layer rows
+                stay the gradient's. No sync.
 
         Returns:
             The skip flag and the per-layer statistics, all on the device: the gradient's rows of the gradient
@@ -284,7 +286,7 @@ class _FusedOptimizer:
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
         if skip is not None:  # the update kernels skip on a non-zero total of non-finite elements
-            stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, :1].add_(skip)
+            stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, :1].add_(skip.reshape(1))
         if max_grad_norm is not None and max_grad_norm != math.inf:  # the update unscales by inv_scale: the clip
             # coefficient rides on it. (An infinite bound clips nothing; computed, it would turn an overflowed norm's
             # inf / inf into a NaN update.)

@@ -867,6 +867,33 @@ def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(ca
     ctl.close()
 
 
+def test_a_step_whose_post_hook_raises_after_the_update_is_counted_and_its_batch_not_served_again():
+    """The update went in, then a user's step post-hook raised: the step was not counted, so the next loader() call
+    served the batch again (trained twice) and the interval's applied updates outnumbered its steps."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4))
+    failures = [RuntimeError("a post-hook failed")]
+
+    def post_hook(*_: Any) -> None:
+        if failures and ctl.steps == 1:
+            raise failures.pop()
+
+    opt.register_step_post_hook(post_hook)
+    served: list[int] = []
+    dataset = (torch.arange(64).float().unsqueeze(1).repeat(1, 8), torch.arange(64) % 2)
+    while True:
+        try:
+            for x, y in ctl.loader(dataset, batch_size=16):
+                served += x[:, 0].long().tolist()
+                ctl.step(nn.functional.cross_entropy(model(x), y))
+            break
+        except RuntimeError:
+            pass
+    assert ctl.steps == 4 and sorted(served) == list(range(64))  # each sample once
+    ctl.close()
+    assert ctl.skipped_steps == 0
+
+
 def test_a_loop_over_epochs_with_total_epochs_is_the_run_of_one_loader_call():
     """With ``epochs=epoch + 1`` alone every epoch read as the run's end (progress 1.0 after epoch 0), and the anneal
     preset cut the LR from the first decision. ``total_epochs`` gives the length: progress, decisions and weights are

@@ -459,6 +459,33 @@ def test_trainable_parameters_outside_the_optimizer_get_unscaled_gradients_under
     unheld_gradients_under_fp16(fused=False, device=CPU)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_post_hook_that_raises_after_the_update_leaves_it_counted_and_the_gradients_gone(fused: bool) -> None:
+    """A post-hook runs after the update: the reference path did not count the applied update, the fused path left
+    its gradients for the next step (and the loss scale unmoved). ``update_reached`` says the batch was trained on."""
+    import os
+
+    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+    model = tiny_model()
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=MOMENTUM), CPU, fused=fused)
+    failures = [RuntimeError("a post-hook failed")]
+
+    def post_hook(*_: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    engine.optimizer.register_step_post_hook(post_hook)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="a post-hook failed"):
+        engine.backward_and_step(loss_of(model, engine, 0))
+    assert engine.update_reached and engine.applied_steps() == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    engine.backward_and_step(loss_of(model, engine, 1))
+    assert engine.applied_steps() == 2
+
+
 def _scheduled_run(through_engine: bool, steps: int = 6) -> list[torch.Tensor]:
     """SGD with momentum under a StepLR schedule: plain torch, or through the engine at multiplier 1."""
     torch.manual_seed(0)

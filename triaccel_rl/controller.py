@@ -377,9 +377,13 @@ class Controller:
         self.engine.scale_loss(loss).backward()
         if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up
             self.engine.batch_lr_gain = self.lr_coupler.next_gain()
-        grads, _ = self.engine.step_after_backward_deferred(loss.detach())
-        if self.lr_coupler is not None:  # nor is an update that raises (an OOM in optimizer.step(), say)
-            self.lr_coupler.advance()
+        try:
+            grads, _ = self.engine.step_after_backward_deferred(loss.detach())
+        except BaseException:
+            if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
+                self._count_step()
+            raise
+        self._count_step()
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
         if self.device.type == "cuda":
@@ -389,8 +393,6 @@ class Controller:
         else:
             memory = self.predicted_memory_bytes(batch)
         self._interval_peak = max(self._interval_peak, memory)
-        self.steps += 1
-        self._interval_steps += 1
         if self._trial is not None:
             self._advance_trial(self._trial)
         elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
@@ -415,6 +417,18 @@ class Controller:
         open interval, whose skips a resumed run counts at its next decision.
         """
         return self._skipped_counted + self._skipped_at_close
+
+    def _count_step(self) -> None:
+        """Counts an update that went in: the warm-up's rung, the run's and the interval's steps; the batch is spent.
+
+        Before the statistics are recorded, so a step whose update went in and whose post-hook raised is counted
+        too (an update that raises before it is no step: the warm-up holds, and the batch is served again).
+        """
+        if self.lr_coupler is not None:
+            self.lr_coupler.advance()
+        self.steps += 1
+        self._interval_steps += 1
+        self._unstepped = None
 
     # ------------------------------------------------------------------------- executor's Target
 

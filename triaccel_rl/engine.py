@@ -206,6 +206,20 @@ class StepEngine:
             guard._triaccel_engine = this  # type: ignore[attr-defined]  # for _open_engine
             self._step_guard = guard
             self._step_guard_handle = optimizer.register_step_pre_hook(guard)
+
+            def count_update(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+                engine = this()
+                if engine is not None and engine._stepping:  # the engine's own optimizer.step(): the update went in
+                    engine._reference_applied += 1
+                    engine.update_reached = True
+
+            # First of the post-hooks, so a user's post-hook that raises after the update cannot hide it from the count
+            self._count_handle = optimizer.register_step_post_hook(count_update)
+            post_hooks: Any = optimizer._optimizer_step_post_hooks  # an OrderedDict (typed a dict)
+            post_hooks.move_to_end(self._count_handle.id, last=False)
+            self.update_reached = False
+            """Whether the last step's update was applied (or, on the fused path, launched), set even when the step
+            raised after it (a step post-hook): a caller knows its batch was trained on."""
             self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
             reason = _fused_unsupported(optimizer, self.layer_params)
             if fused and reason:
@@ -249,6 +263,8 @@ class StepEngine:
         self.precision.remove()
         if "_step_guard_handle" in self.__dict__:
             self._step_guard_handle.remove()
+        if "_count_handle" in self.__dict__:
+            self._count_handle.remove()
         for handle in self.__dict__.get("_optimizer_hooks", []):
             handle.remove()
         store = self.__dict__.get("store")
@@ -446,6 +462,7 @@ class StepEngine:
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
+        self.update_reached = False
         self._check_optimizer_params()
         scaler = self.grad_scaler
         unscaled = False
@@ -470,7 +487,6 @@ class StepEngine:
                             self.optimizer.step()
                     finally:
                         self._stepping = False
-                self._reference_applied += 1
         finally:  # also after a step that raised (a user's step hook): the next step starts clean
             if unscaled:
                 assert scaler is not None
@@ -602,6 +618,7 @@ class StepEngine:
         self.precision.remove()
         self._remove_unheld_hooks()
         self._step_guard_handle.remove()
+        self._count_handle.remove()
         if self.fused and self._optimizer_hooks:
             for handle in self._optimizer_hooks:
                 handle.remove()
@@ -1099,6 +1116,7 @@ class StepEngine:
 
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
+        self.update_reached = False
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
         self._read_group_lrs()
@@ -1126,24 +1144,29 @@ class StepEngine:
             self._codes,
             inv_scale=self._scale.reciprocal() if scaling else 1.0,
             max_grad_norm=self.max_grad_norm,
-            skip=~torch.isfinite(loss),  # an infinite loss can have finite gradients (a term without one)
+            # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
+            # outputs) is moved, as float(loss) once read it from anywhere.
+            skip=~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(())),
         )
-        # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's optimizer
-        # (which never steps here) warns at each step that it was stepped before the optimizer.
-        setattr(self.optimizer, "_opt_called", True)  # noqa: B010  (torch's private name, set as torch sets it)
-        for hook in self._step_hooks("post"):  # also after a step the device skipped (deciding it would sync)
-            hook(self.optimizer, (), {})
-        if scaling:  # GradScaler's rule, on the device: no host round trip
-            # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
-            # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
-            overflow = result.grad_nonfinite.any()
-            self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
-            grow = self._clean_steps >= 2000
-            self._scale.copy_(
-                torch.where(overflow, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
-            )
-            self._clean_steps.masked_fill_(grow, 0)
-        self.store.zero_grad()
+        self.update_reached = True
+        try:
+            # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's
+            # optimizer (which never steps here) warns at each step that it was stepped before the optimizer.
+            setattr(self.optimizer, "_opt_called", True)  # noqa: B010  (torch's private name, set as torch sets it)
+            for hook in self._step_hooks("post"):  # also after a step the device skipped (deciding it would sync)
+                hook(self.optimizer, (), {})
+        finally:  # a post-hook that raises: the update went in, so the scale moves and the gradients go, as always
+            if scaling:  # GradScaler's rule, on the device: no host round trip
+                # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
+                # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
+                overflow = result.grad_nonfinite.any()
+                self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
+                grow = self._clean_steps >= 2000
+                self._scale.copy_(
+                    torch.where(overflow, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
+                )
+                self._clean_steps.masked_fill_(grow, 0)
+            self.store.zero_grad()
         return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
 
     def _fused_mean_sq_norm(self) -> np.ndarray:

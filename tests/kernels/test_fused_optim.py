@@ -623,3 +623,15 @@ def test_a_checkpoint_loads_into_a_model_of_the_other_memory_format(saved_channe
         for p, q in zip(params, resumed_params, strict=True):
             assert torch.equal(p.detach(), q.detach()), "the resumed run of the other memory format diverged"
     assert stores[1].layers[0][0].is_contiguous(memory_format=torch.channels_last) != saved_channels_last
+
+
+def test_a_skip_flag_of_any_one_element_shape_skips_and_the_gradient_rows_stay() -> None:
+    """A (1, 1) flag passed the argument check and then failed in the add; the per-layer rows are the gradient's."""
+    p = torch.nn.Parameter(torch.ones(10))
+    store = FlatParameterStore([[p]])
+    optimizer = FusedSGD(store, momentum=0.9)
+    p.grad.fill_(1.0)
+    for shape in ((), (1,), (1, 1)):
+        result = optimizer.step(0.1, skip=torch.ones(shape, dtype=torch.bool))
+        assert bool(result.skipped) and int(result.nonfinite_total) == 1 and int(result.grad_nonfinite.sum()) == 0
+    assert torch.equal(p.detach(), torch.ones(10)) and float(optimizer.step_count) == 0.0
