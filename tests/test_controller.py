@@ -918,5 +918,7 @@ def test_a_loop_over_epochs_with_total_epochs_is_the_run_of_one_loader_call():
     assert all(torch.equal(a, b) for a, b in zip(single[2], per_epoch[2], strict=True))
     assert control[0][5] == 1.0 and control[1] != single[1]
     model, opt = model_and_optimizer()
+    ctl = Controller(model, opt)
     with pytest.raises(ValueError, match="total_epochs=2 must be a whole number >= epochs=3"):
-        next(Controller(model, opt).loader(data(96), batch_size=16, epochs=3, total_epochs=2))
+        next(ctl.loader(data(96), batch_size=16, epochs=3, total_epochs=2))
+    next(ctl.loader(data(96), batch_size=16, epochs=3.0, total_epochs=10.0))  # whole floats, as epochs takes them

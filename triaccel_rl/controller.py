@@ -287,7 +287,8 @@ class Controller:
         whole = isinstance(epochs, (int, np.integer)) or (isinstance(epochs, float) and epochs.is_integer())
         if isinstance(epochs, bool) or not whole or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
-        if total_epochs is not None and not (is_whole(total_epochs) and total_epochs >= epochs):
+        whole_total = is_whole(total_epochs) or (isinstance(total_epochs, float) and total_epochs.is_integer())
+        if total_epochs is not None and not (whole_total and total_epochs >= epochs):  # 10.0 too, as epochs
             raise ValueError(f"total_epochs={total_epochs!r} must be a whole number >= epochs={epochs}")
         x, y = dataset
         self._attach_loader(x, y, batch_size, int(epochs), seed)

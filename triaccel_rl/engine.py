@@ -792,6 +792,7 @@ class StepEngine:
         # Param groups of one weight decay share a class; a layer whose parameters are in groups of different
         # decays (none on biases and norms, the usual AdamW recipe) has each class's parameters in its own segments.
         self._decay_classes = _decay_classes(self.optimizer)
+        self._built_decays = tuple(float(group["weight_decay"]) for group in self.optimizer.param_groups)
         classes = [[self._decay_classes[self._group_index[id(p)]] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
@@ -987,7 +988,7 @@ class StepEngine:
         if any(len(values) > 1 for values in per_class):
             raise ValueError(
                 f"the param groups' weight decays changed to {list(decays)}, splitting groups the fused step laid out "
-                f"as one (it was built for {list(self._group_decays or decays)}); groups that shared a weight decay "
+                f"as one (it was built for {list(self._built_decays)}); groups that shared a weight decay "
                 "when the engine was built must keep sharing one"
             )
         self._group_decays = decays

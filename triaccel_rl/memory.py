@@ -513,11 +513,13 @@ def measure_tensor_bytes(
 
 
 def _valid_code(value: object) -> bool:
-    try:
-        Precision(int(value))  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(value, bool)
+    """A precision (or its code as a whole number: 1.7 was read as 1)."""
+    if isinstance(value, Precision):
+        return True
+    return is_whole(value) and int(value) in _PRECISION_CODES  # type: ignore[call-overload]
+
+
+_PRECISION_CODES = frozenset(int(p) for p in Precision)
 
 
 def _key(precisions: Sequence[Precision]) -> tuple[int, ...]:

@@ -512,7 +512,11 @@ class TrainingRun:
         n = len(batch.y)
         self.last_batch = batch
         if self.task.augment is not None:  # once a step: every micro-batch plan and OOM retry trains the same draw
-            batch = replace(batch, x=self.task.augment(batch.x))
+            try:
+                batch = replace(batch, x=self.task.augment(batch.x))
+            except BaseException:  # (a Ctrl-C too) the step never began: its samples go back
+                self.loader.take_back(n)
+                raise
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
             self.model.train()
         oom_events = 0

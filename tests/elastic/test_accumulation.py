@@ -135,6 +135,17 @@ def test_augmentation_is_drawn_once_a_step_however_the_batch_is_split_or_retried
     oom = inject_oom(lambda p: p.step == 1 and p.attempt == 0 and p.micro_index == 0 and p.phase == "forward")
     assert max_abs_difference(whole, train(None, oom)) <= ATOL
     assert max_abs_difference(whole, train(None, augment=False)) > 1e-3  # a control: the draws do matter
+    # Drawn before the step's undo begins, an augmentation that raised (a Ctrl-C) kept the batch from the loader
+    run = TrainingRun(_augmented_conv_task(), seed=0, device="cpu")
+    before = run.loader.state_dict()
+
+    def interrupted(x: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    run.task = replace(run.task, augment=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.step()
+    assert run.loader.state_dict() == before
 
 
 @pytest.mark.parametrize("bad", [2.5, 0, -3, True, float("nan"), "8"])

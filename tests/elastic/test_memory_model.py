@@ -335,7 +335,7 @@ def test_readings_and_maps_the_model_cannot_use_are_refused_before_they_are_stor
     prediction raised for correct maps too; rebase cut 2.5 to 2 and read True as 1 byte; a NaN budget fitted one."""
     model, fp32 = _linear_model()
     before = model.predict(8, fp32)
-    for bad in ([7] * len(fp32), fp32 * 2, fp32[:1]):
+    for bad in ([7] * len(fp32), fp32 * 2, fp32[:1], [1.7] * len(fp32), [True] * len(fp32)):  # 1.7 was read as 1
         with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\), 1 \(bf16\), 2 \(fp16\), for"):
             model.observe(8, bad, 10_000)  # type: ignore[arg-type]
     assert model.n_measurements == 0 and model.predict(8, fp32) == before
