@@ -395,6 +395,19 @@ def test_bf16_rejected_on_cuda_without_bf16(monkeypatch: pytest.MonkeyPatch) -> 
     check_precision_supported(Precision.BF16, CPU)  # the CPU path never asks CUDA
 
 
+def test_bf16_only_emulated_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A V100 or T4: ``is_bf16_supported()`` says yes by default (emulated), and the executor's way out of an
+    overflowing fp16 then went to emulated bf16, never to fp32. Native bf16 is asked for now."""
+
+    def emulated_only(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla V100")
+    with pytest.raises(ValueError, match=r"precision bf16 is not supported on Tesla V100"):
+        check_precision_supported(Precision.BF16, torch.device("cuda"))
+
+
 def test_bf16_allowed_on_cuda_with_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     check_precision_supported(Precision.BF16, torch.device("cuda"))

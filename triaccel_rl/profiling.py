@@ -17,6 +17,7 @@ from torch import nn
 
 from triaccel_rl.config import HardwareProfile
 from triaccel_rl.costs import CostModel
+from triaccel_rl.engine import native_bf16
 from triaccel_rl.models import MLP, SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.types import Precision
@@ -71,7 +72,7 @@ def measure_profile(
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
     for precision in Precision:
-        if device.type == "cuda" and precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and precision is Precision.BF16 and not native_bf16():
             continue
         torch.manual_seed(0)
         model = build().to(device)
