@@ -475,11 +475,12 @@ class TrainingRun:
         applied = self.engine.applied_steps()  # read at the interval's edge, not between its steps
         timer = IntervalTimer(self.device)
         timer.start()
-        samples = oom_events = peak = 0
+        samples = oom_events = peak = done = 0
         modelled_ms = 0.0
         try:
             for _ in range(n_steps):
                 outcome = self._step(deferred=True)
+                done += 1
                 self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
                 samples += outcome.batch_size
                 oom_events += outcome.oom_events
@@ -487,6 +488,13 @@ class TrainingRun:
                 peak = max(peak, outcome.memory_bytes)
         except BaseException:
             self._moments.flush()  # the interval is given up: its steps' statistics must not count in the next one
+            # Its finished steps still count in the run's totals (their updates went in); read on the way out, where
+            # a failed device would raise again, so a reading that fails leaves the totals as they were.
+            with contextlib.suppress(Exception):
+                train_ms = timer.stop()
+                finished_skips = max(done - (self.engine.applied_steps() - applied), 0)
+                self.train_time_ms += train_ms
+                self.skipped_steps += finished_skips
             raise
         train_ms = timer.stop() if n_steps else 0.0  # the one host-device sync of the interval
         moments = self._moments.flush()

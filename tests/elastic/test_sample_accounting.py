@@ -386,3 +386,24 @@ def test_a_batch_larger_than_the_training_set_is_refused_and_evaluation_needs_sa
     for bad in (0, -5, 2.5):  # 0 divided by zero; -5 gave an accuracy of -0.0
         with pytest.raises(ValueError, match=rf"max_samples={bad!r} must be a whole number >= 1"):
             run.evaluate(bad)  # type: ignore[arg-type]
+
+
+def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 0 of the interval diverges (skipped), step 1 then fails for good: step 0's skip and the interval's time
+    were lost from the run's totals, though its update was decided (here: skipped) and its time spent."""
+    from triaccel_rl.tasks import Task
+
+    calls = {"n": 0}
+    loss_fn = Task.loss_fn
+
+    def nan_first(self: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = loss_fn(self, logits, labels)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(Task, "loss_fn", nan_first)
+    fault = inject_oom(lambda point: point.step == 1)
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    with pytest.raises(UnrecoverableOOMError):
+        run.train_interval(3)
+    assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
