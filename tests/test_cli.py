@@ -323,7 +323,8 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
     ("argv", "message"),
     [
         (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be >= 1"),
-        (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "--torch-threads 0 must be >= 1"),
+        # Without the library's "(or None: PyTorch's default)": None cannot be typed for a flag
+        (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "error: --torch-threads 0 must be >= 1\n"),
         (["profile", "--batch-size", "0", "--device", "cpu"], "--batch-size 0 must be a positive integer"),
         # The library's total_timesteps is the flag --timesteps (the message said total_timesteps=0)
         (["train-policy", "--timesteps", "0", "--out", "x/policy.zip"], "error: --timesteps 0 must be >= 1"),

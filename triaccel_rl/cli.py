@@ -45,6 +45,8 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
     flags = {name: name for name in options if name not in ("func", "command", "argv")}
     flags.update({library: flag for library, flag in _LIBRARY_NAMES.items() if flag in flags})
     names = "|".join(re.escape(name) for name in sorted(flags, key=len, reverse=True))
+    # "(or None: ...)" is the library's: a flag left out is its None, and "None" cannot be typed for it.
+    message = re.sub(r"\s*\(or None\b[^)]*\)", "", message)
     # A name that starts the message or follows a space, bracket or comma: not n_envs= in "n_steps*n_envs=256".
     return re.sub(rf"(?:^|(?<=[\s(\[,;]))({names})=", lambda m: f"--{flags[m.group(1)].replace('_', '-')} ", message)
 
