@@ -482,11 +482,13 @@ def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monke
 def test_a_resumed_run_checkpoints_at_the_runs_multiples(tmp_path):
     """The schedule counted steps from the resume: resumed at 24 with checkpoints every 16, the run wrote one 16 steps
     after the resume (40) and none at 32 or at 48, where its multiples fall."""
-    common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 16, **_TINY}
-    first = train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", **common)
-    train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", resume=first, **common)
+    common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 16, "eval_every": 16, "eval_tasks": ["synthetic"]}
+    first = train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", **common, **_TINY)
+    train_policy(["synthetic"], total_timesteps=24, out=tmp_path / "policy.zip", resume=first, **common, **_TINY)
     written = sorted((tmp_path / "checkpoints").glob("*.zip"), key=lambda path: int(path.stem.split("_")[1]))
     assert [path.name for path in written] == ["policy_16_steps.zip", "policy_32_steps.zip", "policy_48_steps.zip"]
+    # And so do the evaluations (they fell at 16 and 40: SB3 counts its calls from the resume)
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [16, 32, 48]
 
 
 def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
@@ -524,6 +526,16 @@ def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_
     assert resumed["timesteps"].tolist() == [8, 16, 24]
     np.testing.assert_array_equal(resumed["results"][:2], first["results"])
     assert dict(np.load(tmp_path / "a" / "eval" / "evaluations.npz"))["timesteps"].tolist() == [8, 16]  # untouched
+    # Into a folder holding another run's evaluations: that run's were continued as a's (a's lost); now a's are
+    # continued, and the other run's are moved aside, kept
+    other = train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "c" / "other.zip", seed=5, **common)
+    theirs = dict(np.load(other.parent / "eval" / "evaluations.npz"))
+    train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "c" / "policy.zip", resume=checkpoint, **common)
+    resumed = dict(np.load(tmp_path / "c" / "eval" / "evaluations.npz"))
+    assert resumed["timesteps"].tolist() == [8, 16, 24]
+    np.testing.assert_array_equal(resumed["results"][:2], first["results"])
+    kept = dict(np.load(tmp_path / "c" / "eval" / "evaluations.before_policy.npz"))
+    np.testing.assert_array_equal(kept["results"], theirs["results"])
 
 
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
@@ -642,3 +654,22 @@ def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "train-policy: 100%" in captured.err and "16/16" in captured.err
     assert "train-policy" not in captured.out
+
+
+def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_path, monkeypatch):
+    """A Ctrl-C in learn()'s first reset (each environment trains an interval there: slow) saved the resumed weights as
+    a 0-step checkpoint: the count of the steps already trained was read only when training started."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    first = train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "policy.zip", n_steps=8, batch_size=4,
+                         **_TINY)  # fmt: skip
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DummyVecEnv, "reset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "again.zip", resume=first, **_TINY)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("again_*.zip")
+    assert checkpoint.name == "again_16_steps.zip" and PPO.load(checkpoint, device="cpu").num_timesteps == 16

@@ -602,10 +602,17 @@ def train_policy(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
                 super()._init_callback()
+            self._multiples = self.model.num_timesteps // eval_every
 
         def _on_step(self) -> bool:
-            if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
-                self.eval_env.seed(seed)
+            # At the run's multiples of eval_every, a resumed run's counted on from its checkpoint (SB3 counts its
+            # calls from the resume: evaluations fell at 16 and 40 where checkpoints fell at 16, 32 and 48).
+            multiples = self.model.num_timesteps // eval_every
+            if multiples <= self._multiples:
+                return True
+            self._multiples = multiples
+            self.eval_env.seed(seed)
+            self.n_calls = self.eval_freq  # SB3's own test (n_calls % eval_freq == 0) then evaluates now
             return super()._on_step()
 
     recorder = RecordObservations()
@@ -658,6 +665,9 @@ def train_policy(
                 (path.parent / "warm_start.json").write_text(
                     json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
                 )
+        # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
+        # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
+        recorder.trained_timesteps = model.num_timesteps
         callbacks: list[BaseCallback] = [recorder]
         progress = Progress()
         if progress_bar:
@@ -679,8 +689,22 @@ def train_policy(
                 verbose=0,
             )
             if resume is not None:
-                _continue_evaluations(evaluations, _evaluations_of(Path(resume), path), model.num_timesteps)
+                earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
+                if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
+                    aside = own.with_name(f"evaluations.before_{path.stem}.npz")
+                    own.replace(aside)
+                    _log.warning("%s held another run's evaluations: moved to %s", own, aside)
+                _continue_evaluations(evaluations, earlier, model.num_timesteps)
             callbacks.append(evaluations)
+        runs = sorted(p.name for p in Path(log_dir).glob("PPO_*") if p.is_dir()) if log_dir and resume else []
+        if len(runs) > 1:  # SB3 goes on writing the newest run, whichever wrote the resumed policy
+            _log.warning(
+                "log_dir %s holds %d TensorBoard runs; the resumed run's curve continues the newest, %s, which may be "
+                "another run's: give each run its own log_dir (--log-dir) to keep its curve",
+                log_dir,
+                len(runs),
+                max(runs, key=lambda name: int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else -1),
+            )
         try:
             model.learn(
                 total_timesteps=total_timesteps,
@@ -768,16 +792,14 @@ def _close_after_failure(venv: Any) -> None:
                 process.terminate()
 
 
-def _evaluations_of(resume: Path, out: Path) -> Path:
-    """The ``evaluations.npz`` of the run that wrote the zip ``resume``, for a resumed run writing ``out``.
+def _evaluations_of(resume: Path) -> Path:
+    """The ``evaluations.npz`` of the run that wrote the zip ``resume`` (it may not exist).
 
-    That run's ``eval`` folder is beside its policy, or beside the ``checkpoints`` folder a checkpoint is in. Where
-    ``out`` is in the same run's folder the file is the one this run goes on writing; elsewhere it is read there.
+    That run's ``eval`` folder is beside its policy, or beside the ``checkpoints`` folder a checkpoint is in. A run
+    resumed into another folder reads it there (that folder's own file, another run's, was once taken instead).
     """
-    own = out.parent / "eval" / "evaluations.npz"
     folder = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-    earlier = folder / "eval" / "evaluations.npz"
-    return own if own.is_file() or not earlier.is_file() else earlier
+    return folder / "eval" / "evaluations.npz"
 
 
 def _continue_evaluations(callback: Any, file: Path, start: int) -> None:
