@@ -247,7 +247,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
                        f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
                        f"{_percent(facts['warm_start']['agreement'])} of them in every component)"),
         ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
-        ("environments", f"{settings['n_envs']} × `SubprocVecEnv`, `torch_threads={settings['torch_threads']}` each"),
+        ("environments", f"{settings['n_envs']} × `{'SubprocVecEnv' if settings['n_envs'] > 1 else 'DummyVecEnv'}`, "
+                         f"`torch_threads={settings['torch_threads']}` each"),
         ("env settings", f"`interval_steps={settings['interval_steps']}`, "
                          f"`RewardConfig(budget_intervals={settings['budget_intervals']:g})` (other weights default), "
                          f"`max_decisions={settings['max_decisions']}` (cap), cost mode `profile`, "
@@ -428,7 +429,12 @@ def _facts(
         "wall_s": training_s,
         "env_steps_per_s": timesteps / training_s,
         "shipped_from_checkpoint": args.from_checkpoint or None,
-        "warm_start": json.loads(warm.read_text()) if (warm := zip_path.parent / "warm_start.json").is_file() else None,
+        # Only this run's: a run dir reused keeps an earlier run's file, which the card once reported as this one's
+        "warm_start": (
+            json.loads(warm.read_text())
+            if args.warm_start and (warm := zip_path.parent / "warm_start.json").is_file()
+            else None
+        ),
         "profile": HardwareProfile.load(None).device,
         "profile_throughput_scale": HardwareProfile.load(None).throughput_scale,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",

@@ -332,6 +332,8 @@ def test_profile_with_missing_fields_is_a_clear_error_in_the_env_and_training(tm
 
 def test_train_pretrained_smoke(tmp_path):
     script = REPO / "experiments" / "train_pretrained.py"
+    # An earlier run's warm start in the reused run dir: the card reported it as this run's (which had none)
+    (tmp_path / "warm_start.json").write_text(json.dumps({"teacher": "heuristic", "decisions": 8}))
     done = subprocess.run(
         [sys.executable, str(script), "--smoke", "--run-dir", str(tmp_path), "--lr-range", "0.5,2"],
         capture_output=True,
@@ -343,6 +345,9 @@ def test_train_pretrained_smoke(tmp_path):
     facts = json.loads((tmp_path / "training.json").read_text())
     assert facts["args"]["lr_range"] == "0.5,2"
     assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
+    assert facts["warm_start"] is None
+    train_pretrained = import_experiment("train_pretrained")
+    assert "| environments | 1 × `DummyVecEnv`" in train_pretrained.model_card(facts)  # it said SubprocVecEnv
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
 
 

@@ -154,7 +154,7 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     venv.close()
     # A constant action is learnt exactly: every collected decision's mode is the teacher's.
     assert fit["agreement"] == 1.0
-    assert set(fit) == {"nll", "value_mse", "agreement"}
+    assert set(fit) == {"decisions", "nll", "value_mse", "agreement"} and fit["decisions"] == 24
     actions, _ = model.predict(np.zeros((4, 43), dtype=np.float32), deterministic=True)
     np.testing.assert_array_equal(actions, np.tile(_ConstantTeacher.action, (4, 1)))
 
@@ -164,6 +164,11 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     record = json.loads((out.parent / "warm_start.json").read_text())
     assert record["teacher"] == "heuristic" and record["decisions"] == 8
     assert 0.0 <= record["agreement"] <= 1.0
+    # Imitated in whole rounds of the environments: 3 asked of 2 environments imitated 2 (and 3 was recorded)
+    out = train_policy(["synthetic"], total_timesteps=32, n_envs=2, vec="dummy", interval_steps=2, n_steps=16,
+                       batch_size=16, out=tmp_path / "q.zip", warm_start="heuristic", warm_start_steps=3,
+                       budget_intervals=2)  # fmt: skip
+    assert json.loads((out.parent / "warm_start.json").read_text())["decisions"] == 2
 
 
 def test_a_diverged_warm_start_fit_is_written_as_null(monkeypatch, tmp_path):

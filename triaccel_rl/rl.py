@@ -279,8 +279,9 @@ def imitate(
     constant.
 
     Returns:
-        ``{"nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass; ``agreement`` is the share of
-        decisions whose deterministic action equals the teacher's in every component.
+        ``{"decisions": ..., "nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass: ``decisions``
+        imitated (``n_steps`` rounded down to whole rounds of the environments, at least one round); ``agreement``
+        the share of decisions whose deterministic action equals the teacher's in every component.
     """
     import torch
 
@@ -317,6 +318,7 @@ def imitate(
         values, log_prob, _ = policy.evaluate_actions(obs_t, act_t)
         predicted = policy.get_distribution(obs_t).mode()
     return {
+        "decisions": len(act_t),  # whole rounds of the environments: n_steps rounded down, at least one round
         "nll": float(-log_prob.mean()),
         "value_mse": float(torch.nn.functional.mse_loss(values.flatten(), ret_t)),
         "agreement": float((predicted == act_t).all(dim=1).float().mean()),
@@ -660,7 +662,8 @@ def train_policy(
                 if oracle:  # the heuristic's moves, the LR from the episode's known mistuning
                     teacher = LrOracleTeacher(teacher, venv, teacher_config.lr_scales, teacher_config.n_groups)
                 fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
-                record = {"teacher": warm_start, "decisions": warm_start_steps, "epochs": warm_start_epochs, **fit}
+                # "decisions" from the fit: those imitated (3 asked of 2 environments imitated 2, and 3 was recorded)
+                record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
                 # Strict JSON: a fit that diverged (NaN or infinite loss) is written as null.
                 (path.parent / "warm_start.json").write_text(
                     json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
