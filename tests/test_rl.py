@@ -181,7 +181,9 @@ def test_a_diverged_warm_start_fit_is_written_as_null(monkeypatch, tmp_path):
     import triaccel_rl.rl
 
     monkeypatch.setattr(
-        triaccel_rl.rl, "imitate", lambda *a, **k: {"nll": math.inf, "value_mse": math.nan, "agreement": 0.5}
+        triaccel_rl.rl,
+        "imitate",
+        lambda *a, **k: {"decisions": 8, "nll": math.inf, "value_mse": math.nan, "agreement": 0.5},
     )
     out = train_policy(["synthetic"], total_timesteps=32, n_envs=1, vec="dummy", interval_steps=2, n_steps=32,
                        batch_size=16, out=tmp_path / "p.zip", warm_start="heuristic", warm_start_steps=8,
