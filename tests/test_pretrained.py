@@ -250,6 +250,26 @@ def test_truncated_policy_zip_is_a_clear_error(tiny_policy, tmp_path):
         make_policy(str(broken))
 
 
+def test_an_interrupted_stats_save_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """The stats were written in place: a save cut short left a file that did not load, and its policy with it."""
+    path = tmp_path / "policy.obs.json"
+    old = ObservationStats((0.0, 1.0), (1.0, 2.0), 5)
+    old.save(path)
+    real_write = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
+    monkeypatch.undo()
+    assert ObservationStats.load(path) == old
+    ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
+    assert ObservationStats.load(path).n_observations == 9
+
+
 def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tmp_path):
     zip_path = tmp_path / "policy.zip"
     shutil.copyfile(tiny_policy, zip_path)

@@ -355,8 +355,15 @@ class ObservationStats:
         return worst, float(outside[worst])
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the stats as JSON."""
-        Path(path).write_text(json.dumps(asdict(self)) + "\n")
+        """Writes the stats as JSON.
+
+        The file is written beside ``path`` and moved over it: an interrupted save leaves the previous file whole (a
+        policy whose stats were cut short did not load).
+        """
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(json.dumps(asdict(self)) + "\n")
+        os.replace(temporary, target)
 
     def merged(self, other: ObservationStats) -> ObservationStats:
         """The range of both stats' observations (a resumed training run's, with the run it resumed).
