@@ -73,6 +73,8 @@ class Args:
     runs at the factor that reached the target on the most seeds, soonest (charged time, a miss its whole run), as a
     careful user would tune a task's LR before comparing controllers; the grid goes into the results file.
     Replaces ``--lr-factor``."""
+    judge: str = "pretrained"
+    """The row issue 6's target check judges: ``pretrained``, or a candidate zip's row, ``learned:<file name>``."""
     out: str = "experiments/results/transfer.json"
     """Results JSON."""
     reuse: bool = False
@@ -342,7 +344,7 @@ def target_check(summary: dict[str, dict[str, Any]], learned: str = "pretrained"
             "accuracy_gap_points": 100 * (mine["final_metric_mean"] - best_static),
         }
     if not per_task:
-        return {"met": None, "per_task": {}, "lines": ["target check: missing rows (need pretrained, heuristic, bf16)"]}
+        return {"met": None, "per_task": {}, "lines": [f"target check: missing rows (need {learned}, heuristic, bf16)"]}
     mean_vs_heuristic = sum(t["vs_heuristic"] for t in per_task.values()) / len(per_task)
     worst_vs_bf16 = max(t["vs_bf16"] for t in per_task.values())
     worst_gap = min(t["accuracy_gap_points"] for t in per_task.values())
@@ -404,7 +406,7 @@ def _write(
         "commit": git_commit(),
         "wall_s_this_invocation": wall_s,
         "summary": summary,
-        "target_check": target_check(summary),
+        "target_check": target_check(summary, args.judge),
         "lr_grid": lr_grid or {},
         "runs": runs,
     }
