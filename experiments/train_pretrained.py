@@ -105,6 +105,7 @@ def main(args: Args) -> dict[str, Any]:
         return facts
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    commit = git_commit()  # the code that trains: a commit made during a run of minutes is not it
     if args.from_checkpoint:
         zip_path = run_dir / "policy.zip"
         shutil.copyfile(args.from_checkpoint, zip_path)
@@ -134,7 +135,7 @@ def main(args: Args) -> dict[str, Any]:
             lr_range=_lr_range(args),
         )
     wall_s = time.perf_counter() - start
-    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s)
+    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s, commit)
     (run_dir / "training.json").write_text(json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
@@ -396,7 +397,7 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
 
 
 def _facts(
-    args: Args, training_tasks: tuple[str, ...], held_out: tuple[str, ...], zip_path: Path, wall_s: float
+    args: Args, training_tasks: tuple[str, ...], held_out: tuple[str, ...], zip_path: Path, wall_s: float, commit: str
 ) -> dict[str, Any]:
     import torch
     from stable_baselines3 import PPO
@@ -439,7 +440,7 @@ def _facts(
         "profile_throughput_scale": HardwareProfile.load(None).throughput_scale,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,
-        "commit": git_commit(),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }
 

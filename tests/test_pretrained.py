@@ -371,6 +371,26 @@ def test_train_pretrained_smoke(tmp_path):
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
 
 
+def test_the_card_names_the_commit_that_trained_not_the_one_at_the_end(tiny_policy, tmp_path, monkeypatch):
+    """The commit was read when the card was written, after training: a commit made during a 15-minute run was
+    named as the code that trained."""
+    import triaccel_rl.rl
+
+    train_pretrained = import_experiment("train_pretrained")
+    head = ["at-start"]
+    monkeypatch.setattr(train_pretrained, "git_commit", lambda: head[0])
+
+    def fake_train_policy(*args, out, **kwargs):
+        head[0] = "committed-while-training"
+        shutil.copyfile(tiny_policy, out)
+        shutil.copyfile(tiny_policy.with_suffix(".obs.json"), Path(out).with_suffix(".obs.json"))
+        return Path(out)
+
+    monkeypatch.setattr(triaccel_rl.rl, "train_policy", fake_train_policy)
+    facts = train_pretrained.main(train_pretrained.Args(run_dir=str(tmp_path), ship_dir=""))
+    assert facts["commit"] == "at-start"
+
+
 def test_the_model_card_reads_training_json_with_null_numbers(tmp_path):
     """training.json holds a NaN evaluation or warm-start fit as null (strict JSON): the card written from the file
     (``--card-only``) reads it as "n/a", as the card written at the end of training reads the NaN it still holds.
