@@ -409,6 +409,23 @@ def test_activation_bytes_count_what_operations_without_parameters_save() -> Non
     assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 8), 4 * 8]
 
 
+def test_what_a_batch_norm_saves_counts_in_the_layer_before_it() -> None:
+    """Conv2d(1, 2, 3) on 6x6 (2 x 4 x 4 = 32 outputs), BatchNorm2d, ReLU, Linear(32, 3). The conv saves its input
+    (36 floats); the batch norm its input (the conv's 32 outputs) and the ReLU its output (32): all three in the conv's
+    precision, since batch norm computes on its input's 16 bits (precision.py) though it reports fp32. Counted in the
+    batch norm, a bf16 map (conv and linear bf16, the norm fp32) was charged 0.82x fp32's activations, not 0.5x. The
+    Linear's input is the ReLU's output, flattened: one storage, counted once."""
+    from triaccel_rl.config import HardwareProfile
+    from triaccel_rl.types import Precision
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    costs = _costs(model, torch.zeros(1, 1, 6, 6))
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (36 + 32 + 32), 0, 0]
+    profile = HardwareProfile.load()
+    bf16_map = [Precision.BF16, Precision.FP32, Precision.BF16]
+    assert costs.per_sample_bytes(bf16_map, profile) == 4 * 100 * profile.memory(Precision.BF16)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_activation_bytes_equal_the_autograd_graphs_saved_tensors_on_every_task(name: str) -> None:
     """On EfficientNet-B0 the outputs came to 0.61x what the graph keeps (3.71 against 6.06 MB a sample), on the
