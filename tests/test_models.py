@@ -7,6 +7,7 @@ comments, never read off the code's output.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -340,42 +341,44 @@ def _costs(model: nn.Module, sample: torch.Tensor) -> CostModel:
 
 
 @pytest.mark.parametrize(
-    ("layer", "shape", "flops"),
+    ("layer", "shape", "flops", "out_numel"),
     [
         # Linear(6, 4) on 3 tokens: 3·4 outputs, 6 multiply-adds each: 2·6·12.
-        (nn.Linear(6, 4), (1, 3, 6), 2 * 6 * 12),
+        (nn.Linear(6, 4), (1, 3, 6), 2 * 6 * 12, 12),
         # Conv2d(3, 8, 3, padding 1) on 5×5: 8·5·5 = 200 outputs, 3·9 = 27 multiply-adds each.
-        (nn.Conv2d(3, 8, 3, padding=1), (1, 3, 5, 5), 2 * 27 * 200),
+        (nn.Conv2d(3, 8, 3, padding=1), (1, 3, 5, 5), 2 * 27 * 200, 200),
         # Grouped Conv2d(4, 6, 3, groups=2) on 6×6: 6·4·4 = 96 outputs, (4/2)·9 = 18 multiply-adds each.
-        (nn.Conv2d(4, 6, 3, groups=2), (1, 4, 6, 6), 2 * 18 * 96),
+        (nn.Conv2d(4, 6, 3, groups=2), (1, 4, 6, 6), 2 * 18 * 96, 96),
         # Depthwise Conv2d(4, 4, 3, stride 2, padding 1, groups=4) on 7×7: 4·4·4 = 64 outputs, 9 each.
-        (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (1, 4, 7, 7), 2 * 9 * 64),
+        (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (1, 4, 7, 7), 2 * 9 * 64, 64),
         # Conv1d(3, 5, 3) on 10 positions: 5·8 = 40 outputs, 3·3 = 9 each.
-        (nn.Conv1d(3, 5, 3), (1, 3, 10), 2 * 9 * 40),
+        (nn.Conv1d(3, 5, 3), (1, 3, 10), 2 * 9 * 40, 40),
         # ConvTranspose2d(4, 6, 2, stride 2) on 3×3: each of the 4·9 = 36 inputs scatters into 6·2·2 = 24 outputs;
         # 6·6·6 = 216 outputs. (Counted from the output, as a conv, it came to 2·(4·4)·216 = 6,912: 4× too many.)
-        (nn.ConvTranspose2d(4, 6, 2, stride=2), (1, 4, 3, 3), 2 * 36 * 24),
+        (nn.ConvTranspose2d(4, 6, 2, stride=2), (1, 4, 3, 3), 2 * 36 * 24, 216),
         # Grouped ConvTranspose1d(4, 6, 3, groups=2) on 5 positions: 20 inputs, each into (6/2)·3 = 9; 6·7 outputs.
-        (nn.ConvTranspose1d(4, 6, 3, groups=2), (1, 4, 5), 2 * 20 * 9),
+        (nn.ConvTranspose1d(4, 6, 3, groups=2), (1, 4, 5), 2 * 20 * 9, 42),
     ],
     ids=["linear", "conv", "grouped-conv", "depthwise-conv", "conv1d", "conv-transpose", "grouped-conv-transpose"],
 )
-def test_cost_model_flops_and_bytes_by_hand(layer: nn.Module, shape: tuple[int, ...], flops: int) -> None:
+def test_cost_model_flops_and_bytes_by_hand(
+    layer: nn.Module, shape: tuple[int, ...], flops: int, out_numel: int
+) -> None:
     costs = _costs(nn.Sequential(layer), torch.zeros(shape))
     assert costs.flops_per_sample.tolist() == [flops]
-    # The one thing kept for the backward pass: the fp32 input, for the weight's gradient (not the output).
-    assert costs.activation_bytes_per_sample.tolist() == [4 * math.prod(shape)]
+    # What a step holds after the forward: the fp32 input, saved for the weight's gradient, and the output (the loss's).
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (math.prod(shape) + out_numel)]
     assert costs.static_bytes == n_params(layer) * 4 * 3  # weights, gradients, one momentum
 
 
 def _graph_saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
-    """Bytes of the tensors the autograd graph of ``model(batch)`` holds, read off its nodes' ``_saved_*`` attributes
-    (not through ``saved_tensors_hooks``, as the cost model counts them): each storage once, parameters and buffers
-    left out."""
+    """Bytes of the tensors the autograd graph of ``model(batch)`` (eval mode) holds, read off its nodes' ``_saved_*``
+    attributes (not through ``saved_tensors_hooks``, as the cost model counts them), and of the output: each storage
+    once, parameters and buffers left out."""
     static = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    model.train()
+    model.eval()
     output = model(batch)
-    storages: dict[int, int] = {}
+    storages = {output.untyped_storage().data_ptr(): output.untyped_storage().nbytes()}  # the logits, for the loss
     seen: set[object] = set()
     stack = [output.grad_fn]
     while stack:
@@ -402,11 +405,12 @@ def _graph_saved_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> flo
 
 def test_activation_bytes_count_what_operations_without_parameters_save() -> None:
     """Linear(4, 8), SiLU, Linear(8, 2): the first linear saves its input (4 floats), SiLU its input (the first
-    linear's output, 8), the second linear its input (SiLU's output, 8); the SiLU's and what follows it until the next
-    layer count in the layer before. Counting each layer's output gave 8 + 2 floats, half of the 20 kept."""
+    linear's output, 8), the second linear its input (SiLU's output, 8), and the output (2) is held for the loss; the
+    SiLU's and what follows it until the next layer count in the layer before. Counting each layer's output gave 8 + 2
+    floats, under half of the 22 held."""
     model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
     costs = _costs(model, torch.zeros(1, 4))
-    assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 8), 4 * 8]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 8), 4 * (8 + 2)]
 
 
 def test_what_a_batch_norm_saves_counts_in_the_layer_before_it() -> None:
@@ -414,16 +418,16 @@ def test_what_a_batch_norm_saves_counts_in_the_layer_before_it() -> None:
     (36 floats); the batch norm its input (the conv's 32 outputs) and the ReLU its output (32): all three in the conv's
     precision, since batch norm computes on its input's 16 bits (precision.py) though it reports fp32. Counted in the
     batch norm, a bf16 map (conv and linear bf16, the norm fp32) was charged 0.82x fp32's activations, not 0.5x. The
-    Linear's input is the ReLU's output, flattened: one storage, counted once."""
+    Linear's input is the ReLU's output, flattened: one storage, counted once; its output (3) counts in it."""
     from triaccel_rl.config import HardwareProfile
     from triaccel_rl.types import Precision
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
     costs = _costs(model, torch.zeros(1, 1, 6, 6))
-    assert costs.activation_bytes_per_sample.tolist() == [4 * (36 + 32 + 32), 0, 0]
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (36 + 32 + 32), 0, 4 * 3]
     profile = HardwareProfile.load()
     bf16_map = [Precision.BF16, Precision.FP32, Precision.BF16]
-    assert costs.per_sample_bytes(bf16_map, profile) == 4 * 100 * profile.memory(Precision.BF16)
+    assert costs.per_sample_bytes(bf16_map, profile) == 4 * 103 * profile.memory(Precision.BF16)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -451,8 +455,10 @@ class _OneAtATime(nn.Module):
         return self.fc(x)
 
 
-def test_activation_bytes_fall_back_to_outputs_where_a_batch_cannot_run() -> None:
-    costs = _costs(_OneAtATime(), torch.zeros(1, 4))
+def test_activation_bytes_fall_back_to_outputs_where_a_batch_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="triaccel_rl.costs"):
+        costs = _costs(_OneAtATime(), torch.zeros(1, 4))
+    assert "counts each layer's output" in caplog.text and "one sample at a time" in caplog.text
     assert costs.activation_bytes_per_sample.tolist() == [4 * 3]  # the output, fp32
     assert (
         saved_bytes_per_sample(_OneAtATime(), [info for _, _, info in find_layers(_OneAtATime())], torch.zeros(1, 4))
@@ -636,3 +642,53 @@ def test_measure_profile_refuses_bad_arguments_before_measuring(kwargs, match, m
 def test_measure_profile_refuses_cuda_without_it() -> None:
     with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available here; use 'cpu'"):
         profiling.measure_profile("cuda", batch_size=8, steps=2, small=True)
+
+
+class _Wayward(nn.Module):
+    """A forward that touches what a measurement must put back, and computes a branch it drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1  # a new tensor bound to the buffer's name
+        random.random()  # Python's generator drawn
+        h = self.bn(self.fc(x))
+        torch.sigmoid(h).sum().item()  # a branch computed and dropped: its saved output is freed before the end
+        return self.out(torch.relu(h))
+
+
+def test_a_measurement_puts_back_modes_buffers_and_generators_and_counts_only_what_is_held() -> None:
+    """Found in review: a model in train mode with a frozen batch norm (eval) came back with it in train mode; a buffer
+    bound to a new tensor kept the new one; Python's generator had moved; the dropped sigmoid branch was counted."""
+    model = _Wayward()
+    model.bn.eval()
+    calls = model.calls
+    state = random.getstate()
+    costs = _costs(model, torch.randn(1, 4))
+    assert model.training and not model.bn.training
+    assert model.calls is calls and model.calls.item() == 0
+    assert random.getstate() == state
+    # fc's input (4) and output (8, saved by the norm); the ReLU's output (8, saved by out) in fc, the norm passed
+    # over; the logits (2) in out
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 8 + 8), 0, 4 * 2]
+
+
+def test_saved_bytes_are_the_same_under_inference_mode_and_under_torch_compile() -> None:
+    """Under inference mode nothing was saved (all zeros, no error); a compiled model's layers ran no hooks, so every
+    byte counted in the first layer."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+    layers = [info for _, _, info in find_layers(model)]
+    eager = saved_bytes_per_sample(model, layers, torch.zeros(1, 4))
+    assert eager is not None and eager.tolist() == [48.0, 40.0]
+    with torch.inference_mode():
+        inference = saved_bytes_per_sample(model, layers, torch.zeros(1, 4))
+    assert inference is not None and inference.tolist() == eager.tolist()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled_layers = [info for _, _, info in find_layers(compiled)]
+    measured = saved_bytes_per_sample(compiled, compiled_layers, torch.zeros(1, 4))
+    assert measured is not None and measured.tolist() == eager.tolist()

@@ -6,13 +6,17 @@ CPUs (development, CI, offline policy training) and for predicting memory before
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+import random
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from triaccel_rl.config import HardwareProfile
@@ -73,8 +77,9 @@ class CostModel:
 
         Activation bytes are :func:`saved_bytes_per_sample`'s (each layer's output bytes where a batch cannot run).
 
-        The forwards leave no trace: they run on a fork of the random number generators, and the buffers are put back
-        after them, so a training run that measures its costs first draws and computes exactly as one that does not.
+        The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode and buffers
+        are as they were, so a training run that measures its costs first draws and computes exactly as one that does
+        not.
 
         Args:
             model: the model.
@@ -98,19 +103,13 @@ class CostModel:
                     flops[index] += _forward_flops(module, args, kwargs, out)
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        was_training = model.training
-        buffers = [(b, b.clone()) for b in model.buffers()]  # a forward may count its calls, say
-        devices = [sample.device] if sample.device.type == "cuda" else []
-        model.eval()
         try:
-            with torch.random.fork_rng(devices):
+            with _untouched(model, sample.device):
+                model.eval()
                 model(sample[:1])
         finally:
             for handle in handles:
                 handle.remove()
-            model.train(was_training)
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
         kept = saved_bytes_per_sample(model, layers, sample)
         owned = owned_param_counts(model, layers)
         static = cls.parameters_only(layers, optimizer_states, owned).static_bytes
@@ -201,53 +200,61 @@ def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tens
 
 
 def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Tensor) -> np.ndarray | None:
-    """The bytes autograd saves for the backward pass, per sample, attributed to layers; None if the forward raised.
+    """The bytes a training step holds for its backward pass, per sample, attributed to layers; None if none ran.
 
-    Runs training-mode forwards with gradients of 2 and 4 copies of ``sample[:1]`` under ``saved_tensors_hooks`` and
-    takes half the difference, so what does not grow with the batch (normalisation statistics, a fixed mask) drops
-    out. A saved tensor counts its whole storage once, in the layer whose forward was entered last when it was saved:
-    operations without parameters between layers (a ``SiLU``, a squeeze-excitation product, ``softmax`` in attention)
-    go to the layer before them, whose precision their input has. A batch norm is passed over (it computes on its
-    input's 16 bits and returns them, though it reports fp32: ``triaccel_rl.precision``), so what it and the
-    operations after it save counts in the layer before it too, at that layer's memory factor. Parameters and buffers
-    are not counted (they are the static bytes). This is the memory a step holds at the end of its forward pass;
-    counting each layer's output came to 0.53-0.68x of it on EfficientNet-B0, the depthwise CNNs and the Transformers.
+    Runs forwards with gradients of 2 and 4 copies of ``sample[:1]`` in eval mode (deterministic: no dropout draw or
+    stochastic depth makes the two differ) under ``saved_tensors_hooks``, and takes half the difference, so what does
+    not grow with the batch (a fixed mask, say) drops out. Counted: the storages of the tensors saved for the backward
+    pass that are still held when the forward returns (a branch computed and dropped inside the forward is not), each
+    once and at its own dtype (the run is fp32; int64 pooling indices count 8 bytes an element), and the output's (the
+    logits, which the loss then needs). Parameters and buffers are the static bytes, not counted. Dropout's masks are
+    not counted either (eval mode saves none: 1 byte an element of what a training-mode dropout drops).
 
-    Leaves no trace (random number generators forked, buffers put back, gradients of the parameters as they were:
-    no backward runs).
+    A saved tensor counts in the layer whose forward was entered last when it was saved: operations without parameters
+    between layers (a ``SiLU``, a squeeze-excitation product, ``softmax`` in attention) go to the layer before them,
+    whose precision their input has; the output goes to the last layer entered. A batch norm is passed over (it
+    computes on its input's 16 bits and returns them, though it reports fp32: ``triaccel_rl.precision``), so what it
+    and the operations after it save counts in the layer before it too. A ``torch.compile``d model runs its original
+    module, whose layers' hooks fire. Counting each layer's output instead came to 0.53-0.68x of this on
+    EfficientNet-B0, the depthwise CNNs and the Transformers.
+
+    Leaves no trace (:func:`_untouched`); runs outside inference mode, as a training step does.
 
     Example:
         >>> from triaccel_rl.precision import find_layers
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> layers = [info for _, _, info in find_layers(net)]
-        >>> saved_bytes_per_sample(net, layers, torch.zeros(1, 4)).tolist()  # the input (4) and ReLU's output (8)
-        [48.0, 0.0]
+        >>> saved_bytes_per_sample(net, layers, torch.zeros(1, 4)).tolist()  # input (4), ReLU's output (8); logits (2)
+        [48.0, 8.0]
     """
     totals = []
     for copies in (2, 4):
         try:
-            totals.append(_saved_bytes(model, layers, torch.cat([sample[:1]] * copies)))
+            totals.append(_saved_bytes(model, layers, sample[:1], copies))
         except Exception as error:  # any model's own failure: fall back to output bytes
-            log.debug("saved_bytes_per_sample: the forward of %d samples raised %r", copies, error)
+            log.warning(
+                "the cost model counts each layer's output as its activation memory (an undercount where operations "
+                "without parameters save tensors): a forward of %d samples raised %r",
+                copies,
+                error,
+            )
             return None
-    return np.maximum((totals[1] - totals[0]) / 2.0, 0.0)
+    return (totals[1] - totals[0]) / 2.0
 
 
-def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], batch: torch.Tensor) -> np.ndarray:
-    """Bytes of the tensors autograd saves during one training-mode forward of ``batch``, by layer."""
+def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Tensor, copies: int) -> np.ndarray:
+    """Bytes saved for the backward pass and held at the end of one forward of ``copies`` samples, by layer."""
     static = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    per_layer = np.zeros(len(layers))
-    seen: set[int] = set()
-    current = [0]
     modules = dict(model.named_modules())
+    saved: list[tuple[weakref.ref[torch.Tensor], int]] = []
+    current = [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer and pointer not in static and pointer not in seen:  # saved tensors stay alive: no pointer reuse
-            seen.add(pointer)
-            per_layer[current[0]] += storage.nbytes()
-        return tensor
+        # The graph holds this alias only (no backward runs): it dies with its node. Holding the tensor itself, a
+        # node that saves its own output (sigmoid, ReLU) formed a cycle, which kept a dropped branch alive.
+        alias = tensor.detach()
+        saved.append((weakref.ref(alias), current[0]))
+        return alias
 
     def entering(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -262,23 +269,57 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], batch: torch.Ten
         # after it save has the precision of the layer before it, not the fp32 it reports.
         if not (isinstance(module := modules.get(info.name, model), nn.modules.batchnorm._BatchNorm) and i > 0)
     ]
-    was_training = model.training
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    devices = [batch.device] if batch.device.type == "cuda" else []
-    model.train()
+    runner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its graph runs no module's hooks
+    per_layer = np.zeros(len(layers))
     try:
-        with torch.random.fork_rng(devices), torch.enable_grad():
+        with torch.inference_mode(False), _untouched(model, sample.device), torch.enable_grad():
+            model.eval()
+            batch = torch.cat([sample] * copies)  # a normal tensor even where the sample is an inference one
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                output = model(batch)
-            del output
+                output = runner(batch)
+            # Everything counted is alive now, so no two storages share an address.
+            seen: set[int] = set()
+            held = [(tensor, index) for ref, index in saved if (tensor := ref()) is not None]
+            held += [(tensor, current[0]) for tensor in pytree.tree_leaves(output) if isinstance(tensor, torch.Tensor)]
+            for tensor, index in held:
+                storage = tensor.untyped_storage()
+                pointer = storage.data_ptr()
+                if pointer and pointer not in static and pointer not in seen:
+                    seen.add(pointer)
+                    per_layer[index] += storage.nbytes()
+            del output, held
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
     return per_layer
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Puts back what a forward may change.
+
+    Every module's train/eval mode (a frozen batch norm stays in eval), every buffer (a value updated in place or a new
+    tensor bound to its name), and the random number generators (torch's on the CPU and ``device``, and Python's).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [
+        (module, name, buffer, buffer.clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng([device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python_state)
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for module, name, buffer, value in buffers:
+                module._buffers[name] = buffer
+                buffer.copy_(value)
 
 
 def _recurrent_flops(module: nn.RNNBase, out: torch.Tensor) -> float:
