@@ -596,10 +596,10 @@ def test_the_shipped_observation_stats_match_the_shipped_zip_and_its_model_card(
 @pytest.mark.parametrize(
     ("feature", "value", "decides"),
     [
-        ("log2_batch", 5.0, "learned"),  # trained on [-1, 2]: exactly one width (3) past the edge
-        ("log2_batch", 5.0001, "heuristic"),
-        ("log2_batch", -4.0, "learned"),
-        ("log2_batch", -4.0001, "heuristic"),
+        ("log2_batch", 6.0, "learned"),  # trained on [-2, 2]: exactly one width (4) past the edge
+        ("log2_batch", 6.0001, "heuristic"),
+        ("log2_batch", -6.0, "learned"),
+        ("log2_batch", -6.0001, "heuristic"),
         ("overflow_rate", 1.0, "learned"),  # never varied (0 throughout): a width of 1
         ("overflow_rate", 1.0001, "heuristic"),
     ],
