@@ -333,7 +333,7 @@ def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
     state = torch.load(saved[0])
     model2.load_state_dict(state["model"])
     ctl2.load_state_dict(state["controller"])
-    copy = ctl2.guard._model_state.tree()
+    copy = ctl2.guard._good.model.tree()
     for name, value in model2.state_dict().items():
         assert torch.equal(copy[name], value), name
 

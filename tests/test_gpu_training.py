@@ -316,7 +316,7 @@ def test_the_offloaded_rollback_copy_takes_no_gpu_memory_and_restores_exactly():
     before = torch.cuda.memory_allocated()
     guard.save()
     assert torch.cuda.memory_allocated() == before  # the copy went to pinned host memory
-    assert all(leaf.device.type == "cpu" and leaf.is_pinned() for leaf in guard._model_state.leaves
+    assert all(leaf.device.type == "cpu" and leaf.is_pinned() for leaf in guard._good.model.leaves
                if isinstance(leaf, torch.Tensor))  # fmt: skip
     run.train_interval(3)
     guard.save()  # reuses the pinned tensors: an asynchronous copy into them

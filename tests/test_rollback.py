@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_snapshots_reuse_their_tensors_and_follow_a_changing_optimizer_state():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     guard = RollbackGuard(model, optimizer)
     guard.save()  # before the first step: the optimizer has no state yet
-    first_model_leaves = list(guard._model_state.leaves)
+    first_model_leaves = list(guard._good.model.leaves)
 
     def train_step():
         model(torch.randn(8, 3)).square().mean().backward()
@@ -84,13 +85,13 @@ def test_snapshots_reuse_their_tensors_and_follow_a_changing_optimizer_state():
 
     train_step()
     guard.save()  # the optimizer state appeared: a new structure, copied afresh
-    assert all(a is b for a, b in zip(guard._model_state.leaves, first_model_leaves, strict=True))
-    momentum_leaves = [leaf for leaf in guard._optimizer_state.leaves if isinstance(leaf, torch.Tensor)]
+    assert all(a is b for a, b in zip(guard._good.model.leaves, first_model_leaves, strict=True))
+    momentum_leaves = [leaf for leaf in guard._good.optimizer.leaves if isinstance(leaf, torch.Tensor)]
 
     train_step()
     train_step()
     guard.save()  # same structure: copied into the same tensors
-    tensors = [leaf for leaf in guard._optimizer_state.leaves if isinstance(leaf, torch.Tensor)]
+    tensors = [leaf for leaf in guard._good.optimizer.leaves if isinstance(leaf, torch.Tensor)]
     assert len(tensors) == 6 and all(a is b for a, b in zip(tensors, momentum_leaves, strict=True))
     saved_params = [p.detach().clone() for p in model.parameters()]
     saved_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
@@ -209,11 +210,11 @@ def test_the_copy_is_allocated_before_training_and_the_first_decision_still_refr
     loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=3))
     assert loop.guard.has_snapshot and not loop.guard.copy_is_current
     start = [p.detach().clone() for p in loop.run.model.parameters()]
-    reserved = [leaf for leaf in loop.guard._model_state.leaves if isinstance(leaf, torch.Tensor)]
+    reserved = [leaf for leaf in loop.guard._good.model.leaves if isinstance(leaf, torch.Tensor)]
     loop.train_interval()
     loop.snapshot(progress=0.1)
     assert loop.guard.copy_is_current
-    copied = [leaf for leaf in loop.guard._model_state.leaves if isinstance(leaf, torch.Tensor)]
+    copied = [leaf for leaf in loop.guard._good.model.leaves if isinstance(leaf, torch.Tensor)]
     assert all(a is b for a, b in zip(copied, reserved, strict=True))  # no new allocation at the decision
     params = list(loop.run.model.parameters())
     assert not torch.equal(params[0].detach(), start[0])  # the interval trained
@@ -297,7 +298,7 @@ def test_a_restore_keeps_the_momentum_a_one_cycle_schedule_has_set_since_the_cop
 
 def moments_group(guard):
     """The hyperparameters the guard's copy holds for the first param group."""
-    return guard._optimizer_state.tree()["param_groups"][0]
+    return guard._good.optimizer.tree()["param_groups"][0]
 
 
 class _WithRunningStats(torch.nn.Module):
@@ -461,3 +462,59 @@ def test_a_controller_refreshes_its_rollback_copy_right_after_a_decision_that_ch
     assert ctl.guard is not None and ctl.guard.restore("a test")
     assert torch.equal(model[0].weight, weights[12])  # the decision at step 12 changed the LR
     ctl.close()
+
+
+class _Keep:
+    """fp32 everywhere, LR x1, the batch kept: no decision changes anything."""
+
+    name = "keep"
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        return np.array([0, 0, 0, 0, 2, 1]), None
+
+
+def test_the_controller_restores_a_state_whose_loss_was_finite_not_the_copy_after_the_update_that_blew_up(caplog):
+    """Loss w² with SGD at LR 500: each step multiplies w by -999, from w = 999³. The first interval's 4 losses are
+    finite (9.9e17 .. 9.9e35), and its last update leaves w = 999⁷, whose loss overflows fp32. That state was copied
+    as the interval's end was healthy, and every rollback restored it (loss inf again: 3 rollbacks, no recovery). The
+    copy now waits for the next interval's first loss; until then the start is what a rollback restores."""
+    from triaccel_rl.controller import Controller
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(999.0**3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=500.0)
+    ctl = Controller(model, optimizer, policy=_Keep(), config=ControllerConfig(interval_steps=4, max_interval_factor=1))
+    restored = []
+    for x, _ in ctl.loader((torch.ones(32, 1), torch.zeros(32, 1)), batch_size=4, epochs=1):
+        before = ctl.rollbacks
+        ctl.step((model(x) ** 2).mean())
+        if ctl.rollbacks > before:
+            restored.append(model.weight.item())
+    ctl.close()
+    start = torch.tensor(999.0**3).item()  # fp32
+    assert ctl.rollbacks == 1 and restored == [start]  # steps 5-8 inf: back to the start, whose loss is finite
+    assert math.isfinite(torch.tensor(restored[0], dtype=torch.float32).square().item())
+
+
+def test_a_confirmed_copy_is_kept_until_the_next_one_is_confirmed():
+    """RollbackGuard(confirm=True): save() takes a copy to confirm, restore() brings back the last confirmed one."""
+    from triaccel_rl.shield import RollbackGuard
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    guard = RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), confirm=True)
+    weights = []
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        guard.save()
+        if value < 3.0:
+            guard.confirm()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert guard.has_unconfirmed and guard.restore()
+    weights.append(model.weight.item())
+    assert weights == [2.0] and not guard.has_unconfirmed  # 3.0 was never confirmed: dropped
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert guard.restore() and model.weight.item() == 2.0

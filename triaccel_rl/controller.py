@@ -169,6 +169,9 @@ class Controller:
                 self.config.rollback_offload,
                 self.config.snapshot_every,
                 after_restore=self.engine.after_restore,  # weights and optimizer state changed outside the fused step
+                # A copy at an interval's end is of a state no loss has been computed on yet: the next interval's
+                # first step computes one. Until then the copy before it is kept (a second copy's memory).
+                confirm=True,
             )
             self.guard = guard if self.config.rollback else None
             if self.guard is not None:
@@ -211,6 +214,7 @@ class Controller:
             self._timer.start()
             self._closed = False
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
+            self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             initial = getattr(self.policy, "initial_action", None)
             if initial is not None:  # a static configuration holds from the first step
                 self.executor.apply(decode(initial, self.config), self)
@@ -649,6 +653,7 @@ class Controller:
             self._base_batch_size = self._batch_size = self._last_batch = self._planned_epochs = 0
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
             self.guard.reserve()
+            self._copy_opens_interval = False
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
@@ -884,16 +889,25 @@ class Controller:
         that left a buffer non-finite (a skipped step's forward wrote a batch-norm's running statistics: the model
         would evaluate to NaN from then on). Otherwise a mixed one does neither: its non-finite steps were skipped,
         and the model may be turning, so it is not copied.
+
+        A copy is of the state after the interval's last update, whose loss no step has computed yet: it becomes the
+        one restored once the next interval proves it, by applying an update (skipped steps leave the weights as they
+        were, so the first update that went in had a finite loss on the copy's). A copy taken after an update that
+        blew the model up was otherwise restored at every rollback, each interval after it non-finite again.
         """
         self._interval_healthy = False
+        began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
         if self.guard is None or steps == 0:
             return False
         broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
+        if began_from_copy and applied > 0:  # the first update that went in had a finite loss on the copy's weights
+            self.guard.confirm()
         if broken:
             restored = self.guard.restore(f"non-finite values in buffers {broken[:3]}")
         elif applied == steps:
             self.guard.healthy()
+            self._copy_opens_interval = self.guard.has_unconfirmed and self.guard.copy_is_current
             return False
         else:
             restored = applied == 0 and self.guard.restore()
@@ -925,6 +939,7 @@ class Controller:
             # As DecisionLoop: a change is what most often precedes a divergence, so a rollback restarts from it
             # (ControllerConfig.snapshot_every's promise), not from an older copy.
             self.guard.save()
+            self._copy_opens_interval = True
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
         for reason in report.refused:

@@ -119,6 +119,7 @@ class RollbackGuard:
         offload: bool = False,
         every: int = 1,
         after_restore: Callable[[], None] | None = None,
+        confirm: bool = False,
     ) -> None:
         # A float or NaN passed the old `every < 1` check, and `since + 1 >= nan` then never refreshed the copy.
         if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
@@ -144,16 +145,22 @@ class RollbackGuard:
         self.every = every
         self.after_restore = after_restore
         """Called after each restore: e.g. ``StepEngine.refresh_weight_copies``, whose copies the restore made stale."""
+        if not isinstance(confirm, bool | np.bool_):
+            raise TypeError(f"confirm={confirm!r} must be True or False")
+        self.confirm_copies = bool(confirm)
+        """A copy is restored only once :meth:`confirm` says its state gave a finite loss; until then the copy confirmed
+        before it is kept too (twice the memory). For an owner that cannot evaluate the state it copies (the
+        Controller sees a state's loss only at the next step): a copy taken after an update that blew the model up
+        was otherwise the "last good state", restored at every rollback."""
         self._since_copy = 0  # healthy() calls since the copy was taken
-        self._model_state: _Snapshot | None = None
-        self._transient_state: _Snapshot | None = None  # the non-persistent buffers, which the state dict leaves out
-        self._optimizer_state: _Snapshot | None = None
-        self._copied: torch.cuda.Event | None = None  # when an offloaded snapshot's copies are done
+        self._good: _Copy | None = None  # what restore() brings back
+        self._unconfirmed: _Copy | None = None  # with confirm: the latest copy, not yet confirmed
+        self._spare: _Copy | None = None  # a copy's tensors, reused by the next one
         self.rollbacks = 0
 
     def healthy(self) -> None:
         """Records that the current state is healthy: the copy is refreshed every ``every`` calls (the first always)."""
-        if self._model_state is None or self._since_copy + 1 >= self.every:
+        if not self.has_snapshot or self._since_copy + 1 >= self.every:
             self.save()
         else:
             self._since_copy += 1
@@ -163,65 +170,96 @@ class RollbackGuard:
 
         Pinned host memory is slow to allocate (about 50 ms for ResNet-18's 90 MB on an H200), and the first copy
         otherwise allocates it at the first decision, inside the training time. The next :meth:`healthy` call
-        still refreshes the copy, as the first one always does, and reuses this memory.
+        still refreshes the copy, as the first one always does, and reuses this memory. The starting state counts as
+        confirmed (it is the owner's).
         """
         self.save()
+        self.confirm()
+        if self.confirm_copies:  # the second copy's memory too
+            self._spare = self._take(None)
         self._since_copy = self.every - 1  # the next healthy() copies
+
+    def confirm(self) -> None:
+        """With ``confirm``: the latest copy's state gave a finite loss, so it becomes the one restored."""
+        if self._unconfirmed is not None:
+            self._spare, self._good, self._unconfirmed = self._good, self._unconfirmed, None
 
     @property
     def copy_is_current(self) -> bool:
-        """Whether the copy was taken at the last healthy state (no healthy() call has skipped it since)."""
-        return self._model_state is not None and self._since_copy == 0
+        """Whether the latest copy was taken at the last healthy state (no healthy() call has skipped it since)."""
+        return self.has_snapshot and self._since_copy == 0
+
+    @property
+    def has_unconfirmed(self) -> bool:
+        """Whether the latest copy waits for :meth:`confirm` (``confirm`` only)."""
+        return self._unconfirmed is not None
 
     def save(self) -> None:
-        """Takes a snapshot of the current (healthy) state.
+        """Takes a snapshot of the current (healthy) state: the one restored, or with ``confirm`` the one to confirm.
 
-        Each snapshot after the first copies into the previous one's tensors with one multi-tensor copy,
+        Each snapshot after the first copies into an earlier one's tensors with one multi-tensor copy,
         as long as the state's structure and shapes are unchanged (a few launches instead of an allocation
         and a copy per tensor).
         """
+        if self.confirm_copies:
+            reuse = self._unconfirmed or self._spare  # never the confirmed copy: it is what a rollback restores
+            self._unconfirmed, self._spare = None, None
+            self._unconfirmed = self._take(reuse)
+        else:
+            self._good = self._take(self._good)
+        self._since_copy = 0
+
+    def _take(self, reuse: _Copy | None) -> _Copy:
+        """A copy of the model's and the optimizer's state, into ``reuse``'s tensors where they fit."""
         offload = self.offload
         try:
             state = self.model.state_dict(keep_vars=True)
-            self._model_state = _Snapshot.take(state, self._model_state, offload)
-            self._transient_state = _Snapshot.take(
-                _transient_buffers(self.model, state), self._transient_state, offload
+            model_state = _Snapshot.take(state, reuse.model if reuse else None, offload)
+            transient = _Snapshot.take(
+                _transient_buffers(self.model, state), reuse.transient if reuse else None, offload
             )
-            self._optimizer_state = _Snapshot.take(self.optimizer.state_dict(), self._optimizer_state, offload)
+            optimizer = _Snapshot.take(self.optimizer.state_dict(), reuse.optimizer if reuse else None, offload)
         except RuntimeError as err:  # e.g. pinned (page-locked) host memory refused
             if not offload:
                 raise
             _log.warning("rollback copy kept on the GPU: pinned host memory failed (%s)", err)
             self.offload = False
-            self._model_state = self._transient_state = self._optimizer_state = None
-            self.save()
-            return
-        if offload and torch.cuda.is_available() and self._model_state.on_host_from_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        self._since_copy = 0
+            self._spare = None  # pinned tensors: the next copies are made on the GPU
+            return self._take(None)
+        copied = None
+        if offload and torch.cuda.is_available() and model_state.on_host_from_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        return _Copy(model_state, transient, optimizer, copied)
 
     @property
     def has_snapshot(self) -> bool:
         """Whether a snapshot has been taken."""
-        return self._model_state is not None
+        return self._good is not None or self._unconfirmed is not None
 
     def restore(self, reason: str = "non-finite loss") -> bool:
-        """Restores the last snapshot (logging ``reason``); returns False when there is none yet."""
-        if self._model_state is None or self._transient_state is None or self._optimizer_state is None:
+        """Restores the last snapshot (logging ``reason``); returns False when there is none yet.
+
+        With ``confirm`` it is the last confirmed one (an unconfirmed copy is dropped: its state may be the one that
+        failed), or the unconfirmed one where none was ever confirmed.
+        """
+        target = self._good or self._unconfirmed
+        if target is None:
             return False
-        if self._copied is not None:  # the host reads the offloaded tensors below (the deep copy)
-            self._copied.synchronize()
-        self.model.load_state_dict(self._model_state.tree())
+        if self._good is not None and self._unconfirmed is not None:
+            self._spare, self._unconfirmed = self._unconfirmed, None
+        if target.copied is not None:  # the host reads the offloaded tensors below (the deep copy)
+            target.copied.synchronize()
+        self.model.load_state_dict(target.model.tree())
         with torch.no_grad():
-            for name, value in self._transient_state.tree().items():
+            for name, value in target.transient.tree().items():
                 self.model.get_buffer(name).copy_(value)
         # The hyperparameters are the owner's or a scheduler's, which has moved on since the copy (OneCycleLR cycles the
         # momentum or Adam's beta1 with the LR): they stay as they are; the copy brings back the state (the moments).
         groups = getattr(self.optimizer, "param_groups", None)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in groups] if groups is not None else []
         # A copy: an optimizer may adopt the tensors it is given, and the snapshot must stay as it was.
-        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state.tree()))
+        self.optimizer.load_state_dict(copy.deepcopy(target.optimizer.tree()))
         for group, kept in zip(getattr(self.optimizer, "param_groups", []), settings, strict=False):
             group.update(kept)
         if self.after_restore is not None:
@@ -240,6 +278,16 @@ def _transient_buffers(model: nn.Module, state: Mapping[str, Any]) -> dict[str, 
     """
     persistent = {id(value) for value in state.values()}
     return {name: b for name, b in model.named_buffers() if id(b) not in persistent}
+
+
+@dataclass
+class _Copy:
+    """One copy of the state: the model's state dict, its non-persistent buffers, the optimizer's state dict."""
+
+    model: _Snapshot
+    transient: _Snapshot
+    optimizer: _Snapshot
+    copied: torch.cuda.Event | None = None  # when an offloaded copy's transfers are done
 
 
 @dataclass
