@@ -279,3 +279,6 @@ def test_a_loaded_cadence_stretches_as_the_saved_one_does():
         loaded.load_state_dict({k: v for k, v in cadence.state_dict().items() if k not in ("seen", "expedite")})
     with pytest.raises(ValueError, match=r"the cadence's state has step_ms -4\.0, not a finite number >= 0\.0 or NaN"):
         loaded.load_state_dict({**cadence.state_dict(), "step_ms": -4.0})
+    # 0 passed the range and divided by zero at the next interval's `steps` (record() never leaves it)
+    with pytest.raises(ValueError, match=r"the cadence's state has step_ms 0\.0: a step takes a positive time"):
+        loaded.load_state_dict({**cadence.state_dict(), "step_ms": 0.0})

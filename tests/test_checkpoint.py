@@ -538,3 +538,25 @@ def test_a_checkpoint_from_before_any_loader_call_starts_the_data_afresh():
     assert train(model, ctl, epochs=2) == 12 and ctl.steps == 12
     for a, b in zip(weights(model), weights(fresh_model), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_resumed_loader_refuses_epochs_the_run_has_trained_as_the_same_process_does():
+    """After a resume, loader(epochs=1) on a run that had trained 2 served nothing, silently (as the same process
+    would not: it raises)."""
+    data = torch.randn(40, 4), torch.randint(0, 2, (40,))
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        return model, ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+
+    model, ctl = make()
+    for x, y in ctl.loader(data, batch_size=8, epochs=2):
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+    state = ctl.state_dict()
+    _, ctl2 = make()
+    ctl2.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"loader\(epochs=1\): the checkpoint.s run has trained 2 epochs .* epochs=3"):
+        next(ctl2.loader(data, batch_size=8, epochs=1))
+    served = sum(1 for _ in ctl2.loader(data, batch_size=8, epochs=3))  # the refusal consumed nothing
+    assert served == 5

@@ -744,6 +744,8 @@ def test_elastic_defaults_are_the_documented_ones() -> None:
         ({"oom_budget_factor": 0.0}, r"oom_budget_factor=0\.0 must be in \(0, 1\]"),
         ({"max_oom_retries": 0}, r"max_oom_retries=0 must be >= 1"),
         ({"lr_rule": "cubic"}, r"lr_rule='cubic'; allowed: linear, sqrt, none, adascale, auto"),
+        # str(None) was "none": the coupling silently turned off
+        ({"lr_rule": None}, r"lr_rule=None; allowed: linear, sqrt, none, adascale, auto"),
     ],
 )
 def test_elastic_ranges(overrides: dict, message: str) -> None:
@@ -754,3 +756,14 @@ def test_elastic_ranges(overrides: dict, message: str) -> None:
 def test_elastic_edges_allowed() -> None:
     config = ElasticConfig(warmup_steps=0, fill_frac=1.0, oom_budget_factor=1.0, max_oom_retries=1, lr_rule=" SQRT ")
     assert (config.warmup_steps, config.fill_frac, config.max_oom_retries, config.lr_rule) == (0, 1.0, 1, LRRule.SQRT)
+
+
+def test_the_lr_rule_helpers_take_a_rule_by_name():
+    """A name was told to be "resolved first", and resolve_lr_rule("auto", ...) came back as the string "auto"."""
+    from triaccel_rl.elastic import BatchLRCoupler, lr_gain, resolve_lr_rule
+
+    assert lr_gain("linear", 128, 64) == 2.0 and lr_gain(" SQRT ", 256, 64) == 2.0
+    assert resolve_lr_rule("auto", "sgd") is LRRule.LINEAR and resolve_lr_rule("auto", "adamw") is LRRule.SQRT
+    assert BatchLRCoupler("sqrt", 64, 256).target == 2.0
+    with pytest.raises(ConfigError, match=r"unknown LRRule 'cubic'|lr_rule='cubic'|'cubic'; allowed"):
+        lr_gain("cubic", 128, 64)

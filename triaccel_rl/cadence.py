@@ -192,6 +192,8 @@ class Cadence:
                 raise ValueError(f"the cadence's state has {key} with a negative value: {values.tolist()}")
             windows[key] = values.tolist()
         step_ms = saved.real("step_ms", nan=True, least=0.0)
+        if step_ms == 0:  # record() leaves NaN or a positive time; 0 passed and divided by zero at the next interval
+            raise ValueError("the cadence's state has step_ms 0.0: a step takes a positive time (or NaN: none yet)")
         seen, expedite = saved.count("seen"), saved.count("expedite")
         if expedite > 2:
             raise ValueError(f"the cadence's state has expedite {expedite}, not 0, 1 or 2")

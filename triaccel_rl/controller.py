@@ -725,6 +725,12 @@ class Controller:
         # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
         # new tensors of the same data, and must carry on, not train again from epoch 0.
         key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
+        if self._resume is not None and self._resume["loader"]["epoch"] >= epochs:  # refused before it is consumed
+            raise ValueError(
+                f"loader(epochs={epochs}): the checkpoint's run has trained {self._resume['loader']['epoch']} epochs "
+                f"of its dataset already; epochs counts from the run's start, so pass "
+                f"epochs={self._resume['loader']['epoch'] + 1} for one more"
+            )
         if (
             self._loader is not None
             and self._resume is None

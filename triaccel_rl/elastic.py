@@ -61,6 +61,7 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
         ValueError: batch sizes that are not whole numbers >= 1 (NaN passed ``< 1`` and gave a NaN gain), a
             negative noise scale, or the unresolved ``AUTO`` rule.
     """
+    rule = LRRule.parse(rule)  # a name ("linear") was told to be resolved first
     if not (is_whole(batch_size) and is_whole(base_batch_size) and batch_size >= 1 and base_batch_size >= 1):
         raise ValueError(
             f"batch sizes must be whole numbers of samples >= 1; got {batch_size!r} and base {base_batch_size!r}"
@@ -87,6 +88,7 @@ def resolve_lr_rule(rule: LRRule, optimizer: torch.optim.Optimizer | str) -> LRR
 
     ``optimizer`` is the optimizer or its name (a task's ``"sgd"`` / ``"adamw"``).
     """
+    rule = LRRule.parse(rule)  # "auto" came back unresolved
     if rule is not LRRule.AUTO:
         return rule
     name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
@@ -131,6 +133,7 @@ class BatchLRCoupler:
         warmup_above: float = 1.5,
         warmup_steps: int = 10,
     ) -> None:
+        rule = LRRule.parse(rule)
         if rule is LRRule.AUTO:
             raise ValueError("resolve LRRule.AUTO for the optimizer first (resolve_lr_rule)")
         whole = isinstance(warmup_steps, numbers.Integral) and not isinstance(warmup_steps, bool)

@@ -59,7 +59,9 @@ class ChoiceEnum(enum.Enum):
         if isinstance(value, cls):
             return value
         try:
-            return cls(str(value).strip().lower())
+            if not isinstance(value, str):  # str(None) was "none": ElasticConfig(lr_rule=None) turned the coupling off
+                raise ValueError(value)
+            return cls(value.strip().lower())
         except ValueError:
             allowed = ", ".join(str(member.value) for member in cls)
             raise ConfigError(f"{cls._unknown(value)}; allowed: {allowed}") from None
