@@ -503,6 +503,9 @@ def test_profile_writes_a_loadable_profile(tmp_path, capsys):
     assert set(profile.time_factor) == {"fp32", "bf16", "fp16"}
     assert profile.memory_factor == {"fp32": 1.0, "bf16": 1.0, "fp16": 1.0}  # no allocator to read on a CPU
     assert profile.throughput_scale > 0 and profile.fixed_ms > 0
+    # ... and it says so: the file alone looked like a measured GPU's
+    err = capsys.readouterr().err
+    assert "profiling cpu" in err and "memory factors are not measured on a CPU" in err
 
 
 def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch):

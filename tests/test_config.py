@@ -162,13 +162,14 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
         ({"time_factor": None}, r"time_factor must be a mapping of precision to factor; got None"),
         (
             {"time_factor": {"fp32": 1.0, "bf16": "0.3", "fp16": 0.25}},
-            r"time_factor\['bf16'\]='0.3' must be a positive",
+            r"time_factor\['bf16'\]='0.3' must be a finite number > 0",
         ),
         ({"time_factor": {"fp32": 1.0, "bf16": 0.3, "fp16": 0.25, "fp8": 0.1}}, r"has unknown precisions \['fp8'\]"),
         ({"memory_factor": {"fp32": 2.0, "bf16": 0.5, "fp16": 0.5}}, r"memory_factor\['fp32'\]=2.0 must be 1.0"),
-        ({"throughput_scale": 0}, r"throughput_scale=0 must be a positive number"),
-        ({"fixed_ms": -1}, r"fixed_ms=-1 must be a non-negative number"),
-        ({"fixed_ms": True}, r"fixed_ms=True must be a non-negative number"),
+        ({"throughput_scale": 0}, r"throughput_scale=0 must be a finite number > 0"),
+        ({"fixed_ms": -1}, r"fixed_ms=-1 must be a finite number >= 0"),
+        ({"fixed_ms": True}, r"fixed_ms=True must be a finite number >= 0"),
+        ({"fixed_ms": float("inf")}, r"fixed_ms=inf must be a finite number >= 0"),
         ({"device": 5}, r"device=5 must be the GPU's name, a non-empty string"),  # was taken
         ({"device": None}, r"device=None must be the GPU's name, a non-empty string"),
         ({"device": " "}, r"device=' ' must be the GPU's name, a non-empty string"),
@@ -215,13 +216,13 @@ def test_profile_invalid_json_raises(tmp_path: Path) -> None:
 @pytest.mark.parametrize("table", ["time_factor", "memory_factor"])
 def test_profile_non_positive_factor_rejected(table: str, bad: float) -> None:
     raw = {**_VALID_PROFILE, table: {**_VALID_PROFILE[table], "bf16": bad}}  # type: ignore[dict-item]
-    with pytest.raises(ConfigError, match=rf"{table}\['bf16'\]={bad} must be a positive number"):
+    with pytest.raises(ConfigError, match=rf"{table}\['bf16'\]={bad} must be a finite number > 0"):
         HardwareProfile(**raw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("name", "kind"), [("fixed_ms", "non-negative"), ("throughput_scale", "positive")])
+@pytest.mark.parametrize(("name", "kind"), [("fixed_ms", ">= 0"), ("throughput_scale", "> 0")])
 def test_profile_negative_scalar_rejected(name: str, kind: str) -> None:
-    with pytest.raises(ConfigError, match=rf"{name}=-1.0 must be a {kind} number"):
+    with pytest.raises(ConfigError, match=rf"{name}=-1.0 must be a finite number {kind}"):
         HardwareProfile(**{**_VALID_PROFILE, name: -1.0})  # type: ignore[arg-type]
 
 
@@ -231,7 +232,7 @@ def test_profile_negative_scalar_rejected(name: str, kind: str) -> None:
         ("device time_factor memory_factor", r"p\.json must be a JSON object; got str"),
         (
             {**_VALID_PROFILE, "time_factor": {"fp32": "1.0", "bf16": 0.5, "fp16": 0.25}},
-            r"time_factor\['fp32'\]='1\.0' must be a positive number",
+            r"time_factor\['fp32'\]='1\.0' must be a finite number > 0",
         ),
     ],
     ids=["json-string-not-object", "string-factor"],
@@ -328,7 +329,9 @@ def test_heuristic_usage_band_checked(grow: float, shrink: float) -> None:
     ["progress_scale", "nonfinite_penalty", "over_budget_penalty", "divergence_penalty", "clip", "budget_intervals"],
 )
 def test_reward_negative_rejected(name: str) -> None:
-    with pytest.raises(ConfigError, match=rf"reward {name}=-1.0 must be a non-negative number"):
+    """The message states each field's rule: clip=-1 was told it must be "non-negative", though 0 is refused too."""
+    rule = "> 0" if name in ("clip", "budget_intervals") else ">= 0"
+    with pytest.raises(ConfigError, match=rf"reward {name}=-1.0 must be a finite number {rule}"):
         RewardConfig(**{name: -1.0})
 
 
@@ -349,7 +352,7 @@ def test_reward_budget_must_be_positive_and_finite(bad: float) -> None:
         with pytest.raises(ConfigError, match=message):
             RewardConfig(budget_intervals=bad)
     else:
-        with pytest.raises(ConfigError, match=r"reward budget_intervals=inf must be a non-negative number"):
+        with pytest.raises(ConfigError, match=r"reward budget_intervals=inf must be a finite number > 0"):
             RewardConfig(budget_intervals=bad)
 
 
@@ -531,8 +534,8 @@ def test_preset_anneal_is_the_measured_annealing_row() -> None:
         sys.path.remove(str(experiments))
     args = gpu_benchmark.Args()
     row = gpu_benchmark.rows_for(args)["heuristic-anneal5-i1"]["config"]
-    config = ControllerConfig.preset("anneal", interval_steps=args.interval_steps)
-    assert config == row
+    config = ControllerConfig.preset("anneal")  # the row's 100-step interval too (the preset said 20)
+    assert config == row and config.interval_steps == 100
     assert (config.max_interval_factor, config.signals.mode.value, config.heuristic.anneal_plateau) == (
         1,
         "cheap",
@@ -540,9 +543,7 @@ def test_preset_anneal_is_the_measured_annealing_row() -> None:
     )
     assert config.heuristic.anneal_after == 0.3 and config.heuristic.anneal_rungs == 1
     # The deeper variant the docs give (x0.25 on the ladder) is the row heuristic-anneal5-i1-deep.
-    deep = ControllerConfig.preset(
-        "anneal", interval_steps=args.interval_steps, lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-    )
+    deep = ControllerConfig.preset("anneal", lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5))
     assert deep == gpu_benchmark.rows_for(args)["heuristic-anneal5-i1-deep"]["config"]
 
 
@@ -767,3 +768,39 @@ def test_the_lr_rule_helpers_take_a_rule_by_name():
     assert BatchLRCoupler("sqrt", 64, 256).target == 2.0
     with pytest.raises(ConfigError, match=r"unknown LRRule 'cubic'|lr_rule='cubic'|'cubic'; allowed"):
         lr_gain("cubic", 128, 64)
+
+
+def test_a_profile_cannot_be_changed_through_the_callers_dicts():
+    """A frozen profile kept the caller's dicts: editing one afterwards set bf16's time factor to -5."""
+    times = {"fp32": 1.0, "bf16": 0.5, "fp16": 0.4}
+    profile = HardwareProfile("gpu", times, {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}, 0.1, 1e-4)
+    times["bf16"] = -5.0
+    assert profile.time(Precision.BF16) == 0.5
+
+
+def test_a_profile_that_cannot_be_read_is_a_clear_error(tmp_path):
+    """A non-UTF-8 file raised the codec's error (naming neither the file nor the flag); /dev/null "did not exist"."""
+    binary = tmp_path / "profile.json"
+    binary.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match=r"hardware profile '.*profile\.json' cannot be read: 'utf-8' codec"):
+        HardwareProfile.load(binary)
+    with pytest.raises(ConfigError, match=r"hardware profile '/dev/null' is not a regular file"):
+        HardwareProfile.load("/dev/null")
+
+
+def test_an_interrupted_profile_save_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    old = HardwareProfile.load()
+    old.save(path)
+    real_write = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        real_write(self, text[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        HardwareProfile(old.device, old.time_factor, old.memory_factor, 0.5, old.throughput_scale).save(path)
+    monkeypatch.undo()
+    assert HardwareProfile.load(path) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]  # no temporary left behind

@@ -454,7 +454,14 @@ def _profile(args: argparse.Namespace) -> int:
 
     with _folders_kept_only_on_success(args.out):
         out = _file_to_write("--out", args.out, example="profile.json")
-        profile = measure_profile(resolve_device(args.device), args.batch_size, args.steps, args.small)
+        device = resolve_device(args.device)
+        if device.type != "cuda":  # the file looked like a GPU's: nothing said its memory factors were never measured
+            print(
+                f"triaccel-rl profile: profiling {device} (no --device cuda): its times are this CPU's, and memory "
+                "factors are not measured on a CPU (written as 1.0); profile the GPU you will train on",
+                file=sys.stderr,
+            )
+        profile = measure_profile(device, args.batch_size, args.steps, args.small)
         profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
     print(f"{profile.device}\nstep-time factors: {factors}; fixed {profile.fixed_ms:.3f} ms\nwrote {args.out}")

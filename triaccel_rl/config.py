@@ -155,16 +155,18 @@ class HardwareProfile:
                 raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
                 if not (_is_number(value) and math.isfinite(value) and value > 0):
-                    raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a positive number")
+                    raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a finite number > 0")
             if table["fp32"] != 1.0:
                 raise ConfigError(
                     f"hardware profile {label}['fp32']={table['fp32']!r} must be 1.0: factors are relative to fp32"
                 )
+            # A copy: the caller's dict, edited after the check, changed a frozen profile's factors (to -5, say).
+            object.__setattr__(self, label, {key: float(value) for key, value in table.items()})
         for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and (value >= 0 if low is not None else value > 0)):
-                kind = "a non-negative" if low is not None else "a positive"
-                raise ConfigError(f"hardware profile {name}={value!r} must be {kind} number")
+                kind = "a finite number >= 0" if low is not None else "a finite number > 0"
+                raise ConfigError(f"hardware profile {name}={value!r} must be {kind}")
 
     def time(self, precision: Precision) -> float:
         """Step-time factor of ``precision`` relative to fp32."""
@@ -189,9 +191,14 @@ class HardwareProfile:
             file = Path(path)
             if file.is_dir():
                 raise ConfigError(f"hardware profile {str(file)!r} is a folder; give the profile's JSON file in it")
-            if not file.is_file():
+            if not file.exists():
                 raise ConfigError(f"hardware profile {str(file)!r} does not exist")
-            text = file.read_text()
+            if not file.is_file():  # /dev/null was said not to exist
+                raise ConfigError(f"hardware profile {str(file)!r} is not a regular file")
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:  # the CLI printed a bare "[Errno 13]" or a codec's message
+                raise ConfigError(f"hardware profile {str(file)!r} cannot be read: {err}") from None
             source = str(file)
         try:
             raw = json.loads(text)
@@ -211,8 +218,18 @@ class HardwareProfile:
         return cls(**raw)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the profile as JSON."""
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Writes the profile as JSON.
+
+        The file is written beside ``path`` and moved over it: a write cut short (a full disk) leaves the profile that
+        was there whole.
+        """
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:
+            temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -425,9 +442,10 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            require_number(f"reward {f.name}", value, "> 0" if f.name in ("clip", "budget_intervals") else ">= 0")
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"reward {f.name}={value} must be a non-negative number")
+            positive = f.name in ("clip", "budget_intervals")
+            require_number(f"reward {f.name}", value, "> 0" if positive else ">= 0")
+            if not (math.isfinite(value) and value >= 0):  # clip=-1 was told it must be "non-negative"; 0: below
+                raise ConfigError(f"reward {f.name}={value} must be a finite number {'> 0' if positive else '>= 0'}")
         if self.clip <= 0:
             raise ConfigError(f"reward clip={self.clip} must be positive")
         if self.budget_intervals <= 0:
@@ -617,14 +635,14 @@ class ControllerConfig:
     def preset(cls, name: str, **overrides: Any) -> ControllerConfig:
         """Returns a named preset, with optional field overrides.
 
-        Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short
-        intervals, wider LR range, fp16 allowed); ``anneal`` (the heuristic also anneals the LR on a plateau of
-        the probe loss past 30% of the run, ``HeuristicConfig.anneal_plateau=0.05``, with a decision every
-        interval on the cheap signals: on the H200, 2026-12-02, 0.90x static fp16's time to target in the same job
+        Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short intervals,
+        wider LR range, fp16 allowed); ``anneal`` (the heuristic also anneals the LR on a plateau of the probe
+        loss past 30% of the run, ``HeuristicConfig.anneal_plateau=0.05``, with a decision every interval of 100
+        steps on the cheap signals: on the H200, 2026-12-02, 0.90x static fp16's time to target in the same job
         on ResNet-18 and 0.98x on EfficientNet-B0, ending 0.1-0.4 points lower; row ``heuristic-anneal5-i1`` of
         ``experiments/gpu_benchmark.py``; with ``lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)`` the cuts go on to
-        x0.25: 0.85x on ResNet-18 over 25 seeds, ending 0.28 points lower, row ``heuristic-anneal5-i1-deep``). The
-        others leave the signals at ``SignalConfig()``; override them like any field:
+        x0.25: 0.85x on ResNet-18 over 25 seeds, ending 0.28 points lower, row ``heuristic-anneal5-i1-deep``).
+        The others leave the signals at ``SignalConfig()``; override them like any field:
         ``ControllerConfig.preset("safe", signals="cheap")``.
 
         Raises:
@@ -640,7 +658,14 @@ class ControllerConfig:
                 "max_lr_change": 2.0,
                 "heuristic": HeuristicConfig(lower_below=0.5, raise_above=1.0, use_fp16=True),
             },
-            "anneal": {"max_interval_factor": 1, "signals": "cheap", "heuristic": HeuristicConfig(anneal_plateau=0.05)},
+            # interval_steps as the H200 row ran it (gpu_benchmark's default): a plateau read over 20 steps is another
+            # rule than one read over 100.
+            "anneal": {
+                "interval_steps": 100,
+                "max_interval_factor": 1,
+                "signals": "cheap",
+                "heuristic": HeuristicConfig(anneal_plateau=0.05),
+            },
         }
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
