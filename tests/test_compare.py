@@ -380,7 +380,7 @@ def test_observation_stats_name_the_feature_furthest_out():
     stats = ObservationStats((0.0, 0.0, 1.0), (1.0, 2.0, 1.0), 10)
     assert stats.worst_feature(np.array([0.5, 1.0, 1.0])) == (0, 0.0)  # inside: distance 0
     assert stats.worst_feature(np.array([1.5, -3.0, 1.0])) == (1, 1.5)  # 3 below a range of width 2
-    assert stats.worst_feature(np.array([0.5, 1.0, 3.5])) == (2, 2.5)  # a constant feature counts width 1
+    assert stats.worst_feature(np.array([0.5, 1.0, 1.25])) == (2, 2.5)  # a constant feature counts width 0.1
     assert stats.distance(np.array([1.5, -3.0, 1.0])) == 1.5
     # A NaN lies in no range. Its distance was NaN, and `nan > max_distance` sent it to the learned policy.
     assert stats.worst_feature(np.array([0.5, float("nan"), 1.0])) == (1, float("inf"))

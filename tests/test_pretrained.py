@@ -600,8 +600,10 @@ def test_the_shipped_observation_stats_match_the_shipped_zip_and_its_model_card(
         ("log2_batch", 6.0001, "heuristic"),
         ("log2_batch", -6.0, "learned"),
         ("log2_batch", -6.0001, "heuristic"),
-        ("overflow_rate", 1.0, "learned"),  # never varied (0 throughout): a width of 1
-        ("overflow_rate", 1.0001, "heuristic"),
+        # never varied (0 throughout): a width of 0.1 (at 1, an interval whose every step overflowed stayed learned)
+        ("overflow_rate", 0.1, "learned"),
+        ("overflow_rate", 0.1001, "heuristic"),
+        ("overflow_rate", 1.0, "heuristic"),
     ],
 )
 def test_the_shipped_policy_falls_back_just_past_one_range_width(feature, value, decides):

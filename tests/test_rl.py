@@ -586,7 +586,7 @@ class _Constant:
 
 def test_the_fallback_threshold_is_one_range_width_beyond_the_edge_and_the_learned_policy_returns(caplog):
     """At exactly ``max_distance`` (1.0: one training range width past the edge; a feature that never varied counts
-    a width of 1) the learned policy still acts; just past it the heuristic does; back inside, the learned policy."""
+    a width of 0.1) the learned policy still acts; just past it the heuristic does; back inside, the learned policy."""
     from triaccel_rl.shield import FallbackPolicy, ObservationStats
 
     size = ObservationLayout(4).size
@@ -603,7 +603,7 @@ def test_the_fallback_threshold_is_one_range_width_beyond_the_edge_and_the_learn
 
     chosen = []
     with caplog.at_level("WARNING", logger="triaccel_rl"):
-        for index, value in [(0, 0.25), (0, 1.0), (0, -0.5), (3, 1.25), (3, -0.75), (0, 1.0 + 1e-6), (3, -0.75 - 1e-6),
+        for index, value in [(0, 0.25), (0, 1.0), (0, -0.5), (3, 0.35), (3, 0.15), (0, 1.0 + 1e-6), (3, 0.15 - 1e-6),
                              (0, 0.25)]:  # fmt: skip
             chosen.append("learned" if policy.predict(with_feature(index, value))[0][0] == 0 else "heuristic")
     assert chosen == ["learned"] * 5 + ["heuristic"] * 2 + ["learned"]

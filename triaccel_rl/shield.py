@@ -355,6 +355,12 @@ def _copy_leaf(leaf: Any, offload: bool) -> Any:
     return leaf.detach().clone()
 
 
+CONSTANT_FEATURE_WIDTH = 0.1
+"""The range width counted for a feature that never varied in training. A width of 1 could never be passed by a rate in
+[0, 1]: the shipped policy, which never saw an overflow (``overflow_rate`` 0 throughout), decided on intervals whose
+every step overflowed. At 0.1 a rate over 0.1 (3 of 20 steps) goes to the heuristic, one or two in 20 do not."""
+
+
 @dataclass(frozen=True)
 class ObservationStats:
     """Per-feature range of the observations a policy was trained on.
@@ -385,7 +391,7 @@ class ObservationStats:
         """How far outside the training range ``observation`` lies, in units of each feature's range.
 
         0 inside the range; 1 means one full range width beyond its edge (on the worst feature). Features
-        that never varied in training get a width of 1.
+        that never varied in training get a width of ``CONSTANT_FEATURE_WIDTH`` (0.1).
         """
         return self.worst_feature(observation)[1]
 
@@ -395,7 +401,7 @@ class ObservationStats:
         low, high = np.asarray(self.low), np.asarray(self.high)
         if obs.shape != low.shape:
             raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
-        width = np.where(high - low > 1e-9, high - low, 1.0)
+        width = np.where(high - low > 1e-9, high - low, CONSTANT_FEATURE_WIDTH)
         outside = (np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)) / width
         # A NaN lies in no range: infinitely far (its NaN distance compared as in range, so the policy got it).
         outside = np.where(np.isnan(outside), np.inf, outside)
