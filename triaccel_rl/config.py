@@ -530,7 +530,11 @@ class ControllerConfig:
         lr_scales: the LR multipliers an action can pick (absolute, applied to the task's schedule).
         min_batch_size: smallest batch a shrink may reach.
         max_batch_size: largest batch a grow may reach.
-        max_lr_change: the shield's bound on the LR multiplier's change at one decision (ratio).
+        max_lr_change: the shield's bound on the LR multiplier's change at one decision (ratio). The batch's own LR
+            coupling (``ElasticConfig.lr_rule``: ×2 for a doubled batch under the linear rule) is not the
+            multiplier and is not bounded by it: it keeps the LR per sample, and a gain above
+            ``ElasticConfig.warmup_above`` is ramped in over ``warmup_steps``. So one decision that raises the
+            multiplier ×1.5 and doubles the batch moves the effective LR ×3 by the ramp's end.
         rollback: the shield keeps a copy of the model and optimizer state at each decision whose probe
             loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
             parameters and optimizer state in memory). The learning environment turns it off, so that a
