@@ -419,3 +419,35 @@ def test_crop_flip_refuses_bad_input(x: torch.Tensor, pad, match: str) -> None:
     """Before, a 3-D batch raised an unpacking error and pad=-1 cropped out of range (an index error)."""
     with pytest.raises(ValueError, match=match):
         crop_flip(x, pad)
+
+
+@pytest.mark.parametrize("seed", ["0", 1.5, None, True, -1, 2**64 - 1])
+@pytest.mark.parametrize("loader", ["synthetic_data", "sequence_data", "fashion_mnist_data"])
+def test_a_bad_seed_is_refused_by_name_by_every_loader(loader: str, seed: object) -> None:
+    """'0' and None raised operand or manual_seed errors naming neither; True was seed 1 for the generated data and
+    refused by Fashion-MNIST's; 2**64 - 1 overflowed in the generators (which add up to 20,000)."""
+    with pytest.raises(ValueError, match=rf"{loader}: seed={re.escape(repr(seed))} must be a whole number"):
+        getattr(tasks, loader)(8, 8, seed)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: synthetic_data(8, 8, 0, n_classes=0), r"synthetic_data: n_classes=0 must be a positive integer"),
+        (lambda: synthetic_data(8, 8, 0, n_features=0), r"synthetic_data: n_features=0 must be a positive integer"),
+        (lambda: sequence_data(8, 8, 0, length=0), r"sequence_data: length=0 must be a positive integer"),
+        (lambda: sequence_data(8, 8, 0, vocab=2, n_classes=4), r"n_classes=4 must be <= vocab=2"),
+    ],
+)
+def test_the_generators_refuse_shapes_that_make_no_task(call, message: str) -> None:
+    """n_features=0 or length=0 made empty inputs; vocab=2 with 4 classes a 4-class task with labels 0 and 1 only."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_get_task_and_register_task_refuse_odd_arguments() -> None:
+    with pytest.raises(ValueError, match=r"unknown task \['synthetic'\]; known tasks"):
+        get_task(["synthetic"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"overwrite='no' must be True or False"):
+        register_task(get_task("synthetic"), overwrite="no")  # type: ignore[arg-type]
+    assert get_task("synthetic").description == TASKS["synthetic"].description  # not replaced

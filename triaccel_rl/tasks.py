@@ -68,8 +68,9 @@ class Task:
         base_lr: learning rate at batch ``base_batch_size`` with LR multiplier 1; positive, finite.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay; finite, >= 0.
         base_batch_size: starting batch size, a positive integer.
-        n_train: default training subset size, a positive integer (``None`` = all).
-        n_test: default test subset size, a positive integer (``None`` = all).
+        n_train: default training subset size, a positive integer (``None``: the loader's default, the whole file for
+            Fashion-MNIST, 4096 samples for the generated data).
+        n_test: default test subset size, a positive integer (``None``: as ``n_train``; 1024 generated samples).
         target_metric: test accuracy the task counts as reached, in [0, 1].
         label_smoothing: cross-entropy label smoothing, in [0, 1).
         augment: applied to each training batch on its device (``None``: no augmentation); it sees the inputs
@@ -150,6 +151,8 @@ def register_task(task: Task, *, overwrite: bool = False) -> Task:
     """
     if not isinstance(task, Task):
         raise ValueError(f"register_task expects a Task, got {type(task).__name__}")
+    if not isinstance(overwrite, bool):  # "no" is truthy: it replaced the registered task
+        raise ValueError(f"register_task: overwrite={overwrite!r} must be True or False")
     if task.name in TASKS and not overwrite:
         raise ValueError(
             f"task {task.name!r} is already registered ({TASKS[task.name].description}); pick another name, or "
@@ -171,7 +174,7 @@ def get_task(name: str, /, **overrides: Any) -> Task:
         ValueError: unknown task name (the message lists the known ones), an unknown field (the message lists
             the fields), or an override value ``Task`` refuses.
     """
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:  # a list raised "unhashable type"
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
     task = TASKS[name]
     unknown = sorted(set(overrides) - {f.name for f in fields(Task)} | ({"name"} & set(overrides)))
@@ -184,6 +187,17 @@ def get_task(name: str, /, **overrides: Any) -> Task:
 def _is_number(value: object) -> bool:
     """Whether ``value`` is a real number (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_seed(what: str, seed: object) -> int:
+    """Return ``seed`` if it is a whole number in [0, 2**63 - 20_001] (the generators add up to 20,000), else raise.
+
+    A string or None raised an operand or ``manual_seed`` error naming neither the loader nor the argument, and
+    ``True`` was seed 1 for the generated data but refused by Fashion-MNIST's.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) <= 2**63 - 20_001:
+        raise ValueError(f"{what}: seed={seed!r} must be a whole number in [0, 2**63 - 20001]")
+    return int(seed)
 
 
 def _check_count(what: str, value: object, allow_none: bool = False) -> int:
@@ -206,10 +220,14 @@ def synthetic_data(
     """Seeded Gaussian class clusters: each class a random mean in ``n_features`` dimensions, unit noise.
 
     The cluster means are fixed (seed 1234) so every seed sees the same problem; ``seed`` draws the
-    samples.
+    samples, the training set first and then the test set from one stream: the test samples change with ``n_train``
+    as well as with the seed.
     """
     n_train = 4096 if n_train is None else _check_count("synthetic_data: n_train", n_train)
     n_test = 1024 if n_test is None else _check_count("synthetic_data: n_test", n_test)
+    seed = _check_seed("synthetic_data", seed)
+    n_features = _check_count("synthetic_data: n_features", n_features)
+    n_classes = _check_count("synthetic_data: n_classes", n_classes)
     means = torch.randn(n_classes, n_features, generator=torch.Generator().manual_seed(1234)) * 0.6
     generator = torch.Generator().manual_seed(10_000 + seed)
 
@@ -235,6 +253,7 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
         _check_count("fashion_mnist_data: n_train", n_train)
     if n_test is not None:
         _check_count("fashion_mnist_data: n_test", n_test)
+    seed = _check_seed("fashion_mnist_data", seed)
     dataset = load_fashion_mnist()
     train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
     test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
@@ -257,10 +276,16 @@ def sequence_data(
 ) -> TaskData:
     """Seeded token sequences; the label is which of the first ``n_classes`` tokens occurs most often.
 
-    Token ids are stored as float32 (``TaskData`` holds float inputs); the model casts them back.
+    Token ids are stored as float32 (``TaskData`` holds float inputs); the model casts them back. As in
+    :func:`synthetic_data`, the test set is drawn after the training set: it changes with ``n_train`` too.
     """
     n_train = 4096 if n_train is None else _check_count("sequence_data: n_train", n_train)
     n_test = 1024 if n_test is None else _check_count("sequence_data: n_test", n_test)
+    seed = _check_seed("sequence_data", seed)
+    length, vocab, n_classes = (_check_count(f"sequence_data: {k}", v) for k, v in
+                                (("length", length), ("vocab", vocab), ("n_classes", n_classes)))  # fmt: skip
+    if n_classes > vocab:  # labels over the first n_classes tokens: the others never occurred, silently
+        raise ValueError(f"sequence_data: n_classes={n_classes} must be <= vocab={vocab} (a class is a token)")
     generator = torch.Generator().manual_seed(20_000 + seed)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
