@@ -74,7 +74,8 @@ class Args:
     careful user would tune a task's LR before comparing controllers; the grid goes into the results file.
     Replaces ``--lr-factor``."""
     judge: str = "pretrained"
-    """The row issue 6's target check judges: ``pretrained``, or a candidate zip's row, ``learned:<file name>``."""
+    """The row issue 6's target check judges: ``pretrained``, or a candidate zip as given in ``--controllers`` (its
+    path)."""
     out: str = "experiments/results/transfer.json"
     """Results JSON."""
     reuse: bool = False
@@ -113,6 +114,8 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, or 'fresh'")
     if not controllers:
         raise ValueError(f"--controllers {args.controllers!r} is empty: give comma-separated controllers")
+    if args.judge != "pretrained" and args.judge not in controllers:  # the check would find no row, and say only that
+        raise ValueError(f"--judge {args.judge!r} is none of --controllers: {', '.join(controllers)}")
     for task in tasks:
         get_task(task)  # fail fast on a bad name
     if args.seeds < 1:

@@ -560,3 +560,24 @@ def test_a_resumed_loader_refuses_epochs_the_run_has_trained_as_the_same_process
         next(ctl2.loader(data, batch_size=8, epochs=1))
     served = sum(1 for _ in ctl2.loader(data, batch_size=8, epochs=3))  # the refusal consumed nothing
     assert served == 5
+
+
+def test_a_checkpoint_taken_after_an_epochs_last_step_counts_that_epoch_as_trained():
+    """Inside the loop after the last step the loader sits at the epoch's end (epoch 0, cursor 40), not at epoch 1:
+    loader(epochs=1) on it served nothing, silently, resumed or in the same process."""
+    data = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    ctl = ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    for x, y in ctl.loader(data, batch_size=8, epochs=1):
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+        state = ctl.state_dict()
+        if ctl.steps == 5:
+            break
+    assert {k: state["loader"][k] for k in ("epoch", "cursor")} == {"epoch": 0, "cursor": 40}
+    with pytest.raises(ValueError, match=r"the run has trained 1 epochs .* pass epochs=2"):
+        next(ctl.loader(data, batch_size=8, epochs=1))
+    resumed = ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"the checkpoint's run has trained 1 epochs .* pass epochs=2"):
+        next(resumed.loader(data, batch_size=8, epochs=1))

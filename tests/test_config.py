@@ -804,3 +804,16 @@ def test_an_interrupted_profile_save_leaves_the_previous_file_whole(tmp_path, mo
     monkeypatch.undo()
     assert HardwareProfile.load(path) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]  # no temporary left behind
+
+
+def test_a_profile_saved_through_a_symlink_writes_its_file_and_keeps_the_link(tmp_path):
+    """The write-beside-and-move replaced the link with a file, and the profile it pointed to kept its old values."""
+    real = tmp_path / "profiles" / "h200.json"
+    real.parent.mkdir()
+    profile = HardwareProfile.load()
+    profile.save(real)
+    link = tmp_path / "current.json"
+    link.symlink_to(real)
+    changed = dataclasses.replace(profile, fixed_ms=9.0)
+    changed.save(link)
+    assert link.is_symlink() and HardwareProfile.load(real).fixed_ms == 9.0

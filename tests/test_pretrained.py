@@ -470,10 +470,12 @@ def test_transfer_smoke(tmp_path):
     assert check["met"] is True, check["lines"]
     fake["t"]["pretrained"]["time_to_target_charged_s_mean"] = 0.95
     assert transfer.target_check(fake)["met"] is False
-    # --judge: a candidate zip's row judged instead (the same numbers under its row name)
-    fake["t"]["learned:candidate.zip"] = {**fake["t"].pop("pretrained"), "time_to_target_charged_s_mean": 0.8}
+    # --judge: a candidate zip's row judged instead (rows are keyed by the --controllers spec: its path)
+    fake["t"]["runs/candidate.zip"] = {**fake["t"].pop("pretrained"), "time_to_target_charged_s_mean": 0.8}
     assert transfer.target_check(fake)["lines"] == ["target check: missing rows (need pretrained, heuristic, bf16)"]
-    assert transfer.target_check(fake, "learned:candidate.zip")["met"] is True
+    assert transfer.target_check(fake, "runs/candidate.zip")["met"] is True
+    with pytest.raises(ValueError, match=r"--judge 'learned:candidate.zip' is none of --controllers: heuristic, bf16"):
+        transfer.main(transfer.Args(smoke=True, judge="learned:candidate.zip", out=str(out), plots=""))
 
 
 @pytest.mark.parametrize(

@@ -518,3 +518,73 @@ def test_a_confirmed_copy_is_kept_until_the_next_one_is_confirmed():
     with torch.no_grad():
         model.weight.fill_(float("nan"))
     assert guard.restore() and model.weight.item() == 2.0
+
+
+class _LowerTheLrAtTheThirdDecision:
+    name = "scripted"
+
+    def __init__(self):
+        self.decisions = 0
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        self.decisions += 1
+        return np.array([0, 0, 0, 0, 1 if self.decisions >= 3 else 2, 1]), None
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 100])
+def test_the_first_failure_after_a_change_goes_back_to_the_change_and_a_second_to_the_last_confirmed_state(
+    snapshot_every,
+):
+    """The LR changes at step 12; steps 13-16 are NaN. The change's copy (step 12) is restored, though no loss was seen
+    on it (the change may be what failed), not step 4's or 8's, crossing the change (found in review). Steps 17-20
+    NaN again from it: then to the last confirmed state."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=snapshot_every)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, optimizer, policy=_LowerTheLrAtTheThirdDecision(), config=config)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    weights, restored = {0: model[0].weight.detach().clone()}, []
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if 12 <= ctl.steps < 20:  # steps 13-20: every loss non-finite
+            loss = loss * float("nan")
+        before = ctl.rollbacks
+        ctl.step(loss)
+        weights[ctl.steps] = model[0].weight.detach().clone()
+        if ctl.rollbacks > before:
+            restored.append([s for s in (0, 4, 8, 12) if torch.equal(model[0].weight, weights[s])])
+        if ctl.steps == 20:
+            break
+    ctl.close()
+    assert ctl.decisions[2].changed and ctl.rollbacks == 2
+    # every interval: step 8's copy, confirmed by steps 9-12; every 100th: the first (step 4), confirmed by 5-8
+    assert restored == [[12], [8] if snapshot_every == 1 else [4]]
+
+
+def test_the_controllers_two_copies_are_allocated_once_and_reused_by_a_resume():
+    """Found in review: load_state_dict's reserve() allocated a third copy while the two were still held."""
+    from triaccel_rl.controller import Controller
+
+    model = torch.nn.Linear(4, 2)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    guard = ctl.guard
+
+    def storages():
+        copies = [guard._good, guard._spare, guard._unconfirmed]
+        return {
+            leaf.untyped_storage().data_ptr()
+            for copy in copies
+            if copy is not None
+            for part in (copy.model, copy.transient, copy.optimizer)
+            for leaf in part.leaves
+            if isinstance(leaf, torch.Tensor) and leaf.numel()
+        }
+
+    held = storages()
+    assert guard._good is not None and guard._spare is not None and guard._unconfirmed is None
+    assert len(held) == 2 * 2  # weight and bias, twice
+    ctl.load_state_dict(ctl.state_dict())
+    assert storages() == held  # the same tensors, nothing allocated

@@ -223,7 +223,7 @@ class HardwareProfile:
         The file is written beside ``path`` and moved over it: a write cut short (a full disk) leaves the profile that
         was there whole.
         """
-        target = Path(path)
+        target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
         temporary = target.with_name(f".{target.name}.tmp")
         try:
             temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -537,13 +537,16 @@ class ControllerConfig:
             multiplier ×1.5 and doubles the batch moves the effective LR ×3 by the ramp's end.
         rollback: the shield keeps a copy of the model and optimizer state at each decision whose probe
             loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
-            parameters and optimizer state in memory). The learning environment turns it off, so that a
+            parameters and optimizer state in memory; the ``Controller``'s two, allocated when it is built: it sees
+            a copied state's loss only at the next interval, and keeps the last confirmed copy until then). The
+            learning environment turns it off, so that a
             policy sees, and is penalised for, the divergences it causes.
         rollback_offload: keep the rollback copy of a CUDA model in pinned host memory rather than on the
             GPU (no GPU memory for it; the copy is queued on the stream, a few ms of PCIe per 100 MB).
         snapshot_every: the rollback copy is refreshed every this many healthy decisions, and right after
-            any decision that changes the configuration (so a rollback never crosses a change); a rollback
-            then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
+            any decision that changes the configuration (so a rollback never crosses a change: in the
+            ``Controller`` the change's copy is restored once before any older one, as the change may be what failed);
+            a rollback then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
         cost_mode: charge measured time and memory, or those of a hardware profile.
         ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
         memory: the memory budget.

@@ -215,6 +215,7 @@ class Controller:
             self._closed = False
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
+            self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
             initial = getattr(self.policy, "initial_action", None)
             if initial is not None:  # a static configuration holds from the first step
                 self.executor.apply(decode(initial, self.config), self)
@@ -653,7 +654,7 @@ class Controller:
             self._base_batch_size = self._batch_size = self._last_batch = self._planned_epochs = 0
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
             self.guard.reserve()
-            self._copy_opens_interval = False
+            self._copy_opens_interval = self._change_copy = False
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
@@ -725,12 +726,14 @@ class Controller:
         # The run's data by shape and seed, not by address: a loop that moves its data each epoch (x.to("cuda")) makes
         # new tensors of the same data, and must carry on, not train again from epoch 0.
         key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, seed)
-        if self._resume is not None and self._resume["loader"]["epoch"] >= epochs:  # refused before it is consumed
-            raise ValueError(
-                f"loader(epochs={epochs}): the checkpoint's run has trained {self._resume['loader']['epoch']} epochs "
-                f"of its dataset already; epochs counts from the run's start, so pass "
-                f"epochs={self._resume['loader']['epoch'] + 1} for one more"
-            )
+        if self._resume is not None:  # refused before the checkpoint's place is consumed
+            place = self._resume["loader"]
+            done = _epochs_done(place["epoch"], place["cursor"], place["n"])
+            if done >= epochs:
+                raise ValueError(
+                    f"loader(epochs={epochs}): the checkpoint's run has trained {done} epochs of its dataset already; "
+                    f"epochs counts from the run's start, so pass epochs={done + 1} for one more"
+                )
         if (
             self._loader is not None
             and self._resume is None
@@ -754,10 +757,11 @@ class Controller:
                     f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
                     f"{self._base_batch_size}: pass that (the batch size the policy chose since is kept by itself)"
                 )
-            if self._loader.epoch >= epochs:
+            done = _epochs_done(self._loader.epoch, self._loader.cursor, len(self._loader.x))
+            if done >= epochs:  # a loop left after an epoch's last step sits at its end, not at the next epoch's start
                 raise ValueError(
-                    f"loader(epochs={epochs}): the run has trained {self._loader.epoch} epochs of this dataset "
-                    f"already; epochs counts from the run's start, so pass epochs={self._loader.epoch + 1} for one more"
+                    f"loader(epochs={epochs}): the run has trained {done} epochs of this dataset "
+                    f"already; epochs counts from the run's start, so pass epochs={done + 1} for one more"
                 )
             if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
                 self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
@@ -903,20 +907,25 @@ class Controller:
         """
         self._interval_healthy = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
+        change_copy, self._change_copy = self._change_copy and began_from_copy, False
         if self.guard is None or steps == 0:
             return False
         broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
         if began_from_copy and applied > 0:  # the first update that went in had a finite loss on the copy's weights
             self.guard.confirm()
-        if broken:
-            restored = self.guard.restore(f"non-finite values in buffers {broken[:3]}")
+        if broken or applied == 0:
+            # The first failure after a change goes back to the change (the change, not the state, may be what failed:
+            # a decision follows, which may take it back), once: failing again from it, to the last confirmed state.
+            reason = f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"
+            restored = self.guard.restore(reason, unconfirmed=change_copy)
+            self._copy_opens_interval = restored and change_copy
         elif applied == steps:
             self.guard.healthy()
             self._copy_opens_interval = self.guard.has_unconfirmed and self.guard.copy_is_current
             return False
         else:
-            restored = applied == 0 and self.guard.restore()
+            restored = False
         self.rollbacks += restored
         return restored
 
@@ -941,11 +950,14 @@ class Controller:
         report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)
         if report.changed:
             self.cadence.expedite()  # judge the change at the next decision, soon
-        if report.changed and self.guard is not None and self._interval_healthy and not self.guard.copy_is_current:
+        if report.changed and self.guard is not None and self._interval_healthy:
             # As DecisionLoop: a change is what most often precedes a divergence, so a rollback restarts from it
-            # (ControllerConfig.snapshot_every's promise), not from an older copy.
-            self.guard.save()
-            self._copy_opens_interval = True
+            # (ControllerConfig.snapshot_every's promise), not from an older copy: the first failure after it goes
+            # back to this copy, confirmed or not (_shield).
+            if not self.guard.copy_is_current:
+                self.guard.save()
+                self._copy_opens_interval = True
+            self._change_copy = self._copy_opens_interval
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
         for reason in report.refused:
@@ -1028,6 +1040,11 @@ _CHECKPOINT_KEYS = (
 def _check_loss(loss: object) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+
+
+def _epochs_done(epoch: int, cursor: int, n: int) -> int:
+    """Whole epochs a loader at ``(epoch, cursor)`` of ``n`` samples has served (its cursor at the end: one more)."""
+    return int(epoch) + (int(cursor) >= int(n))
 
 
 def _checked_count(state: Mapping[str, Any], key: str, least: int) -> int:

@@ -95,7 +95,7 @@ class RollbackGuard:
     """Snapshots of model and optimizer state, restored on demand.
 
     A snapshot costs one copy of the parameters, buffers and optimizer state (for SGD with momentum about
-    2× the parameter bytes; for Adam 3×), taken at most once per decision
+    2× the parameter bytes; for Adam 3×; with ``confirm``, two such copies), taken at most once per decision
     (``ControllerConfig.snapshot_every``), never per step. It is kept on the model's device, or with
     ``offload`` (for CUDA tensors) in pinned host memory: no GPU memory, at the price of a device-to-host
     copy queued on the current stream (a few milliseconds of PCIe per 100 MB, not a host-device sync).
@@ -175,7 +175,7 @@ class RollbackGuard:
         """
         self.save()
         self.confirm()
-        if self.confirm_copies:  # the second copy's memory too
+        if self.confirm_copies and self._spare is None:  # the second copy's memory too (once: a resume reuses it)
             self._spare = self._take(None)
         self._since_copy = self.every - 1  # the next healthy() copies
 
@@ -237,17 +237,23 @@ class RollbackGuard:
         """Whether a snapshot has been taken."""
         return self._good is not None or self._unconfirmed is not None
 
-    def restore(self, reason: str = "non-finite loss") -> bool:
+    def restore(self, reason: str = "non-finite loss", unconfirmed: bool = False) -> bool:
         """Restores the last snapshot (logging ``reason``); returns False when there is none yet.
 
         With ``confirm`` it is the last confirmed one (an unconfirmed copy is dropped: its state may be the one that
-        failed), or the unconfirmed one where none was ever confirmed.
+        failed), or the unconfirmed one where none was ever confirmed. ``unconfirmed=True`` restores the unconfirmed
+        copy where there is one and keeps it unconfirmed (a copy taken at a configuration change, which may be what
+        failed rather than the state: tried once).
         """
-        target = self._good or self._unconfirmed
+        target: _Copy | None
+        if unconfirmed and self._unconfirmed is not None:
+            target = self._unconfirmed
+        else:
+            target = self._good or self._unconfirmed
+            if self._good is not None and self._unconfirmed is not None:
+                self._spare, self._unconfirmed = self._unconfirmed, None
         if target is None:
             return False
-        if self._good is not None and self._unconfirmed is not None:
-            self._spare, self._unconfirmed = self._unconfirmed, None
         if target.copied is not None:  # the host reads the offloaded tensors below (the deep copy)
             target.copied.synchronize()
         self.model.load_state_dict(target.model.tree())
@@ -414,7 +420,7 @@ class ObservationStats:
         The file is written beside ``path`` and moved over it: an interrupted save leaves the previous file whole (a
         policy whose stats were cut short did not load).
         """
-        target = Path(path)
+        target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
         temporary = target.with_name(f".{target.name}.tmp")
         temporary.write_text(json.dumps(asdict(self)) + "\n")
         os.replace(temporary, target)
