@@ -903,7 +903,9 @@ class Controller:
         A copy is of the state after the interval's last update, whose loss no step has computed yet: it becomes the
         one restored once the next interval proves it, by applying an update (skipped steps leave the weights as they
         were, so the first update that went in had a finite loss on the copy's). A copy taken after an update that
-        blew the model up was otherwise restored at every rollback, each interval after it non-finite again.
+        blew the model up was otherwise restored at every rollback, each interval after it non-finite again. An
+        interval that broke a buffer but applied updates confirms its copy too (the copy's weights gave finite losses;
+        its buffers are from before the break), so that copy, the change's included, is what it restores.
         """
         self._interval_healthy = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
