@@ -767,3 +767,15 @@ def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
         assert first_seed.seed == 0
     legend = [t.get_text() for t in whole.get_legend().get_texts()]
     assert legend == ["static-fp32", "heuristic", "plain-fp32", "target 40.0%"]  # a controller once, at its first seed
+
+
+def test_results_written_through_a_symlink_go_to_its_file(tmp_path):
+    """The write-beside-and-move replaced the link with a file; the results it pointed to stayed as they were."""
+    runs = [fake("a", 0, 0.9, 1.0, 0.5)]
+    real = tmp_path / "results" / "r.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+    write_json(runs, summarize(runs), link, task="synthetic")
+    assert link.is_symlink() and strict_json(real.read_text())["meta"]["task"] == "synthetic"

@@ -761,7 +761,7 @@ def write_json(
         "runs": [asdict(r) for r in results],
     }
     text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     temporary.write_text(text)

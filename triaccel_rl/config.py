@@ -352,7 +352,7 @@ class HeuristicConfig:
         for name, allowed in _HEURISTIC_NUMBERS.items():
             require_number(name, getattr(self, name), allowed, optional=name in ("anneal_plateau", "ramp_batch_after"))
         for name in ("speed_trial_steps", "anneal_rungs"):
-            require_whole(name, getattr(self, name), ">= 1")
+            require_whole(name, getattr(self, name), "in [1, 16]" if name == "n_groups" else ">= 1")
         require_bool("use_fp16", self.use_fp16)
         require_bool("speed_trial", self.speed_trial, optional=True)
         if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
@@ -589,7 +589,7 @@ class ControllerConfig:
             "min_batch_size",
             "max_batch_size",
         ):
-            require_whole(name, getattr(self, name), ">= 1")
+            require_whole(name, getattr(self, name), "in [1, 16]" if name == "n_groups" else ">= 1")
         for name in ("max_lr_change", "ema_decay"):
             require_number(name, getattr(self, name), ">= 1 (a ratio)" if name == "max_lr_change" else "in (0, 1)")
         for name in ("rollback", "rollback_offload"):
