@@ -56,6 +56,18 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def restore(model, ctl, state):
+    """Loads a checkpoint's model and controller state, as a user's resume does."""
+    model.load_state_dict(state["model"])
+    ctl.load_state_dict(state["controller"])
+
+
+def assert_same_weights(expected, model):
+    """Bit-for-bit: ``expected`` (a list of tensors) against ``model``'s parameters."""
+    for a, b in zip(expected, weights(model), strict=True):
+        assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
+
+
 def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
     """Trains 12 steps with a checkpoint after 7 (mid-epoch); resumes it in a new process-like setup."""
     model, _, ctl = build(policy, config)
@@ -65,12 +77,10 @@ def resume_matches_an_uninterrupted_run(policy="fp32", config=None):
 
     model2, _, ctl2 = build(policy, config)
     state = torch.load(saved[0])  # weights_only: the state holds tensors, numbers, strings, lists and dicts
-    model2.load_state_dict(state["model"])
-    ctl2.load_state_dict(state["controller"])
+    restore(model2, ctl2, state)
     assert train(model2, ctl2) == 5  # the rest of the second epoch, no sample twice
     assert ctl2.steps == 12
-    for a, b in zip(uninterrupted, weights(model2), strict=True):
-        assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
+    assert_same_weights(uninterrupted, model2)
     return state, ctl2
 
 
@@ -95,11 +105,9 @@ def test_a_checkpoint_between_a_batch_and_its_step_resumes_with_that_batch():
         ctl.step(nn.functional.cross_entropy(model(x), y))
     model2, _, ctl2 = build()
     state = torch.load(saved)
-    model2.load_state_dict(state["model"])
-    ctl2.load_state_dict(state["controller"])
+    restore(model2, ctl2, state)
     assert train(model2, ctl2, epochs=1) == 4 and ctl2.steps == 6
-    for a, b in zip(weights(uninterrupted_model), weights(model2), strict=True):
-        assert torch.equal(a, b)
+    assert_same_weights(weights(uninterrupted_model), model2)
 
 
 def test_a_checkpoint_saved_again_before_the_next_loader_call_keeps_the_datas_place():
@@ -110,8 +118,7 @@ def test_a_checkpoint_saved_again_before_the_next_loader_call_keeps_the_datas_pl
     train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
     first = torch.load(saved[0])
     model2, _, ctl2 = build()
-    model2.load_state_dict(first["model"])
-    ctl2.load_state_dict(first["controller"])
+    restore(model2, ctl2, first)
     assert ctl2.batch_size == BATCH
     again = torch.load(checkpoint(model2, ctl2))["controller"]
     for key in ("loader", "lr_coupler", "batch_size", "base_batch_size"):
@@ -197,8 +204,7 @@ def test_the_knobs_come_back_as_they_were():
     state = torch.load(checkpoint(model, ctl))
 
     model2, _, ctl2 = build("heuristic", ControllerConfig(interval_steps=50))
-    model2.load_state_dict(state["model"])
-    ctl2.load_state_dict(state["controller"])
+    restore(model2, ctl2, state)
     assert ctl2.engine.precision.precisions == lowered and ctl2.engine.lr_scale == 0.75
     x, _ = next(iter(ctl2.loader(DATA, batch_size=BATCH, epochs=3)))
     assert len(x) == 32 and ctl2.batch_size == 32
@@ -274,8 +280,7 @@ def _resumed(saved, signals=True):
         del state["controller"]["signals"]
         state["controller"]["format"] = 1
     model, ctl = _adaptive_run()
-    model.load_state_dict(state["model"])
-    ctl.load_state_dict(state["controller"])
+    restore(model, ctl, state)
     assert ctl.engine.precision.precisions == [Precision(p) for p in state["controller"]["engine"]["precisions"]]
     return model, ctl
 
@@ -305,8 +310,7 @@ def test_an_adaptive_run_resumed_mid_interval_decides_as_the_uninterrupted_run(m
     model2, ctl2 = _resumed(saved[0])
     assert train(model2, ctl2, epochs=4) == 24 - 7
     assert [(d.lr_scale, d.batch_size, d.precisions) for d in ctl2.decisions] == decided[3:]  # at steps 8, 10, ...
-    for a, b in zip(weights(model), weights(model2), strict=True):
-        assert torch.equal(a, b), f"differ by {(a - b).abs().max():.3g}"
+    assert_same_weights(weights(model), model2)
 
 
 def test_without_the_signals_a_resumed_adaptive_run_decides_otherwise():
@@ -331,8 +335,7 @@ def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
     train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
     model2, _, ctl2 = build()
     state = torch.load(saved[0])
-    model2.load_state_dict(state["model"])
-    ctl2.load_state_dict(state["controller"])
+    restore(model2, ctl2, state)
     copy = ctl2.guard._good.model.tree()
     for name, value in model2.state_dict().items():
         assert torch.equal(copy[name], value), name
@@ -510,8 +513,7 @@ def test_a_synthetic_task_run_resumed_mid_epoch_is_the_uninterrupted_run_step_fo
     order = [i for indices, *_ in uninterrupted for i in indices]
     assert all(sorted(order[e * 200 : (e + 1) * 200]) == list(range(200)) for e in range(epochs))
     assert len({lr for _, lr, *_ in uninterrupted}) > 10  # the schedule moved the LR at every step
-    for a, b in zip(weights(model), weights(resumed_model), strict=True):
-        assert torch.equal(a, b)
+    assert_same_weights(weights(model), resumed_model)
 
 
 def test_a_truncated_checkpoint_file_fails_to_load_before_it_reaches_the_controller(tmp_path):
@@ -533,11 +535,9 @@ def test_a_checkpoint_from_before_any_loader_call_starts_the_data_afresh():
     train(model, ctl, epochs=2)
     fresh_model, _, fresh = build()
     train(fresh_model, fresh, epochs=2)
-    model.load_state_dict(start["model"])
-    ctl.load_state_dict(start["controller"])
+    restore(model, ctl, start)
     assert train(model, ctl, epochs=2) == 12 and ctl.steps == 12
-    for a, b in zip(weights(model), weights(fresh_model), strict=True):
-        assert torch.equal(a, b)
+    assert_same_weights(weights(model), fresh_model)
 
 
 def test_a_resumed_loader_refuses_epochs_the_run_has_trained_as_the_same_process_does():
