@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -560,3 +561,45 @@ def test_the_time_column_names_the_device_of_the_profile_that_modelled_it(tmp_pa
     argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2"]
     assert main([*argv, "--no-progress", "--out", "", "--log-dir", "", "--profile", str(tmp_path / "p.json")]) == 0
     assert "| controller | final acc | time (s, modelled Intel Xeon) |" in capsys.readouterr().out
+
+
+def test_a_profile_names_the_factors_it_did_not_measure(tmp_path, monkeypatch):
+    """Factors of 1.0 written for what was not measured (memory on a CPU, bf16 on a GPU without it) read as
+    measured: the profile's device now says which."""
+    import triaccel_rl.profiling as profiling
+    from triaccel_rl.models import MLP
+
+    monkeypatch.setattr(
+        profiling, "_time_steps", lambda model, x, y, p, steps: (0.5, 1.0) if isinstance(model, MLP) else (4.0, 1.0)
+    )
+    profile = profiling.measure_profile("cpu", batch_size=8, steps=2, small=True)
+    assert profile.device.endswith("; memory factors not measured on a CPU)")
+    monkeypatch.setattr(profiling, "_runs", lambda precision, device: precision is not Precision.BF16)
+    profile = profiling.measure_profile("cpu", batch_size=8, steps=2, small=True)
+    assert profile.time_factor["bf16"] == 1.0 and profile.memory_factor["bf16"] == 1.0
+    assert profile.device.endswith("on a CPU; bf16 not native here: its factors are fp32's)")
+
+
+def test_out_is_refused_when_its_folder_takes_no_new_file(tmp_path, capsys, monkeypatch):
+    """The saves write a temporary file beside the target and move it: a writable file in a folder that takes no
+    new file was accepted, and the save failed after the work. (Root writes anywhere: the folder is faked.)"""
+    import tempfile
+
+    import triaccel_rl.profiling
+
+    measured = []
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: measured.append(args))
+    out = tmp_path / "locked" / "profile.json"
+    out.parent.mkdir()
+    out.write_text("{}")
+    real = tempfile.TemporaryFile
+
+    def refuse_locked(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out.parent:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_locked)
+    assert main(["profile", "--device", "cpu", "--out", str(out)]) == 2
+    assert f"--out {out}: cannot write a file in its folder" in capsys.readouterr().err
+    assert measured == [] and out.read_text() == "{}"

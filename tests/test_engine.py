@@ -408,6 +408,30 @@ def test_bf16_only_emulated_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         check_precision_supported(Precision.BF16, torch.device("cuda"))
 
 
+def test_bf16_support_is_asked_of_the_run_s_device_not_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with an A100 as cuda:0 (current) and a V100 as cuda:1: bf16 on cuda:1 was allowed."""
+    import contextlib
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def on(device: torch.device):  # torch.cuda.device: makes ``device`` the current one inside
+        before, current[0] = current[0], device.index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: current[0] == 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    check_precision_supported(Precision.BF16, torch.device("cuda:0"))
+    check_precision_supported(Precision.BF16, torch.device("cuda"))  # no index: the current device
+    with pytest.raises(ValueError, match=r"precision bf16 is not supported on GPU 1; allowed: fp32, fp16"):
+        check_precision_supported(Precision.BF16, torch.device("cuda:1"))
+    assert current == [0]  # the current device is put back
+
+
 def test_bf16_allowed_on_cuda_with_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     check_precision_supported(Precision.BF16, torch.device("cuda"))

@@ -72,6 +72,10 @@ def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
         raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
     if not existed:
         out.unlink()
+    try:  # the saves write a temporary file beside the target (through a symlink, beside what it points to)
+        tempfile.TemporaryFile(dir=out.resolve().parent).close()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write a file in its folder ({err})") from err
     return out
 
 

@@ -51,19 +51,23 @@ def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
 
 def check_precision_supported(precision: Precision, device: torch.device) -> None:
     """Raises ValueError when ``device`` cannot compute in ``precision``: bf16 where it is not native (a V100 or T4)."""
-    if device.type == "cuda" and precision is Precision.BF16 and not native_bf16():
+    if device.type == "cuda" and precision is Precision.BF16 and not native_bf16(device):
         raise ValueError(
             f"precision bf16 is not supported on {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"
         )
 
 
-def native_bf16() -> bool:
-    """Whether the current CUDA device computes in bf16 natively (compute capability 8.0 on).
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Whether the CUDA ``device`` computes in bf16 natively (compute capability 8.0 on).
 
     ``torch.cuda.is_bf16_supported()`` by default also says yes where bf16 is only emulated (sm70 and sm75): the
-    executor's way out of an overflowing fp16 (to bf16, else fp32) never took fp32 there. (It reads the current
-    CUDA device, as before: on a machine of mixed GPUs, make the run's device the current one.)
+    executor's way out of an overflowing fp16 (to bf16, else fp32) never took fp32 there. Torch asks the current
+    device; a device with an index is asked itself (on a machine of mixed GPUs the run's device may not be the
+    current one). None, or ``cuda`` without an index, is the current device.
     """
+    if device is not None and device.index is not None:
+        with torch.cuda.device(device):
+            return native_bf16()
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # a torch without the argument

@@ -32,7 +32,8 @@ def measure_profile(
 
     The time factors are each precision's median step time over fp32's; the memory factors each precision's peak
     allocation above the steady state over fp32's, on a GPU (on the CPU there is no allocator to read: all 1.0);
-    a precision the device cannot run (bf16 on an older GPU) gets factors of 1.0.
+    a precision the device cannot run (bf16 on an older GPU) gets factors of 1.0. The profile's ``device`` names
+    the factors of 1.0 that were not measured.
 
     Args:
         device: where to measure: a CUDA device or the CPU.
@@ -72,7 +73,7 @@ def measure_profile(
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
     for precision in Precision:
-        if device.type == "cuda" and precision is Precision.BF16 and not native_bf16():
+        if not _runs(precision, device):
             continue
         torch.manual_seed(0)
         model = build().to(device)
@@ -86,15 +87,23 @@ def measure_profile(
     fixed_ms = _time_steps(MLP(32, (32,), 10).to(device), torch.randn(8, 32, device=device),
                            torch.randint(0, 10, (8,), device=device), Precision.FP32, steps)[0]  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # Factors of 1.0 that were never measured say so in the name (they read as measured before).
+    unmeasured = "; memory factors not measured on a CPU" if device.type == "cpu" else ""
+    unmeasured += "; bf16 not native here: its factors are fp32's" if "bf16" not in times else ""
     return HardwareProfile(
         device=f"{name} (measured by triaccel-rl profile: {'small ResNet' if small else 'ResNet-18'}, "
-        f"batch {batch_size}, {time.strftime('%Y-%m-%d')})",
+        f"batch {batch_size}, {time.strftime('%Y-%m-%d')}{unmeasured})",
         time_factor={k: v / fp32_ms for k, v in times.items()} | {k: 1.0 for k in ("bf16", "fp16") if k not in times},
         memory_factor={k: v / memory["fp32"] for k, v in memory.items()}
         | {k: 1.0 for k in ("bf16", "fp16") if k not in memory},
         fixed_ms=fixed_ms,
         throughput_scale=max(fp32_ms - fixed_ms, 1e-6) / (batch_size * mflops),
     )
+
+
+def _runs(precision: Precision, device: torch.device) -> bool:
+    """Whether ``device`` computes in ``precision``: all but bf16 on a GPU without it (a V100 or T4)."""
+    return not (device.type == "cuda" and precision is Precision.BF16 and not native_bf16(device))
 
 
 def _time_steps(
