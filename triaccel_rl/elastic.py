@@ -179,6 +179,27 @@ class BatchLRCoupler:
             self._ramp_step = self.warmup_steps
         return self.gain
 
+    def with_rule(self, rule: LRRule, noise_scale: float | None = None) -> BatchLRCoupler:
+        """A coupler of ``rule`` that carries on from this one (the same rule: this one, a ramp carrying on).
+
+        It keeps this one's step count and starts from the gain in force, and moves to the new rule's gain at the
+        current batch as :meth:`change` does: a rise of ``warmup_above`` or more after the first step is warmed up
+        from the gain in force, anything else applies at once. (A fresh coupler counted no steps, so a switch of rule
+        mid-run jumped to its gain, and a ramp in progress jumped to its end.)
+
+        Args:
+            rule: a resolved rule (not ``AUTO``).
+            noise_scale: the gradient-noise scale in samples (``ADASCALE`` only; ``None``: unknown).
+        """
+        rule = LRRule.parse(rule)
+        if rule is self.rule:
+            return self
+        new = BatchLRCoupler(rule, self.base_batch_size, self.batch_size, self.warmup_above, self.warmup_steps)
+        new.steps = self.steps
+        new.gain = new.target = new._ramp_start = self.gain  # in force, no ramp running: change() moves from it
+        new.change(self.batch_size, noise_scale)
+        return new
+
     def state_dict(self) -> dict[str, Any]:
         """The coupler's state: the batch, the gain and any warm-up ramp in progress."""
         return {"rule": self.rule.value, "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,

@@ -362,7 +362,10 @@ class TrainingRun:
 
     @lr_rule.setter
     def lr_rule(self, value: LRRule | str) -> None:
-        self.lr_coupler = self._coupler(LRRule.parse(value), self.batch_size)
+        rule = resolve_lr_rule(LRRule.parse(value), self.optimizer)
+        noise = self.noise_scale if rule is LRRule.ADASCALE else None
+        # Carried on from the gain in force and the steps taken: a fresh coupler restarted the warm-up's count.
+        self.lr_coupler = self.lr_coupler.with_rule(rule, noise)
         self.engine.batch_lr_gain = self.lr_coupler.gain * self.schedule_gain
 
     @property
@@ -403,8 +406,13 @@ class TrainingRun:
 
     @property
     def lr(self) -> float:
-        """The global learning rate of the next step (before per-layer factors)."""
-        return self.task.base_lr * self.lr_scale * self.engine.batch_lr_gain
+        """The global learning rate of the next step (before per-layer factors).
+
+        Its batch-size gain is the one the next step advances to (a warm-up ramp moves on a step), and its schedule
+        factor the one at the end of the next batch (``schedule_gain``: the batch a step trains on counts).
+        """
+        gain = self.lr_coupler.next_gain() * self._schedule_gain_after(self.batch_size)
+        return self.task.base_lr * self.lr_scale * gain
 
     @property
     def schedule_gain(self) -> float:
@@ -417,6 +425,15 @@ class TrainingRun:
         if self.schedule_epochs is None:
             return 1.0
         return schedule_gain(self.epoch, self.schedule_epochs, self.warmup_frac)
+
+    def _schedule_gain_after(self, n: int) -> float:
+        """``schedule_gain`` once the loader has served ``n`` more samples (at most the epoch's rest, as it does)."""
+        if self.schedule_epochs is None:
+            return 1.0
+        size, epoch, cursor = len(self.loader), self.loader.epoch, self.loader.cursor
+        if cursor >= size:  # the loader starts the next epoch before serving
+            epoch, cursor = epoch + 1, 0
+        return schedule_gain(epoch + min(cursor + n, size) / size, self.schedule_epochs, self.warmup_frac)
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -549,23 +566,28 @@ class TrainingRun:
             oom_events += 1
             wasted_samples += self._samples_started
             micro = self._recover_from_oom(micro, failure, oom_events, n)
-        # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike. Advanced once
-        # the forward and backward passes have run: a step given up for memory (its batch returned) is no step of
-        # the warm-up.
-        self.engine.batch_lr_gain = self.lr_coupler.advance() * self.schedule_gain
-        lr = self.lr
+        # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike. The coupler
+        # advances once the update went in: a step given up (its batch returned) is no step of the warm-up.
+        self.engine.batch_lr_gain = self.lr_coupler.next_gain() * self.schedule_gain
+        lr = self.task.base_lr * self.lr_scale * self.engine.batch_lr_gain
         try:
             # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
             grads, skipped = (
                 self.engine.step_after_backward_deferred(loss) if deferred else self.engine.step_after_backward(loss)
             )
-        except Exception as err:
-            if is_out_of_memory(err):
+        except BaseException as err:
+            if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
+                self.lr_coupler.advance()
+                self.steps += 1
+            else:  # no update went in (a pre-hook, the update's own memory): the step never was, its samples go back
+                self._abandon_step(n)
+            if isinstance(err, Exception) and is_out_of_memory(err):
                 raise UnrecoverableOOMError(
                     f"out of memory in the optimizer update of step {self.steps}; an update cannot be retried "
                     f"safely once started (lower the memory budget): {err}"
                 ) from err
             raise
+        self.lr_coupler.advance()  # counted once the update went in: a step given up is no step of the warm-up
         self.steps += 1
         self.last_micro_batches = sizes
         modelled_ms = self._charged_step_ms(n, len(sizes))

@@ -291,3 +291,33 @@ def test_a_coupler_state_with_a_wrong_value_is_refused_and_changes_nothing(chang
     with pytest.raises(ValueError, match=message):
         coupler.load_state_dict(state)
     assert coupler.state_dict() == before
+
+
+def test_setting_the_lr_rule_mid_run_carries_the_warm_up_on() -> None:
+    """The setter built a fresh coupler, which had counted no steps: re-setting the same rule jumped a ramp in progress
+    to its end, and a rule whose gain rose ×4 applied it at once instead of warming it up."""
+
+    def ramping() -> TrainingRun:
+        elastic = ElasticConfig(lr_rule="linear", warmup_steps=4)
+        run = TrainingRun(small_task(n_train=600), seed=0, device="cpu", elastic=elastic)
+        run.step()
+        run.batch_size = 4 * run.batch_size
+        run.step()  # one step into the ramp
+        return run
+
+    run, twin = ramping(), ramping()
+    run.lr_rule = "linear"  # the same rule: the ramp carries on
+    assert [run.step().lr for _ in range(4)] == [twin.step().lr for _ in range(4)]
+
+    run = TrainingRun(
+        small_task(n_train=2400), seed=0, device="cpu", elastic=ElasticConfig(lr_rule="sqrt", warmup_steps=4)
+    )
+    run.step()
+    run.batch_size = 16 * run.batch_size  # sqrt: ×4, warmed up; then linear asks ×16 of the ×4 in force...
+    for _ in range(4):
+        run.step()
+    base = run.task.base_lr * run.lr_scale
+    assert run.lr == pytest.approx(4 * base)
+    run.lr_rule = "linear"
+    lrs = [run.step().lr / base for _ in range(5)]
+    assert lrs == pytest.approx([7.0, 10.0, 13.0, 16.0, 16.0])  # ... ramped from 4 over the 4 warm-up steps

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from triaccel_rl.config import ElasticConfig
 from triaccel_rl.elastic import FaultPoint, UnrecoverableOOMError, inject_oom
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -345,8 +346,29 @@ def test_the_lr_after_a_batch_change_carries_the_schedule() -> None:
     assert 0.0 < run.schedule_gain < 1.0  # inside the warm-up
     for change in (lambda: setattr(run, "batch_size", 128), lambda: setattr(run, "lr_rule", "sqrt")):
         change()
-        expected = run.task.base_lr * run.lr_scale * run.lr_coupler.gain * run.schedule_gain
-        assert run.lr == pytest.approx(expected, rel=1e-12)
+        expected = run.lr
+        assert run.step().lr == pytest.approx(expected, rel=1e-12)
+
+
+def test_run_lr_is_the_next_step_s_lr_through_a_batch_warm_up_and_the_schedule() -> None:
+    """``run.lr`` read the last step's batch gain and the schedule where the loader stood: during a warm-up ramp or
+    the schedule's warm-up it was the step before's LR (and ``compare``'s trace recorded that)."""
+    run = TrainingRun(
+        small_task(n_train=1200),
+        seed=0,
+        device="cpu",
+        schedule_epochs=2.0,
+        elastic=ElasticConfig(lr_rule="linear", warmup_steps=4),
+    )
+    run.step()
+    run.batch_size = 4 * run.batch_size  # a 4-step ramp
+    seen = []
+    while run.epoch < 2.0:
+        expected = run.lr
+        stats = run.step()
+        seen.append(stats.lr)
+        assert stats.lr == pytest.approx(expected, rel=1e-12)
+    assert len(set(seen)) == len(seen)  # every step's LR differed: the check compared moving values
 
 
 def test_an_interval_given_up_leaves_no_statistics_to_the_next_and_counts_its_events() -> None:
@@ -407,3 +429,45 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
     with pytest.raises(UnrecoverableOOMError):
         run.train_interval(3)
     assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
+
+
+def test_an_update_that_raises_before_applying_returns_the_batch_and_is_no_step_of_the_warm_up() -> None:
+    """A user's step pre-hook raised once: the step's samples were lost and the LR warm-up moved a step on, though
+    no update went in. Now the run is as if the step never was: the same samples, LRs and weights as a twin's."""
+    elastic = ElasticConfig(lr_rule="linear", warmup_steps=4)
+    run, twin = (TrainingRun(small_task(n_train=600), seed=0, device="cpu", elastic=elastic) for _ in range(2))
+    for each in (run, twin):
+        each.step()
+        each.batch_size = 4 * each.batch_size
+    failing = [True]
+
+    def hook(optimizer, args, kwargs):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("a transient failure before the update")
+
+    run.optimizer.register_step_pre_hook(hook)
+    loader, coupler = run.loader.state_dict(), run.lr_coupler.state_dict()
+    with pytest.raises(RuntimeError, match="a transient failure"):
+        run.step()
+    assert run.loader.state_dict() == loader and run.lr_coupler.state_dict() == coupler and run.steps == 1
+    assert [run.step().lr for _ in range(5)] == [twin.step().lr for _ in range(5)]
+    assert max_abs_difference(parameters_of(run), parameters_of(twin)) == 0.0
+
+
+def test_a_post_hook_that_raises_after_the_update_counts_the_step() -> None:
+    """The update went in before a user's post-hook raised: its batch was trained on, so the step counts (and the
+    warm-up moves on), as the Controller counts it."""
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    failing = [True]
+
+    def hook(optimizer, args, kwargs):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("a post-hook fails")
+
+    run.optimizer.register_step_post_hook(hook)
+    cursor = run.loader.cursor
+    with pytest.raises(RuntimeError, match="a post-hook fails"):
+        run.step()
+    assert run.steps == 1 and run.lr_coupler.steps == 1 and run.loader.cursor == cursor + run.batch_size
