@@ -707,6 +707,28 @@ def test_gradient_accumulation_through_backward_is_one_step_of_the_whole_batch(p
         torch.testing.assert_close(accumulated, whole, **tolerance)
 
 
+def test_an_earlier_micro_batch_s_non_finite_loss_skips_the_update():
+    """A non-finite loss over finite gradients (an overflowed term with no gradient) skips the update when it is the
+    step's loss; as the first micro-batch's loss, passed to ``backward``, it went unseen and the update went in."""
+    x, y = data(16)
+    for accumulate in (False, True):
+        model, opt = model_and_optimizer()
+        before = [p.detach().clone() for p in model.parameters()]
+        ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=100))
+        losses = []
+        for part in (slice(0, 8), slice(8, 16)) if accumulate else (slice(0, 16),):
+            with ctl.autocast():
+                losses.append(nn.functional.cross_entropy(model(x[part]), y[part]) / (2 if accumulate else 1))
+        losses[0] = losses[0] + torch.tensor(float("inf"))
+        if accumulate:
+            ctl.backward(losses[0])
+        ctl.step(losses[-1])
+        ctl.close()
+        assert ctl.skipped_steps == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert ctl._micro_loss is None  # spent by the step: the next batch starts its own sum
+
+
 def test_progress_is_the_share_of_the_run_not_of_the_epoch():
     """The observation's progress (the heuristic's late-run rules read it) was the share of the current epoch: it
     went back to 0 at every epoch."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
-from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
+from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
@@ -187,6 +187,7 @@ class Controller:
             self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
             self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
             self._unstepped: tuple[int, int] | None = None  # (steps, samples) of the last batch served, at serving
+            self._micro_loss: torch.Tensor | None = None  # the sum of backward()'s micro-batch losses, for step()
             self._planned_epochs = 0  # the epochs the last loader() call trains to
             self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
             self._base_batch_size = 0
@@ -316,7 +317,14 @@ class Controller:
             if self.costs is None:
                 self.costs = self._measure_costs(batch.x)
                 self.memory_model = MemoryModel(self.costs, self.profile)
-                check_budget(self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1))
+                try:
+                    check_budget(
+                        self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1)
+                    )
+                except ConfigError:  # measured again at the next call: a second one trained in the refused budget
+                    self.costs, self.memory_model, self._unstepped = None, None, None
+                    loader.take_back(len(batch.y))
+                    raise
             yield batch.x, batch.y
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
@@ -358,6 +366,10 @@ class Controller:
         _check_loss(loss)
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
+        # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
+        # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
+        detached = loss.detach()
+        self._micro_loss = detached if self._micro_loss is None else self._micro_loss + detached
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward, update (skipped on non-finite gradients), signals, and a decision every interval.
@@ -379,8 +391,11 @@ class Controller:
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
+        earlier, self._micro_loss = self._micro_loss, None  # the batch's earlier micro-batches (backward())
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
+        if earlier is not None:
+            loss = earlier + loss.detach()
         if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up
             self.engine.batch_lr_gain = self.lr_coupler.next_gain()
         try:
