@@ -4,6 +4,7 @@ import copy
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -1091,3 +1092,50 @@ def test_trainable_parameters_outside_the_optimizer_get_unscaled_gradients_on_th
     from users_loop import unheld_gradients_under_fp16
 
     unheld_gradients_under_fp16(fused=True, device=DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_fused_checkpoint_resumes_on_the_fused_step_with_its_saved_param_groups(kind):
+    """The fused optimizer's own state holds no param group: a fused resume kept the new run's LR (a scheduler's
+    move lost) while the kernel took the saved momentum, and the run went elsewhere (4e-2 on SGD)."""
+    data = batches(5)
+    model, engine = make(kind, True)
+    _run_steps(model, engine, data[:2])
+    moved = {"lr": 0.02, "momentum": 0.5} if kind == "sgd" else {"lr": 3e-3, "betas": (0.8, 0.99)}
+    for group in engine.optimizer.param_groups:  # a scheduler moved them
+        group.update(moved)
+    _run_steps(model, engine, data[2:3])
+    state = copy.deepcopy(engine.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _run_steps(model, engine, data[3:])
+    expected = _weights(model)
+
+    model, engine = make(kind, True)  # built with the first settings
+    model.load_state_dict(weights)
+    engine.load_state_dict(state)
+    assert all(group[key] == value for group in engine.optimizer.param_groups for key, value in moved.items())
+    _run_steps(model, engine, data[3:])
+    for got, want in zip(_weights(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_second_moment_diagonal_is_the_reference_path_s_element_for_element():
+    """It returned each layer's padded segment of the flat buffer (4096 entries for a 56-element layer, most of
+    them zeros), which the curvature-sparsity signals read as a spike on a sea of zeros."""
+    diagonals = {}
+    for fused in (False, True):
+        model, engine = make("adamw", fused)
+        _run_steps(model, engine, batches(3))
+        diagonals[fused] = [d.cpu() for d in engine.second_moment_diagonal()]
+    assert [d.numel() for d in diagonals[True]] == [56, 27]
+    for reference, fused in zip(diagonals[False], diagonals[True], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-12)
+
+
+def test_fused_sgd_reports_nan_momentum_norms_before_a_layer_s_first_step():
+    """As the reference path does (no momentum buffer yet): the fused SGD reported 0, a measurement it never made."""
+    for fused in (False, True):
+        model, engine = make("sgd", fused)
+        assert np.isnan(engine.grad_mean_sq_norm()).all()
+        _run_steps(model, engine, batches(1))
+        assert np.isfinite(engine.grad_mean_sq_norm()).all()

@@ -584,8 +584,9 @@ class StepEngine:
             if getattr(optimizer, "exp_avg_sq", None) is None:
                 return [None] * self.n_layers
             steps = optimizer.layer_step_counts.tolist()  # host-device sync: once per round
-            return [
-                self.store.layer_segment(optimizer.exp_avg_sq, i) / max(1.0 - optimizer.options.beta2**n, 1e-12)
+            return [  # the parameters' own elements, in their order (a layer's segment holds padding too)
+                torch.cat([view.reshape(-1) for view in self.store.param_views(optimizer.exp_avg_sq, i)])
+                / max(1.0 - optimizer.options.beta2**n, 1e-12)
                 for i, n in enumerate(steps)
             ]
         diagonals: list[torch.Tensor | None] = []
@@ -698,6 +699,11 @@ class StepEngine:
             self.optimizer.load_state_dict(plan.optimizer_state)
         else:
             self.state_holder.load_state_dict(plan.optimizer_state)
+            if plan.groups is not None:  # the saved LRs and hyperparameters (a scheduler's), as the reference path's
+                for group, saved in zip(self.optimizer.param_groups, plan.groups, strict=True):
+                    group.update({key: value for key, value in saved.items() if key != "params"})
+                self._read_factor_index()
+                self._reread_group_settings()  # the fused step's settings follow the groups, as at a step
         self.set_precisions(plan.precisions)
         self.lr_scale, self.batch_lr_gain, self.lr_factors = plan.lr_scale, plan.batch_lr_gain, plan.lr_factors
         if self.fused:
@@ -770,6 +776,12 @@ class StepEngine:
             optimizer_state = state["optimizer"]
         if across or not self.fused:  # torch.optim checks the groups' sizes, not shapes (the fused step its own)
             _check_state_shapes(self.optimizer, optimizer_state)
+        groups = None
+        if self.fused and not across and state.get("torch_optimizer") is not None:
+            # The fused optimizer's own state holds no param group: a fused resume kept the new run's LRs (a
+            # scheduler's moves lost) while its kernel took the saved momentum and decay.
+            _check_state_shapes(self.optimizer, state["torch_optimizer"])
+            groups = state["torch_optimizer"]["param_groups"]
         if self.fused:
             if across:  # GradScaler's state (empty when it never scaled a step): the same rule's scale and count
                 scaler = {
@@ -791,7 +803,9 @@ class StepEngine:
             grad_scaler.load_state_dict(dict(scaler))
         else:  # saved with no loss scaler: a later fp16 layer starts a fresh one, as in the saved run
             grad_scaler = None
-        return _LoadPlan(across, optimizer_state, precisions, lr_scale, batch_lr_gain, lr_factors, scaler, grad_scaler)
+        return _LoadPlan(
+            across, optimizer_state, groups, precisions, lr_scale, batch_lr_gain, lr_factors, scaler, grad_scaler
+        )
 
     @property
     def loss_scale(self) -> float:
@@ -1195,7 +1209,10 @@ class StepEngine:
             scale = np.where(steps > 0, 1.0 / bias**2, np.nan)  # a layer yet to take a step: nan
             buffer = optimizer.exp_avg
         elif optimizer.momentum_buffer is not optimizer.store.params:
-            buffer, scale = optimizer.momentum_buffer, (1.0 - optimizer.options.momentum) ** 2
+            steps = optimizer.layer_step_counts.cpu().numpy()  # host-device sync: once per decision
+            # A layer yet to take a step has no buffer on the reference path: nan, not the zeros it starts from.
+            scale = np.where(steps > 0, (1.0 - optimizer.options.momentum) ** 2, np.nan)
+            buffer = optimizer.momentum_buffer
         else:
             return np.full(self.n_layers, np.nan)
         return self.store.layer_sq_sums(buffer).cpu().numpy() * scale  # host-device sync: once per decision
@@ -1345,6 +1362,7 @@ class _LoadPlan:
 
     across: bool
     optimizer_state: Any  # torch.optim's state_dict(), or the fused optimizer's
+    groups: list[dict[str, Any]] | None  # on the fused path, the saved torch.optim param groups (None: none saved)
     precisions: list[Precision]
     lr_scale: float
     batch_lr_gain: float
