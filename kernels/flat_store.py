@@ -40,6 +40,9 @@ class FlatParameterStore:
     the flat buffers (:meth:`rebind_grads` then raises ``DetachedParametersError``).
     Setting ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) detaches the gradients until
     :meth:`rebind_grads` (``StepEngine`` calls it before each backward); ``store.zero_grad()`` zeroes in place.
+    A parameter whose gradient is None when the store is built is bound to zeros, not watched: where ``torch.optim``
+    skips it until its first gradient, the fused step applies weight decay to it (watching every parameter from the
+    start would cost a Python hook call per parameter per backward for every run).
     Code writing the flat ``grads`` directly must leave the padding at zero, or the padding weights start moving
     and enter the per-layer statistics.
 
@@ -264,10 +267,15 @@ class FlatParameterStore:
         momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward.
         """
         if not self._rebound_from_none:
+            self._accumulated.clear()  # the next step's record starts empty
             return []
-        # No hook at all since: the backward ran where Python hooks do not (a replayed CUDA graph), or reached no
-        # parameter. Leaving everything alone would stop training silently in the first case: assume all got one.
-        unused = sorted(self._rebound_from_none - self._accumulated) if self._accumulated else []
+        if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _watch)
+            unused = sorted(self._rebound_from_none - self._accumulated)
+        else:
+            # No hook at all since: the backward ran where Python hooks do not (a replayed CUDA graph), or reached no
+            # parameter. Leaving everything alone would stop training silently in the first case: assume all got
+            # one, but a frozen parameter, which no backward reaches.
+            unused = sorted(i for i in self._rebound_from_none if not self._grad_views[i][0].requires_grad)
         self._rebound_from_none.clear()
         self._accumulated.clear()
         return unused
@@ -293,14 +301,21 @@ class FlatParameterStore:
         self._accumulated.clear()
 
     def _watch(self, index: int) -> None:
-        """Records that parameter ``index`` starts the step with no gradient, and notes when autograd gives it one."""
+        """Records that parameter ``index`` starts the step with no gradient, and notes when autograd gives it one.
+
+        Every trainable parameter gets the hook, not only the rebound ones: then a step whose rebound parameters all
+        got no gradient (a head left out of the loss and zeroed alone) is told from one where no hook could run (a
+        replayed graph), and the head is left alone, not decayed. A frozen parameter takes no hook (torch refuses
+        one) and gets no gradient.
+        """
         self._rebound_from_none.add(index)
         self._accumulated.discard(index)
-        if index not in self._grad_hooks:
-            accumulated = self._accumulated
-            self._grad_hooks[index] = self._grad_views[index][0].register_post_accumulate_grad_hook(
-                lambda _param: accumulated.add(index)
-            )
+        accumulated = self._accumulated
+        for i, (param, _, _) in enumerate(self._grad_views):
+            if i not in self._grad_hooks and param.requires_grad:
+                self._grad_hooks[i] = param.register_post_accumulate_grad_hook(
+                    lambda _param, i=i: accumulated.add(i)  # type: ignore[misc]
+                )
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""
