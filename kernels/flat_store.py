@@ -314,7 +314,7 @@ class FlatParameterStore:
         for i, (param, _, _) in enumerate(self._grad_views):
             if i not in self._grad_hooks and param.requires_grad:
                 self._grad_hooks[i] = param.register_post_accumulate_grad_hook(
-                    lambda _param, i=i: accumulated.add(i)  # type: ignore[misc]
+                    lambda _param, i=i: accumulated.add(i)
                 )
 
     def zero_grad(self) -> None:
