@@ -313,9 +313,7 @@ class FlatParameterStore:
         accumulated = self._accumulated
         for i, (param, _, _) in enumerate(self._grad_views):
             if i not in self._grad_hooks and param.requires_grad:
-                self._grad_hooks[i] = param.register_post_accumulate_grad_hook(
-                    lambda _param, i=i: accumulated.add(i)
-                )
+                self._grad_hooks[i] = param.register_post_accumulate_grad_hook(lambda _param, i=i: accumulated.add(i))
 
     def zero_grad(self) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""

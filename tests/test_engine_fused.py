@@ -676,6 +676,39 @@ def test_step_hooks_on_the_users_optimizer_run_around_each_fused_step():
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hook_kind", ["replaces-the-gradient", "warms-the-lr-up"])
+def test_what_a_step_pre_hook_does_applies_to_the_fused_step_it_precedes(hook_kind):
+    """A hook clamping gradients out of place (``p.grad = p.grad.clamp(...)``) was ignored by the fused step, and its
+    tensor went into the next step's gradient; an LR a hook set (a warm-up written as a hook) applied a step late.
+    Both paths now match a plain ``torch.optim`` loop."""
+    data = batches(3)
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            if hook_kind == "warms-the-lr-up":
+                group["lr"] = group.setdefault("step_count", 0) * 0.05 + 0.01
+                group["step_count"] += 1
+            else:
+                for p in group["params"]:
+                    p.grad = p.grad.clamp(-1e-3, 1e-3)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
+        optimizer.register_step_pre_hook(hook)
+        return model, optimizer
+
+    model, optimizer = build()
+    _plain_steps(model, optimizer, data)
+    plain = _weights(model)
+    for fused in (False, True):
+        model, optimizer = build()
+        _run_steps(model, StepEngine(model, optimizer, DEVICE, fused=fused), data)
+        for got, want in zip(_weights(model), plain, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _no_decay_recipe(kind, decay=0.05):
     """The usual recipe: weights decayed, biases not (every layer of the model split across two param groups)."""
     torch.manual_seed(0)
@@ -1182,3 +1215,48 @@ def test_parameters_left_without_a_gradient_are_left_alone_on_the_fused_path_as_
         weights[fused] = _weights(model)
     for reference, fused_weights in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(fused_weights, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_betas_set_to_a_list_mid_run_are_taken_as_a_tuple():
+    """``group["betas"] = [0.85, 0.999]`` (torch.optim takes a list) raised ``unhashable type: 'list'`` on the
+    fused step; both paths now take it alike."""
+    data = batches(3)
+    weights = {}
+    for fused in (False, True):
+        model, engine = make("adamw", fused)
+        _run_steps(model, engine, data[:1])
+        for group in engine.optimizer.param_groups:
+            group["betas"] = [0.85, 0.999]
+        _run_steps(model, engine, data[1:])
+        weights[fused] = _weights(model)
+    for reference, fused_weights in zip(weights[False], weights[True], strict=True):
+        torch.testing.assert_close(fused_weights, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_parameter_of_no_elements_trains_on_both_paths():
+    """``nn.Linear(0, 3)`` (an optional block with no features): the reference path's gradient maximum raised (an
+    empty tensor has no infinity norm) at every step; the fused path trained."""
+
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.extra, self.fc = nn.Linear(0, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(x) + self.extra(x[:, :0])
+
+    x, y = batches(1)[0]
+    torch.manual_seed(0)
+    plain = WithEmpty().to(DEVICE)
+    _plain_steps(plain, torch.optim.SGD(plain.parameters(), lr=0.1), [(x, y)])
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = WithEmpty().to(DEVICE)
+        engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), DEVICE, fused=fused)
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        grads, skipped = engine.backward_and_step(loss)
+        assert not skipped and grads.abs_max.shape == (engine.n_layers,)
+        for got, want in zip(_weights(model), _weights(plain), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -165,6 +165,9 @@ class StepEngine:
             # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
             self.layer_params = [[p for p in params if id(p) in self._group_index] for params in trainable]
             self._params = [p for params in self.layer_params for p in params]
+            # An empty tensor has no infinity norm (torch raises): a parameter of no elements (nn.Linear(0, 3)) takes
+            # a zero in the maxima instead.
+            self._has_empty_params = any(p.numel() == 0 for p in self._params)
             self._watch_unheld_gradients(trainable)
             if not self._params:
                 raise ValueError(
@@ -351,7 +354,8 @@ class StepEngine:
         """Refreshes the 16-bit copies if a weight was written in place since they were last derived.
 
         The fused step writes weights through raw pointers, which leaves PyTorch's version counters alone;
-        any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter.
+        any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter, but one
+        through ``.data`` (``p.data.clamp_()``) does not: call :meth:`refresh_weight_copies` after one.
         So a changed sum of the counters means the copies are stale. Costs one attribute read a parameter;
         ``TrainingRun`` calls it at each ``step``, ``train_interval`` and probe (nothing outside can write
         the weights inside an interval), ``Controller`` before every forward of the user's loop.
@@ -543,7 +547,8 @@ class StepEngine:
         """``grad_stats()`` and the per-parameter gradient norms it is taken from."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         norms = torch.stack(torch._foreach_norm(grads)).float()
-        maxes = torch.stack(torch._foreach_norm(grads, math.inf)).float()
+        finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
+        maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
         suspect = ~(torch.isfinite(norms) & torch.isfinite(maxes))
         bad = torch.zeros_like(norms)
         if bool(suspect.any()):  # host-device sync: once per step (see above); rare slow path below
@@ -1038,9 +1043,11 @@ class StepEngine:
             ValueError: the groups now differ in one of them, or SGD's momentum leaves 0 (the fused SGD built
                 without momentum has no buffer); nothing is changed.
         """
-        if len(set(hypers)) > 1:
+        # Compared as tuples: betas set to a list (``group["betas"] = [0.85, 0.999]``) is unhashable, and equal.
+        comparable = [tuple(tuple(v) if isinstance(v, list) else v for v in group) for group in hypers]
+        if len(set(comparable)) > 1:
             for i, key in enumerate(self._hyper_keys):
-                values = [group[i] for group in hypers]
+                values = [group[i] for group in comparable]
                 if len(set(values)) > 1:
                     raise ValueError(
                         f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
@@ -1151,11 +1158,14 @@ class StepEngine:
         self.update_reached = False
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
-        self._read_group_lrs()
         try:
-            for hook in self._step_hooks("pre"):  # as optimizer.step() would (an EMA, a gradient transform)
+            hooks = self._step_hooks("pre")
+            for hook in hooks:  # as optimizer.step() would (an EMA, a gradient transform)
                 if hook(self.optimizer, (), {}) is not None:
                     raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
+            if hooks:  # a gradient a hook put in place of its view (a clamp) goes into the flat buffer the step reads
+                self.store.rebind_grads()
+            self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
             raise
