@@ -479,7 +479,7 @@ class Controller:
 
     @property
     def splits_batches(self) -> bool:
-        """False: your loop's step is yours, so the executor keeps a precision raise within the memory budget."""
+        """False: your loop's step is yours, so the executor keeps a precision change within the memory budget."""
         return False
 
     def predicted_memory_bytes(self, batch_size: int, precisions: Sequence[Precision] | None = None) -> int:

@@ -4,9 +4,11 @@ It is also the safety shield: whatever a policy asks, the LR multiplier moves by
 ``max_lr_change`` per decision, no layer is lowered in precision while the overflow rate is above
 ``heuristic.max_overflow_rate``, and a batch growth that the memory model predicts over the usable budget
 (``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Where the target cannot split a step
-(``splits_batches`` False: a user's loop through the ``Controller``), a precision raise (bf16 to fp32, say) that
-the memory model predicts over the usable budget at the current batch is refused too: more bits per activation
-would make a step that fitted run out of memory. Every refusal is reported with its reason.
+(``splits_batches`` False: a user's loop through the ``Controller``), a precision change that the memory model
+predicts over the usable budget at the current batch is refused too: more bits per activation (a raise), or a
+16-bit weight copy outweighing the activations it saves (a lowering on a weight-heavy model), would make a step
+that fitted run out of memory. Where it can split a step, a change that puts one sample over it is refused. A change
+that lowers a prediction already over the budget is taken. Every refusal is reported with its reason.
 
 Batch moves change the *effective* batch (samples per update); how it is split into micro-batches to fit
 memory is the target's business (``TrainingRun.micro_batch_size``). So the executor never shrinks a batch
@@ -138,19 +140,25 @@ class Executor:
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
                     f"{self.config.heuristic.max_overflow_rate}"
                 )
-        raised = [i for i in range(len(current)) if wanted[i].bits > current[i].bits]
-        if raised and not target.splits_batches:
-            batch = target.batch_size
+        # Any change, not only a raise: a lowered layer's 16-bit weight copy (2 bytes a parameter) can outweigh the
+        # activations it saves on a weight-heavy model. A step that cannot be split must fit whole; one that can, one
+        # sample at a time. A change that moves a prediction already over the budget down is taken.
+        moved = [i for i in range(len(current)) if wanted[i] != current[i]]
+        if moved:
+            batch = 1 if target.splits_batches else target.batch_size
             predicted = target.predicted_memory_bytes(batch, wanted)
             usable = target.usable_memory_bytes
-            if predicted > usable:
-                for i in raised:  # kept where they were, but out of fp16 while it overflows, as every layer is
+            if predicted > usable and predicted > target.predicted_memory_bytes(batch, current):
+                for i in moved:  # kept where they were, but out of fp16 while it overflows, as every layer is
                     wanted[i] = out_of_fp16(current[i]) if unstable else current[i]
-                refused.append(
-                    f"kept {len(raised)} layers at their precision: batch {batch} at the raised precisions is "
-                    f"predicted {predicted} bytes > {usable} usable of the {target.memory_budget_bytes}-byte budget, "
-                    "and this loop cannot split a step"
+                what = (
+                    f"one sample at the new precisions is predicted {predicted} bytes > {usable} usable of the "
+                    f"{target.memory_budget_bytes}-byte budget"
+                    if target.splits_batches
+                    else f"batch {batch} at the new precisions is predicted {predicted} bytes > {usable} usable of "
+                    f"the {target.memory_budget_bytes}-byte budget, and this loop cannot split a step"
                 )
+                refused.append(f"kept {len(moved)} layers at their precision: {what}")
         try:
             engine.set_precisions(wanted)
         except ValueError as err:

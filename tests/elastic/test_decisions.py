@@ -216,7 +216,7 @@ def test_a_precision_raise_over_budget_is_refused_where_the_loop_cannot_split_a_
     report = ctl.executor.apply(raise_all, ctl)
     assert report.precisions == ctl.precisions == low and not report.changed
     assert report.refused == [
-        f"kept 2 layers at their precision: batch 64 at the raised precisions is predicted {at_high} bytes > "
+        f"kept 2 layers at their precision: batch 64 at the new precisions is predicted {at_high} bytes > "
         f"{ctl.usable_memory_bytes} usable of the {ctl.memory_budget_bytes}-byte budget, and this loop cannot split a "
         "step"
     ]
@@ -226,10 +226,27 @@ def test_a_precision_raise_over_budget_is_refused_where_the_loop_cannot_split_a_
     ctl.close()
 
     loop = _loop()
-    loop.run.set_precisions([Precision.BF16] * len(loop.run.precisions))
-    loop.run.memory_budget_bytes = loop.run.predicted_memory_bytes(0) + 1  # not one whole fp32 sample more
+    n_layers = len(loop.run.precisions)
+    loop.run.set_precisions([Precision.BF16] * n_layers)
+    one_fp32 = loop.run.predicted_memory_bytes(1, [Precision.FP32] * n_layers)
+    assert loop.run.predicted_memory_bytes(loop.run.batch_size, [Precision.FP32] * n_layers) > one_fp32
+    loop.run.memory_budget_bytes = int(one_fp32 / fill) + 1  # one fp32 sample fits, the whole batch does not
     report = loop.executor.apply(raise_all, loop.run)
-    assert report.precisions == [Precision.FP32] * len(loop.run.precisions) and not report.refused
+    assert report.precisions == [Precision.FP32] * n_layers and not report.refused  # it accumulates
+    # A lowering can raise memory: the 16-bit weight copies (2 bytes a parameter) outweigh one sample's activations
+    # here. It was never checked: every step then ran one-sample micro-batches over the budget.
+    loop.run.set_precisions([Precision.FP32] * n_layers)
+    one_bf16 = loop.run.predicted_memory_bytes(1, [Precision.BF16] * n_layers)
+    assert one_bf16 > one_fp32
+    loop.run.memory_budget_bytes = int(one_fp32 / fill) + 1
+    assert loop.run.usable_memory_bytes < one_bf16
+    lower_all = Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.KEEP)
+    report = loop.executor.apply(lower_all, loop.run)
+    assert report.precisions == [Precision.FP32] * n_layers and not report.changed
+    assert report.refused == [
+        f"kept {n_layers} layers at their precision: one sample at the new precisions is predicted {one_bf16} bytes > "
+        f"{loop.run.usable_memory_bytes} usable of the {loop.run.memory_budget_bytes}-byte budget"
+    ]
     loop.run.memory_elastic = False  # as the batch finder's rows run: no splitting, so the raise is checked
     loop.run.set_precisions([Precision.BF16] * len(loop.run.precisions))
     assert loop.executor.apply(raise_all, loop.run).refused[0].startswith("kept ")
@@ -253,7 +270,7 @@ def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_
     raise_all = Action((Precision.FP32,) * config.n_groups, 1.0, BatchMove.KEEP)
     overflowing = config.heuristic.max_overflow_rate + 0.1
     report = ctl.executor.apply(raise_all, ctl, overflow_rate=overflowing)
-    assert report.refused[0].startswith("kept 2 layers at their precision: batch 64 at the raised precisions")
+    assert report.refused[0].startswith("kept 2 layers at their precision: batch 64 at the new precisions")
     assert report.precisions == [Precision.BF16] * 2  # out of fp16, as the shield puts every layer under overflow
     ctl.close()
 
