@@ -584,3 +584,5 @@ def test_normalize_images() -> None:
         torch.testing.assert_close(normalize_images(x, mean, np.int64(4)), (x - 0.5) / 4)
     with pytest.raises(DatasetError, match=r"normalize_images: mean '0\.5' must be a number or one number a channel"):
         normalize_images(x, "0.5", 1.0)
+    with pytest.raises(DatasetError, match=r"mean '12' must be a number or one number a channel, not text"):
+        normalize_images(x[:, :2], "12", 1.0)  # iterable: read as the two channels' means 1 and 2

@@ -188,6 +188,15 @@ def test_a_seed_that_is_no_whole_number_at_least_zero_is_refused(bad: object) ->
         ElasticLoader(torch.arange(10.0), torch.arange(10), seed=bad)  # type: ignore[arg-type]
 
 
+def test_inputs_or_labels_that_are_not_tensors_are_refused_by_name() -> None:
+    """A list of labels was taken, and the first batch failed indexing it ("only integer tensors of a single element
+    can be converted to an index")."""
+    with pytest.raises(ValueError, match=r"y must be a tensor \(torch.as_tensor converts a list\); got list"):
+        ElasticLoader(torch.arange(4.0), [0, 1, 0, 1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"x must be a tensor .*; got ndarray"):
+        ElasticLoader(torch.arange(4.0).numpy(), torch.arange(4))  # type: ignore[arg-type]
+
+
 def test_numpy_integers_and_huge_seeds_serve_batches() -> None:
     """np.int64 seeds and batch sizes failed (TypeError in the shuffle, a refusal in next); a seed past 9e12 overflowed
     manual_seed (seed x 1,000,003). Small seeds keep their orders."""

@@ -506,6 +506,8 @@ def _per_channel(value: float | Sequence[float], channels: int, name: str) -> li
         value = value.item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return [float(value)] * channels
+    if isinstance(value, (str, bytes)):  # iterable: "12" read as the per-channel values 1 and 2
+        raise DatasetError(f"normalize_images: {name} {value!r} must be a number or one number a channel, not text")
     try:
         values = [float(v) for v in value]  # type: ignore[union-attr]
     except (TypeError, ValueError):  # "0.5" gave a bare ValueError, np.float32(0.5) "not iterable"

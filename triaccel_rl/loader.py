@@ -47,6 +47,11 @@ class ElasticLoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
         if not is_whole(seed) or seed < 0:  # np.int64(1) failed in the shuffle; True and 1.5 passed or failed late
             raise ValueError(f"seed={seed!r} must be a whole number >= 0")
+        for name, value in (("x", x), ("y", y)):  # a list of labels failed at the first batch, as an index error
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{name} must be a tensor (torch.as_tensor converts a list); got {type(value).__name__}"
+                )
         if len(x) != len(y):
             raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) must have the same length")
         if len(x) == 0:

@@ -9,10 +9,12 @@ fitted by least squares to measured peaks (the CUDA allocator's ``max_memory_all
 sizes; ``margin`` is the largest amount a measured peak lay above the line, so the prediction bounds
 every measurement it was fitted to. A fitted slope that is not positive (peaks that fall or stay flat as the
 batch grows: noise, or a pass whose peak counted memory it freed) would let every batch fit; the accounting's
-bytes per sample (``CostModel``) stand in for it. A precision map with no measurement of its own borrows the line of
-the best-measured map, shifted by the difference of the accounted 16-bit weight copies and with its slope
-scaled by the ratio of accounted activation bytes (``CostModel``). With no measurement at all (CPU runs,
-profile cost mode) the prediction is the ``CostModel`` accounting itself.
+bytes per sample (``CostModel``) stand in for it, and where those are not positive either (``CostModel.
+parameters_only``, whose forward could not be measured), the most a measured pass added per sample (above the bytes
+allocated before it, or the accounted fixed bytes without that reading), at least a byte. A precision map with no
+measurement of its own borrows the line of the best-measured map, shifted by the difference of the accounted 16-bit
+weight copies and with its slope scaled by the ratio of accounted activation bytes (``CostModel``). With no
+measurement at all (CPU runs, profile cost mode) the prediction is the ``CostModel`` accounting itself.
 """
 
 from __future__ import annotations
@@ -400,10 +402,12 @@ class MemoryModel:
         ``batch_size`` 0 gives the memory independent of the batch.
 
         Raises:
-            ValueError: a negative batch size.
+            ValueError: a batch size that is not a whole number >= 0 (2.5 was predicted, NaN raised in int()).
         """
-        if batch_size < 0:
-            raise ValueError(f"batch_size={batch_size} must be >= 0 (0: the memory independent of the batch)")
+        if not _count(batch_size, 0):
+            raise ValueError(
+                f"batch_size={batch_size!r} must be a whole number >= 0 (0: the memory independent of the batch)"
+            )
         return self._predictor(precisions)(batch_size)
 
     def max_batch_size(self, budget_bytes: int, precisions: Sequence[Precision], limit: int) -> int:
@@ -447,8 +451,21 @@ class MemoryModel:
         fitted = _fit_line(self._peaks[key], slope=None)
         if fitted.bytes_per_sample > 0:
             return fitted
-        accounted = max(self.costs.per_sample_bytes(_precisions(key), self.profile), 0.0)
-        return _fit_line(self._peaks[key], slope=accounted)
+        accounted = self.costs.per_sample_bytes(_precisions(key), self.profile)
+        return _fit_line(self._peaks[key], slope=self._positive(accounted, key))
+
+    def _positive(self, slope: float, key: tuple[int, ...]) -> float:
+        """``slope`` where positive; else what ``key``'s points measure a sample to add (at least a byte).
+
+        A slope of 0 (the accounting of a model whose forward could not be measured, ``CostModel.parameters_only``)
+        made every batch fit: a 3 GB peak at batch 64 predicted 3 GB at batch 4096.
+        """
+        if slope > 0:
+            return slope
+        # What a pass added above the bytes allocated before it, where the readings say; else above the fixed bytes.
+        below = self._base_bytes if self._base_bytes is not None else self.costs.fixed_bytes(_precisions(key))
+        per_sample = max(((peak - below) / size for size, peak in self._peaks.get(key, {}).items()), default=0.0)
+        return max(per_sample, 1.0)
 
     def _reference_key(self) -> tuple[int, ...] | None:
         """The best-measured map: most distinct sizes, the latest among equals."""
@@ -466,9 +483,9 @@ class MemoryModel:
         """
         accounted = self.costs.per_sample_bytes(_precisions(key), self.profile)
         if ref_fit is None:
-            return accounted
+            return self._positive(accounted, key if key in self._peaks else reference)
         ref_accounted = self.costs.per_sample_bytes(_precisions(reference), self.profile)
-        if ref_accounted <= 0:
+        if ref_accounted <= 0 or accounted <= 0:
             return ref_fit.bytes_per_sample
         return ref_fit.bytes_per_sample * accounted / ref_accounted
 

@@ -315,8 +315,9 @@ def test_a_budget_below_the_fitted_line_fits_no_batch() -> None:
 def test_predict_refuses_a_negative_batch() -> None:
     model, fp32 = _linear_model()
     assert model.predict(0, fp32) == model.costs.fixed_bytes(fp32)  # the accounting's batch-independent memory
-    with pytest.raises(ValueError, match=r"batch_size=-1 must be >= 0 \(0: the memory independent of the batch\)"):
-        model.predict(-1, fp32)
+    for bad in (-1, 2.5, float("nan"), True):  # 2.5 was predicted, NaN raised in int()
+        with pytest.raises(ValueError, match=rf"batch_size={bad!r} must be a whole number >= 0 \(0: the memory"):
+            model.predict(bad, fp32)
 
 
 def test_observe_with_and_without_allocated_bytes_is_refused() -> None:
@@ -348,3 +349,22 @@ def test_readings_and_maps_the_model_cannot_use_are_refused_before_they_are_stor
             model.rebase(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="budget_bytes=nan must be a number of bytes"):
         model.max_batch_size(math.nan, fp32, 100)
+
+
+@pytest.mark.parametrize("sizes", [(64,), (64, 128)], ids=["one-size", "flat-fit"])
+def test_a_model_with_no_accounted_activations_still_grows_with_the_batch(sizes) -> None:
+    """The Controller's cost model when ``model(x[:1])`` cannot run has no bytes per sample: a line through one measured
+    size (a user's loop before any batch move) or a flat fit then predicted 3 GB at batch 4096 as at 64, and every
+    batch fit. Now what each pass added above the allocation, per sample, stands in: 2 GB / 64."""
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    layers = [info for _, _, info in find_layers(net)]
+    costs = CostModel.parameters_only(layers, optimizer_states=2, param_counts=[256 * 256 + 256, 2570])
+    fp32 = [Precision.FP32] * len(layers)
+    gib = 1 << 30
+    model = MemoryModel(costs, HardwareProfile.load())
+    for size in sizes:  # each pass adds 2 GiB above the 1 GiB allocated (flat: the same peak at 128)
+        model.observe(size, fp32, peak_bytes=3 * gib, allocated_bytes=gib)
+    assert model.fit(fp32).bytes_per_sample == 2 * gib / 64
+    assert model.max_batch_size(4 * gib, fp32, limit=10**6) == 96  # 1 GiB + 96 × 32 MiB = 4 GiB
+    if len(sizes) == 1:
+        assert model.predict(4096, fp32) == gib + 4096 * (2 * gib // 64)
