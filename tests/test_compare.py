@@ -223,6 +223,9 @@ def test_repeated_seeds_are_refused_before_any_run(monkeypatch):
     monkeypatch.setattr(compare_module, "run_controller", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] repeat \[0\]: give each seed once"):
         compare("synthetic", ["fp32"], [0, 1, 0], show_progress=False)
+    for bad in (-1, 1.5, True):  # refused after the runs of the seeds before them had trained
+        with pytest.raises(ValueError, match=rf"seeds \[0, {bad!r}\]: seed={bad!r} must be a whole number in \[0, "):
+            compare("synthetic", ["fp32", "bf16"], [0, bad], show_progress=False)
 
 
 def test_json_is_strict_and_non_finite_numbers_are_null(tmp_path):
@@ -759,8 +762,12 @@ def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
     top, bottom = figures["batch_lr_vs_time.png"].axes
     batches = [[row["batch_size"] for row in r.trace] for r in results]
     scales = [[row["lr_scale"] for row in r.trace] for r in results]
-    assert series(top) == list(zip(times, batches, colours, strict=True))
-    assert series(bottom) == list(zip(times, scales, colours, strict=True))
+    # Each row's setting holds up to its time, the first from 0 (drawn from its time on, it read a decision late).
+    starts = [[0.0, *t] if t else [] for t in times]
+    batches, scales = ([v[:1] + v for v in values] for values in (batches, scales))
+    assert series(top) == list(zip(starts, batches, colours, strict=True))
+    assert series(bottom) == list(zip(starts, scales, colours, strict=True))
+    assert [line.get_drawstyle() for line in top.get_lines()] == ["steps-pre"] * 4
     for name, first_seed in (("static-fp32", results[1]), ("heuristic", results[2])):
         image = figures[f"precision_map_{name}.png"].axes[0].get_images()[0]
         assert image.get_array().tolist() == [[0, 2], [1, 0]]  # layers x decisions, of the first seed's run
@@ -779,3 +786,18 @@ def test_results_written_through_a_symlink_go_to_its_file(tmp_path):
     link.symlink_to(real)
     write_json(runs, summarize(runs), link, task="synthetic")
     assert link.is_symlink() and strict_json(real.read_text())["meta"]["task"] == "synthetic"
+
+
+def test_the_zoom_panel_shows_the_runs_when_all_are_far_short_of_the_target(tmp_path, monkeypatch):
+    """Its range was fixed at the target less 3 points: runs at 55% for a target of 80% left it empty."""
+    pytest.importorskip("matplotlib")
+    import triaccel_rl.plots as plots
+
+    result = fake("static-fp32", 0, 0.55, 3.0, None)
+    result.curve = [(1.0, 0.50, 64, 1.0, 0.0), (2.0, 0.55, 64, 0.5, 1.0)]
+    figures = {}
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.name, fig) and real_save(fig, path))
+    plots.plot_comparison([result], tmp_path, target=0.8)
+    zoom = figures["metric_vs_time.png"].axes[1]
+    assert zoom.get_ylim() == pytest.approx((54.0, 80.5))

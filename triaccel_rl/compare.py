@@ -26,7 +26,7 @@ from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy
 from triaccel_rl.signals import SignalMode
-from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.training import TrainingRun, probe_count, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
@@ -448,6 +448,8 @@ def check_comparison(
             )
     if not seeds:
         raise ValueError("need at least one seed")
+    for seed in seeds:  # each checked before any run trains: -1 was refused after the rows before it had run
+        check_seed(f"seeds {list(seeds)}", seed)
     repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
     if repeated:  # their runs would all train, then summarize() refuses two results for one seed
         raise ValueError(f"seeds {list(seeds)} repeat {repeated}: give each seed once")

@@ -72,7 +72,8 @@ def plot_comparison(
         for run in reached:  # where each run first reached the target
             zoom.plot(run.time_to_target_s, 100 * target, marker="v", markersize=8, color=colours[run.controller])
         top = max((100 * point[1] for run in results for point in run.curve), default=100 * target)
-        zoom.set_ylim(100 * target - 3.0, max(top, 100 * target) + 0.5)
+        # Down to the best run's best too: with every run more than 3 points short, the panel showed the target alone.
+        zoom.set_ylim(min(100 * target - 3.0, top - 1.0), max(top, 100 * target) + 0.5)
         zoom.set_title("Near the target (triangles: time to target)")
     paths.append(_save(fig, out / "metric_vs_time.png"))
 
@@ -90,12 +91,14 @@ def plot_comparison(
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for run in results:
-        times = [row["time_s"] for row in run.trace]
+        # A trace row is written at an interval's end and holds that interval's setting: it is in force from the row
+        # before (from 0 for the first) up to the row's time. ("post" drew each a decision late.)
+        times = [0.0] + [row["time_s"] for row in run.trace] if run.trace else []
+        batch = [row["batch_size"] for row in run.trace]
+        lr_scale = [row["lr_scale"] for row in run.trace]
         label = _first_seed_label(run, results)
-        top.step(
-            times, [row["batch_size"] for row in run.trace], where="post", color=colours[run.controller], label=label
-        )
-        bottom.step(times, [row["lr_scale"] for row in run.trace], where="post", color=colours[run.controller])
+        top.step(times, batch[:1] + batch, where="pre", color=colours[run.controller], label=label)
+        bottom.step(times, lr_scale[:1] + lr_scale, where="pre", color=colours[run.controller])
     top.set_ylabel("batch size")
     top.set_yscale("log", base=2)
     bottom.set_ylabel("LR scale")

@@ -21,6 +21,7 @@ __all__ = [
     "TRAINING_TASKS",
     "Task",
     "TaskData",
+    "check_seed",
     "get_task",
     "register_task",
     "task_names",
@@ -189,7 +190,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_seed(what: str, seed: object) -> int:
+def check_seed(what: str, seed: object) -> int:
     """Return ``seed`` if it is a whole number in [0, 2**63 - 20_001] (the generators add up to 20,000), else raise.
 
     A string or None raised an operand or ``manual_seed`` error naming neither the loader nor the argument, and
@@ -225,7 +226,7 @@ def synthetic_data(
     """
     n_train = 4096 if n_train is None else _check_count("synthetic_data: n_train", n_train)
     n_test = 1024 if n_test is None else _check_count("synthetic_data: n_test", n_test)
-    seed = _check_seed("synthetic_data", seed)
+    seed = check_seed("synthetic_data", seed)
     n_features = _check_count("synthetic_data: n_features", n_features)
     n_classes = _check_count("synthetic_data: n_classes", n_classes)
     means = torch.randn(n_classes, n_features, generator=torch.Generator().manual_seed(1234)) * 0.6
@@ -253,7 +254,7 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
         _check_count("fashion_mnist_data: n_train", n_train)
     if n_test is not None:
         _check_count("fashion_mnist_data: n_test", n_test)
-    seed = _check_seed("fashion_mnist_data", seed)
+    seed = check_seed("fashion_mnist_data", seed)
     dataset = load_fashion_mnist()
     train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
     test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
@@ -281,7 +282,7 @@ def sequence_data(
     """
     n_train = 4096 if n_train is None else _check_count("sequence_data: n_train", n_train)
     n_test = 1024 if n_test is None else _check_count("sequence_data: n_test", n_test)
-    seed = _check_seed("sequence_data", seed)
+    seed = check_seed("sequence_data", seed)
     length, vocab, n_classes = (_check_count(f"sequence_data: {k}", v) for k, v in
                                 (("length", length), ("vocab", vocab), ("n_classes", n_classes)))  # fmt: skip
     if n_classes > vocab:  # labels over the first n_classes tokens: the others never occurred, silently
