@@ -126,8 +126,9 @@ def make_policy(
         if stats.lr_scales is not None and tuple(stats.lr_scales) != tuple(config.lr_scales):
             raise PolicyLoadError(
                 f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "
-                f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with "
-                "ControllerConfig(lr_scales=...) set to its own, or retrain it with `triaccel-rl train-policy`"
+                f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
+                "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
+                "`triaccel-rl train-policy`"
             )
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), stats)

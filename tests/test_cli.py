@@ -94,7 +94,8 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
         assert 0.0 <= run["final_metric"] <= 1.0 and run["time_s"] > 0 and run["steps"] > 0
     bf16 = next(r for r in payload["rows"] if r["controller"] == "static-bf16")
     assert bf16["time_ratio"] < 1.0  # modelled GPU time: bf16 is cheaper than the fp32 reference
-    assert "| controller | final acc | time (s, modelled NVIDIA H200) | to target (s) |" in printed  # the profile's
+    assert "| controller | final acc | time (s, modelled NVIDIA H200) | time 95% CI |" in printed  # the profile's
+    assert "| vs static-fp32 (time / to target) |" in printed  # the reference row, by default fp32's
     assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
     # The command as main() was given it (it was read from sys.argv: pytest's own arguments, here).
     assert payload["meta"]["command"].startswith("triaccel-rl compare --task synthetic --controllers fp32,bf16,")
@@ -603,3 +604,25 @@ def test_out_is_refused_when_its_folder_takes_no_new_file(tmp_path, capsys, monk
     assert main(["profile", "--device", "cpu", "--out", str(out)]) == 2
     assert f"--out {out}: cannot write a file in its folder" in capsys.readouterr().err
     assert measured == [] and out.read_text() == "{}"
+
+
+def test_library_names_become_flags_but_not_inside_a_python_hint():
+    """``ControllerConfig(lr_scales=...)`` in a library message read "ControllerConfig(--lr-scales ...)"."""
+    from triaccel_rl.cli import _as_flags
+
+    options = {"lr_scales": None, "n_envs": 2}
+    message = "lr_scales=[1] and (n_envs=3): run it with ControllerConfig(lr_scales=...) or f(x, n_envs=2)"
+    assert _as_flags(message, options) == (
+        "--lr-scales [1] and (--n-envs 3): run it with ControllerConfig(lr_scales=...) or f(x, --n-envs 2)"
+    )
+
+
+def test_a_comparison_refused_for_a_later_folder_leaves_the_earlier_ones_neither(tmp_path, capsys):
+    """``--out new/r.json --plots newplots --log-dir AFILE`` made new/ and newplots/, then refused the log folder."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--no-progress"]
+    out, plots = tmp_path / "new" / "r.json", tmp_path / "newplots"
+    assert main([*argv, "--out", str(out), "--plots", str(plots), "--log-dir", str(blocker / "tb")]) == 2
+    assert "--log-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

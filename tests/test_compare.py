@@ -47,7 +47,7 @@ def table_cells(table):
     cells = [[cell.strip() for cell in line.split(" | ")] for line in lines]
     for line in lines:
         assert line.startswith("| ") or line.startswith("|-"), line
-        assert line.replace("\\|", "").count("|") == 10, f"not nine cells: {line}"
+        assert line.replace("\\|", "").count("|") == 12, f"not eleven cells: {line}"
     return cells
 
 
@@ -102,7 +102,8 @@ def test_summary_of_one_seed_measures_no_spread():
     assert (row["seeds"], row["reach_rate"], row["rank"], row["time_to_target_s"]) == ([3], 1.0, 1, [4.0])
     assert row["time_ratio"] is row["time_to_target_ratio"] is None  # no reference
     cells = table_cells(format_table([row]))[2]
-    assert cells[1:5] == ["75.00 ± —", "10 ± —", "4", "100%"]
+    assert cells[1:6] == ["75.00 ± —", "10 ± —", "—", "4", "100%"]
+    assert cells[-1] == "— / — |"  # no reference: no ratios
 
 
 def test_summary_of_two_and_three_seeds_is_exact():
@@ -131,7 +132,7 @@ def test_summary_of_two_and_three_seeds_is_exact():
     assert three["final_metric_ci95"] == (0.25, 0.75) and three["time_to_target_s_ci95"] == (0.5, 1.5)
     assert (two["rank"], three["rank"]) == (2, 1)  # mean times to target 2.0 and 1.0
     cells = table_cells(format_table([two, three]))
-    assert cells[2][1:4] == ["75.00 ± 35.36", "3 ± 1.4", "2"]
+    assert cells[2][1:5] == ["75.00 ± 35.36", "3 ± 1.4", "2–4", "2"]
 
 
 def test_overhead_parts_average_every_runs_parts():
@@ -164,7 +165,7 @@ def test_misses_count_in_the_reach_rate_not_in_the_mean_time_to_target():
     assert one["time_to_target_s_mean"] == 5.0 and one["time_to_target_s_ci95"] is None  # one seed reached
     (none,) = summarize([fake("c", 0, 0.5, 8.0, None), fake("c", 1, 0.5, 8.0, None)])
     assert none["time_to_target_s_mean"] is none["time_to_target_s_ci95"] is None and none["reach_rate"] == 0.0
-    assert table_cells(format_table([row, one, none]))[4][3:6] == ["—", "0%", "—"]
+    assert table_cells(format_table([row, one, none]))[4][4:7] == ["—", "0%", "—"]
 
 
 def test_summary_statistics_and_ratios_are_exact():
@@ -274,15 +275,15 @@ def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_eve
     ranks = {row["controller"]: row["rank"] for row in rows}
     assert ranks == {"fast-but-fragile": None, "steady": 1, "tied": 1, "slow": 3}
     cells = table_cells(format_table(rows))
-    assert cells[0][5] == "rank"
-    assert [line[5] for line in cells[2:]] == ["—", "3", "1", "1"]
+    assert cells[0][6] == "rank"
+    assert [line[6] for line in cells[2:]] == ["—", "3", "1", "1"]
 
 
 def test_a_peak_that_was_not_measured_reads_as_a_dash():
     """A plain row on a CPU measures no peak (no allocator to read): it showed 0.0 B beside the others' figures."""
     unmeasured = dataclasses.replace(fake("plain-fp32", 0, 0.9, 9.0, 1.0), peak_bytes=0)
     rows = summarize([fake("static-fp32", 0, 0.9, 9.0, 1.0), unmeasured])
-    cells = [line[6] for line in table_cells(format_table(rows))[2:]]
+    cells = [line[7] for line in table_cells(format_table(rows))[2:]]
     assert cells == ["100.0 B", "—"]
 
 
@@ -290,7 +291,7 @@ def test_a_bar_in_a_controller_name_cannot_add_a_cell():
     rows = summarize([fake("learned:a|b.zip", 0, 0.5, 1.0, None)])
     line = format_table(rows).splitlines()[2]
     assert line.startswith("| learned:a\\|b.zip | 50.00 ± — |")
-    table_cells(format_table(rows))  # nine cells
+    table_cells(format_table(rows))  # eleven cells
 
 
 def test_runs_record_curves_and_traces(results):
@@ -336,7 +337,7 @@ def test_json_schema_and_table(results, tmp_path):
     assert [line[0].lstrip("| ") for line in cells[2:]] == ["static-fp32", "heuristic"]
     for line, row in zip(cells[2:], rows, strict=True):
         assert line[1] == f"{100 * row['final_metric_mean']:.2f} ± {100 * row['final_metric_std']:.2f}"
-        assert line[4] == f"{100 * row['reach_rate']:.0f}%"
+        assert line[5] == f"{100 * row['reach_rate']:.0f}%"
 
 
 def test_plots_are_written_and_not_empty(results, tmp_path):
@@ -801,3 +802,17 @@ def test_the_zoom_panel_shows_the_runs_when_all_are_far_short_of_the_target(tmp_
     plots.plot_comparison([result], tmp_path, target=0.8)
     zoom = figures["metric_vs_time.png"].axes[1]
     assert zoom.get_ylim() == pytest.approx((54.0, 80.5))
+
+
+def test_the_table_shows_the_time_interval_and_the_ratios_to_the_reference_it_names():
+    """The bootstrap interval and the ratios were in the JSON only: the printed table was the same whatever
+    ``--reference`` was."""
+    runs = [fake("ref", seed, 0.9, t, t / 2) for seed, t in enumerate((10.0, 12.0))]
+    runs += [fake("fast", seed, 0.9, t, t / 2) for seed, t in enumerate((5.0, 7.0))]
+    rows = summarize(runs, reference="ref")
+    cells = table_cells(format_table(rows, reference="ref"))
+    assert cells[0][3] == "time 95% CI" and cells[0][-1] == "vs ref (time / to target) |"
+    low, high = rows[1]["time_s_ci95"]
+    assert (low, high) == (5.0, 7.0)  # two seeds: the bootstrap means lie between them
+    assert cells[3][3] == "5–7" and cells[3][-1] == "0.55 / 0.55 |"  # 6 / 11 and 3 / 5.5
+    assert cells[2][-1] == "1.00 / 1.00 |"

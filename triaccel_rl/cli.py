@@ -47,8 +47,10 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
     names = "|".join(re.escape(name) for name in sorted(flags, key=len, reverse=True))
     # "(or None: ...)" is the library's: a flag left out is its None, and "None" cannot be typed for it.
     message = re.sub(r"\s*\(or None\b[^)]*\)", "", message)
-    # A name that starts the message or follows a space, bracket or comma: not n_envs= in "n_steps*n_envs=256".
-    return re.sub(rf"(?:^|(?<=[\s(\[,;]))({names})=", lambda m: f"--{flags[m.group(1)].replace('_', '-')} ", message)
+    # A name that starts the message or follows a space, bracket or comma: not n_envs= in "n_steps*n_envs=256", nor
+    # a call's keyword argument in a Python hint ("ControllerConfig(lr_scales=...)").
+    after = r"(?:^|(?<=[\s\[,;])|(?<=(?<![\w.])\())"
+    return re.sub(rf"{after}({names})=", lambda m: f"--{flags[m.group(1)].replace('_', '-')} ", message)
 
 
 _LIBRARY_NAMES = {"total_timesteps": "timesteps"}
@@ -339,13 +341,15 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--reference {args.reference!r} is not a row of this comparison; its rows: {', '.join(names)}"
         )
-    # Made last: a comparison refused for its arguments leaves no folders behind.
-    if args.out:
-        _file_to_write("--out", args.out)
-    if args.plots:
-        _folder_to_write("--plots", args.plots)
-    if args.log_dir:
-        _folder_to_write("--log-dir", args.log_dir)
+    # Made last: a comparison refused for its arguments leaves no folders behind, one refused for a later folder's
+    # the earlier ones' neither.
+    with _folders_kept_only_on_success(args.out, args.plots, args.log_dir):
+        if args.out:
+            _file_to_write("--out", args.out)
+        if args.plots:
+            _folder_to_write("--plots", args.plots)
+        if args.log_dir:
+            _folder_to_write("--log-dir", args.log_dir)
         if next(Path(args.log_dir).rglob("events.out.tfevents.*"), None) is not None:  # kept: they are the user's
             print(
                 f"triaccel-rl compare: --log-dir {args.log_dir} holds an earlier comparison's TensorBoard runs; the "
@@ -394,7 +398,7 @@ def _compare(args: argparse.Namespace) -> int:
         f"Task {task.name}: {task.description}; target accuracy {100 * task.target_metric:.1f}%, "
         f"{args.epochs:g} epochs, seeds 0..{args.seeds - 1}"
     )
-    print(format_table(rows, time_label=label))
+    print(format_table(rows, time_label=label, reference=reference))
     print(
         f"\nwall time {time.perf_counter() - start:.1f} s" + (f"; TensorBoard: {args.log_dir}" if args.log_dir else "")
     )

@@ -711,33 +711,43 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
     return rows
 
 
-def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)") -> str:
-    r"""A Markdown table of ``summarize`` rows, one line per row, every line of the header's nine cells.
+def format_table(rows: Sequence[dict[str, Any]], time_label: str = "time (s)", reference: str | None = None) -> str:
+    r"""A Markdown table of ``summarize`` rows, one line per row, every line of the header's eleven cells.
 
-    ``final acc`` and the time are ``mean ± sample std`` over the seeds (``± —``: one seed, no spread measured);
-    ``to target`` is the mean over the seeds that reached it (``reached`` says how many; ``—``: none did); ``rank``
-    is among the rows that reached the target on every seed (``—``: not ranked); ``peak memory`` is ``—`` where it
-    was not measured (0 bytes: a plain loop on a CPU). A ``|`` in a controller's name is escaped (``\|``), so it
-    cannot add a cell.
+    ``final acc`` and the time are ``mean ± sample std`` over the seeds (``± —``: one seed, no spread measured), and
+    ``time 95% CI`` is the bootstrap interval of the time's mean (``—``: one seed); ``to target`` is the mean over
+    the seeds that reached it (``reached`` says how many; ``—``: none did); ``rank`` is among the rows that reached
+    the target on every seed (``—``: not ranked); ``peak memory`` is ``—`` where it was not measured (0 bytes: a
+    plain loop on a CPU). The last cell is the row's ``time_ratio`` and ``time_to_target_ratio`` against the
+    ``reference`` row that ``summarize`` was given (named in the header; ``—`` where a ratio is None). A ``|`` in a
+    controller's name is escaped (``\|``), so it cannot add a cell.
     """
+    versus = "vs " + ("reference" if reference is None else reference.replace("|", "\\|")) + " (time / to target)"
     header = (
-        f"| controller | final acc | {time_label} | to target (s) | reached | rank | peak memory | "
-        "changes prec/batch/LR | overhead |"
+        f"| controller | final acc | {time_label} | time 95% CI | to target (s) | reached | rank | peak memory | "
+        f"changes prec/batch/LR | overhead | {versus} |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 11]
+
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
     for row in rows:
         to_target = "—" if row["time_to_target_s_mean"] is None else f"{row['time_to_target_s_mean']:.3g}"
         nvml = "" if row.get("nvml_bytes_mean") is None else f" (NVML {_bytes(row['nvml_bytes_mean'])})"
         peak = _bytes(row["peak_bytes_mean"]) if row["peak_bytes_mean"] > 0 else "—"  # 0: not measured (a CPU)
         final_std = "—" if row["final_metric_std"] is None else f"{100 * row['final_metric_std']:.2f}"
         time_std = "—" if row["time_s_std"] is None else f"{row['time_s_std']:.2g}"
+        ci = row["time_s_ci95"]
+        time_ci = "—" if ci is None else f"{ci[0]:.3g}–{ci[1]:.3g}"
         controller = str(row["controller"]).replace("|", "\\|")
         lines.append(
             f"| {controller} | {100 * row['final_metric_mean']:.2f} ± {final_std} "
-            f"| {row['time_s_mean']:.3g} ± {time_std} | {to_target} | {100 * row['reach_rate']:.0f}% "
+            f"| {row['time_s_mean']:.3g} ± {time_std} | {time_ci} | {to_target} | {100 * row['reach_rate']:.0f}% "
             f"| {'—' if row.get('rank') is None else row['rank']} "
             f"| {peak}{nvml} | {row['precision_changes_mean']:.1f} / "
-            f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% |"
+            f"{row['batch_changes_mean']:.1f} / {row['lr_changes_mean']:.1f} | {100 * row['overhead_frac_mean']:.2f}% "
+            f"| {ratio(row['time_ratio'])} / {ratio(row['time_to_target_ratio'])} |"
         )
     return "\n".join(lines)
 
