@@ -56,9 +56,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     included: ``TrainingRun.planned_step_ms``) and counts only the share of its progress that fitted.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
-    interval skipped, or the probe loss above ``divergence_factor`` × its starting value);
-    ``truncated`` when the time budget is spent, or (a safety net for near-free steps) after
-    ``max_decisions`` decisions.
+    interval skipped, or the probe loss above ``divergence_factor`` × its starting value) or when the time budget
+    is spent: the budget is part of the task (the return is the progress made within it, and the observation's
+    ``progress`` says how much of it is gone), so nothing comes after it. (It read ``truncated`` before 2026-12-05,
+    and SB3's PPO then added ``gamma × V(last observation)`` to the last reward of every episode: a value beyond the
+    budget that no run earns.) ``truncated`` only after ``max_decisions`` decisions, a safety net for near-free
+    steps that is not part of the task.
 
     **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions: the
     observations, rewards and per-step ``info`` repeat bit for bit. The run draws from its own torch RNG streams
@@ -299,7 +302,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self._previous_probe = signals.probe_loss
         # A relative tolerance: the budget is a sum of the same floats the spending adds up.
         spent = self.spent_ms >= self.budget_ms * (1 - 1e-9)
-        truncated = (spent or self.loop.decisions >= self.max_decisions) and not diverged
+        terminated = diverged or spent
+        truncated = self.loop.decisions >= self.max_decisions and not terminated
         info: dict[str, Any] = {
             "probe_loss": signals.probe_loss,
             "cost_ms": interval.charged_ms,
@@ -317,14 +321,14 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "overflow_rate": signals.overflow_rate,
             "samples_seen": run.samples_seen,
         }
-        self._ended = diverged or truncated
-        if diverged or truncated:
+        self._ended = terminated or truncated
+        if terminated or truncated:
             # Episode summary. Wall-clock figures appear only here, so that per-step info stays
             # deterministic for a seed (Gymnasium's checker compares it).
             info["test_accuracy"] = run.evaluate()
             info["overhead_frac"] = signals.overhead_frac
             info["wall_time_ms"] = run.train_time_ms
-        return self.loop.observation(), value, diverged, truncated, info
+        return self.loop.observation(), value, terminated, truncated, info
 
     def render(self) -> None:
         """Renders nothing (``render_mode`` is None, as Gymnasium's convention has it: no render is computed)."""

@@ -61,10 +61,10 @@ def test_episode_ends_when_the_time_budget_is_spent_not_after_a_decision_count()
     assert start["reference_interval_ms"] == pytest.approx(3 * fp32_step_ms, rel=1e-12)
     assert start["budget_ms"] == pytest.approx(6 * fp32_step_ms, rel=1e-12)
     all_bf16 = np.array([1, 1, 1, 1, 2, 1])  # bf16 everywhere, LR x1, keep the batch
-    infos, truncated = [], False
-    while not truncated:
+    infos, terminated = [], False
+    while not terminated:  # the budget ends the episode: the MDP's end, not a limit outside it
         _, _, terminated, truncated, info = env.step(all_bf16)
-        assert not terminated
+        assert not truncated
         infos.append(info)
     bf16_step_ms = run.modelled_step_ms()
     steps = math.ceil(start["budget_ms"] / bf16_step_ms - 1e-9)  # the last step may overrun; it is pro-rated
@@ -81,7 +81,7 @@ def test_fp32_at_the_base_batch_spends_the_budget_in_budget_intervals_decisions(
                       reward_config=RewardConfig(budget_intervals=3), task_overrides={"n_train": 1024})  # fmt: skip
     _, start = env.reset(seed=0)
     keep_fp32 = np.array([0, 0, 0, 0, 2, 1])
-    outcomes = [env.step(keep_fp32)[3] for _ in range(3)]
+    outcomes = [env.step(keep_fp32)[2] for _ in range(3)]  # terminated: the budget is spent
     assert outcomes == [False, False, True]
     assert env.spent_ms == pytest.approx(start["budget_ms"], rel=1e-12)
 
@@ -101,11 +101,11 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
     assert first["batch_size"] == run.task.base_batch_size // 2
     half_step_ms = run.modelled_step_ms()
     assert fp32_step_ms / 2 < half_step_ms < fp32_step_ms  # the per-step cost does not halve with the batch
-    infos, rewards, truncated = [first], [first_reward], False
+    infos, rewards, terminated = [first], [first_reward], False
     keep_fp32 = np.array([0, 0, 0, 0, 2, 1])
-    while not truncated:
+    while not terminated:
         _, value, terminated, truncated, info = env.step(keep_fp32)
-        assert not terminated
+        assert not truncated
         infos.append(info)
         rewards.append(value)
     steps = math.ceil(start["budget_ms"] / half_step_ms - 1e-9)
@@ -137,10 +137,10 @@ def test_the_last_interval_is_cut_by_the_steps_charge_its_micro_batches_included
     run.micro_batch_cap = run.batch_size // 8  # as a tight memory budget would split it
     step_ms = run.planned_step_ms()
     assert step_ms > 4 * run.modelled_step_ms()  # eight fixed costs a step instead of one
-    infos, truncated = [], False
-    while not truncated:
+    infos, terminated = [], False
+    while not terminated:
         _, _, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 2, 1]))  # fp32, LR x1, batch kept
-        assert not terminated
+        assert not truncated
         infos.append(info)
     assert infos[-1]["cost_ms"] == pytest.approx(infos[-1]["steps"] * step_ms, rel=1e-9)
     overrun = infos[-1]["spent_ms"] - start["budget_ms"]
@@ -315,7 +315,7 @@ def test_an_episodes_return_is_the_documented_formula_of_its_infos():
         _, value, terminated, truncated, info = env.step(shrink if not infos else np.array([0, 0, 0, 0, 2, 1]))
         infos.append(info)
         rewards.append(value)
-    assert not terminated and len(infos) >= 3
+    assert terminated and not truncated and len(infos) >= 3  # by the budget: no step diverged
     assert [i["over_budget"] for i in infos] == [False] + [True] * (len(infos) - 1)
     assert all(i["memory_bytes"] > i["memory_budget_bytes"] for i in infos[1:])
     expected, previous_loss, previous_spent = [], start["probe_loss"], 0.0
@@ -333,9 +333,10 @@ def test_an_episodes_return_is_the_documented_formula_of_its_infos():
     assert all(abs(value) < reward_config.clip for value in expected)  # no clipping hides a term
 
 
-def test_a_diverged_step_is_terminated_not_truncated_even_on_the_last_budgeted_interval():
-    """Gymnasium: ``terminated`` is the MDP's end (divergence), ``truncated`` a limit outside it (the budget).
-    A run that diverges on the interval that spends its budget is terminated only, with the penalty alone."""
+def test_a_diverged_step_is_terminated_not_truncated_even_on_the_last_allowed_decision():
+    """Gymnasium: ``terminated`` is the MDP's end (divergence, or the budget spent), ``truncated`` a limit outside
+    it (``max_decisions``). A run that diverges at its last allowed decision is terminated only, with the penalty
+    alone; a calm one is truncated there."""
     from triaccel_rl.tasks import get_task
 
     env = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1,
@@ -509,7 +510,7 @@ def test_a_live_environment_refuses_to_be_copied_or_pickled_by_name():
     np.testing.assert_array_equal(again.reset(seed=0)[0], copy.deepcopy(env).reset(seed=0)[0])
 
 
-def test_observations_stay_in_the_space_at_divergence_over_budget_and_the_truncated_end():
+def test_observations_stay_in_the_space_at_divergence_over_budget_and_the_episode_s_end():
     from triaccel_rl.tasks import get_task
 
     def check(env, obs):
@@ -524,11 +525,12 @@ def test_observations_stay_in_the_space_at_divergence_over_budget_and_the_trunca
     check(diverging, obs)
     env = small_env()
     check(env, env.reset(seed=0)[0])
-    truncated = False
-    while not truncated:
+    ended = False
+    while not ended:
         env.loop.run.memory_budget_bytes = env.signals.memory_bytes // 4  # as after an out-of-memory error
         obs, _, terminated, truncated, info = env.step(np.array([2, 2, 2, 2, 4, 2]))
-        assert info["over_budget"] and not terminated
+        assert info["over_budget"] and info["probe_loss"] < env.divergence_factor * env._initial_probe
+        ended = terminated or truncated
         check(env, obs)
 
 
