@@ -44,7 +44,7 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
     for f in fields(cls):  # type: ignore[arg-type]
         flag = f"--{f.name.replace('_', '-')}"
         kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # with or without PEP 563 annotations
-        doc = docs.get(f.name, "")
+        doc = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: "93% in" raised TypeError
         if kind == "bool":
             if f.default is True:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
@@ -53,7 +53,7 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
         elif kind in _TYPES and f.default is MISSING:  # the object held dataclasses.MISSING when left out
             parser.add_argument(flag, type=_TYPES[kind], required=True, help=doc or None)
         elif kind in _TYPES:
-            shown = f"(default: {f.default!r})"
+            shown = f"(default: {f.default!r})".replace("%", "%%")
             parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=f"{doc} {shown}".strip())
         else:
             raise TypeError(f"field {f.name!r} has type {kind}; allowed: bool, {', '.join(_TYPES)}")
