@@ -168,3 +168,44 @@ def test_every_committed_result_file_is_strict_json():
             strict_json(path.read_text())
         except ValueError as error:
             pytest.fail(f"{path}: {error}")
+
+
+def test_file_to_write_refuses_an_empty_path_or_a_folder_and_keeps_an_existing_file(tmp_path):
+    from triaccel_rl.experiment import file_to_write
+
+    with pytest.raises(ValueError, match=r"^--out '': is empty; give a file path such as x\.json$"):
+        file_to_write("--out", "", example="x.json")
+    with pytest.raises(
+        ValueError, match=rf"^--out {tmp_path}: is a folder; give a file path such as {tmp_path}/x\.json$"
+    ):
+        file_to_write("--out", str(tmp_path), example="x.json")
+    existing = tmp_path / "kept.json"
+    existing.write_text("{}")
+    assert file_to_write("--out", str(existing)) == existing and existing.read_text() == "{}"
+    new = tmp_path / "sub" / "new.json"
+    assert file_to_write("--out", str(new)) == new and new.parent.is_dir() and not new.exists()  # folder made
+
+
+def test_write_text_atomic_leaves_the_old_file_whole_when_the_write_is_interrupted(monkeypatch, tmp_path):
+    import pathlib
+
+    from triaccel_rl.experiment import write_text_atomic
+
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old\n")
+    assert target.read_text() == "old\n"
+    write_text = pathlib.Path.write_text
+
+    def interrupted(path, text, *args, **kwargs):
+        write_text(path, text[:2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_text_atomic(link, "new\n")  # through the link to its file, the link kept
+    assert link.is_symlink() and target.read_text() == "new\n"

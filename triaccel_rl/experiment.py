@@ -9,13 +9,22 @@ import math
 import os
 import shlex
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["command_line", "field_docstrings", "git_commit", "parse_args", "parse_floats"]
+__all__ = [
+    "command_line",
+    "field_docstrings",
+    "file_to_write",
+    "git_commit",
+    "parse_args",
+    "parse_floats",
+    "write_text_atomic",
+]
 
 T = TypeVar("T")
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
@@ -113,6 +122,62 @@ def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float,
             raise ValueError(f"{option} {text!r}: {item!r} must be positive")
         values.append(value)
     return tuple(values)
+
+
+def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
+    """``path``, the file the command-line option ``flag`` names, checked writable and its folder made now.
+
+    A script calls it with its other argument checks, so that an unusable path is refused before minutes of work,
+    not when the results are written after them. An existing file keeps its contents.
+
+    Example:
+        >>> file_to_write("--out", "")
+        Traceback (most recent call last):
+        ...
+        ValueError: --out '': is empty; give a file path such as results.json
+
+    Raises:
+        ValueError: ``path`` is empty or a folder, or its folder cannot be made or written in; the message names
+            ``flag``, the path and what to give instead.
+    """
+    if not path.strip():
+        raise ValueError(f"{flag} {path!r}: is empty; give a file path such as {example}")
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file path such as {out / example}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
+    existed = out.exists()
+    try:
+        with out.open("a"):  # appends nothing: an existing file keeps its contents
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
+    if not existed:
+        out.unlink()
+    try:  # results are written to a temporary file beside the target, then moved over it
+        tempfile.TemporaryFile(dir=out.resolve().parent).close()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write a file in its folder ({err})") from err
+    return out
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and moves it over ``path``.
+
+    An interrupted write leaves the file as it was, whole, never half of the new one (which ``--reuse`` could not
+    parse). A symlink's file is written, as a plain write goes.
+    """
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)  # left only where the write or the move failed
 
 
 def command_line(script: str, args: Any) -> str:
