@@ -43,7 +43,7 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import file_to_write, git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
 from triaccel_rl.tasks import get_task, task_names
@@ -81,7 +81,8 @@ class Args:
     """``BATCH,LR_SCALE[,TARGET_S]`` for the static rows, skipping the grid (e.g. from an earlier run's
     JSON); ``TARGET_S``, the tuned row's time to target, sets the fp32 cap."""
     merge: str = ""
-    """Comma-separated result JSONs to merge into ``--out`` (nothing is run)."""
+    """Comma-separated result JSONs to merge into ``--out`` (nothing is run). With ``--plots``, each job's plots are
+    drawn from its job file; a job taken from a merged file (no traces) keeps the plots it has."""
     interval_steps: int = 100
     """Least optimizer steps between decisions (with captured steps a decision's fixed cost, ~7 ms for
     ResNet-18 on an H100, is 6% of a 25-step interval and 1.5% of a 100-step one); on a GPU the controller
@@ -496,6 +497,7 @@ def check_args(args: Args) -> None:
         static_setting(args)
     else:
         grid_points(args)
+    _out_path(args)  # last, as it makes the folder: a folder as --out raised IsADirectoryError after every row
 
 
 def static_setting(args: Args) -> tuple[int, float, float | None]:
@@ -579,10 +581,16 @@ def _start_lr_match(task: Any, spec: dict[str, Any], batch_size: int) -> float:
 
 
 def _out_path(args: Args) -> Path:
-    """``--out``, or its file name under ``$OUT`` when set (the GPU machine's output folder)."""
-    out = Path(os.environ["OUT"]) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    """``--out``, or its file name under ``$OUT`` when set (the GPU machine's output folder); its folder made.
+
+    Raises:
+        SystemExit: the path is '' or a folder, or its folder cannot be made or written in (``file_to_write``).
+    """
+    out = Path(os.environ["OUT"]) / Path(args.out).name if os.environ.get("OUT") and args.out.strip() else args.out
+    try:
+        return file_to_write("--out", str(out), example="gpu_benchmark.json")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -611,7 +619,8 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     beside a merged file that holds it) is taken once; two different files of one job name are refused, since their
     rows would be plotted and read as one job's. Each row gets ``epochs``, its training budget, where it lacks one.
     The runs' per-step traces and layer names (``_RUN_DETAIL``, 95% of the bytes) stay in the job files: the
-    plots are drawn from those before the merged file is written without them.
+    plots are drawn from those before the merged file is written without them, and a job read from a merged file is
+    not redrawn (``plot_jobs``).
 
     Raises:
         SystemExit: no file given, or two files of one job with different contents; the message names them.
@@ -683,12 +692,16 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
     names its model (since 2026-12-04); an older job file's runs are its one model's. Before, runs were picked by
     job and controller alone, so a job of two models drew each model's runs into the other's plots.
 
+    A job whose runs have no traces (read from a merged file) is not drawn: its plots are left as they are, and a
+    line printed names them.
+
     Raises:
         SystemExit: a job of several models whose runs do not name theirs (which plot they belong to is unknown).
     """
     from triaccel_rl.plots import plot_comparison
 
     field_names = {f.name for f in fields(RunResult)}
+    left: list[str] = []
     job_models: dict[str, set[str]] = {}
     for row in rows:
         job_models.setdefault(row["job"], set()).add(row["model"])
@@ -708,13 +721,18 @@ def plot_jobs(runs: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pa
         target = next(row["target"] for row in rows if row["model"] == model)
         for job in sorted({row["job"] for row in rows if row["model"] == model}):
             controllers = {row["controller"] for row in rows if row["model"] == model and row["job"] == job}
-            results = [
-                RunResult(**{k: v for k, v in run.items() if k in field_names})
-                for run in runs
-                if run["job"] == job and run["controller"] in controllers and model_of(run) == model
+            mine = [
+                run for run in runs if run["job"] == job and run["controller"] in controllers and model_of(run) == model
             ]
+            if any("trace" not in run for run in mine):
+                # A merged file's runs have no traces (_RUN_DETAIL): redrawn, the job's plots came out empty.
+                left.append(f"{model}/jobs/{job}")
+                continue
+            results = [RunResult(**{k: v for k, v in run.items() if k in field_names}) for run in mine]
             if results:
                 plot_comparison(results, folder / model / "jobs" / job, target=target)
+    if left:
+        print(f"plots left as they are (runs without traces, from a merged file) under {folder}: {', '.join(left)}")
 
 
 def parse(argv: list[str] | None = None) -> Args:
@@ -725,6 +743,6 @@ def parse(argv: list[str] | None = None) -> Args:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.merge:
-        merge(arguments.merge.split(","), Path(arguments.out), arguments.plots)
+        merge(arguments.merge.split(","), _out_path(arguments), arguments.plots)
     else:
         main(arguments)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import file_to_write, git_commit, parse_args, parse_floats, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ class Args:
 
     tasks: str = "dwcnn-fmnist,transformer-seq,deep-mlp-synthetic"
     """Comma-separated tasks (default: ``triaccel_rl.tasks.HELD_OUT_TASKS``); ``fresh`` stands for
-    ``FRESH_HELD_OUT_TASKS``."""
+    ``FRESH_HELD_OUT_TASKS``. A task named twice runs once."""
     controllers: str = "pretrained,heuristic,fp32,bf16,fp16"
     """Comma-separated controllers, as ``triaccel-rl compare`` takes them."""
     seeds: int = 3
@@ -77,14 +77,16 @@ class Args:
     """The row issue 6's target check judges: ``pretrained``, or a candidate zip as given in ``--controllers`` (its
     path)."""
     out: str = "experiments/results/transfer.json"
-    """Results JSON."""
+    """Results JSON (a file path; ``--calibrate`` writes none with ''). Written through a temporary file beside it."""
     reuse: bool = False
-    """Keep runs already in ``out`` made with the same settings (and, for ``pretrained``, the same zip)."""
+    """Keep runs already in ``out`` made with the same settings (and, for ``pretrained``, the same zip), those of
+    tasks not in ``--tasks`` too (with ``--tune-lr``, of a task tuned on the same grid); the rest is dropped."""
     plots: str = "experiments/results/plots/transfer"
     """Folder for one PNG per task: accuracy, low-precision share and LR multiplier against modelled time
     ('' for none; needs matplotlib)."""
     plots_only: bool = False
-    """Only draw the plots from the runs in ``out`` (nothing runs; the results file is not rewritten)."""
+    """Only draw the plots from the runs in ``out`` into ``--plots``, which must not be '' (nothing runs; the results
+    file is not rewritten)."""
     smoke: bool = False
     """One task, two controllers, one seed, a tenth of an epoch: checks the plumbing only."""
     calibrate: bool = False
@@ -101,6 +103,8 @@ def main(args: Args) -> dict[str, Any]:
     from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, get_task
 
     if args.plots_only:
+        if not args.plots:  # '' means no plots, and nothing runs: the PNGs went into the current folder
+            raise ValueError("--plots-only with --plots '': nothing to do; give --plots a folder for the PNGs")
         document = json.loads(Path(args.out).read_text())
         for path in plot_runs(document["runs"], args.plots):
             print(f"plot: {path}")
@@ -108,7 +112,8 @@ def main(args: Args) -> dict[str, Any]:
     if args.smoke:
         args = replace(args, tasks="deep-mlp-synthetic", controllers="heuristic,bf16", seeds=1, epochs=0.1)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    tasks = [name for t in tasks for name in (FRESH_HELD_OUT_TASKS if t == "fresh" else (t,))]
+    # Each task once, in order: one listed twice (or "fresh" beside one of its tasks) had its runs counted twice.
+    tasks = list(dict.fromkeys(name for t in tasks for name in (FRESH_HELD_OUT_TASKS if t == "fresh" else (t,))))
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     if not tasks:
         raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, or 'fresh'")
@@ -123,34 +128,33 @@ def main(args: Args) -> dict[str, Any]:
     # Every controller's name (and zip) checked before the first run: ``compare`` checks only the one it is given, so
     # a bad second name stopped the job after the first controller's runs on the first task.
     row_names(controllers, ControllerConfig(interval_steps=args.interval_steps))
-    if args.calibrate:
-        return calibrate(tasks, args)
-    grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []
+    # Checked before --calibrate's return, which runs at this factor too: a negative one got the task's message.
     if not args.lr_factor > 0:
         raise ValueError(f"--lr-factor {args.lr_factor} must be positive")
+    if args.calibrate:
+        if args.out:  # '' writes no file
+            file_to_write("--out", args.out, example="calibration.json")
+        return calibrate(tasks, args)
+    grid_factors = list(parse_floats(args.tune_lr, "--tune-lr", positive=True)) if args.tune_lr.strip() else []
+    # The results file is written after the first controller's runs: a folder or '' failed only then.
+    out = file_to_write("--out", args.out, example="transfer.json")
     base_settings = {"epochs": args.epochs, "interval_steps": args.interval_steps, "eval_every": args.eval_every}
-    out = Path(args.out)
     previous = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
     config = ControllerConfig(interval_steps=args.interval_steps)
     start = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    lr_grid: dict[str, Any] = {}
+    # Runs of tasks this invocation does not run, made with its settings, stay in the file (the file is rewritten
+    # whole: they were dropped); with --tune-lr, those of a task tuned on the same grid, at its recorded choice.
+    runs, lr_grid = _kept_other_tasks(previous, tasks, args.seeds, base_settings, args.lr_factor, grid_factors)
+    summary_tasks = [*dict.fromkeys(run["task"] for run in runs), *tasks]
     for task in tasks:
         factor = args.lr_factor
         if grid_factors:
             lr_grid[task] = tune_lr(task, grid_factors, args, config)
             factor = lr_grid[task]["chosen"]
             print(f"{task}: LR x{factor:g} of the base LR (static bf16 grid {grid_factors})", flush=True)
-        settings = dict(base_settings)
-        if factor != 1.0:  # absent at 1, so that runs recorded before the option are reused
-            settings["lr_factor"] = factor
+        settings = _settings(base_settings, factor)
         runs += [
-            run
-            for run in previous.get("runs", [])
-            if run["task"] == task
-            and run["settings"] == settings
-            and run["policy_sha256"] == _sha(run["controller"])
-            and run["seed"] < args.seeds  # a run of --seeds 3 reused by --seeds 1 kept seeds 1 and 2 in the summary
+            run for run in previous.get("runs", []) if run["task"] == task and _reusable(run, settings, args.seeds)
         ]
         for controller in controllers:
             done = {run["seed"] for run in runs if run["task"] == task and run["controller"] == controller}
@@ -171,8 +175,8 @@ def main(args: Args) -> dict[str, Any]:
                 reached = _fmt(result.time_to_target_s)
                 print(f"{task:20s} {controller:11s} seed {result.seed}: final {100 * result.final_metric:.1f}%, "
                       f"to target {reached} ms, wall {result.wall_s:.0f} s", flush=True)  # fmt: skip
-            _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
-    document = _write(out, args, tasks, controllers, runs, time.perf_counter() - start, lr_grid)
+            _write(out, args, summary_tasks, controllers, runs, time.perf_counter() - start, lr_grid)
+    document = _write(out, args, summary_tasks, controllers, runs, time.perf_counter() - start, lr_grid)
     print()
     print(format_table(document["summary"]))
     print()
@@ -252,8 +256,7 @@ def calibrate(tasks: list[str], args: Args) -> dict[str, Any]:
         "tasks": rows,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
+        write_text_atomic(args.out, json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
         print(f"results: {args.out}")
     return document
 
@@ -416,9 +419,58 @@ def _write(
     ratio = document["target_check"].get("mean_time_to_target_vs_heuristic")
     # Target 1 as a gain (positive: the learned policy is faster): 1 - learned time / heuristic time.
     document["learned_vs_heuristic_time_gain"] = None if ratio is None else 1.0 - ratio
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
+    # Beside the file, then moved over it: an interrupted write left a file that --reuse could not parse.
+    write_text_atomic(out, json.dumps(json_safe(document), indent=1, allow_nan=False) + "\n")
     return document
+
+
+def _settings(base: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A run's recorded settings: ``base`` and the LR factor, absent at 1 (runs recorded before the option match)."""
+    return {**base, "lr_factor": factor} if factor != 1.0 else dict(base)
+
+
+def _reusable(run: dict[str, Any], settings: dict[str, Any], seeds: int) -> bool:
+    """Whether ``--reuse`` keeps ``run``: made with ``settings`` (and the shipped zip), on one of seeds 0..N-1.
+
+    A run of --seeds 3 reused by --seeds 1 had kept seeds 1 and 2 in the summary.
+    """
+    return run["settings"] == settings and run["policy_sha256"] == _sha(run["controller"]) and run["seed"] < seeds
+
+
+def _kept_other_tasks(
+    previous: dict[str, Any],
+    tasks: list[str],
+    seeds: int,
+    base_settings: dict[str, Any],
+    lr_factor: float,
+    grid_factors: list[float],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The runs of ``previous`` (a results file read for ``--reuse``) of tasks not in ``tasks`` that it keeps.
+
+    Those made with this invocation's settings: at ``lr_factor``, or with ``--tune-lr`` at the factor their task's
+    recorded grid chose, when that grid was ``grid_factors``. Returns the runs (by task, in the file's order) and
+    the kept tasks' grids.
+    """
+    runs, lr_grid = [], {}
+    for task in dict.fromkeys(run["task"] for run in previous.get("runs", [])):
+        if task in tasks:
+            continue
+        factor: float | None = lr_factor
+        if grid_factors:
+            grid = previous.get("lr_grid", {}).get(task)
+            tuned_alike = grid is not None and [row["lr_factor"] for row in grid["rows"]] == grid_factors
+            factor = grid["chosen"] if tuned_alike else None
+        if factor is None:
+            continue
+        mine = [
+            run
+            for run in previous["runs"]
+            if run["task"] == task and _reusable(run, _settings(base_settings, factor), seeds)
+        ]
+        runs += mine
+        if mine and grid_factors:
+            lr_grid[task] = previous["lr_grid"][task]
+    return runs, lr_grid
 
 
 def _device() -> str:

@@ -315,6 +315,80 @@ def test_merged_plots_draw_each_model_of_a_job_from_its_own_runs(monkeypatch, tm
         gpu_benchmark.merge([str(tmp_path / "old2.json")], tmp_path / "merged_old2.json", plots=str(tmp_path / "p"))
 
 
+def test_merging_a_merged_file_again_leaves_its_jobs_plots_as_they_are(monkeypatch, capsys, tmp_path):
+    """A merged file's runs have no traces: before the fix, merged again with ``--plots``, its jobs were redrawn from
+    them, and the good plots drawn from the job files were overwritten with empty ones."""
+    import triaccel_rl.plots
+
+    gpu_benchmark = gpu_benchmark_module()
+    drawn = []
+    monkeypatch.setattr(
+        triaccel_rl.plots, "plot_comparison", lambda results, folder, target: drawn.append(Path(folder).name)
+    )
+    first = _job_file(tmp_path / "job_a.json", ["synthetic"])
+    gpu_benchmark.merge([str(first)], tmp_path / "merged.json", plots=str(tmp_path / "p"))
+    assert drawn == ["job_a"]
+    drawn.clear()
+    second = _job_file(tmp_path / "job_b.json", ["synthetic"])
+    capsys.readouterr()
+    gpu_benchmark.merge(
+        [str(tmp_path / "merged.json"), str(second)], tmp_path / "again.json", plots=str(tmp_path / "p")
+    )
+    assert drawn == ["job_b"]  # job_a's runs came from the merged file: not redrawn
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"plots left as they are (runs without traces, from a merged file) under {tmp_path / 'p'}: synthetic/jobs/job_a"
+    )
+    merged_rows = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert [row["job"] for row in merged_rows] == ["job_a", "job_a", "job_b", "job_b"]
+
+
+def test_merge_makes_the_folder_of_out_and_refuses_a_folder_as_out(monkeypatch, capsys, tmp_path):
+    """``--merge ... --out sub/merged.json`` raised FileNotFoundError where sub/ did not exist."""
+    import runpy
+
+    job = _job_file(tmp_path / "job_a.json", ["synthetic"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    for out in ("sub/deeper/merged.json", "sub"):
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--merge", str(job), "--out", out, "--plots", ""])
+        if out == "sub":  # now a folder: refused before the merge
+            with pytest.raises(SystemExit, match=r"^--out sub: is a folder; give a file path such as sub/gpu_bench"):
+                runpy.run_path(str(SCRIPT), run_name="__main__")
+        else:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+            assert [row["job"] for row in json.loads(Path(out).read_text())["rows"]] == ["job_a"] * 2
+    assert capsys.readouterr().out == "merged 2 rows of 1 jobs from 1 files into sub/deeper/merged.json\n"
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("{tmp}/outdir", "--out {tmp}/outdir: is a folder; give a file path such as {tmp}/outdir/gpu_benchmark.json"),
+        ("", "--out '': is empty; give a file path such as gpu_benchmark.json"),
+        ("$OUT:outdir", "--out {tmp}/device_out/outdir: is a folder; give a file path such as "),
+    ],
+)
+def test_an_unusable_out_is_refused_before_any_run(monkeypatch, tmp_path, out, message):
+    """Before the fix a folder as ``--out`` raised IsADirectoryError after every row had run."""
+    gpu_benchmark = gpu_benchmark_module()
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "device_out" / "outdir").mkdir(parents=True)
+    monkeypatch.delenv("OUT", raising=False)
+    if out.startswith("$OUT:"):  # on the GPU machine the file goes under $OUT, by its name
+        monkeypatch.setenv("OUT", str(tmp_path / "device_out"))
+        out = out.removeprefix("$OUT:")
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started before the arguments were checked")
+
+    monkeypatch.setattr(gpu_benchmark, "run_controller", no_run)
+    monkeypatch.setattr(gpu_benchmark, "run_plain", no_run)
+    args = ["--smoke", "--models", "synthetic", "--rows", "static-bf16", "--out", out.format(tmp=tmp_path)]
+    with pytest.raises(SystemExit) as raised:
+        gpu_benchmark.main(gpu_benchmark.parse(args))
+    assert str(raised.value).startswith(message.format(tmp=tmp_path))
+
+
 def test_a_diverged_runs_probe_losses_are_written_as_null(monkeypatch, tmp_path):
     """A run whose probe loss went NaN (a diverged fp16 row; the job files under experiments/results hold 665) is
     written as strict JSON, the partial file too, the loss as null. Before, ``json.dumps`` wrote ``NaN``."""

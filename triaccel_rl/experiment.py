@@ -9,13 +9,22 @@ import math
 import os
 import shlex
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["command_line", "field_docstrings", "git_commit", "parse_args", "parse_floats"]
+__all__ = [
+    "command_line",
+    "field_docstrings",
+    "file_to_write",
+    "git_commit",
+    "parse_args",
+    "parse_floats",
+    "write_text_atomic",
+]
 
 T = TypeVar("T")
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
@@ -44,7 +53,7 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
     for f in fields(cls):  # type: ignore[arg-type]
         flag = f"--{f.name.replace('_', '-')}"
         kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # with or without PEP 563 annotations
-        doc = docs.get(f.name, "")
+        doc = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: "93% in" raised TypeError
         if kind == "bool":
             if f.default is True:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
@@ -53,7 +62,7 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
         elif kind in _TYPES and f.default is MISSING:  # the object held dataclasses.MISSING when left out
             parser.add_argument(flag, type=_TYPES[kind], required=True, help=doc or None)
         elif kind in _TYPES:
-            shown = f"(default: {f.default!r})"
+            shown = f"(default: {f.default!r})".replace("%", "%%")
             parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=f"{doc} {shown}".strip())
         else:
             raise TypeError(f"field {f.name!r} has type {kind}; allowed: bool, {', '.join(_TYPES)}")
@@ -113,6 +122,62 @@ def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float,
             raise ValueError(f"{option} {text!r}: {item!r} must be positive")
         values.append(value)
     return tuple(values)
+
+
+def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
+    """``path``, the file the command-line option ``flag`` names, checked writable and its folder made now.
+
+    A script calls it with its other argument checks, so that an unusable path is refused before minutes of work,
+    not when the results are written after them. An existing file keeps its contents.
+
+    Example:
+        >>> file_to_write("--out", "")
+        Traceback (most recent call last):
+        ...
+        ValueError: --out '': is empty; give a file path such as results.json
+
+    Raises:
+        ValueError: ``path`` is empty or a folder, or its folder cannot be made or written in; the message names
+            ``flag``, the path and what to give instead.
+    """
+    if not path.strip():
+        raise ValueError(f"{flag} {path!r}: is empty; give a file path such as {example}")
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file path such as {out / example}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
+    existed = out.exists()
+    try:
+        with out.open("a"):  # appends nothing: an existing file keeps its contents
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
+    if not existed:
+        out.unlink()
+    try:  # results are written to a temporary file beside the target, then moved over it
+        tempfile.TemporaryFile(dir=out.resolve().parent).close()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write a file in its folder ({err})") from err
+    return out
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and moves it over ``path``.
+
+    An interrupted write leaves the file as it was, whole, never half of the new one (which ``--reuse`` could not
+    parse). A symlink's file is written, as a plain write goes.
+    """
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)  # left only where the write or the move failed
 
 
 def command_line(script: str, args: Any) -> str:
