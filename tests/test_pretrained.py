@@ -266,6 +266,7 @@ def test_an_interrupted_stats_save_leaves_the_previous_file_whole(tmp_path, monk
         ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
     monkeypatch.undo()
     assert ObservationStats.load(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.obs.json"]  # the half-written temporary file was left
     ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
     assert ObservationStats.load(path).n_observations == 9
 

@@ -680,3 +680,79 @@ def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_pat
         train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "again.zip", resume=first, **_TINY)
     (checkpoint,) = (tmp_path / "checkpoints").glob("again_*.zip")
     assert checkpoint.name == "again_16_steps.zip" and PPO.load(checkpoint, device="cpu").num_timesteps == 16
+
+
+@pytest.mark.parametrize("fault", ["writing the zip", "moving the stats"])
+def test_an_interrupted_final_save_keeps_the_policy_it_resumed_from(tmp_path, monkeypatch, fault):
+    """The zip was written in place and before its stats: a Ctrl-C in the final save of a run resumed from its own
+    ``out`` (the command line's default) left a truncated zip that did not load, and the trained weights were lost."""
+    import os
+
+    import stable_baselines3.common.save_util as save_util
+    from stable_baselines3 import PPO
+
+    from triaccel_rl.shield import ObservationStats
+
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, **_TINY}
+    train_policy(["synthetic"], total_timesteps=8, **common)
+    before = {name: (tmp_path / name).read_bytes() for name in ("policy.zip", "policy.obs.json")}
+    real_torch_save, real_replace, faults = save_util.th.save, os.replace, []
+
+    def once(*args):  # Ctrl-C at the first call only: the checkpoint after it is written
+        if faults:
+            return None
+        faults.append(args)
+        raise KeyboardInterrupt
+
+    def torch_save(*args, **kwargs):
+        once(*args)
+        return real_torch_save(*args, **kwargs)
+
+    def replace(source, target):
+        if str(target).endswith(".obs.json"):
+            once(source, target)
+        return real_replace(source, target)
+
+    if fault == "writing the zip":
+        monkeypatch.setattr(save_util.th, "save", torch_save)
+    else:  # the zip is written, not yet moved over the policy: it must not land beside the old stats
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=8, resume=out, **common)
+    assert len(faults) == 1
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the resumed policy, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "policy.obs.json", "policy.zip"]  # no temp
+    checkpoint = tmp_path / "checkpoints" / "policy_16_steps.zip"  # the trained weights, kept
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["policy_16_steps.obs.json", "policy_16_steps.zip"]
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 16
+    assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 16
+
+
+def test_a_checkpoint_interrupted_while_rewritten_keeps_the_one_of_that_name(tmp_path, monkeypatch):
+    """Ctrl-C in a rollout rewrites the checkpoint of the last update, often the periodic one of the same name: it was
+    written in place, so a second interruption (or a full disk) there destroyed the good checkpoint."""
+    import stable_baselines3.common.save_util as save_util
+    from stable_baselines3 import PPO
+
+    real_train, real_torch_save, kept = PPO.train, save_util.th.save, {}
+    folder = tmp_path / "checkpoints"
+
+    def interrupted_in_the_second_update(self):
+        if self.num_timesteps < 16:
+            return real_train(self)
+        kept.update({p.name: p.read_bytes() for p in folder.iterdir()})  # the periodic checkpoint at 8 steps
+        monkeypatch.setattr(save_util.th, "save", failing_save)
+        raise KeyboardInterrupt
+
+    def failing_save(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C while the handler saves
+
+    monkeypatch.setattr(PPO, "train", interrupted_in_the_second_update)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=64, n_steps=8, batch_size=4, checkpoint_every=8,
+                     out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
+    assert sorted(kept) == ["policy_8_steps.obs.json", "policy_8_steps.zip"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept  # whole, and no temporary file left
+    monkeypatch.setattr(save_util.th, "save", real_torch_save)
+    assert PPO.load(folder / "policy_8_steps.zip", device="cpu").num_timesteps == 8

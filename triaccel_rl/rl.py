@@ -3,7 +3,8 @@
 Writes ``<out>.zip`` (the SB3 policy), ``<out>.obs.json`` (the range of observations seen in training,
 which the deployed policy uses to detect out-of-distribution inputs and fall back to the heuristic),
 checkpoints (each with its ``.obs.json``; one more when interrupted), TensorBoard curves and, with held-out tasks,
-periodic evaluations on them.
+periodic evaluations on them. No zip or ``.obs.json`` is written in place: each goes to a temporary file beside its
+target and is moved over it, so an interrupted save leaves the previous policy whole.
 """
 
 from __future__ import annotations
@@ -393,7 +394,9 @@ def train_policy(
 
     Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
     steps collected since are left out, for the resumed run to collect again), logs its path and re-raises;
-    ``resume`` continues from it.
+    ``resume`` continues from it. Interrupted while saving (``out`` or a checkpoint), the files already at that name
+    are left whole: each zip and its stats are written beside their names and moved over them (stats first, then
+    the zip), and an interrupted final save keeps the trained weights as a checkpoint.
 
     Raises:
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
@@ -530,12 +533,10 @@ def train_policy(
         checkpoint = path.parent / "checkpoints" / f"{path.stem}_{model.num_timesteps}_steps.zip"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         try:
-            model.save(checkpoint)
+            # No stats before the first rollout of a new policy: it has trained on nothing yet.
+            _save_policy(model, checkpoint, recorder.stats())
         finally:
             model.num_timesteps = collected
-        stats = recorder.stats()
-        if stats is not None:  # none before the first rollout of a new policy: it has trained on nothing yet
-            stats.save(obs_stats_path(checkpoint))
         return checkpoint
 
     class Checkpoint(BaseCallback):
@@ -714,6 +715,12 @@ def train_policy(
                 callback=CallbackList(callbacks),
                 reset_num_timesteps=resume is None,
             )
+            # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach
+            # TensorBoard.
+            model.logger.dump(step=model.num_timesteps)
+            stats = recorder.stats()
+            # Inside the try: a save interrupted here keeps the run's weights as a checkpoint, and `out` as it was.
+            _save_policy(model, path, stats)
         except KeyboardInterrupt:
             progress.close()  # before the warning, which would land inside the bar's line
             recorder.discard_unfinished_update()  # interrupted between two gradient steps of an update: the last whole
@@ -729,12 +736,7 @@ def train_policy(
             raise
         finally:
             progress.close()
-        # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach TensorBoard.
-        model.logger.dump(step=model.num_timesteps)
-        model.save(path)
-        stats = recorder.stats()
         if stats is not None:
-            stats.save(obs_stats_path(path))
             spread = action_spread(model, stats)
             if spread.distinct == 1:
                 _log.warning(
@@ -779,6 +781,34 @@ def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) ->
             f'"lr_scales": {list(ladder)} into the file'
         )
     return stats
+
+
+def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> None:
+    """Writes the policy zip ``target`` and its observation stats beside it (``stats`` None: no stats file).
+
+    Neither file is written in place, so an interrupted save (Ctrl-C, a full disk) leaves the previous zip and stats
+    whole: a run resumed from its own ``out`` keeps the policy it resumed from. The order pairs them: the zip goes to
+    a temporary file beside ``target`` (the slow part), then the stats are moved over theirs, then the zip over
+    ``target``. Interrupted between the two moves, the old weights sit beside the new range (which, resumed, holds
+    the old one); new weights never sit beside another policy's range. Without ``stats``, a stats file beside
+    ``target`` belongs to the weights being replaced, and is removed before they are.
+    """
+    zip_file = Path(os.path.realpath(target))  # through a symlink to its file, as a plain write goes
+    temporary = zip_file.with_name(f".{zip_file.name}.tmp")
+    try:
+        with open(temporary, "wb") as file:  # a file object: SB3 appends ".zip" to a path without a suffix
+            model.save(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes on disk before the rename makes them the policy
+        stats_file = obs_stats_path(target)
+        if stats is not None:
+            stats.save(stats_file)  # itself written beside the file and moved over it
+        else:
+            stats_file.unlink(missing_ok=True)
+        os.replace(temporary, zip_file)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _close_after_failure(venv: Any) -> None:
