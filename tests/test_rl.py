@@ -424,9 +424,10 @@ def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeyp
     # Interrupted in the update on the second rollout: the weights are the first update's, and the checkpoint says
     # 8 steps (it said 16: a run resumed from it would have skipped the second rollout).
     checkpoint = tmp_path / "checkpoints" / "policy_8_steps.zip"
-    assert f"training interrupted at step 16: saved {checkpoint}, the weights of the last update (8 steps)" in (
-        caplog.text
-    )
+    assert (
+        f"training interrupted at step 16: saved {checkpoint}, the weights of the last update (8 steps), and its "
+        f"observation stats {checkpoint.with_suffix('.obs.json')}; continue with resume={checkpoint}"
+    ) in caplog.text
     assert not out.exists()  # the finished policy's name is left for a finished policy
     assert PPO.load(checkpoint, device="cpu").num_timesteps == 8
     assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 8  # the rollout trained on
@@ -756,3 +757,27 @@ def test_a_checkpoint_interrupted_while_rewritten_keeps_the_one_of_that_name(tmp
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept  # whole, and no temporary file left
     monkeypatch.setattr(save_util.th, "save", real_torch_save)
     assert PPO.load(folder / "policy_8_steps.zip", device="cpu").num_timesteps == 8
+
+
+def test_a_new_policy_interrupted_before_its_first_update_says_it_saved_no_stats(tmp_path, monkeypatch, caplog):
+    """The Ctrl-C line said the checkpoint was saved "and its observation stats" where none were written; and another
+    run's stats of the same name stayed beside the new weights."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = folder / "policy_0_steps.obs.json"
+    stale.write_text("{}")  # another run's, of the name this checkpoint takes
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DummyVecEnv, "reset", interrupted)
+    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "policy.zip", **_TINY)
+    checkpoint = folder / "policy_0_steps.zip"
+    assert (
+        f"saved {checkpoint}, the weights of the last update (0 steps), without observation stats (no update has "
+        f"recorded a range: it loads without the fallback); continue with resume={checkpoint}"
+    ) in caplog.text
+    assert [p.name for p in folder.iterdir()] == ["policy_0_steps.zip"]

@@ -393,7 +393,8 @@ def train_policy(
         env_kwargs: passed to every ``TriAccel-v0``.
 
     Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
-    steps collected since are left out, for the resumed run to collect again), logs its path and re-raises;
+    steps collected since are left out, for the resumed run to collect again), logs its path and its stats' (or that
+    it has none: a new policy before its first update) and re-raises;
     ``resume`` continues from it. Interrupted while saving (``out`` or a checkpoint), the files already at that name
     are left whole: each zip and its stats are written beside their names and moved over them (stats first, then
     the zip), and an interrupted final save keeps the trained weights as a checkpoint.
@@ -521,8 +522,11 @@ def train_policy(
                 return stats
             return resumed_stats if stats is None else resumed_stats.merged(stats)
 
-    def save_checkpoint(model: Any) -> Path:
-        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it.
+    def save_checkpoint(model: Any) -> tuple[Path, Path | None]:
+        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it; returns both paths.
+
+        The stats' path is None where there are none to write: a new policy before its first update (nor a resumed
+        one whose zip had none) has recorded no range.
 
         ``steps`` (and the step count saved in the zip, from which a resumed run counts on) are the steps the
         weights were trained on: between updates (Ctrl-C in a rollout, or in the update on it) the steps collected
@@ -534,10 +538,10 @@ def train_policy(
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         try:
             # No stats before the first rollout of a new policy: it has trained on nothing yet.
-            _save_policy(model, checkpoint, recorder.stats())
+            stats_file = _save_policy(model, checkpoint, recorder.stats())
         finally:
             model.num_timesteps = collected
-        return checkpoint
+        return checkpoint, stats_file
 
     class Checkpoint(BaseCallback):
         """:func:`save_checkpoint` after the first update past every multiple of ``every`` environment steps.
@@ -724,13 +728,16 @@ def train_policy(
         except KeyboardInterrupt:
             progress.close()  # before the warning, which would land inside the bar's line
             recorder.discard_unfinished_update()  # interrupted between two gradient steps of an update: the last whole
-            checkpoint = save_checkpoint(model)
+            checkpoint, stats_file = save_checkpoint(model)
             _log.warning(
-                "training interrupted at step %d: saved %s, the weights of the last update (%d steps), and its "
-                "observation stats; continue with resume=%s (--resume on the command line)",
+                "training interrupted at step %d: saved %s, the weights of the last update (%d steps), %s; continue "
+                "with resume=%s (--resume on the command line)",
                 model.num_timesteps,
                 checkpoint,
                 recorder.trained_timesteps,
+                f"and its observation stats {stats_file}"
+                if stats_file is not None
+                else "without observation stats (no update has recorded a range: it loads without the fallback)",
                 checkpoint,
             )
             raise
@@ -783,8 +790,8 @@ def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) ->
     return stats
 
 
-def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> None:
-    """Writes the policy zip ``target`` and its observation stats beside it (``stats`` None: no stats file).
+def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Path | None:
+    """Writes the policy zip ``target`` and its observation stats beside it; returns the stats' path (None: none).
 
     Neither file is written in place, so an interrupted save (Ctrl-C, a full disk) leaves the previous zip and stats
     whole: a run resumed from its own ``out`` keeps the policy it resumed from. The order pairs them: the zip goes to
@@ -809,6 +816,7 @@ def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> No
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    return stats_file if stats is not None else None
 
 
 def _close_after_failure(venv: Any) -> None:
