@@ -547,8 +547,8 @@ def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_
 
 
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
-    """Stats of another LR ladder (or none recorded) failed the merge after the whole run, leaving the new zip beside
-    the old stats; stats that could not be read did the same."""
+    """Stats of another LR ladder (or none recorded) or of another number of features failed the merge after the whole
+    run, leaving the new zip beside the old stats; stats that could not be read did the same."""
     import json
     import shutil
 
@@ -560,6 +560,15 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
         message = f"record the LR ladder {ladder}, and the training environments run [0.5, 0.75, 1.0, 1.25, 1.5]"
         with pytest.raises(ValueError, match=re.escape(message)):
             train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
+    # Another policy's stats (2 groups: 27 features): the merge failed after training, leaving the zip without stats.
+    zip_path.with_suffix(".obs.json").write_text(json.dumps({**stats, "low": stats["low"][:27],
+                                                             "high": stats["high"][:27]}))  # fmt: skip
+    message = (
+        f"resume={str(zip_path)!r}: its observation stats {str(zip_path.with_suffix('.obs.json'))!r} hold 27 features, "
+        "and the training environments' observations have 43: they are another policy's stats"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
     zip_path.with_suffix(".obs.json").write_text("{")
     with pytest.raises(ValueError, match="are not valid JSON"):
         train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)

@@ -401,7 +401,7 @@ def train_policy(
 
     Raises:
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
-            cannot be read or record another LR ladder.
+            cannot be read, record another LR ladder or hold another number of features than an observation's.
     """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
@@ -447,7 +447,8 @@ def train_policy(
     env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
 
     ladder = env_config(interval_steps).lr_scales
-    resumed_stats = _resumed_stats(resume, ladder) if resume is not None else None
+    n_features = ObservationLayout(env_config(interval_steps).n_groups).size
+    resumed_stats = _resumed_stats(resume, ladder, n_features) if resume is not None else None
 
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on, and the steps its weights have trained on.
@@ -764,12 +765,15 @@ def train_policy(
     return path
 
 
-def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) -> ObservationStats | None:
+def _resumed_stats(
+    resume: str | os.PathLike[str], ladder: tuple[float, ...], n_features: int
+) -> ObservationStats | None:
     """The observation stats beside the policy zip ``resume`` (None, with a warning, where it has none).
 
     Raises:
-        ValueError: stats that cannot be read, or of another LR ladder than ``ladder`` (the merge would fail after
-            the whole run).
+        ValueError: stats that cannot be read, of another LR ladder than ``ladder`` or of another number of features
+            than ``n_features`` (the training environments' observation size): the merge would fail after the whole
+            run.
     """
     file = obs_stats_path(resume)
     if not file.is_file():
@@ -786,6 +790,12 @@ def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) ->
             f"{None if stats.lr_scales is None else list(stats.lr_scales)}, and "
             f"the training environments run {list(ladder)}; where the policy was trained with these, write "
             f'"lr_scales": {list(ladder)} into the file'
+        )
+    if len(stats.low) != n_features:
+        raise ValueError(
+            f"resume={str(resume)!r}: its observation stats {str(file)!r} hold {len(stats.low)} features, and the "
+            f"training environments' observations have {n_features}: they are another policy's stats (put the "
+            "policy's own beside it, or remove the file to record its range anew)"
         )
     return stats
 
