@@ -110,6 +110,8 @@ def test_bad_training_arguments():
         ({"eval_every": -5}, "eval_every=-5 must be >= 0 (0: none)"),
         ({"checkpoint_every": -1}, "checkpoint_every=-1 must be >= 0 (0: none)"),
         ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
+        ({"seed": -1}, "seed=-1 must be a whole number in [0, 4294967295]"),  # failed after the environments started
+        ({"seed": 2**32}, "seed=4294967296 must be a whole number in [0, 4294967295]"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
         ({"eval_tasks": ["synthetic"]}, "eval_tasks=synthetic and eval_every=0: give both"),
         ({"eval_every": 64}, "eval_every=64 without eval_tasks: give both"),
@@ -485,6 +487,10 @@ def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monke
                            **common)  # fmt: skip
     assert seeds[-1] == 7 + 8  # the last seeding before the rollouts: the saved zip's 0 was the last before
     assert PPO.load(resumed, device="cpu").seed == 15
+    # Near the top of the seed range it wraps round (2**32 + 4 was refused by NumPy: the resume failed)
+    top = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "c" / "policy.zip", seed=2**32 - 4,
+                       resume=first, **common)  # fmt: skip
+    assert seeds[-1] == 4 and PPO.load(top, device="cpu").seed == 4
 
 
 def test_a_resumed_run_checkpoints_at_the_runs_multiples(tmp_path):

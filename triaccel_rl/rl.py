@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
+from triaccel_rl.errors import is_whole
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("triaccel_rl")
+
+_SEED_RANGE = 2**32  # PPO's seed goes to np.random.seed, which takes [0, 2**32 - 1]
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -364,8 +367,9 @@ def train_policy(
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
-        seed: seeds PPO and the environments (a resumed run: ``seed`` plus the steps it has trained, so that it draws
-            episodes the first run did not); every held-out evaluation runs the episodes of this seed.
+        seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
+            trained, modulo ``2**32``, so that it draws episodes the first run did not); every held-out evaluation runs
+            the episodes of this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
@@ -433,6 +437,8 @@ def train_policy(
         raise ValueError(f"{given}: give both (tasks, and the steps between evaluations) or neither")
     if torch_threads is not None and torch_threads < 1:
         raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
+    if not is_whole(seed) or not 0 <= seed < _SEED_RANGE:  # PPO seeds NumPy's global generator with it
+        raise ValueError(f"seed={seed!r} must be a whole number in [0, {_SEED_RANGE - 1}]")
     if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
         raise ValueError(f"resume={str(resume)!r}: no such policy zip")
     if resume is not None and not Path(resume).is_file():
@@ -644,8 +650,9 @@ def train_policy(
                     f"batch_size={model.batch_size} exceeds the rollout size n_steps*n_envs={model.n_steps * n_envs}"
                 )
             # PPO.load seeded PPO and the environments with the seed saved in the zip, which replayed the first run's
-            # episodes from its start and ignored `seed`: this run draws from `seed` and the steps already trained.
-            model.seed = seed + model.num_timesteps
+            # episodes from its start and ignored `seed`: this run draws from `seed` and the steps already trained,
+            # wrapped into NumPy's seed range (a seed near its top went out of it).
+            model.seed = (seed + model.num_timesteps) % _SEED_RANGE
             model.set_random_seed(model.seed)
         else:
             model = PPO(
