@@ -796,3 +796,31 @@ def test_a_new_policy_interrupted_before_its_first_update_says_it_saved_no_stats
         f"recorded a range: it loads without the fallback); continue with resume={checkpoint}"
     ) in caplog.text
     assert [p.name for p in folder.iterdir()] == ["policy_0_steps.zip"]
+
+
+def test_torch_threads_hold_for_the_call_only_with_environments_in_process(tmp_path, monkeypatch):
+    """The environment factory set ``torch_threads`` in the process it ran in: with environments in the caller's
+    process (one environment, or ``vec="dummy"``), the caller's thread count stayed changed after the call."""
+    from stable_baselines3 import PPO
+
+    real_train, during = PPO.train, []
+
+    def record(self):
+        during.append(torch.get_num_threads())
+        if len(during) == 2:
+            raise KeyboardInterrupt
+        real_train(self)
+
+    monkeypatch.setattr(PPO, "train", record)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "a.zip", **_TINY)
+        assert during == [1]  # _TINY's torch_threads, for the call's duration
+        assert torch.get_num_threads() == 3
+        with pytest.raises(KeyboardInterrupt):  # and when the call raises
+            train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "b.zip", **_TINY)
+        assert during == [1, 1]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller)

@@ -79,7 +79,9 @@ def make_env_fns(
             end when their time budget (``reward_config`` in ``env_kwargs``) is spent.
         interval_steps: optimizer steps per decision.
         torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
-            thread per worker avoids oversubscribing the cores when there is one worker per core.
+            thread per worker avoids oversubscribing the cores when there is one worker per core. A factory sets it
+            in the process it runs in: a ``DummyVecEnv``'s run in the caller's (``train_policy`` puts the caller's
+            count back when it ends).
         env_kwargs: passed to every ``TriAccel-v0``.
     """
     for task in tasks:
@@ -385,7 +387,9 @@ def train_policy(
             continue).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
-            one environment per core.
+            one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
+            count: it is set for the duration of the call (PPO's updates run with it too), and the caller's count is
+            put back when the call returns or raises.
         warm_start: a policy spec (``make_policy``, e.g. ``"heuristic"``) whose actions the new policy first
             imitates (:func:`imitate`) before PPO starts; with the suffix ``+lr-oracle`` (``"heuristic+lr-oracle"``)
             its LR choice is replaced by :class:`LrOracleTeacher`'s (useful with ``lr_range``); None: PPO from
@@ -407,6 +411,7 @@ def train_policy(
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
             cannot be read, record another LR ladder or hold another number of features than an observation's.
     """
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -633,10 +638,13 @@ def train_policy(
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fns = make_env_fns(tasks, n_envs, max_decisions, interval_steps, torch_threads, **env_kwargs)
-    venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
-    venv.seed(seed)
+    # In-process environments' factories set torch_threads in this process: put the caller's count back at the end.
+    caller_threads = torch.get_num_threads()
+    venv: Any = None
     eval_env = None
     try:
+        venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
+        venv.seed(seed)
         if resume is not None:
             model = PPO.load(
                 Path(resume),
@@ -766,6 +774,8 @@ def train_policy(
         for env in (venv, eval_env):
             _close_after_failure(env)
         raise
+    finally:
+        torch.set_num_threads(caller_threads)
     venv.close()
     if eval_env is not None:
         eval_env.close()
