@@ -368,7 +368,9 @@ def test_train_pretrained_smoke(tmp_path):
     assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
     assert facts["warm_start"] is None
     train_pretrained = import_experiment("train_pretrained")
-    assert "| environments | 1 × `DummyVecEnv`" in train_pretrained.model_card(facts)  # it said SubprocVecEnv
+    card = train_pretrained.model_card(facts)
+    assert "| environments | 1 × `DummyVecEnv`" in card  # it said SubprocVecEnv
+    assert "| seeds | PPO seed 0; worker `i`'s `k`-th task seeded `0 + k * 1 + i` |" in card  # it said `0 + i`
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
 
 

@@ -1,6 +1,7 @@
 import re
 import warnings
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -824,3 +825,46 @@ def test_torch_threads_hold_for_the_call_only_with_environments_in_process(tmp_p
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(caller)
+
+
+class _SeedStub(gym.Env):
+    """An environment whose reset draws nothing: its generator stays as seeded."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+
+def test_every_worker_and_task_draws_from_a_seed_of_its_own():
+    """SB3 seeds worker i with seed + i, and the task cycle seeded its k-th task seed + k: worker 0's second task and
+    worker 1's first drew the same run seed and LR factor. Task k of worker i now draws from seed + k * n_envs + i."""
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import TaskCycleEnv, make_env_fns
+
+    cycle = TaskCycleEnv([_SeedStub() for _ in range(3)], seed_stride=2)
+    cycle.reset(seed=1)  # worker 1 of 2
+    for k, env in enumerate(cycle.envs):
+        expected = gym.utils.seeding.np_random(1 + 2 * k)[0].bit_generator.state
+        assert env.unwrapped.np_random.bit_generator.state == expected, k
+    with pytest.raises(ValueError, match=re.escape("seed_stride=0 must be a whole number >= 1")):
+        TaskCycleEnv([_SeedStub()], seed_stride=0)
+
+    # 3 tasks on 2 workers, as the shipped policy trained
+    tasks = ["synthetic", "deep-mlp-synthetic", "synthetic"]
+    fns = make_env_fns(tasks, 2, None, 2, lr_range=(0.4, 1.0), reward_config=RewardConfig(budget_intervals=2),
+                       task_overrides={"n_train": 256})  # fmt: skip
+    draws = []
+    for worker, make in enumerate(fns):
+        env = make()
+        for episode in range(2):  # as SB3 resets after venv.seed(0): worker i's first reset seeded i, then none
+            _, info = env.reset(seed=worker if episode == 0 else None)
+            inner = env.env.envs[env.env.current].unwrapped
+            draws.append((worker, info["task"], inner.loop.run.seed, info["base_lr_factor"]))
+        env.close()
+    assert [(worker, task) for worker, task, _, _ in draws] == [
+        (0, "synthetic"), (0, "synthetic"), (1, "deep-mlp-synthetic"), (1, "synthetic")]  # fmt: skip
+    assert len({run_seed for _, _, run_seed, _ in draws}) == 4
+    assert len({factor for _, _, _, factor in draws}) == 4

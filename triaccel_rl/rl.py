@@ -70,7 +70,9 @@ def make_env_fns(
     """One environment factory per worker; worker ``i`` starts on ``tasks[i % len(tasks)]``.
 
     With more tasks than workers, each worker moves on to its next task at every reset
-    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks.
+    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks. Seeded as SB3 seeds worker ``i``
+    (``venv.seed(seed)``: ``seed + i``), worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``: each
+    (worker, task) pair its own episodes.
 
     Args:
         tasks: registered task names.
@@ -108,7 +110,7 @@ def make_env_fns(
                 gym.make("TriAccel-v0", task=task, config=config, max_decisions=max_decisions, **env_kwargs)
                 for task in worker_tasks
             ]
-            return Monitor(envs[0] if len(envs) == 1 else TaskCycleEnv(envs))
+            return Monitor(envs[0] if len(envs) == 1 else TaskCycleEnv(envs, seed_stride=n_envs))
 
         return make
 
@@ -132,6 +134,9 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
 
     Args:
         envs: environments with identical observation and action spaces.
+        seed_stride: a seeded reset seeds inner environment ``k`` with ``seed + k * seed_stride``. Workers of a
+            vectorised environment are seeded ``seed + i``: with a stride of at least their number, no two (worker,
+            task) pairs share a seed (with 1, worker 0's second task and worker 1's first drew the same episodes).
 
     Example:
         >>> import gymnasium as gym
@@ -141,13 +146,16 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         1
     """
 
-    def __init__(self, envs: Sequence[gym.Env[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, envs: Sequence[gym.Env[np.ndarray, np.ndarray]], seed_stride: int = 1) -> None:
         if not envs:
             raise ValueError("TaskCycleEnv needs at least one environment")
+        if not is_whole(seed_stride) or seed_stride < 1:
+            raise ValueError(f"seed_stride={seed_stride!r} must be a whole number >= 1")
         for env in envs[1:]:
             if env.observation_space != envs[0].observation_space or env.action_space != envs[0].action_space:
                 raise ValueError("TaskCycleEnv: every environment must have the same observation and action spaces")
         self.envs = list(envs)
+        self.seed_stride = int(seed_stride)
         self.observation_space = envs[0].observation_space
         self.action_space = envs[0].action_space
         self.current = -1
@@ -160,7 +168,10 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first."""
+        """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first.
+
+        Inner environment ``k`` is seeded ``seed + k * seed_stride``.
+        """
         super().reset(seed=seed)
         if self.current >= 0 and len(self.envs) > 1:
             self.envs[self.current].close()  # its next reset builds a fresh run anyway: free this one's memory now
@@ -168,7 +179,7 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
             # Seed each inner generator without resetting it: a reset builds a training run and trains an
             # interval, which is too costly to do for tasks not used yet.
             for k, env in enumerate(self.envs):
-                env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k)[0]
+                env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k * self.seed_stride)[0]
             self.current = -1  # a seeded reset restarts the cycle, so the same seed gives the same episodes
         self.current = (self.current + 1) % len(self.envs)
         obs, info = self.envs[self.current].reset(options=options)
@@ -370,8 +381,9 @@ def train_policy(
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
         seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
-            trained, modulo ``2**32``, so that it draws episodes the first run did not); every held-out evaluation runs
-            the episodes of this seed.
+            trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
+            draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
+            this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
