@@ -58,7 +58,7 @@ class Args:
     batch_size: int = 64
     """PPO minibatch size."""
     seed: int = 0
-    """Seeds PPO and the environments (environment ``i`` gets ``seed + i``)."""
+    """Seeds PPO and the environments (worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``)."""
     eval_every: int = 1024
     """Environment steps between evaluations on the held-out tasks (0: none)."""
     checkpoint_every: int = 512
@@ -247,7 +247,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
                        f"imitation of `{facts['warm_start']['teacher']}` on {facts['warm_start']['decisions']} of its "
                        f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
                        f"{_percent(facts['warm_start']['agreement'])} of them in every component)"),
-        ("seeds", f"PPO seed {settings['seed']}; environment `i` seeded `{settings['seed']} + i`"),
+        ("seeds", f"PPO seed {settings['seed']}; worker `i`'s `k`-th task seeded "
+                  f"`{settings['seed']} + k * {settings['n_envs']} + i`"),
         ("environments", f"{settings['n_envs']} × `{'SubprocVecEnv' if settings['n_envs'] > 1 else 'DummyVecEnv'}`, "
                          f"`torch_threads={settings['torch_threads']}` each"),
         ("env settings", f"`interval_steps={settings['interval_steps']}`, "

@@ -266,6 +266,7 @@ def test_an_interrupted_stats_save_leaves_the_previous_file_whole(tmp_path, monk
         ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
     monkeypatch.undo()
     assert ObservationStats.load(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.obs.json"]  # the half-written temporary file was left
     ObservationStats((0.0, 0.0), (3.0, 3.0), 9).save(path)
     assert ObservationStats.load(path).n_observations == 9
 
@@ -367,7 +368,9 @@ def test_train_pretrained_smoke(tmp_path):
     assert facts["timesteps_trained"] >= 32 and facts["env_steps_per_s"] > 0
     assert facts["warm_start"] is None
     train_pretrained = import_experiment("train_pretrained")
-    assert "| environments | 1 × `DummyVecEnv`" in train_pretrained.model_card(facts)  # it said SubprocVecEnv
+    card = train_pretrained.model_card(facts)
+    assert "| environments | 1 × `DummyVecEnv`" in card  # it said SubprocVecEnv
+    assert "| seeds | PPO seed 0; worker `i`'s `k`-th task seeded `0 + k * 1 + i` |" in card  # it said `0 + i`
     LearnedPolicy(tmp_path / "policy.zip", OBSERVATION_SPACE, ACTION_SPACE)
 
 

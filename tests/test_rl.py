@@ -1,6 +1,7 @@
 import re
 import warnings
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -110,6 +111,8 @@ def test_bad_training_arguments():
         ({"eval_every": -5}, "eval_every=-5 must be >= 0 (0: none)"),
         ({"checkpoint_every": -1}, "checkpoint_every=-1 must be >= 0 (0: none)"),
         ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
+        ({"seed": -1}, "seed=-1 must be a whole number in [0, 4294967295]"),  # failed after the environments started
+        ({"seed": 2**32}, "seed=4294967296 must be a whole number in [0, 4294967295]"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
         ({"eval_tasks": ["synthetic"]}, "eval_tasks=synthetic and eval_every=0: give both"),
         ({"eval_every": 64}, "eval_every=64 without eval_tasks: give both"),
@@ -424,9 +427,10 @@ def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeyp
     # Interrupted in the update on the second rollout: the weights are the first update's, and the checkpoint says
     # 8 steps (it said 16: a run resumed from it would have skipped the second rollout).
     checkpoint = tmp_path / "checkpoints" / "policy_8_steps.zip"
-    assert f"training interrupted at step 16: saved {checkpoint}, the weights of the last update (8 steps)" in (
-        caplog.text
-    )
+    assert (
+        f"training interrupted at step 16: saved {checkpoint}, the weights of the last update (8 steps), and its "
+        f"observation stats {checkpoint.with_suffix('.obs.json')}; continue with resume={checkpoint}"
+    ) in caplog.text
     assert not out.exists()  # the finished policy's name is left for a finished policy
     assert PPO.load(checkpoint, device="cpu").num_timesteps == 8
     assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 8  # the rollout trained on
@@ -484,6 +488,10 @@ def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monke
                            **common)  # fmt: skip
     assert seeds[-1] == 7 + 8  # the last seeding before the rollouts: the saved zip's 0 was the last before
     assert PPO.load(resumed, device="cpu").seed == 15
+    # Near the top of the seed range it wraps round (2**32 + 4 was refused by NumPy: the resume failed)
+    top = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "c" / "policy.zip", seed=2**32 - 4,
+                       resume=first, **common)  # fmt: skip
+    assert seeds[-1] == 4 and PPO.load(top, device="cpu").seed == 4
 
 
 def test_a_resumed_run_checkpoints_at_the_runs_multiples(tmp_path):
@@ -546,8 +554,8 @@ def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_
 
 
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
-    """Stats of another LR ladder (or none recorded) failed the merge after the whole run, leaving the new zip beside
-    the old stats; stats that could not be read did the same."""
+    """Stats of another LR ladder (or none recorded) or of another number of features failed the merge after the whole
+    run, leaving the new zip beside the old stats; stats that could not be read did the same."""
     import json
     import shutil
 
@@ -559,6 +567,15 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
         message = f"record the LR ladder {ladder}, and the training environments run [0.5, 0.75, 1.0, 1.25, 1.5]"
         with pytest.raises(ValueError, match=re.escape(message)):
             train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
+    # Another policy's stats (2 groups: 27 features): the merge failed after training, leaving the zip without stats.
+    zip_path.with_suffix(".obs.json").write_text(json.dumps({**stats, "low": stats["low"][:27],
+                                                             "high": stats["high"][:27]}))  # fmt: skip
+    message = (
+        f"resume={str(zip_path)!r}: its observation stats {str(zip_path.with_suffix('.obs.json'))!r} hold 27 features, "
+        "and the training environments' observations have 43: they are another policy's stats"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
     zip_path.with_suffix(".obs.json").write_text("{")
     with pytest.raises(ValueError, match="are not valid JSON"):
         train_policy(["synthetic"], total_timesteps=8, resume=zip_path, out=tmp_path / "new.zip", **_TINY)
@@ -680,3 +697,174 @@ def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_pat
         train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "again.zip", resume=first, **_TINY)
     (checkpoint,) = (tmp_path / "checkpoints").glob("again_*.zip")
     assert checkpoint.name == "again_16_steps.zip" and PPO.load(checkpoint, device="cpu").num_timesteps == 16
+
+
+@pytest.mark.parametrize("fault", ["writing the zip", "moving the stats"])
+def test_an_interrupted_final_save_keeps_the_policy_it_resumed_from(tmp_path, monkeypatch, fault):
+    """The zip was written in place and before its stats: a Ctrl-C in the final save of a run resumed from its own
+    ``out`` (the command line's default) left a truncated zip that did not load, and the trained weights were lost."""
+    import os
+
+    import stable_baselines3.common.save_util as save_util
+    from stable_baselines3 import PPO
+
+    from triaccel_rl.shield import ObservationStats
+
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, **_TINY}
+    train_policy(["synthetic"], total_timesteps=8, **common)
+    before = {name: (tmp_path / name).read_bytes() for name in ("policy.zip", "policy.obs.json")}
+    real_torch_save, real_replace, faults = save_util.th.save, os.replace, []
+
+    def once(*args):  # Ctrl-C at the first call only: the checkpoint after it is written
+        if faults:
+            return None
+        faults.append(args)
+        raise KeyboardInterrupt
+
+    def torch_save(*args, **kwargs):
+        once(*args)
+        return real_torch_save(*args, **kwargs)
+
+    def replace(source, target):
+        if str(target).endswith(".obs.json"):
+            once(source, target)
+        return real_replace(source, target)
+
+    if fault == "writing the zip":
+        monkeypatch.setattr(save_util.th, "save", torch_save)
+    else:  # the zip is written, not yet moved over the policy: it must not land beside the old stats
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=8, resume=out, **common)
+    assert len(faults) == 1
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the resumed policy, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "policy.obs.json", "policy.zip"]  # no temp
+    checkpoint = tmp_path / "checkpoints" / "policy_16_steps.zip"  # the trained weights, kept
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["policy_16_steps.obs.json", "policy_16_steps.zip"]
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 16
+    assert ObservationStats.load(checkpoint.with_suffix(".obs.json")).n_observations == 16
+
+
+def test_a_checkpoint_interrupted_while_rewritten_keeps_the_one_of_that_name(tmp_path, monkeypatch):
+    """Ctrl-C in a rollout rewrites the checkpoint of the last update, often the periodic one of the same name: it was
+    written in place, so a second interruption (or a full disk) there destroyed the good checkpoint."""
+    import stable_baselines3.common.save_util as save_util
+    from stable_baselines3 import PPO
+
+    real_train, real_torch_save, kept = PPO.train, save_util.th.save, {}
+    folder = tmp_path / "checkpoints"
+
+    def interrupted_in_the_second_update(self):
+        if self.num_timesteps < 16:
+            return real_train(self)
+        kept.update({p.name: p.read_bytes() for p in folder.iterdir()})  # the periodic checkpoint at 8 steps
+        monkeypatch.setattr(save_util.th, "save", failing_save)
+        raise KeyboardInterrupt
+
+    def failing_save(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C while the handler saves
+
+    monkeypatch.setattr(PPO, "train", interrupted_in_the_second_update)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=64, n_steps=8, batch_size=4, checkpoint_every=8,
+                     out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
+    assert sorted(kept) == ["policy_8_steps.obs.json", "policy_8_steps.zip"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept  # whole, and no temporary file left
+    monkeypatch.setattr(save_util.th, "save", real_torch_save)
+    assert PPO.load(folder / "policy_8_steps.zip", device="cpu").num_timesteps == 8
+
+
+def test_a_new_policy_interrupted_before_its_first_update_says_it_saved_no_stats(tmp_path, monkeypatch, caplog):
+    """The Ctrl-C line said the checkpoint was saved "and its observation stats" where none were written; and another
+    run's stats of the same name stayed beside the new weights."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = folder / "policy_0_steps.obs.json"
+    stale.write_text("{}")  # another run's, of the name this checkpoint takes
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DummyVecEnv, "reset", interrupted)
+    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "policy.zip", **_TINY)
+    checkpoint = folder / "policy_0_steps.zip"
+    assert (
+        f"saved {checkpoint}, the weights of the last update (0 steps), without observation stats (no update has "
+        f"recorded a range: it loads without the fallback); continue with resume={checkpoint}"
+    ) in caplog.text
+    assert [p.name for p in folder.iterdir()] == ["policy_0_steps.zip"]
+
+
+def test_torch_threads_hold_for_the_call_only_with_environments_in_process(tmp_path, monkeypatch):
+    """The environment factory set ``torch_threads`` in the process it ran in: with environments in the caller's
+    process (one environment, or ``vec="dummy"``), the caller's thread count stayed changed after the call."""
+    from stable_baselines3 import PPO
+
+    real_train, during = PPO.train, []
+
+    def record(self):
+        during.append(torch.get_num_threads())
+        if len(during) == 2:
+            raise KeyboardInterrupt
+        real_train(self)
+
+    monkeypatch.setattr(PPO, "train", record)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "a.zip", **_TINY)
+        assert during == [1]  # _TINY's torch_threads, for the call's duration
+        assert torch.get_num_threads() == 3
+        with pytest.raises(KeyboardInterrupt):  # and when the call raises
+            train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "b.zip", **_TINY)
+        assert during == [1, 1]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller)
+
+
+class _SeedStub(gym.Env):
+    """An environment whose reset draws nothing: its generator stays as seeded."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+
+def test_every_worker_and_task_draws_from_a_seed_of_its_own():
+    """SB3 seeds worker i with seed + i, and the task cycle seeded its k-th task seed + k: worker 0's second task and
+    worker 1's first drew the same run seed and LR factor. Task k of worker i now draws from seed + k * n_envs + i."""
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import TaskCycleEnv, make_env_fns
+
+    cycle = TaskCycleEnv([_SeedStub() for _ in range(3)], seed_stride=2)
+    cycle.reset(seed=1)  # worker 1 of 2
+    for k, env in enumerate(cycle.envs):
+        expected = gym.utils.seeding.np_random(1 + 2 * k)[0].bit_generator.state
+        assert env.unwrapped.np_random.bit_generator.state == expected, k
+    with pytest.raises(ValueError, match=re.escape("seed_stride=0 must be a whole number >= 1")):
+        TaskCycleEnv([_SeedStub()], seed_stride=0)
+
+    # 3 tasks on 2 workers, as the shipped policy trained
+    tasks = ["synthetic", "deep-mlp-synthetic", "synthetic"]
+    fns = make_env_fns(tasks, 2, None, 2, lr_range=(0.4, 1.0), reward_config=RewardConfig(budget_intervals=2),
+                       task_overrides={"n_train": 256})  # fmt: skip
+    draws = []
+    for worker, make in enumerate(fns):
+        env = make()
+        for episode in range(2):  # as SB3 resets after venv.seed(0): worker i's first reset seeded i, then none
+            _, info = env.reset(seed=worker if episode == 0 else None)
+            inner = env.env.envs[env.env.current].unwrapped
+            draws.append((worker, info["task"], inner.loop.run.seed, info["base_lr_factor"]))
+        env.close()
+    assert [(worker, task) for worker, task, _, _ in draws] == [
+        (0, "synthetic"), (0, "synthetic"), (1, "deep-mlp-synthetic"), (1, "synthetic")]  # fmt: skip
+    assert len({run_seed for _, _, run_seed, _ in draws}) == 4
+    assert len({factor for _, _, _, factor in draws}) == 4

@@ -3,7 +3,8 @@
 Writes ``<out>.zip`` (the SB3 policy), ``<out>.obs.json`` (the range of observations seen in training,
 which the deployed policy uses to detect out-of-distribution inputs and fall back to the heuristic),
 checkpoints (each with its ``.obs.json``; one more when interrupted), TensorBoard curves and, with held-out tasks,
-periodic evaluations on them.
+periodic evaluations on them. No zip or ``.obs.json`` is written in place: each goes to a temporary file beside its
+target and is moved over it, so an interrupted save leaves the previous policy whole.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
+from triaccel_rl.errors import is_whole
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("triaccel_rl")
+
+_SEED_RANGE = 2**32  # PPO's seed goes to np.random.seed, which takes [0, 2**32 - 1]
 
 
 def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
@@ -66,7 +70,9 @@ def make_env_fns(
     """One environment factory per worker; worker ``i`` starts on ``tasks[i % len(tasks)]``.
 
     With more tasks than workers, each worker moves on to its next task at every reset
-    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks.
+    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks. Seeded as SB3 seeds worker ``i``
+    (``venv.seed(seed)``: ``seed + i``), worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``: each
+    (worker, task) pair its own episodes.
 
     Args:
         tasks: registered task names.
@@ -75,7 +81,9 @@ def make_env_fns(
             end when their time budget (``reward_config`` in ``env_kwargs``) is spent.
         interval_steps: optimizer steps per decision.
         torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
-            thread per worker avoids oversubscribing the cores when there is one worker per core.
+            thread per worker avoids oversubscribing the cores when there is one worker per core. A factory sets it
+            in the process it runs in: a ``DummyVecEnv``'s run in the caller's (``train_policy`` puts the caller's
+            count back when it ends).
         env_kwargs: passed to every ``TriAccel-v0``.
     """
     for task in tasks:
@@ -102,7 +110,7 @@ def make_env_fns(
                 gym.make("TriAccel-v0", task=task, config=config, max_decisions=max_decisions, **env_kwargs)
                 for task in worker_tasks
             ]
-            return Monitor(envs[0] if len(envs) == 1 else TaskCycleEnv(envs))
+            return Monitor(envs[0] if len(envs) == 1 else TaskCycleEnv(envs, seed_stride=n_envs))
 
         return make
 
@@ -126,6 +134,9 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
 
     Args:
         envs: environments with identical observation and action spaces.
+        seed_stride: a seeded reset seeds inner environment ``k`` with ``seed + k * seed_stride``. Workers of a
+            vectorised environment are seeded ``seed + i``: with a stride of at least their number, no two (worker,
+            task) pairs share a seed (with 1, worker 0's second task and worker 1's first drew the same episodes).
 
     Example:
         >>> import gymnasium as gym
@@ -135,13 +146,16 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         1
     """
 
-    def __init__(self, envs: Sequence[gym.Env[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, envs: Sequence[gym.Env[np.ndarray, np.ndarray]], seed_stride: int = 1) -> None:
         if not envs:
             raise ValueError("TaskCycleEnv needs at least one environment")
+        if not is_whole(seed_stride) or seed_stride < 1:
+            raise ValueError(f"seed_stride={seed_stride!r} must be a whole number >= 1")
         for env in envs[1:]:
             if env.observation_space != envs[0].observation_space or env.action_space != envs[0].action_space:
                 raise ValueError("TaskCycleEnv: every environment must have the same observation and action spaces")
         self.envs = list(envs)
+        self.seed_stride = int(seed_stride)
         self.observation_space = envs[0].observation_space
         self.action_space = envs[0].action_space
         self.current = -1
@@ -154,7 +168,10 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first."""
+        """Moves to the next task and resets it; ``seed`` seeds every inner environment and restarts at the first.
+
+        Inner environment ``k`` is seeded ``seed + k * seed_stride``.
+        """
         super().reset(seed=seed)
         if self.current >= 0 and len(self.envs) > 1:
             self.envs[self.current].close()  # its next reset builds a fresh run anyway: free this one's memory now
@@ -162,7 +179,7 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
             # Seed each inner generator without resetting it: a reset builds a training run and trains an
             # interval, which is too costly to do for tasks not used yet.
             for k, env in enumerate(self.envs):
-                env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k)[0]
+                env.unwrapped.np_random = gym.utils.seeding.np_random(seed + k * self.seed_stride)[0]
             self.current = -1  # a seeded reset restarts the cycle, so the same seed gives the same episodes
         self.current = (self.current + 1) % len(self.envs)
         obs, info = self.envs[self.current].reset(options=options)
@@ -363,8 +380,10 @@ def train_policy(
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
-        seed: seeds PPO and the environments (a resumed run: ``seed`` plus the steps it has trained, so that it draws
-            episodes the first run did not); every held-out evaluation runs the episodes of this seed.
+        seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
+            trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
+            draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
+            this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none).
@@ -380,7 +399,9 @@ def train_policy(
             continue).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
-            one environment per core.
+            one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
+            count: it is set for the duration of the call (PPO's updates run with it too), and the caller's count is
+            put back when the call returns or raises.
         warm_start: a policy spec (``make_policy``, e.g. ``"heuristic"``) whose actions the new policy first
             imitates (:func:`imitate`) before PPO starts; with the suffix ``+lr-oracle`` (``"heuristic+lr-oracle"``)
             its LR choice is replaced by :class:`LrOracleTeacher`'s (useful with ``lr_range``); None: PPO from
@@ -392,13 +413,17 @@ def train_policy(
         env_kwargs: passed to every ``TriAccel-v0``.
 
     Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
-    steps collected since are left out, for the resumed run to collect again), logs its path and re-raises;
-    ``resume`` continues from it.
+    steps collected since are left out, for the resumed run to collect again), logs its path and its stats' (or that
+    it has none: a new policy before its first update) and re-raises;
+    ``resume`` continues from it. Interrupted while saving (``out`` or a checkpoint), the files already at that name
+    are left whole: each zip and its stats are written beside their names and moved over them (stats first, then
+    the zip), and an interrupted final save keeps the trained weights as a checkpoint.
 
     Raises:
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
-            cannot be read or record another LR ladder.
+            cannot be read, record another LR ladder or hold another number of features than an observation's.
     """
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -429,6 +454,8 @@ def train_policy(
         raise ValueError(f"{given}: give both (tasks, and the steps between evaluations) or neither")
     if torch_threads is not None and torch_threads < 1:
         raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
+    if not is_whole(seed) or not 0 <= seed < _SEED_RANGE:  # PPO seeds NumPy's global generator with it
+        raise ValueError(f"seed={seed!r} must be a whole number in [0, {_SEED_RANGE - 1}]")
     if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
         raise ValueError(f"resume={str(resume)!r}: no such policy zip")
     if resume is not None and not Path(resume).is_file():
@@ -443,7 +470,8 @@ def train_policy(
     env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
 
     ladder = env_config(interval_steps).lr_scales
-    resumed_stats = _resumed_stats(resume, ladder) if resume is not None else None
+    n_features = ObservationLayout(env_config(interval_steps).n_groups).size
+    resumed_stats = _resumed_stats(resume, ladder, n_features) if resume is not None else None
 
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on, and the steps its weights have trained on.
@@ -518,8 +546,11 @@ def train_policy(
                 return stats
             return resumed_stats if stats is None else resumed_stats.merged(stats)
 
-    def save_checkpoint(model: Any) -> Path:
-        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it.
+    def save_checkpoint(model: Any) -> tuple[Path, Path | None]:
+        """Writes ``checkpoints/<out stem>_<steps>_steps.zip`` and its observation stats beside it; returns both paths.
+
+        The stats' path is None where there are none to write: a new policy before its first update (nor a resumed
+        one whose zip had none) has recorded no range.
 
         ``steps`` (and the step count saved in the zip, from which a resumed run counts on) are the steps the
         weights were trained on: between updates (Ctrl-C in a rollout, or in the update on it) the steps collected
@@ -530,13 +561,11 @@ def train_policy(
         checkpoint = path.parent / "checkpoints" / f"{path.stem}_{model.num_timesteps}_steps.zip"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         try:
-            model.save(checkpoint)
+            # No stats before the first rollout of a new policy: it has trained on nothing yet.
+            stats_file = _save_policy(model, checkpoint, recorder.stats())
         finally:
             model.num_timesteps = collected
-        stats = recorder.stats()
-        if stats is not None:  # none before the first rollout of a new policy: it has trained on nothing yet
-            stats.save(obs_stats_path(checkpoint))
-        return checkpoint
+        return checkpoint, stats_file
 
     class Checkpoint(BaseCallback):
         """:func:`save_checkpoint` after the first update past every multiple of ``every`` environment steps.
@@ -621,10 +650,13 @@ def train_policy(
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fns = make_env_fns(tasks, n_envs, max_decisions, interval_steps, torch_threads, **env_kwargs)
-    venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
-    venv.seed(seed)
+    # In-process environments' factories set torch_threads in this process: put the caller's count back at the end.
+    caller_threads = torch.get_num_threads()
+    venv: Any = None
     eval_env = None
     try:
+        venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
+        venv.seed(seed)
         if resume is not None:
             model = PPO.load(
                 Path(resume),
@@ -638,8 +670,9 @@ def train_policy(
                     f"batch_size={model.batch_size} exceeds the rollout size n_steps*n_envs={model.n_steps * n_envs}"
                 )
             # PPO.load seeded PPO and the environments with the seed saved in the zip, which replayed the first run's
-            # episodes from its start and ignored `seed`: this run draws from `seed` and the steps already trained.
-            model.seed = seed + model.num_timesteps
+            # episodes from its start and ignored `seed`: this run draws from `seed` and the steps already trained,
+            # wrapped into NumPy's seed range (a seed near its top went out of it).
+            model.seed = (seed + model.num_timesteps) % _SEED_RANGE
             model.set_random_seed(model.seed)
         else:
             model = PPO(
@@ -714,27 +747,31 @@ def train_policy(
                 callback=CallbackList(callbacks),
                 reset_num_timesteps=resume is None,
             )
+            # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach
+            # TensorBoard.
+            model.logger.dump(step=model.num_timesteps)
+            stats = recorder.stats()
+            # Inside the try: a save interrupted here keeps the run's weights as a checkpoint, and `out` as it was.
+            _save_policy(model, path, stats)
         except KeyboardInterrupt:
             progress.close()  # before the warning, which would land inside the bar's line
             recorder.discard_unfinished_update()  # interrupted between two gradient steps of an update: the last whole
-            checkpoint = save_checkpoint(model)
+            checkpoint, stats_file = save_checkpoint(model)
             _log.warning(
-                "training interrupted at step %d: saved %s, the weights of the last update (%d steps), and its "
-                "observation stats; continue with resume=%s (--resume on the command line)",
+                "training interrupted at step %d: saved %s, the weights of the last update (%d steps), %s; continue "
+                "with resume=%s (--resume on the command line)",
                 model.num_timesteps,
                 checkpoint,
                 recorder.trained_timesteps,
+                f"and its observation stats {stats_file}"
+                if stats_file is not None
+                else "without observation stats (no update has recorded a range: it loads without the fallback)",
                 checkpoint,
             )
             raise
         finally:
             progress.close()
-        # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach TensorBoard.
-        model.logger.dump(step=model.num_timesteps)
-        model.save(path)
-        stats = recorder.stats()
         if stats is not None:
-            stats.save(obs_stats_path(path))
             spread = action_spread(model, stats)
             if spread.distinct == 1:
                 _log.warning(
@@ -749,18 +786,23 @@ def train_policy(
         for env in (venv, eval_env):
             _close_after_failure(env)
         raise
+    finally:
+        torch.set_num_threads(caller_threads)
     venv.close()
     if eval_env is not None:
         eval_env.close()
     return path
 
 
-def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) -> ObservationStats | None:
+def _resumed_stats(
+    resume: str | os.PathLike[str], ladder: tuple[float, ...], n_features: int
+) -> ObservationStats | None:
     """The observation stats beside the policy zip ``resume`` (None, with a warning, where it has none).
 
     Raises:
-        ValueError: stats that cannot be read, or of another LR ladder than ``ladder`` (the merge would fail after
-            the whole run).
+        ValueError: stats that cannot be read, of another LR ladder than ``ladder`` or of another number of features
+            than ``n_features`` (the training environments' observation size): the merge would fail after the whole
+            run.
     """
     file = obs_stats_path(resume)
     if not file.is_file():
@@ -778,7 +820,42 @@ def _resumed_stats(resume: str | os.PathLike[str], ladder: tuple[float, ...]) ->
             f"the training environments run {list(ladder)}; where the policy was trained with these, write "
             f'"lr_scales": {list(ladder)} into the file'
         )
+    if len(stats.low) != n_features:
+        raise ValueError(
+            f"resume={str(resume)!r}: its observation stats {str(file)!r} hold {len(stats.low)} features, and the "
+            f"training environments' observations have {n_features}: they are another policy's stats (put the "
+            "policy's own beside it, or remove the file to record its range anew)"
+        )
     return stats
+
+
+def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Path | None:
+    """Writes the policy zip ``target`` and its observation stats beside it; returns the stats' path (None: none).
+
+    Neither file is written in place, so an interrupted save (Ctrl-C, a full disk) leaves the previous zip and stats
+    whole: a run resumed from its own ``out`` keeps the policy it resumed from. The order pairs them: the zip goes to
+    a temporary file beside ``target`` (the slow part), then the stats are moved over theirs, then the zip over
+    ``target``. Interrupted between the two moves, the old weights sit beside the new range (which, resumed, holds
+    the old one); new weights never sit beside another policy's range. Without ``stats``, a stats file beside
+    ``target`` belongs to the weights being replaced, and is removed before they are.
+    """
+    zip_file = Path(os.path.realpath(target))  # through a symlink to its file, as a plain write goes
+    temporary = zip_file.with_name(f".{zip_file.name}.tmp")
+    try:
+        with open(temporary, "wb") as file:  # a file object: SB3 appends ".zip" to a path without a suffix
+            model.save(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes on disk before the rename makes them the policy
+        stats_file = obs_stats_path(target)
+        if stats is not None:
+            stats.save(stats_file)  # itself written beside the file and moved over it
+        else:
+            stats_file.unlink(missing_ok=True)
+        os.replace(temporary, zip_file)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return stats_file if stats is not None else None
 
 
 def _close_after_failure(venv: Any) -> None:

@@ -418,12 +418,16 @@ class ObservationStats:
         """Writes the stats as JSON.
 
         The file is written beside ``path`` and moved over it: an interrupted save leaves the previous file whole (a
-        policy whose stats were cut short did not load).
+        policy whose stats were cut short did not load), and removes the temporary file.
         """
         target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
         temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(json.dumps(asdict(self)) + "\n")
-        os.replace(temporary, target)
+        try:
+            temporary.write_text(json.dumps(asdict(self)) + "\n")
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def merged(self, other: ObservationStats) -> ObservationStats:
         """The range of both stats' observations (a resumed training run's, with the run it resumed).
