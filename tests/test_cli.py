@@ -545,7 +545,7 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     assert main(["profile", "--device", "cpu", "--out", str(blocker / "profile.json")]) == 2
     assert f"--out {blocker / 'profile.json'}: cannot create its folder" in capsys.readouterr().err
     assert main(["profile", "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert f"--out {tmp_path} is a folder; give a file path such as" in capsys.readouterr().err
+    assert f"--out {tmp_path}: is a folder; give a file path such as" in capsys.readouterr().err
     assert measured == []  # nothing was measured for either
     nested = tmp_path / "new" / "folder" / "profile.json"
     monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())

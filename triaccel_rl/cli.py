@@ -59,26 +59,9 @@ _LIBRARY_NAMES = {"total_timesteps": "timesteps"}
 
 def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     """``path`` for a file written later, its folder made now: refused before minutes of work, not after."""
-    out = Path(path)
-    if out.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file path such as {out / example}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
-    existed = out.exists()
-    try:
-        with out.open("a"):  # appends nothing: an existing file keeps its contents
-            pass
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
-    if not existed:
-        out.unlink()
-    try:  # the saves write a temporary file beside the target (through a symlink, beside what it points to)
-        tempfile.TemporaryFile(dir=out.resolve().parent).close()
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot write a file in its folder ({err})") from err
-    return out
+    from triaccel_rl.experiment import file_to_write  # the experiments scripts' check, one rule for both
+
+    return file_to_write(flag, path, example)
 
 
 def _folder_to_write(flag: str, path: str) -> Path:
