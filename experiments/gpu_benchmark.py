@@ -448,7 +448,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                 }
             )
         print(f"\n{model} (target {100 * task.target_metric:.0f}%, static setting batch {best_batch}, lr x{best_lr})")
-        print(format_table(summarize(results)))
+        print(format_table(summarize(results, reference=reference), reference=reference))
         all_runs += [{"model": model, **asdict(r)} for r in results]
         if args.plots:
             from triaccel_rl.plots import plot_comparison

@@ -626,3 +626,13 @@ def test_a_comparison_refused_for_a_later_folder_leaves_the_earlier_ones_neither
     assert main([*argv, "--out", str(out), "--plots", str(plots), "--log-dir", str(blocker / "tb")]) == 2
     assert "--log-dir" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_empty_log_dir_scans_nothing_and_says_nothing(tmp_path, capsys, monkeypatch):
+    """``--log-dir ''`` is none: the check for an earlier comparison's runs walked the working folder ('' is '.')."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "events.out.tfevents.1.host").write_text("")
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2"]
+    assert main([*argv, "--no-progress", "--out", "", "--log-dir", ""]) == 0
+    assert "holds an earlier comparison's TensorBoard runs" not in capsys.readouterr().err

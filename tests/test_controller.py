@@ -729,6 +729,26 @@ def test_an_earlier_micro_batch_s_non_finite_loss_skips_the_update():
         assert ctl._micro_loss is None  # spent by the step: the next batch starts its own sum
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_batch_dropped_after_backward_leaves_its_loss_out_of_the_next_step(set_to_none):
+    """A loop that drops a batch part-way (its first micro-batch's loss non-finite) and resets the gradients: that
+    loss went into the next batch's step, whose healthy update was then skipped."""
+    x, y = data(16)
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=100))
+    with ctl.autocast():
+        bad = nn.functional.cross_entropy(model(x[:8]), y[:8]) / 2 + torch.tensor(float("inf"))
+    ctl.backward(bad)
+    opt.zero_grad(set_to_none=set_to_none)  # the loop drops the batch
+    before = [p.detach().clone() for p in model.parameters()]
+    with ctl.autocast():
+        good = nn.functional.cross_entropy(model(x), y)
+    ctl.step(good)
+    ctl.close()
+    assert ctl.skipped_steps == 0
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_progress_is_the_share_of_the_run_not_of_the_epoch():
     """The observation's progress (the heuristic's late-run rules read it) was the share of the current epoch: it
     went back to 0 at every epoch."""

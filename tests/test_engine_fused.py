@@ -1260,3 +1260,16 @@ def test_a_parameter_of_no_elements_trains_on_both_paths():
         assert not skipped and grads.abs_max.shape == (engine.n_layers,)
         for got, want in zip(_weights(model), _weights(plain), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_the_optimizer_holds_nothing_of_has_no_second_moment_on_either_path():
+    """A head fine-tuned alone: the fused path's ``torch.cat`` of no views raised; the reference path gives None."""
+    diagonals = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        engine = StepEngine(model, torch.optim.AdamW(model[2].parameters(), lr=1e-2), DEVICE, fused=fused)
+        _run_steps(model, engine, batches(2))
+        diagonals[fused] = engine.second_moment_diagonal()
+    assert [d is None for d in diagonals[True]] == [d is None for d in diagonals[False]] == [True, False]
+    torch.testing.assert_close(diagonals[True][1].cpu(), diagonals[False][1].cpu(), rtol=1e-5, atol=1e-12)

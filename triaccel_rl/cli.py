@@ -333,12 +333,12 @@ def _compare(args: argparse.Namespace) -> int:
             _folder_to_write("--plots", args.plots)
         if args.log_dir:
             _folder_to_write("--log-dir", args.log_dir)
-        if next(Path(args.log_dir).rglob("events.out.tfevents.*"), None) is not None:  # kept: they are the user's
-            print(
-                f"triaccel-rl compare: --log-dir {args.log_dir} holds an earlier comparison's TensorBoard runs; the "
-                "new curves are written beside them, and runs of the same name overlay (give another --log-dir)",
-                file=sys.stderr,
-            )
+    if args.log_dir and next(Path(args.log_dir).rglob("events.out.tfevents.*"), None) is not None:  # the user's: kept
+        print(
+            f"triaccel-rl compare: --log-dir {args.log_dir} holds an earlier comparison's TensorBoard runs; the "
+            "new curves are written beside them, and runs of the same name overlay (give another --log-dir)",
+            file=sys.stderr,
+        )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
     command = "triaccel-rl " + shlex.join(args.argv)
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None

@@ -188,6 +188,7 @@ class Controller:
             self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
             self._unstepped: tuple[int, int] | None = None  # (steps, samples) of the last batch served, at serving
             self._micro_loss: torch.Tensor | None = None  # the sum of backward()'s micro-batch losses, for step()
+            self._micro_mark: tuple[int, int, int] | None = None  # the gradients' state after that backward
             self._planned_epochs = 0  # the epochs the last loader() call trains to
             self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
             self._base_batch_size = 0
@@ -364,12 +365,33 @@ class Controller:
         """
         self._check_open()
         _check_loss(loss)
+        earlier = self._earlier_micro_loss()
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
         # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
         detached = loss.detach()
-        self._micro_loss = detached if self._micro_loss is None else self._micro_loss + detached
+        self._micro_loss = detached if earlier is None else earlier + detached
+        self._micro_mark = self._grad_mark()
+
+    def _earlier_micro_loss(self) -> torch.Tensor | None:
+        """The losses :meth:`backward` summed for this batch; None if the gradients were reset since (spent either way).
+
+        A loop that drops a batch part-way (a non-finite loss, an out-of-memory error) resets the gradients with its
+        ``zero_grad()``: that batch's losses went into the next batch's step and skipped its healthy update. A reset
+        sets a gradient to None or writes it in place (a new version), which the mark taken after the backward tells.
+        """
+        earlier, self._micro_loss = self._micro_loss, None
+        if earlier is None or self._grad_mark() != self._micro_mark:
+            return None
+        return earlier
+
+    def _grad_mark(self) -> tuple[int, int, int] | None:
+        """The first held parameter with a gradient: its index, its gradient tensor's identity and version."""
+        for index, param in enumerate(p for params in self.engine.layer_params for p in params):
+            if param.grad is not None:
+                return index, id(param.grad), param.grad._version
+        return None
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward, update (skipped on non-finite gradients), signals, and a decision every interval.
@@ -391,7 +413,7 @@ class Controller:
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
-        earlier, self._micro_loss = self._micro_loss, None  # the batch's earlier micro-batches (backward())
+        earlier = self._earlier_micro_loss()  # the batch's earlier micro-batches (backward())
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self.engine.scale_loss(loss).backward()
         if earlier is not None:
@@ -645,6 +667,7 @@ class Controller:
         signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
         self.engine.load_state_dict(state["engine"])
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
+        self._micro_loss = None  # a batch begun before the load is not the resumed run's
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
         else:

@@ -590,8 +590,9 @@ class StepEngine:
                 return [None] * self.n_layers
             steps = optimizer.layer_step_counts.tolist()  # host-device sync: once per round
             return [  # the parameters' own elements, in their order (a layer's segment holds padding too)
-                torch.cat([view.reshape(-1) for view in self.store.param_views(optimizer.exp_avg_sq, i)])
-                / max(1.0 - optimizer.options.beta2**n, 1e-12)
+                torch.cat([view.reshape(-1) for view in views]) / max(1.0 - optimizer.options.beta2**n, 1e-12)
+                if (views := self.store.param_views(optimizer.exp_avg_sq, i))
+                else None  # a layer the optimizer holds nothing of (a head fine-tuned alone), as on the reference path
                 for i, n in enumerate(steps)
             ]
         diagonals: list[torch.Tensor | None] = []
