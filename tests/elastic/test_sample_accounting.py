@@ -431,6 +431,18 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
     assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
 
 
+def _raising_once(message: str):
+    """An optimizer step hook that raises ``RuntimeError(message)`` the first time it runs, then passes."""
+    failing = [True]
+
+    def hook(optimizer, args, kwargs):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError(message)
+
+    return hook
+
+
 def test_an_update_that_raises_before_applying_returns_the_batch_and_is_no_step_of_the_warm_up() -> None:
     """A user's step pre-hook raised once: the step's samples were lost and the LR warm-up moved a step on, though
     no update went in. Now the run is as if the step never was: the same samples, LRs and weights as a twin's."""
@@ -439,14 +451,7 @@ def test_an_update_that_raises_before_applying_returns_the_batch_and_is_no_step_
     for each in (run, twin):
         each.step()
         each.batch_size = 4 * each.batch_size
-    failing = [True]
-
-    def hook(optimizer, args, kwargs):
-        if failing[0]:
-            failing[0] = False
-            raise RuntimeError("a transient failure before the update")
-
-    run.optimizer.register_step_pre_hook(hook)
+    run.optimizer.register_step_pre_hook(_raising_once("a transient failure before the update"))
     loader, coupler = run.loader.state_dict(), run.lr_coupler.state_dict()
     with pytest.raises(RuntimeError, match="a transient failure"):
         run.step()
@@ -459,14 +464,7 @@ def test_a_post_hook_that_raises_after_the_update_counts_the_step() -> None:
     """The update went in before a user's post-hook raised: its batch was trained on, so the step counts (and the
     warm-up moves on), as the Controller counts it."""
     run = TrainingRun(small_task(), seed=0, device="cpu")
-    failing = [True]
-
-    def hook(optimizer, args, kwargs):
-        if failing[0]:
-            failing[0] = False
-            raise RuntimeError("a post-hook fails")
-
-    run.optimizer.register_step_post_hook(hook)
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))
     cursor = run.loader.cursor
     with pytest.raises(RuntimeError, match="a post-hook fails"):
         run.step()
