@@ -1152,6 +1152,40 @@ def test_a_fused_checkpoint_resumes_on_the_fused_step_with_its_saved_param_group
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("edit", ["split-layer-lrs", "betas-differ"])
+def test_a_checkpoint_whose_param_groups_the_fused_step_refuses_is_refused_before_anything_loads(edit):
+    """The fused load applied the saved groups after the fused state: a layout the fused step refuses (a layer's
+    decay and no-decay groups at different LRs) raised part-way, with the saved moments already in the buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    groups = [{"params": weights, "weight_decay": 1e-2}, {"params": biases, "weight_decay": 0.0}]
+    engine = StepEngine(model, torch.optim.AdamW(groups, lr=1e-3), DEVICE, fused=True)
+    _run_steps(model, engine, batches(2))
+    state = copy.deepcopy(engine.state_dict())
+    _run_steps(model, engine, batches(1))  # the engine moves on from the checkpoint
+    saved_groups = state["torch_optimizer"]["param_groups"]
+    if edit == "split-layer-lrs":
+        saved_groups[1]["lr"] = 5e-4  # the biases' group only
+        message = "LRs now differ"
+    else:
+        saved_groups[1]["betas"] = (0.5, 0.999)
+        message = "'betas' now differ"
+    before = copy.deepcopy(engine.state_dict())
+    with pytest.raises(ValueError, match=message):
+        engine.load_state_dict(state)
+    with pytest.raises(ValueError, match=message):
+        engine.check_state_dict(state)
+    after = engine.state_dict()
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [1e-3, 1e-3]
+    for index, entry in before["torch_optimizer"]["state"].items():  # the moments and counts as they were
+        for field, value in entry.items():
+            torch.testing.assert_close(after["torch_optimizer"]["state"][index][field], value, rtol=0, atol=0)
+    _run_steps(model, engine, batches(1))  # and it still steps
+    engine.remove()
+
+
 def test_the_fused_second_moment_diagonal_is_the_reference_path_s_element_for_element():
     """It returned each layer's padded segment of the flat buffer (4096 entries for a 56-element layer, most of
     them zeros), which the curvature-sparsity signals read as a spike on a sea of zeros."""

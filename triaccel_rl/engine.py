@@ -788,6 +788,10 @@ class StepEngine:
             # scheduler's moves lost) while its kernel took the saved momentum and decay.
             _check_state_shapes(self.optimizer, state["torch_optimizer"])
             groups = state["torch_optimizer"]["param_groups"]
+            try:  # what the fused step would refuse at the next step is refused before anything loads
+                self._check_group_settings(groups)
+            except KeyError as error:
+                raise ValueError(f"the checkpoint's param groups lack {error}: they are not torch.optim's") from None
         if self.fused:
             if across:  # GradScaler's state (empty when it never scaled a step): the same rule's scale and count
                 scaler = {
@@ -1005,13 +1009,15 @@ class StepEngine:
             counts = torch.tensor([model, *layer_steps], dtype=torch.float64)
             fused._step_state[0].copy_(counts)
 
-    def _class_decays(self) -> float | tuple[float, ...]:
-        """The fused step's weight decay, from the param groups' now: one a decay class (a float for one class).
+    def _class_decays(self, groups: Sequence[Mapping[str, Any]] | None = None) -> float | tuple[float, ...]:
+        """The fused step's weight decay for ``groups`` (the param groups' now): one a decay class (a float for one).
+
+        Reads and changes nothing else: ``load_state_dict`` checks a checkpoint's groups with it before loading.
 
         Raises:
             ValueError: groups of one class (one segment layout) no longer agree, or an Adam group decays.
         """
-        groups = self.optimizer.param_groups
+        groups = self.optimizer.param_groups if groups is None else groups
         decays = tuple(float(group["weight_decay"]) for group in groups)
         n_classes = max(self._decay_classes) + 1
         per_class: list[set[float]] = [set() for _ in range(n_classes)]
@@ -1028,9 +1034,50 @@ class StepEngine:
                 f"as one (it was built for {list(self._built_decays)}); groups that shared a weight decay "
                 "when the engine was built must keep sharing one"
             )
-        self._group_decays = decays
         values = tuple(values.pop() for values in per_class)
         return values[0] if n_classes == 1 else values
+
+    def _check_group_settings(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """Raises the ``ValueError`` a fused step would raise on param groups of these settings; changes nothing.
+
+        The decays must keep the layout's classes, a split layer's groups one LR, and the momentum or betas and
+        eps one value for all groups (see ``_read_group_lrs``).
+        """
+        self._class_decays(groups)
+        self._check_split_lrs(tuple(float(group["lr"]) for group in groups))
+        self._check_group_hypers(tuple(map(self._hypers_of, groups)))
+
+    def _check_split_lrs(self, lrs: tuple[float, ...]) -> None:
+        """Raises a ``ValueError`` when the groups of a layer split across several hold different LRs."""
+        for layer, indices in self._split_layers:
+            if len({lrs[i] for i in indices}) > 1:
+                raise ValueError(
+                    f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
+                    f"({sorted(lrs[i] for i in indices)}): the fused step applies one LR a layer; keep "
+                    "a layer's groups at one LR, or pass fused=False"
+                )
+
+    def _check_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
+        """Raises a ``ValueError`` when the groups' momentum (SGD) or betas and eps (Adam) differ.
+
+        Also when SGD's momentum leaves 0 on a fused SGD built without a momentum buffer.
+        """
+        # Compared as tuples: betas set to a list (``group["betas"] = [0.85, 0.999]``) is unhashable, and equal.
+        comparable = [tuple(tuple(v) if isinstance(v, list) else v for v in group) for group in hypers]
+        if len(set(comparable)) > 1:
+            for i, key in enumerate(self._hyper_keys):
+                values = [group[i] for group in comparable]
+                if len(set(values)) > 1:
+                    raise ValueError(
+                        f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
+                        "keep them equal, or pass fused=False"
+                    )
+        current = dict(zip(self._hyper_keys, hypers[0], strict=True))
+        if "momentum" in current and float(current["momentum"]) != 0.0 and not self.fused_optimizer._buffer_names:
+            raise ValueError(
+                f"SGD's momentum went from 0 to {float(current['momentum'])}: the fused step was built without a "
+                "momentum buffer; start with momentum > 0, or pass fused=False"
+            )
 
     def _apply_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
         """Takes the param groups' momentum (SGD) or betas and eps (Adam) into the fused step, as torch.optim would.
@@ -1044,16 +1091,7 @@ class StepEngine:
             ValueError: the groups now differ in one of them, or SGD's momentum leaves 0 (the fused SGD built
                 without momentum has no buffer); nothing is changed.
         """
-        # Compared as tuples: betas set to a list (``group["betas"] = [0.85, 0.999]``) is unhashable, and equal.
-        comparable = [tuple(tuple(v) if isinstance(v, list) else v for v in group) for group in hypers]
-        if len(set(comparable)) > 1:
-            for i, key in enumerate(self._hyper_keys):
-                values = [group[i] for group in comparable]
-                if len(set(values)) > 1:
-                    raise ValueError(
-                        f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
-                        "keep them equal, or pass fused=False"
-                    )
+        self._check_group_hypers(hypers)
         fused = self.fused_optimizer
         current = dict(zip(self._hyper_keys, hypers[0], strict=True))
         if "betas" in current:
@@ -1063,11 +1101,6 @@ class StepEngine:
                 fused.set_log_betas(beta1, beta2)
         else:
             momentum = float(current["momentum"])
-            if momentum != 0.0 and not fused._buffer_names:  # built without momentum: no buffer to keep it in
-                raise ValueError(
-                    f"SGD's momentum went from 0 to {momentum}: the fused step was built without a momentum buffer; "
-                    "start with momentum > 0, or pass fused=False"
-                )
             fused.options = replace(
                 fused.options,
                 momentum=momentum,
@@ -1087,22 +1120,18 @@ class StepEngine:
             ValueError: the groups of a split layer now differ in LR, or their decays no longer fit the layout.
         """
         groups = self.optimizer.param_groups  # read at every step: itemgetter keeps it to a few microseconds
-        if tuple(map(_DECAY, groups)) != self._group_decays:
+        decays = tuple(map(_DECAY, groups))
+        if decays != self._group_decays:
             options = self.fused_optimizer.options
             self.fused_optimizer.options = replace(options, weight_decay=self._class_decays())
+            self._group_decays = decays
         hypers = tuple(map(self._hypers_of, groups))
         if hypers != self._group_hypers:
             self._apply_group_hypers(hypers)
         if tuple(map(_LR, groups)) == self._group_lrs:
             return
         lrs = tuple(float(group["lr"]) for group in groups)
-        for layer, indices in self._split_layers:
-            if len({lrs[i] for i in indices}) > 1:
-                raise ValueError(
-                    f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
-                    f"({sorted(lrs[i] for i in indices)}): the fused step applies one LR a layer; keep "
-                    "a layer's groups at one LR, or pass fused=False"
-                )
+        self._check_split_lrs(lrs)
         reference = lrs[0] if lrs[0] > 0 else 1.0
         self._layer_base = np.array([lrs[self._group_index[id(params[0])]] / reference if params else 1.0
                                      for params in self.layer_params])  # fmt: skip
