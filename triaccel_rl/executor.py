@@ -158,7 +158,9 @@ class Executor:
                     else f"batch {batch} at the new precisions is predicted {predicted} bytes > {usable} usable of "
                     f"the {target.memory_budget_bytes}-byte budget, and this loop cannot split a step"
                 )
-                refused.append(f"kept {len(moved)} layers at their precision: {what}")
+                kept = sum(wanted[i] == current[i] for i in moved)
+                out = f" (moved {len(moved) - kept} only out of fp16: it overflows)" if kept < len(moved) else ""
+                refused.append(f"kept {kept} layers at their precision{out}: {what}")
         try:
             engine.set_precisions(wanted)
         except ValueError as err:
