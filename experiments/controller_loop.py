@@ -40,9 +40,14 @@ def check(args: Args) -> None:
     if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
         raise SystemExit(f"--max-grad-norm {args.max_grad_norm} must be a positive finite number")
     try:
-        make_policy(args.policy)
+        policy = make_policy(args.policy)
     except (ValueError, TypeError) as error:  # an unknown name, a missing or unusable zip
         raise SystemExit(f"--policy: {error}") from None
+    if hasattr(policy, "prepare"):  # as the Controller refuses it, but before the data loads
+        raise SystemExit(
+            f"--policy {args.policy}: a batch finder is a compare baseline that searches its batch on a TrainingRun, "
+            "not a policy for your own loop; use a static policy (fp32, bf16, fp16), a heuristic or pretrained"
+        )
 
 
 def main(args: Args) -> float:

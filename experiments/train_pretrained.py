@@ -1,8 +1,11 @@
 """Trains the policy shipped as ``triaccel_rl/pretrained/`` (``policy="pretrained"``) and writes its model card.
 
-The one reproducible command (2 CPU cores; time is charged from the shipped H200 profile):
+The command that trained the shipped policy (2 CPU cores, about 12 minutes; time is charged from the shipped
+H200 profile; its model card, ``triaccel_rl/pretrained/MODEL_CARD.md``, records the command of the policy in the
+package):
 
-    python experiments/train_pretrained.py --timesteps 3072 --warm-start heuristic --warm-start-steps 512
+    python experiments/train_pretrained.py --timesteps 4096 --warm-start heuristic+lr-oracle \
+        --warm-start-steps 1024 --lr-range 0.4,1.0 --warm-start-epochs 20
 
 PPO (``triaccel_rl.rl.train_policy``) on ``TRAINING_TASKS`` with 2 ``SubprocVecEnv`` workers (each
 cycles through the tasks, one per episode), periodic evaluation on ``HELD_OUT_TASKS``, checkpoints and

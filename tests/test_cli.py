@@ -490,6 +490,7 @@ def test_controller_example_runs(tmp_path):
         (controller_loop.Args(policy="fp8"), "--policy: unknown policy 'fp8'; allowed: fp32, bf16, fp16, heuristic"),
         (controller_loop.Args(policy=str(tmp_path / "none.zip")), "--policy: policy file"),
         (controller_loop.Args(batch_size=0), "--batch-size 0 must be >= 1"),
+        (controller_loop.Args(policy="batch-finder"), "--policy batch-finder: a batch finder is a compare baseline"),
         (controller_loop.Args(max_grad_norm=float("nan")), "--max-grad-norm nan must be a positive finite number"),
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -551,6 +552,21 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())
     assert main(["profile", "--device", "cpu", "--out", str(nested)]) == 0
     assert HardwareProfile.load(nested) == HardwareProfile.load()  # its folder was made
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--device", "mps"], "--device 'mps' cannot be profiled; use a CUDA device or 'cpu'"),
+        (["--device", "cpu", "--steps", "0"], "--steps 0 must be a positive integer"),
+    ],
+)
+def test_profile_refuses_its_arguments_before_saying_anything_of_the_device(tmp_path, capsys, flags, error):
+    """It printed "profiling mps (no --device cuda): its times are this CPU's..." before refusing the device."""
+    assert main(["profile", *flags, "--out", str(tmp_path / "profile.json")]) == 2
+    err = capsys.readouterr().err
+    assert error in err
+    assert "profiling" not in err and not (tmp_path / "profile.json").exists()
 
 
 def test_the_time_column_names_the_device_of_the_profile_that_modelled_it(tmp_path, capsys):

@@ -818,3 +818,32 @@ def test_a_profile_saved_through_a_symlink_writes_its_file_and_keeps_the_link(tm
     changed = dataclasses.replace(profile, fixed_ms=9.0)
     changed.save(link)
     assert link.is_symlink() and HardwareProfile.load(real).fixed_ms == 9.0
+
+
+def test_the_controller_and_compare_take_a_profile_or_its_path_and_refuse_anything_else(tmp_path: Path) -> None:
+    """``Controller(profile="h200.json")`` was built, then failed at the first batch with "'str' object has no
+    attribute 'memory'"; compare likewise. A path is read as the environment and the CLI read one."""
+    import torch
+    from torch import nn
+
+    from triaccel_rl.compare import compare
+    from triaccel_rl.controller import Controller
+
+    path = tmp_path / "profile.json"
+    shipped = HardwareProfile.load()
+    doubled = dataclasses.replace(shipped, fixed_ms=2 * shipped.fixed_ms + 1.0)
+    doubled.save(path)
+    assert HardwareProfile.resolve(None) == shipped
+    assert HardwareProfile.resolve(doubled) is doubled
+    assert HardwareProfile.resolve(str(path)) == HardwareProfile.resolve(path) == doubled
+    model = nn.Linear(4, 2)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", profile=str(path))
+    assert ctl.profile == doubled
+    ctl.close()
+    for bad in (3, {"time_factor": {}}):
+        with pytest.raises(TypeError, match=r"^profile=.* must be a HardwareProfile, the path of a hardware-profile"):
+            Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", profile=bad)
+        with pytest.raises(TypeError, match=r"^profile=.* must be a HardwareProfile"):
+            compare("synthetic", ["fp32"], [0], epochs=0.01, profile=bad, show_progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        compare("synthetic", ["fp32"], [0], epochs=0.01, profile=tmp_path / "none.json", show_progress=False)

@@ -115,7 +115,9 @@ def test_bad_training_arguments():
         ({"seed": 2**32}, "seed=4294967296 must be a whole number in [0, 4294967295]"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
         ({"eval_tasks": ["synthetic"]}, "eval_tasks=synthetic and eval_every=0: give both"),
-        ({"eval_every": 64}, "eval_every=64 without eval_tasks: give both"),
+        ({"eval_every": 64}, "eval_every=64 and eval_tasks=(none): give both"),  # the CLI names --eval-tasks now
+        # SB3's "Error: the file ... wasn't a zip-file", after a warning about a stats file beside it.
+        ({"resume": __file__}, f"resume={__file__!r} is not a zip file"),
         ({"config": ControllerConfig(n_groups=2)}, "config: the training environments run env_config"),
         ({"out": "runs/policy-v1.2"}, "out='runs/policy-v1.2' must name a .zip file"),  # SB3 saved policy-v1.2.zip
         # A worker's traceback and "Connection reset by peer" (subprocess workers), or a late failure, before.

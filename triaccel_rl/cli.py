@@ -440,12 +440,12 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from triaccel_rl.profiling import measure_profile
+    from triaccel_rl.profiling import measure_profile, profile_device
     from triaccel_rl.training import resolve_device
 
     with _folders_kept_only_on_success(args.out):
         out = _file_to_write("--out", args.out, example="profile.json")
-        device = resolve_device(args.device)
+        device = profile_device(resolve_device(args.device), args.batch_size, args.steps)  # refused before the note
         if device.type != "cuda":  # the file looked like a GPU's: nothing said its memory factors were never measured
             print(
                 f"triaccel-rl profile: profiling {device} (no --device cuda): its times are this CPU's, and memory "

@@ -139,7 +139,7 @@ def run_controller(
     epochs: float = 1.0,
     config: ControllerConfig | None = None,
     cost_mode: CostMode | str | None = None,
-    profile: HardwareProfile | None = None,
+    profile: HardwareProfile | str | os.PathLike[str] | None = None,
     device: str | None = None,
     eval_every: int = 5,
     log_dir: str | os.PathLike[str] | None = None,
@@ -167,7 +167,8 @@ def run_controller(
         epochs: training budget in epochs (fractional allowed).
         config: decision interval, groups, bounds.
         cost_mode: ``measured`` or ``profile``; default measured on a GPU, profile on a CPU.
-        profile: hardware profile for ``profile`` mode (the shipped one by default).
+        profile: hardware profile for ``profile`` mode: a ``HardwareProfile`` or its JSON's path (the shipped one by
+            default).
         device: ``cpu``, ``cuda`` or None (CUDA when available).
         eval_every: evaluate the test metric every this many decisions (when ``eval_every_steps`` is None).
         log_dir: TensorBoard folder for this run (None: no logging). At each evaluation, the curve's point:
@@ -488,7 +489,7 @@ def compare(
     eval_every: int = 5,
     eval_every_steps: int | None = None,
     max_grad_norm: float | None = None,
-    profile: HardwareProfile | None = None,
+    profile: HardwareProfile | str | os.PathLike[str] | None = None,
     on_result: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """Runs every controller on every seed of ``task`` in this process; returns one result per run.
@@ -512,6 +513,7 @@ def compare(
     """
     from triaccel_rl.plain import run_plain  # plain.py imports this module
 
+    profile = HardwareProfile.resolve(profile)  # a path is read (and refused) before any run
     task_obj = check_comparison(
         task,
         controllers,

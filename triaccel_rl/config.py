@@ -177,6 +177,25 @@ class HardwareProfile:
         return self.memory_factor[precision.name.lower()]
 
     @classmethod
+    def resolve(
+        cls, value: HardwareProfile | str | os.PathLike[str] | None, argument: str = "profile"
+    ) -> HardwareProfile:
+        """A profile from what a caller passed as ``argument``: a ``HardwareProfile``, a JSON's path, or None (shipped).
+
+        Raises:
+            TypeError: ``value`` is none of these (named, with ``argument``).
+            ConfigError: as ``load`` raises for a path.
+        """
+        if value is None or isinstance(value, str | os.PathLike):
+            return cls.load(value)
+        if isinstance(value, HardwareProfile):
+            return value
+        raise TypeError(
+            f"{argument}={value!r} must be a HardwareProfile, the path of a hardware-profile JSON, or None (the "
+            "shipped H200 profile)"
+        )
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> HardwareProfile:
         """Reads a profile JSON; ``None`` loads the one shipped with the package.
 

@@ -81,7 +81,8 @@ class Controller:
             ``config.elastic.lr_rule``. See ``triaccel_rl.config.LRRule``; large rises are warmed up.
         log_dir: write TensorBoard scalars here (``None``: no logging).
         device: the model's device; inferred from its parameters by default.
-        profile: the hardware profile that prices steps where time is not measured (default: the shipped one).
+        profile: the hardware profile whose memory factors the memory model starts from (a ``HardwareProfile``
+            or the path of its JSON; default: the shipped one). A user's loop is timed by the clock, never priced.
         max_grad_norm: clip the gradient's total norm to this before each update, as
             ``torch.nn.utils.clip_grad_norm_`` between your ``backward()`` and ``step()`` would (there is no such
             place in a controlled loop: ``step(loss)`` does both). On a GPU the fused step clips on the device,
@@ -109,7 +110,7 @@ class Controller:
         lr_rule: str | LRRule | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
-        profile: HardwareProfile | None = None,
+        profile: HardwareProfile | str | os.PathLike[str] | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -147,7 +148,7 @@ class Controller:
                 "[{'params': p, 'layer': i} for i, p in enumerate(StepEngine.discover(model))]"
             )
         self.lr_rule = resolve_lr_rule(rule, optimizer)
-        self.profile = profile or HardwareProfile.load()
+        self.profile = HardwareProfile.resolve(profile)
         self.engine = StepEngine(model, optimizer, self.device)
         try:
             self.engine.max_grad_norm = max_grad_norm

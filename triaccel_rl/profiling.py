@@ -45,25 +45,7 @@ def measure_profile(
         ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
             CPU (others, such as ``mps``, have no timer here), or the CUDA device asked for is not there.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"measure_profile: {name}={value!r} must be a positive integer")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"measure_profile: device={device!r} is not a device ({exc}); use 'cuda' or 'cpu'") from None
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(
-            f"measure_profile: device={str(device)!r} cannot be profiled; use a CUDA device or 'cpu' (the step "
-            "timer uses CUDA events on a GPU and the host clock on the CPU only)"
-        )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"measure_profile: device={str(device)!r}, but CUDA is not available here; use 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"measure_profile: device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA "
-            f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
-        )
+    device = profile_device(device, batch_size, steps)
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
     x = torch.randn(batch_size, 3, 32, 32, device=device)
@@ -99,6 +81,34 @@ def measure_profile(
         fixed_ms=fixed_ms,
         throughput_scale=max(fp32_ms - fixed_ms, 1e-6) / (batch_size * mflops),
     )
+
+
+def profile_device(device: str | torch.device, batch_size: int = 256, steps: int = 20) -> torch.device:
+    """``measure_profile``'s argument checks alone: the device it would profile, or the ``ValueError`` it would raise.
+
+    For a caller that says something about the device before the minutes of measuring (the CLI's note that a CPU
+    profile's memory factors are not measured), so that nothing is said about a device that is then refused.
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"measure_profile: {name}={value!r} must be a positive integer")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"measure_profile: device={device!r} is not a device ({exc}); use 'cuda' or 'cpu'") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"measure_profile: device={str(device)!r} cannot be profiled; use a CUDA device or 'cpu' (the step "
+            "timer uses CUDA events on a GPU and the host clock on the CPU only)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"measure_profile: device={str(device)!r}, but CUDA is not available here; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"measure_profile: device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    return device
 
 
 def _runs(precision: Precision, device: torch.device) -> bool:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -449,7 +450,7 @@ def train_policy(
         given = (
             f"eval_tasks={','.join(eval_tasks)} and eval_every=0"
             if eval_tasks
-            else f"eval_every={eval_every} without eval_tasks"
+            else f"eval_every={eval_every} and eval_tasks=(none)"
         )
         raise ValueError(f"{given}: give both (tasks, and the steps between evaluations) or neither")
     if torch_threads is not None and torch_threads < 1:
@@ -461,6 +462,8 @@ def train_policy(
     if resume is not None and not Path(resume).is_file():
         # The zip SB3 opens: "runs/policy_lr0.5" once looked for its stats at runs/policy_lr0.obs.json (with_suffix)
         resume = Path(f"{resume}.zip")
+    if resume is not None and not zipfile.is_zipfile(resume):  # SB3 said "Error: the file ... wasn't a zip-file"
+        raise ValueError(f"resume={str(resume)!r} is not a zip file: give the policy .zip train_policy saved")
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     if warm_start_epochs < 1 or warm_start_steps < 1:  # -100 steps imitated one decision and recorded -100

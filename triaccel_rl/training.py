@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -217,7 +218,7 @@ class TrainingRun:
         batch_size: int | None = None,
         memory: MemoryBudget | None = None,
         cost_mode: CostMode | str = CostMode.MEASURED,
-        profile: HardwareProfile | None = None,
+        profile: HardwareProfile | str | os.PathLike[str] | None = None,
         n_probe: int = 512,
         include_fixed_cost: bool = True,
         elastic: ElasticConfig | None = None,
@@ -231,7 +232,7 @@ class TrainingRun:
         self.seed = seed
         self.device = resolve_device(device)
         self.cost_mode = CostMode.parse(cost_mode)
-        self.profile = profile if profile is not None else HardwareProfile.load()
+        self.profile = HardwareProfile.resolve(profile)
         self.include_fixed_cost = include_fixed_cost
         self.elastic = elastic or ElasticConfig()
         self.fault = fault
