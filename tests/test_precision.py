@@ -565,6 +565,81 @@ def test_a_shared_module_called_twice_and_nested_layers_enter_and_leave_in_pairs
     assert torch.equal(out, s(h.float()))
 
 
+class _Tied(nn.Module):
+    """enc, mid, ReLU, dec, the last computing with the first's weight (tied, as an autoencoder's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8, bias=False)
+        self.mid = nn.Linear(8, 8)
+        self.dec = nn.Linear(8, 8, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.mid(self.enc(x))))
+
+
+@pytest.mark.parametrize("tied_map", [["bf16", "fp32", "fp16"], ["fp16", "fp32", "bf16"]])
+def test_layers_sharing_a_weight_each_compute_in_their_own_16_bit_type(tied_map: list[str]) -> None:
+    """Found in review: autocast's cache of cast weights is keyed by the weight, not by the type, and lives until the
+    context's region closes, so the second layer got the first's cast in the other 16-bit type and raised ("expected
+    m1 and m2 to have the same dtype"). Each layer gives exactly its forward alone in its precision, and the shared
+    weight's gradient sums the two layers' own, bit for bit."""
+    torch.manual_seed(0)
+    model = _Tied()
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.name for info in lp.layers] == ["enc", "mid", "dec"]
+    lp.set(tied_map)
+    inputs, outputs, _ = capture(model)
+    x = torch.randn(4, 8)
+    with lp.context():
+        out = model(x)
+    for name, precision in zip(["enc", "mid", "dec"], lp.precisions, strict=True):
+        with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
+            expected = getattr(model, name)(inputs[name])  # outside the context: the layer alone
+        assert outputs[name].dtype == precision.dtype and torch.equal(outputs[name], expected), name
+    out.float().sum().backward()
+    weight = model.enc.weight.detach().clone().requires_grad_()
+    first, last = lp.precisions[0].dtype, lp.precisions[2].dtype
+    h = torch.relu(F.linear(F.linear(x.to(first), weight.to(first)).float(), model.mid.weight, model.mid.bias))
+    reference = F.linear(h.to(last), weight.to(last))
+    reference.float().sum().backward()
+    assert torch.equal(out, reference) and torch.equal(model.enc.weight.grad, weight.grad)
+
+
+def test_layers_of_the_outer_regions_type_still_cast_a_weight_once_a_forward() -> None:
+    """What autocast's cache saves, kept where no other 16-bit type can read it: under a bf16/fp16/fp32 map (outer
+    region bf16) the bf16 layer, called twice, casts its weight once; the fp16 one, whose casts bypass the cache, at
+    each call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.b(self.a(self.a(x)))))
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+            super().__init__()
+            self.pointers = {weight.data_ptr(): name for name, weight in weights.items()}
+            self.casts = dict.fromkeys(weights, 0)
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers:
+                self.casts[self.pointers[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = Twice()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp16", "fp32"])
+    with lp.context(), CountCasts({"a": model.a.weight, "b": model.b.weight}) as counter:
+        model(torch.randn(2, 8))
+    assert counter.casts == {"a": 1, "b": 2}
+
+
 def test_a_context_inside_another_gives_the_outer_one_back_its_regions() -> None:
     """Before the fix, leaving the inner context turned the hooks off for the rest of the outer one: its fp32 layer
     then ran in the outer bf16."""

@@ -141,6 +141,7 @@ class LayerPrecision:
         self._forward_on: dict[int, bool] = {}  # each module's last forward: did its hooks act (for a recompute)
         self._mixed = False
         self._cache_enabled = True
+        self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
         # Open autocast regions of the modules being run: (module, region, whether it emulates fp16; see below).
         self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool]] = []
@@ -234,7 +235,9 @@ class LayerPrecision:
         per-layer cost. Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
 
         Args:
-            cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured).
+            cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured). Under a map that
+                mixes bf16 and fp16, the layers of the type other than the outer region's run without it (a weight
+                shared by a bf16 and an fp16 layer must be cast to each type).
         """
         if self._eager_regions is None and "torch._dynamo" in sys.modules:  # here, outside any traced forward
             _guard_compiled_graphs_on_hooks()  # Dynamo loaded since the hooks were installed
@@ -247,10 +250,18 @@ class LayerPrecision:
         outer_dtype = self._outer_dtype()
         # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
         # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
-        outer = (self._active, self._mixed, self._cache_enabled, len(self._stack), len(self._swapped))
+        outer = (
+            self._active,
+            self._mixed,
+            self._cache_enabled,
+            self._outer_region_dtype,
+            len(self._stack),
+            len(self._swapped),
+        )
         self._mixed = self.uniform is None or self._emulates_fp16
         self._active = True
         self._cache_enabled = cache_enabled
+        self._outer_region_dtype = outer_dtype
         try:
             with torch.autocast(
                 self.device_type,
@@ -260,7 +271,7 @@ class LayerPrecision:
             ):
                 yield
         finally:
-            self._active, self._mixed, self._cache_enabled, depth, swapped = outer
+            self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
                 self._stack.pop()[1].__exit__(None, None, None)
@@ -313,7 +324,15 @@ class LayerPrecision:
             if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
-        region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
+        outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
+        # Autocast's cache of cast weights is keyed by the weight alone, not by the type it was cast to, and lives until
+        # the outermost region closes: a weight shared by a bf16 and an fp16 layer (tied weights) was cast for the first
+        # and handed, in that type, to the second ("expected m1 and m2 to have the same dtype"). Only regions of the
+        # outer region's type fill and read it, so it holds one type; a layer of the other 16-bit type casts its weights
+        # at each call. That costs a cast kernel only under a map mixing bf16 and fp16, and only for a layer called
+        # more than once a forward (the cache saves nothing on the first call); other maps keep the cache as they were.
+        cache_enabled = self._cache_enabled and precision.dtype == outer_dtype
+        region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=cache_enabled)
         region.__enter__()
         self._stack.append((module, region, False))
         return None
