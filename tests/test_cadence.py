@@ -153,6 +153,27 @@ def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on()
         loop.time_precisions((Precision.BF16,), steps=0)
 
 
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"steps": 2.5}, "steps=2.5 must be >= 1, a whole number"),
+        ({"steps": True}, "steps=True must be >= 1, a whole number"),
+        ({"steps": 2, "warmup_steps": 0.5}, "warmup_steps=0.5 must be >= 0, a whole number"),
+        ({"steps": 2, "warmup_steps": False}, "warmup_steps=False must be >= 0, a whole number"),
+        ({"steps": 2, "warmup_steps": -1}, "warmup_steps=-1 must be >= 0, a whole number"),
+    ],
+)
+def test_timing_precisions_refuses_a_step_count_that_is_not_whole_before_training(counts, message):
+    from triaccel_rl.types import Precision
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=3))
+    before = list(run.precisions)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.time_precisions((Precision.BF16, Precision.FP16), **counts)
+    assert run.steps == 0 and run.precisions == before  # nothing trained, the precision left as it was
+
+
 def test_cheap_share_stretches_an_interval_that_is_mostly_the_snapshot():
     cadence = Cadence(min_steps=20, max_factor=8, share=0.01, cheap_share=0.004)
     cadence.record(decision_ms=0.0, train_ms=100_000.0, steps=20_000)  # 5 ms a step, nothing to repay

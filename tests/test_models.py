@@ -430,6 +430,51 @@ def test_what_a_batch_norm_saves_counts_in_the_layer_before_it() -> None:
     assert costs.per_sample_bytes(bf16_map, profile) == 4 * 103 * profile.memory(Precision.BF16)
 
 
+class _NormRegisteredFirst(nn.Module):
+    """The model of the test above, its batch norm registered before the conv that feeds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class _NormOnTheInput(nn.Module):
+    """BatchNorm1d(4) on the model's input, then Linear(4, 3); the linear registered first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+def test_a_batch_norm_is_passed_over_in_the_order_the_layers_run_not_the_order_they_were_registered() -> None:
+    """Found in review: registered before its conv, the batch norm of the test above was charged 256 of the conv's
+    400 bytes (the order of ``find_layers``, registration order, decided which norm was passed over). Here the conv
+    still saves its input (36 floats), the norm its input (32) and the ReLU its output (32), all in the conv; the
+    linear its output (3). A norm that runs first, on the model's fp32 input, computes in fp32: it keeps its input (4
+    floats), wherever it is registered; the linear after it saves its input (the norm's output, 4) and its output
+    (3)."""
+    model = _NormRegisteredFirst()
+    sample = torch.zeros(1, 1, 6, 6)
+    assert [info.name for _, _, info in find_layers(model)] == ["bn", "conv", "fc"]
+    costs = _costs(model, sample)
+    assert costs.activation_bytes_per_sample.tolist() == [0, 4 * (36 + 32 + 32), 4 * 3]
+    assert costs.activation_bytes_per_sample.sum() == _graph_saved_bytes_per_sample(model, sample)
+    model = _NormOnTheInput()
+    assert [info.name for _, _, info in find_layers(model)] == ["fc", "bn"]
+    costs = _costs(model, torch.zeros(1, 4))
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 3), 4 * 4]
+    assert costs.activation_bytes_per_sample.sum() == _graph_saved_bytes_per_sample(model, torch.zeros(1, 4))
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_activation_bytes_equal_the_autograd_graphs_saved_tensors_on_every_task(name: str) -> None:
     """On EfficientNet-B0 the outputs came to 0.61x what the graph keeps (3.71 against 6.06 MB a sample), on the

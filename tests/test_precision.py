@@ -565,6 +565,161 @@ def test_a_shared_module_called_twice_and_nested_layers_enter_and_leave_in_pairs
     assert torch.equal(out, s(h.float()))
 
 
+class _Tied(nn.Module):
+    """enc, mid, ReLU, dec, the last computing with the first's weight (tied, as an autoencoder's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8, bias=False)
+        self.mid = nn.Linear(8, 8)
+        self.dec = nn.Linear(8, 8, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.mid(self.enc(x))))
+
+
+@pytest.mark.parametrize("tied_map", [["bf16", "fp32", "fp16"], ["fp16", "fp32", "bf16"]])
+def test_layers_sharing_a_weight_each_compute_in_their_own_16_bit_type(tied_map: list[str]) -> None:
+    """Found in review: autocast's cache of cast weights is keyed by the weight, not by the type, and lives until the
+    context's region closes, so the second layer got the first's cast in the other 16-bit type and raised ("expected
+    m1 and m2 to have the same dtype"). Each layer gives exactly its forward alone in its precision, and the shared
+    weight's gradient sums the two layers' own, bit for bit."""
+    torch.manual_seed(0)
+    model = _Tied()
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.name for info in lp.layers] == ["enc", "mid", "dec"]
+    lp.set(tied_map)
+    inputs, outputs, _ = capture(model)
+    x = torch.randn(4, 8)
+    with lp.context():
+        out = model(x)
+    for name, precision in zip(["enc", "mid", "dec"], lp.precisions, strict=True):
+        with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
+            expected = getattr(model, name)(inputs[name])  # outside the context: the layer alone
+        assert outputs[name].dtype == precision.dtype and torch.equal(outputs[name], expected), name
+    out.float().sum().backward()
+    weight = model.enc.weight.detach().clone().requires_grad_()
+    first, last = lp.precisions[0].dtype, lp.precisions[2].dtype
+    h = torch.relu(F.linear(F.linear(x.to(first), weight.to(first)).float(), model.mid.weight, model.mid.bias))
+    reference = F.linear(h.to(last), weight.to(last))
+    reference.float().sum().backward()
+    assert torch.equal(out, reference) and torch.equal(model.enc.weight.grad, weight.grad)
+
+
+def test_layers_of_the_outer_regions_type_still_cast_a_weight_once_a_forward() -> None:
+    """What autocast's cache saves, kept where no other 16-bit type can read it: under a bf16/fp16/fp32 map (outer
+    region bf16) the bf16 layer, called twice, casts its weight once; the fp16 one, whose casts bypass the cache, at
+    each call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.b(self.a(self.a(x)))))
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+            super().__init__()
+            self.pointers = {weight.data_ptr(): name for name, weight in weights.items()}
+            self.casts = dict.fromkeys(weights, 0)
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers:
+                self.casts[self.pointers[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = Twice()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp16", "fp32"])
+    with lp.context(), CountCasts({"a": model.a.weight, "b": model.b.weight}) as counter:
+        model(torch.randn(2, 8))
+    assert counter.casts == {"a": 1, "b": 2}
+
+
+class _Island(nn.Module):
+    """body, then router inside the model's own fp32 block, and head: a router kept in fp32 by its author."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.router, self.head = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        with torch.autocast("cpu", enabled=False):
+            routes = self.router(h)  # a 16-bit h: cast up by the hooks, as a mixed map's fp32 layer gets it
+        return self.head(h), routes
+
+
+def _copies_of(model: nn.Module, lp: LayerPrecision) -> Any:
+    """Copies for ``lp.use_weight_copies``: each parameter cast to the layer's type (as the fused step keeps them)."""
+    modules = dict(model.named_modules())
+
+    def copies(index: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        owner = modules[lp.layers[index].name]
+        return [(owner, name, param.detach().to(dtype)) for name, param in owner.named_parameters(recurse=False)]
+
+    return copies
+
+
+@pytest.mark.parametrize(
+    "island_map",
+    [["bf16", "bf16", "bf16"], ["fp16", "fp16", "fp16"], ["bf16", "bf16", "fp32"], ["fp16", "bf16", "fp16"]],
+)
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_layer_inside_the_models_own_fp32_block_computes_in_fp32_under_any_map(
+    island_map: list[str], copies: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: under a uniform map (the hooks idle) the router computed in fp32, as its author asked; under a
+    mixed map its pre-hook opened its 16-bit region inside the block, so its type hung on other layers' precisions.
+    Reading a 16-bit weight copy inside the block raised under a uniform map. Now fp32 under every map, bit for bit
+    the router alone in fp32; the other layers keep theirs; a warning names the router once."""
+    torch.manual_seed(0)
+    model = _Island()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(island_map)
+    if copies:
+        lp.use_weight_copies(_copies_of(model, lp))
+    inputs, outputs, _ = capture(model)
+    with caplog.at_level("WARNING", logger="triaccel_rl.precision"), lp.context():
+        for _ in range(2):
+            _, routes = model(torch.randn(2, 8))
+    assert routes.dtype == torch.float32 and torch.equal(routes, model.router(inputs["router"].float()))
+    for name, precision in (("body", lp.precisions[0]), ("head", lp.precisions[2])):
+        with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
+            expected = getattr(model, name)(inputs[name])
+        assert outputs[name].dtype == precision.dtype and torch.equal(outputs[name], expected), name
+    assert lp.layers_in_model_fp32_blocks == [1] and lp.precisions[1] is Precision.parse(island_map[1])
+    assert caplog.text.count("layer 'router' is called inside the model's own torch.autocast(enabled=False)") == 1
+    assert not lp._stack and not lp._swapped
+
+
+def test_a_layer_inside_an_fp32_layers_forward_keeps_its_own_precision() -> None:
+    """Autocast is off there too, but by the fp32 layer's region, not the model's code: the inner layer is not taken
+    for one in the model's fp32 block."""
+
+    class Outer(nn.Linear):  # a controllable layer calling another inside its forward
+        def __init__(self) -> None:
+            super().__init__(4, 4)
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.inner(x).float())
+
+    model = nn.Sequential(Outer(), nn.Linear(4, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [info.name for info in lp.layers] == ["0", "0.inner", "1"]
+    lp.set(["fp32", "bf16", "fp16"])
+    seen: dict[str, torch.Tensor] = {}
+    model[0].inner.register_forward_hook(lambda m, a, out: seen.update(inner=out))
+    with lp.context():
+        model(torch.randn(2, 4))
+    assert seen["inner"].dtype == torch.bfloat16 and lp.layers_in_model_fp32_blocks == []
+
+
 def test_a_context_inside_another_gives_the_outer_one_back_its_regions() -> None:
     """Before the fix, leaving the inner context turned the hooks off for the rest of the outer one: its fp32 layer
     then ran in the outer bf16."""

@@ -212,11 +212,13 @@ def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample
 
     A saved tensor counts in the layer whose forward was entered last when it was saved: operations without parameters
     between layers (a ``SiLU``, a squeeze-excitation product, ``softmax`` in attention) go to the layer before them,
-    whose precision their input has; the output goes to the last layer entered. A batch norm is passed over (it
-    computes on its input's 16 bits and returns them, though it reports fp32: ``triaccel_rl.precision``), so what it
-    and the operations after it save counts in the layer before it too. A ``torch.compile``d model runs its original
-    module, whose layers' hooks fire. Counting each layer's output instead came to 0.53-0.68x of this on
-    EfficientNet-B0, the depthwise CNNs and the Transformers.
+    whose precision their input has; the output goes to the last layer entered. A batch norm that runs after another
+    layer is passed over (it computes on its input's 16 bits and returns them, though it reports fp32:
+    ``triaccel_rl.precision``), so what it and the operations after it save counts in the layer that ran before it
+    too, in the order the layers run, whatever order they were registered in; one that runs first (on the model's own
+    fp32 input) counts its own. A ``torch.compile``d model runs its original module, whose layers' hooks fire.
+    Counting each layer's output instead came to 0.53-0.68x of this on EfficientNet-B0, the depthwise CNNs and the
+    Transformers.
 
     Leaves no trace (:func:`_untouched`); runs outside inference mode, as a training step does.
 
@@ -248,6 +250,7 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
     modules = dict(model.named_modules())
     saved: list[tuple[weakref.ref[torch.Tensor], int]] = []
     current = [0]
+    other_than_batch_norm_ran = [False]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         # The graph holds this alias only (no backward runs): it dies with its node. Holding the tensor itself, a
@@ -256,19 +259,25 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
         saved.append((weakref.ref(alias), current[0]))
         return alias
 
-    def entering(index: int) -> Callable[..., None]:
+    def entering(index: int, batch_norm: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
+            # Batch norm takes 16-bit inputs as they come and returns their type (precision.py): once another layer has
+            # run, what it and the operations after it save has the precision of the layer before it, not the fp32 it
+            # reports. Decided in the order the layers run: by registration order (a batch norm registered before the
+            # conv that feeds it), the same computation was counted in the norm or in the conv.
+            if batch_norm and other_than_batch_norm_ran[0]:
+                return
             current[0] = index
+            other_than_batch_norm_ran[0] |= not batch_norm
 
         return hook
 
-    handles = [
-        module.register_forward_pre_hook(entering(i))
-        for i, info in enumerate(layers)
-        # Batch norm takes 16-bit inputs as they come and returns their type (precision.py): what it and the operations
-        # after it save has the precision of the layer before it, not the fp32 it reports.
-        if not (isinstance(module := modules.get(info.name, model), nn.modules.batchnorm._BatchNorm) and i > 0)
-    ]
+    handles = []
+    for i, info in enumerate(layers):
+        module = modules.get(info.name, model)
+        handles.append(
+            module.register_forward_pre_hook(entering(i, isinstance(module, nn.modules.batchnorm._BatchNorm)))
+        )
     runner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its graph runs no module's hooks
     per_layer = np.zeros(len(layers))
     try:

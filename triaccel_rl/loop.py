@@ -16,6 +16,7 @@ import numpy as np
 from triaccel_rl.actions import decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode
+from triaccel_rl.errors import is_whole
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
@@ -151,12 +152,17 @@ class DecisionLoop:
         caller charges them (``IntervalStats.charged_ms``). The last candidate's precision is left on.
 
         Raises:
-            ValueError: no candidate, or ``steps < 1`` or ``warmup_steps < 0``.
+            ValueError: no candidate, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a whole number
+                >= 0 (bools refused too), before any step trains.
         """
         if not candidates:
             raise ValueError("candidates is empty: name at least one precision to time")
-        if steps < 1 or warmup_steps < 0:
-            raise ValueError(f"steps={steps} must be >= 1 and warmup_steps={warmup_steps} >= 0")
+        # Checked here, before the first candidate trains: a fractional count (steps=2.5) trained a few steps, left
+        # the precision changed and failed in train_interval.
+        if not is_whole(steps) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be >= 1, a whole number of timed steps a candidate")
+        if not is_whole(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} must be >= 0, a whole number of steps a candidate")
         n_controllable = len(self.run.precision.controllable_indices)
         step_ms: dict[Precision, float] = {}
         chunks: list[IntervalStats] = []

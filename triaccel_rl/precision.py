@@ -12,6 +12,9 @@ user's module applying ``F.linear`` to its own parameter) run in an fp32 region 
 norm takes 16-bit inputs as they come, as under ``torch.autocast`` (it computes in fp32 and returns the input's type),
 and a module with children computes its own functional ops in the outer region (a region of its own would hold its
 children in fp32 too).
+
+A controllable layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32, as its
+author asked, whatever its precision (which the controller's costs still count).
 """
 
 from __future__ import annotations
@@ -119,6 +122,11 @@ class LayerPrecision:
 
     Precisions apply only inside :meth:`context`; outside it the model runs as if unhooked.
 
+    A layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32 there whatever
+    its precision (its 16-bit inputs cast up), under a uniform map and a mixed one alike: its author asked for fp32.
+    Limitation: the precision set for it is what the controller's cost model and observation count; such layers are
+    listed in :attr:`layers_in_model_fp32_blocks` and named once in a warning.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> lp = LayerPrecision(model, device_type="cpu")
@@ -141,9 +149,12 @@ class LayerPrecision:
         self._forward_on: dict[int, bool] = {}  # each module's last forward: did its hooks act (for a recompute)
         self._mixed = False
         self._cache_enabled = True
+        self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
-        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16; see below).
-        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool]] = []
+        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16 (see below), whether
+        # autocast is on in it).
+        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, bool]] = []
+        self._in_model_fp32_blocks: set[int] = set()  # see layers_in_model_fp32_blocks
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -225,6 +236,16 @@ class LayerPrecision:
         chosen = {self.precisions[i] for i in self._controllable_index}
         return chosen.pop() if len(chosen) == 1 else None
 
+    @property
+    def layers_in_model_fp32_blocks(self) -> list[int]:
+        """Indices (into ``layers``) of bf16/fp16 layers that computed in fp32 inside the model's own fp32 block.
+
+        Layers called inside a ``torch.autocast(..., enabled=False)`` block of the model's forward, seen in eager
+        forwards since the hooks were installed (each is logged once as a warning). Nothing else reads it: the
+        controller's cost model and observation count the precision set, not the fp32 such a layer computes in.
+        """
+        return sorted(self._in_model_fp32_blocks)
+
     @contextlib.contextmanager
     def context(self, cache_enabled: bool = True) -> Iterator[None]:
         """Runs the model's forward (and the loss) with the per-layer precisions.
@@ -234,7 +255,9 @@ class LayerPrecision:
         per-layer cost. Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
 
         Args:
-            cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured).
+            cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured). Under a map that
+                mixes bf16 and fp16, the layers of the type other than the outer region's run without it (a weight
+                shared by a bf16 and an fp16 layer must be cast to each type).
         """
         if self._eager_regions is None and "torch._dynamo" in sys.modules:  # here, outside any traced forward
             _guard_compiled_graphs_on_hooks()  # Dynamo loaded since the hooks were installed
@@ -247,10 +270,18 @@ class LayerPrecision:
         outer_dtype = self._outer_dtype()
         # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
         # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
-        outer = (self._active, self._mixed, self._cache_enabled, len(self._stack), len(self._swapped))
+        outer = (
+            self._active,
+            self._mixed,
+            self._cache_enabled,
+            self._outer_region_dtype,
+            len(self._stack),
+            len(self._swapped),
+        )
         self._mixed = self.uniform is None or self._emulates_fp16
         self._active = True
         self._cache_enabled = cache_enabled
+        self._outer_region_dtype = outer_dtype
         try:
             with torch.autocast(
                 self.device_type,
@@ -260,7 +291,7 @@ class LayerPrecision:
             ):
                 yield
         finally:
-            self._active, self._mixed, self._cache_enabled, depth, swapped = outer
+            self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
                 self._stack.pop()[1].__exit__(None, None, None)
@@ -280,6 +311,15 @@ class LayerPrecision:
             if not self._hooks_on(module):
                 return None
             precision = self.precisions[index]
+            # Called inside the model's own ``autocast(enabled=False)`` block, the layer computes in fp32 whatever the
+            # map: a uniform map (the hooks idle) always let it, but a mixed map's region turned autocast back on there,
+            # so its type hung on other layers' precisions. (Under torch.compile the autocast state read here is the
+            # traced frame's, which Dynamo keeps as it traces.)
+            in_model_fp32_block = precision is not Precision.FP32 and self._in_model_fp32_block()
+            if in_model_fp32_block:
+                if not torch.compiler.is_compiling():
+                    self._note_model_fp32_block(index)
+                precision = Precision.FP32
             if (
                 self.weight_copies is not None
                 and precision is not Precision.FP32
@@ -288,34 +328,50 @@ class LayerPrecision:
             ):
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
             if not self._mixed_now():
-                return None
+                # Autocast is off already; 16-bit inputs cast up as a mixed map's fp32 layer gets them.
+                return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
-            return enter(module, index, args, kwargs)
+            return enter(module, index, args, kwargs, in_model_fp32_block)
 
         return pre_hook
 
     def _enter_region(
-        self, module: nn.Module, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        module: nn.Module,
+        index: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        in_model_fp32_block: bool = False,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
 
         An fp32 layer's 16-bit inputs are cast up (float64 ones stay, as autocast leaves them); an emulated fp16
-        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32.
+        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32. A layer called inside the model's
+        own fp32 block (``in_model_fp32_block``) is an fp32 layer, whatever its precision.
 
         Run eagerly under ``torch.compile`` (``_eager_regions``; a graph break at each layer of a mixed map): it changes
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
         """
         precision = self.precisions[index]
-        if precision is Precision.FP32 or self._emulate(index):
+        if in_model_fp32_block or precision is Precision.FP32 or self._emulate(index):
+            emulated = precision is Precision.FP16 and not in_model_fp32_block
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
-            self._stack.append((module, region, precision is Precision.FP16))
-            if precision is Precision.FP16:  # emulated: fp16-rounded inputs, fp32 arithmetic
+            self._stack.append((module, region, emulated, False))
+            if emulated:  # fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
-        region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=self._cache_enabled)
+        outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
+        # Autocast's cache of cast weights is keyed by the weight alone, not by the type it was cast to, and lives until
+        # the outermost region closes: a weight shared by a bf16 and an fp16 layer (tied weights) was cast for the first
+        # and handed, in that type, to the second ("expected m1 and m2 to have the same dtype"). Only regions of the
+        # outer region's type fill and read it, so it holds one type; a layer of the other 16-bit type casts its weights
+        # at each call. That costs a cast kernel only under a map mixing bf16 and fp16, and only for a layer called
+        # more than once a forward (the cache saves nothing on the first call); other maps keep the cache as they were.
+        cache_enabled = self._cache_enabled and precision.dtype == outer_dtype
+        region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False))
+        self._stack.append((module, region, False, True))
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -333,7 +389,7 @@ class LayerPrecision:
         """
         if self._stack[-1][0] is not module:
             return None
-        _, region, emulated = self._stack.pop()
+        _, region, emulated, _ = self._stack.pop()
         region.__exit__(None, None, None)
         if emulated and isinstance(output, torch.Tensor):
             return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
@@ -362,6 +418,31 @@ class LayerPrecision:
             self._forward_on[id(module)] = False
             return False
         return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
+
+    def _in_model_fp32_block(self) -> bool:
+        """Whether the model's own code turned autocast off around this call (``torch.autocast(..., enabled=False)``).
+
+        Asked for a layer set to bf16 or fp16, so :meth:`context`'s region (and a recompute's, which checkpointing
+        restores) is on: off with none of our regions open, or inside one of ours that is on (a 16-bit layer calling
+        this one in its forward), is the model's doing. Off inside an fp32 region of ours (an fp32 layer calling this
+        one) is ours, and the layer computes in its own precision there, as it did.
+        """
+        if torch.is_autocast_enabled(self.device_type):
+            return False
+        return not self._stack or self._stack[-1][3]
+
+    def _note_model_fp32_block(self, index: int) -> None:
+        """Records that layer ``index`` computed in fp32 in the model's own fp32 block; warns the first time."""
+        if index in self._in_model_fp32_blocks:
+            return
+        self._in_model_fp32_blocks.add(index)
+        _log.warning(
+            "layer %r is called inside the model's own torch.autocast(enabled=False) block: it computes in fp32 there, "
+            "whatever precision is set for it (%s now); the controller's costs and observation still count that "
+            "precision",
+            self.layers[index].name,
+            self.precisions[index].name,
+        )
 
     def _outer_dtype(self) -> torch.dtype | None:
         """The dtype of :meth:`context`'s autocast region: bf16 if a layer is bf16, else fp16; None: all fp32."""
@@ -411,7 +492,7 @@ class LayerPrecision:
         """``_enter_fp32_module``'s region and casts, run eagerly under ``torch.compile`` (as ``_enter_region``)."""
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False))
+        self._stack.append((module, region, False, False))
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
