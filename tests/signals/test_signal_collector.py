@@ -922,6 +922,23 @@ def test_a_round_on_few_samples_through_a_batch_norm_runs_micro_batches_of_two()
     assert report is not None and report.folded and report.plan.n_microbatches == 12
 
 
+@pytest.mark.parametrize(("n_samples", "n_micro"), [(256, 4), (3, 3)])
+def test_micro_batches_of_one_sample_run_as_planned_never_more(n_samples: int, n_micro: int) -> None:
+    """``micro_batch_size=1`` made every round take ``n_samples // 2`` micro-batches of two (128 instead of the 4
+    planned): the fallback for a probe batch too small for the plan fired on the size itself. Now one sample each, as
+    many micro-batches as planned (as there are samples, when fewer)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_microbatches=4, fixed_probes=1, micro_batch_size=1)
+    collector, _ = mlp_collector(model, [[model.weight], [model.bias]], replace(config, warmup_round=False), n_samples)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(len(args[0])))
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded and report.plan.n_microbatches == n_micro
+    assert forwards == [1] * n_micro + [min(n_samples, 128)]  # the micro-batches, then the Hutchinson sub-batch
+
+
 def test_a_non_finite_round_fisher_is_not_kept_and_a_frozen_layer_restarts_no_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

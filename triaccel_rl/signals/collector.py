@@ -699,13 +699,16 @@ class SignalCollector:
         watch.lap()
         n_available = len(source.inputs)
         micro = min(config.micro_batch_size, n_available // plan.n_microbatches)
-        if micro < 2 and n_available >= 4:
-            # Fewer than two samples a micro-batch: fewer micro-batches of two (a one-sample micro-batch fails in a
-            # batch norm, which computes batch statistics in training mode; 24 probe samples and 16 micro-batches did).
-            plan = RoundPlan(n_available // 2, plan.n_probes, plan.predicted_ms)
-            micro = 2
-        elif micro < 1:  # under four samples: one a micro-batch, as many as there are
-            plan = RoundPlan(n_available, plan.n_probes, plan.predicted_ms)
+        # The least a micro-batch may hold: two, unless one is what was asked for (a one-sample micro-batch fails in a
+        # batch norm in training mode, which computes batch statistics; 24 probe samples and 16 micro-batches did).
+        least = min(config.micro_batch_size, 2)
+        if micro < least and n_available >= 2 * least:
+            # Too few samples for the plan at that size: fewer micro-batches of ``least`` (fewer than planned, since
+            # ``n_available < least * n_microbatches`` here; a micro_batch_size of 1 made it n_available // 2 of them).
+            plan = RoundPlan(min(plan.n_microbatches, n_available // least), plan.n_probes, plan.predicted_ms)
+            micro = least
+        elif micro < 1:  # fewer samples than micro-batches, and under four: one a micro-batch, as many as there are
+            plan = RoundPlan(min(plan.n_microbatches, n_available), plan.n_probes, plan.predicted_ms)
             micro = 1
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
         order = torch.randperm(n_available, generator=self._cpu_generator)

@@ -78,7 +78,9 @@ class SignalConfig:
             every this many optimizer steps (smaller rounds when steps are cheap); it runs a round as soon
             as the budget has room for it.
         micro_batch_size: samples per micro-batch of the gradient-noise estimator (fixed, so that GPU
-            kernels are tuned for one shape).
+            kernels are tuned for one shape). A probe batch too small for the round's micro-batches of this size
+            gets fewer micro-batches of two samples (one each under four samples). 1 gives per-sample gradients,
+            which a batch norm in training mode refuses (it needs two samples for its batch statistics).
         hutchinson_batch_size: samples in the Hutchinson sub-batch (capped by the samples available).
         max_microbatches: largest number of micro-batches in a round, >= 2.
         max_probes: largest number of Hutchinson probes in a round, >= 1.
