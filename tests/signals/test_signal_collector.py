@@ -499,6 +499,47 @@ def test_device_moments_take_an_fp16_gradients_norm_past_fp16s_range() -> None:
     assert result.sq_norm[0] == pytest.approx(1e10, rel=1e-4)  # summed in float32
 
 
+def test_device_moments_record_a_float64_models_norms_in_float64() -> None:
+    """A float64 model's observe raised (its norms were asked for in float32, a narrowing torch refuses) and left a
+    zero row behind, flushed as a finite step of zero norms and zero loss."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    loss = model(torch.randn(4, 3, dtype=torch.float64)).pow(2).mean()
+    loss.backward()
+    moments = DeviceMoments([[model.weight], [model.bias]])
+    moments.observe(loss)
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.loss) == (1, 1, loss.item())
+    for layer, param in enumerate((model.weight, model.bias)):
+        assert param.grad is not None
+        norm = torch.linalg.vector_norm(param.grad).item()  # float64, as the rows are
+        assert result.norm[layer] == pytest.approx(norm, rel=1e-15)
+        assert result.sq_norm[layer] == pytest.approx(norm**2, rel=1e-15)
+
+
+def test_device_moments_a_call_that_raises_in_its_norms_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row was taken before the norms: a raise in them left it as a zero row, a finite step of loss 0."""
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()  # |grad|^2 = 2 * (3 + 1) = 8
+    moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.5)
+    moments.observe(torch.tensor(2.0))
+    state = (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call)
+
+    def failing_norm(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("norm failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_foreach_norm", failing_norm)
+        with pytest.raises(RuntimeError, match="norm failed"):
+            moments.observe(torch.tensor(5.0))
+    assert (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call) == state
+    assert moments._tensor_rows is not None and moments._tensor_rows.used == 1
+    moments.observe(torch.tensor(4.0))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.loss) == (2, 2, 3.0)
+    assert result.sq_norm[0] == pytest.approx(8.0)
+
+
 def test_device_moments_sampling_and_full_buffer() -> None:
     model = nn.Linear(3, 2)
     moments = DeviceMoments([[model.weight, model.bias]], every_steps=2, capacity=2)
