@@ -829,6 +829,35 @@ def test_the_cheap_noise_scale_is_exact_below_the_batch_and_capped_at_it() -> No
     assert noise(0.01, batch=64) == 64.0  # 6336 uncapped: a lagging running mean must not grow the batch
 
 
+def test_an_unknown_running_mean_reads_as_an_even_split_not_as_no_noise() -> None:
+    """Plain SGD keeps no running mean (NaN): E|g|^2 stood in for |E g|^2, so the cheap tier reported no noise at all
+    (variance 0, SNR 1e30, noise scale 0) and the observation a log SNR at its bound and a batch far above the noise
+    scale. Now the neutral even split: SNR 1, the noise scale the batch, both the observation's neutral 0."""
+    collector = SignalCollector([LayerInfo("a", 40, True), LayerInfo("b", 9, True)], 0.9, 1 << 30)
+    for _ in range(5):
+        collector.observe(fake_stats(2, sq=2.0))  # E|g_l|^2 = 2 per layer, exactly (bias-corrected EMA of constants)
+
+    def cheap(mean_sq: list[float]) -> Signals:
+        return collector.snapshot(
+            grad_mean_sq_norm=np.array(mean_sq), probe_loss=1.0, batch_size=32, lr_scale=1.0,
+            precisions=[Precision.FP32] * 2,
+        )  # fmt: skip
+
+    signals = cheap([math.nan, math.nan])
+    assert signals.grad_variance.tolist() == [1.0 / 40, 1.0 / 9]  # half of E|g|^2, per element
+    assert signals.snr.tolist() == [1.0, 1.0] and signals.noise_scale == 32.0
+    assert signals.extra["grad_mean_unknown_layers"] == ["a", "b"]
+    grouper, layout = LayerGrouper(signals.controllable, 2), ObservationLayout(2)
+    observation = build_observation(signals, grouper, 32, layout)
+    assert observation[layout.globals("log_noise_over_batch")] == 0.0
+    assert [observation[layout.group(g, "log_snr")] for g in range(2)] == [0.0, 0.0]
+    # One layer known: it is measured as before, the other split evenly.
+    mixed = cheap([1.5, math.nan])
+    assert mixed.grad_variance.tolist() == [0.5 / 40, 1.0 / 9] and mixed.snr.tolist() == [1.5 / 0.5, 1.0]
+    assert mixed.noise_scale == 32 * 1.5 / 2.5 and mixed.extra["grad_mean_unknown_layers"] == ["b"]
+    assert cheap([0.5, 1.0]).extra["grad_mean_unknown_layers"] == []
+
+
 # ---------------------------------------------- rounds too costly for the run, costs kept in the process
 
 
