@@ -105,9 +105,10 @@ class SignalConfig:
             measured earlier in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
         observe_budget_frac: share of step time that recording the per-step statistics may take in a
-            ``Controller`` on a GPU, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in several is
-            recorded when a recording costs more). None records every step. On a CPU, and in ``TrainingRun``
-            (whose observations must repeat for a seed), every step is recorded.
+            ``Controller`` on a GPU, and in a ``TrainingRun`` a ``DecisionLoop`` drives (``compare``, the
+            environment) on a GPU in measured mode, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in
+            several is recorded when a recording costs more). None records every step. On a CPU, and in a
+            ``TrainingRun`` in profile cost mode (whose observations must repeat for a seed), every step is recorded.
         cheap_budget_frac: share of training time the cheap signals may take, as measured, in
             (``observe_budget_frac``, ``budget_frac``]: recording the per-step statistics (sampled under
             ``observe_budget_frac``) and, at each decision point, reducing the interval's statistics into a
