@@ -91,6 +91,26 @@ def test_batch_growth_scales_lr_linearly():
     assert opt.param_groups[0]["lr"] == 0.1  # the optimizer keeps its own LR; the controller multiplies it
 
 
+def test_adascale_takes_the_noise_scale_as_unknown_where_the_optimizer_keeps_no_running_mean():
+    """Plain SGD keeps no running mean: the snapshot's noise scale is then the neutral guess of the batch size, which
+    the adascale rule must not take for a measurement (a batch of 16 grown to 64 would raise the LR 1.6 times); an
+    unknown noise scale gives the gain of 1 it gave before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4), lr_rule="adascale")
+    for step, (x, y) in enumerate(ctl.loader(data(), batch_size=16)):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+        if step == 3:
+            break
+    assert ctl.signals is not None and ctl.signals.extra["grad_mean_unknown_layers"] == ["0", "2"]
+    assert ctl.signals.noise_scale == 16.0  # the neutral guess: the batch
+    ctl.batch_size = 64
+    assert ctl.lr == 0.1
+
+
 class _FailingBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:

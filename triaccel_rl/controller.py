@@ -985,7 +985,10 @@ class Controller:
             self.engine.lr_factors = signals.lr_factors  # the engine writes them into the LRs at its next step
         self.grouper.update(signals)
         observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
-        self._noise_scale = signals.noise_scale  # for the adascale LR rule, should the batch change now
+        # For the adascale LR rule, should the batch change now; unknown (None, a gain of 1) where the optimizer keeps
+        # no running mean, whose snapshot reports the neutral guess of the batch size.
+        unknown = signals.extra.get("grad_mean_unknown_layers")
+        self._noise_scale = None if unknown else signals.noise_scale
         start = time.perf_counter()
         raw, _ = self.policy.predict(observation, deterministic=True)
         report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)

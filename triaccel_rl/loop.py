@@ -38,7 +38,8 @@ class DecisionLoop:
 
     Args:
         run: the training run to drive.
-        config: decision interval, groups, bounds; ``config.signals`` configures the signal collector.
+        config: decision interval, groups, bounds; ``config.signals`` configures the signal collector and the
+            run's sampling of its per-step statistics (``TrainingRun.observe_budget_frac``).
         rollback: override ``config.rollback`` (the learning environment turns it off).
         adaptive_interval: let the interval grow so that decisions stay within their overhead budget
             (``ControllerConfig.max_interval_factor``); by default on for a GPU run with measured cost.
@@ -75,6 +76,11 @@ class DecisionLoop:
         if self.guard is not None:
             self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
         self._healthy = False  # the latest probe loss was finite
+        # The per-step statistics are sampled under the config's share where the run measures its time and memory (a
+        # GPU in measured mode), and all recorded elsewhere, so that observations repeat for a seed. (The run kept
+        # the default SignalConfig's share: a configured one was ignored, and compare's run, built in measured mode
+        # and switched to profile mode after, sampled in profile mode.)
+        run.observe_budget_frac = config.signals.observe_budget_frac if run.measures_memory else None
         measured_gpu = run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
         adaptive = measured_gpu if adaptive_interval is None else adaptive_interval
         share = (1.0 - config.signals.expensive_share) * config.signals.budget_frac

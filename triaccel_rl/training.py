@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -281,11 +282,7 @@ class TrainingRun:
         self.n_layers = len(self.layers)
         self.steps = 0
         self.skipped_steps = 0
-        self.observe_budget_frac = SignalConfig().observe_budget_frac if self.measures_memory else None
-        """Share of step time :meth:`train_interval`'s per-step statistics may take: when recording them costs
-        more, one step in several is recorded (``DeviceMoments(budget_frac=...)``). The default
-        ``SignalConfig.observe_budget_frac`` on a GPU in measured mode; None (every step recorded, so that
-        observations repeat for a seed) otherwise. Skipped steps are counted from the applied updates either way."""
+        self._observe_budget_frac = SignalConfig().observe_budget_frac if self.measures_memory else None
         self.oom_events = 0
         self.oom_log: list[OOMEvent] = []
         self.train_time_ms = 0.0
@@ -696,6 +693,32 @@ class TrainingRun:
         return modelled_ms
 
     @property
+    def observe_budget_frac(self) -> float | None:
+        """Share of step time :meth:`train_interval`'s per-step statistics may take, in (0, 1), or None.
+
+        When recording them costs more, one step in several is recorded (``DeviceMoments(budget_frac=...)``).
+        The default ``SignalConfig.observe_budget_frac`` on a GPU in measured mode; None (every step recorded, so
+        that observations repeat for a seed) otherwise. A ``DecisionLoop`` sets it from its
+        ``config.signals.observe_budget_frac`` where the run measures memory (a GPU in measured mode), None
+        elsewhere. Set mid-run, it applies from the next recorded step. Skipped steps are counted from the
+        applied updates either way.
+
+        Raises:
+            ValueError: (on setting) a value that is not None nor a number in (0, 1).
+        """
+        return self._observe_budget_frac
+
+    @observe_budget_frac.setter
+    def observe_budget_frac(self, value: float | None) -> None:
+        if value is not None and not (_is_real(value) and 0.0 < value < 1.0):
+            raise ValueError(f"observe_budget_frac={value!r} must be a number in (0, 1), or None to record every step")
+        self._observe_budget_frac = value
+        if self._moments is not None:  # the interval's recorder, made at the first train_interval
+            self._moments.budget_frac = value
+            if value is None:
+                self._moments.every_steps = 1  # as a recorder made without a budget: every step
+
+    @property
     def measures_memory(self) -> bool:
         """True when memory comes from the CUDA allocator (a GPU in ``measured`` mode), not the accounting."""
         return self.device.type == "cuda" and self.cost_mode is CostMode.MEASURED
@@ -1061,6 +1084,11 @@ class _StepOutcome:
     oom_events: int
     modelled_ms: float
     memory_bytes: int
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _first_line(error: BaseException) -> str:

@@ -167,7 +167,9 @@ class Signals:
             non-negative.
         noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples. These three
             come from unbiased micro-batch estimates once a round has run; before that (or with
-            ``SignalMode.CHEAP``) from the biased optimizer-moment proxy (``triaccel_rl.signals.collector``).
+            ``SignalMode.CHEAP``) from the biased optimizer-moment proxy (``triaccel_rl.signals.collector``),
+            a neutral even split (SNR 1, noise scale = the batch) for layers whose optimizer keeps no running mean
+            (``extra["grad_mean_unknown_layers"]``).
         memory_bytes: peak memory used in the interval.
         memory_budget_bytes: the budget the controller must respect.
         step_time_ms: mean step time (measured or modelled, per the cost mode) in the interval.

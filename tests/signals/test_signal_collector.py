@@ -499,6 +499,47 @@ def test_device_moments_take_an_fp16_gradients_norm_past_fp16s_range() -> None:
     assert result.sq_norm[0] == pytest.approx(1e10, rel=1e-4)  # summed in float32
 
 
+def test_device_moments_record_a_float64_models_norms_in_float64() -> None:
+    """A float64 model's observe raised (its norms were asked for in float32, a narrowing torch refuses) and left a
+    zero row behind, flushed as a finite step of zero norms and zero loss."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    loss = model(torch.randn(4, 3, dtype=torch.float64)).pow(2).mean()
+    loss.backward()
+    moments = DeviceMoments([[model.weight], [model.bias]])
+    moments.observe(loss)
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.loss) == (1, 1, loss.item())
+    for layer, param in enumerate((model.weight, model.bias)):
+        assert param.grad is not None
+        norm = torch.linalg.vector_norm(param.grad).item()  # float64, as the rows are
+        assert result.norm[layer] == pytest.approx(norm, rel=1e-15)
+        assert result.sq_norm[layer] == pytest.approx(norm**2, rel=1e-15)
+
+
+def test_device_moments_a_call_that_raises_in_its_norms_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row was taken before the norms: a raise in them left it as a zero row, a finite step of loss 0."""
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()  # |grad|^2 = 2 * (3 + 1) = 8
+    moments = DeviceMoments([[model.weight, model.bias]], budget_frac=0.5)
+    moments.observe(torch.tensor(2.0))
+    state = (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call)
+
+    def failing_norm(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("norm failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_foreach_norm", failing_norm)
+        with pytest.raises(RuntimeError, match="norm failed"):
+            moments.observe(torch.tensor(5.0))
+    assert (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call) == state
+    assert moments._tensor_rows is not None and moments._tensor_rows.used == 1
+    moments.observe(torch.tensor(4.0))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.loss) == (2, 2, 3.0)
+    assert result.sq_norm[0] == pytest.approx(8.0)
+
+
 def test_device_moments_sampling_and_full_buffer() -> None:
     model = nn.Linear(3, 2)
     moments = DeviceMoments([[model.weight, model.bias]], every_steps=2, capacity=2)
@@ -788,6 +829,35 @@ def test_the_cheap_noise_scale_is_exact_below_the_batch_and_capped_at_it() -> No
     assert noise(0.01, batch=64) == 64.0  # 6336 uncapped: a lagging running mean must not grow the batch
 
 
+def test_an_unknown_running_mean_reads_as_an_even_split_not_as_no_noise() -> None:
+    """Plain SGD keeps no running mean (NaN): E|g|^2 stood in for |E g|^2, so the cheap tier reported no noise at all
+    (variance 0, SNR 1e30, noise scale 0) and the observation a log SNR at its bound and a batch far above the noise
+    scale. Now the neutral even split: SNR 1, the noise scale the batch, both the observation's neutral 0."""
+    collector = SignalCollector([LayerInfo("a", 40, True), LayerInfo("b", 9, True)], 0.9, 1 << 30)
+    for _ in range(5):
+        collector.observe(fake_stats(2, sq=2.0))  # E|g_l|^2 = 2 per layer, exactly (bias-corrected EMA of constants)
+
+    def cheap(mean_sq: list[float]) -> Signals:
+        return collector.snapshot(
+            grad_mean_sq_norm=np.array(mean_sq), probe_loss=1.0, batch_size=32, lr_scale=1.0,
+            precisions=[Precision.FP32] * 2,
+        )  # fmt: skip
+
+    signals = cheap([math.nan, math.nan])
+    assert signals.grad_variance.tolist() == [1.0 / 40, 1.0 / 9]  # half of E|g|^2, per element
+    assert signals.snr.tolist() == [1.0, 1.0] and signals.noise_scale == 32.0
+    assert signals.extra["grad_mean_unknown_layers"] == ["a", "b"]
+    grouper, layout = LayerGrouper(signals.controllable, 2), ObservationLayout(2)
+    observation = build_observation(signals, grouper, 32, layout)
+    assert observation[layout.globals("log_noise_over_batch")] == 0.0
+    assert [observation[layout.group(g, "log_snr")] for g in range(2)] == [0.0, 0.0]
+    # One layer known: it is measured as before, the other split evenly.
+    mixed = cheap([1.5, math.nan])
+    assert mixed.grad_variance.tolist() == [0.5 / 40, 1.0 / 9] and mixed.snr.tolist() == [1.5 / 0.5, 1.0]
+    assert mixed.noise_scale == 32 * 1.5 / 2.5 and mixed.extra["grad_mean_unknown_layers"] == ["b"]
+    assert cheap([0.5, 1.0]).extra["grad_mean_unknown_layers"] == []
+
+
 # ---------------------------------------------- rounds too costly for the run, costs kept in the process
 
 
@@ -920,6 +990,23 @@ def test_a_round_on_few_samples_through_a_batch_norm_runs_micro_batches_of_two()
     collector.observe(fake_stats(3))
     report = collector.maybe_estimate()
     assert report is not None and report.folded and report.plan.n_microbatches == 12
+
+
+@pytest.mark.parametrize(("n_samples", "n_micro"), [(256, 4), (3, 3)])
+def test_micro_batches_of_one_sample_run_as_planned_never_more(n_samples: int, n_micro: int) -> None:
+    """``micro_batch_size=1`` made every round take ``n_samples // 2`` micro-batches of two (128 instead of the 4
+    planned): the fallback for a probe batch too small for the plan fired on the size itself. Now one sample each, as
+    many micro-batches as planned (as there are samples, when fewer)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_microbatches=4, fixed_probes=1, micro_batch_size=1)
+    collector, _ = mlp_collector(model, [[model.weight], [model.bias]], replace(config, warmup_round=False), n_samples)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(len(args[0])))
+    collector.observe(fake_stats(2))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded and report.plan.n_microbatches == n_micro
+    assert forwards == [1] * n_micro + [min(n_samples, 128)]  # the micro-batches, then the Hutchinson sub-batch
 
 
 def test_a_non_finite_round_fisher_is_not_kept_and_a_frozen_layer_restarts_no_other(

@@ -91,7 +91,8 @@ def _range_cases() -> list[tuple[str, object, str]]:
     for value in (0.0, 1.0, 0.02, 0.5, math.nan, math.inf):  # 0.5 was taken under cheap_budget_frac=None
         message = f"observe_budget_frac={value} must be in (0, budget_frac=0.02), or None"
         cases.append(("observe_budget_frac", value, message))
-    for value in (0.001, 0.0005, 0.021, math.nan, math.inf):
+    # (0.001 or 0.0005 alone are taken: the unset observe_budget_frac is derived under them.)
+    for value in (0.0, -0.001, 0.021, math.nan, math.inf):
         cases.append(("cheap_budget_frac", value, f"cheap_budget_frac={value} must be in (observe_budget_frac=0.001, "))
     return cases
 
@@ -203,3 +204,38 @@ def test_a_small_budget_scales_the_sub_budgets_left_at_their_defaults_and_checks
     assert replace(SignalConfig(), budget_frac=0.002).cheap_budget_frac == pytest.approx(0.0004, rel=1e-12)
     with pytest.raises(ConfigError, match=r"cheap_budget_frac=0.004 must be in"):
         SignalConfig(budget_frac=0.003, cheap_budget_frac=0.004)
+
+
+def test_unset_sub_budgets_are_derived_from_the_final_values_and_only_those_set_are_refused() -> None:
+    """``observe_budget_frac=0.005`` (and ``budget_frac=0.003, observe_budget_frac=0.001``) were refused for a
+    ``cheap_budget_frac`` their user never set; ``replace(config, budget_frac=...)`` kept sub-budgets shrunk for the
+    old budget, where a new config derived others."""
+    # An unset cheap_budget_frac: the recording's share plus the default's 0.3% room (0.15 * 0.3% under a 0.3%
+    # budget), at most budget_frac.
+    room = 0.004 - 0.001  # the defaults' difference, computed as the config does
+    larger = SignalConfig(observe_budget_frac=0.005)
+    assert (larger.observe_budget_frac, larger.cheap_budget_frac) == (0.005, 0.005 + room)
+    assert type(larger.observe_budget_frac) is float  # set by hand: kept as given
+    small = SignalConfig(budget_frac=0.003, observe_budget_frac=0.001)
+    assert small.cheap_budget_frac == pytest.approx(0.001 + room * 0.15, rel=1e-12)
+    assert SignalConfig(observe_budget_frac=0.019).cheap_budget_frac == 0.02  # capped at the budget
+    assert SignalConfig(observe_budget_frac=0.0005).cheap_budget_frac == 0.004  # the default where it fits
+    assert SignalConfig(observe_budget_frac=None).cheap_budget_frac == 0.004
+    # An unset observe_budget_frac under a smaller cheap_budget_frac set by hand: a quarter of it.
+    assert SignalConfig(cheap_budget_frac=0.0005).observe_budget_frac == pytest.approx(0.000125, rel=1e-12)
+    assert SignalConfig(cheap_budget_frac=0.01).observe_budget_frac == 0.001
+    # replace() derives the unset ones again from the new values: the same as a fresh config.
+    shrunk = SignalConfig(budget_frac=0.002)
+    for budget in (0.05, 0.0001, 0.003):
+        again, fresh = replace(shrunk, budget_frac=budget), SignalConfig(budget_frac=budget)
+        assert (again.observe_budget_frac, again.cheap_budget_frac) == pytest.approx(
+            (fresh.observe_budget_frac, fresh.cheap_budget_frac), rel=1e-12
+        )
+    assert replace(larger, observe_budget_frac=0.0001).cheap_budget_frac == 0.004
+    assert replace(shrunk, observe_budget_frac=None).cheap_budget_frac == pytest.approx(0.0004, rel=1e-12)
+    assert SignalConfig.preset("thorough", observe_budget_frac=0.05).cheap_budget_frac == 0.05 + room
+    # Values set by hand that do not fit together are refused, by their values.
+    with pytest.raises(ConfigError, match=r"^cheap_budget_frac=0.001 must be in \(observe_budget_frac=0.001, "):
+        SignalConfig(observe_budget_frac=0.001, cheap_budget_frac=0.001)
+    with pytest.raises(ConfigError, match=r"^observe_budget_frac=0.005 must be in \(0, budget_frac=0.003\)"):
+        SignalConfig(budget_frac=0.003, observe_budget_frac=0.005)

@@ -109,3 +109,36 @@ def test_loop_passes_progress_and_a_round_too_costly_for_the_run_is_refused() ->
     assert signals.extra["curvature_source"] == "fisher" and signals.hessian_trace is None
     assert loop.collector.warmup_ms > 0  # the warm-up measured the cost it was refused on
     assert np.all(np.isfinite(loop.observation()))
+
+
+def test_the_loop_records_the_per_step_statistics_under_its_configs_observe_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run sampled under the default SignalConfig's 0.1% whatever ``config.signals.observe_budget_frac`` said
+    (None too, "every step recorded"). ``measures_memory`` is forced here to stand in for a GPU in measured mode."""
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
+    monkeypatch.setattr(TrainingRun, "calibrate_memory", lambda self, *args, **kwargs: None)
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    assert run.observe_budget_frac == 0.001  # the default SignalConfig's, before a loop drives it
+    for configured in (None, 0.005, 0.001):
+        DecisionLoop(run, ControllerConfig(signals=SignalConfig(observe_budget_frac=configured)))
+        assert run.observe_budget_frac == configured
+    monkeypatch.undo()  # a CPU run in measured mode: every step recorded, whatever the config
+    cpu = TrainingRun("synthetic", seed=0, device="cpu")
+    DecisionLoop(cpu, ControllerConfig(signals=SignalConfig(observe_budget_frac=0.005)))
+    assert cpu.observe_budget_frac is None
+
+
+def test_the_runs_observe_budget_reaches_its_recorder_and_is_checked() -> None:
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.train_interval(1)  # makes the recorder
+    assert run._moments is not None and run._moments.budget_frac is None
+    run.observe_budget_frac = 0.005
+    assert run._moments.budget_frac == 0.005
+    run._moments.every_steps = 8  # as a budget may have set it
+    run.observe_budget_frac = None
+    assert (run._moments.budget_frac, run._moments.every_steps) == (None, 1)
+    for value in (0.0, 1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"^observe_budget_frac=.* must be a number in \(0, 1\), or None"):
+            run.observe_budget_frac = value  # type: ignore[assignment]
+    assert run.observe_budget_frac is None

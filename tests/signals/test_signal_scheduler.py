@@ -102,7 +102,10 @@ def test_no_round_before_costs_are_known_except_the_first() -> None:
             {"observe_budget_frac": 0.0},
             r"observe_budget_frac=0.0 must be in \(0, budget_frac=0.02\), or None",
         ),
-        ({"cheap_budget_frac": 0.001}, r"cheap_budget_frac=0.001 must be in \(observe_budget_frac=0.001, budget_frac"),
+        (
+            {"observe_budget_frac": 0.001, "cheap_budget_frac": 0.001},
+            r"cheap_budget_frac=0.001 must be in \(observe_budget_frac=0.001, budget_frac",
+        ),
         ({"cheap_budget_frac": 0.03}, r"cheap_budget_frac=0.03 must be in .*budget_frac=0.02\]"),
         ({"max_microbatches": 1}, "max_microbatches=1 must be >= 2"),
         ({"fixed_probes": 0}, "fixed_probes=0"),

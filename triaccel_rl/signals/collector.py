@@ -12,6 +12,11 @@ steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the 
   (the running mean lags the moving parameters and is itself noisy), which is why the rounds below
   replace it whenever they have run. The bias is upward for the noise scale, so this estimate is
   capped at the batch size: on its own it never makes the batch look smaller than the noise scale.
+  Where the optimizer keeps no running mean (plain SGD without momentum; a layer before its first update: NaN),
+  ``E[|g_l|^2]`` is split evenly between signal and noise, a neutral guess: ``snr_l = 1`` and, where no layer's
+  mean is known, a noise scale of the batch size, the observation's neutral values (``log_snr`` and
+  ``log_noise_over_batch`` 0); ``extra["grad_mean_unknown_layers"]`` names those layers. (Taking ``E[|g|^2]`` for
+  ``|E[g]|^2`` read as no noise at all: variance 0, SNR 1e30, noise scale 0.)
 
 **Scheduled rounds** (mode ``all``; on a sub-batch, at decision points, under the overhead budget, see
 :class:`RoundScheduler`), with exact-in-expectation estimators (:mod:`triaccel_rl.signals.estimators`):
@@ -461,8 +466,8 @@ class SignalCollector:
         """Closes the interval and returns its ``Signals``; every value is finite.
 
         Args:
-            grad_mean_sq_norm: per layer ``|E[g]|^2`` from the optimizer's running mean (NaN = unknown);
-                used by the cheap tier only.
+            grad_mean_sq_norm: per layer ``|E[g]|^2`` from the optimizer's running mean (NaN = unknown: the
+                cheap tier then splits ``E[|g|^2]`` evenly, see the module doc); used by the cheap tier only.
             probe_loss: loss on the fixed probe batch now.
             batch_size: the batch size the next interval starts with.
             lr_scale: the current global LR multiplier.
@@ -479,6 +484,7 @@ class SignalCollector:
         sq = self._sq_ema / weight  # bias-corrected E[|g|^2] per layer
         batch = max(int(batch_size), 1)
         hessian_trace: np.ndarray | None = None
+        unknown_mean = np.zeros(len(self.layers), dtype=bool)  # layers with gradients but no running mean
         if self._round_weight.any():
             round_weight = np.maximum(self._round_weight, _TINY)
             hessian_trace = self._trace_ema / round_weight
@@ -490,7 +496,11 @@ class SignalCollector:
             noise_scale, resolved = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
             source = "hutchinson"
         else:
-            mean_sq = np.where(np.isfinite(grad_mean_sq_norm), grad_mean_sq_norm, sq)
+            known = np.isfinite(grad_mean_sq_norm)
+            unknown_mean = ~known & (sq > 0)
+            # Unknown: an even split, SNR 1 (E|g|^2 itself read as no noise at all, SNR 1e30 and a noise scale of 0,
+            # which the observation took for a batch far above the noise scale).
+            mean_sq = np.where(known, grad_mean_sq_norm, 0.5 * sq)
             mean_sq = np.minimum(mean_sq, sq)
             variance_sum = np.maximum(sq - mean_sq, 0.0)
             curvature = sq / self.n_params
@@ -566,6 +576,8 @@ class SignalCollector:
                 "unused_layers": [self.layers[i].name for i in np.flatnonzero(self._unused)]
                 if self._unused.any()
                 else [],
+                # Their variance and SNR (and the noise scale's share) are the neutral even split, not measured.
+                "grad_mean_unknown_layers": [self.layers[i].name for i in np.flatnonzero(unknown_mean)],
             },
         )
         self._interval_reset()
@@ -699,13 +711,16 @@ class SignalCollector:
         watch.lap()
         n_available = len(source.inputs)
         micro = min(config.micro_batch_size, n_available // plan.n_microbatches)
-        if micro < 2 and n_available >= 4:
-            # Fewer than two samples a micro-batch: fewer micro-batches of two (a one-sample micro-batch fails in a
-            # batch norm, which computes batch statistics in training mode; 24 probe samples and 16 micro-batches did).
-            plan = RoundPlan(n_available // 2, plan.n_probes, plan.predicted_ms)
-            micro = 2
-        elif micro < 1:  # under four samples: one a micro-batch, as many as there are
-            plan = RoundPlan(n_available, plan.n_probes, plan.predicted_ms)
+        # The least a micro-batch may hold: two, unless one is what was asked for (a one-sample micro-batch fails in a
+        # batch norm in training mode, which computes batch statistics; 24 probe samples and 16 micro-batches did).
+        least = min(config.micro_batch_size, 2)
+        if micro < least and n_available >= 2 * least:
+            # Too few samples for the plan at that size: fewer micro-batches of ``least`` (fewer than planned, since
+            # ``n_available < least * n_microbatches`` here; a micro_batch_size of 1 made it n_available // 2 of them).
+            plan = RoundPlan(min(plan.n_microbatches, n_available // least), plan.n_probes, plan.predicted_ms)
+            micro = least
+        elif micro < 1:  # fewer samples than micro-batches, and under four: one a micro-batch, as many as there are
+            plan = RoundPlan(min(plan.n_microbatches, n_available), plan.n_probes, plan.predicted_ms)
             micro = 1
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
         order = torch.randperm(n_available, generator=self._cpu_generator)

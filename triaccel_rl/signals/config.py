@@ -43,11 +43,17 @@ class Schedule(ChoiceEnum):
 
 
 class _Default(float):
-    """A default fraction left as it was: scaled to a ``budget_frac`` it does not fit (a value set is checked)."""
+    """A sub-budget its user left unset: derived from the other fields' final values, in ``__post_init__``.
+
+    The derived value keeps the type, so ``dataclasses.replace`` (which passes every field on) leaves it unset and
+    derives it again from the new values; a value set by hand is a plain number, checked as given.
+    """
 
 
 _DEFAULT_OBSERVE_FRAC = _Default(0.001)
 _DEFAULT_CHEAP_FRAC = _Default(0.004)
+_DEFAULT_BUDGET_FRAC = 0.02
+"""The budget the two defaults above are shares of (5% and 20%)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,9 @@ class SignalConfig:
             every this many optimizer steps (smaller rounds when steps are cheap); it runs a round as soon
             as the budget has room for it.
         micro_batch_size: samples per micro-batch of the gradient-noise estimator (fixed, so that GPU
-            kernels are tuned for one shape).
+            kernels are tuned for one shape). A probe batch too small for the round's micro-batches of this size
+            gets fewer micro-batches of two samples (one each under four samples). 1 gives per-sample gradients,
+            which a batch norm in training mode refuses (it needs two samples for its batch statistics).
         hutchinson_batch_size: samples in the Hutchinson sub-batch (capped by the samples available).
         max_microbatches: largest number of micro-batches in a round, >= 2.
         max_probes: largest number of Hutchinson probes in a round, >= 1.
@@ -97,9 +105,10 @@ class SignalConfig:
             measured earlier in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
         observe_budget_frac: share of step time that recording the per-step statistics may take in a
-            ``Controller`` on a GPU, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in several is
-            recorded when a recording costs more). None records every step. On a CPU, and in ``TrainingRun``
-            (whose observations must repeat for a seed), every step is recorded.
+            ``Controller`` on a GPU, and in a ``TrainingRun`` a ``DecisionLoop`` drives (``compare``, the
+            environment) on a GPU in measured mode, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in
+            several is recorded when a recording costs more). None records every step. On a CPU, and in a
+            ``TrainingRun`` in profile cost mode (whose observations must repeat for a seed), every step is recorded.
         cheap_budget_frac: share of training time the cheap signals may take, as measured, in
             (``observe_budget_frac``, ``budget_frac``]: recording the per-step statistics (sampled under
             ``observe_budget_frac``) and, at each decision point, reducing the interval's statistics into a
@@ -108,8 +117,15 @@ class SignalConfig:
             leaves room under the 0.5% target of issue 3 for what is not metered: the unsampled steps'
             bookkeeping (a few µs each) and device time beyond the host's (on an H200, 2026-12-01, about 0.07%
             of cnn-fmnist's 7.8-ms step). None: no bound of its own (decisions as a whole still keep to
-            ``(1 - expensive_share) * budget_frac``). Left at its default under a ``budget_frac`` below 0.4%, each
-            of the two takes its default's share of the default 2% budget (5% and 20% of ``budget_frac``).
+            ``(1 - expensive_share) * budget_frac``).
+
+    The two sub-budgets, when left unset, are derived from the final values of the fields that are set (also
+    through ``dataclasses.replace``, which derives them again): under a ``budget_frac`` below 0.4% each takes its
+    default's share of the default 2% budget (5% and 20% of ``budget_frac``); an unset ``cheap_budget_frac`` is
+    at least ``observe_budget_frac`` plus the default's room for the reduction (0.3%, or 15% of a ``budget_frac``
+    below 0.4%), at most ``budget_frac``; an unset ``observe_budget_frac`` under a smaller ``cheap_budget_frac``
+    set by hand takes a quarter of it (the defaults' ratio). Only values set by hand are refused, with a message
+    naming them.
 
     Example:
         >>> SignalConfig.preset("cheap").mode
@@ -153,12 +169,7 @@ class SignalConfig:
             require_bool(name, getattr(self, name))
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
-        for name in ("observe_budget_frac", "cheap_budget_frac"):
-            value = getattr(self, name)
-            if isinstance(value, _Default) and self.budget_frac < _DEFAULT_CHEAP_FRAC:
-                # The default's share of the default 2% budget, for a smaller one (a budget_frac under 0.4% was
-                # refused for fields its user never set).
-                object.__setattr__(self, name, self.budget_frac * float(value) / 0.02)
+        self._derive_unset_budgets()
         if not (0.0 < self.expensive_share <= 1.0):
             raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
         if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < self.budget_frac):
@@ -193,6 +204,31 @@ class SignalConfig:
             raise ConfigError(
                 f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
             )
+
+    def _derive_unset_budgets(self) -> None:
+        """Sets the sub-budgets left unset (``_Default``) from the final values of the others (see the class doc).
+
+        Derived from the defaults each time, never from a value derived before: ``replace(config, budget_frac=...)``
+        kept a sub-budget shrunk for the old budget, and a default that did not fit a value set by hand (``0.001``
+        under ``observe_budget_frac=0.005``) was refused under a name its user never gave.
+        """
+        # A budget_frac under 0.4% was refused for fields its user never set: there the defaults scale with it.
+        scale = self.budget_frac / _DEFAULT_BUDGET_FRAC if self.budget_frac < _DEFAULT_CHEAP_FRAC else 1.0
+        if isinstance(self.observe_budget_frac, _Default):
+            observe = float(_DEFAULT_OBSERVE_FRAC) * scale
+            cheap_set = None if isinstance(self.cheap_budget_frac, _Default) else self.cheap_budget_frac
+            if cheap_set is not None and 0.0 < cheap_set <= observe:  # NaN and the out-of-range are refused below
+                observe = cheap_set * (_DEFAULT_OBSERVE_FRAC / _DEFAULT_CHEAP_FRAC)
+            object.__setattr__(self, "observe_budget_frac", _Default(observe))
+        if isinstance(self.cheap_budget_frac, _Default):
+            cheap = float(_DEFAULT_CHEAP_FRAC) * scale
+            observe_now = self.observe_budget_frac
+            if observe_now is not None and math.isfinite(observe_now) and cheap <= observe_now:
+                # The recording's own share, plus the default's room for reducing the statistics; within the budget
+                # (an observe_budget_frac at or over budget_frac is refused below).
+                room = (_DEFAULT_CHEAP_FRAC - _DEFAULT_OBSERVE_FRAC) * scale
+                cheap = min(self.budget_frac, observe_now + room)
+            object.__setattr__(self, "cheap_budget_frac", _Default(cheap))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SignalConfig:

@@ -57,10 +57,10 @@ class IntervalMoments:
 class _Rows:
     """A device buffer of per-step rows (statistics, then the loss), grown by doubling when full."""
 
-    def __init__(self, width: int, capacity: int, device: torch.device, per_tensor: bool) -> None:
+    def __init__(self, width: int, capacity: int, device: torch.device, per_tensor: bool, dtype: torch.dtype) -> None:
         self.per_tensor = per_tensor  # rows of per-tensor norms (observe) or per-layer squared norms
         self.used = 0
-        self._allocate(torch.zeros(capacity, width + 1, device=device))
+        self._allocate(torch.zeros(capacity, width + 1, device=device, dtype=dtype))
 
     def _allocate(self, data: torch.Tensor) -> None:
         # Views made once per buffer: indexing a row per step costs host time.
@@ -74,7 +74,9 @@ class _Rows:
         if self.used == len(self.views):
             if self.used >= max_rows:
                 return None
-            grown = torch.zeros(min(2 * self.used, max_rows), self.data.shape[1], device=self.data.device)
+            grown = torch.zeros(
+                min(2 * self.used, max_rows), self.data.shape[1], device=self.data.device, dtype=self.data.dtype
+            )
             grown[: self.used].copy_(self.data)  # ordered on the stream after the rows' writes
             self._allocate(grown)
         self.used += 1
@@ -89,7 +91,9 @@ class DeviceMoments:
     :meth:`observe_layers` (copies of the given statistics and the loss into a row). Squares, per-layer
     sums and the finite test run on the host, over the interval's rows, once per flush. A step with a
     non-finite loss or gradient is counted but not added. The buffer doubles when an interval outgrows it,
-    up to ``max_rows`` sampled steps; sampled steps past that in the same interval are not recorded.
+    up to ``max_rows`` sampled steps; sampled steps past that in the same interval are not recorded. Its rows are
+    float32, or float64 where a parameter is float64 when the first row is written (the norms are taken in the
+    rows' dtype). A call that raises counts nothing.
 
     On a host-bound loop every dispatch costs wall time, so ``every_steps > 1`` samples one step in
     ``every_steps``; the others only count the call (pass the loss undetached: a sampled call detaches it).
@@ -187,15 +191,25 @@ class DeviceMoments:
         self._check_loss(loss)
         start = time.perf_counter()
         if self._tensor_rows is None:
-            self._tensor_rows = _Rows(len(self._params), self._capacity, self._device, per_tensor=True)
-        row = self._tensor_rows.next_row(self._max_rows)
+            self._tensor_rows = _Rows(len(self._params), self._capacity, self._device, True, self._row_dtype())
+        rows = self._tensor_rows
+        row = None
+        try:
+            grads = [p.grad if p.grad is not None else self._zero for p in self._params]
+            # In the rows' dtype, float32 at least: an fp16 gradient's norm over 65504 was inf in its own dtype, and
+            # the step counted as skipped; float32 refused a float64 gradient.
+            norms = torch._foreach_norm(grads, 2, dtype=rows.data.dtype)
+            # The row is taken once the norms are there: a raise in them left a zero row, read as a finite step.
+            row = rows.next_row(self._max_rows)
+            if row is not None:
+                torch.stack([*norms, loss.detach().reshape(())], out=rows.views[row])
+        except BaseException:
+            if row is not None:
+                rows.used -= 1  # the last row, taken above
+            self._untake()
+            raise
         if row is None:
             self._observed -= 1  # max_rows reached: this step is not recorded
-        else:
-            grads = [p.grad if p.grad is not None else self._zero for p in self._params]
-            # In float32: an fp16 gradient's norm over 65504 was inf in its own dtype, and the step counted as skipped.
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            torch.stack([*norms, loss.detach().reshape(())], out=self._tensor_rows.views[row])
         self._charge(time.perf_counter() - start)
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
@@ -217,7 +231,7 @@ class DeviceMoments:
         self._check_loss(loss)
         start = time.perf_counter()
         if self._layer_rows is None:
-            self._layer_rows = _Rows(self.n_layers, self._capacity, self._device, per_tensor=False)
+            self._layer_rows = _Rows(self.n_layers, self._capacity, self._device, False, self._row_dtype())
         row = self._layer_rows.next_row(self._max_rows)
         if row is None:
             self._observed -= 1  # max_rows reached: this step is not recorded
@@ -369,10 +383,14 @@ class DeviceMoments:
         self._tensor_rows = self._rows_from(blocks["tensor_rows"], len(self._params), per_tensor=True)
         self._layer_rows = self._rows_from(blocks["layer_rows"], self.n_layers, per_tensor=False)
 
+    def _row_dtype(self) -> torch.dtype:
+        """float64 where a parameter is float64 (its gradient's norm is, and float32 would round it), else float32."""
+        return torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+
     def _rows_from(self, saved: torch.Tensor | None, width: int, per_tensor: bool) -> _Rows | None:
         if saved is None:
             return None
-        rows = _Rows(width, max(self._capacity, len(saved)), self._device, per_tensor)
+        rows = _Rows(width, max(self._capacity, len(saved)), self._device, per_tensor, self._row_dtype())
         rows.data[: len(saved)].copy_(saved)
         rows.used = len(saved)
         return rows

@@ -352,10 +352,14 @@ def curvature_lr_factors(
 
 @contextlib.contextmanager
 def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
-    """Train-mode forward passes that leave batch-norm running statistics and counters untouched; dropout off.
+    """Forward passes of the function being trained that leave batch-norm running statistics and counters untouched.
 
-    Batch norm still normalises with the batch's own statistics (as in training), so the estimators see
-    the function being trained; dropout is switched off so that the loss is a deterministic function of
+    In a model in training mode every module keeps its own mode, so the estimators see the function being trained:
+    a batch norm in training mode normalises with the batch's own statistics, one its user froze in eval mode (as
+    in fine-tuning) with its running statistics, as in the training steps (``model.train()`` for the block measured
+    the frozen one in training mode: another function, whose Hessian trace had the other sign). A model in eval mode
+    (left so by an evaluation) is put in training mode for the block, every module, as ``TrainingRun``'s steps put
+    it back. Dropout is switched off so that the loss is a deterministic function of
     the parameters (a Hessian needs one): dropout modules, and the dropout built into ``nn.MultiheadAttention``
     (so ``nn.TransformerEncoderLayer``'s attention too) and between the layers of ``nn.LSTM``/``nn.GRU``/``nn.RNN``
     (their ``dropout`` set to 0 for the block; an RNN cannot go to eval mode, cuDNN's backward needs training
@@ -369,7 +373,8 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     saved: list[tuple[nn.modules.batchnorm._NormBase, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     dropout_rates: list[tuple[nn.Module, float]] = []
     was_training = {module: module.training for module in model.modules()}
-    model.train()
+    if not model.training:
+        model.train()
     normed = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()}
     others = [(b, b.clone()) for b in model.buffers() if id(b) not in normed]
     for module in model.modules():
