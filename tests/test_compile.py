@@ -214,36 +214,18 @@ def test_a_compiled_model_with_fp32_regions_computes_as_the_eager_one_and_settle
             assert graphs[1:] == [graphs[0]] * 2, (precisions, graphs)  # compiled at the map's first step only
 
 
-class _Island(nn.Module):
-    """A router inside the model's own fp32 block (``torch.autocast(enabled=False)``) between two layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.router, self.head = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)
-        with torch.autocast(DEVICE.type, enabled=False):
-            routes = self.router(h.float())
-        return self.head(h), routes
-
-
 def test_a_compiled_layer_inside_the_models_own_fp32_block_computes_in_fp32_as_the_eager_one():
     """The pre-hook reads the autocast state in the traced frame, which Dynamo keeps as it traces the model's block.
     A compiled forward reads the 16-bit weight copies: before the fix, the router read one inside the block under a
     uniform map (and raised), and computed in 16 bits under a mixed one."""
+    from test_precision import _copies_of, _Island
+
     from triaccel_rl.precision import LayerPrecision
 
     torch.manual_seed(0)
-    model = _Island().to(DEVICE)
+    model = _Island(DEVICE.type).to(DEVICE)
     lp = LayerPrecision(model, DEVICE.type)
-    modules = dict(model.named_modules())
-
-    def copies(index: int, dtype: torch.dtype) -> list[tuple[nn.Module, str, torch.Tensor]]:
-        owner = modules[lp.layers[index].name]
-        return [(owner, name, param.detach().to(dtype)) for name, param in owner.named_parameters(recurse=False)]
-
-    lp.use_weight_copies(copies)
+    lp.use_weight_copies(_copies_of(model, lp))
     lp.copies_in_eager = False  # the eager forward casts its weights; the compiled one reads the copies
     forward = torch.compile(model, backend=BACKEND)
     for precisions in (["bf16", "bf16", "bf16"], ["bf16", "bf16", "fp32"], ["fp16", "bf16", "fp16"]):

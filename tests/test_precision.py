@@ -643,13 +643,14 @@ def test_layers_of_the_outer_regions_type_still_cast_a_weight_once_a_forward() -
 class _Island(nn.Module):
     """body, then router inside the model's own fp32 block, and head: a router kept in fp32 by its author."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "cpu") -> None:
         super().__init__()
+        self.device_type = device_type
         self.body, self.router, self.head = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(self.device_type, enabled=False):
             routes = self.router(h)  # a 16-bit h: cast up by the hooks, as a mixed map's fp32 layer gets it
         return self.head(h), routes
 
