@@ -34,6 +34,7 @@ __all__ = [
     "StaticPolicy",
     "make_policy",
     "pretrained_policy_path",
+    "run_without_bf16",
 ]
 
 _log = logging.getLogger("triaccel_rl")
@@ -133,6 +134,26 @@ def make_policy(
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), stats)
     raise ValueError(f"unknown policy {spec!r}; allowed: {_allowed()}")
+
+
+def run_without_bf16(policy: Policy) -> bool:
+    """Starts and lowers ``policy`` in fp16 where it would in bf16: for a GPU without bf16 (a V100 or T4).
+
+    fp16, not fp32: it is the 16-bit format such a GPU runs fast (its tensor cores; what AMP runs there), which a user
+    running a controller on one is after, and the executor moves a layer that overflows in it to fp32. Without it, the
+    engine refuses a bf16 start (a ``Controller`` with the default heuristic, or ``"pretrained"``, could not be built
+    there), and the executor runs every lowering to bf16 in fp32 (a format the device lacks). Touches the start
+    precision when it is bf16 and the 16-bit format (``low_precision``) of a policy that has one (a learned policy's
+    too: its 16-bit groups run in fp16, as after a speed trial that chose fp16). Returns whether anything changed.
+    """
+    moved = []  # neither attribute is part of the Policy protocol: a policy may have either, both or neither
+    if getattr(policy, "initial_precision", None) is Precision.BF16:
+        moved.append("initial_precision")
+    if getattr(policy, "low_precision", Precision.FP16) is not Precision.FP16:  # None too: a learned policy's own
+        moved.append("low_precision")
+    for name in moved:
+        setattr(policy, name, Precision.FP16)
+    return bool(moved)
 
 
 def _allowed() -> str:
