@@ -149,8 +149,15 @@ class Executor:
                 refused.append(
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > {max_rate}"
                 )
-            # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16 (fp32 without bf16).
+            # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16 (fp32 without bf16). A layer
+            # asked for fp16, or kept there, is one the policy did not get as asked: said, as every refusal is.
+            in_fp16 = [i for i in range(len(wanted)) if wanted[i] is Precision.FP16]
             wanted = [out_of_fp16(p) for p in wanted]
+            if in_fp16:
+                refused.append(
+                    f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
+                    f"overflow rate {overflow_rate:.2f} > {max_rate}"
+                )
         # Any change, not only a raise: a lowered layer's 16-bit weight copy (2 bytes a parameter) can outweigh the
         # activations it saves on a weight-heavy model. A step that cannot be split must fit whole; one that can, one
         # sample at a time. A change that moves a prediction already over the budget down is taken.

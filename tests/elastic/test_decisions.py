@@ -304,6 +304,9 @@ def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
         loop.run.engine.set_precisions([Precision.FP16] * layers)
         report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
         assert report.precisions == [expected] * layers and not any("not applied" in r for r in report.refused)
+    assert loop.executor.apply(ask, loop.run, overflow_rate=0.5).refused == [
+        f"moved {layers} layers out of fp16 (to fp32): overflow rate 0.50 > 0.05"
+    ]
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.0])
@@ -327,6 +330,28 @@ def test_on_a_gpu_without_bf16_layers_asked_for_bf16_run_in_fp32_and_the_rest_of
         f"ran {asked_bf16} layers asked for bf16 in fp32: precision bf16 is not supported on this GPU; allowed: "
         "fp32, fp16"
     ]
+
+
+def test_under_overflow_the_layers_moved_out_of_fp16_are_reported() -> None:
+    """A layer asked for fp16 (or kept there) under overflow runs in bf16: every refusal is reported with its reason,
+    but this one was not (layers [bf16, fp16] asked fp16 at a 0.5 overflow rate ran [bf16, bf16], nothing said)."""
+    loop = _loop()
+    loop.grouper.assignment = np.arange(3)  # a group a layer (before any signals, all are in group 0)
+    ask = Action((Precision.FP16, Precision.FP16, Precision.FP16, Precision.FP32), 1.0, BatchMove.KEEP)
+    for rate, expected, refused in (
+        (
+            0.5,
+            [Precision.BF16, Precision.BF16, Precision.FP32],
+            [
+                "kept 1 layers at their precision: overflow rate 0.50 > 0.05",  # the fp32 layer asked for fp16
+                "moved 2 layers out of fp16 (to bf16): overflow rate 0.50 > 0.05",
+            ],
+        ),
+        (0.05, [Precision.FP16, Precision.FP16, Precision.FP16], []),  # at the bound: stable, applied as asked
+    ):
+        loop.run.engine.set_precisions([Precision.BF16, Precision.FP16, Precision.FP32])
+        report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
+        assert (report.precisions, report.refused) == (expected, refused)
 
 
 def test_a_refused_shrink_leaves_the_lr_gain_alone() -> None:
