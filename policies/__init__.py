@@ -13,7 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from triaccel_rl.policies.batch_finder import BATCH_FINDER_NAMES, BatchFinderPolicy
 from triaccel_rl.policies.heuristic import HEURISTIC_NAMES, HEURISTIC_PARTS, HeuristicPolicy
-from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
+from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError, _same_space
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
 from triaccel_rl.actions import action_space as config_action_space
@@ -61,10 +61,16 @@ def make_policy(
     LR ladder).
 
     Raises:
-        ValueError: an unknown name or a missing zip (the message lists the allowed ones), or an unusable zip (another
-            algorithm's, corrupt, or trained for other spaces: ``PolicyLoadError``).
+        ValueError: an unknown name or a missing zip (the message lists the allowed ones), an unusable zip (another
+            algorithm's, corrupt, or trained for other spaces: ``PolicyLoadError``), or a policy instance built for
+            another ``n_groups``, LR ladder or spaces than ``config``'s (``PolicyLoadError``; checked where the instance
+            carries a ``config``, spaces or observation stats, and only when ``config`` is given).
         TypeError: ``spec`` is neither a name, a path nor a policy; ``config`` is not a ``ControllerConfig``.
     """
+    if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
+        raise TypeError(
+            f"config={config!r} must be a ControllerConfig (a HeuristicConfig goes in ControllerConfig(heuristic=...))"
+        )
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if isinstance(spec, type):  # its predict is callable too, and failed later for want of self
@@ -77,11 +83,9 @@ def make_policy(
                 f"policy={spec!r} is neither a name nor a path (a str or a pathlib.Path) nor an object with SB3's "
                 "predict(observation, deterministic=...) method"
             )
+        if config is not None:
+            _check_instance(spec, config, observation_space, action_space)
         return spec
-    if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
-        raise TypeError(
-            f"config={config!r} must be a ControllerConfig (a HeuristicConfig goes in ControllerConfig(heuristic=...))"
-        )
     config = config or ControllerConfig()
     name = spec.lower()
     if name in STATIC_PRESETS or name.removeprefix("static-") in STATIC_PRESETS:
@@ -154,6 +158,56 @@ def run_without_bf16(policy: Policy) -> bool:
     for name in moved:
         setattr(policy, name, Precision.FP16)
     return bool(moved)
+
+
+def _check_instance(
+    policy: Any,
+    config: ControllerConfig,
+    observation_space: spaces.Space[Any] | None,
+    action_space: spaces.Space[Any] | None,
+) -> None:
+    """Refuses a policy instance built for other settings than the caller's ``config``, by what decoding reads.
+
+    Its actions are decoded with the caller's config: a policy on another LR ladder of the same length had its rungs
+    read as other multipliers, unsaid, and one of another ``n_groups`` failed at the first decision on its observation's
+    shape. Checked where the instance says what it was built for: a ``config`` (the heuristic, static and batch-finder
+    policies), spaces (a ``LearnedPolicy``), the LR ladder of its observation stats, and a ``FallbackPolicy``'s two.
+    """
+    name = getattr(policy, "name", type(policy).__name__)
+    own = getattr(policy, "config", None)
+    if isinstance(own, ControllerConfig):
+        if own.n_groups != config.n_groups:
+            raise PolicyLoadError(
+                f"policy {name!r} was built with n_groups={own.n_groups}, and this configuration's is "
+                f"n_groups={config.n_groups}: its observations and actions have another shape. Build it with this "
+                "configuration (e.g. HeuristicPolicy(config)), or run it with its own (config=policy.config)"
+            )
+        _check_ladder(name, own.lr_scales, config)
+    stats = getattr(policy, "stats", None)
+    if isinstance(stats, ObservationStats) and stats.lr_scales is not None:
+        _check_ladder(name, stats.lr_scales, config)
+    for label, expected, found in (
+        ("observation", observation_space, getattr(policy, "observation_space", None)),
+        ("action", action_space, getattr(policy, "action_space", None)),
+    ):
+        if isinstance(expected, spaces.Space) and isinstance(found, spaces.Space) and not _same_space(expected, found):
+            raise PolicyLoadError(
+                f"policy {name!r} was built for {label} space {found}, but this configuration has {expected}: "
+                "build it for these settings, or run it with its own"
+            )
+    if isinstance(policy, FallbackPolicy):  # the learned policy and the heuristic it falls back to, each
+        for inner in (policy.policy, policy.fallback):
+            _check_instance(inner, config, observation_space, action_space)
+
+
+def _check_ladder(name: str, ladder: tuple[float, ...], config: ControllerConfig) -> None:
+    """Refuses another LR ladder than ``config``'s, as ``make_policy`` does for a zip's (same wording)."""
+    if tuple(ladder) != tuple(config.lr_scales):
+        raise PolicyLoadError(
+            f"policy {name!r} was built with LR multipliers {list(ladder)}, and this configuration's are "
+            f"{list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
+            "(ControllerConfig(lr_scales=...), or config=policy.config), or build it with this configuration"
+        )
 
 
 def _allowed() -> str:
