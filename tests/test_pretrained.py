@@ -25,7 +25,7 @@ from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
-from triaccel_rl.shield import FallbackPolicy, ObservationStats
+from triaccel_rl.shield import CONSTANT_FEATURE_WIDTH, FallbackPolicy, ObservationStats
 from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS
 from triaccel_rl.types import Precision
 
@@ -623,3 +623,46 @@ def test_the_shipped_policy_falls_back_just_past_one_range_width(feature, value,
     assert policy.fallbacks == (decides == "heuristic")
     if decides == "heuristic":
         assert action.tolist() == HeuristicPolicy(CONFIG).predict(obs)[0].tolist()
+
+
+_PAST_TWO_IN_20 = float(np.nextafter(np.float32(0.1), np.float32(1)))  # the float32 just over 2 steps in 20
+
+
+@pytest.mark.parametrize(
+    ("rate", "decides"),
+    [(1 / 20, "learned"), (2 / 20, "learned"), (_PAST_TWO_IN_20, "heuristic"), (3 / 20, "heuristic")],
+)
+def test_the_shipped_policy_keeps_two_overflowing_steps_in_20_of_a_float32_observation(rate, decides):
+    """README and ``CONSTANT_FEATURE_WIDTH``: only a rate *over* 10% goes to the heuristic. The Controller's
+    observation is float32, where 2/20 reads 0.1000000015, 1.0000000149 widths out: it fell back."""
+    policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    layout = ObservationLayout(CONFIG.n_groups)
+    obs = ((np.array(policy.stats.low) + np.array(policy.stats.high)) / 2).astype(np.float32)
+    obs[layout.globals("overflow_rate")] = rate
+    action, _ = policy.predict(obs, deterministic=True)
+    assert policy.fallbacks == (decides == "heuristic")
+    heuristic = HeuristicPolicy(CONFIG).predict(obs)[0].tolist()
+    assert action.tolist() == ([0, 1, 1, 1, 4, 1] if decides == "learned" else heuristic)  # the card's constant action
+
+
+@pytest.mark.parametrize("max_distance", [1.0, 0.5, 2.0])
+def test_an_observation_at_the_edge_or_its_float32_is_in_and_the_next_float32_out(max_distance):
+    """Both ends of a range, of one that never varied too, whether float32 rounds the edge up or down."""
+    stats = ObservationStats((0.0, 0.0, 1.0), (0.3, 0.0, 1.7), 5)
+    widths = (0.3, CONSTANT_FEATURE_WIDTH, 0.7)
+    rounded = set()
+    for feature, (low, high, width) in enumerate(zip(stats.low, stats.high, widths, strict=True)):
+        for edge, away in ((high + max_distance * width, np.inf), (low - max_distance * width, -np.inf)):
+            as_float32 = float(np.float32(edge))
+            rounded.add(np.sign(as_float32 - edge) * np.sign(away))  # 1: rounded outwards, -1: inwards, 0: exact
+            outer = max(edge, as_float32) if away > 0 else min(edge, as_float32)
+            for value, beyond in (
+                (edge, False),  # exact, in float64
+                (as_float32, False),  # as a float32 observation holds it
+                (float(np.nextafter(np.float32(outer), np.float32(away))), True),  # the next float32 out
+            ):
+                obs = np.array([0.0, 0.0, 1.0])
+                obs[feature] = value
+                assert stats.beyond(obs, max_distance) is beyond, (feature, edge, value)
+    assert rounded >= {1.0, -1.0}  # float32 rounded some edges out, some in
+    assert stats.beyond(np.array([0.0, np.nan, 1.0]), 1.0) and stats.beyond(np.array([np.inf, 0.0, 1.0]), 1.0)
