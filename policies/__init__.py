@@ -135,9 +135,35 @@ def make_policy(
                 "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
                 "`triaccel-rl train-policy`"
             )
+        _note_interval(learned.name, stats.interval_steps, config.interval_steps)
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), stats)
     raise ValueError(f"unknown policy {spec!r}; allowed: {_allowed()}")
+
+
+_intervals_noted: set[tuple[str, int, int]] = set()
+"""(policy name, training interval, configured interval) already logged by :func:`_note_interval`."""
+
+
+def _note_interval(name: str, trained: int | None, configured: int) -> None:
+    """Logs at INFO, once a process, that a learned policy decides at another interval than it was trained at.
+
+    Not refused: its observations are per-interval rates and trends, and the Controller's default (20 steps, stretched
+    on a GPU) is what the shipped policy runs at unless told. But its model card's numbers are at its training
+    interval, and nothing said the run's differed.
+    """
+    if trained is None or trained == configured or (name, trained, configured) in _intervals_noted:
+        return
+    _intervals_noted.add((name, trained, configured))
+    _log.info(
+        "policy %r was trained deciding every %d optimizer steps; this configuration decides every %d (on a GPU, "
+        "possibly more: ControllerConfig.max_interval_factor). ControllerConfig(interval_steps=%d) decides as in "
+        "its training",
+        name,
+        trained,
+        configured,
+        trained,
+    )
 
 
 def run_without_bf16(policy: Policy) -> bool:

@@ -289,6 +289,13 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
         # NaN passed "low <= high", and every observation, the range's centre too, went to the heuristic
         ('{"low": [NaN, 0.0], "high": [1.0, 1.0], "n_observations": 4}', r"feature 0 has the range \[nan, 1.0\]"),
         ('{"low": [0.0], "high": [1.0], "n_observations": 4, "lr_scales": [1.0, NaN]}', r"lr_scales \[1.0, nan\]"),
+        *(
+            (
+                f'{{"low": [0.0], "high": [1.0], "n_observations": 4, "interval_steps": {bad}}}',
+                f"interval_steps {shown}",
+            )
+            for bad, shown in (("0", "0"), ("2.5", "2.5"), ("true", "True"), ('"10"', "'10'"))
+        ),
     ],
 )
 def test_observation_stats_that_cannot_serve_the_policy_are_refused_on_loading(tiny_policy, tmp_path, text, message):
@@ -316,6 +323,7 @@ def test_resuming_widens_the_observation_range_and_takes_new_rollout_sizes(tiny_
     assert all(a <= b for a, b in zip(after.low, before.low, strict=True))
     assert all(a >= b for a, b in zip(after.high, before.high, strict=True))
     assert after.lr_scales == before.lr_scales
+    assert before.interval_steps == after.interval_steps == 2  # the interval trained at, recorded by both runs
     model = PPO.load(out, device="cpu")
     assert (model.n_steps, model.batch_size) == (16, 8)
 
@@ -590,6 +598,9 @@ def test_the_shipped_observation_stats_match_the_shipped_zip_and_its_model_card(
     card = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
     assert f"| environment steps trained | {stats.n_observations} decisions" in card
     assert stats.n_observations == model.num_timesteps == 4096
+    # The interval it was trained at: the card's env settings, and what it tells a Controller's user to pass.
+    assert stats.interval_steps == 10 and f"| env settings | `interval_steps={stats.interval_steps}`" in card
+    assert f"`config=ControllerConfig(interval_steps={stats.interval_steps})`" in card
     assert all(-OBS_HIGH <= lo <= hi <= OBS_HIGH for lo, hi in zip(stats.low, stats.high, strict=True))
     layout = ObservationLayout(CONFIG.n_groups)
     for group in range(layout.n_groups):
@@ -666,3 +677,32 @@ def test_an_observation_at_the_edge_or_its_float32_is_in_and_the_next_float32_ou
                 assert stats.beyond(obs, max_distance) is beyond, (feature, edge, value)
     assert rounded >= {1.0, -1.0}  # float32 rounded some edges out, some in
     assert stats.beyond(np.array([0.0, np.nan, 1.0]), 1.0) and stats.beyond(np.array([np.inf, 0.0, 1.0]), 1.0)
+
+
+def test_a_learned_policy_run_at_another_interval_than_its_training_says_so_once(monkeypatch, caplog):
+    """The shipped policy was trained deciding every 10 steps; ``Controller(policy="pretrained")`` decides every 20 by
+    default (and stretches that on a GPU), and nothing said so."""
+    import triaccel_rl.policies
+
+    monkeypatch.setattr(triaccel_rl.policies, "_intervals_noted", set())
+    said = (
+        "policy 'pretrained' was trained deciding every 10 optimizer steps; this configuration decides every 20 (on a "
+        "GPU, possibly more: ControllerConfig.max_interval_factor). ControllerConfig(interval_steps=10) decides as in "
+        "its training"
+    )
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="pretrained") as ctl:
+            assert ctl.config.interval_steps == 20  # the default, unchanged
+        make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)  # the same mismatch: said already
+        make_policy("pretrained", ControllerConfig(interval_steps=10), OBSERVATION_SPACE, ACTION_SPACE)  # as trained
+    notes = [r for r in caplog.records if "was trained deciding every" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in notes] == [("INFO", said)]
+
+
+def test_merged_observation_stats_keep_an_interval_both_record():
+    ranges = ((0.0,), (1.0,), 4)
+    ten = ObservationStats(*ranges, interval_steps=10)
+    assert ten.merged(ObservationStats(*ranges, interval_steps=10)).interval_steps == 10
+    assert ten.merged(ObservationStats(*ranges, interval_steps=20)).interval_steps is None  # mixed: unknown
+    assert ten.merged(ObservationStats(*ranges)).interval_steps is None  # one predates the record: unknown

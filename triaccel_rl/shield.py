@@ -378,12 +378,16 @@ class ObservationStats:
         lr_scales: the LR multipliers the policy's LR action indexes (``ControllerConfig.lr_scales`` in training);
             None where the file predates it. A ladder of the same length but other values passes the spaces'
             check, so ``make_policy`` checks this against the caller's.
+        interval_steps: the optimizer steps between two decisions in training (``ControllerConfig.interval_steps``);
+            None where the file predates it, or stats of runs at different intervals were merged. A run may decide at
+            another interval (its observations are per-interval rates and trends); ``make_policy`` says so at INFO.
     """
 
     low: tuple[float, ...]
     high: tuple[float, ...]
     n_observations: int
     lr_scales: tuple[float, ...] | None = None
+    interval_steps: int | None = None
 
     @classmethod
     def from_observations(cls, observations: np.ndarray) -> ObservationStats:
@@ -468,6 +472,7 @@ class ObservationStats:
             tuple(np.maximum(self.high, other.high).tolist()),
             self.n_observations + other.n_observations,
             self.lr_scales,
+            self.interval_steps if self.interval_steps == other.interval_steps else None,  # mixed: unknown
         )
 
     @classmethod
@@ -496,6 +501,11 @@ class ObservationStats:
             ladder = None if scales is None else tuple(float(s) for s in scales)
         except (TypeError, ValueError) as error:
             raise ValueError(f"observation stats {str(file)!r} hold a value of the wrong kind: {error}") from None
+        interval = raw.get("interval_steps")
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(
+                f"observation stats {str(file)!r}: interval_steps {interval!r} must be a whole number of steps >= 1"
+            )
         unfinite = [
             i for i, (a, b) in enumerate(zip(low, high, strict=False)) if not (math.isfinite(a) and math.isfinite(b))
         ]
@@ -511,7 +521,7 @@ class ObservationStats:
                 f"observation stats {str(file)!r}: low and high must be ranges of one non-empty length with low <= "
                 f"high; got {len(low)} and {len(high)} values"
             )
-        return cls(low, high, count, ladder)
+        return cls(low, high, count, ladder, interval)
 
 
 class FallbackPolicy:
