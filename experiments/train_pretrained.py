@@ -279,6 +279,7 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
             f"stochastic rollouts ({settings['stats_episodes']} episode per training task), not of PPO's "
             "training buffer.\n"
         )
+    interval = settings["interval_steps"]
     return f"""# Pretrained controller policy (`policy="pretrained"`)
 
 An SB3 PPO `MlpPolicy` (two hidden layers of 64, separate policy and value nets) choosing, every
@@ -289,6 +290,15 @@ than one range width outside it goes to the heuristic (the shield's `FallbackPol
 the LR multipliers the LR action indexes (0.5, 0.75, 1, 1.25, 1.5): a configuration with another ladder is
 refused. Until its first decision, one interval into a run, every layer runs in the heuristic's start precision
 (bf16 by default).
+
+**How often it decides in your run.** It was trained, and evaluated below, deciding every {interval}
+optimizer steps. `Controller(model, optimizer, policy="pretrained")` decides every `ControllerConfig.interval_steps`
+steps, 20 by default, and on a GPU stretches that interval while its decisions would cost more than their share of
+the overhead budget (up to `max_interval_factor`, 8, times it); `compare` decides every `interval_steps` of the
+config it is given (`experiments/transfer.py`, which made the tables below, gives {interval}). To decide as in
+training, pass `config=ControllerConfig(interval_steps={interval})` (and `max_interval_factor=1` to hold it fixed on a
+GPU). `policy.obs.json` records the interval (`interval_steps`); `make_policy` logs once, at INFO, where a
+configuration's differs.
 
 ## Training
 
@@ -397,7 +407,8 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
                 done = terminated or truncated
         env.close()
     stats = ObservationStats.from_observations(np.stack(observations))
-    replace(stats, lr_scales=env_config(args.interval_steps).lr_scales).save(obs_stats_path(zip_path))
+    ladder = env_config(args.interval_steps).lr_scales
+    replace(stats, lr_scales=ladder, interval_steps=args.interval_steps).save(obs_stats_path(zip_path))
 
 
 def _facts(

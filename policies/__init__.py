@@ -13,7 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from triaccel_rl.policies.batch_finder import BATCH_FINDER_NAMES, BatchFinderPolicy
 from triaccel_rl.policies.heuristic import HEURISTIC_NAMES, HEURISTIC_PARTS, HeuristicPolicy
-from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError
+from triaccel_rl.policies.learned import LearnedPolicy, PolicyLoadError, _same_space
 from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 
 from triaccel_rl.actions import action_space as config_action_space
@@ -34,6 +34,7 @@ __all__ = [
     "StaticPolicy",
     "make_policy",
     "pretrained_policy_path",
+    "run_without_bf16",
 ]
 
 _log = logging.getLogger("triaccel_rl")
@@ -60,10 +61,16 @@ def make_policy(
     LR ladder).
 
     Raises:
-        ValueError: an unknown name or a missing zip (the message lists the allowed ones), or an unusable zip (another
-            algorithm's, corrupt, or trained for other spaces: ``PolicyLoadError``).
+        ValueError: an unknown name or a missing zip (the message lists the allowed ones), an unusable zip (another
+            algorithm's, corrupt, or trained for other spaces: ``PolicyLoadError``), or a policy instance built for
+            another ``n_groups``, LR ladder or spaces than ``config``'s (``PolicyLoadError``; checked where the instance
+            carries a ``config``, spaces or observation stats, and only when ``config`` is given).
         TypeError: ``spec`` is neither a name, a path nor a policy; ``config`` is not a ``ControllerConfig``.
     """
+    if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
+        raise TypeError(
+            f"config={config!r} must be a ControllerConfig (a HeuristicConfig goes in ControllerConfig(heuristic=...))"
+        )
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if isinstance(spec, type):  # its predict is callable too, and failed later for want of self
@@ -76,11 +83,9 @@ def make_policy(
                 f"policy={spec!r} is neither a name nor a path (a str or a pathlib.Path) nor an object with SB3's "
                 "predict(observation, deterministic=...) method"
             )
+        if config is not None:
+            _check_instance(spec, config, observation_space, action_space)
         return spec
-    if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
-        raise TypeError(
-            f"config={config!r} must be a ControllerConfig (a HeuristicConfig goes in ControllerConfig(heuristic=...))"
-        )
     config = config or ControllerConfig()
     name = spec.lower()
     if name in STATIC_PRESETS or name.removeprefix("static-") in STATIC_PRESETS:
@@ -130,9 +135,105 @@ def make_policy(
                 "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
                 "`triaccel-rl train-policy`"
             )
+        _note_interval(learned.name, stats.interval_steps, config.interval_steps)
         # Out-of-distribution observations go to the heuristic (the shield's fallback).
         return FallbackPolicy(learned, HeuristicPolicy(config), stats)
     raise ValueError(f"unknown policy {spec!r}; allowed: {_allowed()}")
+
+
+_intervals_noted: set[tuple[str, int, int]] = set()
+"""(policy name, training interval, configured interval) already logged by :func:`_note_interval`."""
+
+
+def _note_interval(name: str, trained: int | None, configured: int) -> None:
+    """Logs at INFO, once a process, that a learned policy decides at another interval than it was trained at.
+
+    Not refused: its observations are per-interval rates and trends, and the Controller's default (20 steps, stretched
+    on a GPU) is what the shipped policy runs at unless told. But its model card's numbers are at its training
+    interval, and nothing said the run's differed.
+    """
+    if trained is None or trained == configured or (name, trained, configured) in _intervals_noted:
+        return
+    _intervals_noted.add((name, trained, configured))
+    _log.info(
+        "policy %r was trained deciding every %d optimizer steps; this configuration decides every %d (on a GPU, "
+        "possibly more: ControllerConfig.max_interval_factor). ControllerConfig(interval_steps=%d) decides as in "
+        "its training",
+        name,
+        trained,
+        configured,
+        trained,
+    )
+
+
+def run_without_bf16(policy: Policy) -> bool:
+    """Starts and lowers ``policy`` in fp16 where it would in bf16: for a GPU without bf16 (a V100 or T4).
+
+    fp16, not fp32: it is the 16-bit format such a GPU runs fast (its tensor cores; what AMP runs there), which a user
+    running a controller on one is after, and the executor moves a layer that overflows in it to fp32. Without it, the
+    engine refuses a bf16 start (a ``Controller`` with the default heuristic, or ``"pretrained"``, could not be built
+    there), and the executor runs every lowering to bf16 in fp32 (a format the device lacks). Touches the start
+    precision when it is bf16 and the 16-bit format (``low_precision``) of a policy that has one (a learned policy's
+    too: its 16-bit groups run in fp16, as after a speed trial that chose fp16). Returns whether anything changed.
+    """
+    moved = []  # neither attribute is part of the Policy protocol: a policy may have either, both or neither
+    if getattr(policy, "initial_precision", None) is Precision.BF16:
+        moved.append("initial_precision")
+    if getattr(policy, "low_precision", Precision.FP16) is not Precision.FP16:  # None too: a learned policy's own
+        moved.append("low_precision")
+    for name in moved:
+        setattr(policy, name, Precision.FP16)
+    return bool(moved)
+
+
+def _check_instance(
+    policy: Any,
+    config: ControllerConfig,
+    observation_space: spaces.Space[Any] | None,
+    action_space: spaces.Space[Any] | None,
+) -> None:
+    """Refuses a policy instance built for other settings than the caller's ``config``, by what decoding reads.
+
+    Its actions are decoded with the caller's config: a policy on another LR ladder of the same length had its rungs
+    read as other multipliers, unsaid, and one of another ``n_groups`` failed at the first decision on its observation's
+    shape. Checked where the instance says what it was built for: a ``config`` (the heuristic, static and batch-finder
+    policies), spaces (a ``LearnedPolicy``), the LR ladder of its observation stats, and a ``FallbackPolicy``'s two.
+    """
+    name = getattr(policy, "name", type(policy).__name__)
+    own = getattr(policy, "config", None)
+    if isinstance(own, ControllerConfig):
+        if own.n_groups != config.n_groups:
+            raise PolicyLoadError(
+                f"policy {name!r} was built with n_groups={own.n_groups}, and this configuration's is "
+                f"n_groups={config.n_groups}: its observations and actions have another shape. Build it with this "
+                "configuration (e.g. HeuristicPolicy(config)), or run it with its own (config=policy.config)"
+            )
+        _check_ladder(name, own.lr_scales, config)
+    stats = getattr(policy, "stats", None)
+    if isinstance(stats, ObservationStats) and stats.lr_scales is not None:
+        _check_ladder(name, stats.lr_scales, config)
+    for label, expected, found in (
+        ("observation", observation_space, getattr(policy, "observation_space", None)),
+        ("action", action_space, getattr(policy, "action_space", None)),
+    ):
+        if isinstance(expected, spaces.Space) and isinstance(found, spaces.Space) and not _same_space(expected, found):
+            raise PolicyLoadError(
+                f"policy {name!r} was built for {label} space {found}, but this configuration has {expected}: "
+                "build it for these settings, or run it with its own"
+            )
+    if isinstance(policy, FallbackPolicy):  # the learned policy and the heuristic it falls back to, each
+        for inner in (policy.policy, policy.fallback):
+            _check_instance(inner, config, observation_space, action_space)
+
+
+def _check_ladder(name: str, ladder: tuple[float, ...], config: ControllerConfig) -> None:
+    """Refuses another LR ladder than ``config``'s, as ``make_policy`` does for a zip's (same wording)."""
+    if tuple(ladder) != tuple(config.lr_scales):
+        raise PolicyLoadError(
+            f"policy {name!r} was built with LR multipliers {list(ladder)}, and this configuration's are "
+            f"{list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
+            "(ControllerConfig(lr_scales=...), or config=policy.config), or build it with this configuration"
+        )
 
 
 def _allowed() -> str:

@@ -447,6 +447,42 @@ def test_the_pretrained_policy_gets_the_speed_trial_in_a_users_loop():
     assert set(ctl.precisions) <= {Precision.FP32, faster}  # its 16-bit groups run in the trial's format
 
 
+def without_bf16(monkeypatch):
+    """Simulates a GPU without native bf16 (a V100 or T4): bf16 refused, as ``check_precision_supported`` does there."""
+    import triaccel_rl.engine
+    import triaccel_rl.executor
+
+    def refuse_bf16(precision, device):
+        if precision is Precision.BF16:
+            raise ValueError("precision bf16 is not supported on Tesla T4; allowed: fp32, fp16")
+
+    for module in (triaccel_rl.engine, triaccel_rl.executor):
+        monkeypatch.setattr(module, "check_precision_supported", refuse_bf16)
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "pretrained"])
+def test_on_a_gpu_without_bf16_an_adaptive_policy_starts_and_lowers_in_fp16_without_a_trial(
+    policy, monkeypatch, caplog
+):
+    """On a V100 or T4, ``Controller(model, opt)`` (the heuristic) and ``policy="pretrained"`` raised "precision bf16 is
+    not supported" at construction: their start precision is bf16, and the speed trial's first format too."""
+    without_bf16(monkeypatch)
+    model, opt = model_and_optimizer()
+    with Controller(model, opt, policy=policy) as default:  # the default config builds, in fp16
+        assert default.precisions == [Precision.FP16] * 3
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        ctl, model, batches = trial_controller(policy)  # a trial asked for: one format runs, nothing to choose
+    assert "bf16 does not run on cpu: the policy starts and lowers to fp16 instead" in caplog.text
+    seen = [one_step(ctl, model, batches) for _ in range(8)]
+    assert seen[:4] == [Precision.FP16] * 4 and ctl.speed_trial == {}
+    assert len(ctl.decisions) == 2  # at steps 4 and 8: no trial held them back
+    assert ctl.policy.initial_precision is Precision.FP16 and ctl.policy.low_precision is Precision.FP16
+    if policy == "pretrained":  # the learned policy and its heuristic fallback alike
+        assert ctl.policy.policy.low_precision is ctl.policy.fallback.low_precision is Precision.FP16
+    assert all(set(d.precisions) <= {Precision.FP32, Precision.FP16} for d in ctl.decisions)
+    assert not any("not applied" in reason for d in ctl.decisions for reason in d.refused)
+
+
 def test_no_speed_trial_in_a_users_loop_where_time_is_not_measured_on_a_gpu():
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy="heuristic", config=ControllerConfig(interval_steps=4))  # CPU: no trial

@@ -11,6 +11,7 @@ MODULES = [
     "triaccel_rl.config",
     "triaccel_rl.controller",
     "triaccel_rl.costs",
+    "triaccel_rl.executor",
     "triaccel_rl.experiment",
     "triaccel_rl.loader",
     "triaccel_rl.loop",

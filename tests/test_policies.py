@@ -770,3 +770,50 @@ def test_deterministic_predictions_are_deterministic_and_the_shipped_one_is_its_
     assert np.array_equal(make_policy("pretrained").predict(batch, deterministic=True)[0], first)
     assert first.tolist() == [[0, 1, 1, 1, 4, 1]] * 64 and policy.fallbacks == 0
     assert __import__("torch").equal(__import__("torch").get_rng_state(), torch_state)  # the user's RNG untouched
+
+
+def test_a_policy_instance_built_for_another_config_is_refused_naming_both_values():
+    """An instance was returned unchecked: a heuristic on another LR ladder of the same length had its rungs decoded on
+    the caller's (its x0.5 applied as x0.75), and one of another ``n_groups`` failed at the first decision, on its
+    observation's shape. Refused as a zip on another ladder is (``PolicyLoadError``, the same wording)."""
+    import re
+
+    from torch import nn
+
+    from triaccel_rl.controller import Controller
+
+    default = ControllerConfig()
+    other_ladder = HeuristicPolicy(ControllerConfig(lr_scales=(0.25, 0.5, 1.0, 2.0, 4.0)))
+    ladders = (
+        "policy 'heuristic' was built with LR multipliers [0.25, 0.5, 1.0, 2.0, 4.0], and this configuration's are "
+        "[0.5, 0.75, 1.0, 1.25, 1.5]: its LR actions would pick other multipliers"
+    )
+    with pytest.raises(PolicyLoadError, match=re.escape(ladders)):
+        make_policy(other_ladder, default)
+    two_groups = ControllerConfig(n_groups=2)
+    for policy in (HeuristicPolicy(two_groups), StaticPolicy("bf16", two_groups)):
+        with pytest.raises(PolicyLoadError, match=re.escape(f"policy {policy.name!r} was built with n_groups=2, and "
+                                                            "this configuration's is n_groups=4")):  # fmt: skip
+            make_policy(policy, default)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(PolicyLoadError, match="built with n_groups=2"):  # at construction: it failed at step 20
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=HeuristicPolicy(two_groups))
+    # The shipped policy: its observation stats' ladder, and a bare learned policy's spaces.
+    pretrained = make_policy("pretrained", default)
+    aggressive = ControllerConfig.preset("aggressive")  # five rungs too, up to x2.0
+    with pytest.raises(PolicyLoadError, match=re.escape("[0.5, 0.75, 1.0, 1.25, 1.5], and this configuration's are "
+                                                        "[0.5, 0.75, 1.0, 1.5, 2.0]")):  # fmt: skip
+        make_policy(pretrained, aggressive)
+    spaces = "was built for observation space Box(-10.0, 10.0, (43,), float32), but this configuration has Box(-10.0, "
+    with pytest.raises(PolicyLoadError, match=re.escape(spaces + "10.0, (27,), float32)")):
+        make_policy(pretrained.policy, two_groups, *_spaces(two_groups))
+    # What decoding reads agrees, other thresholds or none given: accepted as it is.
+    same = HeuristicPolicy(ControllerConfig(interval_steps=5, heuristic=HeuristicConfig(lower_below=-2.0)))
+    assert make_policy(same, default) is same and make_policy(other_ladder) is other_ladder
+    assert make_policy(pretrained, default, *_spaces(default)) is pretrained
+
+
+def _spaces(config):
+    """The observation and action spaces the Controller passes ``make_policy`` for ``config``."""
+    size = ObservationLayout(config.n_groups).size
+    return gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32), action_space(config)

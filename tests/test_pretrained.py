@@ -25,7 +25,7 @@ from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.rl import TaskCycleEnv, obs_stats_path, train_policy
-from triaccel_rl.shield import FallbackPolicy, ObservationStats
+from triaccel_rl.shield import CONSTANT_FEATURE_WIDTH, FallbackPolicy, ObservationStats
 from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS
 from triaccel_rl.types import Precision
 
@@ -289,6 +289,13 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
         # NaN passed "low <= high", and every observation, the range's centre too, went to the heuristic
         ('{"low": [NaN, 0.0], "high": [1.0, 1.0], "n_observations": 4}', r"feature 0 has the range \[nan, 1.0\]"),
         ('{"low": [0.0], "high": [1.0], "n_observations": 4, "lr_scales": [1.0, NaN]}', r"lr_scales \[1.0, nan\]"),
+        *(
+            (
+                f'{{"low": [0.0], "high": [1.0], "n_observations": 4, "interval_steps": {bad}}}',
+                f"interval_steps {shown}",
+            )
+            for bad, shown in (("0", "0"), ("2.5", "2.5"), ("true", "True"), ('"10"', "'10'"))
+        ),
     ],
 )
 def test_observation_stats_that_cannot_serve_the_policy_are_refused_on_loading(tiny_policy, tmp_path, text, message):
@@ -316,6 +323,7 @@ def test_resuming_widens_the_observation_range_and_takes_new_rollout_sizes(tiny_
     assert all(a <= b for a, b in zip(after.low, before.low, strict=True))
     assert all(a >= b for a, b in zip(after.high, before.high, strict=True))
     assert after.lr_scales == before.lr_scales
+    assert before.interval_steps == after.interval_steps == 2  # the interval trained at, recorded by both runs
     model = PPO.load(out, device="cpu")
     assert (model.n_steps, model.batch_size) == (16, 8)
 
@@ -590,6 +598,9 @@ def test_the_shipped_observation_stats_match_the_shipped_zip_and_its_model_card(
     card = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
     assert f"| environment steps trained | {stats.n_observations} decisions" in card
     assert stats.n_observations == model.num_timesteps == 4096
+    # The interval it was trained at: the card's env settings, and what it tells a Controller's user to pass.
+    assert stats.interval_steps == 10 and f"| env settings | `interval_steps={stats.interval_steps}`" in card
+    assert f"`config=ControllerConfig(interval_steps={stats.interval_steps})`" in card
     assert all(-OBS_HIGH <= lo <= hi <= OBS_HIGH for lo, hi in zip(stats.low, stats.high, strict=True))
     layout = ObservationLayout(CONFIG.n_groups)
     for group in range(layout.n_groups):
@@ -623,3 +634,75 @@ def test_the_shipped_policy_falls_back_just_past_one_range_width(feature, value,
     assert policy.fallbacks == (decides == "heuristic")
     if decides == "heuristic":
         assert action.tolist() == HeuristicPolicy(CONFIG).predict(obs)[0].tolist()
+
+
+_PAST_TWO_IN_20 = float(np.nextafter(np.float32(0.1), np.float32(1)))  # the float32 just over 2 steps in 20
+
+
+@pytest.mark.parametrize(
+    ("rate", "decides"),
+    [(1 / 20, "learned"), (2 / 20, "learned"), (_PAST_TWO_IN_20, "heuristic"), (3 / 20, "heuristic")],
+)
+def test_the_shipped_policy_keeps_two_overflowing_steps_in_20_of_a_float32_observation(rate, decides):
+    """README and ``CONSTANT_FEATURE_WIDTH``: only a rate *over* 10% goes to the heuristic. The Controller's
+    observation is float32, where 2/20 reads 0.1000000015, 1.0000000149 widths out: it fell back."""
+    policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    layout = ObservationLayout(CONFIG.n_groups)
+    obs = ((np.array(policy.stats.low) + np.array(policy.stats.high)) / 2).astype(np.float32)
+    obs[layout.globals("overflow_rate")] = rate
+    action, _ = policy.predict(obs, deterministic=True)
+    assert policy.fallbacks == (decides == "heuristic")
+    heuristic = HeuristicPolicy(CONFIG).predict(obs)[0].tolist()
+    assert action.tolist() == ([0, 1, 1, 1, 4, 1] if decides == "learned" else heuristic)  # the card's constant action
+
+
+@pytest.mark.parametrize("max_distance", [1.0, 0.5, 2.0])
+def test_an_observation_at_the_edge_or_its_float32_is_in_and_the_next_float32_out(max_distance):
+    """Both ends of a range, of one that never varied too, whether float32 rounds the edge up or down."""
+    stats = ObservationStats((0.0, 0.0, 1.0), (0.3, 0.0, 1.7), 5)
+    widths = (0.3, CONSTANT_FEATURE_WIDTH, 0.7)
+    rounded = set()
+    for feature, (low, high, width) in enumerate(zip(stats.low, stats.high, widths, strict=True)):
+        for edge, away in ((high + max_distance * width, np.inf), (low - max_distance * width, -np.inf)):
+            as_float32 = float(np.float32(edge))
+            rounded.add(np.sign(as_float32 - edge) * np.sign(away))  # 1: rounded outwards, -1: inwards, 0: exact
+            outer = max(edge, as_float32) if away > 0 else min(edge, as_float32)
+            for value, beyond in (
+                (edge, False),  # exact, in float64
+                (as_float32, False),  # as a float32 observation holds it
+                (float(np.nextafter(np.float32(outer), np.float32(away))), True),  # the next float32 out
+            ):
+                obs = np.array([0.0, 0.0, 1.0])
+                obs[feature] = value
+                assert stats.beyond(obs, max_distance) is beyond, (feature, edge, value)
+    assert rounded >= {1.0, -1.0}  # float32 rounded some edges out, some in
+    assert stats.beyond(np.array([0.0, np.nan, 1.0]), 1.0) and stats.beyond(np.array([np.inf, 0.0, 1.0]), 1.0)
+
+
+def test_a_learned_policy_run_at_another_interval_than_its_training_says_so_once(monkeypatch, caplog):
+    """The shipped policy was trained deciding every 10 steps; ``Controller(policy="pretrained")`` decides every 20 by
+    default (and stretches that on a GPU), and nothing said so."""
+    import triaccel_rl.policies
+
+    monkeypatch.setattr(triaccel_rl.policies, "_intervals_noted", set())
+    said = (
+        "policy 'pretrained' was trained deciding every 10 optimizer steps; this configuration decides every 20 (on a "
+        "GPU, possibly more: ControllerConfig.max_interval_factor). ControllerConfig(interval_steps=10) decides as in "
+        "its training"
+    )
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="pretrained") as ctl:
+            assert ctl.config.interval_steps == 20  # the default, unchanged
+        make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)  # the same mismatch: said already
+        make_policy("pretrained", ControllerConfig(interval_steps=10), OBSERVATION_SPACE, ACTION_SPACE)  # as trained
+    notes = [r for r in caplog.records if "was trained deciding every" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in notes] == [("INFO", said)]
+
+
+def test_merged_observation_stats_keep_an_interval_both_record():
+    ranges = ((0.0,), (1.0,), 4)
+    ten = ObservationStats(*ranges, interval_steps=10)
+    assert ten.merged(ObservationStats(*ranges, interval_steps=10)).interval_steps == 10
+    assert ten.merged(ObservationStats(*ranges, interval_steps=20)).interval_steps is None  # mixed: unknown
+    assert ten.merged(ObservationStats(*ranges)).interval_steps is None  # one predates the record: unknown

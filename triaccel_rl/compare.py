@@ -21,10 +21,11 @@ from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.errors import is_whole
+from triaccel_rl.executor import unsupported_precisions
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
-from triaccel_rl.policies import make_policy
+from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.training import TrainingRun, probe_count, resolve_device
@@ -244,6 +245,10 @@ def run_controller(
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.apply(decode(initial, config), run)
     run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
+    # A GPU without bf16 (a V100 or T4) has one 16-bit format: the policy starts and lowers in it, and no trial runs.
+    formats = tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported_precisions(run.device))
+    if Precision.BF16 not in formats and adaptive:
+        run_without_bf16(policy)
     start = getattr(policy, "initial_precision", None)
     if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
         run.set_precisions([start] * len(run.precision.controllable_indices))
@@ -257,8 +262,7 @@ def run_controller(
     step_time_known = run.cost_mode is CostMode.PROFILE or (
         run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
     )
-    if adaptive and wants_trial is not None and wants_trial(step_time_known):
-        formats = (Precision.BF16, Precision.FP16)
+    if adaptive and len(formats) > 1 and wants_trial is not None and wants_trial(step_time_known):
         if run.cost_mode is CostMode.PROFILE:  # the profile says what a step costs: look it up, train nothing
             step_ms = {precision: run.modelled_step_ms(precision=precision) for precision in formats}
         else:  # which format is faster depends on the model and the GPU: time both on real training steps

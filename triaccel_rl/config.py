@@ -268,7 +268,9 @@ class HeuristicConfig:
     the edges.
 
     Start: every controllable layer begins in ``start_precision`` (bf16 by default: the static setting a
-    careful user runs today, so the controller adapts from the strong baseline, not from fp32).
+    careful user runs today, so the controller adapts from the strong baseline, not from fp32). On a GPU without bf16
+    (a V100 or T4) a bf16 start, and lowering to bf16, are fp16 instead (``policies.run_without_bf16``): the format
+    such a GPU runs fast, where the shield moves a layer that overflows to fp32; there is no speed trial there.
 
     Attributes:
         start_precision: the precision of every controllable layer before the first decision

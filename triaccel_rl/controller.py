@@ -30,7 +30,7 @@ from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
 from triaccel_rl.errors import is_whole
-from triaccel_rl.executor import ApplyReport, Executor
+from triaccel_rl.executor import ApplyReport, Executor, unsupported_precisions
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
     MemoryModel,
@@ -39,7 +39,7 @@ from triaccel_rl.memory import (
     device_capacity_bytes,
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.policies import make_policy
+from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.state import SavedState
@@ -61,7 +61,9 @@ class Controller:
     Batches from ``loader()`` follow the decided batch size; ``autocast()`` runs each layer in its
     decided precision. With the heuristic on a GPU, the first steps are a speed trial (bf16, then fp16,
     ``HeuristicConfig.speed_trial``): the policy lowers to the faster format, and ``speed_trial`` holds
-    the timings.
+    the timings. On a GPU without native bf16 (a V100 or T4) there is no trial: an adaptive policy starts and lowers
+    in fp16 where it would in bf16 (its tensor cores' format, as AMP runs there; a layer that overflows moves to fp32),
+    and a bf16 a policy asks for anyway runs in fp32 (``Executor``).
 
     Args:
         model: the model (on its device already).
@@ -219,6 +221,9 @@ class Controller:
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
+            formats = tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported_precisions(self.device))
+            if Precision.BF16 not in formats and run_without_bf16(self.policy):
+                _log.info("bf16 does not run on %s: the policy starts and lowers to fp16 instead", self.device)
             initial = getattr(self.policy, "initial_action", None)
             if initial is not None:  # a static configuration holds from the first step
                 self.executor.apply(decode(initial, self.config), self)
@@ -233,11 +238,12 @@ class Controller:
             # so step time tells the 16-bit formats apart on a GPU alone (compare's CPU protocol reads the profile
             # instead).
             step_time_known = self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED
-            if wants_trial is not None and wants_trial(step_time_known):
+            # A GPU without bf16 has one 16-bit format: nothing to choose between, and no trial.
+            if len(formats) > 1 and wants_trial is not None and wants_trial(step_time_known):
                 # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
                 # before the first decision; the policy lowers to the faster from then on.
                 steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
-                self._trial = _SpeedTrial((Precision.BF16, Precision.FP16), steps, IntervalTimer(self.device))
+                self._trial = _SpeedTrial(formats, steps, IntervalTimer(self.device))
                 self._set_uniform(self._trial.candidate)
         except BaseException:
             self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given

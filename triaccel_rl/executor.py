@@ -2,11 +2,12 @@
 
 It is also the safety shield: whatever a policy asks, the LR multiplier moves by at most
 ``max_lr_change`` per decision, no layer is lowered in precision while the overflow rate is above
-``heuristic.max_overflow_rate``, and a batch growth that the memory model predicts over the usable budget
-(``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Where the target cannot split a step
-(``splits_batches`` False: a user's loop through the ``Controller``), a precision change that the memory model
-predicts over the usable budget at the current batch is refused too: more bits per activation (a raise), or a
-16-bit weight copy outweighing the activations it saves (a lowering on a weight-heavy model), would make a step
+``heuristic.max_overflow_rate`` (every fp16 layer moves to bf16 then, to fp32 on a GPU without bf16), a layer asked for
+a format the device cannot compute in (bf16 on a V100 or T4) runs in fp32, and a batch growth that the memory model
+predicts over the usable budget (``usable_memory_bytes``: ``elastic.fill_frac`` of it) is refused. Where the target
+cannot split a step (``splits_batches`` False: a user's loop through the ``Controller``), a precision change that the
+memory model predicts over the usable budget at the current batch is refused too: more bits per activation (a raise),
+or a 16-bit weight copy outweighing the activations it saves (a lowering on a weight-heavy model), would make a step
 that fitted run out of memory. Where it can split a step, a change that puts one sample over it is refused. A change
 that lowers a prediction already over the budget is taken. Every refusal is reported with its reason.
 
@@ -18,7 +19,7 @@ by itself: a budget lowered after an out-of-memory error is met by accumulation,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +30,7 @@ from triaccel_rl.engine import StepEngine, check_precision_supported
 from triaccel_rl.observation import LayerGrouper
 from triaccel_rl.types import Action, BatchMove, Precision
 
-__all__ = ["ApplyReport", "Executor", "Target"]
+__all__ = ["ApplyReport", "Executor", "Target", "unsupported_precisions"]
 
 
 class Target(Protocol):
@@ -127,18 +128,35 @@ class Executor:
         for group, precision in enumerate(action.group_precisions):
             for layer in self.grouper.layers_of(group):
                 wanted[layer] = precision
+        unsupported = unsupported_precisions(engine.device)
+        out_of_fp16 = _way_out_of_fp16(unsupported)
+        # A format the device cannot compute in (bf16 on a V100 or T4) is run as the shield runs an overflowing fp16
+        # layer: in fp32, never in fp16, whose narrower range a policy asking bf16 did not choose. Before, the engine
+        # refused the whole precision map, a raise to fp32 with it.
+        for precision, reason in unsupported.items():
+            asked = [i for i in range(len(wanted)) if wanted[i] is precision]
+            if asked:
+                for i in asked:
+                    wanted[i] = Precision.FP32
+                refused.append(f"ran {len(asked)} layers asked for {precision.name.lower()} in fp32: {reason}")
         unstable = overflow_rate > self.config.heuristic.max_overflow_rate
-        out_of_fp16 = _way_out_of_fp16(engine.device)
         if unstable:
+            max_rate = self.config.heuristic.max_overflow_rate
             lowered = [i for i in range(len(current)) if wanted[i].bits < current[i].bits]
             for i in lowered:
                 wanted[i] = current[i]
-            # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16.
-            wanted = [out_of_fp16(p) for p in wanted]
             if lowered:
                 refused.append(
-                    f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > "
-                    f"{self.config.heuristic.max_overflow_rate}"
+                    f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > {max_rate}"
+                )
+            # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16 (fp32 without bf16). A layer
+            # asked for fp16, or kept there, is one the policy did not get as asked: said, as every refusal is.
+            in_fp16 = [i for i in range(len(wanted)) if wanted[i] is Precision.FP16]
+            wanted = [out_of_fp16(p) for p in wanted]
+            if in_fp16:
+                refused.append(
+                    f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
+                    f"overflow rate {overflow_rate:.2f} > {max_rate}"
                 )
         # Any change, not only a raise: a lowered layer's 16-bit weight copy (2 bytes a parameter) can outweigh the
         # activations it saves on a weight-heavy model. A step that cannot be split must fit whole; one that can, one
@@ -207,17 +225,29 @@ class Executor:
         )
 
 
-def _way_out_of_fp16(device: torch.device) -> Callable[[Precision], Precision]:
+def unsupported_precisions(device: torch.device) -> dict[Precision, str]:
+    """The precisions ``device`` cannot compute in, each with the engine's reason: bf16 on a V100 or T4, else none.
+
+    Example:
+        >>> unsupported_precisions(torch.device("cpu"))
+        {}
+    """
+    reasons: dict[Precision, str] = {}
+    for precision in Precision:
+        try:
+            check_precision_supported(precision, device)
+        except ValueError as err:
+            reasons[precision] = str(err)
+    return reasons
+
+
+def _way_out_of_fp16(unsupported: Mapping[Precision, str]) -> Callable[[Precision], Precision]:
     """What an overflowing fp16 layer moves to: bf16 (the same bytes, a wider range), or fp32 on a GPU without bf16.
 
     Before, a V100's or T4's fp16 layers were moved to bf16, which the engine refused: the whole precision action
     was dropped, a raise to fp32 with it, and the layers stayed in fp16 while it overflowed.
     """
-    try:
-        check_precision_supported(Precision.BF16, device)
-        way_out = Precision.BF16
-    except ValueError:
-        way_out = Precision.FP32
+    way_out = Precision.FP32 if Precision.BF16 in unsupported else Precision.BF16
 
     def out_of_fp16(precision: Precision) -> Precision:
         return way_out if precision is Precision.FP16 else precision

@@ -544,7 +544,8 @@ def train_policy(
             """
             stats = None
             if self.low is not None and self.high is not None:
-                stats = ObservationStats(tuple(self.low.tolist()), tuple(self.high.tolist()), self.count, ladder)
+                low, high = tuple(self.low.tolist()), tuple(self.high.tolist())
+                stats = ObservationStats(low, high, self.count, ladder, interval_steps)
             if resumed_stats is None:
                 return stats
             return resumed_stats if stats is None else resumed_stats.merged(stats)

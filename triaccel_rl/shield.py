@@ -378,12 +378,16 @@ class ObservationStats:
         lr_scales: the LR multipliers the policy's LR action indexes (``ControllerConfig.lr_scales`` in training);
             None where the file predates it. A ladder of the same length but other values passes the spaces'
             check, so ``make_policy`` checks this against the caller's.
+        interval_steps: the optimizer steps between two decisions in training (``ControllerConfig.interval_steps``);
+            None where the file predates it, or stats of runs at different intervals were merged. A run may decide at
+            another interval (its observations are per-interval rates and trends); ``make_policy`` says so at INFO.
     """
 
     low: tuple[float, ...]
     high: tuple[float, ...]
     n_observations: int
     lr_scales: tuple[float, ...] | None = None
+    interval_steps: int | None = None
 
     @classmethod
     def from_observations(cls, observations: np.ndarray) -> ObservationStats:
@@ -403,16 +407,39 @@ class ObservationStats:
 
     def worst_feature(self, observation: np.ndarray) -> tuple[int, float]:
         """The index of the feature furthest outside its training range, and its :meth:`distance`."""
-        obs = np.asarray(observation, dtype=np.float64).reshape(-1)
-        low, high = np.asarray(self.low), np.asarray(self.high)
-        if obs.shape != low.shape:
-            raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
-        width = np.where(high - low > 1e-9, high - low, CONSTANT_FEATURE_WIDTH)
+        obs, low, high, width = self._ranges(observation)
         outside = (np.maximum(low - obs, 0.0) + np.maximum(obs - high, 0.0)) / width
         # A NaN lies in no range: infinitely far (its NaN distance compared as in range, so the policy got it).
         outside = np.where(np.isnan(outside), np.inf, outside)
         worst = int(np.argmax(outside))
         return worst, float(outside[worst])
+
+    def beyond(self, observation: np.ndarray, max_distance: float) -> bool:
+        """Whether ``observation`` lies more than ``max_distance`` range widths outside the range on some feature.
+
+        A feature exactly ``max_distance`` widths out is not beyond, whether it holds the edge itself or the float32
+        nearest to it: an observation is float32, and 2 overflowing steps in 20 (0.1, one width of 0.1 past a rate
+        that never varied) read 0.1000000015, a :meth:`distance` of 1.0000000149, and went to the fallback though
+        only a rate over 0.1 should. A NaN is beyond.
+
+        Example:
+            >>> stats = ObservationStats((0.0,), (0.0,), 1)  # never varied: a width of 0.1
+            >>> stats.beyond(np.float32([0.1]), 1.0), stats.beyond(np.float32([0.15]), 1.0)
+            (False, True)
+        """
+        obs, low, high, width = self._ranges(observation)
+        lower, upper = low - max_distance * width, high + max_distance * width
+        lower = np.minimum(lower, lower.astype(np.float32))
+        upper = np.maximum(upper, upper.astype(np.float32))
+        return bool(np.any((obs < lower) | (obs > upper) | np.isnan(obs)))
+
+    def _ranges(self, observation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``observation`` as float64, the ranges' low and high ends, and each feature's width."""
+        obs = np.asarray(observation, dtype=np.float64).reshape(-1)
+        low, high = np.asarray(self.low, dtype=np.float64), np.asarray(self.high, dtype=np.float64)
+        if obs.shape != low.shape:
+            raise ValueError(f"observation has {obs.size} features; the stats have {low.size}")
+        return obs, low, high, np.where(high - low > 1e-9, high - low, CONSTANT_FEATURE_WIDTH)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the stats as JSON.
@@ -445,6 +472,7 @@ class ObservationStats:
             tuple(np.maximum(self.high, other.high).tolist()),
             self.n_observations + other.n_observations,
             self.lr_scales,
+            self.interval_steps if self.interval_steps == other.interval_steps else None,  # mixed: unknown
         )
 
     @classmethod
@@ -473,6 +501,11 @@ class ObservationStats:
             ladder = None if scales is None else tuple(float(s) for s in scales)
         except (TypeError, ValueError) as error:
             raise ValueError(f"observation stats {str(file)!r} hold a value of the wrong kind: {error}") from None
+        interval = raw.get("interval_steps")
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(
+                f"observation stats {str(file)!r}: interval_steps {interval!r} must be a whole number of steps >= 1"
+            )
         unfinite = [
             i for i, (a, b) in enumerate(zip(low, high, strict=False)) if not (math.isfinite(a) and math.isfinite(b))
         ]
@@ -488,7 +521,7 @@ class ObservationStats:
                 f"observation stats {str(file)!r}: low and high must be ranges of one non-empty length with low <= "
                 f"high; got {len(low)} and {len(high)} values"
             )
-        return cls(low, high, count, ladder)
+        return cls(low, high, count, ladder, interval)
 
 
 class FallbackPolicy:
@@ -500,7 +533,8 @@ class FallbackPolicy:
         stats: the training range of observations.
         max_distance: an observation further than this from the training range (see
             ``ObservationStats.distance``) goes to the fallback. The default, 1.0, means one full
-            range width beyond the edge on some feature.
+            range width beyond the edge on some feature. A feature exactly this far out, or at the float32 nearest
+            to that edge, stays with the learned policy (``ObservationStats.beyond``).
 
     The log says so once a spell: a warning at the first decision out of distribution (the feature, its value
     and its training range), an info line when observations come back and the learned policy decides again;
@@ -596,9 +630,9 @@ class FallbackPolicy:
         episode_start: np.ndarray | None,
         deterministic: bool,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        feature, distance = self.stats.worst_feature(obs)
         spell = self._spells.get(stream, 0)
-        if distance > self.max_distance:
+        if self.stats.beyond(obs, self.max_distance):  # the edge as float32 holds it is in (``beyond``)
+            feature, distance = self.stats.worst_feature(obs)
             self.fallbacks += 1
             self._spells[stream] = spell = spell + 1
             name = _feature_name(feature, obs.size)

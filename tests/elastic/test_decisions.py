@@ -278,11 +278,8 @@ def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_
     ctl.close()
 
 
-def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """On a V100 or T4 (no bf16) the shield moved overflowing fp16 layers to bf16, which the engine refused: the whole
-    precision action was dropped, a raise to fp32 with it, and every layer stayed fp16 while fp16 overflowed."""
+def _without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulates a GPU without native bf16 (a V100 or T4): bf16 refused, as ``check_precision_supported`` does there."""
     import triaccel_rl.engine
     import triaccel_rl.executor
 
@@ -292,6 +289,14 @@ def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
 
     for module in (triaccel_rl.engine, triaccel_rl.executor):
         monkeypatch.setattr(module, "check_precision_supported", without_bf16)
+
+
+def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a V100 or T4 (no bf16) the shield moved overflowing fp16 layers to bf16, which the engine refused: the whole
+    precision action was dropped, a raise to fp32 with it, and every layer stayed fp16 while fp16 overflowed."""
+    _without_bf16(monkeypatch)
     loop = _loop()
     layers = len(loop.run.precisions)
     ask = Action((Precision.FP16,) * loop.config.n_groups, 1.0, BatchMove.KEEP)
@@ -299,6 +304,54 @@ def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
         loop.run.engine.set_precisions([Precision.FP16] * layers)
         report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
         assert report.precisions == [expected] * layers and not any("not applied" in r for r in report.refused)
+    assert loop.executor.apply(ask, loop.run, overflow_rate=0.5).refused == [
+        f"moved {layers} layers out of fp16 (to fp32): overflow rate 0.50 > 0.05"
+    ]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_on_a_gpu_without_bf16_layers_asked_for_bf16_run_in_fp32_and_the_rest_of_the_action_applies(
+    monkeypatch: pytest.MonkeyPatch, rate: float
+) -> None:
+    """The heuristic asks bf16 for its fp16 groups under overflow (and lowers to bf16 by default). On a V100 or T4 the
+    executor passed bf16 to the engine, which refused the whole map: a sensitive group's raise to fp32 was dropped with
+    it, and every layer stayed in fp16 while every step overflowed."""
+    _without_bf16(monkeypatch)
+    loop = _loop()
+    layers = len(loop.run.precisions)
+    loop.run.engine.set_precisions([Precision.FP16] * layers)
+    loop.grouper.assignment = np.arange(layers)  # a group a layer (before any signals, all are in group 0)
+    ask = Action((Precision.FP32,) + (Precision.BF16,) * (loop.config.n_groups - 1), 1.0, BatchMove.KEEP)
+    asked_bf16 = layers - 1  # every layer but the first, whose group is raised to fp32
+    report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
+    assert report.precisions == loop.run.precisions == [Precision.FP32] * layers
+    assert report.changed_precision == layers
+    assert report.refused == [
+        f"ran {asked_bf16} layers asked for bf16 in fp32: precision bf16 is not supported on this GPU; allowed: "
+        "fp32, fp16"
+    ]
+
+
+def test_under_overflow_the_layers_moved_out_of_fp16_are_reported() -> None:
+    """A layer asked for fp16 (or kept there) under overflow runs in bf16: every refusal is reported with its reason,
+    but this one was not (layers [bf16, fp16] asked fp16 at a 0.5 overflow rate ran [bf16, bf16], nothing said)."""
+    loop = _loop()
+    loop.grouper.assignment = np.arange(3)  # a group a layer (before any signals, all are in group 0)
+    ask = Action((Precision.FP16, Precision.FP16, Precision.FP16, Precision.FP32), 1.0, BatchMove.KEEP)
+    for rate, expected, refused in (
+        (
+            0.5,
+            [Precision.BF16, Precision.BF16, Precision.FP32],
+            [
+                "kept 1 layers at their precision: overflow rate 0.50 > 0.05",  # the fp32 layer asked for fp16
+                "moved 2 layers out of fp16 (to bf16): overflow rate 0.50 > 0.05",
+            ],
+        ),
+        (0.05, [Precision.FP16, Precision.FP16, Precision.FP16], []),  # at the bound: stable, applied as asked
+    ):
+        loop.run.engine.set_precisions([Precision.BF16, Precision.FP16, Precision.FP32])
+        report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
+        assert (report.precisions, report.refused) == (expected, refused)
 
 
 def test_a_refused_shrink_leaves_the_lr_gain_alone() -> None:
