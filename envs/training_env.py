@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -17,7 +16,7 @@ import torch
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
 from triaccel_rl.elastic import release_memory
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
@@ -155,7 +154,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         if task_overrides is not None and not isinstance(task_overrides, Mapping):
             raise ValueError(f"task_overrides={task_overrides!r} must be a dict of task fields ({{'n_train': 2048}}) "
                              "or None")  # fmt: skip
-        if not _is_number(divergence_factor):
+        if not is_real(divergence_factor):
             raise ValueError(
                 f"divergence_factor={divergence_factor!r} must be a number > 1 (a multiple of the first probe loss); "
                 f"got {type(divergence_factor).__name__}"
@@ -166,7 +165,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"compute_bound={compute_bound!r} must be True or False")
         if lr_range is not None:
             values = () if isinstance(lr_range, str | bytes) or not isinstance(lr_range, Iterable) else tuple(lr_range)
-            if len(values) != 2 or not all(_is_number(v) for v in values):
+            if len(values) != 2 or not all(is_real(v) for v in values):
                 raise ValueError(f"lr_range={lr_range!r} must be (low, high) with 0 < low <= high < inf")
             low, high = (float(v) for v in values)
             if not (0 < low <= high < math.inf):
@@ -386,8 +385,3 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     def _progress(self) -> float:
         """Share of the episode's time budget spent, in [0, 1] (``compare`` feeds the share of its epochs)."""
         return min(1.0, self.spent_ms / self.budget_ms) if self.budget_ms > 0 else 0.0
-
-
-def _is_number(value: object) -> bool:
-    """A real number, not a bool (``True`` compares as 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -21,7 +21,7 @@ from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.errors import is_whole
-from triaccel_rl.executor import unsupported_precisions
+from triaccel_rl.executor import sixteen_bit_formats
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
@@ -246,7 +246,7 @@ def run_controller(
         loop.executor.apply(decode(initial, config), run)
     run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
     # A GPU without bf16 (a V100 or T4) has one 16-bit format: the policy starts and lowers in it, and no trial runs.
-    formats = tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported_precisions(run.device))
+    formats = sixteen_bit_formats(run.device)
     if Precision.BF16 not in formats and adaptive:
         run_without_bf16(policy)
     start = getattr(policy, "initial_precision", None)

@@ -30,7 +30,7 @@ from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
 from triaccel_rl.errors import is_whole
-from triaccel_rl.executor import ApplyReport, Executor, unsupported_precisions
+from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
     MemoryModel,
@@ -221,7 +221,7 @@ class Controller:
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
-            formats = tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported_precisions(self.device))
+            formats = sixteen_bit_formats(self.device)
             if Precision.BF16 not in formats and run_without_bf16(self.policy):
                 _log.info("bf16 does not run on %s: the policy starts and lowers to fp16 instead", self.device)
             initial = getattr(self.policy, "initial_action", None)

@@ -96,6 +96,11 @@ def require_bool(label: str, value: object, optional: bool = False) -> None:
         raise ConfigError(f"{label}={value!r} must be True or False{', or None' if optional else ''}")
 
 
+def is_real(value: object) -> bool:
+    """A real number, Python's or NumPy's, not a bool (``True`` compares as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_whole(value: object) -> bool:
     """An integer, Python's or NumPy's, not a bool.
 

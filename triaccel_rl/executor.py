@@ -30,7 +30,7 @@ from triaccel_rl.engine import StepEngine, check_precision_supported
 from triaccel_rl.observation import LayerGrouper
 from triaccel_rl.types import Action, BatchMove, Precision
 
-__all__ = ["ApplyReport", "Executor", "Target", "unsupported_precisions"]
+__all__ = ["ApplyReport", "Executor", "Target", "sixteen_bit_formats", "unsupported_precisions"]
 
 
 class Target(Protocol):
@@ -239,6 +239,17 @@ def unsupported_precisions(device: torch.device) -> dict[Precision, str]:
         except ValueError as err:
             reasons[precision] = str(err)
     return reasons
+
+
+def sixteen_bit_formats(device: torch.device) -> tuple[Precision, ...]:
+    """The 16-bit formats ``device`` computes in, bf16 first: both, or fp16 alone on a V100 or T4.
+
+    Example:
+        >>> sixteen_bit_formats(torch.device("cpu"))
+        (<Precision.BF16: 1>, <Precision.FP16: 2>)
+    """
+    unsupported = unsupported_precisions(device)
+    return tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported)
 
 
 def _way_out_of_fp16(unsupported: Mapping[Precision, str]) -> Callable[[Precision], Precision]:

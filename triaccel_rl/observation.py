@@ -18,14 +18,13 @@ range.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.state import SavedState
 from triaccel_rl.types import Precision, Signals
 
@@ -153,9 +152,9 @@ class LayerGrouper:
     def __init__(self, controllable: np.ndarray, n_groups: int, smoothing: float = 0.5, margin: float = 0.15):
         if not is_whole(n_groups) or n_groups < 1:
             raise ValueError(f"n_groups={n_groups!r} must be a whole number >= 1")
-        if not _is_real(smoothing) or not (0.0 <= smoothing < 1.0):
+        if not is_real(smoothing) or not (0.0 <= smoothing < 1.0):
             raise ValueError(f"smoothing={smoothing!r} must be in [0, 1)")  # 1 never took in a new score; NaN: all NaN
-        if not _is_real(margin) or not (0.0 <= margin < math.inf):
+        if not is_real(margin) or not (0.0 <= margin < math.inf):
             raise ValueError(f"margin={margin!r} must be a finite number >= 0 (log10 units)")
         self.indices = np.flatnonzero(controllable)
         if len(self.indices) == 0:
@@ -302,11 +301,6 @@ def build_observation(
         counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))
         obs[layout.group(group, "is_fp32") + int(np.argmax(counts))] = 1.0
     return np.clip(np.nan_to_num(obs, nan=0.0), -OBS_HIGH, OBS_HIGH).astype(np.float32)
-
-
-def _is_real(value: object) -> bool:
-    """A real number (numpy's too), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _feature_index(features: tuple[str, ...], name: str, kind: str) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from triaccel_rl.errors import is_real
 from triaccel_rl.models import MLP, DepthwiseCNN, SmallResNet, TinyTransformer, efficientnet_b0, resnet18
 
 __all__ = [
@@ -109,16 +110,16 @@ class Task:
                 raise ValueError(f"{where}: {field}={fn!r} must be callable")
         if self.augment is not None and not callable(self.augment):
             raise ValueError(f"{where}: augment={self.augment!r} must be callable or None")
-        if not (_is_number(self.base_lr) and self.base_lr > 0 and math.isfinite(self.base_lr)):
+        if not (is_real(self.base_lr) and self.base_lr > 0 and math.isfinite(self.base_lr)):
             raise ValueError(f"{where}: base_lr={self.base_lr!r} must be a positive finite number")
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+        if not (is_real(self.weight_decay) and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"{where}: weight_decay={self.weight_decay!r} must be a finite number >= 0")
         _check_count(f"{where}: base_batch_size", self.base_batch_size)
         _check_count(f"{where}: n_train", self.n_train, allow_none=True)
         _check_count(f"{where}: n_test", self.n_test, allow_none=True)
-        if not (_is_number(self.target_metric) and 0.0 <= self.target_metric <= 1.0):
+        if not (is_real(self.target_metric) and 0.0 <= self.target_metric <= 1.0):
             raise ValueError(f"{where}: target_metric={self.target_metric!r} must be an accuracy in [0, 1]")
-        if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+        if not (is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"{where}: label_smoothing={self.label_smoothing!r} must be in [0, 1)")
 
     def data(self, seed: int = 0) -> TaskData:
@@ -183,11 +184,6 @@ def get_task(name: str, /, **overrides: Any) -> Task:
         allowed = ", ".join(f.name for f in fields(Task) if f.name != "name")
         raise ValueError(f"task {name!r} has no field {', '.join(unknown)}; fields that can be overridden: {allowed}")
     return replace(task, **overrides) if overrides else task
-
-
-def _is_number(value: object) -> bool:
-    """Whether ``value`` is a real number (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_seed(what: str, seed: object) -> int:

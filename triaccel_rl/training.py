@@ -6,7 +6,6 @@ import contextlib
 import gc
 import logging
 import math
-import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from triaccel_rl.elastic import (
     resolve_lr_rule,
 )
 from triaccel_rl.engine import GradStats, StepEngine
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.graphs import StepGraphs, graph_unsupported
 from triaccel_rl.loader import Batch, ElasticLoader
 from triaccel_rl.memory import (
@@ -710,7 +709,7 @@ class TrainingRun:
 
     @observe_budget_frac.setter
     def observe_budget_frac(self, value: float | None) -> None:
-        if value is not None and not (_is_real(value) and 0.0 < value < 1.0):
+        if value is not None and not (is_real(value) and 0.0 < value < 1.0):
             raise ValueError(f"observe_budget_frac={value!r} must be a number in (0, 1), or None to record every step")
         self._observe_budget_frac = value
         if self._moments is not None:  # the interval's recorder, made at the first train_interval
@@ -1084,11 +1083,6 @@ class _StepOutcome:
     oom_events: int
     modelled_ms: float
     memory_bytes: int
-
-
-def _is_real(value: object) -> bool:
-    """A real number (numpy's too), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _first_line(error: BaseException) -> str:

@@ -193,23 +193,20 @@ class DeviceMoments:
         if self._tensor_rows is None:
             self._tensor_rows = _Rows(len(self._params), self._capacity, self._device, True, self._row_dtype())
         rows = self._tensor_rows
-        row = None
-        try:
-            grads = [p.grad if p.grad is not None else self._zero for p in self._params]
-            # In the rows' dtype, float32 at least: an fp16 gradient's norm over 65504 was inf in its own dtype, and
-            # the step counted as skipped; float32 refused a float64 gradient.
-            norms = torch._foreach_norm(grads, 2, dtype=rows.data.dtype)
-            # The row is taken once the norms are there: a raise in them left a zero row, read as a finite step.
-            row = rows.next_row(self._max_rows)
-            if row is not None:
-                torch.stack([*norms, loss.detach().reshape(())], out=rows.views[row])
-        except BaseException:
-            if row is not None:
-                rows.used -= 1  # the last row, taken above
-            self._untake()
-            raise
+        row = rows.next_row(self._max_rows)
         if row is None:
             self._observed -= 1  # max_rows reached: this step is not recorded
+        else:
+            try:
+                grads = [p.grad if p.grad is not None else self._zero for p in self._params]
+                # In the rows' dtype, float32 at least: an fp16 gradient's norm over 65504 was inf in its own dtype,
+                # and the step counted as skipped; float32 refused a float64 gradient.
+                norms = torch._foreach_norm(grads, 2, dtype=rows.data.dtype)
+                torch.stack([*norms, loss.detach().reshape(())], out=rows.views[row])
+            except BaseException:  # the row given back: a raise in the norms left a zero row, read as a finite step
+                rows.used -= 1
+                self._untake()
+                raise
         self._charge(time.perf_counter() - start)
 
     def observe_layers(self, loss: torch.Tensor, layer_sq: torch.Tensor) -> None:
