@@ -763,6 +763,23 @@ def test_gradient_accumulation_through_backward_is_one_step_of_the_whole_batch(p
         torch.testing.assert_close(accumulated, whole, **tolerance)
 
 
+def test_the_signals_read_an_accumulated_batch_s_summed_loss_as_the_whole_batch_s():
+    """The loss the decision reads is the micro-batches' sum (each ``loss / k``), not the last one's share of it."""
+    x, y = data(16)
+    losses = []
+    for micro_batches in (1, 2, 4):  # 4: three sums in ``backward`` before the step's
+        model, opt = model_and_optimizer()
+        ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1))
+        controlled_step(ctl, model, x, y, micro_batches)
+        assert ctl.signals is not None
+        losses.append(ctl.signals.loss)
+        ctl.close()
+    model, _ = model_and_optimizer()
+    with torch.no_grad():
+        whole = nn.functional.cross_entropy(model(x), y).item()  # the plain loop's loss, before the update
+    assert losses == pytest.approx([whole] * 3, rel=1e-6)
+
+
 def test_an_earlier_micro_batch_s_non_finite_loss_skips_the_update():
     """A non-finite loss over finite gradients (an overflowed term with no gradient) skips the update when it is the
     step's loss; as the first micro-batch's loss, passed to ``backward``, it went unseen and the update went in."""

@@ -84,6 +84,20 @@ def test_fused_engine_matches_reference(kind):
     torch.testing.assert_close(torch.tensor(runs[False][2]), torch.tensor(runs[True][2]), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_fused_step_applies_the_batch_lr_gain_as_torch_optim_at_the_scaled_lr(kind):
+    data = batches(3)
+    model, engine = make(kind, True)
+    engine.batch_lr_gain = 2.0  # as after a batch change under the linear rule
+    _run_steps(model, engine, data)
+    reference, optimizer = model_and_optimizer(kind)
+    for group in optimizer.param_groups:
+        group["lr"] *= 2.0
+    _plain_steps(reference, optimizer, data)
+    for fused, plain in zip(_weights(model), _weights(reference), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_skip_keeps_everything_and_fp16_scale_backs_off():
     model, engine = make("sgd", True)
     engine.set_precisions([Precision.FP16, Precision.FP32])

@@ -122,6 +122,16 @@ def test_interrupted_warmup_restarts_from_the_gain_in_force() -> None:
     assert coupler.change(1024) == 16.0  # the same batch again changes nothing
 
 
+def test_the_same_batch_again_mid_ramp_lets_the_ramp_carry_on() -> None:
+    coupler = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=1.5, warmup_steps=4)
+    coupler.advance()
+    coupler.change(1024)  # ×16 from 1.0 over 4 steps: 1 + 15 * k / 4
+    assert coupler.advance() == 4.75
+    assert coupler.change(1024) == 4.75  # no change: not a new ramp from 4.75 (7.5625, 10.375, 13.1875, 16.0)
+    assert coupler.warming_up
+    assert [coupler.advance() for _ in range(3)] == [8.5, 12.25, 16.0]
+
+
 def test_run_applies_the_rule_with_warmup_to_the_optimizer() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", elastic=ElasticConfig(warmup_steps=2))
     assert run.lr_rule is LRRule.LINEAR  # AUTO with SGD

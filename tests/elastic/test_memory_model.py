@@ -83,6 +83,21 @@ def test_prediction_error_on_a_small_cnn(precision: Precision) -> None:
         )
 
 
+def test_measured_tensor_bytes_of_a_linear_layer_under_adamw_are_counted_by_hand() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 4)
+    model(x).pow(2).mean().backward()
+    optimizer.step()  # the state: a step count and two moments per parameter
+    optimizer.zero_grad()
+    floats = 4 * 3 + 3  # weight and bias
+    static = (floats + floats + 2 * floats + 2) * 4  # weights, gradients, exp_avg and exp_avg_sq, 2 scalar steps
+    saved = (8 * 4 + 8 * 3) * 4  # the linear layer's input; pow's input (the layer's output); the weight is no copy
+    assert static + saved == 472
+    assert measure_tensor_bytes(model, optimizer, lambda: model(x).pow(2).mean()) == 472
+
+
 def test_least_squares_margin_bounds_every_measurement() -> None:
     _, costs, profile = _model_and_costs()
     fp32 = [Precision.FP32] * 4
