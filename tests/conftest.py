@@ -20,3 +20,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulates a GPU without native bf16 (a V100 or T4): bf16 refused, as ``check_precision_supported`` does there."""
+    import triaccel_rl.engine
+    import triaccel_rl.executor
+    from triaccel_rl.types import Precision
+
+    def refuse_bf16(precision: Precision, device: torch.device) -> None:
+        if precision is Precision.BF16:
+            raise ValueError("precision bf16 is not supported on Tesla T4; allowed: fp32, fp16")
+
+    for module in (triaccel_rl.engine, triaccel_rl.executor):
+        monkeypatch.setattr(module, "check_precision_supported", refuse_bf16)

@@ -613,24 +613,29 @@ def test_with_profile_cost_the_speed_trial_picks_the_format_the_profile_charges_
     assert measured.speed_trial == {}  # a CPU's clock says nothing about a GPU's formats
 
 
-def test_on_a_gpu_without_bf16_a_compared_run_starts_and_lowers_in_fp16_without_a_trial(monkeypatch):
+@pytest.mark.usefixtures("gpu_without_bf16")
+def test_on_a_gpu_without_bf16_a_compared_run_starts_and_lowers_in_fp16_without_a_trial():
     """On a V100 or T4 the heuristic's row raised "precision bf16 is not supported" before its first step: it starts in
     bf16 and its speed trial times bf16 first. Simulated: bf16 refused, as ``check_precision_supported`` does there."""
-    import triaccel_rl.engine
-    import triaccel_rl.executor
     from triaccel_rl.types import Precision
 
-    def refuse_bf16(precision, device):
-        if precision is Precision.BF16:
-            raise ValueError("precision bf16 is not supported on Tesla T4; allowed: fp32, fp16")
-
-    for module in (triaccel_rl.engine, triaccel_rl.executor):
-        monkeypatch.setattr(module, "check_precision_supported", refuse_bf16)
     config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
     result = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu")
     assert result.speed_trial == {}  # one 16-bit format runs: nothing to choose between
     ran = {Precision(code).name.lower() for row in result.trace for code in row["precisions"]}
     assert ran == {"fp16"}  # from the first step, and at every decision
+
+
+@pytest.mark.usefixtures("gpu_without_bf16")
+def test_on_a_gpu_without_bf16_a_static_bf16_row_runs_fp32_and_says_so(caplog):
+    from triaccel_rl.types import Precision
+
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        result = run_controller("synthetic", "static-bf16", 0, epochs=0.25, device="cpu")
+    ran = {Precision(code).name.lower() for row in result.trace for code in row["precisions"]}
+    assert ran == {"fp32"}
+    assert "the static configuration does not run as asked: ran " in caplog.text
+    assert "asked for bf16 in fp32: precision bf16 is not supported on Tesla T4" in caplog.text
 
 
 def test_a_speed_trial_longer_than_the_whole_run_ends_it_cleanly():

@@ -447,26 +447,11 @@ def test_the_pretrained_policy_gets_the_speed_trial_in_a_users_loop():
     assert set(ctl.precisions) <= {Precision.FP32, faster}  # its 16-bit groups run in the trial's format
 
 
-def without_bf16(monkeypatch):
-    """Simulates a GPU without native bf16 (a V100 or T4): bf16 refused, as ``check_precision_supported`` does there."""
-    import triaccel_rl.engine
-    import triaccel_rl.executor
-
-    def refuse_bf16(precision, device):
-        if precision is Precision.BF16:
-            raise ValueError("precision bf16 is not supported on Tesla T4; allowed: fp32, fp16")
-
-    for module in (triaccel_rl.engine, triaccel_rl.executor):
-        monkeypatch.setattr(module, "check_precision_supported", refuse_bf16)
-
-
 @pytest.mark.parametrize("policy", ["heuristic", "pretrained"])
-def test_on_a_gpu_without_bf16_an_adaptive_policy_starts_and_lowers_in_fp16_without_a_trial(
-    policy, monkeypatch, caplog
-):
+@pytest.mark.usefixtures("gpu_without_bf16")
+def test_on_a_gpu_without_bf16_an_adaptive_policy_starts_and_lowers_in_fp16_without_a_trial(policy, caplog):
     """On a V100 or T4, ``Controller(model, opt)`` (the heuristic) and ``policy="pretrained"`` raised "precision bf16 is
     not supported" at construction: their start precision is bf16, and the speed trial's first format too."""
-    without_bf16(monkeypatch)
     model, opt = model_and_optimizer()
     with Controller(model, opt, policy=policy) as default:  # the default config builds, in fp16
         assert default.precisions == [Precision.FP16] * 3
@@ -481,6 +466,15 @@ def test_on_a_gpu_without_bf16_an_adaptive_policy_starts_and_lowers_in_fp16_with
         assert ctl.policy.policy.low_precision is ctl.policy.fallback.low_precision is Precision.FP16
     assert all(set(d.precisions) <= {Precision.FP32, Precision.FP16} for d in ctl.decisions)
     assert not any("not applied" in reason for d in ctl.decisions for reason in d.refused)
+
+
+@pytest.mark.usefixtures("gpu_without_bf16")
+def test_on_a_gpu_without_bf16_a_static_bf16_policy_runs_fp32_and_says_so(caplog):
+    """A static policy's configuration holds the whole run: its layers asked for bf16 ran in fp32 with nothing said."""
+    model, opt = model_and_optimizer()
+    with caplog.at_level("WARNING", logger="triaccel_rl"), Controller(model, opt, policy="bf16") as ctl:
+        assert ctl.precisions == [Precision.FP32] * 3
+    assert "the static configuration does not run as asked: ran 3 layers asked for bf16 in fp32" in caplog.text
 
 
 def test_no_speed_trial_in_a_users_loop_where_time_is_not_measured_on_a_gpu():

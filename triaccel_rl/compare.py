@@ -243,7 +243,7 @@ def run_controller(
     pending_decision_ms = 0.0
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
-        loop.executor.apply(decode(initial, config), run)
+        loop.executor.start(decode(initial, config), run)
     run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
     # A GPU without bf16 (a V100 or T4) has one 16-bit format: the policy starts and lowers in it, and no trial runs.
     formats = sixteen_bit_formats(run.device)

@@ -226,7 +226,7 @@ class Controller:
                 _log.info("bf16 does not run on %s: the policy starts and lowers to fp16 instead", self.device)
             initial = getattr(self.policy, "initial_action", None)
             if initial is not None:  # a static configuration holds from the first step
-                self.executor.apply(decode(initial, self.config), self)
+                self.executor.start(decode(initial, self.config), self)
             start = getattr(self.policy, "initial_precision", None)
             if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
                 self.engine.set_precisions([start] * len(self.engine.precision.controllable_indices))

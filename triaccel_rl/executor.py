@@ -18,6 +18,7 @@ by itself: a budget lowered after an out-of-memory error is met by accumulation,
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from triaccel_rl.observation import LayerGrouper
 from triaccel_rl.types import Action, BatchMove, Precision
 
 __all__ = ["ApplyReport", "Executor", "Target", "sixteen_bit_formats", "unsupported_precisions"]
+
+_log = logging.getLogger("triaccel_rl")
 
 
 class Target(Protocol):
@@ -99,6 +102,18 @@ class Executor:
     def __init__(self, config: ControllerConfig, grouper: LayerGrouper) -> None:
         self.config = config
         self.grouper = grouper
+
+    def start(self, action: Action, target: Target) -> ApplyReport:
+        """Applies a static policy's configuration before the first step, warning of each part not applied as asked.
+
+        A decision's refusals are logged at INFO: the next decision may ask again. A static configuration holds for the
+        whole run, so a part of it not applied (bf16 on a V100 or T4 runs in fp32) makes a run other than the one asked
+        for, which the user is told of rather than left to find in a slow, fp32-sized row labelled bf16.
+        """
+        report = self.apply(action, target)
+        for reason in report.refused:
+            _log.warning("the static configuration does not run as asked: %s", reason)
+        return report
 
     def apply(self, action: Action, target: Target, overflow_rate: float = 0.0) -> ApplyReport:
         """Applies ``action`` to ``target``; parts that break a bound are clamped or refused.

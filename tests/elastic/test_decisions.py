@@ -278,25 +278,10 @@ def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_
     ctl.close()
 
 
-def _without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Simulates a GPU without native bf16 (a V100 or T4): bf16 refused, as ``check_precision_supported`` does there."""
-    import triaccel_rl.engine
-    import triaccel_rl.executor
-
-    def without_bf16(precision: Precision, device: torch.device) -> None:
-        if precision is Precision.BF16:
-            raise ValueError("precision bf16 is not supported on this GPU; allowed: fp32, fp16")
-
-    for module in (triaccel_rl.engine, triaccel_rl.executor):
-        monkeypatch.setattr(module, "check_precision_supported", without_bf16)
-
-
-def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("gpu_without_bf16")
+def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32() -> None:
     """On a V100 or T4 (no bf16) the shield moved overflowing fp16 layers to bf16, which the engine refused: the whole
     precision action was dropped, a raise to fp32 with it, and every layer stayed fp16 while fp16 overflowed."""
-    _without_bf16(monkeypatch)
     loop = _loop()
     layers = len(loop.run.precisions)
     ask = Action((Precision.FP16,) * loop.config.n_groups, 1.0, BatchMove.KEEP)
@@ -310,13 +295,13 @@ def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32(
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.0])
+@pytest.mark.usefixtures("gpu_without_bf16")
 def test_on_a_gpu_without_bf16_layers_asked_for_bf16_run_in_fp32_and_the_rest_of_the_action_applies(
-    monkeypatch: pytest.MonkeyPatch, rate: float
+    rate: float,
 ) -> None:
     """The heuristic asks bf16 for its fp16 groups under overflow (and lowers to bf16 by default). On a V100 or T4 the
     executor passed bf16 to the engine, which refused the whole map: a sensitive group's raise to fp32 was dropped with
     it, and every layer stayed in fp16 while every step overflowed."""
-    _without_bf16(monkeypatch)
     loop = _loop()
     layers = len(loop.run.precisions)
     loop.run.engine.set_precisions([Precision.FP16] * layers)
@@ -327,7 +312,7 @@ def test_on_a_gpu_without_bf16_layers_asked_for_bf16_run_in_fp32_and_the_rest_of
     assert report.precisions == loop.run.precisions == [Precision.FP32] * layers
     assert report.changed_precision == layers
     assert report.refused == [
-        f"ran {asked_bf16} layers asked for bf16 in fp32: precision bf16 is not supported on this GPU; allowed: "
+        f"ran {asked_bf16} layers asked for bf16 in fp32: precision bf16 is not supported on Tesla T4; allowed: "
         "fp32, fp16"
     ]
 
