@@ -19,9 +19,10 @@ from triaccel_rl.observation import (
     ObservationLayout,
     _quantile_groups,
     build_observation,
+    peak_curvature,
     sensitivity,
 )
-from triaccel_rl.types import Precision, Signals
+from triaccel_rl.types import CurvatureSparsity, Precision, Signals
 
 
 def make_signals(
@@ -184,6 +185,24 @@ def test_quantile_groups_fewer_layers_than_groups() -> None:
     assert _quantile_groups(np.array([1.0, 2.0]), 4).tolist() == [1, 0]
 
 
+def test_sensitivity_reads_the_peak_curvature_of_the_sharpest_decile() -> None:
+    """``peak_curvature = curvature * top10_ratio``; a ratio under 1 or NaN reads as flat (1)."""
+    ratio = np.array([1.0, 0.5, 100.0, np.nan])
+    flat = np.zeros(4)  # the shares are not read
+    signals = make_signals([3.0, 2.0, 1.0, 0.0], sparsity=CurvatureSparsity(flat, flat, flat, ratio))
+    assert peak_curvature(signals).tolist() == [1000.0, 100.0, 1000.0, 1.0]
+    assert sensitivity(signals).tolist() == [3.0, 2.0, 3.0, 0.0]
+    grouper = LayerGrouper(signals.controllable, n_groups=2)
+    assert grouper.update(signals).tolist() == [0, 1, 0, 1]  # layer 2 ranks with layer 0 on its peak
+    layout = ObservationLayout(2)
+    obs = build_observation(signals, grouper, base_batch_size=64, layout=layout)
+    # Median score 2.5; group means 3 and 1. The curvature features stay the mean's: (1000 + 10) / 2 and (100 + 1) / 2.
+    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx(0.5, abs=1e-6)
+    assert obs[layout.group(1, "rel_sensitivity")] == pytest.approx(-1.5, abs=1e-6)
+    assert obs[layout.group(0, "log_curvature")] == pytest.approx(math.log10(505.0) / 5, rel=1e-6)
+    assert obs[layout.group(1, "log_curvature")] == pytest.approx(math.log10(50.5) / 5, rel=1e-6)
+
+
 def test_sensitivity_is_log_product_with_floor() -> None:
     signals = make_signals([0.0, 0.0, 0.0])
     signals.curvature = np.array([100.0, 0.0, 1e-3])
@@ -226,6 +245,22 @@ def test_keeping_layers_in_their_groups_never_empties_a_group() -> None:
     stable = LayerGrouper(np.ones(4, dtype=bool), n_groups=2)  # a control: where no group empties, layers stay put
     stable.update(make_signals([0.0, 1.0, 2.0, 3.0]))
     assert stable.update(make_signals([3.0, 2.0, 1.0, 0.0])).tolist() == [1, 1, 0, 0]
+
+
+def test_an_emptied_group_takes_back_its_ranked_layers_and_the_rest_keep_theirs() -> None:
+    """5 layers, 3 groups, default smoothing 0.5 and margin 0.15. Without the reclaim the emptied group fell back to
+    the plain ranking, dropping the hysteresis of every other layer (layer 3 below)."""
+    grouper = LayerGrouper(np.ones(5, dtype=bool), n_groups=3)
+    # First ranking 2.5 (layer 2), 1.4 (0) | 0.4 (3), -2.0 (1) | -2.4 (4): groups [0, 1, 0, 1, 2].
+    assert grouper.update(make_signals([1.4, -2.0, 2.5, 0.4, -2.4])).tolist() == [0, 1, 0, 1, 2]
+    # Smoothed (previous + raw) / 2: [-1.2, -1.3, 2.5, -0.9, -1.0], ranked 2, 3 | 4, 0 | 1: proposed [1, 2, 0, 0, 1].
+    # Hysteresis (range ± 0.15): group 0's [-1.05, 2.65] keeps layer 2, not layer 0 (-1.2); group 1's [-1.35, -0.85]
+    # keeps layers 1 (-1.3) and 3 (-0.9); group 2's [-1.45, -1.15] not layer 4 (-1.0). That is [1, 1, 0, 1, 1],
+    # group 2 empty: it takes back its ranked layer 1, and layer 3 stays in group 1 (the ranking alone: group 0).
+    assignment = grouper.update(make_signals([-3.8, -0.6, 2.5, -2.2, 0.4]))
+    assert grouper._score is not None
+    np.testing.assert_allclose(grouper._score, [-1.2, -1.3, 2.5, -0.9, -1.0], rtol=0, atol=1e-12)
+    assert assignment.tolist() == [1, 2, 0, 1, 1]
 
 
 def test_grouper_ignores_non_controllable_layers() -> None:
@@ -333,6 +368,7 @@ def test_observation_exact_values() -> None:
         [3.0, 2.0, 1.0, 0.0],
         precisions=[1, 1, 2, 2],
         n_params=[100, 100, 100, 100],
+        grad_variance=np.array([100.0, 100.0, 10.0, 10.0]),
         loss=100.0,
         loss_trend=-0.25,
         noise_scale=2560.0,
@@ -365,11 +401,15 @@ def test_observation_exact_values() -> None:
     assert obs[one_hot].tolist() == [0.0, 1.0, 0.0]
     one_hot = slice(layout.group(1, "is_fp32"), layout.group(1, "is_fp16") + 1)
     assert obs[one_hot].tolist() == [0.0, 0.0, 1.0]
-    # Median score 1.5; group means 2.5 and 0.5.
-    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx(1.0, abs=1e-6)
-    assert obs[layout.group(1, "rel_sensitivity")] == pytest.approx(-1.0, abs=1e-6)
+    # Scores log10(curvature * variance) 5, 4 | 2, 1: median 3; group means 4.5 and 1.5.
+    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx(1.5, abs=1e-6)
+    assert obs[layout.group(1, "rel_sensitivity")] == pytest.approx(-1.5, abs=1e-6)
     assert obs[layout.group(0, "param_share")] == 0.5
-    assert obs[layout.group(0, "log_variance")] == 0.0
+    # Group means, log10, / 5: curvature (1000 + 100) / 2 and (10 + 1) / 2; variance 100 and 10.
+    assert obs[layout.group(0, "log_curvature")] == pytest.approx(math.log10(550.0) / 5, rel=1e-6)
+    assert obs[layout.group(1, "log_curvature")] == pytest.approx(math.log10(5.5) / 5, rel=1e-6)
+    assert obs[layout.group(0, "log_variance")] == pytest.approx(0.4, rel=1e-6)
+    assert obs[layout.group(1, "log_variance")] == pytest.approx(0.2, rel=1e-6)
     assert obs[layout.group(0, "log_snr")] == 0.0
 
 

@@ -706,3 +706,29 @@ def test_merged_observation_stats_keep_an_interval_both_record():
     assert ten.merged(ObservationStats(*ranges, interval_steps=10)).interval_steps == 10
     assert ten.merged(ObservationStats(*ranges, interval_steps=20)).interval_steps is None  # mixed: unknown
     assert ten.merged(ObservationStats(*ranges)).interval_steps is None  # one predates the record: unknown
+
+
+def test_observation_stats_of_another_ladder_or_size_are_not_merged():
+    """A resumed run's range merged into one of another LR ladder would serve the policy actions it never trained on."""
+    ranges = ((0.0, 1.0), (1.0, 2.0), 4)
+    stats = ObservationStats(*ranges, lr_scales=(0.5, 1.0))
+    with pytest.raises(ValueError, match=r"^cannot merge observation stats of 2 features \(LR ladder \(0\.5, 1\.0\)\) "
+                       r"with stats of 2 \(LR ladder \(0\.5, 2\.0\)\)$"):  # fmt: skip
+        stats.merged(ObservationStats(*ranges, lr_scales=(0.5, 2.0)))
+    with pytest.raises(ValueError, match=r"LR ladder \(0\.5, 1\.0\)\) with stats of 2 \(LR ladder None\)$"):
+        stats.merged(ObservationStats(*ranges))
+    with pytest.raises(ValueError, match=r"^cannot merge observation stats of 2 features .* with stats of 1 "):
+        stats.merged(ObservationStats((0.0,), (1.0,), 4, lr_scales=(0.5, 1.0)))
+    both = stats.merged(ObservationStats((-1.0, 1.5), (0.5, 3.0), 6, lr_scales=(0.5, 1.0)))
+    assert both == ObservationStats((-1.0, 1.0), (1.0, 3.0), 10, lr_scales=(0.5, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("observations", "shape"),
+    [(np.zeros((0, 3)), r"\(0, 3\)"), (np.zeros(3), r"\(3,\)"), (np.zeros((2, 3, 1)), r"\(2, 3, 1\)")],
+)
+def test_observation_stats_need_a_non_empty_2d_array(observations, shape):
+    with pytest.raises(ValueError, match=rf"^need a non-empty \[n, features\] array; got shape {shape}$"):
+        ObservationStats.from_observations(observations)
+    stats = ObservationStats.from_observations(np.array([[0.0, 2.0], [1.0, -1.0]]))
+    assert stats == ObservationStats((0.0, -1.0), (1.0, 2.0), 2)

@@ -320,6 +320,29 @@ def test_adam_second_moment_feeds_sparsity() -> None:
     np.testing.assert_array_equal(signals.sparsity.top10_share, expected.top10_share)
 
 
+def test_sparsity_gaps_keep_their_values_and_the_lr_factors_read_the_peak_curvature() -> None:
+    """A layer without a diagonal this round keeps its previous sparsity (flat, ratio 1, before any); the LR factors
+    are taken from ``curvature * top10_ratio``, the sharpest decile's mean curvature."""
+    from triaccel_rl.signals.collector import _sparsity_with_gaps
+
+    sharp = torch.tensor([5.0] + [3.0] * 9)  # mass 32, mean 3.2: the top decile (5) is 1.5625 times the mean
+    first = _sparsity_with_gaps([sharp, None, torch.ones(10)], 0.01, None)
+    assert first.top10_ratio.tolist() == [1.5625, 1.0, 1.0]
+    assert first.top10_share.tolist() == [5 / 32, 0.1, 0.1] and first.small_frac.tolist() == [0.0, 0.0, 0.0]
+    later = _sparsity_with_gaps([None, sharp, None], 0.01, first)
+    assert later.top10_ratio.tolist() == [1.5625, 1.5625, 1.0]
+    collector = SignalCollector(
+        [LayerInfo(name, 10, True) for name in "abc"], 0.9, 1 << 20, SignalConfig.preset("cheap")
+    )
+    collector.observe(fake_stats(3, sq=1.0))  # curvature 1 / 10 for every layer
+    collector._sparsity = first  # as a round sets it
+    signals = snapshot(collector)
+    assert signals.curvature.tolist() == [0.1, 0.1, 0.1] and signals.sparsity is first
+    # Peaks [0.15625, 0.1, 0.1], median 0.1: factors sqrt(0.1 / peak) = [0.8, 1, 1] (the mean curvature: all 1).
+    assert signals.lr_factors is not None
+    np.testing.assert_allclose(signals.lr_factors, [0.8, 1.0, 1.0], rtol=1e-12)
+
+
 def test_cheap_mode_runs_no_round() -> None:
     torch.manual_seed(0)
     model = WithUnused()
@@ -767,6 +790,17 @@ def test_observe_interval_equals_per_step_folding_for_constant_values() -> None:
     np.testing.assert_allclose(a.grad_norm, b.grad_norm)
     assert a.loss == pytest.approx(b.loss)
     assert per_interval.train_ms == 50.0 and per_interval.n_steps == 5
+
+
+def test_grad_norm_is_the_bias_corrected_ema_of_the_step_norms() -> None:
+    """Norms 2 then 4 (squared 4, 16) at decay 0.9: (0.9 * 0.1 * 2 + 0.1 * 4) / (0.9 * 0.1 + 0.1) = 0.58 / 0.19, the
+    mean of the norms, not the root of the mean square (sqrt(1.96 / 0.19) = 3.21)."""
+    collector = SignalCollector([LayerInfo("a", 10, True)], 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    collector.observe(fake_stats(1, sq=4.0))
+    assert snapshot(collector).grad_norm.tolist() == pytest.approx([2.0], rel=1e-12)
+    collector.observe(fake_stats(1, sq=16.0))
+    collector.observe(fake_stats(1, sq=math.inf))  # not finite: counted as skipped, not averaged in
+    assert snapshot(collector).grad_norm.tolist() == pytest.approx([0.58 / 0.19], rel=1e-12)
 
 
 def test_device_moments_observe_layers_equals_observe() -> None:

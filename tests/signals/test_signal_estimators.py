@@ -366,6 +366,13 @@ def test_sparsity_counts_round_up_and_edge_cases() -> None:
     assert sparsity.top10_ratio.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_sparsity_small_frac_counts_up_to_the_threshold_times_the_mean() -> None:
+    # Mass 16 over 4 coordinates, mean 4; threshold 0.25: the bar is 1.0. Just under it counts, on it counts (<=),
+    # just over it does not: 2 of 4.
+    diagonal = torch.tensor([1 - 2**-8, 1.0, 1 + 2**-8, 13.0])
+    assert curvature_sparsity([diagonal], small_threshold=0.25).small_frac.tolist() == [0.5]
+
+
 def test_sparsity_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"layer 1 has an empty curvature diagonal"):
         curvature_sparsity([torch.ones(3), torch.zeros(0)])
