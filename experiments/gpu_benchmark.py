@@ -4,7 +4,10 @@ One process runs every row, so all rows share the machine state. For each model:
 
 1. **Grid** (1 seed each): static bf16 + channels_last over ``batch × lr_scale``; the configuration with
    the shortest time to target (among those that reach it) becomes the static rows' setting, as a
-   careful user would tune it.
+   careful user would tune it. Each batch size gets an untimed warm-up before its first point, as every row
+   does (``warmup_epochs``). The grid costs one full run per point plus one warm-up per batch size, on top of
+   the rows: its runs are not reused as a row's seed (``static-bf16`` runs its seed 0 again, after its own
+   warm-up, as its other seeds; until 2026-12-05 it took the grid's cold run).
 2. **Rows** (``seeds`` seeds each): what users run today, their own PyTorch loop (``plain-bf16``: torch.optim
    + bf16 autocast + channels_last; ``plain-fp16``: fp16 autocast + GradScaler + channels_last; ``plain-fp32``:
    true fp32, TF32 off), then the same static settings
@@ -27,7 +30,6 @@ time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -98,9 +100,10 @@ class Args:
     plots: str = "experiments/results/plots"
     """Folder for PNG plots ('' for none)."""
     warmup_epochs: float = 1.05
-    """Untimed, discarded run before each row (a bit over an epoch, so the short last batch's shapes are met
-    too): cuDNN autotuning and Triton compilation are process-wide one-time costs per shape and dtype, which
-    would otherwise land on the row's first seed. (With a tenth of this for rows after the first, static
+    """Untimed, discarded run before each row and before the grid's first point at each batch size (a bit over an
+    epoch, so the short last batch's shapes are met too): cuDNN autotuning and Triton compilation are process-wide
+    one-time costs per shape and dtype, which would otherwise land on the row's first seed (or on the grid's first
+    point at a batch, skewing its choice). (With a tenth of this for rows after the first, static
     fp16's first seed on the H200, 2026-12-01, took 10.3 s against 7.3 and 6.6 on ResNet-18, and 27.6 s
     against 9.3 on EfficientNet-B0: the fp16 kernels for the epoch's short last batch were tuned in it.)
     0: none."""
@@ -278,6 +281,8 @@ def main(args: Args) -> list[dict[str, Any]]:
         "command": "python experiments/gpu_benchmark.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
     }
+    partial = _out_path(args).with_suffix(".partial.json")  # the finished runs while the job runs (as compare's)
+    partial.unlink(missing_ok=True)  # an earlier job's: read beside this job's results, it would pass for this one's
     table_rows: list[dict[str, Any]] = []
     all_runs: list[dict[str, Any]] = []  # every model's runs, each naming its model
     grid_rows: list[dict[str, Any]] = []
@@ -299,9 +304,63 @@ def main(args: Args) -> list[dict[str, Any]]:
             **({"cost_mode": "measured"} if args.smoke else {}),
         }
 
-        grid = []
+        def run_row(
+            task: Any,
+            row: str,
+            spec: dict[str, Any],
+            seed: int,
+            epochs: float,
+            setting: tuple[int, float],
+            cap: float | None = None,
+            common: dict[str, Any] = common,
+        ) -> RunResult:
+            """One run of ``row`` from the static setting ``(batch, lr_scale)`` (the default binds this model's)."""
+            batch, lr_scale = _row_setting(spec, *setting)
+            lr_scale *= _start_lr_match(task, spec, batch)
+            if "plain" in spec:
+                return run_plain(
+                    task,
+                    seed,
+                    precision=spec["plain"],
+                    epochs=epochs,
+                    batch_size=batch,
+                    lr_scale=lr_scale,
+                    channels_last=spec["channels_last"],
+                    eval_every_steps=_eval_steps(args),
+                    device=device,
+                    max_time_s=cap,
+                    max_grad_norm=spec.get("max_grad_norm"),
+                )
+            return run_controller(
+                task,
+                spec["controller"],
+                seed,
+                batch_size=batch,
+                lr_scale=lr_scale,
+                channels_last=spec["channels_last"],
+                max_time_s=cap,
+                max_grad_norm=spec.get("max_grad_norm"),
+                **{**common, "epochs": epochs, "config": spec.get("config", config)},
+            )
+
+        def warm_up(task: Any, row: str, spec: dict[str, Any], setting: tuple[int, float]) -> None:
+            """Untimed, discarded runs of ``row`` from ``setting`` before its timed ones (``Args.warmup_epochs``)."""
+            if args.warmup_epochs <= 0:
+                return
+            with _true_fp32(row in ("fp32", "plain-fp32") and device == "cuda"):
+                run_row(task, row, spec, seed=1000, epochs=args.warmup_epochs, setting=setting)
+            for factor in spec.get("warmup_batch_factors", ()):  # shapes the row's batch rule moves to
+                grown = {"controller": "fp16", "channels_last": spec["channels_last"], "batch_factor": factor}
+                run_row(task, row, grown, seed=1000, epochs=args.warmup_epochs, setting=setting)
+
+        grid: list[tuple[int, float, RunResult]] = []
+        grid_spec = rows_for(args)["static-bf16"]  # the row the grid tunes
         for batch, lr_scale in [] if args.static else grid_points(args):
-            result = run_controller(task, "bf16", 0, batch_size=batch, lr_scale=lr_scale, channels_last=True, **common)
+            if batch not in {point[0] for point in grid}:
+                # Warmed up as every row is, once a batch (the one-time costs are per shape, not per LR): cold, the
+                # first point at each batch paid them in its time to target, which skewed the grid's choice.
+                warm_up(task, "static-bf16", grid_spec, (batch, lr_scale))
+            result = run_row(task, "static-bf16", grid_spec, seed=0, epochs=args.epochs, setting=(batch, lr_scale))
             grid.append((batch, lr_scale, result))
             grid_rows.append(
                 {"model": model, "batch": batch, "lr_scale": lr_scale, "seed": 0,
@@ -312,7 +371,6 @@ def main(args: Args) -> list[dict[str, Any]]:
                 f"final {100 * result.final_metric:.2f}%",
                 flush=True,
             )
-        best_result: RunResult | None = None
         static_target: float | None = None
         if args.static:
             best_batch, best_lr, static_target = static_setting(args)
@@ -327,77 +385,26 @@ def main(args: Args) -> list[dict[str, Any]]:
         print(f"tuned static setting for {model}: batch {best_batch}, lr x{best_lr}", flush=True)
 
         results: list[RunResult] = []
-
-        def run_row(
-            task: Any,
-            row: str,
-            spec: dict[str, Any],
-            seed: int,
-            epochs: float,
-            cap: float | None = None,
-            best_batch: int = best_batch,
-            best_lr: float = best_lr,
-            common: dict[str, Any] = common,
-        ) -> RunResult:
-            """One run of ``row`` at the tuned static setting (the defaults bind this model's values)."""
-            best_batch, best_lr = _row_setting(spec, best_batch, best_lr)
-            best_lr *= _start_lr_match(task, spec, best_batch)
-            if "plain" in spec:
-                return run_plain(
-                    task,
-                    seed,
-                    precision=spec["plain"],
-                    epochs=epochs,
-                    batch_size=best_batch,
-                    lr_scale=best_lr,
-                    channels_last=spec["channels_last"],
-                    eval_every_steps=_eval_steps(args),
-                    device=device,
-                    max_time_s=cap,
-                    max_grad_norm=spec.get("max_grad_norm"),
-                )
-            return run_controller(
-                task,
-                spec["controller"],
-                seed,
-                batch_size=best_batch,
-                lr_scale=best_lr,
-                channels_last=spec["channels_last"],
-                max_time_s=cap,
-                max_grad_norm=spec.get("max_grad_norm"),
-                **{**common, "epochs": epochs, "config": spec.get("config", config)},
-            )
-
         for row, spec in rows_for(args).items():
             if row not in _names(args.rows):
                 continue
             n_seeds = args.fp32_seeds if row in ("fp32", "plain-fp32") else args.seeds
-            if args.warmup_epochs > 0:
-                with _true_fp32(row in ("fp32", "plain-fp32") and device == "cuda"):
-                    run_row(task, row, spec, seed=1000, epochs=args.warmup_epochs)  # untimed, discarded
-                for factor in spec.get("warmup_batch_factors", ()):  # shapes the row's batch rule moves to
-                    grown = {"controller": "fp16", "channels_last": spec["channels_last"], "batch_factor": factor}
-                    run_row(task, row, grown, seed=1000, epochs=args.warmup_epochs)
+            setting = (best_batch, best_lr)
+            warm_up(task, row, spec, setting)
+            # Every seed runs here, 0 too: static-bf16's seed 0 was the grid's run at this setting until 2026-12-05,
+            # which had not run after this row's warm-up as the other seeds do.
             for seed in range(n_seeds):
-                if row == "static-bf16" and seed == 0 and best_result is not None:  # the grid ran this one
-                    result = copy.deepcopy(best_result)
-                    result.controller = row
-                    results.append(result)
-                    continue
                 fp32 = row in ("fp32", "plain-fp32")
                 cap = args.fp32_cap * static_target if fp32 and args.fp32_cap and static_target else None
+                epochs = args.epochs * spec.get("epochs_factor", 1.0)
                 with _true_fp32(fp32 and device == "cuda"):
-                    result = run_row(
-                        task, row, spec, seed=seed, epochs=args.epochs * spec.get("epochs_factor", 1.0), cap=cap
-                    )
+                    result = run_row(task, row, spec, seed=seed, epochs=epochs, setting=setting, cap=cap)
                 result.controller = row
                 results.append(result)
                 # Every finished run is kept at once: a job stopped by a time limit loses only the run in flight.
                 so_far = all_runs + [{"model": model, **asdict(r)} for r in results]
-                partial = {"rows": [], "grid": grid_rows, "runs": so_far}
-                _out_path(args).with_suffix(".partial.json").write_text(
-                    json.dumps(json_safe(partial), allow_nan=False) + "\n"
-                )
+                kept = {"rows": [], "grid": grid_rows, "runs": so_far}
+                partial.write_text(json.dumps(json_safe(kept), allow_nan=False) + "\n")
                 print(
                     f"{model} {row} seed {seed}: to target {result.time_to_target_s}, final "
                     f"{100 * result.final_metric:.2f}%, peak {result.peak_bytes / 2**20:.0f} MiB, "
@@ -459,6 +466,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     payload = {"rows": table_rows, "grid": grid_rows, "runs": all_runs}
     # Strict JSON: a diverged run's probe losses (NaN) and a std of non-finite values are written as null.
     out.write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
+    partial.unlink(missing_ok=True)  # the results hold every run now
     print(f"\nwrote {out}")
     return table_rows
 
@@ -476,6 +484,9 @@ def check_args(args: Args) -> None:
     unknown = [model for model in models if model not in task_names()]
     if unknown:
         raise SystemExit(f"--models: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
+    twice = sorted({model for model in models if models.count(model) > 1})
+    if twice:  # its rows ran again, written as a second row of each name for that model (seeds 0.. twice)
+        raise SystemExit(f"--models lists {', '.join(twice)} more than once; give each task once")
     for flag, value in (("--seeds", args.seeds), ("--fp32-seeds", args.fp32_seeds),
                         ("--interval-steps", args.interval_steps), ("--eval-every", args.eval_every)):  # fmt: skip
         if value < 1:

@@ -97,6 +97,8 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
     assert "| controller | final acc | time (s, modelled NVIDIA H200) | time 95% CI |" in printed  # the profile's
     assert "| vs static-fp32 (time / to target) |" in printed  # the reference row, by default fp32's
     assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
+    # The row the ratios are to, and where the runs trained (the file said neither before).
+    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("static-fp32", "cpu")
     # The command as main() was given it (it was read from sys.argv: pytest's own arguments, here).
     assert payload["meta"]["command"].startswith("triaccel-rl compare --task synthetic --controllers fp32,bf16,")
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 6
@@ -385,7 +387,9 @@ def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| plain-fp32 |" in printed and "| static-fp32 |" in printed
-    rows = {row["controller"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("plain-fp32", "cpu")  # as --reference named
+    rows = {row["controller"]: row for row in payload["rows"]}
     static, plain = rows["static-fp32"], rows["plain-fp32"]
     assert static["time_ratio"] == static["time_s_mean"] / plain["time_s_mean"]  # against the plain row
     assert static["final_metric_mean"] == plain["final_metric_mean"]  # the same updates, step for step

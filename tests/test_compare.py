@@ -2,6 +2,7 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -77,7 +78,8 @@ def test_bootstrap_ci_is_the_documented_percentile_bootstrap():
         assert bootstrap_ci([0.0, 3.0, 0.0, 0.0], seed=seed) == (0.0, 2.25)
     # The recipe the docstring gives, done by hand: seeded resamples, their means, numpy's linear percentiles.
     values = np.array([0.25, 1.5, 0.5, 4.0, 2.0])
-    means = values[np.random.default_rng(7).integers(0, 5, (300, 5))].mean(axis=1)
+    resamples = values[np.random.default_rng(7).integers(0, 5, (300, 5))]
+    means = [statistics.fmean(resample) for resample in resamples.tolist()]  # as summarize() takes a row's mean
     expected = (float(np.percentile(means, 5.0)), float(np.percentile(means, 95.0)))
     assert bootstrap_ci(values.tolist(), confidence=0.9, n_resamples=300, seed=7) == expected
     assert bootstrap_ci(values.tolist()) == bootstrap_ci(values.tolist())  # seeded: the same table twice
@@ -89,6 +91,16 @@ def test_bootstrap_ci_is_the_documented_percentile_bootstrap():
         bootstrap_ci([1.0, 2.0], confidence=1.0)
     with pytest.raises(ValueError, match="n_resamples=0 must be a positive integer"):
         bootstrap_ci([1.0, 2.0], n_resamples=0)
+
+
+def test_the_bootstrap_interval_holds_the_rows_mean_when_every_seed_agrees():
+    """Six seeds at 0.5988: numpy's mean of each resample was 0.5987999999999999, the row's mean (``fmean``) 0.5988,
+    so the interval lay one ulp below the mean it was for. The resamples' means are now taken as the row's is."""
+    values = [0.5988] * 6
+    assert bootstrap_ci(values) == (0.5988, 0.5988)
+    (row,) = summarize([fake("static-bf16", seed, value, 1.0, None) for seed, value in enumerate(values)])
+    assert row["final_metric_mean"] == 0.5988 and row["final_metric_ci95"] == (0.5988, 0.5988)
+    assert bootstrap_ci([0.1] * 3) == (statistics.fmean([0.1] * 3),) * 2  # fmean's own rounding: 0.10000000000000002
 
 
 def test_summary_of_one_seed_measures_no_spread():
@@ -446,19 +458,28 @@ def test_static_rows_keep_their_batch_and_lr_scale():
     assert (result.lr_changes, result.batch_changes, result.precision_changes) == (0, 0, 0)
 
 
-def test_an_adaptive_rows_starting_lr_scale_is_its_neutral_rung():
-    """lr_scale=0.5 goes into the heuristic's base LR: the same LR as a static x0.5 row, but its ladder reads 1.0.
+def test_an_adaptive_rows_starting_lr_scale_is_its_neutral_rung_and_reported_as_given(tmp_path):
+    """lr_scale=0.5 goes into the heuristic's base LR: the same LR as a static x0.5 row, its ladder at its x1 rung.
 
     Given x0.5 as its multiplier, the heuristic took it for a rung it had lowered and climbed back to x1 while the
-    loss fell (H200, 2026-12-02).
+    loss fell (H200, 2026-12-02). The multiplier reported (trace, curve, TensorBoard, so the plots' LR panel) is on
+    the task's base LR in both rows: before, the heuristic reported its rung (1.0) beside the static row's 0.5, a
+    2x difference at one LR.
     """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     config = ControllerConfig(interval_steps=2)
     static = run_controller("synthetic", "bf16", 0, epochs=0.5, config=config, device="cpu", lr_scale=0.5)
-    adaptive = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", lr_scale=0.5)
+    adaptive = run_controller("synthetic", "heuristic", 0, epochs=0.5, config=config, device="cpu", lr_scale=0.5,
+                              log_dir=tmp_path)  # fmt: skip
     first_static, first_adaptive = static.trace[0], adaptive.trace[0]
-    assert (first_static["lr_scale"], first_adaptive["lr_scale"]) == (0.5, 1.0)
+    assert (first_static["lr_scale"], first_adaptive["lr_scale"]) == (0.5, 0.5)
     assert first_adaptive["lr"] == pytest.approx(first_static["lr"], rel=1e-6)
-    assert max(row["lr_scale"] for row in adaptive.trace) <= 1.0  # never above the LR it was given
+    assert (static.curve[0][3], adaptive.curve[0][3]) == (0.5, 0.5)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.value for e in events.Scalars("controller/lr_scale")] == [p[3] for p in adaptive.curve]  # 0.5 exact
+    assert max(row["lr_scale"] for row in adaptive.trace) <= 0.5  # never above the LR it was given
 
 
 def test_compare_takes_a_task_with_its_base_lr_overridden():

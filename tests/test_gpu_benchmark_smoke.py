@@ -43,7 +43,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
         assert row["rank"] is None if row["reach_rate"] < 1 else row["rank"] >= 1
     assert rows["heuristic"]["seeds"] == [0, 1] and rows["fp32"]["seeds"] == rows["plain-fp32"]["seeds"] == [0]
     assert [(g["batch"], g["lr_scale"]) for g in data["grid"]] == [(32, 1.0), (64, 1.0)]
-    # fp32 x 1 + plain-fp32 x 1 + static-bf16 x 2 (one taken from the grid) + heuristic x 2; warm-ups not kept
+    # fp32 x 1 + plain-fp32 x 1 + static-bf16 x 2 + heuristic x 2; neither warm-ups nor grid runs kept as runs
     assert len(data["runs"]) == 6 and all(run["seed"] != 1000 for run in data["runs"])
     assert all(run["model"] == "synthetic" for run in data["runs"])  # merge plots a job's runs per model
     pngs = list((plots / "synthetic").glob("*.png"))
@@ -179,15 +179,16 @@ def test_rows_with_another_lr_rule_start_at_the_static_rows_lr():
     assert match(adamw, rows["heuristic-ramp"], 4 * adamw.base_batch_size) == 2.0  # AdamW's default: square root
 
 
-def test_adaptive_rows_start_at_the_tuned_lr_with_multiplier_one(tmp_path):
-    """An adaptive row's tuned multiplier goes into the base LR: its ladder moves around it, not up to x1."""
+def test_adaptive_rows_start_at_the_tuned_lr_and_report_it_as_the_static_rows_do(tmp_path):
+    """An adaptive row's tuned multiplier goes into the base LR (its ladder moves around it, not up to x1), and its
+    reported multiplier is on the task's base LR as the static row's is (before, 1.0 beside 0.5 at one LR)."""
     out = tmp_path / "tuned.json"
     run("--smoke", "--models", "synthetic", "--epochs", "0.5", "--seeds", "1", "--interval-steps", "4",
         "--warmup-epochs", "0", "--static", "128,0.5", "--rows", "static-bf16,heuristic",
         "--out", str(out), "--plots", "", cwd=tmp_path)  # fmt: skip
     runs = {r["controller"]: r for r in json.loads(out.read_text())["runs"]}
     static, heuristic = runs["static-bf16"]["trace"][0], runs["heuristic"]["trace"][0]
-    assert (static["lr_scale"], heuristic["lr_scale"]) == (0.5, 1.0)  # the heuristic's x0.5 is in its base LR
+    assert (static["lr_scale"], heuristic["lr_scale"]) == (0.5, 0.5)  # the heuristic's x0.5 in its base LR, reported
     assert heuristic["lr"] == pytest.approx(static["lr"], rel=1e-6)  # the same step of the same schedule
 
 
@@ -211,6 +212,7 @@ def test_the_evaluation_spacing_can_be_set_in_steps(tmp_path):
         (["--rows", ","], "--rows ',' is empty"),
         (["--models", "resnet18-fmnst"], "--models: unknown task 'resnet18-fmnst'; allowed: "),
         (["--models", ""], "--models '' is empty"),
+        (["--models", "synthetic,mlp-fmnist,synthetic"], "--models lists synthetic more than once"),
         (["--seeds", "0"], "--seeds 0 must be >= 1"),
         (["--seeds", "-2"], "--seeds -2 must be >= 1"),
         (["--fp32-seeds", "0"], "--fp32-seeds 0 must be >= 1"),
@@ -397,8 +399,13 @@ def test_a_diverged_runs_probe_losses_are_written_as_null(monkeypatch, tmp_path)
     from triaccel_rl.compare import RunResult
 
     gpu_benchmark = gpu_benchmark_module()
+    out = tmp_path / "diverged.json"
+    partial = out.with_suffix(".partial.json")
+    kept = []  # the partial file as the second run starts (removed once the results are written)
 
     def diverged(task, controller, seed, **kwargs):
+        if partial.exists():
+            kept.append(partial.read_text())
         trace = [{"time_s": 0.5, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1, "probe_loss": math.nan,
                   "precisions": [2]}]  # fmt: skip
         return RunResult(controller=controller, seed=seed, final_metric=0.1, time_s=1.0, wall_s=1.0,
@@ -407,13 +414,64 @@ def test_a_diverged_runs_probe_losses_are_written_as_null(monkeypatch, tmp_path)
 
     monkeypatch.setattr(gpu_benchmark, "run_controller", diverged)
     monkeypatch.delenv("OUT", raising=False)
-    out = tmp_path / "diverged.json"
     gpu_benchmark.main(gpu_benchmark.parse(["--smoke", "--models", "synthetic", "--seeds", "2", "--warmup-epochs", "0",
                                             "--static", "64,1.0", "--rows", "static-fp16", "--out", str(out),
                                             "--plots", ""]))  # fmt: skip
-    for path in (out, out.with_suffix(".partial.json")):
-        runs = strict_json(path.read_text())["runs"]
-        assert [run["trace"][0]["probe_loss"] for run in runs] == [None, None], path
+    for text, runs in ((out.read_text(), 2), *((text, 1) for text in kept)):
+        assert [run["trace"][0]["probe_loss"] for run in strict_json(text)["runs"]] == [None] * runs
+    assert len(kept) == 1
+
+
+def test_the_partial_file_is_cleared_at_the_start_and_removed_after_the_results(monkeypatch, tmp_path):
+    """``<out>.partial.json`` keeps the finished runs while a job runs. Before the fix it stayed beside the results
+    after a job that finished, and an earlier job's was left in place until the new job's first run replaced it."""
+    gpu_benchmark = gpu_benchmark_module()
+    out = tmp_path / "out.json"
+    partial = out.with_suffix(".partial.json")
+    partial.write_text('{"rows": [], "grid": [], "runs": [{"model": "an earlier job", "seed": 7}]}\n')
+    real = gpu_benchmark.run_controller
+    seen = []  # the partial file's runs as each run starts (None: no file)
+
+    def spy(*args, **kwargs):
+        seen.append([run["seed"] for run in json.loads(partial.read_text())["runs"]] if partial.exists() else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_benchmark, "run_controller", spy)
+    monkeypatch.delenv("OUT", raising=False)
+    gpu_benchmark.main(gpu_benchmark.parse(["--smoke", "--models", "synthetic", "--epochs", "0.2", "--seeds", "2",
+                                            "--interval-steps", "5", "--warmup-epochs", "0", "--static", "64,1.0",
+                                            "--rows", "static-fp16", "--out", str(out), "--plots", ""]))  # fmt: skip
+    assert seen == [None, [0]]  # the earlier job's file gone before the first run; the first run kept during the next
+    assert [run["seed"] for run in json.loads(out.read_text())["runs"]] == [0, 1] and not partial.exists()
+
+
+def test_the_grid_warms_up_each_batch_and_the_static_row_reruns_its_first_seed(monkeypatch, tmp_path):
+    """Before the fix the grid's points ran cold: the first point at each batch paid the one-time costs (cuDNN's
+    tuning, Triton's compilation) in its time to target, which skewed the grid's choice, and the best point's run was
+    copied in as ``static-bf16``'s seed 0, the one seed of a row that carried them (``Args.warmup_epochs``)."""
+    gpu_benchmark = gpu_benchmark_module()
+    real = gpu_benchmark.run_controller
+    calls = []  # (seed, batch, lr_scale, epochs) of each run, in order
+
+    def spy(task, controller, seed, **kwargs):
+        calls.append((seed, kwargs["batch_size"], kwargs["lr_scale"], kwargs["epochs"]))
+        return real(task, controller, seed, **kwargs)
+
+    monkeypatch.setattr(gpu_benchmark, "run_controller", spy)
+    monkeypatch.delenv("OUT", raising=False)
+    out = tmp_path / "grid.json"
+    (row,) = gpu_benchmark.main(gpu_benchmark.parse([
+        "--smoke", "--models", "synthetic", "--epochs", "0.2", "--seeds", "2", "--interval-steps", "5",
+        "--warmup-epochs", "0.1", "--grid", "32x1.0,32x2.0,64x1.0", "--rows", "static-bf16",
+        "--out", str(out), "--plots", "",
+    ]))  # fmt: skip
+    best = row["static_setting"]["batch"], row["static_setting"]["lr_scale"]
+    assert calls == [
+        (1000, 32, 1.0, 0.1), (0, 32, 1.0, 0.2), (0, 32, 2.0, 0.2),  # one warm-up per batch, before its first point
+        (1000, 64, 1.0, 0.1), (0, 64, 1.0, 0.2),
+        (1000, *best, 0.1), (0, *best, 0.2), (1, *best, 0.2),  # the row: its warm-up, then every seed, 0 included
+    ]  # fmt: skip
+    assert [run["seed"] for run in json.loads(out.read_text())["runs"]] == [0, 1]
 
 
 def test_merge_reads_a_job_file_that_holds_nan(tmp_path):

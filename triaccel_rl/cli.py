@@ -386,7 +386,17 @@ def _compare(args: argparse.Namespace) -> int:
         f"\nwall time {time.perf_counter() - start:.1f} s" + (f"; TensorBoard: {args.log_dir}" if args.log_dir else "")
     )
     if args.out:
-        write_json(results, rows, args.out, task=task.name, command=command, time_mode=label)
+        # The row the ratios are to (None: no ratios) and where the runs trained, which the rows do not say.
+        write_json(
+            results,
+            rows,
+            args.out,
+            task=task.name,
+            command=command,
+            time_mode=label,
+            reference=reference,
+            device=_device_name(args.device),
+        )
         if partial is not None:
             partial.unlink(missing_ok=True)
         print(f"results: {args.out}")
@@ -466,6 +476,16 @@ def _tasks(args: argparse.Namespace) -> int:
     for name, task in sorted(TASKS.items()):
         print(f"{name:{width}s}  {task.description} (target accuracy {100 * task.target_metric:.1f}%)")
     return 0
+
+
+def _device_name(device: str | None) -> str:
+    """Where the runs trained, for the results: ``cpu``, or the GPU's name (as ``gpu_benchmark.py`` writes it)."""
+    import torch
+
+    from triaccel_rl.training import resolve_device
+
+    resolved = resolve_device(device)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else str(resolved)
 
 
 def _cuda(device: str | None) -> bool:

@@ -74,7 +74,10 @@ class RunResult:
             ``low_precision_share`` is the share of all the model's layers (``layer_names``; those whose precision is
             not controlled stay fp32) in bf16 or fp16, as ``Controller`` logs it.
         trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``,
-            ``probe_loss`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16).
+            ``probe_loss`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16). In both, ``lr_scale`` is the
+            LR multiplier on the task's base LR, the same in every row: the starting ``lr_scale`` given to
+            :func:`run_controller` times the policy's rung (an adaptive row's rung alone, 1.0 for x0.5 given, until
+            2026-12-05); neither the batch rule's gain nor the schedule is in it (the trace's ``lr`` is the LR applied).
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.
@@ -181,6 +184,8 @@ def run_controller(
         batch_size: starting batch size (the task's by default).
         lr_scale: starting LR multiplier on the task's base LR. A static row keeps it; for an adaptive policy it is
             folded into the base LR and the run starts at multiplier 1, the neutral rung of the policy's LR ladder.
+            Either way the curve, the trace and TensorBoard report the multiplier on the task's base LR (the folded
+            start times the rung), so rows started alike report alike.
         channels_last: channels-last memory format for model and inputs.
         schedule: warm-up then linear decay of the LR over ``epochs`` (else a constant LR).
         max_time_s: stop early once the charged time passes this many seconds (a slow baseline that has
@@ -201,10 +206,11 @@ def run_controller(
     release_memory(resolve_device(device))
     policy = _policy(controller, config)
     adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
+    folded = 1.0  # the multiplier folded into the base LR: reported times the run's, so rows compare on one base LR
     if adaptive and lr_scale != 1.0:
         # A policy's LR ladder is relative to where the run starts: the starting multiplier goes into the base LR,
         # or the heuristic would read x0.5 as a rung it lowered and climb back to x1 (H200, 2026-12-02).
-        task, lr_scale = replace(task, base_lr=task.base_lr * lr_scale), 1.0
+        task, folded, lr_scale = replace(task, base_lr=task.base_lr * lr_scale), lr_scale, 1.0
     run = TrainingRun(
         task,
         seed=seed,
@@ -316,7 +322,7 @@ def run_controller(
                 {
                     "time_s": time_ms / 1e3,
                     "batch_size": run.batch_size,
-                    "lr_scale": run.lr_scale,
+                    "lr_scale": folded * run.lr_scale,
                     "memory_bytes": signals.memory_bytes,
                     # None where it was not finite (the signals cap it at 1e6 for the observation, which a diverging
                     # run's finite losses exceed: the trace would not tell them apart).
@@ -347,7 +353,7 @@ def run_controller(
             nvml.read()  # outside the charged time, at the same steps in every row
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
-            curve.append((time_ms / 1e3, metric, run.batch_size, run.lr_scale, low))
+            curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
             # The first evaluation at or above the target, at its own time: not interpolated between evaluations
             # (the time is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
             if time_to_target is None and metric >= task.target_metric:
@@ -357,7 +363,7 @@ def run_controller(
                 writer.add_scalar("test/metric", metric, step)
                 writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
                 writer.add_scalar("controller/batch_size", run.batch_size, step)
-                writer.add_scalar("controller/lr_scale", run.lr_scale, step)
+                writer.add_scalar("controller/lr_scale", curve[-1][3], step)
                 writer.add_scalar("controller/low_precision_share", low, step)
     if writer is not None:
         writer.close()
@@ -587,12 +593,16 @@ def bootstrap_ci(
     """Percentile bootstrap confidence interval of the mean of ``values``.
 
     The recipe, so that a table can be reproduced: ``n_resamples`` resamples of ``len(values)`` values drawn with
-    replacement by ``numpy.random.default_rng(seed).integers``, the mean of each, and their
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles by ``numpy.percentile``'s default (linear
-    interpolation between order statistics). With one value the interval is that value (it says nothing of the
-    spread: ``summarize`` reports None there). With two or three values a 95% interval is ``(min, max)``: the
-    resample of ``n`` copies of the smallest (largest) value has chance ``n**-n`` (1/4, 1/27), above the 2.5% tail,
-    so 2000 resamples hold more than 2.5% of each (the seeded draw is checked by the tests).
+    replacement by ``numpy.random.default_rng(seed).integers``, the mean of each as :func:`summarize` takes a row's
+    (``statistics.fmean``: ``math.fsum``, then divided by the count), and their ``(1 - confidence) / 2`` and
+    ``(1 + confidence) / 2`` quantiles by ``numpy.percentile``'s default (linear interpolation between order
+    statistics). Equal values thus give an interval of exactly the row's mean (numpy's pairwise mean of six 0.5988
+    is 0.5987999999999999, ``fmean``'s 0.5988: the interval lay an ulp below it). With one value the interval is
+    that value (it says nothing of the spread: ``summarize`` reports None there). With two or three values a 95%
+    interval is ``(min, max)``, each as the mean of ``n`` copies of itself (``fmean([0.1] * 3)`` is
+    0.10000000000000002): the resample of ``n`` copies of the smallest (largest) value has chance ``n**-n`` (1/4,
+    1/27), above the 2.5% tail, so 2000 resamples hold more than 2.5% of each (the seeded draw is checked by the
+    tests).
 
     Raises:
         ValueError: no value, a non-finite value, ``confidence`` outside (0, 1) or ``n_resamples`` < 1.
@@ -615,7 +625,8 @@ def bootstrap_ci(
     if len(data) == 1:
         return float(data[0]), float(data[0])
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), (int(n_resamples), len(data)))].mean(axis=1)
+    resamples = data[rng.integers(0, len(data), (int(n_resamples), len(data)))].tolist()
+    means = np.array([statistics.fmean(resample) for resample in resamples])  # as the row's mean: never an ulp off
     tail = (1.0 - confidence) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 

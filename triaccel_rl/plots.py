@@ -24,7 +24,8 @@ def plot_comparison(
     - ``metric_vs_time.png``: test metric against (charged) time, one line per run, colour per controller; with a
       ``target``, a second panel zoomed on it marks each run's time to target;
     - ``memory_vs_time.png``: peak memory per interval against time;
-    - ``batch_lr_vs_time.png``: batch size and LR scale against time;
+    - ``batch_lr_vs_time.png``: batch size and LR scale against time (the multiplier on the task's base LR, so an
+      adaptive row started at x0.5 and a static x0.5 row draw one line at one LR; ``RunResult.trace``);
     - ``precision_map_<controller>.png``: per-layer precision over decisions (the controller's lowest seed), a heat
       map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``.
 
@@ -95,13 +96,13 @@ def plot_comparison(
         # before (from 0 for the first) up to the row's time. ("post" drew each a decision late.)
         times = [0.0] + [row["time_s"] for row in run.trace] if run.trace else []
         batch = [row["batch_size"] for row in run.trace]
-        lr_scale = [row["lr_scale"] for row in run.trace]
+        lr_scale = [row["lr_scale"] for row in run.trace]  # on the task's base LR in every row (RunResult.trace)
         label = _first_seed_label(run, results)
         top.step(times, batch[:1] + batch, where="pre", color=colours[run.controller], label=label)
         bottom.step(times, lr_scale[:1] + lr_scale, where="pre", color=colours[run.controller])
     top.set_ylabel("batch size")
     top.set_yscale("log", base=2)
-    bottom.set_ylabel("LR scale")
+    bottom.set_ylabel("LR scale (× task's base LR)")
     bottom.set_xlabel(f"training time ({time_label})")
     top.set_title("Batch size and LR scale against training time")
     _legend(top)
