@@ -230,6 +230,54 @@ def _profile_row(facts: dict[str, Any]) -> str:
     return row
 
 
+def _tasks_row(facts: dict[str, Any]) -> str:
+    """The training tasks, and how the workers shared them: a run before 2026-12-05 did not share them equally."""
+    tasks, n_envs = facts["training_tasks"], facts["args"]["n_envs"]
+    names = ", ".join(f"`{t}`" for t in tasks)
+    if facts.get("every_worker_every_task"):
+        return names + " (each worker cycles through them, one per episode)"
+    # make_env_fns until 2026-12-05: worker i cycled through tasks[(i + k * n_envs) % len(tasks)] only
+    turns = max(1, -(-len(tasks) // n_envs))
+    cycles = [[tasks[(i + k * n_envs) % len(tasks)] for k in range(turns)] for i in range(n_envs)]
+    share = dict.fromkeys(tasks, 0.0)
+    for cycle in cycles:
+        for task in cycle:
+            share[task] += 1 / len(cycle) / n_envs
+    workers = "; ".join(f"worker {i} through " + ", ".join(f"`{t}`" for t in cycle) for i, cycle in enumerate(cycles))
+    shares = ", ".join(f"`{t}` {_percent(v)}" for t, v in share.items())
+    return (
+        f"{names} (trained before 2026-12-05, when each worker cycled through only some of them, one per episode: "
+        f"{workers}; so each task's share of the episodes was {shares}. Since then every worker cycles through all "
+        "of them)"
+    )
+
+
+def _evaluation_timing(facts: dict[str, Any]) -> tuple[str, str]:
+    """Which weights the evaluations during training scored: the end of the section's first sentence, and a note.
+
+    The note, after the table, is for a run before 2026-12-05, which scored earlier weights than its step counts say.
+    """
+    settings, evals = facts["args"], facts["evaluations"]
+    if facts.get("evaluated_after_update") or not evals:
+        return ", each row on the weights trained on its step count (the checkpoint of that count)", ""
+    rollout = settings["n_steps"] * settings["n_envs"]
+    # Evaluated in the rollout its step count ends in, before the update on it: on the rollouts completed before it
+    trained = [rollout * (-(-e["timesteps"] // rollout) - 1) for e in evals]
+    last = evals[-1]["timesteps"]
+    steps = f"{settings['n_steps']} × {settings['n_envs']} = {rollout} steps"
+    which = (
+        f"the weights one rollout ({steps}) before its step count"
+        if all(t == e["timesteps"] - rollout for t, e in zip(trained, evals, strict=True))
+        else "the weights of the last update before its step count"
+    )
+    return "", (
+        f"\n**Produced before 2026-12-05, this table scores earlier weights than its step counts say.** Each "
+        f"evaluation then ran in the middle of a rollout, before the update on it: each row scores {which} (the "
+        f"{last} row scored the weights trained on {trained[-1]} steps), and the final weights were not evaluated. "
+        "Evaluations now run after the update, on the weights of the checkpoint of their step count.\n"
+    )
+
+
 def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
     """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
     settings = facts["args"]
@@ -237,12 +285,12 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str
     eval_rows = "\n".join(
         f"| {e['timesteps']} | {_number(e['mean_reward'], '.2f')} ± {_number(e['std_reward'], '.2f')} |" for e in evals
     )
+    eval_timing, eval_note = _evaluation_timing(facts)
     rows = [
         ("command", _command(facts)),
         ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
                       "other SB3 defaults"),
-        ("training tasks", ", ".join(f"`{t}`" for t in facts["training_tasks"])
-         + " (each worker cycles through them, one per episode)"),
+        ("training tasks", _tasks_row(facts)),
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
         ("environment steps trained", f"{facts['timesteps_trained']} decisions (episodes of a time budget of "
                                       f"{settings['budget_intervals']:g} reference intervals)"),
@@ -309,12 +357,12 @@ configuration's differs.
 ## Evaluation during training
 
 Mean episode return (progress within the time budget of {settings["budget_intervals"]:g} reference intervals) on
-the held-out tasks, one deterministic episode per task, from SB3's `EvalCallback`:
+the held-out tasks, one deterministic episode per task, from SB3's `EvalCallback`{eval_timing}:
 
 | env steps | mean reward ± std |
 |---|---|
 {eval_rows or "| – | no evaluation ran |"}
-
+{eval_note}
 ## Evaluation on the held-out tasks
 
 Learned vs heuristic vs static baselines (time to target, final accuracy, peak memory; written by
@@ -396,7 +444,7 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
                        reward_config=RewardConfig(budget_intervals=args.budget_intervals),
                        compute_bound=args.compute_bound, lr_range=_lr_range(args))  # fmt: skip
     for k, make in enumerate(fns):
-        env = make()
+        env = make()  # it starts on tasks[k], and each seeded reset restarts its cycle: every episode is tasks[k]'s
         for episode in range(args.stats_episodes):
             observation, _ = env.reset(seed=args.seed + 1000 * k + episode)
             done = False
@@ -455,6 +503,9 @@ def _facts(
         "profile_throughput_scale": HardwareProfile.load(None).throughput_scale,
         "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
         "evaluations": evaluations,
+        # Absent from a training.json written before 2026-12-05 (rl.py's fixes): its card says what the run did instead
+        "evaluated_after_update": True,
+        "every_worker_every_task": True,
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }

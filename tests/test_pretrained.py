@@ -402,6 +402,30 @@ def test_the_card_names_the_commit_that_trained_not_the_one_at_the_end(tiny_poli
     assert facts["commit"] == "at-start"
 
 
+def test_the_card_says_what_a_run_before_2026_12_05_did():
+    """The shipped policy's card said each worker cycled through every training task and nothing of which weights its
+    evaluations scored: trained before 2026-12-05, its 2 workers shared 3 tasks 50/25/25, and each evaluation scored
+    the weights one rollout before its step count. Its training.json lacks the facts a later run records."""
+    train_pretrained = import_experiment("train_pretrained")
+    facts = json.loads((REPO / "experiments/results/issue6_2026-12-05/retrained_training.json").read_text())
+    card = train_pretrained.model_card(facts)
+    said = [
+        "(trained before 2026-12-05, when each worker cycled through only some of them, one per episode: worker 0 "
+        "through `synthetic`, `cnn-fmnist`; worker 1 through `mlp-fmnist`, `synthetic`; so each task's share of the "
+        "episodes was `synthetic` 50%, `mlp-fmnist` 25%, `cnn-fmnist` 25%. Since then every worker cycles through all "
+        "of them)",
+        "each row scores the weights one rollout (128 × 2 = 256 steps) before its step count (the 4096 row scored the "
+        "weights trained on 3840 steps), and the final weights were not evaluated.",
+    ]
+    shipped = (REPO / "triaccel_rl" / "pretrained" / "MODEL_CARD.md").read_text()
+    for text in said:
+        assert text in card and text in shipped
+    later = train_pretrained.model_card({**facts, "evaluated_after_update": True, "every_worker_every_task": True})
+    assert "| `synthetic`, `mlp-fmnist`, `cnn-fmnist` (each worker cycles through them, one per episode) |" in later
+    assert "`EvalCallback`, each row on the weights trained on its step count (the checkpoint of that count):" in later
+    assert "Produced before 2026-12-05" not in later and "trained before 2026-12-05" not in later
+
+
 def test_the_model_card_reads_training_json_with_null_numbers(tmp_path):
     """training.json holds a NaN evaluation or warm-start fit as null (strict JSON): the card written from the file
     (``--card-only``) reads it as "n/a", as the card written at the end of training reads the NaN it still holds.

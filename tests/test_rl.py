@@ -75,9 +75,19 @@ def test_shipped_name_wraps_the_policy_with_an_ood_fallback(trained, caplog):
     assert f"feature {feature} = " in caplog.text
 
 
-def test_tensorboard_curves_are_written_and_a_resumed_run_continues_them(tmp_path):
+def test_tensorboard_curves_are_written_and_a_resumed_run_continues_them(tmp_path, monkeypatch):
+    """SB3 writes an update's ``train/*`` values with the next rollout's curves, at its end; a final dump wrote the last
+    update's: the updates on 8 and on 16 steps both landed at 16 ([16, 16, 24])."""
+    from stable_baselines3 import PPO
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    real_train, losses = PPO.train, []
+
+    def record(self):
+        real_train(self)
+        losses.append((self.num_timesteps, self.logger.name_to_value["train/loss"]))
+
+    monkeypatch.setattr(PPO, "train", record)
     out = tmp_path / "p.zip"
     common = {"n_steps": 8, "batch_size": 4, "out": out, "log_dir": tmp_path / "tb", **_TINY}
     train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], eval_every=8, **common)
@@ -88,8 +98,11 @@ def test_tensorboard_curves_are_written_and_a_resumed_run_continues_them(tmp_pat
     steps = {tag: [point.step for point in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert steps["rollout/ep_rew_mean"] == [8, 16, 24]  # one point a rollout, the step count running on
     assert steps["eval/mean_reward"] == [8, 16]
-    # SB3 writes an update's losses with the next rollout's curves; each run's last update (at 16, at 24) was lost.
-    assert steps["train/loss"] == [16, 16, 24]
+    # Each update's loss once, at the steps it trained on (TensorBoard keeps float32)
+    assert [(p.step, p.value) for p in events.Scalars("train/loss")] == [
+        (step, float(np.float32(loss))) for step, loss in losses
+    ]
+    assert [step for step, _ in losses] == [8, 16, 24]
 
 
 def test_policy_for_other_spaces_is_rejected(trained):
@@ -592,6 +605,51 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
         )
 
 
+def test_resuming_at_another_interval_is_said_and_the_stats_record_no_interval(tmp_path, caplog):
+    """Resumed at another interval than the policy was trained at (the shipped policy's 10 with the command line's
+    default 20), training went on silently, and the saved stats recorded interval None."""
+    from triaccel_rl.rl import obs_stats_path
+    from triaccel_rl.shield import ObservationStats
+
+    common = {"n_steps": 8, "batch_size": 4, **_TINY}  # interval_steps=2
+    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "policy.zip", **common)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        other = train_policy(["synthetic"], total_timesteps=8, resume=first, out=tmp_path / "other.zip",
+                             **{**common, "interval_steps": 3})  # fmt: skip
+    assert (
+        f"resume={str(first)!r} was trained deciding every 2 optimizer steps (its observation stats "
+        f"{obs_stats_path(first)} say so), and this run decides every 3: it goes on at another interval, and the "
+        "observation stats it saves record none; to go on at the policy's own, pass interval_steps=2 "
+        "(--interval-steps 2 on the command line)"
+    ) in caplog.text
+    assert ObservationStats.load(obs_stats_path(other)).interval_steps is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        same = train_policy(["synthetic"], total_timesteps=8, resume=first, out=tmp_path / "same.zip", **common)
+    assert "was trained deciding every" not in caplog.text
+    assert ObservationStats.load(obs_stats_path(same)).interval_steps == 2  # one interval, recorded
+
+
+def test_interrupted_in_the_warm_start_it_says_nothing_was_kept(tmp_path, monkeypatch, caplog):
+    """Ctrl-C in the warm start's imitation (minutes of the teacher's decisions) saved nothing and logged nothing,
+    though an interrupted run says what it kept."""
+    import triaccel_rl.rl as rl
+
+    def interrupted(model, venv, teacher, n_steps, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "imitate", interrupted)
+    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "policy.zip",
+                     warm_start="heuristic", **_TINY)  # fmt: skip
+    assert caplog.messages == [
+        "training interrupted in the warm start, while imitating heuristic (before PPO's first step): nothing saved "
+        f"(no checkpoint, no {tmp_path / 'warm_start.json'}; the imitation is not kept half done): run again to start "
+        "over"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 class _Constant:
     """A policy answering one action for one observation."""
 
@@ -671,6 +729,37 @@ def test_every_held_out_evaluation_runs_the_same_episodes(tmp_path, monkeypatch)
     assert saved["timesteps"].tolist() == [8, 16, 24]
     results = saved["results"][:, 0]
     assert np.isfinite(results).all() and results.tolist() == [results[0]] * 3
+
+
+def test_the_evaluation_at_a_step_count_scores_the_checkpoint_of_that_count(tmp_path):
+    """SB3 evaluated in the middle of a rollout, before its update: the evaluation stamped N scored the weights trained
+    on one rollout fewer (at 4 the initial weights) while the checkpoint of N held those trained on N, and the final
+    weights were never evaluated. Each evaluation now scores policy_N_steps.zip, on the same seeded episodes."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import make_env_fns
+
+    held_out = ["deep-mlp-synthetic"]
+    train_policy(["synthetic"], total_timesteps=12, n_steps=4, batch_size=4, seed=0, checkpoint_every=4,
+                 eval_tasks=held_out, eval_every=4, out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
+    saved = np.load(tmp_path / "eval" / "evaluations.npz")
+    assert saved["timesteps"].tolist() == [4, 8, 12]
+
+    def evaluate(policy_zip):  # as train_policy evaluates: the held-out environments seeded with its seed
+        env = DummyVecEnv(make_env_fns(held_out, 1, 3, 2, None, reward_config=RewardConfig(budget_intervals=2)))
+        env.seed(0)
+        rewards, _ = evaluate_policy(PPO.load(policy_zip, device="cpu"), env, n_eval_episodes=1, deterministic=True,
+                                     return_episode_rewards=True)  # fmt: skip
+        env.close()
+        return rewards
+
+    scores = [evaluate(tmp_path / "checkpoints" / f"policy_{n}_steps.zip") for n in (4, 8, 12)]
+    assert scores[0] != scores[1] != scores[2]  # each update changed the scores: the test tells the weights apart
+    assert saved["results"].tolist() == scores
+    assert scores[2] == evaluate(tmp_path / "policy.zip")  # the final weights, evaluated
 
 
 def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
@@ -867,6 +956,40 @@ def test_every_worker_and_task_draws_from_a_seed_of_its_own():
             draws.append((worker, info["task"], inner.loop.run.seed, info["base_lr_factor"]))
         env.close()
     assert [(worker, task) for worker, task, _, _ in draws] == [
-        (0, "synthetic"), (0, "synthetic"), (1, "deep-mlp-synthetic"), (1, "synthetic")]  # fmt: skip
+        (0, "synthetic"), (0, "deep-mlp-synthetic"), (1, "deep-mlp-synthetic"), (1, "synthetic")]  # fmt: skip
     assert len({run_seed for _, _, run_seed, _ in draws}) == 4
     assert len({factor for _, _, _, factor in draws}) == 4
+
+
+_S, _D, _T = "synthetic", "deep-mlp-synthetic", "transformer-seq"
+
+
+@pytest.mark.parametrize(
+    ("tasks", "n_envs", "expected"),
+    [([_S, _D, _T], 2, [[_S, _D, _T], [_D, _T, _S]]), ([_S, _D], 3, [[_S, _D], [_D, _S], [_S, _D]])],
+)
+def test_every_worker_cycles_through_every_task(tasks, n_envs, expected):
+    """Worker i cycled through tasks i, i + n_envs, ... only: 3 tasks on 2 workers (the shipped policy's training)
+    gave the first task half the episodes and the others a quarter each. Each worker now cycles through every task,
+    rotated by i, and every (worker, task) pair keeps a seed of its own (seed + k * n_envs + i for its k-th task)."""
+    from collections import Counter
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import TaskCycleEnv, make_env_fns
+
+    cycles, strides = [], []
+    for make in make_env_fns(tasks, n_envs, None, 2, reward_config=RewardConfig(budget_intervals=2)):
+        env = make().env  # inside the Monitor
+        cycle = env.envs if isinstance(env, TaskCycleEnv) else [env]  # or a worker's one task
+        cycles.append([inner.unwrapped.task.name for inner in cycle])
+        strides.append(getattr(env, "seed_stride", None))
+        env.close()
+    assert cycles == expected
+    share = Counter()
+    for names in cycles:
+        for name in names:
+            share[name] += 1 / len(names) / n_envs  # the worker's share of the episodes, over the workers
+    assert share == pytest.approx(dict.fromkeys(tasks, 1 / len(tasks)))
+    # SB3 seeds worker i with seed + i (here 0 + i), and its cycle seeds its k-th task that + k * stride
+    seeds = {(i, name): i + k * strides[i] for i, names in enumerate(cycles) for k, name in enumerate(names)}
+    assert len(seeds) == len(set(seeds.values())) == len(tasks) * n_envs

@@ -209,7 +209,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tasks", default="synthetic", help="comma-separated tasks; envs cycle through them (default %(default)s)"
     )
     train.add_argument(
-        "--timesteps", type=int, default=4096, help="total environment steps (decisions; default %(default)s)"
+        "--timesteps",
+        type=int,
+        default=4096,
+        help="environment steps (decisions) to train for; with --resume, steps more than the policy has trained "
+        "(default %(default)s)",
     )
     train.add_argument("--n-envs", type=int, default=2, help="parallel environments (default %(default)s)")
     train.add_argument(

@@ -68,10 +68,13 @@ def make_env_fns(
     torch_threads: int | None = None,
     **env_kwargs: Any,
 ) -> list[Any]:
-    """One environment factory per worker; worker ``i`` starts on ``tasks[i % len(tasks)]``.
+    """One environment factory per worker; with several tasks, every worker cycles through all of them.
 
-    With more tasks than workers, each worker moves on to its next task at every reset
-    (``TaskCycleEnv``), so every task is trained on even with 2 workers and 3 tasks. Seeded as SB3 seeds worker ``i``
+    Worker ``i`` cycles through ``tasks`` rotated by ``i`` (``tasks[(i + k) % len(tasks)]`` for ``k`` in
+    ``range(len(tasks))``), moving on to the next task at every reset (``TaskCycleEnv``): each task gets the same
+    share of every worker's episodes, whatever the numbers of tasks and workers (until 2026-12-05 worker ``i`` cycled
+    through ``tasks[(i + k * n_envs) % len(tasks)]`` only, so 3 tasks on 2 workers gave the first half the episodes and
+    the others a quarter each), and the workers start on different tasks. Seeded as SB3 seeds worker ``i``
     (``venv.seed(seed)``: ``seed + i``), worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``: each
     (worker, task) pair its own episodes.
 
@@ -121,8 +124,9 @@ def make_env_fns(
 
     gym.make("TriAccel-v0", task=tasks[0], config=env_config(interval_steps), max_decisions=max_decisions,
              **env_kwargs).close()  # fmt: skip
-    cycles = max(1, -(-len(tasks) // n_envs))  # each worker cycles over this many tasks
-    return [factory([tasks[(i + k * n_envs) % len(tasks)] for k in range(cycles)]) for i in range(n_envs)]
+    # Every worker cycles through every task, rotated so that the workers start on different ones: equal shares. (A
+    # worker given only the tasks i, i + n_envs, ... skewed them where n_envs did not divide their number.)
+    return [factory([tasks[(i + k) % len(tasks)] for k in range(len(tasks))]) for i in range(n_envs)]
 
 
 class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -371,8 +375,10 @@ def train_policy(
     """Trains PPO on ``tasks`` and saves the policy zip and its observation stats; returns the zip's path.
 
     Args:
-        tasks: training tasks; environment ``i`` runs ``tasks[i % len(tasks)]``.
-        total_timesteps: environment steps (decisions) to train for, summed over environments.
+        tasks: training tasks; every environment cycles through all of them, one per episode, environment ``i``
+            starting on ``tasks[i % len(tasks)]`` (:func:`make_env_fns`).
+        total_timesteps: environment steps (decisions) to train for, summed over environments; with ``resume``, steps
+            more than the resumed policy's.
         n_envs: parallel environments.
         vec: ``"subproc"`` (one process each) or ``"dummy"`` (in this process).
         budget_intervals: each episode's time budget, in intervals of fp32 at the task's base batch
@@ -387,8 +393,11 @@ def train_policy(
             this seed.
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
-        log_dir: TensorBoard folder (None: none).
-        eval_tasks: held-out tasks evaluated every ``eval_every`` steps (mean episode reward logged to TensorBoard as
+        log_dir: TensorBoard folder (None: none). Each PPO update's ``train/*`` values are written once, right after
+            it, at the steps it trained on.
+        eval_tasks: held-out tasks, evaluated as checkpoints are taken: after the first update past every multiple of
+            ``eval_every`` steps, each evaluation stamped with the steps its weights trained on, so the evaluation at
+            ``N`` scores the weights of ``<out's stem>_N_steps.zip`` (mean episode reward logged to TensorBoard as
             ``eval/mean_reward``; every evaluation kept in ``eval/evaluations.npz`` beside ``out``, with ``resume``
             after the resumed run's evaluations up to its step).
         eval_every: environment steps between evaluations (0: none).
@@ -397,7 +406,7 @@ def train_policy(
             with its range (0: none). Each is taken after the first update past a multiple of ``checkpoint_every``
             (``steps``: the steps its weights were trained on, a multiple of the rollout size), and at the end.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
-            continue).
+            continue; a warning where its observation stats record another ``interval_steps`` than this run's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
@@ -416,9 +425,11 @@ def train_policy(
     Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
     steps collected since are left out, for the resumed run to collect again), logs its path and its stats' (or that
     it has none: a new policy before its first update) and re-raises;
-    ``resume`` continues from it. Interrupted while saving (``out`` or a checkpoint), the files already at that name
-    are left whole: each zip and its stats are written beside their names and moved over them (stats first, then
-    the zip), and an interrupted final save keeps the trained weights as a checkpoint.
+    ``resume`` continues from it. Interrupted in the warm start's imitation, it saves nothing (the fit is not kept
+    half done, nor ``warm_start.json`` written), logs so and re-raises. Interrupted while saving (``out`` or a
+    checkpoint), the files already at that name are left whole: each zip and its stats are written beside their names
+    and moved over them (stats first, then the zip), and an interrupted final save keeps the trained weights as a
+    checkpoint.
 
     Raises:
         ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
@@ -474,7 +485,7 @@ def train_policy(
 
     ladder = env_config(interval_steps).lr_scales
     n_features = ObservationLayout(env_config(interval_steps).n_groups).size
-    resumed_stats = _resumed_stats(resume, ladder, n_features) if resume is not None else None
+    resumed_stats = _resumed_stats(resume, ladder, n_features, interval_steps) if resume is not None else None
 
     class RecordObservations(BaseCallback):
         """Keeps the running range of every observation PPO trained on, and the steps its weights have trained on.
@@ -624,11 +635,43 @@ def train_policy(
                 self.bar.close()
                 self.bar = None
 
-    class HeldOutEvaluation(EvalCallback):
-        """SB3's evaluation, each time on the same episodes: the held-out environments are seeded before each.
+    class UpdateCurves(BaseCallback):
+        """Writes each PPO update's ``train/*`` values (TensorBoard) as soon as it has run, at the steps it trained on.
 
-        Unseeded, every evaluation drew new runs (data subset, initial weights) from fresh OS entropy: the curve
-        mixed the policy's progress with the draw, and two runs of one ``seed`` evaluated differently.
+        SB3 records them in the update and writes them with the next rollout's curves, at that rollout's end: update
+        ``k`` landed at the step count of rollout ``k + 1``, and the last update, written by a final dump at the run's
+        last step, shared that step with the one before (the updates on 8 and on 16 steps both at 16).
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._updating = False
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            self._updating = True  # the update on this rollout runs next
+
+        def _on_rollout_start(self) -> None:
+            if self._updating:  # the update has run, and no step since: num_timesteps is the steps it trained on
+                self.logger.dump(step=self.model.num_timesteps)
+                self._updating = False
+
+        def _on_training_end(self) -> None:
+            self._on_rollout_start()
+
+    class HeldOutEvaluation(EvalCallback):
+        """SB3's evaluation, each time on the same episodes, of the weights a checkpoint of that step count holds.
+
+        The held-out environments are seeded before each evaluation: unseeded, every evaluation drew new runs (data
+        subset, initial weights) from fresh OS entropy, so the curve mixed the policy's progress with the draw and two
+        runs of one ``seed`` evaluated differently. Evaluations fall as :class:`Checkpoint` saves: due at the first step
+        past a multiple of ``eval_every``, run after the update on that rollout (when the next rollout starts, or
+        training ends), stamped with the steps the weights trained on. SB3 evaluates from ``_on_step``, in the middle of
+        a rollout and before its update: until 2026-12-05 the evaluation stamped ``N`` scored the weights trained on
+        ``N - n_steps * n_envs`` (the checkpoint of ``N`` held those trained on ``N``), and the final weights were
+        never evaluated.
         """
 
         def _init_callback(self) -> None:
@@ -638,17 +681,25 @@ def train_policy(
                 warnings.filterwarnings("ignore", message="Training and eval env are not of the same type")
                 super()._init_callback()
             self._multiples = self.model.num_timesteps // eval_every
+            self._due = False
 
         def _on_step(self) -> bool:
             # At the run's multiples of eval_every, a resumed run's counted on from its checkpoint (SB3 counts its
             # calls from the resume: evaluations fell at 16 and 40 where checkpoints fell at 16, 32 and 48).
             multiples = self.model.num_timesteps // eval_every
-            if multiples <= self._multiples:
-                return True
-            self._multiples = multiples
-            self.eval_env.seed(seed)
-            self.n_calls = self.eval_freq  # SB3's own test (n_calls % eval_freq == 0) then evaluates now
-            return super()._on_step()
+            if multiples > self._multiples:
+                self._multiples, self._due = multiples, True
+            return True
+
+        def _on_rollout_start(self) -> None:
+            if self._due:
+                self._due = False
+                self.eval_env.seed(seed)
+                self.num_timesteps = self.model.num_timesteps  # the steps the weights trained on: stamps the result
+                super()._on_step()  # SB3's evaluation (eval_freq=1: it evaluates at every call)
+
+        def _on_training_end(self) -> None:
+            self._on_rollout_start()
 
     recorder = RecordObservations()
     path = Path(out)
@@ -698,7 +749,19 @@ def train_policy(
                 teacher: Any = make_policy(base_name, teacher_config)
                 if oracle:  # the heuristic's moves, the LR from the episode's known mistuning
                     teacher = LrOracleTeacher(teacher, venv, teacher_config.lr_scales, teacher_config.n_groups)
-                fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
+                try:
+                    fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
+                except KeyboardInterrupt:
+                    # Nothing is kept: the weights are PPO's initial ones (while the teacher's decisions are collected,
+                    # the slow part) or a fit cut short, and a run resumed from them would skip the warm start. Said
+                    # as the handler below says what it kept (until 2026-12-05 nothing was logged).
+                    _log.warning(
+                        "training interrupted in the warm start, while imitating %s (before PPO's first step): nothing "
+                        "saved (no checkpoint, no %s; the imitation is not kept half done): run again to start over",
+                        warm_start,
+                        path.parent / "warm_start.json",
+                    )
+                    raise
                 # "decisions" from the fit: those imitated (3 asked of 2 environments imitated 2, and 3 was recorded)
                 record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
                 # Strict JSON: a fit that diverged (NaN or infinite loss) is written as null.
@@ -708,7 +771,7 @@ def train_policy(
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
-        callbacks: list[BaseCallback] = [recorder]
+        callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
         progress = Progress()
         if progress_bar:
             callbacks.append(progress)
@@ -723,7 +786,7 @@ def train_policy(
             evaluations = HeldOutEvaluation(
                 eval_env,
                 n_eval_episodes=len(eval_tasks),
-                eval_freq=max(1, eval_every // n_envs),
+                eval_freq=1,  # SB3's test of when to evaluate always passes: HeldOutEvaluation calls it when due
                 log_path=str(path.parent / "eval"),
                 deterministic=True,
                 verbose=0,
@@ -751,9 +814,6 @@ def train_policy(
                 callback=CallbackList(callbacks),
                 reset_num_timesteps=resume is None,
             )
-            # SB3 writes an update's losses with the next rollout's curves: the last update's would never reach
-            # TensorBoard.
-            model.logger.dump(step=model.num_timesteps)
             stats = recorder.stats()
             # Inside the try: a save interrupted here keeps the run's weights as a checkpoint, and `out` as it was.
             _save_policy(model, path, stats)
@@ -799,9 +859,13 @@ def train_policy(
 
 
 def _resumed_stats(
-    resume: str | os.PathLike[str], ladder: tuple[float, ...], n_features: int
+    resume: str | os.PathLike[str], ladder: tuple[float, ...], n_features: int, interval_steps: int
 ) -> ObservationStats | None:
     """The observation stats beside the policy zip ``resume`` (None, with a warning, where it has none).
+
+    A warning too where they record another interval than ``interval_steps`` (this run's): the policy goes on training
+    at another interval than it was trained at, and the merged stats record none (``ObservationStats.merged``); until
+    2026-12-05 nothing was said. Stats that record none (older files) are taken as they are.
 
     Raises:
         ValueError: stats that cannot be read, of another LR ladder than ``ladder`` or of another number of features
@@ -829,6 +893,19 @@ def _resumed_stats(
             f"resume={str(resume)!r}: its observation stats {str(file)!r} hold {len(stats.low)} features, and the "
             f"training environments' observations have {n_features}: they are another policy's stats (put the "
             "policy's own beside it, or remove the file to record its range anew)"
+        )
+    if stats.interval_steps is not None and stats.interval_steps != interval_steps:
+        # Easy to miss: the shipped policy decides every 10 steps, the command line's default is 20.
+        _log.warning(
+            "resume=%r was trained deciding every %d optimizer steps (its observation stats %s say so), and this run "
+            "decides every %d: it goes on at another interval, and the observation stats it saves record none; to go "
+            "on at the policy's own, pass interval_steps=%d (--interval-steps %d on the command line)",
+            str(resume),
+            stats.interval_steps,
+            str(file),
+            interval_steps,
+            stats.interval_steps,
+            stats.interval_steps,
         )
     return stats
 
