@@ -439,7 +439,8 @@ class TrainingRun:
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
         is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss. Reading the statistics
-        costs a host-device sync; :meth:`train_interval` runs steps without one.
+        costs a host-device sync; :meth:`train_interval` runs steps without one. A step whose update went in before
+        a user's step post-hook raised is counted (its skip and time too) before the error is re-raised.
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
@@ -447,7 +448,17 @@ class TrainingRun:
         """
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
-        outcome = self._step(deferred=False)
+        # A host count on the reference path; on the fused one a sync, as the statistics step() reads back are.
+        steps, applied = self.steps, self.engine.applied_steps()
+        try:
+            outcome = self._step(deferred=False)
+        except BaseException:
+            if self.steps > steps:  # the update went in, then a post-hook raised: a finished step, counted as one
+                # The fused path runs post-hooks after a step the device skipped too. Read as train_interval reads.
+                with contextlib.suppress(Exception):
+                    self.skipped_steps += 1 - (self.engine.applied_steps() - applied)
+                    self.train_time_ms += (time.perf_counter() - start) * 1e3
+            raise
         elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
         skipped = bool(outcome.skipped)
         self.skipped_steps += int(skipped)
@@ -475,7 +486,8 @@ class TrainingRun:
         The same steps as :meth:`step` (micro-batches, OOM recovery, skips), but each step's loss and
         per-layer squared gradient norms stay on the device (``DeviceMoments``) until the interval ends;
         on the fused path the skip is decided on the device too. The time is measured over the whole
-        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time.
+        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time. An interval that
+        raises still counts its finished steps' skips and its time in the run's totals.
 
         Raises:
             ValueError: ``n_steps`` is negative.
@@ -487,14 +499,14 @@ class TrainingRun:
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
         self.engine.sync_weight_copies()  # weights written since the last call; none can be inside the interval
         applied = self.engine.applied_steps()  # read at the interval's edge, not between its steps
+        steps = self.steps
         timer = IntervalTimer(self.device)
         timer.start()
-        samples = oom_events = peak = done = 0
+        samples = oom_events = peak = 0
         modelled_ms = 0.0
         try:
             for _ in range(n_steps):
                 outcome = self._step(deferred=True)
-                done += 1
                 self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
                 samples += outcome.batch_size
                 oom_events += outcome.oom_events
@@ -503,10 +515,12 @@ class TrainingRun:
         except BaseException:
             self._moments.flush()  # the interval is given up: its steps' statistics must not count in the next one
             # Its finished steps still count in the run's totals (their updates went in); read on the way out, where
-            # a failed device would raise again, so a reading that fails leaves the totals as they were.
+            # a failed device would raise again, so a reading that fails leaves the totals as they were. A step whose
+            # update went in before a post-hook raised is finished though it returned no outcome: ``self.steps``
+            # counts it, as it counts every other.
             with contextlib.suppress(Exception):
                 train_ms = timer.stop()
-                finished_skips = max(done - (self.engine.applied_steps() - applied), 0)
+                finished_skips = max(self.steps - steps - (self.engine.applied_steps() - applied), 0)
                 self.train_time_ms += train_ms
                 self.skipped_steps += finished_skips
             raise

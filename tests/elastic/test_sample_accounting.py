@@ -431,6 +431,63 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
     assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
 
 
+def test_an_interval_stopped_by_a_post_hook_after_an_update_counts_the_skip_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Step 0 of the interval diverges (skipped), step 1's update goes in and then a user's post-hook raises: both
+    steps finished, one was skipped. The given-up interval counted the steps that returned (one) against the updates
+    applied (one), and lost step 0's skip."""
+    calls = {"n": 0}
+    loss_fn = Task.loss_fn
+
+    def nan_first(self: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = loss_fn(self, logits, labels)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(Task, "loss_fn", nan_first)
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))  # runs at the first applied update
+    with pytest.raises(RuntimeError, match="a post-hook fails"):
+        run.train_interval(3)
+    assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_stopped_by_a_post_hook_counts_its_skip_and_time(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diverged step whose post-hook raises: the fused path (a GPU's default) runs post-hooks after a step the device
+    skipped too. ``step()`` counted the step but neither its skip nor its time: ``skipped_steps`` stayed 0."""
+    import os
+
+    from triaccel_rl import training
+    from triaccel_rl.engine import StepEngine
+
+    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+
+    class Engine(StepEngine):  # a TrainingRun picks the fused path only on CUDA by itself
+        def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+            super().__init__(model, optimizer, device, fused=fused)
+
+    monkeypatch.setattr(training, "StepEngine", Engine)
+    loss_fn = Task.loss_fn
+    monkeypatch.setattr(Task, "loss_fn", lambda self, logits, labels: loss_fn(self, logits, labels) * float("nan"))
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))
+    if fused:
+        with pytest.raises(RuntimeError, match="a post-hook fails"):
+            run.step()
+        assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (1, 0, 1) and run.train_time_ms > 0
+    else:  # the reference path runs no post-hook for a skipped update: the step returns
+        assert run.step().skipped and (run.steps, run.skipped_steps) == (1, 1)
+    run.train_time_ms = 0.0
+    monkeypatch.setattr(Task, "loss_fn", loss_fn)  # a finite step next: its post-hook raises after the update
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))
+    with pytest.raises(RuntimeError, match="a post-hook fails"):
+        run.step()
+    assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (2, 1, 1) and run.train_time_ms > 0
+
+
 def _raising_once(message: str):
     """An optimizer step hook that raises ``RuntimeError(message)`` the first time it runs, then passes."""
     failing = [True]
