@@ -162,9 +162,10 @@ class TrainingRun:
     retried after running out of memory, it trains on the same augmented samples.
 
     An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
-    the budget lowered (to ``elastic.oom_budget_factor`` × the failed micro-batch's predicted memory, and on
-    a GPU to at most what this process holds plus what is free), and the same samples are retried with the
-    micro-batch at most halved (a one-sample micro-batch is retried as it is, up to
+    the budget lowered (to ``elastic.oom_budget_factor`` × the predicted memory of the failed attempt's
+    micro-batch size, and on a GPU to at most what this process holds plus what is free, but never below what
+    one sample is predicted to need, nor raised), and the same samples are retried with the micro-batch at most
+    halved (a one-sample micro-batch is retried as it is, up to
     ``elastic.max_oom_retries`` errors in the step). The loader is not touched, so no sample is lost or
     served twice, and the one update comes after the last micro-batch. Events are counted in
     ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried
@@ -950,14 +951,19 @@ class TrainingRun:
         self.loader.take_back(n)
 
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
-        """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
+        """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with.
+
+        ``micro`` is the failed attempt's micro-batch size: the budget and the retry derive from it, the event logs the
+        micro-batch that failed (the last one started: ``n % micro`` samples where the shorter last one failed).
+        """
         self._undo_attempt()
         release_memory(self.device)
+        failed = _last_started(plan_micro_batches(n, micro), self._samples_started)
         if oom_events > self.elastic.max_oom_retries:
             self.loader.take_back(n)  # the step is abandoned: its samples return to the loader
             raise UnrecoverableOOMError(
-                f"out of memory {oom_events} times in one step (step {self.steps}), the last with a micro-batch "
-                f"of {micro} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
+                f"out of memory {oom_events} times in one step (step {self.steps}), the last in a micro-batch "
+                f"of {failed} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
                 f"bytes and the budget is now {self.memory_budget_bytes} bytes"
             )
         before = self.memory_budget_bytes
@@ -967,13 +973,15 @@ class TrainingRun:
         # Not below what one sample needs (the halving still makes progress down to one sample), never up.
         self.memory_budget_bytes = min(before, max(lowered, self.predicted_memory_bytes(1)))
         retry = max(1, min(micro // 2, self.micro_batch_size(n)))
-        event = OOMEvent(self.steps, micro, retry, before, self.memory_budget_bytes, failure)
+        event = OOMEvent(self.steps, failed, retry, before, self.memory_budget_bytes, failure, micro)
         self.oom_log.append(event)
         self.oom_events += 1  # with the log, also for a step that gives up later
         _log.warning(
-            "step %d: %s; retrying with micro-batch %d (was %d), memory budget %d -> %d bytes",
+            "step %d: %s in a micro-batch of %d samples; retrying with micro-batch %d (was %d), memory budget %d -> "
+            "%d bytes",
             event.step,
             failure,
+            failed,
             retry,
             micro,
             before,
@@ -1097,6 +1105,15 @@ class _StepOutcome:
     oom_events: int
     modelled_ms: float
     memory_bytes: int
+
+
+def _last_started(sizes: list[int], started: int) -> int:
+    """The size of the last micro-batch of ``sizes`` begun once ``started`` samples had (the first where none had)."""
+    for size in sizes:
+        started -= size
+        if started <= 0:
+            return size
+    return sizes[-1]
 
 
 def _first_line(error: BaseException) -> str:

@@ -128,6 +128,32 @@ def test_oom_lowers_the_budget_and_logs(caplog: pytest.LogCaptureFixture) -> Non
     assert run.step().oom_events == 0
 
 
+def test_an_oom_in_the_shorter_last_micro_batch_logs_its_size_and_lowers_the_budget_from_the_split() -> None:
+    """64 samples split [27, 27, 10], the 10-sample one fails: the event said 27 failed. The budget and the retry
+    still come from the split's 27 (the 27-sample micro-batches of the same attempt had fitted)."""
+    fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0 and p.micro_index == 2)
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    run.micro_batch_cap = 27
+    assert run.step().oom_events == 1
+    event = run.oom_log[0]
+    assert (event.micro_batch_size, event.split_micro_batch_size) == (10, 27)
+    assert event.budget_after_bytes == run.predicted_memory_bytes(27)  # oom_budget_factor 1.0
+    # Retried at most halved (13), and within fill_frac (0.9) of that budget: 12 samples fit.
+    assert event.retry_micro_batch_size == run.micro_batch_size(64) == 12 == run.last_micro_batches[0]
+
+
+def test_the_budget_after_an_oom_is_floored_at_one_samples_need() -> None:
+    """``oom_budget_factor`` 0.5 at micro-batches of 2: half of predicted(2) is below predicted(1), which the budget
+    keeps (documented in ElasticConfig: a one-sample micro-batch must still be planned)."""
+    fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0)
+    run = TrainingRun(small_task(), seed=0, device="cpu", elastic=ElasticConfig(oom_budget_factor=0.5), fault=fault)
+    run.micro_batch_cap = 2
+    run.step()
+    event = run.oom_log[0]
+    assert 0.5 * run.predicted_memory_bytes(2) < run.predicted_memory_bytes(1) == event.budget_after_bytes
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 1)
+
+
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
     before = parameters_of(run)
