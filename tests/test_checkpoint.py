@@ -129,6 +129,35 @@ def test_a_checkpoint_saved_again_before_the_next_loader_call_keeps_the_datas_pl
     assert train(model3, ctl3) == 5 and ctl3.steps == 12
 
 
+def test_a_batch_size_set_between_the_load_and_the_next_loader_call_is_the_resumed_runs():
+    """Set after ``load_state_dict()`` and before the next ``loader()`` call, the batch size was dropped: it read back
+    16 and the resumed run served 16. Now the resumed run is the uninterrupted one that changed it at the same step:
+    ×2 under the linear rule, warmed up from the gain in force (1.0, then 1.1, 1.2, 1.3 over the ramp's 10 steps)."""
+    model, _, ctl = build()
+    saved, gains = [], []
+
+    def save_and_double():
+        saved.append(checkpoint(model, ctl))
+        ctl.batch_size = 2 * BATCH
+        gains.append(ctl.engine.batch_lr_gain)
+
+    assert train(model, ctl, stop_after=7, on_stop=save_and_double) == 10  # the epoch's last 80 samples: 32, 32, 16
+    model2, _, ctl2 = build()
+    restore(model2, ctl2, torch.load(saved[0]))
+    with pytest.raises(ValueError, match="batch_size=97 is more than the 96 training samples"):
+        ctl2.batch_size = 97
+    ctl2.batch_size = 2 * BATCH
+    assert ctl2.batch_size == 2 * BATCH and ctl2.engine.batch_lr_gain == gains[0] == 1.0
+    sizes, lr_gains = [], []
+    for x, y in ctl2.loader(DATA, batch_size=BATCH, epochs=2):
+        sizes.append(len(y))
+        lr_gains.append(ctl2.engine.batch_lr_gain)
+        ctl2.step(nn.functional.cross_entropy(model2(x), y))
+    assert sizes == [32, 32, 16] and lr_gains == pytest.approx([1.0, 1.1, 1.2], abs=1e-12) and ctl2.steps == 10
+    assert ctl2.lr_coupler.state_dict() == ctl.lr_coupler.state_dict() and ctl2.engine.batch_lr_gain == 1.3
+    assert_same_weights(weights(model), model2)
+
+
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])  # fp16: the reference path's GradScaler state too
 def test_a_resumed_run_is_the_uninterrupted_run(policy):
     state, resumed = resume_matches_an_uninterrupted_run(policy)

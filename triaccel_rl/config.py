@@ -496,9 +496,11 @@ class ElasticConfig:
         warmup_above: ratio ``g_new / g_old`` at or above which a rise of the LR gain is warmed up; > 1.
         warmup_steps: optimizer steps of the warm-up ramp (0: no warm-up).
         fill_frac: share of the memory budget micro-batches are planned to fill, in (0, 1].
-        oom_budget_factor: after an out-of-memory error at micro-batch ``m``, the budget becomes at most
-            this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac`` of it, so
-            the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed.
+        oom_budget_factor: after an out-of-memory error in a step split into micro-batches of ``m``, the budget
+            becomes at most this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac``
+            of it, so the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed. The
+            budget is never lowered below what one sample is predicted to need (a one-sample micro-batch is still
+            planned, and retried), so for small ``m`` it can stay above ``factor`` × predicted(``m``).
         max_oom_retries: out-of-memory errors tolerated within one step before it gives up.
 
     Example:

@@ -484,18 +484,30 @@ class Controller:
 
     @property
     def batch_size(self) -> int:
-        """The batch size the next batch from ``loader()`` will have (a loaded checkpoint's before that call)."""
+        """The batch size the next batch from ``loader()`` will have (a loaded checkpoint's before that call).
+
+        Set between ``load_state_dict()`` and the next ``loader()`` call, it is the resumed run's: its first batch has
+        this size and the LR gain moves as a change right after the resume moves it (a warm-up ramp included).
+        """
         return self._resume["batch_size"] if self._resume is not None else self._batch_size
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"batch_size={value!r} must be a positive integer")
-        if self._loader is not None and value > len(self._loader):  # as TrainingRun: never served, the LR followed
+        resume = self._resume
+        n = resume["loader"]["n"] if resume is not None else len(self._loader) if self._loader is not None else None
+        if n is not None and value > n:  # as TrainingRun: never served, the LR followed
             raise ValueError(
-                f"batch_size={value} is more than the {len(self._loader)} training samples: a step serves at most an "
-                "epoch"
+                f"batch_size={value} is more than the {n} training samples: a step serves at most an epoch"
             )
+        if resume is not None:  # loaded, not yet carried on: the next loader() call restores the batch and the coupler
+            # Both go into the pending resume (set here, the batch would be overwritten by it); the coupler moves from
+            # the checkpoint's state, as the one that loader() call restores would move right after it.
+            coupler = self._coupler_for(resume["base_batch_size"], resume["lr_coupler"])
+            self.engine.batch_lr_gain = coupler.change(int(value), self._noise_scale)
+            self._resume = {**resume, "batch_size": int(value), "lr_coupler": coupler.state_dict()}
+            return
         self._batch_size = int(value)
         if self.lr_coupler is not None:
             self.engine.batch_lr_gain = self.lr_coupler.change(self._batch_size, self._noise_scale)
@@ -629,7 +641,8 @@ class Controller:
 
         Load the model's weights first (``model.load_state_dict``), then this; the next ``loader()`` call, with the
         same dataset, ``batch_size`` and ``seed`` as before, carries on from the saved place in the saved epoch at
-        the saved batch size (its ``epochs`` counts from the run's start, the saved epochs included). A speed trial
+        the saved batch size, or one set between the two (its ``epochs`` counts from the run's start, the saved epochs
+        included). A speed trial
         that had finished is not run again; one that was running starts over.
 
         Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
@@ -823,11 +836,9 @@ class Controller:
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key
             self._base_batch_size = batch_size
-            elastic = self.config.elastic
-            self.lr_coupler = BatchLRCoupler(
-                self.lr_rule, batch_size, batch_size, elastic.warmup_above, elastic.warmup_steps
-            )
-            self.batch_size = batch_size
+            self.lr_coupler = self._coupler_for(batch_size, None)
+            # Not through the setter, which would write the base batch into a pending resume: the gain at the base.
+            self._batch_size, self.engine.batch_lr_gain = batch_size, self.lr_coupler.gain
             if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
                 self._resume_loader(self._resume, batch_size)
                 self._resume = None
@@ -845,12 +856,18 @@ class Controller:
         base, batch = _checked_count(state, "base_batch_size", 1), _checked_count(state, "batch_size", 1)
         loader = ElasticLoader.check_state(state["loader"])
         coupler = state["lr_coupler"]
-        if coupler is not None:  # loaded into a coupler like the one loader() will build, to check it
-            elastic = self.config.elastic
-            BatchLRCoupler(self.lr_rule, base, base, elastic.warmup_above, elastic.warmup_steps).load_state_dict(
-                coupler
-            )
+        self._coupler_for(base, coupler)  # loaded into a coupler like the one loader() will build, to check it
         return {"loader": loader, "lr_coupler": coupler, "batch_size": batch, "base_batch_size": base}
+
+    def _coupler_for(self, base_batch_size: int, state: Mapping[str, Any] | None) -> BatchLRCoupler:
+        """A coupler as ``loader()`` builds it for a run of ``base_batch_size``, with a checkpoint's ``state`` in it."""
+        elastic = self.config.elastic
+        coupler = BatchLRCoupler(
+            self.lr_rule, base_batch_size, base_batch_size, elastic.warmup_above, elastic.warmup_steps
+        )
+        if state is not None:
+            coupler.load_state_dict(state)
+        return coupler
 
     def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
         """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""

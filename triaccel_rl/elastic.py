@@ -329,11 +329,14 @@ class OOMEvent:
 
     Attributes:
         step: index of the optimizer step it happened in (0-based).
-        micro_batch_size: the micro-batch size that failed.
+        micro_batch_size: samples in the micro-batch that failed (the shorter last one of a split has fewer than
+            ``split_micro_batch_size``).
         retry_micro_batch_size: the micro-batch size the step was retried with.
         budget_before_bytes: the memory budget before the event.
-        budget_after_bytes: the lowered budget.
+        budget_after_bytes: the lowered budget (``ElasticConfig.oom_budget_factor``).
         message: first line of the error.
+        split_micro_batch_size: the micro-batch size the failed attempt split the batch into, from which the budget
+            and the retry were derived.
     """
 
     step: int
@@ -342,6 +345,7 @@ class OOMEvent:
     budget_before_bytes: int
     budget_after_bytes: int
     message: str
+    split_micro_batch_size: int
 
 
 @dataclass(frozen=True)

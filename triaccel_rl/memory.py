@@ -496,10 +496,13 @@ def measure_tensor_bytes(
     """Peak bytes of a training step's tensors, measured from the tensors themselves (for CPU runs).
 
     Counts the parameters, their gradients and the optimizer's state tensors, plus every tensor autograd
-    saves for the backward pass during ``forward_loss()`` (through ``saved_tensors_hooks``; storages are
-    counted once, and parameters saved by reference are not counted again). The backward pass frees the
-    saved tensors, so their total at the end of the forward pass is the activation peak. Runs the backward
-    pass, leaving gradients accumulated (zero them as a step would).
+    saves for the backward pass during ``forward_loss()`` (through ``saved_tensors_hooks``; the bytes of a
+    storage that saved tensors span are counted once however many of them overlap, and parameters saved by
+    reference are not counted again). A saved view counts the bytes it spans, not its whole storage: a batch
+    sliced from a dataset tensor counts the batch, not the dataset (a narrow view of an activation counts its
+    span too, though autograd keeps the whole activation alive). The backward pass frees the saved tensors,
+    so their total at the end of the forward pass is the activation peak. Runs the backward pass, leaving
+    gradients accumulated (zero them as a step would).
 
     Args:
         model: the model.
@@ -507,17 +510,22 @@ def measure_tensor_bytes(
         forward_loss: runs the forward pass and returns the scalar loss.
     """
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}  # by storage: the byte ranges saved tensors span in it
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in parameter_storages and tensor.numel():
+            # From the first element to the last, strides included: an expanded tensor (stride 0) spans its one
+            # copy, a column slice the rows it crosses. The storage's own size counted a batch sliced from the
+            # dataset as the whole dataset.
+            last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+            start = int(tensor.storage_offset()) * tensor.element_size()
+            spans.setdefault(pointer, []).append((start, start + int(last + 1) * tensor.element_size()))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = forward_loss()
-    activations = sum(saved.values())
+    activations = sum(_covered_bytes(ranges) for ranges in spans.values())
     loss.backward()
     static = 0
     for p in model.parameters():
@@ -527,6 +535,16 @@ def measure_tensor_bytes(
     for state in optimizer.state.values():
         static += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return int(static + activations)
+
+
+def _covered_bytes(ranges: list[tuple[int, int]]) -> int:
+    """Bytes in the union of half-open ``[start, end)`` ranges: overlapping views of one storage count once."""
+    covered = reach = 0
+    for start, end in sorted(ranges):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
 
 
 def _valid_code(value: object) -> bool:

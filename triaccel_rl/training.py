@@ -162,9 +162,10 @@ class TrainingRun:
     retried after running out of memory, it trains on the same augmented samples.
 
     An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
-    the budget lowered (to ``elastic.oom_budget_factor`` × the failed micro-batch's predicted memory, and on
-    a GPU to at most what this process holds plus what is free), and the same samples are retried with the
-    micro-batch at most halved (a one-sample micro-batch is retried as it is, up to
+    the budget lowered (to ``elastic.oom_budget_factor`` × the predicted memory of the failed attempt's
+    micro-batch size, and on a GPU to at most what this process holds plus what is free, but never below what
+    one sample is predicted to need, nor raised), and the same samples are retried with the micro-batch at most
+    halved (a one-sample micro-batch is retried as it is, up to
     ``elastic.max_oom_retries`` errors in the step). The loader is not touched, so no sample is lost or
     served twice, and the one update comes after the last micro-batch. Events are counted in
     ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried
@@ -439,7 +440,8 @@ class TrainingRun:
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
         is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss. Reading the statistics
-        costs a host-device sync; :meth:`train_interval` runs steps without one.
+        costs a host-device sync; :meth:`train_interval` runs steps without one. A step whose update went in before
+        a user's step post-hook raised is counted (its skip and time too) before the error is re-raised.
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
@@ -447,7 +449,17 @@ class TrainingRun:
         """
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
-        outcome = self._step(deferred=False)
+        # A host count on the reference path; on the fused one a sync, as the statistics step() reads back are.
+        steps, applied = self.steps, self.engine.applied_steps()
+        try:
+            outcome = self._step(deferred=False)
+        except BaseException:
+            if self.steps > steps:  # the update went in, then a post-hook raised: a finished step, counted as one
+                # The fused path runs post-hooks after a step the device skipped too. Read as train_interval reads.
+                with contextlib.suppress(Exception):
+                    self.skipped_steps += 1 - (self.engine.applied_steps() - applied)
+                    self.train_time_ms += (time.perf_counter() - start) * 1e3
+            raise
         elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
         skipped = bool(outcome.skipped)
         self.skipped_steps += int(skipped)
@@ -475,7 +487,8 @@ class TrainingRun:
         The same steps as :meth:`step` (micro-batches, OOM recovery, skips), but each step's loss and
         per-layer squared gradient norms stay on the device (``DeviceMoments``) until the interval ends;
         on the fused path the skip is decided on the device too. The time is measured over the whole
-        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time.
+        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time. An interval that
+        raises still counts its finished steps' skips and its time in the run's totals.
 
         Raises:
             ValueError: ``n_steps`` is negative.
@@ -487,14 +500,14 @@ class TrainingRun:
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
         self.engine.sync_weight_copies()  # weights written since the last call; none can be inside the interval
         applied = self.engine.applied_steps()  # read at the interval's edge, not between its steps
+        steps = self.steps
         timer = IntervalTimer(self.device)
         timer.start()
-        samples = oom_events = peak = done = 0
+        samples = oom_events = peak = 0
         modelled_ms = 0.0
         try:
             for _ in range(n_steps):
                 outcome = self._step(deferred=True)
-                done += 1
                 self._moments.observe_layers(outcome.loss, outcome.grads.sq_sum)
                 samples += outcome.batch_size
                 oom_events += outcome.oom_events
@@ -503,10 +516,12 @@ class TrainingRun:
         except BaseException:
             self._moments.flush()  # the interval is given up: its steps' statistics must not count in the next one
             # Its finished steps still count in the run's totals (their updates went in); read on the way out, where
-            # a failed device would raise again, so a reading that fails leaves the totals as they were.
+            # a failed device would raise again, so a reading that fails leaves the totals as they were. A step whose
+            # update went in before a post-hook raised is finished though it returned no outcome: ``self.steps``
+            # counts it, as it counts every other.
             with contextlib.suppress(Exception):
                 train_ms = timer.stop()
-                finished_skips = max(done - (self.engine.applied_steps() - applied), 0)
+                finished_skips = max(self.steps - steps - (self.engine.applied_steps() - applied), 0)
                 self.train_time_ms += train_ms
                 self.skipped_steps += finished_skips
             raise
@@ -936,14 +951,19 @@ class TrainingRun:
         self.loader.take_back(n)
 
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
-        """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with."""
+        """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with.
+
+        ``micro`` is the failed attempt's micro-batch size: the budget and the retry derive from it, the event logs the
+        micro-batch that failed (the last one started: ``n % micro`` samples where the shorter last one failed).
+        """
         self._undo_attempt()
         release_memory(self.device)
+        failed = _last_started(plan_micro_batches(n, micro), self._samples_started)
         if oom_events > self.elastic.max_oom_retries:
             self.loader.take_back(n)  # the step is abandoned: its samples return to the loader
             raise UnrecoverableOOMError(
-                f"out of memory {oom_events} times in one step (step {self.steps}), the last with a micro-batch "
-                f"of {micro} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
+                f"out of memory {oom_events} times in one step (step {self.steps}), the last in a micro-batch "
+                f"of {failed} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
                 f"bytes and the budget is now {self.memory_budget_bytes} bytes"
             )
         before = self.memory_budget_bytes
@@ -953,13 +973,15 @@ class TrainingRun:
         # Not below what one sample needs (the halving still makes progress down to one sample), never up.
         self.memory_budget_bytes = min(before, max(lowered, self.predicted_memory_bytes(1)))
         retry = max(1, min(micro // 2, self.micro_batch_size(n)))
-        event = OOMEvent(self.steps, micro, retry, before, self.memory_budget_bytes, failure)
+        event = OOMEvent(self.steps, failed, retry, before, self.memory_budget_bytes, failure, micro)
         self.oom_log.append(event)
         self.oom_events += 1  # with the log, also for a step that gives up later
         _log.warning(
-            "step %d: %s; retrying with micro-batch %d (was %d), memory budget %d -> %d bytes",
+            "step %d: %s in a micro-batch of %d samples; retrying with micro-batch %d (was %d), memory budget %d -> "
+            "%d bytes",
             event.step,
             failure,
+            failed,
             retry,
             micro,
             before,
@@ -1083,6 +1105,15 @@ class _StepOutcome:
     oom_events: int
     modelled_ms: float
     memory_bytes: int
+
+
+def _last_started(sizes: list[int], started: int) -> int:
+    """The size of the last micro-batch of ``sizes`` begun once ``started`` samples had (the first where none had)."""
+    for size in sizes:
+        started -= size
+        if started <= 0:
+            return size
+    return sizes[-1]
 
 
 def _first_line(error: BaseException) -> str:

@@ -83,11 +83,14 @@ def test_prediction_error_on_a_small_cnn(precision: Precision) -> None:
         )
 
 
-def test_measured_tensor_bytes_of_a_linear_layer_under_adamw_are_counted_by_hand() -> None:
+@pytest.mark.parametrize("sliced", [False, True], ids=["own", "sliced-from-a-dataset"])
+def test_measured_tensor_bytes_of_a_linear_layer_under_adamw_are_counted_by_hand(sliced: bool) -> None:
+    """A batch sliced from a dataset tensor counts as the batch: the dataset's whole storage was counted (160,344
+    bytes for 10,000 samples of 4 floats)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters())
-    x = torch.randn(8, 4)
+    x = torch.randn(10_000, 4)[:8] if sliced else torch.randn(8, 4)
     model(x).pow(2).mean().backward()
     optimizer.step()  # the state: a step count and two moments per parameter
     optimizer.zero_grad()
@@ -96,6 +99,25 @@ def test_measured_tensor_bytes_of_a_linear_layer_under_adamw_are_counted_by_hand
     saved = (8 * 4 + 8 * 3) * 4  # the linear layer's input; pow's input (the layer's output); the weight is no copy
     assert static + saved == 472
     assert measure_tensor_bytes(model, optimizer, lambda: model(x).pow(2).mean()) == 472
+
+
+def test_overlapping_views_of_one_storage_are_counted_once() -> None:
+    """Two batches sliced from one dataset, rows 0-7 and 4-11: the linear layer saves both, which span rows 0-11."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    data = torch.randn(10_000, 4)
+    model(data[:8]).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    static = (15 + 15 + 2 * 15 + 2) * 4  # as counted by hand above
+    inputs = 12 * 4 * 4  # rows 0-11 once, though rows 4-7 are in both
+    outputs = 2 * 8 * 3 * 4  # pow's inputs: the layer's two outputs, tensors of their own
+
+    def forward_loss() -> torch.Tensor:
+        return model(data[:8]).pow(2).mean() + model(data[4:12]).pow(2).mean()
+
+    assert measure_tensor_bytes(model, optimizer, forward_loss) == static + inputs + outputs == 632
 
 
 def test_least_squares_margin_bounds_every_measurement() -> None:

@@ -128,6 +128,32 @@ def test_oom_lowers_the_budget_and_logs(caplog: pytest.LogCaptureFixture) -> Non
     assert run.step().oom_events == 0
 
 
+def test_an_oom_in_the_shorter_last_micro_batch_logs_its_size_and_lowers_the_budget_from_the_split() -> None:
+    """64 samples split [27, 27, 10], the 10-sample one fails: the event said 27 failed. The budget and the retry
+    still come from the split's 27 (the 27-sample micro-batches of the same attempt had fitted)."""
+    fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0 and p.micro_index == 2)
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
+    run.micro_batch_cap = 27
+    assert run.step().oom_events == 1
+    event = run.oom_log[0]
+    assert (event.micro_batch_size, event.split_micro_batch_size) == (10, 27)
+    assert event.budget_after_bytes == run.predicted_memory_bytes(27)  # oom_budget_factor 1.0
+    # Retried at most halved (13), and within fill_frac (0.9) of that budget: 12 samples fit.
+    assert event.retry_micro_batch_size == run.micro_batch_size(64) == 12 == run.last_micro_batches[0]
+
+
+def test_the_budget_after_an_oom_is_floored_at_one_samples_need() -> None:
+    """``oom_budget_factor`` 0.5 at micro-batches of 2: half of predicted(2) is below predicted(1), which the budget
+    keeps (documented in ElasticConfig: a one-sample micro-batch must still be planned)."""
+    fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0)
+    run = TrainingRun(small_task(), seed=0, device="cpu", elastic=ElasticConfig(oom_budget_factor=0.5), fault=fault)
+    run.micro_batch_cap = 2
+    run.step()
+    event = run.oom_log[0]
+    assert 0.5 * run.predicted_memory_bytes(2) < run.predicted_memory_bytes(1) == event.budget_after_bytes
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 1)
+
+
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
     before = parameters_of(run)
@@ -429,6 +455,63 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
     with pytest.raises(UnrecoverableOOMError):
         run.train_interval(3)
     assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
+
+
+def test_an_interval_stopped_by_a_post_hook_after_an_update_counts_the_skip_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Step 0 of the interval diverges (skipped), step 1's update goes in and then a user's post-hook raises: both
+    steps finished, one was skipped. The given-up interval counted the steps that returned (one) against the updates
+    applied (one), and lost step 0's skip."""
+    calls = {"n": 0}
+    loss_fn = Task.loss_fn
+
+    def nan_first(self: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = loss_fn(self, logits, labels)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(Task, "loss_fn", nan_first)
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))  # runs at the first applied update
+    with pytest.raises(RuntimeError, match="a post-hook fails"):
+        run.train_interval(3)
+    assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_stopped_by_a_post_hook_counts_its_skip_and_time(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diverged step whose post-hook raises: the fused path (a GPU's default) runs post-hooks after a step the device
+    skipped too. ``step()`` counted the step but neither its skip nor its time: ``skipped_steps`` stayed 0."""
+    import os
+
+    from triaccel_rl import training
+    from triaccel_rl.engine import StepEngine
+
+    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+
+    class Engine(StepEngine):  # a TrainingRun picks the fused path only on CUDA by itself
+        def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+            super().__init__(model, optimizer, device, fused=fused)
+
+    monkeypatch.setattr(training, "StepEngine", Engine)
+    loss_fn = Task.loss_fn
+    monkeypatch.setattr(Task, "loss_fn", lambda self, logits, labels: loss_fn(self, logits, labels) * float("nan"))
+    run = TrainingRun(small_task(), seed=0, device="cpu")
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))
+    if fused:
+        with pytest.raises(RuntimeError, match="a post-hook fails"):
+            run.step()
+        assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (1, 0, 1) and run.train_time_ms > 0
+    else:  # the reference path runs no post-hook for a skipped update: the step returns
+        assert run.step().skipped and (run.steps, run.skipped_steps) == (1, 1)
+    run.train_time_ms = 0.0
+    monkeypatch.setattr(Task, "loss_fn", loss_fn)  # a finite step next: its post-hook raises after the update
+    run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))
+    with pytest.raises(RuntimeError, match="a post-hook fails"):
+        run.step()
+    assert (run.steps, run.engine.applied_steps(), run.skipped_steps) == (2, 1, 1) and run.train_time_ms > 0
 
 
 def _raising_once(message: str):
