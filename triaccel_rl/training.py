@@ -449,15 +449,17 @@ class TrainingRun:
         """
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
-        # A host count on the reference path; on the fused one a sync, as the statistics step() reads back are.
-        steps, applied = self.steps, self.engine.applied_steps()
+        # A host count on the reference path; on the fused one a device copy of the counter, read (a sync) only where a
+        # post-hook raises: no sync before the step is queued.
+        engine, steps = self.engine, self.steps
+        applied = engine.fused_optimizer.step_count.clone() if engine.fused else engine.applied_steps()
         try:
             outcome = self._step(deferred=False)
         except BaseException:
             if self.steps > steps:  # the update went in, then a post-hook raised: a finished step, counted as one
                 # The fused path runs post-hooks after a step the device skipped too. Read as train_interval reads.
                 with contextlib.suppress(Exception):
-                    self.skipped_steps += 1 - (self.engine.applied_steps() - applied)
+                    self.skipped_steps += 1 - (engine.applied_steps() - int(applied))
                     self.train_time_ms += (time.perf_counter() - start) * 1e3
             raise
         elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
