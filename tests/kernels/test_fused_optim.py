@@ -336,6 +336,51 @@ def test_an_infinite_max_grad_norm_clips_nothing() -> None:
     assert_bits_equal(stores[0].params, stores[1].params, "max_grad_norm=inf against no clipping")
 
 
+# Gradients where the order of AdamW's arithmetic decides the result: (1 - beta2) * (g * g) overflows float32 for |g|
+# from ~1.8e19 where torch's ((1 - beta2) * g) * g (addcmul) stays finite up to ~5.8e20; and at beta1 = 0 the
+# first moment m + 1 * (g - m) loses g next to a large old m, where torch's lerp (weight >= 0.5) gives g exactly.
+ORDER_CASES: dict[str, tuple[list[float], dict[str, Any]]] = {
+    "second_moment_of_a_huge_gradient": ([1e20, 1.0, 1.0, 1.0], {}),
+    "first_moment_at_beta1_zero": ([1e8, 1.0], {"beta1": 0.0, "beta2": 0.99}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the gradient's sum of squares (a stat)
+@pytest.mark.parametrize("case", list(ORDER_CASES))
+def test_adamw_computes_its_moments_in_torch_optims_order(device: str, case: str) -> None:
+    """Weight and both moments bit for bit torch.optim.AdamW's. Before the fix, a gradient of 1e20 left the second
+    moment inf (that weight never moved again), and at beta1 = 0 the first moment after 1e8 then 1.0 was 0, not 1."""
+    grads, hyper = ORDER_CASES[case]
+    p = torch.nn.Parameter(torch.ones(1, device=device))
+    q = torch.nn.Parameter(torch.ones(1, device=device))
+    store = FlatParameterStore([[p]])
+    fused = FusedAdamW(store, weight_decay=0.0, **hyper)
+    betas = (hyper.get("beta1", 0.9), hyper.get("beta2", 0.999))
+    reference = torch.optim.AdamW([q], lr=1e-2, betas=betas, eps=1e-8, weight_decay=0.0, foreach=False)
+    for step, g in enumerate(grads):
+        p.grad.fill_(g)
+        q.grad = torch.full((1,), g, device=device)
+        assert not bool(fused.step(1e-2).skipped)
+        reference.step()
+        state = reference.state[q]
+        for got, want, what in [
+            (p.detach(), q.detach(), "param"),
+            (fused.exp_avg[:1], state["exp_avg"], "exp_avg"),
+            (fused.exp_avg_sq[:1], state["exp_avg_sq"], "exp_avg_sq"),
+        ]:
+            assert_bits_equal(got, want, f"{case} step {step} {what}")
+    assert math.isfinite(float(fused.exp_avg_sq[0]))
+    if hyper.get("beta1") == 0.0:
+        assert float(fused.exp_avg[0]) == 1.0  # the last gradient, exactly
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", list(ORDER_CASES))
+def test_cpu_reference_path_computes_adamw_moments_in_torch_optims_order(case: str) -> None:
+    test_adamw_computes_its_moments_in_torch_optims_order("cpu", case)
+
+
 # The usual recipe: decay on the weights, none on biases, norm parameters and scalars (dim <= 1), so every layer
 # with a bias is split across two groups.
 DECAYS = (0.05, 0.0)
