@@ -264,6 +264,10 @@ class _FusedOptimizer:
         Returns:
             The skip flag and the per-layer statistics, all on the device: the gradient's rows of the gradient
             before clipping, ``GRAD_DOT_MOMENTUM`` of the clipped one the update used.
+
+        Raises:
+            ValueError: naming an argument out of range or of the wrong type (a list or a NumPy array where a tensor
+                is due: with the type received), before anything changes.
         """
         if not 0.0 <= lr < math.inf:
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
@@ -272,6 +276,11 @@ class _FusedOptimizer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         store = self.store
+        for name, value in (("lr_factors", lr_factors), ("precision_codes", precision_codes), ("skip", skip)):
+            # Before any tensor attribute is read (a list or a bool failed with an AttributeError, and a NumPy
+            # float32 array was told it must be float32): the type received, named.
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be {_STEP_TENSORS[name]} on {store.device}; got {_type_name(value)}")
         for name, tensor in (("lr_factors", lr_factors), ("precision_codes", precision_codes)):
             if tensor is not None and tuple(tensor.shape) != (store.n_layers,):
                 raise ValueError(
@@ -312,12 +321,13 @@ class _FusedOptimizer:
         device = self.store.device
         if factors.dtype != torch.float32 or factors.device != device or not factors.is_contiguous():
             raise ValueError(
-                f"lr_factors must be a contiguous float32 tensor on {device}; got {factors.dtype} on {factors.device}"
+                f"lr_factors must be {_STEP_TENSORS['lr_factors']} on {device}; got {factors.dtype} on {factors.device}"
             )
         integer = not codes.is_floating_point() and codes.dtype != torch.bool
         if not integer or codes.device != device or not codes.is_contiguous():
             raise ValueError(
-                f"precision_codes must be a contiguous integer tensor on {device}; got {codes.dtype} on {codes.device}"
+                f"precision_codes must be {_STEP_TENSORS['precision_codes']} on {device}; got {codes.dtype} on "
+                f"{codes.device}"
             )
         if isinstance(inv_scale, torch.Tensor) and (
             inv_scale.numel() != 1 or inv_scale.dtype != torch.float32 or inv_scale.device != device
@@ -328,7 +338,7 @@ class _FusedOptimizer:
             )
         if skip is not None and (skip.numel() != 1 or skip.dtype != torch.bool or skip.device != device):
             raise ValueError(
-                f"skip must be a one-element bool tensor on {device}; got {skip.dtype} {tuple(skip.shape)} on "
+                f"skip must be {_STEP_TENSORS['skip']} on {device}; got {skip.dtype} {tuple(skip.shape)} on "
                 f"{skip.device}"
             )
         self._check_options()
@@ -672,6 +682,20 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
     if "step_state" in state:  # (steps, beta1**steps, beta2**steps): one count for all
         return torch.as_tensor(state["step_state"], dtype=torch.float64)[:1].expand(1 + n_layers)
     raise ValueError("checkpoint lacks the step counts ('steps'): pass the dict state_dict() returned")
+
+
+# What :meth:`_FusedOptimizer.step` takes for its tensor arguments, as its errors say it.
+_STEP_TENSORS = {
+    "lr_factors": "a contiguous float32 tensor",
+    "precision_codes": "a contiguous integer tensor",
+    "skip": "a one-element bool tensor",
+}
+
+
+def _type_name(value: Any) -> str:
+    """``value``'s type as an error names it: ``list``, ``numpy.ndarray``."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 _MAX_CACHED_FLAG_ROWS = 64

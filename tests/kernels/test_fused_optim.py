@@ -6,6 +6,7 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _kernel_helpers import assert_bits_equal, assert_close, clone_layers, fill_grads, make_layers
@@ -282,6 +283,12 @@ BAD_STEPS: list[tuple[dict[str, Any], str]] = [
     ({"precision_codes": torch.zeros(2)}, "precision_codes must be a contiguous integer tensor on cpu"),
     ({"inv_scale": torch.ones((), dtype=torch.float64)}, "inv_scale must be a float or a one-element float32"),
     ({"skip": torch.zeros((), dtype=torch.int32)}, "skip must be a one-element bool tensor on cpu"),
+    # Not tensors: an AttributeError ('list' object has no attribute 'shape'), or for NumPy float32 "must be a ...
+    # float32 tensor; got float32"; now the type received is named.
+    ({"lr_factors": [1.0, 0.5]}, "^lr_factors must be a contiguous float32 tensor on cpu; got list$"),
+    ({"lr_factors": np.ones(2, dtype=np.float32)}, "^lr_factors must be .* float32 tensor on cpu; got numpy.ndarray$"),
+    ({"precision_codes": [0, 1]}, "^precision_codes must be a contiguous integer tensor on cpu; got list$"),
+    ({"skip": True}, "^skip must be a one-element bool tensor on cpu; got bool$"),
 ]
 
 
