@@ -1321,3 +1321,21 @@ def test_a_layer_the_optimizer_holds_nothing_of_has_no_second_moment_on_either_p
         diagonals[fused] = engine.second_moment_diagonal()
     assert [d is None for d in diagonals[True]] == [d is None for d in diagonals[False]] == [True, False]
     torch.testing.assert_close(diagonals[True][1].cpu(), diagonals[False][1].cpu(), rtol=1e-5, atol=1e-12)
+
+
+def test_a_layer_yet_to_take_a_step_has_no_second_moment_on_either_path():
+    """Before the first update, and for a layer frozen through it: the fused path gave zeros where the reference path
+    (and the docstring) give None, so the signals read a measurement of zero curvature on one path only."""
+    diagonals = {}
+    for fused in (False, True):
+        model, engine = make("adamw", fused)
+        before = engine.second_moment_diagonal()
+        for p in model[0].parameters():  # the first update trains the head alone
+            p.requires_grad_(False)
+            p.grad = None  # on the fused path bound to zeros from the start, which would take part in the step
+        _run_steps(model, engine, batches(1))
+        diagonals[fused] = (before, engine.second_moment_diagonal())
+    for reference, fused_diagonals in zip(diagonals[False], diagonals[True], strict=True):
+        assert [d is None for d in fused_diagonals] == [d is None for d in reference]
+    assert diagonals[True][0] == [None, None] and diagonals[True][1][0] is None
+    torch.testing.assert_close(diagonals[True][1][1].cpu(), diagonals[False][1][1].cpu(), rtol=1e-5, atol=1e-12)

@@ -581,8 +581,9 @@ class StepEngine:
         Adam's ``exp_avg_sq / (1 - beta2**step)`` is the EMA of the squared mini-batch gradient: the
         diagonal of the mini-batch empirical Fisher, smoothed over about ``1 / (1 - beta2)`` steps, which
         the signals reuse instead of computing it again. None for a layer where the optimizer keeps no
-        such state (SGD, or before the first update). Allocates one flat copy per layer; no host-device
-        sync (Adam keeps ``step`` on the host unless ``capturable``).
+        such state (SGD, or before the layer's first update), on both update paths. Allocates one flat copy per
+        layer; no host-device sync on the reference path (Adam keeps ``step`` on the host unless ``capturable``),
+        one on the fused path (its per-layer step counts).
         """
         if self.fused:
             optimizer = self.fused_optimizer
@@ -591,8 +592,10 @@ class StepEngine:
             steps = optimizer.layer_step_counts.tolist()  # host-device sync: once per round
             return [  # the parameters' own elements, in their order (a layer's segment holds padding too)
                 torch.cat([view.reshape(-1) for view in views]) / max(1.0 - optimizer.options.beta2**n, 1e-12)
-                if (views := self.store.param_views(optimizer.exp_avg_sq, i))
-                else None  # a layer the optimizer holds nothing of (a head fine-tuned alone), as on the reference path
+                # None, as on the reference path, for a layer the optimizer holds nothing of (a head fine-tuned alone)
+                # and one yet to take a step (the zeros its moment starts from are no measurement).
+                if n > 0 and (views := self.store.param_views(optimizer.exp_avg_sq, i))
+                else None
                 for i, n in enumerate(steps)
             ]
         diagonals: list[torch.Tensor | None] = []
