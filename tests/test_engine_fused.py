@@ -1339,3 +1339,31 @@ def test_a_layer_yet_to_take_a_step_has_no_second_moment_on_either_path():
         assert [d is None for d in fused_diagonals] == [d is None for d in reference]
     assert diagonals[True][0] == [None, None] and diagonals[True][1][0] is None
     torch.testing.assert_close(diagonals[True][1][1].cpu(), diagonals[False][1][1].cpu(), rtol=1e-5, atol=1e-12)
+
+
+def test_the_fused_loss_scale_grows_only_where_it_stays_finite_as_grad_scalers():
+    """A scale of 2**127 one clean step from growing: GradScaler keeps it (doubled it would be inf) and restarts the
+    count. The fused path doubled it to inf, after which every step was skipped (its scaled loss not finite)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DEVICE)
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), DEVICE, fused=True)
+    engine.set_precisions(["fp16", "fp32"])
+    state = engine.state_dict()
+    state["scaler"] = {"scale": 2.0**127, "clean_steps": 1999}
+    engine.load_state_dict(state)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**127, growth_interval=2000)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 1999})
+    p = torch.nn.Parameter(torch.ones(1, device=DEVICE))
+    reference = torch.optim.SGD([p], lr=0.1)
+    x, y = torch.randn(8, 4, device=DEVICE) * 1e-30, torch.randint(0, 2, (8,), device=DEVICE)  # finite when scaled
+    for step in range(3):
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        _, skipped = engine.backward_and_step(loss)
+        reference.zero_grad()
+        scaler.scale((p * 1e-30).sum()).backward()  # a clean step for GradScaler too
+        scaler.step(reference)
+        scaler.update()
+        assert not skipped, f"step {step}"
+        assert engine.loss_scale == scaler.get_scale() == 2.0**127, f"step {step}"
+        assert int(engine.state_dict()["scaler"]["clean_steps"]) == scaler.state_dict()["_growth_tracker"]

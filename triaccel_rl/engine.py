@@ -108,8 +108,8 @@ class StepEngine:
     LR and writes the 16-bit weight copies of low-precision layers, which those layers' forward then reads
     in place of casting the fp32 weights (``LayerPrecision.use_weight_copies``); a non-finite gradient
     skips the whole update on the device. Loss scaling for fp16 layers is then done on the device too (same rule as
-    ``GradScaler``: halve on overflow, double after 2000 clean steps). It needs SGD (any momentum,
-    dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
+    ``GradScaler``: halve on overflow, double after 2000 clean steps unless the double is not finite). It needs SGD
+    (any momentum, dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
     hyper-parameters in every param group except the LR and the weight decay (a layer's parameters may be in
     several groups of one LR, e.g. no decay on biases and norms: the fused step then decays each group's
     parameters by the group's weight decay), and every trainable parameter in a group; otherwise the reference
@@ -1237,9 +1237,11 @@ class StepEngine:
                 overflow = result.grad_nonfinite.any()
                 self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
                 grow = self._clean_steps >= 2000
-                self._scale.copy_(
-                    torch.where(overflow, self._scale * 0.5, torch.where(grow, self._scale * 2.0, self._scale))
-                )
+                # GradScaler keeps the scale where doubling it would overflow (from 2**127 it would reach inf, and
+                # every later step would be skipped), and still restarts the count.
+                grown = self._scale * 2.0
+                grown = torch.where(torch.isfinite(grown), grown, self._scale)
+                self._scale.copy_(torch.where(overflow, self._scale * 0.5, torch.where(grow, grown, self._scale)))
                 self._clean_steps.masked_fill_(grow, 0)
             self.store.zero_grad()
         return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
