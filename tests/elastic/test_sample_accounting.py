@@ -436,11 +436,8 @@ def test_a_batch_larger_than_the_training_set_is_refused_and_evaluation_needs_sa
             run.evaluate(bad)  # type: ignore[arg-type]
 
 
-def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Step 0 of the interval diverges (skipped), step 1 then fails for good: step 0's skip and the interval's time
-    were lost from the run's totals, though its update was decided (here: skipped) and its time spent."""
-    from triaccel_rl.tasks import Task
-
+def _nan_first_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes the run's first loss NaN (a diverged step, skipped) and every later one as it is."""
     calls = {"n": 0}
     loss_fn = Task.loss_fn
 
@@ -450,6 +447,12 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
         return loss * float("nan") if calls["n"] == 1 else loss
 
     monkeypatch.setattr(Task, "loss_fn", nan_first)
+
+
+def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 0 of the interval diverges (skipped), step 1 then fails for good: step 0's skip and the interval's time
+    were lost from the run's totals, though its update was decided (here: skipped) and its time spent."""
+    _nan_first_loss(monkeypatch)
     fault = inject_oom(lambda point: point.step == 1)
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault)
     with pytest.raises(UnrecoverableOOMError):
@@ -463,15 +466,7 @@ def test_an_interval_stopped_by_a_post_hook_after_an_update_counts_the_skip_befo
     """Step 0 of the interval diverges (skipped), step 1's update goes in and then a user's post-hook raises: both
     steps finished, one was skipped. The given-up interval counted the steps that returned (one) against the updates
     applied (one), and lost step 0's skip."""
-    calls = {"n": 0}
-    loss_fn = Task.loss_fn
-
-    def nan_first(self: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        loss = loss_fn(self, logits, labels)
-        return loss * float("nan") if calls["n"] == 1 else loss
-
-    monkeypatch.setattr(Task, "loss_fn", nan_first)
+    _nan_first_loss(monkeypatch)
     run = TrainingRun(small_task(), seed=0, device="cpu")
     run.optimizer.register_step_post_hook(_raising_once("a post-hook fails"))  # runs at the first applied update
     with pytest.raises(RuntimeError, match="a post-hook fails"):
