@@ -113,10 +113,12 @@ def _fused_adamw_step_kernel(
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
 
-    # Same operation order as torch.optim.AdamW's single-tensor path. Its ``exp_avg.lerp_(grad, 1 - beta1)`` takes
-    # the form that is exact at its end for a weight >= 0.5 (m = g at beta1 = 0 however large the old m), a uniform
-    # branch on a scalar; its ``addcmul_(grad, grad, value=1 - beta2)`` multiplies ``(1 - beta2) * g`` by g, which
-    # stays finite for |g| up to ~5e20 where ``g * g`` overflows from ~1.8e19 (an inf moment never trains again).
+    # Same operation order as torch.optim.AdamW's single-tensor path on the CPU. Its ``exp_avg.lerp_(grad,
+    # 1 - beta1)`` takes the form that is exact at its end for a weight >= 0.5 (m = g at beta1 = 0 however large the
+    # old m), a uniform branch on a scalar; its CPU ``addcmul_(grad, grad, value=1 - beta2)`` multiplies
+    # ``(1 - beta2) * g`` by g, which stays finite for |g| up to ~5e20 where ``g * g`` overflows from ~1.8e19 (an
+    # inf moment never trains again). torch's CUDA addcmul is ``fma(1 - beta2, g * g, v)`` and does overflow there:
+    # on every device this kernel keeps the CPU's order.
     param = param * decay
     if one_minus_beta1 >= 0.5:
         new_exp_avg = grad - (grad - exp_avg) * (1.0 - one_minus_beta1)
@@ -304,10 +306,11 @@ def fused_adamw_step_reference(
     second = exp_avg_sq.view(-1, segment_align)
 
     new_param = param * decay
-    # torch.optim.AdamW's own operations, so the same order (see the kernel): lerp exact at its end for a weight
-    # >= 0.5, and ``((1 - beta2) * g) * g``, finite where ``g * g`` overflows.
+    # torch.optim.AdamW's own operations on the CPU, so the same order (see the kernel): lerp exact at its end for a
+    # weight >= 0.5, and ``((1 - beta2) * g) * g``, finite where ``g * g`` overflows. The factor goes into the first
+    # operand because torch's CUDA addcmul computes ``fma(value, t1 * t2, self)``, and ``g * g`` is what overflows.
     new_first = torch.lerp(first, grad, 1.0 - beta1)
-    new_second = torch.addcmul(second * beta2, grad, grad, value=1.0 - beta2)
+    new_second = torch.addcmul(second * beta2, grad * (1.0 - beta2), grad)
     denom = new_second.sqrt() / bias_correction2_sqrt + eps
     new_param = new_param - step_size * (new_first / denom)
 
