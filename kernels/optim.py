@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import math
+import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -273,8 +274,13 @@ class _FusedOptimizer:
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if not isinstance(inv_scale, torch.Tensor) and not 0.0 < inv_scale < math.inf:
             raise ValueError(f"inv_scale must be a finite number > 0 (1 / the loss scale), got {inv_scale}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0
+        ):  # a tensor's comparison would cost a sync, or fail as ambiguous on several elements
+            raise ValueError(
+                f"max_grad_norm must be a number > 0 (or None for no clipping), got {_type_name(max_grad_norm)} "
+                f"{max_grad_norm!r}"
+            )
         store = self.store
         for name, value in (("lr_factors", lr_factors), ("precision_codes", precision_codes), ("skip", skip)):
             # Before any tensor attribute is read (a list or a bool failed with an AttributeError, and a NumPy

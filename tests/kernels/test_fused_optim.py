@@ -274,8 +274,14 @@ BAD_STEPS: list[tuple[dict[str, Any], str]] = [
     ({"inv_scale": 0.0}, r"inv_scale must be a finite number > 0 \(1 / the loss scale\), got 0\.0"),
     ({"inv_scale": -1.0}, "inv_scale must be a finite number > 0 .*got -1.0"),
     ({"inv_scale": NAN}, "inv_scale must be a finite number > 0 .*got nan"),
-    ({"max_grad_norm": 0.0}, r"max_grad_norm must be > 0 \(or None for no clipping\), got 0\.0"),
-    ({"max_grad_norm": NAN}, "max_grad_norm must be > 0 .*got nan"),
+    ({"max_grad_norm": 0.0}, r"max_grad_norm must be a number > 0 \(or None for no clipping\), got float 0\.0"),
+    ({"max_grad_norm": NAN}, "max_grad_norm must be a number > 0 .*got float nan"),
+    # A tensor: bool(tensor > 0) synced, and one of several elements failed as ambiguous
+    (
+        {"max_grad_norm": torch.ones(2)},
+        r"max_grad_norm must be a number > 0 .*got torch\.Tensor tensor\(\[1\., 1\.\]\)",
+    ),
+    ({"max_grad_norm": True}, "max_grad_norm must be a number > 0 .*got bool True"),
     ({"lr_factors": torch.ones(3)}, r"lr_factors must have one entry a layer, shape \(2,\); got \(3,\)"),
     ({"precision_codes": torch.zeros(1, dtype=torch.int32)}, r"precision_codes must .* shape \(2,\); got \(1,\)"),
     # Refused by the update once the step had begun (an AssertionError, the record of gradient-less parameters gone)
