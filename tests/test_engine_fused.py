@@ -295,6 +295,48 @@ def test_weights_written_outside_the_fused_step_are_noticed_and_their_copies_ref
     assert not engine.sync_weight_copies()  # once
 
 
+def test_a_precision_map_set_past_the_engine_is_noticed_before_the_next_forward():
+    """``engine.precision.set`` is public: before the fix the next forward read the segments' old bf16 bits as fp16
+    (outputs 26 off on a small MLP), and a later ``set_precisions`` of the same map saw no change to repair."""
+    model, engine = make("sgd", True)
+    engine.set_precisions([Precision.BF16, Precision.BF16])
+    _run_steps(model, engine, batches(2))
+    engine.precision.set([Precision.FP16, Precision.FP16])
+    assert engine.sync_weight_copies()  # as TrainingRun and Controller call it before a forward
+    for layer, module in enumerate([model[0], model[2]]):
+        for low, p in zip(engine.store.low_precision_params(layer, torch.float16), module.parameters(), strict=True):
+            assert torch.equal(low, p.detach().half())
+    assert not engine.sync_weight_copies()  # once
+
+
+def test_group_lrs_a_scheduler_moves_together_copy_the_layer_factors_once(monkeypatch):
+    """Two groups at 3e-4 and 1e-3 under a cosine schedule: their ratio in float64 wobbles in its last bits, which
+    before the fix copied the factors from pageable memory (a wait for the GPU there) on 12 of 40 steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    optimizer = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 3e-4}, {"params": model[2].parameters(), "lr": 1e-3}]
+    )
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+    copies = []
+    copy_ = torch.Tensor.copy_
+
+    def counting_copy(self, *args, **kwargs):
+        if self is engine._factors:
+            copies.append(args[0].clone())
+        return copy_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    for x, y in batches(40):
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+        scheduler.step()
+    assert len(copies) == 1
+    assert torch.equal(copies[0].cpu(), torch.tensor([1.0, 1e-3 / 3e-4], dtype=torch.float32))
+
+
 def test_a_forward_that_raises_leaves_the_parameters_in_place():
     model, engine = make("sgd", True)
     engine.set_precisions([Precision.BF16, Precision.BF16])

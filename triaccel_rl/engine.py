@@ -351,7 +351,9 @@ class StepEngine:
             self._copies_version = self._weights_version()
 
     def sync_weight_copies(self) -> bool:
-        """Refreshes the 16-bit copies if a weight was written in place since they were last derived.
+        """Refreshes the 16-bit copies if a weight or the precision map changed since they were last derived.
+
+        A map set on ``engine.precision`` itself, past :meth:`set_precisions`, counts as a change.
 
         The fused step writes weights through raw pointers, which leaves PyTorch's version counters alone;
         any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter, but one
@@ -363,7 +365,9 @@ class StepEngine:
         Returns:
             Whether the copies were refreshed (always False on the reference path).
         """
-        if not self.fused or self._weights_version() == self._copies_version:
+        if not self.fused or (
+            self._weights_version() == self._copies_version and self.precision.precisions == self._copy_codes
+        ):  # a map set on ``precision`` itself, past set_precisions, leaves segments holding other types' bits
             return False
         self.refresh_weight_copies()
         return True
@@ -1203,8 +1207,13 @@ class StepEngine:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
             raise
         factors = self._layer_base * np.where(self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0)
+        # Compared as the kernel reads them: under a scheduler, groups of different LRs keep their float32 ratio
+        # while the float64 one wobbles in its last bits (a copy on half the steps). The copy, when due, goes through
+        # pinned memory, as set_log_betas does: from pageable memory it waited for the GPU.
+        factors = factors.astype(np.float32)
         if self._last_factors is None or not np.array_equal(factors, self._last_factors):
-            self._factors.copy_(torch.as_tensor(factors, dtype=torch.float32))  # host-to-device only on change
+            host = torch.from_numpy(factors)
+            self._factors.copy_(host.pin_memory() if self._factors.is_cuda else host, non_blocking=True)
             self._last_factors = factors
         precisions = self.precision.precisions
         if self._last_codes != precisions:
