@@ -358,16 +358,94 @@ def test_without_the_signals_a_resumed_adaptive_run_decides_otherwise():
 
 
 def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
-    """A rollback right after ``load_state_dict`` goes back to the resumed state, not to the freshly built model."""
+    """A rollback right after ``load_state_dict`` goes back to the resumed state, not to the freshly built model; the
+    copy waits for an update to confirm it, as one taken at a configuration change does."""
     model, _, ctl = build()
     saved = []
     train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
     model2, _, ctl2 = build()
     state = torch.load(saved[0])
     restore(model2, ctl2, state)
-    copy = ctl2.guard._good.model.tree()
+    assert not ctl2.guard.has_confirmed
+    copy = ctl2.guard._unconfirmed.model.tree()
     for name, value in model2.state_dict().items():
         assert torch.equal(copy[name], value), name
+
+
+BLOW_UP_STEP = 9  # its loss is finite, x 1e30: the update sends the weights to inf, every later loss NaN
+
+
+def _blow_up_run(save_at=None, blow_up=True):
+    """A run whose 9th update breaks the model (intervals of 2 steps, a copy at each; ``blow_up=False``: a healthy
+    run): the losses it trained on, or with ``save_at`` the checkpoint after that many steps."""
+    model, _, ctl = build(config=ControllerConfig(interval_steps=2, snapshot_every=1))
+    losses = []
+    for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=3):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        if ctl.steps + 1 == BLOW_UP_STEP and blow_up:
+            loss = loss * 1e30
+        ctl.step(loss)
+        losses.append(float(loss.detach()))
+        if ctl.steps == save_at:
+            return model, ctl, torch.load(checkpoint(model, ctl))
+    return model, ctl, losses
+
+
+@pytest.mark.parametrize("save_at", [9, 10, 11])
+def test_a_checkpoint_of_a_broken_state_raises_where_it_rolled_back_to_itself_forever(save_at):
+    """Saved between the update that broke the model and the rollback it would have brought (here after steps 9-11):
+    the resumed run took the loaded state as good, restored it at every rollback (13 of them) and trained on NaN
+    losses to its end, with a warning a rollback. Now the loaded state waits for an update to confirm it, and two
+    failures from it raise. The uninterrupted run, with its earlier copy, recovers."""
+    _, ctl, losses = _blow_up_run()
+    assert ctl.rollbacks == 1 and math.isfinite(losses[-1])  # the uninterrupted run
+    _, _, state = _blow_up_run(save_at=save_at)
+    model2, _, ctl2 = build(config=ControllerConfig(interval_steps=2, snapshot_every=1))
+    restore(model2, ctl2, state)
+    with pytest.raises(
+        ta.NoGoodStateError, match=r"non-finite loss in two intervals after the resume.*earlier checkpoint"
+    ):
+        train(model2, ctl2, epochs=3)
+    assert ctl2.rollbacks == 1  # the loaded state, restored once
+
+
+def test_a_resumed_run_rolls_back_to_the_loaded_state_and_trains_on():
+    """A healthy checkpoint whose next interval is non-finite (bad data, not a bad state): restored once, then it trains
+    on, and an update confirms the copy."""
+    _, _, state = _blow_up_run(save_at=4, blow_up=False)
+    model, _, ctl = build(config=ControllerConfig(interval_steps=2, snapshot_every=1))
+    restore(model, ctl, state)
+    losses = []
+    for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=3):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        if ctl.steps in (4, 5):  # the first interval after the resume
+            loss = loss * float("nan")
+        ctl.step(loss)
+        losses.append(float(loss.detach()))
+    assert ctl.rollbacks == 1 and ctl.steps == 18 and ctl.guard.has_confirmed
+    assert all(math.isfinite(value) for value in losses[2:])
+
+
+def test_loading_a_checkpoint_inside_the_loop_stops_the_open_iterator():
+    """A loop that reloads its last checkpoint on a loss spike: the open iterator went on from its own place (the
+    checkpoint's batches at cursor 32-64 never trained), the resume stayed pending, a later state_dict() saved the
+    stale place, and the next loader() call trained about 2.7 epochs where 1 was asked."""
+    model, _, ctl = build()
+    saved = []
+    steps = 0
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) was called while this loader\(\) iterator was open"):
+        for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=2):
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+            steps += 1
+            if steps == 2:
+                saved.append(checkpoint(model, ctl))
+            if steps == 4:
+                restore(model, ctl, torch.load(saved[0]))
+    assert steps == 4 and ctl.steps == 2
+    assert train(model, ctl, epochs=2) == 10  # from the checkpoint's place: the rest of the two epochs
+    assert ctl.steps == 12
 
 
 def _equal(a, b):

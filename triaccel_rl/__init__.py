@@ -17,6 +17,7 @@ __all__ = [
     "HardwareProfile",
     "HeuristicConfig",
     "MemoryBudget",
+    "NoGoodStateError",
     "Precision",
     "TrainingRun",
     "get_task",
@@ -32,6 +33,7 @@ _LAZY = {
     "HardwareProfile": "triaccel_rl.config",
     "HeuristicConfig": "triaccel_rl.config",
     "MemoryBudget": "triaccel_rl.config",
+    "NoGoodStateError": "triaccel_rl.errors",
     "TrainingRun": "triaccel_rl.training",
     "get_task": "triaccel_rl.tasks",
 }

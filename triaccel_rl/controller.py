@@ -29,7 +29,7 @@ from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, Hardware
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
@@ -194,6 +194,7 @@ class Controller:
             self._micro_mark: tuple[int, int, int] | None = None  # the gradients' state after that backward
             self._planned_epochs = 0  # the epochs the last loader() call trains to
             self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
+            self._state_loads = 0  # load_state_dict() calls: an iterator open across one stops
             self._base_batch_size = 0
             self._batch_size = 0
             self._last_batch = 0
@@ -221,6 +222,7 @@ class Controller:
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
+            self._applied_before_copy = 0  # the open interval's updates applied before that copy (a resume's, mid-way)
             formats = sixteen_bit_formats(self.device)
             if Precision.BF16 not in formats and run_without_bf16(self.policy):
                 _log.info("bf16 does not run on %s: the policy starts and lowers to fp16 instead", self.device)
@@ -309,7 +311,13 @@ class Controller:
         self._planned_epochs = int(total_epochs if total_epochs is not None else epochs)
         loader = self._loader
         assert loader is not None
+        loads = self._state_loads
         while loader.epoch < epochs:
+            if self._state_loads != loads:  # it would go on from its own place, the checkpoint's left pending
+                raise RuntimeError(
+                    "load_state_dict() was called while this loader() iterator was open: leave the loop and call "
+                    "loader() again, which carries on from the checkpoint's place in the data"
+                )
             if self._loader is not loader:  # another dataset's loader() call (an evaluation set, say) replaced it
                 raise RuntimeError(
                     "this loader() iterator's run was replaced by a loader() call on another dataset: loader() serves "
@@ -690,11 +698,13 @@ class Controller:
         self._micro_loss = None  # a batch begun before the load is not the resumed run's
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
+            self._applied_before_copy = 0
         else:
             self.collector, self.grouper, self.cadence, self._moments = signals.objects
             self.executor.grouper = self.grouper
             self._interval_steps, self._interval_peak = signals.interval_steps, signals.interval_peak
             self._applied_at_start = self.engine.applied_steps() - signals.interval_applied
+            self._applied_before_copy = signals.interval_applied  # the resume's copy is confirmed by a later update
             self._carried_ms, self._noise_scale = signals.interval_ms, signals.noise_scale
         self._timer.start()
         if not trial_running:
@@ -711,8 +721,13 @@ class Controller:
             self._loader, self._loader_key, self.lr_coupler = None, None, None
             self._base_batch_size = self._batch_size = self._last_batch = self._planned_epochs = 0
         if self.guard is not None:  # a rollback must not go back past the resume (the model is loaded by now)
-            self.guard.reserve()
-            self._copy_opens_interval = self._change_copy = False
+            # Unconfirmed, as a copy taken at a change: the first interval that applies an update confirms it, the
+            # first failure restores it once, and a second one raises (NoGoodStateError): the checkpoint may be of a
+            # state an update broke before the rollback it would have brought (taken as good, it was restored at
+            # every rollback, the resumed run non-finite to its end).
+            self.guard.resume()
+            self._copy_opens_interval = self._change_copy = True
+        self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
@@ -967,21 +982,32 @@ class Controller:
         were, so the first update that went in had a finite loss on the copy's). A copy taken after an update that
         blew the model up was otherwise restored at every rollback, each interval after it non-finite again. An
         interval that broke a buffer but applied updates confirms its copy too (the copy's weights gave finite losses;
-        its buffers are from before the break), so that copy, the change's included, is what it restores.
+        its buffers are from before the break), so that copy, the change's included, is what it restores. A resume's
+        copy is treated as a change's, counting only the updates after it (a checkpoint may be saved mid-interval);
+        failing again from it with no confirmed copy left raises ``NoGoodStateError``.
         """
         self._interval_healthy = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
         change_copy, self._change_copy = self._change_copy and began_from_copy, False
+        before_copy, self._applied_before_copy = self._applied_before_copy, 0
         if self.guard is None or steps == 0:
             return False
         broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
-        if began_from_copy and applied > 0:  # the first update that went in had a finite loss on the copy's weights
+        if (
+            began_from_copy and applied > before_copy
+        ):  # the first update after the copy had a finite loss on its weights
             self.guard.confirm()
-        if broken or applied == 0:
+        if broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
             # The first failure after a change goes back to the change (the change, not the state, may be what failed:
             # a decision follows, which may take it back), once: failing again from it, to the last confirmed state.
             reason = f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"
+            if not change_copy and not self.guard.has_confirmed:  # only a resume's copy, which failed again from itself
+                raise NoGoodStateError(
+                    f"{reason} in two intervals after the resume, and no earlier healthy state to roll back to: the "
+                    "checkpoint was likely saved after an update that broke the model, before the rollback it would "
+                    "have brought; resume from an earlier checkpoint"
+                )
             restored = self.guard.restore(reason, unconfirmed=change_copy)
             self._copy_opens_interval = restored and change_copy
         elif applied == steps:

@@ -16,6 +16,7 @@ __all__ = [
     "ChoiceEnum",
     "ConfigError",
     "DetachedParametersError",
+    "NoGoodStateError",
     "is_whole",
     "require_bool",
     "require_number",
@@ -25,6 +26,14 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value is out of its allowed range; the message names the value and the range."""
+
+
+class NoGoodStateError(RuntimeError):
+    """The shield has no healthy state left to roll back to: every one it has failed (non-finite losses or buffers).
+
+    Raised by ``Controller.step`` when a resumed run's starting state, the checkpoint's, fails twice in a row: a
+    checkpoint saved between an update that broke the model and the rollback it would have brought.
+    """
 
 
 class DetachedParametersError(RuntimeError):

@@ -224,7 +224,11 @@ class LayerGrouper:
         score = saved.reals("score", n) if saved.optional("score") else None
         groups = saved.reals("assignment", n)
         if not all(value.is_integer() and 0 <= value < self.n_groups for value in groups):
-            raise ValueError(f"the layer grouper's state has groups outside 0..{self.n_groups - 1}: {groups.tolist()}")
+            raise ValueError(
+                f"the layer grouper's state has groups outside 0..{self.n_groups - 1}: {groups.tolist()}: it was saved "
+                f"with more groups than n_groups={self.n_groups} (ControllerConfig.n_groups, or another layer "
+                "grouping); build the controller with the config the checkpoint was saved with"
+            )
         self._score, self.assignment = score, groups.astype(np.int64)
 
     def layers_of(self, group: int) -> np.ndarray:

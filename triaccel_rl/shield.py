@@ -179,6 +179,28 @@ class RollbackGuard:
             self._spare = self._take(None)
         self._since_copy = self.every - 1  # the next healthy() copies
 
+    def resume(self) -> None:
+        """Takes the current state, a checkpoint's just loaded, as the only copy, unconfirmed (with ``confirm``).
+
+        The checkpoint may have been saved after an update that broke the model and before the rollback it would
+        have brought: taken as confirmed (as :meth:`reserve` takes a run's start), it was restored at every rollback.
+        Unconfirmed, the owner sees it fail where no confirmed copy is left (:attr:`has_confirmed`). Without
+        ``confirm``: :meth:`reserve`. The copies' memory is reused.
+        """
+        if not self.confirm_copies:
+            self.reserve()
+            return
+        held = [copy for copy in (self._unconfirmed, self._good, self._spare) if copy is not None]
+        self._good = self._spare = None
+        self._unconfirmed = self._take(held[0] if held else None)
+        self._spare = held[1] if len(held) > 1 else None
+        self._since_copy = self.every - 1  # the next healthy() copies, as after reserve()
+
+    @property
+    def has_confirmed(self) -> bool:
+        """Whether a copy is confirmed (always, once one is taken, without ``confirm``)."""
+        return self._good is not None
+
     def confirm(self) -> None:
         """With ``confirm``: the latest copy's state gave a finite loss, so it becomes the one restored."""
         if self._unconfirmed is not None:
