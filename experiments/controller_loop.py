@@ -19,7 +19,7 @@ class Args:
     """Command-line arguments (each field is a ``--flag``)."""
 
     policy: str = "heuristic"
-    """fp32, bf16, fp16, heuristic, or a path to an SB3 policy zip."""
+    """fp32, bf16, fp16, heuristic, pretrained (the shipped policy), or a path to an SB3 policy zip."""
     epochs: int = 2
     """Passes over the training subset."""
     n_train: int = 10_000

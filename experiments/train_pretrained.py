@@ -246,9 +246,9 @@ def _tasks_row(facts: dict[str, Any]) -> str:
     workers = "; ".join(f"worker {i} through " + ", ".join(f"`{t}`" for t in cycle) for i, cycle in enumerate(cycles))
     shares = ", ".join(f"`{t}` {_percent(v)}" for t, v in share.items())
     return (
-        f"{names} (trained before 2026-12-05, when each worker cycled through only some of them, one per episode: "
-        f"{workers}; so each task's share of the episodes was {shares}. Since then every worker cycles through all "
-        "of them)"
+        f"{names} (trained before `8a0b6a5` (2026-12-05), when each worker cycled through only some of them, one "
+        f"per episode: {workers}; so each task's share of the episodes was {shares}. Since then every worker cycles "
+        "through all of them: the command above trains on equal shares now, and does not give these weights again)"
     )
 
 

@@ -125,7 +125,10 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
             ["compare", "--task", "synthetic", "--epochs", "0.0001"],
             "--epochs 0.0001 is less than one sample of this task's 3584 training samples: give at least 0.00028",
         ),
-        (["compare", "--task", "synthetic", "--device", "gpu0"], "device 'gpu0' is not a device: use cpu, cuda"),
+        (
+            ["compare", "--task", "synthetic", "--device", "gpu0"],
+            "error: --device 'gpu0' is not a device: use cpu, cuda or cuda:N\n",
+        ),
         (
             ["compare", "--task", "synthetic", "--controllers", "fp32,static-fp32"],
             "controllers fp32, static-fp32 would all be reported as row static-fp32",
@@ -171,7 +174,7 @@ def test_compare_refuses_an_unwritable_output_before_the_runs(flag, tmp_path, ca
         (["--max-grad-norm", "-1"], "triaccel-rl compare: error: --max-grad-norm -1.0 must be a positive finite"),
         (["--controllers", "plain-fp32"], "triaccel-rl compare: error: plain-fp32 measure a plain loop's real time"),
         (["--controllers", "fp32,static-fp32"], "controllers fp32, static-fp32 would all be reported as row"),
-        (["--device", "gpu0"], "triaccel-rl compare: error: device 'gpu0' is not a device"),
+        (["--device", "gpu0"], "triaccel-rl compare: error: --device 'gpu0' is not a device"),
         (["--epochs", "0.0001"], "error: --epochs 0.0001 is less than one sample of this task's 3584 training samples"),
     ],
 )
@@ -271,6 +274,13 @@ def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch
     with pytest.raises(Seen):
         main([*argv, "--profile", str(tmp_path / "p.json")])
     assert seen == [mine]
+    assert "note" not in capsys.readouterr().err  # modelled time on a CPU: the profile prices it
+    with pytest.raises(Seen):  # measured time: said before the runs (the table's time was not the profile's)
+        main([*argv, "--profile", str(tmp_path / "p.json"), "--cost-mode", "measured"])
+    assert (
+        f"triaccel-rl compare: note: --profile {tmp_path / 'p.json'} prices time only with --cost-mode profile; this "
+        "comparison measures it" in capsys.readouterr().err
+    )
 
 
 def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, monkeypatch):
@@ -346,6 +356,7 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
             ["train-policy", "--eval-tasks", "synthetic", "--out", "x/policy.zip"],
             "error: --eval-tasks synthetic and --eval-every 0: give both",
         ),
+        (["train-policy", "--tasks", " , ", "--out", "x/policy.zip"], "error: --tasks ' , ' names no task: give one"),
     ],
 )
 def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypatch):

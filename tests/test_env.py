@@ -388,7 +388,7 @@ _WRONG = [
     ({"max_decisions": 0}, r"^max_decisions=0 must be a whole number >= 1 \(or None"),
     ({"cost_mode": "bogus"}, r"^unknown cost mode 'bogus'; allowed: measured, profile$"),
     ({"profile": 3}, r"^profile=3 must be the path of a hardware-profile JSON \(str or os\.PathLike\) or None"),
-    ({"device": "tpu"}, r"^device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    ({"device": "tpu"}, r"^device='tpu' is not a device: use cpu, cuda or cuda:N$"),
     ({"task_overrides": [1]}, r"^task_overrides=\[1\] must be a dict of task fields \(\{'n_train': 2048\}\) or None"),
     (
         {"task_overrides": {"nope": 1}},

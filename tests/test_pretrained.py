@@ -410,10 +410,10 @@ def test_the_card_says_what_a_run_before_2026_12_05_did():
     facts = json.loads((REPO / "experiments/results/issue6_2026-12-05/retrained_training.json").read_text())
     card = train_pretrained.model_card(facts)
     said = [
-        "(trained before 2026-12-05, when each worker cycled through only some of them, one per episode: worker 0 "
-        "through `synthetic`, `cnn-fmnist`; worker 1 through `mlp-fmnist`, `synthetic`; so each task's share of the "
-        "episodes was `synthetic` 50%, `mlp-fmnist` 25%, `cnn-fmnist` 25%. Since then every worker cycles through all "
-        "of them)",
+        "(trained before `8a0b6a5` (2026-12-05), when each worker cycled through only some of them, one per episode: "
+        "worker 0 through `synthetic`, `cnn-fmnist`; worker 1 through `mlp-fmnist`, `synthetic`; so each task's share "
+        "of the episodes was `synthetic` 50%, `mlp-fmnist` 25%, `cnn-fmnist` 25%. Since then every worker cycles "
+        "through all of them: the command above trains on equal shares now, and does not give these weights again)",
         "each row scores the weights one rollout (128 × 2 = 256 steps) before its step count (the 4096 row scored the "
         "weights trained on 3840 steps), and the final weights were not evaluated.",
     ]

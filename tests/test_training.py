@@ -89,9 +89,9 @@ def test_unknown_precision_and_wrong_count():
 
 def test_cuda_device_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so that it runs on a GPU machine too
-    with pytest.raises(ValueError, match="device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu'"):
+    with pytest.raises(ValueError, match="device='cuda' asked for, but this machine has no CUDA GPU; use 'cpu'"):
         TrainingRun("synthetic", device="cuda")
-    with pytest.raises(ValueError, match="device 'gpu0' is not a device: use cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match=r"device='gpu0' is not a device: use cpu, cuda or cuda:N$"):
         TrainingRun("synthetic", device="gpu0")
 
 

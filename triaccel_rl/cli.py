@@ -323,6 +323,12 @@ def _compare(args: argparse.Namespace) -> int:
         eval_every_steps=args.eval_every_steps,
         max_grad_norm=args.max_grad_norm,
     )
+    if profile is not None and not _modelled(args):  # said before the runs, not found out from the table after them
+        print(
+            f"triaccel-rl compare: note: --profile {args.profile} prices time only with --cost-mode profile; this "
+            "comparison measures it (the profile still sizes the memory model)",
+            file=sys.stderr,
+        )
     names = row_names(controllers, config)
     if args.reference is not None and args.reference not in names:
         raise ValueError(
@@ -376,7 +382,7 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"triaccel-rl compare: the runs that finished are in {partial}", file=sys.stderr)
         raise
     rows = summarize(results, reference=reference)
-    modelled = args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
+    modelled = _modelled(args)
     # Modelled time is the profile's device's: the shipped H200 profile, or one the user measured (maybe on a CPU).
     modelled_on = (profile or HardwareProfile.load()).device.split(" (")[0]
     label = f"time (s, modelled {modelled_on})" if modelled else "time (s)"
@@ -417,6 +423,10 @@ def _compare(args: argparse.Namespace) -> int:
 def _train_policy(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(
+            f"--tasks {args.tasks!r} names no task: give one or more, comma-separated (`triaccel-rl tasks`)"
+        )
     if Path(args.out).suffix != ".zip":
         raise ValueError(f"--out {args.out} must name a .zip file, such as runs/policy.zip")
     with _folders_kept_only_on_success(args.out, args.log_dir):
@@ -490,6 +500,11 @@ def _device_name(device: str | None) -> str:
 
     resolved = resolve_device(device)
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else str(resolved)
+
+
+def _modelled(args: argparse.Namespace) -> bool:
+    """Whether a comparison charges modelled time: ``--cost-mode profile``, or the default on a CPU."""
+    return args.cost_mode == "profile" or (args.cost_mode is None and not _cuda(args.device))
 
 
 def _cuda(device: str | None) -> bool:

@@ -441,7 +441,7 @@ def train_policy(
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     if not tasks:
-        raise ValueError("need at least one task")
+        raise ValueError(f"tasks={list(tasks)!r} names no task: give one or more (see `triaccel-rl tasks`)")
     if Path(out).suffix != ".zip":  # SB3 would append .zip to any other name, and the stats would miss it
         raise ValueError(f"out={str(out)!r} must name a .zip file")
     for name, value in (("n_envs", n_envs), ("total_timesteps", total_timesteps), ("n_steps", n_steps)):

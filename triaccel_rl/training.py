@@ -82,10 +82,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N ({error})") from None
+    except RuntimeError:  # torch's message lists its internal device types (ipu, privateuseone, ...): noise here
+        raise ValueError(f"device={str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
+        raise ValueError(f"device={str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
     return resolved
 
 
