@@ -82,7 +82,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         cost_mode: ``"profile"`` (charge time from ``profile``; the default, since CPU time says nothing
             about a GPU) or ``"measured"``. This argument sets the episode's cost mode; ``config.cost_mode`` is not
             read here (a ``ControllerConfig`` defaults to measured, for the ``Controller``).
-        profile: path to a hardware-profile JSON; the shipped H200 profile by default.
+        profile: a ``HardwareProfile``, or the path of its JSON; the shipped H200 profile by default.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
         task_overrides: fields to override on the task (``{"n_train": 2048}``).
         divergence_factor: probe loss above this multiple of its starting value ends the episode.
@@ -119,7 +119,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         reward_config: RewardConfig | None = None,
         max_decisions: int | None = None,
         cost_mode: CostMode | str = CostMode.PROFILE,
-        profile: str | None = None,
+        profile: HardwareProfile | str | os.PathLike[str] | None = None,
         device: str | None = "cpu",
         task_overrides: dict[str, Any] | None = None,
         divergence_factor: float = 3.0,
@@ -146,10 +146,10 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(
                 f"max_decisions={max_decisions!r} must be a whole number >= 1 (or None: 8 × the budget in intervals)"
             )
-        if profile is not None and not isinstance(profile, str | os.PathLike):
+        if profile is not None and not isinstance(profile, str | os.PathLike | HardwareProfile):
             raise ValueError(
-                f"profile={profile!r} must be the path of a hardware-profile JSON (str or os.PathLike) or None "
-                "(the shipped H200 profile)"
+                f"profile={profile!r} must be a HardwareProfile, the path of a hardware-profile JSON (str or "
+                "os.PathLike), or None (the shipped H200 profile)"
             )
         if task_overrides is not None and not isinstance(task_overrides, Mapping):
             raise ValueError(f"task_overrides={task_overrides!r} must be a dict of task fields ({{'n_train': 2048}}) "
@@ -181,7 +181,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             max_decisions = math.ceil(8 * self.reward_config.budget_intervals)
         self.max_decisions = max_decisions
         self.cost_mode = CostMode.parse(cost_mode)
-        self.profile = HardwareProfile.load(profile)
+        self.profile = HardwareProfile.resolve(profile)
         self.device = device
         self.divergence_factor = divergence_factor
         self.compute_bound = bool(compute_bound)

@@ -197,8 +197,8 @@ def test_progress_scale_multiplies() -> None:
     config = RewardConfig(progress_scale=10.0, clip=100.0)
     assert call(previous=math.e, now=1.0, config=config) == 10.0
     assert call(previous=math.e**2, now=1.0, config=config) == 20.0
-    # The same progress under the default clip of 10 is clipped.
-    assert call(previous=math.e**2, now=1.0, config=RewardConfig(progress_scale=10.0)) == 10.0
+    # Progress past the default clip of 100 is clipped.
+    assert call(previous=math.e**20, now=1.0, config=RewardConfig(progress_scale=10.0)) == 100.0
 
 
 def test_docstring_example() -> None:
@@ -212,7 +212,7 @@ def test_penalties_subtract() -> None:
     assert call(previous=math.e, now=1.0, overflow=0.5, over_budget=True) == 1.0 - 1.0 - 3.0
 
 
-@pytest.mark.parametrize(("previous", "expected"), [(math.exp(100.0), 10.0), (math.exp(-100.0), -10.0)])
+@pytest.mark.parametrize(("previous", "expected"), [(math.exp(100.0), 100.0), (math.exp(-100.0), -100.0)])
 def test_clipped_at_clip(previous: float, expected: float) -> None:
     assert call(previous=previous, now=1.0, config=RewardConfig()) == expected
 

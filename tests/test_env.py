@@ -127,6 +127,31 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
     assert rewards[-1] == pytest.approx(reward_config.progress_scale * drop * share, rel=1e-12)  # ... earning its share
 
 
+def test_a_profile_object_prices_as_its_json(tmp_path):
+    """As the Controller, compare and TrainingRun take it: the env refused a HardwareProfile object (a path only)."""
+    from triaccel_rl.config import HardwareProfile
+
+    mine = HardwareProfile(**{**HardwareProfile.load().__dict__, "fixed_ms": 0.5})
+    mine.save(tmp_path / "mine.json")
+    budgets = []
+    for profile in (mine, tmp_path / "mine.json", None):
+        env = TriAccelEnv(task="synthetic", profile=profile)
+        budgets.append(env.reset(seed=0)[1]["budget_ms"])
+        env.close()
+    assert budgets[0] == budgets[1] != budgets[2]
+
+
+def test_the_default_clip_leaves_the_first_intervals_progress_alone():
+    """train-policy's defaults on ``synthetic``: the first interval's 10 x log-loss drop is 11.8-13.3 over seeds 0-3,
+    which the clip of 10 before cut to the same +10 whatever the first decision."""
+    env = TriAccelEnv(task="synthetic")
+    _, start = env.reset(seed=0)
+    _, value, _, _, info = env.step(np.array([1, 1, 1, 1, 2, 1]))  # bf16, LR x1, keep the batch
+    progress = env.reward_config.progress_scale * math.log(start["probe_loss"] / info["probe_loss"])
+    assert progress > 10.0 and value == pytest.approx(progress, rel=1e-12)
+    env.close()
+
+
 def test_the_last_interval_is_cut_by_the_steps_charge_its_micro_batches_included():
     """Split into micro-batches, a step pays the fixed per-step cost once a micro-batch: the cut estimated the step
     from the unsplit batch (a fifth of its charge here) and ran the whole interval past the budget."""
@@ -387,7 +412,10 @@ _WRONG = [
     ({"max_decisions": math.nan}, r"^max_decisions=nan must be a whole number >= 1 \(or None"),
     ({"max_decisions": 0}, r"^max_decisions=0 must be a whole number >= 1 \(or None"),
     ({"cost_mode": "bogus"}, r"^unknown cost mode 'bogus'; allowed: measured, profile$"),
-    ({"profile": 3}, r"^profile=3 must be the path of a hardware-profile JSON \(str or os\.PathLike\) or None"),
+    (
+        {"profile": 3},
+        r"^profile=3 must be a HardwareProfile, the path of a hardware-profile JSON \(str or os\.PathLike\), or None",
+    ),
     ({"device": "tpu"}, r"^device='tpu' is not a device: use cpu, cuda or cuda:N$"),
     ({"task_overrides": [1]}, r"^task_overrides=\[1\] must be a dict of task fields \(\{'n_train': 2048\}\) or None"),
     (

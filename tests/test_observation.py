@@ -101,6 +101,18 @@ def test_layout_names_every_index() -> None:
         layout.name(43)
 
 
+@pytest.mark.parametrize("bad", [12.0, True])
+def test_layout_name_and_for_size_take_whole_numbers(bad: object) -> None:
+    """Before: name(12.0) raised tuple's TypeError, name(True) read feature 1, and for_size(43.0) said n_groups=4.0
+    must be a whole number, an argument the caller never passed."""
+    with pytest.raises(IndexError, match=rf"^feature {bad!r} out of range \[0, 43\): a whole number$"):
+        ObservationLayout(4).name(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^size={43.0 if bad == 12.0 else bad!r} must be a whole number"):
+        ObservationLayout.for_size(43.0 if bad == 12.0 else bad)  # type: ignore[arg-type]
+    assert ObservationLayout(4).name(np.int64(12)) == "group 0 log_curvature"
+    assert ObservationLayout.for_size(np.int64(43)) == ObservationLayout(4)
+
+
 @pytest.mark.parametrize("bad", [-1, 4])
 def test_layout_group_out_of_range(bad: int) -> None:
     with pytest.raises(IndexError, match=rf"group {bad} out of range \[0, 4\)"):

@@ -225,8 +225,8 @@ class HardwareProfile:
             raise ConfigError(f"hardware profile {source} is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"hardware profile {source} must be a JSON object; got {type(raw).__name__}")
-        # Every field: the defaults of fixed_ms and throughput_scale describe no GPU (the shipped H200's are 0.2 ms and
-        # 2.4e-4), so a file that left them out was priced 2.4 times too cheap without a word.
+        # Every field: the defaults of fixed_ms and throughput_scale (1 ms, 1e-4) describe no GPU (the shipped H200's
+        # are 0.2 ms and 4.018e-5), so a file that left them out was priced as some other device without a word.
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise ConfigError(f"hardware profile {source} lacks the fields {missing}")
@@ -445,7 +445,9 @@ class RewardConfig:
         nonfinite_penalty: subtracted per unit of the interval's skipped-step rate.
         over_budget_penalty: subtracted when peak memory exceeded the memory budget.
         divergence_penalty: subtracted once when the run diverges (episode terminates).
-        clip: the reward is clipped to [-clip, clip].
+        clip: the reward is clipped to [-clip, clip]: a guard against outliers (a loss falling a thousandfold in one
+            interval), far above a real interval's progress (up to ~13 in the first interval on ``synthetic``, which
+            the clip of 10 before 2026-12-05 cut, the same +10 for first decisions of different progress).
         budget_intervals: the episode's time budget, in reference intervals; > 0.
 
     Example:
@@ -457,7 +459,7 @@ class RewardConfig:
     nonfinite_penalty: float = 1.0
     over_budget_penalty: float = 1.0
     divergence_penalty: float = 5.0
-    clip: float = 10.0
+    clip: float = 100.0
     budget_intervals: float = 16.0
 
     def __post_init__(self) -> None:

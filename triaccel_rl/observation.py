@@ -121,7 +121,9 @@ class ObservationLayout:
             >>> ObservationLayout.for_size(43)
             ObservationLayout(n_groups=4)
         """
-        n_groups, rest = divmod(size - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
+        if not is_whole(size):  # 43.0 was told that n_groups=4.0 must be a whole number: it passed no n_groups
+            raise ValueError(f"size={size!r} must be a whole number of observation features")
+        n_groups, rest = divmod(int(size) - len(GLOBAL_FEATURES), len(GROUP_FEATURES))
         return cls(n_groups) if n_groups >= 1 and not rest else None
 
     def name(self, index: int) -> str:
@@ -131,8 +133,9 @@ class ObservationLayout:
             >>> ObservationLayout(n_groups=4).name(25)
             'group 1 is_bf16'
         """
-        if not (0 <= index < self.size):
-            raise IndexError(f"feature {index} out of range [0, {self.size})")
+        if not is_whole(index) or not (0 <= index < self.size):  # 12.0 raised tuple's TypeError, True read 1
+            raise IndexError(f"feature {index!r} out of range [0, {self.size}): a whole number")
+        index = int(index)
         if index < len(GLOBAL_FEATURES):
             return GLOBAL_FEATURES[index]
         group, feature = divmod(index - len(GLOBAL_FEATURES), len(GROUP_FEATURES))

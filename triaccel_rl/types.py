@@ -155,7 +155,8 @@ class Signals:
 
     Attributes:
         loss: smoothed training loss (EMA).
-        loss_trend: relative change of the smoothed loss over the last interval (negative = improving).
+        loss_trend: relative change of ``probe_loss`` over the last interval (negative = improving); in a user's
+            loop the smoothed training loss stands in for the probe.
         probe_loss: loss on a fixed held-out probe batch, measured in fp32 at the end of the interval.
         curvature: per-layer mean curvature per parameter, non-negative: ``|tr(H_l)| / n_l`` from the
             Hutchinson estimator once a scheduled round has run, else the mean diagonal of the
