@@ -372,6 +372,31 @@ def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
         assert torch.equal(copy[name], value), name
 
 
+def test_a_checkpoint_of_more_layer_groups_is_refused_naming_n_groups():
+    """It was refused with only "the layer grouper's state has groups outside 0..1: [...]", no word of the config."""
+
+    def four_layers(n_groups):
+        torch.manual_seed(0)
+        widths = [8, 16, 16, 16]
+        layers = [m for a, b in itertools.pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
+        model = nn.Sequential(*layers, nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, ta.Controller(
+            model, optimizer, policy="heuristic", config=ControllerConfig(n_groups=n_groups, interval_steps=2)
+        )
+
+    model, ctl = four_layers(4)
+    saved = []
+    train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    state = torch.load(saved[0])
+    assert max(state["controller"]["signals"]["grouper"]["assignment"]) >= 2  # layers in groups the other lacks
+    model2, ctl2 = four_layers(2)
+    steps = ctl2.steps
+    with pytest.raises(ValueError, match=r"saved with more groups than n_groups=2 \(ControllerConfig\.n_groups"):
+        restore(model2, ctl2, state)
+    assert ctl2.steps == steps
+
+
 BLOW_UP_STEP = 9  # its loss is finite, x 1e30: the update sends the weights to inf, every later loss NaN
 
 
