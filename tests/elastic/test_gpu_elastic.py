@@ -18,8 +18,9 @@ pytestmark = pytest.mark.gpu
 N_TRAIN = 8192 + 64
 
 
-def _wide_task() -> Task:
-    """An MLP whose activations dominate: about 70 KB per sample against 34 MB of weights."""
+def _wide_task(dropout: float = 0.0) -> Task:
+    """An MLP whose activations dominate: about 70 KB per sample against 34 MB of weights (``dropout``: after each
+    ReLU, whose masks the calibration's measured steps hold too)."""
 
     def data(n_train: int | None, n_test: int | None, seed: int) -> TaskData:
         g = torch.Generator().manual_seed(seed)
@@ -27,11 +28,14 @@ def _wide_task() -> Task:
         y = torch.randint(0, 10, (N_TRAIN,), generator=g)
         return TaskData(x, y, x[:256], y[:256])
 
+    def drop() -> list[nn.Module]:
+        return [nn.Dropout(dropout)] if dropout else []
+
     return Task(
         "wide-mlp",
         "a wide MLP",
         build_model=lambda: nn.Sequential(
-            nn.Linear(512, 8192), nn.ReLU(), nn.Linear(8192, 512), nn.ReLU(), nn.Linear(512, 10)
+            *[nn.Linear(512, 8192), nn.ReLU(), *drop()], *[nn.Linear(8192, 512), nn.ReLU(), *drop()], nn.Linear(512, 10)
         ),
         load_data=data,
         base_batch_size=4096,
@@ -68,8 +72,9 @@ def _occupy_all_but(left: int) -> list[torch.Tensor]:
     return held
 
 
-def test_memory_model_predicts_the_allocator_peak() -> None:
-    run = TrainingRun(_wide_task(), seed=0, device="cuda", n_probe=64)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_memory_model_predicts_the_allocator_peak(dropout: float) -> None:
+    run = TrainingRun(_wide_task(dropout), seed=0, device="cuda", n_probe=64)
     assert run.measures_memory and run.memory_model.n_measurements >= 2  # calibrated at construction
     run.micro_batch_cap = 1536  # a size the calibration did not try
     predicted = run.predicted_memory_bytes(1536)
