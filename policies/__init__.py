@@ -83,8 +83,11 @@ def make_policy(
                 f"policy={spec!r} is neither a name nor a path (a str or a pathlib.Path) nor an object with SB3's "
                 "predict(observation, deterministic=...) method"
             )
-        if config is not None:
-            _check_instance(spec, config, observation_space, action_space)
+        if config is not None:  # the spaces this config implies, as for a zip (a bare LearnedPolicy carries only those)
+            if observation_space is None:
+                size = ObservationLayout(config.n_groups).size
+                observation_space = spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32)
+            _check_instance(spec, config, observation_space, action_space or config_action_space(config))
         return spec
     config = config or ControllerConfig()
     name = spec.lower()

@@ -253,8 +253,15 @@ class HeuristicPolicy:
             chosen.append(new)
         return chosen
 
-    def _current_rung(self, obs: np.ndarray) -> int:
-        """Index of the ``lr_scales`` rung nearest (in log ratio) to the current LR multiplier.
+    def _current_rung(self, obs: np.ndarray, floor: bool = False) -> int:
+        """Index of the ``lr_scales`` rung nearest (in log ratio) to the current LR multiplier (``floor``: at or below).
+
+        ``floor`` allows for the float32 observation's rounding.
+
+        Between two rungs the shield stopped a move short: ``ControllerConfig`` keeps adjacent rungs less than
+        ``max_lr_change ** 2`` apart, so the nearest rung is the one a single-rung move was going to. Annealing,
+        which moves down only and by several rungs, reads the floor: the nearest could be above (0.67 on the way
+        from 1.0 to 0.5 read as 0.75, and "keep" climbed back).
 
         NaN reads as the 1.0 rung; a multiplier beyond the ladder as its nearer end (2 ** a huge value overflowed
         to inf, and the log of its ratio raised ``math domain error``).
@@ -264,6 +271,8 @@ class HeuristicPolicy:
         if math.isnan(log2_scale):
             return ladder.index(1.0)
         current_scale = 2.0 ** min(max(log2_scale, math.log2(ladder[0])), math.log2(ladder[-1]))
+        if floor:
+            return max(i for i, s in enumerate(ladder) if s <= current_scale * (1 + 1e-6) or i == 0)
         return int(np.argmin([abs(math.log(s / current_scale)) for s in ladder]))
 
     def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool) -> int:
@@ -274,6 +283,7 @@ class HeuristicPolicy:
             return max(rung - 1, 0)
         late = obs[self.layout.globals("progress")] >= _as_observed(rules.anneal_after)
         if rules.anneal_plateau is not None and late:  # annealing: down on a plateau, never back up
+            rung = self._current_rung(obs, floor=True)
             return max(rung - rules.anneal_rungs, 0) if trend > -_as_observed(rules.anneal_plateau) else rung
         if trend < -tolerance and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering: climb back towards the neutral scale

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,7 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
         ({"fixed_ms": -1}, r"fixed_ms=-1 must be a finite number >= 0"),
         ({"fixed_ms": True}, r"fixed_ms=True must be a finite number >= 0"),
         ({"fixed_ms": float("inf")}, r"fixed_ms=inf must be a finite number >= 0"),
+        ({"fixed_ms": 10**400}, r"fixed_ms=1000000000.* must be a finite number >= 0"),  # an OverflowError before
         ({"device": 5}, r"device=5 must be the GPU's name, a non-empty string"),  # was taken
         ({"device": None}, r"device=None must be the GPU's name, a non-empty string"),
         ({"device": " "}, r"device=' ' must be the GPU's name, a non-empty string"),
@@ -178,6 +180,22 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
 def test_profile_values_out_of_range_are_named(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         HardwareProfile.load(write_profile(tmp_path / "p.json", {**_VALID_PROFILE, **change}))
+
+
+def test_a_profile_takes_numpy_numbers_and_saves_them_as_json(tmp_path: Path) -> None:
+    """Timings kept in a float32 array (``ms / ms[0]``) were refused: "time_factor['fp32']=np.float32(1.0) must be a
+    finite number > 0"; and a NumPy fixed_ms would not have gone into save()'s JSON."""
+    fields = {
+        "device": "my GPU",
+        "time_factor": {name: np.float32(value) for name, value in (("fp32", 1.0), ("bf16", 0.5), ("fp16", 0.25))},
+        "memory_factor": {"fp32": np.int64(1), "bf16": np.float32(0.5), "fp16": np.float32(0.5)},
+        "fixed_ms": np.float32(0.25),
+        "throughput_scale": np.float32(4e-5),
+    }
+    profile = HardwareProfile(**fields)
+    profile.save(tmp_path / "p.json")
+    assert HardwareProfile.load(tmp_path / "p.json") == profile
+    assert type(profile.fixed_ms) is float and profile.time_factor["bf16"] == 0.5
 
 
 def test_a_profile_file_needs_every_field(tmp_path: Path) -> None:
@@ -398,7 +416,7 @@ def test_controller_defaults() -> None:
         "nonfinite_penalty": 1.0,
         "over_budget_penalty": 1.0,
         "divergence_penalty": 5.0,
-        "clip": 10.0,
+        "clip": 100.0,
         "budget_intervals": 16.0,
     }
     assert dataclasses.asdict(MemoryBudget()) == {"bytes": None, "fraction": 0.9, "cpu_capacity_bytes": 2 * GIB}
@@ -424,6 +442,18 @@ def test_controller_lr_scales_strictly_increasing(bad: tuple[float, ...]) -> Non
     with pytest.raises(ConfigError, match=r"must be strictly increasing") as info:
         ControllerConfig(lr_scales=bad)
     assert f"lr_scales={bad}" in str(info.value)
+
+
+def test_controller_lr_scales_no_wider_apart_than_the_shield_can_cross():
+    """(0.5, 1.0) at max_lr_change 1.25: a cut stopped at 0.8, read next as the 1.0 rung, and "keep" put the LR back."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^lr_scales=\(0\.5, 1\.0\) has rungs 0\.5 and 1, 2x apart: at least max_lr_change\*\*2 = 1\.5625, so a "
+        r"move between them, stopped at x1\.25 a decision, ends nearer the rung it left; add a rung",
+    ):
+        ControllerConfig(lr_scales=(0.5, 1.0), max_lr_change=1.25)
+    assert ControllerConfig(lr_scales=(0.5, 1.0)).max_lr_change == 1.5  # 2x < 2.25: the nearer rung is the target
+    assert ControllerConfig(lr_scales=(0.1, 1.0), max_lr_change=1.0).lr_scales == (0.1, 1.0)  # no move at all
 
 
 @pytest.mark.parametrize("bad", [0, 17])

@@ -511,6 +511,9 @@ ANNEAL_TWO = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, ann
         (ANNEAL, {"loss_trend": NAN, "progress": 0.5}, 1.0),  # an unknown trend: kept
         (ANNEAL, {"loss_trend": -0.01, "progress": NAN}, 1.0),  # an unknown progress is not late
         (ANNEAL_TWO, {"loss_trend": 0.05, "progress": 0.5}, 0.5),  # a plateau takes anneal_rungs
+        # x1 -> x0.5 clamped at x1/1.5 reads as its floor: "keep" went on to 0.5 (read as the nearest, 0.75, it
+        # climbed back, as annealing never should)
+        (ANNEAL_TWO, {"loss_trend": -0.5, "progress": 0.5, "lr_scale": 1 / 1.5}, 0.5),
         (ANNEAL_TWO, {"loss_trend": 0.2, "progress": 0.5}, 0.75),  # a rise over the tolerance takes one rung
         (ANNEAL_TWO, {"loss_trend": -0.5, "progress": 0.5, "overflow": 0.1}, 0.75),  # so does overflow
     ],
@@ -807,6 +810,11 @@ def test_a_policy_instance_built_for_another_config_is_refused_naming_both_value
     spaces = "was built for observation space Box(-10.0, 10.0, (43,), float32), but this configuration has Box(-10.0, "
     with pytest.raises(PolicyLoadError, match=re.escape(spaces + "10.0, (27,), float32)")):
         make_policy(pretrained.policy, two_groups, *_spaces(two_groups))
+    # The spaces the config implies when none are given, as for a zip: a bare learned policy was accepted (and failed
+    # at its first decision on the observation's shape), and the shipped one was refused naming its fallback.
+    for policy in (pretrained.policy, pretrained):
+        with pytest.raises(PolicyLoadError, match=re.escape(f"policy {policy.name!r} {spaces}10.0, (27,), float32)")):
+            make_policy(policy, two_groups)
     # What decoding reads agrees, other thresholds or none given: accepted as it is.
     same = HeuristicPolicy(ControllerConfig(interval_steps=5, heuristic=HeuristicConfig(lower_below=-2.0)))
     assert make_policy(same, default) is same and make_policy(other_ladder) is other_ladder

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triaccel_rl.errors import ChoiceEnum, ConfigError, require_bool, require_number, require_whole
+from triaccel_rl.errors import ChoiceEnum, ConfigError, is_real, require_bool, require_number, require_whole
 from triaccel_rl.types import Precision
 
 if TYPE_CHECKING:
@@ -115,8 +115,17 @@ class MemoryBudget:
         return int(self.fraction * capacity_bytes)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite_number(value: object) -> bool:
+    """A finite real number, Python's or NumPy's (np.float32 was refused as "must be a finite number"), not a bool.
+
+    An integer too large for a float is not one (``math.isfinite`` raised OverflowError on 10 ** 400 from a JSON).
+    """
+    if not is_real(value):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class HardwareProfile:
                 wrong = f"lacks {sorted(missing)}" if missing else f"has unknown precisions {sorted(unknown)}"
                 raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
-                if not (_is_number(value) and math.isfinite(value) and value > 0):
+                if not (_is_finite_number(value) and value > 0):
                     raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a finite number > 0")
             if table["fp32"] != 1.0:
                 raise ConfigError(
@@ -164,9 +173,10 @@ class HardwareProfile:
             object.__setattr__(self, label, {key: float(value) for key, value in table.items()})
         for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and (value >= 0 if low is not None else value > 0)):
+            if not (_is_finite_number(value) and (value >= 0 if low is not None else value > 0)):
                 kind = "a finite number >= 0" if low is not None else "a finite number > 0"
                 raise ConfigError(f"hardware profile {name}={value!r} must be {kind}")
+            object.__setattr__(self, name, float(value))  # a NumPy number would not go into save()'s JSON
 
     def time(self, precision: Precision) -> float:
         """Step-time factor of ``precision`` relative to fp32."""
@@ -651,6 +661,15 @@ class ControllerConfig:
             raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
         if not (math.isfinite(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
             raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
+        bound = self.max_lr_change**2
+        wide = [(a, b) for a, b in itertools.pairwise(self.lr_scales) if self.max_lr_change > 1.0 and b / a >= bound]
+        if wide:  # a move between them stops short nearer the rung it left, read next as that rung: the LR swung back
+            a, b = wide[0]
+            raise ConfigError(
+                f"lr_scales={self.lr_scales} has rungs {a:g} and {b:g}, {b / a:g}x apart: at least max_lr_change**2 = "
+                f"{bound:g}, so a move between them, stopped at x{self.max_lr_change:g} a decision, ends nearer the "
+                "rung it left; add a rung between them or raise max_lr_change"
+            )
         if not (0.0 < self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         object.__setattr__(self, "cost_mode", CostMode.parse(self.cost_mode))

@@ -155,6 +155,7 @@ class Executor:
                     wanted[i] = Precision.FP32
                 refused.append(f"ran {len(asked)} layers asked for {precision.name.lower()} in fp32: {reason}")
         unstable = overflow_rate > self.config.heuristic.max_overflow_rate
+        in_fp16: set[int] = set()  # layers the overflow rule moves out of fp16 (asked for it, or kept there)
         if unstable:
             max_rate = self.config.heuristic.max_overflow_rate
             lowered = [i for i in range(len(current)) if wanted[i].bits < current[i].bits]
@@ -165,14 +166,10 @@ class Executor:
                     f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > {max_rate}"
                 )
             # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16 (fp32 without bf16). A layer
-            # asked for fp16, or kept there, is one the policy did not get as asked: said, as every refusal is.
-            in_fp16 = [i for i in range(len(wanted)) if wanted[i] is Precision.FP16]
+            # asked for fp16, or kept there, is one the policy did not get as asked: said (below, with the layers the
+            # memory check puts back there), as every refusal is.
+            in_fp16 = {i for i in range(len(wanted)) if wanted[i] is Precision.FP16}
             wanted = [out_of_fp16(p) for p in wanted]
-            if in_fp16:
-                refused.append(
-                    f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
-                    f"overflow rate {overflow_rate:.2f} > {max_rate}"
-                )
         # Any change, not only a raise: a lowered layer's 16-bit weight copy (2 bytes a parameter) can outweigh the
         # activations it saves on a weight-heavy model. A step that cannot be split must fit whole; one that can, one
         # sample at a time. A change that moves a prediction already over the budget down is taken.
@@ -182,8 +179,12 @@ class Executor:
             predicted = target.predicted_memory_bytes(batch, wanted)
             usable = target.usable_memory_bytes
             if predicted > usable and predicted > target.predicted_memory_bytes(batch, current):
-                for i in moved:  # kept where they were, but out of fp16 while it overflows, as every layer is
-                    wanted[i] = out_of_fp16(current[i]) if unstable else current[i]
+                # Kept where they were, but out of fp16 while it overflows, as every layer is: what the overflow rule
+                # alone would make of them.
+                kept_at = [out_of_fp16(p) if unstable else p for p in current]
+                held = [i for i in moved if wanted[i] != kept_at[i]]
+                for i in moved:
+                    wanted[i] = kept_at[i]
                 what = (
                     f"one sample at the new precisions is predicted {predicted} bytes > {usable} usable of the "
                     f"{target.memory_budget_bytes}-byte budget"
@@ -191,9 +192,15 @@ class Executor:
                     else f"batch {batch} at the new precisions is predicted {predicted} bytes > {usable} usable of "
                     f"the {target.memory_budget_bytes}-byte budget, and this loop cannot split a step"
                 )
-                kept = sum(wanted[i] == current[i] for i in moved)
-                out = f" (moved {len(moved) - kept} only out of fp16: it overflows)" if kept < len(moved) else ""
-                refused.append(f"kept {kept} layers at their precision{out}: {what}")
+                from_fp16 = [i for i in held if current[i] is Precision.FP16 and unstable]
+                in_fp16.update(from_fp16)
+                out = f", the {len(from_fp16)} in fp16 moved out of it as it overflows" if from_fp16 else ""
+                refused.append(f"kept {len(held)} layers at their precision{out}: {what}")
+        if unstable and in_fp16:
+            refused.append(
+                f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
+                f"overflow rate {overflow_rate:.2f} > {self.config.heuristic.max_overflow_rate}"
+            )
         try:
             engine.set_precisions(wanted)
         except ValueError as err:

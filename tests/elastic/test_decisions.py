@@ -270,11 +270,27 @@ def test_a_raise_refused_for_memory_under_overflow_leaves_the_layer_in_bf16_not_
     raise_all = Action((Precision.FP32,) * config.n_groups, 1.0, BatchMove.KEEP)
     overflowing = config.heuristic.max_overflow_rate + 0.1
     report = ctl.executor.apply(raise_all, ctl, overflow_rate=overflowing)
-    # The message says so (it read "kept 2 layers at their precision" for layers moved to bf16).
+    # The messages say so (it read "kept 2 layers at their precision" for layers moved to bf16), each layer counted
+    # once in each: the raises held back, and every layer moved out of fp16.
     assert report.refused[0].startswith(
-        "kept 0 layers at their precision (moved 2 only out of fp16: it overflows): batch 64 at the new precisions"
+        "kept 2 layers at their precision, the 2 in fp16 moved out of it as it overflows: batch 64 at the new "
+        "precisions"
     )
+    assert report.refused[1:] == ["moved 2 layers out of fp16 (to bf16): overflow rate 0.15 > 0.05"]
     assert report.precisions == [Precision.BF16] * 2  # out of fp16, as the shield puts every layer under overflow
+    # One layer raised, one asked to stay in fp16: the raise held back, both moved out of fp16, each said once (the
+    # fp16 message counted the layer asked for fp16, the memory one "moved 2 only out of fp16" both again).
+    ctl.engine.set_precisions([Precision.FP16] * 2)
+    ctl.grouper.assignment = np.arange(2)  # a group a layer (before any signals, all are in group 0)
+    mixed = [Precision.FP32, Precision.BF16]
+    ctl.memory_budget_bytes = int(ctl.predicted_memory_bytes(64, mixed) / config.elastic.fill_frac) - 1
+    ask = Action((Precision.FP32,) + (Precision.FP16,) * (config.n_groups - 1), 1.0, BatchMove.KEEP)
+    report = ctl.executor.apply(ask, ctl, overflow_rate=overflowing)
+    assert report.refused[0].startswith(
+        "kept 1 layers at their precision, the 1 in fp16 moved out of it as it overflows"
+    )
+    assert report.refused[1:] == ["moved 2 layers out of fp16 (to bf16): overflow rate 0.15 > 0.05"]
+    assert report.precisions == [Precision.BF16] * 2
     ctl.close()
 
 
