@@ -393,6 +393,7 @@ def test_a_restore_is_bit_identical_and_training_goes_on_as_if_nothing_happened(
         ("optimizer a module", r"optimizer must be an optimizer .*; got Linear$"),
         ("offload a string", r"offload='no' must be True or False"),
         ("after_restore not callable", r"after_restore=3 must be callable \(or None\)"),
+        ("save_extra alone", r"save_extra and load_extra go together"),
     ],
 )
 def test_the_guard_refuses_bad_arguments_by_name(arguments, message):
@@ -410,6 +411,7 @@ def test_the_guard_refuses_bad_arguments_by_name(arguments, message):
         "optimizer a module": lambda: RollbackGuard(model, model),
         "offload a string": lambda: RollbackGuard(model, optimizer, offload="no"),
         "after_restore not callable": lambda: RollbackGuard(model, optimizer, after_restore=3),
+        "save_extra alone": lambda: RollbackGuard(model, optimizer, save_extra=dict),
     }[arguments]
     with pytest.raises(TypeError, match=message):
         call()
@@ -422,6 +424,23 @@ def test_a_decision_loops_switches_are_true_false_or_none(name):
     run = TrainingRun("synthetic", seed=0, device="cpu")
     with pytest.raises(ValueError, match=rf"{name}='no' must be True, False or None"):
         DecisionLoop(run, ControllerConfig(), **{name: "no"})
+
+
+def test_a_decision_loop_refuses_a_config_or_max_steps_of_the_wrong_kind():
+    """A dict or None config failed on ``.rollback`` (an AttributeError); max_steps=-2 was refused as the inner
+    ``n_steps=-2``, after the cadence's pending record had been taken."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    for bad in ({"interval_steps": 3}, None):
+        with pytest.raises(TypeError, match=r"^config=.* must be a ControllerConfig, e\.g\. ControllerConfig"):
+            DecisionLoop(run, bad)
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=5))
+    loop.train_interval()
+    loop.snapshot(0.1)
+    for bad in (-2, 0, 1.5):
+        with pytest.raises(ValueError, match=rf"^max_steps={bad!r} must be a whole number >= 1"):
+            loop.train_interval(max_steps=bad)
+    assert loop._decided  # the decision's record is still pending: the next interval records it
+    assert loop.train_interval(max_steps=2).steps == 2
 
 
 def test_a_controller_refreshes_its_rollback_copy_right_after_a_decision_that_changes_the_configuration():
@@ -495,6 +514,56 @@ def test_the_controller_restores_a_state_whose_loss_was_finite_not_the_copy_afte
     start = torch.tensor(999.0**3).item()  # fp32
     assert ctl.rollbacks == 1 and restored == [start]  # steps 5-8 inf: back to the start, whose loss is finite
     assert math.isfinite(torch.tensor(restored[0], dtype=torch.float32).square().item())
+
+
+def test_a_rollback_brings_back_the_signals_estimates_with_the_weights():
+    """The interval that diverged folded its huge, still finite losses and gradients into the collector's EMAs and the
+    run's noise EMAs before its probe loss turned NaN: after the rollback the observation described the diverged run
+    (log_loss at its cap of 10, log_curvature 4, a noise scale of 3.7e27) for 40 intervals, where the shipped policy
+    fell back to the heuristic. Now they are the copy's, as the weights are."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=5))
+    loop.train_interval()
+    loop.snapshot(0.1)
+    healthy = loop.observation()
+    estimates, noise = loop.collector.estimates(), run.noise_estimates
+    run.lr_scale = 5000.0  # diverges within the interval
+    loop.train_interval()
+    signals = loop.snapshot(0.2)
+    assert signals.extra["rolled_back"]
+    restored = loop.collector.estimates()
+    for name, value in estimates.items():
+        assert (
+            np.array_equal(restored[name], value, equal_nan=True)
+            if isinstance(value, np.ndarray)
+            else (
+                restored[name] is value or restored[name] == value or (math.isnan(value) and math.isnan(restored[name]))
+            )
+        ), name
+    assert np.array_equal(run.noise_estimates, noise)
+    after = loop.observation()
+    for feature in ("log_loss", "log_curvature"):
+        assert after[loop.layout.globals(feature)] == healthy[loop.layout.globals(feature)], feature
+
+
+def test_the_controllers_rollback_brings_back_its_signals_estimates():
+    """As for the decision loop: the loss EMA a Controller's rollback left was the blown-up interval's."""
+    from triaccel_rl.controller import Controller
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(999.0**3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=500.0)
+    ctl = Controller(model, optimizer, policy=_Keep(), config=ControllerConfig(interval_steps=4, max_interval_factor=1))
+    start = ctl.collector.loss_ema
+    assert math.isnan(start)  # the copy of the start: no loss folded in yet
+    for x, _ in ctl.loader((torch.ones(32, 1), torch.zeros(32, 1)), batch_size=4, epochs=1):
+        before = ctl.rollbacks
+        ctl.step((model(x) ** 2).mean())
+        if ctl.rollbacks > before:
+            break
+    assert ctl.rollbacks == 1 and math.isnan(ctl.collector.loss_ema)  # not the first interval's 1e35
+    ctl.close()
 
 
 def test_a_confirmed_copy_is_kept_until_the_next_one_is_confirmed():

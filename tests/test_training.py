@@ -79,6 +79,31 @@ def test_an_lr_schedule_over_no_finite_number_of_epochs_is_refused():
             TrainingRun("synthetic", seed=0, device="cpu", schedule_epochs=bad)
 
 
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"memory": 2**30}, TypeError, r"^memory=1073741824 must be a MemoryBudget"),
+        ({"elastic": {"fill_frac": 0.5}}, TypeError, r"^elastic=\{'fill_frac': 0\.5\} must be an ElasticConfig"),
+        ({"n_probe": 2.5}, ValueError, r"^n_probe=2\.5 must be a whole number >= 1"),
+        ({"n_probe": -5}, ValueError, r"^n_probe=-5 must be a whole number >= 1"),
+    ],
+)
+def test_a_run_refuses_settings_of_the_wrong_kind_by_name(arguments, error, message):
+    """Before: AttributeErrors ('int' object has no attribute 'resolve'), a slice's TypeError, and n_probe=-5 taken."""
+    with pytest.raises(error, match=message):
+        TrainingRun("synthetic", seed=0, device="cpu", **arguments)
+
+
+def test_the_noise_estimates_of_an_interval_are_at_the_batch_it_served():
+    """An epoch's short last batch (3584 = 8 x 400 + 384): train_interval folded the interval's gradient in at the
+    configured 400, step() at the 384 served, and the two paths' noise scales differed (1336 against 1353)."""
+    runs = [TrainingRun("synthetic", seed=0, device="cpu", batch_size=400) for _ in range(2)]
+    for _ in range(9):
+        runs[0].step()
+        runs[1].train_interval(1)
+    assert runs[0].noise_estimates == pytest.approx(runs[1].noise_estimates, rel=1e-6)
+
+
 def test_unknown_precision_and_wrong_count():
     run = TrainingRun("synthetic", seed=0, device="cpu")
     with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed: fp32, bf16, fp16"):

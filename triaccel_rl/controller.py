@@ -175,6 +175,10 @@ class Controller:
                 # A copy at an interval's end is of a state no loss has been computed on yet: the next interval's
                 # first step computes one. Until then the copy before it is kept (a second copy's memory).
                 confirm=True,
+                # The signals' running estimates go with each copy: the interval that broke the model folded its huge
+                # losses and gradients in before its loss turned non-finite.
+                save_extra=lambda: self.collector.estimates(),
+                load_extra=lambda saved: self.collector.restore_estimates(saved),
             )
             self.guard = guard if self.config.rollback else None
             if self.guard is not None:

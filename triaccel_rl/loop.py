@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -61,9 +62,14 @@ class DecisionLoop:
         for name, value in (("rollback", rollback), ("adaptive_interval", adaptive_interval)):
             if value is not None and not isinstance(value, bool):  # "no" turned the rollback on
                 raise ValueError(f"{name}={value!r} must be True, False or None (the config's default)")
+        if not isinstance(config, ControllerConfig):  # a dict or None failed on .rollback, unnamed
+            raise TypeError(f"config={config!r} must be a ControllerConfig, e.g. ControllerConfig(interval_steps=5)")
         self.run = run
         self.config = config
-        # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not.
+        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
+        # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not; with it
+        # the signals' running estimates and the run's noise EMAs, which the diverging interval had folded its huge
+        # losses and gradients into.
         use_rollback = config.rollback if rollback is None else rollback
         guard = RollbackGuard(
             run.model,
@@ -71,6 +77,8 @@ class DecisionLoop:
             config.rollback_offload,
             config.snapshot_every,
             after_restore=run.engine.after_restore,  # weights and optimizer state changed outside the fused step
+            save_extra=lambda: (self.collector.estimates(), run.noise_estimates),
+            load_extra=self._restore_estimates,
         )
         self.guard = guard if use_rollback else None
         if self.guard is not None:
@@ -96,7 +104,6 @@ class DecisionLoop:
         self._interval_steps = 0
         self._interval_recorded_ms = 0.0  # what recording the per-step statistics took in them
         self._decided = False  # a snapshot (and so a decision) came after the last training chunk
-        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
         self.layout = ObservationLayout(config.n_groups)
@@ -104,6 +111,11 @@ class DecisionLoop:
         self.decisions = 0
         self.overhead_parts_ms = dict.fromkeys(OVERHEAD_PARTS, 0.0)
         """Wall ms of the controller's work by part (:data:`OVERHEAD_PARTS`); ``decision`` is the caller's to add."""
+
+    def _restore_estimates(self, saved: tuple[dict[str, Any], np.ndarray]) -> None:
+        estimates, noise = saved
+        self.collector.restore_estimates(estimates)
+        self.run.noise_estimates = noise
 
     def train_interval(self, max_steps: int | None = None) -> IntervalStats:
         """Trains up to the next decision point, or ``max_steps`` steps if fewer, and feeds the collector.
@@ -115,6 +127,8 @@ class DecisionLoop:
         interval's end and the next call (snapshot, policy, executor; not the estimator rounds, which have
         their own budget) is what ``cadence`` measures.
         """
+        if max_steps is not None and (not is_whole(max_steps) or max_steps < 1):  # before the cadence's record moves
+            raise ValueError(f"max_steps={max_steps!r} must be a whole number >= 1 (or None: to the decision point)")
         collector = self.collector
         if self._decided:
             if self._mark is not None:

@@ -120,6 +120,8 @@ class RollbackGuard:
         every: int = 1,
         after_restore: Callable[[], None] | None = None,
         confirm: bool = False,
+        save_extra: Callable[[], Any] | None = None,
+        load_extra: Callable[[Any], None] | None = None,
     ) -> None:
         # A float or NaN passed the old `every < 1` check, and `since + 1 >= nan` then never refreshed the copy.
         if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
@@ -137,8 +139,15 @@ class RollbackGuard:
             )
         if not isinstance(offload, bool | np.bool_):
             raise TypeError(f"offload={offload!r} must be True or False")
-        if after_restore is not None and not callable(after_restore):
-            raise TypeError(f"after_restore={after_restore!r} must be callable (or None)")
+        for name, hook in (("after_restore", after_restore), ("save_extra", save_extra), ("load_extra", load_extra)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name}={hook!r} must be callable (or None)")
+        if (save_extra is None) != (load_extra is None):
+            raise TypeError("save_extra and load_extra go together: one takes the owner's state, the other loads it")
+        self.save_extra = save_extra
+        """Called at each copy: the owner's state that goes with it (running signal estimates), kept as returned."""
+        self.load_extra = load_extra
+        """Called with what ``save_extra`` returned for the copy a restore brings back."""
         self.model = model
         self.optimizer = optimizer
         self.offload = bool(offload)
@@ -252,7 +261,8 @@ class RollbackGuard:
         if offload and torch.cuda.is_available() and model_state.on_host_from_cuda:
             copied = torch.cuda.Event()
             copied.record()
-        return _Copy(model_state, transient, optimizer, copied)
+        extra = self.save_extra() if self.save_extra is not None else None
+        return _Copy(model_state, transient, optimizer, copied, extra)
 
     @property
     def has_snapshot(self) -> bool:
@@ -292,6 +302,8 @@ class RollbackGuard:
             group.update(kept)
         if self.after_restore is not None:
             self.after_restore()
+        if self.load_extra is not None:
+            self.load_extra(target.extra)
         self.rollbacks += 1
         _log.warning("%s: rolled back to the last good state (rollback %d)", reason, self.rollbacks)
         return True
@@ -316,6 +328,7 @@ class _Copy:
     transient: _Snapshot
     optimizer: _Snapshot
     copied: torch.cuda.Event | None = None  # when an offloaded copy's transfers are done
+    extra: Any = None  # the owner's state taken with it (save_extra)
 
 
 @dataclass

@@ -123,7 +123,7 @@ class IntervalTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._start_event: torch.cuda.Event | None = None
-        self._start_time = 0.0
+        self._start_time: float | None = None
 
     def start(self) -> None:
         """Marks the start of the span."""
@@ -141,6 +141,7 @@ class IntervalTimer:
             end.record()
             end.synchronize()  # host-device sync: once per interval
             return float(self._start_event.elapsed_time(end))
+        assert self._start_time is not None, "IntervalTimer.stop() before start()"  # it read the time since boot
         return (time.perf_counter() - self._start_time) * 1e3
 
 
@@ -235,6 +236,14 @@ class TrainingRun:
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = HardwareProfile.resolve(profile)
         self.include_fixed_cost = include_fixed_cost
+        # Checked before the model is built, as the Controller checks them: an int budget or a dict of settings failed
+        # later with an AttributeError, n_probe=2.5 as a slice's TypeError, and n_probe=-5 was taken as 1.
+        if memory is not None and not isinstance(memory, MemoryBudget):
+            raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
+        if elastic is not None and not isinstance(elastic, ElasticConfig):
+            raise TypeError(f"elastic={elastic!r} must be an ElasticConfig, e.g. ElasticConfig(fill_frac=0.9)")
+        if not is_whole(n_probe) or n_probe < 1:
+            raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
         self.elastic = elastic or ElasticConfig()
         self.fault = fault
         if schedule_epochs is not None and not (math.isfinite(schedule_epochs) and schedule_epochs > 0):
@@ -532,8 +541,8 @@ class TrainingRun:
         skipped = n_steps - (self.engine.applied_steps() - applied)  # recorded or not
         self.skipped_steps += skipped
         self.train_time_ms += train_ms
-        if moments.n_finite and np.all(np.isfinite(moments.sq_norm)):
-            self._observe_noise(self.batch_size, float(moments.sq_norm.sum()))
+        if moments.n_finite and np.all(np.isfinite(moments.sq_norm)):  # at the batch served (an epoch's short last)
+            self._observe_noise(samples / n_steps, float(moments.sq_norm.sum()))
         return IntervalStats(
             steps=n_steps,
             samples=samples,
@@ -1051,7 +1060,16 @@ class TrainingRun:
             loss = self.task.loss_fn(self.model(self.loader.x[:n]).float(), self.loader.y[:n])
         loss.backward()
 
-    def _observe_noise(self, batch_size: int, grad_sq_norm: float) -> None:
+    @property
+    def noise_estimates(self) -> np.ndarray:
+        """The EMAs behind :attr:`noise_scale` (a copy; set it back after a rollback: ``DecisionLoop`` does)."""
+        return self._noise.copy()
+
+    @noise_estimates.setter
+    def noise_estimates(self, value: np.ndarray) -> None:
+        self._noise = np.array(value, dtype=np.float64).reshape(3)
+
+    def _observe_noise(self, batch_size: float, grad_sq_norm: float) -> None:
         """Folds one step's (or an interval's mean) squared gradient norm at ``batch_size`` into the EMAs."""
         d = _NOISE_EMA_DECAY
         sample = np.array([1.0, batch_size * grad_sq_norm, float(batch_size)])

@@ -596,6 +596,32 @@ class SignalCollector:
         """Charges work done for the signals outside this object (e.g. the probe loss) to the overhead."""
         self.overhead_ms += ms
 
+    # ---------------------------------------------------------------------------------- rollbacks
+
+    def estimates(self) -> dict[str, Any]:
+        """The running estimates (the steps' and the rounds' EMAs, the sparsity), copied: what a rollback brings back.
+
+        The interval that broke a model folds huge but finite losses and gradients in before its loss turns
+        non-finite; kept after the rollback, they described the diverged run for tens of intervals (a learned policy
+        fell back to the heuristic throughout). Counts, times and the last probe loss are not estimates: they stay.
+        The rounds' Fisher diagonal is left as it is (model-sized, and used only for the sparsity, which comes back).
+        """
+        arrays = ("_sq_ema", "_norm_ema", "_trace_ema", "_grad_sq_ema", "_cov_ema", "_round_weight", "_unused")
+        saved: dict[str, Any] = {name: getattr(self, name).copy() for name in arrays}
+        for name in (
+            "_loss_ema",
+            "_ema_weight",
+            "_round_samples",
+            "_sparsity",
+        ):  # numbers, and an object replaced whole
+            saved[name] = getattr(self, name)
+        return saved
+
+    def restore_estimates(self, saved: dict[str, Any]) -> None:
+        """Puts back what :meth:`estimates` returned (a copy of it: the same may be restored again)."""
+        for name, value in saved.items():
+            setattr(self, name, value.copy() if isinstance(value, np.ndarray) else value)
+
     # ---------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
