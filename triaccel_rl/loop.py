@@ -127,8 +127,8 @@ class DecisionLoop:
         interval's end and the next call (snapshot, policy, executor; not the estimator rounds, which have
         their own budget) is what ``cadence`` measures.
         """
-        if max_steps is not None and (not is_whole(max_steps) or max_steps < 1):  # before the cadence's record moves
-            raise ValueError(f"max_steps={max_steps!r} must be a whole number >= 1 (or None: to the decision point)")
+        if max_steps is not None and (not is_whole(max_steps) or max_steps < 0):  # before the cadence's record moves
+            raise ValueError(f"max_steps={max_steps!r} must be a whole number >= 0 (or None: to the decision point)")
         collector = self.collector
         if self._decided:
             if self._mark is not None:
