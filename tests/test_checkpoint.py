@@ -435,6 +435,34 @@ def test_a_checkpoint_of_a_broken_state_raises_where_it_rolled_back_to_itself_fo
     assert ctl2.rollbacks == 1  # the loaded state, restored once
 
 
+def test_a_checkpoint_of_a_model_with_non_finite_running_statistics_is_refused_at_load():
+    """A NaN batch at step 9 wrote NaN batch-norm statistics (its step skipped), and the checkpoint came right after:
+    the resumed run confirmed that copy at its first interval end (updates went in) and restored it, NaN statistics
+    included, at every interval after (11 rollbacks, no weight moved, no error). No rollback can repair a model loaded
+    broken: the load refuses it, before anything of the controller's loads."""
+
+    def build_bn():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        config = ControllerConfig(interval_steps=2, snapshot_every=1)
+        return model, ta.Controller(model, optimizer, policy="fp32", config=config)
+
+    model, ctl = build_bn()
+    for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=2):
+        if ctl.steps + 1 == 9:
+            x = x * float("nan")
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+        if ctl.steps == 9:
+            state = torch.load(checkpoint(model, ctl))
+            break
+    assert not torch.isfinite(state["model"]["1.running_mean"]).all()
+    model2, ctl2 = build_bn()
+    with pytest.raises(ta.NoGoodStateError, match=r"^the model's 1\.running_mean, 1\.running_var hold NaN or infinite"):
+        restore(model2, ctl2, state)
+    assert ctl2.steps == 0 and ctl2._resume is None  # nothing of the controller's loaded
+
+
 def test_a_resumed_run_rolls_back_to_the_loaded_state_and_trains_on():
     """A healthy checkpoint whose next interval is non-finite (bad data, not a bad state): restored once, then it trains
     on, and an update confirms the copy."""

@@ -566,6 +566,25 @@ def test_the_controllers_rollback_brings_back_its_signals_estimates():
     ctl.close()
 
 
+def test_the_controllers_copy_carries_the_estimates_of_its_own_state():
+    """The copy at an interval's end was taken before the interval's moments were folded in: it carried the
+    estimates of one interval before its weights (after step 4, the loss EMA of step 2)."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ControllerConfig(interval_steps=2, max_interval_factor=1, snapshot_every=1)
+    ctl = Controller(model, optimizer, policy=_Keep(), config=config)
+    data = (torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3)
+    for x, y in ctl.loader(data, batch_size=8, epochs=1):
+        ctl.step(torch.nn.functional.cross_entropy(model(x), y))
+        if ctl.steps in (2, 4, 6):
+            copy = ctl.guard._unconfirmed or ctl.guard._good
+            assert ctl.guard.copy_is_current and copy.extra["_loss_ema"] == ctl.collector.loss_ema, ctl.steps
+    ctl.close()
+
+
 def test_a_confirmed_copy_is_kept_until_the_next_one_is_confirmed():
     """RollbackGuard(confirm=True): save() takes a copy to confirm, restore() brings back the last confirmed one."""
     from triaccel_rl.shield import RollbackGuard

@@ -40,7 +40,7 @@ from triaccel_rl.memory import (
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy, run_without_bf16
-from triaccel_rl.shield import RollbackGuard, nonfinite_buffers
+from triaccel_rl.shield import RollbackGuard, nonfinite_buffers, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
@@ -684,6 +684,14 @@ class Controller:
             )
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         self.engine.check_state_dict(state["engine"])
+        if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
+            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
+            if broken:
+                raise NoGoodStateError(
+                    f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "
+                    "values: its checkpoint was saved after a step broke them, before the rollback it would have "
+                    "brought; resume from an earlier checkpoint (load the model's weights before the controller's)"
+                )
         steps, skipped, rollbacks = (_checked_count(state, key, 0) for key in ("steps", "skipped_steps", "rollbacks"))
         trial_running = state["trial_running"]
         if not isinstance(trial_running, bool):
@@ -963,11 +971,13 @@ class Controller:
         applied = applied_now - self._applied_at_start
         skipped = self._interval_steps - applied
         self._skipped_counted += skipped
-        restored = self._shield(applied, self._interval_steps)
-        self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
+        # Folded in before the shield: a copy it takes carries the estimates of its own state, and a restore drops
+        # this interval's (the counts and times stay: the overflow rate is the interval's).
         self.collector.observe_interval(
             moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak, skipped=skipped
         )
+        restored = self._shield(applied, self._interval_steps)
+        self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
         self._interval_steps = 0
         self._interval_peak = 0
         return train_ms

@@ -82,13 +82,21 @@ def nonfinite_buffers(model: nn.Module) -> list[str]:
         >>> nonfinite_buffers(model)
         ['running_mean']
     """
-    named = [(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()]
+    return _nonfinite([(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()])
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that hold a NaN or an infinity (one multi-tensor max-norm, a sync)."""
+    return _nonfinite([(name, p.detach()) for name, p in model.named_parameters() if p.numel()])
+
+
+def _nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     if not named:
         return []
-    maxima = torch._foreach_norm([b for _, b in named], float("inf"))  # NaN stays NaN, an infinity stays one
+    maxima = torch._foreach_norm([t for _, t in named], float("inf"))  # NaN stays NaN, an infinity stays one
     if bool(torch.isfinite(torch.stack(maxima)).all()):
         return []
-    return [name for name, b in named if not bool(torch.isfinite(b).all())]
+    return [name for name, t in named if not bool(torch.isfinite(t).all())]
 
 
 class RollbackGuard:
