@@ -526,7 +526,7 @@ def test_profile_writes_a_loadable_profile(tmp_path, capsys):
     assert "profiling cpu" in err and "memory factors are not measured on a CPU" in err
 
 
-def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch):
+def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch, capsys):
     """With the step timer stubbed: each factor is its precision's median over fp32's, the fixed time is the tiny
     MLP's step, and the throughput scale is the rest of fp32's step over the batch's MFLOPs (3 forwards a step)."""
     import triaccel_rl.profiling as profiling
@@ -542,6 +542,10 @@ def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch):
         lambda model, x, y, p, steps: (0.5, 1.0) if isinstance(model, MLP) else (ms[p], peaks[p]),
     )
     profile = profiling.measure_profile("cpu", batch_size=8, steps=2, small=True)
+    assert "profile" not in capsys.readouterr().err  # no bar unless asked
+    assert profiling.measure_profile("cpu", batch_size=8, steps=2, small=True, progress=True) == profile
+    err = capsys.readouterr().err  # a bar over the three precisions and the fixed cost: minutes on a CPU, unsaid
+    assert "profile: 100%" in err and "4/4" in err
     assert profile.time_factor == {"fp32": 1.0, "bf16": 0.4, "fp16": 0.3}
     assert profile.memory_factor == {"fp32": 1.0, "bf16": 0.6, "fp16": 0.5}
     model = SmallResNet(3, (8, 16), 10)
@@ -555,7 +559,7 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     from triaccel_rl.config import HardwareProfile
 
     measured = []
-    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: measured.append(args))
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args, **kwargs: measured.append(args))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["profile", "--device", "cpu", "--out", str(blocker / "profile.json")]) == 2
@@ -564,7 +568,7 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
     assert f"--out {tmp_path}: is a folder; give a file path such as" in capsys.readouterr().err
     assert measured == []  # nothing was measured for either
     nested = tmp_path / "new" / "folder" / "profile.json"
-    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: HardwareProfile.load())
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args, **kwargs: HardwareProfile.load())
     assert main(["profile", "--device", "cpu", "--out", str(nested)]) == 0
     assert HardwareProfile.load(nested) == HardwareProfile.load()  # its folder was made
 
@@ -620,7 +624,7 @@ def test_out_is_refused_when_its_folder_takes_no_new_file(tmp_path, capsys, monk
     import triaccel_rl.profiling
 
     measured = []
-    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args: measured.append(args))
+    monkeypatch.setattr(triaccel_rl.profiling, "measure_profile", lambda *args, **kwargs: measured.append(args))
     out = tmp_path / "locked" / "profile.json"
     out.parent.mkdir()
     out.write_text("{}")

@@ -291,6 +291,15 @@ def test_rows_are_ranked_by_time_to_target_only_among_those_that_reach_it_on_eve
     assert [line[6] for line in cells[2:]] == ["—", "3", "1", "1"]
 
 
+def test_times_the_table_prints_alike_share_a_rank():
+    """One seed's 0.020010 s and 0.020003 s were ranked 4 and 2 in a column that printed 0.02 for every row."""
+    rows = summarize(
+        [fake("a", 0, 0.9, 9.0, 0.020010), fake("b", 0, 0.9, 9.0, 0.020003), fake("c", 0, 0.9, 9.0, 0.0206)]
+    )
+    assert {row["controller"]: row["rank"] for row in rows} == {"a": 1, "b": 1, "c": 3}
+    assert [line[4] for line in table_cells(format_table(rows))[2:]] == ["0.02", "0.02", "0.0206"]
+
+
 def test_a_peak_that_was_not_measured_reads_as_a_dash():
     """A plain row on a CPU measures no peak (no allocator to read): it showed 0.0 B beside the others' figures."""
     unmeasured = dataclasses.replace(fake("plain-fp32", 0, 0.9, 9.0, 1.0), peak_bytes=0)

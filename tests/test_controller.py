@@ -597,6 +597,34 @@ def test_a_second_update_from_a_left_over_optimizer_step_is_refused():
     assert not all(torch.equal(a, p) for a, p in zip(after_one, model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_left_over_loss_backward_is_named(call):
+    """PyTorch's "Trying to backward through the graph a second time ... Specify retain_graph=True" pointed the wrong
+    way: a loop moved over with its own ``loss.backward()`` left in."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    loss = nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 2, (16,)))
+    loss.backward()
+    with pytest.raises(
+        RuntimeError, match=r"^this loss was already backpropagated: ctl\.step\(loss\) runs the backward"
+    ):
+        getattr(ctl, call)(loss)
+    ctl.close()
+
+
+@pytest.mark.parametrize("given", ["list", "generator"])
+def test_parameters_given_for_the_optimizer_are_named_without_their_values(given):
+    """The message held the repr of every parameter tensor (3.5 KB on a small MLP)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    params = list(model.parameters()) if given == "list" else model.parameters()
+    with pytest.raises(TypeError) as info:
+        Controller(model, params)
+    message = str(info.value)
+    assert message.startswith("optimizer must be a torch.optim.Optimizer over the model's parameters; got ")
+    assert "build an optimizer on them, e.g. torch.optim.SGD(model.parameters(), lr=0.1)" in message
+    assert "tensor" not in message and len(message) < 300
+
+
 def test_a_controlled_static_loop_is_the_users_own_loop_with_everything_it_keeps():
     """With a static fp32 policy, the controlled loop equals the user's plain loop bit for bit: param groups without
     decay on biases, a scheduler cycling the LR and beta1, clipping, an EMA hook, tied weights, zero_grad."""

@@ -771,6 +771,15 @@ def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
     assert "train-policy" not in captured.out
 
 
+def test_steps_asked_short_of_a_whole_rollout_are_rounded_up_and_said(tmp_path, capsys, caplog):
+    """64 steps asked at 128 a rollout trained 128: the bar lost its total at 64 and counted on, and nothing said so."""
+    caplog.set_level("INFO", logger="triaccel_rl")
+    train_policy(["synthetic"], total_timesteps=12, n_envs=2, vec="dummy", max_decisions=4, interval_steps=2,
+                 n_steps=8, batch_size=8, out=tmp_path / "policy.zip", progress_bar=True)  # fmt: skip
+    assert "total_timesteps=12 rounds up to 16: PPO trains whole rollouts of n_steps x n_envs = 16 steps" in caplog.text
+    assert "16/16" in capsys.readouterr().err
+
+
 def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_path, monkeypatch):
     """A Ctrl-C in learn()'s first reset (each environment trains an interval there: slow) saved the resumed weights as
     a 0-step checkpoint: the count of the steps already trained was read only when training started."""

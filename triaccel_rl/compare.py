@@ -640,9 +640,9 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
 
     Time to target is averaged over the seeds that reached it (a conditional mean: ``reach_rate`` says how many;
     ``time_to_target_s`` lists every seed's, None for a miss; a time that is no finite number counts as a miss).
-    ``rank`` orders the rows that reached the target on every seed by their mean time to it (1: the fastest; equal
-    times share a rank, the next rank skips); a row that missed on some seed has none (None), whatever its mean over
-    the seeds that reached.
+    ``rank`` orders the rows that reached the target on every seed by their mean time to it, as the table prints it
+    (3 significant digits; 1: the fastest; equal times share a rank, the next rank skips); a row that missed on some
+    seed has none (None), whatever its mean over the seeds that reached.
 
     Every row holds the same keys, whatever the seeds and the reference: ``controller``, ``seeds``;
     ``final_metric_mean``, ``final_metric_std``, ``final_metric_ci95``; ``time_s_mean``, ``time_s_std``,
@@ -709,10 +709,12 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
                 "fallbacks_total": sum(r.fallbacks for r in runs),
             }
         )
-    always = sorted(row["time_to_target_s_mean"] for row in rows if row["reach_rate"] == 1.0)
-    for row in rows:
-        reached_all = row["reach_rate"] == 1.0
-        row["rank"] = 1 + always.index(row["time_to_target_s_mean"]) if reached_all else None
+    # Ranked on the times as the table prints them (3 significant digits): times it prints alike share a rank (one
+    # seed's 0.020010 s and 0.020003 s were ranked 4 and 2 beside a column of 0.02).
+    shown = [float(f"{row['time_to_target_s_mean']:.3g}") if row["reach_rate"] == 1.0 else None for row in rows]
+    always = sorted(seconds for seconds in shown if seconds is not None)
+    for row, seconds in zip(rows, shown, strict=True):
+        row["rank"] = 1 + always.index(seconds) if seconds is not None else None
     ref: dict[str, Any] | None = None
     if reference is not None:
         ref = next((row for row in rows if row["controller"] == reference), None)

@@ -10,6 +10,7 @@ ctl.step(loss)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import numbers
 import os
@@ -97,7 +98,7 @@ class Controller:
         >>> for x, y in ctl.loader((torch.randn(64, 8), torch.randint(0, 2, (64,))), batch_size=16):
         ...     with ctl.autocast():
         ...         loss = nn.functional.cross_entropy(model(x), y)
-        ...     stats = ctl.step(loss)
+        ...     ctl.step(loss)
         >>> ctl.steps
         4
     """
@@ -117,8 +118,17 @@ class Controller:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters; got {optimizer!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):  # its repr: every tensor of a list of parameters
+            hint = (
+                " (the parameters themselves? build an optimizer on them, e.g. torch.optim.SGD(model.parameters(), "
+                "lr=0.1), and pass that)"
+                if isinstance(optimizer, (list, tuple)) or inspect.isgenerator(optimizer)
+                else ""
+            )
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer over the model's parameters; got "
+                f"{type(optimizer).__name__}{hint}"
+            )
         if config is not None and not isinstance(config, ControllerConfig):  # a dict failed on .elastic, unnamed
             raise TypeError(f"config={config!r} must be a ControllerConfig, e.g. ControllerConfig(interval_steps=5)")
         if memory is not None and not isinstance(memory, MemoryBudget):
@@ -386,12 +396,29 @@ class Controller:
         _check_loss(loss)
         earlier = self._earlier_micro_loss()
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
-        self.engine.scale_loss(loss).backward()
+        self._backward(loss)
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
         # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
         detached = loss.detach()
         self._micro_loss = detached if earlier is None else earlier + detached
         self._micro_mark = self._grad_mark()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """The (scaled) backward of ``loss``; a loop that kept its own ``loss.backward()`` is told so.
+
+        PyTorch's "backward through the graph a second time ... Specify retain_graph=True" pointed the wrong way: the
+        most likely slip moving a loop over is leaving the old backward in.
+        """
+        try:
+            self.engine.scale_loss(loss).backward()
+        except RuntimeError as error:
+            if "backward through the graph a second time" not in str(error):
+                raise
+            raise RuntimeError(
+                "this loss was already backpropagated: ctl.step(loss) runs the backward itself, so remove "
+                "loss.backward() from the loop (for gradient accumulation, ctl.backward(loss) on the micro-batches "
+                "before the last)"
+            ) from error
 
     def _earlier_micro_loss(self) -> torch.Tensor | None:
         """The losses :meth:`backward` summed for this batch; None if the gradients were reset since (spent either way).
@@ -434,7 +461,7 @@ class Controller:
             self._applied_at_start = self.engine.applied_steps()
         earlier = self._earlier_micro_loss()  # the batch's earlier micro-batches (backward())
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
-        self.engine.scale_loss(loss).backward()
+        self._backward(loss)
         if earlier is not None:
             loss = earlier + loss.detach()
         if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from triaccel_rl.config import HardwareProfile
 from triaccel_rl.costs import CostModel
@@ -26,7 +27,11 @@ __all__ = ["measure_profile"]
 
 
 def measure_profile(
-    device: str | torch.device = "cuda", batch_size: int = 256, steps: int = 20, small: bool = False
+    device: str | torch.device = "cuda",
+    batch_size: int = 256,
+    steps: int = 20,
+    small: bool = False,
+    progress: bool = False,
 ) -> HardwareProfile:
     """Times training steps per precision on ``device`` and returns the profile (medians of ``steps``).
 
@@ -40,6 +45,7 @@ def measure_profile(
         batch_size: batch of the reference workload, a positive integer.
         steps: timed steps per precision (after 3 warm-up steps, excluded), a positive integer.
         small: use a small ResNet instead of ResNet-18 (for quick checks on a CPU).
+        progress: a tqdm bar on stderr over the precisions and the fixed-cost timing (minutes on a CPU).
 
     Raises:
         ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
@@ -54,20 +60,25 @@ def measure_profile(
         x = x.contiguous(memory_format=torch.channels_last)
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
-    for precision in Precision:
-        if not _runs(precision, device):
-            continue
+    precisions = [precision for precision in Precision if _runs(precision, device)]
+    bar = tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=not progress, dynamic_ncols=True)
+    for precision in precisions:
+        bar.set_postfix_str(precision.name.lower())
         torch.manual_seed(0)
         model = build().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         times[precision.name.lower()], memory[precision.name.lower()] = _time_steps(model, x, y, precision, steps)
+        bar.update()
+    bar.set_postfix_str("fixed per-step cost")
     fp32_ms = times["fp32"]
     model = build()
     costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)
     mflops = 3.0 * float(costs.flops_per_sample.sum()) / 1e6
     fixed_ms = _time_steps(MLP(32, (32,), 10).to(device), torch.randn(8, 32, device=device),
                            torch.randint(0, 10, (8,), device=device), Precision.FP32, steps)[0]  # fmt: skip
+    bar.update()
+    bar.close()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Factors of 1.0 that were never measured say so in the name (they read as measured before).
     unmeasured = "; memory factors not measured on a CPU" if device.type == "cpu" else ""

@@ -617,14 +617,15 @@ def train_policy(
     class Progress(BaseCallback):
         """A tqdm bar over this call's environment steps (SB3's own bar needs ``rich``, which is not installed)."""
 
-        def __init__(self) -> None:
+        def __init__(self, total: int) -> None:
             super().__init__()
+            self.total = total
             self.bar: Any = None
 
         def _on_training_start(self) -> None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_timesteps, desc="train-policy", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc="train-policy", unit="step", dynamic_ncols=True)
 
         def _on_step(self) -> bool:
             self.bar.update(self.training_env.num_envs)
@@ -772,7 +773,18 @@ def train_policy(
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
         callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
-        progress = Progress()
+        # PPO collects whole rollouts: it trains on until its count reaches the steps asked, so the last rollout
+        # overshoots (64 asked at 128 a rollout trained 128, and the bar ran past its total, unsaid).
+        rollout = model.n_steps * venv.num_envs
+        planned = -(-total_timesteps // rollout) * rollout
+        if planned != total_timesteps:
+            _log.info(
+                "total_timesteps=%d rounds up to %d: PPO trains whole rollouts of n_steps x n_envs = %d steps",
+                total_timesteps,
+                planned,
+                rollout,
+            )
+        progress = Progress(planned)
         if progress_bar:
             callbacks.append(progress)
         if checkpoint_every > 0:
