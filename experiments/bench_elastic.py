@@ -45,7 +45,7 @@ from torch import nn
 from triaccel_rl.compare import json_safe
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
-from triaccel_rl.experiment import git_commit
+from triaccel_rl.experiment import away_from_results, git_commit
 from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-        args = dataclasses.replace(args, width=min(args.width, 8), max_batch=min(args.max_batch, 64))
+        args = dataclasses.replace(
+            args,
+            width=min(args.width, 8),
+            max_batch=min(args.max_batch, 64),
+            output=away_from_results("--output", args.output, Args.output),  # the recorded GPU results stay
+        )
     elif not torch.cuda.is_available():
         print("no CUDA device; run with --smoke for a CPU smoke test", file=sys.stderr)
         return 2

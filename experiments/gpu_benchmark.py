@@ -45,7 +45,7 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
-from triaccel_rl.experiment import file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, file_to_write, git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
 from triaccel_rl.tasks import get_task, task_names
@@ -269,6 +269,12 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
 
 
 def main(args: Args) -> list[dict[str, Any]]:
+    if args.smoke:  # a plumbing check leaves the recorded GPU table and its plots alone
+        args = replace(
+            args,
+            out=away_from_results("--out", args.out, Args.out),
+            plots=away_from_results("--plots", args.plots, Args.plots),
+        )
     check_args(args)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

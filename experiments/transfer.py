@@ -32,7 +32,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import file_to_write, git_commit, parse_args, parse_floats, write_text_atomic
+from triaccel_rl.experiment import (
+    away_from_results,
+    file_to_write,
+    git_commit,
+    parse_args,
+    parse_floats,
+    write_text_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +117,15 @@ def main(args: Args) -> dict[str, Any]:
             print(f"plot: {path}")
         return document
     if args.smoke:
-        args = replace(args, tasks="deep-mlp-synthetic", controllers="heuristic,bf16", seeds=1, epochs=0.1)
+        args = replace(
+            args,
+            tasks="deep-mlp-synthetic",
+            controllers="heuristic,bf16",
+            seeds=1,
+            epochs=0.1,
+            out=away_from_results("--out", args.out, Args.out),
+            plots=away_from_results("--plots", args.plots, Args.plots),
+        )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     # Each task once, in order: one listed twice (or "fresh" beside one of its tasks) had its runs counted twice.
     tasks = list(dict.fromkeys(name for t in tasks for name in (FRESH_HELD_OUT_TASKS if t == "fresh" else (t,))))

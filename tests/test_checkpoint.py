@@ -463,6 +463,22 @@ def test_a_checkpoint_of_a_model_with_non_finite_running_statistics_is_refused_a
     assert ctl2.steps == 0 and ctl2._resume is None  # nothing of the controller's loaded
 
 
+def test_a_checkpoint_of_a_model_with_an_infinite_trained_weight_is_refused_but_a_frozen_one_is_not():
+    """Weights are checked as buffers are; a frozen parameter may hold -inf by design (an additive mask), in every
+    checkpoint of the run: "resume from an earlier checkpoint" could not help there."""
+    model, _, ctl = build()
+    train(model, ctl)
+    state = torch.load(checkpoint(model, ctl))
+    state["model"]["2.weight"][0, 0] = float("inf")
+    model2, _, ctl2 = build()
+    with pytest.raises(ta.NoGoodStateError, match=r"^the model's 2\.weight hold NaN or infinite"):
+        restore(model2, ctl2, state)
+    model3, _, ctl3 = build()
+    model3[2].weight.requires_grad_(False)  # frozen: the check passes it by
+    restore(model3, ctl3, state)
+    assert ctl3.steps == state["controller"]["steps"] == 12  # loaded
+
+
 def test_a_resumed_run_rolls_back_to_the_loaded_state_and_trains_on():
     """A healthy checkpoint whose next interval is non-finite (bad data, not a bad state): restored once, then it trains
     on, and an update confirms the copy."""

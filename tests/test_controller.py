@@ -606,23 +606,30 @@ def test_a_left_over_loss_backward_is_named(call):
     loss = nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 2, (16,)))
     loss.backward()
     with pytest.raises(
-        RuntimeError, match=r"^this loss was already backpropagated: ctl\.step\(loss\) runs the backward"
+        RuntimeError,
+        match=r"^part of this loss's graph was already backpropagated: either a loss\.backward\(\) left in",
     ):
         getattr(ctl, call)(loss)
     ctl.close()
 
 
-@pytest.mark.parametrize("given", ["list", "generator"])
+@pytest.mark.parametrize("given", ["list", "generator", "filter"])
 def test_parameters_given_for_the_optimizer_are_named_without_their_values(given):
     """The message held the repr of every parameter tensor (3.5 KB on a small MLP)."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    params = list(model.parameters()) if given == "list" else model.parameters()
+    params = {
+        "list": list(model.parameters()),
+        "generator": model.parameters(),
+        "filter": filter(lambda p: p.requires_grad, model.parameters()),  # fine-tuning's usual form
+    }[given]
     with pytest.raises(TypeError) as info:
         Controller(model, params)
     message = str(info.value)
     assert message.startswith("optimizer must be a torch.optim.Optimizer over the model's parameters; got ")
     assert "build an optimizer on them, e.g. torch.optim.SGD(model.parameters(), lr=0.1)" in message
     assert "tensor" not in message and len(message) < 300
+    with pytest.raises(TypeError, match=r"got the class SGD \(build one, e\.g\. torch\.optim\.SGD"):
+        Controller(model, torch.optim.SGD)
 
 
 def test_a_controlled_static_loop_is_the_users_own_loop_with_everything_it_keeps():

@@ -209,3 +209,25 @@ def test_write_text_atomic_leaves_the_old_file_whole_when_the_write_is_interrupt
     link.symlink_to(target)
     write_text_atomic(link, "new\n")  # through the link to its file, the link kept
     assert link.is_symlink() and target.read_text() == "new\n"
+
+
+def test_a_smoke_run_leaves_the_recorded_results_alone(tmp_path, monkeypatch, capsys):
+    """``bench_elastic.py --smoke`` wrote over experiments/results/elastic_batch.json (and gpu_benchmark.py's and
+    transfer.py's smoke runs over theirs): issue 5's GPU evidence replaced by a CPU plumbing check."""
+    import tempfile
+
+    from triaccel_rl.experiment import away_from_results
+
+    default = "experiments/results/elastic_batch.json"
+    moved = Path(tempfile.gettempdir()) / "triaccel-rl-smoke" / "elastic_batch.json"
+    assert away_from_results("--output", "mine.json", default) == "mine.json"
+    assert away_from_results("--plots", "", "") == ""
+    monkeypatch.chdir(tmp_path)
+    moved.unlink(missing_ok=True)
+    script = Path(__file__).parents[1] / "experiments" / "bench_elastic.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--smoke"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code in (0, None)
+    assert not (tmp_path / "experiments").exists() and moved.is_file()
+    assert f"--smoke: --output {moved} (not the recorded {default})" in capsys.readouterr().err

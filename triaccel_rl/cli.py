@@ -212,8 +212,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timesteps",
         type=int,
         default=4096,
-        help="environment steps (decisions) to train for; with --resume, steps more than the policy has trained "
-        "(default %(default)s)",
+        help="environment steps (decisions) to train for, rounded up to whole rollouts of --n-steps x --n-envs; "
+        "with --resume, steps more than the policy has trained (default %(default)s)",
     )
     train.add_argument("--n-envs", type=int, default=2, help="parallel environments (default %(default)s)")
     train.add_argument(

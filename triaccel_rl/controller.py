@@ -10,12 +10,11 @@ ctl.step(loss)
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import numbers
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,16 +118,14 @@ class Controller:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):  # its repr: every tensor of a list of parameters
-            hint = (
-                " (the parameters themselves? build an optimizer on them, e.g. torch.optim.SGD(model.parameters(), "
-                "lr=0.1), and pass that)"
-                if isinstance(optimizer, (list, tuple)) or inspect.isgenerator(optimizer)
-                else ""
-            )
-            raise TypeError(
-                "optimizer must be a torch.optim.Optimizer over the model's parameters; got "
-                f"{type(optimizer).__name__}{hint}"
-            )
+            example = "e.g. torch.optim.SGD(model.parameters(), lr=0.1), and pass that"
+            if isinstance(optimizer, type):
+                got = f"the class {optimizer.__name__} (build one, {example})"
+            elif isinstance(optimizer, Iterable) and not isinstance(optimizer, (torch.Tensor, str)):
+                got = f"{type(optimizer).__name__} (the parameters themselves? build an optimizer on them, {example})"
+            else:
+                got = type(optimizer).__name__
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters; got {got}")
         if config is not None and not isinstance(config, ControllerConfig):  # a dict failed on .elastic, unnamed
             raise TypeError(f"config={config!r} must be a ControllerConfig, e.g. ControllerConfig(interval_steps=5)")
         if memory is not None and not isinstance(memory, MemoryBudget):
@@ -415,9 +412,10 @@ class Controller:
             if "backward through the graph a second time" not in str(error):
                 raise
             raise RuntimeError(
-                "this loss was already backpropagated: ctl.step(loss) runs the backward itself, so remove "
-                "loss.backward() from the loop (for gradient accumulation, ctl.backward(loss) on the micro-batches "
-                "before the last)"
+                "part of this loss's graph was already backpropagated: either a loss.backward() left in the loop "
+                "(ctl.step(loss) runs the backward itself: remove it; for gradient accumulation, ctl.backward(loss) "
+                "on the micro-batches before the last), or a tensor kept from an earlier step, such as an RNN's "
+                "hidden state (.detach() it)"
             ) from error
 
     def _earlier_micro_loss(self) -> torch.Tensor | None:
@@ -694,6 +692,8 @@ class Controller:
             ValueError: a state of another format, from another update path, optimizer or model (the engine's
                 checks) or LR rule, or with a field of the wrong type or range (named); later, ``loader()`` with
                 another dataset size, seed or ``batch_size`` than the saved run's.
+            NoGoodStateError: with the shield on, the model (loaded first) holds NaN or infinite trained weights or
+                buffers, which no rollback can repair.
         """
         if not isinstance(state, Mapping):
             raise ValueError(f"a controller checkpoint is the dict Controller.state_dict() returned; got {type(state)}")
@@ -712,7 +712,8 @@ class Controller:
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         self.engine.check_state_dict(state["engine"])
         if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
-            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
+            # Trained parameters only: a frozen one may hold -inf by design (an additive mask), in every checkpoint.
+            broken = nonfinite_parameters(self.model, trainable=True) + nonfinite_buffers(self.model)
             if broken:
                 raise NoGoodStateError(
                     f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "

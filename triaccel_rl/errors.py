@@ -32,7 +32,9 @@ class NoGoodStateError(RuntimeError):
     """The shield has no healthy state left to roll back to: every one it has failed (non-finite losses or buffers).
 
     Raised by ``Controller.step`` when a resumed run's starting state, the checkpoint's, fails twice in a row: a
-    checkpoint saved between an update that broke the model and the rollback it would have brought.
+    checkpoint saved between an update that broke the model and the rollback it would have brought; and by
+    ``Controller.load_state_dict`` for a model loaded with non-finite trained weights or buffers. Both only with the
+    shield on (``ControllerConfig.rollback``).
     """
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Sequence
@@ -122,6 +123,24 @@ def parse_floats(text: str, option: str, positive: bool = False) -> tuple[float,
             raise ValueError(f"{option} {text!r}: {item!r} must be positive")
         values.append(value)
     return tuple(values)
+
+
+def away_from_results(flag: str, value: str, default: str) -> str:
+    """A ``--smoke`` run's output path: ``value``, or where that is the default (the recorded results), a temp path.
+
+    A plumbing check once replaced the issues' evidence: ``gpu_benchmark.py --smoke`` with its documented CPU example
+    wrote 4 synthetic rows over the merged GPU table, ``transfer.py --smoke`` and ``bench_elastic.py --smoke`` their
+    results files. Said on stderr. '' (no output) stays ''.
+
+    Example:
+        >>> away_from_results("--out", "mine.json", "experiments/results/x.json")
+        'mine.json'
+    """
+    if value != default or not value:
+        return value
+    path = Path(tempfile.gettempdir()) / "triaccel-rl-smoke" / Path(default).name
+    print(f"--smoke: {flag} {path} (not the recorded {default})", file=sys.stderr)
+    return str(path)
 
 
 def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:

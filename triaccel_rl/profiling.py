@@ -61,24 +61,24 @@ def measure_profile(
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
     precisions = [precision for precision in Precision if _runs(precision, device)]
-    bar = tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=not progress, dynamic_ncols=True)
-    for precision in precisions:
-        bar.set_postfix_str(precision.name.lower())
-        torch.manual_seed(0)
-        model = build().to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        times[precision.name.lower()], memory[precision.name.lower()] = _time_steps(model, x, y, precision, steps)
+    # Closed on the way out: a Ctrl-C's message was printed on the bar's line, and the bar drawn again after it.
+    with tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=not progress, dynamic_ncols=True) as bar:
+        for precision in precisions:
+            bar.set_postfix_str(precision.name.lower())
+            torch.manual_seed(0)
+            model = build().to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            times[precision.name.lower()], memory[precision.name.lower()] = _time_steps(model, x, y, precision, steps)
+            bar.update()
+        bar.set_postfix_str("fixed per-step cost")
+        fixed_ms = _time_steps(MLP(32, (32,), 10).to(device), torch.randn(8, 32, device=device),
+                               torch.randint(0, 10, (8,), device=device), Precision.FP32, steps)[0]  # fmt: skip
         bar.update()
-    bar.set_postfix_str("fixed per-step cost")
     fp32_ms = times["fp32"]
     model = build()
     costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)
     mflops = 3.0 * float(costs.flops_per_sample.sum()) / 1e6
-    fixed_ms = _time_steps(MLP(32, (32,), 10).to(device), torch.randn(8, 32, device=device),
-                           torch.randint(0, 10, (8,), device=device), Precision.FP32, steps)[0]  # fmt: skip
-    bar.update()
-    bar.close()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Factors of 1.0 that were never measured say so in the name (they read as measured before).
     unmeasured = "; memory factors not measured on a CPU" if device.type == "cpu" else ""
