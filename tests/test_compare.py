@@ -871,3 +871,28 @@ def test_the_table_shows_the_time_interval_and_the_ratios_to_the_reference_it_na
     assert (low, high) == (5.0, 7.0)  # two seeds: the bootstrap means lie between them
     assert cells[3][3] == "5–7" and cells[3][-1] == "0.55 / 0.55 |"  # 6 / 11 and 3 / 5.5
     assert cells[2][-1] == "1.00 / 1.00 |"
+
+
+def test_a_decision_is_charged_before_the_steps_it_precedes(monkeypatch):
+    """In measured mode a decision's cost was charged at the next snapshot: the evaluations between the two read times
+    without it (with a 0.5 s decision: +0.003 s at the evaluation after it, +0.5 s three evaluations later)."""
+    import time as time_module
+
+    import triaccel_rl.policies.heuristic as heuristic_module
+
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.tasks import get_task
+
+    predict = heuristic_module.HeuristicPolicy.predict
+
+    def slow(self, *args, **kwargs):
+        time_module.sleep(0.25)  # a dear decision: the accounting, not the speed, is under test
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(heuristic_module.HeuristicPolicy, "predict", slow)
+    task = get_task("synthetic", n_train=2048, n_test=512)
+    result = run_controller(task, "heuristic", 0, epochs=0.5, config=ControllerConfig(interval_steps=8),
+                            device="cpu", cost_mode="measured", eval_every_steps=2, batch_size=64)  # fmt: skip
+    decided = result.trace[0]["time_s"]
+    after = next(point[0] for point in result.curve if point[0] > decided)
+    assert after - decided >= 0.25

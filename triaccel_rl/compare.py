@@ -246,7 +246,6 @@ def run_controller(
     nvml = NvmlPeak(run.device)
     decision = 0
     observation = None
-    pending_decision_ms = 0.0
     initial = getattr(policy, "initial_action", None)
     if initial is not None:  # a static configuration holds from the first step, not from a decision
         loop.executor.start(decode(initial, config), run)
@@ -293,9 +292,12 @@ def run_controller(
             raw, _ = policy.predict(observation, deterministic=True)
             before = (run.batch_size, run.lr_scale)
             report = loop.apply(np.asarray(raw))
-            pending_decision_ms = (time.perf_counter() - decide_start) * 1e3
-            loop.collector.add_overhead(pending_decision_ms)
-            loop.overhead_parts_ms["decision"] += pending_decision_ms
+            decision_ms = (time.perf_counter() - decide_start) * 1e3
+            loop.collector.add_overhead(decision_ms)
+            loop.overhead_parts_ms["decision"] += decision_ms
+            if run.cost_mode is CostMode.MEASURED:  # before the steps it precedes: charged at the next snapshot, it
+                # was missing from the times of the evaluations in between (a time to target read there was low)
+                time_ms += decision_ms
             changes["precision"] += int(report.changed_precision > 0)
             changes["batch"] += int(report.batch_size != before[0])
             changes["lr"] += int(report.lr_scale != before[1])
@@ -314,9 +316,8 @@ def run_controller(
             overhead_before = loop.collector.overhead_ms
             signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
             if adaptive and run.cost_mode is CostMode.MEASURED:
-                # The previous decision and this snapshot are the controller's cost: charge them.
-                time_ms += loop.collector.overhead_ms - overhead_before + pending_decision_ms
-            pending_decision_ms = 0.0
+                # This snapshot is the controller's cost: charged (its decision is, once made).
+                time_ms += loop.collector.overhead_ms - overhead_before
             peak = max(peak, signals.memory_bytes)
             trace.append(
                 {
