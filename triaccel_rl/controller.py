@@ -712,8 +712,7 @@ class Controller:
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         self.engine.check_state_dict(state["engine"])
         if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
-            # Trained parameters only: a frozen one may hold -inf by design (an additive mask), in every checkpoint.
-            broken = nonfinite_parameters(self.model, trainable=True) + nonfinite_buffers(self.model)
+            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)  # trained parameters only
             if broken:
                 raise NoGoodStateError(
                     f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "
@@ -1036,9 +1035,8 @@ class Controller:
             return False
         broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
-        if (
-            began_from_copy and applied > before_copy
-        ):  # the first update after the copy had a finite loss on its weights
+        # The first update after the copy had a finite loss on the copy's weights.
+        if began_from_copy and applied > before_copy:
             self.guard.confirm()
         if broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
             # The first failure after a change goes back to the change (the change, not the state, may be what failed:

@@ -85,13 +85,12 @@ def nonfinite_buffers(model: nn.Module) -> list[str]:
     return _nonfinite([(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()])
 
 
-def nonfinite_parameters(model: nn.Module, trainable: bool = False) -> list[str]:
-    """The names of ``model``'s parameters that hold a NaN or an infinity (one multi-tensor max-norm, a sync).
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """The names of ``model``'s trained parameters (those that require a gradient) that hold a NaN or an infinity.
 
-    ``trainable``: only those that require a gradient.
+    One multi-tensor max-norm, a sync. A frozen parameter may hold -inf by design (an additive mask): left out.
     """
-    named = model.named_parameters()
-    return _nonfinite([(name, p.detach()) for name, p in named if p.numel() and (p.requires_grad or not trainable)])
+    return _nonfinite([(name, p.detach()) for name, p in model.named_parameters() if p.numel() and p.requires_grad])
 
 
 def _nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
