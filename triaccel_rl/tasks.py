@@ -252,11 +252,8 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
         _check_count("fashion_mnist_data: n_test", n_test)
     seed = check_seed("fashion_mnist_data", seed)
     dataset = load_fashion_mnist()
-    train_x = (to_float_images(dataset.train_images) - _FMNIST_MEAN) / _FMNIST_STD
-    test_x = (to_float_images(dataset.test_images) - _FMNIST_MEAN) / _FMNIST_STD
-    # Copies: the loader's are cached for the process, and a caller's in-place edit (d.train_y[:5] = 0) reached every
-    # later task's labels
-    train_y, test_y = dataset.train_labels.clone(), dataset.test_labels.clone()
+    train_x, train_y = dataset.train_images, dataset.train_labels
+    test_x, test_y = dataset.test_images, dataset.test_labels
     generator = torch.Generator().manual_seed(seed)
     if n_train is not None and n_train < len(train_x):
         keep = torch.randperm(len(train_x), generator=generator)[:n_train]
@@ -265,6 +262,12 @@ def fashion_mnist_data(n_train: int | None, n_test: int | None, seed: int) -> Ta
         # The test subset is the same for every seed, so seeds are compared on one yardstick.
         keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:n_test]
         test_x, test_y = test_x[keep], test_y[keep]
+    # Pixels are normalised after the subset is drawn (elementwise: the same values, without converting all 70,000
+    # images for a 2,048-image task). The labels are copies: the loader's tensors are cached for the process, and a
+    # caller's in-place edit (d.train_y[:5] = 0) reached every later task's labels.
+    train_x = (to_float_images(train_x) - _FMNIST_MEAN) / _FMNIST_STD
+    test_x = (to_float_images(test_x) - _FMNIST_MEAN) / _FMNIST_STD
+    train_y, test_y = train_y.clone(), test_y.clone()
     return TaskData(train_x.contiguous(), train_y, test_x.contiguous(), test_y)
 
 
