@@ -94,6 +94,15 @@ def test_a_run_refuses_settings_of_the_wrong_kind_by_name(arguments, error, mess
         TrainingRun("synthetic", seed=0, device="cpu", **arguments)
 
 
+def test_a_run_on_a_single_training_sample_is_refused_by_name():
+    """Before: the loader's "cannot load batches from an empty dataset", naming neither the task nor n_train."""
+    with pytest.raises(ValueError, match=r"^task 'synthetic' has 1 training sample\(s\).*needs n_train >= 2"):
+        TrainingRun(get_task("synthetic", n_train=1, n_test=8), seed=0, device="cpu")
+    run = TrainingRun(get_task("synthetic", n_train=2, n_test=8), seed=0, device="cpu", batch_size=1)
+    assert len(run.loader) == 1 and run.probe_batch[0].shape[0] == 1  # one trains, one is the probe
+    run.train_interval(2)  # and it trains
+
+
 def test_the_noise_estimates_of_an_interval_are_at_the_batch_it_served():
     """An epoch's short last batch (3584 = 8 x 400 + 384): train_interval folded the interval's gradient in at the
     configured 400, step() at the 384 served, and the two paths' noise scales differed (1336 against 1353)."""

@@ -268,6 +268,11 @@ class TrainingRun:
         self.layers: list[LayerInfo] = self.engine.layers
 
         data = self.task.data(seed)
+        if len(data.train_x) < 2:  # the loader's "empty dataset" error named neither the task nor the size
+            raise ValueError(
+                f"task {self.task.name!r} has {len(data.train_x)} training sample(s): a run holds one out for its "
+                "probe loss and trains on the rest, so it needs n_train >= 2"
+            )
         n_probe = probe_count(len(data.train_x), n_probe)
         self._probe_x = data.train_x[-n_probe:].to(self.device)
         self._uncapturable_probes: set[tuple[object, ...]] = set()  # precision configurations whose capture failed
