@@ -454,8 +454,9 @@ class TrainingRun:
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
         is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss. Reading the statistics
-        costs a host-device sync; :meth:`train_interval` runs steps without one. A step whose update went in before
-        a user's step post-hook raised is counted (its skip and time too) before the error is re-raised.
+        costs a host-device sync; :meth:`train_interval` runs steps without one. A step that raises still charges its
+        time to the run's totals, as a given-up interval does; one whose update went in before a user's step post-hook
+        raised is counted (its skip too) before the error is re-raised.
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
@@ -470,11 +471,14 @@ class TrainingRun:
         try:
             outcome = self._step(deferred=False)
         except BaseException:
-            if self.steps > steps:  # the update went in, then a post-hook raised: a finished step, counted as one
-                # The fused path runs post-hooks after a step the device skipped too. Read as train_interval reads.
-                with contextlib.suppress(Exception):
+            # The time was spent whether or not the step finished (a step given up after out-of-memory retries
+            # too), as train_interval charges its given-up interval's; a step that raised before its work costs
+            # microseconds. Only a finished one counts its skip: its update went in, then a post-hook raised (the
+            # fused path runs post-hooks after a step the device skipped too). Read as train_interval reads.
+            with contextlib.suppress(Exception):
+                if self.steps > steps:
                     self.skipped_steps += 1 - (engine.applied_steps() - int(applied))
-                    self.train_time_ms += (time.perf_counter() - start) * 1e3
+                self.train_time_ms += (time.perf_counter() - start) * 1e3
             raise
         elapsed_ms = (time.perf_counter() - start) * 1e3  # the step's syncs make this the device's time too
         skipped = bool(outcome.skipped)

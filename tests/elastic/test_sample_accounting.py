@@ -460,6 +460,15 @@ def test_an_interval_given_up_still_counts_its_finished_steps_skips_and_time(mon
     assert run.steps == 1 and run.skipped_steps == 1 and run.train_time_ms > 0
 
 
+def test_a_step_given_up_charges_its_time_as_a_given_up_interval_does() -> None:
+    """``step()`` left a step given up after its out-of-memory retries out of ``train_time_ms``, though its time was
+    spent, while ``train_interval`` charged it: the two paths' totals (the env's ``wall_time_ms``) disagreed."""
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda point: point.step == 0))
+    with pytest.raises(UnrecoverableOOMError):
+        run.step()
+    assert run.steps == 0 and run.skipped_steps == 0 and run.train_time_ms > 0
+
+
 def test_an_interval_stopped_by_a_post_hook_after_an_update_counts_the_skip_before_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
