@@ -798,7 +798,10 @@ class Controller:
         )
 
     def _new_collector(self) -> SignalCollector:
-        return SignalCollector(self.engine.layers, self.config.ema_decay, self.memory_budget_bytes, self.config.signals)
+        config, engine = self.config, self.engine
+        return SignalCollector(
+            engine.layers, config.ema_decay, self.memory_budget_bytes, config.signals, engine.layer_param_counts
+        )
 
     def _new_cadence(self) -> Cadence:
         signals = self.config.signals

@@ -302,6 +302,14 @@ class StepEngine:
         return self.fused_optimizer is not None
 
     @property
+    def layer_param_counts(self) -> list[int]:
+        """The parameter elements each layer's updates and gradient statistics cover (``layer_params``).
+
+        A weight tied between layers counts in its first only, a trainable parameter outside the optimizer in none.
+        """
+        return [sum(p.numel() for p in params) for params in self.layer_params]
+
+    @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """The loss scaler while a layer runs in fp16, else ``None`` (always ``None`` on the fused path)."""
         if not self.precision.needs_grad_scaler or self.fused:

@@ -66,7 +66,9 @@ class DecisionLoop:
             raise TypeError(f"config={config!r} must be a ControllerConfig, e.g. ControllerConfig(interval_steps=5)")
         self.run = run
         self.config = config
-        self.collector = SignalCollector(run.layers, config.ema_decay, run.memory_budget_bytes, config.signals)
+        self.collector = SignalCollector(
+            run.layers, config.ema_decay, run.memory_budget_bytes, config.signals, run.engine.layer_param_counts
+        )
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not; with it
         # the signals' running estimates and the run's noise EMAs, which the diverging interval had folded its huge
         # losses and gradients into.

@@ -355,6 +355,46 @@ def test_cheap_mode_runs_no_round() -> None:
     np.testing.assert_allclose(signals.curvature, 1.0 / signals.n_params)
 
 
+class TiedLM(nn.Module):
+    """An embedding whose weight the output layer shares (a language model's tied head), the head with its own bias."""
+
+    def __init__(self, head_bias: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 100, bias=head_bias)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("head_bias", [True, False])
+def test_a_tied_layers_signals_are_per_element_of_what_it_owns(head_bias: bool) -> None:
+    """The head's gradient sums cover its bias alone (the tied weight is the embedding's), but the collector divided
+    them by the tied weight's size too: 1,700 elements for 100, its curvature and variance 17x low, so a tied head
+    read as the least sensitive layer. A head that owns nothing reads 0, not NaN."""
+    from triaccel_rl.controller import Controller
+
+    model = TiedLM(head_bias)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", device="cpu")
+    owned = [1600, 272, 100 if head_bias else 0]
+    assert ctl.engine.layer_param_counts == owned
+    assert [info.n_params for info in ctl.engine.layers] == [1600, 272, 1700 if head_bias else 1600]
+    np.testing.assert_array_equal(ctl.collector.n_params, owned)
+    ctl.close()
+    infos = ctl.engine.layers
+    collector = SignalCollector(infos, 0.9, 1 << 30, SignalConfig.preset("cheap"), param_counts=owned)
+    sq = np.array([3.0, 5.0, 7.0 if head_bias else 0.0])
+    collector.observe(replace(fake_stats(3), grad_sq_sum=sq))
+    signals = snapshot(collector)
+    np.testing.assert_allclose(signals.curvature, sq / np.maximum(owned, 1))  # E|g|^2 per owned element
+    np.testing.assert_array_equal(signals.n_params, owned)  # the observation's weights
+    for bad in ([1, 2], [1, 2, -1], [1, 2, 2.5], [1, 2, True]):
+        with pytest.raises(ValueError, match=r"param_counts=.* must be 3 whole numbers >= 0, one per layer"):
+            SignalCollector(infos, 0.9, 1 << 30, param_counts=bad)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.signals.config import SignalConfig, SignalMode
 from triaccel_rl.signals.device import IntervalMoments
 from triaccel_rl.signals.estimators import (
@@ -192,6 +193,10 @@ class SignalCollector:
         ema_decay: smoothing of per-step quantities, in (0, 1).
         memory_budget_bytes: the budget reported in the snapshot.
         config: modes, budget and schedule; ``SignalConfig()`` by default.
+        param_counts: the parameter elements each layer's gradient statistics are summed over (the engine's
+            ``layer_param_counts``: a weight tied between layers in its first only, none outside the optimizer),
+            the per-element curvature and variance's divisors and the observation's weights; each layer's
+            ``n_params`` by default. A tied output layer divided its own bias's sums by the tied weight's size too.
 
     Attributes:
         overhead_ms: wall time spent on signals and decisions (cheap path, rounds, and what callers
@@ -216,6 +221,7 @@ class SignalCollector:
         ema_decay: float,
         memory_budget_bytes: int,
         config: SignalConfig | None = None,
+        param_counts: Sequence[int] | None = None,
     ) -> None:
         if not (0.0 < ema_decay < 1.0):
             raise ValueError(f"ema_decay={ema_decay} must be in (0, 1)")
@@ -225,7 +231,11 @@ class SignalCollector:
         self.ema_decay = ema_decay
         self.memory_budget_bytes = memory_budget_bytes
         self._config = config or SignalConfig()
-        self.n_params = np.array([info.n_params for info in layers], dtype=np.float64)
+        counts = [info.n_params for info in layers] if param_counts is None else list(param_counts)
+        if len(counts) != len(layers) or any(not is_whole(n) or n < 0 for n in counts):
+            raise ValueError(f"param_counts={param_counts!r} must be {len(layers)} whole numbers >= 0, one per layer")
+        self.n_params = np.array(counts, dtype=np.float64)
+        self._per_element = np.maximum(self.n_params, 1.0)  # a layer that owns nothing has sums of 0: reads 0
         self.controllable = np.array([info.controllable for info in layers], dtype=bool)
         self.n_steps = 0
         self.overhead_ms = 0.0
@@ -490,8 +500,8 @@ class SignalCollector:
             hessian_trace = self._trace_ema / round_weight
             grad_sq = self._grad_sq_ema / round_weight  # unbiased |G_l|^2, may be < 0 under heavy noise
             cov = np.maximum(self._cov_ema / round_weight, 0.0)  # tr(Sigma_l), per sample
-            curvature = np.abs(hessian_trace) / self.n_params
-            variance = cov / (batch * self.n_params)
+            curvature = np.abs(hessian_trace) / self._per_element
+            variance = cov / (batch * self._per_element)
             snr = np.maximum(grad_sq, 0.0) / np.maximum(cov / batch, _TINY)
             noise_scale, resolved = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
             source = "hutchinson"
@@ -503,8 +513,8 @@ class SignalCollector:
             mean_sq = np.where(known, grad_mean_sq_norm, 0.5 * sq)
             mean_sq = np.minimum(mean_sq, sq)
             variance_sum = np.maximum(sq - mean_sq, 0.0)
-            curvature = sq / self.n_params
-            variance = variance_sum / self.n_params
+            curvature = sq / self._per_element
+            variance = variance_sum / self._per_element
             snr = mean_sq / np.maximum(variance_sum, _TINY)
             # The running mean lags while the gradient turns (early in training above all), so this estimate
             # runs high, and a high noise scale is what grows the batch. Trusted one way only: up to the batch
