@@ -343,6 +343,31 @@ def test_grad_mean_sq_norm_sgd_momentum() -> None:
     np.testing.assert_allclose(measured, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("momentum", "dampening"), [(0.9, 0.0), (0.9, 0.9), (0.9, 0.5), (0.5, 1.0)])
+def test_grad_mean_sq_norm_of_a_constant_gradient_is_its_square_with_dampening(
+    fused: bool, momentum: float, dampening: float
+) -> None:
+    """A gradient that never changes is its own mean: after the buffer settles, |E g|^2 = |g|^2 exactly. The dampening
+    was left out of the buffer's factor, so at d = mu = 0.9 the engine read 0.3 for 30 (100x low) on both paths."""
+    import os
+
+    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+    device = torch.device("cuda" if fused and torch.cuda.is_available() else "cpu")
+    model = nn.Linear(5, 1, bias=False).to(device)
+    direction = torch.arange(1.0, 6.0, device=device)  # the loss is w . c: the gradient c, |c|^2 = 55
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=momentum, dampening=dampening),
+                        device, fused=fused)  # fmt: skip
+    for _ in range(200):  # mu^199: settled to float precision
+        engine.backward_and_step((model.weight[0] * direction).sum())
+    measured = engine.grad_mean_sq_norm()
+    if dampening == 1.0:  # the buffer keeps the first gradient alone: no mean to read
+        assert np.isnan(measured).all()
+    else:
+        np.testing.assert_allclose(measured, [55.0], rtol=1e-4)
+
+
 def test_grad_mean_sq_norm_no_momentum_is_nan() -> None:
     model = tiny_model()
     params = StepEngine.discover(model)

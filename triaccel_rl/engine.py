@@ -628,8 +628,10 @@ class StepEngine:
         """Per layer, ``|E[g]|^2``: the squared norm of the optimizer's running mean of the gradient.
 
         Reuses the optimizer's state, so it costs no extra pass over the gradients: Adam's ``exp_avg``
-        is the EMA of ``g`` itself; SGD's momentum buffer ``buf = mu * buf + g`` is ``E[g] / (1 - mu)``.
-        Layers with no state yet (before the first update) report NaN.
+        is the EMA of ``g`` itself (bias-corrected); SGD's momentum buffer ``buf = mu * buf + (1 - d) * g`` settles at
+        ``E[g] (1 - d) / (1 - mu)`` (``d`` the dampening; the steady state: its first ``~1 / (1 - mu)`` steps, from
+        ``buf = g``, read low, on both paths alike). Layers with no state yet (before the first update), and SGD with
+        ``dampening=1`` (the buffer keeps only the first gradient), report NaN.
         """
         if self.fused:
             return self._fused_mean_sq_norm()
@@ -641,7 +643,8 @@ class StepEngine:
                 bias = 1.0 - group["betas"][0] ** float(state.get("step", 1))
                 per_param.append(state["exp_avg"].float().square().sum() / max(bias, 1e-12) ** 2)
             elif state.get("momentum_buffer") is not None:
-                per_param.append(state["momentum_buffer"].float().square().sum() * (1 - group["momentum"]) ** 2)
+                factor = _sgd_mean_factor(group["momentum"], group["dampening"])
+                per_param.append(state["momentum_buffer"].float().square().sum() * factor**2)
             else:
                 per_param.append(torch.tensor(math.nan, device=self.device))
         sums = torch.zeros(self.n_layers, device=self.device, dtype=torch.float64)
@@ -1273,11 +1276,21 @@ class StepEngine:
         elif optimizer.momentum_buffer is not optimizer.store.params:
             steps = optimizer.layer_step_counts.cpu().numpy()  # host-device sync: once per decision
             # A layer yet to take a step has no buffer on the reference path: nan, not the zeros it starts from.
-            scale = np.where(steps > 0, (1.0 - optimizer.options.momentum) ** 2, np.nan)
+            factor = _sgd_mean_factor(optimizer.options.momentum, optimizer.options.dampening)
+            scale = np.where(steps > 0, factor**2, np.nan)
             buffer = optimizer.momentum_buffer
         else:
             return np.full(self.n_layers, np.nan)
         return self.store.layer_sq_sums(buffer).cpu().numpy() * scale  # host-device sync: once per decision
+
+
+def _sgd_mean_factor(momentum: float, dampening: float) -> float:
+    """``E[g] / E[buf]`` for SGD's settled momentum buffer, ``(1 - mu) / (1 - d)``; NaN where it keeps no mean.
+
+    Without the dampening, a buffer that adds ``(1 - d) g`` a step read ``1 / (1 - d)`` times too small (100x at
+    ``d = mu = 0.9``), and the cheap tier took a noise-free gradient for noise.
+    """
+    return (1.0 - momentum) / (1.0 - dampening) if dampening < 1.0 else math.nan
 
 
 def _check_layer_keys(optimizer: torch.optim.Optimizer, n_layers: int) -> None:
