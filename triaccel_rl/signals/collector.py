@@ -311,10 +311,11 @@ class SignalCollector:
     ) -> None:
         """Folds an interval of steps summed on the device (:class:`DeviceMoments`) in.
 
-        The interval's means enter the step EMAs as ``n_finite`` steps of that value (exact when the
-        per-step values are constant). Observed non-finite steps count as skipped, unless ``skipped`` gives
-        the interval's count (from the optimizer's applied updates, which covers the steps ``DeviceMoments``
-        did not record when ``every_steps > 1``).
+        The interval's means enter the step EMAs as the finite steps they stand for, ``n_steps * n_finite /
+        n_observed`` steps of that value (``n_finite`` when every step was observed; exact when the per-step values
+        are constant), so ``ema_decay`` is per optimizer step whatever ``DeviceMoments`` samples. Observed
+        non-finite steps count as skipped, unless ``skipped`` gives the interval's count (from the optimizer's applied
+        updates, which covers the steps ``DeviceMoments`` did not record when ``every_steps > 1``).
 
         Args:
             moments: the interval's flushed moments.
@@ -344,7 +345,10 @@ class SignalCollector:
         self._interval_peak = max(self._interval_peak, peak_bytes)
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
-            self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=moments.n_finite)
+            # Folded in as the sampled steps alone, one in ``every_steps`` (which DeviceMoments sets from the host's
+            # cost), the EMA's time constant stretched with the sampling, up to 64x: hardware-dependent smoothing.
+            finite_steps = n_steps * moments.n_finite / max(moments.n_observed, moments.n_finite)
+            self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=max(finite_steps, 1.0))
         self._charge_cheap(start)
 
     # -------------------------------------------------------------------------------- rounds tier
@@ -725,7 +729,7 @@ class SignalCollector:
         self._fisher_source = ""
         self._sparsity: CurvatureSparsity | None = None
 
-    def _fold_steps(self, sq: np.ndarray, norm: np.ndarray, loss: float, n_steps: int) -> None:
+    def _fold_steps(self, sq: np.ndarray, norm: np.ndarray, loss: float, n_steps: float) -> None:
         keep = self.ema_decay**n_steps
         self._sq_ema = keep * self._sq_ema + (1 - keep) * sq
         self._norm_ema = keep * self._norm_ema + (1 - keep) * norm
