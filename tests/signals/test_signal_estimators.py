@@ -380,6 +380,17 @@ def test_sparsity_rejects_bad_input() -> None:
         curvature_sparsity([torch.tensor([1.0, float("nan")])])
     with pytest.raises(ValueError, match=r"small_threshold=2"):
         curvature_sparsity([torch.ones(3)], small_threshold=2)
+    with pytest.raises(ValueError, match=r"layer 5 has an empty curvature diagonal"):
+        curvature_sparsity([torch.ones(3), torch.zeros(0)], layer_ids=[2, 5])
+
+
+def test_a_non_finite_diagonal_is_named_by_its_model_layer() -> None:
+    """Layer 0 has no diagonal (frozen, or no optimizer moment yet): the error named the bad layer 2 as 1, its place
+    among the layers that have one."""
+    from triaccel_rl.signals.collector import _sparsity_with_gaps
+
+    with pytest.raises(ValueError, match=r"layers \[2\] has non-finite entries"):
+        _sparsity_with_gaps([None, torch.ones(5), torch.tensor([1.0, float("inf")])], 0.01, None)
 
 
 # ---------------------------------------------------------------- LR factors

@@ -975,7 +975,7 @@ def _sparsity_with_gaps(
         small, ratio = previous.small_frac.copy(), previous.top10_ratio.copy()
     else:
         top1, top10, small, ratio = np.full(n, 0.01), np.full(n, 0.1), np.zeros(n), np.ones(n)
-    measured = curvature_sparsity([diagonals[i] for i in present], threshold)  # type: ignore[misc]
+    measured = curvature_sparsity([diagonals[i] for i in present], threshold, layer_ids=present)  # type: ignore[misc]
     top1[present], top10[present] = measured.top1_share, measured.top10_share
     small[present], ratio[present] = measured.small_frac, measured.top10_ratio
     return CurvatureSparsity(top1, top10, small, ratio)

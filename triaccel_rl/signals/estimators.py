@@ -246,7 +246,9 @@ def gradient_moments(
     )
 
 
-def curvature_sparsity(diagonals: Sequence[torch.Tensor], small_threshold: float = 0.01) -> CurvatureSparsity:
+def curvature_sparsity(
+    diagonals: Sequence[torch.Tensor], small_threshold: float = 0.01, layer_ids: Sequence[int] | None = None
+) -> CurvatureSparsity:
     """How concentrated each layer's curvature diagonal is.
 
     Definitions, per layer with diagonal ``d`` of ``n`` elements, mass ``m_i = |d_i|`` (so a signed
@@ -264,15 +266,17 @@ def curvature_sparsity(diagonals: Sequence[torch.Tensor], small_threshold: float
     Args:
         diagonals: per layer, the (flattenable) curvature diagonal; one host-device sync for all layers.
         small_threshold: relative threshold of ``small_frac``, in [0, 1].
+        layer_ids: the model's layer index of each diagonal, for the errors (their positions by default).
 
     Raises:
         ValueError: an empty layer, a non-finite entry, or a threshold outside [0, 1].
     """
     if not (0.0 <= small_threshold <= 1.0):
         raise ValueError(f"small_threshold={small_threshold} must be in [0, 1]")
+    ids = list(range(len(diagonals))) if layer_ids is None else list(layer_ids)
     rows = []
     sizes = []
-    for index, diagonal in enumerate(diagonals):
+    for index, diagonal in zip(ids, diagonals, strict=True):
         mass = diagonal.detach().reshape(-1).abs().to(torch.float64)
         n = mass.numel()
         if n == 0:
@@ -289,7 +293,7 @@ def curvature_sparsity(diagonals: Sequence[torch.Tensor], small_threshold: float
         return CurvatureSparsity(empty, empty.copy(), empty.copy(), empty.copy())
     table = torch.stack(rows).cpu().numpy()  # host-device sync: once for all layers
     if not np.all(table[:, 4] == 1.0):
-        bad = np.flatnonzero(table[:, 4] != 1.0).tolist()
+        bad = [ids[row] for row in np.flatnonzero(table[:, 4] != 1.0)]
         raise ValueError(f"curvature diagonal of layers {bad} has non-finite entries")
     top1, top10, small = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows))
     ratio = np.empty(len(rows))
