@@ -1,5 +1,7 @@
 """CPU checks of the CUDA-graph plumbing: where graphs cannot run, the run says why (GPU tests replay them)."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,27 @@ def test_graphs_are_refused_off_cuda_and_for_cumulative_batch_norm():
     assert graph_unsupported(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), torch.device("cuda")) == ""
     with pytest.raises(ValueError, match="need a CUDA device"):
         StepGraphs(model, torch.device("cpu"))
+    # Without running statistics, momentum=None reads nothing on the host: refused before. A device may be a string.
+    stateless = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, momentum=None, track_running_stats=False))
+    assert graph_unsupported(stateless, "cuda") == ""
+    assert graph_unsupported(model, "cuda:0").startswith("batch norm '1' has momentum=None")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, float("nan"), "3", None, True])
+def test_graph_limits_are_whole_numbers_named_when_not(monkeypatch, bad):
+    """nan passed "< 1" and held graphs without limit; 2.5 failed at the first capture; "3" and None as a bare
+    comparison TypeError naming nothing."""
+    monkeypatch.setattr("triaccel_rl.graphs.graph_unsupported", lambda model, device: "")
+    for name in ("max_graphs", "warmup_passes"):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{name}={bad!r} must be a whole number >= 1") + "$"):
+            StepGraphs(nn.Linear(1, 1), torch.device("cpu"), **{name: bad})
+
+
+def test_cuda_graphs_takes_a_bool_or_none_by_name():
+    """ "no" was truthy: graphs on (and, off a GPU, an error naming cuda_graphs=True)."""
+    for bad in ("no", "false", 0, 1):
+        with pytest.raises(TypeError, match=rf"^cuda_graphs={bad!r} must be True, False or None"):
+            TrainingRun("synthetic", device="cpu", cuda_graphs=bad)
 
 
 def test_a_cpu_run_steps_eagerly_and_refuses_graphs_when_asked():
@@ -105,3 +128,19 @@ def test_graphs_of_one_layout_share_inputs_which_go_with_the_last_of_them(cpu_gr
     with pytest.raises(RuntimeError, match="not permitted"):
         graphs.run("bf16", torch.ones(8, 3), torch.zeros(8), _summed_loss, lambda: None)
     assert len(graphs) == 3 and len(graphs._inputs) == 3  # the failed capture's inputs are not kept
+
+
+def test_a_fault_hook_set_after_building_runs_on_a_graphed_run(cpu_graphs, monkeypatch):
+    """Graphs are off for a run built with a fault hook; one set later (as the OOM tests do) was skipped by every
+    replayed step: an injection test on a GPU passed without injecting anything."""
+    monkeypatch.setattr("triaccel_rl.training.graph_unsupported", lambda model, device: "")
+    run = TrainingRun("synthetic", seed=0, device="cpu", cuda_graphs=True)
+    run.step()
+    assert run.graphs is not None and run.graphs.replays == 1
+    points = []
+    run.fault = points.append
+    run.step()
+    assert [point.phase for point in points] == ["forward", "backward"] and run.graphs.replays == 1  # eager
+    run.fault = None
+    run.step()
+    assert run.graphs.replays == 2

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.signals.estimators import frozen_batch_stats
 
 __all__ = ["StepGraphs", "graph_unsupported", "recover_from_failed_capture"]
@@ -96,22 +97,30 @@ def recover_from_failed_capture(device: torch.device, pool: Any) -> bool:
         routed = True
     except RuntimeError:  # not recording to that pool: torch ended the routing itself
         routed = False
-    scratch = torch.zeros(1, device=torch.device("cuda", index))
-    torch.cuda.synchronize(index)
-    with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=torch.cuda.graph_pool_handle()):
-        scratch.add_(1)
+    with torch.cuda.device(index):  # the capture's stream is the current device's
+        scratch = torch.zeros(1, device=torch.device("cuda", index))
+        torch.cuda.synchronize(index)
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=torch.cuda.graph_pool_handle()):
+            scratch.add_(1)
     if routed:
         _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
     return routed
 
 
-def graph_unsupported(model: nn.Module, device: torch.device) -> str:
+def graph_unsupported(model: nn.Module, device: torch.device | str) -> str:
     """Why ``model``'s training step cannot be captured on ``device`` ('' when it can)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device; this run is on {device}"
     for name, module in model.named_modules():
-        # momentum=None makes batch norm compute its factor from num_batches_tracked on the host (a sync).
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.momentum is None:
+        # momentum=None makes batch norm compute its factor from num_batches_tracked on the host (a sync), where it
+        # keeps running statistics: without them it reads neither.
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and module.momentum is None
+            and module.track_running_stats
+        ):
             return f"batch norm {name!r} has momentum=None (a cumulative average is computed on the host)"
     return ""
 
@@ -127,17 +136,16 @@ class StepGraphs:
 
     Raises:
         ValueError: ``device`` is not CUDA, the model cannot be captured (``graph_unsupported``), or
-            ``max_graphs``/``warmup_passes`` is below 1.
+            ``max_graphs``/``warmup_passes`` is not a whole number >= 1.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 6, warmup_passes: int = 2) -> None:
         reason = graph_unsupported(model, device)
         if reason:
             raise ValueError(reason)
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs={max_graphs} must be >= 1")
-        if warmup_passes < 1:
-            raise ValueError(f"warmup_passes={warmup_passes} must be >= 1")
+        for name, value in (("max_graphs", max_graphs), ("warmup_passes", warmup_passes)):
+            if not is_whole(value) or value < 1:  # nan passed "< 1" and held graphs without limit
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         self.model = model
         self.device = device
         self.max_graphs = max_graphs
@@ -218,7 +226,17 @@ class StepGraphs:
     def _record(
         self, static_x: torch.Tensor, static_y: torch.Tensor, body: Body, zero_grad: Callable[[], None]
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, int]:
-        """Warm-up passes, then the capture of ``body`` on the static inputs: the graph, its loss and the peak bytes."""
+        """Warm-up passes, then the capture of ``body`` on the static inputs: the graph, its loss and the peak bytes.
+
+        Both on the device's side stream, with the run's device current: ``torch.cuda.graph`` captures on a stream of
+        the *current* device unless given one, and a run on ``cuda:1`` while ``cuda:0`` is current would capture there.
+        """
+        with torch.cuda.device(self.device):
+            return self._record_on_device(static_x, static_y, body, zero_grad)
+
+    def _record_on_device(
+        self, static_x: torch.Tensor, static_y: torch.Tensor, body: Body, zero_grad: Callable[[], None]
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, int]:
         torch.cuda.reset_peak_memory_stats(self.device)
         side = _capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -232,7 +250,7 @@ class StepGraphs:
         if self._pool is None:  # a handle of our own: a failed capture's graph does not tell its pool
             self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 loss = body(static_x, static_y)
         except BaseException:
             failed_pool, self._pool = self._pool, None  # later captures share a new pool

@@ -197,7 +197,10 @@ class TrainingRun:
         cuda_graphs: replay each step's forward, loss and backward from a captured CUDA graph
             (``StepGraphs``) when the step is one micro-batch: one launch instead of hundreds, for
             host-bound models. ``None``: on a CUDA device whenever the model allows it and no ``fault``
-            hook is set. Steps split into micro-batches run eagerly.
+            hook is set. Steps split into micro-batches run eagerly, and so does every step while a ``fault``
+            hook is set on the run later. A step whose update fails after its graph replayed (a step pre-hook
+            raising, an out-of-memory error in the update) returns its batch with the batch-norm statistics the
+            replay updated: a replay saves no copy of them, which would cost a copy a step.
 
     Raises:
         ConfigError: the budget cannot hold one sample (the message says how much one sample needs).
@@ -242,6 +245,8 @@ class TrainingRun:
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         if elastic is not None and not isinstance(elastic, ElasticConfig):
             raise TypeError(f"elastic={elastic!r} must be an ElasticConfig, e.g. ElasticConfig(fill_frac=0.9)")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, (bool, np.bool_)):  # "no" turned graphs on
+            raise TypeError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (where the model allows)")
         if not is_whole(n_probe) or n_probe < 1:
             raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
         self.elastic = elastic or ElasticConfig()
@@ -879,7 +884,7 @@ class TrainingRun:
         """
         n = len(batch.y)
         self._graphed = False
-        if self.graphs is not None and len(sizes) == 1:
+        if self.graphs is not None and len(sizes) == 1 and self.fault is None:  # (a fault hook set after building)
             loss = self._replay(batch)
             if loss is not None:
                 return loss
