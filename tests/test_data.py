@@ -344,6 +344,19 @@ def test_load_fashion_mnist_validates(tmp_path: Path, file_index: int, array: np
         load_fashion_mnist(folder)
 
 
+def test_a_split_error_names_the_files_read(tmp_path: Path) -> None:
+    """With both a .gz and a plain copy present the .gz is read; the error named only the folder, so a user could
+    replace the wrong copy."""
+    folder = write_fake_fashion(tmp_path / "fake")
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(10, dtype=np.uint8))  # a good plain copy ...
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.full(10, 10, dtype=np.uint8))  # ... and a bad .gz, read
+    with pytest.raises(DatasetError) as info:
+        load_fashion_mnist(folder)
+    assert str(info.value) == (
+        f"t10k labels in {folder} (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) range 10..10, expected 0..9"
+    )
+
+
 _REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 

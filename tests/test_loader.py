@@ -195,6 +195,10 @@ def test_inputs_or_labels_that_are_not_tensors_are_refused_by_name() -> None:
         ElasticLoader(torch.arange(4.0), [0, 1, 0, 1])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"x must be a tensor .*; got ndarray"):
         ElasticLoader(torch.arange(4.0).numpy(), torch.arange(4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^x must have a sample dimension first; got a 0-d tensor \(3\.0\)$"):
+        ElasticLoader(torch.tensor(3.0), torch.tensor(3))  # a bare "len() of a 0-d tensor" TypeError before
+    with pytest.raises(ValueError, match=r"^y must have a sample dimension first; got a 0-d tensor \(3\)$"):
+        ElasticLoader(torch.arange(1.0), torch.tensor(3))
 
 
 def test_numpy_integers_and_huge_seeds_serve_batches() -> None:

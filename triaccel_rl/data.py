@@ -401,9 +401,13 @@ def _load_fashion_mnist_cached(folder: Path, stamps: tuple[tuple[str, int, int],
     train_images, train_labels, test_images, test_labels = arrays
     n_classes = len(FASHION_MNIST_CLASSES)
     for split, images, labels in (("train", train_images, train_labels), ("t10k", test_images, test_labels)):
-        _check_split(folder, split, images, labels, image_shape=(28, 28), n_classes=n_classes)
+        # The files read, by name: where both a .gz and a plain copy are present, the .gz is the one to replace.
+        image_file, label_file = (_fashion_file(folder, f"{split}-{kind}-idx{rank}-ubyte.gz").name
+                                  for kind, rank in (("images", 3), ("labels", 1)))  # fmt: skip
+        where = f"{folder} ({image_file}, {label_file})"
+        _check_split(where, split, images, labels, image_shape=(28, 28), n_classes=n_classes)
         if images.dtype != np.uint8:
-            raise DatasetError(f"Fashion-MNIST {split} images in {folder} are {images.dtype}, expected uint8")
+            raise DatasetError(f"Fashion-MNIST {split} images in {where} are {images.dtype}, expected uint8")
     return ImageDataset(
         train_images=torch.from_numpy(train_images),
         train_labels=torch.from_numpy(train_labels.astype(np.int64)),
@@ -414,7 +418,7 @@ def _load_fashion_mnist_cached(folder: Path, stamps: tuple[tuple[str, int, int],
 
 
 def _check_split(
-    where: Path,
+    where: Path | str,
     split: str,
     images: np.ndarray,
     labels: np.ndarray,

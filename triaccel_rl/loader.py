@@ -36,7 +36,8 @@ class ElasticLoader:
     Each epoch is a permutation fixed by ``(seed, epoch)``; batches are consecutive slices of it, and a
     batch never crosses an epoch boundary (the last batch of an epoch may be smaller). So every sample is
     seen exactly once per epoch, in the same order, whatever sequence of batch sizes occurred. The data
-    and the shuffling live on the data's device, so a GPU run never waits on the host.
+    lives on its device; each epoch's permutation is drawn on the CPU (the same order on every device) and copied
+    over once an epoch, so a GPU run's batches are sliced on the device without a wait on the host.
 
     Example:
         >>> loader = ElasticLoader(torch.arange(10.0), torch.arange(10), seed=0)
@@ -52,6 +53,8 @@ class ElasticLoader:
                 raise ValueError(
                     f"{name} must be a tensor (torch.as_tensor converts a list); got {type(value).__name__}"
                 )
+            if value.dim() == 0:  # len() of a 0-d tensor raised a bare TypeError
+                raise ValueError(f"{name} must have a sample dimension first; got a 0-d tensor ({value.item()!r})")
         if len(x) != len(y):
             raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) must have the same length")
         if len(x) == 0:

@@ -500,7 +500,9 @@ register_task(
 register_task(
     Task(
         name="resnet18-fmnist",
-        description="CIFAR-style ResNet-18 (1-channel stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
+        description=(
+            "CIFAR-style ResNet-18 (1-channel stem) on Fashion-MNIST less a 512-image probe, crop+flip, SGD Nesterov"
+        ),
         build_model=functools.partial(resnet18, in_channels=1, n_classes=10),
         load_data=fashion_mnist_data,
         optimizer="sgd",
@@ -515,7 +517,9 @@ register_task(
 register_task(
     Task(
         name="effnet-b0-fmnist",
-        description="EfficientNet-B0 (stride-1 stem) on all of Fashion-MNIST, crop+flip, SGD Nesterov",
+        description=(
+            "EfficientNet-B0 (stride-1 stem) on Fashion-MNIST less a 512-image probe, crop+flip, SGD Nesterov"
+        ),
         build_model=functools.partial(efficientnet_b0, in_channels=1, n_classes=10, stem_stride=1),
         load_data=fashion_mnist_data,
         optimizer="sgd",
