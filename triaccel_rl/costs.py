@@ -77,9 +77,9 @@ class CostModel:
 
         Activation bytes are :func:`saved_bytes_per_sample`'s (each layer's output bytes where a batch cannot run).
 
-        The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode and buffers
-        are as they were, so a training run that measures its costs first draws and computes exactly as one that does
-        not.
+        The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode, buffers
+        and plain attributes are as they were, so a training run that measures its costs first draws and computes
+        exactly as one that does not.
 
         Args:
             model: the model.
@@ -308,8 +308,13 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Puts back what a forward may change.
 
     Every module's train/eval mode (a frozen batch norm stays in eval), every buffer (a value updated in place or a new
-    tensor bound to its name), and the random number generators (torch's on the CPU and ``device``, and Python's).
+    tensor bound to its name), every module's plain attributes (bound again, and ones the forward added dropped: a
+    recurrent model's carried hidden state kept the measurement's batch of one, and the user's first step raised; a
+    layer that initialises itself from its first batch, Glow's ActNorm, took the one-sample measurement's statistics,
+    a division by a zero deviation), and the random number generators (torch's on the CPU and ``device``, and
+    Python's). Parameters written in place are not put back.
     """
+    attributes = [(module, dict(module.__dict__)) for module in model.modules()]  # shallow: the objects themselves
     modes = [(module, module.training) for module in model.modules()]
     buffers = [
         (module, name, buffer, buffer.clone())
@@ -323,6 +328,10 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
             yield
     finally:
         random.setstate(python_state)
+        for module, saved in attributes:  # the parameter, buffer, module and hook dicts are the same objects
+            for name in module.__dict__.keys() - saved.keys():
+                del module.__dict__[name]
+            module.__dict__.update(saved)
         for module, training in modes:
             module.training = training
         with torch.no_grad():

@@ -195,8 +195,9 @@ class SignalCollector:
         config: modes, budget and schedule; ``SignalConfig()`` by default.
         param_counts: the parameter elements each layer's gradient statistics are summed over (the engine's
             ``layer_param_counts``: a weight tied between layers in its first only, none outside the optimizer),
-            the per-element curvature and variance's divisors and the observation's weights; each layer's
-            ``n_params`` by default. A tied output layer divided its own bias's sums by the tied weight's size too.
+            the per-element curvature and variance's divisors; each layer's ``n_params`` by default. A tied output
+            layer divided its own bias's sums by the tied weight's size too. The snapshot's ``n_params``, which
+            weighs each layer in the observation (its precision, its share), stays what the layer computes with.
 
     Attributes:
         overhead_ms: wall time spent on signals and decisions (cheap path, rounds, and what callers
@@ -231,11 +232,12 @@ class SignalCollector:
         self.ema_decay = ema_decay
         self.memory_budget_bytes = memory_budget_bytes
         self._config = config or SignalConfig()
-        counts = [info.n_params for info in layers] if param_counts is None else list(param_counts)
-        if len(counts) != len(layers) or any(not is_whole(n) or n < 0 for n in counts):
+        self.n_params = np.array([info.n_params for info in layers], dtype=np.float64)
+        counts = self.n_params if param_counts is None else list(param_counts)
+        if len(counts) != len(layers) or (param_counts is not None and any(not is_whole(n) or n < 0 for n in counts)):
             raise ValueError(f"param_counts={param_counts!r} must be {len(layers)} whole numbers >= 0, one per layer")
-        self.n_params = np.array(counts, dtype=np.float64)
-        self._per_element = np.maximum(self.n_params, 1.0)  # a layer that owns nothing has sums of 0: reads 0
+        # A layer that owns nothing (a tied head without a bias) has sums of 0: it reads 0, not NaN.
+        self._per_element = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
         self.controllable = np.array([info.controllable for info in layers], dtype=bool)
         self.n_steps = 0
         self.overhead_ms = 0.0
