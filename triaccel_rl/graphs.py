@@ -97,10 +97,15 @@ def recover_from_failed_capture(device: torch.device, pool: Any) -> bool:
         routed = True
     except RuntimeError:  # not recording to that pool: torch ended the routing itself
         routed = False
-    with torch.cuda.device(index):  # the capture's stream is the current device's
-        scratch = torch.zeros(1, device=torch.device("cuda", index))
+    device = torch.device("cuda", index)
+    with torch.cuda.device(index):
+        scratch = torch.zeros(1, device=device)
         torch.cuda.synchronize(index)
-        with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=torch.cuda.graph_pool_handle()):
+        # On the device's own stream: torch's default capture stream is one for the process, made on whichever device
+        # was current at its first use, and a capture there would leave this device's generator in capture mode.
+        with torch.cuda.graph(
+            torch.cuda.CUDAGraph(), pool=torch.cuda.graph_pool_handle(), stream=_capture_stream(device)
+        ):
             scratch.add_(1)
     if routed:
         _log.debug("ended the allocator's routing to the pool %s of a failed CUDA graph capture", pool)
@@ -228,8 +233,9 @@ class StepGraphs:
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, int]:
         """Warm-up passes, then the capture of ``body`` on the static inputs: the graph, its loss and the peak bytes.
 
-        Both on the device's side stream, with the run's device current: ``torch.cuda.graph`` captures on a stream of
-        the *current* device unless given one, and a run on ``cuda:1`` while ``cuda:0`` is current would capture there.
+        Both on the device's side stream, with the run's device current: unless given a stream, ``torch.cuda.graph``
+        captures on its default capture stream, one for the process, made on whichever device was current at its first
+        use, so a run on ``cuda:1`` could capture on ``cuda:0``.
         """
         with torch.cuda.device(self.device):
             return self._record_on_device(static_x, static_y, body, zero_grad)
