@@ -526,6 +526,35 @@ def test_measuring_costs_leaves_no_trace() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+class _Carried(nn.Module):
+    """A GRU carrying its hidden state across batches (detached), and a layer initialised from its first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not hasattr(self, "scale"):  # data-dependent init, as Glow's ActNorm does
+            self.scale = 1.0 / x.std(unbiased=False).clamp_min(1e-6).item()
+        out, h = self.rnn(x * self.scale, getattr(self, "h", None))
+        self.h = h.detach()
+        return self.head(out[:, -1])
+
+
+def test_measuring_costs_puts_back_the_modules_own_attributes() -> None:
+    """The one-sample measurement left the GRU's carried state at a batch of one (the user's first step of 16 raised
+    "Expected hidden size (1, 16, 8), got [1, 1, 8]") and initialised the scale from one sample (a zero deviation:
+    1e6), and the call counter ran 3 ahead."""
+    model = _Carried()
+    _costs(model, torch.randn(1, 3, 4))
+    assert model.calls == 0 and not hasattr(model, "h") and not hasattr(model, "scale")
+    model(torch.randn(16, 3, 4))  # the user's first batch: its own state and init
+    assert model.h.shape == (1, 16, 8) and model.scale < 10
+
+
 class _TiedLM(nn.Module):
     """An embedding and an output projection sharing one weight (a language model's tied weights)."""
 

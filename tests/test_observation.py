@@ -287,7 +287,9 @@ def test_grouper_ignores_non_controllable_layers() -> None:
 
 
 def test_grouper_needs_a_controllable_layer() -> None:
-    with pytest.raises(ValueError, match=r"no controllable"):
+    with pytest.raises(
+        ValueError, match=r"no controllable layer to group \(nn.Linear, .*compute them through nn.Linear"
+    ):
         LayerGrouper(np.zeros(3, dtype=bool), n_groups=2)
 
 

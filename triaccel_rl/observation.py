@@ -161,7 +161,11 @@ class LayerGrouper:
             raise ValueError(f"margin={margin!r} must be a finite number >= 0 (log10 units)")
         self.indices = np.flatnonzero(controllable)
         if len(self.indices) == 0:
-            raise ValueError("the model has no controllable (Linear/Conv/attention) layer to group")
+            raise ValueError(
+                "the model has no controllable layer to group (nn.Linear, a convolution or nn.MultiheadAttention: the "
+                "layers whose precision the controller sets); its matmuls run elsewhere (an nn.Embedding, an RNN, "
+                "x @ w on a parameter): compute them through nn.Linear, or train this model without the controller"
+            )
         self.n_groups = n_groups
         self.smoothing = smoothing
         self.margin = margin
