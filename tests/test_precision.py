@@ -698,6 +698,132 @@ def test_a_layer_inside_the_models_own_fp32_block_computes_in_fp32_under_any_map
     assert not lp._stack and not lp._swapped
 
 
+class _Region(nn.Module):
+    """body, then mid inside the model's own bf16 autocast region, and head: a block its author runs in bf16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.mid(h)
+        return self.head(h.float())  # (in plain fp32 too, a bf16 h would not meet the head's fp32 weight)
+
+
+@pytest.mark.parametrize(
+    "region_map",
+    [["fp32", "fp32", "fp32"], ["fp16", "fp16", "fp16"], ["fp32", "fp16", "fp32"], ["fp16", "fp32", "fp16"]],
+)
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_layer_inside_the_models_own_16_bit_region_computes_in_its_type_under_any_map(
+    region_map: list[str], copies: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: under a uniform map (the hooks idle) mid computed in the model's bf16, under a mixed map in the
+    type its own region set (fp32 under ['fp16', 'fp32', 'fp16'], fp16 under ['fp32', 'fp16', 'fp32']): it hung on
+    the other layers' precisions. Now bf16 under every map, bit for bit mid alone under autocast; a warning names it
+    once where its set precision differs. (A model region of the outer region's own type cannot be told from ours.)"""
+    torch.manual_seed(0)
+    model = _Region()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(region_map)
+    if copies:
+        lp.use_weight_copies(_copies_of(model, lp))
+    inputs, outputs, _ = capture(model)
+    with caplog.at_level("WARNING", logger="triaccel_rl.precision"), lp.context():
+        for _ in range(2):
+            model(torch.randn(2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.mid(inputs["mid"])
+    assert outputs["mid"].dtype == torch.bfloat16 and torch.equal(outputs["mid"], expected)
+    for name, precision in (("body", lp.precisions[0]), ("head", lp.precisions[2])):
+        with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
+            reference = getattr(model, name)(inputs[name])
+        assert outputs[name].dtype == precision.dtype and torch.equal(outputs[name], reference), name
+    assert lp.layers_in_model_blocks == {1: torch.bfloat16} and lp.layers_in_model_fp32_blocks == []
+    message = "layer 'mid' is called inside the model's own torch.autocast(dtype=torch.bfloat16) block"
+    assert caplog.text.count(message) == 1
+    assert not lp._stack and not lp._swapped
+
+
+def test_a_tensor_passed_to_an_fp32_layer_several_times_is_cast_once() -> None:
+    """Self-attention on a bf16 layer's output: h, h, h were cast up three times, so the three gradients came back in
+    bf16 and were summed in bf16 (the body's gradient 0.4% off a single cast's), and ``query is key`` was lost."""
+    torch.manual_seed(1)
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+    model, x = SelfAttention(), torch.randn(4, 6, 16)
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32", "bf16"])
+    seen: list[bool] = []
+    model.attn.register_forward_pre_hook(lambda m, args: seen.append(args[0] is args[1] is args[2]))
+    with lp.context():
+        out = model(x)
+    out.float().sum().backward()
+    hooked = model.body.weight.grad.clone()
+    lp.remove()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # by hand: h cast up once
+        h = model.body(x).float()
+    with torch.autocast("cpu", enabled=False):
+        o = model.attn(h, h, h, need_weights=False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model.head(o)
+    assert torch.equal(out, reference) and seen[0]
+    reference.float().sum().backward()
+    assert torch.equal(hooked, model.body.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "norm", [nn.LayerNorm(4, elementwise_affine=False), nn.GroupNorm(2, 2, affine=False), nn.InstanceNorm1d(2)]
+)
+def test_a_norm_without_parameters_gets_fp32_inputs_as_one_with_them(norm: nn.Module) -> None:
+    """Norms own no layer without trainable parameters, so no hook: on the CPU, autocast ran them in bf16 after a bf16
+    layer (the next fp32 layer got bf16-rounded values), against the docs' "norm layers still get fp32 inputs"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Unflatten(1, (2, 4)), norm, nn.Flatten(), nn.Linear(8, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32"])
+    _, outputs, _ = capture(model)
+    seen: list[torch.dtype] = []
+    norm.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with lp.context():
+        model(torch.randn(4, 8))
+    assert seen == [torch.float32]
+    with torch.autocast("cpu", enabled=False):  # the fp32 head's input: the norm of the bf16 output, in fp32
+        expected = model[4](model[3](norm(model[1](outputs["0"].float()))))
+    assert torch.equal(outputs["4"], expected)
+
+
+@pytest.mark.parametrize("cast_after", [False, True])
+def test_a_model_with_16_bit_parameters_is_refused_by_name(cast_after: bool) -> None:
+    """Every forward of a model.bfloat16() failed deep inside a norm or a matmul ("mat1 and mat2 must have the same
+    dtype"), under an all-fp32 map too: the fp32 regions cast their inputs to fp32."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    message = r"parameters \['0.weight', '0.bias', '1.weight'\] are torch.bfloat16 \(of 6 in 16 bits\).*model in fp32"
+    if not cast_after:
+        with pytest.raises(ValueError, match=message):
+            LayerPrecision(model.bfloat16(), device_type="cpu")
+        return
+    lp = LayerPrecision(model, device_type="cpu")
+    model.bfloat16()
+    with pytest.raises(ValueError, match=message), lp.context():
+        model(torch.randn(2, 6).bfloat16())
+    frozen = nn.Sequential(nn.Linear(6, 6).bfloat16().requires_grad_(False), nn.Linear(6, 2))
+    LayerPrecision(frozen, device_type="cpu")  # a frozen 16-bit body trains nothing in 16 bits: taken
+
+
 def test_a_layer_inside_an_fp32_layers_forward_keeps_its_own_precision() -> None:
     """Autocast is off there too, but by the fp32 layer's region, not the model's code: the inner layer is not taken
     for one in the model's fp32 block."""

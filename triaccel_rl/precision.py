@@ -124,8 +124,10 @@ class LayerPrecision:
 
     A layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32 there whatever
     its precision (its 16-bit inputs cast up), under a uniform map and a mixed one alike: its author asked for fp32.
+    Inside the model's own ``torch.autocast(dtype=...)`` region it computes in that region's type the same way (a
+    region of the type :meth:`context`'s own region has cannot be told from it: there the layer keeps its precision).
     Limitation: the precision set for it is what the controller's cost model and observation count; such layers are
-    listed in :attr:`layers_in_model_fp32_blocks` and named once in a warning.
+    listed in :attr:`layers_in_model_blocks` (:attr:`layers_in_model_fp32_blocks`) and named once in a warning.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -141,6 +143,10 @@ class LayerPrecision:
         self.model = model
         self.device_type = device_type
         entries = find_layers(model)
+        _refuse_16_bit_parameters(model)
+        # One parameter read at each context(): a model cast to 16 bits after the hooks went in (model.bfloat16()
+        # casts every parameter) is refused there, by name, not deep in its forward.
+        self._sentinel = next(p for _, module, _ in entries for p in module.parameters() if p.requires_grad)
         self.layers: list[LayerInfo] = [info for _, _, info in entries]
         self._modules = [module for _, module, _ in entries]
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
@@ -151,10 +157,10 @@ class LayerPrecision:
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
-        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16 (see below), whether
-        # autocast is on in it).
-        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, bool]] = []
-        self._in_model_fp32_blocks: set[int] = set()  # see layers_in_model_fp32_blocks
+        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16 (see below), its
+        # autocast dtype, None where autocast is off in it).
+        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, torch.dtype | None]] = []
+        self._in_model_blocks: dict[int, torch.dtype] = {}  # see layers_in_model_blocks
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -183,6 +189,12 @@ class LayerPrecision:
                 self._handles.append(module.register_forward_pre_hook(self._enter_fp32_module, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._exit_fp32_module, always_call=True))
             else:
+                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
+        # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
+        # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
+        layer_modules = {id(module) for module in self._modules}
+        for module in model.modules():
+            if id(module) not in layer_modules and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
         _guard_compiled_graphs_on_hooks()
 
@@ -244,7 +256,17 @@ class LayerPrecision:
         forwards since the hooks were installed (each is logged once as a warning). Nothing else reads it: the
         controller's cost model and observation count the precision set, not the fp32 such a layer computes in.
         """
-        return sorted(self._in_model_fp32_blocks)
+        return sorted(i for i, dtype in self._in_model_blocks.items() if dtype == torch.float32)
+
+    @property
+    def layers_in_model_blocks(self) -> dict[int, torch.dtype]:
+        """Each layer (index into ``layers``) seen computing in a region of the model's own code, with its type.
+
+        The type is fp32 for ``torch.autocast(..., enabled=False)``, else the model's ``torch.autocast``'s ``dtype``.
+        As :attr:`layers_in_model_fp32_blocks`, 16-bit regions included: a layer whose set precision differs from the
+        region's type, seen in an eager forward, logged once as a warning.
+        """
+        return dict(sorted(self._in_model_blocks.items()))
 
     @contextlib.contextmanager
     def context(self, cache_enabled: bool = True) -> Iterator[None]:
@@ -267,6 +289,8 @@ class LayerPrecision:
                 torch.compiler.disable(self._open_fp32_region),
                 torch.compiler.disable(self._close_fp32_region),
             )
+        if self._sentinel.dtype in _16_BIT:
+            _refuse_16_bit_parameters(self.model)
         outer_dtype = self._outer_dtype()
         # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
         # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
@@ -311,24 +335,28 @@ class LayerPrecision:
             if not self._hooks_on(module):
                 return None
             precision = self.precisions[index]
-            # Called inside the model's own ``autocast(enabled=False)`` block, the layer computes in fp32 whatever the
-            # map: a uniform map (the hooks idle) always let it, but a mixed map's region turned autocast back on there,
-            # so its type hung on other layers' precisions. (Under torch.compile the autocast state read here is the
-            # traced frame's, which Dynamo keeps as it traces.)
-            in_model_fp32_block = precision is not Precision.FP32 and self._in_model_fp32_block()
-            if in_model_fp32_block:
+            # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
+            # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
+            # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
+            # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
+            block = self._model_block_dtype()
+            in_model_block = block is not None and block != precision.dtype
+            if block is not None and in_model_block:
                 if not torch.compiler.is_compiling():
-                    self._note_model_fp32_block(index)
-                precision = Precision.FP32
+                    self._note_model_block(index, block)
+                precision = _PRECISION_OF[block]
+            in_model_fp32_block = in_model_block and precision is Precision.FP32
             if (
                 self.weight_copies is not None
+                and not in_model_block  # its weights are cast by the model's region: the copy holds the map's type
                 and precision is not Precision.FP32
                 and (self.copies_in_eager or torch.compiler.is_compiling())
                 and not self._emulate(index)
             ):
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
-            if not self._mixed_now():
-                # Autocast is off already; 16-bit inputs cast up as a mixed map's fp32 layer gets them.
+            if not self._mixed_now() or (in_model_block and not in_model_fp32_block):
+                # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
+                # gets them. A 16-bit region of the model's stays open: no region of ours for this layer.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
             return enter(module, index, args, kwargs, in_model_fp32_block)
@@ -357,7 +385,7 @@ class LayerPrecision:
             emulated = precision is Precision.FP16 and not in_model_fp32_block
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
-            self._stack.append((module, region, emulated, False))
+            self._stack.append((module, region, emulated, None))
             if emulated:  # fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
@@ -371,7 +399,7 @@ class LayerPrecision:
         cache_enabled = self._cache_enabled and precision.dtype == outer_dtype
         region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False, True))
+        self._stack.append((module, region, False, precision.dtype))
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -419,28 +447,35 @@ class LayerPrecision:
             return False
         return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
 
-    def _in_model_fp32_block(self) -> bool:
-        """Whether the model's own code turned autocast off around this call (``torch.autocast(..., enabled=False)``).
+    def _model_block_dtype(self) -> torch.dtype | None:
+        """The type of a region the model's own code opened around this call; None where the autocast state is ours.
 
-        Asked for a layer set to bf16 or fp16, so :meth:`context`'s region (and a recompute's, which checkpointing
-        restores) is on: off with none of our regions open, or inside one of ours that is on (a 16-bit layer calling
-        this one in its forward), is the model's doing. Off inside an fp32 region of ours (an fp32 layer calling this
-        one) is ours, and the layer computes in its own precision there, as it did.
+        Ours is :meth:`context`'s region (in a recompute, which checkpointing runs under the state it saved, the one the
+        map sets) or the innermost region a layer of ours opened (a layer calling this one in its forward). Autocast off
+        where ours is on is the model's ``torch.autocast(..., enabled=False)``: fp32. On with another type than ours,
+        or where ours is off, is the model's ``torch.autocast(dtype=...)``: that type. A region of the model's of our
+        own type cannot be told from ours: there the layer keeps its precision.
         """
-        if torch.is_autocast_enabled(self.device_type):
-            return False
-        return not self._stack or self._stack[-1][3]
+        if self._stack:
+            ours = self._stack[-1][3]
+        else:
+            ours = self._outer_region_dtype if self._active else self._outer_dtype()
+        if not torch.is_autocast_enabled(self.device_type):
+            return torch.float32 if ours is not None else None
+        dtype = torch.get_autocast_dtype(self.device_type)
+        return dtype if dtype != ours else None
 
-    def _note_model_fp32_block(self, index: int) -> None:
-        """Records that layer ``index`` computed in fp32 in the model's own fp32 block; warns the first time."""
-        if index in self._in_model_fp32_blocks:
+    def _note_model_block(self, index: int, dtype: torch.dtype) -> None:
+        """Records that layer ``index`` computed in ``dtype`` in the model's own region; warns the first time."""
+        if index in self._in_model_blocks:
             return
-        self._in_model_fp32_blocks.add(index)
+        self._in_model_blocks[index] = dtype
         _log.warning(
-            "layer %r is called inside the model's own torch.autocast(enabled=False) block: it computes in fp32 there, "
-            "whatever precision is set for it (%s now); the controller's costs and observation still count that "
-            "precision",
+            "layer %r is called inside the model's own torch.autocast(%s) block: it computes in %s there, whatever "
+            "precision is set for it (%s now); the controller's costs and observation still count that precision",
             self.layers[index].name,
+            "enabled=False" if dtype == torch.float32 else f"dtype={dtype}",
+            _PRECISION_OF[dtype].name,
             self.precisions[index].name,
         )
 
@@ -492,7 +527,7 @@ class LayerPrecision:
         """``_enter_fp32_module``'s region and casts, run eagerly under ``torch.compile`` (as ``_enter_region``)."""
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False, False))
+        self._stack.append((module, region, False, None))
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -569,6 +604,22 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 
 
 _16_BIT = (torch.float16, torch.bfloat16)
+_PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
+
+
+def _refuse_16_bit_parameters(model: nn.Module) -> None:
+    """Raises a ValueError naming the trainable parameters held in bf16 or fp16 (``model.bfloat16()``, ``.half()``).
+
+    The layers' fp32 regions cast their inputs to fp32, which such a weight does not meet: every forward failed deep
+    in a norm or a matmul ("mat1 and mat2 must have the same dtype"), under an all-fp32 map too.
+    """
+    low = [(name, p.dtype) for name, p in model.named_parameters() if p.requires_grad and p.dtype in _16_BIT]
+    if low:
+        raise ValueError(
+            f"parameters {[name for name, _ in low][:3]} are {low[0][1]} (of {len(low)} in 16 bits): the controller "
+            "trains weights kept in fp32 (or float64) and sets the precision each layer computes in itself; build the "
+            "model in fp32 (leave out model.bfloat16() / model.half()) and let the policy choose bf16 or fp16"
+        )
 
 
 def _up_from_16_bit(tensor: torch.Tensor) -> torch.Tensor:
@@ -589,8 +640,23 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
 def _map_tensors(
     inputs: tuple[tuple[Any, ...], dict[str, Any]], fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``fn`` applied to every tensor in a forward's ``(args, kwargs)``, nested ones (an LSTM's ``(h, c)``) too."""
-    return pytree.tree_map_only(torch.Tensor, fn, inputs)
+    """``fn`` applied to every tensor in a forward's ``(args, kwargs)``, nested ones (an LSTM's ``(h, c)``) too.
+
+    A tensor passed more than once (self-attention's ``attn(h, h, h)``, an LSTM's ``(h, h)``) is mapped once: three
+    casts sent three 16-bit gradients back, summed in 16 bits (24% more gradient error against float64 in review), and
+    ``query is key`` no longer held, which attention's packed projection and fast path test for.
+    """
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def once(tensor: torch.Tensor) -> torch.Tensor:
+        for seen, mapped in done:
+            if seen is tensor:
+                return mapped
+        mapped = fn(tensor)
+        done.append((tensor, mapped))
+        return mapped
+
+    return pytree.tree_map_only(torch.Tensor, once, inputs)
 
 
 def _guard_compiled_graphs_on_hooks() -> None:
