@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from triaccel_rl.compare import run_controller
 from triaccel_rl.config import ControllerConfig
@@ -95,6 +96,21 @@ def test_plain_fp16_loop_skips_a_non_finite_step_and_counts_it(monkeypatch):
     assert clean.skipped_steps == 0 and result.skipped_steps == 1
     assert result.steps == clean.steps
     assert math.isfinite(result.final_metric) and result.final_metric > 0.3  # trained on after the skip
+
+
+def test_plain_fp16_loop_reads_no_scale_back_a_step(monkeypatch):
+    """The skip was told from the scale read after every step (get_scale(): a host-device sync on a GPU, a second one
+    a step beside GradScaler's own, inside the timed loop); now from the updates the optimizer applied."""
+    reads = {"n": 0}
+    get_scale = torch.amp.GradScaler.get_scale
+
+    def counted(self):
+        reads["n"] += 1
+        return get_scale(self)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", counted)
+    result = run_plain("synthetic", 0, precision="fp16", epochs=0.5, eval_every_steps=100, device="cpu")
+    assert result.steps > 10 and reads["n"] == 0
 
 
 def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():

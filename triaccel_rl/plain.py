@@ -117,8 +117,10 @@ def run_plain(
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-    skipped = 0
+    # Updates applied, counted on the host: GradScaler calls optimizer.step() only for finite gradients. Reading the
+    # scale after each step instead (get_scale()) was a second host-device sync a step, in the timed loop.
+    applied = [0]
+    counter = optimizer.register_step_post_hook(lambda *_: applied.__setitem__(0, applied[0] + 1))
     layers = [info for _, _, info in find_layers(model)]
     codes = [int(Precision.parse(precision)) if info.controllable else 0 for info in layers]
 
@@ -167,9 +169,6 @@ def run_plain(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            if scaler.is_enabled():  # the scale falls exactly when a step was skipped
-                scale, before = scaler.get_scale(), scale
-                skipped += int(scale < before)
         time_s += timer.stop() / 1e3  # one host-device sync per evaluation interval, as the other rows
         interval_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0  # reset above
         peak = max(peak, interval_peak)
@@ -184,6 +183,7 @@ def run_plain(
             time_to_target = time_s
         if max_time_s is not None and time_s >= max_time_s:
             break
+    counter.remove()
     return RunResult(
         controller=f"plain-{precision}",
         seed=seed,
@@ -195,7 +195,7 @@ def run_plain(
         precision_changes=0,
         batch_changes=0,
         lr_changes=0,
-        skipped_steps=skipped,
+        skipped_steps=steps - applied[0],
         overhead_frac=0.0,
         steps=steps,
         curve=curve,
