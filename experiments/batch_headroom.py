@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args
 
 
 @dataclass
@@ -119,7 +118,7 @@ def main(args: Args) -> dict[str, Any]:
         costs[task_name] = step_costs(task_name)
     summary = summarize(runs, tasks, rows)
     document = {
-        "command": "python experiments/batch_headroom.py " + " ".join(sys.argv[1:]),
+        "command": command_line("experiments/batch_headroom.py", args),
         "args": asdict(args),
         "device": "cpu",  # every run; the times are modelled (time_mode)
         "commit": git_commit(),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import parse_args
+from triaccel_rl.experiment import command_line, parse_args
 
 
 @dataclass
@@ -65,7 +64,7 @@ def main(args: Args) -> list[dict[str, object]]:
             if args.device.startswith("cuda")
             else f"cpu ({os.cpu_count()} cores)",
             "date": time.strftime("%Y-%m-%d"),
-            "command": "python experiments/bench_env.py " + " ".join(sys.argv[1:]),
+            "command": command_line("experiments/bench_env.py", args),
         }
         rows.append(row)
         print(

@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -45,7 +44,7 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
-from triaccel_rl.experiment import away_from_results, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
 from triaccel_rl.tasks import get_task, task_names
@@ -269,6 +268,7 @@ def rows_for(args: Args) -> dict[str, dict[str, Any]]:
 
 
 def main(args: Args) -> list[dict[str, Any]]:
+    command = command_line("experiments/gpu_benchmark.py", args)  # as given (a --smoke run's paths change below)
     if args.smoke:  # a plumbing check leaves the recorded GPU table and its plots alone
         args = replace(
             args,
@@ -284,7 +284,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "commit": git_commit(),
-        "command": "python experiments/gpu_benchmark.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "torch": torch.__version__,
     }
     partial = _out_path(args).with_suffix(".partial.json")  # the finished runs while the job runs (as compare's)

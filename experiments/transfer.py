@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from triaccel_rl.experiment import (
     away_from_results,
+    command_line,
     file_to_write,
     git_commit,
     parse_args,
@@ -261,7 +261,7 @@ def calibrate(tasks: list[str], args: Args) -> dict[str, Any]:
         print(f"{task:22s} static fp32, seed {CALIBRATION_SEED}: final {100 * result.final_metric:.2f}% "
               f"-> target {rows[task]['target_metric']:.3f}", flush=True)  # fmt: skip
     document = {
-        "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
+        "command": command_line("experiments/transfer.py", args),
         "rule": f"target = floor({CALIBRATION_SHARE} x final accuracy of static fp32, seed {CALIBRATION_SEED}, "
         "to 0.005)",
         "args": asdict(args),
@@ -419,7 +419,7 @@ def _write(
 
     summary = summarize(runs, tasks, controllers)
     document: dict[str, Any] = {
-        "command": "python experiments/transfer.py " + " ".join(sys.argv[1:]),
+        "command": command_line("experiments/transfer.py", args),
         "args": asdict(args),
         "time_mode": "modelled GPU time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",
         "device": _device(),

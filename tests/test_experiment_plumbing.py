@@ -144,6 +144,22 @@ def test_a_field_without_a_default_is_a_required_flag(capsys):
     with pytest.raises(SystemExit):
         parse_args(Run, [])
     assert "the following arguments are required: --steps" in capsys.readouterr().err
+    assert command_line("x.py", Run(steps=3)) == "python x.py --steps 3"  # type(args)() raised for a required field
+
+
+def test_git_commit_marks_a_tree_with_edits(monkeypatch):
+    """A run from edited tracked files was credited to the commit it started from, as if it were that code."""
+    from triaccel_rl import experiment
+
+    for name in ("COMMIT", "TRIACCEL_COMMIT"):
+        monkeypatch.delenv(name, raising=False)
+    status = {"text": " M triaccel_rl/plain.py"}
+    monkeypatch.setattr(experiment, "_git", lambda root, *a: "abc1234" if a[0] == "rev-parse" else status["text"])
+    assert experiment.git_commit() == "abc1234+dirty"
+    status["text"] = ""
+    assert experiment.git_commit() == "abc1234"
+    monkeypatch.setenv("COMMIT", "0c67b2b")  # a device copy without git: the hash the visit was told
+    assert experiment.git_commit() == "0c67b2b"
 
 
 @pytest.mark.parametrize("text", ["nan", "1,inf", "-inf"])

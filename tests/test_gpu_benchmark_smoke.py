@@ -1,12 +1,15 @@
 """The GPU benchmark's plumbing on the CPU: grid, rows x 2 seeds, the fp32 cap, JSON schema, plots, merge."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from experiment_scripts import import_experiment, strict_json
+
+from triaccel_rl.experiment import parse_args
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
 ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
@@ -19,12 +22,13 @@ def run(*args: str, cwd: Path) -> str:
 
 
 def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
-    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out, plots = tmp_path / "bench.json", tmp_path / "the plots"  # a space: the recorded command must quote it
+    rows_flag = "fp32,plain-fp32,static-bf16,heuristic"
     common = ["--smoke", "--models", "synthetic", "--epochs", "1", "--seeds", "2", "--interval-steps", "4",
               "--warmup-epochs", "0.2"]  # fmt: skip
     stdout = run(
         *common,
-        "--rows", "fp32,plain-fp32,static-bf16,heuristic",
+        "--rows", rows_flag,
         "--grid-batches", "32,64", "--grid-lr-scales", "1.0",
         "--out", str(out), "--plots", str(plots),
         cwd=tmp_path,
@@ -38,6 +42,11 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
         assert set(row["time_to_target_s"]) == {"mean", "per_seed"}
         assert (row["peak_bytes"] > 0 or row["controller"].startswith("plain")) and 0 <= row["overhead_frac"] < 1
         assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
+        # Runs again as recorded: the flags quoted (a joined argv wrote "--plots  --out" for an empty path) and the
+        # paths as given, not a --smoke run's temporary ones
+        words = shlex.split(row["command"])
+        again = parse_args(gpu_benchmark_module().Args, words[2:])
+        assert (again.out, again.plots, again.rows, again.smoke) == (str(out), str(plots), rows_flag, True)
         assert row["commit"] and row["commit"] != "unknown" and len(row["date"]) == len("2026-12-04")
         assert row["peak_nvml_bytes"] is None and row["nvml_scope"] == []  # no NVML reading on a CPU
         assert row["rank"] is None if row["reach_rate"] < 1 else row["rank"] >= 1

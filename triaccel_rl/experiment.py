@@ -215,11 +215,13 @@ def command_line(script: str, args: Any) -> str:
         >>> command_line("experiments/x.py", Args(steps=5, tasks="a b", smoke=True))
         "python experiments/x.py --steps 5 --tasks 'a b' --smoke"
     """
-    defaults = type(args)()
     flags = []
     for f in fields(args):
         value, flag = getattr(args, f.name), f"--{f.name.replace('_', '-')}"
-        if value == getattr(defaults, f.name):
+        # A field without a default (parse_args takes such) is always written; building the defaults as type(args)()
+        # raised for one.
+        default = f.default_factory() if f.default_factory is not MISSING else f.default  # (MISSING: none)
+        if default is not MISSING and value == default:
             continue
         if isinstance(value, bool):  # store_true flags take no value; a True default is turned off by --no-...
             flags.append(flag if value else f"--no-{flag[2:]}")
@@ -235,10 +237,16 @@ def git_commit(short: bool = True) -> str:
     for name in ("COMMIT", "TRIACCEL_COMMIT"):
         if os.environ.get(name):
             return os.environ[name]
-    command = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    root = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(
-            command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = _git(root, "rev-parse", *(["--short"] if short else []), "HEAD")
+        # Tracked files edited since that commit: the run's code is not the commit's, and the record says so (a run of
+        # uncommitted code was credited to its parent).
+        return commit + ("+dirty" if _git(root, "status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _git(root: Path, *arguments: str) -> str:
+    """The output of ``git arguments`` in ``root``, stripped (raises CalledProcessError where git fails)."""
+    return subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
