@@ -73,6 +73,7 @@ def test_interval_is_clipped_to_its_bounds_and_fixed_when_not_adaptive():
         ({"share": "0.01"}, "share='0.01' must be in (0, 1)"),
         ({"share": True}, "share=True must be in (0, 1)"),
         ({"cheap_share": "0.01"}, "cheap_share='0.01' must be in (0, 1), or None"),
+        ({"adaptive": "no"}, "adaptive='no' must be True or False"),  # truthy: the stretch was on
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -123,6 +124,31 @@ def test_decision_loop_keeps_its_snapshots_within_the_cheap_signals_share():
         loop.snapshot(progress=0.1)
         loop.collector.cheap_ms += 1e3  # a slow snapshot, seen by the cheap rule alone (the decision is cheap)
     assert steps == [2, 2, 6, 6]
+
+
+def test_decision_loop_counts_the_intervals_folding_in_its_cheap_share(monkeypatch):
+    """Folding a chunk's moments into the collector is the cheap tier's work (the Controller's decision window holds
+    it), but the loop took its mark after the fold: a second of folding an interval stretched nothing."""
+    from triaccel_rl.signals import SignalCollector, SignalConfig
+
+    config = ControllerConfig(interval_steps=2, max_interval_factor=3, signals=SignalConfig(cheap_budget_frac=0.002))
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    observe = SignalCollector.observe_interval
+
+    def slow_fold(self, *args, **kwargs):
+        observe(self, *args, **kwargs)
+        self.cheap_ms += 1e3  # as if the fold had taken a second
+        self.overhead_ms += 1e3
+
+    monkeypatch.setattr(SignalCollector, "observe_interval", slow_fold)
+    steps = []
+    for _ in range(4):
+        before = loop.run.steps
+        loop.train_interval()
+        steps.append(loop.run.steps - before)
+        loop.snapshot(progress=0.1)
+    assert steps == [2, 2, 6, 6]
+    assert loop.cadence.spent_ms >= 2 * 1e3  # the measured decisions (the first is not) carry their folds
 
 
 def test_an_interval_trained_in_chunks_ends_at_the_same_decision_point():
@@ -303,3 +329,43 @@ def test_a_loaded_cadence_stretches_as_the_saved_one_does():
     # 0 passed the range and divided by zero at the next interval's `steps` (record() never leaves it)
     with pytest.raises(ValueError, match=r"the cadence's state has step_ms 0\.0: a step takes a positive time"):
         loaded.load_state_dict({**cadence.state_dict(), "step_ms": 0.0})
+
+
+def test_the_controller_charges_a_decisions_whole_wall_time(monkeypatch):
+    """The shield's buffer check, its rollback copy and the running-mean read ran between the interval's end and the
+    next interval unseen: each slowed by 20 ms here, the cadence's spent time and the overhead rose by none of it
+    (DecisionLoop charges all three)."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from triaccel_rl import controller as controller_module
+    from triaccel_rl.engine import StepEngine
+    from triaccel_rl.shield import RollbackGuard
+
+    def slowed(fn):
+        def wrapper(*args, **kwargs):
+            time.sleep(0.02)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(controller_module, "nonfinite_buffers", slowed(controller_module.nonfinite_buffers))
+    monkeypatch.setattr(RollbackGuard, "healthy", slowed(RollbackGuard.healthy))
+    monkeypatch.setattr(StepEngine, "grad_mean_sq_norm", slowed(StepEngine.grad_mean_sq_norm))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    ctl = controller_module.Controller(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), policy="fp32",
+        config=ControllerConfig(interval_steps=4), device="cpu",
+    )  # fmt: skip
+    x, y = torch.randn(128, 8), torch.randint(0, 2, (128,))
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+    decisions = len(ctl.decisions)
+    assert decisions == 2
+    assert ctl.cadence.spent_ms >= decisions * 3 * 20 and ctl.collector.overhead_ms >= ctl.cadence.spent_ms
+    ctl.close()

@@ -114,6 +114,8 @@ class Cadence:
             raise ValueError(f"share={share!r} must be in (0, 1)")
         if cheap_share is not None and not _is_fraction(cheap_share):
             raise ValueError(f"cheap_share={cheap_share!r} must be in (0, 1), or None")
+        if not isinstance(adaptive, bool):  # "no" turned the stretch on
+            raise ValueError(f"adaptive={adaptive!r} must be True or False")
         self.min_steps = min_steps
         self.max_steps = min_steps * max_factor
         self.share = share

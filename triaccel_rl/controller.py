@@ -227,6 +227,7 @@ class Controller:
             self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
             self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
             self._carried_ms = 0.0  # the open interval's training ms before a resume (a checkpoint's)
+            self._decision_start = 0.0  # perf_counter() at the last interval's end (_close_interval)
             self._timer = IntervalTimer(self.device)
             self._timer.start()
             self._closed = False
@@ -486,6 +487,11 @@ class Controller:
             steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
             train_ms = self._close_interval()
             self._decide()
+            # The decision's whole wall time from the interval's end: the moments read, the shield (its buffer check,
+            # a rollback copy) and the running-mean read are the collector's to charge too. Only its own parts were
+            # (the cadence stretched too little, and the overhead reported on a GPU read low).
+            uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead)
+            self.collector.add_overhead(max(uncharged, 0.0))
             self.cadence.record(
                 self.collector.overhead_ms - overhead,
                 train_ms,
@@ -994,6 +1000,7 @@ class Controller:
         """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms."""
         assert self._moments is not None
         train_ms = self._timer.stop() + self._carried_ms
+        self._decision_start = time.perf_counter()  # the device is idle: what follows is the decision's
         self._carried_ms = 0.0
         moments = self._moments.flush()
         self._recorded_ms = moments.recorded_ms

@@ -105,6 +105,7 @@ class DecisionLoop:
         self._interval_train_ms = 0.0  # training time and steps since the last snapshot
         self._interval_steps = 0
         self._interval_recorded_ms = 0.0  # what recording the per-step statistics took in them
+        self._fold_ms = self._fold_cheap_ms = 0.0  # what folding the interval's chunks into the collector took
         self._decided = False  # a snapshot (and so a decision) came after the last training chunk
         self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
         self.executor = Executor(config, self.grouper)
@@ -135,23 +136,27 @@ class DecisionLoop:
         if self._decided:
             if self._mark is not None:
                 overhead, rounds, cheap = self._mark
-                decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds)
+                # The interval's folding of its chunks' moments is the cheap tier's work too, as in the Controller,
+                # whose decision window holds it (it was left out here: the mark is taken after each fold).
+                decision_ms = (collector.overhead_ms - overhead) - (collector.estimator_ms - rounds) + self._fold_ms
                 self.cadence.record(
                     decision_ms,
                     self._interval_train_ms,
                     self._interval_steps,
-                    cheap_ms=collector.cheap_ms - cheap,
+                    cheap_ms=collector.cheap_ms - cheap + self._fold_cheap_ms,
                     recording_ms=self._interval_recorded_ms,
                 )
             self._interval_train_ms, self._interval_steps, self._decided = 0.0, 0, False
-            self._interval_recorded_ms = 0.0
+            self._interval_recorded_ms = self._fold_ms = self._fold_cheap_ms = 0.0
         if self._interval_steps >= self.cadence.steps:  # a whole interval went by without a snapshot: start anew
             self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
+            self._fold_ms = self._fold_cheap_ms = 0.0
         left = self.cadence.steps - self._interval_steps
         stats = self.run.train_interval(left if max_steps is None else min(max_steps, left))
         self._interval_train_ms += stats.train_ms
         self._interval_steps += stats.steps
         self._interval_recorded_ms += stats.moments.recorded_ms
+        overhead, cheap = collector.overhead_ms, collector.cheap_ms
         collector.observe_interval(
             stats.moments,
             n_steps=stats.steps,
@@ -160,6 +165,8 @@ class DecisionLoop:
             peak_bytes=stats.peak_bytes,
             skipped=stats.skipped,
         )
+        self._fold_ms += collector.overhead_ms - overhead
+        self._fold_cheap_ms += collector.cheap_ms - cheap
         self._mark = (collector.overhead_ms, collector.estimator_ms, collector.cheap_ms)
         return stats
 

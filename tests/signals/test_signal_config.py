@@ -30,7 +30,7 @@ _COUNTS = {
 }
 _NUMBERS = {
     "budget_frac": "in (0, 1)",
-    "expensive_share": "in (0, 1]",
+    "expensive_share": "in (0, 1)",
     "round_ema_decay": "in [0, 1)",
     "small_threshold": "in [0, 1]",
     "lr_factor_exponent": "> 0",
@@ -76,8 +76,8 @@ def _range_cases() -> list[tuple[str, object, str]]:
             cases.append((name, value, f"{name}={value} must be >= {least}"))
     for value in (0.0, 1.0, -0.01, math.nan, math.inf):
         cases.append(("budget_frac", value, f"budget_frac={value} must be in (0, 1)"))
-    for value in (0.0, 1.01, math.nan, -math.inf):
-        cases.append(("expensive_share", value, f"expensive_share={value} must be in (0, 1]"))
+    for value in (0.0, 1.0, 1.01, math.nan, -math.inf):  # 1.0: the decisions' share 0 failed later, named "share"
+        cases.append(("expensive_share", value, f"expensive_share={value} must be in (0, 1)"))
     for value in (1.0, -0.1, math.nan, math.inf):
         cases.append(("round_ema_decay", value, f"round_ema_decay={value} must be in [0, 1)"))
     for value in (-0.01, 1.5, math.nan, math.inf):
@@ -158,7 +158,7 @@ def test_the_defaults_pass_and_are_unchanged() -> None:
     "overrides",
     [
         # The ends of each range that are inside it.
-        {"budget_frac": 0.999, "expensive_share": 1.0, "round_ema_decay": 0.0, "small_threshold": 1.0},
+        {"budget_frac": 0.999, "expensive_share": 0.999, "round_ema_decay": 0.0, "small_threshold": 1.0},
         {"small_threshold": 0.0, "lr_factor_min": 1.0, "lr_factor_max": 1.0, "lr_factor_exponent": 1e-9},
         {"max_microbatches": 2, "fixed_microbatches": 2, "max_probes": 1, "fixed_probes": 1},
         {"target_interval_steps": 1, "micro_batch_size": 1, "hutchinson_batch_size": 1, "fixed_interval_steps": 1},

@@ -68,7 +68,7 @@ class SignalConfig:
     Attributes:
         mode: ``cheap`` or ``all`` (see :class:`SignalMode`).
         budget_frac: overhead budget, as a fraction of (charged) training time, in (0, 1).
-        expensive_share: share of the budget the scheduled rounds may use, in (0, 1]; the rest is left
+        expensive_share: share of the budget the scheduled rounds may use, in (0, 1); the rest is left
             for what the scheduler cannot measure: the per-step cheap signals (timing them would need a
             host-device sync per step) and a round's side costs (the emptied GPU queue after its one
             sync). On an H200 with 0.75, rounds charged 1.3% of step time but the whole collector cost
@@ -170,8 +170,10 @@ class SignalConfig:
         if not (0.0 < self.budget_frac < 1.0):
             raise ConfigError(f"budget_frac={self.budget_frac} must be in (0, 1)")
         self._derive_unset_budgets()
-        if not (0.0 < self.expensive_share <= 1.0):
-            raise ConfigError(f"expensive_share={self.expensive_share} must be in (0, 1]")
+        if not (0.0 < self.expensive_share < 1.0):  # at 1 the decisions' share, 0, was refused later, by another name
+            raise ConfigError(
+                f"expensive_share={self.expensive_share} must be in (0, 1): the decisions (the cadence) take the rest"
+            )
         if self.observe_budget_frac is not None and not (0.0 < self.observe_budget_frac < self.budget_frac):
             # Under cheap_budget_frac=None, 0.5 was taken: the recording alone could take 25 times the whole budget.
             raise ConfigError(
@@ -272,7 +274,7 @@ _INT_FIELDS = {
 
 _REAL_FIELDS = {
     "budget_frac": "in (0, 1)",
-    "expensive_share": "in (0, 1]",
+    "expensive_share": "in (0, 1)",
     "round_ema_decay": "in [0, 1)",
     "small_threshold": "in [0, 1]",
     "lr_factor_exponent": "> 0",
