@@ -25,6 +25,8 @@ def test_plain_loop_equals_the_static_row_step_for_step(precision):
     assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
     assert plain.final_metric == row.final_metric
     assert plain.skipped_steps == row.skipped_steps == 0
+    # wall_s is the training intervals' measured time in both (the plain row's took in its evaluations too)
+    assert plain.wall_s == plain.time_s and 0 < row.wall_s < 60
 
 
 def test_plain_loop_equals_the_static_row_at_a_budget_of_no_whole_number_of_batches_and_a_constant_lr():
