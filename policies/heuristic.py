@@ -24,9 +24,10 @@
   ``HeuristicConfig.anneal_plateau`` (off by default; the ``heuristic-anneal`` row of
   ``experiments/gpu_benchmark.py``) it also anneals: from ``anneal_after`` of the budget on, an interval whose
   probe loss fell by less than ``anneal_plateau`` (a small rise included) takes ``anneal_rungs`` rungs down (one
-  by default), and the rule no longer climbs back. A rise over ``loss_rise_tolerance``, or the overflow rate
-  over its bound, takes the stability rule's one rung instead, late in the run too: with ``anneal_rungs=2`` a
-  small rise cuts two rungs and a large one a single rung.
+  by default), and the rule no longer climbs back (a climb the shield stopped short between rungs goes on to its
+  rung). A rise over ``loss_rise_tolerance``, or the overflow rate over its bound, takes the stability rule's one
+  rung instead, late in the run too: with ``anneal_rungs=2`` a small rise cuts two rungs and a large one a single
+  rung.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is under ``max_batch_over_noise`` (a tenth) of the
   gradient-noise scale (larger batches still help, at a cost of at most about 10% more samples;
@@ -145,7 +146,7 @@ class HeuristicPolicy:
         chosen = frozenset(parts)
         if not chosen or not chosen <= set(HEURISTIC_PARTS):
             raise ValueError(
-                f"parts={sorted(chosen)} must be a non-empty subset of {list(HEURISTIC_PARTS)} "
+                f"parts={sorted(chosen, key=repr)} must be a non-empty subset of {list(HEURISTIC_PARTS)} "
                 "(for no adaptation at all, use a static policy)"
             )
         if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig, say
@@ -206,8 +207,13 @@ class HeuristicPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """Returns the raw action for ``observation`` (or a batch of them)."""
-        obs = check_observation(observation, self.layout.size).astype(np.float64)
+        """Returns the raw action for ``observation`` (or a batch of them).
+
+        The features are read as float32 holds them (a float64 observation rounded first), so a feature exactly at a
+        threshold compares as the module docstring says whatever the array's type: a float64 0.95 was over 0.95's
+        float32 (0.949999988) and shrank the batch.
+        """
+        obs = check_observation(observation, self.layout.size).astype(np.float32).astype(np.float64)
         if obs.ndim == 2:
             return np.stack([self._decide(row) for row in obs]), state
         return self._decide(obs), state
@@ -261,7 +267,8 @@ class HeuristicPolicy:
         Between two rungs the shield stopped a move short: ``ControllerConfig`` keeps adjacent rungs less than
         ``max_lr_change ** 2`` apart, so the nearest rung is the one a single-rung move was going to. Annealing,
         which moves down only and by several rungs, reads the floor: the nearest could be above (0.67 on the way
-        from 1.0 to 0.5 read as 0.75, and "keep" climbed back).
+        from 1.0 to 0.5 read as 0.75, and "keep" climbed back); but a multiplier a stopped climb left between rungs
+        (a rung below times ``max_lr_change``) reads as the nearest, where the climb was going.
 
         NaN reads as the 1.0 rung; a multiplier beyond the ladder as its nearer end (2 ** a huge value overflowed
         to inf, and the log of its ratio raised ``math domain error``).
@@ -271,9 +278,18 @@ class HeuristicPolicy:
         if math.isnan(log2_scale):
             return ladder.index(1.0)
         current_scale = 2.0 ** min(max(log2_scale, math.log2(ladder[0])), math.log2(ladder[-1]))
-        if floor:
-            return max(i for i, s in enumerate(ladder) if s <= current_scale * (1 + 1e-6) or i == 0)
-        return int(np.argmin([abs(math.log(s / current_scale)) for s in ladder]))
+        nearest = int(np.argmin([abs(math.log(s / current_scale)) for s in ladder]))
+        if not floor:
+            return nearest
+        below = max(i for i, s in enumerate(ladder) if s <= current_scale * (1 + 1e-6) or i == 0)
+        # Between rungs after a climb the shield stopped short (the multiplier is a rung below times max_lr_change, and
+        # no rung above over it): the nearest, as the plain rule reads it. The floor there cut the LR on a falling loss
+        # (the "safe" preset's 0.75 -> 0.9375 climb read as 0.75 once annealing began).
+        step = self.config.max_lr_change
+        between = not math.isclose(ladder[below], current_scale, rel_tol=1e-5)
+        climbed = any(math.isclose(current_scale / step, s, rel_tol=1e-5) for s in ladder)
+        descended = any(math.isclose(current_scale * step, s, rel_tol=1e-5) for s in ladder)
+        return nearest if between and climbed and not descended else below
 
     def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool) -> int:
         rules = self.config.heuristic
@@ -337,8 +353,8 @@ def fastest_16bit(step_ms: Mapping[Precision, float], current: Precision) -> Pre
         'BF16'
 
     Raises:
-        ValueError: ``step_ms`` is empty, names fp32 (in any spelling) or no precision, or holds a time that is not
-            a positive finite number.
+        ValueError: ``step_ms`` is empty, names fp32 (in any spelling), no precision or one twice, or holds a time
+            that is not a positive finite number.
     """
     if not step_ms:
         raise ValueError("step_ms is empty: time at least one 16-bit precision")
@@ -349,5 +365,7 @@ def fastest_16bit(step_ms: Mapping[Precision, float], current: Precision) -> Pre
             raise ValueError(f"step_ms names fp32 ({key!r}); the trial chooses between 16-bit precisions")
         if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not (math.isfinite(ms) and ms > 0):
             raise ValueError(f"step_ms[{precision.name.lower()}]={ms!r} must be a positive finite number")
+        if precision in timed:  # "bf16" and 1 both: the later silently replaced the other's time
+            raise ValueError(f"step_ms names {precision.name.lower()} twice (the second as {key!r})")
         timed[precision] = float(ms)
     return min(timed, key=lambda p: (timed[p], p is not current))

@@ -106,7 +106,7 @@ def test_constructed_parts_get_the_registered_name_or_a_spelled_out_one():
     assert HeuristicPolicy(parts={"batch", "lr"}).name == "heuristic[lr+batch]"
 
 
-@pytest.mark.parametrize("parts", [set(), {"precision", "momentum"}])
+@pytest.mark.parametrize("parts", [set(), {"precision", "momentum"}, ["lr", 1]])  # ["lr", 1]: sorting it raised
 def test_bad_parts_are_rejected_with_the_allowed_ones(parts):
     with pytest.raises(ValueError, match=r"must be a non-empty subset of \['precision', 'lr', 'batch'\]"):
         HeuristicPolicy(parts=parts)

@@ -349,6 +349,8 @@ def test_heuristic_lowers_to_the_16_bit_precision_its_speed_trial_found_faster()
         ({Precision.BF16: float("nan")}, r"step_ms\[bf16\]=nan must be a positive finite number"),
         ({Precision.FP16: 0.0}, r"step_ms\[fp16\]=0.0 must be a positive finite number"),
         ({Precision.FP16: "5"}, r"step_ms\[fp16\]='5' must be a positive finite number"),
+        # bf16 twice: the later time (7.0) silently replaced the faster one and fp16 was chosen
+        ({"bf16": 5.0, 1: 7.0, "fp16": 6.0}, r"step_ms names bf16 twice \(the second as 1\)"),
     ],
 )
 def test_speed_trial_results_are_checked(step_ms, message):
@@ -491,6 +493,7 @@ def test_the_lr_rule_at_its_thresholds(features, expected):
 
 
 ANNEAL = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.35))
+SAFE_ANNEAL = ControllerConfig.preset("safe", heuristic=HeuristicConfig(anneal_plateau=0.05))  # (0.75, 1, 1.25)
 ANNEAL_TWO = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_rungs=2))
 
 
@@ -514,12 +517,32 @@ ANNEAL_TWO = ControllerConfig(heuristic=HeuristicConfig(anneal_plateau=0.05, ann
         # x1 -> x0.5 clamped at x1/1.5 reads as its floor: "keep" went on to 0.5 (read as the nearest, 0.75, it
         # climbed back, as annealing never should)
         (ANNEAL_TWO, {"loss_trend": -0.5, "progress": 0.5, "lr_scale": 1 / 1.5}, 0.5),
+        # ... but x0.75 -> x1 clamped at x0.75 x 1.25 (the "safe" preset) is a climb stopped short: a falling loss, or
+        # an unknown one, keeps where it was going (the floor read it as 0.75 and cut the LR on a falling loss)
+        (SAFE_ANNEAL, {"loss_trend": -0.08, "progress": 0.5, "lr_scale": 0.9375}, 1.0),
+        (SAFE_ANNEAL, {"loss_trend": NAN, "progress": 0.5, "lr_scale": 0.9375}, 1.0),
+        (SAFE_ANNEAL, {"loss_trend": -0.01, "progress": 0.5, "lr_scale": 0.9375}, 0.75),  # a plateau still cuts
         (ANNEAL_TWO, {"loss_trend": 0.2, "progress": 0.5}, 0.75),  # a rise over the tolerance takes one rung
         (ANNEAL_TWO, {"loss_trend": -0.5, "progress": 0.5, "overflow": 0.1}, 0.75),  # so does overflow
     ],
 )
 def test_annealing_at_its_thresholds(config, features, expected):
     assert decide(HeuristicPolicy(config), **features).lr_scale == expected
+
+
+def test_a_float64_observation_at_a_threshold_reads_as_float32_holds_it():
+    """Memory use of exactly 0.95 (shrink_above_usage) keeps the batch in a float32 observation; in float64 it was
+    over 0.95's float32 (0.949999988) and shrank it, against the documented edge rule."""
+    policy = HeuristicPolicy()
+    assert decide(policy, memory_use=0.95).batch == KEEP
+    exact = observation(memory_use=0.95).astype(np.float64)
+    exact[policy.layout.globals("memory_use")] = 0.95  # the float64 value, not float32's
+    plateau = observation(loss_trend=-0.05, progress=0.5).astype(np.float64)
+    plateau[policy.layout.globals("loss_trend")] = -0.05
+    for features, obs in (({"memory_use": 0.95}, exact), ({"loss_trend": -0.05, "progress": 0.5}, plateau)):
+        for config in (ControllerConfig(), ANNEAL):
+            policy = HeuristicPolicy(config)
+            assert np.array_equal(policy.predict(obs)[0], policy.predict(observation(**features))[0])
 
 
 RAMP = ControllerConfig(heuristic=HeuristicConfig(ramp_batch_after=0.35, ramp_batch_until=0.75, max_batch_growth=4.0))
