@@ -1,5 +1,7 @@
 import re
 import warnings
+import zipfile
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -603,6 +605,48 @@ def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path
         train_policy(
             ["synthetic"], total_timesteps=8, resume=tmp_path / "policy_lr0.5", out=tmp_path / "n.zip", **_TINY
         )
+
+
+def test_a_resume_zip_that_is_no_ppo_policy_for_these_spaces_is_refused_by_name(trained, tmp_path):
+    """A truncated zip passed is_zipfile (an SB3 zip holds zips) and SB3 raised a bare AssertionError; a zip for other
+    spaces got SB3's mismatch naming no file; an A2C zip resumed silently as PPO, keeping A2C's optimizer."""
+    from stable_baselines3 import A2C, PPO
+
+    data = trained.read_bytes()
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(data[: len(data) // 2])
+    other = tmp_path / "cartpole.zip"
+    PPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=8, batch_size=8, device="cpu").save(other)
+    a2c = tmp_path / "a2c.zip"
+    A2C("MlpPolicy", _spaces_env(trained), device="cpu").save(a2c)
+    cases = [
+        (truncated, rf"^cannot load policy {re.escape(repr(str(truncated)))}"),
+        (other, rf"^policy {re.escape(repr(str(other)))} was trained for observation space Box\(.*\(4,\)"),
+        (a2c, rf"^policy {re.escape(repr(str(a2c)))} was saved by A2C, not PPO"),
+    ]
+    for resume, message in cases:
+        assert zipfile.is_zipfile(resume)
+        with pytest.raises(ValueError, match=message):
+            train_policy(["synthetic"], total_timesteps=8, resume=resume, out=tmp_path / "new.zip", **_TINY)
+        assert not (tmp_path / "new.zip").exists()
+
+
+def _spaces_env(policy: Path):
+    """A stand-in environment with ``policy``'s spaces (for building another algorithm's zip on them)."""
+    from stable_baselines3 import PPO
+
+    model = PPO.load(policy, device="cpu")
+
+    class Spaces(gym.Env):
+        observation_space, action_space = model.observation_space, model.action_space
+
+        def reset(self, *, seed=None, options=None):
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, True, False, {}
+
+    return Spaces()
 
 
 def test_resuming_at_another_interval_is_said_and_the_stats_record_no_interval(tmp_path, caplog):

@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="environment steps between checkpoints, written to checkpoints/<out stem>_<steps>_steps.zip beside --out "
-        "with their .obs.json (default 0: none; Ctrl-C saves one at the step reached either way); --resume takes one",
+        "with their .obs.json (default 0: none; Ctrl-C saves the last finished update's weights either way); --resume "
+        "takes one",
     )
     train.add_argument("--resume", default=None, help="policy zip to continue training from")
     train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")

@@ -26,7 +26,7 @@ import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.errors import is_whole
-from triaccel_rl.observation import ObservationLayout
+from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.shield import ObservationStats
 from triaccel_rl.tasks import get_task
 
@@ -485,6 +485,15 @@ def train_policy(
 
     ladder = env_config(interval_steps).lr_scales
     n_features = ObservationLayout(env_config(interval_steps).n_groups).size
+    if resume is not None:
+        # Read as a PPO policy for these spaces first, refused by name: a truncated zip passes is_zipfile (an SB3 zip
+        # holds zips) and raised a bare AssertionError in SB3, a zip for other spaces SB3's mismatch naming no file,
+        # and an A2C zip resumed silently as PPO with A2C's optimizer (and --batch-size dropped).
+        from triaccel_rl.actions import action_space
+        from triaccel_rl.policies.learned import LearnedPolicy
+
+        observations = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (n_features,), np.float32)
+        LearnedPolicy(resume, observations, action_space(env_config(interval_steps)), algorithm="ppo")
     resumed_stats = _resumed_stats(resume, ladder, n_features, interval_steps) if resume is not None else None
 
     class RecordObservations(BaseCallback):
