@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from torch._dynamo.utils import counters
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args
 from triaccel_rl.tasks import get_task, task_names
 
 ROWS = (
@@ -114,7 +113,7 @@ def main(args: Args) -> dict[str, Any]:
     models = ["synthetic"] if args.smoke else models
     backend = "aot_eager" if args.smoke else "inductor"
     result: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line("experiments/bench_compile.py", args),
         "args": asdict(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args
 from triaccel_rl.rl import ActionSpread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -486,7 +485,7 @@ def _facts(
             training_s = Path(args.from_checkpoint).stat().st_mtime - int(events[0].name.split(".")[3])
     return {
         "args": asdict(args),
-        "command": "python experiments/train_pretrained.py " + shlex.join(sys.argv[1:]),
+        "command": command_line("experiments/train_pretrained.py", args),
         "training_tasks": list(training_tasks),
         "held_out_tasks": list(held_out),
         "timesteps_trained": timesteps,

@@ -20,7 +20,9 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
     from triaccel_rl.compare import json_safe
 
     assert json.loads(out.read_text()) == json_safe(result)
-    assert result["device"] == "cpu" and result["commit"] and result["date"].startswith("20") and result["command"]
+    assert result["device"] == "cpu" and result["commit"] and result["date"].startswith("20")
+    # The command that gave these rows (it was the caller's argv: pytest's here)
+    assert result["command"].startswith("python experiments/bench_compile.py --rows") and str(out) in result["command"]
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == list(bench_compile.ROWS)
     for name, row in rows.items():

@@ -747,6 +747,59 @@ def test_a_layer_inside_the_models_own_16_bit_region_computes_in_its_type_under_
     assert not lp._stack and not lp._swapped
 
 
+def test_a_layer_called_outside_and_inside_the_models_region_is_cast_to_each_type() -> None:
+    """mid runs in fp16 (its map), then again inside the model's bf16 region: with no region of ours there, autocast's
+    cache handed it its fp16 weight ("mat1 and mat2 must have the same dtype, but got BFloat16 and Half")."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.mid(self.body(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                inner = self.mid(h)
+            self.inner = inner
+            return self.head(inner.float())
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(2, 8)
+    lp = LayerPrecision(model, device_type="cpu")
+    for region_map in (["fp32", "fp16", "fp32"], ["fp16", "fp16", "fp32"]):
+        lp.set(region_map)
+        with lp.context():
+            model(x)
+        assert model.inner.dtype == torch.bfloat16 and not lp._stack
+
+
+def test_a_module_the_map_does_not_set_computes_in_fp32_inside_the_models_region_under_any_map() -> None:
+    """A GRU and a PReLU inside the model's bf16 region: under the all-fp32 map they computed in bf16 (no region of
+    ours opened), under any other map in fp32: their type hung on the other layers' precisions."""
+
+    class Region(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+            self.gru, self.prelu = nn.GRU(8, 8, batch_first=True), nn.PReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                g, p = self.gru(h.unsqueeze(1))[0].squeeze(1), self.prelu(h)
+            self.seen = (g.dtype, p.dtype)
+            return self.head((g + p).float())
+
+    torch.manual_seed(0)
+    model = Region()
+    lp = LayerPrecision(model, device_type="cpu")
+    for region_map in (["fp32", "fp32"], ["fp32", "bf16"], ["bf16", "fp32"]):
+        lp.set(region_map)
+        with lp.context():
+            model(torch.randn(4, 8))
+        assert model.seen == (torch.float32, torch.float32), region_map
+
+
 def test_a_tensor_passed_to_an_fp32_layer_several_times_is_cast_once() -> None:
     """Self-attention on a bf16 layer's output: h, h, h were cast up three times, so the three gradients came back in
     bf16 and were summed in bf16 (the body's gradient 0.4% off a single cast's), and ``query is key`` was lost."""

@@ -354,12 +354,12 @@ class LayerPrecision:
                 and not self._emulate(index)
             ):
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
-            if not self._mixed_now() or (in_model_block and not in_model_fp32_block):
+            if not self._mixed_now():
                 # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
-                # gets them. A 16-bit region of the model's stays open: no region of ours for this layer.
+                # gets them.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
-            return enter(module, index, args, kwargs, in_model_fp32_block)
+            return enter(module, index, args, kwargs, precision if in_model_block else None)
 
         return pre_hook
 
@@ -369,20 +369,22 @@ class LayerPrecision:
         index: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        in_model_fp32_block: bool = False,
+        model_block: Precision | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
 
         An fp32 layer's 16-bit inputs are cast up (float64 ones stay, as autocast leaves them); an emulated fp16
-        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32. A layer called inside the model's
-        own fp32 block (``in_model_fp32_block``) is an fp32 layer, whatever its precision.
+        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32. A layer called inside a region of
+        the model's own code computes in that region's type (``model_block``), whatever its precision: in a region of
+        our own of that type, so that autocast's cache, which holds the outer region's type, is not read for another
+        (a layer called outside it in fp16, then inside the model's bf16 region, got its fp16 weight from the cache).
 
         Run eagerly under ``torch.compile`` (``_eager_regions``; a graph break at each layer of a mixed map): it changes
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
         """
-        precision = self.precisions[index]
-        if in_model_fp32_block or precision is Precision.FP32 or self._emulate(index):
-            emulated = precision is Precision.FP16 and not in_model_fp32_block
+        precision = self.precisions[index] if model_block is None else model_block
+        if precision is Precision.FP32 or (model_block is None and self._emulate(index)):
+            emulated = precision is Precision.FP16
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
             self._stack.append((module, region, emulated, None))
@@ -512,7 +514,9 @@ class LayerPrecision:
         An RNN (hidden states too), or a module without children whose ops are unknown. Eager under
         ``torch.compile`` (a graph break), as a mixed map's layer regions are.
         """
-        if not self._hooks_on(module) or all(p is Precision.FP32 for p in self.precisions):
+        # On wherever autocast is: context()'s 16-bit region, or one the model's own code opened (under an all-fp32 map
+        # too: the module computed in the model's 16 bits there and in fp32 under any other map).
+        if not self._hooks_on(module) or not torch.is_autocast_enabled(self.device_type):
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
