@@ -107,6 +107,17 @@ def make_policy(
         if observation_space is None:  # what the Controller, compare and the environment feed for this config
             size = ObservationLayout(config.n_groups).size
             observation_space = spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32)
+        stats_file = Path(spec).with_suffix(".obs.json")
+        stats = ObservationStats.load(stats_file) if stats_file.is_file() else None
+        # Before the policy is read against this configuration's spaces: another ladder's length (the "safe" preset's
+        # 3 rungs) failed there as an action-space mismatch that said to retrain, naming neither ladder.
+        if stats is not None and stats.lr_scales is not None and tuple(stats.lr_scales) != tuple(config.lr_scales):
+            raise PolicyLoadError(
+                f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "
+                f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
+                "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
+                "`triaccel-rl train-policy`"
+            )
         learned = LearnedPolicy(spec, observation_space, action_space or config_action_space(config))
         # Its first decision comes after one interval: until then it runs where the heuristic starts (bf16 by
         # default), not in fp32, so that the two are compared from the same start.
@@ -115,8 +126,7 @@ def make_policy(
         learned.speed_trial = config.heuristic.speed_trial
         if shipped:  # its row: "learned:policy.zip" clashed with train-policy's default runs/policy.zip
             learned.name = "pretrained"
-        stats_file = Path(spec).with_suffix(".obs.json")
-        if not stats_file.is_file():
+        if stats is None:
             _log.warning(
                 "policy %r has no observation stats beside it (%s): it runs without the out-of-distribution fallback "
                 "to the heuristic",
@@ -124,19 +134,11 @@ def make_policy(
                 str(stats_file),
             )
             return learned
-        stats = ObservationStats.load(stats_file)
         features = math.prod(learned.observation_space.shape or ())
         if len(stats.low) != features:  # the fallback would refuse every observation, at the first decision
             raise PolicyLoadError(
                 f"observation stats {str(stats_file)!r} hold {len(stats.low)} features; this policy's observations "
                 f"have {features}: they belong to another policy"
-            )
-        if stats.lr_scales is not None and tuple(stats.lr_scales) != tuple(config.lr_scales):
-            raise PolicyLoadError(
-                f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "
-                f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
-                "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
-                "`triaccel-rl train-policy`"
             )
         _note_interval(learned.name, stats.interval_steps, config.interval_steps)
         # Out-of-distribution observations go to the heuristic (the shield's fallback).

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from triaccel_rl.cli import main
+from triaccel_rl.tasks import TASKS
 from triaccel_rl.types import Precision
 
 
@@ -99,6 +100,13 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
     assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
     # The row the ratios are to, and where the runs trained (the file said neither before).
     assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("static-fp32", "cpu")
+    # What the times to target were measured against, and what trained (the task name alone, before: a target
+    # recalibrated since could not be told)
+    task = TASKS["synthetic"]
+    assert {k: payload["meta"][k] for k in ("task", "model", "target_metric", "epochs", "seeds")} == {
+        "task": "synthetic", "model": task.description, "target_metric": task.target_metric, "epochs": 1.0,
+        "seeds": [0, 1],
+    }  # fmt: skip
     # The command as main() was given it (it was read from sys.argv: pytest's own arguments, here).
     assert payload["meta"]["command"].startswith("triaccel-rl compare --task synthetic --controllers fp32,bf16,")
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 6
@@ -482,7 +490,6 @@ def test_console_script_runs():
 
 
 def test_tasks_lists_every_task_with_its_target_to_a_tenth_of_a_point(capsys):
-    from triaccel_rl.tasks import TASKS
 
     assert main(["tasks"]) == 0
     lines = capsys.readouterr().out.splitlines()

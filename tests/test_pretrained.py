@@ -338,6 +338,15 @@ def test_a_policy_run_with_another_lr_ladder_of_the_same_length_is_refused():
     assert ObservationStats.load(pretrained_policy_path().with_suffix(".obs.json")).lr_scales == CONFIG.lr_scales
 
 
+def test_a_policy_run_with_a_shorter_lr_ladder_names_the_ladders():
+    """The "safe" preset's 3 rungs made another action space: the error said the spaces differ and to retrain,
+    naming neither ladder (the "aggressive" preset's 5 got the clear one)."""
+    safe = ControllerConfig.preset("safe")
+    with pytest.raises(PolicyLoadError, match=r"trained with LR multipliers \[0.5, 0.75, 1.0, 1.25, 1.5\].*"
+                       r"this configuration's are \[0.75, 1.0, 1.25\].*--lr-scales"):  # fmt: skip
+        make_policy("pretrained", safe)
+
+
 def test_observation_stats_without_a_ladder_still_load(tiny_policy, tmp_path):
     """A stats file from before the ladder was recorded: loaded, and nothing to check the ladder against."""
     zip_path = tmp_path / "policy.zip"

@@ -352,13 +352,22 @@ def _compare(args: argparse.Namespace) -> int:
         )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
     command = "triaccel-rl " + shlex.join(args.argv)
+    # What the times are to and what trained, in the file itself: an archived results.json whose task's target was
+    # recalibrated since could not say what its times to target were measured against.
+    meta = {
+        "task": task.name,
+        "model": task.description,
+        "target_metric": task.target_metric,
+        "epochs": args.epochs,
+        "seeds": list(range(args.seeds)),
+    }
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None
     if partial is not None:
         partial.unlink(missing_ok=True)  # an earlier comparison's
 
     def keep(done: list[Any]) -> None:  # the runs so far: a failure in a later run loses none of them
         if partial is not None:
-            write_json(done, summarize(done), partial, task=task.name, command=command, complete=False)
+            write_json(done, summarize(done), partial, **meta, command=command, complete=False)
 
     start = time.perf_counter()
     try:
@@ -402,7 +411,7 @@ def _compare(args: argparse.Namespace) -> int:
             results,
             rows,
             args.out,
-            task=task.name,
+            **meta,
             command=command,
             time_mode=label,
             reference=reference,
