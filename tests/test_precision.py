@@ -800,6 +800,77 @@ def test_a_module_the_map_does_not_set_computes_in_fp32_inside_the_models_region
         assert model.seen == (torch.float32, torch.float32), region_map
 
 
+@pytest.mark.parametrize("region", ["off", "bf16"])
+def test_a_layer_called_inside_another_takes_the_models_region_under_any_map(region: str) -> None:
+    """inner runs inside outer's forward, both inside the model's own region: outer's region of ours recorded its own
+    type, so inner took it for ours and kept its own precision under mixed maps (fp32 where the region is bf16)."""
+
+    class Outer(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(8, 8)
+            self.inner = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.inner(x)
+            self.inner_dtype = z.dtype
+            return super().forward(x) + z.to(x.dtype)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.outer, self.head = nn.Linear(8, 8), Outer(), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            if region == "off":
+                with torch.autocast("cpu", enabled=False):
+                    h = self.outer(h.float())
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    h = self.outer(h)
+            return self.head(h.float())
+
+    model = Model()
+    lp = LayerPrecision(model, device_type="cpu")
+    expected = torch.float32 if region == "off" else torch.bfloat16
+    maps = [
+        ["fp16"] * 4,
+        ["fp32", "fp16", "fp32", "fp16"],
+        ["fp16", "fp16", "fp32", "fp16"],
+        ["fp16", "fp32", "fp32", "fp16"],
+    ]  # (with a bf16 layer, context()'s own region is bf16, which the model's bf16 one cannot be told from: documented)
+    for region_map in maps:  # body, outer, inner, head
+        lp.set(region_map)
+        with lp.context():
+            model(torch.randn(2, 8))
+        assert model.outer.inner_dtype == expected and not lp._stack, region_map
+
+
+def test_a_module_the_map_does_not_set_gets_fp32_inputs_in_the_models_fp32_block() -> None:
+    """A PReLU inside the model's autocast(enabled=False) block, fed a bf16 layer's output: keyed on autocast alone,
+    no region of ours cast its input up and it raised "Type promoting not supported"."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.prelu = nn.Linear(8, 8), nn.Linear(8, 3), nn.PReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            with torch.autocast("cpu", enabled=False):
+                h = self.prelu(h)
+            self.seen = h.dtype
+            return self.head(h)
+
+    model = Block()
+    lp = LayerPrecision(model, device_type="cpu")
+    for region_map in (["bf16", "bf16"], ["bf16", "fp32"]):
+        lp.set(region_map)
+        with lp.context():
+            model(torch.randn(2, 8))
+        assert model.seen == torch.float32 and not lp._stack
+
+
 def test_a_tensor_passed_to_an_fp32_layer_several_times_is_cast_once() -> None:
     """Self-attention on a bf16 layer's output: h, h, h were cast up three times, so the three gradients came back in
     bf16 and were summed in bf16 (the body's gradient 0.4% off a single cast's), and ``query is key`` was lost."""

@@ -340,15 +340,15 @@ class LayerPrecision:
             # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
             # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
             block = self._model_block_dtype()
-            in_model_block = block is not None and block != precision.dtype
-            if block is not None and in_model_block:
+            overridden = block is not None and block != precision.dtype
+            if block is not None and overridden:
                 if not torch.compiler.is_compiling():
                     self._note_model_block(index, block)
                 precision = _PRECISION_OF[block]
-            in_model_fp32_block = in_model_block and precision is Precision.FP32
+            in_model_fp32_block = overridden and precision is Precision.FP32
             if (
                 self.weight_copies is not None
-                and not in_model_block  # its weights are cast by the model's region: the copy holds the map's type
+                and not overridden  # its weights are cast by the model's region: the copy holds the map's type
                 and precision is not Precision.FP32
                 and (self.copies_in_eager or torch.compiler.is_compiling())
                 and not self._emulate(index)
@@ -359,7 +359,8 @@ class LayerPrecision:
                 # gets them.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
-            return enter(module, index, args, kwargs, precision if in_model_block else None)
+            # Inside the model's block (its type the layer's own or not), so that its region records the model's
+            return enter(module, index, args, kwargs, precision if block is not None else None)
 
         return pre_hook
 
@@ -383,15 +384,18 @@ class LayerPrecision:
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
         """
         precision = self.precisions[index] if model_block is None else model_block
-        if precision is Precision.FP32 or (model_block is None and self._emulate(index)):
+        outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
+        # A region re-opened for the model's own block records the type ours was before it, so that a layer called
+        # inside this one still tells the model's block from ours (``_model_block_dtype``).
+        ours = self._stack[-1][3] if self._stack else outer_dtype
+        if precision is Precision.FP32 or (model_block in (None, self.precisions[index]) and self._emulate(index)):
             emulated = precision is Precision.FP16
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
-            self._stack.append((module, region, emulated, None))
+            self._stack.append((module, region, emulated, None if model_block is None else ours))
             if emulated:  # fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
-        outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
         # Autocast's cache of cast weights is keyed by the weight alone, not by the type it was cast to, and lives until
         # the outermost region closes: a weight shared by a bf16 and an fp16 layer (tied weights) was cast for the first
         # and handed, in that type, to the second ("expected m1 and m2 to have the same dtype"). Only regions of the
@@ -401,7 +405,7 @@ class LayerPrecision:
         cache_enabled = self._cache_enabled and precision.dtype == outer_dtype
         region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False, precision.dtype))
+        self._stack.append((module, region, False, precision.dtype if model_block is None else ours))
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -514,9 +518,12 @@ class LayerPrecision:
         An RNN (hidden states too), or a module without children whose ops are unknown. Eager under
         ``torch.compile`` (a graph break), as a mixed map's layer regions are.
         """
-        # On wherever autocast is: context()'s 16-bit region, or one the model's own code opened (under an all-fp32 map
-        # too: the module computed in the model's 16 bits there and in fp32 under any other map).
-        if not self._hooks_on(module) or not torch.is_autocast_enabled(self.device_type):
+        # On wherever the map holds a 16-bit layer (whose outputs it may get, in the model's autocast(enabled=False)
+        # block too: cast up), and wherever autocast is on under an all-fp32 map (a region the model's own code opened:
+        # the module computed in its 16 bits there, and in fp32 under any other map).
+        if not self._hooks_on(module):
+            return None
+        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
