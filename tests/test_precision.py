@@ -741,7 +741,7 @@ def test_a_layer_inside_the_models_own_16_bit_region_computes_in_its_type_under_
         with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
             reference = getattr(model, name)(inputs[name])
         assert outputs[name].dtype == precision.dtype and torch.equal(outputs[name], reference), name
-    assert lp.layers_in_model_blocks == {1: torch.bfloat16} and lp.layers_in_model_fp32_blocks == []
+    assert lp.layers_in_model_blocks == {1: (torch.bfloat16,)} and lp.layers_in_model_fp32_blocks == []
     message = "layer 'mid' is called inside the model's own torch.autocast(dtype=torch.bfloat16) block"
     assert caplog.text.count(message) == 1
     assert not lp._stack and not lp._swapped
@@ -869,6 +869,90 @@ def test_a_module_the_map_does_not_set_gets_fp32_inputs_in_the_models_fp32_block
         with lp.context():
             model(torch.randn(2, 8))
         assert model.seen == torch.float32 and not lp._stack
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_layer_checkpointed_inside_another_layers_forward_recomputes_in_its_forwards_type(
+    use_reentrant: bool,
+) -> None:
+    """An adapter (a Linear) checkpoints its child: the recompute, after the context has exited and outside the
+    parent's region, took the context's bf16 for ours, read the parent's fp16 as the model's block, and recomputed in
+    fp16 (a CheckpointError without reentrancy; with it, gradients unlike plain autocast's)."""
+    import torch.nn.functional as F
+    import torch.utils.checkpoint as checkpoint
+
+    class Adapter(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(8, 8)
+            self.inner = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight, self.bias) + checkpoint.checkpoint(
+                self.inner, x, use_reentrant=use_reentrant
+            )
+
+    def run(model: nn.Module) -> list[torch.Tensor]:
+        lp = LayerPrecision(model, device_type="cpu")
+        lp.set(["bf16", "fp16", "bf16"])  # the layer, the adapter and its child
+        with lp.context():
+            loss = model(torch.ones(4, 8)).float().sum()
+        loss.backward()
+        lp.remove()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Adapter())
+    grads = run(model)
+    model.zero_grad()
+    model[1].forward = lambda x: F.linear(x, model[1].weight, model[1].bias) + model[1].inner(x)  # not checkpointed
+    reference = run(model)
+    for got, expected in zip(grads, reference, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_a_frozen_16_bit_norm_computes_in_its_own_type() -> None:
+    """A frozen bf16 feature extractor (allowed: only trainable 16-bit parameters are refused): its LayerNorm got the
+    parameterless norms' hook, which cast its bf16 input up to meet bf16 weights ("mixed dtype (CPU)")."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).to(torch.bfloat16).requires_grad_(False)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.frozen(x.to(torch.bfloat16)).float())
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(4, 8)
+    expected = model(x)
+    lp = LayerPrecision(model, device_type="cpu")
+    with lp.context():
+        assert torch.equal(model(x), expected)  # all fp32: as plain PyTorch
+
+
+def test_a_layer_seen_in_two_model_regions_is_listed_with_both() -> None:
+    """First seen in the model's fp16 region, then in its autocast(enabled=False) block: the fp32 block was neither
+    listed nor warned of (the record kept the first type only)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                x = self.b(self.a(x))
+            with torch.autocast("cpu", enabled=False):
+                return self.b(x.float())
+
+    model = Model()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16"])
+    with lp.context():
+        model(torch.randn(2, 8))
+    assert lp.layers_in_model_blocks == {0: (torch.float16,), 1: (torch.float16, torch.float32)}
+    assert lp.layers_in_model_fp32_blocks == [1]
 
 
 def test_a_tensor_passed_to_an_fp32_layer_several_times_is_cast_once() -> None:

@@ -160,7 +160,8 @@ class LayerPrecision:
         # Open autocast regions of the modules being run: (module, region, whether it emulates fp16 (see below), its
         # autocast dtype, None where autocast is off in it).
         self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, torch.dtype | None]] = []
-        self._in_model_blocks: dict[int, torch.dtype] = {}  # see layers_in_model_blocks
+        self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
+        self._forward_ours: dict[int, torch.dtype | None] = {}  # each layer's ``_ours`` at its last forward
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -193,8 +194,13 @@ class LayerPrecision:
         # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
         # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
         layer_modules = {id(module) for module in self._modules}
+        # A frozen 16-bit norm (a bf16 backbone, fine-tuned beside) computes in its own type: left alone.
         for module in model.modules():
-            if id(module) not in layer_modules and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES):
+            if (
+                id(module) not in layer_modules
+                and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
+                and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
+            ):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
         _guard_compiled_graphs_on_hooks()
 
@@ -256,17 +262,17 @@ class LayerPrecision:
         forwards since the hooks were installed (each is logged once as a warning). Nothing else reads it: the
         controller's cost model and observation count the precision set, not the fp32 such a layer computes in.
         """
-        return sorted(i for i, dtype in self._in_model_blocks.items() if dtype == torch.float32)
+        return sorted(i for i, dtypes in self._in_model_blocks.items() if torch.float32 in dtypes)
 
     @property
-    def layers_in_model_blocks(self) -> dict[int, torch.dtype]:
-        """Each layer (index into ``layers``) seen computing in a region of the model's own code, with its type.
+    def layers_in_model_blocks(self) -> dict[int, tuple[torch.dtype, ...]]:
+        """Each layer (index into ``layers``) seen computing in regions of the model's own code, with their types.
 
-        The type is fp32 for ``torch.autocast(..., enabled=False)``, else the model's ``torch.autocast``'s ``dtype``.
+        The types in the order first seen; a type is fp32 for ``torch.autocast(..., enabled=False)``, else the model's ``torch.autocast``'s ``dtype``.
         As :attr:`layers_in_model_fp32_blocks`, 16-bit regions included: a layer whose set precision differs from the
-        region's type, seen in an eager forward, logged once as a warning.
+        region's type, seen in an eager forward, logged once for each type as a warning.
         """
-        return dict(sorted(self._in_model_blocks.items()))
+        return {index: tuple(dtypes) for index, dtypes in sorted(self._in_model_blocks.items())}
 
     @contextlib.contextmanager
     def context(self, cache_enabled: bool = True) -> Iterator[None]:
@@ -339,7 +345,8 @@ class LayerPrecision:
             # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
             # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
             # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
-            block = self._model_block_dtype()
+            ours = self._ours(module)
+            block = self._model_block_dtype(ours)
             overridden = block is not None and block != precision.dtype
             if block is not None and overridden:
                 if not torch.compiler.is_compiling():
@@ -360,7 +367,7 @@ class LayerPrecision:
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
             # Inside the model's block (its type the layer's own or not), so that its region records the model's
-            return enter(module, index, args, kwargs, precision if block is not None else None)
+            return enter(module, index, args, kwargs, precision if block is not None else None, ours)
 
         return pre_hook
 
@@ -371,6 +378,7 @@ class LayerPrecision:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         model_block: Precision | None = None,
+        ours: torch.dtype | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
 
@@ -385,11 +393,11 @@ class LayerPrecision:
         """
         precision = self.precisions[index] if model_block is None else model_block
         outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
-        # A region re-opened for the model's own block records the type ours was before it, so that a layer called
-        # inside this one still tells the model's block from ours (``_model_block_dtype``).
-        ours = self._stack[-1][3] if self._stack else outer_dtype
-        if precision is Precision.FP32 or (model_block in (None, self.precisions[index]) and self._emulate(index)):
-            emulated = precision is Precision.FP16
+        # A region re-opened for the model's own block records the type ours was before it (``ours``, :meth:`_ours`),
+        # so that a layer called inside this one still tells the model's block from ours (``_model_block_dtype``).
+        # A CPU convolution computing in fp16 is emulated, whichever region asks for fp16 (the model's too).
+        emulated = precision is Precision.FP16 and self.device_type == "cpu" and self._is_conv[index]
+        if precision is Precision.FP32 or emulated:
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
             self._stack.append((module, region, emulated, None if model_block is None else ours))
@@ -453,19 +461,33 @@ class LayerPrecision:
             return False
         return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
 
-    def _model_block_dtype(self) -> torch.dtype | None:
-        """The type of a region the model's own code opened around this call; None where the autocast state is ours.
+    def _ours(self, module: nn.Module) -> torch.dtype | None:
+        """The autocast type our code means at ``module``'s call (None: autocast off), as ``_model_block_dtype`` reads.
 
-        Ours is :meth:`context`'s region (in a recompute, which checkpointing runs under the state it saved, the one the
-        map sets) or the innermost region a layer of ours opened (a layer calling this one in its forward). Autocast off
-        where ours is on is the model's ``torch.autocast(..., enabled=False)``: fp32. On with another type than ours,
-        or where ours is off, is the model's ``torch.autocast(dtype=...)``: that type. A region of the model's of our
-        own type cannot be told from ours: there the layer keeps its precision.
+        The innermost region a layer of ours opened (a layer calling this one in its forward), else :meth:`context`'s.
+        In a recompute (checkpointing runs a segment's forward again in the backward, after the context has exited)
+        with no region of ours open, what it was at the forward: a layer checkpointed inside its parent layer's forward
+        ran in the parent's region then, and taking the context's type instead read the parent's region as the
+        model's block (the recompute's type differed from the forward's: a CheckpointError, or other gradients).
         """
+        compiling = torch.compiler.is_compiling()
         if self._stack:
             ours = self._stack[-1][3]
+        elif self._active or compiling:
+            ours = self._outer_region_dtype
         else:
-            ours = self._outer_region_dtype if self._active else self._outer_dtype()
+            return self._forward_ours.get(id(module), self._outer_dtype())
+        if self._active and not compiling:
+            self._forward_ours[id(module)] = ours
+        return ours
+
+    def _model_block_dtype(self, ours: torch.dtype | None) -> torch.dtype | None:
+        """The type of a region the model's own code opened around this call; None where the autocast state is ours.
+
+        ``ours`` is :meth:`_ours`. Autocast off where ours is on is the model's ``torch.autocast(..., enabled=False)``:
+        fp32. On with another type than ours, or where ours is off, is the model's ``torch.autocast(dtype=...)``: that
+        type. A region of the model's of our own type cannot be told from ours: there the layer keeps its precision.
+        """
         if not torch.is_autocast_enabled(self.device_type):
             return torch.float32 if ours is not None else None
         dtype = torch.get_autocast_dtype(self.device_type)
@@ -473,9 +495,10 @@ class LayerPrecision:
 
     def _note_model_block(self, index: int, dtype: torch.dtype) -> None:
         """Records that layer ``index`` computed in ``dtype`` in the model's own region; warns the first time."""
-        if index in self._in_model_blocks:
+        seen = self._in_model_blocks.setdefault(index, [])
+        if dtype in seen:
             return
-        self._in_model_blocks[index] = dtype
+        seen.append(dtype)
         _log.warning(
             "layer %r is called inside the model's own torch.autocast(%s) block: it computes in %s there, whatever "
             "precision is set for it (%s now); the controller's costs and observation still count that precision",
