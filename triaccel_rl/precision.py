@@ -268,9 +268,9 @@ class LayerPrecision:
     def layers_in_model_blocks(self) -> dict[int, tuple[torch.dtype, ...]]:
         """Each layer (index into ``layers``) seen computing in regions of the model's own code, with their types.
 
-        The types in the order first seen; a type is fp32 for ``torch.autocast(..., enabled=False)``, else the model's ``torch.autocast``'s ``dtype``.
-        As :attr:`layers_in_model_fp32_blocks`, 16-bit regions included: a layer whose set precision differs from the
-        region's type, seen in an eager forward, logged once for each type as a warning.
+        The types in the order first seen; a type is fp32 for ``torch.autocast(..., enabled=False)``, else the model's
+        ``torch.autocast``'s ``dtype``. As :attr:`layers_in_model_fp32_blocks`, 16-bit regions included: a layer whose
+        set precision differs from the region's type, seen in an eager forward, logged once for each type as a warning.
         """
         return {index: tuple(dtypes) for index, dtypes in sorted(self._in_model_blocks.items())}
 
