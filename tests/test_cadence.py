@@ -116,14 +116,23 @@ def test_decision_loop_keeps_its_snapshots_within_the_cheap_signals_share():
     config = ControllerConfig(interval_steps=2, max_interval_factor=3, signals=SignalConfig(cheap_budget_frac=0.002))
     loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
     assert loop.cadence.cheap_share == 0.002
+
+    def slow_snapshot() -> None:  # seen by the cheap rule alone (the decision is cheap)
+        loop.collector.cheap_ms += 1e3
+
+    assert _steps_between_snapshots(loop, 4, after_snapshot=slow_snapshot) == [2, 2, 6, 6]
+
+
+def _steps_between_snapshots(loop: DecisionLoop, n: int, after_snapshot=lambda: None) -> list[int]:
+    """The steps each of ``n`` intervals trained, a snapshot after each (then ``after_snapshot()``)."""
     steps = []
-    for _ in range(4):
+    for _ in range(n):
         before = loop.run.steps
         loop.train_interval()
         steps.append(loop.run.steps - before)
         loop.snapshot(progress=0.1)
-        loop.collector.cheap_ms += 1e3  # a slow snapshot, seen by the cheap rule alone (the decision is cheap)
-    assert steps == [2, 2, 6, 6]
+        after_snapshot()
+    return steps
 
 
 def test_decision_loop_counts_the_intervals_folding_in_its_cheap_share(monkeypatch):
@@ -141,13 +150,7 @@ def test_decision_loop_counts_the_intervals_folding_in_its_cheap_share(monkeypat
         self.overhead_ms += 1e3
 
     monkeypatch.setattr(SignalCollector, "observe_interval", slow_fold)
-    steps = []
-    for _ in range(4):
-        before = loop.run.steps
-        loop.train_interval()
-        steps.append(loop.run.steps - before)
-        loop.snapshot(progress=0.1)
-    assert steps == [2, 2, 6, 6]
+    assert _steps_between_snapshots(loop, 4) == [2, 2, 6, 6]
     assert loop.cadence.spent_ms >= 2 * 1e3  # the measured decisions (the first is not) carry their folds
 
 

@@ -655,6 +655,23 @@ class _Island(nn.Module):
         return self.head(h), routes
 
 
+def _twice_in_context(
+    model: nn.Module, precisions: list[str], copies: bool, caplog: pytest.LogCaptureFixture
+) -> tuple[LayerPrecision, dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+    """Two forwards of ``model`` (seeded) under ``precisions``, warnings captured: the hooks, each child's input and
+    output as it ran (``capture``), and the last output."""
+    torch.manual_seed(0)
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(precisions)
+    if copies:
+        lp.use_weight_copies(_copies_of(model, lp))
+    inputs, outputs, _ = capture(model)
+    with caplog.at_level("WARNING", logger="triaccel_rl.precision"), lp.context():
+        for _ in range(2):
+            out = model(torch.randn(2, 8))
+    return lp, inputs, outputs, out
+
+
 def _copies_of(model: nn.Module, lp: LayerPrecision) -> Any:
     """Copies for ``lp.use_weight_copies``: each parameter cast to the layer's type (as the fused step keeps them)."""
     modules = dict(model.named_modules())
@@ -678,16 +695,8 @@ def test_a_layer_inside_the_models_own_fp32_block_computes_in_fp32_under_any_map
     mixed map its pre-hook opened its 16-bit region inside the block, so its type hung on other layers' precisions.
     Reading a 16-bit weight copy inside the block raised under a uniform map. Now fp32 under every map, bit for bit
     the router alone in fp32; the other layers keep theirs; a warning names the router once."""
-    torch.manual_seed(0)
     model = _Island()
-    lp = LayerPrecision(model, device_type="cpu")
-    lp.set(island_map)
-    if copies:
-        lp.use_weight_copies(_copies_of(model, lp))
-    inputs, outputs, _ = capture(model)
-    with caplog.at_level("WARNING", logger="triaccel_rl.precision"), lp.context():
-        for _ in range(2):
-            _, routes = model(torch.randn(2, 8))
+    lp, inputs, outputs, (_, routes) = _twice_in_context(model, island_map, copies, caplog)
     assert routes.dtype == torch.float32 and torch.equal(routes, model.router(inputs["router"].float()))
     for name, precision in (("body", lp.precisions[0]), ("head", lp.precisions[2])):
         with torch.autocast("cpu", dtype=precision.dtype, enabled=precision is not Precision.FP32):
@@ -724,16 +733,8 @@ def test_a_layer_inside_the_models_own_16_bit_region_computes_in_its_type_under_
     type its own region set (fp32 under ['fp16', 'fp32', 'fp16'], fp16 under ['fp32', 'fp16', 'fp32']): it hung on
     the other layers' precisions. Now bf16 under every map, bit for bit mid alone under autocast; a warning names it
     once where its set precision differs. (A model region of the outer region's own type cannot be told from ours.)"""
-    torch.manual_seed(0)
     model = _Region()
-    lp = LayerPrecision(model, device_type="cpu")
-    lp.set(region_map)
-    if copies:
-        lp.use_weight_copies(_copies_of(model, lp))
-    inputs, outputs, _ = capture(model)
-    with caplog.at_level("WARNING", logger="triaccel_rl.precision"), lp.context():
-        for _ in range(2):
-            model(torch.randn(2, 8))
+    lp, inputs, outputs, _ = _twice_in_context(model, region_map, copies, caplog)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model.mid(inputs["mid"])
     assert outputs["mid"].dtype == torch.bfloat16 and torch.equal(outputs["mid"], expected)
@@ -953,6 +954,90 @@ def test_a_layer_seen_in_two_model_regions_is_listed_with_both() -> None:
         model(torch.randn(2, 8))
     assert lp.layers_in_model_blocks == {0: (torch.float16,), 1: (torch.float16, torch.float32)}
     assert lp.layers_in_model_fp32_blocks == [1]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_shared_layer_recomputes_each_call_in_its_forwards_type(use_reentrant: bool) -> None:
+    """Layer a runs at the top and inside layer o's forward; the model is checkpointed. One record per module (its
+    last call's, inside o's fp16 region) made the recompute of its top call read context()'s bf16 as the model's
+    block: a CheckpointError without reentrancy, a bf16 recompute of an fp32 layer with it."""
+    import torch.nn.functional as F
+    import torch.utils.checkpoint as checkpoint
+
+    class Outer(nn.Linear):
+        def __init__(self, shared: nn.Linear) -> None:
+            super().__init__(8, 8)
+            self.shared = [shared]  # not a child: the model owns it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight, self.bias) + self.shared[0](x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.o, self.c = Outer(self.a), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.o(self.a(x)))
+
+    def grad_of_a(checkpointed: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = Model()
+        lp = LayerPrecision(model, device_type="cpu")
+        lp.set(["fp32", "fp16", "bf16"])  # a, o, c
+        x = torch.randn(4, 8, requires_grad=True)
+        with lp.context():
+            out = checkpoint.checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
+            loss = out.float().sum()
+        loss.backward()
+        assert lp.layers_in_model_blocks == {}
+        return model.a.weight.grad
+
+    assert torch.equal(grad_of_a(checkpointed=True), grad_of_a(checkpointed=False))
+
+
+def test_a_frozen_16_bit_backbones_parameterless_norm_is_left_alone_under_an_all_fp32_map() -> None:
+    """Its norm owns no parameter, so it was hooked as ours: its bf16 input cast up met the backbone's next bf16
+    layer in fp32 ("mat1 and mat2 must have the same dtype") under the all-fp32 map every run starts in."""
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 8))
+    model = nn.Sequential(frozen.to(torch.bfloat16).requires_grad_(False), nn.Linear(8, 2))
+    x = torch.randn(4, 8).bfloat16()
+    expected = model[1](model[0](x).float())
+    lp = LayerPrecision(model, device_type="cpu")
+    with lp.context():
+        assert torch.equal(model[1](model[0](x).float()), expected)
+
+
+def test_a_layer_called_by_an_emulated_convolution_follows_the_models_fp16_region() -> None:
+    """The emulated fp16 convolution (a CPU one) turns autocast off: its child took that for the model's fp32 block
+    and computed in fp32 inside the model's fp16 region (plain autocast: fp16)."""
+
+    class Conv(nn.Conv1d):
+        def __init__(self) -> None:
+            super().__init__(8, 8, 1)
+            self.inner = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.inner_dtype = self.inner(x.squeeze(-1)).dtype
+            return super().forward(x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), Conv()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return self.c(self.a(x).unsqueeze(-1))
+
+    model = Model()
+    lp = LayerPrecision(model, device_type="cpu")
+    for region_map in (["bf16", "fp16", "bf16"], ["bf16", "fp32", "fp16"], ["fp32", "bf16", "bf16"]):  # a, c, inner
+        lp.set(region_map)
+        with lp.context():
+            model(torch.randn(4, 8))
+        assert model.c.inner_dtype == torch.float16 and not lp._stack, region_map
 
 
 def test_a_tensor_passed_to_an_fp32_layer_several_times_is_cast_once() -> None:

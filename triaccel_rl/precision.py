@@ -161,7 +161,9 @@ class LayerPrecision:
         # autocast dtype, None where autocast is off in it).
         self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, torch.dtype | None]] = []
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
-        self._forward_ours: dict[int, torch.dtype | None] = {}  # each layer's ``_ours`` at its last forward
+        # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
+        # called at the top and inside another layer's region has one for each.
+        self._forward_ours: dict[tuple[int, bool, torch.dtype], torch.dtype | None] = {}
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -201,7 +203,7 @@ class LayerPrecision:
                 and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
-                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(self._norm_inputs_hook, with_kwargs=True))
         _guard_compiled_graphs_on_hooks()
 
     @property
@@ -400,7 +402,9 @@ class LayerPrecision:
         if precision is Precision.FP32 or emulated:
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
-            self._stack.append((module, region, emulated, None if model_block is None else ours))
+            # An emulated region is fp16 to ours though autocast is off in it (a layer it calls is in no model block)
+            mine = (torch.float16 if emulated else None) if model_block is None else ours
+            self._stack.append((module, region, emulated, mine))
             if emulated:  # fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
@@ -476,10 +480,14 @@ class LayerPrecision:
         elif self._active or compiling:
             ours = self._outer_region_dtype
         else:
-            return self._forward_ours.get(id(module), self._outer_dtype())
+            return self._forward_ours.get(self._call_key(module), self._outer_dtype())
         if self._active and not compiling:
-            self._forward_ours[id(module)] = ours
+            self._forward_ours[self._call_key(module)] = ours
         return ours
+
+    def _call_key(self, module: nn.Module) -> tuple[int, bool, torch.dtype]:
+        """``module`` and the autocast state it is called in: which of its calls a recompute is."""
+        return id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
 
     def _model_block_dtype(self, ours: torch.dtype | None) -> torch.dtype | None:
         """The type of a region the model's own code opened around this call; None where the autocast state is ours.
@@ -488,10 +496,15 @@ class LayerPrecision:
         fp32. On with another type than ours, or where ours is off, is the model's ``torch.autocast(dtype=...)``: that
         type. A region of the model's of our own type cannot be told from ours: there the layer keeps its precision.
         """
-        if not torch.is_autocast_enabled(self.device_type):
-            return torch.float32 if ours is not None else None
-        dtype = torch.get_autocast_dtype(self.device_type)
-        return dtype if dtype != ours else None
+        if self._stack and self._stack[-1][2]:  # an emulated fp16 region of ours: autocast is off, fp16 is meant
+            state: torch.dtype | None = torch.float16
+        elif torch.is_autocast_enabled(self.device_type):
+            state = torch.get_autocast_dtype(self.device_type)
+        else:
+            state = None
+        if state == ours:
+            return None
+        return torch.float32 if state is None else state
 
     def _note_model_block(self, index: int, dtype: torch.dtype) -> None:
         """Records that layer ``index`` computed in ``dtype`` in the model's own region; warns the first time."""
@@ -572,6 +585,18 @@ class LayerPrecision:
         """Closes ``module``'s fp32 region if it is the innermost (its pre-hook may have opened none)."""
         if self._stack[-1][0] is module:
             self._stack.pop()[1].__exit__(None, None, None)
+
+    def _norm_inputs_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A parameterless norm's inputs, cast up where a 16-bit tensor can be ours (as ``_enter_fp32_module`` decides).
+
+        Under an all-fp32 map with autocast off, a 16-bit input is the model's own (a frozen bf16 backbone's): cast up,
+        it met the backbone's next bf16 layer in fp32 and raised.
+        """
+        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
+            return None
+        return self._fp32_inputs_hook(module, args, kwargs)
 
     def _fp32_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
