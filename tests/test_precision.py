@@ -997,6 +997,49 @@ def test_a_shared_layer_recomputes_each_call_in_its_forwards_type(use_reentrant:
     assert torch.equal(grad_of_a(checkpointed=True), grad_of_a(checkpointed=False))
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_layer_shared_by_the_models_fp32_block_and_an_fp32_parent_recomputes_as_it_ran(use_reentrant: bool) -> None:
+    """s runs at the top in the model's autocast(enabled=False) block (fp32), then inside the fp32 parent p (its own
+    bf16): both calls in one autocast state, so one record each overwrote the other, and the checkpointed top call
+    recomputed in bf16 (a CheckpointError, or other gradients with reentrancy)."""
+    import torch.nn.functional as F
+    import torch.utils.checkpoint as checkpoint
+
+    class Parent(nn.Linear):
+        def __init__(self, shared: nn.Linear) -> None:
+            super().__init__(8, 8)
+            self.shared = [shared]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight, self.bias) + self.shared[0](x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.s = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.p = Parent(self.s)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            with torch.autocast("cpu", enabled=False):
+                h = self.s(h.float())
+            return self.p(h)
+
+    def grad_of_s(checkpointed: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = Model()
+        lp = LayerPrecision(model, device_type="cpu")
+        lp.set(["bf16", "bf16", "fp32"])  # a, s, p
+        x = torch.randn(4, 8, requires_grad=True)
+        with lp.context():
+            out = checkpoint.checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
+            loss = out.float().sum()
+        loss.backward()
+        return model.s.weight.grad
+
+    assert torch.equal(grad_of_s(checkpointed=True), grad_of_s(checkpointed=False))
+
+
 def test_a_frozen_16_bit_backbones_parameterless_norm_is_left_alone_under_an_all_fp32_map() -> None:
     """Its norm owns no parameter, so it was hooked as ours: its bf16 input cast up met the backbone's next bf16
     layer in fp32 ("mat1 and mat2 must have the same dtype") under the all-fp32 map every run starts in."""

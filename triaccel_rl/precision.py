@@ -163,7 +163,9 @@ class LayerPrecision:
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
         # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
         # called at the top and inside another layer's region has one for each.
-        self._forward_ours: dict[tuple[int, bool, torch.dtype], torch.dtype | None] = {}
+        # (the context() it was recorded in, the type; _AMBIGUOUS where that context's calls disagreed)
+        self._forward_ours: dict[tuple[int, bool, torch.dtype], tuple[int, Any]] = {}
+        self._forwards = 0  # context() entries so far
         self._is_conv = [isinstance(m, nn.modules.conv._ConvNd) for m in self._modules]
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
@@ -311,6 +313,7 @@ class LayerPrecision:
             len(self._swapped),
         )
         self._mixed = self.uniform is None or self._emulates_fp16
+        self._forwards += 1
         self._active = True
         self._cache_enabled = cache_enabled
         self._outer_region_dtype = outer_dtype
@@ -480,9 +483,15 @@ class LayerPrecision:
         elif self._active or compiling:
             ours = self._outer_region_dtype
         else:
-            return self._forward_ours.get(self._call_key(module), self._outer_dtype())
+            recorded = self._forward_ours.get(self._call_key(module))
+            # Not recorded, or two calls of the forward in one autocast state meant different types (a layer shared
+            # between the model's own block at the top and a parent layer's region): the context's type, as before.
+            return self._outer_dtype() if recorded is None or recorded[1] is _AMBIGUOUS else recorded[1]
         if self._active and not compiling:
-            self._forward_ours[self._call_key(module)] = ours
+            key = self._call_key(module)
+            earlier = self._forward_ours.get(key)
+            clash = earlier is not None and earlier[0] == self._forwards and earlier[1] != ours
+            self._forward_ours[key] = (self._forwards, _AMBIGUOUS if clash else ours)
         return ours
 
     def _call_key(self, module: nn.Module) -> tuple[int, bool, torch.dtype]:
@@ -663,6 +672,7 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 
 
 _16_BIT = (torch.float16, torch.bfloat16)
+_AMBIGUOUS = object()  # a call key whose forward calls meant different types (``LayerPrecision._ours``)
 _PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
 
 
