@@ -962,7 +962,6 @@ def test_a_shared_layer_recomputes_each_call_in_its_forwards_type(use_reentrant:
     last call's, inside o's fp16 region) made the recompute of its top call read context()'s bf16 as the model's
     block: a CheckpointError without reentrancy, a bf16 recompute of an fp32 layer with it."""
     import torch.nn.functional as F
-    import torch.utils.checkpoint as checkpoint
 
     class Outer(nn.Linear):
         def __init__(self, shared: nn.Linear) -> None:
@@ -981,20 +980,9 @@ def test_a_shared_layer_recomputes_each_call_in_its_forwards_type(use_reentrant:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.c(self.o(self.a(x)))
 
-    def grad_of_a(checkpointed: bool) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = Model()
-        lp = LayerPrecision(model, device_type="cpu")
-        lp.set(["fp32", "fp16", "bf16"])  # a, o, c
-        x = torch.randn(4, 8, requires_grad=True)
-        with lp.context():
-            out = checkpoint.checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
-            loss = out.float().sum()
-        loss.backward()
-        assert lp.layers_in_model_blocks == {}
-        return model.a.weight.grad
-
-    assert torch.equal(grad_of_a(checkpointed=True), grad_of_a(checkpointed=False))
+    eager = _gradients_through_context(Model, ["fp32", "fp16", "bf16"], checkpoint_with=None)  # a, o, c
+    assert torch.equal(_gradients_through_context(Model, ["fp32", "fp16", "bf16"], use_reentrant)["a.weight"],
+                       eager["a.weight"])  # fmt: skip
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -1003,7 +991,6 @@ def test_a_layer_shared_by_the_models_fp32_block_and_an_fp32_parent_recomputes_a
     bf16): both calls in one autocast state, so one record each overwrote the other, and the checkpointed top call
     recomputed in bf16 (a CheckpointError, or other gradients with reentrancy)."""
     import torch.nn.functional as F
-    import torch.utils.checkpoint as checkpoint
 
     class Parent(nn.Linear):
         def __init__(self, shared: nn.Linear) -> None:
@@ -1025,19 +1012,32 @@ def test_a_layer_shared_by_the_models_fp32_block_and_an_fp32_parent_recomputes_a
                 h = self.s(h.float())
             return self.p(h)
 
-    def grad_of_s(checkpointed: bool) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = Model()
-        lp = LayerPrecision(model, device_type="cpu")
-        lp.set(["bf16", "bf16", "fp32"])  # a, s, p
-        x = torch.randn(4, 8, requires_grad=True)
-        with lp.context():
-            out = checkpoint.checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
-            loss = out.float().sum()
-        loss.backward()
-        return model.s.weight.grad
+    eager = _gradients_through_context(Model, ["bf16", "bf16", "fp32"], checkpoint_with=None)  # a, s, p
+    assert torch.equal(_gradients_through_context(Model, ["bf16", "bf16", "fp32"], use_reentrant)["s.weight"],
+                       eager["s.weight"])  # fmt: skip
 
-    assert torch.equal(grad_of_s(checkpointed=True), grad_of_s(checkpointed=False))
+
+def _gradients_through_context(
+    build: Any, precisions: list[str], checkpoint_with: bool | None
+) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient after one seeded forward of ``build()`` under ``precisions`` and a backward: the whole
+    model checkpointed (``use_reentrant=checkpoint_with``), or not (None)."""
+    import torch.utils.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    model = build()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(precisions)
+    x = torch.randn(4, 8, requires_grad=True)
+    with lp.context():
+        if checkpoint_with is None:
+            out = model(x)
+        else:
+            out = checkpoint.checkpoint(model, x, use_reentrant=checkpoint_with)
+        loss = out.float().sum()
+    loss.backward()
+    assert not lp._stack
+    return {name: p.grad for name, p in model.named_parameters()}
 
 
 def test_a_frozen_16_bit_backbones_parameterless_norm_is_left_alone_under_an_all_fp32_map() -> None:
