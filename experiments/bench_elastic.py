@@ -45,7 +45,7 @@ from torch import nn
 from triaccel_rl.compare import json_safe
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
-from triaccel_rl.experiment import away_from_results, git_commit
+from triaccel_rl.experiment import away_from_results, command_line, git_commit
 from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -111,6 +111,7 @@ def cifar_task(n_train: int, width: int, base_batch_size: int, device: torch.dev
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    command = command_line("experiments/bench_elastic.py", args)  # as given (--smoke narrows the settings below)
     if args.smoke:
         device = torch.device("cpu")
         torch.set_num_threads(1)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_expected": budgeted["samples_expected"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "torch": torch.__version__,
         "checks": {name: "PASS" if ok else "FAIL" for name, ok in checks.items()},
         "batch_finder": finder,

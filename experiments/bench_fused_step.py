@@ -57,7 +57,7 @@ from triaccel_rl.kernels import (
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import git_commit, parse_args
+from triaccel_rl.experiment import command_line, git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device_name,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=git_commit(),
-                command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                command=command_line("experiments/bench_fused_step.py", args),
                 check=check_status,
                 torch=torch.__version__,
                 triton=_triton_version(),

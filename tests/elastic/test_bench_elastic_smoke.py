@@ -27,6 +27,8 @@ def test_smoke_run_passes_its_checks_and_writes_the_fields(tmp_path: Path) -> No
     result = json.loads(output.read_text())
     assert FIELDS <= result.keys(), f"missing {FIELDS - result.keys()}"
     assert result["device"] == "cpu"
+    # A command that runs again from the repository root (it was the bare script name and the joined argv)
+    assert result["command"] == f"python experiments/bench_elastic.py --smoke --output {output}"
     assert set(result["checks"].values()) == {"PASS"}
     assert result["samples_seen"] == result["samples_expected"] > 0
     assert 0.85 <= result["budget_use_frac"] <= 1.0

@@ -36,5 +36,6 @@ def test_smoke_run_writes_rows(tmp_path: Path) -> None:
         missing = FIELDS - row.keys()
         assert not missing, f"row lacks {missing}"
         assert row["device"] == "cpu" and row["n_elements"] > 0
+        assert row["command"] == f"python experiments/bench_fused_step.py --smoke --output {output}"
         for key in ("fused_ms", "unfused_ms", "speedup", "achieved_GBps", "copy_GBps", "bandwidth_frac"):
             assert row[key] > 0, f"{key} = {row[key]}"
