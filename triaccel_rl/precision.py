@@ -350,8 +350,9 @@ class LayerPrecision:
             # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
             # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
             # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
-            ours = self._ours(module)
-            block = self._model_block_dtype(ours)
+            autocast = torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
+            ours = self._ours(module, autocast)
+            block = self._model_block_dtype(ours, autocast)
             overridden = block is not None and block != precision.dtype
             if block is not None and overridden:
                 if not torch.compiler.is_compiling():
@@ -371,7 +372,7 @@ class LayerPrecision:
                 # gets them.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
-            # Inside the model's block (its type the layer's own or not), so that its region records the model's
+            # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
             return enter(module, index, args, kwargs, precision if block is not None else None, ours)
 
         return pre_hook
@@ -468,8 +469,10 @@ class LayerPrecision:
             return False
         return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
 
-    def _ours(self, module: nn.Module) -> torch.dtype | None:
+    def _ours(self, module: nn.Module, autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
         """The autocast type our code means at ``module``'s call (None: autocast off), as ``_model_block_dtype`` reads.
+
+        ``autocast`` is the state at the call, ``(enabled, dtype)``: with the module, which of its calls a recompute is.
 
         The innermost region a layer of ours opened (a layer calling this one in its forward), else :meth:`context`'s.
         In a recompute (checkpointing runs a segment's forward again in the backward, after the context has exited)
@@ -483,32 +486,29 @@ class LayerPrecision:
         elif self._active or compiling:
             ours = self._outer_region_dtype
         else:
-            recorded = self._forward_ours.get(self._call_key(module))
+            recorded = self._forward_ours.get((id(module), *autocast))
             # Not recorded, or two calls of the forward in one autocast state meant different types (a layer shared
             # between the model's own block at the top and a parent layer's region): the context's type, as before.
             return self._outer_dtype() if recorded is None or recorded[1] is _AMBIGUOUS else recorded[1]
         if self._active and not compiling:
-            key = self._call_key(module)
+            key = (id(module), *autocast)
             earlier = self._forward_ours.get(key)
             clash = earlier is not None and earlier[0] == self._forwards and earlier[1] != ours
             self._forward_ours[key] = (self._forwards, _AMBIGUOUS if clash else ours)
         return ours
 
-    def _call_key(self, module: nn.Module) -> tuple[int, bool, torch.dtype]:
-        """``module`` and the autocast state it is called in: which of its calls a recompute is."""
-        return id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
-
-    def _model_block_dtype(self, ours: torch.dtype | None) -> torch.dtype | None:
+    def _model_block_dtype(self, ours: torch.dtype | None, autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
         """The type of a region the model's own code opened around this call; None where the autocast state is ours.
 
-        ``ours`` is :meth:`_ours`. Autocast off where ours is on is the model's ``torch.autocast(..., enabled=False)``:
-        fp32. On with another type than ours, or where ours is off, is the model's ``torch.autocast(dtype=...)``: that
-        type. A region of the model's of our own type cannot be told from ours: there the layer keeps its precision.
+        ``ours`` is :meth:`_ours`, ``autocast`` the state at the call. Autocast off where ours is on is the model's
+        ``torch.autocast(..., enabled=False)``: fp32. On with another type than ours, or where ours is off, is the
+        model's ``torch.autocast(dtype=...)``: that type. A region of the model's of our own type cannot be told from
+        ours: there the layer keeps its precision.
         """
         if self._stack and self._stack[-1][2]:  # an emulated fp16 region of ours: autocast is off, fp16 is meant
             state: torch.dtype | None = torch.float16
-        elif torch.is_autocast_enabled(self.device_type):
-            state = torch.get_autocast_dtype(self.device_type)
+        elif autocast[0]:
+            state = autocast[1]
         else:
             state = None
         if state == ours:
