@@ -27,7 +27,8 @@
   by default), and the rule no longer climbs back (a climb the shield stopped short between rungs goes on to its
   rung). A rise over ``loss_rise_tolerance``, or the overflow rate over its bound, takes the stability rule's one
   rung instead, late in the run too: with ``anneal_rungs=2`` a small rise cuts two rungs and a large one a single
-  rung.
+  rung. With ``anneal_release_after`` the cuts are released from that share of the budget on: the rule climbs a
+  rung a decision back to 1.0 whatever the loss's fall (a rise or overflow still steps down), and anneals no more.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is under ``max_batch_over_noise`` (a tenth) of the
   gradient-noise scale (larger batches still help, at a cost of at most about 10% more samples;
@@ -297,12 +298,15 @@ class HeuristicPolicy:
         tolerance = _as_observed(rules.loss_rise_tolerance)
         if trend > tolerance or unstable:
             return max(rung - 1, 0)
-        late = obs[self.layout.globals("progress")] >= _as_observed(rules.anneal_after)
-        if rules.anneal_plateau is not None and late:  # annealing: down on a plateau, never back up
+        progress = obs[self.layout.globals("progress")]
+        late = progress >= _as_observed(rules.anneal_after)
+        release = rules.anneal_release_after
+        released = release is not None and progress >= _as_observed(release)
+        if rules.anneal_plateau is not None and late and not released:  # annealing: down on a plateau, never back up
             rung = self._current_rung(obs, floor=True)
             return max(rung - rules.anneal_rungs, 0) if trend > -_as_observed(rules.anneal_plateau) else rung
-        if trend < -tolerance and self.config.lr_scales[rung] < 1.0:
-            return rung + 1  # recovering: climb back towards the neutral scale
+        if (released or trend < -tolerance) and self.config.lr_scales[rung] < 1.0:
+            return rung + 1  # recovering (or annealing's cuts released): climb back towards the neutral scale
         return rung
 
     def _batch_move(self, obs: np.ndarray) -> BatchMove:

@@ -161,6 +161,11 @@ for stage in "$@"; do
     short-effnet) python3 experiments/gpu_benchmark.py --models effnet-b0-fmnist --epochs 10 --seeds 3 --static 512,0.5,7.9 \
            --eval-steps 50 --rows static-fp16,static-fp16-10of12,static-fp16-8of12 \
            --out "$OUT/short_effnet.json" --plots "" 2>&1 | tail -8 ;;
+    # The clipped deep row with its cuts released at 60% or 75% of the run (a warm restart for the final accuracy),
+    # beside it and both static fp16 rows, 5 seeds (~6.5 min).
+    release-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16,static-fp16-clip3,heuristic-anneal5-i1-deep-fp16-clip3,heuristic-anneal5-i1-deep-fp16-clip3-rel60,heuristic-anneal5-i1-deep-fp16-clip3-rel75 \
+           --out "$OUT/release_resnet.json" --plots "$OUT/plots_release" 2>&1 | tail -9 ;;
     # One seed of static fp16 and the clipped deep row: the training pipeline end to end after engine changes (~1.5 min).
     smoke-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1-deep-fp16-clip3 \

@@ -311,6 +311,7 @@ def test_heuristic_defaults_are_the_documented_ones() -> None:
         "anneal_plateau": None,
         "anneal_after": 0.3,
         "anneal_rungs": 1,
+        "anneal_release_after": None,
         "ramp_batch_after": None,
         "ramp_batch_until": 0.75,
     }

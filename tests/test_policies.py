@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import zipfile
 
@@ -126,9 +127,44 @@ def test_annealing_goes_as_deep_as_the_ladder():
     assert scale(loss_trend=-0.01, progress=0.7, lr_scale=0.25) == 0.25  # the foot holds
 
 
+def test_annealing_cuts_are_released_late_in_the_run():
+    """From ``anneal_release_after`` on, the rule climbs back a rung a decision and anneals no more."""
+    config = ControllerConfig(
+        lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
+        heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.3, anneal_release_after=0.7),
+    )
+    scale = lr_scale_chooser(config)
+    assert scale(loss_trend=-0.01, progress=0.69, lr_scale=0.5) == 0.25  # before the release: a plateau still cuts
+    assert scale(loss_trend=-0.01, progress=0.7, lr_scale=0.25) == 0.5  # at it: one rung up, on a plateau too
+    assert scale(loss_trend=-0.5, progress=0.8, lr_scale=0.5) == 0.75  # and on a steady fall
+    assert scale(loss_trend=-0.01, progress=0.8, lr_scale=0.375) == 0.75  # x0.25 -> x0.5 clamped at x1.5: on to 0.75
+    assert scale(loss_trend=-0.01, progress=0.9, lr_scale=1.0) == 1.0  # the neutral rung holds: no annealing
+    assert scale(loss_trend=-0.01, progress=0.9, lr_scale=1.5) == 1.5  # a rung above 1.0 is kept, as by the plain rule
+    assert scale(loss_trend=0.15, progress=0.9, lr_scale=0.5) == 0.25  # a rise still steps down
+    assert scale(loss_trend=-0.5, progress=0.9, lr_scale=0.5, overflow=0.1) == 0.25  # and so does overflow
+    assert scale(loss_trend=math.nan, progress=0.9, lr_scale=0.5) == 0.75  # an unknown trend: the release goes on
+    assert (
+        scale(loss_trend=-0.01, progress=math.nan, lr_scale=0.5) == 0.5
+    )  # an unknown progress is neither late nor released
+    held = lr_scale_chooser(
+        dataclasses.replace(config, heuristic=dataclasses.replace(config.heuristic, anneal_release_after=None))
+    )
+    assert held(loss_trend=-0.01, progress=0.9, lr_scale=0.25) == 0.25  # without a release the cuts hold to the end
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            {"anneal_release_after": 0.7},
+            r"anneal_release_after=0.7 releases annealing's cuts, but anneal_plateau is None",
+        ),
+        (
+            {"anneal_plateau": 0.05, "anneal_release_after": 0.3},
+            r"anneal_release_after=0.3 must be in \(anneal_after=0.3, 1\]",
+        ),
+        ({"anneal_plateau": 0.05, "anneal_release_after": 1.01}, r"anneal_release_after=1.01 must be in"),
+        ({"anneal_plateau": 0.05, "anneal_release_after": "0.8"}, "anneal_release_after"),
         ({"anneal_plateau": 0.0}, "anneal_plateau=0.0 must be in"),
         ({"anneal_after": 1.5}, "anneal_after=1.5 must be"),
         ({"anneal_rungs": 0}, "anneal_rungs=0 must be >= 1"),
