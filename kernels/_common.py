@@ -97,7 +97,9 @@ class StatRow(enum.IntEnum):
     before this step; with ``MOMENTUM_SQ_SUM`` and ``GRAD_SQ_SUM`` gives the cosine between the gradient
     and its history. 0 when the step was skipped."""
     MOMENTUM_SQ_SUM = 5
-    """Sum of ``m_new**2``, the updated momentum buffer or first moment. 0 when the step was skipped."""
+    """Sum of ``m_new**2``, the updated momentum buffer or first moment. 0 when the step was skipped. For a layer
+    that sat the step out (no parameter of it got a gradient: ``FlatParameterStore.take_params_without_grad``) the
+    kernel's update is put back afterwards but this row (and ``SECOND_MOMENT_SUM``) keeps what it computed."""
     SECOND_MOMENT_SUM = 6
     """AdamW only: sum of ``v_new``, the updated second moment. With the first moment, the per-layer
     gradient variance is ``sum(v_hat) - sum(m_hat**2)`` (bias-corrected by ``1 - beta**step``).

@@ -104,8 +104,9 @@ class FlatParameterStore:
                 per-parameter view keep the order of ``layers``.
 
         Raises:
-            ValueError: on an empty ``layers``, a non-float32 or duplicated parameter, parameters sharing memory,
-                mixed devices, or ``groups`` not shaped like ``layers`` or holding a negative group.
+            ValueError: on an empty ``layers``, a tensor in place of a layer's list (a flat list of parameters), a
+                non-leaf tensor, a non-float32 or duplicated parameter, parameters sharing memory, mixed devices, or
+                ``groups`` not shaped like ``layers`` or holding a negative group.
         """
         if not layers:
             raise ValueError("layers is empty: give one list of parameters per layer")
@@ -113,7 +114,17 @@ class FlatParameterStore:
             raise ValueError(
                 f"segment_align must be a positive multiple of {PARAM_ALIGN_ELEMENTS}, got {segment_align}"
             )
+        if any(isinstance(layer, torch.Tensor) for layer in layers):
+            raise ValueError(
+                "layers holds a tensor where a list of parameters belongs: give one list of parameters per layer "
+                "(e.g. [list(m.parameters()) for m in model.children()]), not one flat list of parameters"
+            )
         all_params = [p for layer in layers for p in layer]
+        not_leaves = [tuple(p.shape) for p in all_params if not (isinstance(p, torch.Tensor) and p.is_leaf)]
+        if not_leaves:
+            raise ValueError(
+                f"layers must hold leaf tensors (parameters), got non-leaf ones of shapes {not_leaves[:5]}"
+            )
         if not all_params:
             raise ValueError("layers hold no parameters")
         if len({id(p) for p in all_params}) != len(all_params):
@@ -227,7 +238,9 @@ class FlatParameterStore:
         ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
         autograd would accumulate into new tensors the fused step never reads. A ``None`` gradient comes back as
         its zeroed view (zeroed already, with no kernel, when nothing was written into the buffer since the last
-        :meth:`zero_grad`: the fused step's, before a user's ``zero_grad()``), and a hook notes whether autograd
+        :meth:`zero_grad`: the fused step's, before a user's ``zero_grad()``; "written" as the buffer's version
+        counter tells, which a write through ``.data`` does not move: after ``p.grad.data.fill_(...)`` call
+        :meth:`zero_grad` rather than setting the gradient to ``None``), and a hook notes whether autograd
         accumulates into it before the next step (:meth:`take_params_without_grad`); a gradient tensor put in its
         place is copied into the view. An identity check and an address check a parameter when nothing changed.
 
@@ -248,8 +261,9 @@ class FlatParameterStore:
         with torch.no_grad():
             for i in changed:
                 p, view, _ = self._grad_views[i]
-                if p.grad is not None:
+                if p.grad is not None:  # a gradient given in place of the view: its parameter has one this step
                     view.copy_(p.grad)
+                    self._rebound_from_none.discard(i)
                 else:
                     if not zeros:
                         view.zero_()

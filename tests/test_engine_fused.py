@@ -765,6 +765,55 @@ def test_what_a_step_pre_hook_does_applies_to_the_fused_step_it_precedes(hook_ki
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_backward_with_create_graph_updates_the_fused_path_as_torch_optim(kind):
+    """``backward(create_graph=True)`` (a gradient penalty's first pass) makes autograd accumulate out of place, into a
+    new ``param.grad``: the fused step read the flat buffer it no longer views, all zeros, and moved nothing."""
+    data = batches(3)
+
+    def run(fused):
+        model, engine = make(kind, fused)
+        for x, y in data:
+            engine.bind_grads()
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.scale_loss(loss).backward(create_graph=True)
+            assert not engine.step_after_backward(loss.detach())[1]
+        return _weights(model)
+
+    model, optimizer = model_and_optimizer(kind)
+    _plain_steps(model, optimizer, data)
+    for got, reference, plain in zip(run(True), run(False), _weights(model), strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_a_pre_hook_gives_a_layer_the_loss_did_not_reach_is_applied():
+    """After ``zero_grad()`` (to ``None``) a layer outside the loss has no gradient; a pre-hook adding a term to every
+    gradient gives it one. The fused step copied it into the flat buffer, then put the layer back as one without a
+    gradient (weights and state restored): the reference path and ``torch.optim`` apply it."""
+
+    def l1_hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                extra = 0.5 * torch.sign(p.detach())
+                p.grad = extra if p.grad is None else p.grad + extra
+
+    heads, x = {}, batches(1)[0][0]
+    for fused in (False, True):
+        model, optimizer = model_and_optimizer("sgd")
+        optimizer.register_step_pre_hook(l1_hook)
+        engine = StepEngine(model, optimizer, DEVICE, fused=fused)
+        head = model[2].weight.detach().clone()
+        optimizer.zero_grad()
+        with engine.precision.context():
+            loss = model[0](x).square().mean()  # the head is not in this loss
+        engine.backward_and_step(loss)
+        heads[fused] = (model[2].weight.detach() - head).cpu()
+    assert heads[False].abs().min() > 0  # every head weight moved by the hook's term
+    torch.testing.assert_close(heads[True], heads[False], rtol=1e-5, atol=1e-7)
+
+
 def _no_decay_recipe(kind, decay=0.05):
     """The usual recipe: weights decayed, biases not (every layer of the model split across two param groups)."""
     torch.manual_seed(0)

@@ -1211,8 +1211,10 @@ class StepEngine:
             for hook in hooks:  # as optimizer.step() would (an EMA, a gradient transform)
                 if hook(self.optimizer, (), {}) is not None:
                     raise RuntimeError("a step pre-hook returned new step() arguments: the fused step takes none")
-            if hooks:  # a gradient a hook put in place of its view (a clamp) goes into the flat buffer the step reads
-                self.store.rebind_grads()
+            # A gradient put in place of its view goes into the flat buffer the step reads: a pre-hook's (a clamp), or
+            # autograd's own after backward(create_graph=True), which accumulates out of place (a new .grad tensor).
+            # One identity and address check a parameter when nothing changed.
+            self.bind_grads()
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these

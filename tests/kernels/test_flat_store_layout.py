@@ -106,6 +106,17 @@ def test_parameters_without_a_gradient_after_set_to_none_are_the_ones_autograd_d
     store.rebind_grads()
     model[0](torch.randn(5, 4)).sum().backward()
     assert store.take_params_without_grad() == [3]
+    # ... and so does one put in place of the zeroed view a rebind gave it (a step pre-hook adding a term to every
+    # gradient, after a zero_grad to None): it was copied into the buffer, then put back as a gradient never given.
+    for p in params:
+        p.grad = None
+    store.rebind_grads()
+    params[3].grad = torch.full_like(params[3], 2.0)
+    model[0](torch.randn(5, 4)).sum().backward()
+    assert store.rebind_grads() == 1
+    assert store.take_params_without_grad() == [2]
+    assert params[3].grad.data_ptr() == store.param_view(store.grads, 3).data_ptr()  # the view again, holding it
+    assert torch.equal(params[3].grad, torch.full_like(params[3], 2.0))
     for p in params:
         p.grad = None
     store.rebind_grads()
@@ -134,6 +145,20 @@ def test_store_refuses_parameters_sharing_memory_and_takes_apart_views_of_one_te
     store = FlatParameterStore([apart])
     assert [p.detach().tolist() for p in apart] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
     assert store.layer_numels == (10,)
+
+
+def test_store_refuses_a_flat_list_of_parameters_and_non_leaf_tensors():
+    """A flat list passed as ``layers`` made each parameter a "layer" whose rows, non-leaf views, were re-pointed at the
+    buffer: the optimizer trained copies and the model never changed."""
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"layers holds a tensor where a list of parameters belongs"):
+        FlatParameterStore(list(model.parameters()))
+    weight = model.weight.detach().clone().requires_grad_()
+    with pytest.raises(
+        ValueError, match=r"must hold leaf tensors \(parameters\), got non-leaf ones of shapes \[\(2, 3\)\]"
+    ):
+        FlatParameterStore([[weight * 2]])
+    assert FlatParameterStore([list(model.parameters())]).layer_numels[0] >= 8  # one list per layer: taken
 
 
 def test_store_refuses_parameters_on_several_devices():
