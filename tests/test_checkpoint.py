@@ -586,7 +586,14 @@ def fp16_checkpoint_and_control():
         (("steps",), -3, r"steps -3 is not a whole number >= 0"),
         (("batch_size",), "16", r"batch_size '16' is not a whole number >= 1"),
         (("trial_running",), "no", r"trial_running 'no' is not a bool"),
-        (("low_precision",), 9, r"low_precision 9 is not a precision code \(0, 1, 2\) or None"),
+        (("low_precision",), 9, r"low_precision 9 is not a precision code \(1, 2\) or None"),
+        (("initial_precision",), 9, r"initial_precision 9 is not a precision code \(0, 1, 2\) or None"),
+        # Before the fix these loaded: fp32 as the heuristic's 16-bit format (it never lowered a layer again), more
+        # skipped steps than steps, and a batch larger than the dataset (the batch_size setter refuses it).
+        (("low_precision",), 0, r"low_precision 0 is not a precision code \(1, 2\) or None"),
+        (("skipped_steps",), 13, r"the checkpoint's skipped_steps 13 is more than its steps 12"),
+        (("batch_size",), 10**6, r"the checkpoint's batch_size 1000000 is more than its dataset's \d+ samples"),
+        (("base_batch_size",), 10**6, r"the checkpoint's base_batch_size 1000000 is more than its dataset's"),
         (("speed_trial",), {"bf16": "fast"}, r"speed_trial \{'bf16': 'fast'\} is not a dict of timings"),
         # Before the fix the loader's and LR coupler's states were first read at the next loader() call: a bare
         # TypeError, KeyError or AttributeError there, with the engine loaded long before; some loaded silently.
@@ -602,6 +609,9 @@ def fp16_checkpoint_and_control():
         (("signals",), "x", r"the checkpoint's signals must be the dict its state_dict\(\) returned; got str"),
         (("signals", "collector", "sq_ema"), [1.0], r"collector's state has sq_ema \[1\.0\], not a list of 2 numbers"),
         (("signals", "collector", "loss_ema"), math.inf, r"collector's state has loss_ema inf, not a finite number or"),
+        # Before the fix these raised a bare OverflowError (an int past float's range)
+        (("signals", "collector", "loss_ema"), 10**400, r"collector's state has loss_ema 10+, not a finite number"),
+        (("signals", "collector", "sq_ema"), [10**400, 1.0], r"collector's state has sq_ema with a value that is not"),
         (("signals", "collector", "interval_skipped"), 99, r"interval_skipped 99 > interval_steps 0"),
         (("signals", "grouper", "assignment"), [5, 0], r"grouper's state has groups outside 0\.\.3: \[5\.0, 0\.0\]"),
         (("signals", "cadence", "expedite"), 3, r"the cadence's state has expedite 3, not 0, 1 or 2"),

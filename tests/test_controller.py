@@ -199,9 +199,16 @@ def test_bad_inputs():
     embedding = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"modules \['0'\] make sparse gradients \(sparse=True\)"):
         Controller(embedding, torch.optim.SGD(embedding.parameters(), lr=0.1))
+    state = ctl.state_dict()
     ctl.close()
     ctl.close()  # twice: harmless
-    for use in (lambda: next(ctl.loader(data(), batch_size=16)), ctl.autocast, lambda: ctl.step(torch.ones(()))):
+    # A load too (before, it loaded: the optimizer, the user's again after close(), was rewound to the checkpoint)
+    for use in (
+        lambda: next(ctl.loader(data(), batch_size=16)),
+        ctl.autocast,
+        lambda: ctl.step(torch.ones(())),
+        lambda: ctl.load_state_dict(state),
+    ):
         with pytest.raises(RuntimeError, match="this controller is closed"):
             use()
 
@@ -990,6 +997,50 @@ def test_a_batch_served_but_never_stepped_on_is_served_again_by_the_next_loader_
     trained_indices = sorted(i for i in trained if i >= 0)
     assert len(trained_indices) == 36 and len(set(trained_indices)) == 36  # each once, 4 skipped
     assert trained.count(-1) == 4 and ctl.state_dict()["loader"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["backward", "second-forward"])
+def test_a_batch_served_again_after_an_error_trains_as_in_a_run_without_the_error(where):
+    """An out-of-memory error in a backward, or in the second micro-batch's forward after ``ctl.backward()`` of the
+    first, caught outside the loop: the batch is served again, and before, the failed attempt's gradients (and its
+    micro-batch loss) went into the retried update. Now the run ends on the fault-free run's weights, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    dataset = (torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
+    armed = {"step": -1}
+
+    def train(fault_at):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), policy="fp32")
+        armed["step"], failures = fault_at, 0
+
+        def fail(*_):
+            if ctl.steps == armed["step"]:
+                armed["step"] = -1
+                raise torch.OutOfMemoryError("out of memory (injected)")
+
+        if where == "backward":  # part-way through autograd: the head's gradient is already in
+            model[0].weight.register_hook(lambda grad: fail())
+        else:
+            model[0].register_forward_pre_hook(lambda module, args: fail() if args[0].shape[0] == 4 else None)
+        while True:
+            try:
+                for x, y in ctl.loader(dataset, batch_size=16, epochs=1):
+                    with ctl.autocast():
+                        first = nn.functional.cross_entropy(model(x[:12]), y[:12]) * 0.75
+                    ctl.backward(first)
+                    with ctl.autocast():
+                        second = nn.functional.cross_entropy(model(x[12:]), y[12:]) * 0.25
+                    ctl.step(second)
+                break
+            except torch.OutOfMemoryError:
+                failures += 1
+        return [p.detach().clone() for p in model.parameters()], ctl.steps, failures
+
+    clean, faulty = train(-1), train(2)
+    assert clean[1:] == (4, 0) and faulty[1:] == (4, 1)
+    for got, want in zip(faulty[0], clean[0], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(caplog):

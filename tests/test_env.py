@@ -28,6 +28,24 @@ def test_gymnasium_checker_passes():
     gym_check_env(small_env(), skip_render_check=True)
 
 
+def test_gymnasium_checker_passes_when_the_budget_ends_the_first_step():
+    """The checker compares one step's info across two resets of a seed: with the budget spent at the first step, the
+    last step's wall-clock figures differed and the checker failed on a valid setting."""
+    env = TriAccelEnv(
+        task="synthetic",
+        config=ControllerConfig(interval_steps=3),
+        reward_config=RewardConfig(budget_intervals=0.5),
+        task_overrides={"n_train": 1024},
+    )
+    gym_check_env(env, skip_render_check=True)
+    env.reset(seed=0)
+    assert env.episode_summary is None
+    terminated = env.step(env.action_space.sample())[2]
+    assert terminated and env.episode_summary is not None  # the budget, half an interval, is spent at once
+    env.reset(seed=0)
+    assert env.episode_summary is None  # a new episode has none yet
+
+
 def test_sb3_checker_passes():
     sb3_check_env(small_env(), warn=True)
 
@@ -41,7 +59,8 @@ def test_episode_truncates_after_max_decisions_with_summary():
         assert not terminated
         assert truncated == (decision == 3)
     assert 0.0 <= info["test_accuracy"] <= 1.0
-    assert info["overhead_frac"] >= 0.0
+    assert "overhead_frac" not in info and env.episode_summary is not None  # wall-clock figures apart from info
+    assert env.episode_summary["overhead_frac"] >= 0.0 and env.episode_summary["wall_time_ms"] > 0.0
     # A step past the end once carried on (or, past a spent budget, failed inside the reward): said plainly now.
     with pytest.raises(RuntimeError, match=r"this episode has ended .*: call reset\(\) before step\(\)"):
         env.step(env.action_space.sample())

@@ -394,7 +394,7 @@ class Controller:
         _check_loss(loss)
         earlier = self._earlier_micro_loss()
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
-        self._backward(loss)
+        self._backward(loss)  # one that raises drops the batch's gradients (_backward)
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
         # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
         detached = loss.detach()
@@ -406,11 +406,16 @@ class Controller:
 
         PyTorch's "backward through the graph a second time ... Specify retain_graph=True" pointed the wrong way: the
         most likely slip moving a loop over is leaving the old backward in.
+
+        A backward that raises (out of memory part-way) leaves no gradient behind: what it had accumulated, and the
+        batch's earlier micro-batches', would have gone into the update of the batch served again in its place.
         """
         try:
             self.engine.scale_loss(loss).backward()
-        except RuntimeError as error:
-            if "backward through the graph a second time" not in str(error):
+        except BaseException as error:
+            self.engine.zero_grad()
+            self._micro_loss = None
+            if not isinstance(error, RuntimeError) or "backward through the graph a second time" not in str(error):
                 raise
             raise RuntimeError(
                 "part of this loss's graph was already backpropagated: either a loss.backward() left in the loop "
@@ -701,6 +706,7 @@ class Controller:
             NoGoodStateError: with the shield on, the model (loaded first) holds NaN or infinite trained weights or
                 buffers, which no rollback can repair.
         """
+        self._check_open()  # closed, the optimizer is the user's again: a late load would rewind its state
         if not isinstance(state, Mapping):
             raise ValueError(f"a controller checkpoint is the dict Controller.state_dict() returned; got {type(state)}")
         version = state.get("format")
@@ -726,6 +732,8 @@ class Controller:
                     "brought; resume from an earlier checkpoint (load the model's weights before the controller's)"
                 )
         steps, skipped, rollbacks = (_checked_count(state, key, 0) for key in ("steps", "skipped_steps", "rollbacks"))
+        if skipped > steps:
+            raise ValueError(f"the checkpoint's skipped_steps {skipped} is more than its steps {steps}")
         trial_running = state["trial_running"]
         if not isinstance(trial_running, bool):
             raise ValueError(f"the checkpoint's trial_running {trial_running!r} is not a bool")
@@ -735,7 +743,10 @@ class Controller:
             for k, v in speed_trial.items()
         ):
             raise ValueError(f"the checkpoint's speed_trial {speed_trial!r} is not a dict of timings (name: number)")
-        codes = {name: _checked_precision_code(state, name) for name in ("low_precision", "initial_precision")}
+        codes = {
+            "low_precision": _checked_precision_code(state, "low_precision", low=True),
+            "initial_precision": _checked_precision_code(state, "initial_precision"),
+        }
         resume = self._checked_resume(state)
         signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
         self.engine.load_state_dict(state["engine"])
@@ -872,6 +883,10 @@ class Controller:
                 # served again, as the first of this call, so no sample of the epoch goes untrained.
                 _log.info("the last batch served (%d samples) was not trained on: served again", self._unstepped[1])
                 self._loader.take_back(self._unstepped[1])
+                # Served again whole: gradients its first micro-batches left (ctl.backward(), then an error in the
+                # next one's forward) would go into its update twice.
+                self.engine.zero_grad()
+                self._micro_loss = None
             self._unstepped = None
             if batch_size != self._base_batch_size:
                 raise ValueError(
@@ -918,6 +933,9 @@ class Controller:
             return None
         base, batch = _checked_count(state, "base_batch_size", 1), _checked_count(state, "batch_size", 1)
         loader = ElasticLoader.check_state(state["loader"])
+        for key, value in (("base_batch_size", base), ("batch_size", batch)):
+            if value > loader["n"]:  # the batch_size setter's rule
+                raise ValueError(f"the checkpoint's {key} {value} is more than its dataset's {loader['n']} samples")
         coupler = state["lr_coupler"]
         self._coupler_for(base, coupler)  # loaded into a coupler like the one loader() will build, to check it
         return {"loader": loader, "lr_coupler": coupler, "batch_size": batch, "base_batch_size": base}
@@ -1198,12 +1216,12 @@ def _checked_count(state: Mapping[str, Any], key: str, least: int) -> int:
     return int(value)
 
 
-def _checked_precision_code(state: Mapping[str, Any], key: str) -> Precision | None:
-    """``state[key]`` as a ``Precision`` (None stays None), else a ValueError naming it."""
+def _checked_precision_code(state: Mapping[str, Any], key: str, low: bool = False) -> Precision | None:
+    """``state[key]`` as a ``Precision`` (None stays None), else a ValueError naming it; ``low``: a 16-bit one."""
     value = state[key]
     if value is None:
         return None
-    codes = tuple(int(p) for p in Precision)
+    codes = tuple(int(p) for p in Precision if not (low and p is Precision.FP32))
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) not in codes:
         raise ValueError(
             f"the checkpoint's {key} {value!r} is not a precision code ({', '.join(map(str, codes))}) or None"

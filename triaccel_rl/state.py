@@ -62,7 +62,10 @@ class SavedState:
         value = self.state[key]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{self.owner} has {key} {value!r}, not a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
         if math.isnan(number) and nan:
             return number
         if not (math.isfinite(number) and number >= least):
@@ -82,7 +85,10 @@ class SavedState:
         if not numeric or (length is not None and len(value) != length):
             expected = "a list of numbers" if length is None else f"a list of {length} numbers"
             raise ValueError(f"{self.owner} has {key} {_short(value)}, not {expected}")
-        array = np.array(value, dtype=np.float64)
+        try:
+            array = np.array(value, dtype=np.float64)
+        except OverflowError:  # an int past float's range
+            raise ValueError(f"{self.owner} has {key} with a value that is not finite") from None
         if not (np.isfinite(array) | (np.isnan(array) if nan else False)).all():
             raise ValueError(f"{self.owner} has {key} with a value that is not finite{' or NaN' if nan else ''}")
         return array
