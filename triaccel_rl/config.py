@@ -534,10 +534,11 @@ class ElasticConfig:
         warmup_steps: optimizer steps of the warm-up ramp (0: no warm-up).
         fill_frac: share of the memory budget micro-batches are planned to fill, in (0, 1].
         oom_budget_factor: after an out-of-memory error in a step split into micro-batches of ``m``, the budget
-            becomes at most this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac``
-            of it, so the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed. The
-            budget is never lowered below what one sample is predicted to need (a one-sample micro-batch is still
-            planned, and retried), so for small ``m`` it can stay above ``factor`` × predicted(``m``).
+            becomes this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac`` of it, so
+            the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed, but the budget
+            keeps room in ``fill_frac`` of it for ``m // 2`` (at least one sample): where the weights and optimizer
+            state outweigh a micro-batch's activations, ``fill_frac × factor`` of what failed is less than they
+            alone need, and every later step ran one-sample micro-batches. The budget is never raised.
         max_oom_retries: out-of-memory errors tolerated within one step before it gives up.
 
     Example:

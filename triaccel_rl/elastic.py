@@ -74,6 +74,8 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
     if rule is LRRule.NONE:
         return 1.0
     if rule is LRRule.ADASCALE:
+        if noise_scale is not None and (isinstance(noise_scale, bool) or not isinstance(noise_scale, numbers.Real)):
+            raise ValueError(f"noise_scale={noise_scale!r} must be a number of samples >= 0, or None (not measured)")
         noise = 0.0 if noise_scale is None or math.isnan(noise_scale) else float(noise_scale)
         if noise < 0:
             raise ValueError(f"noise_scale={noise_scale} must be >= 0 (samples)")
@@ -137,10 +139,12 @@ class BatchLRCoupler:
         if rule is LRRule.AUTO:
             raise ValueError("resolve LRRule.AUTO for the optimizer first (resolve_lr_rule)")
         whole = isinstance(warmup_steps, numbers.Integral) and not isinstance(warmup_steps, bool)
-        if not (warmup_above > 1.0) or not whole or warmup_steps < 0:  # NaN included
+        real = isinstance(warmup_above, numbers.Real) and not isinstance(warmup_above, bool)
+        if not real or not (warmup_above > 1.0) or not whole or warmup_steps < 0:  # NaN included
             # A fractional ramp never met its end (step == warmup_steps) and left the gain past its target for good.
             raise ValueError(
-                f"need warmup_above > 1 and warmup_steps a whole number >= 0; got {warmup_above}, {warmup_steps!r}"
+                f"need warmup_above a number > 1 and warmup_steps a whole number >= 0; got {warmup_above!r}, "
+                f"{warmup_steps!r}"
             )
         lr_gain(rule, batch_size, base_batch_size)  # checks the sizes before int() could cut 64.9 to 64
         self.rule = rule
@@ -283,11 +287,15 @@ def _state_gain(state: Mapping[str, Any], key: str) -> float:
 def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     """Splits ``batch_size`` samples into micro-batches of at most ``max_micro_batch``, largest first.
 
-    Greedy: full micro-batches then the remainder, so the peak memory (set by the largest) fills the plan.
+    Greedy: full micro-batches then the remainder, so the peak memory (set by the largest) fills the plan. A
+    remainder of one sample takes one more from the micro-batch before it (33 at 16: 16, 15, 2): a one-sample
+    micro-batch cannot train a model with batch norm, which needs two samples a channel.
 
     Example:
         >>> plan_micro_batches(10, 4)
         [4, 4, 2]
+        >>> plan_micro_batches(9, 4)
+        [4, 3, 2]
 
     Raises:
         ValueError: a non-positive size.
@@ -298,7 +306,10 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
             f"need whole numbers batch_size >= 1 and max_micro_batch >= 1; got {batch_size!r}, {max_micro_batch!r}"
         )
     full, rest = divmod(batch_size, max_micro_batch)
-    return [max_micro_batch] * full + ([rest] if rest else [])
+    sizes = [max_micro_batch] * full + ([rest] if rest else [])
+    if rest == 1 and full and max_micro_batch >= 3:
+        sizes[-2:] = [max_micro_batch - 1, 2]
+    return sizes
 
 
 def is_out_of_memory(error: BaseException) -> bool:

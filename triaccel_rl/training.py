@@ -992,12 +992,21 @@ class TrainingRun:
                 f"bytes and the budget is now {self.memory_budget_bytes} bytes"
             )
         before = self.memory_budget_bytes
-        lowered = int(self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro))
+        retry = max(1, micro // 2)
+        # factor x what failed, but not so low that planning (on fill_frac of the budget) has no room for half of it:
+        # where the weights and optimizer state outweigh a micro-batch's activations, fill_frac of the lowered budget
+        # held less than they do, and every later step ran micro-batches of one sample.
+        lowered = int(
+            max(
+                self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro),
+                math.ceil(self.predicted_memory_bytes(retry) / self.elastic.fill_frac),
+            )
+        )
         if self.device.type == "cuda":  # the device is shared: we can hold at most ours + what is free
             lowered = min(lowered, read_device_memory(self.device).available_bytes)
         # Not below what one sample needs (the halving still makes progress down to one sample), never up.
         self.memory_budget_bytes = min(before, max(lowered, self.predicted_memory_bytes(1)))
-        retry = max(1, min(micro // 2, self.micro_batch_size(n)))
+        retry = max(1, min(retry, self.micro_batch_size(n)))
         event = OOMEvent(self.steps, failed, retry, before, self.memory_budget_bytes, failure, micro)
         self.oom_log.append(event)
         self.oom_events += 1  # with the log, also for a step that gives up later

@@ -89,6 +89,16 @@ def test_batch_norm_makes_micro_batches_differ_documented_caveat() -> None:
     assert max_abs_difference(parameters_of(whole), parameters_of(split)) > 100 * ATOL
 
 
+def test_a_batch_norm_model_trains_where_a_split_would_leave_one_sample() -> None:
+    """33 samples at micro-batches of 16 were planned [16, 16, 1], and batch norm refuses one sample a channel in
+    training ("Expected more than 1 value per channel"): every step raised. A one-sample remainder takes one more."""
+    assert plan_micro_batches(33, 16) == [16, 15, 2]
+    assert plan_micro_batches(9, 4) == [4, 3, 2] and plan_micro_batches(5, 2) == [2, 2, 1]  # 2: nothing to take
+    assert plan_micro_batches(1, 16) == [1] and plan_micro_batches(32, 16) == [16, 16]
+    run, stats = run_steps(_bn_task(), cap=16, n_steps=2, batch_size=33)
+    assert run.last_micro_batches == [16, 15, 2] and all(s.batch_size == 33 for s in stats)
+
+
 @pytest.mark.parametrize(("batch", "cap"), [(10.0, 4), (10, 4.0), (True, 4), (0, 4), (10, 0)])
 def test_a_micro_batch_plan_needs_whole_positive_sizes(batch: object, cap: object) -> None:
     """10.0 raised a TypeError (a float length of a list) where the docstring promises a ValueError."""

@@ -54,6 +54,10 @@ def test_adascale_lies_between_one_and_linear() -> None:
         (lambda: BatchLRCoupler(LRRule.LINEAR, 64.9, 64), "got 64 and base 64.9"),
         (lambda: BatchLRCoupler(LRRule.LINEAR, 64, 64).change(32.5), "got 32.5 and base 64"),
         (lambda: lr_gain(LRRule.ADASCALE, 64, 64, -1.0), "noise_scale=-1.0 must be >= 0"),
+        # A string raised a bare TypeError, and True was read as one sample
+        (lambda: lr_gain(LRRule.ADASCALE, 64, 64, "5"), r"noise_scale='5' must be a number of samples >= 0, or None"),
+        (lambda: lr_gain(LRRule.ADASCALE, 64, 64, True), r"noise_scale=True must be a number of samples"),
+        (lambda: BatchLRCoupler(LRRule.LINEAR, 64, 64, warmup_above="2"), r"need warmup_above a number > 1 .* got '2'"),
         (lambda: lr_gain(LRRule.AUTO, 64, 64), "must be resolved first"),
     ],
 )
@@ -196,7 +200,9 @@ def test_controller_uses_the_same_rules() -> None:
 @pytest.mark.parametrize("bad", [1.0, 0.5, float("nan")])
 def test_the_coupler_refuses_a_warmup_threshold_that_is_no_ratio_above_one(bad: float) -> None:
     """NaN passed the check (every comparison with it is false) and then no rise was ever warmed up."""
-    with pytest.raises(ValueError, match=rf"need warmup_above > 1 and warmup_steps a whole number >= 0; got {bad}, 4"):
+    with pytest.raises(
+        ValueError, match=rf"need warmup_above a number > 1 and warmup_steps a whole number >= 0; got {bad}, 4"
+    ):
         BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=bad, warmup_steps=4)
 
 

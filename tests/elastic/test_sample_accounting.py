@@ -7,6 +7,8 @@ so the parameters must equal, bit for bit, those of a fault-free twin that split
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict
 
 import pytest
@@ -18,6 +20,7 @@ from torch import nn
 
 from triaccel_rl.config import ElasticConfig
 from triaccel_rl.elastic import FaultPoint, UnrecoverableOOMError, inject_oom
+from triaccel_rl.models import MLP
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
 
@@ -137,21 +140,40 @@ def test_an_oom_in_the_shorter_last_micro_batch_logs_its_size_and_lowers_the_bud
     assert run.step().oom_events == 1
     event = run.oom_log[0]
     assert (event.micro_batch_size, event.split_micro_batch_size) == (10, 27)
-    assert event.budget_after_bytes == run.predicted_memory_bytes(27)  # oom_budget_factor 1.0
-    # Retried at most halved (13), and within fill_frac (0.9) of that budget: 12 samples fit.
-    assert event.retry_micro_batch_size == run.micro_batch_size(64) == 12 == run.last_micro_batches[0]
+    # oom_budget_factor 1.0 x predicted(27), or room in fill_frac (0.9) of it for half of 27, whichever is more
+    halved = math.ceil(run.predicted_memory_bytes(13) / 0.9)
+    assert event.budget_after_bytes == max(run.predicted_memory_bytes(27), halved)
+    # Retried halved (13), which that budget's fill_frac holds: the later steps plan it too.
+    assert event.retry_micro_batch_size == run.micro_batch_size(64) == 13 == run.last_micro_batches[0]
 
 
-def test_the_budget_after_an_oom_is_floored_at_one_samples_need() -> None:
-    """``oom_budget_factor`` 0.5 at micro-batches of 2: half of predicted(2) is below predicted(1), which the budget
-    keeps (documented in ElasticConfig: a one-sample micro-batch must still be planned)."""
+def test_the_budget_after_an_oom_keeps_room_for_half_the_micro_batch() -> None:
+    """``oom_budget_factor`` 0.5 at micro-batches of 2: half of predicted(2) is below predicted(1); the budget keeps
+    fill_frac's room for one sample (documented in ElasticConfig: the halved micro-batch must still be planned)."""
     fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0)
     run = TrainingRun(small_task(), seed=0, device="cpu", elastic=ElasticConfig(oom_budget_factor=0.5), fault=fault)
     run.micro_batch_cap = 2
     run.step()
     event = run.oom_log[0]
-    assert 0.5 * run.predicted_memory_bytes(2) < run.predicted_memory_bytes(1) == event.budget_after_bytes
-    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 1)
+    assert 0.5 * run.predicted_memory_bytes(2) < run.predicted_memory_bytes(1)
+    assert event.budget_after_bytes == math.ceil(run.predicted_memory_bytes(1) / 0.9)
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 1) and run.micro_batch_size(64) == 1
+
+
+def test_an_oom_where_the_weights_outweigh_the_activations_halves_the_micro_batch_not_to_one() -> None:
+    """A model whose weights and optimizer state are most of its memory: the budget lowered to what the failed
+    micro-batch was predicted to need left fill_frac (0.9) of it below the weights alone, nothing fitted, and every
+    later step ran one-sample micro-batches (64 for a batch of 64). Now the micro-batch halves, and stays there."""
+    task = small_task(build_model=functools.partial(MLP, 32, (1024, 1024), 10))  # weights: MBs; a sample's: KBs
+    fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0)
+    run = TrainingRun(task, seed=0, device="cpu", fault=fault)
+    fixed = run.predicted_memory_bytes(0)
+    assert run.predicted_memory_bytes(64) - fixed < 0.1 * fixed  # the case: activations under a tenth
+    run.step()
+    event = run.oom_log[0]
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (64, 32)
+    run.step()
+    assert run.last_micro_batches == [32, 32] and run.steps == 2
 
 
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
