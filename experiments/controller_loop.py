@@ -27,7 +27,7 @@ class Args:
     batch_size: int = 128
     """Starting batch size; the controller may change it."""
     log_dir: str = "runs/controller_loop"
-    """TensorBoard folder."""
+    """TensorBoard folder ('' for none)."""
     max_grad_norm: float = 5.0
     """Clip the gradient's total norm to this (``Controller(max_grad_norm=...)``)."""
 
@@ -70,7 +70,7 @@ def main(args: Args) -> float:
         optimizer,
         policy=args.policy,
         memory=ta.MemoryBudget(fraction=0.9),
-        log_dir=args.log_dir,
+        log_dir=args.log_dir or None,
         max_grad_norm=args.max_grad_norm,
     )
     for xb, yb in ctl.loader((x, y), batch_size=args.batch_size, epochs=args.epochs):

@@ -247,6 +247,49 @@ def test_one_path_for_two_outputs_is_refused_before_the_runs(a, b, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("flag", ["log-dir", "plots"])
+def test_a_folder_inside_the_results_file_is_refused_before_the_runs(flag, tmp_path, capsys, monkeypatch):
+    """``--out r/results.json --log-dir r/results.json/tb`` ran everything, then failed writing the results over the
+    folder (with a stray temporary file); a results file inside a folder flag's path stays fine."""
+    import triaccel_rl.compare
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", lambda *a, **k: pytest.fail("a run started"))
+    out = tmp_path / "r" / "results.json"
+    argv = ["compare", "--task", "synthetic", "--no-progress", "--out", str(out), f"--{flag}", str(out / "tb")]
+    assert main(argv) == 2
+    assert f"--{flag} {out / 'tb'} is inside --out {out}, the results file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    from triaccel_rl.cli import _apart
+
+    _apart(out=str(tmp_path / "r" / "results.json"), log_dir=str(tmp_path / "r"))  # a file inside a folder: fine
+
+
+def test_train_policy_refuses_one_path_for_the_policy_and_its_logs_before_training(tmp_path, capsys, monkeypatch):
+    """``--out z/p.zip --log-dir z/p.zip`` trained the whole run, then lost it at the policy's save."""
+    import triaccel_rl.rl
+
+    monkeypatch.setattr(triaccel_rl.rl, "train_policy", lambda *a, **k: pytest.fail("training started"))
+    path = str(tmp_path / "z" / "p.zip")
+    assert main(["train-policy", "--tasks", "synthetic", "--out", path, "--log-dir", path]) == 2
+    assert f"--out and --log-dir are both {path}: give each its own" in capsys.readouterr().err
+
+
+def test_a_results_file_that_cannot_be_written_leaves_no_temporary_behind(tmp_path):
+    from triaccel_rl.compare import write_json
+
+    (tmp_path / "results.json").mkdir()  # a folder where the file goes
+    with pytest.raises(OSError):
+        write_json([], [], tmp_path / "results.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_a_device_type_the_controller_does_not_support_is_refused_by_name(device, capsys):
+    """They failed with a traceback deep in the first run, after its folders were made."""
+    assert main(["compare", "--task", "synthetic", "--no-progress", "--device", device]) == 2
+    assert f"--device {device!r} is not supported: use cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_plots_without_matplotlib_are_refused_before_the_runs(tmp_path, capsys, monkeypatch):
     import triaccel_rl.compare
 
@@ -583,7 +626,7 @@ def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, mo
 @pytest.mark.parametrize(
     ("flags", "error"),
     [
-        (["--device", "mps"], "--device 'mps' cannot be profiled; use a CUDA device or 'cpu'"),
+        (["--device", "mps"], "--device 'mps' is not supported: use cpu, cuda or cuda:N"),
         (["--device", "cpu", "--steps", "0"], "--steps 0 must be a positive integer"),
     ],
 )

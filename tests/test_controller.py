@@ -884,6 +884,8 @@ def _hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         ({"policy": "heurstic"}, "heurstic"),  # a typo: refused before the engine hooks in
         ({"policy": "batch-finder"}, "searches its batch on a TrainingRun"),
         ({"log_dir": "FILE"}, "is a file; give a folder"),
+        # "" wrote SummaryWriter's own ./runs/<date>_<host> folder, where None (no logging) was meant
+        ({"log_dir": ""}, r"log_dir='' names no folder: give one for the TensorBoard logs, or None for none"),
         ({}, "injected"),  # the rollback copy's allocation fails after the engine is built
     ],
 )

@@ -459,6 +459,20 @@ def test_an_interrupted_run_keeps_a_checkpoint_it_resumes_from(tmp_path, monkeyp
     assert ObservationStats.load(resumed.with_suffix(".obs.json")).n_observations == 16
 
 
+def test_a_policy_whose_final_save_fails_keeps_its_weights_as_a_checkpoint(tmp_path, caplog):
+    """A folder where the zip goes (or a full disk): the whole run trained, then the save raised and the weights were
+    lost (only Ctrl-C kept a checkpoint)."""
+    from stable_baselines3 import PPO
+
+    out = tmp_path / "policy.zip"
+    out.mkdir()
+    with caplog.at_level("ERROR", logger="triaccel_rl"), pytest.raises(OSError):
+        train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=out, **_TINY)
+    checkpoint = tmp_path / "checkpoints" / "policy_8_steps.zip"
+    assert f"saving the policy to {out} failed: the trained weights are in {checkpoint}" in caplog.text
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 8
+
+
 def test_interrupted_inside_an_update_the_checkpoint_holds_the_last_whole_update(tmp_path, monkeypatch):
     """Ctrl-C between two gradient steps of PPO's update saved the half-updated weights, under the file name of the
     last whole update's checkpoint (which it overwrote)."""

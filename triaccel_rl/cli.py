@@ -99,13 +99,24 @@ def _folders_kept_only_on_success(*paths: str) -> Iterator[None]:
 
 
 def _apart(**paths: str) -> None:
-    """Raises when two of the output ``paths`` (by flag) are one: a results file written where a folder goes."""
+    """Raises when two of the output ``paths`` (by flag) are one, or a folder is inside ``out`` (a file).
+
+    Either way a results file was written where a folder goes, found after every run had trained. A file inside a
+    folder flag's path is fine.
+    """
     given = {flag: Path(path).resolve() for flag, path in paths.items() if path}
     for (a, path_a), (b, path_b) in itertools.combinations(given.items(), 2):
         if path_a == path_b:
             raise ValueError(
                 f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are both {paths[a]}: give each its own"
             )
+    if "out" in given:
+        for flag, path in given.items():
+            if given["out"] in path.parents:
+                raise ValueError(
+                    f"--{flag.replace('_', '-')} {paths[flag]} is inside --out {paths['out']}, the results file: "
+                    "give it a folder of its own"
+                )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -407,16 +418,21 @@ def _compare(args: argparse.Namespace) -> int:
     )
     if args.out:
         # The row the ratios are to (None: no ratios) and where the runs trained, which the rows do not say.
-        write_json(
-            results,
-            rows,
-            args.out,
-            **meta,
-            command=command,
-            time_mode=label,
-            reference=reference,
-            device=_device_name(args.device),
-        )
+        try:
+            write_json(
+                results,
+                rows,
+                args.out,
+                **meta,
+                command=command,
+                time_mode=label,
+                reference=reference,
+                device=_device_name(args.device),
+            )
+        except BaseException:
+            if partial is not None and partial.exists():
+                print(f"triaccel-rl compare: the runs that finished are in {partial}", file=sys.stderr)
+            raise
         if partial is not None:
             partial.unlink(missing_ok=True)
         print(f"results: {args.out}")
@@ -439,6 +455,7 @@ def _train_policy(args: argparse.Namespace) -> int:
         )
     if Path(args.out).suffix != ".zip":
         raise ValueError(f"--out {args.out} must name a .zip file, such as runs/policy.zip")
+    _apart(out=args.out, log_dir=args.log_dir)  # one path for both trained, then failed at the policy's save
     with _folders_kept_only_on_success(args.out, args.log_dir):
         path = _run_train_policy(args, tasks)
     print(f"saved policy: {path}")

@@ -796,8 +796,12 @@ def write_json(
     target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, target)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, target)
+    except BaseException:  # (a folder where the file goes) no stray temporary left behind
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def json_safe(value: Any) -> Any:

@@ -131,6 +131,8 @@ class Controller:
         if memory is not None and not isinstance(memory, MemoryBudget):
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if log_dir is not None and not str(log_dir):  # "": SummaryWriter's own ./runs/<date>_<host>, unasked
+            raise ValueError("log_dir='' names no folder: give one for the TensorBoard logs, or None for none")
         if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
             raise ValueError(f"log_dir={str(log_dir)!r} is a file; give a folder for the TensorBoard logs")
         self.config = config or ControllerConfig()

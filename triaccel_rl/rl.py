@@ -837,7 +837,12 @@ def train_policy(
             )
             stats = recorder.stats()
             # Inside the try: a save interrupted here keeps the run's weights as a checkpoint, and `out` as it was.
-            _save_policy(model, path, stats)
+            try:
+                _save_policy(model, path, stats)
+            except Exception:  # (a full disk, a folder where the zip goes) the trained weights are kept all the same
+                checkpoint, _ = save_checkpoint(model)
+                _log.error("saving the policy to %s failed: the trained weights are in %s (resume=)", path, checkpoint)
+                raise
         except KeyboardInterrupt:
             progress.close()  # before the warning, which would land inside the bar's line
             recorder.discard_unfinished_update()  # interrupted between two gradient steps of an update: the last whole

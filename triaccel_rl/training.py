@@ -76,7 +76,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """Returns ``device``, or CUDA when available and CPU otherwise.
 
     Raises:
-        ValueError: a device string torch does not know, or a CUDA device asked for on a machine without one.
+        ValueError: a device string torch does not know, a device type other than CPU and CUDA (the controller
+            supports those), or a CUDA device asked for on a machine without one.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +85,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:  # torch's message lists its internal device types (ipu, privateuseone, ...): noise here
         raise ValueError(f"device={str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):  # meta, mps, xpu: failed deep in a run, after its folders were made
+        raise ValueError(f"device={str(device)!r} is not supported: use cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
     return resolved
