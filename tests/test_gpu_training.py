@@ -518,3 +518,24 @@ def test_an_environment_on_the_gpu_draws_from_its_own_cuda_stream(deterministic_
     for a, b in zip(weights[0], weights[1], strict=True):
         torch.testing.assert_close(a, b)  # other crops would differ by far more than float32's tolerance
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(weights[0], weights[2], strict=True))  # the control did
+
+
+def test_a_step_of_accumulated_micro_batches_reads_the_peak_of_the_whole_batch():
+    """``autocast()`` reset the allocator's peak at every micro-batch, so with ``ctl.backward()`` accumulation the
+    step (and the memory model, which learns the loader batch's cost from it) read the last micro-batch's peak only:
+    here a 16-sample one after a 112-sample one whose activations (512 KB a sample) set the batch's peak."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 65536), nn.ReLU(), nn.Linear(65536, 10)).cuda()
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
+    x, y = torch.randn(256, 16), torch.randint(0, 10, (256,))
+    xb, yb = next(ctl.loader((x, y), batch_size=128))
+    with ctl.autocast():
+        first = nn.functional.cross_entropy(model(xb[:112]), yb[:112]) * 112 / 128
+    ctl.backward(first)
+    first_peak = torch.cuda.max_memory_allocated()
+    with ctl.autocast():
+        second = nn.functional.cross_entropy(model(xb[112:]), yb[112:]) * 16 / 128
+    ctl.step(second)
+    assert ctl._interval_peak >= first_peak > 40 * 2**20  # 112 x 512 KB of activations in it

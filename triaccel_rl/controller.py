@@ -360,12 +360,15 @@ class Controller:
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Context for the forward pass and the loss: each layer runs in its decided precision.
 
-        On a GPU it also starts the step's memory measurement, so the peak ``step`` reads covers the forward too. The
+        On a GPU it also starts the step's memory measurement (at a batch's first micro-batch, with gradient
+        accumulation), so the peak ``step`` reads covers the forwards too. The
         model's mode is yours: call ``model.train()`` after an evaluation, as in any loop (a model trained in eval mode
         on purpose, with frozen batch-norm statistics, stays in it).
         """
         self._check_open()
-        if self.device.type == "cuda":
+        # A batch's first micro-batch (no ctl.backward() since the last step) starts the measurement; the later ones
+        # are measured on with it, so the step's peak is the batch's, not its last micro-batch's.
+        if self.device.type == "cuda" and self._micro_loss is None:
             torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no sync
             self._peak_from_forward = True
         self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
