@@ -65,11 +65,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions: the
     observations, rewards and per-step ``info`` repeat bit for bit (the episode's last ``info`` adds its final
     ``test_accuracy``; its wall-clock figures, the controller's overhead share and the training time, are in
-    ``env.episode_summary`` once it ends). The run draws from its own torch RNG streams
-    (the CPU's, and on a GPU its device's: the GPU tasks' crop-and-flip augmentation draws there), so the caller's
-    global NumPy and torch RNGs neither change an episode nor are changed by it. In
-    ``measured`` mode the charged time is the clock's, so the budget, the step-time feature, the rewards and the
-    episode's length vary from run to run (Gymnasium's ``check_env`` fails its determinism check there).
+    ``episode_summary`` once it ends, until the next episode ends: ``env.unwrapped.episode_summary`` through
+    ``gym.make``'s wrappers, ``venv.get_attr("episode_summary")`` in a vector env). The run draws from its own torch
+    RNG streams (the CPU's, and on a GPU its device's: the GPU tasks' crop-and-flip augmentation draws there), so
+    the caller's global NumPy and torch RNGs neither change an episode nor are changed by it. In ``measured`` mode
+    the charged time is the clock's, so the budget, the step-time feature, the rewards and the episode's length vary
+    from run to run (Gymnasium's ``check_env`` fails its determinism check there).
 
     **Lifetime**: ``close()`` drops the run and frees its memory (harmless twice; ``reset`` starts anew). A live
     environment (between ``reset`` and ``close``) refuses to be copied or pickled; one before its first reset
@@ -175,8 +176,9 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             lr_range = (low, high)
         self.lr_range = lr_range
         self.base_lr_factor = 1.0  # this episode's draw from lr_range (a privileged teacher may read it)
-        # The last episode's wall-clock figures, set when it ends (None before): the controller's overhead share and
-        # the training time. Not in ``info``, which repeats bit for bit for a seed in profile mode.
+        # The last finished episode's wall-clock figures (None before one ends): the controller's overhead share and
+        # the training time. Not in ``info``, which repeats bit for bit for a seed in profile mode; kept through the
+        # next reset, which a vector env makes as soon as an episode ends.
         self.episode_summary: dict[str, float] | None = None
         resolve_device(device)  # a device torch does not know, or CUDA where there is none: refused now, not at reset
         self.task = get_task(task, **(task_overrides or {}))
@@ -212,7 +214,6 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
             task = replace(task, base_lr=task.base_lr * factor)
         self.base_lr_factor = factor
-        self.episode_summary = None
         self.loop, self._torch_rng, self._cuda_rng = None, None, None  # the last episode's run may go first
         device = resolve_device(self.device)
         cuda = (

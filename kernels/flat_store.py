@@ -230,9 +230,10 @@ class FlatParameterStore:
         # rebind): the others got no gradient, and torch.optim would leave them and their state alone.
         self._rebound_from_none: set[int] = set()
         self._accumulated: set[int] = set()
+        self._none_after_backward: set[int] = set()  # None between a backward and the step: certainly no gradient
         self._grad_hooks: dict[int, RemovableHandle] = {}
 
-    def rebind_grads(self) -> int:
+    def rebind_grads(self, after_backward: bool = False) -> int:
         """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
 
         ``optimizer.zero_grad()`` and ``model.zero_grad()`` set ``param.grad = None`` by default, after which
@@ -243,6 +244,10 @@ class FlatParameterStore:
         :meth:`zero_grad` rather than setting the gradient to ``None``), and a hook notes whether autograd
         accumulates into it before the next step (:meth:`take_params_without_grad`); a gradient tensor put in its
         place is copied into the view. An identity check and an address check a parameter when nothing changed.
+
+        ``after_backward``: called between the backward and the step (the fused step's own call), where a ``None``
+        gradient is one the step's backward did not give: :meth:`take_params_without_grad` reports it whether or not a
+        hook was in place to see the backward.
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` is no longer its view of the flat ``params`` (the
@@ -268,6 +273,8 @@ class FlatParameterStore:
                     if not zeros:
                         view.zero_()
                     self._watch(i)
+                    if after_backward:
+                        self._none_after_backward.add(i)
                 p.grad = view
         return len(changed)
 
@@ -280,9 +287,10 @@ class FlatParameterStore:
         Such a parameter takes no update from ``torch.optim`` (it skips ``grad is None``): no weight decay, no
         momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward.
         """
+        certain, self._none_after_backward = self._none_after_backward, set()
         if not self._rebound_from_none:
             self._accumulated.clear()  # the next step's record starts empty
-            return []
+            return sorted(certain)
         if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _watch)
             unused = sorted(self._rebound_from_none - self._accumulated)
         else:
@@ -292,7 +300,7 @@ class FlatParameterStore:
             unused = sorted(i for i in self._rebound_from_none if not self._grad_views[i][0].requires_grad)
         self._rebound_from_none.clear()
         self._accumulated.clear()
-        return unused
+        return sorted(set(unused) | certain)
 
     def param_view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements in ``buffer`` (a flat buffer of this store), with its shape and strides."""
@@ -312,6 +320,7 @@ class FlatParameterStore:
             handle.remove()
         self._grad_hooks.clear()
         self._rebound_from_none.clear()
+        self._none_after_backward.clear()
         self._accumulated.clear()
 
     def _watch(self, index: int) -> None:

@@ -43,21 +43,22 @@
   fill ``elastic.fill_frac`` (0.9) of the budget. The defaults agree: 0.9 is under the 0.95 that reads as memory
   pressure, and a batch using under 0.45 of the budget still fits once doubled.
 
-**At a threshold's edge** every comparison is strict, so a feature exactly at a threshold does not fire its
-rule: a group at ``lower_below`` stays in fp32 and one at ``raise_above`` stays lowered; an overflow rate equal to
+**At a threshold's edge** every comparison is strict, so a feature exactly at a threshold does not fire its rule: a
+group at ``lower_below`` stays in fp32 and one at ``raise_above`` stays lowered; an overflow rate equal to
 ``max_overflow_rate`` (1 skipped step in 20 at the default 0.05) counts as stable; a loss change of exactly
 ``loss_rise_tolerance`` (either way) or of exactly ``-anneal_plateau`` keeps the LR; memory use exactly at
 ``grow_below_usage`` or ``shrink_above_usage`` keeps the batch, and so does a batch exactly at
-``max_batch_over_noise`` of the noise scale. The shares of the run are the exception: annealing and the ramp
-start at ``progress == anneal_after`` (``ramp_batch_after``), the ramp's last decision is the one before
-``ramp_batch_until``, and a doubling that lands exactly on ``max_batch_growth`` is taken. The observation is
-float32, so each threshold is compared as the float32 nearest to it (in float64, 1/20 stored as float32 is a
-little over 0.05).
+``max_batch_over_noise`` of the noise scale. The shares of the run are the exception: annealing and the ramp start
+at ``progress == anneal_after`` (``ramp_batch_after``), the release at ``anneal_release_after``, the ramp's last
+decision is the one before ``ramp_batch_until``, and a doubling that lands exactly on ``max_batch_growth`` is taken.
+The observation is float32, so each threshold is compared as the float32 nearest to it (in float64, 1/20 stored as
+float32 is a little over 0.05).
 
 **Features that are NaN** (not measured: ``FallbackPolicy`` hands such observations here) fire no rule that reads
-them: nothing is lowered on an unknown overflow rate, the LR holds on an unknown loss trend and the batch on an
-unknown memory use or noise scale. A group's precision one-hot with no entry set reads as the start precision
-(``initial_precision``), an unknown LR multiplier as the 1.0 rung, and one beyond the ladder as its nearer end.
+them: nothing is lowered on an unknown overflow rate, the LR holds on an unknown loss trend (but for the climb
+``anneal_release_after`` makes, which reads no trend) and the batch on an unknown memory use or noise scale. A
+group's precision one-hot with no entry set reads as the start precision (``initial_precision``), an unknown LR
+multiplier as the 1.0 rung, and one beyond the ladder as its nearer end.
 
 Per-layer step sizes are not part of the action: the decision loop applies the collector's
 curvature-scaled LR factors itself when ``SignalConfig.lr_factors`` is on.

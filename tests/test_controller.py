@@ -1045,6 +1045,43 @@ def test_a_batch_served_again_after_an_error_trains_as_in_a_run_without_the_erro
         assert torch.equal(got, want)
 
 
+def test_a_backward_that_raises_leaves_no_gradient_for_the_next_batch():
+    """An error part-way through a backward, caught inside the loop, which goes on to the next batch (no batch served
+    again): the head's gradient, already accumulated, went into the next batch's update. Now the run equals one that
+    skipped that batch before its forward."""
+    g = torch.Generator().manual_seed(1)
+    dataset = (torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
+
+    def train(fail: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), policy="fp32")
+        armed = [fail]
+
+        def hook(grad):
+            if armed[0] and ctl.steps == 1:
+                armed[0] = False
+                raise torch.OutOfMemoryError("out of memory (injected)")
+            return grad
+
+        model[0].weight.register_hook(hook)  # the first layer's: the head's gradient is in by then
+        for batch, (x, y) in enumerate(ctl.loader(dataset, batch_size=16, epochs=1)):
+            if not fail and batch == 1:
+                continue  # the twin skips the batch before its forward
+            try:
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(x), y)
+                ctl.step(loss)
+            except torch.OutOfMemoryError:
+                continue
+        return [p.detach().clone() for p in model.parameters()], ctl.steps
+
+    (faulty, steps), (skipped, twin_steps) = train(True), train(False)
+    assert steps == twin_steps == 3
+    for got, want in zip(faulty, skipped, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(caplog):
     """``loader()`` serves one run's training data. Called on a test set inside the training loop, the open training
     iterator went on serving from the test set's loader (training stopped half-way through its epoch); called between

@@ -814,6 +814,29 @@ def test_a_gradient_a_pre_hook_gives_a_layer_the_loss_did_not_reach_is_applied()
     torch.testing.assert_close(heads[True], heads[False], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("zeroed_before", [False, True])
+def test_a_gradient_set_to_none_between_backward_and_step_leaves_its_layer_alone(zeroed_before):
+    """``torch.optim`` skips a ``None`` gradient (no decay, no momentum). The fused step, reading it at the step, took
+    it as one the backward gave when no hook had been in place to see the backward (no ``zero_grad()`` to ``None``
+    before, which installs them), and decayed the head."""
+    moved = {}
+    for fused in (False, True):
+        model, optimizer = model_and_optimizer("sgd")  # weight decay 1e-3, momentum
+        engine = StepEngine(model, optimizer, DEVICE, fused=fused)
+        x, y = batches(1)[0]
+        if zeroed_before:
+            optimizer.zero_grad()
+        engine.bind_grads()
+        head = model[2].weight.detach().clone()
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.scale_loss(loss).backward()
+        model[2].weight.grad = model[2].bias.grad = None  # the head sits this step out
+        assert not engine.step_after_backward(loss.detach())[1]
+        moved[fused] = float((model[2].weight.detach() - head).abs().max())
+    assert moved[False] == moved[True] == 0.0
+
+
 def _no_decay_recipe(kind, decay=0.05):
     """The usual recipe: weights decayed, biases not (every layer of the model split across two param groups)."""
     torch.manual_seed(0)

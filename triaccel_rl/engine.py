@@ -427,12 +427,13 @@ class StepEngine:
         self.scale_loss(loss).backward()
         return self.step_after_backward(loss.detach())
 
-    def bind_grads(self) -> None:
+    def bind_grads(self, after_backward: bool = False) -> None:
         """Before a backward on the fused path, points gradients set to ``None`` back at the flat buffer.
 
         A user's ``optimizer.zero_grad()`` or ``model.zero_grad()`` sets them to ``None`` by default; autograd would
         then accumulate into new tensors the fused step never reads, and the model would never train, silently.
-        Nothing to do on the reference path.
+        Nothing to do on the reference path. ``after_backward``: the fused step's own call, before the update, where a
+        gradient still ``None`` is one this step's backward did not give (``FlatParameterStore.rebind_grads``).
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` was replaced since the engine was built (the model
@@ -440,7 +441,7 @@ class StepEngine:
         """
         if self.fused:
             try:
-                self.store.rebind_grads()
+                self.store.rebind_grads(after_backward)
             except DetachedParametersError as error:
                 names = {id(p): name for name, p in self.model.named_parameters()}
                 raise DetachedParametersError(error.params, [names.get(id(p), "?") for p in error.params]) from None
@@ -1214,7 +1215,7 @@ class StepEngine:
             # A gradient put in place of its view goes into the flat buffer the step reads: a pre-hook's (a clamp), or
             # autograd's own after backward(create_graph=True), which accumulates out of place (a new .grad tensor).
             # One identity and address check a parameter when nothing changed.
-            self.bind_grads()
+            self.bind_grads(after_backward=True)
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these

@@ -978,11 +978,22 @@ class TrainingRun:
         self._undo_attempt()
         self.loader.take_back(n)
 
+    def _budget_holding(self, needed_bytes: int) -> int:
+        """The least budget whose usable share (``usable_memory_bytes``, ``int(fill_frac × budget)``) holds a need.
+
+        ``ceil(needed_bytes / fill_frac)``, and up by a byte where float rounding left the share one short.
+        """
+        budget = math.ceil(needed_bytes / self.elastic.fill_frac)
+        while int(self.elastic.fill_frac * budget) < needed_bytes:
+            budget += 1
+        return budget
+
     def _recover_from_oom(self, micro: int, failure: str, oom_events: int, n: int) -> int:
         """Zeroes gradients, frees memory, lowers the budget; returns the micro-batch to retry with.
 
         ``micro`` is the failed attempt's micro-batch size: the budget and the retry derive from it, the event logs the
-        micro-batch that failed (the last one started: ``n % micro`` samples where the shorter last one failed).
+        micro-batch that failed (the last one started: a split's shorter last one, or the one before it, where it
+        failed).
         """
         self._undo_attempt()
         release_memory(self.device)
@@ -999,11 +1010,9 @@ class TrainingRun:
         # factor x what failed, but not so low that planning (on fill_frac of the budget) has no room for half of it:
         # where the weights and optimizer state outweigh a micro-batch's activations, fill_frac of the lowered budget
         # held less than they do, and every later step ran micro-batches of one sample.
-        lowered = int(
-            max(
-                self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro),
-                math.ceil(self.predicted_memory_bytes(retry) / self.elastic.fill_frac),
-            )
+        lowered = max(
+            int(self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro)),
+            self._budget_holding(self.predicted_memory_bytes(retry)),
         )
         if self.device.type == "cuda":  # the device is shared: we can hold at most ours + what is free
             lowered = min(lowered, read_device_memory(self.device).available_bytes)

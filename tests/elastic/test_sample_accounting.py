@@ -176,6 +176,20 @@ def test_an_oom_where_the_weights_outweigh_the_activations_halves_the_micro_batc
     assert run.last_micro_batches == [32, 32] and run.steps == 2
 
 
+def test_the_budget_after_an_oom_holds_half_the_micro_batch_to_the_byte() -> None:
+    """``ceil(predicted(32) / 0.7)`` as the budget, read back as ``int(0.7 x budget)``, came out one byte short of
+    predicted(32) (float rounding): the retry was 31 and the next steps split 64 as 31, 31, 2."""
+    task = small_task(build_model=functools.partial(MLP, 32, (1087, 1087), 10))
+    run = TrainingRun(task, seed=0, device="cpu", fault=inject_oom(lambda p: p.step == 0 and p.attempt == 0),
+                      elastic=ElasticConfig(fill_frac=0.7))  # fmt: skip
+    run.step()
+    event = run.oom_log[0]
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (64, 32)
+    assert int(0.7 * event.budget_after_bytes) >= run.predicted_memory_bytes(32)
+    run.step()
+    assert run.last_micro_batches == [32, 32]
+
+
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
     before = parameters_of(run)
