@@ -759,6 +759,20 @@ def test_evaluations_every_n_steps_that_land_on_the_last_step_evaluate_it_once(e
     assert times[-1] == result.time_s
 
 
+def test_the_zoom_panel_leaves_out_a_nan_metric_met_first(tmp_path):
+    """A run whose first point's metric is NaN (a result built by hand, or from another source): max() kept the NaN
+    met first and the zoom panel's limits raised "Axis limits cannot be NaN or Inf"."""
+    pytest.importorskip("matplotlib")
+    from triaccel_rl.plots import plot_comparison
+
+    result = fake("static-fp32", 0, 0.7, 1.0, None)
+    result.curve = [(0.5, math.nan, 64, 1.0, 0.0), (1.0, 0.7, 64, 1.0, 0.0)]
+    result.trace = [{"time_s": 0.5, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1 << 20, "precisions": [0]}]
+    result.layer_names = ["only"]
+    paths = plot_comparison([result], tmp_path, target=0.8)
+    assert paths[0].name == "metric_vs_time.png" and paths[0].stat().st_size > 5000
+
+
 def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
     """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
     pytest.importorskip("matplotlib")

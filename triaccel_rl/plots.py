@@ -72,7 +72,9 @@ def plot_comparison(
         reached = [run for run in results if run.time_to_target_s is not None]
         for run in reached:  # where each run first reached the target
             zoom.plot(run.time_to_target_s, 100 * target, marker="v", markersize=8, color=colours[run.controller])
-        top = max((100 * point[1] for run in results for point in run.curve), default=100 * target)
+        # Finite points only: max() keeps a NaN met first (every comparison with it is False), and NaN limits raise.
+        finite = [100 * point[1] for run in results for point in run.curve if np.isfinite(point[1])]
+        top = max(finite, default=100 * target)
         # Down to the best run's best too: with every run more than 3 points short, the panel showed the target alone.
         zoom.set_ylim(min(100 * target - 3.0, top - 1.0), max(top, 100 * target) + 0.5)
         zoom.set_title("Near the target (triangles: time to target)")
