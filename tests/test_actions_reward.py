@@ -128,6 +128,21 @@ def test_encode_rejects_unknown_lr_scale() -> None:
         encode(action, SMALL)
 
 
+def test_an_action_takes_codes_and_names_and_refuses_what_is_neither() -> None:
+    """``batch_move=2`` was read as "keep" by the executor's identity checks, silently; an integer precision failed
+    deep in it on a missing attribute; "grow", 7 and None were accepted as "keep"."""
+    action = Action((1, "fp16"), 1.0, 2)  # type: ignore[arg-type]
+    assert action == Action((Precision.BF16, Precision.FP16), 1.0, BatchMove.GROW)
+    assert action.batch_move is BatchMove.GROW and action.group_precisions[0] is Precision.BF16
+    for move in ("grow", 7, None, True, 1.0):
+        with pytest.raises(ValueError, match=rf"batch_move={move!r} must be a BatchMove: shrink \(0\), keep"):
+            Action((Precision.FP32,), 1.0, move)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
+        Action(("fp8",), 1.0, BatchMove.KEEP)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"group_precisions='bf16' must be a sequence of precisions"):
+        Action("bf16", 1.0, BatchMove.KEEP)  # type: ignore[arg-type]
+
+
 def test_encode_rejects_wrong_group_count() -> None:
     action = Action((Precision.FP32,) * 3, 1.0, BatchMove.KEEP)
     with pytest.raises(ValueError, match=r"action has 3 groups; config has 2"):

@@ -275,6 +275,20 @@ def test_an_emptied_group_takes_back_its_ranked_layers_and_the_rest_keep_theirs(
     assert assignment.tolist() == [1, 2, 0, 1, 1]
 
 
+def test_with_fewer_layers_than_groups_no_layer_shares_a_group_and_group_0_is_never_empty() -> None:
+    """3 layers in 4 groups (the synthetic and mlp-fmnist tasks): layers kept in place within the margin ended as
+    [2, 1, 2], group 0 (the most sensitive) empty, its precision action steering no layer and its features its
+    neighbour's. The reclaim ran only with as many layers as groups."""
+    grouper = LayerGrouper(np.ones(3, dtype=bool), n_groups=4, smoothing=0.0)
+    assert grouper.update(make_signals([3.0, 2.0, 1.0])).tolist() == [0, 1, 2]
+    # Ranked 1 > 2 > 0 now, each within the margin of its old group's: proposed [2, 0, 1], kept [2, 1, 2] before.
+    assert grouper.update(make_signals([2.0, 2.2, 2.1])).tolist() == [2, 0, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # noisy close scores: every update keeps three layers in three groups, group 0 among them
+        assignment = grouper.update(make_signals((2.0 + 0.2 * rng.standard_normal(3)).tolist()))
+        assert sorted(assignment.tolist()) == [0, 1, 2]
+
+
 def test_grouper_ignores_non_controllable_layers() -> None:
     # Layer 1 (a norm) is the most sensitive but not controllable: it is in no group.
     scores = [1.0, 9.0, 3.0, 2.0, 0.0]

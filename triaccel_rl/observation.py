@@ -197,13 +197,14 @@ class LayerGrouper:
             for i in np.flatnonzero(self.assignment == group):
                 if low <= self._score[i] <= high:
                     keep[i] = group
-        if len(self.indices) >= self.n_groups:
-            # Keeping layers in place must not empty a group (group 0's precision action then steered no layer, and
-            # its features were its neighbour's): an emptied group takes back the layers the ranking puts in it.
-            for group in set(range(self.n_groups)) - set(keep.tolist()):
-                keep[proposed == group] = group
-            if len(set(keep.tolist())) < self.n_groups:  # that emptied another: the ranking as it is
-                keep = proposed
+        # Keeping layers in place must not empty a group the ranking fills (group 0's precision action then steered no
+        # layer, and its features were its neighbour's): an emptied group takes back the layers the ranking puts in
+        # it. With fewer layers than groups too: 3 layers in 4 groups could end as [2, 1, 2], group 0 empty.
+        occupied = set(proposed.tolist())
+        for group in occupied - set(keep.tolist()):
+            keep[proposed == group] = group
+        if set(keep.tolist()) != occupied:  # that emptied another: the ranking as it is
+            keep = proposed
         self.assignment = keep
         return self.assignment
 

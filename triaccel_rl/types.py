@@ -238,6 +238,23 @@ class Action:
     lr_scale: float
     batch_move: BatchMove
 
+    def __post_init__(self) -> None:
+        """Precisions by name or code (``'bf16'``, 1) and moves by code (2) become the enums; others are refused.
+
+        Before, ``batch_move=2`` was compared with ``BatchMove.GROW`` by identity and read as "keep", silently, and an
+        integer precision failed deep in the executor on a missing attribute.
+
+        Raises:
+            ValueError: a precision or batch move that is none, naming it and what is allowed.
+        """
+        if isinstance(self.group_precisions, (str, bytes)) or not hasattr(self.group_precisions, "__iter__"):
+            raise ValueError(f"group_precisions={self.group_precisions!r} must be a sequence of precisions")
+        object.__setattr__(self, "group_precisions", tuple(Precision.parse(p) for p in self.group_precisions))
+        move = self.batch_move
+        if isinstance(move, bool) or not isinstance(move, (int, np.integer)) or int(move) not in (0, 1, 2):
+            raise ValueError(f"batch_move={move!r} must be a BatchMove: shrink (0), keep (1) or grow (2)")
+        object.__setattr__(self, "batch_move", BatchMove(int(move)))
+
 
 @runtime_checkable
 class Policy(Protocol):

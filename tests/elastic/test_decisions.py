@@ -83,6 +83,17 @@ def test_executor_uses_the_targets_usable_memory() -> None:
     executor = Executor(loop.config, loop.grouper)
     loop.run.memory_budget_bytes = int(loop.run.predicted_memory_bytes(128) / 0.9) + 10  # 128 just fits
     assert executor.apply(_grow(loop.config), loop.run).batch_size == 128
+    # Within the whole budget but over its usable share (fill_frac 0.9): refused, naming the usable bytes.
+    loop.run.batch_size = 64
+    predicted = loop.run.predicted_memory_bytes(128)
+    loop.run.memory_budget_bytes = int(predicted / 0.95)
+    usable = loop.run.usable_memory_bytes
+    assert usable < predicted <= loop.run.memory_budget_bytes
+    report = executor.apply(_grow(loop.config), loop.run)
+    assert report.batch_size == 64 and report.refused == [
+        f"batch 128 refused: predicted {predicted} bytes > {usable} usable of the {loop.run.memory_budget_bytes}-byte "
+        "budget"
+    ]
 
 
 @pytest.mark.parametrize("policy_move", ["heuristic", "grow-always"])
