@@ -285,7 +285,13 @@ class FlatParameterStore:
         step calls it once a step.
 
         Such a parameter takes no update from ``torch.optim`` (it skips ``grad is None``): no weight decay, no
-        momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward.
+        momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward, or a gradient was
+        set to ``None`` between the backward and the step (``rebind_grads(after_backward=True)``).
+
+        Limitation: a parameter whose gradient was never ``None`` since the store was built (it holds its zeroed view
+        from the start) and that no backward reaches (held by the optimizer, never used in the forward) reads as a
+        zero gradient and takes weight decay and momentum, where ``torch.optim`` skips its ``None``; once a
+        ``zero_grad(set_to_none=True)`` has run, the hooks tell, and it is left alone.
         """
         certain, self._none_after_backward = self._none_after_backward, set()
         if not self._rebound_from_none:
@@ -346,9 +352,14 @@ class FlatParameterStore:
         return lambda _param: accumulated.add(index)
 
     def zero_grad(self) -> None:
-        """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place."""
+        """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place.
+
+        Drops the record of gradients found ``None`` after a backward (:meth:`rebind_grads`): a step refused or
+        interrupted after the record was taken would otherwise leave those parameters out of a later step.
+        """
         self.grads.zero_()
         self._zeroed_version = self.grads._version
+        self._none_after_backward.clear()
 
     def layer_sq_sums(self, buffer: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of squares of ``buffer`` (a flat buffer of this store), float64 ``[n_layers]``.

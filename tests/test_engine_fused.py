@@ -837,6 +837,28 @@ def test_a_gradient_set_to_none_between_backward_and_step_leaves_its_layer_alone
     assert moved[False] == moved[True] == 0.0
 
 
+def test_a_refused_step_leaves_no_record_of_gradients_found_none_for_the_next_step():
+    """A step whose head gradient was set to None after the backward, then refused (the groups' momenta split): the
+    record that the head had no gradient outlived it, and the next step, whose backward gave the head one, put the
+    head back untrained."""
+    model, optimizer = model_and_optimizer("sgd")
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    x, y = batches(1)[0]
+    engine.bind_grads()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad = model[2].bias.grad = None
+    optimizer.param_groups[1]["momentum"] = 0.5
+    with pytest.raises(ValueError, match="momentum"):
+        engine.step_after_backward(torch.tensor(1.0, device=DEVICE))
+    optimizer.param_groups[1]["momentum"] = 0.9
+    head = model[2].weight.detach().clone()
+    engine.bind_grads()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert not engine.step_after_backward(loss.detach())[1]
+    assert (model[2].weight.detach() - head).abs().max() > 0
+
+
 def _no_decay_recipe(kind, decay=0.05):
     """The usual recipe: weights decayed, biases not (every layer of the model split across two param groups)."""
     torch.manual_seed(0)
