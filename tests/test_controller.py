@@ -1,3 +1,4 @@
+import copy
 from typing import Any
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 from users_loop import controlled_loop, controlled_step, either_step, plain_loop, users_data
 
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, ElasticConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.types import Precision
@@ -1080,6 +1081,56 @@ def test_a_backward_that_raises_leaves_no_gradient_for_the_next_batch():
     assert steps == twin_steps == 3
     for got, want in zip(faulty, skipped, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_load_drops_a_half_finished_batchs_gradients_and_reads_the_resumed_lr():
+    """A micro-batch's gradients (``ctl.backward()``) left by an error before the step went into the first update after
+    ``load_state_dict()``; between the load and the next ``loader()`` call ``ctl.lr`` read the coupler from before
+    the load, not the one the next update applies; ``ctl.batch_size`` set before any run was dropped silently."""
+    g = torch.Generator().manual_seed(1)
+    dataset = (torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
+    config = ControllerConfig(elastic=ElasticConfig(lr_rule="linear", warmup_steps=4))
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, Controller(model, opt, policy="fp32", config=config)
+
+    model, opt, ctl = build()
+    with pytest.raises(ValueError, match=r"batch_size=32: no run yet; pass batch_size to loader\(\)"):
+        ctl.batch_size = 32
+    batches = ctl.loader(dataset, batch_size=4, epochs=2)
+    for _ in range(2):
+        x, y = next(batches)
+        ctl.step(nn.functional.cross_entropy(model(x), y))
+    ctl.batch_size = 16  # a warm-up of the linear gain: 1 -> 4 over 4 steps
+    x, y = next(batches)
+    ctl.step(nn.functional.cross_entropy(model(x), y))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), ctl.state_dict()))  # (loads alias what they load)
+    expected_lr = ctl.lr
+    x, y = next(batches)
+    ctl.backward(nn.functional.cross_entropy(model(x[:8]), y[:8]) / 2)  # then an error before the second half
+    batches.close()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(copy.deepcopy(saved[1]))
+    ctl.load_state_dict(copy.deepcopy(saved[2]))
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert ctl.lr == pytest.approx(expected_lr)  # read 0.34, the LR from before the rewind
+    resumed = ctl.loader(dataset, batch_size=4, epochs=2)
+    x, y = next(resumed)
+    ctl.step(nn.functional.cross_entropy(model(x), y))
+    after_resume = [p.detach().clone() for p in model.parameters()]
+    # The twin: the same checkpoint loaded into a fresh controller, no half-finished batch.
+    model, opt, ctl = build()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    ctl.load_state_dict(saved[2])
+    assert ctl.lr == pytest.approx(expected_lr)  # read 0.13, the gain last applied, before the loader() call
+    x, y = next(ctl.loader(dataset, batch_size=4, epochs=2))
+    ctl.step(nn.functional.cross_entropy(model(x), y))
+    for got, want in zip(after_resume, model.parameters(), strict=True):
+        assert torch.equal(got, want.detach())
 
 
 def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(caplog):

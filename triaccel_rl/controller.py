@@ -554,6 +554,11 @@ class Controller:
             raise ValueError(
                 f"batch_size={value} is more than the {n} training samples: a step serves at most an epoch"
             )
+        if resume is None and self._loader is None:  # the loader() call that starts the run sets its own batch
+            raise ValueError(
+                f"batch_size={value}: no run yet; pass batch_size to loader(), which starts the run at it (set here, "
+                "it was overwritten there)"
+            )
         if resume is not None:  # loaded, not yet carried on: the next loader() call restores the batch and the coupler
             # Both go into the pending resume (set here, the batch would be overwritten by it); the coupler moves from
             # the checkpoint's state, as the one that loader() call restores would move right after it.
@@ -599,7 +604,11 @@ class Controller:
         That group's own ``lr`` (yours, or your LR scheduler's, which keeps working) times the controller's
         multiplier (LR scale, batch gain: during a warm-up after a batch rise, the gain the next step moves to).
         """
-        gain = self.lr_coupler.next_gain() if self.lr_coupler is not None else None  # advanced at the step, before it
+        if self._resume is not None:  # loaded, not yet carried on: the coupler the next loader() call restores
+            resume = self._resume
+            gain: float | None = self._coupler_for(resume["base_batch_size"], resume["lr_coupler"]).next_gain()
+        else:  # advanced at the step, before it
+            gain = self.lr_coupler.next_gain() if self.lr_coupler is not None else None
         return self.engine.group_lrs(gain)[0]
 
     @property
@@ -756,7 +765,8 @@ class Controller:
         signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
         self.engine.load_state_dict(state["engine"])
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
-        self._micro_loss = None  # a batch begun before the load is not the resumed run's
+        self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
+        self.engine.zero_grad()
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
             self._applied_before_copy = 0
