@@ -182,6 +182,21 @@ def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on()
         loop.time_precisions((Precision.BF16,), steps=0)
 
 
+def test_timing_precisions_parses_every_candidate_before_training():
+    from triaccel_rl.types import Precision
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=4))
+    before = list(run.precisions)
+    for bad in (["bf16", "fp9"], [Precision.BF16, 42]):  # the first candidate trained and stayed on, then it failed
+        with pytest.raises(ValueError, match="allowed: fp32, bf16, fp16"):
+            loop.time_precisions(bad, steps=1, warmup_steps=0)
+        assert run.steps == 0 and run.precisions == before
+    step_ms, chunks = loop.time_precisions(["bf16", Precision.BF16, "fp16"], steps=1, warmup_steps=0)
+    assert list(step_ms) == [Precision.BF16, Precision.FP16]  # keyed by Precision, the one named twice timed once
+    assert run.steps == sum(chunk.steps for chunk in chunks) == 2
+
+
 @pytest.mark.parametrize(
     ("counts", "message"),
     [
@@ -332,6 +347,11 @@ def test_a_loaded_cadence_stretches_as_the_saved_one_does():
     # 0 passed the range and divided by zero at the next interval's `steps` (record() never leaves it)
     with pytest.raises(ValueError, match=r"the cadence's state has step_ms 0\.0: a step takes a positive time"):
         loaded.load_state_dict({**cadence.state_dict(), "step_ms": 0.0})
+    # the two windows record() fills together: one emptied was taken, and `steps` raised StatisticsError
+    before = loaded.state_dict()
+    with pytest.raises(ValueError, match="has 4 cheap_costs but 0 recording_shares"):
+        loaded.load_state_dict({**cadence.state_dict(), "recording_shares": []})
+    assert loaded.state_dict() == before  # refused before anything was replaced
 
 
 def test_the_controller_charges_a_decisions_whole_wall_time(monkeypatch):

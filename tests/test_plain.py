@@ -56,6 +56,16 @@ def test_plain_loop_refuses_settings_that_train_otherwise_than_asked(arguments, 
         run_plain("synthetic", 0, epochs=0.1, device="cpu", **arguments)
 
 
+def test_plain_loop_refuses_a_task_with_one_training_sample_as_a_run_does():
+    from dataclasses import replace
+
+    from triaccel_rl.tasks import get_task
+
+    task = replace(get_task("synthetic"), name="synthetic-1", n_train=1)  # the probe would take the only sample
+    with pytest.raises(ValueError, match=r"task 'synthetic-1' has 1 training sample.*needs n_train >= 2"):
+        run_plain(task, 0, epochs=1.0, batch_size=1, device="cpu")
+
+
 def test_plain_loop_takes_a_numpy_batch_size():
     import numpy as np
 

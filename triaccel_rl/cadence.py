@@ -193,6 +193,11 @@ class Cadence:
             if (values < 0).any():
                 raise ValueError(f"the cadence's state has {key} with a negative value: {values.tolist()}")
             windows[key] = values.tolist()
+        if len(windows["cheap_costs"]) != len(windows["recording_shares"]):  # record() appends to both together
+            raise ValueError(
+                f"the cadence's state has {len(windows['cheap_costs'])} cheap_costs but "
+                f"{len(windows['recording_shares'])} recording_shares: record() keeps one of each a decision"
+            )
         step_ms = saved.real("step_ms", nan=True, least=0.0)
         if step_ms == 0:  # record() leaves NaN or a positive time; 0 passed and divided by zero at the next interval
             raise ValueError("the cadence's state has step_ms 0.0: a step takes a positive time (or NaN: none yet)")

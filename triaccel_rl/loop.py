@@ -178,14 +178,19 @@ class DecisionLoop:
         Each candidate (every controllable layer alike) trains ``warmup_steps`` then ``steps`` steps; the
         time is the mean of the latter. The warm-up steps pay what a new precision map costs once (a graph
         capture, kernel selection). All are real training steps, fed to the collector as any other; the
-        caller charges them (``IntervalStats.charged_ms``). The last candidate's precision is left on.
+        caller charges them (``IntervalStats.charged_ms``). The last candidate's precision is left on. A candidate
+        may be a ``Precision`` or its name (``"bf16"``); one named twice is timed once, and the result is keyed by
+        ``Precision``.
 
         Raises:
-            ValueError: no candidate, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a whole number
-                >= 0 (bools refused too), before any step trains.
+            ValueError: no candidate, an unknown one, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a
+                whole number >= 0 (bools refused too), before any step trains.
         """
         if not candidates:
             raise ValueError("candidates is empty: name at least one precision to time")
+        # Parsed before any step trains: an unknown name was met only at set_precisions, after the candidates before
+        # it had trained and changed the run's precision; "bf16" and Precision.BF16 were timed twice, keyed apart.
+        candidates = list(dict.fromkeys(Precision.parse(candidate) for candidate in candidates))
         # Checked here, before the first candidate trains: a fractional count (steps=2.5) trained a few steps, left
         # the precision changed and failed in train_interval.
         if not is_whole(steps) or steps < 1:

@@ -111,6 +111,11 @@ def run_plain(
     optimizer = task.make_optimizer(model.parameters())
     base_lr = task.base_lr * lr_scale * lr_gain(resolve_lr_rule(LRRule.AUTO, optimizer), batch, task.base_batch_size)
     data = task.data(seed)
+    if len(data.train_x) < 2:  # as TrainingRun: the loader's "empty dataset" error named neither the task nor the size
+        raise ValueError(
+            f"task {task.name!r} has {len(data.train_x)} training sample(s): a run holds one out for its probe loss "
+            "and trains on the rest, so it needs n_train >= 2"
+        )
     n_probe = probe_count(len(data.train_x))  # TrainingRun's default held-out probe: the same samples skipped
     loader = ElasticLoader(data.train_x[:-n_probe].to(device), data.train_y[:-n_probe].to(device), seed=seed)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
