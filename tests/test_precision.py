@@ -1360,3 +1360,100 @@ def test_a_checkpointed_forward_run_outside_the_context_is_recomputed_as_it_ran(
     for expected, recomputed in zip(plain, (p.grad for p in body.parameters()), strict=True):
         assert torch.equal(expected, recomputed)
     assert not precision._stack
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_forward_between_a_checkpointed_one_and_its_backward_leaves_its_recompute(use_reentrant: bool) -> None:
+    """An evaluation forward of the same modules outside the context (under ``no_grad``) overwrote each module's record:
+    the recompute then ran with the hooks idle (a CheckpointError, or reentrant gradients 7.8e-3 off)."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for interleave in (False, True):
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        precision = LayerPrecision(body, "cpu")
+        precision.set([Precision.BF16, Precision.FP32])
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=use_reentrant)
+        with precision.context():
+            out = checkpoint(body, x, use_reentrant=use_reentrant)
+        if interleave:
+            with torch.no_grad():
+                body(torch.randn(3, 4))
+        out.float().sum().backward()
+        grads.append([p.grad.clone() for p in body.parameters()])
+    for alone, interleaved in zip(*grads, strict=True):
+        assert torch.equal(alone, interleaved)
+
+
+def test_a_frozen_16_bit_backbone_inside_a_module_with_a_parameter_of_its_own_runs_under_an_all_fp32_map() -> None:
+    """A prompt on the root module around a frozen bf16 backbone: the root's hook cast the bf16 input up, and the
+    backbone's bf16 Linear met it in fp32 ("mat1 and mat2 must have the same dtype")."""
+
+    class PromptTuned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(4, 4).bfloat16().requires_grad_(False)
+            self.prompt = nn.Parameter(torch.zeros(4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x).float() + self.prompt)
+
+    torch.manual_seed(0)
+    model = PromptTuned()
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    expected = model(x)
+    precision = LayerPrecision(model, "cpu")
+    assert [(layer.name, layer.controllable) for layer in precision.layers] == [("<root>", False), ("head", True)]
+    with precision.context():
+        assert torch.equal(model(x), expected)
+    precision.set(["bf16"])
+    with precision.context():
+        assert model(x).dtype == torch.bfloat16
+
+
+def test_a_map_set_inside_an_open_context_applies_to_the_layers_from_their_next_call() -> None:
+    """The context took the uniform map's fast path at entry: a layer set to fp32 inside it computed in bf16 while
+    ``precisions`` said fp32."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen: dict[str, torch.dtype] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out.dtype))
+    precision = LayerPrecision(model, "cpu")
+    x = torch.randn(3, 4)
+    precision.set(["bf16", "bf16"])
+    with precision.context():
+        model(x)
+        assert seen == {"0": torch.bfloat16, "1": torch.bfloat16, "2": torch.bfloat16}
+        precision.set(["bf16", "fp32"])
+        model(x)
+        assert seen["0"] == torch.bfloat16 and seen["2"] == torch.float32
+    precision.set(["fp32", "fp32"])
+    with precision.context():
+        precision.set(["bf16", "fp32"])
+        model(x)
+        assert seen["0"] == torch.bfloat16 and seen["2"] == torch.float32
+
+
+def test_one_string_for_the_whole_map_is_refused_by_name() -> None:
+    precision = LayerPrecision(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "cpu")
+    with pytest.raises(ValueError, match=r"precisions='bf16' is one string: give a sequence, one precision a layer"):
+        precision.set("bf16")  # type: ignore[arg-type]
+    assert precision.precisions == [Precision.FP32, Precision.FP32]
+
+
+def test_a_parametrized_module_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Its weight's originals live under ``parametrizations``: listed as an fp32 layer of their own while the Linear
+    computes in the context's type (a documented limitation, said once at construction)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), weight_norm(nn.Linear(8, 8, bias=False)))
+    with caplog.at_level("WARNING", logger="triaccel_rl.precision"):
+        precision = LayerPrecision(model, "cpu")
+    assert [layer.name for layer in precision.layers] == ["0", "2.parametrizations.weight"]
+    assert "modules ['2'] are parametrized" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="triaccel_rl.precision"):
+        LayerPrecision(nn.Sequential(nn.Linear(8, 8)), "cpu")
+    assert "parametrized" not in caplog.text

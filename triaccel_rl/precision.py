@@ -15,6 +15,10 @@ children in fp32 too).
 
 A controllable layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32, as its
 author asked, whatever its precision (which the controller's costs still count).
+
+Limitation: a parametrized module (``torch.nn.utils.parametrizations.weight_norm``, ``orthogonal``) keeps its
+trainable tensors under ``<module>.parametrizations``: those are listed as a layer of their own that reports fp32,
+while the module computes in the region around it. A warning names such modules.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.utils import parametrize
 
 from triaccel_rl.types import LayerInfo, Precision
 
@@ -152,7 +157,8 @@ class LayerPrecision:
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
-        self._forward_on: dict[int, bool] = {}  # each module's last forward: did its hooks act (for a recompute)
+        # Each module's last forward in an autocast state (which a recompute restores): did its hooks act (_hooks_on)
+        self._forward_on: dict[tuple[int, bool, torch.dtype], bool] = {}
         self._mixed = False
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
@@ -206,6 +212,14 @@ class LayerPrecision:
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
                 self._handles.append(module.register_forward_pre_hook(self._norm_inputs_hook, with_kwargs=True))
+        parametrized = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+        if parametrized:
+            _log.warning(
+                "modules %s are parametrized (torch.nn.utils.parametrize: weight_norm, orthogonal, ...): their "
+                "parameters are listed as '<module>.parametrizations.<name>' layers that report fp32, but the module "
+                "itself computes in the region around it (the context's type); its precision is not controlled",
+                parametrized,
+            )
         _guard_compiled_graphs_on_hooks()
 
     @property
@@ -216,11 +230,18 @@ class LayerPrecision:
     def set(self, precisions: Sequence[Precision | str | int]) -> None:
         """Sets the precision of every layer (``len(layers)`` values) or of every controllable one.
 
-        Non-controllable layers stay fp32 whatever is asked.
+        Non-controllable layers stay fp32 whatever is asked. Set inside an open :meth:`context` (one wrapped around
+        several steps), the new map applies to the layers from their next call; the functional ops between them stay in
+        the region the context opened for the map it was entered with.
 
         Raises:
-            ValueError: wrong count, or an unknown precision.
+            ValueError: wrong count, an unknown precision, or one string for the whole map.
         """
+        if isinstance(precisions, str):  # "bf16" read as the three precisions 'b', 'f', '1'
+            raise ValueError(
+                f"precisions={precisions!r} is one string: give a sequence, one precision a layer "
+                f"(e.g. [{precisions!r}] * n), each one of fp32, bf16, fp16"
+            )
         parsed = [Precision.parse(p) for p in precisions]
         if len(parsed) == len(self.layers):
             chosen = parsed
@@ -234,6 +255,10 @@ class LayerPrecision:
                 f"{len(self._controllable_index)} (controllable layers)"
             )
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
+        if self._active:
+            # The context took the uniform map's fast path at entry (no region a layer): a layer set apart now computed
+            # in the entry's type while `precisions` named another. The mixed path opens each layer's own region.
+            self._mixed = True
 
     def use_weight_copies(self, copies: WeightCopies | None) -> None:
         """Makes bf16 and fp16 layers read their weights from ``copies`` (``None``: cast the fp32 weights).
@@ -455,19 +480,22 @@ class LayerPrecision:
         backward (a recompute) does as it did: a forward outside the context, in plain fp32, is recomputed so, and one
         inside it under the user's own ``autocast(enabled=False)`` with the hooks on (deciding from the autocast state
         of the recompute got both wrong once). The map cannot have changed since the forward: decisions come after
-        the update.
+        the update. The record is kept by the autocast state at the call, which a recompute restores: a forward of the
+        same module run between the checkpointed one and its backward (an evaluation outside the context, under
+        ``no_grad``) overwrote a record kept by module alone, and the recompute did as that one. Two forwards in one
+        autocast state before the backward still share a record (the later one's).
         """
         compiling = torch.compiler.is_compiling()
-        if self._active:
-            if not compiling:
-                self._forward_on[id(module)] = True
-            return True
         if compiling:
-            return False
+            return self._active
+        key = (id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        if self._active:
+            self._forward_on[key] = True
+            return True
         if torch._C._current_graph_task_id() == -1:  # a forward outside the context
-            self._forward_on[id(module)] = False
+            self._forward_on[key] = False
             return False
-        return self._forward_on.get(id(module), False)  # a recompute: as the forward ran
+        return self._forward_on.get(key, False)  # a recompute: as the forward ran in this autocast state
 
     def _ours(self, module: nn.Module, autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
         """The autocast type our code means at ``module``'s call (None: autocast off), as ``_model_block_dtype`` reads.
@@ -598,20 +626,21 @@ class LayerPrecision:
     def _norm_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """A parameterless norm's inputs, cast up where a 16-bit tensor can be ours (as ``_enter_fp32_module`` decides).
-
-        Under an all-fp32 map with autocast off, a 16-bit input is the model's own (a frozen bf16 backbone's): cast up,
-        it met the backbone's next bf16 layer in fp32 and raised.
-        """
-        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
-            return None
+        """A parameterless norm's inputs, cast up where a 16-bit tensor can be ours (as ``_fp32_inputs_hook``)."""
         return self._fp32_inputs_hook(module, args, kwargs)
 
     def _fp32_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay."""
+        """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay.
+
+        Under an all-fp32 map with autocast off, a 16-bit input is the model's own (a frozen bf16 backbone's): cast up,
+        it met the backbone's next bf16 layer in fp32 and raised (a trainable norm's, or a module with children's
+        around the backbone: a prompt or layer scale of its own).
+        """
         if not self._hooks_on(module):
+            return None
+        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
             return None
         up = _up_from_16_bit
         return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
