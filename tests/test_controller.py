@@ -952,12 +952,17 @@ def test_a_config_that_is_no_controller_config_is_refused_by_name():
 def test_ctl_lr_is_the_lr_the_next_update_applies_through_a_warm_up():
     """During the warm-up after a batch rise the coupler moves the gain at the step, before the update: ctl.lr (and
     TensorBoard's controller/lr) read the previous step's, one step behind (0.100 read, 0.130 applied, ...)."""
+    applied = []
+
+    class Recording(torch.optim.SGD):  # reads the LR inside step(): a user's step hooks see the groups' own LRs
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            applied.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = Recording(model.parameters(), lr=0.1)
     ctl = Controller(model, optimizer, policy="fp32")
-    applied = []
-    optimizer.register_step_pre_hook(lambda opt, *_: applied.append(opt.param_groups[0]["lr"]))
     data = (torch.randn(256, 4), torch.randint(0, 2, (256,)))
     read = []
     for step, (x, y) in enumerate(ctl.loader(data, batch_size=8, epochs=1)):

@@ -856,6 +856,8 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         state["precisions"] = 1
     elif what == "lr_factors text":
         state["lr_factors"] = "ab"
+    elif what.startswith("layer key "):  # torch.optim's load_state_dict copies the saved key into the live group
+        state["optimizer"]["param_groups"][0]["layer"] = int(what[len("layer key ") :])
     elif what.startswith("scaler "):
         state["scaler"][what[len("scaler ") :]] = "x"
     return state
@@ -880,6 +882,9 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         # Before the fix: TypeError "object of type 'int' has no len()" and numpy's "could not convert string".
         ("precisions", r"the checkpoint's precisions 1 are not a list of 3 precision codes"),
         ("lr_factors text", r"lr_factors 'ab' are not 3 finite numbers >= 0"),
+        # Before the fix 7 loaded and the next step raised an IndexError; -1 took the last layer's factor (reference)
+        ("layer key 7", r"the checkpoint's param group 0 has 'layer': 7; .* an integer in \[0, 3\)"),
+        ("layer key -1", r"the checkpoint's param group 0 has 'layer': -1; .* an integer in \[0, 3\)"),
     ],
 )
 def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: str) -> None:

@@ -765,6 +765,45 @@ def test_what_a_step_pre_hook_does_applies_to_the_fused_step_it_precedes(hook_ki
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hook_kind", ["pre-hook-warm-up", "post-hook-decay"])
+def test_an_lr_a_step_hook_writes_is_the_base_the_lr_scale_rides_on_on_both_paths(hook_kind):
+    """The reference path set the scaled LRs before ``optimizer.step()`` and put the own ones back after it: a
+    pre-hook's LR was applied without the multipliers (0.02, not 0.02 x 0.5) and a post-hook's decay was undone (it
+    never fell). Both paths now match a plain loop at half the hook's LR, and the groups keep what the hooks wrote."""
+    data = batches(4)
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.02 if hook_kind == "pre-hook-warm-up" else group["lr"] * 0.5
+
+    def build(lr, hook):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.5)
+        register = (
+            optimizer.register_step_pre_hook if hook_kind == "pre-hook-warm-up" else optimizer.register_step_post_hook
+        )
+        register(hook)
+        return model, optimizer
+
+    # The plain loop at half the LR: the hook's writes halved too
+    def half_hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.01 if hook_kind == "pre-hook-warm-up" else group["lr"] * 0.5
+
+    model, optimizer = build(0.5, half_hook)
+    _plain_steps(model, optimizer, data)
+    plain = _weights(model)
+    for fused in (False, True):
+        model, optimizer = build(1.0, hook)
+        engine = StepEngine(model, optimizer, DEVICE, fused=fused)
+        engine.lr_scale = 0.5
+        _run_steps(model, engine, data)
+        for got, want in zip(_weights(model), plain, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert optimizer.param_groups[0]["lr"] == (0.02 if hook_kind == "pre-hook-warm-up" else 1.0 / 2**4)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_a_backward_with_create_graph_updates_the_fused_path_as_torch_optim(kind):
     """``backward(create_graph=True)`` (a gradient penalty's first pass) makes autograd accumulate out of place, into a

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,26 @@ def test_bad_batch_size_is_rejected(bad):
     run = TrainingRun("synthetic", seed=0, device="cpu")
     with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
         run.batch_size = bad
+
+
+@pytest.mark.parametrize("bad", [True, "0.5", None, 0.0, math.nan])
+def test_bad_lr_scale_is_rejected_by_name(bad):
+    """A bool was taken as 1.0; text and None raised math's bare "must be real number"."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    with pytest.raises(ValueError, match=re.escape(f"lr_scale={bad!r} must be a positive finite number")):
+        run.lr_scale = bad
+    assert run.lr_scale == 1.0
+
+
+@pytest.mark.parametrize("bad", [[True] * 3, ["a", "b", "c"], "abc", [1.0, 1.0], [1.0, 0.0, 1.0]])
+def test_bad_lr_factors_are_rejected_by_name(bad):
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    assert run.n_layers == 3
+    with pytest.raises(ValueError, match="lr_factors must be 3 positive finite numbers; got"):
+        run.lr_factors = bad
+    assert run.lr_factors.tolist() == [1.0, 1.0, 1.0]
+    run.lr_factors = np.array([0.5, 1.0, 2.0])  # an array, as the collector gives them
+    assert run.lr_factors.tolist() == [0.5, 1.0, 2.0]
 
 
 def test_an_lr_schedule_over_no_finite_number_of_epochs_is_refused():

@@ -200,7 +200,7 @@ class StepEngine:
                 )
             self._n_param_groups = len(optimizer.param_groups)
             self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
-            _check_layer_keys(optimizer, self.n_layers)
+            _check_layer_keys(optimizer.param_groups, self.n_layers)
             self.lr_scale = 1.0
             self.batch_lr_gain = 1.0
             self.lr_factors = np.ones(self.n_layers)
@@ -227,16 +227,25 @@ class StepEngine:
             self._step_guard = guard
             self._step_guard_handle = optimizer.register_step_pre_hook(guard)
 
+            def scale_lrs(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+                engine = this()
+                if engine is not None and engine._stepping:  # after every other pre-hook: see _scaled_lrs
+                    engine._apply_scaled_lrs()
+
             def count_update(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 engine = this()
                 if engine is not None and engine._stepping:  # the engine's own optimizer.step(): the update went in
                     engine._reference_applied += 1
                     engine.update_reached = True
+                    engine._restore_own_lrs()  # before the user's post-hooks: what they write stays
 
             # First of the post-hooks, so a user's post-hook that raises after the update cannot hide it from the count
             self._count_handle = optimizer.register_step_post_hook(count_update)
             post_hooks: Any = optimizer._optimizer_step_post_hooks  # an OrderedDict (typed a dict)
             post_hooks.move_to_end(self._count_handle.id, last=False)
+            self._scale_lrs_hook = scale_lrs
+            self._scale_handle = optimizer.register_step_pre_hook(scale_lrs)
+            self._own_lrs: list[Any] | None = None  # the groups' own LRs while the scaled ones are in (_scaled_lrs)
             self.update_reached = False
             """Whether the last step's update was applied (or, on the fused path, launched), set even when the step
             raised after it (a step post-hook): a caller knows its batch was trained on."""
@@ -285,6 +294,8 @@ class StepEngine:
             self._step_guard_handle.remove()
         if "_count_handle" in self.__dict__:
             self._count_handle.remove()
+        if "_scale_handle" in self.__dict__:
+            self._scale_handle.remove()
         for handle in self.__dict__.get("_optimizer_hooks", []):
             handle.remove()
         store = self.__dict__.get("store")
@@ -398,19 +409,32 @@ class StepEngine:
 
     @contextlib.contextmanager
     def _scaled_lrs(self) -> Iterator[None]:
-        """Sets :meth:`group_lrs` in the param groups for an ``optimizer.step()``, then puts their own back.
+        """Has the ``optimizer.step()`` inside apply :meth:`group_lrs`, with the groups holding their own LRs around it.
 
-        A scheduler reads and writes the groups' ``lr``: it must find its own values there.
+        A scheduler reads and writes the groups' ``lr``: it must find its own values there. The scaled values go in from
+        a step pre-hook run after every other one, and the own values come back in the first post-hook, as on the fused
+        path: a user's pre-hook that sets the LR (a warm-up) sets the base the multipliers ride on, and a post-hook's
+        write (a decay a step) stays. Set here before ``step()``, a pre-hook's LR was applied without the multipliers
+        and a post-hook's was undone. A step that raised or never ran (GradScaler skipped it) gets them back here.
         """
-        groups = self.optimizer.param_groups
-        own = [group["lr"] for group in groups]
-        for group, lr in zip(groups, self.group_lrs(), strict=True):
-            group["lr"] = lr
+        pre_hooks: Any = self.optimizer._optimizer_step_pre_hooks  # an OrderedDict (typed a dict)
+        pre_hooks.move_to_end(self._scale_handle.id)  # last: after pre-hooks registered since
         try:
             yield
         finally:
-            for group, lr in zip(groups, own, strict=True):
+            self._restore_own_lrs()
+
+    def _apply_scaled_lrs(self) -> None:
+        groups = self.optimizer.param_groups
+        self._own_lrs = [group["lr"] for group in groups]
+        for group, lr in zip(groups, self.group_lrs(), strict=True):
+            group["lr"] = lr
+
+    def _restore_own_lrs(self) -> None:
+        if self._own_lrs is not None:
+            for group, lr in zip(self.optimizer.param_groups, self._own_lrs, strict=True):
                 group["lr"] = lr
+            self._own_lrs = None
 
     def backward_and_step(self, loss: torch.Tensor) -> tuple[GradStats, bool]:
         """Backward through ``loss`` (scaled when a layer is fp16), then ``step_after_backward``.
@@ -662,6 +686,7 @@ class StepEngine:
         self._remove_unheld_hooks()
         self._step_guard_handle.remove()
         self._count_handle.remove()
+        self._scale_handle.remove()
         if self.fused and self._optimizer_hooks:
             for handle in self._optimizer_hooks:
                 handle.remove()
@@ -801,12 +826,14 @@ class StepEngine:
             optimizer_state = state["optimizer"]
         if across or not self.fused:  # torch.optim checks the groups' sizes, not shapes (the fused step its own)
             _check_state_shapes(self.optimizer, optimizer_state)
+            _check_layer_keys(optimizer_state["param_groups"], self.n_layers, "the checkpoint's ")
         groups = None
         if self.fused and not across and state.get("torch_optimizer") is not None:
             # The fused optimizer's own state holds no param group: a fused resume kept the new run's LRs (a
             # scheduler's moves lost) while its kernel took the saved momentum and decay.
             _check_state_shapes(self.optimizer, state["torch_optimizer"])
             groups = state["torch_optimizer"]["param_groups"]
+            _check_layer_keys(groups, self.n_layers, "the checkpoint's ")
             try:  # what the fused step would refuse at the next step is refused before anything loads
                 self._check_group_settings(groups)
             except KeyError as error:
@@ -1172,7 +1199,8 @@ class StepEngine:
         """
         registry = _torch_optimizer
         if kind == "pre":  # (less the engine's own guard against a second update)
-            own = [hook for hook in self.optimizer._optimizer_step_pre_hooks.values() if hook is not self._step_guard]
+            ours = (self._step_guard, self._scale_lrs_hook)
+            own = [hook for hook in self.optimizer._optimizer_step_pre_hooks.values() if hook not in ours]
             return [*registry._global_optimizer_pre_hooks.values(), *own]
         return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
@@ -1296,20 +1324,21 @@ def _sgd_mean_factor(momentum: float, dampening: float) -> float:
     return (1.0 - momentum) / (1.0 - dampening) if dampening < 1.0 else math.nan
 
 
-def _check_layer_keys(optimizer: torch.optim.Optimizer, n_layers: int) -> None:
+def _check_layer_keys(groups: Sequence[Mapping[str, Any]], n_layers: int, whose: str = "") -> None:
     """Raises a ValueError naming a param group whose ``"layer"`` key is not a layer index in ``[0, n_layers)``.
 
     The key picks the group's entry of ``lr_factors``: before this check, -1 took the last layer's factor on the
     reference path and none on the fused path, and an index past the end raised an IndexError at the first step.
+    ``whose`` prefixes the message (``"the checkpoint's "``: torch.optim's ``load_state_dict`` copies the saved key).
     """
-    for number, group in enumerate(optimizer.param_groups):
+    for number, group in enumerate(groups):
         if "layer" not in group:
             continue
         layer = group["layer"]
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layers:
             raise ValueError(
-                f"param group {number} has 'layer': {layer!r}; a 'layer' key is the index of the layer whose LR factor "
-                f"the group takes, an integer in [0, {n_layers}) for this model's {n_layers} layers "
+                f"{whose}param group {number} has 'layer': {layer!r}; a 'layer' key is the index of the layer whose LR "
+                f"factor the group takes, an integer in [0, {n_layers}) for this model's {n_layers} layers "
                 "(StepEngine.discover lists them in that order); leave the key out for a factor of 1"
             )
 

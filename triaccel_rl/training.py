@@ -395,8 +395,8 @@ class TrainingRun:
 
     @lr_scale.setter
     def lr_scale(self, value: float) -> None:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"lr_scale={value!r} must be a positive number")
+        if not (is_real(value) and math.isfinite(value) and value > 0):  # a bool was taken as 1.0; text a TypeError
+            raise ValueError(f"lr_scale={value!r} must be a positive finite number")
         self.engine.lr_scale = float(value)
 
     @property
@@ -406,7 +406,10 @@ class TrainingRun:
 
     @lr_factors.setter
     def lr_factors(self, value: np.ndarray) -> None:
-        factors = np.asarray(value, dtype=float)
+        entries = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+        if entries is None or not all(is_real(entry) for entry in entries):  # bools were taken; text a bare error
+            raise ValueError(f"lr_factors must be {self.n_layers} positive finite numbers; got {value!r}")
+        factors = np.asarray(entries, dtype=float)
         if factors.shape != (self.n_layers,) or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
             raise ValueError(f"lr_factors must be {self.n_layers} positive finite numbers; got {value!r}")
         self.engine.lr_factors = factors
