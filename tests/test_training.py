@@ -278,3 +278,26 @@ def test_the_cost_model_counts_each_layer_of_one_sample_exactly(batch_first):
     per_sample = 60 * profile.memory(Precision.BF16) + 1160 * profile.memory(Precision.FP16) + 360
     copies = 2 * (32 + 288)  # the two 16-bit layers' weight copies
     assert costs.memory_bytes(16, precisions, profile) == int(costs.static_bytes + copies + 16 * per_sample)
+
+
+def test_the_probe_loss_leaves_the_runs_random_stream_where_it_was():
+    """A model drawing in its own forward (stochastic depth) took the probe's draws from the run's stream."""
+    from dataclasses import replace as replace_task
+
+    from torch import nn
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(32, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.first(x)
+            return self.second(h * torch.rand_like(h) if self.training else h)
+
+    task = replace_task(get_task("synthetic"), build_model=Noisy)
+    run = TrainingRun(task, seed=0, device="cpu")
+    state = torch.get_rng_state()
+    first = run.probe_loss()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert run.probe_loss() == first  # the same draws: a fork from the same state

@@ -700,7 +700,11 @@ class TrainingRun:
                     "CUDA graph capture of the probe failed (%s); it runs eagerly in this configuration",
                     _first_line(err),
                 )
-        return float(self._probe_body(self._probe_x, self._probe_y))
+        # On a fork of the RNGs, as the collector's rounds: a model's own randomness in its forward (stochastic depth,
+        # F.dropout) drew from the run's stream, so later masks hung on the decisions taken.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            return float(self._probe_body(self._probe_x, self._probe_y))
 
     def _probe_body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         low_precision = self.device.type == "cuda"

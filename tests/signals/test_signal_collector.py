@@ -789,7 +789,7 @@ def test_observe_interval_takes_the_skipped_count_it_is_given() -> None:
     recorded = IntervalMoments(np.full(1, 4.0), np.full(1, 2.0), 2.0, n_finite=2, n_observed=2)  # 2 of 8 recorded
     collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=3)
     assert snapshot(collector).overflow_rate == pytest.approx(3 / 8)
-    with pytest.raises(ValueError, match=r"skipped=9 must be in \[0, n_steps=8\]"):
+    with pytest.raises(ValueError, match=r"skipped=9 must be a whole number in \[0, n_steps=8\]"):
         collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=9)
 
 
@@ -810,7 +810,7 @@ def test_an_interval_without_steps_repeats_the_latest_step_time_and_peak() -> No
     collector.observe_interval(measured, n_steps=4, train_ms=80.0, peak_bytes=300)
     last = snapshot(collector)
     assert (last.step_time_ms, last.step_time_trend, last.memory_bytes) == (20.0, 1.0, 300)  # against the 10 ms
-    with pytest.raises(ValueError, match="n_steps=-1 must be >= 0"):
+    with pytest.raises(ValueError, match="n_steps=-1 must be a whole number >= 0"):
         collector.observe_interval(empty, n_steps=-1, train_ms=0.0)
 
 
@@ -1237,3 +1237,60 @@ def test_a_broken_time_reading_or_progress_leaves_the_snapshot_finite() -> None:
     assert math.isfinite(signals.overhead_frac) and signals.progress == 0.0
     assert signals.step_time_ms == 5.0  # the readable 10 ms over the interval's 2 steps
     assert math.isfinite(snapshot(collector).overhead_frac)
+
+
+def test_a_round_leaves_the_training_runs_random_stream_where_it_was() -> None:
+    """A model's own randomness in the round's forwards (RReLU's slopes here; stochastic depth, ``F.dropout``) drew
+    from the global generator: later dropout masks hung on whether a round ran."""
+
+    class Randomised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.first(x)
+            return self.second(h * torch.rand_like(h) if self.training else h)  # the model's own draw
+
+    torch.manual_seed(0)
+    model = Randomised()
+    layers = [list(model.first.parameters()), list(model.second.parameters())]
+    collector, _source = mlp_collector(model, layers, EVERY_STEP)
+    collector.observe(fake_stats(2))
+    state = torch.get_rng_state()
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"every_steps": 2.5}, "every_steps=2.5 must be a whole number >= 1"),  # sampled 1 call in 5
+        ({"every_steps": True}, "every_steps=True must be a whole number >= 1"),
+        ({"capacity": 1.5}, "capacity=1.5 must be a whole number >= 1"),  # a TypeError at the first observe()
+        ({"max_every_steps": 0.5}, "max_every_steps=0.5 must be a whole number >= 1"),
+    ],
+)
+def test_device_moments_refuse_counts_that_are_not_whole(arguments: dict[str, object], message: str) -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        DeviceMoments([[model.weight, model.bias]], **arguments)  # type: ignore[arg-type]
+
+
+def test_an_interval_of_a_fractional_step_count_is_refused() -> None:
+    """2.5 steps went into the counts, and the state the collector then saved was refused by its own load."""
+    model = nn.Linear(3, 2)
+    infos = [LayerInfo("layer0", 8, True)]
+    collector = SignalCollector(infos, ema_decay=0.9, memory_budget_bytes=1 << 30, config=EVERY_STEP)
+    moments = DeviceMoments([[model.weight, model.bias]])
+    model(torch.ones(1, 3)).sum().backward()
+    moments.observe(torch.tensor(1.0))
+    interval = moments.flush()
+    with pytest.raises(ValueError, match=r"n_steps=2\.5 must be a whole number >= 0"):
+        collector.observe_interval(interval, n_steps=2.5, train_ms=10.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"skipped=0.5 must be a whole number in \[0, n_steps=2\]"):
+        collector.observe_interval(interval, n_steps=2, train_ms=10.0, skipped=0.5)  # type: ignore[arg-type]
+    assert collector.n_steps == 0
+    collector.observe_interval(interval, n_steps=np.int64(2), train_ms=10.0, skipped=1)  # numpy's whole numbers pass
+    assert collector.n_steps == 2

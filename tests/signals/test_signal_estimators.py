@@ -504,6 +504,39 @@ def test_frozen_batch_stats_put_back_every_buffer_a_training_forward_writes() ->
     assert not torch.equal(dict(model.named_buffers())["1.running_var"], before["1.running_var"])
 
 
+def test_frozen_batch_stats_hold_rrelu_the_hooked_spectral_norm_and_a_rebound_buffer() -> None:
+    """RReLU draws its slopes in training mode and the older hook-based spectral norm iterates there: each pass saw
+    another function (losses 0.0405 and 0.0397; a 0.14 difference). A buffer the forward rebinds (``self.seen =
+    self.seen + n``) was copied back into the tensor the module no longer held: the count moved from 5 to 37."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.utils.spectral_norm(nn.Linear(4, 8))
+            self.act = nn.RReLU()
+            self.b = nn.Linear(8, 3)
+            self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen = self.seen + len(x)
+            return self.b(self.act(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Counting()
+    x = torch.randn(16, 4)
+    model(x[:5])
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    with frozen_batch_stats(model):
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)
+    assert model.training and model.act.training and model.a.training  # modes put back
+    after = dict(model.named_buffers())
+    assert int(after["seen"]) == 5 and after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert not torch.equal(model(x), model(x))  # a control: outside the block RReLU draws again
+
+
 @pytest.mark.parametrize("kind", ["transformer", "lstm"])
 def test_frozen_batch_stats_turn_off_the_dropout_built_into_attention_and_rnns(kind: str) -> None:
     """Before the fix only dropout modules were switched off: ``nn.MultiheadAttention``'s own attention dropout (so a
@@ -530,3 +563,23 @@ def test_frozen_batch_stats_turn_off_the_dropout_built_into_attention_and_rnns(k
     assert all(module.dropout == rate for module, rate in rates)  # put back
     assert model.training
     assert not torch.equal(forward(), forward())  # outside the block the dropout is on again
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("hutchinson", "n_probes=2.0 must be a whole number >= 1"),
+        ("moments", "n_micro=2.0 must be a whole number >= 2"),
+    ],
+)
+def test_a_count_that_is_not_whole_is_refused_by_name(call: str, message: str) -> None:
+    """Python's bare "'float' object cannot be interpreted as an integer" named no argument."""
+    model = gelu_mlp()
+    params = [list(model[0].parameters()), list(model[2].parameters())]
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=message):
+        if call == "hutchinson":
+            hutchinson(nn.functional.cross_entropy(model(x), y), params, n_probes=2.0)  # type: ignore[arg-type]
+        else:
+            closure = lambda a, b: nn.functional.cross_entropy(model(a), b)  # noqa: E731
+            gradient_moments(closure, x, y, params, n_micro=2.0)  # type: ignore[arg-type]

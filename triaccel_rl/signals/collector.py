@@ -331,12 +331,12 @@ class SignalCollector:
             ValueError: ``n_steps`` is negative, ``skipped`` is outside [0, n_steps], or the moments do not have
                 one entry per layer.
         """
-        if n_steps < 0:
-            raise ValueError(f"n_steps={n_steps} must be >= 0")
+        if not is_whole(n_steps) or n_steps < 0:  # 2.5 went into the counts, and the state it saved was refused
+            raise ValueError(f"n_steps={n_steps!r} must be a whole number >= 0")
         self._check_per_layer("moments.sq_norm", moments.sq_norm)
         self._check_per_layer("moments.norm", moments.norm)
-        if skipped is not None and not 0 <= skipped <= n_steps:
-            raise ValueError(f"skipped={skipped} must be in [0, n_steps={n_steps}]")
+        if skipped is not None and not (is_whole(skipped) and 0 <= skipped <= n_steps):
+            raise ValueError(f"skipped={skipped!r} must be a whole number in [0, n_steps={n_steps}]")
         start = time.perf_counter()
         charged = train_ms if charged_ms is None else charged_ms
         self.n_steps += n_steps
@@ -743,7 +743,13 @@ class SignalCollector:
             raise RuntimeError(
                 "an estimator round needs gradients, which torch.inference_mode() forbids: run it outside that block"
             )
-        with torch.enable_grad():  # a decision made under torch.no_grad() (an evaluation block) builds no graph
+        # On a fork of the RNGs: a model's own randomness in the round's forwards (stochastic depth, RReLU, F.dropout)
+        # drew from the run's stream, so later dropout masks hung on whether a round ran.
+        device = source.inputs.device
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+            torch.enable_grad(),  # a decision made under torch.no_grad() (an evaluation block) builds no graph
+        ):
             return self._run_round_with_grad(plan, source)
 
     def _run_round_with_grad(self, plan: RoundPlan, source: EstimatorSource) -> RoundReport:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.state import SavedState
 
 __all__ = ["DeviceMoments", "IntervalMoments"]
@@ -134,15 +135,17 @@ class DeviceMoments:
         max_every_steps: int = 64,
         max_rows: int = 1 << 16,
     ) -> None:
-        if every_steps < 1:
-            raise ValueError(f"every_steps={every_steps} must be >= 1")
-        if capacity < 1:
-            raise ValueError(f"capacity={capacity} must be >= 1")
+        # Whole numbers: every_steps=2.5 sampled 1 call in 5 and made a state load_state_dict refused; capacity=1.5
+        # failed at the first observe().
+        if not is_whole(every_steps) or every_steps < 1:
+            raise ValueError(f"every_steps={every_steps!r} must be a whole number >= 1")
+        if not is_whole(capacity) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} must be a whole number >= 1")
         if budget_frac is not None and not 0.0 < budget_frac < 1.0:
             raise ValueError(f"budget_frac={budget_frac} must be in (0, 1), or None for a fixed every_steps")
-        if max_every_steps < 1:
-            raise ValueError(f"max_every_steps={max_every_steps} must be >= 1")
-        if max_rows < capacity:
+        if not is_whole(max_every_steps) or max_every_steps < 1:
+            raise ValueError(f"max_every_steps={max_every_steps!r} must be a whole number >= 1")
+        if not is_whole(max_rows) or max_rows < capacity:
             raise ValueError(f"max_rows={max_rows} must be >= capacity={capacity}")
         self._params = [p for params in layer_params for p in params]
         if not self._params:

@@ -17,6 +17,7 @@ those samples (a scalar tensor); the noise estimators rely on it being a mean, n
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from triaccel_rl.errors import is_whole
 from triaccel_rl.types import CurvatureSparsity
 
 __all__ = [
@@ -126,8 +128,8 @@ def hutchinson(
         ValueError: ``loss`` is not a scalar, ``n_probes < 1``, or there is no trainable parameter.
     """
     _check_scalar_loss(loss)
-    if n_probes < 1:
-        raise ValueError(f"n_probes={n_probes} must be >= 1")
+    if not is_whole(n_probes) or n_probes < 1:
+        raise ValueError(f"n_probes={n_probes!r} must be a whole number >= 1")
     params, owner = _trainable(layer_params)
     n_layers = len(layer_params)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -194,8 +196,8 @@ def gradient_moments(
         ValueError: ``n_micro < 2``, fewer samples than micro-batches, a non-scalar loss, or no trainable
             parameter.
     """
-    if n_micro < 2:
-        raise ValueError(f"n_micro={n_micro} must be >= 2 (a variance needs two micro-batches)")
+    if not is_whole(n_micro) or n_micro < 2:
+        raise ValueError(f"n_micro={n_micro!r} must be a whole number >= 2 (a variance needs two micro-batches)")
     micro = len(inputs) // n_micro
     if micro < 1:
         raise ValueError(f"{len(inputs)} samples cannot make {n_micro} micro-batches")
@@ -372,7 +374,11 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     is NaN where a batch statistic overflowed (``0 * inf``); so are those of instance norms that track them, and
     every other buffer a training-mode forward may write (any module's): they were changed by each round. A
     spectral norm's power iteration runs in training mode only: it is held (eval mode) for the block, so every
-    pass sees one function, and its vectors are put back with the other buffers.
+    pass sees one function, and its vectors are put back with the other buffers (the hook-based
+    ``nn.utils.spectral_norm`` too). ``nn.RReLU`` draws its slopes in training mode: held in eval mode as dropout is.
+    A buffer the forward rebinds (an out-of-place update) is bound back to its tensor, and that holds its value again.
+    The model's own randomness in a ``forward`` (stochastic depth, ``F.dropout``) stays on; the collector's rounds run
+    on a fork of the RNGs, so it does not move the training run's stream.
     """
     saved: list[tuple[nn.modules.batchnorm._NormBase, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     dropout_rates: list[tuple[nn.Module, float]] = []
@@ -380,15 +386,24 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     if not model.training:
         model.train()
     normed = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()}
-    others = [(b, b.clone()) for b in model.buffers() if id(b) not in normed]
+    # Each buffer with its owner and name: a forward that rebinds one (``self.seen = self.seen + n``, an out-of-place
+    # counter or average) left the copy back in the old tensor, which the module no longer held.
+    others = [
+        (module, name, buffer, buffer.clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and id(buffer) not in normed
+    ]
     for module in model.modules():
-        if isinstance(module, _SPECTRAL_NORM):
-            module.eval()
+        if isinstance(module, _SPECTRAL_NORM) or any(
+            isinstance(hook, _HOOKED_SPECTRAL_NORM) for hook in module._forward_pre_hooks.values()
+        ):
+            module.training = False  # (this module alone: the hook-based one's owner may have children)
         if isinstance(module, nn.modules.batchnorm._NormBase):
             stats = (module.running_mean, module.running_var, module.num_batches_tracked)
             saved.append((module, module.momentum, [(b, b.clone()) for b in stats if b is not None]))
             module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged where finite
-        elif isinstance(module, nn.modules.dropout._DropoutNd):
+        elif isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):  # RReLU draws its slopes in training
             module.eval()
         elif isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout:
             # Their forward reads the rate at each call; eval mode would also do, but not for an RNN (above).
@@ -406,7 +421,8 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
                 # running statistics, unused in training mode), and an in-place write that bumped their version
                 # would fail a backward run after the block (H200, 2026-12-04).
                 buffer.data.copy_(copy)
-        for buffer, copy in others:
+        for module, name, buffer, copy in others:
+            module._buffers[name] = buffer
             buffer.data.copy_(copy)
         for module, training in was_training.items():
             module.training = training
@@ -419,6 +435,13 @@ _SPECTRAL_NORM: tuple[type, ...] = tuple(
     kind for kind in (getattr(nn.utils.parametrizations, "_SpectralNorm", None),) if kind is not None
 )
 """``torch.nn.utils.parametrizations.spectral_norm``'s parametrization (private to torch: none if it moves)."""
+
+_HOOKED_SPECTRAL_NORM: tuple[type, ...] = tuple(
+    kind
+    for kind in (getattr(importlib.import_module("torch.nn.utils.spectral_norm"), "SpectralNorm", None),)
+    if isinstance(kind, type)
+)
+"""The older ``torch.nn.utils.spectral_norm``'s forward pre-hook: its power iteration runs while its owner trains."""
 
 
 def _check_scalar_loss(loss: object) -> None:

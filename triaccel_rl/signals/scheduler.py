@@ -8,7 +8,7 @@ Adaptive schedule (a token bucket):
 
 - credit = ``budget_frac * expensive_share * charged_train_ms - charged_round_ms``;
 - a round's size is the largest rung of the ladder ``(micro-batches, probes)`` =
-  (2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8) (capped by the config) whose predicted cost
+  (2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8), (16, 16) (capped by the config) whose predicted cost
   fits ``budget_frac * expensive_share * step_ms * target_interval_steps``, or the smallest rung;
 - a round runs at a decision point when the credit covers its predicted cost.
 
