@@ -355,6 +355,9 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert f"the runs that finished are in {partial}" in capsys.readouterr().err and not out.exists()
     kept = json.loads(partial.read_text())
     assert kept["meta"]["complete"] is False and [run["controller"] for run in kept["runs"]] == ["static-fp32"]
+    # how its times were measured and where: the only record of a failed comparison lacked them
+    assert kept["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)" and kept["meta"]["device"] == "cpu"
+    assert "reference" in kept["meta"]
     monkeypatch.setattr(triaccel_rl.compare, "run_controller", real)
     assert main(argv) == 0
     assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results

@@ -223,6 +223,22 @@ def test_ratios_against_a_reference_that_cannot_give_one_are_none(reference_runs
     assert rows[1]["time_to_target_ratio"] == to_target_ratio
 
 
+@pytest.mark.parametrize("time_s", [float("nan"), float("inf")])
+def test_a_rows_own_time_that_is_not_finite_has_no_ratio(time_s):
+    """The table printed "nan / 1.00" and "inf / 1.00" where every other missing number reads "—"."""
+    rows = summarize([fake("ref", 0, 0.5, 4.0, 1.0), fake("row", 0, 0.5, time_s, 1.0)], reference="ref")
+    assert rows[1]["time_ratio"] is None
+
+
+def test_no_controller_and_a_bad_lr_scale_are_refused_by_name():
+    """No controller ran nothing and returned []; an adaptive row's lr_scale was folded first and named base_lr."""
+    with pytest.raises(ValueError, match="need at least one controller"):
+        compare("synthetic", [], [0], show_progress=False)
+    for controller in ("fp32", "heuristic"):
+        with pytest.raises(ValueError, match=r"lr_scale=-1\.0 must be a positive finite number"):
+            run_controller("synthetic", controller, 0, epochs=0.1, device="cpu", lr_scale=-1.0)
+
+
 def test_a_seed_reported_twice_is_refused():
     """A result kept twice (two merged partial files) was averaged in as another seed."""
     with pytest.raises(ValueError, match="controller 'a' has two results for seed 1"):

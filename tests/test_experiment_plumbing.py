@@ -147,6 +147,41 @@ def test_a_field_without_a_default_is_a_required_flag(capsys):
     assert command_line("x.py", Run(steps=3)) == "python x.py --steps 3"  # type(args)() raised for a required field
 
 
+def test_a_factory_default_and_a_bool_without_a_default_round_trip():
+    """parse_args required a field with a default_factory (command_line left it out as a default: the recorded command
+    could not run), and command_line wrote --no-smoke for a bool without a default, which parse_args refused."""
+    from dataclasses import field
+
+    @dataclass
+    class Factory:
+        tasks: str = field(default_factory=lambda: "a,b")
+
+    @dataclass
+    class Flag:
+        smoke: bool
+
+    assert parse_args(Factory, []) == Factory()
+    assert command_line("x.py", Factory()) == "python x.py"
+    for value in (False, True):
+        command = command_line("x.py", Flag(smoke=value))
+        assert parse_args(Flag, shlex.split(command)[2:]) == Flag(smoke=value)
+
+
+def test_a_results_file_behind_a_dangling_symlink_is_written_through_it(tmp_path):
+    """The writability probe created the link's target through it, then unlinked the link: the results went into a
+    plain file in the link's place and the target stayed empty."""
+    from triaccel_rl.experiment import file_to_write, write_text_atomic
+
+    target = tmp_path / "archive" / "run1.json"
+    target.parent.mkdir()
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    assert file_to_write("--out", str(link)) == link
+    assert link.is_symlink() and not target.exists()  # the probe left nothing behind
+    write_text_atomic(link, "results")
+    assert link.is_symlink() and target.read_text() == "results"
+
+
 def test_git_commit_marks_a_tree_with_edits(monkeypatch):
     """A run from edited tracked files was credited to the commit it started from, as if it were that code."""
     from triaccel_rl import experiment

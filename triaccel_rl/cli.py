@@ -363,6 +363,10 @@ def _compare(args: argparse.Namespace) -> int:
         )
     reference = args.reference if args.reference is not None else "static-fp32" if "static-fp32" in names else None
     command = "triaccel-rl " + shlex.join(args.argv)
+    modelled = _modelled(args)
+    # Modelled time is the profile's device's: the shipped H200 profile, or one the user measured (maybe on a CPU).
+    modelled_on = (profile or HardwareProfile.load()).device.split(" (")[0]
+    label = f"time (s, modelled {modelled_on})" if modelled else "time (s)"
     # What the times are to and what trained, in the file itself: an archived results.json whose task's target was
     # recalibrated since could not say what its times to target were measured against.
     meta = {
@@ -371,6 +375,11 @@ def _compare(args: argparse.Namespace) -> int:
         "target_metric": task.target_metric,
         "epochs": args.epochs,
         "seeds": list(range(args.seeds)),
+        # How the times were measured, where and against which row: a failed comparison's .partial.json, the only
+        # record then, lacked them (modelled or measured seconds depend on the machine, which the command does not say)
+        "time_mode": label,
+        "reference": reference,
+        "device": _device_name(args.device),
     }
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None
     if partial is not None:
@@ -403,10 +412,6 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"triaccel-rl compare: the runs that finished are in {partial}", file=sys.stderr)
         raise
     rows = summarize(results, reference=reference)
-    modelled = _modelled(args)
-    # Modelled time is the profile's device's: the shipped H200 profile, or one the user measured (maybe on a CPU).
-    modelled_on = (profile or HardwareProfile.load()).device.split(" (")[0]
-    label = f"time (s, modelled {modelled_on})" if modelled else "time (s)"
     print()
     print(
         f"Task {task.name}: {task.description}; target accuracy {100 * task.target_metric:.1f}%, "
@@ -425,9 +430,6 @@ def _compare(args: argparse.Namespace) -> int:
                 args.out,
                 **meta,
                 command=command,
-                time_mode=label,
-                reference=reference,
-                device=_device_name(args.device),
             )
         except BaseException:
             if partial is not None and partial.exists():

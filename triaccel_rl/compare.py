@@ -20,7 +20,7 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile
 from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.executor import sixteen_bit_formats
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
@@ -73,9 +73,9 @@ class RunResult:
         curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation;
             ``low_precision_share`` is the share of all the model's layers (``layer_names``; those whose precision is
             not controlled stay fp32) in bf16 or fp16, as ``Controller`` logs it.
-        trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``,
-            ``probe_loss`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16). In both, ``lr_scale`` is the
-            LR multiplier on the task's base LR, the same in every row: the starting ``lr_scale`` given to
+        trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``, ``probe_loss``,
+            ``noise_scale``, ``lr`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16). In both, ``lr_scale``
+            is the LR multiplier on the task's base LR, the same in every row: the starting ``lr_scale`` given to
             :func:`run_controller` times the policy's rung (an adaptive row's rung alone, 1.0 for x0.5 given, until
             2026-12-05); neither the batch rule's gain nor the schedule is in it (the trace's ``lr`` is the LR applied).
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
@@ -199,6 +199,8 @@ def run_controller(
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
+    if not (is_real(lr_scale) and math.isfinite(lr_scale) and lr_scale > 0):  # folded first, it was named base_lr
+        raise ValueError(f"lr_scale={lr_scale!r} must be a positive finite number")
     if max_time_s is not None and not max_time_s > 0:
         raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
@@ -458,6 +460,8 @@ def check_comparison(
                 f"{', '.join(plain)} measure a plain loop's real time, but this comparison charges modelled time "
                 "(cost mode 'profile', the default on a CPU): use cost mode 'measured' (--cost-mode measured)"
             )
+    if not controllers:  # ran nothing and returned [] (a header-only table)
+        raise ValueError("need at least one controller: name one of the controllers compare takes")
     if not seeds:
         raise ValueError("need at least one seed")
     for seed in seeds:  # each checked before any run trains: -1 was refused after the rows before it had run
@@ -939,9 +943,9 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
-    """``value / reference``; None where either is missing or the reference is not a positive finite number."""
-    if value is None or reference is None or not (math.isfinite(reference) and reference > 0):
-        return None
+    """``value / reference``; None where either is missing or not finite, or the reference is not positive."""
+    if value is None or reference is None or not (math.isfinite(value) and math.isfinite(reference) and reference > 0):
+        return None  # a row's NaN or inf time printed "nan / 1.00": a missing number reads "—" everywhere else
     return value / reference
 
 

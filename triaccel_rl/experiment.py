@@ -60,11 +60,12 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
             else:
                 parser.add_argument(flag, action="store_true", help=doc or None)
-        elif kind in _TYPES and f.default is MISSING:  # the object held dataclasses.MISSING when left out
+        elif kind in _TYPES and f.default is MISSING and f.default_factory is MISSING:  # (MISSING when left out)
             parser.add_argument(flag, type=_TYPES[kind], required=True, help=doc or None)
-        elif kind in _TYPES:
-            shown = f"(default: {f.default!r})".replace("%", "%%")
-            parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=f"{doc} {shown}".strip())
+        elif kind in _TYPES:  # a default_factory's value is the default, as command_line reads it
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            shown = f"(default: {default!r})".replace("%", "%%")
+            parser.add_argument(flag, type=_TYPES[kind], default=default, help=f"{doc} {shown}".strip())
         else:
             raise TypeError(f"field {f.name!r} has type {kind}; allowed: bool, {', '.join(_TYPES)}")
     values: dict[str, Any] = vars(parser.parse_args(argv))
@@ -168,14 +169,17 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot create its folder ({err})") from err
-    existed = out.exists()
+    # The file a symlink names, whether it exists yet or not: for a dangling link the probe created the target through
+    # it, and the link, not that empty file, was unlinked (the results then went into a plain file in its place).
+    target = Path(os.path.realpath(out))
+    existed = target.exists()
     try:
-        with out.open("a"):  # appends nothing: an existing file keeps its contents
+        with target.open("a"):  # appends nothing: an existing file keeps its contents
             pass
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot be written ({err})") from err
     if not existed:
-        out.unlink()
+        target.unlink()
     try:  # results are written to a temporary file beside the target, then moved over it
         tempfile.TemporaryFile(dir=out.resolve().parent).close()
     except OSError as err:
@@ -224,7 +228,9 @@ def command_line(script: str, args: Any) -> str:
         if default is not MISSING and value == default:
             continue
         if isinstance(value, bool):  # store_true flags take no value; a True default is turned off by --no-...
-            flags.append(flag if value else f"--no-{flag[2:]}")
+            if value or default is True:
+                flags.append(flag if value else f"--no-{flag[2:]}")
+            # (False with no default: parse_args reads an absent store_true flag so, and refuses --no-...)
         elif str(value).startswith("-"):  # "--tag -x" reads -x as an option (a negative number too): --tag=-x
             flags.append(shlex.quote(f"{flag}={value}"))
         else:
