@@ -19,7 +19,7 @@ from triaccel_rl.policies.static import STATIC_PRESETS, StaticPolicy
 from triaccel_rl.actions import action_space as config_action_space
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
-from triaccel_rl.shield import FallbackPolicy, ObservationStats
+from triaccel_rl.shield import FallbackPolicy, ObservationStats, obs_stats_path
 from triaccel_rl.types import Policy, Precision
 
 __all__ = [
@@ -107,7 +107,7 @@ def make_policy(
         if observation_space is None:  # what the Controller, compare and the environment feed for this config
             size = ObservationLayout(config.n_groups).size
             observation_space = spaces.Box(-OBS_HIGH, OBS_HIGH, (size,), np.float32)
-        stats_file = Path(spec).with_suffix(".obs.json")
+        stats_file = obs_stats_path(spec)
         stats = ObservationStats.load(stats_file) if stats_file.is_file() else None
         # Before the policy is read against this configuration's spaces: another ladder's length (the "safe" preset's
         # 3 rungs) failed there as an action-space mismatch that said to retrain, naming neither ladder.

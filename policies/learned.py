@@ -189,7 +189,22 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
             return classes[name].load(file, device=device)
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
+    damaged = _damaged_member(file)
+    if damaged is not None:  # SB3 reports a bad CRC as "the file ... wasn't a zip-file"
+        raise PolicyLoadError(f"cannot load policy {str(file)!r}: {damaged}")
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
+
+
+def _damaged_member(file: Path) -> str | None:
+    """What is damaged inside the zip ``file`` (a member whose bytes fail their CRC), or None where nothing is."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # a member whose header cannot be read
+        return f"the zip is damaged ({type(err).__name__}: {err}); save or copy the policy again"
+    if bad is None:
+        return None
+    return f"its member {bad!r} is damaged (its bytes fail their CRC check); save or copy the policy again"
 
 
 def _saved_algorithm(file: Path) -> str | None:

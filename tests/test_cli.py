@@ -390,12 +390,18 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be >= 1"),
+        (["train-policy", "--n-steps", "0", "--out", "x/policy.zip"], "--n-steps 0 must be a whole number >= 1"),
         # Without the library's "(or None: PyTorch's default)": None cannot be typed for a flag
-        (["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"], "error: --torch-threads 0 must be >= 1\n"),
+        (
+            ["train-policy", "--torch-threads", "0", "--out", "x/policy.zip"],
+            "error: --torch-threads 0 must be a whole number >= 1\n",
+        ),
         (["profile", "--batch-size", "0", "--device", "cpu"], "--batch-size 0 must be a positive integer"),
         # The library's total_timesteps is the flag --timesteps (the message said total_timesteps=0)
-        (["train-policy", "--timesteps", "0", "--out", "x/policy.zip"], "error: --timesteps 0 must be >= 1"),
+        (
+            ["train-policy", "--timesteps", "0", "--out", "x/policy.zip"],
+            "error: --timesteps 0 must be a whole number >= 1",
+        ),
         # Not "n_steps*--n-envs 256": only a name that stands alone is a flag
         (
             ["train-policy", "--batch-size", "300", "--out", "x/policy.zip"],
@@ -404,7 +410,7 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
         # Only the flag that is wrong (both were named), and the tasks as typed (a Python list was printed)
         (
             ["train-policy", "--eval-every", "-1", "--out", "x/policy.zip"],
-            "error: --eval-every -1 must be >= 0 (0: none)",
+            "error: --eval-every -1 must be a whole number >= 0 (0: none)",
         ),
         (
             ["train-policy", "--eval-tasks", "synthetic", "--out", "x/policy.zip"],

@@ -1,3 +1,4 @@
+import json
 import re
 import warnings
 import zipfile
@@ -122,10 +123,10 @@ def test_bad_training_arguments():
         train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=128, batch_size=512)
     # Each refused before any environment starts (SB3 raised an AssertionError, a worker died, or it trained on).
     bad = [
-        ({"batch_size": 1}, "batch_size=1 must be >= 2"),
-        ({"eval_every": -5}, "eval_every=-5 must be >= 0 (0: none)"),
-        ({"checkpoint_every": -1}, "checkpoint_every=-1 must be >= 0 (0: none)"),
-        ({"torch_threads": 0}, "torch_threads=0 must be >= 1"),
+        ({"batch_size": 1}, "batch_size=1 must be a whole number >= 2"),
+        ({"eval_every": -5}, "eval_every=-5 must be a whole number >= 0 (0: none)"),
+        ({"checkpoint_every": -1}, "checkpoint_every=-1 must be a whole number >= 0 (0: none)"),
+        ({"torch_threads": 0}, "torch_threads=0 must be a whole number >= 1"),
         ({"seed": -1}, "seed=-1 must be a whole number in [0, 4294967295]"),  # failed after the environments started
         ({"seed": 2**32}, "seed=4294967296 must be a whole number in [0, 4294967295]"),
         ({"resume": "/nonexistent/policy.zip"}, "resume='/nonexistent/policy.zip': no such policy zip"),
@@ -140,12 +141,18 @@ def test_bad_training_arguments():
         # Imitated one decision and recorded -100 in warm_start.json.
         (
             {"warm_start": "heuristic", "warm_start_steps": -100},
-            "warm_start_steps=-100 and warm_start_epochs=200 must be >= 1",
+            "warm_start_steps=-100 and warm_start_epochs=200 must be whole numbers >= 1",
         ),
+        # Sizes that are not whole: batch_size=4.5 failed in SB3 after a whole rollout, n_envs=1.5 named no argument,
+        # checkpoint_every=2.5 was taken.
+        ({"batch_size": 4.5}, "batch_size=4.5 must be a whole number >= 2"),
+        ({"n_envs": 1.5}, "n_envs=1.5 must be a whole number >= 1"),
+        ({"checkpoint_every": 2.5}, "checkpoint_every=2.5 must be a whole number >= 0"),
+        ({"warm_start": "heuristic", "warm_start_epochs": 2.5}, "warm_start_epochs=2.5 must be whole numbers >= 1"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
-            train_policy(["synthetic"], total_timesteps=10, n_envs=1, n_steps=8, **{"batch_size": 4, **kwargs})
+            train_policy(["synthetic"], total_timesteps=10, **{"n_envs": 1, "n_steps": 8, "batch_size": 4, **kwargs})
 
 
 class _ConstantTeacher:
@@ -558,6 +565,78 @@ def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
     assert f"moved it to {aside}" in caplog.text
     assert np.load(aside)["timesteps"].tolist() == [8, 16, 24]
     assert np.load(evaluations)["timesteps"].tolist() == [32]
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_what_it_replaces(tmp_path, caplog):
+    """Resumed from the 8-step checkpoint into its own folder, the run overwrote the first run's 16-step checkpoint,
+    left its 24- and 32-step ones among the new, and dropped its evaluations past 8, all unsaid."""
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "checkpoint_every": 8, "eval_every": 8, **_TINY}
+    train_policy(["synthetic"], total_timesteps=32, eval_tasks=["synthetic"], **common)
+    checkpoints = tmp_path / "checkpoints"
+    first_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(
+            ["synthetic"], total_timesteps=8, eval_tasks=["synthetic"], resume=checkpoints / "policy_8_steps.zip",
+            **common,
+        )  # fmt: skip
+    aside = checkpoints / "replaced_after_8_steps"
+    assert sorted(p.name for p in aside.glob("*.zip")) == [f"policy_{n}_steps.zip" for n in (16, 24, 32)]
+    assert (aside / "policy_16_steps.zip").read_bytes() == first_16 and (aside / "policy_16_steps.obs.json").is_file()
+    assert sorted(p.name for p in checkpoints.glob("*.zip")) == ["policy_16_steps.zip", "policy_8_steps.zip"]
+    kept = tmp_path / "eval" / "evaluations_replaced_after_8_steps.npz"
+    assert np.load(kept)["timesteps"].tolist() == [8, 16, 24, 32]
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [8, 16]
+    assert "moved to" in caplog.text and f"is kept as {kept}" in caplog.text
+
+
+def test_a_resumed_run_with_other_held_out_tasks_does_not_extend_the_old_curve(tmp_path, caplog):
+    """One held-out task each, so the episode counts matched: the other task's scores were appended to the curve."""
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8, **_TINY}
+    train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
+    assert json.loads((tmp_path / "eval" / "evaluations.json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], total_timesteps=8, eval_tasks=["deep-mlp-synthetic"], resume=out, **common)
+    aside = tmp_path / "eval" / "evaluations_until_16_steps.npz"
+    assert f"moved it to {aside}" in caplog.text
+    assert np.load(aside)["timesteps"].tolist() == [8, 16]
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [24]
+    assert json.loads((tmp_path / "eval" / "evaluations.json").read_text())["tasks"] == ["deep-mlp-synthetic"]
+
+
+def test_a_policy_behind_a_symlink_keeps_its_range_beside_its_file(tmp_path):
+    """The zip was written through the link and its stats beside the link: v1.zip's new weights sat beside
+    v1.obs.json's old range, and the loader read latest.obs.json, another run's."""
+    from triaccel_rl.shield import obs_stats_path
+
+    common = {"n_steps": 8, "batch_size": 4, **_TINY}
+    real = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "v1.zip", **common)
+    link = tmp_path / "latest.zip"
+    link.symlink_to(real)
+    assert obs_stats_path(link) == tmp_path / "v1.obs.json"
+    train_policy(["synthetic"], total_timesteps=8, out=link, resume=link, **common)
+    assert link.is_symlink() and not (tmp_path / "latest.obs.json").exists()
+    stats = json.loads((tmp_path / "v1.obs.json").read_text())
+    assert stats["n_observations"] == 16  # both runs' observations, beside the weights that trained on them
+    from triaccel_rl.shield import FallbackPolicy
+
+    assert isinstance(make_policy(str(link)), FallbackPolicy)
+
+
+def test_a_zip_with_a_damaged_member_is_named(trained, tmp_path):
+    """SB3 turns a bad CRC into "the file ... wasn't a zip-file": the file is a zip, one member is damaged."""
+    import zipfile
+
+    bad = tmp_path / "bad.zip"
+    data = bytearray(Path(trained).read_bytes())
+    with zipfile.ZipFile(trained) as archive:
+        info = archive.getinfo("policy.pth")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 10  # inside its stored bytes
+    data[start : start + 50] = bytes(50)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PolicyLoadError, match=r"its member 'policy.pth' is damaged \(its bytes fail their CRC check\)"):
+        make_policy(str(bad))
 
 
 def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_path):

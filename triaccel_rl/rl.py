@@ -13,10 +13,11 @@ import copy
 import json
 import logging
 import os
+import shutil
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.errors import is_whole
+from triaccel_rl.experiment import write_text_atomic
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
-from triaccel_rl.shield import ObservationStats
+from triaccel_rl.shield import ObservationStats, obs_stats_path
 from triaccel_rl.tasks import get_task
 
 __all__ = [
@@ -45,11 +47,6 @@ __all__ = [
 _log = logging.getLogger("triaccel_rl")
 
 _SEED_RANGE = 2**32  # PPO's seed goes to np.random.seed, which takes [0, 2**32 - 1]
-
-
-def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
-    """Where the observation stats of ``policy_zip`` live (beside it, ``.obs.json``)."""
-    return Path(policy_zip).with_suffix(".obs.json")
 
 
 def env_config(interval_steps: int) -> ControllerConfig:
@@ -404,7 +401,10 @@ def train_policy(
         checkpoint_every: environment steps between checkpoints, ``checkpoints/<out's stem>_<steps>_steps.zip`` beside
             ``out``, each with its observation stats (``.obs.json``) so that it loads with the fallback and resumes
             with its range (0: none). Each is taken after the first update past a multiple of ``checkpoint_every``
-            (``steps``: the steps its weights were trained on, a multiple of the rollout size), and at the end.
+            (``steps``: the steps its weights were trained on, a multiple of the rollout size); one due when training
+            ends is taken then (a run ending between multiples takes none for its last steps: ``out`` holds them).
+            Resumed from an earlier checkpoint into the same folder, the checkpoints past it are moved to
+            ``checkpoints/replaced_after_<steps>_steps/`` (with a warning), not overwritten or left among the new.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
             continue; a warning where its observation stats record another ``interval_steps`` than this run's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
@@ -444,19 +444,23 @@ def train_policy(
         raise ValueError(f"tasks={list(tasks)!r} names no task: give one or more (see `triaccel-rl tasks`)")
     if Path(out).suffix != ".zip":  # SB3 would append .zip to any other name, and the stats would miss it
         raise ValueError(f"out={str(out)!r} must name a .zip file")
+    # Whole numbers, checked before the first rollout: batch_size=4.5 failed in SB3 after a whole rollout, n_envs=1.5
+    # named no argument, checkpoint_every=2.5 was taken.
     for name, value in (("n_envs", n_envs), ("total_timesteps", total_timesteps), ("n_steps", n_steps)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-    if batch_size is not None and batch_size < 2:
-        raise ValueError(f"batch_size={batch_size} must be >= 2 (PPO normalises advantages over each minibatch)")
+        if value is not None and not (is_whole(value) and value >= 1):
+            raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+    if batch_size is not None and not (is_whole(batch_size) and batch_size >= 2):
+        raise ValueError(
+            f"batch_size={batch_size!r} must be a whole number >= 2 (PPO normalises advantages over each minibatch)"
+        )
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
     hyper = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
     fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
     if resume is None and fresh_batch > fresh_n_steps * n_envs:
         raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0 (0: none)")
+        if not (is_whole(value) and value >= 0):
+            raise ValueError(f"{name}={value!r} must be a whole number >= 0 (0: none)")
     if bool(eval_tasks) != (eval_every > 0):  # one without the other evaluated nothing, silently
         given = (
             f"eval_tasks={','.join(eval_tasks)} and eval_every=0"
@@ -464,8 +468,8 @@ def train_policy(
             else f"eval_every={eval_every} and eval_tasks=(none)"
         )
         raise ValueError(f"{given}: give both (tasks, and the steps between evaluations) or neither")
-    if torch_threads is not None and torch_threads < 1:
-        raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None: PyTorch's default)")
+    if torch_threads is not None and not (is_whole(torch_threads) and torch_threads >= 1):
+        raise ValueError(f"torch_threads={torch_threads!r} must be a whole number >= 1 (or None: PyTorch's default)")
     if not is_whole(seed) or not 0 <= seed < _SEED_RANGE:  # PPO seeds NumPy's global generator with it
         raise ValueError(f"seed={seed!r} must be a whole number in [0, {_SEED_RANGE - 1}]")
     if resume is not None and not (Path(resume).is_file() or Path(f"{resume}.zip").is_file()):
@@ -477,8 +481,11 @@ def train_policy(
         raise ValueError(f"resume={str(resume)!r} is not a zip file: give the policy .zip train_policy saved")
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
-    if warm_start_epochs < 1 or warm_start_steps < 1:  # -100 steps imitated one decision and recorded -100
-        raise ValueError(f"warm_start_steps={warm_start_steps} and warm_start_epochs={warm_start_epochs} must be >= 1")
+    if not all(is_whole(n) and n >= 1 for n in (warm_start_steps, warm_start_epochs)):  # -100 imitated one decision
+        raise ValueError(
+            f"warm_start_steps={warm_start_steps!r} and warm_start_epochs={warm_start_epochs!r} must be whole numbers "
+            ">= 1"
+        )
     for task in eval_tasks:
         get_task(task)
     env_kwargs.setdefault("reward_config", RewardConfig(budget_intervals=budget_intervals))
@@ -781,6 +788,8 @@ def train_policy(
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
+        if resume is not None and checkpoint_every > 0:
+            _move_replaced_checkpoints(path.parent / "checkpoints", path.stem, model.num_timesteps)
         callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
         # PPO collects whole rollouts: it trains on until its count reaches the steps asked, so the last rollout
         # overshoots (64 asked at 128 a rollout trained 128, and the bar ran past its total, unsaid).
@@ -812,13 +821,15 @@ def train_policy(
                 deterministic=True,
                 verbose=0,
             )
+            identity = {"tasks": list(eval_tasks), "seed": int(seed)}  # what one curve's evaluations share
             if resume is not None:
                 earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
                 if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
                     aside = own.with_name(f"evaluations.before_{path.stem}.npz")
                     own.replace(aside)
                     _log.warning("%s held another run's evaluations: moved to %s", own, aside)
-                _continue_evaluations(evaluations, earlier, model.num_timesteps)
+                _continue_evaluations(evaluations, earlier, model.num_timesteps, identity)
+            write_text_atomic(_mkdir_for(Path(f"{evaluations.log_path}.json")), json.dumps(identity, indent=2) + "\n")
             callbacks.append(evaluations)
         runs = sorted(p.name for p in Path(log_dir).glob("PPO_*") if p.is_dir()) if log_dir and resume else []
         if len(runs) > 1:  # SB3 goes on writing the newest run, whichever wrote the resumed policy
@@ -979,6 +990,48 @@ def _close_after_failure(venv: Any) -> None:
                 process.terminate()
 
 
+def _read_json_or_none(file: Path) -> Any:
+    """The JSON in ``file``; None where there is none or it cannot be read (a run saved before it was written)."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mkdir_for(file: Path) -> Path:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return file
+
+
+def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
+    """Moves ``<stem>_<N>_steps.zip`` (and its stats) with ``N > start`` into ``replaced_after_<start>_steps/``.
+
+    A run resumed from an earlier checkpoint into its own folder overwrote the same-named ones it reached again and
+    left the later ones among its own: two runs' weights in one folder, unsaid.
+    """
+    later = []
+    for file in sorted(folder.glob(f"{stem}_*_steps.zip")):
+        steps = file.name[len(stem) + 1 : -len("_steps.zip")]
+        if steps.isdigit() and int(steps) > start:
+            later.append(file)
+    if not later:
+        return
+    aside = folder / f"replaced_after_{start}_steps"
+    aside.mkdir(exist_ok=True)
+    for file in later:
+        for part in (file, file.with_suffix(".obs.json")):
+            if part.is_file():
+                part.replace(aside / part.name)
+    _log.warning(
+        "%s held %d checkpoints past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
+        "moved to %s",
+        folder,
+        len(later),
+        start,
+        aside,
+    )
+
+
 def _evaluations_of(resume: Path) -> Path:
     """The ``evaluations.npz`` of the run that wrote the zip ``resume`` (it may not exist).
 
@@ -989,37 +1042,53 @@ def _evaluations_of(resume: Path) -> Path:
     return folder / "eval" / "evaluations.npz"
 
 
-def _continue_evaluations(callback: Any, file: Path, start: int) -> None:
+def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mapping[str, Any]) -> None:
     """Puts the evaluations of the run being resumed (up to step ``start``) into ``callback``'s history.
 
     SB3's ``EvalCallback`` rewrites its ``evaluations.npz`` from its own history at every evaluation, so a resumed
-    run would otherwise replace the first run's evaluations with its own. Evaluations of another number of
-    episodes (other held-out tasks) cannot share the file's arrays: that file is moved aside, not overwritten.
+    run would otherwise replace the first run's evaluations with its own. Evaluations of other held-out tasks or
+    episodes (``identity``: the tasks and seed, recorded beside the file as ``evaluations.json``; another number of
+    episodes for a file saved without it) cannot share one curve: that file is moved aside, not overwritten (before,
+    another task set of the same size was appended to the old curve). Resumed from an earlier checkpoint, the
+    evaluations past it belong to the run this one replaces: a copy of the file keeps them
+    (``evaluations_replaced_after_<start>_steps.npz``), with a warning.
     """
     if not file.is_file():
         return
     with np.load(file) as saved:
         timesteps, results, lengths = saved["timesteps"], saved["results"], saved["ep_lengths"]
-    if results.ndim != 2 or results.shape[1] != callback.n_eval_episodes:
-        if file != Path(f"{callback.log_path}.npz"):  # another run's folder: its file is left where it is
-            _log.warning(
-                "%s holds evaluations of %s episodes each, this run evaluates %d: not continued",
-                file,
-                results.shape[1:] or "?",
-                callback.n_eval_episodes,
-            )
+    recorded = _read_json_or_none(file.with_suffix(".json"))
+    if recorded is not None and recorded != dict(identity):
+        mismatch = f"evaluations of {recorded}, this run evaluates {dict(identity)}"
+    elif results.ndim != 2 or results.shape[1] != callback.n_eval_episodes:
+        mismatch = (
+            f"evaluations of {results.shape[1:] or '?'} episodes each, this run evaluates {callback.n_eval_episodes}"
+        )
+    else:
+        mismatch = None
+    own = file == Path(f"{callback.log_path}.npz")
+    if mismatch is not None:
+        if not own:  # another run's folder: its file is left where it is
+            _log.warning("%s holds %s: not continued", file, mismatch)
             return
         aside = file.with_name(f"evaluations_until_{start}_steps.npz")
         file.replace(aside)
-        _log.warning(
-            "%s holds evaluations of %s episodes each, this run evaluates %d: moved it to %s",
-            file,
-            results.shape[1:] or "?",
-            callback.n_eval_episodes,
-            aside,
-        )
+        if file.with_suffix(".json").is_file():
+            file.with_suffix(".json").replace(aside.with_suffix(".json"))
+        _log.warning("%s holds %s: moved it to %s", file, mismatch, aside)
         return
     earlier = timesteps <= start  # later ones belong to a run this one replaces (resumed from an earlier checkpoint)
+    if own and not earlier.all():
+        kept = file.with_name(f"evaluations_replaced_after_{start}_steps.npz")
+        shutil.copy2(file, kept)
+        _log.warning(
+            "%s holds evaluations past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
+            "this run's evaluations go on from %d; the file as it was is kept as %s",
+            file,
+            start,
+            start,
+            kept,
+        )
     callback.evaluations_timesteps = [int(t) for t in timesteps[earlier]]
     callback.evaluations_results = [list(row) for row in results[earlier]]
     callback.evaluations_length = [list(row) for row in lengths[earlier]]

@@ -31,7 +31,14 @@ from torch import nn
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
-__all__ = ["FallbackPolicy", "ObservationStats", "RollbackGuard", "check_observation", "nonfinite_buffers"]
+__all__ = [
+    "FallbackPolicy",
+    "ObservationStats",
+    "RollbackGuard",
+    "check_observation",
+    "nonfinite_buffers",
+    "obs_stats_path",
+]
 
 _log = logging.getLogger("triaccel_rl")
 
@@ -712,3 +719,13 @@ def _feature_name(index: int, size: int) -> str:
     """``ObservationLayout.name`` for an observation of ``size`` features (``feature <i>`` if no layout has it)."""
     layout = ObservationLayout.for_size(size)
     return layout.name(index) if layout is not None else f"feature {index}"
+
+
+def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
+    """Where the observation stats of ``policy_zip`` live (beside it, ``.obs.json``; beside its file, for a symlink).
+
+    A symlink's zip is written and read through the link: its stats beside the link went with another file than the
+    weights (``latest.zip -> v1.zip``: new weights in ``v1.zip``, their range in ``latest.obs.json``).
+    """
+    path = Path(policy_zip)
+    return (Path(os.path.realpath(path)) if path.is_symlink() else path).with_suffix(".obs.json")
