@@ -124,6 +124,8 @@ def make_policy(
         learned.initial_precision = Precision.parse(config.heuristic.start_precision)
         # On a GPU it runs its 16-bit groups in whichever format the heuristic's speed trial finds faster.
         learned.speed_trial = config.heuristic.speed_trial
+        if config.heuristic.use_fp16:  # pinned to fp16 as the heuristic is (its fallback): it moved them to bf16
+            learned.low_precision = Precision.FP16
         if shipped:  # its row: "learned:policy.zip" clashed with train-policy's default runs/policy.zip
             learned.name = "pretrained"
         if stats is None:
@@ -214,6 +216,14 @@ def _check_instance(
                 "configuration (e.g. HeuristicPolicy(config)), or run it with its own (config=policy.config)"
             )
         _check_ladder(name, own.lr_scales, config)
+        if isinstance(policy, HeuristicPolicy) and own.max_lr_change != config.max_lr_change:
+            # It models the shield's clamp with its own: a stopped climb's rung was read as its floor, and it cut
+            # the LR on a falling loss.
+            raise PolicyLoadError(
+                f"policy {name!r} was built with max_lr_change={own.max_lr_change}, and this configuration's is "
+                f"{config.max_lr_change}: it reads its LR rungs through the clamp it was built with. Build it with "
+                "this configuration, or run it with its own (config=policy.config)"
+            )
     stats = getattr(policy, "stats", None)
     if isinstance(stats, ObservationStats) and stats.lr_scales is not None:
         _check_ladder(name, stats.lr_scales, config)

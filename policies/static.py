@@ -27,6 +27,8 @@ class StaticPolicy:
         if isinstance(precision, str) and precision.lower() not in STATIC_PRESETS:
             raise ValueError(f"unknown static preset {precision!r}; allowed: {', '.join(STATIC_PRESETS)}")
         self.precision = Precision.parse(precision)
+        if config is not None and not isinstance(config, ControllerConfig):  # a HeuristicConfig failed far away
+            raise TypeError(f"config={config!r} must be a ControllerConfig")
         self.config = config or ControllerConfig()
         action = Action((self.precision,) * self.config.n_groups, 1.0, BatchMove.KEEP)
         self._raw = encode(action, self.config)

@@ -808,6 +808,59 @@ def test_a_profile_cannot_be_changed_through_the_callers_dicts():
     profile = HardwareProfile("gpu", times, {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5}, 0.1, 1e-4)
     times["bf16"] = -5.0
     assert profile.time(Precision.BF16) == 0.5
+    # Nor through its own tables: the edit skipped the checks, and save() wrote a file load() refused
+    with pytest.raises(TypeError, match="a hardware profile's factors are read-only"):
+        profile.time_factor["bf16"] = -5.0  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        profile.memory_factor.update(fp16=float("nan"))  # type: ignore[attr-defined]
+    assert profile.time(Precision.BF16) == 0.5 and profile.memory(Precision.FP16) == 0.5
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(profile)), copy.deepcopy(profile)):  # to SubprocVecEnv's workers
+        assert twin == profile
+    assert json.loads(json.dumps(dataclasses.asdict(profile)))["time_factor"] == {"fp32": 1.0, "bf16": 0.5, "fp16": 0.4}
+
+
+def test_a_profile_value_error_names_the_file_and_a_table_its_unknown_keys(tmp_path):
+    """A bad value's message named no file (the CLI's --profile error named neither flag nor file), and a table keyed
+    "FP32", "BF16", "FP16" was told only that it lacked fp32, bf16 and fp16."""
+    factors = {"fp32": 1.0, "bf16": 0.5, "fp16": 0.4}
+    good = {"device": "gpu", "time_factor": factors, "memory_factor": factors, "fixed_ms": 0.2}
+    good["throughput_scale"] = 1e-4
+    file = tmp_path / "my_gpu.json"
+    file.write_text(json.dumps({**good, "fixed_ms": "0.2"}))
+    with pytest.raises(ConfigError, match=re.escape(f"fixed_ms='0.2' must be a finite number >= 0 (in {file})")):
+        HardwareProfile.load(file)
+    file.write_text(json.dumps({**good, "time_factor": {"FP32": 1.0, "BF16": 0.5, "FP16": 0.4}}))
+    message = "time_factor lacks ['bf16', 'fp16', 'fp32'] and has unknown precisions ['BF16', 'FP16', 'FP32']"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        HardwareProfile.load(file)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ControllerConfig(max_lr_change=10**400), "max_lr_change="),
+        (lambda: ControllerConfig(lr_scales=(1.0, 10**400)), "lr_scales="),
+        (lambda: HeuristicConfig(max_batch_growth=10**400), "max_batch_growth="),
+        (lambda: HeuristicConfig(lower_below=-(10**400)), "lower_below="),
+        (lambda: ElasticConfig(warmup_above=10**400), "warmup_above="),
+        (lambda: RewardConfig(clip=10**400), "clip="),
+    ],
+)
+def test_an_integer_too_large_for_a_float_is_refused_by_name(build, message):
+    """math.isfinite raised OverflowError on 10 ** 400, naming no field."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build()
+
+
+def test_a_huge_max_lr_change_in_its_range_is_taken_and_a_preset_name_must_be_text():
+    """max_lr_change=1e200 is >= 1 and finite, but its square overflowed (OverflowError); a list as the preset name
+    raised "unhashable type"."""
+    assert ControllerConfig(max_lr_change=1e200).max_lr_change == 1e200
+    with pytest.raises(ConfigError, match=r"unknown preset \['safe'\]; allowed: default, safe"):
+        ControllerConfig.preset(["safe"])  # type: ignore[arg-type]
 
 
 def test_a_profile_that_cannot_be_read_is_a_clear_error(tmp_path):

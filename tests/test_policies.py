@@ -214,8 +214,13 @@ def test_heuristic_lr_and_batch_rules():
     assert policy.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 1
     wider = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=4.0)))
     assert wider.predict(observation([0] * 4, log2_batch=1.0))[0][k + 1] == 2
-    with pytest.raises(ConfigError, match=r"max_batch_growth=0\.5 must be a number >= 1"):
+    with pytest.raises(ConfigError, match=r"max_batch_growth=0\.5 must be a number in \[1, 1024\]"):
         HeuristicConfig(max_batch_growth=0.5)
+    # The rule reads the growth from log2_batch, clipped at OBS_HIGH = 10: at 2048 the batch grew on past its limit
+    with pytest.raises(ConfigError, match=r"max_batch_growth=2048\.0 must be a number in \[1, 1024\]"):
+        HeuristicConfig(max_batch_growth=2048.0)
+    widest = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=1024.0)), parts={"batch"})
+    assert widest.predict(observation([0] * 4, log2_batch=OBS_HIGH))[0][k + 1] == 1  # at 1024x: kept
 
 
 @pytest.mark.parametrize(("growth", "batch"), [(5.0, 160), (3.0, 96), (12.0, 384), (1.5, 48)])
@@ -832,6 +837,46 @@ def test_deterministic_predictions_are_deterministic_and_the_shipped_one_is_its_
     assert np.array_equal(make_policy("pretrained").predict(batch, deterministic=True)[0], first)
     assert first.tolist() == [[0, 1, 1, 1, 4, 1]] * 64 and policy.fallbacks == 0
     assert __import__("torch").equal(__import__("torch").get_rng_state(), torch_state)  # the user's RNG untouched
+
+
+@pytest.mark.parametrize("name", ["lower_below", "raise_above"])
+def test_a_sensitivity_threshold_past_the_observations_range_is_refused(name):
+    """The observation clips the relative sensitivity to +-10: raise_above=12 could never fire."""
+    value = 12.0 if name == "raise_above" else -12.0
+    with pytest.raises(ConfigError, match=rf"{name}={value} must be in \(-10, 10\)"):
+        HeuristicConfig(**{name: value})
+
+
+def test_a_heuristic_instance_of_another_max_lr_change_is_refused():
+    """It reads its rungs through the clamp it was built with: at 1.5 against a run's 1.25, a stopped climb's 0.625
+    read as its floor rung, and it cut the LR on a falling loss."""
+    import re
+
+    with pytest.raises(
+        PolicyLoadError, match=re.escape("built with max_lr_change=1.5, and this configuration's is 1.25")
+    ):
+        make_policy(HeuristicPolicy(ControllerConfig()), ControllerConfig(max_lr_change=1.25))
+
+
+def test_policy_constructors_refuse_arguments_of_the_wrong_kind():
+    """A text 'False' turned the LR factors on; None for parts and a HeuristicConfig for a static policy's config
+    failed far away, naming neither."""
+    with pytest.raises(ValueError, match="needs_lr_factors='False' must be True or False"):
+        HeuristicPolicy(needs_lr_factors="False")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="parts=None must be a collection of part names"):
+        HeuristicPolicy(parts=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"config=HeuristicConfig\(.*\) must be a ControllerConfig"):
+        StaticPolicy("bf16", HeuristicConfig())  # type: ignore[arg-type]
+
+
+def test_a_learned_policy_pinned_to_fp16_lowers_to_fp16_as_its_fallback_does():
+    """The README's pinned configuration (no speed trial, fp16): the learned policy moved its 16-bit groups to bf16 at
+    its first decision while its heuristic fallback lowered to fp16."""
+    pinned = ControllerConfig(heuristic=HeuristicConfig(speed_trial=False, use_fp16=True, start_precision="fp16"))
+    policy = make_policy("pretrained", pinned)
+    assert policy.initial_precision is Precision.FP16
+    assert policy.policy.low_precision == Precision.FP16 and policy.fallback.low_precision is Precision.FP16
+    assert make_policy("pretrained").policy.low_precision is None  # unpinned: the trial's answer, bf16 until then
 
 
 def test_a_policy_instance_built_for_another_config_is_refused_naming_both_values():

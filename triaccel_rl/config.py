@@ -7,12 +7,14 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from triaccel_rl.errors import ChoiceEnum, ConfigError, is_real, require_bool, require_number, require_whole
+from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.types import Precision
 
 if TYPE_CHECKING:
@@ -128,6 +130,18 @@ def _is_finite_number(value: object) -> bool:
         return False
 
 
+class _Factors(dict[str, float]):
+    """A profile's factor table: a dict (JSON and ``dataclasses.asdict`` take it as one) that refuses edits."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a hardware profile's factors are read-only: build a new HardwareProfile with the ones wanted")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled to SubprocVecEnv's workers, deep-copied: built whole, not set
+        return (_Factors, (dict(self),))
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     """Per-precision speed and memory factors of one GPU, used to charge cost on machines without it.
@@ -146,8 +160,8 @@ class HardwareProfile:
     """
 
     device: str
-    time_factor: dict[str, float]
-    memory_factor: dict[str, float]
+    time_factor: Mapping[str, float]
+    memory_factor: Mapping[str, float]
     fixed_ms: float = 1.0
     throughput_scale: float = 1.0e-4
 
@@ -156,11 +170,18 @@ class HardwareProfile:
             raise ConfigError(f"hardware profile device={self.device!r} must be the GPU's name, a non-empty string")
         names = {p.name.lower() for p in Precision}
         for label, table in (("time_factor", self.time_factor), ("memory_factor", self.memory_factor)):
-            if not isinstance(table, dict):
+            if not isinstance(table, Mapping):
                 raise ConfigError(f"hardware profile {label} must be a mapping of precision to factor; got {table!r}")
             missing, unknown = names - set(table), set(table) - names
-            if missing or unknown:
-                wrong = f"lacks {sorted(missing)}" if missing else f"has unknown precisions {sorted(unknown)}"
+            if missing or unknown:  # both named: keys "FP32", "BF16" were told only that fp32 and bf16 were missing
+                wrong = " and ".join(
+                    part
+                    for part in (
+                        f"lacks {sorted(missing)}" if missing else "",
+                        f"has unknown precisions {sorted(map(str, unknown))}" if unknown else "",
+                    )
+                    if part
+                )
                 raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
                 if not (_is_finite_number(value) and value > 0):
@@ -169,8 +190,9 @@ class HardwareProfile:
                 raise ConfigError(
                     f"hardware profile {label}['fp32']={table['fp32']!r} must be 1.0: factors are relative to fp32"
                 )
-            # A copy: the caller's dict, edited after the check, changed a frozen profile's factors (to -5, say).
-            object.__setattr__(self, label, {key: float(value) for key, value in table.items()})
+            # A read-only copy: the caller's dict, edited after the check, changed a frozen profile's factors (to -5,
+            # say), and so did an edit through the profile's own table, which save() then wrote as load() refused.
+            object.__setattr__(self, label, _Factors({key: float(value) for key, value in table.items()}))
         for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
             value = getattr(self, name)
             if not (_is_finite_number(value) and (value >= 0 if low is not None else value > 0)):
@@ -244,7 +266,10 @@ class HardwareProfile:
         unknown = sorted(set(raw) - known)
         if unknown:  # a misspelt field would silently fall back to its default
             raise ConfigError(f"hardware profile {source} has unknown fields {unknown}; its fields: {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ConfigError as err:  # the value's message, with the file it came from (the CLI names --profile)
+            raise ConfigError(f"{err} (in {source})") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the profile as JSON.
@@ -285,7 +310,8 @@ class HeuristicConfig:
     Attributes:
         start_precision: the precision of every controllable layer before the first decision
             (``fp32``, ``bf16`` or ``fp16``).
-        lower_below: relative log-sensitivity under which a group may run in 16 bits.
+        lower_below: relative log-sensitivity under which a group may run in 16 bits; this and ``raise_above`` lie
+            in (-10, 10), the observation's range.
         raise_above: relative log-sensitivity over which a group goes back to fp32; > lower_below. The
             default, 3.0 (1000x the median layer's sensitivity), is for extreme outliers only: on an H100
             (2026-11-22) 0.75 raised ResNet-18's early convolutions to fp32 at the first decision and made
@@ -361,7 +387,8 @@ class HeuristicConfig:
             [``ramp_batch_after``, 1]: a batch changed that late has too little of the run left to repay the
             change's one-time cost (a new captured graph and cuDNN's tuning for the new shapes: about 5 s for
             ResNet-18's first run at batch 1024 on the H200, 2026-12-02, in a 10-s run).
-        max_batch_growth: grow the batch only up to this multiple of the task's base batch; >= 1. A trust
+        max_batch_growth: grow the batch only up to this multiple of the task's base batch; in [1, 1024] (the
+            observation reads a growth up to 2**10). A trust
             region on the noise-scale estimate: with batch norm, the micro-batch estimate overstates the
             noise (each micro-batch normalises with its own statistics), and in the 2026-11-22 GPU pilot
             the rule doubled ResNet-18's batch four times in four decisions (to 4096, the LR following
@@ -402,8 +429,14 @@ class HeuristicConfig:
         if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
         for name in ("lower_below", "raise_above"):
-            if not math.isfinite(getattr(self, name)):
+            if not _is_finite_number(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a finite number (relative log10 sensitivity)")
+        for name in ("lower_below", "raise_above"):  # the observation clips every feature to +-OBS_HIGH
+            if not -OBS_HIGH < getattr(self, name) < OBS_HIGH:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} must be in ({-OBS_HIGH:g}, {OBS_HIGH:g}): the observation clips the "
+                    "relative sensitivity it is compared with to that range, so a threshold past it never fires"
+                )
         if not self.lower_below < self.raise_above:
             raise ConfigError(
                 f"lower_below={self.lower_below} must be below raise_above={self.raise_above} (hysteresis band)"
@@ -417,10 +450,15 @@ class HeuristicConfig:
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
             )
-        if not (math.isfinite(self.loss_rise_tolerance) and self.loss_rise_tolerance >= 0):
+        if not (_is_finite_number(self.loss_rise_tolerance) and self.loss_rise_tolerance >= 0):
             raise ConfigError(f"loss_rise_tolerance={self.loss_rise_tolerance} must be a non-negative number")
-        if not (math.isfinite(self.max_batch_growth) and self.max_batch_growth >= 1):
-            raise ConfigError(f"max_batch_growth={self.max_batch_growth} must be a number >= 1")
+        if not (_is_finite_number(self.max_batch_growth) and 1 <= self.max_batch_growth <= 2**OBS_HIGH):
+            # The rule reads the batch's growth from the observation's log2_batch, clipped at OBS_HIGH: past 2**10 the
+            # batch grew on without a limit (up to max_batch_size).
+            raise ConfigError(
+                f"max_batch_growth={self.max_batch_growth} must be a number in [1, {2**OBS_HIGH:g}] (the observation "
+                f"reads a batch's growth up to 2**{OBS_HIGH:g})"
+            )
         if self.anneal_plateau is not None and not (0.0 < self.anneal_plateau < 1.0):
             raise ConfigError(f"anneal_plateau={self.anneal_plateau} must be in (0, 1), or None for no annealing")
         if not (0.0 <= self.anneal_after <= 1.0):
@@ -444,7 +482,7 @@ class HeuristicConfig:
             raise ConfigError(
                 f"ramp_batch_until={self.ramp_batch_until} must be in [ramp_batch_after={self.ramp_batch_after}, 1]"
             )
-        if not (math.isfinite(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
+        if not (_is_finite_number(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
             raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
 
 
@@ -502,7 +540,7 @@ class RewardConfig:
             value = getattr(self, f.name)
             positive = f.name in ("clip", "budget_intervals")
             require_number(f"reward {f.name}", value, "> 0" if positive else ">= 0")
-            if not (math.isfinite(value) and value >= 0):  # clip=-1 was told it must be "non-negative"; 0: below
+            if not (_is_finite_number(value) and value >= 0):  # clip=-1 was told it must be "non-negative"; 0: below
                 raise ConfigError(f"reward {f.name}={value} must be a finite number {'> 0' if positive else '>= 0'}")
         if self.clip <= 0:
             raise ConfigError(f"reward clip={self.clip} must be positive")
@@ -560,7 +598,7 @@ class ElasticConfig:
         require_number("fill_frac", self.fill_frac, "in (0, 1]")
         require_number("oom_budget_factor", self.oom_budget_factor, "in (0, 1]")
         require_whole("max_oom_retries", self.max_oom_retries, ">= 1")
-        if not (math.isfinite(self.warmup_above) and self.warmup_above > 1.0):
+        if not (_is_finite_number(self.warmup_above) and self.warmup_above > 1.0):
             raise ConfigError(f"warmup_above={self.warmup_above} must be a ratio > 1")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -674,7 +712,7 @@ class ControllerConfig:
             raise ConfigError(f"snapshot_every={self.snapshot_every} must be >= 1 (1: a rollback copy every decision)")
         if not (1 <= self.n_groups <= 16):
             raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
-        if not self.lr_scales or any(not (math.isfinite(s) and s > 0) for s in self.lr_scales):
+        if not self.lr_scales or any(not (_is_finite_number(s) and s > 0) for s in self.lr_scales):
             raise ConfigError(f"lr_scales={self.lr_scales} must be a non-empty tuple of positive numbers")
         if 1.0 not in self.lr_scales:
             raise ConfigError(f"lr_scales={self.lr_scales} must contain 1.0 (the neutral choice)")
@@ -685,9 +723,12 @@ class ControllerConfig:
             )
         if not (1 <= self.min_batch_size <= self.max_batch_size):
             raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
-        if not (math.isfinite(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
+        if not (_is_finite_number(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
             raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
-        bound = self.max_lr_change**2
+        try:
+            bound = self.max_lr_change**2
+        except OverflowError:  # above ~1.3e154: no two rungs are that far apart
+            bound = math.inf
         wide = [(a, b) for a, b in itertools.pairwise(self.lr_scales) if self.max_lr_change > 1.0 and b / a >= bound]
         if wide:  # a move between them stops short nearer the rung it left, read next as that rung: the LR swung back
             a, b = wide[0]
@@ -744,7 +785,7 @@ class ControllerConfig:
                 "heuristic": HeuristicConfig(anneal_plateau=0.05),
             },
         }
-        if name not in presets:
+        if not isinstance(name, str) or name not in presets:  # a list raised "unhashable type"
             raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(overrides) - set(known))
