@@ -143,7 +143,9 @@ class HeuristicPolicy:
         parts: Iterable[str] = HEURISTIC_PARTS,
         needs_lr_factors: bool = False,
     ) -> None:
-        if isinstance(parts, str) or not isinstance(parts, Iterable):
+        if isinstance(parts, str):
+            raise ValueError(f"parts={parts!r} must be a collection of part names, e.g. {{{parts!r}}}")
+        if not isinstance(parts, Iterable):
             raise ValueError(f"parts={parts!r} must be a collection of part names from {list(HEURISTIC_PARTS)}")
         if not isinstance(needs_lr_factors, bool):  # the text "False" turned them on
             raise ValueError(f"needs_lr_factors={needs_lr_factors!r} must be True or False")

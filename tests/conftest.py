@@ -35,3 +35,16 @@ def gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module in (triaccel_rl.engine, triaccel_rl.executor):
         monkeypatch.setattr(module, "check_precision_supported", refuse_bf16)
+
+
+@pytest.fixture(autouse=True)
+def no_autocast_left_open():
+    """Fails a test that leaves an autocast region open: every later test ran inside it (a recompute's region left open
+    by the precision hooks once failed 50 unrelated tests downstream with dtype mismatches, 2026-12-06)."""
+    yield
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    open_on = [device for device in devices if torch.is_autocast_enabled(device)]
+    if open_on:
+        for device in open_on:  # closed for the tests after this one
+            torch.set_autocast_enabled(device, False)
+        pytest.fail(f"the test left autocast enabled on {open_on}")

@@ -357,7 +357,8 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert kept["meta"]["complete"] is False and [run["controller"] for run in kept["runs"]] == ["static-fp32"]
     # how its times were measured and where: the only record of a failed comparison lacked them
     assert kept["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)" and kept["meta"]["device"] == "cpu"
-    assert "reference" in kept["meta"]
+    # the reference row ran: its ratios are there (meta named it, and every row's ratio was None)
+    assert kept["meta"]["reference"] == "static-fp32" and kept["rows"][0]["time_ratio"] == 1.0
     monkeypatch.setattr(triaccel_rl.compare, "run_controller", real)
     assert main(argv) == 0
     assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results

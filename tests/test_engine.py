@@ -966,3 +966,23 @@ def test_a_refused_engine_leaves_no_hooks_on_the_model_or_optimizer(make, fused,
 
     closure()
     optimizer.step(closure)  # the engine's guard is gone: no "second update" error
+
+
+def test_an_optimizer_subclass_calling_super_step_is_scaled_and_counted_once() -> None:
+    """torch wraps both classes' step() with the hook runner (once an SGD has been built in the process), so the hooks
+    ran twice an update: the LR multipliers went in twice and stayed (the LR halved at every step at lr_scale 0.5),
+    and two updates were counted."""
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)  # SGD.step wrapped too
+    applied = []
+
+    class MySGD(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            applied.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    model = tiny_model()
+    engine = StepEngine(model, MySGD(model.parameters(), lr=0.1), CPU)
+    engine.lr_scale = 0.5
+    warm_up(model, engine, 3)
+    assert applied == [0.05] * 3
+    assert engine.optimizer.param_groups[0]["lr"] == 0.1 and engine.applied_steps() == 3

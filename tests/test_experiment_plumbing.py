@@ -160,11 +160,17 @@ def test_a_factory_default_and_a_bool_without_a_default_round_trip():
     class Flag:
         smoke: bool
 
+    @dataclass
+    class OnByFactory:
+        plots: bool = field(default_factory=lambda: True)  # parse_args read it as a store_true flag: False
+
     assert parse_args(Factory, []) == Factory()
     assert command_line("x.py", Factory()) == "python x.py"
     for value in (False, True):
         command = command_line("x.py", Flag(smoke=value))
         assert parse_args(Flag, shlex.split(command)[2:]) == Flag(smoke=value)
+        command = command_line("x.py", OnByFactory(plots=value))
+        assert parse_args(OnByFactory, shlex.split(command)[2:]) == OnByFactory(plots=value)
 
 
 def test_a_results_file_behind_a_dangling_symlink_is_written_through_it(tmp_path):

@@ -1365,15 +1365,17 @@ def test_a_checkpointed_forward_run_outside_the_context_is_recomputed_as_it_ran(
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_a_forward_between_a_checkpointed_one_and_its_backward_leaves_its_recompute(use_reentrant: bool) -> None:
     """An evaluation forward of the same modules outside the context (under ``no_grad``) overwrote each module's record:
-    the recompute then ran with the hooks idle (a CheckpointError, or reentrant gradients 7.8e-3 off)."""
+    the recompute then ran with the hooks idle (a CheckpointError, or reentrant gradients 7.8e-3 off). The post-hooks
+    then read the state inside the fp32 layer's region, which the outside forward had recorded too: the recompute left
+    that region open, the later layers ran in it and autocast stayed off past the backward."""
     from torch.utils.checkpoint import checkpoint
 
     grads = []
     for interleave in (False, True):
         torch.manual_seed(0)
-        body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
         precision = LayerPrecision(body, "cpu")
-        precision.set([Precision.BF16, Precision.FP32])
+        precision.set([Precision.BF16, Precision.FP32, Precision.BF16])  # an fp32 layer in the middle
         x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=use_reentrant)
         with precision.context():
             out = checkpoint(body, x, use_reentrant=use_reentrant)
@@ -1381,6 +1383,7 @@ def test_a_forward_between_a_checkpointed_one_and_its_backward_leaves_its_recomp
             with torch.no_grad():
                 body(torch.randn(3, 4))
         out.float().sum().backward()
+        assert not precision._stack and not torch.is_autocast_enabled("cpu")  # every region closed
         grads.append([p.grad.clone() for p in body.parameters()])
     for alone, interleaved in zip(*grads, strict=True):
         assert torch.equal(alone, interleaved)

@@ -386,8 +386,10 @@ def _compare(args: argparse.Namespace) -> int:
         partial.unlink(missing_ok=True)  # an earlier comparison's
 
     def keep(done: list[Any]) -> None:  # the runs so far: a failure in a later run loses none of them
-        if partial is not None:
-            write_json(done, summarize(done), partial, **meta, command=command, complete=False)
+        if partial is not None:  # the ratios to the reference row once it has run (meta named it, the rows had none)
+            ran = reference if reference in {result.controller for result in done} else None
+            fields = {**meta, "reference": ran}
+            write_json(done, summarize(done, reference=ran), partial, **fields, command=command, complete=False)
 
     start = time.perf_counter()
     try:

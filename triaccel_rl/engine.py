@@ -234,7 +234,9 @@ class StepEngine:
 
             def count_update(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 engine = this()
-                if engine is not None and engine._stepping:  # the engine's own optimizer.step(): the update went in
+                # The engine's own optimizer.step(): the update went in. Once a step: a subclass whose step() calls
+                # super().step() runs the hooks twice (torch wraps both classes' step), and counted two updates.
+                if engine is not None and engine._stepping and engine._own_lrs is not None:
                     engine._reference_applied += 1
                     engine.update_reached = True
                     engine._restore_own_lrs()  # before the user's post-hooks: what they write stays
@@ -425,6 +427,8 @@ class StepEngine:
             self._restore_own_lrs()
 
     def _apply_scaled_lrs(self) -> None:
+        if self._own_lrs is not None:  # the hooks again, inside a subclass's super().step(): scaled once already
+            return
         groups = self.optimizer.param_groups
         self._own_lrs = [group["lr"] for group in groups]
         for group, lr in zip(groups, self.group_lrs(), strict=True):

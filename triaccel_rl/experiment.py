@@ -56,7 +56,7 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
         kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # with or without PEP 563 annotations
         doc = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: "93% in" raised TypeError
         if kind == "bool":
-            if f.default is True:
+            if (f.default_factory() if f.default_factory is not MISSING else f.default) is True:  # as command_line
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=doc or None)
             else:
                 parser.add_argument(flag, action="store_true", help=doc or None)

@@ -452,7 +452,10 @@ class LayerPrecision:
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
-        if self._stack and self._hooks_on(module) and self._mixed_now():
+        # Whether this module's pre-hook opened the innermost region, not _hooks_on: called inside that region, it read
+        # the region's autocast state, which a forward outside the context records too, and a recompute's region was
+        # left open (every later layer ran in it, and the autocast state leaked past the backward).
+        if self._stack and self._stack[-1][0] is module:
             return (self._eager_regions[1] if self._eager_regions else self._exit_region)(module, output)
         return None
 
@@ -615,7 +618,7 @@ class LayerPrecision:
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._stack and self._hooks_on(module):
+        if self._stack and self._stack[-1][0] is module:  # its own region (as _post_hook decides)
             (self._eager_regions[3] if self._eager_regions else self._close_fp32_region)(module)
 
     def _close_fp32_region(self, module: nn.Module) -> None:
