@@ -211,7 +211,7 @@ class LayerPrecision:
                 and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
-                self._handles.append(module.register_forward_pre_hook(self._norm_inputs_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
         parametrized = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
         if parametrized:
             _log.warning(
@@ -625,12 +625,6 @@ class LayerPrecision:
         """Closes ``module``'s fp32 region if it is the innermost (its pre-hook may have opened none)."""
         if self._stack[-1][0] is module:
             self._stack.pop()[1].__exit__(None, None, None)
-
-    def _norm_inputs_hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """A parameterless norm's inputs, cast up where a 16-bit tensor can be ours (as ``_fp32_inputs_hook``)."""
-        return self._fp32_inputs_hook(module, args, kwargs)
 
     def _fp32_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
