@@ -353,14 +353,15 @@ class MemoryModel:
     def _checked_key(self, precisions: Sequence[Precision]) -> tuple[int, ...]:
         """``precisions``' key; a ValueError for a map of another length than the layers or holding no precision code.
 
-        A point stored under such a map could become the reference map, after which every prediction raised. Checked
-        once a map (the Controller observes every step, mostly under one map).
+        A point stored under such a map could become the reference map, after which every prediction raised. A map
+        of :class:`Precision` members equal to the last one checked is not checked again (the Controller observes every
+        step, mostly under one map); any other entry is, every time (``False`` or ``0.4`` made the key of fp32's map).
         """
         try:
             key = _key(precisions)
         except (TypeError, ValueError):
             key = ()
-        if key and key == self._last_checked_key:
+        if key and key == self._last_checked_key and set(map(type, precisions)) == {Precision}:
             return key
         n_layers = len(self.costs.layers)
         if len(key) != n_layers or not all(_valid_code(p) for p in precisions):
@@ -380,7 +381,7 @@ class MemoryModel:
         slope when at one; otherwise the best-measured map's line, shifted by the difference in accounted weight
         copies, with the borrowed slope.
         """
-        key = _key(precisions)
+        key = self._checked_key(precisions)
         own = self._peaks.get(key, {})
         if len(own) >= 2:
             return self._own_line(key)
@@ -393,7 +394,7 @@ class MemoryModel:
         if own:
             return _through_point(own, slope, n_sizes=1)
         ref_line = ref_fit or _through_point(ref_points, self._transfer_slope(reference, reference, None), n_sizes=1)
-        shift = self.costs.fixed_bytes(list(precisions)) - self.costs.fixed_bytes(_precisions(reference))
+        shift = self.costs.fixed_bytes(_precisions(key)) - self.costs.fixed_bytes(_precisions(reference))
         return MemoryFit(ref_line.intercept_bytes + shift, slope, ref_line.margin_bytes, 0)
 
     def predict(self, batch_size: int, precisions: Sequence[Precision]) -> int:
@@ -439,8 +440,9 @@ class MemoryModel:
         if fitted is not None:
             shift = self.baseline_shift_bytes
             return lambda batch_size: fitted.predict(batch_size) + shift
-        fixed = self.costs.fixed_bytes(list(precisions))
-        per_sample = self.costs.per_sample_bytes(list(precisions), self.profile)
+        key = self._checked_key(precisions)  # integer codes work here too, as observe() takes them
+        fixed = self.costs.fixed_bytes(_precisions(key))
+        per_sample = self.costs.per_sample_bytes(_precisions(key), self.profile)
         return lambda batch_size: int(fixed + batch_size * per_sample)  # == CostModel.memory_bytes
 
     def _own_line(self, key: tuple[int, ...]) -> MemoryFit:

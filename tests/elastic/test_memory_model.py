@@ -405,3 +405,26 @@ def test_a_model_with_no_accounted_activations_still_grows_with_the_batch(sizes)
     assert model.max_batch_size(4 * gib, fp32, limit=10**6) == 96  # 1 GiB + 96 × 32 MiB = 4 GiB
     if len(sizes) == 1:
         assert model.predict(4096, fp32) == gib + 4096 * (2 * gib // 64)
+
+
+def test_a_map_without_precision_codes_is_refused_after_a_valid_one_and_in_predictions() -> None:
+    """Once fp32's map was checked, ``[False, ...]`` and ``[0.4, ...]`` made its key and were stored under it; predict
+    and max_batch_size took them silently (a fitted line) or raised an AttributeError (the accounting). Integer codes,
+    which observe takes, work everywhere."""
+    model, fp32 = _linear_model()
+    model.observe(8, fp32, 10_000)
+    points = {k: dict(v) for k, v in model._peaks.items()}
+    for bad in ([False] * len(fp32), [0.4] * len(fp32), [0.0] * len(fp32)):
+        with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\)"):
+            model.observe(16, bad, 20_000)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\)"):
+            model.predict(4, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\)"):
+            model.max_batch_size(10**6, bad, 100)  # type: ignore[arg-type]
+    assert model._peaks == points
+    codes = [int(p) for p in fp32]
+    assert model.predict(4, codes) == model.predict(4, fp32)  # type: ignore[arg-type]
+    fresh, _ = _linear_model()  # nothing measured: the accounting's prediction
+    bf16 = [1] * len(fp32)
+    assert fresh.predict(4, bf16) == fresh.predict(4, [Precision.BF16] * len(fp32))  # type: ignore[arg-type]
+    assert fresh.max_batch_size(10**6, bf16, 50) == fresh.max_batch_size(10**6, [Precision.BF16] * len(fp32), 50)  # type: ignore[arg-type]
