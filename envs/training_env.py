@@ -55,7 +55,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     included: ``TrainingRun.planned_step_ms``) and counts only the share of its progress that fitted.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
-    interval skipped, or the probe loss above ``divergence_factor`` × its starting value) or when the time budget
+    interval skipped while no fp16 loss scale is still backing off from its start, or the probe loss above
+    ``divergence_factor`` × its starting value) or when the time budget
     is spent: the budget is part of the task (the return is the progress made within it, and the observation's
     ``progress`` says how much of it is gone), so nothing comes after it. (It read ``truncated`` before 2026-12-05,
     and SB3's PPO then added ``gamma × V(last observation)`` to the last reward of every episode: a value beyond the
@@ -205,8 +206,17 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Starts a fresh run of the task and returns the observation after one fp32 interval."""
+        """Starts a fresh run of the task and returns the observation after one fp32 interval.
+
+        The last episode's run is freed first, as :meth:`close` frees it (its model sits in a reference cycle
+        through its precision hooks, which only a full garbage collection frees: until 2026-12-06 the models of
+        earlier episodes piled up, on a GPU in the allocator's counts too). ``options`` is refused unless empty:
+        the env takes none (a task or LR range given there was silently ignored).
+        """
+        if options:
+            raise ValueError(f"options={options!r}: TriAccel-v0 takes no reset options (None or {{}})")
         super().reset(seed=seed)
+        self._drop_run()
         run_seed = int(self.np_random.integers(0, 2**31 - 1))
         task, factor = self.task, 1.0
         if self.lr_range is not None:
@@ -214,7 +224,6 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             factor = float(math.exp(self.np_random.uniform(math.log(low), math.log(high))))
             task = replace(task, base_lr=task.base_lr * factor)
         self.base_lr_factor = factor
-        self.loop, self._torch_rng, self._cuda_rng = None, None, None  # the last episode's run may go first
         device = resolve_device(self.device)
         cuda = (
             [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -345,11 +354,14 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
 
         Closing twice, or before any ``reset``, is harmless; ``reset`` starts a fresh run afterwards.
         """
+        self._drop_run()
+        super().close()
+
+    def _drop_run(self) -> None:
         if self.loop is not None:
             device = self.loop.run.device
             self.loop, self._torch_rng, self._cuda_rng, self._ended = None, None, None, False
             release_memory(device)
-        super().close()
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles (``SubprocVecEnv`` sends factories, not environments) only without a live run.

@@ -495,6 +495,33 @@ def test_close_drops_the_run_and_is_idempotent():
     small_env().close()  # closing an environment never reset
 
 
+def test_reset_frees_the_last_episodes_model_before_the_next_run():
+    """The model sits in a reference cycle through its precision hooks: ``reset`` only dropped the run, so the models of
+    earlier episodes lived on until a full garbage collection (on a GPU, in the allocator's counts too)."""
+    import weakref
+
+    env = small_env()
+    env.reset(seed=0)
+    first = weakref.ref(env.loop.run.model)
+    env.step(np.array([0, 0, 0, 0, 2, 1]))
+    obs, _ = env.reset(seed=1)
+    assert first() is None  # freed inside reset, with no gc.collect() here
+    np.testing.assert_array_equal(obs, small_env().reset(seed=1)[0])  # the same episode as a fresh environment's
+    env.close()
+
+
+@pytest.mark.parametrize("options", [{"task": "mlp-fmnist"}, {"lr_range": (0.1, 0.1)}, "not a dict", 42])
+def test_reset_options_are_refused_not_ignored(options):
+    """Every option was accepted and gave the same episode as none."""
+    env = small_env()
+    with pytest.raises(ValueError, match=r"TriAccel-v0 takes no reset options"):
+        env.reset(seed=0, options=options)
+    assert env.loop is None
+    for empty in (None, {}):  # what SB3 and Gymnasium's vector envs pass
+        env.reset(seed=0, options=empty)
+    env.close()
+
+
 def test_reset_and_step_leave_the_global_torch_rng_alone():
     """``reset`` seeded the process's global torch RNG with its run seed (``torch.manual_seed``), so a user's (or SB3's)
     draws after every reset were the environment's choice, not the user's seed."""
