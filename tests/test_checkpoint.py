@@ -256,6 +256,39 @@ def test_a_finished_speed_trial_is_not_run_again():
     assert ctl2.engine.precision.precisions == ctl.engine.precision.precisions
 
 
+def _steps(model, ctl, n):
+    for step, (x, y) in enumerate(ctl.loader(DATA, batch_size=BATCH, epochs=3), start=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+        if step == n:
+            return
+
+
+@pytest.mark.parametrize("rewound_after", [2, 9], ids=["mid-trial", "after-the-trial"])
+def test_a_running_speed_trial_starts_over_when_loaded_into_the_controller_that_saved_it(rewound_after):
+    """Rewound within one process, the controller carried its own trial on (its format and the timings taken after the
+    checkpoint), or, its trial over since, never ran one again and kept the format chosen after the checkpoint."""
+    config = ControllerConfig(
+        interval_steps=4, cost_mode=CostMode.MEASURED, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=1)
+    )
+    model, _, ctl = build("heuristic", config)
+    _steps(model, ctl, 1)
+    state = torch.load(checkpoint(model, ctl))
+    assert state["controller"]["trial_running"]
+    _, _, fresh = build("heuristic", config)
+    fresh.load_state_dict(state["controller"])  # a new controller: the trial from its first format
+    expected = (fresh._trial.candidate, fresh._trial.index, fresh._trial.steps_done, fresh._trial.step_ms)
+    _steps(model, ctl, rewound_after)  # on to the second format, or past the trial's end (6 steps)
+    assert (ctl._trial is None) == (rewound_after == 9)
+    assert (ctl._trial.index, ctl._trial.steps_done) != expected[1:3] if ctl._trial else ctl.speed_trial
+    restore(model, ctl, state)
+    assert ctl._trial is not None
+    assert (ctl._trial.candidate, ctl._trial.index, ctl._trial.steps_done, ctl._trial.step_ms) == expected
+    assert ctl.speed_trial == {} and ctl.policy.low_precision is fresh.policy.low_precision
+    assert ctl.engine.precision.precisions == fresh.engine.precision.precisions
+
+
 def test_bad_checkpoints_and_resumes_are_refused_clearly():
     model, _, ctl = build()
     train(model, ctl, epochs=1)

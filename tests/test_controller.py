@@ -388,6 +388,76 @@ def test_a_batch_that_breaks_the_running_statistics_is_rolled_back(caplog):
     ctl.close()
 
 
+def _pretrained_checkpoint() -> dict[str, Any]:
+    model, opt = model_and_optimizer()
+    x, y = data(n=64)
+    for i in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[16 * i : 16 * i + 16]), y[16 * i : 16 * i + 16]).backward()
+        opt.step()
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+
+
+@pytest.mark.parametrize("order", ["loaded-after-build", "controller-state-first", "forward-outside-autocast"])
+def test_a_rollback_before_any_update_restores_what_was_loaded_after_the_copy(order):
+    """The rollback copy was taken when the Controller was built (or its state loaded): weights and optimizer state
+    loaded after it (a fine-tune from pretrained weights, a checkpoint of the user's own loop, or the model loaded after
+    the Controller's state) were not in it, and a first interval of skipped steps restored the random start instead."""
+    pretrained = _pretrained_checkpoint()
+    model, opt = model_and_optimizer()
+    config = ControllerConfig(interval_steps=4)
+    ctl = Controller(model, opt, policy="fp32", config=config)
+    if order == "controller-state-first":
+        saved = ctl.state_dict()
+        ctl.close()
+        ctl = Controller(model, opt, policy="fp32", config=config)
+        ctl.load_state_dict(saved)
+    model.load_state_dict(pretrained["model"])
+    opt.load_state_dict(pretrained["optimizer"])
+    for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):  # 4 steps: one interval, every loss non-finite
+        if order == "forward-outside-autocast":
+            loss = nn.functional.cross_entropy(model(x), y)
+        else:
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss * float("nan"))
+    assert ctl.skipped_steps == 4 and ctl.rollbacks == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, pretrained["model"][name]), name
+    for index, state in opt.state_dict()["state"].items():
+        assert torch.equal(state["momentum_buffer"], pretrained["optimizer"]["state"][index]["momentum_buffer"])
+    ctl.close()
+
+
+def test_a_step_after_a_forward_outside_autocast_warns_once_while_a_layer_is_16_bit(caplog):
+    """Such a forward runs in fp32 while ``precisions`` and the logs say bf16: a loop moved over without its
+    ``with ctl.autocast():`` trained in fp32 silently."""
+    for policy, warned in (("bf16", True), ("fp32", False)):
+        model, opt = model_and_optimizer()
+        ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=4))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="triaccel_rl"):
+            for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):
+                assert model(x).dtype is torch.float32  # outside the context: fp32 whatever the map
+                ctl.step(nn.functional.cross_entropy(model(x), y))
+        outside = [r for r in caplog.records if "forward outside ctl.autocast()" in r.getMessage()]
+        assert len(outside) == int(warned), policy
+        if warned:
+            assert "not in the layers' precisions (bf16)" in outside[0].getMessage()
+        ctl.close()
+    model, opt = model_and_optimizer()  # forwards inside the context, with gradient accumulation: no warning
+    ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=4))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        caplog.clear()
+        for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):
+            for part, last in ((slice(0, 8), False), (slice(8, 16), True)):
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(x[part]), y[part]) / 2
+                ctl.step(loss) if last else ctl.backward(loss)
+    assert "forward outside ctl.autocast()" not in caplog.text
+    ctl.close()
+
+
 def test_without_the_rollback_a_broken_model_stays_broken():
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4, rollback=False))

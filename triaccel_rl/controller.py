@@ -190,8 +190,10 @@ class Controller:
                 load_extra=lambda saved: self.collector.restore_estimates(saved),
             )
             self.guard = guard if self.config.rollback else None
+            self._copy_taken: tuple[str, tuple[int, object]] | None = None
             if self.guard is not None:
                 self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
+                self._copy_taken = ("reserve", self._state_mark())
             self.rollbacks = 0
             """Times the last healthy state was restored (``config.rollback``)."""
             self.signals: Signals | None = None
@@ -227,6 +229,8 @@ class Controller:
             self._interval_steps = 0
             self._interval_peak = 0
             self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
+            self._autocast_since_step = False  # autocast() was called since the last step (a forward in the map)
+            self._warned_outside_autocast = False
             self._recorded_ms = 0.0  # what recording the last closed interval's statistics took
             self._carried_ms = 0.0  # the open interval's training ms before a resume (a checkpoint's)
             self._decision_start = 0.0  # perf_counter() at the last interval's end (_close_interval)
@@ -249,6 +253,7 @@ class Controller:
             self.speed_trial: dict[str, float] = {}
             """After a speed trial: ms a step in bf16 and fp16, and ``chosen`` (the precision's int value)."""
             self._trial: _SpeedTrial | None = None
+            self._trial_plan: tuple[tuple[Precision, ...], int] | None = None  # (formats, steps), to start one over
             wants_trial = getattr(self.policy, "wants_speed_trial", None)
             # The user's loop is timed by the clock, never charged from the profile (which here sizes memory only),
             # so step time tells the 16-bit formats apart on a GPU alone (compare's CPU protocol reads the profile
@@ -259,8 +264,8 @@ class Controller:
                 # As in compare: time real steps of the user's loop in each 16-bit format, every layer alike,
                 # before the first decision; the policy lowers to the faster from then on.
                 steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
-                self._trial = _SpeedTrial(formats, steps, IntervalTimer(self.device))
-                self._set_uniform(self._trial.candidate)
+                self._trial_plan = (tuple(formats), steps)
+                self._start_trial()
         except BaseException:
             self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given
             raise
@@ -372,7 +377,52 @@ class Controller:
             torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no sync
             self._peak_from_forward = True
         self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
+        self._retake_copy_if_written()
+        self._autocast_since_step = True
         return self.engine.precision.context()
+
+    def _warn_outside_autocast(self) -> None:
+        """Once a run: a step whose forward ran outside :meth:`autocast` while a layer is 16-bit.
+
+        Such a forward computes in fp32, while ``precisions``, the decisions and the logs say 16 bits: a loop moved
+        over without its ``with ctl.autocast():`` trained in fp32, silently, until 2026-12-06.
+        """
+        if self._warned_outside_autocast or all(p is Precision.FP32 for p in self.engine.precision.precisions):
+            return
+        self._warned_outside_autocast = True
+        _log.warning(
+            "ctl.step() after a forward outside ctl.autocast(): that forward ran in fp32, not in the layers' "
+            "precisions (%s). Run the forward and the loss under `with ctl.autocast():`",
+            ", ".join(sorted({p.name.lower() for p in self.engine.precision.precisions})),
+        )
+
+    def _state_mark(self) -> tuple[int, object]:
+        """What tells that the weights or the optimizer's state were written from outside.
+
+        The parameters' version counters (``model.load_state_dict`` bumps them) and the optimizer's state object
+        (``load_state_dict`` makes a new one).
+        """
+        return self.engine._weights_version(), getattr(self.engine.optimizer, "state", None)
+
+    def _retake_copy_if_written(self) -> None:
+        """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
+
+        The copy is taken at build (``reserve``) and at ``load_state_dict`` (``resume``).
+        Until 2026-12-06 a model or optimizer loaded after the Controller was built (a fine-tune from pretrained
+        weights, a checkpoint of the user's own loop, the model loaded after the Controller's state) was not in the
+        copy, and a first interval of skipped steps restored the random start in its place.
+        """
+        if self._copy_taken is None or self.guard is None:
+            return
+        how, mark = self._copy_taken
+        self._copy_taken = None  # the first step's forward is under way: training has started from here
+        now = self._state_mark()
+        if now[0] == mark[0] and now[1] is mark[1]:
+            return
+        if how == "reserve":
+            self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
+        else:
+            self.guard.resume()  # unconfirmed, as the checkpoint's own copy
 
     def backward(self, loss: torch.Tensor) -> None:
         """The backward pass of one micro-batch's loss, for gradient accumulation: ``step`` takes the last one's.
@@ -465,6 +515,10 @@ class Controller:
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_from_forward = False
+        self._retake_copy_if_written()  # a forward outside autocast(): the copy holds its batch-norm statistics
+        if not self._autocast_since_step:
+            self._warn_outside_autocast()
+        self._autocast_since_step = False
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
@@ -778,14 +832,18 @@ class Controller:
             self._applied_before_copy = signals.interval_applied  # the resume's copy is confirmed by a later update
             self._carried_ms, self._noise_scale = signals.interval_ms, signals.noise_scale
         self._timer.start()
+        # The checkpoint's policy formats: after its trial, the one chosen; during it, those the trial started from.
+        for name, code in codes.items():
+            if code is not None and hasattr(self.policy, name):
+                setattr(self.policy, name, code)
+        self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
         if not trial_running:
             self._trial = None  # done before the checkpoint (or never wanted): not run again
-            self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
-            for name, code in codes.items():
-                if code is not None and hasattr(self.policy, name):
-                    setattr(self.policy, name, code)
-        elif self._trial is not None:
-            self._set_uniform(self._trial.candidate)  # the trial starts over from its first format
+        elif self._trial_plan is not None:
+            # The trial starts over from its first format, with no timings: until 2026-12-06 the controller that saved
+            # the state carried its own trial on (its format and the timings taken after the checkpoint), or, its
+            # trial ended since, never ran one again and kept the format chosen after the checkpoint.
+            self._start_trial()
         self._resume = resume
         self._unstepped = None  # the checkpoint's loader state is where the run goes on from
         if resume is None:  # saved before any loader() call: the next one starts the data afresh, as the run did
@@ -797,6 +855,7 @@ class Controller:
             # state an update broke before the rollback it would have brought (taken as good, it was restored at
             # every rollback, the resumed run non-finite to its end).
             self.guard.resume()
+            self._copy_taken = ("resume", self._state_mark())
             self._copy_opens_interval = self._change_copy = True
         self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
 
@@ -1001,6 +1060,13 @@ class Controller:
             owned = [sum(p.numel() for p in params) for params in self.engine.layer_params]
             costs = CostModel.parameters_only(self.engine.layers, _optimizer_states(self), owned)
             return replace(costs, frozen_bytes=frozen_parameter_bytes(self.model))
+
+    def _start_trial(self) -> None:
+        """Starts the speed trial this controller plans (from its first format, with no timings)."""
+        assert self._trial_plan is not None
+        formats, steps = self._trial_plan
+        self._trial = _SpeedTrial(formats, steps, IntervalTimer(self.device))
+        self._set_uniform(self._trial.candidate)
 
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))
