@@ -37,8 +37,10 @@ __all__ = [
 SEGMENT_ALIGN_ELEMENTS = 4096
 """Every layer's segment of the flat buffers starts at a multiple of this many elements and is padded to
 one, so a kernel block of ``BLOCK`` elements (``BLOCK`` divides this) always lies inside one layer. The
-padding costs at most ``SEGMENT_ALIGN_ELEMENTS - 1`` elements a layer: 0.7 % extra for ResNet-18 with one
-layer per module (41 layers), 0.15 % for GPT-2 small (75 layers)."""
+padding costs up to ``SEGMENT_ALIGN_ELEMENTS - 1`` elements a layer at its end, plus up to
+``PARAM_ALIGN_ELEMENTS - 1`` a parameter inside it (each starts aligned), and a whole segment for a layer of
+empty parameters or each extra param group of a layer: 0.7 % extra for ResNet-18 with one layer per module
+(41 layers), 0.15 % for GPT-2 small (75 layers)."""
 
 PARAM_ALIGN_ELEMENTS = 16
 """Inside a layer segment every parameter starts at a multiple of 16 elements (64 B in fp32, 32 B in the

@@ -14,6 +14,7 @@ hyper-parameter (weight decay) becomes a per-segment one the kernels read with o
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,8 +120,15 @@ class FlatParameterStore:
                 "layers holds a tensor where a list of parameters belongs: give one list of parameters per layer "
                 "(e.g. [list(m.parameters()) for m in model.children()]), not one flat list of parameters"
             )
+        layers = [list(layer) for layer in layers]  # a generator a layer (m.parameters()) was used up by the checks
         all_params = [p for layer in layers for p in layer]
-        not_leaves = [tuple(p.shape) for p in all_params if not (isinstance(p, torch.Tensor) and p.is_leaf)]
+        not_tensors = sorted({type(p).__name__ for p in all_params if not isinstance(p, torch.Tensor)})
+        if not_tensors:  # a module in place of its parameters raised "'Linear' object has no attribute 'shape'"
+            raise ValueError(
+                f"layers must hold parameters (tensors), got {', '.join(not_tensors)}: give each layer's parameters, "
+                "e.g. list(module.parameters())"
+            )
+        not_leaves = [tuple(p.shape) for p in all_params if not p.is_leaf]
         if not_leaves:
             raise ValueError(
                 f"layers must hold leaf tensors (parameters), got non-leaf ones of shapes {not_leaves[:5]}"
@@ -136,7 +144,11 @@ class FlatParameterStore:
                 f"groups must give each parameter of each layer a group (layers of {[len(layer) for layer in layers]} "
                 f"parameters), got {[len(g) for g in groups]}"
             )
-        if any(int(g) < 0 for layer_groups in groups for g in layer_groups):
+        if any(
+            isinstance(g, bool) or not isinstance(g, numbers.Integral) or int(g) < 0
+            for layer_groups in groups
+            for g in layer_groups
+        ):  # 0.5 and 1.9 were cut to groups 0 and 1
             raise ValueError(f"groups must be non-negative ints, got {[list(g) for g in groups]}")
         devices = {p.device for p in all_params}
         if len(devices) != 1:

@@ -253,7 +253,9 @@ class _FusedOptimizer:
                 ``lr * lr_factors[i]`` (default: all 1).
             precision_codes: integer ``[n_layers]`` on the store's device: 0 fp32 (no copy), 1 bf16,
                 2 fp16 (``PrecisionCode``, same values as ``types.Precision``); bf16 and fp16 layers get
-                their low-precision copy rewritten (default: all fp32).
+                their low-precision copy rewritten (default: all fp32). The values of these two are checked on
+                CPU tensors (finite factors >= 0; codes 0, 1 or 2); on a GPU they are not, which would cost a sync a
+                step: ``StepEngine`` checks them on the host when they are set.
             inv_scale: multiplier unscaling the gradients (``1 / loss_scale``), a float or a one-element
                 float32 tensor on the device (e.g. ``scaler.get_scale()`` kept on the GPU, reciprocated).
             max_grad_norm: clip the unscaled gradient's total norm to this, as ``torch.nn.utils.clip_grad_norm_``
@@ -272,10 +274,12 @@ class _FusedOptimizer:
             ValueError: naming an argument out of range or of the wrong type (a list or a NumPy array where a tensor
                 is due: with the type received), before anything changes.
         """
-        if not 0.0 <= lr < math.inf:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-        if not isinstance(inv_scale, torch.Tensor) and not 0.0 < inv_scale < math.inf:
-            raise ValueError(f"inv_scale must be a finite number > 0 (1 / the loss scale), got {inv_scale}")
+        if not _is_number(lr) or not 0.0 <= lr < math.inf:  # None raised a TypeError from the comparison
+            raise ValueError(f"lr must be a finite number >= 0, got {_type_name(lr)} {lr!r}")
+        if not isinstance(inv_scale, torch.Tensor) and (not _is_number(inv_scale) or not 0.0 < inv_scale < math.inf):
+            raise ValueError(
+                f"inv_scale must be a finite number > 0 (1 / the loss scale), got {_type_name(inv_scale)} {inv_scale!r}"
+            )
         if max_grad_norm is not None and (
             isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0
         ):  # a tensor's comparison would cost a sync, or fail as ambiguous on several elements
@@ -299,6 +303,8 @@ class _FusedOptimizer:
         # Everything the update checks, checked before anything moves: a step refused in the update had already
         # taken the record of the parameters without a gradient, and the retry decayed them.
         self._check_step_arguments(factors, codes, inv_scale, skip)
+        if store.device.type == "cpu":  # values read without a sync: a NaN factor gave NaN weights, code 7 stale copies
+            _check_step_values(factors, codes)
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
@@ -729,3 +735,19 @@ def _as_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...
         if isinstance(weight_decay, Sequence) and not isinstance(weight_decay, str)
         else weight_decay
     )
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def _check_step_values(factors: torch.Tensor, codes: torch.Tensor) -> None:
+    """Raises a ValueError for an LR factor that is not finite and >= 0 or a code that is not 0, 1 or 2.
+
+    Checked on CPU tensors only: on a GPU the values would cost a sync a step, and ``StepEngine`` checks them on the
+    host when they are set.
+    """
+    if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
+        raise ValueError(f"lr_factors must be finite numbers >= 0; got {factors.tolist()}")
+    if not bool(((codes >= 0) & (codes <= 2)).all()):
+        raise ValueError(f"precision_codes must be 0 (fp32), 1 (bf16) or 2 (fp16) a layer; got {codes.tolist()}")

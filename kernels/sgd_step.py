@@ -195,7 +195,8 @@ def fused_sgd_step(
         )  # fmt: skip
         return
     n_elements = params.numel()
-    if n_elements == 0:
+    if n_elements == 0:  # nothing to update; the counts still advance where the step applies, as on the reference path
+        advance_step_counts_reference(step_state, stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0)
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
     decay_ptr, decay_value, decay_per_segment, use_decay = weight_decay_arguments(weight_decay, params, segment_align)

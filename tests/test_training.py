@@ -56,14 +56,39 @@ def test_mixed_precision_run_trains_and_reports_per_layer_stats():
 
 
 def test_batch_size_and_lr_scale_knobs():
+    """The LR the update applies, not only the one reported: the group's own LR is put back after each step, so it
+    read the base 0.05 whatever was applied (and 0.05 × 0.5 × 2 was that base too)."""
+    runs = {}
+    for scale in (0.25, 1.0):
+        run = TrainingRun("synthetic", seed=0, device="cpu")
+        run.batch_size = 128
+        run.lr_scale = scale
+        before = [p.detach().clone() for p in run.model.parameters()]
+        assert run.engine.group_lrs()[0] == pytest.approx(0.05 * scale * 2)
+        stats = run.step()
+        assert stats.batch_size == 128
+        # SGD: linear batch rule. 0.05 (base) * scale * 128/64 (batch gain)
+        assert stats.lr == pytest.approx(0.05 * scale * 2)
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # the group's own, put back
+        runs[scale] = [p.detach() - b for p, b in zip(run.model.parameters(), before, strict=True)]
+    for quarter, whole in zip(runs[0.25], runs[1.0], strict=True):  # the first update is linear in the LR
+        torch.testing.assert_close(quarter, 0.25 * whole, rtol=1e-5, atol=1e-8)
+    # And its size: torch.optim.SGD at 0.05 × 0.25 × 2 on the gradients the step took.
     run = TrainingRun("synthetic", seed=0, device="cpu")
-    run.batch_size = 128
-    run.lr_scale = 0.5
-    stats = run.step()
-    assert stats.batch_size == 128
-    # SGD: linear batch rule. 0.05 (base) * 0.5 (scale) * 128/64 (batch gain)
-    assert stats.lr == pytest.approx(0.05)
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    run.batch_size, run.lr_scale = 128, 0.25
+    params = list(run.model.parameters())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    grads: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda q, i=i: grads.__setitem__(i, q.grad.detach().clone()))
+    run.step()
+    group = {k: v for k, v in run.optimizer.param_groups[0].items() if k not in ("params", "lr", "layer")}
+    reference = torch.optim.SGD(twins, lr=0.025, **{k: group[k] for k in ("momentum", "weight_decay", "nesterov")})
+    for i, twin in enumerate(twins):
+        twin.grad = grads[i]
+    reference.step()
+    for p, twin in zip(params, twins, strict=True):
+        torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "64"])
@@ -301,3 +326,94 @@ def test_the_probe_loss_leaves_the_runs_random_stream_where_it_was():
     first = run.probe_loss()
     assert torch.equal(torch.get_rng_state(), state)
     assert run.probe_loss() == first  # the same draws: a fork from the same state
+
+
+def test_lr_factors_read_back_cannot_be_written_past_the_check():
+    """The getter handed out the engine's own array: ``run.lr_factors[0] = -3`` was applied (an LR of -0.15), and
+    NaN turned the parameters NaN without a skipped step."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    with pytest.raises(ValueError, match="read-only"):
+        run.lr_factors[0] = -3.0
+    assert run.engine.lr_factors.tolist() == [1.0, 1.0, 1.0]
+    run.lr_factors = run.lr_factors * 2  # through the setter, checked
+    assert run.engine.lr_factors.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_buffer_the_forward_rebinds_is_put_back_after_an_oom_retry_and_an_abandoned_step():
+    """``self.seen = self.seen + n`` binds a new tensor: the saved values went back into the old one, no longer the
+    module's, so a retried step counted its failed attempt's samples (80 against 64) and an abandoned step its own."""
+    from torch import nn
+
+    from triaccel_rl.elastic import inject_oom
+    from triaccel_rl.tasks import Task, synthetic_data
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 10)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            if self.training:
+                self.seen = self.seen + x.shape[0]
+            return self.fc(x)
+
+    task = Task(
+        name="counting", description="", build_model=Counting, load_data=synthetic_data, optimizer="sgd",
+        base_lr=0.05, base_batch_size=64, target_metric=0.5,
+    )  # fmt: skip
+    once = inject_oom(lambda p: p.step == 0 and p.attempt == 0 and p.micro_index == 1 and p.phase == "forward")
+    retried = TrainingRun(task, seed=0, device="cpu", fault=once)
+    retried.micro_batch_cap = 16
+    retried.step()
+    assert retried.oom_events == 1 and retried.model.seen.item() == 64
+
+    raised = []
+
+    def fails_once(point):
+        if not raised and point.step == 1 and point.micro_index == 1 and point.phase == "backward":
+            raised.append(point)
+            raise RuntimeError("a user's model failed")
+
+    abandoned = TrainingRun(task, seed=0, device="cpu", fault=fails_once)
+    abandoned.micro_batch_cap = 16
+    abandoned.step()
+    with pytest.raises(RuntimeError, match="a user's model failed"):
+        abandoned.step()
+    assert abandoned.model.seen.item() == 64  # as before the step that raised
+    abandoned.step()
+    assert abandoned.model.seen.item() == 128
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"channels_last": "no"}, TypeError, r"channels_last='no' must be True or False"),
+        ({"include_fixed_cost": "no"}, TypeError, r"include_fixed_cost='no' must be True or False"),
+        ({"schedule_epochs": True}, ValueError, r"schedule_epochs=True must be a positive finite number"),
+        ({"schedule_epochs": "5"}, ValueError, r"schedule_epochs='5' must be a positive finite number"),
+        ({"warmup_frac": "0.1"}, ValueError, r"warmup_frac='0.1' must be a number in \[0, 1\)"),
+        ({"fault": 3}, TypeError, r"fault=3 must be a callable"),
+        ({"seed": 2**64}, ValueError, r"TrainingRun: seed=18446744073709551616 must be a whole number"),
+        ({"seed": True}, ValueError, r"TrainingRun: seed=True must be a whole number"),
+    ],
+)
+def test_bad_constructor_arguments_are_refused_by_name(kwargs, error, message):
+    """Taken silently ("no" as True, True as a 1-epoch schedule), or failing later with errors naming no argument."""
+    state = torch.random.get_rng_state()
+    with pytest.raises(error, match=message):
+        TrainingRun("synthetic", device="cpu", **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # refused before the RNG was seeded
+
+
+def test_step_time_and_memory_queries_refuse_bad_batch_sizes_and_parse_precisions():
+    """-5 samples were priced below 0 samples, 2.5 priced, and ``modelled_step_ms(64, "bf16")`` an AttributeError."""
+    run = TrainingRun("synthetic", seed=0, device="cpu", cost_mode="profile")
+    for query, least in ((run.modelled_step_ms, 0), (run.memory_bytes, 0), (run.micro_batch_size, 1)):
+        for bad in (-5, 2.5, True, "64"):
+            with pytest.raises(ValueError, match=rf"batch_size={bad!r} must be a whole number >= {least}"):
+                query(bad)
+    with pytest.raises(ValueError, match=r"batch_size=0 must be a whole number >= 1"):
+        run.planned_step_ms(0)
+    assert run.modelled_step_ms(64, "bf16") == run.modelled_step_ms(64, Precision.BF16)
+    assert run.modelled_step_ms(0) < run.modelled_step_ms(1)

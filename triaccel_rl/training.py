@@ -43,7 +43,7 @@ from triaccel_rl.memory import (
 from triaccel_rl.signals.config import SignalConfig
 from triaccel_rl.signals.device import DeviceMoments, IntervalMoments
 from triaccel_rl.signals.estimators import frozen_batch_stats
-from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.types import LayerInfo, Precision, StepStats
 
 __all__ = [
@@ -182,7 +182,9 @@ class TrainingRun:
 
     Args:
         task: a ``Task`` or its registered name.
-        seed: seeds the model's initialisation and the data order.
+        seed: seeds the model's initialisation and the data order, a whole number in [0, 2**63 - 20001]. The
+            process's torch RNGs are seeded with it (``torch.manual_seed``) and the run's later draws
+            (augmentation, dropout) come from them: build runs one after another, or give each its process.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for CUDA when available.
         batch_size: starting effective batch size; the task's ``base_batch_size`` by default.
         memory: the memory budget (accounting on CPU, the allocator on GPU).
@@ -237,11 +239,11 @@ class TrainingRun:
         cuda_graphs: bool | None = None,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
-        self.seed = seed
+        self.seed = check_seed("TrainingRun", seed)  # before torch.manual_seed, whose overflow named no argument
         self.device = resolve_device(device)
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = HardwareProfile.resolve(profile)
-        self.include_fixed_cost = include_fixed_cost
+        self.include_fixed_cost = bool(include_fixed_cost)
         # Checked before the model is built, as the Controller checks them: an int budget or a dict of settings failed
         # later with an AttributeError, n_probe=2.5 as a slice's TypeError, and n_probe=-5 was taken as 1.
         if memory is not None and not isinstance(memory, MemoryBudget):
@@ -250,6 +252,15 @@ class TrainingRun:
             raise TypeError(f"elastic={elastic!r} must be an ElasticConfig, e.g. ElasticConfig(fill_frac=0.9)")
         if cuda_graphs is not None and not isinstance(cuda_graphs, (bool, np.bool_)):  # "no" turned graphs on
             raise TypeError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (where the model allows)")
+        for name, flag in (("channels_last", channels_last), ("include_fixed_cost", include_fixed_cost)):
+            if not isinstance(flag, (bool, np.bool_)):  # "no" was taken as True
+                raise TypeError(f"{name}={flag!r} must be True or False")
+        if fault is not None and not callable(fault):  # 3 failed at the first step: "'int' object is not callable"
+            raise TypeError(f"fault={fault!r} must be a callable taking a FaultPoint (or None)")
+        if schedule_epochs is not None and not is_real(schedule_epochs):  # True was a 1-epoch schedule
+            raise ValueError(f"schedule_epochs={schedule_epochs!r} must be a positive finite number (or None)")
+        if not is_real(warmup_frac):
+            raise ValueError(f"warmup_frac={warmup_frac!r} must be a number in [0, 1)")
         if not is_whole(n_probe) or n_probe < 1:
             raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
         self.elastic = elastic or ElasticConfig()
@@ -263,8 +274,10 @@ class TrainingRun:
             raise ValueError(f"warmup_frac={warmup_frac} must be in [0, 1)")
         self.schedule_epochs = schedule_epochs
         self.warmup_frac = warmup_frac
-        self.channels_last = channels_last
-        torch.manual_seed(seed)
+        self.channels_last = bool(channels_last)
+        # The process's torch RNGs are seeded here (the model's initial weights) and the run's draws (augmentation,
+        # dropout) come from them after: a second run built between two steps of this one changes its draws.
+        torch.manual_seed(self.seed)
         self.model: nn.Module = self.task.build_model().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -319,6 +332,7 @@ class TrainingRun:
         self._samples_started = 0  # samples whose forward pass began in the current attempt
         self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the step's buffers before it
         self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
+        self._buffer_slots: list[tuple[nn.Module, str]] = []  # (module, name) of each saved buffer, in order
         self._batch_size = self.task.base_batch_size
         self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
         self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
@@ -401,8 +415,15 @@ class TrainingRun:
 
     @property
     def lr_factors(self) -> np.ndarray:
-        """Per-layer LR factors, shape ``[n_layers]`` (1 = the layer's scheduled LR)."""
-        return self.engine.lr_factors
+        """Per-layer LR factors, shape ``[n_layers]`` (1 = the layer's scheduled LR); a read-only view.
+
+        Set them through this property (``run.lr_factors = run.lr_factors * 2``), which checks them: until
+        2026-12-06 it handed out the engine's own array, so ``run.lr_factors[0] = -3`` was applied unchecked (now
+        NumPy's "assignment destination is read-only").
+        """
+        view = self.engine.lr_factors.view()
+        view.flags.writeable = False
+        return view
 
     @lr_factors.setter
     def lr_factors(self, value: np.ndarray) -> None:
@@ -654,7 +675,7 @@ class TrainingRun:
         The largest size predicted to fit ``elastic.fill_frac`` of the budget at the current precisions,
         at most the batch and ``micro_batch_cap``; at least 1.
         """
-        n = self.batch_size if batch_size is None else batch_size
+        n = self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=1)
         cap = n if self.micro_batch_cap is None else max(1, min(n, self.micro_batch_cap))
         if not self.memory_elastic:
             return cap
@@ -719,11 +740,12 @@ class TrainingRun:
 
         At the current precisions, or with every controllable layer in ``precision``.
         """
-        batch = self.batch_size if batch_size is None else batch_size
+        batch = self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=0)
         precisions = list(self.precision.precisions)
         if precision is not None:
+            uniform = Precision.parse(precision)  # "bf16" raised an AttributeError
             for index in self.precision.controllable_indices:
-                precisions[index] = precision
+                precisions[index] = uniform
         return self.costs.step_ms(batch, precisions, self.profile, self.include_fixed_cost)
 
     def planned_step_ms(self, batch_size: int | None = None) -> float:
@@ -732,7 +754,7 @@ class TrainingRun:
         :meth:`modelled_step_ms`, plus the per-step fixed cost again for each micro-batch past the first that the
         memory budget would split it into (:meth:`micro_batch_size`), as ``step`` charges it.
         """
-        n = self.batch_size if batch_size is None else batch_size
+        n = self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=1)
         return self._charged_step_ms(n, len(plan_micro_batches(n, self.micro_batch_size(n))))
 
     def _charged_step_ms(self, n: int, n_micro: int) -> float:
@@ -784,7 +806,9 @@ class TrainingRun:
         if self.measures_memory:
             return peak_allocated_bytes(self.device)
         return self.costs.memory_bytes(
-            self.batch_size if batch_size is None else batch_size, self.precision.precisions, self.profile
+            self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=0),
+            self.precision.precisions,
+            self.profile,
         )
 
     @property
@@ -928,7 +952,14 @@ class TrainingRun:
         allocates nothing, so it cannot run out): into copies kept from the last step when the buffers are the
         same tensors, one multi-tensor copy, no allocation.
         """
-        buffers = [b for b in self.model.buffers() if b.numel()]
+        found = [
+            (module, name, buffer)
+            for module in self.model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None and buffer.numel()
+        ]
+        slots = [(module, name) for module, name, _ in found]
+        buffers = [buffer for _, _, buffer in found]
         kept = self._buffer_copies
         if len(kept) != len(buffers) or any(
             live is not old or saved.shape != live.shape for (old, saved), live in zip(kept, buffers, strict=True)
@@ -938,6 +969,10 @@ class TrainingRun:
         if kept:
             torch._foreach_copy_([saved for _, saved in kept], [live.detach() for live, _ in kept])
         self._saved_buffers = kept
+        # Where each buffer lives: a forward that rebinds one (``self.seen = self.seen + n``) leaves the module holding
+        # a new tensor, which _undo_attempt binds back before copying the values in (until 2026-12-06 it copied them
+        # into the old tensor, no longer the module's, and a retried or abandoned step's count stayed advanced).
+        self._buffer_slots = slots
 
     def _replay(self, batch: Batch) -> torch.Tensor | None:
         """The step's forward, loss and backward from its captured graph; ``None`` if graphs are off now."""
@@ -978,6 +1013,9 @@ class TrainingRun:
         """Drops a failed attempt's gradients and puts back the buffers its forward passes updated."""
         self.engine.zero_grad()  # the aborted attempt's partial sums must not count
         if self._saved_buffers:  # nor its forward passes' updates of batch-norm running statistics
+            for (module, name), (tensor, _) in zip(self._buffer_slots, self._saved_buffers, strict=True):
+                if module._buffers.get(name) is not tensor:  # rebound by the forward: the run's own tensor back
+                    module._buffers[name] = tensor
             torch._foreach_copy_([live for live, _ in self._saved_buffers], [kept for _, kept in self._saved_buffers])
 
     def _abandon_step(self, n: int) -> None:
@@ -1176,6 +1214,13 @@ def _last_started(sizes: list[int], started: int) -> int:
         if started <= 0:
             return size
     return sizes[-1]
+
+
+def _samples(name: str, value: object, least: int) -> int:
+    """``value`` as a whole number of samples >= ``least``, else a ValueError naming it (-5 priced below 0 samples)."""
+    if not is_whole(value) or int(value) < least:  # type: ignore[call-overload]
+        raise ValueError(f"{name}={value!r} must be a whole number >= {least}")
+    return int(value)  # type: ignore[call-overload]
 
 
 def _first_line(error: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_helpers import assert_bits_equal
-from triaccel_rl.kernels import cast_to_low_precision, cast_to_low_precision_reference
+from triaccel_rl.kernels import cast_to_low_precision
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -68,12 +68,6 @@ def test_small_block_size(device: str) -> None:
     for dtype in LOW_PRECISION:
         got = cast_to_low_precision(x, dtype, block_size=1024)
         assert_bits_equal(got, x.to(dtype), f"cast to {dtype} with block_size 1024")
-
-
-def test_reference_is_tensor_to() -> None:
-    x = _special_values()
-    for dtype in LOW_PRECISION:
-        assert_bits_equal(cast_to_low_precision_reference(x, dtype), x.to(dtype), f"reference cast to {dtype}")
 
 
 @pytest.mark.usefixtures("reference_path")

@@ -268,12 +268,19 @@ def test_options_out_of_range_are_refused_by_name(optimizer: str, hyper: dict[st
 
 
 BAD_STEPS: list[tuple[dict[str, Any], str]] = [
-    ({"lr": -0.1}, r"lr must be a finite number >= 0, got -0\.1"),
-    ({"lr": NAN}, "lr must be a finite number >= 0, got nan"),
-    ({"lr": INF}, "lr must be a finite number >= 0, got inf"),
-    ({"inv_scale": 0.0}, r"inv_scale must be a finite number > 0 \(1 / the loss scale\), got 0\.0"),
-    ({"inv_scale": -1.0}, "inv_scale must be a finite number > 0 .*got -1.0"),
-    ({"inv_scale": NAN}, "inv_scale must be a finite number > 0 .*got nan"),
+    ({"lr": -0.1}, r"lr must be a finite number >= 0, got float -0\.1"),
+    ({"lr": NAN}, "lr must be a finite number >= 0, got float nan"),
+    ({"lr": INF}, "lr must be a finite number >= 0, got float inf"),
+    ({"lr": None}, "lr must be a finite number >= 0, got NoneType None"),  # a TypeError from the comparison
+    ({"lr": "0.1"}, "lr must be a finite number >= 0, got str '0.1'"),
+    ({"inv_scale": 0.0}, r"inv_scale must be a finite number > 0 \(1 / the loss scale\), got float 0\.0"),
+    ({"inv_scale": -1.0}, "inv_scale must be a finite number > 0 .*got float -1.0"),
+    ({"inv_scale": NAN}, "inv_scale must be a finite number > 0 .*got float nan"),
+    ({"inv_scale": None}, "inv_scale must be a finite number > 0 .*got NoneType None"),
+    # Values, read on CPU tensors (no sync): a NaN factor gave NaN weights in an applied step, code 7 stale copies
+    ({"lr_factors": torch.tensor([NAN, 1.0])}, r"lr_factors must be finite numbers >= 0; got \[nan, 1\.0\]"),
+    ({"lr_factors": torch.tensor([1.0, -3.0])}, r"lr_factors must be finite numbers >= 0; got \[1\.0, -3\.0\]"),
+    ({"precision_codes": torch.tensor([0, 7], dtype=torch.int32)}, r"precision_codes must be 0 .* got \[0, 7\]"),
     ({"max_grad_norm": 0.0}, r"max_grad_norm must be a number > 0 \(or None for no clipping\), got float 0\.0"),
     ({"max_grad_norm": NAN}, "max_grad_norm must be a number > 0 .*got float nan"),
     # A tensor: bool(tensor > 0) synced, and one of several elements failed as ambiguous
@@ -698,3 +705,17 @@ def test_a_skip_flag_of_any_one_element_shape_skips_and_the_gradient_rows_stay()
         result = optimizer.step(0.1, skip=torch.ones(shape, dtype=torch.bool))
         assert bool(result.skipped) and int(result.nonfinite_total) == 1 and int(result.grad_nonfinite.sum()) == 0
     assert torch.equal(p.detach(), torch.ones(10)) and float(optimizer.step_count) == 0.0
+
+
+def test_flat_store_names_what_a_layer_holds_instead_of_parameters() -> None:
+    """A module in place of its parameters raised "'Linear' object has no attribute 'shape'", generators "has no
+    len()" (and were used up), and fractional group ids were cut (0.5 and 1.9 became groups 0 and 1)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"layers must hold parameters \(tensors\), got Linear: give each layer's"):
+        FlatParameterStore([[model[0]], [model[1]]])  # type: ignore[list-item]
+    store = FlatParameterStore([m.parameters() for m in model.children()])  # type: ignore[misc]
+    assert store.n_layers == 2 and [len(store.param_views(store.params, i)) for i in range(2)] == [2, 2]
+    assert torch.equal(store.param_views(store.params, 1)[0], model[1].weight.detach())
+    for bad in ([[0.5, 1.9], [0, 0]], [[True, 0], [0, 0]]):
+        with pytest.raises(ValueError, match="groups must be non-negative ints"):
+            FlatParameterStore([list(m.parameters()) for m in model.children()], groups=bad)  # type: ignore[arg-type]

@@ -351,3 +351,34 @@ def test_optimizer_skip_flag_without_host_sync(device: str, optimizer: str) -> N
     assert bool(result.skipped) and int(result.nonfinite_total) == 1
     assert torch.equal(store.params, params_before)
     assert float(opt.step_count) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("apply", [True, False], ids=["applied", "skipped"])
+def test_empty_buffers_advance_the_counts_as_the_reference_does(device: str, kind: str, apply: bool) -> None:
+    """The kernel path returned before its counts moved on empty buffers (the reference path advanced them)."""
+
+    def empty(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(0, dtype=dtype, device=device)
+
+    counts = []
+    for step, kwargs in (
+        (fused_sgd_step, {"momentum": 0.9}),
+        (fused_sgd_step_reference, {"momentum": 0.9}),
+        (fused_adamw_step, {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}),
+        (fused_adamw_step_reference, {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}),
+    ):
+        if ("adamw" in step.__name__) != (kind == "adamw"):
+            continue
+        state = new_step_state(device, 0.9, 0.999, n_layers=1)
+        stats = layer_grad_stats(empty(), empty(torch.int32), 1, segment_align=16)
+        if not apply:
+            stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] += 1
+        moments = [empty()] if kind == "sgd" else [empty(), empty()]
+        step(
+            empty(), empty(), *moments, empty(torch.bfloat16), empty(torch.float16), empty(torch.int32),
+            torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device), stats, state,
+            lr=0.1, segment_align=16, **kwargs,
+        )  # fmt: skip
+        counts.append(state[0].tolist())
+    assert counts == [[1.0, 1.0]] * 2 if apply else [[0.0, 0.0]] * 2
