@@ -9,6 +9,7 @@ from users_loop import controlled_loop, controlled_step, either_step, plain_loop
 
 from triaccel_rl.config import ControllerConfig, ElasticConfig
 from triaccel_rl.controller import Controller
+from triaccel_rl.errors import NoGoodStateError
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.types import Precision
 
@@ -398,7 +399,9 @@ def _pretrained_checkpoint() -> dict[str, Any]:
     return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
 
 
-@pytest.mark.parametrize("order", ["loaded-after-build", "controller-state-first", "forward-outside-autocast"])
+@pytest.mark.parametrize(
+    "order", ["loaded-after-build", "controller-state-first", "forward-outside-autocast", "evaluated-before-the-load"]
+)
 def test_a_rollback_before_any_update_restores_what_was_loaded_after_the_copy(order):
     """The rollback copy was taken when the Controller was built (or its state loaded): weights and optimizer state
     loaded after it (a fine-tune from pretrained weights, a checkpoint of the user's own loop, or the model loaded after
@@ -412,6 +415,9 @@ def test_a_rollback_before_any_update_restores_what_was_loaded_after_the_copy(or
         ctl.close()
         ctl = Controller(model, opt, policy="fp32", config=config)
         ctl.load_state_dict(saved)
+    if order == "evaluated-before-the-load":  # autocast() for an evaluation: the retake waits for training
+        with torch.no_grad(), ctl.autocast():
+            model(data(n=16)[0])
     model.load_state_dict(pretrained["model"])
     opt.load_state_dict(pretrained["optimizer"])
     for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):  # 4 steps: one interval, every loss non-finite
@@ -445,6 +451,15 @@ def test_a_step_after_a_forward_outside_autocast_warns_once_while_a_layer_is_16_
         if warned:
             assert "not in the layers' precisions (bf16)" in outside[0].getMessage()
         ctl.close()
+    model, opt = model_and_optimizer()  # the whole loop inside one context: no warning
+    ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=4))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        caplog.clear()
+        with ctl.autocast():
+            for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):
+                ctl.step(nn.functional.cross_entropy(model(x), y))
+    assert "forward outside ctl.autocast()" not in caplog.text
+    ctl.close()
     model, opt = model_and_optimizer()  # forwards inside the context, with gradient accumulation: no warning
     ctl = Controller(model, opt, policy="bf16", config=ControllerConfig(interval_steps=4))
     with caplog.at_level("WARNING", logger="triaccel_rl"):
@@ -455,6 +470,25 @@ def test_a_step_after_a_forward_outside_autocast_warns_once_while_a_layer_is_16_
                     loss = nn.functional.cross_entropy(model(x[part]), y[part]) / 2
                 ctl.step(loss) if last else ctl.backward(loss)
     assert "forward outside ctl.autocast()" not in caplog.text
+    ctl.close()
+
+
+@pytest.mark.parametrize("order", ["loaded-after-build", "controller-state-first"])
+def test_a_model_loaded_broken_after_the_copy_is_refused_before_training(order):
+    """Taken again as the confirmed copy, a NaN weight loaded after build was restored at every interval: the run went
+    to its end with NaN weights, as ``load_state_dict`` refuses a model loaded broken before it."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4))
+    if order == "controller-state-first":
+        ctl.load_state_dict(ctl.state_dict())
+    broken = copy.deepcopy(model.state_dict())
+    broken["0.weight"][0, 0] = float("nan")
+    model.load_state_dict(broken)
+    x, y = data(n=16)
+    with pytest.raises(NoGoodStateError, match=r"the model's 0\.weight hold NaN or infinite values after they were"):
+        with ctl.autocast():
+            nn.functional.cross_entropy(model(x), y)
+    assert ctl.steps == 0
     ctl.close()
 
 

@@ -377,7 +377,7 @@ class Controller:
             torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters: no sync
             self._peak_from_forward = True
         self.engine.sync_weight_copies()  # the user's loop may have written weights (a checkpoint, say)
-        self._retake_copy_if_written()
+        self._retake_copy_if_written(training_starts=False)  # an evaluation's forward may come before a load
         self._autocast_since_step = True
         return self.engine.precision.context()
 
@@ -404,7 +404,7 @@ class Controller:
         """
         return self.engine._weights_version(), getattr(self.engine.optimizer, "state", None)
 
-    def _retake_copy_if_written(self) -> None:
+    def _retake_copy_if_written(self, training_starts: bool) -> None:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
 
         The copy is taken at build (``reserve``) and at ``load_state_dict`` (``resume``).
@@ -415,10 +415,18 @@ class Controller:
         if self._copy_taken is None or self.guard is None:
             return
         how, mark = self._copy_taken
-        self._copy_taken = None  # the first step's forward is under way: training has started from here
         now = self._state_mark()
+        # Until the first backward or step: autocast() also opens an evaluation's forward, which may come before the
+        # load (until 2026-12-06 any autocast() call used the retake up).
+        self._copy_taken = None if training_starts else (how, now)
         if now[0] == mark[0] and now[1] is mark[1]:
             return
+        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
+        if broken:  # as load_state_dict refuses it: taken as the good copy, it was restored at every interval
+            raise NoGoodStateError(
+                f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values "
+                "after they were loaded: no rollback can repair them; load an earlier checkpoint"
+            )
         if how == "reserve":
             self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
         else:
@@ -448,6 +456,7 @@ class Controller:
         self._check_open()
         _check_loss(loss)
         earlier = self._earlier_micro_loss()
+        self._retake_copy_if_written(training_starts=True)
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self._backward(loss)  # one that raises drops the batch's gradients (_backward)
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
@@ -515,8 +524,8 @@ class Controller:
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_from_forward = False
-        self._retake_copy_if_written()  # a forward outside autocast(): the copy holds its batch-norm statistics
-        if not self._autocast_since_step:
+        self._retake_copy_if_written(training_starts=True)  # a forward outside autocast(): its batch-norm statistics
+        if not self._autocast_since_step and not self.engine.precision.active:  # one context around the loop is fine
             self._warn_outside_autocast()
         self._autocast_since_step = False
         if self._moments is None:  # the first step

@@ -223,6 +223,11 @@ class LayerPrecision:
         _guard_compiled_graphs_on_hooks()
 
     @property
+    def active(self) -> bool:
+        """Whether a :meth:`context` is open (the layers' forwards run in their precisions)."""
+        return self._active
+
+    @property
     def controllable_indices(self) -> list[int]:
         """Indices (into ``layers``) of the layers whose precision can be set."""
         return list(self._controllable_index)

@@ -261,6 +261,10 @@ class TrainingRun:
             raise ValueError(f"schedule_epochs={schedule_epochs!r} must be a positive finite number (or None)")
         if not is_real(warmup_frac):
             raise ValueError(f"warmup_frac={warmup_frac!r} must be a number in [0, 1)")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+        ):  # as the setter refuses it, but before the RNGs are seeded and the model built
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if not is_whole(n_probe) or n_probe < 1:
             raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
         self.elastic = elastic or ElasticConfig()
@@ -421,7 +425,7 @@ class TrainingRun:
         2026-12-06 it handed out the engine's own array, so ``run.lr_factors[0] = -3`` was applied unchecked (now
         NumPy's "assignment destination is read-only").
         """
-        view = self.engine.lr_factors.view()
+        view = np.asarray(self.engine.lr_factors, dtype=np.float64).view()  # the engine's own may be a list
         view.flags.writeable = False
         return view
 

@@ -381,4 +381,4 @@ def test_empty_buffers_advance_the_counts_as_the_reference_does(device: str, kin
             lr=0.1, segment_align=16, **kwargs,
         )  # fmt: skip
         counts.append(state[0].tolist())
-    assert counts == [[1.0, 1.0]] * 2 if apply else [[0.0, 0.0]] * 2
+    assert counts == ([[1.0, 1.0]] * 2 if apply else [[0.0, 0.0]] * 2)
