@@ -69,6 +69,39 @@ def test_an_nvml_error_gives_no_reading_and_says_so(fake_nvml, caplog):
     assert "NVML could not read device cuda:0: NVML_ERROR_GPU_IS_LOST" in caplog.text
 
 
+@pytest.mark.parametrize("visible", [None, "2"], ids=["all-devices-visible", "cuda-visible-devices"])
+def test_a_mig_slice_is_matched_by_its_uuid_and_an_unmatched_device_is_not_read_by_index(
+    fake_nvml, monkeypatch, visible
+):
+    """NVML spells a MIG slice's UUID ``MIG-...``; only ``GPU-...`` was tried, and then torch's index was taken as
+    NVML's, which ``CUDA_VISIBLE_DEVICES`` renumbers: another GPU's memory was read (and its handle cached)."""
+    monkeypatch.setattr(memory.os, "getpid", lambda: 4242)
+    fake_nvml["processes"] = [Process(4242, 2**30)]
+    monkeypatch.setattr(
+        sys.modules["pynvml"],
+        "nvmlDeviceGetHandleByUUID",
+        lambda uuid: "mig" if uuid == f"MIG-{UUID}" else _not_found(uuid),
+    )
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_used_bytes(torch.device("cuda", 0)) == (2**30, "process")  # the MIG slice's handle
+
+    memory._nvml_handle.cache_clear()
+    monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByUUID", _not_found)  # no UUID matches
+    monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByIndex", lambda index: f"index {index}")
+    reading = nvml_used_bytes(torch.device("cuda", 0))
+    if visible is None:  # torch's index is NVML's
+        assert reading == (2**30, "process")
+    else:
+        assert reading is None
+
+
+def _not_found(uuid):
+    raise LookupError(f"NVML_ERROR_NOT_FOUND: {uuid}")
+
+
 def test_no_reading_on_a_cpu_or_without_nvml(monkeypatch):
     assert nvml_used_bytes(torch.device("cpu")) is None
 

@@ -417,3 +417,52 @@ def test_step_time_and_memory_queries_refuse_bad_batch_sizes_and_parse_precision
         run.planned_step_ms(0)
     assert run.modelled_step_ms(64, "bf16") == run.modelled_step_ms(64, Precision.BF16)
     assert run.modelled_step_ms(0) < run.modelled_step_ms(1)
+
+
+def test_the_fused_steps_state_is_not_counted_again_over_the_allocators_readings(monkeypatch):
+    """The fused optimizer allocates its moments when it is built, so every allocator reading holds them; the accounted
+    state was added on top while the ``torch.optim`` object's ``state`` stayed empty (every GPU run until a
+    checkpoint asked for it), and micro-batches came out too small."""
+    from triaccel_rl.engine import StepEngine
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))  # as on a GPU, measured mode
+    monkeypatch.setattr(type(run.memory_model), "n_measurements", property(lambda self: 2))
+    assert not run.optimizer.state
+    assert run._unallocated_state_bytes() == run._accounted_state_bytes > 0  # the reference path: not allocated yet
+    monkeypatch.setattr(StepEngine, "fused", property(lambda self: True))
+    assert run._unallocated_state_bytes() == 0
+
+
+def test_interval_timer_records_on_the_runs_device_not_the_current_one(monkeypatch):
+    """``Event.record()`` without a stream takes the *current* device's: a run on cuda:1 timed an idle cuda:0 and its
+    ``stop()`` waited for nothing (emulated: no GPU here)."""
+    from triaccel_rl.training import IntervalTimer
+
+    recorded = []
+
+    class Stream:
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    class Event:
+        def __init__(self, **kwargs):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(str((stream or torch.cuda.current_stream()).device))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.5
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: Stream(0 if device is None else torch.device(device).index)
+    )
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timer = IntervalTimer(torch.device("cuda", 1))
+    timer.start()
+    assert timer.stop() == 1.5 and recorded == ["cuda:1", "cuda:1"]

@@ -66,6 +66,8 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     never freed: a new stream per capture left about 163 MiB allocated after each finished ResNet-18 run on
     an H100 (measured with ``scripts/check_run_freed.py``), which grew every later run's peak.
     """
+    if device.index is None:  # keyed by index: "cuda" named device 0's stream after set_device(1) moved on
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
@@ -152,6 +154,9 @@ class StepGraphs:
             if not is_whole(value) or value < 1:  # nan passed "< 1" and held graphs without limit
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         self.model = model
+        # The device the model is on now, by index: a later set_device() must not move the captures' stream.
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.max_graphs = max_graphs
         self.warmup_passes = warmup_passes

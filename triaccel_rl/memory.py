@@ -162,14 +162,24 @@ def _nvml() -> Any:
 
 @functools.cache
 def _nvml_handle(index: int) -> Any:
-    """The NVML handle of torch's CUDA device ``index``, matched by UUID (``CUDA_VISIBLE_DEVICES`` renumbers)."""
+    """The NVML handle of torch's CUDA device ``index``, matched by UUID (``CUDA_VISIBLE_DEVICES`` renumbers).
+
+    A GPU's UUID is ``GPU-...`` to NVML, a MIG slice's ``MIG-...``. Where neither matches, torch's index is NVML's
+    only without ``CUDA_VISIBLE_DEVICES``; with it, a ``LookupError`` (the caller reads nothing): until 2026-12-06
+    the index was taken anyway, and another GPU's memory was read and cached as this one's.
+    """
     nvml = _nvml()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:
-        try:
-            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        except Exception:  # an older driver's UUID format: fall back to the index
-            pass
+        for prefix in ("GPU-", "MIG-"):
+            try:
+                return nvml.nvmlDeviceGetHandleByUUID(f"{prefix}{uuid}")
+            except Exception:  # not this kind of device, or an older driver's UUID format
+                pass
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        raise LookupError(
+            f"no NVML device has CUDA device {index}'s UUID {uuid}, and CUDA_VISIBLE_DEVICES renumbers the devices"
+        )
     return nvml.nvmlDeviceGetHandleByIndex(index)
 
 

@@ -155,9 +155,9 @@ def _time_steps(
     for _ in range(steps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(torch.cuda.current_stream(device))  # the run's device, not the current one
             step()
-            end.record()
+            end.record(torch.cuda.current_stream(device))
             end.synchronize()
             samples.append(start.elapsed_time(end))
         else:

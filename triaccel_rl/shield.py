@@ -278,7 +278,9 @@ class RollbackGuard:
         copied = None
         if offload and torch.cuda.is_available() and model_state.on_host_from_cuda:
             copied = torch.cuda.Event()
-            copied.record()
+            # On the stream the copies were queued on, the model's device's (the current device may be another)
+            device = next((p.device for p in self.model.parameters() if p.is_cuda), None)
+            copied.record(torch.cuda.current_stream(device))
         extra = self.save_extra() if self.save_extra is not None else None
         return _Copy(model_state, transient, optimizer, copied, extra)
 

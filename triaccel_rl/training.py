@@ -132,7 +132,7 @@ class IntervalTimer:
         """Marks the start of the span."""
         if self.device.type == "cuda":
             self._start_event = torch.cuda.Event(enable_timing=True)
-            self._start_event.record()
+            self._start_event.record(torch.cuda.current_stream(self.device))  # not the current device's
         else:
             self._start_time = time.perf_counter()
 
@@ -141,7 +141,7 @@ class IntervalTimer:
         if self.device.type == "cuda":
             assert self._start_event is not None, "IntervalTimer.stop() before start()"
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             end.synchronize()  # host-device sync: once per interval
             return float(self._start_event.elapsed_time(end))
         assert self._start_time is not None, "IntervalTimer.stop() before start()"  # it read the time since boot
@@ -712,23 +712,24 @@ class TrainingRun:
         16-bit autocast is slow, in fp32.
         """
         self.engine.sync_weight_copies()
-        key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
-        if self.graphs is not None and key not in self._uncapturable_probes:
-            try:
-                return float(self.graphs.run(key, self._probe_x, self._probe_y, self._probe_body, lambda: None))
-            except Exception as err:
-                if is_out_of_memory(err):
-                    raise
-                # Not retried: a failed capture costs its warm-up passes, at every decision otherwise.
-                self._uncapturable_probes.add(key)
-                _log.warning(
-                    "CUDA graph capture of the probe failed (%s); it runs eagerly in this configuration",
-                    _first_line(err),
-                )
         # On a fork of the RNGs, as the collector's rounds: a model's own randomness in its forward (stochastic depth,
-        # F.dropout) drew from the run's stream, so later masks hung on the decisions taken.
+        # F.dropout) drew from the run's stream, so later masks hung on the decisions taken. A graph's replay (and its
+        # capture's warm-up passes) advance the generator's offset too (forked since 2026-12-06; the eager path before).
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
+            if self.graphs is not None and key not in self._uncapturable_probes:
+                try:
+                    return float(self.graphs.run(key, self._probe_x, self._probe_y, self._probe_body, lambda: None))
+                except Exception as err:
+                    if is_out_of_memory(err):
+                        raise
+                    # Not retried: a failed capture costs its warm-up passes, at every decision otherwise.
+                    self._uncapturable_probes.add(key)
+                    _log.warning(
+                        "CUDA graph capture of the probe failed (%s); it runs eagerly in this configuration",
+                        _first_line(err),
+                    )
             return float(self._probe_body(self._probe_x, self._probe_y))
 
     def _probe_body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1123,8 +1124,18 @@ class TrainingRun:
         return peak + self._unallocated_state_bytes()
 
     def _unallocated_state_bytes(self) -> int:
-        """The optimizer state's accounted bytes while a measured run has none yet (a real step will hold it)."""
-        if not self.measures_memory or self.optimizer.state or self.memory_model.n_measurements == 0:
+        """The optimizer state's accounted bytes while a measured run has none yet (a real step will hold it).
+
+        The fused step's state is allocated with its optimizer, so every allocator reading holds it already: none is
+        unallocated there (``optimizer.state``, the ``torch.optim`` object's, stays empty until its ``state_dict()``
+        is asked for, and until 2026-12-06 the state was counted twice on every GPU run until a checkpoint).
+        """
+        if (
+            not self.measures_memory
+            or self.engine.fused
+            or self.optimizer.state
+            or self.memory_model.n_measurements == 0
+        ):
             return 0
         return self._accounted_state_bytes
 

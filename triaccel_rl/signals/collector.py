@@ -896,12 +896,13 @@ class _Stopwatch:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.marks: list[object] = []
 
     def lap(self) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the run's device, not the current one
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())

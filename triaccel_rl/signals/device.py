@@ -316,7 +316,7 @@ class DeviceMoments:
             blocks.append((rows.per_tensor, host[: rows.used].numpy()))  # read once the event below completed
         done = torch.cuda.Event() if self._device.type == "cuda" else None
         if done is not None:
-            done.record()
+            done.record(torch.cuda.current_stream(self._device))  # where the copies were queued
         self._pending = (blocks, self._observed, self._call_s * 1e3, done)
         self._next_interval()
         if previous is None:
