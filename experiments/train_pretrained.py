@@ -77,7 +77,8 @@ class Args:
     run_dir: str = "runs/pretrained"
     """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
     ship_dir: str = "triaccel_rl/pretrained"
-    """Where the shipped policy and model card go ('' to ship nothing)."""
+    """Where the shipped policy and model card go ('' to ship nothing); a relative path is taken from the repository's
+    root, where the package's policy lives (from another folder it made a stray copy there and said "shipped")."""
     from_checkpoint: str = ""
     """Ship this checkpoint instead of training (an interrupted run): its ``.obs.json`` is then taken from
     ``stats_episodes`` episodes of the checkpoint's own policy on each training task."""
@@ -101,9 +102,11 @@ def main(args: Args) -> dict[str, Any]:
     training_tasks = ("synthetic",) if args.smoke else TRAINING_TASKS
     run_dir = Path(args.run_dir)
     if args.card_only:
+        if not (run_dir / "training.json").is_file():
+            raise SystemExit(f"--card-only: {run_dir / 'training.json'} not found (the --run-dir of a finished run)")
         facts = json.loads((run_dir / "training.json").read_text())
-        ship = Path(args.ship_dir)
-        (ship / "MODEL_CARD.md").write_text(model_card(facts, _spread(ship / "policy.zip")))
+        ship = _ship_dir(args)
+        _write_card(ship, facts)
         return facts
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -144,11 +147,11 @@ def main(args: Args) -> dict[str, Any]:
         f"({facts['env_steps_per_s']:.2f} env steps/s incl. PPO updates and evaluations): {zip_path}"
     )
     if args.ship_dir:
-        ship = Path(args.ship_dir)
+        ship = _ship_dir(args)
         ship.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(zip_path, ship / "policy.zip")
         shutil.copyfile(obs_stats_path(zip_path), ship / "policy.obs.json")
-        (ship / "MODEL_CARD.md").write_text(model_card(facts, _spread(ship / "policy.zip")))
+        _write_card(ship, facts)
         print(f"shipped: {ship / 'policy.zip'} ({(ship / 'policy.zip').stat().st_size / 1e3:.0f} kB), MODEL_CARD.md")
     return facts
 
@@ -277,8 +280,13 @@ def _evaluation_timing(facts: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-def model_card(facts: dict[str, Any], spread: ActionSpread | None = None) -> str:
-    """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`)."""
+def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy_sha256: str | None = None) -> str:
+    """The Markdown model card for the shipped policy (``spread``: see :func:`_spread`).
+
+    With ``policy_sha256`` (the zip the card describes), the evaluation tables are taken from ``transfer.py``'s
+    results only where their ``pretrained`` runs are of that zip: a retrained policy's card showed its
+    predecessor's evaluation as its own.
+    """
     settings = facts["args"]
     evals = facts["evaluations"]
     eval_rows = "\n".join(
@@ -367,7 +375,7 @@ the held-out tasks, one deterministic episode per task, from SB3's `EvalCallback
 Learned vs heuristic vs static baselines (time to target, final accuracy, peak memory; written by
 `python experiments/transfer.py` to `experiments/results/transfer.json`):
 
-{_transfer_section()}
+{_transfer_section(TRANSFER, policy_sha256)}
 ## Evaluation on the fresh held-out tasks
 
 Four tasks registered after this policy was chosen, before any controller ran on them, with targets from a rule
@@ -375,7 +383,7 @@ fixed in advance (README, "Tasks";
 `python experiments/transfer.py --tasks fresh --out experiments/results/transfer_fresh.json --plots
 experiments/results/plots/transfer_fresh`):
 
-{_transfer_section(FRESH_TRANSFER)}
+{_transfer_section(FRESH_TRANSFER, policy_sha256)}
 {provenance}{_spread_section(spread)}
 ## Limits
 
@@ -397,10 +405,38 @@ FRESH_TRANSFER = REPO / "experiments" / "results" / "transfer_fresh.json"
 """``transfer.py --tasks fresh``'s results: the shipped policy on ``FRESH_HELD_OUT_TASKS``."""
 
 
-def _transfer_section(path: Path = REPO / "experiments" / "results" / "transfer.json") -> str:
-    """The transfer table and target check, when ``transfer.py`` has run against the shipped policy."""
+TRANSFER = REPO / "experiments" / "results" / "transfer.json"
+"""``transfer.py``'s results: the shipped policy on ``HELD_OUT_TASKS``."""
+
+
+def _write_card(ship: Path, facts: dict[str, Any]) -> None:
+    zip_path = ship / "policy.zip"
+    (ship / "MODEL_CARD.md").write_text(model_card(facts, _spread(zip_path), _sha256(zip_path)))
+
+
+def _ship_dir(args: Args) -> Path:
+    ship = Path(args.ship_dir)
+    return ship if ship.is_absolute() else REPO / ship
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _transfer_section(path: Path = TRANSFER, policy_sha256: str | None = None) -> str:
+    """The transfer table and target check, when ``transfer.py`` has run against the policy of ``policy_sha256``."""
     if not path.is_file():
         return "Not run yet."
+    runs = json.loads(path.read_text()).get("runs", [])
+    evaluated = {run.get("policy_sha256") for run in runs if run.get("controller") == "pretrained"}
+    if policy_sha256 is not None and evaluated != {policy_sha256}:
+        held = ", ".join(sorted(str(sha)[:12] for sha in evaluated)) or "none"
+        return (
+            f"Not run yet for this policy (sha256 {policy_sha256[:12]}; `{path.name}` holds the evaluation of "
+            f"policy {held}): run `transfer.py` as above, then this script with `--card-only`.\n"
+        )
     sys.path.insert(0, str(REPO / "experiments"))
     try:
         import transfer

@@ -435,6 +435,37 @@ def test_the_card_says_what_a_run_before_2026_12_05_did():
     assert "Produced before 2026-12-05" not in later and "trained before 2026-12-05" not in later
 
 
+def test_a_card_shows_only_the_evaluations_of_the_policy_it_describes():
+    """A retrained policy's card showed the shipped policy's evaluation tables (and its MISSED target check) as its
+    own: ``transfer.json`` was read whatever policy its runs had scored."""
+    import hashlib
+
+    train_pretrained = import_experiment("train_pretrained")
+    facts = json.loads((REPO / "experiments/results/issue6_2026-12-05/retrained_training.json").read_text())
+    shipped = hashlib.sha256((REPO / "triaccel_rl/pretrained/policy.zip").read_bytes()).hexdigest()
+    held = {
+        r["policy_sha256"]
+        for r in json.loads((REPO / "experiments/results/transfer.json").read_text())["runs"]
+        if r["controller"] == "pretrained"
+    }
+    assert held == {shipped}  # the recorded evaluation is of the shipped zip
+    card = train_pretrained.model_card(facts, policy_sha256=shipped)
+    assert "Issue 6's target check" in card and "Not run yet for this policy" not in card
+    other = train_pretrained.model_card(facts, policy_sha256="0" * 64)
+    assert "Issue 6's target check" not in other
+    for name in ("transfer.json", "transfer_fresh.json"):
+        assert other.count(f"Not run yet for this policy (sha256 000000000000; `{name}` holds") == 1
+    assert f"holds the evaluation of policy {shipped[:12]}" in other
+
+
+def test_a_relative_ship_dir_is_the_repositorys_wherever_the_script_runs(tmp_path, monkeypatch):
+    """Run from another folder, the default ship_dir made a stray copy there and printed "shipped"."""
+    train_pretrained = import_experiment("train_pretrained")
+    monkeypatch.chdir(tmp_path)
+    assert train_pretrained._ship_dir(train_pretrained.Args()) == REPO / "triaccel_rl" / "pretrained"
+    assert train_pretrained._ship_dir(train_pretrained.Args(ship_dir=str(tmp_path))) == tmp_path
+
+
 def test_the_model_card_reads_training_json_with_null_numbers(tmp_path):
     """training.json holds a NaN evaluation or warm-start fit as null (strict JSON): the card written from the file
     (``--card-only``) reads it as "n/a", as the card written at the end of training reads the NaN it still holds.

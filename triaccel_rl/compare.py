@@ -354,6 +354,8 @@ def run_controller(
             peak = max(peak, signals.memory_bytes)
         if evaluate or finished:
             nvml.read()  # outside the charged time, at the same steps in every row
+            if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
+                progress.set_postfix_str(f"{progress.postfix or ''}, final evaluation".lstrip(", "))
             metric = run.evaluate()
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
             curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
@@ -545,7 +547,7 @@ def compare(
     plain = [c for c in controllers if c.startswith("plain-")]
     total = epochs * len(controllers) * len(seeds)
     results = []
-    bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} epochs [{elapsed}<{remaining}{postfix}]"
+    bar_format = "{l_bar}{bar}| {n:.3g}/{total:.3g} epochs [{elapsed}<{remaining}{postfix}]"  # 0.002 read 0.0
     with tqdm(total=total, disable=not show_progress, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
         for controller in controllers:
             for seed in seeds:

@@ -282,9 +282,10 @@ class Controller:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
-        It serves one run's training data (a call on another dataset starts the data over, with a warning, and ends
-        an iterator still open on the old one). Every sample is seen exactly once per epoch whatever batch sizes the
-        policy picks, each epoch in its own order.
+        It serves one run's training data (a call on a dataset of other shapes or dtypes starts the data over, with a
+        warning, and ends an iterator still open on the old one; data of the same shapes and dtypes is taken for the
+        run's own, moved or copied, and carries the run on). Every sample is seen exactly once per epoch whatever
+        batch sizes the policy picks, each epoch in its own order.
         A batch served but never stepped on (the loop raised, caught outside it, or broke out before ``step()``) is
         served again by the next call that carries the run on; one skipped inside the loop (``continue``) is yours.
         The tensors are moved to the model's device once, up front. Called again with a dataset of the same shapes
