@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import json
 import math
 import re
@@ -926,3 +927,24 @@ def test_a_decision_is_charged_before_the_steps_it_precedes(monkeypatch):
     decided = result.trace[0]["time_s"]
     after = next(point[0] for point in result.curve if point[0] > decided)
     assert after - decided >= 0.25
+
+
+def test_a_runs_final_evaluation_shows_on_the_bar_and_leaves_its_postfix_as_it_was():
+    """A disabled bar (no ``postfix``) crashed the final evaluation after the whole run; an enabled one gained a
+    ", final evaluation" a run, piling up across runs sharing it. The count read 0.0/0.0 epochs for 0.002."""
+    from tqdm import tqdm
+
+    from triaccel_rl.compare import run_controller
+
+    with tqdm(total=0.2, disable=True) as off:
+        result = run_controller("synthetic", "fp32", seed=0, epochs=0.1, progress=off)
+    assert 0.0 <= result.final_metric <= 1.0
+    shown = []
+    with tqdm(total=0.2, file=io.StringIO()) as bar:
+        bar.set_postfix_str("fp32 seed 0")
+        real = bar.set_postfix_str
+        bar.set_postfix_str = lambda text, refresh=True: (shown.append(text), real(text, refresh))[1]
+        for _ in range(2):
+            run_controller("synthetic", "fp32", seed=0, epochs=0.1, progress=bar)
+        assert bar.postfix == "fp32 seed 0"
+    assert shown == ["fp32 seed 0, final evaluation", "fp32 seed 0"] * 2

@@ -489,6 +489,18 @@ def test_a_model_loaded_broken_after_the_copy_is_refused_before_training(order):
         with ctl.autocast():
             nn.functional.cross_entropy(model(x), y)
     assert ctl.steps == 0
+    for entry in ("step", "backward"):  # refused again, not used up, whichever call met it
+        with pytest.raises(NoGoodStateError):
+            getattr(ctl, entry)(nn.functional.cross_entropy(model(x), y))
+    good = _pretrained_checkpoint()  # what the message says: load an earlier checkpoint
+    model.load_state_dict(good["model"])
+    for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):  # one interval, every loss non-finite
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss * float("nan"))
+    assert ctl.rollbacks == 1
+    for name, value in model.state_dict().items():  # the good checkpoint was copied, not the build's start
+        assert torch.equal(value, good["model"][name]), name
     ctl.close()
 
 

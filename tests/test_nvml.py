@@ -71,7 +71,7 @@ def test_an_nvml_error_gives_no_reading_and_says_so(fake_nvml, caplog):
 
 @pytest.mark.parametrize("visible", [None, "2"], ids=["all-devices-visible", "cuda-visible-devices"])
 def test_a_mig_slice_is_matched_by_its_uuid_and_an_unmatched_device_is_not_read_by_index(
-    fake_nvml, monkeypatch, visible
+    fake_nvml, monkeypatch, caplog, visible
 ):
     """NVML spells a MIG slice's UUID ``MIG-...``; only ``GPU-...`` was tried, and then torch's index was taken as
     NVML's, which ``CUDA_VISIBLE_DEVICES`` renumbers: another GPU's memory was read (and its handle cached)."""
@@ -91,11 +91,18 @@ def test_a_mig_slice_is_matched_by_its_uuid_and_an_unmatched_device_is_not_read_
     memory._nvml_handle.cache_clear()
     monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByUUID", _not_found)  # no UUID matches
     monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByIndex", lambda index: f"index {index}")
-    reading = nvml_used_bytes(torch.device("cuda", 0))
+    lookups = []
+    monkeypatch.setattr(
+        sys.modules["pynvml"], "nvmlDeviceGetHandleByUUID", lambda uuid: lookups.append(uuid) or _not_found(uuid)
+    )
+    with caplog.at_level(logging.WARNING, logger="triaccel_rl.memory"):
+        readings = [nvml_used_bytes(torch.device("cuda", 0)) for _ in range(3)]
     if visible is None:  # torch's index is NVML's
-        assert reading == (2**30, "process")
-    else:
-        assert reading is None
+        assert readings == [(2**30, "process")] * 3
+    else:  # no reading, said once (a compare reads at every evaluation), the lookups not repeated
+        assert readings == [None] * 3
+        assert caplog.text.count("CUDA_VISIBLE_DEVICES renumbers the devices: no NVML reading") == 1
+    assert lookups == [f"GPU-{UUID}", f"MIG-{UUID}"]
 
 
 def _not_found(uuid):

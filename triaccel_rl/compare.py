@@ -354,9 +354,14 @@ def run_controller(
             peak = max(peak, signals.memory_bytes)
         if evaluate or finished:
             nvml.read()  # outside the charged time, at the same steps in every row
+            shown = getattr(progress, "postfix", None)  # a disabled bar has none
             if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
-                progress.set_postfix_str(f"{progress.postfix or ''}, final evaluation".lstrip(", "))
-            metric = run.evaluate()
+                progress.set_postfix_str(f"{shown or ''}, final evaluation".lstrip(", "))
+            try:
+                metric = run.evaluate()
+            finally:
+                if finished and progress is not None:
+                    progress.set_postfix_str(shown or "")
             low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
             curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
             # The first evaluation at or above the target, at its own time: not interpolated between evaluations
@@ -547,7 +552,9 @@ def compare(
     plain = [c for c in controllers if c.startswith("plain-")]
     total = epochs * len(controllers) * len(seeds)
     results = []
-    bar_format = "{l_bar}{bar}| {n:.3g}/{total:.3g} epochs [{elapsed}<{remaining}{postfix}]"  # 0.002 read 0.0
+    digits = 1 if total >= 1 else 3  # a total of 0.002 epochs read 0.0/0.0
+    count = f"{{n:.{digits}f}}/{{total:.{digits}f}}"
+    bar_format = "{l_bar}{bar}| " + count + " epochs [{elapsed}<{remaining}{postfix}]"
     with tqdm(total=total, disable=not show_progress, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
         for controller in controllers:
             for seed in seeds:

@@ -417,21 +417,21 @@ class Controller:
             return
         how, mark = self._copy_taken
         now = self._state_mark()
+        if now[0] != mark[0] or now[1] is not mark[1]:
+            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
+            if broken:  # as load_state_dict refuses it: taken as the good copy, it was restored at every interval
+                # Nothing changes here: refused again until a good state is loaded, which is then copied.
+                raise NoGoodStateError(
+                    f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "
+                    "values after they were loaded: no rollback can repair them; load an earlier checkpoint"
+                )
+            if how == "reserve":
+                self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
+            else:
+                self.guard.resume()  # unconfirmed, as the checkpoint's own copy
         # Until the first backward or step: autocast() also opens an evaluation's forward, which may come before the
         # load (until 2026-12-06 any autocast() call used the retake up).
         self._copy_taken = None if training_starts else (how, now)
-        if now[0] == mark[0] and now[1] is mark[1]:
-            return
-        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
-        if broken:  # as load_state_dict refuses it: taken as the good copy, it was restored at every interval
-            raise NoGoodStateError(
-                f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values "
-                "after they were loaded: no rollback can repair them; load an earlier checkpoint"
-            )
-        if how == "reserve":
-            self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
-        else:
-            self.guard.resume()  # unconfirmed, as the checkpoint's own copy
 
     def backward(self, loss: torch.Tensor) -> None:
         """The backward pass of one micro-batch's loss, for gradient accumulation: ``step`` takes the last one's.

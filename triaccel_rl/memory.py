@@ -137,6 +137,8 @@ def nvml_used_bytes(device: torch.device) -> tuple[int, str] | None:
         return None
     try:
         handle = _nvml_handle(torch.cuda.current_device() if device.index is None else device.index)
+        if handle is None:
+            return None
         pid = os.getpid()
         for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if process.pid == pid and process.usedGpuMemory is not None:
@@ -165,7 +167,7 @@ def _nvml_handle(index: int) -> Any:
     """The NVML handle of torch's CUDA device ``index``, matched by UUID (``CUDA_VISIBLE_DEVICES`` renumbers).
 
     A GPU's UUID is ``GPU-...`` to NVML, a MIG slice's ``MIG-...``. Where neither matches, torch's index is NVML's
-    only without ``CUDA_VISIBLE_DEVICES``; with it, a ``LookupError`` (the caller reads nothing): until 2026-12-06
+    only without ``CUDA_VISIBLE_DEVICES``; with it, None and a warning once (no reading): until 2026-12-06
     the index was taken anyway, and another GPU's memory was read and cached as this one's.
     """
     nvml = _nvml()
@@ -176,10 +178,14 @@ def _nvml_handle(index: int) -> Any:
                 return nvml.nvmlDeviceGetHandleByUUID(f"{prefix}{uuid}")
             except Exception:  # not this kind of device, or an older driver's UUID format
                 pass
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        raise LookupError(
-            f"no NVML device has CUDA device {index}'s UUID {uuid}, and CUDA_VISIBLE_DEVICES renumbers the devices"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # cached: said once, not at every reading
+        _log.warning(
+            "NVML: no device has CUDA device %s's UUID %s, and CUDA_VISIBLE_DEVICES renumbers the devices: no NVML "
+            "reading for it",
+            index,
+            uuid,
         )
+        return None
     return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
