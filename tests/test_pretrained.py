@@ -796,3 +796,11 @@ def test_observation_stats_need_a_non_empty_2d_array(observations, shape):
         ObservationStats.from_observations(observations)
     stats = ObservationStats.from_observations(np.array([[0.0, 2.0], [1.0, -1.0]]))
     assert stats == ObservationStats((0.0, -1.0), (1.0, 2.0), 2)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_observation_stats_refuse_non_finite_observations(bad):
+    """A NaN bound switched the out-of-range fallback off for its feature (every comparison false), and ``save`` wrote
+    a file ``load`` refused."""
+    with pytest.raises(ValueError, match=r"observations hold NaN or infinite values in feature 1 \(of 1 such"):
+        ObservationStats.from_observations(np.array([[0.0, 2.0], [1.0, bad]]))

@@ -676,3 +676,58 @@ def test_the_controllers_two_copies_are_allocated_once_and_reused_by_a_resume():
     assert len(held) == 2 * 2  # weight and bias, twice
     ctl.load_state_dict(ctl.state_dict())
     assert storages() == held  # the same tensors, nothing allocated
+
+
+def test_a_rollback_brings_back_the_estimator_round_measured_on_the_copys_weights():
+    """The decision's copy took the estimates before the decision's round folded in, though the round measured the
+    copy's own weights: a rollback to it forgot the round (the curvature went back to the Fisher proxy)."""
+    from triaccel_rl.signals import SignalConfig
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    signals = SignalConfig(schedule="fixed", fixed_interval_steps=3, warmup_round=False)
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=3, snapshot_every=1, signals=signals))
+    for k in range(1, 30):
+        rounds = loop.collector.scheduler.rounds
+        loop.train_interval()
+        loop.snapshot(progress=k / 30)
+        if loop.collector.scheduler.rounds > rounds:
+            break
+    assert loop.collector.scheduler.rounds == 1
+    after_round = copy.deepcopy(loop.collector.estimates())
+    with torch.no_grad():
+        next(run.model.parameters()).fill_(float("nan"))  # the next interval diverges
+    snapshot = loop.snapshot(progress=(k + 1) / 30)
+    assert snapshot.extra["rolled_back"]
+    restored = loop.collector.estimates()
+    for name in ("_trace_ema", "_round_weight"):
+        np.testing.assert_array_equal(restored[name], after_round[name])
+    assert snapshot.extra.get("curvature_source") == "hutchinson"
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_resumed_guard_reuses_the_two_reserved_copies(resumed):
+    """After ``resume()`` the first ``confirm()`` dropped the spare, and the next copy allocated a whole new one (pinned
+    host memory on a GPU, the cost ``reserve()`` keeps out of training time)."""
+    from triaccel_rl.shield import RollbackGuard
+
+    def storages(guard):
+        return {
+            leaf.untyped_storage().data_ptr()
+            for held in (guard._good, guard._spare, guard._unconfirmed)
+            if held is not None
+            for part in (held.model, held.transient, held.optimizer)
+            for leaf in part.leaves
+            if isinstance(leaf, torch.Tensor) and leaf.numel()
+        }
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    guard = RollbackGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), confirm=True)
+    guard.reserve()
+    reserved = storages(guard)
+    if resumed:
+        guard.resume()
+    for _ in range(3):  # as Controller._shield: an update confirms, a healthy interval copies
+        guard.confirm()
+        guard.healthy()
+        assert storages(guard) == reserved

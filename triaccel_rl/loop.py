@@ -236,7 +236,7 @@ class DecisionLoop:
         parts = self.overhead_parts_ms
         start = time.perf_counter()
         probe = self.run.probe_loss()
-        rolled_back = False
+        rolled_back = copied_now = False
         self._healthy = math.isfinite(probe)
         mark = time.perf_counter()
         parts["probe"] += (mark - start) * 1e3
@@ -245,7 +245,7 @@ class DecisionLoop:
             # batch wrote would show only at evaluation: checked on its own.
             broken = nonfinite_buffers(self.run.model)
             if self._healthy and not broken:
-                self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
+                copied_now = self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
             elif self.guard.restore(f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"):
                 rolled_back = True
                 probe = self.run.probe_loss()
@@ -260,8 +260,10 @@ class DecisionLoop:
             if self.collector.source is None:
                 self.collector.attach(source_for_run(self.run), seed=self.run.seed)
             rounds = self.collector.estimator_ms
-            self.collector.maybe_estimate(progress=progress)
+            ran = self.collector.maybe_estimate(progress=progress)
             parts["rounds"] += self.collector.estimator_ms - rounds
+            if copied_now and ran is not None and self.guard is not None:  # on the copy's weights: it goes with it
+                self.guard.refresh_extra()
         # The run lowers its budget after an out-of-memory error; the snapshot must report the current one.
         self.collector.memory_budget_bytes = self.run.memory_budget_bytes
         # The collector's own charge for the snapshot, not a clock around the call: a clock around it read a little

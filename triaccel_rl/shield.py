@@ -185,12 +185,28 @@ class RollbackGuard:
         self._spare: _Copy | None = None  # a copy's tensors, reused by the next one
         self.rollbacks = 0
 
-    def healthy(self) -> None:
-        """Records that the current state is healthy: the copy is refreshed every ``every`` calls (the first always)."""
+    def healthy(self) -> bool:
+        """Records that the current state is healthy: the copy is refreshed every ``every`` calls (the first always).
+
+        Returns:
+            Whether a copy was taken now.
+        """
         if not self.has_snapshot or self._since_copy + 1 >= self.every:
             self.save()
-        else:
-            self._since_copy += 1
+            return True
+        self._since_copy += 1
+        return False
+
+    def refresh_extra(self) -> None:
+        """Takes the owner's state (``save_extra``) for the latest copy again, leaving its tensors alone.
+
+        For state the owner measured on the copy's weights after the copy was taken: ``DecisionLoop``'s estimator
+        round runs after the decision's copy, and a rollback to it brought back the estimates from before that round
+        (until 2026-12-06).
+        """
+        latest = self._unconfirmed if self._unconfirmed is not None else self._good
+        if latest is not None and self.save_extra is not None:
+            latest.extra = self.save_extra()
 
     def reserve(self) -> None:
         """Copies the starting state now, so that the copy's memory is allocated before training starts.
@@ -230,8 +246,9 @@ class RollbackGuard:
 
     def confirm(self) -> None:
         """With ``confirm``: the latest copy's state gave a finite loss, so it becomes the one restored."""
-        if self._unconfirmed is not None:
-            self._spare, self._good, self._unconfirmed = self._good, self._unconfirmed, None
+        if self._unconfirmed is not None:  # the confirmed copy before it becomes the spare (none after a resume: kept)
+            spare = self._good if self._good is not None else self._spare
+            self._spare, self._good, self._unconfirmed = spare, self._unconfirmed, None
 
     @property
     def copy_is_current(self) -> bool:
@@ -251,8 +268,10 @@ class RollbackGuard:
         and a copy per tensor).
         """
         if self.confirm_copies:
-            reuse = self._unconfirmed or self._spare  # never the confirmed copy: it is what a rollback restores
-            self._unconfirmed, self._spare = None, None
+            # Never into the confirmed copy: it is what a rollback restores. The one of the two not reused stays the
+            # spare (after a resume both are held: dropping one allocated a whole copy again, pinned on a GPU).
+            reuse, keep = (self._unconfirmed, self._spare) if self._unconfirmed is not None else (self._spare, None)
+            self._unconfirmed, self._spare = None, keep
             self._unconfirmed = self._take(reuse)
         else:
             self._good = self._take(self._good)
@@ -450,6 +469,12 @@ class ObservationStats:
         data = np.asarray(observations, dtype=np.float64)
         if data.ndim != 2 or len(data) == 0:
             raise ValueError(f"need a non-empty [n, features] array; got shape {data.shape}")
+        unfinite = np.flatnonzero(~np.isfinite(data).all(axis=0))
+        if unfinite.size:  # a NaN bound switched the fallback off for the feature, and load() refused the saved file
+            raise ValueError(
+                f"observations hold NaN or infinite values in feature {int(unfinite[0])} (of {len(unfinite)} such "
+                "features): every bound of a training range must be a finite number"
+            )
         return cls(tuple(data.min(0).tolist()), tuple(data.max(0).tolist()), len(data))
 
     def distance(self, observation: np.ndarray) -> float:
