@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import command_line, git_commit, parse_args
+from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args
 
 
 @dataclass
@@ -146,8 +146,9 @@ def check_args(args: Args) -> tuple[list[str], list[str]]:
     """
     from triaccel_rl.tasks import task_names
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    # Each once: a repeated name ran its seeds again and counted them twice in the row's means and "per seed" lists.
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    rows = list(dict.fromkeys(r.strip() for r in args.rows.split(",") if r.strip()))
     if not tasks:
         raise ValueError(f"--tasks {args.tasks!r} is empty: give comma-separated tasks, e.g. dwcnn-fmnist")
     unknown = [task for task in tasks if task not in task_names()]
@@ -165,6 +166,7 @@ def check_args(args: Args) -> tuple[list[str], list[str]]:
         raise ValueError(f"--eval-every-steps {args.eval_every_steps} must be >= 0 (0: every --eval-every decisions)")
     if not (math.isfinite(args.epochs) and args.epochs > 0):
         raise ValueError(f"--epochs {args.epochs} must be a positive finite number")
+    file_to_write("--out", args.out)  # a folder was found only when the results were written, after every run
     return tasks, rows
 
 

@@ -47,7 +47,7 @@ from torch._dynamo.utils import counters
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.experiment import command_line, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, git_commit, parse_args
 from triaccel_rl.tasks import get_task, task_names
 
 ROWS = (
@@ -122,7 +122,7 @@ def main(args: Args) -> dict[str, Any]:
         "backend": backend,
         "rows": [],
     }
-    out = Path(args.out)
+    out = Path(away_from_results("--out", args.out, Args.out) if args.smoke else args.out)  # recorded results stay
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in models:
         torch._dynamo.reset()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import command_line, parse_args
+from triaccel_rl.experiment import command_line, file_to_write, parse_args
 
 
 @dataclass
@@ -40,9 +40,19 @@ def main(args: Args) -> list[dict[str, object]]:
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     from triaccel_rl.rl import make_env_fns
+    from triaccel_rl.tasks import task_names
 
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in task_names()]
+    if not tasks or unknown:  # an unknown or blank name failed after the earlier tasks' measurements, lost
+        raise SystemExit(f"--tasks {args.tasks!r}: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}")
+    for flag, value in (("--n-envs", args.n_envs), ("--steps", args.steps), ("--interval-steps", args.interval_steps)):
+        if value < 1:  # --steps 0 wrote 0.0 env steps/s; --n-envs 0 an IndexError
+            raise SystemExit(f"{flag} {value} must be >= 1")
+    if args.out:
+        file_to_write("--out", args.out)
     rows = []
-    for task in args.tasks.split(","):
+    for task in tasks:
         fns = make_env_fns([task], args.n_envs, max_decisions=10**6, interval_steps=args.interval_steps,
                            device=args.device)  # fmt: skip
         venv = SubprocVecEnv(fns) if args.n_envs > 1 else DummyVecEnv(fns)

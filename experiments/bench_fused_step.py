@@ -57,7 +57,7 @@ from triaccel_rl.kernels import (
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import command_line, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
 
     sets = parameter_sets(args.smoke)
+    unknown_sets = [name for name in args.sets.split(",") if name not in sets]
+    unknown_optimizers = [name for name in args.optimizers.split(",") if f"{name}_step" not in GPU_LAUNCH_CONFIGS]
+    if unknown_sets or unknown_optimizers:  # before, a KeyError after the first set's rows, and no file written
+        raise SystemExit(
+            f"--sets {args.sets!r} / --optimizers {args.optimizers!r}: unknown "
+            f"{', '.join(map(repr, unknown_sets + unknown_optimizers))}; sets: {', '.join(sets)}; optimizers: "
+            f"{', '.join(k.removesuffix('_step') for k in GPU_LAUNCH_CONFIGS if k.endswith('_step'))}"
+        )
     rows = []
     for set_name in args.sets.split(","):
         layers = sets[set_name]
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.sweep and not args.smoke:
                 sweep_configs(device, layers, optimizer, args)
 
-    output = Path(args.output)
+    # A smoke run leaves the recorded GPU results alone (it replaced them with 4 CPU rows).
+    output = Path(away_from_results("--output", args.output, Args.output) if args.smoke else args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
     _print_table(rows, copy_gbps)

@@ -81,7 +81,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.compare import json_safe
 from triaccel_rl.engine import GradStats, StepEngine
-from triaccel_rl.experiment import git_commit
+from triaccel_rl.experiment import away_from_results, git_commit
 from triaccel_rl.models import SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector, SignalConfig, SignalMode
@@ -811,6 +811,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(args: Args) -> list[dict[str, Any]]:
     if args.smoke:
+        args.output = away_from_results("--output", args.output, Args.output)  # the recorded GPU rows stay alone
         args.window_s, args.repeats, args.warmup_steps = min(args.window_s, 0.05), min(args.repeats, 2), 2
         args.interval_steps, args.max_warmup_steps = min(args.interval_steps, 4), min(args.max_warmup_steps, 8)
         args.isolated_calls = min(args.isolated_calls, 3)

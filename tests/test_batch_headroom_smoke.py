@@ -90,3 +90,27 @@ def test_the_results_record_device_date_commit_and_command(headroom, tmp_path: P
     assert document["device"] == "cpu" and document["commit"] and len(document["date"]) == 10
     assert document["command"].startswith("python experiments/batch_headroom.py")
     assert document["args"]["epochs"] == 0.05 and len(document["runs"]) == 1
+
+
+def test_repeated_names_run_once_and_a_folder_as_out_is_refused_before_any_run(headroom, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--tasks a,a --rows bf16,bf16`` ran seed 0 four times and listed it four times "per seed"; ``--out`` naming a
+    folder failed after every run, and nothing was written."""
+    args = headroom.Args(tasks="deep-mlp-synthetic,deep-mlp-synthetic", rows="bf16,bf16", out=str(tmp_path / "r.json"))
+    assert headroom.check_args(args) == (["deep-mlp-synthetic"], ["bf16"])
+    with pytest.raises(ValueError, match=r"--out .*is a folder"):
+        headroom.check_args(headroom.Args(tasks="deep-mlp-synthetic", rows="bf16", out=str(tmp_path)))
+
+
+def test_bench_env_refuses_bad_arguments_before_measuring(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--steps 0`` wrote 0.0 env steps/s, ``--n-envs 0`` raised an IndexError, and an unknown or blank task name
+    failed after the earlier tasks' measurements, which were lost."""
+    bench_env = import_experiment("bench_env")
+    for kwargs, message in (
+        ({"steps": 0}, "--steps 0 must be >= 1"),
+        ({"n_envs": 0}, "--n-envs 0 must be >= 1"),
+        ({"tasks": "synthetic,nope"}, "unknown 'nope'"),
+        ({"tasks": " , "}, "empty"),
+        ({"out": str(tmp_path)}, "is a folder"),
+    ):
+        with pytest.raises((SystemExit, ValueError), match=message):
+            bench_env.main(bench_env.Args(**kwargs))

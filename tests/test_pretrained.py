@@ -549,6 +549,14 @@ def test_transfer_smoke(tmp_path):
     fake["t"]["runs/candidate.zip"] = {**fake["t"].pop("pretrained"), "time_to_target_charged_s_mean": 0.8}
     assert transfer.target_check(fake)["lines"] == ["target check: missing rows (need pretrained, heuristic, bf16)"]
     assert transfer.target_check(fake, "runs/candidate.zip")["met"] is True
+    # A task without the judged row: not judged on the others alone (a job stopped after its first task said MET)
+    fake["u"] = {name: dict(row) for name, row in fake["t"].items() if name != "runs/candidate.zip"}
+    partial = transfer.target_check(fake, "runs/candidate.zip")
+    assert partial["met"] is None and partial["missing"] == {"u": ["runs/candidate.zip"]}
+    assert (
+        partial["lines"][-1]
+        == "not judged: rows missing on u (no runs/candidate.zip): the margins above are of 1 of 2 tasks"
+    )
     with pytest.raises(ValueError, match=r"--judge 'learned:candidate.zip' is none of --controllers: heuristic, bf16"):
         transfer.main(transfer.Args(smoke=True, judge="learned:candidate.zip", out=str(out), plots=""))
 
@@ -804,3 +812,14 @@ def test_observation_stats_refuse_non_finite_observations(bad):
     a file ``load`` refused."""
     with pytest.raises(ValueError, match=r"observations hold NaN or infinite values in feature 1 \(of 1 such"):
         ObservationStats.from_observations(np.array([[0.0, 2.0], [1.0, bad]]))
+
+
+def test_a_candidate_zip_retrained_in_place_is_not_reused(tmp_path):
+    """Only ``pretrained`` was hashed: a candidate zip retrained at its path (``--judge``) reused the old zip's runs."""
+    transfer = import_experiment("transfer")
+    zip_path = tmp_path / "candidate.zip"
+    zip_path.write_bytes(b"first weights")
+    first = transfer._sha(str(zip_path))
+    zip_path.write_bytes(b"retrained weights")
+    assert first is not None and transfer._sha(str(zip_path)) not in (None, first)
+    assert transfer._sha("heuristic") is None
