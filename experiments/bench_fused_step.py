@@ -112,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             print("no CUDA device; run with --smoke for a CPU smoke test", file=sys.stderr)
             return 2
         device = torch.device("cuda")
+    sets = parameter_sets(args.smoke)
+    unknown_sets = [name for name in args.sets.split(",") if name not in sets]
+    unknown_optimizers = [name for name in args.optimizers.split(",") if f"{name}_step" not in GPU_LAUNCH_CONFIGS]
+    if unknown_sets or unknown_optimizers:  # before, a KeyError after the first set's rows, and no file written
+        raise SystemExit(
+            f"--sets {args.sets!r} / --optimizers {args.optimizers!r}: unknown "
+            f"{', '.join(map(repr, unknown_sets + unknown_optimizers))}; sets: {', '.join(sets)}; optimizers: "
+            f"{', '.join(k.removesuffix('_step') for k in GPU_LAUNCH_CONFIGS if k.endswith('_step'))}"
+        )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     launch = {kernel: config for kernel, config in GPU_LAUNCH_CONFIGS.items() if kernel != "cast"}
     print(f"device {device_name}, torch {torch.__version__}, default (block_size, num_warps): {launch}")
@@ -127,15 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = measure_copy_bandwidth(device, args)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
 
-    sets = parameter_sets(args.smoke)
-    unknown_sets = [name for name in args.sets.split(",") if name not in sets]
-    unknown_optimizers = [name for name in args.optimizers.split(",") if f"{name}_step" not in GPU_LAUNCH_CONFIGS]
-    if unknown_sets or unknown_optimizers:  # before, a KeyError after the first set's rows, and no file written
-        raise SystemExit(
-            f"--sets {args.sets!r} / --optimizers {args.optimizers!r}: unknown "
-            f"{', '.join(map(repr, unknown_sets + unknown_optimizers))}; sets: {', '.join(sets)}; optimizers: "
-            f"{', '.join(k.removesuffix('_step') for k in GPU_LAUNCH_CONFIGS if k.endswith('_step'))}"
-        )
     rows = []
     for set_name in args.sets.split(","):
         layers = sets[set_name]

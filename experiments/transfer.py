@@ -86,7 +86,8 @@ class Args:
     out: str = "experiments/results/transfer.json"
     """Results JSON (a file path; ``--calibrate`` writes none with ''). Written through a temporary file beside it."""
     reuse: bool = False
-    """Keep runs already in ``out`` made with the same settings (and, for ``pretrained``, the same zip), those of
+    """Keep runs already in ``out`` made with the same settings (and, for ``pretrained`` or a zip, the same zip by hash;
+    a zip's runs recorded before 2026-12-06 hold no hash and run again), those of
     tasks not in ``--tasks`` too (with ``--tune-lr``, of a task tuned on the same grid); the rest is dropped."""
     plots: str = "experiments/results/plots/transfer"
     """Folder for one PNG per task: accuracy, low-precision share and LR multiplier against modelled time
@@ -462,7 +463,7 @@ def _settings(base: dict[str, Any], factor: float) -> dict[str, Any]:
 
 
 def _reusable(run: dict[str, Any], settings: dict[str, Any], seeds: int) -> bool:
-    """Whether ``--reuse`` keeps ``run``: made with ``settings`` (and the shipped zip), on one of seeds 0..N-1.
+    """Whether ``--reuse`` keeps ``run``: made with ``settings`` (and the same zip), on one of seeds 0..N-1.
 
     A run of --seeds 3 reused by --seeds 1 had kept seeds 1 and 2 in the summary.
     """
@@ -517,12 +518,12 @@ def _sha(controller: str) -> str | None:
     A candidate zip retrained in place at its path (the ``--judge`` workflow) reused the old zip's runs until
     2026-12-06: only ``pretrained`` was hashed.
     """
-    if controller == "pretrained":
+    if controller.lower() == "pretrained":  # make_policy reads names case-blind
         from triaccel_rl.policies import pretrained_policy_path
 
         return hashlib.sha256(pretrained_policy_path().read_bytes()).hexdigest()
     path = Path(controller.removeprefix("learned:"))
-    if path.suffix == ".zip" and path.is_file():
+    if path.suffix.lower() == ".zip" and path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     return None
 

@@ -552,7 +552,8 @@ def compare(
     plain = [c for c in controllers if c.startswith("plain-")]
     total = epochs * len(controllers) * len(seeds)
     results = []
-    digits = 1 if total >= 1 else 3  # a total of 0.002 epochs read 0.0/0.0
+    # Fixed decimals, enough for the total's first two figures ({n:.3g} switched to 1.5e+03 past 1000 epochs)
+    digits = 1 if total >= 1 else max(1, 1 - math.floor(math.log10(total)))
     count = f"{{n:.{digits}f}}/{{total:.{digits}f}}"
     bar_format = "{l_bar}{bar}| " + count + " epochs [{elapsed}<{remaining}{postfix}]"
     with tqdm(total=total, disable=not show_progress, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
