@@ -705,14 +705,14 @@ def test_device_moments_unsampled_call_touches_neither_tensors_nor_clock(monkeyp
     assert moments.samples_next  # calls 2 and 3 were counted: the 4th is sampled
     result = moments.flush()
     assert (result.n_observed, result.loss, result.sq_norm[0]) == (1, 2.0, 4.0)
-    with pytest.raises(ValueError, match=r"layer_sq has shape \(2,\); expected \(1,\)"):
+    with pytest.raises(ValueError, match=r"layer_sq must be a tensor of shape \(1,\); got \(2,\)"):
         DeviceMoments([[model.weight]]).observe_layers(torch.tensor(1.0), torch.ones(2))
 
 
 def test_device_moments_a_refused_call_leaves_the_sampling_clock_as_it_was() -> None:
     """A refused call kept its clock reading, and the next sampled call divided by zero calls since it."""
     moments = DeviceMoments([[nn.Linear(3, 2).weight]], budget_frac=0.5)
-    with pytest.raises(ValueError, match="layer_sq has shape"):
+    with pytest.raises(ValueError, match=r"layer_sq must be a tensor of shape \(1,\); got \(2,\)"):
         moments.observe_layers(torch.tensor(1.0), torch.ones(2))
     moments.observe_layers(torch.tensor(1.0), torch.ones(1))  # sampled (the first counted call)
     moments.observe_layers(torch.tensor(3.0), torch.ones(1))
@@ -738,7 +738,8 @@ def test_device_moments_a_refused_call_leaves_no_state_even_with_a_full_clock(
     state = (moments._calls, moments._observed, moments._last_sampled_at, moments._last_sampled_call)
     steps = list(moments._recent_steps)
     clock[0] += 1.0
-    with pytest.raises(ValueError, match=r"loss must be a one-element tensor .*shape \(4,\)|layer_sq has shape"):
+    refused = r"loss must be a one-element tensor .*shape \(4,\)|layer_sq must be a tensor of shape"
+    with pytest.raises(ValueError, match=refused):
         if call == "observe":
             moments.observe(torch.ones(4))
         elif call == "observe_layers":
@@ -879,7 +880,7 @@ def test_device_moments_observe_layers_equals_observe() -> None:
     np.testing.assert_allclose(b.sq_norm, a.sq_norm, rtol=1e-5)
     np.testing.assert_allclose(b.norm, a.norm, rtol=1e-5)
     assert b.loss == pytest.approx(a.loss)
-    with pytest.raises(ValueError, match="expected \\(2,\\)"):
+    with pytest.raises(ValueError, match=r"layer_sq must be a tensor of shape \(2,\); got \(3,\)"):
         by_layers.observe_layers(loss, torch.zeros(3))
 
 
@@ -1294,3 +1295,75 @@ def test_an_interval_of_a_fractional_step_count_is_refused() -> None:
     assert collector.n_steps == 0
     collector.observe_interval(interval, n_steps=np.int64(2), train_ms=10.0, skipped=1)  # numpy's whole numbers pass
     assert collector.n_steps == 2
+
+
+def _linear_moments(**kwargs):
+    from torch import nn
+
+    from triaccel_rl.signals import DeviceMoments
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(kwargs.pop("dtype", torch.float32))
+    return model, DeviceMoments([[model.weight, model.bias]], **kwargs)
+
+
+def test_a_refused_observe_layers_call_counts_nothing():
+    """A NumPy array passed the shape check and left a zero row, read as a finite step; a list counted the call."""
+    _, moments = _linear_moments()
+    for bad in (np.array([4.0]), [4.0]):
+        with pytest.raises(ValueError, match=r"layer_sq must be a tensor of shape \(1,\); got "):
+            moments.observe_layers(torch.tensor(5.0), bad)  # type: ignore[arg-type]
+    moments.observe_layers(torch.tensor(5.0), torch.tensor([4.0]))
+    result = moments.flush()
+    assert (result.n_observed, result.n_finite, result.sq_norm.tolist(), result.loss) == (1, 1, [4.0], 5.0)
+
+
+def test_device_moments_loaded_into_a_used_instance_restart_their_sampling_clock():
+    """The clock of the calls before the load was kept: the next sampled call divided by zero."""
+    model, moments = _linear_moments(budget_frac=0.5)
+
+    def step():
+        model.zero_grad()
+        loss = model(torch.randn(4, 3)).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        moments.observe(step())
+    saved = moments.state_dict()
+    moments.observe(step())
+    moments.load_state_dict(saved)
+    for _ in range(3):
+        moments.observe(step())
+    assert all(t > 0 for t in moments._recent_steps)
+    assert moments.flush().n_observed == 6
+
+
+def test_a_lagged_flush_keeps_float64_rows_in_float64():
+    """The host buffer was float32: a float64 model's norm of 1e39 became inf and its step was dropped."""
+    model, lagged = _linear_moments(dtype=torch.float64)
+    _, direct = _linear_moments(dtype=torch.float64)
+    direct._params = lagged._params
+    results = []
+    for scale in (1.0, 1e39):
+        model.zero_grad()
+        loss = (model(torch.randn(4, 3, dtype=torch.float64)) * scale).sum()
+        loss.backward()
+        lagged.observe(loss)
+        direct.observe(loss)
+        results.append((direct.flush(), lagged.flush_lagged()))
+    final = lagged.flush_lagged()
+    for want, got in zip([r[0] for r in results], [results[1][1], final], strict=True):
+        assert got.n_finite == want.n_finite == 1 and got.sq_norm.tolist() == want.sq_norm.tolist()
+
+
+def test_an_infinite_gradient_row_is_dropped_without_a_numpy_warning():
+    import warnings
+
+    model, moments = _linear_moments()
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+    model.bias.grad = torch.zeros_like(model.bias)
+    moments.observe(torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert moments.flush().n_finite == 0

@@ -693,7 +693,12 @@ class SignalCollector:
             )
         times = {key: saved.real(key, least=0.0) for key in ("overhead_ms", "train_ms", "cheap_ms", "interval_time_ms")}
         emas = {key: saved.reals(key, n) for key in ("sq_ema", "norm_ema")}
+        for key, values in emas.items():  # averages of squares and norms: a negative one read as negative curvature
+            if (values < 0).any():
+                raise ValueError(f"the signal collector's state has {key} {values.tolist()}: every value must be >= 0")
         ema_weight = saved.real("ema_weight", least=0.0)
+        if ema_weight > 1.0:  # the weight of the averages' terms so far, 1 - decay**n
+            raise ValueError(f"the signal collector's state has ema_weight {ema_weight}: it must be in [0, 1]")
         loss_ema, previous_probe = saved.real("loss_ema", nan=True), saved.real("previous_probe", nan=True)
         previous_step_ms = saved.real("previous_step_ms", nan=True, least=0.0)
         self.n_steps, self._previous_peak_bytes = counts["n_steps"], counts["previous_peak_bytes"]

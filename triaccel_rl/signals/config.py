@@ -77,10 +77,12 @@ class SignalConfig:
         target_interval_steps: the adaptive schedule sizes a round so that one fits the budget at least
             every this many optimizer steps (smaller rounds when steps are cheap); it runs a round as soon
             as the budget has room for it.
-        micro_batch_size: samples per micro-batch of the gradient-noise estimator (fixed, so that GPU
-            kernels are tuned for one shape). A probe batch too small for the round's micro-batches of this size
-            gets fewer micro-batches of two samples (one each under four samples). 1 gives per-sample gradients,
-            which a batch norm in training mode refuses (it needs two samples for its batch statistics).
+        micro_batch_size: the most samples a micro-batch of the gradient-noise estimator holds. A round keeps its
+            planned number of micro-batches ``m`` and gives each ``min(micro_batch_size, n // m)`` of the ``n`` probe
+            samples, so the shape is this size (and fixed, GPU kernels tuned for it) only where the probe batch holds
+            ``m × micro_batch_size``; under two samples each, fewer micro-batches of two (one each under four
+            samples). 1 gives per-sample gradients, which a batch norm in training mode refuses (it needs two samples
+            for its batch statistics).
         hutchinson_batch_size: samples in the Hutchinson sub-batch (capped by the samples available).
         max_microbatches: largest number of micro-batches in a round, >= 2.
         max_probes: largest number of Hutchinson probes in a round, >= 1.

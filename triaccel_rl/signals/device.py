@@ -225,9 +225,10 @@ class DeviceMoments:
         """
         if not self._take():
             return
-        if layer_sq.shape != (self.n_layers,):  # checked on sampled calls: the first call is always one
-            self._untake()
-            raise ValueError(f"layer_sq has shape {tuple(layer_sq.shape)}; expected ({self.n_layers},)")
+        if not isinstance(layer_sq, torch.Tensor) or layer_sq.shape != (self.n_layers,):  # checked on sampled calls
+            self._untake()  # (the first call is always one); a NumPy array passed, then left a zero row counted
+            shown = tuple(layer_sq.shape) if isinstance(layer_sq, torch.Tensor) else type(layer_sq).__name__
+            raise ValueError(f"layer_sq must be a tensor of shape ({self.n_layers},); got {shown}")
         self._check_loss(loss)
         start = time.perf_counter()
         if self._layer_rows is None:
@@ -237,8 +238,13 @@ class DeviceMoments:
             self._observed -= 1  # max_rows reached: this step is not recorded
         else:
             rows = self._layer_rows  # two copies into views made once: cheaper on the host than one cat(out=)
-            rows.stats[row].copy_(layer_sq.detach())
-            rows.losses[row].copy_(loss.detach().reshape(()))
+            try:
+                rows.stats[row].copy_(layer_sq.detach())
+                rows.losses[row].copy_(loss.detach().reshape(()))
+            except BaseException:  # the row given back, as observe() does: a zero row read as a finite step
+                rows.used -= 1
+                self._untake()
+                raise
         self._charge(time.perf_counter() - start)
 
     def _charge(self, elapsed: float) -> None:
@@ -310,8 +316,9 @@ class DeviceMoments:
         for rows in self._used_rows():
             key = "tensor" if rows.per_tensor else "layer"
             host = slot.get(key)
-            if host is None or host.shape != rows.data.shape:  # once per buffer size: pinned allocation is slow
-                host = slot[key] = torch.empty(rows.data.shape, pin_memory=rows.data.is_cuda)
+            if host is None or host.shape != rows.data.shape or host.dtype != rows.data.dtype:  # once per size: slow
+                # In the rows' dtype: float64 rows went through float32 (a norm of 1e39 became inf, its step dropped)
+                host = slot[key] = torch.empty(rows.data.shape, dtype=rows.data.dtype, pin_memory=rows.data.is_cuda)
             host[: rows.used].copy_(rows.data[: rows.used], non_blocking=True)
             blocks.append((rows.per_tensor, host[: rows.used].numpy()))  # read once the event below completed
         done = torch.cuda.Event() if self._device.type == "cuda" else None
@@ -380,6 +387,12 @@ class DeviceMoments:
                 "expected rows <= observed <= calls"
             )
         self.every_steps, self._calls, self._observed, self._call_s = every_steps, calls, observed, recorded_ms / 1e3
+        # The sampling clock and a lagged flush belong to the calls before the load: kept, a used instance's next
+        # sampled call divided by zero (calls rewound to the last sampled one) or timed a negative step.
+        self._last_sampled_at, self._last_sampled_call = 0.0, 0
+        self._undo = (0.0, 0, False, None)
+        self._recent_steps.clear()
+        self._pending = None
         self._tensor_rows = self._rows_from(blocks["tensor_rows"], len(self._params), per_tensor=True)
         self._layer_rows = self._rows_from(blocks["layer_rows"], self.n_layers, per_tensor=False)
 
@@ -418,8 +431,8 @@ class DeviceMoments:
         for per_tensor, block in blocks:
             values = block.astype(np.float64)
             stats, losses = values[:, :-1], values[:, -1]
-            sq = np.square(stats) @ self._to_layers if per_tensor else stats
-            with np.errstate(invalid="ignore"):  # a non-finite row is dropped below
+            with np.errstate(invalid="ignore", over="ignore"):  # a non-finite row (inf × 0 too) is dropped below
+                sq = np.square(stats) @ self._to_layers if per_tensor else stats
                 table = np.concatenate([sq, np.sqrt(sq), losses[:, None]], axis=1)
             finite = np.isfinite(table).all(axis=1)
             sums += table[finite].sum(axis=0)
