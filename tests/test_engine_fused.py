@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 import warnings
 
 import numpy as np
@@ -1542,3 +1543,75 @@ def test_the_fused_loss_scale_grows_only_where_it_stays_finite_as_grad_scalers()
         assert not skipped, f"step {step}"
         assert engine.loss_scale == scaler.get_scale() == 2.0**127, f"step {step}"
         assert int(engine.state_dict()["scaler"]["clean_steps"]) == scaler.state_dict()["_growth_tracker"]
+
+
+def _adamw_decay_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.05},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
+    ]
+    return model, torch.optim.AdamW(groups, lr=1e-2)
+
+
+def _engine_step(model, engine, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 4, generator=generator), torch.randint(0, 2, (8,), generator=generator)
+    engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+
+
+def test_a_reference_checkpoint_the_fused_step_cannot_run_is_refused_before_it_loads():
+    """A layer's decay and no-decay groups at different LRs (a warm-up of the biases only) passed check_state_dict and
+    were refused by the optimizer's load hook after the groups and moments had been replaced: every later step
+    raised."""
+    model, optimizer = _adamw_decay_groups()
+    reference = StepEngine(model, optimizer, torch.device("cpu"), fused=False)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: min(1.0, (s + 1) / 10)])
+    _engine_step(model, reference, 0)
+    warmup.step()
+    saved = reference.state_dict()
+    model, optimizer = _adamw_decay_groups()
+    fused = StepEngine(model, optimizer, DEVICE, fused=True)
+    _engine_step(model, fused, 1)
+    before = copy.deepcopy(fused.fused_optimizer.state_dict())
+    for call in (fused.check_state_dict, fused.load_state_dict):
+        with pytest.raises(ValueError, match=r"layer '0' has parameters in param groups whose LRs now differ"):
+            call(saved)
+    after = fused.fused_optimizer.state_dict()
+    for key, value in before.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, after[key]), key
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.01]
+    _engine_step(model, fused, 2)  # the engine still steps
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (None, "the checkpoint's optimizer state is NoneType, not a dict of kind, options, layer_numels, steps"),
+        ([1, 2], "the checkpoint's optimizer state is list, not a dict"),
+        ("no-options", "the checkpoint's optimizer state lacks 'options'"),
+    ],
+)
+def test_a_fused_checkpoints_malformed_optimizer_entry_is_refused_by_the_check(bad, message):
+    """It passed check_state_dict and the load raised an AttributeError or KeyError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    engine = StepEngine(model, torch.optim.AdamW(model.parameters(), lr=0.01), DEVICE, fused=True)
+    engine.backward_and_step(model(torch.randn(3, 4, device=DEVICE)).sum())
+    state = engine.state_dict()
+    if bad == "no-options":
+        bad = {k: v for k, v in state["optimizer"].items() if k != "options"}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.check_state_dict({**state, "optimizer": bad})
+
+
+def test_grad_mean_sq_norm_reads_no_sgd_formula_into_rmsprops_momentum():
+    """RMSprop keeps a ``momentum_buffer`` (a preconditioned average) and no ``dampening``: a KeyError at every
+    Controller decision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    engine = StepEngine(model, torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9), torch.device("cpu"))
+    engine.backward_and_step(model(torch.randn(3, 4)).sum())
+    assert np.isnan(engine.grad_mean_sq_norm()).all()

@@ -671,7 +671,7 @@ class StepEngine:
             if "exp_avg" in state:
                 bias = 1.0 - group["betas"][0] ** float(state.get("step", 1))
                 per_param.append(state["exp_avg"].float().square().sum() / max(bias, 1e-12) ** 2)
-            elif state.get("momentum_buffer") is not None:
+            elif state.get("momentum_buffer") is not None and "dampening" in group:  # SGD's (RMSprop's is not)
                 factor = _sgd_mean_factor(group["momentum"], group["dampening"])
                 per_param.append(state["momentum_buffer"].float().square().sum() * factor**2)
             else:
@@ -831,6 +831,14 @@ class StepEngine:
         if across or not self.fused:  # torch.optim checks the groups' sizes, not shapes (the fused step its own)
             _check_state_shapes(self.optimizer, optimizer_state)
             _check_layer_keys(optimizer_state["param_groups"], self.n_layers, "the checkpoint's ")
+        if self.fused and not across:  # the fused optimizer's own state: read by key in its load (an AttributeError)
+            _require_keys("optimizer state", optimizer_state, ("kind", "options", "layer_numels", "steps"))
+        if self.fused and across:  # a reference run's groups the fused step cannot run: refused before the load,
+            # which replaced the groups and moments before its post-hook refused them (every later step raised)
+            try:
+                self._check_group_settings(optimizer_state["param_groups"])
+            except KeyError as error:
+                raise ValueError(f"the checkpoint's param groups lack {error}: they are not torch.optim's") from None
         groups = None
         if self.fused and not across and state.get("torch_optimizer") is not None:
             # The fused optimizer's own state holds no param group: a fused resume kept the new run's LRs (a
