@@ -397,6 +397,15 @@ class Controller:
             ", ".join(sorted({p.name.lower() for p in self.engine.precision.precisions})),
         )
 
+    def _refuse_broken_model(self, why: str) -> None:
+        """A ``NoGoodStateError`` where trained parameters or buffers hold NaN or inf (``why`` follows "values")."""
+        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)  # trained parameters only
+        if broken:
+            raise NoGoodStateError(
+                f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values"
+                f"{'' if why.startswith(':') else ' '}{why}"
+            )
+
     def _state_mark(self) -> tuple[int, object]:
         """What tells that the weights or the optimizer's state were written from outside.
 
@@ -418,13 +427,9 @@ class Controller:
         how, mark = self._copy_taken
         now = self._state_mark()
         if now[0] != mark[0] or now[1] is not mark[1]:
-            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)
-            if broken:  # as load_state_dict refuses it: taken as the good copy, it was restored at every interval
-                # Nothing changes here: refused again until a good state is loaded, which is then copied.
-                raise NoGoodStateError(
-                    f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "
-                    "values after they were loaded: no rollback can repair them; load an earlier checkpoint"
-                )
+            # As load_state_dict refuses it: taken as the good copy, it was restored at every interval. Nothing changes
+            # here: refused again until a good state is loaded, which is then copied.
+            self._refuse_broken_model("after they were loaded: no rollback can repair them; load an earlier checkpoint")
             if how == "reserve":
                 self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
             else:
@@ -802,13 +807,10 @@ class Controller:
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         self.engine.check_state_dict(state["engine"])
         if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
-            broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)  # trained parameters only
-            if broken:
-                raise NoGoodStateError(
-                    f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite "
-                    "values: its checkpoint was saved after a step broke them, before the rollback it would have "
-                    "brought; resume from an earlier checkpoint (load the model's weights before the controller's)"
-                )
+            self._refuse_broken_model(
+                ": its checkpoint was saved after a step broke them, before the rollback it would have brought; resume "
+                "from an earlier checkpoint (load the model's weights before the controller's)"
+            )
         steps, skipped, rollbacks = (_checked_count(state, key, 0) for key in ("steps", "skipped_steps", "rollbacks"))
         if skipped > steps:
             raise ValueError(f"the checkpoint's skipped_steps {skipped} is more than its steps {steps}")
