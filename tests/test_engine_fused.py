@@ -1545,9 +1545,9 @@ def test_the_fused_loss_scale_grows_only_where_it_stays_finite_as_grad_scalers()
         assert int(engine.state_dict()["scaler"]["clean_steps"]) == scaler.state_dict()["_growth_tracker"]
 
 
-def _adamw_decay_groups():
+def _adamw_decay_groups(device=None):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(device or "cpu")
     groups = [
         {"params": [model[0].weight, model[2].weight], "weight_decay": 0.05},
         {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
@@ -1558,7 +1558,8 @@ def _adamw_decay_groups():
 def _engine_step(model, engine, seed):
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.randn(8, 4, generator=generator), torch.randint(0, 2, (8,), generator=generator)
-    engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    device = next(model.parameters()).device
+    engine.backward_and_step(nn.functional.cross_entropy(model(x.to(device)), y.to(device)))
 
 
 def test_a_reference_checkpoint_the_fused_step_cannot_run_is_refused_before_it_loads():
@@ -1571,7 +1572,7 @@ def test_a_reference_checkpoint_the_fused_step_cannot_run_is_refused_before_it_l
     _engine_step(model, reference, 0)
     warmup.step()
     saved = reference.state_dict()
-    model, optimizer = _adamw_decay_groups()
+    model, optimizer = _adamw_decay_groups(DEVICE)
     fused = StepEngine(model, optimizer, DEVICE, fused=True)
     _engine_step(model, fused, 1)
     before = copy.deepcopy(fused.fused_optimizer.state_dict())
@@ -1597,7 +1598,7 @@ def test_a_reference_checkpoint_the_fused_step_cannot_run_is_refused_before_it_l
 def test_a_fused_checkpoints_malformed_optimizer_entry_is_refused_by_the_check(bad, message):
     """It passed check_state_dict and the load raised an AttributeError or KeyError."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(DEVICE)
     engine = StepEngine(model, torch.optim.AdamW(model.parameters(), lr=0.01), DEVICE, fused=True)
     engine.backward_and_step(model(torch.randn(3, 4, device=DEVICE)).sum())
     state = engine.state_dict()
