@@ -234,6 +234,8 @@ def test_a_compiled_layer_inside_the_models_own_fp32_block_computes_in_fp32_as_t
         with lp.context():
             (compiled_head, compiled_routes), (eager_head, eager_routes) = forward(x), model(x)
         assert compiled_routes.dtype == eager_routes.dtype == torch.float32, precisions
-        assert compiled_head.dtype == eager_head.dtype == lp.precisions[2].dtype, precisions
+        # an fp16 head under a map with bf16 layers hands its result on in fp32 (compiled as eager)
+        handed_up = precisions[2] == "fp16" and "bf16" in precisions
+        assert compiled_head.dtype == eager_head.dtype == (torch.float32 if handed_up else lp.precisions[2].dtype)
         torch.testing.assert_close(compiled_routes, eager_routes, rtol=0, atol=0)
         torch.testing.assert_close(compiled_head, eager_head, rtol=0, atol=0)

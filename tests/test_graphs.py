@@ -144,3 +144,17 @@ def test_a_fault_hook_set_after_building_runs_on_a_graphed_run(cpu_graphs, monke
     run.fault = None
     run.step()
     assert run.graphs.replays == 2
+
+
+def test_a_broadcast_batch_is_copied_into_a_dense_static_input(cpu_graphs):
+    """One sample expanded to a batch (stride 0): a static buffer of its strides overlapped itself; copy_ refused."""
+    graphs, _ = cpu_graphs
+    x = torch.tensor([[1.0, 2.0, 3.0]]).expand(4, 3)
+    y = torch.zeros(4)
+    assert graphs.run("k", x, y, _summed_loss, lambda: None).item() == _summed_loss(x, y).item() == 144.0
+
+
+def test_step_graphs_take_the_device_by_name_as_graph_unsupported_does(monkeypatch):
+    monkeypatch.setattr("triaccel_rl.graphs.graph_unsupported", lambda model, device: "")
+    graphs = StepGraphs(nn.Linear(1, 1), "cpu")  # was AttributeError: 'str' object has no attribute 'type'
+    assert graphs.device == torch.device("cpu")

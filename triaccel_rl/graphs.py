@@ -146,7 +146,10 @@ class StepGraphs:
             ``max_graphs``/``warmup_passes`` is not a whole number >= 1.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, max_graphs: int = 6, warmup_passes: int = 2) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device | str, max_graphs: int = 6, warmup_passes: int = 2
+    ) -> None:
+        device = torch.device(device)  # "cuda" as graph_unsupported takes it
         reason = graph_unsupported(model, device)
         if reason:
             raise ValueError(reason)
@@ -206,7 +209,9 @@ class StepGraphs:
         """The static input tensors for ``x``'s and ``y``'s layout (new ones, holding copies, on first use)."""
         layout = _layout(x, y)
         if layout not in self._inputs:
-            static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+            # clone keeps a dense layout (channels_last) and makes an overlapping one (a broadcast batch) dense: a
+            # buffer with x's stride 0 could not be copied into
+            static_x = x.clone()
             self._inputs[layout] = (static_x, y.clone())
         static_x, static_y = self._inputs[layout]
         static_x.copy_(x)

@@ -17,8 +17,10 @@ A controllable layer called inside the model's own ``torch.autocast(..., enabled
 author asked, whatever its precision (which the controller's costs still count).
 
 Limitation: a parametrized module (``torch.nn.utils.parametrizations.weight_norm``, ``orthogonal``) keeps its
-trainable tensors under ``<module>.parametrizations``: those are listed as a layer of their own that reports fp32,
-while the module computes in the region around it. A warning names such modules.
+trainable tensors under ``<module>.parametrizations``: those are listed as a layer of their own that reports fp32. A
+module left with no parameter of its own (``weight_norm`` of a Linear without bias) is then no layer and computes in the
+region around it; one that keeps one (its bias) is still a layer and computes in its set precision. A warning names
+such modules, saying which case each is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -157,15 +159,14 @@ class LayerPrecision:
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
-        # Each module's last forward in an autocast state (which a recompute restores): did its hooks act (_hooks_on)
-        self._forward_on: dict[tuple[int, bool, torch.dtype], bool] = {}
+        # Each module's last forward in an autocast state (which a recompute restores): how its hooks acted, None where
+        # they were idle (see _forward_state)
+        self._forward_on: dict[tuple[int, bool, torch.dtype], _Forward | None] = {}
         self._mixed = False
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
-        # Open autocast regions of the modules being run: (module, region, whether it emulates fp16 (see below), its
-        # autocast dtype, None where autocast is off in it).
-        self._stack: list[tuple[nn.Module, contextlib.AbstractContextManager[Any], bool, torch.dtype | None]] = []
+        self._stack: list[_Region] = []  # open autocast regions of the modules being run, innermost last
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
         # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
         # called at the top and inside another layer's region has one for each.
@@ -212,13 +213,22 @@ class LayerPrecision:
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
                 self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
-        parametrized = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
-        if parametrized:
+        parametrized = [(name, module) for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+        controlled = {id(m) for m, info in zip(self._modules, self.layers, strict=True) if info.controllable}
+        free = [name for name, module in parametrized if id(module) not in controlled]
+        if free:
             _log.warning(
                 "modules %s are parametrized (torch.nn.utils.parametrize: weight_norm, orthogonal, ...): their "
                 "parameters are listed as '<module>.parametrizations.<name>' layers that report fp32, but the module "
                 "itself computes in the region around it (the context's type); its precision is not controlled",
-                parametrized,
+                free,
+            )
+        kept = [name for name, module in parametrized if id(module) in controlled]
+        if kept:  # a layer that keeps a parameter of its own (weight_norm's Linear its bias) is still a layer
+            _log.warning(
+                "modules %s are parametrized (torch.nn.utils.parametrize): each computes in its set precision, but its "
+                "parametrized tensors are listed as '<module>.parametrizations.<name>' layers that report fp32",
+                kept,
             )
         _guard_compiled_graphs_on_hooks()
 
@@ -357,9 +367,12 @@ class LayerPrecision:
                 yield
         finally:
             self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
+            # A map set inside the inner context: the outer one's uniform fast path, taken for its entry's map, may
+            # no longer hold (its layers computed in the entry's type while the map named another).
+            self._mixed = self._mixed or not self._uniform_fast_path_holds()
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
-                self._stack.pop()[1].__exit__(None, None, None)
+                self._stack.pop().region.__exit__(None, None, None)
             while len(self._swapped) > swapped:
                 _restore(self._swapped.pop()[1])
 
@@ -373,7 +386,8 @@ class LayerPrecision:
         def pre_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            if not self._hooks_on(module):
+            forward = self._forward_state(module)
+            if forward is None:
                 return None
             precision = self.precisions[index]
             # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
@@ -397,13 +411,13 @@ class LayerPrecision:
                 and not self._emulate(index)
             ):
                 self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
-            if not self._mixed_now():
+            if not forward.mixed:
                 # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
                 # gets them.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
             enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
             # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
-            return enter(module, index, args, kwargs, precision if block is not None else None, ours)
+            return enter(module, index, args, kwargs, forward.outer, precision if block is not None else None, ours)
 
         return pre_hook
 
@@ -413,6 +427,7 @@ class LayerPrecision:
         index: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        outer_dtype: torch.dtype | None,
         model_block: Precision | None = None,
         ours: torch.dtype | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -428,17 +443,20 @@ class LayerPrecision:
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
         """
         precision = self.precisions[index] if model_block is None else model_block
-        outer_dtype = self._outer_region_dtype if self._active else self._outer_dtype()  # (a recompute: as it ran)
         # A region re-opened for the model's own block records the type ours was before it (``ours``, :meth:`_ours`),
         # so that a layer called inside this one still tells the model's block from ours (``_model_block_dtype``).
         # A CPU convolution computing in fp16 is emulated, whichever region asks for fp16 (the model's too).
         emulated = precision is Precision.FP16 and self.device_type == "cpu" and self._is_conv[index]
+        # A 16-bit layer of the other type than the outer region's (fp16 under a map with bf16 layers) hands its result
+        # on in fp32: the outer region's promote ops (cat, stack, index_put, ...) take only fp32 and the region's own
+        # type ("Unexpected floating ScalarType in at::autocast::prioritize"). Exact; the next layer casts to its own.
+        hand_up = model_block is None and precision.dtype in _16_BIT and outer_dtype not in (None, precision.dtype)
         if precision is Precision.FP32 or emulated:
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
             # An emulated region is fp16 to ours though autocast is off in it (a layer it calls is in no model block)
             mine = (torch.float16 if emulated else None) if model_block is None else ours
-            self._stack.append((module, region, emulated, mine))
+            self._stack.append(_Region(module, region, emulated, mine, hand_up))
             if emulated:  # fp16-rounded inputs, fp32 arithmetic
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
@@ -451,7 +469,7 @@ class LayerPrecision:
         cache_enabled = self._cache_enabled and precision.dtype == outer_dtype
         region = torch.autocast(self.device_type, dtype=precision.dtype, cache_enabled=cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False, precision.dtype if model_block is None else ours))
+        self._stack.append(_Region(module, region, False, precision.dtype if model_block is None else ours, hand_up))
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -460,7 +478,7 @@ class LayerPrecision:
         # Whether this module's pre-hook opened the innermost region, not _hooks_on: called inside that region, it read
         # the region's autocast state, which a forward outside the context records too, and a recompute's region was
         # left open (every later layer ran in it, and the autocast state leaked past the backward).
-        if self._stack and self._stack[-1][0] is module:
+        if self._stack and self._stack[-1].module is module:
             return (self._eager_regions[1] if self._eager_regions else self._exit_region)(module, output)
         return None
 
@@ -470,16 +488,23 @@ class LayerPrecision:
         Nothing when the innermost region is not ``module``'s: its pre-hook opened none (a hook before it raised,
         and this one runs because it is always called), and another module's region must stay open.
         """
-        if self._stack[-1][0] is not module:
+        if self._stack[-1].module is not module:
             return None
-        _, region, emulated, _ = self._stack.pop()
+        _, region, emulated, _, hand_up = self._stack.pop()
         region.__exit__(None, None, None)
         if emulated and isinstance(output, torch.Tensor):
-            return output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
+            output = output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
+            return output.float() if hand_up else output
+        if hand_up:
+            return pytree.tree_map_only(torch.Tensor, _up_from_16_bit, output)
         return None
 
     def _hooks_on(self, module: nn.Module) -> bool:
-        """Whether ``module``'s hooks act: inside :meth:`context`, or recomputing a forward that ran inside it.
+        """Whether ``module``'s hooks act now (:meth:`_forward_state` is not None)."""
+        return self._forward_state(module) is not None
+
+    def _forward_state(self, module: nn.Module) -> _Forward | None:
+        """How ``module``'s hooks act: inside :meth:`context`, or recomputing a forward that ran inside it; None: idle.
 
         ``torch.utils.checkpoint`` runs a segment's forward again during the backward, after ``context()`` has
         exited, under the autocast state it saved: with the hooks idle, an fp32 layer of a mixed map recomputed in
@@ -487,23 +512,23 @@ class LayerPrecision:
         silently other gradients). So each module's forward records whether its hooks acted, and a forward run by the
         backward (a recompute) does as it did: a forward outside the context, in plain fp32, is recomputed so, and one
         inside it under the user's own ``autocast(enabled=False)`` with the hooks on (deciding from the autocast state
-        of the recompute got both wrong once). The map cannot have changed since the forward: decisions come after
-        the update. The record is kept by the autocast state at the call, which a recompute restores: a forward of the
+        of the recompute got both wrong once). The map cannot have changed since the forward (decisions come after the
+        update), but the context's path can have: a map set inside an open context turns it from a uniform map's idle
+        hooks to the layers' own regions, and the recompute takes the path and outer type the forward took, which
+        the record holds (taken from the map, a layer set to fp32 recomputed in the checkpoint's 16-bit region). The
+        record is kept by the autocast state at the call, which a recompute restores: a forward of the
         same module run between the checkpointed one and its backward (an evaluation outside the context, under
         ``no_grad``) overwrote a record kept by module alone, and the recompute did as that one. Two forwards in one
         autocast state before the backward still share a record (the later one's).
         """
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            return self._active
+        now = _Forward(self._mixed, self._outer_region_dtype) if self._active else None
+        if torch.compiler.is_compiling():
+            return now
         key = (id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
-        if self._active:
-            self._forward_on[key] = True
-            return True
-        if torch._C._current_graph_task_id() == -1:  # a forward outside the context
-            self._forward_on[key] = False
-            return False
-        return self._forward_on.get(key, False)  # a recompute: as the forward ran in this autocast state
+        if self._active or torch._C._current_graph_task_id() == -1:  # in the context, or a forward outside it
+            self._forward_on[key] = now
+            return now
+        return self._forward_on.get(key)  # a recompute: as the forward ran in this autocast state
 
     def _ours(self, module: nn.Module, autocast: tuple[bool, torch.dtype]) -> torch.dtype | None:
         """The autocast type our code means at ``module``'s call (None: autocast off), as ``_model_block_dtype`` reads.
@@ -518,7 +543,7 @@ class LayerPrecision:
         """
         compiling = torch.compiler.is_compiling()
         if self._stack:
-            ours = self._stack[-1][3]
+            ours = self._stack[-1].ours
         elif self._active or compiling:
             ours = self._outer_region_dtype
         else:
@@ -541,7 +566,7 @@ class LayerPrecision:
         model's ``torch.autocast(dtype=...)``: that type. A region of the model's of our own type cannot be told from
         ours: there the layer keeps its precision.
         """
-        if self._stack and self._stack[-1][2]:  # an emulated fp16 region of ours: autocast is off, fp16 is meant
+        if self._stack and self._stack[-1].emulated:  # an emulated fp16 region of ours: autocast is off, fp16 is meant
             state: torch.dtype | None = torch.float16
         elif autocast[0]:
             state = autocast[1]
@@ -573,9 +598,9 @@ class LayerPrecision:
             return None
         return torch.bfloat16 if Precision.BF16 in low else torch.float16
 
-    def _mixed_now(self) -> bool:
-        """``_mixed`` inside :meth:`context`; in a recompute, what the context would have set for this map."""
-        return self._mixed if self._active else (self.uniform is None or self._emulates_fp16)
+    def _uniform_fast_path_holds(self) -> bool:
+        """Whether the open context's one region, with the layers' hooks idle, runs every layer as the map says."""
+        return self.uniform is not None and not self._emulates_fp16 and self._outer_dtype() == self._outer_region_dtype
 
     @property
     def _emulates_fp16(self) -> bool:
@@ -619,17 +644,17 @@ class LayerPrecision:
         """``_enter_fp32_module``'s region and casts, run eagerly under ``torch.compile`` (as ``_enter_region``)."""
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
         region.__enter__()
-        self._stack.append((module, region, False, None))
+        self._stack.append(_Region(module, region, False, None, False))
         return _map_tensors((args, kwargs), _up_from_16_bit)
 
     def _exit_fp32_module(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._stack and self._stack[-1][0] is module:  # its own region (as _post_hook decides)
+        if self._stack and self._stack[-1].module is module:  # its own region (as _post_hook decides)
             (self._eager_regions[3] if self._eager_regions else self._close_fp32_region)(module)
 
     def _close_fp32_region(self, module: nn.Module) -> None:
         """Closes ``module``'s fp32 region if it is the innermost (its pre-hook may have opened none)."""
-        if self._stack[-1][0] is module:
-            self._stack.pop()[1].__exit__(None, None, None)
+        if self._stack[-1].module is module:
+            self._stack.pop().region.__exit__(None, None, None)
 
     def _fp32_inputs_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -648,6 +673,23 @@ class LayerPrecision:
         return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
             k: up(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
         }
+
+
+class _Forward(NamedTuple):
+    """How the hooks acted at a layer's forward in :meth:`LayerPrecision.context` (a recompute acts the same)."""
+
+    mixed: bool  # each layer in a region of its own (else the context's one region, the layers' hooks idle)
+    outer: torch.dtype | None  # the type of the context's region (None: fp32)
+
+
+class _Region(NamedTuple):
+    """An autocast region a module's pre-hook opened, closed by its post-hook."""
+
+    module: nn.Module
+    region: contextlib.AbstractContextManager[Any]
+    emulated: bool  # an emulated fp16 CPU convolution (autocast off, inputs rounded through fp16)
+    ours: torch.dtype | None  # the autocast type our code means inside it (None: off); see _ours
+    hand_up: bool  # the module's 16-bit outputs are cast to fp32 on leaving (see _enter_region)
 
 
 WeightCopies = Callable[[int, torch.dtype], Sequence[tuple[nn.Module, str, torch.Tensor]]]
