@@ -364,6 +364,30 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results
 
 
+def test_the_partial_file_summarizes_only_the_rows_whose_seeds_all_ran(tmp_path, monkeypatch):
+    """A row still running was ranked and compared on the seeds it had (one seed's time ranked beside two)."""
+    import triaccel_rl.compare
+
+    real = triaccel_rl.compare.run_controller
+
+    def fails_at_bf16_seed_1(task, controller, seed, *args, **kwargs):
+        if (controller, seed) == ("bf16", 1):
+            raise RuntimeError("injected")
+        return real(task, controller, seed, *args, **kwargs)
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", fails_at_bf16_seed_1)
+    out = tmp_path / "r.json"
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", "2", "--epochs", "0.2",
+            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected"):
+        main(argv)
+    kept = json.loads((tmp_path / "r.partial.json").read_text())
+    assert [(run["controller"], run["seed"]) for run in kept["runs"]] == [
+        ("static-fp32", 0), ("static-fp32", 1), ("static-bf16", 0)
+    ]  # fmt: skip
+    assert [row["controller"] for row in kept["rows"]] == ["static-fp32"]
+
+
 def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
     """Ctrl-C printed a traceback from wherever the run was (after train-policy's checkpoint line, or compare's
     partial file line); now one line, and the shell's exit code for SIGINT."""

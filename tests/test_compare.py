@@ -350,6 +350,9 @@ def test_row_names_are_the_names_the_runs_report(results):
     assert row_names(["bf16", "plain-fp16", "pretrained"]) == ["static-bf16", "plain-fp16", "pretrained"]
     with pytest.raises(ValueError, match="unknown policy 'fp8'"):
         row_names(["fp8"])
+    for bad in ("plain-int8", "plain-", "plain-FP32"):  # named as compare refuses them (were returned as rows)
+        with pytest.raises(ValueError, match=rf"^unknown plain-loop row '{bad}'; allowed: plain-fp32, plain-bf16"):
+            row_names([bad])
 
 
 def test_json_schema_and_table(results, tmp_path):
@@ -948,3 +951,58 @@ def test_a_runs_final_evaluation_shows_on_the_bar_and_leaves_its_postfix_as_it_w
             run_controller("synthetic", "fp32", seed=0, epochs=0.1, progress=bar)
         assert bar.postfix == "fp32 seed 0"
     assert shown == ["fp32 seed 0, final evaluation", "fp32 seed 0"] * 2
+
+
+def test_a_policy_object_run_twice_reports_each_runs_fallbacks_and_starts_as_given():
+    """One policy object passed to two runs: its fallback counters are cumulative (the second run reported both runs'),
+    and a speed trial's choice (fp16 here) changed the start precision of the next run."""
+    from triaccel_rl.policies import HeuristicPolicy, StaticPolicy
+
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+    from triaccel_rl.types import Precision
+
+    config = ControllerConfig(interval_steps=5)
+    stats = ObservationStats((0.0,) * 43, (0.0,) * 43, 1)  # every observation falls back
+
+    def learned():
+        return FallbackPolicy(StaticPolicy("fp32"), HeuristicPolicy(), stats, max_distance=1e-6)
+
+    shared = learned()
+    reused = [run_controller("synthetic", shared, seed, epochs=0.5, config=config, eval_every=2) for seed in (0, 1)]
+    fresh = [run_controller("synthetic", learned(), seed, epochs=0.5, config=config, eval_every=2) for seed in (0, 1)]
+    assert [r.fallbacks for r in reused] == [r.fallbacks for r in fresh] and fresh[1].fallbacks > 0
+    assert [r.fallback_features for r in reused] == [r.fallback_features for r in fresh]
+    assert shared.fallbacks == fresh[0].fallbacks + fresh[1].fallbacks  # the object's own count is cumulative
+
+    heuristic = HeuristicPolicy(config=config)
+    assert (heuristic.initial_precision, heuristic.low_precision) == (Precision.BF16, Precision.BF16)
+    trial = run_controller("synthetic", heuristic, 0, epochs=0.2, config=config, cost_mode="profile")
+    assert trial.speed_trial["chosen"] == float(Precision.FP16)  # the profile prices fp16 cheaper
+    assert (heuristic.initial_precision, heuristic.low_precision) == (Precision.BF16, Precision.BF16)  # as given
+    after = run_controller("synthetic", heuristic, 0, epochs=0.2, config=config, cost_mode="measured")
+    assert after.trace[0]["precisions"] == [int(Precision.BF16)] * len(after.trace[0]["precisions"])
+
+
+@pytest.mark.parametrize("total", [None, 6 * 0.013])
+def test_the_progress_bar_gives_each_run_its_share_and_takes_a_bar_without_total(monkeypatch, total):
+    """Whole steps train past a fractional budget: each run's overshoot took later runs' share (the sixth run started
+    at 100%); and a bar without a total (a counter) raised TypeError at the first interval."""
+    from tqdm import tqdm
+
+    import triaccel_rl.compare as compare_module
+
+    starts = []
+    real = compare_module.run_controller
+
+    def recorded(task, controller, seed, *, progress=None, **kwargs):
+        starts.append(progress.n)
+        return real(task, controller, seed, progress=progress, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_controller", recorded)
+    config = ControllerConfig(interval_steps=5)
+    compare("synthetic", ["fp32"], list(range(6)), epochs=0.013, config=config, show_progress=True, eval_every=2)
+    assert starts == pytest.approx([seed * 0.013 for seed in range(6)], abs=1e-12)
+    with tqdm(total=total) as bar:
+        real("synthetic", "fp32", 0, epochs=0.013, config=config, eval_every=2, progress=bar)
+        assert bar.n == pytest.approx(0.013, abs=1e-12)

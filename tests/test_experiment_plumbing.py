@@ -241,6 +241,11 @@ def test_file_to_write_refuses_an_empty_path_or_a_folder_and_keeps_an_existing_f
     assert file_to_write("--out", str(existing)) == existing and existing.read_text() == "{}"
     new = tmp_path / "sub" / "new.json"
     assert file_to_write("--out", str(new)) == new and new.parent.is_dir() and not new.exists()  # folder made
+    # a link to a file in a folder not made yet (the writer makes it): was "cannot be written"
+    link = tmp_path / "linked.json"
+    link.symlink_to("archive/2026/results.json")
+    assert file_to_write("--out", str(link)) == link and (tmp_path / "archive" / "2026").is_dir()
+    assert link.is_symlink() and not link.exists()  # the link kept, no file left through it
 
 
 def test_write_text_atomic_leaves_the_old_file_whole_when_the_write_is_interrupted(monkeypatch, tmp_path):

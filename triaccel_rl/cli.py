@@ -387,9 +387,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     def keep(done: list[Any]) -> None:  # the runs so far: a failure in a later run loses none of them
         if partial is not None:  # the ratios to the reference row once it has run (meta named it, the rows had none)
-            ran = reference if reference in {result.controller for result in done} else None
+            # Summarized: the rows whose seeds have all run (a row still running was ranked and compared on the
+            # seeds it had: one seed's time ranked first beside rows of two). Every run so far is kept in the file.
+            finished = [r for r in done if sum(other.controller == r.controller for other in done) == args.seeds]
+            ran = reference if reference in {result.controller for result in finished} else None
             fields = {**meta, "reference": ran}
-            write_json(done, summarize(done, reference=ran), partial, **fields, command=command, complete=False)
+            write_json(done, summarize(finished, reference=ran), partial, **fields, command=command, complete=False)
 
     start = time.perf_counter()
     try:

@@ -86,8 +86,9 @@ class RunResult:
             (``ObservationLayout.name``), so a run shows what a model does that the training tasks did not.
         overhead_parts: ``overhead_frac`` by part (``triaccel_rl.loop.OVERHEAD_PARTS``, plus ``other``: the
             per-interval bookkeeping of the cheap signals).
-        speed_trial: the measured ms a step of each 16-bit precision before the first decision and the
-            ``chosen`` one's code (1 bf16, 2 fp16), when the policy asked for the trial; else empty.
+        speed_trial: the ms a step of each 16-bit precision before the first decision (measured; in profile cost
+            mode, looked up in the profile) and the ``chosen`` one's code (1 bf16, 2 fp16), when the policy asked for
+            the trial; else empty.
     """
 
     controller: str
@@ -207,208 +208,246 @@ def run_controller(
     # collector runs: free them now, or this run's peak memory would include the previous run's.
     release_memory(resolve_device(device))
     policy = _policy(controller, config)
-    adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
-    folded = 1.0  # the multiplier folded into the base LR: reported times the run's, so rows compare on one base LR
-    if adaptive and lr_scale != 1.0:
-        # A policy's LR ladder is relative to where the run starts: the starting multiplier goes into the base LR,
-        # or the heuristic would read x0.5 as a rung it lowered and climb back to x1 (H200, 2026-12-02).
-        task, folded, lr_scale = replace(task, base_lr=task.base_lr * lr_scale), lr_scale, 1.0
-    run = TrainingRun(
-        task,
-        seed=seed,
-        device=device,
-        memory=config.memory,
-        profile=profile,
-        cost_mode="measured",
-        elastic=config.elastic,
-        batch_size=batch_size,
-        channels_last=channels_last,
-        schedule_epochs=epochs if schedule else None,
-    )
-    if cost_mode is None:
-        cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
-    run.cost_mode = CostMode.parse(cost_mode)
-    run.engine.max_grad_norm = max_grad_norm
-    # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
-    cheap = replace(config, signals=replace(config.signals, mode=SignalMode.CHEAP))
-    loop = DecisionLoop(run, config if adaptive else cheap)
-    if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
-        loop.enable_lr_factors()
-    name = str(getattr(policy, "name", controller))
-    writer = _writer(log_dir)
-    samples_per_epoch = len(run.loader)  # samples per epoch
-    total_samples = int(epochs * samples_per_epoch)
-    check_epoch_budget(epochs, samples_per_epoch)
-    time_ms = wall_ms = 0.0
-    time_to_target: float | None = None
-    curve: list[tuple[float, float, int, float, float]] = []
-    trace: list[dict[str, Any]] = []
-    changes = {"precision": 0, "batch": 0, "lr": 0}
-    peak = 0
-    nvml = NvmlPeak(run.device)
-    decision = 0
-    observation = None
-    initial = getattr(policy, "initial_action", None)
-    if initial is not None:  # a static configuration holds from the first step, not from a decision
-        loop.executor.start(decode(initial, config), run)
-    run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
-    # A GPU without bf16 (a V100 or T4) has one 16-bit format: the policy starts and lowers in it, and no trial runs.
-    formats = sixteen_bit_formats(run.device)
-    if Precision.BF16 not in formats and adaptive:
-        run_without_bf16(policy)
-    start = getattr(policy, "initial_precision", None)
-    if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
-        run.set_precisions([start] * len(run.precision.controllable_indices))
-    prepare = getattr(policy, "prepare", None)
-    if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
-        prepare(run)
-    speed_trial: dict[str, float] = {}
-    wants_trial = getattr(policy, "wants_speed_trial", None)
-    # Step time tells the 16-bit formats apart where it is measured on a GPU or charged from a GPU's profile (a
-    # CPU's clock would not: bf16 is about 10x slower than fp32 there).
-    step_time_known = run.cost_mode is CostMode.PROFILE or (
-        run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
-    )
-    if adaptive and len(formats) > 1 and wants_trial is not None and wants_trial(step_time_known):
-        if run.cost_mode is CostMode.PROFILE:  # the profile says what a step costs: look it up, train nothing
-            step_ms = {precision: run.modelled_step_ms(precision=precision) for precision in formats}
-        else:  # which format is faster depends on the model and the GPU: time both on real training steps
-            steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
-            step_ms, chunks = loop.time_precisions(formats, steps)
-            for chunk in chunks:  # training like any other: charged, and on the progress bar
-                time_ms += chunk.charged_ms
-                wall_ms += chunk.train_ms
-                _advance(progress, chunk.samples / samples_per_epoch)
-        chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
-        run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
-        speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
-        speed_trial["chosen"] = float(chosen)
-    finished = False
-    decide = False  # a snapshot is waiting for its decision
-    signals: Signals | None = None
-    next_eval = eval_every_steps  # None: evaluate at every eval_every-th decision
-    while not finished:
-        if decide and adaptive:  # a static row holds its setting: no decisions
-            assert observation is not None
-            decide_start = time.perf_counter()
-            raw, _ = policy.predict(observation, deterministic=True)
-            before = (run.batch_size, run.lr_scale)
-            report = loop.apply(np.asarray(raw))
-            decision_ms = (time.perf_counter() - decide_start) * 1e3
-            loop.collector.add_overhead(decision_ms)
-            loop.overhead_parts_ms["decision"] += decision_ms
-            if run.cost_mode is CostMode.MEASURED:  # before the steps it precedes: charged at the next snapshot, it
-                # was missing from the times of the evaluations in between (a time to target read there was low)
-                time_ms += decision_ms
-            changes["precision"] += int(report.changed_precision > 0)
-            changes["batch"] += int(report.batch_size != before[0])
-            changes["lr"] += int(report.lr_scale != before[1])
-        decide = False
-        remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
-        if next_eval is not None:
-            remaining_steps = min(remaining_steps, max(next_eval - run.steps, 1))
-        # A speed trial longer than a tiny run's whole budget leaves nothing (and no negative count) to train.
-        interval = loop.train_interval(max_steps=max(remaining_steps, 0))
-        time_ms += interval.charged_ms
-        wall_ms += interval.train_ms
-        _advance(progress, interval.samples / samples_per_epoch)
-        done = run.samples_seen >= total_samples
-        evaluate = False
-        if loop.decision_due or done:
-            overhead_before = loop.collector.overhead_ms
-            signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
-            if adaptive and run.cost_mode is CostMode.MEASURED:
-                # This snapshot is the controller's cost: charged (its decision is, once made).
-                time_ms += loop.collector.overhead_ms - overhead_before
-            peak = max(peak, signals.memory_bytes)
-            trace.append(
-                {
-                    "time_s": time_ms / 1e3,
-                    "batch_size": run.batch_size,
-                    "lr_scale": folded * run.lr_scale,
-                    "memory_bytes": signals.memory_bytes,
-                    # None where it was not finite (the signals cap it at 1e6 for the observation, which a diverging
-                    # run's finite losses exceed: the trace would not tell them apart).
-                    "probe_loss": signals.probe_loss if signals.extra.get("probe_loss_finite", True) else None,
-                    "noise_scale": signals.noise_scale,
-                    "lr": run.lr,
-                    "precisions": [int(p) for p in run.precisions],
-                }
-            )
-            if writer is not None:  # the trace's row, as the JSON holds it (a probe loss it holds as None: no point)
-                row, step = trace[-1], run.steps
-                if row["probe_loss"] is not None:
-                    writer.add_scalar("train/probe_loss", row["probe_loss"], step)
-                writer.add_scalar("memory/peak_bytes", row["memory_bytes"], step)
-                writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
-            observation = loop.observation()
-            decide = True
-            decision += 1
-            evaluate = next_eval is None and decision % eval_every == 0
-        if next_eval is not None and eval_every_steps is not None and run.steps >= next_eval:
-            evaluate = True
-            next_eval = (run.steps // eval_every_steps + 1) * eval_every_steps  # the next multiple past this step
-        finished = done or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
-        if finished and not decide:  # stopped by the time cap between decision points: close the interval
-            signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
-            peak = max(peak, signals.memory_bytes)
-        if evaluate or finished:
-            nvml.read()  # outside the charged time, at the same steps in every row
-            shown = getattr(progress, "postfix", None)  # a disabled bar has none
-            if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
-                progress.set_postfix_str(f"{shown or ''}, final evaluation".lstrip(", "))
-            try:
-                metric = run.evaluate()
-            finally:
-                if finished and progress is not None:
-                    progress.set_postfix_str(shown or "")
-            low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
-            curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
-            # The first evaluation at or above the target, at its own time: not interpolated between evaluations
-            # (the time is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
-            if time_to_target is None and metric >= task.target_metric:
-                time_to_target = time_ms / 1e3
-            if writer is not None:  # the curve's point, as the JSON holds it (every evaluation, the first included)
-                step = run.steps
-                writer.add_scalar("test/metric", metric, step)
-                writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
-                writer.add_scalar("controller/batch_size", run.batch_size, step)
-                writer.add_scalar("controller/lr_scale", curve[-1][3], step)
-                writer.add_scalar("controller/low_precision_share", low, step)
-    if writer is not None:
-        writer.close()
-    return RunResult(
-        controller=name,
-        seed=seed,
-        final_metric=curve[-1][1],
-        time_s=time_ms / 1e3,
-        wall_s=wall_ms / 1e3,
-        time_to_target_s=time_to_target,
-        peak_bytes=int(peak),
-        precision_changes=changes["precision"],
-        batch_changes=changes["batch"],
-        lr_changes=changes["lr"],
-        skipped_steps=run.skipped_steps,
-        overhead_frac=float(loop.collector.overhead_ms / max(loop.collector.train_ms, 1e-9)),
-        steps=run.steps,
-        curve=curve,
-        trace=trace,
-        layer_names=[info.name for info in run.layers],
-        oom_events=int(getattr(run, "oom_events", 0)),
-        mean_step_ms=time_ms / max(run.steps, 1),
-        fallbacks=int(getattr(policy, "fallbacks", 0)),
-        overhead_parts=_overhead_parts(loop),
-        speed_trial=speed_trial,
-        fallback_features=dict(getattr(policy, "fallback_features", {})),
-        nvml_bytes=nvml.bytes,
-        nvml_scope=nvml.scope,
-    )
+    # A policy object passed in (a name builds a fresh one a run) is reused across runs: the precision settings a
+    # speed trial or a GPU without bf16 changes are put back after the run, and its fallback counts are this run's.
+    settings = _precision_settings(policy)
+    fallbacks_before = int(getattr(policy, "fallbacks", 0))
+    features_before = dict(getattr(policy, "fallback_features", {}))
+    try:
+        adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
+        folded = 1.0  # the multiplier folded into the base LR: reported times the run's, so rows compare on one base LR
+        if adaptive and lr_scale != 1.0:
+            # A policy's LR ladder is relative to where the run starts: the starting multiplier goes into the base LR,
+            # or the heuristic would read x0.5 as a rung it lowered and climb back to x1 (H200, 2026-12-02).
+            task, folded, lr_scale = replace(task, base_lr=task.base_lr * lr_scale), lr_scale, 1.0
+        run = TrainingRun(
+            task,
+            seed=seed,
+            device=device,
+            memory=config.memory,
+            profile=profile,
+            cost_mode="measured",
+            elastic=config.elastic,
+            batch_size=batch_size,
+            channels_last=channels_last,
+            schedule_epochs=epochs if schedule else None,
+        )
+        if cost_mode is None:
+            cost_mode = CostMode.MEASURED if run.device.type == "cuda" else CostMode.PROFILE
+        run.cost_mode = CostMode.parse(cost_mode)
+        run.engine.max_grad_norm = max_grad_norm
+        # A static row reads no signals: only the cheap ones run (its snapshots feed the trace and plots).
+        cheap = replace(config, signals=replace(config.signals, mode=SignalMode.CHEAP))
+        loop = DecisionLoop(run, config if adaptive else cheap)
+        if getattr(policy, "needs_lr_factors", False):  # the second-order ablation: curvature-scaled LR per layer
+            loop.enable_lr_factors()
+        name = str(getattr(policy, "name", controller))
+        writer = _writer(log_dir)
+        samples_per_epoch = len(run.loader)  # samples per epoch
+        total_samples = int(epochs * samples_per_epoch)
+        check_epoch_budget(epochs, samples_per_epoch)
+        time_ms = wall_ms = 0.0
+        bar_left = epochs  # this run's share of the progress bar
+        time_to_target: float | None = None
+        curve: list[tuple[float, float, int, float, float]] = []
+        trace: list[dict[str, Any]] = []
+        changes = {"precision": 0, "batch": 0, "lr": 0}
+        peak = 0
+        nvml = NvmlPeak(run.device)
+        decision = 0
+        observation = None
+        initial = getattr(policy, "initial_action", None)
+        if initial is not None:  # a static configuration holds from the first step, not from a decision
+            loop.executor.start(decode(initial, config), run)
+        run.lr_scale = lr_scale  # after the static action, whose ladder would otherwise move it
+        # A GPU without bf16 (a V100 or T4) has one 16-bit format: the policy starts and lowers in it; no trial runs.
+        formats = sixteen_bit_formats(run.device)
+        if Precision.BF16 not in formats and adaptive:
+            run_without_bf16(policy)
+        start = getattr(policy, "initial_precision", None)
+        if start is not None:  # an adaptive policy's starting precision (the heuristic starts from bf16)
+            run.set_precisions([start] * len(run.precision.controllable_indices))
+        prepare = getattr(policy, "prepare", None)
+        if prepare is not None:  # the batch-finder baseline searches and fixes its batch before training
+            prepare(run)
+        speed_trial: dict[str, float] = {}
+        wants_trial = getattr(policy, "wants_speed_trial", None)
+        # Step time tells the 16-bit formats apart where it is measured on a GPU or charged from a GPU's profile (a
+        # CPU's clock would not: bf16 is about 10x slower than fp32 there).
+        step_time_known = run.cost_mode is CostMode.PROFILE or (
+            run.cost_mode is CostMode.MEASURED and run.device.type == "cuda"
+        )
+        if adaptive and len(formats) > 1 and wants_trial is not None and wants_trial(step_time_known):
+            if run.cost_mode is CostMode.PROFILE:  # the profile says what a step costs: look it up, train nothing
+                step_ms = {precision: run.modelled_step_ms(precision=precision) for precision in formats}
+            else:  # which format is faster depends on the model and the GPU: time both on real training steps
+                steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
+                step_ms, chunks = loop.time_precisions(formats, steps)
+                for chunk in chunks:  # training like any other: charged, and on the progress bar
+                    time_ms += chunk.charged_ms
+                    wall_ms += chunk.train_ms
+                    bar_left = _advance(progress, chunk.samples / samples_per_epoch, bar_left)
+            chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
+            run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
+            speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
+            speed_trial["chosen"] = float(chosen)
+        finished = False
+        decide = False  # a snapshot is waiting for its decision
+        signals: Signals | None = None
+        next_eval = eval_every_steps  # None: evaluate at every eval_every-th decision
+        while not finished:
+            if decide and adaptive:  # a static row holds its setting: no decisions
+                assert observation is not None
+                decide_start = time.perf_counter()
+                raw, _ = policy.predict(observation, deterministic=True)
+                before = (run.batch_size, run.lr_scale)
+                report = loop.apply(np.asarray(raw))
+                decision_ms = (time.perf_counter() - decide_start) * 1e3
+                loop.collector.add_overhead(decision_ms)
+                loop.overhead_parts_ms["decision"] += decision_ms
+                if run.cost_mode is CostMode.MEASURED:  # before the steps it precedes: charged at the next snapshot, it
+                    # was missing from the times of the evaluations in between (a time to target read there was low)
+                    time_ms += decision_ms
+                changes["precision"] += int(report.changed_precision > 0)
+                changes["batch"] += int(report.batch_size != before[0])
+                changes["lr"] += int(report.lr_scale != before[1])
+            decide = False
+            remaining_steps = math.ceil((total_samples - run.samples_seen) / run.batch_size)
+            if next_eval is not None:
+                remaining_steps = min(remaining_steps, max(next_eval - run.steps, 1))
+            # A speed trial longer than a tiny run's whole budget leaves nothing (and no negative count) to train.
+            interval = loop.train_interval(max_steps=max(remaining_steps, 0))
+            time_ms += interval.charged_ms
+            wall_ms += interval.train_ms
+            bar_left = _advance(progress, interval.samples / samples_per_epoch, bar_left)
+            done = run.samples_seen >= total_samples
+            evaluate = False
+            if loop.decision_due or done:
+                overhead_before = loop.collector.overhead_ms
+                signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+                if adaptive and run.cost_mode is CostMode.MEASURED:
+                    # This snapshot is the controller's cost: charged (its decision is, once made).
+                    time_ms += loop.collector.overhead_ms - overhead_before
+                peak = max(peak, signals.memory_bytes)
+                trace.append(
+                    {
+                        "time_s": time_ms / 1e3,
+                        "batch_size": run.batch_size,
+                        "lr_scale": folded * run.lr_scale,
+                        "memory_bytes": signals.memory_bytes,
+                        # None where it was not finite (the signals cap it at 1e6 for the observation, which a diverging
+                        # run's finite losses exceed: the trace would not tell them apart).
+                        "probe_loss": signals.probe_loss if signals.extra.get("probe_loss_finite", True) else None,
+                        "noise_scale": signals.noise_scale,
+                        "lr": run.lr,
+                        "precisions": [int(p) for p in run.precisions],
+                    }
+                )
+                if (
+                    writer is not None
+                ):  # the trace's row, as the JSON holds it (a probe loss it holds as None: no point)
+                    row, step = trace[-1], run.steps
+                    if row["probe_loss"] is not None:
+                        writer.add_scalar("train/probe_loss", row["probe_loss"], step)
+                    writer.add_scalar("memory/peak_bytes", row["memory_bytes"], step)
+                    writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
+                observation = loop.observation()
+                decide = True
+                decision += 1
+                evaluate = next_eval is None and decision % eval_every == 0
+            if next_eval is not None and eval_every_steps is not None and run.steps >= next_eval:
+                evaluate = True
+                next_eval = (run.steps // eval_every_steps + 1) * eval_every_steps  # the next multiple past this step
+            finished = done or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
+            if finished and not decide:  # stopped by the time cap between decision points: close the interval
+                signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
+                peak = max(peak, signals.memory_bytes)
+            if evaluate or finished:
+                nvml.read()  # outside the charged time, at the same steps in every row
+                shown = getattr(progress, "postfix", None)  # a disabled bar has none
+                if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
+                    progress.set_postfix_str(f"{shown or ''}, final evaluation".lstrip(", "))
+                try:
+                    metric = run.evaluate()
+                finally:
+                    if finished and progress is not None:
+                        progress.set_postfix_str(shown or "")
+                low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
+                curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
+                # The first evaluation at or above the target, at its own time: not interpolated between evaluations
+                # (the time is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
+                if time_to_target is None and metric >= task.target_metric:
+                    time_to_target = time_ms / 1e3
+                if writer is not None:  # the curve's point, as the JSON holds it (every evaluation, the first included)
+                    step = run.steps
+                    writer.add_scalar("test/metric", metric, step)
+                    writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
+                    writer.add_scalar("controller/batch_size", run.batch_size, step)
+                    writer.add_scalar("controller/lr_scale", curve[-1][3], step)
+                    writer.add_scalar("controller/low_precision_share", low, step)
+        if writer is not None:
+            writer.close()
+        return RunResult(
+            controller=name,
+            seed=seed,
+            final_metric=curve[-1][1],
+            time_s=time_ms / 1e3,
+            wall_s=wall_ms / 1e3,
+            time_to_target_s=time_to_target,
+            peak_bytes=int(peak),
+            precision_changes=changes["precision"],
+            batch_changes=changes["batch"],
+            lr_changes=changes["lr"],
+            skipped_steps=run.skipped_steps,
+            overhead_frac=float(loop.collector.overhead_ms / max(loop.collector.train_ms, 1e-9)),
+            steps=run.steps,
+            curve=curve,
+            trace=trace,
+            layer_names=[info.name for info in run.layers],
+            oom_events=int(getattr(run, "oom_events", 0)),
+            mean_step_ms=time_ms / max(run.steps, 1),
+            fallbacks=int(getattr(policy, "fallbacks", 0)) - fallbacks_before,
+            overhead_parts=_overhead_parts(loop),
+            speed_trial=speed_trial,
+            fallback_features={
+                feature: count - features_before.get(feature, 0)
+                for feature, count in getattr(policy, "fallback_features", {}).items()
+                if count > features_before.get(feature, 0)
+            },
+            nvml_bytes=nvml.bytes,
+            nvml_scope=nvml.scope,
+        )
+    finally:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
 
 
-def _advance(progress: tqdm | None, epochs: float) -> None:
-    """Advances the bar by ``epochs``, capped at its total (the last interval's float share can overshoot)."""
+def _precision_settings(policy: Any) -> list[tuple[Any, str, Any]]:
+    """The start and 16-bit precisions a run may change, as ``(object, name, value)``, to be set back after it.
+
+    On ``policy`` and on the two a ``FallbackPolicy`` wraps, read from each object's own attributes: the wrapper's
+    properties read one and set both, so setting them back gave a learned policy's None to the heuristic beside it.
+    """
+    owners = [policy, getattr(policy, "policy", None), getattr(policy, "fallback", None)]
+    return [
+        (owner, name, vars(owner)[name])
+        for owner in owners
+        if owner is not None and hasattr(owner, "__dict__")
+        for name in ("initial_precision", "low_precision")
+        if name in vars(owner)
+    ]
+
+
+def _advance(progress: tqdm | None, epochs: float, left: float) -> float:
+    """Advances the bar by ``epochs``, capped at ``left`` (what is left of the run's share) and at the bar's total.
+
+    Returns what is left of the share then. A run trains whole steps, so a fractional budget's last step trains past
+    it: uncapped, each run's overshoot took later runs' share, and the bar read 100% as the last run started.
+    """
+    step = min(epochs, left)
     if progress is not None:
-        progress.update(min(epochs, max(progress.total - progress.n, 0.0)))
+        progress.update(step if progress.total is None else min(step, max(progress.total - progress.n, 0.0)))
+    return left - step
 
 
 def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
@@ -446,9 +485,7 @@ def check_comparison(
     plain = [c for c in controllers if c.startswith("plain-")]
     for controller in controllers:  # fail fast on a bad name or zip, before any run starts
         if controller in plain:
-            if controller.removeprefix("plain-") not in PLAIN_PRECISIONS:
-                allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
-                raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
+            _check_plain_row(controller)
         else:
             try:
                 _policy(controller, config)
@@ -576,7 +613,7 @@ def compare(
                         )
                     )
                     _log_curve(run_log, results[-1])
-                    _advance(bar, epochs)
+                    _advance(bar, epochs, epochs)
                     if on_result is not None:
                         on_result(list(results))
                     continue
@@ -670,7 +707,9 @@ def summarize(results: Sequence[RunResult], reference: str | None = None) -> lis
     ``time_ratio`` is the row's mean time over the ``reference`` row's; ``time_to_target_ratio`` its mean time to
     target over the reference's, only where both rows reached the target on every seed (means over different
     subsets of seeds would not compare). A ratio is None without a reference, or where the reference's mean is not
-    a positive finite number.
+    a positive finite number. Rows may run different seeds (issue 7's 5 seeds where the spread is wide, fp32's one):
+    means, ranks and ratios are then over each row's own seeds; give only finished rows (as the CLI's partial file
+    does) where a row still running would be ranked on the seeds it has so far.
 
     Raises:
         ValueError: ``reference`` is not a row, or a controller has two results for one seed.
@@ -881,10 +920,20 @@ def row_names(controllers: Sequence[str], config: ControllerConfig | None = None
     names = []
     for controller in controllers:
         if controller.startswith("plain-"):
+            _check_plain_row(controller)
             names.append(controller)
         else:
             names.append(str(getattr(_policy(controller, config), "name", controller)))
     return names
+
+
+def _check_plain_row(controller: str) -> None:
+    """Raises a ValueError naming ``controller``, a ``plain-`` row, unless it names a plain loop's precision."""
+    from triaccel_rl.plain import PLAIN_PRECISIONS  # plain.py imports this module
+
+    if controller.removeprefix("plain-") not in PLAIN_PRECISIONS:
+        allowed = ", ".join(f"plain-{p}" for p in PLAIN_PRECISIONS)
+        raise ValueError(f"unknown plain-loop row {controller!r}; allowed: {allowed}")
 
 
 def _policy(controller: str | Policy, config: ControllerConfig) -> Any:

@@ -174,6 +174,7 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     target = Path(os.path.realpath(out))
     existed = target.exists()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # a dangling link's target folder, as the writer makes it
         with target.open("a"):  # appends nothing: an existing file keeps its contents
             pass
     except OSError as err:
