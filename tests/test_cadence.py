@@ -178,6 +178,8 @@ def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on()
     assert set(loop.run.precisions) == {Precision.FP16}
     with pytest.raises(ValueError, match="candidates is empty"):
         loop.time_precisions((), steps=3)
+    with pytest.raises(ValueError, match="candidates is empty"):  # an empty iterator is truthy: it timed nothing
+        loop.time_precisions(iter(()), steps=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         loop.time_precisions((Precision.BF16,), steps=0)
 

@@ -141,6 +141,15 @@ def test_read_idx_truncated_header(tmp_path: Path) -> None:
         read_idx(path)
 
 
+@pytest.mark.parametrize("ndim", [0, 33, 65, 255])
+def test_read_idx_refuses_a_dimension_count_numpy_cannot_hold(tmp_path: Path, ndim: int) -> None:
+    """65 dimensions of size 1 and the one data byte they call for: numpy's own ValueError, not a DatasetError."""
+    path = tmp_path / "dims"
+    path.write_bytes(b"\x00\x00\x08" + bytes([ndim]) + struct.pack(">I", 1) * ndim + b"\x07")
+    with pytest.raises(DatasetError, match=rf"^IDX file {path} has a dimension count of {ndim}; expected 1 to 32$"):
+        read_idx(path)
+
+
 def test_read_idx_truncated_gzip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     blob = gzip.compress(idx_bytes(rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8)))

@@ -56,6 +56,13 @@ def test_plain_loop_refuses_settings_that_train_otherwise_than_asked(arguments, 
         run_plain("synthetic", 0, epochs=0.1, device="cpu", **arguments)
 
 
+@pytest.mark.parametrize("seed", [2**64, -1, 1.5, "3", True])
+def test_plain_loop_refuses_a_bad_seed_by_its_own_name_as_a_run_does(seed):
+    """2**64 failed in torch.manual_seed ("Overflow when unpacking long long"), the others in the data loader."""
+    with pytest.raises(ValueError, match=r"^run_plain: seed=.* must be a whole number in \[0, 2\*\*63 - 20001\]$"):
+        run_plain("synthetic", seed, epochs=0.1, device="cpu")
+
+
 def test_plain_loop_refuses_a_task_with_one_training_sample_as_a_run_does():
     from dataclasses import replace
 

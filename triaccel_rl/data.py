@@ -349,8 +349,8 @@ def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
     if type_code not in _IDX_DTYPES:
         known = ", ".join(f"0x{code:02X} ({dt.name})" for code, dt in _IDX_DTYPES.items())
         raise DatasetError(f"IDX file {path} has unknown type code 0x{type_code:02X}; known: {known}")
-    if ndim == 0:
-        raise DatasetError(f"IDX file {path} has a dimension count of 0; expected at least 1")
+    if not 1 <= ndim <= 32:  # numpy holds up to 64 (32 before numpy 2); IDX files hold 1 to 4 in practice
+        raise DatasetError(f"IDX file {path} has a dimension count of {ndim}; expected 1 to 32")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
         raise DatasetError(

@@ -186,11 +186,11 @@ class DecisionLoop:
             ValueError: no candidate, an unknown one, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a
                 whole number >= 0 (bools refused too), before any step trains.
         """
-        if not candidates:
-            raise ValueError("candidates is empty: name at least one precision to time")
         # Parsed before any step trains: an unknown name was met only at set_precisions, after the candidates before
         # it had trained and changed the run's precision; "bf16" and Precision.BF16 were timed twice, keyed apart.
         candidates = list(dict.fromkeys(Precision.parse(candidate) for candidate in candidates))
+        if not candidates:  # checked on the list: an empty iterator is truthy
+            raise ValueError("candidates is empty: name at least one precision to time")
         # Checked here, before the first candidate trains: a fractional count (steps=2.5) trained a few steps, left
         # the precision changed and failed in train_interval.
         if not is_whole(steps) or steps < 1:

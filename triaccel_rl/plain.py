@@ -34,7 +34,7 @@ from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.errors import is_whole
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
-from triaccel_rl.tasks import Task, get_task
+from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.training import IntervalTimer, evaluate_accuracy, probe_count, resolve_device, schedule_gain
 from triaccel_rl.types import Precision
 
@@ -81,10 +81,12 @@ def run_plain(
             ``None``: no clipping.
 
     Raises:
-        ValueError: an unknown precision, a non-positive budget, batch, LR scale, interval or clipping norm, a
-            batch above the training set, or a warm-up share outside [0, 1).
+        ValueError: a seed that is no whole number in [0, 2**63 - 20001], an unknown precision, a non-positive
+            budget, batch, LR scale, interval or clipping norm, a batch above the training set, or a warm-up share
+            outside [0, 1).
     """
     task = get_task(task) if isinstance(task, str) else task
+    seed = check_seed("run_plain", seed)  # before torch.manual_seed, whose overflow message names nothing
     if precision not in PLAIN_PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PLAIN_PRECISIONS)}")
     for name, value in (("epochs", epochs), ("lr_scale", lr_scale)):
