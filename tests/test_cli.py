@@ -322,6 +322,10 @@ def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "lacks the fields ['time_factor', 'memory_factor', 'fixed_ms', 'throughput_scale']" in err
     assert seen == []
+    # the profile's "device" field, not the command's --device flag (the message read "hardware profile --device 5")
+    (tmp_path / "bad.json").write_text(json.dumps({**json.loads((tmp_path / "p.json").read_text()), "device": 5}))
+    assert main([*argv, "--profile", str(tmp_path / "bad.json")]) == 2
+    assert 'hardware profile field "device"=5 must be the GPU\'s name' in capsys.readouterr().err
     with pytest.raises(Seen):
         main([*argv, "--profile", str(tmp_path / "p.json")])
     assert seen == [mine]
@@ -670,6 +674,32 @@ def test_profile_refuses_its_arguments_before_saying_anything_of_the_device(tmp_
     err = capsys.readouterr().err
     assert error in err
     assert "profiling" not in err and not (tmp_path / "profile.json").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+def test_a_profile_batch_the_device_cannot_hold_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch, error):
+    """Out of memory (injected in the timed steps) ended in a traceback and exit 1; other errors still propagate."""
+    import triaccel_rl.profiling as profiling
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(profiling, "_time_steps", out_of_memory)
+    assert (
+        main(["profile", "--device", "cpu", "--small", "--batch-size", "4096", "--out", str(tmp_path / "p.json")]) == 2
+    )
+    first = str(error).splitlines()[0]
+    assert f"--batch-size 4096 does not fit in cpu's memory ({first}); give a smaller one" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+    monkeypatch.setattr(profiling, "_time_steps", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        profiling.measure_profile("cpu", batch_size=8, steps=1, small=True)
 
 
 def test_the_time_column_names_the_device_of_the_profile_that_modelled_it(tmp_path, capsys):

@@ -167,14 +167,14 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
         ),
         ({"time_factor": {"fp32": 1.0, "bf16": 0.3, "fp16": 0.25, "fp8": 0.1}}, r"has unknown precisions \['fp8'\]"),
         ({"memory_factor": {"fp32": 2.0, "bf16": 0.5, "fp16": 0.5}}, r"memory_factor\['fp32'\]=2.0 must be 1.0"),
-        ({"throughput_scale": 0}, r"throughput_scale=0 must be a finite number > 0"),
-        ({"fixed_ms": -1}, r"fixed_ms=-1 must be a finite number >= 0"),
-        ({"fixed_ms": True}, r"fixed_ms=True must be a finite number >= 0"),
-        ({"fixed_ms": float("inf")}, r"fixed_ms=inf must be a finite number >= 0"),
-        ({"fixed_ms": 10**400}, r"fixed_ms=1000000000.* must be a finite number >= 0"),  # an OverflowError before
-        ({"device": 5}, r"device=5 must be the GPU's name, a non-empty string"),  # was taken
-        ({"device": None}, r"device=None must be the GPU's name, a non-empty string"),
-        ({"device": " "}, r"device=' ' must be the GPU's name, a non-empty string"),
+        ({"throughput_scale": 0}, r'"throughput_scale"=0 must be a finite number > 0'),
+        ({"fixed_ms": -1}, r'"fixed_ms"=-1 must be a finite number >= 0'),
+        ({"fixed_ms": True}, r'"fixed_ms"=True must be a finite number >= 0'),
+        ({"fixed_ms": float("inf")}, r'"fixed_ms"=inf must be a finite number >= 0'),
+        ({"fixed_ms": 10**400}, r'"fixed_ms"=1000000000.* must be a finite number >= 0'),  # an OverflowError before
+        ({"device": 5}, r"\"device\"=5 must be the GPU's name, a non-empty string"),  # was taken
+        ({"device": None}, r"\"device\"=None must be the GPU's name, a non-empty string"),
+        ({"device": " "}, r"\"device\"=' ' must be the GPU's name, a non-empty string"),
     ],
 )
 def test_profile_values_out_of_range_are_named(tmp_path: Path, change: dict, message: str) -> None:
@@ -240,7 +240,7 @@ def test_profile_non_positive_factor_rejected(table: str, bad: float) -> None:
 
 @pytest.mark.parametrize(("name", "kind"), [("fixed_ms", ">= 0"), ("throughput_scale", "> 0")])
 def test_profile_negative_scalar_rejected(name: str, kind: str) -> None:
-    with pytest.raises(ConfigError, match=rf"{name}=-1.0 must be a finite number {kind}"):
+    with pytest.raises(ConfigError, match=rf'"{name}"=-1.0 must be a finite number {kind}'):
         HardwareProfile(**{**_VALID_PROFILE, name: -1.0})  # type: ignore[arg-type]
 
 
@@ -819,6 +819,8 @@ def test_a_profile_cannot_be_changed_through_the_callers_dicts():
 
     for twin in (pickle.loads(pickle.dumps(profile)), copy.deepcopy(profile)):  # to SubprocVecEnv's workers
         assert twin == profile
+        assert hash(twin) == hash(profile)  # frozen and compared by value: hashable (raised on the tables)
+    assert len({profile, HardwareProfile.load(), HardwareProfile.load()}) == 2
     assert json.loads(json.dumps(dataclasses.asdict(profile)))["time_factor"] == {"fp32": 1.0, "bf16": 0.5, "fp16": 0.4}
 
 
@@ -830,7 +832,7 @@ def test_a_profile_value_error_names_the_file_and_a_table_its_unknown_keys(tmp_p
     good["throughput_scale"] = 1e-4
     file = tmp_path / "my_gpu.json"
     file.write_text(json.dumps({**good, "fixed_ms": "0.2"}))
-    with pytest.raises(ConfigError, match=re.escape(f"fixed_ms='0.2' must be a finite number >= 0 (in {file})")):
+    with pytest.raises(ConfigError, match=re.escape(f"\"fixed_ms\"='0.2' must be a finite number >= 0 (in {file})")):
         HardwareProfile.load(file)
     file.write_text(json.dumps({**good, "time_factor": {"FP32": 1.0, "BF16": 0.5, "FP16": 0.4}}))
     message = "time_factor lacks ['bf16', 'fp16', 'fp32'] and has unknown precisions ['BF16', 'FP16', 'FP32']"

@@ -75,10 +75,15 @@ def test_heuristic_config_keeps_only_used_fields():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loss_rise_tolerance": -0.01}, "loss_rise_tolerance=-0.01 must be a non-negative number"),
-        ({"loss_rise_tolerance": float("nan")}, "loss_rise_tolerance=nan must be a non-negative number"),
-        ({"max_batch_over_noise": 0.0}, "max_batch_over_noise=0.0 must be a positive number"),
-        ({"max_batch_over_noise": float("inf")}, "max_batch_over_noise=inf must be a positive number"),
+        ({"loss_rise_tolerance": -0.01}, r"loss_rise_tolerance=-0.01 must be a number in \[0, 1\)"),
+        ({"loss_rise_tolerance": float("nan")}, r"loss_rise_tolerance=nan must be a number in \[0, 1\)"),
+        # the observation clips the loss trend to [-1, 1]: a rise of any size never passed 1 (the LR was never cut)
+        ({"loss_rise_tolerance": 1.0}, r"loss_rise_tolerance=1.0 must be a number in \[0, 1\) \(the observation"),
+        ({"max_batch_over_noise": 0.0}, r"max_batch_over_noise=0.0 must be a number in \(1e-10, 1e6\]"),
+        ({"max_batch_over_noise": float("inf")}, r"max_batch_over_noise=inf must be a number in \(1e-10, 1e6\]"),
+        # log10(noise / batch) is read from -6 to 10: the batch never grew, or grew whatever the noise
+        ({"max_batch_over_noise": 1e-10}, r"max_batch_over_noise=1e-10 must be a number in \(1e-10, 1e6\]"),
+        ({"max_batch_over_noise": 2e6}, r"max_batch_over_noise=2000000.0 must be a number in \(1e-10, 1e6\]"),
     ],
 )
 def test_heuristic_config_checks_the_lr_and_noise_thresholds(overrides, message):

@@ -192,10 +192,14 @@ def test_heuristic_ramps_the_batch_late_whatever_the_noise():
     assert move(progress=0.9, memory_use=0.99) == 0  # memory pressure still shrinks it
     plain = HeuristicPolicy(ControllerConfig(heuristic=HeuristicConfig(max_batch_growth=4.0)))  # off by default
     assert int(plain.predict(observation([0] * 4, noise_over_batch=0.5, progress=0.9))[0][k + 1]) == 1
-    with pytest.raises(ConfigError, match=r"ramp_batch_after=1\.5 must be in \[0, 1\], or None"):
+    with pytest.raises(ConfigError, match=r"ramp_batch_after=1\.5 must be in \[0, 1\), or None"):
         HeuristicConfig(ramp_batch_after=1.5)
-    with pytest.raises(ConfigError, match=r"ramp_batch_until=0\.2 must be in \[ramp_batch_after=0\.3, 1\]"):
+    with pytest.raises(ConfigError, match=r"ramp_batch_after=0\.3 must be below ramp_batch_until=0\.2"):
         HeuristicConfig(ramp_batch_after=0.3, ramp_batch_until=0.2)
+    # an empty window (the default until is 0.75): the ramp was on and never grew the batch
+    with pytest.raises(ConfigError, match=r"ramp_batch_after=0\.75 must be below ramp_batch_until=0\.75 .*raise"):
+        HeuristicConfig(ramp_batch_after=0.75)
+    assert HeuristicConfig(ramp_batch_after=0.75, ramp_batch_until=1.0).ramp_batch_after == 0.75
 
 
 def test_heuristic_lr_and_batch_rules():

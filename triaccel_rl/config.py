@@ -79,7 +79,8 @@ class MemoryBudget:
     """How much memory the controller may use: an absolute byte count or a fraction of the device.
 
     Exactly one of ``bytes`` and ``fraction`` applies; ``bytes`` wins when both are given. On a CPU the
-    fraction is taken of ``cpu_capacity_bytes`` (the run's own accounting has no device to ask).
+    fraction is taken of ``cpu_capacity_bytes`` (the run's own accounting has no device to ask), and ``bytes`` may
+    not exceed it (raise ``cpu_capacity_bytes`` with it).
 
     Example:
         >>> MemoryBudget(fraction=0.5).resolve(capacity_bytes=8 << 30)
@@ -102,14 +103,22 @@ class MemoryBudget:
         if self.cpu_capacity_bytes <= 0:
             raise ConfigError(f"cpu_capacity_bytes={self.cpu_capacity_bytes} must be positive")
 
-    def resolve(self, capacity_bytes: int) -> int:
+    def resolve(self, capacity_bytes: int, device_type: str = "cuda") -> int:
         """Returns the budget in bytes for a device with ``capacity_bytes`` of memory.
 
+        ``device_type`` ``"cpu"``: ``capacity_bytes`` is ``cpu_capacity_bytes``, which an error then names (the
+        device's memory it is not: a user with 64 GB was told a 3-GB budget was "larger than the device's 2 GiB").
+
         Raises:
-            ConfigError: the absolute budget is larger than the device.
+            ConfigError: the absolute budget is larger than the device (on a CPU, than ``cpu_capacity_bytes``).
         """
         if self.bytes is not None:
             if self.bytes > capacity_bytes:
+                if device_type == "cpu":
+                    raise ConfigError(
+                        f"memory budget of {self.bytes} bytes is larger than cpu_capacity_bytes={capacity_bytes}, "
+                        "the memory a CPU run's accounting assumes: raise MemoryBudget(cpu_capacity_bytes=...) too"
+                    )
                 raise ConfigError(
                     f"memory budget of {self.bytes} bytes is larger than the device's {capacity_bytes} bytes"
                 )
@@ -137,6 +146,9 @@ class _Factors(dict[str, float]):
         raise TypeError("a hardware profile's factors are read-only: build a new HardwareProfile with the ones wanted")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]  # read-only, so hashable: HardwareProfile hashes its fields
+        return hash(frozenset(self.items()))
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled to SubprocVecEnv's workers, deep-copied: built whole, not set
         return (_Factors, (dict(self),))
@@ -167,7 +179,10 @@ class HardwareProfile:
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():  # JSON's 5 or null was taken as the name
-            raise ConfigError(f"hardware profile device={self.device!r} must be the GPU's name, a non-empty string")
+            # The field quoted: the CLI writes a bare name=value of one of its options as the flag ("--device 5")
+            raise ConfigError(
+                f'hardware profile field "device"={self.device!r} must be the GPU\'s name, a non-empty string'
+            )
         names = {p.name.lower() for p in Precision}
         for label, table in (("time_factor", self.time_factor), ("memory_factor", self.memory_factor)):
             if not isinstance(table, Mapping):
@@ -197,7 +212,7 @@ class HardwareProfile:
             value = getattr(self, name)
             if not (_is_finite_number(value) and (value >= 0 if low is not None else value > 0)):
                 kind = "a finite number >= 0" if low is not None else "a finite number > 0"
-                raise ConfigError(f"hardware profile {name}={value!r} must be {kind}")
+                raise ConfigError(f'hardware profile field "{name}"={value!r} must be {kind}')
             object.__setattr__(self, name, float(value))  # a NumPy number would not go into save()'s JSON
 
     def time(self, precision: Precision) -> float:
@@ -333,7 +348,8 @@ class HeuristicConfig:
             (e.g. a test with measured time on a CPU). False: never; lower to bf16 (fp16 with ``use_fp16``).
         speed_trial_steps: timed steps per precision in the speed trial; >= 1.
         loss_rise_tolerance: relative change of the probe loss over an interval that counts as a rise
-            (instability) or, negated, as a steady fall; >= 0. The default, 0.1, is above the
+            (instability) or, negated, as a steady fall; in [0, 1) (the observation clips the trend to [-1, 1]). The
+            default, 0.1, is above the
             interval-to-interval noise of the probe loss late in training (a 2% tolerance made the
             2026-11-22 GPU pilot change the LR 45 times in 12 epochs, chasing noise).
         grow_below_usage: the batch may grow (when the noise scale or the ramp asks) only while memory use is under
@@ -342,7 +358,8 @@ class HeuristicConfig:
             scale asks; at most 1.5 (memory use reads up to 2).
         max_batch_over_noise: grow the batch only while batch / noise_scale is under this value. By
             McCandlish et al. (2018), a batch B needs ``1 + B / B_noise`` times the minimum number of
-            samples, so 0.1 costs at most about 10% more samples for many fewer steps; > 0.
+            samples, so 0.1 costs at most about 10% more samples for many fewer steps; in (1e-10, 1e6] (the
+            observation reads noise / batch from 1e-6 to 1e10).
         anneal_plateau: None (the default): off. A number in (0, 1): the LR rule also *anneals*: once
             ``progress`` reaches ``anneal_after``, an interval whose probe loss fell by less than this share
             (a plateau: the steps bounce at the gradient noise's floor, which a smaller step lowers) takes the
@@ -375,16 +392,16 @@ class HeuristicConfig:
             decision (×1.5 by default), so two rungs from ×1 land as ×0.67 then ×0.5 over two decisions; on the
             H200 (2026-12-02) that gained nothing over one rung (ResNet-18 0.83× static fp16, EfficientNet-B0
             1.04×, in one job of 3 and 2 seeds).
-        ramp_batch_after: None (the default): off. A share of the training budget in [0, 1]: once ``progress``
-            reaches it, the batch rule grows the batch at every decision (up to ``max_batch_growth``, while
-            memory allows) whatever the noise estimate says: "don't decay the learning rate, increase the batch
+        ramp_batch_after: None (the default): off. A share of the training budget in [0, ``ramp_batch_until``): once
+            ``progress`` reaches it, the batch rule grows the batch at every decision (up to ``max_batch_growth``,
+            while memory allows) whatever the noise estimate says: "don't decay the learning rate, increase the batch
             size" (Smith et al., 2018). With the LR held (``ElasticConfig.lr_rule="none"``) a doubled batch
             halves the gradient noise as halving the LR would, and each sample costs less where a larger
             batch uses the GPU better; with the linear rule it keeps the noise and only buys throughput.
             A late ramp, not an early one: batch 512 from the start missed ResNet-18's target on 1 seed of 3
             (H100, 2026-11-22).
         ramp_batch_until: the share of the budget past which the ramp no longer grows the batch, in
-            [``ramp_batch_after``, 1]: a batch changed that late has too little of the run left to repay the
+            (``ramp_batch_after``, 1]: a batch changed that late has too little of the run left to repay the
             change's one-time cost (a new captured graph and cuDNN's tuning for the new shapes: about 5 s for
             ResNet-18's first run at batch 1024 on the H200, 2026-12-02, in a 10-s run).
         max_batch_growth: grow the batch only up to this multiple of the task's base batch; in [1, 1024] (the
@@ -450,8 +467,12 @@ class HeuristicConfig:
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
             )
-        if not (_is_finite_number(self.loss_rise_tolerance) and self.loss_rise_tolerance >= 0):
-            raise ConfigError(f"loss_rise_tolerance={self.loss_rise_tolerance} must be a non-negative number")
+        if not (_is_finite_number(self.loss_rise_tolerance) and 0 <= self.loss_rise_tolerance < 1):
+            # The observation clips the loss trend to [-1, 1]: at 1 or more no rise ever cut the LR, silently.
+            raise ConfigError(
+                f"loss_rise_tolerance={self.loss_rise_tolerance} must be a number in [0, 1) (the observation clips "
+                "the loss trend to [-1, 1], so a tolerance of 1 or more never fires)"
+            )
         if not (_is_finite_number(self.max_batch_growth) and 1 <= self.max_batch_growth <= 2**OBS_HIGH):
             # The rule reads the batch's growth from the observation's log2_batch, clipped at OBS_HIGH: past 2**10 the
             # batch grew on without a limit (up to max_batch_size).
@@ -476,30 +497,40 @@ class HeuristicConfig:
                     f"anneal_release_after={self.anneal_release_after} must be in (anneal_after={self.anneal_after}, "
                     "1], or None to keep the cuts to the end"
                 )
-        if self.ramp_batch_after is not None and not (0.0 <= self.ramp_batch_after <= 1.0):
-            raise ConfigError(f"ramp_batch_after={self.ramp_batch_after} must be in [0, 1], or None for no ramp")
-        if not (self.ramp_batch_after or 0.0) <= self.ramp_batch_until <= 1.0:
+        if self.ramp_batch_after is not None and not (0.0 <= self.ramp_batch_after < 1.0):
+            raise ConfigError(f"ramp_batch_after={self.ramp_batch_after} must be in [0, 1), or None for no ramp")
+        if not 0.0 <= self.ramp_batch_until <= 1.0:
+            raise ConfigError(f"ramp_batch_until={self.ramp_batch_until} must be in [0, 1]")
+        if self.ramp_batch_after is not None and not self.ramp_batch_after < self.ramp_batch_until:
+            # The ramp grows the batch while ramp_batch_after <= progress < ramp_batch_until: an empty window turned
+            # the ramp on and it never grew the batch.
             raise ConfigError(
-                f"ramp_batch_until={self.ramp_batch_until} must be in [ramp_batch_after={self.ramp_batch_after}, 1]"
+                f"ramp_batch_after={self.ramp_batch_after} must be below ramp_batch_until={self.ramp_batch_until} "
+                "(the ramp grows the batch from the one to the other); raise ramp_batch_until"
             )
-        if not (_is_finite_number(self.max_batch_over_noise) and self.max_batch_over_noise > 0):
-            raise ConfigError(f"max_batch_over_noise={self.max_batch_over_noise} must be a positive number")
+        if not (_is_finite_number(self.max_batch_over_noise) and 1e-10 < self.max_batch_over_noise <= 1e6):
+            # The rule reads log10(noise / batch), which the observation holds in [-6, 10]: outside these bounds the
+            # batch never grew, or grew whatever the noise.
+            raise ConfigError(
+                f"max_batch_over_noise={self.max_batch_over_noise} must be a number in (1e-10, 1e6] (the observation "
+                "reads noise / batch from 1e-6 to 1e10)"
+            )
 
 
 _HEURISTIC_NUMBERS = {
     "lower_below": "below raise_above",
     "raise_above": "above lower_below",
     "max_overflow_rate": "in [0, 1]",
-    "loss_rise_tolerance": ">= 0",
+    "loss_rise_tolerance": "in [0, 1)",
     "grow_below_usage": "in (0, shrink_above_usage)",
     "shrink_above_usage": "in (grow_below_usage, 1.5]",
-    "max_batch_over_noise": "> 0",
+    "max_batch_over_noise": "in (1e-10, 1e6]",
     "max_batch_growth": ">= 1",
     "anneal_plateau": "in (0, 1)",
     "anneal_after": "in [0, 1]",
     "anneal_release_after": "in (anneal_after, 1]",
-    "ramp_batch_after": "in [0, 1]",
-    "ramp_batch_until": "in [ramp_batch_after, 1]",
+    "ramp_batch_after": "in [0, ramp_batch_until)",
+    "ramp_batch_until": "in (ramp_batch_after, 1]",
 }
 """``HeuristicConfig``'s number fields and their ranges (for the type check's message; the ranges are checked apart)."""
 

@@ -26,7 +26,7 @@ from torch import nn
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
-from triaccel_rl.costs import CostModel, frozen_parameter_bytes
+from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import StepEngine, check_max_grad_norm
 from triaccel_rl.errors import NoGoodStateError, is_whole
@@ -166,7 +166,7 @@ class Controller:
             # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
             self.engine.precision.copies_in_eager = False
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
-            self.memory_budget_bytes = self.memory.resolve(capacity)
+            self.memory_budget_bytes = self.memory.resolve(capacity, self.device.type)
             self.collector = self._new_collector()
             self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
             self.executor = Executor(self.config, self.grouper)
@@ -1327,5 +1327,4 @@ def _precision_code(precision: Precision | None) -> int | None:
 
 
 def _optimizer_states(controller: Controller) -> int:
-    name = type(controller.engine.optimizer).__name__.lower()
-    return 2 if "adam" in name else 1
+    return optimizer_state_tensors(controller.engine.optimizer)

@@ -23,9 +23,46 @@ from triaccel_rl.config import HardwareProfile
 from triaccel_rl.precision import layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
-__all__ = ["CostModel", "frozen_parameter_bytes", "owned_param_counts", "saved_bytes_per_sample"]
+__all__ = [
+    "CostModel",
+    "frozen_parameter_bytes",
+    "optimizer_state_tensors",
+    "owned_param_counts",
+    "saved_bytes_per_sample",
+]
 
 log = logging.getLogger(__name__)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> int:
+    """The parameter-sized state tensors ``optimizer`` keeps per parameter, read from its settings.
+
+    SGD: 1 with momentum, else 0; Adam and AdamW: 2, 3 with ``amsgrad``; RMSprop: 1, plus 1 with momentum and 1 when
+    ``centered``; Adadelta, Adamax, NAdam, RAdam, Rprop: 2; Adagrad, ASGD: 1. The most of any parameter group.
+    Another class: 2 if its name holds "adam", else 1 (the guess this replaced, which counted 1 for plain SGD and
+    for RMSprop with momentum, and 2 for AMSGrad). Scalar state (a step count) is not counted.
+
+    Example:
+        >>> w = [nn.Parameter(torch.zeros(2))]
+        >>> optimizer_state_tensors(torch.optim.SGD(w, lr=0.1)), optimizer_state_tensors(torch.optim.AdamW(w))
+        (0, 2)
+    """
+    optim = torch.optim
+
+    def per_group(group: dict) -> int:
+        if isinstance(optimizer, optim.SGD):
+            return int(group.get("momentum", 0) != 0)
+        if isinstance(optimizer, (optim.Adam, optim.AdamW)):
+            return 3 if group.get("amsgrad", False) else 2
+        if isinstance(optimizer, optim.RMSprop):
+            return 1 + int(group.get("momentum", 0) != 0) + int(bool(group.get("centered", False)))
+        if isinstance(optimizer, (optim.Adadelta, optim.Adamax, optim.NAdam, optim.RAdam, optim.Rprop)):
+            return 2
+        if isinstance(optimizer, (optim.Adagrad, optim.ASGD)):
+            return 1
+        return 2 if "adam" in type(optimizer).__name__.lower() else 1
+
+    return max((per_group(group) for group in optimizer.param_groups), default=0)
 
 
 @dataclass(frozen=True)
@@ -85,7 +122,8 @@ class CostModel:
             model: the model.
             layers: its layers (``find_layers``).
             sample: one input sample with its batch dimension (``[1, ...]``).
-            optimizer_states: fp32 state tensors per parameter (SGD momentum 1, Adam 2).
+            optimizer_states: fp32 state tensors per parameter (:func:`optimizer_state_tensors`: SGD with momentum 1,
+                Adam 2).
         """
         flops = np.zeros(len(layers))
         out_bytes = np.zeros(len(layers))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import enum
 import numbers
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (typing.Self is Python 3.11's: for the annotations only, the package imports on 3.10)
     import torch
+    from typing_extensions import Self
 
 __all__ = [
     "ChoiceEnum",

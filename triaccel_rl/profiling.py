@@ -49,9 +49,24 @@ def measure_profile(
 
     Raises:
         ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
-            CPU (others, such as ``mps``, have no timer here), or the CUDA device asked for is not there.
+            CPU (others, such as ``mps``, have no timer here), the CUDA device asked for is not there, or the batch
+            does not fit in its memory.
     """
     device = profile_device(device, batch_size, steps)
+    try:
+        return _measure(device, batch_size, steps, small, progress)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        # A batch the device cannot hold ended in a traceback (exit 1) where bad input is one line naming the flag
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in first:
+            raise
+        raise ValueError(
+            f"measure_profile: batch_size={batch_size} does not fit in {device}'s memory ({first}); give a smaller one"
+        ) from None
+
+
+def _measure(device: torch.device, batch_size: int, steps: int, small: bool, progress: bool) -> HardwareProfile:
+    """:func:`measure_profile` once its arguments are checked."""
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
     x = torch.randn(batch_size, 3, 32, 32, device=device)

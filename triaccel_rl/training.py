@@ -347,7 +347,8 @@ class TrainingRun:
         self.memory_model = MemoryModel(self.costs, self.profile)
         self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(self.costs.owned_params)
         budget = memory or MemoryBudget()
-        self.memory_budget_bytes = budget.resolve(device_capacity_bytes(self.device, budget.cpu_capacity_bytes))
+        capacity = device_capacity_bytes(self.device, budget.cpu_capacity_bytes)
+        self.memory_budget_bytes = budget.resolve(capacity, self.device.type)
         if self.measures_memory:
             self.calibrate_memory()
         check_budget(
@@ -805,8 +806,9 @@ class TrainingRun:
         Args:
             batch_size: for the accounting, the micro-batch size (default: the current batch).
 
-        The accounting is parameters + gradients + optimizer state + activations (each layer's output
-        for the batch at its precision's memory factor) + the low-precision weight copies.
+        The accounting is parameters + gradients + optimizer state + activations (the tensors autograd holds for
+        the backward, and the logits: ``costs.activation_bytes_per_sample``, for the batch, at each layer's
+        precision's memory factor) + the low-precision weight copies.
         """
         if self.measures_memory:
             return peak_allocated_bytes(self.device)

@@ -180,9 +180,18 @@ def test_zero_or_negative_budget_is_an_error(bad: int) -> None:
         MemoryBudget(fraction=0.0)
 
 
-def test_budget_larger_than_the_device_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"memory budget of 5000000000 bytes is larger than the device's 2000 bytes"):
+def test_budget_larger_than_the_device_is_an_error_naming_cpu_capacity_bytes_on_a_cpu() -> None:
+    """On a CPU the capacity is cpu_capacity_bytes (2 GiB by default), not the machine's memory: the error called it
+    "the device's", and a user with 64 GB had nothing to go on."""
+    message = (
+        r"^memory budget of 5000000000 bytes is larger than cpu_capacity_bytes=2000, the memory a CPU run's "
+        r"accounting assumes: raise MemoryBudget\(cpu_capacity_bytes=...\) too$"
+    )
+    with pytest.raises(ConfigError, match=message):
         TrainingRun(small_task(), device="cpu", memory=MemoryBudget(bytes=5_000_000_000, cpu_capacity_bytes=2_000))
+    model = nn.Linear(4, 2)
+    with pytest.raises(ConfigError, match=r"larger than cpu_capacity_bytes=2147483648"):
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), memory=MemoryBudget(bytes=3 << 30))
 
 
 def test_budget_below_one_sample_says_how_much_one_sample_needs() -> None:
@@ -428,3 +437,47 @@ def test_a_map_without_precision_codes_is_refused_after_a_valid_one_and_in_predi
     bf16 = [1] * len(fp32)
     assert fresh.predict(4, bf16) == fresh.predict(4, [Precision.BF16] * len(fp32))  # type: ignore[arg-type]
     assert fresh.max_batch_size(10**6, bf16, 50) == fresh.max_batch_size(10**6, [Precision.BF16] * len(fp32), 50)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.Adam(p),
+        lambda p: torch.optim.AdamW(p, amsgrad=True),
+        lambda p: torch.optim.RMSprop(p),
+        lambda p: torch.optim.RMSprop(p, momentum=0.9, centered=True),
+        lambda p: torch.optim.Adadelta(p),
+        lambda p: torch.optim.Adagrad(p),
+        lambda p: torch.optim.Adamax(p),
+        lambda p: torch.optim.NAdam(p),
+        lambda p: torch.optim.RAdam(p),
+        lambda p: torch.optim.Rprop(p),
+        lambda p: torch.optim.ASGD(p),
+    ],
+)
+def test_optimizer_state_tensors_are_those_the_optimizer_keeps_after_a_step(make) -> None:
+    """The controller's fixed bytes counted state from the class name: 1 for plain SGD (0 kept), 2 for AMSGrad (3),
+    1 for RMSprop with momentum (2) or Adadelta (2). The reference: the parameter-sized tensors after one step."""
+    from triaccel_rl.costs import optimizer_state_tensors
+
+    weight = nn.Parameter(torch.randn(3, 5))
+    optimizer = make([weight])
+    weight.grad = torch.randn(3, 5)
+    optimizer.step()
+    kept = sum(isinstance(v, torch.Tensor) and v.shape == weight.shape for v in optimizer.state[weight].values())
+    assert optimizer_state_tensors(optimizer) == kept
+
+
+def test_the_controllers_fixed_bytes_count_the_optimizers_own_state() -> None:
+    static_bytes = []
+    for make in (lambda p: torch.optim.SGD(p, lr=0.1), lambda p: torch.optim.AdamW(p, amsgrad=True)):
+        model = nn.Linear(10, 10)
+        with Controller(model, make(model.parameters()), policy="fp32") as ctl:
+            for xb, yb in ctl.loader((torch.randn(8, 10), torch.randint(0, 10, (8,))), batch_size=4):
+                with ctl.autocast():
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                ctl.step(loss)
+            static_bytes.append(ctl.costs.static_bytes)
+    assert static_bytes[1] - static_bytes[0] == 3 * 4 * 110  # 3 state tensors a parameter against none
