@@ -11,7 +11,7 @@ PPO (``triaccel_rl.rl.train_policy``) on ``TRAINING_TASKS`` with 2 ``SubprocVecE
 cycles through the tasks, one per episode), periodic evaluation on ``HELD_OUT_TASKS``, checkpoints and
 TensorBoard under ``--run-dir``. At the end it copies the policy zip and its ``.obs.json`` into
 ``--ship-dir`` and writes ``MODEL_CARD.md`` there. ``--smoke`` trains a few dozen steps into a temporary
-folder and ships nothing (the smoke test runs it).
+folder (or the ``--run-dir`` given, where it is not the default) and ships nothing (the smoke test runs it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -75,7 +76,8 @@ class Args:
     warm_start_epochs: int = 200
     """Passes of the imitation over those decisions (``triaccel_rl.rl.imitate``)."""
     run_dir: str = "runs/pretrained"
-    """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``)."""
+    """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``); with ``--smoke``,
+    the default is replaced by a new temporary folder."""
     ship_dir: str = "triaccel_rl/pretrained"
     """Where the shipped policy and model card go ('' to ship nothing); a relative path is taken from the repository's
     root, where the package's policy lives (from another folder it made a stray copy there and said "shipped")."""
@@ -87,7 +89,8 @@ class Args:
     card_only: bool = False
     """Only rewrite ``MODEL_CARD.md`` from ``<run_dir>/training.json`` (e.g. after ``transfer.py`` ran)."""
     smoke: bool = False
-    """A tiny run (a few dozen steps, in-process envs, one training task) that ships nothing."""
+    """A tiny run (a few dozen steps, in-process envs, one training task, into a temporary folder unless
+    ``--run-dir`` names another than the default) that ships nothing."""
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -99,6 +102,12 @@ def main(args: Args) -> dict[str, Any]:
     if args.smoke:
         args = replace(args, timesteps=32, n_envs=1, budget_intervals=4, interval_steps=2, n_steps=32,
                        batch_size=16, eval_every=0, checkpoint_every=0, ship_dir="")  # fmt: skip
+        if args.run_dir == Args.run_dir:
+            # A plumbing check wrote over the real run's policy, checkpoints and training.json in runs/pretrained.
+            # A new folder each time: nothing of an earlier smoke run is taken for this one's.
+            smoke_dir = tempfile.mkdtemp(prefix="triaccel-rl-smoke-pretrained-")
+            print(f"--smoke: --run-dir {smoke_dir} (not the default {Args.run_dir})", file=sys.stderr)
+            args = replace(args, run_dir=smoke_dir)
     training_tasks = ("synthetic",) if args.smoke else TRAINING_TASKS
     run_dir = Path(args.run_dir)
     if args.card_only:
@@ -110,6 +119,7 @@ def main(args: Args) -> dict[str, Any]:
         return facts
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    started = time.time()  # wall clock, as file times are: an evaluations file older than this is another run's
     commit = git_commit()  # the code that trains: a commit made during a run of minutes is not it
     if args.from_checkpoint:
         zip_path = run_dir / "policy.zip"
@@ -140,7 +150,7 @@ def main(args: Args) -> dict[str, Any]:
             lr_range=_lr_range(args),
         )
     wall_s = time.perf_counter() - start
-    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s, commit)
+    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s, commit, started)
     (run_dir / "training.json").write_text(json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
@@ -495,8 +505,21 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
 
 
 def _facts(
-    args: Args, training_tasks: tuple[str, ...], held_out: tuple[str, ...], zip_path: Path, wall_s: float, commit: str
+    args: Args,
+    training_tasks: tuple[str, ...],
+    held_out: tuple[str, ...],
+    zip_path: Path,
+    wall_s: float,
+    commit: str,
+    started: float,
 ) -> dict[str, Any]:
+    """What ``training.json`` and the model card record of the run that wrote ``zip_path``.
+
+    ``started`` (``time.time()`` when the run began) keeps another run's evaluations out: the
+    ``eval/evaluations.npz`` beside ``zip_path`` counts only where it was written since (a run without evaluations,
+    or whose first is not due yet, leaves an earlier run's file in a reused run dir). Shipped from a checkpoint, the
+    file is the interrupted run's, and taken as it is.
+    """
     import torch
     from stable_baselines3 import PPO
 
@@ -505,7 +528,9 @@ def _facts(
     model = PPO.load(zip_path, device="cpu")
     evaluations = []
     eval_file = zip_path.parent / "eval" / "evaluations.npz"
-    if eval_file.is_file():
+    # Only this run's: a reused run dir keeps an earlier run's file, which training.json and the card once recorded
+    # as this run's evaluations (a --smoke run, which evaluates nothing, showed a real run's table).
+    if eval_file.is_file() and (args.from_checkpoint or eval_file.stat().st_mtime >= started):
         data = np.load(eval_file)
         for steps, rewards in zip(data["timesteps"], data["results"], strict=True):
             evaluations.append(

@@ -94,7 +94,9 @@ class LearnedPolicy:
         Which format is faster depends on the model and the GPU, which a policy trained on modelled cost cannot
         know. After the trial the policy chooses which groups run in 16 bits and the trial chooses the format:
         the policy's bf16 and fp16 both run in it, and its observation shows 16-bit groups as bf16, the format
-        it learned in (:func:`policy_view`). The start precision follows when it is 16-bit. A tie keeps bf16.
+        it learned in (:func:`policy_view`). The start precision follows when it is 16-bit. A tie keeps the current
+        format, :attr:`low_precision`: bf16 where it is None (no trial yet), fp16 where ``make_policy`` pinned it (the
+        heuristic's ``use_fp16``) or an earlier trial chose it.
 
         Raises:
             ValueError: ``step_ms`` is empty, names fp32, or holds a time that is not positive and finite.

@@ -153,6 +153,21 @@ def test_learned_policy_runs_its_16_bit_groups_in_the_format_the_speed_trial_fou
         fp32_start.choose_low_precision({Precision.FP32: 1.0})
 
 
+def test_a_tie_in_the_speed_trial_keeps_the_learned_policys_current_format():
+    """The docstring said a tie keeps bf16: it keeps the format the policy runs in, bf16 before any trial, fp16 after
+    a trial that chose it or where make_policy pinned fp16 (the heuristic's use_fp16)."""
+    tie = {Precision.BF16: 5.0, Precision.FP16: 5.0}
+    learned = LearnedPolicy(pretrained_policy_path(), OBSERVATION_SPACE, ACTION_SPACE)
+    assert learned.choose_low_precision(tie) is Precision.BF16  # no trial yet
+    learned.choose_low_precision({Precision.BF16: 6.0, Precision.FP16: 5.0})
+    assert learned.choose_low_precision(tie) is Precision.FP16
+    pinned = make_policy("pretrained", ControllerConfig(heuristic=HeuristicConfig(use_fp16=True)), OBSERVATION_SPACE,
+                         ACTION_SPACE)  # fmt: skip
+    assert pinned.choose_low_precision(tie) is Precision.FP16
+    doc = " ".join((LearnedPolicy.choose_low_precision.__doc__ or "").split())
+    assert "A tie keeps the current format" in doc and "A tie keeps bf16" not in doc
+
+
 def test_pretrained_gives_the_speed_trial_to_the_policy_and_its_fallback():
     policy = make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
     assert isinstance(policy, FallbackPolicy) and policy.initial_precision is Precision.BF16
@@ -409,6 +424,66 @@ def test_the_card_names_the_commit_that_trained_not_the_one_at_the_end(tiny_poli
     monkeypatch.setattr(triaccel_rl.rl, "train_policy", fake_train_policy)
     facts = train_pretrained.main(train_pretrained.Args(run_dir=str(tmp_path), ship_dir=""))
     assert facts["commit"] == "at-start"
+
+
+def _fake_training(tiny_policy, outs):
+    """A ``train_policy`` that records its ``out`` and puts ``tiny_policy`` there, with an evaluation if asked."""
+
+    def fake_train_policy(*args, out, eval_every=0, **kwargs):
+        outs.append(Path(out))
+        shutil.copyfile(tiny_policy, out)
+        shutil.copyfile(obs_stats_path(tiny_policy), obs_stats_path(out))
+        if eval_every > 0:
+            time.sleep(0.05)  # training takes time: a file time is on a coarser clock than time.time()
+            (Path(out).parent / "eval").mkdir(exist_ok=True)
+            np.savez(Path(out).parent / "eval" / "evaluations.npz", timesteps=np.array([eval_every]),
+                     results=np.array([[2.0, 4.0]]), ep_lengths=np.array([[3, 3]]))  # fmt: skip
+        return Path(out)
+
+    return fake_train_policy
+
+
+def test_a_smoke_run_trains_into_a_temporary_folder_unless_given_one(tiny_policy, tmp_path, monkeypatch, capsys):
+    """--smoke kept the default --run-dir: run from the repository, the plumbing check wrote over the real run's
+    policy and training.json in runs/pretrained (the script's docstring said a temporary folder)."""
+    import tempfile
+
+    import triaccel_rl.rl
+
+    train_pretrained = import_experiment("train_pretrained")
+    monkeypatch.setattr(train_pretrained, "git_commit", lambda: "test")
+    outs: list[Path] = []
+    monkeypatch.setattr(triaccel_rl.rl, "train_policy", _fake_training(tiny_policy, outs))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    train_pretrained.main(train_pretrained.Args(smoke=True))
+    assert not (tmp_path / "runs").exists()
+    assert outs[0].parent.parent == tmp_path / "tmp" and (outs[0].parent / "training.json").is_file()
+    assert f"--smoke: --run-dir {outs[0].parent} (not the default runs/pretrained)" in capsys.readouterr().err
+    train_pretrained.main(train_pretrained.Args(smoke=True, run_dir="mine"))  # one given is taken
+    assert outs[1] == Path("mine") / "policy.zip" and (tmp_path / "mine" / "training.json").is_file()
+
+
+def test_training_json_records_only_this_runs_evaluations(tiny_policy, tmp_path, monkeypatch):
+    """A reused run dir keeps an earlier run's eval/evaluations.npz: a run that evaluated nothing (--eval-every 0, as
+    --smoke sets) recorded those evaluations as its own in training.json, and so in the model card's table."""
+    import os
+
+    import triaccel_rl.rl
+
+    train_pretrained = import_experiment("train_pretrained")
+    monkeypatch.setattr(train_pretrained, "git_commit", lambda: "test")
+    monkeypatch.setattr(triaccel_rl.rl, "train_policy", _fake_training(tiny_policy, []))
+    earlier = tmp_path / "eval" / "evaluations.npz"
+    earlier.parent.mkdir()
+    np.savez(earlier, timesteps=np.array([1024]), results=np.array([[13.0, 9.0]]), ep_lengths=np.array([[16, 16]]))
+    os.utime(earlier, (time.time() - 60, time.time() - 60))  # an earlier run's
+    facts = train_pretrained.main(train_pretrained.Args(run_dir=str(tmp_path), ship_dir="", eval_every=0))
+    assert facts["evaluations"] == []
+    assert json.loads((tmp_path / "training.json").read_text())["evaluations"] == []
+    facts = train_pretrained.main(train_pretrained.Args(run_dir=str(tmp_path), ship_dir="", eval_every=8))
+    assert facts["evaluations"] == [{"timesteps": 8, "mean_reward": 3.0, "std_reward": 1.0}]  # its own are recorded
 
 
 def test_the_card_says_what_a_run_before_2026_12_05_did():

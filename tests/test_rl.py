@@ -590,6 +590,134 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_what_it_replaces(tmp_pat
     assert "moved to" in caplog.text and f"is kept as {kept}" in caplog.text
 
 
+def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside(tmp_path, caplog):
+    """Two runs resumed from one checkpoint into its folder: the second moved the first resumed run's checkpoints
+    into replaced_after_8_steps/ over the original run's, which the first had put there, and copied its evaluations
+    over theirs: the original run's weights and evaluations past step 8 were lost, unsaid."""
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "checkpoint_every": 8, "eval_every": 8,
+              "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
+    checkpoints, evaluations = tmp_path / "checkpoints", tmp_path / "eval"
+    start = checkpoints / "policy_8_steps.zip"
+    train_policy(["synthetic"], total_timesteps=24, **common)
+    original_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
+    train_policy(["synthetic"], total_timesteps=8, resume=start, **common)
+    resumed_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
+    assert resumed_16 != original_16
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], total_timesteps=8, resume=start, **common)
+    first, second = checkpoints / "replaced_after_8_steps", checkpoints / "replaced_after_8_steps_2"
+    assert sorted(p.name for p in first.glob("*.zip")) == ["policy_16_steps.zip", "policy_24_steps.zip"]
+    assert (first / "policy_16_steps.zip").read_bytes() == original_16
+    assert sorted(p.name for p in second.iterdir()) == ["policy_16_steps.obs.json", "policy_16_steps.zip"]
+    assert (second / "policy_16_steps.zip").read_bytes() == resumed_16
+    assert f"moved to {second}" in caplog.text
+    assert np.load(evaluations / "evaluations_replaced_after_8_steps.npz")["timesteps"].tolist() == [8, 16, 24]
+    kept = evaluations / "evaluations_replaced_after_8_steps_2.npz"
+    assert np.load(kept)["timesteps"].tolist() == [8, 16] and f"is kept as {kept}" in caplog.text
+
+
+def test_evaluations_moved_aside_twice_at_one_step_keep_both(tmp_path, caplog):
+    """A curve of other held-out settings goes to evaluations_until_<N>_steps.npz (and .json): a second one moved
+    aside at the same step went over the first."""
+    from types import SimpleNamespace
+
+    from triaccel_rl.rl import _continue_evaluations
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    file = folder / "evaluations.npz"
+    callback = SimpleNamespace(log_path=str(folder / "evaluations"), n_eval_episodes=1)
+    for seed in (0, 1):
+        np.savez(file, timesteps=np.array([8]), results=np.array([[float(seed)]]), ep_lengths=np.array([[3]]))
+        file.with_suffix(".json").write_text(json.dumps({"tasks": ["synthetic"], "seed": seed}))
+        with caplog.at_level("WARNING", logger="triaccel_rl"):
+            _continue_evaluations(callback, file, 8, {"tasks": ["synthetic"], "seed": 5})
+    first, second = folder / "evaluations_until_8_steps.npz", folder / "evaluations_until_8_steps_2.npz"
+    assert np.load(first)["results"].tolist() == [[0.0]] and np.load(second)["results"].tolist() == [[1.0]]
+    assert json.loads(second.with_suffix(".json").read_text())["seed"] == 1
+    assert f"moved it to {second}" in caplog.text and not file.exists()
+
+
+def test_resume_and_out_spelled_differently_keep_the_first_runs_evaluations(tmp_path, monkeypatch, caplog):
+    """An absolute resume beside a relative out (one file, spelled two ways) was taken for another run's
+    evaluations: those past the checkpoint were dropped without a copy, and a curve of other held-out settings was
+    written over instead of moved aside."""
+    monkeypatch.chdir(tmp_path)
+    common = {"n_steps": 8, "batch_size": 4, "out": Path("policy.zip"), "checkpoint_every": 8, "eval_every": 8,
+              "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
+    train_policy(["synthetic"], total_timesteps=16, **common)
+    train_policy(["synthetic"], total_timesteps=8, resume=tmp_path / "checkpoints" / "policy_8_steps.zip", **common)
+    kept = tmp_path / "eval" / "evaluations_replaced_after_8_steps.npz"
+    assert np.load(kept)["timesteps"].tolist() == [8, 16]
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [8, 16]
+    with caplog.at_level("WARNING", logger="triaccel_rl"):  # another seed: another curve
+        train_policy(["synthetic"], total_timesteps=8, resume=tmp_path / "policy.zip", seed=1, **common)
+    aside = tmp_path / "eval" / "evaluations_until_16_steps.npz"  # named as resume is spelled
+    assert np.load(aside)["timesteps"].tolist() == [8, 16] and f"moved it to {aside}" in caplog.text
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [24]
+
+
+def test_a_run_resumed_without_checkpoint_every_sets_the_replaced_checkpoints_aside(tmp_path, monkeypatch, caplog):
+    """Resumed from an earlier checkpoint without checkpoint_every, the checkpoints past it stayed in place, and the
+    Ctrl-C checkpoint overwrote the first run's of its step count with other weights, unsaid."""
+    from stable_baselines3 import PPO
+
+    common = {"n_steps": 8, "batch_size": 4, "out": tmp_path / "policy.zip", **_TINY}
+    train_policy(["synthetic"], total_timesteps=24, checkpoint_every=8, **common)
+    checkpoints = tmp_path / "checkpoints"
+    first_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
+    real_train, calls = PPO.train, []
+
+    def interrupted_on_the_second_update(self):
+        calls.append(self.num_timesteps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_train(self)
+
+    monkeypatch.setattr(PPO, "train", interrupted_on_the_second_update)
+    with caplog.at_level("WARNING", logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        train_policy(["synthetic"], total_timesteps=24, seed=5, resume=checkpoints / "policy_8_steps.zip", **common)
+    assert calls == [16, 24]  # interrupted in the update on 24 steps: the checkpoint holds the one on 16
+    aside = checkpoints / "replaced_after_8_steps"
+    assert sorted(p.name for p in aside.glob("*.zip")) == ["policy_16_steps.zip", "policy_24_steps.zip"]
+    assert (aside / "policy_16_steps.zip").read_bytes() == first_16 and f"moved to {aside}" in caplog.text
+    assert sorted(p.name for p in checkpoints.glob("*.zip")) == ["policy_16_steps.zip", "policy_8_steps.zip"]
+    assert (checkpoints / "policy_16_steps.zip").read_bytes() != first_16  # the resumed run's, beside its start
+
+
+def test_a_str_where_a_task_list_goes_is_refused_naming_the_argument():
+    """A str was iterated as the tasks 's', 'y', ...: "unknown task 's'" named neither the argument nor the fix."""
+    from triaccel_rl.rl import make_env_fns
+
+    common = {"total_timesteps": 8, "n_envs": 1, "vec": "dummy", "n_steps": 8, "batch_size": 8}
+    message = "tasks='synthetic' is a str: give a list of task names, e.g. ['synthetic']"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_policy("synthetic", **common)
+    with pytest.raises(ValueError, match=re.escape(f"eval_{message}")):
+        train_policy(["synthetic"], eval_tasks="synthetic", eval_every=8, **common)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_env_fns("synthetic", 1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_envs": 0}, "n_envs=0 must be a whole number >= 1"),
+        ({"n_envs": 1.5}, "n_envs=1.5 must be a whole number >= 1"),
+        ({"torch_threads": 0}, "torch_threads=0 must be a whole number >= 1 (or None: PyTorch's default)"),
+        ({"torch_threads": 2.5}, "torch_threads=2.5 must be a whole number >= 1"),
+    ],
+)
+def test_make_env_fns_checks_its_sizes_in_the_caller(kwargs, message):
+    """n_envs=0 gave no factory at all, and torch_threads=0 failed in every subprocess worker."""
+    from triaccel_rl.rl import make_env_fns
+
+    arguments = {"tasks": ["synthetic"], "n_envs": 2, "max_decisions": 2, "interval_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_env_fns(**arguments)
+
+
 def test_a_resumed_run_with_other_held_out_tasks_does_not_extend_the_old_curve(tmp_path, caplog):
     """One held-out task each, so the episode counts matched: the other task's scores were appended to the curve."""
     out = tmp_path / "policy.zip"

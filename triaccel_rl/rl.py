@@ -76,17 +76,28 @@ def make_env_fns(
     (worker, task) pair its own episodes.
 
     Args:
-        tasks: registered task names.
-        n_envs: number of factories (workers).
+        tasks: registered task names (a list: a str is refused).
+        n_envs: number of factories (workers), a whole number >= 1.
         max_decisions: safety cap on decisions per episode (None: the environment's default); episodes
             end when their time budget (``reward_config`` in ``env_kwargs``) is spent.
         interval_steps: optimizer steps per decision.
-        torch_threads: ``torch.set_num_threads`` in the worker (None: leave PyTorch's default). One
+        torch_threads: ``torch.set_num_threads`` in the worker, a whole number >= 1 (None: leave PyTorch's default). One
             thread per worker avoids oversubscribing the cores when there is one worker per core. A factory sets it
             in the process it runs in: a ``DummyVecEnv``'s run in the caller's (``train_policy`` puts the caller's
             count back when it ends).
         env_kwargs: passed to every ``TriAccel-v0``.
+
+    Raises:
+        ValueError: ``tasks`` a str or naming an unknown task, ``n_envs`` or ``torch_threads`` not a whole number
+            >= 1, or environment arguments ``TriAccel-v0`` refuses.
     """
+    _refuse_str("tasks", tasks)
+    # Checked here, in the parent: n_envs=0 gave no factory (a VecEnv of none failed later, naming nothing), and
+    # torch_threads=0 failed in every worker.
+    if not (is_whole(n_envs) and n_envs >= 1):
+        raise ValueError(f"n_envs={n_envs!r} must be a whole number >= 1")
+    if torch_threads is not None and not (is_whole(torch_threads) and torch_threads >= 1):
+        raise ValueError(f"torch_threads={torch_threads!r} must be a whole number >= 1 (or None: PyTorch's default)")
     for task in tasks:
         get_task(task)  # fail fast on an unknown name, in the parent process
     if "config" in env_kwargs:  # gym.make would get it twice, inside a worker
@@ -124,6 +135,12 @@ def make_env_fns(
     # Every worker cycles through every task, rotated so that the workers start on different ones: equal shares. (A
     # worker given only the tasks i, i + n_envs, ... skewed them where n_envs did not divide their number.)
     return [factory([tasks[(i + k) % len(tasks)] for k in range(len(tasks))]) for i in range(n_envs)]
+
+
+def _refuse_str(name: str, tasks: Sequence[str]) -> None:
+    """Raises a ValueError where ``tasks`` is a str: iterated, ``"synthetic"`` named the tasks ``'s'``, ``'y'``, ..."""
+    if isinstance(tasks, str):
+        raise ValueError(f"{name}={tasks!r} is a str: give a list of task names, e.g. [{tasks!r}]")
 
 
 class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -404,7 +421,9 @@ def train_policy(
             (``steps``: the steps its weights were trained on, a multiple of the rollout size); one due when training
             ends is taken then (a run ending between multiples takes none for its last steps: ``out`` holds them).
             Resumed from an earlier checkpoint into the same folder, the checkpoints past it are moved to
-            ``checkpoints/replaced_after_<steps>_steps/`` (with a warning), not overwritten or left among the new.
+            ``checkpoints/replaced_after_<steps>_steps/`` (``_2``, ``_3``, ... where that name is taken; with a
+            warning), not overwritten or left among the new; so they are without ``checkpoint_every``, before any
+            checkpoint (Ctrl-C's, or that of a failed final save) is written.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
             continue; a warning where its observation stats record another ``interval_steps`` than this run's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
@@ -432,14 +451,18 @@ def train_policy(
     checkpoint.
 
     Raises:
-        ValueError: an unknown task, sizes that PPO cannot use (named), or a ``resume`` whose observation stats
-            cannot be read, record another LR ladder or hold another number of features than an observation's.
+        ValueError: an unknown task, ``tasks`` or ``eval_tasks`` a str (not a list), sizes that PPO cannot use
+            (named), or a ``resume`` whose observation stats cannot be read, record another LR ladder or hold another
+            number of features than an observation's.
     """
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+    # Before any other use: "synthetic" was read as the tasks 's', 'y', ... ("unknown task 's'")
+    _refuse_str("tasks", tasks)
+    _refuse_str("eval_tasks", eval_tasks)
     if not tasks:
         raise ValueError(f"tasks={list(tasks)!r} names no task: give one or more (see `triaccel-rl tasks`)")
     if Path(out).suffix != ".zip":  # SB3 would append .zip to any other name, and the stats would miss it
@@ -788,7 +811,9 @@ def train_policy(
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
-        if resume is not None and checkpoint_every > 0:
+        if resume is not None:
+            # Whatever checkpoint_every: a Ctrl-C, or a final save that fails, writes a checkpoint too (without
+            # checkpoint_every, one overwrote the replaced run's of that step count).
             _move_replaced_checkpoints(path.parent / "checkpoints", path.stem, model.num_timesteps)
         callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
         # PPO collects whole rollouts: it trains on until its count reaches the steps asked, so the last rollout
@@ -825,7 +850,7 @@ def train_policy(
             if resume is not None:
                 earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
                 if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
-                    aside = own.with_name(f"evaluations.before_{path.stem}.npz")
+                    aside = _unused_name(own.with_name(f"evaluations.before_{path.stem}.npz"))
                     own.replace(aside)
                     _log.warning("%s held another run's evaluations: moved to %s", own, aside)
                 _continue_evaluations(evaluations, earlier, model.num_timesteps, identity)
@@ -1003,11 +1028,26 @@ def _mkdir_for(file: Path) -> Path:
     return file
 
 
+def _unused_name(path: Path, *companions: str) -> Path:
+    """``path``, or where it is taken, the first of ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ... that is not.
+
+    For what is set aside: it is never written over (a second run resumed from one checkpoint overwrote what the first
+    had set aside). ``companions``: suffixes of files that go beside it (``".json"``), whose names must be free too.
+    """
+    candidate, n = path, 1
+    while candidate.exists() or any(candidate.with_suffix(suffix).exists() for suffix in companions):
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
 def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
     """Moves ``<stem>_<N>_steps.zip`` (and its stats) with ``N > start`` into ``replaced_after_<start>_steps/``.
 
     A run resumed from an earlier checkpoint into its own folder overwrote the same-named ones it reached again and
-    left the later ones among its own: two runs' weights in one folder, unsaid.
+    left the later ones among its own: two runs' weights in one folder, unsaid. Where that folder exists (an earlier
+    resume from the same step set checkpoints aside there), a new one is made, ``replaced_after_<start>_steps_2/``
+    (``_3``, ...); the warning names it.
     """
     later = []
     for file in sorted(folder.glob(f"{stem}_*_steps.zip")):
@@ -1016,8 +1056,10 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
             later.append(file)
     if not later:
         return
-    aside = folder / f"replaced_after_{start}_steps"
-    aside.mkdir(exist_ok=True)
+    # A folder of its own: a second run resumed from the same checkpoint put the first's checkpoints over those
+    # the first had set aside (the original run's).
+    aside = _unused_name(folder / f"replaced_after_{start}_steps")
+    aside.mkdir()
     for file in later:
         for part in (file, file.with_suffix(".obs.json")):
             if part.is_file():
@@ -1051,7 +1093,9 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
     episodes for a file saved without it) cannot share one curve: that file is moved aside, not overwritten (before,
     another task set of the same size was appended to the old curve). Resumed from an earlier checkpoint, the
     evaluations past it belong to the run this one replaces: a copy of the file keeps them
-    (``evaluations_replaced_after_<start>_steps.npz``), with a warning.
+    (``evaluations_replaced_after_<start>_steps.npz``), with a warning. A file set aside (moved or copied) is never
+    written over: where its name is taken, it gets ``_2``, ``_3``, ... before its suffix, as the warning says. The file
+    is this run's own (continued, moved or copied) where it resolves to ``callback``'s, however either is spelled.
     """
     if not file.is_file():
         return
@@ -1066,12 +1110,13 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
         )
     else:
         mismatch = None
-    own = file == Path(f"{callback.log_path}.npz")
+    # Resolved: resume and out spelled differently (relative, absolute) name the same file
+    own = file.resolve() == Path(f"{callback.log_path}.npz").resolve()
     if mismatch is not None:
         if not own:  # another run's folder: its file is left where it is
             _log.warning("%s holds %s: not continued", file, mismatch)
             return
-        aside = file.with_name(f"evaluations_until_{start}_steps.npz")
+        aside = _unused_name(file.with_name(f"evaluations_until_{start}_steps.npz"), ".json")
         file.replace(aside)
         if file.with_suffix(".json").is_file():
             file.with_suffix(".json").replace(aside.with_suffix(".json"))
@@ -1079,7 +1124,7 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
         return
     earlier = timesteps <= start  # later ones belong to a run this one replaces (resumed from an earlier checkpoint)
     if own and not earlier.all():
-        kept = file.with_name(f"evaluations_replaced_after_{start}_steps.npz")
+        kept = _unused_name(file.with_name(f"evaluations_replaced_after_{start}_steps.npz"))
         shutil.copy2(file, kept)
         _log.warning(
             "%s holds evaluations past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
