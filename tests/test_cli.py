@@ -775,6 +775,11 @@ def test_a_comparison_refused_for_a_later_folder_leaves_the_earlier_ones_neither
     assert main([*argv, "--out", str(out), "--plots", str(plots), "--log-dir", str(blocker / "tb")]) == 2
     assert "--log-dir" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # --out a dangling link: the folder made for its target is removed too
+    link = tmp_path / "r.json"
+    link.symlink_to(tmp_path / "elsewhere" / "deep" / "r.json")
+    assert main([*argv, "--out", str(link), "--log-dir", str(blocker / "tb")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "r.json"]
 
 
 def test_an_empty_log_dir_scans_nothing_and_says_nothing(tmp_path, capsys, monkeypatch):

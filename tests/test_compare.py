@@ -983,6 +983,53 @@ def test_a_policy_object_run_twice_reports_each_runs_fallbacks_and_starts_as_giv
     after = run_controller("synthetic", heuristic, 0, epochs=0.2, config=config, cost_mode="measured")
     assert after.trace[0]["precisions"] == [int(Precision.BF16)] * len(after.trace[0]["precisions"])
 
+    class Wrapped:  # a user's wrapper delegating through properties (their values were not read back, in review)
+        def __init__(self, inner):
+            self.inner, self.name = inner, "wrapped"
+
+        def predict(self, *args, **kwargs):
+            return self.inner.predict(*args, **kwargs)
+
+        def wants_speed_trial(self, known):
+            return self.inner.wants_speed_trial(known)
+
+        def choose_low_precision(self, step_ms):
+            return self.inner.choose_low_precision(step_ms)
+
+        initial_precision = property(lambda self: self.inner.initial_precision)
+        low_precision = property(lambda self: self.inner.low_precision)
+
+        @initial_precision.setter
+        def initial_precision(self, precision):
+            self.inner.initial_precision = precision
+
+        @low_precision.setter
+        def low_precision(self, precision):
+            self.inner.low_precision = precision
+
+    wrapped = Wrapped(HeuristicPolicy(config=config))
+    run_controller("synthetic", wrapped, 0, epochs=0.2, config=config, cost_mode="profile")
+    assert (wrapped.initial_precision, wrapped.low_precision) == (Precision.BF16, Precision.BF16)
+
+
+def test_a_policy_object_run_again_warns_of_its_first_fallback_again(caplog):
+    """The spell out of distribution carried over: the second run's fallbacks were logged at debug level only."""
+    from triaccel_rl.policies import HeuristicPolicy, StaticPolicy
+
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    config = ControllerConfig(interval_steps=5)
+    stats = ObservationStats((0.0,) * 43, (0.0,) * 43, 1)
+    policy = FallbackPolicy(StaticPolicy("fp32"), HeuristicPolicy(), stats, max_distance=1e-6)
+    warned = []
+    for seed in (0, 1):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="triaccel_rl"):
+            run_controller("synthetic", policy, seed, epochs=0.5, config=config, eval_every=2)
+        warned.append(sum("outside the policy's training data" in r.getMessage() for r in caplog.records))
+    assert warned == [1, 1]
+
 
 @pytest.mark.parametrize("total", [None, 6 * 0.013])
 def test_the_progress_bar_gives_each_run_its_share_and_takes_a_bar_without_total(monkeypatch, total):

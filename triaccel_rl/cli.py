@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import itertools
 import logging
+import os
 import re
 import shlex
 import sys
@@ -87,8 +88,9 @@ def _folders_kept_only_on_success(*paths: str) -> Iterator[None]:
     """
     made: list[Path] = []
     for path in filter(None, paths):
-        missing = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
-        made.extend(missing)  # deepest first
+        # and those along a link's target (a dangling --out link: file_to_write makes its target's folder)
+        for spelled in dict.fromkeys((Path(path), Path(os.path.realpath(path)))):
+            made.extend(p for p in (spelled, *spelled.parents) if not p.exists() and p not in made)  # deepest first
     try:
         yield
     except BaseException:

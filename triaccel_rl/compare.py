@@ -211,6 +211,9 @@ def run_controller(
     # A policy object passed in (a name builds a fresh one a run) is reused across runs: the precision settings a
     # speed trial or a GPU without bf16 changes are put back after the run, and its fallback counts are this run's.
     settings = _precision_settings(policy)
+    new_run = getattr(policy, "new_run", None)
+    if new_run is not None:  # a FallbackPolicy's spells: the run's first fallback is warned of
+        new_run()
     fallbacks_before = int(getattr(policy, "fallbacks", 0))
     features_before = dict(getattr(policy, "fallback_features", {}))
     try:
@@ -423,18 +426,19 @@ def run_controller(
 
 
 def _precision_settings(policy: Any) -> list[tuple[Any, str, Any]]:
-    """The start and 16-bit precisions a run may change, as ``(object, name, value)``, to be set back after it.
+    """The start and 16-bit precisions a run may change, as ``(object, name, value)``, to be set back in that order.
 
-    On ``policy`` and on the two a ``FallbackPolicy`` wraps, read from each object's own attributes: the wrapper's
-    properties read one and set both, so setting them back gave a learned policy's None to the heuristic beside it.
+    Read with ``getattr`` (a property's or a class attribute's value too), on ``policy`` first, then on the two a
+    ``FallbackPolicy`` wraps: set back in this order, a wrapper's setter (which sets both it wraps to one value) runs
+    first and each wrapped object then gets its own value back (the wrapper's None had reached the heuristic beside).
     """
     owners = [policy, getattr(policy, "policy", None), getattr(policy, "fallback", None)]
     return [
-        (owner, name, vars(owner)[name])
+        (owner, name, getattr(owner, name))
         for owner in owners
-        if owner is not None and hasattr(owner, "__dict__")
+        if owner is not None
         for name in ("initial_precision", "low_precision")
-        if name in vars(owner)
+        if hasattr(owner, name)
     ]
 
 

@@ -246,8 +246,9 @@ class LayerPrecision:
         """Sets the precision of every layer (``len(layers)`` values) or of every controllable one.
 
         Non-controllable layers stay fp32 whatever is asked. Set inside an open :meth:`context` (one wrapped around
-        several steps), the new map applies to the layers from their next call; the functional ops between them stay in
-        the region the context opened for the map it was entered with.
+        several steps), the new map applies to the layers from their next call, and the context's region follows it as
+        though the context had been entered on it (its type, and a uniform map's idle hooks; autocast's cache of cast
+        weights is cleared when the type changes): the functional ops between the layers run in the new map's type.
 
         Raises:
             ValueError: wrong count, an unknown precision, or one string for the whole map.
@@ -271,9 +272,27 @@ class LayerPrecision:
             )
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
         if self._active:
-            # The context took the uniform map's fast path at entry (no region a layer): a layer set apart now computed
-            # in the entry's type while `precisions` named another. The mixed path opens each layer's own region.
+            self._follow_map()
+
+    def _follow_map(self) -> None:
+        """Makes the open context's region and path those of the map set inside it, as if entered on that map.
+
+        Kept as entered, a uniform map's fast path ran a layer set apart in the entry's type while ``precisions`` named
+        another; and on the layers' own regions the entry's outer type stayed: an fp16 map set in a context entered on
+        bf16 handed every layer's result on in fp32 (1.75x the saved activations). Inside a layer's forward (its region
+        innermost) only the path changes: to each layer's own region.
+        """
+        if self._stack:
             self._mixed = True
+            return
+        outer = self._outer_dtype()
+        if outer != self._outer_region_dtype:
+            torch.clear_autocast_cache()  # it holds weights cast to the old type, keyed by the weight alone
+            torch.set_autocast_enabled(self.device_type, outer is not None)  # the region's __exit__ restores both
+            if outer is not None:
+                torch.set_autocast_dtype(self.device_type, outer)
+            self._outer_region_dtype = outer
+        self._mixed = not self._uniform_fast_path_holds()
 
     def use_weight_copies(self, copies: WeightCopies | None) -> None:
         """Makes bf16 and fp16 layers read their weights from ``copies`` (``None``: cast the fp32 weights).
@@ -367,14 +386,16 @@ class LayerPrecision:
                 yield
         finally:
             self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
-            # A map set inside the inner context: the outer one's uniform fast path, taken for its entry's map, may
-            # no longer hold (its layers computed in the entry's type while the map named another).
-            self._mixed = self._mixed or not self._uniform_fast_path_holds()
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
                 self._stack.pop().region.__exit__(None, None, None)
             while len(self._swapped) > swapped:
                 _restore(self._swapped.pop()[1])
+            stale = self._outer_dtype() != self._outer_region_dtype or not (
+                self._mixed or self._uniform_fast_path_holds()
+            )
+            if self._active and stale:  # a map set inside the inner context: the outer one (as entered) follows it
+                self._follow_map()
 
     def remove(self) -> None:
         """Removes the hooks; the model runs as before."""

@@ -637,6 +637,13 @@ class FallbackPolicy:
         self._spells: dict[int, int] = {}
         self.name = getattr(policy, "name", "learned")
 
+    def new_run(self) -> None:
+        """Ends every spell out of distribution, so that the next one's first decision is warned of.
+
+        ``run_controller`` calls it before each run: a policy object reused for another run warns there too.
+        """
+        self._spells.clear()
+
     @property
     def initial_precision(self) -> Precision | None:
         """Where the run starts: the learned policy's start precision (see ``make_policy``).
