@@ -180,6 +180,9 @@ def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on()
         loop.time_precisions((), steps=3)
     with pytest.raises(ValueError, match="candidates is empty"):  # an empty iterator is truthy: it timed nothing
         loop.time_precisions(iter(()), steps=3)  # type: ignore[arg-type]
+    for bad in (None, "bf16"):  # None raised a TypeError; "bf16" named the precision 'b'
+        with pytest.raises(ValueError, match=rf"^candidates={bad!r}: give a sequence of precisions to time"):
+            loop.time_precisions(bad, steps=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         loop.time_precisions((Precision.BF16,), steps=0)
 

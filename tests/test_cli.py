@@ -681,6 +681,9 @@ def test_profile_refuses_its_arguments_before_saying_anything_of_the_device(tmp_
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
         RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"),
+        RuntimeError("CUDA error: out of memory"),  # as the elastic loop's recovery reads them
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("Storage size calculation overflowed with sizes=[36028797018963968, 3, 32, 32]"),
     ],
 )
 def test_a_profile_batch_the_device_cannot_hold_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch, error):

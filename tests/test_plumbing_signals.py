@@ -84,6 +84,9 @@ def test_heuristic_config_keeps_only_used_fields():
         # log10(noise / batch) is read from -6 to 10: the batch never grew, or grew whatever the noise
         ({"max_batch_over_noise": 1e-10}, r"max_batch_over_noise=1e-10 must be a number in \(1e-10, 1e6\]"),
         ({"max_batch_over_noise": 2e6}, r"max_batch_over_noise=2000000.0 must be a number in \(1e-10, 1e6\]"),
+        # in float32, as the heuristic compares them: 0.99999999 is 1.0 there, -log10(1.00000001e-10) is 10.0
+        ({"loss_rise_tolerance": 0.99999999}, r"loss_rise_tolerance=0.99999999 must be a number in \[0, 1\)"),
+        ({"max_batch_over_noise": 1.00000001e-10}, r"max_batch_over_noise=1.00000001e-10 must be a number in"),
     ],
 )
 def test_heuristic_config_checks_the_lr_and_noise_thresholds(overrides, message):

@@ -200,6 +200,8 @@ def test_heuristic_ramps_the_batch_late_whatever_the_noise():
     with pytest.raises(ConfigError, match=r"ramp_batch_after=0\.75 must be below ramp_batch_until=0\.75 .*raise"):
         HeuristicConfig(ramp_batch_after=0.75)
     assert HeuristicConfig(ramp_batch_after=0.75, ramp_batch_until=1.0).ramp_batch_after == 0.75
+    with pytest.raises(ConfigError, match=r"ramp_batch_after=0\.5 must be below"):  # one float32 in the heuristic
+        HeuristicConfig(ramp_batch_after=0.5, ramp_batch_until=0.50000001)
 
 
 def test_heuristic_lr_and_batch_rules():

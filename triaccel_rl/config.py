@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from triaccel_rl.errors import ChoiceEnum, ConfigError, is_real, require_bool, require_number, require_whole
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.types import Precision
@@ -124,6 +126,12 @@ class MemoryBudget:
                 )
             return int(self.bytes)
         return int(self.fraction * capacity_bytes)
+
+
+def _f32(value: float) -> float:
+    """``value`` as a float32 holds it: as the heuristic compares a threshold with the float32 observation."""
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, which no range holds
+        return float(np.float32(value))
 
 
 def _is_finite_number(value: object) -> bool:
@@ -467,7 +475,9 @@ class HeuristicConfig:
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
             )
-        if not (_is_finite_number(self.loss_rise_tolerance) and 0 <= self.loss_rise_tolerance < 1):
+        # The ranges below are checked on the thresholds' float32 images, which the heuristic compares with the float32
+        # observation: 0.99999999 passed a float64 check and is 1.0 there.
+        if not (_is_finite_number(self.loss_rise_tolerance) and 0 <= _f32(self.loss_rise_tolerance) < 1):
             # The observation clips the loss trend to [-1, 1]: at 1 or more no rise ever cut the LR, silently.
             raise ConfigError(
                 f"loss_rise_tolerance={self.loss_rise_tolerance} must be a number in [0, 1) (the observation clips "
@@ -501,14 +511,18 @@ class HeuristicConfig:
             raise ConfigError(f"ramp_batch_after={self.ramp_batch_after} must be in [0, 1), or None for no ramp")
         if not 0.0 <= self.ramp_batch_until <= 1.0:
             raise ConfigError(f"ramp_batch_until={self.ramp_batch_until} must be in [0, 1]")
-        if self.ramp_batch_after is not None and not self.ramp_batch_after < self.ramp_batch_until:
+        if self.ramp_batch_after is not None and not _f32(self.ramp_batch_after) < _f32(self.ramp_batch_until):
             # The ramp grows the batch while ramp_batch_after <= progress < ramp_batch_until: an empty window turned
             # the ramp on and it never grew the batch.
             raise ConfigError(
                 f"ramp_batch_after={self.ramp_batch_after} must be below ramp_batch_until={self.ramp_batch_until} "
                 "(the ramp grows the batch from the one to the other); raise ramp_batch_until"
             )
-        if not (_is_finite_number(self.max_batch_over_noise) and 1e-10 < self.max_batch_over_noise <= 1e6):
+        if not (
+            _is_finite_number(self.max_batch_over_noise)
+            and self.max_batch_over_noise > 0
+            and -6 <= _f32(-math.log10(self.max_batch_over_noise)) < 10
+        ):
             # The rule reads log10(noise / batch), which the observation holds in [-6, 10]: outside these bounds the
             # batch never grew, or grew whatever the noise.
             raise ConfigError(

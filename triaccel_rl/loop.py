@@ -186,6 +186,8 @@ class DecisionLoop:
             ValueError: no candidate, an unknown one, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a
                 whole number >= 0 (bools refused too), before any step trains.
         """
+        if candidates is None or isinstance(candidates, str):  # "bf16" was read as the names 'b', 'f', '1', '6'
+            raise ValueError(f"candidates={candidates!r}: give a sequence of precisions to time, e.g. ['bf16', 'fp16']")
         # Parsed before any step trains: an unknown name was met only at set_precisions, after the candidates before
         # it had trained and changed the run's precision; "bf16" and Precision.BF16 were timed twice, keyed apart.
         candidates = list(dict.fromkeys(Precision.parse(candidate) for candidate in candidates))

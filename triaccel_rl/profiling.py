@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from triaccel_rl.config import HardwareProfile
 from triaccel_rl.costs import CostModel
+from triaccel_rl.elastic import is_out_of_memory
 from triaccel_rl.engine import native_bf16
 from triaccel_rl.models import MLP, SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
@@ -55,10 +56,11 @@ def measure_profile(
     device = profile_device(device, batch_size, steps)
     try:
         return _measure(device, batch_size, steps, small, progress)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        # A batch the device cannot hold ended in a traceback (exit 1) where bad input is one line naming the flag
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        # A batch the device cannot hold ended in a traceback (exit 1) where bad input is one line naming the flag;
+        # one whose byte count overflows int64 is refused by the allocator's size check as well.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in first:
+        if not (is_out_of_memory(err) or "storage size calculation overflowed" in first.lower()):
             raise
         raise ValueError(
             f"measure_profile: batch_size={batch_size} does not fit in {device}'s memory ({first}); give a smaller one"
