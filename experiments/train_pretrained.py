@@ -83,7 +83,9 @@ class Args:
     root, where the package's policy lives (from another folder it made a stray copy there and said "shipped")."""
     from_checkpoint: str = ""
     """Ship this checkpoint instead of training (an interrupted run): its ``.obs.json`` is then taken from
-    ``stats_episodes`` episodes of the checkpoint's own policy on each training task."""
+    ``stats_episodes`` episodes of the checkpoint's own policy on each training task. The run is the newest TensorBoard
+    run in ``--run-dir``: its start times the training, and only evaluations written since, up to the checkpoint's
+    steps, are recorded (a checkpoint written before it started is refused)."""
     stats_episodes: int = 1
     """Episodes per training task for ``--from-checkpoint``'s observation range."""
     card_only: bool = False
@@ -119,9 +121,13 @@ def main(args: Args) -> dict[str, Any]:
         return facts
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    started = time.time()  # wall clock, as file times are: an evaluations file older than this is another run's
+    # Wall clock, as file times are: an evaluations file older than this is another run's (None: a start unknown)
+    started: float | None = time.time()
     commit = git_commit()  # the code that trains: a commit made during a run of minutes is not it
     if args.from_checkpoint:
+        # The interrupted run's start, not this script's: its evaluations are those written since, and its training
+        # time runs from it to the checkpoint's write (before, any earlier run's evaluations and start were taken).
+        started = _interrupted_run_start(run_dir / "tensorboard", Path(args.from_checkpoint))
         zip_path = run_dir / "policy.zip"
         shutil.copyfile(args.from_checkpoint, zip_path)
         _stats_from_rollouts(zip_path, training_tasks, args)
@@ -504,6 +510,40 @@ def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> 
     replace(stats, lr_scales=ladder, interval_steps=args.interval_steps).save(obs_stats_path(zip_path))
 
 
+def _interrupted_run_start(tensorboard: Path, checkpoint: Path) -> float | None:
+    """When the interrupted run that wrote ``checkpoint`` started learning, for ``--from-checkpoint``.
+
+    That is the Unix time (whole seconds) in the name of the newest TensorBoard event file in ``tensorboard``'s
+    ``PPO_*`` folders: SB3 creates one as learning starts (a new ``PPO_<n>`` folder, or for a resumed run a new file in
+    the newest). None where there is none (the start is then unknown: no evaluations are recorded).
+
+    Raises:
+        SystemExit: ``checkpoint`` was written before that run started: it is an earlier run's, whose start and
+            evaluations cannot be told from the newer run's.
+    """
+    events = [
+        (int(file.name.split(".")[3]), file.stat().st_mtime, file)
+        for file in tensorboard.glob("PPO_*/events.out.tfevents.*")
+        if len(file.name.split(".")) > 3 and file.name.split(".")[3].isdigit()
+    ]
+    if not events:
+        print(
+            f"--from-checkpoint: no TensorBoard run in {tensorboard}: the interrupted run's start is unknown, so no "
+            "evaluations are recorded and the wall time is this script's",
+            file=sys.stderr,
+        )
+        return None
+    # The newest, not the first in name order (PPO_1, an earlier run's, whose start and evaluations were recorded)
+    start, _, newest = max(events)
+    if checkpoint.stat().st_mtime < start:
+        raise SystemExit(
+            f"--from-checkpoint {checkpoint} was written before the newest TensorBoard run started ({newest}): it is "
+            "not that interrupted run's checkpoint, and its own run's training time and evaluations cannot be told "
+            "from the newer run's; ship the newest run's checkpoint, or the policy.zip of a finished run"
+        )
+    return float(start)
+
+
 def _facts(
     args: Args,
     training_tasks: tuple[str, ...],
@@ -511,14 +551,16 @@ def _facts(
     zip_path: Path,
     wall_s: float,
     commit: str,
-    started: float,
+    started: float | None,
 ) -> dict[str, Any]:
     """What ``training.json`` and the model card record of the run that wrote ``zip_path``.
 
-    ``started`` (``time.time()`` when the run began) keeps another run's evaluations out: the
+    ``started`` (``time.time()`` when the run began; shipped from a checkpoint, the interrupted run's start,
+    :func:`_interrupted_run_start`, None where unknown) keeps another run's evaluations out: the
     ``eval/evaluations.npz`` beside ``zip_path`` counts only where it was written since (a run without evaluations,
-    or whose first is not due yet, leaves an earlier run's file in a reused run dir). Shipped from a checkpoint, the
-    file is the interrupted run's, and taken as it is.
+    or whose first is not due yet, leaves an earlier run's file in a reused run dir), and only its evaluations at or
+    below ``zip_path``'s step count (an interrupted run's past its checkpoint scored other weights). Shipped from a
+    checkpoint, the training time runs from ``started`` to the checkpoint's write.
     """
     import torch
     from stable_baselines3 import PPO
@@ -526,24 +568,24 @@ def _facts(
     from triaccel_rl.config import HardwareProfile
 
     model = PPO.load(zip_path, device="cpu")
+    timesteps = int(model.num_timesteps)
     evaluations = []
     eval_file = zip_path.parent / "eval" / "evaluations.npz"
     # Only this run's: a reused run dir keeps an earlier run's file, which training.json and the card once recorded
-    # as this run's evaluations (a --smoke run, which evaluates nothing, showed a real run's table).
-    if eval_file.is_file() and (args.from_checkpoint or eval_file.stat().st_mtime >= started):
+    # as this run's evaluations (a --smoke run, which evaluates nothing, showed a real run's table; so did a
+    # --from-checkpoint of a run killed before its first evaluation).
+    if eval_file.is_file() and started is not None and eval_file.stat().st_mtime >= started:
         data = np.load(eval_file)
         for steps, rewards in zip(data["timesteps"], data["results"], strict=True):
+            if steps > timesteps:  # an interrupted run's past the checkpoint shipped: other weights' score
+                continue
             evaluations.append(
                 {"timesteps": int(steps), "mean_reward": float(np.mean(rewards)), "std_reward": float(np.std(rewards))}
             )
-    timesteps = int(model.num_timesteps)
     training_s = wall_s
-    if args.from_checkpoint:
-        # Training time of the interrupted run: from the TensorBoard file's creation (its name carries the
-        # Unix time learning started) to the checkpoint's write.
-        events = sorted((zip_path.parent / "tensorboard").rglob("events.out.tfevents.*"))
-        if events:
-            training_s = Path(args.from_checkpoint).stat().st_mtime - int(events[0].name.split(".")[3])
+    if args.from_checkpoint and started is not None:
+        # Training time of the interrupted run: from its TensorBoard file's creation to the checkpoint's write
+        training_s = Path(args.from_checkpoint).stat().st_mtime - started
     return {
         "args": asdict(args),
         "command": command_line("experiments/train_pretrained.py", args),

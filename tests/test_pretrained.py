@@ -486,6 +486,45 @@ def test_training_json_records_only_this_runs_evaluations(tiny_policy, tmp_path,
     assert facts["evaluations"] == [{"timesteps": 8, "mean_reward": 3.0, "std_reward": 1.0}]  # its own are recorded
 
 
+def test_a_checkpoint_shipped_records_only_its_runs_evaluations_and_time(tiny_policy, tmp_path, monkeypatch):
+    """--from-checkpoint took the run dir's evaluations as they were (a finished earlier run's, where the interrupted
+    run was killed before its first evaluation) and timed training from the oldest TensorBoard run's start."""
+    import os
+
+    train_pretrained = import_experiment("train_pretrained")
+    monkeypatch.setattr(train_pretrained, "git_commit", lambda: "test")
+    monkeypatch.setattr(
+        train_pretrained, "_stats_from_rollouts", lambda zip_path, tasks, args: shutil.copyfile(
+            obs_stats_path(tiny_policy), obs_stats_path(zip_path))
+    )  # fmt: skip
+    now = int(time.time())
+    for run, began in (("PPO_1", now - 100), ("PPO_2", now - 20)):  # an earlier run's, then the interrupted run's
+        (tmp_path / "tensorboard" / run).mkdir(parents=True)
+        (tmp_path / "tensorboard" / run / f"events.out.tfevents.{began}.host.1.0").write_bytes(b"")
+    checkpoint = tmp_path / "checkpoints" / "policy_48_steps.zip"  # tiny_policy trained 48 steps
+    checkpoint.parent.mkdir()
+    shutil.copyfile(tiny_policy, checkpoint)
+    os.utime(checkpoint, (now - 5, now - 5))
+    evaluations = tmp_path / "eval" / "evaluations.npz"
+    evaluations.parent.mkdir()
+
+    def ship(steps: list[int], written: int) -> dict:
+        np.savez(evaluations, timesteps=np.array(steps), results=np.array([[1.0, 3.0]] * len(steps)),
+                 ep_lengths=np.array([[3, 3]] * len(steps)))  # fmt: skip
+        os.utime(evaluations, (written, written))
+        args = train_pretrained.Args(run_dir=str(tmp_path), ship_dir="", from_checkpoint=str(checkpoint))
+        return train_pretrained.main(args)
+
+    facts = ship([8, 16, 24], written=now - 50)  # the earlier run's, written before the interrupted run started
+    assert facts["evaluations"] == [] and facts["timesteps_trained"] == 48
+    assert facts["wall_s"] == 15  # from PPO_2's start to the checkpoint's write (PPO_1's gave 95)
+    facts = ship([24, 48, 72], written=now - 10)  # the interrupted run's: 72 scored weights after the checkpoint's
+    assert [evaluation["timesteps"] for evaluation in facts["evaluations"]] == [24, 48]
+    os.utime(checkpoint, (now - 30, now - 30))  # before the newest run started: an earlier run's checkpoint
+    with pytest.raises(SystemExit, match="written before the newest TensorBoard run started"):
+        ship([8], written=now - 10)
+
+
 def test_the_card_says_what_a_run_before_2026_12_05_did():
     """The shipped policy's card said each worker cycled through every training task and nothing of which weights its
     evaluations scored: trained before 2026-12-05, its 2 workers shared 3 tasks 50/25/25, and each evaluation scored

@@ -617,6 +617,33 @@ def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside
     assert np.load(kept)["timesteps"].tolist() == [8, 16] and f"is kept as {kept}" in caplog.text
 
 
+def test_a_checkpoint_set_aside_is_not_resumed_into_its_folder(tmp_path, caplog):
+    """Resumed into its folder, a checkpoint set aside in replaced_after_8_steps/ continued among the replacing run's
+    checkpoints past 8 (two runs' weights in checkpoints/), and its run's evaluations were not found: the curve
+    restarted at the resume."""
+    out = tmp_path / "run" / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 8, "eval_every": 8, "eval_tasks": ["synthetic"],
+              **_TINY}  # fmt: skip
+    checkpoints = out.parent / "checkpoints"
+    train_policy(["synthetic"], total_timesteps=24, out=out, **common)
+    train_policy(["synthetic"], total_timesteps=8, out=out, resume=checkpoints / "policy_8_steps.zip", **common)
+    set_aside = checkpoints / "replaced_after_8_steps" / "policy_24_steps.zip"
+    before = sorted(path.relative_to(out.parent) for path in out.parent.rglob("*"))
+    message = f"resume='{set_aside}' is a checkpoint a resume set aside in '{checkpoints}'"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*resume it into another out folder"):
+        train_policy(["synthetic"], total_timesteps=8, out=out, resume=set_aside, **common)
+    # However out is spelled
+    with pytest.raises(ValueError, match=re.escape(f"resume='{set_aside}' is a checkpoint a resume set aside")):
+        train_policy(["synthetic"], total_timesteps=8, out=out.parent / ".." / "run" / "policy.zip", resume=set_aside,
+                     **common)  # fmt: skip
+    assert sorted(path.relative_to(out.parent) for path in out.parent.rglob("*")) == before  # nothing moved
+    with caplog.at_level("WARNING", logger="triaccel_rl"):  # into another folder: resumed, and said what is not
+        train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "other" / "policy.zip", resume=set_aside,
+                     **common)  # fmt: skip
+    assert f"resume={set_aside} is a checkpoint a resume set aside: its run's evaluations are not" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "other" / "checkpoints").glob("*.zip")) == ["policy_32_steps.zip"]
+
+
 def test_evaluations_moved_aside_twice_at_one_step_keep_both(tmp_path, caplog):
     """A curve of other held-out settings goes to evaluations_until_<N>_steps.npz (and .json): a second one moved
     aside at the same step went over the first."""
@@ -789,6 +816,25 @@ def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_
     np.testing.assert_array_equal(resumed["results"][:2], first["results"])
     kept = dict(np.load(tmp_path / "c" / "eval" / "evaluations.before_policy.npz"))
     np.testing.assert_array_equal(kept["results"], theirs["results"])
+
+
+def test_another_runs_evaluations_moved_aside_keep_their_record_of_tasks_and_seed(tmp_path):
+    """Resumed into a folder holding another run's evaluations, the run moved that run's evaluations.npz aside and
+    left its evaluations.json, which it then overwrote with its own: the curve set aside lost its tasks and seed."""
+    common = {"n_steps": 8, "batch_size": 4, "eval_every": 8, "eval_tasks": ["synthetic"], **_TINY}
+    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", **common)
+    train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "b" / "policy.zip", seed=3, **common)
+    evaluations = tmp_path / "b" / "eval"
+    (evaluations / "evaluations.before_policy_2.json").write_text("{}")  # a name taken beside the next free .npz
+    for _ in range(2):  # the second moves the first resume's curve aside
+        train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip", resume=first, **common)
+    theirs = evaluations / "evaluations.before_policy.npz"
+    assert np.load(theirs)["timesteps"].tolist() == [8, 16]
+    assert json.loads(theirs.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 3}
+    again = evaluations / "evaluations.before_policy_3.npz"  # _2 is taken by a stray .json, not written over
+    assert np.load(again)["timesteps"].tolist() == [8, 16]
+    assert json.loads(again.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    assert json.loads((evaluations / "evaluations.json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
 
 
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):

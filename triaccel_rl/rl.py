@@ -425,7 +425,12 @@ def train_policy(
             warning), not overwritten or left among the new; so they are without ``checkpoint_every``, before any
             checkpoint (Ctrl-C's, or that of a failed final save) is written.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
-            continue; a warning where its observation stats record another ``interval_steps`` than this run's).
+            continue; a warning where its observation stats record another ``interval_steps`` than this run's). A
+            checkpoint set aside in ``checkpoints/replaced_after_<steps>_steps[_<n>]/`` beside ``out`` is refused:
+            continued there, the replacing run's checkpoints past ``<steps>`` would sit among its run's; resume it
+            into another folder, where its run's evaluations are not continued (a warning; the copy
+            ``eval/evaluations_replaced_after_<steps>_steps[_<n>].npz`` keeps them, its ``_<n>`` not always the
+            folder's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
@@ -452,8 +457,8 @@ def train_policy(
 
     Raises:
         ValueError: an unknown task, ``tasks`` or ``eval_tasks`` a str (not a list), sizes that PPO cannot use
-            (named), or a ``resume`` whose observation stats cannot be read, record another LR ladder or hold another
-            number of features than an observation's.
+            (named), a ``resume`` whose observation stats cannot be read, record another LR ladder or hold another
+            number of features than an observation's, or one set aside in ``out``'s ``checkpoints/`` (above).
     """
     import torch
     from stable_baselines3 import PPO
@@ -502,6 +507,14 @@ def train_policy(
         resume = Path(f"{resume}.zip")
     if resume is not None and not zipfile.is_zipfile(resume):  # SB3 said "Error: the file ... wasn't a zip-file"
         raise ValueError(f"resume={str(resume)!r} is not a zip file: give the policy .zip train_policy saved")
+    if resume is not None and _set_aside_in(Path(resume), Path(out).parent / "checkpoints"):
+        # Its run's later checkpoints are set aside beside it, the replacing run's sit in checkpoints/ past the step
+        # it was replaced after, and its evaluations are in a copy: continued here, two runs' checkpoints were mixed
+        # in checkpoints/ and its evaluation curve was lost.
+        raise ValueError(
+            f"resume={str(resume)!r} is a checkpoint a resume set aside in {str(Path(out).parent / 'checkpoints')!r}, "
+            f"of a run another replaced there: resume it into another out folder (a new one) than {str(out)!r}"
+        )
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
     if not all(is_whole(n) and n >= 1 for n in (warm_start_steps, warm_start_epochs)):  # -100 imitated one decision
@@ -849,9 +862,18 @@ def train_policy(
             identity = {"tasks": list(eval_tasks), "seed": int(seed)}  # what one curve's evaluations share
             if resume is not None:
                 earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
+                if Path(resume).parent.name.startswith("replaced_after_"):  # resumed into another folder (see above)
+                    _log.warning(
+                        "resume=%s is a checkpoint a resume set aside: its run's evaluations are not continued (a "
+                        "copy is kept in eval/evaluations_replaced_after_*.npz of its run's folder, not beside it)",
+                        resume,
+                    )
                 if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
-                    aside = _unused_name(own.with_name(f"evaluations.before_{path.stem}.npz"))
+                    aside = _unused_name(own.with_name(f"evaluations.before_{path.stem}.npz"), ".json")
                     own.replace(aside)
+                    # Its record of tasks and seed too: left behind, it was overwritten by this run's just below
+                    if own.with_suffix(".json").is_file():
+                        own.with_suffix(".json").replace(aside.with_suffix(".json"))
                     _log.warning("%s held another run's evaluations: moved to %s", own, aside)
                 _continue_evaluations(evaluations, earlier, model.num_timesteps, identity)
             write_text_atomic(_mkdir_for(Path(f"{evaluations.log_path}.json")), json.dumps(identity, indent=2) + "\n")
@@ -1072,6 +1094,15 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
         start,
         aside,
     )
+
+
+def _set_aside_in(resume: Path, checkpoints: Path) -> bool:
+    """Whether ``resume`` is a checkpoint :func:`_move_replaced_checkpoints` set aside in ``checkpoints``.
+
+    That is, in a ``replaced_after_<steps>_steps[_<n>]/`` folder of it, however either path is spelled.
+    """
+    folder = resume.parent.resolve()
+    return folder.name.startswith("replaced_after_") and folder.parent == checkpoints.resolve()
 
 
 def _evaluations_of(resume: Path) -> Path:
