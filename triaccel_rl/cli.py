@@ -89,8 +89,9 @@ def _folders_kept_only_on_success(*paths: str) -> Iterator[None]:
     made: list[Path] = []
     for path in filter(None, paths):
         # and those along a link's target (a dangling --out link: file_to_write makes its target's folder)
-        for spelled in dict.fromkeys((Path(path), Path(os.path.realpath(path)))):
-            made.extend(p for p in (spelled, *spelled.parents) if not p.exists() and p not in made)  # deepest first
+        # (a folder listed twice is tried twice: emptied by a later path's removal, it goes at its second turn)
+        for spelled in (Path(path), Path(os.path.realpath(path))):
+            made.extend(p for p in (spelled, *spelled.parents) if not p.exists())  # deepest first
     try:
         yield
     except BaseException:
