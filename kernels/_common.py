@@ -114,6 +114,15 @@ class StatRow(enum.IntEnum):
 N_STAT_ROWS = len(StatRow)
 
 
+def require(condition: bool, message: str) -> None:
+    """Raises a ``ValueError`` with ``message`` unless ``condition``: the kernels' argument checks.
+
+    They were ``assert`` statements, which ``python -O`` strips: a strided input then gave silently wrong values.
+    """
+    if not condition:
+        raise ValueError(message)
+
+
 def check_block_size(block_size: int, segment_align: int) -> None:
     """Raises ``ValueError`` unless ``block_size`` is a power of two that divides ``segment_align``."""
     if block_size <= 0 or block_size & (block_size - 1) or segment_align % block_size:
@@ -232,17 +241,19 @@ def launch_config(
 
 def check_flat_layout(grads: torch.Tensor, chunk_layer: torch.Tensor, n_layers: int, segment_align: int) -> None:
     """Asserts the flat-buffer contract of the kernels: fp32 flat grads in whole segments, int32 chunk table."""
-    assert grads.dtype == torch.float32, f"grads must be float32, got {grads.dtype}"
-    assert grads.dim() == 1 and grads.is_contiguous(), "grads must be a flat contiguous buffer"
-    assert grads.numel() % segment_align == 0, (
-        f"flat length {grads.numel()} is not a multiple of the segment alignment {segment_align}"
+    require(grads.dtype == torch.float32, f"grads must be float32, got {grads.dtype}")
+    require(grads.dim() == 1 and grads.is_contiguous(), "grads must be a flat contiguous buffer")
+    require(
+        grads.numel() % segment_align == 0,
+        f"flat length {grads.numel()} is not a multiple of the segment alignment {segment_align}",
     )
-    assert chunk_layer.dtype == torch.int32 and chunk_layer.is_contiguous(), "chunk_layer must be int32"
-    assert chunk_layer.numel() == grads.numel() // segment_align, (
-        f"chunk_layer has {chunk_layer.numel()} entries, the buffer {grads.numel() // segment_align} segments"
+    require(chunk_layer.dtype == torch.int32 and chunk_layer.is_contiguous(), "chunk_layer must be int32")
+    require(
+        chunk_layer.numel() == grads.numel() // segment_align,
+        f"chunk_layer has {chunk_layer.numel()} entries, the buffer {grads.numel() // segment_align} segments",
     )
-    assert chunk_layer.device == grads.device, f"chunk_layer is on {chunk_layer.device}, grads on {grads.device}"
-    assert n_layers >= 1, f"n_layers must be >= 1, got {n_layers}"
+    require(chunk_layer.device == grads.device, f"chunk_layer is on {chunk_layer.device}, grads on {grads.device}")
+    require(n_layers >= 1, f"n_layers must be >= 1, got {n_layers}")
 
 
 def check_step_buffers(
@@ -262,35 +273,40 @@ def check_step_buffers(
     n_layers = lr_factors.numel()
     check_flat_layout(grads, chunk_layer, n_layers, segment_align)
     for name, tensor in [("params", params), *((f"state {i}", s) for i, s in enumerate(states))]:
-        assert tensor.dtype == torch.float32, f"{name} must be float32, got {tensor.dtype}"
-        assert tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape"
-        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+        require(tensor.dtype == torch.float32, f"{name} must be float32, got {tensor.dtype}")
+        require(tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape")
+        require(tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}")
     for name, tensor, dtype in [("bf16_copy", bf16_copy, torch.bfloat16), ("fp16_copy", fp16_copy, torch.float16)]:
-        assert tensor.dtype == dtype, f"{name} must be {dtype}, got {tensor.dtype}"
-        assert tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape"
-        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
+        require(tensor.dtype == dtype, f"{name} must be {dtype}, got {tensor.dtype}")
+        require(tensor.shape == grads.shape and tensor.is_contiguous(), f"{name} must match grads' flat shape")
+        require(tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}")
     # The kernels write params, the states and the copies element by element: a buffer sharing memory with another
     # would take both writes (the copies may share one buffer: a layer's segment holds one type's bits).
     flat = [("params", params), ("grads", grads), *((f"state {i}", s) for i, s in enumerate(states))]
     for i, (name, tensor) in enumerate([*flat, ("bf16_copy", bf16_copy), ("fp16_copy", fp16_copy)]):
         for other_name, other in flat[:i]:
-            assert not _overlap(tensor, other), f"{name} shares memory with {other_name}: each needs its own buffer"
-    assert bf16_copy.data_ptr() == fp16_copy.data_ptr() or not _overlap(bf16_copy, fp16_copy), (
-        "bf16_copy and fp16_copy overlap without being one buffer"
+            require(not _overlap(tensor, other), f"{name} shares memory with {other_name}: each needs its own buffer")
+    require(
+        bf16_copy.data_ptr() == fp16_copy.data_ptr() or not _overlap(bf16_copy, fp16_copy),
+        "bf16_copy and fp16_copy overlap without being one buffer",
     )
-    assert lr_factors.dtype == torch.float32 and lr_factors.dim() == 1, "lr_factors must be float32 [n_layers]"
-    assert precision_codes.shape == (n_layers,), (
-        f"precision_codes must have shape [{n_layers}], got {tuple(precision_codes.shape)}"
+    require(lr_factors.dtype == torch.float32 and lr_factors.dim() == 1, "lr_factors must be float32 [n_layers]")
+    require(
+        precision_codes.shape == (n_layers,),
+        f"precision_codes must have shape [{n_layers}], got {tuple(precision_codes.shape)}",
     )
-    assert not precision_codes.is_floating_point() and precision_codes.dtype != torch.bool, (
-        f"precision_codes must be an integer tensor, got {precision_codes.dtype}"
+    require(
+        not precision_codes.is_floating_point() and precision_codes.dtype != torch.bool,
+        f"precision_codes must be an integer tensor, got {precision_codes.dtype}",
     )
-    assert stats.shape == (N_STAT_ROWS, n_layers) and stats.dtype == torch.float32, (
-        f"stats must be float32 [{N_STAT_ROWS}, {n_layers}], got {stats.dtype} {tuple(stats.shape)}"
+    require(
+        stats.shape == (N_STAT_ROWS, n_layers) and stats.dtype == torch.float32,
+        f"stats must be float32 [{N_STAT_ROWS}, {n_layers}], got {stats.dtype} {tuple(stats.shape)}",
     )
-    assert step_state.shape == (4, 1 + n_layers) and step_state.dtype == torch.float64, (
+    require(
+        step_state.shape == (4, 1 + n_layers) and step_state.dtype == torch.float64,
         f"step_state must be float64 [4, {1 + n_layers}] (new_step_state), got {step_state.dtype} "
-        f"{tuple(step_state.shape)}"
+        f"{tuple(step_state.shape)}",
     )
     for name, tensor in [
         ("lr_factors", lr_factors),
@@ -298,8 +314,8 @@ def check_step_buffers(
         ("stats", stats),
         ("step_state", step_state),
     ]:
-        assert tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}"
-        assert tensor.is_contiguous(), f"{name} must be contiguous"
+        require(tensor.device == grads.device, f"{name} is on {tensor.device}, grads on {grads.device}")
+        require(tensor.is_contiguous(), f"{name} must be contiguous")
     return n_layers
 
 
@@ -317,9 +333,9 @@ def inv_scale_arguments(inv_scale: float | torch.Tensor, like: torch.Tensor) -> 
         The pointer argument, the value argument and whether the kernel reads the pointer.
     """
     if isinstance(inv_scale, torch.Tensor):
-        assert inv_scale.numel() == 1, f"inv_scale tensor must have one element, got {inv_scale.numel()}"
-        assert inv_scale.dtype == torch.float32, f"inv_scale tensor must be float32, got {inv_scale.dtype}"
-        assert inv_scale.device == like.device, f"inv_scale is on {inv_scale.device}, buffers on {like.device}"
+        require(inv_scale.numel() == 1, f"inv_scale tensor must have one element, got {inv_scale.numel()}")
+        require(inv_scale.dtype == torch.float32, f"inv_scale tensor must be float32, got {inv_scale.dtype}")
+        require(inv_scale.device == like.device, f"inv_scale is on {inv_scale.device}, buffers on {like.device}")
         return inv_scale, 1.0, True
     return like, float(inv_scale), False
 
@@ -344,12 +360,15 @@ def weight_decay_arguments(
     """
     if isinstance(weight_decay, torch.Tensor):
         n_segments = like.numel() // segment_align
-        assert weight_decay.shape == (n_segments,), (
-            f"a weight_decay tensor must have one entry a segment ({n_segments}), got {tuple(weight_decay.shape)}"
+        require(
+            weight_decay.shape == (n_segments,),
+            f"a weight_decay tensor must have one entry a segment ({n_segments}), got {tuple(weight_decay.shape)}",
         )
-        assert weight_decay.dtype == torch.float32, f"weight_decay tensor must be float32, got {weight_decay.dtype}"
-        assert weight_decay.device == like.device, f"weight_decay is on {weight_decay.device}, buffers on {like.device}"
-        assert weight_decay.is_contiguous(), "weight_decay tensor must be contiguous"
+        require(weight_decay.dtype == torch.float32, f"weight_decay tensor must be float32, got {weight_decay.dtype}")
+        require(
+            weight_decay.device == like.device, f"weight_decay is on {weight_decay.device}, buffers on {like.device}"
+        )
+        require(weight_decay.is_contiguous(), "weight_decay tensor must be contiguous")
         return weight_decay, 0.0, True, True
     return like, float(weight_decay), False, float(weight_decay) != 0.0
 

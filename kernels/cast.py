@@ -17,7 +17,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triaccel_rl.kernels._common import _use_triton, launch_config
+from triaccel_rl.kernels._common import _use_triton, launch_config, require
 
 __all__ = [
     "NAN_KEEPS_PAYLOAD",
@@ -77,23 +77,25 @@ def cast_to_low_precision(
         ``out`` (or a new tensor) holding ``x`` rounded to nearest even.
 
     Raises:
-        ValueError: ``block_size`` is not a power of two.
+        ValueError: ``x`` is not a contiguous float32 tensor, ``dtype`` not a 16-bit type, ``out`` not of ``x``'s
+            shape, ``dtype`` and device or not contiguous, or ``block_size`` not a power of two.
 
     Example:
         >>> x = torch.tensor([1.0, 1.00390625, -0.0, float("inf")])
         >>> cast_to_low_precision(x, torch.bfloat16).tolist()
         [1.0, 1.0, -0.0, inf]
     """
-    assert x.dtype == torch.float32, f"x must be float32, got {x.dtype}"
-    assert x.is_contiguous(), "x must be contiguous"
-    assert dtype in _LOW_PRECISION_DTYPES, f"dtype must be bfloat16 or float16, got {dtype}"
+    require(x.dtype == torch.float32, f"x must be float32, got {x.dtype}")
+    require(x.is_contiguous(), "x must be contiguous")
+    require(dtype in _LOW_PRECISION_DTYPES, f"dtype must be bfloat16 or float16, got {dtype}")
     if block_size is not None and (block_size <= 0 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if out is None:
         out = torch.empty_like(x, dtype=dtype)
-    assert out.shape == x.shape, f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}"
-    assert out.dtype == dtype and out.device == x.device and out.is_contiguous(), (
-        f"out must be a contiguous {dtype} tensor on {x.device}"
+    require(out.shape == x.shape, f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
+    require(
+        out.dtype == dtype and out.device == x.device and out.is_contiguous(),
+        f"out must be a contiguous {dtype} tensor on {x.device}",
     )
     if not _use_triton(x):
         out.copy_(cast_to_low_precision_reference(x, dtype))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS
+from triaccel_rl.kernels._common import PARAM_ALIGN_ELEMENTS, SEGMENT_ALIGN_ELEMENTS, require
 from triaccel_rl.kernels.cast import cast_to_low_precision
 
 from triaccel_rl.errors import DetachedParametersError
@@ -322,7 +322,7 @@ class FlatParameterStore:
 
     def param_view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements in ``buffer`` (a flat buffer of this store), with its shape and strides."""
-        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        require(buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}")
         shape, strides, start = self.param_layout[index]
         return buffer.as_strided(shape, strides, buffer.storage_offset() + start)
 
@@ -379,14 +379,14 @@ class FlatParameterStore:
         Three kernels whatever the number of layers: squares summed per segment (padding holds zeros),
         then added into each segment's layer.
         """
-        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        require(buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}")
         per_segment = buffer.view(-1, self.segment_align).float().square().sum(1, dtype=torch.float64)
         sums = torch.zeros(self.n_layers, dtype=torch.float64, device=buffer.device)
         return sums.index_add_(0, self.chunk_layer, per_segment)
 
     def layer_segment(self, buffer: torch.Tensor, layer: int) -> torch.Tensor:
         """The flat view of ``layer``'s segment (padding included) in ``buffer``, a flat buffer of this store."""
-        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        require(buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}")
         start = self.layer_offsets[layer]
         return buffer[start : start + self.layer_lengths[layer]]
 
@@ -396,7 +396,7 @@ class FlatParameterStore:
         With ``bf16_copy`` or ``fp16_copy`` these are the low-precision weights a forward pass uses; with
         an optimizer state buffer (``FusedAdamW.exp_avg``) the per-parameter state.
         """
-        assert buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}"
+        require(buffer.shape == (self.n_elements,), f"not a flat buffer of this store: {tuple(buffer.shape)}")
         return [
             _strided_like(buffer, p, start)
             for p, start in zip(self.layers[layer], self._param_offsets[layer], strict=True)

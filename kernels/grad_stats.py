@@ -24,6 +24,7 @@ from triaccel_rl.kernels._common import (
     check_flat_layout,
     inv_scale_arguments,
     launch_config,
+    require,
 )
 
 __all__ = ["layer_grad_stats", "layer_grad_stats_reference"]
@@ -114,10 +115,11 @@ def layer_grad_stats(
     if out is None:
         out = torch.zeros((N_STAT_ROWS, n_layers), dtype=torch.float32, device=grads.device)
     else:
-        assert out.shape == (N_STAT_ROWS, n_layers) and out.dtype == torch.float32, (
-            f"out must be float32 [{N_STAT_ROWS}, {n_layers}], got {out.dtype} {tuple(out.shape)}"
+        require(
+            out.shape == (N_STAT_ROWS, n_layers) and out.dtype == torch.float32,
+            f"out must be float32 [{N_STAT_ROWS}, {n_layers}], got {out.dtype} {tuple(out.shape)}",
         )
-        assert out.is_contiguous() and out.device == grads.device, "out must be contiguous, on grads' device"
+        require(out.is_contiguous() and out.device == grads.device, "out must be contiguous, on grads' device")
         out.zero_()
     if not _use_triton(grads):
         out.copy_(layer_grad_stats_reference(grads, chunk_layer, n_layers, inv_scale, segment_align=segment_align))

@@ -800,3 +800,20 @@ def test_a_checkpoint_taken_after_an_epochs_last_step_counts_that_epoch_as_train
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match=r"the checkpoint's run has trained 1 epochs .* pass epochs=2"):
         next(resumed.loader(data, batch_size=8, epochs=1))
+
+
+def test_a_resumed_controller_saves_what_it_loaded():
+    """The rollback count and the noise scale (the adascale rule reads it at the next batch change) were not
+    checked on resume: dropping either assignment in load_state_dict went unnoticed."""
+    config = ControllerConfig(interval_steps=4)
+    model, _, ctl = build(policy="heuristic", config=config)
+    train(model, ctl, epochs=1)
+    state = copy.deepcopy(ctl.state_dict())
+    state["rollbacks"] = 2  # as a run that rolled back twice saves it
+    state["signals"]["noise_scale"] = 123.0
+    model2, _, ctl2 = build(policy="heuristic", config=config)
+    model2.load_state_dict(model.state_dict())
+    ctl2.load_state_dict(state)
+    again = ctl2.state_dict()
+    assert again["rollbacks"] == ctl2.rollbacks == 2
+    assert again["signals"]["noise_scale"] == 123.0

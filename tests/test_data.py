@@ -520,6 +520,8 @@ def _corrupt(batch: dict[bytes, object], how: str) -> object:
         batch[b"data"] = data_[:, :3000].copy()
     elif how == "label-range":
         batch[b"labels"] = [0, 1, 10, 2]
+    elif how == "negative-label":
+        batch[b"labels"] = [0, -1, 3, 2]
     elif how == "count":
         batch[b"labels"] = [0, 1, 2]
     elif how == "dtype":
@@ -537,6 +539,7 @@ def _corrupt(batch: dict[bytes, object], how: str) -> object:
         ("missing-key", r"lacks the key b'labels'"),
         ("row-length", "rows are 3000 bytes long, expected 3072"),
         ("label-range", r"range 0\.\.10, expected 0\.\.9"),
+        ("negative-label", r"range -1\.\.3, expected 0\.\.9"),  # the lower bound was untested
         ("count", "4 images but 3 labels"),
         ("dtype", "expected a uint8"),
         ("not-dict", "holds a list, expected a dict"),

@@ -1616,3 +1616,28 @@ def test_grad_mean_sq_norm_reads_no_sgd_formula_into_rmsprops_momentum():
     engine = StepEngine(model, torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9), torch.device("cpu"))
     engine.backward_and_step(model(torch.randn(3, 4)).sum())
     assert np.isnan(engine.grad_mean_sq_norm()).all()
+
+
+def test_the_fused_loss_scale_doubles_after_2000_clean_steps_as_grad_scalers():
+    """The only growth test started at 2**127, where growth is held: 1000 steps, or x4, went unnoticed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DEVICE)
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), DEVICE, fused=True)
+    engine.set_precisions(["fp16", "fp32"])
+    x, y = torch.randn(8, 4, device=DEVICE), torch.randint(0, 2, (8,), device=DEVICE)
+
+    def steps_from(clean_steps: int, n: int) -> list[float]:
+        state = engine.state_dict()
+        state["scaler"] = {"scale": 1024.0, "clean_steps": clean_steps}
+        engine.load_state_dict(state)
+        scales = []
+        for _ in range(n):
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward_and_step(loss)
+            scales.append(engine.loss_scale)
+        return scales
+
+    assert steps_from(998, 3) == [1024.0] * 3  # 999 to 1001 clean steps: no growth before 2000
+    assert steps_from(1999, 1) == [2048.0]  # GradScaler(growth_factor=2, growth_interval=2000)
+    assert int(engine.state_dict()["scaler"]["clean_steps"]) == 0

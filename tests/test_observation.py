@@ -553,3 +553,30 @@ def test_a_layout_of_other_groups_than_the_grouper_is_refused() -> None:
     grouper.update(signals)
     with pytest.raises(ValueError, match="the layout has 4 groups; the grouper 2"):
         build_observation(signals, grouper, 32, ObservationLayout(4))
+
+
+def _one_group_observation(signals: Signals) -> tuple[np.ndarray, ObservationLayout]:
+    grouper = LayerGrouper(signals.controllable, n_groups=1)
+    grouper.update(signals)
+    layout = ObservationLayout(1)
+    return build_observation(signals, grouper, base_batch_size=64, layout=layout), layout
+
+
+def test_memory_use_is_clipped_to_its_documented_range():
+    obs, layout = _one_group_observation(make_signals([1.0, 2.0], memory_bytes=5000, memory_budget_bytes=1000))
+    assert obs[layout.globals("memory_use")] == 2.0  # 5x the budget reads 2, the top of [0, 2]
+
+
+def test_group_features_are_weighted_by_parameters():
+    """Scores 1 and 4 on 100 and 300 parameters (the median of the two is 2.5); a plain mean went unnoticed."""
+    obs, layout = _one_group_observation(make_signals([1.0, 4.0], n_params=[100, 300]))
+    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx((100 * 1 + 300 * 4) / 400 - 2.5, abs=1e-6)
+    expected_curvature = math.log10((100 * 10 + 300 * 1e4) / 400) / 5
+    assert obs[layout.group(0, "log_curvature")] == pytest.approx(expected_curvature, rel=1e-6)
+
+
+def test_the_relative_sensitivity_is_to_the_controllable_layers_median():
+    """A norm's huge score must not move the median of the controllable 1, 2, 3 (the group's mean is 2)."""
+    signals = make_signals([1.0, 2.0, 3.0, 50.0], controllable=[True, True, True, False])
+    obs, layout = _one_group_observation(signals)
+    assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx(0.0, abs=1e-6)

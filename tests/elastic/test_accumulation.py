@@ -170,3 +170,7 @@ def test_a_micro_batch_cap_that_is_no_whole_number_of_samples_is_refused(bad: ob
     assert run.last_micro_batches == [16, 16, 16, 16]
     with pytest.raises(ValueError, match=r"limit=2.5 must be a whole number of samples"):
         run.memory_model.max_batch_size(10**9, run.precisions, 2.5)  # type: ignore[arg-type]
+
+
+def test_a_remainder_of_one_at_a_micro_batch_of_three_is_not_left_alone() -> None:
+    assert plan_micro_batches(7, 3) == [3, 2, 2]  # not [3, 3, 1]: batch norm cannot train on one sample

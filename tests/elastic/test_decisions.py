@@ -382,3 +382,31 @@ def test_a_refused_shrink_leaves_the_lr_gain_alone() -> None:
     report = executor.apply(Action(keep, 1.0, BatchMove.SHRINK), run)
     assert report.refused == ["batch 32 already at or below min_batch_size=32"] and not report.changed
     assert run.engine.batch_lr_gain == before
+
+
+def test_the_lr_clamp_holds_a_cut_too() -> None:
+    """Only the upward clamp was tested: without the lower bound a policy's 0.01 cut the LR 100x in one decision."""
+    loop = _loop()
+    config = loop.config
+    report = loop.executor.apply(Action((Precision.FP32,) * config.n_groups, 0.01, BatchMove.KEEP), loop.run)
+    assert report.lr_scale == loop.run.lr_scale == 1 / config.max_lr_change  # /1.5 at most a decision
+    assert report.refused == [f"LR scale 0.01 clamped to 0.6667 (at most ×{config.max_lr_change} per decision)"]
+
+
+def test_a_change_that_lowers_a_prediction_already_over_the_budget_is_taken() -> None:
+    """The executor's docstring: a controller over its budget may still drop to bf16 to save memory."""
+    from torch import nn
+
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
+    config = ControllerConfig(interval_steps=1000)
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", config=config) as ctl:
+        next(ctl.loader((torch.randn(256, 32), torch.randint(0, 10, (256,))), batch_size=64))
+        low = [Precision.BF16] * len(ctl.precisions)
+        at_low = ctl.predicted_memory_bytes(64, low)
+        assert at_low < ctl.predicted_memory_bytes(64)
+        ctl.memory_budget_bytes = at_low // 2  # over the budget either way: lowering still helps
+        report = ctl.executor.apply(Action((Precision.BF16,) * config.n_groups, 1.0, BatchMove.KEEP), ctl)
+        assert report.precisions == low and report.changed_precision == len(low) and not report.refused

@@ -337,3 +337,11 @@ def test_setting_the_lr_rule_mid_run_carries_the_warm_up_on() -> None:
     run.lr_rule = "linear"
     lrs = [run.step().lr / base for _ in range(5)]
     assert lrs == pytest.approx([7.0, 10.0, 13.0, 16.0, 16.0])  # ... ramped from 4 over the 4 warm-up steps
+
+
+def test_a_rise_of_exactly_warmup_above_is_warmed_up() -> None:
+    """The docstring: a rise "at or above" warmup_above is ramped (x1.5 exactly: batch 64 to 96)."""
+    coupler = BatchLRCoupler(LRRule.LINEAR, base_batch_size=64, batch_size=64, warmup_above=1.5, warmup_steps=4)
+    coupler.advance()  # after the first step
+    assert coupler.change(96) == 1.0 and coupler.warming_up
+    assert [coupler.advance() for _ in range(4)] == [1.125, 1.25, 1.375, 1.5]

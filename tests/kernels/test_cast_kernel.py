@@ -78,11 +78,11 @@ def test_cpu_reference_path_bit_exact() -> None:
 
 
 def test_rejects_wrong_inputs() -> None:
-    with pytest.raises(AssertionError, match="float32"):
+    with pytest.raises(ValueError, match="float32"):  # ValueErrors: asserts go under python -O
         cast_to_low_precision(torch.zeros(4, dtype=torch.float64), torch.bfloat16)
-    with pytest.raises(AssertionError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous"):
         cast_to_low_precision(torch.zeros(4, 4).t(), torch.bfloat16)
-    with pytest.raises(AssertionError, match="bfloat16 or float16"):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
         cast_to_low_precision(torch.zeros(4), torch.float32)
 
 

@@ -583,3 +583,10 @@ def test_a_count_that_is_not_whole_is_refused_by_name(call: str, message: str) -
         else:
             closure = lambda a, b: nn.functional.cross_entropy(model(a), b)  # noqa: E731
             gradient_moments(closure, x, y, params, n_micro=2.0)  # type: ignore[arg-type]
+
+
+def test_the_median_of_an_even_count_of_curvatures_is_the_mean_of_the_middle_two():
+    """Valid curvatures 1, 4, 16, 64: median 10, so sqrt(10 / c) clipped to [0.5, 2] (only odd counts were tested)."""
+    assert curvature_lr_factors(np.array([1.0, 4.0, 16.0, 64.0])).tolist() == pytest.approx(
+        [2.0, math.sqrt(10 / 4), math.sqrt(10 / 16), 0.5]
+    )
