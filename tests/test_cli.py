@@ -338,23 +338,33 @@ def test_compare_prices_steps_with_a_given_profile(tmp_path, capsys, monkeypatch
     )
 
 
+def _compare_failing_at(monkeypatch, tmp_path, failing, seeds):
+    """Runs ``compare`` of fp32 and bf16 into ``tmp_path / "r.json"``, its run ``failing`` (controller, seed) raising
+    an injected out-of-memory error; returns the command line and the results path."""
+    import triaccel_rl.compare
+
+    real = triaccel_rl.compare.run_controller
+
+    def fails(task, controller, seed, *args, **kwargs):
+        if (controller, seed) == failing:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(task, controller, seed, *args, **kwargs)
+
+    monkeypatch.setattr(triaccel_rl.compare, "run_controller", fails)
+    out = tmp_path / "r.json"
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", str(seeds), "--epochs", "0.2",
+            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected"):
+        main(argv)
+    return argv, out
+
+
 def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, monkeypatch):
     """Results were written only after every run: a failure in the last lost all of them."""
     import triaccel_rl.compare
 
     real = triaccel_rl.compare.run_controller
-
-    def second_fails(task, controller, *args, **kwargs):
-        if controller == "bf16":
-            raise RuntimeError("CUDA out of memory (injected)")
-        return real(task, controller, *args, **kwargs)
-
-    monkeypatch.setattr(triaccel_rl.compare, "run_controller", second_fails)
-    out = tmp_path / "r.json"
-    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", "1", "--epochs", "0.2",
-            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
-    with pytest.raises(RuntimeError, match="injected"):
-        main(argv)
+    argv, out = _compare_failing_at(monkeypatch, tmp_path, ("bf16", 0), seeds=1)
     partial = tmp_path / "r.partial.json"
     assert f"the runs that finished are in {partial}" in capsys.readouterr().err and not out.exists()
     kept = json.loads(partial.read_text())
@@ -370,21 +380,7 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
 
 def test_the_partial_file_summarizes_only_the_rows_whose_seeds_all_ran(tmp_path, monkeypatch):
     """A row still running was ranked and compared on the seeds it had (one seed's time ranked beside two)."""
-    import triaccel_rl.compare
-
-    real = triaccel_rl.compare.run_controller
-
-    def fails_at_bf16_seed_1(task, controller, seed, *args, **kwargs):
-        if (controller, seed) == ("bf16", 1):
-            raise RuntimeError("injected")
-        return real(task, controller, seed, *args, **kwargs)
-
-    monkeypatch.setattr(triaccel_rl.compare, "run_controller", fails_at_bf16_seed_1)
-    out = tmp_path / "r.json"
-    argv = ["compare", "--task", "synthetic", "--controllers", "fp32,bf16", "--seeds", "2", "--epochs", "0.2",
-            "--no-progress", "--log-dir", "", "--out", str(out)]  # fmt: skip
-    with pytest.raises(RuntimeError, match="injected"):
-        main(argv)
+    _compare_failing_at(monkeypatch, tmp_path, ("bf16", 1), seeds=2)
     kept = json.loads((tmp_path / "r.partial.json").read_text())
     assert [(run["controller"], run["seed"]) for run in kept["runs"]] == [
         ("static-fp32", 0), ("static-fp32", 1), ("static-bf16", 0)
