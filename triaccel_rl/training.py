@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from triaccel_rl.config import CostMode, ElasticConfig, HardwareProfile, LRRule, MemoryBudget
-from triaccel_rl.costs import CostModel
+from triaccel_rl.costs import CostModel, optimizer_state_tensors
 from triaccel_rl.elastic import (
     BatchLRCoupler,
     Fault,
@@ -342,7 +342,7 @@ class TrainingRun:
         self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
 
         self.costs = CostModel.measure(
-            self.model, self.layers, self._probe_x[:1], optimizer_states=1 if self.task.optimizer == "sgd" else 2
+            self.model, self.layers, self._probe_x[:1], optimizer_states=optimizer_state_tensors(self.optimizer)
         )
         self.memory_model = MemoryModel(self.costs, self.profile)
         self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(self.costs.owned_params)
