@@ -385,6 +385,19 @@ _TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "
          "torch_threads": 1}  # fmt: skip
 
 
+def test_training_without_a_log_dir_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
+    """Without ``log_dir`` SB3 configured its default logger, which made an empty ``SB3-<time>`` folder in the temp
+    dir at every call: the test suite left 1410 of them in /tmp."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    train_policy(["synthetic"], total_timesteps=8, n_steps=8, batch_size=4, out=tmp_path / "p.zip", **_TINY)
+    assert list(scratch.iterdir()) == []
+    assert (tmp_path / "p.zip").is_file()
+
+
 def test_checkpoints_carry_the_observation_range_they_were_trained_on(tmp_path):
     """Checkpoints were SB3's bare zips: loaded, they had no out-of-distribution fallback, and a run resumed from one
     saved the range of its own observations only (the first run's were lost)."""

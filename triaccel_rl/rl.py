@@ -463,6 +463,7 @@ def train_policy(
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     # Before any other use: "synthetic" was read as the tasks 's', 'y', ... ("unknown task 's'")
@@ -821,6 +822,8 @@ def train_policy(
                 (path.parent / "warm_start.json").write_text(
                     json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
                 )
+        if not log_dir:  # without a folder, SB3's default logger made an empty /tmp/SB3-<time> folder at each call
+            model.set_logger(Logger(folder=None, output_formats=[]))
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
