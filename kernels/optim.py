@@ -425,8 +425,9 @@ class _FusedOptimizer:
         """Restores ``state_dict()``'s output, hyper-parameters included (as ``torch.optim`` does).
 
         A checkpoint from before the per-layer counts (``step_state``: the model's count and its beta powers)
-        gives every layer the model's count. SGD's momentum buffer comes and goes with the checkpoint's momentum, as
-        in ``torch.optim.SGD``: allocated when a checkpoint with momentum loads into an optimizer built without.
+        gives every layer the model's count. SGD's momentum buffer comes and goes with the checkpoint's, as in
+        ``torch.optim.SGD``: allocated when a checkpoint with one loads into an optimizer built without, kept from a
+        checkpoint taken while a schedule held the momentum at 0 (a later momentum carries on from it).
         A parameter kept in another memory order there (channels-last against contiguous) has its state reordered.
 
         Raises:
@@ -439,7 +440,7 @@ class _FusedOptimizer:
         if list(state["layer_numels"]) != list(self.store.layer_numels):
             raise ValueError("checkpoint was made for another parameter layout (layer sizes differ)")
         loaded_options = type(self.options)(**state["options"])
-        names = self._buffers_for(loaded_options)
+        names = self._buffers_loaded(loaded_options, state)
         for name in names:
             if name not in state:
                 raise ValueError(f"checkpoint lacks its {name!r}, which its options {state['options']} need")
@@ -499,6 +500,10 @@ class _FusedOptimizer:
     def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
         """The state buffers an optimizer of ``options`` keeps (and its checkpoints hold)."""
         return self._buffer_names
+
+    def _buffers_loaded(self, options: SGDOptions | AdamWOptions, state: Mapping[str, Any]) -> tuple[str, ...]:
+        """The state buffers a checkpoint with ``options`` brings: those its options need."""
+        return self._buffers_for(options)
 
     def _keep_buffers(self, names: tuple[str, ...]) -> None:
         """Makes the optimizer keep the state buffers ``names`` (those of its options), allocating or dropping them."""
@@ -565,11 +570,21 @@ class FusedSGD(_FusedOptimizer):
         assert isinstance(options, SGDOptions)
         return ("momentum_buffer",) if options.momentum != 0.0 else ()
 
+    def _buffers_loaded(self, options: SGDOptions | AdamWOptions, state: Mapping[str, Any]) -> tuple[str, ...]:
+        """The momentum buffer where the checkpoint's momentum needs one or the checkpoint holds one.
+
+        A schedule that holds the momentum at 0 for a while (``OneCycleLR``'s ``base_momentum=0``) leaves the buffer
+        in place, unread, as ``torch.optim.SGD`` does: a checkpoint (or a rollback's copy) taken then kept it, but its
+        load dropped it, and every step after the momentum came back raised.
+        """
+        return self._buffers_for(options) or (("momentum_buffer",) if "momentum_buffer" in state else ())
+
     def _keep_buffers(self, names: tuple[str, ...]) -> None:
         """Allocates a zero momentum buffer when ``names`` holds it and there is none; drops it when not.
 
-        A momentum-free checkpoint loaded into an optimizer with a buffer leaves none, as ``torch.optim.SGD`` keeps
-        no buffer without momentum: a later momentum then finds no stale one to carry on from (``_update`` refuses).
+        A checkpoint without one (momentum 0 all along) loaded into an optimizer with a buffer leaves none, as
+        ``torch.optim.SGD`` keeps none: a later momentum then finds no stale one to carry on from (``_update``
+        refuses).
         """
         if names and self.momentum_buffer is self.store.params:
             self.momentum_buffer = torch.zeros_like(self.store.params)

@@ -120,6 +120,101 @@ def test_fused_skip_keeps_everything_and_fp16_scale_backs_off():
     assert engine.applied_steps() == 1  # the device counter: the first step applied, the second skipped
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_loss_scale_a_rollback_copy_takes_is_put_back_as_it_was_and_can_be_put_back_again(fused):
+    """``scaler_state`` and ``load_scaler_state``, which a rollback uses: the skipped steps after the copy halved the
+    scale and reset its clean-step count; putting the copy back restores both, and the copy is not consumed."""
+    model, engine = make("sgd", fused)
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    state = engine.state_dict()
+    state["scaler"] = (
+        {"scale": 1024.0, "clean_steps": 7}
+        if fused
+        else {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 7}
+    )  # fmt: skip
+    engine.load_state_dict(state)
+    x, y = batches(1)[0]
+    _run_steps(model, engine, [(x, y)])  # a clean step: 8 clean steps at 1024
+    saved = engine.scaler_state()
+
+    def clean_steps():
+        scaler = engine.state_dict()["scaler"]
+        return int(scaler["clean_steps"] if fused else scaler["_growth_tracker"])
+
+    for _ in range(2):
+        for _ in range(3):  # three skipped steps: 128, and the count restarted
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x), y) * float("nan")
+            assert engine.backward_and_step(loss)[1]
+        assert (engine.loss_scale, clean_steps()) == (128.0, 0)
+        engine.load_scaler_state(saved)
+        assert (engine.loss_scale, clean_steps()) == (1024.0, 8)
+
+
+def test_a_reference_rollback_copy_taken_before_any_scaled_step_puts_back_no_scaler():
+    """No fp16 step before the copy: no scale to keep. Put back, the next fp16 layer starts a fresh one (65536)."""
+    model, engine = make("sgd", False)
+    assert engine.scaler_state() is None
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    x, y = batches(1)[0]
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x), y) * float("nan")
+    engine.backward_and_step(loss)
+    assert engine.loss_scale == 2.0**15
+    engine.load_scaler_state(None)
+    assert engine.loss_scale == 2.0**16
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # Before the fix these passed the check: a scale past float32's range became inf (every step skipped, for
+        # good, on the fused path; the first step raised on the reference path), a count past int32's raised half
+        # way through the load.
+        ("scale", 1e39, r"scaler has scale 1e\+39, not a number > 0 and finite as a float32"),
+        ("clean_steps", 2**40, r"scaler has clean_steps 1099511627776, not a whole number in \[0, 2\*\*31\)"),
+        ("scale", 0.0, r"scaler has scale 0\.0, not a number > 0"),
+        ("scale", torch.tensor([1.0, 2.0]), r"scaler has scale tensor\(\[1\., 2\.\]\), not a number > 0"),
+    ],
+)
+def test_a_loss_scaler_state_out_of_range_is_refused_before_anything_loads(fused, key, value, message):
+    _, engine = make("sgd", fused)
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    state = engine.state_dict()
+    if fused:
+        state["scaler"][key] = value
+    else:  # the reference path's GradScaler keeps the count as _growth_tracker
+        state["scaler"] = {"scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0, {"clean_steps": "_growth_tracker"}.get(key, key): value}  # fmt: skip
+        message = message.replace("clean_steps", "_growth_tracker")
+    _, fresh = make("sgd", fused)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(state)
+    assert fresh.precision.precisions == [Precision.FP32, Precision.FP32]  # nothing loaded
+    assert fresh.loss_scale == 1.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_loss_scale_saved_as_a_one_element_tensor_loads_on_both_paths(fused):
+    """A scale of shape (1,) passed the check, then the fused load raised half way (a shape mismatch in the copy),
+    and on the reference path the first step raised from ``torch.full``."""
+    model, engine = make("sgd", fused)
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    state = engine.state_dict()
+    if fused:
+        state["scaler"] = {"scale": torch.tensor([1024.0]), "clean_steps": torch.tensor([3], dtype=torch.int32)}
+    else:
+        state["scaler"] = {"scale": torch.tensor([1024.0]), "growth_factor": 2.0, "backoff_factor": 0.5,
+                           "growth_interval": 2000, "_growth_tracker": 3}  # fmt: skip
+    engine.load_state_dict(state)
+    _run_steps(model, engine, batches(1))
+    assert engine.loss_scale == 1024.0
+    scaler = engine.state_dict()["scaler"]
+    assert int(scaler["clean_steps"] if fused else scaler["_growth_tracker"]) == 4
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 def test_a_non_finite_loss_over_finite_gradients_is_skipped_on_both_paths(deferred):
     """An infinite loss term without a gradient leaves the gradients finite: the update is skipped on both paths.

@@ -546,6 +546,26 @@ def test_a_rollback_brings_back_the_signals_estimates_with_the_weights():
         assert after[loop.layout.globals(feature)] == healthy[loop.layout.globals(feature)], feature
 
 
+def test_a_rollback_brings_back_the_loss_scale_the_interval_s_skipped_steps_cut():
+    """Every skipped step of the interval that broke the model halved the loss scale, for a cause the copy's state did
+    not have: it came back from the rollback at 0.0625 where the copy's was 65536 (2000 clean steps a doubling to grow
+    back, small gradients of fp16 layers lost to underflow meanwhile). Now the scale comes back with the weights."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=20, max_interval_factor=1))
+    run.set_precisions(["fp16"] * len(run.precision.controllable_indices))
+    loop.train_interval()
+    loop.snapshot(0.1)  # healthy: the copy is taken here
+    copied = run.engine.grad_scaler.state_dict()
+    with torch.no_grad():  # an update blew the model up (as in the first test)
+        next(run.model.parameters()).fill_(float("inf"))
+    loop.train_interval()  # every step skipped
+    assert run.engine.loss_scale == copied["scale"] / 2**20
+    assert loop.snapshot(0.2).extra["rolled_back"]
+    assert run.engine.grad_scaler.state_dict() == copied
+    loop.train_interval()
+    assert run.engine.loss_scale == copied["scale"]  # the restored model's steps are clean: nothing skipped
+
+
 def test_the_controllers_rollback_brings_back_its_signals_estimates():
     """As for the decision loop: the loss EMA a Controller's rollback left was the blown-up interval's."""
     from triaccel_rl.controller import Controller
@@ -566,6 +586,32 @@ def test_the_controllers_rollback_brings_back_its_signals_estimates():
     ctl.close()
 
 
+def test_the_controllers_rollback_brings_back_the_loss_scale():
+    """As for the decision loop: the scale the blown-up interval's skipped steps had halved stayed halved."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctl = Controller(model, optimizer, policy="fp16", config=ControllerConfig(interval_steps=4, max_interval_factor=1))
+    data = (torch.randn(64, 4), torch.randn(64, 1))
+    scales = []
+    for step, (x, y) in enumerate(ctl.loader(data, batch_size=4, epochs=1), start=1):
+        if step == 9:  # two healthy intervals are behind: the copy at the first one's end is confirmed
+            with torch.no_grad():
+                model[0].weight.fill_(float("inf"))
+        with ctl.autocast():
+            loss = torch.nn.functional.mse_loss(model(x).float(), y) * 1e-4  # no overflow at 65536
+        ctl.step(loss)
+        scales.append(ctl.engine.state_dict()["scaler"]["scale"])
+        if ctl.rollbacks:
+            break
+    assert ctl.rollbacks == 1 and scales[:8] == [2.0**16] * 8 and scales[-2] == 2.0**13  # three steps skipped
+    # The copy's (the shield has the layers in bf16 now, but a layer back in fp16 scales by it)
+    assert scales[-1] == 2.0**16
+    ctl.close()
+
+
 def test_the_controllers_copy_carries_the_estimates_of_its_own_state():
     """The copy at an interval's end was taken before the interval's moments were folded in: it carried the
     estimates of one interval before its weights (after step 4, the loss EMA of step 2)."""
@@ -581,7 +627,7 @@ def test_the_controllers_copy_carries_the_estimates_of_its_own_state():
         ctl.step(torch.nn.functional.cross_entropy(model(x), y))
         if ctl.steps in (2, 4, 6):
             copy = ctl.guard._unconfirmed or ctl.guard._good
-            assert ctl.guard.copy_is_current and copy.extra["_loss_ema"] == ctl.collector.loss_ema, ctl.steps
+            assert ctl.guard.copy_is_current and copy.extra[0]["_loss_ema"] == ctl.collector.loss_ema, ctl.steps
     ctl.close()
 
 

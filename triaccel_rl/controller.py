@@ -186,8 +186,9 @@ class Controller:
                 confirm=True,
                 # The signals' running estimates go with each copy: the interval that broke the model folded its huge
                 # losses and gradients in before its loss turned non-finite.
-                save_extra=lambda: self.collector.estimates(),
-                load_extra=lambda saved: self.collector.restore_estimates(saved),
+                # So does the loss scale, which the interval's skipped steps cut for a cause the copy's state lacks.
+                save_extra=lambda: (self.collector.estimates(), self.engine.scaler_state()),
+                load_extra=self._restore_extra,
             )
             self.guard = guard if self.config.rollback else None
             self._copy_taken: tuple[str, tuple[int, object]] | None = None
@@ -405,6 +406,12 @@ class Controller:
                 f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values"
                 f"{'' if why.startswith(':') else ' '}{why}"
             )
+
+    def _restore_extra(self, saved: tuple[dict[str, Any], Any]) -> None:
+        """Puts back what the rollback copy took beside the weights: the signals' estimates and the loss scale."""
+        estimates, scaler = saved
+        self.collector.restore_estimates(estimates)
+        self.engine.load_scaler_state(scaler)
 
     def _state_mark(self) -> tuple[int, object]:
         """What tells that the weights or the optimizer's state were written from outside.

@@ -359,6 +359,35 @@ class StepEngine:
         if self.fused:
             self._reread_group_settings()
 
+    def scaler_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The loss scale and its clean-step count, copied on the device (no sync): what a rollback brings back.
+
+        The skipped steps of the interval that broke the model halved the scale for a cause the copy's state did not
+        have (from 65536 to 0.0625 in one 20-step interval): kept after the rollback, small gradients of a layer back
+        in fp16 underflowed, and the scale took 2000 clean steps a doubling to grow back. ``None`` on the reference
+        path before its ``GradScaler`` has scaled a step.
+        """
+        if self.fused:
+            return self._scale.clone(), self._clean_steps.clone()
+        scaler = self._grad_scaler
+        if scaler is None or scaler._scale is None or scaler._growth_tracker is None:
+            return None
+        return scaler._scale.clone(), scaler._growth_tracker.clone()
+
+    def load_scaler_state(self, saved: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Puts back what :meth:`scaler_state` returned, copying it (the same may be put back again)."""
+        with torch.no_grad():
+            if self.fused:
+                assert saved is not None
+                self._scale.copy_(saved[0])  # in place: captured graphs read them through their addresses
+                self._clean_steps.copy_(saved[1])
+            elif saved is None:  # no scale yet at the copy: a later fp16 layer starts a fresh one, as it would have
+                self._grad_scaler = None
+            else:
+                scaler = self._grad_scaler or torch.amp.GradScaler(self.device.type)
+                scaler._scale, scaler._growth_tracker = saved[0].clone(), saved[1].clone()
+                self._grad_scaler = scaler
+
     def refresh_weight_copies(self) -> None:
         """Re-derives the 16-bit weight copies from the fp32 weights, each layer's in its type (fused path).
 
@@ -856,19 +885,18 @@ class StepEngine:
                     "scale": (scaler or {}).get("scale", 2.0**16),
                     "clean_steps": (scaler or {}).get("_growth_tracker", 0),
                 }
-            _check_scaler(scaler, _FUSED_SCALER_KEYS)
+            scaler = _check_scaler(scaler, _FUSED_SCALER_KEYS)
             grad_scaler = None
         elif scaler and across:  # the fused step's scale and clean-step count, as GradScaler keeps them
-            _check_scaler(scaler, _FUSED_SCALER_KEYS)
+            fused_scaler = _check_scaler(scaler, _FUSED_SCALER_KEYS)
             grad_scaler = torch.amp.GradScaler(self.device.type)
             grad_scaler.load_state_dict(
-                {"scale": float(scaler["scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
-                 "growth_interval": 2000, "_growth_tracker": int(scaler["clean_steps"])}
+                {"scale": fused_scaler["scale"], "growth_factor": 2.0, "backoff_factor": 0.5,
+                 "growth_interval": 2000, "_growth_tracker": fused_scaler["clean_steps"]}
             )  # fmt: skip
         elif scaler:
-            _check_scaler(scaler, _GRAD_SCALER_KEYS)
             grad_scaler = torch.amp.GradScaler(self.device.type)
-            grad_scaler.load_state_dict(dict(scaler))
+            grad_scaler.load_state_dict(_check_scaler(scaler, _GRAD_SCALER_KEYS))
         else:  # saved with no loss scaler: a later fp16 layer starts a fresh one, as in the saved run
             grad_scaler = None
         return _LoadPlan(
@@ -1449,21 +1477,32 @@ def _state_value(value: Any) -> bool:
     return value is None or isinstance(value, (torch.Tensor, numbers.Number))
 
 
-def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> None:
-    """Raises a ValueError unless ``scaler`` holds ``keys`` with values it can take.
+def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, float | int]:
+    """``scaler``'s ``keys`` as Python numbers; raises a ValueError unless each holds a value the scaler can take.
 
-    Each a whole number >= the key's value (None: a finite number > 0), as a number or a one-element tensor.
+    Each a whole number >= the key's value and < 2**31 (an int32 count), or where that is None a number > 0 finite as
+    a float32 (a larger scale became inf: every step skipped, for good); as a number or a tensor of one element.
     """
     _require_keys("scaler", scaler, tuple(keys))
+    checked: dict[str, float | int] = {}
     for key, least in keys.items():
         value = scaler[key]
         number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         if least is None:
             real = not isinstance(number, bool) and isinstance(number, numbers.Real)
-            if not (real and math.isfinite(number) and number > 0):
-                raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not a finite number > 0")
-        elif isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < least:
-            raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not a whole number >= {least}")
+            if not (real and math.isfinite(number) and 0 < number <= _FLOAT32_MAX):
+                raise ValueError(
+                    f"the checkpoint's scaler has {key} {value!r}, not a number > 0 and finite as a float32"
+                )
+            checked[key] = float(number)
+        else:
+            if isinstance(number, bool) or not isinstance(number, numbers.Integral) or not least <= int(number) < 2**31:
+                raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not a whole number in [{least}, 2**31)")
+            checked[key] = int(number)
+    return checked
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:

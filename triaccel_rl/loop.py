@@ -71,7 +71,7 @@ class DecisionLoop:
         )
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not; with it
         # the signals' running estimates and the run's noise EMAs, which the diverging interval had folded its huge
-        # losses and gradients into.
+        # losses and gradients into, and the loss scale, which its skipped steps had cut.
         use_rollback = config.rollback if rollback is None else rollback
         guard = RollbackGuard(
             run.model,
@@ -79,7 +79,7 @@ class DecisionLoop:
             config.rollback_offload,
             config.snapshot_every,
             after_restore=run.engine.after_restore,  # weights and optimizer state changed outside the fused step
-            save_extra=lambda: (self.collector.estimates(), run.noise_estimates),
+            save_extra=lambda: (self.collector.estimates(), run.noise_estimates, run.engine.scaler_state()),
             load_extra=self._restore_estimates,
         )
         self.guard = guard if use_rollback else None
@@ -115,10 +115,11 @@ class DecisionLoop:
         self.overhead_parts_ms = dict.fromkeys(OVERHEAD_PARTS, 0.0)
         """Wall ms of the controller's work by part (:data:`OVERHEAD_PARTS`); ``decision`` is the caller's to add."""
 
-    def _restore_estimates(self, saved: tuple[dict[str, Any], np.ndarray]) -> None:
-        estimates, noise = saved
+    def _restore_estimates(self, saved: tuple[dict[str, Any], np.ndarray, Any]) -> None:
+        estimates, noise, scaler = saved
         self.collector.restore_estimates(estimates)
         self.run.noise_estimates = noise
+        self.run.engine.load_scaler_state(scaler)  # the interval's skipped steps had cut the scale (see scaler_state)
 
     def train_interval(self, max_steps: int | None = None) -> IntervalStats:
         """Trains up to the next decision point, or ``max_steps`` steps if fewer, and feeds the collector.

@@ -610,6 +610,42 @@ def test_an_sgd_checkpoint_brings_its_momentum_buffer_or_leaves_none(built_with_
         assert_bits_equal(store.params, source_store.params, "params after loading the checkpoint")
 
 
+def test_an_sgd_checkpoint_taken_while_a_schedule_holds_momentum_at_0_keeps_its_buffer() -> None:
+    """A schedule holding the momentum at 0 (OneCycleLR's ``base_momentum=0``) leaves the buffer unread; a checkpoint
+    then, loaded (a resume, or a rollback to a copy taken then), dropped it, and every step after the momentum came
+    back raised. Now the steps go on as torch.optim.SGD's, which keeps the buffer through the same sequence."""
+    store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=64))
+    params = [p for layer in make_layers(MODEL_LAYERS, "cpu", seed=64) for p in layer]
+    n_layers = len(MODEL_LAYERS)
+
+    def views(buffer: torch.Tensor) -> list[torch.Tensor]:
+        return [view for layer in range(n_layers) for view in store.param_views(buffer, layer)]
+
+    reference = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    fused = FusedSGD(store, momentum=0.9)
+    generator = torch.Generator().manual_seed(65)
+
+    def step(momentum: float) -> None:
+        fused.options = SGDOptions(momentum=momentum)
+        reference.param_groups[0]["momentum"] = momentum
+        fill_grads(store, generator)
+        for p, view in zip(params, views(store.grads), strict=True):
+            p.grad = view.clone()
+        fused.step(0.1)
+        reference.step()
+
+    for momentum in (0.9, 0.9, 0.0):
+        step(momentum)
+    state = fused.state_dict()
+    assert "momentum_buffer" in state and state["options"]["momentum"] == 0.0
+    fused.load_state_dict({key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()})
+    assert fused.momentum_buffer is not store.params
+    for momentum in (0.0, 0.9, 0.9):
+        step(momentum)
+    for p, view in zip(params, views(store.params), strict=True):
+        assert_close(view, p, "params after loading a checkpoint taken at momentum 0")
+
+
 def test_sgd_without_a_momentum_buffer_refuses_a_momentum_set_later() -> None:
     """Momentum set on an optimizer built without (as a momentum schedule would) is refused, nothing written.
 
