@@ -390,6 +390,29 @@ def test_without_the_signals_a_resumed_adaptive_run_decides_otherwise():
     assert not all(torch.equal(a, b) for a, b in zip(weights(model), weights(model2), strict=True))
 
 
+def test_a_format_1_checkpoint_loaded_into_a_controller_that_trained_on_resumes_as_into_a_new_one():
+    """A format-1 checkpoint holds no signals: they start afresh. Before the fix a controller that had trained past it
+    and was rewound to it kept its own estimates, groups and cadence (its collector's step count, loss EMA, ...), and
+    decided otherwise than a new controller loading the same checkpoint."""
+    model, ctl = _adaptive_run()
+    saved = []
+    train(model, ctl, epochs=4, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    runs = []
+    for rewound in (False, True):
+        saved[0].seek(0)
+        state = torch.load(saved[0])
+        del state["controller"]["signals"]
+        state["controller"]["format"] = 1
+        if not rewound:
+            model, ctl = _adaptive_run()
+        restore(model, ctl, state)
+        train(model, ctl, epochs=4)
+        runs.append(([(d.lr_scale, d.batch_size, d.precisions) for d in ctl.decisions[-8:]], weights(model)))
+    (fresh, fresh_weights), (rewound_decisions, _) = runs
+    assert rewound_decisions == fresh
+    assert_same_weights(fresh_weights, model)
+
+
 def test_after_a_resume_the_rollback_copy_is_the_loaded_state():
     """A rollback right after ``load_state_dict`` goes back to the resumed state, not to the freshly built model; the
     copy waits for an update to confirm it, as one taken at a configuration change does."""

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from users_loop import controlled_loop, controlled_step, either_step, plain_loop, users_data
 
-from triaccel_rl.config import ControllerConfig, ElasticConfig
+from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.errors import NoGoodStateError
 from triaccel_rl.loader import ElasticLoader
@@ -363,6 +363,66 @@ def test_a_model_that_only_produces_non_finite_losses_is_rolled_back(caplog):
     ctl.close()
 
 
+class _CausalMask(nn.Module):
+    """Attention over 4 positions with an additive causal mask kept as a buffer (-inf above the diagonal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = (h @ h.transpose(1, 2) / 8**0.5 + self.mask).softmax(-1) @ h  # finite: the diagonal is always allowed
+        return self.out(h[:, -1])
+
+
+def test_a_model_keeping_an_infinite_mask_as_a_buffer_trains_as_the_plain_loop(caplog):
+    """Before the fix the shield read the mask's -inf as a broken buffer: every interval was rolled back to the
+    starting weights (12 rollbacks in 48 steps, no weight moved). Now the run is the plain loop's step for step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 8, generator=g)
+    y = (x[:, -1, 0] > 0).long()
+    weights = []
+    for controlled in (False, True):
+        torch.manual_seed(0)
+        model = _CausalMask()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if controlled:  # the user's own batches, in order
+            ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=4))
+            for _ in range(3):
+                for i in range(0, 64, 16):
+                    with ctl.autocast():
+                        loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+                    ctl.step(loss)
+            assert ctl.steps == 12 and ctl.rollbacks == 0 and "rolled back" not in caplog.text
+            ctl.close()
+        else:
+            for _ in range(3):
+                for i in range(0, 64, 16):
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16]).backward()
+                    opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for plain, controlled in zip(*weights, strict=True):
+        torch.testing.assert_close(controlled, plain, rtol=0, atol=0)
+
+
+def test_a_mask_buffer_whose_infinities_move_or_turn_nan_is_still_broken():
+    """What the mask's excuse leaves to the check: a NaN in it, or an infinity where it was finite at the start."""
+    from triaccel_rl.shield import infinite_buffers, nonfinite_buffers
+
+    model = _CausalMask()
+    expected = infinite_buffers(model)
+    assert list(expected) == ["mask"] and nonfinite_buffers(model, expected) == []
+    assert nonfinite_buffers(model) == ["mask"]  # without the excuse
+    for value in (float("nan"), float("inf")):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.mask[3, 0] = value
+        assert nonfinite_buffers(broken, expected) == ["mask"]
+
+
 def test_a_batch_that_breaks_the_running_statistics_is_rolled_back(caplog):
     """An ``inf`` input: its update is skipped, but its forward already wrote the batch-norm's running statistics,
     and the losses after it stay finite (train mode normalises by the batch). Without the buffer check the model
@@ -433,6 +493,53 @@ def test_a_rollback_before_any_update_restores_what_was_loaded_after_the_copy(or
     for index, state in opt.state_dict()["state"].items():
         assert torch.equal(state["momentum_buffer"], pretrained["optimizer"]["state"][index]["momentum_buffer"])
     ctl.close()
+
+
+def test_a_rollback_keeps_a_frozen_backbone_loaded_after_the_build():
+    """A fine-tune: the frozen backbone's pretrained weights are loaded after the Controller was built. Before the fix
+    only the trained parameters' versions told a load, so the copy kept the random backbone and the rollback put it
+    back, silently, for the rest of the run."""
+    torch.manual_seed(1)
+    pretrained = nn.Linear(8, 16).state_dict()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    ctl = Controller(model, torch.optim.SGD(model[2].parameters(), lr=0.1), policy="fp32",
+                     config=ControllerConfig(interval_steps=4))  # fmt: skip
+    model[0].load_state_dict(pretrained)
+    for x, y in ctl.loader(data(n=128), batch_size=16, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss * float("nan") if 4 <= ctl.steps < 8 else loss)  # the second interval diverges
+    assert ctl.rollbacks == 1
+    for name, value in pretrained.items():
+        assert torch.equal(model[0].state_dict()[name], value), name
+    ctl.close()
+
+
+def test_a_no_good_state_error_at_an_intervals_end_counts_its_skipped_steps_once():
+    """A resumed state that fails twice raises ``NoGoodStateError`` at an interval's end, after that interval's
+    skipped steps were counted; before the fix the interval stayed open, and ``close()`` (leaving the ``with`` block
+    on the error) counted them again: 12 skipped steps of 8 steps since the resume."""
+    config = ControllerConfig(interval_steps=4)
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=config)
+    for x, y in ctl.loader(data(), batch_size=16, epochs=1):
+        with ctl.autocast():
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+        if ctl.steps == 4:
+            break
+    saved = copy.deepcopy({"model": model.state_dict(), "controller": ctl.state_dict()})
+    ctl.close()
+    model, opt = model_and_optimizer()
+    model.load_state_dict(saved["model"])
+    with pytest.raises(NoGoodStateError), Controller(model, opt, policy="fp32", config=config) as resumed:
+        resumed.load_state_dict(saved["controller"])
+        for x, y in resumed.loader(data(), batch_size=16, epochs=1):
+            with resumed.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            resumed.step(loss * float("nan"))  # every step non-finite
+    assert resumed.steps == 12 and resumed.skipped_steps == 8
 
 
 def test_a_step_after_a_forward_outside_autocast_warns_once_while_a_layer_is_16_bit(caplog):
@@ -590,6 +697,25 @@ def test_on_a_gpu_without_bf16_an_adaptive_policy_starts_and_lowers_in_fp16_with
         assert ctl.policy.policy.low_precision is ctl.policy.fallback.low_precision is Precision.FP16
     assert all(set(d.precisions) <= {Precision.FP32, Precision.FP16} for d in ctl.decisions)
     assert not any("not applied" in reason for d in ctl.decisions for reason in d.refused)
+
+
+def test_a_checkpoint_saved_where_bf16_runs_resumes_in_fp16_on_a_gpu_without_bf16(monkeypatch, request):
+    """Before the fix ``load_state_dict`` wrote the checkpoint's bf16 back into the policy, undoing the move to fp16
+    made at construction: every lowering of the resumed run ran in fp32 on a V100 or T4."""
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(start_precision="fp32"))
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="heuristic", config=config)  # here bf16 runs: the policy lowers to bf16
+    assert ctl.policy.low_precision is Precision.BF16
+    saved = copy.deepcopy({"model": model.state_dict(), "controller": ctl.state_dict()})
+    request.getfixturevalue("gpu_without_bf16")
+    model, opt = model_and_optimizer()
+    resumed = Controller(model, opt, policy="heuristic", config=config)
+    model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["controller"])
+    assert resumed.policy.low_precision is Precision.FP16
+    train(resumed, model, epochs=1)
+    assert any(Precision.FP16 in d.precisions for d in resumed.decisions)  # it lowers, and in fp16
+    assert all(Precision.BF16 not in d.precisions for d in resumed.decisions)
 
 
 @pytest.mark.usefixtures("gpu_without_bf16")

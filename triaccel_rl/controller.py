@@ -40,7 +40,7 @@ from triaccel_rl.memory import (
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy, run_without_bf16
-from triaccel_rl.shield import RollbackGuard, nonfinite_buffers, nonfinite_parameters
+from triaccel_rl.shield import RollbackGuard, infinite_buffers, nonfinite_buffers, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
@@ -191,6 +191,8 @@ class Controller:
                 load_extra=self._restore_extra,
             )
             self.guard = guard if self.config.rollback else None
+            # Buffers holding infinities by design (an additive mask), excused from the shield's buffer check
+            self._infinite_buffers = infinite_buffers(model) if self.guard is not None else {}
             self._copy_taken: tuple[str, tuple[int, object]] | None = None
             if self.guard is not None:
                 self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
@@ -400,7 +402,7 @@ class Controller:
 
     def _refuse_broken_model(self, why: str) -> None:
         """A ``NoGoodStateError`` where trained parameters or buffers hold NaN or inf (``why`` follows "values")."""
-        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model)  # trained parameters only
+        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model, self._infinite_buffers)
         if broken:
             raise NoGoodStateError(
                 f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values"
@@ -416,10 +418,14 @@ class Controller:
     def _state_mark(self) -> tuple[int, object]:
         """What tells that the weights or the optimizer's state were written from outside.
 
-        The parameters' version counters (``model.load_state_dict`` bumps them) and the optimizer's state object
-        (``load_state_dict`` makes a new one).
+        The version counters of everything the model's state dict holds (``model.load_state_dict`` bumps them), frozen
+        parameters and buffers too, and the optimizer's state object (``load_state_dict`` makes a new one). Until
+        2026-12-06 only the trained parameters counted: a frozen backbone loaded after the build was not in the copy,
+        and a rollback put the random one back. (A forward in train mode bumps a batch norm's buffers: the copy is
+        then taken again before the first step, once, into the same memory.)
         """
-        return self.engine._weights_version(), getattr(self.engine.optimizer, "state", None)
+        versions = sum(t._version for t in self.model.state_dict(keep_vars=True).values())
+        return versions, getattr(self.engine.optimizer, "state", None)
 
     def _retake_copy_if_written(self, training_starts: bool) -> None:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
@@ -843,6 +849,11 @@ class Controller:
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
             self._applied_before_copy = 0
+            # Fresh as a new controller's: loaded into one that had trained, its estimates, groups and cadence stayed
+            # (until 2026-12-06)
+            self.collector = self._new_collector()
+            self.grouper = self.executor.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+            self.cadence, self._noise_scale = self._new_cadence(), None
         else:
             self.collector, self.grouper, self.cadence, self._moments = signals.objects
             self.executor.grouper = self.grouper
@@ -855,6 +866,10 @@ class Controller:
         for name, code in codes.items():
             if code is not None and hasattr(self.policy, name):
                 setattr(self.policy, name, code)
+        # As at construction: a checkpoint saved where bf16 runs brought bf16 back into the policy on a GPU without it
+        # (until 2026-12-06), and every lowering after the resume ran in fp32.
+        if Precision.BF16 not in sixteen_bit_formats(self.device) and run_without_bf16(self.policy):
+            _log.info("bf16 does not run on %s: the checkpoint's policy starts and lowers to fp16 instead", self.device)
         self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
         if not trial_running:
             self._trial = None  # done before the checkpoint (or never wanted): not run again
@@ -1131,10 +1146,13 @@ class Controller:
         self.collector.observe_interval(
             moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak, skipped=skipped
         )
-        restored = self._shield(applied, self._interval_steps)
-        self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
-        self._interval_steps = 0
-        self._interval_peak = 0
+        restored = False
+        try:
+            restored = self._shield(applied, self._interval_steps)
+        finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
+            self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
+            self._interval_steps = 0
+            self._interval_peak = 0
         return train_ms
 
     def _shield(self, applied: int, steps: int) -> bool:
@@ -1161,7 +1179,7 @@ class Controller:
         before_copy, self._applied_before_copy = self._applied_before_copy, 0
         if self.guard is None or steps == 0:
             return False
-        broken = nonfinite_buffers(self.model)  # a sync like the interval's flush, with the device idle
+        broken = nonfinite_buffers(self.model, self._infinite_buffers)  # a sync like the interval's flush, device idle
         self._interval_healthy = applied == steps and not broken
         # The first update after the copy had a finite loss on the copy's weights.
         if began_from_copy and applied > before_copy:

@@ -36,6 +36,7 @@ __all__ = [
     "ObservationStats",
     "RollbackGuard",
     "check_observation",
+    "infinite_buffers",
     "nonfinite_buffers",
     "obs_stats_path",
 ]
@@ -73,13 +74,18 @@ def check_observation(observation: Any, size: int) -> np.ndarray:
     return obs
 
 
-def nonfinite_buffers(model: nn.Module) -> list[str]:
+def nonfinite_buffers(model: nn.Module, expected: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """The names of ``model``'s floating-point buffers that hold a NaN or an infinity.
 
     A skipped update leaves the parameters alone, but the forward that produced the non-finite loss has already
     written the buffers it updates (a batch-norm's running mean and variance), and nothing else would repair them:
     the model would evaluate to NaN from then on. One multi-tensor max-norm decides (a host-device sync); names
     are looked up only when it fails.
+
+    ``expected`` (:func:`infinite_buffers` of the model at the start) names buffers that held infinities by design,
+    each with where it was finite: such a buffer counts only where it holds a NaN or its infinities moved. Until
+    2026-12-06 a model keeping an additive causal mask as a buffer (``-inf`` above the diagonal) was rolled back at
+    every interval and never trained.
 
     Example:
         >>> model = nn.BatchNorm1d(2)
@@ -89,7 +95,36 @@ def nonfinite_buffers(model: nn.Module) -> list[str]:
         >>> nonfinite_buffers(model)
         ['running_mean']
     """
-    return _nonfinite([(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()])
+    expected = expected or {}
+    named = [(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()]
+    broken = _nonfinite([(name, b) for name, b in named if name not in expected])
+    for name, b in named:
+        if name in expected:
+            finite = expected[name]
+            if finite.shape != b.shape or not torch.equal(torch.isfinite(b), finite.to(b.device)):
+                broken.append(name)
+    return broken
+
+
+def infinite_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s floating-point buffers that hold infinities and no NaN, each with its ``isfinite`` mask.
+
+    An additive attention mask (``-inf`` above the diagonal, as Whisper's decoder and llama2.c keep one): taken when
+    training starts, what :func:`nonfinite_buffers` excuses. One sync; a sync a buffer only where one holds any.
+
+    Example:
+        >>> model = nn.Module()
+        >>> model.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+        >>> infinite_buffers(model)
+        {'mask': tensor([[ True, False],
+                [ True,  True]])}
+    """
+    buffers = dict(model.named_buffers())
+    return {
+        name: torch.isfinite(buffers[name])
+        for name in nonfinite_buffers(model)
+        if not bool(torch.isnan(buffers[name]).any())
+    }
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:
