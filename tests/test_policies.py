@@ -780,6 +780,15 @@ def test_every_policy_takes_an_observation_as_a_torch_tensor_as_it_takes_the_arr
         assert np.array_equal(policy.predict(tensor[0], deterministic=True)[0], expected[0]), policy
 
 
+def test_a_bf16_tensor_observation_is_read_as_its_float32_values():
+    """numpy has no bf16: before the fix ``tensor.numpy()`` raised a bare TypeError (fp16 worked)."""
+    from triaccel_rl.shield import check_observation
+
+    values = torch.tensor([[0.5, -2.0, 3.0]], dtype=torch.bfloat16)
+    read = check_observation(values, 3)
+    assert read.dtype == np.float32 and np.array_equal(read, values.float().numpy())
+
+
 def test_a_bare_learned_policy_refuses_a_non_finite_observation_by_feature(saved_models):
     """Without its ``.obs.json`` (no fallback) a NaN raised SB3's "Expected parameter logits ... invalid values", and
     an infinity was answered; with one, the fallback takes both (the README's documented path)."""

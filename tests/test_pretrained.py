@@ -300,7 +300,14 @@ def test_observation_stats_with_missing_fields_are_a_clear_error(tiny_policy, tm
         (json.dumps({"low": [0.0] * 2, "high": [1.0] * 2, "n_observations": 4}), "hold 2 features; this .* 43"),
         ("{'low': [0.0]}", "are not valid JSON"),
         (json.dumps({"low": [0.0] * 43, "high": [1.0] * 42, "n_observations": 4}), "got 43 and 42 values"),
-        (json.dumps({"low": ["x"], "high": [1.0], "n_observations": 4}), "hold a value of the wrong kind"),
+        (json.dumps({"low": ["x"], "high": [1.0], "n_observations": 4}), r"low \['x'\] must be a list of numbers"),
+        # Before the fix these loaded: a string's characters as features, a bool as 1, a count truncated or negative
+        (json.dumps({"low": "00", "high": "11", "n_observations": 4}), r"low '00' must be a list of numbers"),
+        (json.dumps({"low": [True], "high": [1.0], "n_observations": 4}), r"low \[True\] must be a list of numbers"),
+        (json.dumps({"low": [0.0], "high": [1.0], "n_observations": 4, "lr_scales": "12"}), r"lr_scales '12' must"),
+        (json.dumps({"low": [0.0], "high": [1.0], "n_observations": -5}), r"n_observations -5 must be a whole number"),
+        (json.dumps({"low": [0.0], "high": [1.0], "n_observations": 2.9}), r"n_observations 2\.9 must be a whole"),
+        (json.dumps({"low": [0.0], "high": [1.0], "n_observations": True}), r"n_observations True must be a whole"),
         # NaN passed "low <= high", and every observation, the range's centre too, went to the heuristic
         ('{"low": [NaN, 0.0], "high": [1.0, 1.0], "n_observations": 4}', r"feature 0 has the range \[nan, 1.0\]"),
         ('{"low": [0.0], "high": [1.0], "n_observations": 4, "lr_scales": [1.0, NaN]}', r"lr_scales \[1.0, nan\]"),

@@ -63,7 +63,10 @@ def check_observation(observation: Any, size: int) -> np.ndarray:
         ValueError: observation has shape (5,); expected (3,) or a batch (n, 3)
     """
     if isinstance(observation, torch.Tensor):  # numpy cannot read a CUDA tensor (nor one that requires grad)
-        observation = observation.detach().cpu().numpy()
+        observation = observation.detach().cpu()
+        if observation.dtype is torch.bfloat16:  # nor bf16 (a TypeError until 2026-12-06): exact in float32
+            observation = observation.float()
+        observation = observation.numpy()
     obs = np.asarray(observation)
     if obs.dtype.kind not in "biuf":
         raise ValueError(f"observation has dtype {obs.dtype}; expected numbers (float32, as the environment gives)")
@@ -609,13 +612,20 @@ class ObservationStats:
         missing = {"low", "high", "n_observations"} - set(raw)
         if missing:
             raise ValueError(f"observation stats {str(file)!r} lack {sorted(missing)}")
-        try:
-            low, high = (tuple(float(v) for v in raw[key]) for key in ("low", "high"))
-            count = int(raw["n_observations"])
-            scales = raw.get("lr_scales")
-            ladder = None if scales is None else tuple(float(s) for s in scales)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"observation stats {str(file)!r} hold a value of the wrong kind: {error}") from None
+
+        # JSON lists of numbers: float() took a string's characters ("00" as two features) and a bool as 1 (until
+        # 2026-12-06), int() truncated a fractional count and took a negative one.
+        def numbers(key: str) -> tuple[float, ...]:
+            values = raw[key]
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                raise ValueError(f"observation stats {str(file)!r}: {key} {values!r} must be a list of numbers")
+            return tuple(float(v) for v in values)
+
+        low, high = numbers("low"), numbers("high")
+        count = raw["n_observations"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"observation stats {str(file)!r}: n_observations {count!r} must be a whole number >= 1")
+        ladder = None if raw.get("lr_scales") is None else numbers("lr_scales")
         interval = raw.get("interval_steps")
         if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(
@@ -798,3 +808,8 @@ def obs_stats_path(policy_zip: str | os.PathLike[str]) -> Path:
     """
     path = Path(policy_zip)
     return (Path(os.path.realpath(path)) if path.is_symlink() else path).with_suffix(".obs.json")
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` (read from JSON) is a number: an int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
