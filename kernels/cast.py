@@ -64,6 +64,9 @@ def cast_to_low_precision(
 ) -> torch.Tensor:
     """Rounds an fp32 tensor to bf16 or fp16, bit-identical to ``x.to(dtype)`` on the same device.
 
+    (One exception, under Triton's interpreter only: a 0-dim NaN, which PyTorch's scalar path on the CPU encodes
+    otherwise than its vectorised one, ``0x7fc0`` against ``0xffff`` in bf16; the kernel follows the vectorised one.)
+
     Runs the Triton kernel on CUDA tensors or under ``TRITON_INTERPRET=1``, else the reference.
 
     Args:

@@ -109,6 +109,7 @@ class FlatParameterStore:
                 non-leaf tensor, a non-float32 or duplicated parameter, parameters sharing memory, mixed devices, or
                 ``groups`` not shaped like ``layers`` or holding a negative group.
         """
+        layers = list(layers)  # a generator of layers was used up by the first check ("layers hold no parameters")
         if not layers:
             raise ValueError("layers is empty: give one list of parameters per layer")
         if segment_align <= 0 or segment_align % PARAM_ALIGN_ELEMENTS:

@@ -303,6 +303,8 @@ class _FusedOptimizer:
         # Everything the update checks, checked before anything moves: a step refused in the update had already
         # taken the record of the parameters without a gradient, and the retry decayed them.
         self._check_step_arguments(factors, codes, inv_scale, skip)
+        if isinstance(inv_scale, torch.Tensor):  # (1, 1, 1) broadcast the CPU path's gradients to 3-D and raised there,
+            inv_scale = inv_scale.reshape(())  # after the step counts had moved (until 2026-12-06)
         if store.device.type == "cpu":  # values read without a sync: a NaN factor gave NaN weights, code 7 stale copies
             _check_step_values(factors, codes)
         stats = layer_grad_stats(
@@ -337,8 +339,8 @@ class _FusedOptimizer:
             raise ValueError(
                 f"lr_factors must be {_STEP_TENSORS['lr_factors']} on {device}; got {factors.dtype} on {factors.device}"
             )
-        integer = not codes.is_floating_point() and codes.dtype != torch.bool
-        if not integer or codes.device != device or not codes.is_contiguous():
+        # Not uint16/32/64: torch computes no comparison on them (a NotImplementedError, until 2026-12-06)
+        if codes.dtype not in _CODE_DTYPES or codes.device != device or not codes.is_contiguous():
             raise ValueError(
                 f"precision_codes must be {_STEP_TENSORS['precision_codes']} on {device}; got {codes.dtype} on "
                 f"{codes.device}"
@@ -714,9 +716,10 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
 
 
 # What :meth:`_FusedOptimizer.step` takes for its tensor arguments, as its errors say it.
+_CODE_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _STEP_TENSORS = {
     "lr_factors": "a contiguous float32 tensor",
-    "precision_codes": "a contiguous integer tensor",
+    "precision_codes": "a contiguous int8, uint8, int16, int32 or int64 tensor",
     "skip": "a one-element bool tensor",
 }
 

@@ -164,3 +164,12 @@ def test_store_refuses_a_flat_list_of_parameters_and_non_leaf_tensors():
 def test_store_refuses_parameters_on_several_devices():
     with pytest.raises(ValueError, match=r"parameters are on several devices: \['cpu', 'meta'\]"):
         FlatParameterStore([[torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.zeros(3, device="meta"))]])
+
+
+def test_a_generator_of_layers_builds_the_store_as_a_list_of_them():
+    """Before the fix the first check used the generator up, and the store said "layers hold no parameters"."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    from_list = FlatParameterStore([list(m.parameters()) for m in model.children()])
+    from_generator = FlatParameterStore(list(m.parameters()) for m in model.children())
+    assert list(from_generator.layer_numels) == list(from_list.layer_numels) == [8, 3]
+    assert torch.equal(from_generator.params, from_list.params)

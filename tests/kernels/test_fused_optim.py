@@ -293,14 +293,19 @@ BAD_STEPS: list[tuple[dict[str, Any], str]] = [
     ({"precision_codes": torch.zeros(1, dtype=torch.int32)}, r"precision_codes must .* shape \(2,\); got \(1,\)"),
     # Refused by the update once the step had begun (an AssertionError, the record of gradient-less parameters gone)
     ({"lr_factors": torch.ones(2, dtype=torch.float64)}, "lr_factors must be a contiguous float32 tensor on cpu"),
-    ({"precision_codes": torch.zeros(2)}, "precision_codes must be a contiguous integer tensor on cpu"),
+    ({"precision_codes": torch.zeros(2)}, "precision_codes must be a contiguous int8, .* or int64 tensor on cpu"),
+    # torch compares no uint16/32/64: a NotImplementedError ("ge_cpu" not implemented for 'UInt16') until 2026-12-06
+    *(
+        ({"precision_codes": torch.zeros(2, dtype=dtype)}, f"precision_codes must be .* got {dtype} on cpu")
+        for dtype in (torch.uint16, torch.uint32, torch.uint64)
+    ),
     ({"inv_scale": torch.ones((), dtype=torch.float64)}, "inv_scale must be a float or a one-element float32"),
     ({"skip": torch.zeros((), dtype=torch.int32)}, "skip must be a one-element bool tensor on cpu"),
     # Not tensors: an AttributeError ('list' object has no attribute 'shape'), or for NumPy float32 "must be a ...
     # float32 tensor; got float32"; now the type received is named.
     ({"lr_factors": [1.0, 0.5]}, "^lr_factors must be a contiguous float32 tensor on cpu; got list$"),
     ({"lr_factors": np.ones(2, dtype=np.float32)}, "^lr_factors must be .* float32 tensor on cpu; got numpy.ndarray$"),
-    ({"precision_codes": [0, 1]}, "^precision_codes must be a contiguous integer tensor on cpu; got list$"),
+    ({"precision_codes": [0, 1]}, "^precision_codes must be a contiguous int8, .* tensor on cpu; got list$"),
     ({"skip": True}, "^skip must be a one-element bool tensor on cpu; got bool$"),
 ]
 
@@ -316,6 +321,21 @@ def test_step_arguments_out_of_range_are_refused_by_name(arguments: dict[str, An
     with pytest.raises(ValueError, match=message):
         optimizer.step(**{"lr": 0.1, **arguments})
     assert torch.equal(store.params, before) and float(optimizer.step_count) == 0.0
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_one_element_inv_scale_of_any_shape_steps_as_a_float(optimizer: str) -> None:
+    """Before the fix a (1, 1, 1) ``inv_scale`` broadcast the CPU path's gradients to 3-D and raised there, after the
+    step counts had moved (a retry's AdamW bias corrections were a step ahead)."""
+    results = []
+    for inv_scale in (0.5, torch.full((1, 1, 1), 0.5)):
+        store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=66))
+        fused = _fused(optimizer, store, {})
+        fill_grads(store, torch.Generator().manual_seed(67))
+        fused.step(0.1, inv_scale=inv_scale)
+        results.append((store.params.clone(), float(fused.step_count)))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == 1.0
 
 
 def test_a_refused_step_keeps_the_record_of_the_parameters_without_a_gradient() -> None:
