@@ -1053,3 +1053,12 @@ def test_the_progress_bar_gives_each_run_its_share_and_takes_a_bar_without_total
     with tqdm(total=total) as bar:
         real("synthetic", "fp32", 0, epochs=0.013, config=config, eval_every=2, progress=bar)
         assert bar.n == pytest.approx(0.013, abs=1e-12)
+
+
+def test_an_epoch_budget_over_no_training_samples_is_refused_by_name():
+    """A task whose probe batch holds every sample: ``check_epoch_budget`` raised a ZeroDivisionError in its message."""
+    from triaccel_rl.compare import check_epoch_budget
+
+    with pytest.raises(ValueError, match=r"the task has 0 training samples \(those the probe batch leaves\)"):
+        check_epoch_budget(0.5, 0)
+    check_epoch_budget(0.5, 2)  # one sample: enough
