@@ -57,6 +57,8 @@ FREED_TOLERANCE_BYTES = 1 << 20
 """How far the bytes allocated after a measured pass may fall below the previous reading before ``MemoryModel``
 takes the pass to have freed memory allocated before it (and leaves its peak out): 1 MiB, well above the few bytes
 a training loop's scalars move between steps."""
+ALLOCATOR_ROUNDING_BYTES = 512
+"""The CUDA caching allocator's block size: peaks that differ by no more were not told apart by a measurement."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,11 @@ class DeviceMemory:
 
     @property
     def available_bytes(self) -> int:
-        """What this process could hold at most right now: its live tensors plus the free memory."""
+        """Its live tensors plus the device's free memory: what this process could hold right now.
+
+        But for the blocks its allocator caches and cannot hand back (``reserved_bytes - allocated_bytes``, after
+        ``empty_cache()`` the fragmented ones), which it may or may not fit in.
+        """
         return self.allocated_bytes + self.free_bytes
 
 
@@ -204,6 +210,8 @@ def check_budget(budget_bytes: int, fixed_bytes: int, one_sample_bytes: int) -> 
         fixed_bytes: predicted memory independent of the batch (weights, gradients, optimizer state).
         one_sample_bytes: predicted peak of a step on a single sample.
     """
+    if not _count(budget_bytes, 0):  # NaN passed both comparisons below (until 2026-12-06)
+        raise ConfigError(f"memory budget {budget_bytes!r} must be a whole number of bytes >= 0")
     if budget_bytes < fixed_bytes:
         raise ConfigError(
             f"memory budget {budget_bytes} bytes is below the model's fixed {fixed_bytes} bytes (weights, "
@@ -342,6 +350,7 @@ class MemoryModel:
         self._with_allocation = with_allocation
         if allocated_bytes is not None:
             freed_during = self._base_bytes is not None and allocated_bytes < self._now_bytes - FREED_TOLERANCE_BYTES
+            allocated_bytes = int(allocated_bytes)  # 6000.0 is taken: stored as a float, predictions came out floats
             if self._base_bytes is None:
                 self._base_bytes = allocated_bytes
             self._now_bytes = allocated_bytes
@@ -373,6 +382,7 @@ class MemoryModel:
         of :class:`Precision` members equal to the last one checked is not checked again (the Controller observes every
         step, mostly under one map); any other entry is, every time (``False`` or ``0.4`` made the key of fp32's map).
         """
+        precisions = list(precisions)  # read twice below: a generator was used up by the key, and checked empty
         try:
             key = _key(precisions)
         except (TypeError, ValueError):
@@ -464,10 +474,14 @@ class MemoryModel:
     def _own_line(self, key: tuple[int, ...]) -> MemoryFit:
         """The least-squares line through ``key``'s points (two sizes or more).
 
-        Where its slope is not positive, the least-squares line of the accounting's slope instead.
+        Where its slope is not positive, or rises by no more than the allocator's rounding
+        (``ALLOCATOR_ROUNDING_BYTES``) across the measured sizes, the least-squares line of the accounting's slope.
         """
-        fitted = _fit_line(self._peaks[key], slope=None)
-        if fitted.bytes_per_sample > 0:
+        points = self._peaks[key]
+        fitted = _fit_line(points, slope=None)
+        # Flat within the allocator's rounding: a slope of a byte a sample (peaks one byte apart) predicted batch
+        # 100000 at 10 MB where the accounting said 244 MB, and every batch fit (until 2026-12-06)
+        if fitted.bytes_per_sample * (max(points) - min(points)) > ALLOCATOR_ROUNDING_BYTES:
             return fitted
         accounted = self.costs.per_sample_bytes(_precisions(key), self.profile)
         return _fit_line(self._peaks[key], slope=self._positive(accounted, key))

@@ -13,6 +13,7 @@ from triaccel_rl.config import ConfigError, HardwareProfile, MemoryBudget
 from triaccel_rl.controller import Controller
 from triaccel_rl.costs import CostModel
 from triaccel_rl.memory import (
+    ALLOCATOR_ROUNDING_BYTES,
     MemoryFit,
     MemoryModel,
     allocated_bytes,
@@ -249,15 +250,15 @@ def test_memory_that_stays_allocated_moves_the_baseline_not_the_slope() -> None:
     steepened the line; read as allocated bytes, it shifts every prediction by its size and no more."""
     model, fp32 = _linear_model()
     model.observe(64, fp32, 1_100, allocated_bytes=1_000)  # 100 above the 1,000 allocated
-    model.observe(256, fp32, 1_300, allocated_bytes=1_000)  # 300 above: 200 bytes per 192 samples
+    model.observe(256, fp32, 2_100, allocated_bytes=1_000)  # 1,100 above: 1,000 bytes per 192 samples
     line = model.fit(fp32)
-    assert model.predict(1024, fp32) == 1_100 + (1024 - 64) * 200 // 192 and model.baseline_shift_bytes == 0
+    assert model.predict(1024, fp32) == 1_100 + (1024 - 64) * 1_000 // 192 and model.baseline_shift_bytes == 0
     model.rebase(1_500)  # a graph's pool of 500
     assert model.baseline_shift_bytes == 500
-    assert model.predict(1024, fp32) == 1_500 + 100 + (1024 - 64) * 200 // 192
-    model.observe(256, fp32, 1_800, allocated_bytes=1_500)  # the same batch's need, on the higher baseline
+    assert model.predict(1024, fp32) == 1_500 + 100 + (1024 - 64) * 1_000 // 192
+    model.observe(256, fp32, 2_600, allocated_bytes=1_500)  # the same batch's need, on the higher baseline
     assert model.fit(fp32) == line  # the line is unchanged
-    assert model.max_batch_size(500 + 1_300, fp32, limit=10_000) == 256  # budgets see the shift
+    assert model.max_batch_size(500 + 2_100, fp32, limit=10_000) == 256  # budgets see the shift
 
 
 def test_a_pass_that_freed_memory_allocated_before_it_is_not_a_point() -> None:
@@ -335,8 +336,21 @@ def test_a_flat_or_falling_fit_takes_the_accountings_slope_and_still_bounds_ever
 def test_a_rising_fit_keeps_its_own_slope() -> None:
     model, fp32 = _linear_model()
     model.observe(8, fp32, 10_000)
-    model.observe(16, fp32, 10_008)  # 1 byte per sample: less than the accounting, but measured
-    assert model.fit(fp32) == MemoryFit(10_000 - 8, 1.0, 0.0, 2)
+    model.observe(16, fp32, 10_800)  # 100 bytes per sample, measured: kept whatever the accounting says
+    assert model.fit(fp32) == MemoryFit(10_000 - 800, 100.0, 0.0, 2)
+
+
+@pytest.mark.parametrize("rise", [1, 8, 512])
+def test_a_fit_rising_by_no_more_than_the_allocators_rounding_takes_the_accountings_slope(rise: int) -> None:
+    """Before the fix a fit one byte from flat kept its slope: peaks one byte apart at 16 and 64 predicted batch
+    100000 at 10 MB where the accounting said 244 MB, and every batch fit; one allocator block apart, nearly so."""
+    model, fp32 = _linear_model()
+    accounted = model.costs.per_sample_bytes(fp32, HardwareProfile.load())
+    model.observe(16, fp32, 10_000)
+    model.observe(64, fp32, 10_000 + rise)
+    assert model.fit(fp32).bytes_per_sample == accounted
+    model.observe(64, fp32, 10_000 + ALLOCATOR_ROUNDING_BYTES + 1)  # the highest reading at a size is its point
+    assert model.fit(fp32).bytes_per_sample == (ALLOCATOR_ROUNDING_BYTES + 1) / 48
 
 
 def test_every_point_at_one_batch_size_is_one_point_through_the_highest() -> None:
@@ -395,6 +409,26 @@ def test_readings_and_maps_the_model_cannot_use_are_refused_before_they_are_stor
             model.rebase(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="budget_bytes=nan must be a number of bytes"):
         model.max_batch_size(math.nan, fp32, 100)
+
+
+def test_a_generator_of_precisions_is_checked_as_a_list_and_a_float_reading_stored_as_a_whole_number() -> None:
+    """Before the fix a generator's map was used up by its key and checked empty: (7, 7) was stored, became the
+    reference map, and every later prediction raised "7 is not a valid Precision". A reading of 6000.0 bytes (taken)
+    was stored as a float: predictions came out as floats."""
+    model, fp32 = _linear_model()
+    with pytest.raises(ValueError, match=r"must be one precision code"):
+        model.observe(8, (code for code in [7, 7]), 10_000)  # type: ignore[arg-type]
+    assert model.n_measurements == 0
+    model.observe(8, (p for p in fp32), 10_100.0, allocated_bytes=6_000.0)  # type: ignore[arg-type]
+    prediction = model.predict(8, fp32)
+    assert type(prediction) is int and prediction == 10_100
+
+
+def test_check_budget_refuses_a_budget_that_is_not_a_whole_number_of_bytes() -> None:
+    """NaN passed both comparisons: no error."""
+    for bad in (math.nan, math.inf, 2.5, -1):
+        with pytest.raises(ConfigError, match=rf"memory budget {bad!r} must be a whole number of bytes >= 0"):
+            check_budget(bad, fixed_bytes=60, one_sample_bytes=100)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("sizes", [(64,), (64, 128)], ids=["one-size", "flat-fit"])
