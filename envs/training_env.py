@@ -229,8 +229,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         )
         self._cuda_devices = cuda
-        # TrainingRun seeds the process's torch RNGs (torch.manual_seed) for the model's initial weights: put the
-        # caller's back, so that a reset does not choose what the user's (or SB3's) next random draws are.
+        # TrainingRun seeds the torch RNGs it draws from (the CPU's, and on a GPU its device's) for the model's initial
+        # weights: put the caller's back, so that a reset does not choose what the user's (or SB3's) next draws are.
         with torch.random.fork_rng(devices=cuda):
             run = TrainingRun(
                 task,

@@ -537,6 +537,23 @@ def test_reset_and_step_leave_the_global_torch_rng_alone():
         assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_cpu_environment_leaves_the_cuda_generators_alone(monkeypatch):
+    """Before the fix ``reset`` on ``device="cpu"`` seeded every CUDA device's generator with its run seed (the run's
+    ``torch.manual_seed``, queued for CUDA's start on a machine where it had not started) and put none back: the fork
+    around the run covers the run's device only. A spy counts the seedings (no GPU needed)."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("manual_seed_all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("manual_seed", seed)))
+    env = small_env(device="cpu")
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        env.step(np.array([1, 1, 1, 1, 2, 1]))
+    env.close()
+    assert calls == []
+
+
 def _dropout_mlp():
     from torch import nn
 

@@ -7,11 +7,12 @@ import torch
 
 from triaccel_rl.config import ConfigError, MemoryBudget
 from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS, get_task, task_names
-from triaccel_rl.training import TrainingRun
+from triaccel_rl.training import TrainingRun, evaluate_accuracy, probe_count, schedule_gain
 from triaccel_rl.types import Precision
 
 SMALL = {"n_train": 2048, "n_test": 256}
 BENCHMARK_TASKS = sorted(set(task_names()) - {*TRAINING_TASKS, *HELD_OUT_TASKS, *FRESH_HELD_OUT_TASKS})
+_LINEAR = torch.nn.Linear(3, 2)  # a model for evaluate_accuracy's argument checks
 
 
 def test_task_suite_split():
@@ -173,6 +174,23 @@ def test_cuda_device_without_gpu_is_a_clear_error(monkeypatch):
         TrainingRun("synthetic", device="cuda")
     with pytest.raises(ValueError, match=r"device='gpu0' is not a device: use cpu, cuda or cuda:N$"):
         TrainingRun("synthetic", device="gpu0")
+
+
+def test_a_cuda_index_the_machine_does_not_have_is_refused_with_the_ones_it_has(monkeypatch):
+    """Before the fix ``cuda:3`` on a one-GPU machine passed ``resolve_device`` and failed at the run's first
+    ``.to(device)`` with torch's "invalid device ordinal" (emulated: CUDA stubbed to one GPU, then four)."""
+    from triaccel_rl.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda")  # the current device: not an index to check
+    with pytest.raises(ValueError, match=r"^device='cuda:3' asked for, but this machine's CUDA GPUs are cuda:0$"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match=r"^device='cuda:4' asked for, .* are cuda:0 to cuda:3$"):
+        TrainingRun("synthetic", device="cuda:4")
 
 
 def test_budget_below_model_state_is_rejected():
@@ -396,13 +414,16 @@ def test_a_buffer_the_forward_rebinds_is_put_back_after_an_oom_retry_and_an_aban
         ({"fault": 3}, TypeError, r"fault=3 must be a callable"),
         ({"seed": 2**64}, ValueError, r"TrainingRun: seed=18446744073709551616 must be a whole number"),
         ({"seed": True}, ValueError, r"TrainingRun: seed=True must be a whole number"),
+        ({"task": 5}, TypeError, r"^task=5 must be a Task or a registered task name"),
+        ({"task": None}, TypeError, r"^task=None must be a Task or a registered task name"),
     ],
 )
 def test_bad_constructor_arguments_are_refused_by_name(kwargs, error, message):
-    """Taken silently ("no" as True, True as a 1-epoch schedule), or failing later with errors naming no argument."""
+    """Taken silently ("no" as True, True as a 1-epoch schedule), or failing later with errors naming no argument
+    (``task=5``: "'int' object has no attribute 'build_model'", after the process's RNG had been seeded)."""
     state = torch.random.get_rng_state()
     with pytest.raises(error, match=message):
-        TrainingRun("synthetic", device="cpu", **kwargs)
+        TrainingRun(**{"task": "synthetic", "device": "cpu", **kwargs})
     assert torch.equal(torch.random.get_rng_state(), state)  # refused before the RNG was seeded
 
 
@@ -466,3 +487,115 @@ def test_interval_timer_records_on_the_runs_device_not_the_current_one(monkeypat
     timer = IntervalTimer(torch.device("cuda", 1))
     timer.start()
     assert timer.stop() == 1.5 and recorded == ["cuda:1", "cuda:1"]
+
+
+def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
+    """Before the fix ``trial_peak_bytes(-5)`` ran a forward and backward over all but 5 training samples (``x[:-5]``)
+    before the memory model refused the size, ``fits_in_budget(-5)`` answered False where that pass ran out of memory,
+    and ``calibrate_memory`` failed on ``[]`` in ``min()`` and on ``[2.5]`` in a slice, naming no argument. The GPU's
+    measured path on a CPU: the allocator's calls stubbed."""
+    import triaccel_rl.training as training
+
+    run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu")
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
+    monkeypatch.setattr(training, "release_memory", lambda device: None)
+    passes = []
+    monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: passes.append(n))
+    for query in (run.trial_peak_bytes, run.fits_in_budget):
+        for bad in (-5, 0, 2.5, True):
+            with pytest.raises(ValueError, match=rf"^batch_size={bad!r} must be a whole number >= 1$"):
+                query(bad)
+    for sizes, message in (
+        ([-3], r"^sizes\[0\]=-3 must be a whole number >= 1$"),
+        ([16, 2.5], r"^sizes\[1\]=2\.5 must be a whole number >= 1$"),
+        ([], r"^sizes=\[\] must hold at least one micro-batch size"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run.calibrate_memory(sizes)
+    with pytest.raises(TypeError, match=r"^sizes=16 must be a sequence of whole numbers >= 1, or None$"):
+        run.calibrate_memory(16)
+    assert passes == []  # not one pass ran
+    assert run.trial_peak_bytes(np.int64(8)) == 50_000 + run._unallocated_state_bytes() and passes == [8]
+    run.calibrate_memory([4, 16])
+    assert passes == [8, 4, 4, 16]  # an unmeasured pass at the smallest size first
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: schedule_gain(10.0, 10.0, 1.0), r"^warmup_frac=1\.0 must be a number in \[0, 1\)$"),
+        (lambda: schedule_gain(5.0, 10.0, -0.5), r"^warmup_frac=-0\.5 must be a number in \[0, 1\)$"),
+        (lambda: schedule_gain(5.0, 0.0, 0.2), r"^schedule_epochs=0\.0 must be a finite number > 0$"),
+        (lambda: schedule_gain(5.0, -10.0, 0.2), r"^schedule_epochs=-10\.0 must be a finite number > 0$"),
+        (lambda: schedule_gain(5.0, math.inf, 0.2), r"^schedule_epochs=inf must be a finite number > 0$"),
+        (lambda: schedule_gain(math.nan, 10.0, 0.2), r"^epoch=nan must be a finite number >= 0$"),
+        (lambda: schedule_gain(-1.0, 10.0, 0.2), r"^epoch=-1\.0 must be a finite number >= 0$"),
+        (lambda: probe_count(1), r"^n_train=1 must be a whole number >= 2: the probe holds out at least one sample"),
+        (lambda: probe_count(0), r"^n_train=0 must be a whole number >= 2"),
+        (lambda: probe_count(100.0), r"^n_train=100\.0 must be a whole number >= 2"),
+        (lambda: probe_count(100, -5), r"^n_probe=-5 must be a whole number >= 1"),
+        (lambda: probe_count(100, 2.5), r"^n_probe=2\.5 must be a whole number >= 1"),
+        (lambda: evaluate_accuracy(_LINEAR, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), r"^len\(x\)=0 and"),
+        (lambda: evaluate_accuracy(_LINEAR, torch.randn(4, 3), torch.zeros(8, dtype=torch.long)), r"^len\(x\)=4 and"),
+        (lambda: evaluate_accuracy(_LINEAR, torch.randn(8, 3), torch.zeros(4, dtype=torch.long)), r"len\(y\)=4 must"),
+    ],
+)
+def test_the_public_helpers_refuse_bad_input_by_name(call, message):
+    """Before the fix they took it or failed bare: ``schedule_gain`` divided by zero (``warmup_frac=1``,
+    ``schedule_epochs=0``), gave 0.02 for a negative schedule, a warm-up gain past the warm-up for 1.5 and NaN for a
+    NaN epoch; ``probe_count(1)`` held out the only sample, ``n_probe=-5`` was 1 and 2.5 returned 2.5;
+    ``evaluate_accuracy`` divided by zero on no sample and scored 4 inputs against the first 4 of 8 labels."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_public_helpers_keep_their_values_on_good_input():
+    """The checks change no value their callers (``TrainingRun``, ``run_plain``, ``compare``) pass."""
+    assert [round(schedule_gain(e, 10.0, 0.2), 3) for e in (0.0, 1.0, 2.0, 6.0, 10.0, 12.0)] == [
+        0.02, 0.5, 1.0, 0.5, 0.0, 0.0
+    ]  # fmt: skip
+    assert schedule_gain(np.float64(0.0), 4, 0.0) == 1.0  # no warm-up; NumPy's numbers and whole ones taken
+    assert [probe_count(n) for n in (2, 15, 16, 1024, 60_000)] == [1, 1, 2, 128, 512]
+    assert probe_count(np.int64(4096), np.int64(64)) == 64
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    assert evaluate_accuracy(model, x, model(x).argmax(1)) == 1.0
+
+
+def test_a_cpu_run_seeds_the_cpu_generator_as_before_and_no_cuda_generator(monkeypatch):
+    """Before the fix ``torch.manual_seed`` seeded every CUDA device's generator too (queued for CUDA's start on a
+    machine where it had not started), so a CPU run, or the environment's reset, re-seeded CUDA streams its caller
+    owned. The CPU's is seeded as before: the same initial weights as ``torch.manual_seed(seed)`` gave."""
+    import triaccel_rl.training as training
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("manual_seed_all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("manual_seed", seed)))
+    run = TrainingRun("synthetic", seed=7, device="cpu")
+    assert calls == []
+    with torch.random.fork_rng():
+        torch.manual_seed(7)  # as the run seeded before the fix (calls the spy)
+        reference = get_task("synthetic").build_model()
+    calls.clear()
+    for a, b in zip(run.model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    class Generator:  # on a GPU: the run's own device's generator alone (emulated)
+        def __init__(self):
+            self.seeds = []
+
+        def manual_seed(self, seed):
+            self.seeds.append(seed)
+
+    generators = (Generator(), Generator())
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    with torch.random.fork_rng():
+        training._seed_run_generators(3, torch.device("cuda", 1))
+        training._seed_run_generators(4, torch.device("cuda"))  # the current device
+        assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(4).get_state())
+    assert [g.seeds for g in generators] == [[4], [3]] and calls == []

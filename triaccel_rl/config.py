@@ -621,7 +621,9 @@ class ElasticConfig:
             the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed, but the budget
             keeps room in ``fill_frac`` of it for ``m // 2`` (at least one sample): where the weights and optimizer
             state outweigh a micro-batch's activations, ``fill_frac × factor`` of what failed is less than they
-            alone need, and every later step ran one-sample micro-batches. The budget is never raised.
+            alone need, and every later step ran one-sample micro-batches. And below the budget that still plans
+            ``m``: with ``fill_frac × factor = 1`` every later step planned ``m`` again, and failed at it. The budget
+            is never raised.
         max_oom_retries: out-of-memory errors tolerated within one step before it gives up.
 
     Example:

@@ -63,13 +63,25 @@ _NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (fo
 def probe_count(n_train: int, n_probe: int = 512) -> int:
     """The samples a run holds out from the end of ``n_train`` training samples for its probe loss.
 
-    ``n_probe``, but at most an eighth of the data and at least one sample; the run trains on the rest.
+    ``n_probe``, but at most an eighth of the data and at least one sample; the run trains on the rest, at least
+    one sample too (so ``n_train`` is at least 2).
 
     Example:
-        >>> probe_count(60_000), probe_count(4096), probe_count(1024)
-        (512, 512, 128)
+        >>> probe_count(60_000), probe_count(4096), probe_count(1024), probe_count(2)
+        (512, 512, 128, 1)
+
+    Raises:
+        ValueError: ``n_train`` is not a whole number >= 2, or ``n_probe`` not one >= 1.
     """
-    return max(1, min(n_probe, n_train // 8))
+    # n_train=1 held out its only sample (and 0 one it did not have), n_probe=-5 was taken as 1 and 2.5 returned.
+    if not is_whole(n_train) or n_train < 2:
+        raise ValueError(
+            f"n_train={n_train!r} must be a whole number >= 2: the probe holds out at least one sample and the run "
+            "trains on the rest"
+        )
+    if not is_whole(n_probe) or n_probe < 1:
+        raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
+    return max(1, min(int(n_probe), int(n_train) // 8))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -77,7 +89,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     Raises:
         ValueError: a device string torch does not know, a device type other than CPU and CUDA (the controller
-            supports those), or a CUDA device asked for on a machine without one.
+            supports those), or a CUDA device asked for on a machine without one, or an index it does not have.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +101,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device={str(device)!r} is not supported: use cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} asked for, but this machine has no CUDA GPU; use 'cpu'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        # cuda:3 on a one-GPU machine passed here and failed at the run's first .to(device), with torch's "invalid
+        # device ordinal", after compare had started its rows.
+        count = torch.cuda.device_count()
+        there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(f"device={str(device)!r} asked for, but this machine's CUDA GPUs are {there}")
     return resolved
 
 
@@ -183,8 +201,9 @@ class TrainingRun:
     Args:
         task: a ``Task`` or its registered name.
         seed: seeds the model's initialisation and the data order, a whole number in [0, 2**63 - 20001]. The
-            process's torch RNGs are seeded with it (``torch.manual_seed``) and the run's later draws
-            (augmentation, dropout) come from them: build runs one after another, or give each its process.
+            process's torch RNGs the run draws from are seeded with it: the CPU's default generator and, on a GPU,
+            the run's own device's (no other device's), and the run's later draws (augmentation, dropout) come from
+            them: build runs one after another, or give each its process.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for CUDA when available.
         batch_size: starting effective batch size; the task's ``base_batch_size`` by default.
         memory: the memory budget (accounting on CPU, the allocator on GPU).
@@ -238,8 +257,10 @@ class TrainingRun:
         warmup_frac: float = 0.15,
         cuda_graphs: bool | None = None,
     ) -> None:
+        if not isinstance(task, (Task, str)):  # 5 failed at build_model, after the process's RNG had been seeded
+            raise TypeError(f"task={task!r} must be a Task or a registered task name, e.g. 'synthetic'")
         self.task = get_task(task) if isinstance(task, str) else task
-        self.seed = check_seed("TrainingRun", seed)  # before torch.manual_seed, whose overflow named no argument
+        self.seed = check_seed("TrainingRun", seed)  # before the seeding, whose overflow named no argument
         self.device = resolve_device(device)
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = HardwareProfile.resolve(profile)
@@ -280,8 +301,11 @@ class TrainingRun:
         self.warmup_frac = warmup_frac
         self.channels_last = bool(channels_last)
         # The process's torch RNGs are seeded here (the model's initial weights) and the run's draws (augmentation,
-        # dropout) come from them after: a second run built between two steps of this one changes its draws.
-        torch.manual_seed(self.seed)
+        # dropout) come from them after: a second run built between two steps of this one changes its draws. Only the
+        # generators the run draws from: torch.manual_seed also seeded every CUDA device's (queued for CUDA's start
+        # where it had not started), which a CPU run, or the environment's reset that forks only the run's device,
+        # left seeded behind its caller. The CPU's is seeded as torch.manual_seed seeded it: the same runs.
+        _seed_run_generators(self.seed, self.device)
         self.model: nn.Module = self.task.build_model().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -845,7 +869,11 @@ class TrainingRun:
         consumed, batch-norm statistics untouched) whose allocator peak is compared with the budget (an
         out-of-memory error counts as not fitting); the peak also feeds the memory model. Elsewhere it is the
         memory model's prediction.
+
+        Raises:
+            ValueError: ``batch_size`` is not a whole number >= 1 (checked before any trial pass).
         """
+        batch_size = _samples("batch_size", batch_size, least=1)
         if not self.measures_memory:
             return self.predicted_memory_bytes(batch_size) <= self.memory_budget_bytes
         peak = self.trial_peak_bytes(batch_size)
@@ -855,9 +883,21 @@ class TrainingRun:
         """Fits the memory model to allocator peaks of trial steps at a few micro-batch sizes (GPU only).
 
         Args:
-            sizes: the micro-batch sizes to try; by default ``s // 4`` and ``s``, where ``s`` is the
-                current batch, at most what the accounting predicts to fill half the budget.
+            sizes: the micro-batch sizes to try, whole numbers >= 1 (at least one); by default ``s // 4`` and ``s``,
+                where ``s`` is the current batch, at most what the accounting predicts to fill half the budget.
+
+        Raises:
+            ValueError: ``sizes`` is empty or holds a size that is not a whole number >= 1 (checked on every
+                device, before any pass).
         """
+        if sizes is not None:
+            # -3 ran passes over all but 3 samples before the memory model refused it; [] failed in min(), 2.5 in a
+            # slice: each named no argument.
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, np.ndarray)):
+                raise TypeError(f"sizes={sizes!r} must be a sequence of whole numbers >= 1, or None")
+            if not sizes:
+                raise ValueError(f"sizes={sizes!r} must hold at least one micro-batch size (or be None: the defaults)")
+            sizes = [_samples(f"sizes[{index}]", size, least=1) for index, size in enumerate(sizes)]
         if not self.measures_memory:
             return
         if sizes is None:
@@ -1062,8 +1102,12 @@ class TrainingRun:
         # factor x what failed, but not so low that planning (on fill_frac of the budget) has no room for half of it:
         # where the weights and optimizer state outweigh a micro-batch's activations, fill_frac of the lowered budget
         # held less than they do, and every later step ran micro-batches of one sample.
+        # And below the least budget that still plans the size that failed: with fill_frac × factor = 1 (fill_frac=1,
+        # the default factor) the lowered budget planned it again, and every later step failed at it (until
+        # 2026-12-06).
+        failed_need = self.predicted_memory_bytes(micro)
         lowered = max(
-            int(self.elastic.oom_budget_factor * self.predicted_memory_bytes(micro)),
+            min(int(self.elastic.oom_budget_factor * failed_need), self._budget_holding(failed_need) - 1),
             self._budget_holding(self.predicted_memory_bytes(retry)),
         )
         if self.device.type == "cuda":  # the device is shared: we can hold at most ours + what is free
@@ -1095,8 +1139,12 @@ class TrainingRun:
         accounted size is added.
 
         Raises:
-            ValueError: memory is not measured here (a CPU, or profile cost mode).
+            ValueError: ``batch_size`` is not a whole number >= 1, or memory is not measured here (a CPU, or profile
+                cost mode).
         """
+        # Checked before any pass: -5 ran one over all but 5 training samples (x[:-5]) before the memory model
+        # refused the size, and where that pass ran out of memory fits_in_budget(-5) answered False.
+        batch_size = _samples("batch_size", batch_size, least=1)
         if not self.measures_memory:
             raise ValueError(
                 f"trial_peak_bytes needs a CUDA device in measured cost mode; this run is on {self.device}"
@@ -1180,12 +1228,29 @@ class TrainingRun:
 def schedule_gain(epoch: float, schedule_epochs: float, warmup_frac: float) -> float:
     """The LR schedule's multiplier at ``epoch`` of ``schedule_epochs``: linear warm-up, then linear decay to 0.
 
-    The warm-up covers the first ``warmup_frac`` of the budget and starts at 2% of the LR, not zero.
+    The warm-up covers the first ``warmup_frac`` of the budget and starts at 2% of the LR, not zero; past the budget
+    the gain stays 0.
+
+    Args:
+        epoch: epochs trained, a finite number >= 0.
+        schedule_epochs: the schedule's length in epochs, a finite number > 0.
+        warmup_frac: share of ``schedule_epochs`` spent warming up, in [0, 1).
 
     Example:
         >>> [round(schedule_gain(e, 10.0, 0.2), 3) for e in (0.0, 1.0, 2.0, 6.0, 10.0)]
         [0.02, 0.5, 1.0, 0.5, 0.0]
+
+    Raises:
+        ValueError: an argument out of its range, or not a number.
     """
+    # Each failed bare or went through: warmup_frac=1 and schedule_epochs=0 divided by zero, a negative schedule gave
+    # 0.02, warmup_frac=1.5 a gain from the warm-up past its end, and a NaN epoch a NaN LR.
+    if not (is_real(epoch) and math.isfinite(epoch) and epoch >= 0):
+        raise ValueError(f"epoch={epoch!r} must be a finite number >= 0")
+    if not (is_real(schedule_epochs) and math.isfinite(schedule_epochs) and schedule_epochs > 0):
+        raise ValueError(f"schedule_epochs={schedule_epochs!r} must be a finite number > 0")
+    if not (is_real(warmup_frac) and 0.0 <= warmup_frac < 1.0):
+        raise ValueError(f"warmup_frac={warmup_frac!r} must be a number in [0, 1)")
     progress = min(epoch / schedule_epochs, 1.0)
     if progress < warmup_frac:
         return max(progress / warmup_frac, 0.02)
@@ -1197,10 +1262,17 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_sa
     """Top-1 accuracy of ``model`` on ``(x, y)`` in [0, 1]: fp32, eval mode, batches of 1024.
 
     Leaves the model in eval mode (training steps put it back in train mode).
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in length or hold no sample, or ``max_samples`` is not a whole number >= 1.
     """
     whole = isinstance(max_samples, (int, np.integer)) and not isinstance(max_samples, bool)
     if max_samples is not None and not (whole and max_samples >= 1):  # 0 divided by zero, -5 gave -0.0
         raise ValueError(f"max_samples={max_samples!r} must be a whole number >= 1 (or None: all)")
+    # No sample divided by zero; 4 inputs against 8 labels were scored on the first 4 labels, 8 against 4 failed in
+    # the comparison with a shape error naming neither.
+    if len(x) != len(y) or len(x) < 1:
+        raise ValueError(f"len(x)={len(x)} and len(y)={len(y)} must be equal and at least 1 (the samples scored)")
     model.eval()
     n = len(x) if max_samples is None else min(max_samples, len(x))
     correct = 0
@@ -1238,6 +1310,17 @@ def _samples(name: str, value: object, least: int) -> int:
     if not is_whole(value) or int(value) < least:  # type: ignore[call-overload]
         raise ValueError(f"{name}={value!r} must be a whole number >= {least}")
     return int(value)  # type: ignore[call-overload]
+
+
+def _seed_run_generators(seed: int, device: torch.device) -> None:
+    """Seeds the CPU's default generator and, for a CUDA ``device``, that device's (``torch.manual_seed`` did all)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        # Started now: torch.cuda.manual_seed before CUDA's start is queued, and then seeds whichever device is
+        # current when CUDA starts, not necessarily the run's.
+        torch.cuda.init()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def _first_line(error: BaseException) -> str:

@@ -192,6 +192,26 @@ def test_the_budget_after_an_oom_holds_half_the_micro_batch_to_the_byte() -> Non
     assert run.last_micro_batches == [32, 32]
 
 
+def test_with_fill_frac_1_no_step_after_an_oom_plans_the_size_that_failed_again() -> None:
+    """``fill_frac=1`` and the default ``oom_budget_factor=1``: the lowered budget was exactly what the failed
+    micro-batch was predicted to need, planning took all of it, and every later step ran out of memory at that size
+    again (at 32, 32, 32, ...). Now each budget plans less than the size that failed: the failing sizes fall, as with
+    fill_frac 0.9 (by fill_frac × factor of the memory that failed: here by one sample a step, as documented)."""
+    failed: list[int] = []
+
+    def fault(point: FaultPoint) -> None:
+        if point.micro_batch_size > 20:
+            failed.append(point.micro_batch_size)
+            inject_oom(lambda _: True)(point)
+
+    run = TrainingRun(small_task(), seed=0, device="cpu", fault=fault, elastic=ElasticConfig(fill_frac=1.0))
+    for _ in range(5):
+        run.step()
+    assert failed == [64, 32, 31, 30, 29, 28]
+    for event in run.oom_log:  # each lowered budget plans less than the size that failed
+        assert event.budget_after_bytes < run.predicted_memory_bytes(event.micro_batch_size)
+
+
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
     before = parameters_of(run)

@@ -1055,6 +1055,60 @@ def test_next_run_of_the_same_model_starts_with_the_measured_costs(monkeypatch: 
     assert collector_module._ROUND_COSTS[key] == (admitted.plan, admitted.cost)  # then replaced by the measurement
 
 
+def test_a_profile_mode_run_has_its_warm_up_round_whatever_the_process_warmed_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the fix a round shape was marked warmed up after any CUDA run's warm-up, profile cost mode included, and
+    a later same-seed run in the process skipped its warm-up round: one round fewer folded, other sub-batches and
+    probes drawn from the seeded generators, other signals (another episode for the seed). No GPU here: the mark is
+    set by hand, as such a run left it."""
+    from triaccel_rl.signals import collector as collector_module
+    from triaccel_rl.signals.collector import _warmup_key
+
+    monkeypatch.setattr(collector_module, "_WARMED_UP", set())
+    monkeypatch.setattr(collector_module, "_ROUND_COSTS", {})
+
+    def run() -> tuple[SignalCollector, Signals]:
+        collector = modelled_collector(SignalConfig())
+        for _ in range(20):
+            collector.observe(fake_stats(2))
+        assert collector.maybe_estimate(progress=0.001) is not None
+        return collector, snapshot(collector)
+
+    first, signals = run()
+    assert first.warmup_ms > 0 and first.source is not None
+    assert collector_module._WARMED_UP == set()  # profile mode marks nothing
+    key = _warmup_key(RoundPlan(2, 1), first.source, first.config)
+    collector_module._WARMED_UP.add(key)  # what a profile-mode run on a GPU left before the fix
+    second, again = run()
+    assert second.warmup_ms > 0  # the warm-up ran again
+    np.testing.assert_array_equal(again.curvature, signals.curvature)
+    assert (again.noise_scale, again.extra["rounds"]) == (signals.noise_scale, signals.extra["rounds"])
+
+
+def test_a_measured_gpu_run_marks_its_round_shape_and_the_next_run_skips_the_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the costs are measured on a GPU and shared (``_caches_round_costs``), and only there, the one-time costs
+    are paid once per process: the warm-up marks the round shape and a later run of the model skips it."""
+    from triaccel_rl.signals import collector as collector_module
+    from triaccel_rl.signals.collector import _warmup_key
+
+    monkeypatch.setattr(collector_module, "_caches_round_costs", lambda source: True)  # the GPU path on a CPU
+    monkeypatch.setattr(collector_module, "_WARMED_UP", set())
+    monkeypatch.setattr(collector_module, "_ROUND_COSTS", {})
+    torch.manual_seed(0)
+    model = WithUnused()
+    first, source = mlp_collector(model, model.layers()[:2], SignalConfig())
+    first.observe(fake_stats(2))
+    report = first.maybe_estimate()
+    assert report is not None and first.warmup_ms > 0
+    assert collector_module._WARMED_UP == {_warmup_key(report.plan, source, first.config)}
+    second, _ = mlp_collector(model, model.layers()[:2], SignalConfig())
+    second.observe(fake_stats(2))
+    assert second.maybe_estimate() is not None and second.warmup_ms == 0.0
+
+
 @pytest.mark.parametrize(("n_samples", "n_micro"), [(5, 2), (3, 3)])
 def test_a_round_smaller_than_asked_is_charged_at_its_own_size(n_samples: int, n_micro: int) -> None:
     """A source with fewer samples than the plan's micro-batches runs fewer micro-batches, of two samples (one each

@@ -239,3 +239,22 @@ def test_unset_sub_budgets_are_derived_from_the_final_values_and_only_those_set_
         SignalConfig(observe_budget_frac=0.001, cheap_budget_frac=0.001)
     with pytest.raises(ConfigError, match=r"^observe_budget_frac=0.005 must be in \(0, budget_frac=0.003\)"):
         SignalConfig(budget_frac=0.003, observe_budget_frac=0.005)
+
+
+def test_an_unset_cheap_budget_keeps_the_reductions_room_over_any_observe_budget_and_rises_smoothly() -> None:
+    """Before the fix the room was added only from the default up (``observe_budget_frac >= 0.004``): below it the
+    derived cheap_budget_frac stayed 0.4%, under the documented floor (``observe_budget_frac=0.0039`` left 0.01% for
+    the reduction), and it jumped from 0.4% to 0.7% between 0.0039 and 0.004."""
+    room = 0.004 - 0.001  # the defaults' difference, computed as the config does
+    observed = [0.0005, 0.001, 0.002, 0.0035, 0.0039, 0.004, 0.005, 0.019]
+    cheap = [SignalConfig(observe_budget_frac=value).cheap_budget_frac for value in observed]
+    assert cheap == [min(0.02, max(0.004, value + room)) for value in observed]
+    assert cheap[2] == pytest.approx(0.005, rel=1e-12) and cheap[4] == pytest.approx(0.0069, rel=1e-12)
+    for value, derived in zip(observed, cheap, strict=True):
+        assert derived - value >= room - 1e-15 or derived == 0.02  # the room, where the budget leaves it
+    assert cheap == sorted(cheap)  # no step down
+    assert cheap[5] - cheap[4] == pytest.approx(0.0001, rel=1e-9)  # no jump at the default: 0.0069, then 0.007
+    # The range observe_budget_frac is documented with, (0, budget_frac), is the one enforced.
+    with pytest.raises(ConfigError, match=r"^observe_budget_frac=0.05 must be in \(0, budget_frac=0.02\)"):
+        SignalConfig(observe_budget_frac=0.05)
+    assert "in (0, ``budget_frac``)" in " ".join((SignalConfig.__doc__ or "").split())

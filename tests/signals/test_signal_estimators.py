@@ -565,6 +565,39 @@ def test_frozen_batch_stats_turn_off_the_dropout_built_into_attention_and_rnns(k
     assert not torch.equal(forward(), forward())  # outside the block the dropout is on again
 
 
+def test_frozen_batch_stats_put_back_the_weights_an_embedding_with_max_norm_renormalises() -> None:
+    """Before the fix ``nn.Embedding(max_norm=...)`` and ``nn.EmbeddingBag(max_norm=...)`` came out of the block with
+    the rows the forward looked up renormalised in place (``torch.embedding_renorm_``): a round over the probe batch
+    changed trained parameters (rows of norm 4 to 19 cut to 1). Their gradients in the block are unchanged."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 4, max_norm=1.0)
+            self.bag = nn.EmbeddingBag(20, 4, max_norm=1.0, mode="mean")
+            self.plain = nn.Embedding(20, 4)  # no max_norm: nothing to put back, nothing copied
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(x).mean(1) + self.bag(x) + self.plain(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Tokens()
+    with torch.no_grad():
+        model.emb.weight.mul_(5)  # rows above max_norm, as after some updates
+        model.bag.weight.mul_(5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randint(10, 20, (8, 3))
+    with frozen_batch_stats(model):
+        model(x).square().mean().backward()
+    for name, value in before.items():
+        assert torch.equal(model.get_parameter(name), value), f"{name} changed"
+    assert model.emb.weight.grad is not None and model.emb.weight.grad[10:].abs().sum() > 0  # it was differentiated
+    model(x)  # a control: a forward outside the block does renormalise them
+    assert not torch.equal(model.emb.weight, before["emb.weight"])
+    assert not torch.equal(model.bag.weight, before["bag.weight"])
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -411,13 +411,17 @@ class SignalCollector:
         """Learns the round costs before the first charged round (warm-up round, cached costs), then plans again."""
         self._first_round_prepared = True
         key = _warmup_key(plan, source, self.config)
-        cached = _ROUND_COSTS.get(key) if _caches_round_costs(source) else None
+        caches = _caches_round_costs(source)
+        cached = _ROUND_COSTS.get(key) if caches else None
         if cached is not None and not self.scheduler.rates_known:
             self.scheduler.seed_rates(*cached)
-        if self.config.warmup_round and key not in _WARMED_UP:
+        # Skipped only where the costs are measured on a GPU and shared: in profile cost mode a GPU run skipped it
+        # too (every CUDA round shape was marked), so a later same-seed run in the process folded one round fewer and
+        # drew other sub-batches and probes from the seeded generators: another episode for the same seed.
+        if self.config.warmup_round and not (caches and key in _WARMED_UP):
             # One-time costs (loading kernels, allocator growth for new shapes) would make the first charged
-            # cost, and so every later prediction, too high: pay them in an uncharged warm-up round. On a GPU
-            # they are paid once per process and shape: a later run of the same model (the next seed in
+            # cost, and so every later prediction, too high: pay them in an uncharged warm-up round. Measured on a
+            # GPU they are paid once per process and shape: a later run of the same model (the next seed in
             # ``compare``) skips the warm-up and predicts from the costs this process has measured.
             warmup = self._timed_round(plan, source)
             self.warmup_ms += warmup.measured_ms
@@ -425,9 +429,8 @@ class SignalCollector:
                 # Predicts high (it includes what is left of the one-time costs): it can only refuse a round
                 # that would have fitted, never admit one that does not. The first charged round replaces it.
                 self.scheduler.seed_rates(warmup.plan, warmup.cost)
-            if source.inputs.device.type == "cuda":
+            if caches:
                 _WARMED_UP.add(key)
-            if _caches_round_costs(source):
                 _ROUND_COSTS.setdefault(key, (warmup.plan, warmup.cost))  # a charged round's measurement is better
         replanned = self.scheduler.plan(progress)
         if replanned is None:
@@ -946,7 +949,11 @@ def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tup
 
 
 _WARMED_UP: set[tuple[object, ...]] = set()
-"""Round shapes whose one-time GPU costs this process has paid (see ``SignalCollector.maybe_estimate``)."""
+"""Round shapes whose one-time GPU costs this process has paid (see ``SignalCollector.maybe_estimate``).
+
+Measured cost mode on a GPU only, as ``_ROUND_COSTS``: a skipped warm-up changes the rounds' random draws, so a run
+that must repeat for a seed (on a CPU, in profile cost mode) runs its warm-up whatever ran before in the process.
+"""
 
 _ROUND_COSTS: dict[tuple[object, ...], tuple[RoundPlan, RoundCost]] = {}
 """The latest measured cost of a round of each shape (key ``_warmup_key``) in this process, GPU only.

@@ -102,14 +102,15 @@ class SignalConfig:
             (kernel loading and compilation, allocator growth: seconds on a GPU), reported in the overhead
             but not charged to the budget. Its measured cost (one-time costs included, so on the high side)
             predicts the first charged round's, which then runs only if the whole run's budget allows it
-            (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU once per
-            process and round shape: later runs of the same model skip it and predict from the round costs
-            measured earlier in the process.
+            (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU in measured cost
+            mode once per process and round shape: later runs of the same model skip it and predict from the round
+            costs measured earlier in the process. On a CPU and in profile cost mode every run has its warm-up, so
+            that a run repeats for a seed whatever ran before it in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
         observe_budget_frac: share of step time that recording the per-step statistics may take in a
             ``Controller`` on a GPU, and in a ``TrainingRun`` a ``DecisionLoop`` drives (``compare``, the
-            environment) on a GPU in measured mode, in (0, 1) (``DeviceMoments(budget_frac=...)``: one step in
-            several is recorded when a recording costs more). None records every step. On a CPU, and in a
+            environment) on a GPU in measured mode, in (0, ``budget_frac``) (``DeviceMoments(budget_frac=...)``:
+            one step in several is recorded when a recording costs more). None records every step. On a CPU, and in a
             ``TrainingRun`` in profile cost mode (whose observations must repeat for a seed), every step is recorded.
         cheap_budget_frac: share of training time the cheap signals may take, as measured, in
             (``observe_budget_frac``, ``budget_frac``]: recording the per-step statistics (sampled under
@@ -124,8 +125,9 @@ class SignalConfig:
     The two sub-budgets, when left unset, are derived from the final values of the fields that are set (also
     through ``dataclasses.replace``, which derives them again): under a ``budget_frac`` below 0.4% each takes its
     default's share of the default 2% budget (5% and 20% of ``budget_frac``); an unset ``cheap_budget_frac`` is
-    at least ``observe_budget_frac`` plus the default's room for the reduction (0.3%, or 15% of a ``budget_frac``
-    below 0.4%), at most ``budget_frac``; an unset ``observe_budget_frac`` under a smaller ``cheap_budget_frac``
+    its default, or ``observe_budget_frac`` plus the default's room for the reduction (0.3%, or 15% of a
+    ``budget_frac`` below 0.4%) where that is more, at most ``budget_frac`` (so it rises smoothly with
+    ``observe_budget_frac``); an unset ``observe_budget_frac`` under a smaller ``cheap_budget_frac``
     set by hand takes a quarter of it (the defaults' ratio). Only values set by hand are refused, with a message
     naming them.
 
@@ -227,11 +229,13 @@ class SignalConfig:
         if isinstance(self.cheap_budget_frac, _Default):
             cheap = float(_DEFAULT_CHEAP_FRAC) * scale
             observe_now = self.observe_budget_frac
-            if observe_now is not None and math.isfinite(observe_now) and cheap <= observe_now:
-                # The recording's own share, plus the default's room for reducing the statistics; within the budget
-                # (an observe_budget_frac at or over budget_frac is refused below).
+            if observe_now is not None and math.isfinite(observe_now):
+                # At least the recording's own share plus the default's room for reducing the statistics; within the
+                # budget (an observe_budget_frac at or over budget_frac is refused below). Applied only from the
+                # default up (cheap <= observe) until 2026-12-06, it left observe_budget_frac=0.0039 0.01% for the
+                # reduction where 0.004 got 0.3%: a jump, and under the floor this class documents.
                 room = (_DEFAULT_CHEAP_FRAC - _DEFAULT_OBSERVE_FRAC) * scale
-                cheap = min(self.budget_frac, observe_now + room)
+                cheap = min(self.budget_frac, max(cheap, observe_now + room))
             object.__setattr__(self, "cheap_budget_frac", _Default(cheap))
 
     @classmethod

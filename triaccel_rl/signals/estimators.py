@@ -377,8 +377,11 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     pass sees one function, and its vectors are put back with the other buffers (the hook-based
     ``nn.utils.spectral_norm`` too). ``nn.RReLU`` draws its slopes in training mode: held in eval mode as dropout is.
     A buffer the forward rebinds (an out-of-place update) is bound back to its tensor, and that holds its value again.
-    The model's own randomness in a ``forward`` (stochastic depth, ``F.dropout``) stays on; the collector's rounds run
-    on a fork of the RNGs, so it does not move the training run's stream.
+    The weight of an ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``max_norm`` is put back too: its forward
+    renormalises the rows it looks up in place, so a round over the probe batch changed trained parameters (rows the
+    training batches had not looked up among them). The model's own randomness in a ``forward`` (stochastic depth,
+    ``F.dropout``) stays on; the collector's rounds run on a fork of the RNGs, so it does not move the training run's
+    stream.
     """
     saved: list[tuple[nn.modules.batchnorm._NormBase, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     dropout_rates: list[tuple[nn.Module, float]] = []
@@ -393,6 +396,13 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
         for module in model.modules()
         for name, buffer in module._buffers.items()
         if buffer is not None and id(buffer) not in normed
+    ]
+    # F.embedding(max_norm=...) rescales the looked-up rows of the weight in place (torch.embedding_renorm_), a
+    # parameter no buffer copy covers: a copy of each such weight (a table's size, only for these modules).
+    renormed = [
+        (module.weight, module.weight.detach().clone())
+        for module in model.modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
     ]
     for module in model.modules():
         if isinstance(module, _SPECTRAL_NORM) or any(
@@ -424,6 +434,8 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
         for module, name, buffer, copy in others:
             module._buffers[name] = buffer
             buffer.data.copy_(copy)
+        for weight, copy in renormed:
+            weight.data.copy_(copy)  # through .data, as the buffers: a graph of the block may still hold the weight
         for module, training in was_training.items():
             module.training = training
 
