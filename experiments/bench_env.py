@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import command_line, file_to_write, parse_args
+from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args
 
 
 @dataclass
@@ -74,6 +74,7 @@ def main(args: Args) -> list[dict[str, object]]:
             if args.device.startswith("cuda")
             else f"cpu ({os.cpu_count()} cores)",
             "date": time.strftime("%Y-%m-%d"),
+            "commit": git_commit(),
             "command": command_line("experiments/bench_env.py", args),
         }
         rows.append(row)

@@ -115,8 +115,8 @@ def make_policy(
             raise PolicyLoadError(
                 f"policy {spec!r} was trained with LR multipliers {list(stats.lr_scales)}, and this configuration's "
                 f"are {list(config.lr_scales)}: its LR actions would pick other multipliers. Run it with its own "
-                "(ControllerConfig(lr_scales=...), or --lr-scales on the command line), or retrain it with "
-                "`triaccel-rl train-policy`"
+                "(ControllerConfig(lr_scales=...), or --lr-scales on the command line); `triaccel-rl train-policy` "
+                "trains policies for the default ladder and groups only"
             )
         learned = LearnedPolicy(spec, observation_space, action_space or config_action_space(config))
         # Its first decision comes after one interval: until then it runs where the heuristic starts (bf16 by

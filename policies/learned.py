@@ -78,7 +78,8 @@ class LearnedPolicy:
             if expected is not None and not _same_space(expected, found):
                 raise PolicyLoadError(
                     f"policy {str(file)!r} was trained for {label} space {found}, but this environment has "
-                    f"{expected}; retrain it with `triaccel-rl train-policy` for these settings"
+                    f"{expected}: run it with the settings it was trained for (`triaccel-rl train-policy` trains "
+                    "for the default LR ladder and layer groups only)"
                 )
         self.observation_space = self.model.observation_space
         self.action_space = self.model.action_space

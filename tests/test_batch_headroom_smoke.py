@@ -114,3 +114,16 @@ def test_bench_env_refuses_bad_arguments_before_measuring(tmp_path) -> None:  # 
     ):
         with pytest.raises((SystemExit, ValueError), match=message):
             bench_env.main(bench_env.Args(**kwargs))
+
+
+def test_bench_env_records_its_commit_as_every_experiment_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its rows had the device, date and command but no commit, which BENCHMARKS.md quotes for each figure."""
+    import json
+
+    from triaccel_rl.experiment import git_commit
+
+    bench_env = import_experiment("bench_env")
+    out = tmp_path / "env.json"
+    bench_env.main(bench_env.Args(tasks="synthetic", n_envs=1, steps=2, interval_steps=2, out=str(out)))
+    (row,) = json.loads(out.read_text())
+    assert row["commit"] == git_commit() and row["task"] == "synthetic" and row["env_steps_per_s"] > 0
