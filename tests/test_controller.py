@@ -416,11 +416,90 @@ def test_a_mask_buffer_whose_infinities_move_or_turn_nan_is_still_broken():
     expected = infinite_buffers(model)
     assert list(expected) == ["mask"] and nonfinite_buffers(model, expected) == []
     assert nonfinite_buffers(model) == ["mask"]  # without the excuse
-    for value in (float("nan"), float("inf")):
+    for where, value in (((3, 0), float("nan")), ((3, 0), float("inf")), ((0, 3), float("nan"))):
         broken = copy.deepcopy(model)
         with torch.no_grad():
-            broken.mask[3, 0] = value
+            broken.mask[where] = value  # (0, 3) held -inf: a NaN there went unseen in the first version of the fix
         assert nonfinite_buffers(broken, expected) == ["mask"]
+    healed = copy.deepcopy(model)
+    with torch.no_grad():
+        healed.mask[0, 3] = 0.0  # an infinity turned finite (an observer's first batch): no break
+    assert nonfinite_buffers(healed, expected) == []
+
+
+class _Observer(nn.Module):
+    """Keeps the running min and max of its input, starting at +inf and -inf (as torch.ao's observers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.min_val.copy_(torch.minimum(self.min_val, x.min()))
+            self.max_val.copy_(torch.maximum(self.max_val, x.max()))
+        return x
+
+
+class _LazyMask(_CausalMask):
+    """The causal mask made at the first forward (``register_buffer("mask", None)`` filled in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", None)
+
+    def forward(self, x):
+        if self.mask is None:
+            self.mask = torch.full((4, 4), float("-inf")).triu(1)
+        return super().forward(x)
+
+
+class _WithExtraState(nn.Linear):
+    def get_extra_state(self):
+        return {"note": "not a tensor"}
+
+    def set_extra_state(self, state):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["observer", "lazy-mask", "extra-state"])
+def test_models_with_infinite_observers_lazy_masks_or_extra_state_train_without_rollbacks(kind):
+    """The first version of the mask fix refused an observer's min/max that turned finite at the first batch (a QAT
+    model), counted a mask made at the first forward as broken, and read every state-dict entry's version, which a
+    module's extra state (a dict) does not have: the Controller raised at construction."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 8)
+    y = (x[:, -1, 0] > 0).long()
+    if kind == "observer":
+        model = nn.Sequential(_Observer(), nn.Flatten(), nn.Linear(32, 2))
+    elif kind == "lazy-mask":
+        model = _LazyMask()
+    else:
+        model = nn.Sequential(nn.Flatten(), _WithExtraState(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=2)) as ctl:
+        for xb, yb in ctl.loader((x, y), batch_size=8, epochs=2):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ctl.step(loss)
+        assert ctl.steps == 8 and ctl.rollbacks == 0
+
+
+def test_a_rollback_in_the_first_interval_brings_back_a_mask_made_at_the_first_forward():
+    """The copy was taken at build, before the buffer existed: restoring it raised "Missing key(s) in state_dict"."""
+    torch.manual_seed(0)
+    model = _LazyMask()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 4, 8)
+    y = (x[:, -1, 0] > 0).long()
+    with Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=2)) as ctl:
+        for xb, yb in ctl.loader((x, y), batch_size=8, epochs=1):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ctl.step(loss * float("nan") if ctl.steps < 2 else loss)  # the first interval diverges
+        assert ctl.rollbacks == 1 and ctl.steps == 4
+    assert torch.equal(model.mask, torch.full((4, 4), float("-inf")).triu(1))
 
 
 def test_a_batch_that_breaks_the_running_statistics_is_rolled_back(caplog):

@@ -876,9 +876,9 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         # Before the fix these loaded, and the next step raised (a str has no mul_, full() takes no str scale).
         ("optimizer moment", r"optimizer state 'exp_avg' of parameter 0 is str, not a tensor, number or None"),
         ("optimizer entry", r"optimizer state of parameter 1 is list, not a dict"),
-        ("scaler scale", r"the checkpoint's scaler has scale 'x', not a finite number > 0"),
-        ("scaler _growth_tracker", r"the checkpoint's scaler has _growth_tracker 'x', not a whole number >= 0"),
-        ("scaler growth_interval", r"the checkpoint's scaler has growth_interval 'x', not a whole number >= 1"),
+        ("scaler scale", r"the checkpoint's scaler has scale 'x', not a normal float32 > 0"),
+        ("scaler _growth_tracker", r"the checkpoint's scaler has _growth_tracker 'x', not a whole number in \[0, 2"),
+        ("scaler growth_interval", r"the checkpoint's scaler has growth_interval 'x', not a whole number in \[1, 2"),
         # Before the fix: TypeError "object of type 'int' has no len()" and numpy's "could not convert string".
         ("precisions", r"the checkpoint's precisions 1 are not a list of 3 precision codes"),
         ("lr_factors text", r"lr_factors 'ab' are not 3 finite numbers >= 0"),

@@ -166,17 +166,30 @@ def test_a_reference_rollback_copy_taken_before_any_scaled_step_puts_back_no_sca
     assert engine.loss_scale == 2.0**16
 
 
-@pytest.mark.parametrize("fused", [True, False])
+_BAD_SCALERS = [
+    # Before the fix these passed the check: a scale past float32's range became inf (every step skipped, for
+    # good, on the fused path; the first step raised on the reference path), a count past int32's raised half
+    # way through the load.
+    ("scale", 1e39, r"scaler has scale 1e\+39, not a normal float32 > 0 \(from 1\.175e-38 to 3\.403e\+38\)"),
+    ("clean_steps", 2**40, r"scaler has clean_steps 1099511627776, not a whole number in \[0, 2\*\*31\)"),
+    ("scale", 0.0, r"scaler has scale 0\.0, not a normal float32 > 0"),
+    ("scale", torch.tensor([1.0, 2.0]), r"scaler has scale tensor\(\[1\., 2\.\]\), not a normal float32 > 0"),
+    # And these (found by the session's audit): 1e-50 loaded as a scale of 0 (every step skipped for good), a
+    # subnormal one too, and factors GradScaler itself refuses
+    ("scale", 1e-50, r"scaler has scale 1e-50, not a normal float32 > 0"),
+    ("scale", 1e-40, r"scaler has scale 1e-40, not a normal float32 > 0"),
+    ("growth_factor", 0.5, r"scaler has growth_factor 0\.5, not a number > 1"),
+    ("backoff_factor", 1.0, r"scaler has backoff_factor 1\.0, not a number in \(0, 1\)"),
+]
+
+
 @pytest.mark.parametrize(
-    ("key", "value", "message"),
+    ("fused", "key", "value", "message"),
     [
-        # Before the fix these passed the check: a scale past float32's range became inf (every step skipped, for
-        # good, on the fused path; the first step raised on the reference path), a count past int32's raised half
-        # way through the load.
-        ("scale", 1e39, r"scaler has scale 1e\+39, not a number > 0 and finite as a float32"),
-        ("clean_steps", 2**40, r"scaler has clean_steps 1099511627776, not a whole number in \[0, 2\*\*31\)"),
-        ("scale", 0.0, r"scaler has scale 0\.0, not a number > 0"),
-        ("scale", torch.tensor([1.0, 2.0]), r"scaler has scale tensor\(\[1\., 2\.\]\), not a number > 0"),
+        (fused, *case)
+        for fused in (True, False)
+        for case in _BAD_SCALERS
+        if not (fused and case[0].endswith("_factor"))  # the fused step's scaler state holds no factors
     ],
 )
 def test_a_loss_scaler_state_out_of_range_is_refused_before_anything_loads(fused, key, value, message):

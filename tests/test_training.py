@@ -521,6 +521,8 @@ def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
     assert run.trial_peak_bytes(np.int64(8)) == 50_000 + run._unallocated_state_bytes() and passes == [8]
     run.calibrate_memory([4, 16])
     assert passes == [8, 4, 4, 16]  # an unmeasured pass at the smallest size first
+    run.calibrate_memory(np.array([4, 16]))  # an array's truth value was asked for in the first version of the check
+    assert passes == [8, 4, 4, 16, 4, 4, 16]
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ from triaccel_rl.memory import (
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy, run_without_bf16
-from triaccel_rl.shield import RollbackGuard, infinite_buffers, nonfinite_buffers, nonfinite_parameters
+from triaccel_rl.shield import BufferCheck, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
@@ -49,6 +49,8 @@ from triaccel_rl.types import Policy, Precision, Signals
 __all__ = ["Controller"]
 
 _log = logging.getLogger("triaccel_rl")
+_StateMark = tuple[tuple[int, tuple[str, ...]], object]
+"""``Controller._state_mark``: the model state's version sum and entry names, and the optimizer's state object."""
 
 
 class Controller:
@@ -192,8 +194,8 @@ class Controller:
             )
             self.guard = guard if self.config.rollback else None
             # Buffers holding infinities by design (an additive mask), excused from the shield's buffer check
-            self._infinite_buffers = infinite_buffers(model) if self.guard is not None else {}
-            self._copy_taken: tuple[str, tuple[int, object]] | None = None
+            self._broken_buffers = BufferCheck(model)
+            self._copy_taken: tuple[str, _StateMark] | None = None
             if self.guard is not None:
                 self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
                 self._copy_taken = ("reserve", self._state_mark())
@@ -402,7 +404,7 @@ class Controller:
 
     def _refuse_broken_model(self, why: str) -> None:
         """A ``NoGoodStateError`` where trained parameters or buffers hold NaN or inf (``why`` follows "values")."""
-        broken = nonfinite_parameters(self.model) + nonfinite_buffers(self.model, self._infinite_buffers)
+        broken = nonfinite_parameters(self.model) + self._broken_buffers()
         if broken:
             raise NoGoodStateError(
                 f"the model's {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or infinite values"
@@ -415,7 +417,7 @@ class Controller:
         self.collector.restore_estimates(estimates)
         self.engine.load_scaler_state(scaler)
 
-    def _state_mark(self) -> tuple[int, object]:
+    def _state_mark(self) -> _StateMark:
         """What tells that the weights or the optimizer's state were written from outside.
 
         The version counters of everything the model's state dict holds (``model.load_state_dict`` bumps them), frozen
@@ -424,8 +426,11 @@ class Controller:
         and a rollback put the random one back. (A forward in train mode bumps a batch norm's buffers: the copy is
         then taken again before the first step, once, into the same memory.)
         """
-        versions = sum(t._version for t in self.model.state_dict(keep_vars=True).values())
-        return versions, getattr(self.engine.optimizer, "state", None)
+        state = self.model.state_dict(keep_vars=True)
+        # The entries' names too: a buffer made at the first forward (version 0) is not in the copy taken before it,
+        # and a rollback to that copy raised "Missing key(s)". Tensors only: a module's extra state need not be one.
+        versions = sum(t._version for t in state.values() if isinstance(t, torch.Tensor))
+        return (versions, tuple(state)), getattr(self.engine.optimizer, "state", None)
 
     def _retake_copy_if_written(self, training_starts: bool) -> None:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
@@ -1179,7 +1184,7 @@ class Controller:
         before_copy, self._applied_before_copy = self._applied_before_copy, 0
         if self.guard is None or steps == 0:
             return False
-        broken = nonfinite_buffers(self.model, self._infinite_buffers)  # a sync like the interval's flush, device idle
+        broken = self._broken_buffers()  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
         # The first update after the copy had a finite loss on the copy's weights.
         if began_from_copy and applied > before_copy:

@@ -1480,8 +1480,9 @@ def _state_value(value: Any) -> bool:
 def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, float | int]:
     """``scaler``'s ``keys`` as Python numbers; raises a ValueError unless each holds a value the scaler can take.
 
-    Each a whole number >= the key's value and < 2**31 (an int32 count), or where that is None a number > 0 finite as
-    a float32 (a larger scale became inf: every step skipped, for good); as a number or a tensor of one element.
+    Each a whole number >= the key's value and < 2**31 (an int32 count), or where that is None a number in its range
+    (``_SCALER_RANGES``; the scale's: a normal float32 > 0, as a larger scale became inf and a smaller one 0, every
+    step skipped for good); as a number or a tensor of one element.
     """
     _require_keys("scaler", scaler, tuple(keys))
     checked: dict[str, float | int] = {}
@@ -1490,10 +1491,9 @@ def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, floa
         number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         if least is None:
             real = not isinstance(number, bool) and isinstance(number, numbers.Real)
-            if not (real and math.isfinite(number) and 0 < number <= _FLOAT32_MAX):
-                raise ValueError(
-                    f"the checkpoint's scaler has {key} {value!r}, not a number > 0 and finite as a float32"
-                )
+            low, high, allowed = _SCALER_RANGES.get(key, _SCALE_RANGE)
+            if not (real and math.isfinite(number) and low <= number <= high):
+                raise ValueError(f"the checkpoint's scaler has {key} {value!r}, not {allowed}")
             checked[key] = float(number)
         else:
             if isinstance(number, bool) or not isinstance(number, numbers.Integral) or not least <= int(number) < 2**31:
@@ -1503,6 +1503,15 @@ def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, floa
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+_SCALE_RANGE = (_FLOAT32_TINY, _FLOAT32_MAX, f"a normal float32 > 0 (from {_FLOAT32_TINY:.4g} to {_FLOAT32_MAX:.4g})")
+_SCALER_RANGES = {
+    "growth_factor": (math.nextafter(1.0, 2.0), _FLOAT32_MAX, "a number > 1"),
+    "backoff_factor": (_FLOAT32_TINY, math.nextafter(1.0, 0.0), "a number in (0, 1)"),
+}
+"""The real-valued scaler entries' ranges other than the scale's (a normal float32 > 0: 1e-50 loaded as 0, every step
+skipped for good): ``GradScaler`` refuses a growth factor <= 1 and a backoff factor >= 1 (they loaded, until
+2026-12-06)."""
 
 
 def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:

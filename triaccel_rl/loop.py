@@ -20,7 +20,7 @@ from triaccel_rl.config import ControllerConfig, CostMode
 from triaccel_rl.errors import is_whole
 from triaccel_rl.executor import ApplyReport, Executor
 from triaccel_rl.observation import LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.shield import RollbackGuard, infinite_buffers, nonfinite_buffers
+from triaccel_rl.shield import BufferCheck, RollbackGuard
 from triaccel_rl.signals import SignalCollector, SignalMode, source_for_run
 from triaccel_rl.training import IntervalStats, TrainingRun
 from triaccel_rl.types import Precision, Signals
@@ -84,7 +84,7 @@ class DecisionLoop:
         )
         self.guard = guard if use_rollback else None
         # Buffers holding infinities by design (an additive mask), excused from the shield's buffer check
-        self._infinite_buffers = infinite_buffers(run.model) if self.guard is not None else {}
+        self._broken_buffers = BufferCheck(run.model)
         if self.guard is not None:
             self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
         self._healthy = False  # the latest probe loss was finite
@@ -248,7 +248,7 @@ class DecisionLoop:
         if self.guard is not None:
             # The probe runs its norms in train mode (their batch statistics), so a running statistic a non-finite
             # batch wrote would show only at evaluation: checked on its own.
-            broken = nonfinite_buffers(self.run.model, self._infinite_buffers)
+            broken = self._broken_buffers()
             if self._healthy and not broken:
                 copied_now = self.guard.healthy()  # refreshes the copy every config.snapshot_every healthy decisions
             elif self.guard.restore(f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"):

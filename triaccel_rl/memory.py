@@ -462,6 +462,7 @@ class MemoryModel:
         return low
 
     def _predictor(self, precisions: Sequence[Precision]) -> Callable[[int], int]:
+        precisions = list(precisions)  # read by fit() and again below: a generator was used up by the first
         fitted = self.fit(precisions)
         if fitted is not None:
             shift = self.baseline_shift_bytes

@@ -32,6 +32,7 @@ from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
 __all__ = [
+    "BufferCheck",
     "FallbackPolicy",
     "ObservationStats",
     "RollbackGuard",
@@ -86,9 +87,9 @@ def nonfinite_buffers(model: nn.Module, expected: Mapping[str, torch.Tensor] | N
     are looked up only when it fails.
 
     ``expected`` (:func:`infinite_buffers` of the model at the start) names buffers that held infinities by design,
-    each with where it was finite: such a buffer counts only where it holds a NaN or its infinities moved. Until
-    2026-12-06 a model keeping an additive causal mask as a buffer (``-inf`` above the diagonal) was rolled back at
-    every interval and never trained.
+    each with where it was finite: such a buffer counts only where it holds a NaN, or an infinity where it was
+    finite. Until 2026-12-06 a model keeping an additive causal mask as a buffer (``-inf`` above the diagonal) was
+    rolled back at every interval and never trained.
 
     Example:
         >>> model = nn.BatchNorm1d(2)
@@ -103,8 +104,10 @@ def nonfinite_buffers(model: nn.Module, expected: Mapping[str, torch.Tensor] | N
     broken = _nonfinite([(name, b) for name, b in named if name not in expected])
     for name, b in named:
         if name in expected:
-            finite = expected[name]
-            if finite.shape != b.shape or not torch.equal(torch.isfinite(b), finite.to(b.device)):
+            finite = expected[name].to(b.device)
+            # A new infinity where it was finite, or a NaN anywhere; an infinity turned finite is not a break (an
+            # observer's min/max starts at +-inf and is filled by the first batch).
+            if finite.shape != b.shape or bool((torch.isnan(b) | (finite & ~torch.isfinite(b))).any()):
                 broken.append(name)
     return broken
 
@@ -128,6 +131,33 @@ def infinite_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
         for name in nonfinite_buffers(model)
         if not bool(torch.isnan(buffers[name]).any())
     }
+
+
+class BufferCheck:
+    """:func:`nonfinite_buffers` of one model, excusing the buffers that held infinities when first seen.
+
+    Those present at construction are read then (:func:`infinite_buffers`); a buffer that appears later (a mask made
+    at the first forward, ``register_buffer("mask", None)`` filled in) is read the first time a check sees it, and
+    excused likewise where it holds infinities and no NaN.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.expected = infinite_buffers(model)
+        self._seen = {name for name, _ in model.named_buffers()}
+
+    def __call__(self) -> list[str]:
+        """The names of the model's broken buffers (a sync; one more for each buffer seen for the first time)."""
+        buffers = dict(self.model.named_buffers())
+        new = buffers.keys() - self._seen
+        if new:
+            self._seen |= new
+            for name in new:
+                b = buffers[name]
+                if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
+                    if not bool(torch.isnan(b).any()):
+                        self.expected[name] = torch.isfinite(b)
+        return nonfinite_buffers(self.model, self.expected)
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:

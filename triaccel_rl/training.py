@@ -895,7 +895,7 @@ class TrainingRun:
             # slice: each named no argument.
             if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, np.ndarray)):
                 raise TypeError(f"sizes={sizes!r} must be a sequence of whole numbers >= 1, or None")
-            if not sizes:
+            if len(sizes) == 0:  # (not `not sizes`: a NumPy array's truth value is ambiguous)
                 raise ValueError(f"sizes={sizes!r} must hold at least one micro-batch size (or be None: the defaults)")
             sizes = [_samples(f"sizes[{index}]", size, least=1) for index, size in enumerate(sizes)]
         if not self.measures_memory:

@@ -419,6 +419,12 @@ def test_a_generator_of_precisions_is_checked_as_a_list_and_a_float_reading_stor
     with pytest.raises(ValueError, match=r"must be one precision code"):
         model.observe(8, (code for code in [7, 7]), 10_000)  # type: ignore[arg-type]
     assert model.n_measurements == 0
+    accounted = model.predict(8, fp32)
+    for read in (model.predict, model.fit, model.max_batch_size):  # each read the map twice, a generator once
+        arguments = {"predict": (8,), "fit": (), "max_batch_size": (10**9,)}[read.__name__]
+        limit = {"limit": 4} if read.__name__ == "max_batch_size" else {}
+        assert read(*arguments, (p for p in fp32), **limit) == read(*arguments, fp32, **limit)  # type: ignore[operator]
+    assert model.predict(8, (p for p in fp32)) == accounted  # type: ignore[arg-type]
     model.observe(8, (p for p in fp32), 10_100.0, allocated_bytes=6_000.0)  # type: ignore[arg-type]
     prediction = model.predict(8, fp32)
     assert type(prediction) is int and prediction == 10_100
