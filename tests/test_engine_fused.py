@@ -148,8 +148,10 @@ def test_the_loss_scale_a_rollback_copy_takes_is_put_back_as_it_was_and_can_be_p
                 loss = nn.functional.cross_entropy(model(x), y) * float("nan")
             assert engine.backward_and_step(loss)[1]
         assert (engine.loss_scale, clean_steps()) == (128.0, 0)
+        held = engine._scale if fused else engine.grad_scaler._scale
         engine.load_scaler_state(saved)
         assert (engine.loss_scale, clean_steps()) == (1024.0, 8)
+        assert (engine._scale if fused else engine.grad_scaler._scale) is held  # in place: graphs read its address
 
 
 def test_a_reference_rollback_copy_taken_before_any_scaled_step_puts_back_no_scaler():

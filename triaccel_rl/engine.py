@@ -383,6 +383,11 @@ class StepEngine:
                 self._clean_steps.copy_(saved[1])
             elif saved is None:  # no scale yet at the copy: a later fp16 layer starts a fresh one, as it would have
                 self._grad_scaler = None
+            elif self._grad_scaler is not None and self._grad_scaler._scale is not None:
+                # In place, as on the fused path: a captured graph reads the scale through its address
+                self._grad_scaler._scale.copy_(saved[0])
+                assert self._grad_scaler._growth_tracker is not None
+                self._grad_scaler._growth_tracker.copy_(saved[1])
             else:
                 scaler = self._grad_scaler or torch.amp.GradScaler(self.device.type)
                 scaler._scale, scaler._growth_tracker = saved[0].clone(), saved[1].clone()
