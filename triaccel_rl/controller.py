@@ -597,6 +597,10 @@ class Controller:
                 recording_ms=self._recorded_ms,
             )
             self._timer.start()
+        if self.engine.precision.active:  # one `with ctl.autocast():` around the whole loop
+            # autocast caches each weight's 16-bit cast until its region closes: the next forward in it computed with
+            # the weights before this update (and a rollback), every step of the run (until 2026-12-06)
+            torch.clear_autocast_cache()
 
     @property
     def skipped_steps(self) -> int:

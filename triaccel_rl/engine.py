@@ -271,8 +271,14 @@ class StepEngine:
         these (a second optimizer's, or read by the user) are divided by the same scale as autograd computes them,
         before they are added to ``.grad``, so a second optimizer steps on the loss's own gradient, as after
         ``GradScaler.unscale_`` on it, and gradients accumulated over several steps stay unscaled.
+
+        Their overflow counts as the held ones' (:meth:`_unheld_overflow`): the step is skipped, the scale backs off,
+        and their gradients are set to ``None``, so the second optimizer's ``step()`` skips them too, as
+        ``GradScaler.step`` would (until 2026-12-06 it stepped on the inf, and its parameters went NaN for good).
+        Skipping the held update too is stricter than ``GradScaler``, which skips each optimizer on its own overflow.
         """
         unheld = {id(p): p for params in trainable for p in params if id(p) not in self._group_index}
+        self._unheld_params = list(unheld.values())
         self._backward_scale: torch.Tensor | None = None  # the scale of a scaled backward not yet stepped
         this = weakref.ref(self)
 
@@ -287,6 +293,23 @@ class StepEngine:
         for handle in self.__dict__.get("_unheld_hooks", []):
             handle.remove()
         self._unheld_hooks = []
+        self._unheld_params = []
+
+    def _unheld_overflow(self) -> torch.Tensor | None:
+        """Whether a gradient the optimizer does not hold is non-finite (a 0-dim bool on the device), or None.
+
+        None where there is none to check: no such parameter has a gradient.
+        """
+        grads = [p.grad for p in self._unheld_params if p.grad is not None]
+        if not grads:
+            return None
+        largest = torch.stack([norm.to(self.device) for norm in torch._foreach_norm(grads, math.inf)])
+        return ~torch.isfinite(largest).all()
+
+    def _drop_unheld_gradients(self) -> None:
+        """Sets the unheld parameters' gradients to ``None`` after an overflow: their optimizer's step skips them."""
+        for p in self._unheld_params:
+            p.grad = None
 
     def _undo_init(self) -> None:
         """Removes whatever hooks a constructor that raised had registered already."""
@@ -563,12 +586,19 @@ class StepEngine:
         scaler = self.grad_scaler
         unscaled = False
         try:
+            unheld_overflow = False
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
                 unscaled = True
+                overflow = self._unheld_overflow()
+                unheld_overflow = overflow is not None and bool(overflow)
+                if unheld_overflow:  # another optimizer's gradients overflowed: the scale backs off for them too
+                    for found in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+                        found.fill_(1.0)
+                    self._drop_unheld_gradients()
             stats, norms = self._grad_stats()
             # Host-device sync (reference path): the skip is decided on the host.
-            skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss))
+            skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
             if not skipped:
                 if self.max_grad_norm is not None:
                     self._clip_gradients(norms)
@@ -1260,10 +1290,14 @@ class StepEngine:
         """
         groups = self.optimizer.param_groups
         if len(groups) != self._n_param_groups:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            new_groups = groups[self._n_param_groups :]
+            added = [names.get(id(p), tuple(p.shape)) for group in new_groups for p in group["params"]]
             raise ValueError(
                 f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
-                "built from its parameters, and it cannot take new ones: add param groups before building the "
-                "controller"
+                f"built from its parameters, and it cannot take new ones (parameters {added[:5]}"
+                f"{' ...' if len(added) > 5 else ''}): add param groups before building the controller (for a later "
+                "stage, gradual unfreezing say, close() this controller and build a new one)"
             )
         unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
         if unfrozen:
@@ -1309,15 +1343,19 @@ class StepEngine:
             self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
             self._last_codes = list(precisions)
         lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
+        # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
+        # outputs) is moved, as float(loss) once read it from anywhere.
+        skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
+        unheld_overflow = self._unheld_overflow() if scaling else None  # a second optimizer's gradients
+        if unheld_overflow is not None:
+            skip = skip | unheld_overflow
         result = self.fused_optimizer.step(
             lr,
             self._factors,
             self._codes,
             inv_scale=self._scale.reciprocal() if scaling else 1.0,
             max_grad_norm=self.max_grad_norm,
-            # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
-            # outputs) is moved, as float(loss) once read it from anywhere.
-            skip=~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(())),
+            skip=skip,
         )
         self.update_reached = True
         try:
@@ -1331,6 +1369,8 @@ class StepEngine:
                 # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
                 # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
                 overflow = result.grad_nonfinite.any()
+                if unheld_overflow is not None:
+                    overflow = overflow | unheld_overflow
                 self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
                 grow = self._clean_steps >= 2000
                 # GradScaler keeps the scale where doubling it would overflow (from 2**127 it would reach inf, and
@@ -1340,6 +1380,9 @@ class StepEngine:
                 self._scale.copy_(torch.where(overflow, self._scale * 0.5, torch.where(grow, grown, self._scale)))
                 self._clean_steps.masked_fill_(grow, 0)
             self.store.zero_grad()
+            # Only where a second optimizer's parameters got gradients under fp16: one sync, for its step to skip them
+            if unheld_overflow is not None and bool(unheld_overflow):
+                self._drop_unheld_gradients()
         return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
 
     def _fused_mean_sq_norm(self) -> np.ndarray:

@@ -144,19 +144,21 @@ class BufferCheck:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.expected = infinite_buffers(model)
-        self._seen = {name for name, _ in model.named_buffers()}
+        self._seen = {name: b.shape for name, b in model.named_buffers()}
 
     def __call__(self) -> list[str]:
         """The names of the model's broken buffers (a sync; one more for each buffer seen for the first time)."""
         buffers = dict(self.model.named_buffers())
-        new = buffers.keys() - self._seen
-        if new:
-            self._seen |= new
-            for name in new:
-                b = buffers[name]
-                if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
-                    if not bool(torch.isnan(b).any()):
-                        self.expected[name] = torch.isfinite(b)
+        # New, or rebuilt in another shape (a rotary cache or a mask grown for longer sequences): read afresh. Until
+        # 2026-12-06 a mask rebuilt for a shorter batch read as broken and started a rollback, which then failed.
+        new = [name for name, b in buffers.items() if self._seen.get(name) != b.shape]
+        for name in new:
+            b = buffers[name]
+            self._seen[name] = b.shape
+            self.expected.pop(name, None)
+            if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
+                if not bool(torch.isnan(b).any()):
+                    self.expected[name] = torch.isfinite(b)
         return nonfinite_buffers(self.model, self.expected)
 
 
@@ -395,9 +397,11 @@ class RollbackGuard:
             return False
         if target.copied is not None:  # the host reads the offloaded tensors below (the deep copy)
             target.copied.synchronize()
-        self.model.load_state_dict(target.model.tree())
+        saved, transient = target.model.tree(), target.transient.tree()
+        _reshape_buffers(self.model, {**saved, **transient})
+        self.model.load_state_dict(saved)
         with torch.no_grad():
-            for name, value in target.transient.tree().items():
+            for name, value in transient.items():
                 self.model.get_buffer(name).copy_(value)
         # The hyperparameters are the owner's or a scheduler's, which has moved on since the copy (OneCycleLR cycles the
         # momentum or Adam's beta1 with the LR): they stay as they are; the copy brings back the state (the moments).
@@ -414,6 +418,21 @@ class RollbackGuard:
         self.rollbacks += 1
         _log.warning("%s: rolled back to the last good state (rollback %d)", reason, self.rollbacks)
         return True
+
+
+def _reshape_buffers(model: nn.Module, saved: Mapping[str, Any]) -> None:
+    """Gives each buffer rebuilt in another shape since the copy a tensor of the copy's shape, to load into.
+
+    A rotary cache or a mask grown for longer sequences; on its device and in its dtype. Loaded in place, the copy's
+    shape did not fit: a restore raised "size mismatch" (until 2026-12-06).
+    """
+    buffers = dict(model.named_buffers())
+    for name, value in saved.items():
+        current = buffers.get(name)
+        if current is not None and isinstance(value, torch.Tensor) and current.shape != value.shape:
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._buffers[attribute] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
 
 
 def _transient_buffers(model: nn.Module, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
