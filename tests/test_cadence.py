@@ -370,7 +370,7 @@ def test_the_controller_charges_a_decisions_whole_wall_time(monkeypatch):
 
     from triaccel_rl import controller as controller_module
     from triaccel_rl.engine import StepEngine
-    from triaccel_rl.shield import RollbackGuard
+    from triaccel_rl.shield import BufferCheck, RollbackGuard
 
     def slowed(fn):
         def wrapper(*args, **kwargs):
@@ -379,7 +379,7 @@ def test_the_controller_charges_a_decisions_whole_wall_time(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(controller_module, "nonfinite_buffers", slowed(controller_module.nonfinite_buffers))
+    monkeypatch.setattr(BufferCheck, "__call__", slowed(BufferCheck.__call__))
     monkeypatch.setattr(RollbackGuard, "healthy", slowed(RollbackGuard.healthy))
     monkeypatch.setattr(StepEngine, "grad_mean_sq_norm", slowed(StepEngine.grad_mean_sq_norm))
     torch.manual_seed(0)

@@ -741,8 +741,8 @@ def test_a_zip_for_other_spaces_is_refused_at_load_without_spaces_given(tmp_path
     assert (
         type(make_policy(str(six_rungs), ControllerConfig(lr_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0)))) is LearnedPolicy
     )
-    with pytest.raises(PolicyLoadError, match=r"policy\.zip' was trained for observation space .*\(43,\).*\(27,\): run "
-                       r"it with the settings it was trained for"):  # fmt: skip
+    with pytest.raises(PolicyLoadError, match=r"policy\.zip' was trained for observation space .*\(43,\).*\(27,\).*: "
+                       r"run it with the settings it was trained for"):  # fmt: skip
         make_policy("pretrained", ControllerConfig(n_groups=2))
 
 
