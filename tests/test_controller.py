@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import functools
 from typing import Any
 
 import numpy as np
@@ -501,7 +502,8 @@ class _RebuiltMask(_CausalMask):
 def test_a_buffer_rebuilt_in_another_shape_is_no_break_and_a_rollback_across_it_restores_the_copys():
     """A mask rebuilt for another sequence length read as broken (its shape differed from the one excused), and the
     rollback that followed raised "size mismatch" / "size of tensor a (8) must match" in ``ctl.step``: the copy was
-    loaded into the new buffer in place. Now the rebuilt buffer is read afresh, and a rollback gives it the copy's."""
+    loaded into the new buffer in place. Now the rebuilt buffer is read afresh, and a rollback leaves it as it is (its
+    module's own attributes describe it: given the copy's shape, a rotary cache's next forward failed)."""
     torch.manual_seed(0)
     model = _RebuiltMask()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -512,10 +514,81 @@ def test_a_buffer_rebuilt_in_another_shape_is_no_break_and_a_rollback_across_it_
             with ctl.autocast():
                 loss = nn.functional.cross_entropy(model(x), (x[:, -1, 0] > 0).long())
             ctl.step(loss * float("nan") if step in (2, 3) else loss)
-            if step == 3:  # rolled back to a copy of the 4x4 mask
-                assert ctl.rollbacks == 1 and model.mask.shape == (4, 4)
+            if step == 3:  # rolled back to a copy taken with the 4x4 mask: the rebuilt one stays
+                assert ctl.rollbacks == 1 and model.mask.shape == (6, 6)
         assert ctl.rollbacks == 1 and ctl.steps == 8  # the healthy rebuild at step 4 is no break
     assert model.mask.shape == (6, 6)
+
+
+class _Rotary(nn.Module):
+    """A rotary cache grown for longer sequences, its length a plain attribute (transformers' Llama, up to 4.38)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self._grow(4)
+
+    def _grow(self, n):
+        self.cached = n
+        angles = torch.outer(torch.arange(n).float(), 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos(), persistent=False)
+
+    def forward(self, x):
+        if x.shape[1] > self.cached:
+            self._grow(x.shape[1])
+        return self.out((self.inp(x) * self.cos[: x.shape[1]]).mean(1))
+
+
+class _SharedMasks(nn.Module):
+    """Two blocks sharing one mask tensor, rebuilt in both for another length."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_CausalMask(), _CausalMask()])
+        self.blocks[1].mask = self.blocks[0].mask
+
+    def forward(self, x):
+        if self.blocks[0].mask.shape[0] != x.shape[1]:
+            self.blocks[0].mask = self.blocks[1].mask = torch.full((x.shape[1],) * 2, float("-inf")).triu(1)
+        return sum(block(x) for block in self.blocks)
+
+
+class _LazyStatistic(nn.Module):
+    """A non-persistent running statistic made at the first forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("running", None, persistent=False)
+
+    def forward(self, x):
+        mean = x.detach().mean((0, 1))
+        self.running = mean.clone() if self.running is None else self.running.mul_(0.9).add_(0.1 * mean)
+        return self.out((self.inp(x) - self.running).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["rotary", "shared-masks", "lazy-statistic"])
+def test_a_rollback_across_buffers_grown_shared_or_made_since_the_copy_lets_training_go_on(kind):
+    """Found by the session's second audit of its own fixes. A rotary cache given back the copy's shape no longer
+    matched its module's length attribute (the next forward raised); of two blocks sharing a rebuilt mask only the
+    first was reshaped ("size mismatch"); a non-persistent statistic made at the first forward was in no copy, so one
+    broken by a NaN sample was never repaired (a rollback at every interval). Now buffers rebuilt, made or dropped
+    since the copy stay as they are, and the copy is taken again once the first forward has made its buffers."""
+    torch.manual_seed(0)
+    model = {"rotary": _Rotary, "shared-masks": _SharedMasks, "lazy-statistic": _LazyStatistic}[kind]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    short, long_ = torch.randn(32, 4, 8), torch.randn(32, 6, 8)
+    with Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=2)) as ctl:
+        for step in range(8):
+            x = (long_ if 2 <= step and kind != "lazy-statistic" else short)[step * 4 : step * 4 + 4].clone()
+            if kind == "lazy-statistic" and step == 2:
+                x[0, 0, 0] = float("nan")  # the statistic turns NaN; the weights' update is skipped
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), (x[:, -1, 1] > 0).long())
+            ctl.step(loss * float("nan") if step in (2, 3) else loss)  # the interval of the rebuild diverges
+        assert ctl.rollbacks == 1 and ctl.steps == 8
+    if kind == "lazy-statistic":  # repaired by the rollback, and finite since
+        assert bool(torch.isfinite(model.running).all())
 
 
 def test_a_rollback_in_the_first_interval_brings_back_a_mask_made_at_the_first_forward():
@@ -659,22 +732,26 @@ def test_one_autocast_context_around_the_whole_loop_trains_as_one_a_step(policy)
     loop (supported: no warning), every forward after the first computed with the first step's weights (the loss went
     1.396 -> 1.365 in 16 steps, against 0.975 with a context a step). Now the cache is cleared after each step."""
     runs = []
-    for outer in (True, False):
+    for outer in ("ctl", "users-own", None):  # the user's own torch.autocast around the loop too (the second audit)
         model, opt = model_and_optimizer()
         ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=4))
         losses = []
-        with ctl.autocast() if outer else contextlib.nullcontext():
+        dtype = torch.bfloat16 if policy == "bf16" else torch.float16
+        around = {"ctl": ctl.autocast, "users-own": functools.partial(torch.autocast, "cpu", dtype=dtype)}
+        with around.get(outer, contextlib.nullcontext)():
             for x, y in ctl.loader(data(), batch_size=16, epochs=1):
-                with contextlib.nullcontext() if outer else ctl.autocast():
+                with contextlib.nullcontext() if outer == "ctl" else ctl.autocast():
                     loss = nn.functional.cross_entropy(model(x), y)
                 ctl.step(loss)
                 losses.append(float(loss.detach()))
         ctl.close()
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (outer_losses, outer_weights), (step_losses, step_weights) = runs
-    assert outer_losses == step_losses and len(set(outer_losses)) == len(outer_losses)
-    for a, b in zip(outer_weights, step_weights, strict=True):
-        assert torch.equal(a, b)
+    _, (step_losses, step_weights) = runs[1:], runs[-1]
+    assert len(set(step_losses)) == len(step_losses)
+    for losses, weights in runs[:-1]:
+        assert losses == step_losses
+        for a, b in zip(weights, step_weights, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_a_step_after_a_forward_outside_autocast_warns_once_while_a_layer_is_16_bit(caplog):

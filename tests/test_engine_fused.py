@@ -262,6 +262,21 @@ def test_a_second_optimizers_overflow_skips_the_step_backs_off_the_scale_and_its
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_second_optimizers_empty_parameter_under_fp16_steps(fused):
+    """The overflow check of the unheld gradients took their infinity norm, which torch refuses for an empty tensor:
+    every step raised (the second audit of this session's fix)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Linear(6, 0)).to(DEVICE)
+    engine = StepEngine(model, torch.optim.SGD(model[0].parameters(), lr=0.1), DEVICE, fused=fused)
+    engine.set_precisions([Precision.FP16, Precision.FP16])
+    x, y = batches(1)[0]
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model[0](x), y) + model[1](x).float().sum()
+    assert not engine.backward_and_step(loss)[1]
+    assert model[1].weight.grad is not None and model[1].weight.grad.shape == (0, 6)
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 def test_a_non_finite_loss_over_finite_gradients_is_skipped_on_both_paths(deferred):
     """An infinite loss term without a gradient leaves the gradients finite: the update is skipped on both paths.

@@ -427,10 +427,11 @@ class Controller:
         then taken again before the first step, once, into the same memory.)
         """
         state = self.model.state_dict(keep_vars=True)
-        # The entries' names too: a buffer made at the first forward (version 0) is not in the copy taken before it,
-        # and a rollback to that copy raised "Missing key(s)". Tensors only: a module's extra state need not be one.
-        versions = sum(t._version for t in state.values() if isinstance(t, torch.Tensor))
-        return (versions, tuple(state)), getattr(self.engine.optimizer, "state", None)
+        buffers = dict(self.model.named_buffers())  # the non-persistent ones too, which the copy holds as well
+        # The entries' names too: a buffer made at the first forward (version 0) is not in the copy taken before it.
+        # Tensors only: a module's extra state need not be one.
+        versions = sum(t._version for t in [*state.values(), *buffers.values()] if isinstance(t, torch.Tensor))
+        return (versions, (*state, *buffers)), getattr(self.engine.optimizer, "state", None)
 
     def _retake_copy_if_written(self, training_starts: bool) -> None:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
@@ -597,10 +598,11 @@ class Controller:
                 recording_ms=self._recorded_ms,
             )
             self._timer.start()
-        if self.engine.precision.active:  # one `with ctl.autocast():` around the whole loop
-            # autocast caches each weight's 16-bit cast until its region closes: the next forward in it computed with
-            # the weights before this update (and a rollback), every step of the run (until 2026-12-06)
-            torch.clear_autocast_cache()
+        # autocast caches each weight's 16-bit cast until its outermost region closes: inside one around the whole
+        # loop (ctl's or the user's own torch.autocast), the next forward computed with the weights before this update
+        # (and a rollback), every step of the run (until 2026-12-06). Cleared, it casts them again, as a region a
+        # step would.
+        torch.clear_autocast_cache()
 
     @property
     def skipped_steps(self) -> int:

@@ -300,7 +300,7 @@ class StepEngine:
 
         None where there is none to check: no such parameter has a gradient.
         """
-        grads = [p.grad for p in self._unheld_params if p.grad is not None]
+        grads = [p.grad for p in self._unheld_params if p.grad is not None and p.grad.numel()]  # (inf norm: no empty)
         if not grads:
             return None
         largest = torch.stack([norm.to(self.device) for norm in torch._foreach_norm(grads, math.inf)])

@@ -397,8 +397,7 @@ class RollbackGuard:
             return False
         if target.copied is not None:  # the host reads the offloaded tensors below (the deep copy)
             target.copied.synchronize()
-        saved, transient = target.model.tree(), target.transient.tree()
-        _reshape_buffers(self.model, {**saved, **transient})
+        saved, transient = _as_buffers_are_now(self.model, target.model.tree(), target.transient.tree())
         self.model.load_state_dict(saved)
         with torch.no_grad():
             for name, value in transient.items():
@@ -420,19 +419,30 @@ class RollbackGuard:
         return True
 
 
-def _reshape_buffers(model: nn.Module, saved: Mapping[str, Any]) -> None:
-    """Gives each buffer rebuilt in another shape since the copy a tensor of the copy's shape, to load into.
+def _as_buffers_are_now(
+    model: nn.Module, saved: dict[str, Any], transient: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The copy's model state and non-persistent buffers, but for buffers made, dropped or rebuilt since the copy.
 
-    A rotary cache or a mask grown for longer sequences; on its device and in its dtype. Loaded in place, the copy's
-    shape did not fit: a restore raised "size mismatch" (until 2026-12-06).
+    Those are kept as they are now: a rotary cache or a mask grown for longer sequences (its module's own attributes,
+    ``max_seq_len_cached``, describe the new shape), a mask made at the first batch that needs it
+    (``register_buffer("mask", None)`` filled in), one set back to ``None``. Loaded from the copy, a rebuilt buffer
+    raised "size mismatch" and one made or dropped since "Missing key(s)" or "Unexpected key(s)" (until 2026-12-06);
+    given the copy's shape, the module's attributes no longer matched it, and its next forward failed.
     """
-    buffers = dict(model.named_buffers())
-    for name, value in saved.items():
-        current = buffers.get(name)
-        if current is not None and isinstance(value, torch.Tensor) and current.shape != value.shape:
-            module_name, _, attribute = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            module._buffers[attribute] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+    now = {name: b for name, b in model.named_buffers(remove_duplicate=False)}
+    persistent_now = model.state_dict(keep_vars=True)
+
+    def changed(name: str, value: Any) -> bool:
+        current = now.get(name)
+        return current is not None and isinstance(value, torch.Tensor) and current.shape != value.shape
+
+    loadable = {name: value for name, value in saved.items() if name in persistent_now}  # dropped since: left out
+    for name, current in persistent_now.items():
+        if name not in loadable or changed(name, loadable[name]):  # made or rebuilt since: as it is
+            loadable[name] = current
+    kept = {name: value for name, value in transient.items() if name in now and not changed(name, value)}
+    return loadable, kept
 
 
 def _transient_buffers(model: nn.Module, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:

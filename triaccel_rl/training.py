@@ -893,7 +893,9 @@ class TrainingRun:
         if sizes is not None:
             # -3 ran passes over all but 3 samples before the memory model refused it; [] failed in min(), 2.5 in a
             # slice: each named no argument.
-            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, np.ndarray)):
+            if isinstance(sizes, (str, bytes)) or not (
+                isinstance(sizes, Sequence) or (isinstance(sizes, np.ndarray) and sizes.ndim == 1)
+            ):
                 raise TypeError(f"sizes={sizes!r} must be a sequence of whole numbers >= 1, or None")
             if len(sizes) == 0:  # (not `not sizes`: a NumPy array's truth value is ambiguous)
                 raise ValueError(f"sizes={sizes!r} must hold at least one micro-batch size (or be None: the defaults)")
