@@ -190,6 +190,7 @@ def test_bad_inputs():
         (data()[0], "dataset must be a pair"),
         ((data()[0].numpy(), data()[1].numpy()), r"\['ndarray', 'ndarray'\]"),
         ((data()[0], data()[1][:10]), "dataset has 512 inputs and 10 labels"),
+        ((data()[0], torch.tensor(3)), "dataset's labels must have a sample dimension first; got a 0-d tensor"),
     ]:
         with pytest.raises(ValueError, match=message):
             next(ctl.loader(dataset, batch_size=16))
@@ -726,17 +727,22 @@ def test_a_no_good_state_error_at_an_intervals_end_counts_its_skipped_steps_once
     assert resumed.steps == 12 and resumed.skipped_steps == 8
 
 
-@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+@pytest.mark.parametrize("policy", ["bf16", "fp16", "mixed"])
 def test_one_autocast_context_around_the_whole_loop_trains_as_one_a_step(policy):
     """autocast caches each weight's 16-bit cast until its region closes: with one ``with ctl.autocast():`` around the
     loop (supported: no warning), every forward after the first computed with the first step's weights (the loss went
-    1.396 -> 1.365 in 16 steps, against 0.975 with a context a step). Now the cache is cleared after each step."""
+    1.396 -> 1.365 in 16 steps, against 0.975 with a context a step). Now the cache is cleared after each step. And
+    the backward ran inside that region: under a mixed map the fp32 layer's gradients came from bf16 matmuls."""
     runs = []
     for outer in ("ctl", "users-own", None):  # the user's own torch.autocast around the loop too (the second audit)
         model, opt = model_and_optimizer()
-        ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=4))
+        if policy == "mixed":  # held: no decision in the run
+            ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1000))
+            ctl.engine.set_precisions(["bf16", "fp32", "bf16"])
+        else:
+            ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=4))
         losses = []
-        dtype = torch.bfloat16 if policy == "bf16" else torch.float16
+        dtype = torch.float16 if policy == "fp16" else torch.bfloat16
         around = {"ctl": ctl.autocast, "users-own": functools.partial(torch.autocast, "cpu", dtype=dtype)}
         with around.get(outer, contextlib.nullcontext)():
             for x, y in ctl.loader(data(), batch_size=16, epochs=1):

@@ -302,6 +302,30 @@ def test_a_non_finite_loss_over_finite_gradients_is_skipped_on_both_paths(deferr
         assert not engine.optimizer.state_dict()["state"]  # no momentum buffer: no update ever ran
 
 
+def test_a_step_pre_hook_that_raises_under_fp16_counts_no_clean_step():
+    """Reference path: ``GradScaler.update()`` ran after a pre-hook raised and counted the step that did not go in as
+    clean: the growth tracker read 39 after 38 applied steps, and the scale would double a step early."""
+    model, engine = make("sgd", False)
+    engine.set_precisions([Precision.FP16, Precision.FP32])
+    calls = []
+
+    def refuse_once(optimizer, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    engine.optimizer.register_step_pre_hook(refuse_once)
+    for x, y in batches(4):
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        try:
+            engine.backward_and_step(loss)
+        except KeyboardInterrupt:
+            pass
+    assert engine.applied_steps() == 3
+    assert engine.state_dict()["scaler"]["_growth_tracker"] == 3
+
+
 def test_a_step_hook_that_raises_leaves_the_next_fused_step_clean():
     """As on the reference path (test_engine): a pre-hook raising once leaves no gradient behind for the next step."""
     data = batches(2)

@@ -1638,3 +1638,37 @@ def test_a_map_set_between_a_checkpointed_forward_and_its_backward_is_recomputed
         return model[0].weight.grad
 
     assert torch.equal(gradient(set_between=True), gradient(set_between=False))
+
+
+def test_an_interrupted_layer_forward_leaves_autocast_off_after_the_context() -> None:
+    """A Ctrl-C inside a layer's forward skips torch's always_call post-hooks: the layer's region stayed open, the
+    context closed it after its own outer region, and that region gave back the state it found on entry, bf16 on:
+    autocast stayed on for the rest of the process, and a plain matmul ran in bf16 after ``close()``."""
+
+    class Interrupted(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise KeyboardInterrupt
+
+    model = nn.Sequential(nn.Linear(6, 6), Interrupted(6, 6), nn.Linear(6, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp16", "fp32"])
+    with pytest.raises(KeyboardInterrupt), lp.context():
+        model(torch.randn(3, 6))
+    assert not lp._stack and not torch.is_autocast_enabled("cpu")
+    assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32
+
+
+def test_a_copy_of_the_model_made_after_the_hooks_closes_its_regions_on_the_stack_it_opened_them_on() -> None:
+    """An EMA copy (``copy.deepcopy``) made after the hooks: the post-hook, a bound method, was copied with a copy of
+    its ``LayerPrecision``, the pre-hook (a closure) was not, so the copy's layers opened regions on one stack and
+    closed them on another; the regions left open turned autocast on for good when the context closed."""
+    import copy
+
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16", "fp32"])
+    ema = copy.deepcopy(model)
+    with lp.context():
+        out = ema(torch.randn(3, 6))
+        assert not lp._stack
+    assert out.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")

@@ -315,6 +315,9 @@ class Controller:
             pair = isinstance(dataset, (tuple, list))
             kinds = [type(t).__name__ for t in dataset] if pair else type(dataset).__name__
             raise ValueError(f"dataset must be a pair (inputs, labels) of tensors; got {kinds}")
+        for name, tensor in zip(("inputs", "labels"), dataset, strict=True):
+            if tensor.dim() == 0:  # len() below raised a bare TypeError
+                raise ValueError(f"dataset's {name} must have a sample dimension first; got a 0-d tensor")
         if len(dataset[0]) != len(dataset[1]):
             raise ValueError(f"dataset has {len(dataset[0])} inputs and {len(dataset[1])} labels: they must pair up")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -500,7 +503,10 @@ class Controller:
         batch's earlier micro-batches', would have gone into the update of the batch served again in its place.
         """
         try:
-            self.engine.scale_loss(loss).backward()
+            # Outside autocast, as after a `with ctl.autocast():` a step: inside one around the whole loop the backward
+            # ran under it, and an fp32 layer's gradients were computed with bf16 matmuls (until 2026-12-06)
+            with torch.autocast(self.device.type, enabled=False):
+                self.engine.scale_loss(loss).backward()
         except BaseException as error:
             self.engine.zero_grad()
             self._micro_loss = None

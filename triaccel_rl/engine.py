@@ -584,7 +584,7 @@ class StepEngine:
         self.update_reached = False
         self._check_optimizer_params()
         scaler = self.grad_scaler
-        unscaled = False
+        unscaled = finished = False
         try:
             unheld_overflow = False
             if scaler is not None:
@@ -613,10 +613,20 @@ class StepEngine:
                             self.optimizer.step()
                     finally:
                         self._stepping = False
+            finished = True
         finally:  # also after a step that raised (a user's step hook): the next step starts clean
             if unscaled:
                 assert scaler is not None
+                scale, tracker = scaler._scale, scaler._growth_tracker
+                held = None
+                if not (finished or self.update_reached) and scale is not None and tracker is not None:
+                    held = scale.clone(), tracker.clone()
                 scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
+                # An update that did not go in (a step pre-hook raised) is no clean step: GradScaler counted it, and
+                # the scale grew a step early (until 2026-12-06). A back-off stays. (In place: update() keeps both.)
+                if held is not None and scale is not None and tracker is not None and bool(scale >= held[0]):
+                    scale.copy_(held[0])
+                    tracker.copy_(held[1])
             self.zero_grad()
         return stats, skipped
 

@@ -192,7 +192,9 @@ class LayerPrecision:
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+                # A closure, as the pre-hook: a bound method was deep-copied with the model (an EMA copy made after the
+                # build), and the copy's layers closed their regions on another stack than they opened them on.
+                self._handles.append(module.register_forward_hook(self._make_post_hook(), always_call=True))
             elif isinstance(module, _NATIVE_MIXED_TYPES):
                 continue
             elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
@@ -383,7 +385,14 @@ class LayerPrecision:
                 enabled=outer_dtype is not None,
                 cache_enabled=cache_enabled,
             ):
-                yield
+                try:
+                    yield
+                finally:
+                    # Inside the outer region: each layer region gives back the state it found, and closed after the
+                    # outer one, they turned autocast on for the rest of the process (a Ctrl-C in a layer's forward,
+                    # which skips torch's always_call post-hooks, until 2026-12-06).
+                    while len(self._stack) > outer[4]:
+                        self._stack.pop().region.__exit__(None, None, None)
         finally:
             self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
@@ -492,6 +501,12 @@ class LayerPrecision:
         region.__enter__()
         self._stack.append(_Region(module, region, False, precision.dtype if model_block is None else ours, hand_up))
         return None
+
+    def _make_post_hook(self) -> Any:
+        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            return self._post_hook(module, args, output)
+
+        return post_hook
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
