@@ -28,7 +28,7 @@ from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
 from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
-from triaccel_rl.engine import StepEngine, check_max_grad_norm
+from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
 from triaccel_rl.errors import NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.loader import ElasticLoader
@@ -574,8 +574,17 @@ class Controller:
         except BaseException:
             if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
                 self._count_step()
+                # And the rest of the step: its statistics, and the decision when due (until 2026-12-06 both were
+                # lost, and every later decision came a step late). Then the hook's error.
+                if self.engine.last_grad_stats is not None:
+                    self._after_update(loss, self.engine.last_grad_stats)
             raise
         self._count_step()
+        self._after_update(loss, grads)
+
+    def _after_update(self, loss: torch.Tensor, grads: GradStats) -> None:
+        """What follows a counted update: its statistics, the memory reading, the trial or a decision when due."""
+        assert self._moments is not None
         self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
         if self.device.type == "cuda":

@@ -248,6 +248,9 @@ class StepEngine:
             self._scale_lrs_hook = scale_lrs
             self._scale_handle = optimizer.register_step_pre_hook(scale_lrs)
             self._own_lrs: list[Any] | None = None  # the groups' own LRs while the scaled ones are in (_scaled_lrs)
+            self.last_grad_stats: GradStats | None = None
+            """The last step's gradient statistics, kept for a caller whose step raised after the update (a step
+            post-hook): None until a step has computed them."""
             self.update_reached = False
             """Whether the last step's update was applied (or, on the fused path, launched), set even when the step
             raised after it (a step post-hook): a caller knows its batch was trained on."""
@@ -582,6 +585,7 @@ class StepEngine:
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = False
+        self.last_grad_stats = None
         self._check_optimizer_params()
         scaler = self.grad_scaler
         unscaled = finished = False
@@ -597,6 +601,7 @@ class StepEngine:
                         found.fill_(1.0)
                     self._drop_unheld_gradients()
             stats, norms = self._grad_stats()
+            self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
             if not skipped:
@@ -1322,6 +1327,7 @@ class StepEngine:
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = False
+        self.last_grad_stats = None
         scaling = self.precision.needs_grad_scaler
         self._check_optimizer_params()
         try:
@@ -1368,6 +1374,7 @@ class StepEngine:
             skip=skip,
         )
         self.update_reached = True
+        self.last_grad_stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)
         try:
             # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's
             # optimizer (which never steps here) warns at each step that it was stepped before the optimizer.
@@ -1393,7 +1400,7 @@ class StepEngine:
             # Only where a second optimizer's parameters got gradients under fp16: one sync, for its step to skip them
             if unheld_overflow is not None and bool(unheld_overflow):
                 self._drop_unheld_gradients()
-        return GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite), result.skipped
+        return self.last_grad_stats, result.skipped
 
     def _fused_mean_sq_norm(self) -> np.ndarray:
         optimizer = self.fused_optimizer
