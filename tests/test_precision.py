@@ -1672,3 +1672,27 @@ def test_a_copy_of_the_model_made_after_the_hooks_closes_its_regions_on_the_stac
         out = ema(torch.randn(3, 6))
         assert not lp._stack
     assert out.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    """autocast leaves float64 ops alone: a float64 layer set to bf16 computed in float64 while the map, the policies
+    and the cost model said bf16, with nothing said. It still runs as it is (a whole float64 model trains under the
+    controller), and a warning names it, once."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6).double(), nn.Linear(6, 2))
+    lp = LayerPrecision(model, device_type="cpu")
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        lp.set(["fp32", "fp32", "fp32"])
+        assert "float64" not in caplog.text
+        lp.set(["bf16", "bf16", "bf16"])
+        lp.set(["fp16", "fp16", "fp16"])
+    warnings = [r.getMessage() for r in caplog.records if "float64 parameters" in r.getMessage()]
+    assert warnings == [
+        "layer 1 has float64 parameters: autocast leaves float64 alone, so it computes in float64 whatever its "
+        "precision says (bf16); the cost model counts the precision. Cast it to float32 for the controller to set it"
+    ]
+    seen: dict[str, torch.dtype] = {}
+    for name in ("0", "1", "2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen.update({name: out.dtype}))
+    with lp.context():
+        model[2](model[1](model[0](torch.randn(3, 6)).double()).float())
+    assert seen == {"0": torch.float16, "1": torch.float64, "2": torch.float16}

@@ -156,6 +156,14 @@ class LayerPrecision:
         self._sentinel = next(p for _, module, _ in entries for p in module.parameters() if p.requires_grad)
         self.layers: list[LayerInfo] = [info for _, _, info in entries]
         self._modules = [module for _, module, _ in entries]
+        # Controllable layers of float64 parameters: autocast leaves float64 ops alone (see set())
+        self._float64_layers = {
+            index
+            for index, module in enumerate(self._modules)
+            if self.layers[index].controllable
+            and any(p.dtype == torch.float64 for p in module.parameters(recurse=False))
+        }
+        self._float64_warned: set[int] = set()
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
         self._active = False
@@ -273,6 +281,18 @@ class LayerPrecision:
                 f"{len(self._controllable_index)} (controllable layers)"
             )
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
+        # A float64 layer set to 16 bits computes in float64 all the same, while the map, the policies and the cost
+        # model count the 16 bits: said once a layer (nothing was, until 2026-12-06).
+        lowered = [i for i in self._float64_layers - self._float64_warned if self.precisions[i] is not Precision.FP32]
+        for index in lowered:
+            _log.warning(
+                "layer %s has float64 parameters: autocast leaves float64 alone, so it computes in float64 whatever "
+                "its precision says (%s); the cost model counts the precision. Cast it to float32 for the controller "
+                "to set it",
+                self.layers[index].name,
+                self.precisions[index].name.lower(),
+            )
+        self._float64_warned.update(lowered)
         if self._active:
             self._follow_map()
 
