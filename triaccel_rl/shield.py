@@ -126,11 +126,15 @@ def infinite_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
                 [ True,  True]])}
     """
     buffers = dict(model.named_buffers())
-    return {
-        name: torch.isfinite(buffers[name])
-        for name in nonfinite_buffers(model)
-        if not bool(torch.isnan(buffers[name]).any())
-    }
+    masks = {name: _by_design(buffers[name]) for name in nonfinite_buffers(model)}
+    return {name: mask for name, mask in masks.items() if mask is not None}
+
+
+def _by_design(buffer: torch.Tensor) -> torch.Tensor | None:
+    """``buffer``'s ``isfinite`` mask where it is a floating-point buffer holding infinities and no NaN, else None."""
+    if not buffer.is_floating_point() or not buffer.numel() or bool(torch.isfinite(buffer).all()):
+        return None
+    return None if bool(torch.isnan(buffer).any()) else torch.isfinite(buffer)
 
 
 class BufferCheck:
@@ -153,12 +157,11 @@ class BufferCheck:
         # 2026-12-06 a mask rebuilt for a shorter batch read as broken and started a rollback, which then failed.
         new = [name for name, b in buffers.items() if self._seen.get(name) != b.shape]
         for name in new:
-            b = buffers[name]
-            self._seen[name] = b.shape
+            self._seen[name] = buffers[name].shape
             self.expected.pop(name, None)
-            if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
-                if not bool(torch.isnan(b).any()):
-                    self.expected[name] = torch.isfinite(b)
+            mask = _by_design(buffers[name])
+            if mask is not None:
+                self.expected[name] = mask
         return nonfinite_buffers(self.model, self.expected)
 
 
