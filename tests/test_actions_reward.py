@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_a_list_mixing_booleans_and_integers_is_no_action() -> None:
 
 def test_encode_rejects_unknown_lr_scale() -> None:
     action = Action((Precision.FP32, Precision.FP32), 0.75, BatchMove.KEEP)
-    with pytest.raises(ValueError, match=r"lr_scale 0.75 is not one of \(0.5, 1.0, 2.0\)"):
+    with pytest.raises(ValueError, match=r"lr_scale=0.75 is not one of \(0.5, 1.0, 2.0\)"):
         encode(action, SMALL)
 
 
@@ -141,6 +142,17 @@ def test_an_action_takes_codes_and_names_and_refuses_what_is_neither() -> None:
         Action(("fp8",), 1.0, BatchMove.KEEP)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"group_precisions='bf16' must be a sequence of precisions"):
         Action("bf16", 1.0, BatchMove.KEEP)  # type: ignore[arg-type]
+
+
+def test_an_actions_lr_scale_is_a_positive_finite_number() -> None:
+    """``lr_scale=True`` was kept as True and encoded as the 1.0 rung; "1.0" gave "lr_scale 1.0 is not one of (...,
+    1.0, ...)" from encode."""
+    for bad in (True, "1.0", None, 0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=rf"^lr_scale={re.escape(repr(bad))} must be a positive finite number"):
+            Action((Precision.FP32,), bad, BatchMove.KEEP)  # type: ignore[arg-type]
+    action = Action((Precision.FP32,), np.float32(0.5), BatchMove.KEEP)  # type: ignore[arg-type]
+    assert type(action.lr_scale) is float and action.lr_scale == 0.5
+    assert Action((Precision.FP32,), 2, BatchMove.KEEP).lr_scale == 2.0
 
 
 def test_encode_rejects_wrong_group_count() -> None:

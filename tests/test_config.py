@@ -140,6 +140,10 @@ def test_profile_loads_from_tmp_json(tmp_path: Path) -> None:
     assert profile.time(Precision.FP16) == 0.25
     assert profile.memory(Precision.FP16) == 0.5
     assert profile.fixed_ms == 0.75
+    # A name or a code, as Precision.parse takes them (before: AttributeError "'str' object has no attribute 'name'").
+    assert profile.time("bf16") == profile.time(1) == 0.5 and profile.memory("fp16") == 0.5
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
+        profile.time("fp8")
     assert profile.throughput_scale == 3.0e-4
 
 
@@ -468,6 +472,20 @@ def test_controller_n_groups_edges_allowed(edge: int) -> None:
     assert ControllerConfig(n_groups=edge).n_groups == edge
 
 
+def test_controller_lr_scales_within_what_the_observation_reads() -> None:
+    """Rungs below 2**-10 all read -10 (the observation's clip): the heuristic took 1e-4's flat-loss "keep" as the
+    1e-3 rung, and raised the LR x4 every interval."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^lr_scales=\(0\.0001, 0\.001, 1\.0\) must lie in \[2\*\*-10, 2\*\*10\] = \[0\.000976562, 1024\]",
+    ):
+        ControllerConfig(lr_scales=(1e-4, 1e-3, 1.0), max_lr_change=4.0)
+    with pytest.raises(ConfigError, match=r"must lie in \[2\*\*-10, 2\*\*10\]"):
+        ControllerConfig(lr_scales=(1.0, 1025.0), max_lr_change=1.0)
+    edges = (2.0**-10, 1.0, 2.0**10)
+    assert ControllerConfig(lr_scales=edges, max_lr_change=1.0).lr_scales == edges
+
+
 def test_controller_lr_scales_need_one() -> None:
     with pytest.raises(ConfigError, match=r"lr_scales=\(0.5, 2.0\) must contain 1.0"):
         ControllerConfig(lr_scales=(0.5, 2.0))
@@ -599,13 +617,12 @@ def test_preset_overrides_are_validated() -> None:
 
 # ---------------------------------------------------------------- every field's type, by field
 
+NUMBER_TYPES = ("float", "int", "float | None", "int | None")  # None: the field's "off"
 NUMBER_FIELDS = [
     (MemoryBudget, "bytes", "memory budget bytes"),
     (MemoryBudget, "fraction", "memory budget fraction"),
     (MemoryBudget, "cpu_capacity_bytes", "cpu_capacity_bytes"),
-    *[(HeuristicConfig, f.name, f.name) for f in dataclasses.fields(HeuristicConfig) if f.type in ("float", "int")],
-    (HeuristicConfig, "anneal_plateau", "anneal_plateau"),
-    (HeuristicConfig, "ramp_batch_after", "ramp_batch_after"),
+    *[(HeuristicConfig, f.name, f.name) for f in dataclasses.fields(HeuristicConfig) if f.type in NUMBER_TYPES],
     *[(RewardConfig, f.name, f"reward {f.name}") for f in dataclasses.fields(RewardConfig)],
     *[(ElasticConfig, f.name, f.name) for f in dataclasses.fields(ElasticConfig) if f.type in ("float", "int")],
     *[(ControllerConfig, f.name, f.name) for f in dataclasses.fields(ControllerConfig) if f.type in ("float", "int")],
@@ -617,7 +634,10 @@ def test_the_number_fields_listed_are_every_number_field() -> None:
     listed = {(cls.__name__, name) for cls, name, _ in NUMBER_FIELDS}
     assert ("HeuristicConfig", "speed_trial_steps") in listed and ("ControllerConfig", "max_interval_factor") in listed
     assert ("ElasticConfig", "warmup_steps") in listed and ("RewardConfig", "clip") in listed
-    assert len(listed) == 3 + 14 + 6 + 5 + 8
+    # The optional ones too: anneal_release_after's check could be deleted unseen while the table named two by hand.
+    optional = {("HeuristicConfig", n) for n in ("anneal_plateau", "anneal_release_after", "ramp_batch_after")}
+    assert optional <= listed
+    assert len(listed) == 3 + 15 + 6 + 5 + 8
 
 
 @pytest.mark.parametrize("bad", [True, False, "0.5", None, [1]], ids=["True", "False", "str", "None", "list"])
@@ -627,7 +647,7 @@ def test_the_number_fields_listed_are_every_number_field() -> None:
 def test_a_number_field_refuses_what_is_not_a_number(cls: type, name: str, label: str, bad: object) -> None:
     """Before the fix, True passed as 1 (max_overflow_rate, max_batch_growth, bytes, every reward weight...), False as
     0, and a string or None raised a TypeError from the range's comparison (or was taken: a str use_fp16)."""
-    if bad is None and name in ("bytes", "anneal_plateau", "ramp_batch_after"):
+    if bad is None and name in ("bytes", "anneal_plateau", "anneal_release_after", "ramp_batch_after"):
         return  # None is their "off"
     with pytest.raises(
         ConfigError, match=rf"^{re.escape(f'{label}={bad!r}')} must be a (whole )?number .*; got {type(bad).__name__}$"

@@ -65,7 +65,7 @@ def encode(action: Action, config: ControllerConfig) -> np.ndarray:
     if len(action.group_precisions) != config.n_groups:
         raise ValueError(f"action has {len(action.group_precisions)} groups; config has {config.n_groups}")
     if action.lr_scale not in config.lr_scales:
-        raise ValueError(f"lr_scale {action.lr_scale} is not one of {config.lr_scales}")
+        raise ValueError(f"lr_scale={action.lr_scale!r} is not one of {config.lr_scales}")
     return np.array(
         [int(p) for p in action.group_precisions] + [config.lr_scales.index(action.lr_scale), int(action.batch_move)],
         dtype=np.int64,

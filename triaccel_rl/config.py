@@ -223,13 +223,13 @@ class HardwareProfile:
                 raise ConfigError(f'hardware profile field "{name}"={value!r} must be {kind}')
             object.__setattr__(self, name, float(value))  # a NumPy number would not go into save()'s JSON
 
-    def time(self, precision: Precision) -> float:
-        """Step-time factor of ``precision`` relative to fp32."""
-        return self.time_factor[precision.name.lower()]
+    def time(self, precision: Precision | str | int) -> float:
+        """Step-time factor of ``precision`` (a ``Precision``, its name or its code) relative to fp32."""
+        return self.time_factor[Precision.parse(precision).name.lower()]
 
-    def memory(self, precision: Precision) -> float:
-        """Activation-memory factor of ``precision`` relative to fp32."""
-        return self.memory_factor[precision.name.lower()]
+    def memory(self, precision: Precision | str | int) -> float:
+        """Activation-memory factor of ``precision`` (a ``Precision``, its name or its code) relative to fp32."""
+        return self.memory_factor[Precision.parse(precision).name.lower()]
 
     @classmethod
     def resolve(
@@ -693,7 +693,11 @@ class ControllerConfig:
             any decision that changes the configuration (so a rollback never crosses a change: in the
             ``Controller`` the change's copy is restored once before any older one, as the change may be what failed);
             a rollback then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
-        cost_mode: charge measured time and memory, or those of a hardware profile.
+        cost_mode: whether the ``Controller`` reads the step times of your loop: ``measured`` (the default; on a GPU
+            they drive the speed trial between bf16 and fp16 and the adaptive decision interval) or ``profile``
+            (no speed trial, a fixed interval: time is what a hardware profile says, which the ``Controller`` does
+            not charge). ``compare``, ``run_controller``, ``TrainingRun`` and ``TriAccel-v0`` take their cost mode
+            from their own ``cost_mode`` argument, not from this field.
         ema_decay: smoothing of per-step signals (loss, gradient moments), in (0, 1).
         memory: the memory budget.
         heuristic: thresholds of the heuristic policy.
@@ -761,6 +765,14 @@ class ControllerConfig:
             raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
         if not self.lr_scales or any(not (_is_finite_number(s) and s > 0) for s in self.lr_scales):
             raise ConfigError(f"lr_scales={self.lr_scales} must be a non-empty tuple of positive numbers")
+        if any(not (2.0**-OBS_HIGH <= s <= 2.0**OBS_HIGH) for s in self.lr_scales):
+            # The observation reads the LR multiplier as log2, clipped to +-OBS_HIGH: rungs past it all read alike, and
+            # the heuristic, taking the nearest rung to what it reads, would move off a rung it meant to keep.
+            raise ConfigError(
+                f"lr_scales={self.lr_scales} must lie in [2**-{OBS_HIGH:g}, 2**{OBS_HIGH:g}] = "
+                f"[{2.0**-OBS_HIGH:g}, {2.0**OBS_HIGH:g}] (the observation reads the LR multiplier's log2 up to "
+                f"+-{OBS_HIGH:g})"
+            )
         if 1.0 not in self.lr_scales:
             raise ConfigError(f"lr_scales={self.lr_scales} must contain 1.0 (the neutral choice)")
         if any(a >= b for a, b in itertools.pairwise(self.lr_scales)):

@@ -1,16 +1,19 @@
 """Plain data types shared by every stage: precisions, step statistics, signals, actions, the policy protocol.
 
-This module imports nothing else from the package, so any stage can depend on it.
+This module imports only `triaccel_rl.errors` (which imports nothing of ours), so any stage can depend on it.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from triaccel_rl.errors import is_real
 
 __all__ = [
     "Action",
@@ -245,7 +248,8 @@ class Action:
         integer precision failed deep in the executor on a missing attribute.
 
         Raises:
-            ValueError: a precision or batch move that is none, naming it and what is allowed.
+            ValueError: a precision or batch move that is none, or an LR scale that is not a positive finite number,
+                naming it and what is allowed.
         """
         if isinstance(self.group_precisions, (str, bytes)) or not hasattr(self.group_precisions, "__iter__"):
             raise ValueError(f"group_precisions={self.group_precisions!r} must be a sequence of precisions")
@@ -254,6 +258,10 @@ class Action:
         if isinstance(move, bool) or not isinstance(move, (int, np.integer)) or int(move) not in (0, 1, 2):
             raise ValueError(f"batch_move={move!r} must be a BatchMove: shrink (0), keep (1) or grow (2)")
         object.__setattr__(self, "batch_move", BatchMove(int(move)))
+        scale = self.lr_scale  # True passed as 1.0 before, into encode() and the logs
+        if not (is_real(scale) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"lr_scale={scale!r} must be a positive finite number (a multiplier on the scheduled LR)")
+        object.__setattr__(self, "lr_scale", float(scale))
 
 
 @runtime_checkable
