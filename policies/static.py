@@ -1,4 +1,9 @@
-"""``StaticPolicy``: one fixed configuration for the whole run (the baselines users run today)."""
+"""``StaticPolicy``: one fixed configuration for the whole run (the baselines users run today).
+
+The executor's shield holds for it as for every policy: under fp16, an interval with more than
+``HeuristicConfig.max_overflow_rate`` of its steps skipped runs the next in bf16 (``max_overflow_rate=1.0`` turns that
+off).
+"""
 
 from __future__ import annotations
 

@@ -1724,3 +1724,61 @@ def test_a_loop_over_epochs_with_total_epochs_is_the_run_of_one_loader_call():
     with pytest.raises(ValueError, match="total_epochs=2 must be a whole number >= epochs=3"):
         next(ctl.loader(data(96), batch_size=16, epochs=3, total_epochs=2))
     next(ctl.loader(data(96), batch_size=16, epochs=3.0, total_epochs=10.0))  # whole floats, as epochs takes them
+
+
+@pytest.mark.parametrize("policy", ["fp32", "heuristic"])
+def test_a_float64_default_dtype_trains_as_the_plain_loop(policy):
+    """With ``torch.set_default_dtype(torch.float64)`` the first step raised "index_add_(): self (Double) and source
+    (Float) must have the same scalar type" (the engine's per-layer sums took the default dtype), for every policy."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3
+        runs = []
+        for controlled in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            config = ControllerConfig(interval_steps=2)
+            ctl = Controller(model, optimizer, policy=policy, config=config) if controlled else None
+            for start in range(0, 64, 8):
+                optimizer.zero_grad()
+                with ctl.autocast() if ctl is not None else contextlib.nullcontext():
+                    loss = nn.functional.cross_entropy(model(x[start : start + 8]), y[start : start + 8])
+                if ctl is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    ctl.step(loss)
+            if ctl is not None:
+                assert ctl.steps == 8 and len(ctl.decisions) == 4
+                ctl.close()
+            runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(p.dtype == torch.float64 for p in runs[1])
+        if policy == "fp32":  # the heuristic starts in bf16
+            assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_bare_learned_policys_speed_trial_ends_back_in_fp32():
+    """A ``LearnedPolicy`` not made by ``make_policy`` keeps ``initial_precision`` None (the model's own, fp32): the
+    end of its speed trial raised "unknown precision None" (until 2026-12-06)."""
+    from triaccel_rl.policies import LearnedPolicy, pretrained_policy_path
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = LearnedPolicy(pretrained_policy_path())
+    policy.speed_trial = True  # on by default on a GPU, where step times are measured
+    assert policy.initial_precision is None
+    ctl = Controller(model, optimizer, policy=policy, config=ControllerConfig(interval_steps=4))
+    x, y = torch.randn(256, 8), torch.randint(0, 4, (256,))
+    for xb, yb in ctl.loader((x, y), batch_size=4, epochs=1):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ctl.step(loss)
+        if ctl._trial is None and "chosen" in ctl.speed_trial and not ctl.decisions:
+            assert set(ctl.precisions) == {Precision.FP32}  # the trial over, the model's own precision back
+    assert "chosen" in ctl.speed_trial and ctl.decisions
+    ctl.close()

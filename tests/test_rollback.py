@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from triaccel_rl.actions import encode
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.config import ControllerConfig, HeuristicConfig
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.training import TrainingRun
-from triaccel_rl.types import Action, BatchMove
+from triaccel_rl.types import Action, BatchMove, Precision
 
 
 def test_nonfinite_probe_loss_rolls_back_to_the_last_good_state(caplog):
@@ -777,3 +777,56 @@ def test_a_resumed_guard_reuses_the_two_reserved_copies(resumed):
         guard.confirm()
         guard.healthy()
         assert storages(guard) == reserved
+
+
+@pytest.mark.parametrize("overflow_rule", [True, False], ids=["bf16-after-overflow", "fp16-throughout"])
+def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_as_gradscalers(overflow_rule):
+    """A summed loss over unnormalised features needs 11 halvings of 65536, more than an interval's 4 steps: each
+    interval of nothing but skipped steps was rolled back and its scale put back to 65536 (until 2026-12-06), so fp16
+    never trained (60 of 120 steps skipped where GradScaler skips 11). Now nothing is restored, and with the overflow
+    rule off the run is the plain fp16 autocast + GradScaler loop's, bit for bit."""
+    from triaccel_rl.controller import Controller
+
+    n, batch = 24, 64
+    generator = torch.Generator().manual_seed(1)
+    x, y = 40 * torch.randn(n * batch, 8, generator=generator), torch.randint(0, 3, (n * batch,), generator=generator)
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_of(model, k):
+        rows = slice(batch * k, batch * (k + 1))
+        return torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
+
+    model, optimizer = make()
+    scaler, plain_skipped = torch.amp.GradScaler("cpu"), 0
+    for k in range(n):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_of(model, k)
+        before = scaler.get_scale()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        plain_skipped += scaler.get_scale() < before
+    assert plain_skipped == 9 and scaler.get_scale() == 2.0**7  # more halvings than an interval has steps
+
+    controlled, controlled_optimizer = make()
+    heuristic = HeuristicConfig(max_overflow_rate=0.05 if overflow_rule else 1.0)
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, heuristic=heuristic)
+    ctl = Controller(controlled, controlled_optimizer, policy="fp16", config=config)
+    for k in range(n):
+        controlled_optimizer.zero_grad()
+        with ctl.autocast():
+            loss = loss_of(controlled, k)
+        ctl.step(loss)
+    assert ctl.rollbacks == 0
+    if overflow_rule:  # an interval in bf16 after the first two overflowed; fp16 again, at the scale it fell to
+        assert ctl.skipped_steps == plain_skipped and ctl.precisions[0] is Precision.FP16
+    else:
+        assert ctl.skipped_steps == plain_skipped and ctl.engine.loss_scale == scaler.get_scale()
+        for mine, plain in zip(controlled.parameters(), model.parameters(), strict=True):
+            assert torch.equal(mine, plain)
+    ctl.close()

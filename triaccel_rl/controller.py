@@ -1145,7 +1145,8 @@ class Controller:
             self._set_uniform(trial.candidate)
             return
         chosen = self.policy.choose_low_precision(trial.step_ms)
-        self._set_uniform(self.policy.initial_precision)
+        start = self.policy.initial_precision  # None: the model's own, fp32 (a LearnedPolicy not made by make_policy)
+        self._set_uniform(Precision.FP32 if start is None else start)
         self.speed_trial = {precision.name.lower(): ms for precision, ms in trial.step_ms.items()}
         self.speed_trial["chosen"] = float(chosen)
         self._trial = None
@@ -1174,14 +1175,16 @@ class Controller:
         )
         restored = False
         try:
-            restored = self._shield(applied, self._interval_steps)
+            # Every recorded loss finite: steps skipped for their gradients alone, the loss scale's overflows in fp16
+            losses_finite = moments.n_recorded > 0 and moments.n_finite_loss == moments.n_recorded
+            restored = self._shield(applied, self._interval_steps, losses_finite)
         finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
             self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
             self._interval_steps = 0
             self._interval_peak = 0
         return train_ms
 
-    def _shield(self, applied: int, steps: int) -> bool:
+    def _shield(self, applied: int, steps: int, losses_finite: bool = False) -> bool:
         """The rollback shield at an interval's end, from the updates ``applied`` of its ``steps``; True if restored.
 
         An interval whose every update was applied (every step finite) is healthy: the copy is refreshed (every
@@ -1189,6 +1192,11 @@ class Controller:
         that left a buffer non-finite (a skipped step's forward wrote a batch-norm's running statistics: the model
         would evaluate to NaN from then on). Otherwise a mixed one does neither: its non-finite steps were skipped,
         and the model may be turning, so it is not copied.
+
+        Under fp16, an interval with no update whose losses were all finite (``losses_finite``) is the loss scale
+        backing off from too high, as ``GradScaler``'s first steps do, not a divergence: nothing is restored, and the
+        scale stays where it fell. A rollback there put the copy's scale back (until 2026-12-06): where the scale
+        needed more halvings than an interval has steps, every fp16 interval was skipped whole, to the end of the run.
 
         A copy is of the state after the interval's last update, whose loss no step has computed yet: it becomes the
         one restored once the next interval proves it, by applying an update (skipped steps leave the weights as they
@@ -1210,10 +1218,26 @@ class Controller:
         # The first update after the copy had a finite loss on the copy's weights.
         if began_from_copy and applied > before_copy:
             self.guard.confirm()
+        overflowed = not broken and losses_finite and self.engine.precision.needs_grad_scaler
+        if applied == before_copy and overflowed:  # the weights are the copy's: they overflowed at this scale
+            _log.info(
+                "no update in the interval: fp16 gradients overflowed at finite losses; the loss scale backs off to %g "
+                "(no rollback)",
+                self.engine.loss_scale,
+            )
+            # As if the interval had not been: the next begins from the same copy, which no update has confirmed
+            self._copy_opens_interval, self._change_copy = began_from_copy, change_copy
+            return False
         if broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
             # The first failure after a change goes back to the change (the change, not the state, may be what failed:
             # a decision follows, which may take it back), once: failing again from it, to the last confirmed state.
-            reason = f"non-finite values in buffers {broken[:3]}" if broken else "non-finite loss"
+            reason = (
+                f"non-finite values in buffers {broken[:3]}"
+                if broken
+                else "non-finite gradients at finite losses"
+                if losses_finite
+                else "non-finite loss"
+            )
             if not change_copy and not self.guard.has_confirmed:  # only a resume's copy, which failed again from itself
                 raise NoGoodStateError(
                     f"{reason} in two intervals after the resume, and no earlier healthy state to roll back to: the "

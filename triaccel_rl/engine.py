@@ -674,7 +674,8 @@ class StepEngine:
         if bool(suspect.any()):  # host-device sync: once per step (see above); rare slow path below
             for i in suspect.nonzero().flatten().tolist():
                 bad[i] = (~torch.isfinite(grads[i])).sum()
-        zeros = torch.zeros(self.n_layers, device=self.device)
+        # float32 as the norms, whatever the default dtype (a float64 default raised in index_add until 2026-12-06)
+        zeros = torch.zeros(self.n_layers, device=self.device, dtype=torch.float32)
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)

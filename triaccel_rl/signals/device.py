@@ -45,6 +45,9 @@ class IntervalMoments:
         n_finite: observed steps whose loss and gradients were all finite.
         n_observed: observed steps (finite or not).
         recorded_ms: host time the interval's sampled recording calls took (what ``budget_frac`` limits).
+        n_recorded: observed steps with a row (all of them unless ``max_rows`` was reached).
+        n_finite_loss: recorded steps whose loss was finite, whatever their gradients: where it is
+            ``n_recorded``, non-finite steps overflowed in their gradients only (fp16's loss scale, not a divergence).
     """
 
     sq_norm: np.ndarray
@@ -53,6 +56,8 @@ class IntervalMoments:
     n_finite: int
     n_observed: int
     recorded_ms: float = 0.0
+    n_recorded: int = 0
+    n_finite_loss: int = 0
 
 
 class _Rows:
@@ -427,10 +432,12 @@ class DeviceMoments:
         """Reduces rows on the host: per-layer squared norms, their square roots and the loss, finite rows only."""
         n = self.n_layers
         sums = np.zeros(2 * n + 1)
-        n_finite = 0
+        n_finite = n_recorded = n_finite_loss = 0
         for per_tensor, block in blocks:
             values = block.astype(np.float64)
             stats, losses = values[:, :-1], values[:, -1]
+            n_recorded += len(losses)
+            n_finite_loss += int(np.isfinite(losses).sum())
             with np.errstate(invalid="ignore", over="ignore"):  # a non-finite row (inf × 0 too) is dropped below
                 sq = np.square(stats) @ self._to_layers if per_tensor else stats
                 table = np.concatenate([sq, np.sqrt(sq), losses[:, None]], axis=1)
@@ -445,4 +452,6 @@ class DeviceMoments:
             n_finite=n_finite,
             n_observed=n_observed,
             recorded_ms=recorded_ms,
+            n_recorded=n_recorded,
+            n_finite_loss=n_finite_loss,
         )
