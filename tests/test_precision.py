@@ -1169,7 +1169,8 @@ def test_a_model_with_16_bit_parameters_is_refused_by_name(cast_after: bool) -> 
 
 def test_a_layer_inside_an_fp32_layers_forward_keeps_its_own_precision() -> None:
     """Autocast is off there too, but by the fp32 layer's region, not the model's code: the inner layer is not taken
-    for one in the model's fp32 block."""
+    for one in the model's fp32 block. It computes in bf16 and hands its result up to the fp32 region it returns
+    into."""
 
     class Outer(nn.Linear):  # a controllable layer calling another inside its forward
         def __init__(self) -> None:
@@ -1177,7 +1178,7 @@ def test_a_layer_inside_an_fp32_layers_forward_keeps_its_own_precision() -> None
             self.inner = nn.Linear(4, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(self.inner(x).float())
+            return super().forward(self.inner(x))
 
     model = nn.Sequential(Outer(), nn.Linear(4, 2))
     lp = LayerPrecision(model, device_type="cpu")
@@ -1185,9 +1186,13 @@ def test_a_layer_inside_an_fp32_layers_forward_keeps_its_own_precision() -> None
     lp.set(["fp32", "bf16", "fp16"])
     seen: dict[str, torch.Tensor] = {}
     model[0].inner.register_forward_hook(lambda m, a, out: seen.update(inner=out))
+    x = torch.randn(2, 4)
     with lp.context():
-        model(torch.randn(2, 4))
-    assert seen["inner"].dtype == torch.bfloat16 and lp.layers_in_model_fp32_blocks == []
+        model(x)
+    inner = model[0].inner
+    in_bf16 = F.linear(x.bfloat16(), inner.weight.bfloat16(), inner.bias.bfloat16())
+    assert seen["inner"].dtype == torch.float32 and torch.equal(seen["inner"], in_bf16.float())
+    assert lp.layers_in_model_fp32_blocks == []
 
 
 def test_a_context_inside_another_gives_the_outer_one_back_its_regions() -> None:
@@ -1696,3 +1701,191 @@ def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureF
     with lp.context():
         model[2](model[1](model[0](torch.randn(3, 6)).double()).float())
     assert seen == {"0": torch.float16, "1": torch.float64, "2": torch.float16}
+
+
+@pytest.mark.parametrize("precisions", [["fp16", "fp16"], ["fp16", "bf16"], ["bf16", "fp16"]])
+def test_a_float64_cnn_computes_in_float64_under_a_16_bit_map_on_the_cpu(precisions: list[str]) -> None:
+    """The CPU fp16 emulation took float64 convolutions too: it cast their float64 result to fp16, which the next
+    float64 convolution refused ("Input type (float) and bias type (double) should be the same"). Autocast leaves
+    float64 alone: the model computes as it does unhooked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(precisions)
+    with lp.context():
+        out = model(x)
+    assert out.dtype == torch.float64 and torch.equal(out, model(x))
+
+
+def test_an_emulated_fp16_convolution_rounds_only_fp32_and_16_bit_results() -> None:
+    """A convolution whose forward returns float64 (of fp32 weights, so emulated) had its result cast to fp16."""
+
+    class Wide(nn.Conv1d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).double()
+
+    torch.manual_seed(0)
+    conv = Wide(2, 3, 1)
+    lp = LayerPrecision(conv, device_type="cpu")
+    lp.set(["fp16"])
+    x = torch.randn(2, 2, 5)
+    with lp.context():
+        out = conv(x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, F.conv1d(x.half().float(), conv.weight, conv.bias).double())  # fp16 inputs, fp32 sums
+
+
+class _Net(nn.Module):
+    """A controllable layer, then modules the map does not set: each kind of hook that runs them in fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.prelu = nn.PReLU()  # a leaf module: an fp32 region of its own
+        self.ln = nn.LayerNorm(16)  # a norm: its inputs cast up
+        self.bare = nn.LayerNorm(16, elementwise_affine=False)  # a norm that is no layer: the same
+        self.rnn = nn.GRU(16, 16, batch_first=True)  # an RNN: an fp32 region of its own
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.bare(self.ln(self.prelu(self.inp(x)))))
+        return self.out(h[:, -1])
+
+
+def test_a_copy_of_the_model_made_after_the_hooks_runs_its_unset_modules_in_fp32() -> None:
+    """An EMA copy (``copy.deepcopy``) made after the hooks: the hooks of the modules the map does not set were bound
+    methods, copied with a copy of the LayerPrecision that is never active, so the copy ran them in the outer bf16."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _Net()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "bf16"])
+    ema = copy.deepcopy(model)
+    seen: dict[str, torch.dtype] = {}
+    for name in ("prelu", "ln", "bare", "rnn"):
+        ema.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0].dtype}))
+    x = torch.randn(2, 3, 8)
+    with lp.context():
+        expected, out = model(x), ema(x)
+        assert not lp._stack
+    assert seen == dict.fromkeys(("prelu", "ln", "bare", "rnn"), torch.float32)
+    assert torch.equal(out, expected)
+
+
+class _Factorized(nn.Linear):
+    """A controllable layer whose forward runs a child layer first (a low-rank pre-projection)."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.pre = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pre(x))
+
+
+class _WithSide(nn.Linear):
+    """A controllable layer concatenating its own result with a child layer's."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.side = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(x, self.weight, self.bias), self.side(x)], dim=-1)
+
+
+def _in(layer: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``layer``'s own linear map computed in ``precision``, as autocast does it, in fp32."""
+    dtype = Precision.parse(precision).dtype
+    return F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype)).float()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "precisions"),
+    [
+        (_Factorized, ["fp32", "bf16", "fp32"]),
+        (_Factorized, ["fp32", "fp16", "fp32"]),
+        (_WithSide, ["fp16", "bf16", "bf16"]),
+        (_WithSide, ["fp16", "bf16", "fp16"]),
+    ],
+)
+def test_a_16_bit_layer_inside_another_layers_forward_hands_its_result_up_to_that_layers_region(
+    model_type: type[nn.Module], precisions: list[str]
+) -> None:
+    """A 16-bit layer called inside a parent layer's forward handed its result back in its own type where the context's
+    region was its type or fp32, whatever the parent's region: an fp32 parent's matmul raised ("mat1 and mat2 must have
+    the same dtype"), an fp16 parent's cat of a bf16 result too ("Unexpected floating ScalarType"). It is handed up in
+    fp32 (exact), so the result is what casting the child's output up by hand gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(model_type(), nn.Linear(4 if model_type is _Factorized else 8, 2))
+    parent, head = model
+    child = next(parent.children())
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(precisions)
+    x = torch.randn(3, 4)
+    with lp.context():
+        out = model(x)
+    if model_type is _Factorized:
+        h = _in(parent, _in(child, x, precisions[1]), precisions[0])
+    else:
+        h = torch.cat([_in(parent, x, precisions[0]), _in(child, x, precisions[1])], dim=-1)
+    expected = _in(head, h, precisions[2])
+    assert torch.equal(out.float(), expected)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_an_fp16_layer_inside_an_emulated_convolutions_forward_hands_its_result_up() -> None:
+    """The emulated fp16 convolution (a CPU one) computes in fp32 with autocast off: an fp16 child's result, of the
+    type the emulated region stands for, came back in fp16 and the conv raised ("Input type (c10::Half) and bias type
+    (float) should be the same"). It is handed up in fp32: the fp16 values the emulation computes on."""
+
+    class Conv(nn.Conv1d):
+        def __init__(self) -> None:
+            super().__init__(4, 4, 1)
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.inner(x.transpose(1, 2)).transpose(1, 2))
+
+    torch.manual_seed(0)
+    conv = Conv()
+    lp = LayerPrecision(conv, device_type="cpu")
+    lp.set(["fp16", "fp16"])
+    x = torch.randn(2, 4, 3)
+    with lp.context():
+        out = conv(x)
+    inner = _in(conv.inner, x.transpose(1, 2), "fp16").transpose(1, 2)
+    assert out.dtype == torch.float16 and torch.equal(out, F.conv1d(inner, conv.weight, conv.bias).half())
+
+
+def test_a_tensor_passed_to_a_module_with_a_parameter_of_its_own_several_times_is_cast_once() -> None:
+    """A module with children and a parameter of its own (a learned gate around attention) called as ``block(h, h, h)``
+    on a bf16 layer's output: its hook cast ``h`` once an argument, so ``q is k`` no longer held inside (three bf16
+    gradients summed in bf16)."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Parameter(torch.ones(16))
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.seen = (q is k and k is v, q.dtype)
+            return self.attn(q, k, v, need_weights=False)[0] * self.gate
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"inp": nn.Linear(8, 16), "block": Gated()})
+    lp = LayerPrecision(model, device_type="cpu")
+    assert [(info.name, info.controllable) for info in lp.layers] == [
+        ("inp", True),
+        ("block", False),
+        ("block.attn", True),
+    ]
+    lp.set(["bf16", "fp32"])
+    with lp.context():
+        h = model["inp"](torch.randn(4, 5, 8))
+        model["block"](h, h, h)
+    assert model["block"].seen == (True, torch.float32)

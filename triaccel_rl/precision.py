@@ -200,18 +200,20 @@ class LayerPrecision:
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
-                # A closure, as the pre-hook: a bound method was deep-copied with the model (an EMA copy made after the
-                # build), and the copy's layers closed their regions on another stack than they opened them on.
-                self._handles.append(module.register_forward_hook(self._make_post_hook(), always_call=True))
+                # Every hook a closure (_as_closure), as the pre-hook: see there
+                self._handles.append(module.register_forward_hook(_as_closure(self._post_hook), always_call=True))
             elif isinstance(module, _NATIVE_MIXED_TYPES):
                 continue
             elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
                 not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
             ):
-                self._handles.append(module.register_forward_pre_hook(self._enter_fp32_module, with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._exit_fp32_module, always_call=True))
+                enter, leave = _as_closure(self._enter_fp32_module), _as_closure(self._exit_fp32_module)
+                self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(leave, always_call=True))
             else:
-                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
+                )
         # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
         # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
         layer_modules = {id(module) for module in self._modules}
@@ -222,7 +224,9 @@ class LayerPrecision:
                 and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
-                self._handles.append(module.register_forward_pre_hook(self._fp32_inputs_hook, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
+                )
         parametrized = [(name, module) for name, module in model.named_modules() if parametrize.is_parametrized(module)]
         controlled = {id(m) for m, info in zip(self._modules, self.layers, strict=True) if info.controllable}
         free = [name for name, module in parametrized if id(module) not in controlled]
@@ -496,11 +500,16 @@ class LayerPrecision:
         # A region re-opened for the model's own block records the type ours was before it (``ours``, :meth:`_ours`),
         # so that a layer called inside this one still tells the model's block from ours (``_model_block_dtype``).
         # A CPU convolution computing in fp16 is emulated, whichever region asks for fp16 (the model's too).
-        emulated = precision is Precision.FP16 and self.device_type == "cpu" and self._is_conv[index]
-        # A 16-bit layer of the other type than the outer region's (fp16 under a map with bf16 layers) hands its result
-        # on in fp32: the outer region's promote ops (cat, stack, index_put, ...) take only fp32 and the region's own
-        # type ("Unexpected floating ScalarType in at::autocast::prioritize"). Exact; the next layer casts to its own.
-        hand_up = model_block is None and precision.dtype in _16_BIT and outer_dtype not in (None, precision.dtype)
+        emulated = self._emulate(index, precision)
+        # A 16-bit layer hands its result up in fp32 (exact; the next layer casts to its own) where the region it
+        # returns into is of another type: ``ours``, the innermost region of ours (a parent layer's whose forward calls
+        # this one) else the context's, in a recompute as at the forward; an emulated convolution's region computes in
+        # fp32 (autocast off). That region's promote ops (cat, stack, index_put, ...) take only fp32 and its own type
+        # ("Unexpected floating ScalarType in at::autocast::prioritize": fp16 under a map with bf16 layers), an fp32
+        # parent's matmul or conv only fp32 ("mat1 and mat2 must have the same dtype": until 2026-12-06 only the
+        # context's region was compared).
+        returns_into = None if self._stack and self._stack[-1].emulated else ours
+        hand_up = model_block is None and precision.dtype in _16_BIT and returns_into != precision.dtype
         if precision is Precision.FP32 or emulated:
             region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
             region.__enter__()
@@ -522,12 +531,6 @@ class LayerPrecision:
         self._stack.append(_Region(module, region, False, precision.dtype if model_block is None else ours, hand_up))
         return None
 
-    def _make_post_hook(self) -> Any:
-        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            return self._post_hook(module, args, output)
-
-        return post_hook
-
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._swapped and self._swapped[-1][0] is module:
             _restore(self._swapped.pop()[1])
@@ -548,8 +551,9 @@ class LayerPrecision:
             return None
         _, region, emulated, _, hand_up = self._stack.pop()
         region.__exit__(None, None, None)
-        if emulated and isinstance(output, torch.Tensor):
-            output = output.to(torch.float16)  # the layer's result, rounded as fp16 hardware would
+        # The layer's result, rounded as fp16 hardware would; a float64 one (which autocast leaves alone) stays
+        if emulated and isinstance(output, torch.Tensor) and (output.dtype == torch.float32 or output.dtype in _16_BIT):
+            output = output.to(torch.float16)
             return output.float() if hand_up else output
         if hand_up:
             return pytree.tree_map_only(torch.Tensor, _up_from_16_bit, output)
@@ -662,15 +666,23 @@ class LayerPrecision:
     def _emulates_fp16(self) -> bool:
         return any(self._emulate(i) for i in self._controllable_index)
 
-    def _emulate(self, index: int) -> bool:
-        """True when layer ``index`` is an fp16 convolution on a CPU, which is emulated.
+    def _emulate(self, index: int, precision: Precision | None = None) -> bool:
+        """True when layer ``index`` computing in ``precision`` (its set one if None) is an fp16 CPU convolution.
 
-        PyTorch's CPU fp16 convolution is a slow reference kernel (measured here: 8.4 s against 0.14 s
-        a step in fp32 for cnn-fmnist). Inputs and outputs
-        are rounded to fp16 (so range overflow and rounding behave as on a GPU, whose tensor cores also
-        accumulate in fp32); the weights stay fp32.
+        Such a layer is emulated: PyTorch's CPU fp16 convolution is a slow reference kernel (measured here: 8.4 s
+        against 0.14 s a step in fp32 for cnn-fmnist). Inputs and outputs are rounded to fp16 (so range overflow and
+        rounding behave as on a GPU, whose tensor cores also accumulate in fp32); the weights stay fp32. A convolution
+        of float64 parameters is not: autocast leaves float64 alone, so it computes in float64 whatever its precision
+        (emulated, its output was cast to fp16 and met the next float64 layer: "Input type (float) and bias type
+        (double) should be the same").
         """
-        return self.device_type == "cpu" and self.precisions[index] is Precision.FP16 and self._is_conv[index]
+        precision = self.precisions[index] if precision is None else precision
+        return (
+            self.device_type == "cpu"
+            and precision is Precision.FP16
+            and self._is_conv[index]
+            and index not in self._float64_layers
+        )
 
     def _enter_fp32_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -717,6 +729,9 @@ class LayerPrecision:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """A non-controllable layer's 16-bit inputs, cast up to fp32 (its parameters' type); float64 ones stay.
 
+        Through ``_map_tensors``, as the layers' own hooks: nested inputs too, and a tensor passed several times
+        (``block(h, h, h)``) cast once (cast once an argument, ``q is k`` no longer held inside).
+
         Under an all-fp32 map with autocast off, a 16-bit input is the model's own (a frozen bf16 backbone's): cast up,
         it met the backbone's next bf16 layer in fp32 and raised (a trainable norm's, or a module with children's
         around the backbone: a prompt or layer scale of its own).
@@ -725,10 +740,7 @@ class LayerPrecision:
             return None
         if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
             return None
-        up = _up_from_16_bit
-        return tuple(up(a) if isinstance(a, torch.Tensor) else a for a in args), {
-            k: up(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
-        }
+        return _map_tensors((args, kwargs), _up_from_16_bit)  # a tensor passed several times cast once
 
 
 class _Forward(NamedTuple):
@@ -833,6 +845,21 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in _16_BIT or tensor.dtype == torch.float32:
         return tensor.to(torch.float16).float()
     return tensor
+
+
+def _as_closure(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A bound method of ``LayerPrecision`` as a closure, the form its hooks are registered in.
+
+    ``copy.deepcopy`` of the model (an EMA copy made after the hooks) copies a bound method's hook with a copy of its
+    ``LayerPrecision``, never active and with a stack of its own: the copy's RNNs, norms and leaf modules computed in
+    the outer 16-bit region, and its layers closed their regions on another stack than they opened them on. A function
+    is copied as itself, so the copy's hooks act on the one ``LayerPrecision``.
+    """
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    return hook
 
 
 def _map_tensors(
