@@ -611,8 +611,9 @@ def test_profile_writes_a_loadable_profile(tmp_path, capsys):
 
 
 def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch, capsys):
-    """With the step timer stubbed: each factor is its precision's median over fp32's, the fixed time is the tiny
-    MLP's step, and the throughput scale is the rest of fp32's step over the batch's MFLOPs (3 forwards a step)."""
+    """With the step timer stubbed: each time factor is its precision's median above the fixed time over fp32's (the
+    part of a step ``CostModel.step_ms`` scales by it), the fixed time is the tiny MLP's step, and the throughput
+    scale is the rest of fp32's step over the batch's MFLOPs (3 forwards a step)."""
     import triaccel_rl.profiling as profiling
     from triaccel_rl.costs import CostModel
     from triaccel_rl.models import MLP, SmallResNet
@@ -630,7 +631,7 @@ def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch, capsys):
     assert profiling.measure_profile("cpu", batch_size=8, steps=2, small=True, progress=True) == profile
     err = capsys.readouterr().err  # a bar over the three precisions and the fixed cost: minutes on a CPU, unsaid
     assert "profile: 100%" in err and "4/4" in err
-    assert profile.time_factor == {"fp32": 1.0, "bf16": 0.4, "fp16": 0.3}
+    assert profile.time_factor == {"fp32": 1.0, "bf16": (4.0 - 0.5) / (10.0 - 0.5), "fp16": (3.0 - 0.5) / (10.0 - 0.5)}
     assert profile.memory_factor == {"fp32": 1.0, "bf16": 0.6, "fp16": 0.5}
     model = SmallResNet(3, (8, 16), 10)
     costs = CostModel.measure(model, [info for _, _, info in find_layers(model)], torch.zeros(1, 3, 32, 32), 1)

@@ -585,6 +585,24 @@ def test_to_float_images_rejects_bad_input() -> None:
         to_float_images(torch.zeros(2, 2, dtype=torch.uint8))
 
 
+def test_to_float_images_names_an_array_that_is_no_tensor() -> None:
+    """Found in review: a NumPy uint8 array was told "expects uint8 images, got uint8" (NumPy's dtype, printed)."""
+    import numpy as np
+
+    expected = r"^to_float_images expects a torch.Tensor; got ndarray \(use torch.from_numpy\)$"
+    with pytest.raises(DatasetError, match=expected):
+        to_float_images(np.zeros((2, 28, 28), np.uint8))
+
+
+def test_normalize_images_takes_a_0_d_array_as_one_number() -> None:
+    """Found in review: a 0-d NumPy array was refused as "must be a number", while a 0-d tensor and a NumPy scalar
+    were taken."""
+    import numpy as np
+
+    x = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(normalize_images(x, np.array(0.5), np.array(4)), (x - 0.5) / 4, rtol=0, atol=0)
+
+
 def test_normalize_images() -> None:
     x = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(normalize_images(x, 0.5, 0.25), (x - 0.5) / 0.25)

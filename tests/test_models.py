@@ -235,6 +235,16 @@ def test_efficientnet_b0_dropout_and_stochastic_depth_are_opt_in() -> None:
     torch.manual_seed(2)
     assert not torch.equal(noisy(x), first)
 
+    # Only the blocks with an identity shortcut drop (as the docstring says): stages 2-6's repeats, 9 of 16.
+    blocks = [b for b in noisy.features if type(b).__name__ == "_MBConv"]
+    assert [i for i, b in enumerate(blocks) if b.residual] == [2, 4, 6, 7, 9, 10, 12, 13, 14]
+    last = blocks[15]  # 192 → 320 channels: no shortcut, so its 0.1875 never drops it
+    assert not last.residual and last.drop_prob == 0.2 * 15 / 16
+    y = torch.randn(4, 192, 2, 2)
+    state = torch.random.get_rng_state()
+    torch.testing.assert_close(last(y), last.block(y), rtol=0, atol=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
     block = noisy.features[5]  # stage 2's second block: residual, 24 → 24
     assert block.residual
     block.drop_prob = 0.5
@@ -371,12 +381,12 @@ def test_cost_model_flops_and_bytes_by_hand(
     assert costs.static_bytes == n_params(layer) * 4 * 3  # weights, gradients, one momentum
 
 
-def _graph_saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
-    """Bytes of the tensors the autograd graph of ``model(batch)`` (eval mode) holds, read off its nodes' ``_saved_*``
-    attributes (not through ``saved_tensors_hooks``, as the cost model counts them), and of the output: each storage
-    once, parameters and buffers left out."""
+def _graph_saved_bytes(model: nn.Module, batch: torch.Tensor, training: bool = False) -> int:
+    """Bytes of the tensors the autograd graph of ``model(batch)`` (eval mode, or training mode if ``training``) holds,
+    read off its nodes' ``_saved_*`` attributes (not through ``saved_tensors_hooks``, as the cost model counts them),
+    and of the output: each storage once, parameters and buffers left out."""
     static = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    model.eval()
+    model.train(training)
     output = model(batch)
     storages = {output.untyped_storage().data_ptr(): output.untyped_storage().nbytes()}  # the logits, for the loss
     seen: set[object] = set()
@@ -397,9 +407,9 @@ def _graph_saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def _graph_saved_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> float:
+def _graph_saved_bytes_per_sample(model: nn.Module, sample: torch.Tensor, training: bool = False) -> float:
     """What one more sample adds to :func:`_graph_saved_bytes` (half the difference between 4 and 2 copies)."""
-    four, two = (_graph_saved_bytes(model, torch.cat([sample] * n)) for n in (4, 2))
+    four, two = (_graph_saved_bytes(model, torch.cat([sample] * n), training) for n in (4, 2))
     return (four - two) / 2
 
 
@@ -485,6 +495,39 @@ def test_activation_bytes_equal_the_autograd_graphs_saved_tensors_on_every_task(
     sample = task.load_data(8, 8, 0).train_x[:1]
     costs = _costs(model, sample)
     assert costs.activation_bytes_per_sample.sum() == _graph_saved_bytes_per_sample(model, sample)
+
+
+class _Encoder(nn.Module):
+    """PyTorch's own ``TransformerEncoderLayer(16, 2, 32)`` at its default dropout (0.1), and a head on the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+def test_activation_bytes_count_dropout_as_a_training_step_holds_it() -> None:
+    """Found in review: the measuring forwards ran in eval mode, where dropout returns its input, so the layer after
+    it saved a storage counted already. In training, Linear(4, 8), ReLU, Dropout(0.5), Linear(8, 2) holds the first
+    linear's input (4 floats), the ReLU's output (8) and the dropout's float32 mask on the CPU (8), in the first
+    linear; the dropout's output, which the second linear saves (8), and the logits (2), in the second. Eval mode
+    counted 4 + 8 and 2, 0.47x of it; an MLP 16-256-10 with Dropout(0.5) 0.35x, a TransformerEncoderLayer at its
+    default dropout 0.1 0.40x. Both checked against a training forward's autograd graph; the modes are put back."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    mlp.eval()
+    costs = _costs(mlp, torch.randn(1, 4))
+    assert costs.activation_bytes_per_sample.tolist() == [4 * (4 + 8 + 8), 4 * (8 + 2)]
+    assert not any(module.training for module in mlp.modules())
+    assert costs.activation_bytes_per_sample.sum() == _graph_saved_bytes_per_sample(mlp, torch.randn(1, 4), True)
+    encoder = _Encoder()
+    sample = torch.randn(1, 6, 16)
+    costs = _costs(encoder, sample)
+    assert all(module.training for module in encoder.modules())
+    assert costs.activation_bytes_per_sample.sum() == _graph_saved_bytes_per_sample(encoder, sample, training=True)
 
 
 class _OneAtATime(nn.Module):
@@ -716,6 +759,36 @@ def test_measure_profile_refuses_bad_arguments_before_measuring(kwargs, match, m
 def test_measure_profile_refuses_cuda_without_it() -> None:
     with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available here; use 'cpu'"):
         profiling.measure_profile("cuda", batch_size=8, steps=2, small=True)
+
+
+def test_a_measured_profile_models_the_steps_it_measured(tmp_path, monkeypatch) -> None:
+    """Found in review: the time factors were whole-step ratios, fixed time included, which ``step_ms`` applies to the
+    batch's part of a step alone: measured at 10 ms (fp32), 4 ms (bf16) and 3 ms (fp16) with 2 ms fixed, the
+    written profile modelled the bf16 step at 2 + 8 x 0.4 = 5.2 ms and the fp16 one at 4.4. Above the fixed time the
+    factors are (4 - 2) / 8 and (3 - 2) / 8, and each step comes back as measured."""
+    from triaccel_rl.config import HardwareProfile
+
+    ms = {Precision.FP32: 10.0, Precision.BF16: 4.0, Precision.FP16: 3.0}
+    monkeypatch.setattr(
+        profiling, "_time_steps", lambda model, x, y, p, steps: (2.0, 1.0) if isinstance(model, MLP) else (ms[p], 1.0)
+    )
+    profiling.measure_profile("cpu", batch_size=8, steps=1, small=True).save(tmp_path / "profile.json")
+    profile = HardwareProfile.load(tmp_path / "profile.json")
+    assert profile.time_factor == {"fp32": 1.0, "bf16": 0.25, "fp16": 0.125}
+    costs = _costs(SmallResNet(3, (8, 16), 10), torch.zeros(1, 3, 32, 32))
+    for precision, measured in ms.items():
+        assert costs.step_ms(8, [precision] * len(costs.layers), profile) == pytest.approx(measured, rel=1e-12)
+
+
+def test_measure_profile_leaves_the_callers_generators_as_they_were(monkeypatch) -> None:
+    """Found in review: measuring called ``torch.manual_seed(0)`` and drew its batch from the caller's generator, so a
+    draw after profiling was seed 0's stream, not the caller's."""
+    monkeypatch.setattr(profiling, "_time_steps", lambda *args: (1.0, 1.0))
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    profiling.measure_profile("cpu", batch_size=2, steps=1, small=True)
+    assert torch.equal(torch.rand(3), expected)
 
 
 class _Wayward(nn.Module):

@@ -73,6 +73,36 @@ def test_plain_loop_refuses_a_task_with_one_training_sample_as_a_run_does():
         run_plain(task, 0, epochs=1.0, batch_size=1, device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"channels_last": "no"}, TypeError, r"^channels_last='no' must be True or False$"),  # taken as True
+        ({"schedule": "no"}, TypeError, r"^schedule='no' must be True or False$"),
+        ({"lr_scale": True}, ValueError, r"^lr_scale=True must be a positive finite number$"),  # taken as 1.0
+        ({"lr_scale": "0.5"}, ValueError, r"^lr_scale='0.5' must be a positive finite number$"),  # a bare TypeError
+        ({"epochs": "1"}, ValueError, r"^epochs='1' must be a positive finite number$"),
+        ({"epochs": True}, ValueError, r"^epochs=True must be a positive finite number$"),
+        ({"warmup_frac": "0.1"}, ValueError, r"^warmup_frac='0.1' must be a number in \[0, 1\)$"),
+        ({"task": 5}, TypeError, r"^task=5 must be a Task or a registered task name, e.g. 'synthetic'$"),
+    ],
+)
+def test_plain_loop_refuses_settings_of_the_wrong_type_by_name_as_a_run_does(kwargs, error, message):
+    """Found in review: these trained (a truthy string as True, True as an LR scale of 1.0) or failed with a bare
+    TypeError or AttributeError naming no setting; TrainingRun and run_controller refuse each by name."""
+    arguments = {"task": "synthetic", "epochs": 0.1, **kwargs}
+    with pytest.raises(error, match=message):
+        run_plain(arguments.pop("task"), 0, device="cpu", **arguments)
+
+
+def test_plain_loop_records_its_lr_scale_as_a_float():
+    """A NumPy scale is recorded as the float it is (the curve and trace go to JSON)."""
+    import numpy as np
+
+    result = run_plain("synthetic", 0, epochs=0.1, lr_scale=np.float32(0.5), device="cpu")
+    assert type(result.curve[-1][3]) is float and result.curve[-1][3] == 0.5
+    assert type(result.trace[-1]["lr_scale"]) is float
+
+
 def test_plain_loop_takes_a_numpy_batch_size():
     import numpy as np
 
@@ -145,8 +175,8 @@ def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
     "kwargs, message",
     [
         ({"precision": "int8"}, r"precision='int8'; allowed: fp32, bf16, fp16"),
-        ({"epochs": 0}, r"epochs=0 must be a positive number"),
-        ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive number"),
+        ({"epochs": 0}, r"epochs=0 must be a positive finite number"),
+        ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive finite number"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
         ({"eval_every_steps": 0}, r"eval_every_steps=0 must be a whole number >= 1"),
         ({"max_time_s": -1.0}, r"max_time_s=-1.0 must be positive"),

@@ -240,13 +240,20 @@ def _forward_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tens
 def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Tensor) -> np.ndarray | None:
     """The bytes a training step holds for its backward pass, per sample, attributed to layers; None if none ran.
 
-    Runs forwards with gradients of 2 and 4 copies of ``sample[:1]`` in eval mode (deterministic: no dropout draw or
-    stochastic depth makes the two differ) under ``saved_tensors_hooks``, and takes half the difference, so what does
-    not grow with the batch (a fixed mask, say) drops out. Counted: the storages of the tensors saved for the backward
-    pass that are still held when the forward returns (a branch computed and dropped inside the forward is not), each
-    once and at its own dtype (the run is fp32; int64 pooling indices count 8 bytes an element), and the output's (the
-    logits, which the loss then needs). Parameters and buffers are the static bytes, not counted. Dropout's masks are
-    not counted either (eval mode saves none: 1 byte an element of what a training-mode dropout drops).
+    Runs forwards with gradients of 2 and 4 copies of ``sample[:1]`` under ``saved_tensors_hooks``, and takes half the
+    difference, so what does not grow with the batch (a fixed mask, attention dropout's random seed) drops out. The
+    forwards run in eval mode but for dropout modules and attention, in training mode as in a training step
+    (:func:`_measuring_modes`): a training-mode dropout returns a new tensor, which the layer after it saves, and keeps
+    its mask (a float32 one on the CPU, a 1-byte one from the CUDA kernel); an eval-mode one returns its input, counted
+    already (an MLP with ``Dropout(0.5)`` and a ``TransformerEncoderLayer`` at its default dropout 0.1 were counted
+    at 0.35x and 0.40x of what their training steps hold). The draws change no byte count, and the generators are
+    forked (:func:`_untouched`). Stochastic depth and dropout called as a function in a module's own forward follow
+    that module's mode, eval, and are not counted.
+
+    Counted: the storages of the tensors saved for the backward pass that are still held when the forward returns (a
+    branch computed and dropped inside the forward is not), each once and at its own dtype (the run is fp32; int64
+    pooling indices count 8 bytes an element), and the output's (the logits, which the loss then needs). Parameters
+    and buffers are the static bytes, not counted.
 
     A saved tensor counts in the layer whose forward was entered last when it was saved: operations without parameters
     between layers (a ``SiLU``, a squeeze-excitation product, ``softmax`` in attention) go to the layer before them,
@@ -320,7 +327,7 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
     per_layer = np.zeros(len(layers))
     try:
         with torch.inference_mode(False), _untouched(model, sample.device), torch.enable_grad():
-            model.eval()
+            _measuring_modes(model)
             batch = torch.cat([sample] * copies)  # a normal tensor even where the sample is an inference one
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 output = runner(batch)
@@ -339,6 +346,21 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
         for handle in handles:
             handle.remove()
     return per_layer
+
+
+def _measuring_modes(model: nn.Module) -> None:
+    """Puts ``model`` in eval mode but for its dropout, in training mode: what :func:`saved_bytes_per_sample` runs in.
+
+    Training mode for every dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ...) and every
+    ``nn.MultiheadAttention`` (whose attention dropout follows its own mode), whose saved bytes do not depend on what
+    they draw; for nothing else, as before: a model's own training-mode branches may (stochastic depth that skips a
+    whole branch on one draw would make the 2- and 4-sample forwards differ by more than their samples). Each
+    module's own flag is set, not its children's (``train()`` would recurse). :func:`_untouched` puts every mode back.
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)):
+            module.training = True
 
 
 @contextlib.contextmanager

@@ -286,8 +286,11 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
         float32 ``[N, 1, H, W]`` or ``[N, C, H, W]``, pixel value / 255, on the input's device.
 
     Raises:
-        DatasetError: the input is not uint8 or not 3-D or 4-D.
+        DatasetError: the input is not a tensor, not uint8, or not 3-D or 4-D.
     """
+    if not isinstance(images_uint8, torch.Tensor):  # a NumPy uint8 array was told it "expects uint8, got uint8"
+        hint = " (use torch.from_numpy)" if isinstance(images_uint8, np.ndarray) else ""
+        raise DatasetError(f"to_float_images expects a torch.Tensor; got {type(images_uint8).__name__}{hint}")
     if images_uint8.dtype != torch.uint8:
         raise DatasetError(f"to_float_images expects uint8 images, got {images_uint8.dtype}")
     if images_uint8.dim() == 3:
@@ -505,8 +508,8 @@ def _read_cifar10_meta(path: Path) -> tuple[str, ...]:
 
 
 def _per_channel(value: float | Sequence[float], channels: int, name: str) -> list[float]:
-    """Turn a scalar (a NumPy or 0-d tensor one too) or per-channel sequence into ``channels`` floats."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
+    """Turn a scalar (a NumPy or 0-d tensor or array one too) or per-channel sequence into ``channels`` floats."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:  # a 0-d array was "not a number"
         value = value.item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return [float(value)] * channels

@@ -101,7 +101,11 @@ class ElasticLoader:
         self.samples_served -= n_samples
 
     def epoch_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Yields the rest of the current epoch in batches of ``batch_size``."""
+        """Yields the rest of the current epoch in batches of ``batch_size``; at an epoch's end, the whole next epoch.
+
+        A batch never crosses the epoch's end (the last may be smaller). Once the current epoch is all served (the
+        cursor at its end, as after ``next(len(loader))``), it yields the whole next epoch, not nothing.
+        """
         epoch = self.epoch if self.cursor < len(self.x) else self.epoch + 1  # at an epoch's end: the next one
         while not (self.cursor >= len(self.x) and self.epoch == epoch):  # a batch never crosses the epoch's end
             yield self.next(batch_size)

@@ -345,8 +345,11 @@ def efficientnet_b0(
         n_classes: output classes.
         stem_stride: stride of the stem conv (torchvision: 2).
         dropout: dropout probability on the pooled features in training, in [0, 1).
-        stochastic_depth_prob: stochastic depth of the last block, in [0, 1); block ``b`` of 16 drops its residual
-            branch with probability ``stochastic_depth_prob * b / 16`` in training, per sample.
+        stochastic_depth_prob: the rate the blocks' stochastic depth is scaled from (torchvision's schedule), in
+            [0, 1): block ``b`` of the 16, counted from 0, drops its residual branch with probability
+            ``stochastic_depth_prob * b / 16`` in training, per sample, so the first never does and none reaches the
+            rate itself. Only the 9 blocks with an identity shortcut (stride 1, as many channels out as in) drop; the
+            others, the last included, always run their branch.
 
     Example:
         >>> sum(p.numel() for p in efficientnet_b0(n_classes=1000).parameters())

@@ -31,7 +31,7 @@ from triaccel_rl.compare import NvmlPeak, RunResult, check_epoch_budget
 from triaccel_rl.config import LRRule
 from triaccel_rl.elastic import lr_gain, release_memory, resolve_lr_rule
 from triaccel_rl.engine import check_max_grad_norm
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, check_seed, get_task
@@ -81,19 +81,30 @@ def run_plain(
             ``None``: no clipping.
 
     Raises:
-        ValueError: a seed that is no whole number in [0, 2**63 - 20001], an unknown precision, a non-positive
-            budget, batch, LR scale, interval or clipping norm, a batch above the training set, or a warm-up share
-            outside [0, 1).
+        ValueError: a seed that is no whole number in [0, 2**63 - 20001], an unknown precision, a budget, batch, LR
+            scale, interval or clipping norm that is not a positive number (a bool or text included), a batch above
+            the training set, or a warm-up share that is not a number in [0, 1).
+        TypeError: ``task`` is neither a ``Task`` nor a name, or ``channels_last`` or ``schedule`` is not a bool.
     """
+    # Checked as TrainingRun and run_controller check them: task=5 failed with an AttributeError, "no" was taken as
+    # True, lr_scale=True as 1.0 (and recorded as True in the curve), and text raised a bare TypeError.
+    if not isinstance(task, (Task, str)):
+        raise TypeError(f"task={task!r} must be a Task or a registered task name, e.g. 'synthetic'")
     task = get_task(task) if isinstance(task, str) else task
     seed = check_seed("run_plain", seed)  # before torch.manual_seed, whose overflow message names nothing
     if precision not in PLAIN_PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PLAIN_PRECISIONS)}")
     for name, value in (("epochs", epochs), ("lr_scale", lr_scale)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value!r} must be a positive number")
+        if not (is_real(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a positive finite number")
+    lr_scale = float(lr_scale)
+    for name, flag in (("channels_last", channels_last), ("schedule", schedule)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name}={flag!r} must be True or False")
     if not (is_whole(eval_every_steps) and eval_every_steps >= 1):  # 2.5 failed with a TypeError in range()
         raise ValueError(f"eval_every_steps={eval_every_steps!r} must be a whole number >= 1")
+    if not is_real(warmup_frac):
+        raise ValueError(f"warmup_frac={warmup_frac!r} must be a number in [0, 1)")
     if not (math.isfinite(warmup_frac) and 0.0 <= warmup_frac < 1.0):  # as TrainingRun: 1.0 divided by zero at the end
         raise ValueError(f"warmup_frac={warmup_frac!r} must be in [0, 1)")
     batch = task.base_batch_size if batch_size is None else batch_size
