@@ -1062,3 +1062,129 @@ def test_an_epoch_budget_over_no_training_samples_is_refused_by_name():
     with pytest.raises(ValueError, match=r"the task has 0 training samples \(those the probe batch leaves\)"):
         check_epoch_budget(0.5, 0)
     check_epoch_budget(0.5, 2)  # one sample: enough
+
+
+def test_results_are_not_moved_over_a_file_that_is_not_a_regular_one(tmp_path, capsys):
+    """``compare --out /dev/null`` was accepted and the results moved over the device (as root, the system's
+    /dev/null), a ``/dev/null.partial.json`` beside it; and ``--out slash/results/`` written as a file named results.
+    A FIFO stands in for the device."""
+    import os
+    import stat
+
+    from triaccel_rl.cli import main
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    runs = [fake("a", 0, 0.9, 1.0, 0.5)]
+    with pytest.raises(ValueError, match=rf"^{fifo}: is not a regular file \(a device, a FIFO or a socket\)"):
+        write_json(runs, summarize(runs), fifo, task="synthetic")
+    # A reader held open, so that the old writability probe (an open for writing) returned instead of waiting for one.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for out in (str(fifo), f"{tmp_path}/slash/results/"):
+            argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.25"]
+            assert main([*argv, "--out", out, "--log-dir", "", "--no-progress"]) == 2
+            refusal = "is not a regular file" if out == str(fifo) else "is a folder; give a file path such as"
+            assert f"--out {out}: {refusal}" in capsys.readouterr().err
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no results, partial file or folder made
+
+
+def test_plots_leave_the_process_backend_and_its_open_figures_alone(tmp_path):
+    """``plot_comparison`` switched the process to Agg for good (``matplotlib.use("Agg")``), closing the figures
+    open in pyplot: a notebook's inline backend, or a desktop's windows, were gone after it. "svg" stands in for the
+    user's backend."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from triaccel_rl.plots import plot_comparison
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        mine = plt.figure()
+        run = dataclasses.replace(
+            fake("static-fp32", 0, 0.9, 1.0, 0.5),
+            curve=[(0.5, 0.85, 64, 1.0, 0.0), (1.0, 0.9, 64, 1.0, 0.0)],
+            trace=[{"time_s": 1.0, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1 << 20, "precisions": [0]}],
+            layer_names=["fc"],
+        )
+        paths = plot_comparison([run], tmp_path, target=0.8)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert [p.read_bytes()[:8] for p in paths] == [b"\x89PNG\r\n\x1a\n"] * 4  # PNGs still, whatever the backend
+        plt.close(mine)
+    finally:
+        matplotlib.use(before)
+
+
+def test_with_a_speed_trial_every_row_is_evaluated_at_the_same_steps(monkeypatch):
+    """``eval_every_steps`` evaluated an adaptive row with a measured speed trial (the default on a GPU) at other
+    steps: its trial's chunks ran uncut past the evaluation steps, then one more step was trained (fp32 at 5, 10, 15,
+    20, ..., the heuristic at 21, 25, ...), so the rows read time to target at different steps."""
+    seen = []
+    evaluate = TrainingRun.evaluate
+    monkeypatch.setattr(
+        TrainingRun, "evaluate", lambda self, *a, **k: seen.append(self.steps) or evaluate(self, *a, **k)
+    )
+    # The trial forced on (a CPU's clock is not asked): 2 formats x (2 warm-up + 3 timed) steps, evaluations every 3.
+    config = ControllerConfig(interval_steps=4, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=3))
+    steps, curves = {}, {}
+    for controller in ("fp32", "heuristic"):
+        seen.clear()
+        result = run_controller(
+            "synthetic",
+            controller,
+            0,
+            epochs=0.25,
+            config=config,
+            device="cpu",
+            cost_mode="measured",
+            eval_every_steps=3,
+        )
+        steps[controller], curves[controller] = list(seen), result.curve
+    assert set(result.speed_trial) == {"bf16", "fp16", "chosen"}  # the heuristic's trial ran
+    assert result.steps == 14 and steps["heuristic"] == steps["fp32"] == [3, 6, 9, 12, 14]
+    times = [point[0] for point in curves["heuristic"]]  # each at its own charged time, the trial's steps in it
+    assert len(times) == 5 and times == sorted(times) and times[-1] == pytest.approx(result.time_s)
+
+
+def test_a_policy_zip_named_plain_is_a_policy_not_a_plain_loop(tmp_path, monkeypatch):
+    """``plain-policy.zip`` was taken for a plain-loop row (a ``plain-`` prefix) and refused as an unknown one."""
+    import shutil
+
+    from triaccel_rl.policies import pretrained_policy_path
+
+    from triaccel_rl.shield import obs_stats_path
+
+    shipped = pretrained_policy_path()
+    monkeypatch.chdir(tmp_path)
+    policy = "plain-policy.zip"  # given as a name in this folder, as on the command line
+    shutil.copy(shipped, policy)
+    shutil.copy(obs_stats_path(shipped), obs_stats_path(policy))
+    assert row_names([policy, "plain-fp32"]) == ["learned:plain-policy.zip", "plain-fp32"]
+    (result,) = compare("synthetic", [policy], [0], epochs=0.1, show_progress=False)
+    assert result.controller == "learned:plain-policy.zip"
+
+
+def test_one_controller_or_a_seed_count_not_in_a_list_is_refused_by_name():
+    """``compare("synthetic", "fp32", [0])`` read the str as its letters ("unknown policy 'f'"); ``seeds=2`` (the
+    CLI's --seeds is a count) failed in a TypeError, 'int' object is not iterable."""
+    for call in (lambda: compare("synthetic", "fp32", [0], show_progress=False), lambda: row_names("fp32")):
+        with pytest.raises(ValueError, match=r"^controllers='fp32': give a list, e.g. \['fp32'\]$"):
+            call()
+    with pytest.raises(ValueError, match=r"^seeds=2: give a list such as \[0, 1\]$"):
+        compare("synthetic", ["fp32"], 2, show_progress=False)
+
+
+def test_a_bare_learned_policy_runs_its_speed_trial_and_starts_in_fp32():
+    """A ``LearnedPolicy`` built directly (not by ``make_policy``) keeps ``initial_precision`` None, the model's own
+    fp32: the run's speed trial then set every layer to None, refused ("unknown precision None")."""
+    from triaccel_rl.policies import LearnedPolicy, pretrained_policy_path
+
+    policy = LearnedPolicy(pretrained_policy_path())
+    result = run_controller("synthetic", policy, 0, epochs=0.2)  # profile cost on a CPU: the trial is a lookup
+    assert set(result.speed_trial) == {"bf16", "fp16", "chosen"}
+    assert result.trace[0]["precisions"] == [0] * len(result.layer_names)  # fp32 until its first decision
+    assert policy.initial_precision is None  # as it was given

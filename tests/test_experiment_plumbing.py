@@ -1,5 +1,6 @@
 """``triaccel_rl.experiment``: dataclass ``Args`` to flags and back, with each field's docstring as its help."""
 
+import os
 import runpy
 import shlex
 import sys
@@ -293,3 +294,45 @@ def test_a_smoke_run_leaves_the_recorded_results_alone(tmp_path, monkeypatch, ca
     assert done.value.code in (0, None)
     assert not (tmp_path / "experiments").exists() and moved.is_file()
     assert f"--smoke: --output {moved} (not the recorded {default})" in capsys.readouterr().err
+
+
+def test_an_existing_file_that_is_not_a_regular_one_is_refused_and_kept(tmp_path):
+    """``--out /dev/null`` was accepted, then the results moved over it: a device (as root, the system's /dev/null) or
+    a FIFO replaced by a regular file. A FIFO stands in for the device here."""
+    import stat
+
+    from triaccel_rl.experiment import file_to_write, write_text_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.json"
+    link.symlink_to(fifo)
+    # A reader held open, so that the old writability probe (an open for writing) returned instead of waiting for one.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for given in (fifo, link):  # a link to it too: the file it names is what would be replaced
+            with pytest.raises(
+                ValueError,
+                match=rf"^--out {given}: is not a regular file \(a device, a FIFO or a socket\), which writing would "
+                rf"replace; give a file path such as x\.json \(\'\' for none, where --out allows it\)$",
+            ):
+                file_to_write("--out", str(given), example="x.json")
+        with pytest.raises(ValueError, match=rf"^{link}: is not a regular file .*; give a regular file's path$"):
+            write_text_atomic(link, "results")
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe"]  # no temporary left beside
+
+
+def test_a_path_ending_in_a_separator_is_refused_as_a_folder(tmp_path):
+    """``--out slash/results/`` (no such folder yet) was accepted and the results written to a file named results:
+    ``Path`` drops the trailing separator."""
+    from triaccel_rl.experiment import file_to_write
+
+    given = f"{tmp_path}/slash/results/"
+    with pytest.raises(
+        ValueError, match=rf"^--out {given}: is a folder; give a file path such as {tmp_path}/slash/results/x\.json$"
+    ):
+        file_to_write("--out", given, example="x.json")
+    assert not (tmp_path / "slash").exists()  # refused before its folder is made

@@ -7,7 +7,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,14 @@ from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.executor import sixteen_bit_formats
+from triaccel_rl.experiment import write_text_atomic
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, check_seed, get_task
-from triaccel_rl.training import TrainingRun, probe_count, resolve_device
+from triaccel_rl.training import IntervalStats, TrainingRun, probe_count, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = [
@@ -192,8 +193,9 @@ def run_controller(
         max_time_s: stop early once the charged time passes this many seconds (a slow baseline that has
             not reached the target by then is reported as a miss; ``None``: train all ``epochs``).
         eval_every_steps: evaluate every this many optimizer steps instead, whatever the decision
-            interval (which may stretch on a GPU, ``ControllerConfig.max_interval_factor``): rows compared
-            side by side then read time to target at the same steps, as ``run_plain`` does.
+            interval (which may stretch on a GPU, ``ControllerConfig.max_interval_factor``) and through a speed
+            trial's steps: rows compared side by side then read time to target at the same steps, as ``run_plain``
+            does.
         max_grad_norm: clip the gradient's total norm to this at every update (``StepEngine.max_grad_norm``, as
             ``Controller(max_grad_norm=...)``); None: no clipping.
     """
@@ -251,7 +253,6 @@ def run_controller(
         check_epoch_budget(epochs, samples_per_epoch)
         time_ms = wall_ms = 0.0
         bar_left = epochs  # this run's share of the progress bar
-        time_to_target: float | None = None
         curve: list[tuple[float, float, int, float, float]] = []
         trace: list[dict[str, Any]] = []
         changes = {"precision": 0, "batch": 0, "lr": 0}
@@ -259,6 +260,29 @@ def run_controller(
         nvml = NvmlPeak(run.device)
         decision = 0
         observation = None
+        next_eval = eval_every_steps  # None: evaluate at every eval_every-th decision
+
+        def evaluate(finished: bool) -> None:
+            """Reads the test metric at the charged time so far: a point of the curve, and of TensorBoard's."""
+            nvml.read()  # outside the charged time, at the same steps in every row
+            shown = getattr(progress, "postfix", None)  # a disabled bar has none
+            if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
+                progress.set_postfix_str(f"{shown or ''}, final evaluation".lstrip(", "))
+            try:
+                metric = run.evaluate()
+            finally:
+                if finished and progress is not None:
+                    progress.set_postfix_str(shown or "")
+            low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
+            curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
+            if writer is not None:  # the curve's point, as the JSON holds it (every evaluation, the first included)
+                step = run.steps
+                writer.add_scalar("test/metric", metric, step)
+                writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
+                writer.add_scalar("controller/batch_size", run.batch_size, step)
+                writer.add_scalar("controller/lr_scale", curve[-1][3], step)
+                writer.add_scalar("controller/low_precision_share", low, step)
+
         initial = getattr(policy, "initial_action", None)
         if initial is not None:  # a static configuration holds from the first step, not from a decision
             loop.executor.start(decode(initial, config), run)
@@ -285,19 +309,43 @@ def run_controller(
                 step_ms = {precision: run.modelled_step_ms(precision=precision) for precision in formats}
             else:  # which format is faster depends on the model and the GPU: time both on real training steps
                 steps = getattr(policy, "config", config).heuristic.speed_trial_steps  # the policy's own setting
-                step_ms, chunks = loop.time_precisions(formats, steps)
-                for chunk in chunks:  # training like any other: charged, and on the progress bar
+
+                def trial_chunk(max_steps: int) -> IntervalStats:
+                    """A chunk of the trial, stopped at the next evaluation step and evaluated there.
+
+                    Training like any other (charged, on the progress bar), cut so that this row reads time to target
+                    at the same steps as the others: uncut, a 20-step trial put its first evaluation at step 21 where
+                    theirs were at 5, 10, 15 and 20. Past the run's budget, the last evaluation is left to the end.
+                    """
+                    nonlocal time_ms, wall_ms, bar_left, next_eval
+                    if next_eval is not None and run.steps < next_eval:
+                        to_eval = next_eval - run.steps
+                        max_steps = min(max_steps, to_eval)
+                    chunk = loop.train_interval(max_steps=max_steps)
                     time_ms += chunk.charged_ms
                     wall_ms += chunk.train_ms
                     bar_left = _advance(progress, chunk.samples / samples_per_epoch, bar_left)
+                    if (
+                        next_eval is not None
+                        and eval_every_steps is not None
+                        and run.steps >= next_eval
+                        and run.samples_seen < total_samples
+                    ):
+                        evaluate(finished=False)
+                        next_eval = _next_multiple(run.steps, eval_every_steps)
+                    return chunk
+
+                step_ms, _ = loop.time_precisions(formats, steps, train=trial_chunk)
             chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
-            run.set_precisions([policy.initial_precision] * len(run.precision.controllable_indices))
+            # None (a LearnedPolicy not built by make_policy): the model's own, fp32, as the run started; it was passed
+            # on as None, and set_precisions refused it when the trial ended.
+            start = policy.initial_precision
+            run.set_precisions([Precision.FP32 if start is None else start] * len(run.precision.controllable_indices))
             speed_trial = {precision.name.lower(): ms for precision, ms in step_ms.items()}
             speed_trial["chosen"] = float(chosen)
         finished = False
         decide = False  # a snapshot is waiting for its decision
         signals: Signals | None = None
-        next_eval = eval_every_steps  # None: evaluate at every eval_every-th decision
         while not finished:
             if decide and adaptive:  # a static row holds its setting: no decisions
                 assert observation is not None
@@ -324,7 +372,7 @@ def run_controller(
             wall_ms += interval.train_ms
             bar_left = _advance(progress, interval.samples / samples_per_epoch, bar_left)
             done = run.samples_seen >= total_samples
-            evaluate = False
+            evaluate_now = False
             if loop.decision_due or done:
                 overhead_before = loop.collector.overhead_ms
                 signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
@@ -357,39 +405,21 @@ def run_controller(
                 observation = loop.observation()
                 decide = True
                 decision += 1
-                evaluate = next_eval is None and decision % eval_every == 0
+                evaluate_now = next_eval is None and decision % eval_every == 0
             if next_eval is not None and eval_every_steps is not None and run.steps >= next_eval:
-                evaluate = True
-                next_eval = (run.steps // eval_every_steps + 1) * eval_every_steps  # the next multiple past this step
+                evaluate_now = True
+                next_eval = _next_multiple(run.steps, eval_every_steps)
             finished = done or (max_time_s is not None and time_ms / 1e3 >= max_time_s)
             if finished and not decide:  # stopped by the time cap between decision points: close the interval
                 signals = loop.snapshot(progress=min(1.0, run.samples_seen / total_samples))
                 peak = max(peak, signals.memory_bytes)
-            if evaluate or finished:
-                nvml.read()  # outside the charged time, at the same steps in every row
-                shown = getattr(progress, "postfix", None)  # a disabled bar has none
-                if finished and progress is not None:  # the bar is full; the final evaluation can take a while on a CPU
-                    progress.set_postfix_str(f"{shown or ''}, final evaluation".lstrip(", "))
-                try:
-                    metric = run.evaluate()
-                finally:
-                    if finished and progress is not None:
-                        progress.set_postfix_str(shown or "")
-                low = float(np.mean([p is not Precision.FP32 for p in run.precisions]))
-                curve.append((time_ms / 1e3, metric, run.batch_size, folded * run.lr_scale, low))
-                # The first evaluation at or above the target, at its own time: not interpolated between evaluations
-                # (the time is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
-                if time_to_target is None and metric >= task.target_metric:
-                    time_to_target = time_ms / 1e3
-                if writer is not None:  # the curve's point, as the JSON holds it (every evaluation, the first included)
-                    step = run.steps
-                    writer.add_scalar("test/metric", metric, step)
-                    writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(curve[-1][0]))
-                    writer.add_scalar("controller/batch_size", run.batch_size, step)
-                    writer.add_scalar("controller/lr_scale", curve[-1][3], step)
-                    writer.add_scalar("controller/low_precision_share", low, step)
+            if evaluate_now or finished:
+                evaluate(finished)
         if writer is not None:
             writer.close()
+        # The first evaluation at or above the target, at its own time: not interpolated between evaluations (the time
+        # is a multiple of the evaluation spacing), and kept if a later evaluation falls below.
+        time_to_target = next((time_s for time_s, metric, *_ in curve if metric >= task.target_metric), None)
         return RunResult(
             controller=name,
             seed=seed,
@@ -423,6 +453,11 @@ def run_controller(
     finally:
         for owner, name, value in settings:
             setattr(owner, name, value)
+
+
+def _next_multiple(step: int, every: int) -> int:
+    """The first multiple of ``every`` past ``step``: the next step at which ``eval_every_steps`` evaluates."""
+    return (step // every + 1) * every
 
 
 def _precision_settings(policy: Any) -> list[tuple[Any, str, Any]]:
@@ -484,9 +519,10 @@ def check_comparison(
     """
     from triaccel_rl.plain import PLAIN_PRECISIONS  # plain.py imports this module
 
+    _check_listed(controllers, seeds)
     task_obj = task if isinstance(task, Task) else get_task(task)
     config = config or ControllerConfig()
-    plain = [c for c in controllers if c.startswith("plain-")]
+    plain = [c for c in controllers if _is_plain_row(c)]
     for controller in controllers:  # fail fast on a bad name or zip, before any run starts
         if controller in plain:
             _check_plain_row(controller)
@@ -571,8 +607,9 @@ def compare(
     a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
 
     Raises:
-        ValueError: an unknown task or controller, a plain row in modelled time, or a non-positive ``epochs``,
-            ``eval_every``, ``eval_every_steps`` or ``max_grad_norm``, before any run starts.
+        ValueError: an unknown task or controller, a plain row in modelled time, ``controllers`` given as one str or
+            ``seeds`` as a count (give lists: ``["fp32"]``, ``[0, 1]``), or a non-positive ``epochs``, ``eval_every``,
+            ``eval_every_steps`` or ``max_grad_norm``, before any run starts.
     """
     from triaccel_rl.plain import run_plain  # plain.py imports this module
 
@@ -590,7 +627,7 @@ def compare(
         max_grad_norm=max_grad_norm,
     )
     config = config or ControllerConfig()
-    plain = [c for c in controllers if c.startswith("plain-")]
+    plain = [c for c in controllers if _is_plain_row(c)]
     total = epochs * len(controllers) * len(seeds)
     results = []
     # Fixed decimals, enough for the total's first two figures ({n:.3g} switched to 1.5e+03 past 1000 epochs)
@@ -838,27 +875,20 @@ def write_json(
     :func:`summarize` returns them (its docstring lists the keys), ``runs`` one object per :class:`RunResult` with
     its fields as keys. Tuples are written as lists, NumPy numbers as plain ones, and a number that is not finite
     (NaN, ±inf) as ``null``: Python's ``NaN`` and ``Infinity`` are not JSON, and strict parsers refuse them. The
-    file is written beside ``path`` and moved over it, so a reader never sees half of one (the CLI rewrites its
-    partial results after every run).
+    file is written beside ``path`` and moved over it (:func:`triaccel_rl.experiment.write_text_atomic`, through a
+    symlink to its file), so a reader never sees half of one (the CLI rewrites its partial results after every run).
 
     Raises:
         TypeError: a value JSON cannot hold (in ``meta``, say), named by ``json``.
+        ValueError: ``path`` is an existing file that is not a regular one (a device such as ``/dev/null``, a FIFO),
+            which the move would replace.
     """
     payload = {
         "meta": {"date": time.strftime("%Y-%m-%d"), **meta},
         "rows": list(rows),
         "runs": [asdict(r) for r in results],
     }
-    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
-    target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, target)
-    except BaseException:  # (a folder where the file goes) no stray temporary left behind
-        temporary.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 def json_safe(value: Any) -> Any:
@@ -922,17 +952,37 @@ def row_names(controllers: Sequence[str], config: ControllerConfig | None = None
     own name.
 
     Raises:
-        ValueError: an unknown controller, as :func:`compare` would.
+        ValueError: an unknown controller, as :func:`compare` would, or one name given as a str, not in a list.
     """
+    _check_listed(controllers)
     config = config or ControllerConfig()
     names = []
     for controller in controllers:
-        if controller.startswith("plain-"):
+        if _is_plain_row(controller):
             _check_plain_row(controller)
             names.append(controller)
         else:
             names.append(str(getattr(_policy(controller, config), "name", controller)))
     return names
+
+
+def _is_plain_row(controller: str) -> bool:
+    """Whether ``controller`` names a plain loop's row (``plain-fp32``...): a ``plain-`` name that is not a policy zip.
+
+    A zip named ``plain-policy.zip`` was taken for a plain row and refused as an unknown one.
+    """
+    return controller.startswith("plain-") and not controller.lower().endswith(".zip")  # a zip as make_policy reads it
+
+
+def _check_listed(controllers: Sequence[str], seeds: Iterable[int] | None = None) -> None:
+    """Raises a ValueError naming the argument where ``controllers`` is one str or ``seeds`` is not a collection.
+
+    A str was read as its letters (``"fp32"``: "unknown policy 'f'"), a count of seeds failed in a TypeError.
+    """
+    if isinstance(controllers, str):
+        raise ValueError(f"controllers={controllers!r}: give a list, e.g. [{controllers!r}]")
+    if seeds is not None and (isinstance(seeds, str) or not isinstance(seeds, Iterable)):
+        raise ValueError(f"seeds={seeds!r}: give a list such as [0, 1]")
 
 
 def _check_plain_row(controller: str) -> None:

@@ -157,13 +157,15 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
         ValueError: --out '': is empty; give a file path such as results.json
 
     Raises:
-        ValueError: ``path`` is empty or a folder, or its folder cannot be made or written in; the message names
-            ``flag``, the path and what to give instead.
+        ValueError: ``path`` is empty or a folder (one that exists, or any path ending in a separator), names an
+            existing file that is not a regular one (a device such as ``/dev/null``, a FIFO, a socket: the results,
+            moved over it, would replace it), or its folder cannot be made or written in; the message names ``flag``,
+            the path and what to give instead.
     """
     if not path.strip():
         raise ValueError(f"{flag} {path!r}: is empty; give a file path such as {example}")
-    out = Path(path)
-    if out.is_dir():
+    out = Path(path)  # (Path drops a trailing separator: "results/" was written as a file named results)
+    if out.is_dir() or path.endswith(("/", os.sep)):
         raise ValueError(f"{flag} {path}: is a folder; give a file path such as {out / example}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +175,10 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     # it, and the link, not that empty file, was unlinked (the results then went into a plain file in its place).
     target = Path(os.path.realpath(out))
     existed = target.exists()
+    # Checked before the probe below: opening a FIFO for writing waits for a reader, for ever.
+    _check_regular(
+        target, f"{flag} {path}", f"give a file path such as {example} ('' for none, where {flag} allows it)"
+    )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)  # a dangling link's target folder, as the writer makes it
         with target.open("a"):  # appends nothing: an existing file keeps its contents
@@ -193,8 +199,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
     An interrupted write leaves the file as it was, whole, never half of the new one (which ``--reuse`` could not
     parse). A symlink's file is written, as a plain write goes.
+
+    Raises:
+        ValueError: ``path`` is an existing file that is not a regular one (a device such as ``/dev/null``, a FIFO, a
+            socket), which the move would replace with a regular file; nothing is written.
     """
     target = Path(os.path.realpath(path))
+    _check_regular(target, str(path), "give a regular file's path")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     try:
@@ -202,6 +213,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)  # left only where the write or the move failed
+
+
+def _check_regular(target: Path, named: str, instead: str) -> None:
+    """Raises ``ValueError`` where ``target`` exists and is neither a regular file nor a folder.
+
+    A file written beside it and moved over it (``os.replace``) replaces a device, a FIFO or a socket with a regular
+    file: ``--out /dev/null`` run as root replaced the system's ``/dev/null``. (A folder the move refuses itself.)
+    ``named`` says what was given (``--out PATH``), ``instead`` what to give.
+    """
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        raise ValueError(
+            f"{named}: is not a regular file (a device, a FIFO or a socket), which writing would replace; {instead}"
+        )
 
 
 def command_line(script: str, args: Any) -> str:

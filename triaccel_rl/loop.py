@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -174,7 +174,11 @@ class DecisionLoop:
         return stats
 
     def time_precisions(
-        self, candidates: Sequence[Precision], steps: int, warmup_steps: int = 2
+        self,
+        candidates: Sequence[Precision],
+        steps: int,
+        warmup_steps: int = 2,
+        train: Callable[[int], IntervalStats] | None = None,
     ) -> tuple[dict[Precision, float], list[IntervalStats]]:
         """Times real training steps in each candidate precision: ``(ms a step per candidate, chunks trained)``.
 
@@ -183,7 +187,8 @@ class DecisionLoop:
         capture, kernel selection). All are real training steps, fed to the collector as any other; the
         caller charges them (``IntervalStats.charged_ms``). The last candidate's precision is left on. A candidate
         may be a ``Precision`` or its name (``"bf16"``); one named twice is timed once, and the result is keyed by
-        ``Precision``.
+        ``Precision``. ``train(n)`` trains a chunk of at most ``n`` steps (``train_interval`` by default): ``compare``
+        charges each chunk as it comes and cuts them at its evaluation steps.
 
         Raises:
             ValueError: no candidate, an unknown one, or ``steps`` not a whole number >= 1, or ``warmup_steps`` not a
@@ -211,7 +216,7 @@ class DecisionLoop:
             timed_steps = 0
             for n, timed in ((warmup_steps, False), (steps, True)):
                 while n > 0:  # an interval may end inside a chunk: carry on into the next one
-                    chunk = self.train_interval(max_steps=n)
+                    chunk = train(n) if train is not None else self.train_interval(max_steps=n)
                     if chunk.steps == 0:
                         break
                     chunks.append(chunk)

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from triaccel_rl.compare import RunResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_comparison"]
 
@@ -33,27 +37,29 @@ def plot_comparison(
     per evaluation, with its one precision throughout, its fixed batch and LR scale, and each evaluation interval's
     own peak memory (0 on a CPU, where nothing is measured).
 
+    The figures are drawn without ``pyplot``, on an Agg canvas of their own: the process's backend (a notebook's
+    inline one, a desktop's window) and the figures open in it stay as they were.
+
     Raises:
         ImportError: matplotlib is not installed (the message says how to get it).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
+        from matplotlib.colors import ListedColormap
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'triaccel-rl[plots]'") from err
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     controllers = list(dict.fromkeys(r.controller for r in results))
-    palette = plt.get_cmap("tab10" if len(controllers) <= 10 else "tab20")
+    palette = colormaps["tab10" if len(controllers) <= 10 else "tab20"]
     colours = {name: palette(i % palette.N) for i, name in enumerate(controllers)}
     paths = []
 
     # With a target, a second panel zooms in on it and marks where each run first reached it (its time to target):
     # the whole curve hides differences of a few tenths of a point near the target, which decide the ranking.
-    fig, axes = plt.subplots(1, 1 if target is None else 2, figsize=(7 if target is None else 13, 4.5), squeeze=False)
+    fig = _figure(figsize=(7 if target is None else 13, 4.5))
+    axes = fig.subplots(1, 1 if target is None else 2, squeeze=False)
     for ax in axes[0]:
         for run in results:
             times = [point[0] for point in run.curve]
@@ -80,7 +86,8 @@ def plot_comparison(
         zoom.set_title("Near the target (triangles: time to target)")
     paths.append(_save(fig, out / "metric_vs_time.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for run in results:
         times = [row["time_s"] for row in run.trace]
         memory = [row["memory_bytes"] / 2**20 for row in run.trace]
@@ -92,7 +99,8 @@ def plot_comparison(
     _legend(ax)
     paths.append(_save(fig, out / "memory_vs_time.png"))
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig = _figure(figsize=(7, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     for run in results:
         # A trace row is written at an interval's end and holds that interval's setting: it is in force from the row
         # before (from 0 for the first) up to the row's time. ("post" drew each a decision late.)
@@ -112,22 +120,21 @@ def plot_comparison(
         ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "batch_lr_vs_time.png"))
 
-    from matplotlib.colors import ListedColormap
-
     cmap = ListedColormap(["#3b6fb6", "#f2a541", "#d1495b"])  # fp32, bf16, fp16
     for controller in controllers:
         run = min((r for r in results if r.controller == controller), key=lambda r: r.seed)
         if not run.trace:
             continue
         grid = np.array([row["precisions"] for row in run.trace]).T  # layers × decisions
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * grid.shape[0] + 1.2)))
+        fig = _figure(figsize=(8, max(2.5, 0.18 * grid.shape[0] + 1.2)))
+        ax = fig.subplots()
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest")
         ax.set_xlabel("decision")
         ax.set_ylabel("layer")
         if len(run.layer_names) <= 40:
             ax.set_yticks(range(len(run.layer_names)), run.layer_names, fontsize=6)
         ax.set_title(f"Per-layer precision over time: {controller} (seed {run.seed})")
-        bar = fig.colorbar(image, ticks=[0, 1, 2])
+        bar = fig.colorbar(image, ax=ax, ticks=[0, 1, 2])
         bar.ax.set_yticklabels(["fp32", "bf16", "fp16"])
         paths.append(_save(fig, out / f"precision_map_{_safe(controller)}.png"))
     return paths
@@ -147,12 +154,23 @@ def _first_seed_label(run: RunResult, results: Sequence[RunResult]) -> str | Non
     return run.controller if run.seed == first else None
 
 
-def _save(fig: object, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def _figure(**kwargs: Any) -> Figure:
+    """A figure on an Agg canvas of its own, outside ``pyplot``.
 
-    fig.tight_layout()  # type: ignore[attr-defined]
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]  # a legend beside the axes
-    plt.close(fig)  # type: ignore[arg-type]
+    ``matplotlib.use("Agg")`` and ``pyplot`` switched the whole process's backend for good (a notebook's plots no
+    longer showed) and closed the figures open in it; a figure of its own leaves both alone and needs no closing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)  # attaches itself to the figure
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the axes
     return path
 
 
