@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -193,21 +194,43 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
     damaged = _damaged_member(file)
-    if damaged is not None:  # SB3 reports a bad CRC as "the file ... wasn't a zip-file"
+    if damaged is not None:  # SB3 reports a bad CRC as "the file ... wasn't a zip-file", a cut file as "No data found"
         raise PolicyLoadError(f"cannot load policy {str(file)!r}: {damaged}")
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
 
 
 def _damaged_member(file: Path) -> str | None:
-    """What is damaged inside the zip ``file`` (a member whose bytes fail their CRC), or None where nothing is."""
+    """What is damaged inside the zip ``file``, for a policy that did not load; None where nothing is.
+
+    Damaged: a member whose bytes fail their CRC; no top-level ``data`` member (SB3's settings), as in a file cut
+    short: the ``.pth`` members are zips themselves, so the cut file still opens as one of them (``testzip`` passes)
+    and SB3 said only "No data found in the saved file"; or a ``.pth`` member torch cannot read, where torch's own
+    message advised ``weights_only=False``, which would unpickle whatever the damaged file holds.
+    """
+    import torch
+
     try:
         with zipfile.ZipFile(file) as archive:
             bad = archive.testzip()
+            names = archive.namelist()
+            if bad is None and "data" in names:
+                for name in (name for name in names if name.endswith(".pth")):
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                    except Exception as err:  # torch raises many types for bytes that are not what it wrote
+                        return (
+                            f"its member {name!r} cannot be read as a torch state dict ({type(err).__name__}): the "
+                            "file is damaged or was not written by stable-baselines3; save or copy the policy again"
+                        )
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # a member whose header cannot be read
         return f"the zip is damaged ({type(err).__name__}: {err}); save or copy the policy again"
-    if bad is None:
-        return None
-    return f"its member {bad!r} is damaged (its bytes fail their CRC check); save or copy the policy again"
+    if bad is not None:
+        return f"its member {bad!r} is damaged (its bytes fail their CRC check); save or copy the policy again"
+    if "data" not in names:
+        return (
+            "it holds no 'data' member: not a whole stable-baselines3 zip (truncated?); save or copy the policy again"
+        )
+    return None
 
 
 def _saved_algorithm(file: Path) -> str | None:

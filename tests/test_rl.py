@@ -357,8 +357,13 @@ def test_action_spread_rejects_bad_input():
     from triaccel_rl.shield import ObservationStats
 
     stub = _Stub(lambda row: np.zeros(6, dtype=np.int64))
-    with pytest.raises(ValueError, match="samples=0 must be >= 1"):
+    with pytest.raises(ValueError, match="samples=0 must be a whole number >= 1"):
         action_spread(stub, _stats(), samples=0)
+    # Not whole numbers: NumPy's TypeError ("'float' object cannot be interpreted as an integer") named no argument
+    for samples in (10.0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^samples={samples!r} must be a whole number >= 1$"):
+            action_spread(stub, _stats(), samples=samples)
+    assert action_spread(stub, _stats(), samples=np.int64(3)).samples == 3  # NumPy's integers are whole numbers
     with pytest.raises(ValueError, match="observation stats have 5 features"):
         action_spread(stub, ObservationStats((0.0,) * 5, (1.0,) * 5, 1))
 
@@ -642,18 +647,18 @@ def test_a_checkpoint_set_aside_is_not_resumed_into_its_folder(tmp_path, caplog)
     train_policy(["synthetic"], total_timesteps=8, out=out, resume=checkpoints / "policy_8_steps.zip", **common)
     set_aside = checkpoints / "replaced_after_8_steps" / "policy_24_steps.zip"
     before = sorted(path.relative_to(out.parent) for path in out.parent.rglob("*"))
-    message = f"resume='{set_aside}' is a checkpoint a resume set aside in '{checkpoints}'"
+    message = f"resume='{set_aside}' is a checkpoint a later run set aside in '{checkpoints}'"
     with pytest.raises(ValueError, match=re.escape(message) + ".*resume it into another out folder"):
         train_policy(["synthetic"], total_timesteps=8, out=out, resume=set_aside, **common)
     # However out is spelled
-    with pytest.raises(ValueError, match=re.escape(f"resume='{set_aside}' is a checkpoint a resume set aside")):
+    with pytest.raises(ValueError, match=re.escape(f"resume='{set_aside}' is a checkpoint a later run set aside")):
         train_policy(["synthetic"], total_timesteps=8, out=out.parent / ".." / "run" / "policy.zip", resume=set_aside,
                      **common)  # fmt: skip
     assert sorted(path.relative_to(out.parent) for path in out.parent.rglob("*")) == before  # nothing moved
     with caplog.at_level("WARNING", logger="triaccel_rl"):  # into another folder: resumed, and said what is not
         train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "other" / "policy.zip", resume=set_aside,
                      **common)  # fmt: skip
-    assert f"resume={set_aside} is a checkpoint a resume set aside: its run's evaluations are not" in caplog.text
+    assert f"resume={set_aside} is a checkpoint a later run set aside: its run's evaluations are not" in caplog.text
     assert sorted(p.name for p in (tmp_path / "other" / "checkpoints").glob("*.zip")) == ["policy_32_steps.zip"]
 
 
@@ -724,6 +729,34 @@ def test_a_run_resumed_without_checkpoint_every_sets_the_replaced_checkpoints_as
     assert (aside / "policy_16_steps.zip").read_bytes() == first_16 and f"moved to {aside}" in caplog.text
     assert sorted(p.name for p in checkpoints.glob("*.zip")) == ["policy_16_steps.zip", "policy_8_steps.zip"]
     assert (checkpoints / "policy_16_steps.zip").read_bytes() != first_16  # the resumed run's, beside its start
+
+
+def test_a_new_run_into_an_earlier_runs_folder_sets_its_checkpoints_and_evaluations_aside(tmp_path, caplog):
+    """A new run (no resume) wrote its evaluations.json over the earlier run's, labelling that run's evaluations.npz
+    as its own (a resume of it then continued them), and left that run's checkpoints past its own end among its own."""
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "checkpoint_every": 8, **_TINY}
+    train_policy(["synthetic"], total_timesteps=16, seed=0, eval_tasks=["synthetic"], eval_every=8, **common)
+    checkpoints, evaluations = tmp_path / "checkpoints", tmp_path / "eval"
+    first = {name: (checkpoints / name).read_bytes() for name in ("policy_8_steps.zip", "policy_16_steps.zip")}
+    with caplog.at_level("WARNING", logger="triaccel_rl"):  # no evaluation falls in its 8 steps
+        train_policy(["synthetic"], total_timesteps=8, seed=5, eval_tasks=["deep-mlp-synthetic"], eval_every=64,
+                     **common)  # fmt: skip
+    aside = checkpoints / "replaced_after_0_steps"
+    assert {p.name: p.read_bytes() for p in aside.glob("*.zip")} == first  # all of them, its 8 steps' too
+    assert sorted(p.name for p in aside.glob("*.obs.json")) == ["policy_16_steps.obs.json", "policy_8_steps.obs.json"]
+    assert [p.name for p in checkpoints.glob("*.zip")] == ["policy_8_steps.zip"]  # the new run's
+    assert (checkpoints / "policy_8_steps.zip").read_bytes() != first["policy_8_steps.zip"]
+    kept = evaluations / "evaluations_replaced_after_0_steps.npz"
+    assert np.load(kept)["timesteps"].tolist() == [8, 16]
+    assert json.loads(kept.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    assert not (evaluations / "evaluations.npz").exists()
+    assert json.loads((evaluations / "evaluations.json").read_text()) == {"tasks": ["deep-mlp-synthetic"], "seed": 5}
+    said = caplog.text
+    assert f"{checkpoints} held 2 checkpoints of an earlier run, which this new run (not resumed) replaces" in said
+    assert f"replaces: moved to {aside}\n" in said
+    assert f"held an earlier run's evaluations, which this new run (not resumed) replaces: moved to {kept}" in said
+    assert "resumed from an earlier checkpoint" not in said
 
 
 def test_a_str_where_a_task_list_goes_is_refused_naming_the_argument():
@@ -805,6 +838,23 @@ def test_a_zip_with_a_damaged_member_is_named(trained, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(PolicyLoadError, match=r"its member 'policy.pth' is damaged \(its bytes fail their CRC check\)"):
         make_policy(str(bad))
+
+
+def test_a_zip_member_torch_cannot_read_is_named_without_torchs_advice(trained, tmp_path):
+    """A policy.pth of other bytes (its CRC valid): torch's message advised weights_only=False, which would unpickle
+    whatever the damaged file holds."""
+    import zipfile
+
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(trained) as source, zipfile.ZipFile(bad, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, b"garbage" if name == "policy.pth" else source.read(name))
+    with pytest.raises(PolicyLoadError) as caught:
+        make_policy(str(bad))
+    assert str(caught.value) == (
+        f"cannot load policy {str(bad)!r}: its member 'policy.pth' cannot be read as a torch state dict "
+        "(UnpicklingError): the file is damaged or was not written by stable-baselines3; save or copy the policy again"
+    )
 
 
 def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_path):

@@ -273,10 +273,11 @@ def action_spread(policy: Any, stats: ObservationStats, samples: int = 2048, see
     its training curves say.
 
     Raises:
-        ValueError: ``samples < 1``, or stats whose size is not an observation's.
+        ValueError: ``samples`` not a whole number >= 1 (``10.0`` and ``True`` included: NumPy's TypeError named
+            no argument), or stats whose size is not an observation's.
     """
-    if samples < 1:
-        raise ValueError(f"samples={samples} must be >= 1")
+    if not (is_whole(samples) and samples >= 1):
+        raise ValueError(f"samples={samples!r} must be a whole number >= 1")
     low, high = np.asarray(stats.low, dtype=np.float64), np.asarray(stats.high, dtype=np.float64)
     layout = ObservationLayout.for_size(low.size)
     if layout is None:
@@ -423,7 +424,10 @@ def train_policy(
             Resumed from an earlier checkpoint into the same folder, the checkpoints past it are moved to
             ``checkpoints/replaced_after_<steps>_steps/`` (``_2``, ``_3``, ... where that name is taken; with a
             warning), not overwritten or left among the new; so they are without ``checkpoint_every``, before any
-            checkpoint (Ctrl-C's, or that of a failed final save) is written.
+            checkpoint (Ctrl-C's, or that of a failed final save) is written. A new run (no ``resume``) into the folder
+            of an earlier one moves all of that run's checkpoints to ``checkpoints/replaced_after_0_steps/``, and its
+            ``eval/evaluations.npz`` and ``.json`` to ``eval/evaluations_replaced_after_0_steps.npz`` and ``.json``
+            (``_2``, ... likewise), whatever ``eval_tasks``, with warnings: nothing is deleted.
         resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
             continue; a warning where its observation stats record another ``interval_steps`` than this run's). A
             checkpoint set aside in ``checkpoints/replaced_after_<steps>_steps[_<n>]/`` beside ``out`` is refused:
@@ -513,8 +517,9 @@ def train_policy(
         # it was replaced after, and its evaluations are in a copy: continued here, two runs' checkpoints were mixed
         # in checkpoints/ and its evaluation curve was lost.
         raise ValueError(
-            f"resume={str(resume)!r} is a checkpoint a resume set aside in {str(Path(out).parent / 'checkpoints')!r}, "
-            f"of a run another replaced there: resume it into another out folder (a new one) than {str(out)!r}"
+            f"resume={str(resume)!r} is a checkpoint a later run set aside in "
+            f"{str(Path(out).parent / 'checkpoints')!r}, of a run another replaced there: resume it into another out "
+            f"folder (a new one) than {str(out)!r}"
         )
     if vec not in ("dummy", "subproc"):
         raise ValueError(f"vec={vec!r}; allowed: dummy, subproc")
@@ -827,10 +832,15 @@ def train_policy(
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
-        if resume is not None:
-            # Whatever checkpoint_every: a Ctrl-C, or a final save that fails, writes a checkpoint too (without
-            # checkpoint_every, one overwrote the replaced run's of that step count).
-            _move_replaced_checkpoints(path.parent / "checkpoints", path.stem, model.num_timesteps)
+        # Whatever checkpoint_every: a Ctrl-C, or a final save that fails, writes a checkpoint too (without
+        # checkpoint_every, one overwrote the replaced run's of that step count).
+        _move_replaced_checkpoints(
+            path.parent / "checkpoints", path.stem, model.num_timesteps, resumed=resume is not None
+        )
+        if resume is None:
+            # Whatever eval_tasks: the run's evaluations.json was written over the earlier run's, which then labelled
+            # that run's evaluations as this run's, and a resume of this run continued them as its own.
+            _move_replaced_evaluations(path.parent / "eval" / "evaluations.npz")
         callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
         # PPO collects whole rollouts: it trains on until its count reaches the steps asked, so the last rollout
         # overshoots (64 asked at 128 a rollout trained 128, and the bar ran past its total, unsaid).
@@ -867,8 +877,8 @@ def train_policy(
                 earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
                 if Path(resume).parent.name.startswith("replaced_after_"):  # resumed into another folder (see above)
                     _log.warning(
-                        "resume=%s is a checkpoint a resume set aside: its run's evaluations are not continued (a "
-                        "copy is kept in eval/evaluations_replaced_after_*.npz of its run's folder, not beside it)",
+                        "resume=%s is a checkpoint a later run set aside: its run's evaluations are not continued "
+                        "(they are kept in eval/evaluations_replaced_after_*.npz of its run's folder, not beside it)",
                         resume,
                     )
                 if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
@@ -1066,18 +1076,20 @@ def _unused_name(path: Path, *companions: str) -> Path:
     return candidate
 
 
-def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
-    """Moves ``<stem>_<N>_steps.zip`` (and its stats) with ``N > start`` into ``replaced_after_<start>_steps/``.
+def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed: bool) -> None:
+    """Moves the replaced run's ``<stem>_<N>_steps.zip`` (and their stats) into ``replaced_after_<start>_steps/``.
 
-    A run resumed from an earlier checkpoint into its own folder overwrote the same-named ones it reached again and
-    left the later ones among its own: two runs' weights in one folder, unsaid. Where that folder exists (an earlier
-    resume from the same step set checkpoints aside there), a new one is made, ``replaced_after_<start>_steps_2/``
-    (``_3``, ...); the warning names it.
+    Those with ``N > start`` for a run ``resumed`` from step ``start``; every one for a new run (``start`` 0: its
+    ``_0_steps`` too, the earlier run's initial weights). A run resumed from an earlier checkpoint into its own folder
+    overwrote the same-named ones it reached again and left the later ones among its own: two runs' weights in one
+    folder, unsaid; a new run into the folder of an earlier one did so with all of them. Where that folder exists (an
+    earlier run set checkpoints aside there), a new one is made, ``replaced_after_<start>_steps_2/`` (``_3``, ...); the
+    warning names it.
     """
     later = []
     for file in sorted(folder.glob(f"{stem}_*_steps.zip")):
         steps = file.name[len(stem) + 1 : -len("_steps.zip")]
-        if steps.isdigit() and int(steps) > start:
+        if steps.isdigit() and (int(steps) > start or not resumed):
             later.append(file)
     if not later:
         return
@@ -1089,13 +1101,40 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int) -> None:
         for part in (file, file.with_suffix(".obs.json")):
             if part.is_file():
                 part.replace(aside / part.name)
+    if resumed:
+        _log.warning(
+            "%s held %d checkpoints past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
+            "moved to %s",
+            folder,
+            len(later),
+            start,
+            aside,
+        )
+    else:
+        _log.warning(
+            "%s held %d checkpoints of an earlier run, which this new run (not resumed) replaces: moved to %s",
+            folder,
+            len(later),
+            aside,
+        )
+
+
+def _move_replaced_evaluations(file: Path) -> None:
+    """Moves ``file`` (an ``evaluations.npz``) and its ``.json``, an earlier run's, aside for a new run into its folder.
+
+    To ``evaluations_replaced_after_0_steps.npz`` (``_2``, ``_3``, ... where that name is taken), as its checkpoints go
+    to ``checkpoints/replaced_after_0_steps/``, with a warning naming it. Left in place, they were labelled as the new
+    run's (its ``evaluations.json`` written over theirs) and continued as its own by a resume of it.
+    """
+    record = file.with_suffix(".json")
+    if not (file.is_file() or record.is_file()):
+        return
+    aside = _unused_name(file.with_name("evaluations_replaced_after_0_steps.npz"), ".json")
+    for part, target in ((file, aside), (record, aside.with_suffix(".json"))):
+        if part.is_file():
+            part.replace(target)
     _log.warning(
-        "%s held %d checkpoints past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
-        "moved to %s",
-        folder,
-        len(later),
-        start,
-        aside,
+        "%s held an earlier run's evaluations, which this new run (not resumed) replaces: moved to %s", file, aside
     )
 
 
