@@ -461,6 +461,22 @@ def test_time_cap_stops_a_run_early():
         run_controller("synthetic", "fp32", 0, config=config, device="cpu", max_time_s=0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_time_s": "5"}, ValueError, r"^max_time_s='5' must be a positive number of seconds \(or None"),
+        ({"epochs": "1"}, ValueError, r"^epochs='1' must be a positive finite number"),
+        ({"epochs": True}, ValueError, r"^epochs=True must be a positive finite number"),
+        ({"schedule": "no"}, TypeError, r"^schedule='no' must be True or False"),
+    ],
+)
+def test_a_rows_settings_of_the_wrong_type_are_refused_by_name(kwargs, error, message):
+    """A string cap or epoch count raised a bare TypeError from a comparison, True trained one epoch, and
+    ``schedule="no"`` was taken as True."""
+    with pytest.raises(error, match=message):
+        run_controller("synthetic", "fp32", 0, device="cpu", **kwargs)
+
+
 def test_a_rows_gradient_clipping_reaches_its_updates():
     config = ControllerConfig(interval_steps=2)
     common = {"epochs": 0.5, "config": config, "device": "cpu", "eval_every": 1}

@@ -179,7 +179,8 @@ def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
         ({"lr_scale": float("nan")}, r"lr_scale=nan must be a positive finite number"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
         ({"eval_every_steps": 0}, r"eval_every_steps=0 must be a whole number >= 1"),
-        ({"max_time_s": -1.0}, r"max_time_s=-1.0 must be positive"),
+        ({"max_time_s": -1.0}, r"max_time_s=-1.0 must be a positive number of seconds"),
+        ({"max_time_s": "5"}, r"max_time_s='5' must be a positive number of seconds"),
     ],
 )
 def test_plain_loop_rejects_bad_input(kwargs, message):

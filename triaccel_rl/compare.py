@@ -29,7 +29,7 @@ from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.signals import SignalMode
 from triaccel_rl.tasks import Task, check_seed, get_task
-from triaccel_rl.training import IntervalStats, TrainingRun, probe_count, resolve_device
+from triaccel_rl.training import IntervalStats, TrainingRun, check_time_cap, probe_count, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = [
@@ -201,11 +201,11 @@ def run_controller(
     """
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
-    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
+    _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm, max_time_s)
     if not (is_real(lr_scale) and math.isfinite(lr_scale) and lr_scale > 0):  # folded first, it was named base_lr
         raise ValueError(f"lr_scale={lr_scale!r} must be a positive finite number")
-    if max_time_s is not None and not max_time_s > 0:
-        raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    if not isinstance(schedule, (bool, np.bool_)):  # "no" was taken as True
+        raise TypeError(f"schedule={schedule!r} must be True or False")
     # A finished run's model, optimizer state and captured graphs sit in reference cycles (hooks) until the
     # collector runs: free them now, or this run's peak memory would include the previous run's.
     release_memory(resolve_device(device))
@@ -928,11 +928,16 @@ def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
 
 
 def _check_run_settings(
-    epochs: float, eval_every: int, eval_every_steps: int | None, max_grad_norm: float | None
+    epochs: float,
+    eval_every: int,
+    eval_every_steps: int | None,
+    max_grad_norm: float | None,
+    max_time_s: float | None = None,
 ) -> None:
     """Raises ``ValueError`` naming the first setting a run cannot use."""
-    if not (epochs > 0 and math.isfinite(epochs)):  # NaN included
-        raise ValueError(f"epochs={epochs} must be a positive finite number")
+    if not (is_real(epochs) and epochs > 0 and math.isfinite(epochs)):  # NaN included; "1" raised a bare TypeError
+        raise ValueError(f"epochs={epochs!r} must be a positive finite number")
+    check_time_cap(max_time_s)
     # A float spacing failed deep in the first interval (eval_every_steps=2.5), or evaluated at the decisions that
     # happened to be its multiples (eval_every=1.5: every third); True counted as 1.
     if not is_whole(eval_every) or eval_every < 1:

@@ -35,7 +35,14 @@ from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, check_seed, get_task
-from triaccel_rl.training import IntervalTimer, evaluate_accuracy, probe_count, resolve_device, schedule_gain
+from triaccel_rl.training import (
+    IntervalTimer,
+    check_time_cap,
+    evaluate_accuracy,
+    probe_count,
+    resolve_device,
+    schedule_gain,
+)
 from triaccel_rl.types import Precision
 
 __all__ = ["PLAIN_PRECISIONS", "run_plain"]
@@ -111,8 +118,7 @@ def run_plain(
     if not (is_whole(batch) and batch >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     batch = int(batch)
-    if max_time_s is not None and not max_time_s > 0:
-        raise ValueError(f"max_time_s={max_time_s} must be positive (or None for no cap)")
+    check_time_cap(max_time_s)
     max_grad_norm = check_max_grad_norm(max_grad_norm)
     device = resolve_device(device)
     release_memory(device)  # earlier runs' garbage must not count in this run's peak

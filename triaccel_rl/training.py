@@ -84,6 +84,12 @@ def probe_count(n_train: int, n_probe: int = 512) -> int:
     return max(1, min(int(n_probe), int(n_train) // 8))
 
 
+def check_time_cap(max_time_s: float | None) -> None:
+    """Refuses a run's ``max_time_s`` unless None (no cap) or a number > 0 (``"5"`` raised a bare TypeError)."""
+    if max_time_s is not None and not (is_real(max_time_s) and max_time_s > 0):  # NaN fails the comparison too
+        raise ValueError(f"max_time_s={max_time_s!r} must be a positive number of seconds (or None for no cap)")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Returns ``device``, or CUDA when available and CPU otherwise.
 
