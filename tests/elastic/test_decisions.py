@@ -141,10 +141,14 @@ def test_environment_runs_through_injected_ooms_without_losing_samples(policy_mo
 @pytest.mark.parametrize("lr_scale", [float("nan"), float("inf"), 0.0, -1.0])
 def test_an_lr_scale_that_is_no_positive_number_is_refused_by_value(lr_scale: float) -> None:
     """Before the fix, NaN passed the clamp (every comparison with it is false) and became the engine's LR
-    multiplier: every later update NaN. Infinite, zero and negative scales were clamped silently."""
+    multiplier: every later update NaN. Infinite, zero and negative scales were clamped silently. ``Action`` refuses
+    them itself since 2026-12-06; the executor still checks what it is handed (an action whose field was forced)."""
     loop = _loop()
     before = loop.run.lr_scale
-    action = Action((Precision.FP32,) * loop.config.n_groups, lr_scale, BatchMove.KEEP)
+    with pytest.raises(ValueError, match=r"must be a positive finite number \(a multiplier on the scheduled LR\)"):
+        Action((Precision.FP32,) * loop.config.n_groups, lr_scale, BatchMove.KEEP)
+    action = Action((Precision.FP32,) * loop.config.n_groups, 1.0, BatchMove.KEEP)
+    object.__setattr__(action, "lr_scale", lr_scale)  # past the dataclass's check, as a hand-made object would be
     with pytest.raises(ValueError, match=rf"action lr_scale={lr_scale} must be a positive finite multiplier"):
         loop.executor.apply(action, loop.run)
     assert loop.run.lr_scale == before
