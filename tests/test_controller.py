@@ -1782,3 +1782,28 @@ def test_a_bare_learned_policys_speed_trial_ends_back_in_fp32():
             assert set(ctl.precisions) == {Precision.FP32}  # the trial over, the model's own precision back
     assert "chosen" in ctl.speed_trial and ctl.decisions
     ctl.close()
+
+
+def test_a_loop_serving_its_own_batches_is_told_what_is_off_and_why_a_batch_move_is_refused(caplog):
+    """Without ``ctl.loader()`` batch moves, the memory budget's checks and the progress rules were off silently, and
+    a refused move read "batch 0 already at its largest allowed size 512"; ``ctl.lr`` after ``close()`` still read
+    the multiplier the optimizer no longer applies."""
+    model, optimizer = model_and_optimizer()
+    ctl = Controller(model, optimizer, policy=_Alternating(), config=ControllerConfig(interval_steps=2))
+    x, y = data(64)
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        for start in range(0, 64, 8):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x[start : start + 8]), y[start : start + 8])
+            ctl.step(loss)
+    warned = [r for r in caplog.records if "serves its own batches" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    refusals = [reason for report in ctl.decisions for reason in report.refused]
+    assert refusals and all(
+        "batch moves apply to ctl.loader()'s batches; this loop serves its own" in r for r in refusals
+    )
+    assert not any("already" in r for r in refusals)
+    lr = optimizer.param_groups[0]["lr"]
+    assert ctl.lr == pytest.approx(lr * ctl.engine.lr_scale) and ctl.engine.lr_scale != 1.0  # the policy moved it
+    ctl.close()
+    assert ctl.lr == lr  # the optimizer is the user's again: its own LR is what the next update applies

@@ -562,6 +562,8 @@ class Controller:
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
+            if self._loader is None and self._resume is None:
+                self._say_own_batches()
         earlier = self._earlier_micro_loss()  # the batch's earlier micro-batches (backward())
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
         self._backward(loss)
@@ -711,7 +713,10 @@ class Controller:
 
         That group's own ``lr`` (yours, or your LR scheduler's, which keeps working) times the controller's
         multiplier (LR scale, batch gain: during a warm-up after a batch rise, the gain the next step moves to).
+        After :meth:`close`, the group's own ``lr``: the optimizer is yours again, and applies no multiplier.
         """
+        if self._closed:  # the multiplier's hooks are gone (until 2026-12-06 this still read x1.5 after a raise)
+            return float(self.engine.optimizer.param_groups[0]["lr"])
         if self._resume is not None:  # loaded, not yet carried on: the coupler the next loader() call restores
             resume = self._resume
             gain: float | None = self._coupler_for(resume["base_batch_size"], resume["lr_coupler"]).next_gain()
@@ -1097,6 +1102,21 @@ class Controller:
             self.lr_coupler.load_state_dict(saved["lr_coupler"])
         self._batch_size = int(saved["batch_size"])  # the coupler already holds its gain at this batch
         self.engine.batch_lr_gain = self.lr_coupler.gain
+
+    def _say_own_batches(self) -> None:
+        """Says, once, what a loop serving its own batches (no ``loader()``) turns off, where the policy could use it.
+
+        Without the loader the controller knows neither the batch nor the run's length: batch moves, the memory
+        model (so the budget's checks: a precision change is never refused for memory) and the rules that read
+        ``progress`` (annealing, the batch ramp) are off. Until 2026-12-06 they were off silently, and a refused batch
+        move read "batch 0 already at its largest allowed size".
+        """
+        static = getattr(self.policy, "initial_action", None) is not None
+        (_log.info if static else _log.warning)(
+            "this loop serves its own batches (no ctl.loader()): batch moves, the memory budget's checks and the "
+            "late-run rules that read progress (annealing, the batch ramp) are off; serve the batches through "
+            "ctl.loader() to have them"
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -216,7 +216,12 @@ class Executor:
         engine.lr_scale = lr_scale
 
         batch = target.batch_size
-        if action.batch_move is BatchMove.GROW:
+        if batch < 1 and action.batch_move is not BatchMove.KEEP:  # a Controller's loop serving its own batches
+            refused.append(
+                f"batch {action.batch_move.name.lower()}: batch moves apply to ctl.loader()'s batches; this "
+                "loop serves its own"
+            )
+        elif action.batch_move is BatchMove.GROW:
             limit = min(self.config.max_batch_size, target.max_batch_size)
             grown = min(batch * 2, limit)
             predicted = target.predicted_memory_bytes(grown)
