@@ -1192,6 +1192,8 @@ def test_one_controller_or_a_seed_count_not_in_a_list_is_refused_by_name():
             call()
     with pytest.raises(ValueError, match=r"^seeds=2: give a list such as \[0, 1\]$"):
         compare("synthetic", ["fp32"], 2, show_progress=False)
+    with pytest.raises(ValueError, match=r"^seeds=<generator object .*>: give a list such as \[0, 1\]$"):
+        compare("synthetic", ["fp32"], (seed for seed in (0, 1)), epochs=1, show_progress=False)  # read up by checks
 
 
 def test_a_bare_learned_policy_runs_its_speed_trial_and_starts_in_fp32():

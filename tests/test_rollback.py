@@ -779,12 +779,18 @@ def test_a_resumed_guard_reuses_the_two_reserved_copies(resumed):
         assert storages(guard) == reserved
 
 
-@pytest.mark.parametrize("overflow_rule", [True, False], ids=["bf16-after-overflow", "fp16-throughout"])
-def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_as_gradscalers(overflow_rule):
+@pytest.mark.parametrize(
+    ("overflow_rule", "sampled"),
+    [(True, False), (False, False), (False, True)],
+    ids=["bf16-after-overflow", "fp16-throughout", "fp16-rows-sampled"],
+)
+def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_as_gradscalers(overflow_rule, sampled):
     """A summed loss over unnormalised features needs 11 halvings of 65536, more than an interval's 4 steps: each
     interval of nothing but skipped steps was rolled back and its scale put back to 65536 (until 2026-12-06), so fp16
     never trained (60 of 120 steps skipped where GradScaler skips 11). Now nothing is restored, and with the overflow
-    rule off the run is the plain fp16 autocast + GradScaler loop's, bit for bit."""
+    rule off the run is the plain fp16 autocast + GradScaler loop's, bit for bit. ``sampled``: the statistics' rows
+    sampled under a time budget, as on a GPU, so that intervals record no loss (the first fix read those as
+    non-finite, and rolled back as before)."""
     from triaccel_rl.controller import Controller
 
     n, batch = 24, 64
@@ -817,12 +823,16 @@ def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_a
     heuristic = HeuristicConfig(max_overflow_rate=0.05 if overflow_rule else 1.0)
     config = ControllerConfig(interval_steps=4, max_interval_factor=1, heuristic=heuristic)
     ctl = Controller(controlled, controlled_optimizer, policy="fp16", config=config)
+    if sampled:
+        ctl.observe_budget_frac = 1e-9  # a row every DeviceMoments.max_every_steps (64) steps: 1 of 6 intervals
     for k in range(n):
         controlled_optimizer.zero_grad()
         with ctl.autocast():
             loss = loss_of(controlled, k)
         ctl.step(loss)
     assert ctl.rollbacks == 0
+    if sampled:
+        assert ctl._moments is not None and ctl._moments.every_steps == 64
     if overflow_rule:  # an interval in bf16 after the first two overflowed; fp16 again, at the scale it fell to
         assert ctl.skipped_steps == plain_skipped and ctl.precisions[0] is Precision.FP16
     else:

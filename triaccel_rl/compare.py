@@ -7,7 +7,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -982,11 +982,13 @@ def _is_plain_row(controller: str) -> bool:
 def _check_listed(controllers: Sequence[str], seeds: Iterable[int] | None = None) -> None:
     """Raises a ValueError naming the argument where ``controllers`` is one str or ``seeds`` is not a collection.
 
-    A str was read as its letters (``"fp32"``: "unknown policy 'f'"), a count of seeds failed in a TypeError.
+    A str was read as its letters (``"fp32"``: "unknown policy 'f'"), a count of seeds failed in a TypeError, and so
+    did a generator of seeds, read up by the checks.
     """
     if isinstance(controllers, str):
         raise ValueError(f"controllers={controllers!r}: give a list, e.g. [{controllers!r}]")
-    if seeds is not None and (isinstance(seeds, str) or not isinstance(seeds, Iterable)):
+    # An iterator (a generator) too: the checks before the runs read it, and left the runs none (a TypeError on len())
+    if seeds is not None and (isinstance(seeds, (str, Iterator)) or not isinstance(seeds, Iterable)):
         raise ValueError(f"seeds={seeds!r}: give a list such as [0, 1]")
 
 

@@ -600,7 +600,7 @@ class Controller:
             self._advance_trial(self._trial)
         elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
             steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
-            train_ms = self._close_interval()
+            train_ms = self._close_interval(loss)
             self._decide()
             # The decision's whole wall time from the interval's end: the moments read, the shield (its buffer check,
             # a rollback copy) and the running-mean read are the collector's to charge too. Only its own parts were
@@ -1176,8 +1176,12 @@ class Controller:
             chosen.name.lower(),
         )
 
-    def _close_interval(self) -> float:
-        """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms."""
+    def _close_interval(self, last_loss: torch.Tensor) -> float:
+        """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms.
+
+        ``last_loss`` is the interval's last step's: read beside the sums, it says whether the losses were finite where
+        the sampled rows say nothing (on a GPU a fast model may record no row in an interval).
+        """
         assert self._moments is not None
         train_ms = self._timer.stop() + self._carried_ms
         self._decision_start = time.perf_counter()  # the device is idle: what follows is the decision's
@@ -1195,8 +1199,12 @@ class Controller:
         )
         restored = False
         try:
-            # Every recorded loss finite: steps skipped for their gradients alone, the loss scale's overflows in fp16
-            losses_finite = moments.n_recorded > 0 and moments.n_finite_loss == moments.n_recorded
+            # Every recorded loss finite, the last step's too: steps skipped for their gradients alone (fp16's loss
+            # scale overflowing). With no update the weights were the same at every step, so where no row was recorded
+            # (on a GPU a sampled row may come less than once an interval) the last loss speaks for them all.
+            losses_finite = moments.n_finite_loss == moments.n_recorded and bool(
+                torch.isfinite(last_loss.detach()).all()
+            )
             restored = self._shield(applied, self._interval_steps, losses_finite)
         finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
             self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
