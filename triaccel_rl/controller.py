@@ -67,6 +67,11 @@ class Controller:
     in fp16 where it would in bf16 (its tensor cores' format, as AMP runs there; a layer that overflows moves to fp32),
     and a bf16 a policy asks for anyway runs in fp32 (``Executor``).
 
+    Only the cheap signals run here, whatever ``config.signals.mode``: the scheduled estimator rounds (Hutchinson
+    curvature, micro-batch gradient noise) need a held-out probe batch a user's loop does not have. The heuristic's
+    rules that wait for a measured value then stay still: no group is raised to fp32 on squared gradients alone, and
+    the noise scale reads as the batch (its bound), so the batch is not grown for it. ``compare`` runs the rounds.
+
     Args:
         model: the model (on its device already).
         optimizer: its optimizer. The controller scales whatever LR its param groups hold at each step (an LR
@@ -1113,9 +1118,9 @@ class Controller:
         """
         static = getattr(self.policy, "initial_action", None) is not None
         (_log.info if static else _log.warning)(
-            "this loop serves its own batches (no ctl.loader()): batch moves, the memory budget's checks and the "
-            "late-run rules that read progress (annealing, the batch ramp) are off; serve the batches through "
-            "ctl.loader() to have them"
+            "this loop serves its own batches (no ctl.loader()): batch moves and the memory budget's checks are off, "
+            "and progress reads 0, so the rules that wait for a share of the run (annealing after anneal_after, the "
+            "batch ramp) never start; serve the batches through ctl.loader() to have them"
         )
 
     def _check_open(self) -> None:

@@ -163,7 +163,7 @@ class Executor:
                 wanted[i] = current[i]
             if lowered:
                 refused.append(
-                    f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.2f} > {max_rate}"
+                    f"kept {len(lowered)} layers at their precision: overflow rate {overflow_rate:.3g} > {max_rate:g}"
                 )
             # fp16's narrow range is the usual cause of overflow: move fp16 layers to bf16 (fp32 without bf16). A layer
             # asked for fp16, or kept there, is one the policy did not get as asked: said (below, with the layers the
@@ -199,7 +199,7 @@ class Executor:
         if unstable and in_fp16:
             refused.append(
                 f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
-                f"overflow rate {overflow_rate:.2f} > {self.config.heuristic.max_overflow_rate}"
+                f"overflow rate {overflow_rate:.3g} > {self.config.heuristic.max_overflow_rate:g}"
             )
         try:
             engine.set_precisions(wanted)

@@ -171,7 +171,7 @@ def test_the_lr_clamp_and_the_overflow_shield_at_their_bounds() -> None:
     lower = Action((Precision.BF16,) * config.n_groups, 1.5, BatchMove.KEEP)
     report = loop.executor.apply(lower, loop.run, overflow_rate=1.0)
     assert report.precisions == [Precision.FP32] * loop.run.n_layers and report.changed_precision == 0
-    assert report.refused == [f"kept {loop.run.n_layers} layers at their precision: overflow rate 1.00 > 0.05"]
+    assert report.refused == [f"kept {loop.run.n_layers} layers at their precision: overflow rate 1 > 0.05"]
     report = loop.executor.apply(lower, loop.run, overflow_rate=0.0)
     assert report.changed_precision == loop.run.n_layers
 
@@ -321,7 +321,7 @@ def test_under_overflow_on_a_gpu_without_bf16_fp16_layers_go_to_fp32() -> None:
         report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
         assert report.precisions == [expected] * layers and not any("not applied" in r for r in report.refused)
     assert loop.executor.apply(ask, loop.run, overflow_rate=0.5).refused == [
-        f"moved {layers} layers out of fp16 (to fp32): overflow rate 0.50 > 0.05"
+        f"moved {layers} layers out of fp16 (to fp32): overflow rate 0.5 > 0.05"
     ]
 
 
@@ -359,11 +359,19 @@ def test_under_overflow_the_layers_moved_out_of_fp16_are_reported() -> None:
             0.5,
             [Precision.BF16, Precision.BF16, Precision.FP32],
             [
-                "kept 1 layers at their precision: overflow rate 0.50 > 0.05",  # the fp32 layer asked for fp16
-                "moved 2 layers out of fp16 (to bf16): overflow rate 0.50 > 0.05",
+                "kept 1 layers at their precision: overflow rate 0.5 > 0.05",  # the fp32 layer asked for fp16
+                "moved 2 layers out of fp16 (to bf16): overflow rate 0.5 > 0.05",
             ],
         ),
         (0.05, [Precision.FP16, Precision.FP16, Precision.FP16], []),  # at the bound: stable, applied as asked
+        (  # 1 of 19 steps: read "0.05 > 0.05" at two decimals
+            1 / 19,
+            [Precision.BF16, Precision.BF16, Precision.FP32],
+            [
+                "kept 1 layers at their precision: overflow rate 0.0526 > 0.05",
+                "moved 2 layers out of fp16 (to bf16): overflow rate 0.0526 > 0.05",
+            ],
+        ),
     ):
         loop.run.engine.set_precisions([Precision.BF16, Precision.FP16, Precision.FP32])
         report = loop.executor.apply(ask, loop.run, overflow_rate=rate)
