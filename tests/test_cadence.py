@@ -31,6 +31,16 @@ def test_one_time_costs_are_repaid_before_the_interval_returns_to_its_steady_len
     assert cadence.steps == 75  # back to 6 / (0.02 * 4)
 
 
+def test_an_exact_fit_is_not_one_step_short():
+    """0.3 ms a decision at 0.5 ms a step and a 1% share needs exactly 60 steps, but 0.1 * 3 / (0.01 * 0.5) is
+    60.00000000000001 in floating point: rounding that up gave 61, a step longer than the share asks for."""
+    cadence = Cadence(min_steps=20, max_factor=16, share=0.01)
+    cadence.record(decision_ms=0.0, train_ms=1000.0, steps=20)  # the first decision: not in the median
+    cadence.record(decision_ms=0.1 * 3, train_ms=10.0, steps=20)  # 0.5 ms a step
+    assert 0.1 * 3 / (0.01 * 0.5) > 60
+    assert cadence.steps == 60
+
+
 def test_the_median_ignores_one_slow_decision():
     cadence = Cadence(min_steps=1, max_factor=1000, share=0.01)
     cadence.record(decision_ms=0.0, train_ms=100_000.0, steps=100_000)  # 1 ms a step, long enough to repay

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -840,3 +841,239 @@ def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_a
         for mine, plain in zip(controlled.parameters(), model.parameters(), strict=True):
             assert torch.equal(mine, plain)
     ctl.close()
+
+
+def test_an_fp16_interval_of_nan_losses_that_recorded_no_row_is_rolled_back():
+    """With the statistics' rows sampled (a row every 64 steps, as on a GPU) an interval may record no loss at all:
+    NaN losses from step 9 on read as fp16's loss-scale back-off at finite losses, nothing was restored and the
+    weights stayed NaN. The interval's last loss speaks for the steps it did not record."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
+                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    ctl.observe_budget_frac = 1e-9  # a row every DeviceMoments.max_every_steps (64) steps
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        if ctl.steps == 8:
+            with torch.no_grad():
+                model[0].weight.fill_(float("nan"))  # from step 9 on every loss is NaN
+        with ctl.autocast():
+            loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+        ctl.step(loss)
+        if ctl.steps == 20:
+            break
+    ctl.close()
+    assert ctl._moments is not None and ctl._moments.every_steps == 64
+    assert ctl.rollbacks == 1 and bool(torch.isfinite(model[0].weight).all())
+
+
+def test_an_fp16_interval_of_nan_losses_ending_in_an_overflow_is_a_divergence_not_a_back_off(caplog):
+    """Steps 5-7 NaN losses, step 8 a finite loss whose fp16 gradients overflow: every update skipped. Counting every
+    recorded step's loss as finite (n_finite_loss = n_recorded) read the interval as loss-scale back-off at finite
+    losses, and nothing was restored."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
+                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+            with ctl.autocast():
+                loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+            if 4 <= ctl.steps < 7:
+                loss = loss * float("nan")  # steps 5-7
+            elif ctl.steps == 7:
+                loss = loss * 1e6  # step 8: finite, its fp16 gradients overflow
+            ctl.step(loss)
+            if ctl.steps == 8:
+                break
+    ctl.close()
+    assert ctl.skipped_steps == 4 and ctl.rollbacks == 1
+    assert "non-finite loss: rolled back to the last good state (rollback 1)" in caplog.text
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+def test_on_the_fused_step_a_rollback_restarts_the_intervals_applied_step_count(monkeypatch):
+    """The fused step counts applied updates on the device, and a rollback restores that counter: the next interval's
+    skipped steps were counted from the count before the rollback, so steps 7-8 read as skipped (4 skipped, a second
+    rollback for "non-finite gradients at finite losses"). Steps 5-6 NaN: 2 skipped, 1 rollback."""
+    import triaccel_rl.controller as controller_module
+    from triaccel_rl.engine import StepEngine
+
+    class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    config = ControllerConfig(interval_steps=2, max_interval_factor=1, snapshot_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctl = controller_module.Controller(model, optimizer, policy="fp32", config=config)
+    assert ctl.engine.fused
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=8, epochs=1):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if 4 <= ctl.steps < 6:
+            loss = loss * float("nan")  # steps 5-6: back to the copy after step 4
+        ctl.step(loss)
+    ctl.close()
+    assert (ctl.steps, ctl.skipped_steps, ctl.rollbacks) == (8, 2, 1)
+
+
+def test_a_buffer_broken_in_an_fp16_back_off_interval_is_still_rolled_back(caplog):
+    """fp16, steps 5-8 every update skipped at finite losses (the loss scale backs off, no rollback), and step 6's
+    batch overflowed a batch-norm's running variance: the back-off excuse covered the broken buffer, nothing was
+    restored and the model evaluated to NaN from then on. A broken buffer is rolled back whatever else happened."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+    )
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
+                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+            if ctl.steps == 5:
+                xb = xb * 1e20  # its variance overflows fp32: running_var inf, the normalised batch finite
+            with ctl.autocast():
+                loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+            if 4 <= ctl.steps < 8:
+                loss = loss * 1e6  # steps 5-8: fp16 gradients overflow at every scale tried
+            assert torch.isfinite(loss)
+            ctl.step(loss)
+            if ctl.steps == 8:
+                break
+    ctl.close()
+    assert ctl.skipped_steps == 4 and ctl.rollbacks == 1
+    assert "non-finite values in buffers ['0.running_var']: rolled back" in caplog.text
+    assert bool(torch.isfinite(model[0].running_var).all())
+
+
+def test_only_fp16_excuses_an_interval_of_skipped_updates_at_finite_losses(caplog):
+    """bf16 has no loss scale to back off: an interval whose every update is skipped for non-finite gradients at
+    finite losses is a divergence, rolled back. Excusing it as for fp16 left the run with no update and no rollback."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="bf16", config=config)
+    assert not ctl.engine.precision.needs_grad_scaler
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+            with ctl.autocast():
+                loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+            if 4 <= ctl.steps < 8:  # steps 5-8: a finite loss (sqrt(0) = 0) with an infinite gradient
+                b = model[2].bias[0]
+                loss = loss + torch.sqrt(b - b.detach())
+            ctl.step(loss)
+            if ctl.steps == 8:
+                break
+    ctl.close()
+    assert ctl.skipped_steps == 4 and ctl.rollbacks == 1
+    assert "non-finite gradients at finite losses: rolled back to the last good state (rollback 1)" in caplog.text
+
+
+def test_an_fp16_back_off_interval_keeps_the_copy_it_began_from():
+    """Steps 5-8 are nothing but fp16 loss-scale back-off (finite losses, every update skipped), steps 9-12 healthy,
+    13-16 NaN. The back-off interval dropped the copy of step 4 it began from, so steps 9-12 confirmed nothing and the
+    failure went back past it. Now 9-12 confirm step 4's copy (the same weights as step 8's: nothing was applied)."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
+                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    weights, restored = {0: model[0].weight.detach().clone()}, []
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        with ctl.autocast():
+            loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+        if 4 <= ctl.steps < 8:
+            loss = loss * 1e6  # steps 5-8: finite, fp16 gradients overflow at every scale tried
+        if 12 <= ctl.steps < 16:
+            loss = loss * float("nan")  # steps 13-16 diverge
+        before = ctl.rollbacks
+        ctl.step(loss)
+        weights[ctl.steps] = model[0].weight.detach().clone()
+        if ctl.rollbacks > before:
+            restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
+        if ctl.steps == 16:
+            break
+    ctl.close()
+    assert ctl.skipped_steps == 8 and ctl.rollbacks == 1
+    assert restored == [[4, 8]]
+
+
+def test_a_restored_change_copy_is_confirmed_by_the_next_healthy_interval():
+    """As above, with snapshot_every=1: the LR changes at step 12, steps 13-16 NaN go back to the change's copy, steps
+    17-20 are healthy from it, and 21-24 NaN. The restored change copy was never confirmed, so the second failure went
+    back to step 8's copy, undoing the healthy interval's proof and crossing the change. Now it returns to step 12's
+    (its weights also step 16's, the restored state)."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, optimizer, policy=_LowerTheLrAtTheThirdDecision(), config=config)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    weights, restored = {0: model[0].weight.detach().clone()}, []
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if 12 <= ctl.steps < 16 or 20 <= ctl.steps < 24:  # steps 13-16 and 21-24 non-finite, 17-20 healthy
+            loss = loss * float("nan")
+        before = ctl.rollbacks
+        ctl.step(loss)
+        weights[ctl.steps] = model[0].weight.detach().clone()
+        if ctl.rollbacks > before:
+            restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
+        if ctl.steps == 24:
+            break
+    ctl.close()
+    assert ctl.decisions[2].changed and ctl.rollbacks == 2
+    assert restored == [[12], [12, 16]]
+
+
+def test_a_change_decided_after_a_mixed_interval_takes_no_copy():
+    """A mixed interval (step 10 skipped, the rest applied) is neither copied nor rolled back: the model may be
+    turning. The LR change decided at its end copied it anyway, and the failure at steps 13-16 went back to that copy
+    (step 12) instead of the last confirmed state (step 4; every second interval is copied)."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, optimizer, policy=_LowerTheLrAtTheThirdDecision(), config=config)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    weights, restored = {0: model[0].weight.detach().clone()}, []
+    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if ctl.steps == 9 or 12 <= ctl.steps < 16:  # step 10 skipped (a mixed interval), steps 13-16 diverge
+            loss = loss * float("nan")
+        before = ctl.rollbacks
+        ctl.step(loss)
+        weights[ctl.steps] = model[0].weight.detach().clone()
+        if ctl.rollbacks > before:
+            restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
+        if ctl.steps == 16:
+            break
+    ctl.close()
+    assert ctl.decisions[2].changed and ctl.skipped_steps == 5 and ctl.rollbacks == 1
+    assert restored == [[4]]

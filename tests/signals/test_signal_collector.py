@@ -530,25 +530,37 @@ def test_engine_skips_non_finite_gradients_and_the_collector_counts_them() -> No
 
 
 def test_device_moments_match_engine_statistics_and_skip_non_finite() -> None:
+    """Non-finite steps are left out of the means but counted: ``n_finite_loss`` counts the recorded steps whose loss
+    was finite whatever their gradients (the Controller reads ``n_finite_loss == n_recorded`` as fp16's loss-scale
+    back-off, not a divergence: counting every row there excused an interval of NaN losses). An interval with no
+    finite step has a NaN loss, not 0."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.device("cpu"))
     moments = DeviceMoments(engine.layer_params)
-    expected = []
+    expected, losses = [], []
     for seed in range(3):
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
         loss = model(x).square().mean()
         loss.backward()
         moments.observe(loss)
         expected.append(engine.grad_stats().sq_sum.numpy().astype(np.float64))
+        losses.append(loss.item())
         engine.optimizer.zero_grad()
+    moments.observe(torch.tensor(float("nan")))  # a non-finite loss
     model[0].weight.grad = torch.full_like(model[0].weight, float("nan"))
-    moments.observe(torch.tensor(1.0))
+    moments.observe(torch.tensor(1.0))  # a finite loss, non-finite gradients
     result = moments.flush()
-    assert (result.n_finite, result.n_observed) == (3, 4)
+    assert (result.n_finite, result.n_observed) == (3, 5)
+    assert (result.n_recorded, result.n_finite_loss) == (5, 4)
+    assert result.loss == pytest.approx(np.mean(losses), rel=1e-6)
     np.testing.assert_allclose(result.sq_norm, np.mean(expected, axis=0), rtol=1e-6)
     np.testing.assert_allclose(result.norm, np.mean(np.sqrt(expected), axis=0), rtol=1e-6)
     assert moments.flush().n_observed == 0  # flushed sums start again
+    moments.observe(torch.tensor(float("nan")))
+    only_non_finite = moments.flush()
+    assert (only_non_finite.n_finite, only_non_finite.n_recorded, only_non_finite.n_finite_loss) == (0, 1, 0)
+    assert math.isnan(only_non_finite.loss)
 
 
 def test_device_moments_lagged_flush_returns_the_previous_interval() -> None:
