@@ -988,34 +988,44 @@ def test_only_fp16_excuses_an_interval_of_skipped_updates_at_finite_losses(caplo
     assert "non-finite gradients at finite losses: rolled back to the last good state (rollback 1)" in caplog.text
 
 
-def test_an_fp16_back_off_interval_keeps_the_copy_it_began_from():
-    """Steps 5-8 are nothing but fp16 loss-scale back-off (finite losses, every update skipped), steps 9-12 healthy,
-    13-16 NaN. The back-off interval dropped the copy of step 4 it began from, so steps 9-12 confirmed nothing and the
-    failure went back past it. Now 9-12 confirm step 4's copy (the same weights as step 8's: nothing was applied)."""
+def _restores(policy, config, loss_of_step, steps):
+    """Trains ``steps`` steps of a small classifier under ``policy``, each step's loss passed through
+    ``loss_of_step(step, loss)`` (``step`` counted from 0); returns the controller and, for each rollback, the
+    decision steps (multiples of 4) whose weights the restored state equals."""
     from triaccel_rl.controller import Controller
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
-                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
-    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01 if policy == "fp16" else 0.1), policy, config)
     x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
     weights, restored = {0: model[0].weight.detach().clone()}, []
     for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
         with ctl.autocast():
-            loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
-        if 4 <= ctl.steps < 8:
-            loss = loss * 1e6  # steps 5-8: finite, fp16 gradients overflow at every scale tried
-        if 12 <= ctl.steps < 16:
-            loss = loss * float("nan")  # steps 13-16 diverge
+            loss = loss_of_step(ctl.steps, torch.nn.functional.cross_entropy(model(xb).float(), yb))
         before = ctl.rollbacks
         ctl.step(loss)
         weights[ctl.steps] = model[0].weight.detach().clone()
         if ctl.rollbacks > before:
             restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
-        if ctl.steps == 16:
+        if ctl.steps == steps:
             break
     ctl.close()
+    return ctl, restored
+
+
+def test_an_fp16_back_off_interval_keeps_the_copy_it_began_from():
+    """Steps 5-8 are nothing but fp16 loss-scale back-off (finite losses, every update skipped), steps 9-12 healthy,
+    13-16 NaN. The back-off interval dropped the copy of step 4 it began from, so steps 9-12 confirmed nothing and the
+    failure went back past it. Now 9-12 confirm step 4's copy (the same weights as step 8's: nothing was applied)."""
+
+    def loss_of_step(step, loss):
+        if 4 <= step < 8:
+            return loss * 1e6  # steps 5-8: finite, fp16 gradients overflow at every scale tried
+        return loss * float("nan") if 12 <= step < 16 else loss  # steps 13-16 diverge
+
+    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
+                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
+    ctl, restored = _restores("fp16", config, loss_of_step, 16)
     assert ctl.skipped_steps == 8 and ctl.rollbacks == 1
     assert restored == [[4, 8]]
 
@@ -1025,27 +1035,12 @@ def test_a_restored_change_copy_is_confirmed_by_the_next_healthy_interval():
     17-20 are healthy from it, and 21-24 NaN. The restored change copy was never confirmed, so the second failure went
     back to step 8's copy, undoing the healthy interval's proof and crossing the change. Now it returns to step 12's
     (its weights also step 16's, the restored state)."""
-    from triaccel_rl.controller import Controller
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    def loss_of_step(step, loss):  # steps 13-16 and 21-24 non-finite, 17-20 healthy
+        return loss * float("nan") if 12 <= step < 16 or 20 <= step < 24 else loss
+
     config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = Controller(model, optimizer, policy=_LowerTheLrAtTheThirdDecision(), config=config)
-    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
-    weights, restored = {0: model[0].weight.detach().clone()}, []
-    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        if 12 <= ctl.steps < 16 or 20 <= ctl.steps < 24:  # steps 13-16 and 21-24 non-finite, 17-20 healthy
-            loss = loss * float("nan")
-        before = ctl.rollbacks
-        ctl.step(loss)
-        weights[ctl.steps] = model[0].weight.detach().clone()
-        if ctl.rollbacks > before:
-            restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
-        if ctl.steps == 24:
-            break
-    ctl.close()
+    ctl, restored = _restores(_LowerTheLrAtTheThirdDecision(), config, loss_of_step, 24)
     assert ctl.decisions[2].changed and ctl.rollbacks == 2
     assert restored == [[12], [12, 16]]
 
@@ -1054,26 +1049,11 @@ def test_a_change_decided_after_a_mixed_interval_takes_no_copy():
     """A mixed interval (step 10 skipped, the rest applied) is neither copied nor rolled back: the model may be
     turning. The LR change decided at its end copied it anyway, and the failure at steps 13-16 went back to that copy
     (step 12) instead of the last confirmed state (step 4; every second interval is copied)."""
-    from triaccel_rl.controller import Controller
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    def loss_of_step(step, loss):  # step 10 skipped (a mixed interval), steps 13-16 diverge
+        return loss * float("nan") if step == 9 or 12 <= step < 16 else loss
+
     config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = Controller(model, optimizer, policy=_LowerTheLrAtTheThirdDecision(), config=config)
-    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
-    weights, restored = {0: model[0].weight.detach().clone()}, []
-    for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        if ctl.steps == 9 or 12 <= ctl.steps < 16:  # step 10 skipped (a mixed interval), steps 13-16 diverge
-            loss = loss * float("nan")
-        before = ctl.rollbacks
-        ctl.step(loss)
-        weights[ctl.steps] = model[0].weight.detach().clone()
-        if ctl.rollbacks > before:
-            restored.append([s for s in range(0, ctl.steps, 4) if torch.equal(model[0].weight, weights[s])])
-        if ctl.steps == 16:
-            break
-    ctl.close()
+    ctl, restored = _restores(_LowerTheLrAtTheThirdDecision(), config, loss_of_step, 16)
     assert ctl.decisions[2].changed and ctl.skipped_steps == 5 and ctl.rollbacks == 1
     assert restored == [[4]]
