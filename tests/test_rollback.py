@@ -843,19 +843,29 @@ def test_fp16_overflow_at_finite_losses_is_no_rollback_and_the_scale_backs_off_a
     ctl.close()
 
 
+FP16_THROUGHOUT = ControllerConfig(
+    interval_steps=4, max_interval_factor=1, snapshot_every=1, heuristic=HeuristicConfig(max_overflow_rate=1.0)
+)
+"""Decisions every 4 steps, a copy at each, and no move out of fp16 under overflow: fp16 as GradScaler runs it."""
+
+
+def _classifier(policy, config, n=256, model=None):
+    """A controller over a small classifier (``model``, or Linear-ReLU-Linear), SGD at 0.01, and ``n`` inputs."""
+    from triaccel_rl.controller import Controller
+
+    torch.manual_seed(0)
+    if model is None:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy=policy, config=config)
+    return ctl, model, torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+
+
 def test_an_fp16_interval_of_nan_losses_that_recorded_no_row_is_rolled_back():
     """With the statistics' rows sampled (a row every 64 steps, as on a GPU) an interval may record no loss at all:
     NaN losses from step 9 on read as fp16's loss-scale back-off at finite losses, nothing was restored and the
     weights stayed NaN. The interval's last loss speaks for the steps it did not record."""
-    from triaccel_rl.controller import Controller
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
-                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
-    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
+    ctl, model, x = _classifier("fp16", FP16_THROUGHOUT, n=512)
     ctl.observe_budget_frac = 1e-9  # a row every DeviceMoments.max_every_steps (64) steps
-    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
     for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
         if ctl.steps == 8:
             with torch.no_grad():
@@ -874,14 +884,7 @@ def test_an_fp16_interval_of_nan_losses_ending_in_an_overflow_is_a_divergence_no
     """Steps 5-7 NaN losses, step 8 a finite loss whose fp16 gradients overflow: every update skipped. Counting every
     recorded step's loss as finite (n_finite_loss = n_recorded) read the interval as loss-scale back-off at finite
     losses, and nothing was restored."""
-    from triaccel_rl.controller import Controller
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
-                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
-    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
-    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    ctl, model, x = _classifier("fp16", FP16_THROUGHOUT)
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
             with ctl.autocast():
@@ -934,16 +937,11 @@ def test_a_buffer_broken_in_an_fp16_back_off_interval_is_still_rolled_back(caplo
     """fp16, steps 5-8 every update skipped at finite losses (the loss scale backs off, no rollback), and step 6's
     batch overflowed a batch-norm's running variance: the back-off excuse covered the broken buffer, nothing was
     restored and the model evaluated to NaN from then on. A broken buffer is rolled back whatever else happened."""
-    from triaccel_rl.controller import Controller
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    norm_first = torch.nn.Sequential(
         torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
     )
-    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
-                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
-    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="fp16", config=config)
-    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    ctl, model, x = _classifier("fp16", FP16_THROUGHOUT, model=norm_first)
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
             if ctl.steps == 5:
@@ -965,14 +963,9 @@ def test_a_buffer_broken_in_an_fp16_back_off_interval_is_still_rolled_back(caplo
 def test_only_fp16_excuses_an_interval_of_skipped_updates_at_finite_losses(caplog):
     """bf16 has no loss scale to back off: an interval whose every update is skipped for non-finite gradients at
     finite losses is a divergence, rolled back. Excusing it as for fp16 left the run with no update and no rollback."""
-    from triaccel_rl.controller import Controller
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1)
-    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.01), policy="bf16", config=config)
+    ctl, model, x = _classifier("bf16", config)
     assert not ctl.engine.precision.needs_grad_scaler
-    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         for xb, yb in ctl.loader((x, (x[:, 0] > 0).long()), batch_size=16):
             with ctl.autocast():
@@ -1023,9 +1016,7 @@ def test_an_fp16_back_off_interval_keeps_the_copy_it_began_from():
             return loss * 1e6  # steps 5-8: finite, fp16 gradients overflow at every scale tried
         return loss * float("nan") if 12 <= step < 16 else loss  # steps 13-16 diverge
 
-    config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=1,
-                              heuristic=HeuristicConfig(max_overflow_rate=1.0))  # fmt: skip
-    ctl, restored = _restores("fp16", config, loss_of_step, 16)
+    ctl, restored = _restores("fp16", FP16_THROUGHOUT, loss_of_step, 16)
     assert ctl.skipped_steps == 8 and ctl.rollbacks == 1
     assert restored == [[4, 8]]
 
