@@ -282,6 +282,7 @@ class FlatParameterStore:
                 if p.grad is not None:  # a gradient given in place of the view: its parameter has one this step
                     view.copy_(p.grad)
                     self._rebound_from_none.discard(i)
+                    self._none_after_backward.discard(i)  # (even where found None after the backward before)
                 else:
                     if not zeros:
                         view.zero_()

@@ -112,6 +112,8 @@ def layer_grad_stats(
     check_flat_layout(grads, chunk_layer, n_layers, segment_align)
     block_size, num_warps = launch_config("grad_stats", grads, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
+    # Checked on both paths, before ``out`` is touched (the reference path took a float64 or integer tensor)
+    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, grads)
     if out is None:
         out = torch.zeros((N_STAT_ROWS, n_layers), dtype=torch.float32, device=grads.device)
     else:
@@ -127,7 +129,6 @@ def layer_grad_stats(
     n_elements = grads.numel()
     if n_elements == 0:
         return out
-    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, grads)
     grid = (n_elements // block_size,)
     _layer_grad_stats_kernel[grid](
         grads,
@@ -162,6 +163,7 @@ def layer_grad_stats_reference(
         A new float32 ``[N_STAT_ROWS, n_layers]`` buffer, laid out as ``layer_grad_stats`` fills it.
     """
     check_flat_layout(grads, chunk_layer, n_layers, segment_align)
+    inv_scale_arguments(inv_scale, grads)  # the kernel path's check of it
     stats = torch.zeros((N_STAT_ROWS, n_layers), dtype=torch.float32, device=grads.device)
     stats_bits = stats.view(torch.int32)
     grad = (grads * inv_scale).view(-1, segment_align)

@@ -94,7 +94,9 @@ class SGDOptions:
         dampening: dampening of the gradient's contribution to the momentum buffer, in [0, 1].
         weight_decay: L2 penalty added to the gradient, a finite number >= 0; or one per group of the store's parameters
             (``FlatParameterStore``'s ``groups``), a tuple indexed by group.
-        nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        nesterov: use Nesterov momentum. ``FusedSGD`` needs ``momentum > 0`` and ``dampening == 0`` with it when
+            built, as ``torch.optim.SGD``'s constructor does; options changed later (a schedule taking the momentum
+            to 0, as ``OneCycleLR(base_momentum=0)`` does) are not refused: at momentum 0 the step is plain SGD.
     """
 
     momentum: float = 0.0
@@ -108,8 +110,6 @@ class SGDOptions:
         if not 0.0 <= self.dampening <= 1.0:
             raise ValueError(f"dampening must be in [0, 1], got {self.dampening}")
         object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
-        if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
-            raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
 
 
 @dataclass(frozen=True)
@@ -563,6 +563,11 @@ class FusedSGD(_FusedOptimizer):
         """
         super().__init__(store, block_size, num_warps, 0.0, 0.0)
         self.options: SGDOptions = SGDOptions(momentum, dampening, _as_decay(weight_decay), nesterov)
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):  # checked here only, as torch.optim.SGD does
+            raise ValueError(
+                f"nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD), got momentum {momentum} "
+                f"and dampening {dampening}"
+            )
         self._check_decay()
         # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.
         self.momentum_buffer = store.params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,13 +191,31 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     errors = []
     for name in names:
         try:
-            return classes[name].load(file, device=device)
+            return _load_keeping_global_rngs(classes[name], file, device)
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
     damaged = _damaged_member(file)
     if damaged is not None:  # SB3 reports a bad CRC as "the file ... wasn't a zip-file", a cut file as "No data found"
         raise PolicyLoadError(f"cannot load policy {str(file)!r}: {damaged}")
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
+
+
+def _load_keeping_global_rngs(algorithm_class: Any, file: Path, device: str) -> Any:
+    """``algorithm_class.load(file)`` with the global torch (CPU and CUDA), numpy and ``random`` generators kept.
+
+    SB3's ``load`` calls ``set_random_seed`` with the seed saved in the zip, which re-seeded the user's process:
+    every run then drew the same numbers after building a Controller (the same shuffled batches for every seed).
+    """
+    import torch
+
+    numpy_state = np.random.get_state()  # noqa: NPY002 (the user's global generator is what SB3 re-seeds)
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            return algorithm_class.load(file, device=device)
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
 
 
 def _damaged_member(file: Path) -> str | None:

@@ -97,6 +97,22 @@ def test_controller_takes_pretrained_by_name():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_loading_the_pretrained_policy_keeps_the_global_random_generators():
+    """SB3's load seeds torch, numpy and random with the zip's seed; the user's generators must not move."""
+    import random
+
+    torch.manual_seed(12345)
+    np.random.seed(12345)  # noqa: NPY002 (the global generator is the point)
+    random.seed(12345)
+    expected = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    make_policy("pretrained", CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+    assert torch.equal(torch.get_rng_state(), expected[0])
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    assert numpy_state[0] == expected[1][0] and np.array_equal(numpy_state[1], expected[1][1])
+    assert numpy_state[2:] == expected[1][2:]
+    assert random.getstate() == expected[2]
+
+
 class _RecordingModel:
     """Stands in for the SB3 model: records what it is shown and answers a fixed action."""
 

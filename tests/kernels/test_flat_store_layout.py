@@ -129,6 +129,24 @@ def test_parameters_without_a_gradient_after_set_to_none_are_the_ones_autograd_d
     assert store.take_params_without_grad() == [2, 3]
 
 
+def test_a_gradient_given_after_one_found_none_after_the_backward_is_stepped_with():
+    """Before the fix, a parameter whose gradient was None after the backward stayed recorded as having none after a
+    gradient was given to it and copied in: the fused step put it back, ignoring that gradient."""
+    from triaccel_rl.kernels import FusedSGD
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    store = FlatParameterStore([[p], [q]], segment_align=16)
+    optimizer = FusedSGD(store)
+    (p.sum() + q.sum()).backward()
+    p.grad = None
+    store.rebind_grads(after_backward=True)  # p: no gradient this step, recorded
+    p.grad = torch.full((3,), 1.0)  # ... then given one after all, copied into the flat buffer
+    store.rebind_grads()
+    optimizer.step(lr=0.5)
+    assert p.detach().tolist() == [0.5, 0.5, 0.5]
+    assert q.detach().tolist() == [0.5, 0.5, 0.5]
+
+
 def test_store_refuses_parameters_sharing_memory_and_takes_apart_views_of_one_tensor():
     """Before the fix, two parameters over overlapping memory were copied to two places of the flat buffer and
     silently stopped sharing their elements (an update of one no longer showed in the other)."""

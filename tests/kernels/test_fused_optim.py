@@ -666,6 +666,51 @@ def test_an_sgd_checkpoint_taken_while_a_schedule_holds_momentum_at_0_keeps_its_
         assert_close(view, p, "params after loading a checkpoint taken at momentum 0")
 
 
+def _run_nesterov_through_momentum_0(device: str) -> None:
+    """Nesterov SGD whose momentum a schedule takes to 0 and back (OneCycleLR's ``base_momentum=0``), against torch."""
+    from dataclasses import replace
+
+    shapes = [[(6, 5), (6,)], [(3,)]]
+    store = FlatParameterStore(make_layers(shapes, device, seed=71))
+    params = [p for layer in make_layers(shapes, device, seed=71) for p in layer]
+    reference = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    fused = FusedSGD(store, momentum=0.9, nesterov=True)
+    generator = torch.Generator().manual_seed(72)
+    for momentum in (0.9, 0.0, 0.0, 0.9):
+        fused.options = replace(fused.options, momentum=momentum)  # as the engine follows a schedule
+        reference.param_groups[0]["momentum"] = momentum
+        for p, view in zip(
+            params, (v for i in range(len(shapes)) for v in store.param_views(store.grads, i)), strict=True
+        ):
+            view.copy_(torch.randn(view.shape, generator=generator).to(device))
+            p.grad = view.clone()
+        fused.step(0.1)
+        reference.step()
+    for p, view in zip(
+        params, (v for i in range(len(shapes)) for v in store.param_views(store.params, i)), strict=True
+    ):
+        assert_close(view, p, "params after a nesterov momentum schedule through 0")
+
+
+def test_nesterov_sgd_steps_as_torch_through_a_momentum_of_0(device: str) -> None:
+    """Before the fix, SGDOptions refused nesterov at momentum 0 on every options object: the engine's ``replace``
+    for a schedule reaching 0 raised mid-run, where torch.optim.SGD (which checks only when built) steps plain SGD."""
+    _run_nesterov_through_momentum_0(device)
+
+
+@pytest.mark.usefixtures("reference_path")
+def test_cpu_reference_path_steps_nesterov_sgd_through_a_momentum_of_0() -> None:
+    _run_nesterov_through_momentum_0("cpu")
+
+
+def test_nesterov_is_refused_when_built_without_momentum_or_with_dampening() -> None:
+    store = FlatParameterStore([[torch.nn.Parameter(torch.zeros(3))]])
+    with pytest.raises(
+        ValueError, match=r"nesterov needs momentum > 0 and dampening == 0 .*got momentum 0\.9 and dampening 0\.1"
+    ):
+        FusedSGD(store, momentum=0.9, dampening=0.1, nesterov=True)
+
+
 def test_sgd_without_a_momentum_buffer_refuses_a_momentum_set_later() -> None:
     """Momentum set on an optimizer built without (as a momentum schedule would) is refused, nothing written.
 

@@ -110,3 +110,28 @@ def test_out_buffer_is_zeroed_and_reused(device: str) -> None:
     result = layer_grad_stats(store.grads, store.chunk_layer, store.n_layers, 1 / 1024, out=out)
     assert result is out
     _check(out, store, 1 / 1024, "into a dirty out buffer")
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize(
+    ("inv_scale", "message"),
+    [
+        (torch.tensor(2), "inv_scale tensor must be float32, got torch.int64"),
+        (torch.tensor([0.5], dtype=torch.float64), "inv_scale tensor must be float32, got torch.float64"),
+        (torch.tensor([0.5, 0.5]), "inv_scale tensor must have one element, got 2"),
+    ],
+)
+def test_an_inv_scale_of_another_dtype_is_refused_on_both_paths_leaving_out_alone(
+    monkeypatch: pytest.MonkeyPatch, path: str, inv_scale: torch.Tensor, message: str
+) -> None:
+    """Before the fix the reference path (a CPU without the interpreter) took an integer or float64 ``inv_scale``
+    that the kernel path refuses; ``layer_grad_stats_reference`` took it too."""
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    grads, chunk_layer = torch.ones(32), torch.tensor([0, 1], dtype=torch.int32)
+    out = torch.full((len(StatRow), 2), 5.0)
+    with pytest.raises(ValueError, match=message):
+        layer_grad_stats(grads, chunk_layer, 2, inv_scale, out=out, segment_align=16)
+    assert torch.equal(out, torch.full((len(StatRow), 2), 5.0))
+    with pytest.raises(ValueError, match=message):
+        layer_grad_stats_reference(grads, chunk_layer, 2, inv_scale, segment_align=16)

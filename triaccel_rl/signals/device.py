@@ -43,9 +43,10 @@ class IntervalMoments:
         norm: per layer, mean of the gradient norm ``|g_l|``.
         loss: mean loss (NaN when no step was finite).
         n_finite: observed steps whose loss and gradients were all finite.
-        n_observed: observed steps (finite or not).
+        n_observed: observed steps (finite or not): sampled steps that got a row; those past ``max_rows`` in the
+            interval are not recorded and not counted here either.
         recorded_ms: host time the interval's sampled recording calls took (what ``budget_frac`` limits).
-        n_recorded: observed steps with a row (all of them unless ``max_rows`` was reached).
+        n_recorded: rows the interval's means were taken from, finite or not: the same count as ``n_observed``.
         n_finite_loss: recorded steps whose loss was finite, whatever their gradients: where it is
             ``n_recorded``, non-finite steps overflowed in their gradients only (fp16's loss scale, not a divergence).
     """
