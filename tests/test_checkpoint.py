@@ -553,6 +553,20 @@ def test_a_resumed_run_rolls_back_to_the_loaded_state_and_trains_on():
     assert all(math.isfinite(value) for value in losses[2:])
 
 
+def test_a_resumed_runs_rollback_warning_counts_on_from_the_checkpoints_rollbacks(caplog):
+    """The guard's count, which its warning prints, was not restored: "(rollback 1)" while ``ctl.rollbacks`` was 3."""
+    _, _, state = _blow_up_run(save_at=4, blow_up=False)
+    state["controller"]["rollbacks"] = 2  # as a run that rolled back twice saves it
+    model, _, ctl = build(config=ControllerConfig(interval_steps=2, snapshot_every=1))
+    restore(model, ctl, state)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        for x, y in ctl.loader(DATA, batch_size=BATCH, epochs=1):
+            loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss * float("nan"))  # steps 5 and 6: the first interval after the resume
+    assert ctl.rollbacks == ctl.guard.rollbacks == 3
+    assert "rolled back to the last good state (rollback 3)" in caplog.text
+
+
 def test_loading_a_checkpoint_inside_the_loop_stops_the_open_iterator():
     """A loop that reloads its last checkpoint on a loss spike: the open iterator went on from its own place (the
     checkpoint's batches at cursor 32-64 never trained), the resume stayed pending, a later state_dict() saved the
@@ -840,3 +854,41 @@ def test_a_resumed_controller_saves_what_it_loaded():
     again = ctl2.state_dict()
     assert again["rollbacks"] == ctl2.rollbacks == 2
     assert again["signals"]["noise_scale"] == 123.0
+
+
+def test_a_checkpoint_whose_layers_run_bf16_resumes_in_fp16_on_a_gpu_without_bf16(request, caplog):
+    """The engine's check refused the checkpoint's bf16 layers on a V100 or T4 (the move to fp16 touched only the
+    policy): a checkpoint of a heuristic run (its layers start in bf16) could not be resumed there."""
+    config = ControllerConfig(interval_steps=4)
+    model, _, ctl = build("heuristic", config)
+    saved: list = []
+    train(model, ctl, epochs=1, stop_after=2, on_stop=lambda: saved.append(torch.load(checkpoint(model, ctl))))
+    state = saved[0]
+    assert state["controller"]["engine"]["precisions"] == [int(Precision.BF16)] * 2
+    request.getfixturevalue("gpu_without_bf16")
+    model2, _, resumed = build("heuristic", config)
+    with caplog.at_level("INFO", logger="triaccel_rl"):
+        restore(model2, resumed, state)
+    assert resumed.precisions == [Precision.FP16] * 2
+    assert "the checkpoint's layers in bf16 run in fp16 instead" in caplog.text
+    assert state["controller"]["engine"]["precisions"] == [int(Precision.BF16)] * 2  # the checkpoint is not touched
+    assert train(model2, resumed, epochs=1) == 4  # the rest of the epoch, in fp16 or fp32
+    assert all(Precision.BF16 not in d.precisions for d in resumed.decisions)
+
+
+def test_a_checkpoint_taken_mid_trial_resumed_where_no_trial_runs_starts_where_the_trials_end_would():
+    """Resumed where no trial runs (a GPU checkpoint on the CPU), the layers stayed in the trial's candidate format
+    (fp16 here) the whole run, the policy lowering to bf16 beside them."""
+    trial = ControllerConfig(
+        interval_steps=4, cost_mode=CostMode.MEASURED, heuristic=HeuristicConfig(speed_trial=True, speed_trial_steps=1)
+    )
+    model, _, ctl = build("heuristic", trial)
+    _steps(model, ctl, 4)
+    assert ctl._trial is not None and ctl._trial.candidate is Precision.FP16
+    state = torch.load(checkpoint(model, ctl))
+    assert state["controller"]["engine"]["precisions"] == [int(Precision.FP16)] * 2
+    model2, _, resumed = build("heuristic", ControllerConfig(interval_steps=4))  # the CPU's default: no trial
+    assert resumed._trial is None
+    restore(model2, resumed, state)
+    assert resumed._trial is None and resumed.policy.initial_precision is Precision.BF16
+    assert resumed.precisions == [Precision.BF16] * 2

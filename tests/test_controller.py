@@ -188,7 +188,7 @@ def test_bad_inputs():
             Controller(model, opt, policy=policy)
     for dataset, message in [
         (data()[0], "dataset must be a pair"),
-        ((data()[0].numpy(), data()[1].numpy()), r"\['ndarray', 'ndarray'\]"),
+        ((data()[0].numpy(), data()[1].numpy()), r"got a tuple of 2 items \(ndarray\)"),
         ((data()[0], data()[1][:10]), "dataset has 512 inputs and 10 labels"),
         ((data()[0], torch.tensor(3)), "dataset's labels must have a sample dimension first; got a 0-d tensor"),
     ]:
@@ -1666,6 +1666,54 @@ def test_loader_on_an_evaluation_set_does_not_silently_steer_the_training_run(ca
                 for _ in ctl.loader(test, batch_size=16):  # an evaluation through the controller
                     break
     assert "loader() on another dataset ((32, 8) inputs) starts a new run of the data from epoch 0" in caplog.text
+    ctl.close()
+
+
+def test_loader_given_a_list_of_samples_says_what_to_pass_in_a_short_message():
+    """A list of 60000 ``(x, y)`` samples named each element's type: a 540 KB message, saying nothing of the fix."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32")
+    x, y = data(600)
+    with pytest.raises(ValueError) as refused:
+        next(ctl.loader(list(zip(x, y, strict=True)), batch_size=16))
+    assert str(refused.value) == (
+        "dataset must be a pair (inputs, labels) of tensors; got a list of 600 items (tuple). For a list of (x, y) "
+        "samples, pass the tensors (torch.stack(xs), torch.stack(ys))"
+    )
+    with pytest.raises(ValueError, match=r"got a tuple of 2 items \(Tensor, ndarray\)\. For a list"):
+        next(ctl.loader((x, y.numpy()), batch_size=16))
+    ctl.close()
+
+
+def test_loader_on_data_of_other_shapes_measures_its_memory_again_and_checks_the_budget():
+    """A new run of the data kept the first data's measured activations: the memory predicted (which the budget and
+    batch moves read) was the 8x8 images' for 32x32 ones, and the budget a fresh controller refuses went unchecked."""
+    from triaccel_rl.config import ConfigError, MemoryBudget
+
+    def conv_run(memory=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 2))  # fmt: skip
+        return model, Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", memory=memory)
+
+    def first_step(model, ctl, images):
+        for x, y in ctl.loader(images, batch_size=16):
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+            return
+
+    small = (torch.randn(32, 3, 8, 8), torch.randint(0, 2, (32,)))
+    large = (torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,)))
+    model, ctl = conv_run()
+    first_step(model, ctl, small)
+    on_small, one_small = ctl.predicted_memory_bytes(16), ctl.predicted_memory_bytes(1)
+    first_step(model, ctl, large)
+    fresh_model, fresh = conv_run()
+    first_step(fresh_model, fresh, large)
+    assert ctl.predicted_memory_bytes(16) == fresh.predicted_memory_bytes(16) > on_small
+    model, ctl = conv_run(MemoryBudget(bytes=(one_small + fresh.predicted_memory_bytes(1)) // 2))  # a small sample fits
+    first_step(model, ctl, small)
+    with pytest.raises(ConfigError, match="is smaller than one sample needs"):
+        first_step(model, ctl, large)
     ctl.close()
 
 

@@ -293,9 +293,9 @@ class Controller:
         """Yields ``(x, y)`` batches until ``epochs`` epochs of the run, at the controller's current batch size.
 
         It serves one run's training data (a call on a dataset of other shapes or dtypes starts the data over, with a
-        warning, and ends an iterator still open on the old one; data of the same shapes and dtypes is taken for the
-        run's own, moved or copied, and carries the run on). Every sample is seen exactly once per epoch whatever
-        batch sizes the policy picks, each epoch in its own order.
+        warning, measures its memory again and ends an iterator still open on the old one; data of the same shapes
+        and dtypes is taken for the run's own, moved or copied, and carries the run on). Every sample is seen exactly
+        once per epoch whatever batch sizes the policy picks, each epoch in its own order.
         A batch served but never stepped on (the loop raised, caught outside it, or broke out before ``step()``) is
         served again by the next call that carries the run on; one skipped inside the loop (``continue``) is yours.
         The tensors are moved to the model's device once, up front. Called again with a dataset of the same shapes
@@ -317,9 +317,14 @@ class Controller:
             or len(dataset) != 2
             or not all(isinstance(t, torch.Tensor) for t in dataset)
         ):
-            pair = isinstance(dataset, (tuple, list))
-            kinds = [type(t).__name__ for t in dataset] if pair else type(dataset).__name__
-            raise ValueError(f"dataset must be a pair (inputs, labels) of tensors; got {kinds}")
+            got = type(dataset).__name__
+            if isinstance(dataset, (tuple, list)):  # its element types, a few: a list of 60000 samples named each
+                kinds = list(dict.fromkeys(type(t).__name__ for t in dataset))  # (a 540 KB message, until 2026-12-06)
+                got += f" of {len(dataset)} items ({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''})"
+            raise ValueError(
+                f"dataset must be a pair (inputs, labels) of tensors; got a {got}. For a list of (x, y) samples, "
+                "pass the tensors (torch.stack(xs), torch.stack(ys))"
+            )
         for name, tensor in zip(("inputs", "labels"), dataset, strict=True):
             if tensor.dim() == 0:  # len() below raised a bare TypeError
                 raise ValueError(f"dataset's {name} must have a sample dimension first; got a 0-d tensor")
@@ -823,7 +828,9 @@ class Controller:
         same dataset, ``batch_size`` and ``seed`` as before, carries on from the saved place in the saved epoch at
         the saved batch size, or one set between the two (its ``epochs`` counts from the run's start, the saved epochs
         included). A speed trial
-        that had finished is not run again; one that was running starts over.
+        that had finished is not run again; one that was running starts over, or, where this controller runs none,
+        ends: the layers start where its end puts them. On a GPU without bf16 (a V100 or T4) the checkpoint's bf16
+        layers load in fp16, as the policy's bf16 moves there.
 
         Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
         coupler's state against this controller's LR rule): a refused checkpoint leaves the controller, its engine,
@@ -854,7 +861,12 @@ class Controller:
                 f"the checkpoint lacks {', '.join(missing)}: pass the dict Controller.state_dict() returned"
             )
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
-        self.engine.check_state_dict(state["engine"])
+        # On a GPU without bf16 (a V100 or T4) the layers a checkpoint holds in bf16 load in fp16, as construction
+        # moves the policy's bf16 (run_without_bf16): the engine refused such a checkpoint (until 2026-12-06).
+        engine_state, bf16_moved = state["engine"], False
+        if Precision.BF16 not in sixteen_bit_formats(self.device):
+            engine_state, bf16_moved = _bf16_layers_in_fp16(engine_state)
+        self.engine.check_state_dict(engine_state)
         if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
             self._refuse_broken_model(
                 ": its checkpoint was saved after a step broke them, before the rollback it would have brought; resume "
@@ -878,7 +890,9 @@ class Controller:
         }
         resume = self._checked_resume(state)
         signals = self._loaded_signals(state["signals"]) if version == _CHECKPOINT_FORMAT else None
-        self.engine.load_state_dict(state["engine"])
+        self.engine.load_state_dict(engine_state)
+        if bf16_moved:
+            _log.info("bf16 does not run on %s: the checkpoint's layers in bf16 run in fp16 instead", self.device)
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
         self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
         self.engine.zero_grad()
@@ -914,6 +928,11 @@ class Controller:
             # the state carried its own trial on (its format and the timings taken after the checkpoint), or, its
             # trial ended since, never ran one again and kept the format chosen after the checkpoint.
             self._start_trial()
+        else:
+            # No trial here (a GPU checkpoint resumed on the CPU, say): the layers go where the trial's end puts them.
+            # Left in the trial's candidate format, they stayed there the whole run (until 2026-12-06).
+            start = getattr(self.policy, "initial_precision", None)
+            self._set_uniform(Precision.FP32 if start is None else start)
         self._resume = resume
         self._unstepped = None  # the checkpoint's loader state is where the run goes on from
         if resume is None:  # saved before any loader() call: the next one starts the data afresh, as the run did
@@ -925,6 +944,7 @@ class Controller:
             # state an update broke before the rollback it would have brought (taken as good, it was restored at
             # every rollback, the resumed run non-finite to its end).
             self.guard.resume()
+            self.guard.rollbacks = rollbacks  # its warning numbers them on from the checkpoint's (from 1 again before)
             self._copy_taken = ("resume", self._state_mark())
             self._copy_opens_interval = self._change_copy = True
         self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
@@ -1054,6 +1074,10 @@ class Controller:
                     self._loader.epoch,
                     self._loader.cursor,
                 )
+            if self._resume is None:  # a new run of the data (a resume's is the same data's: its costs hold)
+                # Measured again at its first batch, and the budget checked against them: the old data's activations
+                # stayed, unchecked, for data of other shapes (until 2026-12-06).
+                self.costs = self.memory_model = None
             self._unstepped = None
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key
@@ -1428,6 +1452,28 @@ def _checked_precision_code(state: Mapping[str, Any], key: str, low: bool = Fals
             f"the checkpoint's {key} {value!r} is not a precision code ({', '.join(map(str, codes))}) or None"
         )
     return Precision(int(value))
+
+
+def _bf16_layers_in_fp16(engine_state: Any) -> tuple[Any, bool]:
+    """A copy of a checkpoint's engine state with its layers' bf16 codes as fp16's, and whether any was bf16.
+
+    For a device without bf16 (a V100 or T4). A state the engine's checks refuse (no list of precisions, an unknown
+    code) is returned as given, for those checks to name.
+    """
+    if not isinstance(engine_state, Mapping) or not isinstance(engine_state.get("precisions"), (list, tuple)):
+        return engine_state, False
+
+    def is_bf16(code: Any) -> bool:
+        try:
+            return Precision.parse(code) is Precision.BF16
+        except ValueError:
+            return False
+
+    saved = engine_state["precisions"]
+    if not any(is_bf16(code) for code in saved):
+        return engine_state, False
+    precisions = [int(Precision.FP16) if is_bf16(code) else code for code in saved]
+    return {**engine_state, "precisions": precisions}, True
 
 
 def _precision_code(precision: Precision | None) -> int | None:
