@@ -834,6 +834,28 @@ def test_a_checkpoint_without_a_loss_scaler_drops_the_engines() -> None:
     assert engine.loss_scale == 2.0**16
 
 
+def test_a_rollback_to_the_copy_taken_at_a_resume_puts_back_the_resumed_loss_scale() -> None:
+    """``GradScaler.load_state_dict`` keeps the scale aside until its first ``scale()``: ``scaler_state()`` found no
+    scale to copy right after a resume, and a rollback to the copy taken then dropped the scaler, so the scale
+    started again at 65536 instead of the checkpoint's 1024."""
+    model, engine = sgd_engine()
+    engine.set_precisions(["fp16", "fp16"])
+    warm_up(model, engine, 1)
+    engine.grad_scaler.update(1024.0)  # one clean step counted, at a scale a fresh scaler would not have
+    saved = _saved(engine)
+
+    resumed_model, resumed = sgd_engine()
+    resumed.load_state_dict(saved)
+    copy_at_resume = resumed.scaler_state()  # what a rollback copy taken now records
+    assert copy_at_resume is not None
+    assert (float(copy_at_resume[0]), int(copy_at_resume[1])) == (1024.0, 1)
+    assert resumed.backward_and_step(loss_of(resumed_model, resumed, 0) * float("nan"))[1]
+    assert resumed.loss_scale == 512.0
+    resumed.load_scaler_state(copy_at_resume)  # the rollback
+    assert resumed.loss_scale == 1024.0
+    assert resumed.state_dict()["scaler"]["_growth_tracker"] == 1
+
+
 def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
     state = copy.deepcopy(state)
     if what.startswith("no "):
@@ -860,6 +882,8 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         state["optimizer"]["param_groups"][0]["layer"] = int(what[len("layer key ") :])
     elif what.startswith("scaler "):
         state["scaler"][what[len("scaler ") :]] = "x"
+    elif what.startswith("group without "):
+        del state["optimizer"]["param_groups"][1][what[len("group without ") :]]
     return state
 
 
@@ -885,6 +909,9 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         # Before the fix 7 loaded and the next step raised an IndexError; -1 took the last layer's factor (reference)
         ("layer key 7", r"the checkpoint's param group 0 has 'layer': 7; .* an integer in \[0, 3\)"),
         ("layer key -1", r"the checkpoint's param group 0 has 'layer': -1; .* an integer in \[0, 3\)"),
+        # Before the fix these loaded (the fused path refused them) and the next step raised a bare KeyError
+        ("group without lr", r"the checkpoint's param group 1 lacks 'lr', which AdamW's update reads"),
+        ("group without betas", r"the checkpoint's param group 1 lacks 'betas', which AdamW's update reads"),
     ],
 )
 def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: str) -> None:
@@ -909,6 +936,19 @@ def test_a_refused_checkpoint_leaves_the_engine_as_it_was(what: str, message: st
             assert before[key]["param_groups"] == after[key]["param_groups"]
         else:
             assert before[key] == after[key], key
+
+
+def test_a_checkpoint_without_the_flags_an_older_torch_did_not_save_still_loads() -> None:
+    """The check of the saved param groups' keys asks for the hyper-parameters only: flags a checkpoint of an older
+    torch lacks (``foreach``, ``fused``, ...) torch.optim's load fills in, and such a checkpoint resumes as before."""
+    model, engine = _adamw_engine()
+    _train(model, engine, range(2))
+    saved = _saved(engine)
+    for group in saved["optimizer"]["param_groups"]:
+        del group["fused"], group["foreach"], group["capturable"]
+    engine.load_state_dict(saved)
+    assert [group["fused"] for group in engine.optimizer.param_groups] == [None, None, None]
+    _train(model, engine, range(2, 3))
 
 
 def _hook_counts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:

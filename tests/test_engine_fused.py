@@ -262,6 +262,78 @@ def test_a_second_optimizers_overflow_skips_the_step_backs_off_the_scale_and_its
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("bad", ["nan-batch", "nan-in-the-second-optimizers-gradient"])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16, Precision.FP16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_drops_a_second_optimizers_gradients_in_every_precision(fused, precision, bad):
+    """The head held by the engine, the body by the user's own SGD with momentum. One bad batch (a NaN input; or a
+    NaN in the body's gradient alone, the loss and the head's gradients finite) skips the step in every precision and
+    sets the body's gradients to None, so the user's ``step()`` leaves the body's weights and momentum as they were.
+    Before the fix that held under fp16 only: in fp32 and bf16 the body's weights and momentum went NaN for good (a
+    rollback restores the weights, not another optimizer's momentum: every later interval rolled back)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    body = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    engine = StepEngine(model, torch.optim.SGD(model[2].parameters(), lr=0.1), DEVICE, fused=fused)
+    engine.set_precisions([precision, precision])
+    data = batches(3)
+
+    def step(x, y):
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        skipped = engine.backward_and_step(loss)[1]
+        body.step()
+        body.zero_grad()
+        return skipped
+
+    assert not step(*data[0])  # a momentum buffer for the body
+    before = _weights(model)
+    momentum = [body.state[p]["momentum_buffer"].clone() for p in model[0].parameters()]
+    x, y = data[1]
+    if bad == "nan-batch":
+        x = x * float("nan")
+        handle = None
+    else:
+        handle = model[0].weight.register_hook(lambda grad: grad * float("nan"))
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+    assert engine.backward_and_step(loss)[1]  # skipped
+    assert all(p.grad is None for p in model[0].parameters())  # the second optimizer's step() skips them
+    body.step()
+    if handle is not None:
+        handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+    for p, buffer in zip(model[0].parameters(), momentum, strict=True):
+        assert torch.equal(body.state[p]["momentum_buffer"], buffer)
+    assert not step(*data[2])  # and both train on
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", ["group-added", "parameter-unfrozen"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_refused_step_leaves_no_gradient_for_the_next_update(fused, case):
+    """A step the engine refuses (a param group added, or a frozen parameter unfrozen, since it was built) raised
+    before the block that zeroes a failed step's gradients: the refused batch's gradients stayed in ``.grad`` (every
+    parameter's, 3.1 for the new group's weight) and went into the first update of the controller built next, as the
+    error advises. Now every gradient is zero after the refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+    model[0].requires_grad_(False)
+    if case == "group-added":
+        optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the frozen layer in the optimizer too
+    engine = StepEngine(model, optimizer, DEVICE, fused=fused)
+    data = batches(2)
+    _run_steps(model, engine, data[:1])
+    model[0].requires_grad_(True)
+    if case == "group-added":
+        optimizer.add_param_group({"params": list(model[0].parameters())})
+    with pytest.raises(ValueError, match="param groups; it had 1" if case == "group-added" else "have gradients"):
+        _run_steps(model, engine, data[1:])
+    assert all(not p.grad.any() for p in model.parameters())
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_second_optimizers_empty_parameter_under_fp16_steps(fused):
     """The overflow check of the unheld gradients took their infinity norm, which torch refuses for an empty tensor:

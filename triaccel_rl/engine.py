@@ -100,7 +100,9 @@ class StepEngine:
     them back), and :meth:`group_lrs` gives the LRs the next update applies.
 
     A GradScaler scales the loss whenever a layer runs in fp16. A step whose loss or gradient is
-    non-finite is skipped: parameters and optimizer state stay as they were.
+    non-finite is skipped: parameters and optimizer state stay as they were. Trainable parameters outside the
+    optimizer (a second optimizer's) count in that check, and a skipped step sets their gradients to ``None``, so
+    the second optimizer's ``step()`` skips the batch too (in every precision).
 
     **Fused path** (``fused=True``; the default on CUDA when the optimizer allows it): the parameters move
     into a ``FlatParameterStore`` and the Triton ``FusedSGD``/``FusedAdamW`` replace ``optimizer.step()``:
@@ -275,10 +277,13 @@ class StepEngine:
         before they are added to ``.grad``, so a second optimizer steps on the loss's own gradient, as after
         ``GradScaler.unscale_`` on it, and gradients accumulated over several steps stay unscaled.
 
-        Their overflow counts as the held ones' (:meth:`_unheld_overflow`): the step is skipped, the scale backs off,
-        and their gradients are set to ``None``, so the second optimizer's ``step()`` skips them too, as
-        ``GradScaler.step`` would (until 2026-12-06 it stepped on the inf, and its parameters went NaN for good).
-        Skipping the held update too is stricter than ``GradScaler``, which skips each optimizer on its own overflow.
+        In every precision, a non-finite one counts as a non-finite held gradient (:meth:`_unheld_overflow`): the step
+        is skipped (under fp16 the scale backs off). A skipped step, for a non-finite loss or any non-finite gradient,
+        sets their gradients to ``None``, so the second optimizer's ``step()`` skips the bad batch too, as
+        ``GradScaler.step`` would. Until 2026-12-06 that held under fp16 only: in fp32 and bf16 a NaN batch's gradients
+        reached the second optimizer, whose weights and momentum went NaN for good (a rollback restores the weights,
+        not another optimizer's state). Skipping the held update too is stricter than ``GradScaler``, which skips each
+        optimizer on its own overflow.
         """
         unheld = {id(p): p for params in trainable for p in params if id(p) not in self._group_index}
         self._unheld_params = list(unheld.values())
@@ -391,7 +396,8 @@ class StepEngine:
         The skipped steps of the interval that broke the model halved the scale for a cause the copy's state did not
         have (from 65536 to 0.0625 in one 20-step interval): kept after the rollback, small gradients of a layer back
         in fp16 underflowed, and the scale took 2000 clean steps a doubling to grow back. ``None`` on the reference
-        path before its ``GradScaler`` has scaled a step.
+        path while its ``GradScaler`` has no scale yet: it has scaled no step, and none was loaded (a resumed scale
+        is one from the load on).
         """
         if self.fused:
             return self._scale.clone(), self._clean_steps.clone()
@@ -586,25 +592,26 @@ class StepEngine:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = False
         self.last_grad_stats = None
-        self._check_optimizer_params()
         scaler = self.grad_scaler
         unscaled = finished = False
-        try:
-            unheld_overflow = False
+        try:  # (the check inside: a refused step's gradients are zeroed below, not added to the next step's)
+            self._check_optimizer_params()
+            # Another optimizer's gradients (already unscaled as autograd made them), in every precision.
+            overflow = self._unheld_overflow()
+            unheld_overflow = overflow is not None and bool(overflow)
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
                 unscaled = True
-                overflow = self._unheld_overflow()
-                unheld_overflow = overflow is not None and bool(overflow)
                 if unheld_overflow:  # another optimizer's gradients overflowed: the scale backs off for them too
                     for found in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
                         found.fill_(1.0)
-                    self._drop_unheld_gradients()
             stats, norms = self._grad_stats()
             self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
-            if not skipped:
+            if skipped:  # the batch is bad for the second optimizer too: its step() skips what it would have NaN'd
+                self._drop_unheld_gradients()
+            else:
                 if self.max_grad_norm is not None:
                     self._clip_gradients(norms)
                 # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
@@ -826,7 +833,7 @@ class StepEngine:
                 type, number of layers or other parameter shapes, or holding values the engine does not take (a
                 precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
                 factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
-                or None; the message says which).
+                or None, a param group without one of the optimizer's hyper-parameters; the message says which).
         """
         plan = self._checked_state(state)
         if plan.across or not self.fused:
@@ -848,6 +855,10 @@ class StepEngine:
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
         else:
             self._grad_scaler = plan.grad_scaler
+            if plan.grad_scaler is not None and plan.grad_scaler.is_enabled():
+                # GradScaler makes its scale tensor at its first scale(): until then scaler_state() found none, and a
+                # rollback to the copy taken at the resume dropped the loaded scale (back to 65536, until 2026-12-06).
+                plan.grad_scaler._lazy_init_scale_growth_tracker(self.device)
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Runs ``load_state_dict``'s checks on ``state`` and loads nothing: for a caller that loads more beside it.
@@ -1325,13 +1336,28 @@ class StepEngine:
                 "controller at each stage, after close() on the last)"
             )
 
+    def _zero_unstored_gradients(self) -> None:
+        """Zeros, in place, the gradients of the optimizer's parameters outside the fused store (a step that raised).
+
+        A param group added since the engine was built, or a parameter frozen then and unfrozen since: the step
+        refuses them (:meth:`_check_optimizer_params`), and the store's ``zero_grad`` reaches the store's gradients
+        only. Left, the refused batch's gradients went into the first update of the controller built next. The
+        reference path's ``optimizer.zero_grad()`` reaches them all.
+        """
+        held = {id(p) for p in self._params}
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in held and p.grad is not None:
+                        p.grad.zero_()
+
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = False
         self.last_grad_stats = None
         scaling = self.precision.needs_grad_scaler
-        self._check_optimizer_params()
-        try:
+        try:  # (the check inside: a refused step's gradients are zeroed below, not added to the next step's)
+            self._check_optimizer_params()
             hooks = self._step_hooks("pre")
             for hook in hooks:  # as optimizer.step() would (an EMA, a gradient transform)
                 if hook(self.optimizer, (), {}) is not None:
@@ -1343,6 +1369,7 @@ class StepEngine:
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
+            self._zero_unstored_gradients()  # nor those of a param group added (or a parameter unfrozen) since
             raise
         factors = self._layer_base * np.where(self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0)
         # Compared as the kernel reads them: under a scheduler, groups of different LRs keep their float32 ratio
@@ -1363,7 +1390,7 @@ class StepEngine:
         # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
         # outputs) is moved, as float(loss) once read it from anywhere.
         skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
-        unheld_overflow = self._unheld_overflow() if scaling else None  # a second optimizer's gradients
+        unheld_overflow = self._unheld_overflow()  # a second optimizer's gradients, in every precision
         if unheld_overflow is not None:
             skip = skip | unheld_overflow
         result = self.fused_optimizer.step(
@@ -1398,8 +1425,9 @@ class StepEngine:
                 self._scale.copy_(torch.where(overflow, self._scale * 0.5, torch.where(grow, grown, self._scale)))
                 self._clean_steps.masked_fill_(grow, 0)
             self.store.zero_grad()
-            # Only where a second optimizer's parameters got gradients under fp16: one sync, for its step to skip them
-            if unheld_overflow is not None and bool(unheld_overflow):
+            # Only where a second optimizer's parameters got gradients: one sync, for its step to skip a skipped
+            # step's (a NaN batch's gradients would have made its weights and momentum NaN for good)
+            if unheld_overflow is not None and bool(result.skipped):
                 self._drop_unheld_gradients()
         return self.last_grad_stats, result.skipped
 
@@ -1467,6 +1495,17 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
             f"the checkpoint's optimizer has param groups of {saved_sizes} parameters; this one's has {sizes}: it was "
             "saved for another model or optimizer"
         )
+    # The optimizer's hyper-parameters (its defaults other than flags): torch.optim's load puts the saved groups in
+    # place as they are, and fills in only flags an older torch did not save (nesterov, foreach, ...: a bool or
+    # None). A group without 'lr' loaded, and the next step raised a bare KeyError.
+    hypers = [key for key, value in optimizer.defaults.items() if not (value is None or isinstance(value, bool))]
+    for number, group in enumerate(saved["param_groups"]):
+        missing = [key for key in hypers if key not in group]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's param group {number} lacks {', '.join(map(repr, missing))}, which "
+                f"{type(optimizer).__name__}'s update reads: it is not torch.optim's state_dict() of this optimizer"
+            )
     for index, entry in saved["state"].items():
         if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < len(params):
             raise ValueError(
