@@ -131,8 +131,8 @@ def test_an_lr_schedule_over_no_finite_number_of_epochs_is_refused():
     [
         ({"memory": 2**30}, TypeError, r"^memory=1073741824 must be a MemoryBudget"),
         ({"elastic": {"fill_frac": 0.5}}, TypeError, r"^elastic=\{'fill_frac': 0\.5\} must be an ElasticConfig"),
-        ({"n_probe": 2.5}, ValueError, r"^n_probe=2\.5 must be a whole number >= 1"),
-        ({"n_probe": -5}, ValueError, r"^n_probe=-5 must be a whole number >= 1"),
+        ({"n_probe": 2.5}, ValueError, r"^n_probe=2\.5 must be a whole number >= 2"),
+        ({"n_probe": -5}, ValueError, r"^n_probe=-5 must be a whole number >= 2"),
     ],
 )
 def test_a_run_refuses_settings_of_the_wrong_kind_by_name(arguments, error, message):
@@ -539,8 +539,8 @@ def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
         (lambda: probe_count(1), r"^n_train=1 must be a whole number >= 2: the probe holds out at least one sample"),
         (lambda: probe_count(0), r"^n_train=0 must be a whole number >= 2"),
         (lambda: probe_count(100.0), r"^n_train=100\.0 must be a whole number >= 2"),
-        (lambda: probe_count(100, -5), r"^n_probe=-5 must be a whole number >= 1"),
-        (lambda: probe_count(100, 2.5), r"^n_probe=2\.5 must be a whole number >= 1"),
+        (lambda: probe_count(100, -5), r"^n_probe=-5 must be a whole number >= 2"),
+        (lambda: probe_count(100, 2.5), r"^n_probe=2\.5 must be a whole number >= 2"),
         (lambda: evaluate_accuracy(_LINEAR, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), r"^len\(x\)=0 and"),
         (lambda: evaluate_accuracy(_LINEAR, torch.randn(4, 3), torch.zeros(8, dtype=torch.long)), r"^len\(x\)=4 and"),
         (lambda: evaluate_accuracy(_LINEAR, torch.randn(8, 3), torch.zeros(4, dtype=torch.long)), r"len\(y\)=4 must"),
@@ -602,3 +602,151 @@ def test_a_cpu_run_seeds_the_cpu_generator_as_before_and_no_cuda_generator(monke
         training._seed_run_generators(4, torch.device("cuda"))  # the current device
         assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(4).get_state())
     assert [g.seeds for g in generators] == [[4], [3]] and calls == []
+
+
+def _bn_task(**overrides):
+    """A small task whose model normalises with ``BatchNorm1d`` (which refuses a one-sample batch in train mode)."""
+    from torch import nn
+
+    from triaccel_rl.tasks import Task, synthetic_data
+
+    class BNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.bn, self.l2 = nn.Linear(32, 64), nn.BatchNorm1d(64), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.bn(self.l1(x))))
+
+    settings = {
+        "name": "bn-synthetic", "description": "", "build_model": BNNet, "load_data": synthetic_data,
+        "optimizer": "sgd", "base_lr": 0.05, "base_batch_size": 64, "target_metric": 0.5,
+    }  # fmt: skip
+    return Task(**{**settings, **overrides})
+
+
+def test_an_interrupt_or_giving_up_in_oom_recovery_hands_the_batch_back_once(monkeypatch):
+    """The recovery ran outside the step's try: a Ctrl-C in its memory release left the batch taken from the loader
+    (the loader moved on 64 samples, no step taken). Its giving up hands the batch back once, not twice."""
+    import triaccel_rl.training as training
+    from triaccel_rl.elastic import UnrecoverableOOMError, inject_oom, release_memory
+
+    run = TrainingRun("synthetic", seed=0, device="cpu", fault=inject_oom(lambda p: p.step == 0 and p.attempt == 0))
+    before = run.loader.state_dict()
+
+    def interrupted_release(device):
+        release_memory(device)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "release_memory", interrupted_release)
+    with pytest.raises(KeyboardInterrupt):
+        run.step()
+    assert run.loader.state_dict() == before and run.steps == 0
+    assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
+
+    monkeypatch.setattr(training, "release_memory", release_memory)
+    gives_up = TrainingRun("synthetic", seed=0, device="cpu", fault=inject_oom(lambda p: p.step == 1))
+    gives_up.step()  # one step served: a second take-back would move the loader back past it
+    after_one = gives_up.loader.state_dict()
+    with pytest.raises(UnrecoverableOOMError):
+        gives_up.step()
+    assert gives_up.loader.state_dict() == after_one and gives_up.steps == 1
+
+
+def test_oom_recovery_halves_a_batch_norm_models_micro_batch_down_to_two_samples_not_one():
+    """Halving went down to one sample, which batch norm refuses (its ValueError, not UnrecoverableOOMError), and the
+    budget, floored at one sample's need, left every later step at one-sample micro-batches that all raised. Now a
+    micro-batch of two is retried as it is until the step gives up, and the run steps again once memory is back."""
+    from triaccel_rl.elastic import UnrecoverableOOMError
+
+    short = [True]
+
+    def fault(point):  # out of memory in every backward pass while memory is short
+        if short[0] and point.phase == "backward":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    run = TrainingRun(_bn_task(), seed=0, device="cpu", fault=fault)
+    with pytest.raises(UnrecoverableOOMError, match=r"out of memory 9 times in one step .* of 2 samples"):
+        run.step()
+    assert [(e.micro_batch_size, e.retry_micro_batch_size) for e in run.oom_log] == [
+        (64, 32), (32, 16), (16, 8), (8, 4), (4, 2), (2, 2), (2, 2), (2, 2),
+    ]  # fmt: skip
+    assert run.samples_seen == 0 and run.steps == 0 and run.micro_batch_size() >= 2
+    assert run.memory_budget_bytes >= math.ceil(run.predicted_memory_bytes(2) / run.elastic.fill_frac)
+    short[0] = False
+    run.step()
+    assert run.steps == 1 and min(run.last_micro_batches) >= 2 and sum(run.last_micro_batches) == 64
+
+
+def test_a_probe_of_one_sample_is_refused_by_name():
+    """``n_probe=1`` was taken, and the probe loss of a batch-norm model then raised batch norm's "Expected more than
+    1 value per channel when training" (the probe runs the model in training mode)."""
+    with pytest.raises(ValueError, match=r"^n_probe=1 must be a whole number >= 2"):
+        TrainingRun(_bn_task(), seed=0, device="cpu", n_probe=1)
+    with pytest.raises(ValueError, match=r"^n_probe=1 must be a whole number >= 2"):
+        probe_count(4096, 1)
+    run = TrainingRun(_bn_task(), seed=0, device="cpu", n_probe=2)
+    assert len(run.probe_batch[0]) == 2 and math.isfinite(run.probe_loss())
+
+
+def test_an_evaluation_leaves_a_module_the_model_keeps_in_eval_mode_frozen():
+    """``evaluate()`` put the whole model in eval mode and the next step's ``model.train()`` every module in training
+    mode: a batch norm frozen for fine-tuning was unfrozen by an evaluation (its running statistics then moved and the
+    weights parted from an unevaluated twin's)."""
+
+    def frozen_bn_net():
+        model = _bn_task().build_model()
+        model.bn.eval()  # frozen: normalises with its running statistics, never updates them
+        return model
+
+    task = _bn_task(name="frozen-bn", build_model=frozen_bn_net)
+    evaluated, twin = TrainingRun(task, seed=0, device="cpu"), TrainingRun(task, seed=0, device="cpu")
+    for i in range(4):
+        evaluated.step()
+        twin.step()
+        if i == 1:
+            assert 0.0 <= evaluated.evaluate() <= 1.0
+            assert evaluated.model.training and not evaluated.model.bn.training
+    assert not evaluated.model.bn.training
+    assert torch.equal(evaluated.model.bn.running_mean, torch.zeros(64))
+    for a, b in zip(evaluated.model.state_dict().values(), twin.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_unmeasured_trial_pass_releases_memory_after_the_failed_pass_is_gone(monkeypatch):
+    """``release_memory`` ran inside the ``except`` block, while the traceback's frames held the failed pass's
+    activations: on a GPU ``empty_cache`` could not hand their blocks back."""
+    import weakref
+
+    import triaccel_rl.training as training
+    from triaccel_rl.elastic import release_memory
+
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    activations = []
+
+    def failing_pass(n):
+        activation = torch.empty(1024)  # an activation of the failed forward pass
+        activations.append(weakref.ref(activation))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    alive_at_release = []
+
+    def recording_release(device):
+        alive_at_release.append(activations[-1]() is not None)
+        release_memory(device)
+
+    monkeypatch.setattr(run, "_trial_pass", failing_pass)
+    monkeypatch.setattr(training, "release_memory", recording_release)
+    run._unmeasured_pass(8)
+    assert alive_at_release == [False]
+
+
+def test_a_batch_larger_than_the_training_set_leaves_the_callers_random_state_alone():
+    """The size is known only once the data is loaded, after the seeding: the refusal left the caller's CPU
+    generator seeded with the run's seed (ARCHITECTURE.md: constructor arguments are checked before the seeding)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        with pytest.raises(ValueError, match=r"^batch_size=1000000 is more than the \d+ training samples"):
+            TrainingRun("synthetic", seed=0, device="cpu", batch_size=10**6)
+        assert torch.equal(torch.get_rng_state(), state)

@@ -619,11 +619,11 @@ class ElasticConfig:
         oom_budget_factor: after an out-of-memory error in a step split into micro-batches of ``m``, the budget
             becomes this factor × the memory predicted for ``m``, in (0, 1]; planning fills ``fill_frac`` of it, so
             the next steps use micro-batches predicted at most ``fill_frac × factor`` of what failed, but the budget
-            keeps room in ``fill_frac`` of it for ``m // 2`` (at least one sample): where the weights and optimizer
-            state outweigh a micro-batch's activations, ``fill_frac × factor`` of what failed is less than they
-            alone need, and every later step ran one-sample micro-batches. And below the budget that still plans
-            ``m``: with ``fill_frac × factor = 1`` every later step planned ``m`` again, and failed at it. The budget
-            is never raised.
+            keeps room in ``fill_frac`` of it for ``m // 2`` (at least two samples, the retry's floor): where the
+            weights and optimizer state outweigh a micro-batch's activations, ``fill_frac × factor`` of what failed
+            is less than they alone need, and every later step ran one-sample micro-batches. And below the budget
+            that still plans ``m``: with ``fill_frac × factor = 1`` every later step planned ``m`` again, and failed
+            at it. The budget is never raised.
         max_oom_retries: out-of-memory errors tolerated within one step before it gives up.
 
     Example:

@@ -66,6 +66,8 @@ def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: fl
         raise ValueError(
             f"batch sizes must be whole numbers of samples >= 1; got {batch_size!r} and base {base_batch_size!r}"
         )
+    # As Python numbers: a NumPy size gave a NumPy gain, which a coupler's state (a checkpoint) then carried.
+    batch_size, base_batch_size = int(batch_size), int(base_batch_size)
     ratio = batch_size / base_batch_size
     if rule is LRRule.LINEAR:
         return ratio
@@ -149,14 +151,16 @@ class BatchLRCoupler:
         lr_gain(rule, batch_size, base_batch_size)  # checks the sizes before int() could cut 64.9 to 64
         self.rule = rule
         self.base_batch_size = int(base_batch_size)
-        self.warmup_above = warmup_above
-        self.warmup_steps = warmup_steps
+        # As Python numbers: NumPy ones were kept, copied into the state (ramp_step too), and a Controller checkpoint
+        # holding them failed torch.load(weights_only=True), the default since torch 2.6.
+        self.warmup_above = float(warmup_above)
+        self.warmup_steps = int(warmup_steps)
         self.batch_size = int(batch_size)
         self.target = lr_gain(rule, self.batch_size, self.base_batch_size)
         self.gain = self.target
         self.steps = 0
         self._ramp_start = self.gain
-        self._ramp_step = warmup_steps  # steps taken on the current ramp; == warmup_steps when none runs
+        self._ramp_step = self.warmup_steps  # steps taken on the current ramp; == warmup_steps when none runs
 
     @property
     def warming_up(self) -> bool:
@@ -289,13 +293,18 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
 
     Greedy: full micro-batches then the remainder, so the peak memory (set by the largest) fills the plan. A
     remainder of one sample takes one more from the micro-batch before it (33 at 16: 16, 15, 2): a one-sample
-    micro-batch cannot train a model with batch norm, which needs two samples a channel.
+    micro-batch cannot train a model with batch norm, which needs two samples a channel. At a ``max_micro_batch`` of
+    2 there is none to take, so an odd batch's last micro-batch holds 3 samples, one over the cap (7 at 2: 2, 2, 3),
+    the one plan whose largest micro-batch is not its first; only a cap of 1, or a batch of 1, plans one-sample
+    micro-batches.
 
     Example:
         >>> plan_micro_batches(10, 4)
         [4, 4, 2]
         >>> plan_micro_batches(9, 4)
         [4, 3, 2]
+        >>> plan_micro_batches(7, 2)
+        [2, 2, 3]
 
     Raises:
         ValueError: a non-positive size.
@@ -309,6 +318,8 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     sizes = [max_micro_batch] * full + ([rest] if rest else [])
     if rest == 1 and full and max_micro_batch >= 3:
         sizes[-2:] = [max_micro_batch - 1, 2]
+    elif rest == 1 and full and max_micro_batch == 2:  # nothing to take under the cap: the last 2, 1 become one 3
+        sizes[-2:] = [3]
     return sizes
 
 

@@ -58,6 +58,8 @@ __all__ = [
 
 _log = logging.getLogger("triaccel_rl")
 _NOISE_EMA_DECAY = 0.9  # smoothing of the run's own gradient-noise estimate (for the AdaScale rule)
+# The least micro-batch an out-of-memory retry splits into: a batch norm in training mode needs two samples a channel.
+_LEAST_MICRO_BATCH = 2
 
 
 def probe_count(n_train: int, n_probe: int = 512) -> int:
@@ -71,7 +73,8 @@ def probe_count(n_train: int, n_probe: int = 512) -> int:
         (512, 512, 128, 1)
 
     Raises:
-        ValueError: ``n_train`` is not a whole number >= 2, or ``n_probe`` not one >= 1.
+        ValueError: ``n_train`` is not a whole number >= 2, or ``n_probe`` not one >= 2 (the probe runs the model in
+            training mode, where a batch norm needs two samples; ``n_probe=1`` was taken and the probe then raised).
     """
     # n_train=1 held out its only sample (and 0 one it did not have), n_probe=-5 was taken as 1 and 2.5 returned.
     if not is_whole(n_train) or n_train < 2:
@@ -79,8 +82,11 @@ def probe_count(n_train: int, n_probe: int = 512) -> int:
             f"n_train={n_train!r} must be a whole number >= 2: the probe holds out at least one sample and the run "
             "trains on the rest"
         )
-    if not is_whole(n_probe) or n_probe < 1:
-        raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
+    if not is_whole(n_probe) or n_probe < 2:  # 1 was taken, and a batch norm's probe then refused its one sample
+        raise ValueError(
+            f"n_probe={n_probe!r} must be a whole number >= 2 (held-out samples for the probe loss; a batch norm in "
+            "training mode needs two)"
+        )
     return max(1, min(int(n_probe), int(n_train) // 8))
 
 
@@ -190,12 +196,15 @@ class TrainingRun:
     retried after running out of memory, it trains on the same augmented samples.
 
     An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
-    the budget lowered (to ``elastic.oom_budget_factor`` × the predicted memory of the failed attempt's
-    micro-batch size, and on a GPU to at most what this process holds plus what is free, but never below what
-    one sample is predicted to need, nor raised), and the same samples are retried with the micro-batch at most
-    halved (a one-sample micro-batch is retried as it is, up to
-    ``elastic.max_oom_retries`` errors in the step). The loader is not touched, so no sample is lost or
-    served twice, and the one update comes after the last micro-batch. Events are counted in
+    the budget lowered as ``ElasticConfig.oom_budget_factor`` describes (that factor × the predicted memory of the
+    failed attempt's micro-batch size ``m``, but keeping room in ``fill_frac`` of it for ``m // 2`` and below the
+    least budget that plans ``m`` again; on a GPU at most what this process holds plus what is free; never below the
+    least budget that plans two samples, nor raised), and the same samples are retried with the micro-batch halved,
+    but not below two samples (a batch norm in training mode needs two a channel: a micro-batch of two, or of one
+    where the batch or ``micro_batch_cap`` is one, is retried as it is). After ``elastic.max_oom_retries`` errors in
+    the step it raises ``UnrecoverableOOMError`` and hands its batch back, as a step interrupted during the recovery
+    does. The loader is not touched, so no sample is lost or served twice, and the one update comes after the last
+    micro-batch. Events are counted in
     ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried
     (a partial update cannot be undone).
 
@@ -209,13 +218,14 @@ class TrainingRun:
         seed: seeds the model's initialisation and the data order, a whole number in [0, 2**63 - 20001]. The
             process's torch RNGs the run draws from are seeded with it: the CPU's default generator and, on a GPU,
             the run's own device's (no other device's), and the run's later draws (augmentation, dropout) come from
-            them: build runs one after another, or give each its process.
+            them: build runs one after another, or give each its process. A constructor that raises after the
+            seeding (a ``batch_size`` above the training set) puts the caller's states of those generators back.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for CUDA when available.
         batch_size: starting effective batch size; the task's ``base_batch_size`` by default.
         memory: the memory budget (accounting on CPU, the allocator on GPU).
         cost_mode: ``measured`` time and memory, or ``profile`` (charged from ``profile``).
         profile: the hardware profile for ``cost_mode="profile"``; the shipped one by default.
-        n_probe: held-out training samples for the fixed probe loss.
+        n_probe: held-out training samples for the fixed probe loss, at least 2 (``probe_count``).
         include_fixed_cost: add the profile's fixed per-step time to the modelled step time.
         elastic: LR coupling, micro-batch planning and OOM recovery settings.
         fault: a hook called before each micro-batch's forward and backward pass (tests inject errors here).
@@ -292,8 +302,7 @@ class TrainingRun:
             isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
         ):  # as the setter refuses it, but before the RNGs are seeded and the model built
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if not is_whole(n_probe) or n_probe < 1:
-            raise ValueError(f"n_probe={n_probe!r} must be a whole number >= 1 (held-out samples for the probe loss)")
+        probe_count(2, n_probe)  # n_probe checked alone here (a whole number >= 2), the data's size once it is loaded
         self.elastic = elastic or ElasticConfig()
         self.fault = fault
         if schedule_epochs is not None and not (math.isfinite(schedule_epochs) and schedule_epochs > 0):
@@ -311,81 +320,88 @@ class TrainingRun:
         # generators the run draws from: torch.manual_seed also seeded every CUDA device's (queued for CUDA's start
         # where it had not started), which a CPU run, or the environment's reset that forks only the run's device,
         # left seeded behind its caller. The CPU's is seeded as torch.manual_seed seeded it: the same runs.
+        # The caller's states, put back if the construction raises: a batch_size above the training set (known only
+        # once the data is loaded) was refused after the seeding, and left the caller's generators seeded.
+        caller_states = _run_generator_states(self.device)
         _seed_run_generators(self.seed, self.device)
-        self.model: nn.Module = self.task.build_model().to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        layers = StepEngine.discover(self.model)
-        optimizer = self.task.make_optimizer([{"params": params, "layer": i} for i, params in enumerate(layers)])
-        self.engine = StepEngine(self.model, optimizer, self.device)
-        self.optimizer = self.engine.optimizer
-        self.precision = self.engine.precision
-        self.layers: list[LayerInfo] = self.engine.layers
+        try:
+            self.model: nn.Module = self.task.build_model().to(self.device)
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            layers = StepEngine.discover(self.model)
+            optimizer = self.task.make_optimizer([{"params": params, "layer": i} for i, params in enumerate(layers)])
+            self.engine = StepEngine(self.model, optimizer, self.device)
+            self.optimizer = self.engine.optimizer
+            self.precision = self.engine.precision
+            self.layers: list[LayerInfo] = self.engine.layers
 
-        data = self.task.data(seed)
-        if len(data.train_x) < 2:  # the loader's "empty dataset" error named neither the task nor the size
-            raise ValueError(
-                f"task {self.task.name!r} has {len(data.train_x)} training sample(s): a run holds one out for its "
-                "probe loss and trains on the rest, so it needs n_train >= 2"
+            data = self.task.data(seed)
+            if len(data.train_x) < 2:  # the loader's "empty dataset" error named neither the task nor the size
+                raise ValueError(
+                    f"task {self.task.name!r} has {len(data.train_x)} training sample(s): a run holds one out for its "
+                    "probe loss and trains on the rest, so it needs n_train >= 2"
+                )
+            n_probe = probe_count(len(data.train_x), n_probe)
+            self._probe_x = data.train_x[-n_probe:].to(self.device)
+            self._uncapturable_probes: set[tuple[object, ...]] = set()  # precision configurations whose capture failed
+            if channels_last and self._probe_x.dim() == 4:
+                self._probe_x = self._probe_x.contiguous(memory_format=torch.channels_last)
+            self._probe_y = data.train_y[-n_probe:].to(self.device)
+            self.loader = ElasticLoader(
+                data.train_x[:-n_probe].to(self.device), data.train_y[:-n_probe].to(self.device), seed=seed
             )
-        n_probe = probe_count(len(data.train_x), n_probe)
-        self._probe_x = data.train_x[-n_probe:].to(self.device)
-        self._uncapturable_probes: set[tuple[object, ...]] = set()  # precision configurations whose capture failed
-        if channels_last and self._probe_x.dim() == 4:
-            self._probe_x = self._probe_x.contiguous(memory_format=torch.channels_last)
-        self._probe_y = data.train_y[-n_probe:].to(self.device)
-        self.loader = ElasticLoader(
-            data.train_x[:-n_probe].to(self.device), data.train_y[:-n_probe].to(self.device), seed=seed
-        )
-        self._test_x = data.test_x.to(self.device)
-        self._test_y = data.test_y.to(self.device)
+            self._test_x = data.test_x.to(self.device)
+            self._test_y = data.test_y.to(self.device)
 
-        reason = graph_unsupported(self.model, self.device) or ("a fault hook is set" if fault is not None else "")
-        if cuda_graphs and reason:
-            raise ValueError(f"cuda_graphs=True, but this run cannot capture its steps: {reason}")
-        use_graphs = cuda_graphs if cuda_graphs is not None else not reason
-        self.graphs: StepGraphs | None = StepGraphs(self.model, self.device) if use_graphs else None
-        """Captured training steps, or ``None`` when every step runs eagerly."""
-        self._graphed = False  # whether the last step replayed a graph
+            reason = graph_unsupported(self.model, self.device) or ("a fault hook is set" if fault is not None else "")
+            if cuda_graphs and reason:
+                raise ValueError(f"cuda_graphs=True, but this run cannot capture its steps: {reason}")
+            use_graphs = cuda_graphs if cuda_graphs is not None else not reason
+            self.graphs: StepGraphs | None = StepGraphs(self.model, self.device) if use_graphs else None
+            """Captured training steps, or ``None`` when every step runs eagerly."""
+            self._graphed = False  # whether the last step replayed a graph
 
-        self.n_layers = len(self.layers)
-        self.steps = 0
-        self.skipped_steps = 0
-        self._observe_budget_frac = SignalConfig().observe_budget_frac if self.measures_memory else None
-        self.oom_events = 0
-        self.oom_log: list[OOMEvent] = []
-        self.train_time_ms = 0.0
-        self.modelled_time_ms = 0.0
-        self.memory_elastic = True
-        """Plan micro-batches against the budget and recover from OOM (a fixed-batch baseline turns it off)."""
-        self._micro_batch_cap: int | None = None
-        self.last_batch: Batch | None = None
-        self.last_micro_batches: list[int] = []
-        self._moments: DeviceMoments | None = None  # train_interval's device-side accumulator
-        self._noise = np.zeros(3)  # EMA weight, EMA of B * |g_B|^2, EMA of B (for noise_scale)
-        self._samples_started = 0  # samples whose forward pass began in the current attempt
-        self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the step's buffers before it
-        self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
-        self._buffer_slots: list[tuple[nn.Module, str]] = []  # (module, name) of each saved buffer, in order
-        self._batch_size = self.task.base_batch_size
-        self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
-        self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
+            self.n_layers = len(self.layers)
+            self.steps = 0
+            self.skipped_steps = 0
+            self._observe_budget_frac = SignalConfig().observe_budget_frac if self.measures_memory else None
+            self.oom_events = 0
+            self.oom_log: list[OOMEvent] = []
+            self.train_time_ms = 0.0
+            self.modelled_time_ms = 0.0
+            self.memory_elastic = True
+            """Plan micro-batches against the budget and recover from OOM (a fixed-batch baseline turns it off)."""
+            self._micro_batch_cap: int | None = None
+            self.last_batch: Batch | None = None
+            self.last_micro_batches: list[int] = []
+            self._moments: DeviceMoments | None = None  # train_interval's device-side accumulator
+            self._noise = np.zeros(3)  # EMA weight, EMA of B * |g_B|^2, EMA of B (for noise_scale)
+            self._samples_started = 0  # samples whose forward pass began in the current attempt
+            self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the step's buffers before it
+            self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
+            self._buffer_slots: list[tuple[nn.Module, str]] = []  # (module, name) of each saved buffer, in order
+            self._batch_size = self.task.base_batch_size
+            self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
+            self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
 
-        self.costs = CostModel.measure(
-            self.model, self.layers, self._probe_x[:1], optimizer_states=optimizer_state_tensors(self.optimizer)
-        )
-        self.memory_model = MemoryModel(self.costs, self.profile)
-        self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(self.costs.owned_params)
-        budget = memory or MemoryBudget()
-        capacity = device_capacity_bytes(self.device, budget.cpu_capacity_bytes)
-        self.memory_budget_bytes = budget.resolve(capacity, self.device.type)
-        if self.measures_memory:
-            self.calibrate_memory()
-        check_budget(
-            self.memory_budget_bytes,
-            fixed_bytes=self.predicted_memory_bytes(0),
-            one_sample_bytes=self.predicted_memory_bytes(1),
-        )
+            self.costs = CostModel.measure(
+                self.model, self.layers, self._probe_x[:1], optimizer_states=optimizer_state_tensors(self.optimizer)
+            )
+            self.memory_model = MemoryModel(self.costs, self.profile)
+            self._accounted_state_bytes = self.costs.static_bytes - 2 * 4 * sum(self.costs.owned_params)
+            budget = memory or MemoryBudget()
+            capacity = device_capacity_bytes(self.device, budget.cpu_capacity_bytes)
+            self.memory_budget_bytes = budget.resolve(capacity, self.device.type)
+            if self.measures_memory:
+                self.calibrate_memory()
+            check_budget(
+                self.memory_budget_bytes,
+                fixed_bytes=self.predicted_memory_bytes(0),
+                one_sample_bytes=self.predicted_memory_bytes(1),
+            )
+        except BaseException:
+            _restore_run_generators(self.device, caller_states)
+            raise
 
     # ---------------------------------------------------------------------------------------- knobs
 
@@ -664,7 +680,11 @@ class TrainingRun:
             # Out of the except block: the traceback, and the activations its frames held, are gone.
             oom_events += 1
             wasted_samples += self._samples_started
-            micro = self._recover_from_oom(micro, failure, oom_events, n)
+            try:
+                micro = self._recover_from_oom(micro, failure, oom_events, n)
+            except BaseException:  # its giving up, or a Ctrl-C in its collection or logging: the step is undone
+                self._abandon_step(n)  # the one place the batch goes back (the recovery itself never hands it back)
+                raise
         # The engine's batch gain also carries the LR schedule: both multiply every layer's LR alike. The coupler
         # advances once the update went in: a step given up (its batch returned) is no step of the warm-up.
         self.engine.batch_lr_gain = self.lr_coupler.next_gain() * self.schedule_gain
@@ -699,9 +719,10 @@ class TrainingRun:
                 memory = max(memory, self.graphs.last_peak_bytes)
                 self.memory_model.rebase(now)  # the graph's memory stays allocated: the baseline, not the batch's
             else:
-                self.memory_model.observe(sizes[0], self.precisions, memory, allocated_bytes=now)
+                # The largest micro-batch sets the peak: the first, but the last of an odd batch at 2 (2, ..., 2, 3).
+                self.memory_model.observe(max(sizes), self.precisions, memory, allocated_bytes=now)
         else:
-            memory = self.memory_bytes(sizes[0])
+            memory = self.memory_bytes(max(sizes))
         return _StepOutcome(loss, n, grads, skipped, lr, oom_events, modelled_ms, memory)
 
     def micro_batch_size(self, batch_size: int | None = None) -> int:
@@ -721,8 +742,18 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------- measures
 
     def evaluate(self, max_samples: int | None = None) -> float:
-        """Test accuracy in [0, 1], computed in fp32 with the model in eval mode."""
-        return evaluate_accuracy(self.model, self._test_x, self._test_y, max_samples)
+        """Test accuracy in [0, 1], computed in fp32 with the model in eval mode.
+
+        Each module's mode is put back afterwards: the next step's ``model.train()`` put every module in training mode,
+        so a module the model keeps in eval mode (a batch norm frozen for fine-tuning) was unfrozen for good by an
+        evaluation, and the run trained another function from then on.
+        """
+        modes = [(module, module.training) for module in self.model.modules()]
+        try:
+            return evaluate_accuracy(self.model, self._test_x, self._test_y, max_samples)
+        finally:
+            for module, training in modes:
+                module.training = training
 
     @property
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1094,19 +1125,26 @@ class TrainingRun:
         ``micro`` is the failed attempt's micro-batch size: the budget and the retry derive from it, the event logs the
         micro-batch that failed (the last one started: a split's shorter last one, or the one before it, where it
         failed).
+
+        Raises:
+            UnrecoverableOOMError: the step ran out of memory more than ``elastic.max_oom_retries`` times. It never
+                hands the batch back itself: ``_step`` does, for this and for any other exception (a Ctrl-C) here.
         """
         self._undo_attempt()
         release_memory(self.device)
         failed = _last_started(plan_micro_batches(n, micro), self._samples_started)
-        if oom_events > self.elastic.max_oom_retries:
-            self.loader.take_back(n)  # the step is abandoned: its samples return to the loader
+        if oom_events > self.elastic.max_oom_retries:  # the step is abandoned: ``_step`` hands its samples back
             raise UnrecoverableOOMError(
                 f"out of memory {oom_events} times in one step (step {self.steps}), the last in a micro-batch "
                 f"of {failed} samples ({failure}); one sample is predicted to need {self.predicted_memory_bytes(1)} "
                 f"bytes and the budget is now {self.memory_budget_bytes} bytes"
             )
         before = self.memory_budget_bytes
-        retry = max(1, micro // 2)
+        # Halved, but not below two samples (a batch norm in training mode needs two a channel: halving down to one
+        # raised its ValueError, and the budget left every later step at one sample). A micro-batch at that floor is
+        # retried as it is, as is one of one sample (a batch of one, or a micro_batch_cap of 1).
+        least = min(_LEAST_MICRO_BATCH, micro)
+        retry = max(least, micro // 2)
         # factor x what failed, but not so low that planning (on fill_frac of the budget) has no room for half of it:
         # where the weights and optimizer state outweigh a micro-batch's activations, fill_frac of the lowered budget
         # held less than they do, and every later step ran micro-batches of one sample.
@@ -1120,9 +1158,10 @@ class TrainingRun:
         )
         if self.device.type == "cuda":  # the device is shared: we can hold at most ours + what is free
             lowered = min(lowered, read_device_memory(self.device).available_bytes)
-        # Not below what one sample needs (the halving still makes progress down to one sample), never up.
-        self.memory_budget_bytes = min(before, max(lowered, self.predicted_memory_bytes(1)))
-        retry = max(1, min(retry, self.micro_batch_size(n)))
+        # Not below the least budget that plans two samples (the halving's floor), never up.
+        least_budget = self._budget_holding(self.predicted_memory_bytes(_LEAST_MICRO_BATCH))
+        self.memory_budget_bytes = min(before, max(lowered, least_budget))
+        retry = max(least, min(retry, self.micro_batch_size(n)))
         event = OOMEvent(self.steps, failed, retry, before, self.memory_budget_bytes, failure, micro)
         self.oom_log.append(event)
         self.oom_events += 1  # with the log, also for a step that gives up later
@@ -1198,15 +1237,22 @@ class TrainingRun:
         return self._accounted_state_bytes
 
     def _unmeasured_pass(self, batch_size: int) -> None:
-        """A trial pass whose peak is not recorded (an out-of-memory error is released and ignored)."""
+        """A trial pass whose peak is not recorded (an out-of-memory error is released and ignored).
+
+        Released after the ``except`` block, as ``trial_peak_bytes`` does: inside it the traceback's frames still held
+        the failed pass's activations, which the release could not hand back.
+        """
         self.engine.zero_grad()
+        failed = False
         try:
             self._trial_pass(min(batch_size, len(self.loader)))
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
-            release_memory(self.device)
+            failed = True
         self.engine.zero_grad()
+        if failed:
+            release_memory(self.device)
 
     def _trial_pass(self, n: int) -> None:
         with frozen_batch_stats(self.model), self.precision.context():
@@ -1329,6 +1375,24 @@ def _seed_run_generators(seed: int, device: torch.device) -> None:
         torch.cuda.init()
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def _run_generator_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the generators ``_seed_run_generators`` seeds: the CPU's and, for a CUDA ``device``, that one's."""
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        torch.cuda.init()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        states.append(torch.cuda.default_generators[index].get_state())
+    return states
+
+
+def _restore_run_generators(device: torch.device, states: list[torch.Tensor]) -> None:
+    """Puts back the states ``_run_generator_states`` read."""
+    torch.default_generator.set_state(states[0])
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].set_state(states[1])
 
 
 def _first_line(error: BaseException) -> str:

@@ -345,3 +345,24 @@ def test_a_rise_of_exactly_warmup_above_is_warmed_up() -> None:
     coupler.advance()  # after the first step
     assert coupler.change(96) == 1.0 and coupler.warming_up
     assert [coupler.advance() for _ in range(4)] == [1.125, 1.25, 1.375, 1.5]
+
+
+def test_numpy_warm_up_settings_and_batch_sizes_leave_a_state_torch_load_reads() -> None:
+    """A NumPy ``warmup_steps`` (and a NumPy batch size under the linear rule) was stored as given and copied into the
+    state (``ramp_step``, ``target``): a checkpoint holding it failed ``torch.load(weights_only=True)``."""
+    import io
+
+    coupler = BatchLRCoupler(LRRule.LINEAR, 64, np.int64(64), warmup_above=np.float64(1.5), warmup_steps=np.int64(4))
+    coupler.advance()
+    assert coupler.change(np.int64(256)) == 1.0 and lr_gain(LRRule.LINEAR, np.int64(128), 64) == 2.0
+    assert type(lr_gain(LRRule.LINEAR, np.int64(128), 64)) is float
+    coupler.advance()
+    state = coupler.state_dict()
+    assert {key: type(state[key]) for key in ("warmup_steps", "ramp_step", "target", "gain", "batch_size")} == {
+        "warmup_steps": int, "ramp_step": int, "target": float, "gain": float, "batch_size": int,
+    }  # fmt: skip
+    assert (type(coupler.warmup_above), type(coupler.warmup_steps)) == (float, int)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == state == {**state, "gain": 1.75, "ramp_step": 1, "target": 4.0}

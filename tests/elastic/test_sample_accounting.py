@@ -150,16 +150,16 @@ def test_an_oom_in_the_shorter_last_micro_batch_logs_its_size_and_lowers_the_bud
 
 
 def test_the_budget_after_an_oom_keeps_room_for_half_the_micro_batch() -> None:
-    """``oom_budget_factor`` 0.5 at micro-batches of 2: half of predicted(2) is below predicted(1); the budget keeps
-    fill_frac's room for one sample (documented in ElasticConfig: the halved micro-batch must still be planned)."""
+    """``oom_budget_factor`` 0.5 at micro-batches of 2: the retry's floor is two samples, and the budget keeps
+    fill_frac's room for them (documented in ElasticConfig: the retried micro-batch must still be planned)."""
     fault = inject_oom(lambda p: p.step == 0 and p.attempt == 0)
     run = TrainingRun(small_task(), seed=0, device="cpu", elastic=ElasticConfig(oom_budget_factor=0.5), fault=fault)
     run.micro_batch_cap = 2
     run.step()
     event = run.oom_log[0]
     assert 0.5 * run.predicted_memory_bytes(2) < run.predicted_memory_bytes(1)
-    assert event.budget_after_bytes == math.ceil(run.predicted_memory_bytes(1) / 0.9)
-    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 1) and run.micro_batch_size(64) == 1
+    assert event.budget_after_bytes == math.ceil(run.predicted_memory_bytes(2) / 0.9)
+    assert (event.micro_batch_size, event.retry_micro_batch_size) == (2, 2) and run.micro_batch_size(64) == 2
 
 
 def test_an_oom_where_the_weights_outweigh_the_activations_halves_the_micro_batch_not_to_one() -> None:
@@ -215,10 +215,10 @@ def test_with_fill_frac_1_no_step_after_an_oom_plans_the_size_that_failed_again(
 def test_unrecoverable_oom_returns_the_batch_and_changes_nothing() -> None:
     run = TrainingRun(small_task(), seed=0, device="cpu", fault=inject_oom(lambda p: True))
     before = parameters_of(run)
-    with pytest.raises(UnrecoverableOOMError, match=r"out of memory 9 times in one step .* of 1 samples") as info:
+    with pytest.raises(UnrecoverableOOMError, match=r"out of memory 9 times in one step .* of 2 samples") as info:
         run.step()
     assert f"one sample is predicted to need {run.predicted_memory_bytes(1)} bytes" in str(info.value)
-    assert [e.micro_batch_size for e in run.oom_log][-2:] == [1, 1]  # split down to one sample, then retried
+    assert [e.micro_batch_size for e in run.oom_log][-2:] == [2, 2]  # split down to two samples, then retried
     assert run.samples_seen == 0 and run.steps == 0
     assert run.lr_coupler.steps == 0  # no step of an LR warm-up either (it once advanced)
     assert max_abs_difference(parameters_of(run), before) == 0.0
@@ -310,7 +310,7 @@ def test_adamw_state_after_ooms_across_batch_changes_and_an_epochs_end_equals_th
 def test_a_step_given_up_at_the_epochs_short_last_batch_loses_and_repeats_no_sample() -> None:
     """The epoch's last 30 samples fail for good; the run carries on (a smaller batch, the fault gone) and trains on
     exactly those 30, in the seed's order, before the next epoch begins: the updates equal a fault-free run's that
-    splits its batches the same way (the given-up step left the budget at one sample)."""
+    splits its batches the same way (the given-up step left the budget at two samples)."""
     run = TrainingRun(small_task(), seed=0, device="cpu")
     reference = TrainingRun(small_task(), seed=0, device="cpu")
     n = len(run.loader)  # 158: 64 + 64 + 30
@@ -328,7 +328,7 @@ def test_a_step_given_up_at_the_epochs_short_last_batch_loses_and_repeats_no_sam
         run.step()
         reference.micro_batch_cap = run.last_micro_batches[0]
         reference.step()
-        assert run.last_micro_batches == reference.last_micro_batches == [1] * len(run.last_batch.y)  # type: ignore[union-attr]
+        assert run.last_micro_batches == reference.last_micro_batches == [2] * (len(run.last_batch.y) // 2)  # type: ignore[union-attr]
         assert torch.equal(run.last_batch.indices, reference.last_batch.indices)  # type: ignore[union-attr]
         applied.append((run.last_batch.epoch, len(run.last_batch.y)))  # type: ignore[union-attr]
     assert applied == [(0, 16), (0, 14), (1, 64)]
