@@ -1715,6 +1715,15 @@ def test_loader_on_data_of_other_shapes_measures_its_memory_again_and_checks_the
     with pytest.raises(ConfigError, match="is smaller than one sample needs"):
         first_step(model, ctl, large)
     ctl.close()
+    # A resume onto other data than this controller measured: its costs are the checkpoint data's, not its own
+    # (the first version of this fix measured again on a new run only, not after load_state_dict()).
+    saver_model, saver = conv_run()
+    first_step(saver_model, saver, large)
+    model, ctl = conv_run()
+    first_step(model, ctl, small)
+    ctl.load_state_dict(saver.state_dict())
+    first_step(model, ctl, large)
+    assert ctl.predicted_memory_bytes(16) == fresh.predicted_memory_bytes(16)
 
 
 def test_a_step_whose_post_hook_raises_after_the_update_is_counted_and_its_batch_not_served_again():

@@ -561,7 +561,7 @@ def test_the_public_helpers_keep_their_values_on_good_input():
         0.02, 0.5, 1.0, 0.5, 0.0, 0.0
     ]  # fmt: skip
     assert schedule_gain(np.float64(0.0), 4, 0.0) == 1.0  # no warm-up; NumPy's numbers and whole ones taken
-    assert [probe_count(n) for n in (2, 15, 16, 1024, 60_000)] == [1, 1, 2, 128, 512]
+    assert [probe_count(n) for n in (2, 3, 15, 16, 1024, 60_000)] == [1, 2, 2, 2, 128, 512]
     assert probe_count(np.int64(4096), np.int64(64)) == 64
     model = torch.nn.Linear(3, 2)
     x = torch.randn(5, 3)
@@ -676,6 +676,28 @@ def test_oom_recovery_halves_a_batch_norm_models_micro_batch_down_to_two_samples
     short[0] = False
     run.step()
     assert run.steps == 1 and min(run.last_micro_batches) >= 2 and sum(run.last_micro_batches) == 64
+
+
+@pytest.mark.parametrize(("batch", "plan"), [(3, [2, 1]), (5, [2, 2, 1])])
+def test_an_odd_batch_steps_where_memory_holds_two_samples(batch: int, plan: list[int]) -> None:
+    """Memory holds micro-batches of two: an odd batch steps on the cap's plan, its last micro-batch one sample (a model
+    without batch norm trains on it). An audit found the first version of the two-sample floor planned 2, 3 there
+    and retried the 3 that failed until the step gave up."""
+
+    def fault(point):
+        if point.phase == "forward" and point.micro_batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    run = TrainingRun("synthetic", seed=0, device="cpu", fault=fault, batch_size=batch)
+    run.step()
+    assert run.steps == 1 and run.last_micro_batches == plan
+
+
+def test_a_small_training_set_holds_out_a_probe_a_batch_norm_can_run():
+    """An eighth of under 16 samples is one: a batch-norm model's probe of one sample raised "Expected more than 1
+    value per channel when training". Two are held out."""
+    run = TrainingRun(_bn_task(n_train=12, base_batch_size=4), seed=0, device="cpu")
+    assert len(run.probe_batch[0]) == 2 and math.isfinite(run.probe_loss())
 
 
 def test_a_probe_of_one_sample_is_refused_by_name():

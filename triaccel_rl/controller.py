@@ -209,6 +209,7 @@ class Controller:
             self.signals: Signals | None = None
             self.costs: CostModel | None = None
             self.memory_model: MemoryModel | None = None
+            self._costs_input: tuple[Any, ...] | None = None  # a sample's shape and dtype the costs were measured on
             self.lr_coupler: BatchLRCoupler | None = None
             self._noise_scale: float | None = None
             self._loader: ElasticLoader | None = None
@@ -370,6 +371,7 @@ class Controller:
             self._last_batch = len(batch.y)
             if self.costs is None:
                 self.costs = self._measure_costs(batch.x)
+                self._costs_input = (tuple(batch.x.shape[1:]), batch.x.dtype)
                 self.memory_model = MemoryModel(self.costs, self.profile)
                 try:
                     check_budget(
@@ -1074,10 +1076,11 @@ class Controller:
                     self._loader.epoch,
                     self._loader.cursor,
                 )
-            if self._resume is None:  # a new run of the data (a resume's is the same data's: its costs hold)
-                # Measured again at its first batch, and the budget checked against them: the old data's activations
-                # stayed, unchecked, for data of other shapes (until 2026-12-06).
-                self.costs = self.memory_model = None
+            if self._costs_input is not None and self._costs_input != (tuple(x.shape[1:]), x.dtype):
+                # Samples of another shape or dtype (a new run, or a resume onto other data than this controller
+                # measured): measured again at the first batch, and the budget checked against them. The old data's
+                # activations stayed, unchecked, until 2026-12-06.
+                self.costs = self.memory_model = self._costs_input = None
             self._unstepped = None
             self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
             self._loader_key = key

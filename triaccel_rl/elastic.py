@@ -294,17 +294,14 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     Greedy: full micro-batches then the remainder, so the peak memory (set by the largest) fills the plan. A
     remainder of one sample takes one more from the micro-batch before it (33 at 16: 16, 15, 2): a one-sample
     micro-batch cannot train a model with batch norm, which needs two samples a channel. At a ``max_micro_batch`` of
-    2 there is none to take, so an odd batch's last micro-batch holds 3 samples, one over the cap (7 at 2: 2, 2, 3),
-    the one plan whose largest micro-batch is not its first; only a cap of 1, or a batch of 1, plans one-sample
-    micro-batches.
+    2 there is none to take (7 at 2: 2, 2, 2, 1): the cap is what memory holds, and a model without batch norm
+    trains on the plan.
 
     Example:
         >>> plan_micro_batches(10, 4)
         [4, 4, 2]
         >>> plan_micro_batches(9, 4)
         [4, 3, 2]
-        >>> plan_micro_batches(7, 2)
-        [2, 2, 3]
 
     Raises:
         ValueError: a non-positive size.
@@ -318,8 +315,6 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     sizes = [max_micro_batch] * full + ([rest] if rest else [])
     if rest == 1 and full and max_micro_batch >= 3:
         sizes[-2:] = [max_micro_batch - 1, 2]
-    elif rest == 1 and full and max_micro_batch == 2:  # nothing to take under the cap: the last 2, 1 become one 3
-        sizes[-2:] = [3]
     return sizes
 
 

@@ -65,12 +65,13 @@ _LEAST_MICRO_BATCH = 2
 def probe_count(n_train: int, n_probe: int = 512) -> int:
     """The samples a run holds out from the end of ``n_train`` training samples for its probe loss.
 
-    ``n_probe``, but at most an eighth of the data and at least one sample; the run trains on the rest, at least
-    one sample too (so ``n_train`` is at least 2).
+    ``n_probe``, but at most an eighth of the data and at least two samples (a batch norm's probe in training mode
+    needs two), one where the data has only 2; the run trains on the rest, at least one sample (so ``n_train`` is at
+    least 2).
 
     Example:
-        >>> probe_count(60_000), probe_count(4096), probe_count(1024), probe_count(2)
-        (512, 512, 128, 1)
+        >>> probe_count(60_000), probe_count(4096), probe_count(1024), probe_count(12), probe_count(2)
+        (512, 512, 128, 2, 1)
 
     Raises:
         ValueError: ``n_train`` is not a whole number >= 2, or ``n_probe`` not one >= 2 (the probe runs the model in
@@ -87,7 +88,8 @@ def probe_count(n_train: int, n_probe: int = 512) -> int:
             f"n_probe={n_probe!r} must be a whole number >= 2 (held-out samples for the probe loss; a batch norm in "
             "training mode needs two)"
         )
-    return max(1, min(int(n_probe), int(n_train) // 8))
+    # Two where the data allows (an eighth of under 16 samples is one, which a batch norm's probe refused), one at 2
+    return max(min(2, int(n_train) - 1), min(int(n_probe), int(n_train) // 8))
 
 
 def check_time_cap(max_time_s: float | None) -> None:
