@@ -1026,3 +1026,31 @@ def test_an_optimizer_subclass_calling_super_step_is_scaled_and_counted_once() -
     warm_up(model, engine, 3)
     assert applied == [0.05] * 3
     assert engine.optimizer.param_groups[0]["lr"] == 0.1 and engine.applied_steps() == 3
+
+
+def test_an_adafactor_checkpoint_with_factored_state_resumes_as_the_uninterrupted_run() -> None:
+    """Adafactor keeps ``row_var``/``col_var`` factored, shaped (4, 1) and (1, 3) for a (4, 3) weight: the check that
+    every state tensor has its parameter's shape refused the engine's own checkpoint as "saved for another model"."""
+
+    def build() -> tuple[nn.Module, StepEngine]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        params = StepEngine.discover(model)
+        optimizer = torch.optim.Adafactor([{"params": p, "layer": i} for i, p in enumerate(params)], lr=1e-2)
+        return model, StepEngine(model, optimizer, CPU)
+
+    model, engine = build()
+    _train(model, engine, range(3))
+    saved = _saved(engine)
+    assert saved["optimizer"]["state"][0]["row_var"].shape == (4, 1)
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(saved)
+    _train(model, engine, range(3, 5))
+    _train(resumed_model, resumed, range(3, 5))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    wrong = copy.deepcopy(saved)
+    wrong["optimizer"]["state"][0]["row_var"] = torch.zeros(3, 1)  # (3, 1) broadcasts to no (4, 3)
+    with pytest.raises(ValueError, match=r"'row_var' of parameter 0 has shape \(3, 1\)"):
+        build()[1].load_state_dict(wrong)

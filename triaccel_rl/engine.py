@@ -1521,11 +1521,20 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
                     f"the checkpoint's optimizer state {name!r} of parameter {index} is {type(value).__name__}, not a "
                     "tensor, number or None"
                 )
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[int(index)].shape:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, params[int(index)]):
                 raise ValueError(
                     f"the checkpoint's optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
                     f"this model's parameter has {tuple(params[int(index)].shape)}: it was saved for another model"
                 )
+
+
+def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether an optimizer state tensor is shaped for ``param``: its shape, or one broadcasting to it.
+
+    In as many dimensions: Adafactor's factored ``row_var`` and ``col_var`` (refused as "saved for another model"
+    until 2026-12-06).
+    """
+    return state.dim() == param.dim() and all(s in (1, p) for s, p in zip(state.shape, param.shape, strict=True))
 
 
 def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list[nn.Parameter]]) -> str:
