@@ -1679,48 +1679,6 @@ def test_a_copy_of_the_model_made_after_the_hooks_closes_its_regions_on_the_stac
     assert out.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
-def test_a_model_with_the_hooks_in_saves_and_loads_as_an_unhooked_one() -> None:
-    """``torch.save(model)`` while the hooks were in failed: "Can't pickle local object '_as_closure.<locals>.hook'".
-    Now each hook is saved as one that does nothing: the loaded model computes as a model without hooks."""
-    import io
-
-    model, reference = three_linears(), three_linears()
-    lp = LayerPrecision(model, device_type="cpu")
-    lp.set(["bf16", "fp32", "fp16"])
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in loaded.modules()) > 0
-    x = torch.randn(4, 6)
-    assert torch.equal(loaded(x), reference(x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fp32 layer's hook no longer holds it in fp32
-        assert torch.equal(loaded(x), reference(x))
-    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 3  # the model's own hooks are still in
-
-
-def test_a_copy_of_the_model_made_with_the_hooks_in_calls_nothing_once_they_are_removed() -> None:
-    """A ``copy.deepcopy`` of the model (a best-model snapshot) made while the hooks were in kept calling the removed
-    ``LayerPrecision`` at every forward, for good: ``remove`` reaches only the model's own hooks."""
-    import copy
-
-    model, reference = three_linears(), three_linears()
-    lp = LayerPrecision(model, device_type="cpu")
-    lp.set(["bf16", "fp32", "bf16"])
-    snapshot = copy.deepcopy(model)
-    lp.remove()
-
-    def called(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a hook of the copy called the removed LayerPrecision")
-
-    lp._forward_state = called  # type: ignore[method-assign]
-    lp._hooks_on = called  # type: ignore[method-assign]
-    x = torch.randn(4, 6)
-    assert torch.equal(snapshot(x), reference(x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(snapshot(x), reference(x))
-
-
 def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
     """autocast leaves float64 ops alone: a float64 layer set to bf16 computed in float64 while the map, the policies
     and the cost model said bf16, with nothing said. It still runs as it is (a whole float64 model trains under the

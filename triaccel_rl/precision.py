@@ -174,8 +174,6 @@ class LayerPrecision:
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
-        self.removed = False
-        """Whether :meth:`remove` ran: the hooks then do nothing, a deep copy's of the model too (see ``_Hook``)."""
         self._stack: list[_Region] = []  # open autocast regions of the modules being run, innermost last
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
         # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
@@ -201,22 +199,20 @@ class LayerPrecision:
         # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
-                # Every hook a _Hook (see there): one LayerPrecision for a deep copy of the model, none in a saved one
-                self._handles.append(
-                    module.register_forward_pre_hook(_Hook(self, self._pre_hook, index), with_kwargs=True)
-                )
-                self._handles.append(module.register_forward_hook(_Hook(self, self._post_hook), always_call=True))
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
+                # Every hook a closure (_as_closure), as the pre-hook: see there
+                self._handles.append(module.register_forward_hook(_as_closure(self._post_hook), always_call=True))
             elif isinstance(module, _NATIVE_MIXED_TYPES):
                 continue
             elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
                 not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
             ):
-                enter, leave = _Hook(self, self._enter_fp32_module), _Hook(self, self._exit_fp32_module)
+                enter, leave = _as_closure(self._enter_fp32_module), _as_closure(self._exit_fp32_module)
                 self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(leave, always_call=True))
             else:
                 self._handles.append(
-                    module.register_forward_pre_hook(_Hook(self, self._fp32_inputs_hook), with_kwargs=True)
+                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
                 )
         # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
         # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
@@ -229,7 +225,7 @@ class LayerPrecision:
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
                 self._handles.append(
-                    module.register_forward_pre_hook(_Hook(self, self._fp32_inputs_hook), with_kwargs=True)
+                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
                 )
         parametrized = [(name, module) for name, module in model.named_modules() if parametrize.is_parametrized(module)]
         controlled = {id(m) for m, info in zip(self._modules, self.layers, strict=True) if info.controllable}
@@ -435,48 +431,49 @@ class LayerPrecision:
                 self._follow_map()
 
     def remove(self) -> None:
-        """Removes the hooks; the model runs as before, and a deep copy of it taken before (``_Hook``) as well."""
-        self.removed = True
+        """Removes the hooks; the model runs as before."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _pre_hook(
-        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """Layer ``index``'s forward pre-hook: opens its region (a mixed map) and casts its inputs where needed."""
-        forward = self._forward_state(module)
-        if forward is None:
-            return None
-        precision = self.precisions[index]
-        # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
-        # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
-        # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
-        # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
-        autocast = torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
-        ours = self._ours(module, autocast)
-        block = self._model_block_dtype(ours, autocast)
-        overridden = block is not None and block != precision.dtype
-        if block is not None and overridden:
-            if not torch.compiler.is_compiling():
-                self._note_model_block(index, block)
-            precision = _PRECISION_OF[block]
-        in_model_fp32_block = overridden and precision is Precision.FP32
-        if (
-            self.weight_copies is not None
-            and not overridden  # its weights are cast by the model's region: the copy holds the map's type
-            and precision is not Precision.FP32
-            and (self.copies_in_eager or torch.compiler.is_compiling())
-            and not self._emulate(index)
-        ):
-            self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
-        if not forward.mixed:
-            # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
-            # gets them.
-            return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
-        enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
-        # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
-        return enter(module, index, args, kwargs, forward.outer, precision if block is not None else None, ours)
+    def _make_pre_hook(self, index: int) -> Any:
+        def pre_hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            forward = self._forward_state(module)
+            if forward is None:
+                return None
+            precision = self.precisions[index]
+            # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
+            # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
+            # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
+            # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
+            autocast = torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
+            ours = self._ours(module, autocast)
+            block = self._model_block_dtype(ours, autocast)
+            overridden = block is not None and block != precision.dtype
+            if block is not None and overridden:
+                if not torch.compiler.is_compiling():
+                    self._note_model_block(index, block)
+                precision = _PRECISION_OF[block]
+            in_model_fp32_block = overridden and precision is Precision.FP32
+            if (
+                self.weight_copies is not None
+                and not overridden  # its weights are cast by the model's region: the copy holds the map's type
+                and precision is not Precision.FP32
+                and (self.copies_in_eager or torch.compiler.is_compiling())
+                and not self._emulate(index)
+            ):
+                self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
+            if not forward.mixed:
+                # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
+                # gets them.
+                return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
+            enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
+            # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
+            return enter(module, index, args, kwargs, forward.outer, precision if block is not None else None, ours)
+
+        return pre_hook
 
     def _enter_region(
         self,
@@ -850,45 +847,19 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class _Hook:
-    """One of a ``LayerPrecision``'s hooks, as registered on the model's modules: ``method(*leading, *hook_args)``.
+def _as_closure(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A bound method of ``LayerPrecision`` as a closure, the form its hooks are registered in.
 
-    A callable object, not a bound method or a closure, for three reasons:
-
-    - ``copy.deepcopy`` of the model (an EMA copy, a best-model snapshot) returns it as itself, so the copy's hooks
-      act on the one ``LayerPrecision``: a copied bound method came with a copy of its ``LayerPrecision``, never active
-      and with a stack of its own (the copy's RNNs, norms and leaf modules computed in the outer 16-bit region, and its
-      layers closed their regions on another stack than they opened them on).
-    - Once its ``LayerPrecision`` is removed (``Controller.close``) it does nothing: a copy's hooks, which ``remove``
-      cannot reach, acted on after the close, for good.
-    - Pickled (``torch.save(model)`` while the hooks are in), it is saved as an ``_InertHook``: a closure could not be
-      pickled at all ("Can't pickle local object"), and the ``LayerPrecision`` is no part of the model.
+    ``copy.deepcopy`` of the model (an EMA copy made after the hooks) copies a bound method's hook with a copy of its
+    ``LayerPrecision``, never active and with a stack of its own: the copy's RNNs, norms and leaf modules computed in
+    the outer 16-bit region, and its layers closed their regions on another stack than they opened them on. A function
+    is copied as itself, so the copy's hooks act on the one ``LayerPrecision``.
     """
 
-    __slots__ = ("_leading", "_method", "_owner")
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
 
-    def __init__(self, owner: LayerPrecision, method: Callable[..., Any], *leading: Any) -> None:
-        self._owner = owner
-        self._method = method
-        self._leading = leading
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._owner.removed:
-            return None
-        return self._method(*self._leading, *args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Hook:
-        return self
-
-    def __reduce__(self) -> tuple[type[_InertHook], tuple[()]]:
-        return _InertHook, ()
-
-
-class _InertHook:
-    """What a pickled ``_Hook`` loads as: a forward hook (pre or post) that changes nothing."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    return hook
 
 
 def _map_tensors(
