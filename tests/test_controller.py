@@ -1018,6 +1018,39 @@ def test_the_controller_is_a_context_manager_that_closes():
     assert ctl.steps == 4 and not ctl.engine.precision._handles  # and off after the block
 
 
+@pytest.mark.parametrize("policy", ["bf16", "heuristic"])
+def test_a_model_saved_while_the_controller_runs_loads_as_a_plain_model_after_close(policy):
+    """``torch.save(model)`` mid-run (a user's best-model checkpoint) raised "Can't pickle local object": the
+    precision hooks were closures. Loaded after ``close()`` it holds the run's weights, computes and trains as a plain
+    model."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    data = (torch.randn(64, 8), torch.arange(64) % 3)
+    saved = io.BytesIO()
+    with Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=policy) as ctl:
+        for x, y in ctl.loader(data, batch_size=16):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+        torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    twins = [loaded, copy.deepcopy(model)]  # the model itself, unhooked by close(), as the reference
+    x, y = data[0][:16], data[1][:16]
+    for twin in twins:
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the user's own autocast: no region of ours is left
+            loss = nn.functional.cross_entropy(twin(x), y)
+        loss.backward()
+        opt.step()
+    for a, b in zip(twins[0].parameters(), twins[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_users_lr_scheduler_keeps_working_in_a_controlled_loop():
     """Cosine annealing on the user's optimizer: a static fp32 controller's run is the plain loop's, bit for bit,
     and a heuristic controller's LR stays the schedule's value times its own multiplier."""

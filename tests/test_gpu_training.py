@@ -432,6 +432,36 @@ def test_a_checkpoint_resumes_a_controlled_run_on_the_gpu(policy):
         torch.testing.assert_close(a, b)
 
 
+def test_a_model_saved_while_the_fused_step_runs_loads_with_its_weights_and_runs_without_hooks():
+    """``torch.save(model)`` mid-run on the fused path: the hooks are saved by name and load as hooks that do
+    nothing once the controller is closed; the parameters (views of the flat store) load with the run's values."""
+    import io
+
+    from torch import nn
+
+    import triaccel_rl as ta
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).cuda()
+    data = (torch.randn(64, 8, device="cuda"), torch.arange(64, device="cuda") % 3)
+    saved = io.BytesIO()
+    with ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), policy="bf16") as ctl:
+        assert ctl.engine.fused
+        for x, y in ctl.loader(data, batch_size=16):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+        torch.save(model, saved)
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    for name, p in loaded.named_parameters():
+        assert p.is_cuda and p.dtype == torch.float32 and torch.equal(p, weights[name]), name
+    x = data[0][:4]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(loaded(x), model(x))  # both unhooked: plain autocast, the same weights
+
+
 def test_an_optimizer_the_fused_step_cannot_run_is_named_in_a_warning(caplog):
     from torch import nn
 

@@ -1679,6 +1679,58 @@ def test_a_copy_of_the_model_made_after_the_hooks_closes_its_regions_on_the_stac
     assert out.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
+def _saved_and_loaded(model: nn.Module) -> nn.Module:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_a_model_saved_with_the_hooks_in_loads_with_them_acting_while_they_are_in() -> None:
+    """``torch.save(model)`` while the hooks were in failed: "Can't pickle local object '_as_closure.<locals>.hook'".
+    Each hook is saved by a name; loaded while its ``LayerPrecision`` is in, it is that hook, as in a deep copy."""
+    model = three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32", "bf16"])
+    loaded, reference = _saved_and_loaded(model), three_linears()
+    assert [h.__module__ for m in loaded.modules() for h in m._forward_pre_hooks.values()] == [
+        "triaccel_rl._pickled_hooks"
+    ] * 3
+    x = torch.randn(4, 6)
+    with lp.context():
+        expected, out = model(x), loaded(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # all three in bf16: the middle layer's fp32 region is ours
+        assert not torch.equal(reference(x), expected)
+
+
+def test_a_model_saved_with_the_hooks_in_loads_as_an_unhooked_one_once_they_are_removed() -> None:
+    """Loaded after ``remove`` (a ``Controller`` closed, or another process), every hook does nothing: the model
+    computes as one never hooked, under the user's own autocast too (an fp32 layer's hook would hold it in fp32)."""
+    model, reference = three_linears(), three_linears()
+    lp = LayerPrecision(model, device_type="cpu")
+    lp.set(["bf16", "fp32", "fp16"])
+    saved_in = _saved_and_loaded(model)  # loaded while in: the live hooks, idle outside the context
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    lp.remove()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in loaded.modules()) == 6
+    assert not any(len(m._forward_pre_hooks) for m in model.modules())
+    x = torch.randn(4, 6)
+    assert torch.equal(loaded(x), reference(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loaded(x).dtype == torch.bfloat16
+        assert torch.equal(loaded(x), reference(x))
+        assert torch.equal(saved_in(x), reference(x))
+
+
 def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
     """autocast leaves float64 ops alone: a float64 layer set to bf16 computed in float64 while the map, the policies
     and the cost model said bf16, with nothing said. It still runs as it is (a whole float64 model trains under the

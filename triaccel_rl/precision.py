@@ -36,6 +36,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
+from triaccel_rl import _pickled_hooks
 from triaccel_rl.types import LayerInfo, Precision
 
 _log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class LayerPrecision:
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
+        self._hooks: list[Callable[..., Any]] = []  # the functions behind _handles
         self._stack: list[_Region] = []  # open autocast regions of the modules being run, innermost last
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
         # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
@@ -195,25 +197,27 @@ class LayerPrecision:
         # once Dynamo is loaded (importing it here would add 1.6 s to every import of the package; a traced forward
         # means it was loaded before).
         self._eager_regions: tuple[Callable[..., Any], ...] | None = None
+
         # The pre-hooks take keyword arguments too: a layer called as ``attn(query=h, key=h, value=h)`` or
         # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
+        def add(register: Callable[..., Any], hook: Callable[..., Any], **options: Any) -> None:
+            # Every hook a closure (_as_closure, _make_pre_hook: see there), named for pickle (see _pickled_hooks)
+            self._hooks.append(_pickled_hooks.named(hook))
+            self._handles.append(register(hook, **options))
+
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
-                # Every hook a closure (_as_closure), as the pre-hook: see there
-                self._handles.append(module.register_forward_hook(_as_closure(self._post_hook), always_call=True))
+                add(module.register_forward_pre_hook, self._make_pre_hook(index), with_kwargs=True)
+                add(module.register_forward_hook, _as_closure(self._post_hook), always_call=True)
             elif isinstance(module, _NATIVE_MIXED_TYPES):
                 continue
             elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
                 not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
             ):
-                enter, leave = _as_closure(self._enter_fp32_module), _as_closure(self._exit_fp32_module)
-                self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-                self._handles.append(module.register_forward_hook(leave, always_call=True))
+                add(module.register_forward_pre_hook, _as_closure(self._enter_fp32_module), with_kwargs=True)
+                add(module.register_forward_hook, _as_closure(self._exit_fp32_module), always_call=True)
             else:
-                self._handles.append(
-                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
-                )
+                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
         # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
         # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
         layer_modules = {id(module) for module in self._modules}
@@ -224,9 +228,7 @@ class LayerPrecision:
                 and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
-                self._handles.append(
-                    module.register_forward_pre_hook(_as_closure(self._fp32_inputs_hook), with_kwargs=True)
-                )
+                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
         parametrized = [(name, module) for name, module in model.named_modules() if parametrize.is_parametrized(module)]
         controlled = {id(m) for m, info in zip(self._modules, self.layers, strict=True) if info.controllable}
         free = [name for name, module in parametrized if id(module) not in controlled]
@@ -431,10 +433,12 @@ class LayerPrecision:
                 self._follow_map()
 
     def remove(self) -> None:
-        """Removes the hooks; the model runs as before."""
+        """Removes the hooks; the model runs as before, and so does one saved with them in (``_pickled_hooks``)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _pickled_hooks.forget(self._hooks)
+        self._hooks.clear()
 
     def _make_pre_hook(self, index: int) -> Any:
         def pre_hook(

@@ -1,0 +1,46 @@
+"""Names under which pickle finds the hooks a ``LayerPrecision`` puts on a user's model.
+
+``torch.save(model)`` while a Controller is open pickles the model's hook dictionaries, and the hooks are closures
+(``precision._as_closure`` says why: Dynamo compiles a model through them without recompiling, and a deep copy of the
+model shares them). Pickle saves a function by its module and name only, and could not find a closure by name ("Can't
+pickle local object"). Each hook is given a name here, which this module's ``__getattr__`` resolves: to the hook
+itself while its ``LayerPrecision`` is in, and to :func:`inert` once it is removed or in another process. A model
+saved while a Controller is open therefore loads as a model that runs as one never wrapped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+# Weak: a hook lives while the model holds it; a Controller dropped without close() keeps no model alive from here.
+_live: weakref.WeakValueDictionary[str, Callable[..., Any]] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+def named(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` (a function), renamed so that pickle saves it by a name of this module; returns it."""
+    name = f"hook_{next(_numbers)}"
+    hook.__module__, hook.__name__, hook.__qualname__ = __name__, name, name
+    _live[name] = hook
+    return hook
+
+
+def forget(hooks: Iterable[Callable[..., Any]]) -> None:
+    """From now on ``hooks`` load from a pickle as :func:`inert` (their ``LayerPrecision`` was removed)."""
+    for hook in hooks:
+        _live.pop(hook.__qualname__, None)
+
+
+def inert(*args: Any, **kwargs: Any) -> None:
+    """What a saved hook loads as once its ``LayerPrecision`` is gone: a forward (pre-)hook that changes nothing."""
+    return None
+
+
+def __getattr__(name: str) -> Callable[..., Any]:
+    """Resolves a hook's name (PEP 562): pickle's lookup when saving, and when loading."""
+    if name.startswith("hook_") and name[5:].isdigit():
+        return _live.get(name, inert)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
