@@ -1731,6 +1731,35 @@ def test_a_model_saved_with_the_hooks_in_loads_as_an_unhooked_one_once_they_are_
         assert torch.equal(saved_in(x), reference(x))
 
 
+def test_a_model_saved_with_the_hooks_in_by_another_process_loads_without_this_ones_hooks(tmp_path) -> None:
+    """The names were numbers counted from 0 in every process: a model saved in one process, loaded in another where
+    a ``LayerPrecision`` was in (a teacher beside a student), got the student's live hooks (a pre-hook called as the
+    teacher's forward hook replaced a layer's output with its ``(args, kwargs)``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triaccel_rl import _pickled_hooks
+
+    path = tmp_path / "teacher.pt"
+    saving = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from test_precision import three_linears;"
+        "from triaccel_rl.precision import LayerPrecision; model = three_linears();"
+        "LayerPrecision(model, device_type='cpu').set(['bf16', 'fp32', 'bf16']);"
+        f"torch.save(model, {str(path)!r})"
+    )
+    subprocess.run([sys.executable, "-c", saving], check=True, cwd=Path(__file__).parent.parent)
+    student = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.PReLU(), nn.Linear(6, 5))
+    lp = LayerPrecision(student, device_type="cpu")
+    lp.set(["bf16", "bf16"])
+    teacher, reference = torch.load(path, weights_only=False), three_linears()
+    loaded_hooks = [h for m in teacher.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    assert len(loaded_hooks) == 6 and all(h is _pickled_hooks.inert for h in loaded_hooks)
+    x = torch.randn(4, 6)
+    with lp.context():
+        assert torch.equal(teacher(x), reference(x))
+
+
 def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
     """autocast leaves float64 ops alone: a float64 layer set to bf16 computed in float64 while the map, the policies
     and the cost model said bf16, with nothing said. It still runs as it is (a whole float64 model trains under the

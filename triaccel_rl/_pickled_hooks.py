@@ -4,13 +4,15 @@
 (``precision._as_closure`` says why: Dynamo compiles a model through them without recompiling, and a deep copy of the
 model shares them). Pickle saves a function by its module and name only, and could not find a closure by name ("Can't
 pickle local object"). Each hook is given a name here, which this module's ``__getattr__`` resolves: to the hook
-itself while its ``LayerPrecision`` is in, and to :func:`inert` once it is removed or in another process. A model
-saved while a Controller is open therefore loads as a model that runs as one never wrapped.
+itself while its ``LayerPrecision`` is in, in this process, and to :func:`inert` once it is removed or in another
+process (each name carries a token of the process that made it). A model saved while a Controller is open therefore
+loads, once that Controller is closed or elsewhere, as a model that runs as one never wrapped.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,11 +20,14 @@ from typing import Any
 # Weak: a hook lives while the model holds it; a Controller dropped without close() keeps no model alive from here.
 _live: weakref.WeakValueDictionary[str, Callable[..., Any]] = weakref.WeakValueDictionary()
 _numbers = itertools.count()
+# This process's own part of every name: numbers alone restarted at 0 in each process, so a model saved in one and
+# loaded in another where a Controller was open (a teacher loaded beside a student) got that Controller's live hooks.
+_PROCESS = secrets.token_hex(8)
 
 
 def named(hook: Callable[..., Any]) -> Callable[..., Any]:
     """``hook`` (a function), renamed so that pickle saves it by a name of this module; returns it."""
-    name = f"hook_{next(_numbers)}"
+    name = f"hook_{_PROCESS}_{next(_numbers)}"
     hook.__module__, hook.__name__, hook.__qualname__ = __name__, name, name
     _live[name] = hook
     return hook
@@ -41,6 +46,6 @@ def inert(*args: Any, **kwargs: Any) -> None:
 
 def __getattr__(name: str) -> Callable[..., Any]:
     """Resolves a hook's name (PEP 562): pickle's lookup when saving, and when loading."""
-    if name.startswith("hook_") and name[5:].isdigit():
+    if name.startswith("hook_"):  # another process's name is never live here
         return _live.get(name, inert)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
