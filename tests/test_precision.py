@@ -1760,6 +1760,28 @@ def test_a_model_saved_with_the_hooks_in_by_another_process_loads_without_this_o
         assert torch.equal(teacher(x), reference(x))
 
 
+def test_a_torchscript_submodule_is_refused_by_name_and_no_hook_stays_behind() -> None:
+    """Its ``register_forward_pre_hook`` raised "not supported on ScriptModules", naming no module, after the layers
+    before it had their hooks: a refused Controller left them on the model."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), torch.jit.script(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"^modules \['2'\] \(of 1\) are TorchScript"):
+        LayerPrecision(model, device_type="cpu")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model[:2].modules())
+
+
+def test_a_hook_a_module_refuses_leaves_no_other_hook_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module raising in ``register_forward_hook`` (any reason) after others took theirs: all are removed."""
+    model = three_linears()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no hooks here")
+
+    monkeypatch.setattr(model[4], "register_forward_hook", refuse)
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        LayerPrecision(model, device_type="cpu")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
 def test_a_float64_layer_set_to_16_bits_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
     """autocast leaves float64 ops alone: a float64 layer set to bf16 computed in float64 while the map, the policies
     and the cost model said bf16, with nothing said. It still runs as it is (a whole float64 model trains under the

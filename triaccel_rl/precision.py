@@ -152,6 +152,7 @@ class LayerPrecision:
         self.device_type = device_type
         entries = find_layers(model)
         _refuse_16_bit_parameters(model)
+        _refuse_script_modules(model)
         # One parameter read at each context(): a model cast to 16 bits after the hooks went in (model.bfloat16()
         # casts every parameter) is refused there, by name, not deep in its forward.
         self._sentinel = next(p for _, module, _ in entries for p in module.parameters() if p.requires_grad)
@@ -198,37 +199,11 @@ class LayerPrecision:
         # means it was loaded before).
         self._eager_regions: tuple[Callable[..., Any], ...] | None = None
 
-        # The pre-hooks take keyword arguments too: a layer called as ``attn(query=h, key=h, value=h)`` or
-        # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
-        def add(register: Callable[..., Any], hook: Callable[..., Any], **options: Any) -> None:
-            # Every hook a closure (_as_closure, _make_pre_hook: see there), named for pickle (see _pickled_hooks)
-            self._hooks.append(_pickled_hooks.named(hook))
-            self._handles.append(register(hook, **options))
-
-        for index, module in enumerate(self._modules):
-            if self.layers[index].controllable:
-                add(module.register_forward_pre_hook, self._make_pre_hook(index), with_kwargs=True)
-                add(module.register_forward_hook, _as_closure(self._post_hook), always_call=True)
-            elif isinstance(module, _NATIVE_MIXED_TYPES):
-                continue
-            elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
-                not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
-            ):
-                add(module.register_forward_pre_hook, _as_closure(self._enter_fp32_module), with_kwargs=True)
-                add(module.register_forward_hook, _as_closure(self._exit_fp32_module), always_call=True)
-            else:
-                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
-        # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
-        # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
-        layer_modules = {id(module) for module in self._modules}
-        # A frozen 16-bit norm (a bf16 backbone, fine-tuned beside) computes in its own type: left alone.
-        for module in model.modules():
-            if (
-                id(module) not in layer_modules
-                and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
-                and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
-            ):
-                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
+        try:
+            self._install_hooks(model)
+        except BaseException:  # a module that refused a hook: none of ours stay behind on the others
+            self.remove()
+            raise
         parametrized = [(name, module) for name, module in model.named_modules() if parametrize.is_parametrized(module)]
         controlled = {id(m) for m, info in zip(self._modules, self.layers, strict=True) if info.controllable}
         free = [name for name, module in parametrized if id(module) not in controlled]
@@ -431,6 +406,41 @@ class LayerPrecision:
             )
             if self._active and stale:  # a map set inside the inner context: the outer one (as entered) follows it
                 self._follow_map()
+
+    def _install_hooks(self, model: nn.Module) -> None:
+        """Puts the hooks on the layers, on modules whose ops autocast would lower or does not know, and on norms."""
+
+        # The pre-hooks take keyword arguments too: a layer called as ``attn(query=h, key=h, value=h)`` or
+        # ``rnn(x, hx=h)`` gets those inputs cast as its positional ones.
+        def add(register: Callable[..., Any], hook: Callable[..., Any], **options: Any) -> None:
+            # Every hook a closure (_as_closure, _make_pre_hook: see there), named for pickle (see _pickled_hooks)
+            self._hooks.append(_pickled_hooks.named(hook))
+            self._handles.append(register(hook, **options))
+
+        for index, module in enumerate(self._modules):
+            if self.layers[index].controllable:
+                add(module.register_forward_pre_hook, self._make_pre_hook(index), with_kwargs=True)
+                add(module.register_forward_hook, _as_closure(self._post_hook), always_call=True)
+            elif isinstance(module, _NATIVE_MIXED_TYPES):
+                continue
+            elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
+                not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
+            ):
+                add(module.register_forward_pre_hook, _as_closure(self._enter_fp32_module), with_kwargs=True)
+                add(module.register_forward_hook, _as_closure(self._exit_fp32_module), always_call=True)
+            else:
+                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
+        # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
+        # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
+        layer_modules = {id(module) for module in self._modules}
+        # A frozen 16-bit norm (a bf16 backbone, fine-tuned beside) computes in its own type: left alone.
+        for module in model.modules():
+            if (
+                id(module) not in layer_modules
+                and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
+                and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
+            ):
+                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
 
     def remove(self) -> None:
         """Removes the hooks; the model runs as before, and so does one saved with them in (``_pickled_hooks``)."""
@@ -833,6 +843,22 @@ def _refuse_16_bit_parameters(model: nn.Module) -> None:
             f"parameters {[name for name, _ in low][:3]} are {low[0][1]} (of {len(low)} in 16 bits): the controller "
             "trains weights kept in fp32 (or float64) and sets the precision each layer computes in itself; build the "
             "model in fp32 (leave out model.bfloat16() / model.half()) and let the policy choose bf16 or fp16"
+        )
+
+
+def _refuse_script_modules(model: nn.Module) -> None:
+    """Raises a ValueError naming the TorchScript submodules (``torch.jit.script(...)``), which take no Python hooks.
+
+    Their ``register_forward_pre_hook`` raised ("not supported on ScriptModules") naming none of them, after the hooks
+    of the layers before had gone in: a refused Controller left those on the model.
+    """
+    scripted = [
+        name or "the model" for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)
+    ]
+    if scripted:
+        raise ValueError(
+            f"modules {scripted[:3]} (of {len(scripted)}) are TorchScript (torch.jit.script or trace), which takes no "
+            "forward hooks, and the controller sets each layer's precision through its hooks: give the Python modules"
         )
 
 
