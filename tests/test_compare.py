@@ -11,6 +11,8 @@ import pytest
 from triaccel_rl.compare import (
     RunResult,
     bootstrap_ci,
+    check_comparison,
+    check_epoch_budget,
     compare,
     format_table,
     row_names,
@@ -1073,8 +1075,6 @@ def test_the_progress_bar_gives_each_run_its_share_and_takes_a_bar_without_total
 
 def test_an_epoch_budget_over_no_training_samples_is_refused_by_name():
     """A task whose probe batch holds every sample: ``check_epoch_budget`` raised a ZeroDivisionError in its message."""
-    from triaccel_rl.compare import check_epoch_budget
-
     with pytest.raises(ValueError, match=r"the task has 0 training samples \(those the probe batch leaves\)"):
         check_epoch_budget(0.5, 0)
     check_epoch_budget(0.5, 2)  # one sample: enough
@@ -1194,6 +1194,28 @@ def test_one_controller_or_a_seed_count_not_in_a_list_is_refused_by_name():
         compare("synthetic", ["fp32"], 2, show_progress=False)
     with pytest.raises(ValueError, match=r"^seeds=<generator object .*>: give a list such as \[0, 1\]$"):
         compare("synthetic", ["fp32"], (seed for seed in (0, 1)), epochs=1, show_progress=False)  # read up by checks
+
+
+def test_controllers_given_as_a_generator_are_refused_by_name_before_any_check_reads_them():
+    """A generator passed ``check_comparison`` (its first read used it up, so an unknown name went unseen) and
+    ``compare`` then failed in a bare TypeError, "object of type 'generator' has no len()"."""
+    for call in (
+        lambda controllers: check_comparison("synthetic", controllers, [0]),
+        lambda controllers: compare("synthetic", controllers, [0], epochs=0.1, show_progress=False),
+    ):
+        with pytest.raises(ValueError, match=r"^controllers=<generator object .*>: give a list such as \['fp32'"):
+            call(name for name in ("fp32", "fp8-bogus"))
+
+
+@pytest.mark.parametrize("samples", [11488, 3584, 7, 3, 99999])
+def test_the_least_epochs_an_error_suggests_are_taken(samples):
+    """The hint rounded ``1 / samples`` to the nearest two figures: on mlp-fmnist's 11488 samples it said 8.7e-05,
+    which comes to 0.9995 of a sample, and that was refused with the same advice."""
+    with pytest.raises(ValueError, match="give at least") as refused:
+        check_epoch_budget(0.5 / samples, samples)
+    hint = float(str(refused.value).rsplit(" ", 1)[1])
+    check_epoch_budget(hint, samples)
+    assert hint <= 1.1 / samples
 
 
 def test_a_bare_learned_policy_runs_its_speed_trial_and_starts_in_fp32():

@@ -718,6 +718,23 @@ def test_heuristic_thresholds_are_finite(name: str, bad: float) -> None:
 
 
 @pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"raise_above": 9.9999999999}, r"^raise_above=9\.9999999999 must be in \(-10, 10\)"),
+        ({"lower_below": -9.9999999999}, r"^lower_below=-9\.9999999999 must be in \(-10, 10\)"),
+        ({"lower_below": 1.0, "raise_above": 1.00000001}, r"^lower_below=1\.0 must be below raise_above=1\.00000001"),
+        ({"grow_below_usage": 1e-46}, r"^need 0 < grow_below_usage=1e-46 < shrink_above_usage"),
+    ],
+)
+def test_heuristic_thresholds_are_checked_as_the_heuristic_compares_them_in_float32(fields, match) -> None:
+    """Each passed a float64 check but is, as float32 (the observation's type), a threshold that never fires: 10.0,
+    which no sensitivity clipped to +-10 exceeds; an empty hysteresis band; a batch that never grows (0.0)."""
+    with pytest.raises(ConfigError, match=match):
+        HeuristicConfig(**fields)
+    HeuristicConfig(raise_above=9.99, lower_below=-9.99, grow_below_usage=1e-6)  # representable: still taken
+
+
+@pytest.mark.parametrize(
     ("bad", "shown"),
     [
         ((0.5, True, 1.5), r"\(0\.5, True, 1\.5\)"),
@@ -924,6 +941,20 @@ def test_a_profile_saved_through_a_symlink_writes_its_file_and_keeps_the_link(tm
     changed = dataclasses.replace(profile, fixed_ms=9.0)
     changed.save(link)
     assert link.is_symlink() and HardwareProfile.load(real).fixed_ms == 9.0
+
+
+def test_a_profile_save_refuses_a_fifo_and_leaves_it_one(tmp_path):
+    """``save`` wrote beside the path and moved over it, replacing a FIFO (or, as root, ``/dev/null``) with a regular
+    file; ``write_json`` and the CLI's ``--out`` refused that already."""
+    import os
+    import stat
+
+    fifo = tmp_path / "profile.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"profile\.fifo"):
+        HardwareProfile.load().save(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.fifo"]
 
 
 def test_the_controller_and_compare_take_a_profile_or_its_path_and_refuse_anything_else(tmp_path: Path) -> None:

@@ -923,8 +923,21 @@ def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
     if int(epochs * samples_per_epoch) < 1:
         raise ValueError(
             f"epochs={epochs} is less than one sample of this task's {samples_per_epoch} training samples: "
-            f"give at least {1 / samples_per_epoch:.2g}"
+            f"give at least {_least_epochs(samples_per_epoch)}"
         )
+
+
+def _least_epochs(samples_per_epoch: int) -> str:
+    """The least epochs of two significant figures that come to one sample, as ``check_epoch_budget`` counts.
+
+    Rounded up, not to the nearest: 1/11488 printed as 8.7e-05, which comes to 0.9995 samples and was refused again.
+    """
+    least = 1 / samples_per_epoch
+    unit = 10.0 ** (math.floor(math.log10(least)) - 1)
+    figures = math.ceil(least / unit)
+    while int(float(f"{figures * unit:.2g}") * samples_per_epoch) < 1:  # the printed value must itself be taken
+        figures += 1
+    return f"{figures * unit:.2g}"
 
 
 def _check_run_settings(
@@ -987,6 +1000,9 @@ def _check_listed(controllers: Sequence[str], seeds: Iterable[int] | None = None
     """
     if isinstance(controllers, str):
         raise ValueError(f"controllers={controllers!r}: give a list, e.g. [{controllers!r}]")
+    # A generator passed every check (the first read it up, unknown names unseen) and failed in len() at the runs
+    if isinstance(controllers, Iterator) or not isinstance(controllers, Iterable):
+        raise ValueError(f"controllers={controllers!r}: give a list such as ['fp32', 'heuristic']")
     # An iterator (a generator) too: the checks before the runs read it, and left the runs none (a TypeError on len())
     if seeds is not None and (isinstance(seeds, (str, Iterator)) or not isinstance(seeds, Iterable)):
         raise ValueError(f"seeds={seeds!r}: give a list such as [0, 1]")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from triaccel_rl.errors import ChoiceEnum, ConfigError, is_real, require_bool, require_number, require_whole
+from triaccel_rl.experiment import write_text_atomic
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.types import Precision
 
@@ -297,16 +298,14 @@ class HardwareProfile:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the profile as JSON.
 
-        The file is written beside ``path`` and moved over it: a write cut short (a full disk) leaves the profile that
-        was there whole.
+        The file is written beside ``path`` and moved over it (``experiment.write_text_atomic``): a write cut short (a
+        full disk) leaves the profile that was there whole.
+
+        Raises:
+            ValueError: ``path`` is an existing file that is not a regular one (a device, a FIFO), which the move
+                would replace with a regular file (until 2026-12-06 it did); nothing is written.
         """
-        target = Path(os.path.realpath(path))  # through a symlink to its file, as a plain write goes
-        temporary = target.with_name(f".{target.name}.tmp")
-        try:
-            temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -456,13 +455,16 @@ class HeuristicConfig:
         for name in ("lower_below", "raise_above"):
             if not _is_finite_number(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a finite number (relative log10 sensitivity)")
+        # The ranges and bands of these thresholds are checked on their float32 images, as the heuristic compares
+        # them with the float32 observation: raise_above=9.9999999999 passed a float64 check and is 10.0 there, which
+        # no clipped sensitivity exceeds (as 1e-46 for grow_below_usage is 0.0, and a band 1.0 < 1.00000001 empty).
         for name in ("lower_below", "raise_above"):  # the observation clips every feature to +-OBS_HIGH
-            if not -OBS_HIGH < getattr(self, name) < OBS_HIGH:
+            if not -OBS_HIGH < _f32(getattr(self, name)) < OBS_HIGH:
                 raise ConfigError(
                     f"{name}={getattr(self, name)} must be in ({-OBS_HIGH:g}, {OBS_HIGH:g}): the observation clips the "
                     "relative sensitivity it is compared with to that range, so a threshold past it never fires"
                 )
-        if not self.lower_below < self.raise_above:
+        if not _f32(self.lower_below) < _f32(self.raise_above):
             raise ConfigError(
                 f"lower_below={self.lower_below} must be below raise_above={self.raise_above} (hysteresis band)"
             )
@@ -470,7 +472,7 @@ class HeuristicConfig:
             raise ConfigError(f"max_overflow_rate={self.max_overflow_rate} must be in [0, 1]")
         if self.speed_trial_steps < 1:
             raise ConfigError(f"speed_trial_steps={self.speed_trial_steps} must be >= 1")
-        if not (0.0 < self.grow_below_usage < self.shrink_above_usage <= 1.5):
+        if not (0.0 < _f32(self.grow_below_usage) < _f32(self.shrink_above_usage) <= 1.5):
             raise ConfigError(
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
