@@ -572,6 +572,37 @@ class FusedSGD(_FusedOptimizer):
         # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.
         self.momentum_buffer = store.params
         self._keep_buffers(self._buffers_for(self.options))
+        # Each layer's applied steps at momentum 0 before its momentum buffer started (a momentum schedule from 0):
+        # its buffer starts, undampened, at its first step with momentum, as torch.optim.SGD makes a parameter's.
+        self._steps_before_momentum = torch.zeros(store.n_layers, dtype=torch.float64, device=store.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``_FusedOptimizer.state_dict``'s, plus the steps each layer took before its momentum buffer started.
+
+        ``steps_before_momentum`` is a float64 ``[n_layers]`` copy (made on the device) of the applied steps each layer
+        took at momentum 0 before its momentum buffer started.
+        """
+        state = super().state_dict()
+        state["steps_before_momentum"] = self._steps_before_momentum.clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """``_FusedOptimizer.load_state_dict``'s, plus the steps before each layer's momentum buffer started.
+
+        A checkpoint from before they were kept gives 0 a layer: its buffers started at the layers' first steps.
+
+        Raises:
+            ValueError: as ``_FusedOptimizer.load_state_dict``; or ``steps_before_momentum`` is not one a layer.
+        """
+        steps_before_momentum = torch.as_tensor(state.get("steps_before_momentum", 0.0), dtype=torch.float64)
+        if steps_before_momentum.dim() != 0 and steps_before_momentum.shape != (self.store.n_layers,):
+            raise ValueError(
+                f"checkpoint's steps_before_momentum has shape {tuple(steps_before_momentum.shape)}; this store has "
+                f"{self.store.n_layers} layers, so [{self.store.n_layers}] (one a layer)"
+            )
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self._steps_before_momentum.copy_(steps_before_momentum)
 
     def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
         assert isinstance(options, SGDOptions)
@@ -621,7 +652,8 @@ class FusedSGD(_FusedOptimizer):
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, momentum=options.momentum, dampening=options.dampening,
             weight_decay=self.kernel_weight_decay(), nesterov=options.nesterov, inv_scale=inv_scale,
-            segment_align=store.segment_align, block_size=self.block_size, num_warps=self.num_warps,
+            steps_before_momentum=self._steps_before_momentum, segment_align=store.segment_align,
+            block_size=self.block_size, num_warps=self.num_warps,
         )  # fmt: skip
 
 

@@ -4,9 +4,10 @@ The SGD counterpart of ``adamw_step``, with the same layout, launch and skip rul
 of a fused step, one launch over the flat buffers, each program in one layer, all loads and stores masked
 off when pass 1 counted a non-finite gradient. Per element it reads p, g and the momentum buffer (12 B)
 and writes p and the buffer (8 B), plus the 2 B low-precision copy where the layer's code asks for one.
-A layer's first applied step sets its momentum buffer to the gradient, as ``torch.optim.SGD`` does a parameter's;
-that is read from the device-side step counts (one a layer), so no host sync is needed for it either. Launches per
-step: the counts' snapshot copy and the update kernel.
+A layer's first applied step with momentum sets its momentum buffer to the gradient, as ``torch.optim.SGD`` does a
+parameter's (its buffer is made at the first step that uses momentum): that is read from the device-side step counts
+(one a layer) and, where given, the steps each layer took at momentum 0 before its buffer started, so no host sync is
+needed for it either. Launches per step: the counts' snapshot copy and the update kernel.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _fused_sgd_step_kernel(
     stats_ptr,
     stats_bits_ptr,
     step_state_ptr,
+    steps_before_momentum_ptr,
     inv_scale_ptr,
     inv_scale_value,
     lr,
@@ -61,6 +63,7 @@ def _fused_sgd_step_kernel(
     n_elements,
     n_layers,
     USE_MOMENTUM: tl.constexpr,
+    TRACK_MOMENTUM_START: tl.constexpr,
     NESTEROV: tl.constexpr,
     USE_WEIGHT_DECAY: tl.constexpr,
     DECAY_PER_SEGMENT: tl.constexpr,
@@ -76,10 +79,23 @@ def _fused_sgd_step_kernel(
     layer = tl.load(chunk_layer_ptr + segment)
     apply = tl.load(stats_bits_ptr + _NONFINITE_TOTAL_ROW * n_layers) == 0
 
-    # The counts (see _common.advance_step_counts): a layer's first step starts its momentum buffer.
+    # The counts (see _common.advance_step_counts): a layer's first step with momentum starts its momentum buffer.
     layer_steps = advance_step_counts(step_state_ptr, chunk_layer_ptr, pid, segment, layer, apply, n_layers,
                                       BLOCKS_PER_SEGMENT)  # fmt: skip
     is_first_step = layer_steps == 0.0
+    if TRACK_MOMENTUM_START:
+        # The steps a layer took at momentum 0 before its buffer started: read only at momentum > 0, written (by the
+        # layer's first program, as its count) only at momentum 0, so no program reads a value another is writing.
+        steps_before_momentum = tl.load(steps_before_momentum_ptr + layer)
+        is_first_step = layer_steps == steps_before_momentum
+        if not USE_MOMENTUM:
+            previous_layer = tl.load(chunk_layer_ptr + tl.maximum(segment - 1, 0))
+            is_layer_writer = (pid % BLOCKS_PER_SEGMENT == 0) & ((segment == 0) | (previous_layer != layer))
+            takes_part = tl.load(step_state_ptr + 2 * (n_layers + 1) + 1 + layer) != 0.0
+            without_buffer = apply & takes_part & is_first_step
+            tl.store(steps_before_momentum_ptr + layer,
+                     tl.where(without_buffer, steps_before_momentum + 1.0, steps_before_momentum),
+                     mask=is_layer_writer)  # fmt: skip
 
     if INV_SCALE_FROM_PTR:
         inv_scale = tl.load(inv_scale_ptr)
@@ -145,6 +161,7 @@ def fused_sgd_step(
     weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     inv_scale: float | torch.Tensor = 1.0,
+    steps_before_momentum: torch.Tensor | None = None,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
     block_size: int | None = None,
     num_warps: int | None = None,
@@ -176,6 +193,11 @@ def fused_sgd_step(
             the buffers' device giving each segment its own (see ``FlatParameterStore``'s ``groups``).
         nesterov: use Nesterov momentum.
         inv_scale: loss-scale reciprocal, a float or a one-element float32 tensor on the buffers' device.
+        steps_before_momentum: float64 ``[n_layers]`` on the buffers' device, or None: the applied steps each layer
+            took at momentum 0 before its momentum buffer started, advanced in place by a step at momentum 0 for a
+            layer still without one. A layer's buffer then starts (with the gradient, undampened) at its first applied
+            step with momentum, as ``torch.optim.SGD``'s does under a momentum schedule from 0. None: at its first
+            applied step (the counts alone).
         segment_align: elements per segment of the layout.
         block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
             of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
@@ -185,18 +207,23 @@ def fused_sgd_step(
         params, grads, [momentum_buffer] if momentum != 0.0 else [], bf16_copy, fp16_copy, chunk_layer, lr_factors,
         precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
+    _check_steps_before_momentum(steps_before_momentum, lr_factors)
     block_size, num_warps = launch_config("sgd_step", params, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
     if not _use_triton(params):
         fused_sgd_step_reference(
             params, grads, momentum_buffer, bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
-            stats, step_state, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, inv_scale=inv_scale, segment_align=segment_align,
+            stats, step_state, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, inv_scale=inv_scale, steps_before_momentum=steps_before_momentum,
+            segment_align=segment_align,
         )  # fmt: skip
         return
     n_elements = params.numel()
     if n_elements == 0:  # nothing to update; the counts still advance where the step applies, as on the reference path
-        advance_step_counts_reference(step_state, stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0)
+        apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
+        before = advance_step_counts_reference(step_state, apply)
+        if momentum == 0.0 and steps_before_momentum is not None:
+            _advance_steps_before_momentum(steps_before_momentum, before, step_state, apply)
         return
     inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
     decay_ptr, decay_value, decay_per_segment, use_decay = weight_decay_arguments(weight_decay, params, segment_align)
@@ -215,6 +242,7 @@ def fused_sgd_step(
         stats,
         stats.view(torch.int32),
         step_state,
+        step_state if steps_before_momentum is None else steps_before_momentum,  # (unread when None)
         inv_scale_ptr,
         inv_scale_value,
         lr,
@@ -225,6 +253,7 @@ def fused_sgd_step(
         n_elements,
         lr_factors.numel(),
         USE_MOMENTUM=momentum != 0.0,
+        TRACK_MOMENTUM_START=steps_before_momentum is not None,
         NESTEROV=nesterov,
         USE_WEIGHT_DECAY=use_decay,
         DECAY_PER_SEGMENT=decay_per_segment,
@@ -255,6 +284,7 @@ def fused_sgd_step_reference(
     weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     inv_scale: float | torch.Tensor = 1.0,
+    steps_before_momentum: torch.Tensor | None = None,
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
 ) -> None:
     """Plain-PyTorch ``fused_sgd_step`` (same arguments, same in-place effects), vectorised per segment.
@@ -265,12 +295,17 @@ def fused_sgd_step_reference(
         params, grads, [momentum_buffer] if momentum != 0.0 else [], bf16_copy, fp16_copy, chunk_layer, lr_factors,
         precision_codes, stats, step_state, segment_align,
     )  # fmt: skip
+    _check_steps_before_momentum(steps_before_momentum, lr_factors)
     # The kernel path's checks of the two, before the counts move (a float64 tensor passed here and failed there)
     inv_scale_arguments(inv_scale, params)
     weight_decay_arguments(weight_decay, params, segment_align)
     apply = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0
     layer = chunk_layer.long()
-    is_first_step = (advance_step_counts_reference(step_state, apply) == 0.0)[layer].unsqueeze(1)  # [n_segments, 1]
+    layer_steps = advance_step_counts_reference(step_state, apply)
+    first_steps = layer_steps if steps_before_momentum is None else layer_steps - steps_before_momentum
+    is_first_step = (first_steps == 0.0)[layer].unsqueeze(1)  # [n_segments, 1]
+    if momentum == 0.0 and steps_before_momentum is not None:
+        _advance_steps_before_momentum(steps_before_momentum, layer_steps, step_state, apply)
 
     layer_lr = (lr * lr_factors)[layer].unsqueeze(1)  # [n_segments, 1]
     grad = grads.view(-1, segment_align) * inv_scale
@@ -296,3 +331,31 @@ def fused_sgd_step_reference(
 
     write_low_precision_copies_reference(new_param, bf16_copy, fp16_copy, precision_codes[layer], apply)
     param.copy_(torch.where(apply, new_param, param))
+
+
+def _advance_steps_before_momentum(
+    steps_before_momentum: torch.Tensor, layer_steps: torch.Tensor, step_state: torch.Tensor, apply: torch.Tensor
+) -> None:
+    """Counts a step at momentum 0 for the layers taking part that have no momentum buffer yet (reference paths).
+
+    ``layer_steps`` holds each layer's count before the step; a layer has no buffer while its count equals its
+    ``steps_before_momentum``.
+    """
+    without_buffer = apply & (step_state[2, 1:] != 0.0) & (layer_steps == steps_before_momentum)
+    steps_before_momentum.copy_(torch.where(without_buffer, steps_before_momentum + 1.0, steps_before_momentum))
+
+
+def _check_steps_before_momentum(steps_before_momentum: torch.Tensor | None, lr_factors: torch.Tensor) -> None:
+    """Raises a ValueError unless ``steps_before_momentum`` is None or float64 ``[n_layers]`` on the buffers' device."""
+    if steps_before_momentum is None:
+        return
+    if (
+        steps_before_momentum.dtype != torch.float64
+        or steps_before_momentum.shape != lr_factors.shape
+        or steps_before_momentum.device != lr_factors.device
+    ):
+        raise ValueError(
+            f"steps_before_momentum must be float64 of shape {tuple(lr_factors.shape)} (one a layer) on "
+            f"{lr_factors.device}; got {steps_before_momentum.dtype} {tuple(steps_before_momentum.shape)} on "
+            f"{steps_before_momentum.device}"
+        )

@@ -71,8 +71,10 @@ def test_batches_have_requested_size_and_never_cross_epochs(n: int, sizes: list[
             assert served_in_epoch == n
             assert batch.epoch == epoch + 1
             epoch, served_in_epoch = batch.epoch, 0
-        # A batch is the requested size unless the epoch ends inside it; then it is exactly the remainder.
-        assert len(batch.y) == min(asked, n - served_in_epoch)
+        # A batch is the requested size unless the epoch ends inside it; then it is exactly the remainder. One more
+        # where it would leave a single sample (a batch of one, which a batch norm refuses).
+        left = n - served_in_epoch
+        assert len(batch.y) == (left if asked >= 2 and left == asked + 1 else min(asked, left))
         served_in_epoch += len(batch.y)
         assert served_in_epoch <= n
         assert loader.epoch_progress == served_in_epoch / n
@@ -305,3 +307,38 @@ def test_a_bad_state_is_refused_by_name_and_leaves_the_loader_as_it_was(change: 
 def test_a_state_is_refused_when_it_is_not_a_dict() -> None:
     with pytest.raises(ValueError, match=r"a loader state is the dict ElasticLoader.state_dict\(\) returned; got str"):
         make_loader(10, seed=3).load_state_dict("epoch 2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "expected"),
+    [
+        (33, 16, [16, 17]),  # 2 x 16 + 1: the one left over joins the last batch
+        (10, 3, [3, 3, 4]),
+        (5, 2, [2, 3]),
+        (10, 4, [4, 4, 2]),  # a remainder of 2 stays its own batch
+        (3, 1, [1, 1, 1]),  # a batch of one was asked for
+        (1, 4, [1]),  # the whole epoch is one sample
+    ],
+)
+def test_an_epoch_never_ends_on_a_batch_of_one_sample(n: int, batch_size: int, expected: list[int]) -> None:
+    """Before the fix an epoch of ``k * batch_size + 1`` samples ended on a batch of one, which a batch norm in training
+    mode refuses: the step raised, the batch went back, and the same one came again. Every sample still once."""
+    loader = ElasticLoader(torch.arange(float(n)), torch.arange(n), seed=3)
+    sizes = []
+    served = []
+    for batch in loader.epoch_batches(batch_size):
+        sizes.append(len(batch.y))
+        served += batch.y.tolist()
+    assert sizes == expected
+    assert sorted(served) == list(range(n))
+    assert loader.next(batch_size).epoch == 1
+
+
+def test_a_batch_taken_back_with_its_folded_sample_is_served_again_whole() -> None:
+    """The last batch of 2 x 4 + 1 samples takes the sample left over (5): taken back, it comes again the same."""
+    loader = ElasticLoader(torch.arange(9.0), torch.arange(9), seed=0)
+    loader.next(4)
+    last = loader.next(4)
+    assert len(last.y) == 5 and loader.epoch_progress == 1.0
+    loader.take_back(len(last.y))
+    assert loader.next(4).y.tolist() == last.y.tolist()

@@ -526,6 +526,36 @@ def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
     assert passes == [8, 4, 4, 16, 4, 4, 16]
 
 
+@pytest.mark.parametrize(("batch_size", "expected"), [(1, [1, 1]), (2, [2, 2]), (6, [2, 2, 6]), (12, [3, 3, 12])])
+def test_calibrate_memory_tries_no_micro_batch_below_2_by_default(monkeypatch, batch_size, expected):
+    """Before the fix the default sizes were ``max(1, s // 4)`` and ``s``: a batch of 4 to 7 tried one sample, on
+    which a batch norm in training mode raises. Now not below 2 where the batch allows (a batch of 1 stays 1). The
+    GPU's measured path on a CPU: the allocator's calls stubbed, the passes recorded (an unmeasured one first)."""
+    import triaccel_rl.training as training
+
+    run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu", batch_size=batch_size)
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
+    monkeypatch.setattr(training, "release_memory", lambda device: None)
+    passes: list[int] = []
+    monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: passes.append(n))
+    run.calibrate_memory()
+    assert passes == expected
+
+
+def test_calibrate_memory_halves_an_out_of_memory_size_down_to_2(monkeypatch):
+    """A size out of memory is halved: 3 went to 1 before the fix, which a batch norm refuses; now to 2, then stops."""
+    run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu")
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
+    monkeypatch.setattr(TrainingRun, "_unmeasured_pass", lambda self, n: None)
+    tried: list[int] = []
+    monkeypatch.setattr(TrainingRun, "trial_peak_bytes", lambda self, n: tried.append(n))  # every size out of memory
+    run.calibrate_memory([3, 9])
+    assert tried == [3, 2, 9, 4, 2]
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -772,3 +802,19 @@ def test_a_batch_larger_than_the_training_set_leaves_the_callers_random_state_al
         with pytest.raises(ValueError, match=r"^batch_size=1000000 is more than the \d+ training samples"):
             TrainingRun("synthetic", seed=0, device="cpu", batch_size=10**6)
         assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_epoch_of_k_batches_and_one_sample_trains_a_batch_norm_model_through():
+    """Before the fix an epoch of ``k * 8 + 1`` training samples ended on a one-sample batch: the batch norm raised,
+    the step handed the batch back, and every later step served the same sample and raised again. Now the sample
+    joins the epoch's last batch (9 samples), and the run goes on into the next epoch, every sample seen once."""
+    n_train = next(n for n in range(40, 80) if (n - probe_count(n)) % 8 == 1)
+    run = TrainingRun(_bn_task(n_train=n_train, n_test=16, base_batch_size=8), seed=0, device="cpu")
+    n = len(run.loader)
+    assert n % 8 == 1
+    sizes = []
+    for _ in range(n // 8 + 1):
+        run.step()
+        sizes.append(run.last_micro_batches)
+    assert [sum(s) for s in sizes] == [8] * (n // 8 - 1) + [9, 8]
+    assert run.loader.epoch == 1 and run.samples_seen == n + 8

@@ -34,8 +34,9 @@ class ElasticLoader:
     """Serves batches of whatever size is asked at each step from tensors held on one device.
 
     Each epoch is a permutation fixed by ``(seed, epoch)``; batches are consecutive slices of it, and a
-    batch never crosses an epoch boundary (the last batch of an epoch may be smaller). So every sample is
-    seen exactly once per epoch, in the same order, whatever sequence of batch sizes occurred. The data
+    batch never crosses an epoch boundary (the last batch of an epoch may be smaller; or one larger, where a batch
+    would leave a single sample: see :meth:`next`). So every sample is seen exactly once per epoch, in the same order,
+    whatever sequence of batch sizes occurred. The data
     lives on its device; each epoch's permutation is drawn on the CPU (the same order on every device) and copied
     over once an epoch, so a GPU run's batches are sliced on the device without a wait on the host.
 
@@ -71,6 +72,11 @@ class ElasticLoader:
     def next(self, batch_size: int) -> Batch:
         """Returns the next ``batch_size`` samples (fewer at the end of an epoch).
 
+        One more where the epoch has ``batch_size + 1`` left (for a ``batch_size`` of 2 or more): the one sample left
+        over joins this batch, as ``plan_micro_batches`` folds a one-sample remainder, because a batch norm in training
+        mode cannot take a batch of one (it raised, the batch went back, and the same one came again at every retry).
+        So an epoch of ``k * batch_size + 1`` samples has ``k`` batches, the last ``batch_size + 1``.
+
         Raises:
             ValueError: ``batch_size`` is not a positive integer.
         """
@@ -81,6 +87,8 @@ class ElasticLoader:
             self.epoch += 1
             self.cursor = 0
             self._order = self._permutation(self.epoch)
+        if batch_size >= 2 and len(self.x) - self.cursor == batch_size + 1:  # no batch of one left behind
+            batch_size += 1
         indices = self._order[self.cursor : self.cursor + batch_size]
         self.cursor += len(indices)
         self.samples_served += len(indices)

@@ -923,7 +923,9 @@ class TrainingRun:
 
         Args:
             sizes: the micro-batch sizes to try, whole numbers >= 1 (at least one); by default ``s // 4`` and ``s``,
-                where ``s`` is the current batch, at most what the accounting predicts to fill half the budget.
+                where ``s`` is the current batch, at most what the accounting predicts to fill half the budget; none
+                below 2 where ``s`` is 2 or more (a batch norm in training mode needs two samples a channel). A size
+                that runs out of memory is halved, down to 2 (1 where it was 1).
 
         Raises:
             ValueError: ``sizes`` is empty or holds a size that is not a whole number >= 1 (checked on every
@@ -946,14 +948,16 @@ class TrainingRun:
             s = max(1, min(self.batch_size, len(self.loader)))
             while s > 1 and self.costs.memory_bytes(s, self.precisions, self.profile) > self.memory_budget_bytes // 2:
                 s //= 2
-            sizes = sorted({max(1, s // 4), s})
+            # Not below the least micro-batch the steps use (a batch of 1 raised in a batch norm where s was 4..7)
+            sizes = sorted({max(min(_LEAST_MICRO_BATCH, s), s // 4), s})
         # One unmeasured pass first: the first forward and backward of a process's model can allocate one-time
         # buffers for the length of the pass (on a fresh H200, 60 MB more than the batch's own at 64 samples, twice
         # the need at 256), which would flatten the fitted line and make large batches look cheap.
         self._unmeasured_pass(min(sizes))
         for size in sizes:
-            while self.trial_peak_bytes(size) is None and size > 1:  # out of memory: try half
-                size //= 2
+            least = min(_LEAST_MICRO_BATCH, size)
+            while self.trial_peak_bytes(size) is None and size > least:  # out of memory: try half, not below least
+                size = max(least, size // 2)
 
     @property
     def noise_scale(self) -> float | None:

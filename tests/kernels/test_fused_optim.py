@@ -820,3 +820,70 @@ def test_flat_store_names_what_a_layer_holds_instead_of_parameters() -> None:
     for bad in ([[0.5, 1.9], [0, 0]], [[True, 0], [0, 0]]):
         with pytest.raises(ValueError, match="groups must be non-negative ints"):
             FlatParameterStore([list(m.parameters()) for m in model.children()], groups=bad)  # type: ignore[arg-type]
+
+
+def _run_dampened_sgd_through_a_momentum_schedule_from_0(device: str) -> None:
+    """Dampened SGD whose momentum starts at 0 (a schedule; OneCycleLR's ``base_momentum=0``), against torch.
+
+    Two steps at momentum 0, a skipped step (non-finite gradient) at 0.9, then momentum: torch.optim.SGD starts the
+    buffer at the first step that uses momentum, with the undampened gradient. The optimizer is checkpointed and
+    rebuilt from the checkpoint before the momentum starts, and the momentum goes back to 0 and returns (torch
+    carries on from the buffer it kept)."""
+    shapes = [[(6, 5), (6,)], [(3,)]]
+    store = FlatParameterStore(make_layers(shapes, device, seed=81))
+    params = [p for layer in make_layers(shapes, device, seed=81) for p in layer]
+    reference = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)
+    fused = FusedSGD(store, momentum=0.9, dampening=0.5)
+    generator = torch.Generator().manual_seed(82)
+
+    def views(buffer: torch.Tensor) -> list[torch.Tensor]:
+        return [view for layer in range(len(shapes)) for view in store.param_views(buffer, layer)]
+
+    for step, momentum in enumerate((0.0, 0.0, 0.9, 0.9, 0.9, 0.0, 0.9)):
+        if step == 2:  # a resume: the steps before the momentum started must come with the checkpoint
+            state = fused.state_dict()
+            fused = FusedSGD(store, momentum=0.9, dampening=0.5)
+            fused.load_state_dict(state)
+        fused.options = SGDOptions(momentum=momentum, dampening=0.5)
+        reference.param_groups[0]["momentum"] = momentum
+        for p, view in zip(params, views(store.grads), strict=True):
+            view.copy_(torch.randn(view.shape, generator=generator).to(device))
+            p.grad = view.clone()
+        if step == 2:  # skipped: no buffer starts, no count moves
+            store.grads[0] = math.inf
+            assert bool(fused.step(0.1).skipped)
+            continue
+        fused.step(0.1)
+        reference.step()
+        for p, view in zip(params, views(store.params), strict=True):
+            assert_close(view, p, f"params after step {step} at momentum {momentum}")
+    assert fused.state_dict()["steps_before_momentum"].tolist() == [2.0, 2.0]
+
+
+def test_dampened_sgd_starts_its_momentum_buffer_as_torch_under_a_schedule_from_0(device: str) -> None:
+    """Before the fix, the kernel started the buffer at a layer's first applied step, momentum or not: its first step
+    with momentum took the dampened branch (0.5 x the gradient into a zero buffer), where torch.optim.SGD takes the
+    gradient whole, and the weights drifted apart from then on."""
+    _run_dampened_sgd_through_a_momentum_schedule_from_0(device)
+
+
+@pytest.mark.usefixtures("reference_path")
+def test_cpu_reference_path_starts_a_dampened_momentum_buffer_as_torch_under_a_schedule_from_0() -> None:
+    _run_dampened_sgd_through_a_momentum_schedule_from_0("cpu")
+
+
+def test_an_sgd_checkpoint_without_steps_before_momentum_still_loads() -> None:
+    """A checkpoint from before the field: every layer's buffer started at its first step (0 steps before), and a
+    field of the wrong length is refused by name, nothing changed."""
+    store = FlatParameterStore(make_layers(MODEL_LAYERS, "cpu", seed=83))
+    fused = FusedSGD(store, momentum=0.9, dampening=0.5)
+    fused.options = SGDOptions(momentum=0.0, dampening=0.5)
+    fill_grads(store, torch.Generator().manual_seed(84))
+    fused.step(0.1)
+    state = fused.state_dict()
+    assert state["steps_before_momentum"].tolist() == [1.0] * len(MODEL_LAYERS)
+    with pytest.raises(ValueError, match=r"steps_before_momentum has shape \(2,\); this store has 5 layers"):
+        fused.load_state_dict({**state, "steps_before_momentum": torch.zeros(2, dtype=torch.float64)})
+    assert fused.state_dict()["steps_before_momentum"].tolist() == [1.0] * len(MODEL_LAYERS)
+    fused.load_state_dict({key: value for key, value in state.items() if key != "steps_before_momentum"})
+    assert fused.state_dict()["steps_before_momentum"].tolist() == [0.0] * len(MODEL_LAYERS)
