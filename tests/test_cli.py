@@ -375,7 +375,11 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     assert kept["meta"]["reference"] == "static-fp32" and kept["rows"][0]["time_ratio"] == 1.0
     monkeypatch.setattr(triaccel_rl.compare, "run_controller", real)
     assert main(argv) == 0
-    assert out.exists() and not partial.exists()  # a comparison that finished leaves only its results
+    assert out.exists() and not partial.exists()  # a comparison that finished leaves no partial file of its own
+    # The failed one's, the only record of its runs, was deleted at the next comparison's start: moved aside, named
+    earlier = tmp_path / "r.partial_2.json"
+    assert f"an earlier comparison's finished runs moved to {earlier}" in capsys.readouterr().err
+    assert json.loads(earlier.read_text()) == kept
 
 
 def test_the_partial_file_summarizes_only_the_rows_whose_seeds_all_ran(tmp_path, monkeypatch):

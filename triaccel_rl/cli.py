@@ -385,8 +385,9 @@ def _compare(args: argparse.Namespace) -> int:
         "device": _device_name(args.device),
     }
     partial = Path(args.out).with_suffix(".partial.json") if args.out else None
-    if partial is not None:
-        partial.unlink(missing_ok=True)  # an earlier comparison's
+    if partial is not None and partial.exists():  # an earlier comparison's runs, maybe its only record: kept
+        earlier = _set_aside(partial)
+        print(f"triaccel-rl compare: an earlier comparison's finished runs moved to {earlier}", file=sys.stderr)
 
     def keep(done: list[Any]) -> None:  # the runs so far: a failure in a later run loses none of them
         if partial is not None:  # the ratios to the reference row once it has run (meta named it, the rows had none)
@@ -454,6 +455,19 @@ def _compare(args: argparse.Namespace) -> int:
         )
         print(f"plots: {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _set_aside(path: Path) -> Path:
+    """Renames ``path`` to the first free ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...; returns the new path.
+
+    A comparison deleted the ``.partial.json`` an earlier one had left (the runs that finished before a failure or a
+    Ctrl-C, named as their only record) before its own first run.
+    """
+    n = 2
+    while (target := path.with_name(f"{path.stem}_{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(target)
+    return target
 
 
 def _train_policy(args: argparse.Namespace) -> int:
