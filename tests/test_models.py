@@ -6,6 +6,7 @@ comments, never read off the code's output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -596,6 +597,78 @@ def test_measuring_costs_puts_back_the_modules_own_attributes() -> None:
     assert model.calls == 0 and not hasattr(model, "h") and not hasattr(model, "scale")
     model(torch.randn(16, 3, 4))  # the user's first batch: its own state and init
     assert model.h.shape == (1, 16, 8) and model.scale < 10
+
+
+class _Counted(nn.Module):
+    """Counts its forwards in a tensor attribute (not a buffer), added to in place, e.g. to anneal a rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.calls = torch.zeros((), dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+def test_measuring_costs_puts_back_a_tensor_attribute_written_in_place() -> None:
+    """The attributes were put back shallowly: the same tensor, written in place, kept the measurement's 3 forwards
+    (a Controller's 4 training forwards read 7)."""
+    model = _Counted()
+    counter = model.calls
+    _costs(model, torch.randn(1, 4))
+    assert model.calls is counter and int(model.calls) == 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_measuring_costs_sets_aside_the_users_forward_hooks() -> None:
+    """A forward hook collecting an activation penalty saw the measurement's outputs of 1, 2 and 4 samples, and kept
+    the last two's graphs for the user's first step to backpropagate through; a global one too. Torch's own pre-hooks
+    (weight norm computes the weight in one) still run, and every hook is back afterwards."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    plain = _costs(model, torch.randn(1, 4))
+    nn.utils.weight_norm(model[2])
+    seen: list[int] = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(-out.shape[0]))
+    try:
+        costs = _costs(model, torch.randn(1, 4))
+        assert seen == []
+        assert costs.activation_bytes_per_sample.tolist() == plain.activation_bytes_per_sample.tolist()
+        model(torch.randn(3, 4))
+    finally:
+        handle.remove()
+    assert sorted(seen) == [-3, -3, -3, -3, 3]  # the global hook on the model and its three layers
+    assert len(nn.modules.module._global_forward_hooks) == 0
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor | None
+    extra: tuple[torch.Tensor, ...] | None = None
+
+
+class _ReturnsDataclass(nn.Module):
+    """``Linear(4, 8), ReLU, Linear(8, 2)`` returning its logits in a dataclass (nested: in a tuple, in another)."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.nested = nested
+
+    def forward(self, x: torch.Tensor) -> _Output | tuple[_Output]:
+        logits = self.net(x)
+        return (_Output(None, (logits,)),) if self.nested else _Output(logits)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_activation_bytes_count_the_logits_a_model_returns_in_a_dataclass(nested: bool) -> None:
+    """An unregistered dataclass was one pytree leaf, not a tensor: its logits (2 fp32 values a sample) were left
+    out; the same model returning a tensor counts [48, 8] (the docstring example of saved_bytes_per_sample)."""
+    model = _ReturnsDataclass(nested)
+    layers = [info for _, _, info in find_layers(model)]
+    assert saved_bytes_per_sample(model, layers, torch.zeros(1, 4)).tolist() == [48.0, 8.0]
 
 
 class _TiedLM(nn.Module):

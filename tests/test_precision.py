@@ -1992,3 +1992,60 @@ def test_a_tensor_passed_to_a_module_with_a_parameter_of_its_own_several_times_i
         h = model["inp"](torch.randn(4, 5, 8))
         model["block"](h, h, h)
     assert model["block"].seen == (True, torch.float32)
+
+
+def test_functional_call_on_the_fused_path_computes_with_the_weights_it_was_given() -> None:
+    """The pre-hook swapped the engine's 16-bit copy of the model's own weights in over whatever the owner held:
+    under ``torch.func.functional_call`` (an EMA's or a meta-learner's weights) the caller's tensors, so the output was
+    the model's own. Now exactly autocast's cast of the given weights; the model's own forward still reads the copies
+    (here zeros, to tell them apart)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    lp = LayerPrecision(model, device_type="cpu")  # as StepEngine(fused=True) sets it up, without its 4 s build
+    lp.set(["bf16", "bf16"])
+    copies = _copies_of(model, lp)
+    lp.use_weight_copies(lambda i, dtype: [(o, n, torch.zeros_like(c)) for o, n, c in copies(i, dtype)])
+    given = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = functional_call(model, given, (x,))
+    assert torch.count_nonzero(expected) > 0
+    with lp.context():
+        assert torch.equal(functional_call(model, given, (x,)), expected)
+        assert torch.count_nonzero(model(x)) == 0
+    assert not lp._swapped and all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+class _OwnFp16Region(nn.Module):
+    """``a`` inside the model's own fp16 autocast region (an ``@autocast()`` forward), ``b`` after it."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            h = self.a(x)
+        return self.b(h.float())
+
+
+@pytest.mark.parametrize("precisions", [["bf16", "bf16"], ["fp32", "fp32"], ["fp32", "bf16"]])
+def test_a_layer_in_the_models_own_fp16_region_needs_the_grad_scaler(precisions: list[str]) -> None:
+    """needs_grad_scaler read the set precisions only: a layer computing in fp16 in the model's own region got no loss
+    scaling, and its gradients underflowed. Known from the first forward, before the loss is scaled; the model's own
+    fp32 and bf16 regions need none."""
+    lp = LayerPrecision(_OwnFp16Region(), device_type="cpu")
+    lp.set(precisions)
+    assert not lp.needs_grad_scaler
+    with lp.context():
+        lp.model(torch.randn(2, 8))
+    assert lp.layers_in_model_blocks == {0: (torch.float16,)} and lp.needs_grad_scaler
+    for dtype in (torch.float32, torch.bfloat16):
+        other = LayerPrecision(_OwnFp16Region(dtype), device_type="cpu")
+        other.set(precisions)
+        with other.context():
+            other.model(torch.randn(2, 8))
+        assert not other.needs_grad_scaler, dtype

@@ -6,13 +6,14 @@ CPUs (development, CI, offline policy training) and for predicting memory before
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import random
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
 import torch
@@ -115,8 +116,8 @@ class CostModel:
         Activation bytes are :func:`saved_bytes_per_sample`'s (each layer's output bytes where a batch cannot run).
 
         The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode, buffers
-        and plain attributes are as they were, so a training run that measures its costs first draws and computes
-        exactly as one that does not.
+        and plain attributes are as they were, and the user's forward hooks do not run in them (pre-hooks do), so a
+        training run that measures its costs first draws and computes exactly as one that does not.
 
         Args:
             model: the model.
@@ -334,7 +335,7 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
             # Everything counted is alive now, so no two storages share an address.
             seen: set[int] = set()
             held = [(tensor, index) for ref, index in saved if (tensor := ref()) is not None]
-            held += [(tensor, current[0]) for tensor in pytree.tree_leaves(output) if isinstance(tensor, torch.Tensor)]
+            held += [(tensor, current[0]) for tensor in _tensors_in(output)]
             for tensor, index in held:
                 storage = tensor.untyped_storage()
                 pointer = storage.data_ptr()
@@ -346,6 +347,22 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
         for handle in handles:
             handle.remove()
     return per_layer
+
+
+def _tensors_in(output: object) -> list[torch.Tensor]:
+    """The tensors in a forward's output, through tuples, lists, dicts and the like (pytree's) and dataclasses' fields.
+
+    A dataclass that pytree does not know is one leaf to it: a language model returning its logits in one was counted
+    without them (4.6x under the same model returning a tensor).
+    """
+    tensors = []
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+        elif is_dataclass(leaf) and not isinstance(leaf, type):
+            for field in fields(leaf):
+                tensors += _tensors_in(getattr(leaf, field.name, None))
+    return tensors
 
 
 def _measuring_modes(model: nn.Module) -> None:
@@ -371,10 +388,23 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
     tensor bound to its name), every module's plain attributes (bound again, and ones the forward added dropped: a
     recurrent model's carried hidden state kept the measurement's batch of one, and the user's first step raised; a
     layer that initialises itself from its first batch, Glow's ActNorm, took the one-sample measurement's statistics,
-    a division by a zero deviation), and the random number generators (torch's on the CPU and ``device``, and
-    Python's). Parameters written in place are not put back.
+    a division by a zero deviation), every tensor attribute's value (a count kept in a tensor and added to in place),
+    and the random number generators (torch's on the CPU and ``device``, and Python's). Parameters written in place
+    are not put back.
+
+    The user's forward hooks, the module's own and the global ones (``register_module_forward_hook``), are set aside
+    meanwhile (:func:`_set_aside`): one that collected an activation penalty in a list saw the measurement's outputs
+    of 1, 2 and 4 samples as well, and the first step backpropagated through the last two. Forward pre-hooks stay
+    (weight and spectral norm, pruning and lazy modules compute the forward's weights or shapes in theirs, and a
+    user's may prepare the inputs), as do torch's own forward hooks and this package's (precision, measurement).
     """
     attributes = [(module, dict(module.__dict__)) for module in model.modules()]  # shallow: the objects themselves
+    tensors = [  # with its version, which a write in place moves on (an inference tensor has none, and stays)
+        (value, value._version, value.clone())
+        for _, saved in attributes
+        for value in saved.values()
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.is_inference()
+    ]
     modes = [(module, module.training) for module in model.modules()]
     buffers = [
         (module, name, buffer, buffer.clone())
@@ -382,13 +412,22 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
         for name, buffer in module._buffers.items()
         if buffer is not None
     ]
+    global_hooks = nn.modules.module._global_forward_hooks
+    global_saved = dict(global_hooks)
+    for key, hook in global_saved.items():
+        if not _kept(hook):
+            del global_hooks[key]
+    for module, _ in attributes:  # a new dict: the attributes put back below restore the module's own
+        module._forward_hooks = _set_aside(module._forward_hooks)
     python_state = random.getstate()
     try:
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
             yield
     finally:
         random.setstate(python_state)
-        for module, saved in attributes:  # the parameter, buffer, module and hook dicts are the same objects
+        global_hooks.clear()
+        global_hooks.update(global_saved)
+        for module, saved in attributes:  # the parameter, buffer, module and hook dicts: the same objects
             for name in module.__dict__.keys() - saved.keys():
                 del module.__dict__[name]
             module.__dict__.update(saved)
@@ -398,6 +437,19 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
             for module, name, buffer, value in buffers:
                 module._buffers[name] = buffer
                 buffer.copy_(value)
+            for tensor, version, value in tensors:  # only those written: a copy would move a graph's tensor on
+                if tensor._version != version and tensor.shape == value.shape:
+                    tensor.copy_(value)
+
+
+def _kept(hook: Callable[..., object]) -> bool:
+    """Whether a forward hook runs in the cost measurement's forwards: torch's own and this package's (by module)."""
+    return str(getattr(hook, "__module__", None)).split(".")[0] in ("torch", "triaccel_rl")
+
+
+def _set_aside(hooks: dict[int, Callable[..., object]]) -> collections.OrderedDict[int, Callable[..., object]]:
+    """``hooks`` (a module's forward hooks) without the user's (:func:`_kept`), in their order: a new dict."""
+    return collections.OrderedDict((key, hook) for key, hook in hooks.items() if _kept(hook))
 
 
 def _recurrent_flops(module: nn.RNNBase, out: torch.Tensor) -> float:

@@ -158,6 +158,12 @@ class LayerPrecision:
         self._sentinel = next(p for _, module, _ in entries for p in module.parameters() if p.requires_grad)
         self.layers: list[LayerInfo] = [info for _, _, info in entries]
         self._modules = [module for _, module, _ in entries]
+        # Each layer's parameters as registered now, by owner and name (the attention's submodules' too, as the
+        # engine's copies are): a copy is swapped in only over the parameter it was made from (see _swap_in).
+        self._registered = [
+            [(owner, name, param) for owner in module.modules() for name, param in owner._parameters.items()]
+            for module in self._modules
+        ]
         # Controllable layers of float64 parameters: autocast leaves float64 ops alone (see set())
         self._float64_layers = {
             index
@@ -311,8 +317,14 @@ class LayerPrecision:
 
     @property
     def needs_grad_scaler(self) -> bool:
-        """True when any layer computes in fp16, whose narrow range needs loss scaling."""
-        return Precision.FP16 in self.precisions
+        """True when any layer computes in fp16, whose narrow range needs loss scaling.
+
+        Set to fp16, or seen computing in fp16 inside the model's own ``torch.autocast(dtype=torch.float16)`` region
+        whatever its precision (:attr:`layers_in_model_blocks`: known from the first eager forward on, so a step's loss,
+        scaled after its forward, is scaled from the first step).
+        """
+        in_model_fp16 = any(torch.float16 in dtypes for dtypes in self._in_model_blocks.values())
+        return Precision.FP16 in self.precisions or in_model_fp16
 
     @property
     def uniform(self) -> Precision | None:
@@ -478,7 +490,8 @@ class LayerPrecision:
                 and (self.copies_in_eager or torch.compiler.is_compiling())
                 and not self._emulate(index)
             ):
-                self._swapped.append((module, _swap_in(self.weight_copies(index, precision.dtype))))
+                copies = self.weight_copies(index, precision.dtype)
+                self._swapped.append((module, _swap_in(copies, self._registered[index])))
             if not forward.mixed:
                 # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
                 # gets them.
@@ -808,17 +821,35 @@ def read_copy(param: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
 
 def _swap_in(
     copies: Sequence[tuple[nn.Module, str, torch.Tensor]],
+    registered: Sequence[tuple[nn.Module, str, nn.Parameter | None]],
 ) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """Replaces each parameter by ``read_copy`` of its copy for one forward; returns what to restore."""
+    """Replaces each parameter by ``read_copy`` of its copy for one forward; returns what to restore.
+
+    Only where the owner holds the parameter ``registered`` there (the one the copy was made from): under
+    ``torch.func.functional_call`` it holds the caller's tensor, which autocast casts (the copy gave the model's own
+    weights' output for any weights given).
+    """
     saved = []
     for owner, name, copy in copies:
         param = owner._parameters[name]
         assert param is not None
+        if param is not _registered_at(owner, name, registered):
+            continue
         saved.append((owner, name, param))
         # Direct dict assignment (as torch.nn.utils.stateless does): register_parameter would refuse a
         # non-leaf tensor, and the module's own code reads ``self.<name>`` through ``_parameters``.
         owner._parameters[name] = read_copy(param, copy)  # type: ignore[assignment]
     return saved
+
+
+def _registered_at(
+    owner: nn.Module, name: str, registered: Sequence[tuple[nn.Module, str, nn.Parameter | None]]
+) -> nn.Parameter | None:
+    """The parameter ``registered`` lists at ``owner``'s ``name`` (a plain loop: ``torch.compile`` traces it)."""
+    for where, named, param in registered:
+        if where is owner and named == name:
+            return param
+    return None
 
 
 def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
