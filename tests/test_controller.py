@@ -1897,3 +1897,47 @@ def test_a_loop_serving_its_own_batches_is_told_what_is_off_and_why_a_batch_move
     assert ctl.lr == pytest.approx(lr * ctl.engine.lr_scale) and ctl.engine.lr_scale != 1.0  # the policy moved it
     ctl.close()
     assert ctl.lr == lr  # the optimizer is the user's again: its own LR is what the next update applies
+
+
+def _two_losses(out, y):
+    """Two losses of one graph: a task loss and a penalty on the same outputs."""
+    return nn.functional.cross_entropy(out, y), out.float().pow(2).mean()
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_two_losses_of_one_graph_step_as_the_plain_loops_retained_backwards(policy):
+    """``ctl.backward(loss1, retain_graph=True); ctl.step(loss2)`` is the plain loop's ``loss1.backward(
+    retain_graph=True); loss2.backward()`` (scaled by a ``GradScaler`` under fp16, where a bare ``loss1.backward()``
+    would be unscaled by 65536 at the step). Before the fix ``backward`` took no ``retain_graph``, and the error for
+    the freed graph named a leftover ``loss.backward()`` or an RNN's state, not the shared graph."""
+    x, y = data(48)
+    batches = [(x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]) for i in range(3)]
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy=policy, config=ControllerConfig(interval_steps=100))
+    for xb, yb in batches:
+        with ctl.autocast():
+            loss1, loss2 = _two_losses(model(xb), yb)
+        ctl.backward(loss1, retain_graph=True)
+        ctl.step(loss2)
+    assert ctl.steps == 3 and ctl.skipped_steps == 0
+    plain, plain_opt = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", enabled=policy == "fp16")
+    for xb, yb in batches:
+        plain_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=policy == "fp16"):
+            loss1, loss2 = _two_losses(plain(xb), yb)
+        scaler.scale(loss1).backward(retain_graph=True)
+        scaler.scale(loss2).backward()
+        scaler.step(plain_opt)
+        scaler.update()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with ctl.autocast():
+        loss1, loss2 = _two_losses(model(x[:16]), y[:16])
+    with pytest.raises(ValueError, match=r"retain_graph=1 must be True or False"):
+        ctl.backward(loss1, retain_graph=1)  # type: ignore[arg-type]
+    ctl.backward(loss1)  # frees the graph loss2 shares
+    expected = r"losses sharing a graph: ctl.step\(loss1 \+ loss2\), or ctl.backward\(loss1, retain_graph=True\)"
+    with pytest.raises(RuntimeError, match=expected):
+        ctl.step(loss2)
+    ctl.close()

@@ -1054,3 +1054,45 @@ def test_an_adafactor_checkpoint_with_factored_state_resumes_as_the_uninterrupte
     wrong["optimizer"]["state"][0]["row_var"] = torch.zeros(3, 1)  # (3, 1) broadcasts to no (4, 3)
     with pytest.raises(ValueError, match=r"'row_var' of parameter 0 has shape \(3, 1\)"):
         build()[1].load_state_dict(wrong)
+
+
+class _FrozenSparseLookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 8, sparse=True).requires_grad_(False)  # a pretrained table, frozen
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_frozen_sparse_embedding_is_taken_and_refused_once_unfrozen(fused: bool) -> None:
+    """A frozen ``nn.Embedding(sparse=True)`` makes no gradient: it was refused, though the plain loop trains beside
+    it. Unfrozen later, its sparse gradient is refused at the next step, before anything is updated."""
+    import os
+
+    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 30, (8, 5), generator=generator), torch.randint(0, 4, (8,), generator=generator))]
+    data *= 2
+    plain = _FrozenSparseLookup()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        optimizer.step()
+    model = _FrozenSparseLookup()
+    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), CPU, fused=fused)
+    for x, y in data:
+        engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):  # the fused kernel rounds in its own order
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7 if fused else 0)
+    model.emb.requires_grad_(True)
+    x, y = data[0]
+    with pytest.raises(ValueError, match=r"parameters \['emb.weight'\] have gradients, but they were frozen"):
+        engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7 if fused else 0)  # nothing was updated

@@ -549,6 +549,21 @@ def test_weights_written_outside_the_fused_step_are_noticed_and_their_copies_ref
     assert not engine.sync_weight_copies()  # once
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_loss_built_before_the_last_update_is_refused_as_the_plain_loop_refuses_it(fused):
+    """A GAN's slip: a loss kept across an update, then stepped. Torch raises for its saved fp32 weights; before the
+    fix the fused step, writing through raw pointers, left the version counters alone and stepped it silently."""
+    model, engine = make("sgd", fused)
+    (x0, y0), (x1, y1) = batches(2)
+    stale = nn.functional.cross_entropy(model(x0), y0)
+    engine.backward_and_step(nn.functional.cross_entropy(model(x1), y1))
+    weights = _weights(model)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        engine.backward_and_step(stale)
+    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(model), strict=True))  # nothing stepped
+    assert not engine.sync_weight_copies()  # the step's own writes are no outside write
+
+
 def test_a_precision_map_set_past_the_engine_is_noticed_before_the_next_forward():
     """``engine.precision.set`` is public: before the fix the next forward read the segments' old bf16 bits as fp16
     (outputs 26 off on a small MLP), and a later ``set_precisions`` of the same map saw no change to repair."""

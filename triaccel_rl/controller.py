@@ -472,12 +472,20 @@ class Controller:
         # load (until 2026-12-06 any autocast() call used the retake up).
         self._copy_taken = None if training_starts else (how, now)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """The backward pass of one micro-batch's loss, for gradient accumulation: ``step`` takes the last one's.
 
         ``loss.backward()`` would do for an fp32 or bf16 map, but while a layer is fp16 ``step`` unscales every
         gradient by the loss scale, so a micro-batch backward must be scaled as this one is. Scale each loss as the
         plain loop would (a mean over ``k`` micro-batches: ``loss / k``).
+
+        Two losses of one graph (two heads on a shared body): ``ctl.backward(loss1, retain_graph=True)``, then
+        ``ctl.step(loss2)``, as the plain loop's ``loss1.backward(retain_graph=True); loss2.backward()`` (or
+        ``ctl.step(loss1 + loss2)``, one backward).
+
+        Args:
+            loss: the micro-batch's scalar loss.
+            retain_graph: keep the graph for a later backward through it, as ``Tensor.backward`` does.
 
         Example:
             >>> model = nn.Linear(4, 2)
@@ -491,25 +499,28 @@ class Controller:
             1
 
         Raises:
-            ValueError: ``loss`` is not a scalar tensor.
+            ValueError: ``loss`` is not a scalar tensor, or ``retain_graph`` is not a bool.
         """
         self._check_open()
         _check_loss(loss)
+        if not isinstance(retain_graph, bool):  # a graph freed or kept by a truthy value's accident
+            raise ValueError(f"retain_graph={retain_graph!r} must be True or False")
         earlier = self._earlier_micro_loss()
         self._retake_copy_if_written(training_starts=True)
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
-        self._backward(loss)  # one that raises drops the batch's gradients (_backward)
+        self._backward(loss, retain_graph)  # one that raises drops the batch's gradients (_backward)
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
         # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
         detached = loss.detach()
         self._micro_loss = detached if earlier is None else earlier + detached
         self._micro_mark = self._grad_mark()
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """The (scaled) backward of ``loss``; a loop that kept its own ``loss.backward()`` is told so.
 
         PyTorch's "backward through the graph a second time ... Specify retain_graph=True" pointed the wrong way: the
-        most likely slip moving a loop over is leaving the old backward in.
+        most likely slip moving a loop over is leaving the old backward in. Losses sharing a graph are the third
+        case, named with the controller's ways to step them.
 
         A backward that raises (out of memory part-way) leaves no gradient behind: what it had accumulated, and the
         batch's earlier micro-batches', would have gone into the update of the batch served again in its place.
@@ -518,7 +529,7 @@ class Controller:
             # Outside autocast, as after a `with ctl.autocast():` a step: inside one around the whole loop the backward
             # ran under it, and an fp32 layer's gradients were computed with bf16 matmuls (until 2026-12-06)
             with torch.autocast(self.device.type, enabled=False):
-                self.engine.scale_loss(loss).backward()
+                self.engine.scale_loss(loss).backward(retain_graph=retain_graph)
         except BaseException as error:
             self.engine.zero_grad()
             self._micro_loss = None
@@ -527,8 +538,9 @@ class Controller:
             raise RuntimeError(
                 "part of this loss's graph was already backpropagated: either a loss.backward() left in the loop "
                 "(ctl.step(loss) runs the backward itself: remove it; for gradient accumulation, ctl.backward(loss) "
-                "on the micro-batches before the last), or a tensor kept from an earlier step, such as an RNN's "
-                "hidden state (.detach() it)"
+                "on the micro-batches before the last), a tensor kept from an earlier step, such as an RNN's "
+                "hidden state (.detach() it), or losses sharing a graph: ctl.step(loss1 + loss2), or "
+                "ctl.backward(loss1, retain_graph=True) then ctl.step(loss2)"
             ) from error
 
     def _earlier_micro_loss(self) -> torch.Tensor | None:

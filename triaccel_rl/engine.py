@@ -154,11 +154,19 @@ class StepEngine:
             strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
             if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
                 raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
-            sparse = [name for name, m in model.named_modules() if isinstance(m, _SPARSE_TYPES) and m.sparse]
+            # A frozen one makes no gradient at all (a pretrained lookup table): taken. Unfrozen later, its parameter
+            # is one the engine does not hold: refused at the next step if the optimizer holds it
+            # (_check_optimizer_params), else left to whoever steps it, as any parameter outside the optimizer.
+            sparse = [
+                name
+                for name, m in model.named_modules()
+                if isinstance(m, _SPARSE_TYPES) and m.sparse and any(p.requires_grad for p in m.parameters())
+            ]
             if sparse:
                 raise ValueError(
                     f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
-                    "statistics and updates do not take: build them with sparse=False"
+                    "statistics and updates do not take: build them with sparse=False (or freeze them: "
+                    "requires_grad=False)"
                 )
             # Each parameter's param group by position: optimizer.load_state_dict() puts new group dicts in the same
             # places (a dict kept from before would hold the LR and hyperparameters of before the load).
@@ -442,12 +450,13 @@ class StepEngine:
 
         A map set on ``engine.precision`` itself, past :meth:`set_precisions`, counts as a change.
 
-        The fused step writes weights through raw pointers, which leaves PyTorch's version counters alone;
-        any other in-place write (``load_state_dict``, ``fill_``, a restore) bumps its parameter's counter, but one
-        through ``.data`` (``p.data.clamp_()``) does not: call :meth:`refresh_weight_copies` after one.
-        So a changed sum of the counters means the copies are stale. Costs one attribute read a parameter;
-        ``TrainingRun`` calls it at each ``step``, ``train_interval`` and probe (nothing outside can write
-        the weights inside an interval), ``Controller`` before every forward of the user's loop.
+        The fused step writes weights through raw pointers and bumps the counters itself, counting its copies as
+        current (:meth:`_mark_weights_written`); any other in-place write (``load_state_dict``, ``fill_``, a restore)
+        bumps its parameter's counter, but one through ``.data`` (``p.data.clamp_()``) does not: call
+        :meth:`refresh_weight_copies` after one. So a sum of the counters the copies have not seen means they are
+        stale. Costs one attribute read a parameter; ``TrainingRun`` calls it at each ``step``, ``train_interval``
+        and probe (nothing outside can write the weights inside an interval), ``Controller`` before every forward
+        of the user's loop.
 
         Returns:
             Whether the copies were refreshed (always False on the reference path).
@@ -461,6 +470,21 @@ class StepEngine:
 
     def _weights_version(self) -> int:
         return sum(p._version for params in self.layer_params for p in params)
+
+    def _mark_weights_written(self) -> None:
+        """Bumps the parameters' version counters after the fused step wrote them through raw pointers.
+
+        Autograd tells a graph saved before an update by those counters: without the bump, a loss built before the
+        last step (a GAN's discriminator loss kept across the generator's step) was stepped with gradients of new
+        weights through old activations, where the plain loop and the reference path raise "modified by an inplace
+        operation". Bumped on a step the device skipped too (telling the two apart would sync), so such a loss is
+        refused after any step. The copies, which the step derived from the new weights, stay current: their
+        version moves with the bump (one each, parameters keep counters of their own), and
+        :meth:`sync_weight_copies` still sees an outside write. One host call a step, outside any captured graph
+        (``StepGraphs`` captures the forward and backward; the update runs eagerly).
+        """
+        torch.autograd.graph.increment_version(self._params)
+        self._copies_version += len(self._params)
 
     def group_lrs(self, batch_lr_gain: float | None = None) -> list[float]:
         """The LR the next update applies to each param group.
@@ -1401,6 +1425,7 @@ class StepEngine:
             max_grad_norm=self.max_grad_norm,
             skip=skip,
         )
+        self._mark_weights_written()
         self.update_reached = True
         self.last_grad_stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)
         try:
