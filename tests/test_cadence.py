@@ -178,6 +178,54 @@ def test_an_interval_trained_in_chunks_ends_at_the_same_decision_point():
     assert between == [2, 2, 6, 6]  # as in one piece: chunk boundaries cost nothing the cadence counts
 
 
+def test_steps_trained_past_a_decision_point_without_a_snapshot_count_in_trained_ms(monkeypatch):
+    """A speed trial crosses decision points without a snapshot; the loop started each interval anew and dropped its
+    time, so the cadence weighed the decisions against part of the run's training (80 of 160 ms here)."""
+    from dataclasses import replace
+
+    train = TrainingRun.train_interval
+
+    def ten_ms_a_step(self, *args, **kwargs):  # a controlled clock: exact sums
+        stats = train(self, *args, **kwargs)
+        return replace(stats, train_ms=10.0 * stats.steps)
+
+    monkeypatch.setattr(TrainingRun, "train_interval", ten_ms_a_step)
+    config = ControllerConfig(interval_steps=4, max_interval_factor=2)
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), config, adaptive_interval=True)
+    _, chunks = loop.time_precisions(["bf16", "fp32"], steps=4, warmup_steps=1)  # 10 steps, past 2 interval ends
+    assert sum(chunk.steps for chunk in chunks) == 10
+    for _ in range(2):
+        while not loop.decision_due:
+            loop.train_interval()
+        loop.snapshot(progress=0.1)
+    loop.train_interval(max_steps=0)  # records the last decision, trains nothing
+    assert loop.run.steps == 16
+    assert loop.cadence.trained_ms == 160.0
+    assert loop.cadence.state_dict()["step_ms"] == 10.0
+
+
+def test_training_added_without_a_decision_counts_only_when_it_is_a_measurement():
+    cadence = Cadence(min_steps=4, max_factor=2, share=0.01)
+    for train_ms in (30.0, math.nan, math.inf, -1.0, 0.0):
+        cadence.add_training(train_ms)
+    assert cadence.trained_ms == 30.0
+    assert math.isnan(cadence.state_dict()["step_ms"])  # the step time comes from recorded intervals only
+
+
+@pytest.mark.parametrize("progress", ["0.5", None, True])
+def test_a_snapshot_refuses_a_progress_that_is_no_number_before_it_probes(monkeypatch, progress):
+    """Found in review: "0.5" raised a TypeError deep in the estimators and None "must be real number", after the
+    probe, the rollback copy and the estimators had run and the interval was closed (no decision was due any more)."""
+    loop = DecisionLoop(TrainingRun("synthetic", seed=0, device="cpu"), ControllerConfig(interval_steps=2))
+    loop.train_interval()
+    probes = []
+    monkeypatch.setattr(loop.run, "probe_loss", lambda: probes.append(1) or 1.0)
+    with pytest.raises(ValueError, match=rf"^progress={re.escape(repr(progress))} must be a real number"):
+        loop.snapshot(progress=progress)  # type: ignore[arg-type]
+    assert probes == [] and loop.decision_due and loop.signals is None
+    assert loop.snapshot(progress=0.5).progress == 0.5 and probes == [1]  # the interval is still there to close
+
+
 def test_timing_precisions_trains_every_chunk_and_leaves_the_last_candidate_on():
     from triaccel_rl.types import Precision
 

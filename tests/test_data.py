@@ -594,6 +594,19 @@ def test_to_float_images_names_an_array_that_is_no_tensor() -> None:
         to_float_images(np.zeros((2, 28, 28), np.uint8))
 
 
+@pytest.mark.parametrize(
+    ("images", "shown"),
+    [("array", r"ndarray \(use torch.from_numpy\)"), ("list", "list"), ("none", "NoneType")],
+)
+def test_normalize_images_names_images_that_are_no_tensor(images: str, shown: str) -> None:
+    """Found in review: a NumPy array, a list or None failed on ``x.dim()`` with a bare AttributeError."""
+    import numpy as np
+
+    x = {"array": np.zeros((2, 1, 4, 4), np.float32), "list": [[1.0]], "none": None}[images]
+    with pytest.raises(DatasetError, match=rf"^normalize_images expects a torch.Tensor; got {shown}$"):
+        normalize_images(x, 0.5, 0.5)  # type: ignore[arg-type]
+
+
 def test_normalize_images_takes_a_0_d_array_as_one_number() -> None:
     """Found in review: a 0-d NumPy array was refused as "must be a number", while a 0-d tensor and a NumPy scalar
     were taken."""

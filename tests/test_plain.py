@@ -29,6 +29,21 @@ def test_plain_loop_equals_the_static_row_step_for_step(precision):
     assert plain.wall_s == plain.time_s and 0 < row.wall_s < 60
 
 
+def test_plain_loop_and_the_static_row_trace_the_same_lr_at_the_same_steps():
+    """Both traces' lr is the LR the last step applied: the static row recorded TrainingRun.lr, the next step's, a
+    step of the schedule later (at 1 epoch, 0.15126 where the plain row's 0.16807 was applied)."""
+    plain = run_plain("synthetic", 0, precision="fp32", epochs=0.3, batch_size=256, eval_every_steps=2, device="cpu")
+    row = run_controller(
+        "synthetic", "fp32", 0, epochs=0.3, batch_size=256, device="cpu", schedule=True, eval_every=1,
+        config=ControllerConfig(interval_steps=2),
+    )  # fmt: skip
+    assert plain.steps == row.steps == 5
+    assert [c[1] for c in plain.curve] == [c[1] for c in row.curve]
+    assert len(plain.trace) == len(row.trace) == 3
+    assert [t["lr"] for t in row.trace] == [t["lr"] for t in plain.trace]
+    assert row.trace[-1]["lr"] == 0.0  # the last step applies the schedule's end
+
+
 def test_plain_loop_equals_the_static_row_at_a_budget_of_no_whole_number_of_batches_and_a_constant_lr():
     """1.2 epochs is 4300 samples, 67.2 batches of 64: the plain loop cut its last batch to 12 samples, the static row
     trained a whole one, and at a constant LR (compare runs plain rows without a schedule) their ends differed."""

@@ -163,6 +163,16 @@ class Cadence:
             recorded = recording_ms / train_ms if train_ms > 0 and math.isfinite(recording_ms) else 0.0
             self._recording_shares.append(max(recorded, 0.0))
 
+    def add_training(self, train_ms: float) -> None:
+        """Adds training time that no decision followed (an interval passed over without a snapshot) to ``trained_ms``.
+
+        ``repay`` weighs the decisions against all of the run's training, so time trained past a decision point
+        counts too; the step time stays that of the recorded intervals. A time that is not positive and finite is
+        no measurement and leaves ``trained_ms`` as it was, as in :meth:`record`.
+        """
+        if math.isfinite(train_ms) and train_ms > 0:
+            self.trained_ms += train_ms
+
     def expedite(self) -> None:
         """Makes the interval after the decision just taken (recorded next) ``min_steps`` long."""
         self._expedite = 2

@@ -78,7 +78,8 @@ class RunResult:
             ``noise_scale``, ``lr`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16). In both, ``lr_scale``
             is the LR multiplier on the task's base LR, the same in every row: the starting ``lr_scale`` given to
             :func:`run_controller` times the policy's rung (an adaptive row's rung alone, 1.0 for x0.5 given, until
-            2026-12-05); neither the batch rule's gain nor the schedule is in it (the trace's ``lr`` is the LR applied).
+            2026-12-05); neither the batch rule's gain nor the schedule is in it (the trace's ``lr`` is the LR applied:
+            the global LR of the last step before the row, as :func:`~triaccel_rl.plain.run_plain`'s trace holds it).
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.
@@ -345,6 +346,7 @@ def run_controller(
             speed_trial["chosen"] = float(chosen)
         finished = False
         decide = False  # a snapshot is waiting for its decision
+        applied_lr = _applied_lr(run) if run.steps else run.lr  # the trace's lr (a speed trial may have trained)
         signals: Signals | None = None
         while not finished:
             if decide and adaptive:  # a static row holds its setting: no decisions
@@ -368,6 +370,8 @@ def run_controller(
                 remaining_steps = min(remaining_steps, max(next_eval - run.steps, 1))
             # A speed trial longer than a tiny run's whole budget leaves nothing (and no negative count) to train.
             interval = loop.train_interval(max_steps=max(remaining_steps, 0))
+            if interval.steps:  # read before the snapshot, whose rollback, and the decision, may change the gain
+                applied_lr = _applied_lr(run)
             time_ms += interval.charged_ms
             wall_ms += interval.train_ms
             bar_left = _advance(progress, interval.samples / samples_per_epoch, bar_left)
@@ -390,7 +394,7 @@ def run_controller(
                         # run's finite losses exceed: the trace would not tell them apart).
                         "probe_loss": signals.probe_loss if signals.extra.get("probe_loss_finite", True) else None,
                         "noise_scale": signals.noise_scale,
-                        "lr": run.lr,
+                        "lr": applied_lr,
                         "precisions": [int(p) for p in run.precisions],
                     }
                 )
@@ -475,6 +479,17 @@ def _precision_settings(policy: Any) -> list[tuple[Any, str, Any]]:
         for name in ("initial_precision", "low_precision")
         if hasattr(owner, name)
     ]
+
+
+def _applied_lr(run: TrainingRun) -> float:
+    """The global LR the run's last step applied (before per-layer factors), as ``run_plain``'s trace records it.
+
+    ``TrainingRun.lr`` is the next step's, a step of the schedule (and of a batch warm-up) later: the static row's
+    trace read it and differed from the plain row's at every point of the same steps. Each step sets the engine's gain
+    (the batch rule's gain times the schedule's) before its update, so until a decision changes it, it is the last
+    step's.
+    """
+    return run.task.base_lr * run.lr_scale * run.engine.batch_lr_gain
 
 
 def _advance(progress: tqdm | None, epochs: float, left: float) -> float:

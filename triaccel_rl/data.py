@@ -317,6 +317,9 @@ def normalize_images(x: torch.Tensor, mean: float | Sequence[float], std: float 
         DatasetError: ``x`` is not a floating ``[N, C, H, W]`` tensor, a per-channel sequence has the
             wrong length, a mean is not finite, or a std is not finite and > 0.
     """
+    if not isinstance(x, torch.Tensor):  # a NumPy array (or None) failed on x.dim() with a bare AttributeError
+        hint = " (use torch.from_numpy)" if isinstance(x, np.ndarray) else ""
+        raise DatasetError(f"normalize_images expects a torch.Tensor; got {type(x).__name__}{hint}")
     if x.dim() != 4 or not x.is_floating_point():
         raise DatasetError(f"normalize_images expects floating [N, C, H, W] images, got {x.dtype} {tuple(x.shape)}")
     channels = x.shape[1]
