@@ -390,6 +390,12 @@ _TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "
          "torch_threads": 1}  # fmt: skip
 
 
+def _tasks_and_seed(record: Path) -> dict:
+    """The held-out tasks and seed an ``evaluations.json`` records (it records what defines their episodes too)."""
+    recorded = json.loads(record.read_text())
+    return {"tasks": recorded["tasks"], "seed": recorded["seed"]}
+
+
 def test_training_without_a_log_dir_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
     """Without ``log_dir`` SB3 configured its default logger, which made an empty ``SB3-<time>`` folder in the temp
     dir at every call: the test suite left 1410 of them in /tmp."""
@@ -749,9 +755,9 @@ def test_a_new_run_into_an_earlier_runs_folder_sets_its_checkpoints_and_evaluati
     assert (checkpoints / "policy_8_steps.zip").read_bytes() != first["policy_8_steps.zip"]
     kept = evaluations / "evaluations_replaced_after_0_steps.npz"
     assert np.load(kept)["timesteps"].tolist() == [8, 16]
-    assert json.loads(kept.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    assert _tasks_and_seed(kept.with_suffix(".json")) == {"tasks": ["synthetic"], "seed": 0}
     assert not (evaluations / "evaluations.npz").exists()
-    assert json.loads((evaluations / "evaluations.json").read_text()) == {"tasks": ["deep-mlp-synthetic"], "seed": 5}
+    assert _tasks_and_seed(evaluations / "evaluations.json") == {"tasks": ["deep-mlp-synthetic"], "seed": 5}
     said = caplog.text
     assert f"{checkpoints} held 2 checkpoints of an earlier run, which this new run (not resumed) replaces" in said
     assert f"replaces: moved to {aside}\n" in said
@@ -796,7 +802,7 @@ def test_a_resumed_run_with_other_held_out_tasks_does_not_extend_the_old_curve(t
     out = tmp_path / "policy.zip"
     common = {"n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8, **_TINY}
     train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
-    assert json.loads((tmp_path / "eval" / "evaluations.json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    assert _tasks_and_seed(tmp_path / "eval" / "evaluations.json") == {"tasks": ["synthetic"], "seed": 0}
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         train_policy(["synthetic"], total_timesteps=8, eval_tasks=["deep-mlp-synthetic"], resume=out, **common)
     aside = tmp_path / "eval" / "evaluations_until_16_steps.npz"
@@ -893,11 +899,11 @@ def test_another_runs_evaluations_moved_aside_keep_their_record_of_tasks_and_see
         train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip", resume=first, **common)
     theirs = evaluations / "evaluations.before_policy.npz"
     assert np.load(theirs)["timesteps"].tolist() == [8, 16]
-    assert json.loads(theirs.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 3}
+    assert _tasks_and_seed(theirs.with_suffix(".json")) == {"tasks": ["synthetic"], "seed": 3}
     again = evaluations / "evaluations.before_policy_3.npz"  # _2 is taken by a stray .json, not written over
     assert np.load(again)["timesteps"].tolist() == [8, 16]
-    assert json.loads(again.with_suffix(".json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
-    assert json.loads((evaluations / "evaluations.json").read_text()) == {"tasks": ["synthetic"], "seed": 0}
+    assert _tasks_and_seed(again.with_suffix(".json")) == {"tasks": ["synthetic"], "seed": 0}
+    assert _tasks_and_seed(evaluations / "evaluations.json") == {"tasks": ["synthetic"], "seed": 0}
 
 
 def test_resumed_observation_stats_are_checked_before_training(trained, tmp_path, caplog):
@@ -1376,3 +1382,118 @@ def test_every_worker_cycles_through_every_task(tasks, n_envs, expected):
     # SB3 seeds worker i with seed + i (here 0 + i), and its cycle seeds its k-th task that + k * stride
     seeds = {(i, name): i + k * strides[i] for i, names in enumerate(cycles) for k, name in enumerate(names)}
     assert len(seeds) == len(set(seeds.values())) == len(tasks) * n_envs
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_replaced_runs_tensorboard_points(tmp_path):
+    """Resumed from the 8-step checkpoint with the same log_dir, SB3 went on writing the first run's TensorBoard run:
+    its points past 8 stayed among the new run's (eval/mean_reward at 8, 16 and 16 again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "policy.zip"
+    common = {"n_steps": 8, "batch_size": 4, "out": out, "checkpoint_every": 8, "eval_every": 8,
+              "eval_tasks": ["synthetic"], "log_dir": tmp_path / "tb", **_TINY}  # fmt: skip
+    train_policy(["synthetic"], total_timesteps=16, **common)
+    train_policy(["synthetic"], total_timesteps=8, resume=tmp_path / "checkpoints" / "policy_8_steps.zip", **common)
+    (run,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    evaluations = np.load(tmp_path / "eval" / "evaluations.npz")
+    curve = zip(evaluations["timesteps"].tolist(), evaluations["results"].mean(axis=1), strict=True)
+    # The resumed run's evaluations only, each once (TensorBoard keeps float32)
+    assert [(p.step, p.value) for p in events.Scalars("eval/mean_reward")] == [
+        (step, float(np.float32(mean))) for step, mean in curve
+    ]
+    assert [p.step for p in events.Scalars("eval/mean_reward")] == [8, 16]
+    assert [p.step for p in events.Scalars("train/loss")] == [8, 16]
+    assert [p.step for p in events.Scalars("rollout/ep_rew_mean")] == [8, 16]
+
+
+def test_a_resume_evaluating_other_episodes_does_not_extend_the_old_curve(tmp_path, caplog):
+    """evaluations.json recorded the held-out tasks and seed only: a resume whose episodes had another budget (8
+    intervals where the curve's had 2) carried the curve on. A record of that older form says nothing of its episodes:
+    it is moved aside too."""
+    out = tmp_path / "policy.zip"
+    common = {"total_timesteps": 8, "n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8,
+              "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
+    evaluations = tmp_path / "eval" / "evaluations.npz"
+    train_policy(["synthetic"], **common)
+    recorded = json.loads(evaluations.with_suffix(".json").read_text())
+    assert (recorded["interval_steps"], recorded["max_decisions"]) == (2, 3)
+    assert recorded["env"]["reward_config"]["budget_intervals"] == 2
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], resume=out, **{**common, "budget_intervals": 8})
+    aside = tmp_path / "eval" / "evaluations_until_8_steps.npz"
+    assert f"moved it to {aside}" in caplog.text
+    assert np.load(aside)["timesteps"].tolist() == [8]
+    assert json.loads(aside.with_suffix(".json").read_text()) == recorded
+    assert np.load(evaluations)["timesteps"].tolist() == [16]
+    assert json.loads(evaluations.with_suffix(".json").read_text())["env"]["reward_config"]["budget_intervals"] == 8
+    evaluations.with_suffix(".json").write_text(json.dumps({"tasks": ["synthetic"], "seed": 0}))  # the older form
+    train_policy(["synthetic"], resume=out, **{**common, "budget_intervals": 8})
+    assert np.load(tmp_path / "eval" / "evaluations_until_16_steps.npz")["timesteps"].tolist() == [16]
+    assert np.load(evaluations)["timesteps"].tolist() == [24]
+
+
+def test_a_run_resumed_into_another_runs_folder_sets_all_its_checkpoints_aside(tmp_path, caplog):
+    """Resumed from run a's 8-step checkpoint into run b's folder, the run moved aside only b's checkpoints past 8: b's
+    own 8-step checkpoint stayed among the new run's."""
+    common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 8, **_TINY}
+    train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", **common)
+    train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "b" / "policy.zip", seed=3, **common)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    theirs = {name: (checkpoints / name).read_bytes() for name in ("policy_8_steps.zip", "policy_16_steps.zip")}
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip",
+                     resume=tmp_path / "a" / "checkpoints" / "policy_8_steps.zip", **common)  # fmt: skip
+    aside = checkpoints / "replaced_after_0_steps"
+    assert {p.name: p.read_bytes() for p in aside.glob("*.zip")} == theirs
+    assert sorted(p.name for p in checkpoints.glob("*.zip")) == ["policy_16_steps.zip"]  # the resumed run's only
+    assert f"{checkpoints} held 2 checkpoints of another run, which this run (resumed from " in caplog.text
+    assert f"not this folder's) replaces: moved to {aside}\n" in caplog.text
+
+
+def test_the_last_episodes_summary_is_read_through_the_task_cycle():
+    """ARCHITECTURE.md: venv.get_attr("episode_summary") reads the last episode's summary; through make_env_fns with
+    several tasks (TaskCycleEnv) it raised AttributeError."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from triaccel_rl.config import RewardConfig
+    from triaccel_rl.rl import make_env_fns
+
+    fns = make_env_fns(["synthetic", "synthetic"], 1, None, 5, reward_config=RewardConfig(budget_intervals=1))
+    venv = DummyVecEnv(fns)
+    venv.seed(0)
+    venv.reset()
+    assert venv.get_attr("episode_summary") == [None]  # no episode has ended
+    done = [False]
+    while not done[0]:
+        _, _, done, _ = venv.step(np.array([[1, 1, 1, 1, 2, 1]]))
+    cycle = venv.envs[0].unwrapped
+    assert cycle.current == 1  # auto-reset moved on to the second task
+    (summary,) = venv.get_attr("episode_summary")
+    assert summary == cycle.envs[0].unwrapped.episode_summary and set(summary) == {"overhead_frac", "wall_time_ms"}
+    venv.close()
+
+
+def test_a_new_run_sets_an_earlier_runs_warm_start_record_aside_and_a_resume_keeps_it(tmp_path, caplog):
+    """A new run into an earlier run's folder left that run's warm_start.json beside its own policy, which a warm start
+    of its own then overwrote."""
+    out = tmp_path / "policy.zip"
+    common = {"total_timesteps": 8, "n_steps": 8, "batch_size": 4, "out": out, **_TINY}
+    warm = {"warm_start": "heuristic", "warm_start_steps": 2, "warm_start_epochs": 1}
+    record = tmp_path / "warm_start.json"
+    train_policy(["synthetic"], seed=0, **warm, **common)
+    first = record.read_text()
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        train_policy(["synthetic"], seed=1, **{**warm, "warm_start_steps": 3}, **common)
+    aside = tmp_path / "warm_start_replaced_after_0_steps.json"
+    assert aside.read_text() == first
+    assert json.loads(record.read_text())["decisions"] == 3  # the new run's own
+    said = f"{record} held an earlier run's warm start, which this new run (not resumed) replaces: moved to {aside}"
+    assert said in caplog.text
+    second = record.read_text()
+    train_policy(["synthetic"], resume=out, **common)
+    assert record.read_text() == second and sorted(p.name for p in tmp_path.glob("warm_start*.json")) == [
+        "warm_start.json",
+        "warm_start_replaced_after_0_steps.json",
+    ]

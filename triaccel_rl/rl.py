@@ -10,6 +10,8 @@ target and is moved over it, so an interrupted save leaves the previous policy w
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -178,6 +180,10 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = envs[0].observation_space
         self.action_space = envs[0].action_space
         self.current = -1
+        self.episode_summary: dict[str, float] | None = None
+        """The last ended episode's ``episode_summary`` (``TriAccel-v0``'s; None before one ends): kept until the next
+        ends, so a vector env's auto-reset keeps it (``venv.get_attr("episode_summary")``; until 2026-12-06 it could
+        not be read through the cycle)."""
 
     @property
     def base_lr_factor(self) -> float:
@@ -206,8 +212,10 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         return obs, {**info, "task": getattr(task, "name", str(task))}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Steps the current task's environment."""
+        """Steps the current task's environment; at an episode's end keeps its ``episode_summary``."""
         obs, reward, terminated, truncated, info = self.envs[self.current].step(action)
+        if terminated or truncated:
+            self.episode_summary = getattr(self.envs[self.current].unwrapped, "episode_summary", None)
         return obs, float(reward), terminated, truncated, info
 
     def close(self) -> None:
@@ -409,12 +417,17 @@ def train_policy(
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none). Each PPO update's ``train/*`` values are written once, right after
-            it, at the steps it trained on.
+            it, at the steps it trained on. A resumed run goes on writing the newest run in it (``PPO_<n>``), first
+            marking it to drop the points past the resumed step (a purge mark, as ``SummaryWriter(purge_step=...)``
+            writes: TensorBoard hides them, nothing is deleted), which resumed from an earlier checkpoint belong to the
+            run this one replaces.
         eval_tasks: held-out tasks, evaluated as checkpoints are taken: after the first update past every multiple of
             ``eval_every`` steps, each evaluation stamped with the steps its weights trained on, so the evaluation at
             ``N`` scores the weights of ``<out's stem>_N_steps.zip`` (mean episode reward logged to TensorBoard as
             ``eval/mean_reward``; every evaluation kept in ``eval/evaluations.npz`` beside ``out``, with ``resume``
-            after the resumed run's evaluations up to its step).
+            after the resumed run's evaluations up to its step where they ran the same episodes:
+            ``eval/evaluations.json`` records the tasks, seed, ``interval_steps``, ``max_decisions`` and environment
+            arguments, and a curve of other ones, or of a record without them, is moved aside with a warning).
         eval_every: environment steps between evaluations (0: none).
         checkpoint_every: environment steps between checkpoints, ``checkpoints/<out's stem>_<steps>_steps.zip`` beside
             ``out``, each with its observation stats (``.obs.json``) so that it loads with the fallback and resumes
@@ -424,7 +437,9 @@ def train_policy(
             Resumed from an earlier checkpoint into the same folder, the checkpoints past it are moved to
             ``checkpoints/replaced_after_<steps>_steps/`` (``_2``, ``_3``, ... where that name is taken; with a
             warning), not overwritten or left among the new; so they are without ``checkpoint_every``, before any
-            checkpoint (Ctrl-C's, or that of a failed final save) is written. A new run (no ``resume``) into the folder
+            checkpoint (Ctrl-C's, or that of a failed final save) is written. A run resumed from a policy of another
+            folder (neither ``out`` nor one of its checkpoints) moves all the checkpoints there to
+            ``checkpoints/replaced_after_0_steps/``, with a warning. A new run (no ``resume``) into the folder
             of an earlier one moves all of that run's checkpoints to ``checkpoints/replaced_after_0_steps/``, and its
             ``eval/evaluations.npz`` and ``.json`` to ``eval/evaluations_replaced_after_0_steps.npz`` and ``.json``
             (``_2``, ... likewise), whatever ``eval_tasks``, with warnings: nothing is deleted.
@@ -446,7 +461,8 @@ def train_policy(
             scratch. Ignored with ``resume``.
         warm_start_steps: decisions of the teacher to imitate (summed over the environments); they are
             not counted in ``total_timesteps``. The imitation's fit is written to ``warm_start.json``
-            beside ``out``.
+            beside ``out``; a new run (no ``resume``) moves an earlier run's ``warm_start.json`` there to
+            ``warm_start_replaced_after_0_steps.json`` (``_2``, ... likewise), with a warning; a resumed run keeps it.
         warm_start_epochs: passes of :func:`imitate` over the teacher's decisions.
         env_kwargs: passed to every ``TriAccel-v0``.
 
@@ -720,6 +736,10 @@ def train_policy(
         def _on_training_end(self) -> None:
             self._on_rollout_start()
 
+        def _on_training_start(self) -> None:
+            if resume is not None:  # SB3 goes on writing the newest TensorBoard run: drop its points past the resume
+                _purge_curves_after(self.logger, self.model.num_timesteps)
+
     class HeldOutEvaluation(EvalCallback):
         """SB3's evaluation, each time on the same episodes, of the weights a checkpoint of that step count holds.
 
@@ -768,6 +788,7 @@ def train_policy(
     caller_threads = torch.get_num_threads()
     venv: Any = None
     eval_env = None
+    warm_record: dict[str, Any] | None = None  # the warm start's fit, for warm_start.json
     try:
         venv = SubprocVecEnv(fns) if vec == "subproc" and n_envs > 1 else DummyVecEnv(fns)
         venv.seed(seed)
@@ -800,7 +821,6 @@ def train_policy(
                 verbose=0,
             )
             if warm_start is not None:
-                from triaccel_rl.compare import json_safe
                 from triaccel_rl.policies import make_policy
 
                 teacher_config = env_config(interval_steps)
@@ -822,11 +842,7 @@ def train_policy(
                     )
                     raise
                 # "decisions" from the fit: those imitated (3 asked of 2 environments imitated 2, and 3 was recorded)
-                record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
-                # Strict JSON: a fit that diverged (NaN or infinite loss) is written as null.
-                (path.parent / "warm_start.json").write_text(
-                    json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
-                )
+                warm_record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
         if not log_dir:  # without a folder, SB3's default logger made an empty /tmp/SB3-<time> folder at each call
             model.set_logger(Logger(folder=None, output_formats=[]))
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
@@ -835,12 +851,24 @@ def train_policy(
         # Whatever checkpoint_every: a Ctrl-C, or a final save that fails, writes a checkpoint too (without
         # checkpoint_every, one overwrote the replaced run's of that step count).
         _move_replaced_checkpoints(
-            path.parent / "checkpoints", path.stem, model.num_timesteps, resumed=resume is not None
+            path.parent / "checkpoints",
+            path.stem,
+            model.num_timesteps,
+            resumed_from=None if resume is None else Path(resume),
         )
         if resume is None:
             # Whatever eval_tasks: the run's evaluations.json was written over the earlier run's, which then labelled
             # that run's evaluations as this run's, and a resume of this run continued them as its own.
             _move_replaced_evaluations(path.parent / "eval" / "evaluations.npz")
+            # With or without a warm start of its own: the earlier run's record sat beside this run's policy
+            _move_replaced_warm_start(path.parent / "warm_start.json")
+        if warm_record is not None:  # written after the earlier run's is moved aside
+            from triaccel_rl.compare import json_safe
+
+            # Strict JSON: a fit that diverged (NaN or infinite loss) is written as null.
+            (path.parent / "warm_start.json").write_text(
+                json.dumps(json_safe(warm_record), indent=1, allow_nan=False) + "\n"
+            )
         callbacks: list[BaseCallback] = [recorder, UpdateCurves()]
         # PPO collects whole rollouts: it trains on until its count reaches the steps asked, so the last rollout
         # overshoots (64 asked at 128 a rollout trained 128, and the bar ran past its total, unsaid).
@@ -872,7 +900,7 @@ def train_policy(
                 deterministic=True,
                 verbose=0,
             )
-            identity = {"tasks": list(eval_tasks), "seed": int(seed)}  # what one curve's evaluations share
+            identity = _evaluation_identity(eval_tasks, seed, interval_steps, max_decisions, eval_kwargs)
             if resume is not None:
                 earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
                 if Path(resume).parent.name.startswith("replaced_after_"):  # resumed into another folder (see above)
@@ -1036,6 +1064,26 @@ def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Pa
     return stats_file if stats is not None else None
 
 
+def _purge_curves_after(logger: Any, step: int) -> None:
+    """Marks ``logger``'s TensorBoard run so that TensorBoard drops the points written before the mark past ``step``.
+
+    A resumed run goes on writing the newest TensorBoard run of its ``log_dir`` (SB3's ``reset_num_timesteps=False``).
+    Resumed from an earlier checkpoint, that run's points past the checkpoint belong to the run this one replaces:
+    until 2026-12-06 they stayed among the new ones (``eval/mean_reward`` at 8, 16, and 16 again). The mark is the
+    one ``SummaryWriter(purge_step=step + 1)`` writes, a ``SessionLog.START`` event at ``step + 1``, in the new run's
+    event file before its first point: TensorBoard (its ``EventAccumulator``) then drops every point read before it
+    at ``step + 1`` or later, and keeps those up to ``step``, the resumed weights' own. Nothing is deleted from the
+    event files. A run resumed from its end has no point past it: the mark drops nothing.
+    """
+    from stable_baselines3.common.logger import TensorBoardOutputFormat
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    for output in logger.output_formats:
+        if isinstance(output, TensorBoardOutputFormat):
+            writer: Any = output.writer.file_writer  # torch types it None until its writer is built (in __init__)
+            writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=step + 1)
+
+
 def _close_after_failure(venv: Any) -> None:
     """Closes ``venv`` while another exception propagates: its workers may be gone, so errors are only logged."""
     if venv is None:
@@ -1076,38 +1124,51 @@ def _unused_name(path: Path, *companions: str) -> Path:
     return candidate
 
 
-def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed: bool) -> None:
+def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed_from: Path | None) -> None:
     """Moves the replaced run's ``<stem>_<N>_steps.zip`` (and their stats) into ``replaced_after_<start>_steps/``.
 
-    Those with ``N > start`` for a run ``resumed`` from step ``start``; every one for a new run (``start`` 0: its
-    ``_0_steps`` too, the earlier run's initial weights). A run resumed from an earlier checkpoint into its own folder
-    overwrote the same-named ones it reached again and left the later ones among its own: two runs' weights in one
-    folder, unsaid; a new run into the folder of an earlier one did so with all of them. Where that folder exists (an
-    earlier run set checkpoints aside there), a new one is made, ``replaced_after_<start>_steps_2/`` (``_3``, ...); the
-    warning names it.
+    Those with ``N > start`` for a run resumed from step ``start`` from its own folder (``resumed_from`` being the
+    policy ``<folder>/../<stem>.zip`` or one of the checkpoints here); every one, into ``replaced_after_0_steps/``, for
+    a new run (``resumed_from`` None; its ``_0_steps`` too, the earlier run's initial weights) and for a run resumed
+    from another folder's zip, of which none here is a checkpoint (until 2026-12-06 that one kept those at or below
+    its step among its own). A run resumed from an earlier checkpoint into its own folder overwrote the same-named ones
+    it reached again and left the later ones among its own: two runs' weights in one folder, unsaid; a new run into
+    the folder of an earlier one did so with all of them. Where that folder exists (an earlier run set checkpoints
+    aside there), a new one is made, ``replaced_after_<start>_steps_2/`` (``_3``, ...); the warning names it.
     """
+    own = resumed_from is not None and _resumes_its_own_run(resumed_from, folder, stem)
+    kept_until = start if own else 0
     later = []
     for file in sorted(folder.glob(f"{stem}_*_steps.zip")):
         steps = file.name[len(stem) + 1 : -len("_steps.zip")]
-        if steps.isdigit() and (int(steps) > start or not resumed):
+        if steps.isdigit() and (int(steps) > start or not own):
             later.append(file)
     if not later:
         return
     # A folder of its own: a second run resumed from the same checkpoint put the first's checkpoints over those
     # the first had set aside (the original run's).
-    aside = _unused_name(folder / f"replaced_after_{start}_steps")
+    aside = _unused_name(folder / f"replaced_after_{kept_until}_steps")
     aside.mkdir()
     for file in later:
         for part in (file, file.with_suffix(".obs.json")):
             if part.is_file():
                 part.replace(aside / part.name)
-    if resumed:
+    if own:
         _log.warning(
             "%s held %d checkpoints past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
             "moved to %s",
             folder,
             len(later),
             start,
+            aside,
+        )
+    elif resumed_from is not None:
+        _log.warning(
+            "%s held %d checkpoints of another run, which this run (resumed from %s, not this folder's) replaces: "
+            "moved to %s",
+            folder,
+            len(later),
+            resumed_from,
             aside,
         )
     else:
@@ -1117,6 +1178,22 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed: 
             len(later),
             aside,
         )
+
+
+def _resumes_its_own_run(resume: Path, checkpoints: Path, stem: str) -> bool:
+    """Whether ``resume`` is the policy ``<stem>.zip`` beside ``checkpoints`` or one of its ``<stem>_<N>_steps.zip``.
+
+    However either path is spelled (resolved: relative, absolute, through a symlink).
+    """
+    if resume.resolve() == (checkpoints.parent / f"{stem}.zip").resolve():
+        return True
+    steps = resume.name[len(stem) + 1 : -len("_steps.zip")]
+    return (
+        resume.parent.resolve() == checkpoints.resolve()
+        and resume.name.startswith(f"{stem}_")
+        and resume.name.endswith("_steps.zip")
+        and steps.isdigit()
+    )
 
 
 def _move_replaced_evaluations(file: Path) -> None:
@@ -1135,6 +1212,22 @@ def _move_replaced_evaluations(file: Path) -> None:
             part.replace(target)
     _log.warning(
         "%s held an earlier run's evaluations, which this new run (not resumed) replaces: moved to %s", file, aside
+    )
+
+
+def _move_replaced_warm_start(file: Path) -> None:
+    """Moves ``file`` (a ``warm_start.json``), an earlier run's, aside for a new run into its folder.
+
+    To ``warm_start_replaced_after_0_steps.json`` (``_2``, ``_3``, ... where that name is taken), as its checkpoints
+    go to ``checkpoints/replaced_after_0_steps/``, with a warning naming it. Left in place (until 2026-12-06), it
+    described a warm start the new policy beside it never had.
+    """
+    if not file.is_file():
+        return
+    aside = _unused_name(file.with_name("warm_start_replaced_after_0_steps.json"))
+    file.replace(aside)
+    _log.warning(
+        "%s held an earlier run's warm start, which this new run (not resumed) replaces: moved to %s", file, aside
     )
 
 
@@ -1157,14 +1250,50 @@ def _evaluations_of(resume: Path) -> Path:
     return folder / "eval" / "evaluations.npz"
 
 
+def _evaluation_identity(
+    tasks: Sequence[str], seed: int, interval_steps: int, max_decisions: int | None, env_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What one evaluation curve's evaluations share, as JSON reads it back (``eval/evaluations.json``).
+
+    The held-out tasks and seed, and what else defines their episodes: ``interval_steps``, ``max_decisions`` and the
+    held-out environments' arguments (``env``: ``reward_config``, whose ``budget_intervals`` sets an episode's length,
+    ``profile``, ``cost_mode``, ``compute_bound``, ``task_overrides``, ...; a dataclass as its fields, anything JSON has
+    no form for as its ``repr``). Until 2026-12-06 only the tasks and seed were kept, and a resume evaluating episodes
+    of another budget carried the old curve on.
+    """
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, np.generic):
+            return value.item()
+        return repr(value)
+
+    identity = {
+        "tasks": list(tasks),
+        "seed": int(seed),
+        "interval_steps": interval_steps,
+        "max_decisions": max_decisions,
+        "env": dict(sorted(env_kwargs.items())),
+    }
+    # Through JSON and back: compared with the file's, tuples must be lists and dataclasses dicts alike
+    return dict(json.loads(json.dumps(identity, default=plain)))
+
+
 def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mapping[str, Any]) -> None:
     """Puts the evaluations of the run being resumed (up to step ``start``) into ``callback``'s history.
 
     SB3's ``EvalCallback`` rewrites its ``evaluations.npz`` from its own history at every evaluation, so a resumed
     run would otherwise replace the first run's evaluations with its own. Evaluations of other held-out tasks or
-    episodes (``identity``: the tasks and seed, recorded beside the file as ``evaluations.json``; another number of
-    episodes for a file saved without it) cannot share one curve: that file is moved aside, not overwritten (before,
-    another task set of the same size was appended to the old curve). Resumed from an earlier checkpoint, the
+    episodes (``identity``: :func:`_evaluation_identity`, recorded beside the file as ``evaluations.json``; another
+    number of episodes for a file saved without it) cannot share one curve: that file is moved aside, not overwritten
+    (before, another task set of the same size was appended to the old curve). A record of the older form (the tasks
+    and seed only, until 2026-12-06) does not say what its episodes were: it counts as another's, and is moved aside
+    too (the file is kept, and a curve of unknown episodes is never carried on). Resumed from an earlier checkpoint, the
     evaluations past it belong to the run this one replaces: a copy of the file keeps them
     (``evaluations_replaced_after_<start>_steps.npz``), with a warning. A file set aside (moved or copied) is never
     written over: where its name is taken, it gets ``_2``, ``_3``, ... before its suffix, as the warning says. The file
