@@ -576,6 +576,14 @@ class FusedSGD(_FusedOptimizer):
         # its buffer starts, undampened, at its first step with momentum, as torch.optim.SGD makes a parameter's.
         self._steps_before_momentum = torch.zeros(store.n_layers, dtype=torch.float64, device=store.device)
 
+    @property
+    def steps_before_momentum(self) -> torch.Tensor:
+        """float64 ``[n_layers]`` device tensor: each layer's applied steps at momentum 0 before its buffer started.
+
+        A layer's momentum buffer has started once its count (``layer_step_counts``) is past it.
+        """
+        return self._steps_before_momentum
+
     def state_dict(self) -> dict[str, Any]:
         """``_FusedOptimizer.state_dict``'s, plus the steps each layer took before its momentum buffer started.
 

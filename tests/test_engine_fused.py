@@ -549,6 +549,56 @@ def test_weights_written_outside_the_fused_step_are_noticed_and_their_copies_ref
     assert not engine.sync_weight_copies()  # once
 
 
+@pytest.mark.parametrize("into", ["a new engine", "an engine that took steps at momentum 0"])
+def test_a_dampened_sgd_resumed_before_its_momentum_started_starts_it_as_torch(into):
+    """Momentum 0 for two steps, then 0.9 (dampening 0.5), resumed at step 2 from ``optimizer.state_dict()``: the
+    fused step exported its zero buffers as started ones (torch.optim holds none yet), so the first step with momentum
+    after the resume took the dampened branch, 0.1 off torch's weights."""
+    torch.manual_seed(1)
+    data = [(torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE)) for _ in range(5)]
+    momentum = [0.0, 0.0, 0.9, 0.9, 0.9]
+
+    def build(fused):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).to(DEVICE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+        return model, optimizer, StepEngine(model, optimizer, DEVICE, fused=True) if fused else None
+
+    def step(model, optimizer, engine, i):
+        for group in optimizer.param_groups:
+            group["momentum"] = momentum[i]
+        x, y = data[i]
+        loss = (model(x) - y).square().mean()
+        if engine is None:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        else:
+            loss.backward()
+            engine.step_after_backward(loss)
+            engine.zero_grad()
+
+    reference = build(fused=False)
+    for i in range(5):
+        step(*reference, i)
+    model, optimizer, engine = build(fused=True)
+    for i in range(2):
+        step(model, optimizer, engine, i)
+    saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+    assert saved["optimizer"]["state"] == {}  # no buffer yet, as torch.optim's
+    if into == "a new engine":
+        engine.remove()
+        model, optimizer, engine = build(fused=True)
+    else:
+        for i in range(2):  # two more steps at momentum 0: its own count of them is 2 past the checkpoint's
+            step(model, optimizer, engine, i)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    for i in range(2, 5):
+        step(model, optimizer, engine, i)
+    torch.testing.assert_close(model.weight, reference[0].weight, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_loss_built_before_the_last_update_is_refused_as_the_plain_loop_refuses_it(fused):
     """A GAN's slip: a loss kept across an update, then stepped. Torch raises for its saved fp32 weights; before the

@@ -643,6 +643,20 @@ def test_measuring_costs_sets_aside_the_users_forward_hooks() -> None:
     assert len(nn.modules.module._global_forward_hooks) == 0
 
 
+def test_a_forward_hook_the_model_needs_runs_in_the_measurement_where_the_forward_raises_without_it() -> None:
+    """Set aside, a hook returning its module's output reshaped (flattened for the next layer) made the measuring
+    forwards raise, and the model was measured as parameters only. They run with it then, as an ``nn.Flatten`` would."""
+    torch.manual_seed(0)
+    hooked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Linear(4 * 6 * 6, 3))
+    hooked[1].register_forward_hook(lambda module, args, out: out.flatten(1))
+    flattened = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    sample = torch.randn(1, 1, 8, 8)
+    costs, reference = _costs(hooked, sample), _costs(flattened, sample)
+    assert costs.flops_per_sample.tolist() == reference.flops_per_sample.tolist() == [2592.0, 864.0]
+    assert costs.activation_bytes_per_sample.tolist() == reference.activation_bytes_per_sample.tolist()
+    assert costs.activation_bytes_per_sample.tolist() == [832.0, 12.0]
+
+
 @dataclasses.dataclass
 class _Output:
     logits: torch.Tensor | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -1758,6 +1759,36 @@ def test_a_model_saved_with_the_hooks_in_by_another_process_loads_without_this_o
     x = torch.randn(4, 6)
     with lp.context():
         assert torch.equal(teacher(x), reference(x))
+
+
+def _save_hooked_model(path: str) -> None:
+    model = three_linears()
+    LayerPrecision(model, device_type="cpu").set(["bf16", "fp32", "bf16"])
+    torch.save(model, path)
+
+
+def test_a_model_saved_with_the_hooks_in_by_a_forked_child_loads_without_the_parents_hooks(tmp_path) -> None:
+    """A forked child inherited its parent's token and counter, so it named its hooks as the parent names its own:
+    the parent loading the child's model got its own live hooks."""
+    import multiprocessing
+
+    from triaccel_rl import _pickled_hooks
+
+    parent = three_linears()
+    lp = LayerPrecision(parent, device_type="cpu")
+    lp.set(["bf16", "fp32", "bf16"])
+    mark = next(_pickled_hooks._numbers)  # the child counts on from here, as this process would
+    path = tmp_path / "child.pt"
+    child = multiprocessing.get_context("fork").Process(target=_save_hooked_model, args=(str(path),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    _pickled_hooks._numbers = itertools.count(mark + 1)  # this process's next names are the child's numbers
+    other = three_linears()
+    LayerPrecision(other, device_type="cpu").set(["bf16", "fp32", "bf16"])
+    loaded = torch.load(path, weights_only=False)
+    hooks = [h for m in loaded.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    assert len(hooks) == 6 and all(h is _pickled_hooks.inert for h in hooks)
 
 
 def test_a_torchscript_submodule_is_refused_by_name_and_no_hook_stays_behind() -> None:

@@ -12,6 +12,7 @@ loads, once that Controller is closed or elsewhere, as a model that runs as one 
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import weakref
 from collections.abc import Callable, Iterable
@@ -22,7 +23,16 @@ _live: weakref.WeakValueDictionary[str, Callable[..., Any]] = weakref.WeakValueD
 _numbers = itertools.count()
 # This process's own part of every name: numbers alone restarted at 0 in each process, so a model saved in one and
 # loaded in another where a Controller was open (a teacher loaded beside a student) got that Controller's live hooks.
+# A forked child draws its own (it inherited its parent's, and counted on from the same number).
 _PROCESS = secrets.token_hex(8)
+
+
+def _new_process_token() -> None:
+    global _PROCESS
+    _PROCESS = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_process_token)
 
 
 def named(hook: Callable[..., Any]) -> Callable[..., Any]:

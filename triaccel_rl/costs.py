@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import random
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> int:
@@ -142,10 +145,15 @@ class CostModel:
                     flops[index] += _forward_flops(module, args, kwargs, out)
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        try:
-            with _untouched(model, sample.device):
+
+        def count(user_hooks: bool) -> None:
+            flops[:], out_bytes[:] = 0.0, 0.0  # a first try that raised half way counted some layers
+            with _untouched(model, sample.device, user_hooks=user_hooks):
                 model.eval()
                 model(sample[:1])
+
+        try:
+            _user_hooks_if_needed(model, count)
         finally:
             for handle in handles:
                 handle.remove()
@@ -278,7 +286,8 @@ def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample
     totals = []
     for copies in (2, 4):
         try:
-            totals.append(_saved_bytes(model, layers, sample[:1], copies))
+            measured = functools.partial(_saved_bytes, model, layers, sample[:1], copies)
+            totals.append(_user_hooks_if_needed(model, measured))
         except Exception as error:  # any model's own failure: fall back to output bytes
             log.warning(
                 "the cost model counts each layer's output as its activation memory (an undercount where operations "
@@ -290,8 +299,13 @@ def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample
     return (totals[1] - totals[0]) / 2.0
 
 
-def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Tensor, copies: int) -> np.ndarray:
-    """Bytes saved for the backward pass and held at the end of one forward of ``copies`` samples, by layer."""
+def _saved_bytes(
+    model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Tensor, copies: int, user_hooks: bool = False
+) -> np.ndarray:
+    """Bytes saved for the backward pass and held at the end of one forward of ``copies`` samples, by layer.
+
+    ``user_hooks``: whether the user's forward hooks run (:func:`_untouched`).
+    """
     static = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     modules = dict(model.named_modules())
     saved: list[tuple[weakref.ref[torch.Tensor], int]] = []
@@ -327,7 +341,7 @@ def _saved_bytes(model: nn.Module, layers: Sequence[LayerInfo], sample: torch.Te
     runner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its graph runs no module's hooks
     per_layer = np.zeros(len(layers))
     try:
-        with torch.inference_mode(False), _untouched(model, sample.device), torch.enable_grad():
+        with torch.inference_mode(False), _untouched(model, sample.device, user_hooks), torch.enable_grad():
             _measuring_modes(model)
             batch = torch.cat([sample] * copies)  # a normal tensor even where the sample is an inference one
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -381,7 +395,7 @@ def _measuring_modes(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
+def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False) -> Iterator[None]:
     """Puts back what a forward may change.
 
     Every module's train/eval mode (a frozen batch norm stays in eval), every buffer (a value updated in place or a new
@@ -397,6 +411,7 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
     of 1, 2 and 4 samples as well, and the first step backpropagated through the last two. Forward pre-hooks stay
     (weight and spectral norm, pruning and lazy modules compute the forward's weights or shapes in theirs, and a
     user's may prepare the inputs), as do torch's own forward hooks and this package's (precision, measurement).
+    With ``user_hooks`` they run too (:func:`_user_hooks_if_needed`: a forward that needs one).
     """
     attributes = [(module, dict(module.__dict__)) for module in model.modules()]  # shallow: the objects themselves
     tensors = [  # with its version, which a write in place moves on (an inference tensor has none, and stays)
@@ -414,11 +429,12 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
     ]
     global_hooks = nn.modules.module._global_forward_hooks
     global_saved = dict(global_hooks)
-    for key, hook in global_saved.items():
-        if not _kept(hook):
-            del global_hooks[key]
-    for module, _ in attributes:  # a new dict: the attributes put back below restore the module's own
-        module._forward_hooks = _set_aside(module._forward_hooks)
+    if not user_hooks:
+        for key, hook in global_saved.items():
+            if not _kept(hook):
+                del global_hooks[key]
+        for module, _ in attributes:  # a new dict: the attributes put back below restore the module's own
+            module._forward_hooks = _set_aside(module._forward_hooks)
     python_state = random.getstate()
     try:
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
@@ -440,6 +456,22 @@ def _untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
             for tensor, version, value in tensors:  # only those written: a copy would move a graph's tensor on
                 if tensor._version != version and tensor.shape == value.shape:
                     tensor.copy_(value)
+
+
+def _user_hooks_if_needed(model: nn.Module, run: Callable[[bool], _T]) -> _T:
+    """``run(False)``: the measuring forwards without the user's forward hooks; ``run(True)`` where that raises.
+
+    Only where the user has forward hooks: a forward that needs one (a hook returning its module's output reshaped)
+    raised without them, and the model was measured as parameters only (2026-12-06, the day they were set aside).
+    """
+    try:
+        return run(False)
+    except Exception:
+        hooks = [*nn.modules.module._global_forward_hooks.values()]
+        hooks += [hook for module in model.modules() for hook in module._forward_hooks.values()]
+        if all(_kept(hook) for hook in hooks):
+            raise
+        return run(True)
 
 
 def _kept(hook: Callable[..., object]) -> bool:

@@ -1125,14 +1125,21 @@ class StepEngine:
         buffers, so the optimizer costs no memory and ``torch.save`` writes each buffer once. Before the first
         applied step there is no state, as in ``torch.optim``. Reads the step count (one host-device sync).
         """
+        from triaccel_rl.kernels import FusedSGD  # (loaded already: this engine runs the fused step)
+
         fused = self.fused_optimizer
-        layer_steps = fused.layer_step_counts.tolist()
+        counts = fused.layer_step_counts
+        layer_steps = counts.tolist()
+        # SGD: a layer whose steps were all at momentum 0 (a schedule from 0) has no momentum buffer yet, as
+        # torch.optim's parameters have none: exported, its zeros loaded as a started buffer, and the first step with
+        # momentum after a resume took the dampened branch
+        started = (counts > fused.steps_before_momentum).tolist() if isinstance(fused, FusedSGD) else None
         state = self.optimizer.state
         for layer, params in enumerate(self.store.layers):
             n = layer_steps[layer]  # a layer that never took part has no state, as torch.optim's parameters
             buffers = {name: self.store.param_views(getattr(fused, name), layer) for name in fused._buffer_names}
             for i, param in enumerate(params):
-                if n == 0 or not buffers:
+                if n == 0 or not buffers or (started is not None and not started[layer]):
                     state.pop(param, None)
                     continue
                 entry = {name: views[i] for name, views in buffers.items()}
@@ -1155,6 +1162,8 @@ class StepEngine:
         this engine's updates, and a caller taking differences of it (the Controller, over an interval) must not see
         it jump with a checkpoint. Reads the counts (a host-device sync) after a load.
         """
+        from triaccel_rl.kernels import FusedSGD  # (loaded already: this engine runs the fused step)
+
         state = self.optimizer.state
         fused = self.fused_optimizer
         current = fused._step_state[0].tolist() if loaded else [0.0] * (1 + len(self.store.layers))
@@ -1180,6 +1189,9 @@ class StepEngine:
             model = current[0] if loaded else max(layer_steps, default=0.0)
             counts = torch.tensor([model, *layer_steps], dtype=torch.float64)
             fused._step_state[0].copy_(counts)
+            if isinstance(fused, FusedSGD):  # torch.optim's state counts no steps at momentum 0: a layer without a
+                # buffer (count 0 here) starts it at its next step with momentum, one with a buffer has a count >= 1
+                fused.steps_before_momentum.zero_()
 
     def _class_decays(self, groups: Sequence[Mapping[str, Any]] | None = None) -> float | tuple[float, ...]:
         """The fused step's weight decay for ``groups`` (the param groups' now): one a decay class (a float for one).
