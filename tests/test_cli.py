@@ -643,6 +643,43 @@ def test_profile_factors_are_the_measured_ratios(tmp_path, monkeypatch, capsys):
     assert profile.throughput_scale == pytest.approx((10.0 - 0.5) / (8 * 3 * costs.flops_per_sample.sum() / 1e6))
 
 
+def test_a_profiled_step_time_is_the_median_of_the_timed_steps_after_the_warm_up(monkeypatch):
+    """On a fake clock that each forward moves on: 3 warm-up steps of 4 s, then 125, 250 and 2000 ms. The step time
+    is 250 ms (their mean is 791.7 ms; timing the warm-up instead gives 4000 ms). The steps are powers of two of a
+    second, so the clock's differences are exact."""
+    import types
+
+    import triaccel_rl.profiling as profiling
+
+    clock = [0.0]
+    monkeypatch.setattr(profiling, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Timed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.seconds = iter([4.0, 4.0, 4.0, 0.125, 0.25, 2.0])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            clock[0] += next(self.seconds)
+            return self.linear(x)
+
+    step_ms, peak = profiling._time_steps(Timed(), torch.zeros(2, 4), torch.tensor([0, 1]), Precision.FP32, steps=3)
+    assert (step_ms, peak) == (250.0, 1.0)  # no allocator to read on a CPU
+
+
+def test_measure_profile_leaves_the_callers_random_number_generator_as_it_was(monkeypatch):
+    """The measurement seeds and draws (torch.manual_seed(0), the batch); the caller's next draw is unchanged."""
+    import triaccel_rl.profiling as profiling
+
+    monkeypatch.setattr(profiling, "_time_steps", lambda model, x, y, p, steps: (2.0, 1.0))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    profiling.measure_profile("cpu", batch_size=2, steps=1, small=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, monkeypatch):
     import triaccel_rl.profiling
     from triaccel_rl.config import HardwareProfile

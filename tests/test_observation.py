@@ -567,12 +567,20 @@ def test_memory_use_is_clipped_to_its_documented_range():
     assert obs[layout.globals("memory_use")] == 2.0  # 5x the budget reads 2, the top of [0, 2]
 
 
+def test_loss_trend_is_clipped_to_its_documented_range():
+    """A loss that tripled (trend 3) reads 1 and a trend of -5 reads -1, the ends of [-1, 1]."""
+    for trend, expected in ((3.0, 1.0), (-5.0, -1.0)):
+        obs, layout = _one_group_observation(make_signals([1.0, 2.0], loss_trend=trend))
+        assert obs[layout.globals("loss_trend")] == expected, trend
+
+
 def test_group_features_are_weighted_by_parameters():
     """Scores 1 and 4 on 100 and 300 parameters (the median of the two is 2.5); a plain mean went unnoticed."""
     obs, layout = _one_group_observation(make_signals([1.0, 4.0], n_params=[100, 300]))
     assert obs[layout.group(0, "rel_sensitivity")] == pytest.approx((100 * 1 + 300 * 4) / 400 - 2.5, abs=1e-6)
     expected_curvature = math.log10((100 * 10 + 300 * 1e4) / 400) / 5
     assert obs[layout.group(0, "log_curvature")] == pytest.approx(expected_curvature, rel=1e-6)
+    assert obs[layout.globals("log_curvature")] == pytest.approx(expected_curvature, rel=1e-6)  # over every layer
 
 
 def test_the_relative_sensitivity_is_to_the_controllable_layers_median():

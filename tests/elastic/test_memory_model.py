@@ -160,6 +160,27 @@ def test_transfer_to_an_unmeasured_precision_map() -> None:
     assert memory.fit(bf16) == MemoryFit(20_000, 2_000, 0.0, 2)
 
 
+def test_an_unmeasured_map_borrows_the_latest_of_the_maps_measured_at_the_most_sizes() -> None:
+    """fp32 and then bf16 are each measured at two sizes: fp16 (bf16's bytes, so no ratio or shift) takes bf16's line.
+
+    Before, no test told this from taking the first map among equals (fp32's, scaled to fp16).
+    """
+    _, costs, profile = _model_and_costs()
+    fp32 = [Precision.FP32] * 4
+    bf16 = [Precision.BF16, Precision.FP32, Precision.BF16, Precision.BF16]  # the norm stays fp32
+    fp16 = [Precision.FP16, Precision.FP32, Precision.FP16, Precision.FP16]
+    assert costs.per_sample_bytes(fp16, profile) == costs.per_sample_bytes(bf16, profile)
+    assert costs.fixed_bytes(fp16) == costs.fixed_bytes(bf16)
+    memory = MemoryModel(costs, profile)
+    memory.observe(8, fp32, 10_000)
+    memory.observe(16, fp32, 16_000)  # 4_000 + 750 per sample
+    memory.observe(8, bf16, 30_000)
+    memory.observe(16, bf16, 50_000)  # 10_000 + 2_500 per sample: as many sizes as fp32, measured later
+    assert memory._reference_key() == tuple(bf16)
+    assert memory.fit(fp16) == MemoryFit(10_000, 2_500, 0.0, 0)
+    assert memory.predict(32, fp16) == 90_000
+
+
 def test_max_batch_size_is_the_largest_that_fits() -> None:
     _, costs, profile = _model_and_costs()
     fp32 = [Precision.FP32] * 4
