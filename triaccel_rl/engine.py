@@ -1360,7 +1360,8 @@ class StepEngine:
                 f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
                 f"built from its parameters, and it cannot take new ones (parameters {added[:5]}"
                 f"{' ...' if len(added) > 5 else ''}): add param groups before building the controller (for a later "
-                "stage, gradual unfreezing say, close() this controller and build a new one)"
+                "stage, gradual unfreezing say, close() this controller and build a new one, whose loader() counts "
+                "epochs from its own start)"
             )
         unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
         if unfrozen:
@@ -1369,7 +1370,7 @@ class StepEngine:
                 f"parameters {[names.get(id(p), tuple(p.shape)) for p in unfrozen][:5]} have gradients, but they were "
                 "frozen (requires_grad=False) when the controller was built from the optimizer's parameters, so it "
                 "does not hold them: unfreeze before building the controller (for gradual unfreezing, build a new "
-                "controller at each stage, after close() on the last)"
+                "controller at each stage, after close() on the last; its loader() counts epochs from its own start)"
             )
 
     def _zero_unstored_gradients(self) -> None:
