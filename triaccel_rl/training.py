@@ -721,7 +721,7 @@ class TrainingRun:
                 memory = max(memory, self.graphs.last_peak_bytes)
                 self.memory_model.rebase(now)  # the graph's memory stays allocated: the baseline, not the batch's
             else:
-                # The largest micro-batch sets the peak: the first, but the last of an odd batch at 2 (2, ..., 2, 3).
+                # The largest micro-batch sets the peak: plan_micro_batches puts it first (33 at 16: 16, 15, 2).
                 self.memory_model.observe(max(sizes), self.precisions, memory, allocated_bytes=now)
         else:
             memory = self.memory_bytes(max(sizes))

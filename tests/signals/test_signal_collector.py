@@ -1151,6 +1151,36 @@ def test_a_round_on_few_samples_through_a_batch_norm_runs_micro_batches_of_two()
     assert report is not None and report.folded and report.plan.n_microbatches == 12
 
 
+@pytest.mark.parametrize(
+    ("state", "skipped"),
+    [("training", True), ("model in eval", True), ("frozen in eval", False), ("no running statistics", True)],
+)
+def test_micro_batches_of_one_sample_are_skipped_only_where_a_batch_norm_uses_batch_statistics(
+    state: str, skipped: bool
+) -> None:
+    """3 samples give micro-batches of one: a batch norm that normalises with the batch's statistics refused them,
+    raised out of maybe_estimate; now the round is skipped before any pass, at no cost. The frozen_batch_stats block
+    puts a model in eval mode in training mode; one that tracks no running statistics uses batch statistics in either
+    mode; one its user froze in eval mode (running statistics) takes per-sample gradients, and its round runs."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8, track_running_stats=state != "no running statistics")
+    model = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU(), nn.Linear(8, 3))
+    if state == "model in eval":
+        model.eval()
+    elif state != "training":
+        norm.eval()
+    layers = [list(model[0].parameters()), list(model[1].parameters()), list(model[3].parameters())]
+    config = SignalConfig(schedule=Schedule.FIXED, fixed_microbatches=3, fixed_probes=1, warmup_round=False)
+    collector, _ = mlp_collector(model, layers, config, n_samples=3)
+    collector.observe(fake_stats(3))
+    report = collector.maybe_estimate()
+    assert report is not None and report.plan.n_microbatches == 3
+    assert report.folded is not skipped and collector.rounds_skipped == int(skipped)
+    if skipped:
+        assert report.cost == RoundCost(0.0, 0.0, 0.0) and "batch norm in training mode" in report.reason
+    assert snapshot(collector).extra["curvature_source"] == ("fisher" if skipped else "hutchinson")
+
+
 @pytest.mark.parametrize(("n_samples", "n_micro"), [(256, 4), (3, 3)])
 def test_micro_batches_of_one_sample_run_as_planned_never_more(n_samples: int, n_micro: int) -> None:
     """``micro_batch_size=1`` made every round take ``n_samples // 2`` micro-batches of two (128 instead of the 4

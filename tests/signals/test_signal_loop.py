@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.signals import SignalConfig
-from triaccel_rl.tasks import get_task
+from triaccel_rl.tasks import Task, get_task, synthetic_data
 from triaccel_rl.training import TrainingRun
 
 
@@ -142,3 +145,40 @@ def test_the_runs_observe_budget_reaches_its_recorder_and_is_checked() -> None:
         with pytest.raises(ValueError, match=r"^observe_budget_frac=.* must be a number in \(0, 1\), or None"):
             run.observe_budget_frac = value  # type: ignore[assignment]
     assert run.observe_budget_frac is None
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_a_probe_too_small_for_micro_batches_of_two_skips_the_round_only_through_a_batch_norm(
+    batch_norm: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """24 training samples leave a probe batch of 3: micro-batches of one sample, which BatchNorm1d in training mode
+    refuses ("Expected more than 1 value per channel"), raised out of the snapshot and aborting the loop. Now that round
+    is skipped before any pass, counted, given its reason and logged; without a batch norm, per-sample gradients are
+    valid and the round runs and is folded, as before."""
+
+    def build() -> nn.Module:
+        norm: nn.Module = nn.BatchNorm1d(16) if batch_norm else nn.Identity()
+        return nn.Sequential(nn.Linear(32, 16), norm, nn.ReLU(), nn.Linear(16, 10))
+
+    torch.manual_seed(0)
+    task = Task("bn1d-mlp", "MLP, BatchNorm1d or not", build, synthetic_data, base_batch_size=4, n_train=24, n_test=16)
+    run = TrainingRun(task, device="cpu", seed=0, cost_mode="profile")
+    assert len(run.probe_batch[1]) == 3
+    loop = DecisionLoop(run, ControllerConfig(interval_steps=2))
+    loop.train_interval()
+    with caplog.at_level(logging.INFO, logger="triaccel_rl"):
+        signals = loop.snapshot(progress=0.0)  # unknown: no round is refused for the run's budget
+    report = loop.collector.last_round
+    assert report is not None
+    if batch_norm:
+        assert not report.folded and "batch norm" in report.reason
+        assert report.cost.total_ms == 0.0
+        # The warm-up round and the first charged round: both skipped; the signals are the cheap tier's.
+        assert signals.extra["rounds_skipped"] == 2 and signals.extra["curvature_source"] == "fisher"
+        assert signals.hessian_trace is None
+        assert sum("signal rounds skipped" in message for message in caplog.messages) == 1  # once, not per round
+    else:
+        assert report.folded and report.reason == ""
+        assert signals.extra["rounds_skipped"] == 0 and signals.extra["curvature_source"] == "hutchinson"
+        assert signals.hessian_trace is not None and "signal rounds skipped" not in caplog.text
+    assert np.all(np.isfinite(loop.observation()))

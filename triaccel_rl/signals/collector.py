@@ -41,7 +41,9 @@ budget cannot repay is refused (``extra["rounds_refused_for_budget"]``, logged o
 stay the cheap tier's, as before any round.
 
 Bad input: a round whose loss or any estimate is non-finite is skipped (its cost still counts;
-``extra["rounds_skipped"]``); a layer with no gradient (unused by the loss) is measured as the exact zero
+``extra["rounds_skipped"]``); so is, before any pass and at no cost, a round whose micro-batches would hold one
+sample each (a probe batch of 2-3 samples) where a batch norm normalises with batch statistics (logged once; its
+signals stay the cheap tier's); a layer with no gradient (unused by the loss) is measured as the exact zero
 it is (``extra["unused_layers"]``); a layer frozen after the start keeps its last values. Every value in
 a snapshot is finite. An interval with no steps (two snapshots in a row) measured neither time nor memory:
 its snapshot repeats the latest measured step time and peak memory, with a zero step-time trend. Per-layer
@@ -205,7 +207,8 @@ class SignalCollector:
         train_ms: wall time of the training steps observed.
         estimator_ms: wall time of the rounds alone (the warm-up round included).
         warmup_ms: wall time of the uncharged warm-up round (``SignalConfig.warmup_round``).
-        rounds_skipped: rounds that ran but were not folded in (a non-finite loss or estimate).
+        rounds_skipped: rounds that were not folded in: a non-finite loss or estimate, or (skipped before any pass,
+            at no cost) micro-batches of one sample through a batch norm in training mode.
         rounds_refused_for_budget: decision points at which the first round was refused because its
             predicted cost exceeds what the budget allows over the whole run (:class:`BudgetRefusal`).
 
@@ -252,6 +255,7 @@ class SignalCollector:
         self.warmup_ms = 0.0
         self.last_round: RoundReport | None = None
         self._first_round_prepared = False
+        self._said_batch_norm_skip = False  # logged once per collector, as a refusal for the budget is
         n = len(layers)
         self._sq_ema = np.zeros(n)
         self._norm_ema = np.zeros(n)
@@ -778,6 +782,12 @@ class SignalCollector:
         elif micro < 1:  # fewer samples than micro-batches, and under four: one a micro-batch, as many as there are
             plan = RoundPlan(min(plan.n_microbatches, n_available), plan.n_probes, plan.predicted_ms)
             micro = 1
+        if micro < 2 and _normalises_over_the_batch(source.model):
+            # One sample a micro-batch (a probe batch of 2-3 samples, or micro_batch_size=1) through a batch norm that
+            # normalises with the batch's statistics: BatchNorm1d refuses it ("Expected more than 1 value per
+            # channel"), which aborted the decision loop's snapshot; elsewhere its statistics are the sample's own, not
+            # the function being trained. Per-sample gradients are valid without one, and run there as planned.
+            return self._skipped_for_batch_norm(plan, n_available)
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
         order = torch.randperm(n_available, generator=self._cpu_generator)
         noise_index = order[: plan.n_microbatches * micro].to(device)
@@ -861,6 +871,21 @@ class SignalCollector:
         else:
             cost = RoundCost(noise_ms, hutchinson_ms, prepare_ms + other_ms)
         return RoundReport(plan, cost, 0.0, finite, reason)
+
+    def _skipped_for_batch_norm(self, plan: RoundPlan, n_available: int) -> RoundReport:
+        """A round skipped before any pass (it costs nothing) because its micro-batches would hold one sample each."""
+        reason = (
+            f"micro-batches of one sample (from {n_available} probe samples, micro_batch_size="
+            f"{self.config.micro_batch_size}) through a batch norm in training mode, which needs two; skipped"
+        )
+        if not self._said_batch_norm_skip:
+            self._said_batch_norm_skip = True
+            _log.info(
+                "signal rounds skipped: %s; the curvature and gradient-noise signals stay the cheap estimates (a "
+                "probe batch of at least 4 samples gives micro-batches of two)",
+                reason.removesuffix("; skipped"),
+            )
+        return RoundReport(plan, RoundCost(0.0, 0.0, 0.0), 0.0, False, reason)
 
     def _fold_round(self, trace: np.ndarray, grad_sq: np.ndarray, cov: np.ndarray, measured: np.ndarray) -> None:
         d = self.config.round_ema_decay
@@ -962,6 +987,19 @@ The warm-up round's, then each charged round's: a later run of the same model st
 (``RoundScheduler.seed_rates``). Never on a CPU nor in profile cost mode, so that those stay deterministic
 for a seed whatever ran before in the process.
 """
+
+
+def _normalises_over_the_batch(model: nn.Module) -> bool:
+    """Whether a forward under :func:`frozen_batch_stats` normalises with batch statistics somewhere.
+
+    A batch norm in training mode does (the block puts a model in eval mode in training mode, every module), and so
+    does one that tracks no running statistics, in either mode.
+    """
+    return any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (module.training or not model.training or module.running_mean is None)
+        for module in model.modules()
+    )
 
 
 def _caches_round_costs(source: EstimatorSource) -> bool:

@@ -82,7 +82,7 @@ class SignalConfig:
             samples, so the shape is this size (and fixed, GPU kernels tuned for it) only where the probe batch holds
             ``m × micro_batch_size``; under two samples each, fewer micro-batches of two (one each under four
             samples). 1 gives per-sample gradients, which a batch norm in training mode refuses (it needs two samples
-            for its batch statistics).
+            for its batch statistics): where micro-batches would hold one sample, such a model's round is skipped.
         hutchinson_batch_size: samples in the Hutchinson sub-batch (capped by the samples available).
         max_microbatches: largest number of micro-batches in a round, >= 2.
         max_probes: largest number of Hutchinson probes in a round, >= 1.
