@@ -342,3 +342,14 @@ def test_a_batch_taken_back_with_its_folded_sample_is_served_again_whole() -> No
     assert len(last.y) == 5 and loader.epoch_progress == 1.0
     loader.take_back(len(last.y))
     assert loader.next(4).y.tolist() == last.y.tolist()
+
+
+def test_next_size_is_what_next_serves():
+    """``next_size`` (what reads a step ahead of it counts with) against ``next`` itself, through epochs of
+    ``k * batch + 1`` samples, batch changes, a batch of one and a take-back."""
+    loader = ElasticLoader(torch.arange(33.0), torch.arange(33), seed=0)
+    for batch_size in [16, 16, 5, 1, 7, 2, 31, 32, 33, 40, 3, 16, 17]:
+        expected = loader.next_size(batch_size)
+        assert len(loader.next(batch_size).y) == expected
+    loader.take_back(3)
+    assert loader.next_size(2) == 3 and len(loader.next(2).y) == 3  # the 3 taken back: no single one left behind

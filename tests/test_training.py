@@ -545,6 +545,43 @@ def test_calibrate_memory_tries_no_micro_batch_below_2_by_default(monkeypatch, b
     assert passes == expected
 
 
+def test_calibrate_memory_tries_no_single_sample_where_the_weights_fill_half_the_budget(monkeypatch):
+    """A budget holding two samples in ``fill_frac`` of it, but where two are more than half of it: the halving of the
+    default sizes went down to 1, and the batch norm model's pass raised (the run could not be built on a GPU). The
+    passes run for real here, the allocator's calls stubbed."""
+    import triaccel_rl.training as training
+
+    run = TrainingRun(_bn_task(n_train=256, n_test=16, base_batch_size=8), seed=0, device="cpu")
+    run.memory_budget_bytes = 2 * run.costs.memory_bytes(2, run.precisions, run.profile) - 2
+    assert run.micro_batch_size() >= 2
+    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
+    monkeypatch.setattr(training, "release_memory", lambda device: None)
+    passes: list[int] = []
+    trial_pass = TrainingRun._trial_pass
+    monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: (passes.append(n), trial_pass(self, n))[1])
+    run.calibrate_memory()
+    assert passes == [2, 2]  # the unmeasured pass, then the one size
+
+
+def test_the_lr_read_ahead_of_a_step_is_the_lr_it_applies_on_a_folded_last_batch():
+    """An epoch of 4 x 16 + 1 samples ends on a batch of 17: ``run.lr`` read the schedule at 16 samples on, one short
+    of where the step takes it."""
+    n_train = next(n for n in range(60, 120) if n - probe_count(n) == 65)
+    run = TrainingRun(
+        get_task("synthetic", n_train=n_train, n_test=16), seed=0, device="cpu", batch_size=16, schedule_epochs=2.0
+    )
+    sizes = []
+    for _ in range(8):
+        predicted = run.lr
+        stats = run.step()
+        sizes.append(stats.batch_size)
+        assert predicted == stats.lr
+    assert sizes == [16, 16, 16, 17] * 2
+
+
 def test_calibrate_memory_halves_an_out_of_memory_size_down_to_2(monkeypatch):
     """A size out of memory is halved: 3 went to 1 before the fix, which a batch norm refuses; now to 2, then stops."""
     run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu")

@@ -337,7 +337,10 @@ def release_memory(device: torch.device) -> None:
 
 
 class UnrecoverableOOMError(RuntimeError):
-    """Out of memory even when split as far as allowed (a micro-batch of one sample, or too many retries)."""
+    """Out of memory more than ``max_oom_retries`` times in a step, split as far as allowed.
+
+    A micro-batch of two (or of one, where the batch or the cap is one) is retried as it is.
+    """
 
 
 @dataclass(frozen=True)

@@ -87,12 +87,24 @@ class ElasticLoader:
             self.epoch += 1
             self.cursor = 0
             self._order = self._permutation(self.epoch)
-        if batch_size >= 2 and len(self.x) - self.cursor == batch_size + 1:  # no batch of one left behind
-            batch_size += 1
-        indices = self._order[self.cursor : self.cursor + batch_size]
+        indices = self._order[self.cursor : self.cursor + self.next_size(batch_size)]
         self.cursor += len(indices)
         self.samples_served += len(indices)
         return Batch(self.x[indices], self.y[indices], self.epoch, indices)
+
+    def next_size(self, batch_size: int) -> int:
+        """How many samples :meth:`next` serves for ``batch_size`` (a whole number >= 1) now.
+
+        ``batch_size``; fewer at the end of an epoch; one more where it would leave a single sample. What reads the
+        next step ahead of it (``TrainingRun.lr``: the schedule at the end of the next batch) counts with it: it read a
+        folded batch as ``batch_size`` samples, one short.
+        """
+        left = len(self.x) - self.cursor
+        if left <= 0:  # next() starts the next epoch first
+            left = len(self.x)
+        if batch_size >= 2 and left == batch_size + 1:
+            return batch_size + 1
+        return min(batch_size, left)
 
     def take_back(self, n_samples: int) -> None:
         """Returns the last ``n_samples`` served to the front of the queue (a step that was not applied).

@@ -524,13 +524,14 @@ class TrainingRun:
         return schedule_gain(self.epoch, self.schedule_epochs, self.warmup_frac)
 
     def _schedule_gain_after(self, n: int) -> float:
-        """``schedule_gain`` once the loader has served ``n`` more samples (at most the epoch's rest, as it does)."""
+        """``schedule_gain`` once the loader has served a batch of ``n`` (as many as it serves: ``next_size``)."""
         if self.schedule_epochs is None:
             return 1.0
         size, epoch, cursor = len(self.loader), self.loader.epoch, self.loader.cursor
+        served = self.loader.next_size(n)  # (before the move below: it sees the epoch's end as next() does)
         if cursor >= size:  # the loader starts the next epoch before serving
             epoch, cursor = epoch + 1, 0
-        return schedule_gain(epoch + min(cursor + n, size) / size, self.schedule_epochs, self.warmup_frac)
+        return schedule_gain(epoch + (cursor + served) / size, self.schedule_epochs, self.warmup_frac)
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -545,7 +546,8 @@ class TrainingRun:
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
-                (a one-sample micro-batch is retried as it is); the batch is returned to the loader first.
+                (a micro-batch of two, or of one where the batch or the cap is one, is retried as it is); the batch is
+                returned to the loader first.
         """
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
@@ -946,10 +948,14 @@ class TrainingRun:
         if sizes is None:
             # The accounting (nothing is fitted yet) picks sizes that should fit comfortably.
             s = max(1, min(self.batch_size, len(self.loader)))
-            while s > 1 and self.costs.memory_bytes(s, self.precisions, self.profile) > self.memory_budget_bytes // 2:
-                s //= 2
-            # Not below the least micro-batch the steps use (a batch of 1 raised in a batch norm where s was 4..7)
-            sizes = sorted({max(min(_LEAST_MICRO_BATCH, s), s // 4), s})
+            # Not below the least micro-batch the steps use: a batch of 1 raised in a batch norm where s was 4..7, and
+            # where the weights took half the budget, so that the halving went down to 1
+            least = min(_LEAST_MICRO_BATCH, s)
+            while (
+                s > least and self.costs.memory_bytes(s, self.precisions, self.profile) > self.memory_budget_bytes // 2
+            ):
+                s = max(least, s // 2)
+            sizes = sorted({max(least, s // 4), s})
         # One unmeasured pass first: the first forward and backward of a process's model can allocate one-time
         # buffers for the length of the pass (on a fresh H200, 60 MB more than the batch's own at 64 samples, twice
         # the need at 256), which would flatten the fitted line and make large batches look cheap.
