@@ -1228,3 +1228,15 @@ def test_a_bare_learned_policy_runs_its_speed_trial_and_starts_in_fp32():
     assert set(result.speed_trial) == {"bf16", "fp16", "chosen"}
     assert result.trace[0]["precisions"] == [0] * len(result.layer_names)  # fp32 until its first decision
     assert policy.initial_precision is None  # as it was given
+
+
+def test_a_policys_action_mixing_in_bools_is_refused():
+    """``run_controller`` made the policy's list an int64 array before ``decode``: True read as index 1 (LR x0.75 of
+    the default ladder), silently, and decode's "True and False are no action indices" never ran."""
+
+    class MixesBools:
+        def predict(self, observation, state=None, episode_start=None, deterministic=False):
+            return [0, 0, 0, 0, True, 1], None
+
+    with pytest.raises(ValueError, match=r"action \[0, 0, 0, 0, True, 1\] must hold integers; True and False are no"):
+        run_controller("synthetic", MixesBools(), 0, epochs=0.2, config=ControllerConfig(interval_steps=5))

@@ -85,6 +85,43 @@ def test_heuristic_controller_decides_and_logs(tmp_path):
     assert lrs[-1] == pytest.approx(ctl.lr, rel=1e-6) and scales[-1] == pytest.approx(ctl.engine.lr_scale, rel=1e-6)
 
 
+def test_a_run_resumed_into_its_log_dir_drops_the_replaced_runs_points_past_the_checkpoint(tmp_path):
+    """Resumed from step 4 after the first run wrote to step 8, TensorBoard read train/loss at 2, 4, 6, 8, 6, 8, 10:
+    the replaced run's 6 and 8 beside the resumed run's. The resume's purge mark (at step 5) drops the first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def build():
+        model, opt = model_and_optimizer()
+        return model, Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=2), log_dir=tmp_path)
+
+    model, ctl = build()
+    for x, y in ctl.loader(data(n=160), batch_size=16):
+        with ctl.autocast():
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+        if ctl.steps == 4:
+            saved = copy.deepcopy({"model": model.state_dict(), "controller": ctl.state_dict()})
+        if ctl.steps == 8:  # the run stops (a crash) past its last checkpoint
+            break
+    ctl.close()
+    (first,) = tmp_path.glob("events.out.tfevents.*")  # named as written earlier: within one second the writers'
+    first.rename(tmp_path / "events.out.tfevents.0000000000.first")  # counters order them as text (10 before 9)
+    model, ctl = build()
+    model.load_state_dict(saved["model"])
+    ctl.load_state_dict(saved["controller"])
+    resumed = {}
+    for x, y in ctl.loader(data(n=160), batch_size=16):
+        with ctl.autocast():
+            ctl.step(nn.functional.cross_entropy(model(x), y))
+        if ctl.steps % 2 == 0:
+            resumed[ctl.steps] = ctl.signals.loss
+    ctl.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    points = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert [step for step, _ in points] == [2, 4, 6, 8, 10]
+    assert [value for step, value in points if step > 4] == pytest.approx([resumed[6], resumed[8], resumed[10]])
+
+
 def test_batch_growth_scales_lr_linearly():
     model, opt = model_and_optimizer()
     ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1000))
@@ -338,6 +375,40 @@ def test_a_decision_that_changes_the_lr_is_judged_after_the_shortest_interval():
     assert [report.lr_scale for report in ctl.decisions][3:] == [0.75] * (len(ctl.decisions) - 3)
     # As above ([2, 4, 10, 16, 22, 28]) until the change at step 16; the next decision comes 2 steps later.
     assert decided_at == [2, 4, 10, 16, 18, 24, 30]
+    ctl.close()
+
+
+class _Returns:
+    """A custom policy whose ``predict`` returns ``out`` as it is."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        return self.out
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (([0, 0, 0, 0, True, 1], None), r"action \[0, 0, 0, 0, True, 1\] must hold integers; True and False are no"),
+        (([np.True_, 0, 0, 0, 2, 1], None), "True and False are no action indices"),
+        (
+            np.array([0, 0, 0, 0, 2, 1]),
+            r"policy _Returns.predict\(\) returned array\(\[0, 0, 0, 0, 2, 1\]\) \(a "
+            r"ndarray\): it must return the pair \(action, state\)",
+        ),
+    ],
+)
+def test_a_policys_malformed_output_is_refused_by_name(out, message):
+    """A list mixing bools into the indices was made an int64 array before ``decode``, whose bool check then never ran
+    (True read as LR index 1, silently); a ``predict`` returning the action alone failed with "too many values to
+    unpack", naming neither the policy nor what it must return."""
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy=_Returns(out), config=ControllerConfig(interval_steps=2))
+    with pytest.raises(ValueError, match=message):
+        train(ctl, model, epochs=1)
+    assert ctl.decisions == []
     ctl.close()
 
 
@@ -631,6 +702,34 @@ def test_a_batch_that_breaks_the_running_statistics_is_rolled_back(caplog):
     assert torch.equal(stats[12], stats[8])  # restored at the end of steps 9-12 to the copy of step 8
     model.eval()
     assert torch.isfinite(model(data(n=32)[0])).all()
+    ctl.close()
+
+
+@pytest.mark.parametrize("use_backward", [False, True])
+def test_a_first_batch_that_breaks_the_running_statistics_is_rolled_back_not_refused(caplog, use_backward):
+    """The same ``inf`` input in the run's first batch: its forward's write to the running statistics was read as a
+    load since the build's copy, and ``step`` (or ``backward``) raised ``NoGoodStateError`` "after they were loaded"
+    though nothing was loaded. The copy from before that forward is restored at the interval's end, as later on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=2))
+    for x, y in ctl.loader(data(n=64), batch_size=16, epochs=1):
+        if ctl.steps == 0:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        with caplog.at_level("WARNING", logger="triaccel_rl"), ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        if use_backward:
+            ctl.backward(loss / 2)
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y) / 2
+        ctl.step(loss)
+        if ctl.steps == 2:  # the first interval's end: the build's state, buffers included
+            assert all(torch.equal(value, start[name]) for name, value in model.state_dict().items())
+    assert ctl.steps == 4 and ctl.rollbacks == 1 and ctl.skipped_steps == 1
+    assert "non-finite values in buffers ['1.running_mean', '1.running_var']" in caplog.text
     ctl.close()
 
 
@@ -1455,6 +1554,40 @@ def test_a_refused_controller_leaves_the_model_and_optimizer_unhooked(kwargs, me
     assert _hooks(model, optimizer) == 0
     model(torch.randn(3, 4)).square().mean().backward()
     optimizer.step()  # no "second update" guard left behind
+
+
+def test_a_refused_controller_writes_no_events_file(tmp_path):
+    """The policy's starting precision is checked after the TensorBoard writer was opened: the refused build left an
+    empty events file in ``log_dir`` (beside a run's own, a second run in TensorBoard) and the writer open."""
+
+    class StartsInFp8:
+        initial_precision = "fp8"
+
+        def predict(self, observation, state=None, episode_start=None, deterministic=False):
+            return np.array([0, 0, 0, 0, 2, 1]), None
+
+    model, optimizer = model_and_optimizer()
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed: fp32, bf16, fp16"):
+        Controller(model, optimizer, policy=StartsInFp8(), log_dir=tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
+    assert _hooks(model, optimizer) == 0
+
+
+@pytest.mark.parametrize("entry", ["0.weight", "1.running_var"])
+def test_a_model_built_on_with_nan_or_inf_is_refused_and_left_unhooked(entry):
+    """The build's copy is taken as the confirmed good state without a look: a model holding a NaN weight (or a NaN
+    in a batch norm's statistics) when the Controller was built was "rolled back" to itself at every interval, the run
+    non-finite to its end, where the same state loaded after the build is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model.state_dict()[entry].view(-1)[0] = float("nan")  # an inf in a buffer reads as a mask by design
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NoGoodStateError, match=rf"the model's {entry} hold NaN or infinite values when the Controller"):
+        Controller(model, optimizer, policy="fp32")
+    assert _hooks(model, optimizer) == 0
+    ctl = Controller(model, optimizer, policy="fp32", config=ControllerConfig(rollback=False))  # no copy: no refusal
+    ctl.close()
 
 
 def test_a_later_loader_call_with_another_seed_is_refused_not_a_new_run():

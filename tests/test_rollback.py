@@ -1036,15 +1036,18 @@ def test_a_restored_change_copy_is_confirmed_by_the_next_healthy_interval():
     assert restored == [[12], [12, 16]]
 
 
-def test_a_change_decided_after_a_mixed_interval_takes_no_copy():
-    """A mixed interval (step 10 skipped, the rest applied) is neither copied nor rolled back: the model may be
-    turning. The LR change decided at its end copied it anyway, and the failure at steps 13-16 went back to that copy
-    (step 12) instead of the last confirmed state (step 4; every second interval is copied)."""
+@pytest.mark.parametrize(("failing", "expected"), [(range(12, 16), [[12]]), (range(12, 20), [[12], [4]])])
+def test_a_change_decided_after_a_mixed_interval_is_copied_and_restored_once(failing, expected):
+    """``snapshot_every`` promises a copy right after a change, so that a rollback never crosses one. A mixed interval
+    (step 10 skipped, the rest applied: what an fp16 loss-scale overflow makes, routinely) took none at the LR change
+    decided at its end, and the failure at steps 13-16 went back past it, to step 4. Its copy is of finite weights and
+    buffers and is confirmed only by an update applied on it, like any change's copy: the first failure goes back to
+    it (step 12), a second straight after to the last confirmed state (step 4; every second interval is copied)."""
 
-    def loss_of_step(step, loss):  # step 10 skipped (a mixed interval), steps 13-16 diverge
-        return loss * float("nan") if step == 9 or 12 <= step < 16 else loss
+    def loss_of_step(step, loss):  # step 10 skipped (a mixed interval), then the failing steps diverge
+        return loss * float("nan") if step == 9 or step in failing else loss
 
     config = ControllerConfig(interval_steps=4, max_interval_factor=1, snapshot_every=2)
-    ctl, restored = _restores(_LowerTheLrAtTheThirdDecision(), config, loss_of_step, 16)
-    assert ctl.decisions[2].changed and ctl.skipped_steps == 5 and ctl.rollbacks == 1
-    assert restored == [[4]]
+    ctl, restored = _restores(_LowerTheLrAtTheThirdDecision(), config, loss_of_step, failing.stop)
+    assert ctl.decisions[2].changed and ctl.skipped_steps == 1 + len(failing) and ctl.rollbacks == len(expected)
+    assert restored == expected

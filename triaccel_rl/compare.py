@@ -354,7 +354,7 @@ def run_controller(
                 decide_start = time.perf_counter()
                 raw, _ = policy.predict(observation, deterministic=True)
                 before = (run.batch_size, run.lr_scale)
-                report = loop.apply(np.asarray(raw))
+                report = loop.apply(raw)  # unconverted: decode refuses True and False among the entries
                 decision_ms = (time.perf_counter() - decide_start) * 1e3
                 loop.collector.add_overhead(decision_ms)
                 loop.overhead_parts_ms["decision"] += decision_ms

@@ -49,8 +49,9 @@ from triaccel_rl.types import Policy, Precision, Signals
 __all__ = ["Controller"]
 
 _log = logging.getLogger("triaccel_rl")
-_StateMark = tuple[tuple[int, tuple[str, ...]], object]
-"""``Controller._state_mark``: the model state's version sum and entry names, and the optimizer's state object."""
+_StateMark = tuple[tuple[int, tuple[str, ...]], object, int]
+"""``Controller._state_mark``: the model state's version sum and entry names, the optimizer's state object, and the
+parameters' version sum (what a forward leaves alone)."""
 
 
 class Controller:
@@ -202,6 +203,12 @@ class Controller:
             self._broken_buffers = BufferCheck(model)
             self._copy_taken: tuple[str, _StateMark] | None = None
             if self.guard is not None:
+                # The copy of the starting state is taken as confirmed: a broken one was "rolled back" to at every
+                # interval, the run non-finite to its end (until 2026-12-06), where a load after the build is refused.
+                self._refuse_broken_model(
+                    "when the Controller was built: the rollback copy would be of that state, which no rollback can "
+                    "repair; build it on a finite model (load an earlier checkpoint first)"
+                )
                 self.guard.reserve()  # allocates the copy (pinned host memory on a GPU) before training
                 self._copy_taken = ("reserve", self._state_mark())
             self.rollbacks = 0
@@ -224,11 +231,7 @@ class Controller:
             self._base_batch_size = 0
             self._batch_size = 0
             self._last_batch = 0
-            self._writer: Any = None
-            if log_dir is not None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(log_dir))
+            self._writer: Any = None  # opened last, below
             self._skipped_counted = 0  # skipped updates of the intervals closed (a checkpoint's count)
             self._skipped_at_close = 0  # the open interval's, read at close()
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
@@ -249,6 +252,7 @@ class Controller:
             self._timer.start()
             self._closed = False
             self._interval_healthy = False  # the last closed interval's updates were all applied, its buffers finite
+            self._interval_mixed = False  # the last closed interval skipped some steps, applied others, buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
             self._applied_before_copy = 0  # the open interval's updates applied before that copy (a resume's, mid-way)
@@ -277,6 +281,10 @@ class Controller:
                 steps = getattr(self.policy, "config", self.config).heuristic.speed_trial_steps
                 self._trial_plan = (tuple(formats), steps)
                 self._start_trial()
+            if log_dir is not None:  # after every check: a refused build left an events file and an open writer
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(log_dir))
         except BaseException:
             self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given
             raise
@@ -438,15 +446,16 @@ class Controller:
         The version counters of everything the model's state dict holds (``model.load_state_dict`` bumps them), frozen
         parameters and buffers too, and the optimizer's state object (``load_state_dict`` makes a new one). Until
         2026-12-06 only the trained parameters counted: a frozen backbone loaded after the build was not in the copy,
-        and a rollback put the random one back. (A forward in train mode bumps a batch norm's buffers: the copy is
-        then taken again before the first step, once, into the same memory.)
+        and a rollback put the random one back. The parameters' versions apart tell a load from a forward in train
+        mode, which bumps a batch norm's buffers alone (``_retake_copy_if_written``).
         """
         state = self.model.state_dict(keep_vars=True)
         buffers = dict(self.model.named_buffers())  # the non-persistent ones too, which the copy holds as well
         # The entries' names too: a buffer made at the first forward (version 0) is not in the copy taken before it.
         # Tensors only: a module's extra state need not be one.
         versions = sum(t._version for t in [*state.values(), *buffers.values()] if isinstance(t, torch.Tensor))
-        return (versions, (*state, *buffers)), getattr(self.engine.optimizer, "state", None)
+        params = sum(p._version for p in self.model.parameters())
+        return (versions, (*state, *buffers)), getattr(self.engine.optimizer, "state", None), params
 
     def _retake_copy_if_written(self, training_starts: bool) -> None:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
@@ -460,7 +469,12 @@ class Controller:
             return
         how, mark = self._copy_taken
         now = self._state_mark()
-        if now[0] != mark[0] or now[1] is not mark[1]:
+        # At a step, buffers written with the parameters and the optimizer untouched are the step's own forward's (a
+        # batch norm's running statistics; a load writes the parameters too): the copy before that forward is kept,
+        # and the shield restores it should the forward have broken them. Read as a load, a first batch holding an inf
+        # ended the run with "after they were loaded" (until 2026-12-06), where a later one was rolled back.
+        forwards_own = training_starts and now[1] is mark[1] and now[2] == mark[2] and now[0][1] == mark[0][1]
+        if (now[0] != mark[0] or now[1] is not mark[1]) and not forwards_own:
             # As load_state_dict refuses it: taken as the good copy, it was restored at every interval. Nothing changes
             # here: refused again until a good state is loaded, which is then copied.
             self._refuse_broken_model("after they were loaded: no rollback can repair them; load an earlier checkpoint")
@@ -850,7 +864,8 @@ class Controller:
         coupler's state against this controller's LR rule): a refused checkpoint leaves the controller, its engine,
         the optimizer and the loss scaler as they were. The dataset is checked at the next ``loader()`` call, the
         first to see it. A checkpoint of format 1 (before 2026-12-04) holds no signals: they start afresh, as in the
-        first interval of a run.
+        first interval of a run. With ``log_dir``, the points past the checkpoint's step that the run it replaces wrote
+        there are dropped from TensorBoard's view (a purge mark, as ``SummaryWriter(purge_step=...)`` writes).
 
         Raises:
             ValueError: a state of another format, from another update path, optimizer or model (the engine's
@@ -962,6 +977,22 @@ class Controller:
             self._copy_taken = ("resume", self._state_mark())
             self._copy_opens_interval = self._change_copy = True
         self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
+        if self._writer is not None:
+            self._purge_curves_after(self.steps)
+
+    def _purge_curves_after(self, step: int) -> None:
+        """Marks the TensorBoard run so that TensorBoard drops the points written before the mark past ``step``.
+
+        Resumed into the ``log_dir`` of the run that saved the checkpoint, that run's points past the checkpoint belong
+        to the run this one replaces: until 2026-12-06 they stayed among the new ones (``train/loss`` at 6, 8, then 6
+        and 8 again). The mark is the one ``SummaryWriter(purge_step=step + 1)`` writes (as ``rl``'s resume does), a
+        ``SessionLog.START`` event at ``step + 1``: TensorBoard's ``EventAccumulator`` drops every point read before it
+        at ``step + 1`` or later. Nothing is deleted from the event files.
+        """
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        event = Event(session_log=SessionLog(status=SessionLog.START))
+        self._writer._get_file_writer().add_event(event, step=step + 1)
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
@@ -1263,7 +1294,8 @@ class Controller:
         ``config.snapshot_every`` healthy intervals). One with no update at all restores the copy, and so does one
         that left a buffer non-finite (a skipped step's forward wrote a batch-norm's running statistics: the model
         would evaluate to NaN from then on). Otherwise a mixed one does neither: its non-finite steps were skipped,
-        and the model may be turning, so it is not copied.
+        and the model may be turning, so it is not copied (but for a change decided at its end: ``_decide`` copies
+        it, unconfirmed, where its weights are finite).
 
         Under fp16, an interval with no update whose losses were all finite (``losses_finite``) is the loss scale
         backing off from too high, as ``GradScaler``'s first steps do, not a divergence: nothing is restored, and the
@@ -1279,7 +1311,7 @@ class Controller:
         copy is treated as a change's, counting only the updates after it (a checkpoint may be saved mid-interval);
         failing again from it with no confirmed copy left raises ``NoGoodStateError``.
         """
-        self._interval_healthy = False
+        self._interval_healthy = self._interval_mixed = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
         change_copy, self._change_copy = self._change_copy and began_from_copy, False
         before_copy, self._applied_before_copy = self._applied_before_copy, 0
@@ -1323,6 +1355,7 @@ class Controller:
             self._copy_opens_interval = self.guard.has_unconfirmed and self.guard.copy_is_current
             return False
         else:
+            self._interval_mixed = True
             restored = False
         self.rollbacks += restored
         return restored
@@ -1347,15 +1380,28 @@ class Controller:
         unknown = signals.extra.get("grad_mean_unknown_layers")
         self._noise_scale = None if unknown else signals.noise_scale
         start = time.perf_counter()
-        raw, _ = self.policy.predict(observation, deterministic=True)
-        report = self.executor.apply(decode(np.asarray(raw), self.config), self, overflow_rate=signals.overflow_rate)
+        result = self.policy.predict(observation, deterministic=True)
+        if not isinstance(result, tuple) or len(result) != 2:  # a bare action: "too many values to unpack", unnamed
+            raise ValueError(
+                f"policy {type(self.policy).__name__}.predict() returned {_briefly(result)}: it must return the pair "
+                "(action, state), as Stable-Baselines3's predict does; a policy with no recurrent state returns "
+                "(action, None)"
+            )
+        # Unconverted: decode refuses True and False among the entries, which an array would have made 1 and 0
+        report = self.executor.apply(decode(result[0], self.config), self, overflow_rate=signals.overflow_rate)
         if report.changed:
             self.cadence.expedite()  # judge the change at the next decision, soon
-        if report.changed and self.guard is not None and self._interval_healthy:
+        # After a mixed interval too: its skipped steps left the weights as they were, its buffers were checked finite
+        # (_shield), and the parameters are checked here (a sync, at a change only). Like every copy, it is confirmed
+        # only by an update applied on it, so a broken one is restored at most once. Until 2026-12-06 only a healthy
+        # interval took it, and a failure after a change that followed one skipped step crossed the change.
+        settled = self._interval_healthy or (self._interval_mixed and not nonfinite_parameters(self.model))
+        if report.changed and self.guard is not None and settled:
             # As DecisionLoop: a change is what most often precedes a divergence, so a rollback restarts from it
             # (ControllerConfig.snapshot_every's promise), not from an older copy: the first failure after it goes
             # back to this copy, confirmed or not (_shield).
-            if not self.guard.copy_is_current:
+            # (The guard counts healthy intervals only: a mixed one's updates came after its latest copy.)
+            if self._interval_mixed or not self.guard.copy_is_current:
                 self.guard.save()
                 self._copy_opens_interval = True
             self._change_copy = self._copy_opens_interval
@@ -1497,3 +1543,9 @@ def _precision_code(precision: Precision | None) -> int | None:
 
 def _optimizer_states(controller: Controller) -> int:
     return optimizer_state_tensors(controller.engine.optimizer)
+
+
+def _briefly(value: object) -> str:
+    """``value`` for a message: its repr and type, or the type alone where the repr runs long (a large array)."""
+    text = repr(value)
+    return f"{text} (a {type(value).__name__})" if len(text) <= 80 else f"a {type(value).__name__}"
