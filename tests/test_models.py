@@ -6,6 +6,8 @@ comments, never read off the code's output.
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import math
 import random
@@ -621,6 +623,84 @@ def test_measuring_costs_puts_back_a_tensor_attribute_written_in_place() -> None
     assert model.calls is counter and int(model.calls) == 0
 
 
+class _Penalised(nn.Module):
+    """Appends an activation penalty to a list attribute each forward, for the user to add to the loss and clear (an
+    activity regulariser, a mixture of experts' load-balancing loss), and notes each batch size in a dict, a set and a
+    deque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+        self.penalties: list[torch.Tensor] = []
+        self.batches: dict[int, int] = {7: 1}  # what the user had noted before: kept
+        self.sizes: set[int] = set()
+        self.recent: collections.deque[int] = collections.deque(maxlen=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        self.penalties.append(h.abs().mean())
+        self.batches[len(x)] = self.batches.get(len(x), 0) + 1
+        self.sizes.add(len(x))
+        self.recent.append(len(x))
+        return self.fc2(h)
+
+
+def test_measuring_costs_puts_back_the_contents_of_list_and_dict_attributes() -> None:
+    """The attributes were bound again, the same objects, as changed in place: the penalty list kept the measurement's
+    3 entries, two with the graphs of its 2- and 4-sample forwards, and the user's first step, summing the list into
+    its loss, backpropagated through them (fc1's bias gradient 1.76 where 1.51)."""
+    torch.manual_seed(0)
+    model = _Penalised()
+    unmeasured = copy.deepcopy(model)
+    penalties, batches = model.penalties, model.batches
+    _costs(model, torch.ones(1, 4))
+    assert model.penalties is penalties and penalties == []
+    assert model.batches is batches and batches == {7: 1}
+    assert model.sizes == set() and list(model.recent) == [] and model.recent.maxlen == 2
+    for net in (model, unmeasured):  # the user's first step
+        (net(torch.ones(3, 4)).sum() + sum(net.penalties)).backward()
+    assert model.fc1.bias.grad is not None and unmeasured.fc1.bias.grad is not None
+    assert torch.equal(model.fc1.bias.grad, unmeasured.fc1.bias.grad)
+
+
+class _InitialisedOnFirstBatch(nn.Module):
+    """Registers a buffer centring its output on the first batch's mean, and a parameter and a submodule with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if "shift" not in self._buffers:
+            self.register_buffer("shift", h.detach().mean(0))
+            self.register_buffer("seen", torch.zeros(()), persistent=False)
+            self.gain = nn.Parameter(torch.ones(4))
+            self.out = nn.Linear(4, 2)
+        return self.out((h - self.shift) * self.gain)
+
+
+def test_measuring_costs_drops_what_the_forward_registered() -> None:
+    """The parameter, buffer and submodule dicts were bound again as changed: the buffer registered in the forward
+    stayed, with the measurement's sample's mean, and the user's first batch never initialised the layer."""
+    torch.manual_seed(0)
+    model = _InitialisedOnFirstBatch()
+    unmeasured = copy.deepcopy(model)
+    _costs(model, torch.full((1, 4), 5.0))
+    assert list(model.state_dict()) == ["fc.weight", "fc.bias"]
+    assert list(model.named_buffers()) == [] and [name for name, _ in model.named_modules()] == ["", "fc"]
+    assert model._non_persistent_buffers_set == set()
+    batch = torch.randn(3, 4)
+    outputs = []
+    for net in (model, unmeasured):  # the user's first batch initialises it, drawing the new layer's weights
+        torch.manual_seed(1)
+        outputs.append(net(batch))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(model.shift, model.fc(batch).detach().mean(0))
+    assert model.state_dict().keys() == unmeasured.state_dict().keys()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
 def test_measuring_costs_sets_aside_the_users_forward_hooks() -> None:
     """A forward hook collecting an activation penalty saw the measurement's outputs of 1, 2 and 4 samples, and kept
@@ -926,3 +1006,17 @@ def test_saved_bytes_are_the_same_under_inference_mode_and_under_torch_compile()
     compiled_layers = [info for _, _, info in find_layers(compiled)]
     measured = saved_bytes_per_sample(compiled, compiled_layers, torch.zeros(1, 4))
     assert measured is not None and measured.tolist() == eager.tolist()
+
+
+def test_a_compiled_model_that_already_ran_one_sample_counts_its_flops() -> None:
+    """A compiled policy that had acted on one observation (eval mode, no gradients, a batch of one) before its costs
+    were measured: the FLOP count ran that cached graph, which runs no module's hooks, and counted 0 in every layer."""
+    torch._dynamo.reset()  # a fresh cache: no earlier test's compiles count towards its recompile limit
+    model = torch.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), backend="eager")
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 4))  # a rollout step
+    model.train()
+    costs = _costs(model, torch.zeros(1, 4))
+    assert costs.flops_per_sample.tolist() == [2 * 4 * 8, 2 * 8 * 2]
+    assert costs.activation_bytes_per_sample.tolist() == [48.0, 8.0]

@@ -36,6 +36,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# torch's hook dicts in every module: set aside and bound again by _untouched, their contents left as they are
+_HOOK_DICTS = frozenset(name for name in vars(nn.Module()) if "hook" in name)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> int:
@@ -119,8 +121,12 @@ class CostModel:
         Activation bytes are :func:`saved_bytes_per_sample`'s (each layer's output bytes where a batch cannot run).
 
         The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode, buffers
-        and plain attributes are as they were, and the user's forward hooks do not run in them (pre-hooks do), so a
-        training run that measures its costs first draws and computes exactly as one that does not.
+        and plain attributes (the contents of its lists and dicts, and what it registers, among them) are as they were,
+        and the user's forward hooks do not run in them (pre-hooks do), so a training run that measures its costs first
+        draws and computes exactly as one that does not.
+
+        A compiled model (``torch.compile``) runs its original module, whose layers' hooks fire: a compiled graph it
+        had already run on one sample in eval mode ran none, and every layer counted 0 FLOPs.
 
         Args:
             model: the model.
@@ -146,11 +152,13 @@ class CostModel:
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
+        runner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its graph runs no module's hooks
+
         def count(user_hooks: bool) -> None:
             flops[:], out_bytes[:] = 0.0, 0.0  # a first try that raised half way counted some layers
             with _untouched(model, sample.device, user_hooks=user_hooks):
                 model.eval()
-                model(sample[:1])
+                runner(sample[:1])
 
         try:
             _user_hooks_if_needed(model, count)
@@ -402,9 +410,12 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
     tensor bound to its name), every module's plain attributes (bound again, and ones the forward added dropped: a
     recurrent model's carried hidden state kept the measurement's batch of one, and the user's first step raised; a
     layer that initialises itself from its first batch, Glow's ActNorm, took the one-sample measurement's statistics,
-    a division by a zero deviation), every tensor attribute's value (a count kept in a tensor and added to in place),
-    and the random number generators (torch's on the CPU and ``device``, and Python's). Parameters written in place
-    are not put back.
+    a division by a zero deviation), the contents of its list, dict, set and deque attributes, in the same objects (a
+    penalty the forward appended to a list kept the measurement's graphs for the user's first step to backpropagate
+    through), its registered parameters, buffers and submodules among them (one registered in the forward dropped: a
+    buffer initialised from the first batch took the measurement's sample), every tensor attribute's value (a count
+    kept in a tensor and added to in place), and the random number generators (torch's on the CPU and ``device``, and
+    Python's). Parameters written in place are not put back.
 
     The user's forward hooks, the module's own and the global ones (``register_module_forward_hook``), are set aside
     meanwhile (:func:`_set_aside`): one that collected an activation penalty in a list saw the measurement's outputs
@@ -414,6 +425,12 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
     With ``user_hooks`` they run too (:func:`_user_hooks_if_needed`: a forward that needs one).
     """
     attributes = [(module, dict(module.__dict__)) for module in model.modules()]  # shallow: the objects themselves
+    containers = [  # and the contents of those changed in place, the parameter, buffer and submodule dicts among them
+        (value, list(value.items()) if isinstance(value, dict) else list(value))
+        for _, saved in attributes
+        for name, value in saved.items()
+        if isinstance(value, (list, dict, set, collections.deque)) and name not in _HOOK_DICTS
+    ]
     tensors = [  # with its version, which a write in place moves on (an inference tensor has none, and stays)
         (value, value._version, value.clone())
         for _, saved in attributes
@@ -447,6 +464,8 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
             for name in module.__dict__.keys() - saved.keys():
                 del module.__dict__[name]
             module.__dict__.update(saved)
+        for container, contents in containers:
+            _put_back(container, contents)
         for module, training in modes:
             module.training = training
         with torch.no_grad():
@@ -456,6 +475,15 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
             for tensor, version, value in tensors:  # only those written: a copy would move a graph's tensor on
                 if tensor._version != version and tensor.shape == value.shape:
                     tensor.copy_(value)
+
+
+def _put_back(container: list | dict | set | collections.deque, contents: list) -> None:
+    """Puts ``contents`` (a dict's items) back into ``container`` in place, so references the user holds see them."""
+    container.clear()
+    if isinstance(container, (dict, set)):
+        container.update(contents)
+    else:
+        container.extend(contents)
 
 
 def _user_hooks_if_needed(model: nn.Module, run: Callable[[bool], _T]) -> _T:
