@@ -425,15 +425,21 @@ class FlatParameterStore:
                 of the other type has its segment rewritten (a launch each). fp32 layers' bits are not read.
 
         Raises:
-            ValueError: ``codes`` has not one entry per layer, or an entry outside 0, 1, 2.
+            ValueError: ``codes`` (given) has not one entry per layer, or an entry that is not the whole number 0, 1 or
+                2 (checked for separate copies too, which refused nothing until 2026-12-06).
         """
+        if codes is not None:
+            given = list(codes)
+            if len(given) != self.n_layers or not all(
+                isinstance(code, numbers.Integral) and not isinstance(code, bool) and code in (0, 1, 2)
+                for code in given
+            ):
+                raise ValueError(f"codes must give each of the {self.n_layers} layers 0, 1 or 2; got {given}")
         if not self.shared_copy:
             cast_to_low_precision(self.params, torch.bfloat16, out=self.bf16_copy)
             cast_to_low_precision(self.params, torch.float16, out=self.fp16_copy)
             return
         codes = [1] * self.n_layers if codes is None else [int(code) for code in codes]
-        if len(codes) != self.n_layers or any(code not in (0, 1, 2) for code in codes):
-            raise ValueError(f"codes must give each of the {self.n_layers} layers 0, 1 or 2; got {codes}")
         bf16_layers = [layer for layer, code in enumerate(codes) if code == 1]
         fp16_layers = [layer for layer, code in enumerate(codes) if code == 2]
         if len(fp16_layers) > len(bf16_layers):

@@ -306,7 +306,7 @@ class _FusedOptimizer:
         if isinstance(inv_scale, torch.Tensor):  # (1, 1, 1) broadcast the CPU path's gradients to 3-D and raised there,
             inv_scale = inv_scale.reshape(())  # after the step counts had moved (until 2026-12-06)
         if store.device.type == "cpu":  # values read without a sync: a NaN factor gave NaN weights, code 7 stale copies
-            _check_step_values(factors, codes)
+            _check_step_values(factors, codes, inv_scale)
         stats = layer_grad_stats(
             store.grads, store.chunk_layer, store.n_layers, inv_scale, segment_align=store.segment_align
         )
@@ -357,6 +357,9 @@ class _FusedOptimizer:
                 f"skip must be {_STEP_TENSORS['skip']} on {device}; got {skip.dtype} {tuple(skip.shape)} on "
                 f"{skip.device}"
             )
+        # Options set after construction (a schedule's): a decay tuple short of the groups raised an IndexError in the
+        # update, after the record of the parameters without a gradient was taken (a retry then decayed them)
+        self._check_decay()
         self._check_options()
 
     def _check_options(self) -> None:
@@ -804,13 +807,16 @@ def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
-def _check_step_values(factors: torch.Tensor, codes: torch.Tensor) -> None:
-    """Raises a ValueError for an LR factor that is not finite and >= 0 or a code that is not 0, 1 or 2.
+def _check_step_values(factors: torch.Tensor, codes: torch.Tensor, inv_scale: float | torch.Tensor) -> None:
+    """Raises a ValueError for an LR factor, a precision code or an ``inv_scale`` tensor out of its range.
 
+    LR factors finite and >= 0, codes 0, 1 or 2, ``inv_scale`` finite and > 0 (a float's is checked on every device).
     Checked on CPU tensors only: on a GPU the values would cost a sync a step, and ``StepEngine`` checks them on the
-    host when they are set.
+    host when they are set (an ``inv_scale`` of -1 stepped up the gradient here until 2026-12-06).
     """
     if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
         raise ValueError(f"lr_factors must be finite numbers >= 0; got {factors.tolist()}")
+    if isinstance(inv_scale, torch.Tensor) and not 0.0 < float(inv_scale) < math.inf:
+        raise ValueError(f"inv_scale must be a finite number > 0 (1 / the loss scale); got tensor {float(inv_scale)}")
     if not bool(((codes >= 0) & (codes <= 2)).all()):
         raise ValueError(f"precision_codes must be 0 (fp32), 1 (bf16) or 2 (fp16) a layer; got {codes.tolist()}")

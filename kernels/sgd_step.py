@@ -353,9 +353,11 @@ def _check_steps_before_momentum(steps_before_momentum: torch.Tensor | None, lr_
         steps_before_momentum.dtype != torch.float64
         or steps_before_momentum.shape != lr_factors.shape
         or steps_before_momentum.device != lr_factors.device
+        or not steps_before_momentum.is_contiguous()  # the kernel reads and writes it at ptr + layer
     ):
         raise ValueError(
-            f"steps_before_momentum must be float64 of shape {tuple(lr_factors.shape)} (one a layer) on "
+            f"steps_before_momentum must be contiguous float64 of shape {tuple(lr_factors.shape)} (one a layer) on "
             f"{lr_factors.device}; got {steps_before_momentum.dtype} {tuple(steps_before_momentum.shape)} on "
             f"{steps_before_momentum.device}"
+            + ("" if steps_before_momentum.is_contiguous() else f", strides {steps_before_momentum.stride()}")
         )

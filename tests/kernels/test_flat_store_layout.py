@@ -191,3 +191,15 @@ def test_a_generator_of_layers_builds_the_store_as_a_list_of_them():
     from_generator = FlatParameterStore(list(m.parameters()) for m in model.children())
     assert list(from_generator.layer_numels) == list(from_list.layer_numels) == [8, 3]
     assert torch.equal(from_generator.params, from_list.params)
+
+
+@pytest.mark.parametrize("shared_copy", [False, True])
+@pytest.mark.parametrize("codes", [[7, 1], [1, 2, 0], ["x", 1], [1.5, 1], [True, 1]])
+def test_refresh_low_precision_refuses_codes_out_of_range_with_separate_copies_too(shared_copy, codes):
+    """Separate copies ignored ``codes`` and refused nothing, though the docstring promised a ValueError; a shared
+    copy refused 'x' with int()'s parse error and truncated 1.5 to 1."""
+    store = FlatParameterStore([[torch.nn.Parameter(torch.ones(4))], [torch.nn.Parameter(torch.ones(4))]],
+                               shared_copy=shared_copy)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^codes must give each of the 2 layers 0, 1 or 2; got "):
+        store.refresh_low_precision(codes)
+    store.refresh_low_precision([0, 2])  # a valid map still refreshes

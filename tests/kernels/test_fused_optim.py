@@ -887,3 +887,56 @@ def test_an_sgd_checkpoint_without_steps_before_momentum_still_loads() -> None:
     assert fused.state_dict()["steps_before_momentum"].tolist() == [1.0] * len(MODEL_LAYERS)
     fused.load_state_dict({key: value for key, value in state.items() if key != "steps_before_momentum"})
     assert fused.state_dict()["steps_before_momentum"].tolist() == [0.0] * len(MODEL_LAYERS)
+
+
+def test_a_weight_decay_set_short_after_construction_is_refused_before_anything_moves():
+    """Options set after construction (as a schedule's are) were not checked against the store's groups: a decay
+    tuple one short raised an IndexError in the update, after the record of the parameters without a gradient was
+    taken, and the retried step decayed a parameter that got none (torch.optim leaves it alone)."""
+    from dataclasses import replace
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    store = FlatParameterStore([[a], [b]], groups=[[0], [1]])
+    optimizer = FusedSGD(store, momentum=0.9, weight_decay=(0.5, 0.5))
+    optimizer.options = replace(optimizer.options, weight_decay=(0.5,))
+    store.zero_grad()
+    a.grad.fill_(1.0)
+    b.grad = None
+    store.rebind_grads(after_backward=True)
+    with pytest.raises(ValueError, match=r"weight_decay gives 1 values \(one a group\)"):
+        optimizer.step(0.1)
+    optimizer.options = replace(optimizer.options, weight_decay=(0.5, 0.5))
+    optimizer.step(0.1)
+    assert b.detach().tolist() == [1.0] * 3 and a.detach().tolist() == torch.full((3,), 0.85).tolist()
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.inf, math.nan])
+def test_an_inv_scale_tensor_out_of_range_is_refused_on_the_cpu_as_a_float_is(value):
+    """A float -1 was refused, the same as a CPU tensor stepped up the gradient (weights 1.09 where 0.89 was due)."""
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = FusedSGD(FlatParameterStore([[p]]), weight_decay=0.1)
+    p.grad.fill_(1.0)
+    with pytest.raises(ValueError, match=r"^inv_scale must be a finite number > 0 \(1 / the loss scale\); got tensor"):
+        optimizer.step(0.1, inv_scale=torch.tensor(value))
+    assert p.detach().tolist() == [1.0] * 4
+
+
+def test_a_strided_steps_before_momentum_is_refused_by_name():
+    """The kernel reads and writes it at ``ptr + layer``: a strided view was read at the wrong elements (a layer took
+    the dampened branch) and written at the wrong ones, where the reference path read it by its strides."""
+    from triaccel_rl.kernels import fused_sgd_step, layer_grad_stats, new_step_state
+
+    segment, n_layers = 16, 3
+    n = segment * n_layers
+    chunk = torch.arange(n_layers, dtype=torch.int32)
+    params, grads = torch.zeros(n), torch.ones(n)
+    stats = layer_grad_stats(grads, chunk, n_layers, segment_align=segment)
+    backing = torch.full((2 * n_layers,), 5.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"steps_before_momentum must be contiguous float64 .* strides \(2,\)"):
+        fused_sgd_step(
+            params, grads, torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.float16),
+            chunk, torch.ones(n_layers), torch.zeros(n_layers, dtype=torch.int32), stats,
+            new_step_state("cpu", n_layers=n_layers), lr=1.0, momentum=0.9, dampening=0.5,
+            steps_before_momentum=backing[::2], segment_align=segment,
+        )  # fmt: skip
+    assert params.tolist() == [0.0] * n
