@@ -147,7 +147,7 @@ def test_an_action_takes_codes_and_names_and_refuses_what_is_neither() -> None:
 def test_an_actions_lr_scale_is_a_positive_finite_number() -> None:
     """``lr_scale=True`` was kept as True and encoded as the 1.0 rung; "1.0" gave "lr_scale 1.0 is not one of (...,
     1.0, ...)" from encode."""
-    for bad in (True, "1.0", None, 0.0, -1.0, math.nan, math.inf):
+    for bad in (True, "1.0", None, 0.0, -1.0, math.nan, math.inf, 10**400):  # 10**400: an OverflowError
         with pytest.raises(ValueError, match=rf"^lr_scale={re.escape(repr(bad))} must be a positive finite number"):
             Action((Precision.FP32,), bad, BatchMove.KEEP)  # type: ignore[arg-type]
     action = Action((Precision.FP32,), np.float32(0.5), BatchMove.KEEP)  # type: ignore[arg-type]

@@ -886,6 +886,10 @@ def test_a_profile_value_error_names_the_file_and_a_table_its_unknown_keys(tmp_p
         (lambda: HeuristicConfig(lower_below=-(10**400)), "lower_below="),
         (lambda: ElasticConfig(warmup_above=10**400), "warmup_above="),
         (lambda: RewardConfig(clip=10**400), "clip="),
+        (lambda: HeuristicConfig(grow_below_usage=10**400), "grow_below_usage="),
+        (lambda: HeuristicConfig(shrink_above_usage=-(10**400)), "shrink_above_usage="),
+        (lambda: MemoryBudget(cpu_capacity_bytes=10**400), "cpu_capacity_bytes="),
+        (lambda: MemoryBudget(bytes=10**400), "memory budget bytes="),
     ],
 )
 def test_an_integer_too_large_for_a_float_is_refused_by_name(build, message):

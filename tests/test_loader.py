@@ -353,3 +353,12 @@ def test_next_size_is_what_next_serves():
         assert len(loader.next(batch_size).y) == expected
     loader.take_back(3)
     assert loader.next_size(2) == 3 and len(loader.next(2).y) == 3  # the 3 taken back: no single one left behind
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_next_size_refuses_what_next_refuses(bad):
+    """``next_size(0)`` read 0, ``-3`` -3 and ``2.5`` 2.5, where ``next`` refuses each by name."""
+    loader = ElasticLoader(torch.arange(10.0), torch.arange(10), seed=0)
+    for call in (loader.next_size, loader.next):
+        with pytest.raises(ValueError, match=rf"^batch_size={bad!r} must be a positive integer$"):
+            call(bad)

@@ -664,6 +664,17 @@ def test_measuring_costs_puts_back_the_contents_of_list_and_dict_attributes() ->
     assert torch.equal(model.fc1.bias.grad, unmeasured.fc1.bias.grad)
 
 
+def test_measuring_costs_puts_a_counter_attribute_back_as_it_was() -> None:
+    """The contents went back through ``update``, which a ``Counter`` adds up: its ``(key, count)`` pairs became keys
+    of count 1, nested once more a measuring pass ({'train': 3} read {((('train', 3), 1), 1): 1})."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    model.calls = collections.Counter({"train": 3, "eval": 1})
+    model.by_batch = collections.defaultdict(int, {7: 2})
+    _costs(model, torch.ones(1, 4))
+    assert model.calls == collections.Counter({"train": 3, "eval": 1})
+    assert dict(model.by_batch) == {7: 2} and model.by_batch.default_factory is int
+
+
 class _InitialisedOnFirstBatch(nn.Module):
     """Registers a buffer centring its output on the first batch's mean, and a parameter and a submodule with it."""
 

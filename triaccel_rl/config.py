@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -15,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from triaccel_rl.errors import ChoiceEnum, ConfigError, is_real, require_bool, require_number, require_whole
+from triaccel_rl.errors import (
+    ChoiceEnum,
+    ConfigError,
+    is_finite_real,
+    require_bool,
+    require_number,
+    require_whole,
+)
 from triaccel_rl.experiment import write_text_atomic
 from triaccel_rl.observation import OBS_HIGH
 from triaccel_rl.types import Precision
@@ -105,6 +113,10 @@ class MemoryBudget:
             raise ConfigError(f"memory budget fraction={self.fraction} must be in (0, 1]")
         if self.cpu_capacity_bytes <= 0:
             raise ConfigError(f"cpu_capacity_bytes={self.cpu_capacity_bytes} must be positive")
+        # resolve() multiplies by the fraction: 10 ** 400 passed here and raised an OverflowError there
+        for name, value in (("memory budget bytes", self.bytes), ("cpu_capacity_bytes", self.cpu_capacity_bytes)):
+            if value is not None and not is_finite_real(value):
+                raise ConfigError(f"{name}={value} is too large (a float holds at most {sys.float_info.max:.3g})")
 
     def resolve(self, capacity_bytes: int, device_type: str = "cuda") -> int:
         """Returns the budget in bytes for a device with ``capacity_bytes`` of memory.
@@ -133,19 +145,6 @@ def _f32(value: float) -> float:
     """``value`` as a float32 holds it: as the heuristic compares a threshold with the float32 observation."""
     with np.errstate(over="ignore"):  # beyond float32's range: inf, which no range holds
         return float(np.float32(value))
-
-
-def _is_finite_number(value: object) -> bool:
-    """A finite real number, Python's or NumPy's (np.float32 was refused as "must be a finite number"), not a bool.
-
-    An integer too large for a float is not one (``math.isfinite`` raised OverflowError on 10 ** 400 from a JSON).
-    """
-    if not is_real(value):
-        return False
-    try:
-        return math.isfinite(value)  # type: ignore[arg-type]
-    except OverflowError:
-        return False
 
 
 class _Factors(dict[str, float]):
@@ -208,7 +207,7 @@ class HardwareProfile:
                 )
                 raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
-                if not (_is_finite_number(value) and value > 0):
+                if not (is_finite_real(value) and value > 0):
                     raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a finite number > 0")
             if table["fp32"] != 1.0:
                 raise ConfigError(
@@ -219,7 +218,7 @@ class HardwareProfile:
             object.__setattr__(self, label, _Factors({key: float(value) for key, value in table.items()}))
         for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
             value = getattr(self, name)
-            if not (_is_finite_number(value) and (value >= 0 if low is not None else value > 0)):
+            if not (is_finite_real(value) and (value >= 0 if low is not None else value > 0)):
                 kind = "a finite number >= 0" if low is not None else "a finite number > 0"
                 raise ConfigError(f'hardware profile field "{name}"={value!r} must be {kind}')
             object.__setattr__(self, name, float(value))  # a NumPy number would not go into save()'s JSON
@@ -453,7 +452,7 @@ class HeuristicConfig:
         if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
         for name in ("lower_below", "raise_above"):
-            if not _is_finite_number(getattr(self, name)):
+            if not is_finite_real(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a finite number (relative log10 sensitivity)")
         # The ranges and bands of these thresholds are checked on their float32 images, as the heuristic compares
         # them with the float32 observation: raise_above=9.9999999999 passed a float64 check and is 10.0 there, which
@@ -472,20 +471,24 @@ class HeuristicConfig:
             raise ConfigError(f"max_overflow_rate={self.max_overflow_rate} must be in [0, 1]")
         if self.speed_trial_steps < 1:
             raise ConfigError(f"speed_trial_steps={self.speed_trial_steps} must be >= 1")
-        if not (0.0 < _f32(self.grow_below_usage) < _f32(self.shrink_above_usage) <= 1.5):
+        if not (
+            is_finite_real(self.grow_below_usage)
+            and is_finite_real(self.shrink_above_usage)  # (10 ** 400 raised an OverflowError in _f32)
+            and 0.0 < _f32(self.grow_below_usage) < _f32(self.shrink_above_usage) <= 1.5
+        ):
             raise ConfigError(
                 f"need 0 < grow_below_usage={self.grow_below_usage} < shrink_above_usage="
                 f"{self.shrink_above_usage} <= 1.5"
             )
         # The ranges below are checked on the thresholds' float32 images, which the heuristic compares with the float32
         # observation: 0.99999999 passed a float64 check and is 1.0 there.
-        if not (_is_finite_number(self.loss_rise_tolerance) and 0 <= _f32(self.loss_rise_tolerance) < 1):
+        if not (is_finite_real(self.loss_rise_tolerance) and 0 <= _f32(self.loss_rise_tolerance) < 1):
             # The observation clips the loss trend to [-1, 1]: at 1 or more no rise ever cut the LR, silently.
             raise ConfigError(
                 f"loss_rise_tolerance={self.loss_rise_tolerance} must be a number in [0, 1) (the observation clips "
                 "the loss trend to [-1, 1], so a tolerance of 1 or more never fires)"
             )
-        if not (_is_finite_number(self.max_batch_growth) and 1 <= self.max_batch_growth <= 2**OBS_HIGH):
+        if not (is_finite_real(self.max_batch_growth) and 1 <= self.max_batch_growth <= 2**OBS_HIGH):
             # The rule reads the batch's growth from the observation's log2_batch, clipped at OBS_HIGH: past 2**10 the
             # batch grew on without a limit (up to max_batch_size).
             raise ConfigError(
@@ -521,7 +524,7 @@ class HeuristicConfig:
                 "(the ramp grows the batch from the one to the other); raise ramp_batch_until"
             )
         if not (
-            _is_finite_number(self.max_batch_over_noise)
+            is_finite_real(self.max_batch_over_noise)
             and self.max_batch_over_noise > 0
             and -6 <= _f32(-math.log10(self.max_batch_over_noise)) < 10
         ):
@@ -587,7 +590,7 @@ class RewardConfig:
             value = getattr(self, f.name)
             positive = f.name in ("clip", "budget_intervals")
             require_number(f"reward {f.name}", value, "> 0" if positive else ">= 0")
-            if not (_is_finite_number(value) and value >= 0):  # clip=-1 was told it must be "non-negative"; 0: below
+            if not (is_finite_real(value) and value >= 0):  # clip=-1 was told it must be "non-negative"; 0: below
                 raise ConfigError(f"reward {f.name}={value} must be a finite number {'> 0' if positive else '>= 0'}")
         if self.clip <= 0:
             raise ConfigError(f"reward clip={self.clip} must be positive")
@@ -647,7 +650,7 @@ class ElasticConfig:
         require_number("fill_frac", self.fill_frac, "in (0, 1]")
         require_number("oom_budget_factor", self.oom_budget_factor, "in (0, 1]")
         require_whole("max_oom_retries", self.max_oom_retries, ">= 1")
-        if not (_is_finite_number(self.warmup_above) and self.warmup_above > 1.0):
+        if not (is_finite_real(self.warmup_above) and self.warmup_above > 1.0):
             raise ConfigError(f"warmup_above={self.warmup_above} must be a ratio > 1")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -765,7 +768,7 @@ class ControllerConfig:
             raise ConfigError(f"snapshot_every={self.snapshot_every} must be >= 1 (1: a rollback copy every decision)")
         if not (1 <= self.n_groups <= 16):
             raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
-        if not self.lr_scales or any(not (_is_finite_number(s) and s > 0) for s in self.lr_scales):
+        if not self.lr_scales or any(not (is_finite_real(s) and s > 0) for s in self.lr_scales):
             raise ConfigError(f"lr_scales={self.lr_scales} must be a non-empty tuple of positive numbers")
         if any(not (2.0**-OBS_HIGH <= s <= 2.0**OBS_HIGH) for s in self.lr_scales):
             # The observation reads the LR multiplier as log2, clipped to +-OBS_HIGH: rungs past it all read alike, and
@@ -784,7 +787,7 @@ class ControllerConfig:
             )
         if not (1 <= self.min_batch_size <= self.max_batch_size):
             raise ConfigError(f"need 1 <= min_batch_size={self.min_batch_size} <= max_batch_size={self.max_batch_size}")
-        if not (_is_finite_number(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
+        if not (is_finite_real(self.max_lr_change) and self.max_lr_change >= 1.0):  # NaN would turn the bound off
             raise ConfigError(f"max_lr_change={self.max_lr_change} must be >= 1 (a ratio)")
         try:
             bound = self.max_lr_change**2

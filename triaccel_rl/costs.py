@@ -478,9 +478,15 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
 
 
 def _put_back(container: list | dict | set | collections.deque, contents: list) -> None:
-    """Puts ``contents`` (a dict's items) back into ``container`` in place, so references the user holds see them."""
+    """Puts ``contents`` (a dict's items) back into ``container`` in place, so references the user holds see them.
+
+    A dict's items are assigned one by one: a ``Counter``'s ``update`` adds (its ``(key, count)`` pairs became keys).
+    """
     container.clear()
-    if isinstance(container, (dict, set)):
+    if isinstance(container, dict):
+        for key, value in contents:
+            container[key] = value
+    elif isinstance(container, set):
         container.update(contents)
     else:
         container.extend(contents)

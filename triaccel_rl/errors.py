@@ -6,6 +6,7 @@ This module imports nothing of ours, so that any module may use it.
 from __future__ import annotations
 
 import enum
+import math
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,19 @@ def require_bool(label: str, value: object, optional: bool = False) -> None:
 def is_real(value: object) -> bool:
     """A real number, Python's or NumPy's, not a bool (``True`` compares as 1)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_real(value: object) -> bool:
+    """A finite real number, Python's or NumPy's, not a bool (np.float32 was refused as "must be a finite number").
+
+    An integer too large for a float is not one (``math.isfinite`` raised OverflowError on 10 ** 400 from a JSON).
+    """
+    if not is_real(value):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 def is_whole(value: object) -> bool:

@@ -80,9 +80,7 @@ class ElasticLoader:
         Raises:
             ValueError: ``batch_size`` is not a positive integer.
         """
-        if not is_whole(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        batch_size = int(batch_size)
+        batch_size = _batch_size(batch_size)
         if self.cursor >= len(self.x):
             self.epoch += 1
             self.cursor = 0
@@ -98,7 +96,11 @@ class ElasticLoader:
         ``batch_size``; fewer at the end of an epoch; one more where it would leave a single sample. What reads the
         next step ahead of it (``TrainingRun.lr``: the schedule at the end of the next batch) counts with it: it read a
         folded batch as ``batch_size`` samples, one short.
+
+        Raises:
+            ValueError: ``batch_size`` is not a positive integer, as :meth:`next`'s.
         """
+        batch_size = _batch_size(batch_size)
         left = len(self.x) - self.cursor
         if left <= 0:  # next() starts the next epoch first
             left = len(self.x)
@@ -207,3 +209,10 @@ class ElasticLoader:
 
 _STATE_KEYS = ("n", "seed", "epoch", "cursor", "samples_served")
 """The keys of ``ElasticLoader.state_dict()``."""
+
+
+def _batch_size(batch_size: int) -> int:
+    """``batch_size`` as an int; a ValueError where it is not a whole number >= 1 (a bool, 2.5, 0)."""
+    if not is_whole(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    return int(batch_size)

@@ -6,14 +6,13 @@ This module imports only `triaccel_rl.errors` (which imports nothing of ours), s
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from triaccel_rl.errors import is_real
+from triaccel_rl.errors import is_finite_real
 
 __all__ = [
     "Action",
@@ -259,7 +258,7 @@ class Action:
             raise ValueError(f"batch_move={move!r} must be a BatchMove: shrink (0), keep (1) or grow (2)")
         object.__setattr__(self, "batch_move", BatchMove(int(move)))
         scale = self.lr_scale  # True passed as 1.0 before, into encode() and the logs
-        if not (is_real(scale) and math.isfinite(scale) and scale > 0):
+        if not (is_finite_real(scale) and scale > 0):  # (10 ** 400 raised an OverflowError in math.isfinite)
             raise ValueError(f"lr_scale={scale!r} must be a positive finite number (a multiplier on the scheduled LR)")
         object.__setattr__(self, "lr_scale", float(scale))
 

@@ -1181,6 +1181,25 @@ def test_micro_batches_of_one_sample_are_skipped_only_where_a_batch_norm_uses_ba
     assert snapshot(collector).extra["curvature_source"] == ("fisher" if skipped else "hutchinson")
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_hutchinson_pass_of_one_sample_is_skipped_only_through_a_batch_norm(norm: bool) -> None:
+    """``hutchinson_batch_size=1`` on 64 probe samples: micro-batches of two, but the Hutchinson pass of one sample
+    raised in BatchNorm1d out of maybe_estimate; now the round is skipped and says why. Without a batch norm it runs."""
+    torch.manual_seed(0)
+    middle: nn.Module = nn.BatchNorm1d(8) if norm else nn.Tanh()
+    model = nn.Sequential(nn.Linear(4, 8), middle, nn.ReLU(), nn.Linear(8, 3))
+    layers = [list(m.parameters()) for m in model if list(m.parameters())]
+    config = SignalConfig(
+        schedule=Schedule.FIXED, fixed_microbatches=4, fixed_probes=1, warmup_round=False, hutchinson_batch_size=1
+    )
+    collector, _ = mlp_collector(model, layers, config, n_samples=64)
+    collector.observe(fake_stats(len(layers)))
+    report = collector.maybe_estimate()
+    assert report is not None and report.folded is not norm and collector.rounds_skipped == int(norm)
+    if norm:
+        assert "a Hutchinson pass of one sample (hutchinson_batch_size=1)" in report.reason
+
+
 @pytest.mark.parametrize(("n_samples", "n_micro"), [(256, 4), (3, 3)])
 def test_micro_batches_of_one_sample_run_as_planned_never_more(n_samples: int, n_micro: int) -> None:
     """``micro_batch_size=1`` made every round take ``n_samples // 2`` micro-batches of two (128 instead of the 4

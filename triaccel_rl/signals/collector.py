@@ -782,13 +782,14 @@ class SignalCollector:
         elif micro < 1:  # fewer samples than micro-batches, and under four: one a micro-batch, as many as there are
             plan = RoundPlan(min(plan.n_microbatches, n_available), plan.n_probes, plan.predicted_ms)
             micro = 1
-        if micro < 2 and _normalises_over_the_batch(source.model):
-            # One sample a micro-batch (a probe batch of 2-3 samples, or micro_batch_size=1) through a batch norm that
-            # normalises with the batch's statistics: BatchNorm1d refuses it ("Expected more than 1 value per
-            # channel"), which aborted the decision loop's snapshot; elsewhere its statistics are the sample's own, not
-            # the function being trained. Per-sample gradients are valid without one, and run there as planned.
-            return self._skipped_for_batch_norm(plan, n_available)
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
+        if (micro < 2 or hutchinson_batch < 2) and _normalises_over_the_batch(source.model):
+            # One sample a micro-batch (a probe batch of 2-3 samples, or micro_batch_size=1), or a Hutchinson pass of
+            # one (hutchinson_batch_size=1), through a batch norm that normalises with the batch's statistics:
+            # BatchNorm1d refuses it ("Expected more than 1 value per channel"), which aborted the decision loop's
+            # snapshot; elsewhere its statistics are the sample's own, not the function being trained. Per-sample
+            # passes are valid without one, and run there as planned.
+            return self._skipped_for_batch_norm(plan, n_available, "micro-batches" if micro < 2 else "Hutchinson pass")
         order = torch.randperm(n_available, generator=self._cpu_generator)
         noise_index = order[: plan.n_microbatches * micro].to(device)
         hutchinson_index = order[:hutchinson_batch].to(device)
@@ -872,17 +873,23 @@ class SignalCollector:
             cost = RoundCost(noise_ms, hutchinson_ms, prepare_ms + other_ms)
         return RoundReport(plan, cost, 0.0, finite, reason)
 
-    def _skipped_for_batch_norm(self, plan: RoundPlan, n_available: int) -> RoundReport:
-        """A round skipped before any pass (it costs nothing) because its micro-batches would hold one sample each."""
-        reason = (
-            f"micro-batches of one sample (from {n_available} probe samples, micro_batch_size="
-            f"{self.config.micro_batch_size}) through a batch norm in training mode, which needs two; skipped"
-        )
+    def _skipped_for_batch_norm(self, plan: RoundPlan, n_available: int, part: str) -> RoundReport:
+        """A round skipped before any pass (it costs nothing): its ``part`` would hold one sample.
+
+        ``part``: ``"micro-batches"`` or ``"Hutchinson pass"``.
+        """
+        if part == "micro-batches":
+            what = f"micro-batches of one sample (from {n_available} probe samples, micro_batch_size="
+            what += f"{self.config.micro_batch_size})"
+        else:
+            what = f"a Hutchinson pass of one sample (hutchinson_batch_size={self.config.hutchinson_batch_size})"
+        reason = f"{what} through a batch norm in training mode, which needs two; skipped"
         if not self._said_batch_norm_skip:
             self._said_batch_norm_skip = True
             _log.info(
                 "signal rounds skipped: %s; the curvature and gradient-noise signals stay the cheap estimates (a "
-                "probe batch of at least 4 samples gives micro-batches of two)",
+                "probe batch of at least 4 samples gives micro-batches of two, a hutchinson_batch_size of 2 or more a "
+                "pass of two)",
                 reason.removesuffix("; skipped"),
             )
         return RoundReport(plan, RoundCost(0.0, 0.0, 0.0), 0.0, False, reason)
