@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from triaccel_rl.actions import action_space
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, RewardConfig
 from triaccel_rl.elastic import release_memory
-from triaccel_rl.errors import is_real, is_whole
+from triaccel_rl.errors import is_finite_real, is_real, is_whole
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
@@ -43,16 +44,19 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     **Reward**: progress within a time budget. Each interval earns ``progress_scale * (log L_prev - log
     L_now)``, where ``L`` is the loss on a fixed probe batch; minus ``nonfinite_penalty`` × skipped-step
     rate and ``over_budget_penalty`` when memory exceeded the memory budget; clipped to ``[-clip, clip]``
-    (``RewardConfig``, ``triaccel_rl.reward``). A diverged interval earns ``-min(divergence_penalty, clip)``
-    and nothing else. Every term can be recomputed from the step's ``info`` (``probe_loss``, ``cost_ms``,
-    ``spent_ms``, ``overflow_rate``, ``over_budget``; ``L_prev`` is the previous step's ``probe_loss``, or
-    ``reset``'s). The episode has a fixed *cost*
+    (``RewardConfig``, ``triaccel_rl.reward``). A diverged interval is charged as if its probe loss had ended
+    at the divergence threshold (``divergence_factor`` × the probe loss before ``reset``'s interval), minus
+    ``divergence_penalty`` too, so it never earns more than an interval whose loss stayed under the threshold.
+    Every term can be recomputed from the step's ``info`` (``probe_loss``, ``cost_ms``, ``spent_ms``,
+    ``overflow_rate``, ``over_budget``, ``diverged``, ``divergence_loss``; ``L_prev`` is the previous step's
+    ``probe_loss``, or ``reset``'s). The episode has a fixed *cost*
     budget, ``reward_config.budget_intervals`` × the charged time of one interval of fp32 at the task's
     base batch (the interval ``reset`` trains), so the return is the log-loss drop reached within a fixed
     time: a configuration that takes more steps, or dearer ones, gets fewer intervals, and nothing pays
     for an interval being cheap. The interval that would overrun the budget is cut to the steps the
     budget has left (estimated from the modelled step time as a step is charged, a micro-batch's fixed cost each
-    included: ``TrainingRun.planned_step_ms``) and counts only the share of its progress that fitted.
+    included: ``TrainingRun.planned_step_ms``; in ``measured`` mode scaled by the last interval's clock time over its
+    modelled time) and counts only the share of its progress that fitted.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
     interval skipped while no fp16 loss scale is still backing off from its start, or the probe loss above
@@ -163,13 +167,19 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"divergence_factor={divergence_factor!r} must be a number > 1 (a multiple of the first probe loss); "
                 f"got {type(divergence_factor).__name__}"
             )
-        if not divergence_factor > 1.0:  # NaN included: it would turn the divergence rule off
-            raise ValueError(f"divergence_factor={divergence_factor} must be > 1 (a multiple of the first probe loss)")
+        # NaN included: it would turn the divergence rule off; an integer too large for a float (10 ** 400) raised a
+        # bare OverflowError at the first step.
+        if not (is_finite_real(divergence_factor) and divergence_factor > 1.0):
+            raise ValueError(
+                f"divergence_factor={divergence_factor} must be a finite number > 1 "
+                "(a multiple of the first probe loss)"
+            )
         if not isinstance(compute_bound, bool | np.bool_):
             raise ValueError(f"compute_bound={compute_bound!r} must be True or False")
         if lr_range is not None:
             values = () if isinstance(lr_range, str | bytes) or not isinstance(lr_range, Iterable) else tuple(lr_range)
-            if len(values) != 2 or not all(is_real(v) for v in values):
+            # Finite ones: float(10 ** 400) raised a bare OverflowError.
+            if len(values) != 2 or not all(is_finite_real(v) for v in values):
                 raise ValueError(f"lr_range={lr_range!r} must be (low, high) with 0 < low <= high < inf")
             low, high = (float(v) for v in values)
             if not (0 < low <= high < math.inf):
@@ -186,6 +196,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.config = config or ControllerConfig(cost_mode=CostMode.parse(cost_mode))
         self.reward_config = reward_config or RewardConfig()
         if max_decisions is None:
+            if not math.isfinite(8 * self.reward_config.budget_intervals):  # math.ceil raised a bare OverflowError
+                raise ValueError(
+                    f"reward_config.budget_intervals={self.reward_config.budget_intervals} is too large for the "
+                    "default max_decisions (8 × the budget in intervals, rounded up): give max_decisions, or a "
+                    f"budget of at most {sys.float_info.max / 8:.3g} intervals"
+                )
             max_decisions = math.ceil(8 * self.reward_config.budget_intervals)
         self.max_decisions = max_decisions
         self.cost_mode = CostMode.parse(cost_mode)
@@ -202,6 +218,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self._cuda_rng: torch.Tensor | None = None  # and its CUDA one, on a GPU
         self._cuda_devices: list[int] = []
         self.reference_interval_ms = self.budget_ms = self.spent_ms = 0.0
+        self._clock_per_model = 1.0  # measured mode: the last interval's charged time over its modelled time
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -210,10 +227,11 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
 
         The last episode's run is freed first, as :meth:`close` frees it (its model sits in a reference cycle
         through its precision hooks, which only a full garbage collection frees: until 2026-12-06 the models of
-        earlier episodes piled up, on a GPU in the allocator's counts too). ``options`` is refused unless empty:
-        the env takes none (a task or LR range given there was silently ignored).
+        earlier episodes piled up, on a GPU in the allocator's counts too). ``options`` is refused unless None or an
+        empty mapping: the env takes none (a task or LR range given there was silently ignored).
         """
-        if options:
+        # Not ``if options:``, which let any falsy value through (0, [], "", False).
+        if options is not None and not (isinstance(options, Mapping) and len(options) == 0):
             raise ValueError(f"options={options!r}: TriAccel-v0 takes no reset options (None or {{}})")
         super().reset(seed=seed)
         self._drop_run()
@@ -254,8 +272,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         """``reset``'s first interval, on the run's own RNG stream."""
         assert self.loop is not None
         self._initial_probe = run.probe_loss()
+        # The probe loss above which the run has diverged (the largest float for a product that overflows: nothing
+        # finite is above it either), and at which a diverged interval's reward is charged.
+        self._divergence_loss = min(self.divergence_factor * self._initial_probe, sys.float_info.max)
         # The reference interval (fp32, base batch) sets the budget; it is not charged against it.
+        planned_ms = run.planned_step_ms(run.batch_size)
         interval = self.loop.train_interval()
+        self._clock_per_model = self._measured_over_planned(interval.charged_ms, interval.steps, planned_ms)
         self.reference_interval_ms = interval.charged_ms
         self.budget_ms = self.reward_config.budget_intervals * interval.charged_ms
         self.spent_ms = 0.0
@@ -267,6 +290,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "reference_interval_ms": self.reference_interval_ms,
             "budget_ms": self.budget_ms,
             "base_lr_factor": factor,
+            "initial_probe_loss": self._initial_probe,
+            "divergence_loss": self._divergence_loss,
         }
         return self.loop.observation(), info
 
@@ -286,11 +311,15 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         run = self.loop.run
         budget_left_ms = self.budget_ms - self.spent_ms
         # Cut the interval to the steps the budget has left, from the modelled step time as a step is charged, its
-        # micro-batches included (in measured mode an estimate: the reward's pro-rating makes the charged share exact
-        # either way). A budget that runs out mid-step takes that step and counts the part of its progress that fitted.
-        step_ms = max(run.planned_step_ms(run.batch_size), 1e-12)
+        # micro-batches included; in measured mode scaled by the last interval's clock time over its modelled time
+        # (an estimate: the reward's pro-rating makes the charged share exact either way; the modelled time alone is
+        # the profiled GPU's, and on the CPU never cut an interval: the last one ran 59% past the budget). A budget
+        # that runs out mid-step takes that step and counts the part of its progress that fitted.
+        planned_ms = run.planned_step_ms(run.batch_size)
+        step_ms = max(planned_ms * self._clock_per_model, 1e-12)
         steps = max(1, min(self.config.interval_steps, math.ceil(budget_left_ms / step_ms - 1e-9)))
         interval = self.loop.train_interval(max_steps=steps)
+        self._clock_per_model = self._measured_over_planned(interval.charged_ms, interval.steps, planned_ms)
         cost_ms = max(interval.charged_ms, 1e-9)
         self.spent_ms += cost_ms
         signals = self.loop.snapshot(progress=self._progress())
@@ -302,7 +331,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         diverged = (
             not signals.extra["probe_loss_finite"]
             or (signals.overflow_rate >= 1.0 and not backing_off)
-            or signals.probe_loss > self.divergence_factor * self._initial_probe
+            or signals.probe_loss > self._divergence_loss
         )
         value = reward(
             previous_probe_loss=self._previous_probe,
@@ -312,6 +341,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             overflow_rate=signals.overflow_rate,
             over_budget=over_budget,
             diverged=diverged,
+            divergence_loss=self._divergence_loss,
             config=self.reward_config,
         )
         self._previous_probe = signals.probe_loss
@@ -334,6 +364,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             "memory_budget_bytes": signals.memory_budget_bytes,
             "over_budget": over_budget,
             "overflow_rate": signals.overflow_rate,
+            "diverged": bool(diverged),
+            "divergence_loss": self._divergence_loss,
             "samples_seen": run.samples_seen,
         }
         self._ended = terminated or truncated
@@ -395,6 +427,15 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             self._torch_rng = torch.get_rng_state()
             if self._cuda_rng is not None:
                 self._cuda_rng = torch.cuda.get_rng_state(self._cuda_devices[0])
+
+    def _measured_over_planned(self, charged_ms: float, steps: int, planned_ms: float) -> float:
+        """An interval's charged time over its modelled time: what the cut scales a step's modelled time by.
+
+        1 in profile mode (the charge is the model's), and in measured mode for an interval without steps.
+        """
+        if self.cost_mode is CostMode.PROFILE or steps == 0 or not planned_ms > 0:
+            return 1.0
+        return charged_ms / (steps * planned_ms)
 
     @property
     def signals(self) -> Signals | None:

@@ -178,6 +178,7 @@ def call(
     overflow: float = 0.0,
     over_budget: bool = False,
     diverged: bool = False,
+    divergence_loss: float = 3.0,
     config: RewardConfig = PLAIN,
 ) -> float:
     return reward(
@@ -188,6 +189,7 @@ def call(
         overflow_rate=overflow,
         over_budget=over_budget,
         diverged=diverged,
+        divergence_loss=divergence_loss,
         config=config,
     )
 
@@ -255,14 +257,15 @@ def test_penalties_also_clipped() -> None:
     assert call(over_budget=True, config=config) == -3.0
 
 
-def test_divergence_returns_minus_penalty() -> None:
-    # Divergence overrides progress and the other penalties.
-    assert call(previous=math.e, now=1.0, overflow=1.0, over_budget=True, diverged=True) == -4.0
+def test_divergence_charges_the_threshold_not_the_loss_reached_and_keeps_the_other_penalties() -> None:
+    # The loss reached (1.0, a drop) is not read: the interval is charged from e to the threshold 3, then 2 + 3 + 4.
+    value = call(previous=math.e, now=1.0, overflow=1.0, over_budget=True, diverged=True, divergence_loss=3.0)
+    assert value == pytest.approx(1.0 - math.log(3.0) - 2.0 - 3.0 - 4.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("now", [float("nan"), float("inf")])
 def test_non_finite_probe_loss_counts_as_divergence(now: float) -> None:
-    assert call(now=now) == -4.0
+    assert call(now=now, divergence_loss=3.0) == pytest.approx(-math.log(3.0) - 4.0, rel=1e-12)
 
 
 def test_zero_probe_losses_are_floored_not_errors() -> None:
@@ -304,6 +307,42 @@ def test_divergence_reward_within_documented_clip() -> None:
     assert call(diverged=True, config=config) == -config.clip  # -50, clipped to -10
 
 
+def test_a_diverged_interval_is_charged_the_progress_to_the_threshold_and_the_penalty() -> None:
+    """Exact: L 1 -> diverged with threshold e^2 (PLAIN: progress_scale 1, penalties 2, 3, 4), half the interval
+    within the budget: 1 * (0 - 2) * 0.5 - 2 * 0.25 - 3 - 4. The probe loss itself is not read (it may be NaN)."""
+    for now in (math.nan, 1e6, math.inf):
+        value = call(previous=1.0, now=now, cost=100.0, budget_left=50.0, overflow=0.25, over_budget=True,
+                     diverged=True, divergence_loss=math.exp(2.0))  # fmt: skip
+        assert value == pytest.approx(-1.0 - 0.5 - 3.0 - 4.0, rel=1e-12)
+    # A non-finite probe loss is a divergence even when not flagged one.
+    assert call(previous=1.0, now=math.nan, divergence_loss=math.exp(2.0)) == pytest.approx(-2.0 - 4.0, rel=1e-12)
+    # A run whose loss began above the threshold makes no progress by diverging: the penalty alone.
+    assert call(previous=10.0, diverged=True, divergence_loss=math.exp(2.0)) == -4.0
+
+
+def test_the_reward_falls_with_the_loss_across_the_divergence_threshold() -> None:
+    """The reviewer's case: L 1.0 -> 2.5 (not diverged) earned -9.16 and L 1.0 -> 1e6 (diverged) -5.0, so a policy
+    was paid to overshoot. Now a diverged interval earns no more than one whose loss ended just under the threshold,
+    for the default weights and the clipped ones."""
+    for config in (RewardConfig(), RewardConfig(divergence_penalty=50.0, clip=10.0), PLAIN):
+        for threshold in (1.5, 3.0, 20.0):
+            under = call(previous=1.0, now=threshold * (1 - 1e-9), config=config, divergence_loss=threshold)
+            over = call(previous=1.0, now=1e6, diverged=True, config=config, divergence_loss=threshold)
+            expected = -config.progress_scale * math.log(threshold) - config.divergence_penalty
+            assert over == pytest.approx(max(-config.clip, expected), rel=1e-12)
+            assert over <= under
+    default = RewardConfig()
+    rose = call(previous=1.0, now=2.5, config=default)  # -9.163
+    diverged = call(previous=1.0, now=1e6, diverged=True, config=default, divergence_loss=2.5)
+    assert diverged == pytest.approx(-10.0 * math.log(2.5) - 5.0, rel=1e-12) and diverged < rose
+
+
+def test_a_divergence_threshold_that_is_no_finite_loss_is_refused_by_name() -> None:
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match=r"divergence_loss=.* must be a finite probe loss >= 0"):
+            call(diverged=True, divergence_loss=bad)
+
+
 # ---------------------------------------------------------------- budget episodes: halving the batch
 FIXED_MS = 0.2
 """Per-step fixed time of the toy cost model (the shipped profile's ``fixed_ms``)."""
@@ -334,7 +373,7 @@ def budget_episode_return(
         previous, log_loss = log_loss, log_loss - PROGRESS_PER_SAMPLE * batch_size * steps
         total += reward(previous_probe_loss=math.exp(previous), probe_loss=math.exp(log_loss),
                         cost_ms=steps * step_ms, budget_left_ms=left, overflow_rate=0.0, over_budget=False,
-                        diverged=False, config=config)  # fmt: skip
+                        diverged=False, divergence_loss=3.0, config=config)  # fmt: skip
         spent += steps * step_ms
         steps_taken += steps
     return total, steps_taken

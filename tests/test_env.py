@@ -1,4 +1,7 @@
 import math
+import re
+import sys
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -9,6 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from triaccel_rl.envs import TriAccelEnv
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
+from triaccel_rl.reward import reward
 
 
 def small_env(**kwargs):
@@ -111,8 +115,6 @@ def test_fp32_at_the_base_batch_spends_the_budget_in_budget_intervals_decisions(
 
 def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns_only_its_share():
     """The environment itself (not a model of it): budget cut, step count and the reward it hands out."""
-    from triaccel_rl.reward import reward
-
     config = ControllerConfig(interval_steps=3)
     reward_config = RewardConfig(budget_intervals=2)
     env = TriAccelEnv(task="synthetic", config=config, reward_config=reward_config, task_overrides={"n_train": 1024})
@@ -139,7 +141,8 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
     for info, value in zip(infos, rewards, strict=True):
         expected = reward(previous_probe_loss=previous, probe_loss=info["probe_loss"], cost_ms=info["cost_ms"],
                           budget_left_ms=start["budget_ms"] - spent, overflow_rate=info["overflow_rate"],
-                          over_budget=False, diverged=False, config=reward_config)  # fmt: skip
+                          over_budget=False, diverged=False, divergence_loss=info["divergence_loss"],
+                          config=reward_config)  # fmt: skip
         assert value == pytest.approx(expected, rel=1e-12)
         previous, spent = info["probe_loss"], info["spent_ms"]
     overrun = infos[-1]["spent_ms"] - start["budget_ms"]
@@ -196,6 +199,35 @@ def test_the_last_interval_is_cut_by_the_steps_charge_its_micro_batches_included
     assert infos[-1]["steps"] < 6  # cut
 
 
+def test_in_measured_mode_the_last_interval_is_cut_by_the_clocks_step_time(monkeypatch):
+    """Measured mode charges the clock, but the cut estimated a step from the profiled GPU's modelled time (0.2 ms
+    against 5 ms here): it never fired, and the last interval ran whole, 60% past the budget. A fake clock that
+    advances 5 ms a training step makes the step time exact."""
+    import triaccel_rl.training as training
+
+    clock = [0.0]
+    real_step = training.TrainingRun._step
+
+    def timed_step(self, *args, **kwargs):
+        clock[0] += 0.005  # seconds: 5 ms a step
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(training.TrainingRun, "_step", timed_step)
+    env = TriAccelEnv(task="synthetic", cost_mode="measured", config=ControllerConfig(interval_steps=8),
+                      reward_config=RewardConfig(budget_intervals=1.25), task_overrides={"n_train": 256})  # fmt: skip
+    _, start = env.reset(seed=0)
+    assert start["reference_interval_ms"] == pytest.approx(8 * 5.0) and env.loop.run.planned_step_ms() < 1.0
+    infos, terminated = [], False
+    while not terminated:
+        _, _, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 2, 1]))  # fp32, LR x1, batch kept
+        assert not truncated
+        infos.append(info)
+    assert [i["steps"] for i in infos] == [8, 2]  # 10 ms of the 50 left after the first: two 5-ms steps
+    assert infos[-1]["spent_ms"] == pytest.approx(start["budget_ms"], rel=1e-9)
+    env.close()
+
+
 def test_same_seed_same_trajectory():
     trajectories = []
     for _ in range(2):
@@ -217,14 +249,54 @@ def test_divergence_terminates_with_penalty():
         max_decisions=10,
         task_overrides={"base_lr": 50.0 * get_task("synthetic").base_lr},
     )
-    env.reset(seed=0)
-    terminated = False
+    _, info = env.reset(seed=0)
+    terminated, previous = False, info["probe_loss"]
     for _ in range(10):
-        _, reward, terminated, truncated, _ = env.step(np.array([0, 0, 0, 0, 1, 1]))
+        previous = info["probe_loss"]
+        _, value, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 1, 1]))
         if terminated or truncated:
             break
-    assert terminated
-    assert reward == -env.reward_config.divergence_penalty
+    assert terminated and info["diverged"]
+    # Charged at the threshold, never a gain (reset's interval already took this run's loss above it), the penalty on
+    # top (unclipped here); the share is 1 (the budget is far from spent).
+    config = env.reward_config
+    progress = min(0.0, math.log(previous / info["divergence_loss"]))
+    expected = config.progress_scale * progress - config.divergence_penalty
+    expected -= config.nonfinite_penalty * info["overflow_rate"] + config.over_budget_penalty * info["over_budget"]
+    assert value == pytest.approx(expected, rel=1e-12) and value <= -config.divergence_penalty
+
+
+def _two_intervals_at_a_high_lr(divergence_factor):
+    """The reviewer's episode: LR x8 x1.5 on ``synthetic``; the second interval's probe loss (3.46) rises past
+    1.5 x its start (2.29) but not past 3 x."""
+    env = TriAccelEnv(task="synthetic", reward_config=RewardConfig(budget_intervals=8),
+                      config=ControllerConfig(interval_steps=3), lr_range=(8, 8),
+                      divergence_factor=divergence_factor)  # fmt: skip
+    _, start = env.reset(seed=0)
+    steps = [env.step(np.array([0, 0, 0, 0, 4, 1])) for _ in range(2)]  # fp32, LR x1.5, keep the batch
+    env.close()
+    return start, steps
+
+
+def test_a_diverged_interval_earns_no_more_than_one_whose_loss_stayed_under_the_threshold():
+    """A diverged interval earned -5 alone: the reviewer's run whose loss rose to 3.46 earned -9.84 under a threshold
+    of 3 x its start and -5.0 when that loss crossed a threshold of 1.5 x: crossing raised the reward."""
+    _, calm = _two_intervals_at_a_high_lr(3.0)
+    start, steps = _two_intervals_at_a_high_lr(1.5)
+    (_, _, _, _, first), (_, value, terminated, _, info) = steps
+    assert terminated and info["diverged"] and not calm[1][2] and not calm[1][4]["diverged"]
+    assert info["probe_loss"] == calm[1][4]["probe_loss"]  # the same run: only the threshold differs
+    assert info["divergence_loss"] == start["divergence_loss"] == 1.5 * start["initial_probe_loss"]
+    assert start["initial_probe_loss"] < info["divergence_loss"] < info["probe_loss"]
+    # Every term from info; the loss just under the threshold, not diverged, as the worst a calm interval could earn.
+    common = {"previous_probe_loss": first["probe_loss"], "cost_ms": info["cost_ms"],
+              "budget_left_ms": info["budget_ms"] - first["spent_ms"], "overflow_rate": info["overflow_rate"],
+              "over_budget": info["over_budget"], "divergence_loss": info["divergence_loss"],
+              "config": RewardConfig(budget_intervals=8)}  # fmt: skip
+    assert value == reward(probe_loss=math.nan, diverged=True, **common)
+    under = reward(probe_loss=info["divergence_loss"] * (1 - 1e-12), diverged=False, **common)
+    assert value == pytest.approx(under - 5.0, rel=1e-9)
+    assert value < calm[1][1]  # and less than the same loss earned under the higher threshold
 
 
 def test_an_interval_of_fp16_loss_scale_back_off_is_no_divergence():
@@ -274,11 +346,33 @@ def test_unknown_task_lists_known_ones():
         TriAccelEnv(task="nope")
 
 
-@pytest.mark.parametrize("bad", [1.0, -1.0, float("nan")])
+@pytest.mark.parametrize("bad", [1.0, -1.0, float("nan"), float("inf")])
 def test_a_divergence_factor_that_is_no_multiple_above_one_is_refused(bad):
     """-1 ended every episode at its first step; NaN turned the divergence rule off."""
-    with pytest.raises(ValueError, match=rf"divergence_factor={bad} must be > 1"):
+    with pytest.raises(ValueError, match=rf"divergence_factor={bad} must be a finite number > 1"):
         TriAccelEnv(task="synthetic", divergence_factor=bad)
+
+
+def test_numbers_too_large_for_a_float_are_refused_by_name_at_construction():
+    """Each passed the checks, then raised a bare OverflowError: divergence_factor=10**400 at the first step,
+    lr_range=(1, 10**400) in the constructor's float(), budget_intervals=1e308 in math.ceil(8 * budget)."""
+    with pytest.raises(ValueError, match=r"^divergence_factor=1000+ must be a finite number > 1"):
+        TriAccelEnv(task="synthetic", divergence_factor=10**400)
+    with pytest.raises(ValueError, match=r"^lr_range=\(1, 1000+\) must be \(low, high\) with 0 < low <= high < inf"):
+        TriAccelEnv(task="synthetic", lr_range=(1, 10**400))
+    with pytest.raises(
+        ValueError,
+        match=r"^reward_config.budget_intervals=1e\+308 is too large for the default "
+        r"max_decisions \(8 × the budget in intervals, rounded up\): give max_decisions",
+    ):
+        TriAccelEnv(task="synthetic", reward_config=RewardConfig(budget_intervals=1e308))
+    # The largest float factor is no error: its threshold, past the largest float, is taken as the largest float.
+    env = TriAccelEnv(task="synthetic", divergence_factor=1e308, config=ControllerConfig(interval_steps=2),
+                      reward_config=RewardConfig(budget_intervals=2), max_decisions=10**6)  # fmt: skip
+    _, start = env.reset(seed=0)
+    assert start["divergence_loss"] == sys.float_info.max
+    assert env.step(np.array([0, 0, 0, 0, 2, 1]))[4]["diverged"] is False
+    env.close()
 
 
 def test_a_render_mode_is_refused_by_name():
@@ -383,16 +477,20 @@ def test_an_episodes_return_is_the_documented_formula_of_its_infos():
 
 def test_a_diverged_step_is_terminated_not_truncated_even_on_the_last_allowed_decision():
     """Gymnasium: ``terminated`` is the MDP's end (divergence, or the budget spent), ``truncated`` a limit outside
-    it (``max_decisions``). A run that diverges at its last allowed decision is terminated only, with the penalty
-    alone; a calm one is truncated there."""
+    it (``max_decisions``). A run that diverges at its last allowed decision is terminated only, charged the
+    divergence (clipped); a calm one is truncated there."""
     from triaccel_rl.tasks import get_task
 
     env = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1,
                       task_overrides={"base_lr": 1e6 * get_task("synthetic").base_lr})  # fmt: skip
-    env.reset(seed=0)
+    _, start = env.reset(seed=0)
     _, value, terminated, truncated, info = env.step(np.array([0, 0, 0, 0, 1, 1]))
-    assert (terminated, truncated) == (True, False)
-    assert value == -min(env.reward_config.divergence_penalty, env.reward_config.clip)
+    assert (terminated, truncated) == (True, False) and info["diverged"]
+    assert value == reward(previous_probe_loss=start["probe_loss"], probe_loss=info["probe_loss"],
+                           cost_ms=info["cost_ms"], budget_left_ms=info["budget_ms"],
+                           overflow_rate=info["overflow_rate"], over_budget=info["over_budget"], diverged=True,
+                           divergence_loss=info["divergence_loss"], config=env.reward_config)  # fmt: skip
+    assert value <= -env.reward_config.divergence_penalty
     assert "test_accuracy" in info  # the episode summary comes with the end, either kind
     calm = TriAccelEnv(task="synthetic", config=ControllerConfig(interval_steps=5), max_decisions=1)
     calm.reset(seed=0)
@@ -519,6 +617,17 @@ def test_reset_options_are_refused_not_ignored(options):
     assert env.loop is None
     for empty in (None, {}):  # what SB3 and Gymnasium's vector envs pass
         env.reset(seed=0, options=empty)
+    env.close()
+
+
+@pytest.mark.parametrize("options", [0, [], (), "", False, 0.0, set()])
+def test_reset_options_that_are_falsy_but_no_mapping_are_refused_by_name(options):
+    """``if options:`` let every falsy value through: only None or an empty mapping means "no options"."""
+    env = small_env()
+    with pytest.raises(ValueError, match=rf"^options={re.escape(repr(options))}: TriAccel-v0 takes no reset options"):
+        env.reset(seed=0, options=options)
+    assert env.loop is None
+    env.reset(seed=0, options=types.MappingProxyType({}))  # an empty mapping of another type is none too
     env.close()
 
 

@@ -18,14 +18,21 @@ def reward(
     overflow_rate: float,
     over_budget: bool,
     diverged: bool,
+    divergence_loss: float,
     config: RewardConfig,
 ) -> float:
     """Reward of one decision interval of an episode with a fixed cost budget.
 
     ``r = progress_scale * (log L_prev - log L_now) * min(1, budget_left / cost)
     - nonfinite_penalty * overflow_rate - over_budget_penalty * [memory over budget]``, clipped to
-    ``[-clip, clip]``. A diverged interval (or a non-finite probe loss) earns ``-min(divergence_penalty, clip)``
-    alone: there is no progress to count.
+    ``[-clip, clip]``. A diverged interval (or a non-finite probe loss) is charged as if its loss had ended at
+    the divergence threshold ``L_div`` (``divergence_loss``: ``TriAccelEnv``'s ``divergence_factor`` × the
+    episode's first probe loss), and the penalty on top:
+    ``r = progress_scale * min(0, log L_prev - log L_div) * min(1, budget_left / cost)
+    - nonfinite_penalty * overflow_rate - over_budget_penalty * [memory over budget] - divergence_penalty``,
+    clipped the same. So it earns no more than any interval of the same step whose loss stayed at or under the
+    threshold, and the reward falls with the loss across it: ``-divergence_penalty`` alone paid an overshoot
+    (a loss rising 2.5x earned -9.2 where one rising a millionfold, diverged, earned -5).
 
     ``L`` is the loss on a fixed probe batch, so progress is not mini-batch noise. ``cost`` is the
     interval's charged time (measured, or modelled from a hardware profile) and ``budget_left`` what was
@@ -39,12 +46,10 @@ def reward(
 
     Example:
         >>> r = reward(previous_probe_loss=1.0, probe_loss=math.exp(-0.1), cost_ms=50.0, budget_left_ms=25.0,
-        ...            overflow_rate=0.0, over_budget=False, diverged=False, config=RewardConfig())
+        ...            overflow_rate=0.0, over_budget=False, diverged=False, divergence_loss=3.0, config=RewardConfig())
         >>> round(r, 6)  # 10 * 0.1 of progress, half of which fitted in the budget
         0.5
     """
-    if diverged or not math.isfinite(probe_loss):
-        return -min(config.divergence_penalty, config.clip)
     if not (cost_ms > 0 and budget_left_ms > 0):
         raise ValueError(
             f"cost_ms={cost_ms} and budget_left_ms={budget_left_ms} must be positive "
@@ -57,8 +62,19 @@ def reward(
         )
     if not 0.0 <= overflow_rate <= 1.0:
         raise ValueError(f"overflow_rate={overflow_rate} must be a fraction in [0, 1]")
-    progress = math.log(max(previous_probe_loss, 1e-12)) - math.log(max(probe_loss, 1e-12))
+    if not (math.isfinite(divergence_loss) and divergence_loss >= 0):
+        raise ValueError(
+            f"divergence_loss={divergence_loss} must be a finite probe loss >= 0 (the threshold above which the run "
+            "counts as diverged)"
+        )
+    diverged = diverged or not math.isfinite(probe_loss)
+    # A diverged interval's loss says nothing past the threshold: it is charged at the threshold, never above it.
+    loss = divergence_loss if diverged else probe_loss
+    progress = math.log(max(previous_probe_loss, 1e-12)) - math.log(max(loss, 1e-12))
+    if diverged:
+        progress = min(0.0, progress)  # a run that diverged made no progress, wherever its loss started
     value = config.progress_scale * progress * min(1.0, budget_left_ms / cost_ms)
     value -= config.nonfinite_penalty * overflow_rate
     value -= config.over_budget_penalty * float(over_budget)
+    value -= config.divergence_penalty * float(diverged)
     return float(min(config.clip, max(-config.clip, value)))
