@@ -494,14 +494,9 @@ def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
     before the memory model refused the size, ``fits_in_budget(-5)`` answered False where that pass ran out of memory,
     and ``calibrate_memory`` failed on ``[]`` in ``min()`` and on ``[2.5]`` in a slice, naming no argument. The GPU's
     measured path on a CPU: the allocator's calls stubbed."""
-    import triaccel_rl.training as training
 
     run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu")
-    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
-    monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
-    monkeypatch.setattr(training, "release_memory", lambda device: None)
+    _measure_as_on_a_gpu(monkeypatch)
     passes = []
     monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: passes.append(n))
     for query in (run.trial_peak_bytes, run.fits_in_budget):
@@ -526,19 +521,25 @@ def test_trial_passes_refuse_a_bad_batch_size_before_any_pass(monkeypatch):
     assert passes == [8, 4, 4, 16, 4, 4, 16]
 
 
-@pytest.mark.parametrize(("batch_size", "expected"), [(1, [1, 1]), (2, [2, 2]), (6, [2, 2, 6]), (12, [3, 3, 12])])
-def test_calibrate_memory_tries_no_micro_batch_below_2_by_default(monkeypatch, batch_size, expected):
-    """Before the fix the default sizes were ``max(1, s // 4)`` and ``s``: a batch of 4 to 7 tried one sample, on
-    which a batch norm in training mode raises. Now not below 2 where the batch allows (a batch of 1 stays 1). The
-    GPU's measured path on a CPU: the allocator's calls stubbed, the passes recorded (an unmeasured one first)."""
+def _measure_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's measured-memory path on a CPU: ``measures_memory`` on, the allocator's and CUDA's calls stubbed."""
     import triaccel_rl.training as training
 
-    run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu", batch_size=batch_size)
     monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
     monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
     monkeypatch.setattr(training, "release_memory", lambda device: None)
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(1, [1, 1]), (2, [2, 2]), (6, [2, 2, 6]), (12, [3, 3, 12])])
+def test_calibrate_memory_tries_no_micro_batch_below_2_by_default(monkeypatch, batch_size, expected):
+    """Before the fix the default sizes were ``max(1, s // 4)`` and ``s``: a batch of 4 to 7 tried one sample, on
+    which a batch norm in training mode raises. Now not below 2 where the batch allows (a batch of 1 stays 1). The
+    GPU's measured path on a CPU: the allocator's calls stubbed, the passes recorded (an unmeasured one first)."""
+
+    run = TrainingRun(get_task("synthetic", n_train=256, n_test=32), seed=0, device="cpu", batch_size=batch_size)
+    _measure_as_on_a_gpu(monkeypatch)
     passes: list[int] = []
     monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: passes.append(n))
     run.calibrate_memory()
@@ -549,16 +550,11 @@ def test_calibrate_memory_tries_no_single_sample_where_the_weights_fill_half_the
     """A budget holding two samples in ``fill_frac`` of it, but where two are more than half of it: the halving of the
     default sizes went down to 1, and the batch norm model's pass raised (the run could not be built on a GPU). The
     passes run for real here, the allocator's calls stubbed."""
-    import triaccel_rl.training as training
 
     run = TrainingRun(_bn_task(n_train=256, n_test=16, base_batch_size=8), seed=0, device="cpu")
     run.memory_budget_bytes = 2 * run.costs.memory_bytes(2, run.precisions, run.profile) - 2
     assert run.micro_batch_size() >= 2
-    monkeypatch.setattr(TrainingRun, "measures_memory", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
-    monkeypatch.setattr(training, "allocated_bytes", lambda device: (10_000, 50_000))
-    monkeypatch.setattr(training, "release_memory", lambda device: None)
+    _measure_as_on_a_gpu(monkeypatch)
     passes: list[int] = []
     trial_pass = TrainingRun._trial_pass
     monkeypatch.setattr(TrainingRun, "_trial_pass", lambda self, n: (passes.append(n), trial_pass(self, n))[1])
