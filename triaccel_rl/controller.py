@@ -31,6 +31,7 @@ from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
 from triaccel_rl.errors import NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
+from triaccel_rl.experiment import purge_tensorboard_after
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
     MemoryModel,
@@ -989,10 +990,7 @@ class Controller:
         ``SessionLog.START`` event at ``step + 1``: TensorBoard's ``EventAccumulator`` drops every point read before it
         at ``step + 1`` or later. Nothing is deleted from the event files.
         """
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-        event = Event(session_log=SessionLog(status=SessionLog.START))
-        self._writer._get_file_writer().add_event(event, step=step + 1)
+        purge_tensorboard_after(self._writer._get_file_writer(), step)
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""

@@ -194,6 +194,18 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     return out
 
 
+def purge_tensorboard_after(file_writer: Any, step: int) -> None:
+    """Writes into ``file_writer`` (TensorBoard's) the mark that ``SummaryWriter(purge_step=step + 1)`` writes.
+
+    A ``SessionLog.START`` event at ``step + 1``: TensorBoard (its ``EventAccumulator``) drops every point read before
+    it at ``step + 1`` or later and keeps those up to ``step``. A run resumed into its own log folder writes it first,
+    so the replaced run's points past the resumed step are not shown beside the new ones. Nothing is deleted.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    file_writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=step + 1)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path`` and moves it over ``path``.
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.errors import is_whole
-from triaccel_rl.experiment import write_text_atomic
+from triaccel_rl.experiment import purge_tensorboard_after, write_text_atomic
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.shield import ObservationStats, obs_stats_path
 from triaccel_rl.tasks import get_task
@@ -1076,12 +1076,10 @@ def _purge_curves_after(logger: Any, step: int) -> None:
     event files. A run resumed from its end has no point past it: the mark drops nothing.
     """
     from stable_baselines3.common.logger import TensorBoardOutputFormat
-    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     for output in logger.output_formats:
         if isinstance(output, TensorBoardOutputFormat):
-            writer: Any = output.writer.file_writer  # torch types it None until its writer is built (in __init__)
-            writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=step + 1)
+            purge_tensorboard_after(output.writer.file_writer, step)
 
 
 def _close_after_failure(venv: Any) -> None:
