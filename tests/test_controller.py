@@ -1197,6 +1197,33 @@ def test_max_grad_norm_clips_as_a_plain_loop_would_and_refuses_bad_values():
             Controller(model, optimizer, policy="fp32", max_grad_norm=bad)
 
 
+def test_grad_transform_clamps_where_a_plain_loop_clamps_and_refuses_a_non_callable():
+    """``grad_transform``: a plain loop's ``clip_grad_value_`` between backward and step, bit for bit in fp32."""
+    x, y = data(64)
+    finals = {}
+    for controlled in (False, True):
+        model, optimizer = model_and_optimizer()
+        ctl = None
+        if controlled:
+            clamp = functools.partial(torch.nn.utils.clip_grad_value_, list(model.parameters()), 0.01)
+            ctl = Controller(model, optimizer, policy="fp32", grad_transform=clamp)
+        for i in range(8):
+            xb, yb = x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+            if ctl is None:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+                optimizer.step()
+            else:
+                controlled_step(ctl, model, xb, yb)
+        finals[controlled] = [p.detach().clone() for p in model.parameters()]
+    for plain, controlled in zip(finals[False], finals[True], strict=True):
+        assert torch.equal(controlled, plain)
+    model, optimizer = model_and_optimizer()
+    with pytest.raises(TypeError, match=r"grad_transform=0\.01 must be a callable taking no arguments"):
+        Controller(model, optimizer, policy="fp32", grad_transform=0.01)  # type: ignore[arg-type]
+
+
 def test_a_model_with_tied_weights_trains_under_the_controller():
     """An embedding tied to the output projection (as GPT-2's): the shared weight is updated once, stays shared,
     and the layer that shares it (no parameters of its own) is decided for like any other."""

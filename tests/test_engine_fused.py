@@ -1968,3 +1968,76 @@ def test_the_fused_loss_scale_doubles_after_2000_clean_steps_as_grad_scalers():
     assert steps_from(998, 3) == [1024.0] * 3  # 999 to 1001 clean steps: no growth before 2000
     assert steps_from(1999, 1) == [2048.0]  # GradScaler(growth_factor=2, growth_interval=2000)
     assert int(engine.state_dict()["scaler"]["clean_steps"]) == 0
+
+
+def _clamp_everything(model, bound):
+    return lambda: torch.nn.utils.clip_grad_value_(model.parameters(), bound)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw"])
+def test_grad_transform_sees_unscaled_gradients_under_fp16_on_both_paths(optimizer_kind):
+    """``grad_transform`` is where a plain loop's ``clip_grad_value_`` goes under fp16: after the unscale, before the
+    update. A step pre-hook sees the scaled gradients on the fused path (65536 times the unscaled), so a clamp there
+    clipped nearly every element to the bound; the transform clamps the same values on both paths."""
+    data = batches(4)
+    runs = {}
+    for fused in (False, True):
+        model, engine = make(optimizer_kind, fused)
+        engine.set_precisions(["fp16", "fp16"])
+        seen = []
+        clamp = _clamp_everything(model, 0.01)
+
+        def transform(model=model, seen=seen, clamp=clamp):
+            seen.append(max(p.grad.abs().max().item() for p in model.parameters()))
+            clamp()
+
+        engine.grad_transform = transform
+        _run_steps(model, engine, data)
+        assert engine.loss_scale == 65536.0  # scaled all along: nothing overflowed
+        runs[fused] = seen, _weights(model)
+    for (seen, weights), (seen_fused, weights_fused) in zip([runs[False]], [runs[True]], strict=True):
+        assert len(seen) == len(seen_fused) == 4
+        assert 0.01 < max(seen) < 100.0  # unscaled magnitudes, not 65536 times them
+        np.testing.assert_allclose(seen_fused, seen, rtol=1e-3)
+        for a, b in zip(weights, weights_fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_transform_clamps_as_a_plain_loop_does_in_fp32(fused):
+    """fp32: the transform's clamp before the update is ``loss.backward(); clip_grad_value_(...); optimizer.step()``."""
+    data = batches(4)
+    model, optimizer = model_and_optimizer("sgd")
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.02)
+        optimizer.step()
+    model_c, engine = make("sgd", fused)
+    engine.grad_transform = _clamp_everything(model_c, 0.02)
+    _run_steps(model_c, engine, data)
+    for a, b in zip(_weights(model), _weights(model_c), strict=True):
+        torch.testing.assert_close(b, a, rtol=0 if not fused else 1e-5, atol=0 if not fused else 1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_overflow_the_transform_clamps_away_still_skips_the_step(fused, precision):
+    """A clamp turns an infinite gradient finite; ``unscale_`` had recorded the overflow, so a plain loop's
+    ``scaler.step`` skips, and the scale backs off. Injected: one weight's gradient made infinite on its way in."""
+    model, engine = make("sgd", fused)
+    engine.set_precisions([precision] * 2)
+    engine.grad_transform = _clamp_everything(model, 0.01)
+    before = _weights(model)
+    handle = model[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    x, y = batches(1)[0]
+    with engine.precision.context():
+        loss = nn.functional.cross_entropy(model(x), y)
+    _, skipped = engine.backward_and_step(loss)
+    handle.remove()
+    assert skipped
+    for a, b in zip(before, _weights(model), strict=True):
+        assert torch.equal(a, b)
+    assert engine.applied_steps() == 0
+    if precision == "fp16":
+        assert engine.loss_scale == 32768.0

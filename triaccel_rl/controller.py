@@ -14,7 +14,7 @@ import logging
 import numbers
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -98,6 +98,12 @@ class Controller:
             ``torch.nn.utils.clip_grad_norm_`` between your ``backward()`` and ``step()`` would (there is no such
             place in a controlled loop: ``step(loss)`` does both). On a GPU the fused step clips on the device,
             without a sync. ``None``: no clipping.
+        grad_transform: called with no arguments once a step, where a plain loop edits gradients between
+            ``scaler.unscale_(optimizer)`` and ``optimizer.step()``: ``clip_grad_value_``, adaptive clipping, noise.
+            It sees each parameter's ``.grad`` unscaled (under fp16 too, on both update paths), before
+            ``max_grad_norm``'s clip, the statistics the signals read and the skip; it may edit them in place or
+            assign new tensors of the same shape. A step whose gradients are non-finite before it (as ``unscale_``
+            records an overflow) or after it is skipped. Its return value is ignored.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -123,6 +129,7 @@ class Controller:
         device: str | torch.device | None = None,
         profile: HardwareProfile | str | os.PathLike[str] | None = None,
         max_grad_norm: float | None = None,
+        grad_transform: Callable[[], object] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -140,6 +147,11 @@ class Controller:
         if memory is not None and not isinstance(memory, MemoryBudget):
             raise TypeError(f"memory={memory!r} must be a MemoryBudget, e.g. MemoryBudget(fraction=0.9)")
         max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if grad_transform is not None and not callable(grad_transform):
+            raise TypeError(
+                f"grad_transform={grad_transform!r} must be a callable taking no arguments, e.g. "
+                "lambda: torch.nn.utils.clip_grad_value_(model.parameters(), 1.0), or None"
+            )
         if log_dir is not None and not str(log_dir):  # "": SummaryWriter's own ./runs/<date>_<host>, unasked
             raise ValueError("log_dir='' names no folder: give one for the TensorBoard logs, or None for none")
         if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
@@ -172,6 +184,7 @@ class Controller:
         self.engine = StepEngine(model, optimizer, self.device)
         try:
             self.engine.max_grad_norm = max_grad_norm
+            self.engine.grad_transform = grad_transform
             # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
             self.engine.precision.copies_in_eager = False
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)

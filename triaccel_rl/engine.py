@@ -7,13 +7,14 @@ optimizer. ``TrainingRun`` (offline tasks) and ``Controller`` (a user's own loop
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
 import numbers
 import operator
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -216,6 +217,8 @@ class StepEngine:
             self.lr_factors = np.ones(self.n_layers)
             self.max_grad_norm: float | None = None
             """Clips the gradient's total norm to this before each update, as ``clip_grad_norm_`` (None: off)."""
+            self.grad_transform: Callable[[], object] | None = None
+            """Called each step on the unscaled gradients, before clipping, statistics and the skip (None: none)."""
             self._grad_scaler: torch.amp.GradScaler | None = None
             self.fused_optimizer: Any = None
             self._optimizer_hooks: list[
@@ -629,10 +632,16 @@ class StepEngine:
                 if unheld_overflow:  # another optimizer's gradients overflowed: the scale backs off for them too
                     for found in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
                         found.fill_(1.0)
+            overflow_before = False
+            if self.grad_transform is not None:
+                # The overflow before the transform, as unscale_ records it: a clamp turns an infinite gradient finite
+                overflow_before = bool(self._grad_stats()[0].nonfinite.sum().item() > 0)
+                self.grad_transform()
             stats, norms = self._grad_stats()
             self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
+            skipped = skipped or overflow_before
             if skipped:  # the batch is bad for the second optimizer too: its step() skips what it would have NaN'd
                 self._drop_unheld_gradients()
             else:
@@ -1404,6 +1413,7 @@ class StepEngine:
             # One identity and address check a parameter when nothing changed.
             self.bind_grads(after_backward=True)
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
+            transformed_overflow = self._transform_fused_grads(scaling) if self.grad_transform is not None else None
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
             self._zero_unstored_gradients()  # nor those of a param group added (or a parameter unfrozen) since
@@ -1428,13 +1438,16 @@ class StepEngine:
         # outputs) is moved, as float(loss) once read it from anywhere.
         skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
         unheld_overflow = self._unheld_overflow()  # a second optimizer's gradients, in every precision
-        if unheld_overflow is not None:
-            skip = skip | unheld_overflow
+        # What the kernel cannot see: either skips the step and backs the scale off
+        flagged = [flag for flag in (unheld_overflow, transformed_overflow) if flag is not None]
+        overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
+        if overflow_elsewhere is not None:
+            skip = skip | overflow_elsewhere
         result = self.fused_optimizer.step(
             lr,
             self._factors,
             self._codes,
-            inv_scale=self._scale.reciprocal() if scaling else 1.0,
+            inv_scale=self._scale.reciprocal() if scaling and transformed_overflow is None else 1.0,
             max_grad_norm=self.max_grad_norm,
             skip=skip,
         )
@@ -1452,8 +1465,8 @@ class StepEngine:
                 # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
                 # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
                 overflow = result.grad_nonfinite.any()
-                if unheld_overflow is not None:
-                    overflow = overflow | unheld_overflow
+                if overflow_elsewhere is not None:
+                    overflow = overflow | overflow_elsewhere
                 self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
                 grow = self._clean_steps >= 2000
                 # GradScaler keeps the scale where doubling it would overflow (from 2**127 it would reach inf, and
@@ -1468,6 +1481,23 @@ class StepEngine:
             if unheld_overflow is not None and bool(result.skipped):
                 self._drop_unheld_gradients()
         return self.last_grad_stats, result.skipped
+
+    def _transform_fused_grads(self, scaling: bool) -> torch.Tensor:
+        """Unscales the flat gradients in place and runs ``grad_transform`` on them; returns the overflow before it.
+
+        The transform sees what ``GradScaler.unscale_`` gives a plain loop, and the kernel then reads unscaled
+        gradients (its ``inv_scale`` 1). The overflow is taken first, as ``unscale_`` records it: a transform that
+        clamps (``clip_grad_value_``) turns an infinite gradient finite, and the step must still be skipped, and the
+        scale back off. A device tensor: no sync.
+        """
+        assert self.grad_transform is not None
+        grads = self.store.grads
+        if scaling:
+            grads.mul_(self._scale.reciprocal())
+        overflow = ~torch.isfinite(grads).all()
+        self.grad_transform()
+        self.bind_grads(after_backward=True)  # a gradient the transform put in place of its view goes in the buffer
+        return overflow
 
     def _fused_mean_sq_norm(self) -> np.ndarray:
         optimizer = self.fused_optimizer
