@@ -2101,3 +2101,88 @@ def test_two_losses_of_one_graph_step_as_the_plain_loops_retained_backwards(poli
     with pytest.raises(RuntimeError, match=expected):
         ctl.step(loss2)
     ctl.close()
+
+
+def _indexed_run():
+    """A controller on 12 samples whose first input column is the sample's index, and a step that records them."""
+    torch.manual_seed(0)
+    x = torch.zeros(12, 2)
+    x[:, 0] = torch.arange(12).float()
+    y = torch.zeros(12, dtype=torch.long)
+    model = nn.Linear(2, 2)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32", device="cpu")
+    trained: list[int] = []
+
+    def step(xb):
+        with ctl.autocast():
+            ctl.step(model(xb).pow(2).mean())
+        trained.extend(xb[:, 0].long().tolist())
+
+    return ctl, (x, y), step, trained
+
+
+def _refuse_moving(shape):
+    """``Tensor.to`` raising for tensors of ``shape`` (moving them to the device failed) and working for the rest."""
+    to = torch.Tensor.to
+
+    def failing_to(self, *args, **kwargs):
+        if tuple(self.shape) == shape:
+            raise torch.OutOfMemoryError("injected: no room for the dataset on the device")
+        return to(self, *args, **kwargs)
+
+    return failing_to
+
+
+@pytest.mark.parametrize("refusal", ["bad seed", "another dataset not moved", "the same data not moved"])
+def test_a_refused_loader_call_leaves_the_unstepped_batch_to_be_served_again(refusal, monkeypatch):
+    """The loop breaks out before ``step()`` on its second batch, which the next call must serve again. A refused
+    ``loader()`` call in between (an evaluation set with a bad seed, data that cannot be moved to the device) cleared
+    the record of that batch, and the memory model, before it raised: the batch was never trained, and a checkpoint
+    counted it as trained. Now the run after a refused call is the run without it, sample for sample."""
+    ctl, dataset, step, trained = _indexed_run()
+    for i, (xb, _) in enumerate(ctl.loader(dataset, batch_size=4, epochs=1)):
+        if i == 1:
+            break
+        step(xb)
+    left_on = ctl.state_dict()["loader"]
+    assert left_on == {"n": 12, "seed": 0, "epoch": 0, "cursor": 4, "samples_served": 4}  # the broken-on batch: not
+    costs, memory_model = ctl.costs, ctl.memory_model
+    evaluation = torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
+    with monkeypatch.context() as patch, pytest.raises((ValueError, torch.OutOfMemoryError)):
+        if refusal == "bad seed":
+            next(iter(ctl.loader(evaluation, batch_size=2, seed=-1)))
+        elif refusal == "another dataset not moved":
+            patch.setattr(torch.Tensor, "to", _refuse_moving((5, 3)))
+            next(iter(ctl.loader(evaluation, batch_size=2)))
+        else:  # new tensors of the run's data (moved each epoch, say), that cannot be moved to the device
+            patch.setattr(torch.Tensor, "to", _refuse_moving((12, 2)))
+            next(iter(ctl.loader((dataset[0].clone(), dataset[1].clone()), batch_size=4, epochs=1)))
+    assert ctl.state_dict()["loader"] == left_on
+    assert ctl.costs is costs and ctl.memory_model is memory_model  # not measured again for data never taken
+    for xb, _ in ctl.loader(dataset, batch_size=4, epochs=1):
+        step(xb)
+    assert sorted(trained) == list(range(12))  # every sample once in the epoch, as without the refused call
+    assert ctl.state_dict()["loader"] == {"n": 12, "seed": 0, "epoch": 1, "cursor": 0, "samples_served": 12}
+    ctl.close()
+
+
+def test_a_refused_resume_leaves_the_checkpoint_pending_and_the_run_as_it_was():
+    """``loader()`` after ``load_state_dict()`` at another base batch size is refused; the run's loader, batch size
+    and LR coupler stay as they were, and the next call at the checkpoint's batch size carries on from its place."""
+    ctl, dataset, step, trained = _indexed_run()
+    for i, (xb, _) in enumerate(ctl.loader(dataset, batch_size=4, epochs=1)):
+        if i == 2:
+            break
+        step(xb)
+    saved = ctl.state_dict()
+    other, _, other_step, other_trained = _indexed_run()
+    other.load_state_dict(saved)
+    with pytest.raises(ValueError, match="loader\\(batch_size=2\\) after a resume"):
+        next(iter(other.loader(dataset, batch_size=2, epochs=1)))
+    assert other._loader is None and other.lr_coupler is None and other.batch_size == 4
+    assert other.state_dict()["loader"] == saved["loader"]
+    for xb, _ in other.loader(dataset, batch_size=4, epochs=1):
+        other_step(xb)
+    assert sorted(trained + other_trained) == list(range(12))
+    ctl.close()
+    other.close()

@@ -440,6 +440,28 @@ def test_step_time_and_memory_queries_refuse_bad_batch_sizes_and_parse_precision
     assert run.modelled_step_ms(0) < run.modelled_step_ms(1)
 
 
+def test_step_plans_refuse_a_batch_above_the_training_samples_as_the_batch_size_setter_does():
+    """``planned_step_ms(10**30)`` raised a bare OverflowError from the micro-batch plan, and ``10**9`` (memory
+    elastic, micro-batches of one) built a list of a billion; ``micro_batch_size`` took any batch. Now both refuse a
+    batch above the data with the setter's message, and plan the whole dataset's batch."""
+    run = TrainingRun("synthetic", seed=0, device="cpu", cost_mode="profile")
+    n = len(run.loader)
+    for query in (run.planned_step_ms, run.micro_batch_size):
+        for big in (n + 1, 10**9, 10**30):
+            with pytest.raises(ValueError) as refused:
+                query(big)
+            assert str(refused.value) == (
+                f"batch_size={big} is more than the {n} training samples: a step serves at most an epoch"
+            )
+    with pytest.raises(ValueError) as refused:
+        run.batch_size = n + 1
+    assert (
+        str(refused.value)
+        == f"batch_size={n + 1} is more than the {n} training samples: a step serves at most an epoch"
+    )
+    assert run.micro_batch_size(n) == n and run.planned_step_ms(n) == run.modelled_step_ms(n)
+
+
 def test_the_fused_steps_state_is_not_counted_again_over_the_allocators_readings(monkeypatch):
     """The fused optimizer allocates its moments when it is built, so every allocator reading holds them; the accounted
     state was added on top while the ``torch.optim`` object's ``state`` stayed empty (every GPU run until a

@@ -1097,31 +1097,44 @@ class Controller:
                 f"loader(seed={seed!r}) carries on a run that started with seed={self._loader_key[-1]!r}: pass that "
                 "(each epoch's order comes from it and the epoch); for a new run on this data, build a new Controller"
             )
+        # Everything that can refuse the call (a bad argument, data that cannot be moved to the device) runs on
+        # locals first: a refused call leaves the run as it was. One on another dataset (a bad seed) forgot the batch
+        # the loop broke out on, never trained then, until 2026-12-06.
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
-            if self._unstepped is not None and self._unstepped[0] == self.steps:
-                # The last batch served was never stepped on (the loop raised or broke out before step()): it is
-                # served again, as the first of this call, so no sample of the epoch goes untrained.
-                _log.info("the last batch served (%d samples) was not trained on: served again", self._unstepped[1])
-                self._loader.take_back(self._unstepped[1])
-                # Served again whole: gradients its first micro-batches left (ctl.backward(), then an error in the
-                # next one's forward) would go into its update twice.
-                self.engine.zero_grad()
-                self._micro_loss = None
-            self._unstepped = None
+            unstepped = self._unstepped is not None and self._unstepped[0] == self.steps
+            taken = self._unstepped[1] if self._unstepped is not None and unstepped else 0
             if batch_size != self._base_batch_size:
                 raise ValueError(
                     f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
                     f"{self._base_batch_size}: pass that (the batch size the policy chose since is kept by itself)"
                 )
-            done = _epochs_done(self._loader.epoch, self._loader.cursor, len(self._loader.x))
+            done = _epochs_done(self._loader.epoch, self._loader.cursor - taken, len(self._loader.x))
             if done >= epochs:  # a loop left after an epoch's last step sits at its end, not at the next epoch's start
                 raise ValueError(
                     f"loader(epochs={epochs}): the run has trained {done} epochs of this dataset "
                     f"already; epochs counts from the run's start, so pass epochs={done + 1} for one more"
                 )
+            moved = None
             if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
-                self._loader.x, self._loader.y = x.to(self.device), y.to(self.device)
+                moved = x.to(self.device), y.to(self.device)
+            if unstepped:
+                # The last batch served was never stepped on (the loop raised or broke out before step()): it is
+                # served again, as the first of this call, so no sample of the epoch goes untrained.
+                _log.info("the last batch served (%d samples) was not trained on: served again", taken)
+                self._loader.take_back(taken)
+                # Served again whole: gradients its first micro-batches left (ctl.backward(), then an error in the
+                # next one's forward) would go into its update twice.
+                self.engine.zero_grad()
+                self._micro_loss = None
+            self._unstepped = None
+            if moved is not None:
+                self._loader.x, self._loader.y = moved
         else:
+            loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
+            coupler = self._coupler_for(batch_size, None)
+            grown = batch_size  # the batch size the run goes on at: the checkpoint's, after a resume
+            if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
+                grown = self._resume_loader(self._resume, batch_size, loader, coupler)
             if self._loader is not None and self._loader.samples_served and self._resume is None:
                 _log.warning(
                     "loader() on another dataset (%s) starts a new run of the data from epoch 0; the run's data was "
@@ -1136,15 +1149,10 @@ class Controller:
                 # activations stayed, unchecked, until 2026-12-06.
                 self.costs = self.memory_model = self._costs_input = None
             self._unstepped = None
-            self._loader = ElasticLoader(x.to(self.device), y.to(self.device), seed=seed)
-            self._loader_key = key
-            self._base_batch_size = batch_size
-            self.lr_coupler = self._coupler_for(batch_size, None)
-            # Not through the setter, which would write the base batch into a pending resume: the gain at the base.
-            self._batch_size, self.engine.batch_lr_gain = batch_size, self.lr_coupler.gain
-            if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
-                self._resume_loader(self._resume, batch_size)
-                self._resume = None
+            self._loader, self._loader_key, self._base_batch_size, self.lr_coupler = loader, key, batch_size, coupler
+            # Not through the setter, which would write the base batch into a pending resume: the coupler's gain.
+            self._batch_size, self.engine.batch_lr_gain = grown, coupler.gain
+            self._resume = None
         self._loader_source = (x.data_ptr(), y.data_ptr())
 
     def _checked_resume(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1175,19 +1183,23 @@ class Controller:
             coupler.load_state_dict(state)
         return coupler
 
-    def _resume_loader(self, saved: Mapping[str, Any], batch_size: int) -> None:
-        """Puts the new loader, its LR coupler and the batch size where the checkpoint had them."""
+    def _resume_loader(
+        self, saved: Mapping[str, Any], batch_size: int, loader: ElasticLoader, coupler: BatchLRCoupler
+    ) -> int:
+        """Puts a new ``loader`` and its LR ``coupler`` where the checkpoint had them; returns its batch size.
+
+        Both are ``loader()``'s locals, not yet the run's: a refused resume (another base batch size, or a dataset of
+        another size or seed) changes nothing of the run.
+        """
         if batch_size != int(saved["base_batch_size"]):
             raise ValueError(
                 f"loader(batch_size={batch_size}) after a resume; the checkpoint's run started at batch_size="
                 f"{saved['base_batch_size']}: pass that, the batch size it grew or shrank to is restored by itself"
             )
-        assert self._loader is not None and self.lr_coupler is not None
-        self._loader.load_state_dict(saved["loader"])
+        loader.load_state_dict(saved["loader"])
         if saved["lr_coupler"] is not None:
-            self.lr_coupler.load_state_dict(saved["lr_coupler"])
-        self._batch_size = int(saved["batch_size"])  # the coupler already holds its gain at this batch
-        self.engine.batch_lr_gain = self.lr_coupler.gain
+            coupler.load_state_dict(saved["lr_coupler"])
+        return int(saved["batch_size"])  # the coupler already holds its gain at this batch
 
     def _say_own_batches(self) -> None:
         """Says, once, what a loop serving its own batches (no ``loader()``) turns off, where the policy could use it.

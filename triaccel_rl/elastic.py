@@ -41,6 +41,11 @@ _OOM_MESSAGES = (
     "defaultcpuallocator: can't allocate memory",
 )
 
+# The most micro-batches ``plan_micro_batches`` plans for one step: a step of more than a million forward passes is
+# no plan (and its list took gigabytes; 10**30 samples raised a bare OverflowError). A run's batch is at most its
+# dataset, so a dataset of up to this many samples never meets it, even at micro-batches of one.
+MAX_MICRO_BATCHES = 2**20
+
 
 def lr_gain(rule: LRRule, batch_size: int, base_batch_size: int, noise_scale: float | None = None) -> float:
     """The LR multiplier for effective batch ``batch_size`` relative to ``base_batch_size`` under ``rule``.
@@ -304,12 +309,18 @@ def plan_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
         [4, 3, 2]
 
     Raises:
-        ValueError: a non-positive size.
+        ValueError: a non-positive size, or a plan of more than ``MAX_MICRO_BATCHES`` (2**20) micro-batches.
     """
     whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (batch_size, max_micro_batch))
     if not whole or batch_size < 1 or max_micro_batch < 1:  # 10.0 raised a TypeError from the list's length
         raise ValueError(
             f"need whole numbers batch_size >= 1 and max_micro_batch >= 1; got {batch_size!r}, {max_micro_batch!r}"
+        )
+    count = -(-batch_size // max_micro_batch)
+    if count > MAX_MICRO_BATCHES:
+        raise ValueError(
+            f"batch_size={batch_size} at max_micro_batch={max_micro_batch} is {count} micro-batches; at most "
+            f"{MAX_MICRO_BATCHES} (2**20) are planned for one step: pass a smaller batch or a larger micro-batch"
         )
     full, rest = divmod(batch_size, max_micro_batch)
     sizes = [max_micro_batch] * full + ([rest] if rest else [])

@@ -734,8 +734,12 @@ class TrainingRun:
 
         The largest size predicted to fit ``elastic.fill_frac`` of the budget at the current precisions,
         at most the batch and ``micro_batch_cap``; at least 1.
+
+        Raises:
+            ValueError: ``batch_size`` is not a whole number >= 1, or more than the training samples (as the
+                :attr:`batch_size` setter's: a step serves at most an epoch).
         """
-        n = self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=1)
+        n = self._step_batch(batch_size)
         cap = n if self.micro_batch_cap is None else max(1, min(n, self.micro_batch_cap))
         if not self.memory_elastic:
             return cap
@@ -824,9 +828,28 @@ class TrainingRun:
 
         :meth:`modelled_step_ms`, plus the per-step fixed cost again for each micro-batch past the first that the
         memory budget would split it into (:meth:`micro_batch_size`), as ``step`` charges it.
+
+        Raises:
+            ValueError: ``batch_size`` is not a whole number >= 1, or more than the training samples (as the
+                :attr:`batch_size` setter's: a step serves at most an epoch).
         """
-        n = self.batch_size if batch_size is None else _samples("batch_size", batch_size, least=1)
+        n = self._step_batch(batch_size)
         return self._charged_step_ms(n, len(plan_micro_batches(n, self.micro_batch_size(n))))
+
+    def _step_batch(self, batch_size: int | None) -> int:
+        """``batch_size`` (None: the current batch) as a step could serve it: a whole number from 1 to the dataset.
+
+        The :attr:`batch_size` setter's bound: a batch above the data is never served, and it was planned, 10**9
+        samples as a billion micro-batches of one (10**30 raised an OverflowError that named nothing).
+        """
+        if batch_size is None:
+            return self.batch_size
+        n = _samples("batch_size", batch_size, least=1)
+        if n > len(self.loader):
+            raise ValueError(
+                f"batch_size={n} is more than the {len(self.loader)} training samples: a step serves at most an epoch"
+            )
+        return n
 
     def _charged_step_ms(self, n: int, n_micro: int) -> float:
         modelled_ms = self.modelled_step_ms(n)

@@ -107,6 +107,25 @@ def test_a_micro_batch_plan_needs_whole_positive_sizes(batch: object, cap: objec
     assert plan_micro_batches(10, 4) == [4, 4, 2]
 
 
+def test_a_micro_batch_plan_of_more_than_2_to_the_20_micro_batches_is_refused_by_name() -> None:
+    """10**30 samples raised a bare OverflowError ("cannot fit 'int' into an index-sized integer"), and 10**9 at 1
+    built a list of a billion micro-batches. Up to ``MAX_MICRO_BATCHES`` (2**20) is planned, one more is refused."""
+    assert plan_micro_batches(2**20, 1) == [1] * 2**20
+    assert plan_micro_batches(2**20 * 4, 4)[-1] == 4
+    with pytest.raises(ValueError) as refused:
+        plan_micro_batches(10**30, 4)
+    assert str(refused.value) == (
+        f"batch_size={10**30} at max_micro_batch=4 is {10**30 // 4} micro-batches; at most 1048576 (2**20) are "
+        "planned for one step: pass a smaller batch or a larger micro-batch"
+    )
+    with pytest.raises(ValueError) as refused:
+        plan_micro_batches(2**20 + 1, 1)
+    assert str(refused.value) == (
+        "batch_size=1048577 at max_micro_batch=1 is 1048577 micro-batches; at most 1048576 (2**20) are planned for one "
+        "step: pass a smaller batch or a larger micro-batch"
+    )
+
+
 def _augmented_conv_task() -> Task:
     """A small convolutional task with ``crop_flip`` and no batch norm, on 400 Fashion-MNIST images."""
     from triaccel_rl.tasks import crop_flip, fashion_mnist_data
