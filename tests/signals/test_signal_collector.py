@@ -963,6 +963,60 @@ def test_an_unknown_running_mean_reads_as_an_even_split_not_as_no_noise() -> Non
     assert cheap([0.5, 1.0]).extra["grad_mean_unknown_layers"] == []
 
 
+def test_with_nothing_measured_the_cheap_tier_gives_the_neutral_split_not_zero() -> None:
+    """An fp16 interval whose every step overflowed folds no statistics (E|g|^2 = 0) and leaves the running means
+    unknown: SNR and noise scale 0/0 came out 0, the observation's log_snr and log_noise_over_batch at their floor -6,
+    and no layer named unknown (the Controller took the 0 for a measurement). Now the neutral split, as for an
+    unknown running mean: SNR 1, the noise scale the batch, every layer named."""
+    collector = SignalCollector([LayerInfo("a", 40, True), LayerInfo("b", 9, True)], 0.9, 1 << 30)
+    overflowed = replace(
+        fake_stats(2, skipped=True), grad_sq_sum=np.full(2, np.inf), grad_abs_max=np.full(2, np.inf),
+        grad_nonfinite=np.ones(2),
+    )  # fmt: skip
+    for _ in range(20):
+        collector.observe(overflowed)
+    signals = collector.snapshot(
+        grad_mean_sq_norm=np.full(2, np.nan), probe_loss=2.0, batch_size=32, lr_scale=1.0,
+        precisions=[Precision.FP16] * 2,
+    )  # fmt: skip
+    assert signals.overflow_rate == 1.0 and signals.curvature.tolist() == [0.0, 0.0]
+    assert signals.noise_scale == 32.0 and signals.snr.tolist() == [1.0, 1.0]
+    assert signals.extra["grad_mean_unknown_layers"] == ["a", "b"]
+    grouper, layout = LayerGrouper(signals.controllable, 2), ObservationLayout(2)
+    observation = build_observation(signals, grouper, 32, layout)
+    assert observation[layout.globals("log_noise_over_batch")] == 0.0
+    assert [observation[layout.group(g, "log_snr")] for g in range(2)] == [0.0, 0.0]
+
+
+def test_exactly_zero_gradients_read_as_unknown_and_neutral() -> None:
+    """E|g|^2 exactly 0 with a known running mean of 0: B_simple and the SNR are 0/0, undefined, so neutral (SNR 1,
+    the noise scale the batch, every layer named unknown); a zero layer beside a measured one keeps SNR 1 and adds
+    nothing to the measured noise scale, which stays known."""
+    collector = SignalCollector([LayerInfo("a", 40, True), LayerInfo("b", 9, True)], 0.9, 1 << 30)
+
+    def cheap(sq: list[float], mean_sq: list[float]) -> Signals:
+        collector.observe(replace(fake_stats(2), grad_sq_sum=np.array(sq)))
+        return collector.snapshot(
+            grad_mean_sq_norm=np.array(mean_sq), probe_loss=1.0, batch_size=32, lr_scale=1.0,
+            precisions=[Precision.FP32] * 2,
+        )  # fmt: skip
+
+    zero = cheap([0.0, 0.0], [0.0, 0.0])
+    assert zero.noise_scale == 32.0 and zero.snr.tolist() == [1.0, 1.0]
+    assert zero.extra["grad_mean_unknown_layers"] == ["a", "b"]
+    grouper, layout = LayerGrouper(zero.controllable, 2), ObservationLayout(2)
+    observation = build_observation(zero, grouper, 32, layout)
+    assert observation[layout.globals("log_noise_over_batch")] == 0.0
+    assert [observation[layout.group(g, "log_snr")] for g in range(2)] == [0.0, 0.0]
+    # One layer measured (the EMA over the two steps: bias-corrected E|g_a|^2 = 2 * 0.1 / 0.19): its split is
+    # exact, the zero layer's neutral, and the noise scale, measured, is named known.
+    mixed = cheap([4.0, 0.0], [1.5, 0.0])
+    sq_a = 0.4 / 0.19
+    assert mixed.snr[0] == pytest.approx(1.5 / (sq_a - 1.5)) and mixed.snr[1] == 1.0
+    assert mixed.noise_scale == pytest.approx(32 * (sq_a - 1.5) / 1.5) and mixed.noise_scale < 32
+    assert mixed.extra["grad_mean_unknown_layers"] == []
+
+
 # ---------------------------------------------- rounds too costly for the run, costs kept in the process
 
 

@@ -15,8 +15,11 @@ steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the 
   Where the optimizer keeps no running mean (plain SGD without momentum; a layer before its first update: NaN),
   ``E[|g_l|^2]`` is split evenly between signal and noise, a neutral guess: ``snr_l = 1`` and, where no layer's
   mean is known, a noise scale of the batch size, the observation's neutral values (``log_snr`` and
-  ``log_noise_over_batch`` 0); ``extra["grad_mean_unknown_layers"]`` names those layers. (Taking ``E[|g|^2]`` for
-  ``|E[g]|^2`` read as no noise at all: variance 0, SNR 1e30, noise scale 0.)
+  ``log_noise_over_batch`` 0); ``extra["grad_mean_unknown_layers"]`` names those with a gradient. (Taking
+  ``E[|g|^2]`` for ``|E[g]|^2`` read as no noise at all: variance 0, SNR 1e30, noise scale 0.) A layer whose
+  ``E[|g_l|^2]`` is exactly 0 has no split to make (0/0): ``snr_l = 1``, neutral; where every layer's is (no step
+  measured yet, as after an interval whose every step overflowed, or gradients exactly zero), the noise scale is the
+  batch size too and every layer is named in ``extra["grad_mean_unknown_layers"]``, whatever the running mean.
 
 **Scheduled rounds** (mode ``all``; on a sub-batch, at decision points, under the overhead budget, see
 :class:`RoundScheduler`), with exact-in-expectation estimators (:mod:`triaccel_rl.signals.estimators`):
@@ -520,7 +523,8 @@ class SignalCollector:
             source = "hutchinson"
         else:
             known = np.isfinite(grad_mean_sq_norm)
-            unknown_mean = ~known & (sq > 0)
+            # E|g|^2 exactly 0 (no step folded yet, every one overflowed; or zero gradients) has no split: SNR 0/0.
+            measured = sq > 0
             # Unknown: an even split, SNR 1 (E|g|^2 itself read as no noise at all, SNR 1e30 and a noise scale of 0,
             # which the observation took for a batch far above the noise scale).
             mean_sq = np.where(known, grad_mean_sq_norm, 0.5 * sq)
@@ -528,11 +532,20 @@ class SignalCollector:
             variance_sum = np.maximum(sq - mean_sq, 0.0)
             curvature = sq / self._per_element
             variance = variance_sum / self._per_element
-            snr = mean_sq / np.maximum(variance_sum, _TINY)
-            # The running mean lags while the gradient turns (early in training above all), so this estimate
-            # runs high, and a high noise scale is what grows the batch. Trusted one way only: up to the batch
-            # size it may say the batch is above the noise scale, never that it is below (a round must).
-            noise_scale = min(batch * variance_sum.sum() / max(mean_sq.sum(), _TINY), float(batch))
+            snr = np.where(measured, mean_sq / np.maximum(variance_sum, _TINY), 1.0)  # 0/0: neutral, not 0
+            if measured.any():
+                # Listed: the layers whose guessed split enters the noise scale (a zero E|g|^2 adds 0 to both sums).
+                unknown_mean = ~known & measured
+                # The running mean lags while the gradient turns (early in training above all), so this estimate
+                # runs high, and a high noise scale is what grows the batch. Trusted one way only: up to the batch
+                # size it may say the batch is above the noise scale, never that it is below (a round must).
+                noise_scale = min(batch * variance_sum.sum() / max(mean_sq.sum(), _TINY), float(batch))
+            else:
+                # Nothing measured: B_simple is 0/0. The neutral guess, named unknown for every layer (the
+                # Controller's adascale rule then takes it as unknown); until 2026-12-06 0, read as a batch far
+                # above the noise scale, with SNR 0 (log_snr at its floor).
+                unknown_mean = np.ones(len(self.layers), dtype=bool)
+                noise_scale = float(batch)
             resolved = False  # one-sided: never more than the batch
             source = "fisher"
         curvature = _finite_array(curvature)
