@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from triaccel_rl.kernels._common import StatRow, check_block_size, log_betas, new_step_state
 from triaccel_rl.kernels.adamw_step import fused_adamw_step
+from triaccel_rl.kernels.cast import cast_to_low_precision
 from triaccel_rl.kernels.flat_store import FlatParameterStore
 from triaccel_rl.kernels.grad_stats import layer_grad_stats
 from triaccel_rl.kernels.sgd_step import fused_sgd_step
@@ -105,6 +106,8 @@ class SGDOptions:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
+        _store_floats(self, "momentum", "dampening")
+        object.__setattr__(self, "nesterov", bool(self.nesterov))
         if not (math.isfinite(self.momentum) and self.momentum >= 0.0):
             raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
         if not 0.0 <= self.dampening <= 1.0:
@@ -130,12 +133,32 @@ class AdamWOptions:
     weight_decay: float | tuple[float, ...] = 1e-2
 
     def __post_init__(self) -> None:
+        _store_floats(self, "beta1", "beta2", "eps")
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         if not (math.isfinite(self.eps) and self.eps > 0.0):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
         object.__setattr__(self, "weight_decay", _checked_decay(self.weight_decay))
+
+
+def _store_floats(options: SGDOptions | AdamWOptions, *names: str) -> None:
+    """Stores the fields ``names`` of ``options`` as Python floats, which the kernels take as scalars.
+
+    ``torch.optim`` takes one-element tensors (``AdamW(betas=(torch.tensor(0.9), ...))``): passed on as they were,
+    the first step failed in a kernel with a Triton type error (until 2026-12-06). A value that is no number is
+    stored as NaN, which the range checks that follow refuse, naming the field.
+
+    Raises:
+        ValueError: a field is a tensor of several elements.
+    """
+    for name in names:
+        value = getattr(options, name)
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
+            )
+        object.__setattr__(options, name, _as_float(value))
 
 
 def _checked_decay(weight_decay: float | Sequence[float]) -> float | tuple[float, ...]:
@@ -324,6 +347,7 @@ class _FusedOptimizer:
         for slice_, saved in untouched:  # as torch.optim, which skips a parameter whose gradient is None
             slice_.copy_(saved)
         skipped = stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] != 0
+        self._recast_copies(without_grad, codes, skipped)
         return StepResult(skipped=skipped, stats=stats)
 
     def _check_step_arguments(
@@ -391,20 +415,37 @@ class _FusedOptimizer:
         self._all_take_part = False
 
     def _saved_slices(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of parameters ``indices``' weights, optimizer state and 16-bit copies, to put back after the update.
+        """Copies of parameters ``indices``' weights and optimizer state, to put back after the update.
 
         The kernels update every element; a parameter that got no gradient this step (a branch not taken, after a
         ``zero_grad(set_to_none=True)``) is restored instead, so it takes no weight decay and no momentum, as in
-        ``torch.optim``. Device copies in stream order, no sync; nothing when no parameter is left out.
+        ``torch.optim``. Device copies in stream order, no sync; nothing when no parameter is left out. Its 16-bit
+        copies are not restored but rewritten from the restored weights (``_recast_copies``).
         """
         if not indices:  # every step but those after a branch not taken
             return []
         store = self.store
-        buffers = [store.params, *(getattr(self, name) for name in self._buffer_names), store.bf16_copy]
-        if not store.shared_copy:
-            buffers.append(store.fp16_copy)
+        buffers = [store.params, *(getattr(self, name) for name in self._buffer_names)]
         slices = [store.param_slice(buffer, index) for index in indices for buffer in buffers]
         return [(slice_, slice_.clone()) for slice_ in slices]
+
+    def _recast_copies(self, indices: Sequence[int], codes: torch.Tensor, skipped: torch.Tensor) -> None:
+        """Rewrites the 16-bit copies of the restored parameters ``indices`` from their restored fp32 weights.
+
+        In their layer's code of this step, as the update writes every bf16 and fp16 layer's copy (rounded to nearest
+        even, ``cast_to_low_precision``); a fp32 layer's copy, and every copy on a skipped step, stays as it was.
+        Restoring the copies instead left the one from before a change of the layer's code this step (zeros, for a
+        layer new to bf16), until 2026-12-06. Device operations on these parameters only, no sync.
+        """
+        store = self.store
+        applied = ~skipped
+        for index in indices:
+            weights = store.param_slice(store.params, index)
+            code = codes[self._param_layer[index]]
+            # With a shared copy both buffers are one storage: the layer's code picks the type its segment holds.
+            for wanted, dtype, buffer in ((1, torch.bfloat16, store.bf16_copy), (2, torch.float16, store.fp16_copy)):
+                copy = store.param_slice(buffer, index)
+                copy.copy_(torch.where(applied & (code == wanted), cast_to_low_precision(weights, dtype), copy))
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state. Like ``torch.optim``, the flat state buffers are returned by reference.
@@ -566,10 +607,11 @@ class FusedSGD(_FusedOptimizer):
         """
         super().__init__(store, block_size, num_warps, 0.0, 0.0)
         self.options: SGDOptions = SGDOptions(momentum, dampening, _as_decay(weight_decay), nesterov)
-        if nesterov and (momentum <= 0.0 or dampening != 0.0):  # checked here only, as torch.optim.SGD does
+        options = self.options
+        if options.nesterov and (options.momentum <= 0.0 or options.dampening != 0.0):  # here only, as torch.optim.SGD
             raise ValueError(
-                f"nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD), got momentum {momentum} "
-                f"and dampening {dampening}"
+                f"nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD), got momentum "
+                f"{options.momentum} and dampening {options.dampening}"
             )
         self._check_decay()
         # Without momentum the kernel never touches the buffer: the params stand in, saving a flat buffer.

@@ -606,6 +606,49 @@ def test_gradient_clipping_is_torchs_clip_grad_norm(max_norm: float) -> None:
         assert max((a - b).abs().max().item() for a, b in zip(finals[True], model.parameters(), strict=True)) > 1e-3
 
 
+class _MixedDtypes(nn.Module):
+    """float64 layers around a float32 one: ``clip_grad_norm_`` stacks the norms grouped by dtype, in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.middle, self.last = nn.Linear(8, 16).double(), nn.Linear(16, 16), nn.Linear(16, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)).float())).double())
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gradient_clipping_of_a_float64_model_is_clip_grad_norms_bits(mixed: bool) -> None:
+    """torch clips float64 gradients with a float64 total norm and coefficient. Before the fix the engine clipped from
+    float32 norms: a float64 MLP then ended ~1e-9 from the plain loop, not its bits."""
+    generator = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 8, generator=generator, dtype=torch.float64), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(4)
+    ]
+    finals = {}
+    for through_engine in (False, True):
+        torch.manual_seed(0)
+        model = _MixedDtypes() if mixed else nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = StepEngine(model, optimizer, CPU) if through_engine else None
+        if engine is not None:
+            engine.max_grad_norm = 0.1
+        for x, y in data:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if engine is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                optimizer.step()
+            else:
+                engine.backward_and_step(loss)
+        finals[through_engine] = [p.detach().clone() for p in model.parameters()]
+    for plain, engined in zip(finals[False], finals[True], strict=True):
+        assert torch.equal(engined, plain), f"differs by {(engined - plain).abs().max():.3g}"
+
+
 # ---------------------------------------------------------------- against plain torch loops, bit for bit
 
 

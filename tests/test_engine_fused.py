@@ -432,6 +432,65 @@ def test_unsupported_optimizers_are_named():
         StepEngine(model, torch.optim.RMSprop(model.parameters()), torch.device("cpu"), fused=True)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_tensor_hyper_parameters_step_as_torch_optim(kind):
+    """torch.optim takes one-element tensors for its hyper-parameters: the fused step reads them as floats.
+
+    AdamW's tensor betas failed the first fused step with a Triton type error (until 2026-12-06); two param groups
+    holding equal betas as distinct tensors were refused as differing.
+    """
+    t = torch.tensor
+
+    def build(params):
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=t(0.1), momentum=t(0.9), dampening=t(0.1), weight_decay=t(1e-2))
+        groups = [
+            {"params": params[:2], "betas": (t(0.9), t(0.99))},
+            {"params": params[2:], "betas": (t(0.9), t(0.99))},
+        ]
+        return torch.optim.AdamW(groups, lr=t(1e-2), eps=t(1e-6), weight_decay=t(0.1))
+
+    model, _ = model_and_optimizer(kind)
+    reference = copy.deepcopy(model)
+    optimizer, plain = build(list(model.parameters())), build(list(reference.parameters()))
+    engine = StepEngine(model, optimizer, DEVICE, fused=True)
+    engine._check_group_settings(optimizer.param_groups)  # equal tensors in two groups are one value
+    data = batches(3)
+    _run_steps(model, engine, data)
+    _plain_steps(reference, plain, data)
+    for fused, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_options_the_fused_step_refuses_fall_back_with_the_reason():
+    """AdamW(eps=0) and SGD(dampening=1.5) are valid torch.optim: the reason is given, not an error at construction.
+
+    ``_fused_unsupported`` approved them and ``StepEngine`` then raised from the fused options (until 2026-12-06):
+    with ``fused=None`` the reference path runs (on a GPU with the warning naming the reason, test_gpu_training),
+    with ``fused=True`` the refusal names it.
+    """
+    for make_optimizer, reason in [
+        (lambda p: torch.optim.AdamW(p, lr=1e-2, eps=0.0), "eps must be a finite number > 0, got 0.0"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=1.5), "dampening must be in [0, 1], got 1.5"),
+    ]:
+        model = nn.Linear(3, 2).to(DEVICE)
+        reference = copy.deepcopy(model)
+        assert _fused_unsupported(make_optimizer(model.parameters()), [list(model.parameters())]) == reason
+        with pytest.raises(
+            ValueError, match=re.escape(f"fused=True, but the fused step cannot run this optimizer: {reason}")
+        ):
+            StepEngine(model, make_optimizer(model.parameters()), DEVICE, fused=True)
+        engine = StepEngine(model, make_optimizer(model.parameters()), DEVICE, fused=None)
+        assert not engine.fused
+        x = torch.ones(4, 3, device=DEVICE)
+        engine.backward_and_step(model(x).square().mean())
+        plain = make_optimizer(reference.parameters())
+        reference(x).square().mean().backward()
+        plain.step()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
 def test_fused_engine_keeps_channels_last_weights_and_matches_reference():
     """A channels-last model runs on the fused path: its weights, grads and 16-bit copies stay channels-last."""
     runs = {}

@@ -16,16 +16,20 @@ import operator
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s grouping
 
 from triaccel_rl.errors import DetachedParametersError
 from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
+
+if TYPE_CHECKING:  # the kernels package loads Triton: imported where the fused step is built
+    from triaccel_rl.kernels.optim import AdamWOptions, SGDOptions
 
 __all__ = ["GradStats", "StepEngine", "check_max_grad_norm", "check_precision_supported", "layer_parameters"]
 
@@ -703,10 +707,16 @@ class StepEngine:
         """
         return self._grad_stats()[0]
 
-    def _grad_stats(self) -> tuple[GradStats, torch.Tensor]:
-        """``grad_stats()`` and the per-parameter gradient norms it is taken from."""
+    def _grad_stats(self) -> tuple[GradStats, list[torch.Tensor]]:
+        """``grad_stats()`` and the per-parameter gradient norms it is taken from, each in its gradient's dtype.
+
+        The norms are taken as ``clip_grad_norm_`` takes them (one ``_foreach_norm`` per device and dtype), so that
+        ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as torch clips it (float32
+        ones gave a coefficient ~1e-9 off, until 2026-12-06). The statistics are float32.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        norms = torch.stack(torch._foreach_norm(grads)).float()
+        own_norms = _norms_by_device_and_dtype(grads)
+        norms = torch.stack([norm.float() for norm in own_norms])
         finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
         maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
         suspect = ~(torch.isfinite(norms) & torch.isfinite(maxes))
@@ -719,20 +729,24 @@ class StepEngine:
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
-        return GradStats(sq_sum, abs_max, nonfinite), norms
+        return GradStats(sq_sum, abs_max, nonfinite), own_norms
 
-    def _clip_gradients(self, norms: torch.Tensor) -> None:
+    def _clip_gradients(self, norms: list[torch.Tensor]) -> None:
         """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken.
 
         ``params`` are the optimizer's parameters, of which those with a gradient: a parameter the backward did not
         reach after a user's ``zero_grad()`` (``None``) is left out of the total, as torch leaves it out (its norm of
-        0 in the vector changed the total's rounding once there were enough parameters: not torch's bits).
+        0 in the vector changed the total's rounding once there were enough parameters: not torch's bits). The norms
+        are in their gradients' dtypes and stacked in torch's order (grouped by device and dtype, as torch groups
+        them), so the total and the coefficient are torch's, in its dtype (float64 where a gradient is).
         """
         assert self.max_grad_norm is not None
+        present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads = [p.grad for p in self._params if p.grad is not None]
-        if len(grads) < len(self._params):
-            norms = norms[[i for i, p in enumerate(self._params) if p.grad is not None]]
-        total = torch.linalg.vector_norm(norms)
+        if not grads:
+            return
+        order = [present[j] for group in _device_dtype_groups(grads) for j in group]
+        total = torch.linalg.vector_norm(torch.stack([norms[i].to(grads[0].device) for i in order]))
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)  # as torch's: no sync, no branch
         torch._foreach_mul_(grads, coef)
 
@@ -1009,7 +1023,7 @@ class StepEngine:
     # --------------------------------------------------------------------------------- fused path
 
     def _init_fused(self) -> None:
-        from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD
+        from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD, SGDOptions
 
         # Param groups of one weight decay share a class; a layer whose parameters are in groups of different
         # decays (none on biases and norms, the usual AdamW recipe) has each class's parameters in its own segments.
@@ -1019,21 +1033,23 @@ class StepEngine:
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
         self.precision.use_weight_copies(self._weight_copies())
-        group = self.optimizer.param_groups[0]
         self._group_decays: tuple[float, ...] | None = None  # the param groups' decays the fused step applies
-        decay = self._class_decays()
-        if isinstance(self.optimizer, torch.optim.SGD):
+        options = _fused_options(self.optimizer, self._class_decays())  # each a Python float (torch takes tensors)
+        if isinstance(options, SGDOptions):
             self.fused_optimizer = FusedSGD(
                 self.store,
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=decay,
-                nesterov=group["nesterov"],
+                momentum=options.momentum,
+                dampening=options.dampening,
+                weight_decay=options.weight_decay,
+                nesterov=options.nesterov,
             )
         else:
-            beta1, beta2 = group["betas"]
             self.fused_optimizer = FusedAdamW(
-                self.store, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay
+                self.store,
+                beta1=options.beta1,
+                beta2=options.beta2,
+                eps=options.eps,
+                weight_decay=options.weight_decay,
             )
         self._track_param_groups()
         self._group_lrs: tuple[float, ...] | None = None  # the param groups' LRs _layer_base was taken from
@@ -1255,8 +1271,9 @@ class StepEngine:
 
         Also when SGD's momentum leaves 0 on a fused SGD built without a momentum buffer.
         """
-        # Compared as tuples: betas set to a list (``group["betas"] = [0.85, 0.999]``) is unhashable, and equal.
-        comparable = [tuple(tuple(v) if isinstance(v, list) else v for v in group) for group in hypers]
+        # Compared as tuples of numbers: betas set to a list (``group["betas"] = [0.85, 0.999]``) is unhashable, and
+        # equal; tensors (``betas=(torch.tensor(0.9), ...)``) hash by identity, equal ones in two groups too.
+        comparable = [tuple(_comparable(v) for v in group) for group in hypers]
         if len(set(comparable)) > 1:
             for i, key in enumerate(self._hyper_keys):
                 values = [group[i] for group in comparable]
@@ -1634,7 +1651,63 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
         return "parameters must be dense (contiguous or channels-last) float32"
+    try:  # values torch.optim takes and the fused step refuses (AdamW's eps=0, SGD's dampening > 1)
+        _fused_options(optimizer, tuple(group["weight_decay"] for group in groups))
+    except ValueError as error:
+        return str(error)
     return ""
+
+
+def _device_dtype_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The positions of ``tensors`` grouped by device and dtype, as ``torch.nn.utils.clip_grad_norm_`` groups them.
+
+    Its grouping, and so the order it stacks the per-tensor norms in: not the order of first appearance (float64
+    norms came before float32 ones); torch's own helper gives it.
+    """
+    if not tensors:
+        return []
+    first = tensors[0]
+    if all(tensor.dtype == first.dtype and tensor.device == first.device for tensor in tensors):
+        return [list(range(len(tensors)))]  # the usual model: one device, one dtype
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    return [list(indices) for _, indices in grouped.values()]
+
+
+def _norms_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's 2-norm in its own dtype: one ``_foreach_norm`` per device and dtype, as torch's clip takes them."""
+    groups = _device_dtype_groups(tensors)
+    if len(groups) == 1:  # the usual model: one device, one dtype
+        return list(torch._foreach_norm(list(tensors)))
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for group in groups:
+        for index, norm in zip(group, torch._foreach_norm([tensors[i] for i in group]), strict=True):
+            norms[index] = norm
+    return norms
+
+
+def _comparable(value: Any) -> Any:
+    """A param group's hyper-parameter as a hashable value equal to an equal one's: tensors and lists as numbers."""
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_comparable, value))
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _fused_options(optimizer: torch.optim.Optimizer, weight_decay: Any) -> SGDOptions | AdamWOptions:
+    """The fused step's options for ``optimizer`` (SGD, or AdamW or Adam), from its first param group.
+
+    Each hyper-parameter is read as a Python float, as the kernels take them: ``torch.optim`` takes one-element
+    tensors (betas, momentum), whose first fused step failed with a Triton type error (until 2026-12-06).
+
+    Raises:
+        ValueError: naming a value the fused step refuses (``_fused_unsupported`` gives it as its reason).
+    """
+    from triaccel_rl.kernels.optim import AdamWOptions, SGDOptions  # the kernels package loads Triton: import late
+
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        return SGDOptions(group["momentum"], group["dampening"], weight_decay, group["nesterov"])
+    beta1, beta2 = group["betas"]
+    return AdamWOptions(beta1, beta2, group["eps"], weight_decay)
 
 
 def _checked_multiplier(name: str, value: Any) -> float:

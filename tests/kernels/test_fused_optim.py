@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _kernel_helpers import assert_bits_equal, assert_close, clone_layers, fill_grads, make_layers
-from triaccel_rl.kernels import FlatParameterStore, FusedAdamW, FusedSGD, SGDOptions
+from triaccel_rl.kernels import AdamWOptions, FlatParameterStore, FusedAdamW, FusedSGD, SGDOptions
 
 # A small CNN's parameter shapes, one layer per module, plus a 0-dim parameter as its own layer.
 MODEL_LAYERS: list[list[tuple[int, ...]]] = [
@@ -940,3 +940,71 @@ def test_a_strided_steps_before_momentum_is_refused_by_name():
             steps_before_momentum=backing[::2], segment_align=segment,
         )  # fmt: skip
     assert params.tolist() == [0.0] * n
+
+
+def test_options_store_one_element_tensors_as_floats_and_refuse_larger_ones():
+    """torch.optim takes tensor betas: as kernel scalars they failed with a Triton type error (until 2026-12-06)."""
+    adamw = AdamWOptions(torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.125), torch.tensor(0.0625))
+    assert (adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay) == (0.5, 0.25, 0.125, 0.0625)
+    assert all(type(value) is float for value in (adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay))
+    sgd = SGDOptions(torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.125))
+    assert (sgd.momentum, sgd.dampening, sgd.weight_decay) == (0.5, 0.25, 0.125)
+    assert all(type(value) is float for value in (sgd.momentum, sgd.dampening, sgd.weight_decay))
+    with pytest.raises(
+        ValueError, match=r"beta1 must be a number or a one-element tensor, got a tensor of shape \(2,\)"
+    ):
+        AdamWOptions(beta1=torch.tensor([0.9, 0.9]))
+    with pytest.raises(ValueError, match=r"momentum must be a number or a one-element tensor"):
+        SGDOptions(momentum=torch.zeros(3))
+
+
+def test_fused_adamw_with_tensor_betas_steps_as_with_floats():
+    layers = make_layers([[(5,), (3,)]], "cpu")
+    twin = clone_layers(layers)
+    results = []
+    for params, betas in ((layers, (torch.tensor(0.9), torch.tensor(0.99))), (twin, (0.9, 0.99))):
+        store = FlatParameterStore(params)
+        optimizer = FusedAdamW(store, beta1=betas[0], beta2=betas[1], eps=torch.tensor(1e-8))
+        fill_grads(store, torch.Generator().manual_seed(1))
+        optimizer.step(lr=0.01)
+        results.append(store.params.clone())
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("make", [lambda s: FusedSGD(s, momentum=0.9), lambda s: FusedAdamW(s)], ids=["sgd", "adamw"])
+def test_a_layer_sitting_out_gets_its_copy_in_the_code_it_takes_that_step(make, shared):
+    """A layer without a gradient whose code changes that step: its copy is its restored weights in the new type.
+
+    The copies were restored with the weights, so the layer kept the copy from before the change (zeros, new to bf16)
+    until 2026-12-06. A fp32 layer's copy, and every copy on a skipped step, stays as it was.
+    """
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.randn(5)) for _ in range(3))
+    store = FlatParameterStore([[a], [b], [c]], shared_copy=shared)
+    optimizer = make(store)
+    (a.sum() + b.sum() + c.sum()).backward()
+    optimizer.step(0.1)  # every layer fp32: no copy written
+    store.zero_grad()
+    for dtype, code in ((torch.bfloat16, 1), (torch.float16, 2)):
+        before = store.bf16_copy.view(torch.int16).clone()
+        a.grad = b.grad = c.grad = None
+        store.rebind_grads()
+        a.sum().backward()  # b and c sit the step out; b changes to bf16 or fp16, c stays fp32
+        weights = b.detach().clone()
+        result = optimizer.step(0.1, precision_codes=torch.tensor([0, code, 0], dtype=torch.int32))
+        assert not bool(result.skipped) and torch.equal(b.detach(), weights)
+        assert_bits_equal(store.low_precision_params(1, dtype)[0], weights.to(dtype), "the restored copy")
+        assert torch.equal(store.param_slice(store.bf16_copy.view(torch.int16), 2), store.param_slice(before, 2))
+        # A skipped step (an infinite gradient in layer 0) leaves the copies as they were, the restored one's too.
+        store.zero_grad()
+        after = store.bf16_copy.view(torch.int16).clone(), store.fp16_copy.view(torch.int16).clone()
+        a.grad = b.grad = c.grad = None
+        store.rebind_grads()
+        (a.sum() * math.inf).backward()
+        other = 2 if code == 1 else 1
+        result = optimizer.step(0.1, precision_codes=torch.tensor([0, other, 0], dtype=torch.int32))
+        assert bool(result.skipped)
+        assert torch.equal(store.bf16_copy.view(torch.int16), after[0])
+        assert torch.equal(store.fp16_copy.view(torch.int16), after[1])
+        store.zero_grad()
