@@ -2186,3 +2186,21 @@ def test_a_refused_resume_leaves_the_checkpoint_pending_and_the_run_as_it_was():
     assert sorted(trained + other_trained) == list(range(12))
     ctl.close()
     other.close()
+
+
+def test_a_checkpoint_whose_lr_multiplier_is_off_this_ladder_is_refused():
+    """Saved under ``preset("aggressive")`` at its x2.0 rung and loaded under the default ladder (0.5-1.5), the run
+    trained above the top rung without a word; a multiplier on the ladder still loads."""
+    model, optimizer = model_and_optimizer()
+    saver = Controller(model, optimizer, policy="fp32", config=ControllerConfig.preset("aggressive"))
+    saver.engine.lr_scale = 2.0  # where the aggressive ladder's top rung puts it
+    state = copy.deepcopy(saver.state_dict())
+    saver.close()
+    model, optimizer = model_and_optimizer()
+    ctl = Controller(model, optimizer, policy="fp32")
+    with pytest.raises(ValueError, match=r"LR multiplier 2 is outside this controller's LR ladder \[0\.5, 0\.75"):
+        ctl.load_state_dict(state)
+    assert ctl.engine.lr_scale == 1.0 and ctl.steps == 0
+    state["engine"]["lr_scale"] = 1.5
+    ctl.load_state_dict(state)
+    assert ctl.engine.lr_scale == 1.5

@@ -825,6 +825,21 @@ class Controller:
             "signals": self._signals_state(),
         }
 
+    def _check_ladder_holds(self, lr_scale: float) -> None:
+        """Refuses a checkpoint's LR multiplier outside this controller's ladder (``config.lr_scales``).
+
+        Every decision keeps the multiplier within the ladder it was saved under; one outside this one's (a run saved
+        under ``preset("aggressive")``'s x2.0, loaded under the default's 0.5-1.5) would train above the top rung
+        until decisions walk it back, one ``max_lr_change`` at a time (loaded silently until 2026-12-06).
+        """
+        low, high = min(self.config.lr_scales), max(self.config.lr_scales)
+        if not low * (1 - 1e-6) <= lr_scale <= high * (1 + 1e-6):
+            raise ValueError(
+                f"the checkpoint's LR multiplier {lr_scale:.4g} is outside this controller's LR ladder "
+                f"{list(self.config.lr_scales)}: resume with the config the run was saved with (its preset or "
+                "lr_scales)"
+            )
+
     def _data_state(self) -> dict[str, Any]:
         """The checkpoint's place in the data: batch sizes, the loader's state and the LR coupler's.
 
@@ -875,7 +890,7 @@ class Controller:
         layers load in fp16, as the policy's bf16 moves there.
 
         Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
-        coupler's state against this controller's LR rule): a refused checkpoint leaves the controller, its engine,
+        coupler's state against this controller's LR rule, the LR multiplier against its LR ladder): a refused checkpoint leaves the controller, its engine,
         the optimizer and the loss scaler as they were. The dataset is checked at the next ``loader()`` call, the
         first to see it. A checkpoint of format 1 (before 2026-12-04) holds no signals: they start afresh, as in the
         first interval of a run. With ``log_dir``, the points past the checkpoint's step that the run it replaces wrote
@@ -910,6 +925,7 @@ class Controller:
         if Precision.BF16 not in sixteen_bit_formats(self.device):
             engine_state, bf16_moved = _bf16_layers_in_fp16(engine_state)
         self.engine.check_state_dict(engine_state)
+        self._check_ladder_holds(float(engine_state["lr_scale"]))
         if self.guard is not None:  # no rollback can repair a model loaded broken (it restored it at every interval)
             self._refuse_broken_model(
                 ": its checkpoint was saved after a step broke them, before the rollback it would have brought; resume "
