@@ -17,7 +17,7 @@ import math
 import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -202,9 +202,12 @@ class _FusedOptimizer:
         self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
         self._layout_text = repr(store.param_layout)  # what checkpoints hold (state_dict)
 
-    def _check_decay(self) -> None:
-        """Raises a ValueError when a per-group weight decay does not cover the store's groups."""
-        decay = self.options.weight_decay
+    def _check_decay(self, options: SGDOptions | AdamWOptions | None = None) -> None:
+        """Raises a ValueError when a per-group weight decay does not cover the store's groups.
+
+        ``options``'s decay (a checkpoint's, before it loads), else this optimizer's.
+        """
+        decay = (options or self.options).weight_decay
         if isinstance(decay, tuple) and len(decay) < self.store.n_groups:
             raise ValueError(
                 f"weight_decay gives {len(decay)} values (one a group), but the store's parameters are in groups "
@@ -478,32 +481,14 @@ class _FusedOptimizer:
 
         Raises:
             ValueError: the checkpoint is of another optimizer or another parameter layout (layer sizes, or a
-                parameter's shape or place), or lacks its counts or a state buffer its options need; nothing was
-                changed.
+                parameter's shape or place), or lacks its counts or a state buffer its options need, or holds a field
+                of another type (options that are not this optimizer's, a buffer that is not a flat floating-point
+                tensor, a layout that does not parse; the message names the field); nothing was changed. The counts'
+                values are not read here (a copy to the host, and a rollback restores from a state this optimizer
+                made): ``check_state_dict`` checks them, as ``StepEngine`` does before it loads a checkpoint.
         """
-        if state.get("kind") != self._kind:
-            raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
-        if list(state["layer_numels"]) != list(self.store.layer_numels):
-            raise ValueError("checkpoint was made for another parameter layout (layer sizes differ)")
-        loaded_options = type(self.options)(**state["options"])
-        names = self._buffers_loaded(loaded_options, state)
-        for name in names:
-            if name not in state:
-                raise ValueError(f"checkpoint lacks its {name!r}, which its options {state['options']} need")
-            if state[name].shape != (self.store.n_elements,):
-                raise ValueError(
-                    f"checkpoint's {name} has {state[name].numel()} elements, this store's {self.store.n_elements}: "
-                    "it was made for another parameter layout (groups differ)"
-                )
-        counts = _saved_counts(state, self.store.n_layers)
-        reordered = self._reordered_params(state.get("param_layout"))
-        options = self.options
+        loaded_options, names, counts, reordered = self._checked_state(state)
         self.options = loaded_options
-        try:
-            self._check_decay()
-        except ValueError:
-            self.options = options  # nothing of a refused checkpoint stays
-            raise
         self._keep_buffers(names)
         with torch.no_grad():
             for name in self._buffer_names:
@@ -518,6 +503,80 @@ class _FusedOptimizer:
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
             self.set_log_betas(*betas)
 
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Runs ``load_state_dict``'s checks on ``state``, and those of its step counts' values; changes nothing.
+
+        For a checkpoint from outside, before anything of a run loads (``StepEngine``'s load runs it): a NaN count
+        loaded, then broke the run after the controller's own state had loaded; a negative one made AdamW's bias
+        correction, and so its weights, non-finite. The values cost a copy to the host, which ``load_state_dict``
+        skips.
+
+        Raises:
+            ValueError: as ``load_state_dict``; or a step count is not a finite whole number >= 0, or a layer's is
+                above the model's (a layer takes part in at most every applied step).
+        """
+        counts = self._checked_state(state)[2].detach().cpu()
+        field = "steps" if "steps" in state else "step_state"
+        if not _whole_counts(counts):
+            raise ValueError(f"checkpoint's {field} holds {counts.tolist()}: step counts are finite whole numbers >= 0")
+        if bool((counts[1:] > counts[0]).any()):
+            raise ValueError(
+                f"checkpoint's {field} holds {counts.tolist()}: a layer's count (after the first, the model's) is "
+                "above the model's, and a layer takes part in at most every applied step"
+            )
+
+    def _checked_state(
+        self, state: Mapping[str, Any]
+    ) -> tuple[SGDOptions | AdamWOptions, tuple[str, ...], torch.Tensor, list[tuple[int, tuple[int, ...]]]]:
+        """``load_state_dict``'s checks, changing nothing.
+
+        Returns:
+            The options, state buffer names, step counts and reordered parameters (``_reordered_params``) it loads.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"checkpoint is a {_type_name(state)}, not the dict state_dict() returned")
+        if state.get("kind") != self._kind:
+            raise ValueError(f"checkpoint is of a {state.get('kind')!r} optimizer, this is {self._kind!r}")
+        numels = state.get("layer_numels")
+        if not isinstance(numels, Sequence) or isinstance(numels, str) or list(numels) != list(self.store.layer_numels):
+            raise ValueError(
+                f"checkpoint's layer_numels {numels!r} are not this store's {list(self.store.layer_numels)}: it was "
+                "made for another parameter layout (layer sizes differ)"
+            )
+        saved_options = state.get("options")
+        options_type = type(self.options)
+        try:
+            if not isinstance(saved_options, Mapping):
+                raise TypeError(f"a {_type_name(saved_options)}, not a dict")
+            wanted = [field.name for field in fields(options_type)]
+            if sorted(saved_options) != sorted(wanted):  # a missing one would take its default, silently
+                raise TypeError(f"it needs exactly {', '.join(wanted)}")
+            loaded_options = options_type(**saved_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"checkpoint's options {saved_options!r} are not {options_type.__name__}'s: {error}"
+            ) from None
+        self._check_decay(loaded_options)
+        names = self._buffers_loaded(loaded_options, state)
+        for name in names:
+            if name not in state:
+                raise ValueError(f"checkpoint lacks its {name!r}, which its options {state['options']} need")
+            buffer = state[name]
+            if not isinstance(buffer, torch.Tensor) or not buffer.is_floating_point():
+                of = f" of {buffer.dtype}" if isinstance(buffer, torch.Tensor) else ""
+                raise ValueError(
+                    f"checkpoint's {name} is a {_type_name(buffer)}{of}, not a floating-point tensor (a flat buffer "
+                    f"of the store's {self.store.n_elements} elements)"
+                )
+            if buffer.shape != (self.store.n_elements,):
+                raise ValueError(
+                    f"checkpoint's {name} has {buffer.numel()} elements, this store's {self.store.n_elements}: "
+                    "it was made for another parameter layout (groups differ)"
+                )
+        counts = _saved_counts(state, self.store.n_layers)
+        reordered = self._reordered_params(state.get("param_layout"))
+        return loaded_options, names, counts, reordered
+
     def _reordered_params(self, saved_layout: str | Sequence[Any] | None) -> list[tuple[int, tuple[int, ...]]]:
         """The parameters a checkpoint of ``saved_layout`` keeps in another memory order, with its strides.
 
@@ -528,8 +587,14 @@ class _FusedOptimizer:
         if saved_layout is None or saved_layout == self._layout_text:  # an older checkpoint; or this store's
             return []
         layout = self.store.param_layout
-        entries: Sequence[Any] = ast.literal_eval(saved_layout) if isinstance(saved_layout, str) else saved_layout
-        saved = [(tuple(shape), tuple(strides), int(start)) for shape, strides, start in entries]
+        try:  # the text of a tuple of (shape, strides, start), one a parameter
+            entries: Sequence[Any] = ast.literal_eval(saved_layout) if isinstance(saved_layout, str) else saved_layout
+            saved = [(tuple(shape), tuple(strides), int(start)) for shape, strides, start in entries]
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as error:
+            raise ValueError(
+                f"checkpoint's param_layout {str(saved_layout)[:80]!r} is not the text of a parameter layout (a "
+                f"(shape, strides, start) a parameter): {type(error).__name__}: {error}"
+            ) from None
         if len(saved) != len(layout):
             raise ValueError(
                 f"checkpoint was made for another parameter layout: {len(saved)} parameters, this store has "
@@ -647,15 +712,44 @@ class FusedSGD(_FusedOptimizer):
         Raises:
             ValueError: as ``_FusedOptimizer.load_state_dict``; or ``steps_before_momentum`` is not one a layer.
         """
-        steps_before_momentum = torch.as_tensor(state.get("steps_before_momentum", 0.0), dtype=torch.float64)
+        steps_before_momentum = self._saved_steps_before_momentum(state)
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self._steps_before_momentum.copy_(steps_before_momentum)
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """``_FusedOptimizer.check_state_dict``'s, plus the values of the steps before each layer's momentum started.
+
+        Raises:
+            ValueError: as ``_FusedOptimizer.check_state_dict``; or ``steps_before_momentum`` is not one a layer,
+                or not finite whole numbers >= 0.
+        """
+        super().check_state_dict(state)
+        counts = self._saved_steps_before_momentum(state).detach().cpu()
+        if not _whole_counts(counts):
+            raise ValueError(
+                f"checkpoint's steps_before_momentum holds {counts.tolist()}: step counts are finite whole numbers >= 0"
+            )
+
+    def _saved_steps_before_momentum(self, state: Mapping[str, Any]) -> torch.Tensor:
+        """A checkpoint's ``steps_before_momentum`` as float64 (0 from a checkpoint before them); no copy to the host.
+
+        Raises:
+            ValueError: it is not numbers, or not one a layer.
+        """
+        saved = state.get("steps_before_momentum", 0.0)
+        try:
+            steps_before_momentum = torch.as_tensor(saved, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"checkpoint's steps_before_momentum {saved!r} is not numbers (a float64 tensor, one a layer)"
+            ) from None
         if steps_before_momentum.dim() != 0 and steps_before_momentum.shape != (self.store.n_layers,):
             raise ValueError(
                 f"checkpoint's steps_before_momentum has shape {tuple(steps_before_momentum.shape)}; this store has "
                 f"{self.store.n_layers} layers, so [{self.store.n_layers}] (one a layer)"
             )
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self._steps_before_momentum.copy_(steps_before_momentum)
+        return steps_before_momentum
 
     def _buffers_for(self, options: SGDOptions | AdamWOptions) -> tuple[str, ...]:
         assert isinstance(options, SGDOptions)
@@ -793,7 +887,13 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
         ValueError: neither ``steps`` nor the older ``step_state`` is there, or ``steps`` is for other layers.
     """
     if "steps" in state:
-        counts = torch.as_tensor(state["steps"], dtype=torch.float64)
+        try:
+            counts = torch.as_tensor(state["steps"], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"checkpoint's steps {state['steps']!r} is not numbers (a float64 tensor: the model's count, then each "
+                "layer's)"
+            ) from None
         if counts.shape != (1 + n_layers,):
             raise ValueError(
                 f"checkpoint's steps has shape {tuple(counts.shape)}; this store has {n_layers} layers, so "
@@ -801,8 +901,21 @@ def _saved_counts(state: Mapping[str, Any], n_layers: int) -> torch.Tensor:
             )
         return counts
     if "step_state" in state:  # (steps, beta1**steps, beta2**steps): one count for all
-        return torch.as_tensor(state["step_state"], dtype=torch.float64)[:1].expand(1 + n_layers)
+        try:
+            step_state = torch.as_tensor(state["step_state"], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            step_state = torch.zeros(0)
+        if step_state.dim() != 1 or len(step_state) == 0:
+            raise ValueError(
+                f"checkpoint's step_state {state['step_state']!r} is not (steps, beta1**steps, beta2**steps)"
+            )
+        return step_state[:1].expand(1 + n_layers)
     raise ValueError("checkpoint lacks the step counts ('steps'): pass the dict state_dict() returned")
+
+
+def _whole_counts(counts: torch.Tensor) -> bool:
+    """Whether the host tensor ``counts`` holds finite whole numbers >= 0 only (step counts)."""
+    return bool((torch.isfinite(counts) & (counts >= 0) & (counts == counts.round())).all())
 
 
 # What :meth:`_FusedOptimizer.step` takes for its tensor arguments, as its errors say it.

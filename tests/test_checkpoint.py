@@ -892,3 +892,58 @@ def test_a_checkpoint_taken_mid_trial_resumed_where_no_trial_runs_starts_where_t
     restore(model2, resumed, state)
     assert resumed._trial is None and resumed.policy.initial_precision is Precision.BF16
     assert resumed.precisions == [Precision.BF16] * 2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        # Before the fix a NaN count loaded (then "cannot convert float NaN to integer", the controller half loaded);
+        # negative, fractional counts, or a layer's above the model's, loaded (AdamW's weights went non-finite).
+        ("steps", torch.full((3,), math.nan, dtype=torch.float64), r"steps holds \[nan, nan, nan\]: step counts are"),
+        ("steps", torch.full((3,), -1.0, dtype=torch.float64), r"steps holds \[-1\.0, -1\.0, -1\.0\]: step counts"),
+        ("steps", torch.tensor([3.0, 2.5, 3.0], dtype=torch.float64), r"steps holds \[3\.0, 2\.5, 3\.0\]: step counts"),
+        ("steps", torch.tensor([3.0, 4.0, 3.0], dtype=torch.float64), r"a layer's count .* is above the model's"),
+        ("steps_before_momentum", torch.tensor([-1.0, 0.0], dtype=torch.float64), r"steps_before_momentum holds \[-1"),
+        # Before the fix these raised a TypeError, SyntaxError or AttributeError naming no field (some after loading).
+        ("steps", "abc", r"checkpoint's steps 'abc' is not numbers"),
+        ("steps_before_momentum", "x", r"checkpoint's steps_before_momentum 'x' is not numbers"),
+        ("param_layout", "((1,2", r"checkpoint's param_layout '\(\(1,2' is not the text of a parameter layout"),
+        ("param_layout", "foo", r"checkpoint's param_layout 'foo' is not the text of a parameter layout"),
+        ("layer_numels", 5, r"checkpoint's layer_numels 5 are not this store's \[144, 51\]"),
+        ("options", "x", r"checkpoint's options 'x' are not SGDOptions's: a str, not a dict"),
+        ("momentum_buffer", [0.0] * 195, r"checkpoint's momentum_buffer is a list, not a floating-point tensor"),
+        ("momentum_buffer", torch.zeros(195, dtype=torch.int64), r"momentum_buffer is a torch.Tensor of torch.int64"),
+        # Before the fix this loaded, the missing options taking their defaults (a weight decay of 0, silently).
+        (
+            "options",
+            {"momentum": 0.9},
+            r"are not SGDOptions's: it needs exactly momentum, dampening, weight_decay, nes",
+        ),
+    ],
+)
+def test_a_corrupt_fused_optimizer_field_is_refused_by_name_before_anything_is_loaded(
+    monkeypatch, path, value, message
+):
+    """On the fused step, the fused optimizer's own state was checked by its load, after the controller's state had
+    loaded, and its counts' values not at all. Now each damaged field is refused by name, and the controller, its
+    engine and the fused optimizer are left exactly as they were."""
+
+    class FusedEngine(StepEngine):
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    model, ctl, stream = _two_steps_in()
+    _train_on(model, ctl, itertools.islice(stream, 1))  # a checkpoint three steps in, where this run is two in
+    state = torch.load(checkpoint(model, ctl))["controller"]
+    _set(state, ("engine", "optimizer", path), value)
+    model, ctl, _ = _two_steps_in()
+    saved = _kept(model, ctl)
+    with pytest.raises(ValueError, match=message):
+        ctl.load_state_dict(state)
+    assert _equal(_kept(model, ctl), saved)
+    assert ctl.engine.fused_optimizer.layer_step_counts.tolist() == [2.0, 2.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -1139,3 +1140,20 @@ def test_a_frozen_sparse_embedding_is_taken_and_refused_once_unfrozen(fused: boo
         engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7 if fused else 0)  # nothing was updated
+
+
+@pytest.mark.parametrize("precisions", [{0: "bf16", 1: "fp32"}, {"bf16"}])
+def test_set_precisions_refuses_a_dict_or_a_set_naming_the_layers(precisions: Any) -> None:
+    """The engine parsed the map into a list before LayerPrecision.set saw it: a dict's keys (0 and 1: fp32 and bf16)
+    or a set's hash order became the map. Now refused as LayerPrecision.set refuses it, the map left as it was."""
+    _, engine = sgd_engine()
+    with pytest.raises(
+        ValueError,
+        match=rf"precisions={re.escape(repr(precisions))} is a {type(precisions).__name__}: give an ordered sequence "
+        r"\(a list, tuple or array\) with one precision per layer \(2: \['0', '2'\]\) or per controllable layer "
+        r"\(2: \['0', '2'\]\), in that order",
+    ):
+        engine.set_precisions(precisions)
+    assert engine.precision.precisions == [Precision.FP32, Precision.FP32]
+    engine.set_precisions(np.array(["bf16", "fp32"]))
+    assert engine.precision.precisions == [Precision.BF16, Precision.FP32]

@@ -421,6 +421,34 @@ def test_a_step_hook_that_raises_leaves_the_next_fused_step_clean():
         assert torch.equal(after_failure, clean)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_an_update_launch_that_raises_leaves_no_gradient_for_the_next_fused_step(kind):
+    """The fused update's launch raising (its first call allocates and compiles the kernels: an out-of-memory error,
+    a Ctrl-C) was past the guard that zeroes a failed step's gradients: the failed batch's gradients went into the
+    next update (0.0376 off the run without that batch). Now the run equals the one never given that batch."""
+    data = batches(3)
+    runs = []
+    for flaky in (True, False):
+        model, engine = make(kind, True)
+        _run_steps(model, engine, data[:1])
+        if flaky:
+            launch = engine.fused_optimizer.step
+
+            def fail_once(*args, engine=engine, launch=launch, **kwargs):
+                engine.fused_optimizer.step = launch
+                raise torch.OutOfMemoryError("out of memory in the update")
+
+            engine.fused_optimizer.step = fail_once
+            with pytest.raises(torch.OutOfMemoryError, match="out of memory in the update"):
+                _run_steps(model, engine, data[1:2])
+            assert not engine.update_reached and engine.applied_steps() == 1
+            assert all(not p.grad.any() for p in model.parameters())
+        _run_steps(model, engine, data[2:])
+        runs.append(_weights(model))
+    for after_failure, clean in zip(*runs, strict=True):
+        assert torch.equal(after_failure, clean)
+
+
 def test_unsupported_optimizers_are_named():
     model = nn.Linear(2, 2)
     layers = [list(model.parameters())]
@@ -936,6 +964,61 @@ def test_loading_the_users_optimizer_mid_run_loads_into_the_fused_step(kind):
     for expected, resumed in zip(reference, finals[True], strict=True):
         torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(reference, finals[False], strict=True)) > 1e-4
+
+
+def _optimizer_snapshot(engine):
+    """The user's optimizer's groups (less their parameters) and state, and the fused buffers and counts, copied."""
+    optimizer, fused = engine.optimizer, engine.fused_optimizer
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for g in optimizer.param_groups for p in g["params"]]
+    buffers = [getattr(fused, name).clone() for name in fused._buffer_names] + [fused._step_state.clone()]
+    return groups, state, buffers
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_refused_load_of_the_users_optimizer_changes_nothing_and_training_goes_on_as_never_given_it(kind):
+    """Another model's optimizer state loaded into the user's optimizer while the fused step runs: torch.optim put
+    its param groups (LR 5.0) and state in place, then the post-hook that copies the state into the fused buffers
+    raised a bare RuntimeError (a size mismatch), and training went on at LR 5. Now a ValueError naming the state
+    that does not fit is raised before anything changes, and the run equals one never given that state."""
+    data = batches(5)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(DEVICE)
+    groups = [{"params": list(m.parameters()), "layer": i} for i, m in enumerate([other[0], other[2]])]
+    other_optimizer = (
+        torch.optim.SGD(groups, lr=5.0, momentum=0.5, nesterov=True, weight_decay=1e-3)
+        if kind == "sgd"
+        else torch.optim.AdamW(groups, lr=5.0, weight_decay=1e-2)
+    )
+    other_engine = StepEngine(other, other_optimizer, DEVICE, fused=True)
+    _run_steps(other, other_engine, data[:1])
+    other_state = copy.deepcopy(other_optimizer.state_dict())
+    runs = []
+    for given in (True, False):
+        model, engine = make(kind, True)
+        _run_steps(model, engine, data[1:3])
+        if given:
+            before = _optimizer_snapshot(engine)
+            with pytest.raises(
+                ValueError,
+                match=r"the checkpoint's optimizer state '(momentum_buffer|exp_avg)' of parameter 0 has shape "
+                r"\(16, 6\); this model's parameter has \(8, 6\): it was saved for another model",
+            ):
+                engine.optimizer.load_state_dict(other_state)
+            after = _optimizer_snapshot(engine)
+            assert after[0] == before[0]
+            for a, b in zip(after[1] + after[2], before[1] + before[2], strict=True):
+                assert _kept_equal(a, b)
+        _run_steps(model, engine, data[3:])
+        runs.append(_weights(model))
+    for after_refusal, clean in zip(*runs, strict=True):
+        assert torch.equal(after_refusal, clean)
+
+
+def _kept_equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

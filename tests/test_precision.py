@@ -2080,3 +2080,38 @@ def test_a_layer_in_the_models_own_fp16_region_needs_the_grad_scaler(precisions:
         with other.context():
             other.model(torch.randn(2, 8))
         assert not other.needs_grad_scaler, dtype
+
+
+_UNORDERED_MESSAGE = (
+    r"give an ordered sequence \(a list, tuple or array\) with one precision per layer \(3: \['0', '1', '2'\]\) "
+    r"or per controllable layer \(2: \['0', '2'\]\), in that order"
+)
+
+
+@pytest.mark.parametrize(
+    ("precisions", "message"),
+    [
+        # Before the fix: the dict's keys read as the precisions 0 and 2 (fp32, fp16), the set in its hash order.
+        ({0: "bf16", 2: "fp16"}, r"precisions=\{0: 'bf16', 2: 'fp16'\} is a dict: " + _UNORDERED_MESSAGE),
+        ({"bf16"}, r"precisions=\{'bf16'\} is a set: " + _UNORDERED_MESSAGE),
+        (frozenset({"fp16", "bf16"}), r"is a frozenset: " + _UNORDERED_MESSAGE),
+        ((p for p in ["bf16", "fp32"]), r"is a generator: " + _UNORDERED_MESSAGE),
+    ],
+)
+def test_a_map_that_is_not_an_ordered_sequence_is_refused_naming_the_layers(precisions: Any, message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    precision = LayerPrecision(model, "cpu")
+    with pytest.raises(ValueError, match=message):
+        precision.set(precisions)
+    assert precision.precisions == [Precision.FP32] * 3
+
+
+def test_lists_tuples_and_numpy_arrays_still_set_the_map_in_their_order() -> None:
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    precision = LayerPrecision(model, "cpu")
+    for precisions in (["bf16", "fp16"], ("bf16", "fp16"), np.array([1, 2]), np.array(["bf16", "fp32", "fp16"])):
+        precision.set(precisions)
+        assert precision.precisions == [Precision.BF16, Precision.FP32, Precision.FP16]
+        precision.set(["fp32"] * 3)

@@ -381,8 +381,10 @@ class StepEngine:
         """Sets per-layer precisions (all layers, or controllable layers only).
 
         Raises:
-            ValueError: wrong count, unknown precision, or one this device cannot run.
+            ValueError: wrong count, unknown precision, one this device cannot run, or not an ordered sequence
+                (a dict, a set: ``LayerPrecision.check_ordered``).
         """
+        self.precision.check_ordered(precisions)  # before the parse below, which would take a dict's keys
         parsed = [Precision.parse(p) for p in precisions]
         for precision in set(parsed):
             check_precision_supported(precision, self.device)
@@ -911,7 +913,7 @@ class StepEngine:
         """Runs ``load_state_dict``'s checks on ``state`` and loads nothing: for a caller that loads more beside it.
 
         Raises:
-            ValueError: as ``load_state_dict`` would, but for what the fused optimizer checks as it loads.
+            ValueError: as ``load_state_dict`` would.
         """
         self._checked_state(state)
 
@@ -971,6 +973,9 @@ class StepEngine:
             _check_layer_keys(optimizer_state["param_groups"], self.n_layers, "the checkpoint's ")
         if self.fused and not across:  # the fused optimizer's own state: read by key in its load (an AttributeError)
             _require_keys("optimizer state", optimizer_state, ("kind", "options", "layer_numels", "steps"))
+            # Its types, shapes and counts, before anything loads: a NaN or negative count, a damaged layout, a list
+            # for a buffer were refused (or not) by its load, after the controller's own state had loaded.
+            self.fused_optimizer.check_state_dict(optimizer_state)
         if self.fused and across:  # a reference run's groups the fused step cannot run: refused before the load,
             # which replaced the groups and moments before its post-hook refused them (every later step raised)
             try:
@@ -1071,6 +1076,11 @@ class StepEngine:
             if engine is not None:
                 engine._export_optimizer_state()
 
+        def check(_: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+            engine = this()
+            if engine is not None:
+                engine._check_loaded_optimizer_state(state)
+
         def adopt(_: torch.optim.Optimizer) -> None:
             engine = this()
             if engine is not None:
@@ -1081,8 +1091,26 @@ class StepEngine:
 
         self._optimizer_hooks = [
             self.optimizer.register_state_dict_pre_hook(export),
+            self.optimizer.register_load_state_dict_pre_hook(check),
             self.optimizer.register_load_state_dict_post_hook(adopt),
         ]
+
+    def _check_loaded_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Raises a ValueError for a state ``optimizer.load_state_dict`` is given that the fused step cannot adopt.
+
+        Runs before torch.optim's load changes anything: it replaces the param groups and the state before its
+        post-hook copies the state into the fused buffers, and a state of another model raised there (a bare
+        RuntimeError, a size mismatch) with the refused state's groups in place: the run trained on at its LR.
+        The checks are the engine's on a reference-path checkpoint: the state's groups and tensors fit this
+        optimizer's parameters, its ``"layer"`` keys are layer indices, and its groups' settings are ones the fused
+        step runs.
+        """
+        _check_state_shapes(self.optimizer, state)
+        _check_layer_keys(state["param_groups"], self.n_layers, "the loaded state's ")
+        try:
+            self._check_group_settings(state["param_groups"])
+        except KeyError as error:
+            raise ValueError(f"the loaded state's param groups lack {error}: they are not torch.optim's") from None
 
     def _weight_copies(self) -> WeightCopies:
         """The ``LayerPrecision.use_weight_copies`` callable: each layer's 16-bit copies in the store, by attribute."""
@@ -1419,7 +1447,11 @@ class StepEngine:
         self.update_reached = False
         self.last_grad_stats = None
         scaling = self.precision.needs_grad_scaler
-        try:  # (the check inside: a refused step's gradients are zeroed below, not added to the next step's)
+        # Everything up to and including the launch in one guard: a refused step (the check inside), a hook or
+        # transform that raises, or the launch itself (its first call allocates and compiles the kernels: an
+        # out-of-memory error, a Ctrl-C) leaves no update, and its gradients are zeroed below, not added to the next
+        # step's, as the reference path's ``finally`` zeroes them.
+        try:
             self._check_optimizer_params()
             hooks = self._step_hooks("pre")
             for hook in hooks:  # as optimizer.step() would (an EMA, a gradient transform)
@@ -1431,43 +1463,45 @@ class StepEngine:
             self.bind_grads(after_backward=True)
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
             transformed_overflow = self._transform_fused_grads(scaling) if self.grad_transform is not None else None
+            factors = self._layer_base * np.where(
+                self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0
+            )
+            # Compared as the kernel reads them: under a scheduler, groups of different LRs keep their float32
+            # ratio while the float64 one wobbles in its last bits (a copy on half the steps). The copy, when due,
+            # goes through pinned memory, as set_log_betas does: from pageable memory it waited for the GPU.
+            factors = factors.astype(np.float32)
+            if self._last_factors is None or not np.array_equal(factors, self._last_factors):
+                host = torch.from_numpy(factors)
+                self._factors.copy_(host.pin_memory() if self._factors.is_cuda else host, non_blocking=True)
+                self._last_factors = factors
+            precisions = self.precision.precisions
+            if self._last_codes != precisions:
+                if precisions != self._copy_codes:  # set past set_precisions: segments hold other types' bits
+                    self.refresh_weight_copies()
+                self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
+                self._last_codes = list(precisions)
+            lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
+            # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
+            # outputs) is moved, as float(loss) once read it from anywhere.
+            skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
+            unheld_overflow = self._unheld_overflow()  # a second optimizer's gradients, in every precision
+            # What the kernel cannot see: either skips the step and backs the scale off
+            flagged = [flag for flag in (unheld_overflow, transformed_overflow) if flag is not None]
+            overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
+            if overflow_elsewhere is not None:
+                skip = skip | overflow_elsewhere
+            result = self.fused_optimizer.step(
+                lr,
+                self._factors,
+                self._codes,
+                inv_scale=self._scale.reciprocal() if scaling and transformed_overflow is None else 1.0,
+                max_grad_norm=self.max_grad_norm,
+                skip=skip,
+            )
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
             self._zero_unstored_gradients()  # nor those of a param group added (or a parameter unfrozen) since
             raise
-        factors = self._layer_base * np.where(self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0)
-        # Compared as the kernel reads them: under a scheduler, groups of different LRs keep their float32 ratio
-        # while the float64 one wobbles in its last bits (a copy on half the steps). The copy, when due, goes through
-        # pinned memory, as set_log_betas does: from pageable memory it waited for the GPU.
-        factors = factors.astype(np.float32)
-        if self._last_factors is None or not np.array_equal(factors, self._last_factors):
-            host = torch.from_numpy(factors)
-            self._factors.copy_(host.pin_memory() if self._factors.is_cuda else host, non_blocking=True)
-            self._last_factors = factors
-        precisions = self.precision.precisions
-        if self._last_codes != precisions:
-            if precisions != self._copy_codes:  # set past set_precisions: segments hold other types' bits
-                self.refresh_weight_copies()
-            self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
-            self._last_codes = list(precisions)
-        lr = self._reference_lr * self.lr_scale * self.batch_lr_gain
-        # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
-        # outputs) is moved, as float(loss) once read it from anywhere.
-        skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
-        unheld_overflow = self._unheld_overflow()  # a second optimizer's gradients, in every precision
-        # What the kernel cannot see: either skips the step and backs the scale off
-        flagged = [flag for flag in (unheld_overflow, transformed_overflow) if flag is not None]
-        overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
-        if overflow_elsewhere is not None:
-            skip = skip | overflow_elsewhere
-        result = self.fused_optimizer.step(
-            lr,
-            self._factors,
-            self._codes,
-            inv_scale=self._scale.reciprocal() if scaling and transformed_overflow is None else 1.0,
-            max_grad_norm=self.max_grad_norm,
-            skip=skip,
-        )
         self._mark_weights_written()
         self.update_reached = True
         self.last_grad_stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)

@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -239,6 +241,29 @@ class LayerPrecision:
         """Indices (into ``layers``) of the layers whose precision can be set."""
         return list(self._controllable_index)
 
+    def check_ordered(self, precisions: Any) -> None:
+        """Raises a ValueError unless ``precisions`` is an ordered sequence (a list, tuple or array) of precisions.
+
+        The check of ``set``'s argument, for a caller that parses it first (``StepEngine.set_precisions``): a dict
+        (``{0: "bf16", 2: "fp16"}``) was iterated by its keys, read as the precisions 0 and 2, and a set in an order
+        of the strings' hashes (another map each run); one string was read as one precision a character.
+        """
+        if isinstance(precisions, str):  # "bf16" read as the three precisions 'b', 'f', '1'
+            raise ValueError(
+                f"precisions={precisions!r} is one string: give a sequence, one precision a layer "
+                f"(e.g. [{precisions!r}] * n), each one of fp32, bf16, fp16"
+            )
+        if isinstance(precisions, (Mapping, AbstractSet)) or not isinstance(
+            precisions, (Sequence, np.ndarray, torch.Tensor)
+        ):
+            names = [layer.name for layer in self.layers]
+            controllable = [names[i] for i in self._controllable_index]
+            raise ValueError(
+                f"precisions={precisions!r} is a {type(precisions).__name__}: give an ordered sequence (a list, tuple "
+                f"or array) with one precision per layer ({len(names)}: {names}) or per controllable layer "
+                f"({len(controllable)}: {controllable}), in that order"
+            )
+
     def set(self, precisions: Sequence[Precision | str | int]) -> None:
         """Sets the precision of every layer (``len(layers)`` values) or of every controllable one.
 
@@ -248,13 +273,10 @@ class LayerPrecision:
         weights is cleared when the type changes): the functional ops between the layers run in the new map's type.
 
         Raises:
-            ValueError: wrong count, an unknown precision, or one string for the whole map.
+            ValueError: wrong count, an unknown precision, one string for the whole map, or a map that is not an
+                ordered sequence (a dict, a set: see :meth:`check_ordered`).
         """
-        if isinstance(precisions, str):  # "bf16" read as the three precisions 'b', 'f', '1'
-            raise ValueError(
-                f"precisions={precisions!r} is one string: give a sequence, one precision a layer "
-                f"(e.g. [{precisions!r}] * n), each one of fp32, bf16, fp16"
-            )
+        self.check_ordered(precisions)
         parsed = [Precision.parse(p) for p in precisions]
         if len(parsed) == len(self.layers):
             chosen = parsed
