@@ -831,3 +831,41 @@ def test_an_empty_log_dir_scans_nothing_and_says_nothing(tmp_path, capsys, monke
     argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2"]
     assert main([*argv, "--no-progress", "--out", "", "--log-dir", ""]) == 0
     assert "holds an earlier comparison's TensorBoard runs" not in capsys.readouterr().err
+
+
+def test_train_policy_resumes_past_evaluations_cut_short(tmp_path, capsys, caplog):
+    """A Ctrl-C or a full disk while SB3 rewrote eval/evaluations.npz left it cut short: --resume then ended in a
+    traceback, zipfile.BadZipFile naming no file. Now the file is set aside, said, and the run goes on."""
+    shipped = Path(__file__).parents[1] / "triaccel_rl" / "pretrained"
+    for name in ("policy.zip", "policy.obs.json"):
+        shutil.copy(shipped / name, tmp_path / name)
+    evaluations = tmp_path / "eval" / "evaluations.npz"
+    evaluations.parent.mkdir()
+    evaluations.write_bytes(b"PK\x03\x04 cut short")
+    argv = ["train-policy", "--tasks", "synthetic", "--timesteps", "8", "--n-envs", "1", "--vec", "dummy",
+            "--n-steps", "8", "--batch-size", "8", "--interval-steps", "10", "--budget-intervals", "2",
+            "--eval-tasks", "synthetic", "--eval-every", "8", "--no-progress", "--log-dir", "",
+            "--out", str(tmp_path / "policy.zip"), "--resume", str(tmp_path / "policy.zip")]  # fmt: skip
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    aside = tmp_path / "eval" / "evaluations_until_4096_steps.npz"
+    assert aside.read_bytes() == b"PK\x03\x04 cut short"
+    assert f"{evaluations} holds evaluations that cannot be read (BadZipFile: " in caplog.text
+    assert f"moved it to {aside}" in caplog.text
+
+
+def test_a_policy_with_binary_observation_stats_is_one_line_naming_the_file(tmp_path, capsys):
+    """A binary .obs.json was refused with the decoder's "'utf-8' codec can't decode byte 0xff ...", no file named."""
+    shipped = Path(__file__).parents[1] / "triaccel_rl" / "pretrained"
+    policy = tmp_path / "policy.zip"
+    shutil.copy(shipped / "policy.zip", policy)
+    stats = policy.with_suffix(".obs.json")
+    stats.write_bytes(b"\xff\xfe\x00garbage")
+    argv = ["compare", "--task", "synthetic", "--controllers", str(policy), "--seeds", "1", "--epochs", "0.2",
+            "--no-progress", "--log-dir", "", "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"triaccel-rl compare: error: observation stats {str(stats)!r} cannot be read: 'utf-8' codec can't decode "
+        "byte 0xff in position 0: invalid start byte"
+    ]

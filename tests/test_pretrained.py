@@ -352,6 +352,34 @@ def test_observation_stats_that_cannot_serve_the_policy_are_refused_on_loading(t
     assert "policy.obs.json" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("broken", "why"),
+    [
+        ("binary", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+        ("unreadable", "[Errno 5] Input/output error"),
+    ],
+)
+def test_observation_stats_that_cannot_be_read_are_refused_naming_the_file(tmp_path, monkeypatch, broken, why):
+    """A binary .obs.json raised the decoder's bare "'utf-8' codec can't decode byte 0xff", and a read that failed
+    the bare OSError: neither named the file (from make_policy, compare or train-policy --resume)."""
+    zip_path = tmp_path / "policy.zip"
+    shutil.copyfile(pretrained_policy_path(), zip_path)
+    stats = zip_path.with_suffix(".obs.json")
+    stats.write_bytes(b"\xff\xfe\x00garbage")
+    if broken == "unreadable":
+        stats.write_text(pretrained_policy_path().with_suffix(".obs.json").read_text())
+
+        def failing_read(self, *args, **kwargs):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(Path, "read_text", failing_read)
+    message = f"observation stats {str(stats)!r} cannot be read: {why}"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        ObservationStats.load(stats)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_policy(str(zip_path), CONFIG, OBSERVATION_SPACE, ACTION_SPACE)
+
+
 def test_resuming_widens_the_observation_range_and_takes_new_rollout_sizes(tiny_policy, tmp_path):
     """``--resume P --out P`` once replaced P's observation range by the resumed run's alone (its fallback then sent
     observations of the first run to the heuristic), and ignored new ``n_steps``/``batch_size``."""

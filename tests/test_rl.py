@@ -690,6 +690,66 @@ def test_evaluations_moved_aside_twice_at_one_step_keep_both(tmp_path, caplog):
     assert f"moved it to {second}" in caplog.text and not file.exists()
 
 
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        ("truncated", "BadZipFile: File is not a zip file"),
+        ("missing_array", "KeyError: 'ep_lengths is not a file in the archive'"),
+    ],
+)
+def test_evaluations_that_cannot_be_read_are_set_aside_not_continued(tmp_path, caplog, cut, why):
+    """SB3 rewrites evaluations.npz in place at each evaluation: cut short by a Ctrl-C or a full disk mid-write, it
+    stopped the resume with a bare zipfile.BadZipFile naming no file (an array missing: a KeyError)."""
+    from types import SimpleNamespace
+
+    from triaccel_rl.rl import _continue_evaluations
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    file = folder / "evaluations.npz"
+    if cut == "truncated":
+        np.savez(file, timesteps=np.array([8]), results=np.array([[0.0]]), ep_lengths=np.array([[3]]))
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+        np.savez(file, timesteps=np.array([8]), results=np.array([[0.0]]))
+    file.with_suffix(".json").write_text(json.dumps({"tasks": ["synthetic"], "seed": 0}))
+    broken = file.read_bytes()
+    # Another run's file (resumed into another folder): left where it is
+    other = SimpleNamespace(log_path=str(tmp_path / "b" / "evaluations"), n_eval_episodes=1)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        _continue_evaluations(other, file, 8, {"tasks": ["synthetic"], "seed": 0})
+    assert f"{file} holds evaluations that cannot be read ({why}): not continued" in caplog.text
+    assert file.read_bytes() == broken and not hasattr(other, "evaluations_timesteps")
+    # The run's own: set aside, with its record, and its curve starts over
+    callback = SimpleNamespace(log_path=str(folder / "evaluations"), n_eval_episodes=1)
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        _continue_evaluations(callback, file, 8, {"tasks": ["synthetic"], "seed": 0})
+    aside = folder / "evaluations_until_8_steps.npz"
+    assert f"{file} holds evaluations that cannot be read ({why}): moved it to {aside}" in caplog.text
+    assert aside.read_bytes() == broken and aside.with_suffix(".json").is_file()
+    assert not file.exists() and not file.with_suffix(".json").exists()
+    assert not hasattr(callback, "evaluations_timesteps")
+
+
+def test_an_evaluation_cut_short_while_written_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """SB3 rewrote evaluations.npz in place: a Ctrl-C or a full disk mid-write left the file cut short, every earlier
+    evaluation lost, and a resume of the run stopped by it."""
+    real_savez = np.savez
+
+    def disk_full_on_the_second(file, **arrays):
+        if len(arrays["timesteps"]) < 2:
+            return real_savez(file, **arrays)
+        Path(f"{file}.npz").write_bytes(b"PK\x03\x04 cut short")  # np.savez adds the suffix
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full_on_the_second)
+    with pytest.raises(OSError, match="No space left on device"):
+        train_policy(["synthetic"], total_timesteps=8, n_steps=4, batch_size=4, out=tmp_path / "policy.zip",
+                     eval_every=4, eval_tasks=["synthetic"], **_TINY)  # fmt: skip
+    assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [4]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evaluations.json", "evaluations.npz"]
+
+
 def test_resume_and_out_spelled_differently_keep_the_first_runs_evaluations(tmp_path, monkeypatch, caplog):
     """An absolute resume beside a relative out (one file, spelled two ways) was taken for another run's
     evaluations: those past the checkpoint were dropped without a copy, and a curve of other held-out settings was

@@ -775,7 +775,16 @@ def train_policy(
                 self._due = False
                 self.eval_env.seed(seed)
                 self.num_timesteps = self.model.num_timesteps  # the steps the weights trained on: stamps the result
-                super()._on_step()  # SB3's evaluation (eval_freq=1: it evaluates at every call)
+                # SB3 rewrites evaluations.npz in place: a Ctrl-C or a full disk mid-write left it cut short (a resume
+                # then could not continue it). Written beside it and moved over it, the previous file stays whole.
+                final, partial = self.log_path, f"{self.log_path}.partial"
+                self.log_path = partial
+                try:
+                    super()._on_step()  # SB3's evaluation (eval_freq=1: it evaluates at every call)
+                    os.replace(f"{partial}.npz", f"{final}.npz")
+                finally:
+                    self.log_path = final
+                    Path(f"{partial}.npz").unlink(missing_ok=True)
 
         def _on_training_end(self) -> None:
             self._on_rollout_start()
@@ -1295,14 +1304,24 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
     evaluations past it belong to the run this one replaces: a copy of the file keeps them
     (``evaluations_replaced_after_<start>_steps.npz``), with a warning. A file set aside (moved or copied) is never
     written over: where its name is taken, it gets ``_2``, ``_3``, ... before its suffix, as the warning says. The file
-    is this run's own (continued, moved or copied) where it resolves to ``callback``'s, however either is spelled.
+    is this run's own (continued, moved or copied) where it resolves to ``callback``'s, however either is spelled. A
+    file that cannot be read (SB3 rewrites it in place at each evaluation: a Ctrl-C or a full disk mid-write cuts it
+    short; or an array missing) is not continued either: it is set aside, or left where it is, as a mismatch is, with
+    the warning saying why (until 2026-12-06 it stopped the resume with a traceback naming no file).
     """
     if not file.is_file():
         return
-    with np.load(file) as saved:
-        timesteps, results, lengths = saved["timesteps"], saved["results"], saved["ep_lengths"]
+    try:
+        with np.load(file) as saved:
+            timesteps, results, lengths = saved["timesteps"], saved["results"], saved["ep_lengths"]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as error:
+        unreadable: str | None = f"evaluations that cannot be read ({type(error).__name__}: {error})"
+    else:
+        unreadable = None
     recorded = _read_json_or_none(file.with_suffix(".json"))
-    if recorded is not None and recorded != dict(identity):
+    if unreadable is not None:
+        mismatch = unreadable
+    elif recorded is not None and recorded != dict(identity):
         mismatch = f"evaluations of {recorded}, this run evaluates {dict(identity)}"
     elif results.ndim != 2 or results.shape[1] != callback.n_eval_episodes:
         mismatch = (

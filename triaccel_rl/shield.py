@@ -660,13 +660,19 @@ class ObservationStats:
         """Reads stats written by ``save``.
 
         Raises:
-            ValueError: missing file, not JSON, missing fields or values of the wrong kind (named).
+            ValueError: missing or unreadable file, not UTF-8 JSON, missing fields or values of the wrong kind
+                (named). Bytes that are not UTF-8 (a binary file), or a file that cannot be read, raised the bare
+                decoding or OS error naming no file until 2026-12-06.
         """
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"observation stats {str(file)!r} do not exist")
         try:
-            raw = json.loads(file.read_text())
+            text = file.read_text(encoding="utf-8")  # as save writes it (ASCII), whatever the locale's encoding
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"observation stats {str(file)!r} cannot be read: {error}") from None
+        try:
+            raw = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"observation stats {str(file)!r} are not valid JSON: {error}") from None
         if not isinstance(raw, dict):
