@@ -511,19 +511,16 @@ class _FusedOptimizer:
         correction, and so its weights, non-finite. The values cost a copy to the host, which ``load_state_dict``
         skips.
 
+        A layer's count may be above the model's: a state adopted through the optimizer's load (or from a reference
+        run) brings its layers' counts and leaves the model's, this run's applied updates, as it was.
+
         Raises:
-            ValueError: as ``load_state_dict``; or a step count is not a finite whole number >= 0, or a layer's is
-                above the model's (a layer takes part in at most every applied step).
+            ValueError: as ``load_state_dict``; or a step count is not a finite whole number >= 0.
         """
         counts = self._checked_state(state)[2].detach().cpu()
         field = "steps" if "steps" in state else "step_state"
         if not _whole_counts(counts):
             raise ValueError(f"checkpoint's {field} holds {counts.tolist()}: step counts are finite whole numbers >= 0")
-        if bool((counts[1:] > counts[0]).any()):
-            raise ValueError(
-                f"checkpoint's {field} holds {counts.tolist()}: a layer's count (after the first, the model's) is "
-                "above the model's, and a layer takes part in at most every applied step"
-            )
 
     def _checked_state(
         self, state: Mapping[str, Any]
