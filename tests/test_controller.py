@@ -2204,3 +2204,34 @@ def test_a_checkpoint_whose_lr_multiplier_is_off_this_ladder_is_refused():
     state["engine"]["lr_scale"] = 1.5
     ctl.load_state_dict(state)
     assert ctl.engine.lr_scale == 1.5
+
+
+def test_the_cpu_memory_reading_follows_the_map_the_batch_and_the_memory_model():
+    """``predicted_memory_bytes`` (the CPU's memory reading at every step) is cached on the memory model, its
+    revision, the batch and the map: each change gives the memory model's own prediction again, never a stale one."""
+    from triaccel_rl.memory import MemoryModel
+
+    model, opt = model_and_optimizer()
+    ctl = Controller(model, opt, policy="fp32", config=ControllerConfig(interval_steps=1000))
+    train(ctl, model, epochs=1, batch_size=64)
+
+    def fresh(batch):
+        return ctl.memory_model.predict(batch, list(ctl.engine.precision.precisions))
+
+    fp32 = ctl.predicted_memory_bytes(16)
+    assert fp32 == fresh(16) and ctl.predicted_memory_bytes(32) == fresh(32) > fp32
+    ctl.engine.precision.set(["bf16"] * 3)
+    assert ctl.predicted_memory_bytes(16) == fresh(16) != fp32  # (the 16-bit weight copies: more on this model)
+    ctl.engine.precision.precisions[0] = Precision.FP32  # written in place
+    assert ctl.predicted_memory_bytes(16) == fresh(16) != ctl.memory_model.predict(16, [Precision.BF16] * 3)
+    ctl.memory_model.observe(16, ctl.precisions, 10**9)  # a reading: the model's line moves
+    assert ctl.predicted_memory_bytes(16) == fresh(16) >= 10**9
+    ctl.memory_model = MemoryModel(ctl.costs, ctl.profile)  # replaced by one at the same revision
+    ctl.memory_model.observe(16, ctl.precisions, 5 * 10**8)
+    assert ctl.predicted_memory_bytes(16) == fresh(16) < 10**9
+    with pytest.raises(ValueError, match="batch_size=True must be a whole number"):
+        ctl.predicted_memory_bytes(True)  # equal to 1 as a key, and refused all the same
+    ctl.predicted_memory_bytes(1)
+    with pytest.raises(ValueError, match="batch_size=True must be a whole number"):
+        ctl.predicted_memory_bytes(True)
+    ctl.close()

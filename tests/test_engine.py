@@ -1157,3 +1157,37 @@ def test_set_precisions_refuses_a_dict_or_a_set_naming_the_layers(precisions: An
     assert engine.precision.precisions == [Precision.FP32, Precision.FP32]
     engine.set_precisions(np.array(["bf16", "fp32"]))
     assert engine.precision.precisions == [Precision.BF16, Precision.FP32]
+
+
+def test_the_fused_steps_lr_shares_follow_the_groups_lrs_bit_for_bit() -> None:
+    """Each layer's LR share (its group's LR over the first group's) is taken by indexing an array of the layers' group
+    positions, made once: under a scheduler moving the LRs, after ``optimizer.load_state_dict()`` (new group dicts), and
+    for a layer with no parameter in the optimizer (share 1), the shares are Python's float quotients, bit for bit."""
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused step needs a GPU or Triton's interpreter")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2), nn.Linear(2, 2))
+    params = StepEngine.discover(model)  # the last layer's are left to another optimizer
+    groups = [{"params": params[0], "lr": 0.3}, {"params": params[2], "lr": 0.7}, {"params": params[1], "lr": 0.1}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    engine = StepEngine(model, optimizer, CPU, fused=True)
+    assert [len(p) for p in engine.layer_params] == [2, 2, 2, 0]
+
+    def shares(lrs: list[float]) -> list[float]:  # layers 0, 1, 2 in groups 0, 2, 1; layer 3 in none
+        reference = lrs[0] if lrs[0] > 0 else 1.0
+        return [lrs[0] / reference, lrs[2] / reference, lrs[1] / reference, 1.0]
+
+    assert engine._layer_base.tolist() == shares([0.3, 0.7, 0.1])
+    for lrs in ([0.29, 0.69, 0.11], [0.0, 0.7, 0.1], [1 / 3, 2 / 7, 0.1]):  # a scheduler's moves (reference 0: 1)
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        engine._read_group_lrs()
+        assert engine._layer_base.tolist() == shares(lrs)
+    saved = optimizer.state_dict()
+    saved["param_groups"][1]["lr"] = 0.3
+    optimizer.load_state_dict(saved)
+    engine._read_group_lrs()
+    assert engine._layer_base.tolist() == shares([1 / 3, 0.3, 0.1])
+    engine.remove()

@@ -2115,3 +2115,64 @@ def test_lists_tuples_and_numpy_arrays_still_set_the_map_in_their_order() -> Non
         precision.set(precisions)
         assert precision.precisions == [Precision.BF16, Precision.FP32, Precision.FP16]
         precision.set(["fp32"] * 3)
+
+
+def test_a_map_written_in_place_is_read_afresh_by_context_and_the_hooks() -> None:
+    """What the map implies (its context's type, uniform or not, all fp32) is derived once per map, not at each read:
+    a map written in place (``precisions[i] = ...``, no ``set()``) must be read as written, by ``uniform``, by
+    ``context()`` and by a norm's hook, at the next read."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    seen: dict[str, torch.dtype] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(
+            lambda _m, args, out, name=name: seen.update({name: out.dtype, f"{name}<": args[0].dtype})
+        )
+    precision = LayerPrecision(model, "cpu")
+    x = torch.randn(3, 4)
+    with precision.context():  # derived for the all-fp32 map
+        model(x)
+    assert (precision.uniform, precision.all_fp32) == (Precision.FP32, True)
+    precision.precisions[0] = Precision.BF16
+    assert (precision.uniform, precision.all_fp32) == (None, False)
+    with precision.context():
+        model(x)
+    assert [seen[name] for name in ("0<", "0", "1<", "1", "2<", "2")] == [torch.float32, torch.bfloat16] + [
+        torch.float32
+    ] * 4  # the norm's bf16 input cast up, the fp32 layer's too
+    precision.precisions[2] = Precision.BF16
+    assert (precision.uniform, precision.all_fp32) == (Precision.BF16, False)
+    precision.precisions[0] = precision.precisions[2] = Precision.FP32
+    assert (precision.uniform, precision.all_fp32) == (Precision.FP32, True)
+    with precision.context():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_emulated_fp16_convolution_follows_the_device_type() -> None:
+    """An fp16 convolution is emulated on the CPU only: the derived fact is keyed on the device type too."""
+    precision = LayerPrecision(nn.Sequential(nn.Conv1d(2, 2, 1)), "cpu")
+    precision.set(["fp16"])
+    assert precision._emulates_fp16
+    precision.device_type = "cuda"
+    assert not precision._emulates_fp16
+    precision.device_type = "cpu"
+    assert precision._emulates_fp16
+
+
+def test_flat_inputs_are_cast_up_once_each_and_left_alone_when_none_is_16_bit() -> None:
+    """The flat path of ``_map_tensors`` (plain tensors by position, a norm's call): a tensor passed twice is cast
+    once (``q is k`` holds after), others kept as they are; nothing to cast is None (the hook changes nothing);
+    nested inputs or keywords take the pytree walk as before."""
+    from triaccel_rl.precision import _map_tensors, _up_from_16_bit
+
+    h, y = torch.ones(2, dtype=torch.bfloat16), torch.zeros(2)
+    result = _map_tensors(((h, h, y), {}), _up_from_16_bit)
+    assert result is not None
+    args, kwargs = result
+    assert args[0] is args[1] and args[2] is y and args[0].dtype == torch.float32 and kwargs == {}
+    assert torch.equal(args[0], torch.ones(2))
+    assert _map_tensors(((y, y), {}), _up_from_16_bit) is None
+    assert _map_tensors(((), {}), _up_from_16_bit) is None
+    nested = _map_tensors((((h, h), y), {"hx": h}), _up_from_16_bit)
+    assert nested is not None
+    (pair, same), named = nested
+    assert pair[0] is pair[1] is named["hx"] and pair[0].dtype == torch.float32 and same is y

@@ -230,6 +230,10 @@ class Controller:
             self.signals: Signals | None = None
             self.costs: CostModel | None = None
             self.memory_model: MemoryModel | None = None
+            # The last predicted_memory_bytes() of the current map: ((memory model, its revision, batch, its type, map),
+            # bytes). The CPU reads it at every step, the same until one of those changes (a new memory model, one
+            # observed or rebased, another batch or map); each is in the key, so no assignment needs to clear it.
+            self._predicted: tuple[tuple[Any, ...], int] | None = None
             self._costs_input: tuple[Any, ...] | None = None  # a sample's shape and dtype the costs were measured on
             self.lr_coupler: BatchLRCoupler | None = None
             self._noise_scale: float | None = None
@@ -430,7 +434,7 @@ class Controller:
         Such a forward computes in fp32, while ``precisions``, the decisions and the logs say 16 bits: a loop moved
         over without its ``with ctl.autocast():`` trained in fp32, silently, until 2026-12-06.
         """
-        if self._warned_outside_autocast or all(p is Precision.FP32 for p in self.engine.precision.precisions):
+        if self._warned_outside_autocast or self.engine.precision.all_fp32:
             return
         self._warned_outside_autocast = True
         _log.warning(
@@ -752,7 +756,13 @@ class Controller:
         """
         if self.memory_model is None:
             return 0
-        return self.memory_model.predict(batch_size, self.precisions if precisions is None else precisions)
+        if precisions is not None:
+            return self.memory_model.predict(batch_size, precisions)
+        model = self.memory_model
+        key = (model, model.revision, batch_size, type(batch_size), tuple(self.engine.precision.precisions))
+        if self._predicted is None or self._predicted[0] != key:  # (the models compare by identity)
+            self._predicted = (key, model.predict(batch_size, list(key[-1])))
+        return self._predicted[1]
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -890,11 +900,12 @@ class Controller:
         layers load in fp16, as the policy's bf16 moves there.
 
         Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
-        coupler's state against this controller's LR rule, the LR multiplier against its LR ladder): a refused checkpoint leaves the controller, its engine,
-        the optimizer and the loss scaler as they were. The dataset is checked at the next ``loader()`` call, the
-        first to see it. A checkpoint of format 1 (before 2026-12-04) holds no signals: they start afresh, as in the
-        first interval of a run. With ``log_dir``, the points past the checkpoint's step that the run it replaces wrote
-        there are dropped from TensorBoard's view (a purge mark, as ``SummaryWriter(purge_step=...)`` writes).
+        coupler's state against this controller's LR rule, the LR multiplier against its LR ladder): a refused
+        checkpoint leaves the controller, its engine, the optimizer and the loss scaler as they were. The dataset is
+        checked at the next ``loader()`` call, the first to see it. A checkpoint of format 1 (before 2026-12-04) holds
+        no signals: they start afresh, as in the first interval of a run. With ``log_dir``, the points past the
+        checkpoint's step that the run it replaces wrote there are dropped from TensorBoard's view (a purge mark, as
+        ``SummaryWriter(purge_step=...)`` writes).
 
         Raises:
             ValueError: a state of another format, from another update path, optimizer or model (the engine's

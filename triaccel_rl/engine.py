@@ -643,7 +643,7 @@ class StepEngine:
                 # The overflow before the transform, as unscale_ records it: a clamp turns an infinite gradient finite
                 overflow_before = bool(self._grad_stats()[0].nonfinite.sum().item() > 0)
                 self.grad_transform()
-            stats, norms = self._grad_stats()
+            stats, norms, groups = self._grad_stats()
             self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
@@ -652,7 +652,7 @@ class StepEngine:
                 self._drop_unheld_gradients()
             else:
                 if self.max_grad_norm is not None:
-                    self._clip_gradients(norms)
+                    self._clip_gradients(norms, groups)
                 # With a scaler, step() would skip a non-finite gradient by itself, but not a non-finite
                 # loss with finite gradients: decide here for both.
                 with self._scaled_lrs():
@@ -709,15 +709,18 @@ class StepEngine:
         """
         return self._grad_stats()[0]
 
-    def _grad_stats(self) -> tuple[GradStats, list[torch.Tensor]]:
-        """``grad_stats()`` and the per-parameter gradient norms it is taken from, each in its gradient's dtype.
+    def _grad_stats(self) -> tuple[GradStats, list[torch.Tensor], list[list[int]]]:
+        """``grad_stats()``, the per-parameter gradient norms it is taken from, and the gradients' grouping.
 
-        The norms are taken as ``clip_grad_norm_`` takes them (one ``_foreach_norm`` per device and dtype), so that
-        ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as torch clips it (float32
-        ones gave a coefficient ~1e-9 off, until 2026-12-06). The statistics are float32.
+        The norms are each in its gradient's dtype, taken as ``clip_grad_norm_`` takes them (one ``_foreach_norm`` per
+        device and dtype), so that ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as
+        torch clips it (float32 ones gave a coefficient ~1e-9 off, until 2026-12-06). The grouping, the parameters'
+        positions by their gradients' device and dtype (``_device_dtype_groups``, a loop over the parameters), is
+        reused there too. The statistics are float32.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        own_norms = _norms_by_device_and_dtype(grads)
+        groups = _device_dtype_groups(grads)
+        own_norms = _norms_by_device_and_dtype(grads, groups)
         norms = torch.stack([norm.float() for norm in own_norms])
         finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
         maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
@@ -731,23 +734,27 @@ class StepEngine:
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
-        return GradStats(sq_sum, abs_max, nonfinite), own_norms
+        return GradStats(sq_sum, abs_max, nonfinite), own_norms, groups
 
-    def _clip_gradients(self, norms: list[torch.Tensor]) -> None:
+    def _clip_gradients(self, norms: list[torch.Tensor], groups: list[list[int]]) -> None:
         """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken.
 
         ``params`` are the optimizer's parameters, of which those with a gradient: a parameter the backward did not
         reach after a user's ``zero_grad()`` (``None``) is left out of the total, as torch leaves it out (its norm of
         0 in the vector changed the total's rounding once there were enough parameters: not torch's bits). The norms
         are in their gradients' dtypes and stacked in torch's order (grouped by device and dtype, as torch groups
-        them), so the total and the coefficient are torch's, in its dtype (float64 where a gradient is).
+        them), so the total and the coefficient are torch's, in its dtype (float64 where a gradient is). ``groups`` is
+        ``_grad_stats``' grouping of every parameter's gradient: torch's own where every one has a gradient (the
+        usual step), else taken again for those present (torch orders the groups of the tensors it is given).
         """
         assert self.max_grad_norm is not None
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return
-        order = [present[j] for group in _device_dtype_groups(grads) for j in group]
+        if len(grads) != len(self._params):
+            groups = _device_dtype_groups(grads)
+        order = [present[j] for group in groups for j in group]
         total = torch.linalg.vector_norm(torch.stack([norms[i].to(grads[0].device) for i in order]))
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)  # as torch's: no sync, no branch
         torch._foreach_mul_(grads, coef)
@@ -1151,6 +1158,12 @@ class StepEngine:
             for layer, params in enumerate(self.layer_params)
             if len(indices := sorted({self._group_index[id(p)] for p in params})) > 1
         ]
+        # Each layer's param group, by position (-1: a layer without parameters, whose LR share is 1): _read_group_lrs
+        # takes the layers' shares by indexing at each LR change (a per-step scheduler's), not in a loop over them.
+        # Positions stay those of _group_index, which a loaded state dict keeps.
+        self._layer_group = np.array(
+            [self._group_index[id(params[0])] if params else -1 for params in self.layer_params], dtype=np.intp
+        )
         self._read_factor_index()
 
     def _read_factor_index(self) -> None:
@@ -1371,8 +1384,8 @@ class StepEngine:
         lrs = tuple(float(group["lr"]) for group in groups)
         self._check_split_lrs(lrs)
         reference = lrs[0] if lrs[0] > 0 else 1.0
-        self._layer_base = np.array([lrs[self._group_index[id(params[0])]] / reference if params else 1.0
-                                     for params in self.layer_params])  # fmt: skip
+        shares = np.array(lrs, dtype=np.float64) / reference  # as Python's float division, bit for bit
+        self._layer_base = np.where(self._layer_group >= 0, shares[self._layer_group], 1.0)
         self._reference_lr = reference
         self._group_lrs = lrs
 
@@ -1700,16 +1713,22 @@ def _device_dtype_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """
     if not tensors:
         return []
-    first = tensors[0]
-    if all(tensor.dtype == first.dtype and tensor.device == first.device for tensor in tensors):
+    dtype, device = tensors[0].dtype, tensors[0].device  # (a dtype is one object: ``is`` tells it, at half the cost)
+    if all(tensor.dtype is dtype and tensor.device == device for tensor in tensors):
         return [list(range(len(tensors)))]  # the usual model: one device, one dtype
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
     return [list(indices) for _, indices in grouped.values()]
 
 
-def _norms_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's 2-norm in its own dtype: one ``_foreach_norm`` per device and dtype, as torch's clip takes them."""
-    groups = _device_dtype_groups(tensors)
+def _norms_by_device_and_dtype(
+    tensors: Sequence[torch.Tensor], groups: list[list[int]] | None = None
+) -> list[torch.Tensor]:
+    """Each tensor's 2-norm in its own dtype: one ``_foreach_norm`` per device and dtype, as torch's clip takes them.
+
+    ``groups``: ``_device_dtype_groups(tensors)`` where the caller has it already.
+    """
+    if groups is None:
+        groups = _device_dtype_groups(tensors)
     if len(groups) == 1:  # the usual model: one device, one dtype
         return list(torch._foreach_norm(list(tensors)))
     norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)

@@ -176,6 +176,12 @@ class LayerPrecision:
         self._float64_warned: set[int] = set()
         self._controllable_index = [i for i, info in enumerate(self.layers) if info.controllable]
         self.precisions: list[Precision] = [Precision.FP32] * len(self.layers)
+        # What the map implies (_MapFacts), derived once per map: context() and the hooks read it several times a
+        # step, and deriving it is a loop over the layers. Keyed on the map's values and the device type, all it
+        # reads beside what is fixed here, so a map set through set() or written in place (precisions[i] = ...) is
+        # derived afresh at its next read (see _facts).
+        self._facts_key: tuple[tuple[Precision, ...], str] | None = None
+        self._facts_value = _MapFacts(None, Precision.FP32, False)
         self._active = False
         # Each module's last forward in an autocast state (which a recompute restores): how its hooks acted, None where
         # they were idle (see _forward_state)
@@ -316,7 +322,7 @@ class LayerPrecision:
         if self._stack:
             self._mixed = True
             return
-        outer = self._outer_dtype()
+        outer = self._facts().outer
         if outer != self._outer_region_dtype:
             torch.clear_autocast_cache()  # it holds weights cast to the old type, keyed by the weight alone
             torch.set_autocast_enabled(self.device_type, outer is not None)  # the region's __exit__ restores both
@@ -351,8 +357,12 @@ class LayerPrecision:
     @property
     def uniform(self) -> Precision | None:
         """The precision shared by every controllable layer, or None when they differ."""
-        chosen = {self.precisions[i] for i in self._controllable_index}
-        return chosen.pop() if len(chosen) == 1 else None
+        return self._facts().uniform
+
+    @property
+    def all_fp32(self) -> bool:
+        """Whether every layer is set to fp32 (no autocast region of ours: :meth:`context` opens none)."""
+        return self._facts().outer is None
 
     @property
     def layers_in_model_fp32_blocks(self) -> list[int]:
@@ -379,8 +389,9 @@ class LayerPrecision:
         """Runs the model's forward (and the loss) with the per-layer precisions.
 
         When every controllable layer has the same precision this is one plain ``torch.autocast``
-        region (or none for fp32) and the per-layer hooks stay idle: static configurations pay no
-        per-layer cost. Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
+        region (or none for fp32) and the per-layer hooks open no regions of their own: each layer's hooks
+        still run at each call, on the host only (a Linear's pair about 3 us on a CPU core), and launch nothing.
+        Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
 
         Args:
             cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured). Under a map that
@@ -397,7 +408,8 @@ class LayerPrecision:
             )
         if self._sentinel.dtype in _16_BIT:
             _refuse_16_bit_parameters(self.model)
-        outer_dtype = self._outer_dtype()
+        facts = self._facts()
+        outer_dtype = facts.outer
         # A context entered inside another (a helper of the user's loop that opens its own) gives the outer one back
         # its state on leaving: before, the outer context's remaining forward ran with the hooks idle.
         outer = (
@@ -408,7 +420,7 @@ class LayerPrecision:
             len(self._stack),
             len(self._swapped),
         )
-        self._mixed = self.uniform is None or self._emulates_fp16
+        self._mixed = facts.uniform is None or facts.emulates_fp16
         self._forwards += 1
         self._active = True
         self._cache_enabled = cache_enabled
@@ -435,7 +447,7 @@ class LayerPrecision:
                 self._stack.pop().region.__exit__(None, None, None)
             while len(self._swapped) > swapped:
                 _restore(self._swapped.pop()[1])
-            stale = self._outer_dtype() != self._outer_region_dtype or not (
+            stale = self._facts().outer != self._outer_region_dtype or not (
                 self._mixed or self._uniform_fast_path_holds()
             )
             if self._active and stale:  # a map set inside the inner context: the outer one (as entered) follows it
@@ -605,6 +617,8 @@ class LayerPrecision:
             output = output.to(torch.float16)
             return output.float() if hand_up else output
         if hand_up:
+            if type(output) is torch.Tensor:  # the usual result: cast without the pytree walk
+                return _up_from_16_bit(output)
             return pytree.tree_map_only(torch.Tensor, _up_from_16_bit, output)
         return None
 
@@ -700,20 +714,36 @@ class LayerPrecision:
             self.precisions[index].name,
         )
 
+    def _facts(self) -> _MapFacts:
+        """What the map implies (:class:`_MapFacts`), derived again only when the map or the device type changed.
+
+        Compared by value (one tuple comparison, in C), so a map written in place is seen too. The rest of what the
+        facts read (which layers are controllable, convolutions, of float64 parameters) is fixed at construction.
+        """
+        key = (tuple(self.precisions), self.device_type)
+        if key != self._facts_key:
+            precisions = key[0]
+            low = {p for p in precisions if p is not _FP32}
+            outer = (torch.bfloat16 if _BF16 in low else torch.float16) if low else None
+            chosen = {precisions[i] for i in self._controllable_index}
+            uniform = chosen.pop() if len(chosen) == 1 else None
+            emulates = any(self._emulate(i) for i in self._controllable_index)
+            self._facts_value = _MapFacts(outer, uniform, emulates)
+            self._facts_key = key
+        return self._facts_value
+
     def _outer_dtype(self) -> torch.dtype | None:
         """The dtype of :meth:`context`'s autocast region: bf16 if a layer is bf16, else fp16; None: all fp32."""
-        low = {p for p in self.precisions if p is not Precision.FP32}
-        if not low:
-            return None
-        return torch.bfloat16 if Precision.BF16 in low else torch.float16
+        return self._facts().outer
 
     def _uniform_fast_path_holds(self) -> bool:
         """Whether the open context's one region, with the layers' hooks idle, runs every layer as the map says."""
-        return self.uniform is not None and not self._emulates_fp16 and self._outer_dtype() == self._outer_region_dtype
+        facts = self._facts()
+        return facts.uniform is not None and not facts.emulates_fp16 and facts.outer == self._outer_region_dtype
 
     @property
     def _emulates_fp16(self) -> bool:
-        return any(self._emulate(i) for i in self._controllable_index)
+        return self._facts().emulates_fp16
 
     def _emulate(self, index: int, precision: Precision | None = None) -> bool:
         """True when layer ``index`` computing in ``precision`` (its set one if None) is an fp16 CPU convolution.
@@ -728,7 +758,7 @@ class LayerPrecision:
         precision = self.precisions[index] if precision is None else precision
         return (
             self.device_type == "cpu"
-            and precision is Precision.FP16
+            and precision is _FP16
             and self._is_conv[index]
             and index not in self._float64_layers
         )
@@ -746,7 +776,7 @@ class LayerPrecision:
         # the module computed in its 16 bits there, and in fp32 under any other map).
         if not self._hooks_on(module):
             return None
-        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
+        if self.all_fp32 and not torch.is_autocast_enabled(self.device_type):
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
@@ -757,7 +787,7 @@ class LayerPrecision:
 
     def _open_fp32_region(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """``_enter_fp32_module``'s region and casts, run eagerly under ``torch.compile`` (as ``_enter_region``)."""
         region = torch.autocast(self.device_type, enabled=False, cache_enabled=self._cache_enabled)
         region.__enter__()
@@ -787,9 +817,17 @@ class LayerPrecision:
         """
         if not self._hooks_on(module):
             return None
-        if all(p is Precision.FP32 for p in self.precisions) and not torch.is_autocast_enabled(self.device_type):
+        if self.all_fp32 and not torch.is_autocast_enabled(self.device_type):
             return None
         return _map_tensors((args, kwargs), _up_from_16_bit)  # a tensor passed several times cast once
+
+
+class _MapFacts(NamedTuple):
+    """What a precision map implies for :meth:`LayerPrecision.context` and the hooks (``LayerPrecision._facts``)."""
+
+    outer: torch.dtype | None  # the context's region: bf16 if a layer is bf16, else fp16; None: every layer fp32
+    uniform: Precision | None  # the precision shared by every controllable layer; None when they differ
+    emulates_fp16: bool  # a controllable layer is an emulated fp16 CPU convolution (see LayerPrecision._emulate)
 
 
 class _Forward(NamedTuple):
@@ -880,6 +918,7 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 
 
 _16_BIT = (torch.float16, torch.bfloat16)
+_FP32, _BF16, _FP16 = Precision.FP32, Precision.BF16, Precision.FP16  # read in loops: a global, not a class attribute
 _AMBIGUOUS = object()  # a call key whose forward calls meant different types (``LayerPrecision._ours``)
 _PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
 
@@ -947,13 +986,26 @@ def _as_closure(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _map_tensors(
     inputs: tuple[tuple[Any, ...], dict[str, Any]], fn: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """``fn`` applied to every tensor in a forward's ``(args, kwargs)``, nested ones (an LSTM's ``(h, c)``) too.
 
     A tensor passed more than once (self-attention's ``attn(h, h, h)``, an LSTM's ``(h, h)``) is mapped once: three
     casts sent three 16-bit gradients back, summed in 16 bits (24% more gradient error against float64 in review), and
     ``query is key`` no longer held, which attention's packed projection and fast path test for.
+
+    Inputs that are plain tensors only, passed by position (a norm's ``(x,)``: every norm's call under a 16-bit map),
+    are mapped directly, without the pytree walk (about 20 us a call); None, which a forward pre-hook reads as the
+    inputs unchanged, where ``fn`` returned each of them as it is.
     """
+    args, kwargs = inputs
+    if not kwargs and all(type(arg) is torch.Tensor for arg in args):
+        mapped: list[torch.Tensor] = []
+        for arg in args:
+            earlier = [done for seen, done in zip(args, mapped, strict=False) if seen is arg]  # passed before: as then
+            mapped.append(earlier[0] if earlier else fn(arg))
+        if all(result is arg for result, arg in zip(mapped, args, strict=True)):
+            return None
+        return tuple(mapped), kwargs
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def once(tensor: torch.Tensor) -> torch.Tensor:

@@ -542,3 +542,37 @@ def test_the_controllers_fixed_bytes_count_the_optimizers_own_state() -> None:
                 ctl.step(loss)
             static_bytes.append(ctl.costs.static_bytes)
     assert static_bytes[1] - static_bytes[0] == 3 * 4 * 110  # 3 state tensors a parameter against none
+
+
+def test_the_map_checked_last_is_told_by_its_members_not_by_equal_values() -> None:
+    """``observe`` checks a map once while it stays the same members (one tuple comparison): another map of members,
+    one of other length, or equal values that are no members (``False == Precision.FP32``) are checked afresh."""
+    model, fp32 = _linear_model()
+    bf16 = [Precision.BF16, Precision.BF16]
+    model.observe(8, fp32, 10_000)
+    model.observe(8, list(fp32), 11_000)  # the same members in another list
+    model.observe(8, bf16, 6_000)
+    model.observe(8, (p for p in bf16), 7_000)  # a generator of them
+    assert model._peaks == {(0, 0): {8: 11_000}, (1, 1): {8: 7_000}}
+    for bad in ([Precision.BF16] * 3, [False, False], [Precision.BF16, True]):
+        with pytest.raises(ValueError, match=r"must be one precision code, 0 \(fp32\)"):
+            model.observe(16, bad, 20_000)  # type: ignore[arg-type]
+    model.observe(16, [1, 1], 9_000)  # type: ignore[list-item]  # integer codes: taken, checked each time
+    model.observe(16, bf16, 9_500)
+    assert model._peaks == {(0, 0): {8: 11_000}, (1, 1): {8: 7_000, 16: 9_500}}
+
+
+def test_the_revision_counts_the_calls_that_change_what_predictions_read() -> None:
+    """``revision`` keys the Controller's cached CPU prediction: observe and rebase move it; reading does not."""
+    model, fp32 = _linear_model()
+    assert model.revision == 0
+    model.rebase(5_000)  # no reading with allocated bytes yet: a no-op
+    model.predict(8, fp32)
+    model.fit(fp32)
+    model.max_batch_size(10**6, fp32, 64)
+    assert model.revision == 0
+    model.observe(8, fp32, 10_000, allocated_bytes=6_000)
+    before = model.predict(8, fp32)
+    assert model.revision == 1
+    model.rebase(7_000)
+    assert model.revision == 2 and model.predict(8, fp32) == before + 1_000
