@@ -307,20 +307,35 @@ class FlatParameterStore:
         zero gradient and takes weight decay and momentum, where ``torch.optim`` skips its ``None``; once a
         ``zero_grad(set_to_none=True)`` has run, the hooks tell, and it is left alone.
         """
-        certain, self._none_after_backward = self._none_after_backward, set()
+        without = self.params_without_grad()
+        self._none_after_backward = set()
+        self._rebound_from_none.clear()
+        self._accumulated.clear()  # the next step's record starts empty
+        return without
+
+    def unbind_params_without_grad(self) -> None:
+        """Sets ``.grad`` back to ``None`` where :meth:`params_without_grad` says the backward gave none.
+
+        Between the backward and the step their zeroed views are bound (``rebind_grads(after_backward=True)``); code
+        run there that reads the gradients (a ``grad_transform``) sees them as a plain loop does. The next
+        :meth:`rebind_grads` binds them again, still recorded as without a gradient unless one was given.
+        """
+        for index in self.params_without_grad():
+            self._grad_views[index][0].grad = None
+
+    def params_without_grad(self) -> list[int]:
+        """What :meth:`take_params_without_grad` would return now, leaving the record as it is."""
+        certain = self._none_after_backward
         if not self._rebound_from_none:
-            self._accumulated.clear()  # the next step's record starts empty
             return sorted(certain)
         if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _watch)
-            unused = sorted(self._rebound_from_none - self._accumulated)
+            unused = self._rebound_from_none - self._accumulated
         else:
             # No hook at all since: the backward ran where Python hooks do not (a replayed CUDA graph), or reached no
             # parameter. Leaving everything alone would stop training silently in the first case: assume all got
             # one, but a frozen parameter, which no backward reaches.
-            unused = sorted(i for i in self._rebound_from_none if not self._grad_views[i][0].requires_grad)
-        self._rebound_from_none.clear()
-        self._accumulated.clear()
-        return sorted(set(unused) | certain)
+            unused = {i for i in self._rebound_from_none if not self._grad_views[i][0].requires_grad}
+        return sorted(unused | certain)
 
     def param_view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements in ``buffer`` (a flat buffer of this store), with its shape and strides."""

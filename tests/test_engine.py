@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import re
 from typing import Any
 
@@ -638,16 +639,20 @@ def test_gradient_clipping_of_a_float64_model_is_clip_grad_norms_bits(mixed: boo
             engine.max_grad_norm = 0.1
         for x, y in data:
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if engine is None:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-                optimizer.step()
-            else:
-                engine.backward_and_step(loss)
+            _clipped_step(engine, model, optimizer, nn.functional.cross_entropy(model(x), y), 0.1)
         finals[through_engine] = [p.detach().clone() for p in model.parameters()]
     for plain, engined in zip(finals[False], finals[True], strict=True):
         assert torch.equal(engined, plain), f"differs by {(engined - plain).abs().max():.3g}"
+
+
+def _clipped_step(engine, model, optimizer, loss, max_norm) -> None:
+    """The engine's step (its ``max_grad_norm`` set), or, with ``engine`` None, a plain loop's clipping step."""
+    if engine is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+    else:
+        engine.backward_and_step(loss)
 
 
 # ---------------------------------------------------------------- against plain torch loops, bit for bit
@@ -684,13 +689,7 @@ def test_gradient_clipping_leaves_out_parameters_without_gradients_as_torch_does
         for i in range(3):
             x, y = batch(i)
             optimizer.zero_grad()
-            loss = (model(x) - y).pow(2).mean()
-            if engine is None:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
-                optimizer.step()
-            else:
-                engine.backward_and_step(loss)
+            _clipped_step(engine, model, optimizer, (model(x) - y).pow(2).mean(), 0.01)
         finals[through_engine] = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(finals[False], finals[True], strict=True))
 
@@ -1191,3 +1190,20 @@ def test_the_fused_steps_lr_shares_follow_the_groups_lrs_bit_for_bit() -> None:
     engine._read_group_lrs()
     assert engine._layer_base.tolist() == shares([1 / 3, 0.3, 0.1])
     engine.remove()
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, 2.5])
+def test_a_reference_checkpoints_step_count_that_is_no_count_is_refused_before_loading(bad):
+    """AdamW's ``step`` of -1 loaded on the reference path, and its next update divided by zero in the bias
+    correction (ZeroDivisionError); NaN or 2.5 loaded too. Refused by name, nothing loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = StepEngine(model, optimizer, CPU)
+    engine.backward_and_step(model(torch.randn(5, 4)).square().mean())
+    state = copy.deepcopy(engine.state_dict())
+    state["optimizer"]["state"][0]["step"] = torch.tensor(bad)
+    kept = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"optimizer state 'step' of parameter 0 is tensor\(.*\): a step count is"):
+        engine.load_state_dict(state)
+    assert optimizer.state_dict()["state"][0]["step"] == kept["state"][0]["step"] == 1

@@ -1475,6 +1475,8 @@ class StepEngine:
             # One identity and address check a parameter when nothing changed.
             self.bind_grads(after_backward=True)
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
+            # A second optimizer's gradients, in every precision: taken before the transform, which may clamp them
+            unheld_overflow = self._unheld_overflow()
             transformed_overflow = self._transform_fused_grads(scaling) if self.grad_transform is not None else None
             factors = self._layer_base * np.where(
                 self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0
@@ -1497,7 +1499,6 @@ class StepEngine:
             # An infinite loss can have finite gradients (a term without one); a loss computed elsewhere (from .cpu()
             # outputs) is moved, as float(loss) once read it from anywhere.
             skip = ~torch.isfinite(loss.detach().to(self.device, non_blocking=True).reshape(()))
-            unheld_overflow = self._unheld_overflow()  # a second optimizer's gradients, in every precision
             # What the kernel cannot see: either skips the step and backs the scale off
             flagged = [flag for flag in (unheld_overflow, transformed_overflow) if flag is not None]
             overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
@@ -1553,12 +1554,17 @@ class StepEngine:
         gradients (its ``inv_scale`` 1). The overflow is taken first, as ``unscale_`` records it: a transform that
         clamps (``clip_grad_value_``) turns an infinite gradient finite, and the step must still be skipped, and the
         scale back off. A device tensor: no sync.
+
+        A parameter the backward gave no gradient holds its zeroed view in the buffer by now: the transform sees its
+        ``.grad`` as ``None``, as in a plain loop (noise added to every gradient there was would otherwise reach it,
+        and through the clip's total every other parameter's step).
         """
         assert self.grad_transform is not None
         grads = self.store.grads
         if scaling:
             grads.mul_(self._scale.reciprocal())
         overflow = ~torch.isfinite(grads).all()
+        self.store.unbind_params_without_grad()
         self.grad_transform()
         self.bind_grads(after_backward=True)  # a gradient the transform put in place of its view goes in the buffer
         return overflow
@@ -1658,6 +1664,23 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
                     f"the checkpoint's optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
                     f"this model's parameter has {tuple(params[int(index)].shape)}: it was saved for another model"
                 )
+            if name == "step" and not _whole_count(value):  # Adam's bias corrections divide by 1 - beta**step
+                raise ValueError(
+                    f"the checkpoint's optimizer state 'step' of parameter {index} is {value!r}: a step count is a "
+                    "finite whole number >= 0"
+                )
+
+
+def _whole_count(value: Any) -> bool:
+    """Whether ``value`` (a number, or a one-element tensor as torch.optim keeps ``step``) is a whole number >= 0."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number >= 0 and number.is_integer()
 
 
 def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
