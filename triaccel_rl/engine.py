@@ -1672,13 +1672,18 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
 
 
 def _whole_count(value: Any) -> bool:
-    """Whether ``value`` (a number, or a one-element tensor as torch.optim keeps ``step``) is a whole number >= 0."""
+    """Whether ``value`` (a number, or a one-element tensor as torch.optim keeps ``step``) is a whole number >= 0.
+
+    An integer above 2**53 is none: the update reads the count as a float (10**400 raised an OverflowError).
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
             return False
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
+    if isinstance(value, numbers.Integral):  # 10**400 has no float (and the update reads the count as one)
+        return 0 <= int(value) <= 2**53
     number = float(value)
     return math.isfinite(number) and number >= 0 and number.is_integer()
 
