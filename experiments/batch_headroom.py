@@ -238,4 +238,7 @@ def format_tables(summary: dict[str, dict[str, Any]], costs: dict[str, dict[str,
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, None, __doc__))
+    try:
+        main(parse_args(Args, None, __doc__))
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

@@ -37,8 +37,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -47,7 +46,7 @@ from torch._dynamo.utils import counters
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.experiment import away_from_results, command_line, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
 from triaccel_rl.tasks import get_task, task_names
 
 ROWS = (
@@ -77,16 +76,27 @@ class Args:
     precision: str = "bf16"
     """bf16 or fp16: the autocast type of the plain rows and the static Controller's precision."""
     warmup: int = 30
-    """Untimed steps first (compilation, the speed trial, cuDNN's autotuning)."""
+    """Untimed steps first (compilation, the speed trial, cuDNN's autotuning); 3 with ``--smoke`` unless given."""
     steps: int = 100
-    """Timed steps after the warm-up (a multiple of 10)."""
+    """Timed steps after the warm-up (a multiple of 10); 10 with ``--smoke`` unless given."""
     out: str = "experiments/results/bench_compile.json"
-    """Results JSON (written after every row)."""
+    """Results JSON (written after every model's rows)."""
     smoke: bool = False
-    """CPU, a tiny MLP task, a few steps, the ``aot_eager`` backend: checks the plumbing; timings meaningless."""
+    """CPU, a tiny MLP task, a few steps (``--warmup`` 3, ``--steps`` 10 where left at their defaults), the
+    ``aot_eager`` backend: checks the plumbing; timings meaningless."""
+
+
+SMOKE_WARMUP, SMOKE_STEPS = 3, CHUNK
+"""``--smoke``'s warm-up and timed steps where ``--warmup`` and ``--steps`` are left at their defaults."""
 
 
 def main(args: Args) -> dict[str, Any]:
+    if args.smoke:  # the defaults' 30 + 100 steps a row took 41 s on a 2-core CPU: a plumbing check needs a few
+        args = replace(
+            args,
+            warmup=SMOKE_WARMUP if args.warmup == Args.warmup else args.warmup,
+            steps=SMOKE_STEPS if args.steps == Args.steps else args.steps,
+        )
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not rows:  # before, an empty list wrote a results file of no rows
         raise ValueError(f"--rows {args.rows!r} is empty; allowed: {', '.join(ROWS)}")
@@ -107,6 +117,12 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--steps {args.steps} must be a positive multiple of {CHUNK}")
     if args.warmup < 1:
         raise ValueError(f"--warmup {args.warmup} must be >= 1")
+    # Checked now: a folder was found only when the first model's rows were written, after their measurements.
+    out = file_to_write(
+        "--out",
+        away_from_results("--out", args.out, Args.out) if args.smoke else args.out,
+        example="bench_compile.json",
+    )
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("needs a CUDA GPU (or --smoke for the CPU plumbing check)")
@@ -122,8 +138,6 @@ def main(args: Args) -> dict[str, Any]:
         "backend": backend,
         "rows": [],
     }
-    out = Path(away_from_results("--out", args.out, Args.out) if args.smoke else args.out)  # recorded results stay
-    out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in models:
         torch._dynamo.reset()
         counters.clear()
@@ -325,4 +339,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    try:
+        main(parse_args(Args, description=__doc__))
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

@@ -27,16 +27,15 @@ Smoke test (CPU, tiny widths, memory from the accounting, the OOM injected):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import gc
 import json
+import math
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ from torch import nn
 from triaccel_rl.compare import json_safe
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
-from triaccel_rl.experiment import away_from_results, command_line, git_commit
+from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
 from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -127,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = False  # micro-batch sizes vary: no autotuning per shape
+    try:  # checked now: a folder was found only when the results were written, after every run
+        output = file_to_write("--output", args.output, example="elastic_batch.json")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, ResNet-18 width {args.width}, bf16")
 
@@ -163,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         "budgeted_run": budgeted,
         "oom_run": oom,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # a NaN loss: null
     print(f"results: {output}")
     for name, ok in checks.items():
@@ -319,15 +320,28 @@ def _release_memory() -> None:
 
 
 def _parse_args(argv: list[str] | None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Args):
-        flag = f"--{field.name.replace('_', '-')}"
-        if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
-            parser.add_argument(flag, type=kind, default=field.default)
-    return Args(**vars(parser.parse_args(argv)))
+    """``Args`` from ``argv`` (each field a ``--flag`` whose help is its docstring), checked by :func:`_check_args`."""
+    args = parse_args(Args, argv, __doc__)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: Args) -> None:
+    """``SystemExit`` naming the first setting that cannot run, before any run.
+
+    Before, nothing was checked: ``--epochs 0`` trained nothing and was reported as the memory model failing its
+    checks (``samples_exact`` FAIL), after the batch finder's minutes.
+    """
+    for flag, value in (("--epochs", args.epochs), ("--width", args.width), ("--max-batch", args.max_batch)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value} must be >= 1")
+    if not (math.isfinite(args.steps_per_epoch) and args.steps_per_epoch > 0):
+        raise SystemExit(f"--steps-per-epoch {args.steps_per_epoch} must be a positive number")
+    for flag, share in (("--fill-frac", args.fill_frac), ("--min-use-frac", args.min_use_frac)):
+        if not 0 < share <= 1:
+            raise SystemExit(f"{flag} {share} must be in (0, 1]")
+    if not args.max_run_s > 0:
+        raise SystemExit(f"--max-run-s {args.max_run_s} must be a positive number of seconds")
 
 
 def _gib(n: float) -> str:

@@ -41,6 +41,7 @@ def main(args: Args) -> list[dict[str, object]]:
 
     from triaccel_rl.rl import make_env_fns
     from triaccel_rl.tasks import task_names
+    from triaccel_rl.training import resolve_device
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in task_names()]
@@ -49,6 +50,10 @@ def main(args: Args) -> list[dict[str, object]]:
     for flag, value in (("--n-envs", args.n_envs), ("--steps", args.steps), ("--interval-steps", args.interval_steps)):
         if value < 1:  # --steps 0 wrote 0.0 env steps/s; --n-envs 0 an IndexError
             raise SystemExit(f"{flag} {value} must be >= 1")
+    try:  # --device cuda on a machine without one failed in the first environment, after the tasks' imports
+        resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"--{err}") from None
     if args.out:
         file_to_write("--out", args.out)
     rows = []
@@ -94,4 +99,7 @@ def parse(argv: list[str] | None = None) -> Args:
 
 
 if __name__ == "__main__":
-    main(parse())
+    try:
+        main(parse())
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

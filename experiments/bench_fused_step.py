@@ -39,7 +39,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +56,7 @@ from triaccel_rl.kernels import (
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import away_from_results, command_line, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -121,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(map(repr, unknown_sets + unknown_optimizers))}; sets: {', '.join(sets)}; optimizers: "
             f"{', '.join(k.removesuffix('_step') for k in GPU_LAUNCH_CONFIGS if k.endswith('_step'))}"
         )
+    # Checked now: a folder was found only when the rows were written, after every measurement. A smoke run leaves
+    # the recorded GPU results alone (it replaced them with 4 CPU rows).
+    try:
+        output = file_to_write(
+            "--output", away_from_results("--output", args.output, Args.output) if args.smoke else args.output
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     launch = {kernel: config for kernel, config in GPU_LAUNCH_CONFIGS.items() if kernel != "cast"}
     print(f"device {device_name}, torch {torch.__version__}, default (block_size, num_warps): {launch}")
@@ -154,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.sweep and not args.smoke:
                 sweep_configs(device, layers, optimizer, args)
 
-    # A smoke run leaves the recorded GPU results alone (it replaced them with 4 CPU rows).
-    output = Path(away_from_results("--output", args.output, Args.output) if args.smoke else args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
     _print_table(rows, copy_gbps)
     print(f"wrote {len(rows)} rows to {output}")

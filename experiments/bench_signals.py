@@ -58,16 +58,15 @@ Run: ``python experiments/bench_signals.py`` (GPU); ``--smoke`` runs tiny versio
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import json
-import shlex
+import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.compare import json_safe
 from triaccel_rl.engine import GradStats, StepEngine
-from triaccel_rl.experiment import away_from_results, git_commit
+from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
 from triaccel_rl.models import SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector, SignalConfig, SignalMode
@@ -89,6 +88,8 @@ from triaccel_rl.tasks import get_task
 from triaccel_rl.types import Precision
 
 TARGET_ALL, TARGET_CHEAP = 0.02, 0.005
+MODELS = ("resnet18", "cnn-fmnist")
+"""The models ``--models`` takes (``build_workload`` builds them)."""
 DETAIL_PARTS = (
     "observe_sampled",  # host time of the sampled per-step calls, timed around the call
     "observe_unsampled",  # the same for the calls that record nothing
@@ -715,7 +716,7 @@ def build_workload(name: str, args: Args, device: torch.device) -> Workload:
         shape, batch = (1, 28, 28), (16 if args.smoke else task.base_batch_size)
         optimizer_factory = task.make_optimizer
     else:
-        raise ValueError(f"unknown model {name!r}; allowed: resnet18, cnn-fmnist")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = optimizer_factory(model.parameters())
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -810,11 +811,33 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(args: Args) -> list[dict[str, Any]]:
+    """Measures every model of ``args.models``, writes the rows into ``args.output`` and prints them; returns them.
+
+    ``args`` is left as given: ``--smoke`` narrows a copy. The rows' ``command`` is rebuilt from ``args`` (it was
+    ``sys.argv``: a run started from Python recorded its caller's command line).
+
+    Raises:
+        SystemExit: a setting that cannot run (see :func:`check_args`), an output path that cannot be written, or no
+            CUDA GPU without ``--smoke``; each before any measurement.
+    """
+    command = command_line("experiments/bench_signals.py", args)  # as given (--smoke narrows the settings below)
+    check_args(args)
     if args.smoke:
-        args.output = away_from_results("--output", args.output, Args.output)  # the recorded GPU rows stay alone
-        args.window_s, args.repeats, args.warmup_steps = min(args.window_s, 0.05), min(args.repeats, 2), 2
-        args.interval_steps, args.max_warmup_steps = min(args.interval_steps, 4), min(args.max_warmup_steps, 8)
-        args.isolated_calls = min(args.isolated_calls, 3)
+        args = replace(
+            args,
+            output=away_from_results("--output", args.output, Args.output),  # the recorded GPU rows stay alone
+            window_s=min(args.window_s, 0.05),
+            repeats=min(args.repeats, 2),
+            warmup_steps=2,
+            interval_steps=min(args.interval_steps, 4),
+            max_warmup_steps=min(args.max_warmup_steps, 8),
+            isolated_calls=min(args.isolated_calls, 3),
+        )
+    try:  # checked now: a folder was found only when the rows were written, after every measurement
+        output = file_to_write("--output", args.output, example="signals_overhead.json")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if args.smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         raise SystemExit("bench_signals: no CUDA GPU; use --smoke for a CPU check")
@@ -823,9 +846,8 @@ def main(args: Args) -> list[dict[str, Any]]:
         torch.backends.cudnn.benchmark = True
     rows = measure(args, device)
     stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "torch": torch.__version__}
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
     rows = [{**row, **stamp, "command": command} for row in rows]
-    write_rows(rows, Path(args.output))
+    write_rows(rows, output)
     print(format_table(rows))
     for row in rows:
         verdict = "meets" if row["meets_all_target"] and row["meets_cheap_target"] else "MISSES"
@@ -863,14 +885,34 @@ def main(args: Args) -> list[dict[str, Any]]:
 
 
 def parse(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args(argv)))
+    """``Args`` from the command line (each field a ``--flag`` whose help is the field's docstring)."""
+    return parse_args(Args, argv, __doc__)
+
+
+def check_args(args: Args) -> list[str]:
+    """The models of ``args.models``; ``SystemExit`` naming the first setting that cannot run, before any model runs.
+
+    Before, an unknown model stopped the job when its turn came (the earlier models' rows, not yet written, lost),
+    and ``--repeats 0`` or ``--interval-steps 0`` failed deep inside the measurement.
+    """
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit(f"--models {args.models!r} is empty; give comma-separated models from: {', '.join(MODELS)}")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown model {unknown[0]!r}; allowed: {', '.join(MODELS)}")
+    for flag, value in (
+        ("--repeats", args.repeats),
+        ("--interval-steps", args.interval_steps),
+        ("--resnet-batch-size", args.resnet_batch_size),
+        ("--isolated-calls", args.isolated_calls),
+        ("--max-interval-factor", args.max_interval_factor),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} {value} must be >= 1")
+    if not (math.isfinite(args.window_s) and args.window_s > 0):
+        raise SystemExit(f"--window-s {args.window_s} must be a positive number of seconds")
+    return models
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class Args:
         "plain-fp32,plain-bf16,static-bf16,static-fp16,batch-finder,heuristic,learned,ablation-precision,"
         "ablation-elastic,ablation-second-order"
     )
-    """Rows to run (see ROWS)."""
+    """Rows to run, comma-separated: any of the names ``rows_for()`` defines."""
     grid_batches: str = "256,512"
     """Batch sizes of the static grid."""
     grid_lr_scales: str = "0.5,1.0,2.0"

@@ -27,7 +27,7 @@ from typing import cast
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args, parse_floats
 
 
 @dataclass
@@ -98,6 +98,7 @@ def main(args: Args) -> dict[str, object]:
     from triaccel_rl.compare import json_safe
 
     tasks, multipliers, caps = check_args(args)
+    out = _out_path(args)
     start = time.perf_counter()
     results: dict[str, dict[str, dict[str, float]]] = {}
     for task in tasks:
@@ -118,8 +119,7 @@ def main(args: Args) -> dict[str, object]:
         "wall_s": time.perf_counter() - start,
         "returns": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+    out.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
     print(f"results: {args.out}")
     return record
 
@@ -157,6 +157,18 @@ def check_args(args: Args) -> tuple[list[str], list[float], list[float]]:
     if not (math.isfinite(args.budget_intervals) and args.budget_intervals > 0):
         raise SystemExit(f"--budget-intervals={args.budget_intervals} must be a positive finite number")
     return tasks, multipliers, caps
+
+
+def _out_path(args: Args) -> Path:
+    """``args.out``, checked writable before any run (a folder was found only after every episode, none written).
+
+    Raises:
+        SystemExit: the path is '' or a folder, or its folder cannot be made or written in (``file_to_write``).
+    """
+    try:
+        return file_to_write("--out", args.out, example="lr_budget_probe.json")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args, parse_floats
 
 
 @dataclass
@@ -250,6 +249,7 @@ def main(args: Args) -> dict[str, Any]:
 
     from triaccel_rl.compare import json_safe
     from triaccel_rl.tasks import FRESH_HELD_OUT_TASKS, HELD_OUT_TASKS, TRAINING_TASKS, get_task
+    from triaccel_rl.training import resolve_device
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks == ["all"]:
@@ -274,10 +274,13 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--sharpness-iters {args.sharpness_iters} must be >= 0 (0: not measured)")
     if args.device not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}; allowed: cpu, cuda")
+    try:  # --device cuda on a machine without one failed in the first run, after the output folder was made
+        resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
     if args.workers < 1 or (args.workers > 1 and args.device != "cpu"):
         raise ValueError(f"--workers {args.workers} must be >= 1, and 1 on a GPU (--device {args.device})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = file_to_write("--out", args.out, example="lr_lookahead_probe.json")  # a folder: found after every run
     torch.set_num_threads(1)
     start = time.perf_counter()
     jobs = [(t, f, s) for t in tasks for f in factors for s in range(args.seeds)]
@@ -317,4 +320,7 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    try:
+        main(parse_args(Args, description=__doc__))
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

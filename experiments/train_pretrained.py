@@ -113,6 +113,8 @@ def main(args: Args) -> dict[str, Any]:
     training_tasks = ("synthetic",) if args.smoke else TRAINING_TASKS
     run_dir = Path(args.run_dir)
     if args.card_only:
+        if not args.ship_dir:  # '' (or --smoke's) resolved to the repository root, and its policy.zip was looked for
+            raise SystemExit("--card-only needs --ship-dir (the folder whose policy.zip the card describes)")
         if not (run_dir / "training.json").is_file():
             raise SystemExit(f"--card-only: {run_dir / 'training.json'} not found (the --run-dir of a finished run)")
         facts = json.loads((run_dir / "training.json").read_text())
@@ -619,4 +621,7 @@ def parse(argv: list[str] | None = None) -> Args:
 
 
 if __name__ == "__main__":
-    main(parse())
+    try:
+        main(parse())
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

@@ -546,4 +546,7 @@ def parse(argv: list[str] | None = None) -> Args:
 
 
 if __name__ == "__main__":
-    main(parse())
+    try:
+        main(parse())
+    except ValueError as err:  # a bad flag value (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None

@@ -73,3 +73,16 @@ def test_bad_arguments_are_named(bench_compile, flag, value, message, tmp_path):
         bench_compile.main(args)
     assert message in str(raised.value)
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(("given", "ran"), [({}, (3, 10)), ({"warmup": 5, "steps": 20}, (5, 20))])
+def test_smoke_takes_a_few_steps_unless_given(bench_compile, monkeypatch, tmp_path, given, ran):
+    """``--smoke``, documented as tiny, kept the GPU run's 30 warm-up and 100 timed steps (41 s a run)."""
+    seen = []
+    monkeypatch.setattr(bench_compile, "build_row", lambda *a: SimpleNamespace(name="plain-eager", controller=None))
+    monkeypatch.setattr(bench_compile, "warm_up", lambda row, args, device: seen.append((args.warmup, args.steps)))
+    monkeypatch.setattr(bench_compile, "time_rows", lambda rows, *a: [{"step_ms": 1.0} for _ in rows])
+    monkeypatch.setattr(bench_compile, "print_table", lambda rows: None)
+    args = bench_compile.Args(smoke=True, rows="plain-eager", out=str(tmp_path / "x.json"), **given)
+    result = bench_compile.main(args)
+    assert seen == [ran] and (result["args"]["warmup"], result["args"]["steps"]) == ran

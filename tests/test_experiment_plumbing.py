@@ -336,3 +336,211 @@ def test_a_path_ending_in_a_separator_is_refused_as_a_folder(tmp_path):
     ):
         file_to_write("--out", given, example="x.json")
     assert not (tmp_path / "slash").exists()  # refused before its folder is made
+
+
+# (script, its output flag, the function that starts its workload, how main is called with the output path)
+_OUTPUT_FIRST = [
+    ("bench_compile", "--out", "build_row", lambda m, out: m.main(m.Args(smoke=True, rows="plain-eager", out=out))),
+    ("bench_elastic", "--output", "find_largest_batch", lambda m, out: m.main(["--smoke", "--output", out])),
+    ("bench_fused_step", "--output", "run_checks", lambda m, out: m.main(["--smoke", "--output", out])),
+    ("bench_signals", "--output", "measure", lambda m, out: m.main(m.Args(smoke=True, output=out))),
+    ("lr_budget_probe", "--out", "episode_return", lambda m, out: m.main(m.Args(tasks="synthetic", out=out))),
+    ("lr_lookahead_probe", "--out", "probe_run", lambda m, out: m.main(m.Args(tasks="synthetic", out=out))),
+]
+
+
+@pytest.mark.parametrize(("script", "flag", "workload", "run"), _OUTPUT_FIRST, ids=[s[0] for s in _OUTPUT_FIRST])
+def test_a_folder_as_the_output_path_is_refused_before_the_workload(monkeypatch, tmp_path, script, flag, workload, run):
+    """Given a folder, these scripts ran their whole workload (minutes of GPU measurements) and only then died with
+    IsADirectoryError, writing nothing; now they refuse it first, as ``file_to_write`` words it."""
+    import torch
+    from experiment_scripts import import_experiment
+
+    module = import_experiment(script)
+
+    def workload_ran(*args, **kwargs):
+        raise AssertionError(f"{script}: the workload ran before the output path was checked")
+
+    monkeypatch.setattr(module, workload, workload_ran)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --smoke's one thread: not for the test session
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # bench_fused_step pops it
+    with pytest.raises((SystemExit, ValueError)) as refused:
+        run(module, str(tmp_path))
+    assert str(refused.value).startswith(f"{flag} {tmp_path}: is a folder; give a file path such as {tmp_path}/")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"models": "resnet18,resnet50"}, "--models: unknown model 'resnet50'; allowed: resnet18, cnn-fmnist"),
+        ({"models": " , "}, "--models ' , ' is empty; give comma-separated models from: resnet18, cnn-fmnist"),
+        ({"repeats": 0}, "--repeats 0 must be >= 1"),
+        ({"interval_steps": 0}, "--interval-steps 0 must be >= 1"),
+        ({"window_s": 0.0}, "--window-s 0.0 must be a positive number of seconds"),
+    ],
+)
+def test_bench_signals_refuses_a_setting_before_any_model_runs(monkeypatch, tmp_path, setting, message):
+    """An unknown model was found only when its turn came (the earlier models' rows, not yet written, lost), and
+    nothing else was checked at all."""
+    from experiment_scripts import import_experiment
+
+    bench = import_experiment("bench_signals")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the measurement ran before the settings were checked")
+
+    monkeypatch.setattr(bench, "measure", measured)
+    with pytest.raises(SystemExit) as refused:
+        bench.main(bench.Args(**setting, smoke=True, output=str(tmp_path / "signals.json")))
+    assert str(refused.value) == message
+
+
+def test_bench_signals_records_the_command_of_its_args_and_leaves_them_alone(monkeypatch, tmp_path):
+    """Each row's ``command`` was ``sys.argv`` (a run from Python recorded its caller's: pytest's), and ``--smoke``
+    narrowed the caller's ``Args`` in place."""
+    from experiment_scripts import import_experiment
+
+    bench = import_experiment("bench_signals")
+    written = []
+
+    class Written(Exception):
+        pass
+
+    def write_rows(rows, path):
+        written.extend(rows)
+        raise Written  # the printing after it needs a whole row
+
+    monkeypatch.setattr(bench, "measure", lambda args, device: [{"device": "cpu", "model": "resnet18"}])
+    monkeypatch.setattr(bench, "write_rows", write_rows)
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "tests"])
+    output = tmp_path / "signals.json"
+    args = bench.Args(models="resnet18", repeats=5, smoke=True, output=str(output))
+    with pytest.raises(Written):
+        bench.main(args)
+    assert (
+        written[0]["command"]
+        == f"python experiments/bench_signals.py --models resnet18 --repeats 5 --output {output} --smoke"
+    )
+    assert args == bench.Args(models="resnet18", repeats=5, smoke=True, output=str(output))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "--epochs 0 must be >= 1"),
+        (["--width", "0"], "--width 0 must be >= 1"),
+        (["--max-batch", "0"], "--max-batch 0 must be >= 1"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch 0.0 must be a positive number"),
+        (["--fill-frac", "1.5"], "--fill-frac 1.5 must be in (0, 1]"),
+        (["--min-use-frac", "0"], "--min-use-frac 0.0 must be in (0, 1]"),
+    ],
+)
+def test_bench_elastic_refuses_a_setting_before_any_run(monkeypatch, tmp_path, flags, message):
+    """``--epochs 0`` trained nothing and read as the memory model failing its checks, after the batch finder ran."""
+    import torch
+    from experiment_scripts import import_experiment
+
+    bench = import_experiment("bench_elastic")
+
+    def finder_ran(*args, **kwargs):
+        raise AssertionError("the batch finder ran before the settings were checked")
+
+    monkeypatch.setattr(bench, "find_largest_batch", finder_ran)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--smoke", *flags, "--output", str(tmp_path / "elastic.json")])
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("bench_elastic", "--epochs EPOCHS Epochs of the budgeted run. (default: 2)"),
+        ("bench_signals", "--repeats REPEATS Interleaved windows per configuration"),
+    ],
+)
+def test_the_hand_parsed_scripts_show_each_flags_help(capsys, script, expected):
+    """bench_elastic.py and bench_signals.py built their flags by hand: no flag had a help line."""
+    from experiment_scripts import import_experiment
+
+    module = import_experiment(script)
+    with pytest.raises(SystemExit):
+        (module._parse_args if script == "bench_elastic" else module.parse)(["--help"])
+    assert expected in " ".join(capsys.readouterr().out.split())
+
+
+def test_gpu_benchmarks_rows_help_points_at_what_defines_them(capsys):
+    """``--rows`` said "(see ROWS)", a name the script does not have; the rows are ``rows_for()``'s."""
+    from experiment_scripts import import_experiment
+
+    with pytest.raises(SystemExit):
+        import_experiment("gpu_benchmark").parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Rows to run, comma-separated: any of the names ``rows_for()`` defines." in text and "(see ROWS)" not in text
+
+
+@pytest.mark.parametrize("setting", [{"ship_dir": ""}, {"smoke": True}], ids=["ship-dir-empty", "smoke"])
+def test_card_only_without_a_ship_dir_is_refused(monkeypatch, tmp_path, setting):
+    """``--ship-dir ''`` (what ``--smoke`` sets) resolved to the repository root: the card looked for its policy.zip."""
+    from experiment_scripts import import_experiment
+
+    train_pretrained = import_experiment("train_pretrained")
+    (tmp_path / "training.json").write_text("{}")
+
+    def card_written(*args, **kwargs):
+        raise AssertionError("a card was written for the policy.zip of the repository root")
+
+    monkeypatch.setattr(train_pretrained, "_write_card", card_written)
+    with pytest.raises(SystemExit) as refused:
+        train_pretrained.main(train_pretrained.Args(card_only=True, run_dir=str(tmp_path), **setting))
+    assert str(refused.value) == "--card-only needs --ship-dir (the folder whose policy.zip the card describes)"
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("transfer", ["--epochs", "0"], "epochs=0.0 must be a positive finite number"),
+        ("transfer", ["--interval-steps", "0"], "interval_steps=0 must be >= 1"),
+        ("batch_headroom", ["--tasks", "synthetic", "--rows", "bf16,bogus"], "row 'bogus'; allowed: heuristic, "),
+        ("bench_env", ["--tasks", "synthetic", "--n-envs", "1", "--device", "cuda"], "--device='cuda' asked for, "),
+        ("lr_lookahead_probe", ["--tasks", "synthetic", "--device", "cuda"], "--device='cuda' asked for, "),
+        ("bench_compile", ["--smoke", "--steps", "15"], "--steps 15 must be a positive multiple of 10"),
+        ("train_pretrained", ["--timesteps", "0"], "total_timesteps=0 must be a whole number >= 1"),
+    ],
+)
+def test_a_bad_flag_value_exits_with_one_line_not_a_traceback(monkeypatch, tmp_path, script, flags, message):
+    """These scripts let the library's ValueError (ConfigError) out of ``__main__``: 10-25 lines of traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda is refused on any machine
+    monkeypatch.chdir(tmp_path)  # each writes nothing, its output path relative to here
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{script}.py"
+    out = ["--run-dir", str(tmp_path / "run")] if script == "train_pretrained" else ["--out", str(tmp_path / "x.json")]
+    monkeypatch.setattr(sys, "argv", [str(path), *flags, *out])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(path), run_name="__main__")
+    assert isinstance(exited.value.code, str) and exited.value.code.startswith(message)
+    assert "\n" not in exited.value.code
+
+
+@pytest.mark.parametrize("script", ["bench_env", "lr_lookahead_probe"])
+def test_an_unusable_device_is_refused_before_any_run(monkeypatch, tmp_path, script):
+    """``--device cuda`` on a machine without one failed inside the first environment or run, not up front; ``main``
+    still raises for a Python caller (bench_env.py's checks exit, lr_lookahead_probe.py's raise ValueError)."""
+    import torch
+    from experiment_scripts import import_experiment
+
+    import triaccel_rl.rl
+
+    module = import_experiment(script)
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an environment or a run started before the device was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(triaccel_rl.rl, "make_env_fns", ran)  # bench_env's environments
+    monkeypatch.setattr(module, "probe_run", ran, raising=False)  # lr_lookahead_probe's runs
+    expected = "--device='cuda' asked for, but this machine has no CUDA GPU; use 'cpu'"
+    with pytest.raises(SystemExit if script == "bench_env" else ValueError) as refused:
+        module.main(module.Args(tasks="synthetic", device="cuda", out=str(tmp_path / "x.json")))
+    assert str(refused.value) == expected
