@@ -939,7 +939,11 @@ def _corrupt(state: dict[str, Any], what: str) -> dict[str, Any]:
         ("lr_factors", r"lr_factors \[1.0, 0.25\] are not 3 finite numbers >= 0"),
         ("lr_scale", r"lr_scale nan must be a finite number > 0"),
         ("scaler", r"the checkpoint's scaler lacks 'growth_interval'"),
-        ("optimizer groups", r"param groups of \[1, 2, 2\] parameters; this one's has \[2, 2, 2\]"),
+        (
+            "optimizer groups",
+            r"the checkpoint's optimizer state has param groups of \[1, 2, 2\] parameters; "
+            r"this optimizer's has \[2, 2, 2\]",
+        ),
         # Before the fix these loaded, and the next step raised (a str has no mul_, full() takes no str scale).
         ("optimizer moment", r"optimizer state 'exp_avg' of parameter 0 is str, not a tensor, number or None"),
         ("optimizer entry", r"optimizer state of parameter 1 is list, not a dict"),

@@ -1001,7 +1001,7 @@ def test_a_refused_load_of_the_users_optimizer_changes_nothing_and_training_goes
             before = _optimizer_snapshot(engine)
             with pytest.raises(
                 ValueError,
-                match=r"the checkpoint's optimizer state '(momentum_buffer|exp_avg)' of parameter 0 has shape "
+                match=r"the loaded optimizer state '(momentum_buffer|exp_avg)' of parameter 0 has shape "
                 r"\(16, 6\); this model's parameter has \(8, 6\): it was saved for another model",
             ):
                 engine.optimizer.load_state_dict(other_state)

@@ -292,7 +292,8 @@ class StepEngine:
         before they are added to ``.grad``, so a second optimizer steps on the loss's own gradient, as after
         ``GradScaler.unscale_`` on it, and gradients accumulated over several steps stay unscaled.
 
-        In every precision, a non-finite one counts as a non-finite held gradient (:meth:`_unheld_overflow`): the step
+        In every precision, a non-finite one counts as a non-finite held gradient (:meth:`_unheld_overflow`), before
+        the ``grad_transform`` and after it (one it gives a parameter the backward did not reach too): the step
         is skipped (under fp16 the scale backs off). A skipped step, for a non-finite loss or any non-finite gradient,
         sets their gradients to ``None``, so the second optimizer's ``step()`` skips the bad batch too, as
         ``GradScaler.step`` would. Until 2026-12-06 that held under fp16 only: in fp32 and bf16 a NaN batch's gradients
@@ -636,14 +637,20 @@ class StepEngine:
                 scaler.unscale_(self.optimizer)
                 unscaled = True
                 if unheld_overflow:  # another optimizer's gradients overflowed: the scale backs off for them too
-                    for found in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
-                        found.fill_(1.0)
+                    self._record_overflow(scaler)
             overflow_before = False
             if self.grad_transform is not None:
                 # The overflow before the transform, as unscale_ records it: a clamp turns an infinite gradient finite
                 overflow_before = bool(self._grad_stats()[0].nonfinite.sum().item() > 0)
                 self.grad_transform()
-            stats, norms, groups = self._grad_stats()
+                # And after it: another optimizer's gradient it made non-finite, or made (a parameter whose .grad was
+                # None), counts as theirs did (until 2026-12-06 only the overflow before the transform was checked)
+                overflow = self._unheld_overflow()
+                if not unheld_overflow and overflow is not None and bool(overflow):
+                    unheld_overflow = True
+                    if scaler is not None:
+                        self._record_overflow(scaler)
+            stats, norms, groups = self._grad_stats(grouped=self.max_grad_norm is not None)
             self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
@@ -681,6 +688,11 @@ class StepEngine:
             self.zero_grad()
         return stats, skipped
 
+    def _record_overflow(self, scaler: torch.amp.GradScaler) -> None:
+        """Marks the unscaled step as overflowed, as ``unscale_`` marks it: ``update()`` backs the scale off."""
+        for found in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+            found.fill_(1.0)
+
     def applied_steps(self) -> int:
         """Optimizer updates applied so far: steps skipped for a non-finite gradient or loss do not count.
 
@@ -709,18 +721,20 @@ class StepEngine:
         """
         return self._grad_stats()[0]
 
-    def _grad_stats(self) -> tuple[GradStats, list[torch.Tensor], list[list[int]]]:
-        """``grad_stats()``, the per-parameter gradient norms it is taken from, and the gradients' grouping.
+    def _grad_stats(self, grouped: bool = False) -> tuple[GradStats, list[torch.Tensor], list[list[int]] | None]:
+        """``grad_stats()``, the per-parameter gradient norms it is taken from, and the gradients' grouping, or None.
 
-        The norms are each in its gradient's dtype, taken as ``clip_grad_norm_`` takes them (one ``_foreach_norm`` per
-        device and dtype), so that ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as
-        torch clips it (float32 ones gave a coefficient ~1e-9 off, until 2026-12-06). The grouping, the parameters'
-        positions by their gradients' device and dtype (``_device_dtype_groups``, a loop over the parameters), is
-        reused there too. The statistics are float32.
+        The norms are each in its gradient's dtype (``_foreach_norm`` gives each in its tensor's), so that
+        ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as torch clips it (float32 ones
+        gave a coefficient ~1e-9 off, until 2026-12-06). ``grouped`` (a step that clips) takes them as
+        ``clip_grad_norm_`` does, one ``_foreach_norm`` per device and dtype, and returns the grouping, the parameters'
+        positions by their gradients' device and dtype, for the clip's order. Else the grouping, a Python pass over
+        the parameters (``_device_dtype_groups``), is not taken: one ``_foreach_norm`` over all (until 2026-12-06
+        every reference step grouped). The statistics are float32.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        groups = _device_dtype_groups(grads)
-        own_norms = _norms_by_device_and_dtype(grads, groups)
+        groups = _device_dtype_groups(grads) if grouped else None
+        own_norms = list(torch._foreach_norm(grads)) if groups is None else _norms_by_device_and_dtype(grads, groups)
         norms = torch.stack([norm.float() for norm in own_norms])
         finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
         maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
@@ -736,7 +750,7 @@ class StepEngine:
         abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
         return GradStats(sq_sum, abs_max, nonfinite), own_norms, groups
 
-    def _clip_gradients(self, norms: list[torch.Tensor], groups: list[list[int]]) -> None:
+    def _clip_gradients(self, norms: list[torch.Tensor], groups: list[list[int]] | None) -> None:
         """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken.
 
         ``params`` are the optimizer's parameters, of which those with a gradient: a parameter the backward did not
@@ -744,10 +758,11 @@ class StepEngine:
         0 in the vector changed the total's rounding once there were enough parameters: not torch's bits). The norms
         are in their gradients' dtypes and stacked in torch's order (grouped by device and dtype, as torch groups
         them), so the total and the coefficient are torch's, in its dtype (float64 where a gradient is). ``groups`` is
-        ``_grad_stats``' grouping of every parameter's gradient: torch's own where every one has a gradient (the
-        usual step), else taken again for those present (torch orders the groups of the tensors it is given).
+        ``_grad_stats(grouped=True)``'s grouping of every parameter's gradient: torch's own where every one has a
+        gradient (the usual step), else taken again for those present (torch orders the groups of the tensors it is
+        given).
         """
-        assert self.max_grad_norm is not None
+        assert self.max_grad_norm is not None and groups is not None
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
@@ -1112,7 +1127,7 @@ class StepEngine:
         optimizer's parameters, its ``"layer"`` keys are layer indices, and its groups' settings are ones the fused
         step runs.
         """
-        _check_state_shapes(self.optimizer, state)
+        _check_state_shapes(self.optimizer, state, "the loaded ")  # no checkpoint need be involved: a user's own load
         _check_layer_keys(state["param_groups"], self.n_layers, "the loaded state's ")
         try:
             self._check_group_settings(state["param_groups"])
@@ -1477,7 +1492,14 @@ class StepEngine:
             self._read_group_lrs()  # after the hooks: an LR or momentum a hook sets applies to this step
             # A second optimizer's gradients, in every precision: taken before the transform, which may clamp them
             unheld_overflow = self._unheld_overflow()
-            transformed_overflow = self._transform_fused_grads(scaling) if self.grad_transform is not None else None
+            transformed_overflow = None
+            if self.grad_transform is not None:
+                transformed_overflow = self._transform_fused_grads(scaling)
+                # And after it: a gradient it made non-finite, or made (a parameter whose .grad was None), is checked,
+                # and dropped on a skipped step, as the reference path drops it (until 2026-12-06 neither was)
+                after = self._unheld_overflow()
+                if after is not None:
+                    unheld_overflow = after if unheld_overflow is None else unheld_overflow | after
             factors = self._layer_base * np.where(
                 self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0
             )
@@ -1615,14 +1637,20 @@ def _check_layer_keys(groups: Sequence[Mapping[str, Any]], n_layers: int, whose:
             )
 
 
-def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model)."""
-    _require_keys("optimizer state", saved, ("state", "param_groups"))
+def _check_state_shapes(
+    optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], whose: str = "the checkpoint's "
+) -> None:
+    """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model).
+
+    ``whose`` prefixes the messages: ``"the loaded "`` for a state given to ``optimizer.load_state_dict`` directly,
+    where no checkpoint is involved (every message said "the checkpoint's" until 2026-12-06).
+    """
+    _require_keys("optimizer state", saved, ("state", "param_groups"), whose)
     if not isinstance(saved["state"], Mapping) or not (
         isinstance(saved["param_groups"], (list, tuple)) and all(isinstance(g, Mapping) for g in saved["param_groups"])
     ):
         raise ValueError(
-            "the checkpoint's optimizer state is not torch.optim's: 'state' must be a dict and 'param_groups' a list "
+            f"{whose}optimizer state is not torch.optim's: 'state' must be a dict and 'param_groups' a list "
             f"of dicts; got {type(saved['state']).__name__} and {type(saved['param_groups']).__name__}"
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -1630,8 +1658,8 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if saved_sizes != sizes:
         raise ValueError(
-            f"the checkpoint's optimizer has param groups of {saved_sizes} parameters; this one's has {sizes}: it was "
-            "saved for another model or optimizer"
+            f"{whose}optimizer state has param groups of {saved_sizes} parameters; this optimizer's has {sizes}: it "
+            "was saved for another model or optimizer"
         )
     # The optimizer's hyper-parameters (its defaults other than flags): torch.optim's load puts the saved groups in
     # place as they are, and fills in only flags an older torch did not save (nesterov, foreach, ...: a bool or
@@ -1641,32 +1669,31 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, saved: Mapping[str, An
         missing = [key for key in hypers if key not in group]
         if missing:
             raise ValueError(
-                f"the checkpoint's param group {number} lacks {', '.join(map(repr, missing))}, which "
+                f"{whose}param group {number} lacks {', '.join(map(repr, missing))}, which "
                 f"{type(optimizer).__name__}'s update reads: it is not torch.optim's state_dict() of this optimizer"
             )
     for index, entry in saved["state"].items():
         if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < len(params):
             raise ValueError(
-                f"the checkpoint's optimizer has state for parameter {index!r}; this one has {len(params)}"
+                f"{whose}optimizer state has an entry for parameter {index!r}; this optimizer has {len(params)} "
+                f"parameters, numbered 0 to {len(params) - 1}"
             )
         if not isinstance(entry, Mapping):
-            raise ValueError(
-                f"the checkpoint's optimizer state of parameter {index} is {type(entry).__name__}, not a dict"
-            )
+            raise ValueError(f"{whose}optimizer state of parameter {index} is {type(entry).__name__}, not a dict")
         for name, value in entry.items():
             if not _state_value(value):  # torch.optim would take it and the next step would fail on it
                 raise ValueError(
-                    f"the checkpoint's optimizer state {name!r} of parameter {index} is {type(value).__name__}, not a "
+                    f"{whose}optimizer state {name!r} of parameter {index} is {type(value).__name__}, not a "
                     "tensor, number or None"
                 )
             if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, params[int(index)]):
                 raise ValueError(
-                    f"the checkpoint's optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
+                    f"{whose}optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
                     f"this model's parameter has {tuple(params[int(index)].shape)}: it was saved for another model"
                 )
             if name == "step" and not _whole_count(value):  # Adam's bias corrections divide by 1 - beta**step
                 raise ValueError(
-                    f"the checkpoint's optimizer state 'step' of parameter {index} is {value!r}: a step count is a "
+                    f"{whose}optimizer state 'step' of parameter {index} is {value!r}: a step count is a "
                     "finite whole number >= 0"
                 )
 
@@ -1850,13 +1877,13 @@ skipped for good): ``GradScaler`` refuses a growth factor <= 1 and a backoff fac
 2026-12-06)."""
 
 
-def _require_keys(what: str, entry: Any, keys: Sequence[str]) -> None:
-    """Raises a ValueError naming the ``keys`` that the checkpoint's ``what`` (a dict) lacks."""
+def _require_keys(what: str, entry: Any, keys: Sequence[str], whose: str = "the checkpoint's ") -> None:
+    """Raises a ValueError naming the ``keys`` that ``whose`` ``what`` (a dict: the checkpoint's, by default) lacks."""
     if not isinstance(entry, Mapping):
-        raise ValueError(f"the checkpoint's {what} is {type(entry).__name__}, not a dict of {', '.join(keys)}")
+        raise ValueError(f"{whose}{what} is {type(entry).__name__}, not a dict of {', '.join(keys)}")
     missing = [key for key in keys if key not in entry]
     if missing:
-        raise ValueError(f"the checkpoint's {what} lacks {', '.join(map(repr, missing))}")
+        raise ValueError(f"{whose}{what} lacks {', '.join(map(repr, missing))}")
 
 
 @dataclass(frozen=True)
