@@ -42,7 +42,8 @@ from triaccel_rl.memory import (
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
 from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.shield import BufferCheck, RollbackGuard, nonfinite_parameters
-from triaccel_rl.signals import DeviceMoments, SignalCollector
+from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
+from triaccel_rl.signals.estimators import frozen_batch_stats
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
@@ -69,10 +70,12 @@ class Controller:
     in fp16 where it would in bf16 (its tensor cores' format, as AMP runs there; a layer that overflows moves to fp32),
     and a bf16 a policy asks for anyway runs in fp32 (``Executor``).
 
-    Only the cheap signals run here, whatever ``config.signals.mode``: the scheduled estimator rounds (Hutchinson
-    curvature, micro-batch gradient noise) need a held-out probe batch a user's loop does not have. The heuristic's
-    rules that wait for a measured value then stay still: no group is raised to fp32 on squared gradients alone, and
-    the noise scale reads as the batch (its bound), so the batch is not grown for it. ``compare`` runs the rounds.
+    The scheduled estimator rounds (Hutchinson curvature, micro-batch gradient noise, curvature sparsity; ``compare``
+    runs them on every run) need a held-out probe batch: pass one as ``probe=(inputs, targets)`` with its
+    ``loss_fn``, and with ``config.signals.mode`` ``"all"`` (the default) a round runs at a decision whenever the
+    overhead budget has room (``SignalConfig``). Without one only the cheap signals run, and the heuristic's rules that
+    wait for a measured value stay still: no group is raised to fp32 on squared gradients alone, and the noise scale
+    reads as the batch (its bound), so the batch is not grown for it.
 
     Args:
         model: the model (on its device already).
@@ -104,6 +107,12 @@ class Controller:
             ``max_grad_norm``'s clip, the statistics the signals read and the skip; it may edit them in place or
             assign new tensors of the same shape. A step whose gradients are non-finite before it (as ``unscale_``
             records an overflow) or after it is skipped. Its return value is ignored.
+        probe: ``(inputs, targets)``, a held-out batch the estimator rounds draw their sub-batches from (a few hundred
+            samples, not trained on; copied to the model's device and kept there). The rounds run the model on it in
+            fp32, outside ``autocast()``, leaving batch-norm statistics and the run's random streams as they were.
+            ``None``: no rounds.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss over the samples, for the rounds; required with
+            ``probe`` (and only with it). It is tried once at construction on two probe samples.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -130,6 +139,8 @@ class Controller:
         profile: HardwareProfile | str | os.PathLike[str] | None = None,
         max_grad_norm: float | None = None,
         grad_transform: Callable[[], object] | None = None,
+        probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -181,6 +192,7 @@ class Controller:
             )
         self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = HardwareProfile.resolve(profile)
+        probe_batch = _checked_probe(model, probe, loss_fn, self.device)
         self.engine = StepEngine(model, optimizer, self.device)
         try:
             self.engine.max_grad_norm = max_grad_norm
@@ -189,6 +201,17 @@ class Controller:
             self.engine.precision.copies_in_eager = False
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
             self.memory_budget_bytes = self.memory.resolve(capacity, self.device.type)
+            self._estimator_source: EstimatorSource | None = None
+            if probe_batch is not None:
+                assert loss_fn is not None
+                self._estimator_source = EstimatorSource(
+                    model,
+                    self.engine.layer_params,
+                    loss_fn,
+                    *probe_batch,
+                    second_moment=self.engine.second_moment_diagonal,
+                )
+            self._copied_at_close = False  # whether the shield took its copy at the interval that just closed
             self.collector = self._new_collector()
             self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
             self.executor = Executor(self.config, self.grouper)
@@ -656,6 +679,7 @@ class Controller:
             self._advance_trial(self._trial)
         elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
             steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
+            rounds = self.collector.estimator_ms
             train_ms = self._close_interval(loss)
             self._decide()
             # The decision's whole wall time from the interval's end: the moments read, the shield (its buffer check,
@@ -663,8 +687,10 @@ class Controller:
             # (the cadence stretched too little, and the overhead reported on a GPU read low).
             uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead)
             self.collector.add_overhead(max(uncharged, 0.0))
+            # The estimator rounds have a budget of their own (the scheduler's): the cadence weighs the rest, as in
+            # DecisionLoop.
             self.cadence.record(
-                self.collector.overhead_ms - overhead,
+                (self.collector.overhead_ms - overhead) - (self.collector.estimator_ms - rounds),
                 train_ms,
                 steps,
                 cheap_ms=self.collector.cheap_ms - cheap,
@@ -1037,6 +1063,13 @@ class Controller:
         saved = SavedState(state, "the checkpoint's signals", _SIGNALS_KEYS)
         collector = self._new_collector()
         collector.load_state_dict(saved["collector"])
+        if collector.source is None and collector.has_round_estimates:
+            # Kept, the last round's estimates would pose as current for the rest of the run, which runs no round.
+            collector.forget_rounds()
+            _log.info(
+                "the checkpoint's estimator-round signals are dropped: this controller has no probe batch to go on "
+                "measuring them (pass probe= and loss_fn= as the run that saved it did)"
+            )
         grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
         grouper.load_state_dict(saved["grouper"])
         cadence = self._new_cadence()
@@ -1062,10 +1095,28 @@ class Controller:
         )
 
     def _new_collector(self) -> SignalCollector:
+        """A collector over the engine's layers, running its rounds on the probe batch (``probe=``) if any."""
         config, engine = self.config, self.engine
-        return SignalCollector(
+        collector = SignalCollector(
             engine.layers, config.ema_decay, self.memory_budget_bytes, config.signals, engine.layer_param_counts
         )
+        if self._estimator_source is not None:
+            collector.attach(self._estimator_source)
+        return collector
+
+    def _run_round(self) -> None:
+        """An estimator round on the probe batch, when one is due, before the snapshot reads the rounds.
+
+        None without a probe batch or with ``config.signals.mode`` other than ``"all"``. The progress is the loader's
+        (unknown without one: the first round then runs whatever it costs, and later ones fit the overhead budget).
+        """
+        if self.collector.source is None:
+            return
+        ran = self.collector.maybe_estimate(progress=self.progress or None)
+        if ran is not None and self._copied_at_close and self.guard is not None:
+            # The copy the shield took at this interval's end is of the weights the round measured: a rollback to it
+            # brings this round's estimates back, not the ones before it (as DecisionLoop does).
+            self.guard.refresh_extra()
 
     def _new_cadence(self) -> Cadence:
         signals = self.config.signals
@@ -1361,7 +1412,7 @@ class Controller:
         copy is treated as a change's, counting only the updates after it (a checkpoint may be saved mid-interval);
         failing again from it with no confirmed copy left raises ``NoGoodStateError``.
         """
-        self._interval_healthy = self._interval_mixed = False
+        self._interval_healthy = self._interval_mixed = self._copied_at_close = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
         change_copy, self._change_copy = self._change_copy and began_from_copy, False
         before_copy, self._applied_before_copy = self._applied_before_copy, 0
@@ -1401,7 +1452,7 @@ class Controller:
             restored = self.guard.restore(reason, unconfirmed=change_copy)
             self._copy_opens_interval = restored and change_copy
         elif applied == steps:
-            self.guard.healthy()
+            self._copied_at_close = self.guard.healthy()
             self._copy_opens_interval = self.guard.has_unconfirmed and self.guard.copy_is_current
             return False
         else:
@@ -1411,6 +1462,7 @@ class Controller:
         return restored
 
     def _decide(self) -> None:
+        self._run_round()
         signals = self.collector.snapshot(
             grad_mean_sq_norm=self.engine.grad_mean_sq_norm(),
             # A user's loop has no held-out probe batch: the smoothed training loss stands in for it.
@@ -1599,3 +1651,43 @@ def _briefly(value: object) -> str:
     """``value`` for a message: its repr and type, or the type alone where the repr runs long (a large array)."""
     text = repr(value)
     return f"{text} (a {type(value).__name__})" if len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def _checked_probe(
+    model: nn.Module,
+    probe: object,
+    loss_fn: object,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The probe batch on ``device``, with ``loss_fn`` tried on two of its samples; None without one.
+
+    Tried on the model as the rounds run it (fp32, batch-norm statistics and the random streams left as they were), so
+    that a loss function of the wrong signature or shape fails here, not at the first decision, after an update.
+    """
+    if probe is None and loss_fn is None:
+        return None
+    if probe is None or loss_fn is None:
+        given, missing = ("probe", "loss_fn") if loss_fn is None else ("loss_fn", "probe")
+        raise ValueError(
+            f"{given} was given without {missing}: the estimator rounds need both, probe=(inputs, targets) and "
+            "loss_fn(outputs, targets) -> mean loss (or neither, for the cheap signals alone)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn={loss_fn!r} must be a callable (outputs, targets) -> mean loss")
+    if not (isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, torch.Tensor) for t in probe)):
+        raise TypeError(f"probe must be a pair of tensors (inputs, targets); got {_briefly(probe)}")
+    inputs, targets = (t.detach().to(device) for t in probe)
+    if inputs.dim() == 0 or targets.dim() == 0 or len(inputs) != len(targets) or len(inputs) < 2:
+        raise ValueError(
+            f"probe's inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must hold the same number of "
+            "samples along the first dimension, at least 2"
+        )
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            with torch.no_grad(), frozen_batch_stats(model):
+                loss = loss_fn(model(inputs[:2]).float(), targets[:2])
+    except Exception as err:
+        raise ValueError(f"loss_fn(model(probe inputs), probe targets) failed on two probe samples: {err!r}") from err
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return the mean loss, a one-element tensor; it returned {_briefly(loss)}")
+    return inputs, targets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -1382,16 +1383,133 @@ def test_a_loaded_collector_snapshots_what_the_saved_one_does() -> None:
         resumed.load_state_dict({**collector.state_dict(), "sq_ema": [1.0, 2.0, 3.0]})
 
 
-def test_a_collector_that_ran_rounds_is_not_saved_half() -> None:
+def _round_collector(optimizer: str = "sgd") -> tuple[SignalCollector, nn.Module, StepEngine]:
+    """A collector with a source over a small model: SGD keeps no second moment (the rounds' Fisher diagonal), Adam
+    does (its own)."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=0.1) if optimizer == "sgd" else torch.optim.Adam(params, lr=0.1)
+    engine = StepEngine(model, opt, torch.device("cpu"))
     collector = SignalCollector(engine.layers, ema_decay=0.9, memory_budget_bytes=1 << 20, config=EVERY_STEP)
     x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2
-    collector.attach(EstimatorSource(model, engine.layer_params, nn.functional.cross_entropy, x, y))
-    collector.observe(fake_stats(len(engine.layers)))
+    source = EstimatorSource(
+        model, engine.layer_params, nn.functional.cross_entropy, x, y, second_moment=engine.second_moment_diagonal
+    )
+    collector.attach(source, seed=3)
+    return collector, model, engine
+
+
+def _round_and_snapshot(collector: SignalCollector) -> Signals:
+    collector.observe(fake_stats(len(collector.layers)))
     assert collector.maybe_estimate() is not None
-    with pytest.raises(ValueError, match="has run estimator rounds, whose estimates a checkpoint does not hold"):
-        collector.state_dict()
+    return snapshot(collector)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_collector_that_ran_rounds_resumes_its_rounds_as_the_uninterrupted_one(optimizer: str) -> None:
+    """Saved after two rounds (through ``torch.save`` and ``weights_only`` loading), loaded into a new collector on
+    the same source: its rounds draw the same sub-batches and probes and fold into the same EMAs, so the next
+    snapshots are bit-identical, and so are the scheduler's accounts. Until 2026-12-06 such a collector refused to be
+    saved (a Controller ran no rounds)."""
+    collector, _, _ = _round_collector(optimizer)
+    for _ in range(2):
+        _round_and_snapshot(collector)
+    buffer = io.BytesIO()
+    torch.save(collector.state_dict(), buffer)
+    buffer.seek(0)
+    resumed, _, _ = _round_collector(optimizer)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.has_round_estimates and resumed.scheduler.rounds == 2
+    for _ in range(2):
+        expected, got = _round_and_snapshot(collector), _round_and_snapshot(resumed)
+        assert got.hessian_trace is not None and expected.hessian_trace is not None
+        assert np.array_equal(got.hessian_trace, expected.hessian_trace)
+        for name in ("curvature", "grad_variance", "snr", "lr_factors"):
+            assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+        assert got.noise_scale == expected.noise_scale
+        assert got.sparsity is not None and expected.sparsity is not None
+        assert np.array_equal(got.sparsity.top10_ratio, expected.sparsity.top10_ratio)
+        for key in ("rounds", "rounds_skipped", "fisher_source"):
+            assert got.extra[key] == expected.extra[key], key
+    counts = ("rounds", "steps", "steps_at_last_round", "charged_train_ms")  # the round costs are measured: they vary
+    assert [resumed.scheduler.state_dict()[k] for k in counts] == [collector.scheduler.state_dict()[k] for k in counts]
+
+
+def test_the_control_a_collector_whose_generators_are_not_resumed_draws_other_rounds() -> None:
+    """The control for the test above: the same state with the generators' states of a fresh collector (seeded as at
+    attach) draws other sub-batches and probes, so the next round's estimates differ."""
+    collector, _, _ = _round_collector()
+    for _ in range(2):
+        _round_and_snapshot(collector)
+    state = collector.state_dict()
+    fresh, _, _ = _round_collector()
+    state["rounds"] = {**state["rounds"], "cpu_generator": fresh.state_dict()["rounds"]["cpu_generator"]}
+    resumed, _, _ = _round_collector()
+    resumed.load_state_dict(state)
+    expected, got = _round_and_snapshot(collector), _round_and_snapshot(resumed)
+    assert got.hessian_trace is not None and expected.hessian_trace is not None
+    assert not np.array_equal(got.hessian_trace, expected.hessian_trace)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("rounds", "round_weight"), [0.5, 1.5], r"round_weight \[0\.5, 1\.5\]: each in \[0, 1\]"),
+        (("rounds", "unused"), [0, 0], r"unused \[0, 0\], not a list of 2 bools"),
+        (("rounds", "trace_ema"), [1.0, math.nan], "trace_ema with a value that is not finite"),
+        (("rounds", "fisher_source"), "adam", "fisher_source 'adam': one of"),
+        (("rounds", "fisher_ema"), [torch.zeros(2)], "fisher_ema of list: None or a list of 2 floating-point tensors"),
+        (
+            ("rounds", "cpu_generator"),
+            torch.zeros(3),
+            r"cpu_generator a tensor of shape \(3,\) and dtype torch\.float32",
+        ),
+        (
+            ("rounds", "cpu_generator"),
+            torch.zeros(3, dtype=torch.uint8),
+            "a cpu_generator state this generator refuses",
+        ),
+        (
+            ("rounds", "sparsity"),
+            {"top1_share": [1.0] * 2},
+            "rounds sparsity lacks top10_share, small_frac, top10_ratio",
+        ),
+        (("scheduler", "rates_measured"), 1, "rates_measured 1, not a bool"),
+        (("scheduler", "noise_ms"), math.nan, "the rates are both known"),
+        (("scheduler", "steps_at_last_round"), 10**6, r"steps_at_last_round 1000000 > steps 2"),
+    ],
+)
+def test_a_bad_rounds_state_is_refused_by_name_and_leaves_the_collector_as_it_was(path, value, message) -> None:
+    collector, _, _ = _round_collector()
+    for _ in range(2):
+        _round_and_snapshot(collector)
+    state = collector.state_dict()
+    before = collector.state_dict()
+    state[path[0]] = {**state[path[0]], path[1]: value}
+    with pytest.raises(ValueError, match=message):
+        collector.load_state_dict(state)
+    after = collector.state_dict()
+    assert after["scheduler"] == before["scheduler"]
+    for key in ("trace_ema", "round_weight", "unused", "round_samples", "fisher_source"):
+        assert after["rounds"][key] == before["rounds"][key], key
+    assert torch.equal(after["rounds"]["cpu_generator"], before["rounds"]["cpu_generator"])
+
+
+def test_a_state_saved_before_the_rounds_were_resumes_the_rounds_afresh() -> None:
+    """A state of before 2026-12-06 (no ``"scheduler"`` or ``"rounds"``) loads: no round estimates, and the scheduler's
+    accounts are the steps and training time the state holds, so the first round is planned as in the saved run."""
+    collector, _, _ = _round_collector()
+    for _ in range(3):
+        collector.observe(fake_stats(len(collector.layers)))
+    state = collector.state_dict()
+    del state["scheduler"], state["rounds"]
+    resumed, _, _ = _round_collector()
+    _round_and_snapshot(resumed)  # rounds it had are dropped by the load
+    resumed.load_state_dict(state)
+    assert not resumed.has_round_estimates and resumed.estimator_ms == 0.0
+    assert (resumed.scheduler.steps, resumed.scheduler.charged_train_ms, resumed.scheduler.rounds) == (3, 30.0, 0)
+    assert snapshot(resumed).extra["curvature_source"] == "fisher"
 
 
 def test_a_broken_time_reading_or_progress_leaves_the_snapshot_finite() -> None:

@@ -107,7 +107,31 @@ _COLLECTOR_STATE_KEYS = (
     "interval_time_ms",
     "interval_peak",
 )
-"""What ``SignalCollector.state_dict()`` holds."""
+"""What ``SignalCollector.state_dict()`` must hold (``"scheduler"`` and ``"rounds"`` too, since 2026-12-06)."""
+_ROUNDS_STATE_KEYS = (
+    "trace_ema",
+    "grad_sq_ema",
+    "cov_ema",
+    "round_weight",
+    "round_samples",
+    "unused",
+    "sparsity",
+    "fisher_ema",
+    "fisher_source",
+    "estimator_ms",
+    "warmup_ms",
+    "rounds_skipped",
+    "rounds_refused_for_budget",
+    "first_round_prepared",
+    "said_batch_norm_skip",
+    "cpu_generator",
+    "device_generator",
+    "device_type",
+)
+"""What the ``"rounds"`` entry of ``SignalCollector.state_dict()`` holds."""
+_SPARSITY = ("top1_share", "top10_share", "small_frac", "top10_ratio")
+_PUBLIC_ROUND_COUNTS = ("estimator_ms", "warmup_ms", "rounds_skipped", "rounds_refused_for_budget")
+"""The rounds state's fields that are public attributes of the collector; the others are ``_`` + the key."""
 _NOISE_SCALE_MAX = 1e12  # samples; B_simple when the gradient is buried in noise
 
 # Profile cost mode charges a round from the modelled fp32 step time: the gradient with a graph costs
@@ -661,20 +685,16 @@ class SignalCollector:
     # ---------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The cheap tier's running estimates and counters, for a checkpoint (``Controller.state_dict`` keeps it).
+        """The running estimates, counters and round accounts, for a checkpoint (``Controller.state_dict`` keeps it).
 
-        Per-layer values as lists of floats, so ``torch.load(..., weights_only=True)`` reads them back. The rounds'
-        estimates are not part of it: a collector that has run rounds (``compare``'s runs do; a ``Controller``
-        never does) is refused.
-
-        Raises:
-            ValueError: the collector has folded a round in.
+        Per-layer values as lists of floats, so ``torch.load(..., weights_only=True)`` reads them back. Beside the
+        cheap tier's EMAs: the scheduler's accounts and cost rates (``"scheduler"``) and the rounds' state
+        (``"rounds"``: their EMAs, sparsity and Fisher diagonal, counts and times, and the states of the generators
+        that draw their sub-batches and probes; None without a source and rounds), so a resumed collector plans and
+        draws the rounds the uninterrupted one would have. The Fisher diagonal's tensors (model-sized, only with a
+        source whose optimizer keeps no second moment) are returned by reference, as ``torch.optim`` returns its
+        state: no round changes them in place.
         """
-        if self.scheduler.rounds or self._round_weight.any():
-            raise ValueError(
-                "this signal collector has run estimator rounds, whose estimates a checkpoint does not hold; "
-                "only the cheap tier (a Controller's signals) can be saved"
-            )
         return {
             "n_steps": self.n_steps,
             "overhead_ms": self.overhead_ms,
@@ -691,17 +711,64 @@ class SignalCollector:
             "interval_skipped": self._interval_skipped,
             "interval_time_ms": self._interval_time_ms,
             "interval_peak": self._interval_peak,
+            "scheduler": self.scheduler.state_dict(),
+            # None where no round can run or has run (no source attached): the generators' states are 5 kB
+            "rounds": self._rounds_state() if self.source is not None or self.scheduler.rounds else None,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resumes the cheap tier from ``state_dict()``'s output, for a collector over the same layers.
+    def _rounds_state(self) -> dict[str, Any]:
+        sparsity = self._sparsity
+        device = self._device_generator
+        return {
+            "trace_ema": self._trace_ema.tolist(),
+            "grad_sq_ema": self._grad_sq_ema.tolist(),
+            "cov_ema": self._cov_ema.tolist(),
+            "round_weight": self._round_weight.tolist(),
+            "round_samples": self._round_samples,
+            "unused": self._unused.tolist(),
+            "sparsity": None if sparsity is None else {name: getattr(sparsity, name).tolist() for name in _SPARSITY},
+            "fisher_ema": None if self._fisher_ema is None else list(self._fisher_ema),
+            "fisher_source": self._fisher_source,
+            "estimator_ms": self.estimator_ms,
+            "warmup_ms": self.warmup_ms,
+            "rounds_skipped": self.rounds_skipped,
+            "rounds_refused_for_budget": self.rounds_refused_for_budget,
+            "first_round_prepared": self._first_round_prepared,
+            "said_batch_norm_skip": self._said_batch_norm_skip,
+            "cpu_generator": self._cpu_generator.get_state(),
+            "device_generator": None if device is None else device.get_state(),
+            "device_type": None if device is None else device.device.type,
+        }
 
-        Every field is checked before any is set: a refused state leaves the collector as it was.
+    @property
+    def has_round_estimates(self) -> bool:
+        """Whether a round's estimates are folded in (the snapshot's curvature and noise come from the rounds)."""
+        return bool(self._round_weight.any())
+
+    def forget_rounds(self) -> None:
+        """Drops the rounds' estimates: the signals are the cheap tier's again, as before any round.
+
+        For a run whose rounds stop for good (a checkpoint resumed without a probe batch): kept, the last round's
+        estimates would pose as current for the rest of the run. The counts and times stay.
+        """
+        self._forget_rounds()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output, for a collector over the same layers.
+
+        Every field is checked before any is set: a refused state leaves the collector as it was. A state saved before
+        the rounds' were (2026-12-06; no ``"scheduler"`` or ``"rounds"``) resumes the rounds afresh, the scheduler's
+        accounts taken from the steps and training time. The generators' states are loaded where this collector draws
+        on a device of the same type (:meth:`attach` first); elsewhere they keep :meth:`attach`'s seeding.
 
         Raises:
             ValueError: a missing field, or one of the wrong type, range or length (named).
         """
         saved = SavedState(state, "the signal collector's state", _COLLECTOR_STATE_KEYS)
+        rounds = self._checked_rounds(state["rounds"]) if state.get("rounds") is not None else None
+        scheduler = RoundScheduler(self._config)
+        if state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
         n = len(self.layers)
         counts = {key: saved.count(key) for key in ("n_steps", "previous_peak_bytes", "interval_peak")}
         interval_steps = saved.count("interval_steps")
@@ -728,6 +795,82 @@ class SignalCollector:
         self._interval_time_ms = times["interval_time_ms"]
         self._sq_ema, self._norm_ema, self._ema_weight = emas["sq_ema"], emas["norm_ema"], ema_weight
         self._loss_ema, self._previous_probe, self._previous_step_ms = loss_ema, previous_probe, previous_step_ms
+        if state.get("scheduler") is None:  # saved before the scheduler's accounts were: its steps and training time
+            scheduler.add_train(self.train_ms, n_steps=self.n_steps)
+        self.scheduler = scheduler
+        self._forget_rounds()
+        if rounds is not None:
+            self._load_rounds(rounds)
+        else:  # as a new collector's: no round has run
+            self.estimator_ms = self.warmup_ms = 0.0
+            self.rounds_skipped = self.rounds_refused_for_budget = 0
+            self._first_round_prepared = self._said_batch_norm_skip = False
+
+    def _checked_rounds(self, state: object) -> dict[str, Any]:
+        """The ``"rounds"`` entry of a saved state, each field checked; nothing is set."""
+        saved = SavedState(state, "the signal collector's rounds state", _ROUNDS_STATE_KEYS)
+        n = len(self.layers)
+        checked: dict[str, Any] = {key: saved.reals(key, n) for key in ("trace_ema", "grad_sq_ema", "cov_ema")}
+        weight = saved.reals("round_weight", n)
+        if ((weight < 0) | (weight > 1)).any():  # per layer, 1 - decay**rounds folded in
+            raise ValueError(f"the signal collector's rounds state has round_weight {weight.tolist()}: each in [0, 1]")
+        checked["round_weight"] = weight
+        unused = saved["unused"]
+        if not (isinstance(unused, (list, tuple)) and len(unused) == n and all(isinstance(u, bool) for u in unused)):
+            raise ValueError(f"the signal collector's rounds state has unused {unused!r}, not a list of {n} bools")
+        checked["unused"] = np.array(unused, dtype=bool)
+        for key in ("round_samples", "rounds_skipped", "rounds_refused_for_budget"):
+            checked[key] = saved.count(key)
+        for key in ("estimator_ms", "warmup_ms"):
+            checked[key] = saved.real(key, least=0.0)
+        for key in ("first_round_prepared", "said_batch_norm_skip"):
+            if not isinstance(saved[key], bool):
+                raise ValueError(f"the signal collector's rounds state has {key} {saved[key]!r}, not a bool")
+            checked[key] = saved[key]
+        source = saved["fisher_source"]
+        if source not in ("", "microbatch_rounds", "optimizer_second_moment"):
+            raise ValueError(
+                f"the signal collector's rounds state has fisher_source {source!r}: one of '', 'microbatch_rounds', "
+                "'optimizer_second_moment'"
+            )
+        checked["fisher_source"] = source
+        checked["sparsity"] = None
+        if saved.optional("sparsity"):
+            parts = SavedState(saved["sparsity"], "the signal collector's rounds sparsity", _SPARSITY)
+            checked["sparsity"] = CurvatureSparsity(*(parts.reals(name, n) for name in _SPARSITY))
+        fisher = saved["fisher_ema"]
+        if fisher is not None and not (
+            isinstance(fisher, (list, tuple))
+            and len(fisher) == n
+            and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in fisher)
+        ):
+            raise ValueError(
+                f"the signal collector's rounds state has fisher_ema of {type(fisher).__name__}: None or a list of {n} "
+                "floating-point tensors, one a layer"
+            )
+        checked["fisher_ema"] = None if fisher is None else list(fisher)
+        checked["cpu_generator"] = _checked_generator_state(saved["cpu_generator"], torch.Generator(), "cpu_generator")
+        checked["device_generator"] = None
+        device = self._device_generator
+        if saved.optional("device_generator") and device is not None and saved["device_type"] == device.device.type:
+            scratch = torch.Generator(device=device.device)
+            checked["device_generator"] = _checked_generator_state(
+                saved["device_generator"], scratch, "device_generator"
+            )
+        return checked
+
+    def _load_rounds(self, rounds: dict[str, Any]) -> None:
+        """Sets what :meth:`_checked_rounds` returned."""
+        for key, value in rounds.items():
+            if key == "cpu_generator":
+                self._cpu_generator.set_state(value)
+            elif key == "device_generator":
+                if value is not None and self._device_generator is not None:
+                    self._device_generator.set_state(value)
+            elif key in _PUBLIC_ROUND_COUNTS:
+                setattr(self, key, value)
+            else:
+                setattr(self, f"_{key}", value)
 
     # -------------------------------------------------------------------------------------- private
 
@@ -968,6 +1111,29 @@ class _Stopwatch:
             return [float(a.elapsed_time(b)) for a, b in itertools.pairwise(events)]
         times = [float(t) for t in self.marks if isinstance(t, float)]
         return [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+
+
+def _checked_generator_state(state: object, generator: torch.Generator, key: str) -> torch.Tensor:
+    """``state`` if ``generator`` (a scratch one of the kind it is for) takes it, else a ValueError naming ``key``."""
+    if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+        raise ValueError(
+            f"the signal collector's rounds state has {key} {_briefly(state)}: a generator's state (a 1-D uint8 "
+            "tensor, torch.Generator.get_state())"
+        )
+    try:
+        generator.set_state(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the signal collector's rounds state has a {key} state this generator refuses: {err}"
+        ) from None
+    return state
+
+
+def _briefly(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _resolved_noise_scale(trace_cov: float, grad_sq: float, samples: int) -> tuple[float, bool]:

@@ -37,9 +37,12 @@ seeded rates.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from triaccel_rl.signals.config import Schedule, SignalConfig
+from triaccel_rl.state import SavedState
 
 __all__ = ["LADDER", "BudgetRefusal", "RoundCost", "RoundPlan", "RoundScheduler"]
 
@@ -48,6 +51,19 @@ LADDER: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (
 ``max_probes`` (8): the ``thorough`` preset's 16 reach it (before it was there, that setting changed nothing)."""
 
 _RATE_SMOOTHING = 0.5
+_SCHEDULER_STATE_KEYS = (
+    "charged_train_ms",
+    "charged_round_ms",
+    "rounds",
+    "steps",
+    "steps_at_last_round",
+    "step_ms",
+    "noise_ms",
+    "probe_ms",
+    "fixed_ms",
+    "rates_measured",
+)
+"""What ``RoundScheduler.state_dict()`` holds: its accounts and cost rates."""
 
 
 @dataclass(frozen=True)
@@ -269,3 +285,48 @@ class RoundScheduler:
             self._noise_ms = a * self._noise_ms + (1 - a) * noise
             self._probe_ms = a * self._probe_ms + (1 - a) * probe
             self._fixed_ms = a * self._fixed_ms + (1 - a) * cost.other_ms
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accounts (charged training and round time, steps, rounds) and cost rates, for a checkpoint.
+
+        NaN rates (before the first round) are saved as NaN. The config is not saved: it is the owner's.
+        """
+        return {
+            "charged_train_ms": self.charged_train_ms,
+            "charged_round_ms": self.charged_round_ms,
+            "rounds": self.rounds,
+            "steps": self.steps,
+            "steps_at_last_round": self._steps_at_last_round,
+            "step_ms": self._step_ms,
+            "noise_ms": self._noise_ms,
+            "probe_ms": self._probe_ms,
+            "fixed_ms": self._fixed_ms,
+            "rates_measured": self._rates_measured,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from ``state_dict()``'s output. Every field is checked before any is set.
+
+        Raises:
+            ValueError: a missing field, or one of the wrong type or range (named).
+        """
+        saved = SavedState(state, "the round scheduler's state", _SCHEDULER_STATE_KEYS)
+        rounds, steps, at_last = saved.count("rounds"), saved.count("steps"), saved.count("steps_at_last_round")
+        if at_last > steps:
+            raise ValueError(f"the round scheduler's state has steps_at_last_round {at_last} > steps {steps}")
+        charged = {key: saved.real(key, least=0.0) for key in ("charged_train_ms", "charged_round_ms", "fixed_ms")}
+        rates = {key: saved.real(key, nan=True, least=0.0) for key in ("step_ms", "noise_ms", "probe_ms")}
+        measured = saved["rates_measured"]
+        if not isinstance(measured, bool):
+            raise ValueError(f"the round scheduler's state has rates_measured {measured!r}, not a bool")
+        unknown = math.isnan(rates["noise_ms"])
+        if unknown != math.isnan(rates["probe_ms"]) or (measured and unknown):
+            raise ValueError(
+                f"the round scheduler's state has noise_ms {rates['noise_ms']} and probe_ms {rates['probe_ms']} with "
+                f"rates_measured {measured}: the rates are both known (numbers) or both unknown (NaN, not measured)"
+            )
+        self.rounds, self.steps, self._steps_at_last_round = rounds, steps, at_last
+        self.charged_train_ms, self.charged_round_ms = charged["charged_train_ms"], charged["charged_round_ms"]
+        self._step_ms, self._noise_ms, self._probe_ms = rates["step_ms"], rates["noise_ms"], rates["probe_ms"]
+        self._fixed_ms, self._rates_measured = charged["fixed_ms"], measured
+        self.last_refusal = None

@@ -1,0 +1,207 @@
+"""Estimator rounds in a user's own loop: ``Controller(..., probe=(inputs, targets), loss_fn=...)``.
+
+The rounds (Hutchinson curvature, micro-batch gradient noise) ran only in ``compare``'s runs until 2026-12-06: a
+user's loop has no held-out probe batch, so the heuristic's rules that wait for a measured value stayed still there.
+"""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import triaccel_rl as ta
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.signals import SignalConfig
+
+DATA = (torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 3)  # 6 steps an epoch
+PROBE = (torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3)
+# A round every 4 steps whatever it costs (the adaptive schedule prices rounds by the clock), no warm-up round.
+ROUNDS = SignalConfig(schedule="fixed", fixed_interval_steps=4, warmup_round=False)
+
+
+def build(policy="heuristic", probe=PROBE, signals=ROUNDS, snapshot_every=1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    config = ControllerConfig(interval_steps=2, signals=signals, snapshot_every=snapshot_every)
+    loss_fn = nn.functional.cross_entropy if probe is not None else None
+    return model, ta.Controller(model, optimizer, policy=policy, config=config, probe=probe, loss_fn=loss_fn)
+
+
+def train(model, ctl, epochs=4, stop_after=None, on_stop=None, loss_at=None):
+    """Trains through ``ctl.loader``; ``on_stop()`` after ``stop_after`` steps; ``loss_at(step, loss)`` may edit it."""
+    steps = 0
+    for x, y in ctl.loader(DATA, batch_size=16, epochs=epochs):
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        if loss_at is not None:
+            loss = loss_at(steps, loss)
+        ctl.step(loss)
+        steps += 1
+        if steps == stop_after:
+            on_stop()
+    return steps
+
+
+def checkpoint(model, ctl):
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "controller": ctl.state_dict()}, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_the_rounds_measure_the_exact_hessian_trace_in_a_users_loop():
+    """A bias-free linear layer under the mean squared error has the Hessian ``2 / (N k) * I_k (x) sum_n x_n x_n^T``
+    whatever its weights; with one-hot probe inputs it is diagonal, so Hutchinson's estimate is exact: the trace is
+    ``2 / N * sum_n |x_n|^2`` = 2 / 4 * (1 + 4 + 9 + 16) = 15 over 12 weights. Without a probe the curvature is the
+    cheap tier's (squared gradients), as before."""
+    inputs = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    probe = (inputs, torch.zeros(4, 3))
+    data = (torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 3))
+    signals = SignalConfig(schedule="fixed", fixed_interval_steps=2, warmup_round=False, hutchinson_batch_size=4)
+    for with_probe in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3, bias=False)
+        ctl = ta.Controller(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            policy="fp32",
+            config=ControllerConfig(interval_steps=2, signals=signals),
+            probe=probe if with_probe else None,
+            loss_fn=nn.functional.mse_loss if with_probe else None,
+        )
+        for x, y in ctl.loader(data, batch_size=8, epochs=2):
+            with ctl.autocast():
+                loss = nn.functional.mse_loss(model(x), y)
+            ctl.step(loss)
+        assert ctl.signals is not None
+        if with_probe:
+            assert ctl.signals.extra["curvature_source"] == "hutchinson" and ctl.signals.extra["rounds"] == 4
+            assert ctl.signals.hessian_trace is not None
+            assert ctl.signals.hessian_trace[0] == pytest.approx(15.0, rel=1e-6)
+            assert ctl.signals.curvature[0] == pytest.approx(15.0 / 12, rel=1e-6)
+        else:
+            assert ctl.signals.extra["curvature_source"] == "fisher" and ctl.signals.extra["rounds"] == 0
+            assert ctl.signals.curvature[0] != pytest.approx(15.0 / 12, rel=1e-2)
+
+
+def test_the_rounds_leave_the_training_run_as_it_would_be_without_them():
+    """The rounds draw from the probe batch on a fork of the random streams and leave the weights and the optimizer
+    alone: with a static policy (whose decisions read no signal) the weights trained are bit-identical with and
+    without rounds. Their time is not the cadence's to weigh."""
+    trained = []
+    for probe in (PROBE, None):
+        model, ctl = build(policy="fp32", probe=probe)
+        train(model, ctl, epochs=2)
+        assert ctl.signals is not None
+        assert ctl.signals.extra["rounds"] == (3 if probe is not None else 0)
+        # The rounds have their own budget (the scheduler's): the cadence weighs the decisions' other work alone.
+        assert ctl.cadence.spent_ms <= ctl.collector.overhead_ms - ctl.collector.estimator_ms
+        trained.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
+
+
+def test_a_run_with_rounds_resumed_mid_interval_decides_and_measures_as_the_uninterrupted_run():
+    """Checkpointed 7 steps in and resumed into new objects: the same decisions, the same weights, and the rounds'
+    estimates bit-identical to the run never interrupted (the rounds' EMAs, the scheduler's accounts and the
+    generators that draw the rounds' sub-batches and probes come back with the checkpoint)."""
+    model, ctl = build()
+    saved = []
+    assert train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl))) == 24
+    assert ctl.signals is not None and ctl.signals.hessian_trace is not None
+    decided = [(d.lr_scale, d.batch_size, d.precisions) for d in ctl.decisions]
+
+    model2, ctl2 = build()
+    state = torch.load(saved[0], weights_only=True)
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    assert train(model2, ctl2) == 24 - 7
+    assert [(d.lr_scale, d.batch_size, d.precisions) for d in ctl2.decisions] == decided[3:]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    assert ctl2.signals is not None and ctl2.signals.hessian_trace is not None
+    assert np.array_equal(ctl2.signals.hessian_trace, ctl.signals.hessian_trace)
+    assert ctl2.signals.noise_scale == ctl.signals.noise_scale
+    assert ctl2.signals.extra["rounds"] == ctl.signals.extra["rounds"] == 6
+
+
+def test_the_control_without_the_rounds_state_a_resumed_run_measures_otherwise():
+    """The control for the test above: the checkpoint's rounds state dropped (as a checkpoint saved before it was),
+    the resumed run starts its rounds afresh, and its estimates differ."""
+    model, ctl = build()
+    saved = []
+    train(model, ctl, stop_after=7, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    state = torch.load(saved[0], weights_only=True)
+    del state["controller"]["signals"]["collector"]["rounds"]
+    model2, ctl2 = build()
+    model2.load_state_dict(state["model"])
+    ctl2.load_state_dict(state["controller"])
+    train(model2, ctl2)
+    assert ctl.signals is not None and ctl2.signals is not None
+    assert ctl2.signals.extra["rounds"] == 6  # the scheduler's accounts were kept
+    assert ctl.signals.hessian_trace is not None and ctl2.signals.hessian_trace is not None
+    assert not np.array_equal(ctl2.signals.hessian_trace, ctl.signals.hessian_trace)
+
+
+def test_a_checkpoint_with_rounds_resumed_without_a_probe_drops_their_estimates_and_says_so(caplog):
+    """A controller with no probe batch runs no round: the checkpoint's round estimates, kept, would have posed as
+    current for the rest of the run. They are dropped, with a log line, and the signals are the cheap tier's."""
+    model, ctl = build()
+    saved = []
+    train(model, ctl, stop_after=8, on_stop=lambda: saved.append(checkpoint(model, ctl)))
+    state = torch.load(saved[0], weights_only=True)
+    model2, ctl2 = build(probe=None)
+    model2.load_state_dict(state["model"])
+    with caplog.at_level(logging.INFO, logger="triaccel_rl"):
+        ctl2.load_state_dict(state["controller"])
+    assert "estimator-round signals are dropped: this controller has no probe batch" in caplog.text
+    assert not ctl2.collector.has_round_estimates
+    train(model2, ctl2)
+    assert ctl2.signals is not None and ctl2.signals.extra["curvature_source"] == "fisher"
+
+
+def test_a_rollback_brings_back_the_round_measured_on_the_copys_weights():
+    """The shield's copy is taken at an interval's end and the round runs at the decision after it, on the same
+    weights: the copy takes that round's estimates with it (``refresh_extra``), so the snapshot after a rollback to it
+    reads that round. Decisions every 2 steps, a copy at every healthy one, rounds at steps 2, 8, ...: the copy of step
+    2 is confirmed by steps 3-4, steps 5-6 are made non-finite and rolled back to it, and the decision at step 6 (no
+    round due) reads the round of step 2. Before, it read the estimates from before that round: none."""
+    signals = SignalConfig(schedule="fixed", fixed_interval_steps=6, warmup_round=False)
+    model, ctl = build(signals=signals, snapshot_every=1)
+    traces = {}
+
+    def loss_at(step, loss):
+        if ctl.signals is not None:
+            trace = ctl.signals.hessian_trace
+            traces.setdefault(ctl.steps, None if trace is None else trace.copy())
+        return loss * float("nan") if step in (4, 5) else loss
+
+    train(model, ctl, epochs=2, loss_at=loss_at)
+    assert ctl.rollbacks == 1
+    assert traces[2] is not None and traces[4] is not None and np.array_equal(traces[4], traces[2])
+    assert traces[6] is not None and np.array_equal(traces[6], traces[2])
+
+
+@pytest.mark.parametrize(
+    ("probe", "loss_fn", "error", "message"),
+    [
+        (PROBE, None, ValueError, "probe was given without loss_fn: the estimator rounds need both"),
+        (None, nn.functional.cross_entropy, ValueError, "loss_fn was given without probe"),
+        (PROBE, "cross_entropy", TypeError, "loss_fn='cross_entropy' must be a callable"),
+        (PROBE[0], nn.functional.cross_entropy, TypeError, "probe must be a pair of tensors"),
+        ((PROBE[0], [0, 1]), nn.functional.cross_entropy, TypeError, "probe must be a pair of tensors"),
+        ((PROBE[0], PROBE[1][:5]), nn.functional.cross_entropy, ValueError, r"inputs \(32, 8\) and targets \(5,\)"),
+        ((PROBE[0][:1], PROBE[1][:1]), nn.functional.cross_entropy, ValueError, "at least 2"),
+        (PROBE, lambda out: out.sum(), ValueError, "loss_fn.*failed on two probe samples: TypeError"),
+        (PROBE, lambda out, y: out.sum(1), ValueError, "a one-element tensor; it returned tensor"),
+    ],
+)
+def test_a_bad_probe_or_loss_fn_is_refused_by_name_before_the_engine_hooks_in(probe, loss_fn, error, message):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(error, match=message):
+        ta.Controller(model, optimizer, policy="fp32", probe=probe, loss_fn=loss_fn)
+    assert not model._forward_pre_hooks and not optimizer._optimizer_step_pre_hooks  # nothing hooked in
