@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    gputests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py \
+    gputests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py tests/test_controller_rounds.py \
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py 2>&1 | tail -25 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
