@@ -20,6 +20,8 @@ for stage in "$@"; do
   case $stage in
     gputests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_training.py tests/kernels/test_kernels_gpu.py tests/kernels/test_fused_optim.py tests/test_controller_rounds.py \
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py 2>&1 | tail -25 ;;
+    # The estimator rounds in a user's loop (Controller(probe=...)): cost and effect, both GPU models, 2 seeds.
+    user-rounds) python3 experiments/bench_user_rounds.py --seeds 2 --out "$OUT/bench_user_rounds.json" 2>&1 | tail -8 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
     signals-cnn-engine) python3 experiments/bench_signals.py --engine --models cnn-fmnist --output "$OUT/signals_overhead.json" 2>&1 | tail -12 ;;
