@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 import zipfile
 from collections import Counter
@@ -895,6 +896,20 @@ def train_policy(
             callbacks.append(progress)
         if checkpoint_every > 0:
             callbacks.append(Checkpoint(checkpoint_every))
+        if resume is not None:
+            # Whatever eval_tasks: resumed without evaluating (until 2026-12-06), the replaced run's evaluations past
+            # the resumed step, or another run's, stayed in this run's evaluations.npz, and a later evaluated resume
+            # of this run continued them as its own.
+            own_evaluations = path.parent / "eval" / "evaluations.npz"
+            if own_evaluations.is_file() and own_evaluations.resolve() != _evaluations_of(Path(resume)).resolve():
+                aside = _unused_name(own_evaluations.with_name(f"evaluations.before_{path.stem}.npz"), ".json")
+                own_evaluations.replace(aside)
+                # Its record of tasks and seed too: left behind, it was overwritten by this run's
+                if own_evaluations.with_suffix(".json").is_file():
+                    own_evaluations.with_suffix(".json").replace(aside.with_suffix(".json"))
+                _log.warning("%s held another run's evaluations: moved to %s", own_evaluations, aside)
+            elif not (eval_tasks and eval_every > 0):  # an evaluated resume does it as it continues them
+                _set_aside_evaluations_after(own_evaluations, model.num_timesteps)
         if eval_tasks and eval_every > 0:
             # Held-out tasks are evaluated as they are: no domain randomisation of their LR.
             eval_kwargs = {key: value for key, value in env_kwargs.items() if key != "lr_range"}
@@ -911,21 +926,14 @@ def train_policy(
             )
             identity = _evaluation_identity(eval_tasks, seed, interval_steps, max_decisions, eval_kwargs)
             if resume is not None:
-                earlier, own = _evaluations_of(Path(resume)), Path(f"{evaluations.log_path}.npz")
-                if Path(resume).parent.name.startswith("replaced_after_"):  # resumed into another folder (see above)
+                # Resumed into another folder (see above); through a symlink, of the file it links to
+                if Path(resume).resolve().parent.name.startswith("replaced_after_"):
                     _log.warning(
                         "resume=%s is a checkpoint a later run set aside: its run's evaluations are not continued "
                         "(they are kept in eval/evaluations_replaced_after_*.npz of its run's folder, not beside it)",
                         resume,
                     )
-                if own.is_file() and own.resolve() != earlier.resolve():  # another run's, where this run writes
-                    aside = _unused_name(own.with_name(f"evaluations.before_{path.stem}.npz"), ".json")
-                    own.replace(aside)
-                    # Its record of tasks and seed too: left behind, it was overwritten by this run's just below
-                    if own.with_suffix(".json").is_file():
-                        own.with_suffix(".json").replace(aside.with_suffix(".json"))
-                    _log.warning("%s held another run's evaluations: moved to %s", own, aside)
-                _continue_evaluations(evaluations, earlier, model.num_timesteps, identity)
+                _continue_evaluations(evaluations, _evaluations_of(Path(resume)), model.num_timesteps, identity)
             write_text_atomic(_mkdir_for(Path(f"{evaluations.log_path}.json")), json.dumps(identity, indent=2) + "\n")
             callbacks.append(evaluations)
         runs = sorted(p.name for p in Path(log_dir).glob("PPO_*") if p.is_dir()) if log_dir and resume else []
@@ -979,8 +987,8 @@ def train_policy(
                     spread.samples,
                 )
     except BaseException:
-        # After Ctrl-C the subprocess workers have quit too (the signal reaches the whole process group), and
-        # SubprocVecEnv.close() raises EOFError waiting for their last answer: that must not hide the interrupt.
+        # After Ctrl-C the subprocess workers may have quit too (the signal reaches the whole process group), or
+        # one died mid-step: closing them must neither hide the failure nor wait for a reply that never comes.
         for env in (venv, eval_env):
             _close_after_failure(env)
         raise
@@ -1091,18 +1099,43 @@ def _purge_curves_after(logger: Any, step: int) -> None:
             purge_tensorboard_after(output.writer.file_writer, step)
 
 
-def _close_after_failure(venv: Any) -> None:
-    """Closes ``venv`` while another exception propagates: its workers may be gone, so errors are only logged."""
-    if venv is None:
+def _close_after_failure(venv: Any, grace: float = 5.0) -> None:
+    """Closes ``venv`` while another exception propagates: its workers may be gone, so errors are only logged.
+
+    A :class:`SubprocVecEnv` is not closed with its ``close()``: failed inside a step (a worker killed by the OOM
+    killer, a Ctrl-C reaching this process only), that waits for every worker's reply to the step, and a reply
+    ``step_wait`` already read, or one a dead worker never sends, never comes: until 2026-12-06 the run hung there
+    after saving its checkpoint. Each worker still running is asked to close instead (it reads the request after any
+    step it is in), is given ``grace`` seconds, then is terminated (killed if that fails too); the pipes are closed.
+    """
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    if venv is None or getattr(venv, "closed", False):
         return
-    try:
-        venv.close()
-    except (EOFError, OSError) as error:
-        _log.debug("closing the environments after a failure: %s: %s", type(error).__name__, error)
-        for process in getattr(venv, "processes", []):  # SubprocVecEnv's workers, if any is still running
-            process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
+    if not isinstance(venv, SubprocVecEnv):
+        try:
+            venv.close()
+        except (EOFError, OSError) as error:
+            _log.debug("closing the environments after a failure: %s: %s", type(error).__name__, error)
+        return
+    for remote in venv.remotes:
+        try:
+            remote.send(("close", None))
+        except OSError as error:  # BrokenPipeError: the worker is gone
+            _log.debug("closing the environments after a failure: %s: %s", type(error).__name__, error)
+    deadline = time.monotonic() + grace
+    for process in venv.processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in venv.processes:
+        if process.is_alive():  # busy in a step past the grace, or stuck
+            process.terminate()
+            process.join(timeout=grace)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for remote in venv.remotes:
+        remote.close()
+    venv.closed = True
 
 
 def _read_json_or_none(file: Path) -> Any:
@@ -1190,13 +1223,15 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed_f
 def _resumes_its_own_run(resume: Path, checkpoints: Path, stem: str) -> bool:
     """Whether ``resume`` is the policy ``<stem>.zip`` beside ``checkpoints`` or one of its ``<stem>_<N>_steps.zip``.
 
-    However either path is spelled (resolved: relative, absolute, through a symlink).
+    However either path is spelled (resolved: relative, absolute, through a symlink: until 2026-12-06 a link's own
+    name and folder were read, and a link to one of the run's checkpoints counted as another folder's policy).
     """
-    if resume.resolve() == (checkpoints.parent / f"{stem}.zip").resolve():
+    resume = resume.resolve()
+    if resume == (checkpoints.parent / f"{stem}.zip").resolve():
         return True
     steps = resume.name[len(stem) + 1 : -len("_steps.zip")]
     return (
-        resume.parent.resolve() == checkpoints.resolve()
+        resume.parent == checkpoints.resolve()
         and resume.name.startswith(f"{stem}_")
         and resume.name.endswith("_steps.zip")
         and steps.isdigit()
@@ -1241,9 +1276,10 @@ def _move_replaced_warm_start(file: Path) -> None:
 def _set_aside_in(resume: Path, checkpoints: Path) -> bool:
     """Whether ``resume`` is a checkpoint :func:`_move_replaced_checkpoints` set aside in ``checkpoints``.
 
-    That is, in a ``replaced_after_<steps>_steps[_<n>]/`` folder of it, however either path is spelled.
+    That is, in a ``replaced_after_<steps>_steps[_<n>]/`` folder of it, however either path is spelled (through a
+    symlink: the folder of the file it links to, where until 2026-12-06 the link's own was read).
     """
-    folder = resume.parent.resolve()
+    folder = resume.resolve().parent
     return folder.name.startswith("replaced_after_") and folder.parent == checkpoints.resolve()
 
 
@@ -1251,8 +1287,10 @@ def _evaluations_of(resume: Path) -> Path:
     """The ``evaluations.npz`` of the run that wrote the zip ``resume`` (it may not exist).
 
     That run's ``eval`` folder is beside its policy, or beside the ``checkpoints`` folder a checkpoint is in. A run
-    resumed into another folder reads it there (that folder's own file, another run's, was once taken instead).
+    resumed into another folder reads it there (that folder's own file, another run's, was once taken instead). Through
+    a symlink, the run of the file it links to.
     """
+    resume = resume.resolve()
     folder = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
     return folder / "eval" / "evaluations.npz"
 
@@ -1342,17 +1380,49 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
         _log.warning("%s holds %s: moved it to %s", file, mismatch, aside)
         return
     earlier = timesteps <= start  # later ones belong to a run this one replaces (resumed from an earlier checkpoint)
-    if own and not earlier.all():
-        kept = _unused_name(file.with_name(f"evaluations_replaced_after_{start}_steps.npz"))
-        shutil.copy2(file, kept)
-        _log.warning(
-            "%s holds evaluations past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
-            "this run's evaluations go on from %d; the file as it was is kept as %s",
-            file,
-            start,
-            start,
-            kept,
-        )
+    if own:
+        _set_aside_evaluations_after(file, start)
     callback.evaluations_timesteps = [int(t) for t in timesteps[earlier]]
     callback.evaluations_results = [list(row) for row in results[earlier]]
     callback.evaluations_length = [list(row) for row in lengths[earlier]]
+
+
+def _set_aside_evaluations_after(file: Path, start: int) -> None:
+    """Keeps in ``file`` (a run's own ``evaluations.npz``) only the evaluations up to step ``start``, the resumed one.
+
+    Resumed from an earlier checkpoint, the evaluations past it belong to the run this one replaces: the file as it
+    was is copied to ``evaluations_replaced_after_<start>_steps.npz`` (``_2``, ``_3``, ... where that name is taken),
+    with a warning, and the file is rewritten without them (beside it, then moved over it: never cut short). A missing
+    file, or one that cannot be read, is left as it is (an evaluated resume sets an unreadable one aside).
+    """
+    try:
+        with np.load(file) as saved:
+            arrays = {key: saved[key] for key in saved.files}
+        timesteps = arrays["timesteps"]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError):
+        return
+    earlier = timesteps <= start
+    if earlier.all():
+        return
+    kept = _unused_name(file.with_name(f"evaluations_replaced_after_{start}_steps.npz"))
+    shutil.copy2(file, kept)
+    partial = file.with_name(f"{file.stem}.partial.npz")
+    try:  # every array of one row an evaluation (SB3's timesteps, results, ep_lengths and successes)
+        np.savez(
+            partial,
+            **{
+                key: value[earlier] if value.ndim and len(value) == len(timesteps) else value
+                for key, value in arrays.items()
+            },
+        )
+        os.replace(partial, file)
+    finally:
+        partial.unlink(missing_ok=True)
+    _log.warning(
+        "%s holds evaluations past step %d, of the run this one replaces (resumed from an earlier checkpoint): "
+        "this run's evaluations go on from %d; the file as it was is kept as %s",
+        file,
+        start,
+        start,
+        kept,
+    )
