@@ -6,6 +6,7 @@ user's loop has no held-out probe batch, so the heuristic's rules that wait for 
 
 import io
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -195,7 +196,9 @@ def test_a_rollback_brings_back_the_round_measured_on_the_copys_weights():
         ((PROBE[0], PROBE[1][:5]), nn.functional.cross_entropy, ValueError, r"inputs \(32, 8\) and targets \(5,\)"),
         ((PROBE[0][:1], PROBE[1][:1]), nn.functional.cross_entropy, ValueError, "at least 2"),
         (PROBE, lambda out: out.sum(), ValueError, "loss_fn.*failed on two probe samples: TypeError"),
-        (PROBE, lambda out, y: out.sum(1), ValueError, "a one-element tensor; it returned tensor"),
+        (PROBE, lambda out, y: out.sum(1), ValueError, "a 0-dim tensor; it returned tensor"),
+        (PROBE, lambda out, y: out.sum().reshape(1), ValueError, "a 0-dim tensor; it returned tensor"),
+        (PROBE, lambda out, y: out.sum().detach(), ValueError, "has no graph to the model's parameters"),
     ],
 )
 def test_a_bad_probe_or_loss_fn_is_refused_by_name_before_the_engine_hooks_in(probe, loss_fn, error, message):
@@ -243,3 +246,143 @@ def test_on_a_gpu_a_run_with_rounds_resumes_as_the_uninterrupted_run():
     assert ctl.signals is not None and resumed.signals is not None and ctl.signals.hessian_trace is not None
     assert resumed.signals.extra["rounds"] == ctl.signals.extra["rounds"] == 6
     assert np.array_equal(resumed.signals.hessian_trace, ctl.signals.hessian_trace)
+
+
+def _one_hot_loop(model, probe, policy="fp32", lr=0.05, step_inside_autocast=False):
+    """Trains ``model`` (4 inputs, 3 outputs) under MSE with rounds on ``probe`` at every decision; returns the
+    controller."""
+    data = (torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 3))
+    signals = SignalConfig(schedule="fixed", fixed_interval_steps=2, warmup_round=False, hutchinson_batch_size=4)
+    ctl = ta.Controller(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        policy=policy,
+        config=ControllerConfig(interval_steps=2, signals=signals),
+        probe=probe,
+        loss_fn=nn.functional.mse_loss,
+    )
+    for x, y in ctl.loader(data, batch_size=8, epochs=2):
+        with ctl.autocast():
+            loss = nn.functional.mse_loss(model(x), y)
+            if step_inside_autocast:
+                ctl.step(loss)
+        if not step_inside_autocast:
+            ctl.step(loss)
+    return ctl
+
+
+ONE_HOT_PROBE = (torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.zeros(4, 3))
+
+
+def test_a_step_inside_autocast_measures_the_rounds_in_fp32_as_one_outside():
+    """``ctl.step(loss)`` inside ``with ctl.autocast():`` (one context around the loop body) ran the decision's round
+    in the bf16 map; the rounds run in fp32 with the hooks idle wherever the step is called: the same exact trace as
+    the step outside (15, see the first test), and the same estimates bit for bit."""
+    traces = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        ctl = _one_hot_loop(nn.Linear(4, 3, bias=False), ONE_HOT_PROBE, policy="bf16", step_inside_autocast=inside)
+        assert ctl.signals is not None and ctl.signals.hessian_trace is not None
+        traces.append(ctl.signals.hessian_trace)
+    assert traces[1][0] == pytest.approx(15.0, rel=1e-6)
+    assert np.array_equal(traces[0], traces[1])
+
+
+def test_a_model_trained_in_eval_mode_is_measured_in_eval_mode():
+    """A batch norm frozen in eval mode (fine-tuning; no affine parameters, so the linear layer is the only one) is a
+    per-channel affine map: after a bias-free linear layer on
+    one-hot inputs the linear layer's Hessian is still diagonal, its trace ``2 / (N k) * sum_c 1 / (var_c + eps) *
+    sum_n |x_n|^2``. The rounds put the model in training mode (batch statistics: another function) until
+    2026-12-06."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3, affine=False))
+    running_var = torch.tensor([1.0, 4.0, 16.0])
+    model[1].running_var.copy_(running_var)
+    model.eval()
+    ctl = _one_hot_loop(model, ONE_HOT_PROBE, lr=0.0)
+    assert not model.training and not model[1].training
+    expected = 2 / (4 * 3) * 30 * float((1 / (running_var + model[1].eps)).sum())
+    assert ctl.signals is not None and ctl.signals.hessian_trace is not None
+    assert ctl.signals.hessian_trace[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_returning_a_tuple_gets_its_rounds():
+    """``loss_fn`` is given what the model returns (a tuple here), its tensors in float32: ``.float()`` on the tuple
+    refused the probe at construction."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.head(h), h.pow(2).mean()
+
+    def loss_fn(outputs, y):
+        logits, penalty = outputs
+        return nn.functional.cross_entropy(logits, y) + 0.01 * penalty
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    ctl = ta.Controller(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy="fp32",
+        config=ControllerConfig(interval_steps=2, signals=ROUNDS),
+        probe=PROBE,
+        loss_fn=loss_fn,
+    )
+    for x, y in ctl.loader(DATA, batch_size=16, epochs=1):
+        with ctl.autocast():
+            ctl.step(loss_fn(model(x), y))
+    assert ctl.signals is not None and ctl.signals.extra["curvature_source"] == "hutchinson"
+
+
+def test_the_probe_check_and_the_rounds_leave_pythons_and_numpys_random_streams_alone():
+    """A model drawing from Python's ``random`` and NumPy's global generator in its forward (layer drop): trained with
+    rounds and without, the same weights and the same next draws (only torch's streams were forked until
+    2026-12-06)."""
+
+    class LayerDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if random.random() < 0.5 and np.random.rand() < 0.9:  # noqa: NPY002 (a user's model)
+                h = h + torch.relu(self.b(h))
+            return self.c(h)
+
+    results = []
+    for probe in (PROBE, None):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)  # noqa: NPY002
+        model = LayerDrop()
+        ctl = ta.Controller(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            policy="fp32",
+            config=ControllerConfig(interval_steps=2, signals=ROUNDS),
+            probe=probe,
+            loss_fn=nn.functional.cross_entropy if probe is not None else None,
+        )
+        train(model, ctl, epochs=1)
+        assert ctl.signals is not None and ctl.signals.extra["rounds"] == (2 if probe is not None else 0)
+        results.append(([p.detach().clone() for p in model.parameters()], random.random(), np.random.rand()))  # noqa: NPY002
+    (with_rounds, *draws), (without, *draws_without) = results
+    assert draws == draws_without
+    assert all(torch.equal(a, b) for a, b in zip(with_rounds, without, strict=True))
+
+
+def test_the_probe_is_a_copy_of_the_callers_tensors():
+    """Written after the Controller was built (a buffer the loop reuses), the caller's tensors do not change the
+    probe (``.to(device)`` on the same device returned them as they were)."""
+    inputs, targets = PROBE[0].clone(), PROBE[1].clone()
+    _, ctl = build(probe=(inputs, targets))
+    inputs.zero_()
+    targets.fill_(7)
+    assert ctl.collector.source is not None
+    assert torch.equal(ctl.collector.source.inputs, PROBE[0]) and torch.equal(ctl.collector.source.targets, PROBE[1])

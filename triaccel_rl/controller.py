@@ -43,7 +43,7 @@ from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, b
 from triaccel_rl.policies import make_policy, run_without_bf16
 from triaccel_rl.shield import BufferCheck, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
-from triaccel_rl.signals.estimators import frozen_batch_stats
+from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
@@ -109,10 +109,13 @@ class Controller:
             records an overflow) or after it is skipped. Its return value is ignored.
         probe: ``(inputs, targets)``, a held-out batch the estimator rounds draw their sub-batches from (a few hundred
             samples, not trained on; copied to the model's device and kept there). The rounds run the model on it in
-            fp32, outside ``autocast()``, leaving batch-norm statistics and the run's random streams as they were.
-            ``None``: no rounds.
-        loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss over the samples, for the rounds; required with
-            ``probe`` (and only with it). It is tried once at construction on two probe samples.
+            fp32 (the precision map's hooks idle, inside ``autocast()`` too), in the modes its modules train in,
+            leaving batch-norm statistics and the random streams (torch's, Python's, NumPy's) as they were. ``None``:
+            no rounds.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss over the samples (a 0-dim tensor with a graph to
+            the parameters), for the rounds; required with ``probe`` (and only with it). It is given what the model
+            returns, floating-point tensors in float32 (inside tuples, lists and dicts too). It is tried once at
+            construction on two probe samples.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -210,6 +213,7 @@ class Controller:
                     loss_fn,
                     *probe_batch,
                     second_moment=self.engine.second_moment_diagonal,
+                    keep_modes=True,  # the modes the user's model trains in (eval mode on purpose too)
                 )
             self._copied_at_close = False  # whether the shield took its copy at the interval that just closed
             self.collector = self._new_collector()
@@ -1112,7 +1116,9 @@ class Controller:
         """
         if self.collector.source is None:
             return
-        ran = self.collector.maybe_estimate(progress=self.progress or None)
+        # In fp32 without the hooks: a loop calling ctl.step(loss) inside `with ctl.autocast():` has the context open
+        with self.engine.precision.suspended():
+            ran = self.collector.maybe_estimate(progress=self.progress or None)
         if ran is not None and self._copied_at_close and self.guard is not None:
             # The copy the shield took at this interval's end is of the weights the round measured: a rollback to it
             # brings this round's estimates back, not the ones before it (as DecisionLoop does).
@@ -1659,10 +1665,11 @@ def _checked_probe(
     loss_fn: object,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The probe batch on ``device``, with ``loss_fn`` tried on two of its samples; None without one.
+    """The probe batch copied to ``device``, with ``loss_fn`` tried on two of its samples; None without one.
 
-    Tried on the model as the rounds run it (fp32, batch-norm statistics and the random streams left as they were), so
-    that a loss function of the wrong signature or shape fails here, not at the first decision, after an update.
+    Tried on the model as the rounds run it (fp32, the modules' own modes, batch-norm statistics and the random streams
+    left as they were, with gradients), so that a loss function of the wrong signature or shape, or one that does not
+    depend on the parameters, fails here, not at the first decision, after an update.
     """
     if probe is None and loss_fn is None:
         return None
@@ -1676,18 +1683,23 @@ def _checked_probe(
         raise TypeError(f"loss_fn={loss_fn!r} must be a callable (outputs, targets) -> mean loss")
     if not (isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, torch.Tensor) for t in probe)):
         raise TypeError(f"probe must be a pair of tensors (inputs, targets); got {_briefly(probe)}")
-    inputs, targets = (t.detach().to(device) for t in probe)
+    # A copy: the caller's tensors written afterwards (a buffer reused for the next batch) changed the probe
+    inputs, targets = (t.detach().to(device, copy=True) for t in probe)
     if inputs.dim() == 0 or targets.dim() == 0 or len(inputs) != len(targets) or len(inputs) < 2:
         raise ValueError(
             f"probe's inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must hold the same number of "
             "samples along the first dimension, at least 2"
         )
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            with torch.no_grad(), frozen_batch_stats(model):
-                loss = loss_fn(model(inputs[:2]).float(), targets[:2])
+        with forked_rngs(device), torch.enable_grad(), frozen_batch_stats(model, keep_modes=True):
+            loss = loss_fn(float_outputs(model(inputs[:2])), targets[:2])
     except Exception as err:
         raise ValueError(f"loss_fn(model(probe inputs), probe targets) failed on two probe samples: {err!r}") from err
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return the mean loss, a one-element tensor; it returned {_briefly(loss)}")
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"loss_fn must return the mean loss, a 0-dim tensor; it returned {_briefly(loss)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn's loss on two probe samples has no graph to the model's parameters (computed under no_grad, "
+            "detached, or from the targets alone): the rounds differentiate it"
+        )
     return inputs, targets

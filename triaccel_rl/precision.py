@@ -242,6 +242,22 @@ class LayerPrecision:
         """Whether a :meth:`context` is open (the layers' forwards run in their precisions)."""
         return self._active
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The model's forwards as without the hooks, in fp32: the hooks idle and autocast off, inside a context too.
+
+        For the ``Controller``'s estimator rounds, which a decision runs inside ``step()``; a loop that calls
+        ``ctl.step(loss)`` inside ``with ctl.autocast():`` has the context open there, and the rounds ran in its 16-bit
+        map. The context has its state back on leaving.
+        """
+        active = self._active
+        self._active = False
+        try:
+            with torch.autocast(self.device_type, enabled=False):
+                yield
+        finally:
+            self._active = active
+
     @property
     def controllable_indices(self) -> list[int]:
         """Indices (into ``layers``) of the layers whose precision can be set."""

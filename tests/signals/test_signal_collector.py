@@ -1475,6 +1475,19 @@ def test_the_control_a_collector_whose_generators_are_not_resumed_draws_other_ro
             {"top1_share": [1.0] * 2},
             "rounds sparsity lacks top10_share, small_frac, top10_ratio",
         ),
+        (("rounds", "round_samples"), 0, "round_samples 0 with rounds folded in"),
+        (("rounds", "fisher_ema"), [torch.full((40,), math.nan), torch.ones(18)], "not 1-D or not finite"),
+        (("rounds", "fisher_ema"), [torch.ones(4, 10), torch.ones(18)], "not 1-D or not finite"),
+        (
+            ("rounds", "sparsity"),
+            {"top1_share": [0.5, 0.5], "top10_share": [0.5, 0.5], "small_frac": [0.1, 0.1], "top10_ratio": [0.5, 2.0]},
+            r"top10_ratio \[0\.5, 2\.0\]: each in \[1\.0, inf\]",
+        ),
+        (
+            ("rounds", "sparsity"),
+            {"top1_share": [0.5, 0.5], "top10_share": [0.5, 0.5], "small_frac": [1.5, 0.1], "top10_ratio": [1.0, 2.0]},
+            r"small_frac \[1\.5, 0\.1\]: each in \[0\.0, 1\.0\]",
+        ),
         (("scheduler", "rates_measured"), 1, "rates_measured 1, not a bool"),
         (("scheduler", "noise_ms"), math.nan, "the rates are both known"),
         (("scheduler", "steps_at_last_round"), 10**6, r"steps_at_last_round 1000000 > steps 2"),
@@ -1494,6 +1507,24 @@ def test_a_bad_rounds_state_is_refused_by_name_and_leaves_the_collector_as_it_wa
     for key in ("trace_ema", "round_weight", "unused", "round_samples", "fisher_source"):
         assert after["rounds"][key] == before["rounds"][key], key
     assert torch.equal(after["rounds"]["cpu_generator"], before["rounds"]["cpu_generator"])
+
+
+def test_a_loaded_fisher_diagonal_is_float32_on_the_rounds_device() -> None:
+    """A Fisher diagonal saved in float16 (or on another device: ``torch.load(map_location=...)``) is loaded as the
+    rounds fold it, float32 on their device; it stayed float16 for good, and another device's raised at the next
+    round."""
+    collector, _, _ = _round_collector()
+    _round_and_snapshot(collector)
+    state = collector.state_dict()
+    fisher = state["rounds"]["fisher_ema"]
+    assert fisher is not None
+    state["rounds"] = {**state["rounds"], "fisher_ema": [t.half() for t in fisher]}
+    resumed, _, _ = _round_collector()
+    resumed.load_state_dict(state)
+    loaded = resumed.state_dict()["rounds"]["fisher_ema"]
+    assert [t.dtype for t in loaded] == [torch.float32] * len(fisher)
+    assert all(torch.equal(a, b.half().float()) for a, b in zip(loaded, fisher, strict=True))
+    _round_and_snapshot(resumed)
 
 
 def test_a_state_saved_before_the_rounds_were_resumes_the_rounds_afresh() -> None:

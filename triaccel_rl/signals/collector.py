@@ -74,6 +74,8 @@ from triaccel_rl.signals.device import IntervalMoments
 from triaccel_rl.signals.estimators import (
     curvature_lr_factors,
     curvature_sparsity,
+    float_outputs,
+    forked_rngs,
     frozen_batch_stats,
     gradient_moments,
     hutchinson,
@@ -155,6 +157,8 @@ class EstimatorSource:
             (Adam's bias-corrected ``exp_avg_sq``) or None where it keeps none.
         modelled_pass_ms: charged ms of one fp32 forward+backward over ``n`` samples (profile cost mode);
             None charges the measured time.
+        keep_modes: the rounds' forwards keep every module's train/eval mode (a user's loop, whose model may train in
+            eval mode on purpose); False puts a model in eval mode in training mode for them, as ``TrainingRun`` trains.
     """
 
     model: nn.Module
@@ -164,6 +168,7 @@ class EstimatorSource:
     targets: torch.Tensor
     second_moment: Callable[[], list[torch.Tensor | None]] | None = None
     modelled_pass_ms: Callable[[int], float] | None = None
+    keep_modes: bool = False
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
@@ -821,6 +826,11 @@ class SignalCollector:
         checked["unused"] = np.array(unused, dtype=bool)
         for key in ("round_samples", "rounds_skipped", "rounds_refused_for_budget"):
             checked[key] = saved.count(key)
+        if weight.any() and checked["round_samples"] < 1:  # the noise scale's bound divides by it
+            raise ValueError(
+                "the signal collector's rounds state has round_samples 0 with rounds folded in (round_weight "
+                f"{weight.tolist()}): a folded round drew >= 1 sample"
+            )
         for key in ("estimator_ms", "warmup_ms"):
             checked[key] = saved.real(key, least=0.0)
         for key in ("first_round_prepared", "said_batch_norm_skip"):
@@ -837,7 +847,15 @@ class SignalCollector:
         checked["sparsity"] = None
         if saved.optional("sparsity"):
             parts = SavedState(saved["sparsity"], "the signal collector's rounds sparsity", _SPARSITY)
-            checked["sparsity"] = CurvatureSparsity(*(parts.reals(name, n) for name in _SPARSITY))
+            sparsity = CurvatureSparsity(*(parts.reals(name, n) for name in _SPARSITY))
+            for name in _SPARSITY:
+                values = getattr(sparsity, name)
+                low, high = (1.0, math.inf) if name == "top10_ratio" else (0.0, 1.0)
+                if ((values < low) | (values > high)).any():
+                    raise ValueError(
+                        f"the signal collector's rounds sparsity has {name} {values.tolist()}: each in [{low}, {high}]"
+                    )
+            checked["sparsity"] = sparsity
         fisher = saved["fisher_ema"]
         if fisher is not None and not (
             isinstance(fisher, (list, tuple))
@@ -848,7 +866,15 @@ class SignalCollector:
                 f"the signal collector's rounds state has fisher_ema of {type(fisher).__name__}: None or a list of {n} "
                 "floating-point tensors, one a layer"
             )
-        checked["fisher_ema"] = None if fisher is None else list(fisher)
+        if fisher is not None and not all(t.dim() == 1 and bool(torch.isfinite(t).all()) for t in fisher):
+            raise ValueError(
+                "the signal collector's rounds state has fisher_ema with a tensor that is not 1-D or not finite: each "
+                "layer's is its flat Fisher diagonal"
+            )
+        # On the rounds' device in float32, as they fold them (a CPU copy, from torch.load(map_location="cpu"), met
+        # the GPU's round and raised; a float16 one stayed float16)
+        where = self.source.inputs.device if self.source is not None else None
+        checked["fisher_ema"] = None if fisher is None else [t.to(where, torch.float32) for t in fisher]
         checked["cpu_generator"] = _checked_generator_state(saved["cpu_generator"], torch.Generator(), "cpu_generator")
         checked["device_generator"] = None
         device = self._device_generator
@@ -913,9 +939,8 @@ class SignalCollector:
             )
         # On a fork of the RNGs: a model's own randomness in the round's forwards (stochastic depth, RReLU, F.dropout)
         # drew from the run's stream, so later dropout masks hung on whether a round ran.
-        device = source.inputs.device
         with (
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+            forked_rngs(source.inputs.device),  # Python's and NumPy's streams too
             torch.enable_grad(),  # a decision made under torch.no_grad() (an evaluation block) builds no graph
         ):
             return self._run_round_with_grad(plan, source)
@@ -939,7 +964,7 @@ class SignalCollector:
             plan = RoundPlan(min(plan.n_microbatches, n_available), plan.n_probes, plan.predicted_ms)
             micro = 1
         hutchinson_batch = min(config.hutchinson_batch_size, n_available)
-        if (micro < 2 or hutchinson_batch < 2) and _normalises_over_the_batch(source.model):
+        if (micro < 2 or hutchinson_batch < 2) and _normalises_over_the_batch(source.model, source.keep_modes):
             # One sample a micro-batch (a probe batch of 2-3 samples, or micro_batch_size=1), or a Hutchinson pass of
             # one (hutchinson_batch_size=1), through a batch norm that normalises with the batch's statistics:
             # BatchNorm1d refuses it ("Expected more than 1 value per channel"), which aborted the decision loop's
@@ -957,10 +982,10 @@ class SignalCollector:
         )
 
         def closure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return source.loss_fn(source.model(x).float(), y)
+            return source.loss_fn(float_outputs(source.model(x)), y)  # type: ignore[arg-type]
 
         watch.lap()
-        with frozen_batch_stats(source.model):
+        with frozen_batch_stats(source.model, keep_modes=source.keep_modes):
             moments = gradient_moments(
                 closure,
                 source.inputs[noise_index],
@@ -1175,15 +1200,15 @@ for a seed whatever ran before in the process.
 """
 
 
-def _normalises_over_the_batch(model: nn.Module) -> bool:
+def _normalises_over_the_batch(model: nn.Module, keep_modes: bool = False) -> bool:
     """Whether a forward under :func:`frozen_batch_stats` normalises with batch statistics somewhere.
 
-    A batch norm in training mode does (the block puts a model in eval mode in training mode, every module), and so
-    does one that tracks no running statistics, in either mode.
+    A batch norm in training mode does (the block puts a model in eval mode in training mode, every module, unless it
+    ``keep_modes``), and so does one that tracks no running statistics, in either mode.
     """
     return any(
         isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and (module.training or not model.training or module.running_mean is None)
+        and (module.training or (not model.training and not keep_modes) or module.running_mean is None)
         for module in model.modules()
     )
 

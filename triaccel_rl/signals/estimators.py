@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ __all__ = [
     "LossClosure",
     "curvature_lr_factors",
     "curvature_sparsity",
+    "float_outputs",
+    "forked_rngs",
     "frozen_batch_stats",
     "gradient_moments",
     "hutchinson",
@@ -357,7 +361,40 @@ def curvature_lr_factors(
 
 
 @contextlib.contextmanager
-def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
+def forked_rngs(device: torch.device) -> Iterator[None]:
+    """Randomness drawn inside the block leaves every random stream the caller draws from as it was.
+
+    Torch's (the CPU's, and the device's on a GPU: ``torch.random.fork_rng``), Python's ``random`` and NumPy's global
+    one: a model's own randomness in a forward (stochastic depth, layer drop with ``random.random()``) drew from them.
+    """
+    # The legacy global generator is the stream such a model draws from: its state is what must come back.
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+def float_outputs(outputs: object) -> object:
+    """A model's outputs with each floating-point tensor in float32, through tuples, lists and dicts.
+
+    For a loss function given what the model returns, ``(logits, aux)`` or a dict too; anything else as it is.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, (tuple, list)):
+        items = [float_outputs(item) for item in outputs]
+        kind: Any = type(outputs)
+        return kind(*items) if hasattr(outputs, "_fields") else kind(items)  # a named tuple too
+    if isinstance(outputs, dict):
+        return type(outputs)({key: float_outputs(value) for key, value in outputs.items()})
+    return outputs
+
+
+@contextlib.contextmanager
+def frozen_batch_stats(model: nn.Module, keep_modes: bool = False) -> Iterator[None]:
     """Forward passes of the function being trained that leave batch-norm running statistics and counters untouched.
 
     In a model in training mode every module keeps its own mode, so the estimators see the function being trained:
@@ -382,11 +419,15 @@ def frozen_batch_stats(model: nn.Module) -> Iterator[None]:
     training batches had not looked up among them). The model's own randomness in a ``forward`` (stochastic depth,
     ``F.dropout``) stays on; the collector's rounds run on a fork of the RNGs, so it does not move the training run's
     stream.
+
+    With ``keep_modes`` every module keeps its own mode, a model in eval mode included: in a user's loop (the
+    ``Controller``'s rounds) the modes at a decision are those the model trains in, which may be eval mode on purpose
+    (batch norm frozen for fine-tuning). Dropout and the others above are still held.
     """
     saved: list[tuple[nn.modules.batchnorm._NormBase, float | None, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     dropout_rates: list[tuple[nn.Module, float]] = []
     was_training = {module: module.training for module in model.modules()}
-    if not model.training:
+    if not model.training and not keep_modes:
         model.train()
     normed = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()}
     # Each buffer with its owner and name: a forward that rebinds one (``self.seen = self.seen + n``, an out-of-place
