@@ -30,6 +30,8 @@ class Args:
     """TensorBoard folder ('' for none)."""
     max_grad_norm: float = 5.0
     """Clip the gradient's total norm to this (``Controller(max_grad_norm=...)``)."""
+    probe: int = 256
+    """Held-out training samples (after the subset) for the estimator rounds (``Controller(probe=...)``); 0: none."""
 
 
 def check(args: Args) -> None:
@@ -37,6 +39,11 @@ def check(args: Args) -> None:
     for flag, value in (("--epochs", args.epochs), ("--n-train", args.n_train), ("--batch-size", args.batch_size)):
         if value < 1:
             raise SystemExit(f"{flag} {value} must be >= 1")
+    if args.probe == 1 or args.probe < 0 or args.n_train + args.probe > 60_000:
+        raise SystemExit(
+            f"--probe {args.probe} must be 0 (no rounds) or >= 2, with --n-train + --probe within Fashion-MNIST's "
+            "60000 training images"
+        )
     if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
         raise SystemExit(f"--max-grad-norm {args.max_grad_norm} must be a positive finite number")
     try:
@@ -53,8 +60,12 @@ def check(args: Args) -> None:
 def main(args: Args) -> float:
     check(args)
     data = load_fashion_mnist()
-    x = (to_float_images(data.train_images[: args.n_train]) - 0.286) / 0.353
-    y = data.train_labels[: args.n_train]
+    images = (to_float_images(data.train_images[: args.n_train + args.probe]) - 0.286) / 0.353
+    x, y = images[: args.n_train], data.train_labels[: args.n_train]
+    # Held out of training: the estimator rounds (Hessian trace, gradient noise) measure the model on these
+    probe = (
+        (images[args.n_train :], data.train_labels[args.n_train : args.n_train + args.probe]) if args.probe else None
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
@@ -72,6 +83,8 @@ def main(args: Args) -> float:
         memory=ta.MemoryBudget(fraction=0.9),
         log_dir=args.log_dir or None,
         max_grad_norm=args.max_grad_norm,
+        probe=probe,
+        loss_fn=nn.functional.cross_entropy if probe is not None else None,
     )
     for xb, yb in ctl.loader((x, y), batch_size=args.batch_size, epochs=args.epochs):
         with ctl.autocast():
@@ -88,6 +101,12 @@ def main(args: Args) -> float:
         accuracy = (model(test_x).argmax(1).cpu() == data.test_labels).float().mean().item()
     final = ctl.decisions[-1] if ctl.decisions else None
     print(f"steps {ctl.steps}, decisions {len(ctl.decisions)}, test accuracy {100 * accuracy:.2f}%")
+    if ctl.signals is not None:
+        rounds, refused = ctl.signals.extra["rounds"], ctl.signals.extra["rounds_refused_for_budget"]
+        print(
+            f"estimator rounds {rounds} (refused for the overhead budget: {refused}), curvature from "
+            f"{ctl.signals.extra['curvature_source']}"
+        )
     if final is not None:
         print(
             f"final batch {final.batch_size}, LR scale {final.lr_scale}, "

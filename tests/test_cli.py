@@ -595,6 +595,8 @@ def test_controller_example_runs(tmp_path):
         (controller_loop.Args(batch_size=0), "--batch-size 0 must be >= 1"),
         (controller_loop.Args(policy="batch-finder"), "--policy batch-finder: a batch finder is a compare baseline"),
         (controller_loop.Args(max_grad_norm=float("nan")), "--max-grad-norm nan must be a positive finite number"),
+        (controller_loop.Args(probe=1), "--probe 1 must be 0 (no rounds) or >= 2"),
+        (controller_loop.Args(n_train=60_000), "--probe 256 must be 0 (no rounds) or >= 2, with --n-train + --probe"),
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             controller_loop.main(args)
