@@ -22,6 +22,9 @@ for stage in "$@"; do
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py 2>&1 | tail -25 ;;
     # The estimator rounds in a user's loop (Controller(probe=...)): cost and effect, both GPU models, 2 seeds.
     user-rounds) python3 experiments/bench_user_rounds.py --seeds 2 --out "$OUT/bench_user_rounds.json" 2>&1 | tail -8 ;;
+    # A run long enough for rounds to fit the overhead budget (the 4-epoch runs above refuse every one).
+    user-rounds-long) python3 experiments/bench_user_rounds.py --models resnet18-fmnist --epochs 20 \
+           --out "$OUT/bench_user_rounds_long.json" 2>&1 | tail -6 ;;
     signals) python3 experiments/bench_signals.py --output "$OUT/signals_overhead.json" 2>&1 | tail -25 ;;
     # The same through the product's StepEngine (fused step, bf16 weight copies, observe_layers).
     signals-cnn-engine) python3 experiments/bench_signals.py --engine --models cnn-fmnist --output "$OUT/signals_overhead.json" 2>&1 | tail -12 ;;

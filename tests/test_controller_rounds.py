@@ -7,6 +7,7 @@ user's loop has no held-out probe batch, so the heuristic's rules that wait for 
 import io
 import logging
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -386,3 +387,59 @@ def test_the_probe_is_a_copy_of_the_callers_tensors():
     targets.fill_(7)
     assert ctl.collector.source is not None
     assert torch.equal(ctl.collector.source.inputs, PROBE[0]) and torch.equal(ctl.collector.source.targets, PROBE[1])
+
+
+class _Checkpointed(nn.Module):
+    """A block under ``torch.utils.checkpoint``, reentrant or not."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.pre, self.block, self.head = (
+            nn.Linear(8, 16),
+            nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))
+        h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+def test_a_model_the_rounds_cannot_differentiate_is_refused_at_construction_by_its_cause():
+    """Reentrant activation checkpointing refuses ``torch.autograd.grad``, which the rounds take: every decision raised
+    out of ``step()`` after the update. Now the construction's check takes a gradient and a Hessian-vector product on
+    two probe samples and names the cause; the non-reentrant form runs its rounds."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=True)
+    with pytest.raises(ValueError, match="activation checkpointing with use_reentrant=True is the usual cause"):
+        ta.Controller(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), probe=PROBE, loss_fn=nn.functional.cross_entropy
+        )
+    model = _Checkpointed(reentrant=False)
+    ctl = ta.Controller(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        config=ControllerConfig(interval_steps=2, signals=ROUNDS),
+        probe=PROBE,
+        loss_fn=nn.functional.cross_entropy,
+    )
+    train(model, ctl, epochs=1)
+    assert ctl.signals is not None and ctl.signals.extra["curvature_source"] == "hutchinson"
+
+
+def test_the_cost_measurement_does_not_warn_that_a_reentrant_checkpoints_gradients_will_be_none():
+    """The cost model's one-sample forward runs under ``no_grad``, where a reentrant checkpoint warns "None of the
+    inputs have requires_grad=True. Gradients will be None": about that forward only, read as a fault in training."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=True)
+    ctl = ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = next(iter(ctl.loader(DATA, batch_size=16)))
+        with ctl.autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        ctl.step(loss)
+    assert ctl.costs is not None
+    assert not [w for w in caught if "None of the inputs have requires_grad" in str(w.message)]

@@ -22,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
@@ -1690,16 +1691,37 @@ def _checked_probe(
             f"probe's inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must hold the same number of "
             "samples along the first dimension, at least 2"
         )
-    try:
-        with forked_rngs(device), torch.enable_grad(), frozen_batch_stats(model, keep_modes=True):
+    # As the rounds run it: fp32, the modules' own modes, attention in the math path (the fused kernels have no
+    # double backward), then torch.autograd.grad with a graph and a Hessian-vector product.
+    with (
+        forked_rngs(device),
+        torch.enable_grad(),
+        frozen_batch_stats(model, keep_modes=True),
+        sdpa_kernel(SDPBackend.MATH),
+    ):
+        try:
             loss = loss_fn(float_outputs(model(inputs[:2])), targets[:2])
-    except Exception as err:
-        raise ValueError(f"loss_fn(model(probe inputs), probe targets) failed on two probe samples: {err!r}") from err
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(f"loss_fn must return the mean loss, a 0-dim tensor; it returned {_briefly(loss)}")
-    if not loss.requires_grad:
-        raise ValueError(
-            "loss_fn's loss on two probe samples has no graph to the model's parameters (computed under no_grad, "
-            "detached, or from the targets alone): the rounds differentiate it"
-        )
+        except Exception as err:
+            raise ValueError(
+                f"loss_fn(model(probe inputs), probe targets) failed on two probe samples: {err!r}"
+            ) from err
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(f"loss_fn must return the mean loss, a 0-dim tensor; it returned {_briefly(loss)}")
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn's loss on two probe samples has no graph to the model's parameters (computed under "
+                "no_grad, detached, or from the targets alone): the rounds differentiate it"
+            )
+        try:
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            dot = sum((g.sum() for g in grads if g is not None and g.requires_grad), loss.new_zeros(()))
+            if dot.requires_grad:
+                torch.autograd.grad(dot, params, allow_unused=True)
+        except RuntimeError as err:
+            raise ValueError(
+                "the estimator rounds differentiate loss_fn's loss twice (torch.autograd.grad, then a Hessian-vector "
+                "product), and this model refuses it on two probe samples; activation checkpointing with "
+                f"use_reentrant=True is the usual cause (use use_reentrant=False, or pass no probe): {err}"
+            ) from err
     return inputs, targets

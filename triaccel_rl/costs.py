@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import random
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -156,7 +157,10 @@ class CostModel:
 
         def count(user_hooks: bool) -> None:
             flops[:], out_bytes[:] = 0.0, 0.0  # a first try that raised half way counted some layers
-            with _untouched(model, sample.device, user_hooks=user_hooks):
+            with _untouched(model, sample.device, user_hooks=user_hooks), warnings.catch_warnings():
+                # Under no_grad a reentrant torch.utils.checkpoint says its gradients will be None: true of this
+                # measuring forward only, and read as a fault in the user's training (it is not).
+                warnings.filterwarnings("ignore", "None of the inputs have requires_grad=True", UserWarning)
                 model.eval()
                 runner(sample[:1])
 
