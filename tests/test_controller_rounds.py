@@ -443,3 +443,26 @@ def test_the_cost_measurement_does_not_warn_that_a_reentrant_checkpoints_gradien
         ctl.step(loss)
     assert ctl.costs is not None
     assert not [w for w in caught if "None of the inputs have requires_grad" in str(w.message)]
+
+
+def test_a_round_out_of_memory_stops_the_rounds_and_training_goes_on(monkeypatch, caplog):
+    """An out-of-memory error in a round (injected at the second) raised out of ``step()`` after its update: the
+    decision was lost, and every later one. Now the rounds stop for the run, with a warning saying what to shrink,
+    their estimates are dropped, and the decisions go on from the cheap signals."""
+    model, ctl = build()
+    calls = []
+    real_round = ctl.collector._run_round
+
+    def round_or_oom(plan, source):
+        calls.append(plan)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_round(plan, source)
+
+    monkeypatch.setattr(ctl.collector, "_run_round", round_or_oom)
+    with caplog.at_level(logging.WARNING, logger="triaccel_rl"):
+        assert train(model, ctl, epochs=2) == 12
+    assert len(calls) == 2 and len(ctl.decisions) == 6
+    assert "an estimator round ran out of memory on the probe batch: the rounds stop for this run" in caplog.text
+    assert ctl.collector.source is None and not ctl.collector.has_round_estimates
+    assert ctl.signals is not None and ctl.signals.extra["curvature_source"] == "fisher"

@@ -28,7 +28,7 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
-from triaccel_rl.elastic import BatchLRCoupler, resolve_lr_rule
+from triaccel_rl.elastic import BatchLRCoupler, is_out_of_memory, release_memory, resolve_lr_rule
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
 from triaccel_rl.errors import NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
@@ -1109,6 +1109,12 @@ class Controller:
             collector.attach(self._estimator_source)
         return collector
 
+    def _stop_rounds(self, reason: str) -> None:
+        """No more rounds in this run, their estimates dropped (kept, they would pose as current); logged (warning)."""
+        _log.warning("%s; the curvature and gradient-noise signals are the cheap estimates from now on", reason)
+        self._estimator_source = self.collector.source = None
+        self.collector.forget_rounds()
+
     def _run_round(self) -> None:
         """An estimator round on the probe batch, when one is due, before the snapshot reads the rounds.
 
@@ -1117,9 +1123,23 @@ class Controller:
         """
         if self.collector.source is None:
             return
-        # In fp32 without the hooks: a loop calling ctl.step(loss) inside `with ctl.autocast():` has the context open
-        with self.engine.precision.suspended():
-            ran = self.collector.maybe_estimate(progress=self.progress or None)
+        out_of_memory = False
+        try:
+            # In fp32, the hooks idle: a ctl.step(loss) inside `with ctl.autocast():` has the context open here
+            with self.engine.precision.suspended():
+                ran = self.collector.maybe_estimate(progress=self.progress or None)
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            out_of_memory = True  # handled below, once the traceback's frames (the round's tensors) are released
+        if out_of_memory:
+            # Raised out of step() after its update, it lost that decision, and every later one lost its own again.
+            release_memory(self.device)
+            self._stop_rounds(
+                "an estimator round ran out of memory on the probe batch: the rounds stop for this run (pass a "
+                "smaller probe batch, or a smaller SignalConfig.micro_batch_size and hutchinson_batch_size)"
+            )
+            return
         if ran is not None and self._copied_at_close and self.guard is not None:
             # The copy the shield took at this interval's end is of the weights the round measured: a rollback to it
             # brings this round's estimates back, not the ones before it (as DecisionLoop does).
