@@ -218,6 +218,9 @@ for stage in "$@"; do
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
     # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
     # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
+    # The Controller's estimator-round tests and the GPU training tests alone: a short visit after a rounds change.
+    rounds-tests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_controller_rounds.py \
+                    tests/test_gpu_training.py 2>&1 | tail -8 ;;
     # An ad-hoc check (a reviewer's repro, say) against the installed package: py=path/to/script.py
     py=*) python3 "${stage#py=}" 2>&1 | tail -40 ;;
     *) eval "python3 experiments/gpu_benchmark.py $stage" 2>&1 | tail -40 ;;
