@@ -176,6 +176,8 @@ def test_profile_load_refuses_unknown_fields(tmp_path: Path) -> None:
         ({"fixed_ms": True}, r'"fixed_ms"=True must be a finite number >= 0'),
         ({"fixed_ms": float("inf")}, r'"fixed_ms"=inf must be a finite number >= 0'),
         ({"fixed_ms": 10**400}, r'"fixed_ms"=1000000000.* must be a finite number >= 0'),  # an OverflowError before
+        ({"throughput_scale": 1e308}, r'"throughput_scale"=1e\+308 must be a finite number > 0 and <= 1000'),  # inf ms
+        ({"fixed_ms": 1e8}, r'"fixed_ms"=100000000.0 must be a finite number >= 0 and <= 1e\+07'),
         ({"device": 5}, r"\"device\"=5 must be the GPU's name, a non-empty string"),  # was taken
         ({"device": None}, r"\"device\"=None must be the GPU's name, a non-empty string"),
         ({"device": " "}, r"\"device\"=' ' must be the GPU's name, a non-empty string"),
@@ -869,7 +871,9 @@ def test_a_profile_value_error_names_the_file_and_a_table_its_unknown_keys(tmp_p
     good["throughput_scale"] = 1e-4
     file = tmp_path / "my_gpu.json"
     file.write_text(json.dumps({**good, "fixed_ms": "0.2"}))
-    with pytest.raises(ConfigError, match=re.escape(f"\"fixed_ms\"='0.2' must be a finite number >= 0 (in {file})")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"\"fixed_ms\"='0.2' must be a finite number >= 0 and <= 1e+07 (in {file})")
+    ):
         HardwareProfile.load(file)
     file.write_text(json.dumps({**good, "time_factor": {"FP32": 1.0, "BF16": 0.5, "FP16": 0.4}}))
     message = "time_factor lacks ['bf16', 'fp16', 'fp32'] and has unknown precisions ['BF16', 'FP16', 'FP32']"

@@ -175,8 +175,9 @@ class HardwareProfile:
         time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0); fp16's
             includes the GradScaler's unscale and overflow check.
         memory_factor: activation-memory multiplier per precision name relative to fp32.
-        fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms.
-        throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time).
+        fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms, in [0, 1e7].
+        throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time), in
+            (0, 1e3].
     """
 
     device: str
@@ -216,11 +217,13 @@ class HardwareProfile:
             # A read-only copy: the caller's dict, edited after the check, changed a frozen profile's factors (to -5,
             # say), and so did an edit through the profile's own table, which save() then wrote as load() refused.
             object.__setattr__(self, label, _Factors({key: float(value) for key, value in table.items()}))
-        for name, low in (("fixed_ms", 0.0), ("throughput_scale", None)):
+        # The bounds above no GPU comes near (1e3 ms a sample-MFLOP is a millionth of an H200's speed; 1e7 ms is 2.8
+        # hours a step): a throughput_scale of 1e308 was taken and priced every step at inf.
+        for name, low, high in (("fixed_ms", 0.0, 1e7), ("throughput_scale", None, 1e3)):
             value = getattr(self, name)
-            if not (is_finite_real(value) and (value >= 0 if low is not None else value > 0)):
+            if not (is_finite_real(value) and (value >= 0 if low is not None else value > 0) and value <= high):
                 kind = "a finite number >= 0" if low is not None else "a finite number > 0"
-                raise ConfigError(f'hardware profile field "{name}"={value!r} must be {kind}')
+                raise ConfigError(f'hardware profile field "{name}"={value!r} must be {kind} and <= {high:g}')
             object.__setattr__(self, name, float(value))  # a NumPy number would not go into save()'s JSON
 
     def time(self, precision: Precision | str | int) -> float:
