@@ -33,6 +33,13 @@ def build(policy="heuristic", probe=PROBE, signals=ROUNDS, snapshot_every=1):
     return model, ta.Controller(model, optimizer, policy=policy, config=config, probe=probe, loss_fn=loss_fn)
 
 
+def static_with_rounds(model, probe, loss_fn):
+    """An fp32 static policy (its decisions read no signal) over SGD at LR 0.1, rounds every 4 steps on ``probe``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ControllerConfig(interval_steps=2, signals=ROUNDS)
+    return ta.Controller(model, optimizer, policy="fp32", config=config, probe=probe, loss_fn=loss_fn)
+
+
 def train(model, ctl, epochs=4, stop_after=None, on_stop=None, loss_at=None):
     """Trains through ``ctl.loader``; ``on_stop()`` after ``stop_after`` steps; ``loss_at(step, loss)`` may edit it."""
     steps = 0
@@ -326,14 +333,7 @@ def test_a_model_returning_a_tuple_gets_its_rounds():
 
     torch.manual_seed(0)
     model = TwoHeads()
-    ctl = ta.Controller(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        policy="fp32",
-        config=ControllerConfig(interval_steps=2, signals=ROUNDS),
-        probe=PROBE,
-        loss_fn=loss_fn,
-    )
+    ctl = static_with_rounds(model, PROBE, loss_fn)
     for x, y in ctl.loader(DATA, batch_size=16, epochs=1):
         with ctl.autocast():
             ctl.step(loss_fn(model(x), y))
@@ -362,14 +362,7 @@ def test_the_probe_check_and_the_rounds_leave_pythons_and_numpys_random_streams_
         random.seed(0)
         np.random.seed(0)  # noqa: NPY002
         model = LayerDrop()
-        ctl = ta.Controller(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            policy="fp32",
-            config=ControllerConfig(interval_steps=2, signals=ROUNDS),
-            probe=probe,
-            loss_fn=nn.functional.cross_entropy if probe is not None else None,
-        )
+        ctl = static_with_rounds(model, probe, nn.functional.cross_entropy if probe is not None else None)
         train(model, ctl, epochs=1)
         assert ctl.signals is not None and ctl.signals.extra["rounds"] == (2 if probe is not None else 0)
         results.append(([p.detach().clone() for p in model.parameters()], random.random(), np.random.rand()))  # noqa: NPY002
