@@ -1,12 +1,14 @@
 """Names under which pickle finds the hooks a ``LayerPrecision`` puts on a user's model.
 
 ``torch.save(model)`` while a Controller is open pickles the model's hook dictionaries, and the hooks are closures
-(``precision._as_closure`` says why: Dynamo compiles a model through them without recompiling, and a deep copy of the
-model shares them). Pickle saves a function by its module and name only, and could not find a closure by name ("Can't
-pickle local object"). Each hook is given a name here, which this module's ``__getattr__`` resolves: to the hook
-itself while its ``LayerPrecision`` is in, in this process, and to :func:`inert` once it is removed or in another
-process (each name carries a token of the process that made it). A model saved while a Controller is open therefore
-loads, once that Controller is closed or elsewhere, as a model that runs as one never wrapped.
+(``precision.LayerPrecision._as_closure`` says why: Dynamo compiles a model through them without recompiling, and a deep
+copy of the model shares them). Pickle saves a function by its module and name only, and could not find a closure by
+name ("Can't pickle local object"). Each hook is given a name here, which this module's ``__getattr__`` resolves to the
+hook itself while it lives in this process, and to :func:`inert` once it is gone or in another process (each name
+carries a token of the process that made it). Once its ``LayerPrecision`` is removed the hook is :func:`released`: it
+acts no more, and a deep copy of the model made before (which keeps the hooks, and may be saved after) sheds it at its
+next forward. A model saved while a Controller is open therefore loads, once that Controller is closed or elsewhere, as
+a model that runs as one never wrapped.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-# Weak: a hook lives while the model holds it; a Controller dropped without close() keeps no model alive from here.
+# Weak: a hook lives while a model holds it; a Controller dropped without close() keeps no model alive from here. A
+# released hook stays (pickle must find a copy's hook by its name to save it: a deep copy made while the Controller was
+# open, saved after close(), raised "not the same object").
 _live: weakref.WeakValueDictionary[str, Callable[..., Any]] = weakref.WeakValueDictionary()
+_released: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 _numbers = itertools.count()
 # This process's own part of every name: numbers alone restarted at 0 in each process, so a model saved in one and
 # loaded in another where a Controller was open (a teacher loaded beside a student) got that Controller's live hooks.
@@ -43,14 +48,18 @@ def named(hook: Callable[..., Any]) -> Callable[..., Any]:
     return hook
 
 
-def forget(hooks: Iterable[Callable[..., Any]]) -> None:
-    """From now on ``hooks`` load from a pickle as :func:`inert` (their ``LayerPrecision`` was removed)."""
-    for hook in hooks:
-        _live.pop(hook.__qualname__, None)
+def release(hooks: Iterable[Callable[..., Any]]) -> None:
+    """Marks ``hooks`` released: their ``LayerPrecision`` was removed, and they act no more."""
+    _released.update(hooks)
+
+
+def released(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is one of ours that acts no more: released, or :func:`inert`."""
+    return hook is inert or hook in _released
 
 
 def inert(*args: Any, **kwargs: Any) -> None:
-    """What a saved hook loads as once its ``LayerPrecision`` is gone: a forward (pre-)hook that changes nothing."""
+    """What a saved hook loads as once it is gone or in another process: a forward (pre-)hook that changes nothing."""
     return None
 
 

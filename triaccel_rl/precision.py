@@ -191,6 +191,9 @@ class LayerPrecision:
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
         self._handles: list[Any] = []
         self._hooks: list[Callable[..., Any]] = []  # the functions behind _handles
+        # What the hooks act on: this LayerPrecision until remove() empties it. A deep copy of the model keeps the hooks
+        # (see _as_closure), which then hold nothing of it and drop out of the copy (_drop_released_hooks).
+        self._hooks_act_on: list[LayerPrecision] = [self]
         self._stack: list[_Region] = []  # open autocast regions of the modules being run, innermost last
         self._in_model_blocks: dict[int, list[torch.dtype]] = {}  # see layers_in_model_blocks
         # Each layer's ``_ours`` at its forward, by the autocast state of the call (which a recompute restores): a layer
@@ -482,16 +485,21 @@ class LayerPrecision:
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 add(module.register_forward_pre_hook, self._make_pre_hook(index), with_kwargs=True)
-                add(module.register_forward_hook, _as_closure(self._post_hook), always_call=True)
+                add(module.register_forward_hook, self._as_closure(LayerPrecision._post_hook), always_call=True)
             elif isinstance(module, _NATIVE_MIXED_TYPES):
                 continue
             elif isinstance(module, _AUTOCAST_LOWERED_TYPES) or (
                 not isinstance(module, _FP32_UNDER_AUTOCAST_TYPES) and next(module.children(), None) is None
             ):
-                add(module.register_forward_pre_hook, _as_closure(self._enter_fp32_module), with_kwargs=True)
-                add(module.register_forward_hook, _as_closure(self._exit_fp32_module), always_call=True)
+                enter, exit_ = LayerPrecision._enter_fp32_module, LayerPrecision._exit_fp32_module
+                add(module.register_forward_pre_hook, self._as_closure(enter, pre=True), with_kwargs=True)
+                add(module.register_forward_hook, self._as_closure(exit_), always_call=True)
             else:
-                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
+                add(
+                    module.register_forward_pre_hook,
+                    self._as_closure(LayerPrecision._fp32_inputs_hook, pre=True),
+                    with_kwargs=True,
+                )
         # Norms that own no trainable parameter (LayerNorm(elementwise_affine=False), InstanceNorm2d's default) are no
         # layers, but on the CPU autocast would run them in 16 bits too: their inputs are cast up as the others'.
         layer_modules = {id(module) for module in self._modules}
@@ -502,51 +510,87 @@ class LayerPrecision:
                 and isinstance(module, _FP32_UNDER_AUTOCAST_TYPES)
                 and not any(p.dtype in _16_BIT for p in module.parameters(recurse=False))
             ):
-                add(module.register_forward_pre_hook, _as_closure(self._fp32_inputs_hook), with_kwargs=True)
+                add(
+                    module.register_forward_pre_hook,
+                    self._as_closure(LayerPrecision._fp32_inputs_hook, pre=True),
+                    with_kwargs=True,
+                )
 
     def remove(self) -> None:
-        """Removes the hooks; the model runs as before, and so does one saved with them in (``_pickled_hooks``)."""
+        """Removes the hooks; the model runs as before, and so do a deep copy and a model saved with them in.
+
+        Those keep the hooks, which act no more and drop out of the model at its next forward (``_as_closure``).
+        """
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        _pickled_hooks.forget(self._hooks)
+        _pickled_hooks.release(self._hooks)
         self._hooks.clear()
+        self._hooks_act_on.clear()
+
+    def _as_closure(self, method: Callable[..., Any], *, pre: bool = False) -> Callable[..., Any]:
+        """``method`` (a function of this class) as a hook acting on this ``LayerPrecision``: a closure.
+
+        ``copy.deepcopy`` of the model (an EMA copy made after the hooks) copies a bound method's hook with a copy of
+        its ``LayerPrecision``, never active and with a stack of its own: the copy's RNNs, norms and leaf modules
+        computed in the outer 16-bit region, and its layers closed their regions on another stack than they opened them
+        on. A function is copied as itself, so the copy's hooks act on the one ``LayerPrecision``. It reaches it
+        through ``_hooks_act_on``, which :meth:`remove` empties: the copy's hooks then hold nothing of it (they kept the
+        model and the closed Controller alive) and a pre-hook (``pre``) drops its module's released hooks at its next
+        call (they were called, idle, at every forward of the copy for good).
+        """
+        acts_on = self._hooks_act_on
+
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            if acts_on:
+                return method(acts_on[0], *args, **kwargs)
+            if pre:
+                _drop_released_hooks(args[0])
+            return None
+
+        return hook
 
     def _make_pre_hook(self, index: int) -> Any:
+        acts_on = self._hooks_act_on  # (see _as_closure)
+
         def pre_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            forward = self._forward_state(module)
+            if not acts_on:
+                _drop_released_hooks(module)
+                return None
+            lp = acts_on[0]
+            forward = lp._forward_state(module)
             if forward is None:
                 return None
-            precision = self.precisions[index]
+            precision = lp.precisions[index]
             # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
             # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
             # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
             # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
-            autocast = torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
-            ours = self._ours(module, autocast)
-            block = self._model_block_dtype(ours, autocast)
+            autocast = torch.is_autocast_enabled(lp.device_type), torch.get_autocast_dtype(lp.device_type)
+            ours = lp._ours(module, autocast)
+            block = lp._model_block_dtype(ours, autocast)
             overridden = block is not None and block != precision.dtype
             if block is not None and overridden:
                 if not torch.compiler.is_compiling():
-                    self._note_model_block(index, block)
+                    lp._note_model_block(index, block)
                 precision = _PRECISION_OF[block]
             in_model_fp32_block = overridden and precision is Precision.FP32
             if (
-                self.weight_copies is not None
+                lp.weight_copies is not None
                 and not overridden  # its weights are cast by the model's region: the copy holds the map's type
                 and precision is not Precision.FP32
-                and (self.copies_in_eager or torch.compiler.is_compiling())
-                and not self._emulate(index)
+                and (lp.copies_in_eager or torch.compiler.is_compiling())
+                and not lp._emulate(index)
             ):
-                copies = self.weight_copies(index, precision.dtype)
-                self._swapped.append((module, _swap_in(copies, self._registered[index])))
+                copies = lp.weight_copies(index, precision.dtype)
+                lp._swapped.append((module, _swap_in(copies, lp._registered[index])))
             if not forward.mixed:
                 # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
                 # gets them.
                 return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
-            enter = self._eager_regions[0] if self._eager_regions else self._enter_region  # (see _enter_fp32_module)
+            enter = lp._eager_regions[0] if lp._eager_regions else lp._enter_region  # (see _enter_fp32_module)
             # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
             return enter(module, index, args, kwargs, forward.outer, precision if block is not None else None, ours)
 
@@ -985,19 +1029,24 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _as_closure(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A bound method of ``LayerPrecision`` as a closure, the form its hooks are registered in.
+def _drop_released_hooks(module: nn.Module) -> None:
+    """Takes ``module``'s released hooks (``_pickled_hooks.released``: their ``LayerPrecision`` removed) off it.
 
-    ``copy.deepcopy`` of the model (an EMA copy made after the hooks) copies a bound method's hook with a copy of its
-    ``LayerPrecision``, never active and with a stack of its own: the copy's RNNs, norms and leaf modules computed in
-    the outer 16-bit region, and its layers closed their regions on another stack than they opened them on. A function
-    is copied as itself, so the copy's hooks act on the one ``LayerPrecision``.
+    Called by a released pre-hook, before torch runs the forward hooks: torch calls the pre-hooks from a snapshot of
+    their dict, but, when the forward raised, iterates the forward hooks' own dict, which a forward hook must not change
+    ("mutated during iteration"). Left in a graph ``torch.compile`` traces (its guards read the hooks): dropped at the
+    next eager call.
     """
-
-    def hook(*args: Any, **kwargs: Any) -> Any:
-        return method(*args, **kwargs)
-
-    return hook
+    if torch.compiler.is_compiling():
+        return
+    for hooks, flags in (
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+    ):
+        for key in [key for key, hook in hooks.items() if _pickled_hooks.released(hook)]:
+            del hooks[key]
+            for flag in flags:
+                flag.pop(key, None)
 
 
 def _map_tensors(
