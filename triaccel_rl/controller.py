@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
-from triaccel_rl.config import ConfigError, ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
+from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
 from triaccel_rl.elastic import BatchLRCoupler, is_out_of_memory, release_memory, resolve_lr_rule
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
@@ -365,6 +365,9 @@ class Controller:
             ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count, a
                 batch size above the dataset's length,
                 another base batch size than the run's, or ``epochs`` the run has already trained.
+            ConfigError: the memory budget cannot hold the model and one sample of the dataset, checked at the first
+                batch of a call whose samples differ in shape or dtype from the run's (the first call's too). The
+                run, a pending resume included, is left as it was before the call.
         """
         self._check_open()
         if (
@@ -423,18 +426,6 @@ class Controller:
                 break
             self._unstepped = (self.steps, len(batch.y))
             self._last_batch = len(batch.y)
-            if self.costs is None:
-                self.costs = self._measure_costs(batch.x)
-                self._costs_input = (tuple(batch.x.shape[1:]), batch.x.dtype)
-                self.memory_model = MemoryModel(self.costs, self.profile)
-                try:
-                    check_budget(
-                        self.memory_budget_bytes, self.predicted_memory_bytes(0), self.predicted_memory_bytes(1)
-                    )
-                except ConfigError:  # measured again at the next call: a second one trained in the refused budget
-                    self.costs, self.memory_model, self._unstepped = None, None, None
-                    loader.take_back(len(batch.y))
-                    raise
             yield batch.x, batch.y
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
@@ -1240,6 +1231,14 @@ class Controller:
             grown = batch_size  # the batch size the run goes on at: the checkpoint's, after a resume
             if self._resume is not None:  # load_state_dict() came first: carry on where the checkpoint was taken
                 grown = self._resume_loader(self._resume, batch_size, loader, coupler)
+            sample = (tuple(x.shape[1:]), x.dtype)
+            measured = None
+            if sample != self._costs_input:
+                # Samples of another shape or dtype (a new run, or a resume onto other data than this controller
+                # measured) are measured again, and the budget checked against them, before the run is theirs: a
+                # refusal leaves the run on its data. Until 2026-12-06 the old data's activations stayed, unchecked,
+                # and then the budget, checked at the first batch, left a refused call's data in the run's place.
+                measured = self._measured_memory(loader.x)
             if self._loader is not None and self._loader.samples_served and self._resume is None:
                 _log.warning(
                     "loader() on another dataset (%s) starts a new run of the data from epoch 0; the run's data was "
@@ -1248,11 +1247,8 @@ class Controller:
                     self._loader.epoch,
                     self._loader.cursor,
                 )
-            if self._costs_input is not None and self._costs_input != (tuple(x.shape[1:]), x.dtype):
-                # Samples of another shape or dtype (a new run, or a resume onto other data than this controller
-                # measured): measured again at the first batch, and the budget checked against them. The old data's
-                # activations stayed, unchecked, until 2026-12-06.
-                self.costs = self.memory_model = self._costs_input = None
+            if measured is not None:
+                (self.costs, self.memory_model), self._costs_input = measured, sample
             self._unstepped = None
             self._loader, self._loader_key, self._base_batch_size, self.lr_coupler = loader, key, batch_size, coupler
             # Not through the setter, which would write the base batch into a pending resume: the coupler's gain.
@@ -1327,6 +1323,18 @@ class Controller:
                 "this controller is closed: its precision hooks are gone and the optimizer is yours again. Train on "
                 "with your own loop, or build a new Controller"
             )
+
+    def _measured_memory(self, x: torch.Tensor) -> tuple[CostModel, MemoryModel]:
+        """The costs and memory model of a run on samples like ``x``'s, for ``loader()`` to adopt.
+
+        Raises:
+            ConfigError: the memory budget cannot hold the model and one such sample.
+        """
+        costs = self._measure_costs(x)
+        memory_model = MemoryModel(costs, self.profile)
+        precisions = self.precisions
+        check_budget(self.memory_budget_bytes, memory_model.predict(0, precisions), memory_model.predict(1, precisions))
+        return costs, memory_model
 
     def _measure_costs(self, x: torch.Tensor) -> CostModel:
         """The per-layer costs from one forward of ``x[:1]``, or, where the model cannot run that, parameters only."""
