@@ -1188,12 +1188,17 @@ def test_the_evaluation_at_a_step_count_scores_the_checkpoint_of_that_count(tmp_
     saved = np.load(tmp_path / "eval" / "evaluations.npz")
     assert saved["timesteps"].tolist() == [4, 8, 12]
 
-    def evaluate(policy_zip):  # as train_policy evaluates: the held-out environments seeded with its seed
-        env = DummyVecEnv(make_env_fns(held_out, 1, 3, 2, None, reward_config=RewardConfig(budget_intervals=2)))
-        env.seed(0)
-        rewards, _ = evaluate_policy(PPO.load(policy_zip, device="cpu"), env, n_eval_episodes=1, deterministic=True,
-                                     return_episode_rewards=True)  # fmt: skip
-        env.close()
+    def evaluate(policy_zip):  # as train_policy evaluates: the held-out environments seeded with its seed, on its
+        threads = torch.get_num_threads()  # one thread (_TINY's torch_threads): on two, the proxy task's sums round
+        torch.set_num_threads(1)  # otherwise, and the scores differed in the 5th figure
+        try:
+            env = DummyVecEnv(make_env_fns(held_out, 1, 3, 2, None, reward_config=RewardConfig(budget_intervals=2)))
+            env.seed(0)
+            rewards, _ = evaluate_policy(PPO.load(policy_zip, device="cpu"), env, n_eval_episodes=1,
+                                         deterministic=True, return_episode_rewards=True)  # fmt: skip
+            env.close()
+        finally:
+            torch.set_num_threads(threads)
         return rewards
 
     scores = [evaluate(tmp_path / "checkpoints" / f"policy_{n}_steps.zip") for n in (4, 8, 12)]
