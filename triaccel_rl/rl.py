@@ -50,6 +50,8 @@ __all__ = [
 _log = logging.getLogger("triaccel_rl")
 
 _SEED_RANGE = 2**32  # PPO's seed goes to np.random.seed, which takes [0, 2**32 - 1]
+_RUN_ATTRIBUTE = "tensorboard_run"
+"""The PPO model's attribute, saved in its zip, naming the TensorBoard run folder (absolute) its curve is in."""
 
 
 def env_config(interval_steps: int) -> ControllerConfig:
@@ -418,10 +420,15 @@ def train_policy(
         out: the policy zip to write (``.zip``); its observation stats go beside it (``.obs.json``, with ``resume``
             the resumed policy's range widened by this run's).
         log_dir: TensorBoard folder (None: none). Each PPO update's ``train/*`` values are written once, right after
-            it, at the steps it trained on. A resumed run goes on writing the newest run in it (``PPO_<n>``), first
+            it, at the steps it trained on. A new run writes a new run folder in it (``PPO_<n>``, one past the highest
+            there), which every zip it saves (``out`` and each checkpoint) records (``tensorboard_run`` in the zip's
+            ``data``). A resume of ``out`` or one of its checkpoints goes on writing the run its zip records, first
             marking it to drop the points past the resumed step (a purge mark, as ``SummaryWriter(purge_step=...)``
             writes: TensorBoard hides them, nothing is deleted), which resumed from an earlier checkpoint belong to the
-            run this one replaces.
+            run this one replaces. Any other resume (a zip recording no run, saved before runs were recorded or
+            trained without ``log_dir``; a run gone, or outside ``log_dir``; another folder's policy, whose run stays
+            its own) writes a new run folder and marks none, with a warning saying why: the runs of other policies
+            sharing ``log_dir`` are never written into or marked.
         eval_tasks: held-out tasks, evaluated as checkpoints are taken: after the first update past every multiple of
             ``eval_every`` steps, each evaluation stamped with the steps its weights trained on, so the evaluation at
             ``N`` scores the weights of ``<out's stem>_N_steps.zip`` (mean episode reward logged to TensorBoard as
@@ -444,11 +451,11 @@ def train_policy(
             of an earlier one moves all of that run's checkpoints to ``checkpoints/replaced_after_0_steps/``, and its
             ``eval/evaluations.npz`` and ``.json`` to ``eval/evaluations_replaced_after_0_steps.npz`` and ``.json``
             (``_2``, ... likewise), whatever ``eval_tasks``, with warnings: nothing is deleted.
-        resume: a policy zip to continue training from (its step count, TensorBoard run and observation range
-            continue; a warning where its observation stats record another ``interval_steps`` than this run's). A
-            checkpoint set aside in ``checkpoints/replaced_after_<steps>_steps[_<n>]/`` beside ``out`` is refused:
-            continued there, the replacing run's checkpoints past ``<steps>`` would sit among its run's; resume it
-            into another folder, where its run's evaluations are not continued (a warning; the copy
+        resume: a policy zip to continue training from (its step count, TensorBoard run (see ``log_dir``) and
+            observation range continue; a warning where its observation stats record another ``interval_steps`` than
+            this run's). A checkpoint set aside in ``checkpoints/replaced_after_<steps>_steps[_<n>]/`` beside
+            ``out`` is refused: continued there, the replacing run's checkpoints past ``<steps>`` would sit among its
+            run's; resume it into another folder, where its run's evaluations are not continued (a warning; the copy
             ``eval/evaluations_replaced_after_<steps>_steps[_<n>].npz`` keeps them, its ``_<n>`` not always the
             folder's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
@@ -484,7 +491,7 @@ def train_policy(
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
-    from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.logger import Logger, configure
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     # Before any other use: "synthetic" was read as the tasks 's', 'y', ... ("unknown task 's'")
@@ -738,7 +745,7 @@ def train_policy(
             self._on_rollout_start()
 
         def _on_training_start(self) -> None:
-            if resume is not None:  # SB3 goes on writing the newest TensorBoard run: drop its points past the resume
+            if continued:  # the resumed policy's own run: drop its points past the resume
                 _purge_curves_after(self.logger, self.model.num_timesteps)
 
     class HeldOutEvaluation(EvalCallback):
@@ -853,8 +860,20 @@ def train_policy(
                     raise
                 # "decisions" from the fit: those imitated (3 asked of 2 environments imitated 2, and 3 was recorded)
                 warm_record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
-        if not log_dir:  # without a folder, SB3's default logger made an empty /tmp/SB3-<time> folder at each call
+        # The TensorBoard run is chosen here, not by SB3: a resumed SB3 model goes on writing the newest run in
+        # log_dir, which may be another policy's (its points past the resumed step were then hidden by the purge mark).
+        run: Path | None = None
+        continued = False  # whether the run is the resumed policy's own, which the purge mark may then trim
+        if log_dir:
+            own = resume is not None and _resumes_its_own_run(Path(resume), path.parent / "checkpoints", path.stem)
+            run, continued = _tensorboard_run(Path(log_dir), resume, getattr(model, _RUN_ATTRIBUTE, None), own=own)
+            model.set_logger(configure(str(run), ["tensorboard"]))
+        else:  # without a folder, SB3's default logger made an empty /tmp/SB3-<time> folder at each call
             model.set_logger(Logger(folder=None, output_formats=[]))
+        # Saved in every zip of this run (SB3 saves the model's attributes): a resume of any of them finds its run. None
+        # without log_dir: the curve of the steps from here on is in no run, and a resume continuing one would mix
+        # these weights' later points with a replaced run's.
+        setattr(model, _RUN_ATTRIBUTE, None if run is None else str(run.resolve()))
         # A Ctrl-C before training starts (the first reset trains an interval an environment: slow) saves these weights
         # with this count: read only at the training's start, it was 0, and the checkpoint's step count was erased.
         recorder.trained_timesteps = model.num_timesteps
@@ -936,15 +955,6 @@ def train_policy(
                 _continue_evaluations(evaluations, _evaluations_of(Path(resume)), model.num_timesteps, identity)
             write_text_atomic(_mkdir_for(Path(f"{evaluations.log_path}.json")), json.dumps(identity, indent=2) + "\n")
             callbacks.append(evaluations)
-        runs = sorted(p.name for p in Path(log_dir).glob("PPO_*") if p.is_dir()) if log_dir and resume else []
-        if len(runs) > 1:  # SB3 goes on writing the newest run, whichever wrote the resumed policy
-            _log.warning(
-                "log_dir %s holds %d TensorBoard runs; the resumed run's curve continues the newest, %s, which may be "
-                "another run's: give each run its own log_dir (--log-dir) to keep its curve",
-                log_dir,
-                len(runs),
-                max(runs, key=lambda name: int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else -1),
-            )
         try:
             model.learn(
                 total_timesteps=total_timesteps,
@@ -1084,7 +1094,7 @@ def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Pa
 def _purge_curves_after(logger: Any, step: int) -> None:
     """Marks ``logger``'s TensorBoard run so that TensorBoard drops the points written before the mark past ``step``.
 
-    A resumed run goes on writing the newest TensorBoard run of its ``log_dir`` (SB3's ``reset_num_timesteps=False``).
+    A resume of a policy's own run goes on writing the TensorBoard run its zip records (:func:`_tensorboard_run`).
     Resumed from an earlier checkpoint, that run's points past the checkpoint belong to the run this one replaces:
     until 2026-12-06 they stayed among the new ones (``eval/mean_reward`` at 8, 16, and 16 again). The mark is the
     one ``SummaryWriter(purge_step=step + 1)`` writes, a ``SessionLog.START`` event at ``step + 1``, in the new run's
@@ -1097,6 +1107,54 @@ def _purge_curves_after(logger: Any, step: int) -> None:
     for output in logger.output_formats:
         if isinstance(output, TensorBoardOutputFormat):
             purge_tensorboard_after(output.writer.file_writer, step)
+
+
+def _tensorboard_run(
+    log_dir: Path, resume: str | os.PathLike[str] | None, recorded: Any, *, own: bool
+) -> tuple[Path, bool]:
+    """The TensorBoard run folder a training writes in ``log_dir``, and whether it continues the resumed policy's.
+
+    A resume of this ``out``'s own run (``own``: its policy or one of its checkpoints) continues the run its zip records
+    (``recorded``, the ``tensorboard_run`` it saved) where that run is in ``log_dir`` and still there. Otherwise (a
+    new policy; a resume whose zip records no run, being saved before runs were recorded or trained without a
+    ``log_dir``; whose run is gone or in another folder; or another folder's policy, whose run goes on being that
+    policy's) a new run, ``PPO_<n>`` one past the highest there: no run but the resumed policy's own is ever written
+    into or marked. A resume that does not continue its run says why.
+    """
+    if resume is None:
+        return _new_tensorboard_run(log_dir), False
+    if not isinstance(recorded, str):
+        why = "records no TensorBoard run (saved before runs were recorded, or trained without a log_dir)"
+    elif not own:
+        why = f"is another folder's policy than out's: its run {recorded} is left to it"
+    elif not Path(recorded).is_dir():
+        why = f"recorded the TensorBoard run {recorded}, which is gone"
+    elif Path(recorded).parent != log_dir.resolve():
+        why = f"recorded the TensorBoard run {recorded}, which is not in log_dir {log_dir}"
+    else:
+        _log.info("resume=%s: its curve goes on in its TensorBoard run %s", resume, recorded)
+        return Path(recorded), True
+    run = _new_tensorboard_run(log_dir)
+    _log.warning("resume=%s %s: its curve goes on in a new TensorBoard run, %s (no run is marked)", resume, why, run)
+    return run, False
+
+
+def _new_tensorboard_run(log_dir: Path) -> Path:
+    """Makes and returns ``log_dir/PPO_<n>``, ``n`` one past the highest there (as SB3 numbers its runs).
+
+    Made here, not by the writer: a run another training made meanwhile (both counted the same highest) is skipped,
+    not shared.
+    """
+    from stable_baselines3.common.utils import get_latest_run_id
+
+    n = get_latest_run_id(str(log_dir), "PPO")
+    while True:
+        n += 1
+        try:
+            (log_dir / f"PPO_{n}").mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return log_dir / f"PPO_{n}"
 
 
 def _close_after_failure(venv: Any, grace: float = 5.0) -> None:
