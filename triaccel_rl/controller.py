@@ -28,7 +28,13 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
-from triaccel_rl.elastic import BatchLRCoupler, is_out_of_memory, release_memory, resolve_lr_rule
+from triaccel_rl.elastic import (
+    BatchLRCoupler,
+    UnrecoverableOOMError,
+    is_out_of_memory,
+    release_memory,
+    resolve_lr_rule,
+)
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
 from triaccel_rl.errors import NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
@@ -624,6 +630,9 @@ class Controller:
 
         Raises:
             ValueError: ``loss`` is not a scalar tensor.
+            UnrecoverableOOMError: out of memory part-way through the optimizer update, which may have left the
+                parameters and optimizer state partly updated: the step counts and its batch is spent (an error
+                before the update leaves none, and ``loader()`` serves its batch again).
         """
         self._check_open()
         _check_loss(loss)
@@ -648,13 +657,25 @@ class Controller:
             self.engine.batch_lr_gain = self.lr_coupler.next_gain()
         try:
             grads, _ = self.engine.step_after_backward_deferred(loss.detach())
-        except BaseException:
+        except BaseException as error:
             if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
                 self._count_step()
                 # And the rest of the step: its statistics, and the decision when due (until 2026-12-06 both were
                 # lost, and every later decision came a step late). Then the hook's error.
                 if self.engine.last_grad_stats is not None:
                     self._after_update(loss, self.engine.last_grad_stats)
+            elif self.engine.update_started:
+                # The update raised part-way (out of memory where AdamW allocates its denominators): some parameters
+                # and their optimizer state moved. The batch is spent: served again, it would go into them twice.
+                self._count_step()
+                what = (
+                    f"the optimizer update of step {self.steps - 1} raised part-way: the parameters and optimizer "
+                    "state may be partly updated, so the step is not retried (its batch counts as trained on: "
+                    "loader() serves the next one); resume from the last checkpoint"
+                )
+                if isinstance(error, Exception) and is_out_of_memory(error):
+                    raise UnrecoverableOOMError(f"out of memory: {what}: {error}") from error
+                _log.error("%s: %s: %s", what, type(error).__name__, error)  # the error goes on as it is
             raise
         self._count_step()
         self._after_update(loss, grads)

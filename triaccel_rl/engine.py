@@ -247,6 +247,8 @@ class StepEngine:
             def scale_lrs(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 engine = this()
                 if engine is not None and engine._stepping:  # after every other pre-hook: see _scaled_lrs
+                    # The optimizer's own step begins: from here an error can leave some parameters updated
+                    engine.update_started = True
                     engine._apply_scaled_lrs()
 
             def count_update(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
@@ -271,6 +273,11 @@ class StepEngine:
             self.update_reached = False
             """Whether the last step's update was applied (or, on the fused path, launched), set even when the step
             raised after it (a step post-hook): a caller knows its batch was trained on."""
+            self.update_started = False
+            """Whether the last step's update began: the optimizer's own ``step()`` was entered (after every pre-hook)
+            or the fused step called. Set while ``update_reached`` is not, the step raised part-way through the update
+            (out of memory in ``AdamW``'s ``sqrt``): some parameters and optimizer state may have moved, so the batch
+            is spent and the step cannot be retried."""
             self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
             reason = _fused_unsupported(optimizer, self.layer_params)
             if fused and reason:
@@ -624,7 +631,7 @@ class StepEngine:
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
-        self.update_reached = False
+        self.update_reached = self.update_started = False
         self.last_grad_stats = None
         scaler = self.grad_scaler
         unscaled = finished = False
@@ -1472,13 +1479,13 @@ class StepEngine:
 
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
-        self.update_reached = False
+        self.update_reached = self.update_started = False
         self.last_grad_stats = None
         scaling = self.precision.needs_grad_scaler
-        # Everything up to and including the launch in one guard: a refused step (the check inside), a hook or
-        # transform that raises, or the launch itself (its first call allocates and compiles the kernels: an
-        # out-of-memory error, a Ctrl-C) leaves no update, and its gradients are zeroed below, not added to the next
-        # step's, as the reference path's ``finally`` zeroes them.
+        # Everything up to and including the launch in one guard: a refused step (the check inside), or a hook or
+        # transform that raises, leaves no update; the launch itself (it allocates, and its first call compiles the
+        # kernels: an out-of-memory error, a Ctrl-C) may leave part of one (``update_started``). Either way the
+        # gradients are zeroed below, not added to the next step's, as the reference path's ``finally`` zeroes them.
         try:
             self._check_optimizer_params()
             hooks = self._step_hooks("pre")
@@ -1526,6 +1533,8 @@ class StepEngine:
             overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
             if overflow_elsewhere is not None:
                 skip = skip | overflow_elsewhere
+            # From here an error may come after the update kernel ran (rewriting the 16-bit copies allocates)
+            self.update_started = True
             result = self.fused_optimizer.step(
                 lr,
                 self._factors,

@@ -197,18 +197,22 @@ class TrainingRun:
     augmentation is drawn once a step, for the whole batch, so however the batch is split, and however often it is
     retried after running out of memory, it trains on the same augmented samples.
 
-    An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, memory released,
-    the budget lowered as ``ElasticConfig.oom_budget_factor`` describes (that factor × the predicted memory of the
-    failed attempt's micro-batch size ``m``, but keeping room in ``fill_frac`` of it for ``m // 2`` and below the
-    least budget that plans ``m`` again; on a GPU at most what this process holds plus what is free; never below the
-    least budget that plans two samples, nor raised), and the same samples are retried with the micro-batch halved,
-    but not below two samples (a batch norm in training mode needs two a channel: a micro-batch of two, or of one
-    where the batch or ``micro_batch_cap`` is one, is retried as it is). After ``elastic.max_oom_retries`` errors in
-    the step it raises ``UnrecoverableOOMError`` and hands its batch back, as a step interrupted during the recovery
-    does. The loader is not touched, so no sample is lost or served twice, and the one update comes after the last
-    micro-batch. Events are counted in
-    ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried
-    (a partial update cannot be undone).
+    An out-of-memory error in a forward or backward pass is caught: gradients are zeroed, the buffers the failed
+    attempt's forward passes updated (batch-norm statistics) and the run's generators (dropout's masks) put back,
+    memory released, the budget lowered as ``ElasticConfig.oom_budget_factor`` describes (that factor × the predicted
+    memory of the failed attempt's micro-batch size ``m``, but keeping room in ``fill_frac`` of it for ``m // 2`` and
+    below the least budget that plans ``m`` again; on a GPU at most what this process holds plus what is free; never
+    below the least budget that plans two samples, nor raised), and the same samples are retried with the micro-batch
+    halved, but not below two samples (a batch norm in training mode needs two a channel: a micro-batch of two, or of
+    one where the batch or ``micro_batch_cap`` is one, is retried as it is). At the error after
+    ``elastic.max_oom_retries`` retries (the step's ``max_oom_retries + 1``-th) it raises ``UnrecoverableOOMError``
+    and hands its batch back, as a step interrupted during the recovery does. The loader is not touched, so no sample
+    is lost or served twice, and the one update comes after the last micro-batch. Events are counted in
+    ``StepStats.oom_events``, kept in ``oom_log`` and logged. An error in the update itself is not retried (a partial
+    update cannot be undone): one raised before the optimizer's own step begins hands the batch back; one raised
+    part-way through it (out of memory where AdamW allocates its denominators) may leave the parameters and optimizer
+    state partly updated, so the step counts and its batch is spent (served again, it would go into them twice), and
+    the error (``UnrecoverableOOMError`` for an OOM) says to resume from the last checkpoint.
 
     **Memory model.** ``memory_model`` predicts a step's peak from the micro-batch size and the precision
     map. On a GPU in ``measured`` cost mode it is fitted to the allocator's peaks: two forward/backward
@@ -382,6 +386,7 @@ class TrainingRun:
             self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the step's buffers before it
             self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
             self._buffer_slots: list[tuple[nn.Module, str]] = []  # (module, name) of each saved buffer, in order
+            self._saved_generators: list[torch.Tensor] = []  # the run's generators' states, saved with the buffers
             self._batch_size = self.task.base_batch_size
             self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
             self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
@@ -547,7 +552,8 @@ class TrainingRun:
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
                 (a micro-batch of two, or of one where the batch or the cap is one, is retried as it is); the batch is
-                returned to the loader first.
+                returned to the loader first. Or out of memory in the optimizer step: before its update the batch goes
+                back too; part-way through the update the step counts, its batch spent (resume from a checkpoint).
         """
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
@@ -699,15 +705,30 @@ class TrainingRun:
                 self.engine.step_after_backward_deferred(loss) if deferred else self.engine.step_after_backward(loss)
             )
         except BaseException as err:
-            if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
+            step, engine = self.steps, self.engine
+            partial = engine.update_started and not engine.update_reached
+            if engine.update_reached or partial:
+                # A step post-hook raised after the update, or the update raised part-way (some parameters and their
+                # optimizer state moved): the batch was trained on. Served again, it would go into them twice.
                 self.lr_coupler.advance()
                 self.steps += 1
-            else:  # no update went in (a pre-hook, the update's own memory): the step never was, its samples go back
+            else:  # no update went in (a pre-hook, the gradients' unscaling): the step never was, its samples go back
                 self._abandon_step(n)
-            if isinstance(err, Exception) and is_out_of_memory(err):
+            out_of_memory = isinstance(err, Exception) and is_out_of_memory(err)
+            if partial:
+                what = (
+                    f"the optimizer update of step {step} raised part-way: the parameters and optimizer state may be "
+                    "partly updated, so the step is not retried (its batch counts as trained on); resume from the "
+                    "last checkpoint"
+                )
+                if out_of_memory:
+                    raise UnrecoverableOOMError(f"out of memory: {what}: {err}") from err
+                _log.error("%s: %s", what, _first_line(err))  # the error goes on as it is: a caller may catch its type
+            elif out_of_memory:
+                where = "in a step post-hook, after" if engine.update_reached else "before (its batch goes back), in"
                 raise UnrecoverableOOMError(
-                    f"out of memory in the optimizer update of step {self.steps}; an update cannot be retried "
-                    f"safely once started (lower the memory budget): {err}"
+                    f"out of memory in the optimizer step of step {step}, {where} the update; lower the memory "
+                    f"budget: {err}"
                 ) from err
             raise
         self.lr_coupler.advance()  # counted once the update went in: a step given up is no step of the warm-up
@@ -1094,6 +1115,9 @@ class TrainingRun:
         # a new tensor, which _undo_attempt binds back before copying the values in (until 2026-12-06 it copied them
         # into the old tensor, no longer the module's, and a retried or abandoned step's count stayed advanced).
         self._buffer_slots = slots
+        # And the generators the forward passes draw from (dropout): a retry draws the masks the failed attempt drew,
+        # as a run without the error would. Host copies (a few KB for the CPU's, a seed and offset for CUDA's): no sync.
+        self._saved_generators = _run_generator_states(self.device)
 
     def _replay(self, batch: Batch) -> torch.Tensor | None:
         """The step's forward, loss and backward from its captured graph; ``None`` if graphs are off now."""
@@ -1131,8 +1155,10 @@ class TrainingRun:
         return loss.detach()
 
     def _undo_attempt(self) -> None:
-        """Drops a failed attempt's gradients and puts back the buffers its forward passes updated."""
+        """Drops a failed attempt's gradients; puts back the buffers its forward passes updated and the generators."""
         self.engine.zero_grad()  # the aborted attempt's partial sums must not count
+        if self._saved_buffers is not None:  # saved with them, by this step's first eager attempt
+            _restore_run_generators(self.device, self._saved_generators)
         if self._saved_buffers:  # nor its forward passes' updates of batch-norm running statistics
             for (module, name), (tensor, _) in zip(self._buffer_slots, self._saved_buffers, strict=True):
                 if module._buffers.get(name) is not tensor:  # rebound by the forward: the run's own tensor back
