@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from triaccel_rl.controller import Controller
 from triaccel_rl.tasks import get_task
 
 
-def measure(name: str, probe_n: int = 512, steps: int = 30, repeats: int = 4) -> dict[str, object]:
+def measure(name: str, probe_n: int = 512, steps: int = 30, repeats: int = 4) -> dict[str, Any]:
     """Trains ``steps`` steps of task ``name`` under a Controller with a probe, then times ``repeats`` rounds."""
     task = get_task(name)
     data = task.data(0)
