@@ -1038,12 +1038,12 @@ def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplo
 
 def test_the_pretrained_policy_gets_the_speed_trial_in_a_users_loop():
     ctl, model, batches = trial_controller("pretrained")
-    seen = [one_step(ctl, model, batches) for _ in range(11)]
+    seen = [one_step(ctl, model, batches) for _ in range(14)]
     assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
     faster = Precision(int(ctl.speed_trial["chosen"]))
-    assert seen[10] == faster  # the policy's start precision followed the trial
+    assert seen[10:] == [faster] * 4  # the policy's start precision followed the trial
     assert ctl.policy.policy.low_precision is faster and ctl.policy.fallback.low_precision is faster
-    assert len(ctl.decisions) == 1  # at the first interval end after the trial
+    assert len(ctl.decisions) == 1  # an interval (4 steps) after the trial, whose steps it does not read
     assert set(ctl.precisions) <= {Precision.FP32, faster}  # its 16-bit groups run in the trial's format
 
 

@@ -337,6 +337,10 @@ def run_controller(
                     return chunk
 
                 step_ms, _ = loop.time_precisions(formats, steps, train=trial_chunk)
+                # The first decision comes a whole interval after the trial and reads none of its steps: the fp16
+                # candidate's skipped steps (its loss scale backing off from 2**16) read as overflows, and cut the LR
+                # of a run that kept bf16.
+                loop.discard_interval()
             chosen = policy.choose_low_precision(step_ms)  # the start precision follows when it is 16-bit
             # None (a LearnedPolicy not built by make_policy): the model's own, fp32, as the run started; it was passed
             # on as None, and set_precisions refused it when the trial ended.

@@ -73,8 +73,9 @@ class Controller:
     Batches from ``loader()`` follow the decided batch size; ``autocast()`` runs each layer in its
     decided precision. With the heuristic on a GPU, the first steps are a speed trial (bf16, then fp16,
     ``HeuristicConfig.speed_trial``): the policy lowers to the faster format, and ``speed_trial`` holds
-    the timings. On a GPU without native bf16 (a V100 or T4) there is no trial: an adaptive policy starts and lowers
-    in fp16 where it would in bf16 (its tensor cores' format, as AMP runs there; a layer that overflows moves to fp32),
+    the timings; the first decision comes an interval after the trial and reads none of its steps. On a GPU
+    without native bf16 (a V100 or T4) there is no trial: an adaptive policy starts and lowers in fp16 where it
+    would in bf16 (its tensor cores' format, as AMP runs there; a layer that overflows moves to fp32),
     and a bf16 a policy asks for anyway runs in fp32 (``Executor``).
 
     The scheduled estimator rounds (Hutchinson curvature, micro-batch gradient noise, curvature sparsity; ``compare``
@@ -693,7 +694,7 @@ class Controller:
             memory = self.predicted_memory_bytes(batch)
         self._interval_peak = max(self._interval_peak, memory)
         if self._trial is not None:
-            self._advance_trial(self._trial)
+            self._advance_trial(self._trial, loss)
         elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
             steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
             rounds = self.collector.estimator_ms
@@ -1046,6 +1047,11 @@ class Controller:
             # Left in the trial's candidate format, they stayed there the whole run (until 2026-12-06).
             start = getattr(self.policy, "initial_precision", None)
             self._set_uniform(Precision.FP32 if start is None else start)
+            if self._interval_steps:  # the trial's steps so far: no decision reads them, as at a trial's end
+                self._skipped_counted += self._interval_steps - (self.engine.applied_steps() - self._applied_at_start)
+                self.cadence.add_training(self._carried_ms)
+                self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
+                self._applied_before_copy = 0
         self._resume = resume
         self._unstepped = None  # the checkpoint's loader state is where the run goes on from
         if resume is None:  # saved before any loader() call: the next one starts the data afresh, as the run did
@@ -1383,8 +1389,8 @@ class Controller:
     def _set_uniform(self, precision: Precision) -> None:
         self.engine.set_precisions([precision] * len(self.engine.precision.controllable_indices))
 
-    def _advance_trial(self, trial: _SpeedTrial) -> None:
-        """Counts a step of the speed trial; switches candidate, or ends the trial with the policy's choice."""
+    def _advance_trial(self, trial: _SpeedTrial, loss: torch.Tensor) -> None:
+        """Counts a step of the speed trial (its ``loss``); switches candidate, or ends the trial with the choice."""
         trial.steps_done += 1
         if trial.steps_done == trial.warmup_steps:  # a new format's first steps pay its one-time costs
             trial.timer.start()
@@ -1396,6 +1402,8 @@ class Controller:
         if trial.index < len(trial.candidates):
             self._set_uniform(trial.candidate)
             return
+        # Before the chosen format is set: the shield reads fp16's skips at finite losses as its loss scale backing off
+        self._close_trial_interval(loss)
         chosen = self.policy.choose_low_precision(trial.step_ms)
         start = self.policy.initial_precision  # None: the model's own, fp32 (a LearnedPolicy not made by make_policy)
         self._set_uniform(Precision.FP32 if start is None else start)
@@ -1407,6 +1415,24 @@ class Controller:
             ", ".join(f"{p.name.lower()} {ms:.2f} ms a step" for p, ms in trial.step_ms.items()),
             chosen.name.lower(),
         )
+
+    def _close_trial_interval(self, last_loss: torch.Tensor) -> None:
+        """Closes the speed trial's interval with no decision: the first decision comes a whole interval after it.
+
+        No decision reads the trial's steps: its fp16 candidate's, skipped while the loss scale backs off from 2**16,
+        read as overflows of the format chosen, and cut the LR of a run that kept bf16 (or moved a run that chose
+        fp16 back to bf16). The shield judges them as any interval's and ``skipped_steps`` counts their skips; the
+        signals' running estimates keep them (real training), and the cadence their time, as
+        ``DecisionLoop.discard_interval`` does in ``compare``.
+        """
+        overhead = self.collector.overhead_ms
+        train_ms = self._close_interval(last_loss)  # one sync, as the trial's timer's at its end
+        self.collector.discard_interval()
+        # Its wall time from the interval's end (the moments read, the shield) is the controller's, as a decision's.
+        uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead)
+        self.collector.add_overhead(max(uncharged, 0.0))
+        self.cadence.add_training(train_ms)
+        self._timer.start()
 
     def _close_interval(self, last_loss: torch.Tensor) -> float:
         """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms.

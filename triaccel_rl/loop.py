@@ -152,11 +152,7 @@ class DecisionLoop:
             self._interval_train_ms, self._interval_steps, self._decided = 0.0, 0, False
             self._interval_recorded_ms = self._fold_ms = self._fold_cheap_ms = 0.0
         if self._interval_steps >= self.cadence.steps:  # a whole interval went by without a snapshot: start anew
-            # Its time still counts in the run's training that the decisions are weighed against (it was dropped: a
-            # speed trial across two decision points left 1.3 s of 2.1 s out of the cadence's trained_ms).
-            self.cadence.add_training(self._interval_train_ms)
-            self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
-            self._fold_ms = self._fold_cheap_ms = 0.0
+            self._restart_interval()
         left = self.cadence.steps - self._interval_steps
         stats = self.run.train_interval(left if max_steps is None else min(max_steps, left))
         self._interval_train_ms += stats.train_ms
@@ -175,6 +171,20 @@ class DecisionLoop:
         self._fold_cheap_ms += collector.cheap_ms - cheap
         self._mark = (collector.overhead_ms, collector.estimator_ms, collector.cheap_ms)
         return stats
+
+    def discard_interval(self) -> None:
+        """Ends the open interval with no snapshot: the next decision point is a whole interval away.
+
+        Its snapshot reads none of the steps trained so far, which say nothing of the settings decided next:
+        ``compare`` calls it after a speed trial (:meth:`time_precisions`), whose fp16 candidate's skipped steps,
+        while its loss scale backs off, read as overflows of the format the trial chose. Their time still counts in
+        the cadence's training, and the signals' running estimates keep them (real training). Right after a snapshot
+        nothing is open: nothing changes.
+        """
+        if self._decided:  # the interval the snapshot closed is recorded at the next train_interval() call
+            return
+        self._restart_interval()
+        self.collector.discard_interval()
 
     def time_precisions(
         self,
@@ -339,3 +349,11 @@ class DecisionLoop:
         if report.changed and self.guard is not None and self._healthy and not self.guard.copy_is_current:
             self.guard.save()
         return report
+
+    def _restart_interval(self) -> None:
+        """Starts the cadence's interval anew, with no decision: the steps since the last snapshot are passed over."""
+        # Their time still counts in the run's training that the decisions are weighed against (it was dropped: a
+        # speed trial across two decision points left 1.3 s of 2.1 s out of the cadence's trained_ms).
+        self.cadence.add_training(self._interval_train_ms)
+        self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
+        self._fold_ms = self._fold_cheap_ms = 0.0

@@ -652,6 +652,15 @@ class SignalCollector:
         signals.overhead_frac = self.overhead_ms / max(self.train_ms, _TINY)
         return signals
 
+    def discard_interval(self) -> None:
+        """Closes the interval without a snapshot: its step, skip, time and peak counts are read by no decision.
+
+        For steps that say nothing of the settings decided next, such as a speed trial's (its fp16 candidate's
+        skipped steps while the loss scale backs off would read as overflows of the format the trial chose). The
+        running estimates keep the steps folded in (they are real training), and so do the run's totals.
+        """
+        self._interval_reset()
+
     @property
     def loss_ema(self) -> float:
         """Smoothed training loss over finite steps (NaN before the first one)."""
