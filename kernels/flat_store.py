@@ -299,8 +299,9 @@ class FlatParameterStore:
         step calls it once a step.
 
         Such a parameter takes no update from ``torch.optim`` (it skips ``grad is None``): no weight decay, no
-        momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward, or a gradient was
-        set to ``None`` between the backward and the step (``rebind_grads(after_backward=True)``).
+        momentum. Empty unless a user's ``zero_grad(set_to_none=True)`` came before the backward, a gradient was
+        set to ``None`` between the backward and the step (``rebind_grads(after_backward=True)``), or a parameter is
+        frozen (``requires_grad=False``) now.
 
         Limitation: a parameter whose gradient was never ``None`` since the store was built (it holds its zeroed view
         from the start) and that no backward reaches (held by the optimizer, never used in the forward) reads as a
@@ -325,17 +326,17 @@ class FlatParameterStore:
 
     def params_without_grad(self) -> list[int]:
         """What :meth:`take_params_without_grad` would return now, leaving the record as it is."""
-        certain = self._none_after_backward
-        if not self._rebound_from_none:
-            return sorted(certain)
+        # A parameter frozen since the store was built keeps its zeroed view, which read as a gradient gave it weight
+        # decay and momentum; a plain loop's zero_grad() sets its gradient to None, and torch.optim leaves it alone.
+        # (One attribute read a parameter: about 12 us a step at 200 parameters on a CPU.)
+        without = {i for i, (p, _, _) in enumerate(self._grad_views) if not p.requires_grad}
+        without |= self._none_after_backward
+        # With no hook call at all since a rebind (the backward ran where Python hooks do not, a replayed CUDA graph,
+        # or reached no parameter), leaving the rebound ones alone would stop training silently in the first case:
+        # all but the frozen are taken to have one.
         if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _watch)
-            unused = self._rebound_from_none - self._accumulated
-        else:
-            # No hook at all since: the backward ran where Python hooks do not (a replayed CUDA graph), or reached no
-            # parameter. Leaving everything alone would stop training silently in the first case: assume all got
-            # one, but a frozen parameter, which no backward reaches.
-            unused = {i for i in self._rebound_from_none if not self._grad_views[i][0].requires_grad}
-        return sorted(unused | certain)
+            without |= self._rebound_from_none - self._accumulated
+        return sorted(without)
 
     def param_view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements in ``buffer`` (a flat buffer of this store), with its shape and strides."""
