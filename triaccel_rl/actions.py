@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gymnasium import spaces
 
 from triaccel_rl.config import ControllerConfig
@@ -26,12 +27,24 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
     """Turns a raw action vector into an ``Action``.
 
     Raises:
-        ValueError: wrong length, a non-integer entry, or an entry outside its range (all named).
+        ValueError: wrong length or a ragged list, a non-integer entry (a bool too, bare or in an array or tensor), or
+            an entry outside its range (all named).
     """
-    if isinstance(raw, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in raw):  # asarray makes them 1, 0
-        raise ValueError(f"action {list(raw)} must hold integers; True and False are no action indices")
-    values = np.asarray(raw)
     nvec = action_space(config).nvec
+    if isinstance(raw, (list, tuple)):
+        # asarray makes bools 1 and 0, those in 0-d arrays and tensors too (list(torch_bool_tensor) holds such)
+        if any(_is_bool(v) for v in raw):
+            raise ValueError(f"action {list(raw)} must hold integers; True and False are no action indices")
+        if len(raw) == len(nvec):  # a Python int past int64 made an object array, refused as "got object"
+            for i, v in enumerate(raw):
+                if isinstance(v, int) and not 0 <= v < int(nvec[i]):
+                    raise _out_of_range(i, v, nvec, config)
+    try:
+        values = np.asarray(raw)
+    except ValueError as err:  # a ragged list: numpy's message named no action
+        raise ValueError(
+            f"action {raw!r} must be {len(nvec)} integers, one per entry of MultiDiscrete({nvec.tolist()})"
+        ) from err
     if values.shape != nvec.shape:
         raise ValueError(f"action {values.tolist()} has shape {values.shape}; expected {tuple(nvec.shape)}")
     real = np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
@@ -43,10 +56,7 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
     bad = np.flatnonzero((values < 0) | (values >= nvec))  # before a cast: 1e19 would wrap around in int64
     if len(bad):
         i = int(bad[0])
-        raise ValueError(
-            f"action entry {i} = {_shown(values[i].item())} is outside [0, {int(nvec[i]) - 1}] "
-            f"({_entry_name(i, config)}); the action space is MultiDiscrete({nvec.tolist()})"
-        )
+        raise _out_of_range(i, values[i].item(), nvec, config)
     values = values.astype(np.int64)
     k = config.n_groups
     return Action(
@@ -69,6 +79,19 @@ def encode(action: Action, config: ControllerConfig) -> np.ndarray:
     return np.array(
         [int(p) for p in action.group_precisions] + [config.lr_scales.index(action.lr_scale), int(action.batch_move)],
         dtype=np.int64,
+    )
+
+
+def _is_bool(value: object) -> bool:
+    """True, False, or a bool wrapped in a numpy array or tensor (of any shape)."""
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, (bool, np.bool_)) or dtype == np.bool_ or dtype is torch.bool
+
+
+def _out_of_range(index: int, value: float, nvec: np.ndarray, config: ControllerConfig) -> ValueError:
+    return ValueError(
+        f"action entry {index} = {_shown(value)} is outside [0, {int(nvec[index]) - 1}] "
+        f"({_entry_name(index, config)}); the action space is MultiDiscrete({nvec.tolist()})"
     )
 
 

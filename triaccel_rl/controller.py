@@ -225,7 +225,9 @@ class Controller:
                 )
             self._copied_at_close = False  # whether the shield took its copy at the interval that just closed
             self.collector = self._new_collector()
-            self.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+            self.grouper = LayerGrouper(
+                self.collector.controllable, self.config.n_groups, param_counts=self.engine.layer_param_counts
+            )
             self.executor = Executor(self.config, self.grouper)
             self.cadence = self._new_cadence()
             self.steps = 0
@@ -1016,7 +1018,9 @@ class Controller:
             # Fresh as a new controller's: loaded into one that had trained, its estimates, groups and cadence stayed
             # (until 2026-12-06)
             self.collector = self._new_collector()
-            self.grouper = self.executor.grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+            self.grouper = self.executor.grouper = LayerGrouper(
+                self.collector.controllable, self.config.n_groups, param_counts=self.engine.layer_param_counts
+            )
             self.cadence, self._noise_scale = self._new_cadence(), None
         else:
             self.collector, self.grouper, self.cadence, self._moments = signals.objects
@@ -1093,7 +1097,9 @@ class Controller:
                 "the checkpoint's estimator-round signals are dropped: this controller has no probe batch to go on "
                 "measuring them (pass probe= and loss_fn= as the run that saved it did)"
             )
-        grouper = LayerGrouper(self.collector.controllable, self.config.n_groups)
+        grouper = LayerGrouper(
+            self.collector.controllable, self.config.n_groups, param_counts=self.engine.layer_param_counts
+        )
         grouper.load_state_dict(saved["grouper"])
         cadence = self._new_cadence()
         cadence.load_state_dict(saved["cadence"])

@@ -9,7 +9,9 @@ cannot split a step (``splits_batches`` False: a user's loop through the ``Contr
 memory model predicts over the usable budget at the current batch is refused too: more bits per activation (a raise),
 or a 16-bit weight copy outweighing the activations it saves (a lowering on a weight-heavy model), would make a step
 that fitted run out of memory. Where it can split a step, a change that puts one sample over it is refused. A change
-that lowers a prediction already over the budget is taken. Every refusal is reported with its reason.
+that lowers a prediction already over the budget is taken. Under overflow an fp16 layer leaves fp16 even where the
+way out (fp32 on a GPU without bf16) breaks the memory check, which the report says. Every refusal is reported
+with its reason.
 
 Batch moves change the *effective* batch (samples per update); how it is split into micro-batches to fit
 memory is the target's business (``TrainingRun.micro_batch_size``). So the executor never shrinks a batch
@@ -34,6 +36,9 @@ from triaccel_rl.types import Action, BatchMove, Precision
 __all__ = ["ApplyReport", "Executor", "Target", "sixteen_bit_formats", "unsupported_precisions"]
 
 _log = logging.getLogger("triaccel_rl")
+
+_LR_BOUND_SLACK = 1e-12
+"""Relative amount by which an asked LR scale may pass the ``max_lr_change`` bound before it is clamped (rounding)."""
 
 
 class Target(Protocol):
@@ -174,32 +179,38 @@ class Executor:
         # activations it saves on a weight-heavy model. A step that cannot be split must fit whole; one that can, one
         # sample at a time. A change that moves a prediction already over the budget down is taken.
         moved = [i for i in range(len(current)) if wanted[i] != current[i]]
+        over_budget = ""  # why the layers the overflow rule moves out of fp16 pass the memory check, if they do
         if moved:
             batch = 1 if target.splits_batches else target.batch_size
             predicted = target.predicted_memory_bytes(batch, wanted)
             usable = target.usable_memory_bytes
-            if predicted > usable and predicted > target.predicted_memory_bytes(batch, current):
+            predicted_now = target.predicted_memory_bytes(batch, current)
+            if predicted > usable and predicted > predicted_now:
                 # Kept where they were, but out of fp16 while it overflows, as every layer is: what the overflow rule
                 # alone would make of them.
                 kept_at = [out_of_fp16(p) if unstable else p for p in current]
                 held = [i for i in moved if wanted[i] != kept_at[i]]
                 for i in moved:
                     wanted[i] = kept_at[i]
-                what = (
-                    f"one sample at the new precisions is predicted {predicted} bytes > {usable} usable of the "
-                    f"{target.memory_budget_bytes}-byte budget"
-                    if target.splits_batches
-                    else f"batch {batch} at the new precisions is predicted {predicted} bytes > {usable} usable of "
-                    f"the {target.memory_budget_bytes}-byte budget, and this loop cannot split a step"
-                )
-                from_fp16 = [i for i in held if current[i] is Precision.FP16 and unstable]
-                in_fp16.update(from_fp16)
-                out = f", the {len(from_fp16)} in fp16 moved out of it as it overflows" if from_fp16 else ""
-                refused.append(f"kept {len(held)} layers at their precision{out}: {what}")
+                if held:
+                    from_fp16 = [i for i in held if current[i] is Precision.FP16 and unstable]
+                    in_fp16.update(from_fp16)
+                    out = f", the {len(from_fp16)} in fp16 moved out of it as it overflows" if from_fp16 else ""
+                    refused.append(
+                        f"kept {len(held)} layers at their precision{out}: {_over_budget(target, predicted)}"
+                    )
+                # Out of fp16 as asked, but over the budget: to fp32 on a GPU without bf16, a raise the memory check
+                # would refuse. The overflow rule wins (fp16 would go on skipping steps), and the report says so.
+                forced = [i for i in moved if i not in held and kept_at[i] != current[i]]
+                if forced:
+                    still = target.predicted_memory_bytes(batch, wanted)
+                    if still > usable and still > predicted_now:
+                        in_fp16.update(forced)
+                        over_budget = f"; the overflow rule overrides the memory check: {_over_budget(target, still)}"
         if unstable and in_fp16:
             refused.append(
                 f"moved {len(in_fp16)} layers out of fp16 (to {out_of_fp16(Precision.FP16).name.lower()}): "
-                f"overflow rate {overflow_rate:.3g} > {self.config.heuristic.max_overflow_rate:g}"
+                f"overflow rate {overflow_rate:.3g} > {self.config.heuristic.max_overflow_rate:g}{over_budget}"
             )
         try:
             engine.set_precisions(wanted)
@@ -210,7 +221,13 @@ class Executor:
         before = (engine.lr_scale, target.batch_size)
         limit = self.config.max_lr_change
         low, high = engine.lr_scale / limit, engine.lr_scale * limit
-        lr_scale = min(max(action.lr_scale, low), high)
+        # A relative slack for rounding: with rungs exactly max_lr_change apart, 0.3 * 1.5 is one ulp below 0.45, and a
+        # one-rung move read as clamped ("0.45 clamped to 0.45") and left the multiplier off the ladder.
+        lr_scale = action.lr_scale
+        if lr_scale > high * (1 + _LR_BOUND_SLACK):
+            lr_scale = high
+        elif lr_scale < low * (1 - _LR_BOUND_SLACK):
+            lr_scale = low
         if lr_scale != action.lr_scale:
             refused.append(f"LR scale {action.lr_scale} clamped to {lr_scale:.4g} (at most ×{limit} per decision)")
         engine.lr_scale = lr_scale
@@ -277,6 +294,20 @@ def sixteen_bit_formats(device: torch.device) -> tuple[Precision, ...]:
     """
     unsupported = unsupported_precisions(device)
     return tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported)
+
+
+def _over_budget(target: Target, predicted_bytes: int) -> str:
+    """Why a step at the new precisions does not fit: ``predicted_bytes`` of an unsplit step, or of one sample."""
+    if target.splits_batches:
+        return (
+            f"one sample at the new precisions is predicted {predicted_bytes} bytes > {target.usable_memory_bytes} "
+            f"usable of the {target.memory_budget_bytes}-byte budget"
+        )
+    return (
+        f"batch {target.batch_size} at the new precisions is predicted {predicted_bytes} bytes > "
+        f"{target.usable_memory_bytes} usable of the {target.memory_budget_bytes}-byte budget, and this loop cannot "
+        "split a step"
+    )
 
 
 def _way_out_of_fp16(unsupported: Mapping[Precision, str]) -> Callable[[Precision], Precision]:

@@ -109,7 +109,9 @@ class DecisionLoop:
         self._interval_recorded_ms = 0.0  # what recording the per-step statistics took in them
         self._fold_ms = self._fold_cheap_ms = 0.0  # what folding the interval's chunks into the collector took
         self._decided = False  # a snapshot (and so a decision) came after the last training chunk
-        self.grouper = LayerGrouper(self.collector.controllable, config.n_groups)
+        self.grouper = LayerGrouper(
+            self.collector.controllable, config.n_groups, param_counts=run.engine.layer_param_counts
+        )
         self.executor = Executor(config, self.grouper)
         self.layout = ObservationLayout(config.n_groups)
         self.signals: Signals | None = None

@@ -10,15 +10,16 @@ by parameter count). ``peak_curvature = curvature * top10_ratio``: the layer's m
 ``|tr H_l| / n_l`` once measured, else the mini-batch Fisher mean) times how much sharper its sharpest
 decile of coordinates is than its mean (``Signals.sparsity``; 1 when not measured). Rounding noise that is
 not spread evenly over coordinates costs up to the peak, not the mean, so a layer with a few very sharp
-coordinates is not mistaken for a flat one. Grouping has hysteresis: scores are smoothed across decisions, and a
-layer keeps its group while its smoothed score lies within ``margin`` (in log10 units) of that group's
-range.
+coordinates is not mistaken for a flat one. A layer that owns no parameter element (a bias-free output head tied to
+the embedding's weight, which the embedding owns) has no statistics of its own: it reads as the median measured layer,
+not as the flattest. Grouping has hysteresis: scores are smoothed across decisions, and a layer keeps its group
+while its smoothed score lies within ``margin`` (in log10 units) of that group's range.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,9 +151,23 @@ class LayerGrouper:
         n_groups: number of groups.
         smoothing: weight of the previous smoothed score, in [0, 1).
         margin: log10 distance outside its group's score range before a layer changes group.
+        param_counts: the parameter elements each layer owns (the engine's ``layer_param_counts``: a weight tied
+            between layers in its first only), one per layer; None: every layer owns some. A layer that owns none (a
+            bias-free output head tied to the embedding's weight) has no gradient statistics of its own: the signals
+            read 0 for it, which is no measurement, so it is held at the measured layers' median (see ``measured``).
+
+    Attributes:
+        measured: per-layer mask (over all layers) of those the signals measure: the layers owning a parameter element.
     """
 
-    def __init__(self, controllable: np.ndarray, n_groups: int, smoothing: float = 0.5, margin: float = 0.15):
+    def __init__(
+        self,
+        controllable: np.ndarray,
+        n_groups: int,
+        smoothing: float = 0.5,
+        margin: float = 0.15,
+        param_counts: Sequence[int] | None = None,
+    ):
         if not is_whole(n_groups) or n_groups < 1:
             raise ValueError(f"n_groups={n_groups!r} must be a whole number >= 1")
         if not is_real(smoothing) or not (0.0 <= smoothing < 1.0):
@@ -166,6 +181,14 @@ class LayerGrouper:
                 "layers whose precision the controller sets); its matmuls run elsewhere (an nn.Embedding, an RNN, "
                 "x @ w on a parameter): compute them through nn.Linear, or train this model without the controller"
             )
+        if param_counts is None:
+            self.measured = np.ones(len(controllable), dtype=bool)
+        elif len(param_counts) != len(controllable) or any(not is_whole(n) or n < 0 for n in param_counts):
+            raise ValueError(
+                f"param_counts={param_counts!r} must be {len(controllable)} whole numbers >= 0, one per layer"
+            )
+        else:
+            self.measured = np.array([n > 0 for n in param_counts], dtype=bool)
         self.n_groups = n_groups
         self.smoothing = smoothing
         self.margin = margin
@@ -177,9 +200,15 @@ class LayerGrouper:
 
         A non-finite score is no measurement: a NaN leaves the layer's smoothed score as it was (the finite layers'
         median at the first update), +inf counts as the highest finite score (at least 60, the floor's mirror).
-        Smoothed in, either would stay for the rest of the run and pin the layer to one end of the ranking.
+        Smoothed in, either would stay for the rest of the run and pin the layer to one end of the ranking. A layer
+        that owns no parameter element (not ``measured``) scores the measured layers' median at each update: its
+        statistics' 0 read as the lowest score possible, and a policy lowered it first, for good.
         """
         raw = sensitivity(signals)[self.indices]
+        measured = self.measured[self.indices]
+        if not measured.all():
+            finite = raw[measured & np.isfinite(raw)]
+            raw = np.where(measured, raw, np.median(finite) if finite.size else math.nan)
         if not np.isfinite(raw).all():
             raw = self._finite(raw)
         if self._score is None:
@@ -276,7 +305,11 @@ def build_observation(
         raise ValueError(f"the layout has {layout.n_groups} groups; the grouper {grouper.n_groups}: build both alike")
     obs = np.zeros(layout.size, dtype=np.float64)
     g = layout.globals
-    weights = signals.n_params / max(signals.n_params.sum(), 1.0)
+    # A layer owning no parameter element (a tied head: the weight is its embedding's) measures nothing: its
+    # statistics read 0. Its curvature stays out of the mean; in its group it reads as the median measured layer.
+    measured = grouper.measured
+    counted = np.where(measured, signals.n_params, 0.0)
+    weights = counted / max(counted.sum(), 1.0)
     obs[g("log_loss")] = math.log10(max(signals.loss, 1e-6))
     obs[g("loss_trend")] = np.clip(signals.loss_trend, -1, 1)
     ratio = signals.noise_scale / max(signals.batch_size, 1)
@@ -291,8 +324,15 @@ def build_observation(
     obs[g("progress")] = signals.progress
     obs[g("log_curvature")] = math.log10(max(float(np.dot(weights, signals.curvature)), 1e-30)) / 5
 
-    scores = sensitivity(signals)
-    median = float(np.median(scores[grouper.indices]))
+    scores, curvature, variance, snr = sensitivity(signals), signals.curvature, signals.grad_variance, signals.snr
+    reference = grouper.indices[measured[grouper.indices]]  # the controllable layers measured
+    if len(reference) == 0:
+        reference = grouper.indices
+    median = float(np.median(scores[reference]))
+    if not measured.all():
+        scores, curvature, variance, snr = (
+            np.where(measured, values, np.median(values[reference])) for values in (scores, curvature, variance, snr)
+        )
     # Before any estimator round (or when the budget refuses them) curvature and variance both come from the
     # squared gradients, so the score is their square: it may say a group is less sensitive than the median,
     # never more (a round must), as the cheap noise scale may say the batch is above it, never below.
@@ -306,9 +346,9 @@ def build_observation(
         mean = lambda values, w=w: float(np.dot(w, values) / max(w.sum(), 1.0))  # noqa: E731
         relative = mean(scores[members]) - median
         obs[layout.group(group, "rel_sensitivity")] = min(relative, 0.0) if one_sided else relative
-        obs[layout.group(group, "log_curvature")] = math.log10(max(mean(signals.curvature[members]), 1e-30)) / 5
-        obs[layout.group(group, "log_variance")] = math.log10(max(mean(signals.grad_variance[members]), 1e-30)) / 5
-        obs[layout.group(group, "log_snr")] = math.log10(max(mean(signals.snr[members]), 1e-6))
+        obs[layout.group(group, "log_curvature")] = math.log10(max(mean(curvature[members]), 1e-30)) / 5
+        obs[layout.group(group, "log_variance")] = math.log10(max(mean(variance[members]), 1e-30)) / 5
+        obs[layout.group(group, "log_snr")] = math.log10(max(mean(snr[members]), 1e-6))
         obs[layout.group(group, "param_share")] = signals.n_params[grouper.layers_of(group)].sum() / controllable_params
         counts = np.bincount(signals.precisions[members], weights=w, minlength=len(Precision))
         obs[layout.group(group, "is_fp32") + int(np.argmax(counts))] = 1.0
