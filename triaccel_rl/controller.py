@@ -118,8 +118,9 @@ class Controller:
         probe: ``(inputs, targets)``, a held-out batch the estimator rounds draw their sub-batches from (a few hundred
             samples, not trained on; copied to the model's device and kept there). The rounds run the model on it in
             fp32 (the precision map's hooks idle, inside ``autocast()`` too), in the modes its modules train in,
-            leaving batch-norm statistics and the random streams (torch's, Python's, NumPy's) as they were. ``None``:
-            no rounds.
+            leaving batch-norm statistics and the random streams (torch's, Python's, NumPy's) as they were. At each
+            decision the loss on it (no gradients, in the layers' precisions on a GPU) is the observation's probe loss,
+            as in ``compare``. ``None``: no rounds, and the smoothed training loss stands in for the probe loss.
         loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss over the samples (a 0-dim tensor with a graph to
             the parameters), for the rounds; required with ``probe`` (and only with it). It is given what the model
             returns, floating-point tensors in float32 (inside tuples, lists and dicts too). It is tried once at
@@ -213,6 +214,11 @@ class Controller:
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)
             self.memory_budget_bytes = self.memory.resolve(capacity, self.device.type)
             self._estimator_source: EstimatorSource | None = None
+            # The probe batch and its loss, whose value at each decision is the observation's probe loss (None: the
+            # smoothed training loss stands in), kept apart from the rounds', which an out-of-memory round stops.
+            self._probe: tuple[torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]] | None = None
+            if probe_batch is not None and loss_fn is not None:
+                self._probe = (*probe_batch, loss_fn)
             if probe_batch is not None:
                 assert loss_fn is not None
                 self._estimator_source = EstimatorSource(
@@ -1169,6 +1175,43 @@ class Controller:
             # brings this round's estimates back, not the ones before it (as DecisionLoop does).
             self.guard.refresh_extra()
 
+    def _probe_loss(self) -> float:
+        """The loss on the probe batch now, as ``TrainingRun.probe_loss`` reads it (without one: the smoothed loss).
+
+        Run as the run's probe is in ``compare`` and ``TriAccel-v0``, whose observations the learned policy was trained
+        on: no gradients, in the layers' precisions on a GPU (fp32 on a CPU, where 16-bit autocast is slow), the
+        modules' own modes with batch-norm statistics frozen and dropout held (``frozen_batch_stats``), on a fork of
+        the random streams. Until 2026-12-06 a
+        user's loop always read the smoothed training loss, whose trend (augmented batches, a moving model) is noisier.
+        """
+        if self._probe is None:
+            return self.collector.loss_ema
+        inputs, targets, loss_fn = self._probe
+        precision = self.engine.precision
+        # Inside ``with ctl.autocast():`` too (a ctl.step there): a nested context gives the outer one back its state
+        region = precision.context() if self.device.type == "cuda" else precision.suspended()
+        out_of_memory = False
+        try:
+            with (
+                torch.no_grad(),
+                forked_rngs(self.device),
+                frozen_batch_stats(self.model, keep_modes=True),
+                region,
+            ):
+                return float(loss_fn(float_outputs(self.model(inputs)), targets))
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            out_of_memory = True  # handled below, once the traceback's frames (the forward's tensors) are released
+        assert out_of_memory
+        release_memory(self.device)
+        self._probe = None
+        _log.warning(
+            "the probe batch's loss ran out of memory: the decisions read the smoothed training loss for it from now "
+            "on (pass a smaller probe batch)"
+        )
+        return self.collector.loss_ema
+
     def _new_cadence(self) -> Cadence:
         signals = self.config.signals
         return Cadence(
@@ -1553,8 +1596,7 @@ class Controller:
         self._run_round()
         signals = self.collector.snapshot(
             grad_mean_sq_norm=self.engine.grad_mean_sq_norm(),
-            # A user's loop has no held-out probe batch: the smoothed training loss stands in for it.
-            probe_loss=self.collector.loss_ema,
+            probe_loss=self._probe_loss(),
             batch_size=self.batch_size,
             lr_scale=self.engine.lr_scale,
             precisions=self.precisions,

@@ -157,9 +157,10 @@ class Signals:
 
     Attributes:
         loss: smoothed training loss (EMA).
-        loss_trend: relative change of ``probe_loss`` over the last interval (negative = improving); in a user's
-            loop the smoothed training loss stands in for the probe.
-        probe_loss: loss on a fixed held-out probe batch, measured in fp32 at the end of the interval.
+        loss_trend: relative change of ``probe_loss`` over the last interval (negative = improving).
+        probe_loss: loss on a fixed held-out probe batch at the end of the interval, without gradients, in the layers'
+            precisions on a GPU and fp32 on a CPU (``TrainingRun.probe_loss``); in a user's loop without a probe batch
+            (``Controller(probe=None)``) the smoothed training loss stands in for it.
         curvature: per-layer mean curvature per parameter, non-negative: ``|tr(H_l)| / n_l`` from the
             Hutchinson estimator once a scheduled round has run, else the mean diagonal of the
             mini-batch empirical Fisher (``extra["curvature_source"]`` says which).
