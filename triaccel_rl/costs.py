@@ -425,8 +425,9 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
     meanwhile (:func:`_set_aside`): one that collected an activation penalty in a list saw the measurement's outputs
     of 1, 2 and 4 samples as well, and the first step backpropagated through the last two. Forward pre-hooks stay
     (weight and spectral norm, pruning and lazy modules compute the forward's weights or shapes in theirs, and a
-    user's may prepare the inputs), as do torch's own forward hooks and this package's (precision, measurement).
-    With ``user_hooks`` they run too (:func:`_user_hooks_if_needed`: a forward that needs one).
+    user's may prepare the inputs), as do torch's own forward hooks and this package's (precision, measurement); one of
+    those a forward took off (a released precision hook shedding itself) stays off. With ``user_hooks`` they run too
+    (:func:`_user_hooks_if_needed`: a forward that needs one).
     """
     attributes = [(module, dict(module.__dict__)) for module in model.modules()]  # shallow: the objects themselves
     containers = [  # and the contents of those changed in place, the parameter, buffer and submodule dicts among them
@@ -450,12 +451,14 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
     ]
     global_hooks = nn.modules.module._global_forward_hooks
     global_saved = dict(global_hooks)
+    set_aside: list[tuple[nn.Module, collections.OrderedDict[int, Callable[..., object]]]] = []
     if not user_hooks:
         for key, hook in global_saved.items():
             if not _kept(hook):
                 del global_hooks[key]
         for module, _ in attributes:  # a new dict: the attributes put back below restore the module's own
             module._forward_hooks = _set_aside(module._forward_hooks)
+            set_aside.append((module, module._forward_hooks))
     python_state = random.getstate()
     try:
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
@@ -468,6 +471,15 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
             for name in module.__dict__.keys() - saved.keys():
                 del module.__dict__[name]
             module.__dict__.update(saved)
+        # A hook the forwards took off the set-aside dict stays off: a released precision hook of a model copied while
+        # a Controller was open sheds itself at a forward (``precision._drop_released_hooks``), and, put back, it was
+        # called, idle, at every forward for good. (A handle's remove() reaches the module's own dict already.)
+        for module, aside in set_aside:
+            hooks = module._forward_hooks
+            for key in [key for key, hook in hooks.items() if _kept(hook) and key not in aside]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
         for container, contents in containers:
             _put_back(container, contents)
         for module, training in modes:

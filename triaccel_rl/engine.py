@@ -282,7 +282,8 @@ class StepEngine:
             or the fused step called. Set while ``update_reached`` is not, the step raised part-way through the update
             (out of memory in ``AdamW``'s ``sqrt``): some parameters and optimizer state may have moved, so the batch
             is spent and the step cannot be retried."""
-            self._reference_applied = 0  # updates applied on the reference path (the fused one counts on the device)
+            # Updates applied on the reference path, one raised part-way included (the fused one counts on the device)
+            self._reference_applied = 0
             reason = _fused_unsupported(optimizer, self.layer_params)
             if fused and reason:
                 raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
@@ -683,6 +684,12 @@ class StepEngine:
                             self.optimizer.step()
                     finally:
                         self._stepping = False
+                        if self.update_started and not self.update_reached:
+                            # The update raised part-way (AdamW's step counts and some parameters moved): it counts as
+                            # applied, as its batch counts as trained on. Left out, the interval read it as a skipped
+                            # step, an overflow: an LR cut, and no fresh rollback copy. (The fused path's device
+                            # counter already has an update whose kernel ran.)
+                            self._reference_applied += 1
             finished = True
         finally:  # also after a step that raised (a user's step hook): the next step starts clean
             if unscaled:
@@ -723,7 +730,9 @@ class StepEngine:
 
         On the fused path this reads the optimizer's device counter (a host-device sync; a rollback, which
         restores the optimizer's state, restores it too); on the reference path it is a host count, which
-        a rollback leaves alone. Differences over an interval give its skipped steps without recording each.
+        a rollback leaves alone. Differences over an interval give its skipped steps without recording each. An update
+        that raised part-way (``update_started`` without ``update_reached``) counts: it is no skip (on the fused path
+        the counter has it once the update kernel ran).
         """
         if self.fused:
             return int(self.fused_optimizer.step_count.item())  # host-device sync

@@ -482,6 +482,11 @@ class LayerPrecision:
             self._hooks.append(_pickled_hooks.named(hook))
             self._handles.append(register(hook, **options))
 
+        # A model copied while an earlier LayerPrecision was in (and since removed) sheds its hooks now: its first
+        # forward may be a cost measurement's, which sets the forward hooks aside, so a released pre-hook shed its
+        # post-hook from the set-aside dict only, and the one put back was called, idle, at every forward for good.
+        for module in model.modules():
+            _drop_released_hooks(module)
         for index, module in enumerate(self._modules):
             if self.layers[index].controllable:
                 add(module.register_forward_pre_hook, self._make_pre_hook(index), with_kwargs=True)
@@ -1035,7 +1040,7 @@ def _drop_released_hooks(module: nn.Module) -> None:
     Called by a released pre-hook, before torch runs the forward hooks: torch calls the pre-hooks from a snapshot of
     their dict, but, when the forward raised, iterates the forward hooks' own dict, which a forward hook must not change
     ("mutated during iteration"). Left in a graph ``torch.compile`` traces (its guards read the hooks): dropped at the
-    next eager call.
+    next eager call. And on every module of a model a ``LayerPrecision`` is installed on, before its own hooks.
     """
     if torch.compiler.is_compiling():
         return
