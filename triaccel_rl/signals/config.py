@@ -103,9 +103,10 @@ class SignalConfig:
             but not charged to the budget. Its measured cost (one-time costs included, so on the high side)
             predicts the first charged round's, which then runs only if the whole run's budget allows it
             (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU in measured cost
-            mode once per process and round shape: later runs of the same model skip it and predict from the round
-            costs measured earlier in the process. On a CPU and in profile cost mode every run has its warm-up, so
-            that a run repeats for a seed whatever ran before it in the process.
+            mode once per process and round shape, and in two passes, the second measuring the round without the
+            one-time costs (which made the first 14x a round on EfficientNet-B0): later runs of the same model skip
+            it and predict from the round costs measured earlier in the process. On a CPU and in profile cost mode
+            every run has its warm-up, so that a run repeats for a seed whatever ran before it in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
         observe_budget_frac: share of step time that recording the per-step statistics may take in a
             ``Controller`` on a GPU, and in a ``TrainingRun`` a ``DecisionLoop`` drives (``compare``, the
