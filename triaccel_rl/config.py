@@ -162,6 +162,12 @@ class _Factors(dict[str, float]):
         return (_Factors, (dict(self),))
 
 
+# The largest time or memory factor a profile may hold, a bound no precision comes near (the shipped H200's factors
+# are 0.25 to 1; fp16 at 1/64 of fp32's rate on a Pascal card would be 64): a factor of 1e308 was taken, priced every
+# step at inf and overflowed the memory accounting's int().
+_MAX_FACTOR = 1e3
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     """Per-precision speed and memory factors of one GPU, used to charge cost on machines without it.
@@ -172,9 +178,9 @@ class HardwareProfile:
 
     Attributes:
         device: name of the GPU it was measured on.
-        time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0); fp16's
+        time_factor: step-time multiplier per precision name relative to fp32 (fp32 = 1.0), each in (0, 1e3]; fp16's
             includes the GradScaler's unscale and overflow check.
-        memory_factor: activation-memory multiplier per precision name relative to fp32.
+        memory_factor: activation-memory multiplier per precision name relative to fp32, each in (0, 1e3].
         fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms, in [0, 1e7].
         throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time), in
             (0, 1e3].
@@ -208,8 +214,9 @@ class HardwareProfile:
                 )
                 raise ConfigError(f"hardware profile {label} {wrong}; needs {sorted(names)}")
             for key, value in table.items():
-                if not (is_finite_real(value) and value > 0):
-                    raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be a finite number > 0")
+                if not (is_finite_real(value) and 0 < value <= _MAX_FACTOR):
+                    bound = f"a finite number > 0 and <= {_MAX_FACTOR:g}"
+                    raise ConfigError(f"hardware profile {label}[{key!r}]={value!r} must be {bound}")
             if table["fp32"] != 1.0:
                 raise ConfigError(
                     f"hardware profile {label}['fp32']={table['fp32']!r} must be 1.0: factors are relative to fp32"

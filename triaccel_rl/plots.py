@@ -31,7 +31,8 @@ def plot_comparison(
     - ``batch_lr_vs_time.png``: batch size and LR scale against time (the multiplier on the task's base LR, so an
       adaptive row started at x0.5 and a static x0.5 row draw one line at one LR; ``RunResult.trace``);
     - ``precision_map_<controller>.png``: per-layer precision over decisions (the controller's lowest seed), a heat
-      map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``.
+      map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``, and ``_2``,
+      ``_3``, ... appended to a name an earlier row's map already has.
 
     The last three read each run's ``trace``: one row per decision point, or for a plain loop's row (``plain-*``) one
     per evaluation, with its one precision throughout, its fixed batch and LR scale, and each evaluation interval's
@@ -121,6 +122,7 @@ def plot_comparison(
     paths.append(_save(fig, out / "batch_lr_vs_time.png"))
 
     cmap = ListedColormap(["#3b6fb6", "#f2a541", "#d1495b"])  # fp32, bf16, fp16
+    map_names: set[str] = set()
     for controller in controllers:
         run = min((r for r in results if r.controller == controller), key=lambda r: r.seed)
         if not run.trace:
@@ -136,7 +138,9 @@ def plot_comparison(
         ax.set_title(f"Per-layer precision over time: {controller} (seed {run.seed})")
         bar = fig.colorbar(image, ax=ax, ticks=[0, 1, 2])
         bar.ax.set_yticklabels(["fp32", "bf16", "fp16"])
-        paths.append(_save(fig, out / f"precision_map_{_safe(controller)}.png"))
+        # Rows "learned:my policy.zip" and "learned:my_policy.zip" clean to one name: the second map overwrote the first
+        map_name = _unique(_safe(controller), map_names)
+        paths.append(_save(fig, out / f"precision_map_{map_name}.png"))
     return paths
 
 
@@ -180,3 +184,13 @@ def _safe(name: str) -> str:
     A ``/`` too: two rows named after files in two folders kept only their last parts, and one plot overwrote the other.
     """
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or it with the first suffix ``_2``, ``_3``, ... not in ``taken``; the one returned is added to it."""
+    unique, count = name, 1
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    return unique
