@@ -22,10 +22,13 @@ from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.reward import reward
 from triaccel_rl.tasks import get_task, task_names
-from triaccel_rl.training import TrainingRun, resolve_device
+from triaccel_rl.training import TrainingRun, probe_count, resolve_device
 from triaccel_rl.types import Signals
 
 __all__ = ["TriAccelEnv"]
+
+_NEGLIGIBLE_STEP_SHARE = 0.01
+"""A budget left under this share of a step is spent: the cut takes no step of which less fits, and the episode ends."""
 
 
 class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -56,7 +59,13 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     for an interval being cheap. The interval that would overrun the budget is cut to the steps the
     budget has left (estimated from the modelled step time as a step is charged, a micro-batch's fixed cost each
     included: ``TrainingRun.planned_step_ms``; in ``measured`` mode scaled by the last interval's clock time over its
-    modelled time) and counts only the share of its progress that fitted.
+    modelled time) and counts only the share of its progress that fitted, ``min(1, budget_left / cost)``. A remainder
+    under 1% of a step is not spent: the cut takes no step of which less than that fits, and the episode ends once
+    what is left would pay for less than 1% of the next step (at the settings of the last one). The return is then
+    the log-loss drop reached in the budget less at most that remainder, with every reward exactly as above; without
+    the rule, an interval a hair cheaper than the reference left a sliver of the budget, and one more decision
+    trained a whole step for a reward of ~1e-4: a near-zero transition in almost every episode, and a final model
+    with a step the budget had barely paid for.
 
     **Episode end**: ``terminated`` when the run diverges (non-finite probe loss, every step of an
     interval skipped while no fp16 loss scale is still backing off from its start, or the probe loss above
@@ -67,8 +76,10 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     budget that no run earns.) ``truncated`` only after ``max_decisions`` decisions, a safety net for near-free
     steps that is not part of the task.
 
-    **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions: the
-    observations, rewards and per-step ``info`` repeat bit for bit (the episode's last ``info`` adds its final
+    **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions, at a fixed
+    torch thread count (``torch.get_num_threads()``: the CPU's reductions split by thread, and their rounding with
+    them, so the same seed at 1 and at 2 threads gives probe losses a few ulps apart): the observations, rewards and
+    per-step ``info`` repeat bit for bit (the episode's last ``info`` adds its final
     ``test_accuracy``; its wall-clock figures, the controller's overhead share and the training time, are in
     ``episode_summary`` once it ends, until the next episode ends: ``env.unwrapped.episode_summary`` through
     ``gym.make``'s wrappers, ``venv.get_attr("episode_summary")`` in a vector env). The run draws from its own torch
@@ -92,7 +103,8 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             read here (a ``ControllerConfig`` defaults to measured, for the ``Controller``).
         profile: a ``HardwareProfile``, or the path of its JSON; the shipped H200 profile by default.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
-        task_overrides: fields to override on the task (``{"n_train": 2048}``).
+        task_overrides: fields to override on the task (``{"n_train": 2048}``). The base batch must fit the training
+            split: ``n_train`` less the samples held out for the probe loss (``training.probe_count``).
         divergence_factor: probe loss above this multiple of its starting value ends the episode.
         compute_bound: in profile mode, charge only the compute part of a step (no fixed per-step
             overhead), as if proxy tasks stood in for models large enough to keep a GPU busy. Off by
@@ -193,6 +205,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.episode_summary: dict[str, float] | None = None
         resolve_device(device)  # a device torch does not know, or CUDA where there is none: refused now, not at reset
         self.task = get_task(task, **(task_overrides or {}))
+        _check_base_batch_fits(self.task.name, self.task.n_train, self.task.base_batch_size)
         self.config = config or ControllerConfig(cost_mode=CostMode.parse(cost_mode))
         self.reward_config = reward_config or RewardConfig()
         if max_decisions is None:
@@ -207,7 +220,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self.cost_mode = CostMode.parse(cost_mode)
         self.profile = HardwareProfile.resolve(profile)
         self.device = device
-        self.divergence_factor = divergence_factor
+        self.divergence_factor = float(divergence_factor)  # a NumPy float32 overflowed, and rounded, the threshold
         self.compute_bound = bool(compute_bound)
         self.layout = ObservationLayout(self.config.n_groups)
         self.observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
@@ -314,10 +327,11 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         # micro-batches included; in measured mode scaled by the last interval's clock time over its modelled time
         # (an estimate: the reward's pro-rating makes the charged share exact either way; the modelled time alone is
         # the profiled GPU's, and on the CPU never cut an interval: the last one ran 59% past the budget). A budget
-        # that runs out mid-step takes that step and counts the part of its progress that fitted.
+        # that runs out mid-step takes that step and counts the part of its progress that fitted, unless under
+        # _NEGLIGIBLE_STEP_SHARE of it fits: a whole step trained for a sliver of its reward (the budget then ends).
         planned_ms = run.planned_step_ms(run.batch_size)
         step_ms = max(planned_ms * self._clock_per_model, 1e-12)
-        steps = max(1, min(self.config.interval_steps, math.ceil(budget_left_ms / step_ms - 1e-9)))
+        steps = max(1, min(self.config.interval_steps, math.ceil(budget_left_ms / step_ms - _NEGLIGIBLE_STEP_SHARE)))
         interval = self.loop.train_interval(max_steps=steps)
         self._clock_per_model = self._measured_over_planned(interval.charged_ms, interval.steps, planned_ms)
         cost_ms = max(interval.charged_ms, 1e-9)
@@ -345,8 +359,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             config=self.reward_config,
         )
         self._previous_probe = signals.probe_loss
-        # A relative tolerance: the budget is a sum of the same floats the spending adds up.
-        spent = self.spent_ms >= self.budget_ms * (1 - 1e-9)
+        # Spent once what is left would pay for under _NEGLIGIBLE_STEP_SHARE of the next step (priced at the settings
+        # just trained): an interval a hair cheaper than the reference (0.001%-0.2% of a step) left a sliver, and the
+        # decision after it trained a whole step for a reward of ~1e-4. Ending here forfeits the sliver rather than
+        # folding it into this interval's reward, which stays the exact share of its progress that fitted.
+        next_step_ms = max(run.planned_step_ms(run.batch_size) * self._clock_per_model, 1e-12)
+        spent = self.budget_ms - self.spent_ms < _NEGLIGIBLE_STEP_SHARE * next_step_ms
         terminated = diverged or spent
         truncated = self.loop.decisions >= self.max_decisions and not terminated
         info: dict[str, Any] = {
@@ -445,3 +463,23 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     def _progress(self) -> float:
         """Share of the episode's time budget spent, in [0, 1] (``compare`` feeds the share of its epochs)."""
         return min(1.0, self.spent_ms / self.budget_ms) if self.budget_ms > 0 else 0.0
+
+
+def _check_base_batch_fits(task: str, n_train: int | None, base_batch_size: int) -> None:
+    """Refuses a base batch larger than the training split (``n_train`` less the probe's samples) when it is built.
+
+    ``reset`` refused it otherwise, naming a batch and a sample count but not ``n_train``. A task whose ``n_train``
+    is None (the loader's default: 4096 generated samples, or a whole data file) is checked when its data is loaded.
+    """
+    if n_train is None:
+        return
+    n_trained = n_train - probe_count(n_train)  # n_train=1 is refused here, by name: the probe needs a sample
+    if base_batch_size > n_trained:
+        needed = base_batch_size + 1
+        while needed - probe_count(needed) < base_batch_size:
+            needed += 1
+        raise ValueError(
+            f"n_train={n_train} leaves task {task!r} {n_trained} training samples ({n_train - n_trained} held out for "
+            f"the probe loss), fewer than its base_batch_size={base_batch_size}: give n_train >= {needed} "
+            "(task_overrides={'n_train': ...}) or a smaller base_batch_size"
+        )

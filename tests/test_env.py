@@ -117,7 +117,10 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
     """The environment itself (not a model of it): budget cut, step count and the reward it hands out."""
     config = ControllerConfig(interval_steps=3)
     reward_config = RewardConfig(budget_intervals=2)
-    env = TriAccelEnv(task="synthetic", config=config, reward_config=reward_config, task_overrides={"n_train": 1024})
+    # transformer-seq: a halved step costs 0.96 of the base one there (0.9997 on synthetic, whose 6 steps left a
+    # sliver of budget that the episode now forfeits rather than train a seventh step on)
+    env = TriAccelEnv(task="transformer-seq", config=config, reward_config=reward_config,
+                      task_overrides={"n_train": 1024})  # fmt: skip
     _, start = env.reset(seed=0)
     run = env.loop.run
     fp32_step_ms = run.modelled_step_ms()
@@ -133,7 +136,7 @@ def test_a_halved_batch_runs_more_steps_in_the_same_budget_and_the_overrun_earns
         assert not truncated
         infos.append(info)
         rewards.append(value)
-    steps = math.ceil(start["budget_ms"] / half_step_ms - 1e-9)
+    steps = math.ceil(start["budget_ms"] / half_step_ms - 0.01)  # a step of which under 1% fits is not taken
     assert sum(i["steps"] for i in infos) == steps > 6  # more steps than the 2 x 3 of the base batch
     assert infos[-1]["steps"] == steps - 3 * (len(infos) - 1)
     # Every reward is the reward function of what the episode measured; the last one with the budget's share.

@@ -1183,7 +1183,8 @@ def test_the_evaluation_at_a_step_count_scores_the_checkpoint_of_that_count(tmp_
     from triaccel_rl.rl import make_env_fns
 
     held_out = ["deep-mlp-synthetic"]
-    train_policy(["synthetic"], total_timesteps=12, n_steps=4, batch_size=4, seed=0, checkpoint_every=4,
+    # seed 1: at seed 0 the checkpoints of 8 and 12 score alike (0.029618), and the test could not tell them apart
+    train_policy(["synthetic"], total_timesteps=12, n_steps=4, batch_size=4, seed=1, checkpoint_every=4,
                  eval_tasks=held_out, eval_every=4, out=tmp_path / "policy.zip", **_TINY)  # fmt: skip
     saved = np.load(tmp_path / "eval" / "evaluations.npz")
     assert saved["timesteps"].tolist() == [4, 8, 12]
@@ -1193,7 +1194,7 @@ def test_the_evaluation_at_a_step_count_scores_the_checkpoint_of_that_count(tmp_
         torch.set_num_threads(1)  # otherwise, and the scores differed in the 5th figure
         try:
             env = DummyVecEnv(make_env_fns(held_out, 1, 3, 2, None, reward_config=RewardConfig(budget_intervals=2)))
-            env.seed(0)
+            env.seed(1)
             rewards, _ = evaluate_policy(PPO.load(policy_zip, device="cpu"), env, n_eval_episodes=1,
                                          deterministic=True, return_episode_rewards=True)  # fmt: skip
             env.close()

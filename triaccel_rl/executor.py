@@ -243,7 +243,14 @@ class Executor:
             grown = min(batch * 2, limit)
             predicted = target.predicted_memory_bytes(grown)
             usable = target.usable_memory_bytes
-            if grown <= batch:
+            if batch > limit:  # set above it (by hand, or a base batch above an eighth of the data): kept, not cut
+                bound = (
+                    f"max_batch_size={limit}"
+                    if limit == self.config.max_batch_size
+                    else f"the data's largest batch {limit} (an eighth of the training samples)"
+                )
+                refused.append(f"batch {batch} is above {bound}")
+            elif grown <= batch:
                 refused.append(f"batch {batch} already at its largest allowed size {limit}")
             elif predicted > usable:
                 refused.append(

@@ -186,7 +186,7 @@ def test_growth_stops_at_the_configs_and_the_datas_largest_batch() -> None:
     assert report.batch_size == 100 and not report.changed
     assert report.refused == ["batch 100 already at its largest allowed size 100"]
     run.batch_size = 512  # a batch set above both bounds is not grown, nor cut by a grow
-    assert loop.executor.apply(_grow(config), run).refused == ["batch 512 already at its largest allowed size 100"]
+    assert loop.executor.apply(_grow(config), run).refused == ["batch 512 is above max_batch_size=100"]
     assert run.batch_size == 512
     wide = DecisionLoop(TrainingRun(small_task(n_train=1200), seed=0, device="cpu"), ControllerConfig(interval_steps=2))
     wide.run.batch_size = 128
