@@ -28,13 +28,16 @@ class Net(nn.Module):
         return self.body(x)
 
 
-def run(probe, policy="fp32", on_decision=None, signals=CHEAP):
+def run(probe, policy="fp32", on_decision=None, signals=CHEAP, prepare=None):
+    """Two epochs in a user's loop; ``on_decision(model, ctl)`` after each decision; ``prepare(ctl)`` before."""
     torch.manual_seed(0)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     config = ControllerConfig(interval_steps=2, signals=signals)
     loss_fn = nn.functional.cross_entropy if probe is not None else None
     ctl = ta.Controller(model, optimizer, policy=policy, config=config, probe=probe, loss_fn=loss_fn)
+    if prepare is not None:
+        prepare(ctl)
     for x, y in ctl.loader(DATA, batch_size=16, epochs=2):
         with ctl.autocast():
             loss = nn.functional.cross_entropy(model(x), y)
@@ -115,18 +118,7 @@ def test_the_heuristic_reads_the_probe_loss_trend():
 
 
 def test_a_probe_loss_out_of_memory_falls_back_to_the_smoothed_loss_and_training_goes_on(monkeypatch, caplog):
-    torch.manual_seed(0)
-    model = Net()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = ta.Controller(
-        model,
-        optimizer,
-        policy="fp32",
-        config=ControllerConfig(interval_steps=2, signals=CHEAP),
-        probe=PROBE,
-        loss_fn=nn.functional.cross_entropy,
-    )
-    calls = []
+    calls, read = [], []
 
     def loss_or_oom(outputs, targets):
         calls.append(len(targets))
@@ -134,16 +126,15 @@ def test_a_probe_loss_out_of_memory_falls_back_to_the_smoothed_loss_and_training
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return nn.functional.cross_entropy(outputs, targets)
 
-    ctl._probe = (*ctl._probe[:2], loss_or_oom)
-    read = []
+    def oom_at_the_second(ctl):
+        ctl._probe = (*ctl._probe[:2], loss_or_oom)
+
     with caplog.at_level(logging.WARNING, logger="triaccel_rl"):
-        for x, y in ctl.loader(DATA, batch_size=16, epochs=2):
-            with ctl.autocast():
-                loss = nn.functional.cross_entropy(model(x), y)
-            decisions = len(ctl.decisions)
-            ctl.step(loss)
-            if len(ctl.decisions) > decisions:
-                read.append((ctl.signals.probe_loss, ctl.collector.loss_ema))
+        run(
+            PROBE,
+            prepare=oom_at_the_second,
+            on_decision=lambda model, ctl: read.append((ctl.signals.probe_loss, ctl.collector.loss_ema)),
+        )
     assert calls == [32, 32] and len(read) == 6
     assert "the probe batch's loss ran out of memory" in caplog.text
     assert read[0][0] != read[0][1] and all(probe == ema for probe, ema in read[1:])
