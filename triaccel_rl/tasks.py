@@ -427,7 +427,7 @@ register_task(
 register_task(
     Task(
         name="deep-mlp-synthetic",
-        description="6-layer MLP (width 128) on seeded Gaussian clusters, AdamW",
+        description="MLP with 6 hidden layers of 128 (7 Linear layers) on seeded Gaussian clusters, AdamW",
         build_model=functools.partial(MLP, 32, (128,) * 6, 10),
         load_data=synthetic_data,
         optimizer="adamw",
