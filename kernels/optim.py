@@ -201,6 +201,9 @@ class _FusedOptimizer:
         self._default_codes = torch.zeros(store.n_layers, dtype=torch.int32, device=store.device)
         self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
         self._layout_text = repr(store.param_layout)  # what checkpoints hold (state_dict)
+        self.update_launched = False
+        """Whether the last :meth:`step` launched its update: an error after it (rewriting the 16-bit copies
+        allocates) leaves the update in; one before it (allocating the statistics) moved nothing."""
 
     def _check_decay(self, options: SGDOptions | AdamWOptions | None = None) -> None:
         """Raises a ValueError when a per-group weight decay does not cover the store's groups.
@@ -300,6 +303,7 @@ class _FusedOptimizer:
             ValueError: naming an argument out of range or of the wrong type (a list or a NumPy array where a tensor
                 is due: with the type received), before anything changes.
         """
+        self.update_launched = False
         if not _is_number(lr) or not 0.0 <= lr < math.inf:  # None raised a TypeError from the comparison
             raise ValueError(f"lr must be a finite number >= 0, got {_type_name(lr)} {lr!r}")
         if not isinstance(inv_scale, torch.Tensor) and (not _is_number(inv_scale) or not 0.0 < inv_scale < math.inf):
@@ -346,6 +350,7 @@ class _FusedOptimizer:
         without_grad = store.take_params_without_grad()
         self._mark_sitting_out(without_grad)
         untouched = self._saved_slices(without_grad)
+        self.update_launched = True
         self._update(float(lr), factors, codes, stats, inv_scale)
         for slice_, saved in untouched:  # as torch.optim, which skips a parameter whose gradient is None
             slice_.copy_(saved)

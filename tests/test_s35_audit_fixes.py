@@ -111,6 +111,37 @@ def test_a_users_loop_reads_an_update_that_raised_part_way_as_applied(monkeypatc
         assert float(optimizer.state[model[0].weight]["step"]) == 4
 
 
+def test_a_fused_step_that_fails_before_its_update_kernel_hands_its_batch_back(monkeypatch: pytest.MonkeyPatch):
+    """An out-of-memory error in the fused step before its update kernel launched (taking the copies of the parameters
+    that sit the step out allocates) moved nothing: the step is no step, and ``loader()`` serves its batch again. It was
+    taken as a part-way update, the batch spent with no update."""
+    _needs_fused(True)
+    monkeypatch.setattr(controller_module, "StepEngine", _FusedEngine)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl = ta.Controller(model, optimizer, policy="heuristic", config=ControllerConfig(interval_steps=4))
+    served: list[torch.Tensor] = []
+
+    def train() -> None:
+        for x, y in ctl.loader(DATA, batch_size=16, epochs=1):
+            served.append(x)
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+            if ctl.decisions:
+                return
+
+    _raise_once(monkeypatch, ctl.engine.fused_optimizer, "_saved_slices", 2)
+    with pytest.raises(torch.OutOfMemoryError):
+        train()
+    assert not ctl.engine.update_started and ctl.steps == ctl.engine.applied_steps() == 1
+    monkeypatch.undo()
+    train()
+    assert torch.equal(served[2], served[1])  # the failed step's batch, served again
+    assert len(ctl.decisions) == 1 and ctl.steps == ctl.engine.applied_steps() == 4 and ctl.skipped_steps == 0
+
+
 # --------------------------------------------------------------------------------- TrainingRun
 
 

@@ -279,9 +279,9 @@ class StepEngine:
             raised after it (a step post-hook): a caller knows its batch was trained on."""
             self.update_started = False
             """Whether the last step's update began: the optimizer's own ``step()`` was entered (after every pre-hook)
-            or the fused step called. Set while ``update_reached`` is not, the step raised part-way through the update
-            (out of memory in ``AdamW``'s ``sqrt``): some parameters and optimizer state may have moved, so the batch
-            is spent and the step cannot be retried."""
+            or the fused step's update kernel launched. Set while ``update_reached`` is not, the step raised part-way
+            through the update (out of memory in ``AdamW``'s ``sqrt``): some parameters and optimizer state may have
+            moved, so the batch is spent and the step cannot be retried."""
             # Updates applied on the reference path, one raised part-way included (the fused one counts on the device)
             self._reference_applied = 0
             reason = _fused_unsupported(optimizer, self.layer_params)
@@ -1564,16 +1564,20 @@ class StepEngine:
             overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
             if overflow_elsewhere is not None:
                 skip = skip | overflow_elsewhere
-            # From here an error may come after the update kernel ran (rewriting the 16-bit copies allocates)
-            self.update_started = True
-            result = self.fused_optimizer.step(
-                lr,
-                self._factors,
-                self._codes,
-                inv_scale=self._scale.reciprocal() if scaling and transformed_overflow is None else 1.0,
-                max_grad_norm=self.max_grad_norm,
-                skip=skip,
-            )
+            try:
+                result = self.fused_optimizer.step(
+                    lr,
+                    self._factors,
+                    self._codes,
+                    inv_scale=self._scale.reciprocal() if scaling and transformed_overflow is None else 1.0,
+                    max_grad_norm=self.max_grad_norm,
+                    skip=skip,
+                )
+            finally:
+                # The update began where its kernel was launched: an error after it (rewriting the 16-bit copies
+                # allocates) leaves it in, one before it (allocating the statistics) moved nothing, and the step's
+                # batch goes back (it was taken as spent, with no update, until 2026-12-06)
+                self.update_started = self.fused_optimizer.update_launched
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
             self._zero_unstored_gradients()  # nor those of a param group added (or a parameter unfrozen) since
