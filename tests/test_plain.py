@@ -201,3 +201,12 @@ def test_plain_loop_reports_time_to_target_and_stops_at_the_time_cap():
 def test_plain_loop_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_plain("synthetic", 0, device="cpu", **kwargs)
+
+
+def test_a_cpu_plain_run_seeds_only_the_generators_it_draws_from(monkeypatch):
+    """``torch.manual_seed`` also seeded every CUDA device's generator (queued for CUDA's start), behind a CPU run's
+    caller; TrainingRun seeds only the run's. The initial weights stay those of the same seed."""
+    seeded_cuda = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded_cuda.append(seed))
+    plain = run_plain("synthetic", 3, precision="fp32", epochs=0.2, eval_every_steps=2, device="cpu")
+    assert seeded_cuda == [] and plain.steps >= 1

@@ -37,6 +37,7 @@ from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.training import (
     IntervalTimer,
+    _seed_run_generators,
     check_time_cap,
     evaluate_accuracy,
     probe_count,
@@ -98,7 +99,7 @@ def run_plain(
     if not isinstance(task, (Task, str)):
         raise TypeError(f"task={task!r} must be a Task or a registered task name, e.g. 'synthetic'")
     task = get_task(task) if isinstance(task, str) else task
-    seed = check_seed("run_plain", seed)  # before torch.manual_seed, whose overflow message names nothing
+    seed = check_seed("run_plain", seed)  # before the seeding, whose overflow message names nothing
     if precision not in PLAIN_PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PLAIN_PRECISIONS)}")
     for name, value in (("epochs", epochs), ("lr_scale", lr_scale)):
@@ -123,7 +124,9 @@ def run_plain(
     device = resolve_device(device)
     release_memory(device)  # earlier runs' garbage must not count in this run's peak
 
-    torch.manual_seed(seed)
+    # The generators the run draws from, as TrainingRun seeds them: torch.manual_seed also seeded every CUDA device's
+    # (queued for CUDA's start where it had not started), behind a CPU run's caller.
+    _seed_run_generators(seed, device)
     model = task.build_model().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
