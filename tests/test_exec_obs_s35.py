@@ -281,7 +281,7 @@ def _lr_target(lr_scale: float) -> SimpleNamespace:
         (0.3, 0.45, 0.45, []),  # 0.3 * 1.5 is 0.44999999999999996: read as a clamp, off the ladder
         (0.2, 0.3, 0.3, []),
         (0.675, 0.45, 0.45, []),
-        (0.3, 0.675, 0.3 * 1.5, ["LR scale 0.675 clamped to 0.45 (at most ×1.5 per decision)"]),
+        (0.3, 0.675, 0.45, ["LR scale 0.675 clamped to 0.45 (at most ×1.5 per decision)"]),
         (1.0, 0.45, 1.0 / 1.5, ["LR scale 0.45 clamped to 0.6667 (at most ×1.5 per decision)"]),
         (1.0, 1.5 * (1 + 1e-9), 1.5, [f"LR scale {1.5 * (1 + 1e-9)} clamped to 1.5 (at most ×1.5 per decision)"]),
     ],

@@ -38,7 +38,8 @@ __all__ = ["ApplyReport", "Executor", "Target", "sixteen_bit_formats", "unsuppor
 _log = logging.getLogger("triaccel_rl")
 
 _LR_BOUND_SLACK = 1e-12
-"""Relative amount by which an asked LR scale may pass the ``max_lr_change`` bound before it is clamped (rounding)."""
+"""Relative amount by which an asked LR scale may pass the ``max_lr_change`` bound before it is clamped, and a clamped
+one may miss a rung of ``lr_scales`` and be put on it (rounding)."""
 
 
 class Target(Protocol):
@@ -222,12 +223,14 @@ class Executor:
         limit = self.config.max_lr_change
         low, high = engine.lr_scale / limit, engine.lr_scale * limit
         # A relative slack for rounding: with rungs exactly max_lr_change apart, 0.3 * 1.5 is one ulp below 0.45, and a
-        # one-rung move read as clamped ("0.45 clamped to 0.45") and left the multiplier off the ladder.
+        # one-rung move read as clamped ("0.45 clamped to 0.45") and left the multiplier off the ladder. A clamp to a
+        # bound that is a rung but for rounding lands on that rung: 0.675 asked from 0.3 stopped at 0.44999999999999996,
+        # and equality checks against the ladder (encode, the heuristic's rungs) missed it from then on.
         lr_scale = action.lr_scale
         if lr_scale > high * (1 + _LR_BOUND_SLACK):
-            lr_scale = high
+            lr_scale = _on_ladder(high, self.config.lr_scales)
         elif lr_scale < low * (1 - _LR_BOUND_SLACK):
-            lr_scale = low
+            lr_scale = _on_ladder(low, self.config.lr_scales)
         if lr_scale != action.lr_scale:
             refused.append(f"LR scale {action.lr_scale} clamped to {lr_scale:.4g} (at most ×{limit} per decision)")
         engine.lr_scale = lr_scale
@@ -301,6 +304,11 @@ def sixteen_bit_formats(device: torch.device) -> tuple[Precision, ...]:
     """
     unsupported = unsupported_precisions(device)
     return tuple(p for p in (Precision.BF16, Precision.FP16) if p not in unsupported)
+
+
+def _on_ladder(lr_scale: float, ladder: Sequence[float]) -> float:
+    """The rung of ``ladder`` that ``lr_scale`` is but for rounding (within ``_LR_BOUND_SLACK``), else ``lr_scale``."""
+    return next((rung for rung in ladder if math.isclose(lr_scale, rung, rel_tol=_LR_BOUND_SLACK)), lr_scale)
 
 
 def _over_budget(target: Target, predicted_bytes: int) -> str:

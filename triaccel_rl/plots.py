@@ -32,7 +32,8 @@ def plot_comparison(
       adaptive row started at x0.5 and a static x0.5 row draw one line at one LR; ``RunResult.trace``);
     - ``precision_map_<controller>.png``: per-layer precision over decisions (the controller's lowest seed), a heat
       map; ``<controller>`` with characters other than letters, digits, ``-``, ``_`` and ``.`` as ``_``, and ``_2``,
-      ``_3``, ... appended to a name an earlier row's map already has.
+      ``_3``, ... appended to a name an earlier row's map already has, in any case (``Heuristic`` after
+      ``heuristic`` gets ``_2``: one file on a case-insensitive file system, macOS's or Windows').
 
     The last three read each run's ``trace``: one row per decision point, or for a plain loop's row (``plain-*``) one
     per evaluation, with its one precision throughout, its fixed batch and LR scale, and each evaluation interval's
@@ -187,10 +188,14 @@ def _safe(name: str) -> str:
 
 
 def _unique(name: str, taken: set[str]) -> str:
-    """``name``, or it with the first suffix ``_2``, ``_3``, ... not in ``taken``; the one returned is added to it."""
+    """``name``, or it with the first suffix ``_2``, ``_3``, ... not in ``taken`` in any case; added to it case-folded.
+
+    Compared case-folded: macOS and Windows file systems ignore case by default, and rows "Heuristic" and "heuristic"
+    wrote one file there, the second map overwriting the first.
+    """
     unique, count = name, 1
-    while unique in taken:
+    while unique.casefold() in taken:
         count += 1
         unique = f"{name}_{count}"
-    taken.add(unique)
+    taken.add(unique.casefold())
     return unique
