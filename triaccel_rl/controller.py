@@ -685,6 +685,13 @@ class Controller:
                 if isinstance(error, Exception) and is_out_of_memory(error):
                     raise UnrecoverableOOMError(f"out of memory: {what}: {error}") from error
                 _log.error("%s: %s: %s", what, type(error).__name__, error)  # the error goes on as it is
+                # The gradients' statistics were taken before the update began (on the reference path; the fused step
+                # keeps none of one that raised): a loop that catches the error and goes on gets the step's statistics
+                # and its decision when due, as after a post-hook's error (until 2026-12-07 neither, and every later
+                # decision came a step late). Not after an OOM: a decision's work would allocate on a device that just
+                # ran out, and its own OOM would hide the UnrecoverableOOMError. Nor on a Ctrl-C: it stops the loop.
+                if isinstance(error, Exception) and self.engine.last_grad_stats is not None:
+                    self._after_update(loss, self.engine.last_grad_stats)
             raise
         self._count_step()
         self._after_update(loss, grads)

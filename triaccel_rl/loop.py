@@ -130,8 +130,9 @@ class DecisionLoop:
 
         The next decision point is ``cadence.steps`` steps after the last :meth:`snapshot`; a caller that
         stops short (``max_steps``, e.g. to evaluate at fixed steps) calls this again to finish the interval
-        (:attr:`decision_due` says when to take the snapshot). The steps run through
-        ``TrainingRun.train_interval``: one host-device sync per call. The decision work between an
+        (:attr:`decision_due` says when to take the snapshot). A call once the interval is whole, with no snapshot
+        taken, starts it anew as :meth:`discard_interval` does: no snapshot reads the steps passed over. The steps
+        run through ``TrainingRun.train_interval``: one host-device sync per call. The decision work between an
         interval's end and the next call (snapshot, policy, executor; not the estimator rounds, which have
         their own budget) is what ``cadence`` measures.
         """
@@ -186,7 +187,6 @@ class DecisionLoop:
         if self._decided:  # the interval the snapshot closed is recorded at the next train_interval() call
             return
         self._restart_interval()
-        self.collector.discard_interval()
 
     def time_precisions(
         self,
@@ -359,3 +359,6 @@ class DecisionLoop:
         self.cadence.add_training(self._interval_train_ms)
         self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
         self._fold_ms = self._fold_cheap_ms = 0.0
+        # Kept, the next snapshot read the passed-over steps with its own: their skips in its overflow rate, their time
+        # in its step time (until 2026-12-07, where train_interval went on past a decision point with no snapshot)
+        self.collector.discard_interval()
