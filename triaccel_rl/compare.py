@@ -69,7 +69,8 @@ class RunResult:
         batch_changes: decisions that changed the batch size.
         lr_changes: decisions that changed the LR multiplier.
         skipped_steps: updates skipped for non-finite gradients.
-        overhead_frac: share of training time spent on signals and decisions.
+        overhead_frac: time spent on signals and decisions over training time (not a share of the total: a
+            run of a few steps can read over 1).
         steps: optimizer steps taken.
         curve: ``(time_s, test_metric, batch_size, lr_scale, low_precision_share)`` at each evaluation;
             ``low_precision_share`` is the share of all the model's layers (``layer_names``; those whose precision is

@@ -22,6 +22,7 @@ from triaccel_rl.elastic import is_out_of_memory
 from triaccel_rl.engine import native_bf16
 from triaccel_rl.models import MLP, SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
+from triaccel_rl.training import _seed_run_generators
 from triaccel_rl.types import Precision
 
 __all__ = ["measure_profile"]
@@ -61,7 +62,7 @@ def measure_profile(
     """
     device = profile_device(device, batch_size, steps)
     try:
-        # Forked: the measurement's torch.manual_seed(0) and draws re-seeded the caller's generators.
+        # Forked: the measurement's seeding and draws re-seeded the caller's generators.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return _measure(device, batch_size, steps, small, progress)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
@@ -90,7 +91,9 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
     with tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=not progress, dynamic_ncols=True) as bar:
         for precision in precisions:
             bar.set_postfix_str(precision.name.lower())
-            torch.manual_seed(0)
+            # The CPU's and the device's generators, those the fork restores: torch.manual_seed also seeded every
+            # CUDA device's (queued for CUDA's start on a CPU), behind the caller.
+            _seed_run_generators(0, device)
             model = build().to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

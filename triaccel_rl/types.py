@@ -168,7 +168,7 @@ class Signals:
             size, ``tr(Sigma_l) / (B * n_l)``, non-negative.
         grad_norm: per-layer gradient L2 norm (EMA of the per-step norm).
         snr: per-layer signal-to-noise ratio of the mini-batch gradient ``|G_l|^2 / (tr(Sigma_l) / B)``,
-            non-negative.
+            non-negative; 1 (neutral) where both are 0 (a layer whose gradient is exactly zero, or unused).
         noise_scale: simple gradient-noise scale ``B_simple = tr(Sigma) / |G|^2`` in samples. These three
             come from unbiased micro-batch estimates once a round has run; before that (or with
             ``SignalMode.CHEAP``) from the biased optimizer-moment proxy (``triaccel_rl.signals.collector``),

@@ -28,7 +28,8 @@ steps (decay ``ema_decay``, bias-corrected) of ``|g_l|^2`` and ``|g_l|`` of the 
   magnitude: a negative-curvature block reacts to perturbations as strongly).
 - From ``m`` micro-batch gradients: unbiased ``|G_l|^2`` and ``tr(Sigma_l)`` (per-sample covariance);
   ``grad_variance_l = tr(Sigma_l) / (B n_l)`` (per element, of the mini-batch gradient at the current
-  batch size ``B``), ``snr_l = |G_l|^2 / (tr(Sigma_l) / B)``, and the simple noise scale
+  batch size ``B``), ``snr_l = |G_l|^2 / (tr(Sigma_l) / B)`` (0/0, a layer whose gradient is exactly zero or
+  unused: ``snr_l = 1``, neutral, as in the cheap tier), and the simple noise scale
   ``B_simple = sum_l tr(Sigma_l) / sum_l |G_l|^2`` (McCandlish et al. 2018).
 - ``sparsity``: :func:`curvature_sparsity` of the Fisher diagonal: Adam's bias-corrected ``exp_avg_sq``
   (reused, no extra pass) when the optimizer keeps one, else the rounds' per-sample Fisher diagonal.
@@ -383,8 +384,9 @@ class SignalCollector:
         self._interval_peak = max(self._interval_peak, peak_bytes)
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
-            # Folded in as the sampled steps alone, one in ``every_steps`` (which DeviceMoments sets from the host's
-            # cost), the EMA's time constant stretched with the sampling, up to 64x: hardware-dependent smoothing.
+            # Folded in as the interval's finite optimizer steps (n_steps less the sampled steps' non-finite share),
+            # not as the sampled steps alone (one in ``every_steps``, up to 64, set from the host's cost): ema_decay
+            # stays per optimizer step, whatever DeviceMoments samples on this hardware.
             finite_steps = n_steps * moments.n_finite / max(moments.n_observed, moments.n_finite)
             self._fold_steps(moments.sq_norm, moments.norm, moments.loss, n_steps=max(finite_steps, 1.0))
         self._charge_cheap(start)
@@ -555,7 +557,10 @@ class SignalCollector:
             cov = np.maximum(self._cov_ema / round_weight, 0.0)  # tr(Sigma_l), per sample
             curvature = np.abs(hessian_trace) / self._per_element
             variance = cov / (batch * self._per_element)
-            snr = np.maximum(grad_sq, 0.0) / np.maximum(cov / batch, _TINY)
+            signal = np.maximum(grad_sq, 0.0)
+            # 0/0 (exactly zero gradients, or an unused layer): neutral, as the cheap tier reads it, not 0 (log_snr at
+            # its floor, a jump from the cheap tier's 0 when the first round lands).
+            snr = np.where((signal > 0) | (cov > 0), signal / np.maximum(cov / batch, _TINY), 1.0)
             noise_scale, resolved = _resolved_noise_scale(float(cov.sum()), float(grad_sq.sum()), self._round_samples)
             source = "hutchinson"
         else:
