@@ -508,24 +508,44 @@ class _FusedOptimizer:
             betas = (self.options.beta1, self.options.beta2) if isinstance(self.options, AdamWOptions) else (0.0, 0.0)
             self.set_log_betas(*betas)
 
-    def check_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Runs ``load_state_dict``'s checks on ``state``, and those of its step counts' values; changes nothing.
+    def check_state_dict(self, state: Mapping[str, Any], param_names: Sequence[str] | None = None) -> None:
+        """Runs ``load_state_dict``'s checks on ``state``, and those of its values; changes nothing.
 
         For a checkpoint from outside, before anything of a run loads (``StepEngine``'s load runs it): a NaN count
         loaded, then broke the run after the controller's own state had loaded; a negative one made AdamW's bias
-        correction, and so its weights, non-finite. The values cost a copy to the host, which ``load_state_dict``
-        skips.
+        correction, and so its weights, non-finite; a moment holding NaN or inf went into the weights at the first
+        update. The values cost a copy to the host (a sync a state buffer), which ``load_state_dict`` skips.
 
         A layer's count may be above the model's: a state adopted through the optimizer's load (or from a reference
         run) brings its layers' counts and leaves the model's, this run's applied updates, as it was.
 
+        Args:
+            state: ``state_dict()``'s output.
+            param_names: each parameter's name in the store's order, for the messages (default: its index there).
+
         Raises:
-            ValueError: as ``load_state_dict``; or a step count is not a finite whole number >= 0.
+            ValueError: as ``load_state_dict``; or a step count is not a finite whole number >= 0, or a state buffer
+                holds NaN or inf (the parameters whose elements do are named).
         """
-        counts = self._checked_state(state)[2].detach().cpu()
+        _, names, counts, _ = self._checked_state(state)
+        counts = counts.detach().cpu()
         field = "steps" if "steps" in state else "step_state"
         if not _whole_counts(counts):
             raise ValueError(f"checkpoint's {field} holds {counts.tolist()}: step counts are finite whole numbers >= 0")
+        for name in names:
+            buffer = state[name]
+            if bool(torch.isfinite(buffer).all()):
+                continue
+            broken = [
+                param_names[index] if param_names is not None else f"parameter {index} (in the store's order)"
+                for index in range(len(self.store.param_layout))
+                if not bool(torch.isfinite(self.store.param_slice(buffer, index)).all())
+            ]
+            where = ", ".join(broken[:3]) + (" ..." if len(broken) > 3 else "") or "the padding (no parameter's)"
+            raise ValueError(
+                f"checkpoint's {name} holds NaN or infinite values, in {where}: the first update would write them into "
+                "the weights"
+            )
 
     def _checked_state(
         self, state: Mapping[str, Any]
@@ -719,14 +739,14 @@ class FusedSGD(_FusedOptimizer):
         with torch.no_grad():
             self._steps_before_momentum.copy_(steps_before_momentum)
 
-    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+    def check_state_dict(self, state: Mapping[str, Any], param_names: Sequence[str] | None = None) -> None:
         """``_FusedOptimizer.check_state_dict``'s, plus the values of the steps before each layer's momentum started.
 
         Raises:
             ValueError: as ``_FusedOptimizer.check_state_dict``; or ``steps_before_momentum`` is not one a layer,
                 or not finite whole numbers >= 0.
         """
-        super().check_state_dict(state)
+        super().check_state_dict(state, param_names)
         counts = self._saved_steps_before_momentum(state).detach().cpu()
         if not _whole_counts(counts):
             raise ValueError(

@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s grouping
 
-from triaccel_rl.errors import DetachedParametersError
+from triaccel_rl.errors import DetachedParametersError, is_finite_real, is_real
 from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
@@ -938,7 +938,8 @@ class StepEngine:
                 type, number of layers or other parameter shapes, or holding values the engine does not take (a
                 precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
                 factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
-                or None, a param group without one of the optimizer's hyper-parameters; the message says which).
+                or None or that holds NaN or inf (a moment: the parameter and field named), a param group without one
+                of the optimizer's hyper-parameters; the message says which).
         """
         plan = self._checked_state(state)
         if plan.across or not self.fused:
@@ -1027,11 +1028,12 @@ class StepEngine:
         if across or not self.fused:  # torch.optim checks the groups' sizes, not shapes (the fused step its own)
             _check_state_shapes(self.optimizer, optimizer_state)
             _check_layer_keys(optimizer_state["param_groups"], self.n_layers, "the checkpoint's ")
+            self._check_finite_optimizer_state(optimizer_state)
         if self.fused and not across:  # the fused optimizer's own state: read by key in its load (an AttributeError)
             _require_keys("optimizer state", optimizer_state, ("kind", "options", "layer_numels", "steps"))
             # Its types, shapes and counts, before anything loads: a NaN or negative count, a damaged layout, a list
             # for a buffer were refused (or not) by its load, after the controller's own state had loaded.
-            self.fused_optimizer.check_state_dict(optimizer_state)
+            self.fused_optimizer.check_state_dict(optimizer_state, param_names=self._store_param_names())
         if self.fused and across:  # a reference run's groups the fused step cannot run: refused before the load,
             # which replaced the groups and moments before its post-hook refused them (every later step raised)
             try:
@@ -1072,6 +1074,40 @@ class StepEngine:
         return _LoadPlan(
             across, optimizer_state, groups, precisions, lr_scale, batch_lr_gain, lr_factors, scaler, grad_scaler
         )
+
+    def _check_finite_optimizer_state(self, saved: Mapping[str, Any]) -> None:
+        """Raises a ValueError naming the values of ``saved`` (``torch.optim``'s layout, shapes checked) not finite.
+
+        Moments holding NaN or inf: the first update after a resume, its loss finite on the loaded weights, writes them
+        into the weights, and it confirms the resume's rollback copy as good, to which every later failure then rolls
+        back (loaded without complaint until 2026-12-07). One sync a device.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        entries = [
+            (int(index), field, value)
+            for index, entry in saved["state"].items()
+            for field, value in entry.items()
+            if isinstance(value, torch.Tensor) or is_real(value)
+        ]
+        tensors = [value for _, _, value in entries if isinstance(value, torch.Tensor)]
+        finite = iter(_finite_flags(tensors))
+        broken = [
+            f"{field!r} of parameter {index} ({names.get(id(params[index]), '?')})"
+            for index, field, value in entries
+            if not (next(finite) if isinstance(value, torch.Tensor) else is_finite_real(value))
+        ]
+        if broken:
+            raise ValueError(
+                f"the checkpoint's optimizer state holds NaN or infinite values: {', '.join(broken[:3])}"
+                f"{' ...' if len(broken) > 3 else ''}. The first update after the resume would write them into the "
+                "weights; resume from an earlier checkpoint"
+            )
+
+    def _store_param_names(self) -> list[str]:
+        """The names of the fused store's parameters (``model.named_parameters()``'s), in the store's order."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [names.get(id(p), "?") for layer in self.store.layers for p in layer]
 
     @property
     def loss_scale(self) -> float:
@@ -1757,6 +1793,19 @@ def _whole_count(value: Any) -> bool:
         return 0 <= int(value) <= 2**53
     number = float(value)
     return math.isfinite(number) and number >= 0 and number.is_integer()
+
+
+def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether each of ``tensors`` holds finite values only (an empty one does). One sync a device."""
+    finite = [True] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for position, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(position)
+    for positions in by_device.values():
+        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in positions]).tolist()
+        for position, flag in zip(positions, flags, strict=True):
+            finite[position] = flag
+    return finite
 
 
 def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
