@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -98,7 +98,8 @@ class Args:
 def main(args: Args) -> dict[str, Any]:
     """Trains, ships and documents the policy; returns the facts the model card is written from."""
     from triaccel_rl.compare import json_safe
-    from triaccel_rl.rl import obs_stats_path, train_policy
+    from triaccel_rl.rl import _save_policy, obs_stats_path, train_policy
+    from triaccel_rl.shield import ObservationStats
     from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 
     if args.smoke:
@@ -121,18 +122,26 @@ def main(args: Args) -> dict[str, Any]:
         ship = _ship_dir(args)
         _write_card(ship, facts)
         return facts
+    checkpoint = _checked_checkpoint(args) if args.from_checkpoint else None
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # Wall clock, as file times are: an evaluations file older than this is another run's (None: a start unknown)
     started: float | None = time.time()
     commit = git_commit()  # the code that trains: a commit made during a run of minutes is not it
-    if args.from_checkpoint:
+    stats = None
+    if checkpoint is not None:
         # The interrupted run's start, not this script's: its evaluations are those written since, and its training
         # time runs from it to the checkpoint's write (before, any earlier run's evaluations and start were taken).
-        started = _interrupted_run_start(run_dir / "tensorboard", Path(args.from_checkpoint))
+        started = _interrupted_run_start(run_dir / "tensorboard", checkpoint)
+        # The rollouts' stats are written beside a copy in a temporary folder: beside the checkpoint they would replace
+        # those PPO saved with it, and a copy over policy.zip, made first, left a broken policy beside the previous
+        # policy's stats where a step failed
+        with tempfile.TemporaryDirectory(prefix="triaccel-rl-from-checkpoint-") as staging:
+            staged = Path(staging) / "policy.zip"
+            shutil.copyfile(checkpoint, staged)
+            _stats_from_rollouts(staged, training_tasks, args)
+            stats = ObservationStats.load(obs_stats_path(staged))
         zip_path = run_dir / "policy.zip"
-        shutil.copyfile(args.from_checkpoint, zip_path)
-        _stats_from_rollouts(zip_path, training_tasks, args)
     else:
         zip_path = train_policy(
             list(training_tasks),
@@ -158,7 +167,10 @@ def main(args: Args) -> dict[str, Any]:
             lr_range=_lr_range(args),
         )
     wall_s = time.perf_counter() - start
-    facts = _facts(args, training_tasks, HELD_OUT_TASKS, zip_path, wall_s, commit, started)
+    facts = _facts(args, training_tasks, HELD_OUT_TASKS, checkpoint or zip_path, run_dir, wall_s, commit, started)
+    if checkpoint is not None:
+        # Only now, every step that can fail done: the run's policy.zip and its stats are replaced together
+        _save_policy(_ZipBytes(checkpoint), zip_path, stats)
     (run_dir / "training.json").write_text(json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
@@ -483,6 +495,43 @@ def _lr_range(args: Args) -> tuple[float, float] | None:
     return low, high
 
 
+def _checked_checkpoint(args: Args) -> Path:
+    """``--from-checkpoint``'s file, once it loads as a PPO policy for the training environments' spaces.
+
+    Raises:
+        SystemExit: it is missing, or does not load so (truncated, another algorithm's, other spaces); the message
+            names it.
+    """
+    import gymnasium as gym
+    from triaccel_rl.policies import LearnedPolicy, PolicyLoadError
+
+    from triaccel_rl.actions import action_space
+    from triaccel_rl.observation import OBS_HIGH, ObservationLayout
+    from triaccel_rl.rl import env_config
+
+    checkpoint = Path(args.from_checkpoint)
+    if not checkpoint.is_file():
+        raise SystemExit(f"--from-checkpoint: {checkpoint} not found (a policy zip, e.g. <run_dir>/checkpoints/*.zip)")
+    config = env_config(args.interval_steps)
+    observations = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (ObservationLayout(config.n_groups).size,), np.float32)
+    try:
+        LearnedPolicy(checkpoint, observations, action_space(config), algorithm="ppo")
+    except PolicyLoadError as err:
+        raise SystemExit(f"--from-checkpoint: {err}") from None
+    return checkpoint
+
+
+class _ZipBytes:
+    """A zip as ``triaccel_rl.rl._save_policy`` saves a model: its bytes as they are (SB3's save would rewrite them)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def save(self, file: BinaryIO) -> None:
+        with open(self.path, "rb") as source:
+            shutil.copyfileobj(source, file)
+
+
 def _stats_from_rollouts(zip_path: Path, tasks: tuple[str, ...], args: Args) -> None:
     """Writes ``zip_path``'s ``.obs.json`` from its own stochastic rollouts on ``tasks`` (same env settings)."""
     from triaccel_rl.policies import LearnedPolicy
@@ -551,15 +600,16 @@ def _facts(
     training_tasks: tuple[str, ...],
     held_out: tuple[str, ...],
     zip_path: Path,
+    run_dir: Path,
     wall_s: float,
     commit: str,
     started: float | None,
 ) -> dict[str, Any]:
-    """What ``training.json`` and the model card record of the run that wrote ``zip_path``.
+    """What ``training.json`` and the model card record of the run in ``run_dir`` that wrote ``zip_path``.
 
     ``started`` (``time.time()`` when the run began; shipped from a checkpoint, the interrupted run's start,
     :func:`_interrupted_run_start`, None where unknown) keeps another run's evaluations out: the
-    ``eval/evaluations.npz`` beside ``zip_path`` counts only where it was written since (a run without evaluations,
+    ``eval/evaluations.npz`` in ``run_dir`` counts only where it was written since (a run without evaluations,
     or whose first is not due yet, leaves an earlier run's file in a reused run dir), and only its evaluations at or
     below ``zip_path``'s step count (an interrupted run's past its checkpoint scored other weights). Shipped from a
     checkpoint, the training time runs from ``started`` to the checkpoint's write.
@@ -572,7 +622,7 @@ def _facts(
     model = PPO.load(zip_path, device="cpu")
     timesteps = int(model.num_timesteps)
     evaluations = []
-    eval_file = zip_path.parent / "eval" / "evaluations.npz"
+    eval_file = run_dir / "eval" / "evaluations.npz"
     # Only this run's: a reused run dir keeps an earlier run's file, which training.json and the card once recorded
     # as this run's evaluations (a --smoke run, which evaluates nothing, showed a real run's table; so did a
     # --from-checkpoint of a run killed before its first evaluation).
@@ -600,7 +650,7 @@ def _facts(
         # Only this run's: a run dir reused keeps an earlier run's file, which the card once reported as this one's
         "warm_start": (
             json.loads(warm.read_text())
-            if args.warm_start and (warm := zip_path.parent / "warm_start.json").is_file()
+            if args.warm_start and (warm := run_dir / "warm_start.json").is_file()
             else None
         ),
         "profile": HardwareProfile.load(None).device,

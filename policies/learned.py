@@ -56,11 +56,12 @@ class LearnedPolicy:
             raise PolicyLoadError(f"policy file {str(file)!r} {problem}")
         if not zipfile.is_zipfile(file):
             raise PolicyLoadError(f"policy file {str(file)!r} is not a zip written by stable-baselines3")
-        algorithm = algorithm.lower()
-        if algorithm != "auto" and algorithm not in SUPPORTED_ALGORITHMS:
+        # Not a str (None) raised a bare AttributeError from lower()
+        if not isinstance(algorithm, str) or algorithm.lower() not in ("auto", *SUPPORTED_ALGORITHMS):
             raise PolicyLoadError(
                 f"algorithm {algorithm!r} not supported; allowed: auto, {', '.join(SUPPORTED_ALGORITHMS)}"
             )
+        algorithm = algorithm.lower()
         self.path = file
         self.model = _load(file, algorithm, device)
         self.initial_precision: Precision | None = None
