@@ -340,7 +340,8 @@ class HeuristicConfig:
 
     Attributes:
         start_precision: the precision of every controllable layer before the first decision
-            (``fp32``, ``bf16`` or ``fp16``).
+            (``fp32``, ``bf16`` or ``fp16``; any form ``Precision.parse`` takes, such as ``Precision.BF16`` or
+            ``"BF16"``, is stored as this lower-case name).
         lower_below: relative log-sensitivity under which a group may run in 16 bits; this and ``raise_above`` lie
             in (-10, 10), the observation's range.
         raise_above: relative log-sensitivity over which a group goes back to fp32; > lower_below. The
@@ -459,8 +460,14 @@ class HeuristicConfig:
             require_whole(name, getattr(self, name), "in [1, 16]" if name == "n_groups" else ">= 1")
         require_bool("use_fp16", self.use_fp16)
         require_bool("speed_trial", self.speed_trial, optional=True)
-        if not isinstance(self.start_precision, str) or self.start_precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+        try:  # any form the other precision inputs take (Precision.BF16, "BF16", 1), stored as the lower-case name
+            start = Precision.parse(self.start_precision)
+        except ValueError:
+            raise ConfigError(
+                f"start_precision={self.start_precision!r} must be one of 'fp32', 'bf16', 'fp16' (any case), "
+                "or a Precision (or its value, 0 to 2)"
+            ) from None
+        object.__setattr__(self, "start_precision", start.name.lower())
         for name in ("lower_below", "raise_above"):
             if not is_finite_real(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a finite number (relative log10 sensitivity)")

@@ -271,16 +271,22 @@ class LayerPrecision:
 
         The check of ``set``'s argument, for a caller that parses it first (``StepEngine.set_precisions``): a dict
         (``{0: "bf16", 2: "fp16"}``) was iterated by its keys, read as the precisions 0 and 2, and a set in an order
-        of the strings' hashes (another map each run); one string was read as one precision a character.
+        of the strings' hashes (another map each run); one string was read as one precision a character. A NumPy
+        array must hold whole numbers or names. A tensor is refused as a container: iterated, it gives 0-d tensors,
+        which ``Precision.parse`` does not take (``tensor.tolist()`` gives numbers it does).
         """
         if isinstance(precisions, str):  # "bf16" read as the three precisions 'b', 'f', '1'
             raise ValueError(
                 f"precisions={precisions!r} is one string: give a sequence, one precision a layer "
                 f"(e.g. [{precisions!r}] * n), each one of fp32, bf16, fp16"
             )
-        if isinstance(precisions, (Mapping, AbstractSet)) or not isinstance(
-            precisions, (Sequence, np.ndarray, torch.Tensor)
-        ):
+        if isinstance(precisions, np.ndarray) and precisions.dtype.kind not in "iuUO":
+            # Refused element by element otherwise, as "unknown precision np.float64(1.0)", without the array's type.
+            raise ValueError(
+                f"precisions={precisions!r} holds {precisions.dtype}: give whole numbers (0 fp32, 1 bf16, 2 fp16) or "
+                "the names fp32, bf16, fp16, one a layer"
+            )
+        if isinstance(precisions, (Mapping, AbstractSet)) or not isinstance(precisions, (Sequence, np.ndarray)):
             names = [layer.name for layer in self.layers]
             controllable = [names[i] for i in self._controllable_index]
             raise ValueError(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from triaccel_rl.errors import ChoiceEnum, ConfigError, require_bool, require_number, require_whole
+from triaccel_rl.errors import ChoiceEnum, ConfigError, is_finite_real, require_bool, require_number, require_whole
 
 __all__ = ["Schedule", "SignalConfig", "SignalMode"]
 
@@ -205,9 +204,10 @@ class SignalConfig:
             raise ConfigError(f"round_ema_decay={self.round_ema_decay} must be in [0, 1)")
         if not (0.0 <= self.small_threshold <= 1.0):
             raise ConfigError(f"small_threshold={self.small_threshold} must be in [0, 1]")
-        if not (math.isfinite(self.lr_factor_exponent) and self.lr_factor_exponent > 0):
+        if not (is_finite_real(self.lr_factor_exponent) and self.lr_factor_exponent > 0):
             raise ConfigError(f"lr_factor_exponent={self.lr_factor_exponent} must be a positive number")
-        if not (0.0 < self.lr_factor_min <= 1.0 <= self.lr_factor_max < math.inf):
+        # An int past a float's range (10 ** 400) is below inf, but np.minimum raised an OverflowError on it mid-run.
+        if not (0.0 < self.lr_factor_min <= 1.0 <= self.lr_factor_max and is_finite_real(self.lr_factor_max)):
             raise ConfigError(
                 f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
             )
@@ -230,7 +230,7 @@ class SignalConfig:
         if isinstance(self.cheap_budget_frac, _Default):
             cheap = float(_DEFAULT_CHEAP_FRAC) * scale
             observe_now = self.observe_budget_frac
-            if observe_now is not None and math.isfinite(observe_now):
+            if observe_now is not None and is_finite_real(observe_now):  # NaN, inf, 10 ** 400: refused below, by name
                 # At least the recording's own share plus the default's room for reducing the statistics; within the
                 # budget (an observe_budget_frac at or over budget_frac is refused below). Applied only from the
                 # default up (cheap <= observe) until 2026-12-06, it left observe_budget_frac=0.0039 0.01% for the
