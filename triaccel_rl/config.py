@@ -172,9 +172,10 @@ _MAX_FACTOR = 1e3
 class HardwareProfile:
     """Per-precision speed and memory factors of one GPU, used to charge cost on machines without it.
 
-    A step's modelled time is ``fixed_ms + batch * sum_l(flops_share_l * ms_per_sample * time_factor[p_l])``
-    and its activation memory scales per layer by ``memory_factor[p_l]``. ``triaccel-rl profile`` writes
-    one; the package ships one measured on an NVIDIA H200.
+    A step's modelled time, in ms, is ``fixed_ms + 3 * batch * sum_l(mflops_l * time_factor[p_l]) * throughput_scale``,
+    where ``mflops_l`` is layer ``l``'s forward MFLOPs per sample and the 3 counts the forward and the backward's two
+    matmuls (``CostModel.step_ms``); its activation memory scales per layer by ``memory_factor[p_l]``.
+    ``triaccel-rl profile`` writes one; the package ships one measured on an NVIDIA H200.
 
     Attributes:
         device: name of the GPU it was measured on.
@@ -182,8 +183,8 @@ class HardwareProfile:
             includes the GradScaler's unscale and overflow check.
         memory_factor: activation-memory multiplier per precision name relative to fp32, each in (0, 1e3].
         fixed_ms: per-step overhead independent of batch size (launches, optimizer), in ms, in [0, 1e7].
-        throughput_scale: fp32 GPU time of one sample-MFLOP, in ms (scales CPU-measured FLOPs to GPU time), in
-            (0, 1e3].
+        throughput_scale: fp32 GPU time of one MFLOP of a step's work, in ms (a sample's step is 3 × its forward
+            MFLOPs; scales CPU-measured FLOPs to GPU time), in (0, 1e3].
     """
 
     device: str
@@ -703,12 +704,16 @@ class ControllerConfig:
             multiplier and is not bounded by it: it keeps the LR per sample, and a gain above
             ``ElasticConfig.warmup_above`` is ramped in over ``warmup_steps``. So one decision that raises the
             multiplier ×1.5 and doubles the batch moves the effective LR ×3 by the ramp's end.
-        rollback: the shield keeps a copy of the model and optimizer state at each decision whose probe
-            loss is finite and restores it when the probe loss turns non-finite (costs one copy of the
-            parameters and optimizer state in memory; the ``Controller``'s two, allocated when it is built: it sees
-            a copied state's loss only at the next interval, and keeps the last confirmed copy until then). The
-            learning environment turns it off, so that a
-            policy sees, and is penalised for, the divergences it causes.
+        rollback: the shield keeps a copy of the model and optimizer state and restores it when training breaks.
+            ``DecisionLoop`` (``compare``) judges each decision by its probe loss: finite, with finite buffers, the
+            state is healthy; a non-finite probe loss or buffer restores the copy. The ``Controller`` judges each
+            interval by its updates: one that applied every update, with finite buffers, is healthy; one that applied
+            none, or left a buffer non-finite, restores the copy (under fp16 not where its losses were finite: the
+            loss scale backing off); a mixed one does neither. The copy is refreshed every ``snapshot_every`` healthy
+            decisions and at a decision that changes the configuration. Costs one copy of the parameters and
+            optimizer state in memory (the ``Controller``'s two, allocated when it is built: it sees a copied state's
+            loss only at the next interval, and keeps the last confirmed copy until then). The learning environment
+            turns it off, so that a policy sees, and is penalised for, the divergences it causes.
         rollback_offload: keep the rollback copy of a CUDA model in pinned host memory rather than on the
             GPU (no GPU memory for it; the copy is queued on the stream, a few ms of PCIe per 100 MB).
         snapshot_every: the rollback copy is refreshed every this many healthy decisions, and right after

@@ -1,10 +1,12 @@
 """``Controller``: the deployment loop — a policy steering precision, LR scale and batch size in a user's loop.
 
-ctl = Controller(model, optimizer, policy="heuristic")
-for x, y in ctl.loader((train_x, train_y), batch_size=256, epochs=3):
-with ctl.autocast():
-loss = loss_fn(model(x), y)
-ctl.step(loss)
+A user's loop under it:
+
+    ctl = Controller(model, optimizer, policy="heuristic")
+    for x, y in ctl.loader((train_x, train_y), batch_size=256, epochs=3):
+        with ctl.autocast():
+            loss = loss_fn(model(x), y)
+        ctl.step(loss)
 """
 
 from __future__ import annotations
@@ -79,11 +81,12 @@ class Controller:
     and a bf16 a policy asks for anyway runs in fp32 (``Executor``).
 
     The scheduled estimator rounds (Hutchinson curvature, micro-batch gradient noise, curvature sparsity; ``compare``
-    runs them on every run) need a held-out probe batch: pass one as ``probe=(inputs, targets)`` with its
-    ``loss_fn``, and with ``config.signals.mode`` ``"all"`` (the default) a round runs at a decision whenever the
-    overhead budget has room (``SignalConfig``). Without one only the cheap signals run, and the heuristic's rules that
-    wait for a measured value stay still: no group is raised to fp32 on squared gradients alone, and the noise scale
-    reads as the batch (its bound), so the batch is not grown for it.
+    runs them in its adaptive rows under ``signals.mode`` ``"all"``, on the task's probe batch) need a held-out probe
+    batch: pass one as ``probe=(inputs, targets)`` with its ``loss_fn``, and with ``config.signals.mode`` ``"all"``
+    (the default) a round runs at a decision whenever the overhead budget has room (``SignalConfig``). Without one only
+    the cheap signals run, and the heuristic's rules that wait for a measured value stay still: no group is raised to
+    fp32 on squared gradients alone, and the noise scale reads as the batch (its bound), so the batch is not grown for
+    it.
 
     Args:
         model: the model (on its device already).
@@ -379,7 +382,8 @@ class Controller:
         Raises:
             ValueError: a dataset that is not two tensors of one length, a non-positive batch size or epoch count, a
                 batch size above the dataset's length,
-                another base batch size than the run's, or ``epochs`` the run has already trained.
+                another base batch size or seed than the run's on data of its shapes and dtypes, or ``epochs`` the run
+                has already trained.
             ConfigError: the memory budget cannot hold the model and one sample of the dataset, checked at the first
                 batch of a call whose samples differ in shape or dtype from the run's (the first call's too). The
                 run, a pending resume included, is left as it was before the call.

@@ -33,10 +33,16 @@ class ConfigError(ValueError):
 class NoGoodStateError(RuntimeError):
     """The shield has no healthy state left to roll back to: every one it has failed (non-finite losses or buffers).
 
-    Raised by ``Controller.step`` when a resumed run's starting state, the checkpoint's, fails twice in a row: a
-    checkpoint saved between an update that broke the model and the rollback it would have brought; and by
-    ``Controller.load_state_dict`` for a model loaded with non-finite trained weights or buffers. Both only with the
-    shield on (``ControllerConfig.rollback``).
+    Raised only with the shield on (``ControllerConfig.rollback``), by:
+
+    - ``Controller(...)`` on a model whose trained weights or buffers hold NaN or inf (the starting copy would be of
+      that state);
+    - ``Controller.autocast``, ``backward`` or ``step``, the first after the weights or optimizer state were written
+      from outside since the build or the last load (``model.load_state_dict``, an in-place write), where the
+      trained weights or buffers now hold NaN or inf;
+    - ``Controller.load_state_dict`` for a model loaded with non-finite trained weights or buffers;
+    - ``Controller.step`` when a resumed run's starting state, the checkpoint's, fails twice in a row: a checkpoint
+      saved between an update that broke the model and the rollback it would have brought.
     """
 
 
