@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,3 +52,56 @@ def no_autocast_left_open():
         for device in open_on:  # closed for the tests after this one
             torch.set_autocast_enabled(device, False)
         pytest.fail(f"the test left autocast enabled on {open_on}")
+
+
+@pytest.fixture(scope="module")
+def frozen_gc():
+    """Leaves what is alive when the module starts (torch, triton, SB3, the collected tests) out of full collections.
+
+    Every environment reset calls ``gc.collect()`` (``release_memory`` when it drops the last run): in the test process,
+    with ~200k objects alive, each took ~1 s on the shared CI cores, the bulk of every tiny PPO run's time. Frozen
+    objects are skipped by the collector, not freed: the module's own garbage is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory):
+    """Copies a ``train_policy`` run from scratch into a test's folder, training each set of arguments once a session.
+
+    ``first_run(tasks, out=..., **kwargs)`` leaves in ``out``'s folder what ``train_policy(tasks, out=out, **kwargs)``
+    leaves there and returns ``Path(out)``: the test may resume into its copy, set its files aside or damage them. Not
+    for runs with ``log_dir``: their zips record the absolute path of their TensorBoard run.
+    """
+    from triaccel_rl.rl import train_policy
+
+    trained: dict[str, Path] = {}
+
+    def copy_of_run(tasks: list[str], *, out: str | os.PathLike[str], **kwargs: Any) -> Path:
+        if kwargs.get("log_dir") is not None:
+            raise ValueError("first_run: a run with log_dir records its TensorBoard run's absolute path")
+        key = repr((tasks, Path(out).name, sorted({"seed": 0, **kwargs}.items())))
+        if key not in trained:
+            folder = tmp_path_factory.mktemp("first_run")
+            train_policy(tasks, out=folder / Path(out).name, **kwargs)
+            trained[key] = folder  # only once whole: a failed run is trained again by the next test that asks
+        shutil.copytree(trained[key], Path(out).parent, dirs_exist_ok=True)
+        return Path(out)
+
+    return copy_of_run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Runs the test on one intra-op thread, as ``train_policy(torch_threads=1)`` runs its environments.
+
+    Two threads of tiny ops wait on each other whenever the shared CI cores are busy: the imitation of 1500 passes in
+    tests/test_rl.py took 5 s alone and 300 to 500 s beside other jobs.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,6 +15,8 @@ from triaccel_rl.config import ControllerConfig
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.rl import train_policy
 
+pytestmark = pytest.mark.usefixtures("frozen_gc")  # every environment reset runs gc.collect()
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -31,6 +33,7 @@ def trained(tmp_path_factory):
         seed=0,
         out=out,
         log_dir=tmp_path_factory.mktemp("tb"),
+        torch_threads=1,
     )
     return path
 
@@ -164,6 +167,7 @@ class _ConstantTeacher:
         return np.tile(self.action, (len(observation), 1)), state
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     import json
 
@@ -198,6 +202,7 @@ def test_imitate_fits_the_teacher_and_warm_start_writes_its_fit(tmp_path):
     assert json.loads((out.parent / "warm_start.json").read_text())["decisions"] == 2
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_diverged_warm_start_fit_is_written_as_null(monkeypatch, tmp_path):
     """An imitation whose losses went NaN or infinite is written to warm_start.json as strict JSON, the losses as null
     (before, ``json.dumps`` wrote ``NaN`` and ``Infinity``, which strict parsers refuse)."""
@@ -234,6 +239,7 @@ class _ProgressTeacher:
         return np.stack([np.array([1, 1, 1, 1, rung, 1]) for rung in lr]), state
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_imitate_fits_a_teacher_that_reads_its_input():
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -368,6 +374,7 @@ def test_action_spread_rejects_bad_input():
         action_spread(stub, ObservationStats((0.0,) * 5, (1.0,) * 5, 1))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_training_warns_when_the_policy_it_trained_is_a_constant(tmp_path, monkeypatch, caplog):
     import triaccel_rl.rl as rl
 
@@ -531,14 +538,14 @@ def test_interrupted_inside_an_update_the_checkpoint_holds_the_last_whole_update
         assert torch.equal(saved[name], expected[name]), name
 
 
-def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monkeypatch):
+def test_a_resumed_run_draws_from_its_seed_and_the_steps_trained(tmp_path, monkeypatch, first_run):
     """PPO.load seeded the environments and PPO with the seed saved in the zip: a resumed run ignored ``seed`` and
     replayed the first run's episodes from its start."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     common = {"n_steps": 8, "batch_size": 4, **_TINY}
-    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", seed=0, **common)
+    first = first_run(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", seed=0, **common)
     real_seed, seeds = DummyVecEnv.seed, []
 
     def record(self, seed=None):
@@ -568,13 +575,13 @@ def test_a_resumed_run_checkpoints_at_the_runs_multiples(tmp_path):
     assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [16, 32, 48]
 
 
-def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog):
+def test_resuming_keeps_the_earlier_evaluations(tmp_path, caplog, first_run):
     """SB3's EvalCallback rewrites evaluations.npz from its own history: a resumed run replaced the first run's
     evaluations with its own."""
     out = tmp_path / "policy.zip"
     evaluations = tmp_path / "eval" / "evaluations.npz"
     common = {"n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8, **_TINY}
-    train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
+    first_run(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
     first = dict(np.load(evaluations))
     assert first["timesteps"].tolist() == [8, 16]
     train_policy(["synthetic"], total_timesteps=8, eval_tasks=["synthetic"], resume=out, **common)
@@ -614,7 +621,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_what_it_replaces(tmp_pat
     assert "moved to" in caplog.text and f"is kept as {kept}" in caplog.text
 
 
-def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside(tmp_path, caplog):
+def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside(tmp_path, caplog, first_run):
     """Two runs resumed from one checkpoint into its folder: the second moved the first resumed run's checkpoints
     into replaced_after_8_steps/ over the original run's, which the first had put there, and copied its evaluations
     over theirs: the original run's weights and evaluations past step 8 were lost, unsaid."""
@@ -623,7 +630,7 @@ def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside
               "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
     checkpoints, evaluations = tmp_path / "checkpoints", tmp_path / "eval"
     start = checkpoints / "policy_8_steps.zip"
-    train_policy(["synthetic"], total_timesteps=24, **common)
+    first_run(["synthetic"], total_timesteps=24, **common)
     original_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
     train_policy(["synthetic"], total_timesteps=8, resume=start, **common)
     resumed_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
@@ -641,7 +648,7 @@ def test_a_second_resume_from_the_same_checkpoint_keeps_what_the_first_set_aside
     assert np.load(kept)["timesteps"].tolist() == [8, 16] and f"is kept as {kept}" in caplog.text
 
 
-def test_a_checkpoint_set_aside_is_not_resumed_into_its_folder(tmp_path, caplog):
+def test_a_checkpoint_set_aside_is_not_resumed_into_its_folder(tmp_path, caplog, first_run):
     """Resumed into its folder, a checkpoint set aside in replaced_after_8_steps/ continued among the replacing run's
     checkpoints past 8 (two runs' weights in checkpoints/), and its run's evaluations were not found: the curve
     restarted at the resume."""
@@ -649,7 +656,7 @@ def test_a_checkpoint_set_aside_is_not_resumed_into_its_folder(tmp_path, caplog)
     common = {"n_steps": 8, "batch_size": 4, "checkpoint_every": 8, "eval_every": 8, "eval_tasks": ["synthetic"],
               **_TINY}  # fmt: skip
     checkpoints = out.parent / "checkpoints"
-    train_policy(["synthetic"], total_timesteps=24, out=out, **common)
+    first_run(["synthetic"], total_timesteps=24, out=out, **common)
     train_policy(["synthetic"], total_timesteps=8, out=out, resume=checkpoints / "policy_8_steps.zip", **common)
     set_aside = checkpoints / "replaced_after_8_steps" / "policy_24_steps.zip"
     before = sorted(path.relative_to(out.parent) for path in out.parent.rglob("*"))
@@ -750,14 +757,14 @@ def test_an_evaluation_cut_short_while_written_leaves_the_previous_file_whole(tm
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evaluations.json", "evaluations.npz"]
 
 
-def test_resume_and_out_spelled_differently_keep_the_first_runs_evaluations(tmp_path, monkeypatch, caplog):
+def test_resume_and_out_spelled_differently_keep_the_first_runs_evaluations(tmp_path, monkeypatch, caplog, first_run):
     """An absolute resume beside a relative out (one file, spelled two ways) was taken for another run's
     evaluations: those past the checkpoint were dropped without a copy, and a curve of other held-out settings was
     written over instead of moved aside."""
     monkeypatch.chdir(tmp_path)
     common = {"n_steps": 8, "batch_size": 4, "out": Path("policy.zip"), "checkpoint_every": 8, "eval_every": 8,
               "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
-    train_policy(["synthetic"], total_timesteps=16, **common)
+    first_run(["synthetic"], total_timesteps=16, **common)
     train_policy(["synthetic"], total_timesteps=8, resume=tmp_path / "checkpoints" / "policy_8_steps.zip", **common)
     kept = tmp_path / "eval" / "evaluations_replaced_after_8_steps.npz"
     assert np.load(kept)["timesteps"].tolist() == [8, 16]
@@ -769,13 +776,15 @@ def test_resume_and_out_spelled_differently_keep_the_first_runs_evaluations(tmp_
     assert np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"].tolist() == [24]
 
 
-def test_a_run_resumed_without_checkpoint_every_sets_the_replaced_checkpoints_aside(tmp_path, monkeypatch, caplog):
+def test_a_run_resumed_without_checkpoint_every_sets_the_replaced_checkpoints_aside(
+    tmp_path, monkeypatch, caplog, first_run
+):
     """Resumed from an earlier checkpoint without checkpoint_every, the checkpoints past it stayed in place, and the
     Ctrl-C checkpoint overwrote the first run's of its step count with other weights, unsaid."""
     from stable_baselines3 import PPO
 
     common = {"n_steps": 8, "batch_size": 4, "out": tmp_path / "policy.zip", **_TINY}
-    train_policy(["synthetic"], total_timesteps=24, checkpoint_every=8, **common)
+    first_run(["synthetic"], total_timesteps=24, checkpoint_every=8, **common)
     checkpoints = tmp_path / "checkpoints"
     first_16 = (checkpoints / "policy_16_steps.zip").read_bytes()
     real_train, calls = PPO.train, []
@@ -797,12 +806,12 @@ def test_a_run_resumed_without_checkpoint_every_sets_the_replaced_checkpoints_as
     assert (checkpoints / "policy_16_steps.zip").read_bytes() != first_16  # the resumed run's, beside its start
 
 
-def test_a_new_run_into_an_earlier_runs_folder_sets_its_checkpoints_and_evaluations_aside(tmp_path, caplog):
+def test_a_new_run_into_an_earlier_runs_folder_sets_its_checkpoints_and_evaluations_aside(tmp_path, caplog, first_run):
     """A new run (no resume) wrote its evaluations.json over the earlier run's, labelling that run's evaluations.npz
     as its own (a resume of it then continued them), and left that run's checkpoints past its own end among its own."""
     out = tmp_path / "policy.zip"
     common = {"n_steps": 8, "batch_size": 4, "out": out, "checkpoint_every": 8, **_TINY}
-    train_policy(["synthetic"], total_timesteps=16, seed=0, eval_tasks=["synthetic"], eval_every=8, **common)
+    first_run(["synthetic"], total_timesteps=16, seed=0, eval_tasks=["synthetic"], eval_every=8, **common)
     checkpoints, evaluations = tmp_path / "checkpoints", tmp_path / "eval"
     first = {name: (checkpoints / name).read_bytes() for name in ("policy_8_steps.zip", "policy_16_steps.zip")}
     with caplog.at_level("WARNING", logger="triaccel_rl"):  # no evaluation falls in its 8 steps
@@ -857,11 +866,11 @@ def test_make_env_fns_checks_its_sizes_in_the_caller(kwargs, message):
         make_env_fns(**arguments)
 
 
-def test_a_resumed_run_with_other_held_out_tasks_does_not_extend_the_old_curve(tmp_path, caplog):
+def test_a_resumed_run_with_other_held_out_tasks_does_not_extend_the_old_curve(tmp_path, caplog, first_run):
     """One held-out task each, so the episode counts matched: the other task's scores were appended to the curve."""
     out = tmp_path / "policy.zip"
     common = {"n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8, **_TINY}
-    train_policy(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
+    first_run(["synthetic"], total_timesteps=16, eval_tasks=["synthetic"], **common)
     assert _tasks_and_seed(tmp_path / "eval" / "evaluations.json") == {"tasks": ["synthetic"], "seed": 0}
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         train_policy(["synthetic"], total_timesteps=8, eval_tasks=["deep-mlp-synthetic"], resume=out, **common)
@@ -923,11 +932,11 @@ def test_a_zip_member_torch_cannot_read_is_named_without_torchs_advice(trained, 
     )
 
 
-def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_path):
+def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_path, first_run):
     """The history was read from the new run's folder: resumed from a checkpoint of run a into run b, b's
     evaluations started at the resume, and a's were left out."""
     common = {"n_steps": 8, "batch_size": 4, "eval_every": 8, "eval_tasks": ["synthetic"], **_TINY}
-    train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "a" / "policy.zip", checkpoint_every=8, **common)
+    first_run(["synthetic"], total_timesteps=16, out=tmp_path / "a" / "policy.zip", checkpoint_every=8, **common)
     first = dict(np.load(tmp_path / "a" / "eval" / "evaluations.npz"))
     checkpoint = tmp_path / "a" / "checkpoints" / "policy_16_steps.zip"
     train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "b" / "policy.zip", resume=checkpoint, **common)
@@ -947,11 +956,11 @@ def test_a_run_resumed_into_another_folder_keeps_the_first_runs_evaluations(tmp_
     np.testing.assert_array_equal(kept["results"], theirs["results"])
 
 
-def test_another_runs_evaluations_moved_aside_keep_their_record_of_tasks_and_seed(tmp_path):
+def test_another_runs_evaluations_moved_aside_keep_their_record_of_tasks_and_seed(tmp_path, first_run):
     """Resumed into a folder holding another run's evaluations, the run moved that run's evaluations.npz aside and
     left its evaluations.json, which it then overwrote with its own: the curve set aside lost its tasks and seed."""
     common = {"n_steps": 8, "batch_size": 4, "eval_every": 8, "eval_tasks": ["synthetic"], **_TINY}
-    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", **common)
+    first = first_run(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "policy.zip", **common)
     train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "b" / "policy.zip", seed=3, **common)
     evaluations = tmp_path / "b" / "eval"
     (evaluations / "evaluations.before_policy_2.json").write_text("{}")  # a name taken beside the next free .npz
@@ -1045,14 +1054,14 @@ def _spaces_env(policy: Path):
     return Spaces()
 
 
-def test_resuming_at_another_interval_is_said_and_the_stats_record_no_interval(tmp_path, caplog):
+def test_resuming_at_another_interval_is_said_and_the_stats_record_no_interval(tmp_path, caplog, first_run):
     """Resumed at another interval than the policy was trained at (the shipped policy's 10 with the command line's
     default 20), training went on silently, and the saved stats recorded interval None."""
     from triaccel_rl.rl import obs_stats_path
     from triaccel_rl.shield import ObservationStats
 
     common = {"n_steps": 8, "batch_size": 4, **_TINY}  # interval_steps=2
-    first = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "policy.zip", **common)
+    first = first_run(["synthetic"], total_timesteps=8, out=tmp_path / "policy.zip", **common)
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         other = train_policy(["synthetic"], total_timesteps=8, resume=first, out=tmp_path / "other.zip",
                              **{**common, "interval_steps": 3})  # fmt: skip
@@ -1208,6 +1217,7 @@ def test_the_evaluation_at_a_step_count_scores_the_checkpoint_of_that_count(tmp_
     assert scores[2] == evaluate(tmp_path / "policy.zip")  # the final weights, evaluated
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
     """SB3's own bar needs ``rich`` (not installed: progress_bar=True raised ImportError); ours is tqdm."""
     train_policy(["synthetic"], total_timesteps=16, n_envs=2, vec="dummy", max_decisions=4, interval_steps=2,
@@ -1217,6 +1227,7 @@ def test_progress_bar_counts_the_environment_steps_on_stderr(tmp_path, capsys):
     assert "train-policy" not in captured.out
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_steps_asked_short_of_a_whole_rollout_are_rounded_up_and_said(tmp_path, capsys, caplog):
     """64 steps asked at 128 a rollout trained 128: the bar lost its total at 64 and counted on, and nothing said so."""
     caplog.set_level("INFO", logger="triaccel_rl")
@@ -1226,14 +1237,14 @@ def test_steps_asked_short_of_a_whole_rollout_are_rounded_up_and_said(tmp_path, 
     assert "16/16" in capsys.readouterr().err
 
 
-def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_path, monkeypatch):
+def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_path, monkeypatch, first_run):
     """A Ctrl-C in learn()'s first reset (each environment trains an interval there: slow) saved the resumed weights as
     a 0-step checkpoint: the count of the steps already trained was read only when training started."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    first = train_policy(["synthetic"], total_timesteps=16, out=tmp_path / "policy.zip", n_steps=8, batch_size=4,
-                         **_TINY)  # fmt: skip
+    first = first_run(["synthetic"], total_timesteps=16, out=tmp_path / "policy.zip", n_steps=8, batch_size=4,
+                      **_TINY)  # fmt: skip
 
     def interrupted(self):
         raise KeyboardInterrupt
@@ -1246,7 +1257,7 @@ def test_a_resumed_run_interrupted_before_it_trains_keeps_its_step_count(tmp_pat
 
 
 @pytest.mark.parametrize("fault", ["writing the zip", "moving the stats"])
-def test_an_interrupted_final_save_keeps_the_policy_it_resumed_from(tmp_path, monkeypatch, fault):
+def test_an_interrupted_final_save_keeps_the_policy_it_resumed_from(tmp_path, monkeypatch, fault, first_run):
     """The zip was written in place and before its stats: a Ctrl-C in the final save of a run resumed from its own
     ``out`` (the command line's default) left a truncated zip that did not load, and the trained weights were lost."""
     import os
@@ -1258,7 +1269,7 @@ def test_an_interrupted_final_save_keeps_the_policy_it_resumed_from(tmp_path, mo
 
     out = tmp_path / "policy.zip"
     common = {"n_steps": 8, "batch_size": 4, "out": out, **_TINY}
-    train_policy(["synthetic"], total_timesteps=8, **common)
+    first_run(["synthetic"], total_timesteps=8, **common)
     before = {name: (tmp_path / name).read_bytes() for name in ("policy.zip", "policy.obs.json")}
     real_torch_save, real_replace, faults = save_util.th.save, os.replace, []
 
@@ -1474,7 +1485,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_replaced_runs_tensor
     assert [p.step for p in events.Scalars("rollout/ep_rew_mean")] == [8, 16]
 
 
-def test_a_resume_evaluating_other_episodes_does_not_extend_the_old_curve(tmp_path, caplog):
+def test_a_resume_evaluating_other_episodes_does_not_extend_the_old_curve(tmp_path, caplog, first_run):
     """evaluations.json recorded the held-out tasks and seed only: a resume whose episodes had another budget (8
     intervals where the curve's had 2) carried the curve on. A record of that older form says nothing of its episodes:
     it is moved aside too."""
@@ -1482,7 +1493,7 @@ def test_a_resume_evaluating_other_episodes_does_not_extend_the_old_curve(tmp_pa
     common = {"total_timesteps": 8, "n_steps": 8, "batch_size": 4, "out": out, "eval_every": 8,
               "eval_tasks": ["synthetic"], **_TINY}  # fmt: skip
     evaluations = tmp_path / "eval" / "evaluations.npz"
-    train_policy(["synthetic"], **common)
+    first_run(["synthetic"], **common)
     recorded = json.loads(evaluations.with_suffix(".json").read_text())
     assert (recorded["interval_steps"], recorded["max_decisions"]) == (2, 3)
     assert recorded["env"]["reward_config"]["budget_intervals"] == 2

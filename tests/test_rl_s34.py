@@ -8,6 +8,8 @@ import pytest
 
 from triaccel_rl.rl import train_policy
 
+pytestmark = pytest.mark.usefixtures("frozen_gc")  # every environment reset runs gc.collect()
+
 
 def _read_worker_0_then(failure):
     """A SubprocVecEnv.step_wait that, at the 3rd step, reads worker 0's reply and then fails as ``failure`` does."""
@@ -68,11 +70,11 @@ _TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "
          "torch_threads": 1, "n_steps": 8, "batch_size": 4, "checkpoint_every": 8}  # fmt: skip
 
 
-def test_a_resume_without_evaluation_sets_aside_the_replaced_runs_evaluations(tmp_path, caplog):
+def test_a_resume_without_evaluation_sets_aside_the_replaced_runs_evaluations(tmp_path, caplog, first_run):
     """Resumed from an earlier checkpoint without eval_tasks, the replaced run's evaluations past it stayed in
     eval/evaluations.npz, and a later evaluated resume continued them as its own."""
     out, evaluations = tmp_path / "policy.zip", tmp_path / "eval" / "evaluations.npz"
-    train_policy(["synthetic"], total_timesteps=24, out=out, eval_tasks=["synthetic"], eval_every=8, **_TINY)
+    first_run(["synthetic"], total_timesteps=24, out=out, eval_tasks=["synthetic"], eval_every=8, **_TINY)
     assert np.load(evaluations)["timesteps"].tolist() == [8, 16, 24]
     with caplog.at_level("WARNING", logger="triaccel_rl"):
         train_policy(["synthetic"], total_timesteps=8, out=out, resume=tmp_path / "checkpoints" / "policy_8_steps.zip",
@@ -89,12 +91,12 @@ def test_a_resume_without_evaluation_sets_aside_the_replaced_runs_evaluations(tm
     assert np.load(evaluations)["timesteps"].tolist() == [8, 24]
 
 
-def test_a_resume_through_a_symlink_is_of_the_file_it_links_to(tmp_path, caplog):
+def test_a_resume_through_a_symlink_is_of_the_file_it_links_to(tmp_path, caplog, first_run):
     """Through a symlink, the link's own name and folder were read: a link to the run's own step-8 checkpoint counted
     as another folder's policy (all of the run's checkpoints set aside, replaced after 0 steps), and a link to a
     checkpoint set aside was resumed into the folder of the run that replaced it."""
     out, checkpoints = tmp_path / "policy.zip", tmp_path / "checkpoints"
-    train_policy(["synthetic"], total_timesteps=24, out=out, **_TINY)
+    first_run(["synthetic"], total_timesteps=24, out=out, **_TINY)
     (tmp_path / "step8.zip").symlink_to("checkpoints/policy_8_steps.zip")
     (tmp_path / "step8.obs.json").symlink_to("checkpoints/policy_8_steps.obs.json")
     with caplog.at_level("WARNING", logger="triaccel_rl"):

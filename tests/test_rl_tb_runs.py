@@ -9,6 +9,8 @@ import pytest
 
 from triaccel_rl.rl import train_policy
 
+pytestmark = pytest.mark.usefixtures("frozen_gc")  # every environment reset runs gc.collect()
+
 _TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "budget_intervals": 2,
          "torch_threads": 1, "n_steps": 8, "batch_size": 4}  # fmt: skip
 
