@@ -174,3 +174,42 @@ def test_the_fused_step_names_non_finite_padding_and_loads_a_finite_state():
         ValueError, match=re.escape("checkpoint's exp_avg holds NaN or infinite values, in the padding")
     ):
         engine.load_state_dict(saved)
+
+
+def _sparse_momentum_controller():
+    """A Controller on an SGD whose frozen embedding's momentum is sparse (pre-trained in plain torch), 5 steps in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="mean", sparse=True), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randint(0, 50, (96, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.arange(96) % 3
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+        optimizer.step()
+    model[0].weight.requires_grad_(False)  # fine-tune the head only
+    controller = ta.Controller(model, optimizer, policy="heuristic", config=ControllerConfig(interval_steps=4))
+    for step, (xb, yb) in enumerate(controller.loader((x, y), batch_size=16, epochs=1)):
+        with controller.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        controller.step(loss)
+        if step == 4:
+            break
+    return controller, optimizer, model
+
+
+def test_a_sparse_moment_is_checked_by_its_values():
+    """isfinite has no sparse kernel: the check raised a bare NotImplementedError on the Controller's own checkpoint."""
+    controller, optimizer, model = _sparse_momentum_controller()
+    momentum = optimizer.state[model[0].weight]["momentum_buffer"]
+    assert momentum.is_sparse
+    saved = copy.deepcopy(controller.state_dict())
+    controller.load_state_dict(copy.deepcopy(saved))  # its own checkpoint loads
+    broken = copy.deepcopy(saved)
+    entry = next(e for e in broken["engine"]["optimizer"]["state"].values() if e["momentum_buffer"].is_sparse)
+    values = entry["momentum_buffer"].coalesce()
+    entry["momentum_buffer"] = torch.sparse_coo_tensor(
+        values.indices(), torch.full_like(values.values(), math.nan), values.shape, check_invariants=True
+    )
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 0 \(0\.weight\)"):
+        controller.load_state_dict(broken)

@@ -1802,10 +1802,15 @@ def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
     for position, tensor in enumerate(tensors):
         by_device.setdefault(tensor.device, []).append(position)
     for positions in by_device.values():
-        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in positions]).tolist()
+        flags = torch.stack([torch.isfinite(_values(tensors[i])).all() for i in positions]).tolist()
         for position, flag in zip(positions, flags, strict=True):
             finite[position] = flag
     return finite
+
+
+def _values(tensor: torch.Tensor) -> torch.Tensor:
+    """A sparse tensor's stored values (``isfinite`` has no sparse kernel: a sparse embedding's SGD momentum), or it."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
 
 
 def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
