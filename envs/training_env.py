@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -238,10 +239,12 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Starts a fresh run of the task and returns the observation after one fp32 interval.
 
-        The last episode's run is freed first, as :meth:`close` frees it (its model sits in a reference cycle
-        through its precision hooks, which only a full garbage collection frees: until 2026-12-06 the models of
-        earlier episodes piled up, on a GPU in the allocator's counts too). ``options`` is refused unless None or an
-        empty mapping: the env takes none (a task or LR range given there was silently ignored).
+        The last episode's run is freed first, as :meth:`close` frees it: its hooks, which put its model in reference
+        cycles, are removed (``TrainingRun.close``), so reference counting frees it without a full garbage collection
+        (until 2026-12-06 the models of earlier episodes piled up, on a GPU in the allocator's counts too; until
+        2026-12-07 a full collection at every reset freed them, 0.1 to 1 s each with torch, Triton and SB3 loaded).
+        ``options`` is refused unless None or an empty mapping: the env takes none (a task or LR range given there was
+        silently ignored).
         """
         # Not ``if options:``, which let any falsy value through (0, [], "", False).
         if options is not None and not (isinstance(options, Mapping) and len(options) == 0):
@@ -408,10 +411,20 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         super().close()
 
     def _drop_run(self) -> None:
-        if self.loop is not None:
-            device = self.loop.run.device
-            self.loop, self._torch_rng, self._cuda_rng, self._ended = None, None, None, False
+        if self.loop is None:
+            return
+        run = self.loop.run
+        self.loop, self._torch_rng, self._cuda_rng, self._ended = None, None, None, False
+        # Without its hooks, which close cycles through the model, the run's last reference frees it. A full garbage
+        # collection at every reset cost 0.1 to 1 s in a process with torch, Triton and SB3 loaded (14 s of a 22-s
+        # train_policy): it runs only where a cycle of the model's own (a user's task) keeps it alive.
+        run.close()
+        device, model = run.device, weakref.ref(run.model)
+        del run
+        if model() is not None:
             release_memory(device)
+        elif device.type == "cuda":
+            torch.cuda.empty_cache()  # the run's blocks, cached by the allocator, handed back to other processes
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles (``SubprocVecEnv`` sends factories, not environments) only without a live run.

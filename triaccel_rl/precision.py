@@ -538,6 +538,9 @@ class LayerPrecision:
         _pickled_hooks.release(self._hooks)
         self._hooks.clear()
         self._hooks_act_on.clear()
+        # Bound methods of this object (context() makes them again if it is entered after): held here they close a
+        # cycle through the model, which then outlived its last reference until a full garbage collection.
+        self._eager_regions = None
 
     def _as_closure(self, method: Callable[..., Any], *, pre: bool = False) -> Callable[..., Any]:
         """``method`` (a function of this class) as a hook acting on this ``LayerPrecision``: a closure.

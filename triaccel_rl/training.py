@@ -1041,6 +1041,18 @@ class TrainingRun:
         """Epochs done, fractional."""
         return self.loader.epoch + self.loader.epoch_progress
 
+    # ------------------------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Removes the engine's hooks from the model and the optimizer: the run is done, freed by its last reference.
+
+        The precision hooks close reference cycles through the model, which reference counting cannot free: without
+        this, a dropped run (its model, optimizer state and data) lived until a full garbage collection, which costs
+        0.1 to 1 s in a process with torch, Triton and SB3 loaded. Closing twice is harmless; a closed run is not to
+        be stepped again: the hooks that apply its per-layer precisions and LR multipliers are gone.
+        """
+        self.engine.remove()
+
     # ------------------------------------------------------------------------------------- private
 
     def _coupler(self, rule: LRRule, batch_size: int) -> BatchLRCoupler:
