@@ -6,7 +6,6 @@ python experiments/bench_env.py --tasks synthetic,mlp-fmnist --n-envs 2 --steps 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import command_line, cpu_machine, file_to_write, git_commit, parse_args
 
 
 @dataclass
@@ -75,9 +74,7 @@ def main(args: Args) -> list[dict[str, object]]:
             "n_envs": args.n_envs,
             "env_steps_per_s": args.steps * args.n_envs / elapsed,
             "optimizer_steps_per_s": args.steps * args.n_envs * args.interval_steps / elapsed,
-            "device": torch.cuda.get_device_name()
-            if args.device.startswith("cuda")
-            else f"cpu ({os.cpu_count()} cores)",
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_machine(),
             "date": time.strftime("%Y-%m-%d"),
             "commit": git_commit(),
             "command": command_line("experiments/bench_env.py", args),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, git_commit, parse_args
+from triaccel_rl.experiment import command_line, cpu_machine, git_commit, parse_args
 from triaccel_rl.rl import ActionSpread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -614,7 +613,6 @@ def _facts(
     below ``zip_path``'s step count (an interrupted run's past its checkpoint scored other weights). Shipped from a
     checkpoint, the training time runs from ``started`` to the checkpoint's write.
     """
-    import torch
     from stable_baselines3 import PPO
 
     from triaccel_rl.config import HardwareProfile
@@ -655,7 +653,7 @@ def _facts(
         ),
         "profile": HardwareProfile.load(None).device,
         "profile_throughput_scale": HardwareProfile.load(None).throughput_scale,
-        "machine": f"cpu ({os.cpu_count()} cores), torch {torch.__version__}",
+        "machine": cpu_machine(),
         "evaluations": evaluations,
         # Absent from a training.json written before 2026-12-05 (rl.py's fixes): its card says what the run did instead
         "evaluated_after_update": True,

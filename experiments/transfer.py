@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from triaccel_rl.experiment import (
     away_from_results,
     command_line,
+    cpu_machine,
     file_to_write,
     git_commit,
     parse_args,
@@ -507,9 +507,7 @@ def _kept_other_tasks(
 
 
 def _device() -> str:
-    import torch
-
-    return f"cpu ({os.cpu_count()} cores), torch {torch.__version__}"
+    return cpu_machine()
 
 
 def _sha(controller: str) -> str | None:

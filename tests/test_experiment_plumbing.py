@@ -544,3 +544,32 @@ def test_an_unusable_device_is_refused_before_any_run(monkeypatch, tmp_path, scr
     with pytest.raises(SystemExit if script == "bench_env" else ValueError) as refused:
         module.main(module.Args(tasks="synthetic", device="cuda", out=str(tmp_path / "x.json")))
     assert str(refused.value) == expected
+
+
+def test_cpu_machine_names_the_cpu_model_cores_threads_and_torch(monkeypatch):
+    import platform
+
+    import torch
+
+    from triaccel_rl.experiment import cpu_machine
+
+    monkeypatch.setattr("os.cpu_count", lambda: 7)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "arch64")
+    monkeypatch.setattr("builtins.open", _cpuinfo("processor\t: 0\nmodel name\t: Example CPU 9000\n"))
+    assert cpu_machine() == f"cpu Example CPU 9000 (7 cores, 3 torch threads), torch {torch.__version__}"
+    monkeypatch.setattr("builtins.open", _cpuinfo(None))  # no /proc/cpuinfo (macOS, Windows)
+    assert cpu_machine() == f"cpu arch64 (7 cores, 3 torch threads), torch {torch.__version__}"
+
+
+def _cpuinfo(text):
+    import io
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/cpuinfo"
+        if text is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(text)
+
+    return fake_open

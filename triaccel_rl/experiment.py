@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "command_line",
+    "cpu_machine",
     "field_docstrings",
     "file_to_write",
     "git_commit",
@@ -273,6 +274,25 @@ def command_line(script: str, args: Any) -> str:
         else:
             flags.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(["python", script, *flags])
+
+
+def cpu_machine() -> str:
+    """The CPU a run's numbers came from: model, cores, torch's threads and version.
+
+    A CPU run's floating-point result depends on the host's kernels and thread count: the same commit's static rows
+    moved by up to half a point between two hosts that both read "cpu (2 cores)" (2026-12-07).
+    """
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:  # Linux: platform.processor() says only "x86_64" there
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
 
 
 def git_commit(short: bool = True) -> str:
