@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, cpu_machine, git_commit, parse_args
+from triaccel_rl.experiment import command_line, cpu_machine, git_commit, parse_args, write_text_atomic
 from triaccel_rl.rl import ActionSpread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def main(args: Args) -> dict[str, Any]:
     if checkpoint is not None:
         # Only now, every step that can fail done: the run's policy.zip and its stats are replaced together
         _save_policy(_ZipBytes(checkpoint), zip_path, stats)
-    (run_dir / "training.json").write_text(json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(run_dir / "training.json", json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
         f"({facts['env_steps_per_s']:.2f} env steps/s incl. PPO updates and evaluations): {zip_path}"

@@ -84,6 +84,8 @@ _TENSOR_MESSAGE = (
             r"names fp32, bf16, fp16, one a layer$",
         ),
         (np.array([True, False]), r"^precisions=array\(\[ True, False\]\) holds bool: give whole numbers "),
+        (np.array([[1, 0]]), r"^precisions=array\(\[\[1, 0\]\]\) has 2 dimensions: give one, a precision a layer$"),
+        (np.array(1), r"^precisions=array\(1\) has 0 dimensions: give one, a precision a layer$"),
     ],
 )
 def test_a_tensor_or_a_float_array_is_refused_as_a_map_by_its_type(precisions: object, message: str) -> None:

@@ -280,6 +280,10 @@ class LayerPrecision:
                 f"precisions={precisions!r} is one string: give a sequence, one precision a layer "
                 f"(e.g. [{precisions!r}] * n), each one of fp32, bf16, fp16"
             )
+        if isinstance(precisions, np.ndarray) and precisions.ndim != 1:  # a 0-d one raised a bare TypeError
+            raise ValueError(
+                f"precisions={precisions!r} has {precisions.ndim} dimensions: give one, a precision a layer"
+            )
         if isinstance(precisions, np.ndarray) and precisions.dtype.kind not in "iuUO":
             # Refused element by element otherwise, as "unknown precision np.float64(1.0)", without the array's type.
             raise ValueError(
