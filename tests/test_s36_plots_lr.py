@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-import torch
+from test_exec_obs_s35 import _lr_target  # an executor's target with only an LR to set
 
 from triaccel_rl.actions import encode
 from triaccel_rl.compare import RunResult
@@ -68,24 +66,6 @@ def test_a_name_taken_in_another_case_gets_the_next_free_suffix() -> None:
 
 
 # ---------------------------------------------------------------- the LR clamp on the ladder
-
-
-def _lr_target(lr_scale: float) -> SimpleNamespace:
-    engine = SimpleNamespace(
-        precision=SimpleNamespace(precisions=[Precision.FP32]),
-        device=torch.device("cpu"),
-        lr_scale=lr_scale,
-        set_precisions=lambda p: None,
-    )
-    return SimpleNamespace(
-        engine=engine,
-        splits_batches=True,
-        memory_budget_bytes=10**9,
-        usable_memory_bytes=10**9,
-        batch_size=64,
-        max_batch_size=512,
-        predicted_memory_bytes=lambda batch, precisions=None: 0,
-    )
 
 
 def _apply(config: ControllerConfig, current: float, asked: float) -> tuple[float, list[str]]:
