@@ -105,3 +105,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures ``triaccel_rl.plots`` saves, by file name, kept open to read their data (each is still written)."""
+    pytest.importorskip("matplotlib")
+    import triaccel_rl.plots as plots
+
+    figures = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures

@@ -811,7 +811,7 @@ def test_the_zoom_panel_leaves_out_a_nan_metric_met_first(tmp_path):
     assert paths[0].name == "metric_vs_time.png" and paths[0].stat().st_size > 5000
 
 
-def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
+def test_each_plot_draws_each_runs_own_series(tmp_path, saved_figures):
     """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
     pytest.importorskip("matplotlib")
     import triaccel_rl.plots as plots
@@ -832,14 +832,7 @@ def test_each_plot_draws_each_runs_own_series(tmp_path, monkeypatch):
     plain = run("plain-fp32", 0, None, 0.5)
     plain.trace = []  # a plain loop takes no decisions: no trace, no precision map
     results.append(plain)
-    figures = {}
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return real_save(fig, path)
-
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", keep)
+    figures = saved_figures
     paths = plots.plot_comparison(results, tmp_path, target=0.4)
     names = ["metric_vs_time.png", "memory_vs_time.png", "batch_lr_vs_time.png"]
     names += ["precision_map_static-fp32.png", "precision_map_heuristic.png"]

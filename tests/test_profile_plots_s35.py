@@ -77,19 +77,12 @@ def _run(controller: str, precisions: list[int]) -> RunResult:
     return run
 
 
-def test_rows_whose_names_clean_alike_get_a_precision_map_each(tmp_path, monkeypatch):
+def test_rows_whose_names_clean_alike_get_a_precision_map_each(tmp_path, saved_figures):
     """Both rows were written to one file name: the second map overwrote the first, its path returned twice."""
     pytest.importorskip("matplotlib")
     import triaccel_rl.plots as plots
 
-    figures = {}
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return real_save(fig, path)
-
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", keep)
+    figures = saved_figures
     results = [_run("learned:my policy.zip", [0, 1]), _run("learned:my_policy.zip", [2, 2])]
     paths = plots.plot_comparison(results, tmp_path)
     maps = ["precision_map_learned_my_policy.zip.png", "precision_map_learned_my_policy.zip_2.png"]

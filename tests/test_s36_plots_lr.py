@@ -36,20 +36,13 @@ def _run(controller: str, precisions: list[int]) -> RunResult:
     ids=["heuristic-Heuristic", "clean-alike-but-case", "no-collision-kept"],
 )
 def test_rows_whose_names_differ_only_in_case_get_a_precision_map_each(
-    tmp_path, monkeypatch, controllers: list[str], maps: list[str]
+    tmp_path, saved_figures, controllers: list[str], maps: list[str]
 ) -> None:
     """The second row's map was written to a name the first one's has on macOS and Windows, and overwrote it there."""
     pytest.importorskip("matplotlib")
     import triaccel_rl.plots as plots
 
-    figures = {}
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return real_save(fig, path)
-
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", keep)
+    figures = saved_figures
     paths = plots.plot_comparison([_run(controllers[0], [0, 1]), _run(controllers[1], [2, 2])], tmp_path)
     assert [p.name for p in paths][3:] == maps
     assert len({p.name.casefold() for p in paths}) == len(paths)  # one file each on a case-insensitive file system
