@@ -583,7 +583,7 @@ class StepEngine:
             try:
                 self.store.rebind_grads(after_backward)
             except DetachedParametersError as error:
-                names = {id(p): name for name, p in self.model.named_parameters()}
+                names = self._names_by_id()
                 raise DetachedParametersError(error.params, [names.get(id(p), "?") for p in error.params]) from None
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -1083,7 +1083,7 @@ class StepEngine:
         back (loaded without complaint until 2026-12-07). One sync a device.
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        names = {id(p): name for name, p in self.model.named_parameters()}
+        names = self._names_by_id()
         entries = [
             (int(index), field, value)
             for index, entry in saved["state"].items()
@@ -1104,9 +1104,13 @@ class StepEngine:
                 "weights; resume from an earlier checkpoint"
             )
 
+    def _names_by_id(self) -> dict[int, str]:
+        """Each parameter's name in ``model.named_parameters()``, by the parameter's ``id``."""
+        return {id(p): name for name, p in self.model.named_parameters()}
+
     def _store_param_names(self) -> list[str]:
         """The names of the fused store's parameters (``model.named_parameters()``'s), in the store's order."""
-        names = {id(p): name for name, p in self.model.named_parameters()}
+        names = self._names_by_id()
         return [names.get(id(p), "?") for layer in self.store.layers for p in layer]
 
     @property
@@ -1509,7 +1513,7 @@ class StepEngine:
         """
         groups = self.optimizer.param_groups
         if len(groups) != self._n_param_groups:
-            names = {id(p): name for name, p in self.model.named_parameters()}
+            names = self._names_by_id()
             new_groups = groups[self._n_param_groups :]
             added = [names.get(id(p), tuple(p.shape)) for group in new_groups for p in group["params"]]
             raise ValueError(
@@ -1521,7 +1525,7 @@ class StepEngine:
             )
         unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
         if unfrozen:
-            names = {id(p): name for name, p in self.model.named_parameters()}
+            names = self._names_by_id()
             raise ValueError(
                 f"parameters {[names.get(id(p), tuple(p.shape)) for p in unfrozen][:5]} have gradients, but they were "
                 "frozen (requires_grad=False) when the controller was built from the optimizer's parameters, so it "
