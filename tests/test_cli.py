@@ -458,6 +458,18 @@ def test_errors_name_the_flags_to_fix(argv, message, tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_comparison_into_an_existing_out_file_is_told_it_replaces_it(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2",
+            "--no-progress", "--out", str(out), "--log-dir", ""]  # fmt: skip
+    assert main(argv) == 0
+    assert "exists; this comparison's results replace it" not in capsys.readouterr().err
+    first = json.loads(out.read_text())
+    assert main(argv) == 0
+    assert f"--out {out} exists; this comparison's results replace it after its first run" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"][0]["controller"] == first["rows"][0]["controller"]  # replaced whole
+
+
 def test_a_second_comparison_into_one_log_dir_is_told_its_curves_overlay(tmp_path, capsys):
     argv = ["compare", "--task", "synthetic", "--controllers", "fp32", "--seeds", "1", "--epochs", "0.2",
             "--no-progress", "--out", "", "--log-dir", str(tmp_path / "tb")]  # fmt: skip

@@ -358,6 +358,12 @@ def _compare(args: argparse.Namespace) -> int:
             _folder_to_write("--plots", args.plots)
         if args.log_dir:
             _folder_to_write("--log-dir", args.log_dir)
+    if args.out and Path(args.out).is_file():  # replaced at the first run's end (partial results): said before it
+        print(
+            f"triaccel-rl compare: note: --out {args.out} exists; this comparison's results replace it after its "
+            "first run (give another --out to keep it)",
+            file=sys.stderr,
+        )
     if args.log_dir and next(Path(args.log_dir).rglob("events.out.tfevents.*"), None) is not None:  # the user's: kept
         print(
             f"triaccel-rl compare: --log-dir {args.log_dir} holds an earlier comparison's TensorBoard runs; the "
