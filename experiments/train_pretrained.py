@@ -59,6 +59,8 @@ class Args:
     """PPO rollout length per environment (a rollout is ``n_steps * n_envs`` decisions)."""
     batch_size: int = 64
     """PPO minibatch size."""
+    ent_coef: float = 0.0
+    """PPO's entropy bonus (0: none, SB3's default)."""
     seed: int = 0
     """Seeds PPO and the environments (worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``)."""
     eval_every: int = 1024
@@ -152,6 +154,7 @@ def main(args: Args) -> dict[str, Any]:
             interval_steps=args.interval_steps,
             n_steps=args.n_steps,
             batch_size=args.batch_size,
+            ent_coef=args.ent_coef,
             seed=args.seed,
             out=run_dir / "policy.zip",
             log_dir=run_dir / "tensorboard",
@@ -325,7 +328,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy
     rows = [
         ("command", _command(facts)),
         ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
-                      "other SB3 defaults"),
+                      + (f"`ent_coef={settings['ent_coef']:g}`, " if settings.get("ent_coef") else "")
+                      + "other SB3 defaults"),
         ("training tasks", _tasks_row(facts)),
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
         ("environment steps trained", f"{facts['timesteps_trained']} decisions (episodes of a time budget of "

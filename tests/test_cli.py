@@ -466,7 +466,7 @@ def test_a_comparison_into_an_existing_out_file_is_told_it_replaces_it(tmp_path,
     assert "exists; this comparison's results replace it" not in capsys.readouterr().err
     first = json.loads(out.read_text())
     assert main(argv) == 0
-    assert f"--out {out} exists; this comparison's results replace it after its first run" in capsys.readouterr().err
+    assert f"--out {out} exists; this comparison's results replace it when it ends" in capsys.readouterr().err
     assert json.loads(out.read_text())["rows"][0]["controller"] == first["rows"][0]["controller"]  # replaced whole
 
 

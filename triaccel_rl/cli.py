@@ -252,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--batch-size", type=int, default=None, help="PPO minibatch size (default 64; --resume: the policy's own)"
     )
+    train.add_argument(
+        "--ent-coef",
+        type=float,
+        default=None,
+        help="PPO's entropy bonus, >= 0 (default 0: none; --resume: the policy's own)",
+    )
     train.add_argument("--seed", type=int, default=0, help="seeds PPO and the environments (default %(default)s)")
     train.add_argument(
         "--out",
@@ -358,10 +364,10 @@ def _compare(args: argparse.Namespace) -> int:
             _folder_to_write("--plots", args.plots)
         if args.log_dir:
             _folder_to_write("--log-dir", args.log_dir)
-    if args.out and Path(args.out).is_file():  # replaced at the first run's end (partial results): said before it
+    if args.out and Path(args.out).is_file():  # replaced at the end: said before the runs, not found out after
         print(
-            f"triaccel-rl compare: note: --out {args.out} exists; this comparison's results replace it after its "
-            "first run (give another --out to keep it)",
+            f"triaccel-rl compare: note: --out {args.out} exists; this comparison's results replace it when it ends "
+            "(give another --out to keep it)",
             file=sys.stderr,
         )
     if args.log_dir and next(Path(args.log_dir).rglob("events.out.tfevents.*"), None) is not None:  # the user's: kept
@@ -508,6 +514,7 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
         interval_steps=args.interval_steps,
         n_steps=args.n_steps,
         batch_size=args.batch_size,
+        ent_coef=args.ent_coef,
         seed=args.seed,
         out=Path(args.out),
         log_dir=args.log_dir or None,

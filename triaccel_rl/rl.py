@@ -14,6 +14,8 @@ import dataclasses
 import enum
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 import time
@@ -384,6 +386,7 @@ def train_policy(
     interval_steps: int = 20,
     n_steps: int | None = None,
     batch_size: int | None = None,
+    ent_coef: float | None = None,
     seed: int = 0,
     out: str | os.PathLike[str] = "runs/policy.zip",
     log_dir: str | os.PathLike[str] | None = None,
@@ -413,6 +416,8 @@ def train_policy(
         interval_steps: optimizer steps per decision.
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
+        ent_coef: PPO's entropy bonus, a finite number >= 0 (None: SB3's 0.0, or with ``resume`` the resumed
+            policy's). A warm start's imitation leaves sharp action probabilities; the bonus keeps PPO trying others.
         seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
             trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
             draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
@@ -510,8 +515,14 @@ def train_policy(
         raise ValueError(
             f"batch_size={batch_size!r} must be a whole number >= 2 (PPO normalises advantages over each minibatch)"
         )
+    if ent_coef is not None and (
+        isinstance(ent_coef, bool | np.bool_) or not isinstance(ent_coef, numbers.Real) or not 0 <= ent_coef < math.inf
+    ):
+        raise ValueError(f"ent_coef={ent_coef!r} must be a finite number >= 0 (PPO's entropy bonus; 0: none)")
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
-    hyper = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
+    hyper: dict[str, Any] = {
+        k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size), ("ent_coef", ent_coef)) if v is not None
+    }
     fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
     if resume is None and fresh_batch > fresh_n_steps * n_envs:
         raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
@@ -832,6 +843,7 @@ def train_policy(
                 venv,
                 n_steps=fresh_n_steps,
                 batch_size=fresh_batch,
+                ent_coef=0.0 if ent_coef is None else float(ent_coef),
                 seed=seed,
                 device="cpu",  # the policy is a small MLP: the CPU is faster than a GPU round trip
                 tensorboard_log=str(log_dir) if log_dir else None,

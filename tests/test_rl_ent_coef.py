@@ -1,0 +1,59 @@
+"""PPO's entropy bonus (``train_policy(ent_coef=...)``, ``train-policy --ent-coef``): kept in the zip, replaced by a
+resume that gives one, refused by name when it is not a finite number >= 0."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from triaccel_rl.cli import main
+from triaccel_rl.rl import train_policy
+
+_TINY = {"vec": "dummy", "n_envs": 1, "max_decisions": 3, "interval_steps": 2, "budget_intervals": 2,
+         "torch_threads": 1, "n_steps": 8, "batch_size": 4}  # fmt: skip
+
+
+def _ent_coef(path):
+    from stable_baselines3 import PPO
+
+    return PPO.load(path, device="cpu").ent_coef
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_bonus_is_trained_with_saved_and_kept_or_replaced_by_a_resume(tmp_path):
+    out = train_policy(["synthetic"], total_timesteps=8, ent_coef=0.05, out=tmp_path / "a" / "p.zip", **_TINY)
+    assert _ent_coef(out) == 0.05
+    kept = train_policy(["synthetic"], total_timesteps=8, resume=out, out=tmp_path / "b" / "p.zip", **_TINY)
+    assert _ent_coef(kept) == 0.05  # a resume without one keeps the policy's own
+    replaced = train_policy(["synthetic"], total_timesteps=8, ent_coef=0, resume=out, out=tmp_path / "c" / "p.zip",
+                            **_TINY)  # fmt: skip
+    assert _ent_coef(replaced) == 0.0
+    default = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "d" / "p.zip", **_TINY)
+    assert _ent_coef(default) == 0.0  # SB3's default
+
+
+def test_the_bonus_changes_what_ppo_learns(tmp_path):
+    """The bonus reaches PPO's loss: the same run with and without it ends with other weights."""
+    from stable_baselines3 import PPO
+
+    weights = []
+    for coef in (0.0, 1.0):
+        path = train_policy(["synthetic"], total_timesteps=8, ent_coef=coef, out=tmp_path / f"{coef}" / "p.zip",
+                            **_TINY)  # fmt: skip
+        weights.append(PPO.load(path, device="cpu").policy.action_net.weight.detach().clone())
+    assert not np.allclose(weights[0].numpy(), weights[1].numpy())
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, True, "0.1", np.bool_(False)])
+def test_a_bad_bonus_is_refused_by_name_before_any_environment(bad):
+    with pytest.raises(ValueError, match=re.escape(f"ent_coef={bad!r} must be a finite number >= 0")):
+        train_policy(["synthetic"], total_timesteps=8, ent_coef=bad, **_TINY)
+
+
+def test_the_cli_flag_names_itself(tmp_path, capsys):
+    argv = ["train-policy", "--tasks", "synthetic", "--timesteps", "8", "--ent-coef", "-1",
+            "--out", str(tmp_path / "p.zip"), "--log-dir", ""]  # fmt: skip
+    assert main(argv) == 2
+    assert "--ent-coef -1.0 must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "p.zip").exists()
