@@ -410,6 +410,7 @@ def test_controller_defaults() -> None:
         "rollback": True,
         "rollback_offload": True,
         "snapshot_every": 4,
+        "max_rollbacks_in_a_row": 4,
         "cost_mode": CostMode.MEASURED,
         "ema_decay": 0.9,
         "memory": MemoryBudget(),
@@ -639,7 +640,7 @@ def test_the_number_fields_listed_are_every_number_field() -> None:
     # The optional ones too: anneal_release_after's check could be deleted unseen while the table named two by hand.
     optional = {("HeuristicConfig", n) for n in ("anneal_plateau", "anneal_release_after", "ramp_batch_after")}
     assert optional <= listed
-    assert len(listed) == 3 + 15 + 6 + 5 + 8
+    assert len(listed) == 3 + 15 + 6 + 5 + 9
 
 
 @pytest.mark.parametrize("bad", [True, False, "0.5", None, [1]], ids=["True", "False", "str", "None", "list"])

@@ -720,6 +720,12 @@ class ControllerConfig:
             any decision that changes the configuration (so a rollback never crosses a change: in the
             ``Controller`` the change's copy is restored once before any older one, as the change may be what failed);
             a rollback then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
+        max_rollbacks_in_a_row: rollbacks the ``Controller``'s shield makes with no healthy interval between them;
+            the next failure restores the state once more and raises ``NoGoodStateError``: a restored state that
+            keeps failing (an update from it that overflows, huge optimizer moments) was otherwise restored for good,
+            the run neither training nor stopping. A healthy interval starts the count again; fp16's loss-scale
+            back-off is no rollback. ``DecisionLoop`` (``compare``) is not bounded: a row that keeps failing runs to
+            its budget and ends as a miss, where an error would stop the whole comparison.
         cost_mode: whether the ``Controller`` reads the step times of your loop: ``measured`` (the default; on a GPU
             they drive the speed trial between bf16 and fp16 and the adaptive decision interval) or ``profile``
             (no speed trial, a fixed interval: time is what a hardware profile says, which the ``Controller`` does
@@ -750,6 +756,7 @@ class ControllerConfig:
     rollback: bool = True
     rollback_offload: bool = True
     snapshot_every: int = 4
+    max_rollbacks_in_a_row: int = 4
     cost_mode: CostMode = CostMode.MEASURED
     ema_decay: float = 0.9
     memory: MemoryBudget = field(default_factory=MemoryBudget)
@@ -762,6 +769,7 @@ class ControllerConfig:
             "interval_steps",
             "max_interval_factor",
             "snapshot_every",
+            "max_rollbacks_in_a_row",
             "n_groups",
             "min_batch_size",
             "max_batch_size",
@@ -788,6 +796,11 @@ class ControllerConfig:
             raise ConfigError(f"max_interval_factor={self.max_interval_factor} must be >= 1 (1: a fixed interval)")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every={self.snapshot_every} must be >= 1 (1: a rollback copy every decision)")
+        if self.max_rollbacks_in_a_row < 1:
+            raise ConfigError(
+                f"max_rollbacks_in_a_row={self.max_rollbacks_in_a_row} must be >= 1 (1: the second failure in a row "
+                "raises)"
+            )
         if not (1 <= self.n_groups <= 16):
             raise ConfigError(f"n_groups={self.n_groups} must be in [1, 16]")
         if not self.lr_scales or any(not (is_finite_real(s) and s > 0) for s in self.lr_scales):

@@ -273,6 +273,7 @@ class Controller:
                 self._copy_taken = ("reserve", self._state_mark())
             self.rollbacks = 0
             """Times the last healthy state was restored (``config.rollback``)."""
+            self._rollbacks_in_a_row = 0  # since the last healthy interval (config.max_rollbacks_in_a_row)
             self.signals: Signals | None = None
             self.costs: CostModel | None = None
             self.memory_model: MemoryModel | None = None
@@ -890,6 +891,7 @@ class Controller:
             "steps": self.steps,
             "skipped_steps": self._skipped_counted,  # the open interval's are counted again at its decision
             "rollbacks": self.rollbacks,
+            "rollbacks_in_a_row": self._rollbacks_in_a_row,
             **self._data_state(),
             "speed_trial": dict(self.speed_trial),
             "trial_running": self._trial is not None,
@@ -1006,8 +1008,12 @@ class Controller:
                 "from an earlier checkpoint (load the model's weights before the controller's)"
             )
         steps, skipped, rollbacks = (_checked_count(state, key, 0) for key in ("steps", "skipped_steps", "rollbacks"))
+        # A checkpoint saved before the bound on rollbacks in a row holds no count: none in a row
+        in_a_row = _checked_count(state, "rollbacks_in_a_row", 0) if "rollbacks_in_a_row" in state else 0
         if skipped > steps:
             raise ValueError(f"the checkpoint's skipped_steps {skipped} is more than its steps {steps}")
+        if in_a_row > rollbacks:
+            raise ValueError(f"the checkpoint's rollbacks_in_a_row {in_a_row} is more than its rollbacks {rollbacks}")
         trial_running = state["trial_running"]
         if not isinstance(trial_running, bool):
             raise ValueError(f"the checkpoint's trial_running {trial_running!r} is not a bool")
@@ -1027,6 +1033,7 @@ class Controller:
         if bf16_moved:
             _log.info("bf16 does not run on %s: the checkpoint's layers in bf16 run in fp16 instead", self.device)
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
+        self._rollbacks_in_a_row = in_a_row
         self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
         self.engine.zero_grad()
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
@@ -1524,8 +1531,12 @@ class Controller:
                 torch.isfinite(last_loss.detach()).all()
             )
             restored = self._shield(applied, self._interval_steps, losses_finite)
-        finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
+        except BaseException:  # a NoGoodStateError may follow a restore: the count read again, as after one
+            self._applied_at_start = self.engine.applied_steps()
+            raise
+        else:
             self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
+        finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
             self._interval_steps = 0
             self._interval_peak = 0
         return train_ms
@@ -1553,6 +1564,11 @@ class Controller:
         its buffers are from before the break), so that copy, the change's included, is what it restores. A resume's
         copy is treated as a change's, counting only the updates after it (a checkpoint may be saved mid-interval);
         failing again from it with no confirmed copy left raises ``NoGoodStateError``.
+
+        A healthy interval ends a run of rollbacks. One more than ``config.max_rollbacks_in_a_row`` in a row raises
+        ``NoGoodStateError`` instead: the restored state itself keeps failing (an update from it that overflows,
+        huge optimizer moments), and each rollback brought it back, the run neither training nor stopping. The state
+        is restored before the error (not counted in ``rollbacks``), so a caller who catches it holds a finite model.
         """
         self._interval_healthy = self._interval_mixed = self._copied_at_close = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
@@ -1562,6 +1578,8 @@ class Controller:
             return False
         broken = self._broken_buffers()  # a sync like the interval's flush, with the device idle
         self._interval_healthy = applied == steps and not broken
+        if self._interval_healthy:
+            self._rollbacks_in_a_row = 0
         # The first update after the copy had a finite loss on the copy's weights.
         if began_from_copy and applied > before_copy:
             self.guard.confirm()
@@ -1593,6 +1611,17 @@ class Controller:
                 )
             restored = self.guard.restore(reason, unconfirmed=change_copy)
             self._copy_opens_interval = restored and change_copy
+            bound = self.config.max_rollbacks_in_a_row
+            if restored and self._rollbacks_in_a_row >= bound:
+                self.guard.rollbacks = self.rollbacks  # not a rollback the run goes on from: it stops here
+                raise NoGoodStateError(
+                    f"{reason} again after {self._rollbacks_in_a_row} rollbacks in a row with no healthy interval "
+                    "between: the state they restore keeps failing (its optimizer moments may be too large, or the "
+                    "learning rate too high for it); the model is left at that state. Resume from an earlier "
+                    "checkpoint or lower the learning rate (ControllerConfig.max_rollbacks_in_a_row="
+                    f"{bound} sets this bound)"
+                )
+            self._rollbacks_in_a_row += restored
         elif applied == steps:
             self._copied_at_close = self.guard.healthy()
             self._copy_opens_interval = self.guard.has_unconfirmed and self.guard.copy_is_current
