@@ -694,6 +694,19 @@ def test_measure_profile_leaves_the_callers_random_number_generator_as_it_was(mo
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_measure_profile_times_the_same_batch_whatever_the_callers_random_state(monkeypatch):
+    """The batch was drawn before the measurement seeded, from the caller's generator: each call timed other inputs."""
+    import triaccel_rl.profiling as profiling
+
+    batches = []
+    monkeypatch.setattr(profiling, "_time_steps", lambda model, x, y, p, steps: (batches.append((x, y)), (2.0, 1.0))[1])
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        profiling.measure_profile("cpu", batch_size=2, steps=1, small=True)
+    (x1, y1), (x2, y2) = batches[0], batches[len(batches) // 2]
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_profile_refuses_an_unwritable_out_before_measuring(tmp_path, capsys, monkeypatch):
     import triaccel_rl.profiling
     from triaccel_rl.config import HardwareProfile

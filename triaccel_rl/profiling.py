@@ -80,6 +80,7 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
     """:func:`measure_profile` once its arguments are checked."""
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
+    _seed_run_generators(0, device)  # the batch too: drawn from the caller's state, a profile's inputs varied with it
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     if channels_last:
