@@ -320,6 +320,7 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy
     predecessor's evaluation as its own.
     """
     settings = facts["args"]
+    ppo = facts.get("ppo", settings)  # the zip's own; a training.json of before 2026-12-07 holds only the flags
     evals = facts["evaluations"]
     eval_rows = "\n".join(
         f"| {e['timesteps']} | {_number(e['mean_reward'], '.2f')} ± {_number(e['std_reward'], '.2f')} |" for e in evals
@@ -327,8 +328,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy
     eval_timing, eval_note = _evaluation_timing(facts)
     rows = [
         ("command", _command(facts)),
-        ("algorithm", f"PPO, `n_steps={settings['n_steps']}` per env, `batch_size={settings['batch_size']}`, "
-                      + (f"`ent_coef={settings['ent_coef']:g}`, " if settings.get("ent_coef") else "")
+        ("algorithm", f"PPO, `n_steps={ppo['n_steps']}` per env, `batch_size={ppo['batch_size']}`, "
+                      + (f"`ent_coef={ppo['ent_coef']:g}`, " if ppo.get("ent_coef") else "")
                       + "other SB3 defaults"),
         ("training tasks", _tasks_row(facts)),
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
@@ -649,6 +650,8 @@ def _facts(
         "wall_s": training_s,
         "env_steps_per_s": timesteps / training_s,
         "shipped_from_checkpoint": args.from_checkpoint or None,
+        # The shipped zip's own: a --from-checkpoint run's flags need not repeat the checkpoint's training settings
+        "ppo": {"n_steps": int(model.n_steps), "batch_size": int(model.batch_size), "ent_coef": float(model.ent_coef)},
         # Only this run's: a run dir reused keeps an earlier run's file, which the card once reported as this one's
         "warm_start": (
             json.loads(warm.read_text())

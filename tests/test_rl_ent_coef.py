@@ -57,3 +57,29 @@ def test_the_cli_flag_names_itself(tmp_path, capsys):
     assert main(argv) == 2
     assert "--ent-coef -1.0 must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "p.zip").exists()
+
+
+def test_a_resume_takes_any_real_number_as_a_float(tmp_path):
+    """A resume passed the value as given to PPO: a Fraction failed in its loss, a NumPy float was saved as one."""
+    from fractions import Fraction
+
+    out = train_policy(["synthetic"], total_timesteps=8, out=tmp_path / "a" / "p.zip", **_TINY)
+    for given, folder in ((Fraction(1, 20), "b"), (np.float32(0.25), "c")):
+        resumed = train_policy(["synthetic"], total_timesteps=8, ent_coef=given, resume=out,
+                               out=tmp_path / folder / "p.zip", **_TINY)  # fmt: skip
+        saved = _ent_coef(resumed)
+        assert type(saved) is float and saved == float(given)
+
+
+def test_the_card_shows_the_shipped_checkpoints_own_bonus(tmp_path):
+    """Shipped with --from-checkpoint, the card read the bonus (and the sizes) from the script's flags, not the zip."""
+    from experiment_scripts import import_experiment
+
+    train_pretrained = import_experiment("train_pretrained")
+    checkpoint = train_policy(["synthetic"], total_timesteps=8, ent_coef=0.05, out=tmp_path / "run" / "policy.zip",
+                              **_TINY)  # fmt: skip
+    args = train_pretrained.Args(from_checkpoint=str(checkpoint), run_dir=str(tmp_path / "run"))  # flags not repeated
+    facts = train_pretrained._facts(args, ("synthetic",), ("x",), checkpoint, tmp_path / "run", 1.0, "abc", None)
+    assert facts["ppo"] == {"n_steps": 8, "batch_size": 4, "ent_coef": 0.05}
+    row = next(line for line in train_pretrained.model_card(facts).splitlines() if line.startswith("| algorithm |"))
+    assert row == "| algorithm | PPO, `n_steps=8` per env, `batch_size=4`, `ent_coef=0.05`, other SB3 defaults |"

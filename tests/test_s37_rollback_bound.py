@@ -187,3 +187,71 @@ def test_a_decision_loops_failures_separated_by_healthy_decisions_never_raise():
 def test_the_bound_is_a_whole_number_at_least_1(value, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         ControllerConfig(max_rollbacks_in_a_row=value)
+
+
+class _Alternate:
+    """fp32 everywhere, the LR rung 0.75 / 1.0 in turn: every decision is a change, and takes a copy."""
+
+    name = "alternate"
+
+    def __init__(self):
+        self.decisions = 0
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        self.decisions += 1
+        return np.array([0, 0, 0, 0, 1 if self.decisions % 2 else 2, 1]), None
+
+
+def test_stopping_after_a_change_leaves_the_last_confirmed_state_not_the_changes_copy():
+    """A change after a mixed interval copies its blown-up weights (finite, every loss from them inf): that copy never
+    trained. Where the bound's failure followed such a change, the model was left on it (loss inf), and a caller who
+    caught the error and lowered the LR failed again at once. Now the last confirmed state is left, and trains on."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1e18)
+    start = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=500.0)
+    ctl = Controller(model, optimizer, policy=_Alternate(), config=ControllerConfig(interval_steps=4,
+                                                                                    max_interval_factor=1))  # fmt: skip
+    data = (torch.ones(400, 1), torch.zeros(400, 1))
+    with pytest.raises(NoGoodStateError, match="after 4 rollbacks in a row"):
+        for x, _ in ctl.loader(data, batch_size=4, epochs=1):
+            ctl.step((model(x) ** 2).mean())
+    assert torch.equal(model.weight, start) and ctl.rollbacks == 4
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1  # the error's advice
+    for x, _ in ctl.loader(data, batch_size=4, epochs=1):
+        ctl.step((model(x) ** 2).mean())
+    assert ctl.steps >= 100 and 0 < model.weight.abs().item() < 1e18  # trained on, from the confirmed state
+    ctl.close()
+
+
+def test_failures_between_which_newer_states_train_never_raise():
+    """One skipped step in every interval and every 4th interval all non-finite, with a change (and its copy) at each
+    decision: each rollback restores a newer state that then trains on (its copy confirmed). The count ends there:
+    the 5th rollback raised 'the state they restore keeps failing' before."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    ctl = Controller(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=_Alternate(),
+                     config=ControllerConfig(interval_steps=4, max_interval_factor=1))  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 8, generator=generator)
+    y = x @ torch.randn(8, 1, generator=generator)
+    restored = []
+    restore = ctl.guard.restore
+
+    def spy(*args, **kwargs):
+        done = restore(*args, **kwargs)
+        restored.append(model.weight.detach().clone())
+        return done
+
+    ctl.guard.restore = spy
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=4):
+        interval, position = divmod(ctl.steps, 4)
+        loss = nn.functional.mse_loss(model(xb), yb)
+        ctl.step(loss * float("nan") if position == 0 or interval % 4 == 3 else loss)
+        if ctl.steps >= 200:
+            break
+    assert ctl.steps == 200 and ctl.rollbacks == len(restored) >= 10
+    assert len({tuple(w.flatten().tolist()) for w in restored}) == len(restored)  # a newer state each time
+    ctl.close()

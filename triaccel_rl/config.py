@@ -720,12 +720,13 @@ class ControllerConfig:
             any decision that changes the configuration (so a rollback never crosses a change: in the
             ``Controller`` the change's copy is restored once before any older one, as the change may be what failed);
             a rollback then loses at most ``snapshot_every`` intervals of training. 1 copies at every decision.
-        max_rollbacks_in_a_row: rollbacks the ``Controller``'s shield makes with no healthy interval between them;
-            the next failure restores the state once more and raises ``NoGoodStateError``: a restored state that
-            keeps failing (an update from it that overflows, huge optimizer moments) was otherwise restored for good,
-            the run neither training nor stopping. A healthy interval starts the count again; fp16's loss-scale
-            back-off is no rollback. ``DecisionLoop`` (``compare``) is not bounded: a row that keeps failing runs to
-            its budget and ends as a miss, where an error would stop the whole comparison.
+        max_rollbacks_in_a_row: rollbacks the ``Controller``'s shield makes with no healthy interval between them
+            (nor a newer copy confirmed: a state that trained); the next failure restores the last confirmed state
+            and raises ``NoGoodStateError``: a restored state that keeps failing (an update from it that overflows,
+            huge optimizer moments) was otherwise restored for good, the run neither training nor stopping. A healthy
+            interval starts the count again; fp16's loss-scale back-off is no rollback. ``DecisionLoop`` (``compare``)
+            is not bounded: a row that keeps failing runs to its budget and ends as a miss, where an error would stop
+            the whole comparison.
         cost_mode: whether the ``Controller`` reads the step times of your loop: ``measured`` (the default; on a GPU
             they drive the speed trial between bf16 and fp16 and the adaptive decision interval) or ``profile``
             (no speed trial, a fixed interval: time is what a hardware profile says, which the ``Controller`` does

@@ -320,6 +320,7 @@ class Controller:
             self._interval_mixed = False  # the last closed interval skipped some steps, applied others, buffers finite
             self._copy_opens_interval = False  # the guard's unconfirmed copy is the state the open interval began from
             self._change_copy = False  # that copy was taken at a configuration change: a rollback tries it first
+            self._reopened_copy = False  # that copy is one a rollback restored (no newer state than the last failure)
             self._applied_before_copy = 0  # the open interval's updates applied before that copy (a resume's, mid-way)
             formats = sixteen_bit_formats(self.device)
             if Precision.BF16 not in formats and run_without_bf16(self.policy):
@@ -647,6 +648,10 @@ class Controller:
             UnrecoverableOOMError: out of memory part-way through the optimizer update, which may have left the
                 parameters and optimizer state partly updated: the step counts and its batch is spent (an error
                 before the update leaves none, and ``loader()`` serves its batch again).
+            NoGoodStateError: with the shield on, at an interval's end where no state is left to roll back to: a
+                resumed run's starting state failed twice, or a failure came after ``max_rollbacks_in_a_row``
+                rollbacks in a row (the last confirmed state is restored first); or the weights or buffers were
+                written from outside with NaN or inf since the last step.
         """
         self._check_open()
         _check_loss(loss)
@@ -1094,6 +1099,7 @@ class Controller:
             self.guard.rollbacks = rollbacks  # its warning numbers them on from the checkpoint's (from 1 again before)
             self._copy_taken = ("resume", self._state_mark())
             self._copy_opens_interval = self._change_copy = True
+            self._reopened_copy = False
         self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
         if self._writer is not None:
             self._purge_curves_after(self.steps)
@@ -1565,14 +1571,17 @@ class Controller:
         copy is treated as a change's, counting only the updates after it (a checkpoint may be saved mid-interval);
         failing again from it with no confirmed copy left raises ``NoGoodStateError``.
 
-        A healthy interval ends a run of rollbacks. One more than ``config.max_rollbacks_in_a_row`` in a row raises
-        ``NoGoodStateError`` instead: the restored state itself keeps failing (an update from it that overflows,
-        huge optimizer moments), and each rollback brought it back, the run neither training nor stopping. The state
-        is restored before the error (not counted in ``rollbacks``), so a caller who catches it holds a finite model.
+        A run of rollbacks ends at a healthy interval, or where a copy newer than the last one restored is confirmed
+        (the run moved on between its failures). A failure after ``config.max_rollbacks_in_a_row`` of them raises
+        ``NoGoodStateError`` instead of another rollback: the restored state itself keeps failing (an update from it
+        that overflows, huge optimizer moments), and each rollback brought it back, the run neither training nor
+        stopping. The last confirmed state is restored before the error (not counted in ``rollbacks``; a change's copy,
+        which may never have trained, is not), so a caller who catches it holds a state that gave finite losses.
         """
         self._interval_healthy = self._interval_mixed = self._copied_at_close = False
         began_from_copy, self._copy_opens_interval = self._copy_opens_interval, False
         change_copy, self._change_copy = self._change_copy and began_from_copy, False
+        reopened, self._reopened_copy = self._reopened_copy and began_from_copy, False
         before_copy, self._applied_before_copy = self._applied_before_copy, 0
         if self.guard is None or steps == 0:
             return False
@@ -1583,6 +1592,8 @@ class Controller:
         # The first update after the copy had a finite loss on the copy's weights.
         if began_from_copy and applied > before_copy:
             self.guard.confirm()
+            if not reopened:  # a state newer than the one restored has trained: the run is moving, not stuck
+                self._rollbacks_in_a_row = 0
         overflowed = not broken and losses_finite and self.engine.precision.needs_grad_scaler
         if applied == before_copy and overflowed:  # the weights are the copy's: they overflowed at this scale
             _log.info(
@@ -1592,6 +1603,7 @@ class Controller:
             )
             # As if the interval had not been: the next begins from the same copy, which no update has confirmed
             self._copy_opens_interval, self._change_copy = began_from_copy, change_copy
+            self._reopened_copy = reopened
             return False
         if broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
             # The first failure after a change goes back to the change (the change, not the state, may be what failed:
@@ -1609,10 +1621,12 @@ class Controller:
                     "checkpoint was likely saved after an update that broke the model, before the rollback it would "
                     "have brought; resume from an earlier checkpoint"
                 )
-            restored = self.guard.restore(reason, unconfirmed=change_copy)
-            self._copy_opens_interval = restored and change_copy
             bound = self.config.max_rollbacks_in_a_row
-            if restored and self._rollbacks_in_a_row >= bound:
+            stop = self._rollbacks_in_a_row >= bound
+            # Stopping, the last confirmed state is left, not a change's copy (which may never have trained)
+            restored = self.guard.restore(reason, unconfirmed=change_copy and not stop)
+            self._copy_opens_interval = self._reopened_copy = restored and change_copy and not stop
+            if restored and stop:
                 self.guard.rollbacks = self.rollbacks  # not a rollback the run goes on from: it stops here
                 raise NoGoodStateError(
                     f"{reason} again after {self._rollbacks_in_a_row} rollbacks in a row with no healthy interval "

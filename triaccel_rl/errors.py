@@ -43,9 +43,9 @@ class NoGoodStateError(RuntimeError):
     - ``Controller.load_state_dict`` for a model loaded with non-finite trained weights or buffers;
     - ``Controller.step`` when a resumed run's starting state, the checkpoint's, fails twice in a row: a checkpoint
       saved between an update that broke the model and the rollback it would have brought;
-    - ``Controller.step`` when a restored state fails more than ``ControllerConfig.max_rollbacks_in_a_row`` times with
-      no healthy interval between (an update from it that overflows, huge optimizer moments): the state is restored,
-      then the error raised.
+    - ``Controller.step`` at a failure after ``ControllerConfig.max_rollbacks_in_a_row`` rollbacks in a row (no
+      healthy interval, and no newer state confirmed, between them): the restored state keeps failing (an update from
+      it that overflows, huge optimizer moments); the last confirmed state is restored, then the error raised.
     """
 
 

@@ -520,9 +520,9 @@ def train_policy(
     ):
         raise ValueError(f"ent_coef={ent_coef!r} must be a finite number >= 0 (PPO's entropy bonus; 0: none)")
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
-    hyper: dict[str, Any] = {
-        k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size), ("ent_coef", ent_coef)) if v is not None
-    }
+    hyper: dict[str, Any] = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
+    if ent_coef is not None:  # a float, as a new policy's: a Fraction failed in PPO's loss, a NumPy float was saved
+        hyper["ent_coef"] = float(ent_coef)
     fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
     if resume is None and fresh_batch > fresh_n_steps * n_envs:
         raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
