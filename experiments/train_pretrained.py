@@ -99,7 +99,7 @@ class Args:
 def main(args: Args) -> dict[str, Any]:
     """Trains, ships and documents the policy; returns the facts the model card is written from."""
     from triaccel_rl.compare import json_safe
-    from triaccel_rl.rl import _save_policy, obs_stats_path, train_policy
+    from triaccel_rl.rl import obs_stats_path, save_policy, train_policy
     from triaccel_rl.shield import ObservationStats
     from triaccel_rl.tasks import HELD_OUT_TASKS, TRAINING_TASKS
 
@@ -172,7 +172,7 @@ def main(args: Args) -> dict[str, Any]:
     facts = _facts(args, training_tasks, HELD_OUT_TASKS, checkpoint or zip_path, run_dir, wall_s, commit, started)
     if checkpoint is not None:
         # Only now, every step that can fail done: the run's policy.zip and its stats are replaced together
-        _save_policy(_ZipBytes(checkpoint), zip_path, stats)
+        save_policy(_ZipBytes(checkpoint), zip_path, stats)
     write_text_atomic(run_dir / "training.json", json.dumps(json_safe(facts), indent=1, allow_nan=False) + "\n")
     print(
         f"trained {facts['timesteps_trained']} env steps in {facts['wall_s']:.0f} s "
@@ -526,7 +526,7 @@ def _checked_checkpoint(args: Args) -> Path:
 
 
 class _ZipBytes:
-    """A zip as ``triaccel_rl.rl._save_policy`` saves a model: its bytes as they are (SB3's save would rewrite them)."""
+    """A zip as ``triaccel_rl.rl.save_policy`` saves a model: its bytes as they are (SB3's save would rewrite them)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -683,8 +683,8 @@ def test_a_cpu_run_seeds_the_cpu_generator_as_before_and_no_cuda_generator(monke
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "default_generators", generators)
     with torch.random.fork_rng():
-        training._seed_run_generators(3, torch.device("cuda", 1))
-        training._seed_run_generators(4, torch.device("cuda"))  # the current device
+        training.seed_run_generators(3, torch.device("cuda", 1))
+        training.seed_run_generators(4, torch.device("cuda"))  # the current device
         assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(4).get_state())
     assert [g.seeds for g in generators] == [[4], [3]] and calls == []
 

@@ -37,12 +37,12 @@ from triaccel_rl.precision import find_layers
 from triaccel_rl.tasks import Task, check_seed, get_task
 from triaccel_rl.training import (
     IntervalTimer,
-    _seed_run_generators,
     check_time_cap,
     evaluate_accuracy,
     probe_count,
     resolve_device,
     schedule_gain,
+    seed_run_generators,
 )
 from triaccel_rl.types import Precision
 
@@ -126,7 +126,7 @@ def run_plain(
 
     # The generators the run draws from, as TrainingRun seeds them: torch.manual_seed also seeded every CUDA device's
     # (queued for CUDA's start where it had not started), behind a CPU run's caller.
-    _seed_run_generators(seed, device)
+    seed_run_generators(seed, device)
     model = task.build_model().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

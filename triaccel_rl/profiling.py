@@ -22,7 +22,7 @@ from triaccel_rl.elastic import is_out_of_memory
 from triaccel_rl.engine import native_bf16
 from triaccel_rl.models import MLP, SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
-from triaccel_rl.training import _seed_run_generators
+from triaccel_rl.training import seed_run_generators
 from triaccel_rl.types import Precision
 
 __all__ = ["measure_profile"]
@@ -80,7 +80,7 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
     """:func:`measure_profile` once its arguments are checked."""
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
-    _seed_run_generators(0, device)  # the batch too: drawn from the caller's state, a profile's inputs varied with it
+    seed_run_generators(0, device)  # the batch too: drawn from the caller's state, a profile's inputs varied with it
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     if channels_last:
@@ -94,7 +94,7 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
             bar.set_postfix_str(precision.name.lower())
             # The CPU's and the device's generators, those the fork restores: torch.manual_seed also seeded every
             # CUDA device's (queued for CUDA's start on a CPU), behind the caller.
-            _seed_run_generators(0, device)
+            seed_run_generators(0, device)
             model = build().to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

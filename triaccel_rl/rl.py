@@ -670,7 +670,7 @@ def train_policy(
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         try:
             # No stats before the first rollout of a new policy: it has trained on nothing yet.
-            stats_file = _save_policy(model, checkpoint, recorder.stats())
+            stats_file = save_policy(model, checkpoint, recorder.stats())
         finally:
             model.num_timesteps = collected
         return checkpoint, stats_file
@@ -976,7 +976,7 @@ def train_policy(
             stats = recorder.stats()
             # Inside the try: a save interrupted here keeps the run's weights as a checkpoint, and `out` as it was.
             try:
-                _save_policy(model, path, stats)
+                save_policy(model, path, stats)
             except Exception:  # (a full disk, a folder where the zip goes) the trained weights are kept all the same
                 checkpoint, _ = save_checkpoint(model)
                 _log.error("saving the policy to %s failed: the trained weights are in %s (resume=)", path, checkpoint)
@@ -1074,7 +1074,7 @@ def _resumed_stats(
     return stats
 
 
-def _save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Path | None:
+def save_policy(model: Any, target: Path, stats: ObservationStats | None) -> Path | None:
     """Writes the policy zip ``target`` and its observation stats beside it; returns the stats' path (None: none).
 
     Neither file is written in place, so an interrupted save (Ctrl-C, a full disk) leaves the previous zip and stats

@@ -329,7 +329,7 @@ class TrainingRun:
         # The caller's states, put back if the construction raises: a batch_size above the training set (known only
         # once the data is loaded) was refused after the seeding, and left the caller's generators seeded.
         caller_states = _run_generator_states(self.device)
-        _seed_run_generators(self.seed, self.device)
+        seed_run_generators(self.seed, self.device)
         try:
             self.model: nn.Module = self.task.build_model().to(self.device)
             if channels_last:
@@ -1439,7 +1439,7 @@ def _samples(name: str, value: object, least: int) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
-def _seed_run_generators(seed: int, device: torch.device) -> None:
+def seed_run_generators(seed: int, device: torch.device) -> None:
     """Seeds the CPU's default generator and, for a CUDA ``device``, that device's (``torch.manual_seed`` did all)."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
@@ -1451,7 +1451,7 @@ def _seed_run_generators(seed: int, device: torch.device) -> None:
 
 
 def _run_generator_states(device: torch.device) -> list[torch.Tensor]:
-    """The states of the generators ``_seed_run_generators`` seeds: the CPU's and, for a CUDA ``device``, that one's."""
+    """The states of the generators ``seed_run_generators`` seeds: the CPU's and, for a CUDA ``device``, that one's."""
     states = [torch.default_generator.get_state()]
     if device.type == "cuda":
         torch.cuda.init()
