@@ -61,6 +61,8 @@ class Args:
     """PPO minibatch size."""
     ent_coef: float = 0.0
     """PPO's entropy bonus (0: none, SB3's default)."""
+    learning_rate: float = 3e-4
+    """PPO's Adam step size (SB3's default)."""
     seed: int = 0
     """Seeds PPO and the environments (worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``)."""
     eval_every: int = 1024
@@ -155,6 +157,7 @@ def main(args: Args) -> dict[str, Any]:
             n_steps=args.n_steps,
             batch_size=args.batch_size,
             ent_coef=args.ent_coef,
+            learning_rate=args.learning_rate,
             seed=args.seed,
             out=run_dir / "policy.zip",
             log_dir=run_dir / "tensorboard",
@@ -330,6 +333,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy
         ("command", _command(facts)),
         ("algorithm", f"PPO, `n_steps={ppo['n_steps']}` per env, `batch_size={ppo['batch_size']}`, "
                       + (f"`ent_coef={ppo['ent_coef']:g}`, " if ppo.get("ent_coef") else "")
+                      + (f"`learning_rate={ppo['learning_rate']:g}`, " if ppo.get("learning_rate", 3e-4) != 3e-4
+                         else "")
                       + "other SB3 defaults"),
         ("training tasks", _tasks_row(facts)),
         ("held-out tasks (evaluation only)", ", ".join(f"`{t}`" for t in facts["held_out_tasks"])),
@@ -651,7 +656,14 @@ def _facts(
         "env_steps_per_s": timesteps / training_s,
         "shipped_from_checkpoint": args.from_checkpoint or None,
         # The shipped zip's own: a --from-checkpoint run's flags need not repeat the checkpoint's training settings
-        "ppo": {"n_steps": int(model.n_steps), "batch_size": int(model.batch_size), "ent_coef": float(model.ent_coef)},
+        "ppo": {
+            "n_steps": int(model.n_steps),
+            "batch_size": int(model.batch_size),
+            "ent_coef": float(model.ent_coef),
+            "learning_rate": float(
+                model.lr_schedule(1.0)
+            ),  # the rate at the run's start (a schedule's, or the constant)
+        },
         # Only this run's: a run dir reused keeps an earlier run's file, which the card once reported as this one's
         "warm_start": (
             json.loads(warm.read_text())

@@ -1,5 +1,5 @@
-"""PPO's entropy bonus (``train_policy(ent_coef=...)``, ``train-policy --ent-coef``): kept in the zip, replaced by a
-resume that gives one, refused by name when it is not a finite number >= 0."""
+"""PPO's entropy bonus and step size (``train_policy(ent_coef=..., learning_rate=...)``, ``train-policy --ent-coef``,
+``--learning-rate``): kept in the zip, replaced by a resume that gives them, refused by name when out of range."""
 
 import math
 import re
@@ -80,6 +80,28 @@ def test_the_card_shows_the_shipped_checkpoints_own_bonus(tmp_path):
                               **_TINY)  # fmt: skip
     args = train_pretrained.Args(from_checkpoint=str(checkpoint), run_dir=str(tmp_path / "run"))  # flags not repeated
     facts = train_pretrained._facts(args, ("synthetic",), ("x",), checkpoint, tmp_path / "run", 1.0, "abc", None)
-    assert facts["ppo"] == {"n_steps": 8, "batch_size": 4, "ent_coef": 0.05}
+    assert facts["ppo"] == {"n_steps": 8, "batch_size": 4, "ent_coef": 0.05, "learning_rate": 3e-4}
     row = next(line for line in train_pretrained.model_card(facts).splitlines() if line.startswith("| algorithm |"))
     assert row == "| algorithm | PPO, `n_steps=8` per env, `batch_size=4`, `ent_coef=0.05`, other SB3 defaults |"
+
+
+def test_the_step_size_is_trained_with_saved_and_kept_or_replaced_by_a_resume(tmp_path):
+    from stable_baselines3 import PPO
+
+    out = train_policy(["synthetic"], total_timesteps=8, learning_rate=1e-3, out=tmp_path / "a" / "p.zip", **_TINY)
+    model = PPO.load(out, device="cpu")
+    assert model.learning_rate == 1e-3 and model.lr_schedule(1.0) == 1e-3
+    assert model.policy.optimizer.param_groups[0]["lr"] == 1e-3  # the updates ran at it
+    kept = PPO.load(train_policy(["synthetic"], total_timesteps=8, resume=out, out=tmp_path / "b" / "p.zip", **_TINY))
+    assert kept.learning_rate == 1e-3 and kept.policy.optimizer.param_groups[0]["lr"] == 1e-3
+    given = train_policy(["synthetic"], total_timesteps=8, learning_rate=np.float32(0.5), resume=out,
+                         out=tmp_path / "c" / "p.zip", **_TINY)  # fmt: skip
+    replaced = PPO.load(given, device="cpu")
+    assert type(replaced.learning_rate) is float and replaced.learning_rate == 0.5
+    assert replaced.policy.optimizer.param_groups[0]["lr"] == 0.5  # the resumed updates ran at the new one
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, math.nan, math.inf, False, "1e-3"])
+def test_a_bad_step_size_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=re.escape(f"learning_rate={bad!r} must be a finite number > 0")):
+        train_policy(["synthetic"], total_timesteps=8, learning_rate=bad, **_TINY)

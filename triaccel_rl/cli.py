@@ -258,6 +258,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="PPO's entropy bonus, >= 0 (default 0: none; --resume: the policy's own)",
     )
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="PPO's Adam step size, > 0 (default 3e-4; --resume: the policy's own)",
+    )
     train.add_argument("--seed", type=int, default=0, help="seeds PPO and the environments (default %(default)s)")
     train.add_argument(
         "--out",
@@ -515,6 +521,7 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
         n_steps=args.n_steps,
         batch_size=args.batch_size,
         ent_coef=args.ent_coef,
+        learning_rate=args.learning_rate,
         seed=args.seed,
         out=Path(args.out),
         log_dir=args.log_dir or None,

@@ -144,6 +144,11 @@ def make_env_fns(
     return [factory([tasks[(i + k) % len(tasks)] for k in range(len(tasks))]) for i in range(n_envs)]
 
 
+def _finite_real(value: Any, *, low: float) -> bool:
+    """Whether ``value`` is a real number (not a bool) in ``[low, inf)``."""
+    return not isinstance(value, bool | np.bool_) and isinstance(value, numbers.Real) and low <= float(value) < math.inf
+
+
 def _refuse_str(name: str, tasks: Sequence[str]) -> None:
     """Raises a ValueError where ``tasks`` is a str: iterated, ``"synthetic"`` named the tasks ``'s'``, ``'y'``, ..."""
     if isinstance(tasks, str):
@@ -387,6 +392,7 @@ def train_policy(
     n_steps: int | None = None,
     batch_size: int | None = None,
     ent_coef: float | None = None,
+    learning_rate: float | None = None,
     seed: int = 0,
     out: str | os.PathLike[str] = "runs/policy.zip",
     log_dir: str | os.PathLike[str] | None = None,
@@ -417,7 +423,9 @@ def train_policy(
         n_steps: PPO rollout length per environment (None: 128, or with ``resume`` the resumed policy's).
         batch_size: PPO minibatch size (None: 64, or with ``resume`` the resumed policy's).
         ent_coef: PPO's entropy bonus, a finite number >= 0 (None: SB3's 0.0, or with ``resume`` the resumed
-            policy's). A warm start's imitation leaves sharp action probabilities; the bonus keeps PPO trying others.
+            policy's): it holds the action probabilities away from one action.
+        learning_rate: the Adam step size of PPO's updates, a finite number > 0 (None: SB3's 3e-4, or with
+            ``resume`` the resumed policy's).
         seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
             trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
             draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
@@ -515,14 +523,17 @@ def train_policy(
         raise ValueError(
             f"batch_size={batch_size!r} must be a whole number >= 2 (PPO normalises advantages over each minibatch)"
         )
-    if ent_coef is not None and (
-        isinstance(ent_coef, bool | np.bool_) or not isinstance(ent_coef, numbers.Real) or not 0 <= ent_coef < math.inf
-    ):
+    if ent_coef is not None and not _finite_real(ent_coef, low=0.0):
         raise ValueError(f"ent_coef={ent_coef!r} must be a finite number >= 0 (PPO's entropy bonus; 0: none)")
+    if learning_rate is not None and not (_finite_real(learning_rate, low=0.0) and learning_rate > 0):
+        raise ValueError(f"learning_rate={learning_rate!r} must be a finite number > 0 (PPO's Adam step size)")
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
     hyper: dict[str, Any] = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
-    if ent_coef is not None:  # a float, as a new policy's: a Fraction failed in PPO's loss, a NumPy float was saved
+    # Floats, as a new policy's: a Fraction failed in PPO's loss, a NumPy float was saved as one.
+    if ent_coef is not None:
         hyper["ent_coef"] = float(ent_coef)
+    if learning_rate is not None:  # PPO.load builds its schedule from this value
+        hyper["learning_rate"] = float(learning_rate)
     fresh_n_steps, fresh_batch = n_steps or 128, batch_size or 64  # a new policy's
     if resume is None and fresh_batch > fresh_n_steps * n_envs:
         raise ValueError(f"batch_size={fresh_batch} exceeds the rollout size n_steps*n_envs={fresh_n_steps * n_envs}")
@@ -844,6 +855,7 @@ def train_policy(
                 n_steps=fresh_n_steps,
                 batch_size=fresh_batch,
                 ent_coef=0.0 if ent_coef is None else float(ent_coef),
+                learning_rate=3e-4 if learning_rate is None else float(learning_rate),
                 seed=seed,
                 device="cpu",  # the policy is a small MLP: the CPU is faster than a GPU round trip
                 tensorboard_log=str(log_dir) if log_dir else None,
