@@ -425,7 +425,8 @@ def train_policy(
         ent_coef: PPO's entropy bonus, a finite number >= 0 (None: SB3's 0.0, or with ``resume`` the resumed
             policy's): it holds the action probabilities away from one action.
         learning_rate: the Adam step size of PPO's updates, a finite number > 0 (None: SB3's 3e-4, or with
-            ``resume`` the resumed policy's).
+            ``resume`` the resumed policy's). A warm start's imitation runs at it too (``imitate`` uses the model's
+            optimizer): 20 passes at 3e-4 fit 55% of the shipped recipe's teacher decisions, at 3e-3 98.5%.
         seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
             trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
             draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
