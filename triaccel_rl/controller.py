@@ -1631,9 +1631,9 @@ class Controller:
                 raise NoGoodStateError(
                     f"{reason} again after {self._rollbacks_in_a_row} rollbacks in a row with no healthy interval "
                     "between: the state they restore keeps failing (its optimizer moments may be too large, or the "
-                    "learning rate too high for it); the model is left at that state. Resume from an earlier "
-                    "checkpoint or lower the learning rate (ControllerConfig.max_rollbacks_in_a_row="
-                    f"{bound} sets this bound)"
+                    "learning rate too high for it); the model is left at the last state that gave finite losses. "
+                    "Resume from an earlier checkpoint or lower the learning rate "
+                    f"(ControllerConfig.max_rollbacks_in_a_row={bound} sets this bound)"
                 )
             self._rollbacks_in_a_row += restored
         elif applied == steps:

@@ -14,8 +14,6 @@ import dataclasses
 import enum
 import json
 import logging
-import math
-import numbers
 import os
 import shutil
 import time
@@ -31,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
-from triaccel_rl.errors import is_whole
+from triaccel_rl.errors import is_finite_real, is_whole
 from triaccel_rl.experiment import purge_tensorboard_after, write_text_atomic
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.shield import ObservationStats, obs_stats_path
@@ -142,11 +140,6 @@ def make_env_fns(
     # Every worker cycles through every task, rotated so that the workers start on different ones: equal shares. (A
     # worker given only the tasks i, i + n_envs, ... skewed them where n_envs did not divide their number.)
     return [factory([tasks[(i + k) % len(tasks)] for k in range(len(tasks))]) for i in range(n_envs)]
-
-
-def _finite_real(value: Any, *, low: float) -> bool:
-    """Whether ``value`` is a real number (not a bool) in ``[low, inf)``."""
-    return not isinstance(value, bool | np.bool_) and isinstance(value, numbers.Real) and low <= float(value) < math.inf
 
 
 def _refuse_str(name: str, tasks: Sequence[str]) -> None:
@@ -524,9 +517,9 @@ def train_policy(
         raise ValueError(
             f"batch_size={batch_size!r} must be a whole number >= 2 (PPO normalises advantages over each minibatch)"
         )
-    if ent_coef is not None and not _finite_real(ent_coef, low=0.0):
+    if ent_coef is not None and not (is_finite_real(ent_coef) and ent_coef >= 0):
         raise ValueError(f"ent_coef={ent_coef!r} must be a finite number >= 0 (PPO's entropy bonus; 0: none)")
-    if learning_rate is not None and not (_finite_real(learning_rate, low=0.0) and learning_rate > 0):
+    if learning_rate is not None and not (is_finite_real(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate={learning_rate!r} must be a finite number > 0 (PPO's Adam step size)")
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
     hyper: dict[str, Any] = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
