@@ -169,6 +169,7 @@ class DecisionLoop:
             charged_ms=stats.charged_ms,
             peak_bytes=stats.peak_bytes,
             skipped=stats.skipped,
+            budget_lowered=stats.oom_events > 0,
         )
         self._fold_ms += collector.overhead_ms - overhead
         self._fold_cheap_ms += collector.cheap_ms - cheap

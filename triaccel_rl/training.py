@@ -133,7 +133,8 @@ class IntervalStats:
         samples: training samples consumed.
         train_ms: time of the steps, measured over the whole interval (CUDA events on a GPU).
         charged_ms: the time charged for them: ``train_ms``, or the modelled time in ``profile`` cost mode.
-        peak_bytes: the largest per-step peak memory (as ``StepStats.memory_bytes``).
+        peak_bytes: the largest per-step peak memory (as ``StepStats.memory_bytes``), from the interval's last step
+            that recovered from an out-of-memory error on (the steps before it ran under the budget it lowered).
         skipped: steps whose loss or gradient was non-finite (their updates were skipped).
         oom_events: out-of-memory errors recovered from.
         moments: the steps' mean loss and per-layer squared gradient norms.
@@ -625,7 +626,10 @@ class TrainingRun:
                 samples += outcome.batch_size
                 oom_events += outcome.oom_events
                 modelled_ms += outcome.modelled_ms
-                peak = max(peak, outcome.memory_bytes)
+                # From the last out-of-memory recovery on: it lowered the budget, and the steps before it, planned
+                # under the old one, read as the lowered budget full (the heuristic halved the batch at the decision
+                # after an error mid-interval, where one at an interval's start kept it, micro-batched).
+                peak = outcome.memory_bytes if outcome.oom_events else max(peak, outcome.memory_bytes)
         except BaseException:
             self._moments.flush()  # the interval is given up: its steps' statistics must not count in the next one
             # Its finished steps still count in the run's totals (their updates went in); read on the way out, where

@@ -347,6 +347,7 @@ class SignalCollector:
         charged_ms: float | None = None,
         peak_bytes: int = 0,
         skipped: int | None = None,
+        budget_lowered: bool = False,
     ) -> None:
         """Folds an interval of steps summed on the device (:class:`DeviceMoments`) in.
 
@@ -363,6 +364,9 @@ class SignalCollector:
             charged_ms: their charged time (``train_ms`` by default).
             peak_bytes: peak memory in the interval.
             skipped: the interval's skipped steps, in [0, n_steps]; None counts the observed non-finite ones.
+            budget_lowered: the memory budget was lowered in these steps (an out-of-memory recovery), and
+                ``peak_bytes`` is of the steps since: the peaks observed before it, planned under the old budget, no
+                longer count (read against the lowered one, they showed it full).
 
         Raises:
             ValueError: ``n_steps`` is negative, ``skipped`` is outside [0, n_steps], or the moments do not have
@@ -381,7 +385,7 @@ class SignalCollector:
         self._interval_time_ms += _readable_ms(charged)
         self.train_ms += _readable_ms(train_ms)
         self.scheduler.add_train(charged, n_steps=n_steps)
-        self._interval_peak = max(self._interval_peak, peak_bytes)
+        self._interval_peak = peak_bytes if budget_lowered else max(self._interval_peak, peak_bytes)
         self._interval_skipped += moments.n_observed - moments.n_finite if skipped is None else skipped
         if moments.n_finite and np.isfinite(moments.sq_norm).all() and math.isfinite(moments.loss):
             # Folded in as the interval's finite optimizer steps (n_steps less the sampled steps' non-finite share),
