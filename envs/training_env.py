@@ -302,6 +302,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         self._previous_probe = signals.probe_loss
         info = {
             "probe_loss": signals.probe_loss,
+            "probe_loss_finite": bool(signals.extra.get("probe_loss_finite", True)),  # else probe_loss is a stand-in
             "n_layers": run.n_layers,
             "reference_interval_ms": self.reference_interval_ms,
             "budget_ms": self.budget_ms,
@@ -372,6 +373,7 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
         truncated = self.loop.decisions >= self.max_decisions and not terminated
         info: dict[str, Any] = {
             "probe_loss": signals.probe_loss,
+            "probe_loss_finite": bool(signals.extra.get("probe_loss_finite", True)),  # else probe_loss is a stand-in
             "cost_ms": interval.charged_ms,
             "steps": interval.steps,
             "spent_ms": self.spent_ms,

@@ -39,6 +39,8 @@ def decode(raw: np.ndarray | list[int], config: ControllerConfig) -> Action:
             for i, v in enumerate(raw):
                 if isinstance(v, int) and not 0 <= v < int(nvec[i]):
                     raise _out_of_range(i, v, nvec, config)
+    if isinstance(raw, torch.Tensor):  # NumPy cannot read a bf16 tensor, nor one that requires grad
+        raw = raw.detach().cpu().to(torch.float64 if raw.is_floating_point() else raw.dtype)
     try:
         values = np.asarray(raw)
     except ValueError as err:  # a ragged list: numpy's message named no action

@@ -237,7 +237,11 @@ class BatchLRCoupler:
             raise ValueError(f"the LR coupler's state lacks {', '.join(missing)}; expected BatchLRCoupler.state_dict()")
         # Every value checked before any is set: a refused state leaves the coupler as it was.
         base = _state_count(state, "base_batch_size", 1)
-        if state["rule"] != self.rule.value or base != self.base_batch_size:
+        try:  # "linear" as state_dict() writes it, or LRRule.LINEAR in a state made by hand
+            rule = LRRule.parse(state["rule"])
+        except ValueError:
+            rule = None
+        if rule is not self.rule or base != self.base_batch_size:
             raise ValueError(
                 f"the LR coupler's state is for rule {state['rule']!r} at base batch {state['base_batch_size']}; "
                 f"this one is {self.rule.value!r} at base batch {self.base_batch_size}"

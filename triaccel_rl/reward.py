@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from triaccel_rl.config import RewardConfig
 
 __all__ = ["reward"]
@@ -60,6 +62,13 @@ def reward(
         raise ValueError(
             f"previous_probe_loss={previous_probe_loss} must be finite (a non-finite probe loss ends the episode)"
         )
+    # A log-loss drop needs losses >= 0 (a negative one read as 1e-12: +clip); 0 itself is floored at 1e-12.
+    for name, value in (("previous_probe_loss", previous_probe_loss), ("probe_loss", probe_loss)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0: the reward is the drop in the log of the probe loss")
+    for name, flag in (("over_budget", over_budget), ("diverged", diverged)):
+        if not isinstance(flag, bool | np.bool_):  # "no" failed in float() with a message naming neither
+            raise ValueError(f"{name}={flag!r} must be True or False")
     if not 0.0 <= overflow_rate <= 1.0:
         raise ValueError(f"overflow_rate={overflow_rate} must be a fraction in [0, 1]")
     if not (math.isfinite(divergence_loss) and divergence_loss >= 0):
