@@ -149,6 +149,9 @@ class HeuristicPolicy:
             raise ValueError(f"parts={parts!r} must be a collection of part names from {list(HEURISTIC_PARTS)}")
         if not isinstance(needs_lr_factors, bool):  # the text "False" turned them on
             raise ValueError(f"needs_lr_factors={needs_lr_factors!r} must be True or False")
+        given, parts = parts, tuple(parts)  # read twice below: a generator was empty the second time
+        if not all(isinstance(part, str) for part in parts):  # a list in it: "unhashable type: 'list'"
+            raise ValueError(f"parts={given!r} must be a non-empty subset of {list(HEURISTIC_PARTS)} (names, str)")
         chosen = frozenset(parts)
         if not chosen or not chosen <= set(HEURISTIC_PARTS):
             raise ValueError(
@@ -201,7 +204,7 @@ class HeuristicPolicy:
         Raises:
             ValueError: an unknown name (the message lists the allowed ones).
         """
-        variant = _VARIANTS.get(name)
+        variant = _VARIANTS.get(name) if isinstance(name, str) else None  # a list: "unhashable type: 'list'"
         if variant is None:
             raise ValueError(f"unknown heuristic {name!r}; allowed: {', '.join(HEURISTIC_NAMES)}")
         return cls(config, variant.parts, variant.needs_lr_factors)
@@ -365,6 +368,8 @@ def fastest_16bit(step_ms: Mapping[Precision, float], current: Precision) -> Pre
         ValueError: ``step_ms`` is empty, names fp32 (in any spelling), no precision or one twice, or holds a time
             that is not a positive finite number.
     """
+    if not isinstance(step_ms, Mapping):  # a list of pairs: "'list' object has no attribute 'items'"
+        raise ValueError(f"step_ms={step_ms!r} must map precisions to step times in ms, e.g. {{'fp16': 5.0}}")
     if not step_ms:
         raise ValueError("step_ms is empty: time at least one 16-bit precision")
     timed: dict[Precision, float] = {}

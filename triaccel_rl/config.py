@@ -525,7 +525,8 @@ class HeuristicConfig:
                     f"anneal_release_after={self.anneal_release_after} releases annealing's cuts, but anneal_plateau "
                     "is None (no annealing): set anneal_plateau, or leave anneal_release_after None"
                 )
-            if not (self.anneal_after < self.anneal_release_after <= 1.0):
+            # In float32, as the heuristic reads progress: shares one float32 apart released where it annealed
+            if not (_f32(self.anneal_after) < _f32(self.anneal_release_after) and self.anneal_release_after <= 1.0):
                 raise ConfigError(
                     f"anneal_release_after={self.anneal_release_after} must be in (anneal_after={self.anneal_after}, "
                     "1], or None to keep the cuts to the end"

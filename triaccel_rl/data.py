@@ -444,6 +444,8 @@ def _check_split(
         raise DatasetError(
             f"{split} split in {where} has {len(images)} images but {len(labels)} labels; they must agree"
         )
+    if len(images) == 0:  # well-formed files of 0 samples: a task over them failed later, naming no file
+        raise DatasetError(f"{split} split in {where} holds no samples (its files' headers say 0)")
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise DatasetError(
             f"{split} labels in {where} range {int(labels.min())}..{int(labels.max())}, expected 0..{n_classes - 1}"

@@ -36,10 +36,13 @@ class TaskData:
     """In-memory tensors of a task (CPU; the run moves them to its device).
 
     Attributes:
-        train_x: float32 inputs, ``[n_train, ...]``.
-        train_y: int64 class labels, ``[n_train]``.
-        test_x: float32 inputs, ``[n_test, ...]``.
-        test_y: int64 class labels, ``[n_test]``.
+        train_x: float32 inputs (or integer token ids for a model that embeds them), ``[n_train, ...]``.
+        train_y: int64 class labels >= 0, ``[n_train]``.
+        test_x: inputs as ``train_x``'s, of the same sample shape, ``[n_test, ...]``.
+        test_y: int64 class labels >= 0, ``[n_test]``.
+
+    Raises:
+        ValueError: a field that is not a tensor of these types and shapes (named), or a split with no sample.
     """
 
     train_x: torch.Tensor
@@ -48,6 +51,33 @@ class TaskData:
     test_y: torch.Tensor
 
     def __post_init__(self) -> None:
+        # The documented types, checked here: a custom task's int32 labels or float64 inputs failed inside the run's
+        # first step with torch's message, naming neither the task nor these fields.
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"TaskData.{name} must be a torch.Tensor, got {type(value).__name__} "
+                                 "(a NumPy array: torch.from_numpy(array))")  # fmt: skip
+        for name in ("train_x", "test_x"):
+            dtype = getattr(self, name).dtype
+            if dtype != torch.float32 and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+                raise ValueError(
+                    f"TaskData.{name} must be float32 inputs (or integer token ids for a model that embeds them), got "
+                    f"{dtype}"
+                )
+        for name in ("train_y", "test_y"):
+            labels = getattr(self, name)
+            if labels.dtype != torch.int64 or labels.dim() != 1:
+                raise ValueError(
+                    f"TaskData.{name} must be int64 class labels of shape [n], got {labels.dtype} {tuple(labels.shape)}"
+                )
+            if len(labels) and int(labels.min()) < 0:
+                raise ValueError(f"TaskData.{name} holds the label {int(labels.min())}: class labels are >= 0")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise ValueError(
+                f"TaskData's train and test samples differ in shape: {tuple(self.train_x.shape[1:])} and "
+                f"{tuple(self.test_x.shape[1:])}"
+            )
         if len(self.train_x) != len(self.train_y) or len(self.test_x) != len(self.test_y):
             raise ValueError(
                 f"inputs and labels disagree: train {len(self.train_x)} vs {len(self.train_y)}, "
@@ -317,6 +347,8 @@ def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
     Raises:
         ValueError: ``x`` is not 4-D or ``pad`` is not an integer >= 0.
     """
+    if not isinstance(x, torch.Tensor):  # x.dim() raised a bare AttributeError
+        raise ValueError(f"crop_flip expects a torch.Tensor, got {type(x).__name__} (a NumPy array: torch.from_numpy)")
     if x.dim() != 4:
         raise ValueError(f"crop_flip expects images [N, C, H, W], got shape {tuple(x.shape)}")
     if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or pad < 0:  # np.int64(2) was refused
