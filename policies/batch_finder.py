@@ -68,21 +68,23 @@ class BatchFinderPolicy(StaticPolicy):
     def prepare(self, run: BatchFinderTarget) -> int:
         """Finds the batch, fixes it on ``run`` with the linear LR rule; returns it.
 
-        The largest power of two from 2 (1 where the run's limit is 1) up to the run's and the config's largest batch.
+        The largest power of two up to the run's and the config's largest batch, doubling from 2 (1 only where 2
+        does not fit, or the limit is 1).
 
         Raises:
-            ValueError: not even the smallest batch tried fits the budget.
+            ValueError: not even one sample fits the budget.
         """
         limit = min(self.config.max_batch_size, run.max_batch_size)
         # From two samples where the limit allows, as Lightning's finder: a batch norm in training mode refuses one
         # value a channel (BatchNorm1d after a Linear), and the trial at one sample raised torch's error, naming neither
-        # the finder nor the batch.
-        start = min(2, limit)
-        found = find_batch_size(run.fits_in_budget, limit=limit, start=start)
+        # the finder nor the batch. One sample is tried only where two do not fit.
+        found = find_batch_size(run.fits_in_budget, limit=limit, start=2) if limit >= 2 else 0
+        if found == 0:
+            found = find_batch_size(run.fits_in_budget, limit=1)
         if found == 0:
             raise ValueError(
-                f"batch finder: a batch of {start} sample{'s' if start > 1 else ''} does not fit the memory budget of "
-                f"{run.memory_budget_bytes} bytes; raise the budget (MemoryBudget) or run a smaller model"
+                f"batch finder: a batch of one sample does not fit the memory budget of {run.memory_budget_bytes} "
+                "bytes; raise the budget (MemoryBudget) or run a smaller model"
             )
         run.memory_elastic = False  # the baseline neither accumulates nor recovers from OOM
         run.lr_rule = LRRule.LINEAR

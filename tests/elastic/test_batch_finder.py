@@ -162,17 +162,18 @@ def test_prepare_when_nothing_fits_names_the_budget_and_changes_nothing() -> Non
     policy = BatchFinderPolicy("batch-finder", ControllerConfig())
     with pytest.raises(ValueError, match="one sample does not fit the memory budget of 0 bytes; raise the budget"):
         policy.prepare(run)  # type: ignore[arg-type]
-    assert run.tried == [1] and policy.batch_size is None
+    assert run.tried == [2, 1] and policy.batch_size is None  # one sample only where two do not fit
     assert (run.memory_elastic, run.lr_rule, run.batch_size) == (True, LRRule.SQRT, 64)
 
 
 @pytest.mark.parametrize(
     ("capacity", "data_limit", "config_limit", "expected", "tried"),
     [
-        (10**6, 1000, 4096, 512, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),  # everything fits: the data's bound
-        (10**6, 1024, 4096, 1024, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]),  # a power of two is reached
-        (10**6, 1000, 100, 64, [1, 2, 4, 8, 16, 32, 64]),  # the config's bound
-        (1, 1000, 4096, 1, [1, 2]),
+        # From two samples (a batch norm refuses one), as Lightning's finder.
+        (10**6, 1000, 4096, 512, [2, 4, 8, 16, 32, 64, 128, 256, 512]),  # everything fits: the data's bound
+        (10**6, 1024, 4096, 1024, [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]),  # a power of two is reached
+        (10**6, 1000, 100, 64, [2, 4, 8, 16, 32, 64]),  # the config's bound
+        (1, 1000, 4096, 1, [2, 1]),  # one sample only where two do not fit
         (10**6, 1, 4096, 1, [1]),  # a data set of fewer than 16 samples: batch 1
     ],
 )
