@@ -44,7 +44,7 @@ def _overflowing_controller(config):
 
 
 @pytest.mark.parametrize("bound", [None, 1])
-def test_a_start_state_whose_first_update_overflows_raises_after_the_bound(bound):
+def test_a_start_state_whose_first_update_overflows_raises_after_the_bound(bound, caplog):
     """Each start gives one applied update (a mixed interval), then an interval of inf losses restores the start: a
     failure every 8 steps. The (bound + 1)-th raises at step 8 * (bound + 1); the default bound is 4."""
     config = ControllerConfig(interval_steps=4, max_interval_factor=1)
@@ -63,6 +63,11 @@ def test_a_start_state_whose_first_update_overflows_raises_after_the_bound(bound
     assert "lower the learning rate" in message and "earlier checkpoint" in message
     assert ctl.rollbacks == expected and ctl.steps == 8 * (expected + 1)
     assert torch.equal(model.weight, start)  # the state the rollbacks restored: finite, usable
+    logged = [record.getMessage() for record in caplog.records if "restored" in record.getMessage()
+              or "rolled back" in record.getMessage()]  # fmt: skip
+    # The last restore is no rollback: it logged "(rollback 5)" beside the error's "after 4 rollbacks"
+    assert logged[-2:] == [f"non-finite loss: rolled back to the last good state (rollback {expected})",
+                           "non-finite loss: the last good state restored, and the run stops"]  # fmt: skip
     ctl.close()
 
 

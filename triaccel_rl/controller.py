@@ -1624,10 +1624,9 @@ class Controller:
             bound = self.config.max_rollbacks_in_a_row
             stop = self._rollbacks_in_a_row >= bound
             # Stopping, the last confirmed state is left, not a change's copy (which may never have trained)
-            restored = self.guard.restore(reason, unconfirmed=change_copy and not stop)
+            restored = self.guard.restore(reason, unconfirmed=change_copy and not stop, stopping=stop)
             self._copy_opens_interval = self._reopened_copy = restored and change_copy and not stop
             if restored and stop:
-                self.guard.rollbacks = self.rollbacks  # not a rollback the run goes on from: it stops here
                 raise NoGoodStateError(
                     f"{reason} again after {self._rollbacks_in_a_row} rollbacks in a row with no healthy interval "
                     "between: the state they restore keeps failing (its optimizer moments may be too large, or the "

@@ -381,13 +381,14 @@ class RollbackGuard:
         """Whether a snapshot has been taken."""
         return self._good is not None or self._unconfirmed is not None
 
-    def restore(self, reason: str = "non-finite loss", unconfirmed: bool = False) -> bool:
+    def restore(self, reason: str = "non-finite loss", unconfirmed: bool = False, stopping: bool = False) -> bool:
         """Restores the last snapshot (logging ``reason``); returns False when there is none yet.
 
         With ``confirm`` it is the last confirmed one (an unconfirmed copy is dropped: its state may be the one that
         failed), or the unconfirmed one where none was ever confirmed. ``unconfirmed=True`` restores the unconfirmed
         copy where there is one and keeps it unconfirmed (a copy taken at a configuration change, which may be what
-        failed rather than the state: tried once).
+        failed rather than the state: tried once). ``stopping``: the owner stops after it (no rollback the run goes on
+        from): not counted in :attr:`rollbacks`, and logged so.
         """
         target: _Copy | None
         if unconfirmed and self._unconfirmed is not None:
@@ -417,6 +418,9 @@ class RollbackGuard:
             self.after_restore()
         if self.load_extra is not None:
             self.load_extra(target.extra)
+        if stopping:
+            _log.warning("%s: the last good state restored, and the run stops", reason)
+            return True
         self.rollbacks += 1
         _log.warning("%s: rolled back to the last good state (rollback %d)", reason, self.rollbacks)
         return True
