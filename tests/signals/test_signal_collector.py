@@ -185,7 +185,7 @@ def test_round_folding_is_ema_with_bias_correction() -> None:
     np.testing.assert_allclose(traces[-1], expected_last, rtol=1e-6)
 
 
-def test_warmup_round_is_folded_but_not_charged() -> None:
+def test_warmup_round_is_folded_and_charged_where_costs_are_measured() -> None:
     torch.manual_seed(0)
     model = WithUnused()
     collector, _ = mlp_collector(model, model.layers()[:2], replace(EVERY_STEP, round_ema_decay=0.5))
@@ -194,7 +194,9 @@ def test_warmup_round_is_folded_but_not_charged() -> None:
     assert report is not None
     assert collector.scheduler.rounds == 1 and collector.warmup_ms > 0
     assert collector.estimator_ms == pytest.approx(collector.warmup_ms + report.measured_ms)
-    assert collector.scheduler.charged_round_ms == pytest.approx(report.cost.total_ms)
+    # What the run paid for the rounds, the warm-up included: the later rounds wait until training repays it.
+    assert collector.scheduler.charged_round_ms == pytest.approx(collector.warmup_ms + report.cost.total_ms)
+    assert collector.scheduler.rounds == 1  # the warm-up counts no round
     np.testing.assert_allclose(collector._round_weight, 1 - 0.5**2)  # both rounds' estimates are kept
     collector.observe(fake_stats(2))
     collector.maybe_estimate()
@@ -1047,6 +1049,8 @@ def test_warmup_round_predicts_the_first_round_that_then_fits_the_run() -> None:
     assert report is not None and report.plan.predicted_ms == ROUND_2_1_MS  # predicted from the warm-up
     assert report.cost.total_ms == ROUND_2_1_MS and collector.scheduler.rounds == 1
     assert collector.rounds_refused_for_budget == 0
+    # Modelled costs charge the round alone: the warm-up's time is the CPU's, which models no GPU's.
+    assert collector.scheduler.charged_round_ms == ROUND_2_1_MS
 
 
 def test_round_too_costly_for_the_run_is_refused_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -1194,20 +1198,23 @@ def test_on_a_gpu_the_warm_up_predicts_a_round_from_a_second_pass_without_the_on
     collector, _ = mlp_collector(model, model.layers()[:2], SignalConfig())
     one_time, steady = RoundCost(noise_ms=0.0, hutchinson_ms=1000.0, other_ms=0.0), RoundCost(0.25, 0.5, 0.25)
     costs = [one_time]
-    real_round = collector._run_round
+    real_round = collector._timed_round
 
-    def run_round(plan: RoundPlan, source: EstimatorSource) -> Any:
+    def timed_round(plan: RoundPlan, source: EstimatorSource) -> Any:
         report = real_round(plan, source)
         costs.append(steady)
-        return replace(report, cost=costs[-2])
+        return replace(report, cost=costs[-2], measured_ms=costs[-2].total_ms)
 
-    monkeypatch.setattr(collector, "_run_round", run_round)
+    monkeypatch.setattr(collector, "_timed_round", timed_round)
     for _ in range(10):
-        collector.observe(fake_stats(2))  # 100 ms charged: at progress 1 the budget allows 1 ms, the steady round
-    report = collector.maybe_estimate(progress=1.0)
+        collector.observe(fake_stats(2))  # 100 ms charged, at progress 0.0005: a run of 200 s, 2000 ms of rounds
+    report = collector.maybe_estimate(progress=0.0005)
+    # The warm-up's two passes (1001 ms) are charged: 999 ms are left, which hold the steady round (1 ms) and would
+    # not hold a round predicted from the first pass (1000 ms).
     assert report is not None and report.plan.predicted_ms == 1.0  # predicted from the second pass
     assert len(costs) == 4  # two warm-up passes, then the charged round
     assert collector.scheduler.rounds == 1 and collector.rounds_refused_for_budget == 0
+    assert collector.warmup_ms == 1001.0 and collector.scheduler.charged_round_ms == 1002.0
 
 
 @pytest.mark.parametrize(("n_samples", "n_micro"), [(5, 2), (3, 3)])

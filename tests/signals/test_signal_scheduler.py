@@ -194,6 +194,31 @@ def test_seeded_rates_charge_nothing_and_the_first_measurement_replaces_them() -
     assert scheduler.predict_ms(2, 1) == 2 * 3.0 + 4.0 + 2.0
 
 
+def test_a_charged_warmup_is_repaid_before_the_first_round_runs() -> None:
+    # 1000 ms trained at progress 0.25: 1% of the projected 4000-ms run is 40 ms; the round is predicted at 40 ms.
+    scheduler = seeded_scheduler(1000.0, RoundCost(noise_ms=4.0, hutchinson_ms=30.0, other_ms=6.0))
+    scheduler.charge(25.0)  # the warm-up
+    assert scheduler.rounds == 0 and scheduler.charged_round_ms == 25.0
+    assert scheduler.allowance_ms(0.25) == 15.0
+    assert scheduler.plan(progress=0.25) is None
+    assert scheduler.last_refusal == BudgetRefusal(predicted_ms=40.0, allowance_ms=15.0, progress=0.25)
+    # A longer run (projected 6500 ms, 65 ms of rounds) repays the warm-up and holds the round: exactly.
+    assert scheduler.plan(progress=1000.0 / 6500.0) == RoundPlan(2, 1, 40.0)
+    # After the round, the next waits for the credit: 1% of the training against warm-up and round (65 ms).
+    scheduler.record(RoundPlan(2, 1), RoundCost(noise_ms=4.0, hutchinson_ms=30.0, other_ms=6.0))
+    assert scheduler.rounds == 1 and scheduler.credit_ms == 10.0 - 65.0
+    scheduler.add_train(5500.0, n_steps=10)
+    assert scheduler.credit_ms == 0.0 and scheduler.plan(progress=0.5) is None  # 40 ms predicted, 0 credit
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0])
+def test_charge_ignores_a_broken_or_empty_reading(bad: float) -> None:
+    scheduler = RoundScheduler(SignalConfig())
+    scheduler.charge(3.0)
+    scheduler.charge(bad)
+    assert scheduler.charged_round_ms == 3.0 and scheduler.rounds == 0
+
+
 def test_fixed_schedule_ignores_the_whole_run_budget() -> None:
     scheduler = RoundScheduler(SignalConfig(schedule=Schedule.FIXED))
     scheduler.add_train(1.0)

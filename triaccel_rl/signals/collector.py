@@ -239,7 +239,8 @@ class SignalCollector:
             charge with :meth:`add_overhead`); ``overhead_ms / train_ms`` is the overhead fraction.
         train_ms: wall time of the training steps observed.
         estimator_ms: wall time of the rounds alone (the warm-up round included).
-        warmup_ms: wall time of the uncharged warm-up round (``SignalConfig.warmup_round``).
+        warmup_ms: wall time of the warm-up round (``SignalConfig.warmup_round``; charged to the rounds' budget
+            where costs are measured).
         rounds_skipped: rounds that were not folded in: a non-finite loss or estimate, or (skipped before any pass,
             at no cost) micro-batches of one sample through a batch norm in training mode.
         rounds_refused_for_budget: decision points at which the first round was refused because its
@@ -462,11 +463,11 @@ class SignalCollector:
         # drew other sub-batches and probes from the seeded generators: another episode for the same seed.
         if self.config.warmup_round and not (caches and key in _WARMED_UP):
             # One-time costs (loading kernels, allocator growth for new shapes) would make the first charged
-            # cost, and so every later prediction, too high: pay them in an uncharged warm-up round. Measured on a
-            # GPU they are paid once per process and shape: a later run of the same model (the next seed in
-            # ``compare``) skips the warm-up and predicts from the costs this process has measured.
+            # cost, and so every later prediction, too high: pay them in a warm-up round that predicts no round.
+            # Measured on a GPU they are paid once per process and shape: a later run of the same model (the next
+            # seed in ``compare``) skips the warm-up and predicts from the costs this process has measured.
             warmup = self._timed_round(plan, source)
-            self.warmup_ms += warmup.measured_ms
+            warmup_ms = warmup.measured_ms
             if caches:
                 # Measured on a GPU, the first pass holds the one-time costs, which may dwarf a round: 16.5 s against
                 # 1.15 s a round on EfficientNet-B0 (H100, 2026-12-06, scripts/round_cost_gpu.py). Predicted from it,
@@ -474,7 +475,14 @@ class SignalCollector:
                 # it. A second pass, uncharged too and paid once per process and shape, measures a round as the run
                 # pays it. (Elsewhere the costs are modelled, or a CPU's first pass is no outlier: one pass.)
                 warmup = self._timed_round(plan, source)
-                self.warmup_ms += warmup.measured_ms
+                warmup_ms += warmup.measured_ms
+            self.warmup_ms += warmup_ms
+            if source.modelled_pass_ms is None:
+                # The run pays it: charged to the rounds' account, the later rounds wait until training repays it
+                # (the overhead budget holds the whole cost). A 20-epoch ResNet-18 run with a probe batch on an
+                # H100 (2026-12-06) spent 2.4% of its training time on overhead with it uncharged, against 2%.
+                # Modelled costs leave it out: a CPU's time for it models no GPU's.
+                self.scheduler.charge(warmup_ms)
             if not self.scheduler.rates_known:
                 # On a CPU it predicts high (it includes what is left of the one-time costs): it can only refuse a
                 # round that would have fitted, never admit one that does not. The first charged round replaces it.

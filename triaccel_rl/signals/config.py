@@ -97,15 +97,16 @@ class SignalConfig:
         lr_factor_exponent: exponent of the curvature ratio in the LR factors, > 0 (0.5 = square root).
         lr_factor_min: lower clip of the LR factors, in (0, 1].
         lr_factor_max: upper clip of the LR factors, >= 1.
-        warmup_round: run the first round twice: the first time as a warm-up that pays the one-time costs
-            (kernel loading and compilation, allocator growth: seconds on a GPU), reported in the overhead
-            but not charged to the budget. Its measured cost (one-time costs included, so on the high side)
-            predicts the first charged round's, which then runs only if the whole run's budget allows it
-            (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU in measured cost
-            mode once per process and round shape, and in two passes, the second measuring the round without the
-            one-time costs (which made the first 14x a round on EfficientNet-B0): later runs of the same model skip
-            it and predict from the round costs measured earlier in the process. On a CPU and in profile cost mode
-            every run has its warm-up, so that a run repeats for a seed whatever ran before it in the process.
+        warmup_round: run the first round twice: the first time as a warm-up that pays the one-time costs (kernel
+            loading and compilation, allocator growth: seconds on a GPU), reported in the overhead and, where costs are
+            measured, charged to the rounds' budget (the later rounds wait until training has repaid it; in profile cost
+            mode its time is a CPU's and is not charged). Its measured cost (one-time costs included, so on the high
+            side) predicts the first charged round's, which then runs only if the whole run's budget allows it
+            (:class:`RoundScheduler`); the first charged round's measurement replaces it. On a GPU in measured cost mode
+            once per process and round shape, and in two passes, the second measuring the round without the one-time
+            costs (which made the first 14x a round on EfficientNet-B0): later runs of the same model skip it and
+            predict from the round costs measured earlier in the process. On a CPU and in profile cost mode every run
+            has its warm-up, so that a run repeats for a seed whatever ran before it in the process.
         seed: seeds the sub-batch sampling and the Rademacher probes (combined with the run's seed).
         observe_budget_frac: share of step time that recording the per-step statistics may take in a
             ``Controller`` on a GPU, and in a ``TrainingRun`` a ``DecisionLoop`` drives (``compare``, the

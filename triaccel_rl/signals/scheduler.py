@@ -28,10 +28,12 @@ The rates are ``cost = m * noise_ms + p * probe_ms + fixed_ms``, smoothed over r
 micro-batch gradient, ``probe_ms`` per Hutchinson probe including its share of the first gradient,
 ``fixed_ms`` for sampling and sparsity). Each charged round measures them. Before the first one they may
 be seeded without charging anything (:meth:`RoundScheduler.seed_rates`): by the collector from its
-uncharged warm-up round (run just before, so that one-time costs such as kernel loading are paid outside
-the charged rounds; its cost includes some of them, so it predicts high) or, on a GPU, from the rounds an
-earlier run of the same model measured in this process. The first charged round's measurement replaces
-seeded rates.
+warm-up round (run just before, so that one-time costs such as kernel loading are not taken for a round's
+cost; its cost includes some of them, so it predicts high) or, on a GPU, from the rounds an earlier run of the
+same model measured in this process. The first charged round's measurement replaces seeded rates. Where costs
+are measured the warm-up's time is charged to the rounds' account (:meth:`RoundScheduler.charge`), without
+counting a round: what the rounds cost the run, one-time costs included, stays within their share of the budget
+over the run (in profile cost mode its cost is a CPU's, which models nothing: not charged).
 """
 
 from __future__ import annotations
@@ -247,6 +249,15 @@ class RoundScheduler:
         if not math.isfinite(predicted) or predicted > self.credit_ms:
             return None
         return RoundPlan(chosen[0], chosen[1], predicted)
+
+    def charge(self, charged_ms: float) -> None:
+        """Charges time spent for the rounds outside a charged round (a warm-up), counting no round.
+
+        It is repaid by later training like a borrowed round: the rounds' account then holds everything they cost
+        the run. A time that is negative or not finite (a broken reading) is not charged.
+        """
+        if math.isfinite(charged_ms) and charged_ms > 0:
+            self.charged_round_ms += charged_ms
 
     def seed_rates(self, plan: RoundPlan, cost: RoundCost) -> None:
         """Sets the cost rates from a round of size ``plan`` that cost ``cost``, charging nothing.
