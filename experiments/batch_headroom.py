@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import command_line, cpu_machine, file_to_write, git_commit, parse_args
 
 
 @dataclass
@@ -120,7 +120,7 @@ def main(args: Args) -> dict[str, Any]:
     document = {
         "command": command_line("experiments/batch_headroom.py", args),
         "args": asdict(args),
-        "device": "cpu",  # every run; the times are modelled (time_mode)
+        "device": cpu_machine(),  # every run; the times are modelled (time_mode), the final metrics are this CPU's
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "time_mode": "modelled H200 time from triaccel_rl/profiles/h200.json (cost mode profile), seconds",

@@ -27,7 +27,7 @@ from typing import cast
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import command_line, cpu_machine, file_to_write, git_commit, parse_args, parse_floats
 
 
 @dataclass
@@ -114,6 +114,7 @@ def main(args: Args) -> dict[str, object]:
     record = {
         "command": command_line("experiments/lr_budget_probe.py", args),
         "args": asdict(args),
+        "device": cpu_machine(),  # every episode runs on the CPU (the environment's default device)
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "wall_s": time.perf_counter() - start,

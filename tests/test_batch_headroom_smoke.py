@@ -87,7 +87,9 @@ def test_the_results_record_device_date_commit_and_command(headroom, tmp_path: P
     out = tmp_path / "headroom.json"
     headroom.main(headroom.Args(tasks="deep-mlp-synthetic", rows="bf16", seeds=1, epochs=0.05, out=str(out)))
     document = json.loads(out.read_text())
-    assert document["device"] == "cpu" and document["commit"] and len(document["date"]) == 10
+    from triaccel_rl.experiment import cpu_machine
+
+    assert document["device"] == cpu_machine() and document["commit"] and len(document["date"]) == 10
     assert document["command"].startswith("python experiments/batch_headroom.py")
     assert document["args"]["epochs"] == 0.05 and len(document["runs"]) == 1
 

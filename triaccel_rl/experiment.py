@@ -296,7 +296,11 @@ def cpu_machine() -> str:
 
 
 def git_commit(short: bool = True) -> str:
-    """The checkout's commit; ``$COMMIT`` or ``$TRIACCEL_COMMIT`` where there is no git (a device copy)."""
+    """The checkout's commit; ``$COMMIT`` or ``$TRIACCEL_COMMIT`` where there is no git (a device copy).
+
+    Only a git checkout whose top folder holds the package counts: an install inside another repository (a venv in
+    the user's own project) gives ``"unknown"``, not that repository's commit.
+    """
     for name in ("COMMIT", "TRIACCEL_COMMIT"):
         if os.environ.get(name):
             return os.environ[name]
@@ -311,5 +315,14 @@ def git_commit(short: bool = True) -> str:
 
 
 def _git(root: Path, *arguments: str) -> str:
-    """The output of ``git arguments`` in ``root``, stripped (raises CalledProcessError where git fails)."""
-    return subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    """The output of ``git arguments`` in the checkout whose top folder is ``root``, stripped.
+
+    Raises:
+        CalledProcessError: git fails, ``root`` not being the top of a checkout included.
+    """
+    # Git looks for a repository in root's parents too: a copy of the package in a venv inside the user's project
+    # recorded the project's commit (and its edits as "+dirty"). The ceiling keeps the search to root itself.
+    ceiling = {"GIT_CEILING_DIRECTORIES": str(root.parent)}
+    return subprocess.run(
+        ["git", *arguments], cwd=root, env={**os.environ, **ceiling}, capture_output=True, text=True, check=True
+    ).stdout.strip()
