@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import math
-import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -25,10 +24,12 @@ from torch import nn
 
 from triaccel_rl.config import HardwareProfile
 from triaccel_rl.precision import layer_parameters
+from triaccel_rl.signals.estimators import forked_rngs
 from triaccel_rl.types import LayerInfo, Precision
 
 __all__ = [
     "CostModel",
+    "buffer_bytes",
     "frozen_parameter_bytes",
     "optimizer_state_tensors",
     "owned_param_counts",
@@ -90,6 +91,8 @@ class CostModel:
         frozen_bytes: the bytes of the parameters no layer trains (``requires_grad=False``: a frozen backbone), as
             stored; they have no gradient or optimizer state. Counted in :meth:`fixed_bytes`. Their layers' FLOPs and
             activations are not modelled.
+        buffer_bytes: the bytes of the model's buffers (:func:`buffer_bytes`: running statistics, a causal mask, a
+            positional table), each storage once, as stored. Counted in :meth:`fixed_bytes`.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -106,6 +109,7 @@ class CostModel:
     static_bytes: int
     param_counts: tuple[int, ...] | None = None
     frozen_bytes: int = 0
+    buffer_bytes: int = 0
 
     @property
     def owned_params(self) -> tuple[int, ...]:
@@ -121,10 +125,10 @@ class CostModel:
 
         Activation bytes are :func:`saved_bytes_per_sample`'s (each layer's output bytes where a batch cannot run).
 
-        The forwards leave no trace (:func:`_untouched`): the random number generators, every module's mode, buffers
-        and plain attributes (the contents of its lists and dicts, and what it registers, among them) are as they were,
-        and the user's forward hooks do not run in them (pre-hooks do), so a training run that measures its costs first
-        draws and computes exactly as one that does not.
+        The forwards leave no trace (:func:`_untouched`): the random number generators (torch's, Python's and NumPy's
+        global one), every module's mode, buffers and plain attributes (the contents of its lists and dicts, and what it
+        registers, among them) are as they were, and the user's forward hooks do not run in them (pre-hooks do), so a
+        training run that measures its costs first draws and computes exactly as one that does not.
 
         A compiled model (``torch.compile``) runs its original module, whose layers' hooks fire: a compiled graph it
         had already run on one sample in eval mode ran none, and every layer counted 0 FLOPs.
@@ -173,7 +177,7 @@ class CostModel:
         owned = owned_param_counts(model, layers)
         static = cls.parameters_only(layers, optimizer_states, owned).static_bytes
         activations = kept if kept is not None else out_bytes
-        return cls(tuple(layers), flops, activations, static, owned, frozen_parameter_bytes(model))
+        return cls(tuple(layers), flops, activations, static, owned, frozen_parameter_bytes(model), buffer_bytes(model))
 
     @classmethod
     def parameters_only(
@@ -203,18 +207,19 @@ class CostModel:
         return ms + profile.fixed_ms if include_fixed else ms
 
     def memory_bytes(self, batch_size: int, precisions: list[Precision], profile: HardwareProfile) -> int:
-        """Accounted peak memory, in bytes: static + activations (at precision factors) + 16-bit weight copies.
+        """Accounted peak memory, in bytes: the batch-independent bytes and the batch's activations.
 
-        Equals ``fixed_bytes(precisions) + batch_size * per_sample_bytes(precisions, profile)``.
+        Static + frozen weights + buffers + 16-bit weight copies + activations (at precision factors). Equals
+        ``fixed_bytes(precisions) + batch_size * per_sample_bytes(precisions, profile)``.
         """
         return int(self.fixed_bytes(precisions) + batch_size * self.per_sample_bytes(precisions, profile))
 
     def fixed_bytes(self, precisions: list[Precision]) -> int:
-        """Accounted memory independent of the batch, in bytes: static + frozen weights + the 16-bit weight copies."""
+        """Accounted memory independent of the batch, in bytes: static + frozen weights + buffers + 16-bit copies."""
         copies = sum(
             n * 2 for n, p in zip(self.owned_params, self._check_precisions(precisions), strict=True) if p.bits == 16
         )
-        return int(self.static_bytes + self.frozen_bytes + copies)
+        return int(self.static_bytes + self.frozen_bytes + self.buffer_bytes + copies)
 
     def per_sample_bytes(self, precisions: list[Precision], profile: HardwareProfile) -> float:
         """Accounted activation memory of one sample at ``precisions``, in bytes (the profile's factors)."""
@@ -274,7 +279,7 @@ def saved_bytes_per_sample(model: nn.Module, layers: Sequence[LayerInfo], sample
     Counted: the storages of the tensors saved for the backward pass that are still held when the forward returns (a
     branch computed and dropped inside the forward is not), each once and at its own dtype (the run is fp32; int64
     pooling indices count 8 bytes an element), and the output's (the logits, which the loss then needs). Parameters
-    and buffers are the static bytes, not counted.
+    and buffers are batch-independent bytes (:meth:`CostModel.fixed_bytes`), not counted.
 
     A saved tensor counts in the layer whose forward was entered last when it was saved: operations without parameters
     between layers (a ``SiLU``, a squeeze-excitation product, ``softmax`` in attention) go to the layer before them,
@@ -418,8 +423,9 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
     penalty the forward appended to a list kept the measurement's graphs for the user's first step to backpropagate
     through), its registered parameters, buffers and submodules among them (one registered in the forward dropped: a
     buffer initialised from the first batch took the measurement's sample), every tensor attribute's value (a count
-    kept in a tensor and added to in place), and the random number generators (torch's on the CPU and ``device``, and
-    Python's). Parameters written in place are not put back.
+    kept in a tensor and added to in place), and the random number generators (:func:`forked_rngs`: torch's on the CPU
+    and ``device``, Python's and NumPy's global one, which a model's stochastic depth may draw from). Parameters
+    written in place are not put back.
 
     The user's forward hooks, the module's own and the global ones (``register_module_forward_hook``), are set aside
     meanwhile (:func:`_set_aside`): one that collected an activation penalty in a list saw the measurement's outputs
@@ -459,12 +465,10 @@ def _untouched(model: nn.Module, device: torch.device, user_hooks: bool = False)
         for module, _ in attributes:  # a new dict: the attributes put back below restore the module's own
             module._forward_hooks = _set_aside(module._forward_hooks)
             set_aside.append((module, module._forward_hooks))
-    python_state = random.getstate()
     try:
-        with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        with forked_rngs(device):
             yield
     finally:
-        random.setstate(python_state)
         global_hooks.clear()
         global_hooks.update(global_saved)
         for module, saved in attributes:  # the parameter, buffer, module and hook dicts: the same objects
@@ -564,6 +568,29 @@ def frozen_parameter_bytes(model: nn.Module) -> int:
         80
     """
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def buffer_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s buffers, as stored: each storage once, whole.
+
+    A storage that several buffers share (one mask registered in two modules, or views of it) counts once; one a
+    parameter shares counts with the parameters (``static_bytes``, ``frozen_bytes``), not here. A sparse buffer, which
+    has no storage to read, is not counted.
+
+    Example:
+        >>> buffer_bytes(nn.BatchNorm1d(4))  # running mean and variance, 4 fp32 each, and the int64 batch count
+        40
+    """
+    counted = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+    for buffer in model.buffers():
+        if buffer.layout != torch.strided:  # untyped_storage() raises on it, and the measurement with it
+            continue
+        storage = buffer.untyped_storage()
+        if storage.data_ptr() not in counted:
+            counted.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def owned_param_counts(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, ...]:

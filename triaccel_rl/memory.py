@@ -207,7 +207,7 @@ def check_budget(budget_bytes: int, fixed_bytes: int, one_sample_bytes: int) -> 
 
     Args:
         budget_bytes: the resolved budget.
-        fixed_bytes: predicted memory independent of the batch (weights, gradients, optimizer state).
+        fixed_bytes: predicted memory independent of the batch (weights, gradients, optimizer state, buffers).
         one_sample_bytes: predicted peak of a step on a single sample.
     """
     if not _count(budget_bytes, 0):  # NaN passed both comparisons below (until 2026-12-06)
@@ -215,7 +215,7 @@ def check_budget(budget_bytes: int, fixed_bytes: int, one_sample_bytes: int) -> 
     if budget_bytes < fixed_bytes:
         raise ConfigError(
             f"memory budget {budget_bytes} bytes is below the model's fixed {fixed_bytes} bytes (weights, "
-            f"gradients, optimizer state); one sample needs {one_sample_bytes} bytes in all"
+            f"gradients, optimizer state, buffers); one sample needs {one_sample_bytes} bytes in all"
         )
     if budget_bytes < one_sample_bytes:
         raise ConfigError(
