@@ -1251,9 +1251,17 @@ class Controller:
 
         The optimizer is yours again, holding the final state; the controller refuses further steps. Closing twice
         is harmless.
+
+        A batch left part-way (:meth:`backward` on its first micro-batches, no :meth:`step`: a ``break``, an
+        exception, the end of the data) keeps its gradients in ``.grad`` for a loop that goes on, in the loss's own
+        units: under fp16 they are divided by the loss scale they were computed with, as ``GradScaler.unscale_``
+        divides them. Ones that overflowed stay inf or NaN, for that loop to see (a ``GradScaler``'s step would skip
+        them). ``optimizer.zero_grad()`` drops the batch.
         """
         if self._closed:
             return
+        if self._earlier_micro_loss() is not None:  # else none pending, or the loop reset them (zero_grad) since
+            self.engine.unscale_pending_grads()
         if self._interval_steps:  # the open interval's skipped updates, which no decision will count now
             self._skipped_at_close = self._interval_steps - (self.engine.applied_steps() - self._applied_at_start)
         if self._writer is not None:

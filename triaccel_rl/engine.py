@@ -122,8 +122,10 @@ class StepEngine:
     parameters by the group's weight decay), no ``amsgrad`` or ``maximize``, and every trainable parameter in a group;
     otherwise the reference path runs. A group that turns ``amsgrad`` or ``maximize`` on later (a loaded state's, or
     set by hand) is refused at the load or the next step, naming the group. The trainable parameters are fixed when
-    the engine is built: a param group added later, a parameter unfrozen later, or a model moved or cast later is
-    refused at the next step with the parameters named. On both paths a held parameter frozen later
+    the engine is built: a param group added or removed later, a parameter added to a group or taken out of the
+    groups, a parameter unfrozen later, or a model moved or cast later is refused at the next step with the parameters
+    named, and on this path a parameter moved to another group too (it would keep its old group's LR and decay; the
+    reference path follows it, as ``torch.optim`` does). On both paths a held parameter frozen later
     (``requires_grad_(False)``) sits the steps out, its weights and optimizer state kept, as ``torch.optim`` leaves a
     parameter whose gradient ``zero_grad()`` set to ``None``; unfrozen again, it trains on.
     ``optimizer.step()`` is then never called, and the optimizer state
@@ -218,6 +220,8 @@ class StepEngine:
                     "controller's step(loss) cannot give it: use an optimizer whose step() takes none (SGD, AdamW, ...)"
                 )
             self._n_param_groups = len(optimizer.param_groups)
+            # Each group's parameters, as ids in order: compared whole at each step (_check_optimizer_params)
+            self._group_params = tuple(tuple(map(id, group["params"])) for group in optimizer.param_groups)
             self._outside_params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
             _check_layer_keys(optimizer.param_groups, self.n_layers)
             self.lr_scale = 1.0
@@ -390,6 +394,49 @@ class StepEngine:
             self._grad_scaler = torch.amp.GradScaler(self.device.type)
         return self._grad_scaler
 
+    # The LR knobs are checked when set, never at a step: a NaN went into the param groups' LRs and the weights on the
+    # reference path, and a negative value ran as a negative LR (the fused step's kernel does not check them on a GPU).
+
+    @property
+    def lr_scale(self) -> float:
+        """The global multiplier on every param group's LR, a finite number > 0."""
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value: float) -> None:
+        if not (is_finite_real(value) and value > 0):  # (a bool is no number: True ran as 1.0)
+            raise ValueError(f"lr_scale={value!r} must be a finite number > 0")
+        self._lr_scale = float(value)
+
+    @property
+    def batch_lr_gain(self) -> float:
+        """The LR multiplier of the batch size, a finite number >= 0 (0: a schedule's end, ``schedule_gain``)."""
+        return self._batch_lr_gain
+
+    @batch_lr_gain.setter
+    def batch_lr_gain(self, value: float) -> None:
+        if not (is_finite_real(value) and value >= 0):
+            raise ValueError(f"batch_lr_gain={value!r} must be a finite number >= 0")
+        self._batch_lr_gain = float(value)
+
+    @property
+    def lr_factors(self) -> np.ndarray:
+        """Per-layer LR factors, float64 ``[n_layers]``, each a finite number >= 0 (1: the group's own LR).
+
+        Setting them checks them and keeps a copy. The getter hands out the engine's own array, whose entries written
+        in place (``engine.lr_factors[1] = 0.5``) apply unchecked: set the whole array to have it checked.
+        """
+        return self._lr_factors
+
+    @lr_factors.setter
+    def lr_factors(self, value: Sequence[float] | np.ndarray) -> None:
+        one_dim = isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+        entries = list(value) if one_dim else []
+        factors = np.asarray(entries, dtype=np.float64) if all(is_real(entry) for entry in entries) else None
+        if factors is None or factors.shape != (self.n_layers,) or not np.all(np.isfinite(factors) & (factors >= 0)):
+            raise ValueError(f"lr_factors must be {self.n_layers} finite numbers >= 0, one a layer; got {value!r}")
+        self._lr_factors = factors
+
     def set_precisions(self, precisions: Sequence[Precision | str | int]) -> None:
         """Sets per-layer precisions (all layers, or controllable layers only).
 
@@ -443,17 +490,35 @@ class StepEngine:
                 assert saved is not None
                 self._scale.copy_(saved[0])  # in place: captured graphs read them through their addresses
                 self._clean_steps.copy_(saved[1])
-            elif saved is None:  # no scale yet at the copy: a later fp16 layer starts a fresh one, as it would have
-                self._grad_scaler = None
+            elif saved is None:  # no scale yet at the copy: a fresh scaler's, as the next fp16 step would have made
+                self._load_grad_scaler(None)
             elif self._grad_scaler is not None and self._grad_scaler._scale is not None:
                 # In place, as on the fused path: a captured graph reads the scale through its address
                 self._grad_scaler._scale.copy_(saved[0])
                 assert self._grad_scaler._growth_tracker is not None
                 self._grad_scaler._growth_tracker.copy_(saved[1])
-            else:
+            else:  # no scale tensor yet: no graph can hold one's address (scale() makes it), so new ones are safe
                 scaler = self._grad_scaler or torch.amp.GradScaler(self.device.type)
                 scaler._scale, scaler._growth_tracker = saved[0].clone(), saved[1].clone()
                 self._grad_scaler = scaler
+
+    def _load_grad_scaler(self, state: Mapping[str, Any] | None) -> None:
+        """Loads ``state`` (``GradScaler.state_dict()``'s; None: a fresh scaler's) into the reference path's scaler.
+
+        In place: the scaler and its scale tensor stay the ones a CUDA graph captured at an fp16 step reads through
+        their addresses (``StepGraphs`` keys its graphs on the precisions alone). A new scaler made a new scale tensor
+        at its next ``scale()``, and the graph replayed the loss times the old, freed one. A scaler that has not made
+        its tensors yet (before its first ``scale()``) makes them from the loaded values; with no scaler yet, None
+        leaves none (a later fp16 layer makes a fresh one).
+        """
+        scaler = self._grad_scaler
+        if state is None:
+            if scaler is None:
+                return
+            state = torch.amp.GradScaler(self.device.type).state_dict()  # scale 2**16, no clean step
+        elif scaler is None:
+            scaler = self._grad_scaler = torch.amp.GradScaler(self.device.type)
+        scaler.load_state_dict(dict(state))  # GradScaler's load fills the tensors it has in place
 
     def refresh_weight_copies(self) -> None:
         """Re-derives the 16-bit weight copies from the fp32 weights, each layer's in its type (fused path).
@@ -589,21 +654,42 @@ class StepEngine:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the current loss scale while a layer is fp16 (else ``loss``): backward this.
 
-        For callers that run their own backward passes (gradient accumulation), then ``step_after_backward``.
+        For callers that run their own backward passes (gradient accumulation), then ``step_after_backward``, or
+        :meth:`unscale_pending_grads` where no step will come.
         """
         if not self.precision.needs_grad_scaler:
             return loss
         if self.fused:
-            scaled = loss * self._scale
-            if self._unheld_hooks:
-                self._backward_scale = self._scale
-            return scaled
+            self._backward_scale = self._scale
+            return loss * self._scale
         scaler = self.grad_scaler
         assert scaler is not None
         scaled = scaler.scale(loss)
-        if self._unheld_hooks:
-            self._backward_scale = scaler._scale  # GradScaler's tensor, made by scale()
+        self._backward_scale = scaler._scale  # GradScaler's tensor, made by scale()
         return scaled
+
+    def unscale_pending_grads(self) -> None:
+        """Divides the gradients of :meth:`scale_loss` backwards that no step took by their loss scale.
+
+        For a caller that stops between those backward passes and the step (gradient accumulation left part-way):
+        the optimizer's ``.grad`` are then in the loss's own units, as after ``GradScaler.unscale_``, and a plain
+        ``optimizer.step()`` takes them as a plain loop's. On both paths they are the fp32 parameters' gradients (on
+        the fused one views of the flat buffer; a 16-bit weight copy's gradient is cast to fp32 on its way there).
+        Trainable parameters outside the optimizer had theirs unscaled as autograd made them. Gradients that
+        overflowed stay inf or NaN. A no-op where no scaled backward is pending (no layer in fp16, or a step since).
+        """
+        scale, self._backward_scale = self._backward_scale, None
+        if scale is None:
+            return
+        unscaled_already = {id(p) for p in self._unheld_params}  # (a param group added since may hold them)
+        grads = [
+            p.grad
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None and id(p) not in unscaled_already
+        ]
+        if grads:
+            torch._foreach_mul_(grads, scale.reciprocal())  # as unscale_ and the fused step: times the reciprocal
 
     def step_after_backward(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
         """Unscale, statistics and update for gradients already accumulated from ``scale_loss`` backwards.
@@ -960,11 +1046,12 @@ class StepEngine:
                 self._clean_steps.copy_(torch.as_tensor(plan.scaler["clean_steps"], dtype=torch.int32))
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
         else:
-            self._grad_scaler = plan.grad_scaler
-            if plan.grad_scaler is not None and plan.grad_scaler.is_enabled():
+            self._load_grad_scaler(None if plan.grad_scaler is None else plan.grad_scaler.state_dict())
+            scaler = self._grad_scaler
+            if plan.grad_scaler is not None and scaler is not None and scaler.is_enabled() and scaler._scale is None:
                 # GradScaler makes its scale tensor at its first scale(): until then scaler_state() found none, and a
                 # rollback to the copy taken at the resume dropped the loaded scale (back to 65536, until 2026-12-06).
-                plan.grad_scaler._lazy_init_scale_growth_tracker(self.device)
+                scaler._lazy_init_scale_growth_tracker(self.device)
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Runs ``load_state_dict``'s checks on ``state`` and loads nothing: for a caller that loads more beside it.
@@ -1003,7 +1090,8 @@ class StepEngine:
         for precision in set(precisions):
             check_precision_supported(precision, self.device)
         lr_scale = _checked_multiplier("lr_scale", state["lr_scale"])
-        batch_lr_gain = _checked_multiplier("batch_lr_gain", state["batch_lr_gain"])
+        # 0 at a schedule's end (training.schedule_gain), where a run's last checkpoint is saved
+        batch_lr_gain = _checked_multiplier("batch_lr_gain", state["batch_lr_gain"], zero_allowed=True)
         try:
             lr_factors = np.asarray(state["lr_factors"], dtype=np.float64)
         except (TypeError, ValueError):  # text, or entries that are not numbers
@@ -1503,26 +1591,21 @@ class StepEngine:
         return [*self.optimizer._optimizer_step_post_hooks.values(), *registry._global_optimizer_post_hooks.values()]
 
     def _check_optimizer_params(self) -> None:
-        """Raises a ValueError when the optimizer now trains parameters the engine does not hold.
+        """Raises a ValueError when the optimizer's param groups no longer hold what the engine was built from.
 
         The engine was built from the trainable parameters of the optimizer's groups. A group added since
-        (``optimizer.add_param_group``), or a parameter frozen then and unfrozen since (it has a gradient now),
-        would be trained by the fused step never (silently frozen), and on the reference path by
-        ``optimizer.step()`` outside the controller: unclipped, unchecked for non-finite gradients (a NaN would
-        reach the weights) and at no chosen precision. Both paths refuse it alike, before anything is updated.
+        (``optimizer.add_param_group``), a parameter added to a group, or a parameter frozen then and unfrozen since
+        (it has a gradient now), would be trained by the fused step never (silently frozen), and on the reference path
+        by ``optimizer.step()`` outside the controller: unclipped, unchecked for non-finite gradients (a NaN would
+        reach the weights) and at no chosen precision. A group removed, or a parameter taken out of the groups, would be
+        trained on by the fused step, and on the reference path still be counted in the statistics and the clip. Both
+        paths refuse these alike, before anything is updated; a parameter moved to another group, the fused path only
+        (:meth:`_check_group_params`).
         """
-        groups = self.optimizer.param_groups
-        if len(groups) != self._n_param_groups:
-            names = self._names_by_id()
-            new_groups = groups[self._n_param_groups :]
-            added = [names.get(id(p), tuple(p.shape)) for group in new_groups for p in group["params"]]
-            raise ValueError(
-                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
-                f"built from its parameters, and it cannot take new ones (parameters {added[:5]}"
-                f"{' ...' if len(added) > 5 else ''}): add param groups before building the controller (for a later "
-                "stage, gradual unfreezing say, close() this controller and build a new one, whose loader() counts "
-                "epochs from its own start)"
-            )
+        # One tuple of ids a group, compared whole: 5 us a step at 100 parameters in one group, 14 us in 50 groups, on a
+        # CPU (the groups' lengths alone would miss two parameters swapped between groups)
+        if tuple(tuple(map(id, group["params"])) for group in self.optimizer.param_groups) != self._group_params:
+            self._check_group_params()
         unfrozen = [p for p in self._outside_params if p.requires_grad and p.grad is not None]
         if unfrozen:
             names = self._names_by_id()
@@ -1532,6 +1615,80 @@ class StepEngine:
                 "does not hold them: unfreeze before building the controller (for gradual unfreezing, build a new "
                 "controller at each stage, after close() on the last; its loader() counts epochs from its own start)"
             )
+
+    def _check_group_params(self) -> None:
+        """Raises a ValueError for a change to the param groups' parameters that the engine cannot follow.
+
+        Refused on both paths: a group added or removed, a parameter added to a group or taken out of all of them, and
+        one listed twice (``torch.optim`` would update it twice; its ``add_param_group`` refuses that). A parameter
+        moved to another group is refused on the fused path only, which laid out each layer's LR share and weight-decay
+        segment by the groups it was built with and would go on applying the old group's. The reference path's
+        ``optimizer.step()`` follows the groups, and the engine reads their LRs and ``"layer"`` keys at each step, so
+        there it trains on as ``torch.optim`` would. What is taken (that, or a group's parameters reordered) is
+        recorded: the next step's check is the quick one again.
+        """
+        groups = self.optimizer.param_groups
+        names = self._names_by_id()
+
+        def named(params: Sequence[torch.Tensor]) -> str:
+            listed = [names.get(id(p), tuple(p.shape)) for p in params]
+            return f"{listed[:5]}{' ...' if len(listed) > 5 else ''}"
+
+        later_stage = "close() this controller and build a new one, whose loader() counts epochs from its own start"
+        if len(groups) > self._n_param_groups:
+            added = [p for group in groups[self._n_param_groups :] for p in group["params"]]
+            raise ValueError(
+                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
+                f"built from its parameters, and it cannot take new ones (parameters {named(added)}): add param groups "
+                f"before building the controller (for a later stage, gradual unfreezing say, {later_stage})"
+            )
+        found: dict[int, tuple[torch.Tensor, list[int]]] = {}  # each parameter in the groups now, and its groups
+        for index, group in enumerate(groups):
+            for p in group["params"]:
+                found.setdefault(id(p), (p, []))[1].append(index)
+        built = {id(p): p for p in (*self._params, *self._outside_params)}
+        removed = [built[i] for i in self._group_index if i not in found]  # (in the order of the groups as built)
+        if len(groups) < self._n_param_groups:
+            gone = f"parameters in no group now: {named(removed)}" if removed else "its parameters moved to others"
+            raise ValueError(
+                f"the optimizer has {len(groups)} param groups; it had {self._n_param_groups} when the controller was "
+                f"built from its parameters, and it cannot follow one removed ({gone}): to stop training parameters, "
+                f"freeze them (requires_grad_(False)) and leave the groups as they were; for new groups, {later_stage}"
+            )
+        added = [p for i, (p, _) in found.items() if i not in self._group_index]
+        if added:
+            into = sorted({index for p in added for index in found[id(p)][1]})
+            raise ValueError(
+                f"parameters {named(added)} were added to param groups {into} after the controller was built from the "
+                "optimizer's parameters, and it cannot take new ones: put them in the optimizer before building the "
+                f"controller (for a later stage, gradual unfreezing say, {later_stage})"
+            )
+        if removed:
+            raise ValueError(
+                f"parameters {named(removed)} were taken out of the optimizer's param groups after the controller was "
+                "built from them, and it still holds them (the fused step would train them on): to stop training them, "
+                f"freeze them (requires_grad_(False)) and leave them in their groups; for new groups, {later_stage}"
+            )
+        twice = [p for p, indices in found.values() if len(indices) > 1]
+        if twice:
+            raise ValueError(
+                f"parameters {named(twice)} are listed more than once in the param groups (groups "
+                f"{[found[id(p)][1] for p in twice[:5]]}): torch.optim would update one once per listing; list each "
+                "once"
+            )
+        moved = [p for p in self._params if found[id(p)][1][0] != self._group_index[id(p)]] if self.fused else []
+        if moved:
+            moves = [
+                f"{names.get(id(p), tuple(p.shape))} from group {self._group_index[id(p)]} to {found[id(p)][1][0]}"
+                for p in moved
+            ]
+            raise ValueError(
+                f"parameters moved to other param groups after the controller was built: {', '.join(moves[:5])}"
+                f"{' ...' if len(moves) > 5 else ''}. The fused step laid out each layer's LR and weight decay by the "
+                f"groups it was built with, and would go on applying the old group's: pass fused=False (the reference "
+                f"path follows the groups), or {later_stage}"
+            )
+        self._group_params = tuple(tuple(map(id, group["params"])) for group in groups)
 
     def _zero_unstored_gradients(self) -> None:
         """Zeros, in place, the gradients of the optimizer's parameters outside the fused store (a step that raised).
@@ -1850,10 +2007,14 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     for params in layer_params:
         if len({(float(group_of[id(p)]["lr"]), group_of[id(p)].get("layer")) for p in params}) > 1:
             return "a layer's parameters are in param groups of different LRs or 'layer' keys"
-    from triaccel_rl.kernels.flat_store import is_dense  # the kernels package loads Triton: import late
+    from triaccel_rl.kernels.flat_store import _check_apart, is_dense  # the kernels package loads Triton: import late
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
         return "parameters must be dense (contiguous or channels-last) float32"
+    try:  # two parameters over one memory (not one tied parameter): the flat store, which the reference path does
+        _check_apart([p for params in layer_params for p in params])  # not need, would give each its own
+    except ValueError as error:
+        return str(error)
     try:  # values torch.optim takes and the fused step refuses (AdamW's eps=0, SGD's dampening > 1)
         _fused_options(optimizer, tuple(group["weight_decay"] for group in groups))
     except ValueError as error:
@@ -1940,12 +2101,12 @@ def _fused_options(optimizer: torch.optim.Optimizer, weight_decay: Any) -> SGDOp
     return AdamWOptions(beta1, beta2, group["eps"], weight_decay)
 
 
-def _checked_multiplier(name: str, value: Any) -> float:
-    """``value`` as a float if it is a finite number > 0 (a checkpoint's LR multiplier), else a ValueError naming it."""
+def _checked_multiplier(name: str, value: Any, zero_allowed: bool = False) -> float:
+    """A checkpoint's LR multiplier as a float: a finite number > 0 (>= 0 with ``zero_allowed``), else a ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"the checkpoint's {name} {value!r} is not a number")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"the checkpoint's {name} {value} must be a finite number > 0")
+    if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+        raise ValueError(f"the checkpoint's {name} {value} must be a finite number {'>=' if zero_allowed else '>'} 0")
     return float(value)
 
 
