@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
-from triaccel_rl.costs import CostModel, frozen_parameter_bytes, optimizer_state_tensors
+from triaccel_rl.costs import CostModel, buffer_bytes, frozen_parameter_bytes, optimizer_state_tensors
 from triaccel_rl.elastic import (
     BatchLRCoupler,
     UnrecoverableOOMError,
@@ -1458,7 +1458,8 @@ class Controller:
             )
             owned = [sum(p.numel() for p in params) for params in self.engine.layer_params]
             costs = CostModel.parameters_only(self.engine.layers, _optimizer_states(self), owned)
-            return replace(costs, frozen_bytes=frozen_parameter_bytes(self.model))
+            model = self.model
+            return replace(costs, frozen_bytes=frozen_parameter_bytes(model), buffer_bytes=buffer_bytes(model))
 
     def _start_trial(self) -> None:
         """Starts the speed trial this controller plans (from its first format, with no timings)."""
