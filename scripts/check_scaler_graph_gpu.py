@@ -1,10 +1,10 @@
-"""On CUDA: after the reference path's loss scaler is loaded (a rollback, a checkpoint), does a captured graph still
-scale by the live scale tensor?
+"""On CUDA: does a captured graph scale by the live scale after the reference path's loss scaler is loaded?
 
-A graph captured at an fp16 step reads the loss scale through its tensor's address. Until 2026-12-07 the reference
-path's ``load_scaler_state(None)`` and ``load_state_dict`` put in a new ``GradScaler``, whose next ``scale()`` made a
-new tensor: the graph replayed ``loss * <the old, freed tensor>``. Now the scaler is loaded in place. Each line prints
-the gradient of an eager backward and of a replayed one; they must agree.
+A rollback or a checkpoint loads the scaler. A graph captured at an fp16 step reads the loss scale through its
+tensor's address. Until 2026-12-07 the reference path's ``load_scaler_state(None)`` and ``load_state_dict`` put in a
+new ``GradScaler``, whose next ``scale()`` made a new tensor: the graph replayed ``loss * <the old, freed tensor>``.
+Now the scaler is loaded in place. Each line prints the gradient of an eager backward and of a replayed one; they must
+agree.
 
 Usage (a device visit): bash scripts/device-visit.sh <commit> py=scripts/check_scaler_graph_gpu.py
 """
@@ -26,6 +26,7 @@ x, y = torch.randn(4, 8, device=device), torch.zeros(4, 1, device=device)
 
 
 def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The step's forward and scaled backward, as a graph captures it."""
     with engine.precision.context():
         loss = (model(x).float() - y).pow(2).mean()
     engine.scale_loss(loss).backward()
@@ -33,6 +34,7 @@ def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_grad(replay: bool) -> float:
+    """The last bias's scaled gradient from an eager backward or a replayed one."""
     engine.zero_grad()
     if replay:
         graphs.run(("fp16",), x, y, body, engine.zero_grad)
@@ -45,6 +47,7 @@ failures = 0
 
 
 def check(label: str) -> None:
+    """Prints the eager and replayed gradients, counting a disagreement."""
     global failures
     eager, replayed = scaled_grad(False), scaled_grad(True)
     agree = abs(eager - replayed) <= 1e-3 * abs(eager)
