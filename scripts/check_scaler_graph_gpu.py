@@ -18,7 +18,8 @@ from triaccel_rl.graphs import StepGraphs
 device = torch.device("cuda")
 print(torch.__version__, torch.cuda.get_device_name())
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1)).to(device)
+head = nn.Linear(8, 1)
+model = nn.Sequential(nn.Linear(8, 8), head).to(device)
 engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), device, fused=False)
 engine.set_precisions(["fp16", "fp16"])
 graphs = StepGraphs(model, device)
@@ -40,7 +41,9 @@ def scaled_grad(replay: bool) -> float:
         graphs.run(("fp16",), x, y, body, engine.zero_grad)
     else:
         body(x, y)
-    return model[1].bias.grad.item()
+    grad = head.bias.grad
+    assert grad is not None
+    return grad.item()
 
 
 failures = 0

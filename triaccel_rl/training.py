@@ -388,6 +388,7 @@ class TrainingRun:
             self._buffer_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy), reused step to step
             self._buffer_slots: list[tuple[nn.Module, str]] = []  # (module, name) of each saved buffer, in order
             self._saved_generators: list[torch.Tensor] = []  # the run's generators' states, saved with the buffers
+            self._step_generators: list[torch.Tensor] | None = None  # and before the step's augmentation, if any
             self._batch_size = self.task.base_batch_size
             self.lr_coupler = self._coupler(self.elastic.lr_rule, self._batch_size)
             self.batch_size = batch_size if batch_size is not None else self.task.base_batch_size
@@ -648,7 +649,11 @@ class TrainingRun:
         self.skipped_steps += skipped
         self.train_time_ms += train_ms
         if moments.n_finite and np.all(np.isfinite(moments.sq_norm)):  # at the batch served (an epoch's short last)
-            self._observe_noise(samples / n_steps, float(moments.sq_norm.sum()))
+            # As that many steps of its mean, as SignalCollector.observe_interval folds its EMAs: the interval's finite
+            # steps (step() folds no skipped or non-finite one), estimated from the recorded share where DeviceMoments
+            # samples. One fold a call whatever its length made the EMAs depend on where compare cut intervals.
+            finite_steps = n_steps * moments.n_finite / moments.n_observed
+            self._observe_noise(samples / n_steps, float(moments.sq_norm.sum()), finite_steps)
         return IntervalStats(
             steps=n_steps,
             samples=samples,
@@ -665,10 +670,16 @@ class TrainingRun:
         batch = self.loader.next(self.batch_size)
         n = len(batch.y)
         self.last_batch = batch
+        self._step_generators = None
         if self.task.augment is not None:  # once a step: every micro-batch plan and OOM retry trains the same draw
+            # The generators before the draw, for a step that is given up to put back: its batch, served again, is
+            # augmented as it was (_save_buffers saves them after the draw, for the retries, which reuse it). Host
+            # copies (a few KB for the CPU's, a seed and offset for CUDA's): no sync.
+            self._step_generators = _run_generator_states(self.device)
             try:
                 batch = replace(batch, x=self.task.augment(batch.x))
-            except BaseException:  # (a Ctrl-C too) the step never began: its samples go back
+            except BaseException:  # (a Ctrl-C too) the step never began: its samples and its draws go back
+                _restore_run_generators(self.device, self._step_generators)
                 self.loader.take_back(n)
                 raise
         if not self.model.training:  # train() walks every module: ~0.5 ms of host time a step on a small CNN
@@ -1018,7 +1029,10 @@ class TrainingRun:
         """The run's own gradient-noise scale ``B_noise = tr(Sigma) / |G|^2`` in samples (``None``: unknown).
 
         From EMAs over steps of ``B * |g_B|^2`` and ``B`` (whose difference estimates ``tr(Sigma)``, since
-        ``E|g_B|^2 = |G|^2 + tr(Sigma) / B``) and ``|G|^2`` from the optimizer's running mean gradient. Used by
+        ``E|g_B|^2 = |G|^2 + tr(Sigma) / B``) and ``|G|^2`` from the optimizer's running mean gradient. Each finite
+        step decays the EMAs by 0.9; a :meth:`train_interval` call of ``k`` such steps folds their mean in as ``k``
+        steps of that mean (weight ``1 - 0.9 ** k``): the same steps weigh the same in all however they are cut into
+        calls, though within a call they weigh alike where one at a time the later weigh more. Used by
         the ``adascale`` LR rule at each batch change; reading it costs one host-device sync.
         """
         weight, b_sq, b = self._noise
@@ -1182,8 +1196,14 @@ class TrainingRun:
             torch._foreach_copy_([live for live, _ in self._saved_buffers], [kept for _, kept in self._saved_buffers])
 
     def _abandon_step(self, n: int) -> None:
-        """A step that raises leaves the run as before it: no gradients, buffers back, its samples to the loader."""
+        """A step that raises leaves the run as before it: no gradients, buffers and generators back, samples returned.
+
+        The generators as they were before the step's augmentation drew, where the task augments: its batch, served
+        again, is augmented as it was.
+        """
         self._undo_attempt()
+        if self._step_generators is not None:  # _undo_attempt put back those after the draw
+            _restore_run_generators(self.device, self._step_generators)
         self.loader.take_back(n)
 
     def _budget_holding(self, needed_bytes: int) -> int:
@@ -1345,11 +1365,19 @@ class TrainingRun:
     def noise_estimates(self, value: np.ndarray) -> None:
         self._noise = np.array(value, dtype=np.float64).reshape(3)
 
-    def _observe_noise(self, batch_size: float, grad_sq_norm: float) -> None:
-        """Folds one step's (or an interval's mean) squared gradient norm at ``batch_size`` into the EMAs."""
-        d = _NOISE_EMA_DECAY
+    def _observe_noise(self, batch_size: float, grad_sq_norm: float, n_steps: float = 1.0) -> None:
+        """Folds the squared gradient norm of ``n_steps`` steps at ``batch_size`` into the EMAs.
+
+        One step's norm with ``n_steps=1``; an interval's mean norm with the steps it stands for, as that many steps
+        of the mean: the old EMAs decay by ``d ** n_steps`` and the sample takes the rest, ``1 - d ** n_steps``. So
+        the old estimate fades as fast however ``train_interval``'s calls cut the same steps (``compare`` cuts them
+        at its evaluations), and steps of equal norms give the same EMAs as ``step`` one at a time; where the norms
+        vary, a call weighs its steps alike, one at a time the later weigh more. The first entry, the EMA of 1,
+        carries the bias correction: ``1 - d ** steps`` either way.
+        """
+        decay = _NOISE_EMA_DECAY**n_steps
         sample = np.array([1.0, batch_size * grad_sq_norm, float(batch_size)])
-        self._noise = d * self._noise + (1 - d) * sample
+        self._noise = decay * self._noise + (1 - decay) * sample
 
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
