@@ -1,8 +1,9 @@
 """``StaticPolicy``: one fixed configuration for the whole run (the baselines users run today).
 
-The executor's shield holds for it as for every policy: under fp16, an interval with more than
-``HeuristicConfig.max_overflow_rate`` of its steps skipped runs the next in bf16 (``max_overflow_rate=1.0`` turns that
-off).
+The executor's shield acts on it at each decision, as on every policy: in a ``Controller``, under fp16, an interval
+with more than ``HeuristicConfig.max_overflow_rate`` of its steps skipped runs the next in bf16
+(``max_overflow_rate=1.0`` turns that off). ``compare``'s static rows make no decisions (they are the baselines users
+run: a plain fp16 row stays in fp16 however often it overflows), so the shield does not act there.
 """
 
 from __future__ import annotations

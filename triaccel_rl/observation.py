@@ -64,7 +64,8 @@ GROUP_FEATURES = (
     # (log10); at most 0 while the curvature is the cheap tier's (no estimator round yet)
     "log_curvature",  # log10 mean curvature of the group, divided by 5
     "log_variance",  # log10 mean per-element variance of the group's mini-batch gradient, divided by 5
-    "log_snr",  # log10 signal-to-noise ratio |G|^2 / (tr(Sigma) / B) of the group's mini-batch gradient
+    "log_snr",  # log10 of the parameter-weighted mean of the group's layers' signal-to-noise ratios
+    # |G_l|^2 / (tr(Sigma_l) / B) (a mean of ratios, not the group's own ratio of sums: its large layers weigh most)
     "param_share",  # share of the controllable parameters in this group, [0, 1]
     "is_fp32",  # one-hot of the group's current (majority) precision
     "is_bf16",
