@@ -68,7 +68,7 @@ def test_fused_engine_matches_reference(kind):
     for fused in (False, True):
         model, engine = make(kind, fused)
         assert engine.fused is fused
-        engine.lr_factors[1] = 0.5
+        engine.lr_factors = [0.5 if i == 1 else f for i, f in enumerate(engine.lr_factors)]
         stats = []
         for x, y in batches():
             with engine.precision.context():
@@ -1080,7 +1080,7 @@ def test_the_fused_step_follows_a_users_lr_scheduler(kind):
     for fused in (False, True):
         model, engine = make(kind, fused)
         engine.lr_scale = 0.5
-        engine.lr_factors[1] = 0.25
+        engine.lr_factors = [0.25 if i == 1 else f for i, f in enumerate(engine.lr_factors)]
         scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: [0.0, 1.0, 1.0, 0.1][min(step, 3)])
         seen = []
         for x, y in data:
@@ -1100,7 +1100,7 @@ def test_the_fused_step_follows_a_users_lr_scheduler(kind):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     model, engine = make(kind, True)  # negative control: the same run without the scheduler ends elsewhere
     engine.lr_scale = 0.5
-    engine.lr_factors[1] = 0.25
+    engine.lr_factors = [0.25 if i == 1 else f for i, f in enumerate(engine.lr_factors)]
     _run_steps(model, engine, data)
     unscheduled = [p.detach().cpu() for p in model.parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(finals[True], unscheduled, strict=True)) > 1e-3
@@ -1462,7 +1462,7 @@ def test_per_layer_lr_factors_apply_to_groups_with_a_layer_key_on_both_paths(kin
     for fused in (False, True):
         model, optimizer = _no_decay_recipe(kind)  # no "layer" keys
         engine = StepEngine(model, optimizer, DEVICE, fused=fused)
-        engine.lr_factors[0] = 0.25
+        engine.lr_factors = [0.25 if i == 0 else f for i, f in enumerate(engine.lr_factors)]
         _run_steps(model, engine, data)
         finals[fused] = _weights(model)
     model, optimizer = _no_decay_recipe(kind)
@@ -1472,7 +1472,7 @@ def test_per_layer_lr_factors_apply_to_groups_with_a_layer_key_on_both_paths(kin
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     # With "layer" keys the factor applies (test_fused_engine_matches_reference): here it moves layer 0.
     model, engine = make(kind, True)
-    engine.lr_factors[0] = 0.25
+    engine.lr_factors = [0.25 if i == 0 else f for i, f in enumerate(engine.lr_factors)]
     _run_steps(model, engine, data)
     unfactored_model, unfactored = make(kind, True)
     _run_steps(unfactored_model, unfactored, data)

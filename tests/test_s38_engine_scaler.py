@@ -229,3 +229,13 @@ def test_a_checkpoint_saved_at_a_schedules_end_with_a_zero_batch_gain_loads():
     state["lr_scale"], state["batch_lr_gain"] = 0.0, 1.0
     with pytest.raises(ValueError, match=r"lr_scale 0.0 must be a finite number > 0"):
         engine.load_state_dict(state)
+
+
+def test_the_lr_factors_getter_is_a_read_only_view():
+    """An entry written in place went into the LRs unchecked (a negative LR); set the whole array instead."""
+    _, engine = _engine()
+    with pytest.raises(ValueError, match="read-only"):
+        engine.lr_factors[0] = -3.0
+    assert engine.lr_factors.tolist() == [1.0, 1.0]
+    engine.lr_factors = [0.5 if i == 0 else f for i, f in enumerate(engine.lr_factors)]
+    assert engine.group_lrs() == [0.05, 0.1]

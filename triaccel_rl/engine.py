@@ -423,10 +423,12 @@ class StepEngine:
     def lr_factors(self) -> np.ndarray:
         """Per-layer LR factors, float64 ``[n_layers]``, each a finite number >= 0 (1: the group's own LR).
 
-        Setting them checks them and keeps a copy. The getter hands out the engine's own array, whose entries written
-        in place (``engine.lr_factors[1] = 0.5``) apply unchecked: set the whole array to have it checked.
+        A read-only view: set them whole (``engine.lr_factors = factors``), which checks them and keeps a copy (an
+        entry written in place, ``engine.lr_factors[1] = -3``, would have gone into the LRs unchecked).
         """
-        return self._lr_factors
+        view = self._lr_factors.view()
+        view.flags.writeable = False
+        return view
 
     @lr_factors.setter
     def lr_factors(self, value: Sequence[float] | np.ndarray) -> None:
