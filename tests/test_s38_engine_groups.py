@@ -209,6 +209,14 @@ def test_parameters_sharing_memory_are_a_reason_against_the_fused_step():
         StepEngine(model, optimizer, DEVICE, fused=True)
 
 
+def test_parameters_on_several_devices_are_a_reason_against_the_fused_step():
+    """A model split across GPUs: the flat store holds one device's parameters and refused it at construction."""
+    here, there = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3, device="meta"))
+    optimizer = torch.optim.SGD([here, there], lr=0.1)
+    assert _fused_unsupported(optimizer, [[here], [there]]) == "parameters are on several devices: ['cpu', 'meta']"
+    assert _fused_unsupported(optimizer, [[here]]) == ""  # one device's layers: no reason
+
+
 @pytest.mark.gpu
 def test_parameters_sharing_memory_run_the_reference_path_by_default_on_cuda():
     model = _shared_storage_model()

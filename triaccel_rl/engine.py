@@ -2009,6 +2009,9 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     for params in layer_params:
         if len({(float(group_of[id(p)]["lr"]), group_of[id(p)].get("layer")) for p in params}) > 1:
             return "a layer's parameters are in param groups of different LRs or 'layer' keys"
+    devices = {p.device for params in layer_params for p in params}
+    if len(devices) > 1:  # a model split across GPUs: the flat store holds one device's parameters
+        return f"parameters are on several devices: {sorted(map(str, devices))}"
     from triaccel_rl.kernels.flat_store import _check_apart, is_dense  # the kernels package loads Triton: import late
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
