@@ -6,6 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 from experiment_scripts import import_experiment, strict_json
+from torch import nn
+
+from triaccel_rl.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
         assert not row["recompiled_while_timed"] and row["graph_breaks"] == 0, name
     # Rows share the models' code: a later row whose guards pass reuses an earlier row's graph.
     assert rows["plain-compiled"]["graphs"] == 1
-    assert rows["controller-compiled"]["precisions"] == ["bf16"] * len(rows["controller-compiled"]["precisions"])
+    # --smoke times the synthetic task's MLP: one precision for each of its Linear layers, all bf16.
+    n_layers = sum(isinstance(m, nn.Linear) for m in get_task("synthetic").build_model().modules())
+    assert rows["controller-compiled"]["precisions"] == ["bf16"] * n_layers
 
 
 def test_a_diverged_rows_losses_are_written_as_null(bench_compile, monkeypatch, tmp_path):

@@ -2134,8 +2134,19 @@ def _refuse_moving(shape):
     return failing_to
 
 
-@pytest.mark.parametrize("refusal", ["bad seed", "another dataset not moved", "the same data not moved"])
-def test_a_refused_loader_call_leaves_the_unstepped_batch_to_be_served_again(refusal, monkeypatch):
+_NOT_MOVED = "^injected: no room for the dataset on the device$"  # _refuse_moving's error, not another
+
+
+@pytest.mark.parametrize(
+    ("refusal", "error", "message"),
+    [
+        ("bad seed", ValueError, "^seed=-1 must be a whole number >= 0$"),
+        ("another dataset not moved", torch.OutOfMemoryError, _NOT_MOVED),
+        ("the same data not moved", torch.OutOfMemoryError, _NOT_MOVED),
+    ],
+    ids=["bad seed", "another dataset not moved", "the same data not moved"],
+)
+def test_a_refused_loader_call_leaves_the_unstepped_batch_to_be_served_again(refusal, error, message, monkeypatch):
     """The loop breaks out before ``step()`` on its second batch, which the next call must serve again. A refused
     ``loader()`` call in between (an evaluation set with a bad seed, data that cannot be moved to the device) cleared
     the record of that batch, and the memory model, before it raised: the batch was never trained, and a checkpoint
@@ -2149,7 +2160,7 @@ def test_a_refused_loader_call_leaves_the_unstepped_batch_to_be_served_again(ref
     assert left_on == {"n": 12, "seed": 0, "epoch": 0, "cursor": 4, "samples_served": 4}  # the broken-on batch: not
     costs, memory_model = ctl.costs, ctl.memory_model
     evaluation = torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
-    with monkeypatch.context() as patch, pytest.raises((ValueError, torch.OutOfMemoryError)):
+    with monkeypatch.context() as patch, pytest.raises(error, match=message) as raised:
         if refusal == "bad seed":
             next(iter(ctl.loader(evaluation, batch_size=2, seed=-1)))
         elif refusal == "another dataset not moved":
@@ -2158,6 +2169,7 @@ def test_a_refused_loader_call_leaves_the_unstepped_batch_to_be_served_again(ref
         else:  # new tensors of the run's data (moved each epoch, say), that cannot be moved to the device
             patch.setattr(torch.Tensor, "to", _refuse_moving((12, 2)))
             next(iter(ctl.loader((dataset[0].clone(), dataset[1].clone()), batch_size=4, epochs=1)))
+    assert type(raised.value) is error
     assert ctl.state_dict()["loader"] == left_on
     assert ctl.costs is costs and ctl.memory_model is memory_model  # not measured again for data never taken
     for xb, _ in ctl.loader(dataset, batch_size=4, epochs=1):

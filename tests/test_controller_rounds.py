@@ -69,7 +69,8 @@ def test_the_rounds_measure_the_exact_hessian_trace_in_a_users_loop():
     cheap tier's (squared gradients), as before."""
     inputs = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     probe = (inputs, torch.zeros(4, 3))
-    data = (torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 3))
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.randn(32, 4, generator=generator), torch.randn(32, 3, generator=generator))
     signals = SignalConfig(schedule="fixed", fixed_interval_steps=2, warmup_round=False, hutchinson_batch_size=4)
     for with_probe in (True, False):
         torch.manual_seed(0)
@@ -259,7 +260,8 @@ def test_on_a_gpu_a_run_with_rounds_resumes_as_the_uninterrupted_run():
 def _one_hot_loop(model, probe, policy="fp32", lr=0.05, step_inside_autocast=False):
     """Trains ``model`` (4 inputs, 3 outputs) under MSE with rounds on ``probe`` at every decision; returns the
     controller."""
-    data = (torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 3))
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.randn(32, 4, generator=generator), torch.randn(32, 3, generator=generator))
     signals = SignalConfig(schedule="fixed", fixed_interval_steps=2, warmup_round=False, hutchinson_batch_size=4)
     ctl = ta.Controller(
         model,

@@ -432,12 +432,16 @@ def test_lr_range_out_of_bounds_is_refused(bad):
 
 def test_an_environment_pickles_before_its_first_reset():
     """Its task's model builder was a lambda, which pickle refuses (``SubprocVecEnv`` sends factories, so only code
-    that sends an environment itself met it)."""
+    that sends an environment itself met it). The copy runs as a fresh environment: the same observations and reward."""
     import pickle
 
-    env = pickle.loads(pickle.dumps(TriAccelEnv(task="synthetic", max_decisions=2)))
-    env.reset(seed=0)
-    assert np.isfinite(env.step(env.action_space.sample())[1])
+    unpickled = pickle.loads(pickle.dumps(TriAccelEnv(task="synthetic", max_decisions=2)))
+    fresh = TriAccelEnv(task="synthetic", max_decisions=2)
+    (reset_a, _), (reset_b, _) = unpickled.reset(seed=0), fresh.reset(seed=0)
+    action = np.array([1, 1, 1, 1, 3, 0])  # every group bf16, LR x1.25, batch halved: each knob moves
+    step_a, step_b = unpickled.step(action), fresh.step(action)
+    assert np.array_equal(reset_a, reset_b) and np.array_equal(step_a[0], step_b[0])
+    assert step_a[1] == step_b[1] and np.isfinite(step_a[1])
 
 
 def test_an_episodes_return_is_the_documented_formula_of_its_infos():

@@ -1602,8 +1602,9 @@ def test_a_map_set_inside_the_context_moves_its_region_to_the_maps_type() -> Non
     the same outputs, the same saved bytes; and the region as it was once the context closes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    lp = LayerPrecision(model, "cpu")
     x = torch.randn(32, 16)
+    plain = model(x)  # before any hook: fp32 as torch runs it
+    lp = LayerPrecision(model, "cpu")
     lp.set(["fp16"] * 3)
     with lp.context():
         reference_bytes = _saved_bytes(lambda: model(x))
@@ -1621,8 +1622,10 @@ def test_a_map_set_inside_the_context_moves_its_region_to_the_maps_type() -> Non
     with lp.context():  # and to all-fp32: the region off, as a context entered on it
         lp.set(["fp32"] * 3)
         assert not torch.is_autocast_enabled("cpu")
-        assert model(x).dtype == torch.float32
-    assert torch.equal(model(x), model(x))  # outside: plain fp32
+        inside = model(x)
+        assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    outside = model(x)
+    assert outside.dtype == torch.float32 and torch.equal(outside, plain)
 
 
 def test_a_map_set_between_a_checkpointed_forward_and_its_backward_is_recomputed_as_the_forward_ran() -> None:

@@ -66,12 +66,18 @@ def test_pretrained_predicts_valid_actions_on_the_env_observation():
     env = gym.make("TriAccel-v0", task="synthetic", config=ControllerConfig(interval_steps=2), max_decisions=3)
     policy = make_policy("pretrained", CONFIG, env.observation_space, env.action_space)
     observation, _ = env.reset(seed=0)
+    actions = []
     for _ in range(3):
         action, _ = policy.predict(observation, deterministic=True)
         assert env.action_space.contains(np.asarray(action)), action
+        actions.append(np.asarray(action).tolist())
         observation, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             break
+    # Inside its observation range (no fallback to the heuristic), the shipped policy's constant action (issue 6,
+    # MODEL_CARD.md): groups, most sensitive first, fp32, bf16, bf16, bf16; LR x1.5; batch kept.
+    assert isinstance(policy, FallbackPolicy) and policy.fallbacks == 0
+    assert actions == [[0, 1, 1, 1, 4, 1]] * 3
 
 
 def test_controller_takes_pretrained_by_name():

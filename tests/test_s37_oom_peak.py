@@ -51,10 +51,14 @@ def test_an_interval_split_at_an_evaluation_reads_only_the_steps_after_the_error
     loop = DecisionLoop(TrainingRun(task, seed=1, device="cpu"), _CONFIG)
     _half_the_device_from(loop.run, 2)
     loop.train_interval(max_steps=2)  # steps 0, 1: the old budget, whole batches
-    loop.train_interval()  # steps 2, 3: the error at step 2, micro-batches of 32 from there
-    assert loop.run.oom_events >= 1
+    # Steps 2, 3: an error at each. Step 2's 64 fails (the budget drops to the 64's prediction) and runs as 32 + 32;
+    # step 3 plans 45 under that budget, which fails too (the budget drops to the 45's), and runs as 22 + 22 + 20.
+    loop.train_interval()
+    run = loop.run
+    assert run.oom_events == 2 and run.last_micro_batches == [22, 22, 20]
     signals = loop.snapshot(progress=0.1)
-    assert signals.memory_budget_bytes == loop.run.memory_budget_bytes
-    whole_batch = loop.run.predicted_memory_bytes(64)  # the first piece's steps, under the old budget
+    assert signals.memory_budget_bytes == run.memory_budget_bytes == run.predicted_memory_bytes(45) == 113_664
+    whole_batch = run.predicted_memory_bytes(64)  # the first piece's steps, under the old budget
     assert signals.memory_budget_bytes < whole_batch
-    assert 0 < signals.memory_bytes <= signals.memory_budget_bytes  # the micro-batches' peak, not the 64's
+    # The peak of what ran after the last error: step 3's 22s, not step 2's 32s (104_824 bytes) nor the 64s.
+    assert signals.memory_bytes == run.predicted_memory_bytes(22) == 98_024

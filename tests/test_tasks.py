@@ -179,20 +179,28 @@ def test_readme_task_table_matches_the_registry() -> None:
 
 
 def test_the_models_are_what_the_descriptions_say() -> None:
-    """Layer sizes and widths as README and the descriptions spell them (MLP a-b-c, widths a-b-c, N-layer)."""
+    """Layer sizes and widths as README and the descriptions spell them (MLP a-b-c, N hidden layers of W, widths
+    a-b-c, N-layer); every pattern is found in some description, so none is checked in name only."""
+    matched: set[str] = set()
     for name, task in TASKS.items():
         model = task.build_model()
+        n_classes = 4 if "token sequences" in task.description else 10
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         mlp = re.search(r"MLP ([\d-]+)", task.description)
         if mlp:
+            matched.add("MLP a-b-c")
             sizes = [int(s) for s in mlp[1].split("-")]
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            assert [(m.in_features, m.out_features) for m in linears] == list(itertools.pairwise(sizes))
-        deep = re.search(r"(\d+)-layer MLP \(width (\d+)\)", task.description)
+            assert [(m.in_features, m.out_features) for m in linears] == list(itertools.pairwise(sizes)), name
+        deep = re.search(r"MLP with (\d+) hidden layers of (\d+) \((\d+) Linear layers\)", task.description)
         if deep:
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            assert len(linears) - 1 == int(deep[1]) and {m.out_features for m in linears[:-1]} == {int(deep[2])}
+            matched.add("MLP with N hidden layers")
+            n_hidden, width, n_linear = (int(group) for group in deep.groups())
+            sizes = [_one_input(task).shape[1], *[width] * n_hidden, n_classes]
+            assert len(linears) == n_linear, name
+            assert [(m.in_features, m.out_features) for m in linears] == list(itertools.pairwise(sizes)), name
         widths = re.search(r"widths ([\d-]+)", task.description)
         if widths:
+            matched.add("widths")
             expected = [int(w) for w in widths[1].split("-")]
             convs = [
                 m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1)
@@ -202,16 +210,27 @@ def test_the_models_are_what_the_descriptions_say() -> None:
             assert found == expected, name
         layers = re.search(r"(\d+)-layer Transformer encoder \(dim (\d+)\)", task.description)
         if layers:
+            matched.add("Transformer")
             assert len(model.encoder.layers) == int(layers[1]) and model.embed.embedding_dim == int(layers[2])
         stride2_stem = "stride-2 stem" in task.description
         stride1_stem = "stride-1 stem" in task.description
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if stride2_stem or stride1_stem:
+            matched.add("stride-2 stem" if stride2_stem else "stride-1 stem")
             assert first_conv is not None and first_conv.stride == ((2, 2) if stride2_stem else (1, 1)), name
         if "1-channel stem" in task.description or "Fashion-MNIST" in task.description:
+            matched.add("1-channel input")
             assert first_conv is None or first_conv.in_channels == 1, name
-        n_classes = 4 if "token sequences" in task.description else 10
         assert model(_one_input(task)).shape == (2, n_classes), name
+    assert matched == {
+        "MLP a-b-c",
+        "MLP with N hidden layers",
+        "widths",
+        "Transformer",
+        "stride-2 stem",
+        "stride-1 stem",
+        "1-channel input",
+    }
 
 
 def _one_input(task: Task) -> torch.Tensor:

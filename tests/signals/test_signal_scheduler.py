@@ -56,12 +56,11 @@ def test_adaptive_stays_within_budget_after_repaying_the_first_round() -> None:
     first = plans[0].n_microbatches * noise_ms + plans[0].n_probes * probe_ms
     # Never more than the allowance plus the one borrowed (first) round; and it spends most of it.
     assert scheduler.charged_round_ms <= allowance * scheduler.charged_train_ms + first
-    assert scheduler.round_overhead_frac == pytest.approx(allowance, rel=0.05)
+    assert scheduler.round_overhead_frac == pytest.approx(allowance, rel=1e-4)  # measured: 0.0149994
     # Rounds are sized to fit the allowance over target_interval_steps: 0.015 * 9 * 200 = 27 ms → (2, 1)'s 49 ms
-    # does not fit, so the smallest rung, every ~49 / (0.015 * 9) = 363 steps.
+    # does not fit, so the smallest rung, every 49 / (0.015 * 9) = 363 steps: 200_000 / 363 ≈ 551 rounds.
     assert {(p.n_microbatches, p.n_probes) for p in plans} == {LADDER[0]}
-    steps_per_round = scheduler.steps / len(plans)
-    assert steps_per_round == pytest.approx(49.0 / (allowance * step_ms), rel=0.1)
+    assert scheduler.steps == 200_000 and len(plans) == 551
 
 
 def test_adaptive_grows_rounds_when_steps_are_expensive() -> None:
