@@ -123,9 +123,10 @@ class StepEngine:
     otherwise the reference path runs. A group that turns ``amsgrad`` or ``maximize`` on later (a loaded state's, or
     set by hand) is refused at the load or the next step, naming the group. The trainable parameters are fixed when
     the engine is built: a param group added or removed later, a parameter added to a group or taken out of the
-    groups, a parameter unfrozen later, or a model moved or cast later is refused at the next step with the parameters
-    named, and on this path a parameter moved to another group too (it would keep its old group's LR and decay; the
-    reference path follows it, as ``torch.optim`` does). On both paths a held parameter frozen later
+    groups, a parameter moved to another group or a group's parameters reordered, a parameter unfrozen later, or a
+    model moved or cast later is refused at the next step with the parameters named (on this path a moved parameter
+    would keep its old group's LR and decay; on both, the rollback copy loads the optimizer state by position). On
+    both paths a held parameter frozen later
     (``requires_grad_(False)``) sits the steps out, its weights and optimizer state kept, as ``torch.optim`` leaves a
     parameter whose gradient ``zero_grad()`` set to ``None``; unfrozen again, it trains on.
     ``optimizer.step()`` is then never called, and the optimizer state
@@ -582,9 +583,10 @@ class StepEngine:
         gain given: the one the next step will set, during a warm-up) and, for a group with a ``"layer"`` key, that
         layer's factor in ``lr_factors``.
         """
-        multiplier = self.lr_scale * (self.batch_lr_gain if batch_lr_gain is None else batch_lr_gain)
+        multiplier = self._lr_scale * (self._batch_lr_gain if batch_lr_gain is None else batch_lr_gain)
+        factors = self._lr_factors  # once a call: the property makes a read-only view each time (a step, every group)
         return [
-            float(group["lr"]) * multiplier * (float(self.lr_factors[group["layer"]]) if "layer" in group else 1.0)
+            float(group["lr"]) * multiplier * (float(factors[group["layer"]]) if "layer" in group else 1.0)
             for group in self.optimizer.param_groups
         ]
 
@@ -1601,8 +1603,8 @@ class StepEngine:
         by ``optimizer.step()`` outside the controller: unclipped, unchecked for non-finite gradients (a NaN would
         reach the weights) and at no chosen precision. A group removed, or a parameter taken out of the groups, would be
         trained on by the fused step, and on the reference path still be counted in the statistics and the clip. Both
-        paths refuse these alike, before anything is updated; a parameter moved to another group, the fused path only
-        (:meth:`_check_group_params`).
+        paths refuse these alike, before anything is updated, and a parameter moved to another group or a group
+        reordered too (:meth:`_check_group_params`).
         """
         # One tuple of ids a group, compared whole: 5 us a step at 100 parameters in one group, 14 us in 50 groups, on a
         # CPU (the groups' lengths alone would miss two parameters swapped between groups)
@@ -1622,12 +1624,10 @@ class StepEngine:
         """Raises a ValueError for a change to the param groups' parameters that the engine cannot follow.
 
         Refused on both paths: a group added or removed, a parameter added to a group or taken out of all of them, and
-        one listed twice (``torch.optim`` would update it twice; its ``add_param_group`` refuses that). A parameter
-        moved to another group is refused on the fused path only, which laid out each layer's LR share and weight-decay
-        segment by the groups it was built with and would go on applying the old group's. The reference path's
-        ``optimizer.step()`` follows the groups, and the engine reads their LRs and ``"layer"`` keys at each step, so
-        there it trains on as ``torch.optim`` would. What is taken (that, or a group's parameters reordered) is
-        recorded: the next step's check is the quick one again.
+        one listed twice (``torch.optim`` would update it twice; its ``add_param_group`` refuses that), a parameter
+        moved to another group or a group's parameters reordered: the fused step laid out each layer's LR share and
+        weight-decay segment by the groups it was built with, the statistics read each parameter's betas by its group
+        as built, and the shield's rollback copy is the optimizer's ``state_dict``, which torch loads by position.
         """
         groups = self.optimizer.param_groups
         names = self._names_by_id()
@@ -1678,7 +1678,16 @@ class StepEngine:
                 f"{[found[id(p)][1] for p in twice[:5]]}): torch.optim would update one once per listing; list each "
                 "once"
             )
-        moved = [p for p in self._params if found[id(p)][1][0] != self._group_index[id(p)]] if self.fused else []
+        # What is left is a move or a reorder. Both paths hold each parameter by the group and place it was built with:
+        # the fused step's LR shares and decay segments, the statistics' betas (_group), and the shield's rollback
+        # copy, the optimizer's state_dict, which torch loads by position (after a move the load raised; after a
+        # reorder the moments went to other parameters of the same shape, silently).
+        why = (
+            "the controller holds each parameter by the param group and place it was built with (the fused step's LR "
+            "and weight decay, the statistics, and the shield's rollback copy of the optimizer state, which torch "
+            f"loads by position): arrange the param groups before building the controller, or {later_stage}"
+        )
+        moved = [p for p in built.values() if found[id(p)][1][0] != self._group_index[id(p)]]
         if moved:
             moves = [
                 f"{names.get(id(p), tuple(p.shape))} from group {self._group_index[id(p)]} to {found[id(p)][1][0]}"
@@ -1686,11 +1695,14 @@ class StepEngine:
             ]
             raise ValueError(
                 f"parameters moved to other param groups after the controller was built: {', '.join(moves[:5])}"
-                f"{' ...' if len(moves) > 5 else ''}. The fused step laid out each layer's LR and weight decay by the "
-                f"groups it was built with, and would go on applying the old group's: pass fused=False (the reference "
-                f"path follows the groups), or {later_stage}"
+                f"{' ...' if len(moves) > 5 else ''}; {why}"
             )
-        self._group_params = tuple(tuple(map(id, group["params"])) for group in groups)
+        reordered = [
+            index for index, group in enumerate(groups) if tuple(map(id, group["params"])) != self._group_params[index]
+        ]
+        raise ValueError(
+            f"the parameters of param groups {reordered} were reordered after the controller was built; {why}"
+        )
 
     def _zero_unstored_gradients(self) -> None:
         """Zeros, in place, the gradients of the optimizer's parameters outside the fused store (a step that raised).
