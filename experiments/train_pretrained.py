@@ -78,6 +78,9 @@ class Args:
     """Teacher decisions imitated by ``--warm-start`` (not counted in ``--timesteps``)."""
     warm_start_epochs: int = 200
     """Passes of the imitation over those decisions (``triaccel_rl.rl.imitate``)."""
+    warm_start_lr: float = 0.0
+    """The imitation's own Adam step size, leaving PPO's optimizer untouched (PPO starts at ``--learning-rate`` with no
+    moments); 0: the imitation steps PPO's optimizer at ``--learning-rate``, as the shipped policy's command did."""
     run_dir: str = "runs/pretrained"
     """Folder for the policy, checkpoints, evaluations and TensorBoard (``tensorboard --logdir``); with ``--smoke``,
     the default is replaced by a new temporary folder."""
@@ -168,6 +171,7 @@ def main(args: Args) -> dict[str, Any]:
             warm_start=args.warm_start or None,
             warm_start_steps=args.warm_start_steps,
             warm_start_epochs=args.warm_start_epochs,
+            warm_start_learning_rate=args.warm_start_lr or None,
             compute_bound=args.compute_bound,
             lr_range=_lr_range(args),
         )
@@ -232,6 +236,12 @@ def _command(facts: dict[str, Any]) -> str:
             " (recorded when the imitation's 20 passes were fixed; to reproduce it today add `--warm-start-epochs 20`)"
         )
     return command
+
+
+def _warm_start_rate(warm_start: dict[str, Any]) -> str:
+    """The imitation's own step size, where it had one (a record without it stepped PPO's optimizer at PPO's rate)."""
+    rate = warm_start.get("learning_rate")
+    return "" if rate is None else f", Adam at `learning_rate={rate:g}` of its own"
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -342,7 +352,8 @@ def model_card(facts: dict[str, Any], spread: ActionSpread | None = None, policy
                                       f"{settings['budget_intervals']:g} reference intervals)"),
         ("warm start", "none (PPO from scratch)" if not facts.get("warm_start") else
                        f"imitation of `{facts['warm_start']['teacher']}` on {facts['warm_start']['decisions']} of its "
-                       f"decisions before PPO (`triaccel_rl.rl.imitate`; afterwards the deterministic policy matched "
+                       f"decisions before PPO (`triaccel_rl.rl.imitate`{_warm_start_rate(facts['warm_start'])}; "
+                       "afterwards the deterministic policy matched "
                        f"{_percent(facts['warm_start']['agreement'])} of them in every component)"),
         ("seeds", f"PPO seed {settings['seed']}; worker `i`'s `k`-th task seeded "
                   f"`{settings['seed']} + k * {settings['n_envs']} + i`"),

@@ -54,7 +54,7 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
     return re.sub(rf"{after}({names})=", lambda m: f"--{flags[m.group(1)].replace('_', '-')} ", message)
 
 
-_LIBRARY_NAMES = {"total_timesteps": "timesteps"}
+_LIBRARY_NAMES = {"total_timesteps": "timesteps", "warm_start_learning_rate": "warm_start_lr"}
 """The library's names for arguments whose flag is named otherwise (``train_policy(total_timesteps=...)``)."""
 
 
@@ -265,6 +265,28 @@ def _parser() -> argparse.ArgumentParser:
         help="PPO's Adam step size, > 0 (default 3e-4; --resume: the policy's own)",
     )
     train.add_argument("--seed", type=int, default=0, help="seeds PPO and the environments (default %(default)s)")
+    train.add_argument(
+        "--warm-start",
+        default=None,
+        help="a policy whose decisions PPO's policy first imitates, e.g. heuristic (default: none, PPO from scratch; "
+        "ignored with --resume)",
+    )
+    train.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=None,
+        help="teacher decisions imitated by --warm-start, not counted in --timesteps (default 512)",
+    )
+    train.add_argument(
+        "--warm-start-epochs", type=int, default=None, help="passes of the imitation over those decisions (default 200)"
+    )
+    train.add_argument(
+        "--warm-start-lr",
+        type=float,
+        default=None,
+        help="the imitation's own Adam step size, > 0, leaving PPO's optimizer untouched (default: PPO's optimizer, "
+        "at --learning-rate)",
+    )
     train.add_argument(
         "--out",
         default="runs/policy.zip",
@@ -510,6 +532,12 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
     _file_to_write("--out", args.out, example="policy.zip")
     if args.log_dir:
         _folder_to_write("--log-dir", args.log_dir)
+    # Left out, train_policy's own defaults (512 decisions, 200 passes): it takes no None for them
+    warm_sizes = {
+        name: value
+        for name, value in (("warm_start_steps", args.warm_start_steps), ("warm_start_epochs", args.warm_start_epochs))
+        if value is not None
+    }
     return train_policy(
         tasks,
         total_timesteps=args.timesteps,
@@ -531,6 +559,9 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
         resume=args.resume,
         progress_bar=not args.no_progress,
         torch_threads=args.torch_threads,
+        warm_start=args.warm_start,
+        warm_start_learning_rate=args.warm_start_lr,
+        **warm_sizes,
     )
 
 

@@ -314,17 +314,37 @@ def action_spread(policy: Any, stats: ObservationStats, samples: int = 2048, see
 
 
 def imitate(
-    model: Any, venv: Any, teacher: Any, n_steps: int, epochs: int = 200, batch_size: int = 64, gamma: float = 0.99
+    model: Any,
+    venv: Any,
+    teacher: Any,
+    n_steps: int,
+    epochs: int = 200,
+    batch_size: int = 64,
+    gamma: float = 0.99,
+    learning_rate: float | None = None,
 ) -> dict[str, float]:
     """Warm start: fits ``model``'s policy to ``teacher``'s actions (and its value net to their returns).
 
     Runs ``teacher`` (any policy with ``predict``, e.g. the heuristic) for ``n_steps`` decisions summed over
     ``venv``'s environments, then minimises the negative log-likelihood of the teacher's actions and the
     squared error of the value net against the discounted returns (episodes cut by the rollout end are
-    bootstrapped from zero) for ``epochs`` passes, with the model's own optimizer. Fitting is cheap beside
-    collecting (1024 decisions: about 6 s for 200 passes against minutes in the environments); 20 passes (the
-    default until 2026-12-02) fit only the teacher's most frequent action, and the policy shipped then was a
-    constant.
+    bootstrapped from zero) for ``epochs`` passes. Fitting is cheap beside collecting (1024 decisions: about 6 s
+    for 200 passes against minutes in the environments); 20 passes (the default until 2026-12-02) fit only the
+    teacher's most frequent action, and the policy shipped then was a constant.
+
+    Args:
+        model: the SB3 PPO model whose ``policy`` is fitted, in place.
+        venv: the vectorised environments the teacher decides in (``reset``, ``step``, ``num_envs``).
+        teacher: the policy imitated (``predict``).
+        n_steps: teacher decisions to imitate, summed over the environments.
+        epochs: passes over those decisions.
+        batch_size: decisions per gradient step.
+        gamma: the discount of the returns the value net is fitted to.
+        learning_rate: the fit's step size, a finite number > 0: a fresh optimizer of the model's kind and settings
+            (SB3's Adam, ``eps=1e-5``) at this rate, so the model's own optimizer (PPO's: its rate and moments) is
+            left as it was. None: the fit steps the model's own optimizer at its rate, and PPO's updates then start
+            from the fit's Adam moments (20 passes at SB3's 3e-4 fit 55% of the shipped recipe's teacher decisions,
+            at 3e-3 98.5%).
 
     Returns:
         ``{"decisions": ..., "nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass: ``decisions``
@@ -333,6 +353,11 @@ def imitate(
     """
     import torch
 
+    if learning_rate is not None and not (is_finite_real(learning_rate) and learning_rate > 0):
+        raise ValueError(
+            f"learning_rate={learning_rate!r} must be a finite number > 0, the imitation's own Adam step size (or "
+            "None: the model's optimizer, at its rate)"
+        )
     observations, actions, rewards, dones = [], [], [], []
     obs = venv.reset()
     for _ in range(max(1, n_steps // venv.num_envs)):
@@ -352,15 +377,22 @@ def imitate(
     obs_t = torch.as_tensor(np.concatenate(observations), dtype=torch.float32)
     act_t = torch.as_tensor(np.concatenate(actions), dtype=torch.long)
     ret_t = torch.as_tensor(returns.reshape(-1), dtype=torch.float32)
+    # At a rate of its own, PPO's optimizer is not stepped: PPO starts at its own rate with no moments, as without a
+    # warm start. The same kind and settings as PPO's, so the fit at PPO's rate steps as the model's optimizer would.
+    optimizer = (
+        policy.optimizer
+        if learning_rate is None
+        else policy.optimizer_class(policy.parameters(), lr=float(learning_rate), **policy.optimizer_kwargs)
+    )
     generator = torch.Generator().manual_seed(0)
     policy.set_training_mode(True)
     for _ in range(epochs):
         for index in torch.randperm(len(obs_t), generator=generator).split(batch_size):
             values, log_prob, _ = policy.evaluate_actions(obs_t[index], act_t[index])
             loss = -log_prob.mean() + 0.5 * torch.nn.functional.mse_loss(values.flatten(), ret_t[index])
-            policy.optimizer.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            policy.optimizer.step()
+            optimizer.step()
     policy.set_training_mode(False)
     with torch.no_grad():
         values, log_prob, _ = policy.evaluate_actions(obs_t, act_t)
@@ -398,6 +430,7 @@ def train_policy(
     warm_start: str | None = None,
     warm_start_steps: int = 512,
     warm_start_epochs: int = 200,
+    warm_start_learning_rate: float | None = None,
     **env_kwargs: Any,
 ) -> Path:
     """Trains PPO on ``tasks`` and saves the policy zip and its observation stats; returns the zip's path.
@@ -418,8 +451,8 @@ def train_policy(
         ent_coef: PPO's entropy bonus, a finite number >= 0 (None: SB3's 0.0, or with ``resume`` the resumed
             policy's): it holds the action probabilities away from one action.
         learning_rate: the Adam step size of PPO's updates, a finite number > 0 (None: SB3's 3e-4, or with
-            ``resume`` the resumed policy's). A warm start's imitation runs at it too (``imitate`` uses the model's
-            optimizer): 20 passes at 3e-4 fit 55% of the shipped recipe's teacher decisions, at 3e-3 98.5%.
+            ``resume`` the resumed policy's). A warm start's imitation runs at it too unless
+            ``warm_start_learning_rate`` is given.
         seed: seeds PPO and the environments, in ``[0, 2**32 - 1]`` (a resumed run: ``seed`` plus the steps it has
             trained, modulo ``2**32``, so that it draws episodes the first run did not); worker ``i``'s ``k``-th task
             draws from ``seed + k * n_envs + i`` (:func:`make_env_fns`); every held-out evaluation runs the episodes of
@@ -479,6 +512,10 @@ def train_policy(
             beside ``out``; a new run (no ``resume``) moves an earlier run's ``warm_start.json`` there to
             ``warm_start_replaced_after_0_steps.json`` (``_2``, ... likewise), with a warning; a resumed run keeps it.
         warm_start_epochs: passes of :func:`imitate` over the teacher's decisions.
+        warm_start_learning_rate: the imitation's own Adam step size, a finite number > 0 (recorded in
+            ``warm_start.json``): PPO's optimizer is left untouched, so PPO starts at ``learning_rate`` with no
+            moments. None: the imitation steps PPO's optimizer at ``learning_rate`` (20 passes at 3e-4 fit 55% of the
+            shipped recipe's teacher decisions, at 3e-3 98.5%), and PPO starts from the fit's moments.
         env_kwargs: passed to every ``TriAccel-v0``.
 
     Interrupted (``KeyboardInterrupt``, Ctrl-C), it saves a checkpoint as above of the last update's weights (the
@@ -521,6 +558,13 @@ def train_policy(
         raise ValueError(f"ent_coef={ent_coef!r} must be a finite number >= 0 (PPO's entropy bonus; 0: none)")
     if learning_rate is not None and not (is_finite_real(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate={learning_rate!r} must be a finite number > 0 (PPO's Adam step size)")
+    if warm_start_learning_rate is not None and not (
+        is_finite_real(warm_start_learning_rate) and warm_start_learning_rate > 0
+    ):
+        raise ValueError(
+            f"warm_start_learning_rate={warm_start_learning_rate!r} must be a finite number > 0, the warm start's own "
+            "Adam step size (or None: PPO's optimizer, at learning_rate)"
+        )
     # Given anew for a resumed policy, they replace its own; otherwise it keeps them.
     hyper: dict[str, Any] = {k: v for k, v in (("n_steps", n_steps), ("batch_size", batch_size)) if v is not None}
     # Floats, as a new policy's: a Fraction failed in PPO's loss, a NumPy float was saved as one.
@@ -864,7 +908,14 @@ def train_policy(
                 if oracle:  # the heuristic's moves, the LR from the episode's known mistuning
                     teacher = LrOracleTeacher(teacher, venv, teacher_config.lr_scales, teacher_config.n_groups)
                 try:
-                    fit = imitate(model, venv, teacher, warm_start_steps, epochs=warm_start_epochs)
+                    fit = imitate(
+                        model,
+                        venv,
+                        teacher,
+                        warm_start_steps,
+                        epochs=warm_start_epochs,
+                        learning_rate=warm_start_learning_rate,
+                    )
                 except KeyboardInterrupt:
                     # Nothing is kept: the weights are PPO's initial ones (while the teacher's decisions are collected,
                     # the slow part) or a fit cut short, and a run resumed from them would skip the warm start. Said
@@ -878,6 +929,8 @@ def train_policy(
                     raise
                 # "decisions" from the fit: those imitated (3 asked of 2 environments imitated 2, and 3 was recorded)
                 warm_record = {"teacher": warm_start, "epochs": warm_start_epochs, **fit}
+                if warm_start_learning_rate is not None:  # absent: PPO's optimizer, at PPO's learning rate
+                    warm_record["learning_rate"] = float(warm_start_learning_rate)
         # The TensorBoard run is chosen here, not by SB3: a resumed SB3 model goes on writing the newest run in
         # log_dir, which may be another policy's (its points past the resumed step were then hidden by the purge mark).
         run: Path | None = None
