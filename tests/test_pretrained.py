@@ -100,7 +100,7 @@ def test_controller_takes_pretrained_by_name():
     assert seen == len(y)
     assert len(ctl.decisions) == ctl.steps // 2 and ctl.steps >= 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_loading_the_pretrained_policy_keeps_the_global_random_generators():
