@@ -46,7 +46,7 @@ from torch._dynamo.utils import counters
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 from triaccel_rl.tasks import get_task, task_names
 
 ROWS = (
@@ -131,7 +131,7 @@ def main(args: Args) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": command_line("experiments/bench_compile.py", args),
         "args": asdict(args),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),

@@ -44,7 +44,7 @@ from torch import nn
 from triaccel_rl.compare import json_safe
 from triaccel_rl.config import ElasticConfig, MemoryBudget
 from triaccel_rl.elastic import find_batch_size, inject_oom
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 from triaccel_rl.models import SmallResNet
 from triaccel_rl.tasks import Task, TaskData
 from triaccel_rl.training import TrainingRun
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         output = file_to_write("--output", args.output, example="elastic_batch.json")
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine()
     print(f"device {device_name}, torch {torch.__version__}, ResNet-18 width {args.width}, bf16")
 
     finder = find_largest_batch(args, device)

@@ -56,7 +56,7 @@ from triaccel_rl.kernels import (
 from triaccel_rl.kernels._common import GPU_LAUNCH_CONFIGS
 
 from triaccel_rl.compare import json_safe
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 
 LayerShapes = list[list[tuple[int, ...]]]
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine()
     launch = {kernel: config for kernel, config in GPU_LAUNCH_CONFIGS.items() if kernel != "cast"}
     print(f"device {device_name}, torch {torch.__version__}, default (block_size, num_warps): {launch}")
     if args.block_size or args.num_warps:

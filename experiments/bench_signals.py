@@ -80,7 +80,7 @@ if importlib.util.find_spec("triaccel_rl") is None:  # a checkout without `pip i
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.compare import json_safe
 from triaccel_rl.engine import GradStats, StepEngine
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 from triaccel_rl.models import SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector, SignalConfig, SignalMode
@@ -774,7 +774,7 @@ def engine_without_hooks(workload: Workload, device: torch.device) -> StepEngine
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine()
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:

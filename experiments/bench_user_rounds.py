@@ -31,7 +31,7 @@ import torch
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 from triaccel_rl.tasks import Task, get_task, task_names
 from triaccel_rl.types import Precision
 
@@ -77,7 +77,7 @@ def main(args: Args) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": command_line("experiments/bench_user_rounds.py", args),
         "args": asdict(args),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),

@@ -44,7 +44,7 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
-from triaccel_rl.experiment import away_from_results, command_line, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
 from triaccel_rl.tasks import get_task, task_names
@@ -296,7 +296,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         raise SystemExit("this benchmark needs a CUDA GPU (use --smoke for a CPU check)")
     torch.backends.cudnn.benchmark = True
     meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "commit": git_commit(),
         "command": command,

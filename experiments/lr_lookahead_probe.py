@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from triaccel_rl.experiment import command_line, file_to_write, git_commit, parse_args, parse_floats
+from triaccel_rl.experiment import command_line, cpu_machine, file_to_write, git_commit, parse_args, parse_floats
 
 
 @dataclass
@@ -299,7 +299,7 @@ def main(args: Args) -> dict[str, Any]:
         "args": asdict(args),
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "device": cpu_machine() if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "wall_s": time.perf_counter() - start,
         **summary,

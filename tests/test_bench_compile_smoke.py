@@ -8,6 +8,7 @@ import pytest
 from experiment_scripts import import_experiment, strict_json
 from torch import nn
 
+from triaccel_rl.experiment import cpu_machine
 from triaccel_rl.tasks import get_task
 
 
@@ -23,7 +24,7 @@ def test_every_row_trains_and_the_compiled_rows_compile_once(bench_compile, tmp_
     from triaccel_rl.compare import json_safe
 
     assert json.loads(out.read_text()) == json_safe(result)
-    assert result["device"] == "cpu" and result["commit"] and result["date"].startswith("20")
+    assert result["device"] == cpu_machine() and result["commit"] and result["date"].startswith("20")
     # The command that gave these rows (it was the caller's argv: pytest's here)
     assert result["command"].startswith("python experiments/bench_compile.py --rows") and str(out) in result["command"]
     rows = {r["row"]: r for r in result["rows"]}

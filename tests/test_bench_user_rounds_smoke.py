@@ -5,6 +5,8 @@ import json
 import pytest
 from experiment_scripts import import_experiment
 
+from triaccel_rl.experiment import cpu_machine
+
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
@@ -17,7 +19,7 @@ def test_both_rows_train_and_only_the_probe_row_prepares_rounds(bench, tmp_path)
     from triaccel_rl.compare import json_safe
 
     assert json.loads(out.read_text()) == json_safe(result)
-    assert result["device"] == "cpu" and result["command"].startswith("python experiments/bench_user_rounds.py")
+    assert result["device"] == cpu_machine() and result["command"].startswith("python experiments/bench_user_rounds.py")
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == list(bench.ROWS)
     plain, probed = rows["heuristic"], rows["heuristic-probe"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from experiment_scripts import import_experiment, strict_json
 
-from triaccel_rl.experiment import parse_args
+from triaccel_rl.experiment import cpu_machine, parse_args
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_benchmark.py"
 ROW_FIELDS = {"model", "controller", "seeds", "time_to_target_s", "final_acc", "peak_bytes", "overhead_frac"}
@@ -41,7 +41,7 @@ def test_benchmark_smoke_writes_rows_plots_and_merges(tmp_path):
         assert ROW_FIELDS <= set(row)
         assert set(row["time_to_target_s"]) == {"mean", "per_seed"}
         assert (row["peak_bytes"] > 0 or row["controller"].startswith("plain")) and 0 <= row["overhead_frac"] < 1
-        assert row["device"] == "cpu" and row["command"].startswith("python experiments/gpu_benchmark.py")
+        assert row["device"] == cpu_machine() and row["command"].startswith("python experiments/gpu_benchmark.py")
         # Runs again as recorded: the flags quoted (a joined argv wrote "--plots  --out" for an empty path) and the
         # paths as given, not a --smoke run's temporary ones
         words = shlex.split(row["command"])

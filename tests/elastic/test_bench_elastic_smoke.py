@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from triaccel_rl.experiment import cpu_machine
+
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_elastic.py"
 FIELDS = {
     "device", "budget_bytes", "peak_bytes", "budget_use_frac", "oom_events", "samples_seen", "samples_expected",
@@ -26,7 +28,7 @@ def test_smoke_run_passes_its_checks_and_writes_the_fields(tmp_path: Path) -> No
     assert completed.returncode == 0, f"benchmark failed:\n{completed.stdout}\n{completed.stderr}"
     result = json.loads(output.read_text())
     assert FIELDS <= result.keys(), f"missing {FIELDS - result.keys()}"
-    assert result["device"] == "cpu"
+    assert result["device"] == cpu_machine()  # one torch thread here (tests/elastic/conftest.py) as in --smoke
     # A command that runs again from the repository root (it was the bare script name and the joined argv)
     assert result["command"] == f"python experiments/bench_elastic.py --smoke --output {output}"
     assert set(result["checks"].values()) == {"PASS"}

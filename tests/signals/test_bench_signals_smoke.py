@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from triaccel_rl.experiment import cpu_machine
+
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_signals.py"
 FIELDS = {
     "device", "model", "step_ms_base", "step_ms_cheap", "step_ms_all", "overhead_all_frac", "overhead_cheap_frac",
@@ -22,6 +24,8 @@ FIELDS = {
 def _run_smoke(output: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     """Runs the benchmark with ``--smoke`` and ``flags`` into ``output``; fails the test on a non-zero exit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by tests/conftest.py
+    # One torch thread, as the test itself runs (tests/signals/conftest.py): the rows' device names the threads
+    env["OMP_NUM_THREADS"] = "1"
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", *flags, "--output", str(output)],
         capture_output=True,
@@ -47,7 +51,7 @@ def test_smoke_run_writes_rows_and_keeps_other_devices(tmp_path: Path) -> None:
     for row in measured:
         missing = FIELDS - row.keys()
         assert not missing, f"row lacks {missing}"
-        assert row["device"] == "cpu"
+        assert row["device"] == cpu_machine()
         for key in ("step_ms_base", "step_ms_cheap", "step_ms_all", "step_ms_engine_sync"):
             assert row[key] > 0, f"{key} = {row[key]}"
         assert row["last_round"] is not None  # the all configuration ran at least one estimator round
@@ -123,7 +127,7 @@ def test_a_region_that_queues_device_work_counts_the_larger_of_its_host_and_devi
 
 def test_smoke_run_through_the_engine_records_the_steps_own_statistics(tmp_path: Path) -> None:
     output = tmp_path / "signals_overhead.json"
-    plain = {"device": "cpu", "model": "cnn-fmnist", "path": "plain", "step_ms_base": 1.0}
+    plain = {"device": cpu_machine(), "model": "cnn-fmnist", "path": "plain", "step_ms_base": 1.0}
     output.write_text(json.dumps([plain]))
     _run_smoke(output, "--engine", "--models", "cnn-fmnist")
     rows = json.loads(output.read_text())
