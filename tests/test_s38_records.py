@@ -50,11 +50,16 @@ def _experiment_module_at(package: Path) -> ModuleType:
     return module
 
 
+def _without_commit_env(monkeypatch) -> None:
+    """No ``$COMMIT`` / ``$TRIACCEL_COMMIT``: git_commit() reads the checkout."""
+    for name in ("COMMIT", "TRIACCEL_COMMIT"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @needs_git
 def test_git_commit_ignores_a_repository_the_package_is_installed_inside(tmp_path, monkeypatch):
     """A copy installed in a venv inside the user's own git project recorded that project's commit, "+dirty" with it."""
-    for name in ("COMMIT", "TRIACCEL_COMMIT"):
-        monkeypatch.delenv(name, raising=False)
+    _without_commit_env(monkeypatch)
     project = tmp_path / "userproj"
     project.mkdir()
     (project / ".gitignore").write_text(".venv/\n")
@@ -71,8 +76,7 @@ def test_git_commit_ignores_a_repository_the_package_is_installed_inside(tmp_pat
 @needs_git
 def test_git_commit_reads_the_checkout_that_holds_the_package(tmp_path, monkeypatch):
     """The package at the top of its own checkout gets that checkout's commit, inside another repository too."""
-    for name in ("COMMIT", "TRIACCEL_COMMIT"):
-        monkeypatch.delenv(name, raising=False)
+    _without_commit_env(monkeypatch)
     outer = tmp_path / "outer"
     outer.mkdir()
     (outer / "other.txt").write_text("x\n")

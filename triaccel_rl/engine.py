@@ -1749,9 +1749,7 @@ class StepEngine:
                 after = self._unheld_overflow()
                 if after is not None:
                     unheld_overflow = after if unheld_overflow is None else unheld_overflow | after
-            factors = self._layer_base * np.where(
-                self._factor_keyed, np.asarray(self.lr_factors)[self._factor_take], 1.0
-            )
+            factors = self._layer_base * np.where(self._factor_keyed, self._lr_factors[self._factor_take], 1.0)
             # Compared as the kernel reads them: under a scheduler, groups of different LRs keep their float32
             # ratio while the float64 one wobbles in its last bits (a copy on half the steps). The copy, when due,
             # goes through pinned memory, as set_log_betas does: from pageable memory it waited for the GPU.
