@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_exec_obs_s35 import _lr_target  # an executor's target with only an LR to set
+from test_executor_observation_decode import _lr_target  # an executor's target with only an LR to set
 
 from triaccel_rl.actions import encode
 from triaccel_rl.compare import RunResult
