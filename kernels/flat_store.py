@@ -24,7 +24,7 @@ from triaccel_rl.kernels.cast import cast_to_low_precision
 
 from triaccel_rl.errors import DetachedParametersError
 
-__all__ = ["DetachedParametersError", "FlatParameterStore"]
+__all__ = ["DetachedParametersError", "FlatParameterStore", "check_apart", "is_dense"]
 
 
 class FlatParameterStore:
@@ -162,7 +162,7 @@ class FlatParameterStore:
                     f"parameters must be dense (contiguous or channels-last), got strides {p.stride()} "
                     f"for shape {tuple(p.shape)}"
                 )
-        _check_apart(all_params)
+        check_apart(all_params)
 
         self.segment_align = segment_align
         self.device: torch.device = devices.pop()
@@ -486,7 +486,7 @@ def is_dense(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _check_apart(params: Sequence[torch.Tensor]) -> None:
+def check_apart(params: Sequence[torch.Tensor]) -> None:
     """Raises a ValueError when two parameters share memory (views of one tensor that overlap).
 
     Each gets its own place in the flat buffers, so such parameters would stop sharing their elements: an update of

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from triaccel_rl.cli import main
+from triaccel_rl.experiment import cpu_machine
 from triaccel_rl.tasks import TASKS
 from triaccel_rl.types import Precision
 
@@ -99,7 +100,7 @@ def test_compare_writes_table_json_and_tensorboard(tmp_path, capsys):
     assert "| vs static-fp32 (time / to target) |" in printed  # the reference row, by default fp32's
     assert payload["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)"
     # The row the ratios are to, and where the runs trained (the file said neither before).
-    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("static-fp32", "cpu")
+    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("static-fp32", cpu_machine())
     # What the times to target were measured against, and what trained (the task name alone, before: a target
     # recalibrated since could not be told)
     task = TASKS["synthetic"]
@@ -370,7 +371,7 @@ def test_the_runs_before_a_failure_are_kept_in_a_partial_file(tmp_path, capsys, 
     kept = json.loads(partial.read_text())
     assert kept["meta"]["complete"] is False and [run["controller"] for run in kept["runs"]] == ["static-fp32"]
     # how its times were measured and where: the only record of a failed comparison lacked them
-    assert kept["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)" and kept["meta"]["device"] == "cpu"
+    assert kept["meta"]["time_mode"] == "time (s, modelled NVIDIA H200)" and kept["meta"]["device"] == cpu_machine()
     # the reference row ran: its ratios are there (meta named it, and every row's ratio was None)
     assert kept["meta"]["reference"] == "static-fp32" and kept["rows"][0]["time_ratio"] == 1.0
     monkeypatch.setattr(triaccel_rl.compare, "run_controller", real)
@@ -500,7 +501,7 @@ def test_compare_runs_a_users_plain_loop_beside_the_controllers(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| plain-fp32 |" in printed and "| static-fp32 |" in printed
     payload = json.loads((tmp_path / "r.json").read_text())
-    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("plain-fp32", "cpu")  # as --reference named
+    assert (payload["meta"]["reference"], payload["meta"]["device"]) == ("plain-fp32", cpu_machine())  # --reference
     rows = {row["controller"]: row for row in payload["rows"]}
     static, plain = rows["static-fp32"], rows["plain-fp32"]
     assert static["time_ratio"] == static["time_s_mean"] / plain["time_s_mean"]  # against the plain row

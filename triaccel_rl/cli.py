@@ -596,13 +596,18 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _device_name(device: str | None) -> str:
-    """Where the runs trained, for the results: ``cpu``, or the GPU's name (as ``gpu_benchmark.py`` writes it)."""
+    """Where the runs trained, for the results: the GPU's name (as ``gpu_benchmark.py`` writes it), or the CPU's.
+
+    On a CPU, ``experiment.cpu_machine()``'s model, cores and torch threads: they set a CPU run's rounding, and two
+    hosts that both read "cpu" gave final accuracies half a point apart (2026-12-07).
+    """
     import torch
 
+    from triaccel_rl.experiment import cpu_machine
     from triaccel_rl.training import resolve_device
 
     resolved = resolve_device(device)
-    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else str(resolved)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_machine()
 
 
 def _modelled(args: argparse.Namespace) -> bool:

@@ -2022,12 +2022,12 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
     devices = {p.device for params in layer_params for p in params}
     if len(devices) > 1:  # a model split across GPUs: the flat store holds one device's parameters
         return f"parameters are on several devices: {sorted(map(str, devices))}"
-    from triaccel_rl.kernels.flat_store import _check_apart, is_dense  # the kernels package loads Triton: import late
+    from triaccel_rl.kernels.flat_store import check_apart, is_dense  # the kernels package loads Triton: import late
 
     if any(p.dtype != torch.float32 or not is_dense(p) for params in layer_params for p in params):
         return "parameters must be dense (contiguous or channels-last) float32"
     try:  # two parameters over one memory (not one tied parameter): the flat store, which the reference path does
-        _check_apart([p for params in layer_params for p in params])  # not need, would give each its own
+        check_apart([p for params in layer_params for p in params])  # not need, would give each its own
     except ValueError as error:
         return str(error)
     try:  # values torch.optim takes and the fused step refuses (AdamW's eps=0, SGD's dampening > 1)
