@@ -301,7 +301,8 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
     assert fresh.steps == 0 and fresh._resume is None  # nothing of it was loaded (it raised a KeyError half-way)
     with pytest.raises(ValueError, match=r"is the dict Controller\.state_dict"):
         fresh.load_state_dict([("format", 1)])
-    assert set(state) == {"format", "rollbacks_in_a_row", *controller_module._CHECKPOINT_KEYS}  # optional: 0 if absent
+    # optional: rollbacks_in_a_row reads 0 if absent, and a checkpoint without its policy loads unchecked
+    assert set(state) == {"format", "rollbacks_in_a_row", "policy", *controller_module._CHECKPOINT_KEYS}
     with pytest.raises(ValueError, match="made with the fused step, before its state was also saved"):
         build()[2].engine.load_state_dict({**state["engine"], "fused": True})
     with pytest.raises(ValueError, match="the checkpoint has 2 layers; this model has 3"):

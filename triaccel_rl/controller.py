@@ -49,7 +49,7 @@ from triaccel_rl.memory import (
     device_capacity_bytes,
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.policies import make_policy, run_without_bf16
+from triaccel_rl.policies import HEURISTIC_NAMES, STATIC_PRESETS, make_policy, run_without_bf16
 from triaccel_rl.shield import BufferCheck, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
@@ -197,6 +197,7 @@ class Controller:
                 f"policy {policy!r} is a compare baseline that searches its batch on a TrainingRun; in your own "
                 "loop, pass the batch to loader() and use a static policy ('fp32', 'bf16', 'fp16')"
             )
+        self._policy_identity = _policy_identity(policy, self.policy, self.config)  # a checkpoint's, to compare
         if getattr(self.policy, "needs_lr_factors", False) and not self.config.signals.lr_factors:
             self.config = replace(self.config, signals=replace(self.config.signals, lr_factors=True))
         if self.config.signals.lr_factors and not any("layer" in group for group in optimizer.param_groups):
@@ -878,7 +879,8 @@ class Controller:
         On a GPU the fused step keeps the optimizer's moments in its own buffers (``optimizer.state_dict()`` shows
         them too, in ``torch.optim``'s layout). The state holds the optimizer's and the loss scaler's state, each
         layer's precision, the LR multiplier, the batch size and its LR gain (warm-up included), where the loader
-        stands in its epoch, the steps taken and the speed trial's outcome. Tensors are returned by reference, as
+        stands in its epoch, the steps taken, the speed trial's outcome and which policy saved it (its name and the
+        ``HeuristicConfig`` settings its 16-bit formats come from). Tensors are returned by reference, as
         ``torch.optim`` does: ``torch.save`` it, or copy it before training on. It also holds what the decisions
         depend on: the signals' running estimates, the layer groups, the decision cadence and the interval recorded
         so far (its statistics are copied from the device: one sync), so a resumed adaptive run decides as the
@@ -902,6 +904,7 @@ class Controller:
             "trial_running": self._trial is not None,
             "low_precision": _precision_code(getattr(self.policy, "low_precision", None)),
             "initial_precision": _precision_code(getattr(self.policy, "initial_precision", None)),
+            "policy": dict(self._policy_identity),
             "signals": self._signals_state(),
         }
 
@@ -969,16 +972,19 @@ class Controller:
         ends: the layers start where its end puts them. On a GPU without bf16 (a V100 or T4) the checkpoint's bf16
         layers load in fp16, as the policy's bf16 moves there.
 
-        Everything is checked before anything is loaded (the engine's state, each count, the loader's place, the LR
-        coupler's state against this controller's LR rule, the LR multiplier against its LR ladder): a refused
-        checkpoint leaves the controller, its engine, the optimizer and the loss scaler as they were. The dataset is
+        Everything is checked before anything is loaded (the policy that saved it, the engine's state, each count, the
+        loader's place, the LR coupler's state against this controller's LR rule, the LR multiplier against its LR
+        ladder): a refused checkpoint leaves the controller, its engine, the optimizer and the loss scaler as they
+        were. A checkpoint saved by another policy is refused: the precisions, LR multiplier and 16-bit formats it
+        restores are that policy's (one saved before the policy was recorded loads unchecked). The dataset is
         checked at the next ``loader()`` call, the first to see it. A checkpoint of format 1 (before 2026-12-04) holds
         no signals: they start afresh, as in the first interval of a run. With ``log_dir``, the points past the
         checkpoint's step that the run it replaces wrote there are dropped from TensorBoard's view (a purge mark, as
         ``SummaryWriter(purge_step=...)`` writes).
 
         Raises:
-            ValueError: a state of another format, from another update path, optimizer or model (the engine's
+            ValueError: a state of another format, saved by another policy (or one built with another
+                ``start_precision`` or ``use_fp16``), from another update path, optimizer or model (the engine's
                 checks) or LR rule, or with a field of the wrong type or range (named); later, ``loader()`` with
                 another dataset size, seed or ``batch_size`` than the saved run's.
             NoGoodStateError: with the shield on, the model (loaded first) holds NaN or infinite trained weights or
@@ -999,6 +1005,8 @@ class Controller:
             raise ValueError(
                 f"the checkpoint lacks {', '.join(missing)}: pass the dict Controller.state_dict() returned"
             )
+        if "policy" in state:  # absent from a checkpoint saved before it was recorded: loaded as before
+            self._check_same_policy(state["policy"])
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         # On a GPU without bf16 (a V100 or T4) the layers a checkpoint holds in bf16 load in fp16, as construction
         # moves the policy's bf16 (run_without_bf16): the engine refused such a checkpoint (until 2026-12-06).
@@ -1103,6 +1111,40 @@ class Controller:
         self._state_loads += 1  # an open loader() iterator stops: its place in the data is not the checkpoint's
         if self._writer is not None:
             self._purge_curves_after(self.steps)
+
+    def _check_same_policy(self, saved: object) -> None:
+        """Refuses a checkpoint saved by another policy than this controller's, or by one built with other formats.
+
+        The load restores the checkpoint's precisions and LR multiplier and writes its 16-bit formats into this
+        policy: a heuristic run's checkpoint loaded into a static fp32 controller trained in bf16 until its first
+        decision, and one saved under ``use_fp16=False`` lowered to bf16 in a controller built with ``use_fp16=True``
+        (both silently until 2026-12-07).
+        """
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("name"), str):
+            raise ValueError(
+                f"the checkpoint's policy {saved!r} is not a dict naming the policy that saved it: pass the dict "
+                "Controller.state_dict() returned"
+            )
+        own = self._policy_identity
+        saved_name, own_name = saved["name"], own["name"]
+        if saved_name != own_name:
+            raise ValueError(
+                f"the checkpoint's policy is {saved_name!r}; this controller's is {own_name!r}: the layers' "
+                "precisions, LR multiplier and 16-bit formats it restores are the other policy's. Build the "
+                f"Controller with {_policy_argument(saved_name)} to resume this checkpoint"
+            )
+        # Compared where both sides know them: a policy object with no config of its own records none.
+        differing = [key for key in _POLICY_SETTINGS if key in saved and key in own and saved[key] != own[key]]
+        if differing:
+            saved_settings = ", ".join(f"{key}={saved.get(key)!r}" for key in _POLICY_SETTINGS)
+            own_settings = ", ".join(f"{key}={own[key]!r}" for key in _POLICY_SETTINGS)
+            wanted = ", ".join(f"{key}={saved[key]!r}" for key in differing)
+            raise ValueError(
+                f"the checkpoint's policy {saved_name!r} was built with {saved_settings}; this controller's with "
+                f"{own_settings}: the load would give it the checkpoint's 16-bit formats, not its config's. Build the "
+                f"Controller with {_policy_argument(saved_name)} and "
+                f"config=ControllerConfig(heuristic=HeuristicConfig({wanted})) to resume this checkpoint"
+            )
 
     def _purge_curves_after(self, step: int) -> None:
         """Marks the TensorBoard run so that TensorBoard drops the points written before the mark past ``step``.
@@ -1776,6 +1818,38 @@ _CHECKPOINT_KEYS = (
     "signals",
 )
 """What ``Controller.state_dict()`` holds beside its format (format 1 had all but the last)."""
+
+
+_POLICY_SETTINGS = ("start_precision", "use_fp16")
+"""The ``HeuristicConfig`` fields a policy's 16-bit formats are built from, which a checkpoint's load overwrites."""
+
+
+def _policy_identity(spec: object, policy: Policy, config: ControllerConfig) -> dict[str, Any]:
+    """Which policy a checkpoint was saved by, in strings and bools: its name and the settings its formats come from.
+
+    The name is the policy's own (``static-fp32``, ``heuristic-precision``, ``pretrained``, ``learned:policy.zip``: a
+    zip's file name, not its path, so that a run resumes with the file moved). A policy object without one (a
+    user's own) has no stable identity across processes that the controller can read: its class name only is recorded.
+    Where the load overwrites the policy's formats (``low_precision``, ``initial_precision``), the ``HeuristicConfig``
+    fields they were built from are recorded too: this controller's config for a policy it made from a name or path,
+    a policy object's own ``config``, and none for an object without one (a ``LearnedPolicy`` built by hand).
+    """
+    name = getattr(policy, "name", None)
+    identity: dict[str, Any] = {"name": name if isinstance(name, str) else type(policy).__name__}
+    own = getattr(policy, "config", None)
+    source = own if isinstance(own, ControllerConfig) else config if isinstance(spec, (str, os.PathLike)) else None
+    if source is not None and any(hasattr(policy, key) for key in ("low_precision", "initial_precision")):
+        identity.update({key: getattr(source.heuristic, key) for key in _POLICY_SETTINGS})
+    return identity
+
+
+def _policy_argument(name: str) -> str:
+    """The ``Controller`` argument that builds the policy a checkpoint names, for a message."""
+    if name in HEURISTIC_NAMES or name == "pretrained" or name.removeprefix("static-") in STATIC_PRESETS:
+        return f"policy={name!r}"
+    if name.startswith("learned:"):
+        return f"policy=the path of {name.removeprefix('learned:')!r}"
+    return f"policy=the {name} object the run was saved with"
 
 
 def _check_loss(loss: object) -> None:
