@@ -39,7 +39,8 @@ class LearnedPolicy:
         device: torch device for the policy network (``"cpu"`` is fastest for these small MLPs).
 
     Raises:
-        PolicyLoadError: the file is missing or not an SB3 zip, or its spaces differ (both printed).
+        PolicyLoadError: the file is missing or not an SB3 zip, or its spaces differ (both printed; for observations
+            of two layouts, both ``n_groups``).
     """
 
     def __init__(
@@ -78,12 +79,22 @@ class LearnedPolicy:
             ("observation", observation_space, self.model.observation_space),
             ("action", action_space, self.model.action_space),
         ):
-            if expected is not None and not _same_space(expected, found):
+            if expected is None or _same_space(expected, found):
+                continue
+            trained, given = _observation_groups(found), _observation_groups(expected)
+            if label == "observation" and trained is not None and given is not None and trained != given:
+                # Only n_groups sets the size of a Tri-Accel observation: named, as make_policy names the LR ladder
                 raise PolicyLoadError(
-                    f"policy {str(file)!r} was trained for {label} space {found}, but this environment has "
-                    f"{expected}: run it with the settings it was trained for (`triaccel-rl train-policy` trains "
-                    "for the default LR ladder and layer groups only)"
+                    f"policy {str(file)!r} was trained for {label} space {found}, n_groups={trained}; this "
+                    f"configuration has {expected}, n_groups={given}: run it with the settings it was trained for, "
+                    f"ControllerConfig(n_groups={trained}) (`triaccel-rl train-policy` trains for the default LR "
+                    "ladder and layer groups only)"
                 )
+            raise PolicyLoadError(
+                f"policy {str(file)!r} was trained for {label} space {found}, but this environment has "
+                f"{expected}: run it with the settings it was trained for (`triaccel-rl train-policy` trains "
+                "for the default LR ladder and layer groups only)"
+            )
         self.observation_space = self.model.observation_space
         self.action_space = self.model.action_space
         self.name = f"learned:{file.name}"
@@ -275,6 +286,14 @@ def _saved_algorithm(file: Path) -> str | None:
     if len(parts) == 3 and parts[0] == "stable_baselines3" and parts[2] == "policies" and parts[1] != "common":
         return parts[1]
     return None
+
+
+def _observation_groups(space: spaces.Space[Any]) -> int | None:
+    """The ``n_groups`` whose observation has ``space``'s size; None: not a 1-D ``Box``, or no layout has its size."""
+    if not isinstance(space, spaces.Box) or len(space.shape) != 1:
+        return None
+    layout = ObservationLayout.for_size(space.shape[0])
+    return None if layout is None else layout.n_groups
 
 
 def _same_space(a: spaces.Space[Any], b: spaces.Space[Any]) -> bool:

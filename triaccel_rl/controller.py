@@ -401,10 +401,10 @@ class Controller:
             if isinstance(dataset, (tuple, list)):  # its element types, a few: a list of 60000 samples named each
                 kinds = list(dict.fromkeys(type(t).__name__ for t in dataset))  # (a 540 KB message, until 2026-12-06)
                 got += f" of {len(dataset)} items ({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''})"
-            raise ValueError(
-                f"dataset must be a pair (inputs, labels) of tensors; got a {got}. For a list of (x, y) samples, "
-                "pass the tensors (torch.stack(xs), torch.stack(ys))"
-            )
+            hint = "For a list of (x, y) samples, pass the tensors (torch.stack(xs), torch.stack(ys))"
+            if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
+                hint = "Pass its tensors: ctl.loader(dataset.tensors, ...)"
+            raise ValueError(f"dataset must be a pair (inputs, labels) of tensors; got a {got}. {hint}")
         for name, tensor in zip(("inputs", "labels"), dataset, strict=True):
             if tensor.dim() == 0:  # len() below raised a bare TypeError
                 raise ValueError(f"dataset's {name} must have a sample dimension first; got a 0-d tensor")
