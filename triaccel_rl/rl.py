@@ -322,6 +322,7 @@ def imitate(
     batch_size: int = 64,
     gamma: float = 0.99,
     learning_rate: float | None = None,
+    progress_bar: bool = False,
 ) -> dict[str, float]:
     """Warm start: fits ``model``'s policy to ``teacher``'s actions (and its value net to their returns).
 
@@ -345,6 +346,9 @@ def imitate(
             left as it was. None: the fit steps the model's own optimizer at its rate, and PPO's updates then start
             from the fit's Adam moments (20 passes at SB3's 3e-4 fit 55% of the shipped recipe's teacher decisions,
             at 3e-3 98.5%).
+        progress_bar: show tqdm bars on stderr, one over the teacher's decisions as they are collected (the slow part,
+            minutes in the environments), then one over the fit's passes; off, nothing is written. The bars only
+            count: the decisions, the fit and its random draws are the same either way.
 
     Returns:
         ``{"decisions": ..., "nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass: ``decisions``
@@ -352,6 +356,7 @@ def imitate(
         the share of decisions whose deterministic action equals the teacher's in every component.
     """
     import torch
+    from tqdm.auto import tqdm
 
     if learning_rate is not None and not (is_finite_real(learning_rate) and learning_rate > 0):
         raise ValueError(
@@ -359,15 +364,27 @@ def imitate(
             "None: the model's optimizer, at its rate)"
         )
     observations, actions, rewards, dones = [], [], [], []
-    obs = venv.reset()
-    for _ in range(max(1, n_steps // venv.num_envs)):
-        action, _ = teacher.predict(obs, deterministic=True)
-        action = np.asarray(action).reshape(venv.num_envs, -1)
-        observations.append(obs)
-        actions.append(action)
-        obs, reward, done, _ = venv.step(action)
-        rewards.append(reward)
-        dones.append(done)
+    rounds = max(1, n_steps // venv.num_envs)
+    # Shown before the reset, which trains an interval in every environment: until 2026-12-07 the warm start ran for
+    # minutes with no output before PPO's bar appeared. Each bar is closed as an exception (a Ctrl-C) leaves it, before
+    # train_policy's warning, which would otherwise land inside the bar's line.
+    with tqdm(
+        total=rounds * venv.num_envs,
+        desc="warm start: teacher's decisions",
+        unit="decision",
+        disable=not progress_bar,
+        dynamic_ncols=True,
+    ) as collecting:
+        obs = venv.reset()
+        for _ in range(rounds):
+            action, _ = teacher.predict(obs, deterministic=True)
+            action = np.asarray(action).reshape(venv.num_envs, -1)
+            observations.append(obs)
+            actions.append(action)
+            obs, reward, done, _ = venv.step(action)
+            rewards.append(reward)
+            dones.append(done)
+            collecting.update(venv.num_envs)
     returns = np.zeros((len(rewards), venv.num_envs), dtype=np.float32)
     running = np.zeros(venv.num_envs, dtype=np.float32)
     for t in reversed(range(len(rewards))):
@@ -386,13 +403,17 @@ def imitate(
     )
     generator = torch.Generator().manual_seed(0)
     policy.set_training_mode(True)
-    for _ in range(epochs):
-        for index in torch.randperm(len(obs_t), generator=generator).split(batch_size):
-            values, log_prob, _ = policy.evaluate_actions(obs_t[index], act_t[index])
-            loss = -log_prob.mean() + 0.5 * torch.nn.functional.mse_loss(values.flatten(), ret_t[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    with tqdm(
+        total=epochs, desc="warm start: fit", unit="pass", disable=not progress_bar, dynamic_ncols=True
+    ) as fitting:
+        for _ in range(epochs):
+            for index in torch.randperm(len(obs_t), generator=generator).split(batch_size):
+                values, log_prob, _ = policy.evaluate_actions(obs_t[index], act_t[index])
+                loss = -log_prob.mean() + 0.5 * torch.nn.functional.mse_loss(values.flatten(), ret_t[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            fitting.update()
     policy.set_training_mode(False)
     with torch.no_grad():
         values, log_prob, _ = policy.evaluate_actions(obs_t, act_t)
@@ -498,7 +519,8 @@ def train_policy(
             run's; resume it into another folder, where its run's evaluations are not continued (a warning; the copy
             ``eval/evaluations_replaced_after_<steps>_steps[_<n>].npz`` keeps them, its ``_<n>`` not always the
             folder's).
-        progress_bar: show a progress bar (tqdm, on stderr) over the environment steps.
+        progress_bar: show a progress bar (tqdm, on stderr) over the environment steps; with ``warm_start``, the
+            imitation's bars first (:func:`imitate`: its teacher's decisions, then its passes).
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
             count: it is set for the duration of the call (PPO's updates run with it too), and the caller's count is
@@ -915,6 +937,7 @@ def train_policy(
                         warm_start_steps,
                         epochs=warm_start_epochs,
                         learning_rate=warm_start_learning_rate,
+                        progress_bar=progress_bar,
                     )
                 except KeyboardInterrupt:
                     # Nothing is kept: the weights are PPO's initial ones (while the teacher's decisions are collected,
