@@ -47,6 +47,9 @@ class Args:
     episode ends when its charged time reaches it, and its return is the progress made within it."""
     max_decisions: int = 64
     """Safety cap on decisions per episode (the time budget normally ends an episode first)."""
+    progress: bool = True
+    """Progress bars on stderr: the warm start's (the teacher's decisions, the imitation's passes), then PPO's
+    environment steps (``--no-progress``: none)."""
     compute_bound: bool = False
     """Charge only the compute part of a step (no fixed per-step time); off, so training charges the costs
     ``compare`` and ``transfer.py`` judge by."""
@@ -174,6 +177,7 @@ def main(args: Args) -> dict[str, Any]:
             warm_start_learning_rate=args.warm_start_lr or None,
             compute_bound=args.compute_bound,
             lr_range=_lr_range(args),
+            progress_bar=args.progress,
         )
     wall_s = time.perf_counter() - start
     facts = _facts(args, training_tasks, HELD_OUT_TASKS, checkpoint or zip_path, run_dir, wall_s, commit, started)
