@@ -344,6 +344,9 @@ def build_observation(
         if len(members) == 0:  # fewer layers than groups: borrow the nearest non-empty group's layers
             members = _nearest_members(grouper, group)
         w = signals.n_params[members]
+        if w.sum() == 0:  # zero-size layers only (nn.Linear(8, 0)): weighed by 0 elements they read the floor, not
+            # the measured median they hold (above); the precision one-hot counts them a layer each too
+            w = np.ones(len(members))
         mean = lambda values, w=w: float(np.dot(w, values) / max(w.sum(), 1.0))  # noqa: E731
         relative = mean(scores[members]) - median
         obs[layout.group(group, "rel_sensitivity")] = min(relative, 0.0) if one_sided else relative

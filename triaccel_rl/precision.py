@@ -155,6 +155,7 @@ class LayerPrecision:
         entries = find_layers(model)
         _refuse_16_bit_parameters(model)
         _refuse_script_modules(model)
+        _refuse_frozen_controllable_types(model, [info for _, _, info in entries])
         # One parameter read at each context(): a model cast to 16 bits after the hooks went in (model.bfloat16()
         # casts every parameter) is refused there, by name, not deep in its forward.
         self._sentinel = next(p for _, module, _ in entries for p in module.parameters() if p.requires_grad)
@@ -1030,6 +1031,38 @@ def _refuse_script_modules(model: nn.Module) -> None:
             f"modules {scripted[:3]} (of {len(scripted)}) are TorchScript (torch.jit.script or trace), which takes no "
             "forward hooks, and the controller sets each layer's precision through its hooks: give the Python modules"
         )
+
+
+def _refuse_frozen_controllable_types(model: nn.Module, layers: Sequence[LayerInfo]) -> None:
+    """Raises a ValueError naming the frozen Linear, Conv and attention modules when no trainable one is left.
+
+    Such a model (a norm-only fine-tune) has no layer whose precision the controller sets; refused later for having no
+    controllable layer, it was told its matmuls ran outside nn.Linear, to be moved into one: they were in nn.Linear.
+    """
+    if any(info.controllable for info in layers):
+        return
+    frozen: list[tuple[str, str]] = []  # (name, controllable type) of each module whose parameters are all frozen
+    inside_attention: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside_attention or not isinstance(module, CONTROLLABLE_TYPES):
+            continue
+        if isinstance(module, nn.MultiheadAttention):  # one layer with its out_proj, as in find_layers
+            inside_attention.update(id(m) for m in module.modules() if m is not module)
+            params = list(module.parameters())
+        else:
+            params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            base = next(base for base in CONTROLLABLE_TYPES if isinstance(module, base))  # a subclass: its nn type
+            frozen.append((name or "<root>", f"nn.{base.__name__}"))
+    if not frozen:  # none of these types at all: the grouper's refusal says where the matmuls must go
+        return
+    shown = ", ".join(repr(name) for name, _ in frozen[:3]) + (", ..." if len(frozen) > 3 else "")
+    kinds = ", ".join(dict.fromkeys(kind for _, kind in frozen))
+    subject = f"the layer [{shown}] ({kinds}) is" if len(frozen) == 1 else f"the layers [{shown}] ({kinds}) are"
+    raise ValueError(
+        f"{subject} frozen: the controller sets the precision of trainable nn.Linear, Conv and MultiheadAttention "
+        "layers only; leave one trainable or train without the controller"
+    )
 
 
 def _up_from_16_bit(tensor: torch.Tensor) -> torch.Tensor:
