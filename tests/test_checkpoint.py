@@ -408,7 +408,7 @@ def test_a_format_1_checkpoint_loaded_into_a_controller_that_trained_on_resumes_
             model, ctl = _adaptive_run()
         restore(model, ctl, state)
         train(model, ctl, epochs=4)
-        runs.append(([(d.lr_scale, d.batch_size, d.precisions) for d in ctl.decisions[-8:]], weights(model)))
+        runs.append(([(d.lr_scale, d.batch_size, d.precisions) for d in list(ctl.decisions)[-8:]], weights(model)))
     (fresh, fresh_weights), (rewound_decisions, _) = runs
     assert rewound_decisions == fresh
     assert_same_weights(fresh_weights, model)

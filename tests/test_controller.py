@@ -408,7 +408,7 @@ def test_a_policys_malformed_output_is_refused_by_name(out, message):
     ctl = Controller(model, opt, policy=_Returns(out), config=ControllerConfig(interval_steps=2))
     with pytest.raises(ValueError, match=message):
         train(ctl, model, epochs=1)
-    assert ctl.decisions == []
+    assert not ctl.decisions
     ctl.close()
 
 
@@ -1025,7 +1025,7 @@ def test_a_speed_trial_times_both_16_bit_formats_before_the_first_decision(caplo
         for step in range(14):
             seen.append(one_step(ctl, model, batches))
             if step < 9:
-                assert ctl.decisions == [], f"a decision at step {step}, inside the trial"
+                assert not ctl.decisions, f"a decision at step {step}, inside the trial"
     # 2 warm-up and 3 timed steps in bf16, then in fp16; then the policy's start precision, the faster format.
     assert seen[:5] == [Precision.BF16] * 5 and seen[5:10] == [Precision.FP16] * 5
     trial = ctl.speed_trial

@@ -90,7 +90,7 @@ def test_the_first_decision_after_a_trial_that_kept_bf16_reads_no_overflow():
 def test_a_checkpoint_around_the_trial_resumes_to_a_first_decision_an_interval_after_it(saved_at, first_decision):
     model, ctl = build()
     train_to_first_decision(model, ctl, stop_after=saved_at)
-    assert ctl.decisions == [] and (ctl._trial is None) == (saved_at >= TRIAL_STEPS)
+    assert not ctl.decisions and (ctl._trial is None) == (saved_at >= TRIAL_STEPS)
     model2, ctl2 = resumed(model, ctl)
     assert train_to_first_decision(model2, ctl2) == first_decision
     assert ctl2.signals.extra["interval_steps"] == INTERVAL and ctl2.signals.overflow_rate == 0.0

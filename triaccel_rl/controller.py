@@ -16,6 +16,8 @@ import logging
 import numbers
 import os
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -57,7 +59,11 @@ from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
-__all__ = ["Controller"]
+__all__ = ["DECISIONS_KEPT", "Controller"]
+
+DECISIONS_KEPT = 1000
+"""How many of the latest decisions' reports ``Controller.decisions`` keeps. Each holds a precision per layer and the
+reasons for its refusals, about 1.5 KB at 151 layers: all of a 50,000-decision run's would be some 76 MB."""
 
 _log = logging.getLogger("triaccel_rl")
 _StateMark = tuple[tuple[int, tuple[str, ...]], object, int]
@@ -241,9 +247,16 @@ class Controller:
             self.executor = Executor(self.config, self.grouper)
             self.cadence = self._new_cadence()
             self.steps = 0
-            self.decisions: list[ApplyReport] = []
+            self.decisions: deque[ApplyReport] = deque(maxlen=DECISIONS_KEPT)
+            """The latest decisions' reports, oldest first (the last :data:`DECISIONS_KEPT`; ``decisions[-1]`` is the
+            latest): the settings each applied and the moves it refused. Not in a checkpoint: after a resume it holds
+            the decisions made since."""
             # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
             # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
+            # Its callbacks reach this controller through a weak reference: the guard is the controller's own, and a
+            # strong one would close a reference cycle, so that a closed, dropped controller kept its rollback copies,
+            # the loader's data and the engine until a full garbage collection (one set a stage of gradual unfreezing).
+            owner = weakref.proxy(self)
             guard = RollbackGuard(
                 model,
                 self.engine.state_holder,
@@ -256,8 +269,8 @@ class Controller:
                 # The signals' running estimates go with each copy: the interval that broke the model folded its huge
                 # losses and gradients in before its loss turned non-finite.
                 # So does the loss scale, which the interval's skipped steps cut for a cause the copy's state lacks.
-                save_extra=lambda: (self.collector.estimates(), self.engine.scaler_state()),
-                load_extra=self._restore_extra,
+                save_extra=lambda: (owner.collector.estimates(), owner.engine.scaler_state()),
+                load_extra=lambda saved: owner._restore_extra(saved),
             )
             self.guard = guard if self.config.rollback else None
             # Buffers holding infinities by design (an additive mask), excused from the shield's buffer check
@@ -1744,7 +1757,7 @@ class Controller:
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
         for reason in report.refused:
-            _log.info("decision %d: %s", len(self.decisions), reason)
+            _log.info("decision at step %d: %s", self.steps, reason)
         if self._writer is not None:
             step = self.steps
             self._writer.add_scalar("train/loss", signals.loss, step)

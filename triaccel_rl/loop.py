@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -71,7 +72,10 @@ class DecisionLoop:
         )
         # The shield's rollback: a copy of the last state whose probe loss was finite, restored when it is not; with it
         # the signals' running estimates and the run's noise EMAs, which the diverging interval had folded its huge
-        # losses and gradients into, and the loss scale, which its skipped steps had cut.
+        # losses and gradients into, and the loss scale, which its skipped steps had cut. The callbacks reach this loop
+        # through a weak reference: a strong one would close a reference cycle (loop, guard, callback), and a dropped
+        # loop and its rollback copies (and its run, once closed) would wait for a full garbage collection.
+        owner = weakref.proxy(self)
         use_rollback = config.rollback if rollback is None else rollback
         guard = RollbackGuard(
             run.model,
@@ -79,8 +83,8 @@ class DecisionLoop:
             config.rollback_offload,
             config.snapshot_every,
             after_restore=run.engine.after_restore,  # weights and optimizer state changed outside the fused step
-            save_extra=lambda: (self.collector.estimates(), run.noise_estimates, run.engine.scaler_state()),
-            load_extra=self._restore_estimates,
+            save_extra=lambda: (owner.collector.estimates(), run.noise_estimates, run.engine.scaler_state()),
+            load_extra=lambda saved: owner._restore_estimates(saved),
         )
         self.guard = guard if use_rollback else None
         # Buffers holding infinities by design (an additive mask), excused from the shield's buffer check
