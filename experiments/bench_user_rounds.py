@@ -115,6 +115,7 @@ def run_row(task: Task, data: Any, row: str, seed: int, args: Args, device: torc
         probe=probe if with_probe else None,
         loss_fn=task.loss_fn if with_probe else None,
     )
+    fp32_share: list[float] = []  # read as each decision comes: ctl.decisions keeps the latest DECISIONS_KEPT only
     _synchronize(device)
     start = time.perf_counter()
     for xb, yb in ctl.loader((x, y), batch_size=task.base_batch_size, epochs=args.epochs, seed=seed):
@@ -125,16 +126,18 @@ def run_row(task: Task, data: Any, row: str, seed: int, args: Args, device: torc
         with ctl.autocast():
             loss = task.loss_fn(model(xb), yb)
         ctl.step(loss)
+        if ctl.decision_count > len(fp32_share):  # a step makes one decision at most; a host-side count, no sync
+            precisions = ctl.decisions[-1].precisions
+            fp32_share.append(sum(p is Precision.FP32 for p in precisions) / len(precisions))
     _synchronize(device)
     wall_s = time.perf_counter() - start
     accuracy = _test_accuracy(model, ctl, data, device)
     collector, signals = ctl.collector, ctl.signals
-    fp32_share = [sum(p is Precision.FP32 for p in d.precisions) / len(d.precisions) for d in ctl.decisions]
     ctl.close()
     return {
         "wall_s": wall_s,
         "steps": ctl.steps,
-        "decisions": len(ctl.decisions),
+        "decisions": ctl.decision_count,
         "train_ms": collector.train_ms,
         "overhead_ms": collector.overhead_ms,
         "rounds_ms": collector.estimator_ms - collector.warmup_ms,

@@ -8,15 +8,17 @@ heuristic run's checkpoint loaded into ``policy="fp32"`` trained in bf16 until t
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from triaccel_rl.policies import HeuristicPolicy
+from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, make_policy, pretrained_policy_path
 
 import triaccel_rl as ta
 from triaccel_rl.config import ControllerConfig, HeuristicConfig
+from triaccel_rl.shield import obs_stats_path
 from triaccel_rl.types import Precision
 
 DATA = (torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 3)
@@ -89,12 +91,26 @@ def equal(a, b):
         ),
         ("fp32", FP16_CONFIG, {"name": "static-fp32"}),  # a static policy's formats are its own: no settings
         ("static-bf16", CONFIG, {"name": "static-bf16"}),
-        ("pretrained", CONFIG, {"name": "pretrained", "start_precision": "bf16", "use_fp16": False}),
+        # Every learned policy is one kind: the shipped one, a zip by its path, an object built by hand
+        ("pretrained", CONFIG, {"name": "learned", "start_precision": "bf16", "use_fp16": False}),
+        (str(pretrained_policy_path()), FP16_CONFIG, {"name": "learned", "start_precision": "bf16", "use_fp16": True}),
+        (LearnedPolicy(pretrained_policy_path()), CONFIG, {"name": "learned"}),  # no config of its own: no settings
         # An object: its own config's settings, not the controller's
         (HeuristicPolicy(FP16_CONFIG), CONFIG, {"name": "heuristic", "start_precision": "bf16", "use_fp16": True}),
         (OwnPolicy(), CONFIG, {"name": "OwnPolicy"}),  # nothing stable about it but its class
     ],
-    ids=["heuristic", "ablation-fp16", "start-fp32", "static", "static-name", "pretrained", "object", "own-object"],
+    ids=[
+        "heuristic",
+        "ablation-fp16",
+        "start-fp32",
+        "static",
+        "static-name",
+        "pretrained",
+        "zip-path",
+        "learned-object",
+        "object",
+        "own-object",
+    ],
 )
 def test_the_checkpoint_records_the_policy_that_saved_it(policy, config, expected):
     _, ctl = build(policy, config)
@@ -191,6 +207,64 @@ def test_the_same_policy_by_name_or_as_an_object_of_the_same_settings_resumes():
     _, ctl = build("fp32", FP16_CONFIG)  # the heuristic's settings are no static policy's: not compared
     ctl.load_state_dict(static_state)
     assert ctl.steps == 3
+
+
+def copy_of_the_shipped_policy(folder, name):
+    """The shipped zip and its observation stats copied to ``folder/name``; returns the zip's path, a str."""
+    zip_path = folder / name
+    shutil.copy(pretrained_policy_path(), zip_path)
+    shutil.copy(obs_stats_path(pretrained_policy_path()), obs_stats_path(zip_path))
+    return str(zip_path)
+
+
+def test_a_learned_policys_checkpoint_resumes_under_another_file_name_or_the_shipped_one_by_name_or_path(tmp_path):
+    """A zip's file name is no identity: the same weights renamed, or the shipped zip by its path, were refused."""
+    saved_zip = copy_of_the_shipped_policy(tmp_path, "policy.zip")
+    renamed_zip = copy_of_the_shipped_policy(tmp_path, "final_policy.zip")
+    _, state = saved_after(5, saved_zip)
+    assert state["policy"] == {"name": "learned", "start_precision": "bf16", "use_fp16": False}
+    for policy in (renamed_zip, "pretrained", str(pretrained_policy_path()), make_policy("pretrained", CONFIG)):
+        _, ctl = build(policy)
+        ctl.load_state_dict(state)
+        assert ctl.steps == 5 and ctl.precisions == [Precision(p) for p in state["engine"]["precisions"]]
+    _, shipped_state = saved_after(5, "pretrained")
+    _, ctl = build(renamed_zip)
+    ctl.load_state_dict(shipped_state)
+    assert ctl.steps == 5
+
+
+def test_a_learned_policys_checkpoint_is_refused_by_the_heuristic_saying_how_to_build_a_learned_one():
+    _, state = saved_after(3, "pretrained")
+    _, ctl = build("heuristic")
+    before = kept(ctl)
+    with pytest.raises(
+        ValueError,
+        match=r"^the checkpoint's policy is 'learned'; this controller's is 'heuristic': .* Build the Controller with "
+        r"policy='pretrained' or the path of a learned policy's zip to resume this checkpoint$",
+    ):
+        ctl.load_state_dict(state)
+    assert equal(kept(ctl), before)
+    _, ctl = build("pretrained", FP16_CONFIG)  # the settings are still compared within the kind
+    with pytest.raises(
+        ValueError,
+        match=r"^the checkpoint's policy 'learned' was built with start_precision='bf16', use_fp16=False; .* Build the "
+        r"Controller with policy='pretrained' or the path of a learned policy's zip and "
+        r"config=ControllerConfig\(heuristic=HeuristicConfig\(use_fp16=False\)\) to resume this checkpoint$",
+    ):
+        ctl.load_state_dict(state)
+
+
+@pytest.mark.parametrize("recorded", ["pretrained", "learned:policy.zip"])
+def test_a_learned_policys_checkpoint_named_as_first_recorded_resumes_into_any_learned_policy(recorded):
+    """For a few commits a learned policy was recorded by its name (``pretrained``, ``learned:<file>``): one kind."""
+    _, state = saved_after(3, "pretrained")
+    state["policy"] = {**state["policy"], "name": recorded}
+    _, ctl = build("pretrained")
+    ctl.load_state_dict(state)
+    assert ctl.steps == 3
+    _, ctl = build("heuristic")
+    with pytest.raises(ValueError, match=r"^the checkpoint's policy is 'learned'; this controller's is 'heuristic'"):
+        ctl.load_state_dict(state)
 
 
 def test_a_checkpoint_saved_before_the_policy_was_recorded_loads_as_before():

@@ -199,3 +199,44 @@ def test_a_model_without_such_layers_keeps_the_advice_to_compute_through_linear(
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
     with pytest.raises(ValueError, match=r"its matmuls run elsewhere .*compute them through nn.Linear"):
         Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="bf16")
+
+
+class HandWrittenLoRA(nn.Module):
+    """A frozen nn.Linear and ``adapters`` trainable low-rank updates ``x @ A @ B`` on bare parameters, then a norm."""
+
+    def __init__(self, adapters: int = 1) -> None:
+        super().__init__()
+        self.base = nn.Linear(8, 4)
+        self.base.requires_grad_(False)
+        self.lora = nn.ParameterList()
+        for _ in range(adapters):
+            self.lora.append(nn.Parameter(torch.zeros(8, 2)))
+            self.lora.append(nn.Parameter(torch.zeros(2, 4)))
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for a, b in zip(self.lora[::2], self.lora[1::2], strict=True):
+            out = out + x @ a @ b
+        return self.norm(out)
+
+
+def test_a_hand_written_lora_is_told_to_compute_its_matmuls_through_linear() -> None:
+    """Its trainable matmul weights are named (the norm's are not): leaving a frozen layer trainable is not the fix."""
+    model = HandWrittenLoRA()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    message = (
+        "the layer ['base'] (nn.Linear) is frozen: the controller sets the precision of trainable nn.Linear, Conv and "
+        "MultiheadAttention layers only; leave one trainable or train without the controller. The trainable "
+        "parameters ['lora.0', 'lora.1'] are outside such layers: if your forward multiplies by them (x @ A, a LoRA "
+        "adapter written by hand), compute those matmuls through nn.Linear layers holding them, whose precision the "
+        "controller sets"
+    )
+    with pytest.raises(ValueError) as refused:
+        Controller(model, optimizer, policy="bf16")
+    assert str(refused.value) == message
+    with pytest.raises(ValueError) as refused:
+        LayerPrecision(HandWrittenLoRA(adapters=2), device_type="cpu")
+    assert "The trainable parameters ['lora.0', 'lora.1', 'lora.2', ...] are outside such layers: " in str(
+        refused.value
+    )

@@ -51,8 +51,8 @@ from triaccel_rl.memory import (
     device_capacity_bytes,
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.policies import HEURISTIC_NAMES, STATIC_PRESETS, make_policy, run_without_bf16
-from triaccel_rl.shield import BufferCheck, RollbackGuard, nonfinite_parameters
+from triaccel_rl.policies import HEURISTIC_NAMES, STATIC_PRESETS, LearnedPolicy, make_policy, run_without_bf16
+from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
 from triaccel_rl.state import SavedState
@@ -250,7 +250,8 @@ class Controller:
             self.decisions: deque[ApplyReport] = deque(maxlen=DECISIONS_KEPT)
             """The latest decisions' reports, oldest first (the last :data:`DECISIONS_KEPT`; ``decisions[-1]`` is the
             latest): the settings each applied and the moves it refused. Not in a checkpoint: after a resume it holds
-            the decisions made since."""
+            the decisions made since. :attr:`decision_count` counts them all."""
+            self._decision_count = 0
             # The shield's rollback: a copy of the last healthy state, restored when a whole interval's steps were
             # non-finite (each such step is skipped, but a model that only produces non-finite losses is lost).
             # Its callbacks reach this controller through a weak reference: the guard is the controller's own, and a
@@ -770,6 +771,15 @@ class Controller:
         """
         return self._skipped_counted + self._skipped_at_close
 
+    @property
+    def decision_count(self) -> int:
+        """Decisions this controller has made since it was built, all of them (``decisions`` keeps the latest only).
+
+        Not in a checkpoint, as the reports are not: after ``load_state_dict()`` it counts the decisions made since the
+        controller was built, not the saved run's.
+        """
+        return self._decision_count
+
     def _count_step(self) -> None:
         """Counts an update that went in: the warm-up's rung, the run's and the interval's steps; the batch is spent.
 
@@ -1131,7 +1141,7 @@ class Controller:
         The load restores the checkpoint's precisions and LR multiplier and writes its 16-bit formats into this
         policy: a heuristic run's checkpoint loaded into a static fp32 controller trained in bf16 until its first
         decision, and one saved under ``use_fp16=False`` lowered to bf16 in a controller built with ``use_fp16=True``
-        (both silently until 2026-12-07).
+        (both silently until 2026-12-07). Learned policies are one kind, ``learned`` (see :func:`_policy_identity`).
         """
         if not isinstance(saved, Mapping) or not isinstance(saved.get("name"), str):
             raise ValueError(
@@ -1140,6 +1150,8 @@ class Controller:
             )
         own = self._policy_identity
         saved_name, own_name = saved["name"], own["name"]
+        if saved_name == "pretrained" or saved_name.startswith("learned:"):  # recorded so for a few commits: one kind
+            saved_name = _LEARNED
         if saved_name != own_name:
             raise ValueError(
                 f"the checkpoint's policy is {saved_name!r}; this controller's is {own_name!r}: the layers' "
@@ -1756,6 +1768,7 @@ class Controller:
             self._change_copy = self._copy_opens_interval
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
+        self._decision_count += 1
         for reason in report.refused:
             _log.info("decision at step %d: %s", self.steps, reason)
         if self._writer is not None:
@@ -1836,18 +1849,26 @@ _CHECKPOINT_KEYS = (
 _POLICY_SETTINGS = ("start_precision", "use_fp16")
 """The ``HeuristicConfig`` fields a policy's 16-bit formats are built from, which a checkpoint's load overwrites."""
 
+_LEARNED = "learned"
+"""The policy name a checkpoint records for every learned policy, shipped or trained (``_policy_identity``)."""
+
 
 def _policy_identity(spec: object, policy: Policy, config: ControllerConfig) -> dict[str, Any]:
-    """Which policy a checkpoint was saved by, in strings and bools: its name and the settings its formats come from.
+    """Which policy a checkpoint was saved by, in strings and bools: its kind and the settings its formats come from.
 
-    The name is the policy's own (``static-fp32``, ``heuristic-precision``, ``pretrained``, ``learned:policy.zip``: a
-    zip's file name, not its path, so that a run resumes with the file moved). A policy object without one (a
-    user's own) has no stable identity across processes that the controller can read: its class name only is recorded.
-    Where the load overwrites the policy's formats (``low_precision``, ``initial_precision``), the ``HeuristicConfig``
-    fields they were built from are recorded too: this controller's config for a policy it made from a name or path,
-    a policy object's own ``config``, and none for an object without one (a ``LearnedPolicy`` built by hand).
+    The kind is the policy's own name (``static-fp32``, ``heuristic-precision``), or ``learned`` for every learned
+    policy: the shipped ``pretrained``, a zip by any path and file name, a ``LearnedPolicy`` object and a
+    ``FallbackPolicy`` around one resume into each other. Nothing the load restores into one is the zip's own (the
+    layers' precisions, the LR multiplier, the 16-bit formats, which come from the settings recorded beside it), and a
+    file name tells no weights apart.
+    A policy object without a name (a user's own) has no stable identity across processes that the controller can
+    read: its class name only is recorded. Where the load overwrites the policy's formats (``low_precision``,
+    ``initial_precision``), the ``HeuristicConfig`` fields they were built from are recorded too: this controller's
+    config for a policy it made from a name or path, a policy object's own ``config``, and none for an object without
+    one (a ``LearnedPolicy`` built by hand).
     """
-    name = getattr(policy, "name", None)
+    inner = policy.policy if isinstance(policy, FallbackPolicy) else policy
+    name = _LEARNED if isinstance(inner, LearnedPolicy) else getattr(policy, "name", None)
     identity: dict[str, Any] = {"name": name if isinstance(name, str) else type(policy).__name__}
     own = getattr(policy, "config", None)
     source = own if isinstance(own, ControllerConfig) else config if isinstance(spec, (str, os.PathLike)) else None
@@ -1858,10 +1879,10 @@ def _policy_identity(spec: object, policy: Policy, config: ControllerConfig) -> 
 
 def _policy_argument(name: str) -> str:
     """The ``Controller`` argument that builds the policy a checkpoint names, for a message."""
-    if name in HEURISTIC_NAMES or name == "pretrained" or name.removeprefix("static-") in STATIC_PRESETS:
+    if name in HEURISTIC_NAMES or name.removeprefix("static-") in STATIC_PRESETS:
         return f"policy={name!r}"
-    if name.startswith("learned:"):
-        return f"policy=the path of {name.removeprefix('learned:')!r}"
+    if name == _LEARNED:
+        return "policy='pretrained' or the path of a learned policy's zip"
     return f"policy=the {name} object the run was saved with"
 
 

@@ -1038,6 +1038,8 @@ def _refuse_frozen_controllable_types(model: nn.Module, layers: Sequence[LayerIn
 
     Such a model (a norm-only fine-tune) has no layer whose precision the controller sets; refused later for having no
     controllable layer, it was told its matmuls ran outside nn.Linear, to be moved into one: they were in nn.Linear.
+    Where trainable parameters other than a norm's or an embedding's are left (a LoRA adapter written as ``x @ A @ B``
+    beside frozen nn.Linear layers), the message names a few and says to compute their matmuls through nn.Linear.
     """
     if any(info.controllable for info in layers):
         return
@@ -1059,10 +1061,30 @@ def _refuse_frozen_controllable_types(model: nn.Module, layers: Sequence[LayerIn
     shown = ", ".join(repr(name) for name, _ in frozen[:3]) + (", ..." if len(frozen) > 3 else "")
     kinds = ", ".join(dict.fromkeys(kind for _, kind in frozen))
     subject = f"the layer [{shown}] ({kinds}) is" if len(frozen) == 1 else f"the layers [{shown}] ({kinds}) are"
-    raise ValueError(
+    message = (
         f"{subject} frozen: the controller sets the precision of trainable nn.Linear, Conv and MultiheadAttention "
         "layers only; leave one trainable or train without the controller"
     )
+    # Trainable parameters outside such layers may be matmul weights of the model's own, which only an nn.Linear
+    # holding them makes a layer the controller sets. A norm's scale and shift and an embedding's table are not.
+    no_matmul = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+    loose: list[str] = []
+    seen: set[int] = set()  # a parameter tied into several modules is named once
+    for prefix, module in model.named_modules():
+        if isinstance(module, no_matmul):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                loose.append(f"{prefix}.{name}" if prefix else name)
+    if loose:
+        named = ", ".join(repr(name) for name in loose[:3]) + (", ..." if len(loose) > 3 else "")
+        message += (
+            f". The trainable parameters [{named}] are outside such layers: if your forward multiplies by them "
+            "(x @ A, a LoRA adapter written by hand), compute those matmuls through nn.Linear layers holding them, "
+            "whose precision the controller sets"
+        )
+    raise ValueError(message)
 
 
 def _up_from_16_bit(tensor: torch.Tensor) -> torch.Tensor:
