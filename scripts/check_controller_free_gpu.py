@@ -4,6 +4,10 @@ A user's loop on ResNet-18 (fused step, rollback copies in pinned host memory, t
 stages of gradual unfreezing as the README describes (a new Controller after ``close()`` on the last), with the
 garbage collector off: the memory allocated after each stage should come back to where it was before it.
 
+``torch._dynamo`` is imported first: imported by the first optimizer with the collector off, it would keep that
+optimizer and its state (one momentum buffer per parameter) in a cycle until a collection (torch.fx.wrap's frame
+refers to itself, and holds the import's frames, ``Optimizer.__init__``'s among them).
+
 Usage (a device visit): bash scripts/device-visit.sh <commit> py=scripts/check_controller_free_gpu.py
 """
 
@@ -11,6 +15,7 @@ import gc
 import weakref
 
 import torch
+import torch._dynamo  # before the collector is off: see the docstring
 from torch import nn
 
 import triaccel_rl as ta
