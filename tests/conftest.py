@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,30 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(plots, "_save", keep)
     return figures
+
+
+@pytest.fixture
+def collections() -> Iterator[list[int]]:
+    """Turns the automatic collector off (restored after) and lists the generation of every collection run meanwhile.
+
+    With it off, an object in a reference cycle outlives its last reference, and only an explicit ``gc.collect()``
+    (which the tests count) frees it. Dynamo is imported before: the first optimizer imports it, and the cycles its
+    import leaves (``torch.fx.wrap``'s frame refers to itself) hold the frames live then until a collection.
+    """
+    import torch._dynamo  # noqa: F401
+
+    seen: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
+        if enabled:
+            gc.enable()

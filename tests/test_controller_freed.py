@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch._dynamo  # imported before the collector is off (see collections)
 from torch import nn
 
 import triaccel_rl.controller
@@ -16,30 +13,6 @@ from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.training import TrainingRun
-
-
-@pytest.fixture
-def collections() -> Iterator[list[int]]:
-    """Turns the automatic collector off (restored after) and lists the generation of every collection run meanwhile.
-
-    With it off, an object in a reference cycle outlives its last reference. Dynamo is imported before: the first
-    optimizer imports it, and the cycles its import leaves hold the frames live then until a collection.
-    """
-    seen: list[int] = []
-
-    def record(phase: str, info: dict) -> None:
-        if phase == "start":
-            seen.append(info["generation"])
-
-    enabled = gc.isenabled()
-    gc.disable()
-    gc.callbacks.append(record)
-    try:
-        yield seen
-    finally:
-        gc.callbacks.remove(record)
-        if enabled:
-            gc.enable()
 
 
 def data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
-import torch._dynamo  # noqa: F401 (see collections)
 from torch import nn
 from triaccel_rl.envs import TriAccelEnv
 
@@ -23,31 +19,6 @@ def small_env(**task_overrides) -> TriAccelEnv:
     config = ControllerConfig(interval_steps=3)
     overrides = {"n_train": 1024, **task_overrides}
     return TriAccelEnv(task="synthetic", config=config, max_decisions=4, task_overrides=overrides)
-
-
-@pytest.fixture
-def collections() -> Iterator[list[int]]:
-    """Turns the automatic collector off (restored after) and lists the generation of every collection run meanwhile.
-
-    With it off, an object in a reference cycle outlives its last reference, and only an explicit ``gc.collect()``
-    (which these tests count) frees it. Dynamo is imported before: the first optimizer imports it, and the cycles its
-    import leaves hold the frames live then, the environment's ``reset`` and its run among them, until a collection.
-    """
-    seen: list[int] = []
-
-    def record(phase: str, info: dict) -> None:
-        if phase == "start":
-            seen.append(info["generation"])
-
-    enabled = gc.isenabled()
-    gc.disable()
-    gc.callbacks.append(record)
-    try:
-        yield seen
-    finally:
-        gc.callbacks.remove(record)
-        if enabled:
-            gc.enable()
 
 
 def test_reset_and_close_free_the_last_run_without_a_garbage_collection(collections):
