@@ -1067,7 +1067,7 @@ def _refuse_frozen_controllable_types(model: nn.Module, layers: Sequence[LayerIn
     )
     # Trainable parameters outside such layers may be matmul weights of the model's own, which only an nn.Linear
     # holding them makes a layer the controller sets. A norm's scale and shift and an embedding's table are not.
-    no_matmul = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+    no_matmul = _FP32_UNDER_AUTOCAST_TYPES + _NATIVE_MIXED_TYPES
     loose: list[str] = []
     seen: set[int] = set()  # a parameter tied into several modules is named once
     for prefix, module in model.named_modules():
