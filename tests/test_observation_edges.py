@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_observation import make_signals
 from torch import nn
 
 from triaccel_rl.config import ControllerConfig
@@ -21,25 +22,13 @@ from triaccel_rl.types import Precision, Signals
 def layer_signals(curvature: list[float], variance: list[float], snr: list[float], n_params: list[int]) -> Signals:
     """Signals of these layers, the first in bf16 and the others in fp32."""
     n = len(n_params)
-    return Signals(
-        loss=1.0,
-        loss_trend=0.0,
-        probe_loss=1.0,
+    return make_signals(
+        [0.0] * n,
+        precisions=[Precision.BF16] + [Precision.FP32] * (n - 1),
+        n_params=n_params,
         curvature=np.array(curvature),
         grad_variance=np.array(variance),
-        grad_norm=np.ones(n),
         snr=np.array(snr),
-        noise_scale=64.0,
-        memory_bytes=512,
-        memory_budget_bytes=1024,
-        step_time_ms=10.0,
-        step_time_trend=0.0,
-        overflow_rate=0.0,
-        batch_size=64,
-        lr_scale=1.0,
-        precisions=np.array([Precision.BF16] + [Precision.FP32] * (n - 1), dtype=np.int64),
-        n_params=np.array(n_params, dtype=np.int64),
-        controllable=np.ones(n, dtype=bool),
     )
 
 
