@@ -296,6 +296,8 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from triaccel_rl.plots import save_png
+
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -318,8 +320,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: str) -> list[Path]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{task}: held-out task, every seed a line")
         fig.tight_layout()
-        path = folder / f"transfer_{task}.png"
-        fig.savefig(path, dpi=100)
+        path = save_png(fig, folder / f"transfer_{task}.png", dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

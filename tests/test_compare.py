@@ -811,6 +811,37 @@ def test_the_zoom_panel_leaves_out_a_nan_metric_met_first(tmp_path):
     assert paths[0].name == "metric_vs_time.png" and paths[0].stat().st_size > 5000
 
 
+def test_plots_are_written_as_palette_images_close_to_matplotlibs_own(tmp_path, saved_figures):
+    """Each PNG holds at most 256 colours (about a third of the bytes: plots are kept in git), and every pixel is within
+    16 levels of the RGBA image matplotlib renders, so no line changes colour."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from triaccel_rl.plots import plot_comparison
+
+    results = [
+        fake(name, seed, 0.7 + 0.05 * seed, 1.0 + seed, None)
+        for name in ("static-fp32", "heuristic")
+        for seed in (0, 1)
+    ]
+    for result in results:
+        result.curve = [(0.5 * k, 0.5 + 0.04 * k, 64, 1.0, 0.0) for k in range(1, 8)]
+        result.trace = [
+            {"time_s": 0.5, "batch_size": 64, "lr_scale": 1.0, "memory_bytes": 1 << 20, "precisions": [0, 1]}
+        ]
+        result.layer_names = ["a", "b"]
+    for path in plot_comparison(results, tmp_path, target=0.8):
+        reference = tmp_path / f"rgba_{path.name}"
+        saved_figures[path.name].savefig(reference, format="png", dpi=110, bbox_inches="tight")
+        with Image.open(path) as written, Image.open(reference) as rendered:
+            assert written.mode == "P", path.name
+            drawn = np.asarray(written.convert("RGB"), dtype=np.int16)
+            expected = np.asarray(rendered.convert("RGB"), dtype=np.int16)
+        assert drawn.shape == expected.shape
+        assert np.abs(drawn - expected).max() <= 16, path.name
+        assert path.stat().st_size < reference.stat().st_size, path.name
+
+
 def test_each_plot_draws_each_runs_own_series(tmp_path, saved_figures):
     """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
     pytest.importorskip("matplotlib")

@@ -5,6 +5,7 @@ Needs matplotlib (the ``plots`` extra: ``pip install triaccel-rl[plots]``).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from triaccel_rl.compare import RunResult
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_comparison"]
+__all__ = ["plot_comparison", "save_png"]
 
 
 def plot_comparison(
@@ -175,8 +176,25 @@ def _figure(**kwargs: Any) -> Figure:
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the axes
-    return path
+    return save_png(fig, path)
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Writes ``fig`` to ``path`` as a PNG of at most 256 colours, cropped to what is drawn; returns the path.
+
+    Plots are kept in git beside the results: a palette image takes about a third of the bytes of matplotlib's RGBA
+    one, and a line plot or a heat map looks the same in it (every pixel within 16 of 255 levels in the tests). Pillow
+    is matplotlib's own dependency.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")  # a legend beside the axes
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+    palette.save(path, format="PNG", optimize=True)
+    return Path(path)
 
 
 def _safe(name: str) -> str:
