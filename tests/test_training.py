@@ -1,5 +1,6 @@
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,19 @@ def test_a_cuda_index_the_machine_does_not_have_is_refused_with_the_ones_it_has(
     assert resolve_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
     with pytest.raises(ValueError, match=r"^device='cuda:4' asked for, .* are cuda:0 to cuda:3$"):
         TrainingRun("synthetic", device="cuda:4")
+
+
+@pytest.mark.parametrize("device", [Path("cpu"), 0, b"cpu"])
+def test_a_device_of_another_type_is_refused_naming_it(device):
+    """A ``Path("cpu")`` raised torch's raw "device() received an invalid combination of arguments"."""
+    from triaccel_rl.training import resolve_device
+
+    with pytest.raises(
+        TypeError, match=rf"^device={re.escape(repr(device))} is a {type(device).__name__}: use a string"
+    ):
+        resolve_device(device)
+    with pytest.raises(TypeError, match=r"^device=.* use a string \(cpu, cuda or cuda:N\), a torch.device or None$"):
+        TrainingRun("synthetic", device=device)
 
 
 def test_budget_below_model_state_is_rejected():

@@ -102,11 +102,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """Returns ``device``, or CUDA when available and CPU otherwise.
 
     Raises:
+        TypeError: ``device`` is neither a string, a ``torch.device`` nor None (a ``Path("cpu")`` raised torch's
+            "invalid combination of arguments").
         ValueError: a device string torch does not know, a device type other than CPU and CUDA (the controller
             supports those), or a CUDA device asked for on a machine without one, or an index it does not have.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str | torch.device):
+        kind = type(device).__name__
+        raise TypeError(f"device={device!r} is a {kind}: use a string (cpu, cuda or cuda:N), a torch.device or None")
     try:
         resolved = torch.device(device)
     except RuntimeError:  # torch's message lists its internal device types (ipu, privateuseone, ...): noise here
