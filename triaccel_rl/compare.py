@@ -519,7 +519,7 @@ def _overhead_parts(loop: DecisionLoop) -> dict[str, float]:
 
 def check_comparison(
     task: str | Task,
-    controllers: Sequence[str],
+    controllers: Sequence[str | os.PathLike[str]],
     seeds: Sequence[int],
     *,
     epochs: float = 1.0,
@@ -539,7 +539,7 @@ def check_comparison(
     """
     from triaccel_rl.plain import PLAIN_PRECISIONS  # plain.py imports this module
 
-    _check_listed(controllers, seeds)
+    controllers, seeds = _controller_list(controllers), _seed_list(seeds)
     task_obj = task if isinstance(task, Task) else get_task(task)
     config = config or ControllerConfig()
     plain = [c for c in controllers if _is_plain_row(c)]
@@ -568,11 +568,9 @@ def check_comparison(
         raise ValueError("need at least one controller: name one of the controllers compare takes")
     if not seeds:
         raise ValueError("need at least one seed")
-    for seed in seeds:  # each checked before any run trains: -1 was refused after the rows before it had run
-        check_seed(f"seeds {list(seeds)}", seed)
-    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if repeated:  # their runs would all train, then summarize() refuses two results for one seed
-        raise ValueError(f"seeds {list(seeds)} repeat {repeated}: give each seed once")
+        raise ValueError(f"seeds {seeds} repeat {repeated}: give each seed once")
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm)
     if epochs < 1:  # under one epoch the budget may come to no sample at all: the task's data says (its loads cache)
         n_train = len(task_obj.data(seeds[0]).train_y)
@@ -596,7 +594,7 @@ def check_comparison(
 
 def compare(
     task: str | Task,
-    controllers: Sequence[str],
+    controllers: Sequence[str | os.PathLike[str]],
     seeds: Sequence[int],
     *,
     epochs: float = 1.0,
@@ -618,22 +616,25 @@ def compare(
     a failure in a late run loses none of the earlier ones).
 
     ``task`` is a registered name or a ``Task`` (e.g. one with its base LR overridden, ``get_task(name,
-    base_lr=...)``). ``eval_every`` and ``eval_every_steps`` are :func:`run_controller`'s. A controller ``plain-fp32``,
-    ``plain-bf16`` or ``plain-fp16`` is a user's own PyTorch loop in that precision
-    (:func:`triaccel_rl.plain.run_plain`, with this comparison's constant LR and evaluation steps: every
-    ``eval_every_steps``, else every ``eval_every`` × ``config.interval_steps`` steps). It measures real time, so
-    it needs ``cost_mode="measured"`` (the default on a GPU): beside rows charged modelled time its seconds would
-    mean something else. ``max_grad_norm`` clips every row's gradient norm the same way (:func:`run_controller`'s;
+    base_lr=...)``). A controller is a policy name or a policy zip's path (a str or an ``os.PathLike``); ``seeds`` a
+    list, tuple, 1-D array or tensor of whole numbers. ``eval_every`` and ``eval_every_steps`` are
+    :func:`run_controller`'s. A controller ``plain-fp32``, ``plain-bf16`` or ``plain-fp16`` is a user's own PyTorch
+    loop in that precision (:func:`triaccel_rl.plain.run_plain`, with this comparison's constant LR and evaluation
+    steps: every ``eval_every_steps``, else every ``eval_every`` × ``config.interval_steps`` steps). It measures real
+    time, so it needs ``cost_mode="measured"`` (the default on a GPU): beside rows charged modelled time its seconds
+    would mean something else. ``max_grad_norm`` clips every row's gradient norm the same way (:func:`run_controller`'s;
     a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
 
     Raises:
         ValueError: an unknown task or controller, a plain row in modelled time, ``controllers`` given as one str or
-            ``seeds`` as a count (give lists: ``["fp32"]``, ``[0, 1]``), or a non-positive ``epochs``, ``eval_every``,
-            ``eval_every_steps`` or ``max_grad_norm``, before any run starts.
+            ``seeds`` as a count (give lists: ``["fp32"]``, ``[0, 1]``), a controller neither a str nor a path, a seed
+            not a whole number, or a non-positive ``epochs``, ``eval_every``, ``eval_every_steps`` or
+            ``max_grad_norm``, before any run starts.
     """
     from triaccel_rl.plain import run_plain  # plain.py imports this module
 
     profile = HardwareProfile.resolve(profile)  # a path is read (and refused) before any run
+    controllers, seeds = _controller_list(controllers), _seed_list(seeds)  # the runs go over what the checks saw
     task_obj = check_comparison(
         task,
         controllers,
@@ -983,7 +984,7 @@ def _check_run_settings(
     check_max_grad_norm(max_grad_norm)
 
 
-def row_names(controllers: Sequence[str], config: ControllerConfig | None = None) -> list[str]:
+def row_names(controllers: Sequence[str | os.PathLike[str]], config: ControllerConfig | None = None) -> list[str]:
     """The row each controller's runs are reported under, in order.
 
     ``fp32`` is ``static-fp32``, a zip ``learned:<file name>`` (the shipped one ``pretrained``), a plain loop its
@@ -992,7 +993,7 @@ def row_names(controllers: Sequence[str], config: ControllerConfig | None = None
     Raises:
         ValueError: an unknown controller, as :func:`compare` would, or one name given as a str, not in a list.
     """
-    _check_listed(controllers)
+    controllers = _controller_list(controllers)
     config = config or ControllerConfig()
     names = []
     for controller in controllers:
@@ -1012,20 +1013,50 @@ def _is_plain_row(controller: str) -> bool:
     return controller.startswith("plain-") and not controller.lower().endswith(".zip")  # a zip as make_policy reads it
 
 
-def _check_listed(controllers: Sequence[str], seeds: Iterable[int] | None = None) -> None:
-    """Raises a ValueError naming the argument where ``controllers`` is one str or ``seeds`` is not a collection.
+def _controller_list(controllers: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``controllers`` as a list of str, a path (to a policy zip) as its str; raises a ValueError naming the argument.
 
-    A str was read as its letters (``"fp32"``: "unknown policy 'f'"), a count of seeds failed in a TypeError, and so
-    did a generator of seeds, read up by the checks.
+    A str was read as its letters (``"fp32"``: "unknown policy 'f'"), and a ``Path`` failed in a bare AttributeError
+    (``'PosixPath' object has no attribute 'startswith'``), though ``Controller(policy=...)`` takes one.
     """
     if isinstance(controllers, str):
         raise ValueError(f"controllers={controllers!r}: give a list, e.g. [{controllers!r}]")
     # A generator passed every check (the first read it up, unknown names unseen) and failed in len() at the runs
     if isinstance(controllers, Iterator) or not isinstance(controllers, Iterable):
         raise ValueError(f"controllers={controllers!r}: give a list such as ['fp32', 'heuristic']")
+    names = []
+    for controller in controllers:
+        name = os.fspath(controller) if isinstance(controller, os.PathLike) else controller
+        if not isinstance(name, str):  # a bytes path too: make_policy reads a str
+            raise ValueError(
+                f"controllers={controllers!r}: entry {controller!r} ({type(controller).__name__}) is no policy name or "
+                "path; give each as a str or an os.PathLike of one (a policy zip), e.g. ['fp32', 'heuristic']"
+            )
+        names.append(name)
+    return names
+
+
+def _seed_list(seeds: Iterable[int]) -> list[int]:
+    """``seeds`` as a list of Python ints (from a list, tuple, array or tensor); raises a ValueError naming it.
+
+    A count of seeds failed in a TypeError, and so did a generator, read up by the checks. An array's entries are
+    numpy scalars and a tensor's 0-d tensors: each is read as a Python number, so that an integer one is taken and a
+    bool or float one refused (a tensor's integer was refused, and ``if not seeds`` said ``np.array([0])`` held no
+    seed, or raised numpy's or torch's "ambiguous" error on two).
+    """
     # An iterator (a generator) too: the checks before the runs read it, and left the runs none (a TypeError on len())
-    if seeds is not None and (isinstance(seeds, (str, Iterator)) or not isinstance(seeds, Iterable)):
+    if (
+        isinstance(seeds, (str, Iterator))
+        or not isinstance(seeds, Iterable)
+        or (isinstance(seeds, (np.ndarray, torch.Tensor)) and seeds.ndim == 0)  # iterating one raises a TypeError
+    ):
         raise ValueError(f"seeds={seeds!r}: give a list such as [0, 1]")
+    values = [
+        seed.item() if isinstance(seed, (np.generic, np.ndarray, torch.Tensor)) and seed.ndim == 0 else seed
+        for seed in seeds
+    ]
+    # Each checked before any run trains: -1 was refused after the rows before it had run
+    return [check_seed(f"seeds {values}", seed) for seed in values]
 
 
 def _check_plain_row(controller: str) -> None:
