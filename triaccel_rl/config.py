@@ -41,6 +41,7 @@ __all__ = [
     "LRRule",
     "MemoryBudget",
     "RewardConfig",
+    "store_plain_numbers",
 ]
 
 
@@ -117,6 +118,7 @@ class MemoryBudget:
         for name, value in (("memory budget bytes", self.bytes), ("cpu_capacity_bytes", self.cpu_capacity_bytes)):
             if value is not None and not is_finite_real(value):
                 raise ConfigError(f"{name}={value} is too large (a float holds at most {sys.float_info.max:.3g})")
+        store_plain_numbers(self)
 
     def resolve(self, capacity_bytes: int, device_type: str = "cuda") -> int:
         """Returns the budget in bytes for a device with ``capacity_bytes`` of memory.
@@ -553,6 +555,7 @@ class HeuristicConfig:
                 f"max_batch_over_noise={self.max_batch_over_noise} must be a number in (1e-10, 1e6] (the observation "
                 "reads noise / batch from 1e-6 to 1e10)"
             )
+        store_plain_numbers(self)
 
 
 _HEURISTIC_NUMBERS = {
@@ -618,6 +621,7 @@ class RewardConfig:
                 f"reward budget_intervals={self.budget_intervals} must be positive "
                 "(the episode's time budget in reference intervals, e.g. 16)"
             )
+        store_plain_numbers(self)
 
 
 @dataclass(frozen=True)
@@ -679,6 +683,7 @@ class ElasticConfig:
             raise ConfigError(f"oom_budget_factor={self.oom_budget_factor} must be in (0, 1]")
         if self.max_oom_retries < 1:
             raise ConfigError(f"max_oom_retries={self.max_oom_retries} must be >= 1")
+        store_plain_numbers(self)
 
 
 _LR_SCALES_DEFAULT = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -849,6 +854,7 @@ class ControllerConfig:
                 f"signals={self.signals!r} must be a SignalConfig or the name of one of its presets "
                 "(SignalConfig.preset)"
             )
+        store_plain_numbers(self)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ControllerConfig:
@@ -895,10 +901,38 @@ class ControllerConfig:
         return replace(cls(), **{**presets[name], **overrides})
 
 
+def store_plain_numbers(config: Any) -> None:
+    """Stores the NumPy (or other non-Python) numbers of the frozen dataclass ``config`` as Python ints and floats.
+
+    Called at the end of a config's ``__post_init__``, once its checks have passed (they take NumPy numbers). A number
+    kept as given travelled into a ``Controller``'s state (``ema_decay=np.float32(0.9)`` made its loss EMA a NumPy
+    float), whose checkpoint ``torch.load`` then refused (``weights_only``, the default since torch 2.6), and NumPy's
+    fixed-width arithmetic broke on it (``SignalConfig(seed=np.int64(0))`` overflowed the collector's seed mixing).
+    Whole numbers become ``int``, other real numbers (``np.float64``, a ``Fraction``) ``float``, within a tuple
+    (``lr_scales``) too; Python's own numbers are kept as they are, a ``float`` subclass (a sentinel default) included,
+    and so is every other value.
+    """
+    for f in fields(config):
+        value = getattr(config, f.name)
+        plain = tuple(map(_plain_number, value)) if isinstance(value, tuple) else _plain_number(value)
+        if plain is not value:
+            object.__setattr__(config, f.name, plain)
+
+
+def _plain_number(value: Any) -> Any:
+    # Python's own numbers (bool and a float-subclass sentinel included) as they are; np.float64 subclasses float
+    if isinstance(value, int | float) and not isinstance(value, np.generic):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def _signal_config_type() -> type[SignalConfig]:
-    # Imported on first use rather than at the top: triaccel_rl.signals.config imports ConfigError from this
+    # Imported on first use rather than at the top: triaccel_rl.signals.config imports store_plain_numbers from this
     # module, so when triaccel_rl.signals is imported first it would find this module half-initialised.
-    # Once it imports ConfigError from triaccel_rl.errors instead, this can become a top-level import.
     from triaccel_rl.signals.config import SignalConfig
 
     return SignalConfig

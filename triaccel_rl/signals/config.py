@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from triaccel_rl.config import store_plain_numbers
 from triaccel_rl.errors import ChoiceEnum, ConfigError, is_finite_real, require_bool, require_number, require_whole
 
 __all__ = ["Schedule", "SignalConfig", "SignalMode"]
@@ -212,6 +213,7 @@ class SignalConfig:
             raise ConfigError(
                 f"need 0 < lr_factor_min={self.lr_factor_min} <= 1 <= lr_factor_max={self.lr_factor_max} < inf"
             )
+        store_plain_numbers(self)
 
     def _derive_unset_budgets(self) -> None:
         """Sets the sub-budgets left unset (``_Default``) from the final values of the others (see the class doc).
