@@ -32,6 +32,7 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, buffer_bytes, frozen_parameter_bytes, optimizer_state_tensors
+from triaccel_rl.distributed import any_rank, world_size
 from triaccel_rl.elastic import (
     BatchLRCoupler,
     UnrecoverableOOMError,
@@ -40,7 +41,7 @@ from triaccel_rl.elastic import (
     resolve_lr_rule,
 )
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
-from triaccel_rl.errors import NoGoodStateError, is_whole
+from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.experiment import purge_tensorboard_after
 from triaccel_rl.loader import ElasticLoader
@@ -51,7 +52,14 @@ from triaccel_rl.memory import (
     device_capacity_bytes,
 )
 from triaccel_rl.observation import OBS_HIGH, LayerGrouper, ObservationLayout, build_observation
-from triaccel_rl.policies import HEURISTIC_NAMES, STATIC_PRESETS, LearnedPolicy, make_policy, run_without_bf16
+from triaccel_rl.policies import (
+    HEURISTIC_NAMES,
+    STATIC_PRESETS,
+    LearnedPolicy,
+    StaticPolicy,
+    make_policy,
+    run_without_bf16,
+)
 from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
@@ -101,7 +109,9 @@ class Controller:
         policy: ``"heuristic"`` or one of its ablations (``"heuristic-precision"``, ...; see
             ``make_policy``), ``"pretrained"`` (the policy shipped with the package), a static preset
             (``"fp32"``, ``"bf16"``, ``"fp16"``), a path to an SB3 ``.zip``, or any object with the ``predict``
-            signature. The batch finders are ``compare`` baselines, refused here with the reason.
+            signature. The batch finders are ``compare`` baselines, refused here with the reason. Under
+            ``torch.distributed`` (DDP, more than one process) only a static preset is taken: an adaptive policy would
+            decide in each process from its own shard's signals, and is refused (``ConfigError``).
         config: decision interval, groups, LR scales, batch bounds, memory budget, signals
             (``config.signals``; with ``lr_factors`` on, or a policy with ``needs_lr_factors`` such as
             ``"heuristic-second-order"``, each decision sets curvature-scaled per-layer LR factors, which
@@ -197,6 +207,7 @@ class Controller:
         # Everything a caller can get wrong is checked before the engine hooks into the model and the optimizer.
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
+        _refuse_adaptive_in_ddp(policy)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))
         if hasattr(self.policy, "prepare"):  # the batch finder searches its batch on a TrainingRun first
             raise ValueError(
@@ -1309,7 +1320,9 @@ class Controller:
             self.config.interval_steps,
             self.config.max_interval_factor,
             (1.0 - signals.expensive_share) * signals.budget_frac,
-            adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED,
+            # Under DDP, not stretched: each process times its own decisions, and intervals of other lengths would
+            # put the shield's collective (any_rank) at other steps in each, beside DDP's own.
+            adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED and world_size() == 1,
             cheap_share=signals.cheap_budget_frac,
         )
 
@@ -1662,7 +1675,10 @@ class Controller:
         if self.guard is None or steps == 0:
             return False
         broken = self._broken_buffers()  # a sync like the interval's flush, with the device idle
-        self._interval_healthy = applied == steps and not broken
+        # Under DDP the processes judge together (the updates applied are the same in each: the skips are agreed at
+        # every step), so that all restore where one must and the replicas stay equal.
+        any_broken = any_rank(bool(broken), self.device)
+        self._interval_healthy = applied == steps and not any_broken
         if self._interval_healthy:
             self._rollbacks_in_a_row = 0
         # The first update after the copy had a finite loss on the copy's weights.
@@ -1670,7 +1686,11 @@ class Controller:
             self.guard.confirm()
             if not reopened:  # a state newer than the one restored has trained: the run is moving, not stuck
                 self._rollbacks_in_a_row = 0
-        overflowed = not broken and losses_finite and self.engine.precision.needs_grad_scaler
+        overflowed = (
+            not any_broken
+            and self.engine.precision.needs_grad_scaler
+            and not any_rank(not losses_finite, self.device)  # the same in every process: so is the condition before
+        )
         if applied == before_copy and overflowed:  # the weights are the copy's: they overflowed at this scale
             _log.info(
                 "no update in the interval: fp16 gradients overflowed at finite losses; the loss scale backs off to %g "
@@ -1681,12 +1701,14 @@ class Controller:
             self._copy_opens_interval, self._change_copy = began_from_copy, change_copy
             self._reopened_copy = reopened
             return False
-        if broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
+        if any_broken or applied == before_copy:  # no update since the copy the interval began from (0 unless resumed)
             # The first failure after a change goes back to the change (the change, not the state, may be what failed:
             # a decision follows, which may take it back), once: failing again from it, to the last confirmed state.
             reason = (
                 f"non-finite values in buffers {broken[:3]}"
                 if broken
+                else "non-finite values in another process's buffers"
+                if any_broken
                 else "non-finite gradients at finite losses"
                 if losses_finite
                 else "non-finite loss"
@@ -1884,6 +1906,22 @@ def _policy_argument(name: str) -> str:
     if name == _LEARNED:
         return "policy='pretrained' or the path of a learned policy's zip"
     return f"policy=the {name} object the run was saved with"
+
+
+def _refuse_adaptive_in_ddp(spec: object) -> None:
+    """A ``ConfigError`` for any policy but a static one in a ``torch.distributed`` run of more than one process."""
+    processes = world_size()
+    if processes == 1 or isinstance(spec, StaticPolicy):
+        return
+    if isinstance(spec, str) and spec.lower().removeprefix("static-") in STATIC_PRESETS:
+        return
+    named = repr(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else f"a {type(spec).__name__} object"
+    raise ConfigError(
+        f"policy={named} decides from this process's own signals, and this torch.distributed run has {processes} "
+        "processes: each would decide from its shard's losses and gradients, take its own LR multiplier, precisions "
+        "and batch size, and the DDP replicas would drift apart (a batch size of its own hangs an all-reduce). Under "
+        f"torch.distributed use a static policy: {', '.join(repr(name) for name in STATIC_PRESETS)}"
+    )
 
 
 def _check_loss(loss: object) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s grouping
 
+from triaccel_rl.distributed import any_rank
 from triaccel_rl.errors import DetachedParametersError, is_finite_real, is_real
 from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
@@ -758,6 +759,9 @@ class StepEngine:
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
             skipped = skipped or overflow_before
+            # Under DDP every process skips where one must: its loss is its own (a NaN term without a gradient leaves
+            # the all-reduced gradients finite), and an update taken by some replicas only would part them for good.
+            skipped = any_rank(skipped, self.device)
             if skipped:  # the batch is bad for the second optimizer too: its step() skips what it would have NaN'd
                 self._drop_unheld_gradients()
             else:

@@ -1,0 +1,222 @@
+"""The Controller under DDP: two processes on the CPU (gloo), each training a replica on its own shard."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.functional import cross_entropy
+from torch.nn.parallel import DistributedDataParallel
+from triaccel_rl.policies import StaticPolicy
+
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.controller import Controller
+from triaccel_rl.distributed import any_rank, world_size
+from triaccel_rl.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available() or "fork" not in mp.get_all_start_methods(),
+    reason="needs torch.distributed with gloo, and processes started by fork",
+)
+
+WORLD = 2
+TIMEOUT_S = 30  # a collective one process never joins fails after this, and the test with it, instead of hanging
+
+
+def test_a_single_process_without_a_group_is_a_world_of_one_and_communicates_nothing(monkeypatch):
+    def no_collective(*args: object, **kwargs: object) -> None:
+        raise AssertionError("any_rank communicated in a single process")
+
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    assert not dist.is_initialized()
+    assert world_size() == 1
+    assert any_rank(True, torch.device("cpu")) is True
+    assert any_rank(False, torch.device("cpu")) is False
+
+
+def test_fp32_under_the_controller_is_a_plain_ddp_loop_bit_for_bit(tmp_path):
+    results = _run_on_two_processes(_fp32_against_plain, tmp_path)
+    for rank, (controlled, plain) in enumerate(results):
+        assert torch.equal(controlled, plain), f"rank {rank}: max |diff| {float((controlled - plain).abs().max()):.3g}"
+    assert torch.equal(results[0][0], results[1][0])
+
+
+def test_an_adaptive_policy_is_refused_before_anything_is_hooked_in(tmp_path):
+    for refused in _run_on_two_processes(_adaptive_refused, tmp_path):
+        heuristic, custom = refused
+        assert heuristic.startswith("policy='heuristic' decides from this process's own signals")
+        assert "torch.distributed run has 2 processes" in heuristic
+        assert heuristic.endswith("use a static policy: 'fp32', 'bf16', 'fp16'")
+        assert custom.startswith("policy=a _Constant object decides")
+
+
+def test_a_non_finite_buffer_in_one_process_rolls_every_process_back_to_the_same_state(tmp_path):
+    """Rank 1's last batch of the second interval holds a NaN: its batch norm's running statistics turn NaN there, and
+    the step is skipped in both (the NaN gradient is all-reduced). Before the fix rank 1 alone rolled back."""
+    for rank, (rollbacks, restored, copy, final, other_final) in enumerate(_run_on_two_processes(_nan_batch, tmp_path)):
+        assert rollbacks == 1, f"rank {rank}"
+        assert torch.equal(restored, copy), f"rank {rank}: not restored to the state after the first interval"
+        assert torch.equal(final, other_final), (
+            f"rank {rank}: max |diff| {float((final - other_final).abs().max()):.3g}"
+        )
+        assert bool(torch.isfinite(final).all())
+
+
+def test_a_non_finite_loss_in_one_process_skips_the_step_in_every_process(tmp_path):
+    """A NaN term without a gradient: the all-reduced gradients stay finite, and rank 1's loss alone says skip."""
+    for rank, (skipped, final, other_final) in enumerate(_run_on_two_processes(_nan_loss_term, tmp_path)):
+        assert skipped == 1, f"rank {rank}"
+        assert torch.equal(final, other_final), f"rank {rank}"
+
+
+# ----------------------------------------------------------------------------------------- the processes' side
+
+
+def _model(batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    norm: list[nn.Module] = [nn.BatchNorm1d(16)] if batch_norm else []
+    return nn.Sequential(nn.Linear(8, 16), *norm, nn.ReLU(), nn.Linear(16, 3))
+
+
+def _shard(rank: int, n: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(n, 8, generator=generator)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+
+
+def _flat_parameters(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.zeros_like(tensor) for _ in range(WORLD)]
+    dist.all_gather(out, tensor)
+    return out
+
+
+def _fp32_against_plain(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Controller's run on this rank's shard through ``ctl.loader``, then a plain DDP loop on the same batches."""
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ctl = Controller(ddp, optimizer, policy="fp32", config=ControllerConfig(interval_steps=5))
+    batches = []
+    for x, y in ctl.loader(_shard(rank), batch_size=16, epochs=1):
+        batches.append((x.clone(), y.clone()))
+        with ctl.autocast():
+            loss = cross_entropy(ddp(x), y)
+        ctl.step(loss)
+    ctl.close()
+    plain_model = _model()
+    plain = DistributedDataParallel(plain_model)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:
+        loss = cross_entropy(plain(x), y)
+        plain_optimizer.zero_grad()
+        loss.backward()
+        plain_optimizer.step()
+    return _flat_parameters(model), _flat_parameters(plain_model)
+
+
+class _Constant:
+    """A policy of the user's own, adaptive as far as the Controller can tell."""
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None, deterministic: bool = False):
+        return StaticPolicy("fp32").predict(observation, state)
+
+
+def _adaptive_refused(rank: int) -> tuple[str, str]:
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    messages = []
+    for policy in ("heuristic", _Constant()):
+        try:
+            Controller(ddp, optimizer, policy=policy)
+        except ConfigError as error:
+            messages.append(str(error))
+        else:
+            messages.append("accepted")
+        hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in ddp.modules()]
+        assert hooks == [0] * len(hooks), f"a refused Controller left hooks: {hooks}"
+    for static in ("static-bf16", StaticPolicy("fp32")):  # accepted
+        Controller(ddp, optimizer, policy=static).close()
+    return messages[0], messages[1]
+
+
+def _nan_batch(rank: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = _model(batch_norm=True)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ctl = Controller(ddp, optimizer, policy="fp32", config=ControllerConfig(interval_steps=5))
+    x, y = _shard(rank)
+    for step in range(13):
+        xb, yb = x[step * 12 : (step + 1) * 12].clone(), y[step * 12 : (step + 1) * 12]
+        if rank == 1 and step == 9:  # the second interval's last step
+            xb[0] = float("nan")
+        with ctl.autocast():
+            loss = cross_entropy(ddp(xb), yb)
+        ctl.step(loss)
+        if step == 4:
+            copy = _flat_parameters(model)  # the first interval's end, confirmed by the next update
+        if step == 9:
+            restored = _flat_parameters(model)
+    ctl.close()
+    final = _flat_parameters(model)
+    return ctl.rollbacks, restored, copy, final, _gathered(final)[1 - rank]
+
+
+def _nan_loss_term(rank: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ctl = Controller(ddp, optimizer, policy="fp32", config=ControllerConfig(interval_steps=5))
+    x, y = _shard(rank)
+    for step in range(7):
+        with ctl.autocast():
+            loss = cross_entropy(ddp(x[step * 12 : (step + 1) * 12]), y[step * 12 : (step + 1) * 12])
+        if rank == 1 and step == 2:
+            loss = loss + torch.tensor(float("nan"))
+        ctl.step(loss)
+    ctl.close()
+    final = _flat_parameters(model)
+    return ctl.skipped_steps, final, _gathered(final)[1 - rank]
+
+
+def _process(rank: int, port: int, scenario: Callable[[int], Any], out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)  # two processes on a shared CPU
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        torch.save(scenario(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_on_two_processes(scenario: Callable[[int], Any], out_dir: Path) -> list[Any]:
+    """``scenario(rank)`` in each of two processes of one gloo group; their results, by rank."""
+    import torch._dynamo  # DDP's constructor imports it: seconds once here, not in each forked process
+
+    with socket.socket() as probe:  # a free port (the OS picks it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(
+        _process, args=(port, scenario, str(out_dir)), nprocs=WORLD, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 2 * TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):  # raises a process's error
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the processes did not finish in {2 * TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
