@@ -1559,6 +1559,9 @@ def _hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         ({"log_dir": "FILE"}, "is a file; give a folder"),
         # "" wrote SummaryWriter's own ./runs/<date>_<host> folder, where None (no logging) was meant
         ({"log_dir": ""}, r"log_dir='' names no folder: give one for the TensorBoard logs, or None for none"),
+        # 5 wrote the events under ./5, and b"/tmp/x" under ./b'/tmp/x'
+        ({"log_dir": 5}, r"^log_dir=5 \(int\) names no folder: give a str or a Path$"),
+        ({"log_dir": b"/tmp/x"}, r"^log_dir=b'/tmp/x' \(bytes\) names no folder: give a str or a Path$"),
         ({}, "injected"),  # the rollback copy's allocation fails after the engine is built
     ],
 )
@@ -1577,7 +1580,7 @@ def test_a_refused_controller_leaves_the_model_and_optimizer_unhooked(kwargs, me
             raise torch.OutOfMemoryError("injected: no room for the rollback copy")
 
         monkeypatch.setattr(controller_module.RollbackGuard, "reserve", out_of_memory)
-    with pytest.raises((ValueError, torch.OutOfMemoryError), match=message):
+    with pytest.raises((ValueError, TypeError, torch.OutOfMemoryError), match=message):
         Controller(model, optimizer, **kwargs)
     assert _hooks(model, optimizer) == 0
     model(torch.randn(3, 4)).square().mean().backward()

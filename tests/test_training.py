@@ -202,7 +202,7 @@ def test_a_device_of_another_type_is_refused_naming_it(device):
     from triaccel_rl.training import resolve_device
 
     with pytest.raises(
-        TypeError, match=rf"^device={re.escape(repr(device))} is a {type(device).__name__}: use a string"
+        TypeError, match=rf"^device={re.escape(repr(device))} \({type(device).__name__}\) is not a device: use a string"
     ):
         resolve_device(device)
     with pytest.raises(TypeError, match=r"^device=.* use a string \(cpu, cuda or cuda:N\), a torch.device or None$"):

@@ -194,6 +194,8 @@ class Controller:
                 f"grad_transform={grad_transform!r} must be a callable taking no arguments, e.g. "
                 "lambda: torch.nn.utils.clip_grad_value_(model.parameters(), 1.0), or None"
             )
+        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):  # 5 wrote to ./5, b"/x" to ./b'/x'
+            raise TypeError(f"log_dir={log_dir!r} ({type(log_dir).__name__}) names no folder: give a str or a Path")
         if log_dir is not None and not str(log_dir):  # "": SummaryWriter's own ./runs/<date>_<host>, unasked
             raise ValueError("log_dir='' names no folder: give one for the TensorBoard logs, or None for none")
         if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):

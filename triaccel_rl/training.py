@@ -111,7 +111,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, str | torch.device):
         kind = type(device).__name__
-        raise TypeError(f"device={device!r} is a {kind}: use a string (cpu, cuda or cuda:N), a torch.device or None")
+        raise TypeError(
+            f"device={device!r} ({kind}) is not a device: use a string (cpu, cuda or cuda:N), a torch.device or None"
+        )
     try:
         resolved = torch.device(device)
     except RuntimeError:  # torch's message lists its internal device types (ipu, privateuseone, ...): noise here
