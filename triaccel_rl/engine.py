@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import logging
 import math
@@ -290,12 +291,14 @@ class StepEngine:
             moved, so the batch is spent and the step cannot be retried."""
             # Updates applied on the reference path, one raised part-way included (the fused one counts on the device)
             self._reference_applied = 0
-            reason = _fused_unsupported(optimizer, self.layer_params)
+            wanted = fused if fused is not None else device.type == "cuda"
+            # Checked only where wanted: the checks load Triton, which is not installed everywhere (macOS, Windows)
+            reason = _fused_unsupported(optimizer, self.layer_params) if wanted else ""
             if fused and reason:
                 raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
-            if (fused if fused is not None else device.type == "cuda") and not reason:
+            if wanted and not reason:
                 self._init_fused()
-            elif fused is None and device.type == "cuda":  # the default would have been the fused step: say why not
+            elif reason:  # the default would have been the fused step: say why not
                 _log.warning("the fused optimizer step cannot run this optimizer (%s): the reference path runs", reason)
 
         except BaseException:
@@ -2001,6 +2004,8 @@ def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
 
 def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list[nn.Parameter]]) -> str:
     """Why the fused step cannot stand in for ``optimizer`` ('' when it can)."""
+    if importlib.util.find_spec("triton") is None:  # checked first: the kernels package below loads it
+        return "Triton is not installed (triaccel-rl depends on it on Linux only)"
     groups = optimizer.param_groups
     keys: tuple[str, ...]
     if type(optimizer) is torch.optim.SGD:
