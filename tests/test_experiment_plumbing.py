@@ -3,6 +3,7 @@
 import os
 import runpy
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,14 @@ def test_git_commit_marks_a_tree_with_edits(monkeypatch):
     assert experiment.git_commit() == "abc1234+dirty"
     status["text"] = ""
     assert experiment.git_commit() == "abc1234"
-    monkeypatch.setenv("COMMIT", "0c67b2b")  # a device copy without git: the hash the visit was told
-    assert experiment.git_commit() == "0c67b2b"
+    monkeypatch.setenv("COMMIT", "0c67b2b")
+    assert experiment.git_commit() == "abc1234"  # a checkout's own commit beats the variable
+
+    def no_git(root, *a):
+        raise subprocess.CalledProcessError(128, ["git", *a])
+
+    monkeypatch.setattr(experiment, "_git", no_git)
+    assert experiment.git_commit() == "0c67b2b"  # a device copy without git: the hash the visit was told
 
 
 @pytest.mark.parametrize("text", ["nan", "1,inf", "-inf"])

@@ -41,5 +41,13 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except AttributeError as err:
+            # Raised from here as it is, `from triaccel_rl import Controller` would report only "cannot import name
+            # 'Controller'": Python reads an AttributeError from a module's __getattr__ as the name being absent.
+            raise ImportError(
+                f"triaccel_rl.{name}: importing {_LAZY[name]} failed: {type(err).__name__}: {err}", name=_LAZY[name]
+            ) from err
+        return getattr(module, name)
     raise AttributeError(f"module 'triaccel_rl' has no attribute {name!r}")

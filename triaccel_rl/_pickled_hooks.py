@@ -28,7 +28,8 @@ _released: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 _numbers = itertools.count()
 # This process's own part of every name: numbers alone restarted at 0 in each process, so a model saved in one and
 # loaded in another where a Controller was open (a teacher loaded beside a student) got that Controller's live hooks.
-# A forked child draws its own (it inherited its parent's, and counted on from the same number).
+# A forked child draws its own (it inherited its parent's, and counted on from the same number); a spawned one
+# imports this module afresh, and draws its own here.
 _PROCESS = secrets.token_hex(8)
 
 
@@ -37,7 +38,8 @@ def _new_process_token() -> None:
     _PROCESS = secrets.token_hex(8)
 
 
-os.register_at_fork(after_in_child=_new_process_token)
+if hasattr(os, "register_at_fork"):  # Unix only: Windows has no fork, and spawns every child
+    os.register_at_fork(after_in_child=_new_process_token)
 
 
 def named(hook: Callable[..., Any]) -> Callable[..., Any]:

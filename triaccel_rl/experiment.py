@@ -296,14 +296,11 @@ def cpu_machine() -> str:
 
 
 def git_commit(short: bool = True) -> str:
-    """The checkout's commit; ``$COMMIT`` or ``$TRIACCEL_COMMIT`` where there is no git (a device copy).
+    """The checkout's commit; ``$TRIACCEL_COMMIT``, else ``$COMMIT``, where there is no git (a device copy).
 
     Only a git checkout whose top folder holds the package counts: an install inside another repository (a venv in
-    the user's own project) gives ``"unknown"``, not that repository's commit.
+    the user's own project) gives the variable's commit, or ``"unknown"`` without one, not that repository's commit.
     """
-    for name in ("COMMIT", "TRIACCEL_COMMIT"):
-        if os.environ.get(name):
-            return os.environ[name]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = _git(root, "rev-parse", *(["--short"] if short else []), "HEAD")
@@ -311,7 +308,10 @@ def git_commit(short: bool = True) -> str:
         # uncommitted code was credited to its parent).
         return commit + ("+dirty" if _git(root, "status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        pass
+    # Read only without a checkout: a shell's or CI's own $COMMIT (a commit message, say) was recorded inside one.
+    # scripts/device-visit.sh sets both for the package it installs outside the device's copy of the tree.
+    return os.environ.get("TRIACCEL_COMMIT") or os.environ.get("COMMIT") or "unknown"
 
 
 def _git(root: Path, *arguments: str) -> str:
