@@ -60,6 +60,14 @@ def test_an_adaptive_policy_is_refused_before_anything_is_hooked_in(tmp_path):
         assert custom.startswith("policy=a _Constant object decides")
 
 
+def test_a_probe_batch_is_refused_whatever_the_policy(tmp_path):
+    """The estimator rounds run when each process's own timings allow: at other steps in each, beside DDP's
+    collectives (its forward broadcasts buffers, its backward all-reduces), which would hang."""
+    for message in _run_on_two_processes(_probe_refused, tmp_path):
+        assert message.startswith("probe= is given, and this torch.distributed run has 2 processes")
+        assert message.endswith("Leave probe out under torch.distributed")
+
+
 def test_a_non_finite_buffer_in_one_process_rolls_every_process_back_to_the_same_state(tmp_path):
     """Rank 1's last batch of the second interval holds a NaN: its batch norm's running statistics turn NaN there, and
     the step is skipped in both (the NaN gradient is all-reduced). Before the fix rank 1 alone rolled back."""
@@ -152,6 +160,19 @@ def _adaptive_refused(rank: int) -> tuple[str, str]:
     for static in ("static-bf16", StaticPolicy("fp32")):  # accepted
         Controller(ddp, optimizer, policy=static).close()
     return messages[0], messages[1]
+
+
+def _probe_refused(rank: int) -> str:
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    try:
+        Controller(ddp, optimizer, policy="fp32", probe=_shard(rank, 16), loss_fn=cross_entropy)
+    except ConfigError as error:
+        hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in ddp.modules()]
+        assert hooks == [0] * len(hooks), f"a refused Controller left hooks: {hooks}"
+        return str(error)
+    return "accepted"
 
 
 def _nan_batch(rank: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

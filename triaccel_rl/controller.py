@@ -209,7 +209,7 @@ class Controller:
         # Everything a caller can get wrong is checked before the engine hooks into the model and the optimizer.
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
-        _refuse_adaptive_in_ddp(policy)
+        _refuse_in_ddp(policy, probe)
         self.policy = make_policy(policy, self.config, observation_space, action_space(self.config))
         if hasattr(self.policy, "prepare"):  # the batch finder searches its batch on a TrainingRun first
             raise ValueError(
@@ -1910,10 +1910,19 @@ def _policy_argument(name: str) -> str:
     return f"policy=the {name} object the run was saved with"
 
 
-def _refuse_adaptive_in_ddp(spec: object) -> None:
-    """A ``ConfigError`` for any policy but a static one in a ``torch.distributed`` run of more than one process."""
+def _refuse_in_ddp(spec: object, probe: object) -> None:
+    """A ``ConfigError`` for a probe batch, or any policy but a static one, under DDP (more than one process)."""
     processes = world_size()
-    if processes == 1 or isinstance(spec, StaticPolicy):
+    if processes == 1:
+        return
+    if probe is not None:
+        raise ConfigError(
+            f"probe= is given, and this torch.distributed run has {processes} processes: the estimator rounds run the "
+            "model's forward and backward on the probe batch when each process's own step times allow, so the "
+            "processes would run them at different steps, out of step with DDP's collectives (a hang). Leave probe "
+            "out under torch.distributed"
+        )
+    if isinstance(spec, StaticPolicy):
         return
     if isinstance(spec, str) and spec.lower().removeprefix("static-") in STATIC_PRESETS:
         return
