@@ -30,6 +30,7 @@ time_to_target_s mean and per seed, final_acc, peak_bytes, overhead_frac, ...), 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -655,20 +656,23 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     not redrawn (``plot_jobs``).
 
     Raises:
-        SystemExit: no file given, or two files of one job with different contents; the message names them.
+        SystemExit: no file given, a file that cannot be read as JSON or holds no ``runs``, a job or model name that is
+            not one folder's name (``_check_folder_name``), or two files of one job with different contents; the message
+            names them.
     """
     if not [path for path in paths if path.strip()]:
         raise SystemExit("--merge: no file given; give comma-separated result JSONs")
     merged: dict[str, list[Any]] = {"rows": [], "grid": [], "runs": []}
     sources: dict[str, tuple[str, dict[str, list[Any]]]] = {}  # job -> (first file, its entries)
     for path in (path.strip() for path in paths if path.strip()):
-        # A job file written before the results were strict JSON holds NaN (a diverged run's probe losses): read as
-        # null, as a job file written now holds it, so the two compare alike and the merged file is strict JSON.
-        data = json_safe(json.loads(Path(path).read_text()))
+        data = _read_results(path)
         by_job: dict[str, dict[str, list[Any]]] = {}
         for key in merged:
             for entry in data.get(key, []):
                 tagged = {"job": Path(path).stem, **entry}
+                for field in ("job", "model"):
+                    if field in tagged:
+                        _check_folder_name(tagged[field], field, path)
                 by_job.setdefault(tagged["job"], {name: [] for name in merged})[key].append(tagged)
         for job, entries in by_job.items():
             if job in sources:
@@ -684,7 +688,8 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
             for key, values in entries.items():
                 merged[key] += values
     for row in merged["rows"]:
-        row.setdefault("epochs", _row_epochs(row))
+        if "epochs" not in row:  # a row that records its budget needs no command to read it from
+            row["epochs"] = _row_epochs(row)
     if plots:
         plot_jobs(merged["runs"], merged["rows"], Path(plots))
     merged["runs"] = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in merged["runs"]]
@@ -692,10 +697,44 @@ def merge(paths: list[str], out: Path, plots: str = "") -> None:
     print(f"merged {len(merged['rows'])} rows of {len(sources)} jobs from {len(paths)} files into {out}")
 
 
+def _read_results(path: str) -> dict[str, Any]:
+    """A result JSON's contents, NaN read as null.
+
+    A job file written before the results were strict JSON holds NaN (a diverged run's probe losses): read as null, as
+    a job file written now holds it, so the two compare alike and the merged file is strict JSON.
+
+    Raises:
+        SystemExit: the file cannot be read, is not JSON (or holds an integer past Python's 4300 digits), or is not
+            an object with ``runs``; the message names it.
+    """
+    try:
+        data = json_safe(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON, or an integer of over 4300 digits
+        raise SystemExit(f"--merge: {path} cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict) or "runs" not in data:
+        raise SystemExit(f'--merge: {path} holds no "runs"; give result JSONs this script wrote (rows, grid, runs)')
+    return data
+
+
+def _check_folder_name(name: Any, field: str, path: str) -> None:
+    """Checks a job's or model's name is one folder's name: plots are written to ``--plots/<model>/jobs/<job>``.
+
+    Raises:
+        SystemExit: ``name`` is not a string, is empty, ``.`` or ``..``, or holds a path separator (as an absolute path
+            does), so its plots would land outside ``--plots`` or in another folder's; the message names the file.
+    """
+    # Path(name).name drops everything up to the last separator, and is "" for ".": it differs from such a name.
+    if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
+        raise SystemExit(
+            f"--merge: {path} names a {field} {name!r}; a {field} must be one folder's name (no path separator, not "
+            f"'..'), as plots are written to --plots/<model>/jobs/<job>"
+        )
+
+
 def _without_detail(entries: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """A job's entries as a merged file holds them (runs without ``_RUN_DETAIL``, rows with ``epochs``), to compare."""
     runs = [{key: value for key, value in run.items() if key not in _RUN_DETAIL} for run in entries["runs"]]
-    rows = [{"epochs": _row_epochs(row), **row} for row in entries["rows"]]
+    rows = [row if "epochs" in row else {**row, "epochs": _row_epochs(row)} for row in entries["rows"]]
     return {**entries, "rows": rows, "runs": runs}
 
 
@@ -704,14 +743,22 @@ def _row_epochs(row: dict[str, Any]) -> float:
 
     From its job's command (``--epochs``, else the default) and the row's ``epochs_factor``; a row this script no
     longer defines ran before ``epochs_factor`` existed (2026-12-02), on the whole budget.
+
+    Raises:
+        SystemExit: the command's ``--epochs`` is not followed by a number; the message names the row's job.
     """
-    words = str(row.get("command", "")).split()
+    command = str(row.get("command", ""))
     epochs = Args().epochs
-    for word, after in zip(words, [*words[1:], ""], strict=True):  # --epochs 8, or --epochs=8 (read as 12 once)
-        if word == "--epochs":
-            epochs = float(after)
-        elif word.startswith("--epochs="):
-            epochs = float(word.removeprefix("--epochs="))
+    for word, after in itertools.pairwise([*command.split(), ""]):  # --epochs 8, or --epochs=8 (read as 12 once)
+        if word == "--epochs" or word.startswith("--epochs="):
+            value = after if word == "--epochs" else word.removeprefix("--epochs=")
+            try:
+                epochs = float(value)
+            except ValueError:
+                raise SystemExit(
+                    f"--merge: row {row.get('controller')!r} of job {row.get('job')!r} has no number after --epochs "
+                    f"in its command {command!r}"
+                ) from None
     spec = rows_for(Args()).get(str(row.get("controller")), {})
     return epochs * spec.get("epochs_factor", 1.0)
 

@@ -677,7 +677,7 @@ class ObservationStats:
             raise ValueError(f"observation stats {str(file)!r} cannot be read: {error}") from None
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits (a plain ValueError)
             raise ValueError(f"observation stats {str(file)!r} are not valid JSON: {error}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"observation stats {str(file)!r} must be a JSON object; got {type(raw).__name__}")
