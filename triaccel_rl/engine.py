@@ -1036,7 +1036,8 @@ class StepEngine:
                 precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
                 factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
                 or None or that holds NaN or inf (a moment: the parameter and field named), a param group without one
-                of the optimizer's hyper-parameters; the message says which).
+                of the optimizer's hyper-parameters or with one of another kind or range (``lr`` NaN, ``betas`` of one
+                number: the group, field and value named); the message says which).
         """
         plan = self._checked_state(state)
         if plan.across or not self.fused:
@@ -1932,6 +1933,7 @@ def _check_state_shapes(
                 f"{whose}param group {number} lacks {', '.join(map(repr, missing))}, which "
                 f"{type(optimizer).__name__}'s update reads: it is not torch.optim's state_dict() of this optimizer"
             )
+    _check_group_values(optimizer, saved["param_groups"], whose)
     for index, entry in saved["state"].items():
         if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < len(params):
             raise ValueError(
@@ -1956,6 +1958,77 @@ def _check_state_shapes(
                     f"{whose}optimizer state 'step' of parameter {index} is {value!r}: a step count is a "
                     "finite whole number >= 0"
                 )
+
+
+def _check_group_values(
+    optimizer: torch.optim.Optimizer, groups: Sequence[Mapping[str, Any]], whose: str = "the checkpoint's "
+) -> None:
+    """Raises a ValueError naming a saved param group's hyper-parameter that this optimizer's update cannot take.
+
+    torch.optim's load puts the saved groups in place unchecked: an ``lr`` of NaN trained the weights to NaN, an
+    ``eps`` of ``'1e-8'`` raised a TypeError in the update after part of it had run (the weights half-changed), and
+    ``betas`` of one number a ValueError. Each saved value is compared with the live group's (``groups`` are as many):
+    a number must be a finite real in the range torch.optim's constructors allow (``_HYPER_RANGES``), a tensor only
+    where the live value is one (a tensor LR), a tuple (``betas``) as long and of such numbers, and a flag a bool (or
+    None for ``foreach`` and ``fused``). Keys the live group lacks, ``"layer"`` (``_check_layer_keys``) and values of
+    other kinds (L-BFGS's ``line_search_fn``, names) are not checked here.
+    """
+    for number, (group, live_group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        for key, value in group.items():
+            if key in ("params", "layer") or key not in live_group:
+                continue
+            live = live_group[key]
+            expected = _hyper_expected(key, value, live)
+            if expected is not None:
+                raise ValueError(
+                    f"{whose}param group {number} has {key!r}: {value!r}; {type(optimizer).__name__}'s update takes "
+                    f"{expected} there (this optimizer's group holds {live!r})"
+                )
+
+
+def _hyper_expected(key: str, value: Any, live: Any) -> str | None:
+    """What a saved param group's ``value`` of ``key`` must be, where the live group holds ``live``; None if it is."""
+    if isinstance(live, bool) or (live is None and key in _OPTIONAL_FLAGS):
+        if isinstance(value, bool) or (value is None and key in _OPTIONAL_FLAGS):
+            return None
+        return "a bool or None" if key in _OPTIONAL_FLAGS else "a bool"
+    low, high = _HYPER_RANGES.get(key, (-math.inf, math.inf))
+    bound = f" in [{low}, {high})" if high < math.inf else f" >= {low}" if low > -math.inf else ""
+    if isinstance(live, (list, tuple)) and live and all(item is None or _hyper_number(item) for item in live):
+        if isinstance(value, (list, tuple)) and len(value) == len(live):
+            if all(_hyper_fits(key, v, item) for v, item in zip(value, live, strict=True)):
+                return None
+        return f"a tuple of {len(live)} finite numbers{bound}"
+    if not _hyper_number(live) or _hyper_fits(key, value, live):
+        return None  # a value of another kind (L-BFGS's line_search_fn, a name) is the optimizer's own to read
+    tensor = " (or a one-element tensor of one)" if isinstance(live, torch.Tensor) else ""
+    return f"a finite number{bound}{tensor}"
+
+
+def _hyper_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool) or a real tensor of one element, as torch.optim takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return is_real(value)
+
+
+def _hyper_fits(key: str, value: Any, live: Any) -> bool:
+    """Whether ``value`` may stand for ``key`` where the live group holds ``live``, a number or None.
+
+    A finite number in ``key``'s range; a tensor only where ``live`` is one; None only where ``live`` is (an item of
+    Adafactor's ``eps``, which takes a number there too).
+    """
+    if value is None or live is None:
+        return value is None or _hyper_fits(key, value, 0.0)
+    if not _hyper_number(value) or (isinstance(value, torch.Tensor) and not isinstance(live, torch.Tensor)):
+        return False
+    if isinstance(value, torch.Tensor):
+        value = value.item()  # host-device sync for a tensor on a GPU: once a load
+    # An int past int64 is no torch Scalar: the update raised an OverflowError part-way through
+    if isinstance(value, numbers.Integral) and not -(2**63) <= int(value) < 2**63:
+        return False
+    low, high = _HYPER_RANGES.get(key, (-math.inf, math.inf))
+    return is_finite_real(value) and low <= value < high
 
 
 def _whole_count(value: Any) -> bool:
@@ -2223,6 +2296,19 @@ _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
 _UNSUPPORTED_OPTIONS = ("amsgrad", "maximize")
 """``torch.optim`` options that change the update and that no fused kernel runs."""
+_OPTIONAL_FLAGS = ("foreach", "fused")
+"""``torch.optim`` flags that may be None (the optimizer picks its implementation) as well as a bool."""
+_HYPER_RANGES: dict[str, tuple[float, float]] = {
+    "lr": (0.0, math.inf),
+    "eps": (0.0, math.inf),
+    "weight_decay": (0.0, math.inf),
+    "momentum": (0.0, math.inf),
+    "dampening": (0.0, math.inf),
+    "betas": (0.0, 1.0),
+}
+"""Param group hyper-parameters' ranges ``[low, high)``, as torch.optim's constructors check them (others: any finite
+number), and dampening >= 0. A beta of 1 divides Adam's bias correction ``1 - beta**step`` by zero; eps 0 torch
+allows."""
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
