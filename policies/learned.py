@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import zipfile
@@ -40,7 +41,8 @@ class LearnedPolicy:
 
     Raises:
         PolicyLoadError: the file is missing or not an SB3 zip, or its spaces differ (both printed; for observations
-            of two layouts, both ``n_groups``).
+            of two layouts, both ``n_groups``), or it pickles an object the loader cannot rebuild from readable fields
+            (named): nothing in the zip is unpickled, so a zip from elsewhere runs no code when loaded.
     """
 
     def __init__(
@@ -200,10 +202,16 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     if saved is not None and algorithm not in ("auto", saved):
         raise PolicyLoadError(f"policy {str(file)!r} was saved by {saved.upper()}, not {algorithm.upper()}")
     names = [saved] if saved is not None else list(classes) if algorithm == "auto" else [algorithm]
+    try:
+        contents = file.read_bytes()  # SB3 loads these very bytes: a file swapped after the checks is not read
+    except OSError as err:
+        raise PolicyLoadError(f"cannot read policy file {str(file)!r}: {err}") from err
+    settings = _saved_settings(file, contents)
     errors = []
     for name in names:
+        custom_objects = _unpickle_nothing(file, settings, classes[name])
         try:
-            return _load_keeping_global_rngs(classes[name], file, device)
+            return _load_keeping_global_rngs(classes[name], io.BytesIO(contents), device, custom_objects)
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
     damaged = _damaged_member(file)
@@ -212,8 +220,10 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
 
 
-def _load_keeping_global_rngs(algorithm_class: Any, file: Path, device: str) -> Any:
-    """``algorithm_class.load(file)`` with the global torch (CPU and CUDA), numpy and ``random`` generators kept.
+def _load_keeping_global_rngs(
+    algorithm_class: Any, source: io.BytesIO, device: str, custom_objects: dict[str, Any]
+) -> Any:
+    """``algorithm_class.load(source)`` with the global torch (CPU and CUDA), numpy and ``random`` generators kept.
 
     SB3's ``load`` calls ``set_random_seed`` with the seed saved in the zip, which re-seeded the user's process:
     every run then drew the same numbers after building a Controller (the same shuffled batches for every seed).
@@ -224,10 +234,190 @@ def _load_keeping_global_rngs(algorithm_class: Any, file: Path, device: str) -> 
     python_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            return algorithm_class.load(file, device=device)
+            return algorithm_class.load(source, device=device, custom_objects=custom_objects)
     finally:
         np.random.set_state(numpy_state)  # noqa: NPY002
         random.setstate(python_state)
+
+
+def _saved_settings(file: Path, contents: bytes) -> dict[str, Any]:
+    """The ``data`` member of the zip ``contents`` (SB3's settings, JSON), read as SB3 reads it: nothing unpickled.
+
+    Raises:
+        PolicyLoadError: the member is missing, damaged, or not a JSON object.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(contents)) as archive:
+            settings = json.loads(archive.read("data").decode())  # as SB3's load_from_zip_file reads it
+    except Exception as err:  # zipfile, zlib and json raise many types for a damaged or missing member
+        problem = _damaged_member(file) or (
+            f"its 'data' member cannot be read as stable-baselines3's JSON settings ({type(err).__name__}: {err})"
+        )
+        raise PolicyLoadError(f"cannot load policy {str(file)!r}: {problem}") from err
+    if not isinstance(settings, dict):
+        raise PolicyLoadError(
+            f"cannot load policy {str(file)!r}: its 'data' member holds a JSON {type(settings).__name__}, not "
+            "stable-baselines3's settings (an object)"
+        )
+    return settings
+
+
+def _unpickle_nothing(file: Path, settings: dict[str, Any], algorithm_class: Any) -> dict[str, Any]:
+    """``custom_objects`` for SB3's ``load`` that replace every pickled entry of ``settings``: SB3 unpickles none.
+
+    SB3 unpickles (cloudpickle) each entry marked ``":serialized:"`` that ``custom_objects`` does not name, which runs
+    whatever code the file's author put in it, before any check of ours. Here the spaces are rebuilt from the readable
+    fields SB3 writes beside each pickle, the policy class is the algorithm's own ``MlpPolicy``, ``policy_kwargs`` may
+    name only known torch and SB3 classes, and training-only state takes values that let SB3 build the model: the
+    loaded model predicts as the saved one, but is not one to train on.
+
+    Raises:
+        PolicyLoadError: a pickled entry that cannot be rebuilt without unpickling it (the file and the entry named).
+    """
+    mlp_policy = algorithm_class.policy_aliases["MlpPolicy"]
+    # SB3's _setup_model rebuilds these, or only learn() reads them
+    training_only: dict[str, Any] = {
+        "_last_obs": None,
+        "_last_episode_starts": None,
+        "_last_original_obs": None,
+        "ep_info_buffer": None,
+        "ep_success_buffer": None,
+        "rollout_buffer_class": None,  # SB3's RolloutBuffer
+        "rollout_buffer_kwargs": {},
+        "lr_schedule": None,  # rebuilt from learning_rate
+        "learning_rate": 0.0,  # a saved schedule: only the optimizer reads it, and its saved state is loaded
+        "clip_range": 0.2,  # PPO's default; _setup_model wraps a number in a schedule
+        "clip_range_vf": None,
+    }
+    custom_objects: dict[str, Any] = {"env": None}  # a saved name would be built by gymnasium.make (SB3 saves none)
+    for key, entry in settings.items():
+        if not (isinstance(entry, dict) and ":serialized:" in entry):  # SB3's own test for a pickled entry
+            continue
+        if key in ("observation_space", "action_space"):
+            custom_objects[key] = _saved_space(file, key, entry)
+        elif key == "policy_class":
+            module = entry.get("__module__", mlp_policy.__module__)
+            if module != mlp_policy.__module__:
+                raise _unpickling_refused(
+                    file,
+                    key,
+                    f"a class of module {module!r}, not stable-baselines3's MlpPolicy ({mlp_policy.__module__})",
+                )
+            custom_objects[key] = mlp_policy
+        elif key == "policy_kwargs":
+            custom_objects[key] = _saved_policy_kwargs(file, entry)
+        elif key in training_only:
+            custom_objects[key] = training_only[key]
+        else:
+            raise _unpickling_refused(file, key, f"a pickled object ({entry.get(':type:')!r})")
+    return custom_objects
+
+
+def _saved_space(file: Path, key: str, entry: dict[str, Any]) -> spaces.Space[Any]:
+    """The ``Box``, ``Discrete`` or ``MultiDiscrete`` space SB3 pickled as ``entry``, from its readable fields.
+
+    Raises:
+        PolicyLoadError: another kind of space, or fields that do not describe one.
+    """
+    kind = entry.get(":type:")
+    if kind not in (str(spaces.Box), str(spaces.Discrete), str(spaces.MultiDiscrete)):
+        raise _unpickling_refused(
+            file, key, f"a pickled {kind}: only Box, Discrete and MultiDiscrete spaces are rebuilt"
+        )
+    try:
+        if not isinstance(entry["dtype"], str):
+            raise ValueError(f"dtype {entry['dtype']!r} is not a name")
+        dtype = np.dtype(entry["dtype"])
+        if dtype.kind not in ("iuf" if kind == str(spaces.Box) else "iu"):
+            raise ValueError(f"dtype {dtype} is not a number type the space takes")
+        shape = tuple(_whole(size) for size in entry["_shape"])
+        if kind == str(spaces.Box):
+            low, high = (_printed_array(entry[bound], dtype, shape) for bound in ("low", "high"))
+            return spaces.Box(low, high, shape, dtype)
+        start = _printed_array(entry["start"], dtype, shape)
+        if kind == str(spaces.Discrete):
+            return spaces.Discrete(int(_printed_array(entry["n"], dtype, shape)), start=int(start), dtype=dtype)
+        return spaces.MultiDiscrete(_printed_array(entry["nvec"], dtype, shape), dtype, start=start)
+    except (KeyError, TypeError, ValueError, AssertionError) as err:  # gymnasium asserts on some bad arguments
+        raise PolicyLoadError(
+            f"policy {str(file)!r}: its {key!r} ({kind}) cannot be rebuilt from the readable fields beside its pickle "
+            f"({type(err).__name__}: {err}); the loader does not unpickle objects from a policy file"
+        ) from err
+
+
+def _printed_array(text: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The array of ``dtype`` and ``shape`` that numpy printed as ``text`` (``str(array)``, as SB3 writes it).
+
+    Raises:
+        ValueError: ``text`` is not a printed array of that size, or numpy summarised it (``...``).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a printed array")
+    if "..." in text:
+        raise ValueError(f"numpy printed it summarised, without all its values ({text[:60]!r}...)")
+    words = text.replace("[", " ").replace("]", " ").split()
+    if len(words) != math.prod(shape):
+        raise ValueError(f"{len(words)} values printed for shape {shape}")
+    read = float if dtype.kind == "f" else int
+    return np.array([read(word) for word in words], dtype=dtype).reshape(shape)
+
+
+def _whole(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"shape entry {value!r} is not a whole number >= 0")
+    return value
+
+
+def _saved_policy_kwargs(file: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """The ``policy_kwargs`` dict SB3 pickled as ``entry`` (A2C's always name RMSprop), from its readable items.
+
+    SB3 writes each item beside the pickle, a value JSON cannot hold as its ``str``: only a ``str`` that names a
+    torch optimizer or activation, or an SB3 feature extractor, is read (as that class).
+
+    Raises:
+        PolicyLoadError: not a dict, or an item that is not JSON and names no known class.
+    """
+    if entry.get(":type:") != str(dict):
+        raise _unpickling_refused(file, "policy_kwargs", f"a pickled {entry.get(':type:')}, not a dict")
+    known = _known_classes()
+    kwargs = {}
+    for name, value in entry.items():
+        if name in (":type:", ":serialized:"):
+            continue
+        if isinstance(value, str):  # no policy argument is a string: this is the str() of an object
+            if value not in known:
+                raise _unpickling_refused(
+                    file,
+                    "policy_kwargs",
+                    f"a dict holding {name}={value}, not a torch optimizer or activation or an SB3 feature extractor",
+                )
+            value = known[value]
+        kwargs[name] = value
+    return kwargs
+
+
+def _known_classes() -> dict[str, type]:
+    """The classes a policy's ``policy_kwargs`` may name, keyed by their ``str``."""
+    import torch
+    from stable_baselines3.common import torch_layers
+
+    found = {}
+    for module, base in (
+        (torch.optim, torch.optim.Optimizer),
+        (torch.nn.modules.activation, torch.nn.Module),
+        (torch_layers, torch_layers.BaseFeaturesExtractor),
+    ):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, base):
+                found[str(value)] = value
+    return found
+
+
+def _unpickling_refused(file: Path, key: str, what: str) -> PolicyLoadError:
+    return PolicyLoadError(
+        f"policy {str(file)!r}: its {key!r} is {what}; the loader does not unpickle objects from a policy file (that "
+        "would run any code the file holds)"
+    )
 
 
 def _damaged_member(file: Path) -> str | None:
