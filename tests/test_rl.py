@@ -1154,8 +1154,8 @@ def test_the_fallback_is_logged_once_a_spell(caplog):
     logged = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records if r.name == "triaccel_rl"]
     # (5 - 0.5) / 0.5: nine range widths past the edge; the first feature named where all are as far out
     out = (
-        "observation 9.00 range widths outside the policy's training data "
-        "(limit 1.00; feature log_loss = 5, trained on [0, 0.5])"
+        "observation 9.0000 range widths outside the policy's training data "
+        "(limit 1; feature log_loss = 5, trained on [0, 0.5])"
     )
     back = "observations back within the policy's training data after {} decision(s) by the heuristic"
     assert logged == [

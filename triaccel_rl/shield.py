@@ -843,7 +843,8 @@ class FallbackPolicy:
             self.fallback_features[name] = self.fallback_features.get(name, 0) + 1
             _log.log(
                 logging.WARNING if spell == 1 else logging.DEBUG,
-                "observation%s %.2f range widths outside the policy's training data (limit %.2f; feature %s = %.3g, "
+                # Four decimals: a distance just past the limit printed as 1.00 beside a limit of 1.00
+                "observation%s %.4f range widths outside the policy's training data (limit %g; feature %s = %.3g, "
                 "trained on [%.3g, %.3g]): the heuristic decides until observations return (fallback %d)",
                 where,
                 distance,
