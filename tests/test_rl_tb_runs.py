@@ -98,7 +98,7 @@ def _drop_record(policy: Path) -> None:
     [
         ("no record", "records no TensorBoard run"),
         ("run gone", "which is gone"),
-        ("another folder", "is another folder's policy than out's"),
+        ("another folder", "nor one of its checkpoints"),
     ],
 )
 def test_a_resume_that_cannot_continue_its_own_run_starts_a_new_one_and_marks_none(tmp_path, caplog, case, why):

@@ -2,6 +2,8 @@
 decisions were collected, and the fit run, with no output at all, minutes before PPO's bar appeared (228 s at 96
 decisions)."""
 
+import sys
+
 import pytest
 import torch
 from triaccel_rl.policies import make_policy
@@ -52,12 +54,13 @@ def test_imitate_shows_its_bars_when_asked_nothing_otherwise_and_fits_the_same(c
 
 
 @pytest.mark.usefixtures("one_torch_thread", "frozen_gc")
-def test_train_policy_cli_shows_the_warm_start_before_ppo_unless_no_progress(tmp_path, capsys):
+def test_train_policy_cli_shows_the_warm_start_before_ppo_unless_no_progress(tmp_path, capsys, monkeypatch):
     argv = ["train-policy", "--tasks", "synthetic", "--timesteps", "8", "--n-envs", "1", "--vec", "dummy",
             "--n-steps", "8", "--batch-size", "8", "--interval-steps", "2", "--max-decisions", "3",
             "--budget-intervals", "2", "--torch-threads", "1", "--warm-start", "heuristic", "--warm-start-steps", "4",
             "--warm-start-epochs", "3", "--log-dir", ""]  # fmt: skip
     capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the command draws its bars on a terminal only
     assert main([*argv, "--out", str(tmp_path / "shown" / "p.zip")]) == 0
     err = capsys.readouterr().err
     warm_start, _, ppo = err.partition("train-policy:")

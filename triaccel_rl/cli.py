@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was run, for the results' records
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[_AboveProgressBars()]
+    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # what was kept (train-policy's checkpoint, compare's .partial.json) is logged above
@@ -56,6 +58,28 @@ def _as_flags(message: str, options: dict[str, Any]) -> str:
 
 _LIBRARY_NAMES = {"total_timesteps": "timesteps", "warm_start_learning_rate": "warm_start_lr"}
 """The library's names for arguments whose flag is named otherwise (``train_policy(total_timesteps=...)``)."""
+
+
+class _AboveProgressBars(logging.Handler):
+    """The command's log handler: each record on stderr through ``tqdm.write``, a line of its own above the bars.
+
+    Written to stderr beside a progress bar, a warning landed inside the bar's line, and the bar's next redraw ran on
+    after it; ``tqdm.write`` clears the bars, writes the line and draws them again under it. The command's handler,
+    not the library's: a library user's handlers are left as they are (``logging_redirect_tqdm`` on the package's
+    logger added a handler beside root's, which printed each record a second time, into the bar; on root's, it
+    replaced a user's console handlers for the bar's duration with ones at no level).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm  # the library's bars' class: its write clears those bars
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+            sys.stderr.flush()
+        except RecursionError:  # as logging.StreamHandler: a recursion is not a failure to write
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 def _file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
@@ -120,6 +144,9 @@ def _apart(**paths: str) -> None:
                     f"--{flag.replace('_', '-')} {paths[flag]} is inside --out {paths['out']}, the results file: "
                     "give it a folder of its own"
                 )
+
+
+_NO_PROGRESS_HELP = "hide the progress bar (without it: shown where stderr is a terminal, not in a file or a pipe)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="runs/compare/results.json", help="JSON results file ('' for none; default %(default)s)"
     )
     compare.add_argument("--plots", default="", help="folder for PNG plots ('' for none; needs matplotlib)")
-    compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compare.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     compare.set_defaults(func=_compare)
 
     train = sub.add_parser(
@@ -308,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", default=None, help="policy zip to continue training from")
     train.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per environment")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     train.set_defaults(func=_train_policy)
 
     profile = sub.add_parser(
@@ -325,6 +352,7 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=20, help="timed steps per precision, their median taken (default %(default)s)"
     )
     profile.add_argument("--small", action="store_true", help="small ResNet instead of ResNet-18 (quick check)")
+    profile.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     profile.set_defaults(func=_profile)
 
     tasks = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
@@ -449,7 +477,7 @@ def _compare(args: argparse.Namespace) -> int:
             cost_mode=args.cost_mode,
             device=args.device,
             log_dir=args.log_dir or None,
-            show_progress=not args.no_progress,
+            show_progress=_progress(args),
             eval_every=5 if args.eval_every is None else args.eval_every,
             eval_every_steps=args.eval_every_steps,
             max_grad_norm=args.max_grad_norm,
@@ -567,7 +595,7 @@ def _run_train_policy(args: argparse.Namespace, tasks: list[str]) -> Path:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        progress_bar=not args.no_progress,
+        progress_bar=_progress(args),
         torch_threads=args.torch_threads,
         warm_start=args.warm_start,
         warm_start_learning_rate=args.warm_start_lr,
@@ -589,7 +617,7 @@ def _profile(args: argparse.Namespace) -> int:
                 "takes minutes on a CPU (--small: seconds)",
                 file=sys.stderr,
             )
-        profile = measure_profile(device, args.batch_size, args.steps, args.small, progress=True)
+        profile = measure_profile(device, args.batch_size, args.steps, args.small, progress=_progress(args))
         profile.save(out)
     factors = ", ".join(f"{k} ×{v:.3f}" for k, v in profile.time_factor.items())
     print(f"{profile.device}\nstep-time factors: {factors}; fixed {profile.fixed_ms:.3f} ms\nwrote {args.out}")
@@ -618,6 +646,14 @@ def _device_name(device: str | None) -> str:
 
     resolved = resolve_device(device)
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_machine()
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """The library's progress argument for ``--no-progress``: False, else None (a bar only where stderr is a terminal).
+
+    Redirected to a file, a bar wrote every redraw into it, joined by carriage returns (7.8 KB for an 85-s compare).
+    """
+    return False if args.no_progress else None
 
 
 def _modelled(args: argparse.Namespace) -> bool:

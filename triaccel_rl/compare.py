@@ -602,7 +602,7 @@ def compare(
     cost_mode: CostMode | str | None = None,
     device: str | None = None,
     log_dir: str | os.PathLike[str] | None = None,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     eval_every: int = 5,
     eval_every_steps: int | None = None,
     max_grad_norm: float | None = None,
@@ -624,6 +624,11 @@ def compare(
     time, so it needs ``cost_mode="measured"`` (the default on a GPU): beside rows charged modelled time its seconds
     would mean something else. ``max_grad_norm`` clips every row's gradient norm the same way (:func:`run_controller`'s;
     a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
+
+    ``show_progress`` draws a tqdm bar over the epochs on stderr: True always (into a file too), False never, None (the
+    default) only where stderr is a terminal (redirected to a file, every redraw was written to it). Log records reach
+    your handlers as they are: one writing to the same terminal prints into the bar's line unless it writes through
+    ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; ``triaccel-rl``'s handler does).
 
     Raises:
         ValueError: an unknown task or controller, a plain row in modelled time, ``controllers`` given as one str or
@@ -655,7 +660,8 @@ def compare(
     digits = 1 if total >= 1 else max(1, 1 - math.floor(math.log10(total)))
     count = f"{{n:.{digits}f}}/{{total:.{digits}f}}"
     bar_format = "{l_bar}{bar}| " + count + " epochs [{elapsed}<{remaining}{postfix}]"
-    with tqdm(total=total, disable=not show_progress, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
+    disable = None if show_progress is None else not show_progress  # None: tqdm's test, whether stderr is a terminal
+    with tqdm(total=total, disable=disable, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
         for controller in controllers:
             for seed in seeds:
                 bar.set_postfix_str(f"{controller} seed {seed}")
@@ -1084,14 +1090,15 @@ def _log_curve(log_dir: str | os.PathLike[str] | None, result: RunResult) -> Non
 
     The tags are two of those ``run_controller`` writes live: the test metric against time in microseconds (the one
     to read across rows) and the peak memory, at the last step (a static loop has no batch, LR or precision moves to
-    log).
+    log). A peak of 0 was not measured (a plain loop on a CPU has no allocator to read): no point, as the table's dash.
     """
     writer = _writer(log_dir)
     if writer is None:
         return
     for time_s, metric, *_ in result.curve:
         writer.add_scalar("test/metric_vs_time_us", metric, _time_step_us(time_s))
-    writer.add_scalar("memory/peak_bytes", result.peak_bytes, result.steps)
+    if result.peak_bytes > 0:  # a 0.0 point drew a measured zero
+        writer.add_scalar("memory/peak_bytes", result.peak_bytes, result.steps)
     writer.close()
 
 

@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import pickle
+import sys
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -190,7 +191,7 @@ def find_fashion_mnist(path: str | os.PathLike[str] | None = None) -> Path:
         looked.append(f"{folder} (from ${FASHION_MNIST_ENV_VAR}): {reason}")
         warnings.warn(
             f"${FASHION_MNIST_ENV_VAR}={env_value} {reason}; looking elsewhere for Fashion-MNIST",
-            stacklevel=2,
+            stacklevel=_stacklevel_outside_package(),
         )
     else:
         looked.append(f"${FASHION_MNIST_ENV_VAR}: not set")
@@ -510,6 +511,19 @@ def _read_cifar10_meta(path: Path) -> tuple[str, ...]:
             "is it the CIFAR-10 python version?"
         )
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def _stacklevel_outside_package() -> int:
+    """``warnings.warn``'s ``stacklevel``, in this module's caller, of the first frame outside ``triaccel_rl``.
+
+    The warning then names the user's line whichever public function they called: ``stacklevel=2`` named
+    ``load_fashion_mnist``'s own line in this file, and a task's data (``tasks.py``) is deeper still. Frames are told
+    apart by module name, not by file: ``triaccel_rl.envs`` and the other subpackages live outside this folder.
+    """
+    level, frame = 1, sys._getframe(1)  # the function that calls warnings.warn is its stacklevel 1
+    while frame.f_back is not None and str(frame.f_globals.get("__name__")).partition(".")[0] == "triaccel_rl":
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _per_channel(value: float | Sequence[float], channels: int, name: str) -> list[float]:

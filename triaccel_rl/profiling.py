@@ -33,7 +33,7 @@ def measure_profile(
     batch_size: int = 256,
     steps: int = 20,
     small: bool = False,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> HardwareProfile:
     """Times training steps per precision on ``device`` and returns the profile (medians of ``steps``).
 
@@ -53,7 +53,8 @@ def measure_profile(
         batch_size: batch of the reference workload, a positive integer.
         steps: timed steps per precision (after 3 warm-up steps, excluded), a positive integer.
         small: use a small ResNet instead of ResNet-18 (for quick checks on a CPU).
-        progress: a tqdm bar on stderr over the precisions and the fixed-cost timing (minutes on a CPU).
+        progress: a tqdm bar on stderr over the precisions and the fixed-cost timing (minutes on a CPU): True always
+            (into a file too), False never, None only where stderr is a terminal (``triaccel-rl profile``'s).
 
     Raises:
         ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
@@ -76,7 +77,7 @@ def measure_profile(
         ) from None
 
 
-def _measure(device: torch.device, batch_size: int, steps: int, small: bool, progress: bool) -> HardwareProfile:
+def _measure(device: torch.device, batch_size: int, steps: int, small: bool, progress: bool | None) -> HardwareProfile:
     """:func:`measure_profile` once its arguments are checked."""
     build: Callable[[], nn.Module] = (lambda: SmallResNet(3, (8, 16), 10)) if small else (lambda: resnet18(3, 10))
     channels_last = device.type == "cuda"
@@ -89,7 +90,8 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
     memory: dict[str, float] = {}
     precisions = [precision for precision in Precision if _runs(precision, device)]
     # Closed on the way out: a Ctrl-C's message was printed on the bar's line, and the bar drawn again after it.
-    with tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=not progress, dynamic_ncols=True) as bar:
+    disable = None if progress is None else not progress  # None: tqdm's test, whether stderr is a terminal
+    with tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=disable, dynamic_ncols=True) as bar:
         for precision in precisions:
             bar.set_postfix_str(precision.name.lower())
             # The CPU's and the device's generators, those the fork restores: torch.manual_seed also seeded every

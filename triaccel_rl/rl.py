@@ -322,7 +322,7 @@ def imitate(
     batch_size: int = 64,
     gamma: float = 0.99,
     learning_rate: float | None = None,
-    progress_bar: bool = False,
+    progress_bar: bool | None = False,
 ) -> dict[str, float]:
     """Warm start: fits ``model``'s policy to ``teacher``'s actions (and its value net to their returns).
 
@@ -347,8 +347,9 @@ def imitate(
             from the fit's Adam moments (20 passes at SB3's 3e-4 fit 55% of the shipped recipe's teacher decisions,
             at 3e-3 98.5%).
         progress_bar: show tqdm bars on stderr, one over the teacher's decisions as they are collected (the slow part,
-            minutes in the environments), then one over the fit's passes; off, nothing is written. The bars only
-            count: the decisions, the fit and its random draws are the same either way.
+            minutes in the environments), then one over the fit's passes: True always (into a file too), None only
+            where stderr is a terminal; False, nothing is written. The bars only count: the decisions, the fit and its
+            random draws are the same either way.
 
     Returns:
         ``{"decisions": ..., "nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass: ``decisions``
@@ -365,6 +366,7 @@ def imitate(
         )
     observations, actions, rewards, dones = [], [], [], []
     rounds = max(1, n_steps // venv.num_envs)
+    disable = None if progress_bar is None else not progress_bar  # None: tqdm's test, whether stderr is a terminal
     # Shown before the reset, which trains an interval in every environment: until 2026-12-07 the warm start ran for
     # minutes with no output before PPO's bar appeared. Each bar is closed as an exception (a Ctrl-C) leaves it, before
     # train_policy's warning, which would otherwise land inside the bar's line.
@@ -372,7 +374,7 @@ def imitate(
         total=rounds * venv.num_envs,
         desc="warm start: teacher's decisions",
         unit="decision",
-        disable=not progress_bar,
+        disable=disable,
         dynamic_ncols=True,
     ) as collecting:
         obs = venv.reset()
@@ -403,9 +405,7 @@ def imitate(
     )
     generator = torch.Generator().manual_seed(0)
     policy.set_training_mode(True)
-    with tqdm(
-        total=epochs, desc="warm start: fit", unit="pass", disable=not progress_bar, dynamic_ncols=True
-    ) as fitting:
+    with tqdm(total=epochs, desc="warm start: fit", unit="pass", disable=disable, dynamic_ncols=True) as fitting:
         for _ in range(epochs):
             for index in torch.randperm(len(obs_t), generator=generator).split(batch_size):
                 values, log_prob, _ = policy.evaluate_actions(obs_t[index], act_t[index])
@@ -446,7 +446,7 @@ def train_policy(
     eval_every: int = 0,
     checkpoint_every: int = 0,
     resume: str | os.PathLike[str] | None = None,
-    progress_bar: bool = False,
+    progress_bar: bool | None = False,
     torch_threads: int | None = None,
     warm_start: str | None = None,
     warm_start_steps: int = 512,
@@ -487,9 +487,9 @@ def train_policy(
             marking it to drop the points past the resumed step (a purge mark, as ``SummaryWriter(purge_step=...)``
             writes: TensorBoard hides them, nothing is deleted), which resumed from an earlier checkpoint belong to the
             run this one replaces. Any other resume (a zip recording no run, saved before runs were recorded or
-            trained without ``log_dir``; a run gone, or outside ``log_dir``; another folder's policy, whose run stays
-            its own) writes a new run folder and marks none, with a warning saying why: the runs of other policies
-            sharing ``log_dir`` are never written into or marked.
+            trained without ``log_dir``; a run gone, or outside ``log_dir``; another policy than ``out`` and its
+            checkpoints, whose run stays its own) writes a new run folder and marks none, with a warning saying why:
+            the runs of other policies sharing ``log_dir`` are never written into or marked.
         eval_tasks: held-out tasks, evaluated as checkpoints are taken: after the first update past every multiple of
             ``eval_every`` steps, each evaluation stamped with the steps its weights trained on, so the evaluation at
             ``N`` scores the weights of ``<out's stem>_N_steps.zip`` (mean episode reward logged to TensorBoard as
@@ -520,7 +520,10 @@ def train_policy(
             ``eval/evaluations_replaced_after_<steps>_steps[_<n>].npz`` keeps them, its ``_<n>`` not always the
             folder's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps; with ``warm_start``, the
-            imitation's bars first (:func:`imitate`: its teacher's decisions, then its passes).
+            imitation's bars first (:func:`imitate`: its teacher's decisions, then its passes). True always (into a
+            file too), False never, None only where stderr is a terminal (``triaccel-rl train-policy``'s). Log records
+            reach your handlers as they are: one writing to the same terminal prints into a bar's line unless it
+            writes through ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; the CLI's does).
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
             count: it is set for the duration of the call (PPO's updates run with it too), and the caller's count is
@@ -781,15 +784,18 @@ def train_policy(
     class Progress(BaseCallback):
         """A tqdm bar over this call's environment steps (SB3's own bar needs ``rich``, which is not installed)."""
 
-        def __init__(self, total: int) -> None:
+        def __init__(self, total: int, disable: bool | None) -> None:
             super().__init__()
             self.total = total
+            self.disable = disable
             self.bar: Any = None
 
         def _on_training_start(self) -> None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc="train-policy", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total, desc="train-policy", unit="step", disable=self.disable, dynamic_ncols=True
+            )
 
         def _on_step(self) -> bool:
             self.bar.update(self.training_env.num_envs)
@@ -960,7 +966,8 @@ def train_policy(
         continued = False  # whether the run is the resumed policy's own, which the purge mark may then trim
         if log_dir:
             own = resume is not None and _resumes_its_own_run(Path(resume), path.parent / "checkpoints", path.stem)
-            run, continued = _tensorboard_run(Path(log_dir), resume, getattr(model, _RUN_ATTRIBUTE, None), own=own)
+            recorded = getattr(model, _RUN_ATTRIBUTE, None)
+            run, continued = _tensorboard_run(Path(log_dir), resume, recorded, own=own, out=path)
             model.set_logger(configure(str(run), ["tensorboard"]))
         else:  # without a folder, SB3's default logger made an empty /tmp/SB3-<time> folder at each call
             model.set_logger(Logger(folder=None, output_formats=[]))
@@ -1004,8 +1011,9 @@ def train_policy(
                 planned,
                 rollout,
             )
-        progress = Progress(planned)
-        if progress_bar:
+        disable = None if progress_bar is None else not progress_bar  # None: tqdm's test, whether stderr is a terminal
+        progress = Progress(planned, disable)
+        if disable is not True:
             callbacks.append(progress)
         if checkpoint_every > 0:
             callbacks.append(Checkpoint(checkpoint_every))
@@ -1204,23 +1212,26 @@ def _purge_curves_after(logger: Any, step: int) -> None:
 
 
 def _tensorboard_run(
-    log_dir: Path, resume: str | os.PathLike[str] | None, recorded: Any, *, own: bool
+    log_dir: Path, resume: str | os.PathLike[str] | None, recorded: Any, *, own: bool, out: Path
 ) -> tuple[Path, bool]:
     """The TensorBoard run folder a training writes in ``log_dir``, and whether it continues the resumed policy's.
 
     A resume of this ``out``'s own run (``own``: its policy or one of its checkpoints) continues the run its zip records
     (``recorded``, the ``tensorboard_run`` it saved) where that run is in ``log_dir`` and still there. Otherwise (a
     new policy; a resume whose zip records no run, being saved before runs were recorded or trained without a
-    ``log_dir``; whose run is gone or in another folder; or another folder's policy, whose run goes on being that
-    policy's) a new run, ``PPO_<n>`` one past the highest there: no run but the resumed policy's own is ever written
-    into or marked. A resume that does not continue its run says why.
+    ``log_dir``; whose run is gone or in another folder; or another policy than ``out`` and its checkpoints, in the
+    same folder or not, whose run goes on being that policy's) a new run, ``PPO_<n>`` one past the highest there: no
+    run but the resumed policy's own is ever written into or marked. A resume that does not continue its run says why.
+    ``out`` is the policy's path, named in that message.
     """
     if resume is None:
         return _new_tensorboard_run(log_dir), False
     if not isinstance(recorded, str):
         why = "records no TensorBoard run (saved before runs were recorded, or trained without a log_dir)"
     elif not own:
-        why = f"is another folder's policy than out's: its run {recorded} is left to it"
+        # A policy beside out (policy.zip resumed into policy_v2.zip) is not out's either: named by out's own files
+        checkpoints = out.parent / "checkpoints" / f"{out.stem}_<N>_steps.zip"
+        why = f"is neither out={out} nor one of its checkpoints ({checkpoints}): its run {recorded} is left to it"
     elif not Path(recorded).is_dir():
         why = f"recorded the TensorBoard run {recorded}, which is gone"
     elif Path(recorded).parent != log_dir.resolve():
