@@ -227,7 +227,7 @@ for stage in "$@"; do
     rounds-tests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_controller_rounds.py \
                     tests/test_gpu_training.py 2>&1 | tail -8 ;;
     # An ad-hoc check (a reviewer's repro, say) against the installed package: py=path/to/script.py
-    # Two GPUs (kind nvidia-h100-x2): the Controller under DDP with NCCL, checked and timed against a plain DDP loop.
+    # The Controller under DDP, checked and timed against a plain DDP loop: NCCL on two GPUs, gloo on one (shared).
     ddp) python3 -m torch.distributed.run --nproc_per_node 2 scripts/check_ddp_gpu.py --out "$OUT/ddp_gpu.json" 2>&1 \
            | grep -v "^W\|warn" | tail -45 ;;
     py=*) python3 "${stage#py=}" 2>&1 | tail -40 ;;
