@@ -834,6 +834,7 @@ def test_a_checkpoint_taken_after_an_epochs_last_step_counts_that_epoch_as_train
     assert {k: state["loader"][k] for k in ("epoch", "cursor")} == {"epoch": 0, "cursor": 40}
     with pytest.raises(ValueError, match=r"the run has trained 1 epochs .* pass epochs=2"):
         next(ctl.loader(data, batch_size=8, epochs=1))
+    ctl.close()  # a second Controller over the same model is refused while the first is open
     resumed = ta.Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), policy="fp32")
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match=r"the checkpoint's run has trained 1 epochs .* pass epochs=2"):

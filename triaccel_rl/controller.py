@@ -60,6 +60,7 @@ from triaccel_rl.policies import (
     make_policy,
     run_without_bf16,
 )
+from triaccel_rl.precision import refuse_driven_modules
 from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
@@ -207,6 +208,7 @@ class Controller:
         self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
         self.model = model
         # Everything a caller can get wrong is checked before the engine hooks into the model and the optimizer.
+        refuse_driven_modules(model, optimizer)
         self.layout = ObservationLayout(self.config.n_groups)
         observation_space = gym.spaces.Box(-OBS_HIGH, OBS_HIGH, (self.layout.size,), np.float32)
         _refuse_in_ddp(policy, probe)

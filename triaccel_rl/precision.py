@@ -43,7 +43,15 @@ from triaccel_rl.types import LayerInfo, Precision
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["CONTROLLABLE_TYPES", "LayerPrecision", "WeightCopies", "find_layers", "layer_parameters", "read_copy"]
+__all__ = [
+    "CONTROLLABLE_TYPES",
+    "LayerPrecision",
+    "WeightCopies",
+    "find_layers",
+    "layer_parameters",
+    "read_copy",
+    "refuse_driven_modules",
+]
 
 CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -125,6 +133,42 @@ def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list
         seen.update(id(p) for p in mine)
         owned.append(mine)
     return owned
+
+
+def refuse_driven_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raises a ValueError naming the modules of ``model`` that another open ``LayerPrecision`` (a Controller) drives.
+
+    Their live hooks: a module shared with a model that has a Controller, the same model under a second Controller (a
+    second optimizer's), or a deep copy made while a Controller was open (the copy carries its hooks, which act for
+    it). Two Controllers over one module each set its precision and step it: the first's hooks read the second's
+    autocast region as the model's own block (a bf16 run took a loss scaler), the second's step found the graph
+    backpropagated, and the first's rollback undid the second's updates. Hooks of a closed one are inert and let
+    through (a copy sheds them when hooks go in). Checked before anything is hooked, as the other refusals.
+
+    Left to the ``StepEngine``'s refusals, which say more, where ``optimizer`` is driven itself (a notebook cell that
+    builds the Controller run again) or holds none of the model's trainable parameters.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        return
+    # engine._open_engine's test (the engine imports this module): the step guard of an engine not removed
+    if any(getattr(hook, "_triaccel_engine", lambda: None)() for hook in optimizer._optimizer_step_pre_hooks.values()):
+        return
+    driven = [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if any(
+            _acts_for_open_one(hook) for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+        )
+    ]
+    if driven:
+        raise ValueError(
+            f"modules {driven[:3]} (of {len(driven)}) of {type(model).__name__} are driven by another open Controller "
+            "(its precision hooks are on them): two Controllers cannot share modules. Drive them with one Controller "
+            "and step a second optimizer yourself (README, 'Use it in your own training loop'), close() the other "
+            "Controller first, or deep-copy the model before building the first Controller (a copy made while one is "
+            "open carries its hooks)"
+        )
 
 
 class LayerPrecision:
@@ -421,7 +465,9 @@ class LayerPrecision:
         When every controllable layer has the same precision this is one plain ``torch.autocast``
         region (or none for fp32) and the per-layer hooks open no regions of their own: each layer's hooks
         still run at each call, on the host only (a Linear's pair about 3 us on a CPU core), and launch nothing.
-        Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits).
+        Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits), and under an all-fp32 map a
+        controllable layer's 16-bit inputs (a bf16 generator's output fed to the model) are cast up, as a mixed map's
+        fp32 layer gets them.
 
         Args:
             cache_enabled: autocast's cache of cast weights (off while a CUDA graph is captured). Under a map that
@@ -455,6 +501,7 @@ class LayerPrecision:
         self._active = True
         self._cache_enabled = cache_enabled
         self._outer_region_dtype = outer_dtype
+        _open_contexts.append(self)
         try:
             with torch.autocast(
                 self.device_type,
@@ -471,6 +518,7 @@ class LayerPrecision:
                     while len(self._stack) > outer[4]:
                         self._stack.pop().region.__exit__(None, None, None)
         finally:
+            del _open_contexts[max(i for i, lp in enumerate(_open_contexts) if lp is self)]  # closed out of order too
             self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
@@ -592,10 +640,9 @@ class LayerPrecision:
             block = lp._model_block_dtype(ours, autocast)
             overridden = block is not None and block != precision.dtype
             if block is not None and overridden:
-                if not torch.compiler.is_compiling():
+                if not torch.compiler.is_compiling() and not lp._in_other_context(autocast):
                     lp._note_model_block(index, block)
                 precision = _PRECISION_OF[block]
-            in_model_fp32_block = overridden and precision is Precision.FP32
             if (
                 lp.weight_copies is not None
                 and not overridden  # its weights are cast by the model's region: the copy holds the map's type
@@ -606,9 +653,16 @@ class LayerPrecision:
                 copies = lp.weight_copies(index, precision.dtype)
                 lp._swapped.append((module, _swap_in(copies, lp._registered[index])))
             if not forward.mixed:
-                # Autocast is the model's already; in its fp32 block 16-bit inputs cast up as a mixed map's fp32 layer
-                # gets them.
-                return _map_tensors((args, kwargs), _up_from_16_bit) if in_model_fp32_block else None
+                # Autocast is the model's already. An fp32 layer (an all-fp32 map's, or one in the model's fp32 block)
+                # gets its 16-bit inputs cast up as a mixed map's does: a bf16 input (a GAN's fakes from a bf16
+                # generator) raised "mat1 and mat2 must have the same dtype" under the all-fp32 map alone. The usual
+                # call (one tensor input) is tested inline before the general walk: the all-fp32 map is the benchmarks'
+                # baseline, and the walk cost it 1.7 us a layer call (16% of a small Linear's eager call, hooks in).
+                if precision is not _FP32:
+                    return None
+                if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor and args[0].dtype not in _16_BIT:
+                    return None
+                return _map_tensors((args, kwargs), _up_from_16_bit)
             enter = lp._eager_regions[0] if lp._eager_regions else lp._enter_region  # (see _enter_fp32_module)
             # Inside the model's block (its type the layer's own or not) the region records ``ours``, not its type
             return enter(module, index, args, kwargs, forward.outer, precision if block is not None else None, ours)
@@ -777,6 +831,22 @@ class LayerPrecision:
         if state == ours:
             return None
         return torch.float32 if state is None else state
+
+    def _in_other_context(self, autocast: tuple[bool, torch.dtype]) -> bool:
+        """Whether the autocast state at a layer's call, ``(enabled, dtype)``, is another ``LayerPrecision``'s context.
+
+        One opened inside ours and still open (a GAN's generator run under the discriminator's ``autocast()`` nested in
+        its own): its region is no block of the model's code, and the layer computes in its type as in one, but is not
+        recorded as such (recorded fp16, it gave a bf16 run a loss scaler for good, and a warning naming the layer). A
+        block of the model's own code inside that context still is (the other one reads it as a block too).
+        """
+        inner = _open_contexts[-1] if _open_contexts else self
+        if inner is self:
+            return False
+        return (
+            inner._model_block_dtype(inner._stack[-1].ours if inner._stack else inner._outer_region_dtype, autocast)
+            is None
+        )
 
     def _note_model_block(self, index: int, dtype: torch.dtype) -> None:
         """Records that layer ``index`` computed in ``dtype`` in the model's own region; warns the first time."""
@@ -999,6 +1069,8 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 _16_BIT = (torch.float16, torch.bfloat16)
 _FP32, _BF16, _FP16 = Precision.FP32, Precision.BF16, Precision.FP16  # read in loops: a global, not a class attribute
 _AMBIGUOUS = object()  # a call key whose forward calls meant different types (``LayerPrecision._ours``)
+# The LayerPrecisions whose context() is open, innermost last (``LayerPrecision._in_other_context``)
+_open_contexts: list[LayerPrecision] = []
 _PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
 
 
@@ -1100,6 +1172,11 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in _16_BIT or tensor.dtype == torch.float32:
         return tensor.to(torch.float16).float()
     return tensor
+
+
+def _acts_for_open_one(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is a ``LayerPrecision``'s that is not removed (:func:`_pickled_hooks.named` names them all)."""
+    return getattr(hook, "__module__", None) == _pickled_hooks.__name__ and not _pickled_hooks.released(hook)
 
 
 def _drop_released_hooks(module: nn.Module) -> None:
