@@ -45,7 +45,15 @@ import torch
 from triaccel_rl.compare import RunResult, format_table, json_safe, run_controller, summarize
 from triaccel_rl.config import ControllerConfig, ElasticConfig, HeuristicConfig, LRRule
 from triaccel_rl.elastic import lr_gain, resolve_lr_rule
-from triaccel_rl.experiment import away_from_results, command_line, cpu_machine, file_to_write, git_commit, parse_args
+from triaccel_rl.experiment import (
+    away_from_results,
+    command_line,
+    cpu_machine,
+    file_to_write,
+    git_commit,
+    parse_args,
+    partial_path,
+)
 from triaccel_rl.plain import run_plain
 from triaccel_rl.signals import SignalConfig, SignalMode
 from triaccel_rl.tasks import get_task, task_names
@@ -303,7 +311,7 @@ def main(args: Args) -> list[dict[str, Any]]:
         "command": command,
         "torch": torch.__version__,
     }
-    partial = _out_path(args).with_suffix(".partial.json")  # the finished runs while the job runs (as compare's)
+    partial = partial_path(_out_path(args))  # the finished runs while the job runs (as compare's)
     partial.unlink(missing_ok=True)  # an earlier job's: read beside this job's results, it would pass for this one's
     table_rows: list[dict[str, Any]] = []
     all_runs: list[dict[str, Any]] = []  # every model's runs, each naming its model

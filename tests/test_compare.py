@@ -842,6 +842,31 @@ def test_plots_are_written_as_palette_images_close_to_matplotlibs_own(tmp_path, 
         assert path.stat().st_size < reference.stat().st_size, path.name
 
 
+@pytest.mark.parametrize("case", ["many colours", "transparent"])
+def test_a_figure_no_palette_holds_is_written_as_matplotlib_renders_it(tmp_path, case):
+    """An image of many colours (a review's heat map and 30 lines came 33 levels off in 256) or a transparent background
+    (``savefig.transparent``: it was made opaque) is written as matplotlib's own RGBA image, byte for byte."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from triaccel_rl.plots import save_png
+
+    fig = Figure(figsize=(4, 3))
+    FigureCanvasAgg(fig)
+    axes = fig.add_subplot()
+    if case == "many colours":
+        axes.imshow(np.random.default_rng(0).random((60, 80, 3)))
+    else:
+        axes.plot([0, 1], [0, 1])
+        fig.patch.set_alpha(0.0)
+        axes.patch.set_alpha(0.0)
+    reference = tmp_path / "reference.png"
+    fig.savefig(reference, format="png", dpi=110, bbox_inches="tight")
+    written = save_png(fig, tmp_path / "written.png")
+    assert written.read_bytes() == reference.read_bytes()
+
+
 def test_each_plot_draws_each_runs_own_series(tmp_path, saved_figures):
     """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
     pytest.importorskip("matplotlib")

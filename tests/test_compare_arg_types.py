@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import triaccel_rl.compare as compare_module
-from triaccel_rl.compare import check_comparison, compare, row_names
+from triaccel_rl.compare import check_comparison, compare, row_names, run_controller
 
 
 def record_runs(monkeypatch):
@@ -106,3 +106,14 @@ def test_a_controller_neither_a_str_nor_a_path_is_refused_by_name(monkeypatch, e
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             call(["fp32", entry])
     assert runs == []
+
+
+def test_a_log_dir_that_names_no_folder_is_refused_before_any_run(monkeypatch):
+    """``log_dir=5`` raised pathlib's bare "expected str, bytes or os.PathLike object, not int" after rows had run."""
+    runs = record_runs(monkeypatch)
+    message = r"^log_dir=5 \(int\) names no folder: give a str or a Path$"
+    with pytest.raises(TypeError, match=message):
+        compare("synthetic", ["fp32", "plain-fp32"], [0], show_progress=False, log_dir=5)
+    assert runs == []
+    with pytest.raises(TypeError, match=message):
+        run_controller("synthetic", "fp32", 0, epochs=0.1, device="cpu", log_dir=5)  # the real one

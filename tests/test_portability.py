@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from triaccel_rl import cli, experiment
+from triaccel_rl.experiment import partial_path
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
@@ -125,7 +126,7 @@ def test_without_a_git_program_the_commit_variable_is_read(monkeypatch):
     ],
 )
 def test_the_partial_file_of_each_out(out, partial):
-    assert cli._partial_path(Path(out)) == Path(partial)
+    assert partial_path(Path(out)) == Path(partial)
 
 
 def test_two_comparisons_of_a_sweep_keep_their_own_partial_files(tmp_path, capsys, monkeypatch):

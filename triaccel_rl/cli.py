@@ -452,7 +452,9 @@ def _compare(args: argparse.Namespace) -> int:
         "reference": reference,
         "device": _device_name(args.device),
     }
-    partial = _partial_path(Path(args.out)) if args.out else None
+    from triaccel_rl.experiment import partial_path
+
+    partial = partial_path(Path(args.out)) if args.out else None
     if partial is not None and partial.exists():  # an earlier comparison's runs, maybe its only record: kept
         earlier = _set_aside(partial)
         print(f"triaccel-rl compare: an earlier comparison's finished runs moved to {earlier}", file=sys.stderr)
@@ -523,16 +525,6 @@ def _compare(args: argparse.Namespace) -> int:
         )
         print(f"plots: {', '.join(str(p) for p in paths)}")
     return 0
-
-
-def _partial_path(out: Path) -> Path:
-    """Where a comparison into ``out`` keeps its finished runs while it runs.
-
-    ``results.json`` gives ``results.partial.json``; any other name has ``.partial.json`` added (``lr0.1`` gives
-    ``lr0.1.partial.json``): ``Path.with_suffix`` gave a sweep's ``lr0.1`` and ``lr0.2`` the same ``lr0.partial.json``,
-    and a comparison started while another ran moved that one's live file aside.
-    """
-    return out.with_name(out.stem + ".partial.json" if out.suffix == ".json" else out.name + ".partial.json")
 
 
 def _set_aside(path: Path) -> Path:

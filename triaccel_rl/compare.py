@@ -204,6 +204,7 @@ def run_controller(
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm, max_time_s)
+    _check_log_dir(log_dir)
     if not (is_real(lr_scale) and math.isfinite(lr_scale) and lr_scale > 0):  # folded first, it was named base_lr
         raise ValueError(f"lr_scale={lr_scale!r} must be a positive finite number")
     if not isinstance(schedule, (bool, np.bool_)):  # "no" was taken as True
@@ -640,6 +641,7 @@ def compare(
 
     profile = HardwareProfile.resolve(profile)  # a path is read (and refused) before any run
     controllers, seeds = _controller_list(controllers), _seed_list(seeds)  # the runs go over what the checks saw
+    _check_log_dir(log_dir)
     task_obj = check_comparison(
         task,
         controllers,
@@ -1109,6 +1111,12 @@ def _time_step_us(time_s: float) -> int:
     steps cost fractions of a millisecond, on one step: the curve's time axis collapsed.
     """
     return round(time_s * 1e6)
+
+
+def _check_log_dir(log_dir: object) -> None:
+    """Raises a TypeError for a ``log_dir`` that is neither None, a str nor a path (5 raised pathlib's bare error)."""
+    if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+        raise TypeError(f"log_dir={log_dir!r} ({type(log_dir).__name__}) names no folder: give a str or a Path")
 
 
 def _writer(log_dir: str | os.PathLike[str] | None) -> Any:

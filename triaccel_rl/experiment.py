@@ -25,6 +25,7 @@ __all__ = [
     "git_commit",
     "parse_args",
     "parse_floats",
+    "partial_path",
     "write_text_atomic",
 ]
 
@@ -239,6 +240,16 @@ def _check_regular(target: Path, named: str, instead: str) -> None:
         raise ValueError(
             f"{named}: is not a regular file (a device, a FIFO or a socket), which writing would replace; {instead}"
         )
+
+
+def partial_path(out: Path) -> Path:
+    """Where a comparison or a benchmark job into ``out`` keeps its finished runs while it runs.
+
+    ``results.json`` gives ``results.partial.json``; any other name has ``.partial.json`` added (``lr0.1`` gives
+    ``lr0.1.partial.json``): ``Path.with_suffix`` gave a sweep's ``lr0.1`` and ``lr0.2`` the same ``lr0.partial.json``,
+    and a comparison started while another ran moved that one's live file aside.
+    """
+    return out.with_name(out.stem + ".partial.json" if out.suffix == ".json" else out.name + ".partial.json")
 
 
 def command_line(script: str, args: Any) -> str:

@@ -180,11 +180,12 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
-    """Writes ``fig`` to ``path`` as a PNG of at most 256 colours, cropped to what is drawn; returns the path.
+    """Writes ``fig`` to ``path`` as a PNG, cropped to what is drawn; returns the path.
 
-    Plots are kept in git beside the results: a palette image takes about a third of the bytes of matplotlib's RGBA
-    one, and a line plot or a heat map looks the same in it (every pixel within 16 of 255 levels in the tests). Pillow
-    is matplotlib's own dependency.
+    A palette image of at most 256 colours where one holds the figure within ``_PALETTE_TOLERANCE`` levels on every
+    pixel (the package's own plots: about a third of the bytes of matplotlib's RGBA file, which matters as the plots are
+    kept in git); matplotlib's own image where it does not (many colours, a smooth colour map, transparency from
+    ``savefig.transparent``), so no line changes colour and no transparency is lost. Pillow is matplotlib's dependency.
     """
     from PIL import Image
 
@@ -192,9 +193,20 @@ def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")  # a legend beside the axes
     buffer.seek(0)
     with Image.open(buffer) as image:
-        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
-    palette.save(path, format="PNG", optimize=True)
+        rgba = image.convert("RGBA")
+    pixels = np.asarray(rgba)
+    if pixels[..., 3].min() == 255:  # opaque: a palette may hold it
+        palette = rgba.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+        error = np.abs(np.asarray(palette.convert("RGB"), dtype=np.int16) - pixels[..., :3].astype(np.int16)).max()
+        if error <= _PALETTE_TOLERANCE:
+            palette.save(path, format="PNG", optimize=True)
+            return Path(path)
+    Path(path).write_bytes(buffer.getvalue())
     return Path(path)
+
+
+_PALETTE_TOLERANCE = 16
+"""The most a palette PNG's pixel may differ from matplotlib's, in levels of 255 on any channel."""
 
 
 def _safe(name: str) -> str:
