@@ -35,6 +35,7 @@ __all__ = [
     "make_policy",
     "pretrained_policy_path",
     "run_without_bf16",
+    "static_preset_name",
 ]
 
 _log = logging.getLogger("triaccel_rl")
@@ -91,8 +92,9 @@ def make_policy(
         return spec
     config = config or ControllerConfig()
     name = spec.lower()
-    if name in STATIC_PRESETS or name.removeprefix("static-") in STATIC_PRESETS:
-        return StaticPolicy(name.removeprefix("static-"), config)
+    preset = static_preset_name(name)
+    if preset is not None:
+        return StaticPolicy(preset, config)
     if name in HEURISTIC_NAMES:
         return HeuristicPolicy.from_name(name, config)
     if name in BATCH_FINDER_NAMES:
@@ -171,6 +173,24 @@ def _note_interval(name: str, trained: int | None, configured: int) -> None:
         configured,
         trained,
     )
+
+
+def static_preset_name(spec: object) -> str | None:
+    """The static preset a policy name picks, one of ``STATIC_PRESETS``; None for any other spec.
+
+    The rule of :func:`make_policy`: ``"fp32"`` and ``"static-fp32"`` pick ``"fp32"``, in any case, given as a str or
+    an ``os.PathLike``.
+
+    Example:
+        >>> static_preset_name("Static-BF16"), static_preset_name("heuristic")
+        ('bf16', None)
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        return None
+    preset = spec.lower().removeprefix("static-")
+    return preset if preset in STATIC_PRESETS else None
 
 
 def run_without_bf16(policy: Policy) -> bool:

@@ -193,7 +193,12 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     from stable_baselines3 import A2C, PPO
 
     classes: dict[str, Any] = {"ppo": PPO, "a2c": A2C}
-    saved = _saved_algorithm(file)
+    try:
+        contents = file.read_bytes()  # the checks read these bytes and SB3 loads them: a file swapped meanwhile is not
+    except OSError as err:
+        raise PolicyLoadError(f"cannot read policy file {str(file)!r}: {err}") from err
+    settings = _saved_settings(file, contents)
+    saved = _saved_algorithm(settings)
     if saved is not None and saved not in classes:
         raise PolicyLoadError(
             f"policy {str(file)!r} was saved by stable-baselines3's {saved.upper()}; supported: "
@@ -202,11 +207,6 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
     if saved is not None and algorithm not in ("auto", saved):
         raise PolicyLoadError(f"policy {str(file)!r} was saved by {saved.upper()}, not {algorithm.upper()}")
     names = [saved] if saved is not None else list(classes) if algorithm == "auto" else [algorithm]
-    try:
-        contents = file.read_bytes()  # SB3 loads these very bytes: a file swapped after the checks is not read
-    except OSError as err:
-        raise PolicyLoadError(f"cannot read policy file {str(file)!r}: {err}") from err
-    settings = _saved_settings(file, contents)
     errors = []
     for name in names:
         custom_objects = _unpickle_nothing(file, settings, classes[name])
@@ -214,7 +214,7 @@ def _load(file: Path, algorithm: str, device: str) -> Any:
             return _load_keeping_global_rngs(classes[name], io.BytesIO(contents), device, custom_objects)
         except Exception as err:  # SB3 raises many types for a wrong or corrupt file
             errors.append(f"{name}: {type(err).__name__}: {err}")
-    damaged = _damaged_member(file)
+    damaged = _damaged_member(contents)
     if damaged is not None:  # SB3 reports a bad CRC as "the file ... wasn't a zip-file", a cut file as "No data found"
         raise PolicyLoadError(f"cannot load policy {str(file)!r}: {damaged}")
     raise PolicyLoadError(f"cannot load policy {str(file)!r} ({'; '.join(errors)[:500]})")
@@ -250,7 +250,7 @@ def _saved_settings(file: Path, contents: bytes) -> dict[str, Any]:
         with zipfile.ZipFile(io.BytesIO(contents)) as archive:
             settings = json.loads(archive.read("data").decode())  # as SB3's load_from_zip_file reads it
     except Exception as err:  # zipfile, zlib and json raise many types for a damaged or missing member
-        problem = _damaged_member(file) or (
+        problem = _damaged_member(contents) or (
             f"its 'data' member cannot be read as stable-baselines3's JSON settings ({type(err).__name__}: {err})"
         )
         raise PolicyLoadError(f"cannot load policy {str(file)!r}: {problem}") from err
@@ -420,8 +420,8 @@ def _unpickling_refused(file: Path, key: str, what: str) -> PolicyLoadError:
     )
 
 
-def _damaged_member(file: Path) -> str | None:
-    """What is damaged inside the zip ``file``, for a policy that did not load; None where nothing is.
+def _damaged_member(contents: bytes) -> str | None:
+    """What is damaged inside the zip ``contents``, for a policy that did not load; None where nothing is.
 
     Damaged: a member whose bytes fail their CRC; no top-level ``data`` member (SB3's settings), as in a file cut
     short: the ``.pth`` members are zips themselves, so the cut file still opens as one of them (``testzip`` passes)
@@ -431,7 +431,7 @@ def _damaged_member(file: Path) -> str | None:
     import torch
 
     try:
-        with zipfile.ZipFile(file) as archive:
+        with zipfile.ZipFile(io.BytesIO(contents)) as archive:
             bad = archive.testzip()
             names = archive.namelist()
             if bad is None and "data" in names:
@@ -454,20 +454,13 @@ def _damaged_member(file: Path) -> str | None:
     return None
 
 
-def _saved_algorithm(file: Path) -> str | None:
-    """The SB3 algorithm that wrote ``file``, read from its ``data`` entry; None where it does not tell.
+def _saved_algorithm(data: dict[str, Any]) -> str | None:
+    """The SB3 algorithm that wrote a zip, read from its ``data`` member's settings; None where they do not tell.
 
     An on-policy algorithm saves its rollout settings, PPO's with ``clip_range`` (A2C's without); the others' policy
     class lives in their own module (``stable_baselines3.dqn.policies``). Both PPO and A2C zips would load into
     either class, each then reporting the wrong algorithm.
     """
-    try:
-        with zipfile.ZipFile(file) as archive:
-            data = json.loads(archive.read("data"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None  # the loaders say what is wrong with it
-    if not isinstance(data, dict):
-        return None
     if "rollout_buffer_class" in data or "n_epochs" in data:
         return "ppo" if "clip_range" in data else "a2c"
     policy_class = data.get("policy_class")

@@ -221,16 +221,16 @@ for stage in "$@"; do
     set-to-none) python3 scripts/check_set_to_none_cost.py --out "$OUT/set_to_none_cost.json" 2>&1 | tail -6 ;;
     # Where static fp16's and the heuristic's extra peak memory over static bf16 comes from (~1.5 min).
     memory) python3 scripts/check_memory_formats.py --out "$OUT/memory_formats.json" 2>&1 | tail -30 ;;
-    # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
-    # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
     # The Controller's estimator-round tests and the GPU training tests alone: a short visit after a rounds change.
     rounds-tests) python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_controller_rounds.py \
                     tests/test_gpu_training.py 2>&1 | tail -8 ;;
-    # An ad-hoc check (a reviewer's repro, say) against the installed package: py=path/to/script.py
     # The Controller under DDP, checked and timed against a plain DDP loop: NCCL on two GPUs, gloo on one (shared).
     ddp) python3 -m torch.distributed.run --nproc_per_node 2 scripts/check_ddp_gpu.py --out "$OUT/ddp_gpu.json" 2>&1 \
            | grep -v "^W\|warn" | tail -45 ;;
+    # An ad-hoc check (a reviewer's repro, say) against the installed package: py=path/to/script.py
     py=*) python3 "${stage#py=}" 2>&1 | tail -40 ;;
+    # Any other stage is gpu_benchmark.py's arguments, parsed as a shell would (eval: so `--plots ''` stays an empty
+    # argument; unquoted word splitting dropped it, 2026-12-02, and the job died on "--plots: expected one argument").
     *) eval "python3 experiments/gpu_benchmark.py $stage" 2>&1 | tail -40 ;;
   esac
 done

@@ -2,7 +2,8 @@
 
 The plots are kept in git beside the results, and the tracked tree travels with every device call (64 MiB with
 ``.carry``): matplotlib's RGBA files took 18 MB. An image already in palette mode is left alone, so a second run
-changes nothing.
+changes nothing, and so is one no palette holds (a transparent pixel, or more than
+``triaccel_rl.plots._PALETTE_TOLERANCE`` levels off: the rule ``save_png`` keeps).
 
     python scripts/shrink_plots.py [folder ...]     # default: experiments/results/plots
 """
@@ -15,14 +16,22 @@ from pathlib import Path
 
 from PIL import Image
 
+from triaccel_rl.plots import _palette
+
 
 def shrink(path: Path) -> tuple[int, int]:
-    """Rewrites ``path`` in palette mode (written whole, then renamed over it); returns its bytes before and after."""
+    """Rewrites ``path`` in palette mode (written whole, then renamed over it); returns its bytes before and after.
+
+    A file already in palette mode, one no palette holds (see ``triaccel_rl.plots._palette``) or one a palette would
+    not make smaller is left as it is.
+    """
     before = path.stat().st_size
     with Image.open(path) as image:
         if image.mode == "P":
             return before, before
-        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+        palette = _palette(image.convert("RGBA"))
+    if palette is None:
+        return before, before
     buffer = io.BytesIO()
     palette.save(buffer, format="PNG", optimize=True)
     if len(buffer.getvalue()) >= before:

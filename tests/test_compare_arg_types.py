@@ -117,3 +117,27 @@ def test_a_log_dir_that_names_no_folder_is_refused_before_any_run(monkeypatch):
     assert runs == []
     with pytest.raises(TypeError, match=message):
         run_controller("synthetic", "fp32", 0, epochs=0.1, device="cpu", log_dir=5)  # the real one
+
+
+@pytest.mark.parametrize(
+    ("log_dir", "message"),
+    [
+        ("", r"^log_dir='' names no folder: give one for the TensorBoard logs, or None for none$"),
+        ("FILE", r"^log_dir='.*/FILE' is a file; give a folder for the TensorBoard logs$"),
+    ],
+    ids=["empty", "a-file"],
+)
+def test_an_empty_log_dir_or_a_file_is_refused_before_any_run(monkeypatch, tmp_path, log_dir, message):
+    """``log_dir=""`` wrote SummaryWriter's own ``./runs/<date>_<host>`` (compare: ``./fp32-seed0``), unasked; a file
+    failed in TensorBoard's makedirs (FileExistsError, NotADirectoryError). The Controller refused both already."""
+    monkeypatch.chdir(tmp_path)
+    if log_dir:
+        log_dir = str(tmp_path / log_dir)
+        Path(log_dir).write_text("kept")
+    runs = record_runs(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        compare("synthetic", ["fp32", "bf16"], [0], show_progress=False, log_dir=log_dir)
+    assert runs == []
+    with pytest.raises(ValueError, match=message):
+        run_controller("synthetic", "fp32", 0, epochs=0.1, device="cpu", log_dir=log_dir)  # the real one
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["FILE"] if log_dir else [])

@@ -21,7 +21,7 @@ from triaccel_rl.policies import StaticPolicy
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
-from triaccel_rl.distributed import any_rank, world_size
+from triaccel_rl.distributed import any_rank, any_ranks, world_size
 from triaccel_rl.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +42,18 @@ def test_a_single_process_without_a_group_is_a_world_of_one_and_communicates_not
     assert world_size() == 1
     assert any_rank(True, torch.device("cpu")) is True
     assert any_rank(False, torch.device("cpu")) is False
+    assert any_ranks([True, False, True], torch.device("cpu")) == [True, False, True]
+    assert any_ranks([], torch.device("cpu")) == []
+
+
+def test_any_ranks_is_each_flag_or_ed_over_the_processes(tmp_path):
+    assert _run_on_two_processes(_flags_of_both, tmp_path) == [[True, False, True, True]] * WORLD
+
+
+def test_an_interval_end_under_fp16_agrees_in_one_collective(tmp_path):
+    """The shield's two answers (non-finite buffers, non-finite losses) went out in two all-reduces."""
+    for rank, reductions in enumerate(_run_on_two_processes(_reductions_in_two_intervals, tmp_path)):
+        assert reductions == 10 + 2, f"rank {rank}: {reductions} all-reduces (one a step, to agree on the skip)"
 
 
 def test_fp32_under_the_controller_is_a_plain_ddp_loop_bit_for_bit(tmp_path):
@@ -110,6 +122,37 @@ def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.zeros_like(tensor) for _ in range(WORLD)]
     dist.all_gather(out, tensor)
     return out
+
+
+def _flags_of_both(rank: int) -> list[bool]:
+    return any_ranks([rank == 0, False, rank == 1, True], torch.device("cpu"))
+
+
+def _reductions_in_two_intervals(rank: int) -> int:
+    """The all-reduces the Controller makes (DDP's own go through its reducer) in two intervals of fp16."""
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    ctl = Controller(ddp, optimizer, policy="fp16", config=ControllerConfig(interval_steps=5))
+    x, y = _shard(rank)
+    reductions = 0
+    all_reduce = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reductions
+        reductions += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted  # this process's own module: it ends with the scenario
+    try:
+        for step in range(10):
+            with ctl.autocast():
+                loss = cross_entropy(ddp(x[step * 12 : (step + 1) * 12]), y[step * 12 : (step + 1) * 12])
+            ctl.step(loss)
+    finally:
+        dist.all_reduce = all_reduce
+    ctl.close()
+    return reductions
 
 
 def _fp32_against_plain(rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from triaccel_rl.elastic import release_memory
 from triaccel_rl.engine import check_max_grad_norm
 from triaccel_rl.errors import is_real, is_whole
 from triaccel_rl.executor import sixteen_bit_formats
-from triaccel_rl.experiment import write_text_atomic
+from triaccel_rl.experiment import check_log_dir, tqdm_disable, write_text_atomic
 from triaccel_rl.loop import DecisionLoop
 from triaccel_rl.memory import nvml_used_bytes
 from triaccel_rl.observation import OBS_HIGH
@@ -179,8 +179,8 @@ def run_controller(
             default).
         device: ``cpu``, ``cuda`` or None (CUDA when available).
         eval_every: evaluate the test metric every this many decisions (when ``eval_every_steps`` is None).
-        log_dir: TensorBoard folder for this run (None: no logging). At each evaluation, the curve's point:
-            ``test/metric``, ``controller/batch_size``, ``controller/lr_scale`` and
+        log_dir: TensorBoard folder for this run (None: no logging; ``""`` or a file is refused). At each
+            evaluation, the curve's point: ``test/metric``, ``controller/batch_size``, ``controller/lr_scale`` and
             ``controller/low_precision_share`` against the optimizer step, and ``test/metric_vs_time_us`` against
             the charged time in microseconds; at each decision, the trace's row: ``train/probe_loss`` (none where
             the trace holds None), ``memory/peak_bytes`` and ``controller/overhead_frac``, against the step.
@@ -204,7 +204,7 @@ def run_controller(
     task = get_task(task) if isinstance(task, str) else task
     config = config or ControllerConfig()
     _check_run_settings(epochs, eval_every, eval_every_steps, max_grad_norm, max_time_s)
-    _check_log_dir(log_dir)
+    check_log_dir(log_dir)
     if not (is_real(lr_scale) and math.isfinite(lr_scale) and lr_scale > 0):  # folded first, it was named base_lr
         raise ValueError(f"lr_scale={lr_scale!r} must be a positive finite number")
     if not isinstance(schedule, (bool, np.bool_)):  # "no" was taken as True
@@ -538,6 +538,34 @@ def check_comparison(
     Raises:
         ValueError: as :func:`compare` does before any run starts.
     """
+    return _checked_comparison(
+        task,
+        controllers,
+        seeds,
+        epochs=epochs,
+        config=config,
+        cost_mode=cost_mode,
+        device=device,
+        eval_every=eval_every,
+        eval_every_steps=eval_every_steps,
+        max_grad_norm=max_grad_norm,
+    )[0]
+
+
+def _checked_comparison(
+    task: str | Task,
+    controllers: Sequence[str | os.PathLike[str]],
+    seeds: Sequence[int],
+    *,
+    epochs: float,
+    config: ControllerConfig | None,
+    cost_mode: CostMode | str | None,
+    device: str | None,
+    eval_every: int,
+    eval_every_steps: int | None,
+    max_grad_norm: float | None,
+) -> tuple[Task, list[str], list[int]]:
+    """:func:`check_comparison`'s checks; the task, and the controllers and seeds as the runs take them (str, int)."""
     from triaccel_rl.plain import PLAIN_PRECISIONS  # plain.py imports this module
 
     controllers, seeds = _controller_list(controllers), _seed_list(seeds)
@@ -577,7 +605,7 @@ def check_comparison(
         n_train = len(task_obj.data(seeds[0]).train_y)
         check_epoch_budget(epochs, n_train - probe_count(n_train))  # a run trains on what its probe leaves
     resolve_device(device)  # a bad device string, or cuda on a machine without one
-    names = row_names(controllers, config)
+    names = _row_names(controllers, config)
     files = [_safe(name) for name in names]  # a row's TensorBoard folders and plot files are named so
     shared = {name for name in files if files.count(name) > 1}
     if shared:  # their runs would merge into one row, or share a TensorBoard folder and plot files
@@ -590,7 +618,7 @@ def check_comparison(
             + ": list each once"
             + (" (a policy zip is named by its file name: give two policies different file names)" if zips else "")
         )
-    return task_obj
+    return task_obj, controllers, seeds
 
 
 def compare(
@@ -626,23 +654,23 @@ def compare(
     would mean something else. ``max_grad_norm`` clips every row's gradient norm the same way (:func:`run_controller`'s;
     a plain row calls ``clip_grad_norm_``), so a comparison can run a recipe that clips.
 
-    ``show_progress`` draws a tqdm bar over the epochs on stderr: True always (into a file too), False never, None (the
-    default) only where stderr is a terminal (redirected to a file, every redraw was written to it). Log records reach
-    your handlers as they are: one writing to the same terminal prints into the bar's line unless it writes through
-    ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; ``triaccel-rl``'s handler does).
+    ``show_progress`` draws a tqdm bar over the epochs on stderr: True always, False never, None (the default) only
+    where stderr is a terminal (:func:`~triaccel_rl.experiment.tqdm_disable`). Log records reach your handlers as they
+    are: one writing to the same terminal prints into the bar's line unless it writes through ``tqdm.write``
+    (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; ``triaccel-rl``'s handler does).
 
     Raises:
         ValueError: an unknown task or controller, a plain row in modelled time, ``controllers`` given as one str or
             ``seeds`` as a count (give lists: ``["fp32"]``, ``[0, 1]``), a controller neither a str nor a path, a seed
             not a whole number, or a non-positive ``epochs``, ``eval_every``, ``eval_every_steps`` or
-            ``max_grad_norm``, before any run starts.
+            ``max_grad_norm``, before any run starts; a ``log_dir`` that names no folder (:func:`check_log_dir
+            <triaccel_rl.experiment.check_log_dir>`: ``""`` or a file; a TypeError for one neither a str nor a path).
     """
     from triaccel_rl.plain import run_plain  # plain.py imports this module
 
     profile = HardwareProfile.resolve(profile)  # a path is read (and refused) before any run
-    controllers, seeds = _controller_list(controllers), _seed_list(seeds)  # the runs go over what the checks saw
-    _check_log_dir(log_dir)
-    task_obj = check_comparison(
+    check_log_dir(log_dir)
+    task_obj, controllers, seeds = _checked_comparison(  # the runs go over what the checks saw
         task,
         controllers,
         seeds,
@@ -662,7 +690,7 @@ def compare(
     digits = 1 if total >= 1 else max(1, 1 - math.floor(math.log10(total)))
     count = f"{{n:.{digits}f}}/{{total:.{digits}f}}"
     bar_format = "{l_bar}{bar}| " + count + " epochs [{elapsed}<{remaining}{postfix}]"
-    disable = None if show_progress is None else not show_progress  # None: tqdm's test, whether stderr is a terminal
+    disable = tqdm_disable(show_progress)
     with tqdm(total=total, disable=disable, desc=f"compare {task_obj.name}", bar_format=bar_format) as bar:
         for controller in controllers:
             for seed in seeds:
@@ -1001,7 +1029,11 @@ def row_names(controllers: Sequence[str | os.PathLike[str]], config: ControllerC
     Raises:
         ValueError: an unknown controller, as :func:`compare` would, or one name given as a str, not in a list.
     """
-    controllers = _controller_list(controllers)
+    return _row_names(_controller_list(controllers), config)
+
+
+def _row_names(controllers: list[str], config: ControllerConfig | None) -> list[str]:
+    """:func:`row_names` of controllers already read as str."""
     config = config or ControllerConfig()
     names = []
     for controller in controllers:
@@ -1111,12 +1143,6 @@ def _time_step_us(time_s: float) -> int:
     steps cost fractions of a millisecond, on one step: the curve's time axis collapsed.
     """
     return round(time_s * 1e6)
-
-
-def _check_log_dir(log_dir: object) -> None:
-    """Raises a TypeError for a ``log_dir`` that is neither None, a str nor a path (5 raised pathlib's bare error)."""
-    if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
-        raise TypeError(f"log_dir={log_dir!r} ({type(log_dir).__name__}) names no folder: give a str or a Path")
 
 
 def _writer(log_dir: str | os.PathLike[str] | None) -> Any:

@@ -32,7 +32,7 @@ from triaccel_rl.actions import action_space, decode
 from triaccel_rl.cadence import Cadence
 from triaccel_rl.config import ControllerConfig, CostMode, HardwareProfile, LRRule, MemoryBudget
 from triaccel_rl.costs import CostModel, buffer_bytes, frozen_parameter_bytes, optimizer_state_tensors
-from triaccel_rl.distributed import any_rank, world_size
+from triaccel_rl.distributed import any_ranks, world_size
 from triaccel_rl.elastic import (
     BatchLRCoupler,
     UnrecoverableOOMError,
@@ -43,7 +43,7 @@ from triaccel_rl.elastic import (
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
 from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
-from triaccel_rl.experiment import purge_tensorboard_after
+from triaccel_rl.experiment import check_log_dir, purge_tensorboard_after
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
     MemoryModel,
@@ -59,6 +59,7 @@ from triaccel_rl.policies import (
     StaticPolicy,
     make_policy,
     run_without_bf16,
+    static_preset_name,
 )
 from triaccel_rl.precision import refuse_driven_modules
 from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
@@ -195,12 +196,7 @@ class Controller:
                 f"grad_transform={grad_transform!r} must be a callable taking no arguments, e.g. "
                 "lambda: torch.nn.utils.clip_grad_value_(model.parameters(), 1.0), or None"
             )
-        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):  # 5 wrote to ./5, b"/x" to ./b'/x'
-            raise TypeError(f"log_dir={log_dir!r} ({type(log_dir).__name__}) names no folder: give a str or a Path")
-        if log_dir is not None and not str(log_dir):  # "": SummaryWriter's own ./runs/<date>_<host>, unasked
-            raise ValueError("log_dir='' names no folder: give one for the TensorBoard logs, or None for none")
-        if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
-            raise ValueError(f"log_dir={str(log_dir)!r} is a file; give a folder for the TensorBoard logs")
+        check_log_dir(log_dir)
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
@@ -1325,7 +1321,7 @@ class Controller:
             self.config.max_interval_factor,
             (1.0 - signals.expensive_share) * signals.budget_frac,
             # Under DDP, not stretched: each process times its own decisions, and intervals of other lengths would
-            # put the shield's collective (any_rank) at other steps in each, beside DDP's own.
+            # put the shield's collective (any_ranks) at other steps in each, beside DDP's own.
             adaptive=self.device.type == "cuda" and self.config.cost_mode is CostMode.MEASURED and world_size() == 1,
             cheap_share=signals.cheap_budget_frac,
         )
@@ -1680,8 +1676,8 @@ class Controller:
             return False
         broken = self._broken_buffers()  # a sync like the interval's flush, with the device idle
         # Under DDP the processes judge together (the updates applied are the same in each: the skips are agreed at
-        # every step), so that all restore where one must and the replicas stay equal.
-        any_broken = any_rank(bool(broken), self.device)
+        # every step), so that all restore where one must and the replicas stay equal: one collective for both flags.
+        any_broken, any_loss_nonfinite = any_ranks([bool(broken), not losses_finite], self.device)
         self._interval_healthy = applied == steps and not any_broken
         if self._interval_healthy:
             self._rollbacks_in_a_row = 0
@@ -1690,11 +1686,7 @@ class Controller:
             self.guard.confirm()
             if not reopened:  # a state newer than the one restored has trained: the run is moving, not stuck
                 self._rollbacks_in_a_row = 0
-        overflowed = (
-            not any_broken
-            and self.engine.precision.needs_grad_scaler
-            and not any_rank(not losses_finite, self.device)  # the same in every process: so is the condition before
-        )
+        overflowed = not any_broken and self.engine.precision.needs_grad_scaler and not any_loss_nonfinite
         if applied == before_copy and overflowed:  # the weights are the copy's: they overflowed at this scale
             _log.info(
                 "no update in the interval: fp16 gradients overflowed at finite losses; the loss scale backs off to %g "
@@ -1905,7 +1897,7 @@ def _policy_identity(spec: object, policy: Policy, config: ControllerConfig) -> 
 
 def _policy_argument(name: str) -> str:
     """The ``Controller`` argument that builds the policy a checkpoint names, for a message."""
-    if name in HEURISTIC_NAMES or name.removeprefix("static-") in STATIC_PRESETS:
+    if name in HEURISTIC_NAMES or static_preset_name(name) is not None:
         return f"policy={name!r}"
     if name == _LEARNED:
         return "policy='pretrained' or the path of a learned policy's zip"
@@ -1924,9 +1916,7 @@ def _refuse_in_ddp(spec: object, probe: object) -> None:
             "processes would run them at different steps, out of step with DDP's collectives (a hang). Leave probe "
             "out under torch.distributed"
         )
-    if isinstance(spec, StaticPolicy):
-        return
-    if isinstance(spec, str) and spec.lower().removeprefix("static-") in STATIC_PRESETS:
+    if isinstance(spec, StaticPolicy) or static_preset_name(spec) is not None:
         return
     named = repr(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else f"a {type(spec).__name__} object"
     raise ConfigError(

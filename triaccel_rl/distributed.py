@@ -7,10 +7,12 @@ without ``torch.distributed``, nothing here communicates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["any_rank", "world_size"]
+__all__ = ["any_rank", "any_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -23,15 +25,24 @@ def world_size() -> int:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true in any process of the default group; ``flag`` itself in a single process.
 
-    Every process of the group must call it at the same point, as any collective. Host-device sync under NCCL.
+    :func:`any_ranks` for one flag: every process of the group must call it at the same point, as any collective.
+    """
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """For each of ``flags``, whether it is true in any process of the default group; ``flags`` in a single process.
+
+    One collective for them all (a MAX over one small tensor): every process of the group must call it at the same
+    point with as many flags, as any collective. Host-device sync under NCCL.
 
     Args:
-        flag: this process's answer.
+        flags: this process's answers.
         device: the model's device: NCCL reduces a tensor on it (a CUDA device); other backends (gloo) a CPU tensor.
     """
     if world_size() == 1:
-        return flag
+        return [bool(flag) for flag in flags]
     on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=on)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32, device=on)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "check_log_dir",
     "command_line",
     "cpu_machine",
     "field_docstrings",
@@ -26,6 +27,7 @@ __all__ = [
     "parse_args",
     "parse_floats",
     "partial_path",
+    "tqdm_disable",
     "write_text_atomic",
 ]
 
@@ -194,6 +196,34 @@ def file_to_write(flag: str, path: str, example: str = "results.json") -> Path:
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot write a file in its folder ({err})") from err
     return out
+
+
+def check_log_dir(log_dir: object) -> None:
+    """Refuses a TensorBoard ``log_dir`` that names no folder; None (no logging) passes.
+
+    The Controller, ``run_controller`` and ``compare`` call it before anything runs.
+
+    Raises:
+        TypeError: ``log_dir`` is neither a str nor an ``os.PathLike`` (5 wrote to ``./5``, ``b"/x"`` to ``./b'/x'``).
+        ValueError: ``log_dir`` is ``""`` (SummaryWriter's own ``./runs/<date>_<host>``, unasked) or an existing file.
+    """
+    if log_dir is None:
+        return
+    if not isinstance(log_dir, str | os.PathLike):
+        raise TypeError(f"log_dir={log_dir!r} ({type(log_dir).__name__}) names no folder: give a str or a Path")
+    if not str(log_dir):
+        raise ValueError("log_dir='' names no folder: give one for the TensorBoard logs, or None for none")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"log_dir={str(log_dir)!r} is a file; give a folder for the TensorBoard logs")
+
+
+def tqdm_disable(show: bool | None) -> bool | None:
+    """The ``disable`` argument of tqdm for a progress option (``show_progress``, ``progress``, ``progress_bar``).
+
+    The rule of every bar in the package: True draws it always (into a file too), False never, None only where stderr
+    is a terminal (tqdm's own test, ``disable=None``): redirected to a file, every redraw was written to it.
+    """
+    return None if show is None else not show
 
 
 def purge_tensorboard_after(file_writer: Any, step: int) -> None:

@@ -17,6 +17,7 @@ from triaccel_rl.compare import RunResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL.Image import Image as PILImage
 
 __all__ = ["plot_comparison", "save_png"]
 
@@ -193,20 +194,33 @@ def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")  # a legend beside the axes
     buffer.seek(0)
     with Image.open(buffer) as image:
-        rgba = image.convert("RGBA")
-    pixels = np.asarray(rgba)
-    if pixels[..., 3].min() == 255:  # opaque: a palette may hold it
-        palette = rgba.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
-        error = np.abs(np.asarray(palette.convert("RGB"), dtype=np.int16) - pixels[..., :3].astype(np.int16)).max()
-        if error <= _PALETTE_TOLERANCE:
-            palette.save(path, format="PNG", optimize=True)
-            return Path(path)
-    Path(path).write_bytes(buffer.getvalue())
+        palette = _palette(image.convert("RGBA"))
+    if palette is not None:
+        palette.save(path, format="PNG", optimize=True)
+    else:
+        Path(path).write_bytes(buffer.getvalue())
     return Path(path)
 
 
 _PALETTE_TOLERANCE = 16
 """The most a palette PNG's pixel may differ from matplotlib's, in levels of 255 on any channel."""
+
+
+def _palette(rgba: PILImage) -> PILImage | None:
+    """``rgba`` (an RGBA image) in palette mode, at most 256 colours; None where no palette holds it.
+
+    None where a pixel is not opaque (a palette of RGB colours drops the alpha) or where the palette is more than
+    ``_PALETTE_TOLERANCE`` levels off on some pixel's channel (many colours, a smooth colour map).
+    ``scripts/shrink_plots.py`` uses it too, so a rewritten plot meets the rule a saved one does.
+    """
+    from PIL import Image
+
+    pixels = np.asarray(rgba)
+    if pixels[..., 3].min() < 255:
+        return None
+    palette = rgba.convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+    error = np.abs(np.asarray(palette.convert("RGB"), dtype=np.int16) - pixels[..., :3].astype(np.int16)).max()
+    return palette if error <= _PALETTE_TOLERANCE else None
 
 
 def _safe(name: str) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
@@ -501,7 +502,7 @@ class LayerPrecision:
         self._active = True
         self._cache_enabled = cache_enabled
         self._outer_region_dtype = outer_dtype
-        _open_contexts.append(self)
+        _open.contexts.append(self)
         try:
             with torch.autocast(
                 self.device_type,
@@ -518,7 +519,8 @@ class LayerPrecision:
                     while len(self._stack) > outer[4]:
                         self._stack.pop().region.__exit__(None, None, None)
         finally:
-            del _open_contexts[max(i for i, lp in enumerate(_open_contexts) if lp is self)]  # closed out of order too
+            contexts = _open.contexts
+            del contexts[max(i for i, lp in enumerate(contexts) if lp is self)]  # closed out of order too
             self._active, self._mixed, self._cache_enabled, self._outer_region_dtype, depth, swapped = outer
             # A forward that raised between a pre-hook and its post-hook leaves regions open and weights swapped.
             while len(self._stack) > depth:
@@ -840,7 +842,8 @@ class LayerPrecision:
         recorded as such (recorded fp16, it gave a bf16 run a loss scaler for good, and a warning naming the layer). A
         block of the model's own code inside that context still is (the other one reads it as a block too).
         """
-        inner = _open_contexts[-1] if _open_contexts else self
+        contexts = _open.contexts
+        inner = contexts[-1] if contexts else self
         if inner is self:
             return False
         return (
@@ -1069,9 +1072,21 @@ def _restore(saved: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
 _16_BIT = (torch.float16, torch.bfloat16)
 _FP32, _BF16, _FP16 = Precision.FP32, Precision.BF16, Precision.FP16  # read in loops: a global, not a class attribute
 _AMBIGUOUS = object()  # a call key whose forward calls meant different types (``LayerPrecision._ours``)
-# The LayerPrecisions whose context() is open, innermost last (``LayerPrecision._in_other_context``)
-_open_contexts: list[LayerPrecision] = []
 _PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
+
+
+class _OpenContexts(threading.local):
+    """The LayerPrecisions whose context() this thread has open, innermost last (``LayerPrecision._in_other_context``).
+
+    Per thread as autocast's state is: a context another thread opened is no region around this thread's layers (one
+    list for the process read it as one, and a layer in the model's own block went unrecorded).
+    """
+
+    def __init__(self) -> None:
+        self.contexts: list[LayerPrecision] = []  # run in each thread at its first read of ``_open``
+
+
+_open = _OpenContexts()
 
 
 def _refuse_16_bit_parameters(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from triaccel_rl.config import HardwareProfile
 from triaccel_rl.costs import CostModel
 from triaccel_rl.elastic import is_out_of_memory
 from triaccel_rl.engine import native_bf16
+from triaccel_rl.experiment import tqdm_disable
 from triaccel_rl.models import MLP, SmallResNet, resnet18
 from triaccel_rl.precision import find_layers
 from triaccel_rl.training import seed_run_generators
@@ -53,8 +54,8 @@ def measure_profile(
         batch_size: batch of the reference workload, a positive integer.
         steps: timed steps per precision (after 3 warm-up steps, excluded), a positive integer.
         small: use a small ResNet instead of ResNet-18 (for quick checks on a CPU).
-        progress: a tqdm bar on stderr over the precisions and the fixed-cost timing (minutes on a CPU): True always
-            (into a file too), False never, None only where stderr is a terminal (``triaccel-rl profile``'s).
+        progress: a tqdm bar on stderr over the precisions and the fixed-cost timing (minutes on a CPU): True always,
+            False never, None only where stderr is a terminal (``triaccel-rl profile``'s; ``experiment.tqdm_disable``).
 
     Raises:
         ValueError: ``steps`` or ``batch_size`` is not a positive integer, ``device`` is not a CUDA device or the
@@ -90,7 +91,7 @@ def _measure(device: torch.device, batch_size: int, steps: int, small: bool, pro
     memory: dict[str, float] = {}
     precisions = [precision for precision in Precision if _runs(precision, device)]
     # Closed on the way out: a Ctrl-C's message was printed on the bar's line, and the bar drawn again after it.
-    disable = None if progress is None else not progress  # None: tqdm's test, whether stderr is a terminal
+    disable = tqdm_disable(progress)
     with tqdm(total=len(precisions) + 1, desc="profile", unit="part", disable=disable, dynamic_ncols=True) as bar:
         for precision in precisions:
             bar.set_postfix_str(precision.name.lower())

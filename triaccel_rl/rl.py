@@ -30,7 +30,7 @@ import numpy as np
 
 from triaccel_rl.config import ControllerConfig, RewardConfig
 from triaccel_rl.errors import is_finite_real, is_whole
-from triaccel_rl.experiment import purge_tensorboard_after, write_text_atomic
+from triaccel_rl.experiment import purge_tensorboard_after, tqdm_disable, write_text_atomic
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.shield import ObservationStats, obs_stats_path
 from triaccel_rl.tasks import get_task
@@ -347,9 +347,9 @@ def imitate(
             from the fit's Adam moments (20 passes at SB3's 3e-4 fit 55% of the shipped recipe's teacher decisions,
             at 3e-3 98.5%).
         progress_bar: show tqdm bars on stderr, one over the teacher's decisions as they are collected (the slow part,
-            minutes in the environments), then one over the fit's passes: True always (into a file too), None only
-            where stderr is a terminal; False, nothing is written. The bars only count: the decisions, the fit and its
-            random draws are the same either way.
+            minutes in the environments), then one over the fit's passes: True always, False never, None only where
+            stderr is a terminal (:func:`~triaccel_rl.experiment.tqdm_disable`). The bars only count: the decisions,
+            the fit and its random draws are the same either way.
 
     Returns:
         ``{"decisions": ..., "nll": ..., "value_mse": ..., "agreement": ...}`` after the last pass: ``decisions``
@@ -366,7 +366,7 @@ def imitate(
         )
     observations, actions, rewards, dones = [], [], [], []
     rounds = max(1, n_steps // venv.num_envs)
-    disable = None if progress_bar is None else not progress_bar  # None: tqdm's test, whether stderr is a terminal
+    disable = tqdm_disable(progress_bar)
     # Shown before the reset, which trains an interval in every environment: until 2026-12-07 the warm start ran for
     # minutes with no output before PPO's bar appeared. Each bar is closed as an exception (a Ctrl-C) leaves it, before
     # train_policy's warning, which would otherwise land inside the bar's line.
@@ -520,10 +520,11 @@ def train_policy(
             ``eval/evaluations_replaced_after_<steps>_steps[_<n>].npz`` keeps them, its ``_<n>`` not always the
             folder's).
         progress_bar: show a progress bar (tqdm, on stderr) over the environment steps; with ``warm_start``, the
-            imitation's bars first (:func:`imitate`: its teacher's decisions, then its passes). True always (into a
-            file too), False never, None only where stderr is a terminal (``triaccel-rl train-policy``'s). Log records
-            reach your handlers as they are: one writing to the same terminal prints into a bar's line unless it
-            writes through ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; the CLI's does).
+            imitation's bars first (:func:`imitate`: its teacher's decisions, then its passes). True always, False
+            never, None only where stderr is a terminal (``triaccel-rl train-policy``'s; ``experiment.tqdm_disable``).
+            Log records reach your handlers as they are: one writing to the same terminal prints into a bar's line
+            unless it writes through ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm`` makes it; the
+            CLI's does).
         torch_threads: PyTorch threads in each environment (None: PyTorch's default); 1 when there is
             one environment per core. Environments in this process (``n_envs=1`` or ``vec="dummy"``) share its
             count: it is set for the duration of the call (PPO's updates run with it too), and the caller's count is
@@ -1011,7 +1012,7 @@ def train_policy(
                 planned,
                 rollout,
             )
-        disable = None if progress_bar is None else not progress_bar  # None: tqdm's test, whether stderr is a terminal
+        disable = tqdm_disable(progress_bar)
         progress = Progress(planned, disable)
         if disable is not True:
             callbacks.append(progress)
