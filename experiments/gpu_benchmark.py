@@ -717,7 +717,7 @@ def _read_results(path: str) -> dict[str, Any]:
     """
     try:
         data = json_safe(json.loads(Path(path).read_text()))
-    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON, or an integer of over 4300 digits
+    except (OSError, ValueError, RecursionError) as error:  # not UTF-8 or JSON, 4300+ digits, nested too deep
         raise SystemExit(f"--merge: {path} cannot be read as JSON: {error}") from None
     if not isinstance(data, dict) or "runs" not in data:
         raise SystemExit(f'--merge: {path} holds no "runs"; give result JSONs this script wrote (rows, grid, runs)')

@@ -1,6 +1,7 @@
 """JSON read from files: names that become paths stay one folder's name, and every refusal names its file."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,19 @@ def test_an_integer_past_the_digit_limit_is_refused_naming_the_file(tmp_path):
     assert str(raised_stats.value).startswith(
         f"observation stats {str(stats)!r} are not valid JSON: Exceeds the limit (4300 digits)"
     )
+
+
+def test_json_nested_past_the_recursion_limit_is_refused_naming_the_file(tmp_path):
+    """``json.loads("[" * 100000)`` raises a RecursionError, which escaped the loaders unnamed."""
+    path = tmp_path / "profile.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ConfigError, match=f"^hardware profile {re.escape(str(path))} is not valid JSON: "):
+        HardwareProfile.load(path)
+    stats = tmp_path / "policy.obs.json"
+    stats.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match=f"^observation stats {re.escape(repr(str(stats)))} are not valid JSON: "):
+        ObservationStats.load(stats)
+    results = tmp_path / "job.json"
+    results.write_text("[" * 100_000)
+    with pytest.raises(SystemExit, match=f"^--merge: {re.escape(str(results))} cannot be read as JSON: "):
+        gpu_benchmark_module().merge([str(results)], tmp_path / "merged.json")

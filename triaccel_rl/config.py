@@ -289,7 +289,7 @@ class HardwareProfile:
             source = str(file)
         try:
             raw = json.loads(text)
-        except ValueError as err:  # JSONDecodeError, or an integer of over 4300 digits (a plain ValueError)
+        except (ValueError, RecursionError) as err:  # also an integer of over 4300 digits, or arrays nested too deep
             raise ConfigError(f"hardware profile {source} is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"hardware profile {source} must be a JSON object; got {type(raw).__name__}")

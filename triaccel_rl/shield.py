@@ -677,7 +677,7 @@ class ObservationStats:
             raise ValueError(f"observation stats {str(file)!r} cannot be read: {error}") from None
         try:
             raw = json.loads(text)
-        except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits (a plain ValueError)
+        except (ValueError, RecursionError) as error:  # also an integer of over 4300 digits, or arrays nested too deep
             raise ValueError(f"observation stats {str(file)!r} are not valid JSON: {error}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"observation stats {str(file)!r} must be a JSON object; got {type(raw).__name__}")
