@@ -40,7 +40,7 @@ from triaccel_rl.elastic import (
     release_memory,
     resolve_lr_rule,
 )
-from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm
+from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm, refuse_driven_modules
 from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.experiment import check_log_dir, purge_tensorboard_after
@@ -61,7 +61,6 @@ from triaccel_rl.policies import (
     run_without_bf16,
     static_preset_name,
 )
-from triaccel_rl.precision import refuse_driven_modules
 from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
 from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats

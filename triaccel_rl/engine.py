@@ -27,13 +27,20 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # cli
 
 from triaccel_rl.distributed import any_rank
 from triaccel_rl.errors import DetachedParametersError, is_finite_real, is_real
-from triaccel_rl.precision import LayerPrecision, WeightCopies, find_layers, layer_parameters
+from triaccel_rl.precision import LayerPrecision, WeightCopies, driven_modules, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
 if TYPE_CHECKING:  # the kernels package loads Triton: imported where the fused step is built
     from triaccel_rl.kernels.optim import AdamWOptions, SGDOptions
 
-__all__ = ["GradStats", "StepEngine", "check_max_grad_norm", "check_precision_supported", "layer_parameters"]
+__all__ = [
+    "GradStats",
+    "StepEngine",
+    "check_max_grad_norm",
+    "check_precision_supported",
+    "layer_parameters",
+    "refuse_driven_modules",
+]
 
 _log = logging.getLogger("triaccel_rl")
 
@@ -2205,6 +2212,35 @@ def _checked_multiplier(name: str, value: Any, zero_allowed: bool = False) -> fl
     if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
         raise ValueError(f"the checkpoint's {name} {value} must be a finite number {'>=' if zero_allowed else '>'} 0")
     return float(value)
+
+
+def refuse_driven_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raises a ValueError naming the modules of ``model`` that another open ``LayerPrecision`` (a Controller) drives.
+
+    Their live hooks: a module shared with a model that has a Controller, the same model under a second Controller (a
+    second optimizer's), or a deep copy made while a Controller was open (the copy carries its hooks, which act for
+    it). Two Controllers over one module each set its precision and step it: the first's hooks read the second's
+    autocast region as the model's own block (a bf16 run took a loss scaler), the second's step found the graph
+    backpropagated, and the first's rollback undid the second's updates. Checked before anything is hooked, as the
+    other refusals.
+
+    Left to the ``StepEngine``'s refusals, which say more, where ``optimizer`` is driven itself (a notebook cell that
+    builds the Controller run again) or holds none of the model's trainable parameters.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        return
+    if any(_open_engine(hook) for hook in optimizer._optimizer_step_pre_hooks.values()):
+        return
+    driven = driven_modules(model)
+    if driven:
+        raise ValueError(
+            f"modules {driven[:3]} (of {len(driven)}) of {type(model).__name__} are driven by another open Controller "
+            "(its precision hooks are on them): two Controllers cannot share modules. Drive them with one Controller "
+            "and step a second optimizer yourself (README, 'Use it in your own training loop'), close() the other "
+            "Controller first, or deep-copy the model before building the first Controller (a copy made while one is "
+            "open carries its hooks)"
+        )
 
 
 def _open_engine(hook: Any) -> bool:

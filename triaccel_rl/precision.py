@@ -48,10 +48,10 @@ __all__ = [
     "CONTROLLABLE_TYPES",
     "LayerPrecision",
     "WeightCopies",
+    "driven_modules",
     "find_layers",
     "layer_parameters",
     "read_copy",
-    "refuse_driven_modules",
 ]
 
 CONTROLLABLE_TYPES: tuple[type[nn.Module], ...] = (
@@ -136,40 +136,18 @@ def layer_parameters(model: nn.Module, layers: Sequence[LayerInfo]) -> list[list
     return owned
 
 
-def refuse_driven_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Raises a ValueError naming the modules of ``model`` that another open ``LayerPrecision`` (a Controller) drives.
+def driven_modules(model: nn.Module) -> list[str]:
+    """The names of ``model``'s modules carrying live hooks of a ``LayerPrecision`` not removed (an open Controller's).
 
-    Their live hooks: a module shared with a model that has a Controller, the same model under a second Controller (a
-    second optimizer's), or a deep copy made while a Controller was open (the copy carries its hooks, which act for
-    it). Two Controllers over one module each set its precision and step it: the first's hooks read the second's
-    autocast region as the model's own block (a bf16 run took a loss scaler), the second's step found the graph
-    backpropagated, and the first's rollback undid the second's updates. Hooks of a closed one are inert and let
-    through (a copy sheds them when hooks go in). Checked before anything is hooked, as the other refusals.
-
-    Left to the ``StepEngine``'s refusals, which say more, where ``optimizer`` is driven itself (a notebook cell that
-    builds the Controller run again) or holds none of the model's trainable parameters.
+    Hooks of a closed one are inert and not counted (a copy sheds them when hooks go in).
     """
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
-        return
-    # engine._open_engine's test (the engine imports this module): the step guard of an engine not removed
-    if any(getattr(hook, "_triaccel_engine", lambda: None)() for hook in optimizer._optimizer_step_pre_hooks.values()):
-        return
-    driven = [
+    return [
         name or "<root>"
         for name, module in model.named_modules()
         if any(
             _acts_for_open_one(hook) for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
         )
     ]
-    if driven:
-        raise ValueError(
-            f"modules {driven[:3]} (of {len(driven)}) of {type(model).__name__} are driven by another open Controller "
-            "(its precision hooks are on them): two Controllers cannot share modules. Drive them with one Controller "
-            "and step a second optimizer yourself (README, 'Use it in your own training loop'), close() the other "
-            "Controller first, or deep-copy the model before building the first Controller (a copy made while one is "
-            "open carries its hooks)"
-        )
 
 
 class LayerPrecision:
