@@ -112,7 +112,8 @@ def _corrupted(state: dict, what: str) -> dict:
         ("lr", r"the loaded param group 0 lacks 'lr', which SGD's update reads"),
         (
             "entry",
-            r"the loaded optimizer state has an entry for parameter 7; this optimizer has 4 parameters, numbered 0",
+            r"the loaded optimizer state has an entry for parameter 7, which its param groups do not list "
+            r"\(they list 0 to 3\)",
         ),
         ("shape", r"the loaded optimizer state 'momentum_buffer' of parameter 0 has shape \(5, 5\); this model's"),
         ("step", r"the loaded optimizer state 'step' of parameter 0 is -1: a step count is a finite whole number >= 0"),

@@ -1190,6 +1190,7 @@ class StepEngine:
         back (loaded without complaint until 2026-12-07). One sync a device.
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        position = _saved_positions(saved["param_groups"], "the checkpoint's ")  # checked: state keys are listed
         names = self._names_by_id()
         entries = [
             (int(index), field, value)
@@ -1200,7 +1201,7 @@ class StepEngine:
         tensors = [value for _, _, value in entries if isinstance(value, torch.Tensor)]
         finite = iter(_finite_flags(tensors))
         broken = [
-            f"{field!r} of parameter {index} ({names.get(id(params[index]), '?')})"
+            f"{field!r} of parameter {index} ({names.get(id(params[position[index]]), '?')})"
             for index, field, value in entries
             if not (next(finite) if isinstance(value, torch.Tensor) else is_finite_real(value))
         ]
@@ -1922,7 +1923,13 @@ def _check_state_shapes(
             f"of dicts; got {type(saved['state']).__name__} and {type(saved['param_groups']).__name__}"
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_sizes = [len(group.get("params", ())) for group in saved["param_groups"]]
+    for number, group in enumerate(saved["param_groups"]):
+        if not isinstance(group.get("params"), (list, tuple)):
+            raise ValueError(
+                f"{whose}param group {number} has 'params': {group.get('params')!r}; torch.optim's state_dict() lists "
+                "the group's parameters there, as numbers"
+            )
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if saved_sizes != sizes:
         raise ValueError(
@@ -1941,12 +1948,14 @@ def _check_state_shapes(
                 f"{type(optimizer).__name__}'s update reads: it is not torch.optim's state_dict() of this optimizer"
             )
     _check_group_values(optimizer, saved["param_groups"], whose)
+    position = _saved_positions(saved["param_groups"], whose)
     for index, entry in saved["state"].items():
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < len(params):
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or int(index) not in position:
             raise ValueError(
-                f"{whose}optimizer state has an entry for parameter {index!r}; this optimizer has {len(params)} "
-                f"parameters, numbered 0 to {len(params) - 1}"
+                f"{whose}optimizer state has an entry for parameter {index!r}, which its param groups do not list "
+                f"(they list {_id_range(position)}): torch.optim's load would leave that state with no parameter"
             )
+        param = params[position[int(index)]]
         if not isinstance(entry, Mapping):
             raise ValueError(f"{whose}optimizer state of parameter {index} is {type(entry).__name__}, not a dict")
         for name, value in entry.items():
@@ -1955,16 +1964,49 @@ def _check_state_shapes(
                     f"{whose}optimizer state {name!r} of parameter {index} is {type(value).__name__}, not a "
                     "tensor, number or None"
                 )
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, params[int(index)]):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, param):
                 raise ValueError(
                     f"{whose}optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}; "
-                    f"this model's parameter has {tuple(params[int(index)].shape)}: it was saved for another model"
+                    f"this model's parameter has {tuple(param.shape)}: it was saved for another model"
                 )
             if name == "step" and not _whole_count(value):  # Adam's bias corrections divide by 1 - beta**step
                 raise ValueError(
                     f"{whose}optimizer state 'step' of parameter {index} is {value!r}: a step count is a "
                     "finite whole number >= 0"
                 )
+
+
+def _saved_positions(groups: Sequence[Mapping[str, Any]], whose: str) -> dict[int, int]:
+    """Each parameter number the saved ``groups`` list, mapped to its position among this optimizer's parameters.
+
+    torch.optim's load pairs the numbers with this optimizer's parameters in order and files each state entry under
+    its number: a number listed twice, or one that is not a whole number (a NaN, a float from a JSON round trip),
+    paired no state with its parameter, silently (its moments started from zero) and kept the entry under a key no
+    parameter has. ``state_dict()`` numbers them 0, 1, 2, ... in order; any distinct whole numbers are taken.
+    """
+    position: dict[int, int] = {}
+    for number, group in enumerate(groups):
+        for index in group["params"]:
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+                raise ValueError(
+                    f"{whose}param group {number} lists parameter {index!r}; torch.optim's state_dict() numbers "
+                    "parameters with whole numbers (0, 1, 2, ... in order)"
+                )
+            if int(index) in position:
+                raise ValueError(
+                    f"{whose}param groups list parameter {index!r} twice; torch.optim's state_dict() numbers each "
+                    "parameter once (0, 1, 2, ... in order)"
+                )
+            position[int(index)] = len(position)
+    return position
+
+
+def _id_range(position: Mapping[int, int]) -> str:
+    """The saved parameter numbers, as a message names them: ``0 to 9`` where they are the usual run, else a list."""
+    ids = list(position)
+    if ids == list(range(len(ids))):
+        return f"0 to {len(ids) - 1}" if ids else "none"
+    return str(ids[:8])[:-1] + (", ...]" if len(ids) > 8 else "]")
 
 
 def _check_group_values(
@@ -1977,19 +2019,23 @@ def _check_group_values(
     ``betas`` of one number a ValueError. Each saved value is compared with the live group's (``groups`` are as many):
     a number must be a finite real in the range torch.optim's constructors allow (``_HYPER_RANGES``), a tensor only
     where the live value is one (a tensor LR), a tuple (``betas``) as long and of such numbers, and a flag a bool (or
-    None for ``foreach`` and ``fused``). Keys the live group lacks, ``"layer"`` (``_check_layer_keys``) and values of
-    other kinds (L-BFGS's ``line_search_fn``, names) are not checked here.
+    None for ``foreach`` and ``fused``). A key the live group lacks is checked where ``_HYPER_RANGES`` names it (a
+    scheduler's ``initial_lr``); others, ``"layer"`` (``_check_layer_keys``) and values of other kinds (L-BFGS's
+    ``line_search_fn``, names) are not checked here.
     """
     for number, (group, live_group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
         for key, value in group.items():
-            if key in ("params", "layer") or key not in live_group:
+            if key in ("params", "layer") or (key not in live_group and key not in _HYPER_RANGES):
                 continue
-            live = live_group[key]
+            # A number only the saved group holds is taken as it is: a scheduler built after the load starts from the
+            # saved initial_lr (a NaN there made every later LR NaN)
+            live = live_group[key] if key in live_group else value if isinstance(value, torch.Tensor) else 0.0
             expected = _hyper_expected(key, value, live)
             if expected is not None:
+                holds = f"this optimizer's group holds {live!r}" if key in live_group else "a scheduler reads it"
                 raise ValueError(
                     f"{whose}param group {number} has {key!r}: {value!r}; {type(optimizer).__name__}'s update takes "
-                    f"{expected} there (this optimizer's group holds {live!r})"
+                    f"{expected} there ({holds})"
                 )
 
 
@@ -2336,6 +2382,7 @@ _OPTIONAL_FLAGS = ("foreach", "fused")
 """``torch.optim`` flags that may be None (the optimizer picks its implementation) as well as a bool."""
 _HYPER_RANGES: dict[str, tuple[float, float]] = {
     "lr": (0.0, math.inf),
+    "initial_lr": (0.0, math.inf),
     "eps": (0.0, math.inf),
     "weight_decay": (0.0, math.inf),
     "momentum": (0.0, math.inf),
