@@ -867,6 +867,36 @@ def test_a_figure_no_palette_holds_is_written_as_matplotlib_renders_it(tmp_path,
     assert written.read_bytes() == reference.read_bytes()
 
 
+def test_a_plot_write_cut_short_leaves_the_plot_kept_there_whole(monkeypatch, tmp_path):
+    """A full disk part-way through the write (plots are kept in git): the old PNG was left empty, unreadable."""
+    pytest.importorskip("matplotlib")
+    import errno
+    import pathlib
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from triaccel_rl.plots import save_png
+
+    fig = Figure(figsize=(4, 3))
+    FigureCanvasAgg(fig)
+    fig.add_subplot().plot([0, 1], [0, 1])
+    kept = save_png(fig, tmp_path / "metric_vs_time.png")
+    before = kept.read_bytes()
+    write_bytes = pathlib.Path.write_bytes
+
+    def disk_full(path, data):
+        write_bytes(path, data[:200])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fig.axes[0].plot([0, 1], [1, 0])
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_png(fig, kept)
+    monkeypatch.undo()
+    assert kept.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["metric_vs_time.png"]
+
+
 def test_each_plot_draws_each_runs_own_series(tmp_path, saved_figures):
     """The lines' data, read from the figures before they are saved: each run's curve and trace, in its colour."""
     pytest.importorskip("matplotlib")

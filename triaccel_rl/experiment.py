@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ __all__ = [
     "parse_floats",
     "partial_path",
     "tqdm_disable",
+    "write_bytes_atomic",
     "write_text_atomic",
 ]
 
@@ -248,12 +249,22 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         ValueError: ``path`` is an existing file that is not a regular one (a device such as ``/dev/null``, a FIFO, a
             socket), which the move would replace with a regular file; nothing is written.
     """
+    _write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """:func:`write_text_atomic` for bytes (a plot's PNG: a full disk left the kept plot empty, the old one gone)."""
+    _write_atomic(path, lambda temporary: temporary.write_bytes(data))
+
+
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then moves that over ``path``."""
     target = Path(os.path.realpath(path))
     _check_regular(target, str(path), "give a regular file's path")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     try:
-        temporary.write_text(text)
+        write(temporary)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)  # left only where the write or the move failed

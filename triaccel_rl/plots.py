@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from triaccel_rl.compare import RunResult
+from triaccel_rl.experiment import write_bytes_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -195,10 +196,12 @@ def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     buffer.seek(0)
     with Image.open(buffer) as image:
         palette = _palette(image.convert("RGBA"))
+    png = buffer.getvalue()
     if palette is not None:
-        palette.save(path, format="PNG", optimize=True)
-    else:
-        Path(path).write_bytes(buffer.getvalue())
+        smaller = io.BytesIO()
+        palette.save(smaller, format="PNG", optimize=True)
+        png = smaller.getvalue()
+    write_bytes_atomic(path, png)  # a write cut short (a full disk) leaves the plot kept there whole
     return Path(path)
 
 
