@@ -11,6 +11,8 @@ images, and the script checks:
 - ``bf16``/``fp16``: the static 16-bit policies keep the replicas equal;
 - ``nan-rollback``: a NaN image in process 1's batch at an interval's last step (batch norm's statistics go NaN
   there): both processes roll back, to equal replicas;
+- ``loss-nan``: a NaN term without a gradient in process 1's loss under fp16 (its all-reduced gradients stay
+  finite): the fused step is skipped in both processes, whose replicas and loss scales stay equal;
 - ``refused``: the heuristic is refused;
 - timing: a plain DDP loop (bf16 autocast, channels_last) against ``Controller(policy="bf16")``, rows in turns, medians
   of chunks of 20 steps, batch 256 per GPU.
@@ -73,7 +75,13 @@ def _replicas_equal(model: nn.Module) -> bool:
 
 
 def _controlled(
-    rank: int, device: torch.device, data: Batches, policy: str, wrap_first: bool = True, nan_at: int | None = None
+    rank: int,
+    device: torch.device,
+    data: Batches,
+    policy: str,
+    wrap_first: bool = True,
+    nan_at: int | None = None,
+    nan_loss_at: int | None = None,
 ) -> tuple[nn.Module, ta.Controller]:
     model = _fresh_model(device)
     if wrap_first:
@@ -88,6 +96,8 @@ def _controlled(
             x[0] = float("nan")
         with ctl.autocast():
             loss = cross_entropy(ddp(x), y)
+        if nan_loss_at is not None and rank == 1 and step == nan_loss_at:
+            loss = loss + torch.tensor(float("nan"), device=device)  # no gradient: DDP's all-reduce stays finite
         ctl.step(loss)
     torch.cuda.synchronize()
     ctl.close()
@@ -135,6 +145,15 @@ def _checks(rank: int, device: torch.device) -> dict[str, Any]:
         "rollbacks": ctl.rollbacks,
         "finite": bool(torch.isfinite(_flat(model)).all()),
         "replicas_equal": _replicas_equal(model),
+    }
+    model, ctl = _controlled(rank, device, data, "fp16", nan_loss_at=7)
+    scales = [torch.zeros(1, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(scales, torch.tensor([ctl.engine.loss_scale], device=device))
+    out["loss-nan"] = {
+        "fused": ctl.engine.fused,
+        "skipped": ctl.skipped_steps,
+        "replicas_equal": _replicas_equal(model),
+        "scales_equal": all(torch.equal(scales[0], other) for other in scales),
     }
     refused = DistributedDataParallel(_fresh_model(device), device_ids=[device.index])
     try:

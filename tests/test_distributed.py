@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -21,8 +22,10 @@ from triaccel_rl.policies import StaticPolicy
 
 from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
-from triaccel_rl.distributed import any_rank, any_ranks, world_size
+from triaccel_rl.distributed import any_rank, any_rank_on_device, any_ranks, world_size
+from triaccel_rl.engine import StepEngine
 from triaccel_rl.errors import ConfigError
+from triaccel_rl.types import Precision
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or "fork" not in mp.get_all_start_methods(),
@@ -44,10 +47,18 @@ def test_a_single_process_without_a_group_is_a_world_of_one_and_communicates_not
     assert any_rank(False, torch.device("cpu")) is False
     assert any_ranks([True, False, True], torch.device("cpu")) == [True, False, True]
     assert any_ranks([], torch.device("cpu")) == []
+    flags = torch.tensor([True, False])
+    assert any_rank_on_device(flags) is flags  # no copy, no kernel
 
 
 def test_any_ranks_is_each_flag_or_ed_over_the_processes(tmp_path):
     assert _run_on_two_processes(_flags_of_both, tmp_path) == [[True, False, True, True]] * WORLD
+
+
+def test_any_rank_on_device_is_each_flag_or_ed_over_the_processes_as_a_bool_tensor(tmp_path):
+    for rank, flags in enumerate(_run_on_two_processes(_device_flags_of_both, tmp_path)):
+        assert flags.dtype == torch.bool, f"rank {rank}: {flags.dtype}"
+        assert flags.tolist() == [True, False, True, True], f"rank {rank}"
 
 
 def test_an_interval_end_under_fp16_agrees_in_one_collective(tmp_path):
@@ -99,6 +110,41 @@ def test_a_non_finite_loss_in_one_process_skips_the_step_in_every_process(tmp_pa
         assert torch.equal(final, other_final), f"rank {rank}"
 
 
+fused_step = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the fused step on the CPU needs Triton's interpreter"
+)
+
+
+@fused_step
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_non_finite_loss_in_one_process_skips_the_fused_step_in_every_process(tmp_path, precision):
+    """The fused step's skip was decided in each process from its own loss: rank 1 skipped, rank 0 applied its update,
+    and the replicas parted for good. Now both skip; the fp16 scale stays (a non-finite loss is no overflow)."""
+    scenario = functools.partial(_fused_nan_loss_term, precision=precision)
+    for rank, (skips, scales, before, after, other_after) in enumerate(_run_on_two_processes(scenario, tmp_path)):
+        assert skips == [False, True, False], f"rank {rank}"
+        assert torch.equal(after, before), f"rank {rank}: the skipped step moved the weights"
+        assert torch.equal(after, other_after), (
+            f"rank {rank}: max |diff| {float((after - other_after).abs().max()):.3g}"
+        )
+        assert scales == ([2.0**16] * 3 if precision == "fp16" else [1.0] * 3), f"rank {rank}"
+
+
+@fused_step
+def test_a_second_optimizers_overflow_in_one_process_skips_the_fused_step_and_backs_off_the_scale_in_every_one(
+    tmp_path,
+):
+    """fp16, a head outside DDP held by a second optimizer: its gradients overflow in rank 1 alone. Both skip the
+    step, and the scale backs off in both (it stays equal across the processes)."""
+    for rank, (skips, scales, before, after, other_after) in enumerate(
+        _run_on_two_processes(_fused_head_overflow, tmp_path)
+    ):
+        assert skips == [False, True, False], f"rank {rank}"
+        assert torch.equal(after, before), f"rank {rank}: the skipped step moved the body"
+        assert torch.equal(after, other_after), f"rank {rank}"
+        assert scales == [2.0**16, 2.0**15, 2.0**15], f"rank {rank}"
+
+
 # ----------------------------------------------------------------------------------------- the processes' side
 
 
@@ -126,6 +172,66 @@ def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def _flags_of_both(rank: int) -> list[bool]:
     return any_ranks([rank == 0, False, rank == 1, True], torch.device("cpu"))
+
+
+def _device_flags_of_both(rank: int) -> torch.Tensor:
+    return any_rank_on_device(torch.tensor([rank == 0, False, rank == 1, True]))
+
+
+def _fused_nan_loss_term(
+    rank: int, precision: str
+) -> tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three fused steps of a tiny DDP model; rank 1's second loss has a NaN term without a gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    ddp = DistributedDataParallel(model)
+    engine = StepEngine(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), torch.device("cpu"), fused=True)
+    engine.set_precisions([precision, precision])
+    x, y = _shard(rank, 24)
+    skips, scales = [], []
+    for step in range(3):
+        with engine.precision.context():
+            loss = cross_entropy(ddp(x[step * 8 : (step + 1) * 8]).float(), y[step * 8 : (step + 1) * 8])
+        if rank == 1 and step == 1:
+            loss = loss + torch.tensor(float("nan"))
+        if step == 1:
+            before = _flat_parameters(model)
+        skips.append(bool(engine.backward_and_step(loss)[1]))
+        scales.append(engine.loss_scale)
+        if step == 1:
+            after = _flat_parameters(model)
+    engine.remove()
+    return skips, scales, before, after, _gathered(after)[1 - rank]
+
+
+def _fused_head_overflow(rank: int) -> tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three fp16 fused steps of a DDP body; a head outside DDP, its own optimizer's, overflows in rank 1's second."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 6), nn.ReLU())
+    head = nn.Linear(6, 3)
+    ddp = DistributedDataParallel(body)
+    model = nn.Sequential(ddp, head)
+    engine = StepEngine(model, torch.optim.SGD(ddp.parameters(), lr=0.1), torch.device("cpu"), fused=True)
+    engine.set_precisions([Precision.FP16] * engine.n_layers)
+    head_optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    x, y = _shard(rank, 24)
+    skips, scales = [], []
+    for step in range(3):
+        with engine.precision.context():
+            loss = cross_entropy(model(x[step * 8 : (step + 1) * 8]).float(), y[step * 8 : (step + 1) * 8])
+        handle = head.weight.register_hook(lambda grad: grad * float("inf")) if rank == 1 and step == 1 else None
+        if step == 1:
+            before = _flat_parameters(body)
+        skips.append(bool(engine.backward_and_step(loss)[1]))
+        scales.append(engine.loss_scale)
+        if step == 1:
+            after = _flat_parameters(body)
+        if handle is not None:
+            handle.remove()
+        head_optimizer.step()
+        head_optimizer.zero_grad()
+    engine.remove()
+    return skips, scales, before, after, _gathered(after)[1 - rank]
 
 
 def _reductions_in_two_intervals(rank: int) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["any_rank", "any_ranks", "world_size"]
+__all__ = ["any_rank", "any_rank_on_device", "any_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -46,3 +46,19 @@ def any_ranks(flags: Sequence[bool], device: torch.device) -> list[bool]:
     values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32, device=on)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(value) for value in values.tolist()]
+
+
+def any_rank_on_device(flags: torch.Tensor) -> torch.Tensor:
+    """Each of ``flags`` (a bool tensor) or-ed over the processes of the default group; ``flags`` in a single process.
+
+    For a choice made on the device (the fused step's skip): the answer stays on ``flags``' device, with no host-device
+    sync under NCCL (gloo copies a CUDA tensor through the host). In a single process: no collective, no kernel. Every
+    process of the group must call it at the same point with as many flags, as any collective.
+    """
+    if world_size() == 1:
+        return flags
+    values = flags.to(torch.uint8)  # a copy, reduced in place (a MAX over bool is not in every backend)
+    if dist.get_backend() not in ("nccl", "gloo"):  # both reduce CUDA tensors (gloo through host copies), MPI may not
+        values = values.cpu()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.to(flags.device).bool()

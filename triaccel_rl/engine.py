@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer  # its global step-hook registries
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s grouping
 
-from triaccel_rl.distributed import any_rank
+from triaccel_rl.distributed import any_rank, any_rank_on_device, world_size
 from triaccel_rl.errors import DetachedParametersError, is_finite_real, is_real
 from triaccel_rl.precision import LayerPrecision, WeightCopies, driven_modules, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
@@ -1789,6 +1789,13 @@ class StepEngine:
             overflow_elsewhere = functools.reduce(operator.or_, flagged) if flagged else None
             if overflow_elsewhere is not None:
                 skip = skip | overflow_elsewhere
+            if world_size() > 1:
+                # Under DDP every process skips where one must, as on the reference path: the loss and a second
+                # optimizer's gradients are this process's own (the kernel's check reads all-reduced gradients), and an
+                # update taken by some replicas only would part them for good. The overflow is agreed with it, for the
+                # fp16 scale's back-off below: the scale stays equal in every process. One collective, on the device.
+                elsewhere = overflow_elsewhere if overflow_elsewhere is not None else torch.zeros_like(skip)
+                skip, overflow_elsewhere = any_rank_on_device(torch.stack([skip, elsewhere])).unbind()
             try:
                 result = self.fused_optimizer.step(
                     lr,
