@@ -11,7 +11,8 @@ inputs cast up (autocast runs their ops in fp32); RNNs and any other module with
 user's module applying ``F.linear`` to its own parameter) run in an fp32 region of their own. Two exceptions: batch
 norm takes 16-bit inputs as they come, as under ``torch.autocast`` (it computes in fp32 and returns the input's type),
 and a module with children computes its own functional ops in the outer region (a region of its own would hold its
-children in fp32 too).
+children in fp32 too, a LoRA adapter's frozen base among them): it still reports fp32, and a warning names such
+modules (a hand-written LoRA adapter's ``x @ A.T`` runs in the context's 16-bit type there).
 
 A controllable layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32, as its
 author asked, whatever its precision (which the controller's costs still count).
@@ -26,6 +27,7 @@ such modules, saying which case each is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -83,6 +85,15 @@ _NATIVE_MIXED_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm2d,
     nn.BatchNorm3d,
     nn.Embedding,
+)
+# Non-controllable types that compute as the fp32 they report, children or not (see _install_hooks), and a
+# parametrized tensor's originals (the parametrized-module warning names their module): other non-controllable modules
+# with children are named in a warning (_warn_own_operations_in_region_around).
+_REPORTED_AS_COMPUTED_TYPES: tuple[type[nn.Module], ...] = (
+    *_AUTOCAST_LOWERED_TYPES,
+    *_FP32_UNDER_AUTOCAST_TYPES,
+    *_NATIVE_MIXED_TYPES,
+    parametrize.ParametrizationList,
 )
 
 
@@ -262,6 +273,16 @@ class LayerPrecision:
                 "parametrized tensors are listed as '<module>.parametrizations.<name>' layers that report fp32",
                 kept,
             )
+        own_operations = [
+            info.name
+            for module, info in zip(self._modules, self.layers, strict=True)
+            if not info.controllable
+            and next(module.children(), None) is not None
+            and not isinstance(module, _REPORTED_AS_COMPUTED_TYPES)
+        ]
+        if own_operations:
+            model_type = f"{type(model).__module__}.{type(model).__qualname__}"
+            _warn_own_operations_in_region_around(model_type, tuple(own_operations))
         _guard_compiled_graphs_on_hooks()
 
     @property
@@ -1065,6 +1086,28 @@ class _OpenContexts(threading.local):
 
 
 _open = _OpenContexts()
+
+
+@functools.cache
+def _warn_own_operations_in_region_around(model_type: str, names: tuple[str, ...]) -> None:
+    """Says that the modules ``names`` report fp32 while their own operations run in the region around them.
+
+    Each is a module with children and trainable parameters of its own, no layer type the controller sets (a
+    hand-written LoRA adapter around a frozen nn.Linear, a model's root holding a position embedding). A region of its
+    own would hold its children in fp32 too, so it has none; the map keeps fp32 for it, as for every non-controllable
+    layer: what its operations run in differs by operation and by call, which no one precision says. Cached: said once
+    a process for a model type, not at every run built on it (each episode's, training a policy on a transformer task).
+    """
+    _log.warning(
+        "modules %s of %s hold trainable parameters of their own beside child modules and are no layer type the "
+        "controller sets: they are listed as fp32, but their own operations run in the region around them, so under a "
+        "16-bit map inside ctl.autocast() a matmul on their parameters (a hand-written LoRA adapter's x @ A.T) "
+        "computes in 16 bits (an added position embedding stays fp32). For fp32 there, wrap those operations in "
+        "torch.autocast(device_type, enabled=False) in the forward, or hold the weights in nn.Linear layers, whose "
+        "precision the controller sets",
+        list(names),
+        model_type,
+    )
 
 
 def _refuse_16_bit_parameters(model: nn.Module) -> None:
