@@ -226,6 +226,7 @@ class Controller:
         self.profile = HardwareProfile.resolve(profile)
         probe_batch = _checked_probe(model, probe, loss_fn, self.device)
         self.engine = StepEngine(model, optimizer, self.device)
+        self._zero_grads = _CountedZeroGrad(optimizer)  # tells a reset from other writes to the gradients
         try:
             self.engine.max_grad_norm = max_grad_norm
             self.engine.grad_transform = grad_transform
@@ -315,6 +316,8 @@ class Controller:
             self._unstepped: tuple[int, int] | None = None  # (steps, samples) of the last batch served, at serving
             self._micro_loss: torch.Tensor | None = None  # the sum of backward()'s micro-batch losses, for step()
             self._micro_mark: tuple[int, int, int] | None = None  # the gradients' state after that backward
+            self._micro_zero_grads = 0  # optimizer.zero_grad() calls by then
+            self._warned_grads_written = False
             self._planned_epochs = 0  # the epochs the last loader() call trains to
             self._resume: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader() call
             self._state_loads = 0  # load_state_dict() calls: an iterator open across one stops
@@ -378,6 +381,7 @@ class Controller:
                 self._writer = SummaryWriter(str(log_dir))
         except BaseException:
             self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given
+            self._zero_grads.remove()
             raise
 
     # ----------------------------------------------------------------------------------- user API
@@ -611,6 +615,7 @@ class Controller:
         detached = loss.detach()
         self._micro_loss = detached if earlier is None else earlier + detached
         self._micro_mark = self._grad_mark()
+        self._micro_zero_grads = self._zero_grads.calls
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """The (scaled) backward of ``loss``; a loop that kept its own ``loss.backward()`` is told so.
@@ -645,12 +650,34 @@ class Controller:
 
         A loop that drops a batch part-way (a non-finite loss, an out-of-memory error) resets the gradients with its
         ``zero_grad()``: that batch's losses went into the next batch's step and skipped its healthy update. A reset
-        sets a gradient to None or writes it in place (a new version), which the mark taken after the backward tells.
+        is a call of ``optimizer.zero_grad()`` (counted), or any ``zero_grad()`` setting the gradients to ``None``
+        (the default), which the mark taken after the backward tells. Any other write in place (a
+        ``clip_grad_norm_`` ported from a plain loop) keeps the batch's losses, and is logged once.
         """
         earlier, self._micro_loss = self._micro_loss, None
-        if earlier is None or self._grad_mark() != self._micro_mark:
+        if earlier is None or self._zero_grads.calls != self._micro_zero_grads:
             return None
+        now, then = self._grad_mark(), self._micro_mark
+        if now == then:
+            return earlier
+        if now is None or then is None or now[:2] != then[:2]:  # set to None since (or made anew by a backward)
+            return None
+        self._warn_grads_written()
         return earlier
+
+    def _warn_grads_written(self) -> None:
+        """Logs once (warning) that the gradients were written in place after :meth:`backward`, not reset."""
+        if self._warned_grads_written:
+            return
+        self._warned_grads_written = True
+        _log.warning(
+            "the gradients were written in place between ctl.backward() and ctl.step() (a clip_grad_norm_, "
+            "nan_to_num_ or clamp_ from a plain loop?): that ran before the last micro-batch's backward, which "
+            "step() runs, so it acted on the earlier micro-batches' gradients only, not on the whole batch's as in a "
+            "plain loop. Clip with Controller(..., max_grad_norm=...) and pass other edits as "
+            "Controller(..., grad_transform=...): step() runs both on the whole batch's gradients. The batch's "
+            "loss still counts every micro-batch; to drop them, optimizer.zero_grad() (or a zero_grad() to None)"
+        )
 
     def _grad_mark(self) -> tuple[int, int, int] | None:
         """The first held parameter with a gradient: its index, its gradient tensor's identity and version."""
@@ -1346,6 +1373,7 @@ class Controller:
         if self._writer is not None:
             self._writer.close()
         self.engine.remove()
+        self._zero_grads.remove()
         self._closed = True
 
     def __enter__(self) -> Controller:
@@ -1799,6 +1827,37 @@ class Controller:
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
             self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)
+
+
+class _CountedZeroGrad:
+    """Stands in for ``optimizer.zero_grad`` (an attribute of the instance), counting its calls.
+
+    Torch has no hook for it, and its ``set_to_none=False`` reset writes the gradients in place as a
+    ``clip_grad_norm_`` does: both bump their versions, and only their values (a host-device sync) would tell the
+    two apart. ``torch.optim``'s LR schedulers wrap ``optimizer.step`` the same way; the optimizer's pickled state
+    and deep copies leave the attribute out (``Optimizer.__getstate__``). The model's ``zero_grad`` is left as it is:
+    a model's copies and pickles would keep a wrapper.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.calls = 0
+        self._optimizer = optimizer
+        self._own = optimizer.__dict__.get("zero_grad")  # the caller's own wrapper, if any: put back by remove()
+        self._zero_grad = optimizer.zero_grad
+        setattr(optimizer, "zero_grad", self)  # noqa: B010  (mypy refuses an assignment to a method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._zero_grad(*args, **kwargs)
+
+    def remove(self) -> None:
+        """Puts the optimizer's ``zero_grad`` back (one wrapped again since keeps this in its chain, counting)."""
+        if self._optimizer.__dict__.get("zero_grad") is not self:
+            return
+        if self._own is None:
+            del self._optimizer.__dict__["zero_grad"]
+        else:
+            self._optimizer.__dict__["zero_grad"] = self._own
 
 
 @dataclass
