@@ -128,8 +128,8 @@ class StepEngine:
     (any momentum, dampening, Nesterov, weight decay) or AdamW (or Adam without weight decay) with the same
     hyper-parameters in every param group except the LR and the weight decay (a layer's parameters may be in
     several groups of one LR, e.g. no decay on biases and norms: the fused step then decays each group's
-    parameters by the group's weight decay), no ``amsgrad`` or ``maximize``, and every trainable parameter in a group;
-    otherwise the reference path runs. A group that turns ``amsgrad`` or ``maximize`` on later (a loaded state's, or
+    parameters by the group's weight decay), no ``amsgrad``, ``maximize`` or ``differentiable``, and every trainable
+    parameter in a group; else the reference path runs. A group that turns one of them on later (a loaded state's, or
     set by hand) is refused at the load or the next step, naming the group. The trainable parameters are fixed when
     the engine is built: a param group added or removed later, a parameter added to a group or taken out of the
     groups, a parameter moved to another group or a group's parameters reordered, a parameter unfrozen later, or a
@@ -307,6 +307,13 @@ class StepEngine:
                 self._init_fused()
             elif reason:  # the default would have been the fused step: say why not
                 _log.warning("the fused optimizer step cannot run this optimizer (%s): the reference path runs", reason)
+            if isinstance(optimizer, _INITIAL_STEP_LRS):
+                _log.warning(
+                    "%s reads its param groups' lr only to set each parameter's first step size, at its first step: "
+                    "the LR multipliers (lr_scale, lr_factors) and the batch-LR gain cannot act on it, so decisions "
+                    "that move the LR do not change its updates",
+                    type(optimizer).__name__,
+                )
 
         except BaseException:
             self._undo_init()  # a refused model or optimizer is left as it was given: no hooks stay behind
@@ -623,8 +630,18 @@ class StepEngine:
             return
         groups = self.optimizer.param_groups
         self._own_lrs = [group["lr"] for group in groups]
+        multiplier = self._lr_scale * self._batch_lr_gain
         for group, lr in zip(groups, self.group_lrs(), strict=True):
-            group["lr"] = lr
+            own = group["lr"]
+            if not isinstance(own, torch.Tensor):
+                group["lr"] = lr
+                continue
+            # A tensor LR stays a tensor of its dtype and device: torch.optim computes with it as a tensor (Adam's step
+            # size in float32), and a Python float in its place changed the update by an ulp a step. At a multiplier
+            # of 1 it is the group's own object, so the step is the plain loop's (and refuses what it refuses).
+            whole = multiplier * (float(self._lr_factors[group["layer"]]) if "layer" in group else 1.0)
+            if whole != 1.0:
+                group["lr"] = own * whole
 
     def _restore_own_lrs(self) -> None:
         if self._own_lrs is not None:
@@ -1487,7 +1504,7 @@ class StepEngine:
     def _check_group_settings(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """Raises the ``ValueError`` a fused step would raise on param groups of these settings; changes nothing.
 
-        No group may turn on an option the fused step does not run (``amsgrad``, ``maximize``), the decays must keep
+        No group may turn on an option the fused step does not run (``_UNSUPPORTED_OPTIONS``), the decays must keep
         the layout's classes, a split layer's groups one LR, and the momentum or betas and eps one value for all groups
         (see ``_read_group_lrs``).
         """
@@ -1568,7 +1585,7 @@ class StepEngine:
 
         Raises:
             ValueError: the groups of a split layer now differ in LR, their decays no longer fit the layout, or a
-                group turned on an option the fused step does not run (``amsgrad``, ``maximize``); nothing is changed.
+                group turned on an option the fused step does not run (``_UNSUPPORTED_OPTIONS``); nothing is changed.
         """
         groups = self.optimizer.param_groups  # read at every step: itemgetter keeps it to a few microseconds
         _check_supported_options(groups)  # set on a group since the build (``group["maximize"] = True``)
@@ -2180,7 +2197,7 @@ def _fused_unsupported(optimizer: torch.optim.Optimizer, layer_params: list[list
 
 
 def _unsupported_option(groups: Sequence[Mapping[str, Any]]) -> str:
-    """The first param group's option the fused step does not run (``amsgrad``, ``maximize``) as a reason, else ''."""
+    """The first param group's option the fused step does not run (``_UNSUPPORTED_OPTIONS``) as a reason, else ''."""
     for index, group in enumerate(groups):
         for option in _UNSUPPORTED_OPTIONS:
             if group.get(option):  # (a group saved before torch had the option lacks it: off)
@@ -2192,8 +2209,8 @@ def _check_supported_options(groups: Sequence[Mapping[str, Any]]) -> None:
     """Raises a ValueError naming the param group and its option the fused step does not run (``_unsupported_option``).
 
     For a group that turns one on after the build (a loaded state's, ``group["maximize"] = True``): the fused step
-    would run plain AdamW for AMSGrad, its ``max_exp_avg_sq`` dropped from the exported state, and descend for
-    ``maximize``.
+    would run plain AdamW for AMSGrad, its ``max_exp_avg_sq`` dropped from the exported state, descend for
+    ``maximize``, and update in place outside autograd for ``differentiable``.
     """
     unsupported = _unsupported_option(groups)
     if unsupported:
@@ -2383,8 +2400,14 @@ _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 """Modules whose ``sparse=True`` makes sparse gradients."""
 _SGD_KEYS = ("momentum", "dampening", "nesterov")
 """The SGD hyper-parameters the fused step takes from the param groups (besides the LR and weight decay)."""
-_UNSUPPORTED_OPTIONS = ("amsgrad", "maximize")
-"""``torch.optim`` options that change the update and that no fused kernel runs."""
+_UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "differentiable")
+"""``torch.optim`` options that change the update, or (``differentiable``) how autograd sees it, that no fused kernel
+runs. (``capturable`` keeps AdamW's step count on the device, for CUDA graphs: the fused step keeps its own count there
+anyway, and exports it there for a capturable group.)"""
+_INITIAL_STEP_LRS = (torch.optim.Rprop,)
+"""``torch.optim`` optimizers whose ``lr`` only sets each parameter's first step size (Rprop's ``step_size`` state,
+made at its first step; after that the step sizes adapt by sign alone). Every other one reads ``lr`` at each step;
+L-BFGS, which needs a closure, is refused (``_needs_closure``)."""
 _OPTIONAL_FLAGS = ("foreach", "fused")
 """``torch.optim`` flags that may be None (the optimizer picks its implementation) as well as a bool."""
 _HYPER_RANGES: dict[str, tuple[float, float]] = {
