@@ -335,6 +335,8 @@ class Controller:
             self._applied_at_start = 0  # the engine's applied updates when the interval began
             self._interval_steps = 0
             self._interval_peak = 0
+            self._decision_due = False  # the last interval closed and its decision is not made yet (_decide_if_due)
+            self._observed: tuple[Signals, np.ndarray] | None = None  # that decision's observation, once taken
             self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
             self._autocast_since_step = False  # autocast() was called since the last step (a forward in the map)
             self._warned_outside_autocast = False
@@ -606,6 +608,7 @@ class Controller:
         _check_loss(loss)
         if not isinstance(retain_graph, bool):  # a graph freed or kept by a truthy value's accident
             raise ValueError(f"retain_graph={retain_graph!r} must be True or False")
+        self._decide_if_due()
         earlier = self._earlier_micro_loss()
         self._retake_copy_if_written(training_starts=True)
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
@@ -707,6 +710,7 @@ class Controller:
         """
         self._check_open()
         _check_loss(loss)
+        self._decide_if_due()
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_from_forward = False
@@ -776,12 +780,21 @@ class Controller:
             steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
             rounds = self.collector.estimator_ms
             train_ms = self._close_interval(loss)
-            self._decide()
-            # The decision's whole wall time from the interval's end: the moments read, the shield (its buffer check,
-            # a rollback copy) and the running-mean read are the collector's to charge too. Only its own parts were
-            # (the cadence stretched too little, and the overhead reported on a GPU read low).
-            uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead)
-            self.collector.add_overhead(max(uncharged, 0.0))
+            self._decision_due = True
+            try:
+                self._decide()
+            except BaseException:
+                # It stays due (a Ctrl-C in the policy, an error in the snapshot): the next backward() or step() makes
+                # it, before its update (until 2026-12-07 it was lost, and the next came an interval late). The
+                # interval's training counts now, as time no decision followed, and the cadence records the decision
+                # once, when it is made. The clock restarts here (a checkpoint's interval time holds the pause only,
+                # which the retry drops) and again after the retry.
+                self._charge_decision(overhead)
+                self.cadence.add_training(train_ms)
+                self._timer.start()
+                torch.clear_autocast_cache()  # as below: the update went in
+                raise
+            self._charge_decision(overhead)
             # The estimator rounds have a budget of their own (the scheduler's): the cadence weighs the rest, as in
             # DecisionLoop.
             self.cadence.record(
@@ -797,6 +810,45 @@ class Controller:
         # (and a rollback), every step of the run (until 2026-12-06). Cleared, it casts them again, as a region a
         # step would.
         torch.clear_autocast_cache()
+
+    def _charge_decision(self, overhead_ms: float) -> None:
+        """Charges the decision's wall time since ``_decision_start`` that its parts did not charge themselves.
+
+        ``overhead_ms`` is the collector's overhead when it began. The whole wall time from the interval's end counts:
+        the moments read, the shield (its buffer check, a rollback copy) and the running-mean read are the collector's
+        to charge too. Only its own parts were (the cadence stretched too little, and the overhead reported on a GPU
+        read low).
+        """
+        uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead_ms)
+        self.collector.add_overhead(max(uncharged, 0.0))
+
+    def _decide_if_due(self) -> None:
+        """Makes the decision that raised at the last interval's end (still due), before this batch's update.
+
+        As the uninterrupted run: its settings apply from the update after the interval (the LR multiplier, the
+        precisions of the backward's loss scale, a batch size's LR gain), and the next interval is timed after it. The
+        batch was already served and its forward run, under the settings before the decision: a batch size it changes
+        takes effect from the next batch. Called before the batch's first backward, so that its micro-batches share
+        one loss scale. A flag check at every step.
+        """
+        if not self._decision_due:
+            return
+        self._decision_start = time.perf_counter()
+        overhead, cheap, rounds = self.collector.overhead_ms, self.collector.cheap_ms, self.collector.estimator_ms
+        try:
+            self._decide()
+        finally:
+            self._charge_decision(overhead)
+            # The open interval has no step yet: its time so far (a checkpoint's too) is the pause after the exception
+            self._carried_ms = 0.0
+            self._timer.start()
+        # The interval's training was counted when its decision raised (_after_update)
+        self.cadence.record(
+            (self.collector.overhead_ms - overhead) - (self.collector.estimator_ms - rounds),
+            0.0,
+            0,
+            cheap_ms=self.collector.cheap_ms - cheap,
+        )
 
     @property
     def skipped_steps(self) -> int:
@@ -1019,6 +1071,7 @@ class Controller:
             "interval_applied": 0 if moments is None else self.engine.applied_steps() - self._applied_at_start,
             "interval_ms": self._carried_ms + self._timer.stop(),
             "noise_scale": self._noise_scale,
+            "decision_due": self._decision_due,  # the closed interval's decision raised: the next step makes it
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1107,6 +1160,8 @@ class Controller:
             _log.info("bf16 does not run on %s: the checkpoint's layers in bf16 run in fp16 instead", self.device)
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
         self._rollbacks_in_a_row = in_a_row
+        # A decision due is taken afresh, observation and all (_decide); format 1 holds none
+        self._decision_due, self._observed = signals is not None and signals.decision_due, None
         self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
         self.engine.zero_grad()
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
@@ -1248,6 +1303,14 @@ class Controller:
                 f"the checkpoint's signals have interval_applied {interval_applied} > interval_steps {interval_steps}"
             )
         noise_scale = saved.real("noise_scale", least=0.0) if saved.optional("noise_scale") else None
+        decision_due = saved["decision_due"] if "decision_due" in saved.state else False  # absent: saved before it
+        if not isinstance(decision_due, bool):
+            raise ValueError(f"the checkpoint's signals have decision_due {decision_due!r}, not a bool")
+        if decision_due and interval_steps:  # made before the next step counts
+            raise ValueError(
+                f"the checkpoint's signals have a decision due and interval_steps {interval_steps}: none is due once "
+                "the next interval has steps"
+            )
         return _LoadedSignals(
             (collector, grouper, cadence, moments),
             interval_steps,
@@ -1255,6 +1318,7 @@ class Controller:
             interval_applied,
             saved.real("interval_ms", least=0.0),
             noise_scale,
+            decision_due,
         )
 
     def _new_collector(self) -> SignalCollector:
@@ -1767,24 +1831,16 @@ class Controller:
         return restored
 
     def _decide(self) -> None:
-        self._run_round()
-        signals = self.collector.snapshot(
-            grad_mean_sq_norm=self.engine.grad_mean_sq_norm(),
-            probe_loss=self._probe_loss(),
-            batch_size=self.batch_size,
-            lr_scale=self.engine.lr_scale,
-            precisions=self.precisions,
-            progress=self.progress,
-        )
-        self.signals = signals
-        if self.config.signals.lr_factors and signals.lr_factors is not None:
-            self.engine.lr_factors = signals.lr_factors  # the engine writes them into the LRs at its next step
-        self.grouper.update(signals)
-        observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
-        # For the adascale LR rule, should the batch change now; unknown (None, a gain of 1) where the optimizer keeps
-        # no running mean, whose snapshot reports the neutral guess of the batch size.
-        unknown = signals.extra.get("grad_mean_unknown_layers")
-        self._noise_scale = None if unknown else signals.noise_scale
+        """The decision due at the interval just closed: its observation taken, the policy's action applied.
+
+        One that raises stays due (``_decide_if_due`` makes it). Its observation is taken once: the snapshot closes the
+        collector's interval (its overflow rate, step time and loss trends) and the grouper smooths the scores in:
+        taken again, it would read an empty interval. A retry uses the one the failed attempt took, if it got that
+        far; a run resumed with a decision due takes it afresh (it is not in a checkpoint), from the signals as saved.
+        """
+        if self._observed is None:
+            self._observed = self._observe()
+        signals, observation = self._observed
         start = time.perf_counter()
         result = self.policy.predict(observation, deterministic=True)
         if not isinstance(result, tuple) or len(result) != 2:  # a bare action: "too many values to unpack", unnamed
@@ -1814,6 +1870,7 @@ class Controller:
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
         self.decisions.append(report)
         self._decision_count += 1
+        self._decision_due, self._observed = False, None
         for reason in report.refused:
             _log.info("decision at step %d: %s", self.steps, reason)
         if self._writer is not None:
@@ -1827,6 +1884,28 @@ class Controller:
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
             self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)
+
+    def _observe(self) -> tuple[Signals, np.ndarray]:
+        """The closed interval's signals (an estimator round first, when due) and the policy's observation of them."""
+        self._run_round()
+        signals = self.collector.snapshot(
+            grad_mean_sq_norm=self.engine.grad_mean_sq_norm(),
+            probe_loss=self._probe_loss(),
+            batch_size=self.batch_size,
+            lr_scale=self.engine.lr_scale,
+            precisions=self.precisions,
+            progress=self.progress,
+        )
+        self.signals = signals
+        if self.config.signals.lr_factors and signals.lr_factors is not None:
+            self.engine.lr_factors = signals.lr_factors  # the engine writes them into the LRs at its next step
+        self.grouper.update(signals)
+        observation = build_observation(signals, self.grouper, max(self._base_batch_size, 1), self.layout)
+        # For the adascale LR rule, should the batch change now; unknown (None, a gain of 1) where the optimizer keeps
+        # no running mean, whose snapshot reports the neutral guess of the batch size.
+        unknown = signals.extra.get("grad_mean_unknown_layers")
+        self._noise_scale = None if unknown else signals.noise_scale
+        return signals, observation
 
 
 class _CountedZeroGrad:
@@ -1888,6 +1967,7 @@ class _LoadedSignals:
     interval_applied: int
     interval_ms: float
     noise_scale: float | None
+    decision_due: bool
 
 
 _CHECKPOINT_FORMAT = 2
@@ -1903,7 +1983,7 @@ _SIGNALS_KEYS = (
     "interval_ms",
     "noise_scale",
 )
-"""What the checkpoint's ``signals`` entry holds."""
+"""What the checkpoint's ``signals`` entry must hold (``decision_due`` too since 2026-12-07; absent: none due)."""
 _CHECKPOINT_KEYS = (
     "engine",
     "steps",
