@@ -1,7 +1,8 @@
 """Gradient accumulation with the gradients written in place between ``backward()`` and ``step()`` (a review).
 
 A ``clip_grad_norm_`` ported from the plain loop (or a ``nan_to_num_``, a ``clamp_``) was taken for a reset: the step
-recorded the last micro-batch's loss alone, and nothing was logged. Only a ``zero_grad()`` drops the earlier ones.
+recorded the last micro-batch's loss alone, and nothing was logged. Only a reset (a ``zero_grad()``, gradients zeroed)
+drops the earlier ones.
 """
 
 import logging
@@ -107,6 +108,10 @@ def test_an_in_place_edit_before_step_keeps_the_earlier_micro_losses_and_warns_o
         pytest.param(lambda model, optimizer: optimizer.zero_grad(set_to_none=True), id="optimizer-to-none"),
         pytest.param(lambda model, optimizer: optimizer.zero_grad(set_to_none=False), id="optimizer-in-place"),
         pytest.param(lambda model, optimizer: model.zero_grad(), id="model-to-none"),
+        # In place, not through the optimizer's zero_grad (not counted): their zero values tell (a review of the fix)
+        pytest.param(lambda model, optimizer: model.zero_grad(set_to_none=False), id="model-in-place"),
+        pytest.param(lambda model, optimizer: torch.optim.SGD.zero_grad(optimizer, False), id="class-in-place"),
+        pytest.param(lambda model, optimizer: [p.grad.zero_() for p in model.parameters()], id="by-hand"),
     ],
 )
 def test_a_zero_grad_between_micro_batches_still_drops_the_earlier_ones(reset, caplog):

@@ -14,10 +14,13 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from triaccel_rl import precision as precision_module
+from triaccel_rl.models import TinyTransformer
 from triaccel_rl.precision import LayerPrecision
 from triaccel_rl.types import Precision
 
-_OWN_OPERATIONS = "hold trainable parameters of their own beside child modules"
+_OWN_OPERATIONS = "hold trainable weight matrices of their own beside child modules"
+_BESIDE_CHILDREN = "of their own beside child modules"
+"""The part of the warning that earlier wordings of it had too: what a check that none is said looks for."""
 
 
 class LoRA(nn.Module):
@@ -96,6 +99,32 @@ class Prompted(nn.Module):
         return self.head(self.body(x) @ self.scale)
 
 
+class ViTLike(nn.Module):
+    """A class token and a position embedding on the root, as a ViT holds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        return self.head(tokens[:, 0])
+
+
+class LayerScaled(nn.Module):
+    """A ConvNeXt-like block's learned layer scale (1-D) beside its Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.fc(x)
+
+
 @pytest.fixture(autouse=True)
 def _warnings_said_afresh() -> Iterator[None]:
     """The warning is said once a process for a model type: each test starts as a fresh process would."""
@@ -105,7 +134,7 @@ def _warnings_said_afresh() -> Iterator[None]:
 
 
 def _own_operations_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if _OWN_OPERATIONS in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if _BESIDE_CHILDREN in r.getMessage()]
 
 
 def test_a_lora_wrapper_and_the_root_are_named_once_where_their_own_matmuls_run_in_16_bits(
@@ -124,7 +153,7 @@ def test_a_lora_wrapper_and_the_root_are_named_once_where_their_own_matmuls_run_
     ]
     [message] = _own_operations_warnings(caplog)
     assert message.startswith(f"modules ['<root>', 'l1'] of {Adapted.__module__}.Adapted {_OWN_OPERATIONS}")
-    assert "a matmul on their parameters (a hand-written LoRA adapter's x @ A.T) computes in 16 bits" in message
+    assert "a matmul on those matrices (a hand-written LoRA adapter's x @ A.T) computes in 16 bits" in message
     # What the warning says: the map keeps fp32 for them, their own matmuls follow the bf16 region around them, and a
     # module without children (l2.delta) computes in an fp32 region of its own.
     lp.set(["bf16"])
@@ -178,8 +207,20 @@ def test_the_warning_is_said_again_for_another_model_type(caplog: pytest.LogCapt
         lambda: nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.LSTM(8, 8), nn.BatchNorm1d(5)),
         lambda: nn.Sequential(nn.Linear(8, 8), weight_norm(nn.Linear(8, 8))),
         lambda: nn.Sequential(ChildlessLoRA(nn.Linear(8, 8)), nn.Linear(8, 2)),
+        # Parameters of their own that are added or multiplied elementwise (in fp32 under autocast), no matrix
+        lambda: ViTLike(),
+        lambda: nn.Sequential(LayerScaled(), nn.Linear(8, 2)),
+        lambda: TinyTransformer(vocab=10, length=6, dim=16, heads=2, depth=1, n_classes=3),
     ],
-    ids=["mlp", "norms-embeddings-rnn", "parametrized", "childless-adapter"],
+    ids=[
+        "mlp",
+        "norms-embeddings-rnn",
+        "parametrized",
+        "childless-adapter",
+        "vit-root",
+        "layer-scale",
+        "tiny-transformer",
+    ],
 )
 def test_models_without_such_modules_are_not_warned_about(build, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="triaccel_rl.precision"):

@@ -653,9 +653,10 @@ class Controller:
 
         A loop that drops a batch part-way (a non-finite loss, an out-of-memory error) resets the gradients with its
         ``zero_grad()``: that batch's losses went into the next batch's step and skipped its healthy update. A reset
-        is a call of ``optimizer.zero_grad()`` (counted), or any ``zero_grad()`` setting the gradients to ``None``
-        (the default), which the mark taken after the backward tells. Any other write in place (a
-        ``clip_grad_norm_`` ported from a plain loop) keeps the batch's losses, and is logged once.
+        is a call of ``optimizer.zero_grad()`` (counted), any ``zero_grad()`` setting the gradients to ``None`` (the
+        default), which the mark taken after the backward tells, or one zeroing them in place by another way
+        (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``), which their values tell. Any other write in
+        place (a ``clip_grad_norm_`` ported from a plain loop) keeps the batch's losses, and is logged once.
         """
         earlier, self._micro_loss = self._micro_loss, None
         if earlier is None or self._zero_grads.calls != self._micro_zero_grads:
@@ -665,8 +666,15 @@ class Controller:
             return earlier
         if now is None or then is None or now[:2] != then[:2]:  # set to None since (or made anew by a backward)
             return None
+        if self._grads_all_zero():  # one sync, on this rare path only
+            return None
         self._warn_grads_written()
         return earlier
+
+    def _grads_all_zero(self) -> bool:
+        """Whether every gradient of the held parameters is zero (or None)."""
+        grads = [p.grad for params in self.engine.layer_params for p in params if p.grad is not None]
+        return not grads or not bool(torch.stack([grad.ne(0).any() for grad in grads]).any())
 
     def _warn_grads_written(self) -> None:
         """Logs once (warning) that the gradients were written in place after :meth:`backward`, not reset."""
@@ -679,7 +687,7 @@ class Controller:
             "step() runs, so it acted on the earlier micro-batches' gradients only, not on the whole batch's as in a "
             "plain loop. Clip with Controller(..., max_grad_norm=...) and pass other edits as "
             "Controller(..., grad_transform=...): step() runs both on the whole batch's gradients. The batch's "
-            "loss still counts every micro-batch; to drop them, optimizer.zero_grad() (or a zero_grad() to None)"
+            "loss still counts every micro-batch; to drop them, optimizer.zero_grad()"
         )
 
     def _grad_mark(self) -> tuple[int, int, int] | None:

@@ -11,8 +11,8 @@ inputs cast up (autocast runs their ops in fp32); RNNs and any other module with
 user's module applying ``F.linear`` to its own parameter) run in an fp32 region of their own. Two exceptions: batch
 norm takes 16-bit inputs as they come, as under ``torch.autocast`` (it computes in fp32 and returns the input's type),
 and a module with children computes its own functional ops in the outer region (a region of its own would hold its
-children in fp32 too, a LoRA adapter's frozen base among them): it still reports fp32, and a warning names such
-modules (a hand-written LoRA adapter's ``x @ A.T`` runs in the context's 16-bit type there).
+children in fp32 too, a LoRA adapter's frozen base among them): it still reports fp32, and a warning names those
+holding a weight matrix of their own (a hand-written LoRA adapter's ``x @ A.T`` runs in the context's 16-bit type).
 
 A controllable layer called inside the model's own ``torch.autocast(..., enabled=False)`` block computes in fp32, as its
 author asked, whatever its precision (which the controller's costs still count).
@@ -273,12 +273,16 @@ class LayerPrecision:
                 "parametrized tensors are listed as '<module>.parametrizations.<name>' layers that report fp32",
                 kept,
             )
+        # A weight matrix of its own is what a matmul in 16 bits would take; a position embedding or class token (3-D),
+        # a layer scale (1-D) are added or multiplied elementwise, in fp32 under autocast: not named (a review found
+        # the warning on the package's own transformer task and on ViT- and ConvNeXt-like models, about nothing)
         own_operations = [
             info.name
             for module, info in zip(self._modules, self.layers, strict=True)
             if not info.controllable
             and next(module.children(), None) is not None
             and not isinstance(module, _REPORTED_AS_COMPUTED_TYPES)
+            and any(p is not None and p.requires_grad and p.dim() == 2 for p in module._parameters.values())
         ]
         if own_operations:
             model_type = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -1092,19 +1096,18 @@ _open = _OpenContexts()
 def _warn_own_operations_in_region_around(model_type: str, names: tuple[str, ...]) -> None:
     """Says that the modules ``names`` report fp32 while their own operations run in the region around them.
 
-    Each is a module with children and trainable parameters of its own, no layer type the controller sets (a
-    hand-written LoRA adapter around a frozen nn.Linear, a model's root holding a position embedding). A region of its
+    Each is a module with children and a trainable weight matrix (2-D) of its own, no layer type the controller sets
+    (a hand-written LoRA adapter around a frozen nn.Linear, a root multiplying by a matrix of its own). A region of its
     own would hold its children in fp32 too, so it has none; the map keeps fp32 for it, as for every non-controllable
     layer: what its operations run in differs by operation and by call, which no one precision says. Cached: said once
     a process for a model type, not at every run built on it (each episode's, training a policy on a transformer task).
     """
     _log.warning(
-        "modules %s of %s hold trainable parameters of their own beside child modules and are no layer type the "
-        "controller sets: they are listed as fp32, but their own operations run in the region around them, so under a "
-        "16-bit map inside ctl.autocast() a matmul on their parameters (a hand-written LoRA adapter's x @ A.T) "
-        "computes in 16 bits (an added position embedding stays fp32). For fp32 there, wrap those operations in "
-        "torch.autocast(device_type, enabled=False) in the forward, or hold the weights in nn.Linear layers, whose "
-        "precision the controller sets",
+        "modules %s of %s hold trainable weight matrices of their own beside child modules and are no layer type "
+        "the controller sets: they are listed as fp32, but their own operations run in the region around them, so "
+        "under a 16-bit map inside ctl.autocast() a matmul on those matrices (a hand-written LoRA adapter's x @ A.T) "
+        "computes in 16 bits. For fp32 there, wrap those operations in torch.autocast(device_type, enabled=False) in "
+        "the forward, or hold the weights in nn.Linear layers, whose precision the controller sets",
         list(names),
         model_type,
     )
