@@ -100,8 +100,8 @@ def test_a_saved_initial_lr_the_live_group_lacks_is_checked_and_a_valid_one_load
     assert "initial_lr" not in ctl.engine.optimizer.param_groups[0]
     saved["engine"]["optimizer"]["param_groups"][0]["initial_lr"] = float("nan")
     message = (
-        "the checkpoint's param group 0 has 'initial_lr': nan; AdamW's update takes a finite number >= 0.0 there "
-        "(a scheduler reads it)"
+        "the checkpoint's param group 0 has 'initial_lr': nan; an LR scheduler built after the load starts from it, "
+        "and takes a finite number >= 0.0 there"
     )
     _refused(ctl, model, saved, message)
 

@@ -51,6 +51,36 @@ def test_a_single_process_without_a_group_is_a_world_of_one_and_communicates_not
     assert any_rank_on_device(flags) is flags  # no copy, no kernel
 
 
+@pytest.mark.parametrize(
+    ("config", "reduced_on"),
+    [
+        (
+            "cpu:gloo,meta:nccl",
+            "meta",
+        ),  # init_process_group() with no backend: one a device type, get_backend() "undefined"
+        ("cpu:gloo", "cpu"),  # no backend for the flags' device: through the host
+    ],
+)
+def test_the_fused_steps_flags_are_reduced_where_the_group_has_a_backend_for_their_device(
+    monkeypatch, config, reduced_on
+):
+    """torchrun's init_process_group() names no backend: the flags went through the host at every fused step. The meta
+    device stands in for CUDA (no GPU here): its tensors cannot be copied to the host, as the old code did."""
+    import triaccel_rl.distributed as distributed
+
+    reduced = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *args: "undefined")
+    monkeypatch.setattr(dist, "get_backend_config", lambda *args: config)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op: reduced.append(tensor.device.type))
+    flags = torch.zeros(2, dtype=torch.bool, device="meta")
+    if reduced_on == "cpu":
+        flags = torch.zeros(2, dtype=torch.bool)
+    agreed = any_rank_on_device(flags)
+    assert reduced == [reduced_on] and agreed.device == flags.device and agreed.dtype == torch.bool
+    assert distributed._backends() == dict(item.split(":") for item in config.split(","))
+
+
 def test_any_ranks_is_each_flag_or_ed_over_the_processes(tmp_path):
     assert _run_on_two_processes(_flags_of_both, tmp_path) == [[True, False, True, True]] * WORLD
 

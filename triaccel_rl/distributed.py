@@ -42,7 +42,7 @@ def any_ranks(flags: Sequence[bool], device: torch.device) -> list[bool]:
     """
     if world_size() == 1:
         return [bool(flag) for flag in flags]
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = torch.device("cpu") if "cpu" in _backends() else device  # NCCL alone reduces CUDA tensors only
     values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32, device=on)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(value) for value in values.tolist()]
@@ -58,7 +58,20 @@ def any_rank_on_device(flags: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return flags
     values = flags.to(torch.uint8)  # a copy, reduced in place (a MAX over bool is not in every backend)
-    if dist.get_backend() not in ("nccl", "gloo"):  # both reduce CUDA tensors (gloo through host copies), MPI may not
+    if flags.device.type not in _backends():  # no backend for this device's tensors in the group: through the host
         values = values.cpu()
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values.to(flags.device).bool()
+
+
+def _backends() -> dict[str, str]:
+    """The default group's backend for each device type: ``{"cpu": "gloo", "cuda": "nccl"}``.
+
+    From the group's configuration: ``init_process_group()`` with no backend named (torchrun's usual call) sets one a
+    device type, and ``dist.get_backend()`` then says only ``"undefined"`` (it sent the fused step's flag through the
+    host at every step).
+    """
+    config = str(dist.get_backend_config())  # "cpu:gloo,cuda:nccl"; an older torch may give one name for all
+    if ":" not in config:
+        return {"cpu": config, "cuda": config} if config != "nccl" else {"cuda": config}
+    return dict(item.split(":", 1) for item in config.split(","))

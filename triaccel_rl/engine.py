@@ -2055,12 +2055,17 @@ def _check_group_values(
             # saved initial_lr (a NaN there made every later LR NaN)
             live = live_group[key] if key in live_group else value if isinstance(value, torch.Tensor) else 0.0
             expected = _hyper_expected(key, value, live)
-            if expected is not None:
-                holds = f"this optimizer's group holds {live!r}" if key in live_group else "a scheduler reads it"
+            if expected is None:
+                continue
+            if key not in live_group:
                 raise ValueError(
-                    f"{whose}param group {number} has {key!r}: {value!r}; {type(optimizer).__name__}'s update takes "
-                    f"{expected} there ({holds})"
+                    f"{whose}param group {number} has {key!r}: {value!r}; an LR scheduler built after the load starts "
+                    f"from it, and takes {expected} there"
                 )
+            raise ValueError(
+                f"{whose}param group {number} has {key!r}: {value!r}; {type(optimizer).__name__}'s update takes "
+                f"{expected} there (this optimizer's group holds {live!r})"
+            )
 
 
 def _hyper_expected(key: str, value: Any, live: Any) -> str | None:
