@@ -208,7 +208,11 @@ def test_bad_inputs():
     for epochs in (0, 1.5, float("nan")):  # NaN once yielded no batch at all, silently; 1.5 ran 2 epochs
         with pytest.raises(ValueError, match=rf"epochs={epochs!r} must be a whole number >= 1"):
             next(ctl.loader(data(), batch_size=16, epochs=epochs))
-    with pytest.raises(ValueError, match=r"loss must be a scalar tensor; got Tensor torch.Size\(\[2\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"loss must be a scalar tensor; got Tensor torch.Size\(\[2\]\): reduce it first \(loss.mean\(\), "
+        r"loss.sum\(\)\), or loss.squeeze\(\) a one-element loss$",
+    ):
         ctl.step(torch.ones(2, requires_grad=True))
     with pytest.raises(ValueError, match="lr_rule='cubic'; allowed: linear, sqrt, none"):
         Controller(model, opt, lr_rule="cubic")

@@ -2075,7 +2075,10 @@ def _refuse_in_ddp(spec: object, probe: object) -> None:
 
 def _check_loss(loss: object) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        hint = ""
+        if isinstance(loss, torch.Tensor):  # a reduction="none" loss, or a one-element one from a reshape
+            hint = ": reduce it first (loss.mean(), loss.sum()), or loss.squeeze() a one-element loss"
+        raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}{hint}")
 
 
 def _epochs_done(epoch: int, cursor: int, n: int) -> int:

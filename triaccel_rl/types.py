@@ -157,7 +157,8 @@ class Signals:
 
     Attributes:
         loss: smoothed training loss (EMA).
-        loss_trend: relative change of ``probe_loss`` over the last interval (negative = improving).
+        loss_trend: change of ``probe_loss`` over the last interval relative to its previous size (divided by
+            ``|previous|``: negative = improving, for a negative loss too; 0 while unknown).
         probe_loss: loss on a fixed held-out probe batch at the end of the interval, without gradients, in the layers'
             precisions on a GPU and fp32 on a CPU (``TrainingRun.probe_loss``); in a user's loop without a probe batch
             (``Controller(probe=None)``) the smoothed training loss stands in for it.

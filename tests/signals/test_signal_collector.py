@@ -812,6 +812,34 @@ def test_observe_interval_takes_the_skipped_count_it_is_given() -> None:
         collector.observe_interval(recorded, n_steps=8, train_ms=80.0, skipped=9)
 
 
+@pytest.mark.parametrize(
+    ("probe_losses", "trends"),
+    [
+        ([2.0, 1.0, 1.5], [0.0, -0.5, 0.5]),
+        ([-2.0, -1.0, -1.5], [0.0, 0.5, -0.5]),  # a negative loss (a Gaussian NLL): its rise from -2 to -1 is +50%
+        ([-0.5, 0.5, 0.0, 1.0], [0.0, 2.0, -1.0, 0.0]),  # across 0; after a loss of exactly 0, unknown
+    ],
+)
+def test_the_loss_trend_is_the_change_relative_to_the_previous_loss_s_size(probe_losses, trends) -> None:
+    """A negative previous loss read a trend of 0, a plateau, whatever came next: the heuristic's LR rules saw no rise
+    (a review: an NLL's rise from -0.17 to 0.31 went unseen). Clipped to [-1, 1] only in the observation."""
+    collector = SignalCollector([LayerInfo("a", 10, True)], 0.9, 1 << 20, SignalConfig.preset("cheap"))
+    measured = IntervalMoments(np.full(1, 4.0), np.full(1, 2.0), 2.0, n_finite=4, n_observed=4)
+    got = []
+    for probe_loss in probe_losses:
+        collector.observe_interval(measured, n_steps=4, train_ms=40.0)
+        got.append(
+            collector.snapshot(
+                grad_mean_sq_norm=np.full(1, np.nan),
+                probe_loss=probe_loss,
+                batch_size=8,
+                lr_scale=1.0,
+                precisions=[Precision.FP32],
+            ).loss_trend
+        )
+    assert got == trends
+
+
 def test_an_interval_without_steps_repeats_the_latest_step_time_and_peak() -> None:
     """Before the fix, a snapshot after no step read its time over one step: a 0-ms step, a -100% trend, and a
     peak of 0 bytes (the whole budget free); the scheduler also counted the empty interval as a step."""

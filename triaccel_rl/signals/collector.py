@@ -614,8 +614,10 @@ class SignalCollector:
         loss = self._loss_ema if math.isfinite(self._loss_ema) else math.nan
         probe_ok = math.isfinite(probe_loss)
         trend = 0.0
-        if probe_ok and math.isfinite(self._previous_probe) and self._previous_probe > 0:
-            trend = (probe_loss - self._previous_probe) / self._previous_probe
+        # Relative to the previous loss's size: a loss that may be negative (a Gaussian NLL, an ELBO) read 0, a
+        # plateau, at every decision after a negative one, and its rises went unseen (the heuristic's LR rules)
+        if probe_ok and math.isfinite(self._previous_probe) and self._previous_probe != 0:
+            trend = (probe_loss - self._previous_probe) / abs(self._previous_probe)
         if probe_ok:
             self._previous_probe = probe_loss
         step_ms, step_trend = self._previous_step_ms, 0.0
