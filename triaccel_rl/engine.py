@@ -318,6 +318,9 @@ class StepEngine:
         except BaseException:
             self._undo_init()  # a refused model or optimizer is left as it was given: no hooks stay behind
             raise
+        # Dropped without remove() (its Controller garbage-collected unclosed), it leaves the model free for another:
+        # its hooks act no more. The optimizer's hooks hold it weakly, and go inert with it (_open_engine).
+        self.precision.release_when_collected(self)
 
     def _watch_unheld_gradients(self, trainable: list[list[nn.Parameter]]) -> None:
         """Hooks the gradients of the model's trainable parameters the optimizer does not hold, to unscale them.

@@ -31,6 +31,7 @@ import functools
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
@@ -250,6 +251,7 @@ class LayerPrecision:
         # once Dynamo is loaded (importing it here would add 1.6 s to every import of the package; a traced forward
         # means it was loaded before).
         self._eager_regions: tuple[Callable[..., Any], ...] | None = None
+        self._release_when_collected: weakref.finalize[Any, Any] | None = None  # see release_when_collected
 
         try:
             self._install_hooks(model)
@@ -593,6 +595,34 @@ class LayerPrecision:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._release()
+        if self._release_when_collected is not None:
+            self._release_when_collected.detach()
+            self._release_when_collected = None
+
+    def release_when_collected(self, owner: object) -> None:
+        """Releases the hooks once ``owner`` (the ``StepEngine`` driving them) is garbage-collected unremoved.
+
+        Else a Controller dropped without ``close()`` (a sweep's trial that raised part-way) would leave them acting for
+        good: the model's hooks keep this object alive, and every later Controller on the model would be refused as
+        sharing it with an open one. Released, they act no more and drop out of the model as a deep copy's do
+        (``_as_closure``): at each module's next forward, or when another ``LayerPrecision`` goes in. :meth:`remove`
+        cancels this.
+        """
+        if self._release_when_collected is not None:
+            self._release_when_collected.detach()
+        # Holds this object weakly: the finalizer is a root, and through the model this object may reach the owner
+        # (a user's attribute on the model), which then could never be collected.
+        finalizer = weakref.finalize(owner, _release_if_alive, weakref.ref(self))
+        finalizer.atexit = False  # at interpreter exit no later Controller is built: nothing to release for
+        self._release_when_collected = finalizer
+
+    def _release(self) -> None:
+        """Makes the hooks act no more, leaving them on the model (:meth:`remove` takes them off first).
+
+        All a finalizer may do: it can run inside the garbage collector, during a forward of the model, where taking
+        a hook off would change a hook dict torch iterates (``_drop_released_hooks`` says when).
+        """
         _pickled_hooks.release(self._hooks)
         self._hooks.clear()
         self._hooks_act_on.clear()
@@ -1213,8 +1243,18 @@ def _round_through_fp16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _release_if_alive(precision: weakref.ref[LayerPrecision]) -> None:
+    """Releases the hooks of ``precision`` where it still lives (``LayerPrecision.release_when_collected``)."""
+    alive = precision()
+    if alive is not None:
+        alive._release()
+
+
 def _acts_for_open_one(hook: Callable[..., Any]) -> bool:
-    """Whether ``hook`` is a ``LayerPrecision``'s that is not removed (:func:`_pickled_hooks.named` names them all)."""
+    """Whether ``hook`` is a ``LayerPrecision``'s that is not released (:func:`_pickled_hooks.named` names them all).
+
+    Released: removed, or its engine garbage-collected without removing it (``LayerPrecision.release_when_collected``).
+    """
     return getattr(hook, "__module__", None) == _pickled_hooks.__name__ and not _pickled_hooks.released(hook)
 
 
