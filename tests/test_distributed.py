@@ -208,33 +208,21 @@ def _device_flags_of_both(rank: int) -> torch.Tensor:
     return any_rank_on_device(torch.tensor([rank == 0, False, rank == 1, True]))
 
 
-def _fused_nan_loss_term(
-    rank: int, precision: str
-) -> tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]:
+FusedSteps = tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]
+"""Each step's skip and loss scale, the watched parameters before and after the second step, the other rank's after."""
+
+
+def _fused_nan_loss_term(rank: int, precision: str) -> FusedSteps:
     """Three fused steps of a tiny DDP model; rank 1's second loss has a NaN term without a gradient."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     ddp = DistributedDataParallel(model)
     engine = StepEngine(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), torch.device("cpu"), fused=True)
     engine.set_precisions([precision, precision])
-    x, y = _shard(rank, 24)
-    skips, scales = [], []
-    for step in range(3):
-        with engine.precision.context():
-            loss = cross_entropy(ddp(x[step * 8 : (step + 1) * 8]).float(), y[step * 8 : (step + 1) * 8])
-        if rank == 1 and step == 1:
-            loss = loss + torch.tensor(float("nan"))
-        if step == 1:
-            before = _flat_parameters(model)
-        skips.append(bool(engine.backward_and_step(loss)[1]))
-        scales.append(engine.loss_scale)
-        if step == 1:
-            after = _flat_parameters(model)
-    engine.remove()
-    return skips, scales, before, after, _gathered(after)[1 - rank]
+    return _three_fused_steps(rank, engine, ddp, model, spoil=lambda loss: loss + torch.tensor(float("nan")))
 
 
-def _fused_head_overflow(rank: int) -> tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_head_overflow(rank: int) -> FusedSteps:
     """Three fp16 fused steps of a DDP body; a head outside DDP, its own optimizer's, overflows in rank 1's second."""
     torch.manual_seed(0)
     body = nn.Sequential(nn.Linear(8, 6), nn.ReLU())
@@ -244,22 +232,46 @@ def _fused_head_overflow(rank: int) -> tuple[list[bool], list[float], torch.Tens
     engine = StepEngine(model, torch.optim.SGD(ddp.parameters(), lr=0.1), torch.device("cpu"), fused=True)
     engine.set_precisions([Precision.FP16] * engine.n_layers)
     head_optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    handles = []
+
+    def spoil(loss: torch.Tensor) -> torch.Tensor:
+        handles.append(head.weight.register_hook(lambda grad: grad * float("inf")))
+        return loss
+
+    def after_step() -> None:
+        while handles:
+            handles.pop().remove()
+        head_optimizer.step()
+        head_optimizer.zero_grad()
+
+    return _three_fused_steps(rank, engine, model, body, spoil, after_step)
+
+
+def _three_fused_steps(
+    rank: int,
+    engine: StepEngine,
+    forward: nn.Module,
+    watched: nn.Module,
+    spoil: Callable[[torch.Tensor], torch.Tensor],
+    after_step: Callable[[], None] | None = None,
+) -> FusedSteps:
+    """Three fused steps of ``forward`` on this rank's shard; ``spoil`` takes rank 1's second loss before its step."""
     x, y = _shard(rank, 24)
     skips, scales = [], []
+    before = after = torch.empty(0)
     for step in range(3):
         with engine.precision.context():
-            loss = cross_entropy(model(x[step * 8 : (step + 1) * 8]).float(), y[step * 8 : (step + 1) * 8])
-        handle = head.weight.register_hook(lambda grad: grad * float("inf")) if rank == 1 and step == 1 else None
+            loss = cross_entropy(forward(x[step * 8 : (step + 1) * 8]).float(), y[step * 8 : (step + 1) * 8])
+        if rank == 1 and step == 1:
+            loss = spoil(loss)
         if step == 1:
-            before = _flat_parameters(body)
+            before = _flat_parameters(watched)
         skips.append(bool(engine.backward_and_step(loss)[1]))
         scales.append(engine.loss_scale)
         if step == 1:
-            after = _flat_parameters(body)
-        if handle is not None:
-            handle.remove()
-        head_optimizer.step()
-        head_optimizer.zero_grad()
+            after = _flat_parameters(watched)
+        if after_step is not None:
+            after_step()
     engine.remove()
     return skips, scales, before, after, _gathered(after)[1 - rank]
 
