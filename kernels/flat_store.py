@@ -350,6 +350,32 @@ class FlatParameterStore:
         start = self._flat_offsets[index]
         return buffer[start : start + p.numel()]
 
+    def release(self) -> None:
+        """Gives each parameter and gradient still viewing the flat buffers storage of its own; removes the hooks.
+
+        For an owner done with the store: the parameters stay the same objects (identity, ``requires_grad``, dtype,
+        device and strides kept), with the same values bit for bit, and no longer share the flat buffers' storage, so
+        ``torch.save`` of one layer writes that layer alone, and a tensor a user keeps does not keep every buffer
+        alive. The flat buffers are freed here, so the copies take their place. A parameter or gradient that no longer
+        views them (a model moved after the store was built, a gradient set to
+        ``None`` or replaced) is left as it is. The store's steps no longer reach the parameters
+        (:meth:`rebind_grads` raises ``DetachedParametersError``).
+        """
+        with torch.no_grad():
+            for p, _, _ in self._grad_views:
+                if _shares_storage(p, self.params):
+                    p.data = p.data.clone(memory_format=torch.preserve_format)
+                if p.grad is not None and _shares_storage(p.grad, self.grads):
+                    p.grad = p.grad.clone(memory_format=torch.preserve_format)
+        self.remove_grad_hooks()
+        # The flat buffers go now, not when the store does: an owner kept after its close() (a Controller after its
+        # `with` block) held the parameters, gradients and 16-bit copies twice. Nothing reads them after this.
+        self._grad_views.clear()
+        self.params = self.params.new_empty(0)
+        self.grads = self.grads.new_empty(0)
+        self.bf16_copy = self.bf16_copy.new_empty(0)
+        self.fp16_copy = self.fp16_copy.new_empty(0)
+
     def remove_grad_hooks(self) -> None:
         """Removes the hooks :meth:`rebind_grads` installed (the owner of the store is done with it)."""
         for handle in self._grad_hooks.values():
@@ -513,6 +539,11 @@ def _strided_like(buffer: torch.Tensor, p: torch.Tensor, start: int) -> torch.Te
     A channels-last weight keeps its memory format, so its gradient and 16-bit copies have it too.
     """
     return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + start)
+
+
+def _shares_storage(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """True when ``tensor`` is a view of ``buffer``'s storage."""
+    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _round_up(value: int, multiple: int) -> int:

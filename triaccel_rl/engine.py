@@ -387,7 +387,7 @@ class StepEngine:
             handle.remove()
         store = self.__dict__.get("store")
         if store is not None:
-            store.remove_grad_hooks()
+            store.release()  # the parameters left as views of a store no step will update
 
     @staticmethod
     def discover(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -1000,7 +1000,12 @@ class StepEngine:
         """Removes the engine's hooks from the model and the optimizer; on the fused path, hands the state back.
 
         The ``torch.optim`` object is left holding the fused step's moments and step count, so training can go on
-        with ``optimizer.step()``.
+        with ``optimizer.step()``. On the fused path the parameters (the same objects), their gradients and those
+        moments get storage of their own, equal bit for bit: as views of the flat buffers, ``torch.save`` of one layer
+        would write every layer, and any one of them kept would keep the buffers alive. The store's flat buffers
+        (parameters, gradients, 16-bit copies) are freed as they are copied out; the fused optimizer's moments stay
+        with the engine, whose :meth:`state_dict` still reads them, as they were at this call (their copies in the
+        optimizer cost their size again until the engine is freed). Removing twice is harmless.
         """
         self.precision.remove()
         self._remove_unheld_hooks()
@@ -1011,9 +1016,10 @@ class StepEngine:
             for handle in self._optimizer_hooks:
                 handle.remove()
             self._optimizer_hooks = []
-            self._export_optimizer_state()
+            self._export_optimizer_state(copies=True)
         if self.fused:
-            self.store.remove_grad_hooks()
+            self.precision.use_weight_copies(None)  # views of the flat 16-bit buffer, which no forward reads now
+            self.store.release()
 
     @property
     def state_holder(self) -> Any:
@@ -1399,7 +1405,7 @@ class StepEngine:
         """The param group ``param`` is in now (by position: see ``_group_index``)."""
         return self.optimizer.param_groups[self._group_index[id(param)]]
 
-    def _export_optimizer_state(self) -> None:
+    def _export_optimizer_state(self, *, copies: bool = False) -> None:
         """Puts the fused step's state into the ``torch.optim`` object, in its layout, as views (no copies).
 
         Per parameter, as ``torch.optim`` would hold it after the same steps: SGD's ``momentum_buffer``; AdamW's
@@ -1407,6 +1413,9 @@ class StepEngine:
         ``fused``; a copy of the count, the only part that is not live). The moments are views of the fused
         buffers, so the optimizer costs no memory and ``torch.save`` writes each buffer once. Before the first
         applied step there is no state, as in ``torch.optim``. Reads the step count (one host-device sync).
+
+        ``copies``: each moment a tensor of its own (one at a time), for :meth:`remove`, after which the optimizer
+        is the user's alone.
         """
         from triaccel_rl.kernels import FusedSGD  # (loaded already: this engine runs the fused step)
 
@@ -1425,7 +1434,10 @@ class StepEngine:
                 if n == 0 or not buffers or (started is not None and not started[layer]):
                     state.pop(param, None)
                     continue
-                entry = {name: views[i] for name, views in buffers.items()}
+                entry = {
+                    name: views[i].clone(memory_format=torch.preserve_format) if copies else views[i]
+                    for name, views in buffers.items()
+                }
                 if "exp_avg" in buffers:
                     group = self._group(param)
                     on_device = group.get("capturable") or group.get("fused")
