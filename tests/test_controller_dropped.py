@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -178,3 +179,50 @@ def test_a_dropped_step_engine_frees_the_model_too() -> None:
     assert driven_modules(model) == []
     ta.Controller(model, sgd(model), policy="fp32").close()
     assert hook_counts(model) == NO_HOOKS
+
+
+needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+
+
+@needs_triton
+def test_a_dropped_fused_engine_marks_its_optimizer_whose_moments_went_with_it(
+    caplog: pytest.LogCaptureFixture, unraisable: list[object]
+) -> None:
+    """The fused step keeps the moments in its own buffers, which only remove() hands back: a new engine on the
+    optimizer was accepted (a review of the release above) and started Adam's moments from zero, silently."""
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = StepEngine(model, optimizer, torch.device("cpu"), fused=True)
+    for x, y in batches(3):
+        with engine.precision.context():
+            loss = nn.functional.cross_entropy(model(x), y)
+        engine.backward_and_step(loss)
+    del engine
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        gc.collect()
+    assert unraisable == [] and not optimizer.state
+    assert any("garbage-collected without close()" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"this Adam's moments went with a Controller on the fused step .* Load its"):
+        StepEngine(model, optimizer, torch.device("cpu"), fused=True)
+    assert driven_modules(model) == []  # refused before anything was hooked
+    # A state loaded into it (a checkpoint's) clears the mark; so does a new optimizer, which has none
+    ta.Controller(model, torch.optim.Adam(model.parameters(), lr=1e-2), policy="fp32").close()
+    plain = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for x, y in batches(1):
+        plain.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        plain.step()
+    optimizer.load_state_dict(plain.state_dict())
+    StepEngine(model, optimizer, torch.device("cpu"), fused=True).remove()
+
+
+@needs_triton
+def test_a_closed_fused_engine_leaves_no_mark() -> None:
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    StepEngine(model, optimizer, torch.device("cpu"), fused=True).remove()
+    gc.collect()
+    StepEngine(model, optimizer, torch.device("cpu"), fused=True).remove()

@@ -163,6 +163,7 @@ class StepEngine:
                 "this optimizer is driven by another open controller (or StepEngine): close() it first (ctl.close(), "
                 "or a `with Controller(...)` block), then build the new one"
             )
+        _refuse_dropped_moments(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -319,8 +320,14 @@ class StepEngine:
             self._undo_init()  # a refused model or optimizer is left as it was given: no hooks stay behind
             raise
         # Dropped without remove() (its Controller garbage-collected unclosed), it leaves the model free for another:
-        # its hooks act no more. The optimizer's hooks hold it weakly, and go inert with it (_open_engine).
+        # its hooks act no more. The optimizer's hooks hold it weakly, and go inert with it (_open_engine). The fused
+        # step's moments go with it, unexported: the optimizer is marked, and a later engine on it is refused until
+        # it holds state again (_refuse_dropped_moments).
         self.precision.release_when_collected(self)
+        self._moments_watch: weakref.finalize[Any, Any] | None = None
+        if self.fused:
+            self._moments_watch = weakref.finalize(self, _mark_moments_dropped, weakref.ref(optimizer))
+            self._moments_watch.atexit = False
 
     def _watch_unheld_gradients(self, trainable: list[list[nn.Parameter]]) -> None:
         """Hooks the gradients of the model's trainable parameters the optimizer does not hold, to unscale them.
@@ -1020,6 +1027,9 @@ class StepEngine:
         if self.fused:
             self.precision.use_weight_copies(None)  # views of the flat 16-bit buffer, which no forward reads now
             self.store.release()
+        if self._moments_watch is not None:
+            self._moments_watch.detach()  # handed back
+            self._moments_watch = None
 
     @property
     def state_holder(self) -> Any:
@@ -2331,6 +2341,42 @@ def refuse_driven_modules(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             "Controller first, or deep-copy the model before building the first Controller (a copy made while one is "
             "open carries its hooks)"
         )
+
+
+_DROPPED_MOMENTS = "_triaccel_moments_dropped"
+"""The attribute marking a ``torch.optim`` object whose fused-step engine was collected without ``remove()``."""
+
+
+def _mark_moments_dropped(optimizer: weakref.ref[torch.optim.Optimizer]) -> None:
+    """Marks the optimizer whose fused step's moments went with an engine dropped unremoved, and says so."""
+    held = optimizer()
+    if held is None:
+        return
+    setattr(held, _DROPPED_MOMENTS, True)
+    _log.warning(
+        "a Controller (or StepEngine) on the fused GPU step was garbage-collected without close(): the optimizer's "
+        "moments it held went with it (close() hands them back). %s's state is empty",
+        type(held).__name__,
+    )
+
+
+def _refuse_dropped_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Raises a ValueError for an optimizer marked by :func:`_mark_moments_dropped` that holds no state since.
+
+    A new engine on it would start the moments from zero, silently (a run that lost its Adam statistics part-way).
+    Loading a state into it (``optimizer.load_state_dict``) clears the mark.
+    """
+    if not getattr(optimizer, _DROPPED_MOMENTS, False):
+        return
+    if optimizer.state:  # state loaded since: the user's to resume from
+        delattr(optimizer, _DROPPED_MOMENTS)
+        return
+    raise ValueError(
+        f"this {type(optimizer).__name__}'s moments went with a Controller on the fused step that was "
+        "garbage-collected without close() (close() hands them back): a new one would start them from zero. Load its "
+        "state from a "
+        "checkpoint (optimizer.load_state_dict), or build a new optimizer to start afresh"
+    )
 
 
 def _open_engine(hook: Any) -> bool:
