@@ -29,7 +29,7 @@ STEPS = 5
 
 def _trained(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, ta.Controller]:
     torch.manual_seed(0)
-    model = resnet18(in_channels=1, n_classes=10).to(device).to(memory_format=torch.channels_last)
+    model = resnet18(in_channels=1, n_classes=10).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     ctl = ta.Controller(model, optimizer, policy="bf16")
     generator = torch.Generator(device=device).manual_seed(1)
@@ -44,15 +44,15 @@ def _trained(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, ta
 
 
 def _held(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         tensors[name] = p.data
         if p.grad is not None:
             tensors[f"{name}.grad"] = p.grad
-    for index, (p, entry) in enumerate(optimizer.state.items()):
+    for index, (param, entry) in enumerate(optimizer.state.items()):
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                tensors[f"state {index} {key} {tuple(p.shape)}"] = value
+                tensors[f"state {index} {key} {tuple(param.shape)}"] = value
     return tensors
 
 
@@ -75,7 +75,8 @@ def _close(device: torch.device) -> dict[str, object]:
     shared = [name for name, t in after.items() if t.untyped_storage().nbytes() != t.numel() * t.element_size()]
     changed = [name for name, t in after.items() if name in before and not torch.equal(t, before[name])]
     fresh = resnet18(in_channels=1, n_classes=10).to(device)
-    head_closed, head_fresh = _saved_bytes(model.head.state_dict()), _saved_bytes(fresh.head.state_dict())
+    head = model.get_submodule("head")
+    head_closed, head_fresh = _saved_bytes(head.state_dict()), _saved_bytes(fresh.head.state_dict())
     return {
         "tensors": len(after),
         "sharing_storage": shared[:5],
