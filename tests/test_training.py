@@ -889,3 +889,19 @@ def test_an_epoch_of_k_batches_and_one_sample_trains_a_batch_norm_model_through(
         sizes.append(run.last_micro_batches)
     assert [sum(s) for s in sizes] == [8] * (n // 8 - 1) + [9, 8]
     assert run.loader.epoch == 1 and run.samples_seen == n + 8
+
+
+def test_a_closed_run_refuses_to_train_and_still_evaluates():
+    """A closed run's step() raised a KeyError (reference path) or a buffer-size ValueError (fused step), naming
+    neither the close nor the way on; its probe loss and evaluation go on, eagerly (its CUDA graphs read parameters
+    where the fused step's flat buffer, freed at close, held them)."""
+    run = TrainingRun("synthetic", seed=0, device="cpu")
+    run.train_interval(3)
+    probe, metric = run.probe_loss(), run.evaluate()
+    run.close()
+    assert run.graphs is None
+    for train in (run.step, lambda: run.train_interval(2)):
+        with pytest.raises(RuntimeError, match=r"^this TrainingRun is closed: .* Build a new run to train on$"):
+            train()
+    assert (run.probe_loss(), run.evaluate()) == (probe, metric)
+    run.close()  # twice: harmless

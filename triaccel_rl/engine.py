@@ -163,7 +163,6 @@ class StepEngine:
                 "this optimizer is driven by another open controller (or StepEngine): close() it first (ctl.close(), "
                 "or a `with Controller(...)` block), then build the new one"
             )
-        _refuse_dropped_moments(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -321,13 +320,14 @@ class StepEngine:
             raise
         # Dropped without remove() (its Controller garbage-collected unclosed), it leaves the model free for another:
         # its hooks act no more. The optimizer's hooks hold it weakly, and go inert with it (_open_engine). The fused
-        # step's moments go with it, unexported: the optimizer is marked, and a later engine on it is refused until
-        # it holds state again (_refuse_dropped_moments).
+        # step hands its state back then, as remove() does (_hand_back): its moments, and parameters of their own.
         self.precision.release_when_collected(self)
-        self._moments_watch: weakref.finalize[Any, Any] | None = None
+        self._hand_back_when_collected: weakref.finalize[Any, Any] | None = None
         if self.fused:
-            self._moments_watch = weakref.finalize(self, _mark_moments_dropped, weakref.ref(optimizer))
-            self._moments_watch.atexit = False
+            self._hand_back_when_collected = weakref.finalize(
+                self, _hand_back, weakref.ref(optimizer), self.fused_optimizer, self.store, self._group_index
+            )
+            self._hand_back_when_collected.atexit = False
 
     def _watch_unheld_gradients(self, trainable: list[list[nn.Parameter]]) -> None:
         """Hooks the gradients of the model's trainable parameters the optimizer does not hold, to unscale them.
@@ -1020,16 +1020,18 @@ class StepEngine:
         self._count_handle.remove()
         self._scale_handle.remove()
         if self.fused and self._optimizer_hooks:
+            # Exported before the hooks go: an export that raised part-way (out of memory in a copy) is made again by
+            # the next remove(), where the optimizer was left with part of the state (until 2026-12-07)
+            self._export_optimizer_state(copies=True)
             for handle in self._optimizer_hooks:
                 handle.remove()
             self._optimizer_hooks = []
-            self._export_optimizer_state(copies=True)
         if self.fused:
             self.precision.use_weight_copies(None)  # views of the flat 16-bit buffer, which no forward reads now
-            self.store.release()
-        if self._moments_watch is not None:
-            self._moments_watch.detach()  # handed back
-            self._moments_watch = None
+            _release_store(self.fused_optimizer, self.store)
+        if self._hand_back_when_collected is not None:
+            self._hand_back_when_collected.detach()  # handed back here
+            self._hand_back_when_collected = None
 
     @property
     def state_holder(self) -> Any:
@@ -1427,32 +1429,7 @@ class StepEngine:
         ``copies``: each moment a tensor of its own (one at a time), for :meth:`remove`, after which the optimizer
         is the user's alone.
         """
-        from triaccel_rl.kernels import FusedSGD  # (loaded already: this engine runs the fused step)
-
-        fused = self.fused_optimizer
-        counts = fused.layer_step_counts
-        layer_steps = counts.tolist()
-        # SGD: a layer whose steps were all at momentum 0 (a schedule from 0) has no momentum buffer yet, as
-        # torch.optim's parameters have none: exported, its zeros loaded as a started buffer, and the first step with
-        # momentum after a resume took the dampened branch
-        started = (counts > fused.steps_before_momentum).tolist() if isinstance(fused, FusedSGD) else None
-        state = self.optimizer.state
-        for layer, params in enumerate(self.store.layers):
-            n = layer_steps[layer]  # a layer that never took part has no state, as torch.optim's parameters
-            buffers = {name: self.store.param_views(getattr(fused, name), layer) for name in fused._buffer_names}
-            for i, param in enumerate(params):
-                if n == 0 or not buffers or (started is not None and not started[layer]):
-                    state.pop(param, None)
-                    continue
-                entry = {
-                    name: views[i].clone(memory_format=torch.preserve_format) if copies else views[i]
-                    for name, views in buffers.items()
-                }
-                if "exp_avg" in buffers:
-                    group = self._group(param)
-                    on_device = group.get("capturable") or group.get("fused")
-                    entry["step"] = torch.tensor(n, dtype=torch.float32, device=param.device if on_device else None)
-                state[param] = entry
+        _export_fused_state(self.optimizer, self.fused_optimizer, self.store, self._group_index, copies=copies)
 
     def _adopt_optimizer_state(self, *, loaded: bool = False) -> None:
         """Copies the state the ``torch.optim`` object holds into the fused buffers (zero where it holds none).
@@ -2343,40 +2320,62 @@ def refuse_driven_modules(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         )
 
 
-_DROPPED_MOMENTS = "_triaccel_moments_dropped"
-"""The attribute marking a ``torch.optim`` object whose fused-step engine was collected without ``remove()``."""
+def _export_fused_state(
+    optimizer: torch.optim.Optimizer, fused: Any, store: Any, group_index: Mapping[int, int], *, copies: bool
+) -> None:
+    """``StepEngine._export_optimizer_state``: the fused step's state into ``optimizer.state``, in its layout.
 
-
-def _mark_moments_dropped(optimizer: weakref.ref[torch.optim.Optimizer]) -> None:
-    """Marks the optimizer whose fused step's moments went with an engine dropped unremoved, and says so."""
-    held = optimizer()
-    if held is None:
-        return
-    setattr(held, _DROPPED_MOMENTS, True)
-    _log.warning(
-        "a Controller (or StepEngine) on the fused GPU step was garbage-collected without close(): the optimizer's "
-        "moments it held went with it (close() hands them back). %s's state is empty",
-        type(held).__name__,
-    )
-
-
-def _refuse_dropped_moments(optimizer: torch.optim.Optimizer) -> None:
-    """Raises a ValueError for an optimizer marked by :func:`_mark_moments_dropped` that holds no state since.
-
-    A new engine on it would start the moments from zero, silently (a run that lost its Adam statistics part-way).
-    Loading a state into it (``optimizer.load_state_dict``) clears the mark.
+    A function of what it reads (the fused optimizer, the store, each parameter's group by position), not of the
+    engine: an engine garbage-collected without ``remove()`` hands its state back through it (:func:`_hand_back`).
     """
-    if not getattr(optimizer, _DROPPED_MOMENTS, False):
-        return
-    if optimizer.state:  # state loaded since: the user's to resume from
-        delattr(optimizer, _DROPPED_MOMENTS)
-        return
-    raise ValueError(
-        f"this {type(optimizer).__name__}'s moments went with a Controller on the fused step that was "
-        "garbage-collected without close() (close() hands them back): a new one would start them from zero. Load its "
-        "state from a "
-        "checkpoint (optimizer.load_state_dict), or build a new optimizer to start afresh"
-    )
+    from triaccel_rl.kernels import FusedSGD  # (loaded already: the engine ran the fused step)
+
+    counts = fused.layer_step_counts
+    layer_steps = counts.tolist()
+    # SGD: a layer whose steps were all at momentum 0 (a schedule from 0) has no momentum buffer yet, as torch.optim's
+    # parameters have none: exported, its zeros loaded as a started buffer, and the first step with momentum after a
+    # resume took the dampened branch
+    started = (counts > fused.steps_before_momentum).tolist() if isinstance(fused, FusedSGD) else None
+    state = optimizer.state
+    for layer, params in enumerate(store.layers):
+        n = layer_steps[layer]  # a layer that never took part has no state, as torch.optim's parameters
+        buffers = {name: store.param_views(getattr(fused, name), layer) for name in fused._buffer_names}
+        for i, param in enumerate(params):
+            if n == 0 or not buffers or (started is not None and not started[layer]):
+                state.pop(param, None)
+                continue
+            entry = {
+                name: views[i].clone(memory_format=torch.preserve_format) if copies else views[i]
+                for name, views in buffers.items()
+            }
+            if "exp_avg" in buffers:
+                group = optimizer.param_groups[group_index[id(param)]]
+                on_device = group.get("capturable") or group.get("fused")
+                entry["step"] = torch.tensor(n, dtype=torch.float32, device=param.device if on_device else None)
+            state[param] = entry
+
+
+def _release_store(fused: Any, store: Any) -> None:
+    """The store's ``release()``; SGD without momentum keeps the parameters' buffer as its stand-in: it goes too."""
+    stand_in = getattr(fused, "momentum_buffer", None) is store.params
+    store.release()
+    if stand_in:
+        fused.momentum_buffer = store.params
+
+
+def _hand_back(
+    optimizer: weakref.ref[torch.optim.Optimizer], fused: Any, store: Any, group_index: Mapping[int, int]
+) -> None:
+    """What ``StepEngine.remove()`` hands back, for a fused engine garbage-collected without it (a finalizer).
+
+    The moments go into the optimizer as copies and the parameters get storage of their own: a Controller dropped
+    unclosed (a sweep's trial that raised) lost the moments with its engine, and a new one on the optimizer started
+    them from zero, silently (a mid-run ``optimizer.state_dict()`` left views there with a stale step count).
+    """
+    held = optimizer()
+    if held is not None:
+        _export_fused_state(held, fused, store, group_index, copies=True)
+    _release_store(fused, store)
 
 
 def _open_engine(hook: Any) -> bool:

@@ -374,6 +374,7 @@ class TrainingRun:
             self.graphs: StepGraphs | None = StepGraphs(self.model, self.device) if use_graphs else None
             """Captured training steps, or ``None`` when every step runs eagerly."""
             self._graphed = False  # whether the last step replayed a graph
+            self._closed = False
 
             self.n_layers = len(self.layers)
             self.steps = 0
@@ -564,6 +565,7 @@ class TrainingRun:
                 returned to the loader first. Or out of memory in the optimizer step: before its update the batch goes
                 back too; part-way through the update the step counts, its batch spent (resume from a checkpoint).
         """
+        self._check_open()
         start = time.perf_counter()
         self.engine.sync_weight_copies()  # weights written since the last call (a user, a restore)
         # A host count on the reference path; on the fused one a device copy of the counter, read (a sync) only where a
@@ -616,6 +618,7 @@ class TrainingRun:
             ValueError: ``n_steps`` is negative.
             UnrecoverableOOMError: as :meth:`step`.
         """
+        self._check_open()
         if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 0:
             raise ValueError(f"n_steps={n_steps!r} must be a whole number >= 0")
         if self._moments is None:
@@ -1074,9 +1077,20 @@ class TrainingRun:
         The precision hooks close reference cycles through the model, which reference counting cannot free: without
         this, a dropped run (its model, optimizer state and data) lived until a full garbage collection, which costs
         0.1 to 1 s in a process with torch, Triton and SB3 loaded. Closing twice is harmless; a closed run is not to
-        be stepped again: the hooks that apply its per-layer precisions and LR multipliers are gone.
+        be stepped again (:meth:`step` and :meth:`train_interval` raise): the hooks that apply its per-layer precisions
+        and LR multipliers are gone. Its captured CUDA graphs go too: they read the parameters where the fused step's
+        flat buffer held them, which closing frees; :meth:`probe_loss` and :meth:`evaluate` run eagerly after it.
         """
         self.engine.remove()
+        self.graphs = None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this TrainingRun is closed: its precision hooks and LR multipliers are gone, and on the fused step "
+                "its parameters left the flat buffer. Build a new run to train on"
+            )
 
     # ------------------------------------------------------------------------------------- private
 
