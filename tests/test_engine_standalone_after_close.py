@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from test_engine_fused import _TiedLM as TiedNet
 from torch import nn
 
 from triaccel_rl import controller as controller_module
@@ -29,20 +30,6 @@ class FusedEngine(StepEngine):
 
     def __init__(self, model, optimizer, device):
         super().__init__(model, optimizer, device, fused=True)
-
-
-class TiedNet(nn.Module):
-    """An embedding and an output projection sharing one weight, as GPT-2 ties them."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.mid = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 20, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.out(torch.relu(self.mid(self.emb(x))))
 
 
 def conv_net():
