@@ -1019,6 +1019,10 @@ class StepEngine:
         self._step_guard_handle.remove()
         self._count_handle.remove()
         self._scale_handle.remove()
+        if self.fused:
+            # The store's flat buffers go before the moments are copied out: a lower peak than copying all at once
+            self.precision.use_weight_copies(None)  # views of the flat 16-bit buffer, which no forward reads now
+            _release_store(self.fused_optimizer, self.store)
         if self.fused and self._optimizer_hooks:
             # Exported before the hooks go: an export that raised part-way (out of memory in a copy) is made again by
             # the next remove(), where the optimizer was left with part of the state (until 2026-12-07)
@@ -1026,9 +1030,6 @@ class StepEngine:
             for handle in self._optimizer_hooks:
                 handle.remove()
             self._optimizer_hooks = []
-        if self.fused:
-            self.precision.use_weight_copies(None)  # views of the flat 16-bit buffer, which no forward reads now
-            _release_store(self.fused_optimizer, self.store)
         if self._hand_back_when_collected is not None:
             self._hand_back_when_collected.detach()  # handed back here
             self._hand_back_when_collected = None
@@ -2372,10 +2373,10 @@ def _hand_back(
     unclosed (a sweep's trial that raised) lost the moments with its engine, and a new one on the optimizer started
     them from zero, silently (a mid-run ``optimizer.state_dict()`` left views there with a stale step count).
     """
+    _release_store(fused, store)  # first, as in remove()
     held = optimizer()
     if held is not None:
         _export_fused_state(held, fused, store, group_index, copies=True)
-    _release_store(fused, store)
 
 
 def _open_engine(hook: Any) -> bool:
