@@ -847,20 +847,11 @@ def test_a_figure_no_palette_holds_is_written_as_matplotlib_renders_it(tmp_path,
     """An image of many colours (a review's heat map and 30 lines came 33 levels off in 256) or a transparent background
     (``savefig.transparent``: it was made opaque) is written as matplotlib's own RGBA image, byte for byte."""
     pytest.importorskip("matplotlib")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from test_shrink_plots import figure
 
     from triaccel_rl.plots import save_png
 
-    fig = Figure(figsize=(4, 3))
-    FigureCanvasAgg(fig)
-    axes = fig.add_subplot()
-    if case == "many colours":
-        axes.imshow(np.random.default_rng(0).random((60, 80, 3)))
-    else:
-        axes.plot([0, 1], [0, 1])
-        fig.patch.set_alpha(0.0)
-        axes.patch.set_alpha(0.0)
+    fig = figure(case)
     reference = tmp_path / "reference.png"
     fig.savefig(reference, format="png", dpi=110, bbox_inches="tight")
     written = save_png(fig, tmp_path / "written.png")
@@ -873,14 +864,11 @@ def test_a_plot_write_cut_short_leaves_the_plot_kept_there_whole(monkeypatch, tm
     import errno
     import pathlib
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from test_shrink_plots import figure
 
     from triaccel_rl.plots import save_png
 
-    fig = Figure(figsize=(4, 3))
-    FigureCanvasAgg(fig)
-    fig.add_subplot().plot([0, 1], [0, 1])
+    fig = figure("lines")
     kept = save_png(fig, tmp_path / "metric_vs_time.png")
     before = kept.read_bytes()
     write_bytes = pathlib.Path.write_bytes

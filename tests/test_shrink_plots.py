@@ -23,7 +23,12 @@ def load_script():
 
 
 def write_figure(path: Path, case: str) -> None:
-    """Writes matplotlib's own RGBA PNG of a line plot, a many-colour image or a transparent line plot."""
+    """Writes matplotlib's own RGBA PNG of :func:`figure`."""
+    figure(case).savefig(path, format="png", dpi=110)
+
+
+def figure(case: str) -> Figure:
+    """A line plot, a many-colour image (``"many colours"``) or a transparent line plot (``"transparent"``)."""
     fig = Figure(figsize=(4, 3))
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
@@ -36,7 +41,7 @@ def write_figure(path: Path, case: str) -> None:
     if case == "transparent":
         fig.patch.set_alpha(0.0)
         axes.patch.set_alpha(0.0)
-    fig.savefig(path, format="png", dpi=110)
+    return fig
 
 
 @pytest.mark.parametrize("case", ["many colours", "transparent"])
