@@ -72,9 +72,9 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     interval skipped while no fp16 loss scale is still backing off from its start, or the probe loss above
     ``divergence_factor`` × its starting value) or when the time budget
     is spent: the budget is part of the task (the return is the progress made within it, and the observation's
-    ``progress`` says how much of it is gone), so nothing comes after it. (It read ``truncated`` before 2026-12-05,
-    and SB3's PPO then added ``gamma × V(last observation)`` to the last reward of every episode: a value beyond the
-    budget that no run earns.) ``truncated`` only after ``max_decisions`` decisions, a safety net for near-free
+    ``progress`` says how much of it is gone), so nothing comes after it. (As ``truncated``, SB3's PPO would add
+    ``gamma × V(last observation)`` to the last reward of every episode: a value beyond the budget that no run
+    earns.) ``truncated`` only after ``max_decisions`` decisions, a safety net for near-free
     steps that is not part of the task.
 
     **Seeding**: in ``profile`` cost mode an episode is a function of ``reset(seed=...)`` and the actions, at a fixed
@@ -116,10 +116,11 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
             a factor drawn log-uniformly from this range (seeded by ``reset``; ``info["base_lr_factor"]``).
             Domain randomisation of the one setting a user most often gets wrong, so that a policy meets runs
             whose LR is mistuned and can learn to correct it from the signals. None (the default): the task's
-            own LR. On the default training tasks the return hardly depends on the LR multiplier (every layer
-            in bf16 at ×1.5 against ×1.0, 3 seeds, 2026-12-01: −3.5% on synthetic, +2.5% on mlp-fmnist, −0.5%
-            on cnn-fmnist), so a policy trained on them has nothing to learn about the LR, while the held-out
-            dwcnn-fmnist and deep-mlp-synthetic gain 7% and 5% from ×1.5 (transformer-seq loses 3%).
+            own LR. On the default training tasks the return hardly depends on the LR multiplier, so a policy
+            trained on them has nothing to learn about the LR, while two of the held-out tasks gain from a higher
+            one (numbers: BENCHMARKS.md, "A 5-epoch protocol, and why PPO on the training tasks learns no LR move").
+        render_mode: None only: the environment renders nothing (``metadata["render_modes"]`` is empty);
+            ``gym.make`` passes it whenever it is given.
 
     Example:
         >>> import gymnasium as gym
@@ -239,12 +240,11 @@ class TriAccelEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Starts a fresh run of the task and returns the observation after one fp32 interval.
 
-        The last episode's run is freed first, as :meth:`close` frees it: its hooks, which put its model in reference
-        cycles, are removed (``TrainingRun.close``), so reference counting frees it without a full garbage collection
-        (until 2026-12-06 the models of earlier episodes piled up, on a GPU in the allocator's counts too; until
-        2026-12-07 a full collection at every reset freed them, 0.1 to 1 s each with torch, Triton and SB3 loaded).
-        ``options`` is refused unless None or an empty mapping: the env takes none (a task or LR range given there was
-        silently ignored).
+        The last episode's run is freed first, as :meth:`close` frees it, or the models of earlier episodes would pile
+        up (on a GPU in the allocator's counts too): its hooks, which put its model in reference cycles, are removed
+        (``TrainingRun.close``), so reference counting frees it without a full garbage collection (which costs 0.1 to
+        1 s a reset with torch, Triton and SB3 loaded). ``options`` is refused unless None or an empty mapping: the
+        env takes none (a task or LR range given there was silently ignored).
         """
         # Not ``if options:``, which let any falsy value through (0, [], "", False).
         if options is not None and not (isinstance(options, Mapping) and len(options) == 0):

@@ -468,7 +468,7 @@ class FlatParameterStore:
 
         Raises:
             ValueError: ``codes`` (given) has not one entry per layer, or an entry that is not the whole number 0, 1 or
-                2 (checked for separate copies too, which refused nothing until 2026-12-06).
+                2 (checked for separate copies too).
         """
         if codes is not None:
             given = list(codes)

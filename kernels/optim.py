@@ -1,4 +1,4 @@
-"""Fused SGD and AdamW optimizers over a ``FlatParameterStore``: a step is two kernel launches and no host sync.
+"""Fused SGD and AdamW optimizers over a ``FlatParameterStore``: a step is two Triton passes and no host sync.
 
 A step runs ``layer_grad_stats`` (pass 1: reads the grads, writes per-layer statistics and the global
 non-finite count) and then the optimizer's update kernel (pass 2: reads the count on the device and either
@@ -146,7 +146,7 @@ def _store_floats(options: SGDOptions | AdamWOptions, *names: str) -> None:
     """Stores the fields ``names`` of ``options`` as Python floats, which the kernels take as scalars.
 
     ``torch.optim`` takes one-element tensors (``AdamW(betas=(torch.tensor(0.9), ...))``): passed on as they were,
-    the first step failed in a kernel with a Triton type error (until 2026-12-06). A value that is no number is
+    the first step would fail in a kernel with a Triton type error. A value that is no number is
     stored as NaN, which the range checks that follow refuse, naming the field.
 
     Raises:
@@ -442,8 +442,8 @@ class _FusedOptimizer:
 
         In their layer's code of this step, as the update writes every bf16 and fp16 layer's copy (rounded to nearest
         even, ``cast_to_low_precision``); a fp32 layer's copy, and every copy on a skipped step, stays as it was.
-        Restoring the copies instead left the one from before a change of the layer's code this step (zeros, for a
-        layer new to bf16), until 2026-12-06. Device operations on these parameters only, no sync.
+        Restoring the copies instead would leave the one from before a change of the layer's code this step (zeros,
+        for a layer new to bf16). Device operations on these parameters only, no sync.
         """
         store = self.store
         applied = ~skipped
@@ -989,7 +989,7 @@ def _check_step_values(factors: torch.Tensor, codes: torch.Tensor, inv_scale: fl
 
     LR factors finite and >= 0, codes 0, 1 or 2, ``inv_scale`` finite and > 0 (a float's is checked on every device).
     Checked on CPU tensors only: on a GPU the values would cost a sync a step, and ``StepEngine`` checks them on the
-    host when they are set (an ``inv_scale`` of -1 stepped up the gradient here until 2026-12-06).
+    host when they are set (an ``inv_scale`` of -1 would step up the gradient here).
     """
     if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
         raise ValueError(f"lr_factors must be finite numbers >= 0; got {factors.tolist()}")

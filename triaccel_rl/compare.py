@@ -33,6 +33,7 @@ from triaccel_rl.training import IntervalStats, TrainingRun, check_time_cap, pro
 from triaccel_rl.types import Policy, Precision, Signals
 
 __all__ = [
+    "NvmlPeak",
     "RunResult",
     "bootstrap_ci",
     "check_comparison",
@@ -78,9 +79,9 @@ class RunResult:
         trace: one row per decision: ``time_s``, ``batch_size``, ``lr_scale``, ``memory_bytes``, ``probe_loss``,
             ``noise_scale``, ``lr`` and ``precisions`` (per-layer codes 0 fp32, 1 bf16, 2 fp16). In both, ``lr_scale``
             is the LR multiplier on the task's base LR, the same in every row: the starting ``lr_scale`` given to
-            :func:`run_controller` times the policy's rung (an adaptive row's rung alone, 1.0 for x0.5 given, until
-            2026-12-05); neither the batch rule's gain nor the schedule is in it (the trace's ``lr`` is the LR applied:
-            the global LR of the last step before the row, as :func:`~triaccel_rl.plain.run_plain`'s trace holds it).
+            :func:`run_controller` times the policy's rung; neither the batch rule's gain nor the schedule is in it
+            (the trace's ``lr`` is the LR applied: the global LR of the last step before the row, as
+            :func:`~triaccel_rl.plain.run_plain`'s trace holds it).
         layer_names: names of the layers, in the order of ``trace[i]["precisions"]``.
         oom_events: out-of-memory errors recovered during the run.
         mean_step_ms: mean charged time of one optimizer step, in ms.

@@ -315,7 +315,7 @@ class HardwareProfile:
 
         Raises:
             ValueError: ``path`` is an existing file that is not a regular one (a device, a FIFO), which the move
-                would replace with a regular file (until 2026-12-06 it did); nothing is written.
+                would replace with a regular file; nothing is written.
         """
         write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
@@ -384,7 +384,7 @@ class HeuristicConfig:
             ``progress`` reaches ``anneal_after``, an interval whose probe loss fell by less than this share
             (a plateau: the steps bounce at the gradient noise's floor, which a smaller step lowers) takes the
             LR one rung down, and from then on the rule no longer climbs back up (each rung down is meant to stay;
-            before ``anneal_after`` it is the plain rule, which climbs back after a rise; so since 2026-12-04). A
+            before ``anneal_after`` it is the plain rule, which climbs back after a rise). A
             reading of the H200 curves (2026-12-01): static fp16 on ResNet-18 sits at 92-92.5% test accuracy from
             about 40% to 65% of its 12-epoch schedule and reaches 93% only as the schedule's decay lowers the
             LR; time to target is set by the LR there, not by the step time. On the H200 (2026-12-02, 3 seeds)
@@ -404,9 +404,8 @@ class HeuristicConfig:
             (``anneal_after``, 1] (with ``anneal_plateau`` set): from then on the cuts are *released*: the LR rule
             climbs a rung a decision back to the 1.0 rung (the shield's bound still applies) and anneals no more, so
             the run ends on the task's own schedule (a warm restart, as in SGDR, Loshchilov and Hutter, 2017). The
-            cuts bring the target sooner; what they cost is the final accuracy (ResNet-18 on the H200, 2026-12-02:
-            0.86x static fp16's time to 93%, 0.2-0.4 points lower at the end of the schedule), and the run's end at
-            the schedule's own LR is meant to win that back.
+            cuts bring the target sooner; what they cost is the final accuracy, and the run's end at the schedule's
+            own LR is meant to win that back (measured: BENCHMARKS.md, "H200, 2026-12-02 (eighth session)").
         anneal_rungs: how many rungs of the ladder one annealing step asks for (1: ×0.75 from ×1 on the default
             ladder; 2: ×0.5), >= 1. The shield still moves the LR by at most ``ControllerConfig.max_lr_change`` a
             decision (×1.5 by default), so two rungs from ×1 land as ×0.67 then ×0.5 over two decisions; on the
@@ -422,8 +421,8 @@ class HeuristicConfig:
             (H100, 2026-11-22).
         ramp_batch_until: the share of the budget past which the ramp no longer grows the batch, in
             (``ramp_batch_after``, 1]: a batch changed that late has too little of the run left to repay the
-            change's one-time cost (a new captured graph and cuDNN's tuning for the new shapes: about 5 s for
-            ResNet-18's first run at batch 1024 on the H200, 2026-12-02, in a 10-s run).
+            change's one-time cost (a new captured graph and cuDNN's tuning for the new shapes; measured:
+            BENCHMARKS.md, "H200, 2026-12-02: a late batch ramp, and a stronger static row").
         max_batch_growth: grow the batch only up to this multiple of the task's base batch; in [1, 1024] (the
             observation reads a growth up to 2**10). A trust
             region on the noise-scale estimate: with batch norm, the micro-batch estimate overstates the
@@ -591,8 +590,8 @@ class RewardConfig:
         over_budget_penalty: subtracted when peak memory exceeded the memory budget.
         divergence_penalty: subtracted once when the run diverges (episode terminates).
         clip: the reward is clipped to [-clip, clip]: a guard against outliers (a loss falling a thousandfold in one
-            interval), far above a real interval's progress (up to ~13 in the first interval on ``synthetic``, which
-            the clip of 10 before 2026-12-05 cut, the same +10 for first decisions of different progress).
+            interval), far above a real interval's progress (up to ~13 in the first interval on ``synthetic``: a clip
+            of 10 would give first decisions of different progress the same +10).
         budget_intervals: the episode's time budget, in reference intervals; > 0.
 
     Example:
@@ -863,10 +862,9 @@ class ControllerConfig:
         Presets: ``default``; ``safe`` (longer intervals, narrower LR range); ``aggressive`` (short intervals,
         wider LR range, fp16 allowed); ``anneal`` (the heuristic also anneals the LR on a plateau of the probe
         loss past 30% of the run, ``HeuristicConfig.anneal_plateau=0.05``, with a decision every interval of 100
-        steps on the cheap signals: on the H200, 2026-12-02, 0.90x static fp16's time to target in the same job
-        on ResNet-18 and 0.98x on EfficientNet-B0, ending 0.1-0.4 points lower; row ``heuristic-anneal5-i1`` of
-        ``experiments/gpu_benchmark.py``; with ``lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)`` the cuts go on to
-        x0.25: 0.85x on ResNet-18 over 25 seeds, ending 0.28 points lower, row ``heuristic-anneal5-i1-deep``).
+        steps on the cheap signals, row ``heuristic-anneal5-i1`` of ``experiments/gpu_benchmark.py``; with
+        ``lr_scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)`` the cuts go on to x0.25, row ``heuristic-anneal5-i1-deep``;
+        measured: BENCHMARKS.md, "H200, 2026-12-02 (fifth session)" and "(seventh session)").
         The others leave the signals at ``SignalConfig()``; override them like any field:
         ``ControllerConfig.preset("safe", signals="cheap")``.
 

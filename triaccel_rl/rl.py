@@ -44,6 +44,7 @@ __all__ = [
     "imitate",
     "make_env_fns",
     "obs_stats_path",
+    "save_policy",
     "train_policy",
 ]
 
@@ -74,9 +75,9 @@ def make_env_fns(
 
     Worker ``i`` cycles through ``tasks`` rotated by ``i`` (``tasks[(i + k) % len(tasks)]`` for ``k`` in
     ``range(len(tasks))``), moving on to the next task at every reset (``TaskCycleEnv``): each task gets the same
-    share of every worker's episodes, whatever the numbers of tasks and workers (until 2026-12-05 worker ``i`` cycled
-    through ``tasks[(i + k * n_envs) % len(tasks)]`` only, so 3 tasks on 2 workers gave the first half the episodes and
-    the others a quarter each), and the workers start on different tasks. Seeded as SB3 seeds worker ``i``
+    share of every worker's episodes, whatever the numbers of tasks and workers (cycling through
+    ``tasks[(i + k * n_envs) % len(tasks)]`` only, 3 tasks on 2 workers would give the first half the episodes and the
+    others a quarter each), and the workers start on different tasks. Seeded as SB3 seeds worker ``i``
     (``venv.seed(seed)``: ``seed + i``), worker ``i``'s ``k``-th task draws from ``seed + k * n_envs + i``: each
     (worker, task) pair its own episodes.
 
@@ -185,8 +186,7 @@ class TaskCycleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.current = -1
         self.episode_summary: dict[str, float] | None = None
         """The last ended episode's ``episode_summary`` (``TriAccel-v0``'s; None before one ends): kept until the next
-        ends, so a vector env's auto-reset keeps it (``venv.get_attr("episode_summary")``; until 2026-12-06 it could
-        not be read through the cycle)."""
+        ends, so a vector env's auto-reset keeps it (``venv.get_attr("episode_summary")``)."""
 
     @property
     def base_lr_factor(self) -> float:
@@ -251,9 +251,24 @@ class LrOracleTeacher:
         """Index of the LR scale nearest (in log) to ``1 / factor``."""
         return int(np.argmin(np.abs(self._log_scales + np.log(factor))))
 
-    def predict(self, obs: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = True) -> Any:
-        """``base``'s actions for ``obs`` (one row per environment), with the LR index set by the oracle."""
-        action, state = self.base.predict(obs, deterministic=True)
+    def predict(
+        self, observation: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = False
+    ) -> Any:
+        """``base``'s actions for ``observation``, with the LR index set by the oracle.
+
+        The teacher is deterministic whatever it is given: ``base`` is always asked for its deterministic action,
+        and the oracle's rung depends on the episode only.
+
+        Args:
+            observation: one row per environment of ``venv``.
+            state: ignored: the state returned is ``base``'s.
+            episode_start: ignored (it is in every policy's ``predict`` signature).
+            deterministic: ignored, as above.
+
+        Returns:
+            The actions, one row per environment, and ``base``'s state.
+        """
+        action, state = self.base.predict(observation, deterministic=True)
         action = np.array(action).reshape(self.venv.num_envs, -1)
         for row, factor in enumerate(self.venv.get_attr("base_lr_factor")):
             action[row, self.lr_index] = self.rung_for(float(factor))
@@ -330,8 +345,8 @@ def imitate(
     ``venv``'s environments, then minimises the negative log-likelihood of the teacher's actions and the
     squared error of the value net against the discounted returns (episodes cut by the rollout end are
     bootstrapped from zero) for ``epochs`` passes. Fitting is cheap beside collecting (1024 decisions: about 6 s
-    for 200 passes against minutes in the environments); 20 passes (the default until 2026-12-02) fit only the
-    teacher's most frequent action, and the policy shipped then was a constant.
+    for 200 passes against minutes in the environments); 20 passes fit only the teacher's most frequent action, and
+    the policy is then a constant.
 
     Args:
         model: the SB3 PPO model whose ``policy`` is fitted, in place.
@@ -367,8 +382,8 @@ def imitate(
     observations, actions, rewards, dones = [], [], [], []
     rounds = max(1, n_steps // venv.num_envs)
     disable = tqdm_disable(progress_bar)
-    # Shown before the reset, which trains an interval in every environment: until 2026-12-07 the warm start ran for
-    # minutes with no output before PPO's bar appeared. Each bar is closed as an exception (a Ctrl-C) leaves it, before
+    # Shown before the reset, which trains an interval in every environment: else the warm start runs for minutes
+    # with no output before PPO's bar appears. Each bar is closed as an exception (a Ctrl-C) leaves it, before
     # train_policy's warning, which would otherwise land inside the bar's line.
     with tqdm(
         total=rounds * venv.num_envs,
@@ -845,8 +860,8 @@ def train_policy(
         runs of one ``seed`` evaluated differently. Evaluations fall as :class:`Checkpoint` saves: due at the first step
         past a multiple of ``eval_every``, run after the update on that rollout (when the next rollout starts, or
         training ends), stamped with the steps the weights trained on. SB3 evaluates from ``_on_step``, in the middle of
-        a rollout and before its update: until 2026-12-05 the evaluation stamped ``N`` scored the weights trained on
-        ``N - n_steps * n_envs`` (the checkpoint of ``N`` held those trained on ``N``), and the final weights were
+        a rollout and before its update: its evaluation stamped ``N`` scores the weights trained on
+        ``N - n_steps * n_envs`` (the checkpoint of ``N`` holds those trained on ``N``), and the final weights are
         never evaluated.
         """
 
@@ -949,7 +964,7 @@ def train_policy(
                 except KeyboardInterrupt:
                     # Nothing is kept: the weights are PPO's initial ones (while the teacher's decisions are collected,
                     # the slow part) or a fit cut short, and a run resumed from them would skip the warm start. Said
-                    # as the handler below says what it kept (until 2026-12-05 nothing was logged).
+                    # as the handler below says what it kept.
                     _log.warning(
                         "training interrupted in the warm start, while imitating %s (before PPO's first step): nothing "
                         "saved (no checkpoint, no %s; the imitation is not kept half done): run again to start over",
@@ -1019,9 +1034,9 @@ def train_policy(
         if checkpoint_every > 0:
             callbacks.append(Checkpoint(checkpoint_every))
         if resume is not None:
-            # Whatever eval_tasks: resumed without evaluating (until 2026-12-06), the replaced run's evaluations past
-            # the resumed step, or another run's, stayed in this run's evaluations.npz, and a later evaluated resume
-            # of this run continued them as its own.
+            # Whatever eval_tasks: resumed without evaluating, the replaced run's evaluations past the resumed step,
+            # or another run's, would stay in this run's evaluations.npz, and a later evaluated resume of this run
+            # continue them as its own.
             own_evaluations = path.parent / "eval" / "evaluations.npz"
             if own_evaluations.is_file() and own_evaluations.resolve() != _evaluations_of(Path(resume)).resolve():
                 aside = _unused_name(own_evaluations.with_name(f"evaluations.before_{path.stem}.npz"), ".json")
@@ -1119,8 +1134,8 @@ def _resumed_stats(
     """The observation stats beside the policy zip ``resume`` (None, with a warning, where it has none).
 
     A warning too where they record another interval than ``interval_steps`` (this run's): the policy goes on training
-    at another interval than it was trained at, and the merged stats record none (``ObservationStats.merged``); until
-    2026-12-05 nothing was said. Stats that record none (older files) are taken as they are.
+    at another interval than it was trained at, and the merged stats record none (``ObservationStats.merged``).
+    Stats that record none (older files) are taken as they are.
 
     Raises:
         ValueError: stats that cannot be read, of another LR ladder than ``ladder`` or of another number of features
@@ -1199,7 +1214,7 @@ def _purge_curves_after(logger: Any, step: int) -> None:
 
     A resume of a policy's own run goes on writing the TensorBoard run its zip records (:func:`_tensorboard_run`).
     Resumed from an earlier checkpoint, that run's points past the checkpoint belong to the run this one replaces:
-    until 2026-12-06 they stayed among the new ones (``eval/mean_reward`` at 8, 16, and 16 again). The mark is the
+    left, they would stand among the new ones (``eval/mean_reward`` at 8, 16, and 16 again). The mark is the
     one ``SummaryWriter(purge_step=step + 1)`` writes, a ``SessionLog.START`` event at ``step + 1``, in the new run's
     event file before its first point: TensorBoard (its ``EventAccumulator``) then drops every point read before it
     at ``step + 1`` or later, and keeps those up to ``step``, the resumed weights' own. Nothing is deleted from the
@@ -1268,8 +1283,8 @@ def _close_after_failure(venv: Any, grace: float = 5.0) -> None:
 
     A :class:`SubprocVecEnv` is not closed with its ``close()``: failed inside a step (a worker killed by the OOM
     killer, a Ctrl-C reaching this process only), that waits for every worker's reply to the step, and a reply
-    ``step_wait`` already read, or one a dead worker never sends, never comes: until 2026-12-06 the run hung there
-    after saving its checkpoint. Each worker still running is asked to close instead (it reads the request after any
+    ``step_wait`` already read, or one a dead worker never sends, never comes: the run would hang there after saving
+    its checkpoint. Each worker still running is asked to close instead (it reads the request after any
     step it is in), is given ``grace`` seconds, then is terminated (killed if that fails too); the pipes are closed.
     """
     from stable_baselines3.common.vec_env import SubprocVecEnv
@@ -1334,10 +1349,10 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed_f
     Those with ``N > start`` for a run resumed from step ``start`` from its own folder (``resumed_from`` being the
     policy ``<folder>/../<stem>.zip`` or one of the checkpoints here); every one, into ``replaced_after_0_steps/``, for
     a new run (``resumed_from`` None; its ``_0_steps`` too, the earlier run's initial weights) and for a run resumed
-    from another folder's zip, of which none here is a checkpoint (until 2026-12-06 that one kept those at or below
-    its step among its own). A run resumed from an earlier checkpoint into its own folder overwrote the same-named ones
-    it reached again and left the later ones among its own: two runs' weights in one folder, unsaid; a new run into
-    the folder of an earlier one did so with all of them. Where that folder exists (an earlier run set checkpoints
+    from another folder's zip, of which none here is a checkpoint (not even those at or below its step). Left, a run
+    resumed from an earlier checkpoint into its own folder would overwrite the same-named ones it reached again and
+    leave the later ones among its own: two runs' weights in one folder, unsaid; a new run into the folder of an
+    earlier one would do so with all of them. Where that folder exists (an earlier run set checkpoints
     aside there), a new one is made, ``replaced_after_<start>_steps_2/`` (``_3``, ...); the warning names it.
     """
     own = resumed_from is not None and _resumes_its_own_run(resumed_from, folder, stem)
@@ -1387,8 +1402,8 @@ def _move_replaced_checkpoints(folder: Path, stem: str, start: int, *, resumed_f
 def _resumes_its_own_run(resume: Path, checkpoints: Path, stem: str) -> bool:
     """Whether ``resume`` is the policy ``<stem>.zip`` beside ``checkpoints`` or one of its ``<stem>_<N>_steps.zip``.
 
-    However either path is spelled (resolved: relative, absolute, through a symlink: until 2026-12-06 a link's own
-    name and folder were read, and a link to one of the run's checkpoints counted as another folder's policy).
+    However either path is spelled (resolved: relative, absolute, through a symlink: read as a link's own name and
+    folder, a link to one of the run's checkpoints would count as another folder's policy).
     """
     resume = resume.resolve()
     if resume == (checkpoints.parent / f"{stem}.zip").resolve():
@@ -1425,8 +1440,8 @@ def _move_replaced_warm_start(file: Path) -> None:
     """Moves ``file`` (a ``warm_start.json``), an earlier run's, aside for a new run into its folder.
 
     To ``warm_start_replaced_after_0_steps.json`` (``_2``, ``_3``, ... where that name is taken), as its checkpoints
-    go to ``checkpoints/replaced_after_0_steps/``, with a warning naming it. Left in place (until 2026-12-06), it
-    described a warm start the new policy beside it never had.
+    go to ``checkpoints/replaced_after_0_steps/``, with a warning naming it. Left in place, it would describe a warm
+    start the new policy beside it never had.
     """
     if not file.is_file():
         return
@@ -1441,7 +1456,7 @@ def _set_aside_in(resume: Path, checkpoints: Path) -> bool:
     """Whether ``resume`` is a checkpoint :func:`_move_replaced_checkpoints` set aside in ``checkpoints``.
 
     That is, in a ``replaced_after_<steps>_steps[_<n>]/`` folder of it, however either path is spelled (through a
-    symlink: the folder of the file it links to, where until 2026-12-06 the link's own was read).
+    symlink: the folder of the file it links to, not the link's own).
     """
     folder = resume.resolve().parent
     return folder.name.startswith("replaced_after_") and folder.parent == checkpoints.resolve()
@@ -1467,8 +1482,8 @@ def _evaluation_identity(
     The held-out tasks and seed, and what else defines their episodes: ``interval_steps``, ``max_decisions`` and the
     held-out environments' arguments (``env``: ``reward_config``, whose ``budget_intervals`` sets an episode's length,
     ``profile``, ``cost_mode``, ``compute_bound``, ``task_overrides``, ...; a dataclass as its fields, anything JSON has
-    no form for as its ``repr``). Until 2026-12-06 only the tasks and seed were kept, and a resume evaluating episodes
-    of another budget carried the old curve on.
+    no form for as its ``repr``). With the tasks and seed only, a resume evaluating episodes of another budget would
+    carry the old curve on.
     """
 
     def plain(value: Any) -> Any:
@@ -1501,7 +1516,7 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
     episodes (``identity``: :func:`_evaluation_identity`, recorded beside the file as ``evaluations.json``; another
     number of episodes for a file saved without it) cannot share one curve: that file is moved aside, not overwritten
     (before, another task set of the same size was appended to the old curve). A record of the older form (the tasks
-    and seed only, until 2026-12-06) does not say what its episodes were: it counts as another's, and is moved aside
+    and seed only) does not say what its episodes were: it counts as another's, and is moved aside
     too (the file is kept, and a curve of unknown episodes is never carried on). Resumed from an earlier checkpoint, the
     evaluations past it belong to the run this one replaces: a copy of the file keeps them
     (``evaluations_replaced_after_<start>_steps.npz``), with a warning. A file set aside (moved or copied) is never
@@ -1509,7 +1524,7 @@ def _continue_evaluations(callback: Any, file: Path, start: int, identity: Mappi
     is this run's own (continued, moved or copied) where it resolves to ``callback``'s, however either is spelled. A
     file that cannot be read (SB3 rewrites it in place at each evaluation: a Ctrl-C or a full disk mid-write cuts it
     short; or an array missing) is not continued either: it is set aside, or left where it is, as a mismatch is, with
-    the warning saying why (until 2026-12-06 it stopped the resume with a traceback naming no file).
+    the warning saying why.
     """
     if not file.is_file():
         return

@@ -32,6 +32,7 @@ from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
 __all__ = [
+    "CONSTANT_FEATURE_WIDTH",
     "BufferCheck",
     "FallbackPolicy",
     "ObservationStats",
@@ -39,6 +40,7 @@ __all__ = [
     "check_observation",
     "infinite_buffers",
     "nonfinite_buffers",
+    "nonfinite_parameters",
     "obs_stats_path",
 ]
 
@@ -88,8 +90,8 @@ def nonfinite_buffers(model: nn.Module, expected: Mapping[str, torch.Tensor] | N
 
     ``expected`` (:func:`infinite_buffers` of the model at the start) names buffers that held infinities by design,
     each with where it was finite: such a buffer counts only where it holds a NaN, or an infinity where it was
-    finite. Until 2026-12-06 a model keeping an additive causal mask as a buffer (``-inf`` above the diagonal) was
-    rolled back at every interval and never trained.
+    finite: a model keeping an additive causal mask as a buffer (``-inf`` above the diagonal) would otherwise be
+    rolled back at every interval and never train.
 
     Example:
         >>> model = nn.BatchNorm1d(2)
@@ -274,8 +276,8 @@ class RollbackGuard:
         """Takes the owner's state (``save_extra``) for the latest copy again, leaving its tensors alone.
 
         For state the owner measured on the copy's weights after the copy was taken: ``DecisionLoop``'s estimator
-        round runs after the decision's copy, and a rollback to it brought back the estimates from before that round
-        (until 2026-12-06).
+        round runs after the decision's copy, and a rollback to it would otherwise bring back the estimates from before
+        that round.
         """
         latest = self._unconfirmed if self._unconfirmed is not None else self._good
         if latest is not None and self.save_extra is not None:
@@ -434,8 +436,8 @@ def _as_buffers_are_now(
     Those are kept as they are now: a rotary cache or a mask grown for longer sequences (its module's own attributes,
     ``max_seq_len_cached``, describe the new shape), a mask made at the first batch that needs it
     (``register_buffer("mask", None)`` filled in), one set back to ``None``. Loaded from the copy, a rebuilt buffer
-    raised "size mismatch" and one made or dropped since "Missing key(s)" or "Unexpected key(s)" (until 2026-12-06);
-    given the copy's shape, the module's attributes no longer matched it, and its next forward failed.
+    would raise "size mismatch" and one made or dropped since "Missing key(s)" or "Unexpected key(s)"; given the
+    copy's shape, the module's attributes would no longer match it, and its next forward would fail.
     """
     now = {name: b for name, b in model.named_buffers(remove_duplicate=False)}
     persistent_now = model.state_dict(keep_vars=True)
@@ -664,9 +666,8 @@ class ObservationStats:
         """Reads stats written by ``save``.
 
         Raises:
-            ValueError: missing or unreadable file, not UTF-8 JSON, missing fields or values of the wrong kind
-                (named). Bytes that are not UTF-8 (a binary file), or a file that cannot be read, raised the bare
-                decoding or OS error naming no file until 2026-12-06.
+            ValueError: missing or unreadable file, not UTF-8 JSON (a binary file too), missing fields or values of
+                the wrong kind (named); the message names the file.
         """
         file = Path(path)
         if not file.is_file():
@@ -685,8 +686,8 @@ class ObservationStats:
         if missing:
             raise ValueError(f"observation stats {str(file)!r} lack {sorted(missing)}")
 
-        # JSON lists of numbers: float() took a string's characters ("00" as two features) and a bool as 1 (until
-        # 2026-12-06), int() truncated a fractional count and took a negative one.
+        # JSON lists of numbers: float() would take a string's characters ("00" as two features) and a bool as 1,
+        # int() truncate a fractional count and take a negative one.
         def numbers(key: str) -> tuple[float, ...]:
             values = raw[key]
             if not isinstance(values, list) or not all(_is_number(v) for v in values):

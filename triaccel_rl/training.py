@@ -50,10 +50,12 @@ __all__ = [
     "IntervalStats",
     "IntervalTimer",
     "TrainingRun",
+    "check_time_cap",
     "evaluate_accuracy",
     "probe_count",
     "resolve_device",
     "schedule_gain",
+    "seed_run_generators",
 ]
 
 _log = logging.getLogger("triaccel_rl")
@@ -485,9 +487,8 @@ class TrainingRun:
     def lr_factors(self) -> np.ndarray:
         """Per-layer LR factors, shape ``[n_layers]`` (1 = the layer's scheduled LR); a read-only view.
 
-        Set them through this property (``run.lr_factors = run.lr_factors * 2``), which checks them: until
-        2026-12-06 it handed out the engine's own array, so ``run.lr_factors[0] = -3`` was applied unchecked (now
-        NumPy's "assignment destination is read-only").
+        Set them through this property (``run.lr_factors = run.lr_factors * 2``), which checks them: writing into the
+        view (``run.lr_factors[0] = -3``) raises NumPy's "assignment destination is read-only".
         """
         view = np.asarray(self.engine.lr_factors, dtype=np.float64).view()  # the engine's own may be a list
         view.flags.writeable = False
@@ -555,9 +556,9 @@ class TrainingRun:
 
         A non-finite loss or gradient skips the update (parameters and optimizer state unchanged) and
         is reported as ``skipped``; with an fp16 layer a GradScaler scales the loss. Reading the statistics
-        costs a host-device sync; :meth:`train_interval` runs steps without one. A step that raises still charges its
-        time to the run's totals, as a given-up interval does; one whose update went in before a user's step post-hook
-        raised is counted (its skip too) before the error is re-raised.
+        costs a host-device sync; :meth:`train_interval` runs steps without one on the fused path. A step that raises
+        still charges its time to the run's totals, as a given-up interval does; one whose update went in before a
+        user's step post-hook raised is counted (its skip too) before the error is re-raised.
 
         Raises:
             UnrecoverableOOMError: out of memory more than ``elastic.max_oom_retries`` times in the step
@@ -606,13 +607,16 @@ class TrainingRun:
         return stats
 
     def train_interval(self, n_steps: int) -> IntervalStats:
-        """Runs ``n_steps`` optimizer steps with one host-device sync in all, and returns their summary.
+        """Runs ``n_steps`` optimizer steps and returns their summary.
 
         The same steps as :meth:`step` (micro-batches, OOM recovery, skips), but each step's loss and
-        per-layer squared gradient norms stay on the device (``DeviceMoments``) until the interval ends;
-        on the fused path the skip is decided on the device too. The time is measured over the whole
-        interval (CUDA events on a GPU), so it is the device's time, not the host's enqueue time. An interval that
-        raises still counts its finished steps' skips and its time in the run's totals.
+        per-layer squared gradient norms stay on the device (``DeviceMoments``) until the interval ends.
+        On the fused path the skip is decided on the device too, so the host reads the device only at the
+        interval's edges (the applied-update counter, ``applied_steps()``, before and after; the timer and the
+        moments at the end); the reference path decides each step's skip on the host, a host-device sync a
+        step. The time is measured over the whole interval (CUDA events on a GPU), so it is the device's time, not
+        the host's enqueue time. An interval that raises still counts its finished steps' skips and its time in the
+        run's totals.
 
         Raises:
             ValueError: ``n_steps`` is negative.
@@ -653,7 +657,7 @@ class TrainingRun:
                 self.train_time_ms += train_ms
                 self.skipped_steps += finished_skips
             raise
-        train_ms = timer.stop() if n_steps else 0.0  # the one host-device sync of the interval
+        train_ms = timer.stop() if n_steps else 0.0  # host-device sync: waits out the interval (the reads below don't)
         moments = self._moments.flush()
         skipped = n_steps - (self.engine.applied_steps() - applied)  # recorded or not
         self.skipped_steps += skipped
@@ -830,7 +834,7 @@ class TrainingRun:
         self.engine.sync_weight_copies()
         # On a fork of the RNGs, as the collector's rounds: a model's own randomness in its forward (stochastic depth,
         # F.dropout) drew from the run's stream, so later masks hung on the decisions taken. A graph's replay (and its
-        # capture's warm-up passes) advance the generator's offset too (forked since 2026-12-06; the eager path before).
+        # capture's warm-up passes) advance the generator's offset too.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             key = ("probe", tuple(self.precision.precisions), self.precision.needs_grad_scaler)
@@ -1163,8 +1167,8 @@ class TrainingRun:
             torch._foreach_copy_([saved for _, saved in kept], [live.detach() for live, _ in kept])
         self._saved_buffers = kept
         # Where each buffer lives: a forward that rebinds one (``self.seen = self.seen + n``) leaves the module holding
-        # a new tensor, which _undo_attempt binds back before copying the values in (until 2026-12-06 it copied them
-        # into the old tensor, no longer the module's, and a retried or abandoned step's count stayed advanced).
+        # a new tensor, which _undo_attempt binds back before copying the values in (copied into the old tensor, no
+        # longer the module's, a retried or abandoned step's count would stay advanced).
         self._buffer_slots = slots
         # And the generators the forward passes draw from (dropout): a retry draws the masks the failed attempt drew,
         # as a run without the error would. Host copies (a few KB for the CPU's, a seed and offset for CUDA's): no sync.
@@ -1267,8 +1271,7 @@ class TrainingRun:
         # where the weights and optimizer state outweigh a micro-batch's activations, fill_frac of the lowered budget
         # held less than they do, and every later step ran micro-batches of one sample.
         # And below the least budget that still plans the size that failed: with fill_frac × factor = 1 (fill_frac=1,
-        # the default factor) the lowered budget planned it again, and every later step failed at it (until
-        # 2026-12-06).
+        # the default factor) the lowered budget would plan it again, and every later step fail at it.
         failed_need = self.predicted_memory_bytes(micro)
         lowered = max(
             min(int(self.elastic.oom_budget_factor * failed_need), self._budget_holding(failed_need) - 1),
@@ -1343,7 +1346,7 @@ class TrainingRun:
 
         The fused step's state is allocated with its optimizer, so every allocator reading holds it already: none is
         unallocated there (``optimizer.state``, the ``torch.optim`` object's, stays empty until its ``state_dict()``
-        is asked for, and until 2026-12-06 the state was counted twice on every GPU run until a checkpoint).
+        is asked for: counted there too, the state would count twice on every GPU run until a checkpoint).
         """
         if (
             not self.measures_memory
