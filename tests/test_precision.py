@@ -348,7 +348,7 @@ def test_cpu_fp16_convolution_is_emulated_with_fp16_rounding() -> None:
     with lp.context():
         model(x)
     conv = model[0]
-    expected = nn.functional.conv2d(x.half().float(), conv.weight, conv.bias).half()
+    expected = nn.functional.conv2d(x.half().float(), conv.weight.half().float(), conv.bias.half().float()).half()
     assert outputs["0"].dtype == torch.float16
     assert torch.equal(outputs["0"], expected)
     huge = torch.full((1, 2, 6, 6), 1e5)  # beyond fp16's range: overflows to inf, as on a GPU
@@ -484,6 +484,9 @@ def test_each_layer_type_computes_in_its_precision_bit_for_bit(
     if not controllable or wanted is Precision.FP32:
         expected = _first(call(model.layer, raw.float()))  # outside the context: a plain fp32 forward
     elif wanted is Precision.FP16 and isinstance(model.layer, nn.modules.conv._ConvNd):  # emulated on the CPU
+        with torch.no_grad():  # its weight and bias rounded to fp16 too, as autocast casts them
+            for param in model.layer.parameters():
+                param.copy_(param.half())
         expected = _first(call(model.layer, raw.half().float())).half()
     else:
         with torch.autocast("cpu", dtype=wanted.dtype):
@@ -1870,7 +1873,8 @@ def test_an_emulated_fp16_convolution_rounds_only_fp32_and_16_bit_results() -> N
     with lp.context():
         out = conv(x)
     assert out.dtype == torch.float64
-    assert torch.equal(out, F.conv1d(x.half().float(), conv.weight, conv.bias).double())  # fp16 inputs, fp32 sums
+    rounded = conv.weight.half().float(), conv.bias.half().float()
+    assert torch.equal(out, F.conv1d(x.half().float(), *rounded).double())  # fp16 inputs and weights, fp32 sums
 
 
 class _Net(nn.Module):
@@ -1995,7 +1999,8 @@ def test_an_fp16_layer_inside_an_emulated_convolutions_forward_hands_its_result_
     with lp.context():
         out = conv(x)
     inner = _in(conv.inner, x.transpose(1, 2), "fp16").transpose(1, 2)
-    assert out.dtype == torch.float16 and torch.equal(out, F.conv1d(inner, conv.weight, conv.bias).half())
+    rounded = conv.weight.half().float(), conv.bias.half().float()
+    assert out.dtype == torch.float16 and torch.equal(out, F.conv1d(inner, *rounded).half())
 
 
 def test_a_tensor_passed_to_a_module_with_a_parameter_of_its_own_several_times_is_cast_once() -> None:

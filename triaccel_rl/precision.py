@@ -419,7 +419,7 @@ class LayerPrecision:
         by :func:`read_copy` of its copy: the forward computes on the copy with no cast kernel, and the
         gradient flows back to the fp32 parameter as it would through autocast's cast (the same values
         when the copy equals ``param.to(dtype)``, which the caller keeps true). Emulated fp16 layers (CPU
-        convolutions) keep their fp32 weights.
+        convolutions) read their fp32 weights rounded through fp16 instead (see ``_emulate``).
         """
         self.weight_copies = copies
 
@@ -717,10 +717,11 @@ class LayerPrecision:
         """Opens layer ``index``'s own autocast region (a mixed map); returns the inputs cast for it, if any.
 
         An fp32 layer's 16-bit inputs are cast up (float64 ones stay, as autocast leaves them); an emulated fp16
-        layer's fp32 and 16-bit inputs are rounded to fp16 and computed on in fp32. A layer called inside a region of
-        the model's own code computes in that region's type (``model_block``), whatever its precision: in a region of
-        our own of that type, so that autocast's cache, which holds the outer region's type, is not read for another
-        (a layer called outside it in fp16, then inside the model's bf16 region, got its fp16 weight from the cache).
+        layer's fp32 and 16-bit inputs, weight and bias are rounded to fp16 and computed on in fp32. A layer called
+        inside a region of the model's own code computes in that region's type (``model_block``), whatever its
+        precision: in a region of our own of that type, so that autocast's cache, which holds the outer region's type,
+        is not read for another (a layer called outside it in fp16, then inside the model's bf16 region, got its fp16
+        weight from the cache).
 
         Run eagerly under ``torch.compile`` (``_eager_regions``; a graph break at each layer of a mixed map): it changes
         the autocast state between two layers, which the compiled segments then guard on. A uniform map never calls it.
@@ -745,7 +746,8 @@ class LayerPrecision:
             # An emulated region is fp16 to ours though autocast is off in it (a layer it calls is in no model block)
             mine = (torch.float16 if emulated else None) if model_block is None else ours
             self._stack.append(_Region(module, region, emulated, mine, hand_up))
-            if emulated:  # fp16-rounded inputs, fp32 arithmetic
+            if emulated:  # fp16-rounded inputs and parameters, fp32 arithmetic
+                self._swapped.append((module, _swap_in_rounded(module)))
                 return _map_tensors((args, kwargs), _round_through_fp16)
             return _map_tensors((args, kwargs), _up_from_16_bit)
         # Autocast's cache of cast weights is keyed by the weight alone, not by the type it was cast to, and lives until
@@ -934,11 +936,11 @@ class LayerPrecision:
         """True when layer ``index`` computing in ``precision`` (its set one if None) is an fp16 CPU convolution.
 
         Such a layer is emulated: PyTorch's CPU fp16 convolution is a slow reference kernel (measured here: 8.4 s
-        against 0.14 s a step in fp32 for cnn-fmnist). Inputs and outputs are rounded to fp16 (so range overflow and
-        rounding behave as on a GPU, whose tensor cores also accumulate in fp32); the weights stay fp32. A convolution
-        of float64 parameters is not: autocast leaves float64 alone, so it computes in float64 whatever its precision
-        (emulated, its output was cast to fp16 and met the next float64 layer: "Input type (float) and bias type
-        (double) should be the same").
+        against 0.14 s a step in fp32 for cnn-fmnist). Inputs, weight, bias and outputs are rounded to fp16, and so are
+        the gradients flowing back through each (so range overflow and rounding behave as on a GPU, whose tensor cores
+        also accumulate in fp32). A convolution of float64 parameters is not: autocast leaves float64 alone, so it
+        computes in float64 whatever its precision (emulated, its output was cast to fp16 and met the next float64
+        layer: "Input type (float) and bias type (double) should be the same").
         """
         precision = self.precisions[index] if precision is None else precision
         return (
@@ -1027,7 +1029,7 @@ class _Region(NamedTuple):
 
     module: nn.Module
     region: contextlib.AbstractContextManager[Any]
-    emulated: bool  # an emulated fp16 CPU convolution (autocast off, inputs rounded through fp16)
+    emulated: bool  # an emulated fp16 CPU convolution (autocast off, inputs and parameters rounded through fp16)
     ours: torch.dtype | None  # the autocast type our code means inside it (None: off); see _ours
     hand_up: bool  # the module's 16-bit outputs are cast to fp32 on leaving (see _enter_region)
 
@@ -1084,6 +1086,22 @@ def _swap_in(
         # Direct dict assignment (as torch.nn.utils.stateless does): register_parameter would refuse a
         # non-leaf tensor, and the module's own code reads ``self.<name>`` through ``_parameters``.
         owner._parameters[name] = read_copy(param, copy)  # type: ignore[assignment]
+    return saved
+
+
+def _swap_in_rounded(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Replaces ``module``'s own parameters by ``_round_through_fp16`` of them for one forward, as ``_swap_in`` does.
+
+    An emulated fp16 convolution's weight and bias as autocast's cast gives them: rounded to fp16, and their gradients,
+    computed in fp32, rounded to fp16 on the way back (overflowing to inf, underflowing to zero), which the loss
+    scaler then sees. Whatever tensor the module holds (a caller's under ``torch.func.functional_call`` too): autocast
+    casts that one.
+    """
+    saved = []
+    for name, param in module._parameters.items():
+        if param is not None:
+            saved.append((module, name, param))
+            module._parameters[name] = _round_through_fp16(param)  # type: ignore[assignment]
     return saved
 
 
