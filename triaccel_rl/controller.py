@@ -12,6 +12,7 @@ A user's loop under it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import numbers
 import os
@@ -78,6 +79,10 @@ _log = logging.getLogger("triaccel_rl")
 _StateMark = tuple[tuple[int, tuple[str, ...]], object, int]
 """``Controller._state_mark``: the model state's version sum and entry names, the optimizer's state object, and the
 parameters' version sum (what a forward leaves alone)."""
+_open_controllers: weakref.WeakSet[Controller] = weakref.WeakSet()
+"""The controllers of this process built and not closed (dropped ones leave it with their garbage collection)."""
+_grad_scaler_outputs: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+"""``GradScaler.scale``'s outputs while a controller is open, by id, held weakly (``_note_grad_scaler_outputs``)."""
 
 
 class Controller:
@@ -385,6 +390,8 @@ class Controller:
             self.engine.remove()  # a refused controller leaves the model and the optimizer as they were given
             self._zero_grads.remove()
             raise
+        _note_grad_scaler_outputs()
+        _open_controllers.add(self)
 
     # ----------------------------------------------------------------------------------- user API
 
@@ -500,18 +507,31 @@ class Controller:
         return self.engine.precision.context()
 
     def _warn_outside_autocast(self) -> None:
-        """Once a run: a step whose forward ran outside :meth:`autocast` while a layer is 16-bit.
+        """Once a run: a step whose forward ran outside :meth:`autocast`, where it computes otherwise than the map says.
 
-        Such a forward computes in fp32, while ``precisions``, the decisions and the logs say 16 bits: a loop moved
-        over without its ``with ctl.autocast():`` trained in fp32, silently, until 2026-12-06.
+        Such a forward computes in fp32 where a layer is 16-bit, and in the loop's own ``torch.autocast``'s type under
+        any map, while ``precisions``, the decisions and the logs say otherwise.
         """
-        if self._warned_outside_autocast or self.engine.precision.all_fp32:
+        own = self.engine.precision.own_autocast_precision
+        if self._warned_outside_autocast or (own is None and self.engine.precision.all_fp32):
             return
         self._warned_outside_autocast = True
+        precisions = ", ".join(sorted({p.name.lower() for p in self.engine.precision.precisions}))
+        if own is None:
+            _log.warning(
+                "ctl.step() after a forward outside ctl.autocast(): that forward ran in fp32, not in the layers' "
+                "precisions (%s). Run the forward and the loss under `with ctl.autocast():`",
+                precisions,
+            )
+            return
         _log.warning(
-            "ctl.step() after a forward outside ctl.autocast(): that forward ran in fp32, not in the layers' "
-            "precisions (%s). Run the forward and the loss under `with ctl.autocast():`",
-            ", ".join(sorted({p.name.lower() for p in self.engine.precision.precisions})),
+            "ctl.step() after a forward under your own torch.autocast(dtype=%s), outside ctl.autocast(): its "
+            "matmuls and convolutions ran in %s whatever the layers' precisions (%s now), so the controller's "
+            "decisions do not act on it while its costs and observation count those precisions. Remove that "
+            "torch.autocast from the loop and run the forward and the loss under `with ctl.autocast():`",
+            own.dtype,
+            own.name.lower(),
+            precisions,
         )
 
     def _refuse_broken_model(self, why: str) -> None:
@@ -602,7 +622,8 @@ class Controller:
             1
 
         Raises:
-            ValueError: ``loss`` is not a scalar tensor, or ``retain_graph`` is not a bool.
+            ValueError: ``loss`` is not a scalar tensor or is a ``GradScaler``'s ``scale(loss)`` (the controller
+                scales the loss itself), or ``retain_graph`` is not a bool.
         """
         self._check_open()
         _check_loss(loss)
@@ -702,12 +723,15 @@ class Controller:
 
         With gradient accumulation, the micro-batches before the last go through :meth:`backward`, the last here.
 
-        Nothing is read back from the device until the interval ends: the loss and the per-layer
-        gradient norms accumulate there (``DeviceMoments``), and on a GPU the fused step skips a
-        non-finite update on the device. One host-device sync per interval.
+        The loss and the per-layer gradient norms accumulate on the device (``DeviceMoments``), read back when the
+        interval ends. On the fused path (on a GPU) the step also skips a non-finite update on the device: one
+        host-device sync per interval. The reference path (a CPU, or an optimizer the fused step refuses) decides
+        each step's skip on the host: a few host-device syncs every step (the gradients' and the loss's finiteness,
+        another optimizer's overflow).
 
         Raises:
-            ValueError: ``loss`` is not a scalar tensor.
+            ValueError: ``loss`` is not a scalar tensor, or is a ``GradScaler``'s ``scale(loss)`` (the controller
+                scales the loss itself: remove the loop's GradScaler).
             UnrecoverableOOMError: out of memory part-way through the optimizer update, which may have left the
                 parameters and optimizer state partly updated: the step counts and its batch is spent (an error
                 before the update leaves none, and ``loader()`` serves its batch again).
@@ -726,6 +750,7 @@ class Controller:
         if not self._autocast_since_step and not self.engine.precision.active:  # one context around the loop is fine
             self._warn_outside_autocast()
         self._autocast_since_step = False
+        self.engine.precision.own_autocast_precision = None
         if self._moments is None:  # the first step
             self._moments = DeviceMoments(self.engine.layer_params, budget_frac=self.observe_budget_frac)
             self._applied_at_start = self.engine.applied_steps()
@@ -1447,6 +1472,7 @@ class Controller:
         self.engine.remove()
         self._zero_grads.remove()
         self._closed = True
+        _open_controllers.discard(self)
 
     def __enter__(self) -> Controller:
         return self
@@ -2079,6 +2105,41 @@ def _check_loss(loss: object) -> None:
         if isinstance(loss, torch.Tensor):  # a reduction="none" loss, or a one-element one from a reshape
             hint = ": reduce it first (loss.mean(), loss.sum()), or loss.squeeze() a one-element loss"
         raise ValueError(f"loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}{hint}")
+    if _grad_scaler_outputs.get(id(loss)) is loss:
+        raise ValueError(
+            "this loss is a GradScaler's scale(loss), the loss times the scaler's loss scale (65536 at first): "
+            "ctl.step(loss) does the loss scaling and the update: remove the GradScaler (scale/step/update) and "
+            "torch.autocast from the loop, and pass the loss itself, computed under `with ctl.autocast():`"
+        )
+
+
+def _note_grad_scaler_outputs() -> None:
+    """Wraps ``torch.amp.GradScaler.scale``, once a process, to note its outputs while a controller is open.
+
+    A loop ported from torch.amp that kept ``ctl.step(scaler.scale(loss))`` trained on gradients 65536 times too large
+    (under fp16 the controller's own loss scale on top): the weights blew up to NaN, and the shield's rollbacks and
+    loss scale hid the cause. ``_check_loss`` refuses a loss so noted: exactly that tensor, so a GradScaler of the
+    loop's own elsewhere (a GAN's other network, trained outside the controller) is left alone, and a disabled one
+    (``enabled=False`` returns the loss itself) passes. On the class, which ``torch.cuda.amp.GradScaler`` inherits it
+    from; with no controller open a pass-through. It returns what ``scale`` returns, and a GradScaler pickles as
+    before (its state is the instance's; the wrapper keeps the method's name). A subclass that overrides ``scale``
+    without calling it (FSDP's ``ShardedGradScaler``) is not seen.
+    """
+    original = torch.amp.GradScaler.scale
+    if getattr(original, "_notes_outputs", False):
+        return
+
+    @functools.wraps(original)
+    def scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
+        scaled = original(self, outputs)
+        # Not while traced (torch.compile): a traced tensor is no loss a step takes, and a WeakSet breaks the graph
+        if not torch.compiler.is_compiling() and _open_controllers and scaled is not outputs:
+            if isinstance(scaled, torch.Tensor):
+                _grad_scaler_outputs[id(scaled)] = scaled
+        return scaled
+
+    scale._notes_outputs = True  # type: ignore[attr-defined]
+    torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
 
 
 def _epochs_done(epoch: int, cursor: int, n: int) -> int:

@@ -222,6 +222,11 @@ class LayerPrecision:
         # Each module's last forward in an autocast state (which a recompute restores): how its hooks acted, None where
         # they were idle (see _forward_state)
         self._forward_on: dict[tuple[int, bool, torch.dtype], _Forward | None] = {}
+        self.own_autocast_precision: Precision | None = None
+        """The 16-bit type of a ``torch.autocast`` of the user's that a training forward outside :meth:`context` ran
+        in (gradients on), since this was last set to None; None: no such forward. Read and reset by ``Controller.step``
+        (its layers computed in that type, not in their precisions). Recorded by the layers' pre-hooks, which read the
+        autocast state at each call already, and only outside the context: nothing is added to a forward inside it."""
         self._mixed = False
         self._cache_enabled = True
         self._outer_region_dtype: torch.dtype | None = None  # the dtype of context()'s own region (None: fp32)
@@ -820,6 +825,8 @@ class LayerPrecision:
         key = (id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
         if self._active or torch._C._current_graph_task_id() == -1:  # in the context, or a forward outside it
             self._forward_on[key] = now
+            if now is None and key[1] and key[2] in _16_BIT and torch.is_grad_enabled():
+                self.own_autocast_precision = _PRECISION_OF[key[2]]
             return now
         return self._forward_on.get(key)  # a recompute: as the forward ran in this autocast state
 
