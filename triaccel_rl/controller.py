@@ -553,9 +553,9 @@ class Controller:
         """What tells that the weights or the optimizer's state were written from outside.
 
         The version counters of everything the model's state dict holds (``model.load_state_dict`` bumps them), frozen
-        parameters and buffers too, and the optimizer's state object (``load_state_dict`` makes a new one). Until
-        2026-12-06 only the trained parameters counted: a frozen backbone loaded after the build was not in the copy,
-        and a rollback put the random one back. The parameters' versions apart tell a load from a forward in train
+        parameters and buffers too, and the optimizer's state object (``load_state_dict`` makes a new one): a frozen
+        backbone loaded after the build must be in the copy, or a rollback would put the random one back. The
+        parameters' versions apart tell a load from a forward in train
         mode, which bumps a batch norm's buffers alone (``_retake_copy_if_written``).
         """
         state = self.model.state_dict(keep_vars=True)
@@ -570,9 +570,9 @@ class Controller:
         """Takes the rollback copy again, before the first step after it, if the weights or optimizer were loaded since.
 
         The copy is taken at build (``reserve``) and at ``load_state_dict`` (``resume``).
-        Until 2026-12-06 a model or optimizer loaded after the Controller was built (a fine-tune from pretrained
-        weights, a checkpoint of the user's own loop, the model loaded after the Controller's state) was not in the
-        copy, and a first interval of skipped steps restored the random start in its place.
+        Otherwise a model or optimizer loaded after the Controller was built (a fine-tune from pretrained weights, a
+        checkpoint of the user's own loop, the model loaded after the Controller's state) would not be in the copy,
+        and a first interval of skipped steps would restore the random start in its place.
         """
         if self._copy_taken is None or self.guard is None:
             return
@@ -1058,7 +1058,7 @@ class Controller:
 
         Every decision keeps the multiplier within the ladder it was saved under; one outside this one's (a run saved
         under ``preset("aggressive")``'s x2.0, loaded under the default's 0.5-1.5) would train above the top rung
-        until decisions walk it back, one ``max_lr_change`` at a time (loaded silently until 2026-12-06).
+        until decisions walk it back, one ``max_lr_change`` at a time.
         """
         low, high = min(self.config.lr_scales), max(self.config.lr_scales)
         if not low * (1 - 1e-6) <= lr_scale <= high * (1 + 1e-6):
@@ -1123,8 +1123,8 @@ class Controller:
         ladder): a refused checkpoint leaves the controller, its engine, the optimizer and the loss scaler as they
         were. A checkpoint saved by another policy is refused: the precisions, LR multiplier and 16-bit formats it
         restores are that policy's (one saved before the policy was recorded loads unchecked). The dataset is
-        checked at the next ``loader()`` call, the first to see it. A checkpoint of format 1 (before 2026-12-04) holds
-        no signals: they start afresh, as in the first interval of a run. With ``log_dir``, the points past the
+        checked at the next ``loader()`` call, the first to see it. A checkpoint of format 1 (an older one) holds no
+        signals: they start afresh, as in the first interval of a run. With ``log_dir``, the points past the
         checkpoint's step that the run it replaces wrote there are dropped from TensorBoard's view (a purge mark, as
         ``SummaryWriter(purge_step=...)`` writes).
 
@@ -1264,9 +1264,9 @@ class Controller:
         """Refuses a checkpoint saved by another policy than this controller's, or by one built with other formats.
 
         The load restores the checkpoint's precisions and LR multiplier and writes its 16-bit formats into this
-        policy: a heuristic run's checkpoint loaded into a static fp32 controller trained in bf16 until its first
-        decision, and one saved under ``use_fp16=False`` lowered to bf16 in a controller built with ``use_fp16=True``
-        (both silently until 2026-12-07). Learned policies are one kind, ``learned`` (see :func:`_policy_identity`).
+        policy: unchecked, a heuristic run's checkpoint loaded into a static fp32 controller would train in bf16 until
+        its first decision, and one saved under ``use_fp16=False`` would lower to bf16 in a controller built with
+        ``use_fp16=True``, both silently. Learned policies are one kind, ``learned`` (see :func:`_policy_identity`).
         """
         if not isinstance(saved, Mapping) or not isinstance(saved.get("name"), str):
             raise ValueError(
@@ -1300,8 +1300,8 @@ class Controller:
         """Marks the TensorBoard run so that TensorBoard drops the points written before the mark past ``step``.
 
         Resumed into the ``log_dir`` of the run that saved the checkpoint, that run's points past the checkpoint belong
-        to the run this one replaces: until 2026-12-06 they stayed among the new ones (``train/loss`` at 6, 8, then 6
-        and 8 again). The mark is the one ``SummaryWriter(purge_step=step + 1)`` writes (as ``rl``'s resume does), a
+        to the run this one replaces: left, they would stand among the new ones (``train/loss`` at 6, 8, then 6 and 8
+        again). The mark is the one ``SummaryWriter(purge_step=step + 1)`` writes (as ``rl``'s resume does), a
         ``SessionLog.START`` event at ``step + 1``: TensorBoard's ``EventAccumulator`` drops every point read before it
         at ``step + 1`` or later. Nothing is deleted from the event files.
         """
@@ -1406,8 +1406,8 @@ class Controller:
         Run as the run's probe is in ``compare`` and ``TriAccel-v0``, whose observations the learned policy was trained
         on: no gradients, in the layers' precisions on a GPU (fp32 on a CPU, where 16-bit autocast is slow), the
         modules' own modes with batch-norm statistics frozen and dropout held (``frozen_batch_stats``), on a fork of
-        the random streams. Until 2026-12-06 a
-        user's loop always read the smoothed training loss, whose trend (augmented batches, a moving model) is noisier.
+        the random streams. The smoothed training loss, read without a probe batch, has a noisier trend (augmented
+        batches, a moving model).
         """
         if self._probe is None:
             return self.collector.loss_ema
@@ -1620,8 +1620,7 @@ class Controller:
 
         Without the loader the controller knows neither the batch nor the run's length: batch moves, the memory
         model (so the budget's checks: a precision change is never refused for memory) and the rules that read
-        ``progress`` (annealing, the batch ramp) are off. Until 2026-12-06 they were off silently, and a refused batch
-        move read "batch 0 already at its largest allowed size".
+        ``progress`` (annealing, the batch ramp) are off.
         """
         static = getattr(self.policy, "initial_action", None) is not None
         (_log.info if static else _log.warning)(
@@ -1773,8 +1772,8 @@ class Controller:
 
         Under fp16, an interval with no update whose losses were all finite (``losses_finite``) is the loss scale
         backing off from too high, as ``GradScaler``'s first steps do, not a divergence: nothing is restored, and the
-        scale stays where it fell. A rollback there put the copy's scale back (until 2026-12-06): where the scale
-        needed more halvings than an interval has steps, every fp16 interval was skipped whole, to the end of the run.
+        scale stays where it fell. A rollback there would put the copy's scale back: where the scale needed more
+        halvings than an interval has steps, every fp16 interval would be skipped whole, to the end of the run.
 
         A copy is of the state after the interval's last update, whose loss no step has computed yet: it becomes the
         one restored once the next interval proves it, by applying an update (skipped steps leave the weights as they
@@ -2017,7 +2016,7 @@ _SIGNALS_KEYS = (
     "interval_ms",
     "noise_scale",
 )
-"""What the checkpoint's ``signals`` entry must hold (``decision_due`` too since 2026-12-07; absent: none due)."""
+"""What the checkpoint's ``signals`` entry must hold (``decision_due`` too; absent, in an older one: none due)."""
 _CHECKPOINT_KEYS = (
     "engine",
     "steps",

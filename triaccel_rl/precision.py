@@ -1344,7 +1344,7 @@ def _guard_compiled_graphs_on_hooks() -> None:
     By default Dynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a graph
     traced on a module without the per-layer hooks (the model compiled and run once before the controller was built,
     or another instance of its class, such as an EMA copy compiled beside it) passes its guards on the hooked model and
-    ignores the per-layer precisions (a mixed map ran every layer in the outer 16-bit type, 2026-12-03), and a graph
+    ignores the per-layer precisions (a mixed map runs every layer in the outer 16-bit type), and a graph
     traced with the hooks would run them on the other instance. With the guards on, each traces its own graph. The
     switch is process-wide and stays on (stricter guards, a few checks a call); graphs traced before it are dropped
     once (retraced at their next call). Idempotent; called where hooks are installed and, should Dynamo be loaded
