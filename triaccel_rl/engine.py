@@ -406,6 +406,8 @@ class StepEngine:
         grads = [p.grad for p in self._unheld_params if p.grad is not None and p.grad.numel()]  # (inf norm: no empty)
         if not grads:
             return None
+        if any(g.layout is not torch.strided for g in grads):
+            self._refuse_sparse_gradients(self._unheld_params)
         largest = torch.stack([norm.to(self.device) for norm in torch._foreach_norm(grads, math.inf)])
         return ~torch.isfinite(largest).all()
 
@@ -413,6 +415,30 @@ class StepEngine:
         """Sets the unheld parameters' gradients to ``None`` after an overflow: their optimizer's step skips them."""
         for p in self._unheld_params:
             p.grad = None
+
+    def _refuse_sparse_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Raises a ValueError naming those of ``params`` whose gradient is sparse.
+
+        The build refuses the modules that make one (``_SPARSE_TYPES`` with ``sparse=True``), but only the backward
+        shows one switched to sparse since (``model.emb.sparse = True``) or a hand-written one
+        (``F.embedding(..., sparse=True)``), and ``_foreach_norm`` has no sparse kernel: torch's NotImplementedError
+        named no parameter. Called where the gradient lists are built (:meth:`_grad_stats`, :meth:`_unheld_overflow`),
+        whose layout check costs about 25 us a step at 200 parameters on a CPU (the statistics' two ``_foreach_norm``
+        about 1.4 ms). On the reference path both come before the update: nothing is updated, and an fp16 scale is put
+        back as after any step that raised before its update. The fused path adds a held parameter's sparse gradient
+        into its dense view of the flat buffer and trains as a plain loop would: only an unheld one is refused there.
+        """
+        names = self._names_by_id()
+        sparse = [
+            names.get(id(p), tuple(p.shape))
+            for p in params
+            if p.grad is not None and p.grad.layout is not torch.strided
+        ]
+        raise ValueError(
+            f"parameters {sparse[:5]} have sparse gradients (an embedding's sparse=True set after the controller was "
+            "built, or F.embedding(..., sparse=True)), which the controller's gradient statistics and non-finite "
+            "checks do not take: make them with sparse=False (or freeze them: requires_grad=False)"
+        )
 
     def _undo_init(self) -> None:
         """Removes whatever hooks a constructor that raised had registered already."""
@@ -926,13 +952,15 @@ class StepEngine:
 
         The norms are each in its gradient's dtype (``_foreach_norm`` gives each in its tensor's), so that
         ``_clip_gradients`` reuses them: a float64 model is clipped from float64 norms, as torch clips it (float32 ones
-        gave a coefficient ~1e-9 off, until 2026-12-06). ``grouped`` (a step that clips) takes them as
+        give a coefficient ~1e-9 off). ``grouped`` (a step that clips) takes them as
         ``clip_grad_norm_`` does, one ``_foreach_norm`` per device and dtype, and returns the grouping, the parameters'
         positions by their gradients' device and dtype, for the clip's order. Else the grouping, a Python pass over
-        the parameters (``_device_dtype_groups``), is not taken: one ``_foreach_norm`` over all (until 2026-12-06
-        every reference step grouped). The statistics are float32.
+        the parameters (``_device_dtype_groups``), is not taken: one ``_foreach_norm`` over all. The
+        statistics are float32.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if any(g.layout is not torch.strided for g in grads):  # _foreach_norm has no sparse kernel
+            self._refuse_sparse_gradients(self._params)
         groups = _device_dtype_groups(grads) if grouped else None
         own_norms = list(torch._foreach_norm(grads)) if groups is None else _norms_by_device_and_dtype(grads, groups)
         norms = torch.stack([norm.float() for norm in own_norms])
