@@ -1206,7 +1206,19 @@ class StepEngine:
                 f"the checkpoint's precisions {state['precisions']!r} are not a list of {self.n_layers} precision codes"
             )
         if len(state["precisions"]) != self.n_layers:
-            raise ValueError(f"the checkpoint has {len(state['precisions'])} layers; this model has {self.n_layers}")
+            # The checkpoint names no layers: its count, and this model's modules with parameters but no layer here
+            not_held = _modules_not_held(self.model, self.layers)
+            this = (
+                f"this controller has {self.n_layers}, the model's layers that were trainable when it was built "
+                f"(not {not_held[:5]}{' ...' if len(not_held) > 5 else ''}, frozen then)"
+                if not_held
+                else f"this model has {self.n_layers}"
+            )
+            raise ValueError(
+                f"the checkpoint has {len(state['precisions'])} layers; {this}. A layer frozen when the controller is "
+                "built is not one of its layers: build it with the same model and parameters trainable as the run "
+                "that saved the checkpoint, load the checkpoint, then freeze"
+            )
         precisions = [Precision.parse(p) for p in state["precisions"]]
         for precision in set(precisions):
             check_precision_supported(precision, self.device)
@@ -1556,7 +1568,9 @@ class StepEngine:
         if type(self.optimizer) is torch.optim.Adam and any(decays):
             raise ValueError(
                 f"an Adam param group's weight_decay became {max(decays)}: the fused step runs Adam without weight "
-                "decay only (AdamW's decoupled decay is not Adam's L2 penalty); use AdamW, or fused=False"
+                "decay only (AdamW's decoupled decay is not Adam's L2 penalty); keep it at 0, or use AdamW, or pass "
+                "fused=False to a StepEngine (a Controller: close() it and build a new one from an Adam with this "
+                "weight decay, which runs on the reference path)"
             )
         if any(len(values) > 1 for values in per_class):
             raise ValueError(
@@ -1586,7 +1600,8 @@ class StepEngine:
                 raise ValueError(
                     f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
                     f"({sorted(lrs[i] for i in indices)}): the fused step applies one LR a layer; keep "
-                    "a layer's groups at one LR, or pass fused=False"
+                    "a layer's groups at one LR, or pass fused=False to a StepEngine (a Controller: close() it and "
+                    "build a new one from groups whose LRs differ already, which runs on the reference path)"
                 )
 
     def _check_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
@@ -1603,13 +1618,15 @@ class StepEngine:
                 if len(set(values)) > 1:
                     raise ValueError(
                         f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
-                        "keep them equal, or pass fused=False"
+                        "keep them equal, or pass fused=False to a StepEngine (a Controller: close() it and build a "
+                        f"new one from groups whose {key!r} differ already, which runs on the reference path)"
                     )
         current = dict(zip(self._hyper_keys, hypers[0], strict=True))
         if "momentum" in current and float(current["momentum"]) != 0.0 and not self.fused_optimizer._buffer_names:
             raise ValueError(
                 f"SGD's momentum went from 0 to {float(current['momentum'])}: the fused step was built without a "
-                "momentum buffer; start with momentum > 0, or pass fused=False"
+                "momentum buffer (momentum 0 at the build); start with momentum > 0 (a Controller: close() it and "
+                "build a new one from an optimizer whose momentum is > 0), or pass fused=False to a StepEngine"
             )
 
     def _apply_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
@@ -2285,7 +2302,10 @@ def _check_supported_options(groups: Sequence[Mapping[str, Any]]) -> None:
     """
     unsupported = _unsupported_option(groups)
     if unsupported:
-        raise ValueError(f"{unsupported}: turn it off, or pass fused=False")
+        raise ValueError(
+            f"{unsupported}: turn it off, or pass fused=False to a StepEngine (a Controller: close() it and build a "
+            "new one from groups with it on already, which runs on the reference path)"
+        )
 
 
 def _device_dtype_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -2344,6 +2364,28 @@ def _fused_options(optimizer: torch.optim.Optimizer, weight_decay: Any) -> SGDOp
         return SGDOptions(group["momentum"], group["dampening"], weight_decay, group["nesterov"])
     beta1, beta2 = group["betas"]
     return AdamWOptions(beta1, beta2, group["eps"], weight_decay)
+
+
+def _modules_not_held(model: nn.Module, layers: Sequence[LayerInfo]) -> list[str]:
+    """The names of ``model``'s modules that own parameters directly and are none of ``layers`` (frozen at the build).
+
+    A ``MultiheadAttention``'s inner modules are part of it, as ``find_layers`` counts them.
+    """
+    held = {layer.name for layer in layers}
+    inside_attention = {
+        id(inner)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for inner in module.modules()
+        if inner is not module
+    }
+    return [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if (name or "<root>") not in held
+        and id(module) not in inside_attention
+        and next(module.parameters(recurse=False), None) is not None
+    ]
 
 
 def _checked_multiplier(name: str, value: Any, zero_allowed: bool = False) -> float:

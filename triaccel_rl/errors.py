@@ -53,7 +53,7 @@ class DetachedParametersError(RuntimeError):
     """Parameters whose ``.data`` no longer lives in the fused step's flat buffer (``params``: the parameters).
 
     Raised by ``FlatParameterStore.rebind_grads`` (through ``StepEngine.bind_grads``, with the parameters' names)
-    when a model was moved or cast after the controller was built.
+    when a model was moved or cast, or a parameter's ``.data`` assigned, after the controller was built.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str] | None = None) -> None:
@@ -62,8 +62,10 @@ class DetachedParametersError(RuntimeError):
         super().__init__(
             f"{len(params)} parameter(s) no longer live in the fused step's flat buffer: {', '.join(shown[:5])}"
             f"{' ...' if len(shown) > 5 else ''}. Their .data was replaced after the controller was built "
-            "(model.to(...), .half(), .float(), a memory-format change): the fused step would update the flat "
-            "buffer and the model would never see it. Move or cast the model before building the controller."
+            "(model.to(...), .half(), .float(), a memory-format change, or an assignment to .data, which "
+            "torch.nn.utils.vector_to_parameters makes): the fused step would update the flat buffer and the model "
+            "would never see it. Move or cast the model before building the controller; to write new values into a "
+            "parameter, copy them in place under torch.no_grad() (p.copy_(...)), which keeps it in the buffer."
         )
 
 
