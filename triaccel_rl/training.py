@@ -1345,8 +1345,8 @@ class TrainingRun:
         """The optimizer state's accounted bytes while a measured run has none yet (a real step will hold it).
 
         The fused step's state is allocated with its optimizer, so every allocator reading holds it already: none is
-        unallocated there (``optimizer.state``, the ``torch.optim`` object's, stays empty until its ``state_dict()``
-        is asked for: counted there too, the state would count twice on every GPU run until a checkpoint).
+        unallocated there (``optimizer.state``, the ``torch.optim`` object's, holds views of the fused buffers, which
+        cost nothing more).
         """
         if (
             not self.measures_memory
