@@ -39,6 +39,7 @@ __all__ = [
     "check_max_grad_norm",
     "check_precision_supported",
     "layer_parameters",
+    "native_bf16",
     "refuse_driven_modules",
 ]
 
@@ -834,7 +835,8 @@ class StepEngine:
         try:  # (the check inside: a refused step's gradients are zeroed below, not added to the next step's)
             self._check_optimizer_params()
             self._drop_frozen_gradients()
-            # Another optimizer's gradients (already unscaled as autograd made them), in every precision.
+            # Another optimizer's gradients (already unscaled as autograd made them), in every precision. Host-device
+            # sync: the reference path decides its skip on the host.
             overflow = self._unheld_overflow()
             unheld_overflow = overflow is not None and bool(overflow)
             if scaler is not None:
@@ -845,12 +847,13 @@ class StepEngine:
             overflow_before = False
             if self.grad_transform is not None:
                 # The overflow before the transform, as unscale_ records it: a clamp turns an infinite gradient finite
+                # (host-device sync: the reference path decides its skip on the host)
                 overflow_before = bool(self._grad_stats()[0].nonfinite.sum().item() > 0)
                 self.grad_transform()
                 # And after it: another optimizer's gradient it made non-finite, or made (a parameter whose .grad was
-                # None), counts as theirs did (until 2026-12-06 only the overflow before the transform was checked)
+                # None), counts as theirs did
                 overflow = self._unheld_overflow()
-                if not unheld_overflow and overflow is not None and bool(overflow):
+                if not unheld_overflow and overflow is not None and bool(overflow):  # host-device sync, as above
                     unheld_overflow = True
                     if scaler is not None:
                         self._record_overflow(scaler)
@@ -894,7 +897,8 @@ class StepEngine:
                     held = scale.clone(), tracker.clone()
                 scaler.update()  # unscale_() recorded the overflow check: the scale backs off on overflow
                 # An update that did not go in (a step pre-hook raised) is no clean step: GradScaler counted it, and
-                # the scale grew a step early (until 2026-12-06). A back-off stays. (In place: update() keeps both.)
+                # the scale would grow a step early. A back-off stays. (In place: update() keeps both.) Host-device
+                # sync on this error path only.
                 if held is not None and scale is not None and tracker is not None and bool(scale >= held[0]):
                     scale.copy_(held[0])
                     tracker.copy_(held[1])
@@ -973,7 +977,7 @@ class StepEngine:
         if bool(suspect.any()):  # host-device sync: once per step (see above); rare slow path below
             for i in suspect.nonzero().flatten().tolist():
                 bad[i] = (~torch.isfinite(grads[i])).sum()
-        # float32 as the norms, whatever the default dtype (a float64 default raised in index_add until 2026-12-06)
+        # float32 as the norms, whatever the default dtype (a float64 default raises in index_add)
         zeros = torch.zeros(self.n_layers, device=self.device, dtype=torch.float32)
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
@@ -1148,7 +1152,7 @@ class StepEngine:
 
         Raises:
             ValueError: a state that is not ``state_dict()``'s (a missing key, named), a fused-path state without
-                ``torch_optimizer`` (saved before 2026-12-02) into the reference path, a state for another optimizer
+                ``torch_optimizer`` (an older file's) into the reference path, a state for another optimizer
                 type, number of layers or other parameter shapes, or holding values the engine does not take (a
                 precision this device cannot run, a non-finite or negative LR multiplier, another number of LR
                 factors, a loss scale that is not a finite number > 0, optimizer state that is not tensors, numbers
@@ -1178,8 +1182,8 @@ class StepEngine:
             self._load_grad_scaler(None if plan.grad_scaler is None else plan.grad_scaler.state_dict())
             scaler = self._grad_scaler
             if plan.grad_scaler is not None and scaler is not None and scaler.is_enabled() and scaler._scale is None:
-                # GradScaler makes its scale tensor at its first scale(): until then scaler_state() found none, and a
-                # rollback to the copy taken at the resume dropped the loaded scale (back to 65536, until 2026-12-06).
+                # GradScaler makes its scale tensor at its first scale(): until then scaler_state() finds none, and a
+                # rollback to the copy taken at the resume would drop the loaded scale (back to 65536).
                 scaler._lazy_init_scale_growth_tracker(self.device)
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1309,7 +1313,7 @@ class StepEngine:
 
         Moments holding NaN or inf: the first update after a resume, its loss finite on the loaded weights, writes them
         into the weights, and it confirms the resume's rollback copy as good, to which every later failure then rolls
-        back (loaded without complaint until 2026-12-07). One sync a device.
+        back. One sync a device.
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         position = _saved_positions(saved["param_groups"], "the checkpoint's ")  # checked: state keys are listed
@@ -2003,7 +2007,7 @@ class StepEngine:
             finally:
                 # The update began where its kernel was launched: an error after it (rewriting the 16-bit copies
                 # allocates) leaves it in, one before it (allocating the statistics) moved nothing, and the step's
-                # batch goes back (it was taken as spent, with no update, until 2026-12-06)
+                # batch goes back (not taken as spent, with no update)
                 self.update_started = self.fused_optimizer.update_launched
         except BaseException:
             self.store.zero_grad()  # no update: the next step's gradients must not add to these
@@ -2116,7 +2120,7 @@ def _check_state_shapes(
     """Raises a ValueError when a saved optimizer state tensor does not fit its parameter (another model).
 
     ``whose`` prefixes the messages: ``"the loaded "`` for a state given to ``optimizer.load_state_dict`` directly,
-    where no checkpoint is involved (every message said "the checkpoint's" until 2026-12-06).
+    where no checkpoint is involved.
     """
     _require_keys("optimizer state", saved, ("state", "param_groups"), whose)
     if not isinstance(saved["state"], Mapping) or not (
@@ -2331,8 +2335,7 @@ def _values(tensor: torch.Tensor) -> torch.Tensor:
 def _fits(state: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether an optimizer state tensor is shaped for ``param``: its shape, or one broadcasting to it.
 
-    In as many dimensions: Adafactor's factored ``row_var`` and ``col_var`` (refused as "saved for another model"
-    until 2026-12-06).
+    In as many dimensions: Adafactor's factored ``row_var`` and ``col_var``.
     """
     return state.dim() == param.dim() and all(s in (1, p) for s, p in zip(state.shape, param.shape, strict=True))
 
@@ -2449,7 +2452,7 @@ def _fused_options(optimizer: torch.optim.Optimizer, weight_decay: Any) -> SGDOp
     """The fused step's options for ``optimizer`` (SGD, or AdamW or Adam), from its first param group.
 
     Each hyper-parameter is read as a Python float, as the kernels take them: ``torch.optim`` takes one-element
-    tensors (betas, momentum), whose first fused step failed with a Triton type error (until 2026-12-06).
+    tensors (betas, momentum), which fail in the Triton kernels with a type error.
 
     Raises:
         ValueError: naming a value the fused step refuses (``_fused_unsupported`` gives it as its reason).
@@ -2627,8 +2630,7 @@ _SCALER_RANGES = {
     "backoff_factor": (_FLOAT32_TINY, math.nextafter(1.0, 0.0), "a number in (0, 1)"),
 }
 """The real-valued scaler entries' ranges other than the scale's (a normal float32 > 0: 1e-50 loaded as 0, every step
-skipped for good): ``GradScaler`` refuses a growth factor <= 1 and a backoff factor >= 1 (they loaded, until
-2026-12-06)."""
+skipped for good): ``GradScaler`` refuses a growth factor <= 1 and a backoff factor >= 1."""
 
 
 def _require_keys(what: str, entry: Any, keys: Sequence[str], whose: str = "the checkpoint's ") -> None:
