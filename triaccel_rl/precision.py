@@ -475,7 +475,8 @@ class LayerPrecision:
 
         When every controllable layer has the same precision this is one plain ``torch.autocast``
         region (or none for fp32) and the per-layer hooks open no regions of their own: each layer's hooks
-        still run at each call, on the host only (a Linear's pair about 3 us on a CPU core), and launch nothing.
+        still run at each call, on the host only (a Linear's pair about 2 us on a CPU core, beside torch's own 3 to 4 us
+        for calling a module's hooks at all), and launch nothing.
         Norm layers still get fp32 inputs (CPU autocast would run them in 16 bits), and under an all-fp32 map a
         controllable layer's 16-bit inputs (a bf16 generator's output fed to the model) are cast up, as a mixed map's
         fp32 layer gets them.
@@ -667,15 +668,16 @@ class LayerPrecision:
                 _drop_released_hooks(module)
                 return None
             lp = acts_on[0]
-            forward = lp._forward_state(module)
-            if forward is None:
-                return None
-            precision = lp.precisions[index]
             # Called inside a region of the model's own code, ``autocast(enabled=False)`` or ``autocast(dtype=...)``,
             # the layer computes in that region's type whatever the map: a uniform map (the hooks idle) always let it,
             # but a mixed map's region replaced the model's, so its type hung on other layers' precisions. (Under
             # torch.compile the autocast state read here is the traced frame's, which Dynamo keeps as it traces.)
+            # Read once a call, for the record and the block alike: each read is a call into torch (0.2 us).
             autocast = torch.is_autocast_enabled(lp.device_type), torch.get_autocast_dtype(lp.device_type)
+            forward = lp._forward_state(module, autocast)
+            if forward is None:
+                return None
+            precision = lp.precisions[index]
             ours = lp._ours(module, autocast)
             block = lp._model_block_dtype(ours, autocast)
             overridden = block is not None and block != precision.dtype
@@ -801,8 +803,10 @@ class LayerPrecision:
         """Whether ``module``'s hooks act now (:meth:`_forward_state` is not None)."""
         return self._forward_state(module) is not None
 
-    def _forward_state(self, module: nn.Module) -> _Forward | None:
+    def _forward_state(self, module: nn.Module, autocast: tuple[bool, torch.dtype] | None = None) -> _Forward | None:
         """How ``module``'s hooks act: inside :meth:`context`, or recomputing a forward that ran inside it; None: idle.
+
+        ``autocast`` is the state at the call, ``(enabled, dtype)``, where the caller has read it already (else read).
 
         ``torch.utils.checkpoint`` runs a segment's forward again during the backward, after ``context()`` has
         exited, under the autocast state it saved: with the hooks idle, an fp32 layer of a mixed map recomputed in
@@ -819,10 +823,12 @@ class LayerPrecision:
         ``no_grad``) overwrote a record kept by module alone, and the recompute did as that one. Two forwards in one
         autocast state before the backward still share a record (the later one's).
         """
-        now = _Forward(self._mixed, self._outer_region_dtype) if self._active else None
+        now = _FORWARD_OF[self._mixed, self._outer_region_dtype] if self._active else None
         if torch.compiler.is_compiling():
             return now
-        key = (id(module), torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        if autocast is None:
+            autocast = torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type)
+        key = (id(module), *autocast)
         if self._active or torch._C._current_graph_task_id() == -1:  # in the context, or a forward outside it
             self._forward_on[key] = now
             if now is None and key[1] and key[2] in _16_BIT and torch.is_grad_enabled():
@@ -970,7 +976,8 @@ class LayerPrecision:
         # the module computed in its 16 bits there, and in fp32 under any other map).
         if not self._hooks_on(module):
             return None
-        if self.all_fp32 and not torch.is_autocast_enabled(self.device_type):
+        # The autocast state first: all_fp32 compares the whole map (a loop over the layers, at each module's call)
+        if not torch.is_autocast_enabled(self.device_type) and self.all_fp32:
             return None
         # Whenever Dynamo is loaded, not only while this frame is traced: after a graph break (an RNN's call, which
         # Dynamo runs eagerly, or another region) Dynamo may compile a hook's frames on their own, as new frames; a
@@ -1008,10 +1015,23 @@ class LayerPrecision:
         Under an all-fp32 map with autocast off, a 16-bit input is the model's own (a frozen bf16 backbone's): cast up,
         it met the backbone's next bf16 layer in fp32 and raised (a trainable norm's, or a module with children's
         around the backbone: a prompt or layer scale of its own).
+
+        The usual call inside the context, one fp32 tensor (every norm's under an fp32 or a mixed map), returns at once
+        (the bookkeeping cost 3 us a norm's call): whatever the hooks' state, such an input is given back as it is, so
+        there is nothing to decide, nor to record for a recompute, whose input is the forward's again.
         """
+        if (
+            self._active
+            and not kwargs
+            and len(args) == 1
+            and type(args[0]) is torch.Tensor
+            and args[0].dtype not in _16_BIT
+        ):
+            return None
         if not self._hooks_on(module):
             return None
-        if self.all_fp32 and not torch.is_autocast_enabled(self.device_type):
+        # The autocast state first: all_fp32 compares the whole map (a loop over the layers, at each module's call)
+        if not torch.is_autocast_enabled(self.device_type) and self.all_fp32:
             return None
         return _map_tensors((args, kwargs), _up_from_16_bit)  # a tensor passed several times cast once
 
@@ -1131,6 +1151,8 @@ _16_BIT = (torch.float16, torch.bfloat16)
 _FP32, _BF16, _FP16 = Precision.FP32, Precision.BF16, Precision.FP16  # read in loops: a global, not a class attribute
 _AMBIGUOUS = object()  # a call key whose forward calls meant different types (``LayerPrecision._ours``)
 _PRECISION_OF = {precision.dtype: precision for precision in Precision}  # the precision a torch dtype computes in
+# Every _Forward a context can be in, built once: a NamedTuple built at each layer call cost 0.3 us of the hooks' time
+_FORWARD_OF = {(mixed, outer): _Forward(mixed, outer) for mixed in (False, True) for outer in (None, *_16_BIT)}
 
 
 class _OpenContexts(threading.local):
@@ -1317,6 +1339,9 @@ def _map_tensors(
     inputs unchanged, where ``fn`` returned each of them as it is.
     """
     args, kwargs = inputs
+    if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:  # one tensor: the walk below cost 2 us
+        result = fn(args[0])
+        return None if result is args[0] else ((result,), kwargs)
     if not kwargs and all(type(arg) is torch.Tensor for arg in args):
         mapped: list[torch.Tensor] = []
         for arg in args:
