@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -230,6 +231,10 @@ class FlatParameterStore:
                     p.grad = grad_view
                     self._grad_views.append((p, grad_view, view.data_ptr()))
                     self._flat_offsets.append(start)
+        # Their columns, for rebind_grads's checks at every step: C-level maps over lists, not a Python pass
+        self._params_in_order = [p for p, _, _ in self._grad_views]
+        self._grad_views_in_order = [view for _, view, _ in self._grad_views]
+        self._addresses = [address for _, _, address in self._grad_views]
         self.param_layout: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = tuple(
             (tuple(view.shape), tuple(view.stride()), start)
             for (_, view, _), start in zip(self._grad_views, self._flat_offsets, strict=True)
@@ -267,29 +272,40 @@ class FlatParameterStore:
                 module was moved or cast after the store was built: ``model.to(...)``, ``.half()``); the
                 optimizer would update the flat buffer and the model would never see it. Nothing was changed.
         """
-        changed = [
-            i for i, (p, view, address) in enumerate(self._grad_views) if p.grad is not view or p.data_ptr() != address
-        ]
-        if not changed:  # the common case: one pass, nothing else
+        # After a user's zero_grad(set_to_none=True) every parameter is rebound at every step: each one's gradient is
+        # read once, and the bookkeeping is a set operation a call, not a Python call a parameter (0.7 ms a step at
+        # 598 parameters on a CPU, now about 0.35 ms, 0.15 ms of it the ``p.grad = view`` assignments).
+        params = self._params_in_order
+        grads = list(map(_GRAD, params))
+        if list(map(torch.Tensor.data_ptr, params)) != self._addresses:
+            raise DetachedParametersError([p for p, _, address in self._grad_views if p.data_ptr() != address])
+        if all(map(operator.is_, grads, self._grad_views_in_order)):  # the common case
             return 0
-        detached = [p for p, _, address in (self._grad_views[i] for i in changed) if p.data_ptr() != address]
-        if detached:
-            raise DetachedParametersError(detached)
+        changed = [
+            i for i, (grad, view) in enumerate(zip(grads, self._grad_views_in_order, strict=True)) if grad is not view
+        ]
         zeros = self.grads._version == self._zeroed_version  # nothing written since the last zero_grad: no kernel
+        views = self._grad_views
+        # A gradient given in place of the view: its parameter has one this step (even where found None after the
+        # backward before).
+        found_none = [i for i in changed if grads[i] is None]
+        given = [i for i in changed if grads[i] is not None] if len(found_none) < len(changed) else []
         with torch.no_grad():
-            for i in changed:
-                p, view, _ = self._grad_views[i]
-                if p.grad is not None:  # a gradient given in place of the view: its parameter has one this step
-                    view.copy_(p.grad)
-                    self._rebound_from_none.discard(i)
-                    self._none_after_backward.discard(i)  # (even where found None after the backward before)
-                else:
-                    if not zeros:
-                        view.zero_()
-                    self._watch(i)
-                    if after_backward:
-                        self._none_after_backward.add(i)
-                p.grad = view
+            for i in given:
+                views[i][1].copy_(grads[i])
+            if found_none and not zeros:
+                torch._foreach_zero_([views[i][1] for i in found_none])
+        for i in changed:
+            p, view, _ = views[i]
+            p.grad = view
+        self._rebound_from_none.difference_update(given)
+        self._none_after_backward.difference_update(given)
+        self._rebound_from_none.update(found_none)
+        self._accumulated.difference_update(found_none)
+        if after_backward:
+            self._none_after_backward.update(found_none)
+        if found_none:
+            self._hook_trainable(found_none)
         return len(changed)
 
     def take_params_without_grad(self) -> list[int]:
@@ -334,7 +350,7 @@ class FlatParameterStore:
         # With no hook call at all since a rebind (the backward ran where Python hooks do not, a replayed CUDA graph,
         # or reached no parameter), leaving the rebound ones alone would stop training silently in the first case:
         # all but the frozen are taken to have one.
-        if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _watch)
+        if self._accumulated:  # (every trainable parameter has a hook once one was rebound: see _hook_trainable)
             without |= self._rebound_from_none - self._accumulated
         return sorted(without)
 
@@ -371,6 +387,9 @@ class FlatParameterStore:
         # The flat buffers go now, not when the store does: an owner kept after its close() (a Controller after its
         # `with` block) held the parameters, gradients and 16-bit copies twice. Nothing reads them after this.
         self._grad_views.clear()
+        self._params_in_order.clear()
+        self._grad_views_in_order.clear()
+        self._addresses.clear()
         self.params = self.params.new_empty(0)
         self.grads = self.grads.new_empty(0)
         self.bf16_copy = self.bf16_copy.new_empty(0)
@@ -385,22 +404,22 @@ class FlatParameterStore:
         self._none_after_backward.clear()
         self._accumulated.clear()
 
-    def _watch(self, index: int) -> None:
-        """Records that parameter ``index`` starts the step with no gradient, and notes when autograd gives it one.
+    def _hook_trainable(self, rebound: list[int]) -> None:
+        """Gives the hook noting when autograd accumulates a gradient to each trainable parameter that has none.
 
-        Every trainable parameter gets the hook, not only the rebound ones: then a step whose rebound parameters all
-        got no gradient (a head left out of the loss and zeroed alone) is told from one where no hook could run (a
-        replayed graph), and the head is left alone, not decayed. A frozen parameter takes no hook (torch refuses
-        one) and gets no gradient.
+        Called with the parameters ``rebound`` from ``None``. Every trainable parameter gets the hook, not only the
+        rebound ones: then a step whose rebound parameters all got no gradient (a head left out of the loss and zeroed
+        alone) is told from one where no hook could run (a replayed graph), and the head is left alone, not decayed.
+        A frozen parameter takes no hook (torch refuses one) and gets no gradient. Hooks stay installed: every
+        parameter's at the first call (a walk per rebound parameter was quadratic: 37 ms a step at 1000 parameters),
+        later only those of ``rebound`` unhooked still (unfrozen since, say).
         """
-        self._rebound_from_none.add(index)
-        self._accumulated.discard(index)
-        # Every parameter once (a walk per watched parameter was quadratic: 37 ms a step at 1000 parameters), then
-        # this one (unfrozen since, say).
-        for i in range(len(self._grad_views)) if not self._grad_hooks else (index,):
+        hooks = self._grad_hooks
+        unhooked = range(len(self._grad_views)) if not hooks else sorted(set(rebound).difference(hooks))
+        for i in unhooked:
             param = self._grad_views[i][0]
-            if i not in self._grad_hooks and param.requires_grad:
-                self._grad_hooks[i] = param.register_post_accumulate_grad_hook(self._recorder(i))
+            if param.requires_grad:
+                hooks[i] = param.register_post_accumulate_grad_hook(self._recorder(i))
 
     def _recorder(self, index: int) -> Callable[[torch.Tensor], None]:
         """The hook noting that autograd accumulated into parameter ``index``'s gradient."""
@@ -531,6 +550,9 @@ def check_apart(params: Sequence[torch.Tensor]) -> None:
                 f"{tuple(params[first].shape)} and {tuple(params[second].shape)}: each needs its own (a weight tied "
                 "between modules is one parameter, listed once)"
             )
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _strided_like(buffer: torch.Tensor, p: torch.Tensor, start: int) -> torch.Tensor:

@@ -235,6 +235,7 @@ class Controller:
         try:
             self.engine.max_grad_norm = max_grad_norm
             self.engine.grad_transform = grad_transform
+            self.engine.track_abs_max = False  # the Controller reads sq_sum and nonfinite only: one norm pass a step
             # The user's eager forward casts under autocast; a compiled one reads the fused step's 16-bit copies.
             self.engine.precision.copies_in_eager = False
             capacity = device_capacity_bytes(self.device, self.memory.cpu_capacity_bytes)

@@ -95,12 +95,12 @@ class GradStats:
 
     Attributes:
         sq_sum: sum of squared elements.
-        abs_max: largest absolute element.
+        abs_max: largest absolute element; None from a step of an engine whose ``track_abs_max`` is off.
         nonfinite: count of non-finite elements.
     """
 
     sq_sum: torch.Tensor
-    abs_max: torch.Tensor
+    abs_max: torch.Tensor | None
     nonfinite: torch.Tensor
 
 
@@ -244,6 +244,10 @@ class StepEngine:
             """Clips the gradient's total norm to this before each update, as ``clip_grad_norm_`` (None: off)."""
             self.grad_transform: Callable[[], object] | None = None
             """Called each step on the unscaled gradients, before clipping, statistics and the skip (None: none)."""
+            self.track_abs_max = True
+            """Whether each step's statistics hold ``abs_max`` (else None). On the reference path it is a second pass
+            over every gradient, as costly as the norms (1.1 ms a step at 600 parameters on a CPU): off for a caller
+            that never reads it. The fused path takes it in its one pass, free."""
             self._grad_scaler: torch.amp.GradScaler | None = None
             self.fused_optimizer: Any = None
             self._optimizer_hooks: list[
@@ -353,8 +357,16 @@ class StepEngine:
         """
         self._unheld_params: list[nn.Parameter] = []
         self._unheld_ids: set[int] = set()
-        self._unheld_hooks: list[Any] = []
+        self._unheld_hooks: dict[int, Any] = {}  # by id(param): a parameter gone from the model is unhooked
         self._backward_scale: torch.Tensor | None = None  # the scale of a scaled backward not yet stepped
+        # What _watch_unheld_since_built checks at each scaled backward, from a walk of the model redone only when its
+        # structure changed: the parameters neither held nor watched (None: walk again), the modules walked, their
+        # own parameter and child dicts, and those dicts' total size at the walk.
+        self._unwatched: list[nn.Parameter] | None = None
+        self._tree_module_ids: set[int] = set()
+        self._tree_dicts: list[dict[str, Any]] = []
+        self._tree_size = 0
+        self._tree_hooks: list[Any] = []  # torch's global registration hooks, marking the walk stale
         this = weakref.ref(self)
 
         def unscale(grad: torch.Tensor) -> torch.Tensor:
@@ -371,7 +383,7 @@ class StepEngine:
     def _watch_unheld(self, param: nn.Parameter) -> None:
         self._unheld_params.append(param)
         self._unheld_ids.add(id(param))
-        self._unheld_hooks.append(param.register_hook(self._unscale_hook))
+        self._unheld_hooks[id(param)] = param.register_hook(self._unscale_hook)
 
     def _watch_unheld_since_built(self) -> None:
         """Watches, as :meth:`_watch_unheld_gradients` does, the trainable parameters unheld and not watched yet.
@@ -380,24 +392,85 @@ class StepEngine:
         later stage), or new to the model (a head replaced, ``model[4] = nn.Linear(...)``), would otherwise take the
         scaled loss's gradient into its optimizer's step (times the loss scale, 65536 at first), and miss the
         non-finite check and the drop on a skipped step. Run before each scaled backward (a hook registered after the
-        forward still acts in the backward). A walk of the modules' own parameter dicts: about 40 us a scaled backward
-        at 200 parameters in 100 modules on a CPU (``parameters()``, which builds a name for each, took 160 us).
+        forward still acts in the backward).
+
+        A walk of the modules' own parameter dicts took 150-290 us a scaled backward at 600 parameters on a CPU, so
+        the model is walked again only when its structure changed since the last walk: torch's global registration
+        hooks tell of a module or parameter set on a walked module (``setattr``, ``add_module``,
+        ``register_parameter``), and a change in the walked dicts' total size of one written directly
+        (``Sequential.insert``, ``del model[i]``).
+        Between walks it reads ``requires_grad`` of the parameters neither held nor watched (the frozen ones, often
+        none): about 10 us at 600 parameters in 450 modules. Hazard: an entry replaced by writing a module's
+        ``_modules`` or ``_parameters`` dict directly, which leaves the size as it was, is not seen.
+
+        A walk also stops watching the parameters no longer in the model (:meth:`_walk_model`), so a head replaced
+        at every step is freed as in a plain loop.
         """
-        held, watched = self._group_index, self._unheld_ids
+        unwatched = self._unwatched
+        if unwatched is None or sum(map(len, self._tree_dicts)) != self._tree_size:
+            unwatched = self._walk_model()
+        if any(p.requires_grad for p in unwatched):
+            for p in unwatched:
+                if p.requires_grad:
+                    self._watch_unheld(p)
+            unwatched = [p for p in unwatched if not p.requires_grad]
+        self._unwatched = unwatched
+
+    def _walk_model(self) -> list[nn.Parameter]:
+        """The model's parameters neither held nor watched, once each; records the walk (see ``_unwatched``).
+
+        Stops watching the parameters no longer in the model (a replaced head, or one trainable at the build and
+        removed since): their hooks go, and the engine holds them no more. Else a head replaced at every step and
+        trained by an optimizer of its own would keep each old head and its gradient alive until ``remove()`` (296 MiB
+        after 19 heads of 256 x 8192), and :meth:`_unheld_overflow` would norm all their stale gradients at each step
+        (58 ms at 42 parameters on a CPU). Not while a scaled backward is pending (gradient accumulation, the model
+        changed between its backward passes): the step checks those gradients for non-finite values and drops them on
+        a skip, as for the others; the next check walks again.
+        """
+        held = self._group_index
         modules, seen = [self.model], {id(self.model)}
+        unheld: dict[int, nn.Parameter] = {}
         for module in modules:  # (grows while walked; seen: a module shared, or its own child, is walked once)
             for p in module._parameters.values():
-                if id(p) not in held and id(p) not in watched and p is not None and p.requires_grad:
-                    self._watch_unheld(p)
+                if p is not None and id(p) not in held:
+                    unheld[id(p)] = p
             for child in module._modules.values():
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     modules.append(child)
+        self._tree_module_ids = seen
+        self._tree_dicts = [d for module in modules for d in (module._parameters, module._modules)]
+        self._tree_size = sum(map(len, self._tree_dicts))
+        gone = self._unheld_ids - unheld.keys()
+        if gone and self._backward_scale is not None:
+            self._tree_size = -1  # (no total of sizes: the check after the step walks again, and unwatches them)
+        elif gone:
+            for key in gone:
+                self._unheld_hooks.pop(key).remove()
+            self._unheld_ids -= gone
+            self._unheld_params = [p for p in self._unheld_params if id(p) not in gone]
+        if not self._tree_hooks:
+            this = weakref.ref(self)
+
+            def mark_stale(module: nn.Module, _name: str, _value: object) -> None:
+                engine = this()
+                if engine is not None and id(module) in engine._tree_module_ids:  # (an id reused: a walk too many)
+                    engine._unwatched = None
+
+            self._tree_hooks = [
+                nn.modules.module.register_module_module_registration_hook(mark_stale),
+                nn.modules.module.register_module_parameter_registration_hook(mark_stale),
+            ]
+            for handle in self._tree_hooks:  # global: an engine collected without remove() takes its hooks along
+                weakref.finalize(self, handle.remove)
+        return [p for key, p in unheld.items() if key not in self._unheld_ids]
 
     def _remove_unheld_hooks(self) -> None:
-        for handle in self.__dict__.get("_unheld_hooks", []):
+        for handle in [*self.__dict__.get("_unheld_hooks", {}).values(), *self.__dict__.get("_tree_hooks", [])]:
             handle.remove()
-        self._unheld_hooks = []
+        self._unheld_hooks = {}
+        self._tree_hooks = []
+        self._unwatched = None
         self._unheld_params = []
         self._unheld_ids = set()
 
@@ -650,7 +723,9 @@ class StepEngine:
         return True
 
     def _weights_version(self) -> int:
-        return sum(p._version for params in self.layer_params for p in params)
+        # No cheaper signal: each parameter has a version counter of its own (not the flat buffer's), and a user may
+        # write one before any forward. A C-level map: 35 us at 598 parameters on a CPU (a generator took 52 us).
+        return sum(map(operator.attrgetter("_version"), self._params))
 
     def _mark_weights_written(self) -> None:
         """Bumps the parameters' version counters after the fused step wrote them through raw pointers.
@@ -848,7 +923,7 @@ class StepEngine:
             if self.grad_transform is not None:
                 # The overflow before the transform, as unscale_ records it: a clamp turns an infinite gradient finite
                 # (host-device sync: the reference path decides its skip on the host)
-                overflow_before = bool(self._grad_stats()[0].nonfinite.sum().item() > 0)
+                overflow_before = bool(self._grad_stats(abs_max=False)[0].nonfinite.sum().item() > 0)
                 self.grad_transform()
                 # And after it: another optimizer's gradient it made non-finite, or made (a parameter whose .grad was
                 # None), counts as theirs did
@@ -857,7 +932,7 @@ class StepEngine:
                     unheld_overflow = True
                     if scaler is not None:
                         self._record_overflow(scaler)
-            stats, norms, groups = self._grad_stats(grouped=self.max_grad_norm is not None)
+            stats, norms, groups = self._grad_stats(grouped=self.max_grad_norm is not None, abs_max=self.track_abs_max)
             self.last_grad_stats = stats  # for a caller whose step() raised in a post-hook, after the update
             # Host-device sync (reference path): the skip is decided on the host.
             skipped = bool(stats.nonfinite.sum().item() > 0) or not math.isfinite(float(loss)) or unheld_overflow
@@ -942,18 +1017,20 @@ class StepEngine:
             self.store.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=False)
+        self.zero_pending = False
 
     def grad_stats(self) -> GradStats:
-        """Per-layer statistics of the current (unscaled) gradients.
+        """Per-layer statistics of the current (unscaled) gradients, ``abs_max`` included whatever ``track_abs_max``.
 
         Norms and maxima come from two multi-tensor kernels (``torch._foreach_norm``), whatever the number
-        of parameters. Non-finite elements are counted exactly, but only in the parameters whose norm or
-        maximum is non-finite; finding those takes one host-device sync, which ``backward_and_step``
-        needs anyway to decide the skip.
+        of parameters. Non-finite elements are counted exactly, but only in the parameters whose norm is non-finite;
+        finding those takes one host-device sync, which ``backward_and_step`` needs anyway to decide the skip.
         """
         return self._grad_stats()[0]
 
-    def _grad_stats(self, grouped: bool = False) -> tuple[GradStats, list[torch.Tensor], list[list[int]] | None]:
+    def _grad_stats(
+        self, grouped: bool = False, abs_max: bool = True
+    ) -> tuple[GradStats, list[torch.Tensor], list[list[int]] | None]:
         """``grad_stats()``, the per-parameter gradient norms it is taken from, and the gradients' grouping, or None.
 
         The norms are each in its gradient's dtype (``_foreach_norm`` gives each in its tensor's), so that
@@ -961,7 +1038,8 @@ class StepEngine:
         give a coefficient ~1e-9 off). ``grouped`` (a step that clips) takes them as
         ``clip_grad_norm_`` does, one ``_foreach_norm`` per device and dtype, and returns the grouping, the parameters'
         positions by their gradients' device and dtype, for the clip's order. Else the grouping, a Python pass over
-        the parameters (``_device_dtype_groups``), is not taken: one ``_foreach_norm`` over all. The
+        the parameters (``_device_dtype_groups``), is not taken: one ``_foreach_norm`` over all. ``abs_max=False``
+        leaves out the maxima (None) and their pass over every gradient, as costly as the norms' on a CPU. The
         statistics are float32.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
@@ -969,10 +1047,12 @@ class StepEngine:
             self._refuse_sparse_gradients(self._params)
         groups = _device_dtype_groups(grads) if grouped else None
         own_norms = list(torch._foreach_norm(grads)) if groups is None else _norms_by_device_and_dtype(grads, groups)
-        norms = torch.stack([norm.float() for norm in own_norms])
-        finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
-        maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
-        suspect = ~(torch.isfinite(norms) & torch.isfinite(maxes))
+        # One cast after the stack (it promotes mixed dtypes exactly), not one a norm: 0.3 us each on a CPU
+        norms = torch.stack(own_norms).float()
+        # A non-finite element makes its gradient's 2-norm non-finite (squares are not negative: nothing cancels an
+        # infinity, and a NaN stays one), so the norms find every gradient to count. A norm that overflows from finite
+        # elements (1e20s in float32) is found too, and counts none.
+        suspect = ~torch.isfinite(norms)
         bad = torch.zeros_like(norms)
         if bool(suspect.any()):  # host-device sync: once per step (see above); rare slow path below
             for i in suspect.nonzero().flatten().tolist():
@@ -981,8 +1061,12 @@ class StepEngine:
         zeros = torch.zeros(self.n_layers, device=self.device, dtype=torch.float32)
         sq_sum = zeros.index_add(0, self._layer_index, norms.square())
         nonfinite = zeros.index_add(0, self._layer_index, bad)
-        abs_max = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
-        return GradStats(sq_sum, abs_max, nonfinite), own_norms, groups
+        largest = None
+        if abs_max:
+            finite_max = [g if g.numel() else g.new_zeros(1) for g in grads] if self._has_empty_params else grads
+            maxes = torch.stack(torch._foreach_norm(finite_max, math.inf)).float()
+            largest = zeros.scatter_reduce(0, self._layer_index, maxes, "amax", include_self=True)
+        return GradStats(sq_sum, largest, nonfinite), own_norms, groups
 
     def _clip_gradients(self, norms: list[torch.Tensor], groups: list[list[int]] | None) -> None:
         """``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` from the per-parameter norms already taken.

@@ -589,6 +589,8 @@ class TrainingRun:
         skipped = bool(outcome.skipped)
         self.skipped_steps += int(skipped)
         self.train_time_ms += elapsed_ms
+        abs_max = outcome.grads.abs_max
+        assert abs_max is not None  # _step(deferred=False) has the engine take it
         stats = StepStats(
             loss=float(outcome.loss),  # host-device sync, free: the engine already waited on it for its skip
             batch_size=outcome.batch_size,
@@ -597,7 +599,7 @@ class TrainingRun:
             memory_bytes=outcome.memory_bytes,
             skipped=skipped,
             grad_sq_sum=outcome.grads.sq_sum.cpu().numpy(),
-            grad_abs_max=outcome.grads.abs_max.cpu().numpy(),
+            grad_abs_max=abs_max.cpu().numpy(),
             grad_nonfinite=outcome.grads.nonfinite.cpu().numpy(),
             lr=outcome.lr,
             oom_events=outcome.oom_events,
@@ -729,7 +731,9 @@ class TrainingRun:
         self.engine.batch_lr_gain = self.lr_coupler.next_gain() * self.schedule_gain
         lr = self.task.base_lr * self.lr_scale * self.engine.batch_lr_gain
         try:
-            # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates.
+            # The micro-batches' backward passes have run; the engine unscales, takes statistics and updates. Only
+            # step()'s StepStats reads the maxima: an interval's steps save their pass over the gradients.
+            self.engine.track_abs_max = not deferred
             grads, skipped = (
                 self.engine.step_after_backward_deferred(loss) if deferred else self.engine.step_after_backward(loss)
             )
