@@ -1,9 +1,12 @@
 """On the fused step, ``optimizer.state`` is a live view between steps: a reset mid-run acts as in torch.optim."""
 
 import collections
+import copy
+import io
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -228,3 +231,138 @@ def test_a_controller_on_the_fused_step_follows_a_reset(monkeypatch: pytest.Monk
         ctl.close()
     error = max_difference(model, plain_run("adamw", new_dict, data))
     assert error <= TOLERANCE, f"max |Controller (fused) - torch.optim| = {error}"
+
+
+@pytest.mark.parametrize("how", ["torch_save", "deepcopy"])
+def test_an_optimizer_pickled_mid_run_resumes_in_a_plain_adamw(how: str) -> None:
+    """Each parameter's ``step`` is a tensor of its own: a copy's plain AdamW advances each once a step."""
+    data = batches()
+    model, optimizer, engine = fused_engine("adamw")
+    fused_steps(model, engine, data[:RESET_AT])
+    if how == "torch_save":
+        buffer = io.BytesIO()
+        torch.save({"model": model, "optimizer": optimizer}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        copied_model, copied_optimizer = saved["model"], saved["optimizer"]
+    else:
+        copied_model, copied_optimizer = copy.deepcopy((model, optimizer))
+    engine.remove()
+    steps = [copied_optimizer.state[p]["step"] for p in copied_model.parameters()]
+    assert [float(step) for step in steps] == [float(RESET_AT)] * len(steps)
+    assert all(step.dtype == torch.float32 for step in steps)  # as torch.optim's
+    assert len({step.untyped_storage().data_ptr() for step in steps}) == len(steps)  # none shared
+    for x, y in data[RESET_AT:]:
+        copied_optimizer.zero_grad()
+        nn.functional.cross_entropy(copied_model(x), y).backward()
+        copied_optimizer.step()
+    assert [float(copied_optimizer.state[p]["step"]) for p in copied_model.parameters()] == [float(N_STEPS)] * 6
+    error = max_difference(copied_model, plain_run("adamw", None, data))
+    assert error <= TOLERANCE, f"max |fused, pickled, then torch.optim - torch.optim| = {error}"
+
+
+def test_the_shown_step_follows_a_rollback_of_the_fused_state() -> None:
+    model, optimizer, engine = fused_engine("adamw")
+    data = batches()
+    fused_steps(model, engine, data[:2])
+    saved = copy.deepcopy(engine.fused_optimizer.state_dict())
+    fused_steps(model, engine, data[2:4])
+    assert float(optimizer.state[model[0].weight]["step"]) == 4.0
+    engine.fused_optimizer.load_state_dict(saved)  # as RollbackGuard restores its copy
+    engine.after_restore()
+    assert [float(optimizer.state[p]["step"]) for p in model.parameters()] == [2.0] * 6
+
+
+class TwoHeads(nn.Module):
+    """A body and two heads, one taken a step: a head that has not stepped yet; ``frozen`` held by no step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 8)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 3)
+        self.frozen = nn.Linear(8, 3).requires_grad_(False)
+        self.to(DEVICE)
+
+    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        out: torch.Tensor = getattr(self, head)(torch.relu(self.body(x)))
+        return out
+
+
+def delete_head(head: str) -> Callable[[TwoHeads, torch.optim.Optimizer], None]:
+    def delete(model: TwoHeads, optimizer: torch.optim.Optimizer) -> None:
+        for param in getattr(model, head).parameters():
+            del optimizer.state[param]
+
+    return delete
+
+
+def read_frozen(model: TwoHeads, optimizer: torch.optim.Optimizer) -> None:
+    assert not optimizer.state[model.frozen.weight]  # a logging loop's read: the defaultdict makes an empty entry
+
+
+def two_head_run(
+    kind: str,
+    fused: bool,
+    heads: str,
+    edit_at: int,
+    edit: Callable[[TwoHeads, torch.optim.Optimizer], None],
+    momenta: list[float] | None = None,
+) -> tuple[TwoHeads, StepEngine | None]:
+    model = TwoHeads()
+    optimizer: torch.optim.Optimizer
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    engine = StepEngine(model, optimizer, DEVICE, fused=True) if fused else None
+    for i, ((x, y), head) in enumerate(zip(batches(len(heads)), heads, strict=True)):
+        if momenta is not None:
+            optimizer.param_groups[0]["momentum"] = momenta[i]
+        if i == edit_at:
+            edit(model, optimizer)
+        optimizer.zero_grad()
+        if engine is None:
+            nn.functional.cross_entropy(model(x, head), y).backward()
+            optimizer.step()
+        else:
+            with engine.precision.context():
+                loss = nn.functional.cross_entropy(model(x, head), y)
+            assert not engine.backward_and_step(loss)[1]
+    return model, engine
+
+
+@pytest.mark.parametrize("edit", ["delete_a", "read_frozen"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_an_adoption_leaves_a_layer_that_has_not_stepped_at_its_start(
+    kind: str, edit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head b first steps after the edit: adopted as a state, its zeros started SGD's momentum dampened."""
+    edits = {"delete_a": delete_head("a"), "read_frozen": read_frozen}
+    heads = "aaaabbbb"
+    plain, _ = two_head_run(kind, False, heads, RESET_AT, edits[edit])
+    adoptions: list[dict[str, Any]] = []
+    adopt = StepEngine._adopt_optimizer_state
+
+    def counted(engine: StepEngine, **kwargs: Any) -> None:
+        adoptions.append(kwargs)
+        adopt(engine, **kwargs)
+
+    monkeypatch.setattr(StepEngine, "_adopt_optimizer_state", counted)
+    model, engine = two_head_run(kind, True, heads, RESET_AT, edits[edit])
+    error = max_difference(model, plain)
+    assert error <= TOLERANCE, f"max |fused - torch.optim| = {error} after {edit}"
+    counts = [8.0, 1.0 if edit == "delete_a" else 4.0, 4.0]  # body, a (restarted at step 3 by a delete), b
+    assert engine is not None and engine.fused_optimizer.layer_step_counts.tolist() == counts
+    assert len(adoptions) == (2 if edit == "delete_a" else 1)  # the build's; a read of a parameter not held is none
+
+
+def test_an_adoption_leaves_a_layer_whose_momentum_has_not_started_waiting_for_it() -> None:
+    """Head a took its steps at momentum 0: its first step with momentum takes the gradient, not a dampened part."""
+    heads = "aaabbbab"
+    momenta = [0.0] * 3 + [0.9] * 5
+    plain, _ = two_head_run("sgd", False, heads, 6, delete_head("b"), momenta)
+    model, _ = two_head_run("sgd", True, heads, 6, delete_head("b"), momenta)
+    error = max_difference(model, plain)
+    assert error <= TOLERANCE, f"max |fused - torch.optim| = {error}"

@@ -63,13 +63,13 @@ from triaccel_rl.policies import (
     static_preset_name,
 )
 from triaccel_rl.shield import BufferCheck, FallbackPolicy, RollbackGuard, nonfinite_parameters
-from triaccel_rl.signals import DeviceMoments, EstimatorSource, SignalCollector
+from triaccel_rl.signals import DeviceMoments, EstimatorSource, IntervalMoments, SignalCollector
 from triaccel_rl.signals.estimators import float_outputs, forked_rngs, frozen_batch_stats
 from triaccel_rl.state import SavedState
 from triaccel_rl.training import IntervalTimer, resolve_device
 from triaccel_rl.types import Policy, Precision, Signals
 
-__all__ = ["DECISIONS_KEPT", "Controller"]
+__all__ = ["DECISIONS_KEPT", "Controller", "driving"]
 
 DECISIONS_KEPT = 1000
 """How many of the latest decisions' reports ``Controller.decisions`` keeps. Each holds a precision per layer and the
@@ -231,7 +231,8 @@ class Controller:
         self.profile = HardwareProfile.resolve(profile)
         probe_batch = _checked_probe(model, probe, loss_fn, self.device)
         self.engine = StepEngine(model, optimizer, self.device)
-        self._zero_grads = _CountedZeroGrad(optimizer)  # tells a reset from other writes to the gradients
+        _CountedZeroGrad.drop_unused(optimizer)  # dropped Controllers' wrappers, as the engine drops their hooks
+        self._zero_grads = _CountedZeroGrad(optimizer, self)  # tells a reset from other writes to the gradients
         try:
             self.engine.max_grad_norm = max_grad_norm
             self.engine.grad_transform = grad_transform
@@ -343,6 +344,9 @@ class Controller:
             self._interval_peak = 0
             self._decision_due = False  # the last interval closed and its decision is not made yet (_decide_if_due)
             self._observed: tuple[Signals, np.ndarray] | None = None  # that decision's observation, once taken
+            self._step_left: _StepLeft | None = None  # the rest of a step whose update went in (_finish_step)
+            self._counted = False  # the current step is counted (_count_step): its update went in
+            self._coupler_steps = 0  # the LR coupler's steps when the current step began (_count_step)
             self._peak_from_forward = False  # autocast() reset the allocator's peak before this step's forward
             self._autocast_since_step = False  # autocast() was called since the last step (a forward in the map)
             self._warned_outside_autocast = False
@@ -497,6 +501,9 @@ class Controller:
         on purpose, with frozen batch-norm statistics, stays in it).
         """
         self._check_open()
+        # A step a Ctrl-C cut short after its update: its decision comes before this forward, as it did uninterrupted
+        # (made at the next step, it came after a forward run in the precisions before it)
+        self._finish_step()
         # A batch's first micro-batch (no ctl.backward() since the last step) starts the measurement; the later ones
         # are measured on with it, so the step's peak is the batch's, not its last micro-batch's.
         if self.device.type == "cuda" and self._micro_loss is None:
@@ -630,10 +637,14 @@ class Controller:
         _check_loss(loss)
         if not isinstance(retain_graph, bool):  # a graph freed or kept by a truthy value's accident
             raise ValueError(f"retain_graph={retain_graph!r} must be True or False")
+        self._finish_step()
         self._decide_if_due()
+        self._zero_grad_if_pending()
         earlier = self._earlier_micro_loss()
         self._retake_copy_if_written(training_starts=True)
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
+        # Until the micro-batch is recorded below: cut short there (a Ctrl-C), its batch is served again whole
+        self.engine.zero_pending = True
         self._backward(loss, retain_graph)  # one that raises drops the batch's gradients (_backward)
         # The step decides on the batch's loss, the micro-batches' sum: an earlier one's non-finite loss (a term with
         # no gradient) was never seen, and the signals read the last micro-batch's share of the loss as the loss.
@@ -641,6 +652,7 @@ class Controller:
         self._micro_loss = detached if earlier is None else earlier + detached
         self._micro_mark = self._grad_mark()
         self._micro_zero_grads = self._zero_grads.calls
+        self.engine.zero_pending = False
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """The (scaled) backward of ``loss``; a loop that kept its own ``loss.backward()`` is told so.
@@ -669,6 +681,16 @@ class Controller:
                 "hidden state (.detach() it), or losses sharing a graph: ctl.step(loss1 + loss2), or "
                 "ctl.backward(loss1, retain_graph=True) then ctl.step(loss2)"
             ) from error
+
+    def _zero_grad_if_pending(self) -> None:
+        """Zeros the gradients a step or micro-batch cut short left behind (``StepEngine.zero_pending``).
+
+        A Ctrl-C after a backward and before the step's zeroing (its update applied or not) left them in ``.grad``,
+        and the next backward added to them: the next update took two batches' gradients. A flag check at every step.
+        """
+        if self.engine.zero_pending:
+            self.engine.zero_grad()
+            self._micro_loss = None
 
     def _earlier_micro_loss(self) -> torch.Tensor | None:
         """The losses :meth:`backward` summed for this batch; None if the gradients were reset since (spent either way).
@@ -743,6 +765,7 @@ class Controller:
         """
         self._check_open()
         _check_loss(loss)
+        self._finish_step()
         self._decide_if_due()
         if self.device.type == "cuda" and not self._peak_from_forward:  # a forward outside autocast(): from here
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -757,26 +780,36 @@ class Controller:
             self._applied_at_start = self.engine.applied_steps()
             if self._loader is None and self._resume is None:
                 self._say_own_batches()
+        self._zero_grad_if_pending()
         earlier = self._earlier_micro_loss()  # the batch's earlier micro-batches (backward())
         self.engine.bind_grads()  # a user's optimizer.zero_grad() may have set the gradients to None
+        # From here the batch's gradients are the step's: zeroed by it, or by the next step where it is cut short
+        self.engine.zero_pending = True
         self._backward(loss)
         if earlier is not None:
             loss = earlier + loss.detach()
         if self.lr_coupler is not None:  # after the backward: one that raises is no step of the warm-up
             self.engine.batch_lr_gain = self.lr_coupler.next_gain()
+        self._counted = False
+        self._coupler_steps = self.lr_coupler.steps if self.lr_coupler is not None else 0
+        # The last step's flags, read below should this one be cut short before the engine resets them: its update was
+        # taken for this one's, the batch counted as trained on, and its gradients went into the next update
+        self.engine.update_reached = self.engine.update_started = False
         try:
-            grads, _ = self.engine.step_after_backward_deferred(loss.detach())
+            self.engine.step_after_backward_deferred(loss.detach())
+            self._count_step(loss)  # in here: a Ctrl-C right after the update is counted below
         except BaseException as error:
             if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
-                self._count_step()
+                self._count_step(loss)
                 # And the rest of the step: its statistics, and the decision when due (until 2026-12-06 both were
-                # lost, and every later decision came a step late). Then the hook's error.
-                if self.engine.last_grad_stats is not None:
-                    self._after_update(loss, self.engine.last_grad_stats)
+                # lost, and every later decision came a step late). Then the hook's error. On a Ctrl-C the next
+                # backward() or step() does it (_finish_step).
+                if isinstance(error, Exception):
+                    self._finish_step()
             elif self.engine.update_started:
                 # The update raised part-way (out of memory where AdamW allocates its denominators): some parameters
                 # and their optimizer state moved. The batch is spent: served again, it would go into them twice.
-                self._count_step()
+                self._count_step(loss)
                 what = (
                     f"the optimizer update of step {self.steps - 1} raised part-way: the parameters and optimizer "
                     "state may be partly updated, so the step is not retried (its batch counts as trained on: "
@@ -789,17 +822,104 @@ class Controller:
                 # keeps none of one that raised): a loop that catches the error and goes on gets the step's statistics
                 # and its decision when due, as after a post-hook's error (until 2026-12-07 neither, and every later
                 # decision came a step late). Not after an OOM: a decision's work would allocate on a device that just
-                # ran out, and its own OOM would hide the UnrecoverableOOMError. Nor on a Ctrl-C: it stops the loop.
-                if isinstance(error, Exception) and self.engine.last_grad_stats is not None:
-                    self._after_update(loss, self.engine.last_grad_stats)
+                # ran out, and its own OOM would hide the UnrecoverableOOMError; the next step does it. Nor on a
+                # Ctrl-C: it stops the loop, and the next backward() or step() does it.
+                if isinstance(error, Exception):
+                    self._finish_step()
             raise
-        self._count_step()
-        self._after_update(loss, grads)
+        self._finish_step()
 
-    def _after_update(self, loss: torch.Tensor, grads: GradStats) -> None:
-        """What follows a counted update: its statistics, the memory reading, the trial or a decision when due."""
+    def _count_step(self, loss: torch.Tensor) -> None:
+        """Counts an update that went in: the warm-up's rung, the run's and the interval's steps; the batch is spent.
+
+        Before the statistics are recorded, so a step whose update went in and whose post-hook raised is counted
+        too (an update that raises before it is no step: the warm-up holds, and the batch is served again). Once a
+        step: called again where a Ctrl-C cut the first call short. The counts, the batch spent and the rest of the
+        step (``_finish_step``) go in one assignment, which nothing interrupts part-way: the interval one step short
+        of the updates applied read a skipped count of -1, refused at every later interval's end.
+        """
+        if self._counted:
+            return
+        coupler = self.lr_coupler
+        if coupler is not None and coupler.steps == self._coupler_steps:  # not advanced by a call cut short
+            coupler.advance()
+        self.steps, self._interval_steps, self._unstepped, self._step_left, self._counted = (
+            self.steps + 1,
+            self._interval_steps + 1,
+            None,
+            _StepLeft(loss, self.engine.last_grad_stats),
+            True,
+        )
+
+    def _finish_step(self) -> None:
+        """The rest of a counted step (``_step_left``): statistics, memory, the trial or interval end and decision.
+
+        Run right after the update, and where a Ctrl-C (or an out-of-memory error) cut it short, by the next
+        ``backward()`` or ``step()``, before its own update, as the uninterrupted run did it: each part once, the
+        interval closed once (``_close_interval`` goes on where it stopped). A decision that raises stays due
+        (``_decide_if_due``). An error other than an interruption drops what is left: done again, it would raise at
+        every step.
+        """
+        left = self._step_left
+        if left is None:
+            return
+        # autocast caches each weight's 16-bit cast until its outermost region closes: inside one around the whole
+        # loop (ctl's or the user's own torch.autocast), the next forward computed with the weights before this update
+        # (and a rollback), every step of the run (until 2026-12-06). Cleared, it casts them again, as a region a
+        # step would.
+        torch.clear_autocast_cache()
+        try:
+            if not left.recorded:
+                left.recorded = self._record_step(left.loss, left.grads)
+            if self._trial is not None:
+                self._step_left = None
+                self._advance_trial(self._trial, left.loss)
+                return
+            if left.closing is None and self._interval_steps < self.cadence.steps:
+                self._step_left = None
+                return
+            if left.closing is None:
+                left.closing = self._new_closing()
+            else:  # going on after a Ctrl-C: the pause before is no part of the decision's time
+                self._decision_start = time.perf_counter()
+                collector = self.collector
+                left.closing.overhead_ms, left.closing.cheap_ms = collector.overhead_ms, collector.cheap_ms
+                left.closing.rounds_ms = collector.estimator_ms
+            closing = left.closing
+            train_ms = self._close_interval(left.loss, closing)
+        except Exception:
+            self._step_left = None
+            raise
+        self._step_left, self._decision_due = None, True
+        try:
+            self._decide()
+        except BaseException:
+            # It stays due (a Ctrl-C in the policy, an error in the snapshot): the next backward() or step() makes
+            # it, before its update (until 2026-12-07 it was lost, and the next came an interval late). The
+            # interval's training counts now, as time no decision followed, and the cadence records the decision
+            # once, when it is made. The clock restarts here (a checkpoint's interval time holds the pause only,
+            # which the retry drops) and again after the retry.
+            self._charge_decision(closing.overhead_ms)
+            self.cadence.add_training(train_ms)
+            self._timer.start()
+            raise
+        self._charge_decision(closing.overhead_ms)
+        # The estimator rounds have a budget of their own (the scheduler's): the cadence weighs the rest, as in
+        # DecisionLoop.
+        self.cadence.record(
+            (self.collector.overhead_ms - closing.overhead_ms) - (self.collector.estimator_ms - closing.rounds_ms),
+            train_ms,
+            closing.steps,
+            cheap_ms=self.collector.cheap_ms - closing.cheap_ms,
+            recording_ms=self._recorded_ms,
+        )
+        self._timer.start()
+
+    def _record_step(self, loss: torch.Tensor, grads: GradStats | None) -> bool:
+        """Records a counted step's statistics (none where its update raised before taking them) and memory; True."""
         assert self._moments is not None
-        self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
+        if grads is not None:
+            self._moments.observe_layers(loss, grads.sq_sum)  # detached only when sampled
         batch = self._last_batch or 1
         if self.device.type == "cuda":
             now, memory = allocated_bytes(self.device)  # the allocator's host-side counters: no sync
@@ -808,42 +928,13 @@ class Controller:
         else:
             memory = self.predicted_memory_bytes(batch)
         self._interval_peak = max(self._interval_peak, memory)
-        if self._trial is not None:
-            self._advance_trial(self._trial, loss)
-        elif self._interval_steps >= self.cadence.steps:  # no decision while a speed trial runs
-            steps, overhead, cheap = self._interval_steps, self.collector.overhead_ms, self.collector.cheap_ms
-            rounds = self.collector.estimator_ms
-            train_ms = self._close_interval(loss)
-            self._decision_due = True
-            try:
-                self._decide()
-            except BaseException:
-                # It stays due (a Ctrl-C in the policy, an error in the snapshot): the next backward() or step() makes
-                # it, before its update (until 2026-12-07 it was lost, and the next came an interval late). The
-                # interval's training counts now, as time no decision followed, and the cadence records the decision
-                # once, when it is made. The clock restarts here (a checkpoint's interval time holds the pause only,
-                # which the retry drops) and again after the retry.
-                self._charge_decision(overhead)
-                self.cadence.add_training(train_ms)
-                self._timer.start()
-                torch.clear_autocast_cache()  # as below: the update went in
-                raise
-            self._charge_decision(overhead)
-            # The estimator rounds have a budget of their own (the scheduler's): the cadence weighs the rest, as in
-            # DecisionLoop.
-            self.cadence.record(
-                (self.collector.overhead_ms - overhead) - (self.collector.estimator_ms - rounds),
-                train_ms,
-                steps,
-                cheap_ms=self.collector.cheap_ms - cheap,
-                recording_ms=self._recorded_ms,
-            )
-            self._timer.start()
-        # autocast caches each weight's 16-bit cast until its outermost region closes: inside one around the whole
-        # loop (ctl's or the user's own torch.autocast), the next forward computed with the weights before this update
-        # (and a rollback), every step of the run (until 2026-12-06). Cleared, it casts them again, as a region a
-        # step would.
-        torch.clear_autocast_cache()
+        return True
+
+    def _new_closing(self) -> _Closing:
+        """An interval's end about to begin: the collector's charges so far, and the shield's flags as it finds them."""
+        collector = self.collector
+        flags = (self._copy_opens_interval, self._change_copy, self._reopened_copy, self._applied_before_copy)
+        return _Closing(collector.overhead_ms, collector.cheap_ms, collector.estimator_ms, flags)
 
     def _charge_decision(self, overhead_ms: float) -> None:
         """Charges the decision's wall time since ``_decision_start`` that its parts did not charge themselves.
@@ -902,18 +993,6 @@ class Controller:
         controller was built, not the saved run's.
         """
         return self._decision_count
-
-    def _count_step(self) -> None:
-        """Counts an update that went in: the warm-up's rung, the run's and the interval's steps; the batch is spent.
-
-        Before the statistics are recorded, so a step whose update went in and whose post-hook raised is counted
-        too (an update that raises before it is no step: the warm-up holds, and the batch is served again).
-        """
-        if self.lr_coupler is not None:
-            self.lr_coupler.advance()
-        self.steps += 1
-        self._interval_steps += 1
-        self._unstepped = None
 
     # ------------------------------------------------------------------------- executor's Target
 
@@ -1038,6 +1117,9 @@ class Controller:
             >>> sorted(ctl.state_dict())[:4]
             ['base_batch_size', 'batch_size', 'engine', 'format']
         """
+        # A step a Ctrl-C cut short after its update: what the next step would do first, its decision included, is
+        # done now, so the checkpoint holds the uninterrupted run's state
+        self._finish_step()
         return {
             "format": _CHECKPOINT_FORMAT,
             "engine": self.engine.state_dict(),
@@ -1196,6 +1278,7 @@ class Controller:
         self._rollbacks_in_a_row = in_a_row
         # A decision due is taken afresh, observation and all (_decide); format 1 holds none
         self._decision_due, self._observed = signals is not None and signals.decision_due, None
+        self._step_left = None  # a step cut short before the load is not the resumed run's
         self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
         self.engine.zero_grad()
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
@@ -1481,6 +1564,25 @@ class Controller:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        """One line without tensors: the policy, the steps and decisions made, open or closed, the device.
+
+        Read from ``__dict__``: a Controller whose construction raised part-way (one a traceback shows) lacks some
+        attributes, and a repr that raised would hide the error being shown.
+        """
+        attributes = self.__dict__
+        policy = attributes.get("_policy_identity", {}).get("name", "?")
+        if attributes.get("_closed"):
+            status = "closed"
+        elif self in _open_controllers:
+            status = "open"
+        else:
+            status = "not built"  # its construction raised (or is running)
+        return (
+            f"<{type(self).__name__} policy={policy!r} steps={attributes.get('steps', 0)} "
+            f"decisions={attributes.get('_decision_count', 0)} {status} device={attributes.get('device', '?')}>"
+        )
+
     # ------------------------------------------------------------------------------------ private
 
     def _attach_loader(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int) -> None:
@@ -1713,7 +1815,7 @@ class Controller:
         ``DecisionLoop.discard_interval`` does in ``compare``.
         """
         overhead = self.collector.overhead_ms
-        train_ms = self._close_interval(last_loss)  # one sync, as the trial's timer's at its end
+        train_ms = self._close_interval(last_loss, self._new_closing())  # one sync, as the trial's timer's at its end
         self.collector.discard_interval()
         # Its wall time from the interval's end (the moments read, the shield) is the controller's, as a decision's.
         uncharged = (time.perf_counter() - self._decision_start) * 1e3 - (self.collector.overhead_ms - overhead)
@@ -1721,45 +1823,73 @@ class Controller:
         self.cadence.add_training(train_ms)
         self._timer.start()
 
-    def _close_interval(self, last_loss: torch.Tensor) -> float:
+    def _close_interval(self, last_loss: torch.Tensor, closing: _Closing) -> float:
         """Reads the interval's device sums (the one sync), feeds them to the collector; returns its train ms.
 
         ``last_loss`` is the interval's last step's: read beside the sums, it says whether the losses were finite where
         the sampled rows say nothing (on a GPU a fast model may record no row in an interval).
+
+        ``closing`` keeps how far it got: called again with it after a Ctrl-C, it goes on from there, each part once.
+        The interval ends with its fold into the signals, its steps counted as applied or skipped there; the shield
+        runs after, from the flags it found at the first try. An error (not an interruption) before the fold ends the
+        interval unfolded: kept, its steps would be one more than the updates counted at every later end, refused
+        there for good.
         """
         assert self._moments is not None
-        train_ms = self._timer.stop() + self._carried_ms
-        self._decision_start = time.perf_counter()  # the device is idle: what follows is the decision's
-        self._carried_ms = 0.0
-        moments = self._moments.flush()
-        self._recorded_ms = moments.recorded_ms
-        applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
-        applied = applied_now - self._applied_at_start
-        skipped = self._interval_steps - applied
-        self._skipped_counted += skipped
-        # Folded in before the shield: a copy it takes carries the estimates of its own state, and a restore drops
-        # this interval's (the counts and times stay: the overflow rate is the interval's).
-        self.collector.observe_interval(
-            moments, n_steps=self._interval_steps, train_ms=train_ms, peak_bytes=self._interval_peak, skipped=skipped
-        )
-        restored = False
+        if closing.train_ms is None:
+            closing.train_ms, self._carried_ms = self._timer.stop() + self._carried_ms, 0.0
+            self._decision_start = time.perf_counter()  # the device is idle: what follows is the decision's
         try:
-            # Every recorded loss finite, the last step's too: steps skipped for their gradients alone (fp16's loss
-            # scale overflowing). With no update the weights were the same at every step, so where no row was recorded
-            # (on a GPU a sampled row may come less than once an interval) the last loss speaks for them all.
-            losses_finite = moments.n_finite_loss == moments.n_recorded and bool(
-                torch.isfinite(last_loss.detach()).all()
-            )
-            restored = self._shield(applied, self._interval_steps, losses_finite)
-        except BaseException:  # a NoGoodStateError may follow a restore: the count read again, as after one
+            if closing.moments is None:
+                closing.moments = self._moments.flush()
+            moments = closing.moments
+            self._recorded_ms = moments.recorded_ms
+            if closing.applied is None:
+                applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
+                applied = applied_now - self._applied_at_start
+                skipped = self._interval_steps - applied
+                # Folded in before the shield: a copy it takes carries the estimates of its own state, and a restore
+                # drops this interval's (the counts and times stay: the overflow rate is the interval's).
+                self.collector.observe_interval(
+                    moments,
+                    n_steps=self._interval_steps,
+                    train_ms=closing.train_ms,
+                    peak_bytes=self._interval_peak,
+                    skipped=skipped,
+                )
+                # One assignment: the interval ends with the fold, never part of it
+                closing.applied, closing.applied_now, closing.steps, self._skipped_counted = (
+                    applied,
+                    applied_now,
+                    self._interval_steps,
+                    self._skipped_counted + skipped,
+                )
+                self._interval_steps = self._interval_peak = 0
+        except Exception:
+            self._interval_steps = self._interval_peak = 0
             self._applied_at_start = self.engine.applied_steps()
             raise
-        else:
-            self._applied_at_start = self.engine.applied_steps() if restored else applied_now  # a restore resets it
-        finally:  # a NoGoodStateError too: its interval is counted above, and close() counted it again until 2026-12-06
-            self._interval_steps = 0
-            self._interval_peak = 0
-        return train_ms
+        self._interval_steps = self._interval_peak = 0  # (ended at the fold: again, where a Ctrl-C came between)
+        if closing.restored is None:
+            # As the first try found them: one cut short may have taken them
+            self._copy_opens_interval, self._change_copy, self._reopened_copy, self._applied_before_copy = (
+                closing.shield_flags
+            )
+            try:
+                # Every recorded loss finite, the last step's too: steps skipped for their gradients alone (fp16's loss
+                # scale overflowing). With no update the weights were the same at every step, so where no row was
+                # recorded (on a GPU a sampled row may come less than once an interval) the last loss speaks for them
+                # all.
+                losses_finite = moments.n_finite_loss == moments.n_recorded and bool(
+                    torch.isfinite(last_loss.detach()).all()
+                )
+                closing.restored = self._shield(closing.applied, closing.steps, losses_finite)
+            except Exception:  # a NoGoodStateError may follow a restore: the count read again, as after one
+                self._applied_at_start = self.engine.applied_steps()
+                raise
+        # A restore resets the count
+        self._applied_at_start = self.engine.applied_steps() if closing.restored else closing.applied_now
+        return closing.train_ms
 
     def _shield(self, applied: int, steps: int, losses_finite: bool = False) -> bool:
         """The rollback shield at an interval's end, from the updates ``applied`` of its ``steps``; True if restored.
@@ -1902,9 +2032,9 @@ class Controller:
                 self._copy_opens_interval = True
             self._change_copy = self._copy_opens_interval
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
+        # Made: one assignment, so that a Ctrl-C here neither leaves it due (made twice) nor uncounted
+        self._decision_count, self._decision_due, self._observed = self._decision_count + 1, False, None
         self.decisions.append(report)
-        self._decision_count += 1
-        self._decision_due, self._observed = False, None
         for reason in report.refused:
             _log.info("decision at step %d: %s", self.steps, reason)
         if self._writer is not None:
@@ -1942,6 +2072,53 @@ class Controller:
         return signals, observation
 
 
+def driving(optimizer: torch.optim.Optimizer) -> Controller | None:
+    """The open Controller that drives ``optimizer``, or None: to close one that no name of yours holds any more.
+
+    In a notebook, ``del ctl`` frees no Controller that something else still holds: the traceback of the last cell that
+    raised or was interrupted (``sys.last_traceback``), or an ``Out[...]`` entry that displayed it. Its optimizer stays
+    driven, and a new Controller on it is refused until ``driving(optimizer).close()``. None also where a
+    ``StepEngine`` built directly drives it (its ``remove()`` frees the optimizer).
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ctl = Controller(model, opt, policy="fp32")
+        >>> driving(opt) is ctl
+        True
+        >>> driving(opt).close()
+        >>> driving(opt) is None
+        True
+    """
+    return next((ctl for ctl in list(_open_controllers) if ctl.engine.optimizer is optimizer), None)
+
+
+@dataclass
+class _Closing:
+    """How far an interval's end got (``Controller._close_interval``): a Ctrl-C part-way leaves the rest to do."""
+
+    overhead_ms: float  # the collector's charges when it began (the decision's are the difference)
+    cheap_ms: float
+    rounds_ms: float
+    shield_flags: tuple[bool, bool, bool, int]  # the copy the interval began from, as the shield reads them
+    train_ms: float | None = None  # the interval's training time, once read
+    moments: IntervalMoments | None = None  # its device sums, once read
+    applied: int | None = None  # its updates applied, once folded into the signals
+    applied_now: int = 0  # the engine's applied updates then
+    steps: int = 0  # its steps
+    restored: bool | None = None  # whether the shield restored a copy, once it ran
+
+
+@dataclass
+class _StepLeft:
+    """What is left of a step whose update went in (``Controller._finish_step``)."""
+
+    loss: torch.Tensor
+    grads: GradStats | None  # its statistics (None: its update raised before taking them)
+    recorded: bool = False  # its statistics and memory recorded
+    closing: _Closing | None = None  # the interval's end it began, if any
+
+
 class _CountedZeroGrad:
     """Stands in for ``optimizer.zero_grad`` (an attribute of the instance), counting its calls.
 
@@ -1952,9 +2129,11 @@ class _CountedZeroGrad:
     a model's copies and pickles would keep a wrapper.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, owner: object) -> None:
         self.calls = 0
         self._optimizer = optimizer
+        self._owner = weakref.ref(owner)  # weakly: the owner holds this, and a dropped one leaves it unused
+        self._removed = False
         self._own = optimizer.__dict__.get("zero_grad")  # the caller's own wrapper, if any: put back by remove()
         self._zero_grad = optimizer.zero_grad
         setattr(optimizer, "zero_grad", self)  # noqa: B010  (mypy refuses an assignment to a method)
@@ -1963,8 +2142,28 @@ class _CountedZeroGrad:
         self.calls += 1
         return self._zero_grad(*args, **kwargs)
 
+    @staticmethod
+    def drop_unused(optimizer: torch.optim.Optimizer) -> None:
+        """Takes out of ``optimizer.zero_grad``'s chain the wrappers that count for no open Controller.
+
+        Those of Controllers garbage-collected unclosed (a notebook's cell run again after ``del ctl``), or closed
+        while wrapped again: each was called at every ``zero_grad()``, 20 deep after 20 such. A wrapper that is not
+        ours ends the walk, holding those below it.
+        """
+        above: _CountedZeroGrad | None = None  # the nearest wrapper kept, which calls the next one down
+        current = optimizer.__dict__.get("zero_grad")
+        while isinstance(current, _CountedZeroGrad):
+            if not current._removed and current._owner() is not None:
+                above = current
+            elif above is None:
+                current.remove()  # the outermost: the optimizer's zero_grad is the next one down again
+            else:
+                above._zero_grad, above._own = current._zero_grad, current._own
+            current = current._own
+
     def remove(self) -> None:
-        """Puts the optimizer's ``zero_grad`` back (one wrapped again since keeps this in its chain, counting)."""
+        """Puts the optimizer's ``zero_grad`` back (wrapped again since, this stays in the chain: ``drop_unused``)."""
+        self._removed = True
         if self._optimizer.__dict__.get("zero_grad") is not self:
             return
         if self._own is None:

@@ -159,12 +159,17 @@ class StepEngine:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, fused: bool | None = None
     ) -> None:
+        # The hooks of engines garbage-collected without remove() (Controllers dropped unclosed, a notebook's build cell
+        # run again) act no more, but each step still called them, a set for each: taken off here, and not by a
+        # finalizer, which may run inside a step while torch iterates the hook dicts.
+        _drop_dead_engine_hooks(optimizer)
         if any(_open_engine(hook) for hook in optimizer._optimizer_step_pre_hooks.values()):
             # A second one (a notebook cell run again) was taken, and the first's guard then refused the second's
             # updates with advice about an optimizer.step() the loop did not have.
             raise ValueError(
-                "this optimizer is driven by another open controller (or StepEngine): close() it first (ctl.close(), "
-                "or a `with Controller(...)` block), then build the new one"
+                "this optimizer is driven by another open controller (or StepEngine): close() it first, then build "
+                "the new one. triaccel_rl.controller.driving(optimizer).close() reaches a Controller whose name is "
+                "gone: in a notebook, sys.last_traceback or an Out[...] entry may still hold it after `del ctl`"
             )
         self.model = model
         self.optimizer = optimizer
@@ -265,32 +270,33 @@ class StepEngine:
                         "loss.backward() and optimizer.step() from the loop (or close the controller first)"
                     )
 
-            guard._triaccel_engine = this  # type: ignore[attr-defined]  # for _open_engine
+            _mark_engine_hook(guard, this)
             self._step_guard = guard
             self._step_guard_handle = optimizer.register_step_pre_hook(guard)
 
             def scale_lrs(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 engine = this()
                 if engine is not None and engine._stepping:  # after every other pre-hook: see _scaled_lrs
-                    # The optimizer's own step begins: from here an error can leave some parameters updated
-                    engine.update_started = True
                     engine._apply_scaled_lrs()
+                    # The optimizer's own step begins: from here an error can leave some parameters updated. Last: an
+                    # error (a Ctrl-C) before it has moved nothing, and the batch is served again
+                    engine.update_started = True
 
             def count_update(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 engine = this()
                 # The engine's own optimizer.step(): the update went in. Once a step: a subclass whose step() calls
                 # super().step() runs the hooks twice (torch wraps both classes' step), and counted two updates.
                 if engine is not None and engine._stepping and engine._own_lrs is not None:
-                    engine._reference_applied += 1
-                    engine.update_reached = True
+                    # One assignment: an update counted without being marked reached was counted again (_reference_step)
+                    engine._reference_applied, engine.update_reached = engine._reference_applied + 1, True
                     engine._restore_own_lrs()  # before the user's post-hooks: what they write stays
 
             # First of the post-hooks, so a user's post-hook that raises after the update cannot hide it from the count
-            self._count_handle = optimizer.register_step_post_hook(count_update)
+            self._count_handle = optimizer.register_step_post_hook(_mark_engine_hook(count_update, this))
             post_hooks: Any = optimizer._optimizer_step_post_hooks  # an OrderedDict (typed a dict)
             post_hooks.move_to_end(self._count_handle.id, last=False)
             self._scale_lrs_hook = scale_lrs
-            self._scale_handle = optimizer.register_step_pre_hook(scale_lrs)
+            self._scale_handle = optimizer.register_step_pre_hook(_mark_engine_hook(scale_lrs, this))
             self._own_lrs: list[Any] | None = None  # the groups' own LRs while the scaled ones are in (_scaled_lrs)
             self.last_grad_stats: GradStats | None = None
             """The last step's gradient statistics, kept for a caller whose step raised after the update (a step
@@ -303,6 +309,11 @@ class StepEngine:
             or the fused step's update kernel launched. Set while ``update_reached`` is not, the step raised part-way
             through the update (out of memory in ``AdamW``'s ``sqrt``): some parameters and optimizer state may have
             moved, so the batch is spent and the step cannot be retried."""
+            self.zero_pending = False
+            """Whether the gradients in ``.grad`` are a step's whose own zeroing has not run: set as the step begins
+            (a ``Controller`` sets it before the backward), cleared by :meth:`zero_grad`. Still set at the next step,
+            the step was cut short (a Ctrl-C in its last lines): its gradients must be zeroed before the next backward
+            adds to them."""
             # Updates applied on the reference path, one raised part-way included (the fused one counts on the device)
             self._reference_applied = 0
             wanted = fused if fused is not None else device.type == "cuda"
@@ -633,6 +644,7 @@ class StepEngine:
         self.refresh_weight_copies()
         if self.fused:
             self._reread_group_settings()
+            self._refresh_shown_steps()  # the counts came back with the copy
 
     def scaler_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The loss scale and its clean-step count, copied on the device (no sync): what a rollback brings back.
@@ -902,6 +914,7 @@ class StepEngine:
         return stats, torch.tensor(skipped)
 
     def _reference_step(self, loss: torch.Tensor | float) -> tuple[GradStats, bool]:
+        self.zero_pending = True  # until the zeroing below has run
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = self.update_started = False
         self.last_grad_stats = None
@@ -1249,6 +1262,7 @@ class StepEngine:
             self.optimizer.load_state_dict(plan.optimizer_state)
         else:
             self.state_holder.load_state_dict(plan.optimizer_state)
+            self._refresh_shown_steps()
             if plan.groups is not None:  # the saved LRs and hyperparameters (a scheduler's), as the reference path's
                 for group, saved in zip(self.optimizer.param_groups, plan.groups, strict=True):
                     group.update({key: value for key, value in saved.items() if key != "params"})
@@ -1481,6 +1495,10 @@ class StepEngine:
         self._last_codes: list[Precision] | None = None
         # bf16/fp16 layers read the 16-bit copies the fused step writes: no cast kernel in their forward.
         self.refresh_weight_copies()
+        # AdamW's ``step`` a parameter in optimizer.state, and its layer's count each is copied from (_show_state)
+        self._live_steps: list[torch.Tensor] = []
+        self._step_sources: list[torch.Tensor] = []
+        self._stored_ids = frozenset(id(param) for params in self.store.layers for param in params)
         self._adopt_optimizer_state()
         # The user's optimizer never steps on this path, but it stays their checkpoint's source and target.
         this = weakref.ref(self)
@@ -1509,10 +1527,10 @@ class StepEngine:
                 engine._reread_group_settings()
 
         self._optimizer_hooks = [
-            self.optimizer.register_state_dict_pre_hook(export),
-            self.optimizer.register_state_dict_post_hook(show),
-            self.optimizer.register_load_state_dict_pre_hook(check),
-            self.optimizer.register_load_state_dict_post_hook(adopt),
+            self.optimizer.register_state_dict_pre_hook(_mark_engine_hook(export, this)),
+            self.optimizer.register_state_dict_post_hook(_mark_engine_hook(show, this)),
+            self.optimizer.register_load_state_dict_pre_hook(_mark_engine_hook(check, this)),
+            self.optimizer.register_load_state_dict_post_hook(_mark_engine_hook(adopt, this)),
         ]
 
     def _check_loaded_optimizer_state(self, state: Mapping[str, Any]) -> None:
@@ -1630,33 +1648,48 @@ class StepEngine:
         fused = self.fused_optimizer
         current = fused._step_state[0].tolist() if loaded else [0.0] * (1 + len(self.store.layers))
         layer_steps: list[float] = []
+        restarted: list[int] = []  # layers whose count comes from the state, not carried on
         with torch.no_grad():
             for layer, params in enumerate(self.store.layers):
-                adopted = False
+                taken = shown = False  # a moment adopted from the state; one that is still the fused state's view
                 for name in fused._buffer_names:  # momentum_buffer; or exp_avg and exp_avg_sq
                     for param, view in zip(params, self.store.param_views(getattr(fused, name), layer), strict=True):
                         saved = state.get(param, {}).get(name)
                         if saved is None:  # a state loaded mid-run replaces the run's, as in torch.optim
                             view.zero_()
-                        else:  # (the view itself, after a state_dict loaded back unsaved: a no-op copy)
+                        elif _same_elements(saved, view):  # the live view (or a state_dict loaded back unsaved)
+                            shown = True
+                        else:
                             view.copy_(saved)
-                            adopted = True
-                # (A live view's step is its layer's count on the device: reading it syncs, once a parameter.)
+                            taken = True
+                # (A step shown is a tensor on the device: reading it syncs, once a parameter.)
                 steps = {float(state[p]["step"]) for p in params if "step" in state.get(p, {})}
                 if len(steps) > 1:
                     _log.warning(
                         "the parameters of layer %d took %s steps: the fused step counts %d for them all",
                         layer, sorted(steps), max(steps),
                     )  # fmt: skip
-                layer_steps.append(max(steps, default=max(current[1 + layer], 1.0) if adopted else 0.0))
-                if adopted and layer_steps[-1] > 0 and (isinstance(fused, FusedAdamW) or fused.options.dampening):
-                    self._warn_partly_fresh(layer, layer_steps[-1], state)
+                # A layer nothing was adopted for carries on as it was (another layer's entries were deleted, or a
+                # state_dict loaded back): a layer that has not stepped yet shows zeros where torch.optim holds no
+                # entry, and taken as a state, those started its SGD momentum dampened at a count of 1.
+                carried_on = not taken and (shown or not fused._buffer_names)
+                if not carried_on:
+                    restarted.append(layer)
+                if steps:
+                    count = max(steps)
+                elif carried_on:
+                    count = current[1 + layer]
+                else:
+                    count = max(current[1 + layer], 1.0) if taken else 0.0
+                layer_steps.append(count)
+                if (taken or shown) and count > 0 and (isinstance(fused, FusedAdamW) or fused.options.dampening):
+                    self._warn_partly_fresh(layer, count, state)
             model = current[0] if loaded else max(layer_steps, default=0.0)
             counts = torch.tensor([model, *layer_steps], dtype=torch.float64)
             fused._step_state[0].copy_(counts)
-            if isinstance(fused, FusedSGD):  # torch.optim's state counts no steps at momentum 0: a layer without a
-                # buffer (count 0 here) starts it at its next step with momentum, one with a buffer has a count >= 1
-                fused.steps_before_momentum.zero_()
+            if isinstance(fused, FusedSGD):  # torch.optim's state counts no steps at momentum 0: a restarted layer
+                # without a buffer (count 0) starts one at its next step with momentum; one with a buffer has count >= 1
+                fused.steps_before_momentum[restarted] = 0.0
         self._show_state(full=bool(state))  # a state adopted shows as views; none, as torch.optim's before a step
 
     def _warn_partly_fresh(self, layer: int, count: float, state: Mapping[torch.Tensor, Any]) -> None:
@@ -1685,28 +1718,41 @@ class StepEngine:
 
         ``full``: every parameter the fused step holds gets an entry of views: its moments in the fused buffers
         (``exp_avg`` and ``exp_avg_sq``, or ``momentum_buffer``), which an edit in place (``zero_()``) changes for
-        the next step, and AdamW's ``step``, a 0-dim view of its layer's count (float64, on the device, shared by the
-        layer's parameters: ``torch.optim`` keeps a float32 tensor a parameter, on the CPU unless ``capturable``,
-        which ``state_dict()`` returns). A parameter that has sat every step out, or whose SGD momentum has not
-        started, shows zeros where ``torch.optim`` would hold no entry. Not ``full`` (nothing adopted, a state
-        cleared): the state is left empty, as ``torch.optim``'s before its first step, and the next step fills it.
-        SGD without momentum keeps no state, as ``torch.optim.SGD``. Reads nothing on the host.
+        the next step, and AdamW's ``step``, a copy of its layer's count made after each step
+        (:meth:`_refresh_shown_steps`; an edit of it acts only through an adoption). A parameter that has sat every
+        step out, or whose SGD momentum has not started, shows zeros where ``torch.optim`` would hold no entry. Not
+        ``full`` (nothing adopted, a state cleared): the state is left empty, as ``torch.optim``'s before its first
+        step, and the next step fills it. SGD without momentum keeps no state, as ``torch.optim.SGD``. Reads nothing
+        on the host.
         """
         fused, state = self.fused_optimizer, self.optimizer.state
         names = fused._buffer_names
         if full:
+            if "exp_avg" in names and not self._live_steps:  # made once: AdamW's state keeps its buffers
+                counts = fused.layer_step_counts
+                self._step_sources = [counts[layer] for layer, params in enumerate(self.store.layers) for _ in params]
+                # Each its own tensor, float32 as torch.optim's: a copy of an optimizer pickled mid-run, loaded into a
+                # plain AdamW, advances each once a step (a view of the count, shared by a layer's parameters, advanced
+                # there once a parameter). On the device, as a capturable AdamW's, so that the copy made after each
+                # step does not wait for it; state_dict() gives torch.optim's CPU ones (_export_fused_state).
+                self._live_steps = [
+                    torch.zeros((), dtype=torch.float32, device=counts.device) for _ in self._step_sources
+                ]
+            steps = iter(self._live_steps)
             for layer, params in enumerate(self.store.layers):
                 views = [self.store.param_views(getattr(fused, name), layer) for name in names]
                 for i, param in enumerate(params):
                     entry = {name: buffer[i] for name, buffer in zip(names, views, strict=True)}
                     if "exp_avg" in entry:
-                        entry["step"] = fused.layer_step_counts[layer]
+                        entry["step"] = next(steps)
                     if entry:
                         state[param] = entry
                     else:
                         state.pop(param, None)
+            self._refresh_shown_steps()
         self._live_state = state
         self._live_len = len(state)
+        self._live_stored = self._stored_entries(state)
         self._live_full = full
         self._live_buffers = [getattr(fused, name) for name in names]  # (held: their ids stay theirs)
         self._live_buffer_ids = [id(buffer) for buffer in self._live_buffers]
@@ -1714,24 +1760,45 @@ class StepEngine:
     def _take_state_edits(self) -> None:
         """Adopts a state the user cleared or replaced since the last step, as ``optimizer.load_state_dict`` does.
 
-        Seen: ``optimizer.state`` replaced (``optimizer.state = defaultdict(dict)``) or its length changed
-        (``clear()``, ``del optimizer.state[p]``); a parameter without an entry then starts from zero moments, as
-        ``torch.optim`` starts a fresh state (a layer's count restarts where all its parameters lost theirs: see
-        :meth:`_warn_partly_fresh`). An edit in place (``state[p]["exp_avg"].zero_()``) needs nothing: the entries
-        are views. Not seen: an entry or a tensor replaced by another of the same parameter (``state[p] = {}``,
-        ``state[p]["momentum_buffer"] = None``): checking each would cost every step a pass over the parameters on
-        the host (0.1 to 0.4 ms at 1000 parameters). Per step, about 2 us whatever the model: an identity and a
-        length check, and the fused buffers' identities (a rollback or a checkpoint loaded may give SGD a new momentum
-        buffer: the view is then made again from the fused state, which is the one to keep). A state adopted reads the
-        counts (a host-device sync).
+        Seen: ``optimizer.state`` replaced (``optimizer.state = defaultdict(dict)``) or its entries of the store's
+        parameters changed in number (``clear()``, ``del optimizer.state[p]``); a parameter without an entry then
+        starts from zero moments, as ``torch.optim`` starts a fresh state (a layer's count restarts where all its
+        parameters lost theirs: see :meth:`_warn_partly_fresh`; a layer whose entries all stay carries on). An edit in
+        place (``state[p]["exp_avg"].zero_()``) needs nothing: the entries are views. Not seen: an entry or a tensor
+        replaced by another of the same parameter (``state[p] = {}``, ``state[p]["momentum_buffer"] = None``):
+        checking each would cost every step a pass over the parameters on the host (0.1 to 0.4 ms at 1000
+        parameters). Per step, about 2 us whatever the model: an identity and a length check (a pass over the entries
+        when the length changed), and the fused buffers' identities (a rollback or a checkpoint loaded may give SGD a
+        new momentum buffer: the view is then made again from the fused state, which is the one to keep). A state
+        adopted reads the counts (a host-device sync).
         """
         state, fused = self.optimizer.state, self.fused_optimizer
         if self._live_state is None:  # handed back by remove()
             return
         if [id(getattr(fused, name)) for name in fused._buffer_names] != self._live_buffer_ids:
             self._show_state(self._live_full)
-        elif state is not self._live_state or len(state) != self._live_len:
+        elif state is not self._live_state:
             self._adopt_optimizer_state(loaded=True)
+        elif len(state) != self._live_len:
+            # A parameter not in the store (frozen at the build) read through the defaultdict (a logging loop's
+            # optimizer.state[p]) gets an empty entry: nothing to adopt, and no host-device sync for it
+            if self._stored_entries(state) != self._live_stored:
+                self._adopt_optimizer_state(loaded=True)
+            else:
+                self._live_len = len(state)
+
+    def _stored_entries(self, state: Mapping[Any, Any]) -> int:
+        """How many entries of ``state`` are of parameters in the store (a pass over the entries)."""
+        return sum(id(param) in self._stored_ids for param in state)
+
+    def _refresh_shown_steps(self) -> None:
+        """Copies each layer's count into AdamW's ``step`` of its parameters in ``optimizer.state`` (no sync).
+
+        After each fused step, and wherever the counts were set outside it (a load, a rollback). One foreach copy,
+        no loop in Python: on a GPU one multi-tensor launch; on a CPU a copy a tensor (about 70 us at 200 parameters).
+        """
+        if self._live_steps:
+            torch._foreach_copy_(self._live_steps, self._step_sources)
 
     def _class_decays(self, groups: Sequence[Mapping[str, Any]] | None = None) -> float | tuple[float, ...]:
         """The fused step's weight decay for ``groups`` (the param groups' now): one a decay class (a float for one).
@@ -2018,6 +2085,7 @@ class StepEngine:
                         p.grad.zero_()
 
     def _fused_step(self, loss: torch.Tensor) -> tuple[GradStats, torch.Tensor]:
+        self.zero_pending = True  # until the zeroing below has run
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = self.update_started = False
         self.last_grad_stats = None
@@ -2079,6 +2147,8 @@ class StepEngine:
                 # fp16 scale's back-off below: the scale stays equal in every process. One collective, on the device.
                 elsewhere = overflow_elsewhere if overflow_elsewhere is not None else torch.zeros_like(skip)
                 skip, overflow_elsewhere = any_rank_on_device(torch.stack([skip, elsewhere])).unbind()
+            # The last step's, read below where this one stops before step() resets it (a Ctrl-C in its arguments)
+            self.fused_optimizer.update_launched = False
             try:
                 result = self.fused_optimizer.step(
                     lr,
@@ -2094,14 +2164,19 @@ class StepEngine:
                 # batch goes back (not taken as spent, with no update)
                 self.update_started = self.fused_optimizer.update_launched
         except BaseException:
-            self.store.zero_grad()  # no update: the next step's gradients must not add to these
-            self._zero_unstored_gradients()  # nor those of a param group added (or a parameter unfrozen) since
+            # Again: a Ctrl-C may have come before the finally's (the update in, the batch taken as never trained on)
+            self.update_started = self.fused_optimizer.update_launched
+            self._zero_unstored_gradients()  # a param group added (or a parameter unfrozen) since: the store's below
+            self.zero_grad()  # no update: the next step's gradients must not add to these
             raise
         self._mark_weights_written()
         self.update_reached = True
         if not self._live_full:  # the first step after none had state: torch.optim's state fills now too
             self._show_state(full=True)
-        self.last_grad_stats = GradStats(result.grad_sq_sum, result.grad_abs_max, result.grad_nonfinite)
+        else:
+            self._refresh_shown_steps()
+        abs_max = result.grad_abs_max if self.track_abs_max else None  # as the reference path's
+        self.last_grad_stats = GradStats(result.grad_sq_sum, abs_max, result.grad_nonfinite)
         try:
             # The flag an LR scheduler's wrapper of optimizer.step() sets: without it, a scheduler on the user's
             # optimizer (which never steps here) warns at each step that it was stepped before the optimizer.
@@ -2123,7 +2198,7 @@ class StepEngine:
                 grown = torch.where(torch.isfinite(grown), grown, self._scale)
                 self._scale.copy_(torch.where(overflow, self._scale * 0.5, torch.where(grow, grown, self._scale)))
                 self._clean_steps.masked_fill_(grow, 0)
-            self.store.zero_grad()
+            self.zero_grad()
             # Only where a second optimizer's parameters got gradients: one sync, for its step to skip a skipped
             # step's (a NaN batch's gradients would have made its weights and momentum NaN for good)
             if unheld_overflow is not None and bool(result.skipped):
@@ -2669,9 +2744,37 @@ def _hand_back(
 
 
 def _open_engine(hook: Any) -> bool:
-    """Whether ``hook`` is the step guard of a StepEngine that is alive and has not been removed."""
+    """Whether ``hook`` is an optimizer hook of a StepEngine that is alive (a removed one's hooks are off)."""
     ref = getattr(hook, "_triaccel_engine", None)
     return ref is not None and ref() is not None
+
+
+def _mark_engine_hook(hook: Callable[..., Any], engine: weakref.ref[StepEngine]) -> Callable[..., Any]:
+    """``hook`` marked as ``engine``'s optimizer hook, for :func:`_open_engine` and :func:`_drop_dead_engine_hooks`."""
+    hook._triaccel_engine = engine  # type: ignore[attr-defined]
+    return hook
+
+
+def _drop_dead_engine_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Takes off ``optimizer`` the hooks of StepEngines garbage-collected without ``remove()``; a live one's stay."""
+    events = ("step", "state_dict", "load_state_dict")
+    for name in (f"_optimizer_{event}_{when}_hooks" for event in events for when in ("pre", "post")):
+        hooks = optimizer.__dict__.get(name, {})  # torch's private dicts, as _step_hooks reads them
+        dead = [key for key, hook in hooks.items() if hasattr(hook, "_triaccel_engine") and not _open_engine(hook)]
+        for key in dead:
+            del hooks[key]
+
+
+def _same_elements(value: Any, view: torch.Tensor) -> bool:
+    """Whether ``value`` is a tensor over exactly ``view``'s elements (the view itself, or another view of them)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device == view.device
+        and value.dtype == view.dtype
+        and value.data_ptr() == view.data_ptr()
+        and value.shape == view.shape
+        and value.stride() == view.stride()
+    )
 
 
 def _state_value(value: Any) -> bool:

@@ -1,0 +1,156 @@
+"""A Ctrl-C at any point of a step, then the training cell run again with the same Controller, ends as if none came.
+
+A notebook user interrupts a cell and runs it again: ``loader()`` serves the batch again where its update did not go in,
+and the next ``backward()`` or ``step()`` finishes what a step whose update went in left undone. Each test injects a
+``KeyboardInterrupt`` at one named point of one step and compares the weights, the steps and the decisions with the
+uninterrupted run's, exactly (fp32 policy), on the reference path and on the fused step under Triton's interpreter.
+Before, a Ctrl-C in the post-update zeroing left the batch's gradients for the next update; one as the step was counted
+left the interval a step short, refused with ``skipped=-1`` at every later interval's end; one in the step's statistics
+or at the interval's end lost the decision; one before the update began was reported as an update raised part-way, and
+its batch dropped; one between the backward and the update read the last step's flags, and counted the batch as
+trained on.
+"""
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import triaccel_rl.controller as controller_module
+from triaccel_rl.config import ControllerConfig
+from triaccel_rl.controller import Controller
+from triaccel_rl.elastic import BatchLRCoupler
+from triaccel_rl.engine import StepEngine
+from triaccel_rl.shield import RollbackGuard
+from triaccel_rl.signals import DeviceMoments, SignalCollector
+
+_STEPS, _DECISIONS = 12, 4  # two epochs of 96 samples in batches of 16; a decision every 3 steps
+
+_fused_param = pytest.param(
+    True,
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+        reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
+    ),
+    id="fused",
+)
+
+
+def _data():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(96, 8, generator=generator), torch.randint(0, 3, (96,), generator=generator)
+
+
+def _build(monkeypatch, fused):
+    if fused:
+
+        class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+            def __init__(self, model, optimizer, device):
+                super().__init__(model, optimizer, device, fused=True)
+
+        monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctl = Controller(model, optimizer, policy="fp32", config=ControllerConfig(interval_steps=3))
+    assert ctl.engine.fused is fused
+    return model, ctl
+
+
+def _train(model, ctl, accumulate=False):
+    """The notebook cell: two epochs from the run's place."""
+    x, y = _data()
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=2):
+        with ctl.autocast():
+            if accumulate:  # two micro-batches: the first through backward()
+                ctl.backward(nn.functional.cross_entropy(model(xb[:8]), yb[:8]) / 2)
+                ctl.step(nn.functional.cross_entropy(model(xb[8:]), yb[8:]) / 2)
+            else:
+                ctl.step(nn.functional.cross_entropy(model(xb), yb))
+
+
+def _outcome(model, ctl):
+    outcome = torch.cat([p.detach().flatten() for p in model.parameters()]), ctl.steps, ctl.decision_count
+    ctl.close()
+    return outcome
+
+
+def _uninterrupted(monkeypatch, fused, accumulate=False):
+    with monkeypatch.context() as patch:
+        model, ctl = _build(patch, fused)
+        _train(model, ctl, accumulate)
+        return _outcome(model, ctl)
+
+
+def _interrupt_once(monkeypatch, owner, name, when):
+    """Has ``owner.name`` raise KeyboardInterrupt on entry, the first time ``when()`` holds; returns whether it did."""
+    original = getattr(owner, name)
+    fired = []
+
+    def interrupted(*args, **kwargs):
+        if not fired and when():
+            fired.append(True)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return fired
+
+
+# (where, the method entered there, the run's steps counted when it is: the third step closes the first interval)
+_POINTS = [
+    ("the post-update gradient zeroing", StepEngine, "zero_grad", 2, True),
+    ("the step's count (the LR coupler's rung)", BatchLRCoupler, "advance", 2, True),
+    ("the step's statistics", DeviceMoments, "observe_layers", 3, True),
+    ("the step's memory reading", Controller, "predicted_memory_bytes", 3, True),
+    ("the interval's fold into the signals", SignalCollector, "observe_interval", 3, True),
+    ("the shield's rollback copy", RollbackGuard, "save", 3, True),
+    ("between the backward and the update", StepEngine, "step_after_backward_deferred", 2, False),
+    ("the LRs scaled before the update", StepEngine, "_apply_scaled_lrs", 2, False),
+]
+
+
+@pytest.mark.parametrize("fused", [False, _fused_param])
+@pytest.mark.parametrize(("where", "owner", "name", "at_steps", "update_in"), _POINTS, ids=[p[0] for p in _POINTS])
+def test_a_ctrl_c_then_the_cell_run_again_ends_as_the_uninterrupted_run(
+    monkeypatch, caplog, fused, where, owner, name, at_steps, update_in
+):
+    if fused and name == "_apply_scaled_lrs":
+        pytest.skip("the fused step writes no LRs into the param groups")
+    expected_weights, expected_steps, expected_decisions = _uninterrupted(monkeypatch, fused)
+    assert (expected_steps, expected_decisions) == (_STEPS, _DECISIONS)
+    model, ctl = _build(monkeypatch, fused)
+    # Where the update went in, after it only (the zeroing also runs before a step, after a Ctrl-C)
+    fired = _interrupt_once(
+        monkeypatch,
+        owner,
+        name,
+        lambda: ctl.steps == at_steps and (ctl.engine.update_reached or not update_in),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, ctl)
+    assert fired, f"no Ctrl-C came in {where}"
+    assert ctl.steps == at_steps + (update_in and at_steps == 2)  # counted where its update went in
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
+        _train(model, ctl)  # the cell run again
+    assert "raised part-way" not in caplog.text
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    difference = (weights - expected_weights).abs().max().item()
+    assert torch.equal(weights, expected_weights), f"a Ctrl-C in {where}: weights {difference:.3g} off"
+
+
+def test_a_ctrl_c_as_a_micro_batch_is_recorded_leaves_no_gradient_for_the_batch_served_again(monkeypatch):
+    """``backward()`` cut short after its backward: the batch is served again whole, its gradients once."""
+    expected_weights, expected_steps, expected_decisions = _uninterrupted(monkeypatch, False, accumulate=True)
+    model, ctl = _build(monkeypatch, False)
+    fired = _interrupt_once(monkeypatch, Controller, "_grad_mark", lambda: ctl.steps == 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, ctl, accumulate=True)
+    assert fired and ctl.steps == 2
+    _train(model, ctl, accumulate=True)
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
