@@ -20,6 +20,7 @@ __all__ = [
     "NoGoodStateError",
     "Precision",
     "TrainingRun",
+    "UnrecoverableOOMError",
     "get_task",
 ]
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ _LAZY = {
     "MemoryBudget": "triaccel_rl.config",
     "NoGoodStateError": "triaccel_rl.errors",
     "TrainingRun": "triaccel_rl.training",
+    "UnrecoverableOOMError": "triaccel_rl.elastic",
     "get_task": "triaccel_rl.tasks",
 }
 
