@@ -1,11 +1,11 @@
 """Under fp16 the engine stops watching trainable parameters outside its optimizer once they leave the model."""
 
 import gc
-import os
 import weakref
 
 import pytest
 import torch
+from test_unheld_midrun import DEVICE, FP16_TOLERANCE, pytestmark  # noqa: F401  (pytestmark: the same skip)
 from torch import nn
 
 import triaccel_rl as ta
@@ -13,13 +13,6 @@ from triaccel_rl import controller as controller_module
 from triaccel_rl.engine import StepEngine
 from triaccel_rl.types import Precision
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the fused path needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FP16_TOLERANCE = 1e-3
-"""Largest parameter difference allowed between the fp16 run and the plain fp32 loop (as tests/test_unheld_midrun)."""
 N_HEADS = 50
 """How many times the head is replaced in the leak test."""
 
