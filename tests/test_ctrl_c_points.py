@@ -23,6 +23,7 @@ from triaccel_rl.config import ControllerConfig
 from triaccel_rl.controller import Controller
 from triaccel_rl.elastic import BatchLRCoupler
 from triaccel_rl.engine import StepEngine
+from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.shield import RollbackGuard
 from triaccel_rl.signals import DeviceMoments, SignalCollector
 
@@ -84,16 +85,21 @@ def _uninterrupted(monkeypatch, fused, accumulate=False):
         return _outcome(model, ctl)
 
 
-def _interrupt_once(monkeypatch, owner, name, when):
-    """Has ``owner.name`` raise KeyboardInterrupt on entry, the first time ``when()`` holds; returns whether it did."""
+def _interrupt_once(monkeypatch, owner, name, when, on_return=False):
+    """Has ``owner.name`` raise KeyboardInterrupt on entry, the first time ``when()`` holds; returns whether it did.
+
+    ``on_return``: once it has run instead, as a Ctrl-C between its return and the caller's next line.
+    """
     original = getattr(owner, name)
     fired = []
 
     def interrupted(*args, **kwargs):
-        if not fired and when():
-            fired.append(True)
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        if fired or not when():
+            return original(*args, **kwargs)
+        fired.append(True)
+        if on_return:
+            original(*args, **kwargs)
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(owner, name, interrupted)
     return fired
@@ -151,6 +157,33 @@ def test_a_ctrl_c_as_a_micro_batch_is_recorded_leaves_no_gradient_for_the_batch_
         _train(model, ctl, accumulate=True)
     assert fired and ctl.steps == 2
     _train(model, ctl, accumulate=True)
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
+
+
+# (where, the method, whether the Ctrl-C comes as it returns, the run's steps then): a batch every 16 of 96 samples
+_LOADER_POINTS = [
+    ("a batch taken, not yet recorded as served", ElasticLoader, "next", True, 2),
+    ("the next epoch's order drawn", ElasticLoader, "_permutation", False, 6),
+]
+
+
+@pytest.mark.parametrize(
+    ("where", "owner", "name", "on_return", "at_steps"), _LOADER_POINTS, ids=[p[0] for p in _LOADER_POINTS]
+)
+def test_a_ctrl_c_as_the_loader_hands_out_a_batch_serves_that_batch_again(
+    monkeypatch, where, owner, name, on_return, at_steps
+):
+    """Before, the loader's place moved past the batch before it was recorded as served: the run trained 11 of 12
+    steps; cut short as the next epoch began, it went on at the epoch after it (6 steps)."""
+    expected_weights, expected_steps, expected_decisions = _uninterrupted(monkeypatch, False)
+    model, ctl = _build(monkeypatch, False)
+    fired = _interrupt_once(monkeypatch, owner, name, lambda: ctl.steps == at_steps, on_return)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, ctl)
+    assert fired and ctl.steps == at_steps, f"no Ctrl-C came in {where}"
+    _train(model, ctl)
     weights, steps, decisions = _outcome(model, ctl)
     assert (steps, decisions) == (expected_steps, expected_decisions)
     assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"

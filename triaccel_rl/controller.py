@@ -320,7 +320,8 @@ class Controller:
             self._loader: ElasticLoader | None = None
             self._loader_key: tuple[Any, ...] | None = None  # the dataset and seed it serves: a later call carries on
             self._loader_source = (0, 0)  # where the caller's tensors were (no reference kept)
-            self._unstepped: tuple[int, int] | None = None  # (steps, samples) of the last batch served, at serving
+            # (steps, the loader's samples_served) as the last batch was taken: what it served since is unstepped
+            self._unstepped: tuple[int, int] | None = None
             self._micro_loss: torch.Tensor | None = None  # the sum of backward()'s micro-batch losses, for step()
             self._micro_mark: tuple[int, int, int] | None = None  # the gradients' state after that backward
             self._micro_zero_grads = 0  # optimizer.zero_grad() calls by then
@@ -483,12 +484,15 @@ class Controller:
                     "this loader() iterator's run was replaced by a loader() call on another dataset: loader() serves "
                     "the training data of one run (iterate evaluation data yourself, under torch.no_grad())"
                 )
+            # Recorded before the batch is taken, not after: a Ctrl-C between the loader's move and the record
+            # skipped the batch. What the loader served since this place is given back by the next call (none, or
+            # the batch), however far a Ctrl-C let this go.
+            self._unstepped = (self.steps, loader.samples_served)
             batch = loader.next(self.batch_size)
             if batch.epoch >= epochs:
                 loader.take_back(len(batch.y))  # not trained on: a resumed run with more epochs starts here
                 self._unstepped = None  # the loop ran to its end: the batches it took were the loop's to train
                 break
-            self._unstepped = (self.steps, len(batch.y))
             self._last_batch = len(batch.y)
             yield batch.x, batch.y
 
@@ -1164,8 +1168,8 @@ class Controller:
             return {"batch_size": resume["batch_size"], "base_batch_size": resume["base_batch_size"],
                     "loader": dict(resume["loader"]), "lr_coupler": resume["lr_coupler"]}  # fmt: skip
         loader = self._loader.state_dict() if self._loader is not None else None
-        if loader is not None and self._unstepped is not None and self._unstepped[0] == self.steps:
-            taken = self._unstepped[1]
+        taken = self._unstepped_samples()
+        if loader is not None and taken:
             loader = {**loader, "cursor": loader["cursor"] - taken, "samples_served": loader["samples_served"] - taken}
         return {
             "batch_size": self._batch_size,
@@ -1613,8 +1617,7 @@ class Controller:
         # locals first: a refused call leaves the run as it was. One on another dataset (a bad seed) forgot the batch
         # the loop broke out on, never trained then, until 2026-12-06.
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
-            unstepped = self._unstepped is not None and self._unstepped[0] == self.steps
-            taken = self._unstepped[1] if self._unstepped is not None and unstepped else 0
+            taken = self._unstepped_samples()
             if batch_size != self._base_batch_size:
                 raise ValueError(
                     f"loader(batch_size={batch_size}) carries on a run that started at batch_size="
@@ -1629,7 +1632,7 @@ class Controller:
             moved = None
             if (x.data_ptr(), y.data_ptr()) != self._loader_source:  # the same shapes, other tensors
                 moved = x.to(self.device), y.to(self.device)
-            if unstepped:
+            if taken:
                 # The last batch served was never stepped on (the loop raised or broke out before step()): it is
                 # served again, as the first of this call, so no sample of the epoch goes untrained.
                 _log.info("the last batch served (%d samples) was not trained on: served again", taken)
@@ -1671,6 +1674,12 @@ class Controller:
             self._batch_size, self.engine.batch_lr_gain = grown, coupler.gain
             self._resume = None
         self._loader_source = (x.data_ptr(), y.data_ptr())
+
+    def _unstepped_samples(self) -> int:
+        """Samples of the last batch served that no step has trained on yet: 0, or the batch's size."""
+        if self._loader is None or self._unstepped is None or self._unstepped[0] != self.steps:
+            return 0
+        return self._loader.samples_served - self._unstepped[1]
 
     def _checked_resume(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
         """The checkpoint's place in the data for the next ``loader()`` call, each part checked.

@@ -81,14 +81,22 @@ class ElasticLoader:
             ValueError: ``batch_size`` is not a positive integer.
         """
         batch_size = _batch_size(batch_size)
-        if self.cursor >= len(self.x):
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._permutation(self.epoch)
-        indices = self._order[self.cursor : self.cursor + self.next_size(batch_size)]
-        self.cursor += len(indices)
-        self.samples_served += len(indices)
-        return Batch(self.x[indices], self.y[indices], self.epoch, indices)
+        epoch, cursor, order = self.epoch, self.cursor, self._order
+        if cursor >= len(self.x):
+            epoch, cursor = epoch + 1, 0
+            order = self._permutation(epoch)
+        indices = order[cursor : cursor + self.next_size(batch_size)]
+        batch = Batch(self.x[indices], self.y[indices], epoch, indices)
+        # The place moves once the batch is made, in one assignment: a Ctrl-C (or an error) before it serves nothing.
+        # Moved a field at a time, one cut short part-way skipped an epoch, served an epoch in the last one's order,
+        # or saved a state that check_state refuses.
+        self.epoch, self.cursor, self.samples_served, self._order = (
+            epoch,
+            cursor + len(indices),
+            self.samples_served + len(indices),
+            order,
+        )
+        return batch
 
     def next_size(self, batch_size: int) -> int:
         """How many samples :meth:`next` serves for ``batch_size`` (a whole number >= 1) now.
@@ -119,8 +127,7 @@ class ElasticLoader:
         n_samples = int(n_samples)
         if not (0 <= n_samples <= self.cursor):
             raise ValueError(f"cannot take back {n_samples} samples; {self.cursor} served this epoch")
-        self.cursor -= n_samples
-        self.samples_served -= n_samples
+        self.cursor, self.samples_served = self.cursor - n_samples, self.samples_served - n_samples  # together
 
     def epoch_batches(self, batch_size: int) -> Iterator[Batch]:
         """Yields the rest of the current epoch in batches of ``batch_size``; at an epoch's end, the whole next epoch.
@@ -152,8 +159,13 @@ class ElasticLoader:
                 f"the loader state is of {checked['n']} samples with seed {checked['seed']}; this loader has "
                 f"{len(self.x)} samples and seed {self.seed}: resume with the same dataset and seed"
             )
-        self.epoch, self.cursor, self.samples_served = checked["epoch"], checked["cursor"], checked["samples_served"]
-        self._order = self._permutation(self.epoch)
+        order = self._permutation(checked["epoch"])
+        self.epoch, self.cursor, self.samples_served, self._order = (
+            checked["epoch"],
+            checked["cursor"],
+            checked["samples_served"],
+            order,
+        )
 
     @staticmethod
     def check_state(state: Mapping[str, int]) -> dict[str, int]:
