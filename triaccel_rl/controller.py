@@ -869,7 +869,7 @@ class Controller:
             return
         # autocast caches each weight's 16-bit cast until its outermost region closes: inside one around the whole
         # loop (ctl's or the user's own torch.autocast), the next forward computed with the weights before this update
-        # (and a rollback), every step of the run (until 2026-12-06). Cleared, it casts them again, as a region a
+        # (and a rollback), every step of the run. Cleared, it casts them again, as a region a
         # step would.
         torch.clear_autocast_cache()
         try:
