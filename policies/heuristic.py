@@ -29,6 +29,8 @@
   rung instead, late in the run too: with ``anneal_rungs=2`` a small rise cuts two rungs and a large one a single
   rung. With ``anneal_release_after`` the cuts are released from that share of the budget on: the rule climbs a
   rung a decision back to 1.0 whatever the loss's fall (a rise or overflow still steps down), and anneals no more.
+  With ``anneal_by="batch"`` a plateau doubles the batch instead, the LR keeping its rung, as long as the batch rule
+  may grow it (``max_batch_growth``, ``grow_below_usage``); once it may not, the plateau cuts the LR.
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is under ``max_batch_over_noise`` (a tenth) of the
   gradient-noise scale (larger batches still help, at a cost of at most about 10% more samples;
@@ -235,9 +237,11 @@ class HeuristicPolicy:
         current = [self._current_precision(obs, group) for group in range(self.layout.n_groups)]
         precisions = self._precisions(obs, current, unstable, may_lower) if "precision" in self.parts else current
         rung = self._current_rung(obs)
-        if "lr" in self.parts:
-            rung = self._lr_rung(obs, rung, unstable)
         move = self._batch_move(obs) if "batch" in self.parts else BatchMove.KEEP
+        if "lr" in self.parts:
+            # With anneal_by="batch" the batch's doubling is the plateau's cut, and the LR keeps its rung
+            batch_annealed = move is BatchMove.GROW and self._plateau(obs) and self._batch_anneals()
+            rung = self._lr_rung(obs, rung, unstable, batch_annealed)
         return encode(Action(tuple(precisions), self.config.lr_scales[rung], move), self.config)
 
     def _current_precision(self, obs: np.ndarray, group: int) -> Precision:
@@ -300,19 +304,42 @@ class HeuristicPolicy:
         descended = any(math.isclose(current_scale * step, s, rel_tol=1e-5) for s in ladder)
         return nearest if between and climbed and not descended else below
 
-    def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool) -> int:
+    def _annealing(self, obs: np.ndarray) -> bool:
+        """Whether annealing is on at this point of the run: past ``anneal_after``, before any release."""
+        rules = self.config.heuristic
+        progress = obs[self.layout.globals("progress")]
+        release = rules.anneal_release_after
+        released = release is not None and progress >= _as_observed(release)
+        return rules.anneal_plateau is not None and progress >= _as_observed(rules.anneal_after) and not released
+
+    def _plateau(self, obs: np.ndarray) -> bool:
+        """Whether annealing is on and the last interval's probe loss fell by less than ``anneal_plateau``.
+
+        A rise over ``loss_rise_tolerance`` or an overflow rate over its bound is no plateau but the stability rule's
+        one rung down, which takes the LR's cut in its place.
+        """
+        rules = self.config.heuristic
+        g = self.layout.globals
+        trend = obs[g("loss_trend")]
+        unstable = obs[g("overflow_rate")] > _as_observed(rules.max_overflow_rate)
+        if not self._annealing(obs) or rules.anneal_plateau is None or unstable:
+            return False
+        return bool(-_as_observed(rules.anneal_plateau) < trend <= _as_observed(rules.loss_rise_tolerance))
+
+    def _batch_anneals(self) -> bool:
+        return self.config.heuristic.anneal_by == "batch" and "batch" in self.parts
+
+    def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool, batch_annealed: bool = False) -> int:
         rules = self.config.heuristic
         trend = obs[self.layout.globals("loss_trend")]
         tolerance = _as_observed(rules.loss_rise_tolerance)
         if trend > tolerance or unstable:
             return max(rung - 1, 0)
-        progress = obs[self.layout.globals("progress")]
-        late = progress >= _as_observed(rules.anneal_after)
         release = rules.anneal_release_after
-        released = release is not None and progress >= _as_observed(release)
-        if rules.anneal_plateau is not None and late and not released:  # annealing: down on a plateau, never back up
+        released = release is not None and obs[self.layout.globals("progress")] >= _as_observed(release)
+        if self._annealing(obs):  # annealing: down on a plateau (unless the batch took the cut), never back up
             rung = self._current_rung(obs, floor=True)
-            return max(rung - rules.anneal_rungs, 0) if trend > -_as_observed(rules.anneal_plateau) else rung
+            return max(rung - rules.anneal_rungs, 0) if self._plateau(obs) and not batch_annealed else rung
         if (released or trend < -tolerance) and self.config.lr_scales[rung] < 1.0:
             return rung + 1  # recovering (or annealing's cuts released): climb back towards the neutral scale
         return rung
@@ -332,7 +359,8 @@ class HeuristicPolicy:
         ramp = rules.ramp_batch_after is not None and (
             _as_observed(rules.ramp_batch_after) <= progress < _as_observed(rules.ramp_batch_until)
         )
-        if room and (quiet or ramp) and memory_use < _as_observed(rules.grow_below_usage):
+        annealed = self._batch_anneals() and self._plateau(obs)
+        if room and (quiet or ramp or annealed) and memory_use < _as_observed(rules.grow_below_usage):
             return BatchMove.GROW
         return BatchMove.KEEP
 

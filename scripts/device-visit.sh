@@ -177,6 +177,11 @@ for stage in "$@"; do
     anneal-resnet-5) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,static-fp16-clip3,heuristic-anneal5-i1-deep-fp16-clip3 \
            --out "$OUT/anneal_resnet_5.json" --plots "$OUT/plots_anneal5" 2>&1 | tail -6 ;;
+    # The clipped deep row with its first cut a doubled batch (LR held, anneal_by="batch") beside the LR-cut row and
+    # static fp16 clipped, 5 seeds (~6 min).
+    anneal-batch-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 5 --static 512,0.5,5.4 \
+           --eval-steps 50 --rows static-fp16-clip3,heuristic-anneal5-i1-deep-fp16-clip3,heuristic-anneal5-i1-deepbatch-fp16-clip3 \
+           --out "$OUT/anneal_batch_resnet.json" --plots "$OUT/plots_anneal_batch" 2>&1 | tail -7 ;;
     # One seed of static fp16 and the clipped deep row: the training pipeline end to end after engine changes (~1.5 min).
     smoke-resnet) python3 experiments/gpu_benchmark.py --models resnet18-fmnist --seeds 1 --static 512,0.5,5.4 \
            --eval-steps 50 --rows static-fp16,heuristic-anneal5-i1-deep-fp16-clip3 \

@@ -315,6 +315,7 @@ def test_heuristic_defaults_are_the_documented_ones() -> None:
         "max_batch_over_noise": 0.1,
         "max_batch_growth": 2.0,
         "anneal_plateau": None,
+        "anneal_by": "lr",
         "anneal_after": 0.3,
         "anneal_rungs": 1,
         "anneal_release_after": None,

@@ -629,6 +629,67 @@ def test_the_batch_rule_at_its_thresholds(config, features, expected):
     assert decide(HeuristicPolicy(config), **features).batch == expected
 
 
+BATCH_ANNEAL = ControllerConfig(
+    heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.35, anneal_by="batch", max_batch_growth=2.0)
+)
+NOISY = -3.0  # the batch far over a tenth of the noise scale: the noise rule alone keeps it
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        ({"loss_trend": -0.01, "progress": 0.5}, Decision(None, 1.0, GROW)),  # a plateau doubles the batch, LR kept
+        ({"loss_trend": 0.05, "progress": 0.5}, Decision(None, 1.0, GROW)),  # a small rise is a plateau too
+        ({"loss_trend": -0.05, "progress": 0.5}, Decision(None, 1.0, KEEP)),  # a fall of exactly the plateau: kept
+        ({"loss_trend": -0.01, "progress": 0.3499}, Decision(None, 1.0, KEEP)),  # before anneal_after: nothing
+        ({"loss_trend": NAN, "progress": 0.5}, Decision(None, 1.0, KEEP)),  # an unknown trend: nothing
+        # The batch at max_batch_growth, or memory at grow_below_usage: the plateau cuts the LR instead
+        ({"loss_trend": -0.01, "progress": 0.5, "log2_batch": 1.0}, Decision(None, 0.75, KEEP)),
+        ({"loss_trend": -0.01, "progress": 0.5, "memory_use": 0.45}, Decision(None, 0.75, KEEP)),
+        ({"loss_trend": -0.01, "progress": 0.5, "memory_use": NAN}, Decision(None, 0.75, KEEP)),
+        # A rise over the tolerance, or overflow, is the stability rule's: one rung down, and the batch kept
+        ({"loss_trend": 0.2, "progress": 0.5}, Decision(None, 0.75, KEEP)),
+        ({"loss_trend": 0.1, "progress": 0.5}, Decision(None, 1.0, GROW)),  # a rise of exactly the tolerance: plateau
+        ({"loss_trend": -0.01, "progress": 0.5, "overflow": 0.1}, Decision(None, 0.75, KEEP)),
+        ({"loss_trend": -0.5, "progress": 0.5, "lr_scale": 0.75}, Decision(None, 0.75, KEEP)),  # no climbing back
+    ],
+)
+def test_annealing_by_batch_doubles_the_batch_where_it_may_grow(features, expected):
+    got = decide(HeuristicPolicy(BATCH_ANNEAL), noise_over_batch=NOISY, **features)
+    assert (got.lr_scale, got.batch) == (expected.lr_scale, expected.batch)
+
+
+def test_annealing_by_batch_without_the_batch_rule_cuts_the_lr():
+    """The LR-only ablation has no batch rule to take the cut: a plateau cuts the LR as ``anneal_by="lr"`` does."""
+    lr_only = HeuristicPolicy.from_name("heuristic-second-order", BATCH_ANNEAL)
+    got = decide(lr_only, noise_over_batch=NOISY, loss_trend=-0.01, progress=0.5)
+    assert (got.lr_scale, got.batch) == (0.75, KEEP)
+
+
+def test_a_run_annealing_by_batch_doubles_its_batch_at_the_lr_held_then_cuts_the_lr():
+    """End to end on the CPU: every decision reads as a plateau (``anneal_plateau=0.99``, from the start), so the
+    first doubles the batch with the LR held (``lr_rule="none"``), and at ``max_batch_growth`` the next cut the LR."""
+    from triaccel_rl.compare import run_controller
+    from triaccel_rl.config import ElasticConfig, LRRule
+
+    heuristic = HeuristicConfig(anneal_plateau=0.99, anneal_after=0.0, anneal_by="batch", speed_trial=False)
+    config = ControllerConfig(interval_steps=10, heuristic=heuristic, elastic=ElasticConfig(lr_rule=LRRule.NONE))
+    result = run_controller("synthetic", HeuristicPolicy(config), 0, epochs=1.0, config=config, device="cpu")
+    moves = [(row["batch_size"], row["lr_scale"]) for row in result.trace]
+    base = moves[0][0]
+    first_growth = next(i for i, (batch, _) in enumerate(moves) if batch != base)
+    assert moves[first_growth] == (2 * base, 1.0)  # the batch took the first cut, the LR kept
+    assert all(scale == 1.0 for _, scale in moves[:first_growth])
+    assert any(batch == 2 * base and scale < 1.0 for batch, scale in moves[first_growth:])  # then the LR
+    assert max(batch for batch, _ in moves) == 2 * base  # max_batch_growth (2x) bounds it
+
+
+@pytest.mark.parametrize("value", ["LR", "samples", None, 1])
+def test_anneal_by_names_what_is_allowed(value):
+    with pytest.raises(ConfigError, match=rf"anneal_by={value!r} must be 'lr' or 'batch'"):
+        HeuristicConfig(anneal_by=value)
+
+
 def test_rules_steer_their_own_knobs_at_once():
     """One observation that asks every rule to move: each knob takes its own rule's answer."""
     scene = {

@@ -398,6 +398,12 @@ class HeuristicConfig:
             and 0.05, on the H200 (2026-12-02, later) it reached 93% in 0.90x static fp16's time on ResNet-18 (5
             seeds; 0.86x in an earlier job) and 0.98x on EfficientNet-B0 (3 seeds; 0.87x earlier), ending 0.12
             and 0.14-0.43 points lower: off by default for that accuracy cost.
+        anneal_by: what an annealing step lowers: ``"lr"`` (the default) takes the LR down the ladder; ``"batch"``
+            doubles the batch instead while it may grow (under ``max_batch_growth`` and ``grow_below_usage``) and
+            cuts the LR only once it may not: "don't decay the learning rate, increase the batch size" (Smith et al.,
+            2018), read on the same plateau. A doubled batch at the same LR lowers the gradient noise as halving the
+            LR does, over half as many steps, each using the GPU better; it needs the LR held across the change
+            (``ElasticConfig.lr_rule="none"``: the linear rule keeps the noise as it was).
         anneal_after: the share of the training budget (``progress``) before which ``anneal_plateau`` does
             nothing (the loss of a young run is noisy and its fall uneven), in [0, 1].
         anneal_release_after: None (the default): annealing's cuts hold to the end. A share of the training budget in
@@ -444,6 +450,7 @@ class HeuristicConfig:
     max_batch_over_noise: float = 0.1
     max_batch_growth: float = 2.0
     anneal_plateau: float | None = None
+    anneal_by: str = "lr"
     anneal_after: float = 0.3
     anneal_rungs: int = 1
     anneal_release_after: float | None = None
@@ -516,6 +523,8 @@ class HeuristicConfig:
             )
         if self.anneal_plateau is not None and not (0.0 < self.anneal_plateau < 1.0):
             raise ConfigError(f"anneal_plateau={self.anneal_plateau} must be in (0, 1), or None for no annealing")
+        if not isinstance(self.anneal_by, str) or self.anneal_by not in ("lr", "batch"):
+            raise ConfigError(f"anneal_by={self.anneal_by!r} must be 'lr' or 'batch'")
         if not (0.0 <= self.anneal_after <= 1.0):
             raise ConfigError(f"anneal_after={self.anneal_after} must be in [0, 1]")
         if self.anneal_rungs < 1:
