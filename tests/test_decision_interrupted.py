@@ -3,18 +3,24 @@
 Until 2026-12-07 the interval was closed and its decision dropped: carried on in the same Controller, or saved and
 resumed, the next decision came an interval late, and a run whose policy raised the LR at step 4 trained four more
 steps at x1.0. The decision stays due, in the Controller and in its checkpoint, and the next ``backward()`` or
-``step()`` makes it before its update, where the uninterrupted run's took effect.
+``step()`` makes it before its update, where the uninterrupted run's took effect. One cut short after the executor
+applied its action is finished from there: before, the retry asked the policy again and applied a second action (the
+batch grown twice, the change reported as none), or, cut short after it was counted, lost its report.
 """
 
 import copy
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from triaccel_rl.config import ControllerConfig
+from triaccel_rl.cadence import Cadence
+from triaccel_rl.config import ControllerConfig, HeuristicConfig
 from triaccel_rl.controller import Controller
+from triaccel_rl.shield import RollbackGuard
+from triaccel_rl.signals import SignalCollector
 
 _LR_UP = np.array([0, 0, 0, 0, 4, 1])  # fp32 everywhere, LR x1.5, the batch kept
 
@@ -182,3 +188,147 @@ def test_a_checkpoint_without_decision_due_loads_with_none_due():
         with pytest.raises(ValueError, match=message):
             resumed.load_state_dict({**state, "signals": {**state["signals"], **wrong}})
     resumed.close()
+
+
+# The heuristic's first decision, at step 3, changes two settings: the LR a rung down (a plateau: annealing from the
+# start), the batch doubled (a ramp from the start) to 32, the data's largest (an eighth of 256 samples)
+_HEURISTIC = HeuristicConfig(anneal_plateau=0.5, anneal_after=0.0, ramp_batch_after=0.0, max_batch_growth=4.0)
+
+
+def _build_heuristic():
+    """The model and its Controller, whose rollback copies are counted: the steps taken when each was (``copies``)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    config = ControllerConfig(interval_steps=3, heuristic=_HEURISTIC)
+    ctl = Controller(model, optimizer, policy="heuristic", config=config)
+    copies, save = [], ctl.guard.save
+
+    def counted_save():
+        save()
+        copies.append(ctl.steps)
+
+    ctl.guard.save = counted_save
+    return model, ctl, copies
+
+
+def _train_heuristic(model, ctl):
+    """Two epochs of 256 samples in batches of 16, doubled by the first decision, from the run's place."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 8, generator=generator), torch.randint(0, 3, (256,), generator=generator)
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=2):
+        with ctl.autocast():
+            ctl.step(nn.functional.cross_entropy(model(xb), yb))
+
+
+def _heuristic_outcome(model, ctl, copies):
+    cadence = ctl.cadence.state_dict()
+    outcome = {
+        "weights": _params(model),
+        "settings": (ctl.steps, ctl.engine.lr_scale, ctl.batch_size, ctl.decision_count),
+        "copies": copies,
+        "cadence": (cadence["seen"], cadence["expedite"]),
+        "decisions": list(ctl.decisions),
+    }
+    ctl.close()
+    return outcome
+
+
+def _assert_same_run(outcome, expected):
+    assert outcome["settings"] == expected["settings"]  # steps, LR multiplier, batch size, decisions made
+    assert outcome["cadence"] == expected["cadence"]  # each decision recorded once, each change expedited once
+    assert outcome["decisions"] == expected["decisions"]  # each report as the uninterrupted run's
+    assert outcome["copies"] == expected["copies"]  # each rollback copy taken once
+    difference = (outcome["weights"] - expected["weights"]).abs().max().item()
+    assert torch.equal(outcome["weights"], expected["weights"]), f"weights {difference:.3g} off"
+
+
+def _interrupt_once(monkeypatch, owner, name, when, on_return):
+    """Has ``owner.name`` raise KeyboardInterrupt the first time ``when()`` holds: on entry, or once it has run."""
+    original = getattr(owner, name)
+    fired = []
+
+    def interrupted(*args, **kwargs):
+        if fired or not when():
+            return original(*args, **kwargs)
+        fired.append(True)
+        if on_return:
+            original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return fired
+
+
+class _Decisions(deque):
+    """``Controller.decisions`` as it is, but an instance whose ``append`` a test can patch."""
+
+
+def _uninterrupted_heuristic():
+    model, ctl, copies = _build_heuristic()
+    _train_heuristic(model, ctl)
+    expected = _heuristic_outcome(model, ctl, copies)
+    first = expected["decisions"][0]
+    assert (first.lr_scale, first.batch_size, first.changed, first.refused) == (0.75, 32, True, [])
+    assert expected["settings"] == (18, 0.5, 32, 6)  # 3 steps of 16, then 15 of 32
+    assert expected["copies"] == [3, 6, 18]  # an interval end, a change, 4 intervals on (snapshot_every)
+    return expected
+
+
+# (where, the method, on return, the steps and LR multiplier then): the first time it runs once the decision's action
+# was applied. The first decision's change needs no copy (its interval's end took one); the second's
+# does (snapshot_every=4 took none at that interval's end). A Ctrl-C as the copy returns reads as one in it, which
+# takes the copy again at the retry: after it, it comes where the decision's time is charged.
+_APPLIED_POINTS = [
+    ("right after the action was applied", Cadence, "expedite", False, 3, 0.75),
+    ("after the change was expedited", Cadence, "expedite", True, 3, 0.75),
+    ("before the rollback copy after the change", RollbackGuard, "save", False, 6, 0.5),
+    ("after the rollback copy after the change", SignalCollector, "add_overhead", False, 6, 0.5),
+    ("before the report is kept", _Decisions, "append", False, 3, 0.75),
+    ("after the report is kept", _Decisions, "append", True, 3, 0.75),
+]
+
+
+@pytest.mark.parametrize(
+    ("where", "owner", "name", "on_return", "at_steps", "lr_scale"),
+    _APPLIED_POINTS,
+    ids=[p[0] for p in _APPLIED_POINTS],
+)
+def test_a_ctrl_c_after_the_action_was_applied_finishes_that_decision_once(
+    monkeypatch, where, owner, name, on_return, at_steps, lr_scale
+):
+    expected = _uninterrupted_heuristic()
+    model, ctl, copies = _build_heuristic()
+    ctl.decisions = _Decisions(maxlen=ctl.decisions.maxlen)
+    owner = {_Decisions: ctl.decisions, RollbackGuard: ctl.guard}.get(owner, owner)  # the instances' own
+    applied = (at_steps, lr_scale)
+    fired = _interrupt_once(monkeypatch, owner, name, lambda: (ctl.steps, ctl.engine.lr_scale) == applied, on_return)
+    with pytest.raises(KeyboardInterrupt):
+        _train_heuristic(model, ctl)
+    assert fired, f"no Ctrl-C came {where}"
+    assert (ctl.steps, ctl.engine.lr_scale, ctl.batch_size) == (at_steps, lr_scale, 32)  # the action is in
+    _train_heuristic(model, ctl)  # the cell run again
+    _assert_same_run(_heuristic_outcome(model, ctl, copies), expected)
+
+
+def test_a_checkpoint_after_the_action_was_applied_holds_the_decision_made(monkeypatch):
+    """Saved with the decision part-made, the resumed run does not decide it again (its batch grown twice)."""
+    expected = _uninterrupted_heuristic()
+    model, ctl, copies = _build_heuristic()
+    fired = _interrupt_once(monkeypatch, Cadence, "expedite", lambda: True, on_return=False)
+    with pytest.raises(KeyboardInterrupt):
+        _train_heuristic(model, ctl)
+    assert fired
+    state, weights = copy.deepcopy(ctl.state_dict()), copy.deepcopy(model.state_dict())
+    assert state["signals"]["decision_due"] is False
+    assert (ctl.decision_count, ctl.decisions[-1]) == (1, expected["decisions"][0])
+    _train_heuristic(model, ctl)  # this process carries on too, the decision made once
+    _assert_same_run(_heuristic_outcome(model, ctl, copies), expected)
+    resumed_model, resumed, resumed_copies = _build_heuristic()
+    resumed_model.load_state_dict(weights)
+    resumed.load_state_dict(state)
+    _train_heuristic(resumed_model, resumed)
+    outcome = _heuristic_outcome(resumed_model, resumed, resumed_copies)
+    assert torch.equal(outcome["weights"], expected["weights"])
+    assert outcome["settings"] == (*expected["settings"][:3], 5)  # the decisions made after the resume
+    assert outcome["decisions"] == expected["decisions"][1:]

@@ -345,6 +345,8 @@ class Controller:
             self._interval_peak = 0
             self._decision_due = False  # the last interval closed and its decision is not made yet (_decide_if_due)
             self._observed: tuple[Signals, np.ndarray] | None = None  # that decision's observation, once taken
+            self._applied: ApplyReport | None = None  # that decision's action, once the executor applied it
+            self._copy_due: bool | None = None  # its change's rollback copy is still to take (None: not read yet)
             self._step_left: _StepLeft | None = None  # the rest of a step whose update went in (_finish_step)
             self._counted = False  # the current step is counted (_count_step): its update went in
             self._coupler_steps = 0  # the LR coupler's steps when the current step began (_count_step)
@@ -1124,6 +1126,8 @@ class Controller:
         # A step a Ctrl-C cut short after its update: what the next step would do first, its decision included, is
         # done now, so the checkpoint holds the uninterrupted run's state
         self._finish_step()
+        if self._applied is not None:  # a decision cut short after its action went in: a resume would decide afresh
+            self._decide_if_due()
         return {
             "format": _CHECKPOINT_FORMAT,
             "engine": self.engine.state_dict(),
@@ -1281,7 +1285,7 @@ class Controller:
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
         self._rollbacks_in_a_row = in_a_row
         # A decision due is taken afresh, observation and all (_decide); format 1 holds none
-        self._decision_due, self._observed = signals is not None and signals.decision_due, None
+        self._decision_due, self._observed, self._applied = signals is not None and signals.decision_due, None, None
         self._step_left = None  # a step cut short before the load is not the resumed run's
         self._micro_loss = None  # a batch begun before the load is not the resumed run's: nor are its gradients
         self.engine.zero_grad()
@@ -2010,22 +2014,30 @@ class Controller:
         collector's interval (its overflow rate, step time and loss trends) and the grouper smooths the scores in:
         taken again, it would read an empty interval. A retry uses the one the failed attempt took, if it got that
         far; a run resumed with a decision due takes it afresh (it is not in a checkpoint), from the signals as saved.
+        So is its action, once applied: a retry finishes that one (its rollback copy and report) without asking the
+        policy again, whose second action would be applied on top of the first (the batch grown twice).
         """
         if self._observed is None:
             self._observed = self._observe()
         signals, observation = self._observed
         start = time.perf_counter()
-        result = self.policy.predict(observation, deterministic=True)
-        if not isinstance(result, tuple) or len(result) != 2:  # a bare action: "too many values to unpack", unnamed
-            raise ValueError(
-                f"policy {type(self.policy).__name__}.predict() returned {_briefly(result)}: it must return the pair "
-                "(action, state), as Stable-Baselines3's predict does; a policy with no recurrent state returns "
-                "(action, None)"
+        if self._applied is None:
+            result = self.policy.predict(observation, deterministic=True)
+            if not isinstance(result, tuple) or len(result) != 2:  # a bare action: "too many values to unpack"
+                raise ValueError(
+                    f"policy {type(self.policy).__name__}.predict() returned {_briefly(result)}: it must return the "
+                    "pair (action, state), as Stable-Baselines3's predict does; a policy with no recurrent state "
+                    "returns (action, None)"
+                )
+            # Unconverted: decode refuses True and False among the entries, which an array would have made 1 and 0.
+            # Kept as apply returns (no call between): from here a Ctrl-C leaves this action to finish, not another
+            self._applied, self._copy_due = (
+                self.executor.apply(decode(result[0], self.config), self, overflow_rate=signals.overflow_rate),
+                None,
             )
-        # Unconverted: decode refuses True and False among the entries, which an array would have made 1 and 0
-        report = self.executor.apply(decode(result[0], self.config), self, overflow_rate=signals.overflow_rate)
+        report = self._applied
         if report.changed:
-            self.cadence.expedite()  # judge the change at the next decision, soon
+            self.cadence.expedite()  # judge the change at the next decision, soon (set again by a retry: the same)
         # After a mixed interval too: its skipped steps left the weights as they were, its buffers were checked finite
         # (_shield), and the parameters are checked here (a sync, at a change only). Like every copy, it is confirmed
         # only by an update applied on it, so a broken one is restored at most once. Until 2026-12-06 only a healthy
@@ -2036,14 +2048,17 @@ class Controller:
             # (ControllerConfig.snapshot_every's promise), not from an older copy: the first failure after it goes
             # back to this copy, confirmed or not (_shield).
             # (The guard counts healthy intervals only: a mixed one's updates came after its latest copy.)
-            if self._interval_mixed or not self.guard.copy_is_current:
+            if self._copy_due is None:  # read once: the copy makes the guard's latest copy current
+                self._copy_due = self._interval_mixed or not self.guard.copy_is_current
+            if self._copy_due:
                 self.guard.save()
-                self._copy_opens_interval = True
+                self._copy_opens_interval, self._copy_due = True, False
             self._change_copy = self._copy_opens_interval
+        # This attempt's time: one cut short had its own charged (_finish_step, _decide_if_due)
         self.collector.add_overhead((time.perf_counter() - start) * 1e3)
-        # Made: one assignment, so that a Ctrl-C here neither leaves it due (made twice) nor uncounted
-        self._decision_count, self._decision_due, self._observed = self._decision_count + 1, False, None
-        self.decisions.append(report)
+        # Reported before it is made, once: a Ctrl-C in the reporting leaves it to a retry, which logs it again
+        if not self.decisions or self.decisions[-1] is not report:
+            self.decisions.append(report)
         for reason in report.refused:
             _log.info("decision at step %d: %s", self.steps, reason)
         if self._writer is not None:
@@ -2057,6 +2072,13 @@ class Controller:
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
             self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)
+        # Made: one assignment, so that a Ctrl-C here neither leaves it due (made twice) nor uncounted
+        self._decision_count, self._decision_due, self._observed, self._applied = (
+            self._decision_count + 1,
+            False,
+            None,
+            None,
+        )
 
     def _observe(self) -> tuple[Signals, np.ndarray]:
         """The closed interval's signals (an estimator round first, when due) and the policy's observation of them."""
