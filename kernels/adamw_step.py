@@ -16,6 +16,8 @@ per step: the counts' snapshot copy (8 bytes a layer) and the update kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -168,6 +170,7 @@ def fused_adamw_step(
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
     block_size: int | None = None,
     num_warps: int | None = None,
+    on_launch: Callable[[], None] | None = None,
 ) -> None:
     """Applies one AdamW step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
 
@@ -200,6 +203,8 @@ def fused_adamw_step(
         block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
             of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
         num_warps: warps per program on the GPU (None: the default).
+        on_launch: called once every argument is checked, right before the first write to a buffer: a fused
+            optimizer marks its update as begun there (an error or a Ctrl-C before it moved nothing).
     """
     check_step_buffers(
         params, grads, [exp_avg, exp_avg_sq], bf16_copy, fp16_copy, chunk_layer, lr_factors,
@@ -207,7 +212,13 @@ def fused_adamw_step(
     )  # fmt: skip
     block_size, num_warps = launch_config("adamw_step", params, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
-    if not _use_triton(params):
+    use_triton = _use_triton(params)
+    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    decay_ptr, decay_value, decay_per_segment, _ = weight_decay_arguments(weight_decay, params, segment_align)
+    bf16_nan, fp16_nan = nan_encodings(params.device)  # a probe, once per device type (a sync on CUDA)
+    if on_launch is not None:
+        on_launch()
+    if not use_triton:
         fused_adamw_step_reference(
             params, grads, exp_avg, exp_avg_sq, bf16_copy, fp16_copy, chunk_layer, lr_factors,
             precision_codes, stats, step_state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -218,9 +229,6 @@ def fused_adamw_step(
     if n_elements == 0:  # nothing to update; the counts still advance where the step applies, as on the reference path
         advance_step_counts_reference(step_state, stats.view(torch.int32)[StatRow.NONFINITE_TOTAL, 0] == 0)
         return
-    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
-    decay_ptr, decay_value, decay_per_segment, _ = weight_decay_arguments(weight_decay, params, segment_align)
-    bf16_nan, fp16_nan = nan_encodings(params.device)
     step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
     _fused_adamw_step_kernel[grid](

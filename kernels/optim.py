@@ -202,8 +202,10 @@ class _FusedOptimizer:
         self._decay_cache: tuple[tuple[float, ...], float | torch.Tensor] | None = None
         self._layout_text = repr(store.param_layout)  # what checkpoints hold (state_dict)
         self.update_launched = False
-        """Whether the last :meth:`step` launched its update: an error after it (rewriting the 16-bit copies
-        allocates) leaves the update in; one before it (allocating the statistics) moved nothing."""
+        """Whether the last :meth:`step` launched its update, set by the launcher once its checks passed, right before
+        its first write: an error after it (rewriting the 16-bit copies allocates) leaves the update in; one before it
+        (allocating the statistics, a launcher's check) moved nothing, and a retry finds the record of the parameters
+        without a gradient as it was."""
 
     def _check_decay(self, options: SGDOptions | AdamWOptions | None = None) -> None:
         """Raises a ValueError when a per-group weight decay does not cover the store's groups.
@@ -347,10 +349,9 @@ class _FusedOptimizer:
             # inf / inf into a NaN update.)
             total = stats[StatRow.GRAD_SQ_SUM].sum().sqrt()
             inv_scale = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0) * inv_scale
-        without_grad = store.take_params_without_grad()
+        without_grad = store.params_without_grad()  # the record is cleared as the update launches (_launching)
         self._mark_sitting_out(without_grad)
         untouched = self._saved_slices(without_grad)
-        self.update_launched = True
         self._update(float(lr), factors, codes, stats, inv_scale)
         for slice_, saved in untouched:  # as torch.optim, which skips a parameter whose gradient is None
             slice_.copy_(saved)
@@ -396,6 +397,15 @@ class _FusedOptimizer:
 
     def _check_options(self) -> None:
         """Raises a ValueError when the options cannot run on the buffers kept (none by default)."""
+
+    def _launching(self) -> None:
+        """The launcher's call once its checks passed, right before its first write: from here the update is in.
+
+        Only then is the record of the parameters without a gradient cleared: a step stopped before (a Ctrl-C in a
+        check) leaves it for the batch's retry, which would otherwise decay the parameters the batch gave no gradient.
+        """
+        self.update_launched = True
+        self.store.take_params_without_grad()
 
     def _mark_sitting_out(self, indices: Sequence[int]) -> None:
         """Sets the step state's participation row: a layer none of whose parameters got a gradient sits out.
@@ -822,7 +832,7 @@ class FusedSGD(_FusedOptimizer):
             lr=lr, momentum=options.momentum, dampening=options.dampening,
             weight_decay=self.kernel_weight_decay(), nesterov=options.nesterov, inv_scale=inv_scale,
             steps_before_momentum=self._steps_before_momentum, segment_align=store.segment_align,
-            block_size=self.block_size, num_warps=self.num_warps,
+            block_size=self.block_size, num_warps=self.num_warps, on_launch=self._launching,
         )  # fmt: skip
 
 
@@ -888,7 +898,7 @@ class FusedAdamW(_FusedOptimizer):
             store.chunk_layer, lr_factors, precision_codes, stats, self._step_state,
             lr=lr, beta1=options.beta1, beta2=options.beta2, eps=options.eps,
             weight_decay=self.kernel_weight_decay(), inv_scale=inv_scale, segment_align=store.segment_align,
-            block_size=self.block_size, num_warps=self.num_warps,
+            block_size=self.block_size, num_warps=self.num_warps, on_launch=self._launching,
         )  # fmt: skip
 
 

@@ -12,6 +12,8 @@ needed for it either. Launches per step: the counts' snapshot copy and the updat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -165,6 +167,7 @@ def fused_sgd_step(
     segment_align: int = SEGMENT_ALIGN_ELEMENTS,
     block_size: int | None = None,
     num_warps: int | None = None,
+    on_launch: Callable[[], None] | None = None,
 ) -> None:
     """Applies one SGD step in place to the flat buffers, or nothing if ``stats`` reports a non-finite grad.
 
@@ -202,6 +205,8 @@ def fused_sgd_step(
         block_size: elements per program, a power of two dividing ``segment_align`` (None: the default
             of ``GPU_LAUNCH_CONFIGS``, or one segment under the interpreter).
         num_warps: warps per program on the GPU (None: the default).
+        on_launch: called once every argument is checked, right before the first write to a buffer: a fused
+            optimizer marks its update as begun there (an error or a Ctrl-C before it moved nothing).
     """
     check_step_buffers(
         params, grads, [momentum_buffer] if momentum != 0.0 else [], bf16_copy, fp16_copy, chunk_layer, lr_factors,
@@ -210,7 +215,13 @@ def fused_sgd_step(
     _check_steps_before_momentum(steps_before_momentum, lr_factors)
     block_size, num_warps = launch_config("sgd_step", params, block_size, num_warps, segment_align)
     check_block_size(block_size, segment_align)
-    if not _use_triton(params):
+    use_triton = _use_triton(params)
+    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
+    decay_ptr, decay_value, decay_per_segment, use_decay = weight_decay_arguments(weight_decay, params, segment_align)
+    bf16_nan, fp16_nan = nan_encodings(params.device)  # a probe, once per device type (a sync on CUDA)
+    if on_launch is not None:
+        on_launch()
+    if not use_triton:
         fused_sgd_step_reference(
             params, grads, momentum_buffer, bf16_copy, fp16_copy, chunk_layer, lr_factors, precision_codes,
             stats, step_state, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -225,9 +236,6 @@ def fused_sgd_step(
         if momentum == 0.0 and steps_before_momentum is not None:
             _advance_steps_before_momentum(steps_before_momentum, before, step_state, apply)
         return
-    inv_scale_ptr, inv_scale_value, inv_scale_from_ptr = inv_scale_arguments(inv_scale, params)
-    decay_ptr, decay_value, decay_per_segment, use_decay = weight_decay_arguments(weight_decay, params, segment_align)
-    bf16_nan, fp16_nan = nan_encodings(params.device)
     step_state[1].copy_(step_state[0])  # the snapshot every program reads (one tiny device copy)
     grid = (n_elements // block_size,)
     _fused_sgd_step_kernel[grid](

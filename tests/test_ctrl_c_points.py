@@ -187,3 +187,106 @@ def test_a_ctrl_c_as_the_loader_hands_out_a_batch_serves_that_batch_again(
     weights, steps, decisions = _outcome(model, ctl)
     assert (steps, decisions) == (expected_steps, expected_decisions)
     assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
+
+
+def _use_fused_engine(monkeypatch):
+    class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device, fused=True)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+
+
+def _build_fused(monkeypatch, make_optimizer):
+    """``_build``'s fused run, with the optimizer ``make_optimizer(model.parameters())`` makes."""
+    _use_fused_engine(monkeypatch)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ctl = Controller(
+        model, make_optimizer(model.parameters()), policy="fp32", config=ControllerConfig(interval_steps=3)
+    )
+    assert ctl.engine.fused
+    return model, ctl
+
+
+_OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("fused", [_fused_param])
+def test_a_ctrl_c_in_the_fused_launchers_checks_serves_the_batch_again(monkeypatch, caplog, fused, kind):
+    """The launcher checks its buffers before its kernel writes a byte: a Ctrl-C there is no update begun.
+
+    Before, the update was marked as begun before the launcher's checks: the batch was taken as spent (the run a step
+    short) with nothing moved.
+    """
+    import triaccel_rl.kernels.adamw_step as adamw_module
+    import triaccel_rl.kernels.sgd_step as sgd_module
+
+    with monkeypatch.context() as patch:
+        model, ctl = _build_fused(patch, _OPTIMIZERS[kind])
+        _train(model, ctl)
+        expected_weights, expected_steps, expected_decisions = _outcome(model, ctl)
+    model, ctl = _build_fused(monkeypatch, _OPTIMIZERS[kind])
+    launcher = sgd_module if kind == "sgd" else adamw_module
+    fired = _interrupt_once(monkeypatch, launcher, "check_step_buffers", lambda: ctl.steps == 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, ctl)
+    assert fired and ctl.steps == 2
+    assert not ctl.engine.update_started
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
+        _train(model, ctl)
+    assert "raised part-way" not in caplog.text
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    difference = (weights - expected_weights).abs().max().item()
+    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"
+
+
+@pytest.mark.parametrize("fused", [_fused_param])
+def test_a_ctrl_c_before_the_fused_launch_keeps_the_record_of_parameters_without_a_gradient(monkeypatch, fused):
+    """A head the loss leaves out, its gradient set to ``None`` after each step: no update decays it, retry or not.
+
+    Before, the step cleared the record of the parameters without a gradient before the launch: the batch served
+    again after a Ctrl-C found it empty, and its update decayed the head.
+    """
+    from triaccel_rl.kernels.optim import _FusedOptimizer
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+            self.head = nn.Linear(16, 3)
+            self.other_head = nn.Linear(16, 3)  # trained elsewhere: this loss leaves it out
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def build():
+        torch.manual_seed(1)
+        model = TwoHeads()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+        return model, Controller(model, optimizer, policy="fp32", config=ControllerConfig(interval_steps=3))
+
+    def train(model, ctl):
+        x, y = _data()
+        for xb, yb in ctl.loader((x, y), batch_size=16, epochs=2):
+            ctl.step(nn.functional.cross_entropy(model(xb), yb))
+            model.other_head.zero_grad(set_to_none=True)
+
+    _use_fused_engine(monkeypatch)
+    model, ctl = build()
+    train(model, ctl)
+    expected_weights, expected_steps, _ = _outcome(model, ctl)
+    model, ctl = build()
+    fired = _interrupt_once(monkeypatch, _FusedOptimizer, "_saved_slices", lambda: ctl.steps == 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ctl)
+    assert fired and ctl.steps == 2
+    train(model, ctl)
+    weights, steps, _ = _outcome(model, ctl)
+    assert steps == expected_steps
+    assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"

@@ -703,16 +703,16 @@ def test_a_loss_built_before_the_last_update_is_refused_as_the_plain_loop_refuse
 
 def test_a_precision_map_set_past_the_engine_is_noticed_before_the_next_forward():
     """``engine.precision.set`` is public: before the fix the next forward read the segments' old bf16 bits as fp16
-    (outputs 26 off on a small MLP), and a later ``set_precisions`` of the same map saw no change to repair."""
+    (outputs 26 off on a small MLP), and a later ``set_precisions`` of the same map saw no change to repair. The set
+    itself re-derives the copies now (``LayerPrecision.use_weight_copies``'s listener)."""
     model, engine = make("sgd", True)
     engine.set_precisions([Precision.BF16, Precision.BF16])
     _run_steps(model, engine, batches(2))
     engine.precision.set([Precision.FP16, Precision.FP16])
-    assert engine.sync_weight_copies()  # as TrainingRun and Controller call it before a forward
     for layer, module in enumerate([model[0], model[2]]):
         for low, p in zip(engine.store.low_precision_params(layer, torch.float16), module.parameters(), strict=True):
             assert torch.equal(low, p.detach().half())
-    assert not engine.sync_weight_copies()  # once
+    assert not engine.sync_weight_copies()  # re-derived as the map was set: nothing left for the next forward
 
 
 def test_group_lrs_a_scheduler_moves_together_copy_the_layer_factors_once(monkeypatch):

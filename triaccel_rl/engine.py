@@ -626,12 +626,7 @@ class StepEngine:
         parsed = [Precision.parse(p) for p in precisions]
         for precision in set(parsed):
             check_precision_supported(precision, self.device)
-        before = list(self.precision.precisions)
-        self.precision.set(parsed)
-        if self.fused and self.precision.precisions != before:
-            # A layer lowered now has a stale copy (the step writes only low layers'), and one switched between
-            # bf16 and fp16 holds the other type's bits in the shared 16-bit buffer.
-            self.refresh_weight_copies()
+        self.precision.set(parsed)  # on the fused path the copies follow the map (_copies_follow_map)
 
     def after_restore(self) -> None:
         """What a rollback (``RollbackGuard``'s ``after_restore``) leaves to redo once the state is back.
@@ -733,6 +728,15 @@ class StepEngine:
             return False
         self.refresh_weight_copies()
         return True
+
+    def _copies_follow_map(self) -> None:
+        """Re-derives the 16-bit copies for a map set since they were (``LayerPrecision.set`` calls it, fused path).
+
+        A layer lowered now has a stale copy (the step writes only low layers'), and one switched between bf16 and
+        fp16 holds the other type's bits in the shared 16-bit buffer: the next forward would compute on them.
+        """
+        if self.precision.precisions != self._copy_codes:
+            self.refresh_weight_copies()
 
     def _weights_version(self) -> int:
         # No cheaper signal: each parameter has a version counter of its own (not the flat buffer's), and a user may
@@ -1465,7 +1469,14 @@ class StepEngine:
         classes = [[self._decay_classes[self._group_index[id(p)]] for p in params] for params in self.layer_params]
         # One 16-bit buffer: each layer's segment holds the bits of the type it computes in.
         self.store = FlatParameterStore(self.layer_params, shared_copy=True, groups=classes)
-        self.precision.use_weight_copies(self._weight_copies())
+        this = weakref.ref(self)  # the model's hooks hold the precision: a dropped engine must not live on through it
+
+        def copies_follow_map() -> None:
+            engine = this()
+            if engine is not None:
+                engine._copies_follow_map()
+
+        self.precision.use_weight_copies(self._weight_copies(), copies_follow_map)
         self._group_decays: tuple[float, ...] | None = None  # the param groups' decays the fused step applies
         options = _fused_options(self.optimizer, self._class_decays())  # each a Python float (torch takes tensors)
         if isinstance(options, SGDOptions):
@@ -2127,7 +2138,7 @@ class StepEngine:
                 self._last_factors = factors
             precisions = self.precision.precisions
             if self._last_codes != precisions:
-                if precisions != self._copy_codes:  # set past set_precisions: segments hold other types' bits
+                if precisions != self._copy_codes:  # a map the copies missed (edited in place): other types' bits
                     self.refresh_weight_copies()
                 self._codes.copy_(torch.as_tensor([int(p) for p in precisions], dtype=torch.int32))
                 self._last_codes = list(precisions)

@@ -246,6 +246,7 @@ class LayerPrecision:
         self.weight_copies: WeightCopies | None = None
         """Set by the engine's fused path: a bf16/fp16 layer's forward then reads the 16-bit weight copies the
         fused optimizer step keeps current (:meth:`use_weight_copies`) instead of casting its fp32 weights."""
+        self._on_map_change: Callable[[], None] | None = None  # the copies' owner re-derives them (use_weight_copies)
         self.copies_in_eager = True
         """Whether an eager forward reads the copies too (a forward ``torch.compile`` traces always does). Reading
         a copy saves the cast kernel but costs host time a parameter (the swap and an autograd function): free
@@ -380,6 +381,7 @@ class LayerPrecision:
                 f"got {len(parsed)} precisions; expected {len(self.layers)} (all layers) or "
                 f"{len(self._controllable_index)} (controllable layers)"
             )
+        before = self.precisions
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
         # A float64 layer set to 16 bits computes in float64 all the same, while the map, the policies and the cost
         # model count the 16 bits: said once a layer (nothing was, until 2026-12-06).
@@ -395,6 +397,8 @@ class LayerPrecision:
         self._float64_warned.update(lowered)
         if self._active:
             self._follow_map()
+        if self._on_map_change is not None and self.precisions != before:
+            self._on_map_change()
 
     def _follow_map(self) -> None:
         """Makes the open context's region and path those of the map set inside it, as if entered on that map.
@@ -416,7 +420,7 @@ class LayerPrecision:
             self._outer_region_dtype = outer
         self._mixed = not self._uniform_fast_path_holds()
 
-    def use_weight_copies(self, copies: WeightCopies | None) -> None:
+    def use_weight_copies(self, copies: WeightCopies | None, on_map_change: Callable[[], None] | None = None) -> None:
         """Makes bf16 and fp16 layers read their weights from ``copies`` (``None``: cast the fp32 weights).
 
         ``copies(layer, dtype)`` returns, for each parameter of the layer, ``(owner module, attribute name,
@@ -425,8 +429,13 @@ class LayerPrecision:
         gradient flows back to the fp32 parameter as it would through autocast's cast (the same values
         when the copy equals ``param.to(dtype)``, which the caller keeps true). Emulated fp16 layers (CPU
         convolutions) read their fp32 weights rounded through fp16 instead (see ``_emulate``).
+
+        ``on_map_change`` is called when :meth:`set` changes the map, before any layer reads a copy under it: the
+        caller re-derives the copies there (a layer newly lowered holds a stale copy, one switched between bf16 and
+        fp16 the other type's bits), however the map was set: ``StepEngine.set_precisions`` or this object's own.
         """
         self.weight_copies = copies
+        self._on_map_change = on_map_change
 
     @property
     def needs_grad_scaler(self) -> bool:
