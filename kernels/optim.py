@@ -335,8 +335,8 @@ class _FusedOptimizer:
         # Everything the update checks, checked before anything moves: a step refused in the update had already
         # taken the record of the parameters without a gradient, and the retry decayed them.
         self._check_step_arguments(factors, codes, inv_scale, skip)
-        if isinstance(inv_scale, torch.Tensor):  # (1, 1, 1) broadcast the CPU path's gradients to 3-D and raised there,
-            inv_scale = inv_scale.reshape(())  # after the step counts had moved (until 2026-12-06)
+        if isinstance(inv_scale, torch.Tensor):  # (1, 1, 1) would broadcast the CPU path's gradients to 3-D and
+            inv_scale = inv_scale.reshape(())  # raise there, after the step counts had moved
         if store.device.type == "cpu":  # values read without a sync: a NaN factor gave NaN weights, code 7 stale copies
             _check_step_values(factors, codes, inv_scale)
         stats = layer_grad_stats(
@@ -372,7 +372,7 @@ class _FusedOptimizer:
             raise ValueError(
                 f"lr_factors must be {_STEP_TENSORS['lr_factors']} on {device}; got {factors.dtype} on {factors.device}"
             )
-        # Not uint16/32/64: torch computes no comparison on them (a NotImplementedError, until 2026-12-06)
+        # Not uint16/32/64: torch computes no comparison on them (a NotImplementedError)
         if codes.dtype not in _CODE_DTYPES or codes.device != device or not codes.is_contiguous():
             raise ValueError(
                 f"precision_codes must be {_STEP_TENSORS['precision_codes']} on {device}; got {codes.dtype} on "

@@ -974,7 +974,7 @@ def json_safe(value: Any) -> Any:
 
 def check_epoch_budget(epochs: float, samples_per_epoch: int) -> None:
     """Raises ``ValueError`` when ``epochs`` of the task come to less than one training sample."""
-    if samples_per_epoch < 1:  # (a ZeroDivisionError in the message below until 2026-12-06)
+    if samples_per_epoch < 1:  # otherwise a ZeroDivisionError in the message below
         raise ValueError(
             f"the task has {samples_per_epoch} training samples (those the probe batch leaves): give it more data"
         )

@@ -516,7 +516,7 @@ def _user_hooks_if_needed(model: nn.Module, run: Callable[[bool], _T]) -> _T:
     """``run(False)``: the measuring forwards without the user's forward hooks; ``run(True)`` where that raises.
 
     Only where the user has forward hooks: a forward that needs one (a hook returning its module's output reshaped)
-    raised without them, and the model was measured as parameters only (2026-12-06, the day they were set aside).
+    raises without them, which would leave the model measured as parameters only.
     """
     try:
         return run(False)

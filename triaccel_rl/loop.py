@@ -359,11 +359,11 @@ class DecisionLoop:
 
     def _restart_interval(self) -> None:
         """Starts the cadence's interval anew, with no decision: the steps since the last snapshot are passed over."""
-        # Their time still counts in the run's training that the decisions are weighed against (it was dropped: a
-        # speed trial across two decision points left 1.3 s of 2.1 s out of the cadence's trained_ms).
+        # Their time still counts in the run's training that the decisions are weighed against (dropped, a speed
+        # trial across two decision points would leave 1.3 s of 2.1 s out of the cadence's trained_ms).
         self.cadence.add_training(self._interval_train_ms)
         self._interval_train_ms, self._interval_steps, self._interval_recorded_ms = 0.0, 0, 0.0
         self._fold_ms = self._fold_cheap_ms = 0.0
-        # Kept, the next snapshot read the passed-over steps with its own: their skips in its overflow rate, their time
-        # in its step time (until 2026-12-07, where train_interval went on past a decision point with no snapshot)
+        # Kept, the next snapshot would read the passed-over steps with its own: their skips in its overflow rate,
+        # their time in its step time (where train_interval goes on past a decision point with no snapshot)
         self.collector.discard_interval()

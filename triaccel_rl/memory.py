@@ -173,8 +173,8 @@ def _nvml_handle(index: int) -> Any:
     """The NVML handle of torch's CUDA device ``index``, matched by UUID (``CUDA_VISIBLE_DEVICES`` renumbers).
 
     A GPU's UUID is ``GPU-...`` to NVML, a MIG slice's ``MIG-...``. Where neither matches, torch's index is NVML's
-    only without ``CUDA_VISIBLE_DEVICES``; with it, None and a warning once (no reading): until 2026-12-06
-    the index was taken anyway, and another GPU's memory was read and cached as this one's.
+    only without ``CUDA_VISIBLE_DEVICES``; with it, None and a warning once (no reading): taking the index anyway
+    would read another GPU's memory and cache it as this one's.
     """
     nvml = _nvml()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
@@ -210,7 +210,7 @@ def check_budget(budget_bytes: int, fixed_bytes: int, one_sample_bytes: int) -> 
         fixed_bytes: predicted memory independent of the batch (weights, gradients, optimizer state, buffers).
         one_sample_bytes: predicted peak of a step on a single sample.
     """
-    if not _count(budget_bytes, 0):  # NaN passed both comparisons below (until 2026-12-06)
+    if not _count(budget_bytes, 0):  # NaN would pass both comparisons below
         raise ConfigError(f"memory budget {budget_bytes!r} must be a whole number of bytes >= 0")
     if budget_bytes < fixed_bytes:
         raise ConfigError(
@@ -495,8 +495,8 @@ class MemoryModel:
         """
         points = self._peaks[key]
         fitted = _fit_line(points, slope=None)
-        # Flat within the allocator's rounding: a slope of a byte a sample (peaks one byte apart) predicted batch
-        # 100000 at 10 MB where the accounting said 244 MB, and every batch fit (until 2026-12-06)
+        # Flat within the allocator's rounding: a slope of a byte a sample (peaks one byte apart) would predict batch
+        # 100000 at 10 MB where the accounting says 244 MB, and every batch would fit
         if fitted.bytes_per_sample * (max(points) - min(points)) > ALLOCATOR_ROUNDING_BYTES:
             return fitted
         accounted = self.costs.per_sample_bytes(_precisions(key), self.profile)

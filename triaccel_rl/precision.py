@@ -384,7 +384,7 @@ class LayerPrecision:
         before = self.precisions
         self.precisions = [p if self.layers[i].controllable else Precision.FP32 for i, p in enumerate(chosen)]
         # A float64 layer set to 16 bits computes in float64 all the same, while the map, the policies and the cost
-        # model count the 16 bits: said once a layer (nothing was, until 2026-12-06).
+        # model count the 16 bits: said once a layer, as nothing else would say it.
         lowered = [i for i in self._float64_layers - self._float64_warned if self.precisions[i] is not Precision.FP32]
         for index in lowered:
             _log.warning(
@@ -534,8 +534,8 @@ class LayerPrecision:
                     yield
                 finally:
                     # Inside the outer region: each layer region gives back the state it found, and closed after the
-                    # outer one, they turned autocast on for the rest of the process (a Ctrl-C in a layer's forward,
-                    # which skips torch's always_call post-hooks, until 2026-12-06).
+                    # outer one, they would turn autocast on for the rest of the process (after a Ctrl-C in a layer's
+                    # forward, which skips torch's always_call post-hooks).
                     while len(self._stack) > outer[4]:
                         self._stack.pop().region.__exit__(None, None, None)
         finally:
@@ -752,8 +752,8 @@ class LayerPrecision:
         # this one) else the context's, in a recompute as at the forward; an emulated convolution's region computes in
         # fp32 (autocast off). That region's promote ops (cat, stack, index_put, ...) take only fp32 and its own type
         # ("Unexpected floating ScalarType in at::autocast::prioritize": fp16 under a map with bf16 layers), an fp32
-        # parent's matmul or conv only fp32 ("mat1 and mat2 must have the same dtype": until 2026-12-06 only the
-        # context's region was compared).
+        # parent's matmul or conv only fp32 ("mat1 and mat2 must have the same dtype" where only the context's region
+        # is compared).
         returns_into = None if self._stack and self._stack[-1].emulated else ours
         hand_up = model_block is None and precision.dtype in _16_BIT and returns_into != precision.dtype
         if precision is Precision.FP32 or emulated:

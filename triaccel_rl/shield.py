@@ -67,7 +67,7 @@ def check_observation(observation: Any, size: int) -> np.ndarray:
     """
     if isinstance(observation, torch.Tensor):  # numpy cannot read a CUDA tensor (nor one that requires grad)
         observation = observation.detach().cpu()
-        if observation.dtype is torch.bfloat16:  # nor bf16 (a TypeError until 2026-12-06): exact in float32
+        if observation.dtype is torch.bfloat16:  # nor bf16 (a TypeError): exact in float32
             observation = observation.float()
         observation = observation.numpy()
     obs = np.asarray(observation)
@@ -155,8 +155,8 @@ class BufferCheck:
     def __call__(self) -> list[str]:
         """The names of the model's broken buffers (a sync; one more for each buffer seen for the first time)."""
         buffers = dict(self.model.named_buffers())
-        # New, or rebuilt in another shape (a rotary cache or a mask grown for longer sequences): read afresh. Until
-        # 2026-12-06 a mask rebuilt for a shorter batch read as broken and started a rollback, which then failed.
+        # New, or rebuilt in another shape (a rotary cache or a mask grown for longer sequences): read afresh.
+        # Otherwise a mask rebuilt for a shorter batch reads as broken and starts a rollback, which then fails.
         new = [name for name, b in buffers.items() if self._seen.get(name) != b.shape]
         for name in new:
             self._seen[name] = buffers[name].shape

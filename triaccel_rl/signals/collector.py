@@ -596,8 +596,8 @@ class SignalCollector:
                 noise_scale = min(batch * variance_sum.sum() / max(mean_sq.sum(), _TINY), float(batch))
             else:
                 # Nothing measured: B_simple is 0/0. The neutral guess, named unknown for every layer (the
-                # Controller's adascale rule then takes it as unknown); until 2026-12-06 0, read as a batch far
-                # above the noise scale, with SNR 0 (log_snr at its floor).
+                # Controller's adascale rule then takes it as unknown); not 0, which reads as a batch far above
+                # the noise scale, with SNR 0 (log_snr at its floor).
                 unknown_mean = np.ones(len(self.layers), dtype=bool)
                 noise_scale = float(batch)
             resolved = False  # one-sided: never more than the batch

@@ -236,8 +236,8 @@ class SignalConfig:
             if observe_now is not None and is_finite_real(observe_now):  # NaN, inf, 10 ** 400: refused below, by name
                 # At least the recording's own share plus the default's room for reducing the statistics; within the
                 # budget (an observe_budget_frac at or over budget_frac is refused below). Applied only from the
-                # default up (cheap <= observe) until 2026-12-06, it left observe_budget_frac=0.0039 0.01% for the
-                # reduction where 0.004 got 0.3%: a jump, and under the floor this class documents.
+                # default up (cheap <= observe), it would leave observe_budget_frac=0.0039 0.01% for the reduction
+                # where 0.004 gets 0.3%: a jump, and under the floor this class documents.
                 room = (_DEFAULT_CHEAP_FRAC - _DEFAULT_OBSERVE_FRAC) * scale
                 cheap = min(self.budget_frac, max(cheap, observe_now + room))
             object.__setattr__(self, "cheap_budget_frac", _Default(cheap))
