@@ -296,8 +296,8 @@ class Controller:
             self._broken_buffers = BufferCheck(model)
             self._copy_taken: tuple[str, _StateMark] | None = None
             if self.guard is not None:
-                # The copy of the starting state is taken as confirmed: a broken one was "rolled back" to at every
-                # interval, the run non-finite to its end (until 2026-12-06), where a load after the build is refused.
+                # The copy of the starting state is taken as confirmed: a broken one would be "rolled back" to at every
+                # interval, the run non-finite to its end. Refused, as a load after the build is.
                 self._refuse_broken_model(
                     "when the Controller was built: the rollback copy would be of that state, which no rollback can "
                     "repair; build it on a finite model (load an earlier checkpoint first)"
@@ -444,7 +444,7 @@ class Controller:
         ):
             got = type(dataset).__name__
             if isinstance(dataset, (tuple, list)):  # its element types, a few: a list of 60000 samples named each
-                kinds = list(dict.fromkeys(type(t).__name__ for t in dataset))  # (a 540 KB message, until 2026-12-06)
+                kinds = list(dict.fromkeys(type(t).__name__ for t in dataset))  # (a 540 KB message)
                 got += f" of {len(dataset)} items ({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''})"
             hint = "For a list of (x, y) samples, pass the tensors (torch.stack(xs), torch.stack(ys))"
             if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
@@ -595,18 +595,18 @@ class Controller:
         # At a step, buffers written with the parameters and the optimizer untouched are the step's own forward's (a
         # batch norm's running statistics; a load writes the parameters too): the copy before that forward is kept,
         # and the shield restores it should the forward have broken them. Read as a load, a first batch holding an inf
-        # ended the run with "after they were loaded" (until 2026-12-06), where a later one was rolled back.
+        # would end the run with "after they were loaded", where a later one is rolled back.
         forwards_own = training_starts and now[1] is mark[1] and now[2] == mark[2] and now[0][1] == mark[0][1]
         if (now[0] != mark[0] or now[1] is not mark[1]) and not forwards_own:
-            # As load_state_dict refuses it: taken as the good copy, it was restored at every interval. Nothing changes
-            # here: refused again until a good state is loaded, which is then copied.
+            # As load_state_dict refuses it: taken as the good copy, it would be restored at every interval. Nothing
+            # changes here: refused again until a good state is loaded, which is then copied.
             self._refuse_broken_model("after they were loaded: no rollback can repair them; load an earlier checkpoint")
             if how == "reserve":
                 self.guard.reserve()  # the loaded state is the run's start (confirmed); the copies' memory is reused
             else:
                 self.guard.resume()  # unconfirmed, as the checkpoint's own copy
         # Until the first backward or step: autocast() also opens an evaluation's forward, which may come before the
-        # load (until 2026-12-06 any autocast() call used the retake up).
+        # load (otherwise any autocast() call would use the retake up).
         self._copy_taken = None if training_starts else (how, now)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
@@ -672,7 +672,7 @@ class Controller:
         """
         try:
             # Outside autocast, as after a `with ctl.autocast():` a step: inside one around the whole loop the backward
-            # ran under it, and an fp32 layer's gradients were computed with bf16 matmuls (until 2026-12-06)
+            # would run under it, and an fp32 layer's gradients would be computed with bf16 matmuls
             with torch.autocast(self.device.type, enabled=False):
                 self.engine.scale_loss(loss).backward(retain_graph=retain_graph)
         except BaseException as error:
@@ -807,8 +807,8 @@ class Controller:
         except BaseException as error:
             if self.engine.update_reached:  # a step post-hook raised after the update: the batch was trained on
                 self._count_step(loss)
-                # And the rest of the step: its statistics, and the decision when due (until 2026-12-06 both were
-                # lost, and every later decision came a step late). Then the hook's error. On a Ctrl-C the next
+                # And the rest of the step: its statistics, and the decision when due (otherwise both are lost, and
+                # every later decision comes a step late). Then the hook's error. On a Ctrl-C the next
                 # backward() or step() does it (_finish_step).
                 if isinstance(error, Exception):
                     self._finish_step()
@@ -826,8 +826,8 @@ class Controller:
                 _log.error("%s: %s: %s", what, type(error).__name__, error)  # the error goes on as it is
                 # The gradients' statistics were taken before the update began (on the reference path; the fused step
                 # keeps none of one that raised): a loop that catches the error and goes on gets the step's statistics
-                # and its decision when due, as after a post-hook's error (until 2026-12-07 neither, and every later
-                # decision came a step late). Not after an OOM: a decision's work would allocate on a device that just
+                # and its decision when due, as after a post-hook's error (otherwise every later decision comes a step
+                # late). Not after an OOM: a decision's work would allocate on a device that just
                 # ran out, and its own OOM would hide the UnrecoverableOOMError; the next step does it. Nor on a
                 # Ctrl-C: it stops the loop, and the next backward() or step() does it.
                 if isinstance(error, Exception):
@@ -901,7 +901,7 @@ class Controller:
             self._decide()
         except BaseException:
             # It stays due (a Ctrl-C in the policy, an error in the snapshot): the next backward() or step() makes
-            # it, before its update (until 2026-12-07 it was lost, and the next came an interval late). The
+            # it, before its update (otherwise it is lost, and the next comes an interval late). The
             # interval's training counts now, as time no decision followed, and the cadence records the decision
             # once, when it is made. The clock restarts here (a checkpoint's interval time holds the pause only,
             # which the retry drops) and again after the retry.
@@ -1078,7 +1078,7 @@ class Controller:
         multiplier (LR scale, batch gain: during a warm-up after a batch rise, the gain the next step moves to).
         After :meth:`close`, the group's own ``lr``: the optimizer is yours again, and applies no multiplier.
         """
-        if self._closed:  # the multiplier's hooks are gone (until 2026-12-06 this still read x1.5 after a raise)
+        if self._closed:  # the multiplier's hooks are gone (otherwise this would still read x1.5 after a raise)
             return float(self.engine.optimizer.param_groups[0]["lr"])
         if self._resume is not None:  # loaded, not yet carried on: the coupler the next loader() call restores
             resume = self._resume
@@ -1246,7 +1246,7 @@ class Controller:
             self._check_same_policy(state["policy"])
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         # On a GPU without bf16 (a V100 or T4) the layers a checkpoint holds in bf16 load in fp16, as construction
-        # moves the policy's bf16 (run_without_bf16): the engine refused such a checkpoint (until 2026-12-06).
+        # moves the policy's bf16 (run_without_bf16): otherwise the engine would refuse such a checkpoint.
         engine_state, bf16_moved = state["engine"], False
         if Precision.BF16 not in sixteen_bit_formats(self.device):
             engine_state, bf16_moved = _bf16_layers_in_fp16(engine_state)
@@ -1292,8 +1292,8 @@ class Controller:
         if signals is None:  # format 1: the first step after the resume starts a new interval, with fresh signals
             self._moments, self._interval_steps, self._interval_peak, self._carried_ms = None, 0, 0, 0.0
             self._applied_before_copy = 0
-            # Fresh as a new controller's: loaded into one that had trained, its estimates, groups and cadence stayed
-            # (until 2026-12-06)
+            # Fresh as a new controller's: loaded into one that had trained, its estimates, groups and cadence would
+            # stay otherwise
             self.collector = self._new_collector()
             self.grouper = self.executor.grouper = LayerGrouper(
                 self.collector.controllable, self.config.n_groups, param_counts=self.engine.layer_param_counts
@@ -1311,21 +1311,21 @@ class Controller:
         for name, code in codes.items():
             if code is not None and hasattr(self.policy, name):
                 setattr(self.policy, name, code)
-        # As at construction: a checkpoint saved where bf16 runs brought bf16 back into the policy on a GPU without it
-        # (until 2026-12-06), and every lowering after the resume ran in fp32.
+        # As at construction: a checkpoint saved where bf16 runs would bring bf16 back into the policy on a GPU without
+        # it, and every lowering after the resume would run in fp32.
         if Precision.BF16 not in sixteen_bit_formats(self.device) and run_without_bf16(self.policy):
             _log.info("bf16 does not run on %s: the checkpoint's policy starts and lowers to fp16 instead", self.device)
         self.speed_trial = {name: float(ms) for name, ms in speed_trial.items()}
         if not trial_running:
             self._trial = None  # done before the checkpoint (or never wanted): not run again
         elif self._trial_plan is not None:
-            # The trial starts over from its first format, with no timings: until 2026-12-06 the controller that saved
-            # the state carried its own trial on (its format and the timings taken after the checkpoint), or, its
-            # trial ended since, never ran one again and kept the format chosen after the checkpoint.
+            # The trial starts over from its first format, with no timings: otherwise the controller that saved the
+            # state would carry its own trial on (its format and the timings taken after the checkpoint), or, its
+            # trial ended since, never run one again and keep the format chosen after the checkpoint.
             self._start_trial()
         else:
             # No trial here (a GPU checkpoint resumed on the CPU, say): the layers go where the trial's end puts them.
-            # Left in the trial's candidate format, they stayed there the whole run (until 2026-12-06).
+            # Left in the trial's candidate format, they would stay there the whole run.
             start = getattr(self.policy, "initial_precision", None)
             self._set_uniform(Precision.FP32 if start is None else start)
             if self._interval_steps:  # the trial's steps so far: no decision reads them, as at a trial's end
@@ -1618,8 +1618,8 @@ class Controller:
                 "(each epoch's order comes from it and the epoch); for a new run on this data, build a new Controller"
             )
         # Everything that can refuse the call (a bad argument, data that cannot be moved to the device) runs on
-        # locals first: a refused call leaves the run as it was. One on another dataset (a bad seed) forgot the batch
-        # the loop broke out on, never trained then, until 2026-12-06.
+        # locals first: a refused call leaves the run as it was. Otherwise one on another dataset (a bad seed) would
+        # forget the batch the loop broke out on, never trained then.
         if self._loader is not None and self._resume is None and key == self._loader_key:  # the same run, on
             taken = self._unstepped_samples()
             if batch_size != self._base_batch_size:
@@ -1659,8 +1659,8 @@ class Controller:
             if sample != self._costs_input:
                 # Samples of another shape or dtype (a new run, or a resume onto other data than this controller
                 # measured) are measured again, and the budget checked against them, before the run is theirs: a
-                # refusal leaves the run on its data. Until 2026-12-06 the old data's activations stayed, unchecked,
-                # and then the budget, checked at the first batch, left a refused call's data in the run's place.
+                # refusal leaves the run on its data. Otherwise the old data's activations would stay, unchecked, and
+                # the budget, checked at the first batch, would leave a refused call's data in the run's place.
                 measured = self._measured_memory(loader.x)
             if self._loader is not None and self._loader.samples_served and self._resume is None:
                 _log.warning(
@@ -2040,8 +2040,8 @@ class Controller:
             self.cadence.expedite()  # judge the change at the next decision, soon (set again by a retry: the same)
         # After a mixed interval too: its skipped steps left the weights as they were, its buffers were checked finite
         # (_shield), and the parameters are checked here (a sync, at a change only). Like every copy, it is confirmed
-        # only by an update applied on it, so a broken one is restored at most once. Until 2026-12-06 only a healthy
-        # interval took it, and a failure after a change that followed one skipped step crossed the change.
+        # only by an update applied on it, so a broken one is restored at most once. If only a healthy interval took
+        # it, a failure after a change that followed one skipped step would cross the change.
         settled = self._interval_healthy or (self._interval_mixed and not nonfinite_parameters(self.model))
         if report.changed and self.guard is not None and settled:
             # As DecisionLoop: a change is what most often precedes a divergence, so a rollback restarts from it
