@@ -190,7 +190,7 @@ def test_without_the_controllers_state_the_resumed_run_differs():
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])
 def test_on_the_fused_step_the_checkpoint_and_the_users_optimizer_hold_the_moments(monkeypatch, policy):
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
@@ -359,7 +359,7 @@ def test_an_adaptive_run_resumed_mid_interval_decides_as_the_uninterrupted_run(m
             pytest.skip("needs a GPU or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
 
         class FusedEngine(StepEngine):
-            def __init__(self, model, optimizer, device):
+            def __init__(self, model, optimizer, device, fused=None):
                 super().__init__(model, optimizer, device, fused=True)
 
         monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
@@ -934,7 +934,7 @@ def test_a_corrupt_fused_optimizer_field_is_refused_by_name_before_anything_is_l
     engine and the fused optimizer are left exactly as they were."""
 
     class FusedEngine(StepEngine):
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)

@@ -30,7 +30,7 @@ def _train(
 ) -> tuple[list, list, list[int]]:
     """Twenty steps of a user's loop; returns each step's (loss, logits dtype), the final weights, and how many
     graphs Dynamo had compiled after each step. ``mode`` is ``torch.compile``'s (Inductor only)."""
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=fused))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=fused))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -104,7 +104,7 @@ def test_reduce_overhead_mode_replays_cuda_graphs_and_trains_as_the_eager_model(
 @pytest.mark.skipif(not FUSED_RUNS, reason="the fused step needs a GPU or TRITON_INTERPRET=1")
 def test_a_users_eager_forward_casts_its_weights_and_a_compiled_one_computes_the_same(monkeypatch):
     """Reading a 16-bit copy saves a cast kernel but costs host time a parameter: worth it only in a traced forward."""
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=True))
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
     seen = []
     model[0].register_forward_pre_hook(lambda module, args: seen.append(type(module.weight)))  # after the swap's hook

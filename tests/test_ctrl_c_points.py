@@ -48,7 +48,7 @@ def _build(monkeypatch, fused):
     if fused:
 
         class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-            def __init__(self, model, optimizer, device):
+            def __init__(self, model, optimizer, device, fused=None):
                 super().__init__(model, optimizer, device, fused=True)
 
         monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
@@ -191,7 +191,7 @@ def test_a_ctrl_c_as_the_loader_hands_out_a_batch_serves_that_batch_again(
 
 def _use_fused_engine(monkeypatch):
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)

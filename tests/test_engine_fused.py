@@ -761,7 +761,7 @@ def test_a_run_reading_weight_copies_equals_one_that_casts(monkeypatch):
     from triaccel_rl.loop import DecisionLoop
 
     class FusedEngine(StepEngine):  # TrainingRun picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(training, "StepEngine", FusedEngine)
@@ -1134,7 +1134,7 @@ def test_a_users_zero_grad_does_not_detach_the_gradients_from_the_fused_step(mon
     from triaccel_rl import controller as controller_module
 
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
@@ -1665,7 +1665,7 @@ def test_a_controlled_static_loop_on_the_fused_step_is_the_users_own_loop(monkey
 
     data = users_data(DEVICE)
     plain, plain_ema = plain_loop(data, DEVICE)
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=True))
     model, ctl, ema = controlled_loop(data, Controller, ControllerConfig(interval_steps=5), DEVICE)
     assert ctl.engine.fused
     for got, want in zip(_weights(model), plain, strict=True):
@@ -1685,7 +1685,7 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
     from triaccel_rl import controller as controller_module
 
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     def build():
@@ -1725,7 +1725,7 @@ def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeyp
     from triaccel_rl.config import ControllerConfig
     from triaccel_rl.controller import Controller
 
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=True))
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=generator).to(DEVICE), torch.randint(0, 3, (64,), generator=generator)
     y = y.to(DEVICE)

@@ -28,7 +28,7 @@ KINDS = ["sgd", "adamw"]
 class FusedEngine(StepEngine):
     """The fused step on a CPU (the Controller picks it only on CUDA by itself)."""
 
-    def __init__(self, model, optimizer, device):
+    def __init__(self, model, optimizer, device, fused=None):
         super().__init__(model, optimizer, device, fused=True)
 
 

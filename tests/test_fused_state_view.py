@@ -213,7 +213,7 @@ def test_remove_hands_back_standalone_copies_of_the_live_view(kind: str) -> None
 
 
 def test_a_controller_on_the_fused_step_follows_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=True))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=True))
     data = batches()
     model = mlp()
     optimizer = build_optimizer("adamw", model)

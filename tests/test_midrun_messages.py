@@ -26,8 +26,10 @@ needs_triton = pytest.mark.skipif(
 
 
 class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-        super().__init__(model, optimizer, device, fused=True)
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, fused: bool | None = None
+    ) -> None:
+        super().__init__(model, optimizer, device, fused=True if fused is None else fused)
 
 
 def _mlp() -> nn.Sequential:
@@ -58,46 +60,50 @@ def _set(key: str, value: float, group: int = 0) -> Callable[[torch.optim.Optimi
     return change
 
 
+ADVICE = (
+    "build the StepEngine or Controller with fused=False, which runs torch.optim's own step (an open Controller: "
+    "close() it and build a new one"
+)
+
 # Each: the optimizer at the build, the change mid-run, the message's advice for a Controller, and the optimizer a
 # new Controller is built from with the setting from the start (which the fused step runs or not: ``fused_after``).
 CASES = {
     "adam weight decay": (
         lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
         _set("weight_decay", 0.01),
-        "keep it at 0, or use AdamW, or pass fused=False to a StepEngine (a Controller: close() it and build a new one "
-        "from an Adam with this weight decay, which runs on the reference path)",
+        "keep it at 0, or use AdamW, or " + ADVICE + "; one built from an Adam with this weight decay takes the "
+        "reference path by itself)",
         lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.01),
         False,
     ),
     "a layer's LRs apart": (
         lambda m: torch.optim.SGD(_weights_and_biases(m), lr=0.1, momentum=0.9),
         _set("lr", 0.02, group=1),
-        "keep a layer's groups at one LR, or pass fused=False to a StepEngine (a Controller: close() it and build a "
-        "new one from groups whose LRs differ already, which runs on the reference path)",
+        "keep a layer's groups at one LR, or " + ADVICE + "; one built from groups whose LRs differ already takes "
+        "the reference path by itself)",
         lambda m: torch.optim.SGD(_weights_and_biases(m, lr=0.02), lr=0.1, momentum=0.9),
         False,
     ),
     "groups' momentum apart": (
         lambda m: torch.optim.SGD(_weights_and_biases(m), lr=0.1, momentum=0.9),
         _set("momentum", 0.5, group=1),
-        "keep them equal, or pass fused=False to a StepEngine (a Controller: close() it and build a new one from "
-        "groups whose 'momentum' differ already, which runs on the reference path)",
+        "keep them equal, or " + ADVICE + "; one built from groups whose 'momentum' differ already takes the "
+        "reference path by itself)",
         lambda m: torch.optim.SGD(_weights_and_biases(m, momentum=0.5), lr=0.1, momentum=0.9),
         False,
     ),
     "maximize turned on": (
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         _set("maximize", True),
-        "turn it off, or pass fused=False to a StepEngine (a Controller: close() it and build a new one from groups "
-        "with it on already, which runs on the reference path)",
+        "turn it off, or " + ADVICE + "; one built from groups with it on already takes the reference path by itself)",
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1, maximize=True),
         False,
     ),
     "momentum from 0": (
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         _set("momentum", 0.9),
-        "start with momentum > 0 (a Controller: close() it and build a new one from an optimizer whose momentum is "
-        "> 0), or pass fused=False to a StepEngine",
+        "start with momentum > 0 (an open Controller: close() it and build a new one from an optimizer whose "
+        "momentum is > 0), or " + ADVICE + ")",
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
         True,
     ),
@@ -107,10 +113,10 @@ CASES = {
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
 def test_a_fused_refusal_of_a_mid_run_change_says_what_a_controller_user_can_do(case, monkeypatch) -> None:
-    """The refusals ended "or pass fused=False", which a Controller does not take (a TypeError): they now say to
-    close() it and build a new one with the setting from the start, and that advice works."""
+    """A Controller takes ``fused=False`` too: the refusals say so, and that a new one built with the setting from the
+    start works; both pieces of advice work."""
     build, change, advice, rebuild, fused_after = CASES[case]
-    assert "fused" not in inspect.signature(ta.Controller).parameters
+    assert "fused" in inspect.signature(ta.Controller).parameters
     assert "fused" not in ta.ControllerConfig.__dataclass_fields__
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
     model = _mlp()
@@ -121,7 +127,12 @@ def test_a_fused_refusal_of_a_mid_run_change_says_what_a_controller_user_can_do(
     with pytest.raises(ValueError, match=re.escape(advice) + "$"):
         _step(ctl, model, seed=2)
     ctl.close()
-    # The advice followed: a new Controller from an optimizer with the setting from the start. On a GPU it runs the
+    # One advice followed: a new Controller on the changed optimizer, with fused=False
+    with ta.Controller(model, optimizer, policy="fp32", fused=False) as ctl:
+        assert not ctl.engine.fused
+        _step(ctl, model, seed=2)
+        _step(ctl, model, seed=3)
+    # The other: a new Controller from an optimizer with the setting from the start. On a GPU it runs the
     # fused step where the optimizer allows it (``_fused_unsupported`` says ''), else the reference path.
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine if fused_after else StepEngine)
     model = _mlp()

@@ -913,7 +913,7 @@ def test_on_the_fused_step_a_rollback_restarts_the_intervals_applied_step_count(
     from triaccel_rl.engine import StepEngine
 
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
-        def __init__(self, model, optimizer, device):
+        def __init__(self, model, optimizer, device, fused=None):
             super().__init__(model, optimizer, device, fused=True)
 
     monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)

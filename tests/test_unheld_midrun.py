@@ -94,7 +94,7 @@ def test_a_second_optimizer_over_parameters_trainable_after_the_build_steps_as_a
     on the gradient times the loss scale (65536), the body's weights went NaN, the new head's far off (6e3 in 10
     steps). Now it is found at the next scaled backward and unscaled: the weights of a plain fp32 loop, within fp16's
     error."""
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=fused))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=fused))
     plain = _run(case, None)
     controlled = _run(case, "fp16")
     for (name, expected), actual in zip(plain.named_parameters(), controlled.parameters(), strict=True):

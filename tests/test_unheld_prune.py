@@ -83,7 +83,7 @@ def test_a_head_replaced_at_every_step_is_freed_and_only_the_live_head_is_watche
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_head_replaced_at_every_step_trains_as_a_plain_loop(fused, monkeypatch):
     """The body and the last head after 6 steps of a head replaced at each: the weights of a plain fp32 loop."""
-    monkeypatch.setattr(controller_module, "StepEngine", lambda *args: StepEngine(*args, fused=fused))
+    monkeypatch.setattr(controller_module, "StepEngine", lambda *args, **kwargs: StepEngine(*args, fused=fused))
     plain = _run_replacing_the_head(None, 6)[0]
     controlled = _run_replacing_the_head("fp16", 6)[0]
     for (name, expected), actual in zip(plain.named_parameters(), controlled.parameters(), strict=True):

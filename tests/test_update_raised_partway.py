@@ -39,7 +39,9 @@ DATA = (torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), torch.ar
 class _FusedEngine(StepEngine):
     """The fused step on the CPU (Triton's interpreter): the Controller and TrainingRun pick it only on CUDA."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, fused: bool | None = None
+    ) -> None:
         super().__init__(model, optimizer, device, fused=True)
 
 

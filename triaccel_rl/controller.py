@@ -42,7 +42,7 @@ from triaccel_rl.elastic import (
     resolve_lr_rule,
 )
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm, refuse_driven_modules
-from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole
+from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole, require_bool
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.experiment import check_log_dir, purge_tensorboard_after
 from triaccel_rl.loader import ElasticLoader
@@ -150,6 +150,13 @@ class Controller:
             the parameters), for the rounds; required with ``probe`` (and only with it). It is given what the model
             returns, floating-point tensors in float32 (inside tuples, lists and dicts too). It is tried once at
             construction on two probe samples.
+        fused: the update path. ``None``: the fused Triton step on a GPU where the optimizer allows it (``StepEngine``
+            says which it takes), else ``optimizer.step()``, torch.optim's own (the reference path). ``False``: the
+            reference path on every device, to compare the two or to keep an optimizer feature the fused step does
+            not mirror. ``True``: the fused step on every device (on a CPU under Triton's interpreter with
+            ``TRITON_INTERPRET=1``, else through its kernels' PyTorch references), refused (``ConfigError``, with the
+            reason) where it cannot run this optimizer or Triton is not installed. A checkpoint resumes on either
+            path: the fused step saves its moments in torch.optim's layout too.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -178,6 +185,8 @@ class Controller:
         grad_transform: Callable[[], object] | None = None,
         probe: tuple[torch.Tensor, torch.Tensor] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        *,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -201,6 +210,7 @@ class Controller:
                 "lambda: torch.nn.utils.clip_grad_value_(model.parameters(), 1.0), or None"
             )
         check_log_dir(log_dir)
+        require_bool("fused", fused, optional=True)
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
         self.memory = memory or self.config.memory
@@ -230,7 +240,7 @@ class Controller:
         self.lr_rule = resolve_lr_rule(rule, optimizer)
         self.profile = HardwareProfile.resolve(profile)
         probe_batch = _checked_probe(model, probe, loss_fn, self.device)
-        self.engine = StepEngine(model, optimizer, self.device)
+        self.engine = StepEngine(model, optimizer, self.device, fused=fused)
         _CountedZeroGrad.drop_unused(optimizer)  # dropped Controllers' wrappers, as the engine drops their hooks
         self._zero_grads = _CountedZeroGrad(optimizer, self)  # tells a reset from other writes to the gradients
         try:

@@ -26,7 +26,7 @@ from torch.optim import optimizer as _torch_optimizer  # its global step-hook re
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s grouping
 
 from triaccel_rl.distributed import any_rank, any_rank_on_device, world_size
-from triaccel_rl.errors import DetachedParametersError, is_finite_real, is_real
+from triaccel_rl.errors import ConfigError, DetachedParametersError, is_finite_real, is_real
 from triaccel_rl.precision import LayerPrecision, WeightCopies, driven_modules, find_layers, layer_parameters
 from triaccel_rl.types import LayerInfo, Precision
 
@@ -153,7 +153,8 @@ class StepEngine:
         model: the model being trained.
         optimizer: its optimizer; each param group's ``lr`` at each step is the base the LR knobs multiply.
         device: the device the model lives on.
-        fused: use the fused Triton step (``None``: on CUDA when supported).
+        fused: use the fused Triton step (``None``: on CUDA when supported; ``True`` where it cannot run this
+            optimizer raises a ``ConfigError`` naming the reason).
     """
 
     def __init__(
@@ -320,7 +321,7 @@ class StepEngine:
             # Checked only where wanted: the checks load Triton, which is not installed everywhere (macOS, Windows)
             reason = _fused_unsupported(optimizer, self.layer_params) if wanted else ""
             if fused and reason:
-                raise ValueError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
+                raise ConfigError(f"fused=True, but the fused step cannot run this optimizer: {reason}")
             if wanted and not reason:
                 self._init_fused()
             elif reason:  # the default would have been the fused step: say why not
@@ -1828,9 +1829,8 @@ class StepEngine:
         if type(self.optimizer) is torch.optim.Adam and any(decays):
             raise ValueError(
                 f"an Adam param group's weight_decay became {max(decays)}: the fused step runs Adam without weight "
-                "decay only (AdamW's decoupled decay is not Adam's L2 penalty); keep it at 0, or use AdamW, or pass "
-                "fused=False to a StepEngine (a Controller: close() it and build a new one from an Adam with this "
-                "weight decay, which runs on the reference path)"
+                "decay only (AdamW's decoupled decay is not Adam's L2 penalty); keep it at 0, or use AdamW, or "
+                f"{_reference_advice('from an Adam with this weight decay')}"
             )
         if any(len(values) > 1 for values in per_class):
             raise ValueError(
@@ -1860,8 +1860,7 @@ class StepEngine:
                 raise ValueError(
                     f"layer {self.layers[layer].name!r} has parameters in param groups whose LRs now differ "
                     f"({sorted(lrs[i] for i in indices)}): the fused step applies one LR a layer; keep "
-                    "a layer's groups at one LR, or pass fused=False to a StepEngine (a Controller: close() it and "
-                    "build a new one from groups whose LRs differ already, which runs on the reference path)"
+                    f"a layer's groups at one LR, or {_reference_advice('from groups whose LRs differ already')}"
                 )
 
     def _check_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
@@ -1878,15 +1877,15 @@ class StepEngine:
                 if len(set(values)) > 1:
                     raise ValueError(
                         f"the param groups' {key!r} now differ ({values}): the fused step applies one to all groups; "
-                        "keep them equal, or pass fused=False to a StepEngine (a Controller: close() it and build a "
-                        f"new one from groups whose {key!r} differ already, which runs on the reference path)"
+                        f"keep them equal, or {_reference_advice(f'from groups whose {key!r} differ already')}"
                     )
         current = dict(zip(self._hyper_keys, hypers[0], strict=True))
         if "momentum" in current and float(current["momentum"]) != 0.0 and not self.fused_optimizer._buffer_names:
             raise ValueError(
                 f"SGD's momentum went from 0 to {float(current['momentum'])}: the fused step was built without a "
-                "momentum buffer (momentum 0 at the build); start with momentum > 0 (a Controller: close() it and "
-                "build a new one from an optimizer whose momentum is > 0), or pass fused=False to a StepEngine"
+                "momentum buffer (momentum 0 at the build); start with momentum > 0 (an open "
+                "Controller: close() it and build a new one from an optimizer whose momentum is > 0), or "
+                f"{_reference_advice()}"
             )
 
     def _apply_group_hypers(self, hypers: tuple[tuple[Any, ...], ...]) -> None:
@@ -2572,10 +2571,16 @@ def _check_supported_options(groups: Sequence[Mapping[str, Any]]) -> None:
     """
     unsupported = _unsupported_option(groups)
     if unsupported:
-        raise ValueError(
-            f"{unsupported}: turn it off, or pass fused=False to a StepEngine (a Controller: close() it and build a "
-            "new one from groups with it on already, which runs on the reference path)"
-        )
+        raise ValueError(f"{unsupported}: turn it off, or {_reference_advice('from groups with it on already')}")
+
+
+def _reference_advice(built: str = "") -> str:
+    """The way around a change the fused step cannot follow: torch.optim's own step (the reference path)."""
+    already = f"; one built {built} takes the reference path by itself" if built else ""
+    return (
+        "build the StepEngine or Controller with fused=False, which runs torch.optim's own step (an open Controller: "
+        f"close() it and build a new one{already})"
+    )
 
 
 def _device_dtype_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
