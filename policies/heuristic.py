@@ -173,6 +173,9 @@ class HeuristicPolicy:
         """Every controllable layer's precision before the first decision (the driver applies it)."""
         self.low_precision = Precision.FP16 if self.config.heuristic.use_fp16 else Precision.BF16
         """The 16-bit precision insensitive groups are lowered to (:meth:`choose_low_precision` may change it)."""
+        self._growth_asked_at: float | None = None  # log2_batch when the last decision's annealing asked a doubling
+        self._growth_refused_at: float | None = None  # log2_batch at which such a doubling did not happen
+        self._last_progress = 0.0  # the last decision's share of its run: a smaller one starts another run
 
     def wants_speed_trial(self, step_time_known: bool) -> bool:
         """Whether the driver should time the 16-bit precisions before the first decision.
@@ -227,9 +230,9 @@ class HeuristicPolicy:
         obs = check_observation(observation, self.layout.size).astype(np.float32).astype(np.float64)
         if obs.ndim == 2:
             return np.stack([self._decide(row) for row in obs]), state
-        return self._decide(obs), state
+        return self._decide(obs, one_run=True), state
 
-    def _decide(self, obs: np.ndarray) -> np.ndarray:
+    def _decide(self, obs: np.ndarray, one_run: bool = False) -> np.ndarray:
         g = self.layout.globals
         overflow, max_overflow = obs[g("overflow_rate")], _as_observed(self.config.heuristic.max_overflow_rate)
         unstable = bool(overflow > max_overflow)
@@ -237,11 +240,14 @@ class HeuristicPolicy:
         current = [self._current_precision(obs, group) for group in range(self.layout.n_groups)]
         precisions = self._precisions(obs, current, unstable, may_lower) if "precision" in self.parts else current
         rung = self._current_rung(obs)
-        move = self._batch_move(obs) if "batch" in self.parts else BatchMove.KEEP
+        refused = one_run and self._growth_refused(float(obs[g("log2_batch")]), float(obs[g("progress")]))
+        move = self._batch_move(obs, refused) if "batch" in self.parts else BatchMove.KEEP
+        # With anneal_by="batch" the batch's doubling is the plateau's cut, and the LR keeps its rung
+        batch_annealed = move is BatchMove.GROW and self._plateau(obs) and self._batch_anneals() and not refused
         if "lr" in self.parts:
-            # With anneal_by="batch" the batch's doubling is the plateau's cut, and the LR keeps its rung
-            batch_annealed = move is BatchMove.GROW and self._plateau(obs) and self._batch_anneals()
             rung = self._lr_rung(obs, rung, unstable, batch_annealed)
+        if one_run:
+            self._growth_asked_at = float(obs[g("log2_batch")]) if batch_annealed else None
         return encode(Action(tuple(precisions), self.config.lr_scales[rung], move), self.config)
 
     def _current_precision(self, obs: np.ndarray, group: int) -> Precision:
@@ -329,6 +335,25 @@ class HeuristicPolicy:
     def _batch_anneals(self) -> bool:
         return self.config.heuristic.anneal_by == "batch" and "batch" in self.parts
 
+    def _growth_refused(self, log2_batch: float, progress: float) -> bool:
+        """Whether the doubling annealing asked for at the last decision did not happen, at this batch.
+
+        The executor may refuse a growth the policy cannot see coming (``max_batch_size``, a dataset too small, the
+        memory model's prediction): the batch is where it was. Annealing then cuts the LR at this batch instead of
+        asking again at every plateau (which left the LR where it was for the rest of the run). Read only for a
+        single run's observations (a 1-D ``predict``); a batch of observations from several runs has no one past,
+        and a decision earlier in its run than the last (a policy used again for another run) starts afresh.
+        """
+        if progress < self._last_progress:
+            self._growth_asked_at = self._growth_refused_at = None
+        if not math.isnan(progress):
+            self._last_progress = progress
+        if self._growth_asked_at is not None and log2_batch == self._growth_asked_at:
+            self._growth_refused_at = log2_batch
+        elif self._growth_refused_at is not None and log2_batch != self._growth_refused_at:
+            self._growth_refused_at = None  # the batch moved since: it may grow again
+        return self._growth_refused_at is not None
+
     def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool, batch_annealed: bool = False) -> int:
         rules = self.config.heuristic
         trend = obs[self.layout.globals("loss_trend")]
@@ -344,7 +369,7 @@ class HeuristicPolicy:
             return rung + 1  # recovering (or annealing's cuts released): climb back towards the neutral scale
         return rung
 
-    def _batch_move(self, obs: np.ndarray) -> BatchMove:
+    def _batch_move(self, obs: np.ndarray, growth_refused: bool = False) -> BatchMove:
         rules = self.config.heuristic
         g = self.layout.globals
         memory_use = obs[g("memory_use")]
@@ -359,7 +384,7 @@ class HeuristicPolicy:
         ramp = rules.ramp_batch_after is not None and (
             _as_observed(rules.ramp_batch_after) <= progress < _as_observed(rules.ramp_batch_until)
         )
-        annealed = self._batch_anneals() and self._plateau(obs)
+        annealed = self._batch_anneals() and self._plateau(obs) and not growth_refused
         if room and (quiet or ramp or annealed) and memory_use < _as_observed(rules.grow_below_usage):
             return BatchMove.GROW
         return BatchMove.KEEP

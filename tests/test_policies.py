@@ -9,8 +9,9 @@ import torch
 from heuristic_observations import BF16, FP16, FP32, GROW, KEEP, SHRINK, Decision, decide, observation
 from triaccel_rl.policies import HeuristicPolicy, LearnedPolicy, PolicyLoadError, StaticPolicy, make_policy
 
-from triaccel_rl.actions import action_space
-from triaccel_rl.config import ConfigError, ControllerConfig, HeuristicConfig
+from triaccel_rl.actions import action_space, decode
+from triaccel_rl.config import ConfigError, ControllerConfig, ElasticConfig, HeuristicConfig
+from triaccel_rl.controller import Controller
 from triaccel_rl.observation import OBS_HIGH, ObservationLayout
 from triaccel_rl.types import Policy, Precision
 
@@ -630,7 +631,8 @@ def test_the_batch_rule_at_its_thresholds(config, features, expected):
 
 
 BATCH_ANNEAL = ControllerConfig(
-    heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.35, anneal_by="batch", max_batch_growth=2.0)
+    heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.35, anneal_by="batch", max_batch_growth=2.0),
+    elastic=ElasticConfig(lr_rule="none"),
 )
 NOISY = -3.0  # the batch far over a tenth of the noise scale: the noise rule alone keeps it
 
@@ -682,6 +684,66 @@ def test_a_run_annealing_by_batch_doubles_its_batch_at_the_lr_held_then_cuts_the
     assert all(scale == 1.0 for _, scale in moves[:first_growth])
     assert any(batch == 2 * base and scale < 1.0 for batch, scale in moves[first_growth:])  # then the LR
     assert max(batch for batch, _ in moves) == 2 * base  # max_batch_growth (2x) bounds it
+
+
+def test_annealing_by_batch_cuts_the_lr_once_a_doubling_it_asked_for_did_not_happen():
+    """The executor may refuse a growth the policy cannot see (``max_batch_size``, the data, the memory model): the
+    next plateau at the same batch cuts the LR, where it asked for the doubling again at every decision before."""
+    config = ControllerConfig(
+        heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=4.0),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+    policy = HeuristicPolicy(config)
+
+    def step(**features):
+        got = decide(policy, noise_over_batch=NOISY, loss_trend=-0.01, **features)
+        return got.batch, got.lr_scale
+
+    assert step(progress=0.1) == (GROW, 1.0)
+    assert step(progress=0.2) == (KEEP, 0.75)  # refused: the batch is where it was
+    assert step(progress=0.3, lr_scale=0.75) == (KEEP, 0.5)  # and stays refused at this batch
+    assert step(progress=0.4, lr_scale=0.5, log2_batch=1.0) == (GROW, 0.5)  # the batch moved since: it may grow
+    assert step(progress=0.05) == (GROW, 1.0)  # an earlier share of its run: another run, afresh
+    # A batch of observations (several runs' at once) reads no past
+    rows = np.stack([observation(noise_over_batch=NOISY, loss_trend=-0.01, progress=0.5)] * 2)
+    for _ in range(2):
+        actions = policy.predict(rows)[0]
+        assert [int(decode(action, policy.config).batch_move) for action in actions] == [GROW, GROW]
+
+
+def test_a_run_annealing_by_batch_past_the_datas_largest_batch_cuts_the_lr():
+    """A dataset of 400 samples holds batches up to 50: from there the plateau cuts the LR (it stayed at x1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-7)  # a flat loss: every decision a plateau
+    x, y = torch.randn(400, 8), torch.randint(0, 2, (400,))
+    config = ControllerConfig(
+        interval_steps=5,
+        heuristic=HeuristicConfig(
+            anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=8.0, speed_trial=False
+        ),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+    with Controller(model, optimizer, policy="heuristic", config=config) as ctl:
+        for xb, yb in ctl.loader((x, y), batch_size=16, epochs=4):
+            with ctl.autocast():
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            ctl.step(loss)
+        moves = [(report.batch_size, report.lr_scale) for report in ctl.decisions]
+    assert moves[:5] == [(32, 1.0), (50, 1.0), (50, 1.0), (50, 0.75), (50, 0.5)]
+
+
+def test_annealing_by_batch_needs_the_lr_held():
+    with pytest.raises(
+        ConfigError,
+        match=r"anneal_by='batch' needs elastic=ElasticConfig\(lr_rule='none'\), got "
+        r"lr_rule='auto'",
+    ):
+        ControllerConfig(heuristic=HeuristicConfig(anneal_by="batch"))
+    config = ControllerConfig(heuristic=HeuristicConfig(anneal_by="batch"), elastic=ElasticConfig(lr_rule="none"))
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ConfigError, match=r"lr_rule='linear' with heuristic.anneal_by='batch'"):
+        Controller(model, torch.optim.SGD(model.parameters(), lr=0.1), config=config, lr_rule="linear")
 
 
 @pytest.mark.parametrize("value", ["LR", "samples", None, 1])

@@ -403,7 +403,9 @@ class HeuristicConfig:
             cuts the LR only once it may not: "don't decay the learning rate, increase the batch size" (Smith et al.,
             2018), read on the same plateau. A doubled batch at the same LR lowers the gradient noise as halving the
             LR does, over half as many steps, each using the GPU better; it needs the LR held across the change
-            (``ElasticConfig.lr_rule="none"``: the linear rule keeps the noise as it was).
+            (``ElasticConfig.lr_rule="none"``, refused otherwise: the linear rule keeps the noise as it was). A
+            doubling the executor refuses (``max_batch_size``, the data's largest batch, the memory model) leaves the
+            batch where it was, and the next plateau at that batch cuts the LR.
         anneal_after: the share of the training budget (``progress``) before which ``anneal_plateau`` does
             nothing (the loss of a young run is noisy and its fall uneven), in [0, 1].
         anneal_release_after: None (the default): annealing's cuts hold to the end. A share of the training budget in
@@ -807,6 +809,12 @@ class ControllerConfig:
             raise ConfigError(f"lr_scales={self.lr_scales!r} must be a non-empty tuple of positive numbers")
         if self.interval_steps < 1:
             raise ConfigError(f"interval_steps={self.interval_steps} must be >= 1")
+        if self.heuristic.anneal_by == "batch" and self.elastic.lr_rule is not LRRule.NONE:
+            raise ConfigError(
+                f"heuristic.anneal_by='batch' needs elastic=ElasticConfig(lr_rule='none'), got "
+                f"lr_rule={self.elastic.lr_rule.value!r}: a doubled batch lowers the gradient noise only at the LR "
+                "held; under another rule the LR follows the batch up and the plateau is not annealed"
+            )
         if self.max_interval_factor < 1:
             raise ConfigError(f"max_interval_factor={self.max_interval_factor} must be >= 1 (1: a fixed interval)")
         if self.snapshot_every < 1:

@@ -213,6 +213,11 @@ class Controller:
         require_bool("fused", fused, optional=True)
         self.config = config or ControllerConfig()
         rule = LRRule.parse(lr_rule if lr_rule is not None else self.config.elastic.lr_rule)
+        if self.config.heuristic.anneal_by == "batch" and rule is not LRRule.NONE:  # ControllerConfig checks its own
+            raise ConfigError(
+                f"lr_rule={rule.value!r} with heuristic.anneal_by='batch': a doubled batch lowers the gradient noise "
+                "only at the LR held; pass lr_rule='none' (or leave it to the config's)"
+            )
         self.memory = memory or self.config.memory
         first = next(iter(model.parameters()), None)
         self.device = resolve_device(device if device is not None else (first.device if first is not None else None))
