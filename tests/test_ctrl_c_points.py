@@ -290,3 +290,91 @@ def test_a_ctrl_c_before_the_fused_launch_keeps_the_record_of_parameters_without
     weights, steps, _ = _outcome(model, ctl)
     assert steps == expected_steps
     assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
+
+
+def _build_fused_sgd(grad_transform=None, param_groups=False):
+    """A Controller built with ``fused=True``; the SGD's param groups the two layers' (``param_groups``) or one."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    params = (
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}] if param_groups else model.parameters()
+    )
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    config = ControllerConfig(interval_steps=3)
+    ctl = Controller(model, optimizer, policy="fp32", config=config, grad_transform=grad_transform, fused=True)
+    assert ctl.engine.fused
+    return model, optimizer, ctl
+
+
+def _first_batch(ctl):
+    x, y = _data()
+    for xb, _ in ctl.loader((x, y), batch_size=16, epochs=2):
+        return xb.clone()
+
+
+@pytest.mark.parametrize("fused", [_fused_param])
+def test_a_ctrl_c_in_the_grad_transform_on_the_fused_path_serves_the_batch_again(monkeypatch, caplog, fused):
+    """The transform runs before the launch: a Ctrl-C in it moved nothing, and the batch goes back.
+
+    Before, the fused step read the last step's launch as its own: the step was reported as an update raised part-way,
+    counted, and its batch never trained on.
+    """
+    calls, interrupt_at = [], [None]
+
+    def clamp():  # the uninterrupted run's transform too; the Ctrl-C comes in its call ``interrupt_at``
+        calls.append(True)
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        with torch.no_grad():
+            for param in model.parameters():
+                param.grad.clamp_(-0.5, 0.5)
+
+    model, _, ctl = _build_fused_sgd(clamp)
+    _train(model, ctl)
+    expected_weights, expected_steps, expected_decisions = _outcome(model, ctl)
+    calls.clear()
+    interrupt_at[0] = 3  # step 2's
+    model, _, ctl = _build_fused_sgd(clamp)
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"), pytest.raises(KeyboardInterrupt):
+        _train(model, ctl)
+    assert len(calls) == 3 and ctl.steps == 2
+    assert not ctl.engine.update_started
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
+        _train(model, ctl)
+    assert "raised part-way" not in caplog.text
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    difference = (weights - expected_weights).abs().max().item()
+    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"
+
+
+@pytest.mark.parametrize("fused", [_fused_param])
+def test_a_mid_run_change_the_fused_step_refuses_serves_the_batch_again(caplog, fused):
+    """A group's momentum set apart mid-run: the fused step refuses it before its launch, and the batch goes back.
+
+    The user sets it back and runs the cell again: the run ends as the one that never changed it. Before, the refusal
+    was reported as an update raised part-way, counted, and its batch never trained on.
+    """
+    model, _, ctl = _build_fused_sgd(param_groups=True)
+    _train(model, ctl)
+    expected_weights, expected_steps, expected_decisions = _outcome(model, ctl)
+    model, optimizer, ctl = _build_fused_sgd(param_groups=True)
+    x, y = _data()
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"), pytest.raises(ValueError, match="'momentum' now differ"):
+        for xb, yb in ctl.loader((x, y), batch_size=16, epochs=2):
+            if ctl.steps == 2:
+                optimizer.param_groups[1]["momentum"] = 0.5
+                refused_batch = xb.clone()
+            with ctl.autocast():
+                ctl.step(nn.functional.cross_entropy(model(xb), yb))
+    assert ctl.steps == 2
+    assert not ctl.engine.update_started
+    optimizer.param_groups[1]["momentum"] = 0.9  # the user's fix
+    assert torch.equal(_first_batch(ctl), refused_batch)  # served again (a loop broken out of gives it back too)
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
+        _train(model, ctl)
+    assert "raised part-way" not in caplog.text
+    weights, steps, decisions = _outcome(model, ctl)
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    difference = (weights - expected_weights).abs().max().item()
+    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"

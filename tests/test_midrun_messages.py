@@ -1,11 +1,12 @@
 """Tests that the refusals of changes made mid-run say what the user can do: the fused step's refusals of param group
-changes name the way out for a Controller (which takes no ``fused`` argument), a checkpoint of another layer count
-names the layers frozen when the controller was built, and a parameter detached from the fused step's flat buffer
-by an assignment to ``.data`` (``vector_to_parameters``) names the in-place write that keeps it."""
+changes name the way out for a Controller (``fused=False``, or ``fused=None`` from the changed optimizer), a checkpoint
+of another layer count names the layers frozen when the controller was built, and a parameter detached from the fused
+step's flat buffer by an assignment to ``.data`` (``vector_to_parameters``) names the in-place write that keeps it."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -71,31 +72,32 @@ CASES = {
     "adam weight decay": (
         lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
         _set("weight_decay", 0.01),
-        "keep it at 0, or use AdamW, or " + ADVICE + "; one built from an Adam with this weight decay takes the "
-        "reference path by itself)",
+        "keep it at 0, or use AdamW, or " + ADVICE + "; one built with fused=None from an Adam with this weight decay "
+        "takes the reference path by itself)",
         lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.01),
         False,
     ),
     "a layer's LRs apart": (
         lambda m: torch.optim.SGD(_weights_and_biases(m), lr=0.1, momentum=0.9),
         _set("lr", 0.02, group=1),
-        "keep a layer's groups at one LR, or " + ADVICE + "; one built from groups whose LRs differ already takes "
-        "the reference path by itself)",
+        "keep a layer's groups at one LR, or " + ADVICE + "; one built with fused=None from groups whose LRs differ "
+        "already takes the reference path by itself)",
         lambda m: torch.optim.SGD(_weights_and_biases(m, lr=0.02), lr=0.1, momentum=0.9),
         False,
     ),
     "groups' momentum apart": (
         lambda m: torch.optim.SGD(_weights_and_biases(m), lr=0.1, momentum=0.9),
         _set("momentum", 0.5, group=1),
-        "keep them equal, or " + ADVICE + "; one built from groups whose 'momentum' differ already takes the "
-        "reference path by itself)",
+        "keep them equal, or " + ADVICE + "; one built with fused=None from groups whose 'momentum' differ already "
+        "takes the reference path by itself)",
         lambda m: torch.optim.SGD(_weights_and_biases(m, momentum=0.5), lr=0.1, momentum=0.9),
         False,
     ),
     "maximize turned on": (
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         _set("maximize", True),
-        "turn it off, or " + ADVICE + "; one built from groups with it on already takes the reference path by itself)",
+        "turn it off, or " + ADVICE + "; one built with fused=None from groups with it on already takes the reference "
+        "path by itself)",
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1, maximize=True),
         False,
     ),
@@ -112,9 +114,9 @@ CASES = {
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
-def test_a_fused_refusal_of_a_mid_run_change_says_what_a_controller_user_can_do(case, monkeypatch) -> None:
+def test_a_fused_refusal_of_a_mid_run_change_says_what_a_controller_user_can_do(case, monkeypatch, caplog) -> None:
     """A Controller takes ``fused=False`` too: the refusals say so, and that a new one built with the setting from the
-    start works; both pieces of advice work."""
+    start works; both pieces of advice work. The refused step moved nothing: no update raised part-way."""
     build, change, advice, rebuild, fused_after = CASES[case]
     assert "fused" in inspect.signature(ta.Controller).parameters
     assert "fused" not in ta.ControllerConfig.__dataclass_fields__
@@ -124,8 +126,10 @@ def test_a_fused_refusal_of_a_mid_run_change_says_what_a_controller_user_can_do(
     ctl = ta.Controller(model, optimizer, policy="fp32")
     _step(ctl, model)
     change(optimizer)
-    with pytest.raises(ValueError, match=re.escape(advice) + "$"):
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"), pytest.raises(ValueError, match=re.escape(advice) + "$"):
         _step(ctl, model, seed=2)
+    assert "raised part-way" not in caplog.text
+    assert ctl.steps == 1
     ctl.close()
     # One advice followed: a new Controller on the changed optimizer, with fused=False
     with ta.Controller(model, optimizer, policy="fp32", fused=False) as ctl:

@@ -2098,6 +2098,9 @@ class StepEngine:
         self.zero_pending = True  # until the zeroing below has run
         self._backward_scale = None  # the step's backward passes are done: a later backward is not scaled
         self.update_reached = self.update_started = False
+        # Cleared before anything here can raise: the except below reads it, and the last step's True made a step
+        # refused before its own launch (a mid-run change, a Ctrl-C in a transform) look part-way, its batch lost
+        self.fused_optimizer.update_launched = False
         self.last_grad_stats = None
         scaling = self.precision.needs_grad_scaler
         # Everything up to and including the launch in one guard: a refused step (the check inside), or a hook or
@@ -2157,8 +2160,6 @@ class StepEngine:
                 # fp16 scale's back-off below: the scale stays equal in every process. One collective, on the device.
                 elsewhere = overflow_elsewhere if overflow_elsewhere is not None else torch.zeros_like(skip)
                 skip, overflow_elsewhere = any_rank_on_device(torch.stack([skip, elsewhere])).unbind()
-            # The last step's, read below where this one stops before step() resets it (a Ctrl-C in its arguments)
-            self.fused_optimizer.update_launched = False
             try:
                 result = self.fused_optimizer.step(
                     lr,
@@ -2575,8 +2576,12 @@ def _check_supported_options(groups: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _reference_advice(built: str = "") -> str:
-    """The way around a change the fused step cannot follow: torch.optim's own step (the reference path)."""
-    already = f"; one built {built} takes the reference path by itself" if built else ""
+    """The way around a change the fused step cannot follow: torch.optim's own step (the reference path).
+
+    ``built`` names the optimizer a new engine would be built from. Such an engine takes the reference path by itself
+    only with ``fused=None``: with ``fused=True`` it is refused (a ``ConfigError``), so the advice names the argument.
+    """
+    already = f"; one built with fused=None {built} takes the reference path by itself" if built else ""
     return (
         "build the StepEngine or Controller with fused=False, which runs torch.optim's own step (an open Controller: "
         f"close() it and build a new one{already})"
