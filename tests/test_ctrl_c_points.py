@@ -78,6 +78,19 @@ def _outcome(model, ctl):
     return outcome
 
 
+def _run_again_as_uninterrupted(model, ctl, expected, caplog, where=""):
+    """The cell run again ends as the uninterrupted run (weights bit for bit, steps, decisions), with no part-way
+    update reported."""
+    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
+        _train(model, ctl)
+    assert "raised part-way" not in caplog.text
+    weights, steps, decisions = _outcome(model, ctl)
+    expected_weights, expected_steps, expected_decisions = expected
+    assert (steps, decisions) == (expected_steps, expected_decisions)
+    difference = (weights - expected_weights).abs().max().item()
+    assert torch.equal(weights, expected_weights), f"a Ctrl-C{where}: weights {difference:.3g} off"
+
+
 def _uninterrupted(monkeypatch, fused, accumulate=False):
     with monkeypatch.context() as patch:
         model, ctl = _build(patch, fused)
@@ -139,13 +152,9 @@ def test_a_ctrl_c_then_the_cell_run_again_ends_as_the_uninterrupted_run(
         _train(model, ctl)
     assert fired, f"no Ctrl-C came in {where}"
     assert ctl.steps == at_steps + (update_in and at_steps == 2)  # counted where its update went in
-    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
-        _train(model, ctl)  # the cell run again
-    assert "raised part-way" not in caplog.text
-    weights, steps, decisions = _outcome(model, ctl)
-    assert (steps, decisions) == (expected_steps, expected_decisions)
-    difference = (weights - expected_weights).abs().max().item()
-    assert torch.equal(weights, expected_weights), f"a Ctrl-C in {where}: weights {difference:.3g} off"
+    _run_again_as_uninterrupted(
+        model, ctl, (expected_weights, expected_steps, expected_decisions), caplog, where=f" in {where}"
+    )
 
 
 def test_a_ctrl_c_as_a_micro_batch_is_recorded_leaves_no_gradient_for_the_batch_served_again(monkeypatch):
@@ -237,13 +246,7 @@ def test_a_ctrl_c_in_the_fused_launchers_checks_serves_the_batch_again(monkeypat
         _train(model, ctl)
     assert fired and ctl.steps == 2
     assert not ctl.engine.update_started
-    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
-        _train(model, ctl)
-    assert "raised part-way" not in caplog.text
-    weights, steps, decisions = _outcome(model, ctl)
-    assert (steps, decisions) == (expected_steps, expected_decisions)
-    difference = (weights - expected_weights).abs().max().item()
-    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"
+    _run_again_as_uninterrupted(model, ctl, (expected_weights, expected_steps, expected_decisions), caplog)
 
 
 @pytest.mark.parametrize("fused", [_fused_param])
@@ -339,13 +342,7 @@ def test_a_ctrl_c_in_the_grad_transform_on_the_fused_path_serves_the_batch_again
         _train(model, ctl)
     assert len(calls) == 3 and ctl.steps == 2
     assert not ctl.engine.update_started
-    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
-        _train(model, ctl)
-    assert "raised part-way" not in caplog.text
-    weights, steps, decisions = _outcome(model, ctl)
-    assert (steps, decisions) == (expected_steps, expected_decisions)
-    difference = (weights - expected_weights).abs().max().item()
-    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"
+    _run_again_as_uninterrupted(model, ctl, (expected_weights, expected_steps, expected_decisions), caplog)
 
 
 @pytest.mark.parametrize("fused", [_fused_param])
@@ -371,10 +368,4 @@ def test_a_mid_run_change_the_fused_step_refuses_serves_the_batch_again(caplog, 
     assert not ctl.engine.update_started
     optimizer.param_groups[1]["momentum"] = 0.9  # the user's fix
     assert torch.equal(_first_batch(ctl), refused_batch)  # served again (a loop broken out of gives it back too)
-    with caplog.at_level(logging.ERROR, logger="triaccel_rl"):
-        _train(model, ctl)
-    assert "raised part-way" not in caplog.text
-    weights, steps, decisions = _outcome(model, ctl)
-    assert (steps, decisions) == (expected_steps, expected_decisions)
-    difference = (weights - expected_weights).abs().max().item()
-    assert torch.equal(weights, expected_weights), f"weights {difference:.3g} off"
+    _run_again_as_uninterrupted(model, ctl, (expected_weights, expected_steps, expected_decisions), caplog)
