@@ -44,7 +44,7 @@ from triaccel_rl.elastic import (
 from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm, refuse_driven_modules
 from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole, require_bool
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
-from triaccel_rl.experiment import check_log_dir, purge_tensorboard_after
+from triaccel_rl.experiment import PrecisionMapScalars, check_log_dir, purge_tensorboard_after
 from triaccel_rl.loader import ElasticLoader
 from triaccel_rl.memory import (
     MemoryModel,
@@ -348,6 +348,7 @@ class Controller:
             self._batch_size = 0
             self._last_batch = 0
             self._writer: Any = None  # opened last, below
+            self._precision_map = PrecisionMapScalars(self.engine.layers)  # its per-layer scalars
             self._skipped_counted = 0  # skipped updates of the intervals closed (a checkpoint's count)
             self._skipped_at_close = 0  # the open interval's, read at close()
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
@@ -1413,6 +1414,7 @@ class Controller:
         at ``step + 1`` or later. Nothing is deleted from the event files.
         """
         purge_tensorboard_after(self._writer._get_file_writer(), step)
+        self._precision_map.forget()  # its last map written may be among the points dropped: written again
 
     def _loaded_signals(self, state: object) -> _LoadedSignals:
         """New signal objects loaded from a checkpoint's ``signals`` entry, checked whole (ours are not touched)."""
@@ -2084,6 +2086,8 @@ class Controller:
             self._writer.add_scalar("controller/lr", self.lr, step)  # the schedule's LR times the multiplier
             low = sum(p is not Precision.FP32 for p in report.precisions) / max(len(report.precisions), 1)
             self._writer.add_scalar("controller/low_precision_share", low, step)
+            # The map's own series, as compare's precision map plots it: written where it changed (a step function)
+            self._precision_map.write(self._writer, report.precisions, step)
             self._writer.add_scalar("controller/overhead_frac", signals.overhead_frac, step)
             self._writer.add_scalar("signals/noise_scale", signals.noise_scale, step)
             self._writer.add_scalar("signals/memory_bytes", signals.memory_bytes, step)

@@ -17,7 +17,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from triaccel_rl.types import LayerInfo, Precision
+
 __all__ = [
+    "PrecisionMapScalars",
     "check_log_dir",
     "command_line",
     "cpu_machine",
@@ -378,3 +381,67 @@ def _git(root: Path, *arguments: str) -> str:
     return subprocess.run(
         ["git", *arguments], cwd=root, env={**os.environ, **ceiling}, capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+class PrecisionMapScalars:
+    """Writes the per-layer precision map to TensorBoard, a scalar a controllable layer, when the map has changed.
+
+    Layer ``index`` (into the model's layers, in the order of ``Controller.precisions`` and of ``compare``'s trace)
+    has the tag ``precision/<index>_<name>``: the index zero-padded, so that TensorBoard's alphabetical order of the
+    tags is the map's, and the name with every character but letters, digits, ``_``, ``-`` and ``.`` as ``_``. The
+    value is the precision's code: 0 fp32, 1 bf16, 2 fp16. A layer whose precision is not controlled (always fp32) has
+    none. The map is written at the first call and then only where it differs from the last one written: TensorBoard
+    draws each layer's line through the points it has, and a run that keeps one map writes it once. On the host, a
+    write costs about 0.1 ms a layer (7 ms at EfficientNet-B0's 82 controllable layers, on 2 busy CPU cores), a map
+    unchanged 10 µs, once a decision.
+
+    Example:
+        >>> from triaccel_rl.types import LayerInfo
+        >>> scalars = PrecisionMapScalars([LayerInfo("fc1", 8, True), LayerInfo("norm", 4, False),
+        ...                                LayerInfo("head out", 8, True)])
+        >>> scalars.tags
+        ['precision/0_fc1', 'precision/2_head_out']
+        >>> class Printer:
+        ...     def add_scalar(self, tag, value, step):
+        ...         print(tag, value, step)
+        >>> scalars.write(Printer(), [Precision.BF16, Precision.FP32, Precision.FP32], step=10)
+        precision/0_fc1 1 10
+        precision/2_head_out 0 10
+        >>> scalars.write(Printer(), [Precision.BF16, Precision.FP32, Precision.FP32], step=20)  # the same map
+    """
+
+    def __init__(self, layers: Sequence[LayerInfo]) -> None:
+        """Tags for ``layers``, the model's layers (``StepEngine.layers``, ``TrainingRun.layers``)."""
+        width = len(str(max(len(layers) - 1, 0)))
+        self._tags = {
+            index: f"precision/{index:0{width}d}_{_tag_safe(info.name)}"
+            for index, info in enumerate(layers)
+            if info.controllable
+        }
+        self._written: list[int] | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags, one a controllable layer, in the map's order."""
+        return list(self._tags.values())
+
+    def write(self, writer: Any, precisions: Sequence[Precision | int], step: int) -> None:
+        """Writes ``precisions`` (one a layer, all layers) at ``step`` with ``writer``, unless the last written."""
+        codes = [int(precisions[index]) for index in self._tags]
+        if codes == self._written:
+            return
+        for tag, code in zip(self._tags.values(), codes, strict=True):
+            writer.add_scalar(tag, code, step)
+        self._written = codes
+
+    def forget(self) -> None:
+        """Writes the map at the next call whatever it is (the points written so far were dropped from view)."""
+        self._written = None
+
+
+def _tag_safe(name: str) -> str:
+    """``name`` in a TensorBoard tag: every character but letters, digits, ``_``, ``-`` and ``.`` as ``_``.
+
+    TensorFlow's rule for tags; a ``/`` too, which would nest the layer's tag in a group of its own.
+    """
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL.Image import Image as PILImage
 
-__all__ = ["plot_comparison", "save_png"]
+__all__ = ["plot_comparison", "precision_map_image", "save_png"]
 
 
 def plot_comparison(
@@ -50,7 +50,6 @@ def plot_comparison(
     """
     try:
         from matplotlib import colormaps
-        from matplotlib.colors import ListedColormap
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'triaccel-rl[plots]'") from err
 
@@ -125,27 +124,52 @@ def plot_comparison(
         ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "batch_lr_vs_time.png"))
 
-    cmap = ListedColormap(["#3b6fb6", "#f2a541", "#d1495b"])  # fp32, bf16, fp16
     map_names: set[str] = set()
     for controller in controllers:
         run = min((r for r in results if r.controller == controller), key=lambda r: r.seed)
         if not run.trace:
             continue
-        grid = np.array([row["precisions"] for row in run.trace]).T  # layers × decisions
-        fig = _figure(figsize=(8, max(2.5, 0.18 * grid.shape[0] + 1.2)))
-        ax = fig.subplots()
-        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest")
-        ax.set_xlabel("decision")
-        ax.set_ylabel("layer")
-        if len(run.layer_names) <= 40:
-            ax.set_yticks(range(len(run.layer_names)), run.layer_names, fontsize=6)
-        ax.set_title(f"Per-layer precision over time: {controller} (seed {run.seed})")
-        bar = fig.colorbar(image, ax=ax, ticks=[0, 1, 2])
-        bar.ax.set_yticklabels(["fp32", "bf16", "fp16"])
         # Rows "learned:my policy.zip" and "learned:my_policy.zip" clean to one name: the second map overwrote the first
         map_name = _unique(_safe(controller), map_names)
-        paths.append(_save(fig, out / f"precision_map_{map_name}.png"))
+        paths.append(_save(_precision_map_figure(run), out / f"precision_map_{map_name}.png"))
     return paths
+
+
+def precision_map_image(run: RunResult) -> np.ndarray:
+    """``run``'s precision map heat map, as ``plot_comparison`` draws it, as RGB pixels: uint8 ``[height, width, 3]``.
+
+    For TensorBoard's images (``SummaryWriter.add_image(tag, image, dataformats="HWC")``). Needs matplotlib.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``run.trace`` is empty (no decision: no map to draw).
+    """
+    if not run.trace:
+        raise ValueError(f"run {run.controller!r} (seed {run.seed}) has no trace rows: no precision map to draw")
+    fig = _precision_map_figure(run)
+    fig.tight_layout()
+    canvas = fig.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+
+
+def _precision_map_figure(run: RunResult) -> Figure:
+    """Per-layer precision (rows) over ``run``'s decisions (columns), a heat map in three colours."""
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#3b6fb6", "#f2a541", "#d1495b"])  # fp32, bf16, fp16
+    grid = np.array([row["precisions"] for row in run.trace]).T  # layers × decisions
+    fig = _figure(figsize=(8, max(2.5, 0.18 * grid.shape[0] + 1.2)))
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest")
+    ax.set_xlabel("decision")
+    ax.set_ylabel("layer")
+    if len(run.layer_names) <= 40:
+        ax.set_yticks(range(len(run.layer_names)), run.layer_names, fontsize=6)
+    ax.set_title(f"Per-layer precision over time: {run.controller} (seed {run.seed})")
+    bar = fig.colorbar(image, ax=ax, ticks=[0, 1, 2])
+    bar.ax.set_yticklabels(["fp32", "bf16", "fp16"])
+    return fig
 
 
 def _legend(ax: object) -> None:
