@@ -98,7 +98,8 @@ def test_a_parameter_frozen_mid_run_is_left_alone_as_torch_leaves_it(kind, fused
 
 def _refusal(option: str) -> str:
     return re.escape(
-        f"param group 0 has {option}=True, which the fused step does not support: turn it off, or pass fused=False"
+        f"param group 0 has {option}=True, which the fused step does not support: turn it off, or build the StepEngine "
+        "or Controller with fused=False"
     )
 
 

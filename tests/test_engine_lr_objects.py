@@ -162,7 +162,7 @@ def test_a_group_made_differentiable_after_the_build_is_refused_at_the_next_fuse
     engine = StepEngine(model, optimizer, CPU, fused=True)
     optimizer.param_groups[0]["differentiable"] = True
     x, y = _batches(1)[0]
-    with pytest.raises(ValueError, match=r"param group 0 has differentiable=True.*pass fused=False"):
+    with pytest.raises(ValueError, match=r"param group 0 has differentiable=True.*with fused=False"):
         engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
     engine.remove()
 
