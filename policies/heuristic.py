@@ -84,11 +84,13 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from triaccel_rl.actions import encode
 from triaccel_rl.config import ControllerConfig
+from triaccel_rl.errors import is_finite_real
 from triaccel_rl.observation import ObservationLayout
 from triaccel_rl.shield import check_observation
 from triaccel_rl.types import Action, BatchMove, Precision
@@ -173,9 +175,14 @@ class HeuristicPolicy:
         """Every controllable layer's precision before the first decision (the driver applies it)."""
         self.low_precision = Precision.FP16 if self.config.heuristic.use_fp16 else Precision.BF16
         """The 16-bit precision insensitive groups are lowered to (:meth:`choose_low_precision` may change it)."""
-        self._growth_asked_at: float | None = None  # log2_batch when the last decision's annealing asked a doubling
-        self._growth_refused_at: float | None = None  # log2_batch at which such a doubling did not happen
-        self._last_progress = 0.0  # the last decision's share of its run: a smaller one starts another run
+        # What a run carries from one decision to the next (annealing by batch: _growth_refused), for a checkpoint
+        # (run_state): where the last decision's annealing asked a doubling (log2_batch), where one did not happen,
+        # the last decision's share of its run (a smaller one starts another run), and the first two as they were
+        # before that decision (a retry of it starts from there).
+        self._growth_asked_at: float | None = None
+        self._growth_refused_at: float | None = None
+        self._last_progress = 0.0
+        self._before_last: tuple[float | None, float | None] | None = None
 
     def wants_speed_trial(self, step_time_known: bool) -> bool:
         """Whether the driver should time the 16-bit precisions before the first decision.
@@ -344,15 +351,78 @@ class HeuristicPolicy:
         single run's observations (a 1-D ``predict``); a batch of observations from several runs has no one past,
         and a decision earlier in its run than the last (a policy used again for another run) starts afresh.
         """
-        if progress < self._last_progress:
-            self._growth_asked_at = self._growth_refused_at = None
+        if progress == self._last_progress and self._before_last is not None:
+            # The same decision asked again (a Ctrl-C or an error cut it short): from the state before it, or the
+            # doubling it asked for would read as refused, and the retry would cut the LR instead
+            asked, refused = self._before_last
+        else:
+            asked, refused = self._growth_asked_at, self._growth_refused_at
+            if progress < self._last_progress:
+                asked = refused = None
+            self._before_last = (asked, refused)
         if not math.isnan(progress):
             self._last_progress = progress
-        if self._growth_asked_at is not None and log2_batch == self._growth_asked_at:
-            self._growth_refused_at = log2_batch
-        elif self._growth_refused_at is not None and log2_batch != self._growth_refused_at:
-            self._growth_refused_at = None  # the batch moved since: it may grow again
-        return self._growth_refused_at is not None
+        if asked is not None and log2_batch == asked:
+            refused = log2_batch
+        elif refused is not None and log2_batch != refused:
+            refused = None  # the batch moved since: it may grow again
+        self._growth_asked_at, self._growth_refused_at = asked, refused
+        return refused is not None
+
+    def run_state(self) -> dict[str, Any]:
+        """What the policy carries from one decision of a run to the next, for a checkpoint (:meth:`load_run_state`).
+
+        Annealing by batch's record of the doubling it last asked for (see ``HeuristicConfig.anneal_by``); numbers
+        and ``None`` only.
+        """
+        return {
+            "growth_asked_at": self._growth_asked_at,
+            "growth_refused_at": self._growth_refused_at,
+            "last_progress": self._last_progress,
+            "before_last": None if self._before_last is None else list(self._before_last),
+        }
+
+    @staticmethod
+    def check_run_state(state: object) -> None:
+        """Raises a ValueError naming what in ``state`` is not what :meth:`run_state` returns; ``None`` passes."""
+        if state is None:
+            return
+        if not isinstance(state, Mapping) or set(state) != set(_RUN_STATE_KEYS):
+            raise ValueError(
+                f"the heuristic's run state {state!r} must be a dict of {', '.join(_RUN_STATE_KEYS)} (run_state())"
+            )
+
+        def log2_batch_or_none(name: str, value: object) -> None:
+            if value is not None and not is_finite_real(value):
+                raise ValueError(f"the heuristic's run state {name}={value!r} must be a finite number or None")
+
+        log2_batch_or_none("growth_asked_at", state["growth_asked_at"])
+        log2_batch_or_none("growth_refused_at", state["growth_refused_at"])
+        progress = state["last_progress"]
+        if not (is_finite_real(progress) and 0.0 <= progress <= 1.0):
+            raise ValueError(f"the heuristic's run state last_progress={progress!r} must be a number in [0, 1]")
+        before = state["before_last"]
+        if before is not None:
+            if not isinstance(before, (list, tuple)) or len(before) != 2:
+                raise ValueError(f"the heuristic's run state before_last={before!r} must be a pair or None")
+            for value in before:
+                log2_batch_or_none("before_last", value)
+
+    def load_run_state(self, state: Mapping[str, Any] | None) -> None:
+        """Takes a run's state from a checkpoint (:meth:`run_state`'s); ``None``: a new run's. Checked first."""
+        self.check_run_state(state)
+        if state is None:
+            self._growth_asked_at = self._growth_refused_at = self._before_last = None
+            self._last_progress = 0.0
+            return
+        before = state["before_last"]
+        number = _optional_float
+        self._growth_asked_at, self._growth_refused_at = (
+            number(state["growth_asked_at"]),
+            number(state["growth_refused_at"]),
+        )
+        self._last_progress = float(state["last_progress"])
+        self._before_last = None if before is None else (number(before[0]), number(before[1]))
 
     def _lr_rung(self, obs: np.ndarray, rung: int, unstable: bool, batch_annealed: bool = False) -> int:
         rules = self.config.heuristic
@@ -388,6 +458,13 @@ class HeuristicPolicy:
         if room and (quiet or ramp or annealed) and memory_use < _as_observed(rules.grow_below_usage):
             return BatchMove.GROW
         return BatchMove.KEEP
+
+
+_RUN_STATE_KEYS = ("growth_asked_at", "growth_refused_at", "last_progress", "before_last")
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _as_observed(threshold: float) -> float:

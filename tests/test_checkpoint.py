@@ -301,8 +301,11 @@ def test_bad_checkpoints_and_resumes_are_refused_clearly():
     assert fresh.steps == 0 and fresh._resume is None  # nothing of it was loaded (it raised a KeyError half-way)
     with pytest.raises(ValueError, match=r"is the dict Controller\.state_dict"):
         fresh.load_state_dict([("format", 1)])
-    # optional: rollbacks_in_a_row reads 0 if absent, and a checkpoint without its policy loads unchecked
-    assert set(state) == {"format", "rollbacks_in_a_row", "policy", *controller_module._CHECKPOINT_KEYS}
+    # optional: rollbacks_in_a_row reads 0 if absent, a checkpoint without its policy loads unchecked, and one without
+    # the policy's run state starts the policy's run afresh
+    optional = {"format", "rollbacks_in_a_row", "policy", "policy_run_state"}
+    assert set(state) == {*optional, *controller_module._CHECKPOINT_KEYS}
+    assert state["policy_run_state"] is None  # a static policy carries nothing between decisions
     with pytest.raises(ValueError, match="made with the fused step, before its state was also saved"):
         build()[2].engine.load_state_dict({**state["engine"], "fused": True})
     with pytest.raises(ValueError, match="the checkpoint has 2 layers; this model has 3"):

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 import zipfile
@@ -731,6 +732,112 @@ def test_a_run_annealing_by_batch_past_the_datas_largest_batch_cuts_the_lr():
             ctl.step(loss)
         moves = [(report.batch_size, report.lr_scale) for report in ctl.decisions]
     assert moves[:5] == [(32, 1.0), (50, 1.0), (50, 1.0), (50, 0.75), (50, 0.5)]
+
+
+def test_annealing_by_batch_answers_a_decision_asked_again_as_the_first_time():
+    """A decision a Ctrl-C cut short is asked again with its observation: the doubling it asked for the first time
+    read as refused on the retry, which cut the LR instead."""
+    config = ControllerConfig(
+        heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=4.0),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+    policy = HeuristicPolicy(config)
+    for progress in (0.1, 0.1, 0.1):
+        assert decide(policy, noise_over_batch=NOISY, loss_trend=-0.01, progress=progress).batch == GROW
+    for progress in (0.2, 0.2):  # the doubling did not happen: the LR is cut, as often as the decision is asked
+        got = decide(policy, noise_over_batch=NOISY, loss_trend=-0.01, progress=progress)
+        assert (got.batch, got.lr_scale) == (KEEP, 0.75)
+
+
+def test_the_heuristics_run_state_round_trips_and_is_checked():
+    config = ControllerConfig(
+        heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=4.0),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+    policy = HeuristicPolicy(config)
+    assert policy.run_state() == {
+        "growth_asked_at": None,
+        "growth_refused_at": None,
+        "last_progress": 0.0,
+        "before_last": None,
+    }
+    decide(policy, noise_over_batch=NOISY, loss_trend=-0.01, progress=0.1)
+    saved = policy.run_state()
+    assert saved == {
+        "growth_asked_at": 0.0,
+        "growth_refused_at": None,
+        "last_progress": float(np.float32(0.1)),  # as the float32 observation holds it
+        "before_last": [None, None],
+    }
+    fresh = HeuristicPolicy(config)
+    fresh.load_run_state(saved)
+    assert fresh.run_state() == saved
+    # Both answer the next decision alike: the doubling asked for at 0.1 did not happen, so the LR is cut
+    for each in (policy, fresh):
+        assert decide(each, noise_over_batch=NOISY, loss_trend=-0.01, progress=0.2).lr_scale == 0.75
+    fresh.load_run_state(None)
+    assert fresh.run_state()["growth_asked_at"] is None
+    for bad, message in (
+        ({"growth_asked_at": 0.0}, "must be a dict of growth_asked_at, growth_refused_at, last_progress, before_last"),
+        ({**saved, "growth_asked_at": float("nan")}, r"growth_asked_at=nan must be a finite number or None"),
+        ({**saved, "last_progress": 1.5}, r"last_progress=1.5 must be a number in \[0, 1\]"),
+        ({**saved, "before_last": [0.0]}, r"before_last=\[0.0\] must be a pair or None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fresh.load_run_state(bad)
+    assert fresh.run_state()["growth_asked_at"] is None  # a refused state leaves the policy as it was
+
+
+def test_a_run_annealing_by_batch_resumed_from_a_checkpoint_decides_as_the_uninterrupted_one():
+    """Checkpointed after the executor refused a doubling: the resumed run cut the LR a decision late (the policy's
+    record of the doubling it asked for was not in the checkpoint)."""
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (400,), generator=torch.Generator().manual_seed(1))
+    config = ControllerConfig(
+        interval_steps=5,
+        heuristic=HeuristicConfig(
+            anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=8.0, speed_trial=False
+        ),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+        return model, Controller(model, torch.optim.SGD(model.parameters(), lr=1e-7), policy="heuristic", config=config)
+
+    def train(model, ctl, save_at=None):
+        saved, moves = None, []
+        for xb, yb in ctl.loader((x, y), batch_size=16, epochs=4):
+            with ctl.autocast():
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            made = ctl.decision_count
+            ctl.step(loss)
+            if ctl.decision_count > made:
+                moves.append((ctl.steps, ctl.decisions[-1].batch_size, ctl.decisions[-1].lr_scale))
+            if ctl.steps == save_at:
+                saved = {"model": copy.deepcopy(model.state_dict()), "controller": copy.deepcopy(ctl.state_dict())}
+        return saved, moves
+
+    model, ctl = build()
+    _, expected = train(model, ctl)
+    expected_weights = [p.detach().clone() for p in model.parameters()]
+    ctl.close()
+    assert expected[:4] == [(5, 32, 1.0), (10, 50, 1.0), (15, 50, 1.0), (20, 50, 0.75)]  # refused at 15, cut at 20
+    model, ctl = build()
+    saved, _ = train(model, ctl, save_at=16)
+    ctl.close()
+    model, ctl = build()
+    model.load_state_dict(saved["model"])
+    bad = {**saved["controller"], "policy_run_state": {**saved["controller"]["policy_run_state"], "last_progress": -1}}
+    with pytest.raises(ValueError, match=r"run state last_progress=-1 must be a number in \[0, 1\]"):
+        ctl.load_state_dict(bad)
+    assert ctl.steps == 0  # refused before anything was loaded
+    ctl.load_state_dict(saved["controller"])
+    _, moves = train(model, ctl)
+    ctl.close()
+    assert moves == expected[3:]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected_weights, strict=True))
 
 
 def test_annealing_by_batch_needs_the_lr_held():

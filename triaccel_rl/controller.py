@@ -1157,6 +1157,8 @@ class Controller:
             "low_precision": _precision_code(getattr(self.policy, "low_precision", None)),
             "initial_precision": _precision_code(getattr(self.policy, "initial_precision", None)),
             "policy": dict(self._policy_identity),
+            # What the policy carries between decisions (the heuristic's annealing by batch); None for a stateless one
+            "policy_run_state": self.policy.run_state() if hasattr(self.policy, "run_state") else None,
             "signals": self._signals_state(),
         }
 
@@ -1260,6 +1262,9 @@ class Controller:
             )
         if "policy" in state:  # absent from a checkpoint saved before it was recorded: loaded as before
             self._check_same_policy(state["policy"])
+        run_state = state.get("policy_run_state")  # absent from an older checkpoint: the policy's run starts afresh
+        if hasattr(self.policy, "load_run_state"):
+            self.policy.check_run_state(run_state)
         # Checked before anything is loaded: the engine's state first (another model or optimizer), then the rest.
         # On a GPU without bf16 (a V100 or T4) the layers a checkpoint holds in bf16 load in fp16, as construction
         # moves the policy's bf16 (run_without_bf16): otherwise the engine would refuse such a checkpoint.
@@ -1323,6 +1328,8 @@ class Controller:
             self._applied_before_copy = signals.interval_applied  # the resume's copy is confirmed by a later update
             self._carried_ms, self._noise_scale = signals.interval_ms, signals.noise_scale
         self._timer.start()
+        if hasattr(self.policy, "load_run_state"):
+            self.policy.load_run_state(run_state)
         # The checkpoint's policy formats: after its trial, the one chosen; during it, those the trial started from.
         for name, code in codes.items():
             if code is not None and hasattr(self.policy, name):
