@@ -30,7 +30,9 @@
   rung. With ``anneal_release_after`` the cuts are released from that share of the budget on: the rule climbs a
   rung a decision back to 1.0 whatever the loss's fall (a rise or overflow still steps down), and anneals no more.
   With ``anneal_by="batch"`` a plateau doubles the batch instead, the LR keeping its rung, as long as the batch rule
-  may grow it (``max_batch_growth``, ``grow_below_usage``); once it may not, the plateau cuts the LR.
+  may grow it (``max_batch_growth``, ``grow_below_usage``); once it may not, or the executor refused the doubling
+  asked at the last decision (the batch is where it was), the plateau cuts the LR. That record is the one thing the
+  policy carries between a run's decisions (:meth:`HeuristicPolicy.run_state`, in a ``Controller``'s checkpoint).
 - **Batch**, from memory headroom and gradient noise: doubled while memory use is under
   ``grow_below_usage`` of the budget, the batch is under ``max_batch_over_noise`` (a tenth) of the
   gradient-noise scale (larger batches still help, at a cost of at most about 10% more samples;
