@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from interrupts import interrupt_once
 from torch import nn
 
 import triaccel_rl.controller as controller_module
@@ -98,26 +99,6 @@ def _uninterrupted(monkeypatch, fused, accumulate=False):
         return _outcome(model, ctl)
 
 
-def _interrupt_once(monkeypatch, owner, name, when, on_return=False):
-    """Has ``owner.name`` raise KeyboardInterrupt on entry, the first time ``when()`` holds; returns whether it did.
-
-    ``on_return``: once it has run instead, as a Ctrl-C between its return and the caller's next line.
-    """
-    original = getattr(owner, name)
-    fired = []
-
-    def interrupted(*args, **kwargs):
-        if fired or not when():
-            return original(*args, **kwargs)
-        fired.append(True)
-        if on_return:
-            original(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(owner, name, interrupted)
-    return fired
-
-
 # (where, the method entered there, the run's steps counted when it is: the third step closes the first interval)
 _POINTS = [
     ("the post-update gradient zeroing", StepEngine, "zero_grad", 2, True),
@@ -142,7 +123,7 @@ def test_a_ctrl_c_then_the_cell_run_again_ends_as_the_uninterrupted_run(
     assert (expected_steps, expected_decisions) == (_STEPS, _DECISIONS)
     model, ctl = _build(monkeypatch, fused)
     # Where the update went in, after it only (the zeroing also runs before a step, after a Ctrl-C)
-    fired = _interrupt_once(
+    fired = interrupt_once(
         monkeypatch,
         owner,
         name,
@@ -161,7 +142,7 @@ def test_a_ctrl_c_as_a_micro_batch_is_recorded_leaves_no_gradient_for_the_batch_
     """``backward()`` cut short after its backward: the batch is served again whole, its gradients once."""
     expected_weights, expected_steps, expected_decisions = _uninterrupted(monkeypatch, False, accumulate=True)
     model, ctl = _build(monkeypatch, False)
-    fired = _interrupt_once(monkeypatch, Controller, "_grad_mark", lambda: ctl.steps == 2)
+    fired = interrupt_once(monkeypatch, Controller, "_grad_mark", lambda: ctl.steps == 2)
     with pytest.raises(KeyboardInterrupt):
         _train(model, ctl, accumulate=True)
     assert fired and ctl.steps == 2
@@ -188,7 +169,7 @@ def test_a_ctrl_c_as_the_loader_hands_out_a_batch_serves_that_batch_again(
     steps; cut short as the next epoch began, it went on at the epoch after it (6 steps)."""
     expected_weights, expected_steps, expected_decisions = _uninterrupted(monkeypatch, False)
     model, ctl = _build(monkeypatch, False)
-    fired = _interrupt_once(monkeypatch, owner, name, lambda: ctl.steps == at_steps, on_return)
+    fired = interrupt_once(monkeypatch, owner, name, lambda: ctl.steps == at_steps, on_return)
     with pytest.raises(KeyboardInterrupt):
         _train(model, ctl)
     assert fired and ctl.steps == at_steps, f"no Ctrl-C came in {where}"
@@ -241,7 +222,7 @@ def test_a_ctrl_c_in_the_fused_launchers_checks_serves_the_batch_again(monkeypat
         expected_weights, expected_steps, expected_decisions = _outcome(model, ctl)
     model, ctl = _build_fused(monkeypatch, _OPTIMIZERS[kind])
     launcher = sgd_module if kind == "sgd" else adamw_module
-    fired = _interrupt_once(monkeypatch, launcher, "check_step_buffers", lambda: ctl.steps == 2)
+    fired = interrupt_once(monkeypatch, launcher, "check_step_buffers", lambda: ctl.steps == 2)
     with pytest.raises(KeyboardInterrupt):
         _train(model, ctl)
     assert fired and ctl.steps == 2
@@ -285,7 +266,7 @@ def test_a_ctrl_c_before_the_fused_launch_keeps_the_record_of_parameters_without
     train(model, ctl)
     expected_weights, expected_steps, _ = _outcome(model, ctl)
     model, ctl = build()
-    fired = _interrupt_once(monkeypatch, _FusedOptimizer, "_saved_slices", lambda: ctl.steps == 2)
+    fired = interrupt_once(monkeypatch, _FusedOptimizer, "_saved_slices", lambda: ctl.steps == 2)
     with pytest.raises(KeyboardInterrupt):
         train(model, ctl)
     assert fired and ctl.steps == 2

@@ -14,6 +14,7 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
+from interrupts import interrupt_once
 from torch import nn
 
 from triaccel_rl.cadence import Cadence
@@ -243,23 +244,6 @@ def _assert_same_run(outcome, expected):
     assert torch.equal(outcome["weights"], expected["weights"]), f"weights {difference:.3g} off"
 
 
-def _interrupt_once(monkeypatch, owner, name, when, on_return):
-    """Has ``owner.name`` raise KeyboardInterrupt the first time ``when()`` holds: on entry, or once it has run."""
-    original = getattr(owner, name)
-    fired = []
-
-    def interrupted(*args, **kwargs):
-        if fired or not when():
-            return original(*args, **kwargs)
-        fired.append(True)
-        if on_return:
-            original(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(owner, name, interrupted)
-    return fired
-
-
 class _Decisions(deque):
     """``Controller.decisions`` as it is, but an instance whose ``append`` a test can patch."""
 
@@ -302,7 +286,7 @@ def test_a_ctrl_c_after_the_action_was_applied_finishes_that_decision_once(
     ctl.decisions = _Decisions(maxlen=ctl.decisions.maxlen)
     owner = {_Decisions: ctl.decisions, RollbackGuard: ctl.guard}.get(owner, owner)  # the instances' own
     applied = (at_steps, lr_scale)
-    fired = _interrupt_once(monkeypatch, owner, name, lambda: (ctl.steps, ctl.engine.lr_scale) == applied, on_return)
+    fired = interrupt_once(monkeypatch, owner, name, lambda: (ctl.steps, ctl.engine.lr_scale) == applied, on_return)
     with pytest.raises(KeyboardInterrupt):
         _train_heuristic(model, ctl)
     assert fired, f"no Ctrl-C came {where}"
@@ -315,7 +299,7 @@ def test_a_checkpoint_after_the_action_was_applied_holds_the_decision_made(monke
     """Saved with the decision part-made, the resumed run does not decide it again (its batch grown twice)."""
     expected = _uninterrupted_heuristic()
     model, ctl, copies = _build_heuristic()
-    fired = _interrupt_once(monkeypatch, Cadence, "expedite", lambda: True, on_return=False)
+    fired = interrupt_once(monkeypatch, Cadence, "expedite", lambda: True, on_return=False)
     with pytest.raises(KeyboardInterrupt):
         _train_heuristic(model, ctl)
     assert fired
