@@ -138,3 +138,29 @@ def test_a_controller_writes_its_map_where_a_decision_changed_it(tmp_path):
     for tag in TAGS:
         assert _points(events, tag) == expected[tag], tag
     assert np.all([row[1] == 0 for row in maps])  # the norm's fp32, never logged
+
+
+def test_a_controller_rewound_to_a_checkpoint_writes_its_map_again(tmp_path):
+    """Loading a checkpoint purges the log's later points, the map's among them: the map is written again at the next
+    decision, though it is the one written last (a static run's, written once)."""
+    torch.manual_seed(0)
+    model = _Net(8, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(16 * 8, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    ctl = Controller(model, optimizer, policy="bf16", config=ControllerConfig(interval_steps=2), log_dir=tmp_path)
+    start = ctl.state_dict()
+
+    def train():
+        for xb, yb in ctl.loader((x, y), batch_size=16, epochs=1):
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ctl.step(loss)
+
+    train()
+    ctl.load_state_dict(start)  # back to step 0: the points after it are purged
+    train()
+    ctl.close()
+    events = _events(tmp_path)
+    for tag in TAGS:
+        assert _points(events, tag) == [(2, 1.0)], tag
