@@ -1,11 +1,12 @@
 """Where a user's loop under the Controller spends its time, against the same plain loop (GPU).
 
-    python scripts/profile_user_loop.py [--model resnet18-fmnist] [--out results.json]
+    python scripts/profile_user_loop.py [--model resnet18-fmnist] [--precision fp16] [--out results.json]
 
-For a plain loop and the Controller's variants (static bf16: fused step; reference path; fused without the
-16-bit weight copies), two numbers per variant: the step time at ``--batch`` (CUDA events, median of chunks) and at
-batch 8, where the GPU's work is small and the step time is the host's (Python, hooks, launches). Then cProfile of
-the controlled loop at batch 8 (the host's functions, cumulative) and torch.profiler's kernel count per step.
+For a plain loop and the Controller's variants (static ``--precision``, bf16 by default: fused step; reference path;
+fused without the 16-bit weight copies; under fp16 the plain loop scales its loss with a ``GradScaler``), two
+numbers per variant: the step time at ``--batch`` (CUDA events, median of chunks) and at batch 8, where the GPU's
+work is small and the step time is the host's (Python, hooks, launches). Then cProfile of the controlled loop at
+batch 8 (the host's functions, cumulative) and torch.profiler's kernel count per step.
 """
 
 from __future__ import annotations
@@ -18,22 +19,25 @@ import pstats
 import statistics
 from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
 
-import triaccel_rl.controller as controller_module
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
-from triaccel_rl.engine import StepEngine
 from triaccel_rl.tasks import get_task
 
 VARIANTS = ("plain", "controller", "controller-reference", "controller-no-copies")
 
 
-def make(variant: str, task_name: str, batch: int, n_steps: int) -> tuple[Callable[[], None], Controller | None]:
-    """One variant's ``step()`` over ``n_steps`` random batches, and its Controller (None for the plain loop)."""
+def make(
+    variant: str, task_name: str, batch: int, n_steps: int, precision: str = "bf16"
+) -> tuple[Callable[[], None], Controller | None]:
+    """One variant's ``step()`` over ``n_steps`` random batches, and its Controller (None for the plain loop).
+
+    ``precision``: bf16 or fp16, the plain loop's autocast type (fp16 with a ``GradScaler``, as torch.amp shows it) and
+    the static policy's.
+    """
     task = get_task(task_name)
     torch.manual_seed(0)
     model = task.build_model().cuda().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -43,22 +47,20 @@ def make(variant: str, task_name: str, batch: int, n_steps: int) -> tuple[Callab
     if variant == "plain":
         plain = iter([(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n_steps)])
 
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
         def plain_step() -> None:
             xb, yb = next(plain)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype):
                 loss = nn.functional.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)).float(), yb)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
         return plain_step, None
-    fused = variant != "controller-reference"
-
-    def engine(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> StepEngine:
-        return StepEngine(model, opt, device, fused)
-
-    with mock.patch.object(controller_module, "StepEngine", engine):
-        ctl = Controller(model, optimizer, policy="static-bf16")
+    ctl = Controller(model, optimizer, policy=f"static-{precision}", fused=variant != "controller-reference")
     if variant == "controller-no-copies":
         ctl.engine.precision.use_weight_copies(None)
     batches = iter(ctl.loader((x, y), batch_size=batch, epochs=1))
@@ -92,14 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet18-fmnist")
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
-    result: dict[str, Any] = {"model": args.model, "batch": args.batch, "device": device, "rows": {}}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "batch": args.batch,
+        "precision": args.precision,
+        "device": device,
+        "rows": {},
+    }
     for variant in VARIANTS:
         row: dict[str, Any] = {}
         for batch in (args.batch, 8):
-            step, ctl = make(variant, args.model, batch, 120)
+            step, ctl = make(variant, args.model, batch, 120, args.precision)
             for _ in range(30):
                 step()
             row[f"step_ms_b{batch}"] = time_steps(step)
@@ -111,7 +120,7 @@ def main() -> None:
 
     # Kernels a step launches, plain against controlled (batch 8: the count does not depend on the batch).
     for variant in ("plain", "controller"):
-        step, ctl = make(variant, args.model, 8, 80)
+        step, ctl = make(variant, args.model, 8, 80, args.precision)
         for _ in range(30):
             step()
         torch.cuda.synchronize()
@@ -130,7 +139,7 @@ def main() -> None:
         if ctl is not None:
             ctl.close()
 
-    step, ctl = make("controller", args.model, 8, 260)
+    step, ctl = make("controller", args.model, 8, 260, args.precision)
     for _ in range(30):
         step()
     torch.cuda.synchronize()
