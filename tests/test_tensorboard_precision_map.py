@@ -164,3 +164,51 @@ def test_a_controller_rewound_to_a_checkpoint_writes_its_map_again(tmp_path):
     events = _events(tmp_path)
     for tag in TAGS:
         assert _points(events, tag) == [(2, 1.0)], tag
+
+
+def test_a_compare_run_that_raises_closes_its_writer(tmp_path, monkeypatch):
+    """Its event file is flushed and its handle let go: a run that raised left its writer open (and its last points
+    unwritten) for as long as the process lived."""
+    import triaccel_rl.compare as compare_module
+
+    writers = []
+    make_writer = compare_module._writer
+
+    def kept(log_dir):
+        writers.append(make_writer(log_dir))
+        return writers[-1]
+
+    monkeypatch.setattr(compare_module, "_writer", kept)
+    config = ControllerConfig(interval_steps=2)
+    task = replace(get_task("synthetic"), build_model=lambda: _Net(32, 10))
+
+    class Failing(_Scripted):
+        def predict(self, *args, **kwargs):
+            if self.calls == 2:
+                raise RuntimeError("the policy's third decision")
+            return super().predict(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="third decision"):
+        run_controller(task, Failing([1], config), 0, epochs=0.5, config=config, device="cpu", log_dir=tmp_path)
+    (writer,) = writers
+    assert writer.file_writer is None  # closed
+    events = _events(tmp_path)
+    assert [value for _, value in _points(events, TAGS[0])] == [0.0, 1.0]  # the points before the error, flushed
+
+
+def test_a_heat_map_that_cannot_be_drawn_costs_the_run_nothing(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("matplotlib")
+    import triaccel_rl.plots as plots_module
+
+    def broken(run):
+        raise ValueError("a figure too tall")
+
+    monkeypatch.setattr(plots_module, "precision_map_image", broken)
+    config = ControllerConfig(interval_steps=2)
+    task = replace(get_task("synthetic"), build_model=lambda: _Net(32, 10))
+    with caplog.at_level("WARNING", logger="triaccel_rl"):
+        result = run_controller(task, "bf16", 0, epochs=0.5, config=config, device="cpu", log_dir=tmp_path)
+    assert result.steps > 0 and result.trace
+    assert "the precision map's image for TensorBoard was not drawn (ValueError: a figure too tall)" in caplog.text
+    events = _events(tmp_path)
+    assert events.Tags()["images"] == [] and _points(events, TAGS[0])  # the scalars are there

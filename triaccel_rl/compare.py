@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import statistics
@@ -47,6 +48,8 @@ __all__ = [
     "summarize",
     "write_json",
 ]
+
+_log = logging.getLogger("triaccel_rl")
 
 
 @dataclass
@@ -226,6 +229,7 @@ def run_controller(
         new_run()
     fallbacks_before = int(getattr(policy, "fallbacks", 0))
     features_before = dict(getattr(policy, "fallback_features", {}))
+    writer = None
     try:
         adaptive = getattr(policy, "initial_action", None) is None and getattr(policy, "prepare", None) is None
         folded = 1.0  # the multiplier folded into the base LR: reported times the run's, so rows compare on one base LR
@@ -467,9 +471,10 @@ def run_controller(
         )
         if writer is not None:
             _log_precision_map_image(writer, result)
-            writer.close()
         return result
     finally:
+        if writer is not None:  # a run that raised too: its event file is flushed and its handle let go
+            writer.close()
         for owner, name, value in settings:
             setattr(owner, name, value)
 
@@ -1155,7 +1160,12 @@ def _log_precision_map_image(writer: Any, result: RunResult) -> None:
         return
     from triaccel_rl.plots import precision_map_image  # it imports this module
 
-    writer.add_image("precision/map", precision_map_image(result), result.steps, dataformats="HWC")
+    try:
+        image = precision_map_image(result)
+    except Exception as err:  # a picture of what the scalars hold already: never worth the run's result
+        _log.warning("the precision map's image for TensorBoard was not drawn (%s: %s)", type(err).__name__, err)
+        return
+    writer.add_image("precision/map", image, result.steps, dataformats="HWC")
 
 
 def _time_step_us(time_s: float) -> int:
