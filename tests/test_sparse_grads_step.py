@@ -128,24 +128,6 @@ def test_a_sparse_gradient_is_refused_at_the_reference_step_with_nothing_changed
             torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_second_optimizers_sparse_embedding_is_refused_on_both_paths(fused: bool) -> None:
-    """A sparse gradient outside the optimizer (a second optimizer's embedding) made both paths' non-finite check of
-    those gradients raise torch's NotImplementedError. Refused, with the head's update not taken."""
-    if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("the fused step needs a GPU or Triton's interpreter")
-    model = _Lookup()
-    engine = StepEngine(model, torch.optim.SGD(model.head.parameters(), lr=0.1), CPU, fused=fused)
-    model.emb.sparse = True
-    before = copy.deepcopy(model.state_dict())
-    x, y = _batches(1)[0]
-    with pytest.raises(ValueError, match=REFUSED):
-        engine.backward_and_step(F.cross_entropy(model(x), y))
-    assert engine.applied_steps() == 0
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
-
-
 def test_the_fused_path_trains_a_held_sparse_embedding_as_a_dense_one() -> None:
     """The fused step adds a sparse gradient into its parameter's dense view of the flat buffer: it trains on, as a
     plain loop over the dense embedding (within the kernel's rounding), and is not refused."""

@@ -184,23 +184,27 @@ class StepEngine:
             strays = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
             if strays:  # cannot happen for modules found by find_layers; guards odd parametrisations
                 raise ValueError(f"parameters {strays[:3]} belong to no layer the controller can see")
-            # A frozen one makes no gradient at all (a pretrained lookup table): taken. Unfrozen later, its parameter
-            # is one the engine does not hold: refused at the next step if the optimizer holds it
-            # (_check_optimizer_params), else left to whoever steps it, as any parameter outside the optimizer.
+            # Each parameter's param group by position: optimizer.load_state_dict() puts new group dicts in the same
+            # places (a dict kept from before would hold the LR and hyperparameters of before the load).
+            self._group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            # Only those the optimizer holds: another optimizer of the user's (SparseAdam) steps the others, and the
+            # engine only reads their gradients' values. A frozen one makes no gradient at all (a pretrained lookup
+            # table): taken. Unfrozen later, its parameter is one the engine does not hold: refused at the next step if
+            # the optimizer holds it (_check_optimizer_params), else left to whoever steps it.
             sparse = [
                 name
                 for name, m in model.named_modules()
-                if isinstance(m, _SPARSE_TYPES) and m.sparse and any(p.requires_grad for p in m.parameters())
+                if isinstance(m, _SPARSE_TYPES)
+                and m.sparse
+                and any(p.requires_grad and id(p) in self._group_index for p in m.parameters())
             ]
             if sparse:
                 raise ValueError(
                     f"modules {sparse[:3]} make sparse gradients (sparse=True), which the controller's gradient "
                     "statistics and updates do not take: build them with sparse=False (or freeze them: "
-                    "requires_grad=False)"
+                    "requires_grad=False), or step them with an optimizer of their own (torch.optim.SparseAdam) "
+                    "and leave them out of this one"
                 )
-            # Each parameter's param group by position: optimizer.load_state_dict() puts new group dicts in the same
-            # places (a dict kept from before would hold the LR and hyperparameters of before the load).
-            self._group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
             # The parameters the engine updates: the trainable ones the optimizer holds. Trainable parameters outside it
             # (fine-tuning a head with an optimizer over the head alone) are left as optimizer.step() leaves them.
             self.layer_params = [[p for p in params if id(p) in self._group_index] for params in trainable]
@@ -491,11 +495,12 @@ class StepEngine:
 
         None where there is none to check: no such parameter has a gradient.
         """
-        grads = [p.grad for p in self._unheld_params if p.grad is not None and p.grad.numel()]  # (inf norm: no empty)
+        # A sparse gradient (a SparseAdam's embedding) by its values: _foreach_norm has no sparse kernel. Coalesced,
+        # as SparseAdam reads it: rows looked up twice are summed first. (inf norm: no empty tensor)
+        grads = [_values(p.grad) for p in self._unheld_params if p.grad is not None]
+        grads = [g for g in grads if g.numel()]
         if not grads:
             return None
-        if any(g.layout is not torch.strided for g in grads):
-            self._refuse_sparse_gradients(self._unheld_params)
         largest = torch.stack([norm.to(self.device) for norm in torch._foreach_norm(grads, math.inf)])
         return ~torch.isfinite(largest).all()
 
@@ -505,16 +510,17 @@ class StepEngine:
             p.grad = None
 
     def _refuse_sparse_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """Raises a ValueError naming those of ``params`` whose gradient is sparse.
+        """Raises a ValueError naming those of ``params`` (the held ones) whose gradient is sparse.
 
-        The build refuses the modules that make one (``_SPARSE_TYPES`` with ``sparse=True``), but only the backward
-        shows one switched to sparse since (``model.emb.sparse = True``) or a hand-written one
+        The build refuses the held modules that make one (``_SPARSE_TYPES`` with ``sparse=True``), but only the
+        backward shows one switched to sparse since (``model.emb.sparse = True``) or a hand-written one
         (``F.embedding(..., sparse=True)``), and ``_foreach_norm`` has no sparse kernel: torch's NotImplementedError
-        named no parameter. Called where the gradient lists are built (:meth:`_grad_stats`, :meth:`_unheld_overflow`),
-        whose layout check costs about 25 us a step at 200 parameters on a CPU (the statistics' two ``_foreach_norm``
-        about 1.4 ms). On the reference path both come before the update: nothing is updated, and an fp16 scale is put
-        back as after any step that raised before its update. The fused path adds a held parameter's sparse gradient
-        into its dense view of the flat buffer and trains as a plain loop would: only an unheld one is refused there.
+        named no parameter. Called where the statistics' gradient list is built (:meth:`_grad_stats`), whose layout
+        check costs about 25 us a step at 200 parameters on a CPU (the statistics' two ``_foreach_norm`` about 1.4 ms).
+        On the reference path it comes before the update: nothing is updated, and an fp16 scale is put back as after
+        any step that raised before its update. The fused path adds a held parameter's sparse gradient into its dense
+        view of the flat buffer and trains as a plain loop would. An unheld parameter's sparse gradient (a second
+        optimizer's embedding) is checked by its values (:meth:`_unheld_overflow`), on both paths.
         """
         names = self._names_by_id()
         sparse = [
