@@ -259,22 +259,14 @@ def test_a_second_optimizers_embedding_switched_to_sparse_after_the_build_is_tak
     if fused:
         _needs_fused()
     batches = _batches(3)
-    plain = _Recommender()
     model = _Recommender()
-    model.emb.sparse = plain.emb.sparse = False
+    model.emb.sparse = False
     dense, _ = _optimizers(model)
     with ta.Controller(model, dense, policy="fp32", fused=fused) as ctl:
-        model.emb.sparse = plain.emb.sparse = True
+        model.emb.sparse = True
         sparse = torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.01)
         for x, y in batches:
             _controller_step(ctl, model, sparse, x, y)
-    plain_dense = torch.optim.SGD(plain.head.parameters(), lr=0.1, momentum=0.9)
-    plain_sparse = torch.optim.SparseAdam(list(plain.emb.parameters()), lr=0.01)
-    for x, y in batches:
-        plain_dense.zero_grad()
-        plain_sparse.zero_grad()
-        F.cross_entropy(plain(x), y).backward()
-        plain_dense.step()
-        plain_sparse.step()
+    plain = _plain_run(batches)  # sparse from the start: its embedding trains as the switched one
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6 if fused else 0.0)
