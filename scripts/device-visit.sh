@@ -224,6 +224,11 @@ for stage in "$@"; do
     # step against 9.1 for the plain loop, a mean over steps with decisions in it).
     profile-loop-fp16) python3 scripts/profile_user_loop.py --precision fp16 --batch 256 \
            --out "$OUT/profile_user_loop_fp16.json" 2>&1 | tail -80 ;;
+    # A user's eager fp16 loop, plain and under the Controller, both models, rows in turns (~3 min): the forty-second
+    # session's check, rerun to compare a commit's ratios with f3dc088's (1.10 EfficientNet-B0, 1.19 ResNet-18).
+    eager-fp16) python3 experiments/bench_compile.py --models effnet-b0-fmnist,resnet18-fmnist \
+           --rows plain-eager,controller-eager --batch-size 256 --precision fp16 \
+           --out "$OUT/bench_eager_fp16.json" 2>&1 | tail -12 ;;
     # Can a run tell from its first intervals that its LR is off? The lookahead signal on the GPU models.
     lookahead) for m in resnet18-fmnist effnet-b0-fmnist; do
         python3 experiments/lr_lookahead_probe.py --device cuda --tasks $m --factors 0.125,0.25,0.5,1 --seeds 2 \
