@@ -229,6 +229,8 @@ for stage in "$@"; do
     eager-fp16) python3 experiments/bench_compile.py --models effnet-b0-fmnist,resnet18-fmnist \
            --rows plain-eager,controller-eager --batch-size 256 --precision fp16 \
            --out "$OUT/bench_eager_fp16.json" 2>&1 | tail -12 ;;
+    # Autograd adding into flat-buffer views against fresh gradients copied after the backward (~1 min).
+    grad-binding) python3 scripts/check_grad_binding_cost.py --out "$OUT/grad_binding_cost.json" 2>&1 | tail -12 ;;
     # Can a run tell from its first intervals that its LR is off? The lookahead signal on the GPU models.
     lookahead) for m in resnet18-fmnist effnet-b0-fmnist; do
         python3 experiments/lr_lookahead_probe.py --device cuda --tasks $m --factors 0.125,0.25,0.5,1 --seeds 2 \
