@@ -836,12 +836,14 @@ class StepEngine:
         return self.step_after_backward(loss.detach())
 
     def bind_grads(self, after_backward: bool = False) -> None:
-        """Before a backward on the fused path, points gradients set to ``None`` back at the flat buffer.
+        """On the fused path: before a backward, checks the parameters still view the flat buffer; after it, binds.
 
-        A user's ``optimizer.zero_grad()`` or ``model.zero_grad()`` sets them to ``None`` by default; autograd would
-        then accumulate into new tensors the fused step never reads, and the model would never train, silently.
-        Nothing to do on the reference path. ``after_backward``: the fused step's own call, before the update, where a
-        gradient still ``None`` is one this step's backward did not give (``FlatParameterStore.rebind_grads``).
+        A user's ``optimizer.zero_grad()`` or ``model.zero_grad()`` sets the gradients to ``None`` by default. They stay
+        ``None`` through the backward, which hands over autograd's own tensors, as in a plain loop, with no add
+        kernel a parameter into the buffer's views and no hook; the fused step's own call (``after_backward``, before
+        the update) copies them into the flat buffer it reads, in one launch, and rebinds the views; a gradient still
+        ``None`` then is one this step's backward did not give (``FlatParameterStore.rebind_grads``). Nothing to do
+        on the reference path.
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` was replaced since the engine was built (the model
@@ -849,7 +851,10 @@ class StepEngine:
         """
         if self.fused:
             try:
-                self.store.rebind_grads(after_backward)
+                if after_backward:
+                    self.store.rebind_grads(after_backward)
+                else:
+                    self.store.check_attached()
             except DetachedParametersError as error:
                 names = self._names_by_id()
                 raise DetachedParametersError(error.params, [names.get(id(p), "?") for p in error.params]) from None
