@@ -41,7 +41,10 @@ class FlatParameterStore:
     Hazards: do not move or cast the model (``.to()``, ``.half()``) afterwards, which detaches the parameters from
     the flat buffers (:meth:`rebind_grads` then raises ``DetachedParametersError``).
     Setting ``param.grad = None`` (``optimizer.zero_grad(set_to_none=True)`` does) detaches the gradients until
-    :meth:`rebind_grads` (``StepEngine`` calls it before each backward); ``store.zero_grad()`` zeroes in place.
+    :meth:`rebind_grads`: called before the backward, it binds zeroed views that autograd adds into (a kernel a
+    parameter) and hooks to tell which parameters the backward reached; called after it (``after_backward=True``,
+    ``StepEngine``'s way), it copies autograd's own gradients into the buffer in one launch, and a gradient still
+    ``None`` is one the backward did not give. ``store.zero_grad()`` zeroes in place.
     A parameter whose gradient is None when the store is built is bound to zeros, not watched: where ``torch.optim``
     skips it until its first gradient, the fused step applies weight decay to it (watching every parameter from the
     start would cost a Python hook call per parameter per backward for every run).
@@ -264,8 +267,8 @@ class FlatParameterStore:
         place is copied into the view. An identity check and an address check a parameter when nothing changed.
 
         ``after_backward``: called between the backward and the step (the fused step's own call), where a ``None``
-        gradient is one the step's backward did not give: :meth:`take_params_without_grad` reports it whether or not a
-        hook was in place to see the backward.
+        gradient is one the step's backward did not give: :meth:`take_params_without_grad` reports it, and no hook
+        goes in (autograd's own gradients, made where they were ``None``, are copied in here, one launch for all).
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` is no longer its view of the flat ``params`` (the
@@ -298,11 +301,11 @@ class FlatParameterStore:
             p.grad = view
         self._rebound_from_none.difference_update(given)
         self._none_after_backward.difference_update(given)
-        self._rebound_from_none.update(found_none)
-        self._accumulated.difference_update(found_none)
-        if after_backward:
+        if after_backward:  # None after the backward: certainly no gradient, no hook needed to tell
             self._none_after_backward.update(found_none)
-        if found_none:
+        elif found_none:  # before it: the hooks tell which of them the backward reaches
+            self._rebound_from_none.update(found_none)
+            self._accumulated.difference_update(found_none)
             self._hook_trainable(found_none)
         return len(changed)
 

@@ -273,10 +273,11 @@ class _FusedOptimizer:
 
         It reads the gradients from the store's flat buffer, which ``param.grad`` views. After anything that sets
         ``param.grad`` to ``None`` (``optimizer.zero_grad()``, ``model.zero_grad()``), call
-        ``store.rebind_grads()`` before the next backward, or the step reads zeros (``StepEngine`` does it before
-        every backward); checking here would cost every step a pass over the parameters on the host. So too after
-        ``backward(create_graph=True)`` and before the step: autograd then accumulates out of place, into a new
-        ``param.grad``, and ``rebind_grads()`` copies it into the buffer (``StepEngine`` does it before every step).
+        ``store.rebind_grads()`` before the next backward or ``store.rebind_grads(after_backward=True)`` after it,
+        or the step reads zeros (``StepEngine`` does the latter before every step); checking here would cost every
+        step a pass over the parameters on the host. So too after ``backward(create_graph=True)`` and before the
+        step: autograd then accumulates out of place, into a new ``param.grad``, and ``rebind_grads()`` copies it
+        into the buffer.
 
         Args:
             lr: global learning rate, a finite number >= 0.

@@ -1716,6 +1716,58 @@ def test_a_branch_not_taken_after_set_to_none_is_left_alone_as_by_torch_optim(mo
 
 
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_after_set_to_none_the_backward_hands_over_autograds_own_gradients_and_the_step_binds_them(monkeypatch, policy):
+    """A user's ``zero_grad()`` leaves the gradients ``None`` through the backward: autograd's own tensors, no add
+    into the flat buffer's views and no hook a parameter; the step copies them in and binds the views again, and
+    the run equals plain ``torch.optim``'s (under fp16, with a ``GradScaler`` that never overflows)."""
+    import triaccel_rl as ta
+    from triaccel_rl import controller as controller_module
+
+    class FusedEngine(StepEngine):
+        def __init__(self, model, optimizer, device, fused=None):
+            super().__init__(model, optimizer, device, fused=True)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+    monkeypatch.setattr(controller_module, "StepEngine", FusedEngine)
+    data = batches(4)
+    plain, plain_optimizer = build()
+    for x, y in data:
+        plain_optimizer.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        plain_optimizer.step()
+    model, optimizer = build()
+    in_buffer: list[bool] = []  # per parameter and backward: was the gradient autograd accumulated a view?
+    with ta.Controller(model, optimizer, policy=policy) as ctl:
+        store = ctl.engine.store
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda q: in_buffer.append(q.grad.untyped_storage().data_ptr() == store.grads.data_ptr())
+            )
+        for x, y in data:
+            optimizer.zero_grad()
+            assert all(p.grad is None for p in model.parameters())
+            with ctl.autocast():
+                loss = nn.functional.cross_entropy(model(x), y)
+            ctl.step(loss)
+            views = [view for _, view, _ in store._grad_views]
+            assert all(p.grad is view for p, view in zip(model.parameters(), views, strict=True))
+        assert store._grad_hooks == {}
+    assert in_buffer == [False] * (4 * len(list(model.parameters())))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(
+            param,
+            plain.get_parameter(name),
+            msg=name,
+            atol=1e-3 if policy == "fp16" else None,
+            rtol=1e-3 if policy == "fp16" else None,
+        )
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
 def test_gradient_accumulation_and_a_partial_optimizer_on_the_fused_step(monkeypatch, policy):
     """The fused step's device-side loss scale under ``Controller.backward`` (two micro-batches update as one step of
     both), with an optimizer over the head alone (the body trainable, outside the flat store, left unchanged)."""

@@ -883,7 +883,8 @@ class StepEngine:
         For a caller that stops between those backward passes and the step (gradient accumulation left part-way):
         the optimizer's ``.grad`` are then in the loss's own units, as after ``GradScaler.unscale_``, and a plain
         ``optimizer.step()`` takes them as a plain loop's. On both paths they are the fp32 parameters' gradients (on
-        the fused one views of the flat buffer; a 16-bit weight copy's gradient is cast to fp32 on its way there).
+        the fused one autograd's own tensors where a ``zero_grad()`` set them to ``None``, else views of the flat
+        buffer; a 16-bit weight copy's gradient is cast to fp32 on its way there).
         Trainable parameters outside the optimizer had theirs unscaled as autograd made them. Gradients that
         overflowed stay inf or NaN. A no-op where no scaled backward is pending (no layer in fp16, or a step since).
         """
