@@ -1411,8 +1411,8 @@ class StepEngine:
             fused_scaler = _check_scaler(scaler, _FUSED_SCALER_KEYS)
             grad_scaler = torch.amp.GradScaler(self.device.type)
             grad_scaler.load_state_dict(
-                {"scale": fused_scaler["scale"], "growth_factor": 2.0, "backoff_factor": 0.5,
-                 "growth_interval": 2000, "_growth_tracker": fused_scaler["clean_steps"]}
+                {"scale": fused_scaler["scale"], "growth_factor": _SCALE_GROWTH, "backoff_factor": _SCALE_BACKOFF,
+                 "growth_interval": _SCALE_INTERVAL, "_growth_tracker": fused_scaler["clean_steps"]}
             )  # fmt: skip
         elif scaler:
             grad_scaler = torch.amp.GradScaler(self.device.type)
@@ -2207,20 +2207,17 @@ class StepEngine:
             for hook in self._step_hooks("post"):  # also after a step the device skipped (deciding it would sync)
                 hook(self.optimizer, (), {})
         finally:  # a post-hook that raises: the update went in, so the scale moves and the gradients go, as always
-            if scaling:  # GradScaler's rule, on the device: no host round trip
+            if scaling:  # GradScaler's rule, with its own kernel, on the device: no host round trip
                 # In place: a captured training step (``StepGraphs``) reads the scale through its address. GradScaler
-                # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it.
+                # backs off on non-finite gradients only: a non-finite loss over finite ones skips without it. Where
+                # doubling the scale would overflow (from 2**127 it would reach inf, and every later step would be
+                # skipped) the kernel keeps it, and still restarts the count.
                 overflow = result.grad_nonfinite.any()
                 if overflow_elsewhere is not None:
                     overflow = overflow | overflow_elsewhere
-                self._clean_steps.copy_(torch.where(overflow, 0, self._clean_steps + 1))
-                grow = self._clean_steps >= 2000
-                # GradScaler keeps the scale where doubling it would overflow (from 2**127 it would reach inf, and
-                # every later step would be skipped), and still restarts the count.
-                grown = self._scale * 2.0
-                grown = torch.where(torch.isfinite(grown), grown, self._scale)
-                self._scale.copy_(torch.where(overflow, self._scale * 0.5, torch.where(grow, grown, self._scale)))
-                self._clean_steps.masked_fill_(grow, 0)
+                torch._amp_update_scale_(
+                    self._scale, self._clean_steps, overflow.float(), _SCALE_GROWTH, _SCALE_BACKOFF, _SCALE_INTERVAL
+                )
             self.zero_grad()
             # Only where a second optimizer's parameters got gradients: one sync, for its step to skip a skipped
             # step's (a NaN batch's gradients would have made its weights and momentum NaN for good)
@@ -2844,6 +2841,8 @@ def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, floa
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+_SCALE_GROWTH, _SCALE_BACKOFF, _SCALE_INTERVAL = 2.0, 0.5, 2000
+"""GradScaler's defaults, which the fused loss scale follows: doubled after 2000 clean steps, halved on overflow."""
 _SCALE_RANGE = (_FLOAT32_TINY, _FLOAT32_MAX, f"a normal float32 > 0 (from {_FLOAT32_TINY:.4g} to {_FLOAT32_MAX:.4g})")
 _SCALER_RANGES = {
     "growth_factor": (math.nextafter(1.0, 2.0), _FLOAT32_MAX, "a number > 1"),
