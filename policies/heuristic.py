@@ -410,6 +410,16 @@ class HeuristicPolicy:
             for value in before:
                 log2_batch_or_none("before_last", value)
 
+    def others_decided(self) -> None:
+        """Drops the record of the doubling it asked for, and of one refused: another policy decided since.
+
+        A ``FallbackPolicy``'s heuristic, whose spells the learned policy's decisions part, calls it at a spell's
+        start. The batch it asked to double from may have moved and come back by the other policy's moves since: read as
+        refused, the next plateau cut the LR where it should ask for the doubling again. The share of the run it last
+        saw is kept (a later decision is the same run's).
+        """
+        self._growth_asked_at = self._growth_refused_at = self._before_last = None
+
     def load_run_state(self, state: Mapping[str, Any] | None) -> None:
         """Takes a run's state from a checkpoint (:meth:`run_state`'s); ``None``: a new run's. Checked first."""
         self.check_run_state(state)

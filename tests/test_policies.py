@@ -712,6 +712,32 @@ def test_annealing_by_batch_cuts_the_lr_once_a_doubling_it_asked_for_did_not_hap
         assert [int(decode(action, policy.config).batch_move) for action in actions] == [GROW, GROW]
 
 
+def test_a_fallback_heuristic_annealing_by_batch_forgets_its_asks_across_the_learned_policys_decisions():
+    """Between a ``FallbackPolicy``'s spells the learned policy decides: the doubling the heuristic asked for before
+    read as refused at the next spell (the batch where it was), and that plateau cut the LR; it asks again."""
+    from triaccel_rl.shield import FallbackPolicy, ObservationStats
+
+    config = ControllerConfig(
+        heuristic=HeuristicConfig(anneal_plateau=0.05, anneal_after=0.0, anneal_by="batch", max_batch_growth=4.0),
+        elastic=ElasticConfig(lr_rule="none"),
+    )
+    seen = np.stack([observation(noise_over_batch=NOISY, loss_trend=-0.01, progress=p) for p in (0.0, 1.0)])
+    stats = ObservationStats(tuple(seen.min(axis=0)), tuple(seen.max(axis=0)), 2)  # trained on these alone
+    policy = FallbackPolicy(StaticPolicy("fp32", config), HeuristicPolicy(config), stats, max_distance=1e-6)
+
+    def step(progress, outside):  # the sensitivities, which no batch or LR rule reads, take it outside the range
+        sensitivities = (0.5,) * 4 if outside else (0.0,) * 4
+        obs = observation(sensitivities=sensitivities, noise_over_batch=NOISY, loss_trend=-0.01, progress=progress)
+        action = decode(policy.predict(obs)[0], config)
+        return int(action.batch_move), action.lr_scale
+
+    assert step(0.1, outside=True) == (GROW, 1.0)  # the heuristic asks for a doubling
+    assert step(0.2, outside=False)[1] == 1.0  # the learned policy's decision (its batch moves unseen by the heuristic)
+    assert step(0.3, outside=True) == (GROW, 1.0)  # a new spell: asked again, not read as refused
+    assert step(0.4, outside=True) == (KEEP, 0.75)  # refused within the spell (the batch where it was): the LR is cut
+    assert policy.fallbacks == 3
+
+
 def test_a_run_annealing_by_batch_past_the_datas_largest_batch_cuts_the_lr():
     """A dataset of 400 samples holds batches up to 50: from there the plateau cuts the LR (it stayed at x1)."""
     torch.manual_seed(0)

@@ -837,6 +837,9 @@ class FallbackPolicy:
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         spell = self._spells.get(stream, 0)
         if self.stats.beyond(obs, self.max_distance):  # the edge as float32 holds it is in (``beyond``)
+            others_decided = getattr(self.fallback, "others_decided", None)
+            if spell == 0 and others_decided is not None:  # a spell's first: what it recorded last is stale
+                others_decided()
             feature, distance = self.stats.worst_feature(obs)
             self.fallbacks += 1
             self._spells[stream] = spell = spell + 1
