@@ -291,9 +291,13 @@ class FlatParameterStore:
         # backward before).
         found_none = [i for i in changed if grads[i] is None]
         given = [i for i in changed if grads[i] is not None] if len(found_none) < len(changed) else []
+        sparse = [i for i in given if grads[i].is_sparse]  # an embedding's (sparse=True): no foreach copy takes it
+        dense = [i for i in given if not grads[i].is_sparse] if sparse else given
         with torch.no_grad():
-            if given:  # one launch for them all: after a backward into None gradients, every parameter is one
-                torch._foreach_copy_([views[i][1] for i in given], [grads[i] for i in given])
+            if dense:  # one launch for them all: after a backward into None gradients, every parameter is one
+                torch._foreach_copy_([views[i][1] for i in dense], [grads[i] for i in dense])
+            for i in sparse:
+                views[i][1].copy_(grads[i].to_dense())
             if found_none and not zeros:
                 torch._foreach_zero_([views[i][1] for i in found_none])
         for i in changed:
@@ -437,14 +441,25 @@ class FlatParameterStore:
         return lambda _param: accumulated.add(index)
 
     def zero_grad(self) -> None:
-        """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place.
+        """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place, other gradients go.
 
-        Drops the record of gradients found ``None`` after a backward (:meth:`rebind_grads`): a step refused or
-        interrupted after the record was taken would otherwise leave those parameters out of a later step.
+        A gradient that is not its view (autograd's own, made where a user's ``zero_grad()`` had set it to ``None``,
+        not yet copied in by ``rebind_grads(after_backward=True)``; a tensor given in its place) holds values outside
+        the buffer: it is set to ``None``, not left for the next backward to add to. So is the gradient of a
+        parameter recorded as without one after a backward (:meth:`rebind_grads`), whose zeroed view was bound since,
+        and the record goes: a step refused or interrupted after it was taken would otherwise leave those parameters
+        out of a later step that reaches them, or, bound to zeros, decay them in one that does not. The next step's
+        backward tells again.
         """
         self.grads.zero_()
         self._zeroed_version = self.grads._version
-        self._none_after_backward.clear()
+        params = self._params_in_order
+        if self._none_after_backward or not all(map(operator.is_, map(_GRAD, params), self._grad_views_in_order)):
+            views = self._grad_views_in_order
+            for i, p in enumerate(params):
+                if i in self._none_after_backward or p.grad is not views[i]:
+                    p.grad = None
+            self._none_after_backward.clear()
 
     def layer_sq_sums(self, buffer: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of squares of ``buffer`` (a flat buffer of this store), float64 ``[n_layers]``.
@@ -574,7 +589,9 @@ def _strided_like(buffer: torch.Tensor, p: torch.Tensor, start: int) -> torch.Te
 
 
 def _shares_storage(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """True when ``tensor`` is a view of ``buffer``'s storage."""
+    """True when ``tensor`` is a view of ``buffer``'s storage (a sparse tensor never is)."""
+    if tensor.layout is not torch.strided:
+        return False
     return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 

@@ -276,6 +276,49 @@ def test_a_ctrl_c_before_the_fused_launch_keeps_the_record_of_parameters_without
     assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
 
 
+def _train_zeroing(model, ctl, accumulate, fail_at=None):
+    """A plain loop's port: ``optimizer.zero_grad()`` after each step (gradients to ``None``); with ``fail_at``, the
+    batch at that step raises (an out-of-memory error, say) between its first micro-batch's backward and the step."""
+    x, y = _data()
+    for xb, yb in ctl.loader((x, y), batch_size=16, epochs=2):
+        with ctl.autocast():
+            if accumulate:
+                ctl.backward(nn.functional.cross_entropy(model(xb[:8]), yb[:8]) / 2)
+                if ctl.steps == fail_at:
+                    raise RuntimeError("out of memory in the second micro-batch")
+                ctl.step(nn.functional.cross_entropy(model(xb[8:]), yb[8:]) / 2)
+            else:
+                ctl.step(nn.functional.cross_entropy(model(xb), yb))
+        ctl.engine.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("fused", [False, _fused_param])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["ctrl-c-before-the-update", "error-between-micro-batches"])
+def test_a_batch_cut_short_after_its_backward_leaves_no_gradient_to_the_next_in_a_loop_setting_them_to_none(
+    monkeypatch, fused, accumulate
+):
+    """After a user's ``zero_grad()`` the backward hands over autograd's own gradients, outside the flat buffer until
+    the step copies them in: a batch cut short between the two (a Ctrl-C before the update; an error after the first
+    micro-batch's backward) left them for the batch served again to add to, and its update took them twice."""
+    model, ctl = _build(monkeypatch, fused)
+    _train_zeroing(model, ctl, accumulate)
+    expected_weights, expected_steps, _ = _outcome(model, ctl)
+    model, ctl = _build(monkeypatch, fused)
+    if accumulate:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            _train_zeroing(model, ctl, accumulate, fail_at=2)
+    else:
+        fired = interrupt_once(monkeypatch, StepEngine, "step_after_backward_deferred", lambda: ctl.steps == 2)
+        with pytest.raises(KeyboardInterrupt):
+            _train_zeroing(model, ctl, accumulate)
+        assert fired
+    assert ctl.steps == 2
+    _train_zeroing(model, ctl, accumulate)
+    weights, steps, _ = _outcome(model, ctl)
+    assert steps == expected_steps
+    assert torch.equal(weights, expected_weights), f"weights {(weights - expected_weights).abs().max().item():.3g} off"
+
+
 def _build_fused_sgd(grad_transform=None, param_groups=False):
     """A Controller built with ``fused=True``; the SGD's param groups the two layers' (``param_groups``) or one."""
     torch.manual_seed(1)
