@@ -44,7 +44,8 @@ class FlatParameterStore:
     :meth:`rebind_grads`: called before the backward, it binds zeroed views that autograd adds into (a kernel a
     parameter) and hooks to tell which parameters the backward reached; called after it (``after_backward=True``,
     ``StepEngine``'s way), it copies autograd's own gradients into the buffer in one launch, and a gradient still
-    ``None`` is one the backward did not give. ``store.zero_grad()`` zeroes in place.
+    ``None`` is one the backward did not give. ``store.zero_grad()`` zeroes the views in place and drops (sets to
+    ``None``) a gradient that is not one.
     A parameter whose gradient is None when the store is built is bound to zeros, not watched: where ``torch.optim``
     skips it until its first gradient, the fused step applies weight decay to it (watching every parameter from the
     start would cost a Python hook call per parameter per backward for every run).

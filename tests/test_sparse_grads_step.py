@@ -128,29 +128,12 @@ def test_a_sparse_gradient_is_refused_at_the_reference_step_with_nothing_changed
             torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_the_fused_path_trains_a_held_sparse_embedding_as_a_dense_one() -> None:
+@pytest.mark.parametrize("users_zero_grad", [False, True], ids=["views-kept", "after-users-zero-grad"])
+def test_the_fused_path_trains_a_held_sparse_embedding_as_a_dense_one(users_zero_grad: bool) -> None:
     """The fused step adds a sparse gradient into its parameter's dense view of the flat buffer: it trains on, as a
-    plain loop over the dense embedding (within the kernel's rounding), and is not refused."""
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("the fused step needs a GPU or Triton's interpreter")
-    model = _Lookup()
-    plain = copy.deepcopy(model)
-    engine = StepEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), CPU, fused=True)
-    model.emb.sparse = True
-    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    for x, y in _batches(2):
-        engine.backward_and_step(F.cross_entropy(model(x), y))
-        plain_optimizer.zero_grad()
-        F.cross_entropy(plain(x), y).backward()
-        plain_optimizer.step()
-    assert engine.applied_steps() == 2
-    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-
-
-def test_a_held_sparse_embedding_after_a_users_zero_grad_trains_on_the_fused_path() -> None:
-    """After ``optimizer.zero_grad()`` the backward hands over autograd's own sparse gradient, which the step copies
-    into the dense view (a foreach copy refuses sparse tensors: the step raised, and ``close()`` after it)."""
+    plain loop over the dense embedding (within the kernel's rounding), and is not refused. After a user's
+    ``optimizer.zero_grad()`` the backward hands over autograd's own sparse gradient, which the step copies into the
+    dense view (a foreach copy refuses sparse tensors: the step raised, and ``close()`` after it)."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the fused step needs a GPU or Triton's interpreter")
     model = _Lookup()
@@ -160,7 +143,8 @@ def test_a_held_sparse_embedding_after_a_users_zero_grad_trains_on_the_fused_pat
     model.emb.sparse = True
     plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     for x, y in _batches(3):
-        optimizer.zero_grad()
+        if users_zero_grad:
+            optimizer.zero_grad()
         engine.backward_and_step(F.cross_entropy(model(x), y))
         plain_optimizer.zero_grad()
         F.cross_entropy(plain(x), y).backward()
@@ -168,9 +152,10 @@ def test_a_held_sparse_embedding_after_a_users_zero_grad_trains_on_the_fused_pat
     assert engine.applied_steps() == 3
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-    optimizer.zero_grad()
-    x, y = _batches(1)[0]
-    F.cross_entropy(model(x), y).backward()  # a backward no step takes: a sparse gradient left at the close
-    assert model.emb.weight.grad.is_sparse
-    engine.remove()  # gives the parameters their own storage; the sparse gradient is left as it is
-    assert model.emb.weight.grad.is_sparse
+    if users_zero_grad:
+        optimizer.zero_grad()
+        x, y = _batches(1)[0]
+        F.cross_entropy(model(x), y).backward()  # a backward no step takes: a sparse gradient left at the close
+        assert model.emb.weight.grad.is_sparse
+        engine.remove()  # gives the parameters their own storage; the sparse gradient is left as it is
+        assert model.emb.weight.grad.is_sparse
