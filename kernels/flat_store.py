@@ -441,7 +441,7 @@ class FlatParameterStore:
         accumulated = self._accumulated
         return lambda _param: accumulated.add(index)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, views_bound: bool = False) -> None:
         """Zeros the flat gradient buffer (one kernel); the ``param.grad`` views stay in place, other gradients go.
 
         A gradient that is not its view (autograd's own, made where a user's ``zero_grad()`` had set it to ``None``,
@@ -451,10 +451,15 @@ class FlatParameterStore:
         and the record goes: a step refused or interrupted after it was taken would otherwise leave those parameters
         out of a later step that reaches them, or, bound to zeros, decay them in one that does not. The next step's
         backward tells again.
+
+        ``views_bound``: the caller rebound every gradient since the record was last cleared (the fused step's zeroing
+        after its update), so the check of each one, an attribute read a parameter, is skipped.
         """
         self.grads.zero_()
         self._zeroed_version = self.grads._version
         params = self._params_in_order
+        if views_bound and not self._none_after_backward:
+            return
         if self._none_after_backward or not all(map(operator.is_, map(_GRAD, params), self._grad_views_in_order)):
             views = self._grad_views_in_order
             for i, p in enumerate(params):

@@ -2162,6 +2162,8 @@ def test_the_fused_loss_scale_doubles_after_2000_clean_steps_as_grad_scalers():
     assert steps_from(998, 3) == [1024.0] * 3  # 999 to 1001 clean steps: no growth before 2000
     assert steps_from(1999, 1) == [2048.0]  # GradScaler(growth_factor=2, growth_interval=2000)
     assert int(engine.state_dict()["scaler"]["clean_steps"]) == 0
+    assert steps_from(2500, 2) == [2048.0, 2048.0]  # a loaded count past the interval grows at once, and restarts
+    assert int(engine.state_dict()["scaler"]["clean_steps"]) == 1
 
 
 def _clamp_everything(model, bound):

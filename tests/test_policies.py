@@ -737,6 +737,17 @@ def test_a_fallback_heuristic_annealing_by_batch_forgets_its_asks_across_the_lea
     assert step(0.4, outside=True) == (KEEP, 0.75)  # refused within the spell (the batch where it was): the LR is cut
     assert policy.fallbacks == 3
 
+    # A batch's rows (a vectorised env's streams) share the fallback: one row's spell starting forgets nothing of
+    # another's, whose doubling refused still cuts the LR
+    policy = FallbackPolicy(StaticPolicy("fp32", config), HeuristicPolicy(config), stats, max_distance=1e-6)
+    inside, outside = (0.0,) * 4, (0.5,) * 4
+    rows = [
+        [observation(sensitivities=s, noise_over_batch=NOISY, loss_trend=-0.01, progress=p) for s in pair]
+        for p, pair in ((0.1, (inside, outside)), (0.2, (outside, outside)))
+    ]
+    second_row = [decode(policy.predict(np.stack(call))[0][1], config) for call in rows]
+    assert [(int(a.batch_move), a.lr_scale) for a in second_row] == [(GROW, 1.0), (KEEP, 0.75)]
+
 
 def test_a_run_annealing_by_batch_past_the_datas_largest_batch_cuts_the_lr():
     """A dataset of 400 samples holds batches up to 50: from there the plateau cuts the LR (it stayed at x1)."""

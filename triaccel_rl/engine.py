@@ -1041,10 +1041,14 @@ class StepEngine:
             return int(self.fused_optimizer.step_count.item())  # host-device sync
         return self._reference_applied
 
-    def zero_grad(self) -> None:
-        """Zeros every gradient in place (the fused path's ``.grad`` tensors are views that must stay)."""
+    def zero_grad(self, views_bound: bool = False) -> None:
+        """Zeros every gradient in place (the fused path's ``.grad`` tensors are views that must stay; other ones go).
+
+        ``views_bound``: the fused step's own zeroing after its update, whose gradients it rebound
+        (``FlatParameterStore.zero_grad``).
+        """
         if self.fused:
-            self.store.zero_grad()
+            self.store.zero_grad(views_bound)
         else:
             self.optimizer.zero_grad(set_to_none=False)
         self.zero_pending = False
@@ -1291,7 +1295,10 @@ class StepEngine:
             assert plan.scaler is not None
             with torch.no_grad():  # in place: captured graphs read them through their addresses
                 self._scale.copy_(torch.as_tensor(plan.scaler["scale"], dtype=torch.float32))
-                self._clean_steps.copy_(torch.as_tensor(plan.scaler["clean_steps"], dtype=torch.int32))
+                # A count at or past the interval (a hand-made checkpoint's: the rule resets it there) grows the scale
+                # at the next clean step; GradScaler's kernel, which grows on reaching it exactly, would never.
+                clean_steps = min(int(plan.scaler["clean_steps"]), _SCALE_INTERVAL - 1)
+                self._clean_steps.copy_(torch.as_tensor(clean_steps, dtype=torch.int32))
             self.refresh_weight_copies()  # the weights were loaded outside the fused step
         else:
             self._load_grad_scaler(None if plan.grad_scaler is None else plan.grad_scaler.state_dict())
@@ -2218,7 +2225,7 @@ class StepEngine:
                 torch._amp_update_scale_(
                     self._scale, self._clean_steps, overflow.float(), _SCALE_GROWTH, _SCALE_BACKOFF, _SCALE_INTERVAL
                 )
-            self.zero_grad()
+            self.zero_grad(views_bound=True)
             # Only where a second optimizer's parameters got gradients: one sync, for its step to skip a skipped
             # step's (a NaN batch's gradients would have made its weights and momentum NaN for good)
             if unheld_overflow is not None and bool(result.skipped):

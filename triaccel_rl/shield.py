@@ -838,7 +838,9 @@ class FallbackPolicy:
         spell = self._spells.get(stream, 0)
         if self.stats.beyond(obs, self.max_distance):  # the edge as float32 holds it is in (``beyond``)
             others_decided = getattr(self.fallback, "others_decided", None)
-            if spell == 0 and others_decided is not None:  # a spell's first: what it recorded last is stale
+            # A spell's first: what it recorded last is stale. One stream's alone: the rows of a batch share the
+            # fallback, and one row's spell starting would wipe another's record mid-spell.
+            if spell == 0 and others_decided is not None and not where:
                 others_decided()
             feature, distance = self.stats.worst_feature(obs)
             self.fallbacks += 1
