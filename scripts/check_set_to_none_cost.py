@@ -1,11 +1,12 @@
 """What leaving a branch alone costs a user's loop under a Controller: ``zero_grad(set_to_none=True)`` or ``False``.
 
-Usage (a CUDA GPU): ``python scripts/check_set_to_none_cost.py [--out FILE]``. Since ``4a7a404`` a gradient a user
-set to None is pointed back at the flat buffer with a hook that notes whether the backward reaches it, so that a
-parameter it does not reach is left alone, as ``torch.optim`` leaves it. The hooks are Python calls, one a parameter a
-step, only in loops that set gradients to None. This times a plain eager loop (ResNet-18 on 3x32x32 inputs, batch
-128, bf16, channels_last; EfficientNet-B0, more parameters and smaller kernels) under a static Controller both ways,
-interleaved: the median ms a step over 2 x 5 windows of 30 steps, each after 20 warm-up steps.
+Usage (a CUDA GPU): ``python scripts/check_set_to_none_cost.py [--out FILE]``. A gradient a user sets to None stays
+None through the backward (autograd's own tensor, copied into the flat buffer at the step, one launch for all; until
+``683c089`` it was pointed back at the buffer before the backward, with a hook a parameter to note whether the backward
+reached it); one still None after the backward is left alone, as ``torch.optim`` leaves it. This times a plain eager
+loop (ResNet-18 on 3x32x32 inputs, batch 128, bf16, channels_last; EfficientNet-B0, more parameters and smaller
+kernels) under a static Controller both ways, interleaved: the median ms a step over 2 x 5 windows of 30 steps, each
+after 20 warm-up steps.
 """
 
 from __future__ import annotations
