@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from sparse_lookup import Lookup, lookup_batches
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,23 +38,12 @@ class _HandWrittenEmbedding(nn.Module):
         return F.embedding(x, self.weight, sparse=self.sparse)
 
 
-class _Lookup(nn.Module):
-    def __init__(self, hand_written: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = _HandWrittenEmbedding(sparse=False) if hand_written else nn.Embedding(30, 8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.emb(x).mean(1))
+def _lookup(hand_written: bool = False) -> Lookup:
+    return Lookup(make_embedding=(lambda: _HandWrittenEmbedding(sparse=False)) if hand_written else None)
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (torch.randint(0, 30, (8, 5), generator=generator), torch.randint(0, 4, (8,), generator=generator))
-        for _ in range(n)
-    ]
+    return lookup_batches(n)
 
 
 def _step(ctl: ta.Controller, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -67,7 +57,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def test_a_hand_written_sparse_embedding_passes_the_build_and_is_refused_at_its_first_step() -> None:
-    model = _Lookup(hand_written=True)
+    model = _lookup(hand_written=True)
     model.emb.sparse = True
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -89,7 +79,7 @@ def test_a_sparse_gradient_is_refused_at_the_reference_step_with_nothing_changed
     """Switched to sparse after a first step: the next step raises before the statistics, leaving the parameters,
     the momentum, the loss scale and its growth count, and the step counters as they were. Switched back, training
     goes on as a plain loop's over the steps taken."""
-    model = _Lookup(hand_written)
+    model = _lookup(hand_written)
     plain = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     first, refused, last = _batches(3)
@@ -136,7 +126,7 @@ def test_the_fused_path_trains_a_held_sparse_embedding_as_a_dense_one(users_zero
     dense view (a foreach copy refuses sparse tensors: the step raised, and ``close()`` after it)."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the fused step needs a GPU or Triton's interpreter")
-    model = _Lookup()
+    model = _lookup()
     plain = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     engine = StepEngine(model, optimizer, CPU, fused=True)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from torch import nn
+from sparse_lookup import Lookup, lookup_batches
 from torch.nn import functional as F
 
 import triaccel_rl as ta
@@ -21,32 +21,21 @@ import triaccel_rl as ta
 N_STEPS = 6
 
 
-class _Recommender(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 8, sparse=True)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.emb(x).mean(1))
+def _recommender() -> Lookup:
+    return Lookup(vocab=50, sparse=True)
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (torch.randint(0, 50, (16, 5), generator=generator), torch.randint(0, 4, (16,), generator=generator))
-        for _ in range(n)
-    ]
+    return lookup_batches(n, vocab=50, batch=16)
 
 
-def _optimizers(model: _Recommender) -> tuple[torch.optim.SGD, torch.optim.SparseAdam]:
+def _optimizers(model: Lookup) -> tuple[torch.optim.SGD, torch.optim.SparseAdam]:
     dense = torch.optim.SGD(model.head.parameters(), lr=0.1, momentum=0.9)
     return dense, torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.01)
 
 
-def _plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> _Recommender:
-    model = _Recommender()
+def _plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Lookup:
+    model = _recommender()
     dense, sparse = _optimizers(model)
     for x, y in batches:
         dense.zero_grad()
@@ -57,7 +46,7 @@ def _plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> _Recommender
     return model
 
 
-def _controller_step(ctl: ta.Controller, model: _Recommender, sparse: torch.optim.Optimizer, x, y) -> None:
+def _controller_step(ctl: ta.Controller, model: Lookup, sparse: torch.optim.Optimizer, x, y) -> None:
     """The README's order: the second optimizer's zero_grad() before the backward, its step() after ctl.step."""
     sparse.zero_grad()
     with ctl.autocast():
@@ -77,7 +66,7 @@ def test_a_sparse_adam_embedding_beside_the_controller_trains_as_a_plain_loop(fu
         _needs_fused()
     batches = _batches(N_STEPS)
     plain = _plain_run(batches)
-    model = _Recommender()
+    model = _recommender()
     dense, sparse = _optimizers(model)
     with ta.Controller(model, dense, policy="fp32", fused=fused) as ctl:
         assert ctl.engine.fused == fused
@@ -99,7 +88,7 @@ def test_an_infinite_sparse_gradient_under_fp16_skips_both_optimizers(fused: boo
     if fused:
         _needs_fused()
     batches = _batches(4)
-    model = _Recommender()
+    model = _recommender()
     dense, sparse = _optimizers(model)
     inject = {"on": False}
 
@@ -116,7 +105,7 @@ def test_an_infinite_sparse_gradient_under_fp16_skips_both_optimizers(fused: boo
         assert engine.applied_steps() == 2
         # Unscaled: the fp32 gradient of the same batch (not 65536 times it), kept sparse for SparseAdam
         x, y = batches[2]
-        reference = _Recommender()
+        reference = _recommender()
         reference.load_state_dict(model.state_dict())
         F.cross_entropy(reference(x), y).backward()
         sparse.zero_grad()
@@ -156,7 +145,7 @@ def test_an_infinite_sparse_gradient_under_fp16_skips_both_optimizers(fused: boo
 
 @pytest.mark.parametrize("held", ["all", "embedding"])
 def test_a_sparse_embedding_the_controllers_optimizer_holds_is_still_refused(held: str) -> None:
-    model = _Recommender()
+    model = _recommender()
     params = model.parameters() if held == "all" else model.emb.parameters()
     with pytest.raises(
         ValueError,
@@ -173,7 +162,7 @@ def test_sixteen_bit_policies_train_a_sparse_adam_embedding_with_finite_weights(
     if fused:
         _needs_fused()
     batches = _batches(8)
-    model = _Recommender()
+    model = _recommender()
     before = model.emb.weight.detach().clone()
     dense, sparse = _optimizers(model)
     config = ta.ControllerConfig(interval_steps=4)
@@ -194,7 +183,7 @@ def test_an_interval_of_nan_losses_rolls_back_and_the_second_optimizer_never_ste
     model, embedding included, to the last good copy (taken inside a ``ctl.step``, so before SparseAdam's step of that
     batch: its moments are the user's, not restored), and training then goes on finite."""
     batches = _batches(16)
-    model = _Recommender()
+    model = _recommender()
     dense, sparse = _optimizers(model)
     config = ta.ControllerConfig(interval_steps=4, snapshot_every=1)
     after_ctl_steps = []
@@ -230,7 +219,7 @@ def test_a_checkpoint_resumes_as_the_uninterrupted_run() -> None:
     """The user saves the model (the embedding too) and SparseAdam's state beside the Controller's checkpoint (its
     optimizer's state). Resumed, the run ends where the uninterrupted one does, bit for bit."""
     batches = _batches(N_STEPS)
-    model = _Recommender()
+    model = _recommender()
     dense, sparse = _optimizers(model)
     with ta.Controller(model, dense, policy="fp32") as ctl:
         for x, y in batches[:3]:
@@ -240,7 +229,7 @@ def test_a_checkpoint_resumes_as_the_uninterrupted_run() -> None:
         saved_model = copy.deepcopy(model.state_dict())
         for x, y in batches[3:]:
             _controller_step(ctl, model, sparse, x, y)
-    resumed = _Recommender()
+    resumed = _recommender()
     dense_again, sparse_again = _optimizers(resumed)
     resumed.load_state_dict(saved_model)
     with ta.Controller(resumed, dense_again, policy="fp32") as ctl:
@@ -259,7 +248,7 @@ def test_a_second_optimizers_embedding_switched_to_sparse_after_the_build_is_tak
     if fused:
         _needs_fused()
     batches = _batches(3)
-    model = _Recommender()
+    model = _recommender()
     model.emb.sparse = False
     dense, _ = _optimizers(model)
     with ta.Controller(model, dense, policy="fp32", fused=fused) as ctl:
