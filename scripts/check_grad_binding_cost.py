@@ -27,6 +27,7 @@ from torch import nn
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.experiment import git_commit
+from triaccel_rl.profiling import cuda_chunk_ms, cuda_kernel_counts
 from triaccel_rl.tasks import get_task
 
 VARIANTS = ("fresh", "views", "fresh+copy")
@@ -94,28 +95,6 @@ def _strided(flat: torch.Tensor, p: torch.Tensor, start: int) -> torch.Tensor:
     return flat.as_strided(p.shape, p.stride(), start)
 
 
-def timed_chunk(step: Callable[[], None], steps: int = 10) -> float:
-    """Milliseconds a step over ``steps`` steps (CUDA events)."""
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / steps
-
-
-def kernels_per_step(step: Callable[[], None], steps: int = 10) -> float:
-    """CUDA kernels (and memcpys/memsets) a step, by torch.profiler."""
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    return sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / steps
-
-
 def main() -> None:
     """Prints the table last; writes every chunk's time to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,14 +114,14 @@ def main() -> None:
         for r in range(args.rounds):
             order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
             for v in order:
-                chunks[v].append(timed_chunk(steps[v]))
+                chunks[v].append(cuda_chunk_ms(steps[v]))
         for v in VARIANTS:
             row = {
                 "batch": batch,
                 "variant": v,
                 "median_ms": statistics.median(chunks[v]),
                 "chunks_ms": chunks[v],
-                "kernels_per_step": kernels_per_step(steps[v]),
+                "kernels_per_step": sum(cuda_kernel_counts(steps[v]).values()),
             }
             table.append(row)
     result["rows"] = table

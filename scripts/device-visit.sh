@@ -22,7 +22,7 @@ for stage in "$@"; do
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py \
                 tests/test_engine_param_groups.py tests/test_engine_scaler_and_lr_knobs.py tests/test_controller_close_pending.py \
                 tests/test_fused_state_view.py tests/test_unheld_midrun.py tests/test_controller_dropped.py \
-                tests/test_controller_fused_option.py tests/test_fused_map_set.py tests/test_midrun_messages.py 2>&1 | tail -25 ;;
+                tests/test_controller_fused_option.py tests/test_fused_map_set.py tests/test_midrun_messages.py tests/test_cuda_timing.py 2>&1 | tail -25 ;;
     # The estimator rounds in a user's loop (Controller(probe=...)): cost and effect, both GPU models, 2 seeds.
     user-rounds) python3 experiments/bench_user_rounds.py --seeds 2 --out "$OUT/bench_user_rounds.json" 2>&1 | tail -8 ;;
     # A run long enough for rounds to fit the overhead budget (the 4-epoch runs above refuse every one).

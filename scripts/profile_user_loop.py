@@ -25,6 +25,7 @@ from torch import nn
 
 from triaccel_rl.compare import json_safe
 from triaccel_rl.controller import Controller
+from triaccel_rl.profiling import cuda_chunk_ms, cuda_kernel_counts
 from triaccel_rl.tasks import get_task
 
 VARIANTS = ("plain", "controller", "controller-reference", "controller-no-copies")
@@ -77,16 +78,7 @@ def make(
 
 def time_steps(step: Callable[[], None], chunks: int = 8, per_chunk: int = 10) -> float:
     """Median milliseconds a step over ``chunks`` chunks of ``per_chunk`` steps (CUDA events)."""
-    times = []
-    for _ in range(chunks):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(per_chunk):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / per_chunk)
-    return statistics.median(times)
+    return statistics.median([cuda_chunk_ms(step, per_chunk) for _ in range(chunks)])
 
 
 def main() -> None:
@@ -123,19 +115,12 @@ def main() -> None:
         step, ctl = make(variant, args.model, 8, 80, args.precision)
         for _ in range(30):
             step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                step()
-            torch.cuda.synchronize()
-        kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-        result["rows"][variant]["kernels_per_step"] = kernels / 20
-        top = sorted(
-            (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
-            key=lambda e: -e.count,
-        )[:12]
-        result["rows"][variant]["top_kernels_by_count"] = [(e.key[:80], e.count / 20) for e in top]
-        print(variant, "kernels/step", kernels / 20, flush=True)
+        counts = cuda_kernel_counts(step, 20)
+        kernels = sum(counts.values())
+        result["rows"][variant]["kernels_per_step"] = kernels
+        top = sorted(counts.items(), key=lambda item: -item[1])[:12]
+        result["rows"][variant]["top_kernels_by_count"] = [(name[:80], count) for name, count in top]
+        print(variant, "kernels/step", kernels, flush=True)
         if ctl is not None:
             ctl.close()
 

@@ -26,7 +26,7 @@ from triaccel_rl.precision import find_layers
 from triaccel_rl.training import seed_run_generators
 from triaccel_rl.types import Precision
 
-__all__ = ["measure_profile"]
+__all__ = ["cuda_chunk_ms", "cuda_kernel_counts", "measure_profile"]
 
 
 def measure_profile(
@@ -200,3 +200,40 @@ def _time_steps(
             samples.append((time.perf_counter() - begin) * 1e3)
     peak = float(torch.cuda.max_memory_allocated(device) - baseline) if device.type == "cuda" else 1.0
     return statistics.median(samples), max(peak, 1.0)
+
+
+def cuda_chunk_ms(step: Callable[[], object], steps: int = 10) -> float:
+    """Milliseconds a step over ``steps`` consecutive calls of ``step``, by CUDA events on the current stream.
+
+    One chunk: its events bracket the steps, so a host-bound step is timed by its host's pace and a GPU-bound one by its
+    kernels', as a training loop runs them (no sync between the steps). Benchmarks take the median over chunks
+    (``scripts/check_grad_binding_cost.py``, ``scripts/profile_user_loop.py``).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} must be at least 1")
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / steps
+
+
+def cuda_kernel_counts(step: Callable[[], object], steps: int = 10) -> dict[str, float]:
+    """GPU activities a step launches (kernels, memcpys, memsets) by name, a mean over ``steps`` calls (torch.profiler).
+
+    Their sum is the step's launch count, the measure of a host-bound step's launch overhead.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} must be at least 1")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return {
+        event.key: event.count / steps
+        for event in prof.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    }
