@@ -6,7 +6,8 @@ For a plain loop and the Controller's variants (static ``--precision``, bf16 by 
 fused without the 16-bit weight copies; under fp16 the plain loop scales its loss with a ``GradScaler``), two
 numbers per variant: the step time at ``--batch`` (CUDA events, median of chunks) and at batch 8, where the GPU's
 work is small and the step time is the host's (Python, hooks, launches). Then cProfile of the controlled loop at
-batch 8 (the host's functions, cumulative) and torch.profiler's kernel count per step.
+batch 8 (the host's functions, cumulative and own time, the plain loop's beside) and torch.profiler's kernel
+count per step.
 """
 
 from __future__ import annotations
@@ -124,22 +125,26 @@ def main() -> None:
         if ctl is not None:
             ctl.close()
 
-    step, ctl = make("controller", args.model, 8, 260, args.precision)
-    for _ in range(30):
-        step()
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(200):
-        step()
-    torch.cuda.synchronize()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
-    result["cprofile_controller_b8_200_steps"] = text.getvalue()
-    print(text.getvalue()[-9000:])
-    if ctl is not None:
-        ctl.close()
+    # cProfile at batch 8, the controlled loop and the plain one: each function's cumulative and own time
+    for variant in ("controller", "plain"):
+        step, ctl = make(variant, args.model, 8, 260, args.precision)
+        for _ in range(30):
+            step()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        for order, lines in (("cumulative", 45), ("tottime", 40)):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(lines)
+            result[f"cprofile_{variant}_b8_200_steps_{order}"] = text.getvalue()
+            print(f"== {variant}, {order}")
+            print(text.getvalue()[-6000:])
+        if ctl is not None:
+            ctl.close()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(json_safe(result), f, indent=1, allow_nan=False)
