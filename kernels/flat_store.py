@@ -25,7 +25,13 @@ from triaccel_rl.kernels.cast import cast_to_low_precision
 
 from triaccel_rl.errors import DetachedParametersError
 
-__all__ = ["DetachedParametersError", "FlatParameterStore", "check_apart", "is_dense"]
+__all__ = ["BIND_BEFORE_BACKWARD_ELEMENTS", "DetachedParametersError", "FlatParameterStore", "check_apart", "is_dense"]
+
+BIND_BEFORE_BACKWARD_ELEMENTS = 1 << 20
+"""A parameter of at least this many elements (a 4 MiB fp32 gradient) found without a gradient before a backward gets
+its zeroed view bound, and a hook, by :meth:`FlatParameterStore.bind_large_grads`: autograd adds into the buffer, and
+no gradient of its own lives beside it until the step copies the others in. Smaller ones keep autograd's own tensors,
+which cost no add kernel and no Python hook call (the host's time in a host-bound loop). Read when a store is built."""
 
 
 class FlatParameterStore:
@@ -44,8 +50,9 @@ class FlatParameterStore:
     :meth:`rebind_grads`: called before the backward, it binds zeroed views that autograd adds into (a kernel a
     parameter) and hooks to tell which parameters the backward reached; called after it (``after_backward=True``,
     ``StepEngine``'s way), it copies autograd's own gradients into the buffer in one launch, and a gradient still
-    ``None`` is one the backward did not give. ``store.zero_grad()`` zeroes the views in place and drops (sets to
-    ``None``) a gradient that is not one.
+    ``None`` is one the backward did not give. ``StepEngine`` binds the large parameters' views before the backward
+    (:meth:`bind_large_grads`), so that their gradients are never held twice. ``store.zero_grad()`` zeroes the views
+    in place and drops (sets to ``None``) a gradient that is not one.
     A parameter whose gradient is None when the store is built is bound to zeros, not watched: where ``torch.optim``
     skips it until its first gradient, the fused step applies weight decay to it (watching every parameter from the
     start would cost a Python hook call per parameter per backward for every run).
@@ -254,6 +261,10 @@ class FlatParameterStore:
         self._accumulated: set[int] = set()
         self._none_after_backward: set[int] = set()  # None between a backward and the step: certainly no gradient
         self._grad_hooks: dict[int, RemovableHandle] = {}
+        # The parameters bind_large_grads watches (BIND_BEFORE_BACKWARD_ELEMENTS), and those it bound since the record
+        # was last taken: a hook each, which an eager backward always calls, so no call means no gradient.
+        self._large = [i for i, p in enumerate(self._params_in_order) if p.numel() >= BIND_BEFORE_BACKWARD_ELEMENTS]
+        self._bound_large: set[int] = set()
 
     def rebind_grads(self, after_backward: bool = False) -> int:
         """Points every ``param.grad`` back at its view of the flat ``grads`` buffer; returns how many were not.
@@ -306,6 +317,7 @@ class FlatParameterStore:
             p.grad = view
         self._rebound_from_none.difference_update(given)
         self._none_after_backward.difference_update(given)
+        self._bound_large.difference_update(given)
         if after_backward:  # None after the backward: certainly no gradient, no hook needed to tell
             self._none_after_backward.update(found_none)
         elif found_none:  # before it: the hooks tell which of them the backward reaches
@@ -322,6 +334,44 @@ class FlatParameterStore:
         """
         if list(map(torch.Tensor.data_ptr, self._params_in_order)) != self._addresses:
             raise DetachedParametersError([p for p, _, address in self._grad_views if p.data_ptr() != address])
+
+    def bind_large_grads(self) -> int:
+        """Before a backward: binds each large parameter's zeroed view where its gradient is ``None``, with a hook.
+
+        ``StepEngine``'s call before each backward, after a user's ``zero_grad()`` set the gradients to ``None``.
+        A parameter of at least ``BIND_BEFORE_BACKWARD_ELEMENTS`` elements then has autograd add into its view of
+        the flat buffer (an add kernel), as before a step of ``torch.optim``'s, rather than hand over a gradient of
+        its own that would live beside the buffer until the step's copy (:meth:`rebind_grads` with
+        ``after_backward``): a model's largest gradients are not held twice at the backward's end. The hook tells
+        whether the backward reached the parameter; a backward that did not leaves it out of the update, as
+        ``torch.optim`` skips a ``None`` gradient (:meth:`take_params_without_grad`). The smaller parameters keep
+        autograd's own gradients (no kernel and no hook a parameter: the host's time). Frozen parameters are left
+        alone. Starts with :meth:`check_attached`'s check.
+
+        Returns:
+            How many gradients were bound.
+
+        Raises:
+            DetachedParametersError: as :meth:`check_attached`; nothing was changed.
+        """
+        self.check_attached()
+        params = self._params_in_order
+        found_none = [i for i in self._large if params[i].grad is None and params[i].requires_grad]
+        if not found_none:
+            return 0
+        views = self._grad_views_in_order
+        if self.grads._version != self._zeroed_version:  # written since the last zero_grad
+            with torch.no_grad():
+                torch._foreach_zero_([views[i] for i in found_none])
+        hooks = self._grad_hooks
+        for i in found_none:  # hooked and recorded before bound: a view bound is one the record knows of
+            if i not in hooks:
+                hooks[i] = params[i].register_post_accumulate_grad_hook(self._recorder(i))
+        self._accumulated.difference_update(found_none)
+        self._bound_large.update(found_none)
+        for i in found_none:
+            params[i].grad = views[i]
+        return len(found_none)
 
     def take_params_without_grad(self) -> list[int]:
         """The parameters that got no gradient since :meth:`rebind_grads` found theirs ``None``; clears the record.
@@ -341,6 +391,7 @@ class FlatParameterStore:
         """
         without = self.params_without_grad()
         self._none_after_backward = set()
+        self._bound_large.clear()
         self._rebound_from_none.clear()
         self._accumulated.clear()  # the next step's record starts empty
         return without
@@ -362,6 +413,7 @@ class FlatParameterStore:
         # (One attribute read a parameter: about 12 us a step at 200 parameters on a CPU.)
         without = {i for i, (p, _, _) in enumerate(self._grad_views) if not p.requires_grad}
         without |= self._none_after_backward
+        without |= self._bound_large - self._accumulated  # an eager backward calls every hook: none, no gradient
         # With no hook call at all since a rebind (the backward ran where Python hooks do not, a replayed CUDA graph,
         # or reached no parameter), leaving the rebound ones alone would stop training silently in the first case:
         # all but the frozen are taken to have one.
@@ -417,6 +469,7 @@ class FlatParameterStore:
         self._grad_hooks.clear()
         self._rebound_from_none.clear()
         self._none_after_backward.clear()
+        self._bound_large.clear()
         self._accumulated.clear()
 
     def _hook_trainable(self, rebound: list[int]) -> None:
@@ -448,9 +501,9 @@ class FlatParameterStore:
         not yet copied in by ``rebind_grads(after_backward=True)``; a tensor given in its place) holds values outside
         the buffer: it is set to ``None``, not left for the next backward to add to. So is the gradient of a
         parameter recorded as without one after a backward (:meth:`rebind_grads`), whose zeroed view was bound since,
-        and the record goes: a step refused or interrupted after it was taken would otherwise leave those parameters
-        out of a later step that reaches them, or, bound to zeros, decay them in one that does not. The next step's
-        backward tells again.
+        or bound before one (:meth:`bind_large_grads`), and the record goes: a step refused or interrupted after it
+        was taken would otherwise leave those parameters out of a later step that reaches them, or, bound to zeros,
+        decay them in one that does not. The next step's backward tells again.
 
         ``views_bound``: the caller rebound every gradient since the record was last cleared (the fused step's zeroing
         after its update), so the check of each one, an attribute read a parameter, is skipped.
@@ -458,14 +511,16 @@ class FlatParameterStore:
         self.grads.zero_()
         self._zeroed_version = self.grads._version
         params = self._params_in_order
-        if views_bound and not self._none_after_backward:
+        if views_bound and not self._none_after_backward and not self._bound_large:
             return
-        if self._none_after_backward or not all(map(operator.is_, map(_GRAD, params), self._grad_views_in_order)):
+        unknown = self._none_after_backward | self._bound_large  # whether the next backward reaches these: it tells
+        if unknown or not all(map(operator.is_, map(_GRAD, params), self._grad_views_in_order)):
             views = self._grad_views_in_order
             for i, p in enumerate(params):
-                if i in self._none_after_backward or p.grad is not views[i]:
+                if i in unknown or p.grad is not views[i]:
                     p.grad = None
             self._none_after_backward.clear()
+            self._bound_large.clear()
 
     def layer_sq_sums(self, buffer: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of squares of ``buffer`` (a flat buffer of this store), float64 ``[n_layers]``.

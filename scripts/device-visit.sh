@@ -22,7 +22,7 @@ for stage in "$@"; do
                 tests/elastic/test_gpu_elastic.py tests/test_engine_fused.py tests/test_compile.py \
                 tests/test_engine_param_groups.py tests/test_engine_scaler_and_lr_knobs.py tests/test_controller_close_pending.py \
                 tests/test_fused_state_view.py tests/test_unheld_midrun.py tests/test_controller_dropped.py \
-                tests/test_controller_fused_option.py tests/test_fused_map_set.py tests/test_midrun_messages.py tests/test_cuda_timing.py 2>&1 | tail -25 ;;
+                tests/test_controller_fused_option.py tests/test_fused_map_set.py tests/test_midrun_messages.py tests/test_cuda_timing.py tests/test_bind_large_grads.py 2>&1 | tail -25 ;;
     # The estimator rounds in a user's loop (Controller(probe=...)): cost and effect, both GPU models, 2 seeds.
     user-rounds) python3 experiments/bench_user_rounds.py --seeds 2 --out "$OUT/bench_user_rounds.json" 2>&1 | tail -8 ;;
     # A run long enough for rounds to fit the overhead budget (the 4-epoch runs above refuse every one).
@@ -231,6 +231,8 @@ for stage in "$@"; do
            --out "$OUT/bench_eager_fp16.json" 2>&1 | tail -12 ;;
     # Autograd adding into flat-buffer views against fresh gradients copied after the backward (~1 min).
     grad-binding) python3 scripts/check_grad_binding_cost.py --out "$OUT/grad_binding_cost.json" 2>&1 | tail -12 ;;
+    # The large parameters' gradients bound before the backward against none: step time and peak memory (~2 min).
+    large-binding) python3 scripts/check_large_grad_binding.py --out "$OUT/large_grad_binding.json" 2>&1 | tail -12 ;;
     # Can a run tell from its first intervals that its LR is off? The lookahead signal on the GPU models.
     lookahead) for m in resnet18-fmnist effnet-b0-fmnist; do
         python3 experiments/lr_lookahead_probe.py --device cuda --tasks $m --factors 0.125,0.25,0.5,1 --seeds 2 \

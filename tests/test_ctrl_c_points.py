@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+import triaccel_rl.kernels.flat_store as flat_store
 from interrupts import interrupt_once
 from torch import nn
 
@@ -294,12 +295,17 @@ def _train_zeroing(model, ctl, accumulate, fail_at=None):
 
 @pytest.mark.parametrize("fused", [False, _fused_param])
 @pytest.mark.parametrize("accumulate", [False, True], ids=["ctrl-c-before-the-update", "error-between-micro-batches"])
+@pytest.mark.parametrize("bound_before", [False, True], ids=["own-gradients", "large-bound-before"])
 def test_a_batch_cut_short_after_its_backward_leaves_no_gradient_to_the_next_in_a_loop_setting_them_to_none(
-    monkeypatch, fused, accumulate
+    monkeypatch, fused, accumulate, bound_before
 ):
     """After a user's ``zero_grad()`` the backward hands over autograd's own gradients, outside the flat buffer until
     the step copies them in: a batch cut short between the two (a Ctrl-C before the update; an error after the first
-    micro-batch's backward) left them for the batch served again to add to, and its update took them twice."""
+    micro-batch's backward) left them for the batch served again to add to, and its update took them twice.
+    ``bound_before``: the weights count as large (``FlatParameterStore.bind_large_grads``), their views bound and
+    hooked before the backward; the batch served again must find them zeroed and watched again."""
+    if bound_before:
+        monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 48)  # the 8x16 and 16x3 weights
     model, ctl = _build(monkeypatch, fused)
     _train_zeroing(model, ctl, accumulate)
     expected_weights, expected_steps, _ = _outcome(model, ctl)

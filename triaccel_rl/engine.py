@@ -842,8 +842,10 @@ class StepEngine:
         ``None`` through the backward, which hands over autograd's own tensors, as in a plain loop, with no add
         kernel a parameter into the buffer's views and no hook; the fused step's own call (``after_backward``, before
         the update) copies them into the flat buffer it reads, in one launch, and rebinds the views; a gradient still
-        ``None`` then is one this step's backward did not give (``FlatParameterStore.rebind_grads``). Nothing to do
-        on the reference path.
+        ``None`` then is one this step's backward did not give (``FlatParameterStore.rebind_grads``). The large
+        parameters' views (4 MiB of gradient or more) are bound before the backward instead, so that autograd adds
+        into the buffer and the model's largest gradients are not held twice (``FlatParameterStore.bind_large_grads``).
+        Nothing to do on the reference path.
 
         Raises:
             DetachedParametersError: a parameter's ``.data`` was replaced since the engine was built (the model
@@ -854,7 +856,7 @@ class StepEngine:
                 if after_backward:
                     self.store.rebind_grads(after_backward)
                 else:
-                    self.store.check_attached()
+                    self.store.bind_large_grads()
             except DetachedParametersError as error:
                 names = self._names_by_id()
                 raise DetachedParametersError(error.params, [names.get(id(p), "?") for p in error.params]) from None
