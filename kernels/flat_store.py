@@ -25,13 +25,26 @@ from triaccel_rl.kernels.cast import cast_to_low_precision
 
 from triaccel_rl.errors import DetachedParametersError
 
-__all__ = ["BIND_BEFORE_BACKWARD_ELEMENTS", "DetachedParametersError", "FlatParameterStore", "check_apart", "is_dense"]
+__all__ = [
+    "BIND_BEFORE_BACKWARD_ELEMENTS",
+    "BIND_BEFORE_BACKWARD_TOTAL",
+    "DetachedParametersError",
+    "FlatParameterStore",
+    "check_apart",
+    "is_dense",
+]
 
 BIND_BEFORE_BACKWARD_ELEMENTS = 1 << 20
 """A parameter of at least this many elements (a 4 MiB fp32 gradient) found without a gradient before a backward gets
 its zeroed view bound, and a hook, by :meth:`FlatParameterStore.bind_large_grads`: autograd adds into the buffer, and
 no gradient of its own lives beside it until the step copies the others in. Smaller ones keep autograd's own tensors,
 which cost no add kernel and no Python hook call (the host's time in a host-bound loop). Read when a store is built."""
+
+BIND_BEFORE_BACKWARD_TOTAL = 1 << 26
+"""...and only where those parameters hold this many elements together (256 MiB of fp32 gradient): held twice, a smaller
+total costs little memory, while their add kernels and hooks still cost a host-bound step its time (ResNet-18's three
+4 MiB weights: about 0.3 ms of an 8.8-ms eager fp16 step on an H100, with no change to its peak). Read when a store is
+built."""
 
 
 class FlatParameterStore:
@@ -261,9 +274,11 @@ class FlatParameterStore:
         self._accumulated: set[int] = set()
         self._none_after_backward: set[int] = set()  # None between a backward and the step: certainly no gradient
         self._grad_hooks: dict[int, RemovableHandle] = {}
-        # The parameters bind_large_grads watches (BIND_BEFORE_BACKWARD_ELEMENTS), and those it bound since the record
-        # was last taken: a hook each, which an eager backward always calls, so no call means no gradient.
-        self._large = [i for i, p in enumerate(self._params_in_order) if p.numel() >= BIND_BEFORE_BACKWARD_ELEMENTS]
+        # The parameters bind_large_grads watches (BIND_BEFORE_BACKWARD_ELEMENTS and _TOTAL), and those it bound since
+        # the record was last taken: a hook each, which an eager backward always calls, so no call means no gradient.
+        large = [i for i, p in enumerate(self._params_in_order) if p.numel() >= BIND_BEFORE_BACKWARD_ELEMENTS]
+        total = sum(self._params_in_order[i].numel() for i in large)
+        self._large = large if large and total >= BIND_BEFORE_BACKWARD_TOTAL else []
         self._bound_large: set[int] = set()
 
     def rebind_grads(self, after_backward: bool = False) -> int:
@@ -320,6 +335,10 @@ class FlatParameterStore:
         self._bound_large.difference_update(given)
         if after_backward:  # None after the backward: certainly no gradient, no hook needed to tell
             self._none_after_backward.update(found_none)
+            # A large gradient bound before the backward that no hook saw is as one found None here; one reached is
+            # now as any gradient copied in (a step cut short from here treats the two sizes alike: zero_grad)
+            self._none_after_backward |= self._bound_large - self._accumulated
+            self._bound_large.clear()
         elif found_none:  # before it: the hooks tell which of them the backward reaches
             self._rebound_from_none.update(found_none)
             self._accumulated.difference_update(found_none)
@@ -339,9 +358,10 @@ class FlatParameterStore:
         """Before a backward: binds each large parameter's zeroed view where its gradient is ``None``, with a hook.
 
         ``StepEngine``'s call before each backward, after a user's ``zero_grad()`` set the gradients to ``None``.
-        A parameter of at least ``BIND_BEFORE_BACKWARD_ELEMENTS`` elements then has autograd add into its view of
-        the flat buffer (an add kernel), as before a step of ``torch.optim``'s, rather than hand over a gradient of
-        its own that would live beside the buffer until the step's copy (:meth:`rebind_grads` with
+        A parameter of at least ``BIND_BEFORE_BACKWARD_ELEMENTS`` elements (where such parameters hold
+        ``BIND_BEFORE_BACKWARD_TOTAL`` elements together: a model whose gradients are large) then has autograd add
+        into its view of the flat buffer (an add kernel), as before a step of ``torch.optim``'s, rather than hand over
+        a gradient of its own that would live beside the buffer until the step's copy (:meth:`rebind_grads` with
         ``after_backward``): a model's largest gradients are not held twice at the backward's end. The hook tells
         whether the backward reached the parameter; a backward that did not leaves it out of the update, as
         ``torch.optim`` skips a ``None`` gradient (:meth:`take_params_without_grad`). The smaller parameters keep
@@ -439,11 +459,16 @@ class FlatParameterStore:
         For an owner done with the store: the parameters stay the same objects (identity, ``requires_grad``, dtype,
         device and strides kept), with the same values bit for bit, and no longer share the flat buffers' storage, so
         ``torch.save`` of one layer writes that layer alone, and a tensor a user keeps does not keep every buffer
-        alive. The flat buffers are freed here, so the copies take their place. A parameter or gradient that no longer
+        alive. The flat buffers are freed here, so the copies take their place. A gradient recorded as not given by the
+        backward since the last step (a batch left part-way) is set to ``None``. A parameter or gradient that no longer
         views them (a model moved after the store was built, a gradient set to
         ``None`` or replaced) is left as it is. The store's steps no longer reach the parameters
         (:meth:`rebind_grads` raises ``DetachedParametersError``).
         """
+        # A gradient the step's backward did not give, bound to its zeroed view (a batch left part-way): None, as the
+        # plain loop's, not a zero tensor that a torch.optim step going on would read as one (momentum, decay)
+        for i in self._none_after_backward | (self._bound_large - self._accumulated):
+            self._grad_views[i][0].grad = None
         with torch.no_grad():
             for p, _, _ in self._grad_views:
                 if _shares_storage(p, self.params):

@@ -7,8 +7,10 @@ gradients set to ``None``) before each forward. Two ways, built side by side and
 
 - ``own``: every gradient autograd's own through the backward, copied into the flat buffer after it (the forty-fourth
   session's binding: ``BIND_BEFORE_BACKWARD_ELEMENTS`` set past every parameter);
-- ``large-bound``: parameters of ``BIND_BEFORE_BACKWARD_ELEMENTS`` (2**20) elements or more bound to their zeroed views
-  before the backward (``FlatParameterStore.bind_large_grads``), autograd adding into them;
+- ``large-bound``: the default: parameters of ``BIND_BEFORE_BACKWARD_ELEMENTS`` (2**20) elements or more bound to their
+  zeroed views before the backward (``FlatParameterStore.bind_large_grads``), autograd adding into them, where they
+  hold ``BIND_BEFORE_BACKWARD_TOTAL`` (2**26) elements together (ResNet-18's three such weights do not: it runs as
+  ``own``);
 
 and the plain loop (``GradScaler``, no Controller) for reference. Models: ResNet-18 of ``resnet18-fmnist`` at batch 256
 (few large parameters, a short step: the host's time shows) and a stack of eight 4096x4096 linear layers at batch 16
@@ -121,6 +123,7 @@ def main() -> None:
         "commit": git_commit(),
         "torch": torch.__version__,
         "threshold_elements": flat_store.BIND_BEFORE_BACKWARD_ELEMENTS,
+        "threshold_total_elements": flat_store.BIND_BEFORE_BACKWARD_TOTAL,
         "rows": [],
     }
     for model_name, build in MODELS.items():

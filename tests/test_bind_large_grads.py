@@ -1,9 +1,10 @@
 """Large parameters' gradients bound to the flat buffer before the backward (``FlatParameterStore.bind_large_grads``).
 
 After a user's ``zero_grad()`` the fused step lets autograd hand over its own gradients and copies them into the flat
-buffer after the backward; a parameter of ``BIND_BEFORE_BACKWARD_ELEMENTS`` elements or more gets its zeroed view
-bound before the backward instead, so that its gradient is not held twice at the backward's end. These tests lower the
-threshold so that a small model has large parameters.
+buffer after the backward; a parameter of ``BIND_BEFORE_BACKWARD_ELEMENTS`` elements or more (where such parameters
+hold ``BIND_BEFORE_BACKWARD_TOTAL`` elements together) gets its zeroed view bound before the backward instead, so
+that its gradient is not held twice at the backward's end. These tests lower the thresholds (``_large_from``) so that
+a small model has large parameters.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ needs_fused = pytest.mark.skipif(
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _large_from(monkeypatch: pytest.MonkeyPatch, elements: int, total: int = 0) -> None:
+    """Parameters of ``elements`` or more count as large, where they hold ``total`` elements together."""
+    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", elements)
+    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_TOTAL", total)
+
+
 def _hooks(param: torch.Tensor) -> int:
     return len(param._post_accumulate_grad_hooks or {})
 
@@ -47,7 +54,7 @@ class _TwoHeads(nn.Module):
 def test_the_large_none_gradients_are_bound_and_hooked_before_the_backward_and_the_small_ones_copied_after(
     monkeypatch,
 ):
-    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 16)
+    _large_from(monkeypatch, 16)
     torch.manual_seed(0)
     model = _TwoHeads()
     reference = _TwoHeads()
@@ -82,7 +89,7 @@ def test_a_backward_cut_short_before_its_step_leaves_no_record_of_which_large_pa
     """A batch whose step never came (a Ctrl-C, an error in a later micro-batch): ``zero_grad`` drops the record its
     backward left with the bound gradients, and the next backward tells again. Kept, head 0's weight read as reached
     by a next backward that went through head 1 only, and took weight decay and momentum on a zero gradient."""
-    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 16)
+    _large_from(monkeypatch, 16)
     model = _TwoHeads()
     store = FlatParameterStore([list(m.parameters()) for m in (model.body, *model.heads)])
     params = list(store._params_in_order)
@@ -101,7 +108,7 @@ def test_a_backward_cut_short_before_its_step_leaves_no_record_of_which_large_pa
 
 
 def test_nothing_is_bound_below_the_threshold_nor_for_a_frozen_parameter(monkeypatch):
-    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 40)
+    _large_from(monkeypatch, 40)
     model = _TwoHeads()
     model.body.weight.requires_grad_(False)  # the one large parameter, frozen after the store is built below
     store = FlatParameterStore([list(m.parameters()) for m in (model.body, *model.heads)])
@@ -111,8 +118,20 @@ def test_nothing_is_bound_below_the_threshold_nor_for_a_frozen_parameter(monkeyp
     assert all(p.grad is None and _hooks(p) == 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize(("total", "watched"), [(96, 3), (97, 0)])
+def test_large_parameters_are_watched_only_where_they_hold_the_total_together(monkeypatch, total, watched):
+    """The body's 48-element weight and the heads' 24-element ones: 96 elements together."""
+    _large_from(monkeypatch, 16, total)
+    model = _TwoHeads()
+    store = FlatParameterStore([list(m.parameters()) for m in (model.body, *model.heads)])
+    for p in model.parameters():
+        p.grad = None
+    assert store.bind_large_grads() == watched
+    assert sum(p.grad is not None for p in model.parameters()) == watched
+
+
 def test_bind_large_grads_checks_the_parameters_are_attached_first(monkeypatch):
-    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 16)
+    _large_from(monkeypatch, 16)
     model = _TwoHeads()
     store = FlatParameterStore([list(m.parameters()) for m in (model.body, *model.heads)])
     for p in model.parameters():
@@ -152,7 +171,7 @@ def test_heads_taking_turns_train_as_under_torch_optim_whichever_gradients_are_b
 ):
     """The head left out of a step's loss takes no weight decay and no momentum, as under ``torch.optim``, whether its
     gradient is bound before the backward (hooked) or left to autograd (found ``None`` after it)."""
-    monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", threshold)
+    _large_from(monkeypatch, threshold)
 
     class FusedEngine(StepEngine):  # the Controller picks the fused path only on CUDA by itself
         def __init__(self, model, optimizer, device, fused=None):
@@ -173,3 +192,53 @@ def test_heads_taking_turns_train_as_under_torch_optim_whichever_gradients_are_b
     assert bound_during_backward == [threshold <= 24] * 3  # head 1's weight: 24 elements, on steps 1, 3 and 5
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, plain.get_parameter(name), msg=name)
+
+
+@needs_fused
+def test_a_batch_left_part_way_at_close_leaves_an_unreached_large_gradient_none(monkeypatch):
+    """A loop that ``break``s after a micro-batch's backward and goes on with ``optimizer.step()`` after ``close()``:
+    the head that micro-batch did not reach has no gradient, as in the plain loop, whatever its size. Bound before the
+    backward, its zeroed view was handed back as a zero gradient, and the step gave it momentum and weight decay."""
+    _large_from(monkeypatch, 16)
+    model, optimizer = _build(monkeypatch)
+    ctl = Controller(model, optimizer, policy="fp32", fused=True, config=ControllerConfig(interval_steps=1000))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    optimizer.zero_grad()
+    with ctl.autocast():
+        loss = nn.functional.cross_entropy(model(x, head=0), torch.zeros(8, dtype=torch.long, device=DEVICE))
+    ctl.backward(loss)
+    ctl.close()
+    assert model.heads[1].weight.grad is None and model.heads[1].bias.grad is None
+    assert model.heads[0].weight.grad is not None and model.heads[0].weight.grad.abs().sum() > 0
+
+
+@needs_fused
+def test_a_step_cut_short_after_the_copy_treats_large_and_small_gradients_alike(monkeypatch):
+    """A loop zeroing after each step, heads taking turns; a Ctrl-C at step 3's launch (its backward done, the
+    gradients copied in), and the loop goes on. The run does not depend on which parameters count as large: the error
+    path's ``zero_grad`` had set the large reached gradients to ``None`` (their head sat the next step out) where the
+    small ones stayed zeroed views (their head took momentum and weight decay)."""
+    from interrupts import interrupt_once
+    from triaccel_rl.kernels.optim import _FusedOptimizer
+
+    def run(elements: int) -> torch.Tensor:
+        with monkeypatch.context() as patch:
+            _large_from(patch, elements)
+            model, optimizer = _build(patch)
+            ctl = Controller(model, optimizer, policy="fp32", fused=True, config=ControllerConfig(interval_steps=1000))
+            fired = interrupt_once(patch, _FusedOptimizer, "_launching", lambda: ctl.steps == 3)
+            generator = torch.Generator().manual_seed(2)
+            for step in range(5):
+                x = torch.randn(16, 6, generator=generator).to(DEVICE)
+                y = torch.randint(0, 3, (16,), generator=generator).to(DEVICE)
+                try:
+                    with ctl.autocast():
+                        ctl.step(nn.functional.cross_entropy(model(x, head=step % 2), y))
+                    optimizer.zero_grad()
+                except KeyboardInterrupt:
+                    continue
+            assert fired
+            ctl.close()
+            return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(16), run(1 << 40))

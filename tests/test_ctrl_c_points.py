@@ -306,6 +306,7 @@ def test_a_batch_cut_short_after_its_backward_leaves_no_gradient_to_the_next_in_
     hooked before the backward; the batch served again must find them zeroed and watched again."""
     if bound_before:
         monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_ELEMENTS", 48)  # the 8x16 and 16x3 weights
+        monkeypatch.setattr(flat_store, "BIND_BEFORE_BACKWARD_TOTAL", 0)
     model, ctl = _build(monkeypatch, fused)
     _train_zeroing(model, ctl, accumulate)
     expected_weights, expected_steps, _ = _outcome(model, ctl)

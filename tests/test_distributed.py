@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import triaccel_rl.kernels.flat_store as flat_store
 from torch import nn
 from torch.nn.functional import cross_entropy
 from torch.nn.parallel import DistributedDataParallel
@@ -175,6 +176,18 @@ def test_a_second_optimizers_overflow_in_one_process_skips_the_fused_step_and_ba
         assert scales == [2.0**16, 2.0**15, 2.0**15], f"rank {rank}"
 
 
+@fused_step
+def test_heads_split_by_rank_under_find_unused_parameters_stay_equal_with_large_gradients(tmp_path):
+    """Rank 0's loss goes through head 0, rank 1's through head 1; ``zero_grad()`` before each forward. DDP's reducer
+    writes each head's averaged gradient into the rank that did not use it, past the hook ``bind_large_grads`` tells
+    by: with the head weights bound before the backward (counted as large), that rank left its head out of the update
+    and the replicas parted (0.077 apart after four steps). Under DDP nothing is bound before the backward."""
+    results = _run_on_two_processes(_heads_split_by_rank, tmp_path)
+    for rank, (controlled, plain) in enumerate(results):
+        torch.testing.assert_close(controlled, plain, msg=f"rank {rank}: the Controller against a plain DDP loop")
+    assert torch.equal(results[0][0], results[1][0])
+
+
 # ----------------------------------------------------------------------------------------- the processes' side
 
 
@@ -210,6 +223,45 @@ def _device_flags_of_both(rank: int) -> torch.Tensor:
 
 FusedSteps = tuple[list[bool], list[float], torch.Tensor, torch.Tensor, torch.Tensor]
 """Each step's skip and loss scale, the watched parameters before and after the second step, the other rank's after."""
+
+
+def _heads_split_by_rank(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four steps of a body and two heads under DDP (``find_unused_parameters``), each rank's loss through its own
+    head, every weight counting as large; the Controller's fused run and a plain DDP loop's weights."""
+    flat_store.BIND_BEFORE_BACKWARD_ELEMENTS, flat_store.BIND_BEFORE_BACKWARD_TOTAL = 16, 0  # in this process only
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.heads = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3)])
+
+        def forward(self, x: torch.Tensor, head: int) -> torch.Tensor:
+            return self.heads[head](torch.relu(self.body(x)))
+
+    weights = []
+    for controlled in (True, False):
+        torch.manual_seed(0)
+        model = TwoHeads()
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+        config = ControllerConfig(interval_steps=1000)
+        ctl = Controller(ddp, optimizer, policy="fp32", fused=True, config=config) if controlled else None
+        generator = torch.Generator().manual_seed(10 + rank)
+        for _ in range(4):
+            x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+            optimizer.zero_grad()
+            if ctl is None:
+                cross_entropy(ddp(x, rank), y).backward()
+                optimizer.step()
+                continue
+            with ctl.autocast():
+                loss = cross_entropy(ddp(x, rank), y)
+            ctl.step(loss)
+        if ctl is not None:
+            ctl.close()
+        weights.append(_flat_parameters(model))
+    return weights[0], weights[1]
 
 
 def _fused_nan_loss_term(rank: int, precision: str) -> FusedSteps:

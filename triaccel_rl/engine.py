@@ -842,9 +842,11 @@ class StepEngine:
         ``None`` through the backward, which hands over autograd's own tensors, as in a plain loop, with no add
         kernel a parameter into the buffer's views and no hook; the fused step's own call (``after_backward``, before
         the update) copies them into the flat buffer it reads, in one launch, and rebinds the views; a gradient still
-        ``None`` then is one this step's backward did not give (``FlatParameterStore.rebind_grads``). The large
-        parameters' views (4 MiB of gradient or more) are bound before the backward instead, so that autograd adds
-        into the buffer and the model's largest gradients are not held twice (``FlatParameterStore.bind_large_grads``).
+        ``None`` then is one this step's backward did not give (``FlatParameterStore.rebind_grads``). In a model of
+        large gradients (parameters of 4 MiB or more, 256 MiB together) those parameters' views are bound before the
+        backward instead, so that autograd adds into the buffer and they are not held twice at the backward's end
+        (``FlatParameterStore.bind_large_grads``; not under ``torch.distributed``, where DDP may write a gradient
+        without the hook that tells).
         Nothing to do on the reference path.
 
         Raises:
@@ -855,6 +857,11 @@ class StepEngine:
             try:
                 if after_backward:
                     self.store.rebind_grads(after_backward)
+                elif world_size() > 1:
+                    # DDP's reducer writes the averaged gradient of a parameter this process's backward did not reach
+                    # (find_unused_parameters) into its .grad without the hook that would tell: bound, it read as not
+                    # given here and given elsewhere, and the replicas parted. None, it is copied in after.
+                    self.store.check_attached()
                 else:
                     self.store.bind_large_grads()
             except DetachedParametersError as error:
