@@ -350,6 +350,11 @@ class Controller:
             self._writer: Any = None  # opened last, below
             self._precision_map = PrecisionMapScalars(self.engine.layers)  # its per-layer scalars
             self._skipped_counted = 0  # skipped updates of the intervals closed (a checkpoint's count)
+            # fp16's loss scale starts at 2**16, as GradScaler's, and its first steps overflow until it has backed off
+            # to the run's level: those skips are no overflow of the run's (a static fp16 run moved to bf16 for an
+            # interval at every start, read as one). Until an fp16 update goes in, up to _SCALE_SEARCH_SKIPS of them
+            # are left out of the signals' overflow rate; ctl.skipped_steps counts them all.
+            self._scale_search_left: int | None = _SCALE_SEARCH_SKIPS
             self._skipped_at_close = 0  # the open interval's, read at close()
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
             """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
@@ -952,6 +957,25 @@ class Controller:
         self._interval_peak = max(self._interval_peak, memory)
         return True
 
+    def _scale_searching(self, applied: int, skipped: int) -> int:
+        """How many of an fp16 interval's ``skipped`` steps were the loss scale's first back-off from 2**16.
+
+        Until an fp16 update has gone in, each skip is the scale searching down for the run's level (at most
+        ``_SCALE_SEARCH_SKIPS`` of them: from 2**16 to 1), as ``GradScaler``'s first steps are, and the interval's
+        first ``applied`` update ends the search. The order of an interval's steps is not kept: its skips count as
+        the search's, within what is left of it. 0 outside fp16 and once the search is over.
+        """
+        left = self._scale_search_left
+        if not left or not skipped or not self.engine.precision.needs_grad_scaler:
+            return 0
+        return min(skipped, left)
+
+    def _scale_search_after(self, applied: int, searching: int) -> int | None:
+        """What is left of the loss scale's search after an interval (None: over, at the first fp16 update)."""
+        if self._scale_search_left is None or (applied and self.engine.precision.needs_grad_scaler):
+            return None
+        return self._scale_search_left - searching
+
     def _new_closing(self) -> _Closing:
         """An interval's end about to begin: the collector's charges so far, and the shield's flags as it finds them."""
         collector = self.collector
@@ -1304,6 +1328,7 @@ class Controller:
         if bf16_moved:
             _log.info("bf16 does not run on %s: the checkpoint's layers in bf16 run in fp16 instead", self.device)
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
+        self._scale_search_left = None  # the saved run's loss scale, at its level (not kept in the checkpoint)
         self._rollbacks_in_a_row = in_a_row
         # A decision due is taken afresh, observation and all (_decide); format 1 holds none
         self._decision_due, self._observed, self._applied = signals is not None and signals.decision_due, None, None
@@ -1885,6 +1910,7 @@ class Controller:
                 applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
                 applied = applied_now - self._applied_at_start
                 skipped = self._interval_steps - applied
+                searching = self._scale_searching(applied, skipped)
                 # Folded in before the shield: a copy it takes carries the estimates of its own state, and a restore
                 # drops this interval's (the counts and times stay: the overflow rate is the interval's).
                 self.collector.observe_interval(
@@ -1892,14 +1918,15 @@ class Controller:
                     n_steps=self._interval_steps,
                     train_ms=closing.train_ms,
                     peak_bytes=self._interval_peak,
-                    skipped=skipped,
+                    skipped=skipped - searching,
                 )
                 # One assignment: the interval ends with the fold, never part of it
-                closing.applied, closing.applied_now, closing.steps, self._skipped_counted = (
+                closing.applied, closing.applied_now, closing.steps, self._skipped_counted, self._scale_search_left = (
                     applied,
                     applied_now,
                     self._interval_steps,
                     self._skipped_counted + skipped,
+                    self._scale_search_after(applied, searching),
                 )
                 self._interval_steps = self._interval_peak = 0
         except Exception:
@@ -2259,6 +2286,10 @@ class _LoadedSignals:
     noise_scale: float | None
     decision_due: bool
 
+
+_SCALE_SEARCH_SKIPS = 16
+"""Skipped steps the fp16 loss scale may take to back off from its first 2**16 to 1, halving at each: past them, the
+run's skips are overflows again, whatever the scale (a model whose fp16 gradients overflow at any scale)."""
 
 _CHECKPOINT_FORMAT = 2
 """The layout of ``Controller.state_dict()``; a change that old checkpoints cannot load bumps it (2: signals)."""
