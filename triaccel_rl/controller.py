@@ -246,6 +246,11 @@ class Controller:
         self.profile = HardwareProfile.resolve(profile)
         probe_batch = _checked_probe(model, probe, loss_fn, self.device)
         self.engine = StepEngine(model, optimizer, self.device, fused=fused)
+        # fp16's loss scale starts at 2**16, as GradScaler's, and its first steps overflow until it has backed off to
+        # the run's level: those skips are no overflow of the run's (a static fp16 run moved to bf16 for an interval at
+        # every start, read as one). Until an fp16 update goes in, up to _SCALE_SEARCH_SKIPS of them are left out of
+        # the signals' overflow rate (_scale_searching); ctl.skipped_steps counts them all.
+        self._scale_search_left: int | None = _SCALE_SEARCH_SKIPS
         _CountedZeroGrad.drop_unused(optimizer)  # dropped Controllers' wrappers, as the engine drops their hooks
         self._zero_grads = _CountedZeroGrad(optimizer, self)  # tells a reset from other writes to the gradients
         try:
@@ -303,7 +308,12 @@ class Controller:
                 # The signals' running estimates go with each copy: the interval that broke the model folded its huge
                 # losses and gradients in before its loss turned non-finite.
                 # So does the loss scale, which the interval's skipped steps cut for a cause the copy's state lacks.
-                save_extra=lambda: (owner.collector.estimates(), owner.engine.scaler_state()),
+                # And with it what is left of the scale's first back-off (a copy from before it brings back 2**16).
+                save_extra=lambda: (
+                    owner.collector.estimates(),
+                    owner.engine.scaler_state(),
+                    owner._scale_search_left,
+                ),
                 load_extra=lambda saved: owner._restore_extra(saved),
             )
             self.guard = guard if self.config.rollback else None
@@ -350,11 +360,6 @@ class Controller:
             self._writer: Any = None  # opened last, below
             self._precision_map = PrecisionMapScalars(self.engine.layers)  # its per-layer scalars
             self._skipped_counted = 0  # skipped updates of the intervals closed (a checkpoint's count)
-            # fp16's loss scale starts at 2**16, as GradScaler's, and its first steps overflow until it has backed off
-            # to the run's level: those skips are no overflow of the run's (a static fp16 run moved to bf16 for an
-            # interval at every start, read as one). Until an fp16 update goes in, up to _SCALE_SEARCH_SKIPS of them
-            # are left out of the signals' overflow rate; ctl.skipped_steps counts them all.
-            self._scale_search_left: int | None = _SCALE_SEARCH_SKIPS
             self._skipped_at_close = 0  # the open interval's, read at close()
             self.observe_budget_frac = self.config.signals.observe_budget_frac if self.device.type == "cuda" else None
             """Share of step time the per-step statistics may take (``SignalConfig.observe_budget_frac`` on a GPU):
@@ -578,9 +583,12 @@ class Controller:
                 f"{'' if why.startswith(':') else ' '}{why}"
             )
 
-    def _restore_extra(self, saved: tuple[dict[str, Any], Any]) -> None:
-        """Puts back what the rollback copy took beside the weights: the signals' estimates and the loss scale."""
-        estimates, scaler = saved
+    def _restore_extra(self, saved: tuple[dict[str, Any], Any, int | None]) -> None:
+        """Puts back what the rollback copy took beside the weights: the signals' estimates, the loss scale, its search.
+
+        What was left of the scale's first back-off goes with the scale: a copy from before it brings back 2**16.
+        """
+        estimates, scaler, self._scale_search_left = saved
         self.collector.restore_estimates(estimates)
         self.engine.load_scaler_state(scaler)
 
@@ -962,8 +970,10 @@ class Controller:
 
         Until an fp16 update has gone in, each skip is the scale searching down for the run's level (at most
         ``_SCALE_SEARCH_SKIPS`` of them: from 2**16 to 1), as ``GradScaler``'s first steps are, and the interval's
-        first ``applied`` update ends the search. The order of an interval's steps is not kept: its skips count as
-        the search's, within what is left of it. 0 outside fp16 and once the search is over.
+        first ``applied`` update ends the search at the interval's end. All of that interval's skips count as the
+        search's, within what is left of it: the order of its steps is not kept, and a scale that has let one update
+        through may still be above the run's level (skip, skip, five updates, skip is a usual start). 0 outside fp16
+        and once the search is over.
         """
         left = self._scale_search_left
         if not left or not skipped or not self.engine.precision.needs_grad_scaler:
@@ -1328,7 +1338,9 @@ class Controller:
         if bf16_moved:
             _log.info("bf16 does not run on %s: the checkpoint's layers in bf16 run in fp16 instead", self.device)
         self.steps, self._skipped_counted, self.rollbacks = steps, skipped, rollbacks
-        self._scale_search_left = None  # the saved run's loss scale, at its level (not kept in the checkpoint)
+        # Not in the checkpoint: a loaded scale still at 2**16 with no clean step has not begun its back-off; any
+        # other is taken as at the saved run's level (one saved part-way through the back-off counts its rest).
+        self._scale_search_left = _SCALE_SEARCH_SKIPS if self.engine.scale_untouched() else None
         self._rollbacks_in_a_row = in_a_row
         # A decision due is taken afresh, observation and all (_decide); format 1 holds none
         self._decision_due, self._observed, self._applied = signals is not None and signals.decision_due, None, None

@@ -664,6 +664,11 @@ class StepEngine:
             return None
         return scaler._scale.clone(), scaler._growth_tracker.clone()
 
+    def scale_untouched(self) -> bool:
+        """Whether the fp16 loss scale is as first made: 2**16, no clean step (no fp16 step has moved it). Syncs."""
+        state = self.scaler_state()
+        return state is None or (float(state[0]) == 2.0**16 and int(state[1]) == 0)
+
     def load_scaler_state(self, saved: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Puts back what :meth:`scaler_state` returned, copying it (the same may be put back again)."""
         with torch.no_grad():
