@@ -965,12 +965,12 @@ class Controller:
         self._interval_peak = max(self._interval_peak, memory)
         return True
 
-    def _scale_searching(self, applied: int, skipped: int) -> int:
+    def _scale_searching(self, skipped: int) -> int:
         """How many of an fp16 interval's ``skipped`` steps were the loss scale's first back-off from 2**16.
 
         Until an fp16 update has gone in, each skip is the scale searching down for the run's level (at most
-        ``_SCALE_SEARCH_SKIPS`` of them: from 2**16 to 1), as ``GradScaler``'s first steps are, and the interval's
-        first ``applied`` update ends the search at the interval's end. All of that interval's skips count as the
+        ``_SCALE_SEARCH_SKIPS`` of them: from 2**16 to 1), as ``GradScaler``'s first steps are, and the interval of
+        the first update ends the search (``_scale_search_after``). All of that interval's skips count as the
         search's, within what is left of it: the order of its steps is not kept, and a scale that has let one update
         through may still be above the run's level (skip, skip, five updates, skip is a usual start). 0 outside fp16
         and once the search is over.
@@ -1922,7 +1922,7 @@ class Controller:
                 applied_now = self.engine.applied_steps()  # a sync like the flush's, now free: the device is idle
                 applied = applied_now - self._applied_at_start
                 skipped = self._interval_steps - applied
-                searching = self._scale_searching(applied, skipped)
+                searching = self._scale_searching(skipped)
                 # Folded in before the shield: a copy it takes carries the estimates of its own state, and a restore
                 # drops this interval's (the counts and times stay: the overflow rate is the interval's).
                 self.collector.observe_interval(
