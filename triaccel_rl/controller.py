@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import numbers
 import os
 import time
@@ -41,7 +42,7 @@ from triaccel_rl.elastic import (
     release_memory,
     resolve_lr_rule,
 )
-from triaccel_rl.engine import GradStats, StepEngine, check_max_grad_norm, refuse_driven_modules
+from triaccel_rl.engine import SCALE_INITIAL, GradStats, StepEngine, check_max_grad_norm, refuse_driven_modules
 from triaccel_rl.errors import ConfigError, NoGoodStateError, is_whole, require_bool
 from triaccel_rl.executor import ApplyReport, Executor, sixteen_bit_formats
 from triaccel_rl.experiment import PrecisionMapScalars, check_log_dir, purge_tensorboard_after
@@ -2299,7 +2300,7 @@ class _LoadedSignals:
     decision_due: bool
 
 
-_SCALE_SEARCH_SKIPS = 16
+_SCALE_SEARCH_SKIPS = int(math.log2(SCALE_INITIAL))
 """Skipped steps the fp16 loss scale may take to back off from its first 2**16 to 1, halving at each: past them, the
 run's skips are overflows again, whatever the scale (a model whose fp16 gradients overflow at any scale)."""
 

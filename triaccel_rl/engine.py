@@ -667,7 +667,7 @@ class StepEngine:
     def scale_untouched(self) -> bool:
         """Whether the fp16 loss scale is as first made: 2**16, no clean step (no fp16 step has moved it). Syncs."""
         state = self.scaler_state()
-        return state is None or (float(state[0]) == 2.0**16 and int(state[1]) == 0)
+        return state is None or (float(state[0]) == SCALE_INITIAL and int(state[1]) == 0)
 
     def load_scaler_state(self, saved: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Puts back what :meth:`scaler_state` returned, copying it (the same may be put back again)."""
@@ -1423,7 +1423,7 @@ class StepEngine:
         if self.fused:
             if across:  # GradScaler's state (empty when it never scaled a step): the same rule's scale and count
                 scaler = {
-                    "scale": (scaler or {}).get("scale", 2.0**16),
+                    "scale": (scaler or {}).get("scale", SCALE_INITIAL),
                     "clean_steps": (scaler or {}).get("_growth_tracker", 0),
                 }
             scaler = _check_scaler(scaler, _FUSED_SCALER_KEYS)
@@ -1534,7 +1534,7 @@ class StepEngine:
         self._read_group_lrs()
         self._factors = torch.ones(self.n_layers, dtype=torch.float32, device=self.device)
         self._codes = torch.zeros(self.n_layers, dtype=torch.int32, device=self.device)
-        self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=self.device)
+        self._scale = torch.full((), SCALE_INITIAL, dtype=torch.float32, device=self.device)
         self._clean_steps = torch.zeros((), dtype=torch.int32, device=self.device)
         self._last_factors: np.ndarray | None = None
         self._last_codes: list[Precision] | None = None
@@ -2862,8 +2862,9 @@ def _check_scaler(scaler: Any, keys: Mapping[str, int | None]) -> dict[str, floa
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
-_SCALE_GROWTH, _SCALE_BACKOFF, _SCALE_INTERVAL = 2.0, 0.5, 2000
-"""GradScaler's defaults, which the fused loss scale follows: doubled after 2000 clean steps, halved on overflow."""
+SCALE_INITIAL, _SCALE_GROWTH, _SCALE_BACKOFF, _SCALE_INTERVAL = 2.0**16, 2.0, 0.5, 2000
+"""GradScaler's defaults, which the fused loss scale follows: 2**16 at first, doubled after 2000 clean steps, halved on
+overflow."""
 _SCALE_RANGE = (_FLOAT32_TINY, _FLOAT32_MAX, f"a normal float32 > 0 (from {_FLOAT32_TINY:.4g} to {_FLOAT32_MAX:.4g})")
 _SCALER_RANGES = {
     "growth_factor": (math.nextafter(1.0, 2.0), _FLOAT32_MAX, "a number > 1"),
